@@ -1,0 +1,113 @@
+"""Per-token log-probs and entropy from logits (SPEC §1)."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from fastalign import _backend, _validate
+from fastalign.ops.token_stats import token_stats
+
+
+class TokenStats(NamedTuple):
+    """Per-token statistics, fp32 (argmax int64), shaped like the labels.
+
+    Fields not requested are ``None``. ``logprobs``, ``entropy`` and ``sum_p2``
+    are differentiable; ``argmax`` is not.
+    """
+
+    logprobs: Tensor
+    entropy: Optional[Tensor] = None
+    sum_p2: Optional[Tensor] = None
+    argmax: Optional[Tensor] = None
+
+
+def _as_rows(logits: Tensor) -> Tensor:
+    """A ``[outer, inner, V]`` view of ``[..., V]`` logits without copying when the
+    leading dims collapse into two strided dims (e.g. ``logits[:, :-1]``)."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    V = logits.shape[-1]
+    lead = logits.shape[:-1]
+    if len(lead) == 0:
+        return logits.view(1, 1, V)
+    if len(lead) == 1:
+        return logits.unsqueeze(0)
+    # Collapse all but the innermost leading dim into `outer` when strides allow.
+    try:
+        return logits.view(-1, lead[-1], V)
+    except RuntimeError:
+        return logits.reshape(-1, lead[-1], V)
+
+
+def token_logprobs(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    entropy: bool = False,
+    sum_p2: bool = False,
+    argmax: bool = False,
+    check: bool = False,
+    inplace_backward: bool = False,
+    backend: Optional[str] = None,
+) -> TokenStats:
+    r"""Log-prob of each label and, on request, entropy, :math:`\sum_j p_j^2` and argmax.
+
+    With :math:`z = \text{logits} / T` and :math:`\mathrm{lse} = \log\sum_j e^{z_j}`:
+
+    * ``logprobs = z_y - lse``
+    * ``entropy  = lse - sum_j p_j z_j``
+    * ``sum_p2   = exp(lse(2z) - 2 lse(z))``
+    * ``argmax   = argmax_j z_j``
+
+    computed in one pass over each row, in fp32 whatever the logits dtype,
+    without materialising log-softmax. Backward writes d(logits) in one more
+    pass and only for the outputs that receive a gradient.
+
+    Args:
+        logits: ``[..., V]`` float32/bfloat16/float16; the last dim must be
+            contiguous (other strides are free, so ``logits[:, :-1]`` costs no copy).
+        labels: integer tensor shaped like ``logits.shape[:-1]``.
+        temperature: divides the logits before the softmax.
+        ignore_index: rows with this label give 0 for every statistic and a zero gradient.
+        entropy, sum_p2, argmax: compute these too (each costs nothing when off).
+        check: raise ``ValueError`` if a label is outside ``[0, V)`` and not
+            ``ignore_index``. This reads the labels on the host (a device sync),
+            so it is off by default; without it such a row gets a NaN log-prob
+            and the logits are never indexed with the bad label.
+        inplace_backward: backward overwrites the logits buffer with d(logits)
+            instead of allocating a new one. Only for logits nothing else reads afterwards.
+        backend: ``"triton"``, ``"cpp"`` or ``"cuda"``; default from
+            :func:`fastalign.use_backend` / ``FASTALIGN_BACKEND``.
+
+    Returns:
+        :class:`TokenStats` with fp32 tensors shaped like ``labels``.
+    """
+    _validate.floating("logits", logits, min_dim=1)
+    _validate.integer("labels", labels)
+    _validate.same_device(logits=logits, labels=labels)
+    _validate.shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have a non-empty vocabulary (last) dimension")
+    inv_t = 1.0 / _validate.positive("temperature", temperature)
+    V = logits.shape[-1]
+    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    if check:
+        bad = (flat_labels != ignore_index) & ((flat_labels < 0) | (flat_labels >= V))
+        if bool(bad.any()):
+            raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}")
+    rows = _as_rows(logits)
+    name = _backend.resolve(logits.device, backend)
+    lp, ent, sp2, amax, _lse = token_stats(
+        rows, flat_labels, inv_t, int(ignore_index), bool(entropy), bool(sum_p2), bool(argmax), name,
+        bool(inplace_backward))
+    shape = labels.shape
+    return TokenStats(
+        lp.view(shape),
+        ent.view(shape) if entropy else None,
+        sp2.view(shape) if sum_p2 else None,
+        amax.view(shape) if argmax else None,
+    )

@@ -1,0 +1,143 @@
+"""``fastalign::token_stats``: log-prob / entropy / sum p^2 / argmax per logits row.
+
+Forward and backward are custom ops with fake implementations, so autograd,
+``torch.compile(fullgraph=True)`` and CUDA graphs see one opaque node each.
+Logits come in as a ``[outer, inner, V]`` view (last dim contiguous, any
+leading strides), labels as a contiguous int64 ``[outer * inner]``.
+Statistics that were not requested are returned as empty tensors and cost
+nothing; gradients that are None cost nothing in backward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastalign import _backend
+from fastalign.ops._launch import DTYPE_CODE, opt, ptr, triton_kernels
+
+_EMPTY = (0,)
+
+
+def _outputs(logits: Tensor, entropy: bool, sum_p2: bool, argmax: bool):
+    n = logits.shape[0] * logits.shape[1]
+    f32 = dict(device=logits.device, dtype=torch.float32)
+    return (
+        torch.empty(n, **f32),
+        torch.empty(n if entropy else 0, **f32),
+        torch.empty(n if sum_p2 else 0, **f32),
+        torch.empty(n if argmax else 0, device=logits.device, dtype=torch.int64),
+        torch.empty(n, **f32),
+    )
+
+
+@torch.library.custom_op("fastalign::token_stats", mutates_args=())
+def token_stats(
+    logits: Tensor, labels: Tensor, inv_temperature: float, ignore_index: int,
+    entropy: bool, sum_p2: bool, argmax: bool, backend: str, inplace_backward: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (logprobs, entropy, sum_p2, argmax, lse); unrequested ones are empty.
+
+    ``inplace_backward`` only affects backward: d(logits) overwrites the logits buffer.
+    """
+    lp, ent, sp2, amax, lse = out = _outputs(logits, entropy, sum_p2, argmax)
+    O, I, V = logits.shape
+    if backend == "cpp":
+        _backend.compiled().token_stats_fwd_cpu(
+            logits.data_ptr(), DTYPE_CODE[logits.dtype], O * I, V, I, logits.stride(0), logits.stride(1),
+            labels.data_ptr(), inv_temperature, ignore_index,
+            ptr(lp), ptr(ent), ptr(sp2), ptr(amax), ptr(lse))
+    elif backend == "cuda":
+        _backend.compiled().token_stats_fwd_cuda(
+            logits.data_ptr(), DTYPE_CODE[logits.dtype], O * I, V, I, logits.stride(0), logits.stride(1),
+            labels.data_ptr(), inv_temperature, ignore_index,
+            ptr(lp), ptr(ent), ptr(sp2), ptr(amax), ptr(lse), _backend.cuda_stream(logits))
+    else:
+        triton_kernels("token_stats").token_stats_forward(
+            logits, labels, inv_temperature, ignore_index, lp, opt(ent), opt(sp2), opt(amax), lse)
+    return out
+
+
+@token_stats.register_fake
+def _(logits, labels, inv_temperature, ignore_index, entropy, sum_p2, argmax, backend, inplace_backward):
+    return _outputs(logits, entropy, sum_p2, argmax)
+
+
+def _backward_into(grad: Tensor, g_lp, g_ent, g_sp2, logits, labels, lse, ent, sp2,
+                   inv_temperature, ignore_index, backend) -> None:
+    O, I, V = logits.shape
+    g_lp, g_ent, g_sp2 = (None if g is None else g.contiguous().float() for g in (g_lp, g_ent, g_sp2))
+    ent, sp2 = opt(ent), opt(sp2)
+    if backend in ("cpp", "cuda"):
+        args = (
+            logits.data_ptr(), DTYPE_CODE[logits.dtype], O * I, V, I, logits.stride(0), logits.stride(1),
+            labels.data_ptr(), inv_temperature, ignore_index, ptr(lse), ptr(ent), ptr(sp2),
+            ptr(g_lp), ptr(g_ent), ptr(g_sp2), grad.data_ptr(), grad.stride(0), grad.stride(1))
+        if backend == "cpp":
+            _backend.compiled().token_stats_bwd_cpu(*args)
+        else:
+            _backend.compiled().token_stats_bwd_cuda(*args, _backend.cuda_stream(logits))
+    else:
+        triton_kernels("token_stats").token_stats_backward(
+            logits, labels, inv_temperature, ignore_index, lse, ent, sp2, g_lp, g_ent, g_sp2, grad)
+
+
+@torch.library.custom_op("fastalign::token_stats_backward", mutates_args=())
+def token_stats_backward(
+    grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor], grad_sum_p2: Optional[Tensor],
+    logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, sum_p2: Tensor,
+    inv_temperature: float, ignore_index: int, backend: str,
+) -> Tensor:
+    """d(loss)/d(logits) in the logits dtype, for whichever output gradients are given."""
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _backward_into(grad, grad_logprobs, grad_entropy, grad_sum_p2, logits, labels, lse, entropy, sum_p2,
+                   inv_temperature, ignore_index, backend)
+    return grad
+
+
+@token_stats_backward.register_fake
+def _(grad_logprobs, grad_entropy, grad_sum_p2, logits, labels, lse, entropy, sum_p2,
+      inv_temperature, ignore_index, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op("fastalign::token_stats_backward_", mutates_args=("logits",))
+def token_stats_backward_(
+    grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor], grad_sum_p2: Optional[Tensor],
+    logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, sum_p2: Tensor,
+    inv_temperature: float, ignore_index: int, backend: str,
+) -> None:
+    """In-place backward: overwrites ``logits`` with d(loss)/d(logits) (saves one [N, V] buffer)."""
+    _backward_into(logits, grad_logprobs, grad_entropy, grad_sum_p2, logits, labels, lse, entropy, sum_p2,
+                   inv_temperature, ignore_index, backend)
+
+
+@token_stats_backward_.register_fake
+def _(grad_logprobs, grad_entropy, grad_sum_p2, logits, labels, lse, entropy, sum_p2,
+      inv_temperature, ignore_index, backend):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, inv_temperature, ignore_index, _ent, _sp2, _amax, backend, inplace = inputs
+    _lp, ent, sp2, _amax_out, lse = output
+    ctx.save_for_backward(logits, labels, lse, ent, sp2)
+    ctx.inv_temperature, ctx.ignore_index, ctx.backend = inv_temperature, ignore_index, backend
+    ctx.inplace = inplace
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, g_lp, g_ent, g_sp2, _g_amax, _g_lse):
+    logits, labels, lse, ent, sp2 = ctx.saved_tensors
+    g_ent = g_ent if ent.numel() else None
+    g_sp2 = g_sp2 if sp2.numel() else None
+    args = (g_lp, g_ent, g_sp2, logits, labels, lse, ent, sp2, ctx.inv_temperature, ctx.ignore_index, ctx.backend)
+    if ctx.inplace:
+        token_stats_backward_(*args)
+        grad = logits
+    else:
+        grad = token_stats_backward(*args)
+    return grad, None, None, None, None, None, None, None, None
+
+token_stats.register_autograd(_backward, setup_context=_setup_context)

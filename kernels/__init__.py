@@ -1,0 +1,6 @@
+"""Triton kernels of fastalign (installed as ``fastalign.kernels``).
+
+Each module holds the ``@triton.jit`` kernels for one op and a thin launcher
+that takes preallocated tensors: kernels never allocate. Import is lazy so the
+package works where Triton is not installed (CPU-only environments).
+"""

@@ -1,0 +1,290 @@
+"""token_logprobs against the float64 reference (SPEC §1), on the C++ kernels
+and on the Triton kernels in the interpreter."""
+import pytest
+import torch
+
+import fastalign
+from fastalign import reference
+from fastalign.ops.token_stats import token_stats, token_stats_backward
+from helpers import assert_close
+
+# fp32 math with an fp32 exp; bf16/fp16 only change what is stored.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
+GRAD_TOL = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+def make_logits(shape, dtype, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale).to(dtype)
+
+
+def make_labels(shape, V, seed=1, ignore_frac=0.2):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, V, shape, generator=g)
+    y[torch.rand(shape, generator=g) < ignore_frac] = -100
+    return y
+
+
+def run_both(logits, labels, backend, weights, **kw):
+    """(fastalign stats, grad) and (reference stats, grad) for loss = sum(w_k * stat_k)."""
+    x = logits.clone().requires_grad_(True)
+    st = fastalign.token_logprobs(x, labels, entropy=True, sum_p2=True, argmax=True, backend=backend, **kw)
+    (st.logprobs * weights[0] + st.entropy * weights[1] + st.sum_p2 * weights[2]).sum().backward()
+    xr = logits.detach().double().requires_grad_(True)
+    ref = reference.token_logprobs(xr, labels, dtype=torch.float64, **kw)
+    (ref[0] * weights[0] + ref[1] * weights[1] + ref[2] * weights[2]).sum().backward()
+    return st, x.grad, ref, xr.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_forward_and_grad_match_reference(cpu_backend, dtype, temperature):
+    B, T, V = 3, 7, 301  # V not a multiple of any block size
+    logits = make_logits((B, T, V), dtype)
+    labels = make_labels((B, T), V)
+    w = torch.randn(3, B, T, dtype=torch.float64)
+    st, grad, ref, ref_grad = run_both(logits, labels, cpu_backend, w, temperature=temperature)
+    tol = TOL[dtype]
+    assert st.logprobs.dtype == torch.float32 and st.entropy.dtype == torch.float32
+    assert_close(st.logprobs, ref[0], atol=tol, rtol=tol, what="logprobs")
+    assert_close(st.entropy, ref[1], atol=tol, rtol=tol, what="entropy")
+    assert_close(st.sum_p2, ref[2], atol=tol, rtol=tol, what="sum_p2")
+    assert torch.equal(st.argmax, ref[3])
+    assert grad.dtype == dtype
+    gtol = GRAD_TOL[dtype]
+    assert_close(grad, ref_grad, atol=gtol, rtol=gtol if dtype != torch.float32 else 1e-5, what="d logits")
+
+
+def test_ignore_index_rows_are_zero_with_zero_grad(cpu_backend):
+    logits = make_logits((2, 6, 50), torch.float32)
+    labels = make_labels((2, 6), 50)
+    labels[0, :] = -7
+    x = logits.clone().requires_grad_(True)
+    st = fastalign.token_logprobs(x, labels, ignore_index=-7, entropy=True, sum_p2=True, backend=cpu_backend)
+    (st.logprobs + st.entropy + st.sum_p2).sum().backward()
+    assert torch.count_nonzero(st.logprobs[0]) == 0 and torch.count_nonzero(st.entropy[0]) == 0
+    assert torch.count_nonzero(x.grad[0]) == 0
+    assert torch.count_nonzero(x.grad[1]) > 0
+
+
+def test_strided_logits_need_no_copy(cpu_backend):
+    """The usual `logits[:, :-1]` slice of a [B, T, V] tensor, and a transposed batch."""
+    full = make_logits((3, 9, 40), torch.float32)
+    labels = make_labels((3, 8), 40)
+    sliced = full[:, :-1]
+    st = fastalign.token_logprobs(sliced, labels, entropy=True, backend=cpu_backend)
+    ref = reference.token_logprobs(sliced.double(), labels)
+    assert_close(st.logprobs, ref[0], atol=1e-5, what="logprobs (sliced)")
+    tr = full.transpose(0, 1)  # [9, 3, 40], rows not in memory order
+    lab = make_labels((9, 3), 40)
+    st = fastalign.token_logprobs(tr, lab, entropy=True, backend=cpu_backend)
+    ref = reference.token_logprobs(tr.double(), lab)
+    assert_close(st.entropy, ref[1], atol=1e-5, what="entropy (transposed)")
+
+
+def test_grad_flows_through_slice_and_4d(cpu_backend):
+    full = make_logits((2, 2, 5, 33), torch.float32).requires_grad_(True)
+    labels = make_labels((2, 2, 4), 33)
+    st = fastalign.token_logprobs(full[:, :, :-1], labels, backend=cpu_backend)
+    st.logprobs.sum().backward()
+    ref_x = full.detach().double().requires_grad_(True)
+    reference.token_logprobs(ref_x[:, :, :-1], labels)[0].sum().backward()
+    assert_close(full.grad, ref_x.grad, atol=1e-6, what="d logits through slice")
+    assert torch.count_nonzero(full.grad[:, :, -1]) == 0
+
+
+def test_extreme_logits(cpu_backend):
+    logits = make_logits((4, 64), torch.float32, scale=1.0)
+    logits[0, 3] = 1e4
+    logits[1, :] = -1e4
+    logits[1, 5] = 1e4
+    logits[2, ::2] = 1e4
+    logits[3, :32] = -1e4
+    labels = torch.tensor([3, 6, 2, 40])
+    w = torch.randn(3, 4, dtype=torch.float64)
+    st, grad, ref, ref_grad = run_both(logits, labels, cpu_backend, w)
+    for a, b, name in zip(st[:3], ref[:3], ("logprobs", "entropy", "sum_p2")):
+        assert torch.isfinite(a).all(), name
+        assert_close(a, b, atol=1e-4, rtol=1e-5, what=name)
+    assert_close(grad, ref_grad, atol=1e-5, what="d logits")
+
+
+def test_masked_vocabulary_minus_inf(cpu_backend):
+    logits = make_logits((5, 70), torch.float32)
+    logits[:, 60:] = float("-inf")
+    logits[2, :30] = float("-inf")
+    labels = torch.tensor([1, 59, 40, -100, 10])
+    w = torch.randn(3, 5, dtype=torch.float64)
+    st, grad, ref, ref_grad = run_both(logits, labels, cpu_backend, w)
+    for a, b, name in zip(st[:3], ref[:3], ("logprobs", "entropy", "sum_p2")):
+        assert_close(a, b, atol=2e-5, rtol=1e-5, what=name)
+    assert torch.isfinite(grad).all()
+    assert torch.count_nonzero(grad[:, 60:]) == 0
+    assert_close(grad, ref_grad, atol=1e-6, what="d logits")
+
+
+@pytest.mark.parametrize("used", ["logprobs", "entropy", "sum_p2"])
+def test_partly_used_outputs(cpu_backend, used):
+    """All outputs requested, only one in the loss: the gradient is that one's alone."""
+    logits = make_logits((6, 90), torch.float32)
+    labels = make_labels((6,), 90)
+    x = logits.clone().requires_grad_(True)
+    st = fastalign.token_logprobs(x, labels, entropy=True, sum_p2=True, backend=cpu_backend)
+    getattr(st, used).sum().backward()
+    xr = logits.double().requires_grad_(True)
+    ref = reference.token_logprobs(xr, labels)
+    ref[("logprobs", "entropy", "sum_p2").index(used)].sum().backward()
+    assert_close(x.grad, xr.grad, atol=1e-6, what=f"d logits from {used}")
+
+
+def test_unrequested_outputs_are_none(cpu_backend):
+    st = fastalign.token_logprobs(make_logits((4, 20), torch.float32), torch.arange(4), backend=cpu_backend)
+    assert st.entropy is None and st.sum_p2 is None and st.argmax is None
+    assert st.logprobs.shape == (4,)
+
+
+def test_out_of_range_labels_give_nan_or_raise(cpu_backend):
+    logits = make_logits((4, 20), torch.float32)
+    labels = torch.tensor([0, 20, -3, 19])
+    st = fastalign.token_logprobs(logits, labels, entropy=True, backend=cpu_backend)
+    assert torch.isnan(st.logprobs[1]) and torch.isnan(st.logprobs[2])
+    assert torch.isfinite(st.logprobs[[0, 3]]).all() and torch.isfinite(st.entropy).all()
+    with pytest.raises(ValueError, match="labels must lie in"):
+        fastalign.token_logprobs(logits, labels, check=True, backend=cpu_backend)
+
+
+def test_empty_batch(cpu_backend):
+    x = torch.zeros(0, 10, requires_grad=True)
+    st = fastalign.token_logprobs(x, torch.zeros(0, dtype=torch.long), entropy=True, backend=cpu_backend)
+    assert st.logprobs.shape == (0,)
+    (st.logprobs.sum() + st.entropy.sum()).backward()
+    assert x.grad.shape == (0, 10)
+
+
+def test_deterministic(cpu_backend):
+    logits = make_logits((16, 500), torch.bfloat16)
+    labels = make_labels((16,), 500)
+    outs = []
+    for _ in range(2):
+        x = logits.clone().requires_grad_(True)
+        st = fastalign.token_logprobs(x, labels, entropy=True, sum_p2=True, backend=cpu_backend)
+        (st.logprobs + st.entropy).sum().backward()
+        outs.append((st.logprobs, st.entropy, st.sum_p2, x.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_inplace_backward(cpu_backend):
+    logits = make_logits((5, 8, 77), torch.float32)
+    labels = make_labels((5, 8), 77)
+    expected_x = logits.clone().requires_grad_(True)
+    st = fastalign.token_logprobs(expected_x, labels, entropy=True, backend=cpu_backend)
+    (st.logprobs - 0.1 * st.entropy).sum().backward()
+
+    leaf = logits.clone().requires_grad_(True)
+    work = leaf * 1.0  # a non-leaf buffer the backward may overwrite
+    st = fastalign.token_logprobs(work, labels, entropy=True, inplace_backward=True, backend=cpu_backend)
+    (st.logprobs - 0.1 * st.entropy).sum().backward()
+    assert_close(leaf.grad, expected_x.grad, atol=0, what="in-place d logits")
+
+
+def test_cpp_larger_rows():
+    """C++ kernel on a realistic row length (many SIMD chunks and a ragged tail)."""
+    logits = make_logits((32, 32003), torch.bfloat16)
+    labels = make_labels((32,), 32003)
+    w = torch.randn(3, 32, dtype=torch.float64)
+    st, grad, ref, ref_grad = run_both(logits, labels, "cpp", w)
+    assert_close(st.logprobs, ref[0], atol=5e-5, rtol=1e-5, what="logprobs")
+    assert_close(st.entropy, ref[1], atol=5e-5, rtol=1e-5, what="entropy")
+    assert torch.equal(st.argmax, ref[3])
+    assert_close(grad, ref_grad, atol=1e-4, rtol=8e-3, what="d logits")
+
+
+def test_custom_ops_pass_opcheck(cpu_backend):
+    logits = make_logits((2, 3, 40), torch.float32)
+    labels = make_labels((6,), 40)
+    args = (logits, labels, 1.0, -100, True, True, True, cpu_backend, False)
+    torch.library.opcheck(token_stats, args, test_utils=("test_schema", "test_faketensor"))
+    lp, ent, sp2, _amax, lse = token_stats(*args)
+    g = torch.randn(6)
+    bargs = (g, g, g, logits, labels, lse, ent, sp2, 1.0, -100, cpu_backend)
+    torch.library.opcheck(token_stats_backward, bargs, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_autograd_registration_passes_opcheck():
+    logits = make_logits((2, 3, 40), torch.float32).requires_grad_(True)
+    labels = make_labels((6,), 40)
+    torch.library.opcheck(token_stats, (logits, labels, 1.0, -100, True, False, False, "cpp", False),
+                          test_utils=("test_autograd_registration",))
+
+
+def test_torch_compile_fullgraph_no_graph_break():
+    def step(logits, labels):
+        st = fastalign.token_logprobs(logits, labels, entropy=True, temperature=0.9)
+        return (st.logprobs - 0.01 * st.entropy).sum()
+
+    logits = make_logits((2, 5, 64), torch.float32)
+    labels = make_labels((2, 5), 64)
+    x = logits.clone().requires_grad_(True)
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(x, labels)
+    loss.backward()
+    xr = logits.clone().requires_grad_(True)
+    loss_ref = step(xr, labels)
+    loss_ref.backward()
+    assert_close(loss, loss_ref, atol=1e-6, what="compiled loss")
+    assert_close(x.grad, xr.grad, atol=1e-7, what="compiled grad")
+
+
+@pytest.mark.parametrize(
+    "logits, labels, err, match",
+    [
+        (torch.randn(4, 10), torch.zeros(4, 1, dtype=torch.long), ValueError, r"labels must have shape \(4,\)"),
+        (torch.randn(4, 10), torch.zeros(4), TypeError, "labels must be an int64"),
+        (torch.randint(0, 5, (4, 10)), torch.zeros(4, dtype=torch.long), TypeError, "logits must be float32"),
+        (torch.randn(()), torch.zeros((), dtype=torch.long), ValueError, "logits must have at least 1"),
+        (torch.randn(4, 0), torch.zeros(4, dtype=torch.long), ValueError, "non-empty vocabulary"),
+        ([1.0, 2.0], torch.zeros(1, dtype=torch.long), TypeError, "logits must be a torch.Tensor"),
+    ],
+)
+def test_bad_input(logits, labels, err, match):
+    with pytest.raises(err, match=match):
+        fastalign.token_logprobs(logits, labels)
+
+
+def test_bad_temperature_and_backend():
+    x, y = torch.randn(2, 5), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        fastalign.token_logprobs(x, y, temperature=0.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastalign.token_logprobs(x, y, backend="numpy")
+    with pytest.raises(ValueError, match="backend 'cuda' needs CUDA tensors"):
+        fastalign.token_logprobs(x, y, backend="cuda")
+
+
+def test_use_backend_context_and_env(monkeypatch):
+    from fastalign import _backend
+
+    with fastalign.use_backend("cpp"):
+        assert _backend.current() == "cpp"
+    monkeypatch.setenv("FASTALIGN_BACKEND", "triton")
+    assert _backend.current() == "triton"
+    monkeypatch.setenv("FASTALIGN_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _backend.current()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_matches_reference(backend, dtype):
+    if backend == "cuda" and not fastalign._backend.compiled().cuda_compiled:
+        pytest.skip("built without CUDA kernels")
+    logits = make_logits((4, 33, 32011), dtype).cuda()
+    labels = make_labels((4, 33), 32011).cuda()
+    w = torch.randn(3, 4, 33, dtype=torch.float64, device="cuda")
+    st, grad, ref, ref_grad = run_both(logits, labels, backend, w, temperature=0.8)
+    assert_close(st.logprobs, ref[0], atol=5e-5, rtol=1e-5, what="logprobs")
+    assert_close(st.entropy, ref[1], atol=5e-5, rtol=1e-5, what="entropy")
+    assert_close(st.sum_p2, ref[2], atol=5e-5, rtol=1e-5, what="sum_p2")
+    assert torch.equal(st.argmax, ref[3])
+    assert_close(grad, ref_grad, atol=GRAD_TOL[dtype], rtol=GRAD_TOL[dtype], what="d logits")
