@@ -54,8 +54,8 @@ def token_stats_fwd_kernel(
         a = tl.exp(diff)
         d = tl.maximum(x - m_new, -1e30)  # -inf logits: e = 0 and e * d = 0, not NaN
         e = tl.exp(d)
-        s = a * s + tl.sum(e, 0)
         t = a * (t + diff * s) + tl.sum(e * d, 0)
+        s = a * s + tl.sum(e, 0)
         if WANT_SP2:
             q = a * a * q + tl.sum(e * e, 0)
         m = m_new
