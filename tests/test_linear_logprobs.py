@@ -15,8 +15,8 @@ N, H, V = 17, 40, 203  # not a multiple of any block size
 
 # The C++ path with chunks far smaller than the shapes (many token and vocabulary
 # chunks, ragged tails) and with the automatic chunking; the Triton interpreter.
-BACKENDS = [("cpp", (5, 37)), ("cpp", None)]
-BACKEND_IDS = ["cpp-chunked", "cpp-auto"]
+BACKENDS = [("cpp", (5, 37)), ("cpp", None), ("triton", (5, 64))]
+BACKEND_IDS = ["cpp-chunked", "cpp-auto", "triton"]
 
 
 @pytest.fixture(params=BACKENDS, ids=BACKEND_IDS)
@@ -269,7 +269,6 @@ def _op_args(backend, chunk=(5, 37)):
     return (hidden, weight, bias, labels, 1.3, 4.0, 1.0 / 0.9, -100, True, True, True, backend, *chunk, 0.0)
 
 
-@pytest.mark.parametrize("cpu_backend", ["cpp"])
 def test_custom_ops_pass_opcheck(cpu_backend):
     args = _op_args(cpu_backend)
     torch.library.opcheck(linear_stats, args, test_utils=("test_schema", "test_faketensor"))
