@@ -288,3 +288,10 @@ def test_gpu_matches_reference(backend, dtype):
     assert_close(st.sum_p2, ref[2], atol=5e-5, rtol=1e-5, what="sum_p2")
     assert torch.equal(st.argmax, ref[3])
     assert_close(grad, ref_grad, atol=GRAD_TOL[dtype], rtol=GRAD_TOL[dtype], what="d logits")
+
+
+def test_tensors_on_different_devices():
+    x = torch.randn(3, 10)
+    y = torch.zeros(3, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="labels is on meta but logits is on cpu"):
+        fastalign.token_logprobs(x, y)
