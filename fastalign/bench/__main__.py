@@ -30,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
     p.add_argument("--json", default=None, metavar="OUT", help="write every figure with device/date/versions")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="plot time and memory per case")
+    p.add_argument("--record", default=None, metavar="DIR",
+                   help="write DIR/<device>-<date>.json, .md and .png (e.g. benchmarks/results)")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     return p.parse_args(argv)
 
@@ -107,6 +109,19 @@ def main(argv=None) -> int:
         return 0
     data = run(args)
     print(report.table(data))
+    if args.record:
+        import os
+        import re
+
+        from fastalign.bench import summary
+
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", data["environment"]["device"]).strip("-").lower()
+        stem = os.path.join(args.record, f"{slug}-{data['environment']['date'][:10]}")
+        os.makedirs(args.record, exist_ok=True)
+        args.json, args.plot = args.json or stem + ".json", args.plot or stem + ".png"
+        with open(stem + ".md", "w") as f:
+            f.write(summary.markdown(data, os.path.relpath(stem + ".json")))
+        print(f"wrote {stem}.md")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(data, f, indent=1)

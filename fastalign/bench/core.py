@@ -126,7 +126,7 @@ def environment(device: torch.device) -> dict:
 
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "command": " ".join(["fastalign-bench"] + sys.argv[1:]),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
