@@ -89,6 +89,8 @@ def run(args) -> dict:
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
             if case.bytes_moved and "median_ms" in row:
                 row["GBps"] = case.bytes_moved(mode) / row["median_ms"] / 1e6
+            if case.required_bytes and row.get("peak_extra_bytes") is not None:
+                row["required_bytes"] = case.required_bytes(mode)
             if case.flops and "median_ms" in row:
                 row["TFLOPs"] = case.flops(mode) / row["median_ms"] / 1e9
             results.append(row)

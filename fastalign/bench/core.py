@@ -34,6 +34,9 @@ class Case:
     quick: bool = True           # part of --quick
     bytes_moved: Optional[Callable[[str], int]] = None   # minimal HBM traffic of a mode (GB/s column)
     flops: Optional[Callable[[str], int]] = None         # useful FLOPs of a mode (TFLOP/s column)
+    # bytes every implementation must allocate in a mode (the gradients it returns); memory ratios
+    # are taken on the peak beyond these
+    required_bytes: Optional[Callable[[str], int]] = None
 
     @property
     def key(self) -> str:

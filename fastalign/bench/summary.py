@@ -35,7 +35,7 @@ def markdown(data: dict, source: str = "") -> str:
         lim = data["device_limits"]
         lines += [f"Measured limits: copy {lim['copy_GBps']:.0f} GB/s, bf16 matmul "
                   f"{lim['bf16_matmul_TFLOPs']:.0f} TFLOP/s", ""]
-    lines += ["| op | case | mode | impl | median ms | vs eager | peak extra MiB | memory vs eager |",
+    lines += ["| op | case | mode | impl | median ms | vs eager | peak extra MiB | memory vs eager (beyond returned grads) |",
               "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in data["results"]:
         if "median_ms" not in r:

@@ -67,5 +67,6 @@ def cases():
             quick=quick,
             # forward reads the logits once; backward reads them again and writes d(logits)
             bytes_moved=lambda mode, n=N * V * elem: n if mode == "fwd" else 3 * n,
+            required_bytes=lambda mode, n=N * V * elem: 0 if mode == "fwd" else n,  # d(logits)
         ))
     return out
