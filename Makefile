@@ -7,7 +7,7 @@ VPY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: test bench install wheel clean
+.PHONY: test bench install wheel wheel-check clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -29,3 +29,18 @@ wheel: $(VPY)
 
 clean:
 	rm -rf build dist .venv *.egg-info
+
+# Build a wheel with pip's isolated build (no torch in it), install it into a
+# fresh venv next to torch==2.13.0, and run token_logprobs on the CPU.
+wheel-check:
+	rm -rf build/wheel-check && mkdir -p build/wheel-check
+	$(PY) -m pip wheel -q --no-deps -w build/wheel-check/dist .
+	$(PY) -m venv build/wheel-check/venv
+	build/wheel-check/venv/bin/pip install -q $(TORCH_PIN)
+	build/wheel-check/venv/bin/pip install -q build/wheel-check/dist/fastalign-*.whl
+	cd build/wheel-check && venv/bin/python -c "import torch, fastalign; \
+	x = torch.randn(4, 100, requires_grad=True); y = torch.randint(0, 100, (4,)); \
+	st = fastalign.token_logprobs(x, y, entropy=True); st.logprobs.sum().backward(); \
+	ref = torch.log_softmax(x.detach(), -1).gather(-1, y[:, None])[:, 0]; \
+	assert torch.allclose(st.logprobs, ref, atol=1e-5), 'wrong log-probs'; \
+	import fastalign.kernels; print('wheel ok:', fastalign.__file__)"

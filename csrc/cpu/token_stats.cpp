@@ -41,13 +41,20 @@ struct RowStats {
 
 template <int D>
 FASTALIGN_CPU_TARGETS
-RowStats row_stats(const typename Storage<D>::T* z, int64_t V, float inv_t, bool want_q) {
+float row_max(const typename Storage<D>::T* z, int64_t V, float inv_t) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < V; ++j) {
     const float x = Storage<D>::load(z[j]) * inv_t;
     m = x > m ? x : m;
   }
+  return m;
+}
+
+template <int D>
+FASTALIGN_CPU_TARGETS
+RowStats row_stats(const typename Storage<D>::T* z, int64_t V, float inv_t, bool want_q) {
+  const float m = row_max<D>(z, V, inv_t);
   float s = 0.f, t = 0.f, q = 0.f;
   if (want_q) {
 #pragma omp simd reduction(+ : s, t, q)
@@ -91,7 +98,7 @@ void forward(uintptr_t logits, RowLayout L, int64_t N, int64_t V, const int64_t*
       if (ent) ent[r] = 0.f;
       if (sp2) sp2[r] = 0.f;
       lse[r] = 0.f;
-      if (amax) amax[r] = row_argmax<D>(z, V, inv_t, row_stats<D>(z, V, inv_t, false).m);
+      if (amax) amax[r] = row_argmax<D>(z, V, inv_t, row_max<D>(z, V, inv_t));
       continue;
     }
     const RowStats st = row_stats<D>(z, V, inv_t, sp2 != nullptr);

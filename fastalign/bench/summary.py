@@ -1,0 +1,98 @@
+"""Markdown from recorded benchmark JSON, and README's performance table.
+
+    python -m fastalign.bench.summary benchmarks/results/run.json            # markdown to stdout
+    python -m fastalign.bench.summary --readme README.md benchmarks/results/*.json
+
+The README table sits between ``<!-- perf-table:start -->`` and
+``<!-- perf-table:end -->`` and is regenerated from the files, so every number
+in it names the file (device and date) it comes from.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+
+START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+
+
+def _mib(b):
+    return "-" if b is None else f"{b / 2**20:.1f}"
+
+
+def _x(v):
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def markdown(data: dict, source: str = "") -> str:
+    env = data["environment"]
+    lines = [f"## {env['device']} — {env['date']}", "",
+             f"torch {env['torch']}, triton {env.get('triton')}, fastalign {env['fastalign']}, "
+             f"python {env['python']}" + (f"; file `{source}`" if source else ""), "",
+             f"Command: `{env['command']}`", ""]
+    if data.get("device_limits"):
+        lim = data["device_limits"]
+        lines += [f"Measured limits: copy {lim['copy_GBps']:.0f} GB/s, bf16 matmul "
+                  f"{lim['bf16_matmul_TFLOPs']:.0f} TFLOP/s", ""]
+    lines += ["| op | case | mode | impl | median ms | vs eager | peak extra MiB | memory vs eager (beyond returned grads) |",
+              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in data["results"]:
+        if "median_ms" not in r:
+            why = r.get("skipped") or r.get("error", "")
+            lines.append(f"| {r['op']} | {r['case']} | {r['mode']} | {r['impl']} | {why} | | | |")
+            continue
+        mem_ratio = r.get("memory_vs_eager")
+        lines.append(f"| {r['op']} | {r['case']} | {r['mode']} | {r['impl']} | {r['median_ms']:.2f} | "
+                     f"{_x(r.get('speedup_vs_eager'))} | {_mib(r.get('peak_extra_bytes'))} | "
+                     f"{'-' if mem_ratio is None else f'{mem_ratio:.3f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def readme_table(files) -> str:
+    """fastalign rows only: speed-up and memory ratio against eager, citing the source file."""
+    lines = ["| op | case | mode | median ms | vs eager | memory vs eager | device, date (file) |",
+             "| --- | --- | --- | ---: | ---: | ---: | --- |"]
+    for path in files:
+        with open(path) as f:
+            data = json.load(f)
+        env = data["environment"]
+        cite = f"{env['device']}, {env['date'][:10]} (`{os.path.basename(path)}`)"
+        for r in data["results"]:
+            if r["impl"] != "fastalign" or "median_ms" not in r:
+                continue
+            mem = r.get("memory_vs_eager")
+            lines.append(f"| {r['op']} | {r['case']} | {r['mode']} | {r['median_ms']:.2f} | "
+                         f"{_x(r.get('speedup_vs_eager'))} | {'-' if mem is None else f'{mem:.3f}'} | {cite} |")
+    return "\n".join(lines)
+
+
+def update_readme(readme: str, files) -> None:
+    with open(readme) as f:
+        text = f.read()
+    block = f"{START}\n{readme_table(files)}\n{END}"
+    if START in text:
+        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n## Performance\n\n" + block + "\n"
+    with open(readme, "w") as f:
+        f.write(text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastalign.bench.summary", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="+")
+    p.add_argument("--readme", default=None, help="rewrite the performance table in this README")
+    args = p.parse_args(argv)
+    if args.readme:
+        update_readme(args.readme, sorted(args.files))
+        return 0
+    for path in args.files:
+        with open(path) as f:
+            print(markdown(json.load(f), os.path.relpath(path)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
