@@ -39,7 +39,8 @@ def _make_build(N, H, V, dtype):
 
 def cases():
     out = []
-    for N, H, V, dt, quick in [(1024, 1024, 152064, "fp32", True), (4096, 1024, 152064, "fp32", False),
+    for N, H, V, dt, quick in [(512, 512, 152064, "fp32", True), (1024, 1024, 152064, "fp32", False),
+                               (4096, 1024, 152064, "fp32", False),
                                (8192, 4096, 131072, "bf16", False)]:
         out.append(Case(
             op="linear_logprobs",
