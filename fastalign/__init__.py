@@ -3,10 +3,17 @@
 Public API (see SPEC.md for every formula):
 
 * :func:`token_logprobs` — log-probs, entropy, sum p^2, argmax from logits.
+* :func:`group_advantages`, :func:`token_advantages` — GRPO-family advantages (SPEC §5);
+  token-level :func:`reinforce_pp_advantages`, :func:`remax_advantages`,
+  :func:`gae_advantages`, :func:`implicit_process_advantages`.
 * :func:`use_backend` — force the Triton, C++ or CUDA kernels.
 """
 from fastalign._backend import use_backend
 from fastalign.logprobs import TokenStats, token_logprobs
+from fastalign.advantages import (gae_advantages, group_advantages, implicit_process_advantages, masked_whiten,
+                                  reinforce_pp_advantages, remax_advantages, token_advantages)
 
 __all__ = ["TokenStats", "token_logprobs", "use_backend"]
+__all__ += ["gae_advantages", "group_advantages", "implicit_process_advantages", "masked_whiten",
+            "reinforce_pp_advantages", "remax_advantages", "token_advantages"]
 __version__ = "0.1.0"

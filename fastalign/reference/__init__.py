@@ -3,4 +3,7 @@ baseline. Obviously correct first, fast never; float64 where asked. Never used
 as a silent fallback by the product path. One module per SPEC section."""
 from fastalign.reference.logprobs import eager_logprobs_entropy, token_logprobs
 
+from fastalign.reference import advantages
+
 __all__ = ["eager_logprobs_entropy", "token_logprobs"]
+__all__ += ["advantages"]
