@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend, _validate
-from fastalign.ops.group_stats import MODES, group_normalize, group_stats
+from fastalign.ops.group_stats import MODES, group_advantage, group_stats
 from fastalign.ops.returns import SCANS, reverse_scan
 
 STD_MODES = ("group", "batch", "none")
@@ -56,9 +56,8 @@ class _Ctx(NamedTuple):
 def _normalize(r: Tensor, g: _Groups, c: _Ctx, mode: str, div_std: bool, scale: Optional[Tensor] = None,
                lengths: Optional[Tensor] = None) -> Tensor:
     empty = r.new_empty(0, dtype=torch.float64)
-    gid, stats, _ = group_stats(r, g.index, empty if lengths is None else lengths, g.size, c.backend)
-    return group_normalize(r, gid, stats, empty if scale is None else scale, MODES[mode], div_std, c.eps,
-                           c.singleton_zero, c.backend)
+    return group_advantage(r, g.index, empty if lengths is None else lengths, empty if scale is None else scale,
+                           g.size, MODES[mode], div_std, c.eps, c.singleton_zero, c.backend)
 
 
 def _whole_batch(r: Tensor) -> _Groups:
@@ -69,7 +68,7 @@ def _batch_inv_std(r: Tensor, c: _Ctx) -> Tensor:
     """``1 / (std + eps)`` over the non-NaN scores of the batch, as a float64 [1] device tensor."""
     g = _whole_batch(r)
     _, stats, _ = group_stats(r, g.index, r.new_empty(0, dtype=torch.float64), g.size, c.backend)
-    return 1.0 / (stats[2, :1] + c.eps)
+    return 1.0 / (stats[0, 2:3] + c.eps)
 
 
 def _need_lengths(c: _Ctx, name: str) -> Tensor:

@@ -14,7 +14,7 @@
 namespace fastalign {
 namespace adv {
 
-// Rows of the [kStats, B] statistics buffer (one column per group id; groups <= B).
+// Columns of the [B, kStats] statistics buffer (one row per group id; groups <= B).
 enum Stat : int { kCount = 0, kMean = 1, kStd = 2, kMax = 3, kSecond = 4, kWMean = 5, kStats = 6 };
 
 // How a score becomes an advantage once its group statistics are known.
@@ -28,13 +28,11 @@ enum Mode : int {
 FASTALIGN_HD bool is_nan(double x) { return x != x; }
 
 // Running top-2 (largest value, largest of the rest; duplicates count twice).
-FASTALIGN_HD void top2_push(double x, double& m1, double& m2) {
-  if (x > m1) {
-    m2 = m1;
-    m1 = x;
-  } else if (x > m2) {
-    m2 = x;
-  }
+FASTALIGN_HD void top2_push(double x, double& m1, double& m2) {  // branch-free: scores are often 0/1
+  const double hi = x > m1 ? x : m1;
+  const double lo = x > m1 ? m1 : x;
+  m2 = lo > m2 ? lo : m2;
+  m1 = hi;
 }
 
 FASTALIGN_HD void top2_merge(double b1, double b2, double& m1, double& m2) {
@@ -45,28 +43,7 @@ FASTALIGN_HD void top2_merge(double b1, double b2, double& m1, double& m2) {
   m2 = lo > r2 ? lo : r2;
 }
 
-// Advantage of one valid-or-NaN score x given its group's statistics.
-//   NaN score            -> 0 (and it never entered the statistics)
-//   group of one (n < 2) -> x (singleton "raw": mean 0, std 1) or 0 ("zero")
-//   otherwise            -> base(mode) [/ (std + eps)] * scale
-FASTALIGN_HD double group_advantage(double x, double n, double mean, double sd, double mx, double second,
-                                    double wmean, int mode, bool div_std, double eps, bool singleton_zero,
-                                    double scale) {
-  if (is_nan(x)) return 0.0;
-  if (n < 2.0) return singleton_zero ? 0.0 : x;
-  double a;
-  switch (mode) {
-    case kRloo: a = (x - mean) * (n / (n - 1.0)); break;
-    case kOpo: a = x - wmean; break;
-    case kPassk: a = x == mx ? mx - second : 0.0; break;
-    default: a = x - mean; break;
-  }
-  if (div_std) a = a / (sd + eps);
-  return a * scale;
-}
-
-// Final statistics of one group from its sums. All-equal groups get their
-// exact value as mean (so r - mean is exactly 0) and std 0.
+// Running sums of one group's non-NaN scores (in a fixed order).
 struct GroupAcc {
   double n = 0, sum = 0, lsum = 0, lxsum = 0;
   double m1 = -HUGE_VAL, m2 = -HUGE_VAL, mn = HUGE_VAL;
@@ -78,24 +55,64 @@ struct GroupAcc {
     top2_push(x, m1, m2);
     mn = x < mn ? x : mn;
   }
+  // All-equal groups get their exact value as mean, so r - mean is exactly 0.
   FASTALIGN_HD double mean() const {
     if (n == 0.0) return 0.0;
     return m1 == mn ? m1 : sum / n;
   }
 };
 
-FASTALIGN_HD void write_stats(double* stats, int64_t B, int64_t g, const GroupAcc& a, double mean, double m2) {
-  stats[kCount * B + g] = a.n;
-  stats[kMean * B + g] = mean;
-  stats[kStd * B + g] = (a.n > 1.0 && a.m1 != a.mn) ? sqrt(m2 / (a.n - 1.0)) : 0.0;
-  stats[kMax * B + g] = a.m1;
-  stats[kSecond * B + g] = a.m2;
-  stats[kWMean * B + g] = a.lsum > 0.0 ? a.lxsum / a.lsum : mean;
+struct GroupStats {
+  double n, mean, sd, mx, second, wmean;
+};
+
+// m2 = sum (x - mean)^2 over the group (second pass). std is unbiased, 0 for n < 2 or equal scores.
+FASTALIGN_HD GroupStats finish(const GroupAcc& a, double mean, double m2) {
+  GroupStats s;
+  s.n = a.n;
+  s.mean = mean;
+  s.sd = (a.n > 1.0 && a.m1 != a.mn) ? sqrt(m2 / (a.n - 1.0)) : 0.0;
+  s.mx = a.m1;
+  s.second = a.m2;
+  s.wmean = a.lsum > 0.0 ? a.lxsum / a.lsum : mean;
+  return s;
 }
 
-FASTALIGN_HD void write_empty_stats(double* stats, int64_t B, int64_t g) {
-  GroupAcc a;
-  write_stats(stats, B, g, a, 0.0, 0.0);
+FASTALIGN_HD void write_stats(double* st, const GroupStats& s) {  // st: one group's row of kStats
+  st[kCount] = s.n;
+  st[kMean] = s.mean;
+  st[kStd] = s.sd;
+  st[kMax] = s.mx;
+  st[kSecond] = s.second;
+  st[kWMean] = s.wmean;
+}
+
+FASTALIGN_HD void write_empty_stats(double* st) { write_stats(st, finish(GroupAcc(), 0.0, 0.0)); }
+
+struct AdvParams {
+  int mode;
+  bool div_std;
+  double eps;
+  bool singleton_zero;
+  double scale;
+};
+
+// Advantage of one valid-or-NaN score x given its group's statistics.
+//   NaN score            -> 0 (and it never entered the statistics)
+//   group of one (n < 2) -> x (singleton "raw": mean 0, std 1) or 0 ("zero")
+//   otherwise            -> base(mode) [/ (std + eps)] * scale
+FASTALIGN_HD double group_advantage(double x, const GroupStats& s, const AdvParams& p) {
+  if (is_nan(x)) return 0.0;
+  if (s.n < 2.0) return p.singleton_zero ? 0.0 : x;
+  double a;
+  switch (p.mode) {
+    case kRloo: a = (x - s.mean) * (s.n / (s.n - 1.0)); break;
+    case kOpo: a = x - s.wmean; break;
+    case kPassk: a = x == s.mx ? s.mx - s.second : 0.0; break;
+    default: a = x - s.mean; break;
+  }
+  if (p.div_std) a = a / (s.sd + p.eps);
+  return a * p.scale;
 }
 
 // Reverse scans over one row of T tokens (m is the 0/1 response mask):

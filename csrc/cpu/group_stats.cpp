@@ -12,8 +12,8 @@
 //   count n, mean = sum x / n, std = sqrt(sum (x - mean)^2 / (n - 1)) (two-pass),
 //   max, second max (largest of the rest), wmean = sum L x / sum L.
 // Everything is accumulated in double. Groups with all-equal scores get their
-// exact value as mean and std 0. Buffers are sized by B (G <= B); columns
-// G..B-1 of the statistics are written as empty groups.
+// exact value as mean and std 0. Buffers are sized by B (G <= B): statistics
+// are [B, 6], one row per group, rows G..B-1 written as empty groups.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -27,6 +27,10 @@ namespace fastalign {
 namespace {
 
 using namespace adv;
+
+// Below this many groups one thread is faster than waking a team: a group is
+// a few dozen flops and the whole pass touches a few MB at most.
+constexpr int64_t kParallelGroups = 1 << 16;
 
 inline uint64_t mix64(uint64_t z) {  // splitmix64 finaliser: spreads hashed prompt ids and 0..n alike
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
@@ -53,8 +57,7 @@ int64_t dense_ids(const int64_t* index, int64_t B, int64_t* gid, int64_t* keys, 
 }
 
 template <typename S>
-void stats_one(const S* r, const double* len, const int64_t* members, int64_t begin, int64_t end, double* stats,
-               int64_t B, int64_t g) {
+GroupStats stats_one(const S* r, const double* len, const int64_t* members, int64_t begin, int64_t end) {
   GroupAcc a;
   for (int64_t j = begin; j < end; ++j) {
     const int64_t i = members ? members[j] : j;
@@ -68,60 +71,79 @@ void stats_one(const S* r, const double* len, const int64_t* members, int64_t be
     const double x = double(r[i]);
     if (!is_nan(x)) m2 += (x - mean) * (x - mean);
   }
-  write_stats(stats, B, g, a, mean, m2);
+  return finish(a, mean, m2);
+}
+
+// Groups as CSR: returns G; members[off[g] .. off[g+1]) are group g's scores in
+// batch order. With a fixed group_size, members is null and group g is the
+// block [g * group_size, (g + 1) * group_size).
+struct Segments {
+  int64_t G;
+  const int64_t* off;
+  const int64_t* members;
+  int64_t group_size;
+  int64_t B;
+  int64_t begin(int64_t g) const { return members ? off[g] : g * group_size; }
+  int64_t end(int64_t g) const { return members ? off[g + 1] : std::min((g + 1) * group_size, B); }
+};
+
+Segments segments(int64_t B, const int64_t* index, int64_t group_size, int64_t* gid, int64_t* work, int64_t cap) {
+  if (!index) {
+    if (gid)
+      for (int64_t i = 0; i < B; ++i) gid[i] = i / group_size;
+    return {(B + group_size - 1) / group_size, nullptr, nullptr, group_size, B};
+  }
+  int64_t* keys = work;
+  int64_t* ids = work + cap;
+  int64_t* off = work + 2 * cap;  // [B + 1]
+  int64_t* cur = off + (B + 1);   // [B + 1]
+  int64_t* mem = cur + (B + 1);   // [B]
+  const int64_t G = dense_ids(index, B, gid, keys, ids, cap);
+  std::memset(off, 0, sizeof(int64_t) * (G + 1));
+  for (int64_t i = 0; i < B; ++i) ++off[gid[i] + 1];
+  for (int64_t g = 0; g < G; ++g) off[g + 1] += off[g];
+  std::memcpy(cur, off, sizeof(int64_t) * G);
+  for (int64_t i = 0; i < B; ++i) mem[cur[gid[i]]++] = i;  // stable: batch order inside a group
+  return {G, off, mem, group_size, B};
 }
 
 template <typename S>
 void group_stats(const S* r, int64_t B, const int64_t* index, int64_t group_size, const double* len, int64_t* gid,
-                 double* stats, int64_t* ngroups, int64_t* work, int64_t cap) {
-  int64_t G;
-  const int64_t* members = nullptr;
-  int64_t* off = nullptr;
-  if (index) {
-    int64_t* keys = work;
-    int64_t* ids = work + cap;
-    off = work + 2 * cap;                // [B + 1]
-    int64_t* cur = off + (B + 1);        // [B + 1]
-    int64_t* mem = cur + (B + 1);        // [B]
-    G = dense_ids(index, B, gid, keys, ids, cap);
-    std::memset(off, 0, sizeof(int64_t) * (G + 1));
-    for (int64_t i = 0; i < B; ++i) ++off[gid[i] + 1];
-    for (int64_t g = 0; g < G; ++g) off[g + 1] += off[g];
-    std::memcpy(cur, off, sizeof(int64_t) * G);
-    for (int64_t i = 0; i < B; ++i) mem[cur[gid[i]]++] = i;  // stable: batch order inside a group
-    members = mem;
-  } else {
-    G = (B + group_size - 1) / group_size;
-    for (int64_t i = 0; i < B; ++i) gid[i] = i / group_size;
-  }
-  *ngroups = G;
-#pragma omp parallel for schedule(static) if (B > 16384)
-  for (int64_t g = 0; g < B; ++g) {
-    if (g >= G) {
-      write_empty_stats(stats, B, g);
-      continue;
-    }
-    const int64_t begin = members ? off[g] : g * group_size;
-    const int64_t end = members ? off[g + 1] : std::min(begin + group_size, B);
-    stats_one<S>(r, len, members, begin, end, stats, B, g);
-  }
+                 double* stats, int64_t rows, int64_t* ngroups, int64_t* work, int64_t cap) {
+  const Segments sg = segments(B, index, group_size, gid, work, cap);
+  *ngroups = sg.G;
+#pragma omp parallel for schedule(static) if (sg.G >= kParallelGroups)
+  for (int64_t g = 0; g < sg.G; ++g)
+    write_stats(stats + g * kStats, stats_one<S>(r, len, sg.members, sg.begin(g), sg.end(g)));
+  for (int64_t g = sg.G; g < rows; ++g) write_empty_stats(stats + g * kStats);
 }
 
+// Fused: each group's statistics stay in registers and its members' advantages
+// are written right away (no statistics buffer, no second pass over the batch).
+// gid is scratch (keyed groups only).
 template <typename S>
-void group_normalize(const S* r, int64_t B, const int64_t* gid, const double* stats, int mode, bool div_std,
-                     double eps, bool singleton_zero, const double* scale, S* out) {
-  const double sc = scale ? scale[0] : 1.0;
-#pragma omp parallel for schedule(static) if (B > 65536)
-  for (int64_t i = 0; i < B; ++i) {
-    const int64_t g = gid[i];
-    out[i] = S(group_advantage(double(r[i]), stats[kCount * B + g], stats[kMean * B + g], stats[kStd * B + g],
-                               stats[kMax * B + g], stats[kSecond * B + g], stats[kWMean * B + g], mode, div_std,
-                               eps, singleton_zero, sc));
+void group_advantage(const S* r, int64_t B, const int64_t* index, int64_t group_size, const double* len,
+                     int64_t* gid, int64_t* work, int64_t cap, const AdvParams& p, S* out) {
+  const Segments sg = segments(B, index, group_size, index ? gid : nullptr, work, cap);
+#pragma omp parallel for schedule(static) if (sg.G >= kParallelGroups)
+  for (int64_t g = 0; g < sg.G; ++g) {
+    const int64_t begin = sg.begin(g), end = sg.end(g);
+    const GroupStats st = stats_one<S>(r, len, sg.members, begin, end);
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t i = sg.members ? sg.members[j] : j;
+      out[i] = S(group_advantage(double(r[i]), st, p));
+    }
   }
 }
 
 template <typename P>
 P* ptr(uintptr_t p) { return reinterpret_cast<P*>(p); }
+
+void check_groups(int64_t B, uintptr_t index, int64_t group_size, int64_t cap) {
+  if (!index && group_size <= 0) throw std::invalid_argument("group_stats: group_size must be > 0");
+  if (index && (cap < 2 * B || (cap & (cap - 1)) != 0))
+    throw std::invalid_argument("group_stats: hash capacity must be a power of two >= 2B");
+}
 
 }  // namespace
 
@@ -130,34 +152,39 @@ FASTALIGN_BINDINGS(group_stats) {
   m.def(
       "group_stats_cpu",
       [](uintptr_t scores, bool f64, int64_t B, uintptr_t index, int64_t group_size, uintptr_t lengths,
-         uintptr_t gid, uintptr_t stats, uintptr_t ngroups, uintptr_t work, int64_t cap) {
-        if (!index && group_size <= 0) throw std::invalid_argument("group_stats: group_size must be > 0");
-        if (index && (cap < 2 * B || (cap & (cap - 1)) != 0))
-          throw std::invalid_argument("group_stats: hash capacity must be a power of two >= 2B");
+         uintptr_t gid, uintptr_t stats, int64_t rows, uintptr_t ngroups, uintptr_t work, int64_t cap) {
+        check_groups(B, index, group_size, cap);
         if (f64)
           group_stats<double>(ptr<const double>(scores), B, ptr<const int64_t>(index), group_size,
-                              ptr<const double>(lengths), ptr<int64_t>(gid), ptr<double>(stats),
+                              ptr<const double>(lengths), ptr<int64_t>(gid), ptr<double>(stats), rows,
                               ptr<int64_t>(ngroups), ptr<int64_t>(work), cap);
         else
           group_stats<float>(ptr<const float>(scores), B, ptr<const int64_t>(index), group_size,
-                             ptr<const double>(lengths), ptr<int64_t>(gid), ptr<double>(stats),
+                             ptr<const double>(lengths), ptr<int64_t>(gid), ptr<double>(stats), rows,
                              ptr<int64_t>(ngroups), ptr<int64_t>(work), cap);
       },
       py::call_guard<py::gil_scoped_release>(),
-      "Dense group ids [B] and statistics [6, B] (count, mean, std, max, second, wmean) of fp32/fp64 scores.");
+      "Dense group ids [B] and statistics [rows, 6] (count, mean, std, max, second, wmean; rows past the "
+      "number of groups written as empty groups) of fp32/fp64 scores.");
   m.def(
-      "group_normalize_cpu",
-      [](uintptr_t scores, bool f64, int64_t B, uintptr_t gid, uintptr_t stats, int mode, bool div_std, double eps,
-         bool singleton_zero, uintptr_t scale, uintptr_t out) {
+      "group_advantage_cpu",
+      [](uintptr_t scores, bool f64, int64_t B, uintptr_t index, int64_t group_size, uintptr_t lengths,
+         uintptr_t gid, uintptr_t work, int64_t cap, int mode, bool div_std, double eps, bool singleton_zero,
+         uintptr_t scale, uintptr_t out) {
+        check_groups(B, index, group_size, cap);
+        const AdvParams p{mode, div_std, eps, singleton_zero, scale ? ptr<const double>(scale)[0] : 1.0};
         if (f64)
-          group_normalize<double>(ptr<const double>(scores), B, ptr<const int64_t>(gid), ptr<const double>(stats),
-                                  mode, div_std, eps, singleton_zero, ptr<const double>(scale), ptr<double>(out));
+          group_advantage<double>(ptr<const double>(scores), B, ptr<const int64_t>(index), group_size,
+                                  ptr<const double>(lengths), ptr<int64_t>(gid), ptr<int64_t>(work), cap, p,
+                                  ptr<double>(out));
         else
-          group_normalize<float>(ptr<const float>(scores), B, ptr<const int64_t>(gid), ptr<const double>(stats),
-                                 mode, div_std, eps, singleton_zero, ptr<const double>(scale), ptr<float>(out));
+          group_advantage<float>(ptr<const float>(scores), B, ptr<const int64_t>(index), group_size,
+                                 ptr<const double>(lengths), ptr<int64_t>(gid), ptr<int64_t>(work), cap, p,
+                                 ptr<float>(out));
       },
       py::call_guard<py::gil_scoped_release>(),
-      "Per-score advantage from its group statistics (mode: 0 center, 1 rloo, 2 opo, 3 passk).");
+      "Group-normalised advantage per score (mode: 0 center, 1 rloo, 2 opo, 3 passk); gid and work are "
+      "scratch (keyed groups only).");
 }
 
 }  // namespace fastalign
