@@ -35,6 +35,8 @@ def group_stats(scores, index=None, group_size=None, lengths=None):
         ls = [lens[i] for i in idx if not _isnan(r[i])]
         n = len(vals)
         mean = sum(vals) / n if n else 0.0
+        if n and max(vals) == min(vals):
+            mean = vals[0]  # equal scores: exactly that value, so r - mean is exactly 0
         std = math.sqrt(sum((x - mean) ** 2 for x in vals) / (n - 1)) if n > 1 else 0.0
         srt = sorted(vals, reverse=True)
         mx = srt[0] if n else -math.inf
