@@ -4,6 +4,9 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#if !defined(__CUDACC__) && defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #ifdef __CUDACC__
 #define FASTALIGN_HD __host__ __device__ __forceinline__
@@ -28,19 +31,24 @@ enum Mode : int {
 FASTALIGN_HD bool is_nan(double x) { return x != x; }
 
 // Running top-2 (largest value, largest of the rest; duplicates count twice).
-FASTALIGN_HD void top2_push(double x, double& m1, double& m2) {  // branch-free: scores are often 0/1
-  const double hi = x > m1 ? x : m1;
-  const double lo = x > m1 ? m1 : x;
-  m2 = lo > m2 ? lo : m2;
-  m1 = hi;
+// dmax/dmin are single maxsd/minsd instructions: branch-free (scores are often 0/1, a branch would
+// mispredict). x is never NaN here.
+#if defined(__CUDACC__) || !defined(__SSE2__)
+FASTALIGN_HD double dmax(double a, double b) { return fmax(a, b); }
+FASTALIGN_HD double dmin(double a, double b) { return fmin(a, b); }
+#else  // GCC turns `a > b ? a : b` chains back into branches; the intrinsics pin maxsd/minsd
+inline double dmax(double a, double b) { return _mm_cvtsd_f64(_mm_max_sd(_mm_set_sd(a), _mm_set_sd(b))); }
+inline double dmin(double a, double b) { return _mm_cvtsd_f64(_mm_min_sd(_mm_set_sd(a), _mm_set_sd(b))); }
+#endif
+
+FASTALIGN_HD void top2_push(double x, double& m1, double& m2) {
+  m2 = dmax(m2, dmin(x, m1));
+  m1 = dmax(m1, x);
 }
 
 FASTALIGN_HD void top2_merge(double b1, double b2, double& m1, double& m2) {
-  const double hi = m1 > b1 ? m1 : b1;
-  const double lo = m1 > b1 ? b1 : m1;
-  const double r2 = m2 > b2 ? m2 : b2;
-  m1 = hi;
-  m2 = lo > r2 ? lo : r2;
+  m2 = dmax(dmax(m2, b2), dmin(m1, b1));
+  m1 = dmax(m1, b1);
 }
 
 // Running sums of one group's non-NaN scores (in a fixed order).
@@ -53,7 +61,7 @@ struct GroupAcc {
     lsum += len;
     lxsum += len * x;
     top2_push(x, m1, m2);
-    mn = x < mn ? x : mn;
+    mn = dmin(mn, x);
   }
   // All-equal groups get their exact value as mean, so r - mean is exactly 0.
   FASTALIGN_HD double mean() const {
@@ -97,22 +105,40 @@ struct AdvParams {
   double scale;
 };
 
-// Advantage of one valid-or-NaN score x given its group's statistics.
+// A group's advantages are affine in the score: a = (x - base) * mul, except
+// grpo_passk (only the best response gets the gap) and groups of one. Coef
+// holds that per-group form, so the per-score work is a subtract and a multiply.
 //   NaN score            -> 0 (and it never entered the statistics)
 //   group of one (n < 2) -> x (singleton "raw": mean 0, std 1) or 0 ("zero")
-//   otherwise            -> base(mode) [/ (std + eps)] * scale
-FASTALIGN_HD double group_advantage(double x, const GroupStats& s, const AdvParams& p) {
-  if (is_nan(x)) return 0.0;
-  if (s.n < 2.0) return p.singleton_zero ? 0.0 : x;
-  double a;
+//   center  (x - mean) * s        rloo  (x - mean) * n/(n-1) * s       opo  (x - wmean) * s
+//   passk   x == max ? (max - second) * s : 0
+// with s = scale [/ (std + eps)].
+enum CoefKind : int { kAffine = 0, kBest = 1, kRaw = 2, kZero = 3 };
+
+struct Coef {
+  double base, mul, mx;
+  int kind;
+};
+
+FASTALIGN_HD Coef make_coef(const GroupStats& s, const AdvParams& p) {
+  if (s.n < 2.0) return Coef{0.0, 1.0, 0.0, p.singleton_zero ? kZero : kRaw};
+  double mul = p.div_std ? p.scale / (s.sd + p.eps) : p.scale;
   switch (p.mode) {
-    case kRloo: a = (x - s.mean) * (s.n / (s.n - 1.0)); break;
-    case kOpo: a = x - s.wmean; break;
-    case kPassk: a = x == s.mx ? s.mx - s.second : 0.0; break;
-    default: a = x - s.mean; break;
+    case kRloo: return Coef{s.mean, mul * (s.n / (s.n - 1.0)), 0.0, kAffine};
+    case kOpo: return Coef{s.wmean, mul, 0.0, kAffine};
+    case kPassk: return Coef{s.mx - s.second, mul, s.mx, kBest};
+    default: return Coef{s.mean, mul, 0.0, kAffine};
   }
-  if (p.div_std) a = a / (s.sd + p.eps);
-  return a * p.scale;
+}
+
+FASTALIGN_HD double apply_coef(double x, const Coef& c) {
+  if (is_nan(x)) return 0.0;
+  switch (c.kind) {
+    case kAffine: return (x - c.base) * c.mul;
+    case kBest: return x == c.mx ? c.base * c.mul : 0.0;
+    case kRaw: return x;
+    default: return 0.0;
+  }
 }
 
 // Reverse scans over one row of T tokens (m is the 0/1 response mask):

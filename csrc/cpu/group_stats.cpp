@@ -32,26 +32,57 @@ using namespace adv;
 // a few dozen flops and the whole pass touches a few MB at most.
 constexpr int64_t kParallelGroups = 1 << 16;
 
-inline uint64_t mix64(uint64_t z) {  // splitmix64 finaliser: spreads hashed prompt ids and 0..n alike
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
+// Dense ids in order of first appearance, through an open-addressing table
+// (slot = {key, id}, id -1 = empty) with Fibonacci hashing (one multiply;
+// spreads hashed prompt ids and 0..n alike). The table starts small and doubles
+// whenever it is half full (re-inserting the distinct keys `uniq`), so it stays
+// ~2x the number of groups and in cache; `max_cap` (a power of two >= 2B)
+// slots are available. A key equal to the previous score's reuses its id.
+struct KeyTable {
+  int64_t* slots;
+  int64_t cap = 0;
+  int shift = 64;
+  void reset(int64_t c) {
+    cap = c;
+    shift = 64;
+    for (int64_t x = c; x > 1; x >>= 1) --shift;
+    for (int64_t s = 0; s < c; ++s) slots[2 * s + 1] = -1;
+  }
+  // slot of key k: its own, or the empty one where it belongs
+  int64_t* find(int64_t k) const {
+    const uint64_t mask = uint64_t(cap) - 1;
+    uint64_t h = (uint64_t(k) * 0x9e3779b97f4a7c15ULL) >> shift;
+    while (slots[2 * h + 1] >= 0 && slots[2 * h] != k) h = (h + 1) & mask;
+    return slots + 2 * h;
+  }
+};
 
-// Dense ids in order of first appearance. keys/ids: `cap` slots (a power of two >= 2B).
-int64_t dense_ids(const int64_t* index, int64_t B, int64_t* gid, int64_t* keys, int64_t* ids, int64_t cap) {
-  std::memset(ids, 0xff, sizeof(int64_t) * cap);  // -1: empty slot
-  const uint64_t mask = uint64_t(cap) - 1;
+int64_t dense_ids(const int64_t* index, int64_t B, int64_t* gid, int64_t* table, int64_t max_cap, int64_t* uniq) {
+  KeyTable t{table};
+  t.reset(std::min<int64_t>(max_cap, 1024));
   int64_t G = 0;
   for (int64_t i = 0; i < B; ++i) {
     const int64_t k = index[i];
-    uint64_t h = mix64(uint64_t(k)) & mask;
-    while (ids[h] >= 0 && keys[h] != k) h = (h + 1) & mask;
-    if (ids[h] < 0) {
-      ids[h] = G++;
-      keys[h] = k;
+    if (i > 0 && k == index[i - 1]) {
+      gid[i] = gid[i - 1];
+      continue;
     }
-    gid[i] = ids[h];
+    int64_t* slot = t.find(k);
+    if (slot[1] < 0) {
+      slot[0] = k;
+      slot[1] = G;
+      uniq[G++] = k;
+      if (2 * G > t.cap && t.cap < max_cap) {  // grow and re-insert, ids unchanged
+        t.reset(2 * t.cap);
+        for (int64_t g = 0; g < G; ++g) {
+          int64_t* s2 = t.find(uniq[g]);
+          s2[0] = uniq[g];
+          s2[1] = g;
+        }
+        slot = t.find(k);
+      }
+    }
+    gid[i] = slot[1];
   }
   return G;
 }
@@ -93,12 +124,10 @@ Segments segments(int64_t B, const int64_t* index, int64_t group_size, int64_t* 
       for (int64_t i = 0; i < B; ++i) gid[i] = i / group_size;
     return {(B + group_size - 1) / group_size, nullptr, nullptr, group_size, B};
   }
-  int64_t* keys = work;
-  int64_t* ids = work + cap;
-  int64_t* off = work + 2 * cap;  // [B + 1]
+  int64_t* off = work + 2 * cap;  // [B + 1], after the hash table
   int64_t* cur = off + (B + 1);   // [B + 1]
   int64_t* mem = cur + (B + 1);   // [B]
-  const int64_t G = dense_ids(index, B, gid, keys, ids, cap);
+  const int64_t G = dense_ids(index, B, gid, work, cap, mem);  // mem holds the distinct keys until the sort
   std::memset(off, 0, sizeof(int64_t) * (G + 1));
   for (int64_t i = 0; i < B; ++i) ++off[gid[i] + 1];
   for (int64_t g = 0; g < G; ++g) off[g + 1] += off[g];
@@ -128,10 +157,10 @@ void group_advantage(const S* r, int64_t B, const int64_t* index, int64_t group_
 #pragma omp parallel for schedule(static) if (sg.G >= kParallelGroups)
   for (int64_t g = 0; g < sg.G; ++g) {
     const int64_t begin = sg.begin(g), end = sg.end(g);
-    const GroupStats st = stats_one<S>(r, len, sg.members, begin, end);
+    const Coef cf = make_coef(stats_one<S>(r, len, sg.members, begin, end), p);
     for (int64_t j = begin; j < end; ++j) {
       const int64_t i = sg.members ? sg.members[j] : j;
-      out[i] = S(group_advantage(double(r[i]), st, p));
+      out[i] = S(apply_coef(double(r[i]), cf));
     }
   }
 }

@@ -14,7 +14,7 @@ namespace {
 template <typename S>
 void reverse_scan(const S* x, const S* v, const S* m, S* out, S* out2, int64_t B, int64_t T, double gamma,
                   double lam, int mode) {
-#pragma omp parallel for schedule(static) if (B * T > 32768)
+#pragma omp parallel for schedule(static) if (B * T >= (int64_t(1) << 20))
   for (int64_t b = 0; b < B; ++b) {
     const int64_t o = b * T;
     adv::scan_row<S>(x + o, v ? v + o : nullptr, m + o, out + o, out2 ? out2 + o : nullptr, T, gamma, lam, mode);

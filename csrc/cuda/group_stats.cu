@@ -105,10 +105,11 @@ __global__ void segment_kernel(const S* r, const double* len, const int64_t* per
   }
   AdvParams p = o.p;
   if (o.scale) p.scale *= *o.scale;
+  const Coef cf = make_coef(st, p);
   S* out = static_cast<S*>(o.out);
   for (int64_t j = begin + lane; j < end; j += 32) {
     const int64_t i = perm ? perm[j] : j;
-    out[i] = S(group_advantage(double(r[i]), st, p));
+    out[i] = S(apply_coef(double(r[i]), cf));
   }
 }
 

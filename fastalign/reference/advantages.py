@@ -228,3 +228,25 @@ def grpo_vectorized(scores, index, eps=1e-6):
     adv = d / (var.sqrt()[inv] + eps)
     adv = torch.where(cnt[inv] < 2, x, adv) * v
     return adv.to(scores.dtype)
+
+
+def gae_time_loop(rewards, values, mask, gamma=1.0, lam=1.0):
+    """GAE the way trainers commonly write it: a Python loop over time with
+    batched tensor ops per step (masked tokens carry V and A through), then
+    masked whitening. The benchmark baseline of the reverse-scan kernel."""
+    B, T = rewards.shape
+    next_v = torch.zeros(B, dtype=rewards.dtype)
+    last = torch.zeros(B, dtype=rewards.dtype)
+    adv = torch.empty_like(rewards)
+    for t in reversed(range(T)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        a = delta + gamma * lam * last
+        next_v = values[:, t] * m + (1 - m) * next_v
+        last = a * m + (1 - m) * last
+        adv[:, t] = last
+    ret = (adv + values) * mask
+    n = mask.sum()
+    mean = (adv * mask).sum() / n
+    var = (((adv - mean) * mask) ** 2).sum() / (n - 1)
+    return (adv - mean) * torch.rsqrt(var + 1e-8) * mask, ret
