@@ -36,7 +36,7 @@ MODES = {"center": 0, "rloo": 1, "opo": 2, "passk": 3}
 
 
 def _hash_capacity(B: int) -> int:
-    return 1 << max(1, (2 * B - 1).bit_length())  # power of two >= 2B
+    return 1 << max(1, (8 * B - 1).bit_length())  # power of two >= 8B (the table stays <= 1/8 full)
 
 
 def _stat_rows(B: int, has_index: bool, group_size: int) -> int:
