@@ -100,6 +100,10 @@ def test_edge_cases_by_hand():
     expected = torch.tensor([-2 / (std + 1e-6), 0.0, 2 / (std + 1e-6), 0, 0, 0, 7.0, 0, 4.0, 0, 0])
     assert_close(adv, expected, atol=1e-6, what="grpo by hand")
     assert torch.all(adv[3:6] == 0)  # equal scores: exactly 0, not 0/eps noise
+    eq = torch.full((6,), 0.1)
+    for est in ("grpo", "rloo", "opo", "gpg", "grpo_passk"):
+        out = fastalign.group_advantages(eq, group_size=3, estimator=est, lengths=torch.tensor([1, 2, 4, 3, 5, 7]))
+        assert torch.all(out == 0), est
     zero = fastalign.group_advantages(scores, index, singleton="zero")
     assert zero[6] == 0 and zero[8] == 0  # a group of one, also one valid score next to a NaN
     rloo = fastalign.group_advantages(scores, index, estimator="rloo")

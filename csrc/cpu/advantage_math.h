@@ -82,7 +82,7 @@ FASTALIGN_HD GroupStats finish(const GroupAcc& a, double mean, double m2) {
   s.sd = (a.n > 1.0 && a.m1 != a.mn) ? sqrt(m2 / (a.n - 1.0)) : 0.0;
   s.mx = a.m1;
   s.second = a.m2;
-  s.wmean = a.lsum > 0.0 ? a.lxsum / a.lsum : mean;
+  s.wmean = (a.lsum > 0.0 && a.m1 != a.mn) ? a.lxsum / a.lsum : mean;  // equal scores: exactly that value
   return s;
 }
 

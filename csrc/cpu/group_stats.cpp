@@ -12,8 +12,9 @@
 //   count n, mean = sum x / n, std = sqrt(sum (x - mean)^2 / (n - 1)) (two-pass),
 //   max, second max (largest of the rest), wmean = sum L x / sum L.
 // Everything is accumulated in double. Groups with all-equal scores get their
-// exact value as mean and std 0. Buffers are sized by B (G <= B): statistics
-// are [B, 6], one row per group, rows G..B-1 written as empty groups.
+// exact value as mean and std 0. group_stats writes them ([rows, 6], rows past
+// G as empty groups); group_advantage keeps each group's statistics in
+// registers and writes its members' advantages right away (adv::make_coef).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

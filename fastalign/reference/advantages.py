@@ -42,7 +42,7 @@ def group_stats(scores, index=None, group_size=None, lengths=None):
         mx = srt[0] if n else -math.inf
         second = srt[1] if n > 1 else -math.inf
         lsum = sum(ls)
-        wmean = sum(l * x for l, x in zip(ls, vals)) / lsum if lsum > 0 else mean
+        wmean = sum(l * x for l, x in zip(ls, vals)) / lsum if lsum > 0 and max(vals) != min(vals) else mean
         out[k] = dict(count=n, mean=mean, std=std, max=mx, second=second, wmean=wmean)
     return out
 
