@@ -4,11 +4,20 @@ Public API (see SPEC.md for every formula):
 
 * :func:`token_logprobs` — log-probs, entropy, sum p^2, argmax from logits.
 * :func:`linear_logprobs` — the same statistics from hidden states and the lm_head weight.
+* :func:`group_advantages`, :func:`token_advantages` — GRPO-family advantages (SPEC §5);
+  token-level :func:`reinforce_pp_advantages`, :func:`remax_advantages`,
+  :func:`gae_advantages`, :func:`implicit_process_advantages`.
 * :func:`use_backend` — force the Triton, C++ or CUDA kernels.
 """
 from fastalign._backend import use_backend
+from fastalign.advantages import (gae_advantages, group_advantages, implicit_process_advantages, masked_whiten,
+                                  reinforce_pp_advantages, remax_advantages, token_advantages)
 from fastalign.linear import linear_logprobs
 from fastalign.logprobs import TokenStats, token_logprobs
 
-__all__ = ["TokenStats", "linear_logprobs", "token_logprobs", "use_backend"]
+__all__ = [
+    "TokenStats", "linear_logprobs", "token_logprobs", "use_backend",
+    "gae_advantages", "group_advantages", "implicit_process_advantages", "masked_whiten",
+    "reinforce_pp_advantages", "remax_advantages", "token_advantages",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,47 @@
+// Reverse scans over time for token-level advantages (SPEC §5), on the CPU:
+// discounted returns (reinforce_pp, PRIME implicit rewards), reward-to-go
+// (remax) and GAE. One row (sequence) per OpenMP iteration, walked from the
+// last token to the first in double; see adv::scan_row for the recurrences.
+#include <cstdint>
+#include <stdexcept>
+
+#include "cpu/advantage_math.h"
+#include "registry.h"
+
+namespace fastalign {
+namespace {
+
+template <typename S>
+void reverse_scan(const S* x, const S* v, const S* m, S* out, S* out2, int64_t B, int64_t T, double gamma,
+                  double lam, int mode) {
+#pragma omp parallel for schedule(static) if (B * T >= (int64_t(1) << 20))
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t o = b * T;
+    adv::scan_row<S>(x + o, v ? v + o : nullptr, m + o, out + o, out2 ? out2 + o : nullptr, T, gamma, lam, mode);
+  }
+}
+
+template <typename P>
+P* ptr(uintptr_t p) { return reinterpret_cast<P*>(p); }
+
+}  // namespace
+
+FASTALIGN_BINDINGS(returns) {
+  namespace py = pybind11;
+  m.def(
+      "reverse_scan_cpu",
+      [](uintptr_t x, uintptr_t v, uintptr_t mask, bool f64, int64_t B, int64_t T, double gamma, double lam, int mode,
+         uintptr_t out, uintptr_t out2) {
+        if (mode == adv::kGae && (!v || !out2)) throw std::invalid_argument("reverse_scan: gae needs values and out2");
+        if (f64)
+          reverse_scan<double>(ptr<const double>(x), ptr<const double>(v), ptr<const double>(mask), ptr<double>(out),
+                               ptr<double>(out2), B, T, gamma, lam, mode);
+        else
+          reverse_scan<float>(ptr<const float>(x), ptr<const float>(v), ptr<const float>(mask), ptr<float>(out),
+                              ptr<float>(out2), B, T, gamma, lam, mode);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "Reverse scan over contiguous [B, T] rows (mode: 0 discounted return with reset, 1 reward-to-go, 2 gae).");
+}
+
+}  // namespace fastalign

@@ -1,0 +1,173 @@
+// Segmented group statistics and group-normalised advantages (SPEC §5), CUDA.
+//
+// The ops layer sorts the group keys stably on the device (torch.sort) and
+// numbers the segments with a cumulative sum of "key changed" flags, so no
+// value ever comes back to the host: every buffer is sized by B (groups <= B)
+// and the number of groups stays in device memory (`ngroups`).
+//   segment_starts: start[seg] = first sorted slot of each segment, ngroups.
+//   segment_kernel: one warp per segment; warps past ngroups exit (or write
+//                   empty statistics rows up to `rows`). Lanes stride over the
+//                   members in sorted (= batch: the sort is stable) order, then
+//                   an xor-butterfly reduction leaves the same sums on every
+//                   lane. The summation order depends only on the group's size:
+//                   bitwise reproducible, no atomics. Then either the group's
+//                   statistics row is written (group_stats) or every lane
+//                   writes the advantages of its members (group_advantage).
+// With a fixed group_size no sort is needed: segment s is [s*gs, (s+1)*gs).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cpu/advantage_math.h"
+#include "registry.h"
+
+namespace fastalign {
+namespace {
+
+using namespace adv;
+
+constexpr int kThreads = 256;
+
+inline void check_launch(const char* what) {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+inline unsigned blocks_for(int64_t n) { return unsigned((n + kThreads - 1) / kThreads); }
+
+__global__ void segment_starts(const int64_t* seg, int64_t B, int64_t* start, int64_t* ngroups) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= B) return;
+  if (i == 0 || seg[i] != seg[i - 1]) start[seg[i]] = i;
+  if (i == B - 1) *ngroups = seg[i] + 1;
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+struct Outputs {
+  int64_t* gid;      // group_stats: dense id per score (else null)
+  double* stats;     // group_stats: [rows, kStats] (else null)
+  int64_t rows;
+  int64_t* ngroups;  // group_stats with a fixed group_size: written here
+  void* out;         // group_advantage: advantages (else null)
+  AdvParams p;
+  const double* scale;  // device scalar multiplying p.scale, or null
+};
+
+template <typename S>
+__global__ void segment_kernel(const S* r, const double* len, const int64_t* perm, const int64_t* start,
+                               const int64_t* ngroups_in, int64_t group_size, int64_t B, Outputs o) {
+  const int64_t s = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  const int64_t G = perm ? *ngroups_in : (B + group_size - 1) / group_size;
+  if (!perm && o.ngroups && s == 0 && lane == 0) *o.ngroups = G;
+  if (s >= G) {  // whole warp
+    if (o.stats && lane == 0 && s < o.rows) write_empty_stats(o.stats + s * kStats);
+    return;
+  }
+  const int64_t begin = perm ? start[s] : s * group_size;
+  const int64_t end = perm ? (s + 1 < G ? start[s + 1] : B) : (begin + group_size < B ? begin + group_size : B);
+  GroupAcc a;
+  for (int64_t j = begin + lane; j < end; j += 32) {
+    const int64_t i = perm ? perm[j] : j;
+    if (o.gid) o.gid[i] = s;
+    const double x = double(r[i]);
+    if (!is_nan(x)) a.push(x, len ? len[i] : 1.0);
+  }
+#pragma unroll
+  for (int k = 16; k > 0; k >>= 1) {
+    a.n += __shfl_xor_sync(0xffffffffu, a.n, k);
+    a.sum += __shfl_xor_sync(0xffffffffu, a.sum, k);
+    a.lsum += __shfl_xor_sync(0xffffffffu, a.lsum, k);
+    a.lxsum += __shfl_xor_sync(0xffffffffu, a.lxsum, k);
+    const double b1 = __shfl_xor_sync(0xffffffffu, a.m1, k);
+    const double b2 = __shfl_xor_sync(0xffffffffu, a.m2, k);
+    const double bmn = __shfl_xor_sync(0xffffffffu, a.mn, k);
+    top2_merge(b1, b2, a.m1, a.m2);
+    a.mn = bmn < a.mn ? bmn : a.mn;
+  }
+  const double mean = a.mean();
+  double m2 = 0.0;
+  for (int64_t j = begin + lane; j < end; j += 32) {
+    const double x = double(r[perm ? perm[j] : j]);
+    if (!is_nan(x)) m2 += (x - mean) * (x - mean);
+  }
+  const GroupStats st = finish(a, mean, warp_sum(m2));
+  if (o.stats) {
+    if (lane == 0) write_stats(o.stats + s * kStats, st);
+    return;
+  }
+  AdvParams p = o.p;
+  if (o.scale) p.scale *= *o.scale;
+  const Coef cf = make_coef(st, p);
+  S* out = static_cast<S*>(o.out);
+  for (int64_t j = begin + lane; j < end; j += 32) {
+    const int64_t i = perm ? perm[j] : j;
+    out[i] = S(apply_coef(double(r[i]), cf));
+  }
+}
+
+// perm/seg: stably sorted keys' original positions and segment numbers (0 for fixed blocks).
+template <typename S>
+void launch(uintptr_t scores, int64_t B, uintptr_t perm, uintptr_t seg, int64_t group_size, uintptr_t lengths,
+            uintptr_t ngroups, uintptr_t start, const Outputs& o, cudaStream_t st) {
+  if (B == 0) return;
+  if (perm) {
+    segment_starts<<<blocks_for(B), kThreads, 0, st>>>(reinterpret_cast<const int64_t*>(seg), B,
+                                                       reinterpret_cast<int64_t*>(start),
+                                                       reinterpret_cast<int64_t*>(ngroups));
+    check_launch("segment_starts");
+  }
+  const int64_t warps = perm ? B : (B + group_size - 1) / group_size;  // upper bound on the groups
+  segment_kernel<S><<<blocks_for(warps * 32), kThreads, 0, st>>>(
+      reinterpret_cast<const S*>(scores), reinterpret_cast<const double*>(lengths),
+      reinterpret_cast<const int64_t*>(perm), reinterpret_cast<const int64_t*>(start),
+      reinterpret_cast<const int64_t*>(ngroups), group_size, B, o);
+  check_launch("segment_kernel");
+}
+
+}  // namespace
+
+FASTALIGN_BINDINGS(group_stats_cuda) {
+  namespace py = pybind11;
+  m.def(
+      "group_stats_cuda",
+      [](uintptr_t scores, bool f64, int64_t B, uintptr_t perm, uintptr_t seg, int64_t group_size, uintptr_t lengths,
+         uintptr_t gid, uintptr_t stats, int64_t rows, uintptr_t ngroups, uintptr_t start, uintptr_t stream) {
+        if (!perm && group_size <= 0) throw std::invalid_argument("group_stats: group_size must be > 0");
+        const Outputs o{reinterpret_cast<int64_t*>(gid), reinterpret_cast<double*>(stats), rows,
+                        reinterpret_cast<int64_t*>(ngroups), nullptr, AdvParams{0, false, 0.0, false, 1.0}, nullptr};
+        auto st = reinterpret_cast<cudaStream_t>(stream);
+        if (f64)
+          launch<double>(scores, B, perm, seg, group_size, lengths, ngroups, start, o, st);
+        else
+          launch<float>(scores, B, perm, seg, group_size, lengths, ngroups, start, o, st);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "Group ids [B] and statistics [rows, 6] on the device from stably sorted keys (perm, seg) or a fixed "
+      "group_size (perm = 0); rows past the number of groups are written as empty groups.");
+  m.def(
+      "group_advantage_cuda",
+      [](uintptr_t scores, bool f64, int64_t B, uintptr_t perm, uintptr_t seg, int64_t group_size, uintptr_t lengths,
+         uintptr_t ngroups, uintptr_t start, int mode, bool div_std, double eps, bool singleton_zero,
+         uintptr_t scale, uintptr_t out, uintptr_t stream) {
+        if (!perm && group_size <= 0) throw std::invalid_argument("group_advantage: group_size must be > 0");
+        const Outputs o{nullptr, nullptr, 0, nullptr, reinterpret_cast<void*>(out),
+                        AdvParams{mode, div_std, eps, singleton_zero, 1.0}, reinterpret_cast<const double*>(scale)};
+        auto st = reinterpret_cast<cudaStream_t>(stream);
+        if (f64)
+          launch<double>(scores, B, perm, seg, group_size, lengths, ngroups, start, o, st);
+        else
+          launch<float>(scores, B, perm, seg, group_size, lengths, ngroups, start, o, st);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "Group-normalised advantage per score, one warp per group (ngroups, start: device scratch for keyed groups).");
+}
+
+}  // namespace fastalign

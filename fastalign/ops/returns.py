@@ -1,0 +1,47 @@
+"""``fastalign::reverse_scan``: token-level returns and GAE as reverse scans over
+time (SPEC §5), one sequence per CPU row / CUDA thread.
+
+Modes (``m`` the 0/1 mask, all rows contiguous ``[B, T]`` in one float dtype):
+
+* ``return``:  ``G_t = x_t m_t + gamma G_{t+1}``, reset to 0 after every masked
+  token; out = ``G m`` (reinforce_pp, PRIME implicit rewards).
+* ``to_go``:   the same without the reset: ``sum_{s>=t} gamma^{s-t} x_s m_s`` (remax).
+* ``gae``:     ``delta_t = x_t + gamma V_next - V_t``, ``A_t = delta_t + gamma lam A_next``;
+  masked tokens carry ``V_next`` and ``A_next`` unchanged; out = ``A m``,
+  out2 = ``(A + V) m`` (returns).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastalign import _backend
+from fastalign.ops._launch import ptr
+
+SCANS = {"return": 0, "to_go": 1, "gae": 2}
+
+
+def _outputs(x: Tensor, mode: int):
+    return torch.empty_like(x), torch.empty_like(x) if mode == SCANS["gae"] else x.new_empty(0)
+
+
+@torch.library.custom_op("fastalign::reverse_scan", mutates_args=())
+def reverse_scan(x: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float, mode: int, backend: str
+                 ) -> tuple[Tensor, Tensor]:
+    """(out [B, T], out2 [B, T] for gae else empty); ``values`` empty unless gae."""
+    out, out2 = _outputs(x, mode)
+    B, T = x.shape
+    args = (x.data_ptr(), ptr(values), mask.data_ptr(), x.dtype == torch.float64, B, T, float(gamma), float(lam),
+            int(mode), out.data_ptr(), ptr(out2))
+    if backend == "cuda":
+        _backend.compiled().reverse_scan_cuda(*args, _backend.cuda_stream(x))
+    elif backend == "cpp":
+        _backend.compiled().reverse_scan_cpu(*args)
+    else:
+        raise ValueError(f"reverse_scan runs on the 'cpp' or 'cuda' backend, got {backend!r}")
+    return out, out2
+
+
+@reverse_scan.register_fake
+def _(x, values, mask, gamma, lam, mode, backend):
+    return _outputs(x, mode)

@@ -1,0 +1,252 @@
+"""Advantage estimators (SPEC §5) written as plain per-group Python loops over
+float64 Python numbers: the test oracle. Also the two benchmark baselines for
+GRPO: the dict-of-lists loop trainers commonly run, and a vectorised PyTorch
+version (``torch.unique`` + ``index_add_``)."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+
+def _isnan(x: float) -> bool:
+    return x != x
+
+
+def _keys(index, group_size, B):
+    if index is not None:
+        return index.tolist() if isinstance(index, torch.Tensor) else list(index)
+    return [i // group_size for i in range(B)]
+
+
+def group_stats(scores, index=None, group_size=None, lengths=None):
+    """{key: dict(count, mean, std, max, second, wmean)} over the non-NaN scores of each group."""
+    r = [float(x) for x in scores.tolist()]
+    B = len(r)
+    keys = _keys(index, group_size, B)
+    lens = [1.0] * B if lengths is None else [float(x) for x in lengths.tolist()]
+    members = defaultdict(list)
+    for i, k in enumerate(keys):
+        members[k].append(i)
+    out = {}
+    for k, idx in members.items():
+        vals = [r[i] for i in idx if not _isnan(r[i])]
+        ls = [lens[i] for i in idx if not _isnan(r[i])]
+        n = len(vals)
+        mean = sum(vals) / n if n else 0.0
+        if n and max(vals) == min(vals):
+            mean = vals[0]  # equal scores: exactly that value, so r - mean is exactly 0
+        std = math.sqrt(sum((x - mean) ** 2 for x in vals) / (n - 1)) if n > 1 else 0.0
+        srt = sorted(vals, reverse=True)
+        mx = srt[0] if n else -math.inf
+        second = srt[1] if n > 1 else -math.inf
+        lsum = sum(ls)
+        wmean = sum(l * x for l, x in zip(ls, vals)) / lsum if lsum > 0 and max(vals) != min(vals) else mean
+        out[k] = dict(count=n, mean=mean, std=std, max=mx, second=second, wmean=wmean)
+    return out
+
+
+def _per_score(r, keys, st, fn, singleton):
+    out = []
+    for x, k in zip(r, keys):
+        s = st[k]
+        if _isnan(x):
+            out.append(0.0)
+        elif s["count"] < 2:
+            out.append(0.0 if singleton == "zero" else x)
+        else:
+            out.append(fn(x, s))
+    return out
+
+
+def _batch_std(r):
+    vals = [x for x in r if not _isnan(x)]
+    n = len(vals)
+    if n < 2:
+        return 0.0
+    mean = sum(vals) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in vals) / (n - 1))
+
+
+def _one(r, keys, estimator, eps, std, singleton, lengths, reward_weights, B):
+    """Advantages as a list of floats for one estimator on one grouping."""
+    if estimator == "gdpo":
+        K = len(r[0]) if B else 0
+        w = [1.0] * K if reward_weights is None else [float(v) for v in reward_weights]
+        total = [0.0] * B
+        for k in range(K):
+            col = [row[k] for row in r]
+            a = _one(col, keys, "grpo", eps, std, singleton, lengths, None, B)
+            total = [t + w[k] * v for t, v in zip(total, a)]
+        total = [math.nan if all(_isnan(v) for v in row) else t for row, t in zip(r, total)]
+        return _one(total, [0] * B, "grpo", eps, "group", singleton, None, None, B)
+    st = group_stats(torch.tensor(r, dtype=torch.float64), keys, lengths=lengths)
+    if estimator == "grpo":
+        bs = _batch_std(r)
+        div = {"group": lambda s: s["std"] + eps, "batch": lambda s: bs + eps, "none": lambda s: 1.0}[std]
+        return _per_score(r, keys, st, lambda x, s: (x - s["mean"]) / div(s), singleton)
+    if estimator == "rloo":
+        return _per_score(r, keys, st, lambda x, s: (x - s["mean"]) * s["count"] / (s["count"] - 1), singleton)
+    if estimator == "opo":
+        return _per_score(r, keys, st, lambda x, s: x - s["wmean"], singleton)
+    if estimator == "gpg":
+        alpha = B / max(sum(1 for x in r if not _isnan(x) and x != 0), 1)
+        return _per_score(r, keys, st, lambda x, s: alpha * (x - s["mean"]), singleton)
+    if estimator == "grpo_passk":
+        bs = _batch_std(r)
+        div = {"group": lambda s: s["std"] + eps, "batch": lambda s: bs + eps, "none": lambda s: 1.0}[std]
+
+        def passk(x, s):
+            return (s["max"] - s["second"]) / div(s) if x == s["max"] else 0.0
+        return _per_score(r, keys, st, passk, singleton)
+    if estimator == "reinforce_pp_baseline":
+        a = _per_score(r, keys, st, lambda x, s: x - s["mean"], singleton)
+        lens = [float(v) for v in lengths.tolist()]
+        # spread over tokens: sequence i contributes L_i tokens of value a_i
+        tokens = [v for i, v in enumerate(a) if not _isnan(r[i]) for _ in range(int(lens[i]))]
+        n = len(tokens)
+        mean = sum(tokens) / n if n else 0.0
+        var = sum((t - mean) ** 2 for t in tokens) / (n - 1) if n > 1 else 0.0
+        inv = 1.0 / math.sqrt(var + 1e-8)
+        return [0.0 if _isnan(r[i]) or lens[i] == 0 else (a[i] - mean) * inv for i in range(B)]
+    raise ValueError(estimator)
+
+
+def group_advantages(scores, index=None, *, group_size=None, estimator="grpo", eps=1e-6, std="group",
+                     singleton="raw", lengths=None, reward_weights=None, step_index=None, step_scores=None,
+                     omega=1.0):
+    """float64 advantages, one per score, from per-group loops (same arguments as fastalign's)."""
+    B = scores.shape[0]
+    r = scores.double().tolist()
+    keys = _keys(index, group_size, B)
+    adv = _one(r, keys, estimator, eps, std, singleton, lengths, reward_weights, B)
+    if step_index is not None:
+        sr = r if step_scores is None else step_scores.double().tolist()
+        step = _one(sr, _keys(step_index, None, B), estimator, eps, std, singleton, lengths, reward_weights, B)
+        adv = [a + omega * s for a, s in zip(adv, step)]
+    return torch.tensor(adv, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- token level
+def masked_whiten(x, mask, eps=1e-8):
+    vals = [v for v, m in zip(x.flatten().tolist(), mask.flatten().tolist()) if m]
+    n = len(vals)
+    mean = sum(vals) / n if n else 0.0
+    var = sum((v - mean) ** 2 for v in vals) / (n - 1) if n > 1 else 0.0
+    return (x - mean) / math.sqrt(var + eps) * mask
+
+
+def discounted_returns(x, mask, gamma, reset=True):
+    """Per row, from the last token: run = x_t m_t + gamma run; out_t = run m_t; run *= m_t if reset."""
+    B, T = x.shape
+    out = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        run = 0.0
+        for t in reversed(range(T)):
+            m = float(mask[b, t])
+            run = float(x[b, t]) * m + gamma * run
+            out[b, t] = run * m
+            if reset:
+                run *= m
+    return out
+
+
+def reinforce_pp_advantages(rewards, mask, gamma=1.0, whiten=True):
+    mask = mask.double()
+    g = discounted_returns(rewards.double(), mask, gamma)
+    return masked_whiten(g, mask) if whiten else g
+
+
+def remax_advantages(rewards, mask, baseline):
+    mask = mask.double()
+    g = discounted_returns(rewards.double(), mask, 1.0, reset=False)
+    return g - baseline.double()[:, None] * mask
+
+
+def gae_advantages(rewards, values, mask, gamma=1.0, lam=1.0, whiten=True):
+    """GAE skipping masked tokens (they pass V_next and A_next through unchanged)."""
+    B, T = rewards.shape
+    mask = mask.double()
+    adv = torch.zeros(B, T, dtype=torch.float64)
+    ret = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        next_v, a_next = 0.0, 0.0
+        for t in reversed(range(T)):
+            if mask[b, t]:
+                v = float(values[b, t])
+                a_next = float(rewards[b, t]) + gamma * next_v - v + gamma * lam * a_next
+                next_v = v
+                adv[b, t] = a_next
+                ret[b, t] = a_next + v
+    return (masked_whiten(adv, mask) if whiten else adv), ret
+
+
+def implicit_process_advantages(logprobs, ref_logprobs, mask, outcome_advantages=None, beta=0.05, gamma=1.0):
+    mask = mask.double()
+    r = discounted_returns(beta * (logprobs.double() - ref_logprobs.double()), mask, gamma)
+    if outcome_advantages is not None:
+        r = r + outcome_advantages.double()[:, None] * mask
+    return r
+
+
+# ---------------------------------------------------------------- benchmark baselines
+def grpo_python_loop(scores, index, eps=1e-6):
+    """GRPO the way trainers commonly write it: a dict of lists of per-response
+    score tensors, torch.mean / torch.std per group, then a loop over responses."""
+    id2score = defaultdict(list)
+    id2mean, id2std = {}, {}
+    scores = scores.clone()
+    bsz = scores.shape[0]
+    for i in range(bsz):
+        id2score[index[i]].append(scores[i])
+    for idx, vals in id2score.items():
+        if len(vals) == 1:
+            id2mean[idx] = torch.tensor(0.0)
+            id2std[idx] = torch.tensor(1.0)
+        else:
+            t = torch.stack(vals)
+            id2mean[idx] = torch.mean(t)
+            id2std[idx] = torch.std(t)
+    for i in range(bsz):
+        scores[i] = (scores[i] - id2mean[index[i]]) / (id2std[index[i]] + eps)
+    return scores
+
+
+def grpo_vectorized(scores, index, eps=1e-6):
+    """GRPO in vectorised PyTorch: dense ids by torch.unique, sums by index_add_
+    (float64), NaN scores excluded and set to 0, groups of one pass through."""
+    _, inv = torch.unique(index, return_inverse=True)
+    B = scores.shape[0]
+    valid = ~torch.isnan(scores)
+    x = torch.where(valid, scores, 0.0).double()
+    v = valid.double()
+    cnt = torch.zeros(B, dtype=torch.float64).index_add_(0, inv, v)
+    mean = torch.zeros(B, dtype=torch.float64).index_add_(0, inv, x) / cnt.clamp_min(1.0)
+    d = (x - mean[inv]) * v
+    var = torch.zeros(B, dtype=torch.float64).index_add_(0, inv, d * d) / (cnt - 1.0).clamp_min(1.0)
+    adv = d / (var.sqrt()[inv] + eps)
+    adv = torch.where(cnt[inv] < 2, x, adv) * v
+    return adv.to(scores.dtype)
+
+
+def gae_time_loop(rewards, values, mask, gamma=1.0, lam=1.0):
+    """GAE the way trainers commonly write it: a Python loop over time with
+    batched tensor ops per step (masked tokens carry V and A through), then
+    masked whitening. The benchmark baseline of the reverse-scan kernel."""
+    B, T = rewards.shape
+    next_v = torch.zeros(B, dtype=rewards.dtype)
+    last = torch.zeros(B, dtype=rewards.dtype)
+    adv = torch.empty_like(rewards)
+    for t in reversed(range(T)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        a = delta + gamma * lam * last
+        next_v = values[:, t] * m + (1 - m) * next_v
+        last = a * m + (1 - m) * last
+        adv[:, t] = last
+    ret = (adv + values) * mask
+    n = mask.sum()
+    mean = (adv * mask).sum() / n
+    var = (((adv - mean) * mask) ** 2).sum() / (n - 1)
+    return (adv - mean) * torch.rsqrt(var + 1e-8) * mask, ret
