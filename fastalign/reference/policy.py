@@ -81,7 +81,7 @@ def entropy_quantile_mask(H, m, q):
     return (H.detach() >= thr).to(H.dtype)
 
 
-def cov_selection(lp, old, A, m, *, loss_type, eps_low, eps_high, ratio, lb, ub, keys=None):
+def cov_selection(lp, old, A, m, *, loss_type, eps_low, eps_high, ratio, lb, ub, keys=None, means=None):
     """Tokens picked by Clip-Cov / KL-Cov (SPEC §3.1); ``keys`` are the random keys for clip_cov.
 
     clip_cov: the n candidates with the smallest key (ties: lower index); kl_cov: the
@@ -93,8 +93,11 @@ def cov_selection(lp, old, A, m, *, loss_type, eps_low, eps_high, ratio, lb, ub,
     sel = torch.zeros_like(lp, dtype=torch.bool)
     if n_valid == 0:
         return sel
-    mA = (A * m).sum() / n_valid
-    mlp = (lp * m).sum() / n_valid
+    if means is None:
+        mA = (A * m).sum() / n_valid
+        mlp = (lp * m).sum() / n_valid
+    else:  # (mean A, mean lp), e.g. over all data-parallel ranks
+        mA, mlp = means
     cov = ((A - mA) * (lp - mlp)).flatten()
     k = max(int(math.floor(ratio * n_valid)), 1)
     flat_mask = mask.flatten()
@@ -104,7 +107,8 @@ def cov_selection(lp, old, A, m, *, loss_type, eps_low, eps_high, ratio, lb, ub,
         L2 = -A * torch.clamp(rho, 1 - eps_low, 1 + eps_high)
         cand = flat_mask & (L2 <= L1).flatten() & (cov > lb) & (cov < ub)
         idx = [i for i in range(cov.numel()) if cand[i]]
-        idx.sort(key=lambda i: (float(keys.flatten()[i]), i))
+        if keys is not None:  # without keys only "every candidate picked" is defined
+            idx.sort(key=lambda i: (float(keys.flatten()[i]), i))
     else:
         idx = [i for i in range(cov.numel()) if flat_mask[i]]
         idx.sort(key=lambda i: (-float(cov[i]), i))
@@ -141,7 +145,7 @@ def policy_loss(
             rho_1 = rho
         elif loss_type == "ppo":
             rho = torch.exp(torch.clamp(l, -20.0, 20.0))
-            rho_1 = torch.minimum(rho, torch.full_like(rho, delta)) if delta is not None else rho
+            rho_1 = torch.where(rho > delta, torch.full_like(rho, delta), rho) if delta is not None else rho
         else:
             rho = torch.exp(l)
             rho_1 = rho
