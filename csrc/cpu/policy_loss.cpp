@@ -66,12 +66,31 @@ struct Row {
   float *out, *dlp, *dH;
 };
 
-template <int LT>
+// Flags (compile time, so the token loop has no branches and vectorises).
+enum Flag : int { kFlagKL = 1, kFlagDH = 2, kFlagTokRoll = 4 };
+
+template <int LT, int FL>
 FASTALIGN_CPU_TARGETS
 void row_kernel(const Cfg& c, const Row& R) {
+  constexpr bool KL = (FL & kFlagKL) != 0, DH = (FL & kFlagDH) != 0, TOKROLL = (FL & kFlagTokRoll) != 0;
   const int64_t T = c.T;
-  const float *lp = R.lp, *old = R.old, *adv = R.adv, *ref = R.ref, *ent = R.ent, *roll = R.roll, *keep = R.keep;
-  const uint8_t *mask = R.mask, *sel = R.sel;
+  const float* __restrict lp = R.lp;
+  const float* __restrict old = R.old;
+  const float* __restrict adv = R.adv;
+  const float* __restrict ref = R.ref;
+  const float* __restrict ent = R.ent;
+  const float* __restrict roll = R.roll;
+  const float* __restrict keep = R.keep;
+  const uint8_t* __restrict mask = R.mask;
+  const uint8_t* __restrict sel = R.sel;
+  // configuration in locals: the stores below cannot alias it
+  const float el = c.el, eh = c.eh, dual_c = c.dual_c, delta = c.delta, cis_lo = c.cis_lo, cis_hi = c.cis_hi;
+  const float tau_pos = c.tau_pos, tau_neg = c.tau_neg, kl_coef = c.kl_coef, ent_coef = c.ent_coef;
+  const float r_min = c.r_min, r_max = c.r_max, cov_kl = c.cov_kl;
+  const int rollout = c.rollout;
+  const bool kl_clamp = c.kl_clamp;
+  const float w_k1 = c.kl_type == kK1, w_abs = c.kl_type == kAbs, w_k2 = c.kl_type == kK2, w_k3 = c.kl_type == kK3;
+  const float w_st = c.kl_straight ? 1.f : 0.f, w_rho = c.kl_rho ? 1.f : 0.f;
   const bool tok_roll = c.rollout == kTokTrunc || c.rollout == kTokMask;
   const bool roll_trunc = c.rollout == kTokTrunc || c.rollout == kSeqTrunc;
   const bool seq_roll = c.rollout == kSeqTrunc || c.rollout == kSeqMask;
@@ -115,38 +134,44 @@ void row_kernel(const Cfg& c, const Row& R) {
 
   // ---- pass 2: per-token loss, gradients and metric sums ----
   const float lo = 1.f - c.el, hi = 1.f + c.eh;
-  const bool dual_on = c.dual_c > 0.f, delta_on = c.delta > 0.f;
+  // Options off become bounds that never bind (no runtime branches in the loop, so it vectorises).
+  constexpr float kBig = std::numeric_limits<float>::max();
+  const float delta_b = (LT == kPPO && c.delta > 0.f) ? c.delta : kBig;
+  const float dual_b = (LT == kPPO && c.dual_c > 0.f) ? c.dual_c : kBig;
+  const float xlo = kl_clamp ? -20.f : -kBig, xhi = kl_clamp ? 20.f : kBig;
+  const float klo = kl_clamp ? -10.f : -kBig, khi = kl_clamp ? 10.f : kBig;
+  const float w_trunc = rollout == kTokTrunc ? 1.f : 0.f;
   float s_loss = 0.f, s_n = 0.f, s_clip = 0.f, s_low = 0.f, s_negl = 0.f, s_kl = 0.f, s_H = 0.f, s_sel = 0.f;
-  float* dlp = R.dlp;
-  float* dH = R.dH;
+  float* __restrict dlp = R.dlp;
+  float* __restrict dH = R.dH;
 #pragma omp simd reduction(+ : s_loss, s_n, s_clip, s_low, s_negl, s_kl, s_H, s_sel)
   for (int64_t t = 0; t < T; ++t) {
     const bool v = mask[t] != 0;
     const float x_lp = lp[t], a = adv[t];
     const float l = x_lp - old[t];
     const float rho_c = exp_f32(clampf(l, -20.f, 20.f));
-    const float drho_c = (l >= -20.f && l <= 20.f) ? rho_c : 0.f;
+    const float drho_c = (l >= -20.f & l <= 20.f) ? rho_c : 0.f;
     const bool picked = sel[t] != 0;
     float pg = 0.f, dpg = 0.f, clip = 0.f, low = 0.f;
-    if (LT == kPPO || LT == kGSPO || LT == kCLIPCOV) {
+    if (LT == kPPO | LT == kGSPO | LT == kCLIPCOV) {
       float rho = rho_c, drho = drho_c;
       if (LT == kGSPO) { rho = gspo_rho; drho = gspo_rho; }
       if (LT == kCLIPCOV) { rho = exp_f32(l); drho = rho; }
       float r1 = rho, dr1 = drho;
-      if (LT == kPPO && delta_on) {
-        r1 = rho > c.delta ? c.delta : rho;
-        dr1 = rho > c.delta ? 0.f : drho;
+      if (LT == kPPO) {
+        r1 = rho > delta_b ? delta_b : rho;
+        dr1 = rho > delta_b ? 0.f : drho;
       }
       const float L1 = -a * r1;
       const float L2 = -a * clampf(rho, lo, hi);
-      const float dL2 = (rho >= lo && rho <= hi) ? -a * drho : 0.f;
+      const float dL2 = (rho >= lo & rho <= hi) ? -a * drho : 0.f;
       const bool is_clip = L2 > L1;
       pg = is_clip ? L2 : L1;
       dpg = is_clip ? dL2 : -a * dr1;
       clip = is_clip ? 1.f : 0.f;
-      if (LT == kPPO && dual_on) {
-        const float L3 = -c.dual_c * a;
-        const bool is_low = a < 0.f && pg > L3;
+      if (LT == kPPO) {
+        const float L3 = -dual_b * a;
+        const bool is_low = a < 0.f & pg > L3;
         pg = is_low ? L3 : pg;
         dpg = is_low ? 0.f : dpg;
         low = is_low ? 1.f : 0.f;
@@ -157,15 +182,15 @@ void row_kernel(const Cfg& c, const Row& R) {
       }
     } else if (LT == kKLCOV) {
       const float rho = exp_f32(l);
-      pg = -a * rho + (picked ? c.cov_kl * std::fabs(l) : 0.f);
-      dpg = -a * rho + (picked ? c.cov_kl * (l > 0.f ? 1.f : (l < 0.f ? -1.f : 0.f)) : 0.f);
+      pg = -a * rho + (picked ? cov_kl * std::fabs(l) : 0.f);
+      dpg = -a * rho + (picked ? cov_kl * (l > 0.f ? 1.f : (l < 0.f ? -1.f : 0.f)) : 0.f);
     } else if (LT == kCISPO) {
-      const float w = clampf(rho_c, c.cis_lo, c.cis_hi);
+      const float w = clampf(rho_c, cis_lo, cis_hi);
       pg = -w * a * x_lp;
       dpg = -w * a;
-      clip = (rho_c < c.cis_lo || rho_c > c.cis_hi) ? 1.f : 0.f;
+      clip = (rho_c < cis_lo | rho_c > cis_hi) ? 1.f : 0.f;
     } else if (LT == kSAPO) {
-      const float tau = a > 0.f ? c.tau_pos : c.tau_neg;
+      const float tau = a > 0.f ? tau_pos : tau_neg;
       const float s = 1.f / (1.f + exp_f32(-tau * (rho_c - 1.f)));
       pg = -(4.f / tau) * s * a;
       dpg = -4.f * s * (1.f - s) * a * drho_c;
@@ -173,43 +198,44 @@ void row_kernel(const Cfg& c, const Row& R) {
       pg = -a * x_lp;
       dpg = -a;
     } else if (LT == kGMPO) {
-      const float dc = a > 0.f ? (l <= c.eh ? 1.f : 0.f) : (a < 0.f ? (l >= -c.el ? 1.f : 0.f) : 0.f);
+      const float dc = a > 0.f ? (l <= eh ? 1.f : 0.f) : (a < 0.f ? (l >= -el ? 1.f : 0.f) : 0.f);
       dpg = gmpo_G * dc;
-      clip = (l < -c.el || l > c.eh) ? 1.f : 0.f;
+      clip = (l < -el | l > eh) ? 1.f : 0.f;
     }
     // detached weights
     float w = keep[t] * w_row;
-    if (c.rollout == kTokTrunc || c.rollout == kTokMask) {
+    if (TOKROLL) {
       const float r = exp_f32(clampf(old[t] - roll[t], -20.f, 20.f));
-      w *= c.rollout == kTokTrunc ? (r > c.r_max ? c.r_max : r) : ((r >= c.r_min && r <= c.r_max) ? r : 0.f);
+      const float w_t = r > r_max ? r_max : r;
+      const float w_m = (r >= r_min & r <= r_max) ? r : 0.f;
+      w *= w_trunc * w_t + (1.f - w_trunc) * w_m;
     }
     float L = LT == kGMPO ? 0.f : w * pg;
     float g = LT == kGMPO ? dpg : w * dpg;
     // KL term (x = ref - lp)
     float klv = 0.f;
-    if (c.kl_on) {
+    if (KL) {
       const float d = x_lp - ref[t];
       const float x = -d;
-      const float xc = c.kl_clamp ? clampf(x, -20.f, 20.f) : x;
+      const float xc = clampf(x, xlo, xhi);
       const float e = exp_f32(xc);
       const float k3 = e - xc - 1.f;
-      const float k3c = c.kl_clamp ? clampf(k3, -10.f, 10.f) : k3;
-      const bool k3_live = !c.kl_clamp || (x >= -20.f && x <= 20.f && k3 >= -10.f && k3 <= 10.f);
+      const float k3c = clampf(k3, klo, khi);
+      const bool k3_live = x >= xlo & x <= xhi & k3 >= klo & k3 <= khi;
       const float dk3 = k3_live ? -(e - 1.f) : 0.f;
       const float sgn = d > 0.f ? 1.f : (d < 0.f ? -1.f : 0.f);
-      klv = c.kl_type == kK1 ? d : (c.kl_type == kAbs ? std::fabs(d) : (c.kl_type == kK2 ? 0.5f * d * d : k3c));
-      float dkl = c.kl_straight ? d : (c.kl_type == kK1 ? 1.f : (c.kl_type == kAbs ? sgn : (c.kl_type == kK2 ? d : dk3)));
-      const float kr = c.kl_rho ? rho_c : 1.f;
-      L += c.kl_coef * kr * klv;
-      g += c.kl_coef * kr * dkl;
+      // blends with 0/1 weights (a ternary chain on kl_type would become a switch and stop SIMD)
+      klv = w_k1 * d + w_abs * std::fabs(d) + w_k2 * (0.5f * d * d) + w_k3 * k3c;
+      const float dkl_own = w_k1 + w_abs * sgn + w_k2 * d + w_k3 * dk3;
+      const float dkl = w_st * d + (1.f - w_st) * dkl_own;
+      const float kr = 1.f + w_rho * (rho_c - 1.f);
+      L += kl_coef * kr * klv;
+      g += kl_coef * kr * dkl;
     }
-    float h = 0.f;
-    if (c.ent_on) {
-      h = ent[t];
-      L -= c.ent_coef * h;
-    }
+    const float h = ent[t];  // a row of zeros when no entropy is given
+    L -= ent_coef * h;
     dlp[t] = v ? g : 0.f;
-    if (dH) dH[t] = v ? -c.ent_coef : 0.f;
+    if (DH) dH[t] = v ? -ent_coef : 0.f;
     s_loss += v ? L : 0.f;
     s_n += v ? 1.f : 0.f;
     s_clip += v ? clip : 0.f;
@@ -217,7 +243,7 @@ void row_kernel(const Cfg& c, const Row& R) {
     s_negl += v ? -l : 0.f;
     s_kl += v ? klv : 0.f;
     s_H += v ? h : 0.f;
-    s_sel += (v && picked) ? 1.f : 0.f;
+    s_sel += (v & picked) ? 1.f : 0.f;
   }
   float* row = R.out;
   row[0] = s_loss + gmpo_row;
@@ -249,8 +275,21 @@ void policy_loss_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_
   const float* f_old = as<const float>(old);
   const float* f_adv = as<const float>(adv);
   const uint8_t* u_mask = as<const uint8_t>(mask);
+  const int flags = (ref ? kFlagKL : 0) | (dH ? kFlagDH : 0) |
+                    ((rollout == kTokTrunc || rollout == kTokMask) ? kFlagTokRoll : 0);
   auto launch = [&](auto tag) {
     constexpr int LT = decltype(tag)::value;
+    void (*fn)(const Cfg&, const Row&) = nullptr;
+    switch (flags) {
+      case 0: fn = row_kernel<LT, 0>; break;
+      case 1: fn = row_kernel<LT, 1>; break;
+      case 2: fn = row_kernel<LT, 2>; break;
+      case 3: fn = row_kernel<LT, 3>; break;
+      case 4: fn = row_kernel<LT, 4>; break;
+      case 5: fn = row_kernel<LT, 5>; break;
+      case 6: fn = row_kernel<LT, 6>; break;
+      default: fn = row_kernel<LT, 7>; break;
+    }
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < B; ++i) {
       const int64_t o = i * T;
@@ -261,7 +300,7 @@ void policy_loss_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_
             keep ? as<const float>(keep) + o : ones.data(),
             u_mask + o, sel ? as<const uint8_t>(sel) + o : no_sel.data(),
             as<float>(row) + i * kRowCols, as<float>(dlp) + o, dH ? as<float>(dH) + o : nullptr};
-      row_kernel<LT>(c, r);
+      fn(c, r);
     }
   };
   switch (loss_type) {

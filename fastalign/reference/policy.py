@@ -223,3 +223,36 @@ def policy_loss(
     if cov_selected is not None:
         metrics["cov_selected_frac"] = _masked_mean(cov_selected.to(lp.dtype), m)
     return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def eager_cov_loss(lp, old, A, m, *, loss_type, eps_low=0.2, eps_high=0.2, ratio=2e-4, lb=1.0, ub=5.0,
+                   kl_coef=1.0, generator=None):
+    """Clip-Cov / KL-Cov the way eager trainers write it (nonzero, randperm, topk): the
+    benchmark baseline for the fused path (token-mean aggregation)."""
+    mf = m.to(lp.dtype)
+    mb = m.bool()
+    l = lp - old
+    rho = torch.exp(l)
+    n_valid = mf.sum()
+    lpd = lp.detach()
+    cov = (A - (A * mf).sum() / n_valid) * (lpd - (lpd * mf).sum() / n_valid)
+    k = max(int(ratio * int(n_valid.item())), 1)
+    if loss_type == "clip_cov":
+        L1 = -A * rho
+        L2 = -A * torch.clamp(rho, 1 - eps_low, 1 + eps_high)
+        pg = torch.maximum(L1, L2)
+        cand = mb & (L2 <= L1) & (cov > lb) & (cov < ub)
+        idx = torch.nonzero(cand.flatten()).flatten()
+        if idx.numel() > 0:
+            pick = idx[torch.randperm(idx.numel(), generator=generator)[:k]]
+            corr = torch.ones_like(pg).flatten()
+            corr[pick] = 0.0
+            pg = pg * corr.view_as(pg)
+    else:
+        pg = -A * rho
+        flat = torch.where(mb, cov, torch.full_like(cov, -math.inf)).flatten()
+        top = torch.topk(flat, k).indices
+        extra = torch.zeros_like(pg).flatten()
+        extra[top] = 1.0
+        pg = pg + kl_coef * l.abs() * extra.view_as(pg)
+    return (pg * mf).sum() / n_valid
