@@ -26,6 +26,10 @@
 //            row loss -exp(mean_v c) mean_v A times sum_t v w_tok_t
 //   clip_cov ppo clip on exp(l) (no clamps, no dual clip), selected tokens' pg set to 0
 //   kl_cov   -A exp(l) + cov_kl_coef |l| on selected tokens
+// GCC sinks the loads of optional inputs into the masked branch, which leaves conditional
+// (possibly trapping) loads that if-conversion rejects and the token loop stays scalar.
+// Without load sinking the whole per-token body becomes straight-line SIMD code.
+#pragma GCC optimize("no-tree-sink")
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -57,7 +61,6 @@ struct Cfg {
 
 static inline float clampf(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
-#define FASTALIGN_CPU_TARGETS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 
 // One row's inputs (absent optional inputs point at a row of neutral values).
 struct Row {
@@ -70,8 +73,7 @@ struct Row {
 enum Flag : int { kFlagKL = 1, kFlagDH = 2, kFlagTokRoll = 4 };
 
 template <int LT, int FL>
-FASTALIGN_CPU_TARGETS
-void row_kernel(const Cfg& c, const Row& R) {
+__attribute__((always_inline)) inline void row_body(const Cfg& c, const Row& R) {
   constexpr bool KL = (FL & kFlagKL) != 0, DH = (FL & kFlagDH) != 0, TOKROLL = (FL & kFlagTokRoll) != 0;
   const int64_t T = c.T;
   const float* __restrict lp = R.lp;
@@ -151,7 +153,8 @@ void row_kernel(const Cfg& c, const Row& R) {
     const float l = x_lp - old[t];
     const float rho_c = exp_f32(clampf(l, -20.f, 20.f));
     const float drho_c = (l >= -20.f & l <= 20.f) ? rho_c : 0.f;
-    const bool picked = sel[t] != 0;
+    const uint8_t sel_t = sel[t];  // loaded unconditionally (a sunk, conditional load blocks SIMD)
+    const bool picked = sel_t != 0;
     float pg = 0.f, dpg = 0.f, clip = 0.f, low = 0.f;
     if (LT == kPPO | LT == kGSPO | LT == kCLIPCOV) {
       float rho = rho_c, drho = drho_c;
@@ -243,7 +246,7 @@ void row_kernel(const Cfg& c, const Row& R) {
     s_negl += v ? -l : 0.f;
     s_kl += v ? klv : 0.f;
     s_H += v ? h : 0.f;
-    s_sel += (v & picked) ? 1.f : 0.f;
+    s_sel += static_cast<float>((mask[t] != 0) & (sel_t != 0));
   }
   float* row = R.out;
   row[0] = s_loss + gmpo_row;
@@ -254,6 +257,25 @@ void row_kernel(const Cfg& c, const Row& R) {
   row[5] = s_kl;
   row[6] = s_H;
   row[7] = s_sel;
+}
+
+// The same body compiled for AVX2+FMA and for the baseline, picked at run time.
+// (target_clones left some instantiations scalar; an explicit target keeps them vectorised.)
+template <int LT, int FL>
+__attribute__((target("arch=x86-64-v3"))) void row_kernel_avx2(const Cfg& c, const Row& R) { row_body<LT, FL>(c, R); }
+
+template <int LT, int FL>
+void row_kernel_base(const Cfg& c, const Row& R) { row_body<LT, FL>(c, R); }
+
+inline bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+template <int LT, int FL>
+void row_kernel(const Cfg& c, const Row& R) {
+  if (cpu_has_avx2()) row_kernel_avx2<LT, FL>(c, R);
+  else row_kernel_base<LT, FL>(c, R);
 }
 
 template <typename P>
