@@ -1,0 +1,71 @@
+"""Loss aggregation over tokens and sequences with global counts (SPEC §4)."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from fastalign import _validate
+
+AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+Count = Union[int, float, Tensor, None]
+
+
+def check_agg(agg: str) -> str:
+    if agg not in AGGS:
+        raise ValueError(f"agg must be one of {AGGS}, got {agg!r}")
+    return agg
+
+
+def _count(x: Count, like: Tensor) -> Tensor:
+    if isinstance(x, Tensor):
+        return x.to(device=like.device, dtype=torch.float32)
+    return torch.tensor(float(x), device=like.device, dtype=torch.float32)
+
+
+def aggregate_rows(row_loss: Tensor, row_n: Tensor, agg: str, T: int, global_tokens: Count = None,
+                   global_seqs: Count = None, dp_size: int = 1, max_len: Optional[int] = None) -> Tensor:
+    """Aggregate per-row sums ``row_loss[i] = sum_t m L`` with per-row valid counts ``row_n``.
+
+    Everything stays on the device: the counts are tensors, nothing is read on the host.
+    """
+    if agg == "token-mean":
+        n = row_n.sum() if global_tokens is None else _count(global_tokens, row_n)
+        return row_loss.sum() / n.clamp(min=1.0) * dp_size
+    if agg == "seq-mean-token-sum-norm":
+        lmax = T if max_len is None else int(max_len)
+        if global_seqs is None:
+            return row_loss.sum() / float(max(row_loss.shape[0] * lmax, 1))
+        return row_loss.sum() / (_count(global_seqs, row_n) * lmax).clamp(min=1.0) * dp_size
+    nseq = (row_n > 0).sum().float() if global_seqs is None else _count(global_seqs, row_n)
+    nseq = nseq.clamp(min=1.0)
+    if agg == "seq-mean-token-sum":
+        return row_loss.sum() / nseq * dp_size
+    return (row_loss / row_n.clamp(min=1.0)).sum() / nseq * dp_size
+
+
+def aggregate_loss(per_token_loss: Tensor, mask: Tensor, agg: str = "token-mean", global_tokens: Count = None,
+                   global_seqs: Count = None, dp_size: int = 1, *, max_len: Optional[int] = None) -> Tensor:
+    r"""Reduce a per-token loss ``L [B, T]`` under the mask ``m`` (SPEC §4), fp32 0-dim result.
+
+    * ``token-mean``: ``sum(m L) / N_glob * dp``
+    * ``seq-mean-token-sum``: ``sum_i sum_t m L / B_glob * dp``
+    * ``seq-mean-token-mean``: ``sum_i (sum_t m L / sum_t m) / B_glob * dp`` (empty rows give 0)
+    * ``seq-mean-token-sum-norm`` (Dr. GRPO): ``sum(m L) / (B * L_max)``, ``L_max`` = ``max_len``
+      or the padded length; with ``global_seqs`` it is ``sum(m L) / (B_glob L_max) * dp``.
+
+    ``N_glob`` (``global_tokens``) and ``B_glob`` (``global_seqs``, non-empty sequences) are the
+    counts over the whole optimizer step and all data-parallel ranks (ints or device tensors);
+    without them the local counts are used. With them, averaging the gradients of ``dp_size``
+    ranks gives exactly the gradient of the global mean.
+    """
+    _validate.floating("per_token_loss", per_token_loss, dim=2)
+    _validate.tensor("mask", mask, dim=2)
+    _validate.shape("mask", mask, per_token_loss.shape, "per_token_loss.shape")
+    _validate.same_device(per_token_loss=per_token_loss, mask=mask)
+    check_agg(agg)
+    m = mask.to(torch.float32)
+    L = torch.where(m > 0, per_token_loss.float(), torch.zeros((), device=m.device))
+    return aggregate_rows(L.sum(-1), m.sum(-1), agg, per_token_loss.shape[1], global_tokens, global_seqs,
+                          dp_size, max_len)

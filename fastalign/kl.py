@@ -1,0 +1,59 @@
+"""KL estimators between the policy and a reference policy, per token (SPEC §2)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastalign import _validate
+
+KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
+
+
+def canonical_kl(kind: str) -> tuple[str, bool]:
+    """("k1" | "abs" | "k2" | "k3", straight_through) for a KL name such as ``"low_var_kl+"``."""
+    if not isinstance(kind, str):
+        raise TypeError(f"kl_type must be a string, got {type(kind).__name__}")
+    straight = kind.endswith("+")
+    base = kind[:-1] if straight else kind
+    if base not in KL_KINDS:
+        raise ValueError(f"kl_type must be one of {KL_KINDS} (optionally with a trailing '+'), got {kind!r}")
+    return _ALIASES.get(base, base), straight
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3", *, clamp: bool = True) -> Tensor:
+    r"""Per-token KL estimate, fp32, with ``x = ref - lp``:
+
+    * ``k1`` / ``kl``: ``lp - ref``
+    * ``abs``: ``|lp - ref|``
+    * ``k2`` / ``mse``: ``0.5 (lp - ref)^2``
+    * ``k3`` / ``low_var_kl``: ``exp(x) - x - 1`` with x clamped to [-20, 20] and the result to
+      [-10, 10] (``clamp=False`` drops both clamps)
+    * ``NAME+``: the value of NAME with the gradient of k2 (straight-through).
+
+    Differentiable in ``logprobs`` (the reference is treated as a constant).
+    """
+    _validate.floating("logprobs", logprobs)
+    _validate.floating("ref_logprobs", ref_logprobs)
+    _validate.same_device(logprobs=logprobs, ref_logprobs=ref_logprobs)
+    _validate.shape("ref_logprobs", ref_logprobs, logprobs.shape, "logprobs.shape")
+    base, straight = canonical_kl(kind)
+    lp = logprobs.float()
+    d = lp - ref_logprobs.detach().float()
+    if base == "k1":
+        v = d
+    elif base == "abs":
+        v = d.abs()
+    elif base == "k2":
+        v = 0.5 * d * d
+    else:
+        x = -d
+        if clamp:
+            x = x.clamp(-20.0, 20.0)
+        v = torch.exp(x) - x - 1.0
+        if clamp:
+            v = v.clamp(-10.0, 10.0)
+    if straight:
+        k2 = 0.5 * d * d
+        v = k2 - k2.detach() + v.detach()
+    return v

@@ -1,0 +1,145 @@
+"""``fastalign::policy_loss_rows`` (fused per-token policy loss) and
+``fastalign::cov_sums`` / ``fastalign::cov_select`` (Clip-Cov / KL-Cov selection).
+
+``policy_loss_rows`` returns per-row sums ``[B, 8]`` (column 0 is the row's loss
+``sum_t m L_t``, the rest are metric partial sums, see ``ROW_COLS``) together with
+the per-token d(row loss)/d(logprobs) and d/d(entropy) computed in the same pass.
+Its autograd backward only scales those by the upstream gradient of each row.
+Inputs are contiguous ``[B, T]``: float (fp32 for the C++ kernel; any float
+dtype for Triton), the mask and the selection ``uint8``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastalign import _backend
+from fastalign.ops._launch import ptr, triton_kernels
+
+ROW_COLS = ("loss", "n", "clipped", "clipped_lower", "neg_log_ratio", "kl", "entropy", "selected")
+LOSS_CODES = {"ppo": 0, "gspo": 1, "cispo": 2, "sapo": 3, "reinforce": 4, "gmpo": 5, "clip_cov": 6, "kl_cov": 7}
+KL_CODES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
+ROLLOUT_CODES = {None: 0, "token_truncate": 1, "token_mask": 2, "sequence_truncate": 3, "sequence_mask": 4,
+                 "icepop": 2}
+N_FLOAT_PARAMS = 14  # el, eh, dual_c, delta, cis_lo, cis_hi, tau_pos, tau_neg, kl_coef, ent_coef, r_min, r_max, offpol, cov_kl
+
+
+def _outputs(lp: Tensor, want_dh: bool):
+    B, T = lp.shape
+    f32 = dict(device=lp.device, dtype=torch.float32)
+    return (torch.empty(B, len(ROW_COLS), **f32), torch.empty(B, T, **f32),
+            torch.empty((B, T) if want_dh else (0,), **f32))
+
+
+@torch.library.custom_op("fastalign::policy_loss_rows", mutates_args=())
+def policy_loss_rows(
+    lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, ref: Optional[Tensor], ent: Optional[Tensor],
+    roll: Optional[Tensor], keep: Optional[Tensor], sel: Optional[Tensor], loss_type: int, kl_type: int,
+    kl_straight: bool, kl_clamp: bool, kl_rho: bool, rollout: int, fparams: list[float], need_rows: bool,
+    want_dh: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(row sums [B, 8], d(row loss)/d(lp) [B, T], d(row loss)/d(H) [B, T] or empty)."""
+    row, dlp, dh = out = _outputs(lp, want_dh)
+    B, T = lp.shape
+    if B == 0:
+        return out
+    dh_opt = dh if want_dh else None
+    if backend in ("cpp", "cuda"):
+        if lp.device.type != "cpu":
+            raise ValueError("policy_loss: the compiled kernel runs on CPU tensors; CUDA tensors use Triton")
+        _backend.compiled().policy_loss_fwd_cpu(
+            B, T, lp.data_ptr(), old.data_ptr(), adv.data_ptr(), mask.data_ptr(), ptr(ref), ptr(ent), ptr(roll),
+            ptr(keep), ptr(sel), row.data_ptr(), dlp.data_ptr(), ptr(dh_opt), loss_type, kl_type, kl_straight,
+            kl_clamp, kl_rho, rollout, [float(x) for x in fparams])
+    else:
+        triton_kernels("policy_loss").policy_loss_forward(
+            lp, old, adv, mask, ref, ent, roll, keep, sel, row, dlp, dh_opt, loss_type=loss_type, kl_type=kl_type,
+            kl_straight=kl_straight, kl_clamp=kl_clamp, kl_rho=kl_rho, rollout=rollout, f=list(fparams),
+            need1=need_rows)
+    return out
+
+
+@policy_loss_rows.register_fake
+def _(lp, old, adv, mask, ref, ent, roll, keep, sel, loss_type, kl_type, kl_straight, kl_clamp, kl_rho, rollout,
+      fparams, need_rows, want_dh, backend):
+    return _outputs(lp, want_dh)
+
+
+def _setup_context(ctx, inputs, output):
+    lp, ent = inputs[0], inputs[5]
+    _row, dlp, dh = output
+    ctx.save_for_backward(dlp, dh)
+    ctx.lp_dtype = lp.dtype
+    ctx.ent_dtype = None if ent is None else ent.dtype
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, g_row, _g_dlp, _g_dh):
+    dlp, dh = ctx.saved_tensors
+    if g_row is None:
+        return (None,) * 19
+    g = g_row[:, :1]
+    grad_lp = (dlp * g).to(ctx.lp_dtype) if ctx.needs_input_grad[0] else None
+    grad_ent = None
+    if ctx.ent_dtype is not None and ctx.needs_input_grad[5]:
+        grad_ent = (dh * g).to(ctx.ent_dtype) if dh.numel() else torch.zeros_like(dlp, dtype=ctx.ent_dtype)
+    return (grad_lp, None, None, None, None, grad_ent) + (None,) * 13
+
+
+policy_loss_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Clip-Cov / KL-Cov selection
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastalign::cov_sums", mutates_args=())
+def cov_sums(lp: Tensor, adv: Tensor, mask: Tensor) -> Tensor:
+    """[sum_m A, sum_m lp, n_valid] (fp32, deterministic order) of contiguous fp32 [B, T] rows."""
+    B, T = lp.shape
+    out = torch.empty(3, device=lp.device, dtype=torch.float32)
+    if lp.device.type == "cuda":
+        part = torch.empty(max(B, 1), 3, device=lp.device, dtype=torch.float32)
+        _backend.compiled().cov_sums_cuda(B, T, lp.data_ptr(), adv.data_ptr(), mask.data_ptr(), part.data_ptr(),
+                                          out.data_ptr(), _backend.cuda_stream(lp))
+    else:
+        _backend.compiled().cov_sums_cpu(B, T, lp.data_ptr(), adv.data_ptr(), mask.data_ptr(), out.data_ptr())
+    return out
+
+
+@cov_sums.register_fake
+def _(lp, adv, mask):
+    return torch.empty(3, device=lp.device, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastalign::cov_select", mutates_args=())
+def cov_select(
+    lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, sums: Tensor, n_local: Tensor, seed: Tensor, mode: int,
+    ratio: float, lb: float, ub: float, eps_low: float, eps_high: float,
+) -> Tensor:
+    """uint8 [B, T]: tokens picked by Clip-Cov (mode 0) or KL-Cov (mode 1).
+
+    ``sums`` = [sum_m A, sum_m lp, n] for the covariance means (possibly all-reduced),
+    ``n_local`` = [n_valid] for k, ``seed`` = int64 [1]; all read on the device.
+    """
+    sel = torch.empty(lp.shape, device=lp.device, dtype=torch.uint8)
+    N = lp.numel()
+    args = (lp.data_ptr(), old.data_ptr(), adv.data_ptr(), mask.data_ptr(), sums.data_ptr(), n_local.data_ptr(),
+            seed.data_ptr(), mode, ratio, lb, ub, eps_low, eps_high)
+    if lp.device.type == "cuda":
+        keys = torch.empty(max(N, 1), device=lp.device, dtype=torch.int64)
+        hist = torch.zeros(256, device=lp.device, dtype=torch.int32)
+        state = torch.zeros(4, device=lp.device, dtype=torch.int64)
+        _backend.compiled().cov_select_cuda(N, *args, keys.data_ptr(), hist.data_ptr(), state.data_ptr(),
+                                            sel.data_ptr(), _backend.cuda_stream(lp))
+    else:
+        keys = torch.empty(max(N, 1), device=lp.device, dtype=torch.int64)
+        _backend.compiled().cov_select_cpu(N, *args, keys.data_ptr(), sel.data_ptr())
+    return sel
+
+
+@cov_select.register_fake
+def _(lp, old, adv, mask, sums, n_local, seed, mode, ratio, lb, ub, eps_low, eps_high):
+    return torch.empty(lp.shape, device=lp.device, dtype=torch.uint8)

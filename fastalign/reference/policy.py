@@ -1,0 +1,258 @@
+"""Plain PyTorch policy-gradient losses, KL estimators and aggregations (SPEC §2-§4).
+
+Written straight from the formulas, one tensor op at a time, dtype-preserving
+(pass float64 for an oracle). The benchmark baseline and the test oracle of
+:func:`fastalign.policy_loss`; never called by the product path.
+
+Tie rules (where two branches are equal the fused kernels pick the same one):
+``max(L1, L2)`` takes L1 unless ``L2 > L1``; the dual clip takes ``-c A`` only when
+``L > -c A``. Clamps pass the gradient at their boundaries (as ``torch.clamp``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def kl_penalty(lp, ref, kind="k3", clamp=True):
+    """Per-token KL estimator of SPEC §2 (x = ref - lp)."""
+    straight = kind.endswith("+")
+    base = kind[:-1] if straight else kind
+    base = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}.get(base, base)
+    d = lp - ref
+    if base == "k1":
+        v = d
+    elif base == "abs":
+        v = d.abs()
+    elif base == "k2":
+        v = 0.5 * d * d
+    elif base == "k3":
+        x = ref - lp
+        if clamp:
+            x = torch.clamp(x, -20.0, 20.0)
+        v = torch.exp(x) - x - 1.0
+        if clamp:
+            v = torch.clamp(v, -10.0, 10.0)
+    else:
+        raise ValueError(kind)
+    if straight:
+        k2 = 0.5 * d * d
+        v = k2 - k2.detach() + v.detach()
+    return v
+
+
+def aggregate_loss(L, m, agg="token-mean", global_tokens=None, global_seqs=None, dp_size=1, max_len=None):
+    """SPEC §4 aggregations."""
+    m = m.to(L.dtype)
+    if agg == "token-mean":
+        n = m.sum() if global_tokens is None else torch.as_tensor(global_tokens, dtype=L.dtype)
+        return (m * L).sum() / torch.clamp(n, min=1) * dp_size
+    row_n = m.sum(-1)
+    nseq = (row_n > 0).sum().to(L.dtype) if global_seqs is None else torch.as_tensor(global_seqs, dtype=L.dtype)
+    nseq = torch.clamp(nseq, min=1)
+    if agg == "seq-mean-token-sum":
+        return (m * L).sum(-1).sum() / nseq * dp_size
+    if agg == "seq-mean-token-mean":
+        per = (m * L).sum(-1) / torch.clamp(row_n, min=1)
+        return per.sum() / nseq * dp_size
+    if agg == "seq-mean-token-sum-norm":
+        lmax = L.shape[-1] if max_len is None else max_len
+        if global_seqs is None:
+            return (m * L).sum() / max(L.shape[0] * lmax, 1)
+        return (m * L).sum() / (float(global_seqs) * lmax) * dp_size
+    raise ValueError(agg)
+
+
+def _masked_mean(x, m):
+    return (x * m).sum() / torch.clamp(m.sum(), min=1)
+
+
+def _row_mean(x, m):
+    return (x * m).sum(-1) / torch.clamp(m.sum(-1), min=1)
+
+
+def entropy_quantile_mask(H, m, q):
+    """1 where H >= the (1 - q) quantile (linear interpolation) of the valid entropies."""
+    vals = H.detach()[m.bool()]
+    if vals.numel() == 0:
+        return torch.zeros_like(H)
+    thr = torch.quantile(vals.double(), 1.0 - q).to(H.dtype)
+    return (H.detach() >= thr).to(H.dtype)
+
+
+def cov_selection(lp, old, A, m, *, loss_type, eps_low, eps_high, ratio, lb, ub, keys=None, means=None):
+    """Tokens picked by Clip-Cov / KL-Cov (SPEC §3.1); ``keys`` are the random keys for clip_cov.
+
+    clip_cov: the n candidates with the smallest key (ties: lower index); kl_cov: the
+    top-k valid tokens by cov (ties: lower index). Loops are fine here.
+    """
+    lp, old, A, m = lp.detach().double(), old.detach().double(), A.double(), m.double()
+    mask = m > 0
+    n_valid = int(mask.sum())
+    sel = torch.zeros_like(lp, dtype=torch.bool)
+    if n_valid == 0:
+        return sel
+    if means is None:
+        mA = (A * m).sum() / n_valid
+        mlp = (lp * m).sum() / n_valid
+    else:  # (mean A, mean lp), e.g. over all data-parallel ranks
+        mA, mlp = means
+    cov = ((A - mA) * (lp - mlp)).flatten()
+    k = max(int(math.floor(ratio * n_valid)), 1)
+    flat_mask = mask.flatten()
+    if loss_type == "clip_cov":
+        rho = torch.exp(lp - old)
+        L1 = -A * rho
+        L2 = -A * torch.clamp(rho, 1 - eps_low, 1 + eps_high)
+        cand = flat_mask & (L2 <= L1).flatten() & (cov > lb) & (cov < ub)
+        idx = [i for i in range(cov.numel()) if cand[i]]
+        if keys is not None:  # without keys only "every candidate picked" is defined
+            idx.sort(key=lambda i: (float(keys.flatten()[i]), i))
+    else:
+        idx = [i for i in range(cov.numel()) if flat_mask[i]]
+        idx.sort(key=lambda i: (-float(cov[i]), i))
+    sel.view(-1)[idx[:k]] = True
+    return sel
+
+
+def policy_loss(
+    lp, old, A, m, *, loss_type="ppo", eps_low=0.2, eps_high=0.2, dual_clip=None, delta=None,
+    agg="token-mean", ref_logprobs=None, kl_type="k3", kl_coef=0.0, kl_clamp=True, kl_rho=False,
+    entropy=None, entropy_coef=0.0, rollout_logprobs=None, rollout_correction=None,
+    rollout_min=0.5, rollout_max=2.0, entropy_quantile=None, offpolicy_threshold=None,
+    cispo_bounds=None, sapo_tau=(1.0, 1.05), cov_selected=None, cov_kl_coef=1.0,
+    global_tokens=None, global_seqs=None, dp_size=1, max_len=None,
+):
+    """(loss, metrics) of SPEC §3 with the terms of §3.2 and the aggregation of §4.
+
+    ``cov_selected`` (bool [B, T]) are the Clip-Cov / KL-Cov picks (see :func:`cov_selection`).
+    """
+    m = m.to(lp.dtype)
+    A = A.to(lp.dtype)
+    old = old.to(lp.dtype)
+    l = lp - old
+    metrics = {}
+    zero = torch.zeros((), dtype=lp.dtype)
+    clipped = torch.zeros_like(lp)
+    lower = torch.zeros_like(lp)
+    row_n = m.sum(-1)
+
+    if loss_type in ("ppo", "clip_cov", "gspo"):
+        if loss_type == "gspo":
+            log_s = torch.clamp((m * l).sum(-1) / torch.clamp(row_n, min=1), max=10.0).detach()
+            rho = torch.exp(lp - lp.detach() + log_s[:, None])
+            rho_1 = rho
+        elif loss_type == "ppo":
+            rho = torch.exp(torch.clamp(l, -20.0, 20.0))
+            rho_1 = torch.where(rho > delta, torch.full_like(rho, delta), rho) if delta is not None else rho
+        else:
+            rho = torch.exp(l)
+            rho_1 = rho
+        L1 = -A * rho_1
+        L2 = -A * torch.clamp(rho, 1 - eps_low, 1 + eps_high)
+        pg = torch.where(L2 > L1, L2, L1)
+        clipped = (L2 > L1).to(lp.dtype)
+        if loss_type == "ppo" and dual_clip is not None:
+            L3 = -dual_clip * A
+            lower = ((A < 0) & (pg > L3)).to(lp.dtype)
+            pg = torch.where((A < 0) & (pg > L3), L3, pg)
+        if loss_type == "clip_cov" and cov_selected is not None:
+            pg = pg * (~cov_selected).to(lp.dtype)
+    elif loss_type == "kl_cov":
+        rho = torch.exp(l)
+        pg = -A * rho
+        if cov_selected is not None:
+            pg = pg + cov_kl_coef * l.abs() * cov_selected.to(lp.dtype)
+    elif loss_type == "cispo":
+        lo, hi = (1 - eps_low, 1 + eps_high) if cispo_bounds is None else cispo_bounds
+        rho = torch.exp(torch.clamp(l, -20.0, 20.0)).detach()
+        w = torch.clamp(rho, lo, hi)
+        clipped = ((rho < lo) | (rho > hi)).to(lp.dtype)
+        pg = -w * A * lp
+    elif loss_type == "sapo":
+        rho = torch.exp(torch.clamp(l, -20.0, 20.0))
+        tau = torch.where(A > 0, torch.full_like(A, sapo_tau[0]), torch.full_like(A, sapo_tau[1]))
+        pg = -(4.0 / tau) * torch.sigmoid(tau * (rho - 1.0)) * A
+    elif loss_type in ("reinforce", "gpg"):
+        pg = -A * lp
+    elif loss_type == "gmpo":
+        sgn = torch.sign(A)
+        c = sgn * torch.minimum(sgn * l, sgn * torch.clamp(l, -eps_low, eps_high))
+        clipped = ((l < -eps_low) | (l > eps_high)).to(lp.dtype)
+        seq = -torch.exp(_row_mean(c, m)) * _row_mean(A, m)
+        pg = seq[:, None].expand_as(lp)
+    else:
+        raise ValueError(loss_type)
+
+    # multiplicative, detached weights on the policy-gradient term
+    w = torch.ones_like(lp)
+    if rollout_correction is not None:
+        log_r = (old - rollout_logprobs.to(lp.dtype)).detach()
+        if rollout_correction.startswith("token") or rollout_correction == "icepop":
+            r = torch.exp(torch.clamp(log_r, -20.0, 20.0))
+        else:
+            r = torch.exp(torch.clamp((m * log_r).sum(-1), -20.0, 20.0))[:, None].expand_as(lp)
+        if rollout_correction.endswith("truncate"):
+            w = w * torch.clamp(r, max=rollout_max)
+        else:
+            w = w * r * ((r >= rollout_min) & (r <= rollout_max)).to(lp.dtype)
+    if entropy_quantile is not None:
+        w = w * entropy_quantile_mask(entropy, m, entropy_quantile)
+    if offpolicy_threshold is not None:
+        drop = (_row_mean(A, m) < 0) & (_row_mean((old - lp).detach(), m) > offpolicy_threshold)
+        w = w * (~drop).to(lp.dtype)[:, None]
+    L = pg * w
+
+    if ref_logprobs is not None:
+        kl = kl_penalty(lp, ref_logprobs.to(lp.dtype), kl_type, kl_clamp)
+        metrics["kl"] = _masked_mean(kl.detach(), m)
+        if kl_rho:
+            kl = kl * torch.exp(torch.clamp(l, -20.0, 20.0)).detach()
+        L = L + kl_coef * kl
+    if entropy is not None:
+        metrics["entropy"] = _masked_mean(entropy.detach().to(lp.dtype), m)
+        L = L - entropy_coef * entropy.to(lp.dtype)
+
+    if loss_type in ("gspo", "gmpo"):
+        agg = "seq-mean-token-mean"
+    loss = aggregate_loss(L, m, agg, global_tokens, global_seqs, dp_size, max_len)
+    metrics["clipfrac"] = _masked_mean(clipped, m)
+    metrics["clipfrac_lower"] = _masked_mean(lower, m) if dual_clip is not None else zero
+    metrics["approx_kl"] = _masked_mean((-l).detach(), m)
+    if cov_selected is not None:
+        metrics["cov_selected_frac"] = _masked_mean(cov_selected.to(lp.dtype), m)
+    return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def eager_cov_loss(lp, old, A, m, *, loss_type, eps_low=0.2, eps_high=0.2, ratio=2e-4, lb=1.0, ub=5.0,
+                   kl_coef=1.0, generator=None):
+    """Clip-Cov / KL-Cov the way eager trainers write it (nonzero, randperm, topk): the
+    benchmark baseline for the fused path (token-mean aggregation)."""
+    mf = m.to(lp.dtype)
+    mb = m.bool()
+    l = lp - old
+    rho = torch.exp(l)
+    n_valid = mf.sum()
+    lpd = lp.detach()
+    cov = (A - (A * mf).sum() / n_valid) * (lpd - (lpd * mf).sum() / n_valid)
+    k = max(int(ratio * int(n_valid.item())), 1)
+    if loss_type == "clip_cov":
+        L1 = -A * rho
+        L2 = -A * torch.clamp(rho, 1 - eps_low, 1 + eps_high)
+        pg = torch.maximum(L1, L2)
+        cand = mb & (L2 <= L1) & (cov > lb) & (cov < ub)
+        idx = torch.nonzero(cand.flatten()).flatten()
+        if idx.numel() > 0:
+            pick = idx[torch.randperm(idx.numel(), generator=generator)[:k]]
+            corr = torch.ones_like(pg).flatten()
+            corr[pick] = 0.0
+            pg = pg * corr.view_as(pg)
+    else:
+        pg = -A * rho
+        flat = torch.where(mb, cov, torch.full_like(cov, -math.inf)).flatten()
+        top = torch.topk(flat, k).indices
+        extra = torch.zeros_like(pg).flatten()
+        extra[top] = 1.0
+        pg = pg + kl_coef * l.abs() * extra.view_as(pg)
+    return (pg * mf).sum() / n_valid
