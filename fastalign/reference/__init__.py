@@ -4,3 +4,7 @@ as a silent fallback by the product path. One module per SPEC section."""
 from fastalign.reference.logprobs import eager_logprobs_entropy, token_logprobs
 
 __all__ = ["eager_logprobs_entropy", "token_logprobs"]
+
+from fastalign.reference import preference  # noqa: E402  (SPEC §6, used as reference.preference.*)
+
+__all__ += ["preference"]
