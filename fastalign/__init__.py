@@ -9,10 +9,10 @@ Public API (see SPEC.md for every formula):
 """
 from fastalign._backend import use_backend
 from fastalign.logprobs import TokenStats, token_logprobs
-from fastalign.preference import LOSS_TYPES, PreferenceLoss, preference_loss, wpo_weights
+from fastalign.preference import LOSS_TYPES, LinearPreferenceLoss, PreferenceLoss, preference_loss, wpo_weights
 from fastalign.sequence import SequenceLogprobs, sequence_logprobs
 
 __all__ = ["TokenStats", "token_logprobs", "use_backend"]
-__all__ += ["LOSS_TYPES", "PreferenceLoss", "SequenceLogprobs", "preference_loss", "sequence_logprobs",
+__all__ += ["LOSS_TYPES", "LinearPreferenceLoss", "PreferenceLoss", "SequenceLogprobs", "preference_loss", "sequence_logprobs",
             "wpo_weights"]
 __version__ = "0.1.0"

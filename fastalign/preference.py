@@ -386,3 +386,165 @@ class PreferenceLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+
+
+# --------------------------------------------------------------------------------------------
+# From hidden states: log-probs through fastalign.linear_logprobs, never the [N, V] logits.
+# --------------------------------------------------------------------------------------------
+
+def _linear_logprobs(hidden, weight, labels, **kw):
+    import fastalign
+
+    fn = getattr(fastalign, "linear_logprobs", None)
+    if fn is None:  # pragma: no cover - only on a build without the fused linear op
+        raise RuntimeError("LinearPreferenceLoss needs fastalign.linear_logprobs, which this build lacks")
+    return fn(hidden, weight, labels, **kw)
+
+
+def _pair(name: str, x):
+    """(chosen, rejected) from a tuple/list, or None for a single concatenated tensor."""
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"{name} given separately must be a (chosen, rejected) pair, got {len(x)} items")
+        return tuple(x)
+    return None
+
+
+class LinearPreferenceLoss(nn.Module):
+    r"""Preference loss straight from the last hidden states and the LM-head weight.
+
+    ``forward(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=None,
+    ref_bias=None, ref_chosen_logps=None, ref_rejected_logps=None, token_weights=None,
+    cu_seqlens=None, kto_kl=None) -> (loss, metrics)``.
+
+    Batch layouts:
+
+    * concatenated — ``hidden`` ``[2B, T, H]``, ``labels`` ``[2B, T]``: rows ``0..B-1`` chosen,
+      ``B..2B-1`` rejected;
+    * separate — ``hidden=(chosen [B, Tc, H], rejected [B, Tr, H])``, ``labels`` likewise;
+    * packed — ``hidden`` ``[N, H]``, ``labels`` ``[N]``, ``cu_seqlens`` ``[2B+1]``: the first
+      B sequences chosen.
+
+    ``labels`` are aligned with the hidden positions (no shift inside): the label at
+    position ``t`` is the token whose log-prob ``hidden[t]`` predicts; ``ignore_index``
+    marks the prompt and the padding. Token log-probs come from
+    :func:`fastalign.linear_logprobs` (logit pipeline ``logit_scale``, ``softcap``,
+    ``temperature`` of SPEC §1), summed per sequence by :func:`sequence_logprobs` (with
+    ``token_weights`` and LD-DPO ``ld_alpha``), then :func:`preference_loss`.
+
+    The reference is either hidden states (``ref_hidden`` with ``ref_weight``/``ref_bias``,
+    defaulting to the policy head) evaluated under ``torch.no_grad`` — never
+    differentiated — or precomputed ``ref_chosen_logps``/``ref_rejected_logps``; without
+    either the loss is reference-free. ``use_weighting=True`` asks the kernel for
+    :math:`\sum_j p_j^2` and applies WPO pair weights. The chosen NLL (sft, cpo, orpo,
+    ``rpo_alpha``) is the token mean over the chosen responses.
+    """
+
+    def __init__(self, loss_type="sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, *,
+                 ignore_index: int = -100, temperature: float = 1.0, softcap: Optional[float] = None,
+                 logit_scale: float = 1.0, ld_alpha: Optional[float] = None, use_weighting: bool = False,
+                 vocab_group=None, backend: Optional[str] = None, **options):
+        super().__init__()
+        for k in options:
+            if k not in _CONFIG_KEYS:
+                raise TypeError(f"LinearPreferenceLoss got an unknown option {k!r}; options are {_CONFIG_KEYS}")
+        _loss_list(loss_type, options.get("loss_weights"))
+        self.config = dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, **options)
+        self.ignore_index = int(ignore_index)
+        self.ld_alpha = ld_alpha
+        self.use_weighting = bool(use_weighting)
+        self.kernel_options = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                                   ignore_index=self.ignore_index, vocab_group=vocab_group, backend=backend)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+
+    def _token_logps(self, hidden, weight, labels, bias, sum_p2: bool):
+        st = _linear_logprobs(hidden, weight, labels, bias=bias, sum_p2=sum_p2, **self.kernel_options)
+        return st.logprobs, st.sum_p2
+
+    def _check(self, name, hidden, labels, weight):
+        _validate.floating(name, hidden, min_dim=2)
+        _validate.integer(f"{name} labels", labels)
+        _validate.shape(f"{name} labels", labels, hidden.shape[:-1], f"{name}.shape[:-1]")
+        if hidden.shape[-1] != weight.shape[-1]:
+            raise ValueError(f"{name} has hidden size {hidden.shape[-1]} but weight is {tuple(weight.shape)} "
+                             "([V, H])")
+
+    def forward(self, hidden, weight: Tensor, labels, *, bias: Optional[Tensor] = None, ref_hidden=None,
+                ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
+                ref_chosen_logps: Optional[Tensor] = None, ref_rejected_logps: Optional[Tensor] = None,
+                token_weights=None, cu_seqlens: Optional[Tensor] = None, kto_kl: Optional[Tensor] = None):
+        _validate.floating("weight", weight, dim=2)
+        if ref_hidden is not None and (ref_chosen_logps is not None or ref_rejected_logps is not None):
+            raise ValueError("give the reference as ref_hidden or as ref_chosen_logps/ref_rejected_logps, not both")
+        if ref_weight is None:
+            ref_weight = weight
+            ref_bias = bias if ref_bias is None else ref_bias
+        split = _pair("hidden", hidden)
+        label_pair = _pair("labels", labels)
+        if (split is None) != (label_pair is None):
+            raise ValueError("hidden and labels must both be (chosen, rejected) pairs or both single tensors")
+        if ref_hidden is not None and (_pair("ref_hidden", ref_hidden) is None) != (split is None):
+            raise ValueError("ref_hidden must use the same layout as hidden")
+        want_p2 = self.use_weighting
+        seq_kw = dict(ignore_index=self.ignore_index, ld_alpha=self.ld_alpha)
+        if split is None:
+            self._check("hidden", hidden, labels, weight)
+            if cu_seqlens is None:
+                if hidden.dim() != 3 or hidden.shape[0] % 2:
+                    raise ValueError("hidden must be [2B, T, H] (chosen rows first, rejected second), "
+                                     f"got shape {tuple(hidden.shape)}")
+            elif hidden.dim() != 2 or (cu_seqlens.shape[0] - 1) % 2:
+                raise ValueError("packed hidden must be [N, H] with cu_seqlens [2B+1] (an even number of sequences)")
+            if ref_hidden is not None:
+                self._check("ref_hidden", ref_hidden, labels, ref_weight)
+                _validate.shape("ref_hidden", ref_hidden, hidden.shape, "like hidden")
+            lp, sp2 = self._token_logps(hidden, weight, labels, bias, want_p2)
+            tw = token_weights
+            seq = sequence_logprobs(lp, labels=labels, cu_seqlens=cu_seqlens, token_weights=tw, sum_p2=sp2, **seq_kw)
+            B = seq.sum.shape[0] // 2
+            lc, lr, nc, nr = seq.sum[:B], seq.sum[B:], seq.count[:B], seq.count[B:]
+            wpo = (seq.wpo[:B], seq.wpo[B:]) if want_p2 else None
+            chosen_nll = None
+            if tw is not None or self.ld_alpha is not None:
+                plain = sequence_logprobs(lp, labels=labels, cu_seqlens=cu_seqlens, ignore_index=self.ignore_index)
+                chosen_nll = -plain.sum[:B].sum() / plain.count[:B].sum().clamp(min=1.0)
+            if ref_hidden is not None:
+                with torch.no_grad():
+                    rlp, _ = self._token_logps(ref_hidden, ref_weight, labels, ref_bias, False)
+                    ref = sequence_logprobs(rlp, labels=labels, cu_seqlens=cu_seqlens, token_weights=tw, **seq_kw)
+                ref_chosen_logps, ref_rejected_logps = ref.sum[:B], ref.sum[B:]
+        else:
+            (hc, hr), (yc, yr) = split, label_pair
+            self._check("chosen hidden", hc, yc, weight)
+            self._check("rejected hidden", hr, yr, weight)
+            if hc.dim() != 3 or hr.dim() != 3 or hc.shape[0] != hr.shape[0]:
+                raise ValueError("separate hidden must be ([B, Tc, H], [B, Tr, H]) with the same B")
+            tw = _pair("token_weights", token_weights) if token_weights is not None else (None, None)
+            if token_weights is not None and tw is None:
+                raise ValueError("with separate hidden, token_weights must be a (chosen, rejected) pair")
+            ld_len = None
+            if self.ld_alpha is not None:
+                ld_len = torch.minimum((yc != self.ignore_index).sum(-1), (yr != self.ignore_index).sum(-1))
+            seq_kw["ld_lengths"] = ld_len
+            lpc, spc = self._token_logps(hc, weight, yc, bias, want_p2)
+            lpr, spr = self._token_logps(hr, weight, yr, bias, want_p2)
+            sc = sequence_logprobs(lpc, labels=yc, token_weights=tw[0], sum_p2=spc, **seq_kw)
+            sr = sequence_logprobs(lpr, labels=yr, token_weights=tw[1], sum_p2=spr, **seq_kw)
+            lc, lr, nc, nr = sc.sum, sr.sum, sc.count, sr.count
+            wpo = (sc.wpo, sr.wpo) if want_p2 else None
+            chosen_nll = None
+            if token_weights is not None or self.ld_alpha is not None:
+                plain = sequence_logprobs(lpc, labels=yc, ignore_index=self.ignore_index)
+                chosen_nll = -plain.sum.sum() / plain.count.sum().clamp(min=1.0)
+            if ref_hidden is not None:
+                rhc, rhr = _pair("ref_hidden", ref_hidden)
+                with torch.no_grad():
+                    rc, _ = self._token_logps(rhc, ref_weight, yc, ref_bias, False)
+                    rr, _ = self._token_logps(rhr, ref_weight, yr, ref_bias, False)
+                    ref_chosen_logps = sequence_logprobs(rc, labels=yc, token_weights=tw[0], **seq_kw).sum
+                    ref_rejected_logps = sequence_logprobs(rr, labels=yr, token_weights=tw[1], **seq_kw).sum
+        weights = wpo_weights(*wpo) if wpo is not None else None
+        return preference_loss(lc, lr, ref_chosen_logps, ref_rejected_logps, chosen_lengths=nc, rejected_lengths=nr,
+                               chosen_nll=chosen_nll, weights=weights, kto_kl=kto_kl, **self.config)

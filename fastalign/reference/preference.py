@@ -176,8 +176,9 @@ def linear_preference_loss(hidden, weight, labels, *, bias=None, ref_hidden=None
     lc0 = lr0 = None
     if ref_hidden is not None:
         with torch.no_grad():
-            rlp, _ = token_logps_from_hidden(ref_hidden, weight if ref_weight is None else ref_weight, labels,
-                                             ref_bias, ignore_index, dtype)
+            if ref_weight is None:  # same head as the policy
+                ref_weight, ref_bias = weight, bias if ref_bias is None else ref_bias
+            rlp, _ = token_logps_from_hidden(ref_hidden, ref_weight, labels, ref_bias, ignore_index, dtype)
             r, _, _ = sequence_logprobs(rlp, valid)
         lc0, lr0 = r[:B], r[B:]
     return preference_loss(s[:B], s[B:], lc0, lr0, loss_types=loss_types, beta=beta, nc=n[:B], nr=n[B:], **kw)
