@@ -1,9 +1,11 @@
 """Plain PyTorch for every formula in SPEC.md: the test oracle and the benchmark
 baseline. Obviously correct first, fast never; float64 where asked. Never used
 as a silent fallback by the product path. One module per SPEC section."""
+from fastalign.reference.linear import eager_linear_logprobs_entropy, linear_logits, linear_logprobs
 from fastalign.reference.logprobs import eager_logprobs_entropy, token_logprobs
 
-__all__ = ["eager_logprobs_entropy", "token_logprobs"]
+__all__ = ["eager_linear_logprobs_entropy", "eager_logprobs_entropy", "linear_logits", "linear_logprobs",
+           "token_logprobs"]
 
 from fastalign.reference import preference  # noqa: E402  (SPEC §6, used as reference.preference.*)
 

@@ -1,0 +1,165 @@
+"""Per-token log-probs, entropy and sum p^2 straight from hidden states (SPEC §1).
+
+The ``[tokens x vocabulary]`` logits are never materialised: for 32k tokens and a
+152k vocabulary they alone would take 20 GB in fp32.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastalign import _backend, _validate
+from fastalign.logprobs import TokenStats
+from fastalign.ops.linear_stats import VocabParallelStats, linear_stats
+
+#: Default bound on one chunk of fp32 logits, in MiB (``FASTALIGN_LINEAR_CHUNK_MIB`` overrides).
+DEFAULT_CHUNK_MIB = 32.0
+_MAX_VOCAB_CHUNK = 16384
+
+
+def chunk_shape(n: int, v: int, backend: str, chunk_mib: Optional[float] = None) -> tuple[int, int]:
+    """(tokens, vocabulary) of one chunk of logits holding at most ``chunk_mib`` MiB of fp32.
+
+    The C++ path splits the vocabulary in near-equal pieces of at most 16384 ids;
+    the Triton path tiles the vocabulary inside its kernels and chunks tokens only
+    (its backward buffer of d(logits) is ``tokens x V``).
+    """
+    if chunk_mib is None:
+        chunk_mib = float(os.environ.get("FASTALIGN_LINEAR_CHUNK_MIB", DEFAULT_CHUNK_MIB))
+    elems = max(1, int(chunk_mib * (1 << 20) / 4))
+    v = max(v, 1)
+    if backend == "cpp":
+        pieces = -(-v // min(v, _MAX_VOCAB_CHUNK, max(16, elems // 16)))
+        vc = -(-v // pieces)
+    else:
+        vc = v
+    nc = max(1, min(max(n, 1), elems // vc))
+    return nc, vc
+
+
+def linear_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    ignore_index: int = -100,
+    entropy: bool = False,
+    sum_p2: bool = False,
+    argmax: bool = False,
+    vocab_group=None,
+    backend: Optional[str] = None,
+    chunk: Optional[tuple[int, int]] = None,
+    grad_skip_threshold: float = 0.0,
+) -> TokenStats:
+    r"""Log-prob of each label (and entropy, :math:`\sum_j p_j^2`, argmax) from hidden states.
+
+    Logit pipeline (SPEC §1), in this order::
+
+        z = logit_scale * (hidden @ weight.T + bias)
+        z = softcap * tanh(z / softcap)        # if softcap
+        z = z / temperature
+
+    then ``logprobs = z_y - lse``, ``entropy = lse - sum_j p_j z_j``,
+    ``sum_p2 = exp(lse(2z) - 2 lse(z))``, ``argmax = argmax_j z_j``, with
+    ``lse = log sum_j exp(z_j)`` kept online in fp32. Gradients flow to
+    ``hidden``, ``weight`` and ``bias`` through the whole pipeline; backward
+    recomputes the logits chunk by chunk, so peak extra memory is one chunk of
+    logits (``FASTALIGN_LINEAR_CHUNK_MIB``, default 32 MiB) plus fp32 gradient
+    accumulators, never ``tokens x V``.
+
+    Args:
+        hidden: ``[..., H]`` float32/bfloat16/float16.
+        weight: ``[V, H]`` (the lm_head; may be tied to the input embedding), same dtype
+            as ``hidden``. With ``vocab_group`` it is this rank's shard: rows
+            ``[rank * V_r, (rank + 1) * V_r)`` of the full vocabulary.
+        labels: integer tensor shaped like ``hidden.shape[:-1]`` (global ids).
+        bias: optional ``[V]`` (this rank's shard with ``vocab_group``).
+        temperature, softcap, logit_scale: the pipeline above (``softcap=None`` is off).
+        ignore_index: rows with this label give 0 for every statistic and no gradient.
+            A label outside the vocabulary gives a NaN log-prob.
+        entropy, sum_p2, argmax: compute these too.
+        vocab_group: a ``torch.distributed`` process group over which the vocabulary
+            is sharded (tensor parallel); every rank passes the same ``hidden`` and
+            ``labels`` and gets the full-vocabulary statistics. d(hidden) is summed
+            over the group in backward.
+        backend: ``"triton"``, ``"cpp"`` or ``"cuda"`` (CUDA tensors run the Triton
+            kernels for ``"cuda"``); default from :func:`fastalign.use_backend`.
+        chunk: ``(tokens, vocab)`` of one chunk of logits, overriding the memory budget.
+        grad_skip_threshold: Triton backward only: logit tiles whose every
+            d(logit) is below this magnitude are left at zero (the softmax gradient
+            is sparse). 0 (default) keeps every tile exactly.
+
+    Returns:
+        :class:`TokenStats` with fp32 tensors shaped like ``labels`` (argmax int64).
+    """
+    _validate.floating("hidden", hidden, min_dim=1)
+    _validate.floating("weight", weight, dim=2)
+    _validate.integer("labels", labels)
+    if bias is not None:
+        _validate.floating("bias", bias, dim=1)
+    _validate.same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    H = hidden.shape[-1]
+    V = weight.shape[0]
+    if weight.shape[1] != H:
+        raise ValueError(f"weight must have shape (V, {H}) (hidden.shape[-1] = {H}), got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    if bias is not None and tuple(bias.shape) != (V,):
+        raise ValueError(f"bias must have shape ({V},) (weight.shape[0]), got {tuple(bias.shape)}")
+    _validate.shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
+    if V == 0:
+        raise ValueError("weight must have a non-empty vocabulary (first) dimension")
+    inv_t = 1.0 / _validate.positive("temperature", temperature)
+    cap = 0.0 if softcap is None else _validate.positive("softcap", softcap)
+    scale = float(logit_scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"logit_scale must be finite, got {logit_scale}")
+    if not grad_skip_threshold >= 0:
+        raise ValueError(f"grad_skip_threshold must be >= 0, got {grad_skip_threshold}")
+    name = _backend.resolve(hidden.device, backend)
+    if name == "cuda":  # no separate CUDA C++ kernel: the Triton kernels are the CUDA path
+        name = "triton"
+
+    h2 = hidden.reshape(-1, H)
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+    w2 = weight if weight.stride(-1) == 1 else weight.contiguous()
+    b2 = None if bias is None else bias.contiguous()
+    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    N = h2.shape[0]
+    if chunk is not None:
+        if len(chunk) != 2 or min(int(chunk[0]), int(chunk[1])) < 1:
+            raise ValueError(f"chunk must be (tokens, vocab) with both >= 1, got {chunk}")
+        nc, vc = int(chunk[0]), int(chunk[1])
+    else:
+        nc, vc = chunk_shape(N, V, name)
+
+    if vocab_group is None:
+        lp, ent, sp2, amax, _amax_val, _lse = linear_stats(
+            h2, w2, b2, flat_labels, scale, cap, inv_t, int(ignore_index), bool(entropy), bool(sum_p2),
+            bool(argmax), name, nc, vc, float(grad_skip_threshold))
+    else:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("vocab_group needs torch.distributed to be initialized")
+        rank = dist.get_rank(vocab_group)
+        world = dist.get_world_size(vocab_group)
+        lp, ent, sp2, amax = VocabParallelStats.apply(
+            h2, w2, b2, flat_labels, vocab_group, rank * V, world * V, scale, cap, inv_t, int(ignore_index),
+            bool(entropy), bool(sum_p2), bool(argmax), name, nc, vc, float(grad_skip_threshold))
+    shape = labels.shape
+    return TokenStats(
+        lp.view(shape),
+        ent.view(shape) if entropy else None,
+        sp2.view(shape) if sum_p2 else None,
+        amax.view(shape) if argmax else None,
+    )

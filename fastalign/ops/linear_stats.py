@@ -1,0 +1,432 @@
+"""``fastalign::linear_stats``: SPEC §1 statistics straight from hidden states.
+
+Logits ``z = softcap(scale * (h @ W.T + b)) / T`` are never stored for all
+tokens at once. Forward and backward are custom ops (with fake implementations
+and autograd), so ``torch.compile(fullgraph=True)`` sees one node each.
+
+* ``cpp`` (CPU tensors): tokens x vocabulary chunks. Each chunk's logits come
+  from one BLAS product into a reused fp32 buffer; the C++ row kernels of
+  ``token_stats`` give the chunk's (lse, entropy, sum p^2, label logit, argmax),
+  and chunks over the vocabulary are merged with :func:`merge_stats`. Backward
+  recomputes each chunk, lets the C++ kernel write d(logits) in place and
+  accumulates ``dh += dz @ W_chunk``, ``dW_chunk += dz.T @ h`` in fp32.
+* ``triton`` / ``cuda`` (CUDA tensors; CPU tensors in the interpreter): the
+  Triton kernels of ``kernels/linear_stats.py`` tile tokens x vocabulary with
+  ``tl.dot`` and keep online statistics; vocabulary splits are merged here.
+  Backward recomputes logit tiles in Triton into a bounded token-chunk buffer of
+  d(logits), then two matrix products per chunk.
+
+Merging statistics of vocabulary pieces k (also across ranks for vocabulary
+parallelism): with ``pi_k = exp(lse_k - lse)`` the mass of piece k,
+
+    lse = log sum_k exp(lse_k),  H = sum_k pi_k (H_k - log pi_k),  sum_p2 = sum_k pi_k^2 sum_p2_k
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastalign import _backend
+from fastalign.ops._launch import DTYPE_CODE, opt, ptr, triton_kernels
+
+
+def merge_stats(lse: Tensor, ent: Optional[Tensor], sp2: Optional[Tensor]):
+    """Merge per-piece statistics ``[K, N]`` (over disjoint vocabulary pieces) into ``[N]``."""
+    m = lse.max(0).values
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lse - m_safe)
+    s = w.sum(0)
+    out_lse = m_safe + torch.log(s)
+    pi = w / s
+    out_ent = out_sp2 = None
+    if ent is not None:
+        log_pi = torch.where(pi > 0, lse - out_lse, torch.zeros_like(pi))
+        out_ent = torch.where(pi > 0, pi * (ent - log_pi), torch.zeros_like(pi)).sum(0)
+    if sp2 is not None:
+        out_sp2 = torch.where(pi > 0, pi * pi * sp2, torch.zeros_like(pi)).sum(0)
+    return out_lse, out_ent, out_sp2
+
+
+def out_of_piece_label(ignore_index: int) -> int:
+    """A label value that is neither ``ignore_index`` nor a vocabulary id: 'the label is elsewhere'."""
+    return -1 if ignore_index != -1 else -2
+
+
+def local_labels(labels: Tensor, v0: int, v1: int, ignore_index: int) -> Tensor:
+    """Labels relative to the vocabulary piece [v0, v1); labels outside it get a non-id sentinel."""
+    inside = (labels >= v0) & (labels < v1)
+    oos = torch.full_like(labels, out_of_piece_label(ignore_index))
+    return torch.where(labels == ignore_index, labels, torch.where(inside, labels - v0, oos)).contiguous()
+
+
+def _outputs(hidden: Tensor, entropy: bool, sum_p2: bool, argmax: bool):
+    n = hidden.shape[0]
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    return (
+        torch.empty(n, **f32),
+        torch.empty(n if entropy else 0, **f32),
+        torch.empty(n if sum_p2 else 0, **f32),
+        torch.empty(n if argmax else 0, device=hidden.device, dtype=torch.int64),
+        torch.empty(n if argmax else 0, **f32),
+        torch.empty(n, **f32),
+    )
+
+
+# ----------------------------------------------------------------------------- CPU (BLAS + C++ row kernels)
+
+def _chunk_logits(buf: Tensor, h_c: Tensor, w_v: Tensor, b_v: Optional[Tensor], scale: float, softcap: float) -> Tensor:
+    """fp32 ``softcap(scale * (h_c @ w_v.T + b_v))`` written into the flat buffer ``buf``."""
+    n, v = h_c.shape[0], w_v.shape[0]
+    z = buf[: n * v].view(n, v)
+    if b_v is None:
+        torch.mm(h_c, w_v.t(), out=z)
+        if scale != 1.0:
+            z.mul_(scale)
+    else:
+        torch.addmm(b_v, h_c, w_v.t(), beta=scale, alpha=scale, out=z)
+    if softcap > 0:
+        z.div_(softcap).tanh_().mul_(softcap)
+    return z
+
+
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.float()
+
+
+def _cpu_forward(hidden, weight, bias, labels, scale, softcap, inv_t, ignore_index, out, nc, vc):
+    lp, ent, sp2, amax, amax_val, lse = out
+    N, V = hidden.shape[0], weight.shape[0]
+    C = _backend.compiled()
+    buf = torch.empty(min(nc, N) * min(vc, V), dtype=torch.float32)
+    K = -(-V // vc)
+    for n0 in range(0, N, nc):
+        n1 = min(N, n0 + nc)
+        n = n1 - n0
+        h_c = _f32(hidden[n0:n1])
+        y = labels[n0:n1]
+        lse_k = torch.empty(K, n)
+        ent_k = torch.empty(K, n) if ent.numel() else None
+        sp2_k = torch.empty(K, n) if sp2.numel() else None
+        zy = torch.zeros(n)
+        lp_k = torch.empty(n)
+        amax_k = torch.empty(n, dtype=torch.int64) if amax.numel() else None
+        best_val = torch.full((n,), float("-inf")) if amax.numel() else None
+        best_idx = torch.zeros(n, dtype=torch.int64) if amax.numel() else None
+        for k in range(K):
+            v0, v1 = k * vc, min(V, (k + 1) * vc)
+            z = _chunk_logits(buf, h_c, _f32(weight[v0:v1]), _f32(None if bias is None else bias[v0:v1]),
+                              scale, softcap)
+            yl = local_labels(y, v0, v1, ignore_index)
+            C.token_stats_fwd_cpu(
+                z.data_ptr(), DTYPE_CODE[torch.float32], n, v1 - v0, n, 0, v1 - v0, yl.data_ptr(), inv_t,
+                ignore_index, lp_k.data_ptr(), ptr(None if ent_k is None else ent_k[k]),
+                ptr(None if sp2_k is None else sp2_k[k]), ptr(amax_k), lse_k[k].data_ptr())
+            if K == 1:
+                zy = lp_k + lse_k[0]
+            else:
+                zy += torch.where((y >= v0) & (y < v1) & (y != ignore_index), lp_k + lse_k[k], 0.0)
+            if amax_k is not None:
+                val = z.gather(1, amax_k.unsqueeze(1)).squeeze(1) * inv_t
+                better = val > best_val
+                best_val = torch.where(better, val, best_val)
+                best_idx = torch.where(better, amax_k + v0, best_idx)
+        if K == 1:
+            m_lse, m_ent, m_sp2 = lse_k[0], opt(ent_k[0] if ent_k is not None else None), \
+                opt(sp2_k[0] if sp2_k is not None else None)
+        else:
+            m_lse, m_ent, m_sp2 = merge_stats(lse_k, ent_k, sp2_k)
+        _finish(slice(n0, n1), y, V, ignore_index, zy, m_lse, m_ent, m_sp2, best_idx, best_val, out)
+
+
+def _finish(rows, y, V, ignore_index, zy, m_lse, m_ent, m_sp2, best_idx, best_val, out):
+    """Write the merged statistics of ``rows``; ignored rows give 0, out-of-range labels a NaN log-prob."""
+    lp, ent, sp2, amax, amax_val, lse = out
+    ignored = y == ignore_index
+    valid = (y >= 0) & (y < V)
+    zero = torch.zeros((), dtype=torch.float32, device=y.device)
+    lp[rows] = torch.where(ignored, zero, torch.where(valid, zy - m_lse, float("nan")))
+    lse[rows] = torch.where(ignored, zero, m_lse)
+    if m_ent is not None:
+        ent[rows] = torch.where(ignored, zero, m_ent)
+    if m_sp2 is not None:
+        sp2[rows] = torch.where(ignored, zero, m_sp2)
+    if best_idx is not None:
+        amax[rows] = best_idx
+        amax_val[rows] = best_val
+
+
+def _cpu_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp2, scale, softcap, inv_t,
+                  ignore_index, nc, vc, dh, dw, db):
+    N, V = hidden.shape[0], weight.shape[0]
+    C = _backend.compiled()
+    buf = torch.empty(min(nc, N) * min(vc, V), dtype=torch.float32)
+    dbuf = torch.empty_like(buf) if softcap > 0 else None
+    for n0 in range(0, N, nc):
+        n1 = min(N, n0 + nc)
+        n = n1 - n0
+        h_c = _f32(hidden[n0:n1])
+        y = labels[n0:n1]
+        dh_c = None if dh is None else dh[n0:n1]
+        for v0 in range(0, V, vc):
+            v1 = min(V, v0 + vc)
+            w_v = _f32(weight[v0:v1])
+            z = _chunk_logits(buf, h_c, w_v, _f32(None if bias is None else bias[v0:v1]), scale, softcap)
+            if softcap > 0:  # d softcap(u) / du = 1 - (z / softcap)^2, times the scale
+                deriv = dbuf[: z.numel()].view_as(z)
+                torch.mul(z, 1.0 / softcap, out=deriv)
+                deriv.square_().neg_().add_(1.0).mul_(scale)
+            yl = local_labels(y, v0, v1, ignore_index)
+            sl = slice(n0, n1)
+            C.token_stats_bwd_cpu(
+                z.data_ptr(), DTYPE_CODE[torch.float32], n, v1 - v0, n, 0, v1 - v0, yl.data_ptr(), inv_t,
+                ignore_index, lse[sl].data_ptr(), ptr(opt(ent) if ent.numel() == 0 else ent[sl]),
+                ptr(opt(sp2) if sp2.numel() == 0 else sp2[sl]),
+                ptr(None if g_lp is None else g_lp[sl]), ptr(None if g_ent is None else g_ent[sl]),
+                ptr(None if g_sp2 is None else g_sp2[sl]), z.data_ptr(), 0, v1 - v0)
+            dz = z  # in place: d loss / d z
+            if softcap > 0:
+                dz.mul_(deriv)
+            elif scale != 1.0:
+                dz.mul_(scale)
+            if dh_c is not None:
+                dh_c.addmm_(dz, w_v)
+            if dw is not None:
+                dw[v0:v1].addmm_(dz.t(), h_c)
+            if db is not None:
+                db[v0:v1] += dz.sum(0)
+
+
+# ----------------------------------------------------------------------------- Triton
+
+def _triton_forward(hidden, weight, bias, labels, scale, softcap, inv_t, ignore_index, out):
+    lp, ent, sp2, amax, amax_val, lse = out
+    N, V = hidden.shape[0], weight.shape[0]
+    K = triton_kernels("linear_stats")
+    parts, a_idx, a_val = K.linear_stats_forward(hidden, weight, bias, labels, scale, softcap, inv_t,
+                                                 bool(sp2.numel()), bool(amax.numel()))
+    m, s, t, q, zy = parts.unbind(0)
+    log_s = torch.log(s)
+    lse_k = m + log_s
+    ent_k = log_s - t / s if ent.numel() else None
+    sp2_k = q / (s * s) if sp2.numel() else None
+    if lse_k.shape[0] == 1:
+        m_lse, m_ent, m_sp2 = lse_k[0], opt(None if ent_k is None else ent_k[0]), \
+            opt(None if sp2_k is None else sp2_k[0])
+    else:
+        m_lse, m_ent, m_sp2 = merge_stats(lse_k, ent_k, sp2_k)
+    best_idx = best_val = None
+    if amax.numel():
+        best_val, which = a_val.max(0)  # first split wins ties: lowest index
+        best_idx = a_idx.gather(0, which.unsqueeze(0)).squeeze(0)
+    _finish(slice(0, N), labels, V, ignore_index, zy.sum(0), m_lse, m_ent, m_sp2, best_idx, best_val, out)
+
+
+def _triton_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp2, scale, softcap, inv_t,
+                     ignore_index, nc, skip_threshold, dh, dw, db):
+    N, V = hidden.shape[0], weight.shape[0]
+    K = triton_kernels("linear_stats")
+    native = hidden.is_cuda and hidden.dtype != torch.float32
+    buf_dtype = hidden.dtype if native else torch.float32
+    buf = torch.empty(min(nc, N) * V, dtype=buf_dtype, device=hidden.device)
+    for n0 in range(0, N, nc):
+        n1 = min(N, n0 + nc)
+        sl = slice(n0, n1)
+        du = buf[: (n1 - n0) * V].view(n1 - n0, V)
+        K.linear_stats_backward(
+            hidden[sl], weight, bias, labels[sl], lse[sl], opt(ent[sl] if ent.numel() else None),
+            opt(sp2[sl] if sp2.numel() else None), None if g_lp is None else g_lp[sl],
+            None if g_ent is None else g_ent[sl], None if g_sp2 is None else g_sp2[sl],
+            scale, softcap, inv_t, ignore_index, skip_threshold, du)
+        h_c = hidden[sl] if native else _f32(hidden[sl])
+        if dh is not None:
+            torch.mm(du, weight if native else _f32(weight), out=dh[sl])
+        if dw is not None:
+            dw.addmm_(du.t(), h_c)
+        if db is not None:
+            db += du.sum(0, dtype=torch.float32).to(db.dtype)
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("fastalign::linear_stats", mutates_args=())
+def linear_stats(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, scale: float, softcap: float,
+    inv_temperature: float, ignore_index: int, entropy: bool, sum_p2: bool, argmax: bool, backend: str,
+    chunk_tokens: int, chunk_vocab: int, skip_threshold: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (logprobs, entropy, sum_p2, argmax, argmax_logit, lse) for ``hidden [N, H]``, ``weight [V, H]``.
+
+    ``softcap`` 0 means off. Unrequested outputs are empty. ``argmax_logit`` is the
+    max of ``z / T`` (used to merge argmax across vocabulary shards).
+    ``skip_threshold`` only affects the Triton backward.
+    """
+    out = _outputs(hidden, entropy, sum_p2, argmax)
+    if hidden.shape[0] == 0:
+        return out
+    if backend == "cpp":
+        _cpu_forward(hidden, weight, bias, labels, scale, softcap, inv_temperature, ignore_index, out,
+                     chunk_tokens, chunk_vocab)
+    else:
+        _triton_forward(hidden, weight, bias, labels, scale, softcap, inv_temperature, ignore_index, out)
+    return out
+
+
+@linear_stats.register_fake
+def _(hidden, weight, bias, labels, scale, softcap, inv_temperature, ignore_index, entropy, sum_p2, argmax,
+      backend, chunk_tokens, chunk_vocab, skip_threshold):
+    return _outputs(hidden, entropy, sum_p2, argmax)
+
+
+def _grad_outputs(hidden, weight, bias, need_hidden, need_weight, need_bias):
+    native = hidden.is_cuda
+    dh = torch.zeros(hidden.shape if need_hidden else (0,), dtype=hidden.dtype, device=hidden.device)
+    w_dtype = weight.dtype if native else torch.float32
+    dw = torch.zeros(weight.shape if need_weight else (0,), dtype=w_dtype, device=weight.device)
+    b_dtype = bias.dtype if bias is not None else weight.dtype
+    db = torch.zeros(bias.shape if (need_bias and bias is not None) else (0,), dtype=torch.float32,
+                     device=weight.device)
+    return dh, dw, db, b_dtype
+
+
+@torch.library.custom_op("fastalign::linear_stats_backward", mutates_args=())
+def linear_stats_backward(
+    grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor], grad_sum_p2: Optional[Tensor],
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, lse: Tensor, entropy: Tensor,
+    sum_p2: Tensor, scale: float, softcap: float, inv_temperature: float, ignore_index: int, backend: str,
+    chunk_tokens: int, chunk_vocab: int, skip_threshold: float, need_hidden: bool, need_weight: bool,
+    need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(d hidden, d weight, d bias) in the input dtypes; a gradient not needed is an empty tensor."""
+    g = [None if x is None else x.contiguous().float() for x in (grad_logprobs, grad_entropy, grad_sum_p2)]
+    if not entropy.numel():
+        g[1] = None
+    if not sum_p2.numel():
+        g[2] = None
+    need_weight_acc = need_weight
+    dh_f32 = hidden.dtype != torch.float32 and not hidden.is_cuda
+    dh, dw, db, b_dtype = _grad_outputs(hidden, weight, bias, need_hidden, need_weight, need_bias)
+    if dh_f32 and need_hidden:
+        dh32 = torch.zeros(hidden.shape, dtype=torch.float32)
+    else:
+        dh32 = dh
+    if hidden.shape[0] and any(x is not None for x in g):
+        args = (hidden, weight, bias, labels, lse, entropy, sum_p2, scale, softcap, inv_temperature, ignore_index)
+        if backend == "cpp":
+            _cpu_backward(*g, *args, chunk_tokens, chunk_vocab, dh32 if need_hidden else None,
+                          dw if need_weight_acc else None, db if db.numel() else None)
+        else:
+            _triton_backward(*g, *args, chunk_tokens, skip_threshold, dh32 if need_hidden else None,
+                             dw if need_weight_acc else None, db if db.numel() else None)
+    if dh32 is not dh:
+        dh = dh32.to(hidden.dtype)
+    return dh, dw.to(weight.dtype), db.to(b_dtype)
+
+
+@linear_stats_backward.register_fake
+def _(grad_logprobs, grad_entropy, grad_sum_p2, hidden, weight, bias, labels, lse, entropy, sum_p2, scale,
+      softcap, inv_temperature, ignore_index, backend, chunk_tokens, chunk_vocab, skip_threshold, need_hidden,
+      need_weight, need_bias):
+    dh = hidden.new_empty(hidden.shape if need_hidden else (0,))
+    dw = weight.new_empty(weight.shape if need_weight else (0,))
+    b_dtype = bias.dtype if bias is not None else weight.dtype
+    db = weight.new_empty(bias.shape if (need_bias and bias is not None) else (0,), dtype=b_dtype)
+    return dh, dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, bias, labels, scale, softcap, inv_t, ignore_index, _e, _s, _a, backend, nc, vc,
+     skip) = inputs
+    _lp, ent, sp2, _amax, _amax_val, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, ent, sp2)
+    ctx.args = (scale, softcap, inv_t, ignore_index, backend, nc, vc, skip)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, g_lp, g_ent, g_sp2, _g_amax, _g_amax_val, _g_lse):
+    hidden, weight, bias, labels, lse, ent, sp2 = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if not (need[0] or need[1] or (bias is not None and need[2])):
+        return (None,) * 15
+    dh, dw, db = linear_stats_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp2,
+                                       *ctx.args, bool(need[0]), bool(need[1]), bool(bias is not None and need[2]))
+    return ((dh if need[0] else None), (dw if need[1] else None), (db if bias is not None and need[2] else None),
+            *((None,) * 12))
+
+
+linear_stats.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- vocabulary parallel
+
+class VocabParallelStats(torch.autograd.Function):
+    """Each rank holds rows [start, start + V_r) of the weight; labels are global ids.
+
+    Forward: local statistics with local labels, then all-reduces (max of lse,
+    sum of exp mass, sums of the mass-weighted entropy / sum p^2 terms and of the
+    label logit, max / min for the argmax). Backward: each rank's d(logits)
+    needs only the global per-token lse / entropy / sum p^2, so the local backward
+    op runs unchanged; d(hidden) is summed over ranks (hidden is replicated).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, group, start, v_total, scale, softcap, inv_t, ignore_index,
+                want_ent, want_sp2, want_amax, backend, nc, vc, skip):
+        import torch.distributed as dist
+
+        V_r = weight.shape[0]
+        yl = local_labels(labels, start, start + V_r, ignore_index)
+        lp, ent, sp2, amax, amax_val, lse = linear_stats(
+            hidden, weight, bias, yl, scale, softcap, inv_t, ignore_index, want_ent, want_sp2, want_amax,
+            backend, nc, vc, skip)
+        ignored = labels == ignore_index
+        inside = (labels >= start) & (labels < start + V_r) & ~ignored
+        m = lse.clone()
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        w = torch.exp(lse - m)
+        s = w.clone()
+        dist.all_reduce(s, op=dist.ReduceOp.SUM, group=group)
+        g_lse = m + torch.log(s)
+        pi = w / s
+        terms = [torch.where(inside, lp + lse, 0.0)]
+        if want_ent:
+            log_pi = torch.where(pi > 0, lse - g_lse, 0.0)
+            terms.append(torch.where(pi > 0, pi * (ent - log_pi), 0.0))
+        if want_sp2:
+            terms.append(pi * pi * sp2)
+        packed = torch.stack(terms)
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        valid = (labels >= 0) & (labels < v_total)
+        g_lp = torch.where(ignored, zero, torch.where(valid, packed[0] - g_lse, float("nan")))
+        g_lse = torch.where(ignored, zero, g_lse)
+        g_ent = torch.where(ignored, zero, packed[1]) if want_ent else ent
+        g_sp2 = torch.where(ignored, zero, packed[-1]) if want_sp2 else sp2
+        g_amax = amax
+        if want_amax:
+            best = amax_val.clone()
+            dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
+            cand = torch.where(amax_val == best, amax + start, torch.full_like(amax, v_total))
+            dist.all_reduce(cand, op=dist.ReduceOp.MIN, group=group)
+            g_amax = cand
+        ctx.save_for_backward(hidden, weight, bias, yl, g_lse, g_ent, g_sp2)
+        ctx.group = group
+        ctx.args = (scale, softcap, inv_t, ignore_index, backend, nc, vc, skip)
+        ctx.mark_non_differentiable(g_amax)
+        ctx.set_materialize_grads(False)
+        return g_lp, g_ent, g_sp2, g_amax
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent, g_sp2, _g_amax):
+        import torch.distributed as dist
+
+        hidden, weight, bias, yl, lse, ent, sp2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if g_lp is None and g_ent is None and g_sp2 is None:
+            return (None,) * 18
+        dh, dw, db = linear_stats_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, yl, lse, ent, sp2,
+                                           *ctx.args, True, bool(need[1]), bool(bias is not None and need[2]))
+        dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.group)
+        return ((dh if need[0] else None), (dw if need[1] else None),
+                (db if bias is not None and need[2] else None), *((None,) * 15))

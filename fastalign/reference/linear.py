@@ -1,0 +1,35 @@
+"""Reference for SPEC §1 from hidden states: build the full logits, then §1 on them."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastalign.reference.logprobs import eager_logprobs_entropy, token_logprobs
+
+
+def linear_logits(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = None, softcap: Optional[float] = None,
+                  logit_scale: float = 1.0, dtype: torch.dtype | None = None) -> Tensor:
+    """``z = logit_scale * (h @ W.T + b)``, then ``softcap * tanh(z / softcap)`` (before the temperature)."""
+    dt = dtype or torch.float32
+    z = hidden.to(dt) @ weight.to(dt).T
+    if bias is not None:
+        z = z + bias.to(dt)
+    z = logit_scale * z
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
+                    temperature: float = 1.0, softcap: Optional[float] = None, logit_scale: float = 1.0,
+                    ignore_index: int = -100, dtype: torch.dtype | None = None):
+    """(logprobs, entropy, sum_p2, argmax) from the materialised ``[..., V]`` logits."""
+    z = linear_logits(hidden, weight, bias=bias, softcap=softcap, logit_scale=logit_scale, dtype=dtype)
+    return token_logprobs(z, labels, temperature=temperature, ignore_index=ignore_index, dtype=dtype)
+
+
+def eager_linear_logprobs_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0):
+    """The benchmark baseline: logits by matmul, then log_softmax, gather and entropy, as trainers write it."""
+    return eager_logprobs_entropy(hidden @ weight.T, labels, temperature)

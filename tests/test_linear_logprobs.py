@@ -1,0 +1,341 @@
+"""linear_logprobs against the float64 reference that builds the full logits (SPEC §1),
+on the C++ path (BLAS chunks + row kernels) and the Triton kernels in the interpreter."""
+import os
+import socket
+
+import pytest
+import torch
+
+import fastalign
+from fastalign import reference
+from fastalign.ops.linear_stats import linear_stats, linear_stats_backward, merge_stats
+from helpers import assert_close
+
+N, H, V = 17, 40, 203  # not a multiple of any block size
+
+# The C++ path with chunks far smaller than the shapes (many token and vocabulary
+# chunks, ragged tails) and with the automatic chunking; the Triton interpreter.
+BACKENDS = [("cpp", (5, 37)), ("cpp", None)]
+BACKEND_IDS = ["cpp-chunked", "cpp-auto"]
+
+
+@pytest.fixture(params=BACKENDS, ids=BACKEND_IDS)
+def path(request):
+    return request.param
+
+
+def make_inputs(n=N, h=H, v=V, dtype=torch.float32, seed=0, bias=True, ignore_frac=0.2):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) * (2.0 / h ** 0.5)).to(dtype)
+    b = (torch.randn(v, generator=g) * 0.5).to(dtype) if bias else None
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < ignore_frac] = -100
+    labels[0], labels[-1] = 0, v - 1  # vocabulary edges
+    return hidden, weight, b, labels
+
+
+def run_both(hidden, weight, bias, labels, path, weights, **kw):
+    """(fastalign stats, grads) and (float64 reference stats, grads) for loss = sum_k w_k * stat_k."""
+    backend, chunk = path
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    b = None if bias is None else bias.clone().requires_grad_(True)
+    st = fastalign.linear_logprobs(h, w, labels, bias=b, entropy=True, sum_p2=True, argmax=True,
+                                   backend=backend, chunk=chunk, **kw)
+    (st.logprobs * weights[0] + st.entropy * weights[1] + st.sum_p2 * weights[2]).sum().backward()
+    hr = hidden.detach().double().requires_grad_(True)
+    wr = weight.detach().double().requires_grad_(True)
+    br = None if bias is None else bias.detach().double().requires_grad_(True)
+    ref = reference.linear_logprobs(hr, wr, labels, bias=br, dtype=torch.float64, **kw)
+    (ref[0] * weights[0] + ref[1] * weights[1] + ref[2] * weights[2]).sum().backward()
+    grads = (h.grad, w.grad, None if b is None else b.grad)
+    ref_grads = (hr.grad, wr.grad, None if br is None else br.grad)
+    return st, grads, ref, ref_grads
+
+
+def check(st, grads, ref, ref_grads, tol, gtol, argmax=True):
+    for a, e, name in zip(st[:3], ref[:3], ("logprobs", "entropy", "sum_p2")):
+        assert a.dtype == torch.float32
+        assert_close(a, e, atol=tol, rtol=tol, what=name)
+    if argmax:
+        assert torch.equal(st.argmax, ref[3])
+    for a, e, name in zip(grads, ref_grads, ("d hidden", "d weight", "d bias")):
+        if e is not None:
+            assert_close(a, e, atol=gtol, rtol=gtol, what=name)
+
+
+PIPELINES = {
+    "plain": {},
+    "temperature": dict(temperature=0.7),
+    "softcap": dict(softcap=4.0, temperature=1.3),
+    "scale": dict(logit_scale=0.5),
+    "all": dict(logit_scale=1.7, softcap=3.0, temperature=0.8),
+}
+
+
+@pytest.mark.parametrize("pipe", list(PIPELINES))
+def test_fp32_forward_and_grads(path, pipe):
+    hidden, weight, bias, labels = make_inputs()
+    w = torch.randn(3, N, dtype=torch.float64)
+    st, grads, ref, ref_grads = run_both(hidden, weight, bias, labels, path, w, **PIPELINES[pipe])
+    check(st, grads, ref, ref_grads, tol=2e-5, gtol=2e-5)
+    assert grads[0].dtype == torch.float32 and grads[1].dtype == torch.float32
+
+
+def test_bf16_forward_and_grads(path):
+    hidden, weight, bias, labels = make_inputs(dtype=torch.bfloat16)
+    w = torch.randn(3, N, dtype=torch.float64)
+    st, grads, ref, ref_grads = run_both(hidden, weight, bias, labels, path, w, softcap=5.0, temperature=0.9)
+    # fp32 math on bf16 inputs: the statistics are as exact as in fp32; the
+    # gradients are rounded to bf16 once at the end (rtol 2^-8).
+    check(st, grads, ref, ref_grads, tol=5e-5, gtol=1e-2, argmax=False)
+    assert grads[0].dtype == torch.bfloat16 and grads[1].dtype == torch.bfloat16
+    assert grads[2].dtype == torch.bfloat16
+
+
+def test_no_bias_3d_hidden(path):
+    hidden, weight, _, labels = make_inputs(n=2 * 9, bias=False)
+    w = torch.randn(3, 2, 9, dtype=torch.float64)
+    st, grads, ref, ref_grads = run_both(hidden.view(2, 9, H), weight, None, labels.view(2, 9), path, w)
+    assert st.logprobs.shape == (2, 9)
+    check(st, grads, ref, ref_grads, tol=2e-5, gtol=2e-5)
+
+
+def test_ignore_index_rows(path):
+    backend, chunk = path
+    hidden, weight, bias, labels = make_inputs()
+    labels[labels == -100] = 1
+    labels[2:6] = -7
+    h = hidden.clone().requires_grad_(True)
+    st = fastalign.linear_logprobs(h, weight, labels, bias=bias, ignore_index=-7, entropy=True, sum_p2=True,
+                                   backend=backend, chunk=chunk)
+    (st.logprobs + st.entropy + st.sum_p2).sum().backward()
+    for t in st[:3]:
+        assert torch.count_nonzero(t[2:6]) == 0
+    assert torch.count_nonzero(h.grad[2:6]) == 0
+    assert torch.count_nonzero(h.grad[6]) > 0
+    ref = reference.linear_logprobs(hidden.double(), weight.double(), labels, bias=bias.double(),
+                                    ignore_index=-7, dtype=torch.float64)
+    assert_close(st.logprobs, ref[0], atol=2e-5, what="logprobs")
+
+
+def test_ignore_index_minus_one(path):
+    """ignore_index = -1 must not collide with the 'label lives in another vocabulary piece' marker."""
+    backend, chunk = path
+    hidden, weight, bias, labels = make_inputs()
+    labels[labels == -100] = -1
+    st = fastalign.linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=-1, entropy=True,
+                                   backend=backend, chunk=chunk)
+    ref = reference.linear_logprobs(hidden.double(), weight.double(), labels, bias=bias.double(),
+                                    ignore_index=-1, dtype=torch.float64)
+    assert_close(st.logprobs, ref[0], atol=2e-5, what="logprobs")
+    assert_close(st.entropy, ref[1], atol=2e-5, what="entropy")
+
+
+@pytest.mark.parametrize("used", ["logprobs", "entropy", "sum_p2"])
+def test_partly_used_outputs(path, used):
+    hidden, weight, bias, labels = make_inputs(seed=3)
+    w = torch.zeros(3, N, dtype=torch.float64)
+    w[("logprobs", "entropy", "sum_p2").index(used)] = 1.0
+    st, grads, ref, ref_grads = run_both(hidden, weight, bias, labels, path, w)
+    check(st, grads, ref, ref_grads, tol=2e-5, gtol=2e-5)
+
+
+def test_only_logprobs_requested(path):
+    backend, chunk = path
+    hidden, weight, bias, labels = make_inputs()
+    h = hidden.clone().requires_grad_(True)
+    st = fastalign.linear_logprobs(h, weight, labels, backend=backend, chunk=chunk)
+    assert st.entropy is None and st.sum_p2 is None and st.argmax is None
+    st.logprobs.sum().backward()
+    hr = hidden.double().requires_grad_(True)
+    reference.linear_logprobs(hr, weight.double(), labels, dtype=torch.float64)[0].sum().backward()
+    assert_close(h.grad, hr.grad, atol=2e-5, rtol=2e-5, what="d hidden")
+
+
+def test_tied_weights_accumulate(path):
+    """The lm_head is also the input embedding: its gradient is the sum of both uses."""
+    backend, chunk = path
+    g = torch.Generator().manual_seed(5)
+    emb = (torch.randn(V, H, generator=g) * 0.2)
+    ids = torch.randint(0, V, (N,), generator=g)
+    labels = torch.randint(0, V, (N,), generator=g)
+    proj = torch.randn(H, H, generator=g) / H ** 0.5
+
+    def loss(w, stats):
+        hidden = torch.tanh(w[ids] @ proj.to(w.dtype))
+        return stats(hidden, w)
+
+    w = emb.clone().requires_grad_(True)
+    out = loss(w, lambda h, ww: fastalign.linear_logprobs(h, ww, labels, entropy=True, backend=backend, chunk=chunk))
+    (out.logprobs.sum() - 0.3 * out.entropy.sum()).backward()
+    wr = emb.double().requires_grad_(True)
+    ref = loss(wr, lambda h, ww: reference.linear_logprobs(h, ww, labels, dtype=torch.float64))
+    (ref[0].sum() - 0.3 * ref[1].sum()).backward()
+    assert_close(w.grad, wr.grad, atol=2e-5, rtol=2e-5, what="d tied weight")
+    assert torch.count_nonzero(w.grad[ids]) > 0
+
+
+def test_out_of_range_labels_give_nan(path):
+    backend, chunk = path
+    hidden, weight, bias, labels = make_inputs()
+    labels[3], labels[4] = V, -5
+    st = fastalign.linear_logprobs(hidden, weight, labels, entropy=True, backend=backend, chunk=chunk)
+    assert torch.isnan(st.logprobs[3]) and torch.isnan(st.logprobs[4])
+    assert torch.isfinite(st.entropy).all()
+
+
+def test_extreme_logits(path):
+    """Huge logits (scale 1e3) stay finite: every running value is relative to the running max."""
+    hidden, weight, bias, labels = make_inputs(seed=7)
+    w = torch.randn(3, N, dtype=torch.float64)
+    st, grads, ref, ref_grads = run_both(hidden, weight, bias, labels, path, w, logit_scale=1e3)
+    for t in st[:3]:
+        assert torch.isfinite(t[labels != -100]).all()
+    assert_close(st.logprobs, ref[0], atol=2e-2, rtol=1e-5, what="logprobs")
+    assert_close(st.entropy, ref[1], atol=1e-3, what="entropy")
+
+
+def test_empty_batch(path):
+    backend, chunk = path
+    h = torch.zeros(0, H, requires_grad=True)
+    w = torch.randn(V, H, requires_grad=True)
+    st = fastalign.linear_logprobs(h, w, torch.zeros(0, dtype=torch.long), entropy=True, backend=backend, chunk=chunk)
+    (st.logprobs.sum() + st.entropy.sum()).backward()
+    assert h.grad.shape == (0, H) and torch.count_nonzero(w.grad) == 0
+
+
+def test_deterministic(path):
+    backend, chunk = path
+    hidden, weight, bias, labels = make_inputs(dtype=torch.bfloat16)
+    outs = []
+    for _ in range(2):
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        st = fastalign.linear_logprobs(h, w, labels, bias=bias, entropy=True, sum_p2=True, backend=backend, chunk=chunk)
+        (st.logprobs + st.entropy).sum().backward()
+        outs.append((st.logprobs, st.entropy, st.sum_p2, h.grad, w.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_chunks_do_not_change_results():
+    hidden, weight, bias, labels = make_inputs()
+    full = fastalign.linear_logprobs(hidden, weight, labels, bias=bias, entropy=True, sum_p2=True, argmax=True,
+                                     backend="cpp", chunk=(N, V))
+    for chunk in [(1, 1), (3, 200), (16, 202), (17, 7)]:
+        st = fastalign.linear_logprobs(hidden, weight, labels, bias=bias, entropy=True, sum_p2=True, argmax=True,
+                                       backend="cpp", chunk=chunk)
+        for a, b in zip(full[:3], st[:3]):
+            assert_close(a, b, atol=3e-6, rtol=1e-6, what=f"chunk {chunk}")
+        assert torch.equal(full.argmax, st.argmax)
+
+
+def test_argmax_ties_take_lowest_index():
+    hidden = torch.ones(3, 4)
+    weight = torch.zeros(50, 4)
+    weight[[7, 20, 45]] = 1.0  # three equal maxima, in different vocabulary chunks
+    st = fastalign.linear_logprobs(hidden, weight, torch.zeros(3, dtype=torch.long), argmax=True, backend="cpp",
+                                   chunk=(2, 10))
+    assert st.argmax.tolist() == [7, 7, 7]
+
+
+def test_merge_stats_matches_full_row():
+    z = torch.randn(5, 60, dtype=torch.float64) * 3
+    z[1, :30] = float("-inf")  # a piece with no mass
+    pieces = z.split([30, 17, 13], dim=1)
+    lse_k = torch.stack([torch.logsumexp(p, 1) for p in pieces])
+    ent_k = torch.stack([-(torch.softmax(p, 1) * torch.log_softmax(p, 1)).nan_to_num().sum(1) for p in pieces])
+    sp2_k = torch.stack([(torch.softmax(p, 1) ** 2).sum(1) for p in pieces])
+    lse, ent, sp2 = merge_stats(lse_k, ent_k.nan_to_num(), sp2_k.nan_to_num())
+    p = torch.softmax(z, 1)
+    assert_close(lse, torch.logsumexp(z, 1), atol=1e-12, what="lse")
+    assert_close(ent, -(p * torch.log_softmax(z, 1)).nan_to_num().sum(1), atol=1e-12, what="entropy")
+    assert_close(sp2, (p * p).sum(1), atol=1e-12, what="sum_p2")
+
+
+def test_chunk_shape_bounds_memory():
+    from fastalign.linear import chunk_shape
+
+    nc, vc = chunk_shape(4096, 152064, "cpp", 32)
+    assert nc * vc * 4 <= 32 * 2 ** 20 and vc <= 16384 and -(-152064 // vc) * vc - 152064 < 16
+    nc, vc = chunk_shape(8192, 131072, "triton", 64)
+    assert vc == 131072 and nc * vc * 4 <= 64 * 2 ** 20
+
+
+def _op_args(backend, chunk=(5, 37)):
+    hidden, weight, bias, labels = make_inputs()
+    return (hidden, weight, bias, labels, 1.3, 4.0, 1.0 / 0.9, -100, True, True, True, backend, *chunk, 0.0)
+
+
+@pytest.mark.parametrize("cpu_backend", ["cpp"])
+def test_custom_ops_pass_opcheck(cpu_backend):
+    args = _op_args(cpu_backend)
+    torch.library.opcheck(linear_stats, args, test_utils=("test_schema", "test_faketensor"))
+    lp, ent, sp2, _amax, _val, lse = linear_stats(*args)
+    hidden, weight, bias, labels = args[:4]
+    g = torch.randn(N)
+    bargs = (g, g, g, hidden, weight, bias, labels, lse, ent, sp2, 1.3, 4.0, 1.0 / 0.9, -100, cpu_backend, 5, 37,
+             0.0, True, True, True)
+    torch.library.opcheck(linear_stats_backward, bargs, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_autograd_registration_passes_opcheck():
+    args = list(_op_args("cpp"))
+    for i in range(3):
+        args[i] = args[i].clone().requires_grad_(True)
+    torch.library.opcheck(linear_stats, tuple(args), test_utils=("test_autograd_registration",))
+
+
+def test_torch_compile_fullgraph_no_graph_break():
+    hidden, weight, bias, labels = make_inputs()
+
+    def step(h, w, b):
+        st = fastalign.linear_logprobs(h, w, labels, bias=b, entropy=True, temperature=0.9, softcap=5.0)
+        return (st.logprobs - 0.01 * st.entropy).sum()
+
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(*leaves)
+    loss.backward()
+    ref_leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    loss_ref = step(*ref_leaves)
+    loss_ref.backward()
+    assert_close(loss, loss_ref, atol=1e-5, what="compiled loss")
+    for a, b in zip(leaves, ref_leaves):
+        assert_close(a.grad, b.grad, atol=1e-7, what="compiled grad")
+
+
+@pytest.mark.parametrize(
+    "args, kw, err, match",
+    [
+        ((torch.randn(4, 8), torch.randn(10, 7), torch.zeros(4, dtype=torch.long)), {}, ValueError,
+         r"weight must have shape \(V, 8\)"),
+        ((torch.randn(4, 8), torch.randn(10, 8, dtype=torch.float64), torch.zeros(4, dtype=torch.long)), {},
+         TypeError, "weight must be float32"),
+        ((torch.randn(4, 8), torch.randn(10, 8).bfloat16(), torch.zeros(4, dtype=torch.long)), {}, TypeError,
+         "weight must have the dtype of hidden"),
+        ((torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long)), {}, ValueError,
+         r"labels must have shape \(4,\)"),
+        ((torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4)), {}, TypeError, "labels must be an int64"),
+        ((torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)), dict(bias=torch.randn(9)),
+         ValueError, r"bias must have shape \(10,\)"),
+        ((torch.randn(4, 8), torch.randn(80), torch.zeros(4, dtype=torch.long)), {}, ValueError,
+         "weight must have 2 dimension"),
+        (([1.0], torch.randn(10, 8), torch.zeros(4, dtype=torch.long)), {}, TypeError, "hidden must be a torch.Tensor"),
+        ((torch.randn(4, 8), torch.randn(0, 8), torch.zeros(4, dtype=torch.long)), {}, ValueError, "non-empty"),
+        ((torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)), dict(temperature=0.0),
+         ValueError, "temperature must be > 0"),
+        ((torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)), dict(softcap=-1.0),
+         ValueError, "softcap must be > 0"),
+        ((torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)), dict(logit_scale=float("inf")),
+         ValueError, "logit_scale must be finite"),
+        ((torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)), dict(chunk=(0, 4)),
+         ValueError, "chunk must be"),
+        ((torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)), dict(backend="cuda"),
+         ValueError, "backend 'cuda' needs CUDA tensors"),
+    ],
+)
+def test_bad_input(args, kw, err, match):
+    with pytest.raises(err, match=match):
+        fastalign.linear_logprobs(*args, **kw)
