@@ -4,7 +4,6 @@ import torch
 from helpers import assert_close
 
 import fastalign as fa
-from fastalign import preference as P
 from fastalign.reference import preference as R
 
 D = torch.float64
@@ -287,22 +286,6 @@ def test_sequence_logprobs_bad_inputs():
 
 
 # ------------------------------------------------------------------ from hidden states
-
-@pytest.fixture(autouse=True)
-def _linear_standin(monkeypatch):
-    """TEMPORARY until fastalign.linear_logprobs lands: logits + token_logprobs."""
-    if hasattr(fa, "linear_logprobs"):
-        return
-
-    def standin(hidden, weight, labels, *, bias=None, temperature=1.0, softcap=None, logit_scale=1.0,
-                ignore_index=-100, sum_p2=False, vocab_group=None, backend=None, **_):
-        z = hidden @ weight.T
-        if bias is not None:
-            z = z + bias
-        return fa.token_logprobs(z * logit_scale, labels, temperature=temperature, ignore_index=ignore_index,
-                                 sum_p2=sum_p2)
-
-    monkeypatch.setattr(P, "_linear_logprobs", standin)
 
 def _hidden_batch(B=3, T=7, H=16, V=61, seed=0, prompt=2):
     g = torch.Generator().manual_seed(seed)
