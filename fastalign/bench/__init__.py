@@ -1,0 +1,1 @@
+"""fastalign-bench: benchmarks of every op against its baselines (see ``python -m fastalign.bench -h``)."""

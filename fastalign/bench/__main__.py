@@ -1,0 +1,121 @@
+"""``fastalign-bench`` / ``python -m fastalign.bench``: time and memory of every op
+against its baselines, measured in the same run.
+
+    fastalign-bench --quick                     # CPU, ~3 minutes on 2 cores (make bench)
+    fastalign-bench --device cuda --json out.json --plot out.png
+    fastalign-bench --ops token_logprobs,policy_loss --no-memory
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from fastalign.bench import core, optional, report
+from fastalign.bench.cases import all_cases
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="fastalign-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the small CPU-friendly set of cases (default of make bench)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--ops", default=None, help="comma-separated op names (default: all)")
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated: fwd, fwd+bwd")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per step (default 5 quick, 20 full)")
+    p.add_argument("--budget", type=float, default=None, help="seconds per timing before stopping early")
+    p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurements")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
+    p.add_argument("--json", default=None, metavar="OUT", help="write every figure with device/date/versions")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="plot time and memory per case")
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    return p.parse_args(argv)
+
+
+def selected_cases(args):
+    ops = set(args.ops.split(",")) if args.ops else None
+    out = [c for c in all_cases() if (ops is None or c.op in ops) and (c.quick or not args.quick)]
+    if ops:
+        unknown = ops - {c.op for c in all_cases()}
+        if unknown:
+            raise SystemExit(f"unknown op(s): {', '.join(sorted(unknown))}")
+    return out
+
+
+def progress(total):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, file=sys.stderr, dynamic_ncols=True)
+    except ImportError:
+        return None
+
+
+def run(args) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    optional.COMPILE["enabled"] = not args.no_compile
+    repeats = args.repeats or (5 if args.quick else 20)
+    budget = args.budget or (4.0 if args.quick else 20.0)
+    modes = args.modes.split(",")
+    cases = selected_cases(args)
+    env = core.environment(device)
+    limits = core.device_limits(device)
+    results = []
+    todo = [(c, m) for c in cases for m in c.modes if m in modes]
+    bar = progress(len(todo))
+    for i, (case, mode) in enumerate(todo):
+        desc = f"{case.op} {case.label} {mode}"
+        if bar is not None:
+            bar.set_description(desc)
+        else:
+            print(f"[{i + 1}/{len(todo)}] {desc}", file=sys.stderr, flush=True)
+        impls = case.build(device, mode)
+        for impl, step in impls.items():
+            row = {"op": case.op, "case": case.label, "mode": mode, "impl": impl, **case.params}
+            if step is None:
+                row["skipped"] = "not installed or disabled"
+                results.append(row)
+                continue
+            try:
+                row.update(core.time_step(step, device, repeats, budget))
+                if not args.no_memory:
+                    row["peak_extra_bytes"] = (core.measure_cuda_memory(step, device) if device.type == "cuda"
+                                               else core.measure_cpu_memory_subprocess(case, mode, impl))
+            except Exception as e:  # a baseline failing must not end the run
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            if case.bytes_moved and "median_ms" in row:
+                row["GBps"] = case.bytes_moved(mode) / row["median_ms"] / 1e6
+            if case.flops and "median_ms" in row:
+                row["TFLOPs"] = case.flops(mode) / row["median_ms"] / 1e9
+            results.append(row)
+        del impls
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    report.add_ratios(results, limits)
+    return {"environment": env, "device_limits": limits, "results": results}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for c in all_cases():
+            print(f"{c.op:20s} {c.label:28s} {'quick' if c.quick else 'full'}")
+        return 0
+    data = run(args)
+    print(report.table(data))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        report.plot(data, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""token_logprobs: fused log-prob + entropy vs log_softmax + gather + entropy."""
+from __future__ import annotations
+
+import torch
+
+import fastalign
+from fastalign import reference
+from fastalign.bench.core import Case
+from fastalign.bench.optional import compiled, optional_impl
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _loss(lp, ent):
+    return lp.sum() + 0.01 * ent.sum()
+
+
+def _make_build(N, V, dtype):
+    def build(device, mode):
+        g = torch.Generator(device=device).manual_seed(0)
+        logits = torch.randn(N, V, device=device, dtype=dtype, generator=g)
+        labels = torch.randint(0, V, (N,), device=device, generator=g)
+        backward = mode == "fwd+bwd"
+
+        def wrap(fn):
+            if fn is None:
+                return None
+
+            def step():
+                x = logits.detach().requires_grad_(backward)
+                with torch.set_grad_enabled(backward):
+                    lp, ent = fn(x, labels)
+                    if backward:
+                        _loss(lp, ent).backward()
+            return step
+
+        def fused(x, y):
+            st = fastalign.token_logprobs(x, y, entropy=True)
+            return st.logprobs, st.entropy
+
+        impls = {
+            "fastalign": wrap(fused),
+            "eager": wrap(reference.eager_logprobs_entropy),
+            "torch.compile": wrap(compiled(reference.eager_logprobs_entropy)),
+        }
+        trl = optional_impl("trl.trainer.utils", "selective_log_softmax", "entropy_from_logits")
+        if trl is not None:
+            sel, ent_fn = trl
+            impls["trl"] = wrap(lambda x, y: (sel(x, y), ent_fn(x)))
+        else:
+            impls["trl"] = None
+        return impls
+
+    return build
+
+
+def cases():
+    out = []
+    for N, V, dt, quick in [(4096, 32000, "fp32", True), (2048, 152064, "fp32", True),
+                            (8192, 151936, "bf16", False), (16384, 128256, "bf16", False)]:
+        elem = torch.empty((), dtype=DTYPES[dt]).element_size()
+        out.append(Case(
+            op="token_logprobs",
+            label=f"{N}x{V} {dt}",
+            params={"tokens": N, "vocab": V, "dtype": dt},
+            build=_make_build(N, V, DTYPES[dt]),
+            quick=quick,
+            # forward reads the logits once; backward reads them again and writes d(logits)
+            bytes_moved=lambda mode, n=N * V * elem: n if mode == "fwd" else 3 * n,
+        ))
+    return out

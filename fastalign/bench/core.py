@@ -1,0 +1,150 @@
+"""Benchmark machinery: cases, timing, peak memory, device limits.
+
+A :class:`Case` builds its inputs once and returns, per implementation name,
+a zero-argument step (one forward, or one forward+backward). Every step is
+timed in the same process after warm-up (median of repeats); peak extra
+memory is the CUDA allocator's peak on GPU and, on CPU, the peak resident set
+of a fresh subprocess that builds the inputs and runs the step once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, Optional
+
+import torch
+
+Step = Callable[[], object]
+BASELINE = "eager"
+
+
+@dataclasses.dataclass
+class Case:
+    op: str                      # public op name, e.g. "token_logprobs"
+    label: str                   # short shape label, e.g. "4096x32000 fp32"
+    params: dict                 # numbers for JSON / plots (tokens, vocab, ...)
+    build: Callable[[torch.device, str], Dict[str, Optional[Step]]]  # (device, mode) -> impl -> step
+    modes: tuple = ("fwd", "fwd+bwd")
+    quick: bool = True           # part of --quick
+    bytes_moved: Optional[Callable[[str], int]] = None   # minimal HBM traffic of a mode (GB/s column)
+    flops: Optional[Callable[[str], int]] = None         # useful FLOPs of a mode (TFLOP/s column)
+
+    @property
+    def key(self) -> str:
+        return f"{self.op}/{self.label}"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(step: Step, device: torch.device, repeats: int, budget_s: float) -> dict:
+    """Median wall time in ms after one warm-up; stops early once `budget_s` is spent (>= 2 runs)."""
+    step()
+    sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeats:
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "runs": len(times)}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_cpu_memory_here(step: Step) -> int:
+    """Peak RSS growth (bytes) while running `step` once, in this process.
+
+    Resets the kernel's high-water mark (``echo 5 > /proc/self/clear_refs``) so
+    input construction does not count; only meaningful in a fresh process.
+    """
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kib("VmRSS")
+    step()
+    return max(_status_kib("VmHWM") - base, 0) * 1024
+
+
+def measure_cuda_memory(step: Step, device: torch.device) -> int:
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def measure_cpu_memory_subprocess(case: Case, mode: str, impl: str, timeout: float = 600) -> Optional[int]:
+    """Run one step of (case, mode, impl) in a fresh interpreter and return its peak extra bytes."""
+    spec = json.dumps({"case": case.key, "mode": mode, "impl": impl})
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-m", "fastalign.bench._memprobe", spec], capture_output=True,
+                         text=True, timeout=timeout, env=env)
+    if out.returncode != 0:
+        sys.stderr.write(f"memory probe failed for {case.key} {mode} {impl}:\n{out.stderr[-2000:]}\n")
+        return None
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def device_limits(device: torch.device) -> dict:
+    """Measured peaks to read results against: copy bandwidth and bf16 matmul throughput (CUDA only)."""
+    if device.type != "cuda":
+        return {}
+    n = 1 << 28  # 1 GiB of fp32
+    src = torch.empty(n, device=device)
+    dst = torch.empty_like(src)
+    copy = time_step(lambda: dst.copy_(src), device, 10, 5.0)["min_ms"]
+    del src, dst
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    mm = time_step(lambda: a @ b, device, 10, 5.0)["min_ms"]
+    return {"copy_GBps": 2 * n * 4 / copy / 1e6, "bf16_matmul_TFLOPs": 2 * 8192**3 / mm / 1e9}
+
+
+def environment(device: torch.device) -> dict:
+    import datetime
+    import platform
+
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    import fastalign
+
+    info["fastalign"] = fastalign.__version__
+    if device.type == "cuda":
+        info["device"] = torch.cuda.get_device_name(device)
+    else:
+        model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+                     platform.processor())
+        info["device"] = f"CPU {model}, {os.cpu_count()} cores"
+        info["cpu_threads"] = torch.get_num_threads()
+    return info

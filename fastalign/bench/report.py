@@ -1,0 +1,80 @@
+"""Ratios, the plain-text table and the plot of benchmark results."""
+from __future__ import annotations
+
+from fastalign.bench.core import BASELINE
+
+
+def add_ratios(results: list, limits: dict) -> None:
+    """speedup = baseline time / time and mem_ratio = memory / baseline memory, same case and mode."""
+    base = {(r["op"], r["case"], r["mode"]): r for r in results if r["impl"] == BASELINE and "median_ms" in r}
+    for r in results:
+        b = base.get((r["op"], r["case"], r["mode"]))
+        if b is None or "median_ms" not in r:
+            continue
+        r["speedup_vs_eager"] = b["median_ms"] / r["median_ms"]
+        if r.get("peak_extra_bytes") is not None and b.get("peak_extra_bytes"):
+            r["memory_vs_eager"] = r["peak_extra_bytes"] / b["peak_extra_bytes"]
+        if "GBps" in r and limits.get("copy_GBps"):
+            r["bandwidth_fraction"] = r["GBps"] / limits["copy_GBps"]
+        if "TFLOPs" in r and limits.get("bf16_matmul_TFLOPs"):
+            r["flops_fraction"] = r["TFLOPs"] / limits["bf16_matmul_TFLOPs"]
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def table(data: dict) -> str:
+    env, limits = data["environment"], data["device_limits"]
+    lines = [f"fastalign-bench  {env['device']}  torch {env['torch']}  triton {env.get('triton')}  {env['date']}"]
+    if limits:
+        lines.append(f"device limits: copy {limits['copy_GBps']:.0f} GB/s, "
+                     f"bf16 matmul {limits['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
+    head = f"{'op':18s} {'case':22s} {'mode':8s} {'impl':14s} {'median ms':>10s} {'vs eager':>9s} " \
+           f"{'extra MiB':>10s} {'mem/eager':>9s} {'% limit':>8s}"
+    lines += [head, "-" * len(head)]
+    for r in data["results"]:
+        prefix = f"{r['op']:18s} {r['case']:22s} {r['mode']:8s} {r['impl']:14s}"
+        if "skipped" in r or "error" in r:
+            lines.append(f"{prefix} {'skipped: ' + r['skipped'] if 'skipped' in r else 'error: ' + r['error']}")
+            continue
+        mem = r.get("peak_extra_bytes")
+        frac = r.get("bandwidth_fraction", r.get("flops_fraction"))
+        lines.append(
+            f"{prefix} {r['median_ms']:10.2f} {_fmt(r.get('speedup_vs_eager'), '8.2f') + 'x':>9s} "
+            f"{_fmt(None if mem is None else mem / 2**20, '10.1f'):>10s} "
+            f"{_fmt(r.get('memory_vs_eager'), '9.3f'):>9s} {_fmt(None if frac is None else 100 * frac, '7.1f'):>8s}")
+    return "\n".join(lines)
+
+
+def plot(data: dict, path: str) -> None:
+    """Time and peak extra memory per case (x: tokens x vocab), one line per implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["results"] if "median_ms" in r]
+    panels = sorted({(r["op"], r["mode"]) for r in rows})
+    fig, axes = plt.subplots(len(panels), 2, figsize=(12, 3.2 * max(len(panels), 1)), squeeze=False)
+    for (op, mode), (ax_t, ax_m) in zip(panels, axes):
+        sub = [r for r in rows if r["op"] == op and r["mode"] == mode]
+        labels = list(dict.fromkeys(r["case"] for r in sub))
+        for impl in dict.fromkeys(r["impl"] for r in sub):
+            pts = {r["case"]: r for r in sub if r["impl"] == impl}
+            xs = [i for i, c in enumerate(labels) if c in pts]
+            ax_t.plot(xs, [pts[labels[i]]["median_ms"] for i in xs], marker="o", label=impl)
+            mem = [(i, pts[labels[i]].get("peak_extra_bytes")) for i in xs]
+            mem = [(i, m / 2**20) for i, m in mem if m is not None]
+            if mem:
+                ax_m.plot([i for i, _ in mem], [m for _, m in mem], marker="o", label=impl)
+        for ax, what in ((ax_t, "median ms"), (ax_m, "peak extra MiB")):
+            ax.set_xticks(range(len(labels)))
+            ax.set_xticklabels(labels, fontsize=7)
+            ax.set_yscale("log")
+            ax.set_title(f"{op} {mode}: {what}", fontsize=9)
+            ax.grid(alpha=0.3)
+        ax_t.legend(fontsize=7)
+    fig.suptitle(f"{data['environment']['device']} — {data['environment']['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
