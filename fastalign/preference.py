@@ -438,12 +438,17 @@ class LinearPreferenceLoss(nn.Module):
     either the loss is reference-free. ``use_weighting=True`` asks the kernel for
     :math:`\sum_j p_j^2` and applies WPO pair weights. The chosen NLL (sft, cpo, orpo,
     ``rpo_alpha``) is the token mean over the chosen responses.
+
+    ``compact``: run only the labelled positions (not the prompt, not the padding) through
+    the vocabulary. Finding them reads their count back to the host, which is free for CPU
+    tensors and a device sync on a GPU, so ``"auto"`` (default) compacts CPU tensors outside
+    ``torch.compile`` and leaves GPU batches whole; ``True`` / ``False`` force it.
     """
 
     def __init__(self, loss_type="sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, *,
                  ignore_index: int = -100, temperature: float = 1.0, softcap: Optional[float] = None,
                  logit_scale: float = 1.0, ld_alpha: Optional[float] = None, use_weighting: bool = False,
-                 vocab_group=None, backend: Optional[str] = None, **options):
+                 vocab_group=None, backend: Optional[str] = None, compact="auto", **options):
         super().__init__()
         for k in options:
             if k not in _CONFIG_KEYS:
@@ -453,15 +458,42 @@ class LinearPreferenceLoss(nn.Module):
         self.ignore_index = int(ignore_index)
         self.ld_alpha = ld_alpha
         self.use_weighting = bool(use_weighting)
+        if compact not in ("auto", True, False):
+            raise ValueError(f"compact must be 'auto', True or False, got {compact!r}")
+        self.compact = compact
         self.kernel_options = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale,
                                    ignore_index=self.ignore_index, vocab_group=vocab_group, backend=backend)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
 
-    def _token_logps(self, hidden, weight, labels, bias, sum_p2: bool):
-        st = _linear_logprobs(hidden, weight, labels, bias=bias, sum_p2=sum_p2, **self.kernel_options)
-        return st.logprobs, st.sum_p2
+    def _compacts(self, hidden: Tensor) -> bool:
+        if self.compact == "auto":
+            # picking the labelled rows reads their count back: free on the CPU, a sync on a GPU
+            return hidden.device.type == "cpu" and not torch.compiler.is_compiling()
+        return bool(self.compact)
+
+    def _token_logps(self, hidden, weight, labels, bias, sum_p2: bool, rows: Optional[Tensor] = None):
+        """Token log-probs (and sum p^2) shaped like ``labels``. With ``rows`` (flat indices of the
+        labelled positions) only those rows go through the vocabulary; the rest are 0."""
+        if rows is None:
+            st = _linear_logprobs(hidden, weight, labels, bias=bias, sum_p2=sum_p2, **self.kernel_options)
+            return st.logprobs, st.sum_p2
+        H = hidden.shape[-1]
+        h = hidden.reshape(-1, H).index_select(0, rows)
+        st = _linear_logprobs(h, weight, labels.reshape(-1).index_select(0, rows), bias=bias, sum_p2=sum_p2,
+                              **self.kernel_options)
+        n = labels.numel()
+        lp = torch.zeros(n, dtype=st.logprobs.dtype, device=h.device).index_put((rows,), st.logprobs)
+        sp2 = None
+        if sum_p2:
+            sp2 = torch.ones(n, dtype=st.sum_p2.dtype, device=h.device).index_put((rows,), st.sum_p2.detach())
+        return lp.view(labels.shape), None if sp2 is None else sp2.view(labels.shape)
+
+    def _rows(self, hidden, labels):
+        if not self._compacts(hidden):
+            return None
+        return (labels.reshape(-1) != self.ignore_index).nonzero().squeeze(1)
 
     def _check(self, name, hidden, labels, weight):
         _validate.floating(name, hidden, min_dim=2)
@@ -500,7 +532,8 @@ class LinearPreferenceLoss(nn.Module):
             if ref_hidden is not None:
                 self._check("ref_hidden", ref_hidden, labels, ref_weight)
                 _validate.shape("ref_hidden", ref_hidden, hidden.shape, "like hidden")
-            lp, sp2 = self._token_logps(hidden, weight, labels, bias, want_p2)
+            rows = self._rows(hidden, labels)
+            lp, sp2 = self._token_logps(hidden, weight, labels, bias, want_p2, rows)
             tw = token_weights
             seq = sequence_logprobs(lp, labels=labels, cu_seqlens=cu_seqlens, token_weights=tw, sum_p2=sp2, **seq_kw)
             B = seq.sum.shape[0] // 2
@@ -512,7 +545,7 @@ class LinearPreferenceLoss(nn.Module):
                 chosen_nll = -plain.sum[:B].sum() / plain.count[:B].sum().clamp(min=1.0)
             if ref_hidden is not None:
                 with torch.no_grad():
-                    rlp, _ = self._token_logps(ref_hidden, ref_weight, labels, ref_bias, False)
+                    rlp, _ = self._token_logps(ref_hidden, ref_weight, labels, ref_bias, False, rows)
                     ref = sequence_logprobs(rlp, labels=labels, cu_seqlens=cu_seqlens, token_weights=tw, **seq_kw)
                 ref_chosen_logps, ref_rejected_logps = ref.sum[:B], ref.sum[B:]
         else:
@@ -528,8 +561,9 @@ class LinearPreferenceLoss(nn.Module):
             if self.ld_alpha is not None:
                 ld_len = torch.minimum((yc != self.ignore_index).sum(-1), (yr != self.ignore_index).sum(-1))
             seq_kw["ld_lengths"] = ld_len
-            lpc, spc = self._token_logps(hc, weight, yc, bias, want_p2)
-            lpr, spr = self._token_logps(hr, weight, yr, bias, want_p2)
+            rows_c, rows_r = self._rows(hc, yc), self._rows(hr, yr)
+            lpc, spc = self._token_logps(hc, weight, yc, bias, want_p2, rows_c)
+            lpr, spr = self._token_logps(hr, weight, yr, bias, want_p2, rows_r)
             sc = sequence_logprobs(lpc, labels=yc, token_weights=tw[0], sum_p2=spc, **seq_kw)
             sr = sequence_logprobs(lpr, labels=yr, token_weights=tw[1], sum_p2=spr, **seq_kw)
             lc, lr, nc, nr = sc.sum, sr.sum, sc.count, sr.count
@@ -541,8 +575,8 @@ class LinearPreferenceLoss(nn.Module):
             if ref_hidden is not None:
                 rhc, rhr = _pair("ref_hidden", ref_hidden)
                 with torch.no_grad():
-                    rc, _ = self._token_logps(rhc, ref_weight, yc, ref_bias, False)
-                    rr, _ = self._token_logps(rhr, ref_weight, yr, ref_bias, False)
+                    rc, _ = self._token_logps(rhc, ref_weight, yc, ref_bias, False, rows_c)
+                    rr, _ = self._token_logps(rhr, ref_weight, yr, ref_bias, False, rows_r)
                     ref_chosen_logps = sequence_logprobs(rc, labels=yc, token_weights=tw[0], **seq_kw).sum
                     ref_rejected_logps = sequence_logprobs(rr, labels=yr, token_weights=tw[1], **seq_kw).sum
         weights = wpo_weights(*wpo) if wpo is not None else None

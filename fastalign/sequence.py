@@ -133,7 +133,10 @@ def sequence_logprobs(
             if num_sequences is None:
                 raise ValueError("num_sequences is required with position_ids (the count of sequences is a shape)")
             S = int(num_sequences)
-        seg = _segments(n, lp.device, cu_seqlens, position_ids).clamp_(0, S - 1)
+        seg = _segments(n, lp.device, cu_seqlens, position_ids)
+        # tokens outside every sequence (trailing padding of the packed buffer) count nowhere
+        m = torch.where((seg >= 0) & (seg < S), m, torch.zeros_like(m))
+        seg = seg.clamp(0, S - 1)
 
         def reduce(x: Tensor) -> Tensor:
             return torch.zeros(S, dtype=x.dtype, device=x.device).index_add_(0, seg, x)

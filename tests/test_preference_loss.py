@@ -256,6 +256,16 @@ def test_sequence_logprobs_packed_matches_padded():
             assert_close(getattr(got2, k), getattr(want, k), atol=1e-12, what=f"position_ids {k} {list(kw)}")
 
 
+def test_sequence_logprobs_packed_tail_outside_sequences_is_dropped():
+    x = torch.arange(1.0, 11.0, dtype=D)
+    got = fa.sequence_logprobs(x, cu_seqlens=torch.tensor([0, 3, 7]))  # tokens 7..9 are padding
+    assert_close(got.sum, torch.tensor([6.0, 22.0], dtype=D), atol=0, what="sum")
+    assert_close(got.count, torch.tensor([3.0, 4.0], dtype=D), atol=0, what="count")
+    pos = torch.tensor([5, 6, 0, 1, 2, 0, 1, 0, 1, 2])  # a cut-off sequence before the first start
+    got = fa.sequence_logprobs(x, position_ids=pos, num_sequences=2)
+    assert_close(got.sum, torch.tensor([12.0, 13.0], dtype=D), atol=0, what="position_ids sum")
+
+
 def test_sequence_logprobs_wpo_field():
     lp, mask = _padded(seed=3)
     sp2 = torch.rand(lp.shape, dtype=D) * 0.5 + 0.1

@@ -5,7 +5,9 @@ rejected rows second in a ``[2B, T, H]`` batch; ragged responses after a prompt.
 
 Implementations:
 
-* ``fastalign`` — :class:`fastalign.LinearPreferenceLoss` (never builds ``[N, V]``);
+* ``fastalign`` — :class:`fastalign.LinearPreferenceLoss` (never builds ``[N, V]``; on the
+  CPU only the labelled positions go through the vocabulary);
+* ``fastalign-whole`` — the same with ``compact=False``: every position, as a GPU batch runs;
 * ``eager``     — what trainers write: ``logits = h @ W.T``, ``log_softmax``, ``gather``;
 * ``logits``    — builds the fp32 logits, then the fused :func:`fastalign.token_logprobs`
   row kernel (backward in place into the logits): the leanest path that builds logits;
@@ -72,9 +74,13 @@ def make_build(B, T, H, V, dtype=torch.float32):
         hidden, ref_hidden, weight, labels = make_inputs(B, T, H, V, device, dtype)
         backward = mode == "fwd+bwd"
         module = fastalign.LinearPreferenceLoss(loss_type="sigmoid", beta=BETA)
+        whole = fastalign.LinearPreferenceLoss(loss_type="sigmoid", beta=BETA, compact=False)
 
         def fused(h, w, y, rh):
             return module(h, w, y, ref_hidden=rh)[0]
+
+        def fused_whole(h, w, y, rh):
+            return whole(h, w, y, ref_hidden=rh)[0]
 
         def wrap(fn):
             if fn is None:
@@ -94,6 +100,7 @@ def make_build(B, T, H, V, dtype=torch.float32):
         eager_ok = device.type != "cpu" or 4 * 4 * 2 * B * T * V * 1.2 < _cpu_available_bytes()
         return {
             "fastalign": wrap(fused),
+            "fastalign-whole": wrap(fused_whole),
             "eager": wrap(_eager_path) if eager_ok else None,
             "logits": wrap(_logits_path),
             "torch.compile": wrap(compiled(_eager_path)) if eager_ok else None,
