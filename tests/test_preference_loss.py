@@ -1,4 +1,6 @@
 """preference_loss / sequence_logprobs / PreferenceLoss / LinearPreferenceLoss vs the SPEC §6 reference."""
+import importlib.util
+
 import pytest
 import torch
 from helpers import assert_close
@@ -330,6 +332,21 @@ def test_linear_matches_logits_path(loss_type):
     assert_close(gw, gwr, atol=2e-5, rtol=1e-3, what="d weight")
 
 
+def test_linear_backends(cpu_backend):
+    if cpu_backend == "triton" and importlib.util.find_spec("fastalign.kernels.linear_stats") is None:
+        pytest.skip("the Triton linear_logprobs kernels are not in this build yet")
+    h, w, b, labels, rh = _hidden_batch(seed=6)
+    mod = fa.LinearPreferenceLoss(loss_type="sigmoid", beta=0.2, backend=cpu_backend)
+    hx = h.clone().requires_grad_(True)
+    loss, _ = mod(hx, w, labels, bias=b, ref_hidden=rh)
+    hr = h.double().requires_grad_(True)
+    loss_r, _ = R.linear_preference_loss(hr, w.double(), labels, bias=b.double(), ref_hidden=rh.double(), beta=0.2,
+                                         dtype=D)
+    assert_close(loss, loss_r, atol=2e-5, rtol=1e-4, what=f"{cpu_backend} loss")
+    assert_close(torch.autograd.grad(loss, hx)[0], torch.autograd.grad(loss_r, hr)[0], atol=2e-5, rtol=1e-3,
+                 what=f"{cpu_backend} d hidden")
+
+
 def test_linear_reference_as_hidden_or_as_logps_and_separate_layout():
     h, w, b, labels, rh = _hidden_batch(seed=1)
     B = h.shape[0] // 2
@@ -388,6 +405,26 @@ def test_linear_wpo_token_weights_ld_against_logits_path():
     (g,) = torch.autograd.grad(loss, hx)
     (gy,) = torch.autograd.grad(want, hy)
     assert_close(g, gy, atol=1e-6, rtol=1e-4, what="d hidden")
+
+
+def test_linear_compact_rows_equal_whole_batch():
+    h, w, b, labels, rh = _hidden_batch(seed=5)
+    B = h.shape[0] // 2
+    for layout in ("concatenated", "separate"):
+        outs = []
+        for compact in (True, False):
+            mod = fa.LinearPreferenceLoss(loss_type=["sigmoid", "sft"], ld_alpha=0.5, use_weighting=True,
+                                          compact=compact)
+            hx, wx = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            if layout == "concatenated":
+                loss, m = mod(hx, wx, labels, bias=b, ref_hidden=rh)
+            else:
+                loss, m = mod((hx[:B], hx[B:]), wx, (labels[:B], labels[B:]), bias=b, ref_hidden=(rh[:B], rh[B:]))
+            outs.append((loss, m["nll"], *torch.autograd.grad(loss, (hx, wx))))
+        for x, y, what in zip(outs[0], outs[1], ("loss", "nll", "d hidden", "d weight")):
+            assert_close(x, y, atol=1e-6, rtol=1e-5, what=f"{layout} {what}")
+    with pytest.raises(ValueError, match="compact"):
+        fa.LinearPreferenceLoss(compact="yes")
 
 
 def test_linear_bad_inputs():
