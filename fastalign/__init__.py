@@ -6,6 +6,8 @@ Public API (see SPEC.md for every formula):
 * :func:`linear_logprobs` — the same statistics from hidden states and the lm_head weight.
 * :func:`policy_loss`, :class:`PolicyLoss` — PPO/GRPO-family losses, fused.
 * :func:`kl_penalty`, :func:`aggregate_loss` — KL estimators and loss aggregation.
+* :func:`preference_loss`, :class:`PreferenceLoss`, :class:`LinearPreferenceLoss` — the DPO
+  family (SPEC §6); :func:`sequence_logprobs` for padded and packed batches.
 * :func:`group_advantages`, :func:`token_advantages` — GRPO-family advantages (SPEC §5);
   token-level :func:`reinforce_pp_advantages`, :func:`remax_advantages`,
   :func:`gae_advantages`, :func:`implicit_process_advantages`.
@@ -19,11 +21,15 @@ from fastalign.kl import kl_penalty
 from fastalign.linear import linear_logprobs
 from fastalign.logprobs import TokenStats, token_logprobs
 from fastalign.policy import PolicyLoss, policy_loss
+from fastalign.preference import LOSS_TYPES, LinearPreferenceLoss, PreferenceLoss, preference_loss, wpo_weights
+from fastalign.sequence import SequenceLogprobs, sequence_logprobs
 
 __all__ = [
     "TokenStats", "linear_logprobs", "token_logprobs", "use_backend",
     "gae_advantages", "group_advantages", "implicit_process_advantages", "masked_whiten",
     "reinforce_pp_advantages", "remax_advantages", "token_advantages",
     "PolicyLoss", "aggregate_loss", "kl_penalty", "policy_loss",
+    "LOSS_TYPES", "LinearPreferenceLoss", "PreferenceLoss", "SequenceLogprobs", "preference_loss",
+    "sequence_logprobs", "wpo_weights",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,584 @@
+"""Preference losses (SPEC §6): the DPO family from sequence log-probs or from hidden states.
+
+Every loss type is one row of ``LOSSES``: a small function of the prepared sequence
+quantities (:class:`PairQuantities`) returning a per-pair loss ``[B]``. The math on
+``[B]`` values is a few fused torch ops (nothing to gain from a kernel); the
+``[2B, T, V]`` part — log-probs from hidden states — runs in
+:func:`fastalign.linear_logprobs`, which never builds the ``[N, V]`` logits.
+Nothing here reads a value back to the host.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastalign import _validate
+from fastalign.sequence import _floating, sequence_logprobs
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+@dataclass
+class PairQuantities:
+    """What a loss row sees. ``[B]`` tensors in fp32 (fp64 stays fp64).
+
+    ``lc, lr`` policy log-probs (summed), ``lc0, lr0`` reference ones (0 without a
+    reference), ``dc, dr`` the log-ratios after the f-divergence score,
+    ``d = dc - dr``, ``dc_bar, dr_bar`` the length-averaged scores
+    (``f((lc - lc0)/|yc|)``), ``lc_bar, lr_bar`` length-averaged policy log-probs,
+    ``nll`` the chosen NLL (0-dim), ``beta``, ``eps`` label smoothing, ``opt`` the options.
+    """
+
+    lc: Tensor
+    lr: Tensor
+    lc0: Tensor
+    lr0: Tensor
+    dc: Tensor
+    dr: Tensor
+    d: Tensor
+    dc_bar: Optional[Tensor]
+    dr_bar: Optional[Tensor]
+    lc_bar: Optional[Tensor]
+    lr_bar: Optional[Tensor]
+    nll: Optional[Tensor]
+    beta: float
+    eps: float
+    opt: dict
+
+
+def _smoothed(x: Tensor, eps: float) -> Tensor:
+    """``-(1-eps) log sigma(x) - eps log sigma(-x)`` (label-smoothed logistic loss)."""
+    out = -F.logsigmoid(x)
+    if eps:
+        out = (1.0 - eps) * out - eps * F.logsigmoid(-x)
+    return out
+
+
+def _capped_exp(x: Tensor) -> Tensor:
+    """exp with the exponent capped where the dtype would overflow."""
+    return torch.exp(x.clamp(max=math.log(torch.finfo(x.dtype).max) - 1.0))
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, stable on both sides of ``-log 2``."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _alphapo_reward(lbar: Tensor, alpha: float) -> Tensor:
+    """``(1 - p^(-alpha)) / alpha`` with ``p = exp(lbar)``; ``alpha = 0`` is its limit ``lbar``."""
+    if alpha == 0.0:
+        return lbar
+    return (1.0 - _capped_exp(-alpha * lbar)) / alpha
+
+
+def _broadcast(x: Tensor, like: Tensor) -> Tensor:
+    return x.expand(like.shape)
+
+
+def _aot(q: PairQuantities) -> Tensor:
+    # sort the policy and reference log-ratio distributions across the batch, compare quantiles
+    pol, _ = torch.sort(q.lc - q.lr, dim=0)
+    ref, _ = torch.sort(q.lc0 - q.lr0, dim=0)
+    return _smoothed(q.beta * (pol - ref), q.eps)
+
+
+def _aot_unpaired(q: PairQuantities) -> Tensor:
+    c, _ = torch.sort(q.lc - q.lc0, dim=0)
+    r, _ = torch.sort(q.lr - q.lr0, dim=0)
+    return _smoothed(q.beta * (c - r), q.eps)
+
+
+def _exo(q: PairQuantities) -> Tensor:
+    e = q.eps if q.eps > 0 else 1e-3
+    x = q.beta * q.d
+    return (torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-e))
+            + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(e)))
+
+
+def _discopop(q: PairQuantities) -> Tensor:
+    x = q.beta * q.d
+    w = torch.sigmoid(x / q.opt["discopop_tau"])
+    return (1.0 - w) * (-F.logsigmoid(x)) + w * _capped_exp(-x)
+
+
+def _simpo_like(q: PairQuantities, c: Tensor, r: Tensor) -> Tensor:
+    return _smoothed(q.beta * (c - r) - q.opt["simpo_gamma"], q.eps)
+
+
+def _kto(q: PairQuantities) -> Tensor:
+    kl = q.opt["kto_kl"]
+    if kl is None:
+        kl = torch.cat([q.dc, q.dr]).mean()
+    else:
+        kl = kl.to(q.dc.dtype).mean()
+    z0 = kl.clamp(min=0.0).detach()
+    good = 1.0 - torch.sigmoid(q.beta * (q.dc - z0))
+    bad = 1.0 - torch.sigmoid(q.beta * (z0 - q.dr))
+    # mean over the 2B responses = mean over pairs of the average of the two halves
+    return 0.5 * (q.opt["desirable_weight"] * good + q.opt["undesirable_weight"] * bad)
+
+
+def _orpo(q: PairQuantities) -> Tensor:
+    log_odds = (q.lc_bar - q.lr_bar) - (_log1mexp(q.lc_bar) - _log1mexp(q.lr_bar))
+    return _broadcast(q.nll, q.lc) - q.beta * F.logsigmoid(log_odds)
+
+
+LossRow = Callable[[PairQuantities], Tensor]
+
+# name -> (row, needs lengths, needs the chosen NLL, uses the reference)
+LOSSES: Dict[str, Tuple[LossRow, bool, bool, bool]] = {
+    "sigmoid": (lambda q: _smoothed(q.beta * q.d, q.eps), False, False, True),
+    "robust": (lambda q: (-(1.0 - q.eps) * F.logsigmoid(q.beta * q.d) + q.eps * F.logsigmoid(-q.beta * q.d))
+               / (1.0 - 2.0 * q.eps), False, False, True),
+    "hinge": (lambda q: torch.relu(1.0 - q.beta * q.d), False, False, True),
+    "ipo": (lambda q: (q.dc_bar - q.dr_bar - 1.0 / (2.0 * q.beta)) ** 2, True, False, True),
+    "exo_pair": (_exo, False, False, True),
+    "nca_pair": (lambda q: -F.logsigmoid(q.beta * q.dc) - 0.5 * F.logsigmoid(-q.beta * q.dc)
+                 - 0.5 * F.logsigmoid(-q.beta * q.dr), False, False, True),
+    "bco_pair": (lambda q: -F.logsigmoid(q.beta * q.dc - q.opt["bco_delta"])
+                 - F.logsigmoid(-(q.beta * q.dr - q.opt["bco_delta"])), False, False, True),
+    "sppo_hard": (lambda q: (q.dc - 0.5 / q.beta) ** 2 + (q.dr + 0.5 / q.beta) ** 2, False, False, True),
+    "aot": (_aot, False, False, True),
+    "aot_unpaired": (_aot_unpaired, False, False, True),
+    "apo_zero": (lambda q: 1.0 - torch.sigmoid(q.beta * q.dc) + torch.sigmoid(q.beta * q.dr), False, False, True),
+    "apo_down": (lambda q: torch.sigmoid(q.beta * q.dc) + 1.0 - torch.sigmoid(q.beta * q.d), False, False, True),
+    "discopop": (_discopop, False, False, True),
+    "sigmoid_norm": (lambda q: _smoothed(q.beta * (q.dc_bar - q.dr_bar), q.eps), True, False, True),
+    "sft": (lambda q: _broadcast(q.nll, q.lc), False, True, False),
+    "simpo": (lambda q: _simpo_like(q, q.lc_bar, q.lr_bar), True, False, False),
+    "cpo": (lambda q: _smoothed(q.beta * (q.lc - q.lr), q.eps) + q.opt["cpo_alpha"] * _broadcast(q.nll, q.lc),
+            False, True, False),
+    "orpo": (_orpo, True, True, False),
+    "alphapo": (lambda q: _simpo_like(q, _alphapo_reward(q.lc_bar, q.opt["alphapo_alpha"]),
+                                      _alphapo_reward(q.lr_bar, q.opt["alphapo_alpha"])), True, False, False),
+    "kto": (_kto, False, False, True),
+}
+
+LOSS_TYPES = tuple(LOSSES)
+
+
+def _f_score(x: Tensor, kind: str, alpha: float) -> Tensor:
+    """f-divergence score of a log-ratio ``x`` (reverse KL is the identity)."""
+    if kind == "reverse_kl":
+        return x
+    if kind == "forward_kl":
+        return -_capped_exp(-x)
+    if kind == "js_divergence":
+        return F.logsigmoid(x)
+    # alpha divergence: (1 - u^(-alpha)) / alpha, u = exp(x)
+    return (1.0 - _capped_exp(-alpha * x)) / alpha
+
+
+def wpo_weights(chosen_wpo: Tensor, rejected_wpo: Tensor) -> Tensor:
+    """WPO pair weights ``min(exp(w_c + w_r), 1)`` (detached) from the per-sequence
+    log-weights ``w = mean_t(lp_t - log sum_p2_t)`` (:attr:`SequenceLogprobs.wpo`)."""
+    return torch.exp(chosen_wpo.detach() + rejected_wpo.detach()).clamp(max=1.0)
+
+
+def _loss_list(loss_type, loss_weights) -> Tuple[Tuple[str, ...], Tuple[float, ...]]:
+    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    if not types:
+        raise ValueError("loss_type must name at least one loss")
+    for t in types:
+        if t not in LOSSES:
+            raise ValueError(f"loss_type {t!r} is not one of {LOSS_TYPES}")
+    if loss_weights is None:
+        weights = (1.0,) * len(types)
+    else:
+        weights = tuple(float(w) for w in loss_weights)
+        if len(weights) != len(types):
+            raise ValueError(f"loss_weights has {len(weights)} entries but loss_type names {len(types)} losses")
+    return types, weights
+
+
+def preference_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Optional[Tensor] = None,
+    ref_rejected_logps: Optional[Tensor] = None,
+    *,
+    loss_type: Union[str, Sequence[str]] = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    loss_weights: Optional[Sequence[float]] = None,
+    chosen_lengths: Optional[Tensor] = None,
+    rejected_lengths: Optional[Tensor] = None,
+    chosen_nll: Optional[Tensor] = None,
+    rpo_alpha: Optional[float] = None,
+    cpo_alpha: float = 1.0,
+    simpo_gamma: float = 0.5,
+    alphapo_alpha: float = 0.25,
+    discopop_tau: float = 0.05,
+    bco_delta: Union[float, Tensor] = 0.0,
+    kto_kl: Optional[Tensor] = None,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 1.0,
+    weights: Optional[Tensor] = None,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    r"""Preference loss from per-sequence log-probs (SPEC §6) → ``(loss, metrics)``.
+
+    With ``lc, lr`` the summed chosen / rejected policy log-probs, ``lc0, lr0`` the
+    reference ones, ``dc = f(lc - lc0)``, ``dr = f(lr - lr0)`` (``f`` the f-divergence
+    score, identity for reverse KL), ``d = dc - dr`` and ``eps`` the label smoothing:
+
+    ============  ============================================================
+    sigmoid       ``-(1-eps) log σ(βd) - eps log σ(-βd)``  (DPO)
+    robust        ``[-(1-eps) log σ(βd) + eps log σ(-βd)] / (1-2eps)``
+    hinge         ``relu(1 - βd)``
+    ipo           ``(dc/|yc| - dr/|yr| - 1/(2β))²``
+    exo_pair      ``q(log q - log(1-eps)) + (1-q)(log(1-q) - log eps)``, ``q = σ(βd)``, eps 1e-3 when 0
+    nca_pair      ``-log σ(βdc) - ½ log σ(-βdc) - ½ log σ(-βdr)``
+    bco_pair      ``-log σ(βdc - δ) - log σ(-(βdr - δ))`` (δ = ``bco_delta``, 0 by default)
+    sppo_hard     ``(dc - 1/(2β))² + (dr + 1/(2β))²``
+    aot           smoothed sigmoid on ``sort(lc - lr) - sort(lc0 - lr0)`` (sorted across the batch)
+    aot_unpaired  smoothed sigmoid on ``sort(lc - lc0) - sort(lr - lr0)``
+    apo_zero      ``1 - σ(βdc) + σ(βdr)``
+    apo_down      ``σ(βdc) + 1 - σ(βd)``
+    discopop      ``(1-w)(-log σ(βd)) + w exp(-βd)``, ``w = σ(βd/τ)``
+    sigmoid_norm  smoothed sigmoid on ``β(dc/|yc| - dr/|yr|)``
+    sft           chosen NLL
+    simpo         smoothed sigmoid on ``β(l̄c - l̄r) - γ`` (no reference)
+    cpo           smoothed sigmoid on ``β(lc - lr)`` + ``cpo_alpha``·NLL (no reference)
+    orpo          ``NLL - β log σ((l̄c - l̄r) - (log(1-e^{l̄c}) - log(1-e^{l̄r})))``
+    alphapo       simpo with ``l̄ → (1 - e^{-α l̄})/α``
+    kto           ``½[w_d (1 - σ(β(dc - z0))) + w_u (1 - σ(β(z0 - dr)))]``,
+                  ``z0 = sg(max(mean KL, 0))``, KL from ``kto_kl`` or the batch's log-ratios
+    ============  ============================================================
+
+    ``loss = Σ_k w_k mean_i[ω_i L_k,i] + rpo_alpha · NLL`` with ``loss_weights`` ``w_k`` and
+    per-pair ``weights`` ``ω`` (e.g. :func:`wpo_weights`, detached).
+
+    Args:
+        chosen_logps, rejected_logps: ``[B]`` summed policy log-probs (differentiable).
+        ref_chosen_logps, ref_rejected_logps: ``[B]`` reference log-probs (both or neither;
+            without them the reference log-probs are 0 — reference-free).
+        loss_type: a name or a list of names (summed with ``loss_weights``).
+        chosen_lengths, rejected_lengths: ``[B]`` response lengths; needed by ipo,
+            sigmoid_norm, simpo, alphapo, orpo, and for the default NLL.
+        chosen_nll: 0-dim chosen NLL; default ``-Σ lc / Σ |yc|`` (token mean over the batch,
+            exact when ``lc`` carries no token weights).
+        f_divergence: ``reverse_kl`` | ``forward_kl`` (``-e^{-x}``) | ``js_divergence``
+            (``log σ(x)``) | ``alpha_divergence`` (``(1 - e^{-αx})/α``, α = ``f_alpha``).
+
+    Returns:
+        ``loss`` 0-dim and ``metrics``: rewards/chosen = mean β(lc - lc0), rewards/rejected,
+        rewards/accuracies, rewards/margins, logps/chosen, logps/rejected and nll
+        (when it is known), all detached 0-dim tensors.
+    """
+    types, loss_w = _loss_list(loss_type, loss_weights)
+    _floating("chosen_logps", chosen_logps, dim=1)
+    B = chosen_logps.shape[0]
+    _floating("rejected_logps", rejected_logps)
+    _validate.shape("rejected_logps", rejected_logps, (B,), "like chosen_logps")
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)")
+    named = dict(chosen_logps=chosen_logps, rejected_logps=rejected_logps)
+    for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps),
+                    ("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths),
+                    ("weights", weights)):
+        if t is not None:
+            _validate.tensor(name, t)
+            _validate.shape(name, t, (B,), "one value per pair")
+            named[name] = t
+    if chosen_nll is not None:
+        _validate.tensor("chosen_nll", chosen_nll, dim=0)
+        named["chosen_nll"] = chosen_nll
+    _validate.same_device(**named)
+    if (chosen_lengths is None) != (rejected_lengths is None):
+        raise ValueError("give both chosen_lengths and rejected_lengths, or neither")
+    beta = _validate.positive("beta", beta)
+    eps = float(label_smoothing)
+    if not 0.0 <= eps < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
+    if f_divergence not in F_DIVERGENCES:
+        raise ValueError(f"f_divergence must be one of {F_DIVERGENCES}, got {f_divergence!r}")
+    if f_divergence == "alpha_divergence":
+        _validate.positive("f_alpha", f_alpha)
+    _validate.positive("discopop_tau", discopop_tau)
+    has_len = chosen_lengths is not None
+    need_nll = any(LOSSES[t][2] for t in types) or rpo_alpha is not None
+    for t in types:
+        if LOSSES[t][1] and not has_len:
+            raise ValueError(f"loss_type {t!r} averages over the response: give chosen_lengths and rejected_lengths")
+    if need_nll and chosen_nll is None and not has_len:
+        raise ValueError("this loss needs the chosen NLL: give chosen_nll, or chosen_lengths and rejected_lengths")
+
+    acc = torch.promote_types(chosen_logps.dtype, torch.float32)
+    lc, lr = chosen_logps.to(acc), rejected_logps.to(acc)
+    if ref_chosen_logps is None:
+        lc0 = lr0 = torch.zeros_like(lc)
+    else:
+        lc0 = ref_chosen_logps.detach().to(acc)
+        lr0 = ref_rejected_logps.detach().to(acc)
+    dc_raw, dr_raw = lc - lc0, lr - lr0
+    dc, dr = _f_score(dc_raw, f_divergence, f_alpha), _f_score(dr_raw, f_divergence, f_alpha)
+    dc_bar = dr_bar = lc_bar = lr_bar = None
+    if has_len:
+        nc = chosen_lengths.to(acc).clamp(min=1.0)
+        nr = rejected_lengths.to(acc).clamp(min=1.0)
+        lc_bar, lr_bar = lc / nc, lr / nr
+        dc_bar = _f_score(dc_raw / nc, f_divergence, f_alpha)
+        dr_bar = _f_score(dr_raw / nr, f_divergence, f_alpha)
+    nll = None
+    if chosen_nll is not None:
+        nll = chosen_nll.to(acc)
+    elif has_len:
+        nll = -lc.sum() / chosen_lengths.to(acc).sum().clamp(min=1.0)
+    opt = dict(cpo_alpha=float(cpo_alpha), simpo_gamma=float(simpo_gamma), alphapo_alpha=float(alphapo_alpha),
+               discopop_tau=float(discopop_tau), bco_delta=bco_delta, kto_kl=kto_kl,
+               desirable_weight=float(desirable_weight), undesirable_weight=float(undesirable_weight))
+    q = PairQuantities(lc, lr, lc0, lr0, dc, dr, dc - dr, dc_bar, dr_bar, lc_bar, lr_bar, nll, beta, eps, opt)
+
+    per_pair = None
+    for t, w in zip(types, loss_w):
+        term = LOSSES[t][0](q)
+        term = term if w == 1.0 else w * term
+        per_pair = term if per_pair is None else per_pair + term
+    if weights is not None:
+        per_pair = per_pair * weights.detach().to(acc)
+    loss = per_pair.mean()
+    if rpo_alpha is not None:
+        loss = loss + float(rpo_alpha) * nll
+
+    with torch.no_grad():
+        rc, rr = beta * dc_raw.detach(), beta * dr_raw.detach()
+        metrics = {
+            "rewards/chosen": rc.mean(),
+            "rewards/rejected": rr.mean(),
+            "rewards/accuracies": (rc > rr).to(acc).mean(),
+            "rewards/margins": (rc - rr).mean(),
+            "logps/chosen": lc.detach().mean(),
+            "logps/rejected": lr.detach().mean(),
+        }
+        if nll is not None:
+            metrics["nll"] = nll.detach()
+    return loss, metrics
+
+
+_CONFIG_KEYS = ("loss_type", "beta", "label_smoothing", "loss_weights", "rpo_alpha", "cpo_alpha", "simpo_gamma",
+                "alphapo_alpha", "discopop_tau", "bco_delta", "desirable_weight", "undesirable_weight",
+                "f_divergence", "f_alpha")
+
+
+class PreferenceLoss(nn.Module):
+    """:func:`preference_loss` as a module: the options are fixed at construction,
+    ``forward(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, **per_batch)``
+    takes the tensors (lengths, chosen_nll, weights, kto_kl)."""
+
+    def __init__(self, loss_type="sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, **options):
+        super().__init__()
+        for k in options:
+            if k not in _CONFIG_KEYS:
+                raise TypeError(f"PreferenceLoss got an unknown option {k!r}; options are {_CONFIG_KEYS}")
+        self.config = dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, **options)
+        _loss_list(loss_type, options.get("loss_weights"))  # fail at construction on a bad name
+
+    def forward(self, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, **per_batch):
+        return preference_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                               **self.config, **per_batch)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+
+
+# --------------------------------------------------------------------------------------------
+# From hidden states: log-probs through fastalign.linear_logprobs, never the [N, V] logits.
+# --------------------------------------------------------------------------------------------
+
+def _linear_logprobs(hidden, weight, labels, **kw):
+    import fastalign
+
+    fn = getattr(fastalign, "linear_logprobs", None)
+    if fn is None:  # pragma: no cover - only on a build without the fused linear op
+        raise RuntimeError("LinearPreferenceLoss needs fastalign.linear_logprobs, which this build lacks")
+    return fn(hidden, weight, labels, **kw)
+
+
+def _pair(name: str, x):
+    """(chosen, rejected) from a tuple/list, or None for a single concatenated tensor."""
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"{name} given separately must be a (chosen, rejected) pair, got {len(x)} items")
+        return tuple(x)
+    return None
+
+
+class LinearPreferenceLoss(nn.Module):
+    r"""Preference loss straight from the last hidden states and the LM-head weight.
+
+    ``forward(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=None,
+    ref_bias=None, ref_chosen_logps=None, ref_rejected_logps=None, token_weights=None,
+    cu_seqlens=None, kto_kl=None) -> (loss, metrics)``.
+
+    Batch layouts:
+
+    * concatenated — ``hidden`` ``[2B, T, H]``, ``labels`` ``[2B, T]``: rows ``0..B-1`` chosen,
+      ``B..2B-1`` rejected;
+    * separate — ``hidden=(chosen [B, Tc, H], rejected [B, Tr, H])``, ``labels`` likewise;
+    * packed — ``hidden`` ``[N, H]``, ``labels`` ``[N]``, ``cu_seqlens`` ``[2B+1]``: the first
+      B sequences chosen.
+
+    ``labels`` are aligned with the hidden positions (no shift inside): the label at
+    position ``t`` is the token whose log-prob ``hidden[t]`` predicts; ``ignore_index``
+    marks the prompt and the padding. Token log-probs come from
+    :func:`fastalign.linear_logprobs` (logit pipeline ``logit_scale``, ``softcap``,
+    ``temperature`` of SPEC §1), summed per sequence by :func:`sequence_logprobs` (with
+    ``token_weights`` and LD-DPO ``ld_alpha``), then :func:`preference_loss`.
+
+    The reference is either hidden states (``ref_hidden`` with ``ref_weight``/``ref_bias``,
+    defaulting to the policy head) evaluated under ``torch.no_grad`` — never
+    differentiated — or precomputed ``ref_chosen_logps``/``ref_rejected_logps``; without
+    either the loss is reference-free. ``use_weighting=True`` asks the kernel for
+    :math:`\sum_j p_j^2` and applies WPO pair weights. The chosen NLL (sft, cpo, orpo,
+    ``rpo_alpha``) is the token mean over the chosen responses.
+
+    ``compact``: run only the labelled positions (not the prompt, not the padding) through
+    the vocabulary. Finding them reads their count back to the host, which is free for CPU
+    tensors and a device sync on a GPU, so ``"auto"`` (default) compacts CPU tensors outside
+    ``torch.compile`` and leaves GPU batches whole; ``True`` / ``False`` force it.
+    """
+
+    def __init__(self, loss_type="sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, *,
+                 ignore_index: int = -100, temperature: float = 1.0, softcap: Optional[float] = None,
+                 logit_scale: float = 1.0, ld_alpha: Optional[float] = None, use_weighting: bool = False,
+                 vocab_group=None, backend: Optional[str] = None, compact="auto", **options):
+        super().__init__()
+        for k in options:
+            if k not in _CONFIG_KEYS:
+                raise TypeError(f"LinearPreferenceLoss got an unknown option {k!r}; options are {_CONFIG_KEYS}")
+        _loss_list(loss_type, options.get("loss_weights"))
+        self.config = dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, **options)
+        self.ignore_index = int(ignore_index)
+        self.ld_alpha = ld_alpha
+        self.use_weighting = bool(use_weighting)
+        if compact not in ("auto", True, False):
+            raise ValueError(f"compact must be 'auto', True or False, got {compact!r}")
+        self.compact = compact
+        self.kernel_options = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                                   ignore_index=self.ignore_index, vocab_group=vocab_group, backend=backend)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+
+    def _compacts(self, hidden: Tensor) -> bool:
+        if self.compact == "auto":
+            # picking the labelled rows reads their count back: free on the CPU, a sync on a GPU
+            return hidden.device.type == "cpu" and not torch.compiler.is_compiling()
+        return bool(self.compact)
+
+    def _token_logps(self, hidden, weight, labels, bias, sum_p2: bool, rows: Optional[Tensor] = None):
+        """Token log-probs (and sum p^2) shaped like ``labels``. With ``rows`` (flat indices of the
+        labelled positions) only those rows go through the vocabulary; the rest are 0."""
+        if rows is None:
+            st = _linear_logprobs(hidden, weight, labels, bias=bias, sum_p2=sum_p2, **self.kernel_options)
+            return st.logprobs, st.sum_p2
+        H = hidden.shape[-1]
+        h = hidden.reshape(-1, H).index_select(0, rows)
+        st = _linear_logprobs(h, weight, labels.reshape(-1).index_select(0, rows), bias=bias, sum_p2=sum_p2,
+                              **self.kernel_options)
+        n = labels.numel()
+        lp = torch.zeros(n, dtype=st.logprobs.dtype, device=h.device).index_put((rows,), st.logprobs)
+        sp2 = None
+        if sum_p2:
+            sp2 = torch.ones(n, dtype=st.sum_p2.dtype, device=h.device).index_put((rows,), st.sum_p2.detach())
+        return lp.view(labels.shape), None if sp2 is None else sp2.view(labels.shape)
+
+    def _rows(self, hidden, labels):
+        if not self._compacts(hidden):
+            return None
+        return (labels.reshape(-1) != self.ignore_index).nonzero().squeeze(1)
+
+    def _check(self, name, hidden, labels, weight):
+        _validate.floating(name, hidden, min_dim=2)
+        _validate.integer(f"{name} labels", labels)
+        _validate.shape(f"{name} labels", labels, hidden.shape[:-1], f"{name}.shape[:-1]")
+        if hidden.shape[-1] != weight.shape[-1]:
+            raise ValueError(f"{name} has hidden size {hidden.shape[-1]} but weight is {tuple(weight.shape)} "
+                             "([V, H])")
+
+    def forward(self, hidden, weight: Tensor, labels, *, bias: Optional[Tensor] = None, ref_hidden=None,
+                ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
+                ref_chosen_logps: Optional[Tensor] = None, ref_rejected_logps: Optional[Tensor] = None,
+                token_weights=None, cu_seqlens: Optional[Tensor] = None, kto_kl: Optional[Tensor] = None):
+        _validate.floating("weight", weight, dim=2)
+        if ref_hidden is not None and (ref_chosen_logps is not None or ref_rejected_logps is not None):
+            raise ValueError("give the reference as ref_hidden or as ref_chosen_logps/ref_rejected_logps, not both")
+        if ref_weight is None:
+            ref_weight = weight
+            ref_bias = bias if ref_bias is None else ref_bias
+        split = _pair("hidden", hidden)
+        label_pair = _pair("labels", labels)
+        if (split is None) != (label_pair is None):
+            raise ValueError("hidden and labels must both be (chosen, rejected) pairs or both single tensors")
+        if ref_hidden is not None and (_pair("ref_hidden", ref_hidden) is None) != (split is None):
+            raise ValueError("ref_hidden must use the same layout as hidden")
+        want_p2 = self.use_weighting
+        seq_kw = dict(ignore_index=self.ignore_index, ld_alpha=self.ld_alpha)
+        if split is None:
+            self._check("hidden", hidden, labels, weight)
+            if cu_seqlens is None:
+                if hidden.dim() != 3 or hidden.shape[0] % 2:
+                    raise ValueError("hidden must be [2B, T, H] (chosen rows first, rejected second), "
+                                     f"got shape {tuple(hidden.shape)}")
+            elif hidden.dim() != 2 or (cu_seqlens.shape[0] - 1) % 2:
+                raise ValueError("packed hidden must be [N, H] with cu_seqlens [2B+1] (an even number of sequences)")
+            if ref_hidden is not None:
+                self._check("ref_hidden", ref_hidden, labels, ref_weight)
+                _validate.shape("ref_hidden", ref_hidden, hidden.shape, "like hidden")
+            rows = self._rows(hidden, labels)
+            lp, sp2 = self._token_logps(hidden, weight, labels, bias, want_p2, rows)
+            tw = token_weights
+            seq = sequence_logprobs(lp, labels=labels, cu_seqlens=cu_seqlens, token_weights=tw, sum_p2=sp2, **seq_kw)
+            B = seq.sum.shape[0] // 2
+            lc, lr, nc, nr = seq.sum[:B], seq.sum[B:], seq.count[:B], seq.count[B:]
+            wpo = (seq.wpo[:B], seq.wpo[B:]) if want_p2 else None
+            chosen_nll = None
+            if tw is not None or self.ld_alpha is not None:
+                plain = sequence_logprobs(lp, labels=labels, cu_seqlens=cu_seqlens, ignore_index=self.ignore_index)
+                chosen_nll = -plain.sum[:B].sum() / plain.count[:B].sum().clamp(min=1.0)
+            if ref_hidden is not None:
+                with torch.no_grad():
+                    rlp, _ = self._token_logps(ref_hidden, ref_weight, labels, ref_bias, False, rows)
+                    ref = sequence_logprobs(rlp, labels=labels, cu_seqlens=cu_seqlens, token_weights=tw, **seq_kw)
+                ref_chosen_logps, ref_rejected_logps = ref.sum[:B], ref.sum[B:]
+        else:
+            (hc, hr), (yc, yr) = split, label_pair
+            self._check("chosen hidden", hc, yc, weight)
+            self._check("rejected hidden", hr, yr, weight)
+            if hc.dim() != 3 or hr.dim() != 3 or hc.shape[0] != hr.shape[0]:
+                raise ValueError("separate hidden must be ([B, Tc, H], [B, Tr, H]) with the same B")
+            tw = _pair("token_weights", token_weights) if token_weights is not None else (None, None)
+            if token_weights is not None and tw is None:
+                raise ValueError("with separate hidden, token_weights must be a (chosen, rejected) pair")
+            ld_len = None
+            if self.ld_alpha is not None:
+                ld_len = torch.minimum((yc != self.ignore_index).sum(-1), (yr != self.ignore_index).sum(-1))
+            seq_kw["ld_lengths"] = ld_len
+            rows_c, rows_r = self._rows(hc, yc), self._rows(hr, yr)
+            lpc, spc = self._token_logps(hc, weight, yc, bias, want_p2, rows_c)
+            lpr, spr = self._token_logps(hr, weight, yr, bias, want_p2, rows_r)
+            sc = sequence_logprobs(lpc, labels=yc, token_weights=tw[0], sum_p2=spc, **seq_kw)
+            sr = sequence_logprobs(lpr, labels=yr, token_weights=tw[1], sum_p2=spr, **seq_kw)
+            lc, lr, nc, nr = sc.sum, sr.sum, sc.count, sr.count
+            wpo = (sc.wpo, sr.wpo) if want_p2 else None
+            chosen_nll = None
+            if token_weights is not None or self.ld_alpha is not None:
+                plain = sequence_logprobs(lpc, labels=yc, ignore_index=self.ignore_index)
+                chosen_nll = -plain.sum.sum() / plain.count.sum().clamp(min=1.0)
+            if ref_hidden is not None:
+                rhc, rhr = _pair("ref_hidden", ref_hidden)
+                with torch.no_grad():
+                    rc, _ = self._token_logps(rhc, ref_weight, yc, ref_bias, False, rows_c)
+                    rr, _ = self._token_logps(rhr, ref_weight, yr, ref_bias, False, rows_r)
+                    ref_chosen_logps = sequence_logprobs(rc, labels=yc, token_weights=tw[0], **seq_kw).sum
+                    ref_rejected_logps = sequence_logprobs(rr, labels=yr, token_weights=tw[1], **seq_kw).sum
+        weights = wpo_weights(*wpo) if wpo is not None else None
+        return preference_loss(lc, lr, ref_chosen_logps, ref_rejected_logps, chosen_lengths=nc, rejected_lengths=nr,
+                               chosen_nll=chosen_nll, weights=weights, kto_kl=kto_kl, **self.config)

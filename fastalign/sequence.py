@@ -1,0 +1,182 @@
+"""Per-sequence sums and means of token log-probs (padded ``[B, T]`` or packed batches).
+
+Everything here is a handful of fused elementwise/reduction ops over ``[B, T]``
+(or ``[N]`` packed) values: one pass, no Python loop over sequences and no
+host synchronisation, so it is safe inside ``torch.compile(fullgraph=True)``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from fastalign import _validate
+
+
+def _floating(name: str, x, **kw):
+    """A floating tensor; float64 is accepted too (sequence-level math, fp64 oracles)."""
+    x = _validate.tensor(name, x, **kw)
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor (float32, bfloat16, float16 or float64), got {x.dtype}")
+    return x
+
+
+class SequenceLogprobs(NamedTuple):
+    """Per-sequence statistics, each ``[S]`` (S sequences).
+
+    * ``sum``   — ``sum_t w_t m_t lp_t`` (``w`` token weights and LD-DPO weights, 1 when absent)
+    * ``mean``  — ``sum / max(count, 1)`` (length-averaged log-prob)
+    * ``count`` — ``sum_t m_t`` (response length ``|y|``, float)
+    * ``wpo``   — ``mean_t m_t (lp_t - log sum_p2_t)`` when ``sum_p2`` was given (detached), else None
+    """
+
+    sum: Tensor
+    mean: Tensor
+    count: Tensor
+    wpo: Optional[Tensor] = None
+
+
+def _segments(n: int, device, cu_seqlens: Optional[Tensor], position_ids: Optional[Tensor]) -> Tensor:
+    """Segment id of every packed token, computed on the device."""
+    if cu_seqlens is not None:
+        pos = torch.arange(n, device=device, dtype=cu_seqlens.dtype)
+        # token j belongs to segment s with cu[s] <= j < cu[s+1]
+        return torch.searchsorted(cu_seqlens[1:].contiguous(), pos, right=True)
+    starts = (position_ids.reshape(-1) == 0).to(torch.int64)
+    return torch.cumsum(starts, 0) - 1
+
+
+def sequence_logprobs(
+    token_logps: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    cu_seqlens: Optional[Tensor] = None,
+    position_ids: Optional[Tensor] = None,
+    num_sequences: Optional[int] = None,
+    token_weights: Optional[Tensor] = None,
+    ld_alpha: Optional[float] = None,
+    ld_lengths: Optional[Tensor] = None,
+    sum_p2: Optional[Tensor] = None,
+) -> SequenceLogprobs:
+    r"""Sum and mean of token log-probs per sequence, with masks, token weights and LD-DPO.
+
+    Layouts:
+
+    * **padded** — ``token_logps`` ``[S, T]``; mask ``[S, T]`` (bool or 0/1 float), or
+      ``labels`` with ``ignore_index`` (mask = labels != ignore_index), or nothing (all valid).
+    * **packed** — ``token_logps`` ``[N]`` (or ``[1, N]``) holding the sequences back to back,
+      with ``cu_seqlens`` ``[S+1]`` (cumulative lengths, starts at 0) or ``position_ids``
+      (a sequence starts where the position is 0; pass ``num_sequences`` — the count of
+      sequences is needed as a shape and is never read from the device).
+
+    Per sequence ``i``: ``sum_i = sum_t w_t m_t lp_t``, ``count_i = sum_t m_t``,
+    ``mean_i = sum_i / max(count_i, 1)``.
+
+    ``token_weights`` (TGDPO / SparsePO style) multiply each token log-prob before the sum.
+    Apply the same weights to the reference log-probs, so that the weighted log-ratio is
+    ``sum_t w_t (lp_t - ref_t)``.
+
+    LD-DPO (``ld_alpha``): with ``r_t`` the 1-based rank of token ``t`` among the valid tokens
+    of its sequence and ``ℓ_i`` the public length, token ``t`` gets weight 1 if ``r_t <= ℓ_i``
+    else ``ld_alpha``. ``ld_lengths`` gives ``ℓ`` per sequence; by default the sequences are
+    paired — the first half chosen, the second half rejected — and
+    ``ℓ = min(|y_chosen|, |y_rejected|)`` for both members of a pair.
+
+    ``sum_p2`` (per-token :math:`\sum_j p_j^2`, e.g. ``TokenStats.sum_p2``) adds the detached
+    WPO log-weight ``wpo_i = mean_t(lp_t - log sum_p2_t)`` over the valid tokens.
+    """
+    _floating("token_logps", token_logps, min_dim=1)
+    packed = cu_seqlens is not None or position_ids is not None
+    if cu_seqlens is not None and position_ids is not None:
+        raise ValueError("give cu_seqlens or position_ids, not both")
+    if mask is not None and labels is not None:
+        raise ValueError("give mask or labels (with ignore_index), not both")
+    if not packed and token_logps.dim() != 2:
+        raise ValueError(f"token_logps must be [S, T] for a padded batch (or give cu_seqlens / position_ids), "
+                         f"got shape {tuple(token_logps.shape)}")
+    if packed and not (token_logps.dim() == 1 or (token_logps.dim() == 2 and token_logps.shape[0] == 1)):
+        raise ValueError(f"packed token_logps must be [N] or [1, N], got shape {tuple(token_logps.shape)}")
+    for name, t in (("mask", mask), ("labels", labels), ("token_weights", token_weights), ("sum_p2", sum_p2),
+                    ("position_ids", position_ids)):
+        if t is not None:
+            _validate.tensor(name, t)
+            _validate.shape(name, t, token_logps.shape, "token_logps.shape")
+            _validate.same_device(token_logps=token_logps, **{name: t})
+    if labels is not None:
+        _validate.integer("labels", labels)
+        mask = labels != ignore_index
+    if token_weights is not None:
+        _floating("token_weights", token_weights)
+    if sum_p2 is not None:
+        _floating("sum_p2", sum_p2)
+
+    acc = torch.promote_types(token_logps.dtype, torch.float32)
+    lp = token_logps.to(acc)
+    m = torch.ones_like(lp) if mask is None else mask.to(acc)
+
+    if packed:
+        lp, m = lp.reshape(-1), m.reshape(-1)
+        n = lp.shape[0]
+        if cu_seqlens is not None:
+            _validate.integer("cu_seqlens", cu_seqlens, dim=1)
+            _validate.same_device(token_logps=token_logps, cu_seqlens=cu_seqlens)
+            if cu_seqlens.shape[0] < 2:
+                raise ValueError("cu_seqlens must have at least 2 entries ([S+1], starting at 0)")
+            S = cu_seqlens.shape[0] - 1
+            if num_sequences is not None and int(num_sequences) != S:
+                raise ValueError(f"num_sequences={num_sequences} but cu_seqlens describes {S} sequences")
+        else:
+            _validate.integer("position_ids", position_ids)
+            if num_sequences is None:
+                raise ValueError("num_sequences is required with position_ids (the count of sequences is a shape)")
+            S = int(num_sequences)
+        seg = _segments(n, lp.device, cu_seqlens, position_ids)
+        # tokens outside every sequence (trailing padding of the packed buffer) count nowhere
+        m = torch.where((seg >= 0) & (seg < S), m, torch.zeros_like(m))
+        seg = seg.clamp(0, S - 1)
+
+        def reduce(x: Tensor) -> Tensor:
+            return torch.zeros(S, dtype=x.dtype, device=x.device).index_add_(0, seg, x)
+    else:
+        S = lp.shape[0]
+        seg = None
+
+        def reduce(x: Tensor) -> Tensor:
+            return x.sum(-1)
+
+    count = reduce(m)
+    w = m
+    if token_weights is not None:
+        w = w * token_weights.reshape(m.shape).to(acc)
+    if ld_alpha is not None:
+        if ld_lengths is None:
+            if S % 2:
+                raise ValueError(f"LD-DPO pairs the first half (chosen) with the second half (rejected); "
+                                 f"got an odd number of sequences {S}")
+            public = torch.minimum(count[: S // 2], count[S // 2:]).repeat(2)
+        else:
+            _validate.tensor("ld_lengths", ld_lengths, dim=1)
+            _validate.shape("ld_lengths", ld_lengths, (S,), "one length per sequence")
+            public = ld_lengths.to(acc)
+        # 1-based rank of each valid token inside its own sequence
+        if packed:
+            incl = torch.cumsum(m, 0)
+            before = torch.zeros(S, dtype=acc, device=m.device).index_add_(0, seg, m)
+            start = torch.cumsum(before, 0) - before  # valid tokens before each sequence
+            rank = incl - start[seg]
+            lim = public[seg]
+        else:
+            rank = torch.cumsum(m, -1)
+            lim = public.unsqueeze(-1)
+        w = w * torch.where(rank <= lim, torch.ones_like(rank), torch.full_like(rank, float(ld_alpha)))
+    total = reduce(torch.where(m != 0, w * lp, torch.zeros_like(lp)))  # masked slots may hold junk
+    denom = count.clamp(min=1.0)
+    wpo = None
+    if sum_p2 is not None:
+        adj = lp.detach() - torch.log(sum_p2.reshape(lp.shape).to(acc).detach().clamp(min=1e-30))
+        adj = torch.where(m != 0, adj, torch.zeros_like(adj))
+        wpo = reduce(adj) / denom
+    return SequenceLogprobs(total, total / denom, count, wpo)

@@ -1,0 +1,453 @@
+"""preference_loss / sequence_logprobs / PreferenceLoss / LinearPreferenceLoss vs the SPEC §6 reference."""
+import importlib.util
+
+import pytest
+import torch
+from helpers import assert_close
+
+import fastalign as fa
+from fastalign.reference import preference as R
+
+D = torch.float64
+REF_ONLY = {"simpo", "cpo", "orpo", "alphapo", "sft"}  # no reference model
+
+
+def _pairs(B=6, seed=0, dtype=D):
+    g = torch.Generator().manual_seed(seed)
+    lc = torch.randn(B, generator=g, dtype=dtype) * 4 - 25
+    lr = torch.randn(B, generator=g, dtype=dtype) * 4 - 28
+    lc0 = lc + torch.randn(B, generator=g, dtype=dtype) * 2
+    lr0 = lr + torch.randn(B, generator=g, dtype=dtype) * 2
+    nc = torch.randint(3, 40, (B,), generator=g).to(dtype)  # ragged lengths
+    nr = torch.randint(3, 40, (B,), generator=g).to(dtype)
+    return lc, lr, lc0, lr0, nc, nr
+
+
+def _check_metrics(m, mr):
+    assert set(m) == set(mr), (set(m), set(mr))
+    for k in mr:
+        assert m[k].dim() == 0 and not m[k].requires_grad, k
+        assert_close(m[k], mr[k], atol=1e-10, rtol=1e-10, what=k)
+
+
+def _run_both(kw_fa, kw_ref, lc, lr, lc0, lr0, with_ref=True):
+    a = [t.clone().requires_grad_(True) for t in (lc, lr)]
+    b = [t.clone().requires_grad_(True) for t in (lc, lr)]
+    refs = (lc0, lr0) if with_ref else (None, None)
+    loss, m = fa.preference_loss(a[0], a[1], *refs, **kw_fa)
+    loss_r, mr = R.preference_loss(b[0], b[1], *refs, **kw_ref)
+    assert loss.dim() == 0
+    assert_close(loss, loss_r, atol=1e-10, rtol=1e-9, what="loss")
+    _check_metrics(m, mr)
+    ga = torch.autograd.grad(loss, a, allow_unused=True)
+    gb = torch.autograd.grad(loss_r, b, allow_unused=True)
+    for x, y, name in zip(ga, gb, ("d/d chosen", "d/d rejected")):
+        x = torch.zeros_like(lc) if x is None else x
+        y = torch.zeros_like(lc) if y is None else y
+        assert_close(x, y, atol=1e-10, rtol=1e-8, what=name)
+    return loss, m
+
+
+# ------------------------------------------------------------------ every row, eps 0 and > 0
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("loss_type", fa.LOSS_TYPES)
+def test_each_loss_matches_reference(loss_type, eps):
+    lc, lr, lc0, lr0, nc, nr = _pairs()
+    with_ref = loss_type not in REF_ONLY
+    _run_both(dict(loss_type=loss_type, beta=0.2, label_smoothing=eps, chosen_lengths=nc, rejected_lengths=nr),
+              dict(loss_types=(loss_type,), beta=0.2, eps=eps, nc=nc, nr=nr), lc, lr, lc0, lr0, with_ref)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "sigmoid_norm", "apo_zero", "discopop"])
+@pytest.mark.parametrize("fdiv", ["forward_kl", "js_divergence", "alpha_divergence"])
+def test_f_divergence_scores(loss_type, fdiv):
+    lc, lr, lc0, lr0, nc, nr = _pairs(seed=3)
+    _run_both(dict(loss_type=loss_type, f_divergence=fdiv, f_alpha=0.5, chosen_lengths=nc, rejected_lengths=nr),
+              dict(loss_types=(loss_type,), f=fdiv, f_alpha=0.5, nc=nc, nr=nr), lc, lr, lc0, lr0)
+
+
+def test_reverse_kl_is_plain_dpo_and_js_matches_trl_form():
+    lc, lr, lc0, lr0, nc, nr = _pairs(seed=4)
+    a, _ = fa.preference_loss(lc, lr, lc0, lr0, f_divergence="reverse_kl")
+    b, _ = fa.preference_loss(lc, lr, lc0, lr0)
+    assert torch.equal(a, b)
+    # JS: d' = d - (softplus(dc) - softplus(dr))
+    dc, dr = lc - lc0, lr - lr0
+    d = dc - dr - (torch.nn.functional.softplus(dc) - torch.nn.functional.softplus(dr))
+    js, _ = fa.preference_loss(lc, lr, lc0, lr0, f_divergence="js_divergence")
+    assert_close(js, -torch.nn.functional.logsigmoid(0.1 * d).mean(), atol=1e-12, what="js")
+
+
+def test_loss_list_weights_rpo_and_pair_weights():
+    lc, lr, lc0, lr0, nc, nr = _pairs(seed=5)
+    w = torch.rand(lc.shape[0], dtype=D)
+    _run_both(dict(loss_type=["sigmoid", "sft", "bco_pair"], loss_weights=[0.7, 0.2, 0.1], rpo_alpha=0.5,
+                   weights=w, chosen_lengths=nc, rejected_lengths=nr),
+              dict(loss_types=("sigmoid", "sft", "bco_pair"), loss_weights=[0.7, 0.2, 0.1], rpo_alpha=0.5, weights=w,
+                   nc=nc, nr=nr), lc, lr, lc0, lr0)
+
+
+def test_options_kto_kl_class_weights_cpo_alpha_gamma():
+    lc, lr, lc0, lr0, nc, nr = _pairs(seed=6)
+    kl = torch.randn(9, dtype=D) + 0.5
+    _run_both(dict(loss_type="kto", kto_kl=kl, desirable_weight=1.5, undesirable_weight=0.5),
+              dict(loss_types=("kto",), kto_kl=kl, wd=1.5, wu=0.5), lc, lr, lc0, lr0)
+    for t in ("simpo", "alphapo"):
+        _run_both(dict(loss_type=t, simpo_gamma=1.0, alphapo_alpha=0.1, chosen_lengths=nc, rejected_lengths=nr),
+                  dict(loss_types=(t,), gamma=1.0, alpha=0.1, nc=nc, nr=nr), lc, lr, lc0, lr0, False)
+    nll = torch.tensor(1.7, dtype=D)
+    _run_both(dict(loss_type="cpo", cpo_alpha=0.3, chosen_nll=nll), dict(loss_types=("cpo",), cpo_alpha=0.3, nll=nll),
+              lc, lr, lc0, lr0, False)
+    _run_both(dict(loss_type="discopop", discopop_tau=0.5), dict(loss_types=("discopop",), tau=0.5),
+              lc, lr, lc0, lr0)
+
+
+def test_alphapo_zero_alpha_is_simpo_and_exo_default_eps():
+    lc, lr, lc0, lr0, nc, nr = _pairs(seed=7)
+    kw = dict(chosen_lengths=nc, rejected_lengths=nr)
+    a, _ = fa.preference_loss(lc, lr, loss_type="alphapo", alphapo_alpha=0.0, **kw)
+    b, _ = fa.preference_loss(lc, lr, loss_type="simpo", **kw)
+    assert_close(a, b, atol=1e-14, what="alphapo(0) == simpo")
+    e0, _ = fa.preference_loss(lc, lr, lc0, lr0, loss_type="exo_pair")
+    e1, _ = fa.preference_loss(lc, lr, lc0, lr0, loss_type="exo_pair", label_smoothing=1e-3)
+    assert torch.equal(e0, e1)
+
+
+def test_reference_free_and_bf16_inputs_give_fp32():
+    lc, lr, lc0, lr0, nc, nr = _pairs(seed=8, dtype=torch.float32)
+    a, m = fa.preference_loss(lc, lr)
+    b, _ = fa.preference_loss(lc, lr, torch.zeros_like(lc), torch.zeros_like(lr))
+    assert torch.equal(a, b)
+    c, m = fa.preference_loss(lc.bfloat16(), lr.bfloat16(), lc0.bfloat16(), lr0.bfloat16())
+    assert c.dtype == torch.float32 and all(v.dtype == torch.float32 for v in m.values())
+
+
+def test_reference_logps_get_no_gradient():
+    lc, lr, lc0, lr0, nc, nr = _pairs(seed=9)
+    lc0 = lc0.clone().requires_grad_(True)
+    loss, _ = fa.preference_loss(lc.requires_grad_(True), lr, lc0, lr0)
+    assert torch.autograd.grad(loss, lc0, allow_unused=True)[0] is None
+
+
+def test_module_matches_function():
+    lc, lr, lc0, lr0, nc, nr = _pairs(seed=10)
+    mod = fa.PreferenceLoss(loss_type=["ipo", "sigmoid"], beta=0.3, loss_weights=[1.0, 2.0])
+    a, _ = mod(lc, lr, lc0, lr0, chosen_lengths=nc, rejected_lengths=nr)
+    b, _ = fa.preference_loss(lc, lr, lc0, lr0, loss_type=["ipo", "sigmoid"], beta=0.3, loss_weights=[1.0, 2.0],
+                              chosen_lengths=nc, rejected_lengths=nr)
+    assert torch.equal(a, b)
+    assert "ipo" in repr(mod)
+
+
+def test_bad_inputs():
+    lc, lr, lc0, lr0, nc, nr = _pairs()
+    with pytest.raises(ValueError, match="loss_type"):
+        fa.preference_loss(lc, lr, loss_type="dpo2")
+    with pytest.raises(ValueError, match="rejected_logps"):
+        fa.preference_loss(lc, lr[:3])
+    with pytest.raises(ValueError, match="both"):
+        fa.preference_loss(lc, lr, lc0, None)
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        fa.preference_loss(lc, lr, lc0, lr0, loss_type="ipo")
+    with pytest.raises(ValueError, match="NLL"):
+        fa.preference_loss(lc, lr, loss_type="sft")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fa.preference_loss(lc, lr, label_smoothing=0.5)
+    with pytest.raises(ValueError, match="beta"):
+        fa.preference_loss(lc, lr, beta=0.0)
+    with pytest.raises(ValueError, match="loss_weights"):
+        fa.preference_loss(lc, lr, loss_type=["sigmoid", "hinge"], loss_weights=[1.0])
+    with pytest.raises(ValueError, match="f_divergence"):
+        fa.preference_loss(lc, lr, f_divergence="tv")
+    with pytest.raises(TypeError, match="chosen_logps"):
+        fa.preference_loss(lc.long(), lr)
+    with pytest.raises(ValueError, match="chosen_logps"):
+        fa.preference_loss(lc.view(2, 3), lr.view(2, 3))
+    with pytest.raises(TypeError, match="unknown option"):
+        fa.PreferenceLoss(gamma=1.0)
+    with pytest.raises(ValueError, match="loss_type"):
+        fa.PreferenceLoss(loss_type="nope")
+
+
+def test_compile_fullgraph():
+    lc, lr, lc0, lr0, nc, nr = _pairs(dtype=torch.float32)
+    lp = torch.randn(4, 9)
+    mask = torch.rand(4, 9) > 0.3
+
+    def step(lp, mask, lc0, lr0):
+        s = fa.sequence_logprobs(lp, mask, ld_alpha=0.5)
+        return fa.preference_loss(s.sum[:2], s.sum[2:], lc0[:2], lr0[:2], loss_type=["sigmoid", "aot", "ipo", "kto"],
+                                  chosen_lengths=s.count[:2], rejected_lengths=s.count[2:], rpo_alpha=0.1)
+
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(lp, mask, lc0, lr0)
+    want = step(lp, mask, lc0, lr0)
+    assert_close(got[0], want[0], atol=1e-6, what="compiled loss")
+
+    cu = torch.tensor([0, 3, 7, 12])
+
+    def packed(x, cu):
+        return fa.sequence_logprobs(x, cu_seqlens=cu, ld_alpha=0.3, ld_lengths=torch.tensor([2.0, 1.0, 4.0])).sum
+
+    x = torch.randn(12)
+    torch._dynamo.reset()
+    assert_close(torch.compile(packed, fullgraph=True, backend="aot_eager")(x, cu), packed(x, cu), atol=1e-6,
+                 what="compiled packed")
+
+
+# ------------------------------------------------------------------ sequence_logprobs
+
+def _padded(S=6, T=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(S, T, generator=g, dtype=D) * 5
+    lens = torch.randint(1, T + 1, (S,), generator=g)
+    start = torch.randint(0, 3, (S,), generator=g)
+    pos = torch.arange(T)
+    mask = (pos >= start[:, None]) & (pos < (start + lens).clamp(max=T)[:, None])
+    mask[0] = False  # an empty response
+    return lp, mask
+
+
+def test_sequence_logprobs_padded_vs_reference():
+    lp, mask = _padded()
+    tw = torch.rand(lp.shape, dtype=D)
+    for kw in (dict(), dict(token_weights=tw), dict(ld_alpha=0.4), dict(token_weights=tw, ld_alpha=0.4)):
+        x = lp.clone().requires_grad_(True)
+        got = fa.sequence_logprobs(x, mask, **kw)
+        s, mean, n = R.sequence_logprobs(lp, mask, kw.get("token_weights"), kw.get("ld_alpha"))
+        assert_close(got.sum, s, atol=1e-12, what=f"sum {list(kw)}")
+        assert_close(got.mean, mean, atol=1e-12, what=f"mean {list(kw)}")
+        assert_close(got.count, n, atol=0, what="count")
+        (g,) = torch.autograd.grad(got.sum.sum(), x)
+        xr = lp.clone().requires_grad_(True)
+        (gr,) = torch.autograd.grad(R.sequence_logprobs(xr, mask, kw.get("token_weights"), kw.get("ld_alpha"))[0].sum(),
+                                    xr)
+        assert_close(g, gr, atol=1e-12, what="grad")
+    assert float(fa.sequence_logprobs(lp, mask).mean[0]) == 0.0  # empty sequence
+
+
+def test_sequence_logprobs_labels_mask_and_junk_in_masked_slots():
+    lp, mask = _padded(seed=1)
+    labels = torch.where(mask, torch.randint(0, 50, lp.shape), torch.full(lp.shape, -100))
+    junk = torch.where(mask, lp, torch.full_like(lp, float("nan")))
+    a = fa.sequence_logprobs(junk, labels=labels)
+    b = fa.sequence_logprobs(lp, mask.float())
+    assert_close(a.sum, b.sum, atol=0, what="labels mask")
+
+
+def test_sequence_logprobs_packed_matches_padded():
+    g = torch.Generator().manual_seed(2)
+    lens = [5, 1, 7, 3, 4, 6]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)))
+    N, T = int(cu[-1]), max(lens)
+    x = -torch.rand(N, generator=g, dtype=D) * 4
+    m = torch.rand(N, generator=g) > 0.25  # prompt / masked tokens inside the packed stream
+    tw = torch.rand(N, generator=g, dtype=D)
+    pos = torch.cat([torch.arange(n) for n in lens])
+    xp, valid = R.packed_to_padded(x, cu, T)
+    mp, _ = R.packed_to_padded(m, cu, T)
+    twp, _ = R.packed_to_padded(tw, cu, T)
+    for kw in (dict(), dict(ld_alpha=0.25)):
+        want = fa.sequence_logprobs(xp, mp & valid, token_weights=twp, **kw)
+        got = fa.sequence_logprobs(x, m, cu_seqlens=cu, token_weights=tw, **kw)
+        got2 = fa.sequence_logprobs(x.unsqueeze(0), m.unsqueeze(0), position_ids=pos.unsqueeze(0),
+                                    num_sequences=len(lens), token_weights=tw.unsqueeze(0), **kw)
+        for k in ("sum", "mean", "count"):
+            assert_close(getattr(got, k), getattr(want, k), atol=1e-12, what=f"cu_seqlens {k} {list(kw)}")
+            assert_close(getattr(got2, k), getattr(want, k), atol=1e-12, what=f"position_ids {k} {list(kw)}")
+
+
+def test_sequence_logprobs_packed_tail_outside_sequences_is_dropped():
+    x = torch.arange(1.0, 11.0, dtype=D)
+    got = fa.sequence_logprobs(x, cu_seqlens=torch.tensor([0, 3, 7]))  # tokens 7..9 are padding
+    assert_close(got.sum, torch.tensor([6.0, 22.0], dtype=D), atol=0, what="sum")
+    assert_close(got.count, torch.tensor([3.0, 4.0], dtype=D), atol=0, what="count")
+    pos = torch.tensor([5, 6, 0, 1, 2, 0, 1, 0, 1, 2])  # a cut-off sequence before the first start
+    got = fa.sequence_logprobs(x, position_ids=pos, num_sequences=2)
+    assert_close(got.sum, torch.tensor([12.0, 13.0], dtype=D), atol=0, what="position_ids sum")
+
+
+def test_sequence_logprobs_wpo_field():
+    lp, mask = _padded(seed=3)
+    sp2 = torch.rand(lp.shape, dtype=D) * 0.5 + 0.1
+    got = fa.sequence_logprobs(lp.requires_grad_(True), mask, sum_p2=sp2)
+    m = mask.to(D)
+    want = ((lp.detach() - sp2.log()) * m).sum(-1) / m.sum(-1).clamp(min=1)
+    assert_close(got.wpo, want, atol=1e-12, what="wpo")
+    assert not got.wpo.requires_grad
+    w = fa.wpo_weights(got.wpo[:3], got.wpo[3:])
+    assert_close(w, torch.exp(want[:3] + want[3:]).clamp(max=1), atol=1e-12, what="pair weights")
+
+
+def test_sequence_logprobs_bad_inputs():
+    lp, mask = _padded()
+    with pytest.raises(ValueError, match="mask"):
+        fa.sequence_logprobs(lp, mask[:, :3])
+    with pytest.raises(ValueError, match="num_sequences"):
+        fa.sequence_logprobs(lp.reshape(-1), position_ids=torch.zeros(lp.numel(), dtype=torch.long))
+    with pytest.raises(ValueError, match="not both"):
+        fa.sequence_logprobs(lp.reshape(-1), cu_seqlens=torch.tensor([0, 66]),
+                             position_ids=torch.zeros(lp.numel(), dtype=torch.long))
+    with pytest.raises(ValueError, match="odd"):
+        fa.sequence_logprobs(lp[:5], mask[:5], ld_alpha=0.5)
+    with pytest.raises(ValueError, match=r"\[S, T\]"):
+        fa.sequence_logprobs(lp.reshape(-1))
+    with pytest.raises(TypeError, match="cu_seqlens"):
+        fa.sequence_logprobs(lp.reshape(-1), cu_seqlens=torch.tensor([0.0, 66.0]))
+
+
+# ------------------------------------------------------------------ from hidden states
+
+def _hidden_batch(B=3, T=7, H=16, V=61, seed=0, prompt=2):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(2 * B, T, H, generator=g)
+    w = torch.randn(V, H, generator=g) * 0.3
+    b = torch.randn(V, generator=g) * 0.1
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    labels[:, :prompt] = -100
+    lens = torch.randint(1, T - prompt + 1, (2 * B,), generator=g)
+    pos = torch.arange(T)
+    labels[pos[None, :] >= (prompt + lens)[:, None]] = -100  # ragged padding
+    rh = h + 0.1 * torch.randn(h.shape, generator=g)
+    return h, w, b, labels, rh
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "orpo", "kto", ["sigmoid", "sft"]])
+def test_linear_matches_logits_path(loss_type):
+    h, w, b, labels, rh = _hidden_batch()
+    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    hx, wx = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    mod = fa.LinearPreferenceLoss(loss_type=loss_type, beta=0.2)
+    loss, m = mod(hx, wx, labels, bias=b, ref_hidden=rh)
+    hr, wr = h.double().requires_grad_(True), w.double().requires_grad_(True)
+    loss_r, mr = R.linear_preference_loss(hr, wr, labels, bias=b.double(), ref_hidden=rh.double(), loss_types=types,
+                                          beta=0.2, dtype=D)
+    assert_close(loss, loss_r, atol=2e-5, rtol=1e-4, what="loss")
+    for k in mr:
+        assert_close(m[k], mr[k], atol=2e-4, rtol=1e-4, what=k)
+    gh, gw = torch.autograd.grad(loss, (hx, wx))
+    ghr, gwr = torch.autograd.grad(loss_r, (hr, wr))
+    assert_close(gh, ghr, atol=2e-5, rtol=1e-3, what="d hidden")
+    assert_close(gw, gwr, atol=2e-5, rtol=1e-3, what="d weight")
+
+
+def test_linear_backends(cpu_backend):
+    if cpu_backend == "triton" and importlib.util.find_spec("fastalign.kernels.linear_stats") is None:
+        pytest.skip("the Triton linear_logprobs kernels are not in this build yet")
+    h, w, b, labels, rh = _hidden_batch(seed=6)
+    mod = fa.LinearPreferenceLoss(loss_type="sigmoid", beta=0.2, backend=cpu_backend)
+    hx = h.clone().requires_grad_(True)
+    loss, _ = mod(hx, w, labels, bias=b, ref_hidden=rh)
+    hr = h.double().requires_grad_(True)
+    loss_r, _ = R.linear_preference_loss(hr, w.double(), labels, bias=b.double(), ref_hidden=rh.double(), beta=0.2,
+                                         dtype=D)
+    assert_close(loss, loss_r, atol=2e-5, rtol=1e-4, what=f"{cpu_backend} loss")
+    assert_close(torch.autograd.grad(loss, hx)[0], torch.autograd.grad(loss_r, hr)[0], atol=2e-5, rtol=1e-3,
+                 what=f"{cpu_backend} d hidden")
+
+
+def test_linear_reference_as_hidden_or_as_logps_and_separate_layout():
+    h, w, b, labels, rh = _hidden_batch(seed=1)
+    B = h.shape[0] // 2
+    mod = fa.LinearPreferenceLoss(beta=0.1)
+    a, _ = mod(h, w, labels, bias=b, ref_hidden=rh)
+    rlp, valid = R.token_logps_from_hidden(rh, w, labels, b)
+    rs = (rlp * valid).sum(-1)
+    c, _ = mod(h, w, labels, bias=b, ref_chosen_logps=rs[:B], ref_rejected_logps=rs[B:])
+    assert_close(a, c, atol=1e-6, rtol=1e-5, what="ref hidden vs ref logps")
+    d, _ = mod((h[:B], h[B:, :5]), w, (labels[:B], labels[B:, :5]), bias=b, ref_hidden=(rh[:B], rh[B:, :5]))
+    labels5 = labels.clone()
+    labels5[B:, 5:] = -100
+    e, _ = mod(h, w, labels5, bias=b, ref_hidden=rh)
+    assert_close(d, e, atol=1e-6, rtol=1e-5, what="separate vs concatenated")
+    # the reference head is never differentiated
+    rhx = rh.clone().requires_grad_(True)
+    loss, _ = mod(h.requires_grad_(True), w, labels, bias=b, ref_hidden=rhx)
+    assert torch.autograd.grad(loss, rhx, allow_unused=True)[0] is None
+
+
+def test_linear_packed_matches_padded():
+    h, w, b, labels, rh = _hidden_batch(seed=2, prompt=1)
+    valid_rows = [(labels[i] != -100) | (torch.arange(labels.shape[1]) < 1) for i in range(labels.shape[0])]
+    hs, ys, rs, lens = [], [], [], []
+    for i, keep in enumerate(valid_rows):
+        n = int(keep.sum())
+        hs.append(h[i, :n]); ys.append(labels[i, :n]); rs.append(rh[i, :n]); lens.append(n)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)))
+    mod = fa.LinearPreferenceLoss(loss_type=["sigmoid", "sft"], beta=0.1, ld_alpha=0.5)
+    a, ma = mod(h, w, labels, bias=b, ref_hidden=rh)
+    c, mc = mod(torch.cat(hs), w, torch.cat(ys), bias=b, ref_hidden=torch.cat(rs), cu_seqlens=cu)
+    assert_close(c, a, atol=1e-6, rtol=1e-5, what="packed vs padded")
+    assert_close(mc["nll"], ma["nll"], atol=1e-6, rtol=1e-5, what="nll")
+
+
+def test_linear_wpo_token_weights_ld_against_logits_path():
+    h, w, b, labels, rh = _hidden_batch(seed=3)
+    B = h.shape[0] // 2
+    tw = torch.rand(labels.shape)
+    mod = fa.LinearPreferenceLoss(loss_type=["sigmoid", "sft"], beta=0.1, ld_alpha=0.3, use_weighting=True)
+    hx = h.clone().requires_grad_(True)
+    loss, m = mod(hx, w, labels, bias=b, ref_hidden=rh, token_weights=tw)
+    # the same through explicitly built logits and the fused token_logprobs kernel
+    hy = h.clone().requires_grad_(True)
+    st = fa.token_logprobs(hy @ w.T + b, labels, sum_p2=True)
+    with torch.no_grad():
+        rst = fa.token_logprobs(rh @ w.T + b, labels)
+    s = fa.sequence_logprobs(st.logprobs, labels=labels, token_weights=tw, ld_alpha=0.3, sum_p2=st.sum_p2)
+    r = fa.sequence_logprobs(rst.logprobs, labels=labels, token_weights=tw, ld_alpha=0.3)
+    plain = fa.sequence_logprobs(st.logprobs, labels=labels)
+    nll = -plain.sum[:B].sum() / plain.count[:B].sum()
+    want, mw = fa.preference_loss(s.sum[:B], s.sum[B:], r.sum[:B], r.sum[B:], loss_type=["sigmoid", "sft"],
+                                  chosen_nll=nll, weights=fa.wpo_weights(s.wpo[:B], s.wpo[B:]))
+    assert_close(loss, want, atol=1e-6, rtol=1e-5, what="loss")
+    assert_close(m["nll"], mw["nll"], atol=1e-6, rtol=1e-5, what="nll")
+    (g,) = torch.autograd.grad(loss, hx)
+    (gy,) = torch.autograd.grad(want, hy)
+    assert_close(g, gy, atol=1e-6, rtol=1e-4, what="d hidden")
+
+
+def test_linear_compact_rows_equal_whole_batch():
+    h, w, b, labels, rh = _hidden_batch(seed=5)
+    B = h.shape[0] // 2
+    for layout in ("concatenated", "separate"):
+        outs = []
+        for compact in (True, False):
+            mod = fa.LinearPreferenceLoss(loss_type=["sigmoid", "sft"], ld_alpha=0.5, use_weighting=True,
+                                          compact=compact)
+            hx, wx = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            if layout == "concatenated":
+                loss, m = mod(hx, wx, labels, bias=b, ref_hidden=rh)
+            else:
+                loss, m = mod((hx[:B], hx[B:]), wx, (labels[:B], labels[B:]), bias=b, ref_hidden=(rh[:B], rh[B:]))
+            outs.append((loss, m["nll"], *torch.autograd.grad(loss, (hx, wx))))
+        for x, y, what in zip(outs[0], outs[1], ("loss", "nll", "d hidden", "d weight")):
+            assert_close(x, y, atol=1e-6, rtol=1e-5, what=f"{layout} {what}")
+    with pytest.raises(ValueError, match="compact"):
+        fa.LinearPreferenceLoss(compact="yes")
+
+
+def test_linear_bad_inputs():
+    h, w, b, labels, rh = _hidden_batch()
+    mod = fa.LinearPreferenceLoss()
+    with pytest.raises(ValueError, match=r"\[2B, T, H\]"):
+        mod(h[:5], w, labels[:5])
+    with pytest.raises(ValueError, match="labels"):
+        mod(h, w, labels[:, :3])
+    with pytest.raises(ValueError, match="hidden size"):
+        mod(h, w[:, :5], labels)
+    with pytest.raises(ValueError, match="not both"):
+        mod(h, w, labels, ref_hidden=rh, ref_chosen_logps=torch.zeros(3), ref_rejected_logps=torch.zeros(3))
+    with pytest.raises(ValueError, match="pairs"):
+        mod((h[:3], h[3:]), w, labels)
+    with pytest.raises(TypeError, match="unknown option"):
+        fa.LinearPreferenceLoss(tau=1.0)
+
+
+def test_linear_compile_fullgraph():
+    h, w, b, labels, rh = _hidden_batch(seed=4)
+    mod = fa.LinearPreferenceLoss(loss_type="sigmoid", beta=0.1)
+    torch._dynamo.reset()
+    got, _ = torch.compile(mod, fullgraph=True, backend="aot_eager")(h, w, labels, bias=b, ref_hidden=rh)
+    want, _ = mod(h, w, labels, bias=b, ref_hidden=rh)
+    assert_close(got, want, atol=1e-6, what="compiled linear loss")
