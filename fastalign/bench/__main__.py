@@ -23,6 +23,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="the small CPU-friendly set of cases (default of make bench)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--ops", default=None, help="comma-separated op names (default: all)")
+    p.add_argument("--cases", default=None, help="comma-separated substrings of case labels (e.g. 2048x152064)")
     p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated: fwd, fwd+bwd")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per step (default 5 quick, 20 full)")
     p.add_argument("--budget", type=float, default=None, help="seconds per timing before stopping early")
@@ -38,7 +39,9 @@ def parse_args(argv=None):
 
 def selected_cases(args):
     ops = set(args.ops.split(",")) if args.ops else None
-    out = [c for c in all_cases() if (ops is None or c.op in ops) and (c.quick or not args.quick)]
+    labels = args.cases.split(",") if args.cases else None
+    out = [c for c in all_cases() if (ops is None or c.op in ops) and (c.quick or not args.quick)
+           and (labels is None or any(s in c.label for s in labels))]
     if ops:
         unknown = ops - {c.op for c in all_cases()}
         if unknown:

@@ -56,6 +56,8 @@ def readme_table(files) -> str:
     for path in files:
         with open(path) as f:
             data = json.load(f)
+        if "results" not in data:  # not a fastalign-bench run (e.g. a single-case script's record)
+            continue
         env = data["environment"]
         cite = f"{env['device']}, {env['date'][:10]} (`{os.path.basename(path)}`)"
         for r in data["results"]:
