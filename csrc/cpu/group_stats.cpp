@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
+#include <vector>
 
 #include "cpu/advantage_math.h"
 #include "registry.h"
@@ -28,6 +29,8 @@ namespace fastalign {
 namespace {
 
 using namespace adv;
+
+#define FASTALIGN_ALWAYS_INLINE inline __attribute__((always_inline))
 
 // Below this many groups one thread is faster than waking a team: a group is
 // a few dozen flops and the whole pass touches a few MB at most.
@@ -168,13 +171,192 @@ void group_advantage(const S* r, int64_t B, const int64_t* index, int64_t group_
   }
 }
 
+
+// ---------------------------------------------------------------- affine fast path
+// center / rloo (grpo, Dr. GRPO, gpg, rloo, reinforce_pp_baseline) need only
+// count, mean and std per group. One pass over the batch assigns the dense ids
+// and accumulates shifted sums around the group's first non-NaN score f:
+//   n, s1 = sum (x - f), s2 = sum (x - f)^2       (in batch order: deterministic)
+//   mean = f + s1 / n, m2 = s2 - s1^2 / n
+// Shifting by a member keeps the cancellation small (m2 >= range^2 / 2 while
+// s2 <= n range^2), and a group of equal scores gets s1 = s2 = 0 exactly: its
+// mean is exactly that score and its std exactly 0. A second pass applies
+// (x - base) * mul per score. Keyed groups and fixed blocks run the same
+// per-group arithmetic in the same order, so both layouts agree bitwise.
+struct ShiftAcc {
+  double n, s1, s2, f;
+};
+
+struct AffineCoef {
+  double base, mul;
+};
+
+inline AffineCoef affine_coef(const ShiftAcc& a, const AdvParams& p) {
+  const double n = a.n;
+  if (n < 2.0) return AffineCoef{0.0, p.singleton_zero ? 0.0 : 1.0};  // raw: (x - 0) * 1 = x
+  const double mean = a.f + a.s1 / n;
+  double m2 = a.s2 - a.s1 * (a.s1 / n);
+  if (!(m2 > 0.0)) m2 = 0.0;
+  double mul = p.scale;
+  if (p.div_std) mul = p.scale / (std::sqrt(m2 / (n - 1.0)) + p.eps);
+  if (p.mode == kRloo) mul *= n / (n - 1.0);
+  return AffineCoef{mean, mul};
+}
+
+// NaN scores (and groups of one under singleton "zero": mul 0) give 0.
+template <typename S>
+FASTALIGN_ALWAYS_INLINE S apply_affine(S xs, const AffineCoef& c) {
+  const double x = double(xs);
+  const double y = (x - c.base) * c.mul;
+  return (x == x && c.mul != 0.0) ? S(y) : S(0);
+}
+
+constexpr int64_t kParallelScores = 1 << 15;  // below this the output pass runs on one thread
+constexpr int64_t kFastLoad = 4;              // the fast path's key table stays at most 1/2 full
+
+// Per-thread scratch kept across calls (a fresh multi-MB buffer per call costs
+// more in page faults than the kernel).
+template <typename T>
+T* tls_scratch(size_t n) {
+  static thread_local std::vector<T> buf;
+  if (buf.size() < n) buf.resize(std::max(n, 2 * buf.size()));
+  return buf.data();
+}
+
+// Keys -> dense ids for the fast path: linear probing over keys [cap] int64 and
+// ids [cap] int32 (-1 = empty), Fibonacci hashing, power-of-two capacity.
+struct FastTable {
+  int64_t* keys;
+  int32_t* ids;
+  int64_t cap;
+  uint64_t mask;
+  int shift;
+  void reset(int64_t c) {
+    cap = c;
+    mask = uint64_t(c) - 1;
+    shift = 64;
+    for (int64_t x = c; x > 1; x >>= 1) --shift;
+    std::fill(ids, ids + c, int32_t(-1));
+  }
+  // id of key k, or -1 with `slot` set to the empty slot where it belongs
+  FASTALIGN_ALWAYS_INLINE int32_t find(int64_t k, uint64_t& slot) const {
+    uint64_t h = (uint64_t(k) * 0x9e3779b97f4a7c15ULL) >> shift;
+    int32_t id;
+    while ((id = ids[h]) >= 0 && keys[h] != k) h = (h + 1) & mask;
+    slot = h;
+    return id;
+  }
+  void insert(int64_t k, int32_t id) {
+    uint64_t slot;
+    find(k, slot);
+    keys[slot] = k;
+    ids[slot] = id;
+  }
+};
+
+// Dense ids (first appearance) + shifted sums in one sequential pass; returns G.
+template <typename S>
+int64_t keyed_accumulate(const S* r, int64_t B, const int64_t* index, int32_t* gid, ShiftAcc* acc, int64_t* uniq,
+                         FastTable& t, int64_t max_cap) {
+  t.reset(std::min<int64_t>(max_cap, 4096));
+  int64_t G = 0;
+  int32_t prev_id = -1;
+  int64_t prev_key = 0;
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t k = index[i];
+    const double x = double(r[i]);
+    int32_t id;
+    if (k == prev_key && prev_id >= 0) {
+      id = prev_id;
+    } else {
+      uint64_t slot;
+      id = t.find(k, slot);
+      if (id < 0) {
+        id = int32_t(G);
+        t.keys[slot] = k;
+        t.ids[slot] = id;
+        uniq[G] = k;
+        acc[G] = ShiftAcc{0.0, 0.0, 0.0, x};
+        ++G;
+        if (kFastLoad * G > t.cap && t.cap < max_cap) {  // grow and re-insert, ids unchanged
+          t.reset(2 * t.cap);
+          for (int64_t g = 0; g < G; ++g) t.insert(uniq[g], int32_t(g));
+        }
+      }
+      prev_key = k;
+      prev_id = id;
+    }
+    gid[i] = id;
+    ShiftAcc& a = acc[id];
+    if (x == x) {
+      if (__builtin_expect(a.f != a.f, 0)) a.f = x;  // the group's first scores were NaN
+      const double d = x - a.f;
+      a.n += 1.0;
+      a.s1 += d;
+      a.s2 += d * d;
+    }
+  }
+  return G;
+}
+
+template <typename S>
+void affine_advantage(const S* r, int64_t B, const int64_t* index, int64_t group_size, const AdvParams& p, S* out) {
+  if (B == 0) return;
+  if (index) {
+    int64_t max_cap = 4;
+    while (max_cap < kFastLoad * B) max_cap <<= 1;
+    // scratch: keys [max_cap] | uniq [B] | acc [B] (reused as coef) | ids [max_cap] i32 | gid [B] i32
+    int64_t* base = tls_scratch<int64_t>(size_t(max_cap + B + 4 * B + (max_cap + B + 1) / 2 + 1));
+    FastTable t{base, nullptr, 0, 0, 64};
+    int64_t* uniq = base + max_cap;
+    ShiftAcc* acc = reinterpret_cast<ShiftAcc*>(uniq + B);
+    t.ids = reinterpret_cast<int32_t*>(uniq + 5 * B);
+    int32_t* gid = t.ids + max_cap;
+    const int64_t G = keyed_accumulate<S>(r, B, index, gid, acc, uniq, t, max_cap);
+    AffineCoef* coef = reinterpret_cast<AffineCoef*>(acc);  // in place: row g read before written
+    for (int64_t g = 0; g < G; ++g) coef[g] = affine_coef(acc[g], p);
+#pragma omp parallel for schedule(static) if (B >= kParallelScores)
+    for (int64_t i = 0; i < B; ++i) out[i] = apply_affine<S>(r[i], coef[gid[i]]);
+    return;
+  }
+  const int64_t G = (B + group_size - 1) / group_size;
+#pragma omp parallel for schedule(static) if (B >= kParallelScores)
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t begin = g * group_size, end = std::min(begin + group_size, B);
+    ShiftAcc a{0.0, 0.0, 0.0, double(r[begin])};
+    int64_t i0 = begin;
+    while (i0 < end && is_nan(double(r[i0]))) ++i0;  // f: the first non-NaN score (as the keyed pass)
+    if (i0 < end) a.f = double(r[i0]);
+    for (int64_t i = i0; i < end; ++i) {
+      const double x = double(r[i]);
+      const bool ok = x == x;
+      const double d = ok ? x - a.f : 0.0;
+      a.n += ok ? 1.0 : 0.0;
+      a.s1 += d;
+      a.s2 += d * d;
+    }
+    const AffineCoef c = affine_coef(a, p);
+    for (int64_t i = begin; i < end; ++i) out[i] = apply_affine<S>(r[i], c);
+  }
+}
+
 template <typename P>
 P* ptr(uintptr_t p) { return reinterpret_cast<P*>(p); }
 
-void check_groups(int64_t B, uintptr_t index, int64_t group_size, int64_t cap) {
+int64_t hash_capacity(int64_t B) {  // power of two >= 8B: the generic table stays <= 1/8 full
+  int64_t c = 2;
+  while (c < kLoad * B) c <<= 1;
+  return c;
+}
+
+void check_groups(uintptr_t index, int64_t group_size) {
   if (!index && group_size <= 0) throw std::invalid_argument("group_stats: group_size must be > 0");
-  if (index && (cap < kLoad * B || (cap & (cap - 1)) != 0))
-    throw std::invalid_argument("group_stats: hash capacity must be a power of two >= 8B");
+}
+
+// Scratch of the generic (CSR) path: the hash table, offsets and members.
+int64_t* csr_work(int64_t B, uintptr_t index, int64_t& cap) {
+  cap = index ? hash_capacity(B) : 0;
+  return index ? tls_scratch<int64_t>(size_t(2 * cap + 4 * B + 2)) : nullptr;
 }
 
 }  // namespace
@@ -184,39 +366,49 @@ FASTALIGN_BINDINGS(group_stats) {
   m.def(
       "group_stats_cpu",
       [](uintptr_t scores, bool f64, int64_t B, uintptr_t index, int64_t group_size, uintptr_t lengths,
-         uintptr_t gid, uintptr_t stats, int64_t rows, uintptr_t ngroups, uintptr_t work, int64_t cap) {
-        check_groups(B, index, group_size, cap);
+         uintptr_t gid, uintptr_t stats, int64_t rows, uintptr_t ngroups) {
+        check_groups(index, group_size);
+        int64_t cap;
+        int64_t* work = csr_work(B, index, cap);
         if (f64)
           group_stats<double>(ptr<const double>(scores), B, ptr<const int64_t>(index), group_size,
                               ptr<const double>(lengths), ptr<int64_t>(gid), ptr<double>(stats), rows,
-                              ptr<int64_t>(ngroups), ptr<int64_t>(work), cap);
+                              ptr<int64_t>(ngroups), work, cap);
         else
           group_stats<float>(ptr<const float>(scores), B, ptr<const int64_t>(index), group_size,
                              ptr<const double>(lengths), ptr<int64_t>(gid), ptr<double>(stats), rows,
-                             ptr<int64_t>(ngroups), ptr<int64_t>(work), cap);
+                             ptr<int64_t>(ngroups), work, cap);
       },
       py::call_guard<py::gil_scoped_release>(),
       "Dense group ids [B] and statistics [rows, 6] (count, mean, std, max, second, wmean; rows past the "
       "number of groups written as empty groups) of fp32/fp64 scores.");
   m.def(
       "group_advantage_cpu",
-      [](uintptr_t scores, bool f64, int64_t B, uintptr_t index, int64_t group_size, uintptr_t lengths,
-         uintptr_t gid, uintptr_t work, int64_t cap, int mode, bool div_std, double eps, bool singleton_zero,
-         uintptr_t scale, uintptr_t out) {
-        check_groups(B, index, group_size, cap);
+      [](uintptr_t scores, bool f64, int64_t B, uintptr_t index, int64_t group_size, uintptr_t lengths, int mode,
+         bool div_std, double eps, bool singleton_zero, uintptr_t scale, uintptr_t out) {
+        check_groups(index, group_size);
         const AdvParams p{mode, div_std, eps, singleton_zero, scale ? ptr<const double>(scale)[0] : 1.0};
+        if (mode == kCenter || mode == kRloo) {  // count / mean / std only: the one-pass affine path
+          if (f64)
+            affine_advantage<double>(ptr<const double>(scores), B, ptr<const int64_t>(index), group_size, p,
+                                     ptr<double>(out));
+          else
+            affine_advantage<float>(ptr<const float>(scores), B, ptr<const int64_t>(index), group_size, p,
+                                    ptr<float>(out));
+          return;
+        }
+        int64_t cap;
+        int64_t* work = csr_work(B, index, cap);
+        int64_t* gid = work ? work + 2 * cap + 3 * B + 2 : nullptr;
         if (f64)
           group_advantage<double>(ptr<const double>(scores), B, ptr<const int64_t>(index), group_size,
-                                  ptr<const double>(lengths), ptr<int64_t>(gid), ptr<int64_t>(work), cap, p,
-                                  ptr<double>(out));
+                                  ptr<const double>(lengths), gid, work, cap, p, ptr<double>(out));
         else
           group_advantage<float>(ptr<const float>(scores), B, ptr<const int64_t>(index), group_size,
-                                 ptr<const double>(lengths), ptr<int64_t>(gid), ptr<int64_t>(work), cap, p,
-                                 ptr<float>(out));
+                                 ptr<const double>(lengths), gid, work, cap, p, ptr<float>(out));
       },
       py::call_guard<py::gil_scoped_release>(),
-      "Group-normalised advantage per score (mode: 0 center, 1 rloo, 2 opo, 3 passk); gid and work are "
-      "scratch (keyed groups only).");
+      "Group-normalised advantage per score (mode: 0 center, 1 rloo, 2 opo, 3 passk), in place into out.");
 }
 
 }  // namespace fastalign

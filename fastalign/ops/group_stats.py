@@ -23,8 +23,6 @@ No autograd: advantages are targets, computed under ``no_grad``.
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import Tensor
 
@@ -33,10 +31,6 @@ from fastalign.ops._launch import ptr
 
 STATS = ("count", "mean", "std", "max", "second", "wmean")
 MODES = {"center": 0, "rloo": 1, "opo": 2, "passk": 3}
-
-
-def _hash_capacity(B: int) -> int:
-    return 1 << max(1, (8 * B - 1).bit_length())  # power of two >= 8B (the table stays <= 1/8 full)
 
 
 def _stat_rows(B: int, has_index: bool, group_size: int) -> int:
@@ -66,28 +60,6 @@ def _cuda_segments(index: Tensor):
     return perm, seg, torch.empty(B, dtype=torch.int64, device=index.device)
 
 
-_tls = threading.local()
-
-
-def _cpu_scratch(n: int) -> Tensor:
-    """``n`` int64 of host scratch, reused across calls (per thread): a fresh multi-MB
-    buffer per call would cost more in page faults than the kernel itself."""
-    buf = getattr(_tls, "buf", None)
-    if buf is None or buf.numel() < n:
-        buf = torch.empty(max(n, 2 * (0 if buf is None else buf.numel())), dtype=torch.int64)
-        _tls.buf = buf
-    return buf[:n]
-
-
-def _work_len(index: Tensor):
-    """(int64 scratch length, hash capacity) of keyed groups on the CPU: hash table and counting sort."""
-    if index.numel() == 0:
-        return 0, 0
-    B = index.shape[0]
-    cap = _hash_capacity(B)
-    return 2 * cap + 3 * B + 2, cap
-
-
 @torch.library.custom_op("fastalign::group_stats", mutates_args=())
 def group_stats(scores: Tensor, index: Tensor, lengths: Tensor, group_size: int, backend: str
                 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -104,12 +76,10 @@ def group_stats(scores: Tensor, index: Tensor, lengths: Tensor, group_size: int,
         _backend.compiled().group_stats_cuda(
             scores.data_ptr(), f64, B, ptr(perm), ptr(seg), group_size, ptr(lengths),
             ptr(gid), ptr(stats), stats.shape[0], ngroups.data_ptr(), ptr(start), _backend.cuda_stream(scores))
-    elif backend == "cpp":
-        n_work, cap = _work_len(index)
-        work = _cpu_scratch(n_work)
+    elif backend == "cpp":  # scratch (hash table, CSR) is kept in the C++ core
         _backend.compiled().group_stats_cpu(
             scores.data_ptr(), f64, B, ptr(index), group_size, ptr(lengths),
-            ptr(gid), ptr(stats), stats.shape[0], ngroups.data_ptr(), ptr(work), cap)
+            ptr(gid), ptr(stats), stats.shape[0], ngroups.data_ptr())
     else:
         raise ValueError(f"group_stats runs on the 'cpp' or 'cuda' backend, got {backend!r}")
     return out
@@ -132,6 +102,11 @@ def group_advantage(scores: Tensor, index: Tensor, lengths: Tensor, scale: Tenso
     out = torch.empty_like(scores)
     B = scores.shape[0]
     f64 = scores.dtype == torch.float64
+    if backend == "cpp":  # the hot path: one call, scratch kept in the C++ core
+        _backend.compiled().group_advantage_cpu(
+            scores.data_ptr(), f64, B, ptr(index), group_size, ptr(lengths), mode, div_std, eps, singleton_zero,
+            ptr(scale), out.data_ptr())
+        return out
     tail = (int(mode), bool(div_std), float(eps), bool(singleton_zero), ptr(scale), out.data_ptr())
     if backend == "cuda":
         perm, seg, start = _cuda_segments(index)
@@ -139,12 +114,6 @@ def group_advantage(scores: Tensor, index: Tensor, lengths: Tensor, scale: Tenso
         _backend.compiled().group_advantage_cuda(
             scores.data_ptr(), f64, B, ptr(perm), ptr(seg), group_size, ptr(lengths), ptr(ngroups), ptr(start),
             *tail, _backend.cuda_stream(scores))
-    elif backend == "cpp":
-        n_work, cap = _work_len(index)
-        scratch = _cpu_scratch(B + n_work if n_work else 0)
-        _backend.compiled().group_advantage_cpu(
-            scores.data_ptr(), f64, B, ptr(index), group_size, ptr(lengths), ptr(scratch[:B]), ptr(scratch[B:]),
-            cap, *tail)
     else:
         raise ValueError(f"group_advantage runs on the 'cpp' or 'cuda' backend, got {backend!r}")
     return out
