@@ -5,6 +5,7 @@ Public API (see SPEC.md for every formula):
 * :func:`token_logprobs` — log-probs, entropy, sum p^2, argmax from logits.
 * :func:`linear_logprobs` — the same statistics from hidden states and the lm_head weight.
 * :func:`policy_loss`, :class:`PolicyLoss` — PPO/GRPO-family losses, fused.
+* :class:`LinearPolicyLoss` — the policy loss straight from hidden states and the lm_head weight.
 * :func:`kl_penalty`, :func:`aggregate_loss` — KL estimators and loss aggregation.
 * :func:`group_advantages`, :func:`token_advantages` — GRPO-family advantages (SPEC §5);
   token-level :func:`reinforce_pp_advantages`, :func:`remax_advantages`,
@@ -17,6 +18,7 @@ from fastalign.advantages import (gae_advantages, group_advantages, implicit_pro
 from fastalign.aggregate import aggregate_loss
 from fastalign.kl import kl_penalty
 from fastalign.linear import linear_logprobs
+from fastalign.linear_policy import LinearPolicyLoss
 from fastalign.logprobs import TokenStats, token_logprobs
 from fastalign.policy import PolicyLoss, policy_loss
 
@@ -25,5 +27,6 @@ __all__ = [
     "gae_advantages", "group_advantages", "implicit_process_advantages", "masked_whiten",
     "reinforce_pp_advantages", "remax_advantages", "token_advantages",
     "PolicyLoss", "aggregate_loss", "kl_penalty", "policy_loss",
+    "LinearPolicyLoss",
 ]
 __version__ = "0.1.0"
