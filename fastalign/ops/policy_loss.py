@@ -135,8 +135,7 @@ def cov_select(
         _backend.compiled().cov_select_cuda(N, *args, keys.data_ptr(), hist.data_ptr(), state.data_ptr(),
                                             sel.data_ptr(), _backend.cuda_stream(lp))
     else:
-        keys = torch.empty(max(N, 1), device=lp.device, dtype=torch.int64)
-        _backend.compiled().cov_select_cpu(N, *args, keys.data_ptr(), sel.data_ptr())
+        _backend.compiled().cov_select_cpu(N, *args, sel.data_ptr())
     return sel
 
 
