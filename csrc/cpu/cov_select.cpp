@@ -97,7 +97,7 @@ constexpr int64_t kChunk = 1024;
   _Pragma("omp simd reduction(+ : hits)")                                                          \
   for (int64_t i = 0; i < n; ++i) {                                                                 \
     bool cand;                                                                                      \
-    const uint32_t o = cov_order(P, static_cast<uint32_t>(t0 + i), vb[i] != 0.f, lp[t0 + i], old[t0 + i], \
+    const uint32_t o = cov_order_t<MODE>(P, static_cast<uint32_t>(t0 + i), vb[i] != 0.f, lp[t0 + i], old[t0 + i], \
                                  adv[t0 + i], cand);                                                \
     const uint32_t h = cand & (o <= bound_hi);                                                      \
     ord[i] = o;                                                                                     \
@@ -106,6 +106,7 @@ constexpr int64_t kChunk = 1024;
   }                                                                                                 \
   return hits;
 
+template <int MODE>
 __attribute__((target("arch=x86-64-v4"))) uint32_t chunk_keys_avx512(
     const CovParams& P, int64_t t0, int64_t n, const float* __restrict lp, const float* __restrict old,
     const float* __restrict adv, const uint8_t* __restrict mask, uint32_t bound_hi, uint32_t* __restrict ord,
@@ -113,6 +114,7 @@ __attribute__((target("arch=x86-64-v4"))) uint32_t chunk_keys_avx512(
   FASTALIGN_CHUNK_BODY
 }
 
+template <int MODE>
 __attribute__((target("arch=x86-64-v3"))) uint32_t chunk_keys_avx2(
     const CovParams& P, int64_t t0, int64_t n, const float* __restrict lp, const float* __restrict old,
     const float* __restrict adv, const uint8_t* __restrict mask, uint32_t bound_hi, uint32_t* __restrict ord,
@@ -120,6 +122,7 @@ __attribute__((target("arch=x86-64-v3"))) uint32_t chunk_keys_avx2(
   FASTALIGN_CHUNK_BODY
 }
 
+template <int MODE>
 uint32_t chunk_keys_base(const CovParams& P, int64_t t0, int64_t n, const float* __restrict lp,
                          const float* __restrict old, const float* __restrict adv, const uint8_t* __restrict mask,
                          uint32_t bound_hi, uint32_t* __restrict ord, uint32_t* __restrict hit) {
@@ -129,7 +132,10 @@ uint32_t chunk_keys_base(const CovParams& P, int64_t t0, int64_t n, const float*
 using ChunkFn = uint32_t (*)(const CovParams&, int64_t, int64_t, const float*, const float*, const float*,
                              const uint8_t*, uint32_t, uint32_t*, uint32_t*);
 
-ChunkFn chunk_keys_fn() { return has_avx512() ? chunk_keys_avx512 : has_avx2() ? chunk_keys_avx2 : chunk_keys_base; }
+template <int MODE>
+ChunkFn chunk_keys_fn() {
+  return has_avx512() ? chunk_keys_avx512<MODE> : has_avx2() ? chunk_keys_avx2<MODE> : chunk_keys_base<MODE>;
+}
 
 // One pass over the tokens, no per-token scratch: each thread walks its contiguous range in
 // chunks (vectorised keys), keeps only keys below its running bound (the largest of its k
@@ -149,7 +155,7 @@ void cov_select(int64_t N, uintptr_t lp_p, uintptr_t old_p, uintptr_t adv_p, uin
   const float* old = as<const float>(old_p);
   const float* adv = as<const float>(adv_p);
   const uint8_t* mask = as<const uint8_t>(mask_p);
-  static const ChunkFn chunk_keys = chunk_keys_fn();
+  const ChunkFn chunk_keys = P.mode == 0 ? chunk_keys_fn<0>() : chunk_keys_fn<1>();
   const int64_t k = P.k;
   const int nthreads = omp_get_max_threads();
   struct Pick {
