@@ -372,6 +372,55 @@ void policy_loss_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_
   }
 }
 
+// Backward: gl[i, t] = dlp[i, t] g_i and ge[i, t] = -ent_coef m[i, t] g_i (g_i = grow[i * gstride]),
+// one pass over the rows; either output may be absent (0).
+template <bool GL, bool GE>
+__attribute__((always_inline)) inline void grads_row(int64_t T, const float* __restrict dlp,
+                                                     const uint8_t* __restrict mask, float g, float ge_v,
+                                                     float* __restrict gl, float* __restrict ge) {
+  if (GL) {
+#pragma omp simd
+    for (int64_t t = 0; t < T; ++t) gl[t] = dlp[t] * g;
+  }
+  if (GE) {
+#pragma omp simd
+    for (int64_t t = 0; t < T; ++t) ge[t] = mask[t] != 0 ? ge_v : 0.f;
+  }
+}
+
+template <bool GL, bool GE>
+__attribute__((target("arch=x86-64-v4"))) void grads_rows_avx512(int64_t B, int64_t T, const float* dlp,
+    const float* grow, int64_t gstride, const uint8_t* mask, float ent_coef, float* gl, float* ge) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < B; ++i) {
+    const float g = grow[i * gstride];
+    grads_row<GL, GE>(T, dlp + i * T, mask + i * T, g, -ent_coef * g, gl + (GL ? i * T : 0), ge + (GE ? i * T : 0));
+  }
+}
+
+template <bool GL, bool GE>
+void grads_rows_base(int64_t B, int64_t T, const float* dlp, const float* grow, int64_t gstride, const uint8_t* mask,
+                     float ent_coef, float* gl, float* ge) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < B; ++i) {
+    const float g = grow[i * gstride];
+    grads_row<GL, GE>(T, dlp + i * T, mask + i * T, g, -ent_coef * g, gl + (GL ? i * T : 0), ge + (GE ? i * T : 0));
+  }
+}
+
+void policy_loss_bwd(int64_t B, int64_t T, uintptr_t dlp, uintptr_t grow, int64_t gstride, uintptr_t mask,
+                     double ent_coef, uintptr_t gl, uintptr_t ge) {
+  if (B == 0 || (!gl && !ge)) return;
+  auto run = [&](auto fa, auto fb, auto fc) {
+    auto* f = cpu_level() == 2 ? fa : (cpu_level() == 1 ? fb : fc);
+    f(B, T, as<const float>(dlp), as<const float>(grow), gstride, as<const uint8_t>(mask), float(ent_coef),
+      as<float>(gl), as<float>(ge));
+  };
+  if (gl && ge) run(grads_rows_avx512<true, true>, grads_rows_base<true, true>, grads_rows_base<true, true>);
+  else if (gl) run(grads_rows_avx512<true, false>, grads_rows_base<true, false>, grads_rows_base<true, false>);
+  else run(grads_rows_avx512<false, true>, grads_rows_base<false, true>, grads_rows_base<false, true>);
+}
+
 }  // namespace
 
 FASTALIGN_BINDINGS(policy_loss) {
@@ -379,6 +428,9 @@ FASTALIGN_BINDINGS(policy_loss) {
   m.def("policy_loss_fwd_cpu", &policy_loss_fwd, py::call_guard<py::gil_scoped_release>(),
         "Fused per-token policy loss over [B, T] fp32 rows (uint8 mask/selection): per-row sums "
         "[B, 8], d(row loss)/d(lp) and d/d(H). Optional inputs/outputs are 0 pointers.");
+  m.def("policy_loss_bwd_cpu", &policy_loss_bwd, py::call_guard<py::gil_scoped_release>(),
+        "Backward of the row losses: d lp = dlp * g_row, d H = -ent_coef * mask * g_row (either output "
+        "may be 0).");
 }
 
 }  // namespace fastalign
