@@ -5,6 +5,7 @@ Public API (see SPEC.md for every formula):
 * :func:`token_logprobs` — log-probs, entropy, sum p^2, argmax from logits.
 * :func:`linear_logprobs` — the same statistics from hidden states and the lm_head weight.
 * :func:`policy_loss`, :class:`PolicyLoss` — PPO/GRPO-family losses, fused.
+* :class:`LinearPolicyLoss` — the policy loss straight from hidden states and the lm_head weight.
 * :func:`kl_penalty`, :func:`aggregate_loss` — KL estimators and loss aggregation.
 * :func:`preference_loss`, :class:`PreferenceLoss`, :class:`LinearPreferenceLoss` — the DPO
   family (SPEC §6); :func:`sequence_logprobs` for padded and packed batches.
@@ -19,6 +20,7 @@ from fastalign.advantages import (gae_advantages, group_advantages, implicit_pro
 from fastalign.aggregate import aggregate_loss
 from fastalign.kl import kl_penalty
 from fastalign.linear import linear_logprobs
+from fastalign.linear_policy import LinearPolicyLoss
 from fastalign.logprobs import TokenStats, token_logprobs
 from fastalign.policy import PolicyLoss, policy_loss
 from fastalign.preference import LOSS_TYPES, LinearPreferenceLoss, PreferenceLoss, preference_loss, wpo_weights
@@ -29,6 +31,7 @@ __all__ = [
     "gae_advantages", "group_advantages", "implicit_process_advantages", "masked_whiten",
     "reinforce_pp_advantages", "remax_advantages", "token_advantages",
     "PolicyLoss", "aggregate_loss", "kl_penalty", "policy_loss",
+    "LinearPolicyLoss",
     "LOSS_TYPES", "LinearPreferenceLoss", "PreferenceLoss", "SequenceLogprobs", "preference_loss",
     "sequence_logprobs", "wpo_weights",
 ]

@@ -231,7 +231,8 @@ def policy_loss(
                float(rollout_max), offpol, float(cov_kl_coef)]
     need_rows = (loss_type in ("gspo", "gmpo") or offpolicy_threshold is not None
                  or rollout_correction in ("sequence_truncate", "sequence_mask"))
-    want_dh = entropy is not None and entropy_coef != 0.0 and entropy.requires_grad
+    # d(loss)/dH = -entropy_coef * mask is rebuilt in backward from the mask (no [B, T] buffer)
+    want_dh = False
     row, _dlp, _dh = _ops.policy_loss_rows(
         lp, old, adv, mask, ref, ent, roll, keep, sel, _ops.LOSS_CODES[loss_type], _ops.KL_CODES[kl_base],
         kl_straight, bool(kl_clamp), bool(kl_rho), _ops.ROLLOUT_CODES[rollout_correction], fparams, need_rows,

@@ -402,6 +402,17 @@ def test_opcheck():
                                                  False, True, False, 0, f, False, True, "cpp"))
     torch.library.opcheck(ops.policy_loss_rows, (lp, d["old"], d["A"], mu, None, None, d["roll"], None, None, 5, 3,
                                                  False, True, False, 3, f, True, False, "cpp"))
+    torch.library.opcheck(ops.policy_loss_rows, (lp, d["old"], d["A"], mu, d["ref"], H, None, None, None, 0, 3,
+                                                 False, True, False, 0, f, False, False, "cpp"))
+    g_row = torch.randn(3, 8)
+    for backend in ("cpp", "triton"):
+        for want in ((True, True), (True, False), (False, True)):
+            gl, ge = ops.policy_loss_grads(d["lp"], g_row, mu, 0.01, *want, backend)
+            if want[0]:
+                assert torch.equal(gl, d["lp"] * g_row[:, :1])
+            if want[1]:
+                assert torch.equal(ge, torch.where(d["m"], -0.01 * g_row[:, :1], torch.zeros(())))
+            torch.library.opcheck(ops.policy_loss_grads, (d["lp"], g_row, mu, 0.01, *want, backend))
     sums = ops.cov_sums(d["lp"], d["A"], mu)
     torch.library.opcheck(ops.cov_sums, (d["lp"], d["A"], mu))
     torch.library.opcheck(ops.cov_select, (d["lp"], d["old"], d["A"], mu, sums, sums[2:3].clone(), torch.tensor([3]),

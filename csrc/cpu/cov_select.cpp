@@ -6,8 +6,8 @@
 //             key (all of them when fewer), key = splitmix64(seed, t): a uniform random choice.
 //   kl_cov:   candidates = valid; pick the top k by cov_t, ties by lower index.
 // Both become "the k smallest 64-bit keys", key = (32-bit order key << 32) | flat index, so
-// keys are unique and the k-th smallest is a threshold. Per-thread nth_element over chunks,
-// then one over the merged per-chunk winners. Counts (n_local) are read from memory, never
+// keys are unique and the k-th smallest is a threshold. One vectorised key pass per thread
+// keeps a small buffer of keys below its running k-th key; the buffers are merged at the end. Counts (n_local) are read from memory, never
 // passed from Python, so the caller never synchronises.
 #include <algorithm>
 #include <cmath>
@@ -27,26 +27,58 @@ namespace {
 template <typename P>
 P* as(uintptr_t p) { return reinterpret_cast<P*>(p); }
 
+// One row's [sum_v A, sum_v lp, n] (fixed order). Mask widened to fp32 per chunk so the
+// loop runs in fp32 lanes only.
+#define FASTALIGN_ROW_SUMS_BODY                                                      \
+  float sa = 0.f, sl = 0.f, n = 0.f;                                                \
+  alignas(64) float vb[512];                                                        \
+  for (int64_t t0 = 0; t0 < T; t0 += 512) {                                         \
+    const int64_t m = T - t0 < 512 ? T - t0 : 512;                                  \
+    for (int64_t t = 0; t < m; ++t) vb[t] = mask[t0 + t] != 0 ? 1.f : 0.f;          \
+    float ca = 0.f, cl = 0.f, cn = 0.f;                                             \
+    _Pragma("omp simd reduction(+ : ca, cl, cn)")                                   \
+    for (int64_t t = 0; t < m; ++t) {                                               \
+      const bool v = vb[t] != 0.f;                                                  \
+      ca += v ? adv[t0 + t] : 0.f;                                                  \
+      cl += v ? lp[t0 + t] : 0.f;                                                   \
+      cn += vb[t];                                                                  \
+    }                                                                               \
+    sa += ca;                                                                       \
+    sl += cl;                                                                       \
+    n += cn;                                                                        \
+  }                                                                                 \
+  out[0] = sa;                                                                      \
+  out[1] = sl;                                                                      \
+  out[2] = n;
+
+__attribute__((target("arch=x86-64-v4"))) void row_sums_avx512(int64_t T, const float* __restrict lp,
+    const float* __restrict adv, const uint8_t* __restrict mask, double* out) { FASTALIGN_ROW_SUMS_BODY }
+__attribute__((target("arch=x86-64-v3"))) void row_sums_avx2(int64_t T, const float* __restrict lp,
+    const float* __restrict adv, const uint8_t* __restrict mask, double* out) { FASTALIGN_ROW_SUMS_BODY }
+void row_sums_base(int64_t T, const float* __restrict lp, const float* __restrict adv,
+                   const uint8_t* __restrict mask, double* out) { FASTALIGN_ROW_SUMS_BODY }
+
+using RowSumsFn = void (*)(int64_t, const float*, const float*, const uint8_t*, double*);
+
+inline bool has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  return ok;
+}
+inline bool has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
 // Per-row partial sums in a fixed order, then rows in order: deterministic.
 void cov_sums(int64_t B, int64_t T, uintptr_t lp_p, uintptr_t adv_p, uintptr_t mask_p, uintptr_t out_p) {
   const float* lp = as<const float>(lp_p);
   const float* adv = as<const float>(adv_p);
   const uint8_t* mask = as<const uint8_t>(mask_p);
+  const RowSumsFn fn = has_avx512() ? row_sums_avx512 : has_avx2() ? row_sums_avx2 : row_sums_base;
   std::vector<double> part(static_cast<size_t>(B) * 3, 0.0);
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < B; ++i) {
-    float sa = 0.f, sl = 0.f, n = 0.f;
-#pragma omp simd reduction(+ : sa, sl, n)
-    for (int64_t t = 0; t < T; ++t) {
-      const bool v = mask[i * T + t] != 0;
-      sa += v ? adv[i * T + t] : 0.f;
-      sl += v ? lp[i * T + t] : 0.f;
-      n += v ? 1.f : 0.f;
-    }
-    part[i * 3] = sa;
-    part[i * 3 + 1] = sl;
-    part[i * 3 + 2] = n;
-  }
+  for (int64_t i = 0; i < B; ++i) fn(T, lp + i * T, adv + i * T, mask + i * T, part.data() + i * 3);
   double s[3] = {0, 0, 0};
   for (int64_t i = 0; i < B; ++i)
     for (int k = 0; k < 3; ++k) s[k] += part[i * 3 + k];
@@ -54,80 +86,120 @@ void cov_sums(int64_t B, int64_t T, uintptr_t lp_p, uintptr_t adv_p, uintptr_t m
   for (int k = 0; k < 3; ++k) out[k] = static_cast<float>(s[k]);
 }
 
-// The key loop, compiled for AVX2+FMA and for the baseline (picked at run time).
-#define FASTALIGN_KEY_LOOP                                                                             \
-  _Pragma("omp parallel for simd schedule(static)")                                                 \
-  for (int64_t t = 0; t < N; ++t) keys[t] = cov_key(P, static_cast<uint64_t>(t), mask[t] != 0, lp[t], old[t], adv[t]);
+// One chunk of tokens [t0, t0 + n): order keys and "may beat the current bound" flags, fp32 and
+// uint32 lanes only (the uint8 mask is widened first), so the loop vectorises. Returns #hits.
+constexpr int64_t kChunk = 1024;
 
-__attribute__((target("arch=x86-64-v3"))) void fill_keys_avx2(const CovParams& P, int64_t N,
-                                                               const float* __restrict lp,
-                                                               const float* __restrict old,
-                                                               const float* __restrict adv,
-                                                               const uint8_t* __restrict mask,
-                                                               uint64_t* __restrict keys) {
-  FASTALIGN_KEY_LOOP
+#define FASTALIGN_CHUNK_BODY                                                                         \
+  alignas(64) float vb[kChunk];                                                                     \
+  for (int64_t i = 0; i < n; ++i) vb[i] = mask[t0 + i] != 0 ? 1.f : 0.f;                           \
+  uint32_t hits = 0;                                                                                \
+  _Pragma("omp simd reduction(+ : hits)")                                                          \
+  for (int64_t i = 0; i < n; ++i) {                                                                 \
+    bool cand;                                                                                      \
+    const uint32_t o = cov_order_t<MODE>(P, static_cast<uint32_t>(t0 + i), vb[i] != 0.f, lp[t0 + i], old[t0 + i], \
+                                 adv[t0 + i], cand);                                                \
+    const uint32_t h = cand & (o <= bound_hi);                                                      \
+    ord[i] = o;                                                                                     \
+    hit[i] = h;                                                                                     \
+    hits += h;                                                                                      \
+  }                                                                                                 \
+  return hits;
+
+template <int MODE>
+__attribute__((target("arch=x86-64-v4"))) uint32_t chunk_keys_avx512(
+    const CovParams& P, int64_t t0, int64_t n, const float* __restrict lp, const float* __restrict old,
+    const float* __restrict adv, const uint8_t* __restrict mask, uint32_t bound_hi, uint32_t* __restrict ord,
+    uint32_t* __restrict hit) {
+  FASTALIGN_CHUNK_BODY
 }
 
-void fill_keys_base(const CovParams& P, int64_t N, const float* __restrict lp, const float* __restrict old,
-                    const float* __restrict adv, const uint8_t* __restrict mask, uint64_t* __restrict keys) {
-  FASTALIGN_KEY_LOOP
+template <int MODE>
+__attribute__((target("arch=x86-64-v3"))) uint32_t chunk_keys_avx2(
+    const CovParams& P, int64_t t0, int64_t n, const float* __restrict lp, const float* __restrict old,
+    const float* __restrict adv, const uint8_t* __restrict mask, uint32_t bound_hi, uint32_t* __restrict ord,
+    uint32_t* __restrict hit) {
+  FASTALIGN_CHUNK_BODY
 }
 
-void fill_keys(const CovParams& P, int64_t N, const float* lp, const float* old, const float* adv,
-               const uint8_t* mask, uint64_t* keys) {
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) fill_keys_avx2(P, N, lp, old, adv, mask, keys);
-  else fill_keys_base(P, N, lp, old, adv, mask, keys);
+template <int MODE>
+uint32_t chunk_keys_base(const CovParams& P, int64_t t0, int64_t n, const float* __restrict lp,
+                         const float* __restrict old, const float* __restrict adv, const uint8_t* __restrict mask,
+                         uint32_t bound_hi, uint32_t* __restrict ord, uint32_t* __restrict hit) {
+  FASTALIGN_CHUNK_BODY
 }
 
+using ChunkFn = uint32_t (*)(const CovParams&, int64_t, int64_t, const float*, const float*, const float*,
+                             const uint8_t*, uint32_t, uint32_t*, uint32_t*);
+
+template <int MODE>
+ChunkFn chunk_keys_fn() {
+  return has_avx512() ? chunk_keys_avx512<MODE> : has_avx2() ? chunk_keys_avx2<MODE> : chunk_keys_base<MODE>;
+}
+
+// One pass over the tokens, no per-token scratch: each thread walks its contiguous range in
+// chunks (vectorised keys), keeps only keys below its running bound (the largest of its k
+// smallest so far) in a small buffer that is cut back to the k smallest when full, then the
+// per-thread winners are merged. The selection ("the k smallest unique keys") does not depend
+// on the thread count. sel is cleared and the (at most k) winners are marked.
 void cov_select(int64_t N, uintptr_t lp_p, uintptr_t old_p, uintptr_t adv_p, uintptr_t mask_p, uintptr_t sums_p,
                 uintptr_t nloc_p, uintptr_t seed_p, int mode, double ratio, double lb, double ub, double el,
-                double eh, uintptr_t keys_p, uintptr_t sel_p) {
+                double eh, uintptr_t sel_p) {
   uint8_t* sel = as<uint8_t>(sel_p);
-  uint64_t* keys = as<uint64_t>(keys_p);
   const float* sums = as<const float>(sums_p);
   CovParams P = cov_params(sums, *as<const float>(nloc_p), ratio, lb, ub, el, eh, mode,
                            static_cast<uint64_t>(*as<const int64_t>(seed_p)));
   P.mode = mode == 0 ? 0 : 1;
   if (N == 0) return;
-  // 1) every token's key (kNoKey for non-candidates), vectorised
-  fill_keys(P, N, as<const float>(lp_p), as<const float>(old_p), as<const float>(adv_p), as<const uint8_t>(mask_p), keys);
-  // 2) the k smallest keys per thread chunk, skipping keys above the chunk's running k-th key
+  const float* lp = as<const float>(lp_p);
+  const float* old = as<const float>(old_p);
+  const float* adv = as<const float>(adv_p);
+  const uint8_t* mask = as<const uint8_t>(mask_p);
+  const ChunkFn chunk_keys = P.mode == 0 ? chunk_keys_fn<0>() : chunk_keys_fn<1>();
   const int64_t k = P.k;
   const int nthreads = omp_get_max_threads();
-  std::vector<std::vector<uint64_t>> best(static_cast<size_t>(nthreads));
+  struct Pick {
+    uint64_t key;
+    int64_t idx;
+    bool operator<(const Pick& o) const { return key < o.key || (key == o.key && idx < o.idx); }
+  };
+  std::vector<std::vector<Pick>> best(static_cast<size_t>(nthreads));
 #pragma omp parallel num_threads(nthreads)
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t lo = N * tid / nt, hi = N * (tid + 1) / nt;
-    std::vector<uint64_t>& mine = best[tid];
-    const size_t cap = static_cast<size_t>(2 * k + 64);
+    const int64_t nchunks = (N + kChunk - 1) / kChunk;
+    const int64_t c_lo = nchunks * tid / nt, c_hi = nchunks * (tid + 1) / nt;
+    std::vector<Pick>& mine = best[tid];
+    const size_t cap = static_cast<size_t>(std::max<int64_t>(2 * k, k + 256));
     mine.reserve(cap);
-    uint64_t bound = kNoKey;  // keys >= bound cannot be among the chunk's k smallest
-    for (int64_t t = lo; t < hi; ++t) {
-      const uint64_t key = keys[t];
-      if (key >= bound) continue;
-      mine.push_back(key);
-      if (mine.size() >= cap) {
-        std::nth_element(mine.begin(), mine.begin() + (k - 1), mine.end());
-        mine.resize(static_cast<size_t>(k));
-        bound = *std::max_element(mine.begin(), mine.end()) + 1;
+    Pick bound{kNoKey, INT64_MAX};  // picks not below bound cannot be among the range's k smallest
+    alignas(64) uint32_t ord[kChunk];
+    alignas(64) uint32_t hit[kChunk];
+    for (int64_t c = c_lo; c < c_hi; ++c) {
+      const int64_t t0 = c * kChunk, n = std::min<int64_t>(kChunk, N - t0);
+      const uint32_t bound_hi = static_cast<uint32_t>(bound.key >> 32);
+      if (chunk_keys(P, t0, n, lp, old, adv, mask, bound_hi, ord, hit) == 0) continue;
+      for (int64_t i = 0; i < n; ++i) {
+        if (!hit[i]) continue;
+        const int64_t t = t0 + i;
+        const Pick p{(static_cast<uint64_t>(ord[i]) << 32) | (static_cast<uint64_t>(t) & 0xffffffffull), t};
+        if (!(p < bound)) continue;
+        mine.push_back(p);
+        if (mine.size() >= cap) {
+          std::nth_element(mine.begin(), mine.begin() + (k - 1), mine.end());
+          mine.resize(static_cast<size_t>(k));
+          bound = *std::max_element(mine.begin(), mine.end());
+        }
       }
     }
   }
-  std::vector<uint64_t> merged;
+  std::vector<Pick> merged;
   for (auto& v : best) merged.insert(merged.end(), v.begin(), v.end());
-  uint64_t thr = 0;
-  const bool any = !merged.empty();
-  if (any) {
-    const int64_t kk = std::min<int64_t>(k, static_cast<int64_t>(merged.size()));
-    std::nth_element(merged.begin(), merged.begin() + (kk - 1), merged.end());
-    thr = merged[kk - 1];
-  }
-  // 3) mark: keys are unique, so "key <= k-th key" picks exactly min(k, #candidates)
-  const uint64_t lim = any ? thr : 0;
-#pragma omp parallel for simd schedule(static)
-  for (int64_t t = 0; t < N; ++t) sel[t] = static_cast<uint8_t>(any & (keys[t] != kNoKey) & (keys[t] <= lim));
+  const int64_t kk = std::min<int64_t>(k, static_cast<int64_t>(merged.size()));
+  if (kk > 0) std::nth_element(merged.begin(), merged.begin() + (kk - 1), merged.end());
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < N; ++t) sel[t] = 0;
+  for (int64_t j = 0; j < kk; ++j) sel[merged[j].idx] = 1;
 }
 
 }  // namespace
@@ -137,8 +209,8 @@ FASTALIGN_BINDINGS(cov_select) {
   m.def("cov_sums_cpu", &cov_sums, py::call_guard<py::gil_scoped_release>(),
         "[sum_v A, sum_v lp, n_valid] of [B, T] fp32 rows (uint8 mask), deterministic order.");
   m.def("cov_select_cpu", &cov_select, py::call_guard<py::gil_scoped_release>(),
-        "Clip-Cov (mode 0) / KL-Cov (mode 1) selection mask (uint8) over N tokens; keys is uint64 [N] "
-        "scratch; counts and the seed are read from memory.");
+        "Clip-Cov (mode 0) / KL-Cov (mode 1) selection mask (uint8) over N tokens; counts and the seed "
+        "are read from memory.");
 }
 
 }  // namespace fastalign

@@ -72,23 +72,32 @@ FA_HD uint32_t float_order_bits(float f) {  // monotone: a < b  <=>  bits(a) < b
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Written without branches so the CPU loop over tokens vectorises.
-FA_HD uint64_t cov_key(const CovParams& p, uint64_t idx, bool valid, float lp, float old, float a) {
+// The 32-bit order key of token idx and whether it is a candidate, for MODE 0 (clip_cov) or
+// 1 (kl_cov). Written without branches and in 32-bit lanes only, so the CPU loop vectorises.
+template <int MODE>
+FA_HD uint32_t cov_order_t(const CovParams& p, uint32_t idx, bool valid, float lp, float old, float a, bool& cand) {
   const float cov = (a - p.mean_a) * (lp - p.mean_lp);
-  bool cand;
-  uint32_t order;
-  if (p.mode == 0) {
+  if (MODE == 0) {
     const float rho = FA_EXP(lp - old);
     const float L1 = -a * rho;
     const float rc = rho < p.lo ? p.lo : (rho > p.hi ? p.hi : rho);
     const float L2 = -a * rc;
     cand = valid & (L2 <= L1) & (cov > p.lb) & (cov < p.ub);
     // a keyed hash of the index: seed (two 32-bit halves) -> independent uniform 32-bit keys
-    order = hash32(hash32(static_cast<uint32_t>(idx) ^ p.seed_lo) + p.seed_hi);
-  } else {
-    cand = valid & (cov == cov);  // NaN never selected
-    order = ~float_order_bits(cov);
+    return hash32(hash32(idx ^ p.seed_lo) + p.seed_hi);
   }
+  cand = valid & (cov == cov);  // NaN never selected
+  return ~float_order_bits(cov);
+}
+
+FA_HD uint32_t cov_order(const CovParams& p, uint32_t idx, bool valid, float lp, float old, float a, bool& cand) {
+  return p.mode == 0 ? cov_order_t<0>(p, idx, valid, lp, old, a, cand) : cov_order_t<1>(p, idx, valid, lp, old, a, cand);
+}
+
+// The full 64-bit key: (order << 32) | index, or kNoKey for non-candidates.
+FA_HD uint64_t cov_key(const CovParams& p, uint64_t idx, bool valid, float lp, float old, float a) {
+  bool cand;
+  const uint32_t order = cov_order(p, static_cast<uint32_t>(idx), valid, lp, old, a, cand);
   const uint64_t key = (static_cast<uint64_t>(order) << 32) | (idx & 0xffffffffull);
   return cand ? key : kNoKey;
 }

@@ -143,18 +143,38 @@ __attribute__((always_inline)) inline void row_body(const Cfg& c, const Row& R) 
   const float xlo = kl_clamp ? -20.f : -kBig, xhi = kl_clamp ? 20.f : kBig;
   const float klo = kl_clamp ? -10.f : -kBig, khi = kl_clamp ? 10.f : kBig;
   const float w_trunc = rollout == kTokTrunc ? 1.f : 0.f;
-  float s_loss = 0.f, s_n = 0.f, s_clip = 0.f, s_low = 0.f, s_negl = 0.f, s_kl = 0.f, s_H = 0.f, s_sel = 0.f;
+  float t_loss = 0.f, t_n = 0.f, t_clip = 0.f, t_low = 0.f, t_negl = 0.f, t_kl = 0.f, t_H = 0.f, t_sel = 0.f;
   float* __restrict dlp = R.dlp;
   float* __restrict dH = R.dH;
+  // The uint8 mask and selection are widened to fp32 one chunk at a time, so the token loop
+  // below works on fp32 only (a uint8 operand makes the vectoriser pick 16+ lanes and spill).
+  constexpr int64_t kChunk = 512;
+  alignas(64) float vb[kChunk];
+  alignas(64) float sb[kChunk];
+  for (int64_t t0 = 0; t0 < T; t0 += kChunk) {
+  const int64_t n = T - t0 < kChunk ? T - t0 : kChunk;
+  for (int64_t t = 0; t < n; ++t) {
+    vb[t] = mask[t0 + t] != 0 ? 1.f : 0.f;
+    sb[t] = sel[t0 + t] != 0 ? 1.f : 0.f;
+  }
+  const float* __restrict c_lp = lp + t0;
+  const float* __restrict c_old = old + t0;
+  const float* __restrict c_adv = adv + t0;
+  const float* __restrict c_ref = ref + t0;
+  const float* __restrict c_ent = ent + t0;
+  const float* __restrict c_roll = roll + t0;
+  const float* __restrict c_keep = keep + t0;
+  float* __restrict c_dlp = dlp + t0;
+  float* __restrict c_dH = DH ? dH + t0 : nullptr;
+  float s_loss = 0.f, s_n = 0.f, s_clip = 0.f, s_low = 0.f, s_negl = 0.f, s_kl = 0.f, s_H = 0.f, s_sel = 0.f;
 #pragma omp simd reduction(+ : s_loss, s_n, s_clip, s_low, s_negl, s_kl, s_H, s_sel)
-  for (int64_t t = 0; t < T; ++t) {
-    const bool v = mask[t] != 0;
-    const float x_lp = lp[t], a = adv[t];
-    const float l = x_lp - old[t];
+  for (int64_t t = 0; t < n; ++t) {
+    const bool v = vb[t] != 0.f;
+    const float x_lp = c_lp[t], a = c_adv[t];
+    const float l = x_lp - c_old[t];
     const float rho_c = exp_f32(clampf(l, -20.f, 20.f));
     const float drho_c = (l >= -20.f & l <= 20.f) ? rho_c : 0.f;
-    const uint8_t sel_t = sel[t];  // loaded unconditionally (a sunk, conditional load blocks SIMD)
-    const bool picked = sel_t != 0;
+    const bool picked = sb[t] != 0.f;
     float pg = 0.f, dpg = 0.f, clip = 0.f, low = 0.f;
     if (LT == kPPO | LT == kGSPO | LT == kCLIPCOV) {
       float rho = rho_c, drho = drho_c;
@@ -206,9 +226,9 @@ __attribute__((always_inline)) inline void row_body(const Cfg& c, const Row& R) 
       clip = (l < -el | l > eh) ? 1.f : 0.f;
     }
     // detached weights
-    float w = keep[t] * w_row;
+    float w = c_keep[t] * w_row;
     if (TOKROLL) {
-      const float r = exp_f32(clampf(old[t] - roll[t], -20.f, 20.f));
+      const float r = exp_f32(clampf(c_old[t] - c_roll[t], -20.f, 20.f));
       const float w_t = r > r_max ? r_max : r;
       const float w_m = (r >= r_min & r <= r_max) ? r : 0.f;
       w *= w_trunc * w_t + (1.f - w_trunc) * w_m;
@@ -218,7 +238,7 @@ __attribute__((always_inline)) inline void row_body(const Cfg& c, const Row& R) 
     // KL term (x = ref - lp)
     float klv = 0.f;
     if (KL) {
-      const float d = x_lp - ref[t];
+      const float d = x_lp - c_ref[t];
       const float x = -d;
       const float xc = clampf(x, xlo, xhi);
       const float e = exp_f32(xc);
@@ -235,10 +255,10 @@ __attribute__((always_inline)) inline void row_body(const Cfg& c, const Row& R) 
       L += kl_coef * kr * klv;
       g += kl_coef * kr * dkl;
     }
-    const float h = ent[t];  // a row of zeros when no entropy is given
+    const float h = c_ent[t];  // a row of zeros when no entropy is given
     L -= ent_coef * h;
-    dlp[t] = v ? g : 0.f;
-    if (DH) dH[t] = v ? -ent_coef : 0.f;
+    c_dlp[t] = v ? g : 0.f;
+    if (DH) c_dH[t] = v ? -ent_coef : 0.f;
     s_loss += v ? L : 0.f;
     s_n += v ? 1.f : 0.f;
     s_clip += v ? clip : 0.f;
@@ -246,36 +266,50 @@ __attribute__((always_inline)) inline void row_body(const Cfg& c, const Row& R) 
     s_negl += v ? -l : 0.f;
     s_kl += v ? klv : 0.f;
     s_H += v ? h : 0.f;
-    s_sel += static_cast<float>((mask[t] != 0) & (sel_t != 0));
+    s_sel += v ? sb[t] : 0.f;
+  }
+  t_loss += s_loss; t_n += s_n; t_clip += s_clip; t_low += s_low;
+  t_negl += s_negl; t_kl += s_kl; t_H += s_H; t_sel += s_sel;
   }
   float* row = R.out;
-  row[0] = s_loss + gmpo_row;
-  row[1] = s_n;
-  row[2] = s_clip;
-  row[3] = s_low;
-  row[4] = s_negl;
-  row[5] = s_kl;
-  row[6] = s_H;
-  row[7] = s_sel;
+  row[0] = t_loss + gmpo_row;
+  row[1] = t_n;
+  row[2] = t_clip;
+  row[3] = t_low;
+  row[4] = t_negl;
+  row[5] = t_kl;
+  row[6] = t_H;
+  row[7] = t_sel;
 }
 
-// The same body compiled for AVX2+FMA and for the baseline, picked at run time.
-// (target_clones left some instantiations scalar; an explicit target keeps them vectorised.)
+// The same body compiled for AVX-512 (32 vector registers: the token loop's live values fit
+// without spilling), AVX2+FMA and the baseline, picked at run time. (target_clones left some
+// instantiations scalar; explicit targets keep them vectorised.)
+template <int LT, int FL>
+__attribute__((target("arch=x86-64-v4"))) void row_kernel_avx512(const Cfg& c, const Row& R) { row_body<LT, FL>(c, R); }
+
 template <int LT, int FL>
 __attribute__((target("arch=x86-64-v3"))) void row_kernel_avx2(const Cfg& c, const Row& R) { row_body<LT, FL>(c, R); }
 
 template <int LT, int FL>
 void row_kernel_base(const Cfg& c, const Row& R) { row_body<LT, FL>(c, R); }
 
-inline bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+// 2: AVX-512 (F, VL, BW, DQ), 1: AVX2 + FMA, 0: baseline
+inline int cpu_level() {
+  static const int level = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+                               ? 2
+                               : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 1 : 0;
+  return level;
 }
 
 template <int LT, int FL>
 void row_kernel(const Cfg& c, const Row& R) {
-  if (cpu_has_avx2()) row_kernel_avx2<LT, FL>(c, R);
-  else row_kernel_base<LT, FL>(c, R);
+  switch (cpu_level()) {
+    case 2: row_kernel_avx512<LT, FL>(c, R); break;
+    case 1: row_kernel_avx2<LT, FL>(c, R); break;
+    default: row_kernel_base<LT, FL>(c, R);
+  }
 }
 
 template <typename P>
@@ -338,6 +372,55 @@ void policy_loss_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_
   }
 }
 
+// Backward: gl[i, t] = dlp[i, t] g_i and ge[i, t] = -ent_coef m[i, t] g_i (g_i = grow[i * gstride]),
+// one pass over the rows; either output may be absent (0).
+template <bool GL, bool GE>
+__attribute__((always_inline)) inline void grads_row(int64_t T, const float* __restrict dlp,
+                                                     const uint8_t* __restrict mask, float g, float ge_v,
+                                                     float* __restrict gl, float* __restrict ge) {
+  if (GL) {
+#pragma omp simd
+    for (int64_t t = 0; t < T; ++t) gl[t] = dlp[t] * g;
+  }
+  if (GE) {
+#pragma omp simd
+    for (int64_t t = 0; t < T; ++t) ge[t] = mask[t] != 0 ? ge_v : 0.f;
+  }
+}
+
+template <bool GL, bool GE>
+__attribute__((target("arch=x86-64-v4"))) void grads_rows_avx512(int64_t B, int64_t T, const float* dlp,
+    const float* grow, int64_t gstride, const uint8_t* mask, float ent_coef, float* gl, float* ge) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < B; ++i) {
+    const float g = grow[i * gstride];
+    grads_row<GL, GE>(T, dlp + i * T, mask + i * T, g, -ent_coef * g, gl + (GL ? i * T : 0), ge + (GE ? i * T : 0));
+  }
+}
+
+template <bool GL, bool GE>
+void grads_rows_base(int64_t B, int64_t T, const float* dlp, const float* grow, int64_t gstride, const uint8_t* mask,
+                     float ent_coef, float* gl, float* ge) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < B; ++i) {
+    const float g = grow[i * gstride];
+    grads_row<GL, GE>(T, dlp + i * T, mask + i * T, g, -ent_coef * g, gl + (GL ? i * T : 0), ge + (GE ? i * T : 0));
+  }
+}
+
+void policy_loss_bwd(int64_t B, int64_t T, uintptr_t dlp, uintptr_t grow, int64_t gstride, uintptr_t mask,
+                     double ent_coef, uintptr_t gl, uintptr_t ge) {
+  if (B == 0 || (!gl && !ge)) return;
+  auto run = [&](auto fa, auto fb, auto fc) {
+    auto* f = cpu_level() == 2 ? fa : (cpu_level() == 1 ? fb : fc);
+    f(B, T, as<const float>(dlp), as<const float>(grow), gstride, as<const uint8_t>(mask), float(ent_coef),
+      as<float>(gl), as<float>(ge));
+  };
+  if (gl && ge) run(grads_rows_avx512<true, true>, grads_rows_base<true, true>, grads_rows_base<true, true>);
+  else if (gl) run(grads_rows_avx512<true, false>, grads_rows_base<true, false>, grads_rows_base<true, false>);
+  else run(grads_rows_avx512<false, true>, grads_rows_base<false, true>, grads_rows_base<false, true>);
+}
+
 }  // namespace
 
 FASTALIGN_BINDINGS(policy_loss) {
@@ -345,6 +428,9 @@ FASTALIGN_BINDINGS(policy_loss) {
   m.def("policy_loss_fwd_cpu", &policy_loss_fwd, py::call_guard<py::gil_scoped_release>(),
         "Fused per-token policy loss over [B, T] fp32 rows (uint8 mask/selection): per-row sums "
         "[B, 8], d(row loss)/d(lp) and d/d(H). Optional inputs/outputs are 0 pointers.");
+  m.def("policy_loss_bwd_cpu", &policy_loss_bwd, py::call_guard<py::gil_scoped_release>(),
+        "Backward of the row losses: d lp = dlp * g_row, d H = -ent_coef * mask * g_row (either output "
+        "may be 0).");
 }
 
 }  // namespace fastalign

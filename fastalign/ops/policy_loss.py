@@ -68,23 +68,60 @@ def _(lp, old, adv, mask, ref, ent, roll, keep, sel, loss_type, kl_type, kl_stra
 
 
 def _setup_context(ctx, inputs, output):
-    lp, ent = inputs[0], inputs[5]
+    lp, mask, ent, fparams = inputs[0], inputs[3], inputs[5], inputs[15]
     _row, dlp, dh = output
-    ctx.save_for_backward(dlp, dh)
+    ctx.save_for_backward(dlp, dh, mask)
     ctx.lp_dtype = lp.dtype
     ctx.ent_dtype = None if ent is None else ent.dtype
+    ctx.ent_coef = float(fparams[9])
+    ctx.backend = inputs[18]
     ctx.set_materialize_grads(False)
 
 
+@torch.library.custom_op("fastalign::policy_loss_grads", mutates_args=())
+def policy_loss_grads(dlp: Tensor, g_row: Tensor, mask: Tensor, ent_coef: float, want_lp: bool, want_ent: bool,
+                      backend: str) -> tuple[Tensor, Tensor]:
+    """(dlp * g_row[:, :1], -ent_coef * mask * g_row[:, :1]) as fp32 [B, T]; an unwanted output is empty."""
+    B, T = dlp.shape
+    f32 = dict(device=dlp.device, dtype=torch.float32)
+    gl = torch.empty((B, T) if want_lp else (0,), **f32)
+    ge = torch.empty((B, T) if want_ent else (0,), **f32)
+    if backend == "cpp" and dlp.device.type == "cpu":
+        g = g_row.float()
+        _backend.compiled().policy_loss_bwd_cpu(B, T, dlp.data_ptr(), g.data_ptr(), g.stride(0), mask.data_ptr(),
+                                                float(ent_coef), gl.data_ptr() if want_lp else 0,
+                                                ge.data_ptr() if want_ent else 0)
+    else:
+        g = g_row[:, :1].float()
+        if want_lp:
+            torch.mul(dlp, g, out=gl)
+        if want_ent:
+            torch.where(mask != 0, g * -ent_coef, torch.zeros((), **f32), out=ge)
+    return gl, ge
+
+
+@policy_loss_grads.register_fake
+def _(dlp, g_row, mask, ent_coef, want_lp, want_ent, backend):
+    B, T = dlp.shape
+    return (dlp.new_empty((B, T) if want_lp else (0,)), dlp.new_empty((B, T) if want_ent else (0,)))
+
+
 def _backward(ctx, g_row, _g_dlp, _g_dh):
-    dlp, dh = ctx.saved_tensors
+    dlp, dh, mask = ctx.saved_tensors
     if g_row is None:
         return (None,) * 19
-    g = g_row[:, :1]
-    grad_lp = (dlp * g).to(ctx.lp_dtype) if ctx.needs_input_grad[0] else None
-    grad_ent = None
-    if ctx.ent_dtype is not None and ctx.needs_input_grad[5]:
-        grad_ent = (dh * g).to(ctx.ent_dtype) if dh.numel() else torch.zeros_like(dlp, dtype=ctx.ent_dtype)
+    want_lp = ctx.needs_input_grad[0]
+    want_ent = ctx.ent_dtype is not None and ctx.needs_input_grad[5]
+    grad_lp = grad_ent = None
+    if dh.numel():
+        g = g_row[:, :1]
+        grad_lp = (dlp * g).to(ctx.lp_dtype) if want_lp else None
+        grad_ent = (dh * g).to(ctx.ent_dtype) if want_ent else None
+    elif want_lp or want_ent:
+        # d(row loss)/dH_t = -ent_coef m_t is rebuilt from the mask: no per-token buffer from the forward
+        gl, ge = policy_loss_grads(dlp, g_row, mask, ctx.ent_coef, want_lp, want_ent, ctx.backend)
+        grad_lp = gl.to(ctx.lp_dtype) if want_lp else None
+        grad_ent = ge.to(ctx.ent_dtype) if want_ent else None
     return (grad_lp, None, None, None, None, grad_ent) + (None,) * 13
 
 
@@ -135,8 +172,7 @@ def cov_select(
         _backend.compiled().cov_select_cuda(N, *args, keys.data_ptr(), hist.data_ptr(), state.data_ptr(),
                                             sel.data_ptr(), _backend.cuda_stream(lp))
     else:
-        keys = torch.empty(max(N, 1), device=lp.device, dtype=torch.int64)
-        _backend.compiled().cov_select_cpu(N, *args, keys.data_ptr(), sel.data_ptr())
+        _backend.compiled().cov_select_cpu(N, *args, sel.data_ptr())
     return sel
 
 

@@ -1,0 +1,79 @@
+"""The whole policy-gradient step from hidden states: ``linear_logprobs`` then ``policy_loss``."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from fastalign import _validate
+from fastalign.linear import linear_logprobs
+from fastalign.policy import LOSS_TYPES, PRESETS, policy_loss
+
+# keywords that belong to the logit pipeline (linear_logprobs), not to policy_loss
+_LOGIT_OPTIONS = ("temperature", "softcap", "logit_scale", "ignore_index", "chunk", "vocab_group",
+                  "grad_skip_threshold")
+
+
+class LinearPolicyLoss(nn.Module):
+    r"""Policy loss straight from the last hidden states and the lm_head weight.
+
+    ``LinearPolicyLoss(loss_type="grpo", eps_high=0.28, temperature=0.7, entropy_coef=0.01)``
+    takes the configuration of :class:`fastalign.PolicyLoss` plus the logit options of
+    :func:`fastalign.linear_logprobs` (``temperature``, ``softcap``, ``logit_scale``,
+    ``ignore_index``, ``chunk``, ``vocab_group``, ``grad_skip_threshold``) and ``backend``.
+
+    ``forward(hidden [B, T, H], weight [V, H], labels [B, T], old_logprobs, advantages,
+    response_mask, *, bias=None, ref_logprobs=None, rollout_logprobs=None, **per_call)`` computes
+
+    .. code-block:: text
+
+        lp, H = linear_logprobs(hidden, weight, labels)        # no [B*T, V] tensor
+        loss, metrics = policy_loss(lp, old_logprobs, advantages, response_mask & (labels != ignore_index),
+                                    entropy=H, ...)
+
+    The entropy is computed only when it is used: ``entropy_coef != 0``, ``entropy_quantile``
+    set, or ``entropy_metric=True`` (adds ``metrics["entropy"]``). Gradients flow to ``hidden``,
+    ``weight`` and ``bias``. Tokens labelled ``ignore_index`` are dropped from the mask.
+    Per-call keywords override the configuration. Returns ``(loss, metrics)`` like
+    :func:`fastalign.policy_loss`.
+    """
+
+    def __init__(self, *, entropy_metric: bool = False, **config):
+        super().__init__()
+        self.entropy_metric = bool(entropy_metric)
+        self.config = dict(config)
+        lt = self.config.get("loss_type", "ppo")
+        if lt not in LOSS_TYPES and lt not in PRESETS:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES + tuple(PRESETS)}, got {lt!r}")
+        if "entropy" in self.config:
+            raise ValueError("LinearPolicyLoss computes the entropy itself; pass entropy_coef / entropy_metric")
+
+    def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Tensor, advantages: Tensor,
+                response_mask: Tensor, *, bias: Optional[Tensor] = None, ref_logprobs: Optional[Tensor] = None,
+                rollout_logprobs: Optional[Tensor] = None, **kwargs) -> tuple[Tensor, dict]:
+        if "entropy" in kwargs:
+            raise ValueError("LinearPolicyLoss computes the entropy itself; pass entropy_coef / entropy_metric")
+        cfg = {**self.config, **kwargs}
+        entropy_metric = bool(cfg.pop("entropy_metric", self.entropy_metric))
+        logit = {k: cfg.pop(k) for k in _LOGIT_OPTIONS if k in cfg}
+        backend = cfg.get("backend")
+        _validate.integer("labels", labels, dim=2)
+        _validate.tensor("response_mask", response_mask, dim=2)
+        _validate.shape("response_mask", response_mask, tuple(labels.shape), "labels.shape")
+        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(labels.shape):
+            raise ValueError(f"hidden must have shape (B, T, H) with (B, T) = labels.shape {tuple(labels.shape)}, "
+                             f"got {tuple(hidden.shape)}")
+        want_ent = (cfg.get("entropy_coef", 0.0) != 0.0 or cfg.get("entropy_quantile") is not None
+                    or entropy_metric)
+        stats = linear_logprobs(hidden, weight, labels, bias=bias, entropy=want_ent, backend=backend, **logit)
+        ignore_index = int(logit.get("ignore_index", -100))
+        mask = response_mask.bool() & (labels != ignore_index)
+        return policy_loss(stats.logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
+                           rollout_logprobs=rollout_logprobs, entropy=stats.entropy, **cfg)
+
+    def extra_repr(self) -> str:
+        items = dict(self.config)
+        if self.entropy_metric:
+            items["entropy_metric"] = True
+        return ", ".join(f"{k}={v!r}" for k, v in items.items() if not isinstance(v, torch.Tensor))
