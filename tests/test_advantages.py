@@ -374,6 +374,17 @@ def test_torch_compile_fullgraph():
     assert_close(compiled(scores, index, mask, r, v), step(scores, index, mask, r, v), atol=0, what="compiled")
 
 
+def test_fake_tensors_take_the_custom_op():
+    """Plain eager CPU calls skip the dispatcher; fake tensors (and compile / export tracing) must
+    still go through the registered op and its fake implementation."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    scores, index, _ = make_batch(seed=15)
+    with FakeTensorMode() as mode:
+        out = fastalign.group_advantages(mode.from_tensor(scores), mode.from_tensor(index))
+    assert type(out) is not torch.Tensor and out.shape == scores.shape and out.dtype == scores.dtype
+
+
 # ------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["index", "group_size"])
