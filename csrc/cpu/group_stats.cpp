@@ -194,15 +194,29 @@ struct AffineCoef {
   double base, mul;
 };
 
+// 1 / n for small counts (groups are mostly small): a product instead of a division
+// (the divider, not memory, bounds the per-group step). Both layouts use it.
+struct Reciprocals {
+  static constexpr int kN = 256;
+  double v[kN];
+  Reciprocals() {
+    for (int n = 0; n < kN; ++n) v[n] = n ? 1.0 / n : 0.0;
+  }
+  FASTALIGN_ALWAYS_INLINE double operator()(double n) const { return n < kN ? v[int(n)] : 1.0 / n; }
+};
+inline const Reciprocals kRecip;
+
 inline AffineCoef affine_coef(const ShiftAcc& a, const AdvParams& p) {
   const double n = a.n;
   if (n < 2.0) return AffineCoef{0.0, p.singleton_zero ? 0.0 : 1.0};  // raw: (x - 0) * 1 = x
-  const double mean = a.f + a.s1 / n;
-  double m2 = a.s2 - a.s1 * (a.s1 / n);
+  const double inv_n = kRecip(n), inv_n1 = kRecip(n - 1.0);
+  const double d1 = a.s1 * inv_n;  // mean - f
+  const double mean = a.f + d1;
+  double m2 = a.s2 - a.s1 * d1;
   if (!(m2 > 0.0)) m2 = 0.0;
   double mul = p.scale;
-  if (p.div_std) mul = p.scale / (std::sqrt(m2 / (n - 1.0)) + p.eps);
-  if (p.mode == kRloo) mul *= n / (n - 1.0);
+  if (p.div_std) mul = p.scale / (std::sqrt(m2 * inv_n1) + p.eps);
+  if (p.mode == kRloo) mul *= n * inv_n1;
   return AffineCoef{mean, mul};
 }
 
@@ -214,7 +228,7 @@ FASTALIGN_ALWAYS_INLINE S apply_affine(S xs, const AffineCoef& c) {
   return (x == x && c.mul != 0.0) ? S(y) : S(0);
 }
 
-constexpr int64_t kParallelScores = 1 << 15;  // below this the output pass runs on one thread
+constexpr int64_t kParallelScores = 1 << 18;  // below this the output pass runs on one thread
 constexpr int64_t kFastLoad = 4;              // the fast path's key table stays at most 1/4 full
 
 // Per-thread scratch kept across calls (a fresh multi-MB buffer per call costs
@@ -341,16 +355,38 @@ void keyed_accumulate(const S* r, int64_t B, const int64_t* index, int32_t* pos,
       }
     }
     pos[i] = int32_t(h);
+    // no NaN test here (the loop is bound by its instruction count): a NaN score turns its
+    // group's sums NaN, and such groups are summed again by resum_nan_groups
     SlotAcc<S>& a = acc[h];
-    if (x == x) {
-      if (__builtin_expect(a.f != a.f, 0)) a.f = x;  // the group's first scores were NaN
-      const double d = double(x) - double(a.f);
-      a.n += 1;
-      a.s1 += d;
-      a.s2 += d * d;
-    }
+    const double d = double(x) - double(a.f);
+    a.n += 1;
+    a.s1 += d;
+    a.s2 += d * d;
   }
   if (has_empty_key) t.used[t.n_used++] = int32_t(t.cap);
+}
+
+// The groups in `redo` (sums NaN: a NaN score, or inf - inf) summed again over their scores in
+// batch order, NaN scores left out and f the first non-NaN score: exactly the sums of a NaN-aware
+// first pass (and of block_acc), so the result does not depend on this split.
+template <typename S>
+void resum_nan_groups(const S* r, int64_t B, const int32_t* pos, SlotTable<S>& t, const std::vector<int32_t>& redo) {
+  std::vector<uint8_t> flag(size_t(t.cap) + 1, 0);
+  for (int32_t h : redo) {
+    flag[h] = 1;
+    t.acc[h] = SlotAcc<S>{0.0, 0.0, S(NAN), 0};
+  }
+  for (int64_t i = 0; i < B; ++i) {
+    const int32_t h = pos[i];
+    const S x = r[i];
+    if (!flag[h] || x != x) continue;
+    SlotAcc<S>& a = t.acc[h];
+    if (a.f != a.f) a.f = x;
+    const double d = double(x) - double(a.f);
+    a.n += 1;
+    a.s1 += d;
+    a.s2 += d * d;
+  }
 }
 
 template <typename S>
@@ -368,11 +404,23 @@ void affine_advantage(const S* r, int64_t B, const int64_t* index, int64_t group
     t.used = reinterpret_cast<int32_t*>(base + max_cap + kAccWords * (max_cap + 1));
     int32_t* pos = t.used + B;
     keyed_accumulate<S>(r, B, index, pos, t, max_cap);
-    for (int64_t u = 0; u < t.n_used; ++u) {  // each slot's sums become its (base, mul)
-      SlotAcc<S>& a = t.acc[t.used[u]];
+    std::vector<int32_t> redo;  // groups whose sums went NaN
+    auto set_coef = [&](SlotAcc<S>& a) {  // a slot's sums become its (base, mul)
       const AffineCoef c = affine_coef(ShiftAcc{double(a.n), a.s1, a.s2, double(a.f)}, p);
       a.s1 = c.base;
       a.s2 = c.mul;
+    };
+    for (int64_t u = 0; u < t.n_used; ++u) {
+      if (u + 8 < t.n_used) __builtin_prefetch(t.acc + t.used[u + 8], 1);
+      SlotAcc<S>& a = t.acc[t.used[u]];
+      if (__builtin_expect(a.s2 != a.s2, 0))  // a NaN score leaves s2 NaN for good
+        redo.push_back(t.used[u]);
+      else
+        set_coef(a);
+    }
+    if (!redo.empty()) {
+      resum_nan_groups<S>(r, B, pos, t, redo);
+      for (int32_t h : redo) set_coef(t.acc[h]);
     }
     const SlotAcc<S>* acc = t.acc;
 #pragma omp parallel for schedule(static) if (B >= kParallelScores)
