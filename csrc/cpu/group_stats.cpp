@@ -259,18 +259,33 @@ constexpr int64_t kEmpty = INT64_MIN;
 
 template <typename S>
 struct SlotTable {
-  int64_t* keys;
-  SlotAcc<S>* acc;  // [cap + 1]
-  int32_t* used;    // occupied slots in order of first appearance (the extra slot excluded)
+  int64_t* keys = nullptr;    // [cap]
+  SlotAcc<S>* acc = nullptr;  // [cap + 1]
+  int32_t* used = nullptr;    // occupied slots in order of first appearance (the extra slot last)
   int64_t n_used = 0;
   int64_t cap = 0;
   uint64_t mask = 0;
   int shift = 64;
+  // storage per thread, kept across calls and sized to the capacity in use (not to the
+  // largest one the batch could need)
+  static std::vector<int64_t>& key_store() {
+    static thread_local std::vector<int64_t> v;
+    return v;
+  }
+  static std::vector<SlotAcc<S>>& acc_store() {
+    static thread_local std::vector<SlotAcc<S>> v;
+    return v;
+  }
+  // an empty table of capacity c (the contents are dropped: grow saves them first)
   void reset(int64_t c) {
     cap = c;
     mask = uint64_t(c) - 1;
     shift = 64;
     for (int64_t x = c; x > 1; x >>= 1) --shift;
+    if (int64_t(key_store().size()) < c) key_store().resize(size_t(c));
+    if (int64_t(acc_store().size()) < c + 1) acc_store().resize(size_t(c + 1));
+    keys = key_store().data();
+    acc = acc_store().data();
     std::fill(keys, keys + c, kEmpty);
   }
   FASTALIGN_ALWAYS_INLINE uint64_t find(int64_t k) const {
@@ -351,7 +366,7 @@ void keyed_accumulate(const S* r, int64_t B, const int64_t* index, int32_t* pos,
       while ((kk = keys[h]) != k && kk != kEmpty) h = (h + 1) & mask;
       if (kk != k || k == kEmpty) {
         h = new_slot<S>(t, k, x, h, has_empty_key, pos, i, max_cap);
-        mask = t.mask, shift = t.shift;
+        keys = t.keys, acc = t.acc, mask = t.mask, shift = t.shift;  // a growth may move the table
       }
     }
     pos[i] = int32_t(h);
@@ -395,14 +410,9 @@ void affine_advantage(const S* r, int64_t B, const int64_t* index, int64_t group
   if (index) {
     int64_t max_cap = 4096;
     while (max_cap < kFastLoad * B) max_cap <<= 1;
-    // scratch (int64 words): keys [max_cap] | acc [max_cap + 1] (then the coefficients) | used [B] i32 | pos [B] i32
-    constexpr size_t kAccWords = sizeof(SlotAcc<S>) / 8;
-    int64_t* base = tls_scratch<int64_t>(size_t(max_cap + kAccWords * (max_cap + 1) + B + 1));
     SlotTable<S> t;
-    t.keys = base;
-    t.acc = reinterpret_cast<SlotAcc<S>*>(base + max_cap);
-    t.used = reinterpret_cast<int32_t*>(base + max_cap + kAccWords * (max_cap + 1));
-    int32_t* pos = t.used + B;
+    t.used = tls_scratch<int32_t>(size_t(2 * B + 1));  // used [B + 1] | pos [B]
+    int32_t* pos = t.used + B + 1;
     keyed_accumulate<S>(r, B, index, pos, t, max_cap);
     std::vector<int32_t> redo;  // groups whose sums went NaN
     auto set_coef = [&](SlotAcc<S>& a) {  // a slot's sums become its (base, mul)
