@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend, _validate
-from fastalign.ops.group_stats import MODES, group_advantage, group_stats
+from fastalign.ops.group_stats import MODES, call_group_advantage, group_stats
 from fastalign.ops.returns import SCANS, reverse_scan
 
 STD_MODES = ("group", "batch", "none")
@@ -56,8 +56,9 @@ class _Ctx(NamedTuple):
 def _normalize(r: Tensor, g: _Groups, c: _Ctx, mode: str, div_std: bool, scale: Optional[Tensor] = None,
                lengths: Optional[Tensor] = None) -> Tensor:
     empty = r.new_empty(0, dtype=torch.float64)
-    return group_advantage(r, g.index, empty if lengths is None else lengths, empty if scale is None else scale,
-                           g.size, MODES[mode], div_std, c.eps, c.singleton_zero, c.backend)
+    return call_group_advantage(r, g.index, empty if lengths is None else lengths,
+                                empty if scale is None else scale, g.size, MODES[mode], div_std, c.eps,
+                                c.singleton_zero, c.backend)
 
 
 def _whole_batch(r: Tensor) -> _Groups:

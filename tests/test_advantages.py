@@ -125,6 +125,27 @@ def test_index_and_group_size_give_identical_results(estimator):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_many_groups_and_extreme_keys(dtype):
+    """More groups than the CPU key table first holds (it grows while the batch streams), and the
+    int64 extremes as keys (the minimum is the table's empty marker)."""
+    g = torch.Generator().manual_seed(11)
+    B = 6000
+    keys = torch.randint(-2**62, 2**62, (B // 2,), generator=g)
+    keys[0], keys[1] = -2**63, 2**63 - 1
+    index = keys.repeat_interleave(2)[torch.randperm(B, generator=g)]
+    index[-3:] = torch.tensor([-2**63, 5, -2**63 + 1])  # a group of three with the minimum key, two singletons
+    scores = torch.randn(B, generator=g, dtype=torch.float64)
+    scores[torch.rand(B, generator=g) < 0.05] = float("nan")
+    scores = scores.to(dtype)
+    for est in ("grpo", "rloo"):
+        got = fastalign.group_advantages(scores, index, estimator=est)
+        check(got, ref.group_advantages(scores, index, estimator=est), dtype, est)
+        perm = torch.randperm(B, generator=g)
+        again = fastalign.group_advantages(scores[perm], index[perm], estimator=est)
+        assert_close(again, got[perm], atol=TOL[dtype], rtol=TOL[dtype], what=f"{est} permuted")
+
+
 def test_group_order_does_not_matter():
     scores, index, _ = make_batch(seed=4, dtype=torch.float64)
     perm = torch.randperm(scores.shape[0], generator=torch.Generator().manual_seed(1))
@@ -351,6 +372,17 @@ def test_torch_compile_fullgraph():
     v = torch.randn(mask.shape)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     assert_close(compiled(scores, index, mask, r, v), step(scores, index, mask, r, v), atol=0, what="compiled")
+
+
+def test_fake_tensors_take_the_custom_op():
+    """Plain eager CPU calls skip the dispatcher; fake tensors (and compile / export tracing) must
+    still go through the registered op and its fake implementation."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    scores, index, _ = make_batch(seed=15)
+    with FakeTensorMode() as mode:
+        out = fastalign.group_advantages(mode.from_tensor(scores), mode.from_tensor(index))
+    assert type(out) is not torch.Tensor and out.shape == scores.shape and out.dtype == scores.dtype
 
 
 # ------------------------------------------------------------------ GPU

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <climits>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
@@ -174,15 +175,17 @@ void group_advantage(const S* r, int64_t B, const int64_t* index, int64_t group_
 
 // ---------------------------------------------------------------- affine fast path
 // center / rloo (grpo, Dr. GRPO, gpg, rloo, reinforce_pp_baseline) need only
-// count, mean and std per group. One pass over the batch assigns the dense ids
-// and accumulates shifted sums around the group's first non-NaN score f:
+// count, mean and std per group. One pass over the batch finds each score's
+// group (its slot in a hash table of keys) and accumulates, at that slot,
+// shifted sums around the group's first non-NaN score f:
 //   n, s1 = sum (x - f), s2 = sum (x - f)^2       (in batch order: deterministic)
 //   mean = f + s1 / n, m2 = s2 - s1^2 / n
 // Shifting by a member keeps the cancellation small (m2 >= range^2 / 2 while
 // s2 <= n range^2), and a group of equal scores gets s1 = s2 = 0 exactly: its
-// mean is exactly that score and its std exactly 0. A second pass applies
-// (x - base) * mul per score. Keyed groups and fixed blocks run the same
-// per-group arithmetic in the same order, so both layouts agree bitwise.
+// mean is exactly that score and its std exactly 0. The slot's sums are then
+// replaced by (base, mul) and a second pass applies (x - base) * mul per score.
+// Keyed groups and fixed blocks run the same per-group arithmetic in the same
+// order, so both layouts agree bitwise.
 struct ShiftAcc {
   double n, s1, s2, f;
 };
@@ -191,15 +194,29 @@ struct AffineCoef {
   double base, mul;
 };
 
+// 1 / n for small counts (groups are mostly small): a product instead of a division
+// (the divider, not memory, bounds the per-group step). Both layouts use it.
+struct Reciprocals {
+  static constexpr int kN = 256;
+  double v[kN];
+  Reciprocals() {
+    for (int n = 0; n < kN; ++n) v[n] = n ? 1.0 / n : 0.0;
+  }
+  FASTALIGN_ALWAYS_INLINE double operator()(double n) const { return n < kN ? v[int(n)] : 1.0 / n; }
+};
+inline const Reciprocals kRecip;
+
 inline AffineCoef affine_coef(const ShiftAcc& a, const AdvParams& p) {
   const double n = a.n;
   if (n < 2.0) return AffineCoef{0.0, p.singleton_zero ? 0.0 : 1.0};  // raw: (x - 0) * 1 = x
-  const double mean = a.f + a.s1 / n;
-  double m2 = a.s2 - a.s1 * (a.s1 / n);
+  const double inv_n = kRecip(n), inv_n1 = kRecip(n - 1.0);
+  const double d1 = a.s1 * inv_n;  // mean - f
+  const double mean = a.f + d1;
+  double m2 = a.s2 - a.s1 * d1;
   if (!(m2 > 0.0)) m2 = 0.0;
   double mul = p.scale;
-  if (p.div_std) mul = p.scale / (std::sqrt(m2 / (n - 1.0)) + p.eps);
-  if (p.mode == kRloo) mul *= n / (n - 1.0);
+  if (p.div_std) mul = p.scale / (std::sqrt(m2 * inv_n1) + p.eps);
+  if (p.mode == kRloo) mul *= n * inv_n1;
   return AffineCoef{mean, mul};
 }
 
@@ -211,8 +228,8 @@ FASTALIGN_ALWAYS_INLINE S apply_affine(S xs, const AffineCoef& c) {
   return (x == x && c.mul != 0.0) ? S(y) : S(0);
 }
 
-constexpr int64_t kParallelScores = 1 << 15;  // below this the output pass runs on one thread
-constexpr int64_t kFastLoad = 4;              // the fast path's key table stays at most 1/2 full
+constexpr int64_t kParallelScores = 1 << 18;  // below this the output pass runs on one thread
+constexpr int64_t kFastLoad = 4;              // the fast path's key table stays at most 1/4 full
 
 // Per-thread scratch kept across calls (a fresh multi-MB buffer per call costs
 // more in page faults than the kernel).
@@ -223,100 +240,204 @@ T* tls_scratch(size_t n) {
   return buf.data();
 }
 
-// Keys -> dense ids for the fast path: linear probing over keys [cap] int64 and
-// ids [cap] int32 (-1 = empty), Fibonacci hashing, power-of-two capacity.
-struct FastTable {
-  int64_t* keys;
-  int32_t* ids;
-  int64_t cap;
-  uint64_t mask;
-  int shift;
+// A group's running sums, kept at its key's slot (24 bytes for fp32 scores: f
+// is a score, exact in S).
+template <typename S>
+struct SlotAcc {
+  double s1, s2;
+  S f;
+  int32_t n;
+};
+
+// Keys -> slots for the fast path: linear probing over a keys-only array (8
+// bytes a slot, kEmpty = free: the probe loop reads one compact array),
+// Fibonacci hashing, power-of-two capacity; a group is known by its slot and
+// its sums live at acc[slot]. The key kEmpty itself, if present, gets the
+// extra slot `cap`. The table starts small and doubles when 1/kFastLoad full;
+// the slots already handed out (pos) follow.
+constexpr int64_t kEmpty = INT64_MIN;
+
+template <typename S>
+struct SlotTable {
+  int64_t* keys = nullptr;    // [cap]
+  SlotAcc<S>* acc = nullptr;  // [cap + 1]
+  int32_t* used = nullptr;    // occupied slots in order of first appearance (the extra slot last)
+  int64_t n_used = 0;
+  int64_t cap = 0;
+  uint64_t mask = 0;
+  int shift = 64;
+  // storage per thread, kept across calls and sized to the capacity in use (not to the
+  // largest one the batch could need)
+  static std::vector<int64_t>& key_store() {
+    static thread_local std::vector<int64_t> v;
+    return v;
+  }
+  static std::vector<SlotAcc<S>>& acc_store() {
+    static thread_local std::vector<SlotAcc<S>> v;
+    return v;
+  }
+  // an empty table of capacity c (the contents are dropped: grow saves them first)
   void reset(int64_t c) {
     cap = c;
     mask = uint64_t(c) - 1;
     shift = 64;
     for (int64_t x = c; x > 1; x >>= 1) --shift;
-    std::fill(ids, ids + c, int32_t(-1));
+    if (int64_t(key_store().size()) < c) key_store().resize(size_t(c));
+    if (int64_t(acc_store().size()) < c + 1) acc_store().resize(size_t(c + 1));
+    keys = key_store().data();
+    acc = acc_store().data();
+    std::fill(keys, keys + c, kEmpty);
   }
-  // id of key k, or -1 with `slot` set to the empty slot where it belongs
-  FASTALIGN_ALWAYS_INLINE int32_t find(int64_t k, uint64_t& slot) const {
+  FASTALIGN_ALWAYS_INLINE uint64_t find(int64_t k) const {
     uint64_t h = (uint64_t(k) * 0x9e3779b97f4a7c15ULL) >> shift;
-    int32_t id;
-    while ((id = ids[h]) >= 0 && keys[h] != k) h = (h + 1) & mask;
-    slot = h;
-    return id;
-  }
-  void insert(int64_t k, int32_t id) {
-    uint64_t slot;
-    find(k, slot);
-    keys[slot] = k;
-    ids[slot] = id;
+    int64_t kk;
+    while ((kk = keys[h]) != k && kk != kEmpty) h = (h + 1) & mask;
+    return h;
   }
 };
 
-// Dense ids (first appearance) + shifted sums in one sequential pass; returns G.
+// Doubles t's capacity; the slots of scores [0, upto) in pos follow (growth
+// happens while few groups exist, early in the batch).
 template <typename S>
-int64_t keyed_accumulate(const S* r, int64_t B, const int64_t* index, int32_t* gid, ShiftAcc* acc, int64_t* uniq,
-                         FastTable& t, int64_t max_cap) {
-  t.reset(std::min<int64_t>(max_cap, 4096));
-  int64_t G = 0;
-  int32_t prev_id = -1;
-  int64_t prev_key = 0;
+void grow(SlotTable<S>& t, int32_t* pos, int64_t upto) {
+  const int64_t old = t.cap;
+  std::vector<int64_t> k(t.n_used);
+  std::vector<SlotAcc<S>> a(t.n_used);
+  std::vector<int32_t> remap(old + 1);
+  for (int64_t u = 0; u < t.n_used; ++u) {
+    k[u] = t.keys[t.used[u]];
+    a[u] = t.acc[t.used[u]];
+    remap[t.used[u]] = int32_t(u);
+  }
+  const SlotAcc<S> extra = t.acc[old];
+  t.reset(2 * old);
+  for (int64_t u = 0; u < t.n_used; ++u) {
+    const uint64_t h = t.find(k[u]);
+    t.keys[h] = k[u];
+    t.acc[h] = a[u];
+    t.used[u] = int32_t(h);
+  }
+  t.acc[t.cap] = extra;
+  for (int64_t j = 0; j < upto; ++j) pos[j] = pos[j] == old ? int32_t(t.cap) : t.used[remap[pos[j]]];
+}
+
+// A key not in the table yet (or the sentinel key): its slot, with fresh sums
+// f = x; grows the table when 1/kFastLoad full. Out of line: the hot loop
+// stays small.
+template <typename S>
+__attribute__((noinline)) uint64_t new_slot(SlotTable<S>& t, int64_t k, S x, uint64_t h, bool& has_empty_key,
+                                            int32_t* pos, int64_t i, int64_t max_cap) {
+  if (k == kEmpty) {  // the sentinel value as a real key: the extra slot
+    if (!has_empty_key) t.acc[t.cap] = SlotAcc<S>{0.0, 0.0, x, 0};
+    has_empty_key = true;
+    return uint64_t(t.cap);
+  }
+  t.keys[h] = k;
+  t.acc[h] = SlotAcc<S>{0.0, 0.0, x, 0};
+  t.used[t.n_used++] = int32_t(h);
+  if (kFastLoad * t.n_used > t.cap && t.cap < max_cap) {  // double the table; slots move, pos follows
+    grow(t, pos, i);
+    h = t.find(k);
+  }
+  return h;
+}
+
+// Shifted sums in one sequential pass; pos[i] = slot of score i's group.
+template <typename S>
+void keyed_accumulate(const S* r, int64_t B, const int64_t* index, int32_t* pos, SlotTable<S>& t, int64_t max_cap) {
+  // first size: 1/4 full with groups of ~16 (growing while the batch streams costs more than a
+  // sparser table); it doubles if there are more groups
+  int64_t cap0 = 4096;
+  while (cap0 < B / 4) cap0 <<= 1;
+  t.reset(std::min<int64_t>(max_cap, cap0));
+  t.n_used = 0;
+  bool has_empty_key = false;
+  // local copies for the hot loop (stores into the sums would otherwise reload the table's fields)
+  const int64_t* keys = t.keys;
+  SlotAcc<S>* acc = t.acc;
+  uint64_t mask = t.mask;
+  int shift = t.shift;
   for (int64_t i = 0; i < B; ++i) {
     const int64_t k = index[i];
-    const double x = double(r[i]);
-    int32_t id;
-    if (k == prev_key && prev_id >= 0) {
-      id = prev_id;
-    } else {
-      uint64_t slot;
-      id = t.find(k, slot);
-      if (id < 0) {
-        id = int32_t(G);
-        t.keys[slot] = k;
-        t.ids[slot] = id;
-        uniq[G] = k;
-        acc[G] = ShiftAcc{0.0, 0.0, 0.0, x};
-        ++G;
-        if (kFastLoad * G > t.cap && t.cap < max_cap) {  // grow and re-insert, ids unchanged
-          t.reset(2 * t.cap);
-          for (int64_t g = 0; g < G; ++g) t.insert(uniq[g], int32_t(g));
-        }
+    const S x = r[i];
+    uint64_t h = (uint64_t(k) * 0x9e3779b97f4a7c15ULL) >> shift;
+    if (__builtin_expect(keys[h] != k || k == kEmpty, 0)) {  // probe on, or a new key
+      int64_t kk;
+      while ((kk = keys[h]) != k && kk != kEmpty) h = (h + 1) & mask;
+      if (kk != k || k == kEmpty) {
+        h = new_slot<S>(t, k, x, h, has_empty_key, pos, i, max_cap);
+        keys = t.keys, acc = t.acc, mask = t.mask, shift = t.shift;  // a growth may move the table
       }
-      prev_key = k;
-      prev_id = id;
     }
-    gid[i] = id;
-    ShiftAcc& a = acc[id];
-    if (x == x) {
-      if (__builtin_expect(a.f != a.f, 0)) a.f = x;  // the group's first scores were NaN
-      const double d = x - a.f;
-      a.n += 1.0;
-      a.s1 += d;
-      a.s2 += d * d;
-    }
+    pos[i] = int32_t(h);
+    // no NaN test here (the loop is bound by its instruction count): a NaN score turns its
+    // group's sums NaN, and such groups are summed again by resum_nan_groups
+    SlotAcc<S>& a = acc[h];
+    const double d = double(x) - double(a.f);
+    a.n += 1;
+    a.s1 += d;
+    a.s2 += d * d;
   }
-  return G;
+  if (has_empty_key) t.used[t.n_used++] = int32_t(t.cap);
+}
+
+// The groups in `redo` (sums NaN: a NaN score, or inf - inf) summed again over their scores in
+// batch order, NaN scores left out and f the first non-NaN score: exactly the sums of a NaN-aware
+// first pass (and of block_acc), so the result does not depend on this split.
+template <typename S>
+void resum_nan_groups(const S* r, int64_t B, const int32_t* pos, SlotTable<S>& t, const std::vector<int32_t>& redo) {
+  std::vector<uint8_t> flag(size_t(t.cap) + 1, 0);
+  for (int32_t h : redo) {
+    flag[h] = 1;
+    t.acc[h] = SlotAcc<S>{0.0, 0.0, S(NAN), 0};
+  }
+  for (int64_t i = 0; i < B; ++i) {
+    const int32_t h = pos[i];
+    const S x = r[i];
+    if (!flag[h] || x != x) continue;
+    SlotAcc<S>& a = t.acc[h];
+    if (a.f != a.f) a.f = x;
+    const double d = double(x) - double(a.f);
+    a.n += 1;
+    a.s1 += d;
+    a.s2 += d * d;
+  }
 }
 
 template <typename S>
 void affine_advantage(const S* r, int64_t B, const int64_t* index, int64_t group_size, const AdvParams& p, S* out) {
   if (B == 0) return;
   if (index) {
-    int64_t max_cap = 4;
+    int64_t max_cap = 4096;
     while (max_cap < kFastLoad * B) max_cap <<= 1;
-    // scratch: keys [max_cap] | uniq [B] | acc [B] (reused as coef) | ids [max_cap] i32 | gid [B] i32
-    int64_t* base = tls_scratch<int64_t>(size_t(max_cap + B + 4 * B + (max_cap + B + 1) / 2 + 1));
-    FastTable t{base, nullptr, 0, 0, 64};
-    int64_t* uniq = base + max_cap;
-    ShiftAcc* acc = reinterpret_cast<ShiftAcc*>(uniq + B);
-    t.ids = reinterpret_cast<int32_t*>(uniq + 5 * B);
-    int32_t* gid = t.ids + max_cap;
-    const int64_t G = keyed_accumulate<S>(r, B, index, gid, acc, uniq, t, max_cap);
-    AffineCoef* coef = reinterpret_cast<AffineCoef*>(acc);  // in place: row g read before written
-    for (int64_t g = 0; g < G; ++g) coef[g] = affine_coef(acc[g], p);
+    SlotTable<S> t;
+    t.used = tls_scratch<int32_t>(size_t(2 * B + 1));  // used [B + 1] | pos [B]
+    int32_t* pos = t.used + B + 1;
+    keyed_accumulate<S>(r, B, index, pos, t, max_cap);
+    std::vector<int32_t> redo;  // groups whose sums went NaN
+    auto set_coef = [&](SlotAcc<S>& a) {  // a slot's sums become its (base, mul)
+      const AffineCoef c = affine_coef(ShiftAcc{double(a.n), a.s1, a.s2, double(a.f)}, p);
+      a.s1 = c.base;
+      a.s2 = c.mul;
+    };
+    for (int64_t u = 0; u < t.n_used; ++u) {
+      if (u + 8 < t.n_used) __builtin_prefetch(t.acc + t.used[u + 8], 1);
+      SlotAcc<S>& a = t.acc[t.used[u]];
+      if (__builtin_expect(a.s2 != a.s2, 0))  // a NaN score leaves s2 NaN for good
+        redo.push_back(t.used[u]);
+      else
+        set_coef(a);
+    }
+    if (!redo.empty()) {
+      resum_nan_groups<S>(r, B, pos, t, redo);
+      for (int32_t h : redo) set_coef(t.acc[h]);
+    }
+    const SlotAcc<S>* acc = t.acc;
 #pragma omp parallel for schedule(static) if (B >= kParallelScores)
-    for (int64_t i = 0; i < B; ++i) out[i] = apply_affine<S>(r[i], coef[gid[i]]);
+    for (int64_t i = 0; i < B; ++i) {
+      const SlotAcc<S>& a = acc[pos[i]];
+      out[i] = apply_affine<S>(r[i], AffineCoef{a.s1, a.s2});
+    }
     return;
   }
   const int64_t G = (B + group_size - 1) / group_size;
