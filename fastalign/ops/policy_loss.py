@@ -129,6 +129,77 @@ policy_loss_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
+# Clip-Cov / KL-Cov loss in one compiled call (CPU)
+# ---------------------------------------------------------------------------------------------
+
+def _cov_outputs(lp: Tensor, want_dlp: bool):
+    B, T = lp.shape
+    f32 = dict(device=lp.device, dtype=torch.float32)
+    return torch.empty(B, len(ROW_COLS), **f32), torch.empty((B, T) if want_dlp else (0,), **f32)
+
+
+@torch.library.custom_op("fastalign::policy_loss_cov_rows", mutates_args=())
+def policy_loss_cov_rows(
+    lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, ref: Optional[Tensor], ent: Optional[Tensor],
+    roll: Optional[Tensor], keep: Optional[Tensor], cov: Optional[Tensor], seed: Tensor, iparams: list[int],
+    fparams: list[float],
+) -> tuple[Tensor, Tensor]:
+    """Clip-Cov / KL-Cov: (row sums [B, 8], d(row loss)/d(lp) [B, T] or empty), C++ on the CPU.
+
+    Covariance sums, selection and loss in one call: the loss and gradient are computed with
+    nothing picked while the selection candidates are collected in the same pass, then the few
+    chunks that hold picked tokens are recomputed. ``iparams`` = [loss code (6 | 7), kl code,
+    kl_straight, kl_clamp, kl_rho, rollout code, want_dlp]; ``fparams`` = the 14 of
+    ``policy_loss_rows`` then [cov_ratio, cov_lb, cov_ub]. ``cov`` = fp32 [sum_m A, sum_m lp, n,
+    n_local] (all-reduced means; ``n_local`` sets k) or None (local, computed here); ``seed`` =
+    int64 [1]. Inputs: contiguous fp32 [B, T], uint8 mask.
+    """
+    want_dlp = bool(iparams[6])
+    row, dlp = out = _cov_outputs(lp, want_dlp)
+    B, T = lp.shape
+    if B == 0:
+        return out
+    if lp.device.type != "cpu":
+        raise ValueError("policy_loss_cov_rows: the compiled kernel runs on CPU tensors")
+    _backend.compiled().policy_loss_cov_fwd_cpu(
+        B, T, lp.data_ptr(), old.data_ptr(), adv.data_ptr(), mask.data_ptr(), ptr(ref), ptr(ent), ptr(roll),
+        ptr(keep), ptr(cov), seed.data_ptr(), row.data_ptr(), dlp.data_ptr() if want_dlp else 0,
+        [int(x) for x in iparams[:6]], [float(x) for x in fparams])
+    return out
+
+
+@policy_loss_cov_rows.register_fake
+def _(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams, fparams):
+    return _cov_outputs(lp, bool(iparams[6]))
+
+
+def _cov_setup_context(ctx, inputs, output):
+    lp, mask, ent, fparams = inputs[0], inputs[3], inputs[5], inputs[11]
+    ctx.save_for_backward(output[1], mask)
+    ctx.lp_dtype = lp.dtype
+    ctx.ent_dtype = None if ent is None else ent.dtype
+    ctx.ent_coef = float(fparams[9])
+    ctx.set_materialize_grads(False)
+
+
+def _cov_backward(ctx, g_row, _g_dlp):
+    dlp, mask = ctx.saved_tensors
+    want_lp = ctx.needs_input_grad[0]
+    want_ent = ctx.ent_dtype is not None and ctx.needs_input_grad[5]
+    grad_lp = grad_ent = None
+    if g_row is not None and (want_lp or want_ent):
+        if not want_lp:
+            dlp = mask.new_empty(mask.shape, dtype=torch.float32)  # shape carrier only, not read
+        gl, ge = policy_loss_grads(dlp, g_row, mask, ctx.ent_coef, want_lp, want_ent, "cpp")
+        grad_lp = gl.to(ctx.lp_dtype) if want_lp else None
+        grad_ent = ge.to(ctx.ent_dtype) if want_ent else None
+    return (grad_lp, None, None, None, None, grad_ent) + (None,) * 6
+
+
+policy_loss_cov_rows.register_autograd(_cov_backward, setup_context=_cov_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
 # Clip-Cov / KL-Cov selection
 # ---------------------------------------------------------------------------------------------
 
