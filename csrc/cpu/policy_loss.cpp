@@ -73,7 +73,9 @@ struct Row {
 };
 
 // Flags (compile time, so the token loop has no branches and vectorises).
-enum Flag : int { kFlagKL = 1, kFlagDH = 2, kFlagTokRoll = 4 };
+// kFlagPlain (Clip-Cov / KL-Cov path only): no keep mask, no entropy, row weight 1, so the token
+// loop reads neither neutral row.
+enum Flag : int { kFlagKL = 1, kFlagDH = 2, kFlagTokRoll = 4, kFlagPlain = 8 };
 
 // Row-level quantities from pass 1 that the token loop needs.
 struct RowCtx {
@@ -156,6 +158,7 @@ __attribute__((always_inline)) inline uint32_t chunk_body(const Cfg& c, const Ro
                                                           int64_t n, float* __restrict c_dlp, float* part,
                                                           uint32_t flat0, const ScanOut* scan) {
   constexpr bool KL = (FL & kFlagKL) != 0, DH = (FL & kFlagDH) != 0, TOKROLL = (FL & kFlagTokRoll) != 0;
+  constexpr bool PLAIN = (FL & kFlagPlain) != 0;
   constexpr bool SCAN = SM != kSelMask;
   // configuration in locals: the stores below cannot alias it
   const float el = c.el, eh = c.eh, cis_lo = c.cis_lo, cis_hi = c.cis_hi;
@@ -165,7 +168,7 @@ __attribute__((always_inline)) inline uint32_t chunk_body(const Cfg& c, const Ro
   const bool kl_clamp = c.kl_clamp;
   const float w_k1 = c.kl_type == kK1, w_abs = c.kl_type == kAbs, w_k2 = c.kl_type == kK2, w_k3 = c.kl_type == kK3;
   const float w_st = c.kl_straight ? 1.f : 0.f, w_rho = c.kl_rho ? 1.f : 0.f;
-  const float w_row = x.w_row, gspo_rho = x.gspo_rho, gmpo_G = x.gmpo_G;
+  const float w_row = PLAIN ? 1.f : x.w_row, gspo_rho = x.gspo_rho, gmpo_G = x.gmpo_G;
   const float lo = 1.f - c.el, hi = 1.f + c.eh;
   // Options off become bounds that never bind (no runtime branches in the loop, so it vectorises).
   constexpr float kBig = std::numeric_limits<float>::max();
@@ -270,7 +273,7 @@ __attribute__((always_inline)) inline uint32_t chunk_body(const Cfg& c, const Ro
       clip = (l < -el | l > eh) ? 1.f : 0.f;
     }
     // detached weights
-    float w = c_keep[t] * w_row;
+    float w = PLAIN ? 1.f : c_keep[t] * w_row;
     if (TOKROLL) {
       const float r = exp_f32(clampf(c_old[t] - c_roll[t], -20.f, 20.f));
       const float w_t = r > r_max ? r_max : r;
@@ -299,7 +302,7 @@ __attribute__((always_inline)) inline uint32_t chunk_body(const Cfg& c, const Ro
       L += kl_coef * kr * klv;
       g += kl_coef * kr * dkl;
     }
-    const float h = c_ent[t];  // a row of zeros when no entropy is given
+    const float h = PLAIN ? 0.f : c_ent[t];  // a row of zeros when no entropy is given
     L -= ent_coef * h;
     c_dlp[t] = v ? g : 0.f;
     if (DH) c_dH[t] = v ? -ent_coef : 0.f;
@@ -520,7 +523,11 @@ void cov_fns_flags(int flags, CovScanFn& scan, CovFixFn& fix) {
     case 4: cov_fns<LT, 4>(scan, fix); break;
     case 5: cov_fns<LT, 5>(scan, fix); break;
     case 6: cov_fns<LT, 6>(scan, fix); break;
-    default: cov_fns<LT, 7>(scan, fix); break;
+    case 7: cov_fns<LT, 7>(scan, fix); break;
+    case 8: cov_fns<LT, 8>(scan, fix); break;
+    case 9: cov_fns<LT, 9>(scan, fix); break;
+    case 12: cov_fns<LT, 12>(scan, fix); break;
+    default: cov_fns<LT, 13>(scan, fix); break;
   }
 }
 
@@ -558,7 +565,9 @@ void policy_loss_cov_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uint
   const int mode = loss_type == kCLIPCOV ? 0 : 1;
   const CovParams P = cov_params(s, s[3], f[14], f[15], f[16], f[0], f[1], mode,
                                  static_cast<uint64_t>(*as<const int64_t>(seed)));
-  const int flags = (ref ? kFlagKL : 0) | ((rollout == kTokTrunc || rollout == kTokMask) ? kFlagTokRoll : 0);
+  const bool seq_w = rollout == kSeqTrunc || rollout == kSeqMask || std::isfinite(c.offpol_thr);
+  const int flags = (ref ? kFlagKL : 0) | ((rollout == kTokTrunc || rollout == kTokMask) ? kFlagTokRoll : 0) |
+                    ((!keep && !ent && !seq_w) ? kFlagPlain : 0);
   CovScanFn scan = nullptr;
   CovFixFn fix = nullptr;
   if (loss_type == kCLIPCOV) cov_fns_flags<kCLIPCOV>(flags, scan, fix);
