@@ -234,7 +234,7 @@ def policy_loss(
         want_dlp = torch.is_grad_enabled() and (logprobs.requires_grad or (ent is not None and ent.requires_grad))
         iparams = [_ops.LOSS_CODES[loss_type], _ops.KL_CODES[kl_base], int(kl_straight), int(bool(kl_clamp)),
                    int(bool(kl_rho)), _ops.ROLLOUT_CODES[rollout_correction], int(want_dlp)]
-        row, _dlp = _ops.policy_loss_cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams,
+        row, _dlp = _ops.cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams,
                                               fparams + [float(cov_ratio), float(cov_lb), float(cov_ub)])
     else:
         if is_cov:

@@ -138,8 +138,7 @@ def _cov_outputs(lp: Tensor, want_dlp: bool):
     return torch.empty(B, len(ROW_COLS), **f32), torch.empty((B, T) if want_dlp else (0,), **f32)
 
 
-@torch.library.custom_op("fastalign::policy_loss_cov_rows", mutates_args=())
-def policy_loss_cov_rows(
+def _cov_rows_impl(
     lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, ref: Optional[Tensor], ent: Optional[Tensor],
     roll: Optional[Tensor], keep: Optional[Tensor], cov: Optional[Tensor], seed: Tensor, iparams: list[int],
     fparams: list[float],
@@ -166,6 +165,9 @@ def policy_loss_cov_rows(
         ptr(keep), ptr(cov), seed.data_ptr(), row.data_ptr(), dlp.data_ptr() if want_dlp else 0,
         [int(x) for x in iparams[:6]], [float(x) for x in fparams])
     return out
+
+
+policy_loss_cov_rows = torch.library.custom_op("fastalign::policy_loss_cov_rows", mutates_args=())(_cov_rows_impl)
 
 
 @policy_loss_cov_rows.register_fake
@@ -197,6 +199,55 @@ def _cov_backward(ctx, g_row, _g_dlp):
 
 
 policy_loss_cov_rows.register_autograd(_cov_backward, setup_context=_cov_setup_context)
+
+
+def _grads_cpu(dlp: Tensor, g_row: Tensor, mask: Tensor, ent_coef: float, want_lp: bool, want_ent: bool):
+    """policy_loss_grads' C++ kernel called directly (eager CPU tensors only)."""
+    B, T = mask.shape
+    gl = torch.empty((B, T) if want_lp else (0,), dtype=torch.float32)
+    ge = torch.empty((B, T) if want_ent else (0,), dtype=torch.float32)
+    g = g_row.float()
+    _backend.compiled().policy_loss_bwd_cpu(B, T, dlp.data_ptr() if want_lp else 0, g.data_ptr(), g.stride(0),
+                                            mask.data_ptr(), float(ent_coef), gl.data_ptr() if want_lp else 0,
+                                            ge.data_ptr() if want_ent else 0)
+    return gl, ge
+
+
+class _CovRowsEager(torch.autograd.Function):
+    """``policy_loss_cov_rows`` without the custom-op dispatch layers, for eager CPU calls (the
+    op's Python-side dispatch costs more than the kernel's fix-up on a 1M-token batch)."""
+
+    @staticmethod
+    def forward(ctx, lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams, fparams):
+        row, dlp = _cov_rows_impl(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams, fparams)
+        ctx.save_for_backward(dlp, mask)
+        ctx.lp_dtype = lp.dtype
+        ctx.ent_dtype = None if ent is None else ent.dtype
+        ctx.ent_coef = float(fparams[9])
+        ctx.mark_non_differentiable(dlp)
+        ctx.set_materialize_grads(False)
+        return row, dlp
+
+    @staticmethod
+    def backward(ctx, g_row, _g_dlp):
+        dlp, mask = ctx.saved_tensors
+        want_lp = ctx.needs_input_grad[0]
+        want_ent = ctx.ent_dtype is not None and ctx.needs_input_grad[5]
+        grad_lp = grad_ent = None
+        if g_row is not None and (want_lp or want_ent):
+            gl, ge = _grads_cpu(dlp, g_row, mask, ctx.ent_coef, want_lp, want_ent)
+            grad_lp = gl.to(ctx.lp_dtype) if want_lp else None
+            grad_ent = ge.to(ctx.ent_dtype) if want_ent else None
+        return (grad_lp, None, None, None, None, grad_ent) + (None,) * 6
+
+
+def cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams, fparams):
+    """``policy_loss_cov_rows``: the custom op under tracing (torch.compile, fake tensors), a plain
+    autograd function over the same C++ kernels in eager mode. Same results either way."""
+    plain = all(t is None or type(t) is Tensor for t in (lp, old, adv, mask, ref, ent, roll, keep, cov, seed))
+    if plain and not torch.compiler.is_compiling():
+        return _CovRowsEager.apply(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams, fparams)
+    return policy_loss_cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams, fparams)
 
 
 # ---------------------------------------------------------------------------------------------
