@@ -257,14 +257,14 @@ def policy_loss(
     row_n = row[:, 1].detach()
     loss = aggregate_rows(row[:, 0], row_n, agg, shape[1], global_tokens, global_seqs, dp_size, max_len)
     tot = row.detach().sum(0)
-    n = tot[1].clamp(min=1.0)
-    metrics = {"clipfrac": tot[2] / n, "clipfrac_lower": tot[3] / n, "approx_kl": tot[4] / n}
+    per = (tot / tot[1].clamp(min=1.0)).unbind(0)  # every column over the valid count, one division
+    metrics = {"clipfrac": per[2], "clipfrac_lower": per[3], "approx_kl": per[4]}
     if ref_logprobs is not None:
-        metrics["kl"] = tot[5] / n
+        metrics["kl"] = per[5]
     if entropy is not None:
-        metrics["entropy"] = tot[6] / n
+        metrics["entropy"] = per[6]
     if is_cov:
-        metrics["cov_selected_frac"] = tot[7] / n
+        metrics["cov_selected_frac"] = per[7]
     return loss, metrics
 
 
