@@ -614,7 +614,7 @@ void policy_loss_cov_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uint
   }
   const int64_t ngroups = static_cast<int64_t>(gstart.size());
   gstart.push_back(kk);
-#pragma omp parallel num_threads(std::min<int64_t>(nthreads, ngroups))
+#pragma omp parallel num_threads(std::min<int64_t>(nthreads, ngroups)) if (ngroups > 8)  // a few chunks: no thread wake-up
   {
     std::vector<uint8_t> selrow(static_cast<size_t>(T), 0);
     alignas(64) float scratch[kChunk];
