@@ -248,7 +248,7 @@ def policy_loss(
                      or rollout_correction in ("sequence_truncate", "sequence_mask"))
         # d(loss)/dH = -entropy_coef * mask is rebuilt in backward from the mask (no [B, T] buffer)
         want_dh = False
-        row, _dlp, _dh = _ops.policy_loss_rows(
+        row, _dlp, _dh = _ops.rows(
             lp, old, adv, mask, ref, ent, roll, keep, sel, _ops.LOSS_CODES[loss_type], _ops.KL_CODES[kl_base],
             kl_straight, bool(kl_clamp), bool(kl_rho), _ops.ROLLOUT_CODES[rollout_correction], fparams, need_rows,
             want_dh, name)

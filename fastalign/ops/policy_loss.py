@@ -33,8 +33,7 @@ def _outputs(lp: Tensor, want_dh: bool):
             torch.empty((B, T) if want_dh else (0,), **f32))
 
 
-@torch.library.custom_op("fastalign::policy_loss_rows", mutates_args=())
-def policy_loss_rows(
+def _rows_impl(
     lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, ref: Optional[Tensor], ent: Optional[Tensor],
     roll: Optional[Tensor], keep: Optional[Tensor], sel: Optional[Tensor], loss_type: int, kl_type: int,
     kl_straight: bool, kl_clamp: bool, kl_rho: bool, rollout: int, fparams: list[float], need_rows: bool,
@@ -59,6 +58,9 @@ def policy_loss_rows(
             kl_straight=kl_straight, kl_clamp=kl_clamp, kl_rho=kl_rho, rollout=rollout, f=list(fparams),
             need1=need_rows)
     return out
+
+
+policy_loss_rows = torch.library.custom_op("fastalign::policy_loss_rows", mutates_args=())(_rows_impl)
 
 
 @policy_loss_rows.register_fake
@@ -119,13 +121,44 @@ def _backward(ctx, g_row, _g_dlp, _g_dh):
         grad_ent = (dh * g).to(ctx.ent_dtype) if want_ent else None
     elif want_lp or want_ent:
         # d(row loss)/dH_t = -ent_coef m_t is rebuilt from the mask: no per-token buffer from the forward
-        gl, ge = policy_loss_grads(dlp, g_row, mask, ctx.ent_coef, want_lp, want_ent, ctx.backend)
+        if getattr(ctx, "direct", False):
+            gl, ge = _grads_cpu(dlp, g_row, mask, ctx.ent_coef, want_lp, want_ent)
+        else:
+            gl, ge = policy_loss_grads(dlp, g_row, mask, ctx.ent_coef, want_lp, want_ent, ctx.backend)
         grad_lp = gl.to(ctx.lp_dtype) if want_lp else None
         grad_ent = ge.to(ctx.ent_dtype) if want_ent else None
     return (grad_lp, None, None, None, None, grad_ent) + (None,) * 13
 
 
 policy_loss_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _RowsEager(torch.autograd.Function):
+    """``policy_loss_rows`` on the C++ kernels without the custom-op dispatch layers (eager CPU)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _rows_impl(*inputs)
+        _setup_context(ctx, inputs, out)
+        ctx.direct = True
+        ctx.mark_non_differentiable(out[1], out[2])
+        return out
+
+    @staticmethod
+    def backward(ctx, g_row, g_dlp, g_dh):
+        return _backward(ctx, g_row, g_dlp, g_dh)
+
+
+def rows(lp, old, adv, mask, ref, ent, roll, keep, sel, loss_type, kl_type, kl_straight, kl_clamp, kl_rho, rollout,
+         fparams, need_rows, want_dh, backend):
+    """``policy_loss_rows``: the custom op under tracing or off the C++ path, a plain autograd
+    function over the same kernels for eager C++ calls. Same results either way."""
+    args = (lp, old, adv, mask, ref, ent, roll, keep, sel, loss_type, kl_type, kl_straight, kl_clamp, kl_rho,
+            rollout, fparams, need_rows, want_dh, backend)
+    plain = all(t is None or type(t) is Tensor for t in (lp, old, adv, mask, ref, ent, roll, keep, sel))
+    if backend == "cpp" and lp.device.type == "cpu" and plain and not torch.compiler.is_compiling():
+        return _RowsEager.apply(*args)
+    return policy_loss_rows(*args)
 
 
 # ---------------------------------------------------------------------------------------------
