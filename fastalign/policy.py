@@ -219,8 +219,9 @@ def policy_loss(
     if is_cov:
         seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=logprobs.device, dtype=torch.int64)
         f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
-        lp_d, adv_d = f32(logprobs), f32(advantages)
         cov = sums = n_local = None
+        if cov_global or name != "cpp":
+            lp_d, adv_d = f32(logprobs), f32(advantages)
         if cov_global:
             import torch.distributed as dist
 
@@ -235,7 +236,7 @@ def policy_loss(
         iparams = [_ops.LOSS_CODES[loss_type], _ops.KL_CODES[kl_base], int(kl_straight), int(bool(kl_clamp)),
                    int(bool(kl_rho)), _ops.ROLLOUT_CODES[rollout_correction], int(want_dlp)]
         row, _dlp = _ops.cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams,
-                                              fparams + [float(cov_ratio), float(cov_lb), float(cov_ub)])
+                                  fparams + [float(cov_ratio), float(cov_lb), float(cov_ub)])
     else:
         if is_cov:
             if sums is None:
