@@ -32,7 +32,8 @@ def aggregate_rows(row_loss: Tensor, row_n: Tensor, agg: str, T: int, global_tok
     """
     if agg == "token-mean":
         n = row_n.sum() if global_tokens is None else _count(global_tokens, row_n)
-        return row_loss.sum() / n.clamp(min=1.0) * dp_size
+        loss = row_loss.sum() / n.clamp(min=1.0)
+        return loss * dp_size if dp_size != 1 else loss
     if agg == "seq-mean-token-sum-norm":
         lmax = T if max_len is None else int(max_len)
         if global_seqs is None:

@@ -210,46 +210,62 @@ def policy_loss(
     if entropy_quantile is not None and logprobs.numel() > 0:
         keep = _entropy_keep(entropy, mask.bool(), float(entropy_quantile))
 
-    sel = None
-    if loss_type in ("clip_cov", "kl_cov"):
-        f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
-        lp_d, old_d, adv_d = f32(logprobs), f32(old_logprobs), f32(advantages)
-        sums = _ops.cov_sums(lp_d, adv_d, mask)
-        n_local = sums[2:3].clone()
-        if cov_global:
-            import torch.distributed as dist
-
-            sums = sums.clone()
-            dist.all_reduce(sums, group=cov_group)
-        seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=logprobs.device, dtype=torch.int64)
-        sel = _ops.cov_select(lp_d, old_d, adv_d, mask, sums, n_local, seed, 0 if loss_type == "clip_cov" else 1,
-                              float(cov_ratio), float(cov_lb), float(cov_ub), float(eps_low), float(eps_high))
-
     offpol = math.inf if offpolicy_threshold is None else float(offpolicy_threshold)
     fparams = [float(eps_low), float(eps_high), float(dual_clip or 0.0), float(delta or 0.0), float(lo), float(hi),
                float(sapo_tau[0]), float(sapo_tau[1]), float(kl_coef), float(entropy_coef), float(rollout_min),
                float(rollout_max), offpol, float(cov_kl_coef)]
-    need_rows = (loss_type in ("gspo", "gmpo") or offpolicy_threshold is not None
-                 or rollout_correction in ("sequence_truncate", "sequence_mask"))
-    # d(loss)/dH = -entropy_coef * mask is rebuilt in backward from the mask (no [B, T] buffer)
-    want_dh = False
-    row, _dlp, _dh = _ops.policy_loss_rows(
-        lp, old, adv, mask, ref, ent, roll, keep, sel, _ops.LOSS_CODES[loss_type], _ops.KL_CODES[kl_base],
-        kl_straight, bool(kl_clamp), bool(kl_rho), _ops.ROLLOUT_CODES[rollout_correction], fparams, need_rows,
-        want_dh, name)
+    is_cov = loss_type in ("clip_cov", "kl_cov")
+    sel = None
+    if is_cov:
+        seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=logprobs.device, dtype=torch.int64)
+        f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
+        cov = sums = n_local = None
+        if cov_global or name != "cpp":
+            lp_d, adv_d = f32(logprobs), f32(advantages)
+        if cov_global:
+            import torch.distributed as dist
+
+            sums = _ops.cov_sums(lp_d, adv_d, mask)
+            n_local = sums[2:3].clone()
+            sums = sums.clone()
+            dist.all_reduce(sums, group=cov_group)
+            cov = torch.cat([sums, n_local])
+    if is_cov and name == "cpp":
+        # covariance sums, selection and loss in one compiled call (no selection mask, no key pass)
+        want_dlp = torch.is_grad_enabled() and (logprobs.requires_grad or (ent is not None and ent.requires_grad))
+        iparams = [_ops.LOSS_CODES[loss_type], _ops.KL_CODES[kl_base], int(kl_straight), int(bool(kl_clamp)),
+                   int(bool(kl_rho)), _ops.ROLLOUT_CODES[rollout_correction], int(want_dlp)]
+        row, _dlp = _ops.cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams,
+                                  fparams + [float(cov_ratio), float(cov_lb), float(cov_ub)])
+    else:
+        if is_cov:
+            if sums is None:
+                sums = _ops.cov_sums(lp_d, adv_d, mask)
+                n_local = sums[2:3].clone()
+            sel = _ops.cov_select(lp_d, f32(old_logprobs), adv_d, mask, sums, n_local, seed,
+                                  0 if loss_type == "clip_cov" else 1, float(cov_ratio), float(cov_lb),
+                                  float(cov_ub), float(eps_low), float(eps_high))
+        need_rows = (loss_type in ("gspo", "gmpo") or offpolicy_threshold is not None
+                     or rollout_correction in ("sequence_truncate", "sequence_mask"))
+        # d(loss)/dH = -entropy_coef * mask is rebuilt in backward from the mask (no [B, T] buffer)
+        want_dh = False
+        row, _dlp, _dh = _ops.rows(
+            lp, old, adv, mask, ref, ent, roll, keep, sel, _ops.LOSS_CODES[loss_type], _ops.KL_CODES[kl_base],
+            kl_straight, bool(kl_clamp), bool(kl_rho), _ops.ROLLOUT_CODES[rollout_correction], fparams, need_rows,
+            want_dh, name)
 
     # ---------------- aggregation and metrics on [B] rows (device only) ----------------
     row_n = row[:, 1].detach()
     loss = aggregate_rows(row[:, 0], row_n, agg, shape[1], global_tokens, global_seqs, dp_size, max_len)
     tot = row.detach().sum(0)
-    n = tot[1].clamp(min=1.0)
-    metrics = {"clipfrac": tot[2] / n, "clipfrac_lower": tot[3] / n, "approx_kl": tot[4] / n}
+    per = (tot / tot[1].clamp(min=1.0)).unbind(0)  # every column over the valid count, one division
+    metrics = {"clipfrac": per[2], "clipfrac_lower": per[3], "approx_kl": per[4]}
     if ref_logprobs is not None:
-        metrics["kl"] = tot[5] / n
+        metrics["kl"] = per[5]
     if entropy is not None:
-        metrics["entropy"] = tot[6] / n
-    if sel is not None:
-        metrics["cov_selected_frac"] = tot[7] / n
+        metrics["entropy"] = per[6]
+    if is_cov:
+        metrics["cov_selected_frac"] = per[7]
     return loss, metrics
 
 

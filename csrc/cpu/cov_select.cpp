@@ -70,11 +70,14 @@ inline bool has_avx2() {
   return ok;
 }
 
-// Per-row partial sums in a fixed order, then rows in order: deterministic.
 void cov_sums(int64_t B, int64_t T, uintptr_t lp_p, uintptr_t adv_p, uintptr_t mask_p, uintptr_t out_p) {
-  const float* lp = as<const float>(lp_p);
-  const float* adv = as<const float>(adv_p);
-  const uint8_t* mask = as<const uint8_t>(mask_p);
+  cov_sums_rows(B, T, as<const float>(lp_p), as<const float>(adv_p), as<const uint8_t>(mask_p), as<float>(out_p));
+}
+
+}  // namespace
+
+// Per-row partial sums in a fixed order, then rows in order: deterministic.
+void cov_sums_rows(int64_t B, int64_t T, const float* lp, const float* adv, const uint8_t* mask, float* out) {
   const RowSumsFn fn = has_avx512() ? row_sums_avx512 : has_avx2() ? row_sums_avx2 : row_sums_base;
   std::vector<double> part(static_cast<size_t>(B) * 3, 0.0);
 #pragma omp parallel for schedule(static)
@@ -82,9 +85,10 @@ void cov_sums(int64_t B, int64_t T, uintptr_t lp_p, uintptr_t adv_p, uintptr_t m
   double s[3] = {0, 0, 0};
   for (int64_t i = 0; i < B; ++i)
     for (int k = 0; k < 3; ++k) s[k] += part[i * 3 + k];
-  float* out = as<float>(out_p);
   for (int k = 0; k < 3; ++k) out[k] = static_cast<float>(s[k]);
 }
+
+namespace {
 
 // One chunk of tokens [t0, t0 + n): order keys and "may beat the current bound" flags, fp32 and
 // uint32 lanes only (the uint8 mask is widened first), so the loop vectorises. Returns #hits.

@@ -102,4 +102,9 @@ FA_HD uint64_t cov_key(const CovParams& p, uint64_t idx, bool valid, float lp, f
   return cand ? key : kNoKey;
 }
 
+#ifndef __CUDACC__
+// [sum_v A, sum_v lp, n_valid] of [B, T] fp32 rows (uint8 mask), fixed order (csrc/cpu/cov_select.cpp).
+void cov_sums_rows(int64_t B, int64_t T, const float* lp, const float* adv, const uint8_t* mask, float* out);
+#endif
+
 }  // namespace fastalign

@@ -33,8 +33,7 @@ def _outputs(lp: Tensor, want_dh: bool):
             torch.empty((B, T) if want_dh else (0,), **f32))
 
 
-@torch.library.custom_op("fastalign::policy_loss_rows", mutates_args=())
-def policy_loss_rows(
+def _rows_impl(
     lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, ref: Optional[Tensor], ent: Optional[Tensor],
     roll: Optional[Tensor], keep: Optional[Tensor], sel: Optional[Tensor], loss_type: int, kl_type: int,
     kl_straight: bool, kl_clamp: bool, kl_rho: bool, rollout: int, fparams: list[float], need_rows: bool,
@@ -59,6 +58,9 @@ def policy_loss_rows(
             kl_straight=kl_straight, kl_clamp=kl_clamp, kl_rho=kl_rho, rollout=rollout, f=list(fparams),
             need1=need_rows)
     return out
+
+
+policy_loss_rows = torch.library.custom_op("fastalign::policy_loss_rows", mutates_args=())(_rows_impl)
 
 
 @policy_loss_rows.register_fake
@@ -119,13 +121,166 @@ def _backward(ctx, g_row, _g_dlp, _g_dh):
         grad_ent = (dh * g).to(ctx.ent_dtype) if want_ent else None
     elif want_lp or want_ent:
         # d(row loss)/dH_t = -ent_coef m_t is rebuilt from the mask: no per-token buffer from the forward
-        gl, ge = policy_loss_grads(dlp, g_row, mask, ctx.ent_coef, want_lp, want_ent, ctx.backend)
+        if getattr(ctx, "direct", False):
+            gl, ge = _grads_cpu(dlp, g_row, mask, ctx.ent_coef, want_lp, want_ent)
+        else:
+            gl, ge = policy_loss_grads(dlp, g_row, mask, ctx.ent_coef, want_lp, want_ent, ctx.backend)
         grad_lp = gl.to(ctx.lp_dtype) if want_lp else None
         grad_ent = ge.to(ctx.ent_dtype) if want_ent else None
     return (grad_lp, None, None, None, None, grad_ent) + (None,) * 13
 
 
 policy_loss_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _RowsEager(torch.autograd.Function):
+    """``policy_loss_rows`` on the C++ kernels without the custom-op dispatch layers (eager CPU)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _rows_impl(*inputs)
+        _setup_context(ctx, inputs, out)
+        ctx.direct = True
+        ctx.mark_non_differentiable(out[1], out[2])
+        return out
+
+    @staticmethod
+    def backward(ctx, g_row, g_dlp, g_dh):
+        return _backward(ctx, g_row, g_dlp, g_dh)
+
+
+def rows(lp, old, adv, mask, ref, ent, roll, keep, sel, loss_type, kl_type, kl_straight, kl_clamp, kl_rho, rollout,
+         fparams, need_rows, want_dh, backend):
+    """``policy_loss_rows``: the custom op under tracing or off the C++ path, a plain autograd
+    function over the same kernels for eager C++ calls. Same results either way."""
+    args = (lp, old, adv, mask, ref, ent, roll, keep, sel, loss_type, kl_type, kl_straight, kl_clamp, kl_rho,
+            rollout, fparams, need_rows, want_dh, backend)
+    plain = all(t is None or type(t) is Tensor for t in (lp, old, adv, mask, ref, ent, roll, keep, sel))
+    if backend == "cpp" and lp.device.type == "cpu" and plain and not torch.compiler.is_compiling():
+        return _RowsEager.apply(*args)
+    return policy_loss_rows(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Clip-Cov / KL-Cov loss in one compiled call (CPU)
+# ---------------------------------------------------------------------------------------------
+
+def _cov_outputs(lp: Tensor, want_dlp: bool):
+    B, T = lp.shape
+    f32 = dict(device=lp.device, dtype=torch.float32)
+    return torch.empty(B, len(ROW_COLS), **f32), torch.empty((B, T) if want_dlp else (0,), **f32)
+
+
+def _cov_rows_impl(
+    lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, ref: Optional[Tensor], ent: Optional[Tensor],
+    roll: Optional[Tensor], keep: Optional[Tensor], cov: Optional[Tensor], seed: Tensor, iparams: list[int],
+    fparams: list[float],
+) -> tuple[Tensor, Tensor]:
+    """Clip-Cov / KL-Cov: (row sums [B, 8], d(row loss)/d(lp) [B, T] or empty), C++ on the CPU.
+
+    Covariance sums, selection and loss in one call: the loss and gradient are computed with
+    nothing picked while the selection candidates are collected in the same pass, then the few
+    chunks that hold picked tokens are recomputed. ``iparams`` = [loss code (6 | 7), kl code,
+    kl_straight, kl_clamp, kl_rho, rollout code, want_dlp]; ``fparams`` = the 14 of
+    ``policy_loss_rows`` then [cov_ratio, cov_lb, cov_ub]. ``cov`` = fp32 [sum_m A, sum_m lp, n,
+    n_local] (all-reduced means; ``n_local`` sets k) or None (local, computed here); ``seed`` =
+    int64 [1]. Inputs: contiguous fp32 [B, T], uint8 mask.
+    """
+    want_dlp = bool(iparams[6])
+    row, dlp = out = _cov_outputs(lp, want_dlp)
+    B, T = lp.shape
+    if B == 0:
+        return out
+    if lp.device.type != "cpu":
+        raise ValueError("policy_loss_cov_rows: the compiled kernel runs on CPU tensors")
+    _backend.compiled().policy_loss_cov_fwd_cpu(
+        B, T, lp.data_ptr(), old.data_ptr(), adv.data_ptr(), mask.data_ptr(), ptr(ref), ptr(ent), ptr(roll),
+        ptr(keep), ptr(cov), seed.data_ptr(), row.data_ptr(), dlp.data_ptr() if want_dlp else 0,
+        [int(x) for x in iparams[:6]], [float(x) for x in fparams])
+    return out
+
+
+policy_loss_cov_rows = torch.library.custom_op("fastalign::policy_loss_cov_rows", mutates_args=())(_cov_rows_impl)
+
+
+@policy_loss_cov_rows.register_fake
+def _(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams, fparams):
+    return _cov_outputs(lp, bool(iparams[6]))
+
+
+def _cov_setup_context(ctx, inputs, output):
+    lp, mask, ent, fparams = inputs[0], inputs[3], inputs[5], inputs[11]
+    ctx.save_for_backward(output[1], mask)
+    ctx.lp_dtype = lp.dtype
+    ctx.ent_dtype = None if ent is None else ent.dtype
+    ctx.ent_coef = float(fparams[9])
+    ctx.set_materialize_grads(False)
+
+
+def _cov_backward(ctx, g_row, _g_dlp):
+    dlp, mask = ctx.saved_tensors
+    want_lp = ctx.needs_input_grad[0]
+    want_ent = ctx.ent_dtype is not None and ctx.needs_input_grad[5]
+    grad_lp = grad_ent = None
+    if g_row is not None and (want_lp or want_ent):
+        if not want_lp:
+            dlp = mask.new_empty(mask.shape, dtype=torch.float32)  # shape carrier only, not read
+        gl, ge = policy_loss_grads(dlp, g_row, mask, ctx.ent_coef, want_lp, want_ent, "cpp")
+        grad_lp = gl.to(ctx.lp_dtype) if want_lp else None
+        grad_ent = ge.to(ctx.ent_dtype) if want_ent else None
+    return (grad_lp, None, None, None, None, grad_ent) + (None,) * 6
+
+
+policy_loss_cov_rows.register_autograd(_cov_backward, setup_context=_cov_setup_context)
+
+
+def _grads_cpu(dlp: Tensor, g_row: Tensor, mask: Tensor, ent_coef: float, want_lp: bool, want_ent: bool):
+    """policy_loss_grads' C++ kernel called directly (eager CPU tensors only)."""
+    B, T = mask.shape
+    gl = torch.empty((B, T) if want_lp else (0,), dtype=torch.float32)
+    ge = torch.empty((B, T) if want_ent else (0,), dtype=torch.float32)
+    g = g_row.float()
+    _backend.compiled().policy_loss_bwd_cpu(B, T, dlp.data_ptr() if want_lp else 0, g.data_ptr(), g.stride(0),
+                                            mask.data_ptr(), float(ent_coef), gl.data_ptr() if want_lp else 0,
+                                            ge.data_ptr() if want_ent else 0)
+    return gl, ge
+
+
+class _CovRowsEager(torch.autograd.Function):
+    """``policy_loss_cov_rows`` without the custom-op dispatch layers, for eager CPU calls (the
+    op's Python-side dispatch costs more than the kernel's fix-up on a 1M-token batch)."""
+
+    @staticmethod
+    def forward(ctx, lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams, fparams):
+        row, dlp = _cov_rows_impl(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams, fparams)
+        ctx.save_for_backward(dlp, mask)
+        ctx.lp_dtype = lp.dtype
+        ctx.ent_dtype = None if ent is None else ent.dtype
+        ctx.ent_coef = float(fparams[9])
+        ctx.mark_non_differentiable(dlp)
+        ctx.set_materialize_grads(False)
+        return row, dlp
+
+    @staticmethod
+    def backward(ctx, g_row, _g_dlp):
+        dlp, mask = ctx.saved_tensors
+        want_lp = ctx.needs_input_grad[0]
+        want_ent = ctx.ent_dtype is not None and ctx.needs_input_grad[5]
+        grad_lp = grad_ent = None
+        if g_row is not None and (want_lp or want_ent):
+            gl, ge = _grads_cpu(dlp, g_row, mask, ctx.ent_coef, want_lp, want_ent)
+            grad_lp = gl.to(ctx.lp_dtype) if want_lp else None
+            grad_ent = ge.to(ctx.ent_dtype) if want_ent else None
+        return (grad_lp, None, None, None, None, grad_ent) + (None,) * 6
+
+
+def cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams, fparams):
+    """``policy_loss_cov_rows``: the custom op under tracing (torch.compile, fake tensors), a plain
+    autograd function over the same C++ kernels in eager mode. Same results either way."""
+    plain = all(t is None or type(t) is Tensor for t in (lp, old, adv, mask, ref, ent, roll, keep, cov, seed))
+    if plain and not torch.compiler.is_compiling():
+        return _CovRowsEager.apply(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams, fparams)
+    return policy_loss_cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams, fparams)
 
 
 # ---------------------------------------------------------------------------------------------
