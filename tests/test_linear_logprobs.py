@@ -406,6 +406,7 @@ def _vocab_parallel_worker(rank, world, port, backend, out_dir):
         (st.logprobs * gw + st.entropy * 0.3 - st.sum_p2).sum().backward()
         torch.save({"stats": [t.detach() for t in st], "dh": h.grad, "dw": w.grad, "db": b.grad},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while its peer still has work in flight
     finally:
         dist.destroy_process_group()
 

@@ -475,6 +475,7 @@ def _dp_worker(rank, world, init_file, q):
         ours = ops.cov_select(lp, old, A, mu, sums, nloc, torch.tensor([0]), 1, 0.2, 1.0, 5.0, 0.2, 0.2)
         res["kl_cov_ok"] = bool(torch.equal(ours.bool(), sel)) and float(met["cov_selected_frac"]) > 0
         q.put((rank, res))
+        dist.barrier()  # no rank tears gloo down while its peer still has work in flight
     finally:
         dist.destroy_process_group()
 
