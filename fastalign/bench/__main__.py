@@ -121,7 +121,10 @@ def main(argv=None) -> int:
         from fastalign.bench import summary
 
         slug = re.sub(r"[^A-Za-z0-9]+", "-", data["environment"]["device"]).strip("-").lower()
-        stem = os.path.join(args.record, f"{slug}-{data['environment']['date'][:10]}")
+        kind = "quick" if args.quick else "full"
+        if args.ops:  # a partial run gets its own files
+            kind += "-" + "-".join(sorted(args.ops.split(",")))
+        stem = os.path.join(args.record, f"{slug}-{data['environment']['date'][:10]}-{kind}")
         os.makedirs(args.record, exist_ok=True)
         args.json, args.plot = args.json or stem + ".json", args.plot or stem + ".png"
         with open(stem + ".md", "w") as f:
