@@ -3,6 +3,7 @@
 #pragma once
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
 #include <vector>
 
 namespace fastalign {
@@ -13,6 +14,10 @@ inline std::vector<Binder>& binders() {
   static std::vector<Binder> all;
   return all;
 }
+
+// Raw pointer from the integer address Python passes (tensor.data_ptr()); 0 stays null.
+template <typename P>
+inline P* ptr(uintptr_t p) { return reinterpret_cast<P*>(p); }
 
 struct RegisterBindings {
   explicit RegisterBindings(Binder b) { binders().push_back(b); }

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend, _validate
-from fastalign.logprobs import TokenStats
+from fastalign.logprobs import TokenStats, shaped_stats
 from fastalign.ops.linear_stats import VocabParallelStats, linear_stats
 
 #: Default bound on one chunk of fp32 logits, in MiB (``FASTALIGN_LINEAR_CHUNK_MIB`` overrides).
@@ -156,10 +156,4 @@ def linear_logprobs(
         lp, ent, sp2, amax = VocabParallelStats.apply(
             h2, w2, b2, flat_labels, vocab_group, rank * V, world * V, scale, cap, inv_t, int(ignore_index),
             bool(entropy), bool(sum_p2), bool(argmax), name, nc, vc, float(grad_skip_threshold))
-    shape = labels.shape
-    return TokenStats(
-        lp.view(shape),
-        ent.view(shape) if entropy else None,
-        sp2.view(shape) if sum_p2 else None,
-        amax.view(shape) if argmax else None,
-    )
+    return shaped_stats(labels.shape, lp, ent, sp2, amax, entropy, sum_p2, argmax)

@@ -23,6 +23,16 @@ class TokenStats(NamedTuple):
     argmax: Optional[Tensor] = None
 
 
+def shaped_stats(shape, lp, ent, sp2, amax, entropy: bool, sum_p2: bool, argmax: bool) -> TokenStats:
+    """TokenStats from flat per-row outputs, shaped like the labels; unrequested fields None."""
+    return TokenStats(
+        lp.view(shape),
+        ent.view(shape) if entropy else None,
+        sp2.view(shape) if sum_p2 else None,
+        amax.view(shape) if argmax else None,
+    )
+
+
 def _as_rows(logits: Tensor) -> Tensor:
     """A ``[outer, inner, V]`` view of ``[..., V]`` logits without copying when the
     leading dims collapse into two strided dims (e.g. ``logits[:, :-1]``)."""
@@ -104,10 +114,4 @@ def token_logprobs(
     lp, ent, sp2, amax, _lse = token_stats(
         rows, flat_labels, inv_t, int(ignore_index), bool(entropy), bool(sum_p2), bool(argmax), name,
         bool(inplace_backward))
-    shape = labels.shape
-    return TokenStats(
-        lp.view(shape),
-        ent.view(shape) if entropy else None,
-        sp2.view(shape) if sum_p2 else None,
-        amax.view(shape) if argmax else None,
-    )
+    return shaped_stats(labels.shape, lp, ent, sp2, amax, entropy, sum_p2, argmax)

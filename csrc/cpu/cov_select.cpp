@@ -24,8 +24,6 @@
 namespace fastalign {
 namespace {
 
-template <typename P>
-P* as(uintptr_t p) { return reinterpret_cast<P*>(p); }
 
 // One row's [sum_v A, sum_v lp, n] (fixed order). Mask widened to fp32 per chunk so the
 // loop runs in fp32 lanes only.
@@ -71,7 +69,7 @@ inline bool has_avx2() {
 }
 
 void cov_sums(int64_t B, int64_t T, uintptr_t lp_p, uintptr_t adv_p, uintptr_t mask_p, uintptr_t out_p) {
-  cov_sums_rows(B, T, as<const float>(lp_p), as<const float>(adv_p), as<const uint8_t>(mask_p), as<float>(out_p));
+  cov_sums_rows(B, T, ptr<const float>(lp_p), ptr<const float>(adv_p), ptr<const uint8_t>(mask_p), ptr<float>(out_p));
 }
 
 }  // namespace
@@ -149,16 +147,16 @@ ChunkFn chunk_keys_fn() {
 void cov_select(int64_t N, uintptr_t lp_p, uintptr_t old_p, uintptr_t adv_p, uintptr_t mask_p, uintptr_t sums_p,
                 uintptr_t nloc_p, uintptr_t seed_p, int mode, double ratio, double lb, double ub, double el,
                 double eh, uintptr_t sel_p) {
-  uint8_t* sel = as<uint8_t>(sel_p);
-  const float* sums = as<const float>(sums_p);
-  CovParams P = cov_params(sums, *as<const float>(nloc_p), ratio, lb, ub, el, eh, mode,
-                           static_cast<uint64_t>(*as<const int64_t>(seed_p)));
+  uint8_t* sel = ptr<uint8_t>(sel_p);
+  const float* sums = ptr<const float>(sums_p);
+  CovParams P = cov_params(sums, *ptr<const float>(nloc_p), ratio, lb, ub, el, eh, mode,
+                           static_cast<uint64_t>(*ptr<const int64_t>(seed_p)));
   P.mode = mode == 0 ? 0 : 1;
   if (N == 0) return;
-  const float* lp = as<const float>(lp_p);
-  const float* old = as<const float>(old_p);
-  const float* adv = as<const float>(adv_p);
-  const uint8_t* mask = as<const uint8_t>(mask_p);
+  const float* lp = ptr<const float>(lp_p);
+  const float* old = ptr<const float>(old_p);
+  const float* adv = ptr<const float>(adv_p);
+  const uint8_t* mask = ptr<const uint8_t>(mask_p);
   const ChunkFn chunk_keys = P.mode == 0 ? chunk_keys_fn<0>() : chunk_keys_fn<1>();
   const int64_t k = P.k;
   const int nthreads = omp_get_max_threads();

@@ -461,8 +461,6 @@ void affine_advantage(const S* r, int64_t B, const int64_t* index, int64_t group
   }
 }
 
-template <typename P>
-P* ptr(uintptr_t p) { return reinterpret_cast<P*>(p); }
 
 int64_t hash_capacity(int64_t B) {  // power of two >= 8B: the generic table stays <= 1/8 full
   int64_t c = 2;

@@ -365,8 +365,6 @@ void row_kernel(const Cfg& c, const Row& R) {
   }
 }
 
-template <typename P>
-P* as(uintptr_t p) { return reinterpret_cast<P*>(p); }
 
 // ---------------------------------------------------------------------------------------------
 // Clip-Cov / KL-Cov in one call: covariance sums, then ONE pass over the rows that computes the
@@ -549,14 +547,14 @@ void policy_loss_cov_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uint
   if (B == 0) return;
   std::vector<float> zeros(static_cast<size_t>(T), 0.f), ones(static_cast<size_t>(T), 1.f);
   std::vector<uint8_t> no_sel(static_cast<size_t>(T), 0);
-  const Inputs in{T, as<const float>(lp), as<const float>(old), as<const float>(adv), as<const float>(ref),
-                  as<const float>(ent), as<const float>(roll), as<const float>(keep), as<const uint8_t>(mask),
-                  nullptr, as<float>(row), as<float>(dlp), nullptr, zeros.data(), ones.data(), no_sel.data()};
+  const Inputs in{T, ptr<const float>(lp), ptr<const float>(old), ptr<const float>(adv), ptr<const float>(ref),
+                  ptr<const float>(ent), ptr<const float>(roll), ptr<const float>(keep), ptr<const uint8_t>(mask),
+                  nullptr, ptr<float>(row), ptr<float>(dlp), nullptr, zeros.data(), ones.data(), no_sel.data()};
 
   // 1. covariance means and the selection parameters
   float s[4];
   if (cov) {
-    const float* cv = as<const float>(cov);
+    const float* cv = ptr<const float>(cov);
     for (int j = 0; j < 4; ++j) s[j] = cv[j];
   } else {
     cov_sums_rows(B, T, in.lp, in.adv, in.mask, s);
@@ -564,7 +562,7 @@ void policy_loss_cov_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uint
   }
   const int mode = loss_type == kCLIPCOV ? 0 : 1;
   const CovParams P = cov_params(s, s[3], f[14], f[15], f[16], f[0], f[1], mode,
-                                 static_cast<uint64_t>(*as<const int64_t>(seed)));
+                                 static_cast<uint64_t>(*ptr<const int64_t>(seed)));
   const bool seq_w = rollout == kSeqTrunc || rollout == kSeqMask || std::isfinite(c.offpol_thr);
   const int flags = (ref ? kFlagKL : 0) | ((rollout == kTokTrunc || rollout == kTokMask) ? kFlagTokRoll : 0) |
                     ((!keep && !ent && !seq_w) ? kFlagPlain : 0);
@@ -651,10 +649,10 @@ void policy_loss_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_
   std::vector<float> zeros(static_cast<size_t>(T), 0.f), ones(static_cast<size_t>(T), 1.f);
   std::vector<uint8_t> no_sel(static_cast<size_t>(T), 0);
   if (B == 0) return;
-  const float* f_lp = as<const float>(lp);
-  const float* f_old = as<const float>(old);
-  const float* f_adv = as<const float>(adv);
-  const uint8_t* u_mask = as<const uint8_t>(mask);
+  const float* f_lp = ptr<const float>(lp);
+  const float* f_old = ptr<const float>(old);
+  const float* f_adv = ptr<const float>(adv);
+  const uint8_t* u_mask = ptr<const uint8_t>(mask);
   const int flags = (ref ? kFlagKL : 0) | (dH ? kFlagDH : 0) |
                     ((rollout == kTokTrunc || rollout == kTokMask) ? kFlagTokRoll : 0);
   auto launch = [&](auto tag) {
@@ -674,12 +672,12 @@ void policy_loss_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_
     for (int64_t i = 0; i < B; ++i) {
       const int64_t o = i * T;
       Row r{f_lp + o, f_old + o, f_adv + o,
-            ref ? as<const float>(ref) + o : zeros.data(),
-            ent ? as<const float>(ent) + o : zeros.data(),
-            roll ? as<const float>(roll) + o : f_old + o,
-            keep ? as<const float>(keep) + o : ones.data(),
-            u_mask + o, sel ? as<const uint8_t>(sel) + o : no_sel.data(),
-            as<float>(row) + i * kRowCols, as<float>(dlp) + o, dH ? as<float>(dH) + o : nullptr};
+            ref ? ptr<const float>(ref) + o : zeros.data(),
+            ent ? ptr<const float>(ent) + o : zeros.data(),
+            roll ? ptr<const float>(roll) + o : f_old + o,
+            keep ? ptr<const float>(keep) + o : ones.data(),
+            u_mask + o, sel ? ptr<const uint8_t>(sel) + o : no_sel.data(),
+            ptr<float>(row) + i * kRowCols, ptr<float>(dlp) + o, dH ? ptr<float>(dH) + o : nullptr};
       fn(c, r);
     }
   };
@@ -737,8 +735,8 @@ void policy_loss_bwd(int64_t B, int64_t T, uintptr_t dlp, uintptr_t grow, int64_
   if (B == 0 || (!gl && !ge)) return;
   auto run = [&](auto fa, auto fb, auto fc) {
     auto* f = cpu_level() == 2 ? fa : (cpu_level() == 1 ? fb : fc);
-    f(B, T, as<const float>(dlp), as<const float>(grow), gstride, as<const uint8_t>(mask), float(ent_coef),
-      as<float>(gl), as<float>(ge));
+    f(B, T, ptr<const float>(dlp), ptr<const float>(grow), gstride, ptr<const uint8_t>(mask), float(ent_coef),
+      ptr<float>(gl), ptr<float>(ge));
   };
   if (gl && ge) run(grads_rows_avx512<true, true>, grads_rows_base<true, true>, grads_rows_base<true, true>);
   else if (gl) run(grads_rows_avx512<true, false>, grads_rows_base<true, false>, grads_rows_base<true, false>);

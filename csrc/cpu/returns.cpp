@@ -21,8 +21,6 @@ void reverse_scan(const S* x, const S* v, const S* m, S* out, S* out2, int64_t B
   }
 }
 
-template <typename P>
-P* ptr(uintptr_t p) { return reinterpret_cast<P*>(p); }
 
 }  // namespace
 

@@ -150,8 +150,6 @@ void backward(uintptr_t logits, RowLayout L, int64_t N, int64_t V, const int64_t
   }
 }
 
-template <typename P>
-P* ptr(uintptr_t p) { return reinterpret_cast<P*>(p); }
 
 }  // namespace
 

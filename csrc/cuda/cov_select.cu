@@ -144,8 +144,6 @@ __global__ void mark_kernel(int64_t N, const unsigned long long* keys, const uns
   }
 }
 
-template <typename P>
-P* as(uintptr_t p) { return reinterpret_cast<P*>(p); }
 
 int grid_for(int64_t N) {
   int64_t g = (N + kThreads - 1) / kThreads;
@@ -162,9 +160,9 @@ FASTALIGN_BINDINGS(cov_select_cuda) {
          uintptr_t stream) {
         auto s = reinterpret_cast<cudaStream_t>(stream);
         if (B > 0)
-          cov_sums_rows<<<static_cast<unsigned>(B), kThreads, 0, s>>>(T, as<const float>(lp), as<const float>(adv),
-                                                                      as<const uint8_t>(mask), as<float>(part));
-        cov_sums_total<<<1, kThreads, 0, s>>>(B, as<const float>(part), as<float>(out));
+          cov_sums_rows<<<static_cast<unsigned>(B), kThreads, 0, s>>>(T, ptr<const float>(lp), ptr<const float>(adv),
+                                                                      ptr<const uint8_t>(mask), ptr<float>(part));
+        cov_sums_total<<<1, kThreads, 0, s>>>(B, ptr<const float>(part), ptr<float>(out));
         check(cudaGetLastError(), "cov_sums launch");
       },
       py::call_guard<py::gil_scoped_release>(),
@@ -175,11 +173,11 @@ FASTALIGN_BINDINGS(cov_select_cuda) {
          uintptr_t seed, int mode, double ratio, double lb, double ub, double el, double eh, uintptr_t keys,
          uintptr_t hist, uintptr_t state, uintptr_t sel, uintptr_t stream) {
         auto s = reinterpret_cast<cudaStream_t>(stream);
-        SelArgs a{as<const float>(lp), as<const float>(old), as<const float>(adv), as<const float>(sums),
-                  as<const float>(nloc), as<const uint8_t>(mask), as<const int64_t>(seed), ratio, lb, ub, el, eh, mode};
-        auto* K = as<unsigned long long>(keys);
-        auto* S = as<unsigned long long>(state);
-        auto* H = as<unsigned int>(hist);
+        SelArgs a{ptr<const float>(lp), ptr<const float>(old), ptr<const float>(adv), ptr<const float>(sums),
+                  ptr<const float>(nloc), ptr<const uint8_t>(mask), ptr<const int64_t>(seed), ratio, lb, ub, el, eh, mode};
+        auto* K = ptr<unsigned long long>(keys);
+        auto* S = ptr<unsigned long long>(state);
+        auto* H = ptr<unsigned int>(hist);
         // state and hist arrive zeroed (the caller allocates them with zeros)
         const int g = grid_for(N);
         if (N > 0) keys_kernel<<<g, kThreads, 0, s>>>(N, a, K, S);
@@ -188,7 +186,7 @@ FASTALIGN_BINDINGS(cov_select_cuda) {
           if (N > 0) hist_kernel<<<g, kThreads, 0, s>>>(N, shift, K, S, H);
           pick_digit<<<1, kThreads, 0, s>>>(shift, S, H);
         }
-        if (N > 0) mark_kernel<<<g, kThreads, 0, s>>>(N, K, S, as<uint8_t>(sel));
+        if (N > 0) mark_kernel<<<g, kThreads, 0, s>>>(N, K, S, ptr<uint8_t>(sel));
         check(cudaGetLastError(), "cov_select launch");
       },
       py::call_guard<py::gil_scoped_release>(),

@@ -138,7 +138,6 @@ void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string("fastalign ") + what + ": " + cudaGetErrorString(err));
 }
 
-template <typename P> P* ptr(uintptr_t p) { return reinterpret_cast<P*>(p); }
 
 template <typename F>
 void dispatch(int dtype, F&& f) {
