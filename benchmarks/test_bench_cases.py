@@ -1,20 +1,19 @@
 """Every fastalign-bench case and implementation as a pytest-benchmark test; compare
-rows of one case (``--benchmark-group-by=param:case``) to read the ratios to eager."""
+rows of one case (``--benchmark-group-by=param:case``) to read the ratios to its baseline."""
 import pytest
 import torch
 
 from fastalign.bench.cases import all_cases
 from fastalign.bench.core import sync
 
-IMPLS = ("fastalign", "eager", "torch.compile")
-
 
 def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
     full = metafunc.config.getoption("--bench-full")
+    dev = metafunc.config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
     params = [pytest.param(c, m, impl, id=f"{c.op}-{c.label.replace(' ', '_')}-{m}-{impl}")
-              for c in all_cases() if c.quick or full for m in c.modes for impl in IMPLS]
+              for c in all_cases() if (c.quick or full) and dev in c.devices for m in c.modes for impl in c.impls]
     metafunc.parametrize("case,mode,impl", params)
 
 

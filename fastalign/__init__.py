@@ -23,7 +23,8 @@ from fastalign.linear import linear_logprobs
 from fastalign.linear_policy import LinearPolicyLoss
 from fastalign.logprobs import TokenStats, token_logprobs
 from fastalign.policy import PolicyLoss, policy_loss
-from fastalign.preference import LOSS_TYPES, LinearPreferenceLoss, PreferenceLoss, preference_loss, wpo_weights
+from fastalign.linear_preference import LinearPreferenceLoss
+from fastalign.preference import LOSS_TYPES, PreferenceLoss, preference_loss, wpo_weights
 from fastalign.sequence import SequenceLogprobs, sequence_logprobs
 
 __all__ = [

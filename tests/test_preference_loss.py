@@ -332,11 +332,12 @@ def test_linear_matches_logits_path(loss_type):
     assert_close(gw, gwr, atol=2e-5, rtol=1e-3, what="d weight")
 
 
-def test_linear_backends(cpu_backend):
+@pytest.mark.parametrize("single_pass", [False, True])
+def test_linear_backends(cpu_backend, single_pass, one_pair_blocks):
     if cpu_backend == "triton" and importlib.util.find_spec("fastalign.kernels.linear_stats") is None:
         pytest.skip("the Triton linear_logprobs kernels are not in this build yet")
     h, w, b, labels, rh = _hidden_batch(seed=6)
-    mod = fa.LinearPreferenceLoss(loss_type="sigmoid", beta=0.2, backend=cpu_backend)
+    mod = fa.LinearPreferenceLoss(loss_type="sigmoid", beta=0.2, backend=cpu_backend, single_pass=single_pass)
     hx = h.clone().requires_grad_(True)
     loss, _ = mod(hx, w, labels, bias=b, ref_hidden=rh)
     hr = h.double().requires_grad_(True)
@@ -451,3 +452,142 @@ def test_linear_compile_fullgraph():
     got, _ = torch.compile(mod, fullgraph=True, backend="aot_eager")(h, w, labels, bias=b, ref_hidden=rh)
     want, _ = mod(h, w, labels, bias=b, ref_hidden=rh)
     assert_close(got, want, atol=1e-6, what="compiled linear loss")
+
+
+# ------------------------------------------------------------------ single pass (gradients in the forward)
+
+SEPARABLE = [t for t in fa.LOSS_TYPES if t not in ("aot", "aot_unpaired", "kto")]
+
+
+@pytest.fixture
+def one_pair_blocks(monkeypatch):
+    """Blocks of a single pair, so every pair's share of the loss is taken on its own."""
+    monkeypatch.setenv("FASTALIGN_PAIR_BLOCK_MIB", "1e-9")
+
+
+@pytest.mark.parametrize("compact", [True, False])
+@pytest.mark.parametrize("loss_type", SEPARABLE)
+def test_single_pass_against_reference(loss_type, compact, one_pair_blocks):
+    h, w, b, labels, rh = _hidden_batch(seed=7)
+    hx, wx, bx = (t.clone().requires_grad_(True) for t in (h, w, b))
+    mod = fa.LinearPreferenceLoss(loss_type=loss_type, beta=0.2, single_pass=True, compact=compact)
+    loss, m = mod(hx, wx, labels, bias=bx, ref_hidden=rh)
+    hr, wr, br = (t.double().requires_grad_(True) for t in (h, w, b))
+    loss_r, mr = R.linear_preference_loss(hr, wr, labels, bias=br, ref_hidden=rh.double(), loss_types=(loss_type,),
+                                          beta=0.2, dtype=D)
+    assert_close(loss, loss_r, atol=2e-5, rtol=1e-4, what="loss")
+    for k in mr:
+        assert_close(m[k], mr[k], atol=2e-4, rtol=1e-4, what=k)
+    for got, want, what in zip(torch.autograd.grad(loss, (hx, wx, bx)), torch.autograd.grad(loss_r, (hr, wr, br)),
+                               ("d hidden", "d weight", "d bias")):
+        assert_close(got, want, atol=2e-5, rtol=1e-3, what=what)
+
+
+def _both_paths(mod_kw, call, seed=8):
+    """(loss, metrics, grads) of the two-pass and the single-pass paths for the same call."""
+    h, w, b, labels, rh = _hidden_batch(seed=seed, B=4)
+    out = []
+    for single in (False, True):
+        hx, wx, bx = (t.clone().requires_grad_(True) for t in (h, w, b))
+        loss, m = call(fa.LinearPreferenceLoss(single_pass=single, **mod_kw), hx, wx, bx, labels, rh)
+        out.append((loss, m, torch.autograd.grad(loss, (hx, wx, bx))))
+    return out
+
+
+def _assert_same(two, one, what):
+    assert_close(one[0], two[0], atol=1e-6, rtol=1e-5, what=f"{what} loss")
+    for k in two[1]:
+        assert_close(one[1][k], two[1][k], atol=1e-6, rtol=1e-5, what=f"{what} {k}")
+    for g1, g2, name in zip(one[2], two[2], ("d hidden", "d weight", "d bias")):
+        assert_close(g1, g2, atol=1e-6, rtol=1e-4, what=f"{what} {name}")
+
+
+@pytest.mark.parametrize("blocks", ["one pair", "whole batch"])
+@pytest.mark.parametrize("options", [
+    dict(loss_type=["sigmoid", "sft"], ld_alpha=0.5, rpo_alpha=0.3, label_smoothing=0.1),
+    dict(loss_type="sigmoid_norm", use_weighting=True),
+    dict(loss_type=["ipo", "hinge"], loss_weights=[0.5, 2.0], f_divergence="js_divergence"),
+    dict(loss_type="orpo", softcap=3.0, temperature=0.7, logit_scale=1.3),
+], ids=["ld+rpo+sft", "wpo", "weighted-list", "logit-pipeline"])
+def test_single_pass_equals_two_pass(options, blocks, monkeypatch):
+    if blocks == "one pair":
+        monkeypatch.setenv("FASTALIGN_PAIR_BLOCK_MIB", "1e-9")
+    tw = torch.rand(8, 7, generator=torch.Generator().manual_seed(0))
+
+    def concatenated(mod, h, w, b, y, rh):
+        return mod(h, w, y, bias=b, ref_hidden=rh, token_weights=tw)
+
+    def separate(mod, h, w, b, y, rh):  # rejected responses shorter than chosen ones
+        return mod((h[:4], h[4:, :5]), w, (y[:4], y[4:, :5]), bias=b, ref_hidden=(rh[:4], rh[4:, :5]),
+                   token_weights=(tw[:4], tw[4:, :5]))
+
+    for call in (concatenated, separate):
+        two, one = _both_paths(options, call)
+        _assert_same(two, one, call.__name__)
+
+
+def test_single_pass_kto_with_given_kl_and_reference_logps(one_pair_blocks):
+    kl = torch.tensor(0.05)
+    rs = torch.randn(8, generator=torch.Generator().manual_seed(1)) - 5.0
+
+    def call(mod, h, w, b, y, rh):
+        return mod(h, w, y, bias=b, ref_chosen_logps=rs[:4], ref_rejected_logps=rs[4:], kto_kl=kl)
+
+    two, one = _both_paths(dict(loss_type="kto"), call)
+    _assert_same(two, one, "kto")
+
+
+def test_single_pass_bf16(one_pair_blocks):
+    h, w, b, labels, rh = _hidden_batch(seed=9)
+    grads = []
+    for single in (False, True):
+        hx, wx = h.bfloat16().requires_grad_(True), w.bfloat16().requires_grad_(True)
+        mod = fa.LinearPreferenceLoss(beta=0.2, single_pass=single)
+        loss, _ = mod(hx, wx, labels, ref_hidden=rh.bfloat16())
+        grads.append((loss, *torch.autograd.grad(loss, (hx, wx))))
+    for x, y, what in zip(grads[0], grads[1], ("loss", "d hidden", "d weight")):
+        assert x.dtype == y.dtype
+        assert_close(y.float(), x.float(), atol=1e-2, rtol=2e-2, what=f"bf16 {what}")
+
+
+def test_single_pass_where_it_does_not_apply():
+    h, w, b, labels, rh = _hidden_batch()
+    with pytest.raises(ValueError, match="couples the pairs"):
+        fa.LinearPreferenceLoss(loss_type="aot", single_pass=True)
+    with pytest.raises(ValueError, match="NLL"):
+        fa.LinearPreferenceLoss(loss_type="cpo", use_weighting=True, single_pass=True)
+    with pytest.raises(ValueError, match="kto_kl"):
+        fa.LinearPreferenceLoss(loss_type="kto", single_pass=True)(h, w, labels)
+    with pytest.raises(ValueError, match="single_pass"):
+        fa.LinearPreferenceLoss(single_pass="yes")
+    cu = torch.tensor([0, 3, 6, 9, 12, 15, 18])
+    with pytest.raises(ValueError, match="packed"):
+        fa.LinearPreferenceLoss(single_pass=True)(h.reshape(-1, h.shape[-1])[:18], w, labels.reshape(-1)[:18],
+                                                 cu_seqlens=cu)
+    # "auto" keeps the two-pass path on CPU tensors and for coupled losses (same values either way)
+    auto = fa.LinearPreferenceLoss(loss_type="aot")
+    assert not auto._single_passes(h, None)
+    assert not fa.LinearPreferenceLoss()._single_passes(h, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("single_pass", ["auto", False])
+def test_gpu_linear_against_reference(dtype, single_pass, monkeypatch):
+    monkeypatch.setenv("FASTALIGN_PAIR_BLOCK_MIB", "1")  # a few pairs per block at this vocabulary
+    h, w, b, labels, rh = _hidden_batch(B=6, T=40, H=64, V=32011, seed=11, prompt=9)
+    mod = fa.LinearPreferenceLoss(loss_type=["sigmoid", "sft"], beta=0.2, single_pass=single_pass)
+    assert mod._single_passes(h.cuda(), None) == (single_pass == "auto")
+    hx, wx = h.to("cuda", dtype).requires_grad_(True), w.to("cuda", dtype).requires_grad_(True)
+    loss, m = mod(hx, wx, labels.cuda(), ref_hidden=rh.to("cuda", dtype))
+    hr, wr = h.to(dtype).double().requires_grad_(True), w.to(dtype).double().requires_grad_(True)
+    loss_r, mr = R.linear_preference_loss(hr, wr, labels, ref_hidden=rh.to(dtype).double(),
+                                          loss_types=("sigmoid", "sft"), beta=0.2, dtype=D)
+    tol = dict(atol=2e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
+    assert_close(loss.cpu(), loss_r, **tol, what="loss")
+    for k in mr:
+        assert_close(m[k].cpu(), mr[k], **tol, what=k)
+    for got, want, what in zip(torch.autograd.grad(loss, (hx, wx)), torch.autograd.grad(loss_r, (hr, wr)),
+                               ("d hidden", "d weight")):
+        assert got.dtype == dtype
+        assert_close(got.float().cpu(), want, atol=tol["atol"], rtol=5e-2, what=what)

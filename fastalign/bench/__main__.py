@@ -37,11 +37,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def selected_cases(args):
+def selected_cases(args, device_type: str):
     ops = set(args.ops.split(",")) if args.ops else None
     labels = args.cases.split(",") if args.cases else None
     out = [c for c in all_cases() if (ops is None or c.op in ops) and (c.quick or not args.quick)
-           and (labels is None or any(s in c.label for s in labels))]
+           and device_type in c.devices and (labels is None or any(s in c.label for s in labels))]
     if ops:
         unknown = ops - {c.op for c in all_cases()}
         if unknown:
@@ -64,7 +64,7 @@ def run(args) -> dict:
     repeats = args.repeats or (5 if args.quick else 20)
     budget = args.budget or (4.0 if args.quick else 20.0)
     modes = args.modes.split(",")
-    cases = selected_cases(args)
+    cases = selected_cases(args, device.type)
     env = core.environment(device)
     limits = core.device_limits(device)
     results = []
@@ -78,9 +78,10 @@ def run(args) -> dict:
             print(f"[{i + 1}/{len(todo)}] {desc}", file=sys.stderr, flush=True)
         impls = case.build(device, mode)
         for impl, step in impls.items():
-            row = {"op": case.op, "case": case.label, "mode": mode, "impl": impl, **case.params}
+            row = {"op": case.op, "case": case.label, "mode": mode, "impl": impl, "baseline": case.baseline,
+                   **case.params}
             if step is None:
-                row["skipped"] = "not installed or disabled"
+                row["skipped"] = "not installed, disabled, or not for this device"
                 results.append(row)
                 continue
             try:
@@ -110,7 +111,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list:
         for c in all_cases():
-            print(f"{c.op:20s} {c.label:28s} {'quick' if c.quick else 'full'}")
+            print(f"{c.op:20s} {c.label:40s} {'quick' if c.quick else 'full':5s} {'/'.join(c.devices):9s} "
+                  f"vs {c.baseline}")
         return 0
     data = run(args)
     print(report.table(data))

@@ -12,7 +12,13 @@ from fastalign.bench.core import measure_cpu_memory_here
 def main() -> None:
     spec = json.loads(sys.argv[1])
     case = find_case(spec["case"])
-    step = case.build(torch.device("cpu"), spec["mode"])[spec["impl"]]
+    cpu = torch.device("cpu")
+    if case.warmup is not None:
+        warm = case.warmup(cpu, spec["mode"]).get(spec["impl"])
+        if warm is not None:
+            warm()
+        del warm
+    step = case.build(cpu, spec["mode"])[spec["impl"]]
     print(measure_cpu_memory_here(step))
 
 

@@ -37,6 +37,12 @@ class Case:
     # bytes every implementation must allocate in a mode (the gradients it returns); memory ratios
     # are taken on the peak beyond these
     required_bytes: Optional[Callable[[str], int]] = None
+    baseline: str = BASELINE     # the implementation ratios are taken against
+    impls: tuple = ("fastalign", "eager", "torch.compile")  # the names ``build`` returns
+    devices: tuple = ("cpu", "cuda")
+    # the same build at a tiny shape: run once before a memory measurement so one-time process
+    # costs (lazy imports, thread pools, first-call dispatch) are not charged to the step
+    warmup: Optional[Callable[[torch.device, str], Dict[str, Optional[Step]]]] = None
 
     @property
     def key(self) -> str:
@@ -108,10 +114,18 @@ def measure_cuda_memory(step: Step, device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - base
 
 
+#: glibc keeps freed blocks below a moving threshold mapped; a fixed threshold returns every block
+#: of 128 KiB or more to the system when freed, so the resident peak follows what is allocated (as
+#: the CUDA allocator's ``max_memory_allocated`` does) instead of what malloc happens to cache.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
 def measure_cpu_memory_subprocess(case: Case, mode: str, impl: str, timeout: float = 600) -> Optional[int]:
-    """Run one step of (case, mode, impl) in a fresh interpreter and return its peak extra bytes."""
+    """Run one step of (case, mode, impl) in a fresh interpreter and return its peak extra bytes.
+
+    The interpreter first runs the case's tiny-shape ``warmup`` step when the case has one."""
     spec = json.dumps({"case": case.key, "mode": mode, "impl": impl})
-    env = dict(os.environ)
+    env = {**os.environ, **MALLOC_ENV}
     out = subprocess.run([sys.executable, "-m", "fastalign.bench._memprobe", spec], capture_output=True,
                          text=True, timeout=timeout, env=env)
     if out.returncode != 0:

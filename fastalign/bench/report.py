@@ -4,18 +4,31 @@ from __future__ import annotations
 from fastalign.bench.core import BASELINE
 
 
+def speedup(r: dict):
+    """Baseline time / time (``speedup_vs_eager`` in files recorded before baselines were per case)."""
+    return r.get("speedup", r.get("speedup_vs_eager"))
+
+
+def memory_ratio(r: dict):
+    """Peak extra memory / the baseline's, both beyond the gradients every implementation returns."""
+    return r.get("memory_ratio", r.get("memory_vs_eager"))
+
+
 def add_ratios(results: list, limits: dict) -> None:
-    """speedup = baseline time / time and mem_ratio = memory / baseline memory, same case and mode."""
-    base = {(r["op"], r["case"], r["mode"]): r for r in results if r["impl"] == BASELINE and "median_ms" in r}
+    """speedup = baseline time / time and memory_ratio = memory / baseline memory, same case and mode.
+
+    A row's baseline is its case's (``row["baseline"]``, ``eager`` unless the case names another)."""
+    by_key = {(r["op"], r["case"], r["mode"], r["impl"]): r for r in results if "median_ms" in r}
     for r in results:
-        b = base.get((r["op"], r["case"], r["mode"]))
+        r.setdefault("baseline", BASELINE)
+        b = by_key.get((r["op"], r["case"], r["mode"], r["baseline"]))
         if b is None or "median_ms" not in r:
             continue
-        r["speedup_vs_eager"] = b["median_ms"] / r["median_ms"]
+        r["speedup"] = b["median_ms"] / r["median_ms"]
         if r.get("peak_extra_bytes") is not None and b.get("peak_extra_bytes"):
             req = r.get("required_bytes", 0)
             # memory beyond inputs and the gradients every implementation must return
-            r["memory_vs_eager"] = max(r["peak_extra_bytes"] - req, 0) / max(b["peak_extra_bytes"] - req, 1)
+            r["memory_ratio"] = max(r["peak_extra_bytes"] - req, 0) / max(b["peak_extra_bytes"] - req, 1)
         if "GBps" in r and limits.get("copy_GBps"):
             r["bandwidth_fraction"] = r["GBps"] / limits["copy_GBps"]
         if "TFLOPs" in r and limits.get("bf16_matmul_TFLOPs"):
@@ -32,22 +45,25 @@ def table(data: dict) -> str:
     if limits:
         lines.append(f"device limits: copy {limits['copy_GBps']:.0f} GB/s, "
                      f"bf16 matmul {limits['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
-    head = f"{'op':18s} {'case':22s} {'mode':8s} {'impl':14s} {'median ms':>10s} {'vs eager':>9s} " \
-           f"{'extra MiB':>10s} {'mem/eager':>9s} {'% limit':>8s}"
+    cw = max([22] + [len(r["case"]) for r in data["results"]])
+    head = f"{'op':18s} {'case':{cw}s} {'mode':8s} {'impl':14s} {'median ms':>10s} {'speedup':>9s} " \
+           f"{'extra MiB':>10s} {'mem ratio':>9s} {'% limit':>8s}  baseline"
     lines += [head, "-" * len(head)]
-    foot = "extra MiB: peak memory beyond the inputs; mem/eager: the same ratio after removing the " \
-           "gradients every implementation returns; % limit: of measured copy bandwidth / matmul peak"
+    foot = "speedup: baseline time / time; extra MiB: peak memory beyond the inputs; mem ratio: to the " \
+           "baseline's, after removing the gradients every implementation returns; % limit: of measured " \
+           "copy bandwidth / matmul peak"
     for r in data["results"]:
-        prefix = f"{r['op']:18s} {r['case']:22s} {r['mode']:8s} {r['impl']:14s}"
+        prefix = f"{r['op']:18s} {r['case']:{cw}s} {r['mode']:8s} {r['impl']:14s}"
         if "skipped" in r or "error" in r:
             lines.append(f"{prefix} {'skipped: ' + r['skipped'] if 'skipped' in r else 'error: ' + r['error']}")
             continue
         mem = r.get("peak_extra_bytes")
         frac = r.get("bandwidth_fraction", r.get("flops_fraction"))
         lines.append(
-            f"{prefix} {r['median_ms']:10.2f} {_fmt(r.get('speedup_vs_eager'), '8.2f') + 'x':>9s} "
+            f"{prefix} {r['median_ms']:10.2f} {_fmt(speedup(r), '8.2f') + 'x':>9s} "
             f"{_fmt(None if mem is None else mem / 2**20, '10.1f'):>10s} "
-            f"{_fmt(r.get('memory_vs_eager'), '9.3f'):>9s} {_fmt(None if frac is None else 100 * frac, '7.1f'):>8s}")
+            f"{_fmt(memory_ratio(r), '9.3f'):>9s} {_fmt(None if frac is None else 100 * frac, '7.1f'):>8s}  "
+            f"{r.get('baseline', BASELINE)}")
     lines += ["-" * len(head), foot]
     return "\n".join(lines)
 

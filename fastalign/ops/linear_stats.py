@@ -76,7 +76,7 @@ def _outputs(hidden: Tensor, entropy: bool, sum_p2: bool, argmax: bool):
 
 # ----------------------------------------------------------------------------- CPU (BLAS + C++ row kernels)
 
-def _chunk_logits(buf: Tensor, h_c: Tensor, w_v: Tensor, b_v: Optional[Tensor], scale: float, softcap: float) -> Tensor:
+def chunk_logits(buf: Tensor, h_c: Tensor, w_v: Tensor, b_v: Optional[Tensor], scale: float, softcap: float) -> Tensor:
     """fp32 ``softcap(scale * (h_c @ w_v.T + b_v))`` written into the flat buffer ``buf``."""
     n, v = h_c.shape[0], w_v.shape[0]
     z = buf[: n * v].view(n, v)
@@ -89,6 +89,33 @@ def _chunk_logits(buf: Tensor, h_c: Tensor, w_v: Tensor, b_v: Optional[Tensor], 
     if softcap > 0:
         z.div_(softcap).tanh_().mul_(softcap)
     return z
+
+
+def softcap_derivative(z: Tensor, softcap: float, scale: float, out: Optional[Tensor] = None) -> Tensor:
+    """``d z / d u`` for ``z = softcap * tanh(scale * u / softcap)``: ``scale * (1 - (z / softcap)^2)``."""
+    out = torch.empty_like(z) if out is None else out
+    torch.mul(z, 1.0 / softcap, out=out)
+    return out.square_().neg_().add_(1.0).mul_(scale)
+
+
+def chunk_grad_to_inputs(dz: Tensor, deriv: Optional[Tensor], scale: float, softcap: float, h_c: Tensor,
+                         w_v: Tensor, dh_c: Optional[Tensor], dw_v: Optional[Tensor], db_v: Optional[Tensor],
+                         accumulate: bool = True) -> None:
+    """From d(loss)/d(logits) of a chunk (``dz``, scaled in place to d(loss)/d(h W^T + b)):
+    ``dh_c (+)= dz @ w_v``, ``dw_v += dz.T @ h_c``, ``db_v += dz.sum(0)``."""
+    if softcap > 0:
+        dz.mul_(deriv)
+    elif scale != 1.0:
+        dz.mul_(scale)
+    if dh_c is not None:
+        if accumulate:
+            dh_c.addmm_(dz, w_v)
+        else:
+            torch.mm(dz, w_v, out=dh_c)
+    if dw_v is not None:
+        dw_v.addmm_(dz.t().to(dw_v.dtype), h_c.to(dw_v.dtype))
+    if db_v is not None:
+        db_v += dz.sum(0, dtype=torch.float32).to(db_v.dtype)
 
 
 def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -116,7 +143,7 @@ def _cpu_forward(hidden, weight, bias, labels, scale, softcap, inv_t, ignore_ind
         best_idx = torch.zeros(n, dtype=torch.int64) if amax.numel() else None
         for k in range(K):
             v0, v1 = k * vc, min(V, (k + 1) * vc)
-            z = _chunk_logits(buf, h_c, _f32(weight[v0:v1]), _f32(None if bias is None else bias[v0:v1]),
+            z = chunk_logits(buf, h_c, _f32(weight[v0:v1]), _f32(None if bias is None else bias[v0:v1]),
                               scale, softcap)
             yl = local_labels(y, v0, v1, ignore_index)
             C.token_stats_fwd_cpu(
@@ -172,11 +199,8 @@ def _cpu_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp
         for v0 in range(0, V, vc):
             v1 = min(V, v0 + vc)
             w_v = _f32(weight[v0:v1])
-            z = _chunk_logits(buf, h_c, w_v, _f32(None if bias is None else bias[v0:v1]), scale, softcap)
-            if softcap > 0:  # d softcap(u) / du = 1 - (z / softcap)^2, times the scale
-                deriv = dbuf[: z.numel()].view_as(z)
-                torch.mul(z, 1.0 / softcap, out=deriv)
-                deriv.square_().neg_().add_(1.0).mul_(scale)
+            z = chunk_logits(buf, h_c, w_v, _f32(None if bias is None else bias[v0:v1]), scale, softcap)
+            deriv = softcap_derivative(z, softcap, scale, dbuf[: z.numel()].view_as(z)) if softcap > 0 else None
             yl = local_labels(y, v0, v1, ignore_index)
             sl = slice(n0, n1)
             C.token_stats_bwd_cpu(
@@ -185,17 +209,8 @@ def _cpu_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp
                 ptr(opt(sp2) if sp2.numel() == 0 else sp2[sl]),
                 ptr(None if g_lp is None else g_lp[sl]), ptr(None if g_ent is None else g_ent[sl]),
                 ptr(None if g_sp2 is None else g_sp2[sl]), z.data_ptr(), 0, v1 - v0)
-            dz = z  # in place: d loss / d z
-            if softcap > 0:
-                dz.mul_(deriv)
-            elif scale != 1.0:
-                dz.mul_(scale)
-            if dh_c is not None:
-                dh_c.addmm_(dz, w_v)
-            if dw is not None:
-                dw[v0:v1].addmm_(dz.t(), h_c)
-            if db is not None:
-                db[v0:v1] += dz.sum(0)
+            chunk_grad_to_inputs(z, deriv, scale, softcap, h_c, w_v, dh_c, None if dw is None else dw[v0:v1],
+                                 None if db is None else db[v0:v1])
 
 
 # ----------------------------------------------------------------------------- Triton

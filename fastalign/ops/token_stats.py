@@ -64,7 +64,7 @@ def _(logits, labels, inv_temperature, ignore_index, entropy, sum_p2, argmax, ba
     return _outputs(logits, entropy, sum_p2, argmax)
 
 
-def _backward_into(grad: Tensor, g_lp, g_ent, g_sp2, logits, labels, lse, ent, sp2,
+def backward_into(grad: Tensor, g_lp, g_ent, g_sp2, logits, labels, lse, ent, sp2,
                    inv_temperature, ignore_index, backend) -> None:
     O, I, V = logits.shape
     g_lp, g_ent, g_sp2 = (None if g is None else g.contiguous().float() for g in (g_lp, g_ent, g_sp2))
@@ -91,7 +91,7 @@ def token_stats_backward(
 ) -> Tensor:
     """d(loss)/d(logits) in the logits dtype, for whichever output gradients are given."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    _backward_into(grad, grad_logprobs, grad_entropy, grad_sum_p2, logits, labels, lse, entropy, sum_p2,
+    backward_into(grad, grad_logprobs, grad_entropy, grad_sum_p2, logits, labels, lse, entropy, sum_p2,
                    inv_temperature, ignore_index, backend)
     return grad
 
@@ -109,7 +109,7 @@ def token_stats_backward_(
     inv_temperature: float, ignore_index: int, backend: str,
 ) -> None:
     """In-place backward: overwrites ``logits`` with d(loss)/d(logits) (saves one [N, V] buffer)."""
-    _backward_into(logits, grad_logprobs, grad_entropy, grad_sum_p2, logits, labels, lse, entropy, sum_p2,
+    backward_into(logits, grad_logprobs, grad_entropy, grad_sum_p2, logits, labels, lse, entropy, sum_p2,
                    inv_temperature, ignore_index, backend)
 
 

@@ -42,6 +42,7 @@ def _make_build(B, G, loop):
 def cases():
     return [
         Case(op="group_advantages", label=f"B={B} groups of {G}", params={"sequences": B, "group_size": G},
-             build=_make_build(B, G, loop), modes=("fwd",), quick=quick)
+             build=_make_build(B, G, loop), modes=("fwd",), quick=quick, warmup=_make_build(64, 16, loop),
+             impls=("fastalign", "eager", "python-loop", "torch.compile", "verl"))
         for B, G, loop, quick in [(65536, 16, True, True), (1 << 20, 16, False, False)]
     ]

@@ -48,6 +48,8 @@ def cases():
             params={"tokens": N, "hidden": H, "vocab": V, "dtype": dt},
             build=_make_build(N, H, V, DTYPES[dt]),
             quick=quick,
+            warmup=_make_build(8, 16, 64, DTYPES[dt]),
+            impls=("fastalign", "eager"),
             # reads hidden and weight; backward reads them again and writes their gradients
             bytes_moved=lambda mode, n=(N + V) * H * torch.empty((), dtype=DTYPES[dt]).element_size():
                 n if mode == "fwd" else 3 * n,

@@ -114,7 +114,8 @@ def cases():
         n = B * T
         out.append(Case(
             op="policy_loss", label=f"ppo+k3+entropy B={B} T={T}", params={"B": B, "T": T, "loss_type": "ppo"},
-            build=_make_ppo(B, T), quick=quick,
+            build=_make_ppo(B, T), quick=quick, warmup=_make_ppo(2, 16),
+            impls=("fastalign", "eager", "torch.compile", "verl"),
             # reads lp, old, A, ref, H (fp32) and the mask; backward writes d lp and d H
             bytes_moved=_bytes(21, 8, n), required_bytes=lambda mode, n=n: 0 if mode == "fwd" else 8 * n))
     for B, T, lt, quick in [(256, 1024, "clip_cov", True), (1024, 1024, "clip_cov", False),
@@ -122,7 +123,7 @@ def cases():
         n = B * T
         out.append(Case(
             op="policy_loss", label=f"{lt} B={B} T={T}", params={"B": B, "T": T, "loss_type": lt},
-            build=_make_cov(B, T, lt), quick=quick,
+            build=_make_cov(B, T, lt), quick=quick, warmup=_make_cov(4, 64, lt),
             # covariance means, selection and loss each read lp, old, A and the mask; backward writes d lp
             bytes_moved=_bytes(13, 4, n), required_bytes=lambda mode, n=n: 0 if mode == "fwd" else 4 * n))
     return out

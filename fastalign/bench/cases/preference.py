@@ -5,13 +5,19 @@ rejected rows second in a ``[2B, T, H]`` batch; ragged responses after a prompt.
 
 Implementations:
 
-* ``fastalign`` — :class:`fastalign.LinearPreferenceLoss` (never builds ``[N, V]``; on the
-  CPU only the labelled positions go through the vocabulary);
-* ``fastalign-whole`` — the same with ``compact=False``: every position, as a GPU batch runs;
+* ``fastalign`` — :class:`fastalign.LinearPreferenceLoss` with its defaults (never builds
+  ``[N, V]``; on the CPU two passes over the labelled positions only, on a GPU a single
+  pass over blocks of whole pairs);
+* ``fastalign-single-pass`` (CPU) / ``fastalign-two-pass`` (GPU) — the other way through
+  the vocabulary; ``fastalign-whole`` (CPU) — every position, prompt and padding included;
 * ``eager``     — what trainers write: ``logits = h @ W.T``, ``log_softmax``, ``gather``;
 * ``logits``    — builds the fp32 logits, then the fused :func:`fastalign.token_logprobs`
   row kernel (backward in place into the logits): the leanest path that builds logits;
+* ``liger``     — Liger-Kernel's ``LigerFusedLinearDPOLoss`` when ``liger_kernel`` is installed;
 * ``torch.compile`` — the eager path compiled.
+
+Each case names its baseline: ``eager`` for the quick shape, ``logits`` for the CPU target
+(eager would need ~20 GB) and ``liger`` for the GPU target.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import torch
 
 import fastalign
 from fastalign.bench.core import Case
-from fastalign.bench.optional import compiled
+from fastalign.bench.optional import COMPILE, compiled, optional_impl
 from fastalign.reference import preference as ref
 
 BETA = 0.1
@@ -69,18 +75,32 @@ def _cpu_available_bytes() -> int:
     return 1 << 62
 
 
+def _liger(device):
+    """Liger-Kernel's fused-linear DPO (sigmoid, reference from hidden states), or None."""
+    found = optional_impl("liger_kernel.chunked_loss", "LigerFusedLinearDPOLoss")
+    if found is None:
+        return None
+    # the chunked loss is torch code compiled per chunk; compiled=True is how trainers run it
+    loss = found[0](beta=BETA, use_ref_model=True, compiled=COMPILE["enabled"])
+
+    def path(h, w, labels, ref_h):
+        return loss(w, h, labels, ref_input=ref_h, ref_weight=w)[0]
+    return path
+
+
+IMPLS = ("fastalign", "fastalign-two-pass", "fastalign-single-pass", "fastalign-whole", "logits", "liger", "eager",
+         "torch.compile")
+
+
 def make_build(B, T, H, V, dtype=torch.float32):
     def build(device, mode):
         hidden, ref_hidden, weight, labels = make_inputs(B, T, H, V, device, dtype)
         backward = mode == "fwd+bwd"
-        module = fastalign.LinearPreferenceLoss(loss_type="sigmoid", beta=BETA)
-        whole = fastalign.LinearPreferenceLoss(loss_type="sigmoid", beta=BETA, compact=False)
+        gpu = device.type == "cuda"
 
-        def fused(h, w, y, rh):
-            return module(h, w, y, ref_hidden=rh)[0]
-
-        def fused_whole(h, w, y, rh):
-            return whole(h, w, y, ref_hidden=rh)[0]
+        def fused(**options):
+            module = fastalign.LinearPreferenceLoss(loss_type="sigmoid", beta=BETA, **options)
+            return lambda h, w, y, rh: module(h, w, y, ref_hidden=rh)[0]
 
         def wrap(fn):
             if fn is None:
@@ -99,10 +119,14 @@ def make_build(B, T, H, V, dtype=torch.float32):
         # log_softmax path: logits, log-probs and their gradients, ~4 fp32 [N, V] buffers
         eager_ok = device.type != "cpu" or 4 * 4 * 2 * B * T * V * 1.2 < _cpu_available_bytes()
         return {
-            "fastalign": wrap(fused),
-            "fastalign-whole": wrap(fused_whole),
-            "eager": wrap(_eager_path) if eager_ok else None,
+            "fastalign": wrap(fused()),
+            # the variants the defaults do not pick on this device
+            "fastalign-two-pass": wrap(fused(single_pass=False)) if gpu else None,
+            "fastalign-single-pass": None if gpu else wrap(fused(single_pass=True)),
+            "fastalign-whole": None if gpu else wrap(fused(compact=False)),
             "logits": wrap(_logits_path),
+            "liger": wrap(_liger(device)),
+            "eager": wrap(_eager_path) if eager_ok else None,
             "torch.compile": wrap(compiled(_eager_path)) if eager_ok else None,
         }
 
@@ -111,16 +135,31 @@ def make_build(B, T, H, V, dtype=torch.float32):
 
 def cases():
     out = []
-    # (B pairs, T, H, V, quick)
-    for B, T, H, V, quick in [(2, 256, 512, 32000, True), (8, 512, 1024, 152064, False)]:
+    # (B pairs, T, H, V, dtype, quick, devices, baseline)
+    shapes = [
+        (2, 256, 512, 32000, "fp32", True, ("cpu", "cuda"), "eager"),
+        # CPU target: eager needs ~20 GB here, so ratios are to the leanest path that builds logits
+        (8, 512, 1024, 152064, "fp32", False, ("cpu",), "logits"),
+        # GPU target: Llama-3-8B head, bf16, against Liger-Kernel's fused-linear DPO
+        (8, 1024, 4096, 128256, "bf16", False, ("cuda",), "liger"),
+    ]
+    for B, T, H, V, dt, quick, devices, baseline in shapes:
         N = 2 * B * T
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
+        elem = torch.empty((), dtype=dtype).element_size()
         out.append(Case(
             op="preference_loss",
-            label=f"linear sigmoid B{B} T{T} H{H} V{V} fp32",
-            params={"pairs": B, "seq": T, "hidden": H, "vocab": V, "dtype": "fp32", "loss": "sigmoid"},
-            build=make_build(B, T, H, V),
+            label=f"linear sigmoid B{B} T{T} H{H} V{V} {dt}",
+            params={"pairs": B, "seq": T, "hidden": H, "vocab": V, "dtype": dt, "loss": "sigmoid"},
+            build=make_build(B, T, H, V, dtype),
             quick=quick,
+            devices=devices,
+            baseline=baseline,
+            impls=IMPLS,
+            warmup=make_build(1, 8, 16, 64, dtype),
             # policy + reference forward matmuls; backward: two more (d hidden, d weight)
             flops=lambda mode, n=N, h=H, v=V: 2 * n * h * v * (2 if mode == "fwd" else 4),
+            # d(weight) and d(hidden)
+            required_bytes=lambda mode, n=(V + N) * H * elem: 0 if mode == "fwd" else n,
         ))
     return out

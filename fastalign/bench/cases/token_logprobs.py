@@ -65,6 +65,8 @@ def cases():
             params={"tokens": N, "vocab": V, "dtype": dt},
             build=_make_build(N, V, DTYPES[dt]),
             quick=quick,
+            warmup=_make_build(8, 64, DTYPES[dt]),
+            impls=("fastalign", "eager", "torch.compile", "trl"),
             # forward reads the logits once; backward reads them again and writes d(logits)
             bytes_moved=lambda mode, n=N * V * elem: n if mode == "fwd" else 3 * n,
             required_bytes=lambda mode, n=N * V * elem: 0 if mode == "fwd" else n,  # d(logits)

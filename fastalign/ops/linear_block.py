@@ -1,0 +1,60 @@
+"""One block of rows through the LM head in one pass: logits, statistics, then d(inputs).
+
+When the gradient of a loss with respect to each token log-prob is known as soon as the
+statistics of a *block* of rows are (a preference loss over a few whole pairs is), the
+block's logits need not be recomputed in a backward pass. Per block:
+
+    z      = softcap(scale * (h @ W.T + b))                      (kept: [rows, V])
+    lp, lse, sum p^2 = token_stats(z / T)                        (C++ / Triton row kernels)
+    g      = d loss / d lp                                       (the caller's, from lp)
+    dz     = d loss / d z, written over z in place               (token_stats backward)
+    dh     = dz @ W,   dW += dz.T @ h,   db += sum_rows dz
+
+three matrix products per block instead of the four of a forward plus a recomputing
+backward. The price is the block's logits in memory: the caller sizes the block.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastalign.ops.linear_stats import chunk_grad_to_inputs, chunk_logits, softcap_derivative
+from fastalign.ops.token_stats import backward_into, token_stats
+
+
+def block_buffer(rows: int, vocab: int, like: Tensor) -> Tensor:
+    """A flat buffer for ``rows x vocab`` logits: the input dtype on a GPU, fp32 on the CPU."""
+    dtype = like.dtype if like.is_cuda else torch.float32
+    return torch.empty(rows * vocab, dtype=dtype, device=like.device)
+
+
+def block_forward(buf: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *,
+                  scale: float, softcap: float, inv_t: float, ignore_index: int, sum_p2: bool, backend: str):
+    """Logits of the rows ``h [n, H]`` into ``buf`` and their statistics.
+
+    Returns ``(z, deriv, lp, sp2, lse)``: ``z`` the kept logits, ``deriv`` the softcap
+    derivative (None without softcap), ``sp2`` empty unless asked."""
+    native = buf.dtype == h.dtype
+    hw = (h, weight, bias) if native else tuple(None if t is None else t.float() for t in (h, weight, bias))
+    z = chunk_logits(buf, *hw, scale, softcap)
+    deriv = softcap_derivative(z, softcap, scale) if softcap > 0 else None
+    lp, _ent, sp2, _amax, lse = token_stats(z.unsqueeze(0), labels, inv_t, ignore_index, False, sum_p2, False,
+                                            backend, True)
+    return z, deriv, lp, sp2, lse
+
+
+def block_backward(z: Tensor, deriv: Optional[Tensor], g_lp: Tensor, h: Tensor, weight: Tensor,
+                   labels: Tensor, lse: Tensor, *, scale: float, softcap: float, inv_t: float, ignore_index: int,
+                   backend: str, dw: Optional[Tensor], db: Optional[Tensor]) -> Tensor:
+    """Turn the kept logits ``z`` into d(logits) in place for token gradients ``g_lp``; accumulate
+    ``dw``/``db`` and return ``dh [n, H]`` (fp32 on the CPU, the input dtype on a GPU)."""
+    empty = lse.new_empty(0)
+    z3 = z.unsqueeze(0)
+    backward_into(z3, g_lp, None, None, z3, labels, lse, empty, empty, inv_t, ignore_index, backend)
+    native = z.dtype == h.dtype
+    h_c, w_c = (h, weight) if native else (h.float(), weight.float())
+    dh = torch.empty(h.shape, dtype=z.dtype, device=z.device)
+    chunk_grad_to_inputs(z, deriv, scale, softcap, h_c, w_c, dh, dw, db, accumulate=False)
+    return dh
