@@ -406,16 +406,24 @@ class _SinglePass(torch.autograd.Function):
         with torch.no_grad():
             loss, metrics = mod._pair_loss(lp_all[0], lp_all[1], sp_all[0], sp_all[1], yc, yr, twc, twr, ref_c,
                                            ref_r, kto_kl)
-        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (dh[0], dh[1], dw, db)))
+        # kept as attributes, not saved tensors: backward scales them in place (no second [V, H])
+        ctx.grads = (dh[0], dh[1], dw, db)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         out["metrics"] = metrics
         return loss
 
     @staticmethod
     def backward(ctx, g):
-        dhc, dhr, dw, db = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        w_dtype, b_dtype = ctx.dtypes
-        return ((g * dhc).to(dhc.dtype) if need[0] else None, (g * dhr).to(dhr.dtype) if need[1] else None,
-                (g * dw).to(w_dtype) if need[2] else None, (g * db).to(b_dtype) if need[3] and db.numel() else None,
-                None)
+        if ctx.grads is None:
+            raise RuntimeError("LinearPreferenceLoss's single pass can be differentiated once per forward "
+                               "(its gradients are computed in the forward); run the forward again")
+        grads, ctx.grads = ctx.grads, None
+        dtypes = (None, None, *ctx.dtypes)
+        out = []
+        for i, t in enumerate(grads):
+            if t is None or not ctx.needs_input_grad[i]:
+                out.append(None)
+                continue
+            t = t.mul_(g.to(t.dtype))
+            out.append(t if dtypes[i] is None else t.to(dtypes[i]))
+        return (*out, None)

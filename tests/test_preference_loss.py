@@ -591,3 +591,18 @@ def test_gpu_linear_against_reference(dtype, single_pass, monkeypatch):
                                ("d hidden", "d weight")):
         assert got.dtype == dtype
         assert_close(got.float().cpu(), want, atol=tol["atol"], rtol=5e-2, what=what)
+
+
+def test_single_pass_scales_by_the_incoming_gradient_once():
+    h, w, b, labels, rh = _hidden_batch(seed=12)
+    out = []
+    for single in (False, True):
+        hx, wx = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss, _ = fa.LinearPreferenceLoss(beta=0.2, single_pass=single)(hx, wx, labels, ref_hidden=rh)
+        (3.0 * loss).backward(retain_graph=True)
+        out.append((hx.grad, wx.grad))
+        if single:
+            with pytest.raises(RuntimeError, match="once per forward"):
+                loss.backward()
+    for x, y, what in zip(out[0], out[1], ("d hidden", "d weight")):
+        assert_close(y, x, atol=1e-6, rtol=1e-5, what=what)
