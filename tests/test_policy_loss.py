@@ -157,6 +157,25 @@ def test_entropy_quantile_and_offpolicy_mask(cpu_backend, loss_type):
     check(out, ref)
 
 
+def test_kl_estimators_are_unbiased_and_have_their_gradients():
+    """Independent of any transcription of SPEC §2: under y ~ pi, E[k1] = E[k3] = KL(pi || ref)
+    exactly (summing over the whole vocabulary); E[k2] = E[(log pi/ref)^2] / 2; and the
+    per-token gradients are d k1 = 1, d k2 = lp - ref, d k3 = 1 - exp(ref - lp)."""
+    g = torch.Generator().manual_seed(40)
+    lp = torch.log_softmax(torch.randn(6, 50, generator=g, dtype=torch.float64), -1)
+    ref = torch.log_softmax(torch.randn(6, 50, generator=g, dtype=torch.float64), -1)
+    p = lp.exp()
+    kl = (p * (lp - ref)).sum(-1)
+    for kind, want in (("k1", kl), ("k3", kl), ("k2", 0.5 * (p * (lp - ref) ** 2).sum(-1))):
+        v = fastalign.kl_penalty(lp.float(), ref.float(), kind, clamp=False).double()
+        assert_close((p * v).sum(-1), want, atol=1e-5, rtol=1e-5, what=f"E[{kind}]")
+    x = lp.float().requires_grad_(True)
+    for kind, grad in (("k1", torch.ones_like(lp)), ("k2", lp - ref), ("k3", 1.0 - torch.exp(ref - lp)),
+                       ("k3+", lp - ref), ("abs", torch.sign(lp - ref))):
+        (gx,) = torch.autograd.grad(fastalign.kl_penalty(x, ref.float(), kind, clamp=False).sum(), x)
+        assert_close(gx.double(), grad, atol=1e-5, rtol=1e-5, what=f"d {kind}")
+
+
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("globals_", [False, True])
 def test_aggregations(cpu_backend, agg, globals_):
