@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from fastalign import _backend, _validate
-from fastalign.ops.linear_block import block_backward, block_buffer, block_forward
+from fastalign.ops.linear_block import block_backward, block_buffer, block_forward, block_logprobs, block_rows
 from fastalign.preference import _CONFIG_KEYS, LOSSES, _loss_list, preference_loss, wpo_weights
 from fastalign.sequence import sequence_logprobs
 
@@ -164,18 +164,25 @@ class LinearPreferenceLoss(nn.Module):
             return None
         return (labels.reshape(-1) != self.ignore_index).nonzero().squeeze(1)
 
-    def _token_logps(self, hidden, weight, labels, bias, sum_p2: bool, rows: Optional[Tensor] = None):
+    def _token_logps(self, hidden, weight, labels, bias, sum_p2: bool, rows: Optional[Tensor] = None,
+                     blocks: bool = False):
         """Token log-probs (and sum p^2) shaped like ``labels``. With ``rows`` (flat indices of the
-        labelled positions) only those rows go through the vocabulary; the rest are 0."""
-        if rows is None:
-            st = _linear_logprobs(hidden, weight, labels, bias=bias, sum_p2=sum_p2, **self.kernel_options)
-            return st.logprobs, st.sum_p2
+        labelled positions) only those rows go through the vocabulary; the rest are 0.
+        ``blocks``: no gradient, through the single pass's blocks (one matrix product each)."""
         H = hidden.shape[-1]
-        h = hidden.reshape(-1, H).index_select(0, rows)
-        st = _linear_logprobs(h, weight, labels.reshape(-1).index_select(0, rows), bias=bias, sum_p2=sum_p2,
-                              **self.kernel_options)
-        return _scatter(st.logprobs, rows, labels, 0.0), \
-            None if not sum_p2 else _scatter(st.sum_p2.detach(), rows, labels, 1.0)
+        h, y = hidden.reshape(-1, H), labels.reshape(-1)
+        if rows is not None:
+            h, y = h.index_select(0, rows), y.index_select(0, rows)
+        if blocks:
+            lp = block_logprobs(h, weight, bias, y.to(torch.int64).contiguous(), rows=_pair_block_rows(weight, h),
+                                **_block_options(self, h.device))
+            sp2 = None
+        else:
+            st = _linear_logprobs(h, weight, y, bias=bias, sum_p2=sum_p2, **self.kernel_options)
+            lp, sp2 = st.logprobs, st.sum_p2
+        if rows is None:
+            return lp.view(labels.shape), None if sp2 is None else sp2.view(labels.shape)
+        return _scatter(lp, rows, labels, 0.0), None if sp2 is None else _scatter(sp2.detach(), rows, labels, 1.0)
 
     def _sums(self, lpc, lpr, yc, yr, twc=None, twr=None, spc=None, spr=None):
         """Per-sequence sums of both sides (LD-DPO public length ``min(|yc|, |yr|)`` per pair)."""
@@ -260,21 +267,22 @@ class LinearPreferenceLoss(nn.Module):
             rhc, rhr = _pair("ref_hidden", ref_hidden) if ref_hidden is not None else (None, None)
         rows_c, rows_r = self._rows(hc, yc), self._rows(hr, yr)
         both = (hidden, labels) if split is None else None
+        single = self._single_passes(hc, kto_kl)
         if rhc is not None:
             with torch.no_grad():
                 ref_both = None if both is None else (ref_hidden, labels)
                 (rc, _), (rr, _) = self._both_logps(rhc, rhr, yc, yr, ref_weight, ref_bias, False, rows_c, rows_r,
-                                                    ref_both)
+                                                    ref_both, blocks=single)
                 sc, sr = self._sums(rc, rr, yc, yr, twc, twr)
             ref_chosen_logps, ref_rejected_logps = sc.sum, sr.sum
         refs = (ref_chosen_logps, ref_rejected_logps)
-        if self._single_passes(hc, kto_kl):
+        if single:
             return self._single_pass_loss(hc, hr, yc, yr, weight, bias, twc, twr, rows_c, rows_r, refs, kto_kl)
         (lpc, spc), (lpr, spr) = self._both_logps(hc, hr, yc, yr, weight, bias, self.use_weighting, rows_c, rows_r,
                                                   both)
         return self._pair_loss(lpc, lpr, spc, spr, yc, yr, twc, twr, *refs, kto_kl)
 
-    def _both_logps(self, hc, hr, yc, yr, weight, bias, sum_p2, rows_c, rows_r, both=None):
+    def _both_logps(self, hc, hr, yc, yr, weight, bias, sum_p2, rows_c, rows_r, both=None, blocks=False):
         """Token log-probs of both sides from one ``linear_logprobs`` call (one weight gradient).
 
         ``both``: the concatenated ``(hidden, labels)`` the sides are views of (no copy)."""
@@ -285,7 +293,7 @@ class LinearPreferenceLoss(nn.Module):
             h = torch.cat([hc.reshape(-1, H), hr.reshape(-1, H)])
             y = torch.cat([yc.reshape(-1), yr.reshape(-1)])
         rows = None if rows_c is None else torch.cat([rows_c, rows_r + n_c])
-        lp, sp2 = self._token_logps(h, weight, y, bias, sum_p2, rows)
+        lp, sp2 = self._token_logps(h, weight, y, bias, sum_p2, rows, blocks)
         split = (lambda t: (t[:n_c].view(yc.shape), t[n_c:].view(yr.shape)))
         return tuple(zip(split(lp), split(sp2) if sp2 is not None else (None, None)))
 
@@ -319,6 +327,20 @@ class LinearPreferenceLoss(nn.Module):
         return loss, out["metrics"]
 
 
+def _block_options(mod: LinearPreferenceLoss, device) -> dict:
+    """Logit pipeline and kernel family of the single pass's blocks."""
+    o = mod.kernel_options
+    return dict(scale=float(o["logit_scale"]), softcap=0.0 if o["softcap"] is None else float(o["softcap"]),
+                inv_t=1.0 / float(o["temperature"]), ignore_index=mod.ignore_index,
+                backend=_backend.resolve(device, o["backend"]))
+
+
+def _pair_block_rows(weight: Tensor, like: Tensor) -> int:
+    """Rows of kept logits per block (``FASTALIGN_PAIR_BLOCK_MIB``)."""
+    budget = float(os.environ.get("FASTALIGN_PAIR_BLOCK_MIB", DEFAULT_PAIR_BLOCK_MIB)) * (1 << 20)
+    return block_rows(weight.shape[0], like, budget)
+
+
 def _scatter(values: Tensor, rows: Tensor, like: Tensor, fill: float) -> Tensor:
     """``values`` at the flat ``rows`` of a tensor shaped like ``like``, ``fill`` elsewhere."""
     out = torch.full((like.numel(),), fill, dtype=values.dtype, device=values.device)
@@ -341,10 +363,7 @@ class _SinglePass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hc, hr, weight, bias, state):
         mod, yc, yr, twc, twr, rows_c, rows_r, (ref_c, ref_r), kto_kl, out = state
-        opts = mod.kernel_options
-        kw = dict(scale=float(opts["logit_scale"]), softcap=0.0 if opts["softcap"] is None else float(opts["softcap"]),
-                  inv_t=1.0 / float(opts["temperature"]), ignore_index=mod.ignore_index,
-                  backend=_backend.resolve(hc.device, opts["backend"]))
+        kw = _block_options(mod, hc.device)
         B, H, V = hc.shape[0], hc.shape[-1], weight.shape[0]
         need_w, need_b = ctx.needs_input_grad[2], bias is not None and ctx.needs_input_grad[3]
         dtype_w = weight.dtype if weight.is_cuda else torch.float32
@@ -362,9 +381,7 @@ class _SinglePass(torch.autograd.Function):
         # pairs per block: their rows' logits within the budget (at least one pair)
         per_pair = (yc[0].numel() + yr[0].numel()) if rows_c is None else \
             -(-(rows_c.numel() + rows_r.numel()) // max(B, 1))
-        budget = float(os.environ.get("FASTALIGN_PAIR_BLOCK_MIB", DEFAULT_PAIR_BLOCK_MIB)) * (1 << 20)
-        elem = 4 if not hc.is_cuda else hc.element_size()
-        k = max(1, min(B, int(budget // max(per_pair * V * elem, 1))))
+        k = max(1, min(B, _pair_block_rows(weight, hc) // max(per_pair, 1)))
         buf = None
         for p0 in range(0, B, k):
             p1 = min(B, p0 + k)

@@ -58,3 +58,25 @@ def block_backward(z: Tensor, deriv: Optional[Tensor], g_lp: Tensor, h: Tensor, 
     dh = torch.empty(h.shape, dtype=z.dtype, device=z.device)
     chunk_grad_to_inputs(z, deriv, scale, softcap, h_c, w_c, dh, dw, db, accumulate=False)
     return dh
+
+
+def block_rows(vocab: int, like: Tensor, budget_bytes: float) -> int:
+    """Rows of logits that fit in ``budget_bytes`` (at least one)."""
+    elem = like.element_size() if like.is_cuda else 4
+    return max(1, int(budget_bytes // max(vocab * elem, 1)))
+
+
+def block_logprobs(h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *, rows: int, scale: float,
+                   softcap: float, inv_t: float, ignore_index: int, backend: str) -> Tensor:
+    """fp32 log-probs of the rows of ``h [n, H]``, ``rows`` at a time (no gradient): one
+    matrix product and one statistics pass per block."""
+    n = h.shape[0]
+    out = torch.empty(n, dtype=torch.float32, device=h.device)
+    buf = block_buffer(min(rows, max(n, 1)), weight.shape[0], h)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        _z, _d, lp, _sp2, _lse = block_forward(buf, h[r0:r1], weight, bias, labels[r0:r1], scale=scale,
+                                               softcap=softcap, inv_t=inv_t, ignore_index=ignore_index,
+                                               sum_p2=False, backend=backend)
+        out[r0:r1] = lp
+    return out
