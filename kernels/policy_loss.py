@@ -40,6 +40,18 @@ def _rollout_weight(r, r_min, r_max, TRUNC: tl.constexpr):
 
 
 @triton.jit
+def _load_tokens(lp_ptr, old_ptr, adv_ptr, mask_ptr, base, start, T, BLOCK_T: tl.constexpr):
+    """One block of a row: (cols, in bounds, valid, lp, old, adv), fp32."""
+    cols = start + tl.arange(0, BLOCK_T)
+    inb = cols < T
+    v = (tl.load(mask_ptr + base + cols, mask=inb, other=0) != 0) & inb
+    lp = tl.load(lp_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
+    old = tl.load(old_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
+    a = tl.load(adv_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
+    return cols, inb, v, lp, old, a
+
+
+@triton.jit
 def policy_loss_fwd_kernel(
     lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, roll_ptr, keep_ptr, sel_ptr,
     row_ptr, dlp_ptr, dh_ptr,
@@ -65,12 +77,7 @@ def policy_loss_fwd_kernel(
     sw = tl.zeros([], tl.float32)
     if NEED1:
         for start in range(0, T, BLOCK_T):
-            cols = start + tl.arange(0, BLOCK_T)
-            inb = cols < T
-            v = (tl.load(mask_ptr + base + cols, mask=inb, other=0) != 0) & inb
-            lp = tl.load(lp_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
-            old = tl.load(old_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
-            a = tl.load(adv_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
+            cols, inb, v, lp, old, a = _load_tokens(lp_ptr, old_ptr, adv_ptr, mask_ptr, base, start, T, BLOCK_T)
             l = lp - old
             n1 += tl.sum(v.to(tl.float32), 0)
             sl += tl.sum(tl.where(v, l, 0.0), 0)
@@ -111,12 +118,7 @@ def policy_loss_fwd_kernel(
     s_h = tl.zeros([], tl.float32)
     s_sel = tl.zeros([], tl.float32)
     for start in range(0, T, BLOCK_T):
-        cols = start + tl.arange(0, BLOCK_T)
-        inb = cols < T
-        v = (tl.load(mask_ptr + base + cols, mask=inb, other=0) != 0) & inb
-        x_lp = tl.load(lp_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
-        old = tl.load(old_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
-        a = tl.load(adv_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
+        cols, inb, v, x_lp, old, a = _load_tokens(lp_ptr, old_ptr, adv_ptr, mask_ptr, base, start, T, BLOCK_T)
         l = x_lp - old
         rho_c = tl.exp(_clamp(l, -20.0, 20.0))
         drho_c = tl.where((l >= -20.0) & (l <= 20.0), rho_c, 0.0)
