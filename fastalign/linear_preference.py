@@ -27,19 +27,14 @@ import torch
 from torch import Tensor, nn
 
 from fastalign import _backend, _validate
+from fastalign.linear import linear_logprobs
 from fastalign.ops.linear_block import block_backward, block_buffer, block_forward, block_logprobs, block_rows
 from fastalign.preference import _CONFIG_KEYS, LOSSES, _loss_list, preference_loss, wpo_weights
-from fastalign.sequence import sequence_logprobs
+from fastalign.sequence import SequenceLogprobs, sequence_logprobs
 
 #: Memory for the kept logits of one single-pass block, in MiB (``FASTALIGN_PAIR_BLOCK_MIB``).
 DEFAULT_PAIR_BLOCK_MIB = 1024.0
 _COUPLED = ("aot", "aot_unpaired")  # sorted across the batch
-
-
-def _linear_logprobs(hidden, weight, labels, **kw):
-    from fastalign.linear import linear_logprobs
-
-    return linear_logprobs(hidden, weight, labels, **kw)
 
 
 def _pair(name: str, x):
@@ -178,7 +173,7 @@ class LinearPreferenceLoss(nn.Module):
                                 **_block_options(self, h.device))
             sp2 = None
         else:
-            st = _linear_logprobs(h, weight, y, bias=bias, sum_p2=sum_p2, **self.kernel_options)
+            st = linear_logprobs(h, weight, y, bias=bias, sum_p2=sum_p2, **self.kernel_options)
             lp, sp2 = st.logprobs, st.sum_p2
         if rows is None:
             return lp.view(labels.shape), None if sp2 is None else sp2.view(labels.shape)
@@ -194,16 +189,19 @@ class LinearPreferenceLoss(nn.Module):
                 sequence_logprobs(lpr, labels=yr, token_weights=twr, sum_p2=spr, **kw))
 
     def _pair_loss(self, lpc, lpr, spc, spr, yc, yr, twc, twr, ref_c, ref_r, kto_kl, nll_count=None):
-        """preference_loss of the pairs whose token log-probs are ``lpc [b, Tc]``, ``lpr [b, Tr]``.
-
-        The chosen NLL is ``-Σ lp (chosen tokens) / nll_count`` (default: these pairs' count)."""
+        """preference_loss of the pairs whose token log-probs are ``lpc [b, Tc]``, ``lpr [b, Tr]``."""
         sc, sr = self._sums(lpc, lpr, yc, yr, twc, twr, spc, spr)
         plain = sc.sum if twc is None and self.ld_alpha is None else \
             sequence_logprobs(lpc, labels=yc, ignore_index=self.ignore_index).sum
+        return self._loss(sc, sr, plain, ref_c, ref_r, kto_kl, nll_count)
+
+    def _loss(self, sc, sr, plain_c, ref_c, ref_r, kto_kl, nll_count=None):
+        """preference_loss from per-sequence sums of both sides; the chosen NLL is
+        ``-Σ plain_c / nll_count`` (default: these chosen responses' token count)."""
         count = sc.count.sum().clamp(min=1.0) if nll_count is None else nll_count
         weights = wpo_weights(sc.wpo, sr.wpo) if self.use_weighting else None
         return preference_loss(sc.sum, sr.sum, ref_c, ref_r, chosen_lengths=sc.count, rejected_lengths=sr.count,
-                               chosen_nll=-plain.sum() / count, weights=weights, kto_kl=kto_kl, **self.config)
+                               chosen_nll=-plain_c.sum() / count, weights=weights, kto_kl=kto_kl, **self.config)
 
     def _check(self, name, hidden, labels, weight):
         _validate.floating(name, hidden, min_dim=2)
@@ -305,19 +303,16 @@ class LinearPreferenceLoss(nn.Module):
         lp, sp2 = self._token_logps(hidden, weight, labels, bias, self.use_weighting, rows)
         seq = sequence_logprobs(lp, labels=labels, token_weights=token_weights, sum_p2=sp2, **seq_kw)
         B = seq.sum.shape[0] // 2
-        chosen_nll = None
+        plain = seq.sum
         if token_weights is not None or self.ld_alpha is not None:
-            plain = sequence_logprobs(lp, labels=labels, cu_seqlens=cu_seqlens, ignore_index=self.ignore_index)
-            chosen_nll = -plain.sum[:B].sum() / plain.count[:B].sum().clamp(min=1.0)
+            plain = sequence_logprobs(lp, labels=labels, cu_seqlens=cu_seqlens, ignore_index=self.ignore_index).sum
         if ref_hidden is not None:
             with torch.no_grad():
                 rlp, _ = self._token_logps(ref_hidden, ref_weight, labels, ref_bias, False, rows)
                 ref = sequence_logprobs(rlp, labels=labels, token_weights=token_weights, **seq_kw)
             ref_c, ref_r = ref.sum[:B], ref.sum[B:]
-        weights = wpo_weights(seq.wpo[:B], seq.wpo[B:]) if self.use_weighting else None
-        return preference_loss(seq.sum[:B], seq.sum[B:], ref_c, ref_r, chosen_lengths=seq.count[:B],
-                               rejected_lengths=seq.count[B:], chosen_nll=chosen_nll, weights=weights,
-                               kto_kl=kto_kl, **self.config)
+        return self._loss(_sequences(seq, slice(0, B)), _sequences(seq, slice(B, None)), plain[:B], ref_c, ref_r,
+                          kto_kl)
 
     # ------------------------------------------------------------------------------------ single pass
 
@@ -339,6 +334,11 @@ def _pair_block_rows(weight: Tensor, like: Tensor) -> int:
     """Rows of kept logits per block (``FASTALIGN_PAIR_BLOCK_MIB``)."""
     budget = float(os.environ.get("FASTALIGN_PAIR_BLOCK_MIB", DEFAULT_PAIR_BLOCK_MIB)) * (1 << 20)
     return block_rows(weight.shape[0], like, budget)
+
+
+def _sequences(seq: SequenceLogprobs, part: slice) -> SequenceLogprobs:
+    """The statistics of the sequences ``part``."""
+    return SequenceLogprobs(*(None if t is None else t[part] for t in seq))
 
 
 def _scatter(values: Tensor, rows: Tensor, like: Tensor, fill: float) -> Tensor:
@@ -390,7 +390,7 @@ class _SinglePass(torch.autograd.Function):
             h_blk = torch.cat([flat[0].index_select(0, idx[0]), flat[1].index_select(0, idx[1])])
             y_blk = torch.cat([y_flat[0].index_select(0, idx[0]), y_flat[1].index_select(0, idx[1])])
             if buf is None or buf.numel() < h_blk.shape[0] * V:
-                buf = None
+                buf = None  # free the smaller buffer before the larger one is allocated
                 buf = block_buffer(max(h_blk.shape[0], k * per_pair), V, hc)
             with torch.no_grad():
                 z, deriv, lp, sp2, lse = block_forward(buf, h_blk, weight, bias, y_blk,

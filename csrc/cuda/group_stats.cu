@@ -132,6 +132,18 @@ void launch(uintptr_t scores, int64_t B, uintptr_t perm, uintptr_t seg, int64_t 
   check_launch("segment_kernel");
 }
 
+// fp64 or fp32 scores; a fixed group size must be positive when no sort order is given.
+void launch_scores(const char* op, bool f64, uintptr_t scores, int64_t B, uintptr_t perm, uintptr_t seg,
+                   int64_t group_size, uintptr_t lengths, uintptr_t ngroups, uintptr_t start, const Outputs& o,
+                   uintptr_t stream) {
+  if (!perm && group_size <= 0) throw std::invalid_argument(std::string(op) + ": group_size must be > 0");
+  auto st = reinterpret_cast<cudaStream_t>(stream);
+  if (f64)
+    launch<double>(scores, B, perm, seg, group_size, lengths, ngroups, start, o, st);
+  else
+    launch<float>(scores, B, perm, seg, group_size, lengths, ngroups, start, o, st);
+}
+
 }  // namespace
 
 FASTALIGN_BINDINGS(group_stats_cuda) {
@@ -140,14 +152,9 @@ FASTALIGN_BINDINGS(group_stats_cuda) {
       "group_stats_cuda",
       [](uintptr_t scores, bool f64, int64_t B, uintptr_t perm, uintptr_t seg, int64_t group_size, uintptr_t lengths,
          uintptr_t gid, uintptr_t stats, int64_t rows, uintptr_t ngroups, uintptr_t start, uintptr_t stream) {
-        if (!perm && group_size <= 0) throw std::invalid_argument("group_stats: group_size must be > 0");
         const Outputs o{reinterpret_cast<int64_t*>(gid), reinterpret_cast<double*>(stats), rows,
                         reinterpret_cast<int64_t*>(ngroups), nullptr, AdvParams{0, false, 0.0, false, 1.0}, nullptr};
-        auto st = reinterpret_cast<cudaStream_t>(stream);
-        if (f64)
-          launch<double>(scores, B, perm, seg, group_size, lengths, ngroups, start, o, st);
-        else
-          launch<float>(scores, B, perm, seg, group_size, lengths, ngroups, start, o, st);
+        launch_scores("group_stats", f64, scores, B, perm, seg, group_size, lengths, ngroups, start, o, stream);
       },
       py::call_guard<py::gil_scoped_release>(),
       "Group ids [B] and statistics [rows, 6] on the device from stably sorted keys (perm, seg) or a fixed "
@@ -157,14 +164,9 @@ FASTALIGN_BINDINGS(group_stats_cuda) {
       [](uintptr_t scores, bool f64, int64_t B, uintptr_t perm, uintptr_t seg, int64_t group_size, uintptr_t lengths,
          uintptr_t ngroups, uintptr_t start, int mode, bool div_std, double eps, bool singleton_zero,
          uintptr_t scale, uintptr_t out, uintptr_t stream) {
-        if (!perm && group_size <= 0) throw std::invalid_argument("group_advantage: group_size must be > 0");
         const Outputs o{nullptr, nullptr, 0, nullptr, reinterpret_cast<void*>(out),
                         AdvParams{mode, div_std, eps, singleton_zero, 1.0}, reinterpret_cast<const double*>(scale)};
-        auto st = reinterpret_cast<cudaStream_t>(stream);
-        if (f64)
-          launch<double>(scores, B, perm, seg, group_size, lengths, ngroups, start, o, st);
-        else
-          launch<float>(scores, B, perm, seg, group_size, lengths, ngroups, start, o, st);
+        launch_scores("group_advantage", f64, scores, B, perm, seg, group_size, lengths, ngroups, start, o, stream);
       },
       py::call_guard<py::gil_scoped_release>(),
       "Group-normalised advantage per score, one warp per group (ngroups, start: device scratch for keyed groups).");

@@ -49,6 +49,22 @@ class Case:
         return f"{self.op}/{self.label}"
 
 
+def grad_step(fn: Optional[Callable], leaves, backward: bool, loss: Optional[Callable] = None) -> Optional[Step]:
+    """A step running ``fn(*leaves)`` on fresh leaf copies; with ``backward`` also differentiates
+    ``loss(output)`` (the output itself by default) with respect to them. None when ``fn`` is."""
+    if fn is None:
+        return None
+
+    def step():
+        xs = [t.detach().requires_grad_(backward) for t in leaves]
+        with torch.set_grad_enabled(backward):
+            out = fn(*xs)
+            if backward:
+                (out if loss is None else loss(out)).backward()
+        return out
+    return step
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

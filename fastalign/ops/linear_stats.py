@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend
-from fastalign.ops._launch import DTYPE_CODE, opt, ptr, triton_kernels
+from fastalign.ops._launch import DTYPE_CODE, opt, ptr, stat_outputs, triton_kernels
 
 
 def merge_stats(lse: Tensor, ent: Optional[Tensor], sp2: Optional[Tensor]):
@@ -62,16 +62,7 @@ def local_labels(labels: Tensor, v0: int, v1: int, ignore_index: int) -> Tensor:
 
 
 def _outputs(hidden: Tensor, entropy: bool, sum_p2: bool, argmax: bool):
-    n = hidden.shape[0]
-    f32 = dict(device=hidden.device, dtype=torch.float32)
-    return (
-        torch.empty(n, **f32),
-        torch.empty(n if entropy else 0, **f32),
-        torch.empty(n if sum_p2 else 0, **f32),
-        torch.empty(n if argmax else 0, device=hidden.device, dtype=torch.int64),
-        torch.empty(n if argmax else 0, **f32),
-        torch.empty(n, **f32),
-    )
+    return stat_outputs(hidden.shape[0], hidden.device, entropy, sum_p2, argmax, argmax_value=True)
 
 
 # ----------------------------------------------------------------------------- CPU (BLAS + C++ row kernels)

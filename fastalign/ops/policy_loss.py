@@ -112,22 +112,30 @@ def _backward(ctx, g_row, _g_dlp, _g_dh):
     dlp, dh, mask = ctx.saved_tensors
     if g_row is None:
         return (None,) * 19
-    want_lp = ctx.needs_input_grad[0]
-    want_ent = ctx.ent_dtype is not None and ctx.needs_input_grad[5]
-    grad_lp = grad_ent = None
     if dh.numel():
         g = g_row[:, :1]
-        grad_lp = (dlp * g).to(ctx.lp_dtype) if want_lp else None
-        grad_ent = (dh * g).to(ctx.ent_dtype) if want_ent else None
-    elif want_lp or want_ent:
-        # d(row loss)/dH_t = -ent_coef m_t is rebuilt from the mask: no per-token buffer from the forward
-        if getattr(ctx, "direct", False):
-            gl, ge = _grads_cpu(dlp, g_row, mask, ctx.ent_coef, want_lp, want_ent)
-        else:
-            gl, ge = policy_loss_grads(dlp, g_row, mask, ctx.ent_coef, want_lp, want_ent, ctx.backend)
-        grad_lp = gl.to(ctx.lp_dtype) if want_lp else None
-        grad_ent = ge.to(ctx.ent_dtype) if want_ent else None
+        grad_lp = (dlp * g).to(ctx.lp_dtype) if ctx.needs_input_grad[0] else None
+        grad_ent = (dh * g).to(ctx.ent_dtype) if ctx.ent_dtype is not None and ctx.needs_input_grad[5] else None
+    else:
+        grad_lp, grad_ent = _input_grads(ctx, dlp, g_row, mask, getattr(ctx, "direct", False), ctx.backend)
     return (grad_lp, None, None, None, None, grad_ent) + (None,) * 13
+
+
+def _input_grads(ctx, dlp: Tensor, g_row: Optional[Tensor], mask: Tensor, direct: bool, backend: str):
+    """(d lp, d entropy) in the input dtypes from the per-token d(row loss)/d lp and the row
+    gradient. d(row loss)/dH_t = -ent_coef m_t is rebuilt from the mask: no per-token buffer
+    is kept from the forward. ``direct``: the C++ kernel without the custom-op dispatch."""
+    want_lp = ctx.needs_input_grad[0]
+    want_ent = ctx.ent_dtype is not None and ctx.needs_input_grad[5]
+    if g_row is None or not (want_lp or want_ent):
+        return None, None
+    if direct:
+        gl, ge = _grads_cpu(dlp, g_row, mask, ctx.ent_coef, want_lp, want_ent)
+    else:
+        if dlp.shape != mask.shape:
+            dlp = mask.new_empty(mask.shape, dtype=torch.float32)  # shape carrier only, not read
+        gl, ge = policy_loss_grads(dlp, g_row, mask, ctx.ent_coef, want_lp, want_ent, backend)
+    return gl.to(ctx.lp_dtype) if want_lp else None, ge.to(ctx.ent_dtype) if want_ent else None
 
 
 policy_loss_rows.register_autograd(_backward, setup_context=_setup_context)
@@ -208,26 +216,21 @@ def _(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams, fparams):
     return _cov_outputs(lp, bool(iparams[6]))
 
 
-def _cov_setup_context(ctx, inputs, output):
-    lp, mask, ent, fparams = inputs[0], inputs[3], inputs[5], inputs[11]
-    ctx.save_for_backward(output[1], mask)
+def _cov_save(ctx, lp, mask, ent, fparams, dlp):
+    ctx.save_for_backward(dlp, mask)
     ctx.lp_dtype = lp.dtype
     ctx.ent_dtype = None if ent is None else ent.dtype
     ctx.ent_coef = float(fparams[9])
     ctx.set_materialize_grads(False)
 
 
-def _cov_backward(ctx, g_row, _g_dlp):
+def _cov_setup_context(ctx, inputs, output):
+    _cov_save(ctx, inputs[0], inputs[3], inputs[5], inputs[11], output[1])
+
+
+def _cov_backward(ctx, g_row, _g_dlp, direct=False):
     dlp, mask = ctx.saved_tensors
-    want_lp = ctx.needs_input_grad[0]
-    want_ent = ctx.ent_dtype is not None and ctx.needs_input_grad[5]
-    grad_lp = grad_ent = None
-    if g_row is not None and (want_lp or want_ent):
-        if not want_lp:
-            dlp = mask.new_empty(mask.shape, dtype=torch.float32)  # shape carrier only, not read
-        gl, ge = policy_loss_grads(dlp, g_row, mask, ctx.ent_coef, want_lp, want_ent, "cpp")
-        grad_lp = gl.to(ctx.lp_dtype) if want_lp else None
-        grad_ent = ge.to(ctx.ent_dtype) if want_ent else None
+    grad_lp, grad_ent = _input_grads(ctx, dlp, g_row, mask, direct, "cpp")
     return (grad_lp, None, None, None, None, grad_ent) + (None,) * 6
 
 
@@ -253,25 +256,13 @@ class _CovRowsEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams, fparams):
         row, dlp = _cov_rows_impl(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams, fparams)
-        ctx.save_for_backward(dlp, mask)
-        ctx.lp_dtype = lp.dtype
-        ctx.ent_dtype = None if ent is None else ent.dtype
-        ctx.ent_coef = float(fparams[9])
+        _cov_save(ctx, lp, mask, ent, fparams, dlp)
         ctx.mark_non_differentiable(dlp)
-        ctx.set_materialize_grads(False)
         return row, dlp
 
     @staticmethod
     def backward(ctx, g_row, _g_dlp):
-        dlp, mask = ctx.saved_tensors
-        want_lp = ctx.needs_input_grad[0]
-        want_ent = ctx.ent_dtype is not None and ctx.needs_input_grad[5]
-        grad_lp = grad_ent = None
-        if g_row is not None and (want_lp or want_ent):
-            gl, ge = _grads_cpu(dlp, g_row, mask, ctx.ent_coef, want_lp, want_ent)
-            grad_lp = gl.to(ctx.lp_dtype) if want_lp else None
-            grad_ent = ge.to(ctx.ent_dtype) if want_ent else None
-        return (grad_lp, None, None, None, None, grad_ent) + (None,) * 6
+        return _cov_backward(ctx, g_row, _g_dlp, direct=True)
 
 
 def cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams, fparams):

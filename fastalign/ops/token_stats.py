@@ -15,21 +15,13 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend
-from fastalign.ops._launch import DTYPE_CODE, opt, ptr, triton_kernels
+from fastalign.ops._launch import DTYPE_CODE, opt, ptr, stat_outputs, triton_kernels
 
 _EMPTY = (0,)
 
 
 def _outputs(logits: Tensor, entropy: bool, sum_p2: bool, argmax: bool):
-    n = logits.shape[0] * logits.shape[1]
-    f32 = dict(device=logits.device, dtype=torch.float32)
-    return (
-        torch.empty(n, **f32),
-        torch.empty(n if entropy else 0, **f32),
-        torch.empty(n if sum_p2 else 0, **f32),
-        torch.empty(n if argmax else 0, device=logits.device, dtype=torch.int64),
-        torch.empty(n, **f32),
-    )
+    return stat_outputs(logits.shape[0] * logits.shape[1], logits.device, entropy, sum_p2, argmax)
 
 
 @torch.library.custom_op("fastalign::token_stats", mutates_args=())

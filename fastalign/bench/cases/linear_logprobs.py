@@ -5,7 +5,7 @@ import torch
 
 import fastalign
 from fastalign import reference
-from fastalign.bench.core import Case
+from fastalign.bench.core import Case, grad_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -19,14 +19,8 @@ def _make_build(N, H, V, dtype):
         backward = mode == "fwd+bwd"
 
         def wrap(fn):
-            def step():
-                h = hidden.detach().requires_grad_(backward)
-                w = weight.detach().requires_grad_(backward)
-                with torch.set_grad_enabled(backward):
-                    lp, ent = fn(h, w, labels)
-                    if backward:
-                        (lp.sum() + 0.01 * ent.sum()).backward()
-            return step
+            return grad_step(lambda h, w: fn(h, w, labels), (hidden, weight), backward,
+                             loss=lambda out: out[0].sum() + 0.01 * out[1].sum())
 
         def fused(h, w, y):
             st = fastalign.linear_logprobs(h, w, y, entropy=True)

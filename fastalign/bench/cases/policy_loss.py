@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 import fastalign
-from fastalign.bench.core import Case
+from fastalign.bench.core import Case, grad_step
 from fastalign.bench.optional import compiled, optional_impl
 from fastalign.reference import policy as ref
 
@@ -37,17 +37,7 @@ def _make_ppo(B, T):
         mf = m.float()
 
         def wrap(fn):
-            if fn is None:
-                return None
-
-            def step():
-                x = lp0.detach().requires_grad_(backward)
-                h = H0.detach().requires_grad_(backward)
-                with torch.set_grad_enabled(backward):
-                    loss = fn(x, old, A, m, refl, h)
-                    if backward:
-                        loss.backward()
-            return step
+            return grad_step(fn and (lambda x, h: fn(x, old, A, m, refl, h)), (lp0, H0), backward)
 
         def fused(x, old, A, m, refl, h):
             return fastalign.policy_loss(x, old, A, m, ref_logprobs=refl, kl_type="k3", kl_coef=KL_COEF, entropy=h,
@@ -79,16 +69,7 @@ def _make_cov(B, T, loss_type):
         g = torch.Generator(device=device).manual_seed(0)
 
         def wrap(fn):
-            if fn is None:
-                return None
-
-            def step():
-                x = lp0.detach().requires_grad_(backward)
-                with torch.set_grad_enabled(backward):
-                    loss = fn(x, old, A, m)
-                    if backward:
-                        loss.backward()
-            return step
+            return grad_step(fn and (lambda x: fn(x, old, A, m)), (lp0,), backward)
 
         def fused(x, old, A, m):
             return fastalign.policy_loss(x, old, A, m, loss_type=loss_type, cov_ratio=COV_RATIO, generator=g)[0]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 import fastalign
-from fastalign.bench.core import Case
+from fastalign.bench.core import Case, grad_step
 from fastalign.bench.optional import COMPILE, compiled, optional_impl
 from fastalign.reference import preference as ref
 
@@ -103,18 +103,7 @@ def make_build(B, T, H, V, dtype=torch.float32, whole=True):
             return lambda h, w, y, rh: module(h, w, y, ref_hidden=rh)[0]
 
         def wrap(fn):
-            if fn is None:
-                return None
-
-            def step():
-                h = hidden.detach().requires_grad_(backward)
-                w = weight.detach().requires_grad_(backward)
-                with torch.set_grad_enabled(backward):
-                    loss = fn(h, w, labels, ref_hidden)
-                    if backward:
-                        loss.backward()
-                return loss
-            return step
+            return grad_step(fn and (lambda h, w: fn(h, w, labels, ref_hidden)), (hidden, weight), backward)
 
         # log_softmax path: logits, log-probs and their gradients, ~4 fp32 [N, V] buffers
         eager_ok = device.type != "cpu" or 4 * 4 * 2 * B * T * V * 1.2 < _cpu_available_bytes()

@@ -5,7 +5,7 @@ import torch
 
 import fastalign
 from fastalign import reference
-from fastalign.bench.core import Case
+from fastalign.bench.core import Case, grad_step
 from fastalign.bench.optional import compiled, optional_impl
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -23,16 +23,7 @@ def _make_build(N, V, dtype):
         backward = mode == "fwd+bwd"
 
         def wrap(fn):
-            if fn is None:
-                return None
-
-            def step():
-                x = logits.detach().requires_grad_(backward)
-                with torch.set_grad_enabled(backward):
-                    lp, ent = fn(x, labels)
-                    if backward:
-                        _loss(lp, ent).backward()
-            return step
+            return grad_step(fn and (lambda x: fn(x, labels)), (logits,), backward, loss=lambda out: _loss(*out))
 
         def fused(x, y):
             st = fastalign.token_logprobs(x, y, entropy=True)
