@@ -5,6 +5,8 @@ PY ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
+# verl pins a CUDA training stack; its loss and advantage code needs only the test extra.
+VERL_PIN ?= verl==0.9.1
 PYTEST_ARGS ?=
 
 .PHONY: test bench install wheel wheel-check clean
@@ -17,6 +19,7 @@ install: $(VPY)
 	@$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q $(TORCH_PIN)
 	$(VPY) -m pip install -q scikit-build-core pybind11 ninja
 	$(VPY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	$(VPY) -m pip install -q --no-deps $(VERL_PIN)
 
 test: install
 	$(VPY) -m pytest -q $(PYTEST_ARGS)

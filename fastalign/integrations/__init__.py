@@ -1,0 +1,10 @@
+"""Trainer integrations: one sub-package per trainer or model library.
+
+Each imports its library lazily, and is the only place in fastalign that does.
+
+* :mod:`fastalign.integrations.trl` — TRL 1.16 profiles: ``GRPOConfig`` / ``DPOConfig`` /
+  ``CPOConfig`` / ``ORPOConfig`` / ``KTOConfig`` → fastalign losses with TRL's numbers and
+  metric names.
+* :mod:`fastalign.integrations.verl` — verl 0.9.1 profiles: ``policy_loss`` configs and
+  ``adv_estimator`` → fastalign losses and advantages with verl's numbers and metric names.
+"""

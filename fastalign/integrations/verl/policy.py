@@ -1,0 +1,2 @@
+"""Placeholder: filled in by its profile."""
+__all__: list = []
