@@ -1,14 +1,33 @@
-"""Host-side argument checks (free: shapes, dtypes and devices only, never values)."""
+"""Host-side argument checks, run by every public function before any kernel.
+
+Tensor checks read only metadata (type, layout, device, dtype, shape), never values, so
+they cost nothing and never synchronise with a GPU. Number checks read Python values.
+Every error names the argument: ``"<arg> must ..., got ..."``.
+"""
 from __future__ import annotations
+
+import math
+import numbers as _numbers
+from typing import Optional
 
 import torch
 
+from fastalign.ops._launch import eager, unrunnable
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INT_DTYPES = (torch.int64, torch.int32)
 
 
+# ----------------------------------------------------------------------------- tensors
 def tensor(name: str, x, *, min_dim: int = 0, dim: int | None = None) -> torch.Tensor:
+    """``x`` is a tensor some kernel can read (dense, strided, on a CPU or CUDA device)
+    with ``dim`` (or at least ``min_dim``) dimensions."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    why = unrunnable(x)
+    if why is not None:
+        err, what = why
+        raise err(f"{name} must be a dense CPU or CUDA tensor, got {what}")
     if dim is not None and x.dim() != dim:
         raise ValueError(f"{name} must have {dim} dimension(s), got shape {tuple(x.shape)}")
     if x.dim() < min_dim:
@@ -17,6 +36,7 @@ def tensor(name: str, x, *, min_dim: int = 0, dim: int | None = None) -> torch.T
 
 
 def floating(name: str, x, **kw) -> torch.Tensor:
+    """A float32 / bfloat16 / float16 tensor (see :func:`tensor` for ``kw``)."""
     x = tensor(name, x, **kw)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
@@ -24,14 +44,56 @@ def floating(name: str, x, **kw) -> torch.Tensor:
 
 
 def integer(name: str, x, **kw) -> torch.Tensor:
+    """An int64 or int32 tensor."""
     x = tensor(name, x, **kw)
-    if x.dtype not in (torch.int64, torch.int32):
+    if x.dtype not in INT_DTYPES:
         raise TypeError(f"{name} must be an int64 (or int32) tensor, got {x.dtype}")
     return x
 
 
+def real(name: str, x, **kw) -> torch.Tensor:
+    """A tensor of real numbers: bool, integer or floating (a mask, a length), not complex."""
+    x = tensor(name, x, **kw)
+    if x.dtype.is_complex:
+        raise TypeError(f"{name} must hold real numbers (bool, integer or float), got {x.dtype}")
+    return x
+
+
+def any_float(name: str, x, **kw) -> torch.Tensor:
+    """A floating tensor of any precision (float64 too: sequence-level math, fp64 oracles)."""
+    x = tensor(name, x, **kw)
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor (float32, bfloat16, float16 or float64), got {x.dtype}")
+    return x
+
+
+KINDS = {"tensor": tensor, "real": real, "float": floating, "any_float": any_float, "integer": integer}
+
+
+def like(expected, what: str, *, device=None, device_of: str = "the other inputs", kind: str = "any_float",
+         **tensors) -> None:
+    """Each tensor given (None skipped) passes the check ``kind`` (a key of ``KINDS``), has shape
+    ``expected`` (a tuple, a list of allowed tuples, or None for any; ``what`` says why) and sits
+    on ``device`` (when given: the device of the argument ``device_of``)."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        KINDS[kind](name, t)
+        if isinstance(expected, list):
+            if tuple(t.shape) not in [tuple(e) for e in expected]:
+                raise ValueError(f"{name} must have shape {' or '.join(str(tuple(e)) for e in expected)} ({what}), "
+                                 f"got {tuple(t.shape)}")
+        elif expected is not None:
+            shape(name, t, expected, what)
+        if device is not None and t.device != torch.device(device):
+            raise ValueError(f"{name} is on {t.device} but {device_of} is on {device}; use one device")
+
+
 def same_device(**tensors) -> None:
+    """Every tensor given (None skipped) is on the device of the first one."""
     items = [(k, v) for k, v in tensors.items() if v is not None]
+    if not items:
+        return
     first_name, first = items[0]
     for name, t in items[1:]:
         if t.device != first.device:
@@ -43,7 +105,91 @@ def shape(name: str, x: torch.Tensor, expected: tuple, what: str) -> None:
         raise ValueError(f"{name} must have shape {tuple(expected)} ({what}), got {tuple(x.shape)}")
 
 
-def positive(name: str, value: float) -> float:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+def nonempty(name: str, x: torch.Tensor, dim: int, what: str) -> None:
+    """Dimension ``dim`` of ``x`` is not 0 (a vocabulary, a hidden size)."""
+    if x.shape[dim] == 0:
+        raise ValueError(f"{name} must have a non-empty {what} dimension, got shape {tuple(x.shape)}")
+
+
+# ----------------------------------------------------------------------------- numbers
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, _numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
+
+
+def finite(**values) -> None:
+    """Every value given is a finite real number (not NaN, not +-inf); None is skipped."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(_number(name, value)):
+            raise ValueError(f"{name} must be finite, got {value}")
+
+
+def positive(name: str, value) -> float:
+    """A finite real number > 0, as a float."""
+    v = _number(name, value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return v
+
+
+def index_value(name: str, value) -> int:
+    """A Python integer (a label value such as ``ignore_index``)."""
+    if isinstance(value, bool) or not isinstance(value, _numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def at_least(name: str, value, minimum: int = 1) -> int:
+    """A Python integer >= ``minimum`` (a size such as ``dp_size`` or ``num_sequences``)."""
+    v = index_value(name, value)
+    if v < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return v
+
+
+def count(name: str, value) -> None:
+    """A global count (``global_tokens``, ``global_seqs``): None, a finite number > 0, or a
+    real tensor with one element. A tensor's value is not read (that would synchronise with a
+    GPU); the aggregation clamps it to at least 1 on the device."""
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        real(name, value)
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        return
+    positive(name, value)
+
+
+def counts(*, global_tokens=None, global_seqs=None, dp_size=1, max_len: Optional[int] = None) -> None:
+    """The aggregation counts of SPEC §4 (see :func:`count`)."""
+    count("global_tokens", global_tokens)
+    count("global_seqs", global_seqs)
+    at_least("dp_size", dp_size, 1)
+    if max_len is not None:
+        at_least("max_len", max_len, 1)
+
+
+def offsets(name: str, cu: torch.Tensor, total: int, device=None) -> Optional[torch.Tensor]:
+    """Cumulative sequence offsets ``cu [S+1]`` into ``total`` packed tokens: start at 0,
+    never decrease, end at most at ``total``.
+
+    Eager CPU tensors are checked here (free) and raise. Other tensors (CUDA, fake) are not
+    read on the host: the result is then a 0-dim bool device tensor, True when ``cu`` is
+    malformed, for the caller to turn the outputs into NaN without a synchronisation.
+    """
+    integer(name, cu, dim=1)
+    if device is not None and cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but the tokens are on {device}; use one device")
+    if cu.shape[0] < 2:
+        raise ValueError(f"{name} must have at least 2 entries ([S+1], starting at 0), got shape {tuple(cu.shape)}")
+    bad = (cu[0] != 0) | (cu[1:] < cu[:-1]).any() | (cu[-1] > total)
+    if cu.device.type != "cpu" or not eager(cu):
+        return bad
+    if bool(bad):
+        first, last = int(cu[0]), int(cu[-1])
+        decreasing = bool((cu[1:] < cu[:-1]).any())
+        raise ValueError(f"{name} must start at 0, never decrease and end at most at the {total} packed tokens, "
+                         f"got first={first}, last={last}{', decreasing' if decreasing else ''}")
+    return None

@@ -163,6 +163,7 @@ def _as_index(name: str, ids, B: int, device: torch.device) -> Tensor:
     or object) are mapped to 0, 1, ... in order of first appearance on the
     host — a host step, for trainers that keep prompt ids as text."""
     if isinstance(ids, Tensor):
+        _validate.tensor(name, ids)
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor (group keys), got {ids.dtype}")
         if ids.dim() != 1 or ids.shape[0] != B:
@@ -209,8 +210,7 @@ def _groups(name: str, index, group_size, B: int, device) -> _Groups:
 
 
 def _scores(name: str, x, dim: int) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    _validate.tensor(name, x)
     if x.dim() != dim:
         what = "[B] (one score per response)" if dim == 1 else "[B, K] (K reward columns)"
         raise ValueError(f"{name} must have shape {what}, got {tuple(x.shape)}")
@@ -222,7 +222,7 @@ def _scores(name: str, x, dim: int) -> Tensor:
 
 
 def _mask(name: str, mask, B: int, dtype, device) -> Tensor:
-    _validate.tensor(name, mask, dim=2)
+    _validate.real(name, mask, dim=2)
     if mask.shape[0] != B:
         raise ValueError(f"{name} must have shape ({B}, T) (one row per response), got {tuple(mask.shape)}")
     if mask.device != device:
@@ -309,10 +309,11 @@ def group_advantages(
         raise ValueError(f"singleton must be one of {SINGLETON}, got {singleton!r}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    _validate.finite(eps=eps, omega=omega)
     g = _groups("index", index, group_size, B, device)
     lens = None
     if lengths is not None:
-        _validate.tensor("lengths", lengths, dim=1)
+        _validate.real("lengths", lengths, dim=1)
         _validate.shape("lengths", lengths, (B,), "one length per response")
         _validate.same_device(scores=r, lengths=lengths)
         lens = lengths.to(torch.float64).contiguous()
@@ -354,6 +355,9 @@ def token_advantages(adv: Tensor, response_mask: Tensor) -> Tensor:
 
 def masked_whiten(x: Tensor, mask: Tensor, eps: float = WHITEN_EPS) -> Tensor:
     """``(x - mean) * rsqrt(var + eps) * mask`` with mean and unbiased var over the masked tokens."""
+    _validate.any_float("x", x)
+    _validate.like(tuple(x.shape), "x.shape", device=x.device, device_of="x", kind="real", mask=mask)
+    _validate.finite(eps=eps)
     m = mask.to(torch.float64)
     x64 = x.to(torch.float64)
     n = m.sum()
@@ -363,7 +367,7 @@ def masked_whiten(x: Tensor, mask: Tensor, eps: float = WHITEN_EPS) -> Tensor:
 
 
 def _token_inputs(name: str, x, mask, others=()):
-    _validate.tensor(name, x, dim=2)
+    _validate.real(name, x, dim=2)
     if not x.dtype.is_floating_point:
         raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
     x = (x if x.dtype == torch.float64 else x.to(torch.float32)).contiguous()
@@ -371,7 +375,7 @@ def _token_inputs(name: str, x, mask, others=()):
     _validate.shape("response_mask", m, x.shape, f"like {name}")
     out = []
     for oname, o in others:
-        _validate.tensor(oname, o, dim=2)
+        _validate.any_float(oname, o, dim=2)
         _validate.shape(oname, o, x.shape, f"like {name}")
         _validate.same_device(**{name: x, oname: o})
         out.append(o.to(x.dtype).contiguous())
@@ -383,6 +387,7 @@ def reinforce_pp_advantages(token_rewards: Tensor, response_mask: Tensor, *, gam
     """REINFORCE++: ``G_t = r_t + gamma G_{t+1}`` (reset after each masked token), whitened over valid tokens.
 
     Returns ``[B, T]`` (``G m`` whitened, times m)."""
+    _validate.finite(gamma=gamma)
     x, m, _ = _token_inputs("token_rewards", token_rewards, response_mask)
     g, _ = reverse_scan(x, x.new_empty(0), m, float(gamma), 0.0, SCANS["return"], _resolve(x.device, backend))
     return masked_whiten(g, m) if whiten else g
@@ -392,7 +397,7 @@ def remax_advantages(token_rewards: Tensor, response_mask: Tensor, baseline: Ten
                      backend: Optional[str] = None) -> Tensor:
     """ReMax: ``A_t = (sum_{s>=t} r_s m_s - b) m_t`` with ``b [B]`` the greedy rollout's score."""
     x, m, _ = _token_inputs("token_rewards", token_rewards, response_mask)
-    _validate.tensor("baseline", baseline, dim=1)
+    _validate.real("baseline", baseline, dim=1)
     _validate.shape("baseline", baseline, (x.shape[0],), "one score per response")
     _validate.same_device(token_rewards=x, baseline=baseline)
     g, _ = reverse_scan(x, x.new_empty(0), m, 1.0, 0.0, SCANS["to_go"], _resolve(x.device, backend))
@@ -404,6 +409,7 @@ def gae_advantages(token_rewards: Tensor, values: Tensor, response_mask: Tensor,
     """GAE: ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}`` (masked
     tokens are skipped: they carry V and A through). Returns ``(A [B, T], returns = (A + V) m)``,
     A whitened over valid tokens unless ``whiten=False``."""
+    _validate.finite(gamma=gamma, lam=lam)
     x, m, (v,) = _token_inputs("token_rewards", token_rewards, response_mask, [("values", values)])
     a, ret = reverse_scan(x, v, m, float(gamma), float(lam), SCANS["gae"], _resolve(x.device, backend))
     return (masked_whiten(a, m) if whiten else a), ret
@@ -415,11 +421,12 @@ def implicit_process_advantages(logprobs: Tensor, ref_logprobs: Tensor, response
     """PRIME implicit process rewards: token reward ``beta (lp - ref)``, returns
     ``R_t = sum_{s>=t} gamma^{s-t} beta (lp_s - ref_s) m_s`` (reset after masked tokens),
     plus the outcome advantage of the sequence: ``(R_t + A_i) m_t``."""
+    _validate.finite(beta=beta, gamma=gamma)
     lp, m, (ref,) = _token_inputs("logprobs", logprobs, response_mask, [("ref_logprobs", ref_logprobs)])
+    _validate.like((lp.shape[0],), "one advantage per response", device=lp.device, device_of="logprobs",
+                   outcome_advantages=outcome_advantages)
     x = (lp - ref) * float(beta)
     r, _ = reverse_scan(x, x.new_empty(0), m, float(gamma), 0.0, SCANS["return"], _resolve(x.device, backend))
     if outcome_advantages is not None:
-        _validate.tensor("outcome_advantages", outcome_advantages, dim=1)
-        _validate.shape("outcome_advantages", outcome_advantages, (x.shape[0],), "one advantage per response")
         r = r + outcome_advantages.to(x.dtype).unsqueeze(-1) * m
     return r

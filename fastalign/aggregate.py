@@ -62,10 +62,11 @@ def aggregate_loss(per_token_loss: Tensor, mask: Tensor, agg: str = "token-mean"
     ranks gives exactly the gradient of the global mean.
     """
     _validate.floating("per_token_loss", per_token_loss, dim=2)
-    _validate.tensor("mask", mask, dim=2)
+    _validate.real("mask", mask, dim=2)
     _validate.shape("mask", mask, per_token_loss.shape, "per_token_loss.shape")
     _validate.same_device(per_token_loss=per_token_loss, mask=mask)
     check_agg(agg)
+    _validate.counts(global_tokens=global_tokens, global_seqs=global_seqs, dp_size=dp_size, max_len=max_len)
     m = mask.to(torch.float32)
     L = torch.where(m > 0, per_token_loss.float(), torch.zeros((), device=m.device))
     return aggregate_rows(L.sum(-1), m.sum(-1), agg, per_token_loss.shape[1], global_tokens, global_seqs,

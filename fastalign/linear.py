@@ -117,6 +117,8 @@ def linear_logprobs(
     _validate.shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
     if V == 0:
         raise ValueError("weight must have a non-empty vocabulary (first) dimension")
+    _validate.nonempty("hidden", hidden, -1, "hidden-size (last)")
+    _validate.index_value("ignore_index", ignore_index)
     inv_t = 1.0 / _validate.positive("temperature", temperature)
     cap = 0.0 if softcap is None else _validate.positive("softcap", softcap)
     scale = float(logit_scale)

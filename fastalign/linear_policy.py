@@ -59,7 +59,12 @@ class LinearPolicyLoss(nn.Module):
         logit = {k: cfg.pop(k) for k in _LOGIT_OPTIONS if k in cfg}
         backend = cfg.get("backend")
         _validate.integer("labels", labels, dim=2)
-        _validate.tensor("response_mask", response_mask, dim=2)
+        _validate.floating("hidden", hidden, dim=3)
+        _validate.like(tuple(labels.shape), "labels.shape", device=labels.device, device_of="labels",
+                       kind="float", old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs)
+        _validate.like([tuple(labels.shape), tuple(labels.shape[:1])], "labels.shape or [B]", device=labels.device,
+                       device_of="labels", kind="float", advantages=advantages)
+        _validate.real("response_mask", response_mask, dim=2)
         _validate.shape("response_mask", response_mask, tuple(labels.shape), "labels.shape")
         if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(labels.shape):
             raise ValueError(f"hidden must have shape (B, T, H) with (B, T) = labels.shape {tuple(labels.shape)}, "

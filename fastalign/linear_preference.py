@@ -218,6 +218,10 @@ class LinearPreferenceLoss(nn.Module):
                 ref_chosen_logps: Optional[Tensor] = None, ref_rejected_logps: Optional[Tensor] = None,
                 token_weights=None, cu_seqlens: Optional[Tensor] = None, kto_kl: Optional[Tensor] = None):
         _validate.floating("weight", weight, dim=2)
+        _validate.like(None, "", device=weight.device, device_of="weight", kind="real",
+                       ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps, kto_kl=kto_kl,
+                       cu_seqlens=cu_seqlens, token_weights=None if _pair("token_weights", token_weights)
+                       else token_weights)
         if ref_hidden is not None and (ref_chosen_logps is not None or ref_rejected_logps is not None):
             raise ValueError("give the reference as ref_hidden or as ref_chosen_logps/ref_rejected_logps, not both")
         if ref_weight is None:
@@ -235,6 +239,7 @@ class LinearPreferenceLoss(nn.Module):
                 self._check("ref_hidden", ref_hidden, labels, ref_weight)
                 _validate.shape("ref_hidden", ref_hidden, hidden.shape, "like hidden")
             if cu_seqlens is not None:
+                _validate.integer("cu_seqlens", cu_seqlens, dim=1)
                 if hidden.dim() != 2 or (cu_seqlens.shape[0] - 1) % 2:
                     raise ValueError("packed hidden must be [N, H] with cu_seqlens [2B+1] (an even number of "
                                      "sequences)")

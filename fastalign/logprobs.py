@@ -103,6 +103,7 @@ def token_logprobs(
     if logits.shape[-1] == 0:
         raise ValueError("logits must have a non-empty vocabulary (last) dimension")
     inv_t = 1.0 / _validate.positive("temperature", temperature)
+    _validate.index_value("ignore_index", ignore_index)
     V = logits.shape[-1]
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     if check:

@@ -151,8 +151,9 @@ def policy_loss(
         _validate.shape("advantages", advantages, shape[:1], "[B] or logprobs.shape")
         advantages = advantages[:, None].expand(shape)
     _validate.shape("advantages", advantages, shape, "logprobs.shape (or [B])")
-    _validate.tensor("response_mask", response_mask, dim=2)
+    _validate.real("response_mask", response_mask, dim=2)
     _validate.shape("response_mask", response_mask, shape, "logprobs.shape")
+    _validate.counts(global_tokens=global_tokens, global_seqs=global_seqs, dp_size=dp_size, max_len=max_len)
     for name, t in (("ref_logprobs", ref_logprobs), ("entropy", entropy), ("rollout_logprobs", rollout_logprobs)):
         if t is not None:
             _validate.floating(name, t, dim=2)

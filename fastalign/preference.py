@@ -178,6 +178,9 @@ def _f_score(x: Tensor, kind: str, alpha: float) -> Tensor:
 def wpo_weights(chosen_wpo: Tensor, rejected_wpo: Tensor) -> Tensor:
     """WPO pair weights ``min(exp(w_c + w_r), 1)`` (detached) from the per-sequence
     log-weights ``w = mean_t(lp_t - log sum_p2_t)`` (:attr:`SequenceLogprobs.wpo`)."""
+    _validate.any_float("chosen_wpo", chosen_wpo)
+    _validate.like(tuple(chosen_wpo.shape), "like chosen_wpo", device=chosen_wpo.device, device_of="chosen_wpo",
+                   rejected_wpo=rejected_wpo)
     return torch.exp(chosen_wpo.detach() + rejected_wpo.detach()).clamp(max=1.0)
 
 
@@ -285,12 +288,14 @@ def preference_loss(
                     ("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths),
                     ("weights", weights)):
         if t is not None:
-            _validate.tensor(name, t)
+            _validate.real(name, t)
             _validate.shape(name, t, (B,), "one value per pair")
             named[name] = t
     if chosen_nll is not None:
-        _validate.tensor("chosen_nll", chosen_nll, dim=0)
+        _validate.any_float("chosen_nll", chosen_nll, dim=0)
         named["chosen_nll"] = chosen_nll
+    if kto_kl is not None:
+        named["kto_kl"] = _validate.real("kto_kl", kto_kl)
     _validate.same_device(**named)
     if (chosen_lengths is None) != (rejected_lengths is None):
         raise ValueError("give both chosen_lengths and rejected_lengths, or neither")
@@ -344,7 +349,7 @@ def preference_loss(
         per_pair = term if per_pair is None else per_pair + term
     if weights is not None:
         per_pair = per_pair * weights.detach().to(acc)
-    loss = per_pair.mean()
+    loss = per_pair.sum() / max(B, 1)  # an empty batch gives 0 (and zero gradients), like policy_loss
     if rpo_alpha is not None:
         loss = loss + float(rpo_alpha) * nll
 

@@ -102,12 +102,15 @@ def sequence_logprobs(
     for name, t in (("mask", mask), ("labels", labels), ("token_weights", token_weights), ("sum_p2", sum_p2),
                     ("position_ids", position_ids)):
         if t is not None:
-            _validate.tensor(name, t)
+            _validate.real(name, t)
             _validate.shape(name, t, token_logps.shape, "token_logps.shape")
             _validate.same_device(token_logps=token_logps, **{name: t})
+    _validate.finite(ld_alpha=ld_alpha)
+    if num_sequences is not None:
+        _validate.at_least("num_sequences", num_sequences, 1)
     if labels is not None:
         _validate.integer("labels", labels)
-        mask = labels != ignore_index
+        mask = labels != _validate.index_value("ignore_index", ignore_index)
     if token_weights is not None:
         _floating("token_weights", token_weights)
     if sum_p2 is not None:
@@ -120,11 +123,9 @@ def sequence_logprobs(
     if packed:
         lp, m = lp.reshape(-1), m.reshape(-1)
         n = lp.shape[0]
+        malformed = None
         if cu_seqlens is not None:
-            _validate.integer("cu_seqlens", cu_seqlens, dim=1)
-            _validate.same_device(token_logps=token_logps, cu_seqlens=cu_seqlens)
-            if cu_seqlens.shape[0] < 2:
-                raise ValueError("cu_seqlens must have at least 2 entries ([S+1], starting at 0)")
+            malformed = _validate.offsets("cu_seqlens", cu_seqlens, n, device=token_logps.device)
             S = cu_seqlens.shape[0] - 1
             if num_sequences is not None and int(num_sequences) != S:
                 raise ValueError(f"num_sequences={num_sequences} but cu_seqlens describes {S} sequences")
@@ -158,7 +159,7 @@ def sequence_logprobs(
                                  f"got an odd number of sequences {S}")
             public = torch.minimum(count[: S // 2], count[S // 2:]).repeat(2)
         else:
-            _validate.tensor("ld_lengths", ld_lengths, dim=1)
+            _validate.real("ld_lengths", ld_lengths, dim=1)
             _validate.shape("ld_lengths", ld_lengths, (S,), "one length per sequence")
             public = ld_lengths.to(acc)
         # 1-based rank of each valid token inside its own sequence
@@ -173,6 +174,8 @@ def sequence_logprobs(
             lim = public.unsqueeze(-1)
         w = w * torch.where(rank <= lim, torch.ones_like(rank), torch.full_like(rank, float(ld_alpha)))
     total = reduce(torch.where(m != 0, w * lp, torch.zeros_like(lp)))  # masked slots may hold junk
+    if packed and malformed is not None:  # cu_seqlens not read on the host: NaN sums, never wrong ones
+        total = torch.where(malformed, float("nan"), total)
     denom = count.clamp(min=1.0)
     wpo = None
     if sum_p2 is not None:

@@ -23,6 +23,18 @@ except ImportError:  # pragma: no cover
 
 CPU_BACKENDS = ["cpp"] + (["triton"] if HAS_TRITON else [])
 
+try:  # property tests: a bounded, reproducible default profile; HYPOTHESIS_PROFILE=slow for more examples
+    from hypothesis import HealthCheck, settings
+
+    _QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    settings.register_profile("default", max_examples=12, deadline=None, derandomize=True, database=None,
+                              suppress_health_check=_QUIET, print_blob=True)
+    settings.register_profile("slow", max_examples=300, deadline=None, suppress_health_check=_QUIET,
+                              print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+except ImportError:  # pragma: no cover - hypothesis is in the test extra
+    pass
+
 
 @pytest.fixture(params=CPU_BACKENDS)
 def cpu_backend(request):

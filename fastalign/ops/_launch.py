@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+from typing import Optional
 
 import torch
 
@@ -32,3 +33,38 @@ def stat_outputs(n: int, device, entropy: bool, sum_p2: bool, argmax: bool, argm
 def triton_kernels(name: str):
     """``fastalign.kernels.<name>``, imported on first use (Triton is optional on CPU)."""
     return importlib.import_module(f"fastalign.kernels.{name}")
+
+
+#: Device types the kernels run on (CPU: C++ kernels or the Triton interpreter; CUDA: Triton / CUDA).
+KERNEL_DEVICES = ("cpu", "cuda")
+
+
+def unrunnable(t: torch.Tensor) -> Optional[tuple[type, str]]:
+    """Why no kernel can read ``t`` — ``(error type, description)`` — or None when one can.
+
+    The kernels take raw pointers to dense, strided memory on a CPU or CUDA device:
+    a meta tensor has no memory (its data pointer is null), sparse, mkldnn, nested and
+    quantized tensors have another layout, and other accelerators have no kernels.
+    Fake tensors (``torch.compile``, ``FakeTensorMode``) report the device they stand
+    for and pass: their fake implementations never touch memory.
+    """
+    if t.is_nested:
+        return TypeError, "a nested tensor"
+    if t.layout != torch.strided:
+        return TypeError, f"a tensor with layout {t.layout}"
+    if t.is_quantized:
+        return TypeError, f"a quantized tensor ({t.dtype})"
+    if t.device.type == "meta":
+        return ValueError, "a meta tensor (it has no data; trace with torch.compile or FakeTensorMode instead)"
+    if t.device.type not in KERNEL_DEVICES:
+        return ValueError, f"a tensor on {t.device} (the kernels run on CPU and CUDA tensors)"
+    return None
+
+
+def eager(*tensors: Optional[torch.Tensor]) -> bool:
+    """True for a plain eager call: every tensor a plain ``torch.Tensor`` (no fake or other
+    subclass), nothing tracing (torch.compile, jit) and no dispatch or function mode active.
+    Only then may the host read a tensor's values or call a kernel without the custom op."""
+    return (all(t is None or type(t) is torch.Tensor for t in tensors)
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled())

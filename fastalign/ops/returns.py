@@ -31,6 +31,8 @@ def reverse_scan(x: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: flo
     """(out [B, T], out2 [B, T] for gae else empty); ``values`` empty unless gae."""
     out, out2 = _outputs(x, mode)
     B, T = x.shape
+    if B * T == 0:  # no tokens: nothing to scan
+        return out, out2
     args = (x.data_ptr(), ptr(values), mask.data_ptr(), x.dtype == torch.float64, B, T, float(gamma), float(lam),
             int(mode), out.data_ptr(), ptr(out2))
     if backend == "cuda":

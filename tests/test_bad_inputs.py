@@ -1,0 +1,667 @@
+"""Bad and unusual inputs for every public function: a clear error that names the argument,
+raised before any kernel runs, or a documented and tested result (docs/bad-inputs.md).
+
+The table is written out by hand: one row per function x argument x input class, with the
+error type expected. Rows whose error comes before the backend choice run once; rows of the
+ops with Triton kernels (token_logprobs, linear_logprobs, policy_loss and the linear losses)
+run on both CPU backends (C++ and the Triton interpreter).
+"""
+from __future__ import annotations
+
+import math
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import fastalign as fa
+from conftest import CPU_BACKENDS
+from helpers import assert_close
+
+B, T, V, H = 2, 3, 7, 4
+pytestmark = pytest.mark.filterwarnings("ignore:.*quantize.*:UserWarning")
+
+
+def _f(*s):
+    return torch.randn(*s)
+
+
+def _lab(*s):
+    return torch.randint(0, V, s)
+
+
+def _mask(*s):
+    return torch.ones(*s, dtype=torch.bool)
+
+
+_FAKE = FakeTensorMode()
+
+
+def _fake(t: torch.Tensor, device: str) -> torch.Tensor:
+    """A fake tensor standing for ``t`` on ``device`` (metadata only: no such device here)."""
+    with _FAKE:
+        return torch.empty(t.shape, dtype=t.dtype, device=device)
+
+
+# ----------------------------------------------------------------------------- input classes
+# name -> (make the bad value from a good tensor, expected error type)
+CLASSES: dict[str, tuple[Callable, type]] = {
+    "not_tensor": (lambda t: t.tolist(), TypeError),
+    "meta": (lambda t: t.to("meta"), ValueError),
+    "sparse": (lambda t: t.to_sparse(), TypeError),
+    "quantized": (lambda t: torch.quantize_per_tensor(t.float(), 0.1, 0, torch.qint8), TypeError),
+    "xpu": (lambda t: _fake(t, "xpu"), ValueError),  # an accelerator without kernels
+    "other_device": (lambda t: _fake(t, "cuda"), ValueError),  # device mismatch with the other inputs
+    "complex": (lambda t: t.to(torch.complex64), TypeError),
+    "int64": (lambda t: t.to(torch.int64), TypeError),
+    "bool": (lambda t: t != 0, TypeError),
+    "float64": (lambda t: t.to(torch.float64), TypeError),
+    "float32": (lambda t: t.to(torch.float32), TypeError),
+    "rank_up": (lambda t: t.unsqueeze(0), ValueError),
+    "rank_down": (lambda t: t[0], ValueError),
+    "mismatch": (lambda t: torch.cat([t, t[..., :1]], -1), ValueError),
+}
+
+COMMON = ("not_tensor", "meta", "sparse", "quantized", "xpu", "complex")
+KIND_CLASSES = {
+    "float": COMMON + ("int64", "bool", "float64"),  # fp32 / bf16 / fp16 only
+    "any_float": COMMON + ("int64", "bool"),  # float64 accepted
+    "int": COMMON + ("float32", "bool"),
+    "real": COMMON,  # masks and lengths: bool, integer or float
+    "keys": COMMON[1:] + ("float32", "bool"),  # group keys: an integer tensor, or a list of ids
+}
+
+
+@dataclass
+class Fn:
+    """A public function, a valid call, and how each tensor argument may go wrong."""
+
+    name: str
+    good: Callable[[], dict]  # valid keyword arguments
+    call: Callable[[dict], object]
+    args: dict  # tensor arg -> (kind, extra shape classes)
+    backends: bool = False  # run the rows on both CPU backends
+    names: dict = field(default_factory=dict)  # arg -> name the message uses, when it differs
+    errors: dict = field(default_factory=dict)  # (arg, class) -> error type, where it differs from CLASSES
+
+
+def _policy_good():
+    return dict(logprobs=_f(B, T), old_logprobs=_f(B, T), advantages=_f(B, T), response_mask=_mask(B, T),
+                ref_logprobs=_f(B, T), entropy=_f(B, T), rollout_logprobs=_f(B, T))
+
+
+def _pref_good():
+    return dict(chosen_logps=_f(B), rejected_logps=_f(B), ref_chosen_logps=_f(B), ref_rejected_logps=_f(B),
+                chosen_lengths=torch.full((B,), 3.0), rejected_lengths=torch.full((B,), 2.0), weights=_f(B).abs())
+
+
+def _lin_policy_good():
+    return dict(hidden=_f(B, T, H), weight=_f(V, H), labels=_lab(B, T), old_logprobs=_f(B, T), advantages=_f(B),
+                response_mask=_mask(B, T), bias=_f(V), ref_logprobs=_f(B, T), rollout_logprobs=_f(B, T))
+
+
+def _lin_pref_good():
+    return dict(hidden=_f(2 * B, T, H), weight=_f(V, H), labels=_lab(2 * B, T), bias=_f(V),
+                ref_chosen_logps=_f(B), ref_rejected_logps=_f(B), token_weights=_f(2 * B, T))
+
+
+def _call_lin_policy(a):
+    a = dict(a)
+    pos = [a.pop(k) for k in ("hidden", "weight", "labels", "old_logprobs", "advantages", "response_mask")]
+    return fa.LinearPolicyLoss(loss_type="grpo", kl_coef=0.1)(*pos, **a)
+
+
+def _call_lin_pref(a):
+    a = dict(a)
+    return fa.LinearPreferenceLoss("sigmoid")(a.pop("hidden"), a.pop("weight"), a.pop("labels"), **a)
+
+
+FNS = [
+    Fn("token_logprobs", lambda: dict(logits=_f(B, T, V), labels=_lab(B, T)),
+       lambda a: fa.token_logprobs(a["logits"], a["labels"], entropy=True),
+       {"logits": ("float", ()), "labels": ("int", ("other_device", "rank_up", "rank_down", "mismatch"))},
+       backends=True),
+    Fn("linear_logprobs", lambda: dict(hidden=_f(B, T, H), weight=_f(V, H), labels=_lab(B, T), bias=_f(V)),
+       lambda a: fa.linear_logprobs(a["hidden"], a["weight"], a["labels"], bias=a["bias"]),
+       {"hidden": ("float", ("mismatch",)), "weight": ("float", ("other_device", "rank_up", "rank_down", "mismatch")),
+        "labels": ("int", ("other_device", "rank_up", "rank_down", "mismatch")),
+        "bias": ("float", ("other_device", "rank_up", "rank_down", "mismatch"))},
+       backends=True),
+    Fn("policy_loss", _policy_good,
+       lambda a: fa.policy_loss(**a, kl_coef=0.1, entropy_coef=0.01, rollout_correction="token_truncate"),
+       {"logprobs": ("float", ("rank_up", "rank_down")),
+        **{k: ("float", ("other_device", "rank_up", "rank_down", "mismatch"))
+           for k in ("old_logprobs", "advantages", "ref_logprobs", "entropy", "rollout_logprobs")},
+        "response_mask": ("real", ("other_device", "rank_up", "rank_down", "mismatch"))},
+       backends=True),
+    Fn("PolicyLoss", _policy_good, lambda a: fa.PolicyLoss(loss_type="dapo", kl_coef=0.1)(
+        a["logprobs"], a["old_logprobs"], a["advantages"], a["response_mask"], ref_logprobs=a["ref_logprobs"]),
+       {"logprobs": ("float", ("rank_up", "rank_down")),
+        "old_logprobs": ("float", ("other_device", "mismatch")), "advantages": ("float", ("other_device",)),
+        "response_mask": ("real", ("other_device", "mismatch")), "ref_logprobs": ("float", ("other_device",))},
+       backends=True),
+    Fn("LinearPolicyLoss", _lin_policy_good, _call_lin_policy,
+       {"hidden": ("float", ("rank_up", "rank_down", "mismatch")),
+        "weight": ("float", ("other_device", "rank_up", "mismatch")),
+        "labels": ("int", ("rank_up", "rank_down", "mismatch")),
+        "old_logprobs": ("float", ("other_device", "rank_up", "mismatch")),
+        "advantages": ("float", ("other_device", "rank_up", "mismatch")),
+        "response_mask": ("real", ("rank_up", "mismatch")),
+        "bias": ("float", ("other_device", "mismatch")),
+        "ref_logprobs": ("float", ("other_device", "mismatch")),
+        "rollout_logprobs": ("float", ("other_device", "mismatch"))},
+       backends=True),
+    Fn("kl_penalty", lambda: dict(logprobs=_f(B, T), ref_logprobs=_f(B, T)),
+       lambda a: fa.kl_penalty(a["logprobs"], a["ref_logprobs"]),
+       {"logprobs": ("float", ()), "ref_logprobs": ("float", ("other_device", "rank_up", "rank_down", "mismatch"))}),
+    Fn("aggregate_loss", lambda: dict(per_token_loss=_f(B, T), mask=_mask(B, T)),
+       lambda a: fa.aggregate_loss(a["per_token_loss"], a["mask"]),
+       {"per_token_loss": ("float", ("rank_up", "rank_down")),
+        "mask": ("real", ("other_device", "rank_up", "rank_down", "mismatch"))}),
+    Fn("sequence_logprobs", lambda: dict(token_logps=_f(B, T), mask=_mask(B, T), token_weights=_f(B, T),
+                                         sum_p2=_f(B, T).sigmoid()),
+       lambda a: fa.sequence_logprobs(a["token_logps"], a["mask"], token_weights=a["token_weights"],
+                                      sum_p2=a["sum_p2"]),
+       {"token_logps": ("any_float", ("rank_up", "rank_down")),
+        "mask": ("real", ("other_device", "rank_up", "rank_down", "mismatch")),
+        "token_weights": ("any_float", ("other_device", "rank_up", "rank_down", "mismatch")),
+        "sum_p2": ("any_float", ("other_device", "rank_up", "rank_down", "mismatch"))}),
+    Fn("sequence_logprobs_labels", lambda: dict(token_logps=_f(B, T), labels=_lab(B, T)),
+       lambda a: fa.sequence_logprobs(a["token_logps"], labels=a["labels"]),
+       {"labels": ("int", ("other_device", "rank_up", "rank_down", "mismatch"))}),
+    Fn("sequence_logprobs_packed", lambda: dict(token_logps=_f(6), cu_seqlens=torch.tensor([0, 2, 6])),
+       lambda a: fa.sequence_logprobs(a["token_logps"], cu_seqlens=a["cu_seqlens"]),
+       {"token_logps": ("any_float", ()),
+        "cu_seqlens": ("int", ("other_device", "rank_up", "rank_down"))}),
+    Fn("sequence_logprobs_position_ids", lambda: dict(token_logps=_f(6), position_ids=torch.tensor([0, 1, 0, 1, 2, 3])),
+       lambda a: fa.sequence_logprobs(a["token_logps"], position_ids=a["position_ids"], num_sequences=2),
+       {"position_ids": ("int", ("other_device", "rank_up", "mismatch"))}),
+    Fn("preference_loss", _pref_good, lambda a: fa.preference_loss(**a, loss_type=["sigmoid", "ipo"]),
+       {"chosen_logps": ("any_float", ("rank_up", "rank_down")),
+        "rejected_logps": ("any_float", ("other_device", "rank_up", "rank_down", "mismatch")),
+        **{k: ("real", ("other_device", "rank_up", "rank_down", "mismatch"))
+           for k in ("ref_chosen_logps", "ref_rejected_logps", "chosen_lengths", "rejected_lengths", "weights")}}),
+    Fn("PreferenceLoss", _pref_good, lambda a: fa.PreferenceLoss("kto", beta=0.2)(
+        a["chosen_logps"], a["rejected_logps"], a["ref_chosen_logps"], a["ref_rejected_logps"]),
+       {"chosen_logps": ("any_float", ("rank_up", "rank_down")),
+        "rejected_logps": ("any_float", ("other_device", "mismatch")),
+        "ref_chosen_logps": ("real", ("other_device", "mismatch")),
+        "ref_rejected_logps": ("real", ("other_device", "mismatch"))}),
+    Fn("wpo_weights", lambda: dict(chosen_wpo=_f(B), rejected_wpo=_f(B)),
+       lambda a: fa.wpo_weights(a["chosen_wpo"], a["rejected_wpo"]),
+       {"chosen_wpo": ("any_float", ()), "rejected_wpo": ("any_float", ("other_device", "rank_up", "mismatch"))}),
+    Fn("LinearPreferenceLoss", _lin_pref_good, _call_lin_pref,
+       {"hidden": ("float", ("rank_down", "mismatch")),
+        "weight": ("float", ("other_device", "rank_up", "rank_down", "mismatch")),
+        "labels": ("int", ("rank_up", "rank_down", "mismatch")),
+        "bias": ("float", ("other_device", "rank_up", "mismatch")),
+        "ref_chosen_logps": ("real", ("other_device", "rank_up", "mismatch")),
+        "ref_rejected_logps": ("real", ("other_device",)),
+        "token_weights": ("any_float", ("other_device", "rank_up", "mismatch"))},
+       backends=True,
+       # a list is the (chosen, rejected) layout: a list of 2B rows is a ValueError
+       errors={("hidden", "not_tensor"): ValueError, ("labels", "not_tensor"): ValueError,
+               ("token_weights", "not_tensor"): ValueError}),
+    Fn("group_advantages", lambda: dict(scores=_f(4), index=torch.tensor([0, 0, 1, 1]), lengths=torch.ones(4)),
+       lambda a: fa.group_advantages(a["scores"], a["index"], estimator="opo", lengths=a["lengths"]),
+       {"scores": ("any_float", ("rank_up", "rank_down")),
+        "index": ("keys", ("other_device", "rank_up", "mismatch")),
+        "lengths": ("real", ("other_device", "rank_up", "rank_down", "mismatch"))}),
+    Fn("group_advantages_mask", lambda: dict(scores=_f(4), response_mask=_mask(4, 3)),
+       lambda a: fa.group_advantages(a["scores"], group_size=2, estimator="reinforce_pp_baseline",
+                                     response_mask=a["response_mask"]),
+       {"response_mask": ("real", ("other_device", "rank_up", "rank_down"))}),
+    Fn("group_advantages_steps", lambda: dict(scores=_f(4), step_scores=_f(4)),
+       lambda a: fa.group_advantages(a["scores"], group_size=2, step_index=torch.tensor([0, 1, 0, 1]),
+                                     step_scores=a["step_scores"]),
+       {"step_scores": ("any_float", ("other_device", "rank_up", "rank_down", "mismatch"))}),
+    Fn("token_advantages", lambda: dict(adv=_f(B), response_mask=_mask(B, T)),
+       lambda a: fa.token_advantages(a["adv"], a["response_mask"]),
+       {"adv": ("any_float", ("rank_up", "rank_down")),
+        "response_mask": ("real", ("other_device", "rank_up", "rank_down"))}),
+    Fn("masked_whiten", lambda: dict(x=_f(B, T), mask=_mask(B, T)),
+       lambda a: fa.masked_whiten(a["x"], a["mask"]),
+       {"x": ("any_float", ()), "mask": ("real", ("other_device", "rank_up", "rank_down", "mismatch"))}),
+    Fn("reinforce_pp_advantages", lambda: dict(token_rewards=_f(B, T), response_mask=_mask(B, T)),
+       lambda a: fa.reinforce_pp_advantages(a["token_rewards"], a["response_mask"], gamma=0.9),
+       {"token_rewards": ("any_float", ("rank_up", "rank_down")),
+        "response_mask": ("real", ("other_device", "rank_up", "rank_down", "mismatch"))}),
+    Fn("remax_advantages", lambda: dict(token_rewards=_f(B, T), response_mask=_mask(B, T), baseline=_f(B)),
+       lambda a: fa.remax_advantages(a["token_rewards"], a["response_mask"], a["baseline"]),
+       {"token_rewards": ("any_float", ("rank_up", "rank_down")),
+        "response_mask": ("real", ("other_device", "rank_up", "rank_down", "mismatch")),
+        "baseline": ("real", ("other_device", "rank_up", "rank_down", "mismatch"))}),
+    Fn("gae_advantages", lambda: dict(token_rewards=_f(B, T), values=_f(B, T), response_mask=_mask(B, T)),
+       lambda a: fa.gae_advantages(a["token_rewards"], a["values"], a["response_mask"], gamma=0.9, lam=0.95),
+       {"token_rewards": ("any_float", ("rank_up", "rank_down")),
+        "values": ("any_float", ("other_device", "rank_up", "rank_down", "mismatch")),
+        "response_mask": ("real", ("other_device", "rank_up", "rank_down", "mismatch"))}),
+    Fn("implicit_process_advantages", lambda: dict(logprobs=_f(B, T), ref_logprobs=_f(B, T),
+                                                   response_mask=_mask(B, T), outcome_advantages=_f(B)),
+       lambda a: fa.implicit_process_advantages(a["logprobs"], a["ref_logprobs"], a["response_mask"],
+                                                a["outcome_advantages"]),
+       {"logprobs": ("any_float", ("rank_up", "rank_down")),
+        "ref_logprobs": ("any_float", ("other_device", "rank_up", "rank_down", "mismatch")),
+        "response_mask": ("real", ("other_device", "rank_up", "rank_down", "mismatch")),
+        "outcome_advantages": ("any_float", ("other_device", "rank_up", "rank_down", "mismatch"))}),
+]
+
+
+def _rows():
+    for fn in FNS:
+        for arg, (kind, extra) in fn.args.items():
+            for cls in KIND_CLASSES[kind] + tuple(extra):
+                for backend in (CPU_BACKENDS if fn.backends else [None]):
+                    yield pytest.param(fn, arg, cls, backend, id=f"{fn.name}-{arg}-{cls}" + (f"-{backend}" if backend
+                                                                                               else ""))
+
+
+ROWS = list(_rows())
+
+
+def _names(msg: str, name: str) -> bool:
+    return re.search(rf"(?<![A-Za-z_]){re.escape(name)}(?![A-Za-z_])", msg) is not None
+
+
+def test_every_good_call_runs():
+    """The valid call of each row runs (so that each row's error comes from its bad argument)."""
+    for fn in FNS:
+        fn.call(fn.good())
+
+
+@pytest.mark.parametrize("fn, arg, cls, backend", ROWS)
+def test_bad_tensor_argument(fn, arg, cls, backend):
+    make, err = CLASSES[cls]
+    err = fn.errors.get((arg, cls), err)
+    a = fn.good()
+    a[arg] = make(a[arg])
+    if backend is not None:
+        with fa.use_backend(backend), pytest.raises(err) as info:
+            fn.call(a)
+    else:
+        with pytest.raises(err) as info:
+            fn.call(a)
+    name = fn.names.get(arg, arg)
+    assert _names(str(info.value), name), f"{err.__name__} does not name {name!r}: {info.value}"
+
+
+def test_the_table_is_several_hundred_cases():
+    assert len(ROWS) + len(OPTION_ROWS) >= 400
+
+
+# ----------------------------------------------------------------------------- option values
+def _tl(**kw):
+    return fa.token_logprobs(_f(B, V), _lab(B), **kw)
+
+
+def _ll(**kw):
+    return fa.linear_logprobs(_f(B, H), _f(V, H), _lab(B), **kw)
+
+
+def _pl(**kw):
+    return fa.policy_loss(_f(B, T), _f(B, T), _f(B, T), _mask(B, T), **kw)
+
+
+def _agg(**kw):
+    return fa.aggregate_loss(_f(B, T), _mask(B, T), **kw)
+
+
+def _seq_pos(**kw):
+    return fa.sequence_logprobs(_f(6), position_ids=torch.tensor([0, 1, 0, 1, 2, 3]), **kw)
+
+
+def _seq_cu(cu):
+    return fa.sequence_logprobs(_f(6), cu_seqlens=torch.tensor(cu))
+
+
+def _ga(**kw):
+    return fa.group_advantages(_f(4), torch.tensor([0, 0, 1, 1]), **kw)
+
+
+def _gs(group_size):
+    return fa.group_advantages(_f(4), group_size=group_size)
+
+
+def _rpp(**kw):
+    return fa.reinforce_pp_advantages(_f(B, T), _mask(B, T), **kw)
+
+
+def _gae(**kw):
+    return fa.gae_advantages(_f(B, T), _f(B, T), _mask(B, T), **kw)
+
+
+def _ipa(**kw):
+    return fa.implicit_process_advantages(_f(B, T), _f(B, T), _mask(B, T), **kw)
+
+
+NAN, INF = math.nan, math.inf
+# (function, argument, bad values, error); each value is its own row
+OPTIONS = [
+    (_tl, "temperature", (0.0, -1.0, INF, -INF, NAN), ValueError),
+    (_tl, "temperature", ("1", None, True), TypeError),
+    (_tl, "ignore_index", (1.5, "x", None), TypeError),
+    (_ll, "temperature", (0.0, -2.0, INF, NAN), ValueError),
+    (_ll, "softcap", (0.0, -1.0, INF, NAN), ValueError),
+    (_ll, "logit_scale", (INF, NAN), ValueError),
+    (_ll, "ignore_index", (2.5,), TypeError),
+    (_ll, "grad_skip_threshold", (-1.0, NAN), ValueError),
+    (_ll, "chunk", ((0, 4), (4, 0), (1,)), ValueError),
+    (_ll, "backend", ("tpu",), ValueError),
+    (_tl, "backend", ("tpu", "cuda"), ValueError),
+    (_pl, "dp_size", (0, -1), ValueError),
+    (_pl, "dp_size", (1.5,), (TypeError, ValueError)),
+    (_pl, "global_tokens", (0, -3, NAN, INF), ValueError),
+    (_pl, "global_tokens", (torch.ones(2), torch.ones(1, 2)), ValueError),
+    (_pl, "global_tokens", ("8", torch.ones(1, dtype=torch.complex64)), TypeError),
+    (_pl, "global_seqs", (0, -1, NAN, INF), ValueError),
+    (_pl, "max_len", (0, -4), ValueError),
+    (_pl, "backend", ("tpu",), ValueError),
+    (_agg, "dp_size", (0, -2), ValueError),
+    (_agg, "dp_size", (2.0, True), TypeError),
+    (_agg, "global_tokens", (0, -1, NAN, INF, 0.0), ValueError),
+    (_agg, "global_tokens", (torch.ones(3),), ValueError),
+    (_agg, "global_seqs", (0, -1, NAN, INF), ValueError),
+    (_agg, "max_len", (0, -1), ValueError),
+    (_agg, "agg", ("mean", None), ValueError),
+    (_seq_pos, "num_sequences", (0, -1), ValueError),
+    (_seq_pos, "num_sequences", (1.5, "2"), TypeError),
+    (_ga, "eps", (-1.0, NAN, INF), ValueError),
+    (_ga, "omega", (NAN, INF), ValueError),
+    (_ga, "estimator", ("ppo", "gae"), ValueError),
+    (_ga, "std", ("global",), ValueError),
+    (_ga, "singleton", ("one",), ValueError),
+    (_ga, "backend", ("tpu", "cuda"), ValueError),
+    (_gs, "group_size", (0, -2, 3, 1.5, True), ValueError),
+    (_rpp, "gamma", (NAN, INF, -INF), ValueError),
+    (_gae, "gamma", (NAN, INF), ValueError),
+    (_gae, "lam", (NAN, -INF), ValueError),
+    (_ipa, "beta", (NAN, INF), ValueError),
+    (_ipa, "gamma", (NAN,), ValueError),
+]
+
+OPTION_ROWS = [pytest.param(fn, arg, v, err, id=f"{fn.__name__[1:]}-{arg}-{v!r}")
+               for fn, arg, values, err in OPTIONS for v in values]
+
+
+@pytest.mark.parametrize("fn, arg, value, err", OPTION_ROWS)
+def test_bad_option_value(fn, arg, value, err):
+    with pytest.raises(err) as info:
+        fn(**{arg: value})
+    assert _names(str(info.value), arg), f"does not name {arg!r}: {info.value}"
+
+
+CU_SEQLENS = [
+    ([0, 4, 2, 6], "decreasing"),
+    ([0, 2, 7], "past the end of the 6 packed tokens"),
+    ([1, 2, 6], "not starting at 0"),
+    ([0], "one entry"),
+    ([-1, 2, 6], "negative start"),
+]
+
+
+@pytest.mark.parametrize("cu, why", CU_SEQLENS, ids=[w for _, w in CU_SEQLENS])
+def test_malformed_cu_seqlens_raise(cu, why):
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        _seq_cu(cu)
+
+
+def test_malformed_cu_seqlens_give_nan_when_not_read_on_the_host():
+    """Under tracing (and on a GPU) cu_seqlens is not read on the host: the sums come out NaN."""
+    seq = torch.compile(lambda x, cu: fa.sequence_logprobs(x, cu_seqlens=cu).sum, fullgraph=True,
+                        backend="aot_eager")
+    good = seq(torch.ones(6), torch.tensor([0, 2, 6]))
+    assert torch.equal(good, torch.tensor([2.0, 4.0]))
+    assert torch.isnan(seq(torch.ones(6), torch.tensor([0, 4, 2]))).all()
+
+
+def test_packed_tokens_past_cu_seqlens_count_nowhere():
+    """Documented: tokens after cu_seqlens[-1] (the packed buffer's padding) are in no sequence."""
+    out = _seq_cu([0, 2, 4])
+    assert out.count.tolist() == [2.0, 2.0]
+
+
+def test_use_backend_names_the_backend():
+    with pytest.raises(ValueError, match="backend"):
+        with fa.use_backend("tpu"):
+            pass
+
+
+# ----------------------------------------------------------------------------- zero-size dimensions
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_zero_size_vocabulary_or_hidden_dimension(backend):
+    with fa.use_backend(backend):
+        with pytest.raises(ValueError, match="logits"):
+            fa.token_logprobs(torch.randn(3, 0), torch.zeros(3, dtype=torch.long))
+        with pytest.raises(ValueError, match="weight"):
+            fa.linear_logprobs(torch.randn(3, 4), torch.randn(0, 4), torch.zeros(3, dtype=torch.long))
+        with pytest.raises(ValueError, match="hidden"):
+            fa.linear_logprobs(torch.randn(3, 0), torch.randn(5, 0), torch.zeros(3, dtype=torch.long))
+        with pytest.raises(ValueError, match="hidden"):
+            fa.LinearPolicyLoss()(torch.randn(1, 3, 0), torch.randn(5, 0), torch.zeros(1, 3, dtype=torch.long),
+                                  torch.zeros(1, 3), torch.zeros(1), torch.ones(1, 3))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_zero_tokens_give_empty_statistics(backend):
+    with fa.use_backend(backend):
+        x = torch.randn(0, 5, V, requires_grad=True)
+        st = fa.token_logprobs(x, torch.zeros(0, 5, dtype=torch.long), entropy=True)
+        assert st.logprobs.shape == (0, 5) and st.entropy.shape == (0, 5)
+        st.logprobs.sum().backward()
+        assert x.grad.shape == x.shape
+        h = torch.randn(0, H, requires_grad=True)
+        st = fa.linear_logprobs(h, torch.randn(V, H), torch.zeros(0, dtype=torch.long))
+        assert st.logprobs.shape == (0,)
+
+
+def _loss_and_grads(fn, *tensors):
+    leaves = [t.requires_grad_() for t in tensors]
+    loss = fn(*leaves)
+    loss.backward()
+    return loss, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("loss_type", ["ppo", "gspo", "cispo", "reinforce"])
+def test_empty_batch_gives_zero_policy_loss(backend, loss_type):
+    for shape in ((0, 4), (3, 0)):
+        loss, (g,) = _loss_and_grads(
+            lambda lp: fa.policy_loss(lp, torch.zeros(shape), torch.zeros(shape), torch.ones(shape),
+                                      loss_type=loss_type, backend=backend)[0], torch.zeros(shape))
+        assert loss.item() == 0.0 and g.shape == shape and not g.any()
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                                 "seq-mean-token-sum-norm"])
+def test_empty_batch_gives_zero_aggregate_loss(agg):
+    for shape in ((0, 4), (3, 0), (2, 3)):
+        mask = torch.zeros(shape) if shape == (2, 3) else torch.ones(shape)  # (2, 3): every token masked
+        loss, (g,) = _loss_and_grads(lambda L: fa.aggregate_loss(L, mask, agg), torch.randn(shape))
+        assert loss.item() == 0.0 and not g.any()
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "kto", "aot", "simpo", "orpo", "sft",
+                                       ["sigmoid", "sft"]])
+def test_empty_batch_gives_zero_preference_loss(loss_type):
+    z = torch.zeros(0)
+    kw = dict(chosen_lengths=z, rejected_lengths=z)
+    loss, grads = _loss_and_grads(lambda c, r: fa.preference_loss(c, r, z, z, loss_type=loss_type, **kw)[0],
+                                  torch.zeros(0), torch.zeros(0))
+    assert loss.item() == 0.0 and all(g is None or g.shape == (0,) for g in grads)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_batch_gives_zero_linear_losses(backend):
+    h, w = torch.randn(0, 3, H, requires_grad=True), torch.randn(V, H, requires_grad=True)
+    y = torch.zeros(0, 3, dtype=torch.long)
+    loss, _ = fa.LinearPreferenceLoss("sigmoid", backend=backend)(h, w, y)
+    loss.backward()
+    assert loss.item() == 0.0 and not w.grad.any()
+    w.grad = None
+    loss, _ = fa.LinearPolicyLoss(backend=backend)(h, w, y, torch.zeros(0, 3), torch.zeros(0), torch.ones(0, 3))
+    loss.backward()
+    assert loss.item() == 0.0 and not w.grad.any()
+
+
+def test_token_level_estimators_with_no_sequences_or_no_tokens():
+    for shape in ((0, 4), (3, 0)):
+        r, m = torch.randn(shape), torch.ones(shape)
+        a, ret = fa.gae_advantages(r, torch.randn(shape), m)
+        assert a.shape == shape and ret.shape == shape
+        assert fa.reinforce_pp_advantages(r, m).shape == shape
+        assert fa.remax_advantages(r, m, torch.zeros(shape[0])).shape == shape
+        assert fa.implicit_process_advantages(r, r, m, torch.zeros(shape[0])).shape == shape
+        assert fa.masked_whiten(r, m).shape == shape
+
+
+def test_sequence_logprobs_with_no_sequences():
+    out = fa.sequence_logprobs(torch.zeros(0, 5))
+    assert out.sum.shape == (0,) and out.mean.shape == (0,)
+    with pytest.raises(ValueError, match="num_sequences"):
+        fa.sequence_logprobs(torch.zeros(4), position_ids=torch.tensor([0, 1, 0, 1]), num_sequences=0)
+
+
+def test_group_advantages_with_no_scores():
+    assert fa.group_advantages(torch.zeros(0), torch.zeros(0, dtype=torch.long)).shape == (0,)
+    assert fa.group_advantages(torch.zeros(0), group_size=4).shape == (0,)
+
+
+# ----------------------------------------------------------------------------- meta, fake, compile
+def test_meta_tensor_is_refused_not_a_crash():
+    with pytest.raises(ValueError, match="scores"):
+        fa.group_advantages(torch.zeros(4, device="meta"), group_size=2)
+    with pytest.raises(ValueError, match="logits"):
+        fa.token_logprobs(torch.zeros(2, 5, device="meta"), torch.zeros(2, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match="logprobs"):
+        z = torch.zeros(2, 3, device="meta")
+        fa.policy_loss(z, z, z, z)
+
+
+def test_fake_tensors_still_trace():
+    """FakeTensorMode reports the device a fake tensor stands for: the checks pass and the fake
+    implementations give the output shapes."""
+    with FakeTensorMode():
+        st = fa.token_logprobs(torch.randn(2, 3, V), torch.zeros(2, 3, dtype=torch.long), entropy=True)
+        loss, _ = fa.policy_loss(torch.randn(2, 3), torch.randn(2, 3), torch.randn(2), torch.ones(2, 3))
+        adv = fa.group_advantages(torch.randn(4), group_size=2)
+        st2 = fa.linear_logprobs(torch.randn(3, H), torch.randn(V, H), torch.zeros(3, dtype=torch.long))
+        # a fake CUDA tensor stands for a CUDA tensor: accepted (the Triton path's fake implementation)
+        cu = fa.token_logprobs(torch.randn(2, V, device="cuda"), torch.zeros(2, dtype=torch.long, device="cuda"))
+    assert st.logprobs.shape == (2, 3) and st.entropy.shape == (2, 3)
+    assert loss.shape == () and adv.shape == (4,) and st2.logprobs.shape == (3,)
+    assert cu.logprobs.device.type == "cuda"
+
+
+def test_torch_compile_fullgraph_traces():
+    def step(logits, labels, old, adv, mask, scores):
+        lp = fa.token_logprobs(logits, labels).logprobs
+        loss, _ = fa.policy_loss(lp, old, adv, mask, loss_type="grpo")
+        return loss, fa.group_advantages(scores, group_size=2)
+
+    args = (torch.randn(2, 3, V), _lab(2, 3), torch.randn(2, 3), torch.randn(2), _mask(2, 3), torch.randn(4))
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got, want = compiled(*args), step(*args)
+    assert_close(got[0], want[0], atol=0, what="loss")
+    assert_close(got[1], want[1], atol=0, what="advantages")
+
+
+# ----------------------------------------------------------------------------- documented results
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_strided_inputs_give_the_contiguous_result(backend):
+    big = torch.randn(4, 6, 2 * V)
+    x = big[:, ::2, ::2]  # strided in every dim, last dim not contiguous
+    y = _lab(4, 3)
+    with fa.use_backend(backend):
+        assert torch.equal(fa.token_logprobs(x, y).logprobs, fa.token_logprobs(x.contiguous(), y).logprobs)
+        h = torch.randn(6, 2 * H)[::2, ::2]
+        w = torch.randn(V, 2 * H)[:, ::2]
+        lab = _lab(3)
+        assert torch.equal(fa.linear_logprobs(h, w, lab).logprobs,
+                           fa.linear_logprobs(h.contiguous(), w.contiguous(), lab).logprobs)
+        lp, old, adv = (torch.randn(3, 10)[:, ::2] for _ in range(3))
+        m = torch.ones(3, 10, dtype=torch.bool)[:, ::2]
+        a, _ = fa.policy_loss(lp, old, adv, m)
+        b, _ = fa.policy_loss(lp.contiguous(), old.contiguous(), adv.contiguous(), m.contiguous())
+        assert torch.equal(a, b)
+    r = torch.randn(8, 2)[:, 0]
+    assert torch.equal(fa.group_advantages(r, group_size=2), fa.group_advantages(r.contiguous(), group_size=2))
+    rr, vv = torch.randn(2, 8)[:, ::2], torch.randn(2, 8)[:, ::2]
+    mm = torch.ones(2, 8)[:, ::2]
+    assert torch.equal(fa.gae_advantages(rr, vv, mm)[0], fa.gae_advantages(rr.contiguous(), vv.contiguous(), mm)[0])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bool_int_and_float_masks_agree(backend):
+    lp, old, adv = torch.randn(3, 5), torch.randn(3, 5), torch.randn(3, 5)
+    m = torch.rand(3, 5) > 0.3
+    with fa.use_backend(backend):
+        want, _ = fa.policy_loss(lp, old, adv, m)
+        for mm in (m.float(), m.to(torch.int32), m.to(torch.uint8), m.to(torch.float16)):
+            assert torch.equal(fa.policy_loss(lp, old, adv, mm)[0], want)
+    L = torch.randn(3, 5)
+    want = fa.aggregate_loss(L, m, "seq-mean-token-mean")
+    for mm in (m.float(), m.to(torch.int64)):
+        assert torch.equal(fa.aggregate_loss(L, mm, "seq-mean-token-mean"), want)
+    s = fa.sequence_logprobs(lp, m)
+    for mm in (m.float(), m.to(torch.int64)):
+        assert torch.equal(fa.sequence_logprobs(lp, mm).sum, s.sum)
+    r = torch.randn(3, 5)
+    want = fa.gae_advantages(r, r, m)[0]
+    assert torch.equal(fa.gae_advantages(r, r, m.float())[0], want)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_int32_labels_equal_int64_labels(backend):
+    x, y = torch.randn(4, V), _lab(4)
+    with fa.use_backend(backend):
+        assert torch.equal(fa.token_logprobs(x, y).logprobs, fa.token_logprobs(x, y.int()).logprobs)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_out_of_range_labels_give_nan_rows_and_check_raises(backend):
+    x = torch.randn(4, V)
+    y = torch.tensor([1, V, -5, -100])
+    with fa.use_backend(backend):
+        lp = fa.token_logprobs(x, y).logprobs
+        assert not torch.isnan(lp[0]) and torch.isnan(lp[1]) and torch.isnan(lp[2]) and lp[3] == 0
+        with pytest.raises(ValueError, match="labels"):
+            fa.token_logprobs(x, y, check=True)
+        lp = fa.linear_logprobs(torch.randn(4, H), torch.randn(V, H), y).logprobs
+        assert not torch.isnan(lp[0]) and torch.isnan(lp[1]) and torch.isnan(lp[2]) and lp[3] == 0
+
+
+def test_same_results_from_four_threads():
+    """The C++ kernels from 4 Python threads at once. (The Triton interpreter used for CPU tests
+    is not thread-safe; ``use_backend`` is process-wide, so each call names its backend.)"""
+    backend = "cpp"
+    torch.manual_seed(0)
+    inputs = [(torch.randn(6, 33), torch.randint(0, 33, (6,)), torch.randn(3, 17), torch.randn(3, 17),
+               torch.randn(3), torch.rand(3, 17) > 0.2) for _ in range(4)]
+
+    def work(i):
+        x, y, lp, old, adv, m = inputs[i]
+        a = fa.token_logprobs(x, y, entropy=True, backend=backend)
+        lp = lp.clone().requires_grad_()
+        loss, _ = fa.policy_loss(lp, old, adv, m, loss_type="grpo", backend=backend)
+        loss.backward()
+        return a.logprobs, a.entropy, loss.detach(), lp.grad
+
+    want = [work(i) for i in range(4)]
+    got = [None] * 4
+
+    def run(i):
+        for _ in range(3):
+            got[i] = work(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for w, g in zip(want, got):
+        for a, b in zip(w, g):
+            assert torch.equal(a, b)
