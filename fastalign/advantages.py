@@ -69,7 +69,7 @@ def _batch_inv_std(r: Tensor, c: _Ctx) -> Tensor:
     """``1 / (std + eps)`` over the non-NaN scores of the batch, as a float64 [1] device tensor."""
     g = _whole_batch(r)
     _, stats, _ = group_stats(r, g.index, r.new_empty(0, dtype=torch.float64), g.size, c.backend)
-    return 1.0 / (stats[0, 2:3] + c.eps)
+    return 1.0 / (stats[:1, 2] + c.eps)  # empty for an empty batch (no scale)
 
 
 def _need_lengths(c: _Ctx, name: str) -> Tensor:
