@@ -615,6 +615,33 @@ def test_bool_int_and_float_masks_agree(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_inplace_backward_refuses_shared_memory(backend):
+    """inplace_backward writes d(logits) over the logits: an expanded or overlapping view would
+    overwrite one element with the gradient of another."""
+    y = _lab(4)
+    base = torch.randn(1, V, requires_grad=True)
+    for x in (base.expand(4, V), torch.randn(4 * V).as_strided((4, V), (2, 1))):
+        with pytest.raises(ValueError, match="logits"):
+            fa.token_logprobs(x, y, inplace_backward=True, backend=backend)
+    ok = torch.randn(4, 2 * V)[:, ::2]  # strided but no shared memory: the gradient is exact
+    r = ok.clone().requires_grad_()
+    fa.token_logprobs(r, y, backend=backend).logprobs.sum().backward()
+    want = r.grad
+    x = ok.clone().requires_grad_()
+    fa.token_logprobs(x * 1.0, y, inplace_backward=True, backend=backend).logprobs.sum().backward()
+    assert_close(x.grad, want, atol=1e-6, what="d logits")
+
+
+def test_other_layouts_are_refused():
+    with pytest.raises(TypeError, match="logits"):
+        fa.token_logprobs(torch.nested.nested_tensor([torch.randn(2, V), torch.randn(3, V)]), _lab(2))
+    with pytest.raises(TypeError, match="logprobs"):
+        fa.policy_loss(torch.randn(2, 3).to_mkldnn(), _f(2, 3), _f(2, 3), _mask(2, 3))
+    with pytest.raises(TypeError, match="mask"):
+        fa.aggregate_loss(_f(2, 3), torch.ones(2, 3).to_sparse_csr())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_int32_labels_equal_int64_labels(backend):
     x, y = torch.randn(4, V), _lab(4)
     with fa.use_backend(backend):
