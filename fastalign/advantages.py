@@ -326,6 +326,7 @@ def group_advantages(
             if n_w != K:
                 raise ValueError(f"reward_weights must have {K} entries (one per reward column), got {n_w}")
             if isinstance(reward_weights, Tensor):
+                _validate.real("reward_weights", reward_weights)
                 reward_weights = reward_weights.to(device=device, dtype=r.dtype).reshape(K)
     elif reward_weights is not None:
         raise ValueError("reward_weights is for estimator='gdpo' (scores [B, K])")

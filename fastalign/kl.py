@@ -10,14 +10,15 @@ KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
 _ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
 
 
-def canonical_kl(kind: str) -> tuple[str, bool]:
-    """("k1" | "abs" | "k2" | "k3", straight_through) for a KL name such as ``"low_var_kl+"``."""
+def canonical_kl(kind: str, name: str = "kl_type") -> tuple[str, bool]:
+    """("k1" | "abs" | "k2" | "k3", straight_through) for a KL name such as ``"low_var_kl+"``
+    (``name``: the argument it came from, for the error message)."""
     if not isinstance(kind, str):
-        raise TypeError(f"kl_type must be a string, got {type(kind).__name__}")
+        raise TypeError(f"{name} must be a string, got {type(kind).__name__}")
     straight = kind.endswith("+")
     base = kind[:-1] if straight else kind
     if base not in KL_KINDS:
-        raise ValueError(f"kl_type must be one of {KL_KINDS} (optionally with a trailing '+'), got {kind!r}")
+        raise ValueError(f"{name} must be one of {KL_KINDS} (optionally with a trailing '+'), got {kind!r}")
     return _ALIASES.get(base, base), straight
 
 
@@ -37,7 +38,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3", *, clam
     _validate.floating("ref_logprobs", ref_logprobs)
     _validate.same_device(logprobs=logprobs, ref_logprobs=ref_logprobs)
     _validate.shape("ref_logprobs", ref_logprobs, logprobs.shape, "logprobs.shape")
-    base, straight = canonical_kl(kind)
+    base, straight = canonical_kl(kind, "kind")
     lp = logprobs.float()
     d = lp - ref_logprobs.detach().float()
     if base == "k1":

@@ -322,6 +322,14 @@ def _ga(**kw):
     return fa.group_advantages(_f(4), torch.tensor([0, 0, 1, 1]), **kw)
 
 
+def _kl(**kw):
+    return fa.kl_penalty(_f(B, T), _f(B, T), **kw)
+
+
+def _gdpo(**kw):
+    return fa.group_advantages(_f(4, 2), group_size=2, estimator="gdpo", **kw)
+
+
 def _gs(group_size):
     return fa.group_advantages(_f(4), group_size=group_size)
 
@@ -376,6 +384,10 @@ OPTIONS = [
     (_ga, "singleton", ("one",), ValueError),
     (_ga, "backend", ("tpu", "cuda"), ValueError),
     (_gs, "group_size", (0, -2, 3, 1.5, True), ValueError),
+    (_kl, "kind", ("k4", "", "k3++"), ValueError),
+    (_kl, "kind", (3, None), TypeError),
+    (_gdpo, "reward_weights", ([1.0], torch.ones(3)), ValueError),
+    (_gdpo, "reward_weights", (torch.ones(2, device="meta"),), ValueError),
     (_rpp, "gamma", (NAN, INF, -INF), ValueError),
     (_gae, "gamma", (NAN, INF), ValueError),
     (_gae, "lam", (NAN, -INF), ValueError),
