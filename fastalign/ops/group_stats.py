@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend
-from fastalign.ops._launch import ptr
+from fastalign.ops._launch import eager, ptr
 
 STATS = ("count", "mean", "std", "max", "second", "wmean")
 MODES = {"center": 0, "rloo": 1, "opo": 2, "passk": 3}
@@ -132,9 +132,6 @@ def call_group_advantage(scores: Tensor, index: Tensor, lengths: Tensor, scale: 
     that is otherwise ~0.1 ms at 64K scores) and run the op's implementation directly. Under
     torch.compile, tracing, fake or other tensor subclasses, or an active mode, the custom op runs."""
     args = (scores, index, lengths, scale, group_size, mode, div_std, eps, singleton_zero, backend)
-    if (not torch.compiler.is_compiling() and backend == "cpp" and type(scores) is Tensor
-            and type(index) is Tensor and type(lengths) is Tensor and type(scale) is Tensor
-            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled()
-            and not torch.jit.is_tracing()):
+    if backend == "cpp" and scores.device.type == "cpu" and eager(scores, index, lengths, scale):
         return _group_advantage(*args)
     return group_advantage(*args)
