@@ -141,7 +141,7 @@ def positive(name: str, value) -> float:
     """A finite real number > 0, as a float."""
     v = _number(name, value)
     if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        raise ValueError(f"{name} must be > 0 and finite, got {value}")
     return v
 
 

@@ -260,7 +260,8 @@ def test_kl_penalty(B, T, dtype, kind, clamp, scale, seed):
     if B * T and not big:
         got.sum().backward()
         want.sum().backward()
-        check("d logprobs", x.grad, x64.grad, atol=fp_tol(dtype), rtol=fp_tol(dtype))
+        # the gradient comes back in the input dtype: compare with the reference rounded to it (fp16 overflows)
+        check("d logprobs", x.grad, x64.grad.to(dtype), atol=fp_tol(dtype), rtol=fp_tol(dtype))
 
 
 AGGS = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]

@@ -292,7 +292,10 @@ def test_gpu_matches_reference(backend, dtype):
 
 
 def test_tensors_on_different_devices():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     x = torch.randn(3, 10)
-    y = torch.zeros(3, dtype=torch.long, device="meta")
-    with pytest.raises(ValueError, match="labels is on meta but logits is on cpu"):
+    with FakeTensorMode():  # a tensor standing for one on a CUDA device
+        y = torch.zeros(3, dtype=torch.long, device="cuda")
+    with pytest.raises(ValueError, match="labels is on cuda:0 but logits is on cpu"):
         fastalign.token_logprobs(x, y)
