@@ -156,7 +156,7 @@ class Loss(NamedTuple):
     nll: bool = False  # uses the chosen NLL
     reference: bool = True  # compares against a reference model
     smoothing: bool = False  # takes label smoothing
-    f_score: bool = False  # a function of d = dc - dr only: an f-divergence score applies
+    f_score: bool = False  # a function of d = dc - dr (or, sft, of no score): an f-divergence applies
 
 
 LOSSES: Dict[str, Loss] = {

@@ -288,6 +288,10 @@ def test_dpo_from_a_dict_and_unknown_keys():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="did you mean 'beta'"):
         P.DPOLoss(dict(betta=0.2))
+    # TRL 1.16 has no rpo_alpha / reference_free: RPO is loss_type=["sigmoid", "sft"] with loss_weights
+    for gone in ("rpo_alpha", "reference_free"):
+        with pytest.raises(ValueError, match=f"no field '{gone}'"):
+            P.DPOLoss({gone: 0.5})
 
 
 @pytest.mark.parametrize("cfg", [dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.1], use_weighting=True,
