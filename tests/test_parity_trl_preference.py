@@ -23,6 +23,7 @@ import pytest
 import torch
 
 trl = pytest.importorskip("trl", reason="TRL is not installed: `pip install trl==1.16.*` to run the parity tests")
+pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
 
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: E402
 
@@ -277,6 +278,26 @@ def test_dpo_weighted_list_mpo_and_rpo():
     _run_dpo(dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]))
     _run_dpo(dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.3], ld_alpha=0.5, use_weighting=True))
     _run_dpo(dict(loss_type=["apo_zero", "discopop", "hinge"], loss_weights=[0.3, 0.3, 0.4], discopop_tau=0.5))
+
+
+@pytest.mark.parametrize("cfg", [dict(loss_type=["sigmoid", "sft", "ipo"], loss_weights=[1.0, 0.2, 0.1]),
+                                 dict(loss_type="robust", label_smoothing=0.1, f_divergence_type="forward_kl")])
+def test_dpo_preference_loss_on_sequence_logprobs(cfg):
+    from fastalign import sequence_logprobs
+    args = _config(DPOConfig, **cfg)
+    lp, ref, mask, _ = _dpo_batch(seed=2)
+    a = lp.clone().requires_grad_()
+    loss_t, m_t = _trl_dpo(args, a, ref, mask, None)
+    b = lp.clone().requires_grad_()
+    s, r = sequence_logprobs(b, mask), sequence_logprobs(ref, mask)
+    nll = -s.sum[:4].sum() / s.count[:4].sum()
+    loss_f, m_f = P.dpo_preference_loss(args)(s.sum[:4], s.sum[4:], r.sum[:4], r.sum[4:], chosen_lengths=s.count[:4],
+                                              rejected_lengths=s.count[4:], chosen_nll=nll)
+    _close(loss_f, loss_t, "loss")
+    _close(torch.autograd.grad(loss_f, b)[0], torch.autograd.grad(loss_t, a)[0], "gradient")
+    _compare_metrics(m_f, m_t, DPO_METRICS)
+    with pytest.raises(ValueError, match="ld_alpha"):
+        P.dpo_preference_loss(_config(DPOConfig, ld_alpha=0.5))
 
 
 def test_dpo_from_a_dict_and_unknown_keys():

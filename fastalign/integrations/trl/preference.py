@@ -34,13 +34,13 @@ import torch
 from torch import Tensor, nn
 
 from fastalign.linear_preference import LinearPreferenceLoss
-from fastalign.preference import preference_loss, unpaired_preference_loss, wpo_weights
+from fastalign.preference import PreferenceLoss, preference_loss, unpaired_preference_loss, wpo_weights
 from fastalign.sequence import sequence_logprobs
 
 __all__ = [
     "DPO_DEFAULTS", "CPO_DEFAULTS", "ORPO_DEFAULTS", "KTO_DEFAULTS",
     "dpo_options", "cpo_options", "orpo_options", "kto_options",
-    "DPOLoss", "CPOLoss", "ORPOLoss", "KTOLoss", "dpo_linear_loss",
+    "DPOLoss", "CPOLoss", "ORPOLoss", "KTOLoss", "dpo_linear_loss", "dpo_preference_loss",
 ]
 
 #: TRL 1.16's defaults for the loss fields of each config (the other fields do not touch the loss).
@@ -197,6 +197,19 @@ class DPOLoss(nn.Module):
                                         **self.options)
         metrics.pop("nll", None)  # DPOTrainer does not log it
         return loss, metrics
+
+
+def dpo_preference_loss(config=None) -> PreferenceLoss:
+    """:class:`fastalign.PreferenceLoss` with ``DPOTrainer``'s loss (TRL 1.16), on summed sequence
+    log-probs: ``forward(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+    chosen_lengths=..., rejected_lengths=..., chosen_nll=...)``. Its metrics carry TRL's names
+    (plus ``nll`` with sft). ``ld_alpha`` and ``use_weighting`` act on the token log-probs: use
+    :class:`DPOLoss` or :func:`dpo_linear_loss` for them."""
+    opts, token = _split(dpo_options(config))
+    for name in ("ld_alpha", "use_weighting"):
+        if token[name] not in (None, False):
+            raise ValueError(f"DPOConfig.{name} acts on the token log-probs: use DPOLoss or dpo_linear_loss")
+    return PreferenceLoss(**opts)
 
 
 def dpo_linear_loss(config=None, **kernel_options) -> LinearPreferenceLoss:
