@@ -190,6 +190,9 @@ def test_dpo_label_smoothing_that_trl_ignores_is_refused():
         P.DPOLoss(_config(DPOConfig, loss_type="sigmoid", label_smoothing=0.1))
     with pytest.raises(ValueError, match="exo_pair"):
         P.DPOLoss(_config(DPOConfig, loss_type="exo_pair"))
+    for t in ("aot", "aot_unpaired"):  # DPOTrainer raises NotImplementedError: the losses sort the batch
+        with pytest.raises(ValueError, match="use_weighting"):
+            P.DPOLoss(_config(DPOConfig, loss_type=["sigmoid", t], use_weighting=True))
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop",
