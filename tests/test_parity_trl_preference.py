@@ -556,3 +556,14 @@ def test_kto_unpaired_unbalanced(loss_type, labels):
     _compare_metrics(m_f, m_t, logged)
     for k in set(KTO_METRICS) - set(logged):  # TRL logs nothing for an absent class: NaN here
         assert torch.isnan(m_f[k]), k
+
+
+def test_options_feed_preference_loss_directly():
+    """dpo_options / cpo_options / orpo_options are plain preference_loss keyword sets."""
+    from fastalign import preference_loss
+    lc, lr = torch.tensor([-3.0, -4.0], dtype=D), torch.tensor([-5.0, -4.5], dtype=D)
+    n = torch.tensor([3.0, 4.0], dtype=D)
+    for opts in (P.dpo_options({"loss_type": ["sigmoid", "ipo"], "ld_alpha": 0.5, "use_weighting": True}),
+                 P.cpo_options({"loss_type": "sigmoid", "alpha": 0.2}), P.orpo_options({"beta": 0.2})):
+        loss, _ = preference_loss(lc, lr, chosen_lengths=n, rejected_lengths=n, **opts)
+        assert torch.isfinite(loss)

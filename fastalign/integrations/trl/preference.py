@@ -113,10 +113,15 @@ def _reward_metrics(beta: float, chosen: Tensor, rejected: Tensor, logps_c: Tens
 def dpo_options(config=None) -> Dict[str, Any]:
     """:func:`fastalign.preference_loss` options that give ``DPOTrainer``'s loss (TRL 1.16).
 
-    Returns the loss options; ``ld_alpha`` and ``use_weighting`` act on the token log-probs and
-    are read by :class:`DPOLoss` / :func:`dpo_linear_loss`. Raises where ``DPOTrainer`` does
-    (exo_pair without label smoothing, an f-divergence on a loss it does not apply to, WPO with
-    aot) and where TRL would ignore an option (label smoothing with no loss that takes it)."""
+    ``ld_alpha`` and ``use_weighting`` act on the token log-probs: :class:`DPOLoss` and
+    :func:`dpo_linear_loss` read them. Raises where ``DPOTrainer`` does (exo_pair without label
+    smoothing, an f-divergence on a loss it does not apply to, WPO with aot) and where TRL would
+    ignore an option (label smoothing with no loss that takes it)."""
+    return _dpo(config)[0]
+
+
+def _dpo(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(preference_loss options, token-level options ``ld_alpha`` / ``use_weighting``)."""
     c = _read(config, DPO_DEFAULTS, "DPOConfig")
     types = [c["loss_type"]] if isinstance(c["loss_type"], str) else list(c["loss_type"])
     eps = float(c["label_smoothing"])
@@ -137,15 +142,7 @@ def dpo_options(config=None) -> Dict[str, Any]:
     opts["f_divergence"] = f
     if f == "alpha_divergence":
         opts["f_alpha"] = 1.0 - coef
-    opts["_ld_alpha"] = c["ld_alpha"]
-    opts["_use_weighting"] = bool(c["use_weighting"])
-    return opts
-
-
-def _split(opts: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    loss = {k: v for k, v in opts.items() if not k.startswith("_")}
-    token = {k[1:]: v for k, v in opts.items() if k.startswith("_")}
-    return loss, token
+    return opts, dict(ld_alpha=c["ld_alpha"], use_weighting=bool(c["use_weighting"]))
 
 
 class DPOLoss(nn.Module):
@@ -161,7 +158,7 @@ class DPOLoss(nn.Module):
 
     def __init__(self, config=None):
         super().__init__()
-        self.options, token = _split(dpo_options(config))
+        self.options, token = _dpo(config)
         self.ld_alpha, self.use_weighting = token["ld_alpha"], token["use_weighting"]
         preference_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1),  # fail early on a bad mix
                         chosen_lengths=torch.ones(1), rejected_lengths=torch.ones(1), **self.options)
@@ -205,7 +202,7 @@ def dpo_preference_loss(config=None) -> PreferenceLoss:
     chosen_lengths=..., rejected_lengths=..., chosen_nll=...)``. Its metrics carry TRL's names
     (plus ``nll`` with sft). ``ld_alpha`` and ``use_weighting`` act on the token log-probs: use
     :class:`DPOLoss` or :func:`dpo_linear_loss` for them."""
-    opts, token = _split(dpo_options(config))
+    opts, token = _dpo(config)
     for name in ("ld_alpha", "use_weighting"):
         if token[name] not in (None, False):
             raise ValueError(f"DPOConfig.{name} acts on the token log-probs: use DPOLoss or dpo_linear_loss")
@@ -216,7 +213,7 @@ def dpo_linear_loss(config=None, **kernel_options) -> LinearPreferenceLoss:
     """:class:`fastalign.LinearPreferenceLoss` with ``DPOTrainer``'s loss (TRL 1.16): from hidden
     states and the LM head, never the logits. ``kernel_options``: ``ignore_index``,
     ``temperature``, ``backend``, ... Its metrics carry TRL's names (no ``nll`` with sft)."""
-    opts, token = _split(dpo_options(config))
+    opts, token = _dpo(config)
     return LinearPreferenceLoss(ld_alpha=token["ld_alpha"], use_weighting=token["use_weighting"],
                                 wpo_cap=None if token["use_weighting"] else 1.0, **opts, **kernel_options)
 
@@ -232,6 +229,11 @@ def cpo_options(config=None) -> Dict[str, Any]:
     without a reference (``f_divergence="alpha_divergence"``, ``f_alpha=alpha``) on the summed
     (sigmoid, hinge) or averaged (ipo) log-probs, and the ``alphapo`` row for simpo. The BC
     term ``cpo_alpha · NLL`` is ``rpo_alpha``."""
+    return _cpo(config)[0]
+
+
+def _cpo(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(preference_loss options, the log-probs CPO's metrics use: averaged?, AlphaPO alpha)."""
     c = _read(config, CPO_DEFAULTS, "CPOConfig")
     t, cpo_alpha, alpha = c["loss_type"], float(c["cpo_alpha"]), float(c["alpha"])
     if t == "alphapo":  # CPOConfig.__post_init__'s sugar
@@ -252,9 +254,7 @@ def cpo_options(config=None) -> Dict[str, Any]:
         opts["loss_type"] = t
         if alpha:
             opts.update(f_divergence="alpha_divergence", f_alpha=alpha)
-    opts["_averaged"] = t in ("ipo", "simpo")
-    opts["_alpha"] = alpha
-    return opts
+    return opts, dict(averaged=t in ("ipo", "simpo"), alpha=alpha)
 
 
 class CPOLoss(nn.Module):
@@ -267,7 +267,7 @@ class CPOLoss(nn.Module):
 
     def __init__(self, config=None):
         super().__init__()
-        self.options, token = _split(cpo_options(config))
+        self.options, token = _cpo(config)
         self.averaged, self.alpha = token["averaged"], token["alpha"]
 
     def forward(self, per_token_logps: Tensor, completion_mask: Tensor):
