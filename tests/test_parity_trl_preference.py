@@ -567,3 +567,22 @@ def test_options_feed_preference_loss_directly():
                  P.cpo_options({"loss_type": "sigmoid", "alpha": 0.2}), P.orpo_options({"beta": 0.2})):
         loss, _ = preference_loss(lc, lr, chosen_lengths=n, rejected_lengths=n, **opts)
         assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_dpo_random_option_mixes(seed):
+    """Random DPOConfig mixes (loss lists, weights, smoothing, f-divergences, LD-DPO, WPO) that
+    DPOTrainer 1.16 runs, each against DPOTrainer."""
+    import random
+    rng = random.Random(seed)
+    f_types = ["sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"]
+    fdiv = rng.choice(["reverse_kl", "forward_kl", "js_divergence"])
+    pool = f_types if fdiv != "reverse_kl" else DPO_TYPES
+    types = rng.sample(pool, rng.randint(1, 3))
+    use_weighting = rng.random() < 0.4 and not {"sft", "hinge", "aot", "aot_unpaired"} & set(types)
+    kw = dict(loss_type=types, loss_weights=[round(rng.uniform(0.1, 1.5), 3) for _ in types],
+              beta=round(rng.uniform(0.05, 0.6), 3), f_divergence_type=fdiv, use_weighting=use_weighting,
+              ld_alpha=rng.choice([None, 0.3, 0.8]), discopop_tau=rng.choice([0.05, 0.3]))
+    if set(types) & set(P.DPO_SMOOTHED):
+        kw["label_smoothing"] = rng.choice([0.0, 0.05, 0.2]) if "exo_pair" not in types else 0.05
+    _run_dpo(kw, seed=seed)

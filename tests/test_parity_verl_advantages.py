@@ -207,3 +207,19 @@ def test_batch_normalization_bad_values():
         fa.group_advantages(s[:, None], group_size=2, estimator="gdpo", batch_normalization="tokens")
     with pytest.raises(ValueError, match="mask"):
         fa.group_advantages(s[:, None], group_size=2, estimator="gdpo", batch_normalization="token")
+
+
+@pytest.mark.parametrize("estimator", GROUPED + ["gae", "reinforce_plus_plus", "remax"])
+def test_float32_batches_as_verl_gets_them(estimator):
+    """verl's batches are float32: same numbers at float32 precision (2e-6), advantages in float32."""
+    r, token_r, mask, values, baselines = (t.float() for t in _batch(seed=11))
+    index = UIDS["str-interleaved"]
+    cfg = AlgoConfig(adv_estimator=estimator, gamma=0.95, lam=0.9)
+    rewards = token_r if estimator in ("gae", "reinforce_plus_plus", "remax") else r
+    baselines = baselines if estimator == "remax" else None
+    adv_v, ret_v = _verl(cfg, rewards, mask, index, values=values, baselines=baselines)
+    adv_f, ret_f = fverl.compute_advantage(cfg, rewards, mask, index, values=values, reward_baselines=baselines)
+    assert adv_f.dtype == torch.float32
+    valid = mask.bool()
+    torch.testing.assert_close(adv_f[valid], adv_v[valid], atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(ret_f[valid], ret_v[valid], atol=2e-6, rtol=2e-6)
