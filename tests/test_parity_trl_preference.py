@@ -556,6 +556,10 @@ def test_kto_unpaired_unbalanced(loss_type, labels):
     _compare_metrics(m_f, m_t, logged)
     for k in set(KTO_METRICS) - set(logged):  # TRL logs nothing for an absent class: NaN here
         assert torch.isnan(m_f[k]), k
+    as_list, _ = P.KTOLoss(args)(lp, mask, [int(x) for x in labels], (ref * mask).sum(-1), **kw)
+    _close(as_list, loss_t, "loss with 0/1 labels in a list")
+    with pytest.raises(TypeError, match="label"):
+        P.KTOLoss(args)(lp, mask, torch.tensor(labels, dtype=D), (ref * mask).sum(-1), **kw)
 
 
 def test_options_feed_preference_loss_directly():

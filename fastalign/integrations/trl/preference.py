@@ -360,5 +360,9 @@ class KTOLoss(nn.Module):
             raise ValueError("kl_logps / ref_kl_logps do not apply to loss_type 'apo_zero_unpaired' (no KL term)")
         s = sequence_logprobs(per_token_logps, completion_mask)
         kl = (kl_logps.detach() - ref_kl_logps.detach()) if kto else None
-        return unpaired_preference_loss(s.sum, ref_logps, label.to(torch.bool), kl=kl, **self.options)
+        label = torch.as_tensor(label, device=per_token_logps.device)
+        if label.dtype.is_floating_point or label.dtype.is_complex:
+            raise TypeError(f"label must be bool (or 0/1 integers) per response, True for a desirable one; "
+                            f"got {label.dtype}")
+        return unpaired_preference_loss(s.sum, ref_logps, label != 0, kl=kl, **self.options)
 
