@@ -28,7 +28,8 @@ from fastalign.ops.group_stats import MODES, call_group_advantage, group_stats
 from fastalign.ops.returns import SCANS, reverse_scan
 
 STD_MODES = ("group", "batch", "none")
-SINGLETON = ("raw", "zero")
+SINGLETON = ("raw", "zero", "unit_std")
+BATCH_NORMALIZATIONS = ("sequence", "token")
 WHITEN_EPS = 1e-8
 TOKEN_LEVEL = {
     "reinforce_pp": "reinforce_pp_advantages",
@@ -50,6 +51,8 @@ class _Ctx(NamedTuple):
     lengths: Optional[Tensor]  # float64 [B] response lengths, when given
     weights: Optional[Union[Tensor, Sequence[float]]]
     backend: str
+    singleton_unit_std: bool = False
+    batch_normalization: str = "sequence"
 
 
 # ---------------------------------------------------------------- building blocks
@@ -72,6 +75,27 @@ def _batch_inv_std(r: Tensor, c: _Ctx) -> Tensor:
     return 1.0 / (stats[:1, 2] + c.eps)  # empty for an empty batch (no scale)
 
 
+def _unit_std_singletons(adv: Tensor, r: Tensor, g: _Groups, c: _Ctx, alone_value: Tensor) -> Tensor:
+    """``singleton="unit_std"``: a group of one takes ``alone_value``, its estimator's formula
+    with mean 0 and std 1 (grpo ``r / (1 + eps)``, gpg ``alpha r``)."""
+    gid, stats, _ = group_stats(r, g.index, r.new_empty(0, dtype=torch.float64), g.size, c.backend)
+    alone = (stats[gid, 0] == 1) & ~torch.isnan(r)
+    return torch.where(alone, alone_value.to(adv.dtype), adv)
+
+
+def _length_weighted_whiten(a: Tensor, r: Tensor, c: _Ctx, name: str) -> Tensor:
+    """Whitening of per-sequence values spread over their valid tokens: mean = sum L a / N,
+    var = sum L (a - mean)^2 / (N - 1), N = sum L, ``(a - mean) * rsqrt(var + 1e-8)``;
+    NaN scores and empty responses are left out and get 0."""
+    w = torch.where(torch.isnan(r), 0.0, _need_lengths(c, name))
+    a64 = a.to(torch.float64)
+    n = w.sum()
+    mean = (w * a64).sum() / n.clamp_min(1.0)
+    var = (w * (a64 - mean) ** 2).sum() / (n - 1.0).clamp_min(1.0)
+    out = (a64 - mean) * torch.rsqrt(var + WHITEN_EPS)
+    return torch.where(w > 0, out, 0.0).to(r.dtype)
+
+
 def _need_lengths(c: _Ctx, name: str) -> Tensor:
     if c.lengths is None:
         raise ValueError(f"estimator {name!r} needs response_mask [B, T] or lengths [B]")
@@ -82,7 +106,10 @@ def _need_lengths(c: _Ctx, name: str) -> Tensor:
 def _grpo(r, g, c):
     """``(r - mean_g) / (std + eps)``; std of the group, of the batch, or none (Dr. GRPO)."""
     scale = _batch_inv_std(r, c) if c.std == "batch" else None
-    return _normalize(r, g, c, "center", c.std == "group", scale)
+    adv = _normalize(r, g, c, "center", c.std == "group", scale)
+    if c.singleton_unit_std and c.std == "group":
+        adv = _unit_std_singletons(adv, r, g, c, r.to(torch.float64) / (1.0 + c.eps))
+    return adv
 
 
 def _rloo(r, g, c):
@@ -99,7 +126,10 @@ def _gpg(r, g, c):
     """``alpha (r - mean_g)``, ``alpha = B / max(count_nonzero(r), 1)`` (NaN scores do not count)."""
     nonzero = ((r != 0) & ~torch.isnan(r)).sum().to(torch.float64)
     alpha = (r.shape[0] / nonzero.clamp_min(1.0)).reshape(1)
-    return _normalize(r, g, c, "center", False, alpha)
+    adv = _normalize(r, g, c, "center", False, alpha)
+    if c.singleton_unit_std:
+        adv = _unit_std_singletons(adv, r, g, c, alpha * r.to(torch.float64))
+    return adv
 
 
 def _grpo_passk(r, g, c):
@@ -111,21 +141,16 @@ def _grpo_passk(r, g, c):
 def _reinforce_pp_baseline(r, g, c):
     """``r - mean_g`` spread over tokens, whitened over the valid tokens of the batch.
 
-    Token whitening of a per-sequence value is a length-weighted whitening:
-    mean = sum L a / N, var = sum L (a - mean)^2 / (N - 1), N = sum L; NaN
-    scores and empty responses are left out and get 0."""
+    Token whitening of a per-sequence value is a length-weighted whitening
+    (:func:`_length_weighted_whiten`)."""
     a = _normalize(r, g, c, "center", False)
-    w = torch.where(torch.isnan(r), 0.0, _need_lengths(c, "reinforce_pp_baseline"))
-    a64 = a.to(torch.float64)
-    n = w.sum()
-    mean = (w * a64).sum() / n.clamp_min(1.0)
-    var = (w * (a64 - mean) ** 2).sum() / (n - 1.0).clamp_min(1.0)
-    out = (a64 - mean) * torch.rsqrt(var + WHITEN_EPS)
-    return torch.where(w > 0, out, 0.0).to(r.dtype)
+    return _length_weighted_whiten(a, r, c, "reinforce_pp_baseline")
 
 
 def _gdpo(r, g, c):
-    """Each reward column group-normalised (as grpo), weighted sum, then normalised over the batch.
+    """Each reward column group-normalised (as grpo), weighted sum, then normalised over the batch:
+    over the responses, ``(x - mean) / (std + eps)`` (``batch_normalization="sequence"``), or over
+    their valid tokens, length-weighted, ``(x - mean) * rsqrt(var + 1e-8)`` (``"token"``, verl).
 
     A NaN reward only leaves its own column; rows with every reward NaN get 0."""
     K = r.shape[1]
@@ -135,6 +160,8 @@ def _gdpo(r, g, c):
         a = _grpo(r[:, k].contiguous(), g, c) * w[k]
         total = a if total is None else total + a
     total = torch.where(torch.isnan(r).all(dim=1), float("nan"), total)
+    if c.batch_normalization == "token":
+        return _length_weighted_whiten(torch.nan_to_num(total), total, c, "gdpo")
     return _normalize(total, _whole_batch(total), c, "center", True)
 
 
@@ -240,6 +267,7 @@ def group_advantages(
     eps: float = 1e-6,
     std: str = "group",
     singleton: str = "raw",
+    batch_normalization: str = "sequence",
     response_mask: Optional[Tensor] = None,
     lengths: Optional[Tensor] = None,
     reward_weights: Optional[Union[Tensor, Sequence[float]]] = None,
@@ -286,7 +314,12 @@ def group_advantages(
         group_size: instead of ``index``: consecutive blocks of this size.
         eps: added to the std.
         std: ``"group"``, ``"batch"`` or ``"none"`` (grpo, grpo_passk, gdpo's columns).
-        singleton: ``"raw"`` or ``"zero"``: what a group of one gets.
+        singleton: what a group of one gets: ``"raw"`` its score, ``"zero"`` 0, or
+            ``"unit_std"`` its estimator's formula with mean 0 and std 1 (verl): grpo and
+            gdpo's columns ``r / (1 + eps)`` with ``std="group"``, gpg ``alpha r``, its score
+            elsewhere.
+        batch_normalization: gdpo's last step: ``"sequence"`` over the responses or
+            ``"token"`` over their valid tokens (verl; needs the mask or lengths).
         response_mask: ``[B, T]`` mask, for the token counts of
             reinforce_pp_baseline and opo (or give ``lengths`` ``[B]``).
         reward_weights: gdpo weights, one per reward column (default 1).
@@ -330,7 +363,12 @@ def group_advantages(
                 reward_weights = reward_weights.to(device=device, dtype=r.dtype).reshape(K)
     elif reward_weights is not None:
         raise ValueError("reward_weights is for estimator='gdpo' (scores [B, K])")
-    c = _Ctx(float(eps), std, singleton == "zero", lens, reward_weights, _resolve(device, backend))
+    if batch_normalization not in BATCH_NORMALIZATIONS:
+        raise ValueError(f"batch_normalization must be one of {BATCH_NORMALIZATIONS}, got {batch_normalization!r}")
+    if batch_normalization != "sequence" and estimator != "gdpo":
+        raise ValueError(f"batch_normalization is gdpo's last step; it does not apply to estimator {estimator!r}")
+    c = _Ctx(float(eps), std, singleton == "zero", lens, reward_weights, _resolve(device, backend),
+             singleton == "unit_std", batch_normalization)
     row = ESTIMATORS[estimator]
     adv = row(r, g, c)
     if step_index is not None:

@@ -76,7 +76,8 @@ class LinearPreferenceLoss(nn.Module):
     defaulting to the policy head) evaluated under ``torch.no_grad`` — never
     differentiated — or precomputed ``ref_chosen_logps``/``ref_rejected_logps``; without
     either the loss is reference-free. ``use_weighting=True`` asks the kernel for
-    :math:`\sum_j p_j^2` and applies WPO pair weights. The chosen NLL (sft, cpo, orpo,
+    :math:`\sum_j p_j^2` and applies WPO pair weights, capped at ``wpo_cap`` (1 by default;
+    ``None`` leaves them uncapped, as TRL 1.16). The chosen NLL (sft, cpo, orpo,
     ``rpo_alpha``) is the token mean over the chosen responses.
 
     ``compact``: run only the labelled positions (not the prompt, not the padding) through
@@ -93,7 +94,8 @@ class LinearPreferenceLoss(nn.Module):
     def __init__(self, loss_type="sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, *,
                  ignore_index: int = -100, temperature: float = 1.0, softcap: Optional[float] = None,
                  logit_scale: float = 1.0, ld_alpha: Optional[float] = None, use_weighting: bool = False,
-                 vocab_group=None, backend: Optional[str] = None, compact="auto", single_pass="auto",
+                 wpo_cap: Optional[float] = 1.0, vocab_group=None, backend: Optional[str] = None, compact="auto",
+                 single_pass="auto",
                  **options):
         super().__init__()
         for k in options:
@@ -104,6 +106,9 @@ class LinearPreferenceLoss(nn.Module):
         self.ignore_index = int(ignore_index)
         self.ld_alpha = ld_alpha
         self.use_weighting = bool(use_weighting)
+        if wpo_cap != 1.0 and not use_weighting:
+            raise ValueError("wpo_cap applies to the WPO weights: set use_weighting=True or leave wpo_cap at 1")
+        self.wpo_cap = wpo_cap
         for name, v in (("compact", compact), ("single_pass", single_pass)):
             if v not in ("auto", True, False):
                 raise ValueError(f"{name} must be 'auto', True or False, got {v!r}")
@@ -199,7 +204,7 @@ class LinearPreferenceLoss(nn.Module):
         """preference_loss from per-sequence sums of both sides; the chosen NLL is
         ``-Σ plain_c / nll_count`` (default: these chosen responses' token count)."""
         count = sc.count.sum().clamp(min=1.0) if nll_count is None else nll_count
-        weights = wpo_weights(sc.wpo, sr.wpo) if self.use_weighting else None
+        weights = wpo_weights(sc.wpo, sr.wpo, self.wpo_cap) if self.use_weighting else None
         return preference_loss(sc.sum, sr.sum, ref_c, ref_r, chosen_lengths=sc.count, rejected_lengths=sr.count,
                                chosen_nll=-plain_c.sum() / count, weights=weights, kto_kl=kto_kl, **self.config)
 

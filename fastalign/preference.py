@@ -11,8 +11,8 @@ Nothing here reads a value back to the host.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,10 @@ from fastalign import _validate
 from fastalign.sequence import _floating, sequence_logprobs
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+#: Where the length average of ipo / sigmoid_norm sits relative to the f-divergence score:
+#: ``"log_ratio"`` scores the length-averaged log-ratio, ``f(x/|y|)`` (default: a per-token scale
+#: whatever the length); ``"score"`` averages the score of the summed log-ratio, ``f(x)/|y|`` (TRL 1.16).
+F_LENGTH_AVERAGES = ("log_ratio", "score")
 
 
 @dataclass
@@ -32,7 +36,8 @@ class PairQuantities:
     reference), ``dc, dr`` the log-ratios after the f-divergence score,
     ``d = dc - dr``, ``dc_bar, dr_bar`` the length-averaged scores
     (``f((lc - lc0)/|yc|)``), ``lc_bar, lr_bar`` length-averaged policy log-probs,
-    ``nll`` the chosen NLL (0-dim), ``beta``, ``eps`` label smoothing, ``opt`` the options.
+    ``nll`` the chosen NLL (0-dim), ``beta``, ``eps`` label smoothing (0 for a row outside
+    ``smoothed_losses``), ``opt`` the options; a row may add its own detached metrics to ``extra``.
     """
 
     lc: Tensor
@@ -50,6 +55,7 @@ class PairQuantities:
     beta: float
     eps: float
     opt: dict
+    extra: Dict[str, Tensor] = field(default_factory=dict)
 
 
 def _smoothed(x: Tensor, eps: float) -> Tensor:
@@ -111,6 +117,16 @@ def _simpo_like(q: PairQuantities, c: Tensor, r: Tensor) -> Tensor:
     return _smoothed(q.beta * (c - r) - q.opt["simpo_gamma"], q.eps)
 
 
+def _kto_terms(x: Tensor, z0: Tensor, beta: float) -> Tuple[Tensor, Tensor]:
+    """KTO's desirable and undesirable per-response losses of log-ratios ``x`` around ``z0``."""
+    return 1.0 - torch.sigmoid(beta * (x - z0)), 1.0 - torch.sigmoid(beta * (z0 - x))
+
+
+def _apo_zero_terms(x: Tensor, z0: Tensor, beta: float) -> Tuple[Tensor, Tensor]:
+    """APO-zero's unpaired form: raise the desirable log-ratios, lower the undesirable ones."""
+    return 1.0 - torch.sigmoid(beta * x), torch.sigmoid(beta * x)
+
+
 def _kto(q: PairQuantities) -> Tensor:
     kl = q.opt["kto_kl"]
     if kl is None:
@@ -118,70 +134,95 @@ def _kto(q: PairQuantities) -> Tensor:
     else:
         kl = kl.to(q.dc.dtype).mean()
     z0 = kl.clamp(min=0.0).detach()
-    good = 1.0 - torch.sigmoid(q.beta * (q.dc - z0))
-    bad = 1.0 - torch.sigmoid(q.beta * (z0 - q.dr))
+    good, _ = _kto_terms(q.dc, z0, q.beta)
+    _, bad = _kto_terms(q.dr, z0, q.beta)
     # mean over the 2B responses = mean over pairs of the average of the two halves
     return 0.5 * (q.opt["desirable_weight"] * good + q.opt["undesirable_weight"] * bad)
 
 
 def _orpo(q: PairQuantities) -> Tensor:
     log_odds = (q.lc_bar - q.lr_bar) - (_log1mexp(q.lc_bar) - _log1mexp(q.lr_bar))
-    return _broadcast(q.nll, q.lc) - q.beta * F.logsigmoid(log_odds)
+    ratio = F.logsigmoid(log_odds)
+    q.extra["log_odds_ratio"] = ratio.detach().mean()
+    q.extra["log_odds_chosen"] = log_odds.detach().mean()
+    return _broadcast(q.nll, q.lc) - q.beta * ratio
 
 
-LossRow = Callable[[PairQuantities], Tensor]
+class Loss(NamedTuple):
+    """One row of the loss table: the per-pair function and what it needs and accepts."""
 
-# name -> (row, needs lengths, needs the chosen NLL, uses the reference)
-LOSSES: Dict[str, Tuple[LossRow, bool, bool, bool]] = {
-    "sigmoid": (lambda q: _smoothed(q.beta * q.d, q.eps), False, False, True),
-    "robust": (lambda q: (-(1.0 - q.eps) * F.logsigmoid(q.beta * q.d) + q.eps * F.logsigmoid(-q.beta * q.d))
-               / (1.0 - 2.0 * q.eps), False, False, True),
-    "hinge": (lambda q: torch.relu(1.0 - q.beta * q.d), False, False, True),
-    "ipo": (lambda q: (q.dc_bar - q.dr_bar - 1.0 / (2.0 * q.beta)) ** 2, True, False, True),
-    "exo_pair": (_exo, False, False, True),
-    "nca_pair": (lambda q: -F.logsigmoid(q.beta * q.dc) - 0.5 * F.logsigmoid(-q.beta * q.dc)
-                 - 0.5 * F.logsigmoid(-q.beta * q.dr), False, False, True),
-    "bco_pair": (lambda q: -F.logsigmoid(q.beta * q.dc - q.opt["bco_delta"])
-                 - F.logsigmoid(-(q.beta * q.dr - q.opt["bco_delta"])), False, False, True),
-    "sppo_hard": (lambda q: (q.dc - 0.5 / q.beta) ** 2 + (q.dr + 0.5 / q.beta) ** 2, False, False, True),
-    "aot": (_aot, False, False, True),
-    "aot_unpaired": (_aot_unpaired, False, False, True),
-    "apo_zero": (lambda q: 1.0 - torch.sigmoid(q.beta * q.dc) + torch.sigmoid(q.beta * q.dr), False, False, True),
-    "apo_down": (lambda q: torch.sigmoid(q.beta * q.dc) + 1.0 - torch.sigmoid(q.beta * q.d), False, False, True),
-    "discopop": (_discopop, False, False, True),
-    "sigmoid_norm": (lambda q: _smoothed(q.beta * (q.dc_bar - q.dr_bar), q.eps), True, False, True),
-    "sft": (lambda q: _broadcast(q.nll, q.lc), False, True, False),
-    "simpo": (lambda q: _simpo_like(q, q.lc_bar, q.lr_bar), True, False, False),
-    "cpo": (lambda q: _smoothed(q.beta * (q.lc - q.lr), q.eps) + q.opt["cpo_alpha"] * _broadcast(q.nll, q.lc),
-            False, True, False),
-    "orpo": (_orpo, True, True, False),
-    "alphapo": (lambda q: _simpo_like(q, _alphapo_reward(q.lc_bar, q.opt["alphapo_alpha"]),
-                                      _alphapo_reward(q.lr_bar, q.opt["alphapo_alpha"])), True, False, False),
-    "kto": (_kto, False, False, True),
+    fn: Callable[[PairQuantities], Tensor]
+    lengths: bool = False  # averages over the response: needs chosen_lengths / rejected_lengths
+    nll: bool = False  # uses the chosen NLL
+    reference: bool = True  # compares against a reference model
+    smoothing: bool = False  # takes label smoothing
+    f_score: bool = False  # a function of d = dc - dr (or, sft, of no score): an f-divergence applies
+
+
+LOSSES: Dict[str, Loss] = {
+    "sigmoid": Loss(lambda q: _smoothed(q.beta * q.d, q.eps), smoothing=True, f_score=True),
+    "robust": Loss(lambda q: (-(1.0 - q.eps) * F.logsigmoid(q.beta * q.d) + q.eps * F.logsigmoid(-q.beta * q.d))
+                   / (1.0 - 2.0 * q.eps), smoothing=True, f_score=True),
+    "hinge": Loss(lambda q: torch.relu(1.0 - q.beta * q.d), f_score=True),
+    "ipo": Loss(lambda q: (q.dc_bar - q.dr_bar - 1.0 / (2.0 * q.beta)) ** 2, lengths=True, f_score=True),
+    "exo_pair": Loss(_exo, smoothing=True, f_score=True),
+    "nca_pair": Loss(lambda q: -F.logsigmoid(q.beta * q.dc) - 0.5 * F.logsigmoid(-q.beta * q.dc)
+                     - 0.5 * F.logsigmoid(-q.beta * q.dr)),
+    "bco_pair": Loss(lambda q: -F.logsigmoid(q.beta * q.dc - q.opt["bco_delta"])
+                     - F.logsigmoid(-(q.beta * q.dr - q.opt["bco_delta"]))),
+    "sppo_hard": Loss(lambda q: (q.dc - 0.5 / q.beta) ** 2 + (q.dr + 0.5 / q.beta) ** 2),
+    "aot": Loss(_aot, smoothing=True),
+    "aot_unpaired": Loss(_aot_unpaired, smoothing=True),
+    "apo_zero": Loss(lambda q: 1.0 - torch.sigmoid(q.beta * q.dc) + torch.sigmoid(q.beta * q.dr)),
+    "apo_down": Loss(lambda q: torch.sigmoid(q.beta * q.dc) + 1.0 - torch.sigmoid(q.beta * q.d)),
+    "discopop": Loss(_discopop, f_score=True),
+    "sigmoid_norm": Loss(lambda q: _smoothed(q.beta * (q.dc_bar - q.dr_bar), q.eps), lengths=True, smoothing=True,
+                         f_score=True),
+    "sft": Loss(lambda q: _broadcast(q.nll, q.lc), nll=True, reference=False, f_score=True),
+    "simpo": Loss(lambda q: _simpo_like(q, q.lc_bar, q.lr_bar), lengths=True, reference=False, smoothing=True),
+    "cpo": Loss(lambda q: _smoothed(q.beta * (q.lc - q.lr), q.eps) + q.opt["cpo_alpha"] * _broadcast(q.nll, q.lc),
+                nll=True, reference=False, smoothing=True),
+    "orpo": Loss(_orpo, lengths=True, nll=True, reference=False),
+    "alphapo": Loss(lambda q: _simpo_like(q, _alphapo_reward(q.lc_bar, q.opt["alphapo_alpha"]),
+                                          _alphapo_reward(q.lr_bar, q.opt["alphapo_alpha"])),
+                    lengths=True, reference=False, smoothing=True),
+    "kto": Loss(_kto),
 }
 
 LOSS_TYPES = tuple(LOSSES)
 
+#: Unpaired losses (:func:`unpaired_preference_loss`): name -> (per-response terms, takes the KL baseline).
+UNPAIRED_LOSSES: Dict[str, Tuple[Callable[[Tensor, Tensor, float], Tuple[Tensor, Tensor]], bool]] = {
+    "kto": (_kto_terms, True),
+    "apo_zero_unpaired": (_apo_zero_terms, False),
+}
+
 
 def _f_score(x: Tensor, kind: str, alpha: float) -> Tensor:
-    """f-divergence score of a log-ratio ``x`` (reverse KL is the identity)."""
-    if kind == "reverse_kl":
+    """f-divergence score ``f'(u)`` of a log-ratio ``x = log u`` (reverse KL: ``x`` itself).
+
+    forward KL ``1 - e^{-x}``, Jensen-Shannon ``log 2 + log σ(x)``, alpha divergence
+    ``(1 - e^{-αx})/α`` (``α = 0``: its limit ``x``)."""
+    if kind == "reverse_kl" or (kind == "alpha_divergence" and alpha == 0.0):
         return x
     if kind == "forward_kl":
-        return -_capped_exp(-x)
+        return 1.0 - _capped_exp(-x)
     if kind == "js_divergence":
-        return F.logsigmoid(x)
-    # alpha divergence: (1 - u^(-alpha)) / alpha, u = exp(x)
+        return math.log(2.0) + F.logsigmoid(x)
     return (1.0 - _capped_exp(-alpha * x)) / alpha
 
 
-def wpo_weights(chosen_wpo: Tensor, rejected_wpo: Tensor) -> Tensor:
-    """WPO pair weights ``min(exp(w_c + w_r), 1)`` (detached) from the per-sequence
-    log-weights ``w = mean_t(lp_t - log sum_p2_t)`` (:attr:`SequenceLogprobs.wpo`)."""
+def wpo_weights(chosen_wpo: Tensor, rejected_wpo: Tensor, cap: Optional[float] = 1.0) -> Tensor:
+    """WPO pair weights ``min(exp(w_c + w_r), cap)`` (detached) from the per-sequence
+    log-weights ``w = mean_t(lp_t - log sum_p2_t)`` (:attr:`SequenceLogprobs.wpo`).
+
+    ``cap=None`` leaves them uncapped (TRL 1.16); a weight can exceed 1 when the labels are
+    the likeliest tokens (``p_t > sum_j p_j^2``)."""
     _validate.any_float("chosen_wpo", chosen_wpo)
     _validate.like(tuple(chosen_wpo.shape), "like chosen_wpo", device=chosen_wpo.device, device_of="chosen_wpo",
                    rejected_wpo=rejected_wpo)
-    return torch.exp(chosen_wpo.detach() + rejected_wpo.detach()).clamp(max=1.0)
+    w = torch.exp(chosen_wpo.detach() + rejected_wpo.detach())
+    return w if cap is None else w.clamp(max=float(cap))
 
 
 def _loss_list(loss_type, loss_weights) -> Tuple[Tuple[str, ...], Tuple[float, ...]]:
@@ -224,6 +265,8 @@ def preference_loss(
     undesirable_weight: float = 1.0,
     f_divergence: str = "reverse_kl",
     f_alpha: float = 1.0,
+    f_length_average: str = "log_ratio",
+    smoothed_losses: Optional[Sequence[str]] = None,
     weights: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     r"""Preference loss from per-sequence log-probs (SPEC §6) → ``(loss, metrics)``.
@@ -236,7 +279,7 @@ def preference_loss(
     sigmoid       ``-(1-eps) log σ(βd) - eps log σ(-βd)``  (DPO)
     robust        ``[-(1-eps) log σ(βd) + eps log σ(-βd)] / (1-2eps)``
     hinge         ``relu(1 - βd)``
-    ipo           ``(dc/|yc| - dr/|yr| - 1/(2β))²``
+    ipo           ``(dc̄ - dr̄ - 1/(2β))²``, ``dc̄ = f((lc - lc0)/|yc|)`` (``f_length_average``)
     exo_pair      ``q(log q - log(1-eps)) + (1-q)(log(1-q) - log eps)``, ``q = σ(βd)``, eps 1e-3 when 0
     nca_pair      ``-log σ(βdc) - ½ log σ(-βdc) - ½ log σ(-βdr)``
     bco_pair      ``-log σ(βdc - δ) - log σ(-(βdr - δ))`` (δ = ``bco_delta``, 0 by default)
@@ -246,7 +289,7 @@ def preference_loss(
     apo_zero      ``1 - σ(βdc) + σ(βdr)``
     apo_down      ``σ(βdc) + 1 - σ(βd)``
     discopop      ``(1-w)(-log σ(βd)) + w exp(-βd)``, ``w = σ(βd/τ)``
-    sigmoid_norm  smoothed sigmoid on ``β(dc/|yc| - dr/|yr|)``
+    sigmoid_norm  smoothed sigmoid on ``β(dc̄ - dr̄)`` (length-averaged scores, as ipo)
     sft           chosen NLL
     simpo         smoothed sigmoid on ``β(l̄c - l̄r) - γ`` (no reference)
     cpo           smoothed sigmoid on ``β(lc - lr)`` + ``cpo_alpha``·NLL (no reference)
@@ -268,8 +311,22 @@ def preference_loss(
             sigmoid_norm, simpo, alphapo, orpo, and for the default NLL.
         chosen_nll: 0-dim chosen NLL; default ``-Σ lc / Σ |yc|`` (token mean over the batch,
             exact when ``lc`` carries no token weights).
-        f_divergence: ``reverse_kl`` | ``forward_kl`` (``-e^{-x}``) | ``js_divergence``
-            (``log σ(x)``) | ``alpha_divergence`` (``(1 - e^{-αx})/α``, α = ``f_alpha``).
+        label_smoothing: ``eps``, for the rows that take it (sigmoid, robust, exo_pair, aot,
+            aot_unpaired, sigmoid_norm, simpo, cpo, alphapo); an error when no listed row does.
+        smoothed_losses: the listed loss types that ``label_smoothing`` applies to (default: every
+            listed row that takes it). TRL 1.16's DPOTrainer smooths only robust, exo_pair, aot and
+            aot_unpaired: its profile passes those.
+        f_divergence: the score ``f'(u)`` of the log-ratio ``x = log u``: ``reverse_kl`` (``x``) |
+            ``forward_kl`` (``1 - e^{-x}``) | ``js_divergence`` (``log 2 + log σ(x)``) |
+            ``alpha_divergence`` (``(1 - e^{-αx})/α``, α = ``f_alpha``, any real, 0 gives ``x``;
+            TRL's ``f_alpha_divergence_coef`` c is ``α = 1 - c``). Only the rows that are a
+            function of ``d`` take it (sigmoid, robust, hinge, ipo, exo_pair, discopop,
+            sigmoid_norm, and sft alongside them): elsewhere the partition term of the f-DPO
+            reparameterisation does not cancel, and a non-default value is an error. Without a
+            reference (``lc0 = 0``) the alpha score is AlphaPO's reward ``(1 - p^{-α})/α``.
+        f_length_average: for ipo and sigmoid_norm: ``"log_ratio"`` (default) scores the
+            length-averaged log-ratio ``dc̄ = f(x/|y|)``; ``"score"`` averages the score of the
+            summed one, ``dc̄ = f(x)/|y|`` (TRL 1.16). The two agree for reverse KL.
 
     Returns:
         ``loss`` 0-dim and ``metrics``: rewards/chosen = mean β(lc - lc0), rewards/rejected,
@@ -303,15 +360,23 @@ def preference_loss(
     eps = float(label_smoothing)
     if not 0.0 <= eps < 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
+    smoothed = _smoothed_set(types, smoothed_losses, eps)
     if f_divergence not in F_DIVERGENCES:
         raise ValueError(f"f_divergence must be one of {F_DIVERGENCES}, got {f_divergence!r}")
-    if f_divergence == "alpha_divergence":
-        _validate.positive("f_alpha", f_alpha)
+    if f_divergence != "reverse_kl":
+        bad = [t for t in types if not LOSSES[t].f_score]
+        if bad:
+            raise ValueError(f"f_divergence={f_divergence!r} does not apply to loss_type {bad[0]!r}: only the losses "
+                             f"of d = dc - dr take it ({[t for t in LOSS_TYPES if LOSSES[t].f_score]})")
+    if f_divergence == "alpha_divergence" and not math.isfinite(f_alpha):
+        raise ValueError(f"f_alpha must be finite, got {f_alpha}")
+    if f_length_average not in F_LENGTH_AVERAGES:
+        raise ValueError(f"f_length_average must be one of {F_LENGTH_AVERAGES}, got {f_length_average!r}")
     _validate.positive("discopop_tau", discopop_tau)
     has_len = chosen_lengths is not None
-    need_nll = any(LOSSES[t][2] for t in types) or rpo_alpha is not None
+    need_nll = any(LOSSES[t].nll for t in types) or rpo_alpha is not None
     for t in types:
-        if LOSSES[t][1] and not has_len:
+        if LOSSES[t].lengths and not has_len:
             raise ValueError(f"loss_type {t!r} averages over the response: give chosen_lengths and rejected_lengths")
     if need_nll and chosen_nll is None and not has_len:
         raise ValueError("this loss needs the chosen NLL: give chosen_nll, or chosen_lengths and rejected_lengths")
@@ -330,8 +395,11 @@ def preference_loss(
         nc = chosen_lengths.to(acc).clamp(min=1.0)
         nr = rejected_lengths.to(acc).clamp(min=1.0)
         lc_bar, lr_bar = lc / nc, lr / nr
-        dc_bar = _f_score(dc_raw / nc, f_divergence, f_alpha)
-        dr_bar = _f_score(dr_raw / nr, f_divergence, f_alpha)
+        if f_length_average == "score":
+            dc_bar, dr_bar = dc / nc, dr / nr
+        else:
+            dc_bar = _f_score(dc_raw / nc, f_divergence, f_alpha)
+            dr_bar = _f_score(dr_raw / nr, f_divergence, f_alpha)
     nll = None
     if chosen_nll is not None:
         nll = chosen_nll.to(acc)
@@ -342,9 +410,10 @@ def preference_loss(
                desirable_weight=float(desirable_weight), undesirable_weight=float(undesirable_weight))
     q = PairQuantities(lc, lr, lc0, lr0, dc, dr, dc - dr, dc_bar, dr_bar, lc_bar, lr_bar, nll, beta, eps, opt)
 
+    q_plain = replace(q, eps=0.0) if eps and len(smoothed) < len(types) else q
     per_pair = None
     for t, w in zip(types, loss_w):
-        term = LOSSES[t][0](q)
+        term = LOSSES[t].fn(q if t in smoothed else q_plain)
         term = term if w == 1.0 else w * term
         per_pair = term if per_pair is None else per_pair + term
     if weights is not None:
@@ -365,12 +434,115 @@ def preference_loss(
         }
         if nll is not None:
             metrics["nll"] = nll.detach()
+        metrics.update(q.extra)
+        metrics.update(q_plain.extra)
     return loss, metrics
+
+
+def unpaired_preference_loss(
+    logps: Tensor,
+    ref_logps: Optional[Tensor],
+    desirable: Tensor,
+    *,
+    loss_type: str = "kto",
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    kl: Optional[Tensor] = None,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    r"""Unpaired preference loss (KTO) from one log-prob per response → ``(loss, metrics)``.
+
+    Each response ``i`` is desirable or not (``desirable`` bool ``[N]``, any mix, e.g. 3 : 5);
+    with ``x_i = lp_i - lp0_i`` and ``z0 = sg(max(mean(kl), 0))``:
+
+    =================  ==========================================================
+    kto                desirable ``w_d (1 - σ(β(x - z0)))``, undesirable ``w_u (1 - σ(β(z0 - x)))``
+    apo_zero_unpaired  desirable ``w_d (1 - σ(βx))``, undesirable ``w_u σ(βx)`` (no KL baseline)
+    =================  ==========================================================
+
+    ``loss = mean_i L_i`` over the ``N`` responses (a class-weighted mean, as TRL's KTOTrainer).
+    ``kl``: KTO's KL estimate, e.g. ``lp - lp0`` of mismatched (prompt, completion) pairs, averaged
+    here; default the batch's own mean log-ratio. No host synchronisation: the classes are masks.
+
+    Metrics: ``kl`` (``z0``; 0 for apo_zero_unpaired), ``rewards/chosen`` = mean of ``βx`` over the
+    desirable responses, ``rewards/rejected`` over the undesirable ones, ``rewards/margins`` their
+    difference, ``logps/chosen`` / ``logps/rejected`` likewise of ``lp``. A class absent from the
+    batch gives NaN for its metrics.
+    """
+    if loss_type not in UNPAIRED_LOSSES:
+        raise ValueError(f"loss_type must be one of {tuple(UNPAIRED_LOSSES)}, got {loss_type!r}")
+    terms, takes_kl = UNPAIRED_LOSSES[loss_type]
+    _floating("logps", logps, dim=1)
+    N = logps.shape[0]
+    named = dict(logps=logps)
+    if ref_logps is not None:
+        _floating("ref_logps", ref_logps)
+        _validate.shape("ref_logps", ref_logps, (N,), "like logps")
+        named["ref_logps"] = ref_logps
+    _validate.tensor("desirable", desirable)
+    if desirable.dtype != torch.bool:
+        raise TypeError(f"desirable must be a bool tensor (True for a desirable response), got {desirable.dtype}")
+    _validate.shape("desirable", desirable, (N,), "one flag per response")
+    named["desirable"] = desirable
+    if kl is not None:
+        if not takes_kl:
+            raise ValueError(f"kl does not apply to loss_type {loss_type!r} (it has no KL baseline)")
+        _floating("kl", kl)
+        named["kl"] = kl
+    _validate.same_device(**named)
+    beta = _validate.positive("beta", beta)
+
+    acc = torch.promote_types(logps.dtype, torch.float32)
+    lp = logps.to(acc)
+    x = lp if ref_logps is None else lp - ref_logps.detach().to(acc)
+    if takes_kl:
+        z0 = (x.mean() if kl is None else kl.to(acc).mean()).clamp(min=0.0).detach()
+    else:
+        z0 = torch.zeros((), dtype=acc, device=lp.device)
+    good, bad = terms(x, z0, beta)
+    per = torch.where(desirable, float(desirable_weight) * good, float(undesirable_weight) * bad)
+    loss = per.mean()
+
+    with torch.no_grad():
+        r, lpd = beta * x.detach(), lp.detach()
+        d = desirable.to(acc)
+        n_d, n_u = d.sum(), (1.0 - d).sum()
+        zero = torch.zeros_like(r)
+        rc = torch.where(desirable, r, zero).sum() / n_d
+        rr = torch.where(desirable, zero, r).sum() / n_u
+        metrics = {
+            "kl": z0.detach(),
+            "rewards/chosen": rc,
+            "rewards/rejected": rr,
+            "rewards/margins": rc - rr,
+            "logps/chosen": torch.where(desirable, lpd, zero).sum() / n_d,
+            "logps/rejected": torch.where(desirable, zero, lpd).sum() / n_u,
+        }
+    return loss, metrics
+
+
+def _smoothed_set(types: Tuple[str, ...], smoothed_losses, eps: float) -> Tuple[str, ...]:
+    """The listed loss types that label smoothing applies to (checked against what each row takes)."""
+    takes = tuple(t for t in types if LOSSES[t].smoothing)
+    if smoothed_losses is None:
+        chosen = takes
+    else:
+        chosen = (smoothed_losses,) if isinstance(smoothed_losses, str) else tuple(smoothed_losses)
+        for t in chosen:
+            if t not in types:
+                raise ValueError(f"smoothed_losses names {t!r}, which is not in loss_type {list(types)}")
+            if t not in takes:
+                raise ValueError(f"smoothed_losses names {t!r}, which takes no label smoothing "
+                                 f"(those that do: {[n for n in LOSS_TYPES if LOSSES[n].smoothing]})")
+    if eps and not chosen:
+        raise ValueError(f"label_smoothing={eps} does not apply to loss_type {list(types)}"
+                         + ("" if smoothed_losses is None else f" with smoothed_losses={list(chosen)}"))
+    return chosen
 
 
 _CONFIG_KEYS = ("loss_type", "beta", "label_smoothing", "loss_weights", "rpo_alpha", "cpo_alpha", "simpo_gamma",
                 "alphapo_alpha", "discopop_tau", "bco_delta", "desirable_weight", "undesirable_weight",
-                "f_divergence", "f_alpha")
+                "f_divergence", "f_alpha", "f_length_average", "smoothed_losses")
 
 
 class PreferenceLoss(nn.Module):

@@ -50,21 +50,139 @@ def _run_both(kw_fa, kw_ref, lc, lr, lc0, lr0, with_ref=True):
 
 # ------------------------------------------------------------------ every row, eps 0 and > 0
 
+SMOOTHED = {"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "sigmoid_norm", "simpo", "cpo", "alphapo"}
+F_SCORED = {"sigmoid", "robust", "hinge", "ipo", "exo_pair", "discopop", "sigmoid_norm", "sft"}
+
+
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("loss_type", fa.LOSS_TYPES)
 def test_each_loss_matches_reference(loss_type, eps):
     lc, lr, lc0, lr0, nc, nr = _pairs()
     with_ref = loss_type not in REF_ONLY
-    _run_both(dict(loss_type=loss_type, beta=0.2, label_smoothing=eps, chosen_lengths=nc, rejected_lengths=nr),
-              dict(loss_types=(loss_type,), beta=0.2, eps=eps, nc=nc, nr=nr), lc, lr, lc0, lr0, with_ref)
+    kw = dict(loss_type=loss_type, beta=0.2, label_smoothing=eps, chosen_lengths=nc, rejected_lengths=nr)
+    if eps and loss_type not in SMOOTHED:
+        with pytest.raises(ValueError, match="label_smoothing"):
+            fa.preference_loss(lc, lr, lc0, lr0, **kw)
+        return
+    _run_both(kw, dict(loss_types=(loss_type,), beta=0.2, eps=eps, nc=nc, nr=nr), lc, lr, lc0, lr0, with_ref)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "sigmoid_norm", "apo_zero", "discopop"])
-@pytest.mark.parametrize("fdiv", ["forward_kl", "js_divergence", "alpha_divergence"])
-def test_f_divergence_scores(loss_type, fdiv):
+def test_row_flags_match_the_documented_sets():
+    from fastalign.preference import LOSSES
+    assert {t for t in fa.LOSS_TYPES if LOSSES[t].smoothing} == SMOOTHED
+    assert {t for t in fa.LOSS_TYPES if LOSSES[t].f_score} == F_SCORED
+
+
+@pytest.mark.parametrize("average", ["log_ratio", "score"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "sigmoid_norm", "discopop"])
+@pytest.mark.parametrize("fdiv,f_alpha", [("forward_kl", 1.0), ("js_divergence", 1.0), ("alpha_divergence", 0.5),
+                                          ("alpha_divergence", -0.3), ("alpha_divergence", 0.0)])
+def test_f_divergence_scores(loss_type, fdiv, f_alpha, average):
     lc, lr, lc0, lr0, nc, nr = _pairs(seed=3)
-    _run_both(dict(loss_type=loss_type, f_divergence=fdiv, f_alpha=0.5, chosen_lengths=nc, rejected_lengths=nr),
-              dict(loss_types=(loss_type,), f=fdiv, f_alpha=0.5, nc=nc, nr=nr), lc, lr, lc0, lr0)
+    # log-ratios of a few nats, where exp(-x) is representable in both averages
+    lc0, lr0 = lc + (lc0 - lc) / 4, lr + (lr0 - lr) / 4
+    _run_both(dict(loss_type=loss_type, f_divergence=fdiv, f_alpha=f_alpha, f_length_average=average,
+                   chosen_lengths=nc, rejected_lengths=nr),
+              dict(loss_types=(loss_type,), f=fdiv, f_alpha=f_alpha, f_avg=average, nc=nc, nr=nr), lc, lr, lc0, lr0)
+
+
+def test_f_length_average_changes_only_length_averaged_rows_and_not_reverse_kl():
+    lc, lr, lc0, lr0, nc, nr = _pairs(seed=3)
+    lc0, lr0 = lc + (lc0 - lc) / 4, lr + (lr0 - lr) / 4
+    kw = dict(chosen_lengths=nc, rejected_lengths=nr)
+    for t in ("ipo", "sigmoid_norm"):
+        a, _ = fa.preference_loss(lc, lr, lc0, lr0, loss_type=t, f_length_average="score", **kw)
+        b, _ = fa.preference_loss(lc, lr, lc0, lr0, loss_type=t, **kw)
+        assert torch.equal(a, b), "reverse KL: f(x)/|y| == f(x/|y|)"
+        a, _ = fa.preference_loss(lc, lr, lc0, lr0, loss_type=t, f_divergence="forward_kl", f_length_average="score",
+                                  **kw)
+        b, _ = fa.preference_loss(lc, lr, lc0, lr0, loss_type=t, f_divergence="forward_kl", **kw)
+        assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("loss_type", sorted(set(fa.LOSS_TYPES) - F_SCORED))
+def test_f_divergence_on_a_row_it_does_not_apply_to_raises(loss_type):
+    lc, lr, lc0, lr0, nc, nr = _pairs(seed=3)
+    with pytest.raises(ValueError, match="f_divergence"):
+        fa.preference_loss(lc, lr, lc0, lr0, loss_type=["sigmoid", loss_type], f_divergence="forward_kl",
+                           chosen_lengths=nc, rejected_lengths=nr)
+
+
+def test_smoothed_losses_picks_the_rows_that_take_label_smoothing():
+    lc, lr, lc0, lr0, nc, nr = _pairs(seed=9)
+    types = ("sigmoid", "robust", "aot", "hinge")
+    _run_both(dict(loss_type=list(types), loss_weights=[1.0, 0.5, 0.3, 0.2], label_smoothing=0.2,
+                   smoothed_losses=["robust", "aot"]),
+              dict(loss_types=types, loss_weights=[1.0, 0.5, 0.3, 0.2], eps=0.2, smoothed=("robust", "aot")),
+              lc, lr, lc0, lr0)
+    plain, _ = fa.preference_loss(lc, lr, lc0, lr0, loss_type="sigmoid")
+    # sigmoid left out of the smoothed rows: eps does not reach it
+    robust_only = ["sigmoid", "robust"]
+    a, _ = fa.preference_loss(lc, lr, lc0, lr0, loss_type=robust_only, label_smoothing=0.2, smoothed_losses="robust")
+    b, _ = fa.preference_loss(lc, lr, lc0, lr0, loss_type="robust", label_smoothing=0.2)
+    assert_close(a, plain + b, atol=1e-12, what="sigmoid unsmoothed + robust smoothed")
+    with pytest.raises(ValueError, match="smoothed_losses"):
+        fa.preference_loss(lc, lr, lc0, lr0, loss_type=["sigmoid", "hinge"], label_smoothing=0.1,
+                           smoothed_losses=["hinge"])
+    with pytest.raises(ValueError, match="smoothed_losses"):
+        fa.preference_loss(lc, lr, lc0, lr0, loss_type="sigmoid", label_smoothing=0.1, smoothed_losses=["robust"])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fa.preference_loss(lc, lr, lc0, lr0, loss_type="sigmoid", label_smoothing=0.1, smoothed_losses=[])
+    with pytest.raises(ValueError, match="f_length_average"):
+        fa.preference_loss(lc, lr, lc0, lr0, f_length_average="sum")
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+@pytest.mark.parametrize("split", [(3, 5), (4, 4), (0, 3), (2, 0)])
+def test_unpaired_matches_reference(loss_type, split):
+    from fastalign.preference import unpaired_preference_loss
+    g = torch.Generator().manual_seed(sum(split))
+    n = sum(split)
+    des = torch.tensor([True] * split[0] + [False] * split[1])[torch.randperm(n, generator=g)]
+    lp = torch.randn(n, generator=g, dtype=D) * 4 - 25
+    lp0 = lp + torch.randn(n, generator=g, dtype=D)
+    kl = (torch.randn(7, generator=g, dtype=D) + 0.3) if loss_type == "kto" else None
+    for kl_given in ((None, kl) if kl is not None else (None,)):
+        a, b = lp.clone().requires_grad_(), lp.clone().requires_grad_()
+        loss, m = unpaired_preference_loss(a, lp0, des, loss_type=loss_type, beta=0.3, desirable_weight=1.3,
+                                           undesirable_weight=0.7, kl=kl_given)
+        loss_r, mr = R.unpaired_loss(b, lp0, des, loss_type=loss_type, beta=0.3, wd=1.3, wu=0.7, kl=kl_given)
+        assert_close(loss, loss_r, atol=1e-12, what="loss")
+        assert set(m) == set(mr)
+        for k in mr:
+            if torch.isnan(mr[k]):
+                assert torch.isnan(m[k]), k
+            else:
+                assert_close(m[k], mr[k], atol=1e-12, what=k)
+        assert_close(torch.autograd.grad(loss, a)[0], torch.autograd.grad(loss_r, b)[0], atol=1e-12, what="grad")
+
+
+def test_unpaired_balanced_kto_equals_the_paired_row_and_bad_inputs_raise():
+    from fastalign.preference import unpaired_preference_loss
+    lc, lr, lc0, lr0, nc, nr = _pairs(seed=11)
+    kl = torch.tensor([0.4, 0.9], dtype=D)
+    paired, _ = fa.preference_loss(lc, lr, lc0, lr0, loss_type="kto", kto_kl=kl, desirable_weight=2.0)
+    des = torch.tensor([True] * 6 + [False] * 6)
+    unpaired, _ = unpaired_preference_loss(torch.cat([lc, lr]), torch.cat([lc0, lr0]), des, kl=kl,
+                                           desirable_weight=2.0)
+    assert_close(paired, unpaired, atol=1e-12, what="balanced kto")
+    x = torch.cat([lc, lr])
+    with pytest.raises(TypeError, match="desirable"):
+        unpaired_preference_loss(x, None, des.long())
+    with pytest.raises(ValueError, match="kl"):
+        unpaired_preference_loss(x, None, des, loss_type="apo_zero_unpaired", kl=kl)
+    with pytest.raises(ValueError, match="loss_type"):
+        unpaired_preference_loss(x, None, des, loss_type="sigmoid")
+    with pytest.raises(ValueError, match="desirable"):
+        unpaired_preference_loss(x, None, des[:3])
+
+
+def test_wpo_weights_cap():
+    wc = torch.tensor([0.3, -0.2, -2.0], dtype=D)
+    wr = torch.tensor([0.4, 0.1, -1.0], dtype=D)
+    assert_close(fa.wpo_weights(wc, wr), torch.exp(wc + wr).clamp(max=1.0), atol=0, what="capped")
+    assert_close(fa.wpo_weights(wc, wr, cap=None), torch.exp(wc + wr), atol=0, what="uncapped")
+    assert fa.wpo_weights(wc, wr, cap=None).max() > 1.0
 
 
 def test_reverse_kl_is_plain_dpo_and_js_matches_trl_form():
@@ -606,3 +724,16 @@ def test_single_pass_scales_by_the_incoming_gradient_once():
                 loss.backward()
     for x, y, what in zip(out[0], out[1], ("d hidden", "d weight")):
         assert_close(y, x, atol=1e-6, rtol=1e-5, what=what)
+
+
+def test_linear_wpo_cap_option():
+    g = torch.Generator().manual_seed(3)
+    h, w = torch.randn(4, 5, 6, generator=g), torch.randn(9, 6, generator=g)
+    y = torch.randint(0, 9, (4, 5), generator=g)
+    capped, _ = fa.LinearPreferenceLoss(use_weighting=True)(h, w, y)
+    uncapped, _ = fa.LinearPreferenceLoss(use_weighting=True, wpo_cap=None)(h, w, y)
+    same, _ = fa.LinearPreferenceLoss(use_weighting=True, wpo_cap=1e9)(h, w, y)
+    assert_close(uncapped, same, atol=1e-7, what="no cap == huge cap")
+    assert torch.isfinite(capped)
+    with pytest.raises(ValueError, match="wpo_cap"):
+        fa.LinearPreferenceLoss(wpo_cap=None)

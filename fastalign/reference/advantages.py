@@ -54,7 +54,7 @@ def _per_score(r, keys, st, fn, singleton):
         if _isnan(x):
             out.append(0.0)
         elif s["count"] < 2:
-            out.append(0.0 if singleton == "zero" else x)
+            out.append(0.0 if singleton == "zero" else x)  # "raw"; "unit_std" is handled by grpo
         else:
             out.append(fn(x, s))
     return out
@@ -69,7 +69,18 @@ def _batch_std(r):
     return math.sqrt(sum((x - mean) ** 2 for x in vals) / (n - 1))
 
 
-def _one(r, keys, estimator, eps, std, singleton, lengths, reward_weights, B):
+def _token_whiten(a, r, lengths, B):
+    """Per-sequence values spread over L_i tokens each, whitened over those tokens (eps 1e-8)."""
+    lens = [float(v) for v in lengths.tolist()]
+    tokens = [v for i, v in enumerate(a) if not _isnan(r[i]) for _ in range(int(lens[i]))]
+    n = len(tokens)
+    mean = sum(tokens) / n if n else 0.0
+    var = sum((t - mean) ** 2 for t in tokens) / (n - 1) if n > 1 else 0.0
+    inv = 1.0 / math.sqrt(var + 1e-8)
+    return [0.0 if _isnan(r[i]) or lens[i] == 0 else (a[i] - mean) * inv for i in range(B)]
+
+
+def _one(r, keys, estimator, eps, std, singleton, lengths, reward_weights, B, batch_normalization="sequence"):
     """Advantages as a list of floats for one estimator on one grouping."""
     if estimator == "gdpo":
         K = len(r[0]) if B else 0
@@ -80,19 +91,28 @@ def _one(r, keys, estimator, eps, std, singleton, lengths, reward_weights, B):
             a = _one(col, keys, "grpo", eps, std, singleton, lengths, None, B)
             total = [t + w[k] * v for t, v in zip(total, a)]
         total = [math.nan if all(_isnan(v) for v in row) else t for row, t in zip(r, total)]
-        return _one(total, [0] * B, "grpo", eps, "group", singleton, None, None, B)
+        if batch_normalization == "token":
+            return _token_whiten(total, total, lengths, B)
+        return _one(total, [0] * B, "grpo", eps, "group", "raw" if singleton == "unit_std" else singleton, None,
+                    None, B)
     st = group_stats(torch.tensor(r, dtype=torch.float64), keys, lengths=lengths)
     if estimator == "grpo":
         bs = _batch_std(r)
         div = {"group": lambda s: s["std"] + eps, "batch": lambda s: bs + eps, "none": lambda s: 1.0}[std]
-        return _per_score(r, keys, st, lambda x, s: (x - s["mean"]) / div(s), singleton)
+        out = _per_score(r, keys, st, lambda x, s: (x - s["mean"]) / div(s), singleton)
+        if singleton == "unit_std" and std == "group":  # a group of one: mean 0, std 1
+            out = [x / (1.0 + eps) if not _isnan(x) and st[k]["count"] == 1 else o for x, k, o in zip(r, keys, out)]
+        return out
     if estimator == "rloo":
         return _per_score(r, keys, st, lambda x, s: (x - s["mean"]) * s["count"] / (s["count"] - 1), singleton)
     if estimator == "opo":
         return _per_score(r, keys, st, lambda x, s: x - s["wmean"], singleton)
     if estimator == "gpg":
         alpha = B / max(sum(1 for x in r if not _isnan(x) and x != 0), 1)
-        return _per_score(r, keys, st, lambda x, s: alpha * (x - s["mean"]), singleton)
+        out = _per_score(r, keys, st, lambda x, s: alpha * (x - s["mean"]), singleton)
+        if singleton == "unit_std":  # a group of one: mean 0
+            out = [alpha * x if not _isnan(x) and st[k]["count"] == 1 else o for x, k, o in zip(r, keys, out)]
+        return out
     if estimator == "grpo_passk":
         bs = _batch_std(r)
         div = {"group": lambda s: s["std"] + eps, "batch": lambda s: bs + eps, "none": lambda s: 1.0}[std]
@@ -102,25 +122,19 @@ def _one(r, keys, estimator, eps, std, singleton, lengths, reward_weights, B):
         return _per_score(r, keys, st, passk, singleton)
     if estimator == "reinforce_pp_baseline":
         a = _per_score(r, keys, st, lambda x, s: x - s["mean"], singleton)
-        lens = [float(v) for v in lengths.tolist()]
         # spread over tokens: sequence i contributes L_i tokens of value a_i
-        tokens = [v for i, v in enumerate(a) if not _isnan(r[i]) for _ in range(int(lens[i]))]
-        n = len(tokens)
-        mean = sum(tokens) / n if n else 0.0
-        var = sum((t - mean) ** 2 for t in tokens) / (n - 1) if n > 1 else 0.0
-        inv = 1.0 / math.sqrt(var + 1e-8)
-        return [0.0 if _isnan(r[i]) or lens[i] == 0 else (a[i] - mean) * inv for i in range(B)]
+        return _token_whiten(a, r, lengths, B)
     raise ValueError(estimator)
 
 
 def group_advantages(scores, index=None, *, group_size=None, estimator="grpo", eps=1e-6, std="group",
                      singleton="raw", lengths=None, reward_weights=None, step_index=None, step_scores=None,
-                     omega=1.0):
+                     omega=1.0, batch_normalization="sequence"):
     """float64 advantages, one per score, from per-group loops (same arguments as fastalign's)."""
     B = scores.shape[0]
     r = scores.double().tolist()
     keys = _keys(index, group_size, B)
-    adv = _one(r, keys, estimator, eps, std, singleton, lengths, reward_weights, B)
+    adv = _one(r, keys, estimator, eps, std, singleton, lengths, reward_weights, B, batch_normalization)
     if step_index is not None:
         sr = r if step_scores is None else step_scores.double().tolist()
         step = _one(sr, _keys(step_index, None, B), estimator, eps, std, singleton, lengths, reward_weights, B)

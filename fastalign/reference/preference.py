@@ -53,22 +53,31 @@ def packed_to_padded(x: Tensor, cu_seqlens, T: int):
 def f_score(x, kind="reverse_kl", alpha=1.0):
     if kind == "reverse_kl":
         return x
-    if kind == "forward_kl":
-        return -torch.exp(-x)
-    if kind == "js_divergence":
+    if kind == "forward_kl":  # f'(u) = 1 - 1/u
+        return 1 - torch.exp(-x)
+    if kind == "js_divergence":  # f'(u) = log(2u / (1 + u))
         u = torch.exp(x)
-        return torch.log(2 * u / (1 + u)) - math.log(2.0)
-    if kind == "alpha_divergence":
+        return torch.log(2 * u / (1 + u))
+    if kind == "alpha_divergence":  # f'(u) = (1 - u^-alpha) / alpha, alpha -> 0: log u
+        if alpha == 0:
+            return x
         return (1 - torch.exp(x) ** (-alpha)) / alpha
     raise ValueError(kind)
 
 
 def one_loss(name, lc, lr, lc0, lr0, *, beta=0.1, eps=0.0, nc=None, nr=None, nll=None, f="reverse_kl",
-             f_alpha=1.0, cpo_alpha=1.0, gamma=0.5, alpha=0.25, tau=0.05, kto_kl=None, wd=1.0, wu=1.0):
-    """Per-pair loss [B] of one SPEC §6 row."""
+             f_alpha=1.0, f_avg="log_ratio", cpo_alpha=1.0, gamma=0.5, alpha=0.25, tau=0.05, kto_kl=None, wd=1.0,
+             wu=1.0):
+    """Per-pair loss [B] of one SPEC §6 row. ``f_avg="score"``: ipo / sigmoid_norm average f(x)
+    instead of scoring the average x."""
     dc = f_score(lc - lc0, f, f_alpha)
     dr = f_score(lr - lr0, f, f_alpha)
     d = dc - dr
+
+    def averaged():
+        if f_avg == "score":
+            return dc / nc - dr / nr
+        return f_score((lc - lc0) / nc, f, f_alpha) - f_score((lr - lr0) / nr, f, f_alpha)
 
     def smooth(x):
         return -(1 - eps) * _ls(x) - eps * _ls(-x)
@@ -80,8 +89,7 @@ def one_loss(name, lc, lr, lc0, lr0, *, beta=0.1, eps=0.0, nc=None, nr=None, nll
     if name == "hinge":
         return torch.clamp(1 - beta * d, min=0)
     if name == "ipo":
-        a = f_score((lc - lc0) / nc, f, f_alpha) - f_score((lr - lr0) / nr, f, f_alpha)
-        return (a - 1 / (2 * beta)) ** 2
+        return (averaged() - 1 / (2 * beta)) ** 2
     if name == "exo_pair":
         e = eps if eps > 0 else 1e-3
         q = torch.sigmoid(beta * d)
@@ -106,8 +114,7 @@ def one_loss(name, lc, lr, lc0, lr0, *, beta=0.1, eps=0.0, nc=None, nr=None, nll
         w = torch.sigmoid(beta * d / tau)
         return (1 - w) * (-_ls(beta * d)) + w * torch.exp(-beta * d)
     if name == "sigmoid_norm":
-        a = f_score((lc - lc0) / nc, f, f_alpha) - f_score((lr - lr0) / nr, f, f_alpha)
-        return smooth(beta * a)
+        return smooth(beta * averaged())
     if name == "sft":
         return nll * torch.ones_like(lc)
     if name == "simpo":
@@ -131,15 +138,17 @@ def one_loss(name, lc, lr, lc0, lr0, *, beta=0.1, eps=0.0, nc=None, nr=None, nll
 
 
 def preference_loss(lc, lr, lc0=None, lr0=None, *, loss_types=("sigmoid",), loss_weights=None, beta=0.1, eps=0.0,
-                    nc=None, nr=None, nll=None, rpo_alpha=None, weights=None, **kw):
-    """(loss, metrics) — sum of weighted per-pair means, optional pair weights and RPO term."""
+                    smoothed=None, nc=None, nr=None, nll=None, rpo_alpha=None, weights=None, **kw):
+    """(loss, metrics) — sum of weighted per-pair means, optional pair weights and RPO term.
+    ``smoothed``: the loss types that get ``eps`` (default all)."""
     if lc0 is None:
         lc0 = torch.zeros_like(lc)
         lr0 = torch.zeros_like(lr)
     if nll is None and nc is not None:
         nll = -lc.sum() / nc.sum()
     loss_weights = loss_weights or [1.0] * len(loss_types)
-    per = sum(w * one_loss(t, lc, lr, lc0, lr0, beta=beta, eps=eps, nc=nc, nr=nr, nll=nll, **kw)
+    per = sum(w * one_loss(t, lc, lr, lc0, lr0, beta=beta, eps=eps if smoothed is None or t in smoothed else 0.0,
+                           nc=nc, nr=nr, nll=nll, **kw)
               for t, w in zip(loss_types, loss_weights))
     if weights is not None:
         per = per * weights
@@ -152,7 +161,42 @@ def preference_loss(lc, lr, lc0=None, lr0=None, *, loss_types=("sigmoid",), loss
                "logps/chosen": lc.detach().mean(), "logps/rejected": lr.detach().mean()}
     if nll is not None:
         metrics["nll"] = nll.detach()
+    if "orpo" in loss_types:
+        pc, pr = torch.exp(lc / nc), torch.exp(lr / nr)
+        log_odds = (torch.log(pc / (1 - pc)) - torch.log(pr / (1 - pr))).detach()
+        metrics["log_odds_ratio"] = _ls(log_odds).mean()
+        metrics["log_odds_chosen"] = log_odds.mean()
     return loss, metrics
+
+
+def unpaired_loss(lp, lp0, desirable, *, loss_type="kto", beta=0.1, wd=1.0, wu=1.0, kl=None):
+    """(loss, metrics) of KTO / unpaired APO-zero: a Python loop over the responses."""
+    x = lp - (torch.zeros_like(lp) if lp0 is None else lp0)
+    if loss_type == "kto":
+        z0 = torch.clamp((x.mean() if kl is None else kl.mean()), min=0).detach()
+    else:
+        z0 = torch.zeros((), dtype=lp.dtype)
+    losses, rc, rr, lc, lr = [], [], [], [], []
+    for i in range(lp.shape[0]):
+        if bool(desirable[i]):
+            li = 1 - torch.sigmoid(beta * (x[i] - z0)) if loss_type == "kto" else 1 - torch.sigmoid(beta * x[i])
+            losses.append(wd * li)
+            rc.append(beta * x[i].detach())
+            lc.append(lp[i].detach())
+        else:
+            li = 1 - torch.sigmoid(beta * (z0 - x[i])) if loss_type == "kto" else torch.sigmoid(beta * x[i])
+            losses.append(wu * li)
+            rr.append(beta * x[i].detach())
+            lr.append(lp[i].detach())
+    nan = torch.tensor(float("nan"), dtype=lp.dtype)
+
+    def mean(v):
+        return torch.stack(v).mean() if v else nan
+
+    m = {"kl": z0, "rewards/chosen": mean(rc), "rewards/rejected": mean(rr), "logps/chosen": mean(lc),
+         "logps/rejected": mean(lr)}
+    m["rewards/margins"] = m["rewards/chosen"] - m["rewards/rejected"]
+    return torch.stack(losses).mean(), m
 
 
 def token_logps_from_hidden(hidden, weight, labels, bias=None, ignore_index=-100, dtype=torch.float32):

@@ -1,2 +1,368 @@
-"""Placeholder: filled in by its profile."""
-__all__: list = []
+"""TRL 1.16 preference profiles: ``DPOTrainer``, ``CPOTrainer``, ``ORPOTrainer``, ``KTOTrainer``.
+
+Each profile reads the loss options of TRL's own config (a ``DPOConfig`` / ``CPOConfig`` /
+``ORPOConfig`` / ``KTOConfig`` object, or a dict with the same keys; missing keys take TRL 1.16's
+defaults) and gives TRL's loss, gradient and metrics (under TRL's names) from the per-token
+log-probs that TRL's fused LM head returns (``[rows, T]``, aligned with the shifted completion
+mask, chosen rows first for the paired trainers).
+
+Where fastalign's own defaults differ from TRL 1.16, the profile selects TRL's behaviour:
+
+* DPO ``label_smoothing`` reaches only robust, exo_pair, aot and aot_unpaired
+  (``smoothed_losses``); TRL ignores it for sigmoid and the rest, so the profile refuses a
+  non-zero value with none of those in ``loss_type`` rather than drop it.
+* DPO f-divergences: ipo and sigmoid_norm average the score of the summed log-ratio,
+  ``f(x)/|y|`` (``f_length_average="score"``); ``f_alpha_divergence_coef`` c is fastalign's
+  ``f_alpha = 1 - c`` (c = 1 is reverse KL).
+* WPO weights (``use_weighting``) are not capped at 1 (``wpo_cap=None``).
+* CPO ``alpha`` (AlphaPO) transforms the log-probs each loss type uses: summed for sigmoid and
+  hinge, length-averaged for ipo and simpo; rewards and ``logps/*`` are logged from those.
+* ORPO's NLL runs over the prompt and the completion (``nll_mask``); rewards and ``logps/*``
+  come from length-averaged log-probs.
+* KTO takes unpaired, unbalanced batches (any mix of desirable and undesirable responses).
+
+Not reproduced (they need the logits, which the fused paths never build): ``entropy``,
+``logits/chosen``, ``logits/rejected``, ``mean_token_accuracy``, ``num_tokens``, ``aux_loss``.
+TRL is never imported here except to check a dict's keys against the config's fields.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from fastalign.linear_preference import LinearPreferenceLoss
+from fastalign.preference import PreferenceLoss, preference_loss, unpaired_preference_loss, wpo_weights
+from fastalign.sequence import sequence_logprobs
+
+__all__ = [
+    "DPO_DEFAULTS", "CPO_DEFAULTS", "ORPO_DEFAULTS", "KTO_DEFAULTS",
+    "dpo_options", "cpo_options", "orpo_options", "kto_options",
+    "DPOLoss", "CPOLoss", "ORPOLoss", "KTOLoss", "dpo_linear_loss", "dpo_preference_loss",
+]
+
+#: TRL 1.16's defaults for the loss fields of each config (the other fields do not touch the loss).
+DPO_DEFAULTS: Dict[str, Any] = dict(loss_type=["sigmoid"], loss_weights=None, beta=0.1, label_smoothing=0.0,
+                                    f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, ld_alpha=None,
+                                    use_weighting=False, discopop_tau=0.05)
+CPO_DEFAULTS: Dict[str, Any] = dict(loss_type="sigmoid", beta=0.1, label_smoothing=0.0, cpo_alpha=1.0,
+                                    simpo_gamma=0.5, alpha=0.0)
+ORPO_DEFAULTS: Dict[str, Any] = dict(beta=0.1)
+KTO_DEFAULTS: Dict[str, Any] = dict(loss_type="kto", beta=0.1, desirable_weight=1.0, undesirable_weight=1.0)
+
+#: The DPO loss types TRL 1.16 applies label smoothing to.
+DPO_SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")
+_CONFIG_CLASSES = {"DPOConfig": ("trl", "DPOConfig"), "CPOConfig": ("trl.experimental.cpo", "CPOConfig"),
+                   "ORPOConfig": ("trl.experimental.orpo", "ORPOConfig"), "KTOConfig": ("trl", "KTOConfig")}
+
+
+def _config_fields(name: str) -> Optional[set]:
+    """Field names of TRL's config class, or None when TRL is not importable."""
+    import dataclasses
+    import importlib
+
+    module, cls = _CONFIG_CLASSES[name]
+    try:
+        return {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), cls))}
+    except Exception:  # TRL absent or laid out differently: the loss keys are still read
+        return None
+
+
+def _read(config, defaults: Dict[str, Any], name: str) -> Dict[str, Any]:
+    """The loss fields of a TRL config object or dict, TRL's defaults for the missing ones."""
+    if isinstance(config, dict):
+        fields = _config_fields(name)
+        known = set(defaults) | (fields or set())
+        for k in config:
+            if k not in known:
+                close = difflib.get_close_matches(k, sorted(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"{name} has no field {k!r}{hint}")
+        return {k: config.get(k, v) for k, v in defaults.items()}
+    if config is None:
+        return dict(defaults)
+    return {k: getattr(config, k, v) for k, v in defaults.items()}
+
+
+def _check_rows(name: str, x: Tensor, mask: Tensor) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError(f"{name} must be a [rows, T] tensor of per-token log-probs")
+    if not isinstance(mask, Tensor) or mask.shape != x.shape:
+        raise ValueError(f"the mask must have the shape of {name} {tuple(x.shape)}")
+
+
+def _pair_rows(x: Tensor, name: str) -> int:
+    if x.shape[0] % 2:
+        raise ValueError(f"{name} holds the chosen rows then the rejected rows: an even count, got {x.shape[0]}")
+    return x.shape[0] // 2
+
+
+def _reward_metrics(beta: float, chosen: Tensor, rejected: Tensor, logps_c: Tensor, logps_r: Tensor) -> Dict:
+    """TRL's reward metrics from per-pair scores (``rewards/* = β·score``) and logged log-probs."""
+    with torch.no_grad():
+        rc, rr = beta * chosen.detach(), beta * rejected.detach()
+        return {"rewards/chosen": rc.mean(), "rewards/rejected": rr.mean(),
+                "rewards/accuracies": (rc > rr).to(rc.dtype).mean(), "rewards/margins": (rc - rr).mean(),
+                "logps/chosen": logps_c.detach().mean(), "logps/rejected": logps_r.detach().mean()}
+
+
+# ------------------------------------------------------------------------------------------ DPO
+
+def dpo_options(config=None) -> Dict[str, Any]:
+    """:func:`fastalign.preference_loss` options that give ``DPOTrainer``'s loss (TRL 1.16).
+
+    ``ld_alpha`` and ``use_weighting`` act on the token log-probs: :class:`DPOLoss` and
+    :func:`dpo_linear_loss` read them. Raises where ``DPOTrainer`` does (exo_pair without label
+    smoothing, an f-divergence on a loss it does not apply to, WPO with aot) and where TRL would
+    ignore an option (label smoothing with no loss that takes it)."""
+    return _dpo(config)[0]
+
+
+def _dpo(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(preference_loss options, token-level options ``ld_alpha`` / ``use_weighting``)."""
+    c = _read(config, DPO_DEFAULTS, "DPOConfig")
+    types = [c["loss_type"]] if isinstance(c["loss_type"], str) else list(c["loss_type"])
+    eps = float(c["label_smoothing"])
+    smoothed = [t for t in types if t in DPO_SMOOTHED]
+    if "exo_pair" in types and eps == 0.0:
+        raise ValueError("DPOConfig: loss_type 'exo_pair' needs label_smoothing > 0 (TRL 1.16 refuses 0)")
+    if eps and not smoothed:
+        raise ValueError(f"DPOConfig: label_smoothing={eps} does not apply to loss_type {types}: TRL 1.16 uses it "
+                         f"only in {list(DPO_SMOOTHED)}")
+    if c["use_weighting"] and any(t in ("aot", "aot_unpaired") for t in types):
+        raise ValueError("DPOConfig: use_weighting does not apply to 'aot' / 'aot_unpaired' (they sort the batch)")
+    f, coef = c["f_divergence_type"], float(c["f_alpha_divergence_coef"])
+    opts: Dict[str, Any] = dict(loss_type=types, beta=float(c["beta"]), loss_weights=c["loss_weights"],
+                                label_smoothing=eps, smoothed_losses=smoothed, f_length_average="score",
+                                discopop_tau=float(c["discopop_tau"]))
+    if f == "alpha_divergence" and abs(coef - 1.0) < 1e-6:  # TRL's limit case: reverse KL
+        f = "reverse_kl"
+    opts["f_divergence"] = f
+    if f == "alpha_divergence":
+        opts["f_alpha"] = 1.0 - coef
+    return opts, dict(ld_alpha=c["ld_alpha"], use_weighting=bool(c["use_weighting"]))
+
+
+class DPOLoss(nn.Module):
+    """``DPOTrainer``'s loss and metrics (TRL 1.16) from per-token log-probs.
+
+    ``forward(per_token_logps, completion_mask, ref_per_token_logps=None, *, ref_chosen_logps=None,
+    ref_rejected_logps=None, log_sum_sq_probs=None) -> (loss, metrics)``: ``per_token_logps``
+    ``[2B, T]`` (chosen rows first) and the completion mask aligned with them; the reference
+    either per token (summed the same way, LD-DPO included) or precomputed per sequence.
+    ``log_sum_sq_probs`` (``log Σ_j p_j²`` per token) is required with ``use_weighting``.
+    The sft term is the token mean of the chosen NLL, unweighted by LD-DPO, as in TRL.
+    """
+
+    def __init__(self, config=None):
+        super().__init__()
+        self.options, token = _dpo(config)
+        self.ld_alpha, self.use_weighting = token["ld_alpha"], token["use_weighting"]
+        preference_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1),  # fail early on a bad mix
+                        chosen_lengths=torch.ones(1), rejected_lengths=torch.ones(1), **self.options)
+
+    def forward(self, per_token_logps: Tensor, completion_mask: Tensor, ref_per_token_logps: Optional[Tensor] = None,
+                *, ref_chosen_logps: Optional[Tensor] = None, ref_rejected_logps: Optional[Tensor] = None,
+                log_sum_sq_probs: Optional[Tensor] = None):
+        _check_rows("per_token_logps", per_token_logps, completion_mask)
+        B = _pair_rows(per_token_logps, "per_token_logps")
+        if self.use_weighting and log_sum_sq_probs is None:
+            raise ValueError("use_weighting (WPO) needs log_sum_sq_probs, the per-token log Σ_j p_j²")
+        if not self.use_weighting and log_sum_sq_probs is not None:
+            raise ValueError("log_sum_sq_probs is for use_weighting=True (WPO)")
+        if (ref_per_token_logps is None) == (ref_chosen_logps is None):
+            raise ValueError("give the reference per token (ref_per_token_logps) or per sequence "
+                             "(ref_chosen_logps and ref_rejected_logps), one of the two")
+        sum_p2 = None if log_sum_sq_probs is None else torch.exp(log_sum_sq_probs.detach())
+        s = sequence_logprobs(per_token_logps, completion_mask, ld_alpha=self.ld_alpha, sum_p2=sum_p2)
+        if ref_per_token_logps is not None:
+            _check_rows("ref_per_token_logps", ref_per_token_logps, completion_mask)
+            r = sequence_logprobs(ref_per_token_logps.detach(), completion_mask, ld_alpha=self.ld_alpha).sum
+            ref_chosen_logps, ref_rejected_logps = r[:B], r[B:]
+        elif ref_rejected_logps is None:
+            raise ValueError("give both ref_chosen_logps and ref_rejected_logps")
+        kw = {}
+        if "sft" in self.options["loss_type"]:
+            plain = s.sum if self.ld_alpha is None else sequence_logprobs(per_token_logps, completion_mask).sum
+            kw["chosen_nll"] = -plain[:B].sum() / s.count[:B].sum()
+        if self.use_weighting:
+            kw["weights"] = wpo_weights(s.wpo[:B], s.wpo[B:], cap=None)
+        loss, metrics = preference_loss(s.sum[:B], s.sum[B:], ref_chosen_logps, ref_rejected_logps,
+                                        chosen_lengths=s.count[:B], rejected_lengths=s.count[B:], **kw,
+                                        **self.options)
+        metrics.pop("nll", None)  # DPOTrainer does not log it
+        return loss, metrics
+
+
+def dpo_preference_loss(config=None) -> PreferenceLoss:
+    """:class:`fastalign.PreferenceLoss` with ``DPOTrainer``'s loss (TRL 1.16), on summed sequence
+    log-probs: ``forward(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+    chosen_lengths=..., rejected_lengths=..., chosen_nll=...)``. Its metrics carry TRL's names
+    (plus ``nll`` with sft). ``ld_alpha`` and ``use_weighting`` act on the token log-probs: use
+    :class:`DPOLoss` or :func:`dpo_linear_loss` for them."""
+    opts, token = _dpo(config)
+    for name in ("ld_alpha", "use_weighting"):
+        if token[name] not in (None, False):
+            raise ValueError(f"DPOConfig.{name} acts on the token log-probs: use DPOLoss or dpo_linear_loss")
+    return PreferenceLoss(**opts)
+
+
+def dpo_linear_loss(config=None, **kernel_options) -> LinearPreferenceLoss:
+    """:class:`fastalign.LinearPreferenceLoss` with ``DPOTrainer``'s loss (TRL 1.16): from hidden
+    states and the LM head, never the logits. ``kernel_options``: ``ignore_index``,
+    ``temperature``, ``backend``, ... Its metrics carry TRL's names (no ``nll`` with sft)."""
+    opts, token = _dpo(config)
+    return LinearPreferenceLoss(ld_alpha=token["ld_alpha"], use_weighting=token["use_weighting"],
+                                wpo_cap=None if token["use_weighting"] else 1.0, **opts, **kernel_options)
+
+
+# ------------------------------------------------------------------------------------------ CPO
+
+def cpo_options(config=None) -> Dict[str, Any]:
+    """:func:`fastalign.preference_loss` options that give ``CPOTrainer``'s loss (TRL 1.16).
+
+    Reference-free; TRL's loss types map to fastalign rows: sigmoid → sigmoid, hinge → hinge,
+    ipo → ipo (length-averaged), simpo → simpo, alphapo → simpo with ``cpo_alpha = 0`` (as
+    ``CPOConfig`` does). ``alpha ≠ 0`` (AlphaPO reward ``(1 - p^{-α})/α``) is the alpha score
+    without a reference (``f_divergence="alpha_divergence"``, ``f_alpha=alpha``) on the summed
+    (sigmoid, hinge) or averaged (ipo) log-probs, and the ``alphapo`` row for simpo. The BC
+    term ``cpo_alpha · NLL`` is ``rpo_alpha``."""
+    return _cpo(config)[0]
+
+
+def _cpo(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(preference_loss options, the log-probs CPO's metrics use: averaged?, AlphaPO alpha)."""
+    c = _read(config, CPO_DEFAULTS, "CPOConfig")
+    t, cpo_alpha, alpha = c["loss_type"], float(c["cpo_alpha"]), float(c["alpha"])
+    if t == "alphapo":  # CPOConfig.__post_init__'s sugar
+        t, cpo_alpha = "simpo", 0.0
+    if t not in ("sigmoid", "hinge", "ipo", "simpo"):
+        raise ValueError(f"CPOConfig: loss_type must be one of ['sigmoid', 'hinge', 'ipo', 'simpo', 'alphapo'], "
+                         f"got {t!r}")
+    eps = float(c["label_smoothing"])
+    if eps and t in ("hinge", "ipo"):
+        raise ValueError(f"CPOConfig: label_smoothing={eps} does not apply to loss_type {t!r} (TRL ignores it)")
+    opts: Dict[str, Any] = dict(beta=float(c["beta"]), label_smoothing=eps,
+                                rpo_alpha=cpo_alpha if cpo_alpha else None)
+    if t == "simpo":
+        opts.update(loss_type="alphapo" if alpha else "simpo", simpo_gamma=float(c["simpo_gamma"]))
+        if alpha:
+            opts["alphapo_alpha"] = alpha
+    else:
+        opts["loss_type"] = t
+        if alpha:
+            opts.update(f_divergence="alpha_divergence", f_alpha=alpha)
+    return opts, dict(averaged=t in ("ipo", "simpo"), alpha=alpha)
+
+
+class CPOLoss(nn.Module):
+    """``CPOTrainer``'s loss and metrics (TRL 1.16) from per-token log-probs ``[2B, T]`` (chosen
+    rows first) and their completion mask: ``forward(per_token_logps, completion_mask)``.
+
+    Metrics: ``rewards/*`` = β times the (AlphaPO-transformed) log-probs the loss compares,
+    ``logps/*`` those log-probs (length-averaged for ipo and simpo), ``nll_loss`` (0 when
+    ``cpo_alpha = 0``)."""
+
+    def __init__(self, config=None):
+        super().__init__()
+        self.options, token = _cpo(config)
+        self.averaged, self.alpha = token["averaged"], token["alpha"]
+
+    def forward(self, per_token_logps: Tensor, completion_mask: Tensor):
+        _check_rows("per_token_logps", per_token_logps, completion_mask)
+        B = _pair_rows(per_token_logps, "per_token_logps")
+        s = sequence_logprobs(per_token_logps, completion_mask)
+        loss, core = preference_loss(s.sum[:B], s.sum[B:], chosen_lengths=s.count[:B], rejected_lengths=s.count[B:],
+                                     **self.options)
+        logps = s.mean if self.averaged else s.sum
+        score = logps if self.alpha == 0.0 else (1.0 - torch.exp(-self.alpha * logps)) / self.alpha
+        metrics = _reward_metrics(self.options["beta"], score[:B], score[B:], logps[:B], logps[B:])
+        metrics["nll_loss"] = core["nll"] if self.options["rpo_alpha"] is not None else torch.zeros_like(loss).detach()
+        return loss, metrics
+
+
+# ------------------------------------------------------------------------------------------ ORPO
+
+def orpo_options(config=None) -> Dict[str, Any]:
+    """:func:`fastalign.preference_loss` options that give ``ORPOTrainer``'s loss (TRL 1.16)."""
+    c = _read(config, ORPO_DEFAULTS, "ORPOConfig")
+    return dict(loss_type="orpo", beta=float(c["beta"]))
+
+
+class ORPOLoss(nn.Module):
+    """``ORPOTrainer``'s loss and metrics (TRL 1.16).
+
+    ``forward(per_token_logps, completion_mask, nll_mask)``: per-token log-probs ``[2B, T]``
+    (chosen rows first) over the prompt and the completion, the completion mask (the odds
+    ratio's length-averaged log-probs) and ``nll_mask`` — TRL's NLL runs over every attended
+    token of the chosen rows, prompt included (the shifted attention mask).
+
+    Metrics: ``rewards/*`` = β times the length-averaged log-probs, ``logps/*`` those,
+    ``nll_loss``, ``log_odds_ratio`` = mean log σ(log odds), ``log_odds_chosen`` = mean log odds."""
+
+    def __init__(self, config=None):
+        super().__init__()
+        self.options = orpo_options(config)
+
+    def forward(self, per_token_logps: Tensor, completion_mask: Tensor, nll_mask: Tensor):
+        _check_rows("per_token_logps", per_token_logps, completion_mask)
+        _check_rows("per_token_logps", per_token_logps, nll_mask)
+        B = _pair_rows(per_token_logps, "per_token_logps")
+        s = sequence_logprobs(per_token_logps, completion_mask)
+        full = sequence_logprobs(per_token_logps[:B], nll_mask[:B])
+        nll = -full.sum.sum() / full.count.sum()
+        loss, core = preference_loss(s.sum[:B], s.sum[B:], chosen_lengths=s.count[:B], rejected_lengths=s.count[B:],
+                                     chosen_nll=nll, **self.options)
+        metrics = _reward_metrics(self.options["beta"], s.mean[:B], s.mean[B:], s.mean[:B], s.mean[B:])
+        metrics.update({"nll_loss": core["nll"], "log_odds_ratio": core["log_odds_ratio"],
+                        "log_odds_chosen": core["log_odds_chosen"]})
+        return loss, metrics
+
+
+# ------------------------------------------------------------------------------------------ KTO
+
+def kto_options(config=None) -> Dict[str, Any]:
+    """:func:`fastalign.preference.unpaired_preference_loss` options that give ``KTOTrainer``'s
+    loss (TRL 1.16): ``kto`` (with the KL baseline) or ``apo_zero_unpaired``."""
+    c = _read(config, KTO_DEFAULTS, "KTOConfig")
+    if c["loss_type"] not in ("kto", "apo_zero_unpaired"):
+        raise ValueError(f"KTOConfig: loss_type must be 'kto' or 'apo_zero_unpaired', got {c['loss_type']!r}")
+    return dict(loss_type=c["loss_type"], beta=float(c["beta"]), desirable_weight=float(c["desirable_weight"]),
+                undesirable_weight=float(c["undesirable_weight"]))
+
+
+class KTOLoss(nn.Module):
+    """``KTOTrainer``'s loss and metrics (TRL 1.16) on an unpaired batch.
+
+    ``forward(per_token_logps, completion_mask, label, ref_logps, kl_logps=None, ref_kl_logps=None)``:
+    per-token log-probs ``[N, T]`` of N responses in any order and mix, ``label`` bool ``[N]``
+    (True: desirable), ``ref_logps`` ``[N]`` the reference's summed log-probs, and for ``kto``
+    the summed log-probs of the mismatched KL completions under the policy and the reference
+    (``[N]`` each; KL = their mean difference, clamped at 0, detached).
+
+    Metrics: ``kl``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
+    ``logps/chosen``, ``logps/rejected`` (NaN where TRL logs nothing: a class absent from the
+    batch)."""
+
+    def __init__(self, config=None):
+        super().__init__()
+        self.options = kto_options(config)
+
+    def forward(self, per_token_logps: Tensor, completion_mask: Tensor, label: Tensor, ref_logps: Tensor,
+                kl_logps: Optional[Tensor] = None, ref_kl_logps: Optional[Tensor] = None):
+        _check_rows("per_token_logps", per_token_logps, completion_mask)
+        kto = self.options["loss_type"] == "kto"
+        if kto and (kl_logps is None or ref_kl_logps is None):
+            raise ValueError("loss_type 'kto' needs kl_logps and ref_kl_logps (the KL completions' summed log-probs)")
+        if not kto and (kl_logps is not None or ref_kl_logps is not None):
+            raise ValueError("kl_logps / ref_kl_logps do not apply to loss_type 'apo_zero_unpaired' (no KL term)")
+        s = sequence_logprobs(per_token_logps, completion_mask)
+        kl = (kl_logps.detach() - ref_kl_logps.detach()) if kto else None
+        label = torch.as_tensor(label, device=per_token_logps.device)
+        if label.dtype.is_floating_point or label.dtype.is_complex:
+            raise TypeError(f"label must be bool (or 0/1 integers) per response, True for a desirable one; "
+                            f"got {label.dtype}")
+        return unpaired_preference_loss(s.sum, ref_logps, label != 0, kl=kl, **self.options)
+

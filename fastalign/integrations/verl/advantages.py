@@ -1,2 +1,121 @@
-"""Placeholder: filled in by its profile."""
-__all__: list = []
+"""verl 0.9.1 advantage profile: ``algorithm.adv_estimator`` → fastalign's estimators.
+
+:func:`compute_advantage` takes what verl's ``ray_trainer.compute_advantage`` takes from the
+batch (``token_level_rewards``, ``response_mask``, the ``uid`` group ids as strings, a numpy
+array or an integer tensor, ``values``, ``reward_baselines``) and the ``algorithm`` config (verl's
+``AlgoConfig`` or a dict), and returns ``(advantages, returns)`` ``[B, T]`` as verl's estimator
+does, from fastalign's kernels.
+
+Where fastalign's own defaults differ, the profile selects verl's behaviour:
+
+* a group of one has mean 0 and std 1 (``singleton="unit_std"``): ``r / (1 + eps)`` in grpo,
+  grpo_vectorized and gdpo's columns, ``alpha r`` in gpg; rloo_vectorized gives it 0
+  (``singleton="zero"``), rloo, opo and reinforce_plus_plus_baseline its score.
+* gdpo: the weighted sum of the group-normalised reward columns is whitened over the valid
+  tokens (``batch_normalization="token"``).
+* reinforce_plus_plus: the return is carried through masked tokens (multi-turn observation
+  spans) without decay — GAE's skipping scan with ``V = 0``, ``lam = 1``.
+* verl's trainer passes ``norm_adv_by_std_in_grpo`` to grpo and grpo_passk only; with
+  grpo_vectorized or gdpo a ``False`` would be ignored by verl, so it is refused here.
+
+Values on masked positions: fastalign gives 0 there; verl leaves whatever its scan holds
+(gae's whitened advantages and returns, remax's returns on interior masked tokens). Every verl
+loss masks them out; the parity tests compare the valid tokens of those two estimators.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastalign.advantages import gae_advantages, group_advantages, remax_advantages, token_advantages
+
+__all__ = ["ALGO_DEFAULTS", "ESTIMATORS", "algo_options", "compute_advantage"]
+
+#: verl 0.9.1's ``AlgoConfig`` defaults for the fields the advantages read.
+ALGO_DEFAULTS: Dict[str, Any] = dict(adv_estimator="gae", gamma=1.0, lam=1.0, norm_adv_by_std_in_grpo=True,
+                                     gdpo_reward_weights=None)
+
+#: verl's sequence-level estimators → ``group_advantages`` options (grpo's std comes from the config).
+_GROUPED: Dict[str, Dict[str, Any]] = {
+    "grpo": dict(estimator="grpo", singleton="unit_std"),
+    "grpo_vectorized": dict(estimator="grpo", singleton="unit_std"),
+    "rloo": dict(estimator="rloo"),
+    "rloo_vectorized": dict(estimator="rloo", singleton="zero"),
+    "opo": dict(estimator="opo"),
+    "gpg": dict(estimator="gpg", singleton="unit_std"),
+    "grpo_passk": dict(estimator="grpo_passk"),
+    "reinforce_plus_plus_baseline": dict(estimator="reinforce_pp_baseline"),
+    "gdpo": dict(estimator="gdpo", singleton="unit_std", batch_normalization="token"),
+}
+_TOKEN_LEVEL = ("gae", "reinforce_plus_plus", "remax")
+ESTIMATORS = tuple(_GROUPED) + _TOKEN_LEVEL
+_STD_FROM_CONFIG = ("grpo", "grpo_passk")  # what verl's trainer passes norm_adv_by_std_in_grpo to
+
+
+def algo_options(config=None) -> Dict[str, Any]:
+    """The advantage fields of verl's ``AlgoConfig`` (object or dict), verl's defaults for the rest."""
+    if config is None:
+        return dict(ALGO_DEFAULTS)
+    get = config.get if hasattr(config, "get") else (lambda k, d: getattr(config, k, d))
+    out = {k: get(k, v) for k, v in ALGO_DEFAULTS.items()}
+    est = str(getattr(out["adv_estimator"], "value", out["adv_estimator"]))
+    if est not in ESTIMATORS:
+        raise ValueError(f"algorithm.adv_estimator {est!r} is not covered: fastalign reproduces {list(ESTIMATORS)}")
+    if not out["norm_adv_by_std_in_grpo"] and est in ("grpo_vectorized", "gdpo"):
+        raise ValueError(f"norm_adv_by_std_in_grpo=False does not reach adv_estimator {est!r} in verl 0.9.1 "
+                         "(its trainer passes it to grpo and grpo_passk only)")
+    if out["gdpo_reward_weights"] is not None and est != "gdpo":
+        raise ValueError(f"gdpo_reward_weights does not apply to adv_estimator {est!r}")
+    out["adv_estimator"] = est
+    return out
+
+
+def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor, index=None, *,
+                      values: Optional[Tensor] = None, reward_baselines: Optional[Tensor] = None,
+                      reward_scores: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``(advantages, returns)`` ``[B, T]`` of verl 0.9.1's ``algorithm.adv_estimator``.
+
+    Args:
+        config: verl's ``AlgoConfig`` (or ``algorithm`` dict): ``adv_estimator``, ``gamma``, ``lam``,
+            ``norm_adv_by_std_in_grpo``, ``gdpo_reward_weights``.
+        token_level_rewards: ``[B, T]``; the sequence-level estimators use its row sums.
+        response_mask: ``[B, T]``.
+        index: the ``uid`` of each response (its prompt group) for the grouped estimators.
+        values: ``[B, T]`` critic values (gae). reward_baselines: ``[B]`` greedy scores (remax).
+        reward_scores: ``[B, K]`` gdpo's reward components (verl's ``gdpo_reward_keys``); default
+            the row sums of ``token_level_rewards`` as one column.
+    """
+    opts = algo_options(config)
+    est = opts["adv_estimator"]
+    mask = response_mask
+    if est == "gae":
+        if values is None:
+            raise ValueError("adv_estimator 'gae' needs values [B, T]")
+        return gae_advantages(token_level_rewards, values, mask, gamma=float(opts["gamma"]), lam=float(opts["lam"]))
+    if est == "reinforce_plus_plus":
+        # verl carries the running return through masked tokens: GAE's scan with V = 0, lam = 1
+        adv, returns = gae_advantages(token_level_rewards, torch.zeros_like(token_level_rewards), mask,
+                                      gamma=float(opts["gamma"]), lam=1.0)
+        return adv, returns
+    if est == "remax":
+        if reward_baselines is None:
+            raise ValueError("adv_estimator 'remax' needs reward_baselines [B]")
+        adv = remax_advantages(token_level_rewards, mask, reward_baselines)
+        returns = adv + reward_baselines.to(adv.dtype).unsqueeze(-1) * mask.to(adv.dtype)
+        return adv, returns
+    if index is None:
+        raise ValueError(f"adv_estimator {est!r} needs index (the uid of each response)")
+    kw = dict(_GROUPED[est])
+    if est in _STD_FROM_CONFIG:
+        kw["std"] = "group" if opts["norm_adv_by_std_in_grpo"] else "none"
+    if est in ("opo", "reinforce_plus_plus_baseline", "gdpo"):
+        kw["response_mask"] = mask
+    scores = token_level_rewards.sum(dim=-1)
+    if est == "gdpo":
+        scores = scores.unsqueeze(-1) if reward_scores is None else reward_scores
+        if opts["gdpo_reward_weights"] is not None:
+            kw["reward_weights"] = list(opts["gdpo_reward_weights"])
+    adv = token_advantages(group_advantages(scores, index, **kw), mask)
+    return adv, adv

@@ -1,0 +1,81 @@
+"""TRL 1.16 ``RLOOTrainer`` advantages from fastalign's group kernels.
+
+:func:`rloo_advantages` reproduces how ``RLOOTrainer`` turns the reward functions' outputs into
+advantages: weighted sum of the reward columns (a row where every function returned None — NaN —
+is unscorable), ``reward_clip_range``, the sequence KL penalty ``- beta * KL`` when ``beta != 0``,
+the leave-one-out baseline over the scorable completions of each prompt's ``num_generations``
+consecutive rows, then, with ``normalize_advantages``, ``(A - mean) / (std + 1e-4)`` over the
+scorable completions of the batch. Unscorable completions, and a completion alone in its group,
+get 0 (and stay out of the normalisation), as in TRL.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor
+
+from fastalign.advantages import group_advantages
+
+__all__ = ["RLOO_DEFAULTS", "rloo_advantages"]
+
+#: TRL 1.16's ``RLOOConfig`` defaults for the fields the advantages read.
+RLOO_DEFAULTS: Dict[str, Any] = dict(num_generations=2, beta=0.05, reward_weights=None, normalize_advantages=False,
+                                     reward_clip_range=None)
+NORMALIZE_EPS = 1e-4  # RLOOTrainer's std offset
+
+
+def _read(config) -> Dict[str, Any]:
+    if config is None:
+        return dict(RLOO_DEFAULTS)
+    if isinstance(config, dict):
+        return {k: config.get(k, v) for k, v in RLOO_DEFAULTS.items()}
+    return {k: getattr(config, k, v) for k, v in RLOO_DEFAULTS.items()}
+
+
+def rloo_advantages(config, rewards_per_func: Tensor, kl: Optional[Tensor] = None) -> Tensor:
+    """``[B]`` advantages of ``RLOOTrainer`` (TRL 1.16) for one generation batch.
+
+    Args:
+        config: ``RLOOConfig`` or a dict: ``num_generations``, ``beta``, ``reward_weights``,
+            ``normalize_advantages``, ``reward_clip_range``.
+        rewards_per_func: ``[B, F]`` rewards of the F reward functions (NaN where a function
+            returned None), ``B`` a multiple of ``num_generations`` (each prompt's completions
+            consecutive).
+        kl: ``[B]`` per-sequence KL, ``sum_t m_t (old_t - ref_t)``; required when ``beta != 0``.
+    """
+    c = _read(config)
+    if not isinstance(rewards_per_func, Tensor) or rewards_per_func.dim() != 2:
+        raise ValueError("rewards_per_func must be a [B, F] tensor (one column per reward function)")
+    B, F_ = rewards_per_func.shape
+    G = int(c["num_generations"])
+    if G < 1 or B % G:
+        raise ValueError(f"num_generations={G} must divide the number of completions {B}")
+    beta = float(c["beta"])
+    if beta != 0.0 and kl is None:
+        raise ValueError("beta != 0 subtracts beta * KL from the rewards: give kl [B]")
+    if beta == 0.0 and kl is not None:
+        raise ValueError("kl does not apply with beta = 0")
+    x = rewards_per_func.to(torch.promote_types(rewards_per_func.dtype, torch.float32))
+    w = c["reward_weights"]
+    w = torch.ones(F_, dtype=x.dtype, device=x.device) if w is None else torch.as_tensor(w, dtype=x.dtype,
+                                                                                          device=x.device)
+    if w.shape != (F_,):
+        raise ValueError(f"reward_weights has {w.numel()} entries for {F_} reward functions")
+    unscorable = torch.isnan(x).all(dim=1)
+    rewards = torch.where(unscorable, float("nan"), (x * w).nansum(dim=1))
+    if c["reward_clip_range"] is not None:
+        lo, hi = c["reward_clip_range"]
+        rewards = rewards.clamp(min=lo, max=hi)
+    if beta != 0.0:
+        rewards = rewards - beta * kl.to(rewards.dtype)
+    if G == 1:  # TRL: no baseline without siblings
+        return torch.zeros_like(rewards)
+    adv = group_advantages(rewards, group_size=G, estimator="rloo", singleton="zero")
+    if not c["normalize_advantages"]:
+        return adv
+    # scorable completions with a scorable sibling take part in the batch statistics
+    scorable = ~torch.isnan(rewards)
+    siblings = scorable.view(-1, G).sum(dim=1, keepdim=True).expand(-1, G).reshape(-1)
+    kept = torch.where(scorable & (siblings > 1), adv, float("nan"))
+    return group_advantages(kept, group_size=B, estimator="grpo", eps=NORMALIZE_EPS, singleton="zero")

@@ -1,0 +1,116 @@
+"""TRL 1.16 parity: ``RLOOTrainer``'s advantages against :func:`fastalign.integrations.trl.rloo_advantages`.
+
+TRL computes them inside ``RLOOTrainer._generate_and_score_completions``; the test calls that method
+unbound on a stand-in trainer carrying the attributes it reads (set from a real ``RLOOConfig`` as
+the trainer's ``__init__`` sets them), whose ``_generate`` returns fixed token ids, whose
+``_calculate_rewards`` returns the test's reward columns and whose
+``_get_per_token_logps_and_entropies`` returns log-probs that give the test's sequence KL.
+No model, no generation; float64 at 1e-6.
+"""
+import types
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("trl", reason="TRL is not installed: `pip install trl==1.16.*` to run the parity tests")
+pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
+
+from trl import RLOOConfig  # noqa: E402
+from trl.trainer.rloo_trainer import RLOOTrainer  # noqa: E402
+
+from fastalign.integrations.trl import RLOO_DEFAULTS, rloo_advantages  # noqa: E402
+
+D = torch.float64
+
+
+class _Accelerator:
+    device = torch.device("cpu")
+    process_index = 0
+
+    def gather(self, x):
+        return x
+
+    gather_for_metrics = gather
+
+    def reduce(self, x, reduction="sum"):
+        return x
+
+    def unwrap_model(self, m):
+        return m
+
+
+def _trl_rloo(args, rewards_per_func, kl=None, T=3):
+    B, n_funcs = rewards_per_func.shape
+    model = SimpleNamespace(training=True, is_gradient_checkpointing=False)
+
+    def logps(trainer, m, ids, attention, keep, batch_size=None, **kw):
+        out = torch.zeros(B, keep, dtype=D)
+        if m is not model:  # the reference: sum_t (old - ref) = kl
+            out[:, 0] = -kl
+        return out, None, None
+
+    trainer = SimpleNamespace(
+        accelerator=_Accelerator(), model=model, ref_model=object() if args.beta else None, args=args,
+        _tokenizer=SimpleNamespace(pad_token_id=0), pad_to_multiple_of=None, mask_truncated_completions=False,
+        beta=args.beta, num_generations=args.num_generations, num_generations_eval=args.num_generations,
+        reward_weights=torch.tensor(args.reward_weights or [1.0] * n_funcs, dtype=torch.float32),
+        reward_clip_range=args.reward_clip_range, normalize_advantages=args.normalize_advantages,
+        reward_func_names=[f"f{i}" for i in range(n_funcs)], _metrics={"train": defaultdict(list)},
+        _logs={"prompt": [], "completion": [], "rewards": defaultdict(list), "advantages": [],
+               "extra": defaultdict(list)},
+        _pending_extra_logs={}, _pending_metrics={}, log_multimodal=False)
+    trainer._generate = lambda prompts: ([[1, 2]] * B, [[3] * T] * B, ["c"] * B)
+    trainer._get_per_token_logps_and_entropies = types.MethodType(logps, trainer)
+    trainer._calculate_rewards = lambda *a: rewards_per_func.clone()
+    return RLOOTrainer._generate_and_score_completions(trainer, [{"prompt": "p"}] * B)["advantages"]
+
+
+def _config(**kw):
+    return RLOOConfig(output_dir="/tmp/fastalign-trl-parity", report_to=[], use_cpu=True, **kw)
+
+
+def _rewards(B, F, seed, unscorable=(), partial=()):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(B, F, generator=g, dtype=D) * 2
+    for i in unscorable:
+        r[i] = float("nan")
+    for i in partial:  # some functions returned None
+        r[i, 0] = float("nan")
+    return r
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("G", [2, 4])
+@pytest.mark.parametrize("case", ["plain", "unscorable", "alone-in-group", "weights-clip", "kl"])
+def test_rloo_advantages(case, G, normalize):
+    kw = dict(num_generations=G, normalize_advantages=normalize, beta=0.0)
+    unscorable, partial, kl = (), (), None
+    if case == "unscorable":
+        unscorable, partial = (1, 6), (3,)
+    if case == "alone-in-group":  # every sibling of row 0 unscorable: its baseline is 0/0
+        unscorable = tuple(range(1, G))
+    if case == "weights-clip":
+        kw.update(reward_weights=[0.3, 1.7], reward_clip_range=(-1.5, 2.0))
+    rpf = _rewards(8, 2, seed=G + 10 * normalize, unscorable=unscorable, partial=partial)
+    if case == "kl":
+        kw["beta"] = 0.2
+        kl = torch.rand(8, generator=torch.Generator().manual_seed(3), dtype=D)
+    args = _config(**kw)
+    want = _trl_rloo(args, rpf, kl)
+    got = rloo_advantages(args, rpf, kl)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_rloo_defaults_and_bad_inputs():
+    import dataclasses
+    fields = {f.name: f for f in dataclasses.fields(RLOOConfig)}
+    for k, v in RLOO_DEFAULTS.items():
+        assert fields[k].default == v, k
+    with pytest.raises(ValueError, match="kl"):
+        rloo_advantages({"beta": 0.1}, torch.zeros(4, 1))
+    with pytest.raises(ValueError, match="num_generations"):
+        rloo_advantages({"beta": 0.0, "num_generations": 3}, torch.zeros(4, 1))
+    with pytest.raises(ValueError, match="reward_weights"):
+        rloo_advantages({"beta": 0.0, "reward_weights": [1.0]}, torch.zeros(4, 2))

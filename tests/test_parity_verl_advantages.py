@@ -1,0 +1,225 @@
+"""verl 0.9.1 parity: every ``algorithm.adv_estimator`` fastalign covers, through
+:func:`fastalign.integrations.verl.compute_advantage`, against verl's own ``core_algos`` functions.
+
+verl's ``ray_trainer.compute_advantage`` (not importable without verl's training stack) picks the
+estimator and its keyword arguments; :func:`_verl` calls the registered ``core_algos`` function with
+the keywords that dispatcher passes (``norm_adv_by_std_in_grpo`` to grpo only, ``config`` to the
+others, ``index`` = the ``uid`` array, ``reward_baselines`` for remax). Float64 inputs, 1e-6, on
+batches with ragged masks, string and integer uids, groups of one, ties and empty responses.
+"""
+import numpy as np
+import pytest
+import torch
+
+core_algos = pytest.importorskip("verl.trainer.ppo.core_algos",
+                                 reason="verl is not installed: `pip install --no-deps verl==0.9.1` (see the Makefile)")
+
+from verl.trainer.config import AlgoConfig  # noqa: E402
+
+import fastalign as fa  # noqa: E402
+from fastalign.integrations import verl as fverl  # noqa: E402
+from fastalign.reference import advantages as R  # noqa: E402
+
+D = torch.float64
+TOL = dict(atol=1e-6, rtol=1e-6)
+
+
+def _verl(cfg: AlgoConfig, r, mask, uid=None, values=None, baselines=None):
+    """verl's estimator called with the keywords of ray_trainer.compute_advantage."""
+    est = cfg.adv_estimator
+    if est == "gae":
+        return core_algos.compute_gae_advantage_return(token_level_rewards=r.clone(), values=values,
+                                                       response_mask=mask, gamma=cfg.gamma, lam=cfg.lam)
+    if est == "grpo":
+        return core_algos.compute_grpo_outcome_advantage(token_level_rewards=r.clone(), response_mask=mask,
+                                                         index=uid, norm_adv_by_std_in_grpo=cfg.norm_adv_by_std_in_grpo)
+    kw = dict(token_level_rewards=r.clone(), response_mask=mask, config=cfg)
+    if uid is not None:
+        kw["index"] = uid
+    if baselines is not None:
+        kw["reward_baselines"] = baselines
+    return core_algos.get_adv_estimator_fn(est)(**kw)
+
+
+def _batch(seed=0, B=12, T=7, holes=False, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    lengths[0] = T
+    mask = (torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).to(D)
+    if holes:  # masked spans inside a response (multi-turn observation tokens)
+        mask[0, 2:4] = 0
+        mask[1, 0] = 0 if lengths[1] > 1 else 1
+    scores = torch.randn(B, generator=g, dtype=D) * 2
+    if ties:
+        scores = torch.randint(0, 3, (B,), generator=g).to(D)
+    r = torch.zeros(B, T, dtype=D)
+    last = (mask * torch.arange(T)).argmax(1)
+    r[torch.arange(B), last] = scores  # outcome reward on the last valid token
+    token_r = torch.randn(B, T, generator=g, dtype=D) * mask
+    values = torch.randn(B, T, generator=g, dtype=D)
+    baselines = torch.randn(B, generator=g, dtype=D)
+    return r, token_r, mask, values, baselines
+
+
+UIDS = {
+    "str-with-singletons": np.array(["p0", "p1", "p0", "p2", "p1", "p0", "p3", "p2", "p1", "p0", "p4", "p4"],
+                                    dtype=object),
+    "int-ndarray": np.array([7, 7, 7, 7, 3, 3, 3, 3, 9, 9, 9, 9]),
+    "str-interleaved": np.array(["b", "a"] * 6),
+}
+GROUPED = ["grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "opo", "gpg", "grpo_passk",
+           "reinforce_plus_plus_baseline", "gdpo"]
+
+
+def _close(a, b, what):
+    torch.testing.assert_close(a.to(D), b.to(D), **TOL, msg=lambda m: f"{what}: {m}")
+
+
+def test_every_verl_estimator_is_mapped_or_named_as_left_out():
+    verl = {e.value for e in core_algos.AdvantageEstimator}
+    left_out = {"optimal_token_baseline", "tir_optimal_token_baseline"}
+    assert verl - left_out == set(fverl.ESTIMATORS), verl ^ set(fverl.ESTIMATORS)
+    for name in left_out:
+        with pytest.raises(ValueError, match="not covered"):
+            fverl.compute_advantage(dict(adv_estimator=name), torch.zeros(2, 3), torch.ones(2, 3))
+
+
+def test_algo_defaults_are_verls():
+    cfg = AlgoConfig()
+    for k, v in fverl.ALGO_DEFAULTS.items():
+        assert getattr(cfg, k) == v, k
+
+
+@pytest.mark.parametrize("uid", list(UIDS), ids=list(UIDS))
+@pytest.mark.parametrize("estimator,norm", [(e, True) for e in GROUPED] + [("grpo", False), ("grpo_passk", False)])
+def test_grouped_estimators(estimator, uid, norm):
+    # norm_adv_by_std_in_grpo=False reaches grpo and grpo_passk only (the others refuse it, tested below)
+    index = UIDS[uid]
+    if estimator == "grpo_passk" and uid == "str-with-singletons":
+        index = UIDS["str-interleaved"]  # verl's pass@k needs groups of at least 2
+    cfg = AlgoConfig(adv_estimator=estimator, norm_adv_by_std_in_grpo=norm)
+    for ties in (False, True):
+        r, _, mask, _, _ = _batch(seed=3, ties=ties)
+        adv_v, ret_v = _verl(cfg, r, mask, index)
+        adv_f, ret_f = fverl.compute_advantage(cfg, r, mask, index)
+        tol = dict(atol=2e-6, rtol=2e-6) if estimator == "grpo_vectorized" else TOL  # verl: float32 statistics
+        torch.testing.assert_close(adv_f, adv_v.to(D), **tol)
+        torch.testing.assert_close(ret_f, ret_v.to(D), **tol)
+
+
+def test_grouped_estimators_with_an_integer_tensor_uid():
+    r, _, mask, _, _ = _batch(seed=4)
+    uid = torch.tensor(UIDS["int-ndarray"])
+    for est in ("grpo", "rloo", "opo", "gpg"):
+        cfg = AlgoConfig(adv_estimator=est)
+        _close(fverl.compute_advantage(cfg, r, mask, uid)[0], _verl(cfg, r, mask, UIDS["int-ndarray"])[0], est)
+
+
+@pytest.mark.parametrize("weights", [None, [0.7, 0.3]])
+def test_gdpo_reward_columns(weights):
+    """verl's gdpo with gdpo_reward_keys: each key's score sits on the last valid response token."""
+    r, _, mask, _, _ = _batch(seed=5)
+    B, T = mask.shape
+    g = torch.Generator().manual_seed(1)
+    cols = torch.randn(B, 2, generator=g, dtype=D)
+    index = UIDS["str-with-singletons"]
+    prompt = 3
+    attention = torch.cat([torch.ones(B, prompt), mask], 1).long()  # verl: last valid token = length - 1
+    cfg = AlgoConfig(adv_estimator="gdpo", gdpo_reward_keys=["fmt", "acc"], gdpo_reward_weights=weights)
+    non_tensor = {"fmt": cols[:, 0].float().numpy(), "acc": cols[:, 1].float().numpy()}
+    adv_v, _ = core_algos.compute_gdpo_outcome_advantage(
+        token_level_rewards=r, response_mask=mask, index=index, config=cfg, non_tensor_batch=non_tensor,
+        batch={"prompts": torch.zeros(B, prompt), "attention_mask": attention})
+    adv_f, _ = fverl.compute_advantage(cfg, r, mask, index, reward_scores=cols.float().to(D))
+    _close(adv_f, adv_v, "gdpo")
+
+
+def test_std_flag_that_verl_drops_is_refused():
+    for est in ("grpo_vectorized", "gdpo"):
+        with pytest.raises(ValueError, match="norm_adv_by_std_in_grpo"):
+            fverl.compute_advantage(AlgoConfig(adv_estimator=est, norm_adv_by_std_in_grpo=False),
+                                    torch.zeros(2, 3), torch.ones(2, 3), ["a", "a"])
+
+
+@pytest.mark.parametrize("holes", [False, True], ids=["plain", "masked-spans"])
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.9, 0.95)])
+def test_token_level_estimators(holes, gamma, lam):
+    _, token_r, mask, values, baselines = _batch(seed=6, holes=holes)
+    valid = mask.bool()
+    for est in ("gae", "reinforce_plus_plus", "remax"):
+        cfg = AlgoConfig(adv_estimator=est, gamma=gamma, lam=lam)
+        adv_v, ret_v = _verl(cfg, token_r, mask, values=values, baselines=baselines)
+        adv_f, ret_f = fverl.compute_advantage(cfg, token_r, mask, values=values, reward_baselines=baselines)
+        # fastalign zeroes masked positions; verl leaves its scan's values there (every loss masks them)
+        for got, want, what in ((adv_f, adv_v, "advantages"), (ret_f, ret_v, "returns")):
+            _close(got[valid], want[valid], f"{est} {what}")
+            assert torch.equal(got[~valid], torch.zeros_like(got[~valid])), est
+        if est == "reinforce_plus_plus":  # verl masks these itself: compare everywhere
+            _close(adv_f, adv_v, "reinforce_plus_plus advantages (all positions)")
+            _close(ret_f, ret_v, "reinforce_plus_plus returns (all positions)")
+
+
+def test_from_a_dict_config():
+    r, _, mask, _, _ = _batch(seed=7)
+    index = list(UIDS["str-interleaved"])
+    a, _ = fverl.compute_advantage({"adv_estimator": "grpo", "norm_adv_by_std_in_grpo": False}, r, mask, index)
+    b, _ = fverl.compute_advantage(AlgoConfig(adv_estimator="grpo", norm_adv_by_std_in_grpo=False), r, mask, index)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="gdpo_reward_weights"):
+        fverl.compute_advantage({"adv_estimator": "grpo", "gdpo_reward_weights": [1.0]}, r, mask, index)
+
+
+# ------------------------------------------------------------------ the options behind the profile, vs the reference
+
+@pytest.mark.parametrize("dtype", [torch.float32, D])
+def test_singleton_unit_std_matches_reference(dtype):
+    g = torch.Generator().manual_seed(8)
+    scores = (torch.randn(9, generator=g, dtype=D) * 3).to(dtype)
+    scores[4] = float("nan")
+    index = torch.tensor([0, 1, 0, 2, 3, 3, 4, 1, 0])  # groups 2 and 4 alone, group 3 alone once NaN drops
+    for est, std in (("grpo", "group"), ("grpo", "none"), ("grpo", "batch"), ("gpg", "group"), ("rloo", "group")):
+        got = fa.group_advantages(scores, index, estimator=est, singleton="unit_std", std=std)
+        want = R.group_advantages(scores, index.tolist(), estimator=est, singleton="unit_std", std=std)
+        torch.testing.assert_close(got.to(D), want, atol=1e-6 if dtype == torch.float32 else 1e-12, rtol=1e-6)
+    alone = fa.group_advantages(scores, index, singleton="unit_std")
+    assert alone[3] == (scores[3].to(D) / (1 + 1e-6)).to(dtype)
+
+
+@pytest.mark.parametrize("singleton", ["raw", "unit_std"])
+def test_gdpo_token_batch_normalization_matches_reference(singleton):
+    g = torch.Generator().manual_seed(9)
+    scores = torch.randn(10, 3, generator=g, dtype=D)
+    scores[2, 1] = float("nan")
+    scores[5] = float("nan")
+    lengths = torch.randint(0, 6, (10,), generator=g).to(D)
+    index = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3, 4])
+    kw = dict(estimator="gdpo", reward_weights=[1.0, 0.5, 2.0], singleton=singleton, batch_normalization="token")
+    got = fa.group_advantages(scores, index, lengths=lengths, **kw)
+    want = R.group_advantages(scores, index.tolist(), lengths=lengths, **kw)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+def test_batch_normalization_bad_values():
+    s = torch.randn(4, dtype=D)
+    with pytest.raises(ValueError, match="batch_normalization"):
+        fa.group_advantages(s, group_size=2, batch_normalization="token")
+    with pytest.raises(ValueError, match="batch_normalization"):
+        fa.group_advantages(s[:, None], group_size=2, estimator="gdpo", batch_normalization="tokens")
+    with pytest.raises(ValueError, match="mask"):
+        fa.group_advantages(s[:, None], group_size=2, estimator="gdpo", batch_normalization="token")
+
+
+@pytest.mark.parametrize("estimator", GROUPED + ["gae", "reinforce_plus_plus", "remax"])
+def test_float32_batches_as_verl_gets_them(estimator):
+    """verl's batches are float32: same numbers at float32 precision (2e-6), advantages in float32."""
+    r, token_r, mask, values, baselines = (t.float() for t in _batch(seed=11))
+    index = UIDS["str-interleaved"]
+    cfg = AlgoConfig(adv_estimator=estimator, gamma=0.95, lam=0.9)
+    rewards = token_r if estimator in ("gae", "reinforce_plus_plus", "remax") else r
+    baselines = baselines if estimator == "remax" else None
+    adv_v, ret_v = _verl(cfg, rewards, mask, index, values=values, baselines=baselines)
+    adv_f, ret_f = fverl.compute_advantage(cfg, rewards, mask, index, values=values, reward_baselines=baselines)
+    assert adv_f.dtype == torch.float32
+    valid = mask.bool()
+    torch.testing.assert_close(adv_f[valid], adv_v[valid], atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(ret_f[valid], ret_v[valid], atol=2e-6, rtol=2e-6)
