@@ -102,8 +102,8 @@ def policy_loss(
         bounds), ``clip_region`` and the per-sequence ``clip_low_min`` / ``clip_high_max`` (token
         means over non-empty sequences; at sequence level one value per sequence, means over
         every sequence); ``kl`` (the KL term before ``kl_coef``), ``entropy``,
-        ``cov_selected_frac``, ``phi_mean`` (vespo) when computed. Nothing synchronises with the
-        host.
+        ``cov_selected_frac``, ``phi_mean`` (vespo) when computed; with ``entropy_agg="token-mean"``,
+        ``policy_term`` (the loss before the entropy bonus). Nothing synchronises with the host.
     """
     cfg = PolicyConfig.make(config, **options)
     loss_type = cfg.row
@@ -240,6 +240,7 @@ def policy_loss(
         metrics["phi_mean"] = rd[:, 10].sum() / max(shape[0], 1)
     if cfg.entropy_coef != 0.0 and not entropy_in_kernel:
         # coef * token-mean(H) over the kept tokens, independent of the loss aggregation
+        metrics["policy_term"] = loss.detach()
         kept = mask.to(torch.float32) if ent_keep is None else mask.to(torch.float32) * ent_keep
         h = torch.where(kept > 0, entropy.float(), torch.zeros((), device=kept.device))
         loss = loss - cfg.entropy_coef * (h * kept).sum() / kept.sum().clamp(min=1.0)

@@ -22,7 +22,6 @@ from trl import GRPOConfig  # noqa: E402
 from fastalign.integrations.trl import GRPOLoss  # noqa: E402
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig) if f.default is not dataclasses.MISSING}
-TRAINER_ONLY = ("policy_loss", "entropy_coef")  # logged by the trainer around the loss, not by it
 
 
 class _Accelerator:
@@ -80,7 +79,7 @@ def trl_loss(config, lp, old, A, m, H, *, ref=None, sampling=None, is_ratio=None
     loss = GRPOTrainer._compute_loss(trainer, None, inputs)
     loss.backward()
     metrics = trainer._metrics["train" if training else "eval"]
-    return loss.detach(), lp.grad, H.grad, {k: v[-1] for k, v in metrics.items() if k not in TRAINER_ONLY}
+    return loss.detach(), lp.grad, H.grad, {k: v[-1] for k, v in metrics.items()}
 
 
 def batch(B=6, T=9, seed=0):

@@ -24,7 +24,8 @@ Where TRL's behaviour differs from fastalign's defaults, the profile follows TRL
   ratio is computed in the kernel from ``vllm_importance_sampling_mode`` and its clip bounds
   (truncate modes clamp to ``[clip_min, clip_max]``; a NaN sampling log-prob is a log-ratio of 0).
 
-Metrics come back under TRL's names: ``kl``, ``entropy``, ``clip_ratio/low_mean``,
+Metrics come back under TRL's names: ``kl``, ``entropy``, ``policy_loss`` and ``entropy_coef``
+(with an entropy bonus), ``clip_ratio/low_mean``,
 ``clip_ratio/low_min``, ``clip_ratio/high_mean``, ``clip_ratio/high_max``,
 ``clip_ratio/region_mean`` (ppo-clip losses), ``cispo_clip_ratio``, ``vespo/phi_seq_mean``, as
 0-dim device tensors (TRL gathers and logs them as floats). ``use_adaptive_entropy`` is a
@@ -173,9 +174,14 @@ class GRPOLoss:
             kw["global_tokens"] = n / self.steps_per_generation if training else n
             cfg = PolicyConfig.make(cfg, dp_size=int(num_processes))
         loss, met = policy_loss(logprobs, old_logprobs, advantages, completion_mask, config=cfg, **kw)
-        if training and ga != 1:
-            loss = loss / ga
+        scale = ga if training else 1
+        if scale != 1:
+            loss = loss / scale
         out = {}
+        if "policy_term" in met:  # TRL logs the loss before the entropy bonus (token-sum losses: per window)
+            out["policy_loss"] = met["policy_term"] / scale if self._normalised else met["policy_term"]
+            if training:
+                out["entropy_coef"] = torch.tensor(cfg.entropy_coef, device=loss.device)
         if cfg.kl_coef != 0.0:
             out["kl"] = met["kl"]
         out["entropy"] = met["entropy"]
