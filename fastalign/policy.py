@@ -102,8 +102,10 @@ def policy_loss(
         bounds), ``clip_region`` and the per-sequence ``clip_low_min`` / ``clip_high_max`` (token
         means over non-empty sequences; at sequence level one value per sequence, means over
         every sequence); ``kl`` (the KL term before ``kl_coef``), ``entropy``,
-        ``cov_selected_frac``, ``phi_mean`` (vespo) when computed; with ``entropy_agg="token-mean"``,
-        ``policy_term`` (the loss before the entropy bonus). Nothing synchronises with the host.
+        ``cov_selected_frac``, ``phi_mean`` (vespo) when computed; ``kl_term`` / ``entropy_term``: the
+        KL and entropy aggregated like the loss (before their coefficients); with
+        ``entropy_agg="token-mean"``, ``policy_term`` (the loss before the entropy bonus). Nothing
+        synchronises with the host.
     """
     cfg = PolicyConfig.make(config, **options)
     loss_type = cfg.row
@@ -230,10 +232,15 @@ def policy_loss(
             lows, highs = frac[:, 0], frac[:, 1]
         metrics.update(clip_low=means[0], clip_high=means[1], clip_region=means[0] + means[1],
                        clip_low_min=_nan_min(lows), clip_high_max=-_nan_min(-highs))
+    agg_terms = lambda col: aggregate_rows(rd[:, col], row_n, agg, shape[1], global_tokens, seqs,  # noqa: E731
+                                           cfg.dp_size, cfg.max_len)
     if ref_logprobs is not None:
         metrics["kl"] = per[5]
+        metrics["kl_term"] = agg_terms(5)
     if entropy is not None:
         metrics["entropy"] = per[6]
+        if entropy_in_kernel:
+            metrics["entropy_term"] = agg_terms(6)
     if is_cov:
         metrics["cov_selected_frac"] = per[7]
     if loss_type == "vespo":

@@ -3,8 +3,8 @@
 verl's actor loss is ``get_policy_loss_fn(loss_mode)(...)`` (called here with a real
 ``ActorConfig``) minus ``entropy_coeff * agg_loss(entropy)`` plus ``kl_loss_coef *
 agg_loss(kl_penalty(...))``, with the global-batch counts in ``config.global_batch_info`` —
-the composition of ``verl.workers.utils.losses.ppo_loss``. Loss, d(loss)/d(log_prob),
-d(loss)/d(entropy) and every metric the loss function returns are compared (verl in float64,
+the composition (and the metric names) of ``verl.workers.utils.losses.ppo_loss``. Loss,
+d(loss)/d(log_prob), d(loss)/d(entropy) and every metric are compared (verl in float64,
 fastalign in fp32).
 """
 import pytest
@@ -35,14 +35,18 @@ def verl_loss(actor, lp, old, A, m, *, H=None, ref=None, is_w=None, dp_size=1, b
     loss, metrics = fn(old_log_prob=old.double(), log_prob=lp, advantages=A.double(), response_mask=mask,
                        loss_agg_mode=actor.loss_agg_mode, config=actor,
                        rollout_is_weights=None if is_w is None else is_w.double())
+    metrics["actor/pg_loss"] = loss.detach()
     if H is not None:
-        loss = loss - actor.entropy_coeff * core_algos.agg_loss(loss_mat=H, loss_mask=mask,
-                                                                loss_agg_mode=actor.loss_agg_mode,
-                                                                **actor.global_batch_info)
+        ent = core_algos.agg_loss(loss_mat=H, loss_mask=mask, loss_agg_mode=actor.loss_agg_mode,
+                                  **actor.global_batch_info)
+        loss = loss - actor.entropy_coeff * ent
+        metrics["actor/entropy_loss"] = ent.detach()
     if actor.use_kl_loss:
         kld = core_algos.kl_penalty(logprob=lp, ref_logprob=ref.double(), kl_penalty=actor.kl_loss_type)
-        loss = loss + core_algos.agg_loss(loss_mat=kld, loss_mask=mask, loss_agg_mode=actor.loss_agg_mode,
-                                          **actor.global_batch_info) * actor.kl_loss_coef
+        kl = core_algos.agg_loss(loss_mat=kld, loss_mask=mask, loss_agg_mode=actor.loss_agg_mode,
+                                 **actor.global_batch_info)
+        loss = loss + kl * actor.kl_loss_coef
+        metrics["kl_loss"], metrics["kl_coef"] = kl.detach(), actor.kl_loss_coef
     loss.backward()
     return loss.detach(), lp.grad, None if H is None else H.grad, metrics
 

@@ -20,8 +20,10 @@ Where verl's behaviour differs from fastalign's defaults, the profile follows ve
   sequence.
 
 Global normalisers: ``dp_size``, ``batch_num_tokens``, ``global_batch_size`` as in verl's
-``global_batch_info``. Metrics: ``actor/pg_clipfrac``, ``actor/ppo_kl``,
-``actor/pg_clipfrac_lower`` (as verl's loss function returns them, 0-dim device tensors).
+``global_batch_info``. Metrics (0-dim device tensors), as verl's actor loss logs them:
+``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower`` (those its loss function
+returns), ``actor/pg_loss``, ``actor/entropy_loss`` (when an entropy is given), ``kl_loss`` and
+``kl_coef`` (with ``use_kl_loss``).
 """
 from __future__ import annotations
 
@@ -127,27 +129,40 @@ class VerlPolicyLoss:
             cfg = PolicyConfig.make(cfg, dp_size=int(dp_size))
         if dp_size > 1 and batch_num_tokens is None and self.loss_agg_mode == "token-mean":
             raise ValueError("batch_num_tokens is required when dp_size > 1")
-        fuse_ent = self.fused and self.entropy_coeff != 0.0
         loss, met = policy_loss(
             log_prob, old_log_prob, advantages, response_mask, config=cfg,
             ref_logprobs=ref_log_prob if (self.fused and self.use_kl) else None,
-            entropy=entropy if fuse_ent else None, importance_weights=rollout_is_weights, **pg_counts)
-        if not self.fused:
+            entropy=entropy if self.fused else None, importance_weights=rollout_is_weights, **pg_counts)
+        terms = {}
+        if self.fused:
+            if entropy is not None:
+                terms["actor/entropy_loss"] = met["entropy_term"]
+            if self.use_kl:
+                terms["kl_loss"] = met["kl_term"]
+            pg = loss.detach() + self.entropy_coeff * terms.get("actor/entropy_loss", 0.0) \
+                - self.kl_coef * terms.get("kl_loss", 0.0)
+        else:
+            pg = loss.detach()
             kw = dict(global_tokens=batch_num_tokens, global_seqs=global_batch_size, dp_size=int(dp_size))
             if self.loss_agg_mode == "seq-mean-token-sum-norm":
                 lsf = _get(self.actor, "loss_scale_factor")
                 kw["max_len"] = None if lsf is None else int(lsf)
                 if global_batch_size is None:
                     kw["global_seqs"] = (response_mask.sum(-1) > 0).sum()
-            if entropy is not None and self.entropy_coeff != 0.0:
-                loss = loss - self.entropy_coeff * aggregate_loss(entropy, response_mask, self.loss_agg_mode, **kw)
+            if entropy is not None:
+                terms["actor/entropy_loss"] = aggregate_loss(entropy, response_mask, self.loss_agg_mode, **kw)
+                loss = loss - self.entropy_coeff * terms["actor/entropy_loss"]
             if self.use_kl:
                 kl = kl_penalty(log_prob, ref_log_prob, self.kl_type)
-                loss = loss + self.kl_coef * aggregate_loss(kl, response_mask, self.loss_agg_mode, **kw)
+                terms["kl_loss"] = aggregate_loss(kl, response_mask, self.loss_agg_mode, **kw)
+                loss = loss + self.kl_coef * terms["kl_loss"]
+        terms = {"actor/pg_loss": pg, **{k: v.detach() for k, v in terms.items()}}
+        if self.use_kl:
+            terms["kl_coef"] = torch.tensor(self.kl_coef, device=loss.device)
         zero = torch.zeros((), device=loss.device)
         mode = self.mode
         if mode == "gpg":
-            return loss, {}
+            return loss, terms
         out = {"actor/pg_clipfrac": met["clipfrac"], "actor/ppo_kl": met["approx_kl"],
                "actor/pg_clipfrac_lower": met["clipfrac_lower"] if mode == "vanilla" else zero}
         if mode == "sapo":
@@ -162,6 +177,4 @@ class VerlPolicyLoss:
             out = {"actor/ppo_kl": (absl * m).sum() / m.sum().clamp(min=1.0)}
         elif mode == "clip_cov":
             out.pop("actor/pg_clipfrac_lower")
-        elif mode == "cispo":
-            pass
-        return loss, out
+        return loss, {**out, **terms}
