@@ -113,11 +113,11 @@ def policy_loss_fwd_kernel(
     ENT_ON: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_IW: tl.constexpr, HAS_ROLL: tl.constexpr,
     HAS_SEL: tl.constexpr, DUAL_ON: tl.constexpr, DELTA_ON: tl.constexpr, OFFPOL_ON: tl.constexpr,
     NEED1: tl.constexpr, TOK_ROLL: tl.constexpr, SEQ_ROLL: tl.constexpr, TRUNC: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    PPO_ROW: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
+    # PPO_ROW: LT is ppo, gspo or clip_cov (the rows with the ppo clip)
     i = tl.program_id(0).to(tl.int64)
     base = i * T
-    PPO_ROW: tl.constexpr = (LT == PPO) or (LT == GSPO) or (LT == CLIPCOV)
 
     # ---- pass 1: row sums ----
     n1 = tl.zeros([], tl.float32)
@@ -400,7 +400,7 @@ def policy_loss_forward(lp, old, adv, mask, ref, ent, roll, keep, iw, sel, row, 
     BLOCK_T = min(1024, max(16, triton.next_power_of_2(max(T, 1))))
     dummy = lp
     offpol_on = math.isfinite(offpolicy_threshold)
-    seq = bool(is_level) and loss_type in (0, 2, 3)  # ppo, cispo, sapo
+    seq = bool(is_level) and loss_type in (PPO, CISPO, SAPO)
     seq_roll = rollout in (SEQ_TRUNC, SEQ_MASK)
     policy_loss_fwd_kernel[(B,)](
         lp, old, adv, mask, ref if ref is not None else dummy, ent if ent is not None else dummy,
@@ -412,9 +412,9 @@ def policy_loss_forward(lp, old, adv, mask, ref, ent, roll, keep, iw, sel, row, 
         LT=loss_type, SEQ=seq, KL_ON=ref is not None, KL_TYPE=kl_type, KL_STRAIGHT=bool(kl_straight),
         KL_CLAMP=bool(kl_clamp), KL_RHO=bool(kl_rho), KL_RHO_GRAD_ON=kl_rho == KL_RHO_GRAD,
         ENT_ON=ent is not None, HAS_KEEP=keep is not None, HAS_IW=iw is not None, HAS_ROLL=roll is not None,
-        HAS_SEL=sel is not None, DUAL_ON=bool(dual_clip > 0 and loss_type == 0),
-        DELTA_ON=bool(delta > 0 and loss_type in (0, 1)), OFFPOL_ON=offpol_on,
-        NEED1=bool(loss_type in (1, 5, 8) or seq_roll or offpol_on or seq),
+        HAS_SEL=sel is not None, DUAL_ON=bool(dual_clip > 0 and loss_type == PPO),
+        DELTA_ON=bool(delta > 0 and loss_type in (PPO, GSPO)), OFFPOL_ON=offpol_on,
+        NEED1=bool(loss_type in (GSPO, GMPO, VESPO) or seq_roll or offpol_on or seq),
         TOK_ROLL=rollout in (TOK_TRUNC, TOK_MASK), SEQ_ROLL=seq_roll, TRUNC=rollout in (TOK_TRUNC, SEQ_TRUNC),
-        BLOCK_T=BLOCK_T,
+        PPO_ROW=loss_type in (PPO, GSPO, CLIPCOV), BLOCK_T=BLOCK_T,
     )
