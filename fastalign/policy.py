@@ -204,7 +204,7 @@ def policy_loss(
                 n_local = sums[2:3].clone()
             sel = _ops.cov_select(lp_d, f32(old_logprobs), adv_d, mask, sums, n_local, seed,
                                   0 if loss_type == "clip_cov" else 1, cov_ratio, cov_lb, cov_ub,
-                                  float(cfg.eps_low), float(cfg.eps_high))
+                                  *cfg.clip_eps)
         row, _dlp = _ops.rows(lp, old, adv, mask, ref, ent, roll, keep, iw, sel,
                               params, name)
 

@@ -43,6 +43,7 @@ ENTROPY_AGGS = ("loss", "token-mean")
 
 _PPO_ROWS = ("ppo", "gspo", "clip_cov")  # rows with the ppo clip
 _SEQUENCE_LEVEL_ROWS = ("ppo", "cispo", "sapo")  # rows that take importance_sampling_level="sequence"
+_CLIP_ROWS = ("ppo", "gspo", "clip_cov", "gmpo", "cispo")  # rows that read eps_low / eps_high
 
 
 class KernelParams(NamedTuple):
@@ -93,7 +94,8 @@ class PolicyConfig:
     r"""Every option of :func:`fastalign.policy_loss` (SPEC §3, §3.2, §4), validated at construction.
 
     Loss: ``loss_type`` (a row of SPEC §3 or a trainer preset: grpo, bnpo, dr_grpo, dapo, luspo,
-    vanilla, gpg, geo_mean), ``eps_low`` / ``eps_high``, ``dual_clip`` (c > 1, ppo), ``delta``
+    vanilla, gpg, geo_mean), ``eps_low`` / ``eps_high`` (default 0.2; ppo, gspo, clip_cov, gmpo,
+    cispo without ``cispo_bounds``), ``dual_clip`` (c > 1, ppo), ``delta``
     (ppo-clip rows), ``cispo_bounds`` (cispo), ``sapo_tau`` (sapo), ``vespo_k`` /
     ``vespo_lambda`` ((positive, negative) advantage, vespo), ``importance_sampling_level``
     ("token" or "sequence": ``rho = exp(mean_m l)`` per sequence with its full gradient; ppo,
@@ -121,8 +123,8 @@ class PolicyConfig:
     """
 
     loss_type: str = "ppo"
-    eps_low: float = 0.2
-    eps_high: float = 0.2
+    eps_low: Optional[float] = None
+    eps_high: Optional[float] = None
     dual_clip: Optional[float] = None
     delta: Optional[float] = None
     importance_sampling_level: str = "token"
@@ -178,7 +180,12 @@ class PolicyConfig:
         if self.importance_sampling_level == "sequence" and row not in _SEQUENCE_LEVEL_ROWS:
             raise ValueError(f"importance_sampling_level='sequence' applies to {_SEQUENCE_LEVEL_ROWS}, "
                              f"not to loss_type {self.loss_type!r}")
-        if self.eps_low < 0 or self.eps_high < 0:
+        for name in ("eps_low", "eps_high"):
+            given = getattr(self, name) is not None
+            self._only(name, given, _CLIP_ROWS)
+            if given and row == "cispo" and self.cispo_bounds is not None:
+                raise ValueError(f"{name} does not apply to cispo with cispo_bounds")
+        if self.clip_eps[0] < 0 or self.clip_eps[1] < 0:
             raise ValueError(f"eps_low and eps_high must be >= 0, got {self.eps_low}, {self.eps_high}")
         self._only("dual_clip", self.dual_clip is not None, ("ppo",))
         if self.dual_clip is not None and not self.dual_clip > 1.0:
@@ -204,6 +211,8 @@ class PolicyConfig:
             raise ValueError(f"kl_rho must be False, True, 'detached' or 'grad', got {self.kl_rho!r}")
         if self.entropy_agg not in ENTROPY_AGGS:
             raise ValueError(f"entropy_agg must be one of {ENTROPY_AGGS}, got {self.entropy_agg!r}")
+        if self.entropy_agg != "loss" and self.entropy_coef == 0.0:
+            raise ValueError("entropy_agg applies only with entropy_coef != 0")
         if self.rollout_correction is not None and self.rollout_correction not in ROLLOUT_MODES:
             raise ValueError(f"rollout_correction must be one of {ROLLOUT_MODES}, got {self.rollout_correction!r}")
         if self.rollout_correction is None and (self.rollout_min is not None or self.rollout_max != 2.0):
@@ -259,6 +268,12 @@ class PolicyConfig:
                 pick(self.cov_kl_coef, 1.0))
 
     @property
+    def clip_eps(self) -> tuple:
+        """(eps_low, eps_high) with their defaults (0.2)."""
+        return (0.2 if self.eps_low is None else float(self.eps_low),
+                0.2 if self.eps_high is None else float(self.eps_high))
+
+    @property
     def sequence_level(self) -> bool:
         return self.importance_sampling_level == "sequence"
 
@@ -267,7 +282,8 @@ class PolicyConfig:
         ``-entropy_coef H_t`` is part of the kernel's loss (``entropy_agg="loss"``)."""
         row = self.row
         kl_base, kl_straight = canonical_kl(self.kl_type)
-        lo, hi = self.cispo_bounds if self.cispo_bounds is not None else (1.0 - self.eps_low, 1.0 + self.eps_high)
+        el, eh = self.clip_eps
+        lo, hi = self.cispo_bounds if self.cispo_bounds is not None else (1.0 - el, 1.0 + eh)
         tau = self.sapo_tau if self.sapo_tau is not None else (1.0, 1.05)
         vk = self.vespo_k if self.vespo_k is not None else (2.0, 3.0)
         vl = self.vespo_lambda if self.vespo_lambda is not None else (3.0, 2.0)
@@ -278,7 +294,7 @@ class PolicyConfig:
             loss_type=LOSS_CODES[row], is_level=IS_LEVELS[self.importance_sampling_level],
             kl_type=KL_CODES[kl_base], kl_straight=int(kl_straight), kl_clamp=int(bool(self.kl_clamp)),
             kl_rho=KL_RHO_CODES[self.kl_rho], rollout=ROLLOUT_CODES[self.rollout_correction],
-            eps_low=float(self.eps_low), eps_high=float(self.eps_high), dual_clip=float(self.dual_clip or 0.0),
+            eps_low=el, eps_high=eh, dual_clip=float(self.dual_clip or 0.0),
             delta=float(self.delta or 0.0), cispo_lo=float(lo), cispo_hi=float(hi), tau_pos=float(tau[0]),
             tau_neg=float(tau[1]), vespo_k_pos=float(vk[0]), vespo_lambda_pos=float(vl[0]),
             vespo_k_neg=float(vk[1]), vespo_lambda_neg=float(vl[1]), kl_coef=float(self.kl_coef),

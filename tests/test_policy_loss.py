@@ -614,6 +614,9 @@ def test_unknown_option_suggests_the_closest_name():
     (dict(agg="token-mean", seq_count="all"), "seq_count"),
     (dict(agg="token-mean", max_len=8), "max_len"),
     (dict(kl_rho="yes"), "kl_rho"),
+    (dict(loss_type="reinforce", eps_high=0.3), "eps_high"),
+    (dict(loss_type="cispo", cispo_bounds=(0.0, 2.0), eps_low=0.1), "eps_low"),
+    (dict(entropy_agg="token-mean"), "entropy_agg"),
 ])
 def test_option_that_does_not_apply_raises(kw, name):
     with pytest.raises(ValueError, match=name):

@@ -88,8 +88,10 @@ def grpo_policy_config(args: Any, *, sampling_correction: bool = False) -> Polic
     eps_low = float(_read(args, "epsilon"))
     eps_high = _read(args, "epsilon_high")
     eps_high = eps_low if eps_high is None else float(eps_high)
-    opts: dict = dict(loss_type=row, agg=agg, eps_low=eps_low, eps_high=eps_high, seq_count=seq_count,
+    opts: dict = dict(loss_type=row, agg=agg, seq_count=seq_count,
                       importance_sampling_level=_read(args, "importance_sampling_level"))
+    if row == "ppo":
+        opts.update(eps_low=eps_low, eps_high=eps_high)
     if row in ("gspo", "gmpo"):
         opts.pop("agg")
     if loss_type == "dr_grpo":

@@ -71,7 +71,9 @@ def verl_policy_config(actor: Any, *, fuse_terms: bool = True) -> PolicyConfig:
     row = _MODES[mode]
     el, eh = _clip_bounds(actor)
     agg = _OWN_AGG.get(mode, _get(actor, "loss_agg_mode", "token-mean"))
-    opts: dict = dict(loss_type=row, eps_low=el, eps_high=eh)
+    opts: dict = dict(loss_type=row)
+    if row in ("ppo", "gspo", "clip_cov", "gmpo", "cispo"):
+        opts.update(eps_low=el, eps_high=eh)
     if row != "gmpo":
         opts["agg"] = agg
     if agg.startswith("seq-mean"):
