@@ -215,3 +215,29 @@ def test_triton_kernel_matches_trl(case):
     d = batch(B=4, T=7, seed=11)
     with fastalign.use_backend("triton"):
         _compare(*_call_both(CASES[case], d, 2, 2, True, 4))
+
+
+def _ratio_from_logprobs(old, sampling, m, mode, lo, hi):
+    """SPEC §3.2's rollout ratio with TRL's rules (NaN log-ratio -> 0, truncation to both bounds), float64."""
+    d = torch.nan_to_num((old.double() - sampling.double()) * m, nan=0.0)
+    if mode.startswith("sequence"):
+        d = d.sum(-1, keepdim=True)
+    r = d.exp()
+    if mode.endswith("truncate"):
+        return r.clamp(min=lo, max=hi)
+    return r.masked_fill((r < (-math.inf if lo is None else lo)) | (r > (math.inf if hi is None else hi)), 0.0)
+
+
+@pytest.mark.parametrize("mode,lo,hi", [("token_truncate", 0.9, 1.1), ("token_mask", None, 1.2),
+                                        ("sequence_truncate", None, 1.3), ("sequence_mask", 0.5, 1.5)])
+def test_ratio_computed_from_sampling_logprobs(mode, lo, hi):
+    d = batch(seed=12)
+    config = dict(loss_type="bnpo", use_vllm=True, vllm_importance_sampling_mode=mode,
+                  vllm_importance_sampling_clip_min=lo, vllm_importance_sampling_clip_max=hi)
+    ratio = _ratio_from_logprobs(d["old"], d["sampling"], d["m"], mode, lo, hi)
+    trl = trl_loss(config, d["lp"], d["old"], d["A"], d["m"], d["H"], sampling=d["sampling"], is_ratio=ratio)
+    x = d["lp"].clone().requires_grad_(True)
+    loss, met = GRPOLoss(config)(x, d["old"], d["A"], d["m"], entropy=d["H"], sampling_logprobs=d["sampling"])
+    loss.backward()
+    assert_close(loss, trl[0], atol=1e-6, rtol=1e-6, what="loss")
+    assert_close(x.grad, trl[1], atol=1e-6, rtol=1e-5, what="d logprobs")

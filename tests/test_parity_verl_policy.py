@@ -139,3 +139,14 @@ def test_triton_kernel_matches_verl():
 def test_unsupported_loss_mode_raises():
     with pytest.raises(ValueError, match="dppo_tv"):
         VerlPolicyLoss(make_actor("dppo_tv"))
+
+
+def test_dict_config_equals_actor_config():
+    d = batch(seed=43)
+    kw = dict(clip_ratio_low=0.2, clip_ratio_high=0.28, entropy_coeff=0.01, use_kl_loss=True, kl_loss_coef=0.05,
+              loss_agg_mode="seq-mean-token-mean")
+    as_dict = {**kw, "policy_loss": {"loss_mode": "vanilla"}}
+    l1, m1 = VerlPolicyLoss(make_actor(**kw))(d["lp"], d["old"], d["A"], d["m"], entropy=d["H"],
+                                              ref_log_prob=d["ref"])
+    l2, m2 = VerlPolicyLoss(as_dict)(d["lp"], d["old"], d["A"], d["m"], entropy=d["H"], ref_log_prob=d["ref"])
+    assert torch.equal(l1, l2) and m1.keys() == m2.keys()
