@@ -23,6 +23,7 @@ from fastalign.linear import linear_logprobs
 from fastalign.linear_policy import LinearPolicyLoss
 from fastalign.logprobs import TokenStats, token_logprobs
 from fastalign.policy import PolicyLoss, policy_loss
+from fastalign.policy_config import PolicyConfig
 from fastalign.linear_preference import LinearPreferenceLoss
 from fastalign.preference import LOSS_TYPES, PreferenceLoss, preference_loss, wpo_weights
 from fastalign.sequence import SequenceLogprobs, sequence_logprobs
@@ -31,7 +32,7 @@ __all__ = [
     "TokenStats", "linear_logprobs", "token_logprobs", "use_backend",
     "gae_advantages", "group_advantages", "implicit_process_advantages", "masked_whiten",
     "reinforce_pp_advantages", "remax_advantages", "token_advantages",
-    "PolicyLoss", "aggregate_loss", "kl_penalty", "policy_loss",
+    "PolicyConfig", "PolicyLoss", "aggregate_loss", "kl_penalty", "policy_loss",
     "LinearPolicyLoss",
     "LOSS_TYPES", "LinearPreferenceLoss", "PreferenceLoss", "SequenceLogprobs", "preference_loss",
     "sequence_logprobs", "wpo_weights",

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from fastalign import _validate
 
-AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AGGS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 Count = Union[int, float, Tensor, None]
 
 
@@ -34,6 +34,8 @@ def aggregate_rows(row_loss: Tensor, row_n: Tensor, agg: str, T: int, global_tok
         n = row_n.sum() if global_tokens is None else _count(global_tokens, row_n)
         loss = row_loss.sum() / n.clamp(min=1.0)
         return loss * dp_size if dp_size != 1 else loss
+    if agg == "token-sum":
+        return row_loss.sum() * dp_size if dp_size != 1 else row_loss.sum()
     if agg == "seq-mean-token-sum-norm":
         lmax = T if max_len is None else int(max_len)
         if global_seqs is None:
@@ -51,6 +53,7 @@ def aggregate_loss(per_token_loss: Tensor, mask: Tensor, agg: str = "token-mean"
     r"""Reduce a per-token loss ``L [B, T]`` under the mask ``m`` (SPEC §4), fp32 0-dim result.
 
     * ``token-mean``: ``sum(m L) / N_glob * dp``
+    * ``token-sum``: ``sum(m L) * dp``
     * ``seq-mean-token-sum``: ``sum_i sum_t m L / B_glob * dp``
     * ``seq-mean-token-mean``: ``sum_i (sum_t m L / sum_t m) / B_glob * dp`` (empty rows give 0)
     * ``seq-mean-token-sum-norm`` (Dr. GRPO): ``sum(m L) / (B * L_max)``, ``L_max`` = ``max_len``

@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 from fastalign import _validate
 from fastalign.linear import linear_logprobs
-from fastalign.policy import LOSS_TYPES, PRESETS, policy_loss
+from fastalign.policy import policy_loss
+from fastalign.policy_config import PolicyConfig, check_names
 
 # keywords that belong to the logit pipeline (linear_logprobs), not to policy_loss
 _LOGIT_OPTIONS = ("temperature", "softcap", "logit_scale", "ignore_index", "chunk", "vocab_group",
@@ -42,12 +43,12 @@ class LinearPolicyLoss(nn.Module):
     def __init__(self, *, entropy_metric: bool = False, **config):
         super().__init__()
         self.entropy_metric = bool(entropy_metric)
-        self.config = dict(config)
-        lt = self.config.get("loss_type", "ppo")
-        if lt not in LOSS_TYPES and lt not in PRESETS:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES + tuple(PRESETS)}, got {lt!r}")
-        if "entropy" in self.config:
+        if "entropy" in config:
             raise ValueError("LinearPolicyLoss computes the entropy itself; pass entropy_coef / entropy_metric")
+        check_names(config, extra=_LOGIT_OPTIONS)
+        self.config = dict(config)
+        # validated now (unknown names, options that do not apply), not at the first call
+        PolicyConfig(**{k: v for k, v in config.items() if k not in _LOGIT_OPTIONS})
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Tensor, advantages: Tensor,
                 response_mask: Tensor, *, bias: Optional[Tensor] = None, ref_logprobs: Optional[Tensor] = None,

@@ -1,42 +1,92 @@
 """Fused policy-gradient loss (SPEC §3 with the terms of §3.2): one program per sequence.
 
-Per token t of row i (fp32, v = mask), l = lp - old, rho = exp(clamp(l, -20, 20)):
+Per token t of row i (fp32, v = mask), l = lp - old, rho = exp(clamp(l, -20, 20)); at
+importance_sampling_level = sequence, rho = s_i = exp(clamp(mean_v l, -20, 20)) for the row:
 
-    pg_t, dpg_t         the loss-type row (constexpr LT, same table as csrc/cpu/policy_loss.cpp)
+    pg_t                the loss-type row (constexpr LT, same table as csrc/cpu/policy_loss.cpp)
+    dpg_t = d_own_t + d_rho_t drho_t/dlp_t   (d_rho: derivative of pg in rho)
     w_t                 detached weights: rollout correction x keep mask x row weight
-    L_t  = w_t pg_t + kl_coef KL_t - ent_coef H_t
-    dlp_t = v (w_t dpg_t + kl_coef dKL_t),   dH_t = -v ent_coef
+    K_t = KL_t (x rho under kl_rho)
+    L_t  = w_t pg_t + kl_coef K_t - ent_coef H_t
+    dlp_t = v (w_t dpg_t + kl_coef dK_t/dlp_t)
 
-Sequence quantities (gspo's s_i, gmpo's means, sequence rollout weights, the
-off-policy mask) come from a first loop over the row (constexpr NEED1). Each
-program writes its row sums (fixed order, no atomics)
+Token level: drho_t/dlp_t = rho_t. Sequence level: ds_i/dlp_t = s_i v_t / n_i, so a third loop
+adds s_i / n_i * sum_u v_u (w_u d_rho_u + kl_coef KL_u [kl_rho = grad]) to every valid token.
+Sequence quantities (gspo's and the sequence ratio, gmpo's means, vespo's weight, sequence
+rollout weights, the off-policy mask) come from a first loop over the row (constexpr NEED1).
+Each program writes its row sums (fixed order, no atomics)
 
-    row[i] = [sum v L, n, #clipped, #dual-clipped, sum v(-l), sum v KL, sum v H, #selected]
+    row[i] = [sum v L, n, #clipped, #dual-clipped, sum v(-l), sum v K, sum v H, #selected,
+              #clip_low, #clip_high, vespo phi]
 
-and the per-token d(row loss)/d(lp) (and d/d(H)); the caller aggregates rows.
+and the per-token d(row loss)/d(lp); the caller aggregates rows. Clamps are written with
+``tl.where`` so that a NaN passes through them (``tl.minimum`` / ``tl.maximum`` drop it); a NaN
+rollout log-prob is a log-ratio of 0.
 """
 import math
 
 import triton
 import triton.language as tl
 
-PPO, GSPO, CISPO, SAPO, REINFORCE, GMPO, CLIPCOV, KLCOV = range(8)
-K1, KABS, K2, K3 = range(4)
-ROLL_NONE, TOK_TRUNC, TOK_MASK, SEQ_TRUNC, SEQ_MASK = range(5)
-ROW_COLS = 8
+# loss-type rows and option codes: fastalign.policy_config (LOSS_CODES, KL_CODES, ROLLOUT_CODES)
+PPO: tl.constexpr = 0
+GSPO: tl.constexpr = 1
+CISPO: tl.constexpr = 2
+SAPO: tl.constexpr = 3
+REINFORCE: tl.constexpr = 4
+GMPO: tl.constexpr = 5
+CLIPCOV: tl.constexpr = 6
+KLCOV: tl.constexpr = 7
+VESPO: tl.constexpr = 8
+K1: tl.constexpr = 0
+KABS: tl.constexpr = 1
+K2: tl.constexpr = 2
+K3: tl.constexpr = 3
+TOK_TRUNC, TOK_MASK, SEQ_TRUNC, SEQ_MASK = 1, 2, 3, 4
+KL_RHO_GRAD = 2
+# row columns
+COL_LOSS: tl.constexpr = 0
+COL_N: tl.constexpr = 1
+COL_CLIP: tl.constexpr = 2
+COL_DUAL: tl.constexpr = 3
+COL_NEG_LOG_RATIO: tl.constexpr = 4
+COL_KL: tl.constexpr = 5
+COL_ENTROPY: tl.constexpr = 6
+COL_SELECTED: tl.constexpr = 7
+COL_CLIP_LOW: tl.constexpr = 8
+COL_CLIP_HIGH: tl.constexpr = 9
+COL_PHI: tl.constexpr = 10
+ROW_COLS: tl.constexpr = 11
+LOG_1E8: tl.constexpr = math.log(1e-8)
 
 
 @triton.jit
 def _clamp(x, lo, hi):
-    return tl.minimum(tl.maximum(x, lo), hi)
+    """clamp that keeps NaN (tl.minimum / tl.maximum would drop it)."""
+    return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
 
 
 @triton.jit
 def _rollout_weight(r, r_min, r_max, TRUNC: tl.constexpr):
     if TRUNC:
-        return tl.minimum(r, r_max)
+        return _clamp(r, r_min, r_max)
     else:
         return tl.where((r >= r_min) & (r <= r_max), r, 0.0)
+
+
+@triton.jit
+def _rollout_log_ratio(old, rl):
+    """old - rollout; an unscorable rollout token (NaN) counts as 0."""
+    return tl.where(rl == rl, old - rl, 0.0)
+
+
+@triton.jit
+def _vespo_phi(pos, logw, w, k_pos, lam_pos, k_neg, lam_neg):
+    k = tl.where(pos, k_pos, k_neg)
+    lam = tl.where(pos, lam_pos, lam_neg)
+    lam = tl.where(lam < 1e-4, 1e-4, lam)
+    lphi = lam + k * logw - lam * w
+    return tl.where((lphi == lphi) & (lphi < 88.0), tl.exp(tl.where(lphi < 88.0, lphi, 0.0)), 0.0)
 
 
 @triton.jit
@@ -53,18 +103,19 @@ def _load_tokens(lp_ptr, old_ptr, adv_ptr, mask_ptr, base, start, T, BLOCK_T: tl
 
 @triton.jit
 def policy_loss_fwd_kernel(
-    lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, roll_ptr, keep_ptr, sel_ptr,
-    row_ptr, dlp_ptr, dh_ptr,
-    T, el, eh, dual_c, delta, cis_lo, cis_hi, tau_pos, tau_neg,
-    kl_coef, ent_coef, r_min, r_max, offpol_thr, cov_kl,
-    LT: tl.constexpr, KL_ON: tl.constexpr, KL_TYPE: tl.constexpr, KL_STRAIGHT: tl.constexpr,
-    KL_CLAMP: tl.constexpr, KL_RHO: tl.constexpr, ENT_ON: tl.constexpr, DH_ON: tl.constexpr,
-    ROLLOUT: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_SEL: tl.constexpr, DUAL_ON: tl.constexpr,
-    DELTA_ON: tl.constexpr, OFFPOL_ON: tl.constexpr, NEED1: tl.constexpr, PPO_LIKE: tl.constexpr,
-    TOK_ROLL: tl.constexpr, SEQ_ROLL: tl.constexpr, ANY_ROLL: tl.constexpr, TRUNC: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, roll_ptr, keep_ptr, iw_ptr, sel_ptr,
+    row_ptr, dlp_ptr,
+    T, eps_low, eps_high, dual_clip, delta, cispo_lo, cispo_hi, tau_pos, tau_neg,
+    vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
+    kl_coef, entropy_coef, rollout_min, rollout_max, offpolicy_threshold, cov_kl_coef,
+    LT: tl.constexpr, SEQ: tl.constexpr, KL_ON: tl.constexpr, KL_TYPE: tl.constexpr,
+    KL_STRAIGHT: tl.constexpr, KL_CLAMP: tl.constexpr, KL_RHO: tl.constexpr, KL_RHO_GRAD_ON: tl.constexpr,
+    ENT_ON: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_IW: tl.constexpr, HAS_ROLL: tl.constexpr,
+    HAS_SEL: tl.constexpr, DUAL_ON: tl.constexpr, DELTA_ON: tl.constexpr, OFFPOL_ON: tl.constexpr,
+    NEED1: tl.constexpr, TOK_ROLL: tl.constexpr, SEQ_ROLL: tl.constexpr, TRUNC: tl.constexpr,
+    PPO_ROW: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    # ROLLOUT (the mode code) is implied by TOK_ROLL / SEQ_ROLL / TRUNC; kept for the cache key.
+    # PPO_ROW: LT is ppo, gspo or clip_cov (the rows with the ppo clip)
     i = tl.program_id(0).to(tl.int64)
     base = i * T
 
@@ -75,6 +126,9 @@ def policy_loss_fwd_kernel(
     sc = tl.zeros([], tl.float32)
     sa = tl.zeros([], tl.float32)
     sw = tl.zeros([], tl.float32)
+    skd = tl.zeros([], tl.float32)
+    slc = tl.zeros([], tl.float32)
+    sli = tl.zeros([], tl.float32)
     if NEED1:
         for start in range(0, T, BLOCK_T):
             cols, inb, v, lp, old, a = _load_tokens(lp_ptr, old_ptr, adv_ptr, mask_ptr, base, start, T, BLOCK_T)
@@ -82,33 +136,62 @@ def policy_loss_fwd_kernel(
             n1 += tl.sum(v.to(tl.float32), 0)
             sl += tl.sum(tl.where(v, l, 0.0), 0)
             sa += tl.sum(tl.where(v, a, 0.0), 0)
-            if ANY_ROLL:
+            if HAS_ROLL:
                 rl = tl.load(roll_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
-                lr = old - rl
+                lr = _rollout_log_ratio(old, rl)
                 slr += tl.sum(tl.where(v, lr, 0.0), 0)
-            if LT == 5:
-                ct = tl.where(a > 0, tl.minimum(l, eh), tl.where(a < 0, tl.maximum(l, -el), 0.0))
+                kd = tl.where(rl == rl, rl - lp, 0.0)  # off-policy KL evidence against the rollout
+            else:
+                kd = old - lp
+            skd += tl.sum(tl.where(v, kd, 0.0), 0)
+            if LT == VESPO:
+                slc += tl.sum(tl.where(v, _clamp(l, -20.0, 20.0), 0.0), 0)
+                if HAS_IW:
+                    iw = tl.load(iw_ptr + base + cols, mask=inb, other=1.0).to(tl.float32)
+                    sli += tl.sum(tl.where(v, _clamp(tl.log(iw), LOG_1E8, 20.0), 0.0), 0)
+            if LT == GMPO:
+                ct = tl.where(a > 0, tl.where(l > eps_high, eps_high, l),
+                              tl.where(a < 0, tl.where(l < -eps_low, -eps_low, l), 0.0))
                 sc += tl.sum(tl.where(v, ct, 0.0), 0)
                 wt = tl.full([BLOCK_T], 1.0, tl.float32)
                 if TOK_ROLL:
-                    wt = _rollout_weight(tl.exp(_clamp(lr, -20.0, 20.0)), r_min, r_max, TRUNC)
+                    wt = _rollout_weight(tl.exp(_clamp(lr, -20.0, 20.0)), rollout_min, rollout_max, TRUNC)
                 if HAS_KEEP:
                     wt = wt * tl.load(keep_ptr + base + cols, mask=inb, other=0.0)
                 sw += tl.sum(tl.where(v, wt, 0.0), 0)
+                if HAS_IW:
+                    iw = tl.load(iw_ptr + base + cols, mask=inb, other=1.0).to(tl.float32)
+                    sli += tl.sum(tl.where(v, tl.log(iw + 1e-10), 0.0), 0)
     inv_n = 1.0 / tl.maximum(n1, 1.0)
     w_row = tl.full([], 1.0, tl.float32)
     if SEQ_ROLL:
-        w_row = _rollout_weight(tl.exp(_clamp(slr, -20.0, 20.0)), r_min, r_max, TRUNC)
+        w_row = _rollout_weight(tl.exp(_clamp(slr, -20.0, 20.0)), rollout_min, rollout_max, TRUNC)
     if OFFPOL_ON:
-        drop = ((sa * inv_n) < 0) & ((-sl * inv_n) > offpol_thr)
+        drop = ((sa * inv_n) < 0) & ((skd * inv_n) > offpolicy_threshold)
         w_row = tl.where(drop, 0.0, w_row)
-    gspo_rho = tl.exp(tl.minimum(sl * inv_n, 10.0))
-    gmpo_row = tl.where(n1 > 0, w_row * sw * (-tl.exp(sc * inv_n) * (sa * inv_n)), 0.0)
+    rho_row = tl.zeros([], tl.float32)
+    if LT == GSPO:
+        m_l = sl * inv_n
+        rho_row = tl.exp(tl.where(m_l > 10.0, 10.0, m_l))
+    if SEQ:
+        rho_row = tl.exp(_clamp(sl * inv_n, -20.0, 20.0))
+    gmpo_row = tl.zeros([], tl.float32)
+    if LT == GMPO:
+        geo = tl.full([], 1.0, tl.float32)
+        if HAS_IW:
+            geo = tl.exp(sli * inv_n)
+        gmpo_row = tl.where(n1 > 0, w_row * sw * (-tl.exp(sc * inv_n) * (sa * inv_n)) * geo, 0.0)
     gmpo_g = gmpo_row * inv_n
+    vespo_logw = _clamp(slc + sli, LOG_1E8, 20.0)
+    vespo_w = tl.exp(vespo_logw)
+    phi_row = tl.zeros([], tl.float32)
+    if LT == VESPO:
+        phi_row = _vespo_phi((sa * inv_n) >= 0, vespo_logw, vespo_w, vespo_k_pos, vespo_lambda_pos,
+                             vespo_k_neg, vespo_lambda_neg)
 
     # ---- pass 2: per-token loss, gradient, metric sums ----
-    lo = 1.0 - el
-    hi = 1.0 + eh
+    lo = 1.0 - eps_low
+    hi = 1.0 + eps_high
     s_loss = tl.zeros([], tl.float32)
     s_n = tl.zeros([], tl.float32)
     s_clip = tl.zeros([], tl.float32)
@@ -117,95 +200,124 @@ def policy_loss_fwd_kernel(
     s_kl = tl.zeros([], tl.float32)
     s_h = tl.zeros([], tl.float32)
     s_sel = tl.zeros([], tl.float32)
+    s_clo = tl.zeros([], tl.float32)
+    s_chi = tl.zeros([], tl.float32)
+    s_grow = tl.zeros([], tl.float32)
     for start in range(0, T, BLOCK_T):
         cols, inb, v, x_lp, old, a = _load_tokens(lp_ptr, old_ptr, adv_ptr, mask_ptr, base, start, T, BLOCK_T)
         l = x_lp - old
         rho_c = tl.exp(_clamp(l, -20.0, 20.0))
-        drho_c = tl.where((l >= -20.0) & (l <= 20.0), rho_c, 0.0)
+        drho_c = tl.where((l < -20.0) | (l > 20.0), 0.0, rho_c)
+        zero = tl.zeros([BLOCK_T], tl.float32)
+        if SEQ:  # the row's ratio; its gradient comes in pass 3
+            rho_is = zero + rho_row
+            drho_is = zero
+        else:
+            rho_is = rho_c
+            drho_is = drho_c
         picked = tl.zeros([BLOCK_T], tl.int1)
         if HAS_SEL:
             picked = tl.load(sel_ptr + base + cols, mask=inb, other=0) != 0
-        zero = tl.zeros([BLOCK_T], tl.float32)
         clip = zero
         low = zero
-        if PPO_LIKE:
-            rho = rho_c
-            drho = drho_c
-            if LT == 1:
-                rho = zero + gspo_rho
+        clo = zero
+        chi = zero
+        d_own = zero
+        d_rho = zero
+        drho = zero
+        if PPO_ROW:
+            rho = rho_is
+            drho = drho_is
+            if LT == GSPO:
+                rho = zero + rho_row
                 drho = rho
-            if LT == 6:
+            if LT == CLIPCOV:
                 rho = tl.exp(l)
                 drho = rho
             r1 = rho
-            dr1 = drho
-            if DELTA_ON:  # ppo only (the launcher turns it off otherwise)
+            dr1 = zero + 1.0
+            if DELTA_ON:
                 r1 = tl.where(rho > delta, delta, rho)
-                dr1 = tl.where(rho > delta, 0.0, drho)
+                dr1 = tl.where(rho > delta, 0.0, 1.0)
             L1 = -a * r1
             L2 = -a * _clamp(rho, lo, hi)
-            dL2 = tl.where((rho >= lo) & (rho <= hi), -a * drho, 0.0)
+            dL2 = tl.where((rho >= lo) & (rho <= hi), -a, 0.0)
             is_clip = L2 > L1
             pg = tl.where(is_clip, L2, L1)
-            dpg = tl.where(is_clip, dL2, -a * dr1)
+            d_rho = tl.where(is_clip, dL2, -a * dr1)
             clip = is_clip.to(tl.float32)
-            if DUAL_ON:  # ppo only
-                L3 = -dual_c * a
+            clo = ((a < 0) & (r1 < lo)).to(tl.float32)
+            chi = ((a > 0) & (r1 > hi)).to(tl.float32)
+            if DUAL_ON:
+                L3 = -dual_clip * a
                 is_low = (a < 0) & (pg > L3)
                 pg = tl.where(is_low, L3, pg)
-                dpg = tl.where(is_low, 0.0, dpg)
+                d_rho = tl.where(is_low, 0.0, d_rho)
                 low = is_low.to(tl.float32)
-            if LT == 6:
+            if LT == CLIPCOV:
                 pg = tl.where(picked, 0.0, pg)
-                dpg = tl.where(picked, 0.0, dpg)
-        elif LT == 7:
+                d_rho = tl.where(picked, 0.0, d_rho)
+        elif LT == KLCOV:
             rho = tl.exp(l)
             sgn = tl.where(l > 0, 1.0, tl.where(l < 0, -1.0, 0.0))
-            pg = -a * rho + tl.where(picked, cov_kl * tl.abs(l), 0.0)
-            dpg = -a * rho + tl.where(picked, cov_kl * sgn, 0.0)
-        elif LT == 2:
-            w = _clamp(rho_c, cis_lo, cis_hi)
+            pg = -a * rho + tl.where(picked, cov_kl_coef * tl.abs(l), 0.0)
+            d_own = -a * rho + tl.where(picked, cov_kl_coef * sgn, 0.0)
+        elif LT == CISPO:
+            w = _clamp(rho_is, cispo_lo, cispo_hi)
             pg = -w * a * x_lp
-            dpg = -w * a
-            clip = ((rho_c < cis_lo) | (rho_c > cis_hi)).to(tl.float32)
-        elif LT == 3:
+            d_own = -w * a
+            clip = ((rho_is < cispo_lo) | (rho_is > cispo_hi)).to(tl.float32)
+            clo = ((a < 0) & (rho_is < cispo_lo)).to(tl.float32)
+            chi = ((a > 0) & (rho_is > cispo_hi)).to(tl.float32)
+        elif LT == SAPO:
             tau = tl.where(a > 0, tau_pos, tau_neg)
-            s = 1.0 / (1.0 + tl.exp(-tau * (rho_c - 1.0)))
+            s = 1.0 / (1.0 + tl.exp(-tau * (rho_is - 1.0)))
             pg = -(4.0 / tau) * s * a
-            dpg = -4.0 * s * (1.0 - s) * a * drho_c
-        elif LT == 4:
+            d_rho = -4.0 * s * (1.0 - s) * a
+            drho = drho_is
+        elif LT == REINFORCE:
             pg = -a * x_lp
-            dpg = -a
+            d_own = -a
+        elif LT == VESPO:
+            phi = _vespo_phi(a >= 0, vespo_logw, vespo_w, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+                             vespo_lambda_neg)
+            pg = -phi * a * x_lp
+            d_own = -phi * a
         else:  # gmpo
-            dc = tl.where(a > 0, (l <= eh).to(tl.float32), tl.where(a < 0, (l >= -el).to(tl.float32), 0.0))
+            dc = tl.where(a > 0, (l <= eps_high).to(tl.float32), tl.where(a < 0, (l >= -eps_low).to(tl.float32), 0.0))
             pg = zero
-            dpg = gmpo_g * dc
-            clip = ((l < -el) | (l > eh)).to(tl.float32)
+            d_own = gmpo_g * dc
+            out = (l < -eps_low) | (l > eps_high)
+            clip = out.to(tl.float32)
+            clo = (out & (a < 0)).to(tl.float32)
+            chi = (out & (a > 0)).to(tl.float32)
 
         w = zero + w_row
         if HAS_KEEP:
             w = w * tl.load(keep_ptr + base + cols, mask=inb, other=0.0)
         if TOK_ROLL:
             rl = tl.load(roll_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
-            w = w * _rollout_weight(tl.exp(_clamp(old - rl, -20.0, 20.0)), r_min, r_max, TRUNC)
-        if LT == 5:
+            w = w * _rollout_weight(tl.exp(_clamp(_rollout_log_ratio(old, rl), -20.0, 20.0)), rollout_min,
+                                    rollout_max, TRUNC)
+        if LT == GMPO:
             L = zero
-            g = dpg
+            g = d_own
         else:
             L = w * pg
-            g = w * dpg
+            g = w * (d_own + d_rho * drho)
+        grow = w * d_rho
         klv = zero
         if KL_ON:
             ref = tl.load(ref_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
             d = x_lp - ref
-            if KL_TYPE == 0:
-                klv = d
+            if KL_TYPE == K1:
+                kv = d
                 dkl = zero + 1.0
-            elif KL_TYPE == 1:
-                klv = tl.abs(d)
+            elif KL_TYPE == KABS:
+                kv = tl.abs(d)
                 dkl = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
-            elif KL_TYPE == 2:
-                klv = 0.5 * d * d
+            elif KL_TYPE == K2:
+                kv = 0.5 * d * d
                 dkl = d
             else:
                 x = -d
@@ -213,28 +325,30 @@ def policy_loss_fwd_kernel(
                     xc = _clamp(x, -20.0, 20.0)
                     e = tl.exp(xc)
                     k3 = e - xc - 1.0
-                    klv = _clamp(k3, -10.0, 10.0)
+                    kv = _clamp(k3, -10.0, 10.0)
                     live = (x >= -20.0) & (x <= 20.0) & (k3 >= -10.0) & (k3 <= 10.0)
                     dkl = tl.where(live, -(e - 1.0), 0.0)
                 else:
                     e = tl.exp(x)
-                    klv = e - x - 1.0
+                    kv = e - x - 1.0
                     dkl = -(e - 1.0)
             if KL_STRAIGHT:
                 dkl = d
             if KL_RHO:
-                L += kl_coef * rho_c * klv
-                g += kl_coef * rho_c * dkl
+                klv = rho_is * kv
+                g += kl_coef * rho_is * dkl
+                if KL_RHO_GRAD_ON:
+                    g += kl_coef * drho_is * kv
+                    grow += kl_coef * kv
             else:
-                L += kl_coef * klv
+                klv = kv
                 g += kl_coef * dkl
+            L += kl_coef * klv
         h = zero
         if ENT_ON:
             h = tl.load(ent_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
-            L -= ent_coef * h
+            L -= entropy_coef * h
         tl.store(dlp_ptr + base + cols, tl.where(v, g, 0.0), mask=inb)
-        if DH_ON:
-            tl.store(dh_ptr + base + cols, tl.where(v, -ent_coef, 0.0), mask=inb)
         s_loss += tl.sum(tl.where(v, L, 0.0), 0)
         s_n += tl.sum(v.to(tl.float32), 0)
         s_clip += tl.sum(tl.where(v, clip, 0.0), 0)
@@ -243,37 +357,64 @@ def policy_loss_fwd_kernel(
         s_kl += tl.sum(tl.where(v, klv, 0.0), 0)
         s_h += tl.sum(tl.where(v, h, 0.0), 0)
         s_sel += tl.sum((v & picked).to(tl.float32), 0)
-    out = row_ptr + i * 8
-    tl.store(out + 0, s_loss + gmpo_row)
-    tl.store(out + 1, s_n)
-    tl.store(out + 2, s_clip)
-    tl.store(out + 3, s_low)
-    tl.store(out + 4, s_negl)
-    tl.store(out + 5, s_kl)
-    tl.store(out + 6, s_h)
-    tl.store(out + 7, s_sel)
+        s_clo += tl.sum(tl.where(v, clo, 0.0), 0)
+        s_chi += tl.sum(tl.where(v, chi, 0.0), 0)
+        s_grow += tl.sum(tl.where(v, grow, 0.0), 0)
+
+    # ---- pass 3 (sequence level): the gradient through s_i, the same for every valid token ----
+    if SEQ:
+        add = s_grow * rho_row * inv_n
+        for start in range(0, T, BLOCK_T):
+            cols = start + tl.arange(0, BLOCK_T)
+            inb = cols < T
+            v = (tl.load(mask_ptr + base + cols, mask=inb, other=0) != 0) & inb
+            g = tl.load(dlp_ptr + base + cols, mask=inb, other=0.0)
+            tl.store(dlp_ptr + base + cols, g + tl.where(v, add, 0.0), mask=inb)
+    out = row_ptr + i * ROW_COLS
+    tl.store(out + COL_LOSS, s_loss + gmpo_row)
+    tl.store(out + COL_N, s_n)
+    tl.store(out + COL_CLIP, s_clip)
+    tl.store(out + COL_DUAL, s_low)
+    tl.store(out + COL_NEG_LOG_RATIO, s_negl)
+    tl.store(out + COL_KL, s_kl)
+    tl.store(out + COL_ENTROPY, s_h)
+    tl.store(out + COL_SELECTED, s_sel)
+    tl.store(out + COL_CLIP_LOW, s_clo)
+    tl.store(out + COL_CLIP_HIGH, s_chi)
+    tl.store(out + COL_PHI, phi_row)
 
 
-def policy_loss_forward(lp, old, adv, mask, ref, ent, roll, keep, sel, row, dlp, dh, *, loss_type, kl_type,
-                        kl_straight, kl_clamp, kl_rho, rollout, f, need1):
-    """Launch over rows of contiguous [B, T] inputs (mask/sel uint8); optional ones may be None."""
+def policy_loss_forward(lp, old, adv, mask, ref, ent, roll, keep, iw, sel, row, dlp, *, loss_type, is_level, kl_type,
+                        kl_straight, kl_clamp, kl_rho, rollout, eps_low, eps_high, dual_clip, delta, cispo_lo,
+                        cispo_hi, tau_pos, tau_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
+                        kl_coef, entropy_coef, rollout_min, rollout_max, offpolicy_threshold, cov_kl_coef,
+                        cov_ratio=None, cov_lb=None, cov_ub=None):
+    """Launch over rows of contiguous [B, T] inputs (mask/sel uint8); optional ones may be None.
+
+    Keywords: the fields of ``fastalign.policy_config.KernelParams`` (``**params._asdict()``);
+    the Clip-Cov selection bounds are used by the selection op, not here.
+    """
     B, T = lp.shape
     if B == 0:
         return
     BLOCK_T = min(1024, max(16, triton.next_power_of_2(max(T, 1))))
     dummy = lp
-    el, eh, dual_c, delta, cis_lo, cis_hi, tau_pos, tau_neg, kl_coef, ent_coef, r_min, r_max, offpol, cov_kl = f
+    offpol_on = math.isfinite(offpolicy_threshold)
+    seq = bool(is_level) and loss_type in (PPO, CISPO, SAPO)
+    seq_roll = rollout in (SEQ_TRUNC, SEQ_MASK)
     policy_loss_fwd_kernel[(B,)](
         lp, old, adv, mask, ref if ref is not None else dummy, ent if ent is not None else dummy,
-        roll if roll is not None else dummy, keep if keep is not None else dummy,
-        sel if sel is not None else mask, row, dlp, dh if dh is not None else dlp,
-        T, el, eh, dual_c, delta, cis_lo, cis_hi, tau_pos, tau_neg, kl_coef, ent_coef, r_min, r_max,
-        offpol if math.isfinite(offpol) else 0.0, cov_kl,
-        LT=loss_type, KL_ON=ref is not None, KL_TYPE=kl_type, KL_STRAIGHT=bool(kl_straight),
-        KL_CLAMP=bool(kl_clamp), KL_RHO=bool(kl_rho), ENT_ON=ent is not None, DH_ON=dh is not None,
-        ROLLOUT=rollout, HAS_KEEP=keep is not None, HAS_SEL=sel is not None,
-        DUAL_ON=bool(dual_c > 0 and loss_type == PPO), DELTA_ON=bool(delta > 0 and loss_type == PPO),
-        OFFPOL_ON=math.isfinite(offpol), NEED1=bool(need1), PPO_LIKE=loss_type in (PPO, GSPO, CLIPCOV),
-        TOK_ROLL=rollout in (TOK_TRUNC, TOK_MASK), SEQ_ROLL=rollout in (SEQ_TRUNC, SEQ_MASK),
-        ANY_ROLL=rollout != ROLL_NONE, TRUNC=rollout in (TOK_TRUNC, SEQ_TRUNC), BLOCK_T=BLOCK_T,
+        roll if roll is not None else dummy, keep if keep is not None else dummy, iw if iw is not None else dummy,
+        sel if sel is not None else mask, row, dlp,
+        T, eps_low, eps_high, dual_clip, delta, cispo_lo, cispo_hi, tau_pos, tau_neg,
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, kl_coef, entropy_coef, rollout_min,
+        rollout_max, offpolicy_threshold if offpol_on else 0.0, cov_kl_coef,
+        LT=loss_type, SEQ=seq, KL_ON=ref is not None, KL_TYPE=kl_type, KL_STRAIGHT=bool(kl_straight),
+        KL_CLAMP=bool(kl_clamp), KL_RHO=bool(kl_rho), KL_RHO_GRAD_ON=kl_rho == KL_RHO_GRAD,
+        ENT_ON=ent is not None, HAS_KEEP=keep is not None, HAS_IW=iw is not None, HAS_ROLL=roll is not None,
+        HAS_SEL=sel is not None, DUAL_ON=bool(dual_clip > 0 and loss_type == PPO),
+        DELTA_ON=bool(delta > 0 and loss_type in (PPO, GSPO)), OFFPOL_ON=offpol_on,
+        NEED1=bool(loss_type in (GSPO, GMPO, VESPO) or seq_roll or offpol_on or seq),
+        TOK_ROLL=rollout in (TOK_TRUNC, TOK_MASK), SEQ_ROLL=seq_roll, TRUNC=rollout in (TOK_TRUNC, SEQ_TRUNC),
+        PPO_ROW=loss_type in (PPO, GSPO, CLIPCOV), BLOCK_T=BLOCK_T,
     )

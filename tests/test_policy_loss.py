@@ -29,7 +29,7 @@ def make_batch(B=5, T=23, seed=0, dtype=torch.float32, spread=0.3, mask_frac=0.2
             for k, v in dict(lp=lp, old=old, A=A, m=m, ref=ref, H=H, roll=roll).items()}
 
 
-def run(batch, backend, *, with_ref=True, with_ent=True, cov_ratio=None, **kw):
+def run(batch, backend, *, with_ref=True, with_ent=True, with_roll=None, cov_ratio=None, **kw):
     """(loss, metrics, d lp, d H) from fastalign and from the reference in float64."""
     d = batch
     x = d["lp"].clone().requires_grad_(True)
@@ -39,7 +39,8 @@ def run(batch, backend, *, with_ref=True, with_ent=True, cov_ratio=None, **kw):
         extra["ref_logprobs"] = d["ref"]
     if with_ent:
         extra["entropy"] = h
-    if kw.get("rollout_correction"):
+    with_roll = bool(kw.get("rollout_correction")) if with_roll is None else with_roll
+    if with_roll:
         extra["rollout_logprobs"] = d["roll"]
     lt = kw.get("loss_type", "ppo")
     fa_kw = dict(kw)
@@ -55,7 +56,7 @@ def run(batch, backend, *, with_ref=True, with_ent=True, cov_ratio=None, **kw):
         rextra["ref_logprobs"] = d["ref"].double()
     if with_ent:
         rextra["entropy"] = hr
-    if kw.get("rollout_correction"):
+    if with_roll:
         rextra["rollout_logprobs"] = d["roll"].double()
     sel = None
     if lt in ("clip_cov", "kl_cov"):
@@ -63,14 +64,18 @@ def run(batch, backend, *, with_ref=True, with_ent=True, cov_ratio=None, **kw):
             d["lp"].double(), d["old"].double(), d["A"].double(), d["m"], loss_type=lt,
             eps_low=kw.get("eps_low", 0.2), eps_high=kw.get("eps_high", 0.2), ratio=cov_ratio,
             lb=kw.get("cov_lb", 1.0), ub=kw.get("cov_ub", 5.0))
-    rkw = {k: v for k, v in kw.items() if k not in ("cov_lb", "cov_ub")}
-    if lt in fastalign.policy.PRESETS:
-        rkw["loss_type"], preset_agg = fastalign.policy.PRESETS[lt]
-        rkw.setdefault("agg", preset_agg)
-        if rkw["loss_type"] == "reinforce":
-            pass
-    if rkw.get("agg") is None:
-        rkw["agg"] = "token-mean"
+    rkw = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()
+           if k not in ("cov_lb", "cov_ub")}
+    presets = {"vanilla": ("ppo", None, None), "grpo": ("ppo", "seq-mean-token-mean", None),
+               "bnpo": ("ppo", "token-mean", None), "dr_grpo": ("ppo", "seq-mean-token-sum-norm", None),
+               "dapo": ("ppo", "token-mean", None), "geo_mean": ("gmpo", None, None), "gpg": ("reinforce", None, None),
+               "luspo": ("ppo", "seq-mean-token-sum", "all")}
+    if lt in presets:
+        rkw["loss_type"], preset_agg, preset_count = presets[lt]
+        if rkw.get("agg") is None:
+            rkw["agg"] = preset_agg
+        if preset_count is not None:
+            rkw.setdefault("seq_count", preset_count)
     rloss, rmet = reference.policy_loss(xr, d["old"].double(), d["A"].double(), d["m"], cov_selected=sel,
                                         **rkw, **rextra)
     rloss.backward()
@@ -223,7 +228,9 @@ def test_all_masked_rows_and_empty_batches(cpu_backend):
         loss, met = fastalign.policy_loss(x, torch.zeros(shape), torch.zeros(shape), torch.ones(shape, dtype=torch.bool),
                                           backend=cpu_backend, agg="seq-mean-token-mean")
         loss.backward()
-        assert float(loss.detach()) == 0.0 and not any(torch.isnan(v) for v in met.values())
+        # min / max over sequences are NaN when there is no non-empty sequence; nothing else is
+        assert float(loss.detach()) == 0.0
+        assert not any(torch.isnan(v) for k, v in met.items() if k not in ("clip_low_min", "clip_high_max"))
         assert x.grad.shape == shape
     x = torch.randn(2, 5, requires_grad=True)  # everything masked
     loss, met = fastalign.policy_loss(x, x.detach(), torch.ones(2, 5), torch.zeros(2, 5), backend=cpu_backend)
@@ -414,16 +421,21 @@ def test_bad_inputs():
 def test_opcheck():
     d = make_batch(B=3, T=11, seed=21)
     mu = d["m"].view(torch.uint8)
-    f = [0.2, 0.28, 3.0, 0.0, 0.8, 1.28, 1.0, 1.05, 0.1, 0.01, 0.5, 2.0, math.inf, 1.0]
+    f1 = list(fastalign.PolicyConfig(eps_high=0.28, dual_clip=3.0, kl_coef=0.1, entropy_coef=0.01)
+              .kernel_params(entropy_in_kernel=True))
+    f2 = list(fastalign.PolicyConfig(loss_type="gmpo", rollout_correction="sequence_truncate")
+              .kernel_params(entropy_in_kernel=True))
+    f3 = list(fastalign.PolicyConfig(importance_sampling_level="sequence", kl_coef=0.1, kl_rho="grad")
+              .kernel_params(entropy_in_kernel=True))
     lp = d["lp"].clone().requires_grad_(True)
     H = d["H"].clone().requires_grad_(True)
-    torch.library.opcheck(ops.policy_loss_rows, (lp, d["old"], d["A"], mu, d["ref"], H, None, None, None, 0, 3,
-                                                 False, True, False, 0, f, False, True, "cpp"))
-    torch.library.opcheck(ops.policy_loss_rows, (lp, d["old"], d["A"], mu, None, None, d["roll"], None, None, 5, 3,
-                                                 False, True, False, 3, f, True, False, "cpp"))
-    torch.library.opcheck(ops.policy_loss_rows, (lp, d["old"], d["A"], mu, d["ref"], H, None, None, None, 0, 3,
-                                                 False, True, False, 0, f, False, False, "cpp"))
-    g_row = torch.randn(3, 8)
+    torch.library.opcheck(ops.policy_loss_rows, (lp, d["old"], d["A"], mu, d["ref"], H, None, None, None, None, f1,
+                                                 "cpp"))
+    torch.library.opcheck(ops.policy_loss_rows, (lp, d["old"], d["A"], mu, None, None, d["roll"], None, None, None,
+                                                 f2, "cpp"))
+    torch.library.opcheck(ops.policy_loss_rows, (lp, d["old"], d["A"], mu, d["ref"], H, None, None, None, None, f3,
+                                                 "cpp"))
+    g_row = torch.randn(3, 11)
     for backend in ("cpp", "triton"):
         for want in ((True, True), (True, False), (False, True)):
             gl, ge = ops.policy_loss_grads(d["lp"], g_row, mu, 0.01, *want, backend)
@@ -442,9 +454,11 @@ def test_opcheck():
 def test_torch_compile_fullgraph(loss_type):
     d = make_batch(seed=22)
 
+    cov = dict(cov_ratio=0.05) if loss_type == "kl_cov" else {}
+
     def step(lp, old, A, m, ref, H):
         loss, met = fastalign.policy_loss(lp, old, A, m, loss_type=loss_type, ref_logprobs=ref, kl_coef=0.1,
-                                          entropy=H, entropy_coef=0.01, cov_ratio=0.05, agg="seq-mean-token-mean")
+                                          entropy=H, entropy_coef=0.01, agg="seq-mean-token-mean", **cov)
         return loss, met["clipfrac"]
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -573,3 +587,140 @@ def test_gpu_no_sync_and_cuda_graph():
     g.replay()
     torch.cuda.synchronize()
     assert torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------- configuration record
+
+def test_unknown_option_suggests_the_closest_name():
+    d = make_batch(B=2, T=5, seed=30)
+    with pytest.raises(TypeError, match="did you mean eps_high"):
+        fastalign.policy_loss(d["lp"], d["old"], d["A"], d["m"], eps_hihg=0.3)
+    with pytest.raises(TypeError, match="did you mean entropy_coef"):
+        fastalign.PolicyLoss(entropy_coeff=0.1)
+    with pytest.raises(TypeError, match="did you mean kl_coef"):
+        fastalign.LinearPolicyLoss(kl_coeff=0.1)
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(loss_type="cispo", delta=2.0), "delta"),
+    (dict(loss_type="ppo", sapo_tau=(1.0, 1.0)), "sapo_tau"),
+    (dict(loss_type="ppo", cov_ratio=0.1), "cov_ratio"),
+    (dict(loss_type="clip_cov", cov_kl_coef=0.1), "cov_kl_coef"),
+    (dict(loss_type="gspo", dual_clip=3.0), "dual_clip"),
+    (dict(loss_type="ppo", vespo_k=(1.0, 1.0)), "vespo_k"),
+    (dict(loss_type="sapo", cispo_bounds=(0.0, 1.0)), "cispo_bounds"),
+    (dict(rollout_min=0.5), "rollout_min"),
+    (dict(loss_type="gmpo", importance_sampling_level="sequence"), "importance_sampling_level"),
+    (dict(agg="token-mean", seq_count="all"), "seq_count"),
+    (dict(agg="token-mean", max_len=8), "max_len"),
+    (dict(kl_rho="yes"), "kl_rho"),
+    (dict(loss_type="reinforce", eps_high=0.3), "eps_high"),
+    (dict(loss_type="cispo", cispo_bounds=(0.0, 2.0), eps_low=0.1), "eps_low"),
+    (dict(entropy_agg="token-mean"), "entropy_agg"),
+])
+def test_option_that_does_not_apply_raises(kw, name):
+    with pytest.raises(ValueError, match=name):
+        fastalign.PolicyConfig(**kw)
+    with pytest.raises(ValueError, match=name):
+        fastalign.PolicyLoss(**kw)
+
+
+def test_rollout_logprobs_without_a_use_raise():
+    d = make_batch(B=2, T=5, seed=31)
+    with pytest.raises(ValueError, match="rollout_logprobs"):
+        fastalign.policy_loss(d["lp"], d["old"], d["A"], d["m"], rollout_logprobs=d["roll"])
+
+
+def test_kernel_parameter_order_matches_the_compiled_struct():
+    from fastalign import _backend
+    from fastalign.policy_config import KernelParams
+
+    assert tuple(_backend.compiled().policy_loss_param_names()) == KernelParams._fields
+
+
+def test_config_object_and_keywords_agree():
+    d = make_batch(seed=32)
+    cfg = fastalign.PolicyConfig(loss_type="grpo", eps_high=0.28, kl_coef=0.1)
+    l1, _ = fastalign.policy_loss(d["lp"], d["old"], d["A"], d["m"], ref_logprobs=d["ref"], config=cfg)
+    l2, _ = fastalign.PolicyLoss(config=cfg)(d["lp"], d["old"], d["A"], d["m"], ref_logprobs=d["ref"])
+    l3, _ = fastalign.policy_loss(d["lp"], d["old"], d["A"], d["m"], ref_logprobs=d["ref"], loss_type="grpo",
+                                  eps_high=0.28, kl_coef=0.1)
+    assert torch.equal(l1, l2) and torch.equal(l1, l3)
+
+
+# ---------------------------------------------------------------- options of the trainer profiles
+
+def _with_empty_row(batch):
+    batch["m"][2] = False
+    return batch
+
+
+OPTION_CASES = {
+    "gspo_delta": dict(loss_type="gspo", delta=1.05, eps_low=0.01, eps_high=0.01),
+    "gspo_token_mean": dict(loss_type="gspo", agg="token-mean"),
+    "ppo_sequence": dict(importance_sampling_level="sequence", delta=1.1, kl_coef=0.1, kl_type="k3",
+                         kl_clamp=False, kl_rho="grad", entropy_quantile=0.5, agg="token-sum"),
+    "cispo_sequence": dict(loss_type="cispo", importance_sampling_level="sequence", cispo_bounds=(0.0, 1.05),
+                           kl_coef=0.1, kl_rho="grad"),
+    "sapo_sequence": dict(loss_type="sapo", importance_sampling_level="sequence", agg="seq-mean-token-mean",
+                          seq_count="all", rollout_correction="token_truncate", rollout_min=0.9, rollout_max=1.1),
+    "kl_rho_grad": dict(kl_coef=0.2, kl_type="k3", kl_clamp=False, kl_rho="grad", with_ent=False),
+    "entropy_token_mean": dict(entropy_coef=0.05, entropy_agg="token-mean", entropy_quantile=0.4,
+                               agg="seq-mean-token-mean"),
+    "top_entropy_only": dict(entropy_quantile=0.0, entropy_coef=0.05, entropy_agg="token-mean"),
+    "truncate_both_bounds": dict(rollout_correction="sequence_truncate", rollout_min=0.95, rollout_max=1.05),
+    "offpolicy_vs_rollout": dict(offpolicy_threshold=0.0, with_roll=True),
+    "luspo": dict(loss_type="luspo", importance_sampling_level="sequence"),
+    "vespo": dict(loss_type="vespo", vespo_k=(2.0, 3.0), vespo_lambda=(3.0, 2.0), agg="token-sum"),
+    "gmpo_nonempty": dict(loss_type="gmpo", seq_count="nonempty", agg="seq-mean-token-mean"),
+    "dr_grpo_nonempty": dict(loss_type="dr_grpo", seq_count="nonempty", max_len=30),
+    "dual_clip_metrics": dict(dual_clip=3.0, eps_high=0.28),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OPTION_CASES))
+def test_options_match_reference(cpu_backend, case):
+    kw = dict(OPTION_CASES[case])
+    batch = _with_empty_row(make_batch(seed=33, spread=0.3))
+    batch["A"] = batch["A"][:, :1].expand_as(batch["A"]).contiguous()  # sequence-level advantages
+    out, ref = run(batch, cpu_backend, **kw)
+    check(out, ref)
+
+
+@pytest.mark.parametrize("loss_type", ["ppo", "gmpo", "vespo", "cispo"])
+def test_importance_weights(cpu_backend, loss_type):
+    batch = make_batch(seed=34)
+    batch["A"] = batch["A"][:, :1].expand_as(batch["A"]).contiguous()
+    w = torch.rand(batch["lp"].shape, generator=torch.Generator().manual_seed(1)) + 0.5
+    out, ref = run(batch, cpu_backend, loss_type=loss_type, importance_weights=w, with_ref=False)
+    check(out, ref)
+    out, ref = run(batch, cpu_backend, loss_type=loss_type, importance_weights=w[:, 0], with_ref=False)
+    check(out, ref)
+
+
+def test_nan_rollout_logprob_is_a_zero_log_ratio(cpu_backend):
+    batch = make_batch(seed=35)
+    batch["roll"][0, 1] = float("nan")
+    batch["roll"][3, 4] = float("nan")
+    for mode in ("token_mask", "sequence_truncate"):
+        out, ref = run(batch, cpu_backend, rollout_correction=mode, offpolicy_threshold=0.0)
+        check(out, ref)
+        assert torch.isfinite(out[0])
+
+
+@pytest.mark.parametrize("loss_type", ["ppo", "gspo", "cispo", "sapo", "reinforce", "gmpo", "vespo"])
+def test_nan_logprob_gives_nan_loss(cpu_backend, loss_type):
+    batch = make_batch(B=3, T=6, seed=36)
+    lp = batch["lp"].clone()
+    lp[1, 0] = float("nan")  # a valid token
+    loss, _ = fastalign.policy_loss(lp, batch["old"], batch["A"], batch["m"], loss_type=loss_type,
+                                    backend=cpu_backend)
+    assert torch.isnan(loss)
+    lp = batch["lp"].clone()
+    for k in ("ref", "H"):
+        bad = batch[k].clone()
+        bad[1, 0] = float("nan")
+        kw = dict(ref_logprobs=bad, kl_coef=0.1) if k == "ref" else dict(entropy=bad, entropy_coef=0.1)
+        loss, _ = fastalign.policy_loss(lp, batch["old"], batch["A"], batch["m"], loss_type=loss_type,
+                                        backend=cpu_backend, **kw)
+        assert torch.isnan(loss), k

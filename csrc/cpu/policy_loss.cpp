@@ -1,31 +1,42 @@
 // Policy-gradient losses of SPEC §3 with the terms of §3.2, fused, on the CPU.
 //
 // One row (sequence) i at a time, OpenMP over rows. Per token t (fp32, v = mask):
-//   l = lp - old,  rho = exp(clamp(l, -20, 20))
-//   pg_t, dpg_t           the loss-type row of the table below and its d/d(lp)
-//   w_t = w_tok_t * w_row  detached weights: rollout correction, entropy-quantile
-//                          keep mask, sequence off-policy mask
-//   L_t  = w_t pg_t + kl_coef KL_t - ent_coef H_t
-//   dlp_t = v (w_t dpg_t + kl_coef dKL_t),   dH_t = -v ent_coef
-// Sequence-level quantities (gspo's s_i, gmpo's means, sequence rollout weights,
-// the off-policy mask) come from a first pass over the row. Outputs per row
-// (fixed-order sums, so bitwise deterministic):
-//   row[i, :] = [sum v L, n, #clipped, #dual-clipped, sum v(-l), sum v KL, sum v H, #selected]
-// and the per-token d(row loss)/d(lp), d/d(H); the aggregation (SPEC §4) is a
-// weighted sum of row losses done by the caller, and backward only scales dlp by
-// the upstream gradient of each row.
+//   l = lp - old,  rho = exp(clamp(l, -20, 20))  (importance_sampling_level = sequence:
+//                  rho = s_i = exp(clamp(mean_v l, -20, 20)) for every token of the row)
+//   pg_t                  the loss-type row of the table below, with
+//   dpg_t = d_own_t + d_rho_t drho_t/dlp_t   its derivative (d_rho: derivative in rho)
+//   w_t = w_tok_t * w_row  detached weights: rollout correction, entropy-quantile keep mask times
+//                          importance weights, sequence off-policy mask
+//   K_t = KL_t * (rho if kl_rho else 1)
+//   L_t  = w_t pg_t + kl_coef K_t - ent_coef H_t
+//   dlp_t = v (w_t dpg_t + kl_coef dK_t/dlp_t)
+// Token level: drho_t/dlp_t = rho_t. Sequence level: ds_i/dlp_t = s_i v_t / n_i, so every valid
+// token of the row also gets  s_i / n_i * sum_u v_u (w_u d_rho_u + kl_coef KL_u [kl_rho = grad]).
+// Sequence-level quantities (gspo's s_i, gmpo's means, vespo's weight, sequence rollout weights,
+// the off-policy mask) come from a first pass over the row. Outputs per row (fixed-order sums,
+// so bitwise deterministic):
+//   row[i, :] = [sum v L, n, #clipped, #dual-clipped, sum v(-l), sum v K, sum v H, #selected,
+//                #clip_low, #clip_high, vespo phi of the row]
+// and the per-token d(row loss)/d(lp); the aggregation (SPEC §4) is a weighted sum of row losses
+// done by the caller, and backward only scales dlp by the upstream gradient of each row.
 //
-// Loss types (LT):
-//   ppo      L1 = -A min(rho, delta), L2 = -A clip(rho, 1-el, 1+eh), max(L1, L2) (L2 only if
-//            strictly larger), dual clip min(., -cA) for A < 0 (only if strictly larger)
+// Loss types (LT), r1 = min(rho, delta):
+//   ppo      L1 = -A r1, L2 = -A clip(rho, 1-el, 1+eh), max(L1, L2) (L2 only if strictly
+//            larger), dual clip min(., -cA) for A < 0 (only if strictly larger)
 //   gspo     rho = exp(min(mean_v l, 10)) per row (gradient d rho/d lp_t = rho), ppo clip
 //   cispo    -sg(clip(rho, lo, hi)) A lp
 //   sapo     -(4/tau) sigma(tau (rho - 1)) A, tau = tau_pos if A > 0 else tau_neg
 //   reinforce -A lp
 //   gmpo     c_t = A > 0 ? min(l, eh) : A < 0 ? max(l, -el) : 0;
-//            row loss -exp(mean_v c) mean_v A times sum_t v w_tok_t
+//            row loss -exp(mean_v c) mean_v A times sum_t v w_tok_t times the geometric mean
+//            of the importance weights
 //   clip_cov ppo clip on exp(l) (no clamps, no dual clip), selected tokens' pg set to 0
 //   kl_cov   -A exp(l) + cov_kl_coef |l| on selected tokens
+//   vespo    -sg(phi_t) A lp, log phi_t = lam + k log W_i - lam W_i, (k, lam) by sign(A_t) >= 0,
+//            log W_i = clamp(sum_v clamp(l, -20, 20) + sum_v clamp(log iw, log 1e-8, 20), log 1e-8, 20)
+// Clip metrics: clip_low = A < 0 and r1 < lo, clip_high = A > 0 and r1 > hi (ppo rows; cispo
+// with its bounds; gmpo: l outside [-el, eh] by the sign of A).
+// A NaN rollout log-prob is a log-ratio of 0 (an unscorable token); any other NaN propagates.
 // GCC sinks the loads of optional inputs into the masked branch, which leaves conditional
 // (possibly trapping) loads that if-conversion rejects and the token loop stays scalar.
 // Without load sinking the whole per-token body becomes straight-line SIMD code.
@@ -35,6 +46,7 @@
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include <omp.h>
@@ -47,19 +59,60 @@
 namespace fastalign {
 namespace {
 
-enum LossType : int { kPPO = 0, kGSPO, kCISPO, kSAPO, kREINFORCE, kGMPO, kCLIPCOV, kKLCOV };
+enum LossType : int { kPPO = 0, kGSPO, kCISPO, kSAPO, kREINFORCE, kGMPO, kCLIPCOV, kKLCOV, kVESPO };
 enum KLType : int { kK1 = 0, kAbs, kK2, kK3 };
 enum Rollout : int { kRollNone = 0, kTokTrunc, kTokMask, kSeqTrunc, kSeqMask };
+enum KLRho : int { kKLRhoOff = 0, kKLRhoDetached, kKLRhoGrad };
 
-constexpr int kRowCols = 8;
+constexpr int kRowCols = 11;
+constexpr float kHuge = std::numeric_limits<float>::infinity();
+constexpr int kPartCols = kRowCols + 1;  // a chunk's sums plus its sequence-level gradient sum
 
-struct Cfg {
+// The launch parameters, in the order of fastalign.policy_config.KernelParams (the Python side
+// checks the names against policy_loss_param_names() once). Codes are carried as exact floats.
+#define FASTALIGN_POLICY_PARAMS(X)                                                                   \
+  X(int, loss_type) X(int, is_level) X(int, kl_type) X(int, kl_straight) X(int, kl_clamp)           \
+  X(int, kl_rho) X(int, rollout) X(float, eps_low) X(float, eps_high) X(float, dual_clip)            \
+  X(float, delta) X(float, cispo_lo) X(float, cispo_hi) X(float, tau_pos) X(float, tau_neg)          \
+  X(float, vespo_k_pos) X(float, vespo_lambda_pos) X(float, vespo_k_neg) X(float, vespo_lambda_neg)  \
+  X(float, kl_coef) X(float, entropy_coef) X(float, rollout_min) X(float, rollout_max)               \
+  X(float, offpolicy_threshold) X(float, cov_kl_coef) X(float, cov_ratio) X(float, cov_lb)           \
+  X(float, cov_ub)
+
+struct PolicyParams {
+#define FA_FIELD(type, name) type name;
+  FASTALIGN_POLICY_PARAMS(FA_FIELD)
+#undef FA_FIELD
+};
+
+#define FA_COUNT(type, name) +1
+constexpr size_t kNumPolicyParams = 0 FASTALIGN_POLICY_PARAMS(FA_COUNT);
+#undef FA_COUNT
+
+PolicyParams params_from(const std::vector<double>& f, const char* who) {
+  if (f.size() != kNumPolicyParams)
+    throw std::invalid_argument(std::string(who) + ": expected " + std::to_string(kNumPolicyParams) +
+                                " parameters, got " + std::to_string(f.size()));
+  PolicyParams p{};
+  size_t j = 0;
+#define FA_SET(type, name) p.name = static_cast<type>(f[j++]);
+  FASTALIGN_POLICY_PARAMS(FA_SET)
+#undef FA_SET
+  return p;
+}
+
+std::vector<std::string> policy_param_names() {
+  std::vector<std::string> names;
+#define FA_NAME(type, name) names.push_back(#name);
+  FASTALIGN_POLICY_PARAMS(FA_NAME)
+#undef FA_NAME
+  return names;
+}
+
+// Parameters plus what the launch knows about its inputs.
+struct Cfg : PolicyParams {
   int64_t B, T;
-  int kl_type;
-  bool kl_on, kl_straight, kl_clamp, kl_rho, ent_on, dH_on;
-  int rollout;
-  float el, eh, dual_c, delta, cis_lo, cis_hi, tau_pos, tau_neg;
-  float kl_coef, ent_coef, r_min, r_max, offpol_thr, cov_kl;
+  bool kl_on, ent_on, iw_on;
 };
 
 static inline float clampf(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
@@ -67,20 +120,36 @@ static inline float clampf(float x, float lo, float hi) { return x < lo ? lo : (
 
 // One row's inputs (absent optional inputs point at a row of neutral values).
 struct Row {
-  const float *lp, *old, *adv, *ref, *ent, *roll, *keep;
+  const float *lp, *old, *adv, *ref, *ent, *roll, *keep, *iw;
   const uint8_t *mask, *sel;
-  float *out, *dlp, *dH;
+  float *out, *dlp;
 };
 
 // Flags (compile time, so the token loop has no branches and vectorises).
 // kFlagPlain (Clip-Cov / KL-Cov path only): no keep mask, no entropy, row weight 1, so the token
 // loop reads neither neutral row.
-enum Flag : int { kFlagKL = 1, kFlagDH = 2, kFlagTokRoll = 4, kFlagPlain = 8 };
+enum Flag : int { kFlagKL = 1, kFlagTokRoll = 2, kFlagPlain = 4 };
 
 // Row-level quantities from pass 1 that the token loop needs.
 struct RowCtx {
-  float w_row, gspo_rho, gmpo_G, gmpo_row;
+  float w_row, rho_row, gmpo_G, gmpo_row, vespo_logw, vespo_w, vespo_phi, inv_n;
 };
+
+// rollout log-ratio old - rollout; an unscorable rollout token (NaN) counts as 0
+static inline float rollout_log_ratio(float old, float roll) { return roll == roll ? old - roll : 0.f; }
+
+static inline float rollout_weight(float r, bool trunc, float r_min, float r_max) {
+  return trunc ? clampf(r, r_min, r_max) : (((r >= r_min) & (r <= r_max)) ? r : 0.f);
+}
+
+// vespo's detached weight phi = exp(lam + k log W - lam W), 0 where it is not finite
+static inline float vespo_phi(const Cfg& c, bool pos, float logw, float w) {
+  const float k = pos ? c.vespo_k_pos : c.vespo_k_neg;
+  float lam = pos ? c.vespo_lambda_pos : c.vespo_lambda_neg;
+  lam = lam < 1e-4f ? 1e-4f : lam;
+  const float lphi = lam + k * logw - lam * w;
+  return ((lphi == lphi) & (lphi < 88.f)) ? exp_f32(lphi) : 0.f;
+}
 
 // ---- pass 1: per-row sums (only what the configuration needs) ----
 template <int LT, int FL>
@@ -91,43 +160,56 @@ __attribute__((always_inline)) inline RowCtx row_stats(const Cfg& c, const Row& 
   const float* __restrict adv = R.adv;
   const float* __restrict roll = R.roll;
   const float* __restrict keep = R.keep;
+  const float* __restrict iw = R.iw;
   const uint8_t* __restrict mask = R.mask;
   const bool tok_roll = c.rollout == kTokTrunc || c.rollout == kTokMask;
   const bool roll_trunc = c.rollout == kTokTrunc || c.rollout == kSeqTrunc;
   const bool seq_roll = c.rollout == kSeqTrunc || c.rollout == kSeqMask;
-  float n1 = 0.f, sl = 0.f, slr = 0.f, sc = 0.f, sa = 0.f, sw = 0.f;
-  const bool need1 = LT == kGSPO || LT == kGMPO || seq_roll || std::isfinite(c.offpol_thr);
+  const bool offpol = std::isfinite(c.offpolicy_threshold);
+  const float el = c.eps_low, eh = c.eps_high, r_min = c.rollout_min, r_max = c.rollout_max;
+  const float log_lo = std::log(1e-8f);
+  float n1 = 0.f, sl = 0.f, slr = 0.f, sc = 0.f, sa = 0.f, sw = 0.f, skd = 0.f, slc = 0.f, sli = 0.f;
+  const bool need1 = LT == kGSPO || LT == kGMPO || LT == kVESPO || seq_roll || offpol || c.is_level != 0;
   if (need1) {
-#pragma omp simd reduction(+ : n1, sl, slr, sc, sa, sw)
+#pragma omp simd reduction(+ : n1, sl, slr, sc, sa, sw, skd, slc, sli)
     for (int64_t t = 0; t < T; ++t) {
       const bool v = mask[t] != 0;
       const float l = lp[t] - old[t];
       const float a = adv[t];
-      const float lr = old[t] - roll[t];
+      const float lr = rollout_log_ratio(old[t], roll[t]);
+      const float kd = roll[t] == roll[t] ? roll[t] - lp[t] : 0.f;  // off-policy KL evidence
       const float r = exp_f32(clampf(lr, -20.f, 20.f));
-      float wt = roll_trunc ? (r > c.r_max ? c.r_max : r) : ((r >= c.r_min && r <= c.r_max) ? r : 0.f);
-      wt = (tok_roll ? wt : 1.f) * keep[t];
-      const float ct = a > 0.f ? (l > c.eh ? c.eh : l) : (a < 0.f ? (l < -c.el ? -c.el : l) : 0.f);
+      const float wt = (tok_roll ? rollout_weight(r, roll_trunc, r_min, r_max) : 1.f) * keep[t];
+      const float ct = a > 0.f ? (l > eh ? eh : l) : (a < 0.f ? (l < -el ? -el : l) : 0.f);
+      float li = 0.f;  // log importance weight: gmpo's geometric mean, vespo's sequence weight
+      if (LT == kGMPO) li = std::log(iw[t] + 1e-10f);
+      if (LT == kVESPO) li = clampf(std::log(iw[t]), log_lo, 20.f);
       n1 += v ? 1.f : 0.f;
       sl += v ? l : 0.f;
       slr += v ? lr : 0.f;
       sc += v ? ct : 0.f;
       sa += v ? a : 0.f;
       sw += v ? wt : 0.f;
+      skd += v ? kd : 0.f;
+      slc += v ? clampf(l, -20.f, 20.f) : 0.f;
+      sli += (v & c.iw_on) ? li : 0.f;
     }
   }
   const float inv_n = 1.f / (n1 > 1.f ? n1 : 1.f);
-  RowCtx x{1.f, 0.f, 0.f, 0.f};
-  if (seq_roll) {
-    const float Rw = std::exp(clampf(slr, -20.f, 20.f));
-    x.w_row = roll_trunc ? (Rw > c.r_max ? c.r_max : Rw) : ((Rw >= c.r_min && Rw <= c.r_max) ? Rw : 0.f);
-  }
-  if (std::isfinite(c.offpol_thr) && sa * inv_n < 0.f && -sl * inv_n > c.offpol_thr) x.w_row = 0.f;
-  x.gspo_rho = LT == kGSPO ? std::exp(std::fmin(sl * inv_n, 10.f)) : 0.f;
+  RowCtx x{1.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, inv_n};
+  if (seq_roll) x.w_row = rollout_weight(std::exp(clampf(slr, -20.f, 20.f)), roll_trunc, r_min, r_max);
+  if (offpol && sa * inv_n < 0.f && skd * inv_n > c.offpolicy_threshold) x.w_row = 0.f;
+  if (LT == kGSPO) x.rho_row = std::exp(clampf(sl * inv_n, -kHuge, 10.f));  // keeps NaN
+  if (c.is_level != 0) x.rho_row = std::exp(clampf(sl * inv_n, -20.f, 20.f));
   if (LT == kGMPO && n1 > 0.f) {
     const float seq = -std::exp(sc * inv_n) * (sa * inv_n);
-    x.gmpo_row = x.w_row * sw * seq;
+    x.gmpo_row = x.w_row * sw * seq * (c.iw_on ? std::exp(sli * inv_n) : 1.f);
     x.gmpo_G = x.gmpo_row * inv_n;  // times dc_t
+  }
+  if (LT == kVESPO) {
+    x.vespo_logw = clampf(slc + sli, log_lo, 20.f);
+    x.vespo_w = std::exp(x.vespo_logw);
+    x.vespo_phi = vespo_phi(c, sa * inv_n >= 0.f, x.vespo_logw, x.vespo_w);
   }
   return x;
 }
@@ -150,33 +232,39 @@ struct ScanOut {
 };
 
 // ---- pass 2 on tokens [t0, t0 + n) of a row: per-token loss, gradients and the chunk's metric
-// sums part[0..7] = [sum v L, n, #clipped, #dual-clipped, sum v(-l), sum v KL, sum v H, #selected]
-// (without the row-level gmpo term). d(row loss)/d(lp) goes to c_dlp[0..n), d/dH to R.dH.
-// Returns the number of hits in scan modes.
+// sums part[0..kRowCols) (without the row-level gmpo term and vespo phi) plus, in part[kRowCols],
+// the sequence-level gradient sum sum_v (w d_rho + kl_coef K [kl_rho = grad]).
+// d(row loss)/d(lp) goes to c_dlp[0..n). Returns the number of hits in scan modes.
 template <int LT, int FL, int SM>
 __attribute__((always_inline)) inline uint32_t chunk_body(const Cfg& c, const Row& R, const RowCtx& x, int64_t t0,
                                                           int64_t n, float* __restrict c_dlp, float* part,
                                                           uint32_t flat0, const ScanOut* scan) {
-  constexpr bool KL = (FL & kFlagKL) != 0, DH = (FL & kFlagDH) != 0, TOKROLL = (FL & kFlagTokRoll) != 0;
+  constexpr bool KL = (FL & kFlagKL) != 0, TOKROLL = (FL & kFlagTokRoll) != 0;
   constexpr bool PLAIN = (FL & kFlagPlain) != 0;
   constexpr bool SCAN = SM != kSelMask;
+  constexpr bool PPO_ROW = LT == kPPO || LT == kGSPO || LT == kCLIPCOV;
   // configuration in locals: the stores below cannot alias it
-  const float el = c.el, eh = c.eh, cis_lo = c.cis_lo, cis_hi = c.cis_hi;
-  const float tau_pos = c.tau_pos, tau_neg = c.tau_neg, kl_coef = c.kl_coef, ent_coef = c.ent_coef;
-  const float r_min = c.r_min, r_max = c.r_max, cov_kl = c.cov_kl;
+  const float el = c.eps_low, eh = c.eps_high, cis_lo = c.cispo_lo, cis_hi = c.cispo_hi;
+  const float tau_pos = c.tau_pos, tau_neg = c.tau_neg, kl_coef = c.kl_coef, ent_coef = c.entropy_coef;
+  const float r_min = c.rollout_min, r_max = c.rollout_max, cov_kl = c.cov_kl_coef;
   const int rollout = c.rollout;
-  const bool kl_clamp = c.kl_clamp;
+  const bool kl_clamp = c.kl_clamp != 0;
   const float w_k1 = c.kl_type == kK1, w_abs = c.kl_type == kAbs, w_k2 = c.kl_type == kK2, w_k3 = c.kl_type == kK3;
-  const float w_st = c.kl_straight ? 1.f : 0.f, w_rho = c.kl_rho ? 1.f : 0.f;
-  const float w_row = PLAIN ? 1.f : x.w_row, gspo_rho = x.gspo_rho, gmpo_G = x.gmpo_G;
-  const float lo = 1.f - c.el, hi = 1.f + c.eh;
+  const float w_st = c.kl_straight ? 1.f : 0.f;
+  const float w_row = PLAIN ? 1.f : x.w_row, rho_row = x.rho_row, gmpo_G = x.gmpo_G;
+  const float vespo_logw = x.vespo_logw, vespo_w = x.vespo_w;
+  const bool seq = (LT == kPPO || LT == kCISPO || LT == kSAPO) && c.is_level != 0;
+  // token-level ratio weights: 1 where the token's own ratio (or gspo's) carries the gradient
+  const float w_tok = seq ? 0.f : 1.f;
+  const float w_kl_rho = c.kl_rho != kKLRhoOff ? 1.f : 0.f, w_kl_grad = c.kl_rho == kKLRhoGrad ? 1.f : 0.f;
+  const float lo = 1.f - el, hi = 1.f + eh;
   // Options off become bounds that never bind (no runtime branches in the loop, so it vectorises).
   constexpr float kBig = std::numeric_limits<float>::max();
-  const float delta_b = (LT == kPPO && c.delta > 0.f) ? c.delta : kBig;
-  const float dual_b = (LT == kPPO && c.dual_c > 0.f) ? c.dual_c : kBig;
+  const float delta_b = ((LT == kPPO || LT == kGSPO) && c.delta > 0.f) ? c.delta : kBig;
+  const float dual_b = (LT == kPPO && c.dual_clip > 0.f) ? c.dual_clip : kBig;
   const float xlo = kl_clamp ? -20.f : -kBig, xhi = kl_clamp ? 20.f : kBig;
   const float klo = kl_clamp ? -10.f : -kBig, khi = kl_clamp ? 10.f : kBig;
-  const float w_trunc = rollout == kTokTrunc ? 1.f : 0.f;
+  const bool trunc = rollout == kTokTrunc;
   CovParams P{};
   uint32_t bound_hi = 0;
   uint32_t* __restrict ord = nullptr;
@@ -201,16 +289,18 @@ __attribute__((always_inline)) inline uint32_t chunk_body(const Cfg& c, const Ro
   const float* __restrict c_ent = R.ent + t0;
   const float* __restrict c_roll = R.roll + t0;
   const float* __restrict c_keep = R.keep + t0;
-  float* __restrict c_dH = DH ? R.dH + t0 : nullptr;
   float s_loss = 0.f, s_n = 0.f, s_clip = 0.f, s_low = 0.f, s_negl = 0.f, s_kl = 0.f, s_H = 0.f, s_sel = 0.f;
+  float s_clo = 0.f, s_chi = 0.f, s_grow = 0.f;
   uint32_t hits = 0;
-#pragma omp simd reduction(+ : s_loss, s_n, s_clip, s_low, s_negl, s_kl, s_H, s_sel, hits)
+#pragma omp simd reduction(+ : s_loss, s_n, s_clip, s_low, s_negl, s_kl, s_H, s_sel, s_clo, s_chi, s_grow, hits)
   for (int64_t t = 0; t < n; ++t) {
     const bool v = vb[t] != 0.f;
     const float x_lp = c_lp[t], a = c_adv[t];
     const float l = x_lp - c_old[t];
     const float rho_c = exp_f32(clampf(l, -20.f, 20.f));
     const float drho_c = (l >= -20.f & l <= 20.f) ? rho_c : 0.f;
+    // the importance ratio of the row and its own d/d(lp) (0 at sequence level: see d_row below)
+    const float rho_is = seq ? rho_row : rho_c;
     const float sbt = SCAN ? 0.f : sb[t];
     const bool picked = sbt != 0.f;
     if (SCAN) {
@@ -222,67 +312,77 @@ __attribute__((always_inline)) inline uint32_t chunk_body(const Cfg& c, const Ro
       hit[t] = h;
       hits += h;
     }
-    float pg = 0.f, dpg = 0.f, clip = 0.f, low = 0.f;
-    if (LT == kPPO | LT == kGSPO | LT == kCLIPCOV) {
-      float rho = rho_c, drho = drho_c;
-      if (LT == kGSPO) { rho = gspo_rho; drho = gspo_rho; }
+    // pg: the loss-type row; d_own: d pg / d lp through lp itself; d_rho: d pg / d rho
+    float pg = 0.f, d_own = 0.f, d_rho = 0.f, drho = 0.f, clip = 0.f, low = 0.f, clo = 0.f, chi = 0.f;
+    if (PPO_ROW) {
+      float rho = rho_is;
+      drho = w_tok * drho_c;
+      if (LT == kGSPO) { rho = rho_row; drho = rho_row; }
       if (LT == kCLIPCOV) { rho = exp_f32(l); drho = rho; }
-      float r1 = rho, dr1 = drho;
-      if (LT == kPPO) {
-        r1 = rho > delta_b ? delta_b : rho;
-        dr1 = rho > delta_b ? 0.f : drho;
-      }
+      const float r1 = rho > delta_b ? delta_b : rho;
+      const float dr1 = rho > delta_b ? 0.f : 1.f;
       const float L1 = -a * r1;
       const float L2 = -a * clampf(rho, lo, hi);
-      const float dL2 = (rho >= lo & rho <= hi) ? -a * drho : 0.f;
+      const float dL2 = (rho >= lo & rho <= hi) ? -a : 0.f;
       const bool is_clip = L2 > L1;
       pg = is_clip ? L2 : L1;
-      dpg = is_clip ? dL2 : -a * dr1;
+      d_rho = is_clip ? dL2 : -a * dr1;
       clip = is_clip ? 1.f : 0.f;
+      clo = ((a < 0.f) & (r1 < lo)) ? 1.f : 0.f;
+      chi = ((a > 0.f) & (r1 > hi)) ? 1.f : 0.f;
       if (LT == kPPO) {
         const float L3 = -dual_b * a;
         const bool is_low = a < 0.f & pg > L3;
         pg = is_low ? L3 : pg;
-        dpg = is_low ? 0.f : dpg;
+        d_rho = is_low ? 0.f : d_rho;
         low = is_low ? 1.f : 0.f;
       }
       if (LT == kCLIPCOV) {
         pg = picked ? 0.f : pg;
-        dpg = picked ? 0.f : dpg;
+        d_rho = picked ? 0.f : d_rho;
       }
     } else if (LT == kKLCOV) {
       const float rho = exp_f32(l);
       pg = -a * rho + (picked ? cov_kl * std::fabs(l) : 0.f);
-      dpg = -a * rho + (picked ? cov_kl * (l > 0.f ? 1.f : (l < 0.f ? -1.f : 0.f)) : 0.f);
+      d_own = -a * rho + (picked ? cov_kl * (l > 0.f ? 1.f : (l < 0.f ? -1.f : 0.f)) : 0.f);
     } else if (LT == kCISPO) {
-      const float w = clampf(rho_c, cis_lo, cis_hi);
+      const float w = clampf(rho_is, cis_lo, cis_hi);
       pg = -w * a * x_lp;
-      dpg = -w * a;
-      clip = (rho_c < cis_lo | rho_c > cis_hi) ? 1.f : 0.f;
+      d_own = -w * a;
+      clip = (rho_is < cis_lo | rho_is > cis_hi) ? 1.f : 0.f;
+      clo = ((a < 0.f) & (rho_is < cis_lo)) ? 1.f : 0.f;
+      chi = ((a > 0.f) & (rho_is > cis_hi)) ? 1.f : 0.f;
     } else if (LT == kSAPO) {
       const float tau = a > 0.f ? tau_pos : tau_neg;
-      const float s = 1.f / (1.f + exp_f32(-tau * (rho_c - 1.f)));
+      const float s = 1.f / (1.f + exp_f32(-tau * (rho_is - 1.f)));
       pg = -(4.f / tau) * s * a;
-      dpg = -4.f * s * (1.f - s) * a * drho_c;
+      d_rho = -4.f * s * (1.f - s) * a;
+      drho = w_tok * drho_c;
     } else if (LT == kREINFORCE) {
       pg = -a * x_lp;
-      dpg = -a;
+      d_own = -a;
+    } else if (LT == kVESPO) {
+      const float phi = vespo_phi(c, a >= 0.f, vespo_logw, vespo_w);
+      pg = -phi * a * x_lp;
+      d_own = -phi * a;
     } else if (LT == kGMPO) {
       const float dc = a > 0.f ? (l <= eh ? 1.f : 0.f) : (a < 0.f ? (l >= -el ? 1.f : 0.f) : 0.f);
-      dpg = gmpo_G * dc;
-      clip = (l < -el | l > eh) ? 1.f : 0.f;
+      d_own = gmpo_G * dc;
+      const bool out = (l < -el) | (l > eh);
+      clip = out ? 1.f : 0.f;
+      clo = (out & (a < 0.f)) ? 1.f : 0.f;
+      chi = (out & (a > 0.f)) ? 1.f : 0.f;
     }
     // detached weights
     float w = PLAIN ? 1.f : c_keep[t] * w_row;
     if (TOKROLL) {
-      const float r = exp_f32(clampf(c_old[t] - c_roll[t], -20.f, 20.f));
-      const float w_t = r > r_max ? r_max : r;
-      const float w_m = (r >= r_min & r <= r_max) ? r : 0.f;
-      w *= w_trunc * w_t + (1.f - w_trunc) * w_m;
+      const float r = exp_f32(clampf(rollout_log_ratio(c_old[t], c_roll[t]), -20.f, 20.f));
+      w *= rollout_weight(r, trunc, r_min, r_max);
     }
     float L = LT == kGMPO ? 0.f : w * pg;
-    float g = LT == kGMPO ? dpg : w * dpg;
-    // KL term (x = ref - lp)
+    float g = LT == kGMPO ? d_own : w * (d_own + d_rho * drho);
+    float grow = w * d_rho;
+    // KL term (x = ref - lp), times the ratio under kl_rho
     float klv = 0.f;
     if (KL) {
       const float d = x_lp - c_ref[t];
@@ -295,17 +395,18 @@ __attribute__((always_inline)) inline uint32_t chunk_body(const Cfg& c, const Ro
       const float dk3 = k3_live ? -(e - 1.f) : 0.f;
       const float sgn = d > 0.f ? 1.f : (d < 0.f ? -1.f : 0.f);
       // blends with 0/1 weights (a ternary chain on kl_type would become a switch and stop SIMD)
-      klv = w_k1 * d + w_abs * std::fabs(d) + w_k2 * (0.5f * d * d) + w_k3 * k3c;
+      const float kv = w_k1 * d + w_abs * std::fabs(d) + w_k2 * (0.5f * d * d) + w_k3 * k3c;
       const float dkl_own = w_k1 + w_abs * sgn + w_k2 * d + w_k3 * dk3;
       const float dkl = w_st * d + (1.f - w_st) * dkl_own;
-      const float kr = 1.f + w_rho * (rho_c - 1.f);
-      L += kl_coef * kr * klv;
-      g += kl_coef * kr * dkl;
+      const float kr = 1.f + w_kl_rho * (rho_is - 1.f);
+      klv = kr * kv;
+      L += kl_coef * klv;
+      g += kl_coef * (kr * dkl + w_kl_grad * w_tok * drho_c * kv);
+      grow += kl_coef * w_kl_grad * kv;
     }
     const float h = PLAIN ? 0.f : c_ent[t];  // a row of zeros when no entropy is given
     L -= ent_coef * h;
     c_dlp[t] = v ? g : 0.f;
-    if (DH) c_dH[t] = v ? -ent_coef : 0.f;
     s_loss += v ? L : 0.f;
     s_n += v ? 1.f : 0.f;
     s_clip += v ? clip : 0.f;
@@ -314,24 +415,45 @@ __attribute__((always_inline)) inline uint32_t chunk_body(const Cfg& c, const Ro
     s_kl += v ? klv : 0.f;
     s_H += v ? h : 0.f;
     s_sel += v ? sbt : 0.f;
+    s_clo += v ? clo : 0.f;
+    s_chi += v ? chi : 0.f;
+    s_grow += v ? grow : 0.f;
   }
   part[0] = s_loss; part[1] = s_n; part[2] = s_clip; part[3] = s_low;
   part[4] = s_negl; part[5] = s_kl; part[6] = s_H; part[7] = s_sel;
+  part[8] = s_clo; part[9] = s_chi; part[10] = 0.f; part[kRowCols] = s_grow;
   return hits;
+}
+
+// Row-level terms after the chunks: gmpo's row loss, vespo's phi, and at sequence level the
+// gradient through s_i spread over the valid tokens.
+__attribute__((always_inline)) inline void row_finish(const Cfg& c, const Row& R, const RowCtx& x, float* t,
+                                                      float grow) {
+  t[0] += x.gmpo_row;
+  t[10] = x.vespo_phi;
+  if (c.is_level != 0 && R.dlp != nullptr) {
+    const float add = grow * x.rho_row * x.inv_n;
+    const uint8_t* __restrict mask = R.mask;
+    float* __restrict dlp = R.dlp;
+#pragma omp simd
+    for (int64_t k = 0; k < c.T; ++k) dlp[k] += mask[k] != 0 ? add : 0.f;
+  }
 }
 
 // One row, no selection scan: row_stats, then the chunks in order (fixed-order sums).
 template <int LT, int FL>
 __attribute__((always_inline)) inline void row_body(const Cfg& c, const Row& R) {
   const RowCtx x = row_stats<LT, FL>(c, R);
-  float t[kRowCols] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  float t[kRowCols] = {};
+  float grow = 0.f;
   for (int64_t t0 = 0; t0 < c.T; t0 += kChunk) {
     const int64_t n = c.T - t0 < kChunk ? c.T - t0 : kChunk;
-    float part[kRowCols];
+    float part[kPartCols];
     chunk_body<LT, FL, kSelMask>(c, R, x, t0, n, R.dlp + t0, part, 0, nullptr);
     for (int j = 0; j < kRowCols; ++j) t[j] += part[j];
+    grow += part[kRowCols];
   }
-  t[0] += x.gmpo_row;
+  row_finish(c, R, x, t, grow);
   for (int j = 0; j < kRowCols; ++j) R.out[j] = t[j];
 }
 
@@ -406,16 +528,16 @@ struct TopK {  // a thread's candidates that may be among the k smallest keys
 // Every input row (absent optional inputs point at one row of neutral values).
 struct Inputs {
   int64_t T;
-  const float *lp, *old, *adv, *ref, *ent, *roll, *keep;
+  const float *lp, *old, *adv, *ref, *ent, *roll, *keep, *iw;
   const uint8_t *mask, *sel;
-  float *row, *dlp, *dH;
+  float *row, *dlp;
   const float *zeros, *ones;
   const uint8_t* no_sel;
   Row at(int64_t i) const {
     const int64_t o = i * T;
     return Row{lp + o, old + o, adv + o, ref ? ref + o : zeros, ent ? ent + o : zeros, roll ? roll + o : old + o,
-               keep ? keep + o : ones, mask + o, sel ? sel + o : no_sel, row + i * kRowCols,
-               dlp ? dlp + o : nullptr, dH ? dH + o : nullptr};
+               keep ? keep + o : ones, iw ? iw + o : ones, mask + o, sel ? sel + o : no_sel, row + i * kRowCols,
+               dlp ? dlp + o : nullptr};
   }
 };
 
@@ -425,7 +547,7 @@ struct CovScanArgs {
   const CovParams* P;
   int64_t i0, i1;   // rows of this thread
   TopK* top;
-  float* parts;     // [B, nchunks, 8]
+  float* parts;     // [B, nchunks, kPartCols]
   RowCtx* ctxs;     // [B]
   float* scratch;   // [kChunk] gradient sink when d(lp) is not wanted
 };
@@ -442,11 +564,11 @@ __attribute__((always_inline)) inline void cov_scan_body(const CovScanArgs& a) {
     const Row R = a.in->at(i);
     const RowCtx x = row_stats<LT, FL>(c, R);
     a.ctxs[i] = x;
-    float t[kRowCols] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    float t[kRowCols] = {};
     for (int64_t ci = 0; ci < nch; ++ci) {
       const int64_t t0 = ci * kChunk, n = T - t0 < kChunk ? T - t0 : kChunk;
       so.bound_hi = static_cast<uint32_t>(top.bound.key >> 32);
-      float* part = a.parts + (i * nch + ci) * kRowCols;
+      float* part = a.parts + (i * nch + ci) * kPartCols;
       const int64_t flat = i * T + t0;
       const uint32_t nh = chunk_body<LT, FL, SM>(c, R, x, t0, n, R.dlp ? R.dlp + t0 : a.scratch, part,
                                                  static_cast<uint32_t>(flat), &so);
@@ -481,7 +603,7 @@ __attribute__((always_inline)) inline void cov_fix_body(const CovFixArgs& a) {
   R.sel = a.selrow;
   const int64_t t0 = a.ci * kChunk, n = T - t0 < kChunk ? T - t0 : kChunk;
   chunk_body<LT, FL, kSelMask>(c, R, *a.x, t0, n, R.dlp ? R.dlp + t0 : a.scratch,
-                               a.parts + (a.i * nch + a.ci) * kRowCols, 0, nullptr);
+                               a.parts + (a.i * nch + a.ci) * kPartCols, 0, nullptr);
 }
 
 template <int LT, int FL, int SM>
@@ -521,35 +643,33 @@ void cov_fns_flags(int flags, CovScanFn& scan, CovFixFn& fix) {
     case 4: cov_fns<LT, 4>(scan, fix); break;
     case 5: cov_fns<LT, 5>(scan, fix); break;
     case 6: cov_fns<LT, 6>(scan, fix); break;
-    case 7: cov_fns<LT, 7>(scan, fix); break;
-    case 8: cov_fns<LT, 8>(scan, fix); break;
-    case 9: cov_fns<LT, 9>(scan, fix); break;
-    case 12: cov_fns<LT, 12>(scan, fix); break;
-    default: cov_fns<LT, 13>(scan, fix); break;
+    default: cov_fns<LT, 7>(scan, fix); break;
   }
 }
 
-// ip = [loss_type (clip_cov | kl_cov), kl_type, kl_straight, kl_clamp, kl_rho, rollout];
-// f = the 14 policy_loss_fwd parameters, then [cov_ratio, cov_lb, cov_ub].
+// params: fastalign.policy_config.KernelParams (loss_type clip_cov | kl_cov).
 // cov: fp32 [sum_v A, sum_v lp, n (for the means), n_local (for k)] or 0 (computed here);
 // seed: int64 [1]. dlp may be 0 (forward only: the gradient is not written).
 void policy_loss_cov_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_t adv, uintptr_t mask,
                          uintptr_t ref, uintptr_t ent, uintptr_t roll, uintptr_t keep, uintptr_t cov, uintptr_t seed,
-                         uintptr_t row, uintptr_t dlp, const std::vector<int64_t>& ip, const std::vector<double>& f) {
-  if (ip.size() != 6 || f.size() != 17)
-    throw std::invalid_argument("policy_loss_cov_fwd_cpu: expected 6 int and 17 float parameters");
-  const int loss_type = static_cast<int>(ip[0]), rollout = static_cast<int>(ip[5]);
+                         uintptr_t row, uintptr_t dlp, const std::vector<double>& params) {
+  Cfg c{};
+  static_cast<PolicyParams&>(c) = params_from(params, "policy_loss_cov_fwd_cpu");
+  c.B = B;
+  c.T = T;
+  c.kl_on = ref != 0;
+  c.ent_on = ent != 0;
+  c.iw_on = false;
+  const int loss_type = c.loss_type, rollout = c.rollout;
   if (loss_type != kCLIPCOV && loss_type != kKLCOV)
     throw std::invalid_argument("policy_loss_cov_fwd_cpu: loss type must be clip_cov or kl_cov");
-  Cfg c{B, T, static_cast<int>(ip[1]), ref != 0, ip[2] != 0, ip[3] != 0, ip[4] != 0, ent != 0, false, rollout,
-        float(f[0]), float(f[1]), float(f[2]), float(f[3]), float(f[4]), float(f[5]), float(f[6]), float(f[7]),
-        float(f[8]), float(f[9]), float(f[10]), float(f[11]), float(f[12]), float(f[13])};
   if (B == 0) return;
   std::vector<float> zeros(static_cast<size_t>(T), 0.f), ones(static_cast<size_t>(T), 1.f);
   std::vector<uint8_t> no_sel(static_cast<size_t>(T), 0);
   const Inputs in{T, ptr<const float>(lp), ptr<const float>(old), ptr<const float>(adv), ptr<const float>(ref),
-                  ptr<const float>(ent), ptr<const float>(roll), ptr<const float>(keep), ptr<const uint8_t>(mask),
-                  nullptr, ptr<float>(row), ptr<float>(dlp), nullptr, zeros.data(), ones.data(), no_sel.data()};
+                  ptr<const float>(ent), ptr<const float>(roll), ptr<const float>(keep), nullptr,
+                  ptr<const uint8_t>(mask), nullptr, ptr<float>(row), ptr<float>(dlp), zeros.data(), ones.data(),
+                  no_sel.data()};
 
   // 1. covariance means and the selection parameters
   float s[4];
@@ -561,9 +681,9 @@ void policy_loss_cov_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uint
     s[3] = s[2];
   }
   const int mode = loss_type == kCLIPCOV ? 0 : 1;
-  const CovParams P = cov_params(s, s[3], f[14], f[15], f[16], f[0], f[1], mode,
+  const CovParams P = cov_params(s, s[3], c.cov_ratio, c.cov_lb, c.cov_ub, c.eps_low, c.eps_high, mode,
                                  static_cast<uint64_t>(*ptr<const int64_t>(seed)));
-  const bool seq_w = rollout == kSeqTrunc || rollout == kSeqMask || std::isfinite(c.offpol_thr);
+  const bool seq_w = rollout == kSeqTrunc || rollout == kSeqMask || std::isfinite(c.offpolicy_threshold);
   const int flags = (ref ? kFlagKL : 0) | ((rollout == kTokTrunc || rollout == kTokMask) ? kFlagTokRoll : 0) |
                     ((!keep && !ent && !seq_w) ? kFlagPlain : 0);
   CovScanFn scan = nullptr;
@@ -573,7 +693,7 @@ void policy_loss_cov_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uint
 
   // 2. loss and gradient with nothing picked + candidates, one pass
   const int64_t nch = (T + kChunk - 1) / kChunk;
-  std::vector<float> parts(static_cast<size_t>(B * nch * kRowCols));
+  std::vector<float> parts(static_cast<size_t>(B * nch * kPartCols));
   std::vector<RowCtx> ctxs(static_cast<size_t>(B));
   const int nthreads = omp_get_max_threads();
   std::vector<TopK> tops(static_cast<size_t>(nthreads));
@@ -627,9 +747,9 @@ void policy_loss_cov_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uint
     }
   }
   for (const int64_t i : rows_hit) {
-    float t[kRowCols] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    float t[kRowCols] = {};
     for (int64_t ci = 0; ci < nch; ++ci)
-      for (int j = 0; j < kRowCols; ++j) t[j] += parts[(i * nch + ci) * kRowCols + j];
+      for (int j = 0; j < kRowCols; ++j) t[j] += parts[(i * nch + ci) * kPartCols + j];
     t[0] += ctxs[i].gmpo_row;
     float* out = in.row + i * kRowCols;
     for (int j = 0; j < kRowCols; ++j) out[j] = t[j];
@@ -637,24 +757,27 @@ void policy_loss_cov_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uint
 }
 
 
+// params: fastalign.policy_config.KernelParams. Optional inputs are 0 pointers.
 void policy_loss_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_t adv, uintptr_t mask, uintptr_t ref,
-                     uintptr_t ent, uintptr_t roll, uintptr_t keep, uintptr_t sel, uintptr_t row, uintptr_t dlp,
-                     uintptr_t dH, int loss_type, int kl_type, bool kl_straight, bool kl_clamp, bool kl_rho,
-                     int rollout, const std::vector<double>& f) {
-  if (f.size() != 14) throw std::invalid_argument("policy_loss_fwd_cpu: expected 14 float parameters");
-  Cfg c{B, T, kl_type, ref != 0, kl_straight, kl_clamp, kl_rho, ent != 0, dH != 0, rollout,
-        float(f[0]), float(f[1]), float(f[2]), float(f[3]), float(f[4]), float(f[5]), float(f[6]), float(f[7]),
-        float(f[8]), float(f[9]), float(f[10]), float(f[11]), float(f[12]), float(f[13])};
+                     uintptr_t ent, uintptr_t roll, uintptr_t keep, uintptr_t iw, uintptr_t sel, uintptr_t row,
+                     uintptr_t dlp, const std::vector<double>& params) {
+  Cfg c{};
+  static_cast<PolicyParams&>(c) = params_from(params, "policy_loss_fwd_cpu");
+  c.B = B;
+  c.T = T;
+  c.kl_on = ref != 0;
+  c.ent_on = ent != 0;
+  c.iw_on = iw != 0;
+  const int loss_type = c.loss_type, rollout = c.rollout;
   // Absent optional inputs read from one shared row of neutral values (keeps the loops branch-free).
   std::vector<float> zeros(static_cast<size_t>(T), 0.f), ones(static_cast<size_t>(T), 1.f);
   std::vector<uint8_t> no_sel(static_cast<size_t>(T), 0);
   if (B == 0) return;
-  const float* f_lp = ptr<const float>(lp);
-  const float* f_old = ptr<const float>(old);
-  const float* f_adv = ptr<const float>(adv);
-  const uint8_t* u_mask = ptr<const uint8_t>(mask);
-  const int flags = (ref ? kFlagKL : 0) | (dH ? kFlagDH : 0) |
-                    ((rollout == kTokTrunc || rollout == kTokMask) ? kFlagTokRoll : 0);
+  const Inputs in{T, ptr<const float>(lp), ptr<const float>(old), ptr<const float>(adv), ptr<const float>(ref),
+                  ptr<const float>(ent), ptr<const float>(roll), ptr<const float>(keep), ptr<const float>(iw),
+                  ptr<const uint8_t>(mask), ptr<const uint8_t>(sel), ptr<float>(row), ptr<float>(dlp), zeros.data(),
+                  ones.data(), no_sel.data()};
+  const int flags = (ref ? kFlagKL : 0) | ((rollout == kTokTrunc || rollout == kTokMask) ? kFlagTokRoll : 0);
   auto launch = [&](auto tag) {
     constexpr int LT = decltype(tag)::value;
     void (*fn)(const Cfg&, const Row&) = nullptr;
@@ -662,24 +785,10 @@ void policy_loss_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_
       case 0: fn = row_kernel<LT, 0>; break;
       case 1: fn = row_kernel<LT, 1>; break;
       case 2: fn = row_kernel<LT, 2>; break;
-      case 3: fn = row_kernel<LT, 3>; break;
-      case 4: fn = row_kernel<LT, 4>; break;
-      case 5: fn = row_kernel<LT, 5>; break;
-      case 6: fn = row_kernel<LT, 6>; break;
-      default: fn = row_kernel<LT, 7>; break;
+      default: fn = row_kernel<LT, 3>; break;
     }
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < B; ++i) {
-      const int64_t o = i * T;
-      Row r{f_lp + o, f_old + o, f_adv + o,
-            ref ? ptr<const float>(ref) + o : zeros.data(),
-            ent ? ptr<const float>(ent) + o : zeros.data(),
-            roll ? ptr<const float>(roll) + o : f_old + o,
-            keep ? ptr<const float>(keep) + o : ones.data(),
-            u_mask + o, sel ? ptr<const uint8_t>(sel) + o : no_sel.data(),
-            ptr<float>(row) + i * kRowCols, ptr<float>(dlp) + o, dH ? ptr<float>(dH) + o : nullptr};
-      fn(c, r);
-    }
+    for (int64_t i = 0; i < B; ++i) fn(c, in.at(i));
   };
   switch (loss_type) {
     case kPPO: launch(std::integral_constant<int, kPPO>{}); break;
@@ -690,6 +799,7 @@ void policy_loss_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_
     case kGMPO: launch(std::integral_constant<int, kGMPO>{}); break;
     case kCLIPCOV: launch(std::integral_constant<int, kCLIPCOV>{}); break;
     case kKLCOV: launch(std::integral_constant<int, kKLCOV>{}); break;
+    case kVESPO: launch(std::integral_constant<int, kVESPO>{}); break;
     default: throw std::invalid_argument("policy_loss_fwd_cpu: unknown loss type code");
   }
 }
@@ -749,11 +859,13 @@ FASTALIGN_BINDINGS(policy_loss) {
   namespace py = pybind11;
   m.def("policy_loss_fwd_cpu", &policy_loss_fwd, py::call_guard<py::gil_scoped_release>(),
         "Fused per-token policy loss over [B, T] fp32 rows (uint8 mask/selection): per-row sums "
-        "[B, 8], d(row loss)/d(lp) and d/d(H). Optional inputs/outputs are 0 pointers.");
+        "[B, 11] and d(row loss)/d(lp). Optional inputs are 0 pointers; params in KernelParams order.");
+  m.def("policy_loss_param_names", &policy_param_names,
+        "Names of the policy-loss launch parameters, in the order the kernels read them.");
   m.def("policy_loss_cov_fwd_cpu", &policy_loss_cov_fwd, py::call_guard<py::gil_scoped_release>(),
         "Clip-Cov / KL-Cov policy loss in one call: covariance sums (or given), loss and gradient with "
         "the selection candidates collected in the same pass, fix-up of the chunks holding picks. "
-        "Per-row sums [B, 8] and d(row loss)/d(lp) (0 pointer: not written).");
+        "Per-row sums [B, 11] and d(row loss)/d(lp) (0 pointer: not written).");
   m.def("policy_loss_bwd_cpu", &policy_loss_bwd, py::call_guard<py::gil_scoped_release>(),
         "Backward of the row losses: d lp = dlp * g_row, d H = -ent_coef * mask * g_row (either output "
         "may be 0).");

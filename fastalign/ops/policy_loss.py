@@ -1,12 +1,14 @@
 """``fastalign::policy_loss_rows`` (fused per-token policy loss) and
 ``fastalign::cov_sums`` / ``fastalign::cov_select`` (Clip-Cov / KL-Cov selection).
 
-``policy_loss_rows`` returns per-row sums ``[B, 8]`` (column 0 is the row's loss
+``policy_loss_rows`` returns per-row sums ``[B, 11]`` (column 0 is the row's loss
 ``sum_t m L_t``, the rest are metric partial sums, see ``ROW_COLS``) together with
-the per-token d(row loss)/d(logprobs) and d/d(entropy) computed in the same pass.
-Its autograd backward only scales those by the upstream gradient of each row.
-Inputs are contiguous ``[B, T]``: float (fp32 for the C++ kernel; any float
-dtype for Triton), the mask and the selection ``uint8``.
+the per-token d(row loss)/d(logprobs) computed in the same pass. Its autograd backward
+only scales those by the upstream gradient of each row; d(row loss)/d(entropy) is
+``-entropy_coef * mask``, rebuilt in backward. The launch parameters travel as one
+:class:`~fastalign.policy_config.KernelParams` record (a flat float list in the custom op).
+Inputs are contiguous ``[B, T]``: float (fp32 for the C++ kernel; any float dtype for
+Triton), the mask and the selection ``uint8``.
 """
 from __future__ import annotations
 
@@ -17,46 +19,51 @@ from torch import Tensor
 
 from fastalign import _backend
 from fastalign.ops._launch import ptr, triton_kernels
+from fastalign.policy_config import KernelParams
 
-ROW_COLS = ("loss", "n", "clipped", "clipped_lower", "neg_log_ratio", "kl", "entropy", "selected")
-LOSS_CODES = {"ppo": 0, "gspo": 1, "cispo": 2, "sapo": 3, "reinforce": 4, "gmpo": 5, "clip_cov": 6, "kl_cov": 7}
-KL_CODES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
-ROLLOUT_CODES = {None: 0, "token_truncate": 1, "token_mask": 2, "sequence_truncate": 3, "sequence_mask": 4,
-                 "icepop": 2}
-N_FLOAT_PARAMS = 14  # el, eh, dual_c, delta, cis_lo, cis_hi, tau_pos, tau_neg, kl_coef, ent_coef, r_min, r_max, offpol, cov_kl
+ROW_COLS = ("loss", "n", "clipped", "clipped_lower", "neg_log_ratio", "kl", "entropy", "selected", "clip_low",
+            "clip_high", "phi")
+_ENT_COEF = KernelParams._fields.index("entropy_coef")
+_names_checked = False
 
 
-def _outputs(lp: Tensor, want_dh: bool):
+def _check_param_names() -> None:
+    """The C++ struct reads the parameters in KernelParams order: compare the names once."""
+    global _names_checked
+    if not _names_checked:
+        names = tuple(_backend.compiled().policy_loss_param_names())
+        if names != KernelParams._fields:
+            raise RuntimeError(f"policy-loss parameter order differs between Python {KernelParams._fields} "
+                               f"and the compiled kernel {names}; rebuild the extension")
+        _names_checked = True
+
+
+def _outputs(lp: Tensor):
     B, T = lp.shape
     f32 = dict(device=lp.device, dtype=torch.float32)
-    return (torch.empty(B, len(ROW_COLS), **f32), torch.empty(B, T, **f32),
-            torch.empty((B, T) if want_dh else (0,), **f32))
+    return torch.empty(B, len(ROW_COLS), **f32), torch.empty(B, T, **f32)
 
 
 def _rows_impl(
     lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, ref: Optional[Tensor], ent: Optional[Tensor],
-    roll: Optional[Tensor], keep: Optional[Tensor], sel: Optional[Tensor], loss_type: int, kl_type: int,
-    kl_straight: bool, kl_clamp: bool, kl_rho: bool, rollout: int, fparams: list[float], need_rows: bool,
-    want_dh: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(row sums [B, 8], d(row loss)/d(lp) [B, T], d(row loss)/d(H) [B, T] or empty)."""
-    row, dlp, dh = out = _outputs(lp, want_dh)
+    roll: Optional[Tensor], keep: Optional[Tensor], iw: Optional[Tensor], sel: Optional[Tensor], params: list[float],
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """(row sums [B, 11], d(row loss)/d(lp) [B, T]). ``params``: a KernelParams as floats."""
+    row, dlp = out = _outputs(lp)
     B, T = lp.shape
     if B == 0:
         return out
-    dh_opt = dh if want_dh else None
     if backend in ("cpp", "cuda"):
         if lp.device.type != "cpu":
             raise ValueError("policy_loss: the compiled kernel runs on CPU tensors; CUDA tensors use Triton")
+        _check_param_names()
         _backend.compiled().policy_loss_fwd_cpu(
             B, T, lp.data_ptr(), old.data_ptr(), adv.data_ptr(), mask.data_ptr(), ptr(ref), ptr(ent), ptr(roll),
-            ptr(keep), ptr(sel), row.data_ptr(), dlp.data_ptr(), ptr(dh_opt), loss_type, kl_type, kl_straight,
-            kl_clamp, kl_rho, rollout, [float(x) for x in fparams])
+            ptr(keep), ptr(iw), ptr(sel), row.data_ptr(), dlp.data_ptr(), [float(x) for x in params])
     else:
         triton_kernels("policy_loss").policy_loss_forward(
-            lp, old, adv, mask, ref, ent, roll, keep, sel, row, dlp, dh_opt, loss_type=loss_type, kl_type=kl_type,
-            kl_straight=kl_straight, kl_clamp=kl_clamp, kl_rho=kl_rho, rollout=rollout, f=list(fparams),
-            need1=need_rows)
+            lp, old, adv, mask, ref, ent, roll, keep, iw, sel, row, dlp, **KernelParams.from_list(params)._asdict())
     return out
 
 
@@ -64,19 +71,18 @@ policy_loss_rows = torch.library.custom_op("fastalign::policy_loss_rows", mutate
 
 
 @policy_loss_rows.register_fake
-def _(lp, old, adv, mask, ref, ent, roll, keep, sel, loss_type, kl_type, kl_straight, kl_clamp, kl_rho, rollout,
-      fparams, need_rows, want_dh, backend):
-    return _outputs(lp, want_dh)
+def _(lp, old, adv, mask, ref, ent, roll, keep, iw, sel, params, backend):
+    return _outputs(lp)
 
 
 def _setup_context(ctx, inputs, output):
-    lp, mask, ent, fparams = inputs[0], inputs[3], inputs[5], inputs[15]
-    _row, dlp, dh = output
-    ctx.save_for_backward(dlp, dh, mask)
+    lp, mask, ent, params = inputs[0], inputs[3], inputs[5], inputs[10]
+    _row, dlp = output
+    ctx.save_for_backward(dlp, mask)
     ctx.lp_dtype = lp.dtype
     ctx.ent_dtype = None if ent is None else ent.dtype
-    ctx.ent_coef = float(fparams[9])
-    ctx.backend = inputs[18]
+    ctx.ent_coef = float(params[_ENT_COEF])
+    ctx.backend = inputs[11]
     ctx.set_materialize_grads(False)
 
 
@@ -108,17 +114,10 @@ def _(dlp, g_row, mask, ent_coef, want_lp, want_ent, backend):
     return (dlp.new_empty((B, T) if want_lp else (0,)), dlp.new_empty((B, T) if want_ent else (0,)))
 
 
-def _backward(ctx, g_row, _g_dlp, _g_dh):
-    dlp, dh, mask = ctx.saved_tensors
-    if g_row is None:
-        return (None,) * 19
-    if dh.numel():
-        g = g_row[:, :1]
-        grad_lp = (dlp * g).to(ctx.lp_dtype) if ctx.needs_input_grad[0] else None
-        grad_ent = (dh * g).to(ctx.ent_dtype) if ctx.ent_dtype is not None and ctx.needs_input_grad[5] else None
-    else:
-        grad_lp, grad_ent = _input_grads(ctx, dlp, g_row, mask, getattr(ctx, "direct", False), ctx.backend)
-    return (grad_lp, None, None, None, None, grad_ent) + (None,) * 13
+def _backward(ctx, g_row, _g_dlp):
+    dlp, mask = ctx.saved_tensors
+    grad_lp, grad_ent = _input_grads(ctx, dlp, g_row, mask, getattr(ctx, "direct", False), ctx.backend)
+    return (grad_lp, None, None, None, None, grad_ent) + (None,) * 6
 
 
 def _input_grads(ctx, dlp: Tensor, g_row: Optional[Tensor], mask: Tensor, direct: bool, backend: str):
@@ -149,21 +148,19 @@ class _RowsEager(torch.autograd.Function):
         out = _rows_impl(*inputs)
         _setup_context(ctx, inputs, out)
         ctx.direct = True
-        ctx.mark_non_differentiable(out[1], out[2])
+        ctx.mark_non_differentiable(out[1])
         return out
 
     @staticmethod
-    def backward(ctx, g_row, g_dlp, g_dh):
-        return _backward(ctx, g_row, g_dlp, g_dh)
+    def backward(ctx, g_row, g_dlp):
+        return _backward(ctx, g_row, g_dlp)
 
 
-def rows(lp, old, adv, mask, ref, ent, roll, keep, sel, loss_type, kl_type, kl_straight, kl_clamp, kl_rho, rollout,
-         fparams, need_rows, want_dh, backend):
+def rows(lp, old, adv, mask, ref, ent, roll, keep, iw, sel, params: KernelParams, backend):
     """``policy_loss_rows``: the custom op under tracing or off the C++ path, a plain autograd
     function over the same kernels for eager C++ calls. Same results either way."""
-    args = (lp, old, adv, mask, ref, ent, roll, keep, sel, loss_type, kl_type, kl_straight, kl_clamp, kl_rho,
-            rollout, fparams, need_rows, want_dh, backend)
-    plain = all(t is None or type(t) is Tensor for t in (lp, old, adv, mask, ref, ent, roll, keep, sel))
+    args = (lp, old, adv, mask, ref, ent, roll, keep, iw, sel, [float(x) for x in params], backend)
+    plain = all(t is None or type(t) is Tensor for t in (lp, old, adv, mask, ref, ent, roll, keep, iw, sel))
     if backend == "cpp" and lp.device.type == "cpu" and plain and not torch.compiler.is_compiling():
         return _RowsEager.apply(*args)
     return policy_loss_rows(*args)
@@ -181,30 +178,29 @@ def _cov_outputs(lp: Tensor, want_dlp: bool):
 
 def _cov_rows_impl(
     lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, ref: Optional[Tensor], ent: Optional[Tensor],
-    roll: Optional[Tensor], keep: Optional[Tensor], cov: Optional[Tensor], seed: Tensor, iparams: list[int],
-    fparams: list[float],
+    roll: Optional[Tensor], keep: Optional[Tensor], cov: Optional[Tensor], seed: Tensor, params: list[float],
+    want_dlp: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Clip-Cov / KL-Cov: (row sums [B, 8], d(row loss)/d(lp) [B, T] or empty), C++ on the CPU.
+    """Clip-Cov / KL-Cov: (row sums [B, 11], d(row loss)/d(lp) [B, T] or empty), C++ on the CPU.
 
     Covariance sums, selection and loss in one call: the loss and gradient are computed with
     nothing picked while the selection candidates are collected in the same pass, then the few
-    chunks that hold picked tokens are recomputed. ``iparams`` = [loss code (6 | 7), kl code,
-    kl_straight, kl_clamp, kl_rho, rollout code, want_dlp]; ``fparams`` = the 14 of
-    ``policy_loss_rows`` then [cov_ratio, cov_lb, cov_ub]. ``cov`` = fp32 [sum_m A, sum_m lp, n,
-    n_local] (all-reduced means; ``n_local`` sets k) or None (local, computed here); ``seed`` =
-    int64 [1]. Inputs: contiguous fp32 [B, T], uint8 mask.
+    chunks that hold picked tokens are recomputed. ``params``: a KernelParams as floats (loss
+    type clip_cov or kl_cov). ``cov`` = fp32 [sum_m A, sum_m lp, n, n_local] (all-reduced means;
+    ``n_local`` sets k) or None (local, computed here); ``seed`` = int64 [1]. Inputs: contiguous
+    fp32 [B, T], uint8 mask.
     """
-    want_dlp = bool(iparams[6])
     row, dlp = out = _cov_outputs(lp, want_dlp)
     B, T = lp.shape
     if B == 0:
         return out
     if lp.device.type != "cpu":
         raise ValueError("policy_loss_cov_rows: the compiled kernel runs on CPU tensors")
+    _check_param_names()
     _backend.compiled().policy_loss_cov_fwd_cpu(
         B, T, lp.data_ptr(), old.data_ptr(), adv.data_ptr(), mask.data_ptr(), ptr(ref), ptr(ent), ptr(roll),
         ptr(keep), ptr(cov), seed.data_ptr(), row.data_ptr(), dlp.data_ptr() if want_dlp else 0,
-        [int(x) for x in iparams[:6]], [float(x) for x in fparams])
+        [float(x) for x in params])
     return out
 
 
@@ -212,20 +208,20 @@ policy_loss_cov_rows = torch.library.custom_op("fastalign::policy_loss_cov_rows"
 
 
 @policy_loss_cov_rows.register_fake
-def _(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams, fparams):
-    return _cov_outputs(lp, bool(iparams[6]))
+def _(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, params, want_dlp):
+    return _cov_outputs(lp, want_dlp)
 
 
-def _cov_save(ctx, lp, mask, ent, fparams, dlp):
+def _cov_save(ctx, lp, mask, ent, params, dlp):
     ctx.save_for_backward(dlp, mask)
     ctx.lp_dtype = lp.dtype
     ctx.ent_dtype = None if ent is None else ent.dtype
-    ctx.ent_coef = float(fparams[9])
+    ctx.ent_coef = float(params[_ENT_COEF])
     ctx.set_materialize_grads(False)
 
 
 def _cov_setup_context(ctx, inputs, output):
-    _cov_save(ctx, inputs[0], inputs[3], inputs[5], inputs[11], output[1])
+    _cov_save(ctx, inputs[0], inputs[3], inputs[5], inputs[10], output[1])
 
 
 def _cov_backward(ctx, g_row, _g_dlp, direct=False):
@@ -254,9 +250,9 @@ class _CovRowsEager(torch.autograd.Function):
     op's Python-side dispatch costs more than the kernel's fix-up on a 1M-token batch)."""
 
     @staticmethod
-    def forward(ctx, lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams, fparams):
-        row, dlp = _cov_rows_impl(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams, fparams)
-        _cov_save(ctx, lp, mask, ent, fparams, dlp)
+    def forward(ctx, lp, old, adv, mask, ref, ent, roll, keep, cov, seed, params, want_dlp):
+        row, dlp = _cov_rows_impl(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, params, want_dlp)
+        _cov_save(ctx, lp, mask, ent, params, dlp)
         ctx.mark_non_differentiable(dlp)
         return row, dlp
 
@@ -265,13 +261,14 @@ class _CovRowsEager(torch.autograd.Function):
         return _cov_backward(ctx, g_row, _g_dlp, direct=True)
 
 
-def cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams, fparams):
+def cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, params: KernelParams, want_dlp: bool):
     """``policy_loss_cov_rows``: the custom op under tracing (torch.compile, fake tensors), a plain
     autograd function over the same C++ kernels in eager mode. Same results either way."""
+    args = (lp, old, adv, mask, ref, ent, roll, keep, cov, seed, [float(x) for x in params], bool(want_dlp))
     plain = all(t is None or type(t) is Tensor for t in (lp, old, adv, mask, ref, ent, roll, keep, cov, seed))
     if plain and not torch.compiler.is_compiling():
-        return _CovRowsEager.apply(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams, fparams)
-    return policy_loss_cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, iparams, fparams)
+        return _CovRowsEager.apply(*args)
+    return policy_loss_cov_rows(*args)
 
 
 # ---------------------------------------------------------------------------------------------

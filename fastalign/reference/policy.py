@@ -48,6 +48,8 @@ def aggregate_loss(L, m, agg="token-mean", global_tokens=None, global_seqs=None,
     if agg == "token-mean":
         n = m.sum() if global_tokens is None else torch.as_tensor(global_tokens, dtype=L.dtype)
         return (m * L).sum() / torch.clamp(n, min=1) * dp_size
+    if agg == "token-sum":
+        return (m * L).sum() * dp_size
     row_n = m.sum(-1)
     nseq = (row_n > 0).sum().to(L.dtype) if global_seqs is None else torch.as_tensor(global_seqs, dtype=L.dtype)
     nseq = torch.clamp(nseq, min=1)
@@ -116,43 +118,68 @@ def cov_selection(lp, old, A, m, *, loss_type, eps_low, eps_high, ratio, lb, ub,
     return sel
 
 
+def _nan_min(x):
+    x = x[~torch.isnan(x)]
+    return x.min() if x.numel() else torch.tensor(math.nan, dtype=x.dtype)
+
+
 def policy_loss(
     lp, old, A, m, *, loss_type="ppo", eps_low=0.2, eps_high=0.2, dual_clip=None, delta=None,
-    agg="token-mean", ref_logprobs=None, kl_type="k3", kl_coef=0.0, kl_clamp=True, kl_rho=False,
-    entropy=None, entropy_coef=0.0, rollout_logprobs=None, rollout_correction=None,
-    rollout_min=0.5, rollout_max=2.0, entropy_quantile=None, offpolicy_threshold=None,
-    cispo_bounds=None, sapo_tau=(1.0, 1.05), cov_selected=None, cov_kl_coef=1.0,
-    global_tokens=None, global_seqs=None, dp_size=1, max_len=None,
+    agg=None, importance_sampling_level="token", ref_logprobs=None, kl_type="k3", kl_coef=0.0,
+    kl_clamp=True, kl_rho=False, entropy=None, entropy_coef=0.0, entropy_agg="loss", rollout_logprobs=None,
+    rollout_correction=None, rollout_min=None, rollout_max=2.0, entropy_quantile=None, offpolicy_threshold=None,
+    importance_weights=None, cispo_bounds=None, sapo_tau=(1.0, 1.05), vespo_k=(2.0, 3.0),
+    vespo_lambda=(3.0, 2.0), cov_selected=None, cov_kl_coef=1.0, seq_count=None, global_tokens=None,
+    global_seqs=None, dp_size=1, max_len=None,
 ):
     """(loss, metrics) of SPEC §3 with the terms of §3.2 and the aggregation of §4.
 
+    ``loss_type`` is a row (ppo, gspo, cispo, sapo, reinforce, gmpo, clip_cov, kl_cov, vespo);
     ``cov_selected`` (bool [B, T]) are the Clip-Cov / KL-Cov picks (see :func:`cov_selection`).
+    ``importance_sampling_level="sequence"``: the ratio is ``exp(mean_m l)`` per sequence, with
+    its gradient through every token of the sequence.
     """
     m = m.to(lp.dtype)
     A = A.to(lp.dtype)
+    if A.dim() == 1:
+        A = A[:, None].expand_as(lp)
     old = old.to(lp.dtype)
     l = lp - old
+    B = lp.shape[0]
     metrics = {}
     zero = torch.zeros((), dtype=lp.dtype)
     clipped = torch.zeros_like(lp)
     lower = torch.zeros_like(lp)
+    clip_low = torch.zeros_like(lp)
+    clip_high = torch.zeros_like(lp)
     row_n = m.sum(-1)
+    seq_level = importance_sampling_level == "sequence"
+    if seq_level:
+        rho_is = torch.exp(torch.clamp(_row_mean(l, m), -20.0, 20.0))[:, None].expand_as(lp)
+    else:
+        rho_is = torch.exp(torch.clamp(l, -20.0, 20.0))
+    iw = None
+    if importance_weights is not None:
+        iw = importance_weights.to(lp.dtype).detach()
+        iw = iw[:, None] if iw.dim() == 1 else iw
+        iw = iw.expand_as(lp)
+    phi_row = None
 
     if loss_type in ("ppo", "clip_cov", "gspo"):
         if loss_type == "gspo":
             log_s = torch.clamp((m * l).sum(-1) / torch.clamp(row_n, min=1), max=10.0).detach()
             rho = torch.exp(lp - lp.detach() + log_s[:, None])
-            rho_1 = rho
         elif loss_type == "ppo":
-            rho = torch.exp(torch.clamp(l, -20.0, 20.0))
-            rho_1 = torch.where(rho > delta, torch.full_like(rho, delta), rho) if delta is not None else rho
+            rho = rho_is
         else:
             rho = torch.exp(l)
-            rho_1 = rho
+        rho_1 = torch.where(rho > delta, torch.full_like(rho, delta), rho) if delta is not None else rho
         L1 = -A * rho_1
         L2 = -A * torch.clamp(rho, 1 - eps_low, 1 + eps_high)
         pg = torch.where(L2 > L1, L2, L1)
         clipped = (L2 > L1).to(lp.dtype)
+        clip_low = ((A < 0) & (rho_1 < 1 - eps_low)).to(lp.dtype)
+        clip_high = ((A > 0) & (rho_1 > 1 + eps_high)).to(lp.dtype)
         if loss_type == "ppo" and dual_clip is not None:
             L3 = -dual_clip * A
             lower = ((A < 0) & (pg > L3)).to(lp.dtype)
@@ -166,21 +193,44 @@ def policy_loss(
             pg = pg + cov_kl_coef * l.abs() * cov_selected.to(lp.dtype)
     elif loss_type == "cispo":
         lo, hi = (1 - eps_low, 1 + eps_high) if cispo_bounds is None else cispo_bounds
-        rho = torch.exp(torch.clamp(l, -20.0, 20.0)).detach()
+        rho = rho_is.detach()
         w = torch.clamp(rho, lo, hi)
         clipped = ((rho < lo) | (rho > hi)).to(lp.dtype)
+        clip_low = ((A < 0) & (rho < lo)).to(lp.dtype)
+        clip_high = ((A > 0) & (rho > hi)).to(lp.dtype)
         pg = -w * A * lp
     elif loss_type == "sapo":
-        rho = torch.exp(torch.clamp(l, -20.0, 20.0))
         tau = torch.where(A > 0, torch.full_like(A, sapo_tau[0]), torch.full_like(A, sapo_tau[1]))
-        pg = -(4.0 / tau) * torch.sigmoid(tau * (rho - 1.0)) * A
+        pg = -(4.0 / tau) * torch.sigmoid(tau * (rho_is - 1.0)) * A
     elif loss_type in ("reinforce", "gpg"):
         pg = -A * lp
+    elif loss_type == "vespo":
+        log_lo = math.log(1e-8)
+        log_w = (m * torch.clamp(l, -20.0, 20.0)).sum(-1)
+        if iw is not None:
+            log_w = log_w + (m * torch.clamp(torch.log(iw), log_lo, 20.0)).sum(-1)
+        log_w = torch.clamp(log_w, log_lo, 20.0).detach()[:, None]
+
+        def phi_of(pos):
+            k = torch.where(pos, torch.full_like(pos, vespo_k[0], dtype=lp.dtype),
+                            torch.full_like(pos, vespo_k[1], dtype=lp.dtype))
+            lam = torch.where(pos, torch.full_like(pos, vespo_lambda[0], dtype=lp.dtype),
+                              torch.full_like(pos, vespo_lambda[1], dtype=lp.dtype)).clamp(min=1e-4)
+            return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+        phi = phi_of(A >= 0)
+        phi_row = phi_of((_row_mean(A, m) >= 0)[:, None])[:, 0]
+        pg = -phi * A * lp
     elif loss_type == "gmpo":
         sgn = torch.sign(A)
         c = sgn * torch.minimum(sgn * l, sgn * torch.clamp(l, -eps_low, eps_high))
-        clipped = ((l < -eps_low) | (l > eps_high)).to(lp.dtype)
+        out = (l < -eps_low) | (l > eps_high)
+        clipped = out.to(lp.dtype)
+        clip_low = (out & (A < 0)).to(lp.dtype)
+        clip_high = (out & (A > 0)).to(lp.dtype)
         seq = -torch.exp(_row_mean(c, m)) * _row_mean(A, m)
+        if iw is not None:
+            seq = seq * torch.exp(_row_mean(torch.log(iw + 1e-10), m))
         pg = seq[:, None].expand_as(lp)
     else:
         raise ValueError(loss_type)
@@ -188,40 +238,70 @@ def policy_loss(
     # multiplicative, detached weights on the policy-gradient term
     w = torch.ones_like(lp)
     if rollout_correction is not None:
-        log_r = (old - rollout_logprobs.to(lp.dtype)).detach()
+        log_r = torch.nan_to_num(old - rollout_logprobs.to(lp.dtype), nan=0.0).detach()
         if rollout_correction.startswith("token") or rollout_correction == "icepop":
             r = torch.exp(torch.clamp(log_r, -20.0, 20.0))
         else:
             r = torch.exp(torch.clamp((m * log_r).sum(-1), -20.0, 20.0))[:, None].expand_as(lp)
         if rollout_correction.endswith("truncate"):
-            w = w * torch.clamp(r, max=rollout_max)
+            w = w * torch.clamp(r, min=0.0 if rollout_min is None else rollout_min, max=rollout_max)
         else:
-            w = w * r * ((r >= rollout_min) & (r <= rollout_max)).to(lp.dtype)
+            lo_r = 0.5 if rollout_min is None else rollout_min
+            w = w * r * ((r >= lo_r) & (r <= rollout_max)).to(lp.dtype)
+    if iw is not None and loss_type not in ("gmpo", "vespo"):
+        w = w * iw
+    keep = None
     if entropy_quantile is not None:
-        w = w * entropy_quantile_mask(entropy, m, entropy_quantile)
+        keep = entropy_quantile_mask(entropy, m, entropy_quantile)
+        w = w * keep
     if offpolicy_threshold is not None:
-        drop = (_row_mean(A, m) < 0) & (_row_mean((old - lp).detach(), m) > offpolicy_threshold)
+        sampling = old if rollout_logprobs is None else rollout_logprobs.to(lp.dtype)
+        kd = torch.nan_to_num(sampling - lp.detach(), nan=0.0)
+        drop = (_row_mean(A, m) < 0) & (_row_mean(kd, m) > offpolicy_threshold)
         w = w * (~drop).to(lp.dtype)[:, None]
     L = pg * w
 
     if ref_logprobs is not None:
         kl = kl_penalty(lp, ref_logprobs.to(lp.dtype), kl_type, kl_clamp)
-        metrics["kl"] = _masked_mean(kl.detach(), m)
         if kl_rho:
-            kl = kl * torch.exp(torch.clamp(l, -20.0, 20.0)).detach()
+            kl = kl * (rho_is if kl_rho == "grad" else rho_is.detach())
+        metrics["kl"] = _masked_mean(kl.detach(), m)
         L = L + kl_coef * kl
     if entropy is not None:
         metrics["entropy"] = _masked_mean(entropy.detach().to(lp.dtype), m)
-        L = L - entropy_coef * entropy.to(lp.dtype)
+        if entropy_agg == "loss":
+            L = L - entropy_coef * entropy.to(lp.dtype)
 
-    if loss_type in ("gspo", "gmpo"):
+    if loss_type == "gmpo" or (loss_type == "gspo" and agg is None):
         agg = "seq-mean-token-mean"
+    agg = "token-mean" if agg is None else agg
+    if seq_count is None:
+        seq_count = "all" if loss_type == "gmpo" or agg == "seq-mean-token-sum-norm" else "nonempty"
+    if seq_count == "all" and global_seqs is None and agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        global_seqs = B
+    if seq_count == "nonempty" and global_seqs is None and agg == "seq-mean-token-sum-norm":
+        global_seqs = int((row_n > 0).sum())
     loss = aggregate_loss(L, m, agg, global_tokens, global_seqs, dp_size, max_len)
+    if entropy is not None and entropy_agg == "token-mean":
+        kept = m if keep is None else m * keep
+        loss = loss - entropy_coef * (entropy.to(lp.dtype) * kept).sum() / torch.clamp(kept.sum(), min=1)
     metrics["clipfrac"] = _masked_mean(clipped, m)
     metrics["clipfrac_lower"] = _masked_mean(lower, m) if dual_clip is not None else zero
     metrics["approx_kl"] = _masked_mean((-l).detach(), m)
+    if loss_type in ("ppo", "gspo", "clip_cov", "cispo", "gmpo"):
+        if seq_level:  # one flag per sequence (its first token's), every sequence counts
+            lo_row, hi_row = clip_low[:, 0], clip_high[:, 0]
+            metrics["clip_low"], metrics["clip_high"] = lo_row.mean(), hi_row.mean()
+            metrics["clip_low_min"], metrics["clip_high_max"] = lo_row.min(), hi_row.max()
+        else:
+            metrics["clip_low"], metrics["clip_high"] = _masked_mean(clip_low, m), _masked_mean(clip_high, m)
+            metrics["clip_low_min"] = _nan_min((clip_low * m).sum(-1) / row_n)
+            metrics["clip_high_max"] = -_nan_min(-(clip_high * m).sum(-1) / row_n)
+        metrics["clip_region"] = metrics["clip_low"] + metrics["clip_high"]
     if cov_selected is not None:
         metrics["cov_selected_frac"] = _masked_mean(cov_selected.to(lp.dtype), m)
+    if phi_row is not None:
+        metrics["phi_mean"] = phi_row.mean()
     return loss, {k: v.detach() for k, v in metrics.items()}
 
 

@@ -1,2 +1,198 @@
-"""Placeholder: filled in by its profile."""
-__all__: list = []
+"""TRL 1.16 ``GRPOTrainer`` profile: its policy loss, gradient and metrics from a ``GRPOConfig``.
+
+:class:`GRPOLoss` reads a ``GRPOConfig`` (or a dict with its field names) once and maps it onto
+a :class:`fastalign.PolicyConfig`; calling it on the per-token tensors of one micro-batch
+returns ``(loss, metrics)`` equal to ``GRPOTrainer._compute_loss`` and the metrics it logs.
+
+Where TRL's behaviour differs from fastalign's defaults, the profile follows TRL:
+
+* ``loss_type``: grpo / sapo / luspo average over every sequence (empty ones included);
+  dr_grpo divides by ``B * max_completion_length``; dapo / cispo / vespo divide the token sum
+  by ``num_items_in_batch / steps_per_generation`` per process (``dp_size = num_processes``);
+  training losses are divided by the gradient-accumulation steps.
+* KL (``beta``): k3 without clamps; with ``use_bias_correction_kl`` (TRL's default) it is
+  multiplied by the importance ratio with its gradient (``kl_rho="grad"``; the sequence ratio
+  under ``importance_sampling_level="sequence"``).
+* cispo clips the ratio above at ``epsilon_high`` (an absolute cap, no lower bound).
+* ``delta`` applies to the ppo-clip losses only (TRL ignores it for cispo, sapo, vespo).
+* the entropy bonus is ``entropy_coef * mean(H)`` over the kept tokens, independent of the
+  aggregation (``entropy_agg="token-mean"``).
+* ``top_entropy_quantile`` keeps tokens with ``H >=`` the ``1 - q`` quantile (0 keeps the top).
+* the off-policy mask measures ``mean(sampling_logprobs - lp)`` when sampling log-probs are given.
+* inference-engine importance sampling: pass TRL's ``importance_sampling_ratio`` (it multiplies
+  the policy term; vespo folds it into its sequence weight), or ``sampling_logprobs`` and the
+  ratio is computed in the kernel from ``vllm_importance_sampling_mode`` and its clip bounds
+  (truncate modes clamp to ``[clip_min, clip_max]``; a NaN sampling log-prob is a log-ratio of 0).
+
+Metrics come back under TRL's names: ``kl``, ``entropy``, ``policy_loss`` and ``entropy_coef``
+(with an entropy bonus), ``clip_ratio/low_mean``,
+``clip_ratio/low_min``, ``clip_ratio/high_mean``, ``clip_ratio/high_max``,
+``clip_ratio/region_mean`` (ppo-clip losses), ``cispo_clip_ratio``, ``vespo/phi_seq_mean``, as
+0-dim device tensors (TRL gathers and logs them as floats). ``use_adaptive_entropy`` is a
+controller that lives in the trainer: pass its current coefficient as ``entropy_coef``.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from fastalign.policy import policy_loss
+from fastalign.policy_config import PolicyConfig
+
+__all__ = ["GRPOLoss", "grpo_policy_config"]
+
+# TRL loss_type -> (fastalign loss type, aggregation, sequence count, normalised by num_items_in_batch)
+_LOSSES = {
+    "grpo": ("ppo", "seq-mean-token-mean", "all", False),
+    "bnpo": ("ppo", "token-mean", None, False),
+    "dr_grpo": ("ppo", "seq-mean-token-sum-norm", "all", False),
+    "dapo": ("ppo", "token-mean", None, True),
+    "luspo": ("ppo", "seq-mean-token-sum", "all", False),
+    "cispo": ("cispo", "token-mean", None, True),
+    "sapo": ("sapo", "seq-mean-token-mean", "all", False),
+    "vespo": ("vespo", "token-mean", None, True),
+}
+_DEFAULTS = {
+    "loss_type": "dapo", "epsilon": 0.2, "epsilon_high": None, "delta": None, "beta": 0.0,
+    "use_bias_correction_kl": True, "importance_sampling_level": "token", "top_entropy_quantile": 1.0,
+    "off_policy_mask_threshold": None, "entropy_coef": 0.0, "use_adaptive_entropy": False,
+    "sapo_temperature_pos": 1.0, "sapo_temperature_neg": 1.05, "vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0,
+    "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0, "max_completion_length": None, "steps_per_generation": None,
+    "gradient_accumulation_steps": 1, "use_vllm": False, "vllm_importance_sampling_correction": True,
+    "vllm_importance_sampling_mode": "sequence_mask", "vllm_importance_sampling_clip_min": None,
+    "vllm_importance_sampling_clip_max": 3.0,
+}
+
+
+def _read(args: Any, name: str):
+    if isinstance(args, Mapping):
+        return args.get(name, _DEFAULTS[name])
+    return getattr(args, name, _DEFAULTS[name])
+
+
+def grpo_policy_config(args: Any, *, sampling_correction: bool = False) -> PolicyConfig:
+    """The :class:`fastalign.PolicyConfig` of a TRL ``GRPOConfig`` (object or dict).
+
+    ``sampling_correction``: the importance ratio to the inference engine is computed from
+    sampling log-probs in the kernel (``rollout_correction``) rather than passed precomputed.
+    """
+    loss_type = _read(args, "loss_type")
+    if loss_type not in _LOSSES:
+        raise ValueError(f"GRPOConfig.loss_type must be one of {tuple(_LOSSES)}, got {loss_type!r}")
+    if _read(args, "use_adaptive_entropy"):
+        raise ValueError("use_adaptive_entropy is a trainer-side controller: pass its current coefficient as "
+                         "entropy_coef")
+    row, agg, seq_count, _ = _LOSSES[loss_type]
+    eps_low = float(_read(args, "epsilon"))
+    eps_high = _read(args, "epsilon_high")
+    eps_high = eps_low if eps_high is None else float(eps_high)
+    opts: dict = dict(loss_type=row, agg=agg, seq_count=seq_count,
+                      importance_sampling_level=_read(args, "importance_sampling_level"))
+    if row == "ppo":
+        opts.update(eps_low=eps_low, eps_high=eps_high)
+    if row in ("gspo", "gmpo"):
+        opts.pop("agg")
+    if loss_type == "dr_grpo":
+        max_len = _read(args, "max_completion_length")
+        if max_len is not None:
+            opts["max_len"] = int(max_len)
+    if row == "ppo" and _read(args, "delta") is not None:
+        opts["delta"] = float(_read(args, "delta"))
+    if row == "cispo":
+        opts["cispo_bounds"] = (0.0, eps_high)
+    if row == "sapo":
+        opts["sapo_tau"] = (float(_read(args, "sapo_temperature_pos")), float(_read(args, "sapo_temperature_neg")))
+    if row == "vespo":
+        opts["vespo_k"] = (float(_read(args, "vespo_k_pos")), float(_read(args, "vespo_k_neg")))
+        opts["vespo_lambda"] = (float(_read(args, "vespo_lambda_pos")), float(_read(args, "vespo_lambda_neg")))
+    beta = float(_read(args, "beta"))
+    if beta != 0.0:
+        opts.update(kl_coef=beta, kl_type="k3", kl_clamp=False,
+                    kl_rho="grad" if _read(args, "use_bias_correction_kl") else False)
+    q = float(_read(args, "top_entropy_quantile"))
+    if q < 1.0:
+        opts["entropy_quantile"] = q
+    if _read(args, "off_policy_mask_threshold") is not None:
+        opts["offpolicy_threshold"] = float(_read(args, "off_policy_mask_threshold"))
+    coef = float(_read(args, "entropy_coef"))
+    if coef != 0.0:
+        opts.update(entropy_coef=coef, entropy_agg="token-mean")
+    if sampling_correction:
+        mode = _read(args, "vllm_importance_sampling_mode")
+        lo = _read(args, "vllm_importance_sampling_clip_min")
+        hi = _read(args, "vllm_importance_sampling_clip_max")
+        opts.update(rollout_correction=mode, rollout_min=0.0 if lo is None else float(lo),
+                    rollout_max=float("inf") if hi is None else float(hi))
+    return PolicyConfig(**opts)
+
+
+class GRPOLoss:
+    """TRL's ``GRPOTrainer`` loss from its ``GRPOConfig``: ``GRPOLoss(grpo_config)(logprobs, ...)``.
+
+    ``__call__(logprobs, old_logprobs, advantages, completion_mask, *, entropy, ref_logprobs=None,
+    sampling_logprobs=None, importance_sampling_ratio=None, num_items_in_batch=None,
+    num_processes=1, training=True)`` takes the tensors of ``_compute_loss`` (``completion_mask``
+    times the tool mask when there is one; ``old_logprobs=None`` means on-policy,
+    ``logprobs.detach()``) and returns ``(loss, metrics)`` under TRL's names. ``entropy`` is
+    required as in TRL (it is logged); ``num_items_in_batch`` (the generation batch's token
+    count) is required for dapo / cispo / vespo.
+    """
+
+    def __init__(self, args: Any):
+        self.args = args
+        self.loss_type = _read(args, "loss_type")
+        self.config = grpo_policy_config(args)
+        self._normalised = _LOSSES[self.loss_type][3]
+        self.grad_accum = int(_read(args, "gradient_accumulation_steps") or 1)
+        spg = _read(args, "steps_per_generation")
+        self.steps_per_generation = self.grad_accum if spg is None else int(spg)
+        self.is_correction = bool(_read(args, "use_vllm")) and bool(_read(args, "vllm_importance_sampling_correction"))
+
+    def __call__(self, logprobs: Tensor, old_logprobs: Optional[Tensor], advantages: Tensor,
+                 completion_mask: Tensor, *, entropy: Tensor, ref_logprobs: Optional[Tensor] = None,
+                 sampling_logprobs: Optional[Tensor] = None, importance_sampling_ratio: Optional[Tensor] = None,
+                 num_items_in_batch=None, num_processes: int = 1, training: bool = True,
+                 gradient_accumulation_steps: Optional[int] = None) -> tuple[Tensor, dict]:
+        cfg = self.config
+        if old_logprobs is None:
+            old_logprobs = logprobs.detach()
+        ga = self.grad_accum if gradient_accumulation_steps is None else int(gradient_accumulation_steps)
+        kw: dict = dict(entropy=entropy, ref_logprobs=ref_logprobs if cfg.kl_coef != 0.0 else None)
+        if self.is_correction:
+            if importance_sampling_ratio is not None:
+                kw["importance_weights"] = importance_sampling_ratio
+            elif sampling_logprobs is not None and cfg.row != "vespo":
+                cfg = grpo_policy_config(self.args, sampling_correction=True)
+            else:
+                raise ValueError("vLLM importance sampling needs importance_sampling_ratio (or sampling_logprobs)")
+        if cfg.offpolicy_threshold is not None or cfg.rollout_correction is not None:
+            kw["rollout_logprobs"] = sampling_logprobs
+        if self._normalised:
+            if num_items_in_batch is None:
+                raise ValueError(f"loss_type {self.loss_type!r} needs num_items_in_batch")
+            n = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=logprobs.device).clamp(min=1.0)
+            kw["global_tokens"] = n / self.steps_per_generation if training else n
+            cfg = PolicyConfig.make(cfg, dp_size=int(num_processes))
+        loss, met = policy_loss(logprobs, old_logprobs, advantages, completion_mask, config=cfg, **kw)
+        scale = ga if training else 1
+        if scale != 1:
+            loss = loss / scale
+        out = {}
+        if "policy_term" in met:  # TRL logs the loss before the entropy bonus (token-sum losses: per window)
+            out["policy_loss"] = met["policy_term"] / scale if self._normalised else met["policy_term"]
+            if training:
+                out["entropy_coef"] = torch.tensor(cfg.entropy_coef, device=loss.device)
+        if cfg.kl_coef != 0.0:
+            out["kl"] = met["kl"]
+        out["entropy"] = met["entropy"]
+        if cfg.row == "ppo":
+            out.update({"clip_ratio/low_mean": met["clip_low"], "clip_ratio/high_mean": met["clip_high"],
+                        "clip_ratio/region_mean": met["clip_region"], "clip_ratio/low_min": met["clip_low_min"],
+                        "clip_ratio/high_max": met["clip_high_max"]})
+        elif cfg.row == "cispo":
+            out["cispo_clip_ratio"] = met["clip_high"]
+        elif cfg.row == "vespo":
+            out["vespo/phi_seq_mean"] = met["phi_mean"]
+        return loss, out

@@ -1,2 +1,182 @@
-"""Placeholder: filled in by its profile."""
-__all__: list = []
+"""verl 0.9.1 actor profile: the PPO-family actor loss, gradient and metrics from verl's config.
+
+:class:`VerlPolicyLoss` reads an ``ActorConfig`` (``actor_rollout_ref.actor``, object or dict)
+once — ``policy_loss.loss_mode``, ``clip_ratio`` / ``clip_ratio_low`` / ``clip_ratio_high`` /
+``clip_ratio_c``, ``loss_agg_mode``, ``loss_scale_factor``, ``use_kl_loss`` / ``kl_loss_coef``
+/ ``kl_loss_type``, ``entropy_coeff``, ``tau_pos`` / ``tau_neg``, ``policy_loss.clip_cov_*`` /
+``kl_cov_ratio`` / ``ppo_kl_coef`` — and computes what verl's actor computes from
+``get_policy_loss_fn(loss_mode)`` plus its KL and entropy terms:
+``pg_loss - entropy_coeff * agg(H) + kl_loss_coef * agg(KL)``.
+
+Where verl's behaviour differs from fastalign's defaults, the profile follows verl:
+
+* vanilla always applies the dual clip (``clip_ratio_c``, default 3.0).
+* gspo aggregates with ``loss_agg_mode`` (fastalign's default for gspo is seq-mean-token-mean);
+  sapo always aggregates its policy term as seq-mean-token-mean, geo_mean averages over every
+  sequence, while KL and entropy use ``loss_agg_mode``.
+* seq-mean-token-sum-norm divides by the non-empty sequences times ``loss_scale_factor``.
+* kl_cov uses ``ppo_kl_coef`` (verl's config ships 0.1) and logs ``mean |l|`` as ``ppo_kl``.
+* ``rollout_is_weights`` multiply the policy term; geo_mean takes their geometric mean per
+  sequence.
+
+Global normalisers: ``dp_size``, ``batch_num_tokens``, ``global_batch_size`` as in verl's
+``global_batch_info``. Metrics (0-dim device tensors), as verl's actor loss logs them:
+``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower`` (those its loss function
+returns), ``actor/pg_loss``, ``actor/entropy_loss`` (when an entropy is given), ``kl_loss`` and
+``kl_coef`` (with ``use_kl_loss``).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from fastalign.aggregate import aggregate_loss
+from fastalign.kl import kl_penalty
+from fastalign.policy import policy_loss
+from fastalign.policy_config import PolicyConfig
+
+__all__ = ["VerlPolicyLoss", "verl_policy_config"]
+
+_MODES = {"vanilla": "ppo", "gspo": "gspo", "sapo": "sapo", "gpg": "reinforce", "clip_cov": "clip_cov",
+          "kl_cov": "kl_cov", "geo_mean": "gmpo", "cispo": "cispo"}
+_OWN_AGG = {"sapo": "seq-mean-token-mean", "geo_mean": "seq-mean-token-mean"}  # the policy term ignores the mode
+
+
+def _get(cfg: Any, name: str, default=None):
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping):
+        v = cfg.get(name, default)
+    else:
+        v = getattr(cfg, name, default)
+    return default if v is None else v
+
+
+def _clip_bounds(cfg: Any) -> tuple[float, float]:
+    ratio = float(_get(cfg, "clip_ratio", 0.2))
+    return float(_get(cfg, "clip_ratio_low", ratio)), float(_get(cfg, "clip_ratio_high", ratio))
+
+
+def verl_policy_config(actor: Any, *, fuse_terms: bool = True) -> PolicyConfig:
+    """The :class:`fastalign.PolicyConfig` of a verl ``ActorConfig`` (object or dict).
+
+    ``fuse_terms``: the KL and entropy terms go into the fused kernel (possible whenever they
+    aggregate like the policy term)."""
+    pl = _get(actor, "policy_loss", {})
+    mode = _get(pl, "loss_mode", "vanilla")
+    if mode not in _MODES:
+        raise ValueError(f"policy_loss.loss_mode {mode!r} has no fastalign profile; supported: {tuple(_MODES)}")
+    row = _MODES[mode]
+    el, eh = _clip_bounds(actor)
+    agg = _OWN_AGG.get(mode, _get(actor, "loss_agg_mode", "token-mean"))
+    opts: dict = dict(loss_type=row)
+    if row in ("ppo", "gspo", "clip_cov", "gmpo", "cispo"):
+        opts.update(eps_low=el, eps_high=eh)
+    if row != "gmpo":
+        opts["agg"] = agg
+    if agg.startswith("seq-mean"):
+        opts["seq_count"] = "all" if row == "gmpo" else "nonempty"
+    if agg == "seq-mean-token-sum-norm" and _get(actor, "loss_scale_factor") is not None:
+        opts["max_len"] = int(_get(actor, "loss_scale_factor"))
+    if row == "ppo":
+        opts["dual_clip"] = float(_get(actor, "clip_ratio_c", 3.0))
+    if row == "sapo":
+        opts["sapo_tau"] = (float(_get(actor, "tau_pos", 1.0)), float(_get(actor, "tau_neg", 1.05)))
+    if row == "clip_cov":
+        opts.update(cov_ratio=float(_get(pl, "clip_cov_ratio", 2e-4)), cov_lb=float(_get(pl, "clip_cov_lb", 1.0)),
+                    cov_ub=float(_get(pl, "clip_cov_ub", 5.0)))
+    if row == "kl_cov":
+        opts.update(cov_ratio=float(_get(pl, "kl_cov_ratio", 2e-4)), cov_kl_coef=float(_get(pl, "ppo_kl_coef", 1.0)))
+    if fuse_terms:
+        if _get(actor, "use_kl_loss", False):
+            opts.update(kl_coef=float(_get(actor, "kl_loss_coef", 0.001)),
+                        kl_type=str(_get(actor, "kl_loss_type", "low_var_kl")))
+        if float(_get(actor, "entropy_coeff", 0.0)) != 0.0:
+            opts["entropy_coef"] = float(_get(actor, "entropy_coeff"))
+    return PolicyConfig(**opts)
+
+
+class VerlPolicyLoss:
+    """verl's actor loss from its ``ActorConfig``: ``VerlPolicyLoss(actor_config)(log_prob, ...)``.
+
+    ``__call__(log_prob, old_log_prob, advantages, response_mask, *, entropy=None,
+    ref_log_prob=None, rollout_is_weights=None, dp_size=1, batch_num_tokens=None,
+    global_batch_size=None)`` returns ``(loss, metrics)`` with verl's metric names.
+    """
+
+    def __init__(self, actor: Any):
+        self.actor = actor
+        self.mode = _get(_get(actor, "policy_loss", {}), "loss_mode", "vanilla")
+        self.loss_agg_mode = _get(actor, "loss_agg_mode", "token-mean")
+        self.use_kl = bool(_get(actor, "use_kl_loss", False))
+        self.kl_coef = float(_get(actor, "kl_loss_coef", 0.001))
+        self.kl_type = str(_get(actor, "kl_loss_type", "low_var_kl"))
+        self.entropy_coeff = float(_get(actor, "entropy_coeff", 0.0))
+        # sapo and geo_mean aggregate their policy term on their own (geo_mean: a plain mean over the
+        # local sequences, without the global counts): KL and entropy then run apart
+        self.fused = self.mode == "sapo" and self.loss_agg_mode == _OWN_AGG["sapo"] or self.mode not in _OWN_AGG
+        self.config = verl_policy_config(actor, fuse_terms=self.fused)
+
+    def __call__(self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, response_mask: Tensor, *,
+                 entropy: Optional[Tensor] = None, ref_log_prob: Optional[Tensor] = None,
+                 rollout_is_weights: Optional[Tensor] = None, dp_size: int = 1, batch_num_tokens=None,
+                 global_batch_size=None) -> tuple[Tensor, dict]:
+        cfg = self.config
+        pg_counts = dict(global_tokens=batch_num_tokens, global_seqs=global_batch_size)
+        if self.mode == "geo_mean":
+            pg_counts = {}
+        elif dp_size != 1:
+            cfg = PolicyConfig.make(cfg, dp_size=int(dp_size))
+        if dp_size > 1 and batch_num_tokens is None and self.loss_agg_mode == "token-mean":
+            raise ValueError("batch_num_tokens is required when dp_size > 1")
+        loss, met = policy_loss(
+            log_prob, old_log_prob, advantages, response_mask, config=cfg,
+            ref_logprobs=ref_log_prob if (self.fused and self.use_kl) else None,
+            entropy=entropy if self.fused else None, importance_weights=rollout_is_weights, **pg_counts)
+        terms = {}
+        if self.fused:
+            if entropy is not None:
+                terms["actor/entropy_loss"] = met["entropy_term"]
+            if self.use_kl:
+                terms["kl_loss"] = met["kl_term"]
+            pg = loss.detach() + self.entropy_coeff * terms.get("actor/entropy_loss", 0.0) \
+                - self.kl_coef * terms.get("kl_loss", 0.0)
+        else:
+            pg = loss.detach()
+            kw = dict(global_tokens=batch_num_tokens, global_seqs=global_batch_size, dp_size=int(dp_size))
+            if self.loss_agg_mode == "seq-mean-token-sum-norm":
+                lsf = _get(self.actor, "loss_scale_factor")
+                kw["max_len"] = None if lsf is None else int(lsf)
+                if global_batch_size is None:
+                    kw["global_seqs"] = (response_mask.sum(-1) > 0).sum()
+            if entropy is not None:
+                terms["actor/entropy_loss"] = aggregate_loss(entropy, response_mask, self.loss_agg_mode, **kw)
+                loss = loss - self.entropy_coeff * terms["actor/entropy_loss"]
+            if self.use_kl:
+                kl = kl_penalty(log_prob, ref_log_prob, self.kl_type)
+                terms["kl_loss"] = aggregate_loss(kl, response_mask, self.loss_agg_mode, **kw)
+                loss = loss + self.kl_coef * terms["kl_loss"]
+        terms = {"actor/pg_loss": pg, **{k: v.detach() for k, v in terms.items()}}
+        if self.use_kl:
+            terms["kl_coef"] = torch.tensor(self.kl_coef, device=loss.device)
+        zero = torch.zeros((), device=loss.device)
+        mode = self.mode
+        if mode == "gpg":
+            return loss, terms
+        out = {"actor/pg_clipfrac": met["clipfrac"], "actor/ppo_kl": met["approx_kl"],
+               "actor/pg_clipfrac_lower": met["clipfrac_lower"] if mode == "vanilla" else zero}
+        if mode == "sapo":
+            out["actor/pg_clipfrac"] = zero
+        elif mode == "clip_cov":
+            out["actor/pg_clipfrac"] = met["cov_selected_frac"]
+        elif mode == "geo_mean":
+            out["actor/pg_clipfrac"], out["actor/pg_clipfrac_lower"] = met["clip_high"], met["clip_low"]
+        if mode == "kl_cov":
+            m = response_mask.to(torch.float32)
+            absl = torch.where(m > 0, (log_prob.detach().float() - old_log_prob.float()).abs(), 0.0)
+            out = {"actor/ppo_kl": (absl * m).sum() / m.sum().clamp(min=1.0)}
+        elif mode == "clip_cov":
+            out.pop("actor/pg_clipfrac_lower")
+        return loss, {**out, **terms}

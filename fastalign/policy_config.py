@@ -1,0 +1,317 @@
+"""The configuration record of the policy loss (SPEC §3, §3.2, §4).
+
+:class:`PolicyConfig` holds every option of :func:`fastalign.policy_loss`, validates it once,
+resolves the trainer presets and the option defaults that depend on the loss type, and emits
+:class:`KernelParams`: the numeric record both kernels read. ``KernelParams`` field order is
+the order of the C++ ``PolicyParams`` struct (``csrc/cpu/policy_loss.cpp``, checked by name at
+the first call) and the keyword order of the Triton launcher (``kernels/policy_loss.py``).
+Adding an option is one field here plus its use in the kernels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from typing import Any, NamedTuple, Optional
+
+from fastalign.aggregate import check_agg
+from fastalign.kl import canonical_kl
+
+# Loss-type rows of the kernels (one code per row of the table in SPEC §3).
+LOSS_CODES = {"ppo": 0, "gspo": 1, "cispo": 2, "sapo": 3, "reinforce": 4, "gmpo": 5, "clip_cov": 6, "kl_cov": 7,
+              "vespo": 8}
+LOSS_TYPES = ("ppo", "gspo", "cispo", "sapo", "reinforce", "gpg", "gmpo", "clip_cov", "kl_cov", "vespo", "luspo")
+# Trainer names -> (loss type, aggregation, sequence count); None keeps the caller's choice.
+PRESETS = {
+    "vanilla": ("ppo", None, None),
+    "grpo": ("ppo", "seq-mean-token-mean", None),
+    "bnpo": ("ppo", "token-mean", None),
+    "dr_grpo": ("ppo", "seq-mean-token-sum-norm", None),
+    "dapo": ("ppo", "token-mean", None),
+    "geo_mean": ("gmpo", None, None),
+    "gpg": ("reinforce", None, None),
+    "luspo": ("ppo", "seq-mean-token-sum", "all"),
+}
+KL_CODES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
+ROLLOUT_CODES = {None: 0, "token_truncate": 1, "token_mask": 2, "sequence_truncate": 3, "sequence_mask": 4,
+                 "icepop": 2}
+ROLLOUT_MODES = tuple(k for k in ROLLOUT_CODES if k is not None)
+KL_RHO_CODES = {False: 0, True: 1, "detached": 1, "grad": 2}
+IS_LEVELS = {"token": 0, "sequence": 1}
+SEQ_COUNTS = ("nonempty", "all")
+ENTROPY_AGGS = ("loss", "token-mean")
+
+_PPO_ROWS = ("ppo", "gspo", "clip_cov")  # rows with the ppo clip
+_SEQUENCE_LEVEL_ROWS = ("ppo", "cispo", "sapo")  # rows that take importance_sampling_level="sequence"
+_CLIP_ROWS = ("ppo", "gspo", "clip_cov", "gmpo", "cispo")  # rows that read eps_low / eps_high
+
+
+class KernelParams(NamedTuple):
+    """Numeric parameters of one policy-loss launch, in the C++ ``PolicyParams`` order.
+
+    Codes are small integers carried as floats (exact); an option that is off is 0
+    (``dual_clip``, ``delta``) or ``inf`` (``offpolicy_threshold``).
+    """
+
+    loss_type: int
+    is_level: int
+    kl_type: int
+    kl_straight: int
+    kl_clamp: int
+    kl_rho: int
+    rollout: int
+    eps_low: float
+    eps_high: float
+    dual_clip: float
+    delta: float
+    cispo_lo: float
+    cispo_hi: float
+    tau_pos: float
+    tau_neg: float
+    vespo_k_pos: float
+    vespo_lambda_pos: float
+    vespo_k_neg: float
+    vespo_lambda_neg: float
+    kl_coef: float
+    entropy_coef: float
+    rollout_min: float
+    rollout_max: float
+    offpolicy_threshold: float
+    cov_kl_coef: float
+    cov_ratio: float
+    cov_lb: float
+    cov_ub: float
+
+    @classmethod
+    def from_list(cls, values) -> "KernelParams":
+        """The record from the flat float list a custom op carries."""
+        n_int = 7
+        return cls(*[int(v) for v in values[:n_int]], *[float(v) for v in values[n_int:]])
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+    r"""Every option of :func:`fastalign.policy_loss` (SPEC §3, §3.2, §4), validated at construction.
+
+    Loss: ``loss_type`` (a row of SPEC §3 or a trainer preset: grpo, bnpo, dr_grpo, dapo, luspo,
+    vanilla, gpg, geo_mean), ``eps_low`` / ``eps_high`` (default 0.2; ppo, gspo, clip_cov, gmpo,
+    cispo without ``cispo_bounds``), ``dual_clip`` (c > 1, ppo), ``delta``
+    (ppo-clip rows), ``cispo_bounds`` (cispo), ``sapo_tau`` (sapo), ``vespo_k`` /
+    ``vespo_lambda`` ((positive, negative) advantage, vespo), ``importance_sampling_level``
+    ("token" or "sequence": ``rho = exp(mean_m l)`` per sequence with its full gradient; ppo,
+    cispo, sapo).
+
+    Added terms (§3.2): ``kl_type``, ``kl_coef``, ``kl_clamp``, ``kl_rho`` (False; True or
+    "detached": times ``sg(rho)``; "grad": times ``rho`` with its gradient), ``entropy_coef``,
+    ``entropy_agg`` ("loss": aggregated like the loss; "token-mean": ``coef * mean(H)`` over the
+    kept tokens, whatever ``agg``), ``rollout_correction`` with ``rollout_min`` /
+    ``rollout_max`` (truncate modes clamp to ``[rollout_min, rollout_max]``, the lower bound
+    only when given), ``entropy_quantile`` (in [0, 1]; 0 keeps the top token),
+    ``offpolicy_threshold``.
+
+    Clip-Cov / KL-Cov (§3.1): ``cov_ratio``, ``cov_lb``, ``cov_ub``, ``cov_kl_coef``,
+    ``cov_global``, ``cov_group``.
+
+    Aggregation (§4): ``agg`` (gmpo: always seq-mean-token-mean; gspo: seq-mean-token-mean unless
+    given), ``seq_count`` ("nonempty": sequence means over non-empty rows;
+    "all": over every row; default "all" for gmpo, luspo and seq-mean-token-sum-norm, "nonempty"
+    otherwise),
+    ``dp_size``, ``max_len``; and ``backend``.
+
+    Unknown names raise ``TypeError`` with the closest valid one; an option that the chosen
+    loss type does not use raises ``ValueError`` naming it.
+    """
+
+    loss_type: str = "ppo"
+    eps_low: Optional[float] = None
+    eps_high: Optional[float] = None
+    dual_clip: Optional[float] = None
+    delta: Optional[float] = None
+    importance_sampling_level: str = "token"
+    cispo_bounds: Optional[tuple] = None
+    sapo_tau: Optional[tuple] = None
+    vespo_k: Optional[tuple] = None
+    vespo_lambda: Optional[tuple] = None
+    kl_type: str = "k3"
+    kl_coef: float = 0.0
+    kl_clamp: bool = True
+    kl_rho: Any = False
+    entropy_coef: float = 0.0
+    entropy_agg: str = "loss"
+    rollout_correction: Optional[str] = None
+    rollout_min: Optional[float] = None
+    rollout_max: float = 2.0
+    entropy_quantile: Optional[float] = None
+    offpolicy_threshold: Optional[float] = None
+    cov_ratio: Optional[float] = None
+    cov_lb: Optional[float] = None
+    cov_ub: Optional[float] = None
+    cov_kl_coef: Optional[float] = None
+    cov_global: bool = False
+    cov_group: Any = dataclasses.field(default=None, compare=False)
+    agg: Optional[str] = None
+    seq_count: Optional[str] = None
+    dp_size: int = 1
+    max_len: Optional[int] = None
+    backend: Optional[str] = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def make(cls, config: Optional["PolicyConfig"] = None, **options) -> "PolicyConfig":
+        """``config`` (or the defaults) with ``options`` replaced; unknown names raise ``TypeError``."""
+        check_names(options)
+        if config is None:
+            return cls(**options)
+        return dataclasses.replace(config, **options) if options else config
+
+    def __post_init__(self):
+        lt = self.loss_type
+        if not isinstance(lt, str) or (lt not in LOSS_TYPES and lt not in PRESETS):
+            raise ValueError(f"loss_type must be one of {tuple(dict.fromkeys(LOSS_TYPES + tuple(PRESETS)))}, "
+                             f"got {lt!r}")
+        row, agg, seq_count = self.row, self.resolved_agg, self.resolved_seq_count
+        check_agg(agg)
+        if self.seq_count is not None and self.seq_count not in SEQ_COUNTS:
+            raise ValueError(f"seq_count must be one of {SEQ_COUNTS}, got {self.seq_count!r}")
+        del seq_count
+        if self.importance_sampling_level not in IS_LEVELS:
+            raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', "
+                             f"got {self.importance_sampling_level!r}")
+        if self.importance_sampling_level == "sequence" and row not in _SEQUENCE_LEVEL_ROWS:
+            raise ValueError(f"importance_sampling_level='sequence' applies to {_SEQUENCE_LEVEL_ROWS}, "
+                             f"not to loss_type {self.loss_type!r}")
+        for name in ("eps_low", "eps_high"):
+            given = getattr(self, name) is not None
+            self._only(name, given, _CLIP_ROWS)
+            if given and row == "cispo" and self.cispo_bounds is not None:
+                raise ValueError(f"{name} does not apply to cispo with cispo_bounds")
+        if self.clip_eps[0] < 0 or self.clip_eps[1] < 0:
+            raise ValueError(f"eps_low and eps_high must be >= 0, got {self.eps_low}, {self.eps_high}")
+        self._only("dual_clip", self.dual_clip is not None, ("ppo",))
+        if self.dual_clip is not None and not self.dual_clip > 1.0:
+            raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
+        self._only("delta", self.delta is not None, ("ppo", "gspo"))
+        if self.delta is not None and not self.delta > 0:
+            raise ValueError(f"delta must be > 0, got {self.delta}")
+        self._only("cispo_bounds", self.cispo_bounds is not None, ("cispo",))
+        self._only("sapo_tau", self.sapo_tau is not None, ("sapo",))
+        self._only("vespo_k", self.vespo_k is not None, ("vespo",))
+        self._only("vespo_lambda", self.vespo_lambda is not None, ("vespo",))
+        for name in ("cov_ratio", "cov_lb", "cov_ub"):
+            self._only(name, getattr(self, name) is not None, ("clip_cov", "kl_cov"))
+        self._only("cov_kl_coef", self.cov_kl_coef is not None, ("kl_cov",))
+        self._only("cov_global", bool(self.cov_global), ("clip_cov", "kl_cov"))
+        if row in ("clip_cov", "kl_cov") and not self.cov_params[0] > 0:
+            raise ValueError(f"cov_ratio must be > 0, got {self.cov_ratio}")
+        if self.seq_count is not None and not agg.startswith("seq-mean"):
+            raise ValueError(f"seq_count applies to the seq-mean aggregations, not to agg={agg!r}")
+        canonical_kl(self.kl_type)
+        if self.kl_rho not in KL_RHO_CODES or isinstance(self.kl_rho, (int, float)) and \
+                not isinstance(self.kl_rho, bool):
+            raise ValueError(f"kl_rho must be False, True, 'detached' or 'grad', got {self.kl_rho!r}")
+        if self.entropy_agg not in ENTROPY_AGGS:
+            raise ValueError(f"entropy_agg must be one of {ENTROPY_AGGS}, got {self.entropy_agg!r}")
+        if self.entropy_agg != "loss" and self.entropy_coef == 0.0:
+            raise ValueError("entropy_agg applies only with entropy_coef != 0")
+        if self.rollout_correction is not None and self.rollout_correction not in ROLLOUT_MODES:
+            raise ValueError(f"rollout_correction must be one of {ROLLOUT_MODES}, got {self.rollout_correction!r}")
+        if self.rollout_correction is None and (self.rollout_min is not None or self.rollout_max != 2.0):
+            name = "rollout_min" if self.rollout_min is not None else "rollout_max"
+            raise ValueError(f"{name} applies only with rollout_correction")
+        if self.rollout_min is not None and not 0 <= self.rollout_min <= self.rollout_max:
+            raise ValueError(f"rollout_min must lie in [0, rollout_max], got {self.rollout_min}")
+        if self.entropy_quantile is not None and not 0.0 <= self.entropy_quantile <= 1.0:
+            raise ValueError(f"entropy_quantile must lie in [0, 1], got {self.entropy_quantile}")
+        if not (isinstance(self.dp_size, int) and self.dp_size >= 1):
+            raise ValueError(f"dp_size must be an int >= 1, got {self.dp_size!r}")
+        if self.max_len is not None and agg != "seq-mean-token-sum-norm":
+            raise ValueError(f"max_len applies to agg='seq-mean-token-sum-norm', not to {agg!r}")
+
+    def _only(self, name: str, given: bool, rows: tuple) -> None:
+        if given and self.row not in rows:
+            raise ValueError(f"{name} does not apply to loss_type {self.loss_type!r} (only to {', '.join(rows)})")
+
+    # ------------------------------------------------------------------ resolved values
+    @property
+    def row(self) -> str:
+        """The kernel row of the loss type (presets resolved, gpg -> reinforce)."""
+        lt = self.loss_type
+        if lt in PRESETS:
+            lt = PRESETS[lt][0]
+        return "reinforce" if lt == "gpg" else lt
+
+    @property
+    def resolved_agg(self) -> str:
+        if self.row == "gmpo" or (self.row == "gspo" and self.agg is None):
+            return "seq-mean-token-mean"
+        if self.agg is not None:
+            return self.agg
+        preset = PRESETS.get(self.loss_type)
+        return preset[1] if preset is not None and preset[1] is not None else "token-mean"
+
+    @property
+    def resolved_seq_count(self) -> str:
+        if self.seq_count is not None:
+            return self.seq_count
+        preset = PRESETS.get(self.loss_type)
+        if preset is not None and preset[2] is not None:
+            return preset[2]
+        if self.row == "gmpo" or self.resolved_agg == "seq-mean-token-sum-norm":
+            return "all"
+        return "nonempty"
+
+    @property
+    def cov_params(self) -> tuple:
+        """(cov_ratio, cov_lb, cov_ub, cov_kl_coef) with their defaults."""
+        pick = lambda v, d: d if v is None else float(v)  # noqa: E731
+        return (pick(self.cov_ratio, 2e-4), pick(self.cov_lb, 1.0), pick(self.cov_ub, 5.0),
+                pick(self.cov_kl_coef, 1.0))
+
+    @property
+    def clip_eps(self) -> tuple:
+        """(eps_low, eps_high) with their defaults (0.2)."""
+        return (0.2 if self.eps_low is None else float(self.eps_low),
+                0.2 if self.eps_high is None else float(self.eps_high))
+
+    @property
+    def sequence_level(self) -> bool:
+        return self.importance_sampling_level == "sequence"
+
+    def kernel_params(self, *, entropy_in_kernel: bool) -> KernelParams:
+        """The numeric record for the kernels. ``entropy_in_kernel``: the per-token entropy term
+        ``-entropy_coef H_t`` is part of the kernel's loss (``entropy_agg="loss"``)."""
+        row = self.row
+        kl_base, kl_straight = canonical_kl(self.kl_type)
+        el, eh = self.clip_eps
+        lo, hi = self.cispo_bounds if self.cispo_bounds is not None else (1.0 - el, 1.0 + eh)
+        tau = self.sapo_tau if self.sapo_tau is not None else (1.0, 1.05)
+        vk = self.vespo_k if self.vespo_k is not None else (2.0, 3.0)
+        vl = self.vespo_lambda if self.vespo_lambda is not None else (3.0, 2.0)
+        truncate = self.rollout_correction in ("token_truncate", "sequence_truncate")
+        r_min = self.rollout_min if self.rollout_min is not None else (0.0 if truncate else 0.5)
+        cov_ratio, cov_lb, cov_ub, cov_kl = self.cov_params
+        return KernelParams(
+            loss_type=LOSS_CODES[row], is_level=IS_LEVELS[self.importance_sampling_level],
+            kl_type=KL_CODES[kl_base], kl_straight=int(kl_straight), kl_clamp=int(bool(self.kl_clamp)),
+            kl_rho=KL_RHO_CODES[self.kl_rho], rollout=ROLLOUT_CODES[self.rollout_correction],
+            eps_low=el, eps_high=eh, dual_clip=float(self.dual_clip or 0.0),
+            delta=float(self.delta or 0.0), cispo_lo=float(lo), cispo_hi=float(hi), tau_pos=float(tau[0]),
+            tau_neg=float(tau[1]), vespo_k_pos=float(vk[0]), vespo_lambda_pos=float(vl[0]),
+            vespo_k_neg=float(vk[1]), vespo_lambda_neg=float(vl[1]), kl_coef=float(self.kl_coef),
+            entropy_coef=float(self.entropy_coef) if entropy_in_kernel else 0.0, rollout_min=float(r_min),
+            rollout_max=float(self.rollout_max),
+            offpolicy_threshold=math.inf if self.offpolicy_threshold is None else float(self.offpolicy_threshold),
+            cov_kl_coef=cov_kl, cov_ratio=cov_ratio, cov_lb=cov_lb, cov_ub=cov_ub)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(PolicyConfig))
+
+
+def check_names(options: dict, extra: tuple = ()) -> None:
+    """``TypeError`` for a keyword that is not a configuration field, with the closest valid name."""
+    valid = FIELDS + tuple(extra)
+    for name in options:
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise TypeError(f"unknown policy-loss option {name!r}{hint}")

@@ -1,0 +1,243 @@
+"""GRPOLoss (fastalign.integrations.trl) against TRL 1.16's own ``GRPOTrainer._compute_loss``.
+
+TRL's method is called unbound on a stand-in trainer that holds only the attributes it reads
+(set the way ``GRPOTrainer.__init__`` sets them from the config) and returns the synthetic
+per-token log-probs and entropies instead of running a model. Loss, d(loss)/d(logprobs),
+d(loss)/d(entropy) and every metric TRL logs are compared (TRL in float64, fastalign in fp32).
+"""
+import dataclasses
+import math
+import types
+from collections import defaultdict
+
+import pytest
+import torch
+
+from helpers import assert_close
+
+trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer", reason="TRL is not importable")
+GRPOTrainer = trl_grpo.GRPOTrainer
+from trl import GRPOConfig  # noqa: E402
+
+from fastalign.integrations.trl import GRPOLoss  # noqa: E402
+
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig) if f.default is not dataclasses.MISSING}
+
+
+class _Accelerator:
+    """One process's view: gathers and reductions are the identity."""
+
+    def __init__(self, num_processes):
+        self.num_processes = num_processes
+        self.sync_gradients = True
+
+    def gather(self, x):
+        return x
+
+    gather_for_metrics = gather
+
+    def reduce(self, x, reduction="sum"):
+        return x
+
+    def pad_across_processes(self, x, dim=0, pad_index=0):
+        return x
+
+
+def trl_loss(config, lp, old, A, m, H, *, ref=None, sampling=None, is_ratio=None, num_items=None, ga=1, nproc=1,
+             training=True):
+    args = types.SimpleNamespace(**{**DEFAULTS, **config})
+    lp = lp.double().clone().requires_grad_(True)
+    H = H.double().clone().requires_grad_(True)
+    B, T = lp.shape
+    trainer = types.SimpleNamespace(
+        args=args, loss_type=args.loss_type, beta=args.beta, epsilon_low=args.epsilon,
+        epsilon_high=args.epsilon_high if args.epsilon_high is not None else args.epsilon,
+        importance_sampling_level=args.importance_sampling_level, top_entropy_quantile=args.top_entropy_quantile,
+        off_policy_mask_threshold=args.off_policy_mask_threshold, use_vllm=args.use_vllm,
+        vllm_importance_sampling_correction=args.vllm_importance_sampling_correction,
+        max_completion_length=args.max_completion_length, entropy_coef=args.entropy_coef,
+        use_adaptive_entropy=args.use_adaptive_entropy,
+        _entropy_bonus_enabled=args.entropy_coef != 0.0 or args.use_adaptive_entropy,
+        _last_world_entropy=float("inf"), aux_loss_enabled=False, model=types.SimpleNamespace(training=training),
+        current_gradient_accumulation_steps=ga, accelerator=_Accelerator(nproc),
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _get_per_token_logps_and_entropies=lambda *a, **k: (lp, H, None),
+        get_off_policy_mask=GRPOTrainer.get_off_policy_mask, get_gamma_weights=GRPOTrainer.get_gamma_weights,
+    )
+    trainer.get_high_entropy_mask = types.MethodType(GRPOTrainer.get_high_entropy_mask, trainer)
+    inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": m.long(),
+              "advantages": A.double(), "old_per_token_logps": None if old is None else old.double()}
+    if ref is not None:
+        inputs["ref_per_token_logps"] = ref.double()
+    if sampling is not None:
+        inputs["sampling_per_token_logps"] = sampling.double()
+    if is_ratio is not None:
+        inputs["importance_sampling_ratio"] = is_ratio.double()
+    if num_items is not None:
+        inputs["num_items_in_batch"] = torch.tensor(float(num_items), dtype=torch.float64)
+    loss = GRPOTrainer._compute_loss(trainer, None, inputs)
+    loss.backward()
+    metrics = trainer._metrics["train" if training else "eval"]
+    return loss.detach(), lp.grad, H.grad, {k: v[-1] for k, v in metrics.items()}
+
+
+def batch(B=6, T=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(B, T, generator=g) * 2.0
+    old = lp + torch.randn(B, T, generator=g) * 0.15 + torch.randn(B, 1, generator=g) * 0.1
+    A = torch.randn(B, generator=g)
+    lengths = torch.randint(2, T + 1, (B, 1), generator=g)
+    m = torch.arange(T)[None, :] < lengths
+    m[1] = False  # an empty completion
+    ref = lp + torch.randn(B, T, generator=g) * 0.3
+    H = torch.rand(B, T, generator=g) * 3.0
+    sampling = old + torch.randn(B, T, generator=g) * 0.2
+    sampling[0, 1] = math.nan  # a token the inference engine could not score
+    ratio = torch.where(m, torch.rand(B, T, generator=g) + 0.5, torch.ones(B, T))
+    return dict(lp=lp, old=old, A=A, m=m, ref=ref, H=H, sampling=sampling, ratio=ratio)
+
+
+CASES = {
+    "grpo": dict(loss_type="grpo"),
+    "grpo_kl_bias_corrected_delta": dict(loss_type="grpo", beta=0.04, delta=1.1, epsilon_high=0.28),
+    "gspo_delta_offpolicy": dict(loss_type="grpo", importance_sampling_level="sequence", delta=1.05, beta=0.04,
+                                 off_policy_mask_threshold=0.0),
+    "bnpo_kl_plain": dict(loss_type="bnpo", beta=0.1, use_bias_correction_kl=False, epsilon=0.1),
+    "dr_grpo": dict(loss_type="dr_grpo", max_completion_length=9, beta=0.02),
+    "dapo_entropy_mask_bonus": dict(loss_type="dapo", entropy_coef=0.03, top_entropy_quantile=0.5, beta=0.02),
+    "dapo_top_token_only": dict(loss_type="dapo", top_entropy_quantile=0.0, entropy_coef=0.01),
+    "dapo_vllm_token_ratio": dict(loss_type="dapo", use_vllm=True, off_policy_mask_threshold=0.01),
+    "luspo_sequence": dict(loss_type="luspo", importance_sampling_level="sequence", beta=0.05),
+    "luspo_token": dict(loss_type="luspo", delta=1.2),
+    "cispo": dict(loss_type="cispo", epsilon_high=1.05, beta=0.02),
+    "cispo_sequence": dict(loss_type="cispo", epsilon_high=1.02, importance_sampling_level="sequence"),
+    "sapo": dict(loss_type="sapo", beta=0.05, sapo_temperature_neg=1.3),
+    "sapo_sequence": dict(loss_type="sapo", importance_sampling_level="sequence", top_entropy_quantile=0.6),
+    "vespo": dict(loss_type="vespo", use_vllm=True, beta=0.02),
+    "vespo_plain": dict(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_neg=2.5),
+}
+SETUPS = {  # (gradient accumulation, processes, training, steps_per_generation)
+    "train": (1, 1, True, 1),
+    "accum_dp": (2, 2, True, 4),
+    "eval": (3, 2, False, 2),
+}
+
+
+def _call_both(config, d, ga, nproc, training, spg, *, old=True, seq_ratio=False):
+    config = {**config, "steps_per_generation": spg, "gradient_accumulation_steps": ga}
+    ratio = d["ratio"][:, :1] if seq_ratio else d["ratio"]
+    use_vllm = config.get("use_vllm", False)
+    num_items = int(d["m"].sum()) * 3  # the generation batch spans several micro-batches
+    kw = dict(ref=d["ref"] if config.get("beta", 0.0) else None,
+              sampling=d["sampling"] if (config.get("off_policy_mask_threshold") is not None or use_vllm) else None,
+              is_ratio=ratio if use_vllm else None, num_items=num_items)
+    tl, tg, th, tm = trl_loss(config, d["lp"], d["old"] if old else None, d["A"], d["m"], d["H"], ga=ga, nproc=nproc,
+                              training=training, **kw)
+    x = d["lp"].clone().requires_grad_(True)
+    h = d["H"].clone().requires_grad_(True)
+    loss, met = GRPOLoss(config)(x, d["old"] if old else None, d["A"], d["m"], entropy=h, ref_logprobs=kw["ref"],
+                                 sampling_logprobs=kw["sampling"], importance_sampling_ratio=kw["is_ratio"],
+                                 num_items_in_batch=num_items, num_processes=nproc, training=training)
+    loss.backward()
+    return (tl, tg, th, tm), (loss, x.grad, h.grad, met)
+
+
+def _compare(trl, ours):
+    tl, tg, th, tm = trl
+    loss, g, gh, met = ours
+    assert_close(loss, tl, atol=1e-6, rtol=1e-6, what="loss")
+    assert_close(g, tg, atol=1e-6, rtol=1e-5, what="d logprobs")
+    zeros = torch.zeros_like(loss.new_empty(g.shape))
+    assert_close(zeros if gh is None else gh, zeros if th is None else th, atol=1e-6, rtol=1e-5, what="d entropy")
+    assert set(met) == set(tm), (sorted(met), sorted(tm))
+    for k, v in tm.items():
+        assert_close(met[k], torch.tensor(v, dtype=torch.float64), atol=1e-6, rtol=1e-6, what=f"metric {k}")
+
+
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_grpo_loss_matches_trl(case, setup):
+    d = batch(seed=sorted(CASES).index(case))
+    trl, ours = _call_both(CASES[case], d, *SETUPS[setup])
+    _compare(trl, ours)
+
+
+def test_on_policy_old_logprobs_none():
+    d = batch(seed=5)
+    _compare(*_call_both(dict(loss_type="grpo", beta=0.04), d, 1, 1, True, 1, old=False))
+
+
+def test_sequence_shaped_importance_ratio():
+    d = batch(seed=6)
+    _compare(*_call_both(dict(loss_type="grpo", use_vllm=True, vllm_importance_sampling_mode="sequence_mask"), d,
+                         1, 1, True, 1, seq_ratio=True))
+
+
+def test_clip_metrics_are_exercised():
+    d = batch(seed=7)
+    d["old"] = d["lp"] + torch.randn(d["lp"].shape, generator=torch.Generator().manual_seed(0)) * 0.5
+    trl, ours = _call_both(dict(loss_type="grpo", epsilon=0.1), d, 1, 1, True, 1)
+    _compare(trl, ours)
+    assert 0 < trl[3]["clip_ratio/low_mean"] and 0 < trl[3]["clip_ratio/high_mean"]
+    assert trl[3]["clip_ratio/high_max"] > 0
+
+
+def test_grpo_config_object():
+    args = GRPOConfig(output_dir="/tmp/fastalign-grpo", loss_type="bnpo", beta=0.04, epsilon_high=0.28,
+                      report_to=[], use_cpu=True)
+    loss = GRPOLoss(args)
+    assert loss.config.kl_rho == "grad" and loss.config.eps_high == 0.28 and not loss.config.kl_clamp
+    d = batch(seed=8)
+    cfg = {k: getattr(args, k) for k in ("loss_type", "beta", "epsilon", "epsilon_high")}
+    trl, _ = _call_both(cfg, d, 1, 1, True, 1)
+    x = d["lp"].clone().requires_grad_(True)
+    ours, _ = loss(x, d["old"], d["A"], d["m"], entropy=d["H"], ref_logprobs=d["ref"],
+                   gradient_accumulation_steps=1)
+    assert_close(ours, trl[0], atol=1e-6, what="loss from a GRPOConfig object")
+
+
+def test_unsupported_settings_raise():
+    with pytest.raises(ValueError, match="use_adaptive_entropy"):
+        GRPOLoss(dict(loss_type="grpo", use_adaptive_entropy=True))
+    with pytest.raises(ValueError, match="loss_type"):
+        GRPOLoss(dict(loss_type="nope"))
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        d = batch(seed=9)
+        GRPOLoss(dict(loss_type="dapo"))(d["lp"], d["old"], d["A"], d["m"], entropy=d["H"])
+
+
+@pytest.mark.parametrize("case", ["gspo_delta_offpolicy", "sapo_sequence", "vespo", "dapo_entropy_mask_bonus",
+                                  "cispo_sequence"])
+def test_triton_kernel_matches_trl(case):
+    import fastalign
+
+    d = batch(B=4, T=7, seed=11)
+    with fastalign.use_backend("triton"):
+        _compare(*_call_both(CASES[case], d, 2, 2, True, 4))
+
+
+def _ratio_from_logprobs(old, sampling, m, mode, lo, hi):
+    """SPEC §3.2's rollout ratio with TRL's rules (NaN log-ratio -> 0, truncation to both bounds), float64."""
+    d = torch.nan_to_num((old.double() - sampling.double()) * m, nan=0.0)
+    if mode.startswith("sequence"):
+        d = d.sum(-1, keepdim=True)
+    r = d.exp()
+    if mode.endswith("truncate"):
+        return r.clamp(min=lo, max=hi)
+    return r.masked_fill((r < (-math.inf if lo is None else lo)) | (r > (math.inf if hi is None else hi)), 0.0)
+
+
+@pytest.mark.parametrize("mode,lo,hi", [("token_truncate", 0.9, 1.1), ("token_mask", None, 1.2),
+                                        ("sequence_truncate", None, 1.3), ("sequence_mask", 0.5, 1.5)])
+def test_ratio_computed_from_sampling_logprobs(mode, lo, hi):
+    d = batch(seed=12)
+    config = dict(loss_type="bnpo", use_vllm=True, vllm_importance_sampling_mode=mode,
+                  vllm_importance_sampling_clip_min=lo, vllm_importance_sampling_clip_max=hi)
+    ratio = _ratio_from_logprobs(d["old"], d["sampling"], d["m"], mode, lo, hi)
+    trl = trl_loss(config, d["lp"], d["old"], d["A"], d["m"], d["H"], sampling=d["sampling"], is_ratio=ratio)
+    x = d["lp"].clone().requires_grad_(True)
+    loss, met = GRPOLoss(config)(x, d["old"], d["A"], d["m"], entropy=d["H"], sampling_logprobs=d["sampling"])
+    loss.backward()
+    assert_close(loss, trl[0], atol=1e-6, rtol=1e-6, what="loss")
+    assert_close(x.grad, trl[1], atol=1e-6, rtol=1e-5, what="d logprobs")

@@ -1,0 +1,152 @@
+"""VerlPolicyLoss (fastalign.integrations.verl) against verl 0.9.1's own loss code.
+
+verl's actor loss is ``get_policy_loss_fn(loss_mode)(...)`` (called here with a real
+``ActorConfig``) minus ``entropy_coeff * agg_loss(entropy)`` plus ``kl_loss_coef *
+agg_loss(kl_penalty(...))``, with the global-batch counts in ``config.global_batch_info`` —
+the composition (and the metric names) of ``verl.workers.utils.losses.ppo_loss``. Loss,
+d(loss)/d(log_prob), d(loss)/d(entropy) and every metric are compared (verl in float64,
+fastalign in fp32).
+"""
+import pytest
+import torch
+
+from helpers import assert_close
+
+core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not importable")
+actor_config = pytest.importorskip("verl.workers.config.actor", reason="verl is not importable")
+
+from fastalign.integrations.verl import VerlPolicyLoss  # noqa: E402
+
+
+def make_actor(loss_mode="vanilla", policy_loss=None, **kw):
+    pl = actor_config.PolicyLossConfig(loss_mode=loss_mode, **(policy_loss or {}))
+    return actor_config.ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, policy_loss=pl,
+                                    **kw)
+
+
+def verl_loss(actor, lp, old, A, m, *, H=None, ref=None, is_w=None, dp_size=1, batch_num_tokens=None,
+              global_batch_size=None):
+    lp = lp.double().clone().requires_grad_(True)
+    H = None if H is None else H.double().clone().requires_grad_(True)
+    actor.global_batch_info.update(dp_size=dp_size, batch_num_tokens=batch_num_tokens,
+                                   global_batch_size=global_batch_size, loss_scale_factor=actor.loss_scale_factor)
+    mask = m.bool()
+    fn = core_algos.get_policy_loss_fn(actor.policy_loss.loss_mode)
+    loss, metrics = fn(old_log_prob=old.double(), log_prob=lp, advantages=A.double(), response_mask=mask,
+                       loss_agg_mode=actor.loss_agg_mode, config=actor,
+                       rollout_is_weights=None if is_w is None else is_w.double())
+    metrics["actor/pg_loss"] = loss.detach()
+    if H is not None:
+        ent = core_algos.agg_loss(loss_mat=H, loss_mask=mask, loss_agg_mode=actor.loss_agg_mode,
+                                  **actor.global_batch_info)
+        loss = loss - actor.entropy_coeff * ent
+        metrics["actor/entropy_loss"] = ent.detach()
+    if actor.use_kl_loss:
+        kld = core_algos.kl_penalty(logprob=lp, ref_logprob=ref.double(), kl_penalty=actor.kl_loss_type)
+        kl = core_algos.agg_loss(loss_mat=kld, loss_mask=mask, loss_agg_mode=actor.loss_agg_mode,
+                                 **actor.global_batch_info)
+        loss = loss + kl * actor.kl_loss_coef
+        metrics["kl_loss"], metrics["kl_coef"] = kl.detach(), actor.kl_loss_coef
+    loss.backward()
+    return loss.detach(), lp.grad, None if H is None else H.grad, metrics
+
+
+def batch(B=6, T=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(B, T, generator=g) * 2.0
+    old = lp + torch.randn(B, T, generator=g) * 0.25
+    A = torch.randn(B, 1, generator=g).expand(B, T).contiguous()
+    lengths = torch.randint(2, T + 1, (B, 1), generator=g)
+    m = torch.arange(T)[None, :] < lengths
+    m[2] = False  # an empty response
+    ref = lp + torch.randn(B, T, generator=g) * 0.3
+    H = torch.rand(B, T, generator=g) * 3.0
+    w = torch.rand(B, T, generator=g) + 0.5
+    return dict(lp=lp, old=old, A=A, m=m, ref=ref, H=H, w=w)
+
+
+KL = dict(use_kl_loss=True, kl_loss_coef=0.05)
+CASES = {
+    "vanilla": dict(clip_ratio_low=0.2, clip_ratio_high=0.28, entropy_coeff=0.01, **KL),
+    "vanilla_seq_mean_token_mean": dict(loss_agg_mode="seq-mean-token-mean", clip_ratio_c=2.0, **KL),
+    "vanilla_seq_mean_token_sum": dict(loss_agg_mode="seq-mean-token-sum", entropy_coeff=0.02),
+    "vanilla_token_sum_norm": dict(loss_agg_mode="seq-mean-token-sum-norm", loss_scale_factor=16, **KL),
+    "vanilla_token_sum": dict(loss_agg_mode="token-sum", kl_loss_type="k1", **KL),
+    "vanilla_is_weights": dict(is_weights=True, kl_loss_type="k3+", **KL),
+    "gspo": dict(loss_mode="gspo", clip_ratio_low=0.01, clip_ratio_high=0.01, kl_loss_type="abs", **KL),
+    "gspo_seq_mean": dict(loss_mode="gspo", loss_agg_mode="seq-mean-token-mean", is_weights=True),
+    "sapo_token_mean_terms": dict(loss_mode="sapo", tau_neg=1.3, entropy_coeff=0.01, kl_loss_type="mse", **KL),
+    "sapo_seq_mean": dict(loss_mode="sapo", loss_agg_mode="seq-mean-token-mean", entropy_coeff=0.01, **KL),
+    "gpg": dict(loss_mode="gpg", loss_agg_mode="seq-mean-token-mean", **KL),
+    "clip_cov_all_picked": dict(loss_mode="clip_cov", policy_loss=dict(clip_cov_ratio=1.0, clip_cov_lb=-1.0,
+                                                                         clip_cov_ub=5.0)),
+    "kl_cov": dict(loss_mode="kl_cov", policy_loss=dict(kl_cov_ratio=0.1, ppo_kl_coef=0.1), **KL),
+    "geo_mean": dict(loss_mode="geo_mean", clip_ratio_low=0.1, clip_ratio_high=0.15, is_weights=True, **KL),
+    "geo_mean_seq_terms": dict(loss_mode="geo_mean", loss_agg_mode="seq-mean-token-mean", entropy_coeff=0.01),
+    "cispo": dict(loss_mode="cispo", clip_ratio_low=0.1, clip_ratio_high=0.1, entropy_coeff=0.01),
+}
+
+
+def _run(case, d, dp):
+    kw = dict(CASES[case])
+    is_w = d["w"] if kw.pop("is_weights", False) else None
+    actor = make_actor(**kw)
+    n_tok, n_seq = int(d["m"].sum()), int((d["m"].sum(-1) > 0).sum())
+    glob = dict(dp_size=2, batch_num_tokens=2 * n_tok + 3, global_batch_size=2 * n_seq + 1) if dp else {}
+    vl, vg, vh, vm = verl_loss(actor, d["lp"], d["old"], d["A"], d["m"], H=d["H"], ref=d["ref"], is_w=is_w, **glob)
+    x = d["lp"].clone().requires_grad_(True)
+    h = d["H"].clone().requires_grad_(True)
+    loss, met = VerlPolicyLoss(make_actor(**kw))(x, d["old"], d["A"], d["m"], entropy=h, ref_log_prob=d["ref"],
+                                                 rollout_is_weights=is_w, **glob)
+    loss.backward()
+    assert_close(loss, vl, atol=1e-6, rtol=1e-6, what="loss")
+    assert_close(x.grad, vg, atol=1e-6, rtol=1e-5, what="d log_prob")
+    zeros = torch.zeros(d["H"].shape)
+    assert_close(zeros if h.grad is None else h.grad, zeros if vh is None else vh, atol=1e-6, rtol=1e-5,
+                 what="d entropy")
+    assert set(met) == set(vm), (sorted(met), sorted(vm))
+    for k, v in vm.items():
+        assert_close(met[k], torch.tensor(float(v), dtype=torch.float64), atol=1e-6, rtol=1e-6, what=f"metric {k}")
+    return vm
+
+
+@pytest.mark.parametrize("dp", [False, True], ids=["local", "dp2"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_actor_loss_matches_verl(case, dp):
+    _run(case, batch(seed=sorted(CASES).index(case)), dp)
+
+
+def test_clip_metrics_are_exercised():
+    d = batch(seed=40)
+    vm = _run("vanilla", d, False)
+    assert vm["actor/pg_clipfrac"] > 0 and vm["actor/pg_clipfrac_lower"] >= 0
+    d["old"] = d["lp"] + 2.0 * (d["A"] > 0) - 2.0 * (d["A"] <= 0)  # ratios far outside: the dual clip binds
+    vm = _run("vanilla", d, False)
+    assert vm["actor/pg_clipfrac_lower"] > 0
+    vm = _run("geo_mean", batch(seed=41), False)
+    assert vm["actor/pg_clipfrac"] > 0 or vm["actor/pg_clipfrac_lower"] > 0
+
+
+def test_triton_kernel_matches_verl():
+    import fastalign
+
+    d = batch(B=4, T=7, seed=42)
+    with fastalign.use_backend("triton"):
+        for case in ("vanilla_is_weights", "geo_mean", "gspo_seq_mean", "sapo_token_mean_terms"):
+            _run(case, d, True)
+
+
+def test_unsupported_loss_mode_raises():
+    with pytest.raises(ValueError, match="dppo_tv"):
+        VerlPolicyLoss(make_actor("dppo_tv"))
+
+
+def test_dict_config_equals_actor_config():
+    d = batch(seed=43)
+    kw = dict(clip_ratio_low=0.2, clip_ratio_high=0.28, entropy_coeff=0.01, use_kl_loss=True, kl_loss_coef=0.05,
+              loss_agg_mode="seq-mean-token-mean")
+    as_dict = {**kw, "policy_loss": {"loss_mode": "vanilla"}}
+    l1, m1 = VerlPolicyLoss(make_actor(**kw))(d["lp"], d["old"], d["A"], d["m"], entropy=d["H"],
+                                              ref_log_prob=d["ref"])
+    l2, m2 = VerlPolicyLoss(as_dict)(d["lp"], d["old"], d["A"], d["m"], entropy=d["H"], ref_log_prob=d["ref"])
+    assert torch.equal(l1, l2) and m1.keys() == m2.keys()
