@@ -393,16 +393,20 @@ def token_advantages(adv: Tensor, response_mask: Tensor) -> Tensor:
 
 
 def masked_whiten(x: Tensor, mask: Tensor, eps: float = WHITEN_EPS) -> Tensor:
-    """``(x - mean) * rsqrt(var + eps) * mask`` with mean and unbiased var over the masked tokens."""
+    """``(x - mean) * rsqrt(var + eps) * mask`` with mean and unbiased var over the masked tokens.
+
+    Tokens where ``mask == 0`` are left out by selection (not multiplied by 0): a NaN or inf there
+    changes nothing, and their output is exactly 0."""
     _validate.any_float("x", x)
     _validate.like(tuple(x.shape), "x.shape", device=x.device, device_of="x", kind="real", mask=mask)
     _validate.finite(eps=eps)
     m = mask.to(torch.float64)
-    x64 = x.to(torch.float64)
+    valid = m != 0
+    x64 = torch.where(valid, x.to(torch.float64), 0.0)
     n = m.sum()
     mean = (x64 * m).sum() / n.clamp_min(1.0)
-    var = (m * (x64 - mean) ** 2).sum() / (n - 1.0).clamp_min(1.0)
-    return ((x64 - mean) * torch.rsqrt(var + eps) * m).to(x.dtype)
+    var = torch.where(valid, m * (x64 - mean) ** 2, 0.0).sum() / (n - 1.0).clamp_min(1.0)
+    return torch.where(valid, (x64 - mean) * torch.rsqrt(var + eps) * m, 0.0).to(x.dtype)
 
 
 def _token_inputs(name: str, x, mask, others=()):
@@ -425,7 +429,9 @@ def reinforce_pp_advantages(token_rewards: Tensor, response_mask: Tensor, *, gam
                             whiten: bool = True, backend: Optional[str] = None) -> Tensor:
     """REINFORCE++: ``G_t = r_t + gamma G_{t+1}`` (reset after each masked token), whitened over valid tokens.
 
-    Returns ``[B, T]`` (``G m`` whitened, times m)."""
+    Returns ``[B, T]`` (``G m`` whitened, times m). In this and the other token-level estimators a
+    masked token (``mask == 0``) is skipped by selection: whatever it holds (NaN, inf) never reaches
+    a valid token or the whitening statistics, and its output is exactly 0."""
     _validate.finite(gamma=gamma)
     x, m, _ = _token_inputs("token_rewards", token_rewards, response_mask)
     g, _ = reverse_scan(x, x.new_empty(0), m, float(gamma), 0.0, SCANS["return"], _resolve(x.device, backend))
@@ -440,7 +446,7 @@ def remax_advantages(token_rewards: Tensor, response_mask: Tensor, baseline: Ten
     _validate.shape("baseline", baseline, (x.shape[0],), "one score per response")
     _validate.same_device(token_rewards=x, baseline=baseline)
     g, _ = reverse_scan(x, x.new_empty(0), m, 1.0, 0.0, SCANS["to_go"], _resolve(x.device, backend))
-    return g - baseline.to(x.dtype).unsqueeze(-1) * m
+    return torch.where(m != 0, g - baseline.to(x.dtype).unsqueeze(-1) * m, 0.0)
 
 
 def gae_advantages(token_rewards: Tensor, values: Tensor, response_mask: Tensor, *, gamma: float = 1.0,
@@ -467,5 +473,7 @@ def implicit_process_advantages(logprobs: Tensor, ref_logprobs: Tensor, response
     x = (lp - ref) * float(beta)
     r, _ = reverse_scan(x, x.new_empty(0), m, float(gamma), 0.0, SCANS["return"], _resolve(x.device, backend))
     if outcome_advantages is not None:
-        r = r + outcome_advantages.to(x.dtype).unsqueeze(-1) * m
+        _validate.tensor("outcome_advantages", outcome_advantages, dim=1)
+        _validate.shape("outcome_advantages", outcome_advantages, (x.shape[0],), "one advantage per response")
+        r = torch.where(m != 0, r + outcome_advantages.to(x.dtype).unsqueeze(-1) * m, 0.0)
     return r

@@ -86,6 +86,32 @@ FASTALIGN_HD GroupStats finish(const GroupAcc& a, double mean, double m2) {
   return s;
 }
 
+// Scores near the top of the double range (|x| > ~1e154): the sums of x, L x or (x - mean)^2
+// overflow although every score is finite. Such a group is summed again with each score times
+// 2^-e, e the exponent of its largest |x| (scaled scores are below 1 in magnitude, so no sum can
+// overflow), and mean, std and wmean are scaled back by 2^e; max and second come from the
+// unscaled pass, which cannot overflow. A power of two scales exactly.
+FASTALIGN_HD bool is_finite(double x) { return fabs(x) <= 1.7976931348623157e308; }
+
+FASTALIGN_HD bool stats_overflowed(const GroupStats& s) {
+  return !(is_finite(s.mean) && is_finite(s.sd) && is_finite(s.wmean));
+}
+
+FASTALIGN_HD int scale_exponent(double max_abs) {
+  int e;
+  frexp(max_abs, &e);
+  return e;
+}
+
+FASTALIGN_HD GroupStats unscale_stats(GroupStats scaled, const GroupStats& raw, int e) {
+  scaled.mean = ldexp(scaled.mean, e);
+  scaled.sd = ldexp(scaled.sd, e);
+  scaled.wmean = ldexp(scaled.wmean, e);
+  scaled.mx = raw.mx;
+  scaled.second = raw.second;
+  return scaled;
+}
+
 FASTALIGN_HD void write_stats(double* st, const GroupStats& s) {  // st: one group's row of kStats
   st[kCount] = s.n;
   st[kMean] = s.mean;
@@ -141,7 +167,9 @@ FASTALIGN_HD double apply_coef(double x, const Coef& c) {
   }
 }
 
-// Reverse scans over one row of T tokens (m is the 0/1 response mask):
+// Reverse scans over one row of T tokens (m is the response mask; m_t = 0 marks a masked token).
+// A masked token is skipped by selection, never multiplied by 0, so a NaN or inf there (a
+// padded reward or value) cannot reach the valid tokens; its outputs are exactly 0.
 enum Scan : int {
   kReturnReset = 0,  // run = x_t m_t + gamma run; out_t = run m_t; run *= m_t   (reinforce_pp, PRIME)
   kReturnCarry = 1,  // run = x_t m_t + gamma run; out_t = run m_t              (remax: sum_{s>=t} r_s m_s)
@@ -155,7 +183,13 @@ FASTALIGN_HD void scan_row(const S* x, const S* v, const S* m, S* out, S* out2, 
   if (mode == kGae) {
     double next_v = 0.0, a_next = 0.0;
     for (int64_t t = T - 1; t >= 0; --t) {
-      const double mt = double(m[t]), vt = double(v[t]);
+      const double mt = double(m[t]);
+      if (mt == 0.0) {
+        out[t] = S(0);
+        out2[t] = S(0);
+        continue;
+      }
+      const double vt = double(v[t]);
       const double delta = double(x[t]) + gamma * next_v - vt;
       const double a = delta + gamma * lam * a_next;
       next_v = vt * mt + (1.0 - mt) * next_v;
@@ -168,6 +202,12 @@ FASTALIGN_HD void scan_row(const S* x, const S* v, const S* m, S* out, S* out2, 
   double run = 0.0;
   for (int64_t t = T - 1; t >= 0; --t) {
     const double mt = double(m[t]);
+    if (mt == 0.0) {
+      out[t] = S(0);
+      if (mode == kReturnReset) run = 0.0;
+      else run = gamma * run;
+      continue;
+    }
     run = double(x[t]) * mt + gamma * run;
     out[t] = S(run * mt);
     if (mode == kReturnReset) run *= mt;

@@ -94,22 +94,38 @@ int64_t dense_ids(const int64_t* index, int64_t B, int64_t* gid, int64_t* table,
   return G;
 }
 
+// One group's statistics with every score times sigma (1, or 2^-e for a group that overflows).
 template <typename S>
-GroupStats stats_one(const S* r, const double* len, const int64_t* members, int64_t begin, int64_t end) {
+GroupStats stats_pass(const S* r, const double* len, const int64_t* members, int64_t begin, int64_t end,
+                      double sigma) {
   GroupAcc a;
   for (int64_t j = begin; j < end; ++j) {
     const int64_t i = members ? members[j] : j;
-    const double x = double(r[i]);
+    const double x = double(r[i]) * sigma;
     if (!is_nan(x)) a.push(x, len ? len[i] : 1.0);
   }
   const double mean = a.mean();
   double m2 = 0.0;
   for (int64_t j = begin; j < end; ++j) {
     const int64_t i = members ? members[j] : j;
-    const double x = double(r[i]);
+    const double x = double(r[i]) * sigma;
     if (!is_nan(x)) m2 += (x - mean) * (x - mean);
   }
   return finish(a, mean, m2);
+}
+
+template <typename S>
+GroupStats stats_one(const S* r, const double* len, const int64_t* members, int64_t begin, int64_t end) {
+  const GroupStats raw = stats_pass<S>(r, len, members, begin, end, 1.0);
+  if (__builtin_expect(!stats_overflowed(raw), 1)) return raw;
+  double max_abs = 0.0;  // NaN scores are left out; an infinite score keeps the unscaled result
+  for (int64_t j = begin; j < end; ++j) {
+    const double x = double(r[members ? members[j] : j]);
+    if (!is_nan(x)) max_abs = std::max(max_abs, std::fabs(x));
+  }
+  if (!is_finite(max_abs)) return raw;
+  const int e = scale_exponent(max_abs);
+  return unscale_stats(stats_pass<S>(r, len, members, begin, end, std::ldexp(1.0, -e)), raw, e);
 }
 
 // Groups as CSR: returns G; members[off[g] .. off[g+1]) are group g's scores in
@@ -206,16 +222,22 @@ struct Reciprocals {
 };
 inline const Reciprocals kRecip;
 
-inline AffineCoef affine_coef(const ShiftAcc& a, const AdvParams& p) {
+// e != 0: the sums are of scores times 2^-e (a group that overflowed), scaled back here.
+inline AffineCoef affine_coef(const ShiftAcc& a, const AdvParams& p, int e = 0) {
   const double n = a.n;
   if (n < 2.0) return AffineCoef{0.0, p.singleton_zero ? 0.0 : 1.0};  // raw: (x - 0) * 1 = x
   const double inv_n = kRecip(n), inv_n1 = kRecip(n - 1.0);
   const double d1 = a.s1 * inv_n;  // mean - f
-  const double mean = a.f + d1;
+  double mean = a.f + d1;
   double m2 = a.s2 - a.s1 * d1;
   if (!(m2 > 0.0)) m2 = 0.0;
   double mul = p.scale;
-  if (p.div_std) mul = p.scale / (std::sqrt(m2 * inv_n1) + p.eps);
+  if (p.div_std) {
+    double sd = std::sqrt(m2 * inv_n1);
+    if (__builtin_expect(e != 0, 0)) sd = std::ldexp(sd, e);
+    mul = p.scale / (sd + p.eps);
+  }
+  if (__builtin_expect(e != 0, 0)) mean = std::ldexp(mean, e);
   if (p.mode == kRloo) mul *= n * inv_n1;
   return AffineCoef{mean, mul};
 }
@@ -371,7 +393,7 @@ void keyed_accumulate(const S* r, int64_t B, const int64_t* index, int32_t* pos,
     }
     pos[i] = int32_t(h);
     // no NaN test here (the loop is bound by its instruction count): a NaN score turns its
-    // group's sums NaN, and such groups are summed again by resum_nan_groups
+    // group's sums NaN, and such groups are summed again by resum_groups
     SlotAcc<S>& a = acc[h];
     const double d = double(x) - double(a.f);
     a.n += 1;
@@ -381,27 +403,79 @@ void keyed_accumulate(const S* r, int64_t B, const int64_t* index, int32_t* pos,
   if (has_empty_key) t.used[t.n_used++] = int32_t(t.cap);
 }
 
-// The groups in `redo` (sums NaN: a NaN score, or inf - inf) summed again over their scores in
-// batch order, NaN scores left out and f the first non-NaN score: exactly the sums of a NaN-aware
-// first pass (and of block_acc), so the result does not depend on this split.
+// The groups in `redo` (sums not finite: a NaN score, an infinite one, or finite scores so large
+// that (x - f)^2 overflows) summed again over their scores in batch order, NaN scores left out and f
+// the first non-NaN score: exactly the sums of a NaN-aware first pass (and of block_sums). A group
+// whose sums still overflow while its scores are all finite is summed once more as scores times
+// 2^-e (e of its largest |x|), where no sum can overflow; exp[u] = e for redo[u] (affine_coef
+// scales back), 0 for the others.
 template <typename S>
-void resum_nan_groups(const S* r, int64_t B, const int32_t* pos, SlotTable<S>& t, const std::vector<int32_t>& redo) {
-  std::vector<uint8_t> flag(size_t(t.cap) + 1, 0);
-  for (int32_t h : redo) {
-    flag[h] = 1;
-    t.acc[h] = SlotAcc<S>{0.0, 0.0, S(NAN), 0};
-  }
+void resum_groups(const S* r, int64_t B, const int32_t* pos, SlotTable<S>& t, std::vector<int32_t> redo,
+                  std::vector<int32_t>& slots, std::vector<int>& exp) {
+  std::vector<int32_t> which(size_t(t.cap) + 1, -1);
+  std::vector<double> sigma;
+  auto resum = [&]() {
+    for (size_t u = 0; u < redo.size(); ++u) {
+      which[redo[u]] = int32_t(u);
+      t.acc[redo[u]] = SlotAcc<S>{0.0, 0.0, S(NAN), 0};
+    }
+    for (int64_t i = 0; i < B; ++i) {
+      const int32_t u = which[pos[i]];
+      const S x = r[i];
+      if (u < 0 || x != x) continue;
+      SlotAcc<S>& a = t.acc[redo[u]];
+      if (a.f != a.f) a.f = x;
+      const double d = double(x) * sigma[u] - double(a.f) * sigma[u];
+      a.n += 1;
+      a.s1 += d;
+      a.s2 += d * d;
+    }
+    for (int32_t h : redo) which[h] = -1;
+  };
+  sigma.assign(redo.size(), 1.0);
+  resum();
+  slots = redo;
+  exp.assign(redo.size(), 0);
+  std::vector<int32_t> big;  // positions in `slots` of the groups that overflowed
+  for (size_t u = 0; u < redo.size(); ++u)
+    if (!is_finite(t.acc[redo[u]].s2)) big.push_back(int32_t(u));
+  if (big.empty()) return;
+  std::vector<double> max_abs(big.size(), 0.0);
+  for (size_t k = 0; k < big.size(); ++k) which[redo[big[k]]] = int32_t(k);
   for (int64_t i = 0; i < B; ++i) {
-    const int32_t h = pos[i];
-    const S x = r[i];
-    if (!flag[h] || x != x) continue;
-    SlotAcc<S>& a = t.acc[h];
-    if (a.f != a.f) a.f = x;
-    const double d = double(x) - double(a.f);
-    a.n += 1;
+    const int32_t k = which[pos[i]];
+    const double x = double(r[i]);
+    if (k >= 0 && x == x) max_abs[k] = std::max(max_abs[k], std::fabs(x));
+  }
+  for (size_t k = 0; k < big.size(); ++k) which[redo[big[k]]] = -1;
+  redo.clear();
+  sigma.clear();
+  for (size_t k = 0; k < big.size(); ++k) {
+    if (!is_finite(max_abs[k])) continue;  // an infinite score: the unscaled sums stand
+    const int e = scale_exponent(max_abs[k]);
+    exp[big[k]] = e;
+    redo.push_back(slots[big[k]]);
+    sigma.push_back(std::ldexp(1.0, -e));
+  }
+  resum();
+}
+
+// Shifted sums of the block [begin, end) around its first non-NaN score f, scores times sigma.
+template <typename S>
+ShiftAcc block_sums(const S* r, int64_t begin, int64_t end, double sigma) {
+  ShiftAcc a{0.0, 0.0, 0.0, double(r[begin]) * sigma};
+  int64_t i0 = begin;
+  while (i0 < end && is_nan(double(r[i0]))) ++i0;  // f: the first non-NaN score (as the keyed pass)
+  if (i0 < end) a.f = double(r[i0]) * sigma;
+  for (int64_t i = i0; i < end; ++i) {
+    const double x = double(r[i]) * sigma;
+    const bool ok = x == x;
+    const double d = ok ? x - a.f : 0.0;
+    a.n += ok ? 1.0 : 0.0;
     a.s1 += d;
     a.s2 += d * d;
   }
+  return a;
 }
 
 template <typename S>
@@ -414,23 +488,26 @@ void affine_advantage(const S* r, int64_t B, const int64_t* index, int64_t group
     t.used = tls_scratch<int32_t>(size_t(2 * B + 1));  // used [B + 1] | pos [B]
     int32_t* pos = t.used + B + 1;
     keyed_accumulate<S>(r, B, index, pos, t, max_cap);
-    std::vector<int32_t> redo;  // groups whose sums went NaN
-    auto set_coef = [&](SlotAcc<S>& a) {  // a slot's sums become its (base, mul)
-      const AffineCoef c = affine_coef(ShiftAcc{double(a.n), a.s1, a.s2, double(a.f)}, p);
+    std::vector<int32_t> redo;  // groups whose sums are not finite
+    auto set_coef = [&](SlotAcc<S>& a, int e) {  // a slot's sums become its (base, mul)
+      const double f = e ? double(a.f) * std::ldexp(1.0, -e) : double(a.f);
+      const AffineCoef c = affine_coef(ShiftAcc{double(a.n), a.s1, a.s2, f}, p, e);
       a.s1 = c.base;
       a.s2 = c.mul;
     };
     for (int64_t u = 0; u < t.n_used; ++u) {
       if (u + 8 < t.n_used) __builtin_prefetch(t.acc + t.used[u + 8], 1);
       SlotAcc<S>& a = t.acc[t.used[u]];
-      if (__builtin_expect(a.s2 != a.s2, 0))  // a NaN score leaves s2 NaN for good
+      if (__builtin_expect(!is_finite(a.s2), 0))  // a NaN score leaves s2 NaN for good; an overflow, inf
         redo.push_back(t.used[u]);
       else
-        set_coef(a);
+        set_coef(a, 0);
     }
     if (!redo.empty()) {
-      resum_nan_groups<S>(r, B, pos, t, redo);
-      for (int32_t h : redo) set_coef(t.acc[h]);
+      std::vector<int32_t> slots;
+      std::vector<int> exp;
+      resum_groups<S>(r, B, pos, t, redo, slots, exp);
+      for (size_t u = 0; u < slots.size(); ++u) set_coef(t.acc[slots[u]], exp[u]);
     }
     const SlotAcc<S>* acc = t.acc;
 #pragma omp parallel for schedule(static) if (B >= kParallelScores)
@@ -444,19 +521,18 @@ void affine_advantage(const S* r, int64_t B, const int64_t* index, int64_t group
 #pragma omp parallel for schedule(static) if (B >= kParallelScores)
   for (int64_t g = 0; g < G; ++g) {
     const int64_t begin = g * group_size, end = std::min(begin + group_size, B);
-    ShiftAcc a{0.0, 0.0, 0.0, double(r[begin])};
-    int64_t i0 = begin;
-    while (i0 < end && is_nan(double(r[i0]))) ++i0;  // f: the first non-NaN score (as the keyed pass)
-    if (i0 < end) a.f = double(r[i0]);
-    for (int64_t i = i0; i < end; ++i) {
-      const double x = double(r[i]);
-      const bool ok = x == x;
-      const double d = ok ? x - a.f : 0.0;
-      a.n += ok ? 1.0 : 0.0;
-      a.s1 += d;
-      a.s2 += d * d;
+    ShiftAcc a = block_sums<S>(r, begin, end, 1.0);
+    int e = 0;
+    if (__builtin_expect(!is_finite(a.s2), 0)) {  // NaN or inf scores, or an overflow
+      double max_abs = 0.0;
+      for (int64_t i = begin; i < end; ++i)
+        if (!is_nan(double(r[i]))) max_abs = std::max(max_abs, std::fabs(double(r[i])));
+      if (is_finite(max_abs)) {
+        e = scale_exponent(max_abs);
+        a = block_sums<S>(r, begin, end, std::ldexp(1.0, -e));
+      }
     }
-    const AffineCoef c = affine_coef(a, p);
+    const AffineCoef c = affine_coef(a, p, e);
     for (int64_t i = begin; i < end; ++i) out[i] = apply_affine<S>(r[i], c);
   }
 }

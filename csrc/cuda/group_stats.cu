@@ -60,24 +60,15 @@ struct Outputs {
   const double* scale;  // device scalar multiplying p.scale, or null
 };
 
+// One group's statistics, every score times sigma (1, or 2^-e when the sums overflow: see
+// adv::unscale_stats), reduced over the warp: every lane returns the same.
 template <typename S>
-__global__ void segment_kernel(const S* r, const double* len, const int64_t* perm, const int64_t* start,
-                               const int64_t* ngroups_in, int64_t group_size, int64_t B, Outputs o) {
-  const int64_t s = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  const int64_t G = perm ? *ngroups_in : (B + group_size - 1) / group_size;
-  if (!perm && o.ngroups && s == 0 && lane == 0) *o.ngroups = G;
-  if (s >= G) {  // whole warp
-    if (o.stats && lane == 0 && s < o.rows) write_empty_stats(o.stats + s * kStats);
-    return;
-  }
-  const int64_t begin = perm ? start[s] : s * group_size;
-  const int64_t end = perm ? (s + 1 < G ? start[s + 1] : B) : (begin + group_size < B ? begin + group_size : B);
+__device__ GroupStats warp_stats(const S* r, const double* len, const int64_t* perm, int64_t begin, int64_t end,
+                                 int lane, double sigma) {
   GroupAcc a;
   for (int64_t j = begin + lane; j < end; j += 32) {
     const int64_t i = perm ? perm[j] : j;
-    if (o.gid) o.gid[i] = s;
-    const double x = double(r[i]);
+    const double x = double(r[i]) * sigma;
     if (!is_nan(x)) a.push(x, len ? len[i] : 1.0);
   }
 #pragma unroll
@@ -95,10 +86,42 @@ __global__ void segment_kernel(const S* r, const double* len, const int64_t* per
   const double mean = a.mean();
   double m2 = 0.0;
   for (int64_t j = begin + lane; j < end; j += 32) {
-    const double x = double(r[perm ? perm[j] : j]);
+    const double x = double(r[perm ? perm[j] : j]) * sigma;
     if (!is_nan(x)) m2 += (x - mean) * (x - mean);
   }
-  const GroupStats st = finish(a, mean, warp_sum(m2));
+  return finish(a, mean, warp_sum(m2));
+}
+
+template <typename S>
+__global__ void segment_kernel(const S* r, const double* len, const int64_t* perm, const int64_t* start,
+                               const int64_t* ngroups_in, int64_t group_size, int64_t B, Outputs o) {
+  const int64_t s = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  const int64_t G = perm ? *ngroups_in : (B + group_size - 1) / group_size;
+  if (!perm && o.ngroups && s == 0 && lane == 0) *o.ngroups = G;
+  if (s >= G) {  // whole warp
+    if (o.stats && lane == 0 && s < o.rows) write_empty_stats(o.stats + s * kStats);
+    return;
+  }
+  const int64_t begin = perm ? start[s] : s * group_size;
+  const int64_t end = perm ? (s + 1 < G ? start[s + 1] : B) : (begin + group_size < B ? begin + group_size : B);
+  if (o.gid)
+    for (int64_t j = begin + lane; j < end; j += 32) o.gid[perm ? perm[j] : j] = s;
+  const GroupStats raw = warp_stats(r, len, perm, begin, end, lane, 1.0);
+  GroupStats st = raw;
+  if (stats_overflowed(raw)) {  // the same on every lane
+    double max_abs = 0.0;
+    for (int64_t j = begin + lane; j < end; j += 32) {
+      const double x = double(r[perm ? perm[j] : j]);
+      if (!is_nan(x)) max_abs = fmax(max_abs, fabs(x));
+    }
+#pragma unroll
+    for (int k = 16; k > 0; k >>= 1) max_abs = fmax(max_abs, __shfl_xor_sync(0xffffffffu, max_abs, k));
+    if (is_finite(max_abs)) {
+      const int e = scale_exponent(max_abs);
+      st = unscale_stats(warp_stats(r, len, perm, begin, end, lane, ldexp(1.0, -e)), raw, e);
+    }
+  }
   if (o.stats) {
     if (lane == 0) write_stats(o.stats + s * kStats, st);
     return;

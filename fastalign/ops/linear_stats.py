@@ -6,8 +6,9 @@ and autograd), so ``torch.compile(fullgraph=True)`` sees one node each.
 
 * ``cpp`` (CPU tensors): tokens x vocabulary chunks. Each chunk's logits come
   from one BLAS product into a reused fp32 buffer; the C++ row kernels of
-  ``token_stats`` give the chunk's (lse, entropy, sum p^2, label logit, argmax),
-  and chunks over the vocabulary are merged with :func:`merge_stats`. Backward
+  ``token_stats`` give the chunk's (max, log s, entropy, sum p^2, argmax), the
+  label logit is read from its chunk, and chunks over the vocabulary are merged
+  with :func:`merge_pieces`. Backward
   recomputes each chunk, lets the C++ kernel write d(logits) in place and
   accumulates ``dh += dz @ W_chunk``, ``dW_chunk += dz.T @ h`` in fp32.
 * ``triton`` / ``cuda`` (CUDA tensors; CPU tensors in the interpreter): the
@@ -32,33 +33,48 @@ from fastalign import _backend
 from fastalign.ops._launch import DTYPE_CODE, opt, ptr, stat_outputs, triton_kernels
 
 
-def merge_stats(lse: Tensor, ent: Optional[Tensor], sp2: Optional[Tensor]):
-    """Merge per-piece statistics ``[K, N]`` (over disjoint vocabulary pieces) into ``[N]``."""
-    m = lse.max(0).values
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w = torch.exp(lse - m_safe)
+def merge_pieces(m: Tensor, log_s: Tensor, ent: Optional[Tensor], sp2: Optional[Tensor]):
+    """Merge statistics of disjoint vocabulary pieces ``[K, N]``, each given as its max ``m_k`` and
+    ``log s_k = log sum_{j in k} exp(z_j - m_k)`` (so ``lse_k = m_k + log s_k``), into ``[N]``:
+    ``(M, log S, entropy, sum_p2)`` with ``M = max_k m_k`` and ``lse = M + log S``.
+
+    Only differences from ``M`` are summed, so ``(z_y - M) - log S`` is a log-prob exact to its own
+    fp32 rounding at any logit scale. A piece with no mass (all logits -inf: ``m_k = -inf``) gets
+    weight 0; a row of only such pieces gives ``log S = -inf``."""
+    M = m.max(0).values
+    M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+    u = (m - M_safe) + log_s  # log of each piece's mass relative to exp(M)
+    w = torch.exp(u)
     s = w.sum(0)
-    out_lse = m_safe + torch.log(s)
+    log_S = torch.log(s)
     pi = w / s
     out_ent = out_sp2 = None
     if ent is not None:
-        log_pi = torch.where(pi > 0, lse - out_lse, torch.zeros_like(pi))
+        log_pi = torch.where(pi > 0, u - log_S, torch.zeros_like(pi))
         out_ent = torch.where(pi > 0, pi * (ent - log_pi), torch.zeros_like(pi)).sum(0)
     if sp2 is not None:
         out_sp2 = torch.where(pi > 0, pi * pi * sp2, torch.zeros_like(pi)).sum(0)
-    return out_lse, out_ent, out_sp2
+    return M_safe, log_S, out_ent, out_sp2
 
 
-def out_of_piece_label(ignore_index: int) -> int:
-    """A label value that is neither ``ignore_index`` nor a vocabulary id: 'the label is elsewhere'."""
-    return -1 if ignore_index != -1 else -2
+def merge_stats(lse: Tensor, ent: Optional[Tensor], sp2: Optional[Tensor]):
+    """Merge per-piece statistics ``[K, N]`` (over disjoint vocabulary pieces) into ``[N]``."""
+    M, log_S, out_ent, out_sp2 = merge_pieces(lse, torch.zeros_like(lse), ent, sp2)
+    return M + log_S, out_ent, out_sp2
+
+
+# Labels as the row kernels see them inside one vocabulary piece: a local id in [0, v1 - v0),
+# PIECE_IGNORE for an ignored row, PIECE_ELSEWHERE for a label in another piece (or out of range).
+# Both are negative, so no local id can ever be mistaken for an ignored row, whatever ignore_index.
+PIECE_IGNORE = -1
+PIECE_ELSEWHERE = -2
 
 
 def local_labels(labels: Tensor, v0: int, v1: int, ignore_index: int) -> Tensor:
-    """Labels relative to the vocabulary piece [v0, v1); labels outside it get a non-id sentinel."""
+    """Labels relative to the vocabulary piece [v0, v1), for kernels run with ``PIECE_IGNORE``."""
     inside = (labels >= v0) & (labels < v1)
-    oos = torch.full_like(labels, out_of_piece_label(ignore_index))
-    return torch.where(labels == ignore_index, labels, torch.where(inside, labels - v0, oos)).contiguous()
+    local = torch.where(inside, labels - v0, PIECE_ELSEWHERE)
+    return torch.where(labels == ignore_index, PIECE_IGNORE, local).contiguous()
 
 
 def _outputs(hidden: Tensor, entropy: bool, sum_p2: bool, argmax: bool):
@@ -114,6 +130,9 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _cpu_forward(hidden, weight, bias, labels, scale, softcap, inv_t, ignore_index, out, nc, vc):
+    """Per token chunk: each vocabulary piece's (max, log s, entropy, sum p^2, argmax) from the C++
+    row kernel, the label logit gathered from its piece, then :func:`merge_pieces` and
+    ``logprob = (z_y - M) - log S``."""
     lp, ent, sp2, amax, amax_val, lse = out
     N, V = hidden.shape[0], weight.shape[0]
     C = _backend.compiled()
@@ -124,11 +143,10 @@ def _cpu_forward(hidden, weight, bias, labels, scale, softcap, inv_t, ignore_ind
         n = n1 - n0
         h_c = _f32(hidden[n0:n1])
         y = labels[n0:n1]
-        lse_k = torch.empty(K, n)
+        m_k, log_s_k = torch.empty(K, n), torch.empty(K, n)
         ent_k = torch.empty(K, n) if ent.numel() else None
         sp2_k = torch.empty(K, n) if sp2.numel() else None
         zy = torch.zeros(n)
-        lp_k = torch.empty(n)
         amax_k = torch.empty(n, dtype=torch.int64) if amax.numel() else None
         best_val = torch.full((n,), float("-inf")) if amax.numel() else None
         best_idx = torch.zeros(n, dtype=torch.int64) if amax.numel() else None
@@ -137,34 +155,38 @@ def _cpu_forward(hidden, weight, bias, labels, scale, softcap, inv_t, ignore_ind
             z = chunk_logits(buf, h_c, _f32(weight[v0:v1]), _f32(None if bias is None else bias[v0:v1]),
                               scale, softcap)
             yl = local_labels(y, v0, v1, ignore_index)
-            C.token_stats_fwd_cpu(
+            C.token_stats_piece_fwd_cpu(
                 z.data_ptr(), DTYPE_CODE[torch.float32], n, v1 - v0, n, 0, v1 - v0, yl.data_ptr(), inv_t,
-                ignore_index, lp_k.data_ptr(), ptr(None if ent_k is None else ent_k[k]),
-                ptr(None if sp2_k is None else sp2_k[k]), ptr(amax_k), lse_k[k].data_ptr())
-            if K == 1:
-                zy = lp_k + lse_k[0]
-            else:
-                zy += torch.where((y >= v0) & (y < v1) & (y != ignore_index), lp_k + lse_k[k], 0.0)
+                PIECE_IGNORE, ptr(None if ent_k is None else ent_k[k]), ptr(None if sp2_k is None else sp2_k[k]),
+                ptr(amax_k), m_k[k].data_ptr(), log_s_k[k].data_ptr())
+            inside = yl >= 0
+            zy_k = z.gather(1, yl.clamp_min(0).unsqueeze(1)).squeeze(1) * inv_t
+            zy = torch.where(inside, zy_k, zy)
             if amax_k is not None:
-                val = z.gather(1, amax_k.unsqueeze(1)).squeeze(1) * inv_t
-                better = val > best_val
-                best_val = torch.where(better, val, best_val)
+                better = m_k[k] > best_val
+                best_val = torch.where(better, m_k[k], best_val)
                 best_idx = torch.where(better, amax_k + v0, best_idx)
         if K == 1:
-            m_lse, m_ent, m_sp2 = lse_k[0], opt(ent_k[0] if ent_k is not None else None), \
-                opt(sp2_k[0] if sp2_k is not None else None)
+            M, log_S, m_ent, m_sp2 = m_k[0], log_s_k[0], opt(None if ent_k is None else ent_k[0]), \
+                opt(None if sp2_k is None else sp2_k[0])
         else:
-            m_lse, m_ent, m_sp2 = merge_stats(lse_k, ent_k, sp2_k)
-        _finish(slice(n0, n1), y, V, ignore_index, zy, m_lse, m_ent, m_sp2, best_idx, best_val, out)
+            M, log_S, m_ent, m_sp2 = merge_pieces(m_k, log_s_k, ent_k, sp2_k)
+        _write_stats(slice(n0, n1), y, V, ignore_index, (zy - M) - log_S, M + log_S, m_ent, m_sp2, best_idx,
+                     best_val, out)
 
 
 def _finish(rows, y, V, ignore_index, zy, m_lse, m_ent, m_sp2, best_idx, best_val, out):
+    """Write the merged statistics of ``rows`` from the label logit ``zy`` and the merged ``lse``."""
+    _write_stats(rows, y, V, ignore_index, zy - m_lse, m_lse, m_ent, m_sp2, best_idx, best_val, out)
+
+
+def _write_stats(rows, y, V, ignore_index, m_lp, m_lse, m_ent, m_sp2, best_idx, best_val, out):
     """Write the merged statistics of ``rows``; ignored rows give 0, out-of-range labels a NaN log-prob."""
     lp, ent, sp2, amax, amax_val, lse = out
     ignored = y == ignore_index
     valid = (y >= 0) & (y < V)
     zero = torch.zeros((), dtype=torch.float32, device=y.device)
-    lp[rows] = torch.where(ignored, zero, torch.where(valid, zy - m_lse, float("nan")))
+    lp[rows] = torch.where(ignored, zero, torch.where(valid, m_lp, float("nan")))
     lse[rows] = torch.where(ignored, zero, m_lse)
     if m_ent is not None:
         ent[rows] = torch.where(ignored, zero, m_ent)
@@ -194,9 +216,9 @@ def _cpu_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp
             deriv = softcap_derivative(z, softcap, scale, dbuf[: z.numel()].view_as(z)) if softcap > 0 else None
             yl = local_labels(y, v0, v1, ignore_index)
             sl = slice(n0, n1)
-            C.token_stats_bwd_cpu(
+            C.token_stats_piece_bwd_cpu(
                 z.data_ptr(), DTYPE_CODE[torch.float32], n, v1 - v0, n, 0, v1 - v0, yl.data_ptr(), inv_t,
-                ignore_index, lse[sl].data_ptr(), ptr(opt(ent) if ent.numel() == 0 else ent[sl]),
+                PIECE_IGNORE, lse[sl].data_ptr(), ptr(opt(ent) if ent.numel() == 0 else ent[sl]),
                 ptr(opt(sp2) if sp2.numel() == 0 else sp2[sl]),
                 ptr(None if g_lp is None else g_lp[sl]), ptr(None if g_ent is None else g_ent[sl]),
                 ptr(None if g_sp2 is None else g_sp2[sl]), z.data_ptr(), 0, v1 - v0)
@@ -384,7 +406,7 @@ class VocabParallelStats(torch.autograd.Function):
         V_r = weight.shape[0]
         yl = local_labels(labels, start, start + V_r, ignore_index)
         lp, ent, sp2, amax, amax_val, lse = linear_stats(
-            hidden, weight, bias, yl, scale, softcap, inv_t, ignore_index, want_ent, want_sp2, want_amax,
+            hidden, weight, bias, yl, scale, softcap, inv_t, PIECE_IGNORE, want_ent, want_sp2, want_amax,
             backend, nc, vc, skip)
         ignored = labels == ignore_index
         inside = (labels >= start) & (labels < start + V_r) & ~ignored
@@ -418,7 +440,7 @@ class VocabParallelStats(torch.autograd.Function):
             g_amax = cand
         ctx.save_for_backward(hidden, weight, bias, yl, g_lse, g_ent, g_sp2)
         ctx.group = group
-        ctx.args = (scale, softcap, inv_t, ignore_index, backend, nc, vc, skip)
+        ctx.args = (scale, softcap, inv_t, PIECE_IGNORE, backend, nc, vc, skip)
         ctx.mark_non_differentiable(g_amax)
         ctx.set_materialize_grads(False)
         return g_lp, g_ent, g_sp2, g_amax

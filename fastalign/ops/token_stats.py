@@ -24,6 +24,28 @@ def _outputs(logits: Tensor, entropy: bool, sum_p2: bool, argmax: bool):
     return stat_outputs(logits.shape[0] * logits.shape[1], logits.device, entropy, sum_p2, argmax)
 
 
+def _shares_memory(t: Tensor) -> bool:
+    """True unless the elements of ``t`` provably occupy distinct memory: with the dims of size > 1
+    sorted by stride, each stride must reach past everything the smaller ones span (an expanded
+    dim has stride 0 and fails; slices and permutations of a dense tensor pass)."""
+    span = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride < span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
+def check_inplace_backward(logits: Tensor) -> None:
+    """``inplace_backward`` writes d(logits) over the logits: refuse logits whose elements share
+    memory (an ``expand`` or overlapping ``as_strided`` view), where that would corrupt the gradient."""
+    if logits.numel() and _shares_memory(logits):
+        raise ValueError(
+            "inplace_backward=True needs logits whose elements do not share memory, got a view with shape "
+            f"{tuple(logits.shape)} and strides {tuple(logits.stride())} (expanded or overlapping); pass "
+            "inplace_backward=False or logits.contiguous()")
+
+
 @torch.library.custom_op("fastalign::token_stats", mutates_args=())
 def token_stats(
     logits: Tensor, labels: Tensor, inv_temperature: float, ignore_index: int,
@@ -33,6 +55,8 @@ def token_stats(
 
     ``inplace_backward`` only affects backward: d(logits) overwrites the logits buffer.
     """
+    if inplace_backward:
+        check_inplace_backward(logits)
     lp, ent, sp2, amax, lse = out = _outputs(logits, entropy, sum_p2, argmax)
     O, I, V = logits.shape
     if backend == "cpp":
@@ -53,6 +77,8 @@ def token_stats(
 
 @token_stats.register_fake
 def _(logits, labels, inv_temperature, ignore_index, entropy, sum_p2, argmax, backend, inplace_backward):
+    if inplace_backward:
+        check_inplace_backward(logits)
     return _outputs(logits, entropy, sum_p2, argmax)
 
 

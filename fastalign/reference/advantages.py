@@ -148,18 +148,19 @@ def masked_whiten(x, mask, eps=1e-8):
     n = len(vals)
     mean = sum(vals) / n if n else 0.0
     var = sum((v - mean) ** 2 for v in vals) / (n - 1) if n > 1 else 0.0
-    return (x - mean) / math.sqrt(var + eps) * mask
+    return torch.where(mask != 0, (x - mean) / math.sqrt(var + eps) * mask, 0.0)
 
 
 def discounted_returns(x, mask, gamma, reset=True):
-    """Per row, from the last token: run = x_t m_t + gamma run; out_t = run m_t; run *= m_t if reset."""
+    """Per row, from the last token: run = x_t m_t + gamma run; out_t = run m_t; run *= m_t if reset.
+    A masked token (m_t = 0) is skipped: its x_t is never read."""
     B, T = x.shape
     out = torch.zeros(B, T, dtype=torch.float64)
     for b in range(B):
         run = 0.0
         for t in reversed(range(T)):
             m = float(mask[b, t])
-            run = float(x[b, t]) * m + gamma * run
+            run = (float(x[b, t]) * m if m != 0 else 0.0) + gamma * run
             out[b, t] = run * m
             if reset:
                 run *= m
@@ -175,7 +176,7 @@ def reinforce_pp_advantages(rewards, mask, gamma=1.0, whiten=True):
 def remax_advantages(rewards, mask, baseline):
     mask = mask.double()
     g = discounted_returns(rewards.double(), mask, 1.0, reset=False)
-    return g - baseline.double()[:, None] * mask
+    return torch.where(mask != 0, g - baseline.double()[:, None] * mask, 0.0)
 
 
 def gae_advantages(rewards, values, mask, gamma=1.0, lam=1.0, whiten=True):
@@ -200,7 +201,7 @@ def implicit_process_advantages(logprobs, ref_logprobs, mask, outcome_advantages
     mask = mask.double()
     r = discounted_returns(beta * (logprobs.double() - ref_logprobs.double()), mask, gamma)
     if outcome_advantages is not None:
-        r = r + outcome_advantages.double()[:, None] * mask
+        r = torch.where(mask != 0, r + outcome_advantages.double()[:, None] * mask, 0.0)
     return r
 
 
