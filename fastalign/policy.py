@@ -122,7 +122,7 @@ def policy_loss(
     _validate.shape("advantages", advantages, shape, "logprobs.shape (or [B])")
     _validate.real("response_mask", response_mask, dim=2)
     _validate.shape("response_mask", response_mask, shape, "logprobs.shape")
-    _validate.counts(global_tokens=global_tokens, global_seqs=global_seqs, dp_size=dp_size, max_len=max_len)
+    _validate.counts(global_tokens=global_tokens, global_seqs=global_seqs, dp_size=cfg.dp_size, max_len=cfg.max_len)
     for name, t in (("ref_logprobs", ref_logprobs), ("entropy", entropy), ("rollout_logprobs", rollout_logprobs)):
         if t is not None:
             _validate.floating(name, t, dim=2)
