@@ -111,18 +111,6 @@ def nonempty(name: str, x: torch.Tensor, dim: int, what: str) -> None:
         raise ValueError(f"{name} must have a non-empty {what} dimension, got shape {tuple(x.shape)}")
 
 
-def own_memory(name: str, x: torch.Tensor) -> None:
-    """No two elements of ``x`` share memory (an op writes into it): refuses expanded (stride-0)
-    and other overlapping views. The test is the sufficient one PyTorch's in-place ops use for
-    strided tensors: with the dims sorted by stride, each stride covers the span of the ones below."""
-    span = 1
-    for stride, size in sorted((st, s) for s, st in zip(x.shape, x.stride()) if s > 1):
-        if stride < span:
-            raise ValueError(f"{name} must not share memory between its elements to be overwritten "
-                             f"(an expanded or overlapping view), got shape {tuple(x.shape)} and strides {x.stride()}")
-        span = stride * size
-
-
 # ----------------------------------------------------------------------------- numbers
 def _number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, _numbers.Real):

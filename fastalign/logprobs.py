@@ -104,8 +104,6 @@ def token_logprobs(
         raise ValueError("logits must have a non-empty vocabulary (last) dimension")
     inv_t = 1.0 / _validate.positive("temperature", temperature)
     _validate.index_value("ignore_index", ignore_index)
-    if inplace_backward:
-        _validate.own_memory("logits", logits)
     V = logits.shape[-1]
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     if check:

@@ -112,7 +112,7 @@ def _lin_pref_good():
 def _call_lin_policy(a):
     a = dict(a)
     pos = [a.pop(k) for k in ("hidden", "weight", "labels", "old_logprobs", "advantages", "response_mask")]
-    return fa.LinearPolicyLoss(loss_type="grpo", kl_coef=0.1)(*pos, **a)
+    return fa.LinearPolicyLoss(loss_type="grpo", kl_coef=0.1, rollout_correction="token_truncate")(*pos, **a)
 
 
 def _call_lin_pref(a):
