@@ -450,3 +450,18 @@ def test_vocab_parallel_label_at_shard_start_plus_ignore_index():
     for out in res:
         torch.testing.assert_close(out["lp"].double(), lp.detach(), atol=2e-5, rtol=0)
         torch.testing.assert_close(out["dh"].double(), h64.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_runs_the_parallel_kernels():
+    """DataLoader workers fork after the helper threads exist: the child must not wait on them."""
+    import os
+
+    x, y = torch.randn(512, 4096), torch.randint(0, 4096, (512,))
+    expect = fa.token_logprobs(x, y, backend="cpp").logprobs  # two threads: helpers started
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        ok = torch.equal(fa.token_logprobs(x, y, backend="cpp").logprobs, expect)
+        os._exit(0 if ok else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
