@@ -100,6 +100,29 @@ def test_linear_logprobs_precise_at_large_logits():
         torch.testing.assert_close(st.logprobs.double(), _lp64(z, y), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("offset,temperature", [(1e4, 1.0), (200.0, 1.0 / 64)])
+@pytest.mark.parametrize("chunk", [(8, 64), (3, 16)])
+def test_linear_gradients_precise_at_large_logits(offset, temperature, chunk):
+    """d(logprob + 0.3 entropy) through the fp32 logits the kernel sees, against float64 on those
+    same logits: the saved fp32 lse (off by ~ulp(1e4) / 2) must not reach the probabilities."""
+    torch.manual_seed(12)
+    V = 64
+    h = torch.randn(8, 4, requires_grad=True)
+    W = torch.randn(V, 4, requires_grad=True)
+    b = (offset + torch.randn(V) * 2.0 * temperature).requires_grad_()  # x = z / T a few units apart
+    y = torch.randint(0, V, (8,))
+    st = fa.linear_logprobs(h, W, y, bias=b, temperature=temperature, entropy=True, backend="cpp", chunk=chunk)
+    (st.logprobs.sum() + 0.3 * st.entropy.sum()).backward()
+    z = torch.addmm(b.detach(), h.detach(), W.detach().T).double().requires_grad_()  # the kernel's logits
+    logp = torch.log_softmax(z / temperature, -1)
+    (logp.gather(-1, y[:, None]).sum() - 0.3 * (logp.exp() * logp).sum()).backward()
+    dz = z.grad
+    tol = 2e-5 / temperature
+    torch.testing.assert_close(b.grad.double(), dz.sum(0), atol=tol, rtol=1e-5)
+    torch.testing.assert_close(h.grad.double(), dz @ W.detach().double(), atol=tol, rtol=1e-5)
+    torch.testing.assert_close(W.grad.double(), dz.T @ h.detach().double(), atol=tol, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- token_logprobs precision
 def test_token_logprobs_precision_at_max_1e4():
     torch.manual_seed(3)

@@ -35,7 +35,8 @@ namespace fastalign {
 namespace {
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-constexpr float kRenormaliseAbove = 32.f;  // |lse| from which backward renormalises (ulp(32) / 2 = 2^-20)
+constexpr float kRenormaliseAbove = 32.f;  // |lse| from which backward renormalises (ulp(32) / 2 = 2^-20);
+                                           // linear_stats.RENORMALISE_ABOVE for vocabulary pieces
 
 // Rows are addressed as (outer, inner) so [B, T, V] views with any leading
 // strides need no copy: row r lives at (r / inner) * s_outer + (r % inner) * s_inner.
@@ -165,11 +166,13 @@ void row_backward(const typename Storage<D>::T* z, typename Storage<D>::T* dz, i
   }
 }
 
-// whole_row: the rows are whole vocabulary rows (renormalise by c); else pieces of rows.
+// whole_row: the rows are whole vocabulary rows (c formed here when |lse| >= 32); else pieces
+// of rows, with log c per row given by the caller (log_c, or 0 when null).
 template <int D>
 void backward(uintptr_t logits, RowLayout L, int64_t N, int64_t V, const int64_t* labels, float inv_t,
               int64_t ignore_index, const float* lse, const float* ent, const float* sp2, const float* g_lp,
-              const float* g_h, const float* g_q, uintptr_t grad, RowLayout G, bool whole_row) {
+              const float* g_h, const float* g_q, uintptr_t grad, RowLayout G, bool whole_row,
+              const float* log_c_in) {
   using T = typename Storage<D>::T;
   const T* zbase = reinterpret_cast<const T*>(logits);
   T* gbase = reinterpret_cast<T*>(grad);
@@ -185,7 +188,8 @@ void backward(uintptr_t logits, RowLayout L, int64_t N, int64_t V, const int64_t
       const float glp = g_lp ? g_lp[r] : 0.f;
       const float gh = (g_h && ent) ? g_h[r] : 0.f;
       const float gq = (g_q && sp2) ? g_q[r] : 0.f;
-      const float log_c = (whole_row && std::fabs(lse[r]) >= kRenormaliseAbove) ? log_mass<D>(z, V, inv_t, lse[r]) : 0.f;
+      const float log_c = whole_row ? (std::fabs(lse[r]) >= kRenormaliseAbove ? log_mass<D>(z, V, inv_t, lse[r]) : 0.f)
+                                    : (log_c_in ? log_c_in[r] : 0.f);
       row_backward<D>(z, dz, V, inv_t, lse[r], log_c, glp, gh, ent ? ent[r] : 0.f, gq, sp2 ? sp2[r] : 0.f);
       if (y >= 0 && y < V) dz[y] = Storage<D>::store(Storage<D>::load(dz[y]) + glp * inv_t);
     }
@@ -224,23 +228,38 @@ FASTALIGN_BINDINGS(token_stats) {
       py::call_guard<py::gil_scoped_release>(),
       "Forward statistics of a vocabulary piece of each row: entropy, sum p^2 and argmax within the piece, "
       "its max m and log s = log sum e^{x - m} (lse = m + log s); null pointers (0) skip an output.");
-  auto bwd = [](bool whole_row) {
-    return [whole_row](uintptr_t logits, int dtype, int64_t N, int64_t V, int64_t inner, int64_t s_outer,
-                       int64_t s_inner, uintptr_t labels, double inv_t, int64_t ignore_index, uintptr_t lse,
-                       uintptr_t ent, uintptr_t sp2, uintptr_t g_lp, uintptr_t g_h, uintptr_t g_q, uintptr_t grad,
-                       int64_t g_outer, int64_t g_inner) {
-      const RowLayout L{inner, s_outer, s_inner};
-      const RowLayout G{inner, g_outer, g_inner};
-      FASTALIGN_DISPATCH_DTYPE(dtype, backward<D>(logits, L, N, V, ptr<const int64_t>(labels), float(inv_t),
-                                                  ignore_index, ptr<const float>(lse), ptr<const float>(ent),
-                                                  ptr<const float>(sp2), ptr<const float>(g_lp),
-                                                  ptr<const float>(g_h), ptr<const float>(g_q), grad, G, whole_row));
-    };
-  };
-  m.def("token_stats_bwd_cpu", bwd(true), py::call_guard<py::gil_scoped_release>(),
-        "Backward of token statistics: writes d(logits) (grad may equal logits for in-place).");
-  m.def("token_stats_piece_bwd_cpu", bwd(false), py::call_guard<py::gil_scoped_release>(),
-        "Backward over a vocabulary piece of each row, given the whole row's lse / entropy / sum p^2.");
+  m.def(
+      "token_stats_bwd_cpu",
+      [](uintptr_t logits, int dtype, int64_t N, int64_t V, int64_t inner, int64_t s_outer, int64_t s_inner,
+         uintptr_t labels, double inv_t, int64_t ignore_index, uintptr_t lse, uintptr_t ent, uintptr_t sp2,
+         uintptr_t g_lp, uintptr_t g_h, uintptr_t g_q, uintptr_t grad, int64_t g_outer, int64_t g_inner) {
+        const RowLayout L{inner, s_outer, s_inner};
+        const RowLayout G{inner, g_outer, g_inner};
+        FASTALIGN_DISPATCH_DTYPE(dtype, backward<D>(logits, L, N, V, ptr<const int64_t>(labels), float(inv_t),
+                                                    ignore_index, ptr<const float>(lse), ptr<const float>(ent),
+                                                    ptr<const float>(sp2), ptr<const float>(g_lp),
+                                                    ptr<const float>(g_h), ptr<const float>(g_q), grad, G, true,
+                                                    nullptr));
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "Backward of token statistics: writes d(logits) (grad may equal logits for in-place).");
+  m.def(
+      "token_stats_piece_bwd_cpu",
+      [](uintptr_t logits, int dtype, int64_t N, int64_t V, int64_t inner, int64_t s_outer, int64_t s_inner,
+         uintptr_t labels, double inv_t, int64_t ignore_index, uintptr_t lse, uintptr_t log_c, uintptr_t ent,
+         uintptr_t sp2, uintptr_t g_lp, uintptr_t g_h, uintptr_t g_q, uintptr_t grad, int64_t g_outer,
+         int64_t g_inner) {
+        const RowLayout L{inner, s_outer, s_inner};
+        const RowLayout G{inner, g_outer, g_inner};
+        FASTALIGN_DISPATCH_DTYPE(dtype, backward<D>(logits, L, N, V, ptr<const int64_t>(labels), float(inv_t),
+                                                    ignore_index, ptr<const float>(lse), ptr<const float>(ent),
+                                                    ptr<const float>(sp2), ptr<const float>(g_lp),
+                                                    ptr<const float>(g_h), ptr<const float>(g_q), grad, G, false,
+                                                    ptr<const float>(log_c)));
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "Backward over a vocabulary piece of each row, given the whole row's lse / entropy / sum p^2 and "
+      "optionally log c = log sum_j e^{x_j - lse} over the whole row (0: null).");
 }
 
 }  // namespace fastalign
