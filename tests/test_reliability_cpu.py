@@ -100,6 +100,29 @@ def test_linear_logprobs_precise_at_large_logits():
         torch.testing.assert_close(st.logprobs.double(), _lp64(z, y), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("offset,temperature", [(1e4, 1.0), (200.0, 1.0 / 64)])
+@pytest.mark.parametrize("chunk", [(8, 64), (3, 16)])
+def test_linear_gradients_precise_at_large_logits(offset, temperature, chunk):
+    """d(logprob + 0.3 entropy) through the fp32 logits the kernel sees, against float64 on those
+    same logits: the saved fp32 lse (off by ~ulp(1e4) / 2) must not reach the probabilities."""
+    torch.manual_seed(12)
+    V = 64
+    h = torch.randn(8, 4, requires_grad=True)
+    W = torch.randn(V, 4, requires_grad=True)
+    b = (offset + torch.randn(V) * 2.0 * temperature).requires_grad_()  # x = z / T a few units apart
+    y = torch.randint(0, V, (8,))
+    st = fa.linear_logprobs(h, W, y, bias=b, temperature=temperature, entropy=True, backend="cpp", chunk=chunk)
+    (st.logprobs.sum() + 0.3 * st.entropy.sum()).backward()
+    z = torch.addmm(b.detach(), h.detach(), W.detach().T).double().requires_grad_()  # the kernel's logits
+    logp = torch.log_softmax(z / temperature, -1)
+    (logp.gather(-1, y[:, None]).sum() - 0.3 * (logp.exp() * logp).sum()).backward()
+    dz = z.grad
+    tol = 2e-5 / temperature
+    torch.testing.assert_close(b.grad.double(), dz.sum(0), atol=tol, rtol=1e-5)
+    torch.testing.assert_close(h.grad.double(), dz @ W.detach().double(), atol=tol, rtol=1e-5)
+    torch.testing.assert_close(W.grad.double(), dz.T @ h.detach().double(), atol=tol, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- token_logprobs precision
 def test_token_logprobs_precision_at_max_1e4():
     torch.manual_seed(3)
@@ -120,7 +143,7 @@ def test_token_logprobs_constant_row_of_1e30_gives_minus_log_v():
                                atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("scale,temperature", [(1e4, 1.0), (30.0, 1.0 / 256), (200.0, 1.0 / 64)])
+@pytest.mark.parametrize("scale,temperature", [(1e4, 1.0), (30.0, 1.0 / 256), (200.0, 1.0 / 64), (25.0, 1.0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_token_logprobs_gradients_at_large_logits_and_low_temperature(scale, temperature, dtype):
     """d(logprob + 0.3 entropy + 0.2 sum_p2)/d(logits) against float64 autograd on the same inputs.
@@ -290,3 +313,178 @@ def test_length_weighted_baseline_near_the_double_range(layout):
     torch.testing.assert_close(out[:4], torch.ldexp(x - wmean, torch.tensor(1024)), rtol=1e-12, atol=0)
     if layout == "index":
         assert (out[4:] == 0).all()
+
+
+# ---------------------------------------------------------------- determinism, threads, large offsets
+def _token_step(x, y, **kw):
+    leaf = x.detach().clone().requires_grad_()
+    st = fa.token_logprobs(leaf, y, entropy=True, backend="cpp", **kw)
+    (st.logprobs.sum() + 0.1 * st.entropy.sum()).backward()
+    return st.logprobs.detach(), st.entropy.detach(), leaf.grad
+
+
+def _token_level_step(r, v, mask):
+    return torch.stack([*fa.gae_advantages(r, v, mask, gamma=0.99, lam=0.95),
+                        fa.reinforce_pp_advantages(r, mask, gamma=0.99)])
+
+
+def _ops_once(data):
+    x, y, h, W, yl, scores, index, r, v, mask = data
+    st = fa.linear_logprobs(h, W, yl, entropy=True, backend="cpp", chunk=(64, 96))
+    return (*_token_step(x, y), st.logprobs, st.entropy,
+            fa.group_advantages(scores, index, backend="cpp"),
+            fa.group_advantages(scores, index, estimator="grpo_passk", backend="cpp"),
+            _token_level_step(r, v, mask))
+
+
+def _ops_data(seed=8):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 4096, generator=g) * 3  # 2^21 elements: two threads where there are two cores
+    y = torch.randint(0, 4096, (512,), generator=g)
+    h, W = torch.randn(200, 16, generator=g), torch.randn(300, 16, generator=g)
+    yl = torch.randint(0, 300, (200,), generator=g)
+    scores = torch.randn(1 << 19, generator=g)  # past the parallel threshold of group_advantages
+    index = torch.randint(0, 1 << 15, (1 << 19,), generator=g)
+    r, v = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
+    mask = (torch.rand(1024, 1024, generator=g) > 0.2).float()
+    return x, y, h, W, yl, scores, index, r, v, mask
+
+
+def _assert_bitwise(a, b, what):
+    for i, (u, w) in enumerate(zip(a, b)):
+        assert torch.equal(u, w) or (u.isnan() == w.isnan()).all() and torch.equal(u.nan_to_num(), w.nan_to_num()), \
+            f"{what}: output {i} differs"
+
+
+def test_bitwise_repeatable_and_independent_of_the_thread_count():
+    data = _ops_data()
+    first = _ops_once(data)
+    _assert_bitwise(first, _ops_once(data), "repeat")
+    n = torch.get_num_threads()
+    try:
+        for k in (1, 3):
+            torch.set_num_threads(k)
+            _assert_bitwise(first, _ops_once(data), f"{k} threads")
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_four_concurrent_python_threads_get_the_single_thread_results():
+    data = _ops_data()
+    expect = _ops_once(data)
+    got, errors = [None] * 4, []
+
+    def work(i):
+        try:
+            for _ in range(2):
+                got[i] = _ops_once(data)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in range(4):
+        _assert_bitwise(expect, got[i], f"thread {i}")
+
+
+def test_row_offsets_past_2_31_through_a_strided_view():
+    """Rows 2^31 + 2V elements apart in one (untouched, lazily mapped) bf16 buffer."""
+    V = 64
+    big = 2 ** 31 + 2 * V
+    try:
+        store = torch.empty(big + 2 * V, dtype=torch.bfloat16)
+    except RuntimeError:  # pragma: no cover - a machine without 4 GiB of address space to spare
+        pytest.skip("cannot reserve a 4 GiB buffer")
+    logits = store.as_strided((2, 2, V), (big, V, 1))
+    src = torch.randn(2, 2, V).to(torch.bfloat16)
+    logits.copy_(src)
+    y = torch.tensor([[1, 63], [0, 17]])
+    lp, ent, grad = _token_step(logits, y)
+    expect = _lp64(src.float(), y)
+    torch.testing.assert_close(lp.double(), expect, atol=1e-5, rtol=0)
+    lp2, _, grad2 = _token_step(src, y)
+    assert torch.equal(lp, lp2) and torch.equal(grad, grad2)
+    assert grad.shape == (2, 2, V)
+    del logits, store
+
+
+def test_out_of_range_labels_give_a_nan_row_and_check_raises():
+    torch.manual_seed(9)
+    x = torch.randn(4, 10)
+    y = torch.tensor([10, -5, 3, -100])
+    st = fa.token_logprobs(x, y, entropy=True, backend="cpp")
+    assert torch.isnan(st.logprobs[:2]).all()
+    torch.testing.assert_close(st.logprobs[2].double(), _lp64(x[2:3], y[2:3])[0], atol=1e-6, rtol=0)
+    assert st.logprobs[3] == 0 and st.entropy[3] == 0
+    assert torch.isfinite(st.entropy[:3]).all()  # entropy does not need the label
+    with pytest.raises(ValueError, match="labels"):
+        fa.token_logprobs(x, y, check=True, backend="cpp")
+    h, W = torch.randn(4, 3), torch.randn(10, 3)
+    st = fa.linear_logprobs(h, W, y, backend="cpp", chunk=(2, 4))
+    assert torch.isnan(st.logprobs[:2]).all() and st.logprobs[3] == 0
+    torch.testing.assert_close(st.logprobs[2].double(), _lp64(h[2:3] @ W.T, y[2:3])[0], atol=1e-5, rtol=0)
+
+
+def _vocab_parallel_ignore_worker(rank, world, port, out_dir):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        g = torch.Generator().manual_seed(10)
+        h, W = torch.randn(6, 8, generator=g), torch.randn(40, 8, generator=g)
+        y = torch.tensor([20, 0, 21, 5, 39, 19])  # 20 = rank 1's first id + ignore_index 0; 0 is ignored
+        vr = W.shape[0] // world
+        hl = h.clone().requires_grad_(True)
+        st = fa.linear_logprobs(hl, W[rank * vr:(rank + 1) * vr], y, ignore_index=0, entropy=True,
+                                vocab_group=dist.group.WORLD, backend="cpp", chunk=(4, 7))
+        st.logprobs.sum().backward()
+        torch.save({"lp": st.logprobs.detach(), "dh": hl.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_parallel_label_at_shard_start_plus_ignore_index():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_vocab_parallel_ignore_worker, args=(2, port, d), nprocs=2, join=True)
+        res = [torch.load(f"{d}/rank{r}.pt") for r in range(2)]
+    g = torch.Generator().manual_seed(10)
+    h, W = torch.randn(6, 8, generator=g), torch.randn(40, 8, generator=g)
+    y = torch.tensor([20, 0, 21, 5, 39, 19])
+    h64 = h.double().requires_grad_()
+    lp = torch.log_softmax(h64 @ W.double().T, -1).gather(-1, y[:, None])[:, 0] * (y != 0)
+    lp.sum().backward()
+    for out in res:
+        torch.testing.assert_close(out["lp"].double(), lp.detach(), atol=2e-5, rtol=0)
+        torch.testing.assert_close(out["dh"].double(), h64.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_runs_the_parallel_kernels():
+    """DataLoader workers fork after the helper threads exist: the child must not wait on them."""
+    import os
+
+    x, y = torch.randn(512, 4096), torch.randint(0, 4096, (512,))
+    expect = fa.token_logprobs(x, y, backend="cpp").logprobs  # two threads: helpers started
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        ok = torch.equal(fa.token_logprobs(x, y, backend="cpp").logprobs, expect)
+        os._exit(0 if ok else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -18,6 +18,7 @@
 #include <omp.h>
 
 #include "cpu/cov_select_common.h"
+#include "cpu/parallel.h"
 #include "cpu/vec_math.h"
 #include "registry.h"
 
@@ -78,7 +79,7 @@ void cov_sums(int64_t B, int64_t T, uintptr_t lp_p, uintptr_t adv_p, uintptr_t m
 void cov_sums_rows(int64_t B, int64_t T, const float* lp, const float* adv, const uint8_t* mask, float* out) {
   const RowSumsFn fn = has_avx512() ? row_sums_avx512 : has_avx2() ? row_sums_avx2 : row_sums_base;
   std::vector<double> part(static_cast<size_t>(B) * 3, 0.0);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(B * T))
   for (int64_t i = 0; i < B; ++i) fn(T, lp + i * T, adv + i * T, mask + i * T, part.data() + i * 3);
   double s[3] = {0, 0, 0};
   for (int64_t i = 0; i < B; ++i)
@@ -166,7 +167,7 @@ void cov_select(int64_t N, uintptr_t lp_p, uintptr_t old_p, uintptr_t adv_p, uin
     bool operator<(const Pick& o) const { return key < o.key || (key == o.key && idx < o.idx); }
   };
   std::vector<std::vector<Pick>> best(static_cast<size_t>(nthreads));
-#pragma omp parallel num_threads(nthreads)
+#pragma omp parallel num_threads(std::min(nthreads, threads_for(N)))
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
     const int64_t nchunks = (N + kChunk - 1) / kChunk;
@@ -199,7 +200,7 @@ void cov_select(int64_t N, uintptr_t lp_p, uintptr_t old_p, uintptr_t adv_p, uin
   for (auto& v : best) merged.insert(merged.end(), v.begin(), v.end());
   const int64_t kk = std::min<int64_t>(k, static_cast<int64_t>(merged.size()));
   if (kk > 0) std::nth_element(merged.begin(), merged.begin() + (kk - 1), merged.end());
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(N))
   for (int64_t t = 0; t < N; ++t) sel[t] = 0;
   for (int64_t j = 0; j < kk; ++j) sel[merged[j].idx] = 1;
 }

@@ -6,7 +6,7 @@
 // sequential pass), then a counting sort lays each group's members out in
 // batch order (CSR). Statistics are reduced per group, OpenMP over groups, each
 // group summed in batch order: the result does not depend on the thread count
-// and is bitwise reproducible.
+// and is bitwise reproducible. Large batches run on cpu/parallel.h's threads.
 //
 // Per group g over its non-NaN scores x (lengths L optional, else 1):
 //   count n, mean = sum x / n, std = sqrt(sum (x - mean)^2 / (n - 1)) (two-pass),
@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu/advantage_math.h"
+#include "cpu/parallel.h"
 #include "registry.h"
 
 namespace fastalign {
@@ -36,6 +37,7 @@ using namespace adv;
 // Below this many groups one thread is faster than waking a team: a group is
 // a few dozen flops and the whole pass touches a few MB at most.
 constexpr int64_t kParallelGroups = 1 << 16;
+constexpr int64_t kParallelScores = 1 << 18;  // below this the output pass runs on one thread
 
 // Dense ids in order of first appearance, through an open-addressing table
 // (slot = {key, id}, id -1 = empty) with Fibonacci hashing (one multiply;
@@ -164,9 +166,10 @@ void group_stats(const S* r, int64_t B, const int64_t* index, int64_t group_size
                  double* stats, int64_t rows, int64_t* ngroups, int64_t* work, int64_t cap) {
   const Segments sg = segments(B, index, group_size, gid, work, cap);
   *ngroups = sg.G;
-#pragma omp parallel for schedule(static) if (sg.G >= kParallelGroups)
-  for (int64_t g = 0; g < sg.G; ++g)
-    write_stats(stats + g * kStats, stats_one<S>(r, len, sg.members, sg.begin(g), sg.end(g)));
+  parallel_for(sg.G, sg.G >= kParallelGroups ? threads_for(B, kParallelScores / 2) : 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      write_stats(stats + g * kStats, stats_one<S>(r, len, sg.members, sg.begin(g), sg.end(g)));
+  });
   for (int64_t g = sg.G; g < rows; ++g) write_empty_stats(stats + g * kStats);
 }
 
@@ -177,15 +180,16 @@ template <typename S>
 void group_advantage(const S* r, int64_t B, const int64_t* index, int64_t group_size, const double* len,
                      int64_t* gid, int64_t* work, int64_t cap, const AdvParams& p, S* out) {
   const Segments sg = segments(B, index, group_size, index ? gid : nullptr, work, cap);
-#pragma omp parallel for schedule(static) if (sg.G >= kParallelGroups)
-  for (int64_t g = 0; g < sg.G; ++g) {
-    const int64_t begin = sg.begin(g), end = sg.end(g);
-    const Coef cf = make_coef(stats_one<S>(r, len, sg.members, begin, end), p);
-    for (int64_t j = begin; j < end; ++j) {
-      const int64_t i = sg.members ? sg.members[j] : j;
-      out[i] = S(apply_coef(double(r[i]), cf));
+  parallel_for(sg.G, sg.G >= kParallelGroups ? threads_for(B, kParallelScores / 2) : 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t begin = sg.begin(g), end = sg.end(g);
+      const Coef cf = make_coef(stats_one<S>(r, len, sg.members, begin, end), p);
+      for (int64_t j = begin; j < end; ++j) {
+        const int64_t i = sg.members ? sg.members[j] : j;
+        out[i] = S(apply_coef(double(r[i]), cf));
+      }
     }
-  }
+  });
 }
 
 
@@ -250,7 +254,6 @@ FASTALIGN_ALWAYS_INLINE S apply_affine(S xs, const AffineCoef& c) {
   return (x == x && c.mul != 0.0) ? S(y) : S(0);
 }
 
-constexpr int64_t kParallelScores = 1 << 18;  // below this the output pass runs on one thread
 constexpr int64_t kFastLoad = 4;              // the fast path's key table stays at most 1/4 full
 
 // Per-thread scratch kept across calls (a fresh multi-MB buffer per call costs
@@ -510,31 +513,33 @@ void affine_advantage(const S* r, int64_t B, const int64_t* index, int64_t group
       for (size_t u = 0; u < slots.size(); ++u) set_coef(t.acc[slots[u]], exp[u]);
     }
     const SlotAcc<S>* acc = t.acc;
-#pragma omp parallel for schedule(static) if (B >= kParallelScores)
-    for (int64_t i = 0; i < B; ++i) {
-      const SlotAcc<S>& a = acc[pos[i]];
-      out[i] = apply_affine<S>(r[i], AffineCoef{a.s1, a.s2});
-    }
+    parallel_for(B, B >= kParallelScores ? threads_for(B, kParallelScores / 2) : 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const SlotAcc<S>& a = acc[pos[i]];
+        out[i] = apply_affine<S>(r[i], AffineCoef{a.s1, a.s2});
+      }
+    });
     return;
   }
   const int64_t G = (B + group_size - 1) / group_size;
-#pragma omp parallel for schedule(static) if (B >= kParallelScores)
-  for (int64_t g = 0; g < G; ++g) {
-    const int64_t begin = g * group_size, end = std::min(begin + group_size, B);
-    ShiftAcc a = block_sums<S>(r, begin, end, 1.0);
-    int e = 0;
-    if (__builtin_expect(!is_finite(a.s2), 0)) {  // NaN or inf scores, or an overflow
-      double max_abs = 0.0;
-      for (int64_t i = begin; i < end; ++i)
-        if (!is_nan(double(r[i]))) max_abs = std::max(max_abs, std::fabs(double(r[i])));
-      if (is_finite(max_abs)) {
-        e = scale_exponent(max_abs);
-        a = block_sums<S>(r, begin, end, std::ldexp(1.0, -e));
+  parallel_for(G, B >= kParallelScores ? threads_for(B, kParallelScores / 2) : 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t begin = g * group_size, end = std::min(begin + group_size, B);
+      ShiftAcc a = block_sums<S>(r, begin, end, 1.0);
+      int e = 0;
+      if (__builtin_expect(!is_finite(a.s2), 0)) {  // NaN or inf scores, or an overflow
+        double max_abs = 0.0;
+        for (int64_t i = begin; i < end; ++i)
+          if (!is_nan(double(r[i]))) max_abs = std::max(max_abs, std::fabs(double(r[i])));
+        if (is_finite(max_abs)) {
+          e = scale_exponent(max_abs);
+          a = block_sums<S>(r, begin, end, std::ldexp(1.0, -e));
+        }
       }
+      const AffineCoef c = affine_coef(a, p, e);
+      for (int64_t i = begin; i < end; ++i) out[i] = apply_affine<S>(r[i], c);
     }
-    const AffineCoef c = affine_coef(a, p, e);
-    for (int64_t i = begin; i < end; ++i) out[i] = apply_affine<S>(r[i], c);
-  }
+  });
 }
 
 

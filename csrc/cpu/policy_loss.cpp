@@ -53,6 +53,7 @@
 #include <pybind11/stl.h>
 
 #include "cpu/cov_select_common.h"
+#include "cpu/parallel.h"
 #include "cpu/vec_math.h"
 #include "registry.h"
 
@@ -702,7 +703,7 @@ void policy_loss_cov_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uint
     tk.cap = static_cast<size_t>(std::max<int64_t>(2 * P.k, P.k + 256));
     tk.v.reserve(tk.cap);
   }
-#pragma omp parallel num_threads(nthreads)
+#pragma omp parallel num_threads(std::min(nthreads, threads_for(B * T)))
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
     alignas(64) float scratch[kChunk];
@@ -787,7 +788,7 @@ void policy_loss_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_
       case 2: fn = row_kernel<LT, 2>; break;
       default: fn = row_kernel<LT, 3>; break;
     }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(B * T))
     for (int64_t i = 0; i < B; ++i) fn(c, in.at(i));
   };
   switch (loss_type) {
@@ -823,7 +824,7 @@ __attribute__((always_inline)) inline void grads_row(int64_t T, const float* __r
 template <bool GL, bool GE>
 __attribute__((target("arch=x86-64-v4"))) void grads_rows_avx512(int64_t B, int64_t T, const float* dlp,
     const float* grow, int64_t gstride, const uint8_t* mask, float ent_coef, float* gl, float* ge) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(B * T))
   for (int64_t i = 0; i < B; ++i) {
     const float g = grow[i * gstride];
     grads_row<GL, GE>(T, dlp + i * T, mask + i * T, g, -ent_coef * g, gl + (GL ? i * T : 0), ge + (GE ? i * T : 0));
@@ -833,7 +834,7 @@ __attribute__((target("arch=x86-64-v4"))) void grads_rows_avx512(int64_t B, int6
 template <bool GL, bool GE>
 void grads_rows_base(int64_t B, int64_t T, const float* dlp, const float* grow, int64_t gstride, const uint8_t* mask,
                      float ent_coef, float* gl, float* ge) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(B * T))
   for (int64_t i = 0; i < B; ++i) {
     const float g = grow[i * gstride];
     grads_row<GL, GE>(T, dlp + i * T, mask + i * T, g, -ent_coef * g, gl + (GL ? i * T : 0), ge + (GE ? i * T : 0));

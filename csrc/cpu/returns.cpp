@@ -1,11 +1,12 @@
 // Reverse scans over time for token-level advantages (SPEC §5), on the CPU:
 // discounted returns (reinforce_pp, PRIME implicit rewards), reward-to-go
-// (remax) and GAE. One row (sequence) per OpenMP iteration, walked from the
+// (remax) and GAE. One row (sequence) per loop iteration (cpu/parallel.h), walked from the
 // last token to the first in double; see adv::scan_row for the recurrences.
 #include <cstdint>
 #include <stdexcept>
 
 #include "cpu/advantage_math.h"
+#include "cpu/parallel.h"
 #include "registry.h"
 
 namespace fastalign {
@@ -14,11 +15,12 @@ namespace {
 template <typename S>
 void reverse_scan(const S* x, const S* v, const S* m, S* out, S* out2, int64_t B, int64_t T, double gamma,
                   double lam, int mode) {
-#pragma omp parallel for schedule(static) if (B * T >= (int64_t(1) << 20))
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t o = b * T;
-    adv::scan_row<S>(x + o, v ? v + o : nullptr, m + o, out + o, out2 ? out2 + o : nullptr, T, gamma, lam, mode);
-  }
+  parallel_for(B, threads_for(B * T), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t o = b * T;
+      adv::scan_row<S>(x + o, v ? v + o : nullptr, m + o, out + o, out2 ? out2 + o : nullptr, T, gamma, lam, mode);
+    }
+  });
 }
 
 

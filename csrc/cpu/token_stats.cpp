@@ -1,6 +1,6 @@
 // Per-token statistics of a logits row, fused (SPEC §1), on the CPU.
 //
-// Forward, one row z[0..V) at a time (OpenMP over rows), x = z / T:
+// Forward, one row z[0..V) at a time (rows spread over threads by cpu/parallel.h), x = z / T:
 //   m  = max_j x_j
 //   s  = sum_j e^{x_j - m}          t = sum_j e^{x_j - m} (x_j - m)
 //   q  = sum_j e^{2 (x_j - m)}
@@ -12,9 +12,11 @@
 // 1e30 gives -log V). A row of only -inf has no mass: lse = -inf and the other
 // statistics NaN (as log_softmax); as a vocabulary piece it merges with weight 0.
 //
-// Backward, with H the entropy and log p_j = (x_j - lse) - log c, where
-// c = sum_j e^{x_j - lse} (= 1 up to the fp32 rounding of the saved lse; this
-// one extra pass keeps p exact when |lse| is large, e.g. at low temperature):
+// Backward, with H the entropy and log p_j = (x_j - lse) - log c. The saved fp32
+// lse carries the rounding of m + log s, up to ulp(lse) / 2: below |lse| = 32
+// that is <= 2^-20, and c = 1. Above (large logits, low temperature: an error of
+// 5e-4 at lse = 1e4) one extra pass forms c = sum_j e^{x_j - lse}, which is
+// e^{-rounding}, and p is exact to fp32 rounding again:
 //   dL/dx_j = g_lp (1[j=y] - p_j) - g_H p_j (log p_j + H) + 2 g_q p_j (p_j - sum_p2)
 //   dL/dz_j = dL/dx_j / T
 // For a vocabulary piece of a row (the chunks of linear_logprobs) the saved lse
@@ -33,6 +35,8 @@ namespace fastalign {
 namespace {
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+constexpr float kRenormaliseAbove = 32.f;  // |lse| from which backward renormalises (ulp(32) / 2 = 2^-20);
+                                           // linear_stats.RENORMALISE_ABOVE for vocabulary pieces
 
 // Rows are addressed as (outer, inner) so [B, T, V] views with any leading
 // strides need no copy: row r lives at (r / inner) * s_outer + (r % inner) * s_inner.
@@ -107,33 +111,34 @@ void forward(uintptr_t logits, RowLayout L, int64_t N, int64_t V, const int64_t*
              int64_t ignore_index, FwdOut o) {
   using T = typename Storage<D>::T;
   const T* base = reinterpret_cast<const T*>(logits);
-#pragma omp parallel for schedule(static) num_threads(threads_for(N * V))
-  for (int64_t r = 0; r < N; ++r) {
-    const T* z = base + L.offset(r);
-    const int64_t y = labels[r];
-    if (y == ignore_index) {  // no statistics needed; the argmax (and a piece's max) are still reported
-      if (o.lp) o.lp[r] = 0.f;
-      if (o.ent) o.ent[r] = 0.f;
-      if (o.sp2) o.sp2[r] = 0.f;
-      if (o.lse) o.lse[r] = 0.f;
-      if (o.log_sum) o.log_sum[r] = 0.f;
-      if (o.amax || o.row_max) {
-        const float m = row_max<D>(z, V, inv_t);
-        if (o.row_max) o.row_max[r] = m;
-        if (o.amax) o.amax[r] = row_argmax<D>(z, V, inv_t, m);
+  parallel_for(N, threads_for(N * V), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* z = base + L.offset(r);
+      const int64_t y = labels[r];
+      if (y == ignore_index) {  // no statistics needed; the argmax (and a piece's max) are still reported
+        if (o.lp) o.lp[r] = 0.f;
+        if (o.ent) o.ent[r] = 0.f;
+        if (o.sp2) o.sp2[r] = 0.f;
+        if (o.lse) o.lse[r] = 0.f;
+        if (o.log_sum) o.log_sum[r] = 0.f;
+        if (o.amax || o.row_max) {
+          const float m = row_max<D>(z, V, inv_t);
+          if (o.row_max) o.row_max[r] = m;
+          if (o.amax) o.amax[r] = row_argmax<D>(z, V, inv_t, m);
+        }
+        continue;
       }
-      continue;
+      const RowStats st = row_stats<D>(z, V, inv_t, o.sp2 != nullptr);
+      const float log_s = std::log(st.s);
+      if (o.amax) o.amax[r] = row_argmax<D>(z, V, inv_t, st.m);
+      if (o.lse) o.lse[r] = st.m + log_s;
+      if (o.row_max) o.row_max[r] = st.m;
+      if (o.log_sum) o.log_sum[r] = log_s;
+      if (o.lp) o.lp[r] = (y >= 0 && y < V) ? (Storage<D>::load(z[y]) * inv_t - st.ref) - log_s : kNaN;
+      if (o.ent) o.ent[r] = log_s - st.t / st.s;
+      if (o.sp2) o.sp2[r] = st.q / (st.s * st.s);
     }
-    const RowStats st = row_stats<D>(z, V, inv_t, o.sp2 != nullptr);
-    const float log_s = std::log(st.s);
-    if (o.amax) o.amax[r] = row_argmax<D>(z, V, inv_t, st.m);
-    if (o.lse) o.lse[r] = st.m + log_s;
-    if (o.row_max) o.row_max[r] = st.m;
-    if (o.log_sum) o.log_sum[r] = log_s;
-    if (o.lp) o.lp[r] = (y >= 0 && y < V) ? (Storage<D>::load(z[y]) * inv_t - st.ref) - log_s : kNaN;
-    if (o.ent) o.ent[r] = log_s - st.t / st.s;
-    if (o.sp2) o.sp2[r] = st.q / (st.s * st.s);
-  }
+  });
 }
 
 // log sum_j e^{x_j - lse}: 0 up to the rounding of a saved fp32 lse.
@@ -161,30 +166,34 @@ void row_backward(const typename Storage<D>::T* z, typename Storage<D>::T* dz, i
   }
 }
 
-// whole_row: the rows are whole vocabulary rows (renormalise by c); else pieces of rows.
+// whole_row: the rows are whole vocabulary rows (c formed here when |lse| >= 32); else pieces
+// of rows, with log c per row given by the caller (log_c, or 0 when null).
 template <int D>
 void backward(uintptr_t logits, RowLayout L, int64_t N, int64_t V, const int64_t* labels, float inv_t,
               int64_t ignore_index, const float* lse, const float* ent, const float* sp2, const float* g_lp,
-              const float* g_h, const float* g_q, uintptr_t grad, RowLayout G, bool whole_row) {
+              const float* g_h, const float* g_q, uintptr_t grad, RowLayout G, bool whole_row,
+              const float* log_c_in) {
   using T = typename Storage<D>::T;
   const T* zbase = reinterpret_cast<const T*>(logits);
   T* gbase = reinterpret_cast<T*>(grad);
-#pragma omp parallel for schedule(static) num_threads(threads_for(N * V))
-  for (int64_t r = 0; r < N; ++r) {
-    const T* z = zbase + L.offset(r);
-    T* dz = gbase + G.offset(r);
-    const int64_t y = labels[r];
-    if (y == ignore_index) {
-      for (int64_t j = 0; j < V; ++j) dz[j] = Storage<D>::store(0.f);
-      continue;
+  parallel_for(N, threads_for(N * V), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* z = zbase + L.offset(r);
+      T* dz = gbase + G.offset(r);
+      const int64_t y = labels[r];
+      if (y == ignore_index) {
+        for (int64_t j = 0; j < V; ++j) dz[j] = Storage<D>::store(0.f);
+        continue;
+      }
+      const float glp = g_lp ? g_lp[r] : 0.f;
+      const float gh = (g_h && ent) ? g_h[r] : 0.f;
+      const float gq = (g_q && sp2) ? g_q[r] : 0.f;
+      const float log_c = whole_row ? (std::fabs(lse[r]) >= kRenormaliseAbove ? log_mass<D>(z, V, inv_t, lse[r]) : 0.f)
+                                    : (log_c_in ? log_c_in[r] : 0.f);
+      row_backward<D>(z, dz, V, inv_t, lse[r], log_c, glp, gh, ent ? ent[r] : 0.f, gq, sp2 ? sp2[r] : 0.f);
+      if (y >= 0 && y < V) dz[y] = Storage<D>::store(Storage<D>::load(dz[y]) + glp * inv_t);
     }
-    const float glp = g_lp ? g_lp[r] : 0.f;
-    const float gh = (g_h && ent) ? g_h[r] : 0.f;
-    const float gq = (g_q && sp2) ? g_q[r] : 0.f;
-    const float log_c = whole_row ? log_mass<D>(z, V, inv_t, lse[r]) : 0.f;
-    row_backward<D>(z, dz, V, inv_t, lse[r], log_c, glp, gh, ent ? ent[r] : 0.f, gq, sp2 ? sp2[r] : 0.f);
-    if (y >= 0 && y < V) dz[y] = Storage<D>::store(Storage<D>::load(dz[y]) + glp * inv_t);
-  }
+  });
 }
 
 
@@ -219,23 +228,38 @@ FASTALIGN_BINDINGS(token_stats) {
       py::call_guard<py::gil_scoped_release>(),
       "Forward statistics of a vocabulary piece of each row: entropy, sum p^2 and argmax within the piece, "
       "its max m and log s = log sum e^{x - m} (lse = m + log s); null pointers (0) skip an output.");
-  auto bwd = [](bool whole_row) {
-    return [whole_row](uintptr_t logits, int dtype, int64_t N, int64_t V, int64_t inner, int64_t s_outer,
-                       int64_t s_inner, uintptr_t labels, double inv_t, int64_t ignore_index, uintptr_t lse,
-                       uintptr_t ent, uintptr_t sp2, uintptr_t g_lp, uintptr_t g_h, uintptr_t g_q, uintptr_t grad,
-                       int64_t g_outer, int64_t g_inner) {
-      const RowLayout L{inner, s_outer, s_inner};
-      const RowLayout G{inner, g_outer, g_inner};
-      FASTALIGN_DISPATCH_DTYPE(dtype, backward<D>(logits, L, N, V, ptr<const int64_t>(labels), float(inv_t),
-                                                  ignore_index, ptr<const float>(lse), ptr<const float>(ent),
-                                                  ptr<const float>(sp2), ptr<const float>(g_lp),
-                                                  ptr<const float>(g_h), ptr<const float>(g_q), grad, G, whole_row));
-    };
-  };
-  m.def("token_stats_bwd_cpu", bwd(true), py::call_guard<py::gil_scoped_release>(),
-        "Backward of token statistics: writes d(logits) (grad may equal logits for in-place).");
-  m.def("token_stats_piece_bwd_cpu", bwd(false), py::call_guard<py::gil_scoped_release>(),
-        "Backward over a vocabulary piece of each row, given the whole row's lse / entropy / sum p^2.");
+  m.def(
+      "token_stats_bwd_cpu",
+      [](uintptr_t logits, int dtype, int64_t N, int64_t V, int64_t inner, int64_t s_outer, int64_t s_inner,
+         uintptr_t labels, double inv_t, int64_t ignore_index, uintptr_t lse, uintptr_t ent, uintptr_t sp2,
+         uintptr_t g_lp, uintptr_t g_h, uintptr_t g_q, uintptr_t grad, int64_t g_outer, int64_t g_inner) {
+        const RowLayout L{inner, s_outer, s_inner};
+        const RowLayout G{inner, g_outer, g_inner};
+        FASTALIGN_DISPATCH_DTYPE(dtype, backward<D>(logits, L, N, V, ptr<const int64_t>(labels), float(inv_t),
+                                                    ignore_index, ptr<const float>(lse), ptr<const float>(ent),
+                                                    ptr<const float>(sp2), ptr<const float>(g_lp),
+                                                    ptr<const float>(g_h), ptr<const float>(g_q), grad, G, true,
+                                                    nullptr));
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "Backward of token statistics: writes d(logits) (grad may equal logits for in-place).");
+  m.def(
+      "token_stats_piece_bwd_cpu",
+      [](uintptr_t logits, int dtype, int64_t N, int64_t V, int64_t inner, int64_t s_outer, int64_t s_inner,
+         uintptr_t labels, double inv_t, int64_t ignore_index, uintptr_t lse, uintptr_t log_c, uintptr_t ent,
+         uintptr_t sp2, uintptr_t g_lp, uintptr_t g_h, uintptr_t g_q, uintptr_t grad, int64_t g_outer,
+         int64_t g_inner) {
+        const RowLayout L{inner, s_outer, s_inner};
+        const RowLayout G{inner, g_outer, g_inner};
+        FASTALIGN_DISPATCH_DTYPE(dtype, backward<D>(logits, L, N, V, ptr<const int64_t>(labels), float(inv_t),
+                                                    ignore_index, ptr<const float>(lse), ptr<const float>(ent),
+                                                    ptr<const float>(sp2), ptr<const float>(g_lp),
+                                                    ptr<const float>(g_h), ptr<const float>(g_q), grad, G, false,
+                                                    ptr<const float>(log_c)));
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "Backward over a vocabulary piece of each row, given the whole row's lse / entropy / sum p^2 and "
+      "optionally log c = log sum_j e^{x_j - lse} over the whole row (0: null).");
 }
 
 }  // namespace fastalign

@@ -197,6 +197,27 @@ def _write_stats(rows, y, V, ignore_index, m_lp, m_lse, m_ent, m_sp2, best_idx, 
         amax_val[rows] = best_val
 
 
+# |lse| from which backward renormalises a row (as the C++ token_stats backward): the saved fp32
+# lse is off by up to ulp(lse) / 2, which reaches 2^-20 at 32 (and 5e-4 at 1e4).
+RENORMALISE_ABOVE = 32.0
+
+
+def _log_mass(buf, h_c, weight, bias, y, lse_c, scale, softcap, inv_t, ignore_index, vc):
+    """``log c = log sum_j exp(z_j / T - lse)`` over the whole vocabulary for the rows of this token
+    chunk with ``|lse| >= RENORMALISE_ABOVE`` (0 elsewhere), or None when there are none: one more
+    sweep of logit chunks, only for rows of large logits or low temperature."""
+    far = (lse_c.abs() >= RENORMALISE_ABOVE) & (y != ignore_index)
+    if not bool(far.any()):
+        return None
+    V = weight.shape[0]
+    c = torch.zeros_like(lse_c)
+    for v0 in range(0, V, vc):
+        v1 = min(V, v0 + vc)
+        z = chunk_logits(buf, h_c, _f32(weight[v0:v1]), _f32(None if bias is None else bias[v0:v1]), scale, softcap)
+        c += torch.exp(z * inv_t - lse_c.unsqueeze(1)).sum(1)
+    return torch.where(far, torch.log(c), 0.0).contiguous()
+
+
 def _cpu_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp2, scale, softcap, inv_t,
                   ignore_index, nc, vc, dh, dw, db):
     N, V = hidden.shape[0], weight.shape[0]
@@ -209,6 +230,7 @@ def _cpu_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp
         h_c = _f32(hidden[n0:n1])
         y = labels[n0:n1]
         dh_c = None if dh is None else dh[n0:n1]
+        log_c = _log_mass(buf, h_c, weight, bias, y, lse[n0:n1], scale, softcap, inv_t, ignore_index, vc)
         for v0 in range(0, V, vc):
             v1 = min(V, v0 + vc)
             w_v = _f32(weight[v0:v1])
@@ -218,7 +240,7 @@ def _cpu_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp
             sl = slice(n0, n1)
             C.token_stats_piece_bwd_cpu(
                 z.data_ptr(), DTYPE_CODE[torch.float32], n, v1 - v0, n, 0, v1 - v0, yl.data_ptr(), inv_t,
-                PIECE_IGNORE, lse[sl].data_ptr(), ptr(opt(ent) if ent.numel() == 0 else ent[sl]),
+                PIECE_IGNORE, lse[sl].data_ptr(), ptr(log_c), ptr(opt(ent) if ent.numel() == 0 else ent[sl]),
                 ptr(opt(sp2) if sp2.numel() == 0 else sp2[sl]),
                 ptr(None if g_lp is None else g_lp[sl]), ptr(None if g_ent is None else g_ent[sl]),
                 ptr(None if g_sp2 is None else g_sp2[sl]), z.data_ptr(), 0, v1 - v0)

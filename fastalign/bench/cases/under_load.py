@@ -91,7 +91,7 @@ def cases():
     ]:
         for impl in ("fastalign", "eager"):
             out.append(Case(
-                op=op, label=f"{label} {impl} beside a busy core", params={"shape": list(shape), "impl": impl},
+                op=op, label=f"{label} {impl} beside a busy core", params={"shape": list(shape), "library": impl},
                 build=_make(make_steps, shape, impl), modes=("fwd+bwd",), quick=False,
                 impls=("alone", "busy core"), baseline="alone", devices=("cpu",)))
     return out
