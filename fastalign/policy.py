@@ -194,8 +194,7 @@ def policy_loss(
     if is_cov and name == "cpp":
         # covariance sums, selection and loss in one compiled call (no selection mask, no key pass)
         want_dlp = torch.is_grad_enabled() and (logprobs.requires_grad or (ent is not None and ent.requires_grad))
-        row, _dlp = _ops.cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov,
-                                  seed, params, want_dlp)
+        row, _dlp = _ops.cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, params, want_dlp)
     else:
         sel = None
         if is_cov:
@@ -205,8 +204,7 @@ def policy_loss(
             sel = _ops.cov_select(lp_d, f32(old_logprobs), adv_d, mask, sums, n_local, seed,
                                   0 if loss_type == "clip_cov" else 1, cov_ratio, cov_lb, cov_ub,
                                   *cfg.clip_eps)
-        row, _dlp = _ops.rows(lp, old, adv, mask, ref, ent, roll, keep, iw, sel,
-                              params, name)
+        row, _dlp = _ops.rows(lp, old, adv, mask, ref, ent, roll, keep, iw, sel, params, name)
 
     # ---------------- aggregation and metrics on [B] rows (device only) ----------------
     row_n = row[:, 1].detach()

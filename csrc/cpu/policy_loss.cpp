@@ -112,7 +112,7 @@ std::vector<std::string> policy_param_names() {
 // Parameters plus what the launch knows about its inputs.
 struct Cfg : PolicyParams {
   int64_t B, T;
-  bool kl_on, ent_on, iw_on;
+  bool iw_on;  // importance weights given (gmpo, vespo: they enter the sequence weight)
 };
 
 static inline float clampf(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
@@ -657,8 +657,6 @@ void policy_loss_cov_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uint
   static_cast<PolicyParams&>(c) = params_from(params, "policy_loss_cov_fwd_cpu");
   c.B = B;
   c.T = T;
-  c.kl_on = ref != 0;
-  c.ent_on = ent != 0;
   c.iw_on = false;
   const int loss_type = c.loss_type, rollout = c.rollout;
   if (loss_type != kCLIPCOV && loss_type != kKLCOV)
@@ -765,8 +763,6 @@ void policy_loss_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_
   static_cast<PolicyParams&>(c) = params_from(params, "policy_loss_fwd_cpu");
   c.B = B;
   c.T = T;
-  c.kl_on = ref != 0;
-  c.ent_on = ent != 0;
   c.iw_on = iw != 0;
   const int loss_type = c.loss_type, rollout = c.rollout;
   // Absent optional inputs read from one shared row of neutral values (keeps the loops branch-free).
