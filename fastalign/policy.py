@@ -46,9 +46,6 @@ def _expand_weights(w: Tensor, shape: tuple) -> Tensor:
     return w
 
 
-_LOSS_KL_H = [0, 5, 6]  # row columns: loss, KL, entropy (fastalign.ops.policy_loss.ROW_COLS)
-
-
 def _clip_metrics(rd: Tensor, row_n: Tensor, per: tuple, sequence_level: bool) -> dict:
     """clip_low / clip_high / clip_region means and the per-sequence clip_low_min / clip_high_max.
 
@@ -230,10 +227,10 @@ def policy_loss(
             seqs = shape[0]
         elif cfg.resolved_seq_count == "nonempty" and agg == "seq-mean-token-sum-norm":
             seqs = (row_n > 0).sum()
-    # the loss with the KL and entropy columns aggregated alongside (one pass over [B, 3])
-    terms = aggregate_rows(row[:, _LOSS_KL_H], row_n, agg, shape[1], global_tokens, seqs, cfg.dp_size, cfg.max_len)
-    loss = terms[0]
+    loss = aggregate_rows(row[:, 0], row_n, agg, shape[1], global_tokens, seqs, cfg.dp_size, cfg.max_len)
     rd = row.detach()
+    if ref_logprobs is not None or entropy is not None:  # KL and entropy aggregated like the loss
+        terms = aggregate_rows(rd[:, 5:7], row_n, agg, shape[1], global_tokens, seqs, cfg.dp_size, cfg.max_len)
     tot = rd.sum(0)
     per = (tot / tot[1].clamp(min=1.0)).unbind(0)  # every column over the valid count, one division
     metrics = {"clipfrac": per[2], "clipfrac_lower": per[3], "approx_kl": per[4]}
@@ -241,11 +238,11 @@ def policy_loss(
         metrics.update(_clip_metrics(rd, row_n, per, cfg.sequence_level))
     if ref_logprobs is not None:
         metrics["kl"] = per[5]
-        metrics["kl_term"] = terms[1].detach()
+        metrics["kl_term"] = terms[0]
     if entropy is not None:
         metrics["entropy"] = per[6]
         if entropy_in_kernel:
-            metrics["entropy_term"] = terms[2].detach()
+            metrics["entropy_term"] = terms[1]
     if is_cov:
         metrics["cov_selected_frac"] = per[7]
     if loss_type == "vespo":
