@@ -28,24 +28,30 @@ def aggregate_rows(row_loss: Tensor, row_n: Tensor, agg: str, T: int, global_tok
                    global_seqs: Count = None, dp_size: int = 1, max_len: Optional[int] = None) -> Tensor:
     """Aggregate per-row sums ``row_loss[i] = sum_t m L`` with per-row valid counts ``row_n``.
 
-    Everything stays on the device: the counts are tensors, nothing is read on the host.
+    ``row_loss`` is ``[B]`` or ``[B, k]`` (k quantities aggregated the same way in one pass; the
+    result is then ``[k]``). Everything stays on the device: the counts are tensors, nothing is
+    read on the host.
     """
+    n_rows = row_loss.shape[0]
     if agg == "token-mean":
         n = row_n.sum() if global_tokens is None else _count(global_tokens, row_n)
-        loss = row_loss.sum() / n.clamp(min=1.0)
+        loss = row_loss.sum(0) / n.clamp(min=1.0)
         return loss * dp_size if dp_size != 1 else loss
     if agg == "token-sum":
-        return row_loss.sum() * dp_size if dp_size != 1 else row_loss.sum()
+        return row_loss.sum(0) * dp_size if dp_size != 1 else row_loss.sum(0)
     if agg == "seq-mean-token-sum-norm":
         lmax = T if max_len is None else int(max_len)
         if global_seqs is None:
-            return row_loss.sum() / float(max(row_loss.shape[0] * lmax, 1))
-        return row_loss.sum() / (_count(global_seqs, row_n) * lmax).clamp(min=1.0) * dp_size
+            return row_loss.sum(0) / float(max(n_rows * lmax, 1))
+        return row_loss.sum(0) / (_count(global_seqs, row_n) * lmax).clamp(min=1.0) * dp_size
     nseq = (row_n > 0).sum().float() if global_seqs is None else _count(global_seqs, row_n)
     nseq = nseq.clamp(min=1.0)
     if agg == "seq-mean-token-sum":
-        return row_loss.sum() / nseq * dp_size
-    return (row_loss / row_n.clamp(min=1.0)).sum() / nseq * dp_size
+        return row_loss.sum(0) / nseq * dp_size
+    per_row = row_n.clamp(min=1.0)
+    if row_loss.dim() == 2:
+        per_row = per_row[:, None]
+    return (row_loss / per_row).sum(0) / nseq * dp_size
 
 
 def aggregate_loss(per_token_loss: Tensor, mask: Tensor, agg: str = "token-mean", global_tokens: Count = None,

@@ -46,11 +46,24 @@ def _expand_weights(w: Tensor, shape: tuple) -> Tensor:
     return w
 
 
-def _nan_min(x: Tensor) -> Tensor:
-    """min over the non-NaN entries of a 1-D tensor, NaN when there are none (on the device)."""
-    inf = torch.full((1,), math.inf, device=x.device, dtype=x.dtype)
-    m = torch.cat([torch.where(torch.isnan(x), inf, x), inf]).amin()
-    return torch.where(torch.isinf(m) & (m > 0), torch.full_like(m, math.nan), m)
+def _clip_metrics(rd: Tensor, row_n: Tensor, per: tuple, sequence_level: bool) -> dict:
+    """clip_low / clip_high / clip_region means and the per-sequence clip_low_min / clip_high_max.
+
+    Token level: means over valid tokens (``per``: the column means), min / max over non-empty
+    sequences (NaN if none). Sequence level: one value per sequence, every sequence counts."""
+    if sequence_level:
+        frac = rd[:, 8:10] / row_n.clamp(min=1.0)[:, None]
+        lo_mean, hi_mean = (frac.sum(0) / max(rd.shape[0], 1)).unbind(0)
+        counted = torch.ones_like(row_n, dtype=torch.bool)
+    else:
+        frac = rd[:, 8:10] / row_n.clamp(min=1.0)[:, None]
+        lo_mean, hi_mean = per[8], per[9]
+        counted = row_n > 0
+    lo_min = torch.where(counted, frac[:, 0], math.inf).amin() if rd.shape[0] else rd.new_full((), math.inf)
+    hi_max = torch.where(counted, frac[:, 1], -math.inf).amax() if rd.shape[0] else rd.new_full((), -math.inf)
+    none = torch.isinf(lo_min)  # no sequence counted
+    return {"clip_low": lo_mean, "clip_high": hi_mean, "clip_region": lo_mean + hi_mean,
+            "clip_low_min": torch.where(none, math.nan, lo_min), "clip_high_max": torch.where(none, math.nan, hi_max)}
 
 
 def policy_loss(
@@ -195,8 +208,7 @@ def policy_loss(
     if is_cov and name == "cpp":
         # covariance sums, selection and loss in one compiled call (no selection mask, no key pass)
         want_dlp = torch.is_grad_enabled() and (logprobs.requires_grad or (ent is not None and ent.requires_grad))
-        row, _dlp = _ops.cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov,
-                                  seed, params, want_dlp)
+        row, _dlp = _ops.cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, params, want_dlp)
     else:
         sel = None
         if is_cov:
@@ -206,8 +218,7 @@ def policy_loss(
             sel = _ops.cov_select(lp_d, f32(old_logprobs), adv_d, mask, sums, n_local, seed,
                                   0 if loss_type == "clip_cov" else 1, cov_ratio, cov_lb, cov_ub,
                                   *cfg.clip_eps)
-        row, _dlp = _ops.rows(lp, old, adv, mask, ref, ent, roll, keep, iw, sel,
-                              params, name)
+        row, _dlp = _ops.rows(lp, old, adv, mask, ref, ent, roll, keep, iw, sel, params, name)
 
     # ---------------- aggregation and metrics on [B] rows (device only) ----------------
     row_n = row[:, 1].detach()
@@ -219,29 +230,20 @@ def policy_loss(
             seqs = (row_n > 0).sum()
     loss = aggregate_rows(row[:, 0], row_n, agg, shape[1], global_tokens, seqs, cfg.dp_size, cfg.max_len)
     rd = row.detach()
+    if ref_logprobs is not None or entropy is not None:  # KL and entropy aggregated like the loss
+        terms = aggregate_rows(rd[:, 5:7], row_n, agg, shape[1], global_tokens, seqs, cfg.dp_size, cfg.max_len)
     tot = rd.sum(0)
     per = (tot / tot[1].clamp(min=1.0)).unbind(0)  # every column over the valid count, one division
     metrics = {"clipfrac": per[2], "clipfrac_lower": per[3], "approx_kl": per[4]}
     if loss_type in ("ppo", "gspo", "clip_cov", "cispo", "gmpo"):
-        if cfg.sequence_level:  # one value per sequence, every sequence counts
-            frac = rd[:, 8:10] / row_n.clamp(min=1.0)[:, None]
-            means = frac.sum(0) / max(shape[0], 1)
-            lows, highs = frac[:, 0], frac[:, 1]
-        else:
-            means = tot[8:10] / tot[1].clamp(min=1.0)
-            frac = rd[:, 8:10] / row_n[:, None]  # NaN for empty sequences: left out of min / max
-            lows, highs = frac[:, 0], frac[:, 1]
-        metrics.update(clip_low=means[0], clip_high=means[1], clip_region=means[0] + means[1],
-                       clip_low_min=_nan_min(lows), clip_high_max=-_nan_min(-highs))
-    agg_terms = lambda col: aggregate_rows(rd[:, col], row_n, agg, shape[1], global_tokens, seqs,  # noqa: E731
-                                           cfg.dp_size, cfg.max_len)
+        metrics.update(_clip_metrics(rd, row_n, per, cfg.sequence_level))
     if ref_logprobs is not None:
         metrics["kl"] = per[5]
-        metrics["kl_term"] = agg_terms(5)
+        metrics["kl_term"] = terms[0]
     if entropy is not None:
         metrics["entropy"] = per[6]
         if entropy_in_kernel:
-            metrics["entropy_term"] = agg_terms(6)
+            metrics["entropy_term"] = terms[1]
     if is_cov:
         metrics["cov_selected_frac"] = per[7]
     if loss_type == "vespo":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 from typing import Any, NamedTuple, Optional
 
@@ -161,7 +162,10 @@ class PolicyConfig:
         """``config`` (or the defaults) with ``options`` replaced; unknown names raise ``TypeError``."""
         check_names(options)
         if config is None:
-            return cls(**options)
+            try:  # the same keywords on every step: validate them once
+                return _from_options(tuple((k, type(v), v) for k, v in sorted(options.items())))
+            except TypeError:  # an unhashable value
+                return cls(**options)
         return dataclasses.replace(config, **options) if options else config
 
     def __post_init__(self):
@@ -280,6 +284,12 @@ class PolicyConfig:
     def kernel_params(self, *, entropy_in_kernel: bool) -> KernelParams:
         """The numeric record for the kernels. ``entropy_in_kernel``: the per-token entropy term
         ``-entropy_coef H_t`` is part of the kernel's loss (``entropy_agg="loss"``)."""
+        cache = self.__dict__.setdefault("_kernel_params_cache", {})  # built once per configuration
+        if entropy_in_kernel not in cache:
+            cache[entropy_in_kernel] = self._kernel_params(entropy_in_kernel)
+        return cache[entropy_in_kernel]
+
+    def _kernel_params(self, entropy_in_kernel: bool) -> KernelParams:
         row = self.row
         kl_base, kl_straight = canonical_kl(self.kl_type)
         el, eh = self.clip_eps
@@ -305,6 +315,11 @@ class PolicyConfig:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(PolicyConfig))
+
+
+@functools.lru_cache(maxsize=256)
+def _from_options(items: tuple) -> PolicyConfig:
+    return PolicyConfig(**{k: v for k, _t, v in items})
 
 
 def check_names(options: dict, extra: tuple = ()) -> None:

@@ -359,7 +359,8 @@ def policy_loss_fwd_kernel(
         s_sel += tl.sum((v & picked).to(tl.float32), 0)
         s_clo += tl.sum(tl.where(v, clo, 0.0), 0)
         s_chi += tl.sum(tl.where(v, chi, 0.0), 0)
-        s_grow += tl.sum(tl.where(v, grow, 0.0), 0)
+        if SEQ:
+            s_grow += tl.sum(tl.where(v, grow, 0.0), 0)
 
     # ---- pass 3 (sequence level): the gradient through s_i, the same for every valid token ----
     if SEQ:

@@ -113,7 +113,7 @@ std::vector<std::string> policy_param_names() {
 // Parameters plus what the launch knows about its inputs.
 struct Cfg : PolicyParams {
   int64_t B, T;
-  bool kl_on, ent_on, iw_on;
+  bool iw_on;  // importance weights given (gmpo, vespo: they enter the sequence weight)
 };
 
 static inline float clampf(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
@@ -128,8 +128,8 @@ struct Row {
 
 // Flags (compile time, so the token loop has no branches and vectorises).
 // kFlagPlain (Clip-Cov / KL-Cov path only): no keep mask, no entropy, row weight 1, so the token
-// loop reads neither neutral row.
-enum Flag : int { kFlagKL = 1, kFlagTokRoll = 2, kFlagPlain = 4 };
+// loop reads neither neutral row. kFlagSeq: importance_sampling_level = sequence (ppo, cispo, sapo).
+enum Flag : int { kFlagKL = 1, kFlagTokRoll = 2, kFlagPlain = 4, kFlagSeq = 8 };
 
 // Row-level quantities from pass 1 that the token loop needs.
 struct RowCtx {
@@ -241,7 +241,7 @@ __attribute__((always_inline)) inline uint32_t chunk_body(const Cfg& c, const Ro
                                                           int64_t n, float* __restrict c_dlp, float* part,
                                                           uint32_t flat0, const ScanOut* scan) {
   constexpr bool KL = (FL & kFlagKL) != 0, TOKROLL = (FL & kFlagTokRoll) != 0;
-  constexpr bool PLAIN = (FL & kFlagPlain) != 0;
+  constexpr bool PLAIN = (FL & kFlagPlain) != 0, SEQ = (FL & kFlagSeq) != 0;
   constexpr bool SCAN = SM != kSelMask;
   constexpr bool PPO_ROW = LT == kPPO || LT == kGSPO || LT == kCLIPCOV;
   // configuration in locals: the stores below cannot alias it
@@ -254,9 +254,8 @@ __attribute__((always_inline)) inline uint32_t chunk_body(const Cfg& c, const Ro
   const float w_st = c.kl_straight ? 1.f : 0.f;
   const float w_row = PLAIN ? 1.f : x.w_row, rho_row = x.rho_row, gmpo_G = x.gmpo_G;
   const float vespo_logw = x.vespo_logw, vespo_w = x.vespo_w;
-  const bool seq = (LT == kPPO || LT == kCISPO || LT == kSAPO) && c.is_level != 0;
-  // token-level ratio weights: 1 where the token's own ratio (or gspo's) carries the gradient
-  const float w_tok = seq ? 0.f : 1.f;
+  // 1 where the token's own ratio carries the gradient (0 at sequence level: see row_finish)
+  constexpr float w_tok = SEQ ? 0.f : 1.f;
   const float w_kl_rho = c.kl_rho != kKLRhoOff ? 1.f : 0.f, w_kl_grad = c.kl_rho == kKLRhoGrad ? 1.f : 0.f;
   const float lo = 1.f - el, hi = 1.f + eh;
   // Options off become bounds that never bind (no runtime branches in the loop, so it vectorises).
@@ -301,7 +300,7 @@ __attribute__((always_inline)) inline uint32_t chunk_body(const Cfg& c, const Ro
     const float rho_c = exp_f32(clampf(l, -20.f, 20.f));
     const float drho_c = (l >= -20.f & l <= 20.f) ? rho_c : 0.f;
     // the importance ratio of the row and its own d/d(lp) (0 at sequence level: see d_row below)
-    const float rho_is = seq ? rho_row : rho_c;
+    const float rho_is = SEQ ? rho_row : rho_c;
     const float sbt = SCAN ? 0.f : sb[t];
     const bool picked = sbt != 0.f;
     if (SCAN) {
@@ -418,7 +417,7 @@ __attribute__((always_inline)) inline uint32_t chunk_body(const Cfg& c, const Ro
     s_sel += v ? sbt : 0.f;
     s_clo += v ? clo : 0.f;
     s_chi += v ? chi : 0.f;
-    s_grow += v ? grow : 0.f;
+    if (SEQ) s_grow += v ? grow : 0.f;
   }
   part[0] = s_loss; part[1] = s_n; part[2] = s_clip; part[3] = s_low;
   part[4] = s_negl; part[5] = s_kl; part[6] = s_H; part[7] = s_sel;
@@ -658,8 +657,6 @@ void policy_loss_cov_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uint
   static_cast<PolicyParams&>(c) = params_from(params, "policy_loss_cov_fwd_cpu");
   c.B = B;
   c.T = T;
-  c.kl_on = ref != 0;
-  c.ent_on = ent != 0;
   c.iw_on = false;
   const int loss_type = c.loss_type, rollout = c.rollout;
   if (loss_type != kCLIPCOV && loss_type != kKLCOV)
@@ -766,8 +763,6 @@ void policy_loss_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_
   static_cast<PolicyParams&>(c) = params_from(params, "policy_loss_fwd_cpu");
   c.B = B;
   c.T = T;
-  c.kl_on = ref != 0;
-  c.ent_on = ent != 0;
   c.iw_on = iw != 0;
   const int loss_type = c.loss_type, rollout = c.rollout;
   // Absent optional inputs read from one shared row of neutral values (keeps the loops branch-free).
@@ -778,15 +773,25 @@ void policy_loss_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_
                   ptr<const float>(ent), ptr<const float>(roll), ptr<const float>(keep), ptr<const float>(iw),
                   ptr<const uint8_t>(mask), ptr<const uint8_t>(sel), ptr<float>(row), ptr<float>(dlp), zeros.data(),
                   ones.data(), no_sel.data()};
-  const int flags = (ref ? kFlagKL : 0) | ((rollout == kTokTrunc || rollout == kTokMask) ? kFlagTokRoll : 0);
+  const int flags = (ref ? kFlagKL : 0) | ((rollout == kTokTrunc || rollout == kTokMask) ? kFlagTokRoll : 0) |
+                    (c.is_level != 0 ? kFlagSeq : 0);
   auto launch = [&](auto tag) {
     constexpr int LT = decltype(tag)::value;
     void (*fn)(const Cfg&, const Row&) = nullptr;
-    switch (flags) {
+    switch (flags & 3) {
       case 0: fn = row_kernel<LT, 0>; break;
       case 1: fn = row_kernel<LT, 1>; break;
       case 2: fn = row_kernel<LT, 2>; break;
       default: fn = row_kernel<LT, 3>; break;
+    }
+    if constexpr (LT == kPPO || LT == kCISPO || LT == kSAPO) {  // the rows with a sequence level
+      switch (flags) {
+        case 8: fn = row_kernel<LT, 8>; break;
+        case 9: fn = row_kernel<LT, 9>; break;
+        case 10: fn = row_kernel<LT, 10>; break;
+        case 11: fn = row_kernel<LT, 11>; break;
+        default: break;
+      }
     }
 #pragma omp parallel for schedule(static) num_threads(threads_for(B * T))
     for (int64_t i = 0; i < B; ++i) fn(c, in.at(i));
