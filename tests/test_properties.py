@@ -17,7 +17,6 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import fastalign as fa
-from fastalign import reference as ref_pkg  # noqa: F401  (the package holds the oracles)
 from fastalign.reference import advantages as ref_adv
 from fastalign.reference import linear as ref_lin
 from fastalign.reference import logprobs as ref_lp
