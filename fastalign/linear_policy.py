@@ -61,8 +61,8 @@ class LinearPolicyLoss(nn.Module):
         backend = cfg.get("backend")
         _validate.integer("labels", labels, dim=2)
         _validate.floating("hidden", hidden, dim=3)
-        _validate.like(tuple(labels.shape), "labels.shape", device=labels.device, device_of="labels",
-                       kind="float", old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs)
+        _validate.like(tuple(labels.shape), "labels.shape", device=labels.device, device_of="labels", kind="float",
+                       old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs)
         _validate.like([tuple(labels.shape), tuple(labels.shape[:1])], "labels.shape or [B]", device=labels.device,
                        device_of="labels", kind="float", advantages=advantages)
         _validate.real("response_mask", response_mask, dim=2)

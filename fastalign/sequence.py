@@ -14,12 +14,7 @@ from torch import Tensor
 from fastalign import _validate
 
 
-def _floating(name: str, x, **kw):
-    """A floating tensor; float64 is accepted too (sequence-level math, fp64 oracles)."""
-    x = _validate.tensor(name, x, **kw)
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating tensor (float32, bfloat16, float16 or float64), got {x.dtype}")
-    return x
+_floating = _validate.any_float  # float64 is accepted too (sequence-level math, fp64 oracles)
 
 
 class SequenceLogprobs(NamedTuple):

@@ -430,6 +430,22 @@ def test_malformed_cu_seqlens_give_nan_when_not_read_on_the_host():
     assert torch.isnan(seq(torch.ones(6), torch.tensor([0, 4, 2]))).all()
 
 
+@pytest.mark.gpu
+def test_cuda_inputs_pass_the_checks_without_host_sync():
+    """CUDA tensors pass every check, and a malformed cu_seqlens on the GPU gives NaN sums
+    without reading it on the host."""
+    dev = "cuda"
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        st = fa.token_logprobs(torch.randn(4, V, device=dev), torch.zeros(4, dtype=torch.long, device=dev))
+        good = fa.sequence_logprobs(torch.ones(6, device=dev), cu_seqlens=torch.tensor([0, 2, 6], device=dev)).sum
+        bad = fa.sequence_logprobs(torch.ones(6, device=dev), cu_seqlens=torch.tensor([0, 4, 2], device=dev)).sum
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert st.logprobs.is_cuda
+    assert good.tolist() == [2.0, 4.0] and torch.isnan(bad).all()
+
+
 def test_packed_tokens_past_cu_seqlens_count_nowhere():
     """Documented: tokens after cu_seqlens[-1] (the packed buffer's padding) are in no sequence."""
     out = _seq_cu([0, 2, 4])

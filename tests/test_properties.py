@@ -17,7 +17,6 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import fastalign as fa
-from fastalign import reference as ref_pkg  # noqa: F401  (the package holds the oracles)
 from fastalign.reference import advantages as ref_adv
 from fastalign.reference import linear as ref_lin
 from fastalign.reference import logprobs as ref_lp
@@ -417,7 +416,7 @@ def test_policy_loss(backend, B, T, dtype, loss_type, agg, adv_rows, kl, seed):
 @given(B=ROWS, dtype=st.sampled_from(LOW + (F64,)),
        loss_type=st.sampled_from(["sigmoid", "ipo", "hinge", "simpo", "kto", "aot", "robust"]),
        beta=st.sampled_from([0.1, 0.5, 2.0]), smoothing=st.sampled_from([0.0, 0.1]), ref=st.booleans(),
-       scale=st.sampled_from([1.0, 30.0]), seed=SEEDS)
+       scale=st.sampled_from([1.0, 3.0]), seed=SEEDS)  # beta * margin < 745: log(sigmoid) of the f64 reference
 def test_preference_loss(B, dtype, loss_type, beta, smoothing, ref, scale, seed):
     g = _gen(seed)
     lc, lr = ((-torch.rand(B, generator=g) * scale * 10).to(dtype) for _ in range(2))
