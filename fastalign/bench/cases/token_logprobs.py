@@ -45,6 +45,17 @@ def _make_build(N, V, dtype):
     return build
 
 
+def traffic_model(N: int, V: int, elem: int) -> dict:
+    """Bytes each mode must move through HBM at [N x V] logits (the one-read limit) and how the
+    "% limit" column is formed: forward reads the logits once; forward+backward reads them twice
+    and writes d(logits) once. Per-token outputs (a few floats) are left out."""
+    n = N * V * elem
+    return {"fwd_bytes": n, "fwd+bwd_bytes": 3 * n,
+            "model": (f"fwd reads N*V*{elem} B = {n / 1e9:.2f} GB; fwd+bwd reads twice and writes d(logits) = "
+                      f"{3 * n / 1e9:.2f} GB; % limit = (bytes / measured time) / measured copy bandwidth "
+                      f"(= one-read time / measured time)")}
+
+
 def cases():
     out = []
     for N, V, dt, quick in [(4096, 32000, "fp32", True), (2048, 152064, "fp32", False),
@@ -53,7 +64,7 @@ def cases():
         out.append(Case(
             op="token_logprobs",
             label=f"{N}x{V} {dt}",
-            params={"tokens": N, "vocab": V, "dtype": dt},
+            params={"tokens": N, "vocab": V, "dtype": dt, **traffic_model(N, V, elem)},
             build=_make_build(N, V, DTYPES[dt]),
             quick=quick,
             warmup=_make_build(8, 64, DTYPES[dt]),
