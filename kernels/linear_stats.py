@@ -34,7 +34,7 @@ import os
 import triton
 import triton.language as tl
 
-from fastalign.kernels.softmax_math import NEG_BIG, add_block, dlogits, finish, merge
+from fastalign.kernels.softmax_math import NEG_INF, add_block, dlogits, finish, merge
 
 #: GPU budget for the backward's d(logits) chunk, bytes of the input dtype.
 GPU_CHUNK_BYTES = 1 << 30
@@ -83,7 +83,7 @@ def linear_stats_fwd_kernel(
     if not WANT_AMAX:  # a block of ignored rows (prompt tokens) computes nothing
         v_hi = tl.where(tl.sum(((y != ignore_index) & row_ok).to(tl.int32), 0) > 0, v_hi, v_lo)
 
-    m = tl.full([BLOCK_N], NEG_BIG, tl.float32)
+    m = tl.full([BLOCK_N], NEG_INF, tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
     t = tl.zeros([BLOCK_N], tl.float32)
     q = tl.zeros([BLOCK_N], tl.float32)
@@ -126,7 +126,7 @@ def linear_stats_finish_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rows < N
     stride = n_splits * N
-    m = tl.full([BLOCK_N], NEG_BIG, tl.float32)
+    m = tl.full([BLOCK_N], NEG_INF, tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
     t = tl.zeros([BLOCK_N], tl.float32)
     q = tl.zeros([BLOCK_N], tl.float32)
@@ -135,7 +135,7 @@ def linear_stats_finish_kernel(
     best_idx = tl.zeros([BLOCK_N], tl.int64)
     for k in range(0, n_splits):
         base = part_ptr + k * N + rows
-        m, s, t, q = merge(m, s, t, q, tl.load(base, mask=ok, other=NEG_BIG), tl.load(base + stride, mask=ok, other=0.0),
+        m, s, t, q = merge(m, s, t, q, tl.load(base, mask=ok, other=NEG_INF), tl.load(base + stride, mask=ok, other=0.0),
                            tl.load(base + 2 * stride, mask=ok, other=0.0), tl.load(base + 3 * stride, mask=ok, other=0.0))
         zy += tl.load(base + 4 * stride, mask=ok, other=0.0)
         if WANT_AMAX:

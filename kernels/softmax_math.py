@@ -22,11 +22,12 @@ loses nothing). ``dlogits`` is the backward, with log p = x - lse:
 
 Edge values:
 
-* The running max starts at ``NEG_BIG`` = -1e38, not -inf, so every difference
-  m - M stays finite: a state that has seen only -inf logits has s = t = q = 0
-  and contributes nothing to a merge. (A row whose every logit is below -1e38
-  therefore counts as a row of -inf logits: NaN log-prob, like log_softmax.)
-* -inf logits give e = 0 and no 0 * inf (t clamps x - M at -1e30).
+* The running max starts at -inf. Differences of maxima are clamped at -1e30
+  (so -inf - -inf and -inf * 0 never occur: a state that has seen only -inf
+  logits has s = t = q = 0 and contributes nothing), and x - M is taken against
+  max(M, -FLT_MAX), so a -inf logit gives e = 0 even before any finite one.
+* -inf logits give e = 0 and no 0 * inf (t clamps x - M at -1e30); a row of
+  only -inf logits gives s = 0 and a NaN log-prob, like log_softmax.
 * NaN propagates: ``tl.max`` / ``tl.maximum`` return the non-NaN operand, but a
   NaN logit x gives e^{x - M} = NaN, and NaN in s, t or q is never clamped
   away, so a row with a NaN logit (or a NaN weight row, or NaN gradient
@@ -37,7 +38,7 @@ import os
 import triton
 import triton.language as tl
 
-NEG_BIG: tl.constexpr = tl.constexpr(-1e38)
+NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))
 #: Compiled kernels take e^x as one ex2.approx.ftz (results below 2^-126 flush to 0, which no
 #: sum here can see); the interpreter, which runs no PTX, takes tl.exp.
 FAST_EXP: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
@@ -56,7 +57,7 @@ def exp(x):
 @triton.jit
 def rescale(m, s, t, q, M):
     """The state (m, s, t, q) relative to a max M >= m (broadcastable)."""
-    dm = m - M
+    dm = tl.maximum(m - M, -1e30)  # empty states (m = -inf, also under M = -inf): a = 0, no inf * 0
     a = exp(dm)
     return a * s, a * (t + dm * s), a * a * q
 
@@ -78,7 +79,7 @@ def add_block(m, s, t, q, x, AXIS: tl.constexpr, WANT_T: tl.constexpr, WANT_Q: t
     held by one thread, this is register arithmetic with no cross-thread traffic."""
     M = tl.maximum(m, tl.max(x, AXIS))
     s, t, q = rescale(m, s, t, q, M)
-    d = x - tl.expand_dims(M, AXIS)  # exact for x near M
+    d = x - tl.expand_dims(tl.maximum(M, -3.4028234663852886e38), AXIS)  # exact for x near M; -inf x: -inf
     e = exp(d)
     s += tl.sum(e, AXIS)
     if WANT_T:

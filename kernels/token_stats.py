@@ -22,7 +22,7 @@ and dz = dx / T; an ignored row writes zeros without reading its logits.
 import triton
 import triton.language as tl
 
-from fastalign.kernels.softmax_math import NEG_BIG, add_block, dlogits, finish, rescale
+from fastalign.kernels.softmax_math import NEG_INF, add_block, dlogits, finish, rescale
 
 
 @triton.jit
@@ -57,7 +57,7 @@ def token_stats_fwd_kernel(
     lanes = tl.arange(0, LANES)
     offs = tl.arange(0, STEP_ROWS)[:, None] * LANES + lanes[None, :]
 
-    m = tl.full([LANES], NEG_BIG, tl.float32)
+    m = tl.full([LANES], NEG_INF, tl.float32)
     s = tl.zeros([LANES], tl.float32)
     t = tl.zeros([LANES], tl.float32)
     q = tl.zeros([LANES], tl.float32)

@@ -227,8 +227,10 @@ def test_gpu_linear_backward_bf16_at_full_vocabulary():
         ref_ent = -(logp.exp() * logp).sum(-1)
         (ref_lp.sum() + 0.1 * ref_ent.sum()).backward()
         assert_close(st.logprobs, ref_lp, atol=2e-2, what="logprobs")
-        assert _rel_err(wg.grad, wd.grad) < DW_TOL
-        assert _rel_err(hg.grad, hd.grad) < DW_TOL
+        # bf16 d(logits) and one bf16 rounding of the result: ~2-3e-3 (bf16 accumulation over
+        # 149 chunks gave 1.3e-2)
+        assert _rel_err(wg.grad, wd.grad) < 5e-3
+        assert _rel_err(hg.grad, hd.grad) < 5e-3
         del logp
 
 
@@ -398,3 +400,14 @@ def test_cuda_kernels_available_reports_the_build():
     assert _backend.cuda_op_backend("cpp") == "cpp" and _backend.cuda_op_backend("triton") == "triton"
     expected = "cuda" if _backend.cuda_kernels_available() else "triton"
     assert _backend.cuda_op_backend("cuda") == expected
+
+
+def test_token_logprobs_extreme_finite_logits():
+    """Logits near the fp32 limit next to -inf ones: finite, exact statistics (no inf * 0)."""
+    z = torch.full((2, 8), float("-inf"))
+    z[0, :3] = torch.tensor([3e38, 3e38, 2.9e38])
+    z[1, :2] = torch.tensor([-3e38, -2.9e38])
+    y = torch.tensor([0, 1])
+    st = fastalign.token_logprobs(z, y, entropy=True, sum_p2=True, backend=TRITON)
+    assert_close(st.logprobs, torch.tensor([-math.log(2.0), 0.0]), atol=1e-6, what="logprobs")
+    assert_close(st.entropy, torch.tensor([math.log(2.0), 0.0]), atol=1e-6, what="entropy")

@@ -10,7 +10,8 @@
 // and one shared-memory round, in a fixed order (deterministic), and thread 0 writes
 //   lse = m + log s, logprob = (x_y - m) - log s, entropy = log s - t/s, sum_p2 = q/s^2
 // (x_y - m first: the error is the rounding of the log-prob, not of |max|).
-// m starts at -1e38, so -inf logits give e = 0 without inf - inf; a NaN logit gives
+// m starts at -inf; max differences are clamped at -1e30 and x - m is taken against
+// max(m, -FLT_MAX), so -inf logits give e = 0 without inf - inf; a NaN logit gives
 // e = NaN, which no step clamps away: its row's outputs are NaN (as on the CPU).
 // Rows whose label is ignore_index are not read unless their argmax is asked for.
 //
@@ -24,6 +25,7 @@
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -36,7 +38,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kUnroll = 2;  // 16-byte vectors in flight per thread and step
-constexpr float kNegBig = -1e38f;
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -62,7 +63,7 @@ struct State {
 };
 
 __device__ __forceinline__ void rescale(State& st, float M) {
-  const float dm = st.m - M;  // finite: m >= -1e38
+  const float dm = fmaxf(st.m - M, -1e30f);  // empty states (m = -inf, also under M = -inf): a = 0, no inf * 0
   const float a = __expf(dm);
   st.t = a * (st.t + dm * st.s);
   st.s *= a;
@@ -90,9 +91,10 @@ __device__ __forceinline__ void add(State& st, const float (&x)[K], int64_t j0) 
     for (int k = 0; k < K; ++k) vmax = fmaxf(vmax, x[k]);
   }
   rescale(st, vmax);  // a = 1 when the max did not grow
+  const float m_safe = fmaxf(st.m, -FLT_MAX);  // a -inf logit gives e = 0 even before any finite one
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    const float d = x[k] - st.m;
+    const float d = x[k] - m_safe;
     const float e = __expf(d);
     st.s += e;
     if (FULL) {
@@ -125,7 +127,7 @@ __device__ __forceinline__ State block_merge(State st) {
   if (lane == 0) warp_state[warp] = st;
   __syncthreads();
   if (warp == 0) {
-    st = lane < kThreads / 32 ? warp_state[lane] : State{kNegBig, 0.f, 0.f, 0.f, INT64_MAX};
+    st = lane < kThreads / 32 ? warp_state[lane] : State{-INFINITY, 0.f, 0.f, 0.f, INT64_MAX};
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) st = merge(st, shfl_xor(st, off));
   }
@@ -148,7 +150,7 @@ __global__ void __launch_bounds__(kThreads) token_stats_fwd_kernel(
   const T* __restrict__ z = logits + row_offset(r, inner, s_outer, s_inner);
   const int64_t y = labels[r];
   const bool ignored = y == ignore_index;
-  State st{kNegBig, 0.f, 0.f, 0.f, 0};
+  State st{-INFINITY, 0.f, 0.f, 0.f, 0};
   if (!ignored || amax) {
     const int64_t nvec = aligned16(z) ? V / P::N : 0;
     const uint4* __restrict__ zv = reinterpret_cast<const uint4*>(z);
