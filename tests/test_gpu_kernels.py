@@ -411,3 +411,24 @@ def test_token_logprobs_extreme_finite_logits():
     st = fastalign.token_logprobs(z, y, entropy=True, sum_p2=True, backend=TRITON)
     assert_close(st.logprobs, torch.tensor([-math.log(2.0), 0.0]), atol=1e-6, what="logprobs")
     assert_close(st.entropy, torch.tensor([math.log(2.0), 0.0]), atol=1e-6, what="entropy")
+
+
+def test_info_reports_the_paths():
+    from fastalign import _backend
+    from fastalign.info import info
+
+    d = info()
+    assert d["CUDA C++ kernels compiled"] == _backend.cuda_kernels_available()
+    paths = d["on CUDA tensors"]
+    assert paths["returns / GAE scans"] == ("CUDA C++" if _backend.cuda_kernels_available() else "Triton")
+
+
+def test_bench_models_at_the_realistic_shapes():
+    from fastalign.bench.cases.linear_logprobs import flop_model
+    from fastalign.bench.cases.token_logprobs import traffic_model
+
+    t = traffic_model(8192, 151936, 2)
+    assert t["fwd_bytes"] == 8192 * 151936 * 2 and t["fwd+bwd_bytes"] == 3 * t["fwd_bytes"]
+    f = flop_model(8192, 4096, 151936)
+    assert f["fwd_flops"] == 2 * 8192 * 4096 * 151936 and f["fwd+bwd_flops"] == 3 * f["fwd_flops"]
+    assert "% limit" in t["model"] and "% limit" in f["model"]

@@ -40,6 +40,11 @@ def _make_build(N, V, dtype):
             impls["trl"] = wrap(lambda x, y: (sel(x, y), ent_fn(x)))
         else:
             impls["trl"] = None
+        # flash-attn's Triton cross-entropy (-log p of the label, no entropy): timed on the log-probs
+        fa = optional_impl("flash_attn.ops.triton.cross_entropy", "cross_entropy_loss") if device.type == "cuda" \
+            else None
+        impls["flash-attn (CE)"] = None if fa is None else grad_step(
+            lambda x: (-fa[0](x, labels)[0], x.new_zeros(())), (logits,), backward, loss=lambda out: out[0].sum())
         return impls
 
     return build
@@ -68,7 +73,7 @@ def cases():
             build=_make_build(N, V, DTYPES[dt]),
             quick=quick,
             warmup=_make_build(8, 64, DTYPES[dt]),
-            impls=("fastalign", "eager", "torch.compile", "trl"),
+            impls=("fastalign", "eager", "torch.compile", "trl", "flash-attn (CE)"),
             # forward reads the logits once; backward reads them again and writes d(logits)
             bytes_moved=lambda mode, n=N * V * elem: n if mode == "fwd" else 3 * n,
             required_bytes=lambda mode, n=N * V * elem: 0 if mode == "fwd" else n,  # d(logits)
