@@ -273,8 +273,13 @@ def _stats_of(out: str) -> Sass:
             loops.append((int(br.group(1), 16), addr))
     innermost = [(lo, hi) for lo, hi in loops if not any(lo <= a < b <= hi and (a, b) != (lo, hi) for a, b in loops)]
     st = Sass(total=len(instr), barriers=sum(1 for _, op in instr if is_bar(op)))
-    for kind in ("HGMMA", "HMMA", "IMMA"):
-        if any(op.startswith(kind) or f" {kind}." in op for _, op in instr):
+    def mnemonic(op):
+        words = op.split()
+        return (words[1] if words[0].startswith("@") and len(words) > 1 else words[0]).split(".")[0]
+
+    used = {mnemonic(op) for _, op in instr if op}
+    for kind in ("UTCHMMA", "UTCQMMA", "UTCMMA", "HGMMA", "HMMA", "IMMA"):  # UTC*: Blackwell tcgen05
+        if kind in used:
             st.mma = kind
             break
     def load_bytes(body):
@@ -346,6 +351,8 @@ def run_triton(archs, sass, only=None) -> list[Result]:
                 if only and only not in family:
                     continue
                 for dname in dtypes:
+                    if arch >= 100 and dname == "fp16":  # the bf16 code path; sm_80 / sm_90 compile it
+                        continue
                     for variant, launch in cases(_torch_dtype(dname)):
                         with capturing(arch) as calls:
                             try:
@@ -386,7 +393,7 @@ def _demangle(names):
 
 def _short(name: str):
     """(kernel, dtype) from a demangled CUDA kernel name."""
-    base = name.replace("(anonymous namespace)", "").split("(")[0].split()[-1]
+    base = re.sub(r"^void\s+", "", name.replace("(anonymous namespace)", "").split("(")[0].strip())
     kernel = re.sub(r"<.*$", "", base).split("::")[-1]
     targs = base[len(re.sub(r"<.*$", "", base)):]
     dtype = next((d for key, d in _DTYPE_OF if key in targs), "")
@@ -460,7 +467,7 @@ def table(results) -> str:
     for r in results:
         status = "ok" if not (r.problems or r.error) else "FAIL: " + "; ".join(r.problems + ([r.error] if r.error else []))
         if r.spill_bytes and not r.problems:
-            status = "ok (fp32 spills)"
+            status = "ok (spills, not bf16/fp16)"
         sa = r.sass or Sass()
         per_elem = "-"
         if sa.loop > 0 and sa.loop_load_bytes and r.dtype in _ELEM_BYTES:
@@ -473,36 +480,67 @@ def table(results) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def supported_archs(requested):
-    """The requested architectures that the installed Triton's ptxas can target."""
-    import triton.backends.nvidia.compiler as nv
+def _probe_kernel():
+    import triton
+    import triton.language as tl
 
+    @triton.jit
+    def probe(x_ptr, BLOCK: tl.constexpr):
+        tl.store(x_ptr + tl.arange(0, BLOCK), tl.arange(0, BLOCK).to(tl.float32))
+
+    return probe
+
+
+def supported_archs(requested):
+    """The requested architectures the installed Triton compiles for (a probe kernel compiles)."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    probe = _probe_kernel()
     out = []
     for a in requested:
         try:
-            nv.get_ptxas(a).path
+            with contextlib.redirect_stdout(io.StringIO()):
+                triton.compile(ASTSource(probe, {"x_ptr": "*fp32", "BLOCK": "constexpr"}, {(1,): 64}),
+                               target=GPUTarget("cuda", a, 32))
         except Exception:
             continue
         out.append(a)
     return out
 
 
+def nvcc_archs(requested):
+    """The requested architectures the installed nvcc targets."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return requested
+    listed = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True).stdout
+    return [a for a in requested if f"compute_{a}" in listed] or requested
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastalign.aot", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90; add 100)")
+    p.add_argument("--arch", default="80,90,100",
+                   help="comma-separated compute capabilities (default 80,90,100; those the installed Triton's "
+                        "ptxas cannot target are left out with a note)")
     p.add_argument("--no-nvcc", action="store_true", help="skip the csrc/cuda/*.cu compile")
     p.add_argument("--no-triton", action="store_true", help="skip the Triton kernels")
     p.add_argument("--sass", action="store_true", help="count SASS instructions and barriers (cuobjdump)")
     p.add_argument("--only", default=None, help="only kernel families whose name contains this")
     args = p.parse_args(argv)
-    archs = [int(a) for a in args.arch.split(",") if a]
+    requested = [int(a) for a in args.arch.split(",") if a]
     t0 = time.time()
     results, notes = [], []
+    archs = supported_archs(requested) if not args.no_triton else requested
+    for a in sorted(set(requested) - set(archs)):
+        notes.append(f"sm_{a}: not supported by the installed Triton's ptxas; not compiled")
     if not args.no_triton:
         results += run_triton(archs, args.sass, args.only)
     if not args.no_nvcc:
         root = Path(__file__).resolve().parent.parent
-        nv, note = run_nvcc(archs, root, args.sass)
+        nv, note = run_nvcc(nvcc_archs(requested), root, args.sass)
         results += nv
         if note:
             notes.append(note)

@@ -56,3 +56,5 @@ def test_nvcc_output_parsing():
     assert _NV_SPILL.search(text).groups() == ("16", "8", "8")
     assert _short("fastalign::(anonymous namespace)::token_stats_fwd_kernel<__nv_bfloat16>(const T1 *)") == (
         "token_stats_fwd_kernel", "bf16")
+    assert _short("void fastalign::(anonymous namespace)::token_stats_bwd_kernel<__half, false>(const T1 *)") == (
+        "token_stats_bwd_kernel", "fp16")
