@@ -47,3 +47,15 @@ wheel-check:
 	ref = torch.log_softmax(x.detach(), -1).gather(-1, y[:, None])[:, 0]; \
 	assert torch.allclose(st.logprobs, ref, atol=1e-5), 'wrong log-probs'; \
 	import fastalign.kernels; print('wheel ok:', fastalign.__file__)"
+
+.PHONY: aot gpu-check
+
+# Ahead-of-time compile gate (no GPU needed): every Triton kernel through its launcher
+# at realistic shapes for sm_80 and sm_90, and csrc/cuda/*.cu with nvcc -Xptxas -v.
+aot: install
+	$(VPY) -m fastalign.aot --sass
+
+# On a machine with a CUDA GPU (H100/H200): build, GPU tests, compute-sanitizer, GPU benchmark;
+# results in benchmarks/results/. Fails cleanly without a GPU.
+gpu-check:
+	PY=$(PY) bash benchmarks/gpu_check.sh

@@ -70,3 +70,21 @@ def cuda_stream(tensor) -> int:
     import torch
 
     return torch.cuda.current_stream(tensor.device).cuda_stream
+
+
+def cuda_kernels_available() -> bool:
+    """Whether the compiled core holds the CUDA C++ kernels (built where nvcc was found). Without
+    them, CUDA tensors run every op on its Triton (or plain-torch, on-device) path."""
+    try:
+        from fastalign import _C
+    except ImportError:
+        return False
+    return bool(getattr(_C, "cuda_compiled", False))
+
+
+def cuda_op_backend(backend: str) -> str:
+    """For an op with both CUDA C++ and Triton kernels on CUDA tensors: ``"cuda"`` when the CUDA
+    kernels were compiled, else ``"triton"`` (an explicit ``"triton"`` stays ``"triton"``)."""
+    if backend == "cuda" and not cuda_kernels_available():
+        return "triton"
+    return backend

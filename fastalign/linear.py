@@ -14,7 +14,7 @@ from torch import Tensor
 
 from fastalign import _backend, _validate
 from fastalign.logprobs import TokenStats, shaped_stats
-from fastalign.ops.linear_stats import VocabParallelStats, linear_stats
+from fastalign.ops.linear_stats import VocabParallelStats, gpu_chunk_tokens, linear_stats
 
 #: Default bound on one chunk of fp32 logits, in MiB (``FASTALIGN_LINEAR_CHUNK_MIB`` overrides).
 DEFAULT_CHUNK_MIB = 32.0
@@ -143,6 +143,8 @@ def linear_logprobs(
         nc, vc = int(chunk[0]), int(chunk[1])
     else:
         nc, vc = chunk_shape(N, V, name)
+        if name == "triton" and h2.is_cuda:  # GPU chunks sized in GPU bytes of the input dtype
+            nc = gpu_chunk_tokens(N, V, h2.element_size())
 
     if vocab_group is None:
         lp, ent, sp2, amax, _amax_val, _lse = linear_stats(

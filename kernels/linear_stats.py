@@ -4,16 +4,19 @@ A logit tile for token rows r and vocabulary columns c is
 
     u = scale * (h[r] @ W[c].T + b[c]),   z = cap * tanh(u / cap) (if softcap),   x = z / T
 
-accumulated in fp32 over blocks of the hidden dimension.
+accumulated in fp32 over blocks of the hidden dimension. fp32 inputs multiply
+in TF32 on a GPU by default (``FASTALIGN_FP32_MATMUL=ieee`` for full fp32
+products); bf16/fp16 inputs multiply natively, always accumulating in fp32.
 
-Forward, one program per (token block, vocabulary split), streaming its split in
-blocks of BLOCK_V with running values relative to the running max m (starts at -inf):
+Forward, one program per (vocabulary split, token block), the split index the
+fastest-varying, so the programs that run together share one block of hidden
+states (read from HBM once, then from L2) and stream different weight rows.
+Each program folds its split's tiles into running states (softmax_math:
+s = sum e^{x - m}, t = sum e^{x - m} (x - m), q = sum e^{2 (x - m)}) plus the
+label logit x_y and the argmax, and writes them per split; ``linear_stats_finish_kernel``
+merges the splits of a row and writes
 
-    s = sum e^{x - m},  t = sum e^{x - m} (x - m),  q = sum e^{2 (x - m)},  zy = x_y
-
-When a block raises the max from m to m' every running sum is rescaled by
-a = e^{m - m'} (t also shifts: t' = a (t + (m - m') s)). Each split writes its
-(m, s, t, q, zy) and argmax; the host merges the splits (ops/linear_stats.py).
+    lse = m + log s,  logprob = (x_y - m) - log s,  entropy = log s - t / s,  sum_p2 = q / s^2.
 
 Backward, one program per (token block, vocabulary block) of a token chunk,
 with log p = x - lse, H the entropy and P = sum p^2 of the row:
@@ -21,12 +24,20 @@ with log p = x - lse, H the entropy and P = sum p^2 of the row:
     dx_j = g_lp (1[j=y] - p_j) - g_H p_j (log p_j + H) + 2 g_P p_j (p_j - P)
     du_j = dx_j / T * (1 - (z_j / cap)^2 if softcap) * scale
 
-written to a [chunk, V] buffer; d(hidden) = du @ W and d(weight) += du.T @ h are
-matrix products on that buffer. With SKIP, a tile whose every |du| is below the
-threshold is written as zeros (the softmax gradient is concentrated on few ids).
+written to a [chunk, V] buffer in the input dtype; d(hidden) = du @ W and
+d(weight) += du.T @ h are matrix products on that buffer (ops/linear_stats.py).
+With SKIP, a tile whose every |du| is below the threshold is written as zeros
+(the softmax gradient is concentrated on few ids).
 """
+import os
+
 import triton
 import triton.language as tl
+
+from fastalign.kernels.softmax_math import NEG_INF, add_block, dlogits, finish, merge
+
+#: GPU budget for the backward's d(logits) chunk, bytes of the input dtype.
+GPU_CHUNK_BYTES = 1 << 30
 
 
 @triton.jit
@@ -56,20 +67,23 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, s_h, s_w, sc
 @triton.jit
 def linear_stats_fwd_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr, aidx_ptr, aval_ptr,
-    N, V, H, s_h, s_w, v_per_split, n_splits, scale, cap, inv_t,
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WANT_SP2: tl.constexpr, WANT_AMAX: tl.constexpr,
+    N, V, H, s_h, s_w, v_per_split, n_splits, scale, cap, inv_t, ignore_index,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WANT_ENT: tl.constexpr, WANT_SP2: tl.constexpr,
+    WANT_AMAX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    sp = tl.program_id(1).to(tl.int64)
+    sp = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     y = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
     v_lo = sp * v_per_split
     v_hi = tl.minimum(v_lo + v_per_split, V)
+    if not WANT_AMAX:  # a block of ignored rows (prompt tokens) computes nothing
+        v_hi = tl.where(tl.sum(((y != ignore_index) & row_ok).to(tl.int32), 0) > 0, v_hi, v_lo)
 
-    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    m = tl.full([BLOCK_N], NEG_INF, tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
     t = tl.zeros([BLOCK_N], tl.float32)
     q = tl.zeros([BLOCK_N], tl.float32)
@@ -82,21 +96,12 @@ def linear_stats_fwd_kernel(
         z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, s_h, s_w, scale, cap,
                         HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
         x = tl.where(col_ok[None, :], z * inv_t, float("-inf"))
-        block_max = tl.max(x, 1)
         if WANT_AMAX:
+            block_max = tl.max(x, 1)
             better = block_max > best_val
             best_idx = tl.where(better, v0 + tl.argmax(x, 1).to(tl.int64), best_idx)
             best_val = tl.where(better, block_max, best_val)
-        m_new = tl.maximum(m, block_max)
-        diff = tl.maximum(m, -3e38) - tl.maximum(m_new, -3e38)  # finite while m is still -inf
-        a = tl.exp(diff)
-        d = tl.maximum(x - m_new[:, None], -1e30)  # masked columns: e = 0, e * d = 0
-        e = tl.exp(d)
-        t = a * (t + diff * s) + tl.sum(e * d, 1)
-        s = a * s + tl.sum(e, 1)
-        if WANT_SP2:
-            q = a * a * q + tl.sum(e * e, 1)
-        m = m_new
+        m, s, t, q = add_block(m, s, t, q, x, 1, WANT_ENT, WANT_SP2)
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), 1)
 
     stride = n_splits * N
@@ -109,6 +114,48 @@ def linear_stats_fwd_kernel(
     if WANT_AMAX:
         tl.store(aidx_ptr + sp * N + rows, best_idx, mask=row_ok)
         tl.store(aval_ptr + sp * N + rows, best_val, mask=row_ok)
+
+
+@triton.jit
+def linear_stats_finish_kernel(
+    part_ptr, aidx_ptr, aval_ptr, labels_ptr, lp_ptr, ent_ptr, sp2_ptr, amax_ptr, amax_val_ptr, lse_ptr,
+    N, V, n_splits, ignore_index,
+    WANT_ENT: tl.constexpr, WANT_SP2: tl.constexpr, WANT_AMAX: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Merge the per-split states of BLOCK_N rows (splits in order: deterministic) and write the outputs."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = rows < N
+    stride = n_splits * N
+    m = tl.full([BLOCK_N], NEG_INF, tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    t = tl.zeros([BLOCK_N], tl.float32)
+    q = tl.zeros([BLOCK_N], tl.float32)
+    zy = tl.zeros([BLOCK_N], tl.float32)
+    best_val = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK_N], tl.int64)
+    for k in range(0, n_splits):
+        base = part_ptr + k * N + rows
+        m, s, t, q = merge(m, s, t, q, tl.load(base, mask=ok, other=NEG_INF), tl.load(base + stride, mask=ok, other=0.0),
+                           tl.load(base + 2 * stride, mask=ok, other=0.0), tl.load(base + 3 * stride, mask=ok, other=0.0))
+        zy += tl.load(base + 4 * stride, mask=ok, other=0.0)
+        if WANT_AMAX:
+            val = tl.load(aval_ptr + k * N + rows, mask=ok, other=float("-inf"))
+            better = val > best_val  # the first split wins ties: lowest index
+            best_idx = tl.where(better, tl.load(aidx_ptr + k * N + rows, mask=ok, other=0), best_idx)
+            best_val = tl.where(better, val, best_val)
+    y = tl.load(labels_ptr + rows, mask=ok, other=ignore_index)
+    ignored = y == ignore_index
+    valid = (y >= 0) & (y < V)
+    lse, lp, ent, sp2 = finish(m, s, t, q, zy)
+    tl.store(lp_ptr + rows, tl.where(ignored, 0.0, tl.where(valid, lp, float("nan"))), mask=ok)
+    tl.store(lse_ptr + rows, tl.where(ignored, 0.0, lse), mask=ok)
+    if WANT_ENT:
+        tl.store(ent_ptr + rows, tl.where(ignored, 0.0, ent), mask=ok)
+    if WANT_SP2:
+        tl.store(sp2_ptr + rows, tl.where(ignored, 0.0, sp2), mask=ok)
+    if WANT_AMAX:
+        tl.store(amax_ptr + rows, best_idx, mask=ok)
+        tl.store(amax_val_ptr + rows, best_val, mask=ok)
 
 
 @triton.jit
@@ -127,23 +174,16 @@ def linear_stats_bwd_kernel(
     y = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
     keep = (y != ignore_index) & row_ok
 
-    z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, s_h, s_w, scale, cap,
+    z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, keep, col_ok, H, s_h, s_w, scale, cap,
                     HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    logp = tl.minimum(tl.maximum(z * inv_t - lse[:, None], -1e30), 0.0)  # ignored rows have lse = 0
-    p = tl.exp(logp)
-    dx = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    if HAS_G_LP:
-        g_lp = tl.load(g_lp_ptr + rows, mask=row_ok, other=0.0)
-        dx += g_lp[:, None] * (tl.where(cols[None, :] == y[:, None], 1.0, 0.0) - p)
-    if HAS_G_ENT:
-        g_h = tl.load(g_ent_ptr + rows, mask=row_ok, other=0.0)
-        h_row = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-        dx -= g_h[:, None] * p * (logp + h_row[:, None])
-    if HAS_G_SP2:
-        g_q = tl.load(g_sp2_ptr + rows, mask=row_ok, other=0.0)
-        q_row = tl.load(sp2_ptr + rows, mask=row_ok, other=0.0)
-        dx += 2.0 * g_q[:, None] * p * (p - q_row[:, None])
+    g_lp = tl.load(g_lp_ptr + rows, mask=row_ok, other=0.0)[:, None] if HAS_G_LP else 0.0
+    g_ent = tl.load(g_ent_ptr + rows, mask=row_ok, other=0.0)[:, None] if HAS_G_ENT else 0.0
+    ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)[:, None] if HAS_G_ENT else 0.0
+    g_sp2 = tl.load(g_sp2_ptr + rows, mask=row_ok, other=0.0)[:, None] if HAS_G_SP2 else 0.0
+    sp2 = tl.load(sp2_ptr + rows, mask=row_ok, other=0.0)[:, None] if HAS_G_SP2 else 0.0
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    dx = dlogits(z * inv_t, lse, cols[None, :] == y[:, None], g_lp, g_ent, ent, g_sp2, sp2,
+                 HAS_G_LP, HAS_G_ENT, HAS_G_SP2)
     du = dx * inv_t
     if SOFTCAP:
         r = z / cap
@@ -155,30 +195,68 @@ def linear_stats_bwd_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _config(hidden):
-    """Tile sizes: tensor-core tiles on a GPU; small tiles (fast to interpret) on CPU tensors."""
-    if hidden.is_cuda:
-        return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, UPCAST=False), dict(num_warps=8, num_stages=3)
-    return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32, UPCAST=True), {}
+def on_gpu(t) -> bool:
+    """Compiled kernels (CUDA tensors, or ``meta`` tensors when compiling ahead of time) versus the
+    Triton interpreter (CPU tensors)."""
+    return t.device.type != "cpu"
 
 
-def _precision(hidden):
-    return "ieee" if hidden.dtype.is_floating_point and hidden.element_size() == 4 else "tf32"
-
-
-def linear_stats_forward(hidden, weight, bias, labels, scale, cap, inv_t, want_sp2, want_amax):
-    """Per-split partial statistics: ([5, S, N] (m, s, t, q, zy), argmax ids [S, N], argmax logits [S, N])."""
+def sm_count(device) -> int:
     import torch
 
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # H100 / H200 SXM, for ahead-of-time compilation
+
+
+def target_arch() -> int:
+    """Compute capability Triton compiles for (the active driver's target: the device, or the
+    architecture being compiled ahead of time)."""
+    from triton.runtime import driver
+
+    return int(driver.active.get_current_target().arch)
+
+
+def _config(hidden, backward=False):
+    """Tile sizes: tensor-core tiles on a GPU, sized per architecture so that no bf16/fp16 variant
+    spills (the AOT gate checks it); small tiles (fast to interpret) on CPU tensors."""
+    if not on_gpu(hidden):
+        return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32, UPCAST=True), {}
+    block_h = 64 if hidden.element_size() == 2 else 32
+    if backward or target_arch() != 90:  # 128 x 128 forward tiles spill on sm_80 and sm_100
+        return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=block_h, UPCAST=False), dict(num_warps=8, num_stages=3)
+    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=block_h, UPCAST=False), dict(num_warps=8, num_stages=3)
+
+
+def matmul_precision(hidden) -> str:
+    """``tl.dot`` precision: TF32 for fp32 inputs on a GPU unless ``FASTALIGN_FP32_MATMUL=ieee``."""
+    if hidden.element_size() != 4 or not on_gpu(hidden):
+        return "ieee" if hidden.element_size() == 4 else "tf32"  # bf16/fp16: native, the flag is unused
+    choice = os.environ.get("FASTALIGN_FP32_MATMUL", "tf32")
+    if choice not in ("tf32", "ieee"):
+        raise ValueError(f"FASTALIGN_FP32_MATMUL must be 'tf32' or 'ieee', got {choice!r}")
+    return choice
+
+
+def gpu_chunk_tokens(n: int, vocab: int, elem_bytes: int, budget: int = GPU_CHUNK_BYTES) -> int:
+    """Tokens per backward chunk on a GPU: a d(logits) buffer of at most ``budget`` bytes."""
+    return max(1, min(max(n, 1), budget // max(vocab * elem_bytes, 1)))
+
+
+def linear_stats_forward(hidden, weight, bias, labels, scale, cap, inv_t, ignore_index, out):
+    """Writes ``out`` = (logprobs, entropy, sum_p2, argmax, argmax logit, lse); unrequested ones are empty."""
+    import torch
+
+    lp, ent, sp2, amax, amax_val, lse = out
     N, H = hidden.shape
     V = weight.shape[0]
+    want_ent, want_sp2, want_amax = bool(ent.numel()), bool(sp2.numel()), bool(amax.numel())
     blocks, launch = _config(hidden)
     bn, bv = blocks["BLOCK_N"], blocks["BLOCK_V"]
     v_blocks = triton.cdiv(V, bv)
     token_blocks = triton.cdiv(N, bn)
-    if hidden.is_cuda:
-        sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count
-        splits = max(1, min(v_blocks, triton.cdiv(4 * sms, token_blocks)))
+    if on_gpu(hidden):
+        splits = max(1, min(v_blocks, triton.cdiv(4 * sm_count(hidden.device), token_blocks)))
     else:
         splits = min(2, v_blocks)
     per = triton.cdiv(v_blocks, splits) * bv
@@ -186,14 +264,20 @@ def linear_stats_forward(hidden, weight, bias, labels, scale, cap, inv_t, want_s
     parts = torch.empty(5, splits, N, device=hidden.device, dtype=torch.float32)
     aidx = torch.empty(splits if want_amax else 0, N, device=hidden.device, dtype=torch.int64)
     aval = torch.empty(splits if want_amax else 0, N, device=hidden.device, dtype=torch.float32)
-    linear_stats_fwd_kernel[(token_blocks, splits)](
+    linear_stats_fwd_kernel[(splits, token_blocks)](
         hidden, weight, bias if bias is not None else hidden, labels, parts,
         aidx if want_amax else labels, aval if want_amax else parts,
         N, V, H, hidden.stride(0), weight.stride(0), per, splits, scale, cap if cap > 0 else 1.0, inv_t,
-        HAS_BIAS=bias is not None, SOFTCAP=cap > 0, WANT_SP2=bool(want_sp2), WANT_AMAX=bool(want_amax),
-        PRECISION=_precision(hidden), **blocks, **launch,
+        ignore_index, HAS_BIAS=bias is not None, SOFTCAP=cap > 0, WANT_ENT=want_ent, WANT_SP2=want_sp2, WANT_AMAX=want_amax,
+        PRECISION=matmul_precision(hidden), **blocks, **launch,
     )
-    return parts, aidx, aval
+    finish_rows = 128 if on_gpu(hidden) else 16
+    linear_stats_finish_kernel[(triton.cdiv(N, finish_rows),)](
+        parts, aidx if want_amax else labels, aval if want_amax else parts, labels,
+        lp, ent if want_ent else lp, sp2 if want_sp2 else lp, amax if want_amax else labels,
+        amax_val if want_amax else lp, lse, N, V, splits, ignore_index,
+        WANT_ENT=want_ent, WANT_SP2=want_sp2, WANT_AMAX=want_amax, BLOCK_N=finish_rows, num_warps=4,
+    )
 
 
 def linear_stats_backward(hidden, weight, bias, labels, lse, ent, sp2, g_lp, g_ent, g_sp2,
@@ -201,7 +285,7 @@ def linear_stats_backward(hidden, weight, bias, labels, lse, ent, sp2, g_lp, g_e
     """Writes d(loss)/d(h @ W.T + b) for the token rows of ``hidden`` into ``du`` ([n, V])."""
     N, H = hidden.shape
     V = weight.shape[0]
-    blocks, launch = _config(hidden)
+    blocks, launch = _config(hidden, backward=True)
     dummy = lse
     linear_stats_bwd_kernel[(triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(V, blocks["BLOCK_V"]))](
         hidden, weight, bias if bias is not None else hidden, labels, lse,
@@ -212,5 +296,5 @@ def linear_stats_backward(hidden, weight, bias, labels, lse, ent, sp2, g_lp, g_e
         ignore_index, threshold,
         HAS_BIAS=bias is not None, SOFTCAP=cap > 0, HAS_G_LP=g_lp is not None,
         HAS_G_ENT=g_ent is not None and ent is not None, HAS_G_SP2=g_sp2 is not None and sp2 is not None,
-        SKIP=threshold > 0, PRECISION=_precision(hidden), **blocks, **launch,
+        SKIP=threshold > 0, PRECISION=matmul_precision(hidden), **blocks, **launch,
     )

@@ -1,22 +1,28 @@
 """Log-prob, entropy, sum p^2 and argmax of each logits row in one pass (SPEC §1).
 
-Forward, one program per row, streaming the vocabulary in blocks of BLOCK_V
-with x = z / T and running values relative to the running max m:
+Forward, one program per row, x = z / T. The row is read in steps of a
+[STEP_ROWS, LANES] tile (column ``start + k * LANES + lane``); every lane keeps
+its own running state (m, s, t, q) of the columns it has seen (softmax_math:
+s = sum e^{x - m}, t = sum e^{x - m} (x - m), q = sum e^{2 (x - m)}). A step
+reduces the tile along STEP_ROWS only, which one thread holds, so the loop is
+register arithmetic with no cross-warp reduction and no barrier; the lanes are
+merged once at the end and
 
-    s = sum e^{x - m},  t = sum e^{x - m} (x - m),  q = sum e^{2 (x - m)}
+    lse = m + log s,  logprob = (x_y - m) - log s,  entropy = log s - t / s,  sum_p2 = q / s^2.
 
-When a block raises the max from m to m' every running sum is rescaled by
-a = e^{m - m'} (and t also shifts: t' = a (t + (m - m') s)). At the end
-lse = m + log s, logprob = x_y - lse, entropy = log s - t / s, sum_p2 = q / s^2.
+A row whose label is ``ignore_index`` is not read (its outputs are 0) unless its
+argmax is asked for (the argmax of every row is reported).
 
 Backward, one program per (row, vocabulary block), log p = x - lse:
 
     dx_j = g_lp (1[j=y] - p_j) - g_H p_j (log p_j + H) + 2 g_q p_j (p_j - sum_p2)
 
-and dz = dx / T.
+and dz = dx / T; an ignored row writes zeros without reading its logits.
 """
 import triton
 import triton.language as tl
+
+from fastalign.kernels.softmax_math import NEG_INF, add_block, dlogits, finish, rescale
 
 
 @triton.jit
@@ -26,54 +32,60 @@ def _row_start(ptr, r, inner, s_outer, s_inner):
 
 
 @triton.jit
+def _step(m, s, t, q, best, x, start, lanes, WANT_ENT: tl.constexpr, WANT_SP2: tl.constexpr,
+          WANT_AMAX: tl.constexpr, LANES: tl.constexpr):
+    """Fold a [STEP_ROWS, LANES] tile x (column start + k * LANES + lane) into the per-lane states."""
+    if WANT_AMAX:  # first column of the lane's max: only a strictly greater value replaces it
+        step_best = start + tl.argmax(x, 0) * LANES + lanes
+        best = tl.where(tl.max(x, 0) > m, step_best, best)
+    m, s, t, q = add_block(m, s, t, q, x, 0, WANT_ENT, WANT_SP2)
+    return m, s, t, q, best
+
+
+@triton.jit
 def token_stats_fwd_kernel(
     z_ptr, inner, s_outer, s_inner, labels_ptr,
     lp_ptr, ent_ptr, sp2_ptr, amax_ptr, lse_ptr,
     V, inv_t, ignore_index,
     WANT_ENT: tl.constexpr, WANT_SP2: tl.constexpr, WANT_AMAX: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    LANES: tl.constexpr, STEP_ROWS: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     row = _row_start(z_ptr, r, inner, s_outer, s_inner)
     y = tl.load(labels_ptr + r)
-
-    m = tl.full([], float("-inf"), tl.float32)
-    s = tl.zeros([], tl.float32)
-    t = tl.zeros([], tl.float32)
-    q = tl.zeros([], tl.float32)
-    best = tl.zeros([], tl.int64)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_t
-        block_max = tl.max(x, 0)
-        if WANT_AMAX:
-            best = tl.where(block_max > m, start + tl.argmax(x, 0).to(tl.int64), best)
-        m_new = tl.maximum(m, block_max)
-        # m - m_new, kept finite while the row is still all -inf (then s = t = 0)
-        diff = tl.maximum(m, -3e38) - tl.maximum(m_new, -3e38)
-        a = tl.exp(diff)
-        d = tl.maximum(x - m_new, -1e30)  # -inf logits: e = 0 and e * d = 0, not NaN
-        e = tl.exp(d)
-        t = a * (t + diff * s) + tl.sum(e * d, 0)
-        s = a * s + tl.sum(e, 0)
-        if WANT_SP2:
-            q = a * a * q + tl.sum(e * e, 0)
-        m = m_new
-
-    if WANT_AMAX:
-        tl.store(amax_ptr + r, best)
     ignored = y == ignore_index
+    lanes = tl.arange(0, LANES)
+    offs = tl.arange(0, STEP_ROWS)[:, None] * LANES + lanes[None, :]
+
+    m = tl.full([LANES], NEG_INF, tl.float32)
+    s = tl.zeros([LANES], tl.float32)
+    t = tl.zeros([LANES], tl.float32)
+    q = tl.zeros([LANES], tl.float32)
+    best = tl.zeros([LANES], tl.int32)
+    end = V if WANT_AMAX else tl.where(ignored, 0, V)
+    step = STEP_ROWS * LANES
+    full_end = end - end % step
+    for start in range(0, full_end, step):  # whole tiles: no bounds checks
+        x = tl.load(row + start + offs).to(tl.float32) * inv_t
+        m, s, t, q, best = _step(m, s, t, q, best, x, start, lanes, WANT_ENT, WANT_SP2, WANT_AMAX, LANES)
+    if full_end < end:  # the last, partial tile
+        cols = full_end + offs
+        x = tl.load(row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_t
+        m, s, t, q, best = _step(m, s, t, q, best, x, full_end, lanes, WANT_ENT, WANT_SP2, WANT_AMAX, LANES)
+
+    row_m = tl.max(m, 0)
+    s, t, q = rescale(m, s, t, q, row_m)
+    if WANT_AMAX:
+        tl.store(amax_ptr + r, tl.min(tl.where(m == row_m, best, V), 0).to(tl.int64))
     valid = (y >= 0) & (y < V)
-    log_s = tl.log(s)
-    lse = m + log_s
-    x_y = tl.load(row + tl.where(valid, y, 0)).to(tl.float32) * inv_t
-    lp = tl.where(valid, x_y - lse, float("nan"))
-    tl.store(lp_ptr + r, tl.where(ignored, 0.0, lp))
+    x_y = tl.load(row + tl.where(valid & ~ignored, y, 0)).to(tl.float32) * inv_t
+    lse, lp, ent, sp2 = finish(row_m, tl.sum(s, 0), tl.sum(t, 0), tl.sum(q, 0), x_y)
+    tl.store(lp_ptr + r, tl.where(ignored, 0.0, tl.where(valid, lp, float("nan"))))
     tl.store(lse_ptr + r, tl.where(ignored, 0.0, lse))
     if WANT_ENT:
-        tl.store(ent_ptr + r, tl.where(ignored, 0.0, log_s - t / s))
+        tl.store(ent_ptr + r, tl.where(ignored, 0.0, ent))
     if WANT_SP2:
-        tl.store(sp2_ptr + r, tl.where(ignored, 0.0, q / (s * s)))
+        tl.store(sp2_ptr + r, tl.where(ignored, 0.0, sp2))
 
 
 @triton.jit
@@ -93,24 +105,24 @@ def token_stats_bwd_kernel(
     y = tl.load(labels_ptr + r)
     keep = y != ignore_index
 
-    lse = tl.load(lse_ptr + r)
-    x = tl.load(row + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_t
-    logp = tl.maximum(x - lse, -1e30)  # -inf logits: p = 0, and no 0 * inf
-    p = tl.exp(logp)
-    dx = tl.zeros([BLOCK_V], tl.float32)
-    if HAS_G_LP:
-        g_lp = tl.load(g_lp_ptr + r)
-        dx += g_lp * (tl.where(cols == y, 1.0, 0.0) - p)
-    if HAS_G_ENT:
-        dx -= tl.load(g_ent_ptr + r) * p * (logp + tl.load(ent_ptr + r))
-    if HAS_G_SP2:
-        dx += 2.0 * tl.load(g_sp2_ptr + r) * p * (p - tl.load(sp2_ptr + r))
+    read = cols < tl.where(keep, V, 0)  # an ignored row is not read
+    x = tl.load(row + cols, mask=read, other=float("-inf")).to(tl.float32) * inv_t
+    g_lp = tl.load(g_lp_ptr + r) if HAS_G_LP else 0.0
+    g_ent = tl.load(g_ent_ptr + r) if HAS_G_ENT else 0.0
+    ent = tl.load(ent_ptr + r) if HAS_G_ENT else 0.0
+    g_sp2 = tl.load(g_sp2_ptr + r) if HAS_G_SP2 else 0.0
+    sp2 = tl.load(sp2_ptr + r) if HAS_G_SP2 else 0.0
+    dx = dlogits(x, tl.load(lse_ptr + r), cols == y, g_lp, g_ent, ent, g_sp2, sp2, HAS_G_LP, HAS_G_ENT, HAS_G_SP2)
     dx = tl.where(keep, dx * inv_t, 0.0)
     tl.store(drow + cols, dx.to(dz_ptr.dtype.element_ty), mask=in_row)
 
 
-def _fwd_block(V):
-    return min(triton.next_power_of_2(V), 4096)
+def _lanes(V):
+    return min(triton.next_power_of_2(max(V, 1)), 2048)
+
+
+def _bwd_block(V):
+    return min(triton.next_power_of_2(max(V, 1)), 4096)
 
 
 def token_stats_forward(z3, labels, inv_t, ignore_index, lp, ent, sp2, amax, lse):
@@ -119,13 +131,14 @@ def token_stats_forward(z3, labels, inv_t, ignore_index, lp, ent, sp2, amax, lse
     n = outer * inner
     if n == 0:
         return
+    lanes = _lanes(V)
     token_stats_fwd_kernel[(n,)](
         z3, inner, z3.stride(0), z3.stride(1), labels,
         lp, ent if ent is not None else lp, sp2 if sp2 is not None else lp,
         amax if amax is not None else labels, lse,
         V, inv_t, ignore_index,
         WANT_ENT=ent is not None, WANT_SP2=sp2 is not None, WANT_AMAX=amax is not None,
-        BLOCK_V=_fwd_block(V), num_warps=8,
+        LANES=lanes, STEP_ROWS=4 if lanes >= 1024 else 2, num_warps=8 if lanes >= 1024 else 4,
     )
 
 
@@ -135,7 +148,7 @@ def token_stats_backward(z3, labels, inv_t, ignore_index, lse, ent, sp2, g_lp, g
     n = outer * inner
     if n == 0:
         return
-    block = _fwd_block(V)
+    block = _bwd_block(V)
     dummy = lse
     token_stats_bwd_kernel[(n, triton.cdiv(V, block))](
         z3, inner, z3.stride(0), z3.stride(1), labels,
@@ -144,6 +157,7 @@ def token_stats_backward(z3, labels, inv_t, ignore_index, lse, ent, sp2, g_lp, g
         g_sp2 if g_sp2 is not None else dummy,
         dz3, dz3.stride(0), dz3.stride(1),
         V, inv_t, ignore_index,
-        HAS_G_LP=g_lp is not None, HAS_G_ENT=g_ent is not None, HAS_G_SP2=g_sp2 is not None,
+        HAS_G_LP=g_lp is not None, HAS_G_ENT=g_ent is not None and ent is not None,
+        HAS_G_SP2=g_sp2 is not None and sp2 is not None,
         BLOCK_V=block, num_warps=8,
     )

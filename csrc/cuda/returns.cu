@@ -1,7 +1,12 @@
-// Reverse scans over time for token-level advantages (SPEC §5), CUDA: one
-// thread per sequence walks its row from the last token to the first (the
-// recurrences are sequential in t; rows are independent). Same adv::scan_row
-// as the CPU kernel, so both give the same numbers.
+// Reverse scans over time for token-level advantages (SPEC §5), CUDA: one block per
+// sequence, parallel across time (a blocked scan). Every recurrence of adv::scan_row is
+// affine in its carried state (m the mask, in double):
+//   return: run' = (gamma m) run + x m m        to_go: run' = gamma run + x m
+//   gae:    (A, Vn)' = [[m gamma lam + 1 - m, m gamma], [0, 1 - m]] (A, Vn) + (m (x - V), m V)
+// Each thread takes a contiguous segment of the row and (1) composes its tokens' maps,
+// (2) the block turns the segments' maps into each segment's incoming state (one thread,
+// kThreads steps, fixed order), (3) each thread walks its segment again from that state
+// with scan_row's per-token arithmetic and writes the outputs.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -14,23 +19,92 @@
 namespace fastalign {
 namespace {
 
+constexpr int kThreads = 256;
+
+struct Map {  // (A, Vn) -> ([[al, be], [0, de]] (A, Vn) + (e, f)); returns use al (gamma...) and e
+  double al, be, de, e, f;
+};
+
+// Map of one token (applied to the state carried in from the later tokens).
 template <typename S>
-__global__ void reverse_scan(const S* x, const S* v, const S* m, S* out, S* out2, int64_t B, int64_t T, double gamma,
-                             double lam, int mode) {
-  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= B) return;
-  const int64_t o = b * T;
-  adv::scan_row<S>(x + o, v ? v + o : nullptr, m + o, out + o, out2 ? out2 + o : nullptr, T, gamma, lam, mode);
+__device__ __forceinline__ Map token_map(const S* x, const S* v, const S* m, int64_t t, double gamma, double lam,
+                                         int mode) {
+  const double mt = double(m[t]), xt = double(x[t]);
+  if (mode == adv::kGae) {
+    const double vt = double(v[t]);
+    return Map{mt * gamma * lam + 1.0 - mt, mt * gamma, 1.0 - mt, mt * (xt - vt), mt * vt};
+  }
+  if (mode == adv::kReturnReset) return Map{gamma * mt, 0.0, 1.0, xt * mt * mt, 0.0};
+  return Map{gamma, 0.0, 1.0, xt * mt, 0.0};
+}
+
+// b after a
+__device__ __forceinline__ Map then(const Map& a, const Map& b) {
+  return Map{b.al * a.al, b.al * a.be + b.be * a.de, b.de * a.de, b.al * a.e + b.be * a.f + b.e, b.de * a.f + b.f};
+}
+
+template <typename S>
+__global__ void __launch_bounds__(kThreads) reverse_scan(const S* __restrict__ x, const S* __restrict__ v,
+                                                         const S* __restrict__ m, S* __restrict__ out,
+                                                         S* __restrict__ out2, int64_t T, double gamma, double lam,
+                                                         int mode) {
+  __shared__ Map seg_map[kThreads];
+  __shared__ double state_a[kThreads], state_v[kThreads];
+  const int64_t o = int64_t(blockIdx.x) * T;
+  x += o;
+  m += o;
+  out += o;
+  if (v) v += o;
+  if (out2) out2 += o;
+  const int64_t per = (T + kThreads - 1) / kThreads;
+  const int64_t lo = threadIdx.x * per, hi = lo + per < T ? lo + per : T;
+
+  Map acc{1.0, 0.0, 1.0, 0.0, 0.0};  // identity
+  for (int64_t t = hi - 1; t >= lo; --t) acc = then(acc, token_map(x, v, m, t, gamma, lam, mode));
+  seg_map[threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {  // incoming state of each segment, from the last segment back
+    double a = 0.0, nv = 0.0;
+    for (int i = kThreads - 1; i >= 0; --i) {
+      state_a[i] = a;
+      state_v[i] = nv;
+      const Map& f = seg_map[i];
+      const double a2 = f.al * a + f.be * nv + f.e;
+      nv = f.de * nv + f.f;
+      a = a2;
+    }
+  }
+  __syncthreads();
+
+  double a_next = state_a[threadIdx.x], next_v = state_v[threadIdx.x];
+  if (mode == adv::kGae) {  // adv::scan_row's loop from the incoming state
+    for (int64_t t = hi - 1; t >= lo; --t) {
+      const double mt = double(m[t]), vt = double(v[t]);
+      const double delta = double(x[t]) + gamma * next_v - vt;
+      const double at = delta + gamma * lam * a_next;
+      next_v = vt * mt + (1.0 - mt) * next_v;
+      a_next = at * mt + (1.0 - mt) * a_next;
+      out[t] = S(a_next * mt);
+      out2[t] = S((a_next + vt) * mt);
+    }
+  } else {
+    double run = a_next;
+    for (int64_t t = hi - 1; t >= lo; --t) {
+      const double mt = double(m[t]);
+      run = double(x[t]) * mt + gamma * run;
+      out[t] = S(run * mt);
+      if (mode == adv::kReturnReset) run *= mt;
+    }
+  }
 }
 
 template <typename S>
 void launch(uintptr_t x, uintptr_t v, uintptr_t mask, int64_t B, int64_t T, double gamma, double lam, int mode,
             uintptr_t out, uintptr_t out2, cudaStream_t st) {
   if (B == 0 || T == 0) return;
-  constexpr int kThreads = 128;
-  reverse_scan<S><<<unsigned((B + kThreads - 1) / kThreads), kThreads, 0, st>>>(
+  reverse_scan<S><<<unsigned(B), kThreads, 0, st>>>(
       reinterpret_cast<const S*>(x), reinterpret_cast<const S*>(v), reinterpret_cast<const S*>(mask),
-      reinterpret_cast<S*>(out), reinterpret_cast<S*>(out2), B, T, gamma, lam, mode);
+      reinterpret_cast<S*>(out), reinterpret_cast<S*>(out2), T, gamma, lam, mode);
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) throw std::runtime_error(std::string("reverse_scan: ") + cudaGetErrorString(e));
 }
@@ -51,7 +125,7 @@ FASTALIGN_BINDINGS(returns_cuda) {
           launch<float>(x, v, mask, B, T, gamma, lam, mode, out, out2, st);
       },
       py::call_guard<py::gil_scoped_release>(),
-      "Reverse scan over contiguous [B, T] rows, one thread per row.");
+      "Reverse scan over contiguous [B, T] rows, one block per row, parallel across time.");
 }
 
 }  // namespace fastalign

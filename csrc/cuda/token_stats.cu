@@ -1,19 +1,31 @@
 // Per-token statistics of logits rows on the GPU (SPEC §1); the CUDA twin of
 // csrc/cpu/token_stats.cpp. One thread block per row.
 //
-// Forward: each thread streams its strided share of the row keeping
-//   m (running max of x = z / T), s = sum e^{x-m}, t = sum e^{x-m} (x-m), q = sum e^{2(x-m)}
-// rescaled by e^{m_old - m_new} whenever its max grows; then the block merges
-// the per-thread states in a fixed tree order (deterministic), and thread 0
-// writes lse = m + log s, logprob = x_y - lse, entropy = log s - t/s, sum_p2 = q/s^2.
+// Forward: each thread streams its share of the row in 16-byte vectors (8 bf16/fp16
+// or 4 fp32; two vectors in flight per step, both loaded before either is used),
+// keeping x = z / T's running state relative to its running max m:
+//   s = sum e^{x-m}, t = sum e^{x-m} (x-m), q = sum e^{2(x-m)}
+// rescaled by a = e^{m_old - m_new} (t' = a (t + (m_old - m_new) s)) once per vector
+// when its max is larger. The block merges the per-thread states with warp shuffles
+// and one shared-memory round, in a fixed order (deterministic), and thread 0 writes
+//   lse = m + log s, logprob = (x_y - m) - log s, entropy = log s - t/s, sum_p2 = q/s^2
+// (x_y - m first: the error is the rounding of the log-prob, not of |max|).
+// m starts at -inf; max differences are clamped at -1e30 and x - m is taken against
+// max(m, -FLT_MAX), so -inf logits give e = 0 without inf - inf; a NaN logit gives
+// e = NaN, which no step clamps away: its row's outputs are NaN (as on the CPU).
+// Rows whose label is ignore_index are not read unless their argmax is asked for.
 //
 // Backward: dx_j = g_lp (1[j=y] - p_j) - g_H p_j (log p_j + H) + 2 g_q p_j (p_j - sum_p2),
-// dz = dx / T, rows with ignore_index get zeros.
+// dz = dx / T, with log p_j = x_j - lse; ignored rows get zeros without a read. Each
+// thread loads all of its step's vectors before it stores any, so d(logits) may
+// overwrite the logits in place (each element is read, then written, by one thread).
+// Rows not 16-byte aligned (odd V) take the scalar loop.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -24,7 +36,8 @@
 namespace fastalign {
 namespace {
 
-constexpr int kThreads = 512;
+constexpr int kThreads = 256;
+constexpr int kUnroll = 2;  // 16-byte vectors in flight per thread and step
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -34,68 +47,143 @@ template <> __device__ __forceinline__ float from_f32<float>(float v) { return v
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half(v); }
 
-struct State {
-  float m, s, t, q;
-  int64_t arg;
+template <typename T>
+struct Pack {  // one 16-byte vector of T
+  static constexpr int N = 16 / sizeof(T);
+  uint4 raw;
+  __device__ __forceinline__ float get(int k, float scale) const {
+    return to_f32(reinterpret_cast<const T*>(&raw)[k]) * scale;
+  }
+  __device__ __forceinline__ void set(int k, float v) { reinterpret_cast<T*>(&raw)[k] = from_f32<T>(v); }
 };
 
-// Merge b into a (both relative to their own max); ties keep the lower index.
+struct State {
+  float m, s, t, q;
+  int64_t arg;  // first index of the max
+};
+
+__device__ __forceinline__ void rescale(State& st, float M) {
+  const float dm = fmaxf(st.m - M, -1e30f);  // empty states (m = -inf, also under M = -inf): a = 0, no inf * 0
+  const float a = __expf(dm);
+  st.t = a * (st.t + dm * st.s);
+  st.s *= a;
+  st.q *= a * a;
+  st.m = M;
+}
+
+// Fold K logits (indices j0 .. j0+K-1) into a thread's state with one branch-free rescale (so
+// the compiler keeps every load of a step ahead of the math). FULL: also t, q and the argmax;
+// without it only m and s are kept (log-probs alone).
+template <bool FULL, int K>
+__device__ __forceinline__ void add(State& st, const float (&x)[K], int64_t j0) {
+  float vmax = st.m;
+  if (FULL) {
+    int64_t varg = st.arg;
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if (x[k] > vmax) {  // NaN never compares greater: its e below is NaN
+        vmax = x[k];
+        varg = j0 + k;
+      }
+    st.arg = varg;
+  } else {
+#pragma unroll
+    for (int k = 0; k < K; ++k) vmax = fmaxf(vmax, x[k]);
+  }
+  rescale(st, vmax);  // a = 1 when the max did not grow
+  const float m_safe = fmaxf(st.m, -FLT_MAX);  // a -inf logit gives e = 0 even before any finite one
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const float d = x[k] - m_safe;
+    const float e = __expf(d);
+    st.s += e;
+    if (FULL) {
+      st.t += e * fmaxf(d, -1e30f);  // -inf logits: e = 0 and no 0 * inf
+      st.q += e * e;
+    }
+  }
+}
+
+// Merge two states; symmetric (ties keep the lower index), so shuffle partners agree.
 __device__ __forceinline__ State merge(State a, State b) {
-  const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return a;
-  const float da = a.m - m, db = b.m - m;  // <= 0, finite unless that side is empty
-  const float ea = a.s > 0.f ? __expf(da) : 0.f, eb = b.s > 0.f ? __expf(db) : 0.f;
-  State r;
-  r.m = m;
-  r.s = a.s * ea + b.s * eb;
-  r.t = (a.s > 0.f ? ea * (a.t + da * a.s) : 0.f) + (b.s > 0.f ? eb * (b.t + db * b.s) : 0.f);
-  r.q = a.q * ea * ea + b.q * eb * eb;
-  r.arg = (b.m > a.m || (b.m == a.m && b.arg < a.arg)) ? b.arg : a.arg;
-  return r;
+  const float M = fmaxf(a.m, b.m);
+  const int64_t arg = (b.m > a.m || (b.m == a.m && b.arg < a.arg)) ? b.arg : a.arg;
+  rescale(a, M);
+  rescale(b, M);
+  return State{M, a.s + b.s, a.t + b.t, a.q + b.q, arg};
+}
+
+__device__ __forceinline__ State shfl_xor(const State& st, int lane_mask) {
+  return State{__shfl_xor_sync(0xffffffffu, st.m, lane_mask), __shfl_xor_sync(0xffffffffu, st.s, lane_mask),
+               __shfl_xor_sync(0xffffffffu, st.t, lane_mask), __shfl_xor_sync(0xffffffffu, st.q, lane_mask),
+               static_cast<int64_t>(__shfl_xor_sync(0xffffffffu, static_cast<long long>(st.arg), lane_mask))};
+}
+
+__device__ __forceinline__ State block_merge(State st) {
+  __shared__ State warp_state[kThreads / 32];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) st = merge(st, shfl_xor(st, off));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_state[warp] = st;
+  __syncthreads();
+  if (warp == 0) {
+    st = lane < kThreads / 32 ? warp_state[lane] : State{-INFINITY, 0.f, 0.f, 0.f, INT64_MAX};
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) st = merge(st, shfl_xor(st, off));
+  }
+  return st;
 }
 
 __device__ __forceinline__ int64_t row_offset(int64_t r, int64_t inner, int64_t s_outer, int64_t s_inner) {
   return (r / inner) * s_outer + (r % inner) * s_inner;
 }
 
-template <typename T>
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+template <typename T, bool FULL>
 __global__ void __launch_bounds__(kThreads) token_stats_fwd_kernel(
     const T* __restrict__ logits, int64_t V, int64_t inner, int64_t s_outer, int64_t s_inner,
     const int64_t* __restrict__ labels, float inv_t, int64_t ignore_index, float* __restrict__ lp,
     float* __restrict__ ent, float* __restrict__ sp2, int64_t* __restrict__ amax, float* __restrict__ lse_out) {
+  using P = Pack<T>;
   const int64_t r = blockIdx.x;
-  const T* z = logits + row_offset(r, inner, s_outer, s_inner);
-  State st{-INFINITY, 0.f, 0.f, 0.f, V};
-  for (int64_t j = threadIdx.x; j < V; j += kThreads) {
-    const float x = to_f32(z[j]) * inv_t;
-    if (x == -INFINITY) continue;  // masked vocabulary: contributes nothing
-    if (x > st.m) {  // rescale to the new max
-      const float d = st.m - x;
-      const float a = st.s > 0.f ? __expf(d) : 0.f;
-      st.t = st.s > 0.f ? a * (st.t + d * st.s) : 0.f;
-      st.s *= a;
-      st.q *= a * a;
-      st.m = x;
-      st.arg = j;
-    }
-    const float d = x - st.m;
-    const float e = __expf(d);
-    st.s += e;
-    st.t += e > 0.f ? e * d : 0.f;
-    st.q += e * e;
-  }
-  __shared__ State shared[kThreads];
-  shared[threadIdx.x] = st;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) shared[threadIdx.x] = merge(shared[threadIdx.x], shared[threadIdx.x + stride]);
-    __syncthreads();
-  }
-  if (threadIdx.x != 0) return;
-  st = shared[0];
+  const T* __restrict__ z = logits + row_offset(r, inner, s_outer, s_inner);
   const int64_t y = labels[r];
+  const bool ignored = y == ignore_index;
+  State st{-INFINITY, 0.f, 0.f, 0.f, 0};
+  if (!ignored || amax) {
+    const int64_t nvec = aligned16(z) ? V / P::N : 0;
+    const uint4* __restrict__ zv = reinterpret_cast<const uint4*>(z);
+    int64_t i = threadIdx.x;
+    for (; i + (kUnroll - 1) * kThreads < nvec; i += kUnroll * kThreads) {
+      P pk[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) pk[u].raw = __ldg(zv + i + u * kThreads);  // all loads first
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        float x[P::N];
+#pragma unroll
+        for (int k = 0; k < P::N; ++k) x[k] = pk[u].get(k, inv_t);
+        add<FULL>(st, x, (i + u * kThreads) * P::N);
+      }
+    }
+    for (; i < nvec; i += kThreads) {
+      P pk;
+      pk.raw = __ldg(zv + i);
+      float x[P::N];
+#pragma unroll
+      for (int k = 0; k < P::N; ++k) x[k] = pk.get(k, inv_t);
+      add<FULL>(st, x, i * P::N);
+    }
+    for (int64_t j = nvec * P::N + threadIdx.x; j < V; j += kThreads) {
+      const float x[1] = {to_f32(z[j]) * inv_t};
+      add<FULL>(st, x, j);
+    }
+  }
+  st = block_merge(st);
+  if (threadIdx.x != 0) return;
   if (amax) amax[r] = st.arg < V ? st.arg : 0;
-  if (y == ignore_index) {
+  if (ignored) {
     lp[r] = 0.f;
     lse_out[r] = 0.f;
     if (ent) ent[r] = 0.f;
@@ -103,35 +191,74 @@ __global__ void __launch_bounds__(kThreads) token_stats_fwd_kernel(
     return;
   }
   const float log_s = logf(st.s);
-  const float lse = st.m + log_s;
-  lse_out[r] = lse;
-  lp[r] = (y >= 0 && y < V) ? to_f32(z[y]) * inv_t - lse : NAN;
+  lse_out[r] = st.m + log_s;
+  lp[r] = (y >= 0 && y < V) ? (to_f32(z[y]) * inv_t - st.m) - log_s : NAN;
   if (ent) ent[r] = log_s - st.t / st.s;
   if (sp2) sp2[r] = st.q / (st.s * st.s);
 }
 
-template <typename T>
+// FULL: entropy / sum p^2 gradients too; without it only the log-prob term.
+template <bool FULL>
+struct RowGrad {
+  float glp, gh, gq, h, p2, lse, inv_t;
+  int y;  // the label's column (-1 when outside the row)
+  __device__ __forceinline__ float operator()(float x, int j) const {
+    const float logp = x - lse;
+    const float p = __expf(logp);
+    float g = -glp * p;
+    if (FULL) {
+      const float ent_term = x == -INFINITY ? 0.f : p * (logp + h);  // NaN stays NaN
+      g += -gh * ent_term + 2.f * gq * p * (p - p2);
+    }
+    if (j == y) g += glp;
+    return g * inv_t;
+  }
+};
+
+template <typename T, bool FULL>
 __global__ void __launch_bounds__(kThreads) token_stats_bwd_kernel(
-    const T* logits, int64_t V, int64_t inner, int64_t s_outer, int64_t s_inner,
+    const T* __restrict__ logits, int64_t V, int64_t inner, int64_t s_outer, int64_t s_inner,
     const int64_t* __restrict__ labels, float inv_t, int64_t ignore_index, const float* __restrict__ lse,
     const float* __restrict__ ent, const float* __restrict__ sp2, const float* __restrict__ g_lp,
-    const float* __restrict__ g_h, const float* __restrict__ g_q, T* grad, int64_t g_outer, int64_t g_inner) {
+    const float* __restrict__ g_h, const float* __restrict__ g_q, T* __restrict__ grad, int64_t g_outer,
+    int64_t g_inner) {
+  using P = Pack<T>;
   const int64_t r = blockIdx.x;
-  const T* z = logits + row_offset(r, inner, s_outer, s_inner);
-  T* dz = grad + row_offset(r, inner, g_outer, g_inner);  // may alias z (in-place)
+  const T* __restrict__ z = logits + row_offset(r, inner, s_outer, s_inner);
+  T* __restrict__ dz = grad + row_offset(r, inner, g_outer, g_inner);  // may be z itself (in-place)
   const int64_t y = labels[r];
   const bool keep = y != ignore_index;
-  const float glp = (keep && g_lp) ? g_lp[r] : 0.f;
-  const float gh = (keep && g_h && ent) ? g_h[r] : 0.f;
-  const float gq = (keep && g_q && sp2) ? g_q[r] : 0.f;
-  const float h = ent ? ent[r] : 0.f, p2 = sp2 ? sp2[r] : 0.f, l = lse[r];
-  for (int64_t j = threadIdx.x; j < V; j += kThreads) {
-    const float logp = fmaxf(to_f32(z[j]) * inv_t - l, -1e30f);
-    const float p = __expf(logp);
-    float g = -glp * p - gh * p * (logp + h) + 2.f * gq * p * (p - p2);
-    if (j == y) g += glp;
-    dz[j] = from_f32<T>(keep ? g * inv_t : 0.f);
+  const RowGrad<FULL> f{(keep && g_lp) ? g_lp[r] : 0.f, (keep && g_h && ent) ? g_h[r] : 0.f,
+                        (keep && g_q && sp2) ? g_q[r] : 0.f, ent ? ent[r] : 0.f, sp2 ? sp2[r] : 0.f, lse[r], inv_t,
+                        (y >= 0 && y < V) ? int(y) : -1};
+  const int64_t nvec = (aligned16(z) && aligned16(dz)) ? V / P::N : 0;
+  const uint4* __restrict__ zv = reinterpret_cast<const uint4*>(z);
+  uint4* __restrict__ dv = reinterpret_cast<uint4*>(dz);
+  int64_t i = threadIdx.x;
+  for (; i + (kUnroll - 1) * kThreads < nvec; i += kUnroll * kThreads) {
+    P pk[kUnroll];
+    if (keep) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) pk[u].raw = zv[i + u * kThreads];  // all loads before any store
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j0 = int((i + u * kThreads) * P::N);  // V < 2^31
+#pragma unroll
+      for (int k = 0; k < P::N; ++k) pk[u].set(k, keep ? f(pk[u].get(k, inv_t), j0 + k) : 0.f);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) dv[i + u * kThreads] = pk[u].raw;
   }
+  for (; i < nvec; i += kThreads) {
+    P pk;
+    if (keep) pk.raw = zv[i];
+#pragma unroll
+    for (int k = 0; k < P::N; ++k) pk.set(k, keep ? f(pk.get(k, inv_t), int(i * P::N) + k) : 0.f);
+    dv[i] = pk.raw;
+  }
+  for (int64_t j = nvec * P::N + threadIdx.x; j < V; j += kThreads)
+    dz[j] = from_f32<T>(keep ? f(to_f32(z[j]) * inv_t, int(j)) : 0.f);
 }
 
 void check(cudaError_t err, const char* what) {
@@ -161,7 +288,8 @@ FASTALIGN_BINDINGS(token_stats_cuda) {
         if (N == 0) return;
         dispatch(dtype, [&](auto tag) {
           using T = decltype(tag);
-          token_stats_fwd_kernel<T><<<N, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+          auto kernel = (ent || sp2 || amax) ? token_stats_fwd_kernel<T, true> : token_stats_fwd_kernel<T, false>;
+          kernel<<<N, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
               ptr<const T>(logits), V, inner, s_outer, s_inner, ptr<const int64_t>(labels), float(inv_t),
               ignore_index, ptr<float>(lp), ptr<float>(ent), ptr<float>(sp2), ptr<int64_t>(amax), ptr<float>(lse));
         });
@@ -177,7 +305,9 @@ FASTALIGN_BINDINGS(token_stats_cuda) {
         if (N == 0) return;
         dispatch(dtype, [&](auto tag) {
           using T = decltype(tag);
-          token_stats_bwd_kernel<T><<<N, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+          const bool full = (g_h && ent) || (g_q && sp2);
+          auto kernel = full ? token_stats_bwd_kernel<T, true> : token_stats_bwd_kernel<T, false>;
+          kernel<<<N, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
               ptr<const T>(logits), V, inner, s_outer, s_inner, ptr<const int64_t>(labels), float(inv_t),
               ignore_index, ptr<const float>(lse), ptr<const float>(ent), ptr<const float>(sp2),
               ptr<const float>(g_lp), ptr<const float>(g_h), ptr<const float>(g_q), ptr<T>(grad), g_outer, g_inner);

@@ -1,6 +1,8 @@
 """``fastalign::group_stats`` and ``fastalign::group_advantage``: segmented
 statistics of sequence scores and the per-score advantages built from them
-(SPEC §5), on the C++ CPU kernels or the CUDA kernels.
+(SPEC §5), on the C++ CPU kernels or the CUDA kernels; on CUDA tensors of an
+install built without the CUDA kernels (or with ``backend="triton"``) the plain-torch
+on-device path of ``ops/group_fallback.py`` (same formulas, no host sync).
 
 ``group_stats(scores[B], index[B] | empty, lengths[B] | empty, group_size)``
 returns dense group ids ``gid[B]`` (int64), statistics ``[S, 6]`` float64
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend
+from fastalign.ops import group_fallback
 from fastalign.ops._launch import eager, ptr
 
 STATS = ("count", "mean", "std", "max", "second", "wmean")
@@ -68,6 +71,9 @@ def group_stats(scores: Tensor, index: Tensor, lengths: Tensor, group_size: int,
     ``index``: int64 [B] group keys, or empty to use ``group_size`` blocks.
     ``lengths``: float64 [B] weights of the weighted mean, or empty (all 1).
     """
+    backend = _backend.cuda_op_backend(backend)
+    if backend == "triton":
+        return group_fallback.group_stats(scores, index, lengths, group_size)
     gid, stats, ngroups = out = _stats_outputs(scores, index, group_size)
     B = scores.shape[0]
     f64 = scores.dtype == torch.float64
@@ -81,7 +87,7 @@ def group_stats(scores: Tensor, index: Tensor, lengths: Tensor, group_size: int,
             scores.data_ptr(), f64, B, ptr(index), group_size, ptr(lengths),
             ptr(gid), ptr(stats), stats.shape[0], ngroups.data_ptr())
     else:
-        raise ValueError(f"group_stats runs on the 'cpp' or 'cuda' backend, got {backend!r}")
+        raise ValueError(f"group_stats runs on the 'cpp', 'cuda' or 'triton' backend, got {backend!r}")
     return out
 
 
@@ -98,6 +104,10 @@ def _group_advantage(scores: Tensor, index: Tensor, lengths: Tensor, scale: Tens
     score (or 0 with ``singleton_zero``); otherwise ``base(mode) [/ (std + eps)]
     * scale``, ``scale`` a float64 [1] tensor or empty (1).
     """
+    backend = _backend.cuda_op_backend(backend)
+    if backend == "triton":
+        return group_fallback.group_advantage(scores, index, lengths, scale, group_size, mode, div_std, eps,
+                                              singleton_zero)
     out = torch.empty_like(scores)
     B = scores.shape[0]
     f64 = scores.dtype == torch.float64
@@ -114,7 +124,7 @@ def _group_advantage(scores: Tensor, index: Tensor, lengths: Tensor, scale: Tens
             scores.data_ptr(), f64, B, ptr(perm), ptr(seg), group_size, ptr(lengths), ptr(ngroups), ptr(start),
             *tail, _backend.cuda_stream(scores))
     else:
-        raise ValueError(f"group_advantage runs on the 'cpp' or 'cuda' backend, got {backend!r}")
+        raise ValueError(f"group_advantage runs on the 'cpp', 'cuda' or 'triton' backend, got {backend!r}")
     return out
 
 

@@ -251,36 +251,48 @@ def _cpu_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp
 # ----------------------------------------------------------------------------- Triton
 
 def _triton_forward(hidden, weight, bias, labels, scale, softcap, inv_t, ignore_index, out):
-    lp, ent, sp2, amax, amax_val, lse = out
-    N, V = hidden.shape[0], weight.shape[0]
-    K = triton_kernels("linear_stats")
-    parts, a_idx, a_val = K.linear_stats_forward(hidden, weight, bias, labels, scale, softcap, inv_t,
-                                                 bool(sp2.numel()), bool(amax.numel()))
-    m, s, t, q, zy = parts.unbind(0)
-    log_s = torch.log(s)
-    lse_k = m + log_s
-    ent_k = log_s - t / s if ent.numel() else None
-    sp2_k = q / (s * s) if sp2.numel() else None
-    if lse_k.shape[0] == 1:
-        m_lse, m_ent, m_sp2 = lse_k[0], opt(None if ent_k is None else ent_k[0]), \
-            opt(None if sp2_k is None else sp2_k[0])
+    """Per-split online statistics in Triton, merged per row by a second Triton kernel (no host math)."""
+    triton_kernels("linear_stats").linear_stats_forward(hidden, weight, bias, labels, scale, softcap, inv_t,
+                                                        ignore_index, out)
+
+
+def gpu_chunk_tokens(n: int, vocab: int, elem_bytes: int) -> int:
+    """Tokens per Triton backward chunk: a d(logits) buffer of at most 1 GiB in the input dtype
+    (thousands of tokens at a 152k vocabulary, so the weight is streamed O(N / chunk) times)."""
+    return triton_kernels("linear_stats").gpu_chunk_tokens(n, vocab, elem_bytes)
+
+
+def _matmul_f32(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    """``out (+)= a @ b`` with fp32 accumulation inside the product; ``out`` may be fp32 while the
+    operands are bf16/fp16 (on CUDA one cuBLAS call with ``out_dtype``; elsewhere via fp32 copies)."""
+    if out.dtype == a.dtype:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+    elif out.is_cuda:
+        torch.addmm(out, a, b, beta=1.0 if accumulate else 0.0, out_dtype=out.dtype, out=out)
+    elif accumulate:
+        out.addmm_(a.to(out.dtype), b.to(out.dtype))
     else:
-        m_lse, m_ent, m_sp2 = merge_stats(lse_k, ent_k, sp2_k)
-    best_idx = best_val = None
-    if amax.numel():
-        best_val, which = a_val.max(0)  # first split wins ties: lowest index
-        best_idx = a_idx.gather(0, which.unsqueeze(0)).squeeze(0)
-    _finish(slice(0, N), labels, V, ignore_index, zy.sum(0), m_lse, m_ent, m_sp2, best_idx, best_val, out)
+        torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
 
 
 def _triton_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp2, scale, softcap, inv_t,
                      ignore_index, nc, skip_threshold, dh, dw, db):
+    """Token chunks of ``nc`` rows: the Triton kernel writes the chunk's d(logits) in the input dtype,
+    then ``dh[chunk] = du @ W`` (one product, fp32 accumulation, one rounding) and ``dW += du.T @ h``
+    summed over chunks in fp32 (an fp32 buffer when ``dw`` is bf16/fp16 and there are several chunks;
+    the caller casts once)."""
     N, V = hidden.shape[0], weight.shape[0]
     K = triton_kernels("linear_stats")
-    native = hidden.is_cuda and hidden.dtype != torch.float32
-    buf_dtype = hidden.dtype if native else torch.float32
-    buf = torch.empty(min(nc, N) * V, dtype=buf_dtype, device=hidden.device)
-    for n0 in range(0, N, nc):
+    nc = max(1, min(nc, N))
+    buf = torch.empty(nc * V, dtype=hidden.dtype, device=hidden.device)
+    starts = range(0, N, nc)
+    dw_acc = dw
+    if dw is not None and dw.dtype != torch.float32 and len(starts) > 1:
+        dw_acc = torch.empty(dw.shape, dtype=torch.float32, device=dw.device)
+    for i, n0 in enumerate(starts):
         n1 = min(N, n0 + nc)
         sl = slice(n0, n1)
         du = buf[: (n1 - n0) * V].view(n1 - n0, V)
@@ -289,13 +301,14 @@ def _triton_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent,
             opt(sp2[sl] if sp2.numel() else None), None if g_lp is None else g_lp[sl],
             None if g_ent is None else g_ent[sl], None if g_sp2 is None else g_sp2[sl],
             scale, softcap, inv_t, ignore_index, skip_threshold, du)
-        h_c = hidden[sl] if native else _f32(hidden[sl])
         if dh is not None:
-            torch.mm(du, weight if native else _f32(weight), out=dh[sl])
-        if dw is not None:
-            dw.addmm_(du.t(), h_c)
+            _matmul_f32(dh[sl], du, weight, accumulate=False)
+        if dw_acc is not None:
+            _matmul_f32(dw_acc, du.t(), hidden[sl], accumulate=i > 0)
         if db is not None:
             db += du.sum(0, dtype=torch.float32).to(db.dtype)
+    if dw_acc is not dw:
+        dw.copy_(dw_acc)
 
 
 # ----------------------------------------------------------------------------- custom ops

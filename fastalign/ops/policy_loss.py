@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend
+from fastalign.ops import cov_fallback
 from fastalign.ops._launch import ptr, triton_kernels
 from fastalign.policy_config import KernelParams
 
@@ -279,6 +280,8 @@ def cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, params: Kernel
 def cov_sums(lp: Tensor, adv: Tensor, mask: Tensor) -> Tensor:
     """[sum_m A, sum_m lp, n_valid] (fp32, deterministic order) of contiguous fp32 [B, T] rows."""
     B, T = lp.shape
+    if lp.device.type == "cuda" and not _backend.cuda_kernels_available():  # built without nvcc
+        return cov_fallback.cov_sums(lp, adv, mask)
     out = torch.empty(3, device=lp.device, dtype=torch.float32)
     if lp.device.type == "cuda":
         part = torch.empty(max(B, 1), 3, device=lp.device, dtype=torch.float32)
@@ -304,6 +307,8 @@ def cov_select(
     ``sums`` = [sum_m A, sum_m lp, n] for the covariance means (possibly all-reduced),
     ``n_local`` = [n_valid] for k, ``seed`` = int64 [1]; all read on the device.
     """
+    if lp.device.type == "cuda" and not _backend.cuda_kernels_available():  # built without nvcc
+        return cov_fallback.cov_select(lp, old, adv, mask, sums, n_local, seed, mode, ratio, lb, ub, eps_low, eps_high)
     sel = torch.empty(lp.shape, device=lp.device, dtype=torch.uint8)
     N = lp.numel()
     args = (lp.data_ptr(), old.data_ptr(), adv.data_ptr(), mask.data_ptr(), sums.data_ptr(), n_local.data_ptr(),

@@ -1,5 +1,7 @@
 """``fastalign::reverse_scan``: token-level returns and GAE as reverse scans over
-time (SPEC §5), one sequence per CPU row / CUDA thread.
+time (SPEC §5): one sequence per CPU row; on CUDA tensors the CUDA kernels, or, in an
+install built without them (or with ``backend="triton"``), the Triton kernel of
+``kernels/reverse_scan.py``, which scans each row in parallel across time.
 
 Modes (``m`` the 0/1 mask, all rows contiguous ``[B, T]`` in one float dtype):
 
@@ -16,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend
-from fastalign.ops._launch import ptr
+from fastalign.ops._launch import ptr, triton_kernels
 
 SCANS = {"return": 0, "to_go": 1, "gae": 2}
 
@@ -33,6 +35,11 @@ def reverse_scan(x: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: flo
     B, T = x.shape
     if B * T == 0:  # no tokens: nothing to scan
         return out, out2
+    backend = _backend.cuda_op_backend(backend)
+    if backend == "triton":
+        triton_kernels("reverse_scan").reverse_scan(x, values if values.numel() else None, mask, gamma, lam, mode,
+                                                    out, out2 if out2.numel() else None)
+        return out, out2
     args = (x.data_ptr(), ptr(values), mask.data_ptr(), x.dtype == torch.float64, B, T, float(gamma), float(lam),
             int(mode), out.data_ptr(), ptr(out2))
     if backend == "cuda":
@@ -40,7 +47,7 @@ def reverse_scan(x: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: flo
     elif backend == "cpp":
         _backend.compiled().reverse_scan_cpu(*args)
     else:
-        raise ValueError(f"reverse_scan runs on the 'cpp' or 'cuda' backend, got {backend!r}")
+        raise ValueError(f"reverse_scan runs on the 'cpp', 'cuda' or 'triton' backend, got {backend!r}")
     return out, out2
 
 

@@ -6,6 +6,7 @@ import torch
 import fastalign
 from fastalign import reference
 from fastalign.bench.core import Case, grad_step
+from fastalign.bench.optional import optional_impl
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -26,24 +27,58 @@ def _make_build(N, H, V, dtype):
             st = fastalign.linear_logprobs(h, w, y, entropy=True)
             return st.logprobs, st.entropy
 
-        return {"fastalign": wrap(fused), "eager": wrap(reference.eager_linear_logprobs_entropy)}
+        impls = {"fastalign": wrap(fused), "eager": wrap(reference.eager_linear_logprobs_entropy)}
+        peers = _peers(N, H, V, dtype)
+        liger, cce = peers["liger (CE)"], peers["cut-cross-entropy"]
+        # the peers return -log p of the labels (no entropy): timed on the log-probs alone
+        impls["liger (CE)"] = None if liger is None else grad_step(
+            lambda h, w: (-liger(w, h, labels), h.new_zeros(())), (hidden, weight), backward,
+            loss=lambda out: out[0].sum())
+        impls["cut-cross-entropy"] = None if cce is None else grad_step(
+            lambda h, w: (-cce(h, w, labels, reduction="none"), h.new_zeros(())), (hidden, weight), backward,
+            loss=lambda out: out[0].sum())
+        return impls
 
     return build
+
+
+def flop_model(N: int, H: int, V: int) -> dict:
+    """Matrix FLOPs at N tokens, hidden H, vocabulary V (the dense tensor-core limit) and how the
+    "% limit" column is formed. Forward: logits h @ W.T, 2 N H V. Forward+backward: that plus
+    d(hidden) = du @ W and d(weight) = du.T @ h, 6 N H V useful FLOPs; the backward also recomputes
+    the logits (8 N H V executed), so 75% is the ceiling of a recomputing kernel. The softmax
+    statistics (~10 FLOP per logit) and the HBM traffic ((N + V) H elements read, V H written
+    in backward) are small beside the products at these shapes."""
+    f = 2 * N * H * V
+    return {"fwd_flops": f, "fwd+bwd_flops": 3 * f, "fwd+bwd_executed_flops": 4 * f,
+            "model": (f"fwd 2*N*H*V = {f / 1e12:.1f} TFLOP; fwd+bwd 6*N*H*V = {3 * f / 1e12:.1f} TFLOP useful "
+                      f"({4 * f / 1e12:.1f} executed with the recomputed logits); % limit = (FLOPs / measured "
+                      f"time) / measured dense bf16 matmul rate")}
+
+
+def _peers(N, H, V, dtype):
+    """Installed third-party fused linear + log-prob implementations (skipped when absent)."""
+    impls = {}
+    liger = optional_impl("liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss")
+    impls["liger (CE)"] = None if liger is None else liger[0](reduction="none")
+    cce = optional_impl("cut_cross_entropy", "linear_cross_entropy")
+    impls["cut-cross-entropy"] = None if cce is None else cce[0]
+    return impls
 
 
 def cases():
     out = []
     for N, H, V, dt, quick in [(512, 512, 152064, "fp32", True), (1024, 1024, 152064, "fp32", False),
                                (4096, 1024, 152064, "fp32", False),
-                               (8192, 4096, 131072, "bf16", False)]:
+                               (8192, 4096, 151936, "bf16", False)]:
         out.append(Case(
             op="linear_logprobs",
             label=f"{N}x{H}x{V} {dt}",
-            params={"tokens": N, "hidden": H, "vocab": V, "dtype": dt},
+            params={"tokens": N, "hidden": H, "vocab": V, "dtype": dt, **flop_model(N, H, V)},
             build=_make_build(N, H, V, DTYPES[dt]),
             quick=quick,
             warmup=_make_build(8, 16, 64, DTYPES[dt]),
-            impls=("fastalign", "eager"),
+            impls=("fastalign", "eager", "liger (CE)", "cut-cross-entropy"),
             # reads hidden and weight; backward reads them again and writes their gradients
             bytes_moved=lambda mode, n=(N + V) * H * torch.empty((), dtype=DTYPES[dt]).element_size():
                 n if mode == "fwd" else 3 * n,

@@ -40,9 +40,25 @@ def _make_build(N, V, dtype):
             impls["trl"] = wrap(lambda x, y: (sel(x, y), ent_fn(x)))
         else:
             impls["trl"] = None
+        # flash-attn's Triton cross-entropy (-log p of the label, no entropy): timed on the log-probs
+        fa = optional_impl("flash_attn.ops.triton.cross_entropy", "cross_entropy_loss") if device.type == "cuda" \
+            else None
+        impls["flash-attn (CE)"] = None if fa is None else grad_step(
+            lambda x: (-fa[0](x, labels)[0], x.new_zeros(())), (logits,), backward, loss=lambda out: out[0].sum())
         return impls
 
     return build
+
+
+def traffic_model(N: int, V: int, elem: int) -> dict:
+    """Bytes each mode must move through HBM at [N x V] logits (the one-read limit) and how the
+    "% limit" column is formed: forward reads the logits once; forward+backward reads them twice
+    and writes d(logits) once. Per-token outputs (a few floats) are left out."""
+    n = N * V * elem
+    return {"fwd_bytes": n, "fwd+bwd_bytes": 3 * n,
+            "model": (f"fwd reads N*V*{elem} B = {n / 1e9:.2f} GB; fwd+bwd reads twice and writes d(logits) = "
+                      f"{3 * n / 1e9:.2f} GB; % limit = (bytes / measured time) / measured copy bandwidth "
+                      f"(= one-read time / measured time)")}
 
 
 def cases():
@@ -53,11 +69,11 @@ def cases():
         out.append(Case(
             op="token_logprobs",
             label=f"{N}x{V} {dt}",
-            params={"tokens": N, "vocab": V, "dtype": dt},
+            params={"tokens": N, "vocab": V, "dtype": dt, **traffic_model(N, V, elem)},
             build=_make_build(N, V, DTYPES[dt]),
             quick=quick,
             warmup=_make_build(8, 64, DTYPES[dt]),
-            impls=("fastalign", "eager", "torch.compile", "trl"),
+            impls=("fastalign", "eager", "torch.compile", "trl", "flash-attn (CE)"),
             # forward reads the logits once; backward reads them again and writes d(logits)
             bytes_moved=lambda mode, n=N * V * elem: n if mode == "fwd" else 3 * n,
             required_bytes=lambda mode, n=N * V * elem: 0 if mode == "fwd" else n,  # d(logits)

@@ -1,0 +1,559 @@
+"""Ahead-of-time compile gate for the GPU kernels; needs no GPU.
+
+    python -m fastalign.aot [--arch 80,90] [--no-nvcc] [--sass]
+
+Every Triton kernel is compiled through its real launcher: the launchers run on
+``meta`` tensors at realistic shapes (N = 8192 tokens, V = 151936, H = 4096 in
+bf16, fp16 and fp32) while Triton's own argument binder specialises the call
+exactly as a launch would; instead of launching, the specialisation (signature,
+constexprs, alignment attributes, num_warps, num_stages) is recorded and then
+compiled with ``triton.compile(..., target=GPUTarget("cuda", arch, 32))``, which
+runs the ptxas that ships with Triton. Each compiled kernel is checked:
+
+* it compiles (an error fails the gate);
+* no register spills in bf16/fp16 variants (fp32 spills are reported);
+* its shared memory fits the per-block limit of the architecture.
+
+Then each ``csrc/cuda/*.cu`` is compiled by nvcc with ``-Xptxas -v`` for the
+same architectures and checked the same way (skipped, with a message, when nvcc
+is absent). A table (kernel, variant, arch, registers, spills, shared memory,
+SASS instructions, barriers) is printed. Nothing is cached across runs: Triton's
+cache goes to a fresh temporary directory and every kernel is compiled again.
+Exit status 0 when every check passes, 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Largest shared memory one block may use (opt-in), bytes.
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
+N_TOKENS, VOCAB, HIDDEN = 8192, 151936, 4096
+SEQ_B, SEQ_T = 1024, 4096
+
+
+@dataclass
+class Result:
+    kernel: str
+    variant: str
+    arch: int
+    dtype: str = ""
+    registers: int = -1
+    spill_bytes: int = 0
+    smem: int = 0
+    sass: "Sass" = None
+    error: str = ""
+    problems: list = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- capture
+
+class _FakeCudaDriver:
+    """Enough of Triton's active driver for the binder to specialise a call for ``arch``."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+        self.arch = arch
+
+    def get_current_device(self):
+        return self.arch  # one binder cache per architecture
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"the AOT gate does not launch kernels (driver.{name} was requested)")
+
+
+@contextlib.contextmanager
+def capturing(arch: int):
+    """Inside: a kernel launch records ``(jit_fn, signature, constexprs, attrs, options)`` and returns."""
+    import triton.runtime.jit as jit
+    from triton.runtime.driver import driver
+
+    calls = []
+    original = jit.JITFunction._do_compile
+
+    def record(self, key, signature, device, constexprs, options, attrs, warmup):
+        calls.append((self, dict(signature), dict(constexprs), attrs, options))
+        return None
+
+    previous = driver._active  # None without a GPU: the real driver is only created on demand
+    driver.set_active(_FakeCudaDriver(arch))
+    jit.JITFunction._do_compile = record
+    try:
+        yield calls
+    finally:
+        jit.JITFunction._do_compile = original
+        driver.set_active(previous)
+
+
+def _meta(*shape, dtype):
+    import torch
+
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+# ----------------------------------------------------------------------------- launch cases
+
+def _variant(**flags) -> str:
+    on = [k for k, v in flags.items() if v]
+    return "+".join(on) if on else "plain"
+
+
+def token_stats_cases(dtype):
+    import torch
+
+    from fastalign.kernels import token_stats as K
+
+    z = _meta(1, N_TOKENS, VOCAB, dtype=dtype)
+    y = _meta(N_TOKENS, dtype=torch.int64)
+    f = lambda: _meta(N_TOKENS, dtype=torch.float32)  # noqa: E731
+    for full in (False, True):
+        name = _variant(entropy=full, sum_p2=full, argmax=full)
+        yield name, lambda full=full: K.token_stats_forward(
+            z, y, 1.0, -100, f(), f() if full else None, f() if full else None,
+            _meta(N_TOKENS, dtype=torch.int64) if full else None, f())
+        yield name, lambda full=full: K.token_stats_backward(
+            z, y, 1.0, -100, f(), f() if full else None, f() if full else None, f(),
+            f() if full else None, f() if full else None, torch.empty_like(z))
+
+
+def linear_stats_cases(dtype):
+    import torch
+
+    from fastalign.kernels import linear_stats as K
+    from fastalign.ops._launch import stat_outputs
+
+    h = _meta(N_TOKENS, HIDDEN, dtype=dtype)
+    w = _meta(VOCAB, HIDDEN, dtype=dtype)
+    y = _meta(N_TOKENS, dtype=torch.int64)
+    f = lambda: _meta(N_TOKENS, dtype=torch.float32)  # noqa: E731
+    for full in (False, True):
+        bias = _meta(VOCAB, dtype=dtype) if full else None
+        cap = 30.0 if full else 0.0
+        name = _variant(bias=full, softcap=full, stats=full)
+        out = stat_outputs(N_TOKENS, "meta", full, full, full, argmax_value=True)
+        yield name, lambda full=full, bias=bias, cap=cap, out=out: K.linear_stats_forward(
+            h, w, bias, y, 1.0, cap, 1.0, -100, out)
+        chunk = K.gpu_chunk_tokens(N_TOKENS, VOCAB, h.element_size())
+        du = _meta(chunk, VOCAB, dtype=dtype)
+        yield name, lambda full=full, bias=bias, cap=cap: K.linear_stats_backward(
+            h[:chunk], w, bias, y[:chunk], f()[:chunk], f()[:chunk] if full else None, f()[:chunk] if full else None,
+            f()[:chunk], f()[:chunk] if full else None, f()[:chunk] if full else None,
+            1.0, cap, 1.0, -100, 1e-6 if full else 0.0, du)
+
+
+def policy_loss_cases(dtype):
+    import torch
+
+    from fastalign.kernels import policy_loss as K
+
+    B, T = SEQ_B, SEQ_T
+    t = lambda: _meta(B, T, dtype=torch.float32)  # noqa: E731
+    u8 = lambda: _meta(B, T, dtype=torch.uint8)  # noqa: E731
+    f = (0.2, 0.28, 3.0, 0.0, 0.8, 1.2, 1.0, 1.0, 0.1, 0.01, 0.5, 2.0, float("inf"), 1.0)
+    for lt_name, lt in (("ppo", K.PPO), ("gspo", K.GSPO), ("cispo", K.CISPO), ("sapo", K.SAPO),
+                        ("reinforce", K.REINFORCE), ("gmpo", K.GMPO), ("clip_cov", K.CLIPCOV), ("kl_cov", K.KLCOV)):
+        yield lt_name, lambda lt=lt: K.policy_loss_forward(
+            t(), t(), t(), u8(), None, None, None, None, None, _meta(B, K.ROW_COLS, dtype=torch.float32), t(), None,
+            loss_type=lt, kl_type=K.K1, kl_straight=False, kl_clamp=False, kl_rho=False, rollout=K.ROLL_NONE,
+            f=f, need1=lt in (K.GSPO, K.GMPO))
+    yield "ppo+kl3+ent+roll", lambda: K.policy_loss_forward(
+        t(), t(), t(), u8(), t(), t(), t(), t(), u8(), _meta(B, K.ROW_COLS, dtype=torch.float32), t(), t(),
+        loss_type=K.PPO, kl_type=K.K3, kl_straight=False, kl_clamp=True, kl_rho=True, rollout=K.SEQ_TRUNC,
+        f=(0.2, 0.28, 3.0, 1.0) + f[4:12] + (5.0, 1.0), need1=True)
+
+
+def extra_cases(dtype):
+    """Kernels of the ops that also have CUDA C++ kernels (group stats, scans, selection)."""
+    import importlib
+
+    for module in ("group_stats", "reverse_scan", "cov_select"):
+        try:
+            K = importlib.import_module(f"fastalign.kernels.{module}")
+        except ModuleNotFoundError:
+            continue
+        yield from K.aot_cases(dtype)
+
+
+#: (family, case generator, dtypes it runs for)
+FAMILIES = [
+    ("token_stats", token_stats_cases, ("bf16", "fp16", "fp32")),
+    ("linear_stats", linear_stats_cases, ("bf16", "fp16", "fp32")),
+    ("policy_loss", policy_loss_cases, ("fp32",)),
+    ("scans/groups", extra_cases, ("fp32", "fp64")),
+]
+
+
+def _torch_dtype(name):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}[name]
+
+
+# ----------------------------------------------------------------------------- compile + inspect
+
+_REG = re.compile(r"Used (\d+) registers")
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _cuobjdump() -> str | None:
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(tool) if tool.exists() else shutil.which("cuobjdump")
+
+
+_SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_LDG_BYTES = {"": 4, ".64": 8, ".128": 16, ".U16": 2, ".S16": 2, ".U8": 1}
+
+
+@dataclass
+class Sass:
+    total: int = -1      # instructions in the kernel (NOPs excluded)
+    barriers: int = -1   # block barriers (BAR.SYNC) in the kernel
+    loop: int = -1       # instructions in the largest innermost loop
+    loop_barriers: int = -1
+    loop_load_bytes: int = 0  # bytes one thread loads from global memory per loop trip
+    mma: str = "-"       # tensor-core instruction used (HGMMA: Hopper warpgroup MMA; HMMA: mma.sync)
+
+
+def _dump_sass(cubin: bytes, tmp: Path, tool: str) -> str:
+    path = tmp / "k.cubin"
+    path.write_bytes(cubin)
+    return subprocess.run([tool, "--dump-sass", str(path)], capture_output=True, text=True).stdout
+
+
+def sass_stats(cubin: bytes, tmp: Path, tool: str | None) -> Sass:
+    """Instruction counts from the SASS of a one-kernel cubin (cuobjdump)."""
+    if tool is None:
+        return Sass()
+    return _stats_of(_dump_sass(cubin, tmp, tool))
+
+
+def sass_stats_per_function(cubin: bytes, tmp: Path, tool: str) -> dict:
+    """{mangled kernel name: Sass} for a cubin holding several kernels."""
+    out = {}
+    for part in re.split(r"(?=\n\s+Function : )", _dump_sass(cubin, tmp, tool)):
+        m = re.search(r"Function : (\S+)", part)
+        if m:
+            out[m.group(1)] = _stats_of(part)
+    return out
+
+
+def _stats_of(out: str) -> Sass:
+    """A loop is the range of a backward branch; the reported loop is the largest innermost one."""
+    instr = []
+    for ln in out.splitlines():
+        m = _SASS_LINE.match(ln)
+        if m and not m.group(2).strip().startswith("NOP"):
+            instr.append((int(m.group(1), 16), m.group(2).strip()))
+    is_bar = lambda op: re.search(r"\bBAR\.SYNC|\bBAR\s", op + " ") is not None and "ARV" not in op  # noqa: E731
+    loops = []
+    for addr, op in instr:
+        br = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)|0x)([0-9a-f]+)?", op)
+        if br and br.group(1) and int(br.group(1), 16) < addr:
+            loops.append((int(br.group(1), 16), addr))
+    innermost = [(lo, hi) for lo, hi in loops if not any(lo <= a < b <= hi and (a, b) != (lo, hi) for a, b in loops)]
+    st = Sass(total=len(instr), barriers=sum(1 for _, op in instr if is_bar(op)))
+    def mnemonic(op):
+        words = op.split()
+        return (words[1] if words[0].startswith("@") and len(words) > 1 else words[0]).split(".")[0]
+
+    used = {mnemonic(op) for _, op in instr if op}
+    for kind in ("UTCHMMA", "UTCQMMA", "UTCMMA", "HGMMA", "HMMA", "IMMA"):  # UTC*: Blackwell tcgen05
+        if kind in used:
+            st.mma = kind
+            break
+    def load_bytes(body):
+        total = 0
+        for op in body:
+            m = re.search(r"\bLDG\.E((?:\.64|\.128|\.U16|\.S16|\.U8)?)", op)
+            if m:
+                total += _LDG_BYTES.get(m.group(1), 4)
+        return total
+
+    # the streaming loop: the innermost loop loading the most bytes from global memory per trip
+    # (else the largest innermost loop: tile loops load through shared memory)
+    best = None
+    for lo, hi in innermost:
+        body = [op for a, op in instr if lo <= a <= hi]
+        key = (load_bytes(body), len(body))
+        if best is None or key > best[0]:
+            best = (key, body)
+    if best is not None:
+        body = best[1]
+        st.loop = len(body)
+        st.loop_barriers = sum(1 for op in body if is_bar(op))
+        st.loop_load_bytes = load_bytes(body)
+    return st
+
+
+def compile_triton(fn, signature, constexprs, attrs, options, arch, tmp, tool, sass):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    knobs = triton.knobs
+    knobs.nvidia.dump_ptxas_log = True
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                                options=options.__dict__)
+    text = log.getvalue()
+    regs = [int(x) for x in _REG.findall(text)]
+    spills = sum(int(a) + int(b) for a, b in _SPILL.findall(text))
+    counts = sass_stats(kernel.asm["cubin"], tmp, tool) if sass else Sass()
+    return (max(regs) if regs else -1), spills, int(kernel.metadata.shared), counts
+
+
+def check(r: Result):
+    low_precision = r.dtype in ("bf16", "fp16")
+    if r.error:
+        r.problems.append("compile error")
+    if r.spill_bytes and low_precision:
+        r.problems.append(f"{r.spill_bytes} bytes of register spills")
+    limit = SMEM_LIMIT.get(r.arch)
+    if limit is not None and r.smem > limit:
+        r.problems.append(f"shared memory {r.smem} > {limit}")
+
+
+def run_triton(archs, sass, only=None) -> list[Result]:
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    import triton
+
+    triton.knobs.cache.dir = tempfile.mkdtemp(prefix="fastalign-aot-cache-")
+    triton.knobs.compilation.always_compile = True
+    tool = _cuobjdump()
+    results = []
+    tmp = Path(tempfile.mkdtemp(prefix="fastalign-aot-"))
+    try:
+        for arch in archs:
+            for family, cases, dtypes in FAMILIES:
+                if only and only not in family:
+                    continue
+                for dname in dtypes:
+                    if arch >= 100 and dname == "fp16":  # the bf16 code path; sm_80 / sm_90 compile it
+                        continue
+                    for variant, launch in cases(_torch_dtype(dname)):
+                        with capturing(arch) as calls:
+                            try:
+                                launch()
+                            except Exception as e:  # a launcher that cannot even specialise
+                                results.append(Result(family, variant, arch, dname, error=f"launcher: {e!r}"))
+                                continue
+                        for fn, signature, constexprs, attrs, options in calls:
+                            r = Result(fn.__name__, variant, arch, dname)
+                            try:
+                                r.registers, r.spill_bytes, r.smem, r.sass = compile_triton(
+                                    fn, signature, constexprs, attrs, options, arch, tmp, tool, sass)
+                            except Exception as e:
+                                r.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+                            results.append(r)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(triton.knobs.cache.dir, ignore_errors=True)
+    return results
+
+
+# ----------------------------------------------------------------------------- nvcc
+
+_NV_ENTRY = re.compile(r"Compiling entry function '([^']+)' for 'sm_(\d+)'")
+_NV_USED = re.compile(r"Used (\d+) registers")
+_NV_SMEM = re.compile(r"(\d+) bytes smem")
+_NV_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_DTYPE_OF = (("__nv_bfloat16", "bf16"), ("__half", "fp16"), ("double", "fp64"), ("float", "fp32"))
+
+
+def _demangle(names):
+    tool = shutil.which("cu++filt") or shutil.which("c++filt")
+    if not tool or not names:
+        return names
+    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return out if len(out) == len(names) else names
+
+
+def _short(name: str):
+    """(kernel, dtype) from a demangled CUDA kernel name."""
+    base = re.sub(r"^void\s+", "", name.replace("(anonymous namespace)", "").split("(")[0].strip())
+    kernel = re.sub(r"<.*$", "", base).split("::")[-1]
+    targs = base[len(re.sub(r"<.*$", "", base)):]
+    dtype = next((d for key, d in _DTYPE_OF if key in targs), "")
+    return kernel, dtype
+
+
+def run_nvcc(archs, root: Path, sass: bool) -> tuple[list[Result], str]:
+    """Device code of each csrc/cuda/*.cu compiled to a cubin per architecture (no host compile),
+    ptxas -v parsed per kernel, SASS counted per kernel with ``sass``."""
+    nvcc = shutil.which("nvcc")
+    sources = sorted((root / "csrc" / "cuda").glob("*.cu"))
+    if nvcc is None:
+        return [], "nvcc not found: the CUDA C++ kernels were not compiled (install the CUDA toolkit to check them)"
+    if not sources:
+        return [], "no csrc/cuda/*.cu sources found next to the package (installed from a wheel?)"
+    import pybind11
+
+    inc = ["-I", str(root / "csrc"), "-I", pybind11.get_include(), "-I", sysconfig.get_paths()["include"]]
+    tool = _cuobjdump() if sass else None
+    results = []
+    tmp = Path(tempfile.mkdtemp(prefix="fastalign-aot-nvcc-"))
+    jobs = [(src, a) for src in sources for a in archs]
+    width = max(1, min(len(jobs), os.cpu_count() or 1))
+    try:
+        for i in range(0, len(jobs), width):
+            procs = []
+            for src, arch in jobs[i:i + width]:
+                cubin = tmp / f"{src.stem}.sm_{arch}.cubin"
+                cmd = [nvcc, "--cubin", "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v",
+                       f"-arch=sm_{arch}", *inc, "-DFASTALIGN_WITH_CUDA=1", str(src), "-o", str(cubin)]
+                procs.append((src, arch, cubin, subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                                                 stderr=subprocess.STDOUT, text=True)))
+            for src, arch, cubin, p in procs:
+                out, _ = p.communicate()
+                if p.returncode != 0:
+                    errors = [ln for ln in out.splitlines() if "error" in ln] or out.strip().splitlines() or ["failed"]
+                    results.append(Result(src.name, "nvcc", arch, error=errors[0][:200]))
+                    continue
+                per_kernel = sass_stats_per_function(cubin.read_bytes(), tmp, tool) if tool else {}
+                entries = []
+                for b in re.split(r"(?=ptxas info\s+: Compiling entry function)", out):
+                    m = _NV_ENTRY.search(b)
+                    if not m:
+                        continue
+                    used, smem, spill = _NV_USED.search(b), _NV_SMEM.search(b), _NV_SPILL.search(b)
+                    entries.append((m.group(1), int(used.group(1)) if used else -1, int(smem.group(1)) if smem else 0,
+                                    (int(spill.group(2)) + int(spill.group(3))) if spill else 0))
+                names = _demangle([e[0] for e in entries])
+                for (mangled, regs, smem, spills), name in zip(entries, names):
+                    kernel, dtype = _short(name)
+                    variant = "nvcc full" if ", true>" in name else "nvcc lean" if ", false>" in name else "nvcc"
+                    results.append(Result(f"{src.stem}.cu:{kernel}", variant, arch, dtype, regs, spills, smem,
+                                          sass=per_kernel.get(mangled)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return results, ""
+
+
+# ----------------------------------------------------------------------------- report
+
+_ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
+
+
+def table(results) -> str:
+    """One row per compiled kernel. With ``--sass``: instructions in the kernel, barriers, and of its
+    largest innermost loop the instructions, barriers and instructions per element loaded."""
+    head = ("kernel", "variant", "dtype", "arch", "regs", "spill B", "smem B", "SASS", "BAR", "loop", "loop BAR",
+            "instr/elem", "MMA", "status")
+    rows = []
+    dash = lambda v: str(v) if v is not None and v >= 0 else "-"  # noqa: E731
+    for r in results:
+        status = "ok" if not (r.problems or r.error) else "FAIL: " + "; ".join(r.problems + ([r.error] if r.error else []))
+        if r.spill_bytes and not r.problems:
+            status = "ok (spills, not bf16/fp16)"
+        sa = r.sass or Sass()
+        per_elem = "-"
+        if sa.loop > 0 and sa.loop_load_bytes and r.dtype in _ELEM_BYTES:
+            per_elem = f"{sa.loop / (sa.loop_load_bytes / _ELEM_BYTES[r.dtype]):.1f}"
+        rows.append((r.kernel, r.variant, r.dtype, f"sm_{r.arch}", dash(r.registers), str(r.spill_bytes),
+                     str(r.smem), dash(sa.total), dash(sa.barriers), dash(sa.loop), dash(sa.loop_barriers), per_elem,
+                     sa.mma, status))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _probe_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(x_ptr, BLOCK: tl.constexpr):
+        tl.store(x_ptr + tl.arange(0, BLOCK), tl.arange(0, BLOCK).to(tl.float32))
+
+    return probe
+
+
+def supported_archs(requested):
+    """The requested architectures the installed Triton compiles for (a probe kernel compiles)."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    probe = _probe_kernel()
+    out = []
+    for a in requested:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                triton.compile(ASTSource(probe, {"x_ptr": "*fp32", "BLOCK": "constexpr"}, {(1,): 64}),
+                               target=GPUTarget("cuda", a, 32))
+        except Exception:
+            continue
+        out.append(a)
+    return out
+
+
+def nvcc_archs(requested):
+    """The requested architectures the installed nvcc targets."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return requested
+    listed = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True).stdout
+    return [a for a in requested if f"compute_{a}" in listed] or requested
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastalign.aot", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="80,90,100",
+                   help="comma-separated compute capabilities (default 80,90,100; those the installed Triton's "
+                        "ptxas cannot target are left out with a note)")
+    p.add_argument("--no-nvcc", action="store_true", help="skip the csrc/cuda/*.cu compile")
+    p.add_argument("--no-triton", action="store_true", help="skip the Triton kernels")
+    p.add_argument("--sass", action="store_true", help="count SASS instructions and barriers (cuobjdump)")
+    p.add_argument("--only", default=None, help="only kernel families whose name contains this")
+    args = p.parse_args(argv)
+    requested = [int(a) for a in args.arch.split(",") if a]
+    t0 = time.time()
+    results, notes = [], []
+    archs = supported_archs(requested) if not args.no_triton else requested
+    for a in sorted(set(requested) - set(archs)):
+        notes.append(f"sm_{a}: not supported by the installed Triton's ptxas; not compiled")
+    if not args.no_triton:
+        results += run_triton(archs, args.sass, args.only)
+    if not args.no_nvcc:
+        root = Path(__file__).resolve().parent.parent
+        nv, note = run_nvcc(nvcc_archs(requested), root, args.sass)
+        results += nv
+        if note:
+            notes.append(note)
+    for r in results:
+        check(r)
+    print(table(results))
+    for n in notes:
+        print("note:", n)
+    bad = [r for r in results if r.problems]
+    print(f"\nAOT gate: {len(results)} kernel compilations for sm_{', sm_'.join(map(str, archs))} "
+          f"in {time.time() - t0:.0f} s; {len(bad)} failing")
+    return 1 if bad or not results else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

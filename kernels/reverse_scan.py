@@ -1,0 +1,105 @@
+"""Token-level returns and GAE as reverse scans over time (SPEC §5), parallel across time.
+
+Every recurrence here is affine in its carried state, so a row is a composition of
+per-token affine maps, which is associative: one program per row takes BLOCK_T
+tokens at a time from the end, composes their maps with ``tl.associative_scan``
+(a parallel prefix over the block) and applies the composition to the state
+carried in from the later tokens. Math in fp64 like the C++ kernels (``m`` the
+mask, masked tokens map the state to itself):
+
+* ``return``: s_t = m_t (x_t m_t + gamma s_{t+1});   out_t = s_t        (reset after masked tokens)
+* ``to_go``:  s_t = x_t m_t + gamma s_{t+1};         out_t = s_t m_t
+* ``gae``:    state (A, V_next):
+              A_t      = (m gamma lam + 1 - m) A_{t+1} + m gamma V_next + m (x_t - V_t)
+              V_next_t = (1 - m) V_next + m V_t
+              out_t = A_t m_t,  out2_t = (A_t + V_t) m_t
+
+A map s -> c s + d composed after a is (c_b c_a, c_b d_a + d_b); the GAE maps are
+upper-triangular 2 x 2 plus an offset and compose the same way.
+"""
+import triton
+import triton.language as tl
+
+RETURN, TO_GO, GAE = 0, 1, 2
+
+
+@triton.jit
+def _then(c_a, d_a, c_b, d_b):
+    # apply (c_a, d_a), then (c_b, d_b)
+    return c_b * c_a, c_b * d_a + d_b
+
+
+@triton.jit
+def _then2(al_a, be_a, de_a, e_a, f_a, al_b, be_b, de_b, e_b, f_b):
+    # [[al, be], [0, de]] (A, V) + (e, f): apply a, then b
+    return (al_b * al_a, al_b * be_a + be_b * de_a, de_b * de_a, al_b * e_a + be_b * f_a + e_b,
+            de_b * f_a + f_b)
+
+
+@triton.jit
+def _last(v, j, BLOCK_T: tl.constexpr):
+    return tl.sum(tl.where(j == BLOCK_T - 1, v, 0.0), 0)
+
+
+@triton.jit
+def reverse_scan_kernel(x_ptr, v_ptr, m_ptr, out_ptr, out2_ptr, T, gamma, lam,
+                        MODE: tl.constexpr, BLOCK_T: tl.constexpr):
+    base = tl.program_id(0).to(tl.int64) * T
+    j = tl.arange(0, BLOCK_T)
+    carry_a = tl.zeros([], tl.float64)
+    carry_v = tl.zeros([], tl.float64)
+    for j0 in range(0, T, BLOCK_T):
+        t = T - 1 - (j0 + j)  # block j0 of the row, last token first
+        ok = t >= 0
+        x = tl.load(x_ptr + base + t, mask=ok, other=0.0).to(tl.float64)
+        m = tl.load(m_ptr + base + t, mask=ok, other=0.0).to(tl.float64)
+        if MODE == 2:
+            v = tl.load(v_ptr + base + t, mask=ok, other=0.0).to(tl.float64)
+            al = m * (gamma * lam) + 1.0 - m
+            be = m * gamma
+            de = 1.0 - m
+            e = m * (x - v)
+            f = m * v
+            al, be, de, e, f = tl.associative_scan((al, be, de, e, f), 0, _then2)
+            a = al * carry_a + be * carry_v + e
+            nv = de * carry_v + f
+            tl.store(out_ptr + base + t, (a * m).to(out_ptr.dtype.element_ty), mask=ok)
+            tl.store(out2_ptr + base + t, ((a + v) * m).to(out2_ptr.dtype.element_ty), mask=ok)
+            carry_a = _last(a, j, BLOCK_T)
+            carry_v = _last(nv, j, BLOCK_T)
+        else:
+            if MODE == 0:
+                c = tl.where(ok, gamma * m, 1.0)
+                d = x * m * m
+            else:
+                c = tl.where(ok, gamma + 0.0 * m, 1.0)
+                d = x * m
+            c, d = tl.associative_scan((c, d), 0, _then)
+            s = c * carry_a + d
+            out = s if MODE == 0 else s * m
+            tl.store(out_ptr + base + t, out.to(out_ptr.dtype.element_ty), mask=ok)
+            carry_a = _last(s, j, BLOCK_T)
+
+
+def reverse_scan(x, values, mask, gamma, lam, mode, out, out2):
+    """Launch over contiguous [B, T] rows; ``values`` / ``out2`` only for gae."""
+    B, T = x.shape
+    if B == 0 or T == 0:
+        return
+    block = min(1024, max(16, triton.next_power_of_2(T)))
+    reverse_scan_kernel[(B,)](
+        x, values if values is not None else x, mask, out, out2 if out2 is not None else out, T,
+        float(gamma), float(lam), MODE=int(mode), BLOCK_T=block, num_warps=4)
+
+
+def aot_cases(dtype):
+    """Launches for the ahead-of-time compile gate (fastalign.aot): every mode at B=1024, T=4096."""
+    import torch
+
+    if dtype not in (torch.float32, torch.float64):
+        return
+    B, T = 1024, 4096
+    meta = lambda: torch.empty(B, T, dtype=dtype, device="meta")  # noqa: E731
+    for name, mode in (("return", RETURN), ("to_go", TO_GO), ("gae", GAE)):
+        yield name, lambda mode=mode: reverse_scan(meta(), meta() if mode == GAE else None, meta(), 0.99, 0.95,
+                                                   mode, meta(), meta() if mode == GAE else None)

@@ -1,0 +1,434 @@
+"""The GPU kernels' numerics, checked in the Triton interpreter against float64 references:
+precision at large logits, NaN propagation, the linear backward's fp32 accumulation over many
+token chunks, and the Triton paths of the ops that also have CUDA C++ kernels.
+Tests marked ``gpu`` run the compiled kernels at realistic shapes (``pytest -m gpu``)."""
+import math
+
+import pytest
+import torch
+
+import fastalign
+from fastalign import reference
+from helpers import assert_close
+
+pytest.importorskip("triton")
+TRITON = "triton"
+
+
+def _ref_stats(logits, labels):
+    lp, ent, sp2, amax = reference.token_logprobs(logits.double(), labels, dtype=torch.float64)
+    return lp, ent, sp2, amax
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize("offset", [1e4, -1e4, 3e5])
+def test_token_logprobs_precision_at_large_logits(offset):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 37, generator=g) * 3 + offset
+    y = torch.randint(0, 37, (6,), generator=g)
+    st = fastalign.token_logprobs(z, y, entropy=True, sum_p2=True, backend=TRITON)
+    lp, ent, sp2, _ = _ref_stats(z, y)
+    # the error is the fp32 rounding of the log-prob, not of |max| (which would be ~1e-3 here)
+    assert_close(st.logprobs, lp, atol=1e-5, rtol=1e-6, what="logprobs")
+    assert_close(st.entropy, ent, atol=1e-5, rtol=1e-5, what="entropy")
+    assert_close(st.sum_p2, sp2, atol=1e-6, rtol=1e-5, what="sum_p2")
+
+
+def test_token_logprobs_constant_row_of_1e30():
+    V = 11
+    z = torch.full((2, V), 1e30)
+    y = torch.tensor([0, 10])
+    st = fastalign.token_logprobs(z, y, entropy=True, sum_p2=True, backend=TRITON)
+    assert_close(st.logprobs, torch.full((2,), -math.log(V)), atol=1e-6, what="logprobs")
+    assert_close(st.entropy, torch.full((2,), math.log(V)), atol=1e-6, what="entropy")
+    assert_close(st.sum_p2, torch.full((2,), 1.0 / V), atol=1e-7, what="sum_p2")
+
+
+def test_linear_logprobs_precision_at_large_logits():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(20, 16, generator=g)
+    w = torch.randn(70, 16, generator=g)
+    y = torch.randint(0, 70, (20,), generator=g)
+    scale = 2e3  # logits of order 1e4
+    st = fastalign.linear_logprobs(h, w, y, logit_scale=scale, entropy=True, backend=TRITON)
+    z = (h.double() @ w.double().T) * scale
+    ref = torch.log_softmax(z, -1).gather(1, y[:, None])[:, 0]
+    # fp32 logits carry |z| * 2^-24 of rounding each; the log-prob adds no |max|-sized error on top
+    assert_close(st.logprobs, ref, atol=5e-3, what="logprobs")
+    lp32 = torch.log_softmax((h @ w.T) * scale, -1).gather(1, y[:, None])[:, 0]  # eager fp32 on the same logits
+    assert_close(st.logprobs, lp32.double(), atol=2e-3, what="logprobs vs eager fp32")
+
+
+# ----------------------------------------------------------------------------- NaN
+
+
+def test_token_logprobs_nan_row_gives_nan_row():
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(4, 50, generator=g)
+    z[1, 17] = float("nan")
+    y = torch.tensor([3, 4, 5, -100])
+    z[3, 2] = float("nan")  # an ignored row stays 0
+    x = z.clone().requires_grad_(True)
+    st = fastalign.token_logprobs(x, y, entropy=True, sum_p2=True, backend=TRITON)
+    for name in ("logprobs", "entropy", "sum_p2"):
+        v = getattr(st, name)
+        assert torch.isnan(v[1]), name
+        assert torch.isfinite(v[[0, 2, 3]]).all(), name
+    assert (st.logprobs[3] == 0) and (st.entropy[3] == 0)
+    lp, ent, sp2, _ = _ref_stats(z, y)
+    keep = torch.tensor([0, 2])
+    assert_close(st.logprobs[keep], lp[keep], atol=2e-6, what="logprobs of the other rows")
+    (st.logprobs.nan_to_num() + st.entropy.nan_to_num()).sum().backward()
+    assert torch.isnan(x.grad[1]).all()
+    assert torch.isfinite(x.grad[[0, 2, 3]]).all()
+    assert (x.grad[3] == 0).all()
+
+
+def test_token_logprobs_nan_gradient_input_propagates():
+    z = torch.randn(3, 20)
+    y = torch.tensor([1, 2, 3])
+    x = z.clone().requires_grad_(True)
+    st = fastalign.token_logprobs(x, y, backend=TRITON)
+    g = torch.tensor([1.0, float("nan"), 1.0])
+    st.logprobs.backward(g)
+    assert torch.isnan(x.grad[1]).all() and torch.isfinite(x.grad[[0, 2]]).all()
+
+
+def test_linear_logprobs_nan_hidden_row_and_nan_weight_row():
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(6, 8, generator=g)
+    w = torch.randn(40, 8, generator=g)
+    y = torch.randint(0, 40, (6,), generator=g)
+    h_nan = h.clone()
+    h_nan[2, 5] = float("nan")
+    st = fastalign.linear_logprobs(h_nan, w, y, entropy=True, sum_p2=True, backend=TRITON)
+    for name in ("logprobs", "entropy", "sum_p2"):
+        v = getattr(st, name)
+        assert torch.isnan(v[2]), name
+        assert torch.isfinite(v[[0, 1, 3, 4, 5]]).all(), name
+    w_nan = w.clone()
+    w_nan[7, 0] = float("nan")  # every token's logit row holds a NaN
+    st = fastalign.linear_logprobs(h, w_nan, y, entropy=True, backend=TRITON)
+    assert torch.isnan(st.logprobs).all() and torch.isnan(st.entropy).all()
+
+
+def test_nan_pattern_matches_cpp_backend():
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(5, 30, generator=g)
+    z[0, 0] = float("nan")
+    z[2] = float("-inf")
+    z[2, 4] = 1.0
+    z[3, :] = float("-inf")  # an all -inf row: NaN (like log_softmax)
+    y = torch.tensor([1, 2, 4, 5, -100])
+    a = fastalign.token_logprobs(z, y, entropy=True, sum_p2=True, backend=TRITON)
+    b = fastalign.token_logprobs(z, y, entropy=True, sum_p2=True, backend="cpp")
+    for name in ("logprobs", "entropy", "sum_p2"):
+        assert torch.equal(torch.isnan(getattr(a, name)), torch.isnan(getattr(b, name))), name
+    assert_close(a.logprobs[2], torch.tensor(0.0), atol=1e-7, what="a row whose only finite logit is the label")
+
+
+# ----------------------------------------------------------------------------- linear backward
+
+
+def _rel_err(a, ref):
+    return float((a.detach().double() - ref.detach()).norm() / ref.detach().norm())
+
+
+def _linear_case(N=96, H=32, V=80, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(N, H, generator=g) * 0.5).bfloat16()
+    w = (torch.randn(V, H, generator=g) * 0.5).bfloat16()
+    y = torch.randint(0, V, (N,), generator=g)
+    return h, w, y
+
+
+def _ref_dw(h, w, y):
+    hd, wd = h.double().requires_grad_(False), w.double().requires_grad_(True)
+    lp = torch.log_softmax(hd @ wd.T, -1).gather(1, y[:, None])[:, 0]
+    lp.sum().backward()
+    du = torch.softmax(hd @ wd.T, -1).neg()
+    du[torch.arange(len(y)), y] += 1
+    return wd.grad, du
+
+
+def _bf16_accumulated_dw(du, h, chunk):
+    """What a bf16 accumulator across chunks gives (rounded after every chunk)."""
+    dw = torch.zeros(du.shape[1], h.shape[1], dtype=torch.bfloat16)
+    for n0 in range(0, du.shape[0], chunk):
+        dw.addmm_(du[n0:n0 + chunk].T.bfloat16(), h[n0:n0 + chunk])
+    return dw
+
+
+DW_TOL = 4e-3  # relative Frobenius error of dW for bf16 inputs: one bf16 rounding (2^-9) plus bf16 d(logits)
+
+
+def test_linear_backward_bf16_dw_fp32_accumulation_over_many_chunks():
+    h, w, y = _linear_case()
+    chunk = 1  # 96 chunks
+    ref_dw, du = _ref_dw(h, w, y)
+    # the tolerance is one that a bf16 accumulator across chunks fails
+    assert _rel_err(_bf16_accumulated_dw(du, h, chunk), ref_dw) > DW_TOL
+    wg = w.clone().requires_grad_(True)
+    st = fastalign.linear_logprobs(h, wg, y, backend=TRITON, chunk=(chunk, w.shape[0]))
+    st.logprobs.sum().backward()
+    assert wg.grad.dtype == torch.bfloat16
+    assert _rel_err(wg.grad, ref_dw) < DW_TOL
+
+
+def test_linear_backward_bf16_weight_gradient_buffer():
+    """The GPU layout (bf16 dW output) with several chunks sums in an fp32 buffer, cast once."""
+    from fastalign.ops.linear_stats import _triton_backward
+
+    h, w, y = _linear_case(seed=6)
+    ref_dw, _ = _ref_dw(h, w, y)
+    st = fastalign.linear_logprobs(h, w, y, backend=TRITON)
+    lse = torch.logsumexp((h.float() @ w.float().T), -1)
+    dw = torch.zeros(w.shape, dtype=torch.bfloat16)
+    empty = torch.empty(0)
+    _triton_backward(torch.ones(len(y)), None, None, h, w, None, y, lse, empty, empty, 1.0, 0.0, 1.0, -100, 2,
+                     0.0, None, dw, None)
+    assert _rel_err(dw, ref_dw) < DW_TOL
+    assert torch.isfinite(st.logprobs).all()
+
+
+def test_gpu_chunk_tokens_sizes_in_gpu_bytes():
+    from fastalign.ops.linear_stats import gpu_chunk_tokens
+
+    n = gpu_chunk_tokens(8192, 151936, 2)
+    assert 2048 <= n <= 8192  # thousands of tokens: the weight streams a few times, not 149
+    assert n * 151936 * 2 <= 1 << 30
+    assert gpu_chunk_tokens(10, 151936, 2) == 10 and gpu_chunk_tokens(10**6, 10**9, 4) == 1
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def _gpu():
+    return torch.device("cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_linear_backward_bf16_at_full_vocabulary():
+    N, H, V = 1024, 256, 151936
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = (torch.randn(N, H, device="cuda", generator=g) * 0.5).bfloat16()
+    w = (torch.randn(V, H, device="cuda", generator=g) * 0.05).bfloat16()
+    y = torch.randint(0, V, (N,), device="cuda", generator=g)
+    hg, wg = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    for chunk in (None, (128, V)):  # one chunk, and eight
+        hg.grad = wg.grad = None
+        st = fastalign.linear_logprobs(hg, wg, y, entropy=True, chunk=chunk)
+        (st.logprobs.sum() + 0.1 * st.entropy.sum()).backward()
+        hd, wd = h.double().requires_grad_(True), w.double().requires_grad_(True)
+        logp = torch.log_softmax(hd @ wd.T, -1)
+        ref_lp = logp.gather(1, y[:, None])[:, 0]
+        ref_ent = -(logp.exp() * logp).sum(-1)
+        (ref_lp.sum() + 0.1 * ref_ent.sum()).backward()
+        assert_close(st.logprobs, ref_lp, atol=2e-2, what="logprobs")
+        # bf16 d(logits) and one bf16 rounding of the result: ~2-3e-3 (bf16 accumulation over
+        # 149 chunks gave 1.3e-2)
+        assert _rel_err(wg.grad, wd.grad) < 5e-3
+        assert _rel_err(hg.grad, hd.grad) < 5e-3
+        del logp
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_token_logprobs_matches_reference(dtype, backend):
+    if backend == "cuda" and not fastalign._backend.cuda_kernels_available():
+        pytest.skip("the CUDA C++ kernels were not compiled into this install")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    z = (torch.randn(64, 151936, device="cuda", generator=g) * 4).to(dtype)
+    y = torch.randint(0, 151936, (64,), device="cuda", generator=g)
+    y[::7] = -100
+    z[5, 9] = float("nan")
+    x = z.clone().requires_grad_(True)
+    st = fastalign.token_logprobs(x, y, entropy=True, sum_p2=True, argmax=True, backend=backend)
+    (st.logprobs.nan_to_num() + st.entropy.nan_to_num()).sum().backward()
+    lp, ent, sp2, amax = _ref_stats(z, y)
+    assert_close(st.logprobs, lp, atol=5e-5, what="logprobs")
+    assert_close(st.entropy, ent, atol=5e-5, what="entropy")
+    assert torch.isnan(x.grad[5]).all() and torch.isfinite(x.grad[6]).all()
+
+
+@pytest.mark.gpu
+def test_gpu_fallback_ops_match_cuda_kernels():
+    """The Triton/torch paths of group advantages, returns/GAE and Clip-Cov/KL-Cov selection."""
+    from fastalign.ops import returns
+
+    B, T = 64, 1000
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(B, T, device="cuda", generator=g)
+    v = torch.randn(B, T, device="cuda", generator=g)
+    m = (torch.rand(B, T, device="cuda", generator=g) > 0.2).float()
+    backends = ["triton"] + (["cuda"] if fastalign._backend.cuda_kernels_available() else [])
+    for backend in backends:
+        for mode in (0, 1, 2):
+            vv = v if mode == 2 else x.new_empty(0)
+            a = returns.reverse_scan(x, vv, m, 0.99, 0.95, mode, backend)
+            ref = returns.reverse_scan(x.cpu(), vv.cpu(), m.cpu(), 0.99, 0.95, mode, "cpp")
+            for got, exp in zip(a, ref):
+                assert_close(got.cpu(), exp, atol=1e-5, rtol=1e-5, what=f"{backend} scan mode {mode}")
+    from fastalign.ops import cov_fallback, group_fallback, policy_loss as ops
+
+    scores = torch.randn(256, device="cuda", generator=g)
+    index = torch.randint(0, 40, (256,), device="cuda", generator=g)
+    empty = torch.empty(0, device="cuda", dtype=torch.float64)
+    for mode in range(4):
+        got = group_fallback.group_advantage(scores, index, empty, empty, 1, mode, True, 1e-6, False)
+        exp = group_fallback.group_advantage(scores.cpu(), index.cpu(), empty.cpu(), empty.cpu(), 1, mode, True,
+                                             1e-6, False)
+        assert_close(got.cpu(), exp, atol=1e-5, what=f"group advantages mode {mode}")
+    lp, old, adv = (torch.randn(B, T, device="cuda", generator=g) for _ in range(3))
+    mask8 = m.to(torch.uint8)
+    sums = cov_fallback.cov_sums(lp, adv, mask8)
+    seed = torch.tensor([42], device="cuda")
+    for mode in (0, 1):
+        args = (lp, old, adv, mask8, sums, sums[2:3].clone(), seed, mode, 0.01, -1.0, 5.0, 0.2, 0.28)
+        got = cov_fallback.cov_select(*args)
+        exp = ops.cov_select(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in args))
+        assert torch.equal(got.cpu(), exp), f"cov selection mode {mode}"
+
+
+# ----------------------------------------------------------------------------- Triton paths of CUDA ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_reverse_scan_triton_matches_cpp(dtype, mode):
+    """Returns / reward-to-go / GAE scanned in parallel across time (several blocks of 1024 tokens)."""
+    from fastalign.ops.returns import reverse_scan
+
+    g = torch.Generator().manual_seed(7)
+    B, T = 3, 2500
+    x = torch.randn(B, T, generator=g, dtype=dtype)
+    v = torch.randn(B, T, generator=g, dtype=dtype)
+    m = (torch.rand(B, T, generator=g) > 0.3).to(dtype)
+    m[1] = 0  # an all-masked row
+    vv = v if mode == 2 else x.new_empty(0)
+    got = reverse_scan(x, vv, m, 0.99, 0.95, mode, "triton")
+    exp = reverse_scan(x, vv, m, 0.99, 0.95, mode, "cpp")
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for a, b in zip(got, exp):
+        assert a.dtype == b.dtype
+        assert_close(a, b, atol=tol, rtol=tol, what=f"scan mode {mode}")
+
+
+def test_reverse_scan_triton_matches_reference_gae():
+    from fastalign.ops.returns import reverse_scan
+
+    g = torch.Generator().manual_seed(8)
+    x, v = torch.randn(2, 40, generator=g, dtype=torch.float64), torch.randn(2, 40, generator=g, dtype=torch.float64)
+    m = torch.ones(2, 40, dtype=torch.float64)
+    m[0, 30:] = 0
+    a, ret = reverse_scan(x, v, m, 0.9, 0.8, 2, "triton")
+    from fastalign.reference.advantages import gae_advantages
+
+    ra, rret = gae_advantages(x, v, m, gamma=0.9, lam=0.8, whiten=False)
+    assert_close(a, ra, atol=1e-12, what="advantages")
+    assert_close(ret, rret, atol=1e-12, what="returns")
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+def test_cov_select_torch_path_matches_cpp_kernel(mode):
+    """The on-device torch selection picks exactly the tokens of the C++ kernel (same keys)."""
+    from fastalign.ops import cov_fallback, policy_loss as ops
+
+    g = torch.Generator().manual_seed(9)
+    B, T = 6, 300
+    lp = -torch.rand(B, T, generator=g) * 3
+    old = lp + torch.randn(B, T, generator=g) * 0.3
+    adv = torch.randn(B, T, generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.2).to(torch.uint8)
+    adv[0, 5] = float("nan")  # in a masked slot: never enters the sums or the selection
+    mask[0, 5] = 0
+    sums = ops.cov_sums(lp, adv, mask)
+    assert_close(cov_fallback.cov_sums(lp, adv, mask), sums, atol=1e-3, rtol=1e-6, what="sums")
+    n_local = sums[2:3].clone()
+    for seed in (0, 12345, 2 ** 61 + 7):
+        s = torch.tensor([seed], dtype=torch.int64)
+        args = (lp, old, adv, mask, sums, n_local, s, mode, 0.05, -1.0, 5.0, 0.2, 0.28)
+        got = cov_fallback.cov_select(*args)
+        exp = ops.cov_select(*args)
+        assert got.dtype == torch.uint8 and torch.equal(got, exp), (seed, int((got != exp).sum()))
+    assert int(got.sum()) == (int(0.05 * float(n_local)) if mode == 1 else int(got.sum()))
+    if mode == 1:
+        means = (float(sums[0] / sums[2]), float(sums[1] / sums[2]))
+        ref = reference.policy.cov_selection(lp, old, adv.nan_to_num(), mask,
+                                             loss_type="kl_cov", eps_low=0.2, eps_high=0.28, ratio=0.05, lb=-1.0,
+                                             ub=5.0, means=means)
+        assert int((ref.to(torch.uint8) != got).sum()) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("use_index", [False, True])
+def test_group_ops_torch_path_matches_cpp(dtype, use_index):
+    from fastalign.ops.group_stats import MODES, group_advantage, group_stats
+
+    g = torch.Generator().manual_seed(10)
+    B = 61
+    scores = torch.randint(0, 3, (B,), generator=g).to(dtype) + torch.randn(B, generator=g, dtype=dtype) * (
+        torch.rand(B, generator=g) > 0.5)
+    scores[7] = float("nan")
+    scores[20:24] = 1.0  # a group of equal scores
+    index = torch.randint(0, 9, (B,), generator=g) * 1000 - 4000 if use_index else torch.empty(0, dtype=torch.int64)
+    if use_index:
+        index[40] = 777  # a group of one
+    lengths = torch.rand(B, generator=g, dtype=torch.float64) * 100
+    gs = 4
+    gid_t, st_t, ng_t = group_stats(scores, index, lengths, gs, "triton")
+    gid_c, st_c, ng_c = group_stats(scores, index, lengths, gs, "cpp")
+    assert int(ng_t) == int(ng_c)
+    # dense ids may be numbered differently (CPU: first appearance; device: key order): compare by member
+    finite = lambda t: t.nan_to_num(neginf=-1e300)  # noqa: E731  (max / second of a group of one: -inf)
+    assert_close(finite(st_t[gid_t]), finite(st_c[gid_c]), atol=1e-12, rtol=1e-12, what="stats of each member's group")
+    scale = torch.tensor([0.5], dtype=torch.float64)
+    for mode in MODES.values():
+        for div_std, singleton_zero in ((True, False), (False, True)):
+            args = (scores, index, lengths, scale, gs, mode, div_std, 1e-6, singleton_zero)
+            assert_close(group_advantage(*args, "triton"), group_advantage(*args, "cpp"), atol=1e-5 if
+                         dtype == torch.float32 else 1e-12, rtol=1e-6, what=f"advantages mode {mode}")
+
+
+def test_cuda_kernels_available_reports_the_build():
+    from fastalign import _backend
+
+    assert isinstance(_backend.cuda_kernels_available(), bool)
+    assert _backend.cuda_op_backend("cpp") == "cpp" and _backend.cuda_op_backend("triton") == "triton"
+    expected = "cuda" if _backend.cuda_kernels_available() else "triton"
+    assert _backend.cuda_op_backend("cuda") == expected
+
+
+def test_token_logprobs_extreme_finite_logits():
+    """Logits near the fp32 limit next to -inf ones: finite, exact statistics (no inf * 0)."""
+    z = torch.full((2, 8), float("-inf"))
+    z[0, :3] = torch.tensor([3e38, 3e38, 2.9e38])
+    z[1, :2] = torch.tensor([-3e38, -2.9e38])
+    y = torch.tensor([0, 1])
+    st = fastalign.token_logprobs(z, y, entropy=True, sum_p2=True, backend=TRITON)
+    assert_close(st.logprobs, torch.tensor([-math.log(2.0), 0.0]), atol=1e-6, what="logprobs")
+    assert_close(st.entropy, torch.tensor([math.log(2.0), 0.0]), atol=1e-6, what="entropy")
+
+
+def test_info_reports_the_paths():
+    from fastalign import _backend
+    from fastalign.info import info
+
+    d = info()
+    assert d["CUDA C++ kernels compiled"] == _backend.cuda_kernels_available()
+    paths = d["on CUDA tensors"]
+    assert paths["returns / GAE scans"] == ("CUDA C++" if _backend.cuda_kernels_available() else "Triton")
+
+
+def test_bench_models_at_the_realistic_shapes():
+    from fastalign.bench.cases.linear_logprobs import flop_model
+    from fastalign.bench.cases.token_logprobs import traffic_model
+
+    t = traffic_model(8192, 151936, 2)
+    assert t["fwd_bytes"] == 8192 * 151936 * 2 and t["fwd+bwd_bytes"] == 3 * t["fwd_bytes"]
+    f = flop_model(8192, 4096, 151936)
+    assert f["fwd_flops"] == 2 * 8192 * 4096 * 151936 and f["fwd+bwd_flops"] == 3 * f["fwd_flops"]
+    assert "% limit" in t["model"] and "% limit" in f["model"]
