@@ -328,7 +328,7 @@ __attribute__((always_inline)) inline uint32_t chunk_body(const Cfg& c, const Ro
       d_rho = is_clip ? dL2 : -a * dr1;
       clip = is_clip ? 1.f : 0.f;
       clo = ((a < 0.f) & (r1 < lo)) ? 1.f : 0.f;
-      chi = ((a > 0.f) & (r1 > hi)) ? 1.f : 0.f;
+      chi = a > 0.f ? clip : 0.f;  // for A > 0, L2 > L1 exactly when r1 > hi
       if (LT == kPPO) {
         const float L3 = -dual_b * a;
         const bool is_low = a < 0.f & pg > L3;
