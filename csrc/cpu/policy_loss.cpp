@@ -129,7 +129,8 @@ struct Row {
 // Flags (compile time, so the token loop has no branches and vectorises).
 // kFlagPlain (Clip-Cov / KL-Cov path only): no keep mask, no entropy, row weight 1, so the token
 // loop reads neither neutral row. kFlagSeq: importance_sampling_level = sequence (ppo, cispo, sapo).
-enum Flag : int { kFlagKL = 1, kFlagTokRoll = 2, kFlagPlain = 4, kFlagSeq = 8 };
+// kFlagKLRho: the KL term is multiplied by the ratio (kl_rho detached or with its gradient).
+enum Flag : int { kFlagKL = 1, kFlagTokRoll = 2, kFlagPlain = 4, kFlagSeq = 8, kFlagKLRho = 16 };
 
 // Row-level quantities from pass 1 that the token loop needs.
 struct RowCtx {
@@ -241,7 +242,7 @@ __attribute__((always_inline)) inline uint32_t chunk_body(const Cfg& c, const Ro
                                                           int64_t n, float* __restrict c_dlp, float* part,
                                                           uint32_t flat0, const ScanOut* scan) {
   constexpr bool KL = (FL & kFlagKL) != 0, TOKROLL = (FL & kFlagTokRoll) != 0;
-  constexpr bool PLAIN = (FL & kFlagPlain) != 0, SEQ = (FL & kFlagSeq) != 0;
+  constexpr bool PLAIN = (FL & kFlagPlain) != 0, SEQ = (FL & kFlagSeq) != 0, KLRHO = (FL & kFlagKLRho) != 0;
   constexpr bool SCAN = SM != kSelMask;
   constexpr bool PPO_ROW = LT == kPPO || LT == kGSPO || LT == kCLIPCOV;
   // configuration in locals: the stores below cannot alias it
@@ -256,7 +257,7 @@ __attribute__((always_inline)) inline uint32_t chunk_body(const Cfg& c, const Ro
   const float vespo_logw = x.vespo_logw, vespo_w = x.vespo_w;
   // 1 where the token's own ratio carries the gradient (0 at sequence level: see row_finish)
   constexpr float w_tok = SEQ ? 0.f : 1.f;
-  const float w_kl_rho = c.kl_rho != kKLRhoOff ? 1.f : 0.f, w_kl_grad = c.kl_rho == kKLRhoGrad ? 1.f : 0.f;
+  const float w_kl_grad = c.kl_rho == kKLRhoGrad ? 1.f : 0.f;
   const float lo = 1.f - el, hi = 1.f + eh;
   // Options off become bounds that never bind (no runtime branches in the loop, so it vectorises).
   constexpr float kBig = std::numeric_limits<float>::max();
@@ -329,7 +330,7 @@ __attribute__((always_inline)) inline uint32_t chunk_body(const Cfg& c, const Ro
       d_rho = is_clip ? dL2 : -a * dr1;
       clip = is_clip ? 1.f : 0.f;
       clo = ((a < 0.f) & (r1 < lo)) ? 1.f : 0.f;
-      chi = ((a > 0.f) & (r1 > hi)) ? 1.f : 0.f;
+      chi = a > 0.f ? clip : 0.f;  // for A > 0, L2 > L1 exactly when r1 > hi
       if (LT == kPPO) {
         const float L3 = -dual_b * a;
         const bool is_low = a < 0.f & pg > L3;
@@ -398,11 +399,15 @@ __attribute__((always_inline)) inline uint32_t chunk_body(const Cfg& c, const Ro
       const float kv = w_k1 * d + w_abs * std::fabs(d) + w_k2 * (0.5f * d * d) + w_k3 * k3c;
       const float dkl_own = w_k1 + w_abs * sgn + w_k2 * d + w_k3 * dk3;
       const float dkl = w_st * d + (1.f - w_st) * dkl_own;
-      const float kr = 1.f + w_kl_rho * (rho_is - 1.f);
-      klv = kr * kv;
+      if (KLRHO) {  // K = KL * rho: d/dlp = rho dKL + [grad] KL drho (at sequence level through d_row)
+        klv = rho_is * kv;
+        g += kl_coef * (rho_is * dkl + w_kl_grad * w_tok * drho_c * kv);
+        grow += kl_coef * w_kl_grad * kv;
+      } else {
+        klv = kv;
+        g += kl_coef * dkl;
+      }
       L += kl_coef * klv;
-      g += kl_coef * (kr * dkl + w_kl_grad * w_tok * drho_c * kv);
-      grow += kl_coef * w_kl_grad * kv;
     }
     const float h = PLAIN ? 0.f : c_ent[t];  // a row of zeros when no entropy is given
     L -= ent_coef * h;
@@ -643,7 +648,11 @@ void cov_fns_flags(int flags, CovScanFn& scan, CovFixFn& fix) {
     case 4: cov_fns<LT, 4>(scan, fix); break;
     case 5: cov_fns<LT, 5>(scan, fix); break;
     case 6: cov_fns<LT, 6>(scan, fix); break;
-    default: cov_fns<LT, 7>(scan, fix); break;
+    case 7: cov_fns<LT, 7>(scan, fix); break;
+    case 17: cov_fns<LT, 17>(scan, fix); break;
+    case 19: cov_fns<LT, 19>(scan, fix); break;
+    case 21: cov_fns<LT, 21>(scan, fix); break;
+    default: cov_fns<LT, 23>(scan, fix); break;
   }
 }
 
@@ -683,7 +692,7 @@ void policy_loss_cov_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uint
                                  static_cast<uint64_t>(*ptr<const int64_t>(seed)));
   const bool seq_w = rollout == kSeqTrunc || rollout == kSeqMask || std::isfinite(c.offpolicy_threshold);
   const int flags = (ref ? kFlagKL : 0) | ((rollout == kTokTrunc || rollout == kTokMask) ? kFlagTokRoll : 0) |
-                    ((!keep && !ent && !seq_w) ? kFlagPlain : 0);
+                    ((!keep && !ent && !seq_w) ? kFlagPlain : 0) | ((ref && c.kl_rho != kKLRhoOff) ? kFlagKLRho : 0);
   CovScanFn scan = nullptr;
   CovFixFn fix = nullptr;
   if (loss_type == kCLIPCOV) cov_fns_flags<kCLIPCOV>(flags, scan, fix);
@@ -774,15 +783,17 @@ void policy_loss_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_
                   ptr<const uint8_t>(mask), ptr<const uint8_t>(sel), ptr<float>(row), ptr<float>(dlp), zeros.data(),
                   ones.data(), no_sel.data()};
   const int flags = (ref ? kFlagKL : 0) | ((rollout == kTokTrunc || rollout == kTokMask) ? kFlagTokRoll : 0) |
-                    (c.is_level != 0 ? kFlagSeq : 0);
+                    (c.is_level != 0 ? kFlagSeq : 0) | ((ref && c.kl_rho != kKLRhoOff) ? kFlagKLRho : 0);
   auto launch = [&](auto tag) {
     constexpr int LT = decltype(tag)::value;
     void (*fn)(const Cfg&, const Row&) = nullptr;
-    switch (flags & 3) {
+    switch (flags & ~kFlagSeq) {
       case 0: fn = row_kernel<LT, 0>; break;
       case 1: fn = row_kernel<LT, 1>; break;
       case 2: fn = row_kernel<LT, 2>; break;
-      default: fn = row_kernel<LT, 3>; break;
+      case 3: fn = row_kernel<LT, 3>; break;
+      case 17: fn = row_kernel<LT, 17>; break;
+      default: fn = row_kernel<LT, 19>; break;
     }
     if constexpr (LT == kPPO || LT == kCISPO || LT == kSAPO) {  // the rows with a sequence level
       switch (flags) {
@@ -790,6 +801,8 @@ void policy_loss_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_
         case 9: fn = row_kernel<LT, 9>; break;
         case 10: fn = row_kernel<LT, 10>; break;
         case 11: fn = row_kernel<LT, 11>; break;
+        case 25: fn = row_kernel<LT, 25>; break;
+        case 27: fn = row_kernel<LT, 27>; break;
         default: break;
       }
     }
