@@ -161,24 +161,30 @@ def linear_stats_cases(dtype):
 
 
 def policy_loss_cases(dtype):
+    """Every loss row, then one case with every optional input: launch keywords come from
+    :class:`fastalign.PolicyConfig`, as the op builds them."""
     import torch
 
     from fastalign.kernels import policy_loss as K
+    from fastalign.ops.policy_loss import ROW_COLS
+    from fastalign.policy_config import PolicyConfig
 
     B, T = SEQ_B, SEQ_T
     t = lambda: _meta(B, T, dtype=torch.float32)  # noqa: E731
     u8 = lambda: _meta(B, T, dtype=torch.uint8)  # noqa: E731
-    f = (0.2, 0.28, 3.0, 0.0, 0.8, 1.2, 1.0, 1.0, 0.1, 0.01, 0.5, 2.0, float("inf"), 1.0)
-    for lt_name, lt in (("ppo", K.PPO), ("gspo", K.GSPO), ("cispo", K.CISPO), ("sapo", K.SAPO),
-                        ("reinforce", K.REINFORCE), ("gmpo", K.GMPO), ("clip_cov", K.CLIPCOV), ("kl_cov", K.KLCOV)):
-        yield lt_name, lambda lt=lt: K.policy_loss_forward(
-            t(), t(), t(), u8(), None, None, None, None, None, _meta(B, K.ROW_COLS, dtype=torch.float32), t(), None,
-            loss_type=lt, kl_type=K.K1, kl_straight=False, kl_clamp=False, kl_rho=False, rollout=K.ROLL_NONE,
-            f=f, need1=lt in (K.GSPO, K.GMPO))
-    yield "ppo+kl3+ent+roll", lambda: K.policy_loss_forward(
-        t(), t(), t(), u8(), t(), t(), t(), t(), u8(), _meta(B, K.ROW_COLS, dtype=torch.float32), t(), t(),
-        loss_type=K.PPO, kl_type=K.K3, kl_straight=False, kl_clamp=True, kl_rho=True, rollout=K.SEQ_TRUNC,
-        f=(0.2, 0.28, 3.0, 1.0) + f[4:12] + (5.0, 1.0), need1=True)
+    row = lambda: _meta(B, len(ROW_COLS), dtype=torch.float32)  # noqa: E731
+
+    def launch(cfg, full):
+        kw = cfg.kernel_params(entropy_in_kernel=full)._asdict()
+        opt = (t(), t(), t(), t(), t(), u8()) if full else (None,) * 6  # ref, ent, roll, keep, iw, sel
+        return lambda: K.policy_loss_forward(t(), t(), t(), u8(), *opt, row(), t(), **kw)
+
+    for loss_type in ("ppo", "gspo", "cispo", "sapo", "reinforce", "gmpo", "clip_cov", "kl_cov", "vespo"):
+        yield loss_type, launch(PolicyConfig(loss_type=loss_type), False)
+    full = PolicyConfig(loss_type="ppo", eps_high=0.28, dual_clip=3.0, kl_coef=0.1, kl_type="k3", kl_rho="grad",
+                        entropy_coef=0.01, rollout_correction="sequence_truncate", offpolicy_threshold=0.5,
+                        importance_sampling_level="sequence")
+    yield "ppo+kl3+ent+roll+seq", launch(full, True)
 
 
 def extra_cases(dtype):
@@ -366,7 +372,9 @@ def run_triton(archs, sass, only=None) -> list[Result]:
                                 r.registers, r.spill_bytes, r.smem, r.sass = compile_triton(
                                     fn, signature, constexprs, attrs, options, arch, tmp, tool, sass)
                             except Exception as e:
-                                r.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+                                lines = str(e).strip().splitlines() or [""]
+                                where = f"{lines[0]} " if len(lines) > 1 else ""  # "at line:col:" of a CompilationError
+                                r.error = f"{type(e).__name__}: {where}{lines[-1][:200]}"
                             results.append(r)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

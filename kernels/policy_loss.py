@@ -29,35 +29,35 @@ import triton
 import triton.language as tl
 
 # loss-type rows and option codes: fastalign.policy_config (LOSS_CODES, KL_CODES, ROLLOUT_CODES)
-PPO: tl.constexpr = 0
-GSPO: tl.constexpr = 1
-CISPO: tl.constexpr = 2
-SAPO: tl.constexpr = 3
-REINFORCE: tl.constexpr = 4
-GMPO: tl.constexpr = 5
-CLIPCOV: tl.constexpr = 6
-KLCOV: tl.constexpr = 7
-VESPO: tl.constexpr = 8
-K1: tl.constexpr = 0
-KABS: tl.constexpr = 1
-K2: tl.constexpr = 2
-K3: tl.constexpr = 3
+PPO = tl.constexpr(0)
+GSPO = tl.constexpr(1)
+CISPO = tl.constexpr(2)
+SAPO = tl.constexpr(3)
+REINFORCE = tl.constexpr(4)
+GMPO = tl.constexpr(5)
+CLIPCOV = tl.constexpr(6)
+KLCOV = tl.constexpr(7)
+VESPO = tl.constexpr(8)
+K1 = tl.constexpr(0)
+KABS = tl.constexpr(1)
+K2 = tl.constexpr(2)
+K3 = tl.constexpr(3)
 TOK_TRUNC, TOK_MASK, SEQ_TRUNC, SEQ_MASK = 1, 2, 3, 4
 KL_RHO_GRAD = 2
 # row columns
-COL_LOSS: tl.constexpr = 0
-COL_N: tl.constexpr = 1
-COL_CLIP: tl.constexpr = 2
-COL_DUAL: tl.constexpr = 3
-COL_NEG_LOG_RATIO: tl.constexpr = 4
-COL_KL: tl.constexpr = 5
-COL_ENTROPY: tl.constexpr = 6
-COL_SELECTED: tl.constexpr = 7
-COL_CLIP_LOW: tl.constexpr = 8
-COL_CLIP_HIGH: tl.constexpr = 9
-COL_PHI: tl.constexpr = 10
-ROW_COLS: tl.constexpr = 11
-LOG_1E8: tl.constexpr = math.log(1e-8)
+COL_LOSS = tl.constexpr(0)
+COL_N = tl.constexpr(1)
+COL_CLIP = tl.constexpr(2)
+COL_DUAL = tl.constexpr(3)
+COL_NEG_LOG_RATIO = tl.constexpr(4)
+COL_KL = tl.constexpr(5)
+COL_ENTROPY = tl.constexpr(6)
+COL_SELECTED = tl.constexpr(7)
+COL_CLIP_LOW = tl.constexpr(8)
+COL_CLIP_HIGH = tl.constexpr(9)
+COL_PHI = tl.constexpr(10)
+ROW_COLS = tl.constexpr(11)
+LOG_1E8 = tl.constexpr(math.log(1e-8))
 
 
 @triton.jit
