@@ -1,4 +1,4 @@
-"""Policy-gradient losses of the PPO / GRPO family, fused (SPEC §3, §3.1, §3.2, §4)."""
+"""Policy-gradient losses of the PPO / GRPO family, fused (docs/math.md#policy-losses)."""
 from __future__ import annotations
 
 import math
@@ -91,7 +91,7 @@ def policy_loss(
 
     With ``l = lp - old``, ``rho = exp(l)``, ``A`` the advantage and ``m`` the mask, the
     per-token loss is ``L = w * pg + kl_coef * KL - entropy_coef * H`` where ``pg`` is the
-    row of ``loss_type`` (SPEC §3):
+    row of ``loss_type`` (docs/math.md#policy-losses):
 
     * ``ppo``: ``max(-A min(rho, delta), -A clip(rho, 1-eps_low, 1+eps_high))`` with ``l``
       clamped to [-20, 20]; for ``A < 0`` and ``dual_clip=c``: ``min(., -c A)``.
@@ -119,7 +119,7 @@ def policy_loss(
     KL (``kl_type`` k1/abs/k2/k3, ``NAME+`` straight-through; ``kl_rho`` multiplies by ``sg(rho)``)
     needs ``ref_logprobs``; the entropy bonus needs ``entropy`` (differentiable).
 
-    ``agg`` is one of SPEC §4 (default token-mean) with ``global_tokens``, ``global_seqs`` and
+    ``agg`` is one of docs/math.md#aggregation (default token-mean) with ``global_tokens``, ``global_seqs`` and
     ``dp_size`` for exact micro-batch / data-parallel normalisation. Clip-Cov / KL-Cov
     selection runs on the device (C++ on CPU, CUDA radix select on GPU) with a seed drawn from
     ``generator``; ``cov_global=True`` all-reduces the covariance means over ``cov_group``.

@@ -1,4 +1,4 @@
-"""Log-prob, entropy, sum p^2 and argmax of each logits row in one pass (SPEC §1).
+"""Log-prob, entropy, sum p^2 and argmax of each logits row in one pass (docs/math.md#token-statistics).
 
 Forward, one program per row, streaming the vocabulary in blocks of BLOCK_V
 with x = z / T and running values relative to the running max m:

@@ -1,4 +1,4 @@
-// Policy-gradient losses of SPEC §3 with the terms of §3.2, fused, on the CPU.
+// Policy-gradient losses of docs/math.md#policy-losses with the added terms, fused, on the CPU.
 //
 // One row (sequence) i at a time, OpenMP over rows. Per token t (fp32, v = mask):
 //   l = lp - old,  rho = exp(clamp(l, -20, 20))
@@ -11,7 +11,7 @@
 // the off-policy mask) come from a first pass over the row. Outputs per row
 // (fixed-order sums, so bitwise deterministic):
 //   row[i, :] = [sum v L, n, #clipped, #dual-clipped, sum v(-l), sum v KL, sum v H, #selected]
-// and the per-token d(row loss)/d(lp), d/d(H); the aggregation (SPEC §4) is a
+// and the per-token d(row loss)/d(lp), d/d(H); the aggregation (docs/math.md#aggregation) is a
 // weighted sum of row losses done by the caller, and backward only scales dlp by
 // the upstream gradient of each row.
 //

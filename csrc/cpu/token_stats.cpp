@@ -1,4 +1,4 @@
-// Per-token statistics of a logits row, fused (SPEC §1), on the CPU.
+// Per-token statistics of a logits row, fused (docs/math.md#token-statistics), on the CPU.
 //
 // Forward, one row z[0..V) at a time (OpenMP over rows), x = z / T:
 //   m  = max_j x_j

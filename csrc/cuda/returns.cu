@@ -1,4 +1,4 @@
-// Reverse scans over time for token-level advantages (SPEC §5), CUDA: one
+// Reverse scans over time for token-level advantages (docs/math.md#advantages), CUDA: one
 // thread per sequence walks its row from the last token to the first (the
 // recurrences are sequential in t; rows are independent). Same adv::scan_row
 // as the CPU kernel, so both give the same numbers.

@@ -1,6 +1,6 @@
 """``fastalign::group_stats`` and ``fastalign::group_advantage``: segmented
 statistics of sequence scores and the per-score advantages built from them
-(SPEC §5), on the C++ CPU kernels or the CUDA kernels.
+(docs/math.md#advantages), on the C++ CPU kernels or the CUDA kernels.
 
 ``group_stats(scores[B], index[B] | empty, lengths[B] | empty, group_size)``
 returns dense group ids ``gid[B]`` (int64), statistics ``[S, 6]`` float64

@@ -1,5 +1,5 @@
 """``fastalign::reverse_scan``: token-level returns and GAE as reverse scans over
-time (SPEC §5), one sequence per CPU row / CUDA thread.
+time (docs/math.md#advantages), one sequence per CPU row / CUDA thread.
 
 Modes (``m`` the 0/1 mask, all rows contiguous ``[B, T]`` in one float dtype):
 
