@@ -37,7 +37,9 @@ struct RowStats {
   float m, s, t, q;
 };
 
+#ifndef FASTALIGN_CPU_TARGETS  // the portable (clang) build defines it empty: no target_clones on templates
 #define FASTALIGN_CPU_TARGETS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
 
 template <int D>
 FASTALIGN_CPU_TARGETS
