@@ -53,9 +53,10 @@ sdist: release-tools
 	$(VPY) -m build --sdist -o dist .
 
 # The documentation site in site/ (mkdocs build --strict: a broken link or a page
-# missing from the nav fails).
+# missing from the nav fails). docs/performance.md is rewritten from benchmarks/results first.
 docs: $(VPY)
 	$(VPY) -m pip install -q "mkdocs>=1.6,<2"
+	$(VPY) tools/docs_performance.py
 	$(VPY) -m mkdocs build --strict
 
 clean:
