@@ -23,7 +23,7 @@ step "sdist"
 sdist=$(ls "$work"/sdist/fastalign-*.tar.gz)
 tar tzf "$sdist" > "$work/sdist.txt"
 for need in CMakeLists.txt pyproject.toml csrc/module.cpp csrc/portable/omp_runtime.cpp kernels/token_stats.py \
-            fastalign/__init__.py fastalign/info.py; do
+            fastalign/__init__.py fastalign/info/__init__.py; do
   grep -q "^fastalign-[^/]*/$need\$" "$work/sdist.txt" || { echo "sdist lacks $need"; exit 1; }
 done
 echo "sdist ok: $(basename "$sdist"), $(wc -l < "$work/sdist.txt") files, $(grep -c '/csrc/' "$work/sdist.txt") under csrc/"
