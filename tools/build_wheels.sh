@@ -18,8 +18,8 @@ export FASTALIGN_PORTABLE=${FASTALIGN_PORTABLE:-1} FASTALIGN_CUDA=${FASTALIGN_CU
 pythons=("$@")
 if [ ${#pythons[@]} -eq 0 ]; then
   for v in 3.10 3.11 3.12 3.13; do
-    for cand in "$(command -v "python$v" 2>/dev/null || true)" \
-                "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$v".*/bin/python"$v"; do
+    for cand in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$v".*/bin/python"$v" \
+                "$(command -v "python$v" 2>/dev/null || true)"; do
       if [ -n "$cand" ] && [ -x "$cand" ]; then pythons+=("$cand"); break; fi
     done
   done
