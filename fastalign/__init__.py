@@ -1,6 +1,6 @@
 """fastalign: fused kernels for RL and preference training of language models.
 
-Public API (see SPEC.md for every formula):
+Public API (see docs/math.md for every formula):
 
 * :func:`token_logprobs` — log-probs, entropy, sum p^2, argmax from logits.
 * :func:`linear_logprobs` — the same statistics from hidden states and the lm_head weight.
@@ -8,8 +8,8 @@ Public API (see SPEC.md for every formula):
 * :class:`LinearPolicyLoss` — the policy loss straight from hidden states and the lm_head weight.
 * :func:`kl_penalty`, :func:`aggregate_loss` — KL estimators and loss aggregation.
 * :func:`preference_loss`, :class:`PreferenceLoss`, :class:`LinearPreferenceLoss` — the DPO
-  family (SPEC §6); :func:`sequence_logprobs` for padded and packed batches.
-* :func:`group_advantages`, :func:`token_advantages` — GRPO-family advantages (SPEC §5);
+  family (docs/math.md#preference-losses); :func:`sequence_logprobs` for padded and packed batches.
+* :func:`group_advantages`, :func:`token_advantages` — GRPO-family advantages (docs/math.md#advantages);
   token-level :func:`reinforce_pp_advantages`, :func:`remax_advantages`,
   :func:`gae_advantages`, :func:`implicit_process_advantages`.
 * :func:`use_backend` — force the Triton, C++ or CUDA kernels.
@@ -27,6 +27,7 @@ from fastalign.policy_config import PolicyConfig
 from fastalign.linear_preference import LinearPreferenceLoss
 from fastalign.preference import LOSS_TYPES, PreferenceLoss, preference_loss, wpo_weights
 from fastalign.sequence import SequenceLogprobs, sequence_logprobs
+from fastalign.info import info
 
 __all__ = [
     "TokenStats", "linear_logprobs", "token_logprobs", "use_backend",

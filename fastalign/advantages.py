@@ -1,4 +1,4 @@
-r"""Advantage estimators (SPEC §5): group-normalised sequence advantages and
+r"""Advantage estimators (docs/math.md#advantages): group-normalised sequence advantages and
 token-level returns, on the C++ CPU kernels or the CUDA kernels.
 
 Sequence level: :func:`group_advantages` turns one score per response into one
@@ -276,7 +276,7 @@ def group_advantages(
     omega: float = 1.0,
     backend: Optional[str] = None,
 ) -> Tensor:
-    r"""One advantage per response from the statistics of its group (SPEC §5).
+    r"""One advantage per response from the statistics of its group (docs/math.md#advantages).
 
     With ``r`` the score, ``n, mean, std`` (unbiased) the group's count, mean
     and standard deviation over its non-NaN scores:

@@ -1,4 +1,4 @@
-"""Loss aggregation over tokens and sequences with global counts (SPEC §4)."""
+"""Loss aggregation over tokens and sequences with global counts (docs/math.md#aggregation)."""
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -56,7 +56,7 @@ def aggregate_rows(row_loss: Tensor, row_n: Tensor, agg: str, T: int, global_tok
 
 def aggregate_loss(per_token_loss: Tensor, mask: Tensor, agg: str = "token-mean", global_tokens: Count = None,
                    global_seqs: Count = None, dp_size: int = 1, *, max_len: Optional[int] = None) -> Tensor:
-    r"""Reduce a per-token loss ``L [B, T]`` under the mask ``m`` (SPEC §4), fp32 0-dim result.
+    r"""Reduce a per-token loss ``L [B, T]`` under the mask ``m`` (docs/math.md#aggregation), fp32 0-dim result.
 
     * ``token-mean``: ``sum(m L) / N_glob * dp``
     * ``token-sum``: ``sum(m L) * dp``

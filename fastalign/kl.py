@@ -1,4 +1,4 @@
-"""KL estimators between the policy and a reference policy, per token (SPEC §2)."""
+"""KL estimators between the policy and a reference policy, per token (docs/math.md#kl-estimators)."""
 from __future__ import annotations
 
 import torch

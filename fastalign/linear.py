@@ -1,4 +1,4 @@
-"""Per-token log-probs, entropy and sum p^2 straight from hidden states (SPEC §1).
+"""Per-token log-probs, entropy and sum p^2 straight from hidden states (docs/math.md#token-statistics).
 
 The ``[tokens x vocabulary]`` logits are never materialised: for 32k tokens and a
 152k vocabulary they alone would take 20 GB in fp32.
@@ -61,7 +61,7 @@ def linear_logprobs(
 ) -> TokenStats:
     r"""Log-prob of each label (and entropy, :math:`\sum_j p_j^2`, argmax) from hidden states.
 
-    Logit pipeline (SPEC §1), in this order::
+    Logit pipeline (docs/math.md#token-statistics), in this order::
 
         z = logit_scale * (hidden @ weight.T + bias)
         z = softcap * tanh(z / softcap)        # if softcap

@@ -68,7 +68,7 @@ class LinearPreferenceLoss(nn.Module):
     ``labels`` are aligned with the hidden positions (no shift inside): the label at
     position ``t`` is the token whose log-prob ``hidden[t]`` predicts; ``ignore_index``
     marks the prompt and the padding. Token log-probs follow the logit pipeline
-    ``logit_scale``, ``softcap``, ``temperature`` of SPEC §1, are summed per sequence by
+    ``logit_scale``, ``softcap``, ``temperature`` of docs/math.md#token-statistics, are summed per sequence by
     :func:`sequence_logprobs` (with ``token_weights`` and LD-DPO ``ld_alpha``), then go
     through :func:`preference_loss`.
 

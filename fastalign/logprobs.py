@@ -1,4 +1,4 @@
-"""Per-token log-probs and entropy from logits (SPEC §1)."""
+"""Per-token log-probs and entropy from logits (docs/math.md#token-statistics)."""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional

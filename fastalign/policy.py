@@ -1,4 +1,4 @@
-"""Policy-gradient losses of the PPO / GRPO family, fused (SPEC §3, §3.1, §3.2, §4)."""
+"""Policy-gradient losses of the PPO / GRPO family, fused (docs/math.md#policy-losses)."""
 from __future__ import annotations
 
 import math
@@ -84,7 +84,7 @@ def policy_loss(
 ) -> tuple[Tensor, dict]:
     r"""Policy-gradient loss and metrics, one fused pass per sequence (forward and d/d(logprobs)).
 
-    The options are the fields of :class:`fastalign.PolicyConfig` (SPEC §3, §3.1, §3.2, §4),
+    The options are the fields of :class:`fastalign.PolicyConfig` (docs/math.md#policy-losses),
     given as keywords (``loss_type="grpo", eps_high=0.28``) and/or as ``config``; an unknown
     name raises ``TypeError`` with the closest valid one, an option the loss type does not use
     raises ``ValueError``.
@@ -92,7 +92,7 @@ def policy_loss(
     With ``l = lp - old``, ``rho = exp(l)`` (the sequence ratio ``exp(mean_m l)`` under
     ``importance_sampling_level="sequence"``), ``A`` the advantage and ``m`` the mask, the
     per-token loss is ``L = w * pg + kl_coef * KL (* rho under kl_rho) - entropy_coef * H``,
-    ``pg`` the row of ``loss_type`` in SPEC §3 (ppo, gspo, cispo, sapo, reinforce / gpg, gmpo,
+    ``pg`` the row of ``loss_type`` in docs/math.md#policy-losses (ppo, gspo, cispo, sapo, reinforce / gpg, gmpo,
     clip_cov, kl_cov, vespo; presets grpo, bnpo, dr_grpo, dapo, luspo, vanilla, geo_mean).
     ``w`` is detached: rollout correction (from ``rollout_logprobs``; a NaN there is a log-ratio
     of 0), ``importance_weights`` (precomputed per-token or per-sequence weights, e.g. verl's
@@ -102,7 +102,7 @@ def policy_loss(
     ``A < 0``). KL needs ``ref_logprobs``; the entropy bonus and ``entropy_quantile`` need
     ``entropy`` (differentiable).
 
-    ``global_tokens`` / ``global_seqs`` are the step-wide counts of SPEC §4 (ints or device
+    ``global_tokens`` / ``global_seqs`` are the step-wide counts of docs/math.md#aggregation (ints or device
     tensors; with ``dp_size`` they make micro-batching and data parallelism exact);
     ``generator`` seeds the Clip-Cov choice. Inputs are ``[B, T]`` (advantages may be ``[B]``),
     fp32/bf16/fp16; math is fp32.

@@ -1,4 +1,4 @@
-"""Preference losses (SPEC §6): the DPO family from sequence log-probs or from hidden states.
+"""Preference losses (docs/math.md#preference-losses): the DPO family from sequence log-probs or from hidden states.
 
 Every loss type is one row of ``LOSSES``: a small function of the prepared sequence
 quantities (:class:`PairQuantities`) returning a per-pair loss ``[B]``. The math on
@@ -269,7 +269,7 @@ def preference_loss(
     smoothed_losses: Optional[Sequence[str]] = None,
     weights: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
-    r"""Preference loss from per-sequence log-probs (SPEC §6) → ``(loss, metrics)``.
+    r"""Preference loss from per-sequence log-probs (docs/math.md#preference-losses) → ``(loss, metrics)``.
 
     With ``lc, lr`` the summed chosen / rejected policy log-probs, ``lc0, lr0`` the
     reference ones, ``dc = f(lc - lc0)``, ``dr = f(lr - lr0)`` (``f`` the f-divergence

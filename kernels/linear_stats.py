@@ -1,4 +1,4 @@
-"""SPEC §1 statistics from hidden states: logit tiles by ``tl.dot``, never [N, V] in memory.
+"""docs/math.md#token-statistics statistics from hidden states: logit tiles by ``tl.dot``, never [N, V] in memory.
 
 A logit tile for token rows r and vocabulary columns c is
 

@@ -1,4 +1,4 @@
-"""Fused policy-gradient loss (SPEC §3 with the terms of §3.2): one program per sequence.
+"""Fused policy-gradient loss (docs/math.md#policy-losses with the added terms): one program per sequence.
 
 Per token t of row i (fp32, v = mask), l = lp - old, rho = exp(clamp(l, -20, 20)); at
 importance_sampling_level = sequence, rho = s_i = exp(clamp(mean_v l, -20, 20)) for the row:

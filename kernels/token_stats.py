@@ -1,4 +1,4 @@
-"""Log-prob, entropy, sum p^2 and argmax of each logits row in one pass (SPEC §1).
+"""Log-prob, entropy, sum p^2 and argmax of each logits row in one pass (docs/math.md#token-statistics).
 
 Forward, one program per row, x = z / T. The row is read in steps of a
 [STEP_ROWS, LANES] tile (column ``start + k * LANES + lane``); every lane keeps

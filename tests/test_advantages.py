@@ -1,4 +1,4 @@
-"""Advantage estimators (SPEC §5) against the per-group Python-loop reference, on
+"""Advantage estimators (docs/math.md#advantages) against the per-group Python-loop reference, on
 the C++ kernels (CUDA kernels in the gpu tests)."""
 import numpy as np
 import pytest

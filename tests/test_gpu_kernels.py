@@ -413,16 +413,6 @@ def test_token_logprobs_extreme_finite_logits():
     assert_close(st.entropy, torch.tensor([math.log(2.0), 0.0]), atol=1e-6, what="entropy")
 
 
-def test_info_reports_the_paths():
-    from fastalign import _backend
-    from fastalign.info import info
-
-    d = info()
-    assert d["CUDA C++ kernels compiled"] == _backend.cuda_kernels_available()
-    paths = d["on CUDA tensors"]
-    assert paths["returns / GAE scans"] == ("CUDA C++" if _backend.cuda_kernels_available() else "Triton")
-
-
 def test_bench_models_at_the_realistic_shapes():
     from fastalign.bench.cases.linear_logprobs import flop_model
     from fastalign.bench.cases.token_logprobs import traffic_model

@@ -1,4 +1,4 @@
-"""linear_logprobs against the float64 reference that builds the full logits (SPEC §1),
+"""linear_logprobs against the float64 reference that builds the full logits (docs/math.md#token-statistics),
 on the C++ path (BLAS chunks + row kernels) and the Triton kernels in the interpreter."""
 import os
 import socket

@@ -1,4 +1,4 @@
-"""policy_loss, kl_penalty and aggregate_loss against the float64 reference (SPEC §2-§4),
+"""policy_loss, kl_penalty and aggregate_loss against the float64 reference (docs/math.md#kl-estimators to #aggregation),
 on the C++ kernels and on the Triton kernel in the interpreter."""
 import math
 import os
@@ -163,7 +163,7 @@ def test_entropy_quantile_and_offpolicy_mask(cpu_backend, loss_type):
 
 
 def test_kl_estimators_are_unbiased_and_have_their_gradients():
-    """Independent of any transcription of SPEC §2: under y ~ pi, E[k1] = E[k3] = KL(pi || ref)
+    """Independent of any transcription of docs/math.md#kl-estimators: under y ~ pi, E[k1] = E[k3] = KL(pi || ref)
     exactly (summing over the whole vocabulary); E[k2] = E[(log pi/ref)^2] / 2; and the
     per-token gradients are d k1 = 1, d k2 = lp - ref, d k3 = 1 - exp(ref - lp)."""
     g = torch.Generator().manual_seed(40)

@@ -1,4 +1,4 @@
-"""preference_loss / sequence_logprobs / PreferenceLoss / LinearPreferenceLoss vs the SPEC §6 reference."""
+"""preference_loss / sequence_logprobs / PreferenceLoss / LinearPreferenceLoss vs the docs/math.md#preference-losses reference."""
 import importlib.util
 
 import pytest

@@ -1,4 +1,4 @@
-"""token_logprobs against the float64 reference (SPEC §1), on the C++ kernels
+"""token_logprobs against the float64 reference (docs/math.md#token-statistics), on the C++ kernels
 and on the Triton kernels in the interpreter."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-// Per-element and per-row math of the advantage estimators (SPEC §5), shared by
+// Per-element and per-row math of the advantage estimators (docs/math.md#advantages), shared by
 // the C++ CPU kernels and the CUDA kernels so both compute the same formula.
 // Everything is accumulated and evaluated in double; scores are fp32 or fp64.
 #pragma once

@@ -1,4 +1,4 @@
-// Clip-Cov / KL-Cov token selection (SPEC §3.1) on the CPU.
+// Clip-Cov / KL-Cov token selection (docs/math.md#clip-cov-and-kl-cov) on the CPU.
 //
 //   cov_t = (A_t - mean_v A) (lp_t - mean_v lp)       (means from sums[0..2] = sum A, sum lp, n)
 //   clip_cov: candidates = valid, L2 <= L1 (ppo clip on exp(l)), lb < cov_t < ub;

@@ -1,4 +1,4 @@
-// Clip-Cov / KL-Cov selection keys shared by the C++ and CUDA kernels (SPEC §3.1).
+// Clip-Cov / KL-Cov selection keys shared by the C++ and CUDA kernels (docs/math.md#clip-cov-and-kl-cov).
 //
 // Every token gets a 64-bit key; the selection is "the k smallest keys", and
 // non-candidates get kNoKey (never selected). key = (order << 32) | flat index:

@@ -1,4 +1,4 @@
-// Segmented group statistics and group-normalised advantages (SPEC §5), on the CPU.
+// Segmented group statistics and group-normalised advantages (docs/math.md#advantages), on the CPU.
 //
 // Groups come either as an int64 key per score (any order, any values) or as
 // consecutive blocks of `group_size`. Keys become dense group ids 0..G-1 in

@@ -1,4 +1,4 @@
-// Policy-gradient losses of SPEC §3 with the terms of §3.2, fused, on the CPU.
+// Policy-gradient losses of docs/math.md#policy-losses with the added terms, fused, on the CPU.
 //
 // One row (sequence) i at a time, OpenMP over rows. Per token t (fp32, v = mask):
 //   l = lp - old,  rho = exp(clamp(l, -20, 20))  (importance_sampling_level = sequence:
@@ -17,7 +17,7 @@
 // so bitwise deterministic):
 //   row[i, :] = [sum v L, n, #clipped, #dual-clipped, sum v(-l), sum v K, sum v H, #selected,
 //                #clip_low, #clip_high, vespo phi of the row]
-// and the per-token d(row loss)/d(lp); the aggregation (SPEC §4) is a weighted sum of row losses
+// and the per-token d(row loss)/d(lp); the aggregation (docs/math.md#aggregation) is a weighted sum of row losses
 // done by the caller, and backward only scales dlp by the upstream gradient of each row.
 //
 // Loss types (LT), r1 = min(rho, delta):

@@ -1,4 +1,4 @@
-// Reverse scans over time for token-level advantages (SPEC §5), on the CPU:
+// Reverse scans over time for token-level advantages (docs/math.md#advantages), on the CPU:
 // discounted returns (reinforce_pp, PRIME implicit rewards), reward-to-go
 // (remax) and GAE. One row (sequence) per loop iteration (cpu/parallel.h), walked from the
 // last token to the first in double; see adv::scan_row for the recurrences.

@@ -1,4 +1,4 @@
-// Per-token statistics of a logits row, fused (SPEC §1), on the CPU.
+// Per-token statistics of a logits row, fused (docs/math.md#token-statistics), on the CPU.
 //
 // Forward, one row z[0..V) at a time (rows spread over threads by cpu/parallel.h), x = z / T:
 //   m  = max_j x_j
@@ -49,7 +49,9 @@ struct RowStats {
   float m, ref, s, t, q;  // ref: m, or 0 for a row of only -inf (then s = t = q = 0)
 };
 
+#ifndef FASTALIGN_CPU_TARGETS  // the portable (clang) build defines it empty: no target_clones on templates
 #define FASTALIGN_CPU_TARGETS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
 
 template <int D>
 FASTALIGN_CPU_TARGETS

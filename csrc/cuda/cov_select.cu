@@ -1,4 +1,4 @@
-// Clip-Cov / KL-Cov token selection (SPEC §3.1) on the GPU, no host synchronisation.
+// Clip-Cov / KL-Cov token selection (docs/math.md#clip-cov-and-kl-cov) on the GPU, no host synchronisation.
 //
 // Keys as in cpu/cov_select_common.h: every token gets a unique 64-bit key (kNoKey when it
 // is not a candidate) and the selection is the k_eff = min(max(floor(ratio n), 1), #cand)

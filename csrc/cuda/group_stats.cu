@@ -1,4 +1,4 @@
-// Segmented group statistics and group-normalised advantages (SPEC §5), CUDA.
+// Segmented group statistics and group-normalised advantages (docs/math.md#advantages), CUDA.
 //
 // The ops layer sorts the group keys stably on the device (torch.sort) and
 // numbers the segments with a cumulative sum of "key changed" flags, so no

@@ -1,5 +1,5 @@
-// Reverse scans over time for token-level advantages (SPEC §5), CUDA: one block per
-// sequence, parallel across time (a blocked scan). Every recurrence of adv::scan_row is
+// Reverse scans over time for token-level advantages (docs/math.md#advantages), CUDA: one block
+// per sequence, parallel across time (a blocked scan). Every recurrence of adv::scan_row is
 // affine in its carried state (m the mask, in double):
 //   return: run' = (gamma m) run + x m m        to_go: run' = gamma run + x m
 //   gae:    (A, Vn)' = [[m gamma lam + 1 - m, m gamma], [0, 1 - m]] (A, Vn) + (m (x - V), m V)

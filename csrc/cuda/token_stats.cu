@@ -1,4 +1,4 @@
-// Per-token statistics of logits rows on the GPU (SPEC §1); the CUDA twin of
+// Per-token statistics of logits rows on the GPU (docs/math.md#token-statistics); the CUDA twin of
 // csrc/cpu/token_stats.cpp. One thread block per row.
 //
 // Forward: each thread streams its share of the row in 16-byte vectors (8 bf16/fp16

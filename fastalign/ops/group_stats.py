@@ -1,8 +1,12 @@
 """``fastalign::group_stats`` and ``fastalign::group_advantage``: segmented
 statistics of sequence scores and the per-score advantages built from them
+<<<<<<< HEAD
 (SPEC §5), on the C++ CPU kernels or the CUDA kernels; on CUDA tensors of an
 install built without the CUDA kernels (or with ``backend="triton"``) the plain-torch
 on-device path of ``ops/group_fallback.py`` (same formulas, no host sync).
+=======
+(docs/math.md#advantages), on the C++ CPU kernels or the CUDA kernels.
+>>>>>>> release
 
 ``group_stats(scores[B], index[B] | empty, lengths[B] | empty, group_size)``
 returns dense group ids ``gid[B]`` (int64), statistics ``[S, 6]`` float64
@@ -71,7 +75,7 @@ def group_stats(scores: Tensor, index: Tensor, lengths: Tensor, group_size: int,
     ``index``: int64 [B] group keys, or empty to use ``group_size`` blocks.
     ``lengths``: float64 [B] weights of the weighted mean, or empty (all 1).
     """
-    backend = _backend.cuda_op_backend(backend)
+    backend = _backend.cuda_op_backend(backend, scores.device)
     if backend == "triton":
         return group_fallback.group_stats(scores, index, lengths, group_size)
     gid, stats, ngroups = out = _stats_outputs(scores, index, group_size)
@@ -104,7 +108,7 @@ def _group_advantage(scores: Tensor, index: Tensor, lengths: Tensor, scale: Tens
     score (or 0 with ``singleton_zero``); otherwise ``base(mode) [/ (std + eps)]
     * scale``, ``scale`` a float64 [1] tensor or empty (1).
     """
-    backend = _backend.cuda_op_backend(backend)
+    backend = _backend.cuda_op_backend(backend, scores.device)
     if backend == "triton":
         return group_fallback.group_advantage(scores, index, lengths, scale, group_size, mode, div_std, eps,
                                               singleton_zero)

@@ -1,4 +1,4 @@
-"""``fastalign::linear_stats``: SPEC §1 statistics straight from hidden states.
+"""``fastalign::linear_stats``: docs/math.md#token-statistics statistics straight from hidden states.
 
 Logits ``z = softcap(scale * (h @ W.T + b)) / T`` are never stored for all
 tokens at once. Forward and backward are custom ops (with fake implementations

@@ -1,7 +1,11 @@
 """``fastalign::reverse_scan``: token-level returns and GAE as reverse scans over
+<<<<<<< HEAD
 time (SPEC §5): one sequence per CPU row; on CUDA tensors the CUDA kernels, or, in an
 install built without them (or with ``backend="triton"``), the Triton kernel of
 ``kernels/reverse_scan.py``, which scans each row in parallel across time.
+=======
+time (docs/math.md#advantages), one sequence per CPU row / CUDA thread.
+>>>>>>> release
 
 Modes (``m`` the 0/1 mask, all rows contiguous ``[B, T]`` in one float dtype):
 
@@ -35,7 +39,7 @@ def reverse_scan(x: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: flo
     B, T = x.shape
     if B * T == 0:  # no tokens: nothing to scan
         return out, out2
-    backend = _backend.cuda_op_backend(backend)
+    backend = _backend.cuda_op_backend(backend, x.device)
     if backend == "triton":
         triton_kernels("reverse_scan").reverse_scan(x, values if values.numel() else None, mask, gamma, lam, mode,
                                                     out, out2 if out2.numel() else None)

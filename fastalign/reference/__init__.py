@@ -1,6 +1,6 @@
-"""Plain PyTorch for every formula in SPEC.md: the test oracle and the benchmark
+"""Plain PyTorch for every formula in docs/math.md: the test oracle and the benchmark
 baseline. Obviously correct first, fast never; float64 where asked. Never used
-as a silent fallback by the product path. One module per SPEC section."""
+as a silent fallback by the product path. One module per docs/math.md section."""
 from fastalign.reference import advantages, policy, preference
 from fastalign.reference.linear import eager_linear_logprobs_entropy, linear_logits, linear_logprobs
 from fastalign.reference.logprobs import eager_logprobs_entropy, token_logprobs

@@ -1,4 +1,4 @@
-"""Advantage estimators (SPEC §5) written as plain per-group Python loops over
+"""Advantage estimators (docs/math.md#advantages) written as plain per-group Python loops over
 float64 Python numbers: the test oracle. Also the two benchmark baselines for
 GRPO: the dict-of-lists loop trainers commonly run, and a vectorised PyTorch
 version (``torch.unique`` + ``index_add_``)."""

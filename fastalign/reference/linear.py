@@ -1,4 +1,4 @@
-"""Reference for SPEC §1 from hidden states: build the full logits, then §1 on them."""
+"""Reference for docs/math.md#token-statistics from hidden states: build the full logits, then the same statistics on them."""
 from __future__ import annotations
 
 from typing import Optional

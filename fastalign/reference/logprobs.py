@@ -1,4 +1,4 @@
-"""Reference for SPEC §1: per-token statistics from logits."""
+"""Reference for docs/math.md#token-statistics: per-token statistics from logits."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Plain PyTorch policy-gradient losses, KL estimators and aggregations (SPEC §2-§4).
+"""Plain PyTorch policy-gradient losses, KL estimators and aggregations (docs/math.md#kl-estimators to #aggregation).
 
 Written straight from the formulas, one tensor op at a time, dtype-preserving
 (pass float64 for an oracle). The benchmark baseline and the test oracle of
@@ -16,7 +16,7 @@ import torch
 
 
 def kl_penalty(lp, ref, kind="k3", clamp=True):
-    """Per-token KL estimator of SPEC §2 (x = ref - lp)."""
+    """Per-token KL estimator of docs/math.md#kl-estimators (x = ref - lp)."""
     straight = kind.endswith("+")
     base = kind[:-1] if straight else kind
     base = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}.get(base, base)
@@ -43,7 +43,7 @@ def kl_penalty(lp, ref, kind="k3", clamp=True):
 
 
 def aggregate_loss(L, m, agg="token-mean", global_tokens=None, global_seqs=None, dp_size=1, max_len=None):
-    """SPEC §4 aggregations."""
+    """docs/math.md#aggregation aggregations."""
     m = m.to(L.dtype)
     if agg == "token-mean":
         n = m.sum() if global_tokens is None else torch.as_tensor(global_tokens, dtype=L.dtype)
@@ -84,7 +84,7 @@ def entropy_quantile_mask(H, m, q):
 
 
 def cov_selection(lp, old, A, m, *, loss_type, eps_low, eps_high, ratio, lb, ub, keys=None, means=None):
-    """Tokens picked by Clip-Cov / KL-Cov (SPEC §3.1); ``keys`` are the random keys for clip_cov.
+    """Tokens picked by Clip-Cov / KL-Cov (docs/math.md#clip-cov-and-kl-cov); ``keys`` are the random keys for clip_cov.
 
     clip_cov: the n candidates with the smallest key (ties: lower index); kl_cov: the
     top-k valid tokens by cov (ties: lower index). Loops are fine here.
@@ -132,7 +132,7 @@ def policy_loss(
     vespo_lambda=(3.0, 2.0), cov_selected=None, cov_kl_coef=1.0, seq_count=None, global_tokens=None,
     global_seqs=None, dp_size=1, max_len=None,
 ):
-    """(loss, metrics) of SPEC §3 with the terms of §3.2 and the aggregation of §4.
+    """(loss, metrics) of docs/math.md#policy-losses with the added terms and the aggregation.
 
     ``loss_type`` is a row (ppo, gspo, cispo, sapo, reinforce, gmpo, clip_cov, kl_cov, vespo);
     ``cov_selected`` (bool [B, T]) are the Clip-Cov / KL-Cov picks (see :func:`cov_selection`).

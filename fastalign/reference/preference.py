@@ -1,4 +1,4 @@
-"""Reference for SPEC §6: preference losses, sequence log-probs, and the logits path.
+"""Reference for docs/math.md#preference-losses: preference losses, sequence log-probs, and the logits path.
 
 Written straight from the formulas, one ``if`` per loss, no shared helpers with the
 product path; float64 in tests.
@@ -68,7 +68,7 @@ def f_score(x, kind="reverse_kl", alpha=1.0):
 def one_loss(name, lc, lr, lc0, lr0, *, beta=0.1, eps=0.0, nc=None, nr=None, nll=None, f="reverse_kl",
              f_alpha=1.0, f_avg="log_ratio", cpo_alpha=1.0, gamma=0.5, alpha=0.25, tau=0.05, kto_kl=None, wd=1.0,
              wu=1.0):
-    """Per-pair loss [B] of one SPEC §6 row. ``f_avg="score"``: ipo / sigmoid_norm average f(x)
+    """Per-pair loss [B] of one docs/math.md#preference-losses row. ``f_avg="score"``: ipo / sigmoid_norm average f(x)
     instead of scoring the average x."""
     dc = f_score(lc - lc0, f, f_alpha)
     dr = f_score(lr - lr0, f, f_alpha)

@@ -1,0 +1,174 @@
+"""What this fastalign install carries and what runs on this machine.
+
+``python -m fastalign.info`` prints it; ``fastalign.info()`` returns it as a dict
+(and prints it with ``fastalign.info(print_report=True)``):
+
+* the fastalign, torch and triton versions;
+* how the compiled core was built: compiler, CPU instruction sets, glibc target,
+  OpenMP runtime, and the CUDA architectures of its CUDA kernels (if any);
+* the kernel family each public op runs on CPU tensors and, when a GPU is
+  visible, on CUDA tensors (see docs/backends.md);
+* whether the optional integrations (transformers, trl, verl, flash-attn) are
+  importable — looked up with ``importlib.util.find_spec``, so nothing heavy is
+  imported.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import platform
+import sys
+
+# Public ops and the kernel family each runs with backend "auto":
+# (name, on CPU tensors, on CUDA tensors). "compiled CUDA" falls back to Triton
+# when the compiled CUDA kernels cannot run (fastalign._backend.cuda_kernels_usable).
+OPS = (
+    ("token_logprobs", "cpp", "triton"),
+    ("linear_logprobs", "cpp", "triton"),
+    ("policy_loss", "cpp", "triton"),
+    ("policy_loss (clip_cov/kl_cov selection)", "cpp", "compiled CUDA"),
+    ("PolicyLoss", "cpp", "triton"),
+    ("LinearPolicyLoss", "cpp", "triton"),
+    ("kl_penalty", "torch", "torch"),
+    ("aggregate_loss", "torch", "torch"),
+    ("group_advantages", "cpp", "compiled CUDA"),
+    ("token_advantages", "torch", "torch"),
+    ("masked_whiten", "torch", "torch"),
+    ("reinforce_pp_advantages", "cpp", "compiled CUDA"),
+    ("remax_advantages", "cpp", "compiled CUDA"),
+    ("gae_advantages", "cpp", "compiled CUDA"),
+    ("implicit_process_advantages", "cpp", "compiled CUDA"),
+    ("preference_loss", "torch", "torch"),
+    ("PreferenceLoss", "torch", "torch"),
+    ("LinearPreferenceLoss", "cpp", "triton"),
+    ("sequence_logprobs", "torch", "torch"),
+    ("wpo_weights", "torch", "torch"),
+)
+
+INTEGRATIONS = (("transformers", "transformers"), ("trl", "trl"), ("verl", "verl"), ("flash-attn", "flash_attn"))
+
+
+def _version(dist: str, module: str):
+    """Installed version of ``dist`` if ``module`` is importable, else None (nothing is imported)."""
+    try:
+        if importlib.util.find_spec(module) is None:
+            return None
+    except (ImportError, ValueError):
+        return None
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "installed"
+
+
+def _compiled_core() -> dict:
+    try:
+        from fastalign import _C
+    except ImportError as e:
+        return {"error": f"fastalign._C is missing ({e}); reinstall fastalign"}
+    info = dict(_C.build_info()) if hasattr(_C, "build_info") else {}
+    info["file"] = _C.__file__
+    info["cuda_kernels"] = bool(getattr(_C, "cuda_compiled", False))
+    info["openmp_threads"] = _C.num_threads()
+    if info["cuda_kernels"] and hasattr(_C, "cuda_runtime_status"):
+        driver, runtime, devices, error = _C.cuda_runtime_status()
+        info["cuda_runtime"] = {"driver": driver, "runtime": runtime, "devices": devices, "error": error}
+    return info
+
+
+def _gpu_backends() -> dict:
+    """Kernel family per op on this machine's first GPU, or a reason there is none."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"device": None, "reason": "no CUDA device visible to torch"}
+    from fastalign import _backend
+
+    probe = getattr(_backend, "cuda_kernels_available", None)  # the compiled CUDA part is present at all
+    present = probe() if callable(probe) else True
+    usable = present and _backend.cuda_kernels_usable(torch.device("cuda", torch.cuda.current_device()))
+    ops = {name: ("cuda" if usable else "triton") if gpu == "compiled CUDA" else gpu for name, _, gpu in OPS}
+    return {"device": torch.cuda.get_device_name(), "capability": "sm_%d%d" % torch.cuda.get_device_capability(),
+            "compiled_cuda_usable": usable, "ops": ops}
+
+
+def info(print_report: bool = False) -> dict:
+    """Versions, build facts, per-op backends and optional integrations, as a dict."""
+    import torch
+
+    import fastalign
+    from fastalign import _backend
+
+    report = {
+        "fastalign": fastalign.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "triton": _version("triton", "triton"),
+        "compiled": _compiled_core(),
+        "backend_setting": _backend.current(),
+        "cpu_ops": {name: cpu for name, cpu, _ in OPS},
+        "cuda": _gpu_backends(),
+        "integrations": {name: _version(name, module) for name, module in INTEGRATIONS},
+    }
+    if print_report:
+        print(format_report(report))
+    return report
+
+
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def format_report(r: dict) -> str:
+    c = r["compiled"]
+    lines = [
+        f"fastalign {r['fastalign']}   torch {r['torch']}   triton {r['triton'] or 'not installed'}   "
+        f"python {r['python']}",
+        f"platform      {r['platform']}",
+    ]
+    if "error" in c:
+        lines.append(f"compiled core MISSING: {c['error']}")
+    else:
+        lines += [
+            f"compiled core {c['file']}",
+            f"  compiler    {c.get('compiler', '?')}",
+            f"  glibc       {'built for ' + c['glibc_target'] + ' (portable)' if c.get('glibc_target') else 'the build machine'}",
+            f"  OpenMP      {c.get('openmp', '?')}, {c['openmp_threads']} threads",
+            f"  CPU ISA     {'; '.join(c.get('cpu_isa', [])) or '?'}",
+        ]
+        if c.get("cpu_supports"):
+            have = [k for k, v in c["cpu_supports"].items() if v]
+            lines.append(f"  this CPU    {', '.join(have) or 'none of avx2/fma/avx512'}")
+        if c["cuda_kernels"]:
+            rt = c.get("cuda_runtime", {})
+            line = f"  CUDA        kernels for sm_{c.get('cuda_archs', '?').replace(',', ', sm_')}"
+            if rt:
+                line += (f"; CUDA runtime {_cuda_version(rt['runtime'])}, driver "
+                         f"{_cuda_version(rt['driver']) if rt['driver'] else 'none'}, {rt['devices']} device(s)")
+            lines.append(line)
+        else:
+            lines.append("  CUDA        no CUDA kernels in this build (GPU ops run their Triton kernels)")
+    lines.append(f"backend       {r['backend_setting']} (FASTALIGN_BACKEND / fastalign.use_backend)")
+    gpu = r["cuda"]
+    if gpu["device"] is None:
+        lines.append(f"GPU           none: {gpu['reason']}")
+    else:
+        lines.append(f"GPU           {gpu['device']} ({gpu['capability']}), compiled CUDA kernels "
+                     f"{'usable' if gpu['compiled_cuda_usable'] else 'not usable: Triton instead'}")
+    width = max(len(n) for n in r["cpu_ops"])
+    lines.append(f"{'op':<{width}}  CPU tensors  CUDA tensors")
+    for name, cpu in r["cpu_ops"].items():
+        on_gpu = gpu["ops"][name] if gpu["device"] is not None else "-"
+        lines.append(f"{name:<{width}}  {cpu:<11}  {on_gpu}")
+    lines.append("integrations  " + ", ".join(f"{k} {v or 'not installed'}" for k, v in r["integrations"].items()))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    info(print_report=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

