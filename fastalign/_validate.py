@@ -163,7 +163,7 @@ def count(name: str, value) -> None:
 
 
 def counts(*, global_tokens=None, global_seqs=None, dp_size=1, max_len: Optional[int] = None) -> None:
-    """The aggregation counts of SPEC §4 (see :func:`count`)."""
+    """The aggregation counts of docs/math.md#aggregation (see :func:`count`)."""
     count("global_tokens", global_tokens)
     count("global_seqs", global_seqs)
     at_least("dp_size", dp_size, 1)

@@ -1,4 +1,4 @@
-"""The configuration record of the policy loss (SPEC §3, §3.2, §4).
+"""The configuration record of the policy loss (docs/math.md#policy-losses).
 
 :class:`PolicyConfig` holds every option of :func:`fastalign.policy_loss`, validates it once,
 resolves the trainer presets and the option defaults that depend on the loss type, and emits
@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Optional
 from fastalign.aggregate import check_agg
 from fastalign.kl import canonical_kl
 
-# Loss-type rows of the kernels (one code per row of the table in SPEC §3).
+# Loss-type rows of the kernels (one code per row of the table in docs/math.md#policy-losses).
 LOSS_CODES = {"ppo": 0, "gspo": 1, "cispo": 2, "sapo": 3, "reinforce": 4, "gmpo": 5, "clip_cov": 6, "kl_cov": 7,
               "vespo": 8}
 LOSS_TYPES = ("ppo", "gspo", "cispo", "sapo", "reinforce", "gpg", "gmpo", "clip_cov", "kl_cov", "vespo", "luspo")
@@ -92,9 +92,9 @@ class KernelParams(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class PolicyConfig:
-    r"""Every option of :func:`fastalign.policy_loss` (SPEC §3, §3.2, §4), validated at construction.
+    r"""Every option of :func:`fastalign.policy_loss` (docs/math.md#policy-losses), validated at construction.
 
-    Loss: ``loss_type`` (a row of SPEC §3 or a trainer preset: grpo, bnpo, dr_grpo, dapo, luspo,
+    Loss: ``loss_type`` (a row of docs/math.md#policy-losses or a trainer preset: grpo, bnpo, dr_grpo, dapo, luspo,
     vanilla, gpg, geo_mean), ``eps_low`` / ``eps_high`` (default 0.2; ppo, gspo, clip_cov, gmpo,
     cispo without ``cispo_bounds``), ``dual_clip`` (c > 1, ppo), ``delta``
     (ppo-clip rows), ``cispo_bounds`` (cispo), ``sapo_tau`` (sapo), ``vespo_k`` /

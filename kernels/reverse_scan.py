@@ -1,4 +1,4 @@
-"""Token-level returns and GAE as reverse scans over time (SPEC §5), parallel across time.
+"""Token-level returns and GAE as reverse scans over time (docs/math.md#advantages), parallel across time.
 
 Every recurrence here is affine in its carried state, so a row is a composition of
 per-token affine maps, which is associative: one program per row takes BLOCK_T

@@ -1,4 +1,4 @@
-"""Softmax statistics written once for every Triton kernel (SPEC §1).
+"""Softmax statistics written once for every Triton kernel (docs/math.md#token-statistics).
 
 A running state over some logits x (already divided by the temperature) is
 (m, s, t, q), relative to its max m:

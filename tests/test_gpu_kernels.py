@@ -393,13 +393,15 @@ def test_group_ops_torch_path_matches_cpp(dtype, use_index):
                          dtype == torch.float32 else 1e-12, rtol=1e-6, what=f"advantages mode {mode}")
 
 
-def test_cuda_kernels_available_reports_the_build():
+def test_cuda_kernels_available_reports_the_build(monkeypatch):
     from fastalign import _backend
 
     assert isinstance(_backend.cuda_kernels_available(), bool)
-    assert _backend.cuda_op_backend("cpp") == "cpp" and _backend.cuda_op_backend("triton") == "triton"
-    expected = "cuda" if _backend.cuda_kernels_available() else "triton"
-    assert _backend.cuda_op_backend("cuda") == expected
+    cpu = torch.device("cpu")
+    assert _backend.cuda_op_backend("cpp", cpu) == "cpp" and _backend.cuda_op_backend("triton", cpu) == "triton"
+    for usable, expected in ((True, "cuda"), (False, "triton")):
+        monkeypatch.setattr(_backend, "cuda_kernels_usable", lambda device, usable=usable: usable)
+        assert _backend.cuda_op_backend("cuda", torch.device("cuda", 0)) == expected
 
 
 def test_token_logprobs_extreme_finite_logits():

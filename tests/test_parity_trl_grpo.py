@@ -218,7 +218,7 @@ def test_triton_kernel_matches_trl(case):
 
 
 def _ratio_from_logprobs(old, sampling, m, mode, lo, hi):
-    """SPEC §3.2's rollout ratio with TRL's rules (NaN log-ratio -> 0, truncation to both bounds), float64."""
+    """The rollout ratio of docs/math.md#added-terms with TRL's rules (NaN log-ratio -> 0, truncation to both bounds), float64."""
     d = torch.nan_to_num((old.double() - sampling.double()) * m, nan=0.0)
     if mode.startswith("sequence"):
         d = d.sum(-1, keepdim=True)

@@ -1,4 +1,4 @@
-"""Clip-Cov / KL-Cov selection (SPEC §3.1) in plain torch on the tensors' device: the path of
+"""Clip-Cov / KL-Cov selection (docs/math.md#clip-cov-and-kl-cov) in plain torch on the tensors' device: the path of
 CUDA tensors when the CUDA kernels were not compiled. No host synchronisation (k stays a device
 tensor; the selection is a sort and a rank comparison), deterministic, and the same selection as
 the C++ / CUDA kernels: the same 64-bit keys (csrc/cpu/cov_select_common.h),

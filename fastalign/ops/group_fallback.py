@@ -1,4 +1,4 @@
-"""Group statistics and group-relative advantages (SPEC §5) in plain torch on the tensors' device:
+"""Group statistics and group-relative advantages (docs/math.md#advantages) in plain torch on the tensors' device:
 the path of CUDA tensors when the CUDA kernels were not compiled. No host synchronisation (every
 size is known on the host: B statistics rows with an index, ceil(B / group_size) with blocks) and
 deterministic: members are put in group order by a stable sort of the keys, and each group is

@@ -1,7 +1,7 @@
 """``fastalign::group_stats`` and ``fastalign::group_advantage``: segmented
 statistics of sequence scores and the per-score advantages built from them
 <<<<<<< HEAD
-(SPEC §5), on the C++ CPU kernels or the CUDA kernels; on CUDA tensors of an
+(docs/math.md#advantages), on the C++ CPU kernels or the CUDA kernels; on CUDA tensors of an
 install built without the CUDA kernels (or with ``backend="triton"``) the plain-torch
 on-device path of ``ops/group_fallback.py`` (same formulas, no host sync).
 =======

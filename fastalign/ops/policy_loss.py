@@ -280,7 +280,7 @@ def cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, params: Kernel
 def cov_sums(lp: Tensor, adv: Tensor, mask: Tensor) -> Tensor:
     """[sum_m A, sum_m lp, n_valid] (fp32, deterministic order) of contiguous fp32 [B, T] rows."""
     B, T = lp.shape
-    if lp.device.type == "cuda" and not _backend.cuda_kernels_available():  # built without nvcc
+    if lp.device.type == "cuda" and not _backend.cuda_kernels_usable(lp.device):  # no runnable CUDA kernels
         return cov_fallback.cov_sums(lp, adv, mask)
     out = torch.empty(3, device=lp.device, dtype=torch.float32)
     if lp.device.type == "cuda":
@@ -307,7 +307,7 @@ def cov_select(
     ``sums`` = [sum_m A, sum_m lp, n] for the covariance means (possibly all-reduced),
     ``n_local`` = [n_valid] for k, ``seed`` = int64 [1]; all read on the device.
     """
-    if lp.device.type == "cuda" and not _backend.cuda_kernels_available():  # built without nvcc
+    if lp.device.type == "cuda" and not _backend.cuda_kernels_usable(lp.device):  # no runnable CUDA kernels
         return cov_fallback.cov_select(lp, old, adv, mask, sums, n_local, seed, mode, ratio, lb, ub, eps_low, eps_high)
     sel = torch.empty(lp.shape, device=lp.device, dtype=torch.uint8)
     N = lp.numel()

@@ -1,6 +1,6 @@
 """``fastalign::reverse_scan``: token-level returns and GAE as reverse scans over
 <<<<<<< HEAD
-time (SPEC §5): one sequence per CPU row; on CUDA tensors the CUDA kernels, or, in an
+time (docs/math.md#advantages): one sequence per CPU row; on CUDA tensors the CUDA kernels, or, in an
 install built without them (or with ``backend="triton"``), the Triton kernel of
 ``kernels/reverse_scan.py``, which scans each row in parallel across time.
 =======
