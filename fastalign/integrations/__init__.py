@@ -2,6 +2,8 @@
 
 Each imports its library lazily, and is the only place in fastalign that does.
 
+* :mod:`fastalign.integrations.hf` — ``transformers`` causal LMs: ``causal_lm_logprobs`` from
+  hidden states and the model's own head, without the ``[B, T, V]`` logits.
 * :mod:`fastalign.integrations.trl` — TRL 1.16 profiles: ``GRPOConfig`` / ``DPOConfig`` /
   ``CPOConfig`` / ``ORPOConfig`` / ``KTOConfig`` → fastalign losses with TRL's numbers and
   metric names.

@@ -1,0 +1,248 @@
+r"""Per-token log-probs of a Hugging Face ``transformers`` causal LM, without its logits.
+
+:func:`causal_lm_logprobs` runs the model's body (the decoder stack and its final norm),
+takes the last hidden states and sends them through :func:`fastalign.linear_logprobs`
+with the model's own output head, so the ``[batch, tokens, vocabulary]`` logits are
+never built. ``transformers`` is imported lazily; this module imports without it.
+
+The head transform each supported architecture applies between the last hidden state
+``h`` and its logits, as ``(logit_scale, softcap)`` of :func:`fastalign.linear_logprobs`
+(``z = softcap * tanh(logit_scale * (h @ W.T + b) / softcap)``):
+
+=========================================================  ==================================
+``config.model_type``                                       head transform
+=========================================================  ==================================
+llama, mistral, mixtral, qwen2, qwen2_moe, qwen3,          none (``logits = lm_head(h)``)
+qwen3_moe, phi3, gemma, olmo2, starcoder2, deepseek_v3
+gemma2, gemma3_text                                        ``softcap = final_logit_softcapping``
+cohere, cohere2                                            ``logit_scale = config.logit_scale``
+granite, granitemoe, granitemoeshared, granitemoehybrid    ``logit_scale = 1 / logits_scaling``
+=========================================================  ==================================
+
+Any other architecture raises unless the caller states its head transform with
+``logit_scale=`` and ``softcap=`` (a wrong transform would be a silently wrong number).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastalign.linear import linear_logprobs
+from fastalign.logprobs import TokenStats
+
+_PLAIN_HEAD = (
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma", "olmo2",
+    "starcoder2", "deepseek_v3",
+)
+
+
+def _plain(config) -> tuple[float, Optional[float]]:
+    return 1.0, None
+
+
+def _final_softcap(config) -> tuple[float, Optional[float]]:
+    return 1.0, getattr(config, "final_logit_softcapping", None)
+
+
+def _cohere_scale(config) -> tuple[float, Optional[float]]:
+    return float(config.logit_scale), None
+
+
+def _granite_scaling(config) -> tuple[float, Optional[float]]:
+    return 1.0 / float(config.logits_scaling), None
+
+
+#: ``model_type`` -> ``config -> (logit_scale, softcap)``: what the model's forward applies after its lm_head.
+HEAD_TRANSFORMS = {
+    **{name: _plain for name in _PLAIN_HEAD},
+    "gemma2": _final_softcap,
+    "gemma3_text": _final_softcap,
+    "cohere": _cohere_scale,
+    "cohere2": _cohere_scale,
+    "granite": _granite_scaling,
+    "granitemoe": _granite_scaling,
+    "granitemoeshared": _granite_scaling,
+    "granitemoehybrid": _granite_scaling,
+}
+
+_UNSET = object()
+
+
+def head_transform(config) -> tuple[float, Optional[float]]:
+    """``(logit_scale, softcap)`` the model of this ``config`` applies between its lm_head and its logits."""
+    model_type = getattr(config, "model_type", None)
+    rule = HEAD_TRANSFORMS.get(model_type)
+    if rule is None:
+        raise ValueError(
+            f"model: config.model_type {model_type!r} has no known head transform; supported: "
+            f"{sorted(HEAD_TRANSFORMS)}. Pass logit_scale= and softcap= to state what its forward applies "
+            "between the last hidden state and the logits.")
+    return rule(config)
+
+
+def _body(model):
+    """The module that maps input_ids to the last hidden states (the model without its head)."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if body is None or body is model:
+        body = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if body is None or body is model:
+        raise TypeError(f"model: cannot find the body of {type(model).__name__} (get_decoder() / base_model_prefix)")
+    return body
+
+
+def _full(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A DTensor (FSDP2 / tensor parallel) gathered to the full tensor (differentiable); others as they are."""
+    if t is None:
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return t
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _head(model) -> tuple[Tensor, Optional[Tensor]]:
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise TypeError(f"model: {type(model).__name__}.get_output_embeddings() has no weight")
+    weight, bias = _full(head.weight), _full(getattr(head, "bias", None))
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise ValueError(
+            f"model: the output head weight has shape {tuple(weight.shape)}; a partitioned parameter "
+            "(DeepSpeed ZeRO-3) must be gathered around the call, e.g. with "
+            "deepspeed.zero.GatheredParameters([lm_head.weight, lm_head.bias])")
+    return weight, bias
+
+
+def _aligned(name: str, mask: Optional[Tensor], shape) -> Optional[Tensor]:
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have the shape of input_ids {tuple(shape)}, got {tuple(mask.shape)}")
+    return mask
+
+
+def causal_lm_logprobs(
+    model,
+    input_ids: Tensor,
+    attention_mask: Optional[Tensor] = None,
+    *,
+    labels: Optional[Tensor] = None,
+    response_mask: Optional[Tensor] = None,
+    position_ids: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    ignore_index: int = -100,
+    logit_scale=_UNSET,
+    softcap=_UNSET,
+    **model_kwargs,
+) -> TokenStats:
+    r"""Next-token log-probs (and entropy) of a ``transformers`` causal LM, from its hidden states.
+
+    With ``h = body(input_ids)`` the last hidden states (after the final norm) and
+    ``z_t = softcap * tanh(logit_scale * (W h_t + b) / softcap) / temperature`` the model's
+    own logits at position ``t`` (``W, b`` its output head, ``logit_scale``/``softcap``
+    from its config, see :data:`HEAD_TRANSFORMS`), entry ``t`` of the result is
+
+    .. math:: \log p(y_{t+1} \mid x_{\le t}) = z_{t, y_{t+1}} - \log \sum_j e^{z_{t,j}},
+        \qquad \text{entropy}_t = \log \sum_j e^{z_{t,j}} - \sum_j p_{t,j} z_{t,j}
+
+    for ``t < T - 1`` (shape ``[B, T-1]``), where ``y = labels`` if given, else ``input_ids``.
+    Entry ``t`` is scored when ``y_{t+1} != ignore_index``, ``response_mask[:, t+1]`` (if
+    given), ``attention_mask[:, t+1]`` (if given) and, for packed rows, ``position_ids[:, t+1]
+    != 0`` (the next token starts another sequence). Unscored entries are 0 for every
+    statistic and get no gradient. The selection is a mask on device: no host sync.
+
+    Args:
+        model: a ``transformers`` ``*ForCausalLM`` (``get_output_embeddings()``, tied or
+            not, with its bias if any; its body from ``get_decoder()`` or
+            ``base_model_prefix``), run in its own forward path, without computing logits.
+        input_ids: ``[B, T]`` token ids.
+        attention_mask: ``[B, T]`` 1 for real tokens, 0 for padding (left or right).
+        labels: ``[B, T]`` aligned with ``input_ids`` like the ``labels`` of ``transformers``
+            (shifted inside): ``ignore_index`` marks unscored tokens.
+        response_mask: ``[B, T]`` nonzero at tokens to score (e.g. response tokens);
+            exclusive with ``labels``.
+        position_ids: ``[B, T]`` passed to the model; a packed row restarts at 0 at each
+            sequence (``transformers`` then attends within each sequence only).
+        temperature: the logits are divided by it (after the head transform).
+        entropy: compute the entropy too.
+        ignore_index: label value of unscored tokens.
+        logit_scale, softcap: the head transform, for an architecture not in
+            :data:`HEAD_TRANSFORMS` (both must be given; ``softcap=None`` is off).
+        **model_kwargs: passed to the body; ``use_cache`` defaults to False (``transformers``
+            attends within packed sequences only without a cache).
+
+    Distributed weights:
+        * FSDP2 / tensor parallel: a ``DTensor`` head weight (and bias) is gathered with
+          ``.full_tensor()`` (differentiable: its gradient flows back to the shard).
+          The body must be unsharded by its own ``fully_shard`` hooks, i.e. call this on
+          a model whose decoder (or its layers) is wrapped, not only the root.
+        * DeepSpeed ZeRO-3: parameters are partitioned outside their module's forward;
+          gather the head around the call::
+
+              with deepspeed.zero.GatheredParameters([model.lm_head.weight]):
+                  stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels)
+
+          (a partitioned, empty weight raises a ValueError naming this context).
+
+    Mixed precision: under ``torch.autocast`` the head runs as the model's ``nn.Linear``
+    would, with hidden states and weight cast to the autocast dtype (e.g. an fp32
+    lm_head with bf16 hidden states), accumulating in fp32. Outside autocast the two
+    dtypes must match, as they must for the model itself.
+
+    Returns:
+        :class:`fastalign.TokenStats` with ``[B, T-1]`` fp32 ``logprobs`` (and ``entropy``).
+    """
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a [batch, tokens] tensor")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids needs at least 2 tokens per row (one prediction), got {input_ids.shape[1]}")
+    if labels is not None and response_mask is not None:
+        raise ValueError("pass labels or response_mask, not both")
+    shape = input_ids.shape
+    attention_mask = _aligned("attention_mask", attention_mask, shape)
+    labels = _aligned("labels", labels, shape)
+    response_mask = _aligned("response_mask", response_mask, shape)
+    position_ids = _aligned("position_ids", position_ids, shape)
+    if "logits_to_keep" in model_kwargs or "num_logits_to_keep" in model_kwargs:
+        raise ValueError("logits_to_keep does not apply: no logits are computed")
+    if (logit_scale is _UNSET) != (softcap is _UNSET):
+        raise ValueError("logit_scale and softcap override the head transform together: pass both or neither")
+    if logit_scale is _UNSET:
+        logit_scale, softcap = head_transform(model.config)
+
+    targets = (input_ids if labels is None else labels)[:, 1:]
+    scored = targets != ignore_index
+    if response_mask is not None:
+        scored = scored & response_mask[:, 1:].bool()
+    if attention_mask is not None:
+        scored = scored & attention_mask[:, 1:].bool()
+    if position_ids is not None:
+        scored = scored & (position_ids[:, 1:] != 0)
+    targets = torch.where(scored, targets, torch.full_like(targets, ignore_index))
+
+    # No KV cache: transformers builds its per-sequence (packed) attention mask only without one.
+    model_kwargs.setdefault("use_cache", False)
+    outputs = _body(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           return_dict=True, **model_kwargs)
+    hidden = outputs.last_hidden_state[:, :-1]
+    weight, bias = _head(model)
+
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    elif weight.dtype != hidden.dtype:
+        raise TypeError(f"model: the output head weight is {weight.dtype} but the hidden states are "
+                        f"{hidden.dtype}; run under torch.autocast or give the head the body's dtype")
+    with torch.autocast(device_type, enabled=False):
+        return linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
+                               logit_scale=logit_scale, ignore_index=ignore_index, entropy=entropy)

@@ -1,0 +1,252 @@
+"""causal_lm_logprobs against the log-softmax of the transformers model's own logits.
+
+Tiny randomly initialised models built from transformers config classes (no downloads).
+The reference is the model's own forward (its logits, softcapping and logit scaling
+included), log-softmaxed in float64 and gathered at the next token.
+"""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the Hugging Face integration needs transformers")
+
+from fastalign.integrations.hf import HEAD_TRANSFORMS, causal_lm_logprobs, head_transform  # noqa: E402
+
+V = 300
+TINY = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0)
+ARCHS = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"final_logit_softcapping": 3.0, "sliding_window": 16}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.4}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 2.5}),
+}
+
+
+def tiny_model(arch, tied=False, head_bias=False, seed=0):
+    config_cls, model_cls, extra = ARCHS[arch]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**TINY, **extra, tie_word_embeddings=tied,
+                                               attn_implementation="eager")
+    model = getattr(transformers, model_cls)(config).float().eval()
+    with torch.no_grad():  # logits of order several units, so softcapping and scaling matter
+        model.get_input_embeddings().weight.normal_(0, 1.0)
+        if head_bias:
+            head = torch.nn.Linear(32, V, bias=True)
+            head.bias.normal_(0, 1.0)
+            model.set_output_embeddings(head)
+        if not tied:
+            model.get_output_embeddings().weight.normal_(0, 1.0)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    return model
+
+
+def reference(model, input_ids, attention_mask=None, position_ids=None, temperature=1.0):
+    """(log p(next token), entropy), each [B, T-1], from the model's own logits in float64."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    z = logits[:, :-1].double() / temperature
+    logp = torch.log_softmax(z, -1)
+    lp = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    return lp, ent
+
+
+def batch(seed=1, B=3, T=12):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, V, (B, T), generator=g)
+    attention_mask = torch.ones(B, T, dtype=torch.long)
+    attention_mask[1, :4] = 0  # left padding
+    attention_mask[2, 9:] = 0  # right padding
+    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :5] = -100  # prompt
+    return input_ids, attention_mask, labels
+
+
+def check(stats_field, ref, scored, atol):
+    torch.testing.assert_close(stats_field.double(), torch.where(scored, ref, 0.0), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_matches_model_logits_padded_with_labels(arch, tied):
+    model = tiny_model(arch, tied=tied)
+    input_ids, attention_mask, labels = batch()
+    with torch.no_grad():
+        ref_lp, ref_ent = reference(model, input_ids, attention_mask)
+        stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, entropy=True)
+    scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
+    assert stats.logprobs.shape == (3, 11) and stats.logprobs.dtype == torch.float32
+    assert ref_lp[scored].std() > 0.5  # the logits are not near-uniform: the head transform matters
+    check(stats.logprobs, ref_lp, scored, 1e-5)
+    check(stats.entropy, ref_ent, scored, 1e-5)
+
+
+def test_response_mask_temperature_and_head_bias():
+    model = tiny_model("gemma2", head_bias=True)
+    input_ids, attention_mask, _ = batch(seed=3)
+    response_mask = torch.zeros_like(input_ids)
+    response_mask[:, 6:] = 1
+    with torch.no_grad():
+        ref_lp, ref_ent = reference(model, input_ids, attention_mask, temperature=0.7)
+        stats = causal_lm_logprobs(model, input_ids, attention_mask, response_mask=response_mask,
+                                   temperature=0.7, entropy=True)
+    scored = response_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
+    check(stats.logprobs, ref_lp, scored, 1e-5)
+    check(stats.entropy, ref_ent, scored, 1e-5)
+
+
+def test_no_mask_scores_every_position():
+    model = tiny_model("llama")
+    input_ids = torch.randint(1, V, (2, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref_lp, _ = reference(model, input_ids)
+        stats = causal_lm_logprobs(model, input_ids)
+    assert stats.entropy is None
+    torch.testing.assert_close(stats.logprobs.double(), ref_lp, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "cohere"])
+def test_packed_rows_equal_separate_sequences(arch):
+    """position_ids restarting at 0 pack sequences into one row; each equals its own unpacked run,
+    and the position predicting the next sequence's first token is not scored."""
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(7)
+    lengths = [5, 4, 6]
+    seqs = [torch.randint(1, V, (1, n), generator=g) for n in lengths]
+    input_ids = torch.cat(seqs, 1)
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    with torch.no_grad():
+        stats = causal_lm_logprobs(model, input_ids, position_ids=position_ids, entropy=True)
+        expected_lp, expected_ent = [], []
+        for s in seqs:
+            lp, ent = reference(model, s)
+            expected_lp += [lp, torch.zeros(1, 1, dtype=torch.float64)]
+            expected_ent += [ent, torch.zeros(1, 1, dtype=torch.float64)]
+    expected_lp = torch.cat(expected_lp[:-1], 1)
+    expected_ent = torch.cat(expected_ent[:-1], 1)
+    torch.testing.assert_close(stats.logprobs.double(), expected_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(stats.entropy.double(), expected_ent, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch,tied,head_bias", [("gemma2", False, True), ("cohere", True, False),
+                                                 ("qwen2", False, False)])
+def test_gradients_match_loss_through_model_logits(arch, tied, head_bias):
+    model = tiny_model(arch, tied=tied, head_bias=head_bias).train()
+    input_ids, attention_mask, labels = batch(seed=11)
+    scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
+    w = torch.randn(scored.shape, generator=torch.Generator().manual_seed(2))
+
+    def loss_of(lp, ent):
+        return (torch.where(scored, lp * w + 0.3 * ent, 0.0)).sum()
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float() / 0.9
+    logp = torch.log_softmax(logits, -1)
+    ref_lp = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    ref_grads = torch.autograd.grad(loss_of(ref_lp, -(logp.exp() * logp).sum(-1)), list(model.parameters()))
+
+    stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, entropy=True, temperature=0.9)
+    grads = torch.autograd.grad(loss_of(stats.logprobs, stats.entropy), list(model.parameters()))
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_unscored_rows_have_no_gradient():
+    model = tiny_model("llama")
+    input_ids, attention_mask, labels = batch(seed=4)
+    hidden_grads = []
+
+    def keep_grad(module, args, out):
+        out.last_hidden_state.register_hook(hidden_grads.append)
+
+    handle = model.get_decoder().register_forward_hook(keep_grad)
+    try:
+        stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels)
+        stats.logprobs.sum().backward()
+    finally:
+        handle.remove()
+    scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
+    assert (stats.logprobs[~scored] == 0).all()
+    dh = hidden_grads[0][:, :-1]
+    assert (dh[~scored] == 0).all() and (dh[scored].abs().sum(-1) > 0).all()
+
+
+def test_fp32_head_with_bf16_autocast():
+    """An fp32 lm_head under a bf16 autocast runs as the model's own nn.Linear does (bf16 inputs)."""
+    model = tiny_model("qwen2")
+    input_ids, attention_mask, labels = batch(seed=6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels)
+    assert logits.dtype == torch.bfloat16
+    logp = torch.log_softmax(logits[:, :-1].double(), -1)
+    ref = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
+    # the model's logits are rounded to bf16 (~0.4% at |z| ~ 8); ours accumulate in fp32
+    check(stats.logprobs, ref, scored, 0.15)
+
+
+def test_head_transform_table_and_refusals():
+    def cfg(name, **fields):
+        return SimpleNamespace(model_type=name, **fields)
+
+    assert head_transform(cfg("gemma2", final_logit_softcapping=30.0)) == (1.0, 30.0)
+    assert head_transform(cfg("cohere", logit_scale=0.0625)) == (0.0625, None)
+    assert head_transform(cfg("granite", logits_scaling=8.0)) == (0.125, None)
+    assert head_transform(cfg("llama")) == (1.0, None)
+    assert "gemma3_text" in HEAD_TRANSFORMS
+    with pytest.raises(ValueError, match="model_type 'mystery'"):
+        head_transform(cfg("mystery"))
+
+    model = tiny_model("llama")
+    ids = torch.randint(1, V, (1, 6))
+    with pytest.raises(ValueError, match="labels or response_mask"):
+        causal_lm_logprobs(model, ids, labels=ids, response_mask=torch.ones_like(ids))
+    with pytest.raises(ValueError, match="attention_mask"):
+        causal_lm_logprobs(model, ids, torch.ones(1, 5))
+    with pytest.raises(ValueError, match="both or neither"):
+        causal_lm_logprobs(model, ids, logit_scale=1.0)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        causal_lm_logprobs(model, ids[:, :1])
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        causal_lm_logprobs(model, ids, logits_to_keep=1)
+
+
+def test_unknown_architecture_with_stated_head_transform():
+    """An unlisted model_type runs once the caller states its head transform."""
+    model = tiny_model("cohere")
+    input_ids, attention_mask, labels = batch(seed=8)
+    with torch.no_grad():
+        ref_lp, _ = reference(model, input_ids, attention_mask)
+        model.config.model_type = "my_cohere"
+        with pytest.raises(ValueError, match="my_cohere"):
+            causal_lm_logprobs(model, input_ids, attention_mask, labels=labels)
+        stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, logit_scale=0.4, softcap=None)
+    scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
+    check(stats.logprobs, ref_lp, scored, 1e-5)
+
+
+def test_dtensor_head_weight_is_gathered(tmp_path):
+    """An FSDP2-style DTensor lm_head (sharded over a 1-rank mesh) gives the plain result and a DTensor grad."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    model = tiny_model("gemma2")
+    input_ids, attention_mask, labels = batch(seed=9)
+    stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels)
+    (grad_ref,) = torch.autograd.grad(stats.logprobs.sum(), [model.lm_head.weight])
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model.lm_head.weight = torch.nn.Parameter(distribute_tensor(model.lm_head.weight.detach(), mesh, [Shard(0)]))
+        sharded = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels)
+        (grad,) = torch.autograd.grad(sharded.logprobs.sum(), [model.lm_head.weight])
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(sharded.logprobs, stats.logprobs, atol=0, rtol=0)
+    assert isinstance(grad, DTensor)
+    torch.testing.assert_close(grad.full_tensor(), grad_ref, atol=1e-6, rtol=1e-6)
