@@ -11,6 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face integration needs transformers")
 
+from conftest import HAS_TRITON  # noqa: E402
 from fastalign.integrations.hf import HEAD_TRANSFORMS, causal_lm_logprobs, head_transform  # noqa: E402
 
 V = 300
@@ -20,6 +21,7 @@ ARCHS = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"final_logit_softcapping": 3.0, "sliding_window": 16}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"final_logit_softcapping": 3.0, "sliding_window": 4}),
     "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.4}),
     "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 2.5}),
 }
@@ -250,3 +252,21 @@ def test_dtensor_head_weight_is_gathered(tmp_path):
     torch.testing.assert_close(sharded.logprobs, stats.logprobs, atol=0, rtol=0)
     assert isinstance(grad, DTensor)
     torch.testing.assert_close(grad.full_tensor(), grad_ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_backend_forward_and_gradient():
+    """The same numbers through the Triton kernels (the GPU path; the interpreter on CPU)."""
+    import fastalign
+
+    model = tiny_model("gemma2", head_bias=True).train()
+    input_ids, attention_mask, labels = batch(seed=12, T=8)
+    expected = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, entropy=True)
+    ref_grads = torch.autograd.grad((expected.logprobs + expected.entropy).sum(), list(model.parameters()))
+    with fastalign.use_backend("triton"):
+        stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, entropy=True)
+        grads = torch.autograd.grad((stats.logprobs + stats.entropy).sum(), list(model.parameters()))
+    torch.testing.assert_close(stats.logprobs, expected.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(stats.entropy, expected.entropy, atol=1e-5, rtol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)

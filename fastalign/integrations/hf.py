@@ -168,7 +168,8 @@ def causal_lm_logprobs(
         response_mask: ``[B, T]`` nonzero at tokens to score (e.g. response tokens);
             exclusive with ``labels``.
         position_ids: ``[B, T]`` passed to the model; a packed row restarts at 0 at each
-            sequence (``transformers`` then attends within each sequence only).
+            sequence; with ``attention_mask=None`` ``transformers`` then attends within each
+            sequence only (with an attention mask it does not split packed rows).
         temperature: the logits are divided by it (after the head transform).
         entropy: compute the entropy too.
         ignore_index: label value of unscored tokens.
@@ -188,7 +189,10 @@ def causal_lm_logprobs(
               with deepspeed.zero.GatheredParameters([model.lm_head.weight]):
                   stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels)
 
-          (a partitioned, empty weight raises a ValueError naming this context).
+          (a partitioned, empty weight raises a ValueError naming this context). This is the
+          context for scoring without gradients (old-policy and reference log-probs); a
+          head gradient under ZeRO-3 also needs DeepSpeed to track the head as used here
+          (its ``fwd_module`` / ``register_external_parameter``), untested with fastalign.
 
     Mixed precision: under ``torch.autocast`` the head runs as the model's ``nn.Linear``
     would, with hidden states and weight cast to the autocast dtype (e.g. an fp32
