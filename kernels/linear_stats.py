@@ -24,7 +24,13 @@ with log p = x - lse, H the entropy and P = sum p^2 of the row:
     dx_j = g_lp (1[j=y] - p_j) - g_H p_j (log p_j + H) + 2 g_P p_j (p_j - P)
     du_j = dx_j / T * (1 - (z_j / cap)^2 if softcap) * scale
 
-written to a [chunk, V] buffer in the input dtype; d(hidden) = du @ W and
+Limit: log p = x - lse takes the saved fp32 lse as exact, so a row with |lse| >= 32
+carries its rounding, up to ulp(lse) / 2, as a common relative error of every p
+(5e-4 at |lse| = 1e4; at most 2^-20 below 32). Correcting it (log c = log sum_j
+e^{x_j - lse}, as the token_stats and C++ backwards do) needs the whole row, that
+is one more pass of the logit matmul, which this backward does not spend.
+
+The result is written to a [chunk, V] buffer in the input dtype; d(hidden) = du @ W and
 d(weight) += du.T @ h are matrix products on that buffer (ops/linear_stats.py).
 With SKIP, a tile whose every |du| is below the threshold is written as zeros
 (the softmax gradient is concentrated on few ids).
@@ -182,7 +188,7 @@ def linear_stats_bwd_kernel(
     g_sp2 = tl.load(g_sp2_ptr + rows, mask=row_ok, other=0.0)[:, None] if HAS_G_SP2 else 0.0
     sp2 = tl.load(sp2_ptr + rows, mask=row_ok, other=0.0)[:, None] if HAS_G_SP2 else 0.0
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    dx = dlogits(z * inv_t, lse, cols[None, :] == y[:, None], g_lp, g_ent, ent, g_sp2, sp2,
+    dx = dlogits(z * inv_t, lse, 0.0, cols[None, :] == y[:, None], g_lp, g_ent, ent, g_sp2, sp2,
                  HAS_G_LP, HAS_G_ENT, HAS_G_SP2)
     du = dx * inv_t
     if SOFTCAP:

@@ -16,9 +16,19 @@ A running state over some logits x (already divided by the temperature) is
 
 with x_y - m formed first, so the log-prob error is the fp32 rounding of the
 log-prob itself, not of |max| (a row max of 1e4 or a constant row of 1e30
-loses nothing). ``dlogits`` is the backward, with log p = x - lse:
+loses nothing). ``dlogits`` is the backward, with log p = (x - lse) - log c:
 
     dx_j = g_lp (1[j = y] - p_j) - g_H p_j (log p_j + H) + 2 g_P p_j (p_j - sum p^2)
+
+The saved fp32 lse is off by its rounding, up to ulp(lse) / 2 (5e-4 at 1e4), which
+would scale every p of the row by e^{-rounding}. A backward that sees whole rows forms
+
+    log c = log sum_j e^{x_j - lse}
+
+(the rounding itself, accurate since the sum is ~1); subtracted from the exact
+difference x - lse it gives p to fp32 rounding again (token_stats; the fused linear
+backward sees vocabulary blocks only and passes 0). It is never folded into lse,
+which would round back onto the same fp32 grid.
 
 Edge values:
 
@@ -105,10 +115,10 @@ def finish(m, s, t, q, x_y):
 
 
 @triton.jit
-def dlogits(x, lse, is_label, g_lp, g_ent, ent, g_sp2, sp2,
+def dlogits(x, lse, log_c, is_label, g_lp, g_ent, ent, g_sp2, sp2,
             HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_SP2: tl.constexpr):
-    """d(loss)/dx for logits x (/ T) of rows with the given lse and statistics (all broadcastable)."""
-    logp = x - lse
+    """d(loss)/dx for logits x (/ T) of rows with the given lse, log c and statistics (all broadcastable)."""
+    logp = (x - lse) - log_c
     p = exp(logp)
     dx = tl.zeros(x.shape, tl.float32)
     if HAS_G_LP:

@@ -13,16 +13,27 @@ merged once at the end and
 A row whose label is ``ignore_index`` is not read (its outputs are 0) unless its
 argmax is asked for (the argmax of every row is reported).
 
-Backward, one program per (row, vocabulary block), log p = x - lse:
+Backward, one program per (row, vocabulary block), log p = (x - lse) - log c:
 
     dx_j = g_lp (1[j=y] - p_j) - g_H p_j (log p_j + H) + 2 g_q p_j (p_j - sum_p2)
 
-and dz = dx / T; an ignored row writes zeros without reading its logits.
+and dz = dx / T; an ignored row writes zeros without reading its logits. The saved
+fp32 lse is off by up to ulp(lse) / 2 (<= 2^-20 below |lse| = 32, 5e-4 at 1e4), so
+for rows with |lse| >= RENORMALISE_ABOVE a first pass, one program per row, forms
+
+    log c = log sum_j e^{x_j - lse}
+
+(the rounding of lse; the sum is ~1, so it is accurate), and p is exact to fp32
+rounding again; other rows write log c = 0 without reading their logits.
 """
+import torch
 import triton
 import triton.language as tl
 
-from fastalign.kernels.softmax_math import NEG_INF, add_block, dlogits, finish, rescale
+from fastalign.kernels.softmax_math import NEG_INF, add_block, dlogits, exp, finish, rescale
+
+#: |lse| from which backward renormalises a row (as the C++ backward: ulp(32) / 2 = 2^-20).
+RENORMALISE_ABOVE = 32.0
 
 
 @triton.jit
@@ -89,9 +100,27 @@ def token_stats_fwd_kernel(
 
 
 @triton.jit
+def token_stats_log_mass_kernel(
+    z_ptr, inner, s_outer, s_inner, labels_ptr, lse_ptr, log_c_ptr,
+    V, inv_t, ignore_index, renormalise_above, BLOCK_V: tl.constexpr,
+):
+    """log c = log sum_j e^{x_j - lse} of rows with |lse| >= renormalise_above, else 0 (nothing read)."""
+    r = tl.program_id(0).to(tl.int64)
+    row = _row_start(z_ptr, r, inner, s_outer, s_inner)
+    lse = tl.load(lse_ptr + r)
+    far = (tl.load(labels_ptr + r) != ignore_index) & (tl.abs(lse) >= renormalise_above)
+    cols = tl.arange(0, BLOCK_V)
+    c = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, tl.where(far, V, 0), BLOCK_V):
+        x = tl.load(row + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32) * inv_t
+        c += exp(x - lse)
+    tl.store(log_c_ptr + r, tl.where(far, tl.log(tl.sum(c, 0)), 0.0))
+
+
+@triton.jit
 def token_stats_bwd_kernel(
     z_ptr, inner, s_outer, s_inner, labels_ptr,
-    lse_ptr, ent_ptr, sp2_ptr, g_lp_ptr, g_ent_ptr, g_sp2_ptr,
+    lse_ptr, log_c_ptr, ent_ptr, sp2_ptr, g_lp_ptr, g_ent_ptr, g_sp2_ptr,
     dz_ptr, g_outer, g_inner,
     V, inv_t, ignore_index,
     HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_SP2: tl.constexpr,
@@ -112,7 +141,8 @@ def token_stats_bwd_kernel(
     ent = tl.load(ent_ptr + r) if HAS_G_ENT else 0.0
     g_sp2 = tl.load(g_sp2_ptr + r) if HAS_G_SP2 else 0.0
     sp2 = tl.load(sp2_ptr + r) if HAS_G_SP2 else 0.0
-    dx = dlogits(x, tl.load(lse_ptr + r), cols == y, g_lp, g_ent, ent, g_sp2, sp2, HAS_G_LP, HAS_G_ENT, HAS_G_SP2)
+    dx = dlogits(x, tl.load(lse_ptr + r), tl.load(log_c_ptr + r), cols == y, g_lp, g_ent, ent, g_sp2, sp2,
+                 HAS_G_LP, HAS_G_ENT, HAS_G_SP2)
     dx = tl.where(keep, dx * inv_t, 0.0)
     tl.store(drow + cols, dx.to(dz_ptr.dtype.element_ty), mask=in_row)
 
@@ -149,10 +179,15 @@ def token_stats_backward(z3, labels, inv_t, ignore_index, lse, ent, sp2, g_lp, g
     if n == 0:
         return
     block = _bwd_block(V)
+    log_c = torch.empty_like(lse)  # written before dz3 (which may be z3) is
+    token_stats_log_mass_kernel[(n,)](
+        z3, inner, z3.stride(0), z3.stride(1), labels, lse, log_c,
+        V, inv_t, ignore_index, RENORMALISE_ABOVE, BLOCK_V=min(block, 1024), num_warps=4,
+    )
     dummy = lse
     token_stats_bwd_kernel[(n, triton.cdiv(V, block))](
         z3, inner, z3.stride(0), z3.stride(1), labels,
-        lse, ent if ent is not None else dummy, sp2 if sp2 is not None else dummy,
+        lse, log_c, ent if ent is not None else dummy, sp2 if sp2 is not None else dummy,
         g_lp if g_lp is not None else dummy, g_ent if g_ent is not None else dummy,
         g_sp2 if g_sp2 is not None else dummy,
         dz3, dz3.stride(0), dz3.stride(1),

@@ -36,6 +36,44 @@ def test_token_logprobs_precision_at_large_logits(offset):
     assert_close(st.sum_p2, sp2, atol=1e-6, rtol=1e-5, what="sum_p2")
 
 
+@pytest.mark.parametrize("backend", ["cpp", TRITON])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("shift, temperature", [(1e4, 1.0), (-1e4, 1.0), (1e4, 0.05), (-1e4, 0.05), (1e6, 1.0),
+                                                (1e6, 0.05)])
+def test_token_logprobs_gradients_at_large_lse(backend, inplace, shift, temperature):
+    """d(logits) of log-prob, entropy and sum p^2 at |lse| from 1e4 to 2e7 against float64: the saved
+    fp32 lse is off by up to ulp(lse) / 2 (5e-4 at 1e4, 1 at 2e7), which must not reach p. The logits
+    lie on a grid where x = z / T is exact in fp32 (else that product alone rounds by up to 1 at 2e7,
+    before any kernel arithmetic), so what is left is the kernels' own fp32 rounding."""
+    g = torch.Generator().manual_seed(3)
+    N, V = 5, 19
+    inv_t = 1.0 / temperature
+    ulp_x = 2.0 ** (math.floor(math.log2(abs(shift) * inv_t * 1.01)) - 23)
+    step = ulp_x / 4 if temperature != 1.0 else ulp_x  # z on a grid whose products z * 20 are exact
+    z = (torch.randn(N, V, generator=g, dtype=torch.float64) * (2.0 / inv_t) / step).round() * step + shift
+    z[1] -= 2 * shift  # rows on both sides
+    z = z.float()
+    y = torch.randint(0, V, (N,), generator=g)
+    y[2] = -100
+    masked = int(y[3] + 1) % V
+    z[3, masked] = -math.inf  # a masked id: gradient 0, no NaN
+    assert torch.equal((z * inv_t).double(), z.double() * inv_t), "the test's premise: z / T exact in fp32"
+    g_lp, g_ent, g_sp2 = (torch.randn(N, generator=g) for _ in range(3))
+
+    z64 = z.double().requires_grad_()
+    lp, ent, sp2, _ = reference.token_logprobs(z64, y, temperature=temperature, dtype=torch.float64)
+    (g_lp.double() @ lp + g_ent.double() @ ent + g_sp2.double() @ sp2).backward()
+
+    leaf = z.clone().requires_grad_()
+    zz = leaf * 1.0 if inplace else leaf  # in-place backward overwrites its input: a non-leaf copy
+    st = fastalign.token_logprobs(zz, y, temperature=temperature, entropy=True, sum_p2=True,
+                                  inplace_backward=inplace, backend=backend)
+    (g_lp @ st.logprobs + g_ent @ st.entropy + g_sp2 @ st.sum_p2).backward()
+    scale = z64.grad.abs().amax(1, keepdim=True).clamp_min(1.0)  # fp32 rounding of each row's gradient
+    assert_close(leaf.grad / scale, z64.grad / scale, atol=2e-6, what="d(logits) / row max")
+    assert leaf.grad[2].eq(0).all() and leaf.grad[3, masked] == 0
+
+
 def test_token_logprobs_constant_row_of_1e30():
     V = 11
     z = torch.full((2, V), 1e30)

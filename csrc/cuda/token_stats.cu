@@ -16,7 +16,10 @@
 // Rows whose label is ignore_index are not read unless their argmax is asked for.
 //
 // Backward: dx_j = g_lp (1[j=y] - p_j) - g_H p_j (log p_j + H) + 2 g_q p_j (p_j - sum_p2),
-// dz = dx / T, with log p_j = x_j - lse; ignored rows get zeros without a read. Each
+// dz = dx / T, with log p_j = (x_j - lse) - log c; ignored rows get zeros without a read. The
+// saved fp32 lse is off by up to ulp(lse) / 2 (<= 2^-20 below |lse| = 32, 5e-4 at 1e4): a row
+// with |lse| >= 32 first forms log c = log sum_j e^{x_j - lse} (that rounding; the sum is ~1),
+// reading the whole row before the block barrier of its sum, as the CPU backward does. Each
 // thread loads all of its step's vectors before it stores any, so d(logits) may
 // overwrite the logits in place (each element is read, then written, by one thread).
 // Rows not 16-byte aligned (odd V) take the scalar loop.
@@ -38,6 +41,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kUnroll = 2;  // 16-byte vectors in flight per thread and step
+constexpr float kRenormaliseAbove = 32.f;  // |lse| from which backward forms log c (ulp(32) / 2 = 2^-20)
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -134,6 +138,25 @@ __device__ __forceinline__ State block_merge(State st) {
   return st;
 }
 
+// Sum of one value per thread, in a fixed order (deterministic); every thread gets it.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float warp_sum[kThreads / 32];
+  __shared__ float total;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_sum[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kThreads / 32 ? warp_sum[lane] : 0.f;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0) total = v;
+  }
+  __syncthreads();
+  return total;
+}
+
 __device__ __forceinline__ int64_t row_offset(int64_t r, int64_t inner, int64_t s_outer, int64_t s_inner) {
   return (r / inner) * s_outer + (r % inner) * s_inner;
 }
@@ -200,10 +223,10 @@ __global__ void __launch_bounds__(kThreads) token_stats_fwd_kernel(
 // FULL: entropy / sum p^2 gradients too; without it only the log-prob term.
 template <bool FULL>
 struct RowGrad {
-  float glp, gh, gq, h, p2, lse, inv_t;
+  float glp, gh, gq, h, p2, lse, log_c, inv_t;
   int y;  // the label's column (-1 when outside the row)
   __device__ __forceinline__ float operator()(float x, int j) const {
-    const float logp = x - lse;
+    const float logp = (x - lse) - log_c;
     const float p = __expf(logp);
     float g = -glp * p;
     if (FULL) {
@@ -228,9 +251,16 @@ __global__ void __launch_bounds__(kThreads) token_stats_bwd_kernel(
   T* __restrict__ dz = grad + row_offset(r, inner, g_outer, g_inner);  // may be z itself (in-place)
   const int64_t y = labels[r];
   const bool keep = y != ignore_index;
+  const float row_lse = lse[r];
+  float log_c = 0.f;
+  if (keep && fabsf(row_lse) >= kRenormaliseAbove) {  // the same for the whole block
+    float c = 0.f;
+    for (int64_t j = threadIdx.x; j < V; j += kThreads) c += __expf(to_f32(z[j]) * inv_t - row_lse);
+    log_c = logf(block_sum(c));  // its barriers: every read of z here precedes any write of dz
+  }
   const RowGrad<FULL> f{(keep && g_lp) ? g_lp[r] : 0.f, (keep && g_h && ent) ? g_h[r] : 0.f,
-                        (keep && g_q && sp2) ? g_q[r] : 0.f, ent ? ent[r] : 0.f, sp2 ? sp2[r] : 0.f, lse[r], inv_t,
-                        (y >= 0 && y < V) ? int(y) : -1};
+                        (keep && g_q && sp2) ? g_q[r] : 0.f, ent ? ent[r] : 0.f, sp2 ? sp2[r] : 0.f, row_lse, log_c,
+                        inv_t, (y >= 0 && y < V) ? int(y) : -1};
   const int64_t nvec = (aligned16(z) && aligned16(dz)) ? V / P::N : 0;
   const uint4* __restrict__ zv = reinterpret_cast<const uint4*>(z);
   uint4* __restrict__ dv = reinterpret_cast<uint4*>(dz);
