@@ -431,6 +431,27 @@ def test_group_ops_torch_path_matches_cpp(dtype, use_index):
                          dtype == torch.float32 else 1e-12, rtol=1e-6, what=f"advantages mode {mode}")
 
 
+@pytest.mark.parametrize("magnitude", [2e154, 1e300, 1.7e308])
+@pytest.mark.parametrize("use_index", [False, True])
+def test_group_fallback_near_the_double_range(magnitude, use_index):
+    """The on-device path scales each group by a power of two before its sums, as the C++ kernel
+    does where they would overflow: same advantages, all finite."""
+    from fastalign.ops.group_stats import MODES, group_advantage
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(16, generator=g, dtype=torch.float64) * magnitude * 0.9
+    scores[4:8] *= -1
+    scores[9] = float("nan")
+    index = torch.arange(4).repeat_interleave(4) * 7 - 5 if use_index else torch.empty(0, dtype=torch.int64)
+    lengths = torch.rand(16, generator=g, dtype=torch.float64) * 10 + 1
+    scale = torch.empty(0, dtype=torch.float64)
+    for mode in MODES.values():
+        args = (scores, index, lengths, scale, 4, mode, True, 1e-6, False)
+        got, want = group_advantage(*args, "triton"), group_advantage(*args, "cpp")
+        assert torch.isfinite(got).all(), mode
+        assert_close(got, want, atol=1e-12, rtol=1e-12, what=f"mode {mode}")
+
+
 def test_cuda_kernels_available_reports_the_build(monkeypatch):
     from fastalign import _backend
 

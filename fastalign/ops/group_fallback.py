@@ -12,7 +12,8 @@ and the advantage of a score x in a group (NaN score: 0; group of one: x, or 0 w
 
     center (x - mean) s,  rloo (x - mean) n / (n - 1) s,  opo (x - wmean) s,  passk x == max ? (max - second) s : 0
 
-with s = scale [/ (std + eps)].
+with s = scale [/ (std + eps)]. Sums and squares run on x / 2^e per group (2^e about the group's
+largest magnitude), which is exact scaling, so finite scores near the double range never overflow.
 """
 from __future__ import annotations
 
@@ -52,20 +53,25 @@ def _stats(scores: Tensor, index: Tensor, lengths_in: Tensor, group_size: int):
     L = lengths_in.double()[order] if lengths_in.numel() else torch.ones_like(x)
     inf = float("inf")
     n = _reduce(valid.double(), "sum", lengths, 0.0)
-    total = _reduce(torch.where(valid, x, 0.0), "sum", lengths, 0.0)
-    lsum = _reduce(torch.where(valid, L, 0.0), "sum", lengths, 0.0)
-    lxsum = _reduce(torch.where(valid, L * x, 0.0), "sum", lengths, 0.0)
     mx = _reduce(torch.where(valid, x, -inf), "max", lengths, -inf)
     mn = _reduce(torch.where(valid, x, inf), "min", lengths, inf)
+    # Sums run on x / 2^e, 2^e the group's largest magnitude rounded down to a power of two: exact
+    # scaling (the same numbers, bitwise), and no overflow of sums or squares for finite scores.
+    big = torch.maximum(mx.abs(), mn.abs())
+    unit = torch.where(torch.isfinite(big) & (big > 0), torch.ldexp(torch.ones_like(big), torch.frexp(big)[1] - 1), 1.0)
+    xs = x / unit[seg]
+    total = _reduce(torch.where(valid, xs, 0.0), "sum", lengths, 0.0)  # in units of 2^e, as the rest
+    lsum = _reduce(torch.where(valid, L, 0.0), "sum", lengths, 0.0)
+    lxsum = _reduce(torch.where(valid, L * xs, 0.0), "sum", lengths, 0.0)
     at_max = valid & (x == mx[seg])
     repeated = _reduce(at_max.double(), "sum", lengths, 0.0) >= 2
     below = _reduce(torch.where(valid & (x < mx[seg]), x, -inf), "max", lengths, -inf)
     second = torch.where(repeated, mx, below)
     equal = mx == mn
-    mean = torch.where(n == 0, 0.0, torch.where(equal, mx, total / torch.clamp(n, min=1.0)))
-    m2 = _reduce(torch.where(valid, (x - mean[seg]) ** 2, 0.0), "sum", lengths, 0.0)
-    sd = torch.where((n > 1) & ~equal, torch.sqrt(m2 / torch.clamp(n - 1.0, min=1.0)), 0.0)
-    wmean = torch.where((lsum > 0) & ~equal, lxsum / torch.where(lsum > 0, lsum, 1.0), mean)
+    mean = torch.where(n == 0, 0.0, torch.where(equal, mx, total / torch.clamp(n, min=1.0) * unit))
+    m2 = _reduce(torch.where(valid, (xs - (mean / unit)[seg]) ** 2, 0.0), "sum", lengths, 0.0)
+    sd = torch.where((n > 1) & ~equal, torch.sqrt(m2 / torch.clamp(n - 1.0, min=1.0)) * unit, 0.0)
+    wmean = torch.where((lsum > 0) & ~equal, lxsum / torch.where(lsum > 0, lsum, 1.0) * unit, mean)
     gid = torch.empty(B, dtype=torch.int64, device=dev)
     gid[order] = seg
     ngroups = (seg[-1:] + 1) if B else torch.zeros(1, dtype=torch.int64, device=dev)
