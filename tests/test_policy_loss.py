@@ -12,7 +12,7 @@ from fastalign import reference
 from fastalign.ops import policy_loss as ops
 from helpers import assert_close
 
-LOSS_TYPES = ["ppo", "gspo", "cispo", "sapo", "reinforce", "gmpo", "clip_cov", "kl_cov"]
+LOSS_TYPES = ["ppo", "gspo", "cispo", "sapo", "reinforce", "gmpo", "clip_cov", "kl_cov", "dppo_tv", "dppo_kl"]
 
 
 def make_batch(B=5, T=23, seed=0, dtype=torch.float32, spread=0.3, mask_frac=0.2):
@@ -104,6 +104,8 @@ def test_loss_types_match_reference(cpu_backend, loss_type):
     kw = dict(loss_type=loss_type, kl_coef=0.05, entropy_coef=0.01)
     if loss_type == "ppo":
         kw.update(dual_clip=3.0, eps_high=0.28)
+    if loss_type.startswith("dppo"):
+        kw.update(eps_low=0.05, eps_high=0.05, delta=1.2)
     cov = 1.0 if loss_type in ("clip_cov", "kl_cov") else None
     if loss_type == "kl_cov":
         cov = 0.1
