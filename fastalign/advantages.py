@@ -510,7 +510,7 @@ def optimal_token_baseline_advantages(
 
     Returns ``(advantages, returns)`` ``[B, T]`` in the rewards' dtype (float32 or float64).
     Plain tensor operations on the inputs' device, group sums as a ``[B, B]`` same-group matrix
-    product: no host synchronisation (string ids are mapped on the host, as in
+    product in float64: no host synchronisation (string ids are mapped on the host, as in
     :func:`group_advantages`). No autograd.
     """
     extra = [("old_logprobs", old_logprobs), ("sum_p2", sum_p2)]
@@ -536,8 +536,9 @@ def optimal_token_baseline_advantages(
             same = same * (lengths > 0).to(r.dtype)[None, :]
             GW = torch.zeros_like(GW).scatter_add_(1, rank, GW)
             Wm = torch.zeros_like(Wm).scatter_add_(1, rank, Wm)
-        num = same @ GW
-        den = same @ Wm + eps
+        same64 = same.to(torch.float64)  # float64 group sums: exact member counts, no reduced-precision matmul
+        num = (same64 @ GW.to(torch.float64)).to(r.dtype)
+        den = (same64 @ Wm.to(torch.float64)).to(r.dtype) + eps
         baseline = torch.where(same.sum(-1, keepdim=True) > 1, num / den, 0.0)
         if zero_tail:
             in_group = same > 0
