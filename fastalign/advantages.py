@@ -477,3 +477,77 @@ def implicit_process_advantages(logprobs: Tensor, ref_logprobs: Tensor, response
         _validate.shape("outcome_advantages", outcome_advantages, (x.shape[0],), "one advantage per response")
         r = torch.where(m != 0, r + outcome_advantages.to(x.dtype).unsqueeze(-1) * m, 0.0)
     return r
+
+
+# ---------------------------------------------------------------- optimal token baseline
+def optimal_token_baseline_advantages(
+    token_rewards: Tensor,
+    response_mask: Tensor,
+    index,
+    old_logprobs: Tensor,
+    sum_p2: Tensor,
+    *,
+    importance_weights: Optional[Tensor] = None,
+    zero_tail: bool = True,
+    align: str = "position",
+    eps: float = 1e-8,
+) -> tuple:
+    r"""Per-token baseline weighted by the cumulative path variance (docs/math.md#token-advantages).
+
+    With ``m`` the mask, ``G_t = sum_{u >= t} m_u r_u`` the return, the per-token variance proxy
+    ``w_t = 1 - 2 exp(old_t) + sum_p2_t`` (times ``iw_t ** 2`` with ``importance_weights``) and
+    ``W_t = sum_{u <= t} m_u w_u``, each group ``g`` of responses (same ``index``) shares
+
+        B_t = sum_{j in g} G_jt W_jt m_jt / (sum_{j in g} W_jt m_jt + eps)
+
+    and ``A_t = (G_t - B_t) m_t``; a group of one has ``B = 0``. ``zero_tail``: when one
+    response of a group is strictly the longest (by ``sum m``), its baseline is 0 from position
+    ``L_2`` on, ``L_2`` the second-longest length of the group. ``align``: ``"position"`` sums
+    over the responses at the same position ``t``; ``"response"`` (multi-turn responses with masked
+    observation spans) at the same response-token rank ``k = sum_{u <= t} m_u - 1``, groups counting
+    only non-empty responses (positions of ``zero_tail`` are ranks then). ``sum_p2`` is ``sum_v p_v^2``
+    of the old policy (``TokenStats`` / ``SequenceLogprobs`` provide it).
+
+    Returns ``(advantages, returns)`` ``[B, T]`` in the rewards' dtype (float32 or float64).
+    Plain tensor operations on the inputs' device, group sums as a ``[B, B]`` same-group matrix
+    product in float64: no host synchronisation (string ids are mapped on the host, as in
+    :func:`group_advantages`). No autograd.
+    """
+    extra = [("old_logprobs", old_logprobs), ("sum_p2", sum_p2)]
+    if importance_weights is not None:
+        extra.append(("importance_weights", importance_weights))
+    r, m, (old, p2, *iw) = _token_inputs("token_rewards", token_rewards, response_mask, extra)
+    B, T = r.shape
+    _validate.finite(eps=eps)
+    if align not in ("position", "response"):
+        raise ValueError(f"align must be 'position' or 'response', got {align!r}")
+    with torch.no_grad():
+        keys = _as_index("index", index, B, r.device)
+        returns = (r * m).flip(-1).cumsum(-1).flip(-1)
+        w = 1.0 - 2.0 * torch.exp(old) + p2
+        if iw:
+            w = w * iw[0] * iw[0]
+        W = (w * m).cumsum(-1)
+        lengths = m.sum(-1)
+        same = (keys[:, None] == keys[None, :]).to(r.dtype)  # [B, B]
+        GW, Wm = returns * W * m, W * m
+        rank = (m.cumsum(-1) - 1.0).clamp_min(0.0).to(torch.int64)  # response-token rank of each position
+        if align == "response":  # move every response token to its rank (masked ones add 0)
+            same = same * (lengths > 0).to(r.dtype)[None, :]
+            GW = torch.zeros_like(GW).scatter_add_(1, rank, GW)
+            Wm = torch.zeros_like(Wm).scatter_add_(1, rank, Wm)
+        same64 = same.to(torch.float64)  # float64 group sums: exact member counts, no reduced-precision matmul
+        num = (same64 @ GW.to(torch.float64)).to(r.dtype)
+        den = (same64 @ Wm.to(torch.float64)).to(r.dtype) + eps
+        baseline = torch.where(same.sum(-1, keepdim=True) > 1, num / den, 0.0)
+        if zero_tail:
+            in_group = same > 0
+            longest = torch.where(in_group, lengths[None, :], -1.0).amax(-1)
+            n_longest = (in_group & (lengths[None, :] == longest[:, None])).sum(-1)
+            second = torch.where(in_group & (lengths[None, :] < longest[:, None]), lengths[None, :], -1.0).amax(-1)
+            alone_longest = (lengths == longest) & (n_longest == 1) & (second >= 0)
+            tail = torch.arange(T, device=r.device)[None, :] >= second[:, None]
+            baseline = torch.where(alone_longest[:, None] & tail, 0.0, baseline)
+        if align == "response":
+            baseline = baseline.gather(1, rank)
+        return (returns - baseline) * m, returns

@@ -179,8 +179,10 @@ def policy_loss_cases(dtype):
         opt = (t(), t(), t(), t(), t(), u8()) if full else (None,) * 6  # ref, ent, roll, keep, iw, sel
         return lambda: K.policy_loss_forward(t(), t(), t(), u8(), *opt, row(), t(), **kw)
 
-    for loss_type in ("ppo", "gspo", "cispo", "sapo", "reinforce", "gmpo", "clip_cov", "kl_cov", "vespo"):
-        yield loss_type, launch(PolicyConfig(loss_type=loss_type), False)
+    row_options = {"dppo_tv": dict(delta=20.0), "dppo_kl": dict(delta=20.0), "dro": dict(dro_beta=0.1)}
+    for loss_type in ("ppo", "gspo", "cispo", "sapo", "reinforce", "gmpo", "clip_cov", "kl_cov", "vespo", "dppo_tv",
+                      "dppo_kl", "dro"):
+        yield loss_type, launch(PolicyConfig(loss_type=loss_type, **row_options.get(loss_type, {})), False)
     full = PolicyConfig(loss_type="ppo", eps_high=0.28, dual_clip=3.0, kl_coef=0.1, kl_type="k3", kl_rho="grad",
                         entropy_coef=0.01, rollout_correction="sequence_truncate", offpolicy_threshold=0.5,
                         importance_sampling_level="sequence")

@@ -93,7 +93,7 @@ def policy_loss(
     ``importance_sampling_level="sequence"``), ``A`` the advantage and ``m`` the mask, the
     per-token loss is ``L = w * pg + kl_coef * KL (* rho under kl_rho) - entropy_coef * H``,
     ``pg`` the row of ``loss_type`` in docs/math.md#policy-losses (ppo, gspo, cispo, sapo, reinforce / gpg, gmpo,
-    clip_cov, kl_cov, vespo; presets grpo, bnpo, dr_grpo, dapo, luspo, vanilla, geo_mean).
+    clip_cov, kl_cov, vespo, dppo_tv, dppo_kl, dro; presets grpo, bnpo, dr_grpo, dapo, luspo, vanilla, geo_mean).
     ``w`` is detached: rollout correction (from ``rollout_logprobs``; a NaN there is a log-ratio
     of 0), ``importance_weights`` (precomputed per-token or per-sequence weights, e.g. verl's
     ``rollout_is_weights`` or TRL's ``importance_sampling_ratio``; gmpo takes their geometric
@@ -109,7 +109,8 @@ def policy_loss(
 
     Returns:
         ``(loss, metrics)``: a 0-dim fp32 loss and a dict of 0-dim fp32 device tensors:
-        ``clipfrac`` (``mean_m[L2 > L1]``), ``clipfrac_lower`` (dual clip), ``approx_kl``
+        ``clipfrac`` (``mean_m[L2 > L1]``; dppo: the tokens outside the divergence bound),
+        ``clipfrac_lower`` (dual clip; dppo: kept tokens with ``rho > delta``), ``approx_kl``
         (``mean_m(-l)``); for the clipped rows ``clip_low`` (``A < 0`` and ``r < 1 - eps_low``),
         ``clip_high`` (``A > 0`` and ``r > 1 + eps_high``, ``r = min(rho, delta)``; cispo: its
         bounds), ``clip_region`` and the per-sequence ``clip_low_min`` / ``clip_high_max`` (token

@@ -20,8 +20,9 @@ from fastalign.kl import canonical_kl
 
 # Loss-type rows of the kernels (one code per row of the table in docs/math.md#policy-losses).
 LOSS_CODES = {"ppo": 0, "gspo": 1, "cispo": 2, "sapo": 3, "reinforce": 4, "gmpo": 5, "clip_cov": 6, "kl_cov": 7,
-              "vespo": 8}
-LOSS_TYPES = ("ppo", "gspo", "cispo", "sapo", "reinforce", "gpg", "gmpo", "clip_cov", "kl_cov", "vespo", "luspo")
+              "vespo": 8, "dppo_tv": 9, "dppo_kl": 10, "dro": 11}
+LOSS_TYPES = ("ppo", "gspo", "cispo", "sapo", "reinforce", "gpg", "gmpo", "clip_cov", "kl_cov", "vespo", "luspo",
+              "dppo_tv", "dppo_kl", "dro")
 # Trainer names -> (loss type, aggregation, sequence count); None keeps the caller's choice.
 PRESETS = {
     "vanilla": ("ppo", None, None),
@@ -44,7 +45,8 @@ ENTROPY_AGGS = ("loss", "token-mean")
 
 _PPO_ROWS = ("ppo", "gspo", "clip_cov")  # rows with the ppo clip
 _SEQUENCE_LEVEL_ROWS = ("ppo", "cispo", "sapo")  # rows that take importance_sampling_level="sequence"
-_CLIP_ROWS = ("ppo", "gspo", "clip_cov", "gmpo", "cispo")  # rows that read eps_low / eps_high
+_CLIP_ROWS = ("ppo", "gspo", "clip_cov", "gmpo", "cispo", "dppo_tv", "dppo_kl")  # rows that read eps_low / eps_high
+_DELTA_ROWS = ("ppo", "gspo", "dppo_tv", "dppo_kl")  # rows that read delta (the ratio's upper bound)
 
 
 class KernelParams(NamedTuple):
@@ -82,6 +84,7 @@ class KernelParams(NamedTuple):
     cov_ratio: float
     cov_lb: float
     cov_ub: float
+    dro_beta: float
 
     @classmethod
     def from_list(cls, values) -> "KernelParams":
@@ -96,7 +99,7 @@ class PolicyConfig:
 
     Loss: ``loss_type`` (a row of docs/math.md#policy-losses or a trainer preset: grpo, bnpo, dr_grpo, dapo, luspo,
     vanilla, gpg, geo_mean), ``eps_low`` / ``eps_high`` (default 0.2; ppo, gspo, clip_cov, gmpo,
-    cispo without ``cispo_bounds``), ``dual_clip`` (c > 1, ppo), ``delta``
+    cispo without ``cispo_bounds``; dppo_tv / dppo_kl: the bounds of the divergence), ``dual_clip`` (c > 1, ppo), ``delta``
     (ppo-clip rows), ``cispo_bounds`` (cispo), ``sapo_tau`` (sapo), ``vespo_k`` /
     ``vespo_lambda`` ((positive, negative) advantage, vespo), ``importance_sampling_level``
     ("token" or "sequence": ``rho = exp(mean_m l)`` per sequence with its full gradient; ppo,
@@ -133,6 +136,7 @@ class PolicyConfig:
     sapo_tau: Optional[tuple] = None
     vespo_k: Optional[tuple] = None
     vespo_lambda: Optional[tuple] = None
+    dro_beta: Optional[float] = None
     kl_type: str = "k3"
     kl_coef: float = 0.0
     kl_clamp: bool = True
@@ -194,13 +198,16 @@ class PolicyConfig:
         self._only("dual_clip", self.dual_clip is not None, ("ppo",))
         if self.dual_clip is not None and not self.dual_clip > 1.0:
             raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
-        self._only("delta", self.delta is not None, ("ppo", "gspo"))
+        self._only("delta", self.delta is not None, _DELTA_ROWS)
         if self.delta is not None and not self.delta > 0:
             raise ValueError(f"delta must be > 0, got {self.delta}")
         self._only("cispo_bounds", self.cispo_bounds is not None, ("cispo",))
         self._only("sapo_tau", self.sapo_tau is not None, ("sapo",))
         self._only("vespo_k", self.vespo_k is not None, ("vespo",))
         self._only("vespo_lambda", self.vespo_lambda is not None, ("vespo",))
+        self._only("dro_beta", self.dro_beta is not None, ("dro",))
+        if row == "dro" and not (self.dro_beta is not None and self.dro_beta > 0):
+            raise ValueError(f"dro_beta must be > 0 for loss_type 'dro', got {self.dro_beta!r}")
         for name in ("cov_ratio", "cov_lb", "cov_ub"):
             self._only(name, getattr(self, name) is not None, ("clip_cov", "kl_cov"))
         self._only("cov_kl_coef", self.cov_kl_coef is not None, ("kl_cov",))
@@ -311,7 +318,8 @@ class PolicyConfig:
             entropy_coef=float(self.entropy_coef) if entropy_in_kernel else 0.0, rollout_min=float(r_min),
             rollout_max=float(self.rollout_max),
             offpolicy_threshold=math.inf if self.offpolicy_threshold is None else float(self.offpolicy_threshold),
-            cov_kl_coef=cov_kl, cov_ratio=cov_ratio, cov_lb=cov_lb, cov_ub=cov_ub)
+            cov_kl_coef=cov_kl, cov_ratio=cov_ratio, cov_lb=cov_lb, cov_ub=cov_ub,
+            dro_beta=float(self.dro_beta or 0.0))
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(PolicyConfig))

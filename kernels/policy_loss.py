@@ -38,6 +38,9 @@ GMPO = tl.constexpr(5)
 CLIPCOV = tl.constexpr(6)
 KLCOV = tl.constexpr(7)
 VESPO = tl.constexpr(8)
+DPPOTV = tl.constexpr(9)
+DPPOKL = tl.constexpr(10)
+DRO = tl.constexpr(11)
 K1 = tl.constexpr(0)
 KABS = tl.constexpr(1)
 K2 = tl.constexpr(2)
@@ -107,7 +110,7 @@ def policy_loss_fwd_kernel(
     row_ptr, dlp_ptr,
     T, eps_low, eps_high, dual_clip, delta, cispo_lo, cispo_hi, tau_pos, tau_neg,
     vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
-    kl_coef, entropy_coef, rollout_min, rollout_max, offpolicy_threshold, cov_kl_coef,
+    kl_coef, entropy_coef, rollout_min, rollout_max, offpolicy_threshold, cov_kl_coef, dro_beta,
     LT: tl.constexpr, SEQ: tl.constexpr, KL_ON: tl.constexpr, KL_TYPE: tl.constexpr,
     KL_STRAIGHT: tl.constexpr, KL_CLAMP: tl.constexpr, KL_RHO: tl.constexpr, KL_RHO_GRAD_ON: tl.constexpr,
     ENT_ON: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_IW: tl.constexpr, HAS_ROLL: tl.constexpr,
@@ -283,6 +286,29 @@ def policy_loss_fwd_kernel(
                              vespo_lambda_neg)
             pg = -phi * a * x_lp
             d_own = -phi * a
+        elif (LT == DPPOTV) or (LT == DPPOKL):
+            # keep k: the token's probability moved within the divergence bound; weight sg(min(rho, delta) k)
+            p = tl.exp(x_lp)
+            p_old = tl.exp(old)
+            if LT == DPPOTV:
+                ok_pos = (p - p_old) <= eps_high
+                ok_neg = (p - p_old) >= -eps_low
+            else:
+                bkl = p_old * (old - x_lp) + (1.0 - p_old) * tl.log((1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
+                ok_pos = (bkl <= eps_high) | (p <= p_old)
+                ok_neg = (bkl <= eps_low) | (p >= p_old)
+            k = tl.where(a > 0, ok_pos, ok_neg).to(tl.float32)
+            rho_t = rho_c
+            if DELTA_ON:
+                rho_t = tl.where(rho_c > delta, delta, rho_c)
+                low = tl.where(rho_c > delta, k, 0.0)
+            wt = rho_t * k
+            pg = -wt * a * x_lp
+            d_own = -wt * a
+            clip = 1.0 - k
+        elif LT == DRO:
+            pg = -a * x_lp + 0.5 * dro_beta * l * l
+            d_own = -a + dro_beta * l
         else:  # gmpo
             dc = tl.where(a > 0, (l <= eps_high).to(tl.float32), tl.where(a < 0, (l >= -eps_low).to(tl.float32), 0.0))
             pg = zero
@@ -389,7 +415,7 @@ def policy_loss_forward(lp, old, adv, mask, ref, ent, roll, keep, iw, sel, row, 
                         kl_straight, kl_clamp, kl_rho, rollout, eps_low, eps_high, dual_clip, delta, cispo_lo,
                         cispo_hi, tau_pos, tau_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
                         kl_coef, entropy_coef, rollout_min, rollout_max, offpolicy_threshold, cov_kl_coef,
-                        cov_ratio=None, cov_lb=None, cov_ub=None):
+                        dro_beta=0.0, cov_ratio=None, cov_lb=None, cov_ub=None):
     """Launch over rows of contiguous [B, T] inputs (mask/sel uint8); optional ones may be None.
 
     Keywords: the fields of ``fastalign.policy_config.KernelParams`` (``**params._asdict()``);
@@ -409,12 +435,12 @@ def policy_loss_forward(lp, old, adv, mask, ref, ent, roll, keep, iw, sel, row, 
         sel if sel is not None else mask, row, dlp,
         T, eps_low, eps_high, dual_clip, delta, cispo_lo, cispo_hi, tau_pos, tau_neg,
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, kl_coef, entropy_coef, rollout_min,
-        rollout_max, offpolicy_threshold if offpol_on else 0.0, cov_kl_coef,
+        rollout_max, offpolicy_threshold if offpol_on else 0.0, cov_kl_coef, dro_beta,
         LT=loss_type, SEQ=seq, KL_ON=ref is not None, KL_TYPE=kl_type, KL_STRAIGHT=bool(kl_straight),
         KL_CLAMP=bool(kl_clamp), KL_RHO=bool(kl_rho), KL_RHO_GRAD_ON=kl_rho == KL_RHO_GRAD,
         ENT_ON=ent is not None, HAS_KEEP=keep is not None, HAS_IW=iw is not None, HAS_ROLL=roll is not None,
         HAS_SEL=sel is not None, DUAL_ON=bool(dual_clip > 0 and loss_type == PPO),
-        DELTA_ON=bool(delta > 0 and loss_type in (PPO, GSPO)), OFFPOL_ON=offpol_on,
+        DELTA_ON=bool(delta > 0 and loss_type in (PPO, GSPO, DPPOTV, DPPOKL)), OFFPOL_ON=offpol_on,
         NEED1=bool(loss_type in (GSPO, GMPO, VESPO) or seq_roll or offpol_on or seq),
         TOK_ROLL=rollout in (TOK_TRUNC, TOK_MASK), SEQ_ROLL=seq_roll, TRUNC=rollout in (TOK_TRUNC, SEQ_TRUNC),
         PPO_ROW=loss_type in (PPO, GSPO, CLIPCOV), BLOCK_T=BLOCK_T,

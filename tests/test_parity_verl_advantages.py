@@ -75,13 +75,85 @@ def _close(a, b, what):
     torch.testing.assert_close(a.to(D), b.to(D), **TOL, msg=lambda m: f"{what}: {m}")
 
 
-def test_every_verl_estimator_is_mapped_or_named_as_left_out():
+def test_every_verl_estimator_is_mapped():
     verl = {e.value for e in core_algos.AdvantageEstimator}
-    left_out = {"optimal_token_baseline", "tir_optimal_token_baseline"}
-    assert verl - left_out == set(fverl.ESTIMATORS), verl ^ set(fverl.ESTIMATORS)
-    for name in left_out:
-        with pytest.raises(ValueError, match="not covered"):
-            fverl.compute_advantage(dict(adv_estimator=name), torch.zeros(2, 3), torch.ones(2, 3))
+    assert verl == set(fverl.ESTIMATORS), verl ^ set(fverl.ESTIMATORS)
+    with pytest.raises(ValueError, match="not covered"):
+        fverl.compute_advantage(dict(adv_estimator="no_such_estimator"), torch.zeros(2, 3), torch.ones(2, 3))
+
+
+OTB = ["optimal_token_baseline", "tir_optimal_token_baseline"]
+
+
+def _otb_inputs(seed, B=12, T=7, holes=True, dtype=D):
+    _, token_r, mask, _, _ = _batch(seed=seed, B=B, T=T, holes=holes)
+    g = torch.Generator().manual_seed(seed + 100)
+    old = -torch.rand(B, T, generator=g, dtype=D) * 3.0
+    p2 = torch.exp(old) ** 2 + torch.rand(B, T, generator=g, dtype=D) * 0.3
+    iw = torch.rand(B, T, generator=g, dtype=D) + 0.5
+    mask[5] = 0  # an empty response
+    return [t.to(dtype) for t in (token_r * mask, mask, old, p2, iw)]
+
+
+@pytest.mark.parametrize("with_iw", [False, True], ids=["plain", "is_weights"])
+@pytest.mark.parametrize("uid", list(UIDS), ids=list(UIDS))
+@pytest.mark.parametrize("estimator", OTB)
+def test_optimal_token_baseline_matches_verl(estimator, uid, with_iw):
+    r, mask, old, p2, iw = _otb_inputs(seed=OTB.index(estimator) + 20)
+    iw = iw if with_iw else None
+    index = UIDS[uid]
+    cfg = AlgoConfig(adv_estimator=estimator)
+    adv_v, ret_v = core_algos.get_adv_estimator_fn(estimator)(
+        token_level_rewards=r.clone(), response_mask=mask, config=cfg, index=index, old_log_probs=old,
+        sum_pi_squared=p2, rollout_is_weights=iw)
+    adv_f, ret_f = fverl.compute_advantage(cfg, r, mask, index, old_log_probs=old, sum_pi_squared=p2,
+                                           rollout_is_weights=iw)
+    _close(adv_f, adv_v, f"{estimator} advantages")
+    _close(ret_f, ret_v, f"{estimator} returns")
+    assert (adv_f[mask == 0] == 0).all()
+    align = "response" if estimator.startswith("tir") else "position"
+    adv_r, ret_r = R.optimal_token_baseline_advantages(r, mask, list(index), old, p2, iw, align=align)
+    _close(adv_f, adv_r, "advantages vs reference")
+    _close(ret_f, ret_r, "returns vs reference")
+
+
+@pytest.mark.parametrize("estimator", OTB)
+def test_optimal_token_baseline_zero_tail_binds(estimator):
+    """A strictly longest response in a group: verl's zero tail changes the advantages, and both agree."""
+    r, mask, old, p2, _ = _otb_inputs(seed=30, holes=False)
+    index = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    mask[0] = 1  # the only response of full length in group 0
+    mask[1:4, 4:] = 0
+    align = "response" if estimator.startswith("tir") else "position"
+    with_tail = fa.advantages.optimal_token_baseline_advantages(r, mask, index, old, p2, align=align)[0]
+    no_tail = fa.advantages.optimal_token_baseline_advantages(r, mask, index, old, p2, align=align,
+                                                              zero_tail=False)[0]
+    assert not torch.allclose(with_tail[0], no_tail[0])
+    adv_v, _ = core_algos.get_adv_estimator_fn(estimator)(
+        token_level_rewards=r.clone(), response_mask=mask, config=AlgoConfig(adv_estimator=estimator),
+        index=index.numpy(), old_log_probs=old, sum_pi_squared=p2)
+    _close(with_tail, adv_v, "zero tail")
+
+
+def test_optimal_token_baseline_float32_and_bad_inputs():
+    r, mask, old, p2, iw = _otb_inputs(seed=31, dtype=torch.float32)
+    index = UIDS["str-interleaved"]
+    cfg = AlgoConfig(adv_estimator="optimal_token_baseline")
+    adv_v, _ = core_algos.get_adv_estimator_fn("optimal_token_baseline")(
+        token_level_rewards=r.clone(), response_mask=mask, config=cfg, index=index, old_log_probs=old,
+        sum_pi_squared=p2, rollout_is_weights=iw)
+    adv_f, _ = fverl.compute_advantage(cfg, r, mask, index, old_log_probs=old, sum_pi_squared=p2,
+                                       rollout_is_weights=iw)
+    assert adv_f.dtype == torch.float32
+    torch.testing.assert_close(adv_f, adv_v, atol=2e-6, rtol=2e-6)
+    with pytest.raises(ValueError, match="sum_pi_squared"):
+        fverl.compute_advantage(cfg, r, mask, index, old_log_probs=old)
+    with pytest.raises(ValueError, match="rollout_is_weights"):
+        fverl.compute_advantage(AlgoConfig(adv_estimator="grpo"), r, mask, index, rollout_is_weights=iw)
+    with pytest.raises(ValueError, match="align"):
+        fa.advantages.optimal_token_baseline_advantages(r, mask, index, old, p2, align="turn")
+    with pytest.raises(ValueError, match="sum_p2"):
+        fa.advantages.optimal_token_baseline_advantages(r, mask, index, old, p2[:, :3])
 
 
 def test_algo_defaults_are_verls():

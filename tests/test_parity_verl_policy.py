@@ -84,6 +84,15 @@ CASES = {
     "geo_mean": dict(loss_mode="geo_mean", clip_ratio_low=0.1, clip_ratio_high=0.15, is_weights=True, **KL),
     "geo_mean_seq_terms": dict(loss_mode="geo_mean", loss_agg_mode="seq-mean-token-mean", entropy_coeff=0.01),
     "cispo": dict(loss_mode="cispo", clip_ratio_low=0.1, clip_ratio_high=0.1, entropy_coeff=0.01),
+    "dppo_tv": dict(loss_mode="dppo_tv", clip_ratio_low=0.05, clip_ratio_high=0.03, clip_ratio_c=1.1,
+                    entropy_coeff=0.01, **KL),
+    "dppo_tv_is_weights": dict(loss_mode="dppo_tv", loss_agg_mode="seq-mean-token-mean", is_weights=True),
+    "dppo_kl": dict(loss_mode="dppo_kl", clip_ratio_low=0.01, clip_ratio_high=0.02, clip_ratio_c=1.2, **KL),
+    "dppo_kl_token_sum_norm": dict(loss_mode="dppo_kl", loss_agg_mode="seq-mean-token-sum-norm", loss_scale_factor=16,
+                                   is_weights=True, entropy_coeff=0.01),
+    "dro": dict(loss_mode="dro", policy_loss=dict(dro_beta=0.5), entropy_coeff=0.01, is_weights=True, **KL),
+    "dro_seq_mean_token_sum": dict(loss_mode="dro", policy_loss=dict(dro_beta=2.0),
+                                   loss_agg_mode="seq-mean-token-sum"),
 }
 
 
@@ -125,6 +134,11 @@ def test_clip_metrics_are_exercised():
     assert vm["actor/pg_clipfrac_lower"] > 0
     vm = _run("geo_mean", batch(seed=41), False)
     assert vm["actor/pg_clipfrac"] > 0 or vm["actor/pg_clipfrac_lower"] > 0
+    d = batch(seed=44)
+    d["old"] = d["old"].clamp(max=-1e-3)  # log-probs: the binary KL is finite everywhere
+    for case in ("dppo_tv", "dppo_kl"):  # the divergence bound and the ratio truncation both bind
+        vm = _run(case, d, False)
+        assert 0 < vm["actor/pg_clipfrac"] < 1 and 0 < vm["actor/pg_clipfrac_lower"] < 1, (case, vm)
 
 
 def test_triton_kernel_matches_verl():
@@ -132,13 +146,16 @@ def test_triton_kernel_matches_verl():
 
     d = batch(B=4, T=7, seed=42)
     with fastalign.use_backend("triton"):
-        for case in ("vanilla_is_weights", "geo_mean", "gspo_seq_mean", "sapo_token_mean_terms"):
+        for case in ("vanilla_is_weights", "geo_mean", "gspo_seq_mean", "sapo_token_mean_terms", "dppo_tv", "dppo_kl",
+                     "dro"):
             _run(case, d, True)
 
 
 def test_unsupported_loss_mode_raises():
-    with pytest.raises(ValueError, match="dppo_tv"):
-        VerlPolicyLoss(make_actor("dppo_tv"))
+    with pytest.raises(ValueError, match="bypass_mode"):
+        VerlPolicyLoss(make_actor("bypass_mode"))
+    with pytest.raises(ValueError, match="dro_beta"):
+        VerlPolicyLoss(make_actor("dro"))
 
 
 def test_dict_config_equals_actor_config():

@@ -12,7 +12,7 @@ from fastalign import reference
 from fastalign.ops import policy_loss as ops
 from helpers import assert_close
 
-LOSS_TYPES = ["ppo", "gspo", "cispo", "sapo", "reinforce", "gmpo", "clip_cov", "kl_cov"]
+LOSS_TYPES = ["ppo", "gspo", "cispo", "sapo", "reinforce", "gmpo", "clip_cov", "kl_cov", "dppo_tv", "dppo_kl"]
 
 
 def make_batch(B=5, T=23, seed=0, dtype=torch.float32, spread=0.3, mask_frac=0.2):
@@ -104,6 +104,8 @@ def test_loss_types_match_reference(cpu_backend, loss_type):
     kw = dict(loss_type=loss_type, kl_coef=0.05, entropy_coef=0.01)
     if loss_type == "ppo":
         kw.update(dual_clip=3.0, eps_high=0.28)
+    if loss_type.startswith("dppo"):
+        kw.update(eps_low=0.05, eps_high=0.05, delta=1.2)
     cov = 1.0 if loss_type in ("clip_cov", "kl_cov") else None
     if loss_type == "kl_cov":
         cov = 0.1
@@ -617,6 +619,10 @@ def test_unknown_option_suggests_the_closest_name():
     (dict(loss_type="reinforce", eps_high=0.3), "eps_high"),
     (dict(loss_type="cispo", cispo_bounds=(0.0, 2.0), eps_low=0.1), "eps_low"),
     (dict(entropy_agg="token-mean"), "entropy_agg"),
+    (dict(loss_type="ppo", dro_beta=0.1), "dro_beta"),
+    (dict(loss_type="dro"), "dro_beta"),
+    (dict(loss_type="dro", dro_beta=0.0), "dro_beta"),
+    (dict(loss_type="dro", delta=2.0), "delta"),
 ])
 def test_option_that_does_not_apply_raises(kw, name):
     with pytest.raises(ValueError, match=name):
@@ -675,7 +681,21 @@ OPTION_CASES = {
     "gmpo_nonempty": dict(loss_type="gmpo", seq_count="nonempty", agg="seq-mean-token-mean"),
     "dr_grpo_nonempty": dict(loss_type="dr_grpo", seq_count="nonempty", max_len=30),
     "dual_clip_metrics": dict(dual_clip=3.0, eps_high=0.28),
+    "dppo_tv": dict(loss_type="dppo_tv", eps_low=0.05, eps_high=0.03, delta=1.1, kl_coef=0.1),
+    "dppo_tv_untruncated": dict(loss_type="dppo_tv", agg="seq-mean-token-sum"),
+    "dppo_kl": dict(loss_type="dppo_kl", eps_low=0.01, eps_high=0.02, delta=1.2, agg="seq-mean-token-mean"),
+    "dro": dict(loss_type="dro", dro_beta=0.5, kl_coef=0.1, agg="seq-mean-token-sum-norm"),
 }
+
+
+@pytest.mark.parametrize("loss_type", ["dppo_tv", "dppo_kl"])
+def test_dppo_data_exercise_the_bound_and_the_truncation(cpu_backend, loss_type):
+    batch = _with_empty_row(make_batch(seed=37, spread=0.3))
+    batch["old"] = batch["old"].clamp(max=-1e-3)  # log-probs: the binary KL is finite everywhere
+    out, ref = run(batch, cpu_backend, loss_type=loss_type, eps_low=0.02, eps_high=0.02, delta=1.1)
+    check(out, ref)
+    assert 0 < float(out[1]["clipfrac"]) < 1
+    assert 0 < float(out[1]["clipfrac_lower"]) < 1
 
 
 @pytest.mark.parametrize("case", sorted(OPTION_CASES))
@@ -687,14 +707,15 @@ def test_options_match_reference(cpu_backend, case):
     check(out, ref)
 
 
-@pytest.mark.parametrize("loss_type", ["ppo", "gmpo", "vespo", "cispo"])
+@pytest.mark.parametrize("loss_type", ["ppo", "gmpo", "vespo", "cispo", "dppo_kl", "dro"])
 def test_importance_weights(cpu_backend, loss_type):
     batch = make_batch(seed=34)
     batch["A"] = batch["A"][:, :1].expand_as(batch["A"]).contiguous()
     w = torch.rand(batch["lp"].shape, generator=torch.Generator().manual_seed(1)) + 0.5
-    out, ref = run(batch, cpu_backend, loss_type=loss_type, importance_weights=w, with_ref=False)
+    kw = dict(dro_beta=0.3) if loss_type == "dro" else {}
+    out, ref = run(batch, cpu_backend, loss_type=loss_type, importance_weights=w, with_ref=False, **kw)
     check(out, ref)
-    out, ref = run(batch, cpu_backend, loss_type=loss_type, importance_weights=w[:, 0], with_ref=False)
+    out, ref = run(batch, cpu_backend, loss_type=loss_type, importance_weights=w[:, 0], with_ref=False, **kw)
     check(out, ref)
 
 
@@ -708,13 +729,15 @@ def test_nan_rollout_logprob_is_a_zero_log_ratio(cpu_backend):
         assert torch.isfinite(out[0])
 
 
-@pytest.mark.parametrize("loss_type", ["ppo", "gspo", "cispo", "sapo", "reinforce", "gmpo", "vespo"])
+@pytest.mark.parametrize("loss_type", ["ppo", "gspo", "cispo", "sapo", "reinforce", "gmpo", "vespo", "dppo_tv",
+                                       "dppo_kl", "dro"])
 def test_nan_logprob_gives_nan_loss(cpu_backend, loss_type):
     batch = make_batch(B=3, T=6, seed=36)
     lp = batch["lp"].clone()
     lp[1, 0] = float("nan")  # a valid token
+    row_kw = dict(dro_beta=0.3) if loss_type == "dro" else {}
     loss, _ = fastalign.policy_loss(lp, batch["old"], batch["A"], batch["m"], loss_type=loss_type,
-                                    backend=cpu_backend)
+                                    backend=cpu_backend, **row_kw)
     assert torch.isnan(loss)
     lp = batch["lp"].clone()
     for k in ("ref", "H"):
@@ -722,5 +745,5 @@ def test_nan_logprob_gives_nan_loss(cpu_backend, loss_type):
         bad[1, 0] = float("nan")
         kw = dict(ref_logprobs=bad, kl_coef=0.1) if k == "ref" else dict(entropy=bad, entropy_coef=0.1)
         loss, _ = fastalign.policy_loss(lp, batch["old"], batch["A"], batch["m"], loss_type=loss_type,
-                                        backend=cpu_backend, **kw)
+                                        backend=cpu_backend, **kw, **row_kw)
         assert torch.isnan(loss), k

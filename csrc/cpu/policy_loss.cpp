@@ -34,6 +34,12 @@
 //   kl_cov   -A exp(l) + cov_kl_coef |l| on selected tokens
 //   vespo    -sg(phi_t) A lp, log phi_t = lam + k log W_i - lam W_i, (k, lam) by sign(A_t) >= 0,
 //            log W_i = clamp(sum_v clamp(l, -20, 20) + sum_v clamp(log iw, log 1e-8, 20), log 1e-8, 20)
+//   dppo_tv  -sg(min(rho, delta) k_t) A lp, k_t = 1 where the probability moved within the bound:
+//            A > 0: p - p_old <= eh, else p - p_old >= -el (p = exp(lp), p_old = exp(old))
+//   dppo_kl  the same with the binary KL D = p_old (old - lp) + (1 - p_old) log((1 - p_old + 1e-8) /
+//            (1 - p + 1e-8)): A > 0: D <= eh or p <= p_old, else D <= el or p >= p_old
+//            (dppo: clip = 1 - k_t, dual = k_t [rho > delta])
+//   dro      -A lp + beta/2 l^2
 // Clip metrics: clip_low = A < 0 and r1 < lo, clip_high = A > 0 and r1 > hi (ppo rows; cispo
 // with its bounds; gmpo: l outside [-el, eh] by the sign of A).
 // A NaN rollout log-prob is a log-ratio of 0 (an unscorable token); any other NaN propagates.
@@ -60,7 +66,7 @@
 namespace fastalign {
 namespace {
 
-enum LossType : int { kPPO = 0, kGSPO, kCISPO, kSAPO, kREINFORCE, kGMPO, kCLIPCOV, kKLCOV, kVESPO };
+enum LossType : int { kPPO = 0, kGSPO, kCISPO, kSAPO, kREINFORCE, kGMPO, kCLIPCOV, kKLCOV, kVESPO, kDPPOTV, kDPPOKL, kDRO };
 enum KLType : int { kK1 = 0, kAbs, kK2, kK3 };
 enum Rollout : int { kRollNone = 0, kTokTrunc, kTokMask, kSeqTrunc, kSeqMask };
 enum KLRho : int { kKLRhoOff = 0, kKLRhoDetached, kKLRhoGrad };
@@ -78,7 +84,7 @@ constexpr int kPartCols = kRowCols + 1;  // a chunk's sums plus its sequence-lev
   X(float, vespo_k_pos) X(float, vespo_lambda_pos) X(float, vespo_k_neg) X(float, vespo_lambda_neg)  \
   X(float, kl_coef) X(float, entropy_coef) X(float, rollout_min) X(float, rollout_max)               \
   X(float, offpolicy_threshold) X(float, cov_kl_coef) X(float, cov_ratio) X(float, cov_lb)           \
-  X(float, cov_ub)
+  X(float, cov_ub) X(float, dro_beta)
 
 struct PolicyParams {
 #define FA_FIELD(type, name) type name;
@@ -261,7 +267,9 @@ __attribute__((always_inline)) inline uint32_t chunk_body(const Cfg& c, const Ro
   const float lo = 1.f - el, hi = 1.f + eh;
   // Options off become bounds that never bind (no runtime branches in the loop, so it vectorises).
   constexpr float kBig = std::numeric_limits<float>::max();
-  const float delta_b = ((LT == kPPO || LT == kGSPO) && c.delta > 0.f) ? c.delta : kBig;
+  const float delta_b = ((LT == kPPO || LT == kGSPO || LT == kDPPOTV || LT == kDPPOKL) && c.delta > 0.f) ? c.delta
+                                                                                                      : kBig;
+  const float dro_beta = c.dro_beta;
   const float dual_b = (LT == kPPO && c.dual_clip > 0.f) ? c.dual_clip : kBig;
   const float xlo = kl_clamp ? -20.f : -kBig, xhi = kl_clamp ? 20.f : kBig;
   const float klo = kl_clamp ? -10.f : -kBig, khi = kl_clamp ? 10.f : kBig;
@@ -366,6 +374,28 @@ __attribute__((always_inline)) inline uint32_t chunk_body(const Cfg& c, const Ro
       const float phi = vespo_phi(c, a >= 0.f, vespo_logw, vespo_w);
       pg = -phi * a * x_lp;
       d_own = -phi * a;
+    } else if (LT == kDPPOTV || LT == kDPPOKL) {
+      const float old_t = c_old[t];
+      const float p = exp_f32(x_lp), p_old = exp_f32(old_t);
+      bool ok_pos, ok_neg;
+      if (LT == kDPPOTV) {
+        ok_pos = p - p_old <= eh;
+        ok_neg = p - p_old >= -el;
+      } else {
+        const float bkl = p_old * (old_t - x_lp) + (1.f - p_old) * std::log((1.f - p_old + 1e-8f) / (1.f - p + 1e-8f));
+        ok_pos = (bkl <= eh) | (p <= p_old);
+        ok_neg = (bkl <= el) | (p >= p_old);
+      }
+      const float k = (a > 0.f ? ok_pos : ok_neg) ? 1.f : 0.f;
+      const bool trunc_hit = rho_c > delta_b;
+      const float wt = (trunc_hit ? delta_b : rho_c) * k;
+      pg = -wt * a * x_lp;
+      d_own = -wt * a;
+      clip = 1.f - k;
+      low = trunc_hit ? k : 0.f;
+    } else if (LT == kDRO) {
+      pg = -a * x_lp + 0.5f * dro_beta * l * l;
+      d_own = -a + dro_beta * l;
     } else if (LT == kGMPO) {
       const float dc = a > 0.f ? (l <= eh ? 1.f : 0.f) : (a < 0.f ? (l >= -el ? 1.f : 0.f) : 0.f);
       d_own = gmpo_G * dc;
@@ -819,6 +849,9 @@ void policy_loss_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_
     case kCLIPCOV: launch(std::integral_constant<int, kCLIPCOV>{}); break;
     case kKLCOV: launch(std::integral_constant<int, kKLCOV>{}); break;
     case kVESPO: launch(std::integral_constant<int, kVESPO>{}); break;
+    case kDPPOTV: launch(std::integral_constant<int, kDPPOTV>{}); break;
+    case kDPPOKL: launch(std::integral_constant<int, kDPPOKL>{}); break;
+    case kDRO: launch(std::integral_constant<int, kDRO>{}); break;
     default: throw std::invalid_argument("policy_loss_fwd_cpu: unknown loss type code");
   }
 }

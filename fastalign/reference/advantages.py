@@ -265,3 +265,65 @@ def gae_time_loop(rewards, values, mask, gamma=1.0, lam=1.0):
     mean = (adv * mask).sum() / n
     var = (((adv - mean) * mask) ** 2).sum() / (n - 1)
     return (adv - mean) * torch.rsqrt(var + 1e-8) * mask, ret
+
+
+def optimal_token_baseline_advantages(rewards, mask, index, old_logprobs, sum_p2, importance_weights=None,
+                                      zero_tail=True, align="position", eps=1e-8):
+    """Per-group loops in float64: ``B_t = sum_g G W m / (sum_g W m + eps)``, ``A = (G - B) m``;
+    ``align="response"``: the sums run over the k-th valid token of each non-empty response."""
+    if align == "response":
+        m = mask.double()
+        B, T = m.shape
+        pos = [[t for t in range(T) if m[i, t] > 0] for i in range(B)]
+        packed = lambda x: torch.stack([torch.cat([x[i, pos[i]], x.new_zeros(T - len(pos[i]))])  # noqa: E731
+                                        for i in range(B)])
+        counts = torch.tensor([[1.0] * len(pos[i]) + [0.0] * (T - len(pos[i])) for i in range(B)],
+                              dtype=torch.float64)
+        keep = [i for i in range(B) if pos[i]]
+        iw = None if importance_weights is None else packed(importance_weights.double())
+        # W and G are prefix / suffix sums over valid tokens: packing first gives the same values
+        a, g = optimal_token_baseline_advantages(
+            packed(rewards.double())[keep], counts[keep], [list(index)[i] for i in keep],
+            packed(old_logprobs.double())[keep], packed(sum_p2.double())[keep], iw if iw is None else iw[keep],
+            zero_tail, "position", eps)
+        adv = torch.zeros(B, T, dtype=torch.float64)
+        _, ret = optimal_token_baseline_advantages(rewards, mask, list(range(B)), old_logprobs, sum_p2,
+                                                   importance_weights, False, "position", eps)
+        for n, i in enumerate(keep):
+            adv[i, pos[i]] = a[n, :len(pos[i])]
+        return adv, ret
+    r, m = rewards.double(), mask.double()
+    B, T = r.shape
+    G = torch.zeros_like(r)
+    for i in range(B):
+        acc = 0.0
+        for t in reversed(range(T)):
+            acc += float(r[i, t] * m[i, t])
+            G[i, t] = acc
+    w = 1.0 - 2.0 * torch.exp(old_logprobs.double()) + sum_p2.double()
+    if importance_weights is not None:
+        w = w * importance_weights.double() ** 2
+    W = torch.zeros_like(r)
+    for i in range(B):
+        acc = 0.0
+        for t in range(T):
+            acc += float(w[i, t] * m[i, t])
+            W[i, t] = acc
+    groups = defaultdict(list)
+    for i, k in enumerate(list(index)):
+        groups[k].append(i)
+    base = torch.zeros_like(r)
+    for rows in groups.values():
+        if len(rows) < 2:
+            continue
+        for t in range(T):
+            num = sum(float(G[j, t] * W[j, t] * m[j, t]) for j in rows)
+            den = sum(float(W[j, t] * m[j, t]) for j in rows) + eps
+            for j in rows:
+                base[j, t] = num / den
+        lengths = [float(m[j].sum()) for j in rows]
+        top = max(lengths)
+        if zero_tail and lengths.count(top) == 1:
+            second = max(x for x in lengths if x < top)
+            base[rows[lengths.index(top)], int(second):] = 0.0
+    return (G - base) * m, G

@@ -130,11 +130,13 @@ def policy_loss(
     rollout_correction=None, rollout_min=None, rollout_max=2.0, entropy_quantile=None, offpolicy_threshold=None,
     importance_weights=None, cispo_bounds=None, sapo_tau=(1.0, 1.05), vespo_k=(2.0, 3.0),
     vespo_lambda=(3.0, 2.0), cov_selected=None, cov_kl_coef=1.0, seq_count=None, global_tokens=None,
-    global_seqs=None, dp_size=1, max_len=None,
+    global_seqs=None, dp_size=1, max_len=None, dro_beta=None,
 ):
     """(loss, metrics) of docs/math.md#policy-losses with the added terms and the aggregation.
 
-    ``loss_type`` is a row (ppo, gspo, cispo, sapo, reinforce, gmpo, clip_cov, kl_cov, vespo);
+    ``loss_type`` is a row (ppo, gspo, cispo, sapo, reinforce, gmpo, clip_cov, kl_cov, vespo, dppo_tv,
+    dppo_kl, dro); for dppo ``delta`` is the detached truncation of the ratio and ``clipfrac_lower``
+    the fraction of kept tokens it truncates;
     ``cov_selected`` (bool [B, T]) are the Clip-Cov / KL-Cov picks (see :func:`cov_selection`).
     ``importance_sampling_level="sequence"``: the ratio is ``exp(mean_m l)`` per sequence, with
     its gradient through every token of the sequence.
@@ -221,6 +223,21 @@ def policy_loss(
         phi = phi_of(A >= 0)
         phi_row = phi_of((_row_mean(A, m) >= 0)[:, None])[:, 0]
         pg = -phi * A * lp
+    elif loss_type in ("dppo_tv", "dppo_kl"):
+        p, p_old = torch.exp(lp.detach()), torch.exp(old)
+        if loss_type == "dppo_tv":
+            ok_pos, ok_neg = p - p_old <= eps_high, p - p_old >= -eps_low
+        else:
+            d = p_old * (old - lp.detach()) + (1 - p_old) * torch.log((1 - p_old + 1e-8) / (1 - p + 1e-8))
+            ok_pos, ok_neg = (d <= eps_high) | (p <= p_old), (d <= eps_low) | (p >= p_old)
+        keep_t = torch.where(A > 0, ok_pos, ok_neg).to(lp.dtype)
+        rho = rho_is.detach()
+        truncated = rho > delta if delta is not None else torch.zeros_like(rho, dtype=torch.bool)
+        clipped = 1.0 - keep_t
+        lower = truncated.to(lp.dtype) * keep_t
+        pg = -torch.where(truncated, torch.full_like(rho, delta or 0.0), rho) * keep_t * A * lp
+    elif loss_type == "dro":
+        pg = -A * lp + 0.5 * dro_beta * l.square()
     elif loss_type == "gmpo":
         sgn = torch.sign(A)
         c = sgn * torch.minimum(sgn * l, sgn * torch.clamp(l, -eps_low, eps_high))
@@ -286,7 +303,8 @@ def policy_loss(
         kept = m if keep is None else m * keep
         loss = loss - entropy_coef * (entropy.to(lp.dtype) * kept).sum() / torch.clamp(kept.sum(), min=1)
     metrics["clipfrac"] = _masked_mean(clipped, m)
-    metrics["clipfrac_lower"] = _masked_mean(lower, m) if dual_clip is not None else zero
+    has_lower = dual_clip is not None or (loss_type in ("dppo_tv", "dppo_kl") and delta is not None)
+    metrics["clipfrac_lower"] = _masked_mean(lower, m) if has_lower else zero
     metrics["approx_kl"] = _masked_mean((-l).detach(), m)
     if loss_type in ("ppo", "gspo", "clip_cov", "cispo", "gmpo"):
         if seq_level:  # one flag per sequence (its first token's), every sequence counts

@@ -29,7 +29,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastalign.advantages import gae_advantages, group_advantages, remax_advantages, token_advantages
+from fastalign.advantages import (gae_advantages, group_advantages, optimal_token_baseline_advantages,
+                                  remax_advantages, token_advantages)
 
 __all__ = ["ALGO_DEFAULTS", "ESTIMATORS", "algo_options", "compute_advantage"]
 
@@ -50,7 +51,9 @@ _GROUPED: Dict[str, Dict[str, Any]] = {
     "gdpo": dict(estimator="gdpo", singleton="unit_std", batch_normalization="token"),
 }
 _TOKEN_LEVEL = ("gae", "reinforce_plus_plus", "remax")
-ESTIMATORS = tuple(_GROUPED) + _TOKEN_LEVEL
+#: verl's optimal-token-baseline estimators → ``optimal_token_baseline_advantages(align=...)``.
+_OPTIMAL_BASELINE = {"optimal_token_baseline": "position", "tir_optimal_token_baseline": "response"}
+ESTIMATORS = tuple(_GROUPED) + _TOKEN_LEVEL + tuple(_OPTIMAL_BASELINE)
 _STD_FROM_CONFIG = ("grpo", "grpo_passk")  # what verl's trainer passes norm_adv_by_std_in_grpo to
 
 
@@ -74,7 +77,9 @@ def algo_options(config=None) -> Dict[str, Any]:
 
 def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor, index=None, *,
                       values: Optional[Tensor] = None, reward_baselines: Optional[Tensor] = None,
-                      reward_scores: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                      reward_scores: Optional[Tensor] = None, old_log_probs: Optional[Tensor] = None,
+                      sum_pi_squared: Optional[Tensor] = None,
+                      rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """``(advantages, returns)`` ``[B, T]`` of verl 0.9.1's ``algorithm.adv_estimator``.
 
     Args:
@@ -86,10 +91,17 @@ def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor
         values: ``[B, T]`` critic values (gae). reward_baselines: ``[B]`` greedy scores (remax).
         reward_scores: ``[B, K]`` gdpo's reward components (verl's ``gdpo_reward_keys``); default
             the row sums of ``token_level_rewards`` as one column.
+        old_log_probs, sum_pi_squared: ``[B, T]`` (optimal_token_baseline,
+            tir_optimal_token_baseline); rollout_is_weights: ``[B, T]`` or None (they scale the
+            path variance by their square).
     """
     opts = algo_options(config)
     est = opts["adv_estimator"]
     mask = response_mask
+    if est not in _OPTIMAL_BASELINE and not (old_log_probs is None and sum_pi_squared is None
+                                             and rollout_is_weights is None):
+        raise ValueError(f"old_log_probs, sum_pi_squared and rollout_is_weights apply to the optimal-token-baseline "
+                         f"estimators, not to adv_estimator {est!r}")
     if est == "gae":
         if values is None:
             raise ValueError("adv_estimator 'gae' needs values [B, T]")
@@ -107,6 +119,12 @@ def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor
         return adv, returns
     if index is None:
         raise ValueError(f"adv_estimator {est!r} needs index (the uid of each response)")
+    if est in _OPTIMAL_BASELINE:
+        if old_log_probs is None or sum_pi_squared is None:
+            raise ValueError(f"adv_estimator {est!r} needs old_log_probs and sum_pi_squared [B, T]")
+        return optimal_token_baseline_advantages(token_level_rewards, mask, index, old_log_probs, sum_pi_squared,
+                                                 importance_weights=rollout_is_weights,
+                                                 align=_OPTIMAL_BASELINE[est])
     kw = dict(_GROUPED[est])
     if est in _STD_FROM_CONFIG:
         kw["std"] = "group" if opts["norm_adv_by_std_in_grpo"] else "none"

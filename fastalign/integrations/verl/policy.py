@@ -4,7 +4,7 @@
 once — ``policy_loss.loss_mode``, ``clip_ratio`` / ``clip_ratio_low`` / ``clip_ratio_high`` /
 ``clip_ratio_c``, ``loss_agg_mode``, ``loss_scale_factor``, ``use_kl_loss`` / ``kl_loss_coef``
 / ``kl_loss_type``, ``entropy_coeff``, ``tau_pos`` / ``tau_neg``, ``policy_loss.clip_cov_*`` /
-``kl_cov_ratio`` / ``ppo_kl_coef`` — and computes what verl's actor computes from
+``kl_cov_ratio`` / ``ppo_kl_coef`` / ``dro_beta`` — and computes what verl's actor computes from
 ``get_policy_loss_fn(loss_mode)`` plus its KL and entropy terms:
 ``pg_loss - entropy_coeff * agg(H) + kl_loss_coef * agg(KL)``.
 
@@ -15,6 +15,10 @@ Where verl's behaviour differs from fastalign's defaults, the profile follows ve
   sapo always aggregates its policy term as seq-mean-token-mean, geo_mean averages over every
   sequence, while KL and entropy use ``loss_agg_mode``.
 * seq-mean-token-sum-norm divides by the non-empty sequences times ``loss_scale_factor``.
+* dppo_tv / dppo_kl read ``clip_ratio_low`` / ``clip_ratio_high`` as the divergence bounds and
+  truncate the detached ratio at ``clip_ratio_c``; ``actor/pg_clipfrac_lower`` is the fraction
+  of kept tokens so truncated.
+* dro requires ``policy_loss.dro_beta > 0`` and logs only ``actor/ppo_kl``.
 * kl_cov uses ``ppo_kl_coef`` (verl's config ships 0.1) and logs ``mean |l|`` as ``ppo_kl``.
 * ``rollout_is_weights`` multiply the policy term; geo_mean takes their geometric mean per
   sequence.
@@ -40,7 +44,9 @@ from fastalign.policy_config import PolicyConfig
 __all__ = ["VerlPolicyLoss", "verl_policy_config"]
 
 _MODES = {"vanilla": "ppo", "gspo": "gspo", "sapo": "sapo", "gpg": "reinforce", "clip_cov": "clip_cov",
-          "kl_cov": "kl_cov", "geo_mean": "gmpo", "cispo": "cispo"}
+          "kl_cov": "kl_cov", "geo_mean": "gmpo", "cispo": "cispo", "dppo_tv": "dppo_tv", "dppo_kl": "dppo_kl",
+          "dro": "dro"}
+_LOWER_MODES = ("vanilla", "dppo_tv", "dppo_kl")  # pg_clipfrac_lower: dual clip / ratio truncation
 _OWN_AGG = {"sapo": "seq-mean-token-mean", "geo_mean": "seq-mean-token-mean"}  # the policy term ignores the mode
 
 
@@ -72,7 +78,7 @@ def verl_policy_config(actor: Any, *, fuse_terms: bool = True) -> PolicyConfig:
     el, eh = _clip_bounds(actor)
     agg = _OWN_AGG.get(mode, _get(actor, "loss_agg_mode", "token-mean"))
     opts: dict = dict(loss_type=row)
-    if row in ("ppo", "gspo", "clip_cov", "gmpo", "cispo"):
+    if row in ("ppo", "gspo", "clip_cov", "gmpo", "cispo", "dppo_tv", "dppo_kl"):
         opts.update(eps_low=el, eps_high=eh)
     if row != "gmpo":
         opts["agg"] = agg
@@ -82,6 +88,13 @@ def verl_policy_config(actor: Any, *, fuse_terms: bool = True) -> PolicyConfig:
         opts["max_len"] = int(_get(actor, "loss_scale_factor"))
     if row == "ppo":
         opts["dual_clip"] = float(_get(actor, "clip_ratio_c", 3.0))
+    if row in ("dppo_tv", "dppo_kl"):  # clip_ratio_* are divergence bounds; clip_ratio_c truncates the ratio
+        opts["delta"] = float(_get(actor, "clip_ratio_c", 20.0))
+    if row == "dro":
+        beta = _get(pl, "dro_beta")
+        if beta is None or not float(beta) > 0:
+            raise ValueError(f"policy_loss.dro_beta must be > 0 for loss_mode 'dro', got {beta!r}")
+        opts["dro_beta"] = float(beta)
     if row == "sapo":
         opts["sapo_tau"] = (float(_get(actor, "tau_pos", 1.0)), float(_get(actor, "tau_neg", 1.05)))
     if row == "clip_cov":
@@ -165,8 +178,10 @@ class VerlPolicyLoss:
         mode = self.mode
         if mode == "gpg":
             return loss, terms
+        if mode == "dro":
+            return loss, {"actor/ppo_kl": met["approx_kl"], **terms}
         out = {"actor/pg_clipfrac": met["clipfrac"], "actor/ppo_kl": met["approx_kl"],
-               "actor/pg_clipfrac_lower": met["clipfrac_lower"] if mode == "vanilla" else zero}
+               "actor/pg_clipfrac_lower": met["clipfrac_lower"] if mode in _LOWER_MODES else zero}
         if mode == "sapo":
             out["actor/pg_clipfrac"] = zero
         elif mode == "clip_cov":
