@@ -79,6 +79,14 @@ def _():
     loss.backward()
 
 
+@op("PolicyConfig")
+def _():
+    cfg = fa.PolicyConfig(loss_type="grpo", eps_high=0.28)
+    loss, _ = fa.policy_loss(lp, old, adv, mask, config=cfg)
+    want, _ = fa.policy_loss(lp, old, adv, mask, loss_type="grpo", eps_high=0.28)
+    assert torch.equal(loss, want)
+
+
 @op("LinearPolicyLoss")
 def _():
     h = torch.randn(B, T, H, requires_grad=True)
