@@ -1,5 +1,7 @@
 """``fastalign-bench`` / ``python -m fastalign.bench``: time and memory of every op
-against its baselines, measured in the same run.
+against its baselines, measured in the same run with the implementations'
+repetitions interleaved, so load from elsewhere on the machine falls on all
+of them alike; the table gives the median and the interquartile range.
 
     fastalign-bench --quick                     # CPU, ~3 minutes on 2 cores (make bench)
     fastalign-bench --device cuda --json out.json --plot out.png
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 import torch
 
@@ -26,7 +29,12 @@ def parse_args(argv=None):
     p.add_argument("--cases", default=None, help="comma-separated substrings of case labels (e.g. 2048x152064)")
     p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated: fwd, fwd+bwd")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per step (default 5 quick, 20 full)")
-    p.add_argument("--budget", type=float, default=None, help="seconds per timing before stopping early")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of timed rounds per case and mode, all implementations together, before "
+                        "stopping early (default 4 quick, 20 full)")
+    p.add_argument("--total-budget", type=float, default=None, metavar="SECONDS",
+                   help="aim for the whole run to end within this time by shortening each case's timed "
+                        "rounds (default 270 with --quick, none otherwise; 0 for none)")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurements")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
     p.add_argument("--json", default=None, metavar="OUT", help="write every figure with device/date/versions")
@@ -58,6 +66,38 @@ def progress(total):
         return None
 
 
+def measure_case(case, mode: str, device, repeats: int, budget: float, memory: bool = True) -> list:
+    """Rows of one (case, mode): every implementation timed with interleaved repetitions, then
+    its peak memory measured."""
+    impls = case.build(device, mode)
+    rows, steps = {}, {}
+    for impl, step in impls.items():
+        rows[impl] = {"op": case.op, "case": case.label, "mode": mode, "impl": impl, "baseline": case.baseline,
+                      **case.params}
+        if step is None:
+            rows[impl]["skipped"] = "not installed, disabled, or not for this device"
+        else:
+            steps[impl] = step
+    for impl, timing in core.time_steps(steps, device, repeats, budget).items():
+        row = rows[impl]
+        row.update(timing)
+        if "error" in row or not memory:
+            continue
+        try:
+            row["peak_extra_bytes"] = (core.measure_cuda_memory(steps[impl], device) if device.type == "cuda"
+                                       else core.measure_cpu_memory_subprocess(case, mode, impl))
+        except Exception as e:  # a baseline failing must not end the run
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+    for row in rows.values():
+        if case.bytes_moved and "median_ms" in row:
+            row["GBps"] = case.bytes_moved(mode) / row["median_ms"] / 1e6
+        if case.required_bytes and row.get("peak_extra_bytes") is not None:
+            row["required_bytes"] = case.required_bytes(mode)
+        if case.flops and "median_ms" in row:
+            row["TFLOPs"] = case.flops(mode) / row["median_ms"] / 1e9
+    return list(rows.values())
+
+
 def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     optional.COMPILE["enabled"] = not args.no_compile
@@ -67,6 +107,8 @@ def run(args) -> dict:
     cases = selected_cases(args, device.type)
     env = core.environment(device)
     limits = core.device_limits(device)
+    total = args.total_budget if args.total_budget is not None else (270.0 if args.quick else 0.0)
+    deadline = time.monotonic() + total if total > 0 else None
     results = []
     todo = [(c, m) for c in cases for m in c.modes if m in modes]
     bar = progress(len(todo))
@@ -76,29 +118,10 @@ def run(args) -> dict:
             bar.set_description(desc)
         else:
             print(f"[{i + 1}/{len(todo)}] {desc}", file=sys.stderr, flush=True)
-        impls = case.build(device, mode)
-        for impl, step in impls.items():
-            row = {"op": case.op, "case": case.label, "mode": mode, "impl": impl, "baseline": case.baseline,
-                   **case.params}
-            if step is None:
-                row["skipped"] = "not installed, disabled, or not for this device"
-                results.append(row)
-                continue
-            try:
-                row.update(core.time_step(step, device, repeats, budget))
-                if not args.no_memory:
-                    row["peak_extra_bytes"] = (core.measure_cuda_memory(step, device) if device.type == "cuda"
-                                               else core.measure_cpu_memory_subprocess(case, mode, impl))
-            except Exception as e:  # a baseline failing must not end the run
-                row["error"] = f"{type(e).__name__}: {e}"[:300]
-            if case.bytes_moved and "median_ms" in row:
-                row["GBps"] = case.bytes_moved(mode) / row["median_ms"] / 1e6
-            if case.required_bytes and row.get("peak_extra_bytes") is not None:
-                row["required_bytes"] = case.required_bytes(mode)
-            if case.flops and "median_ms" in row:
-                row["TFLOPs"] = case.flops(mode) / row["median_ms"] / 1e9
-            results.append(row)
-        del impls
+        with core.quiet_third_party():
+            left = None if deadline is None else deadline - time.monotonic()
+            results += measure_case(case, mode, device, repeats, core.case_budget(budget, left, len(todo) - i),
+                                    memory=not args.no_memory)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -116,6 +139,8 @@ def main(argv=None) -> int:
         return 0
     data = run(args)
     print(report.table(data))
+    for line in core.spread_warnings(data["results"]):
+        print(line)
     if args.record:
         import os
         import re

@@ -2,20 +2,24 @@
 
 A :class:`Case` builds its inputs once and returns, per implementation name,
 a zero-argument step (one forward, or one forward+backward). Every step is
-timed in the same process after warm-up (median of repeats); peak extra
+timed in the same process after warm-up, the candidates' repetitions interleaved
+(median and interquartile range of repeats); peak extra
 memory is the CUDA allocator's peak on GPU and, on CPU, the peak resident set
 of a fresh subprocess that builds the inputs and runs the step once.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
+import logging
 import os
 import statistics
 import subprocess
 import sys
 import time
+import warnings
 from typing import Callable, Dict, Optional
 
 import torch
@@ -70,32 +74,138 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_step(step: Step, device: torch.device, repeats: int, budget_s: float) -> dict:
-    """Median wall time in ms after one warm-up.
+#: a row whose interquartile range exceeds this fraction of its median gets a warning line
+WIDE_SPREAD = 0.25
 
-    At least `repeats` runs unless `budget_s` is spent first (never fewer than 2, or 1 when
-    the warm-up alone outlasts the budget);
-    fast steps keep running for up to a second (at most 1000 runs) so the median is stable.
+
+def spread(times_ms) -> dict:
+    """Median, quartiles (p25, p75, inclusive method), interquartile range and minimum of timings in ms."""
+    times = sorted(times_ms)
+    if not times:
+        raise ValueError("spread: times_ms is empty")
+    if len(times) == 1:
+        p25 = p75 = times[0]
+    else:
+        p25, _, p75 = statistics.quantiles(times, n=4, method="inclusive")
+    return {"median_ms": statistics.median(times), "p25_ms": p25, "p75_ms": p75, "iqr_ms": p75 - p25,
+            "min_ms": times[0], "runs": len(times)}
+
+
+def relative_spread(row: dict) -> Optional[float]:
+    """IQR / median of a timed row; None when the row has no timing."""
+    if "iqr_ms" not in row or not row.get("median_ms"):
+        return None
+    return row["iqr_ms"] / row["median_ms"]
+
+
+def spread_warnings(results: list, threshold: float = WIDE_SPREAD) -> list:
+    """One line per timed row whose IQR / median exceeds ``threshold``."""
+    lines = []
+    for r in results:
+        rel = relative_spread(r)
+        if rel is not None and rel > threshold:
+            lines.append(f"warning: {r['op']} {r['case']} {r['mode']} {r['impl']}: IQR is {100 * rel:.0f}% of "
+                         f"the median ({r['runs']} runs); the machine is busy or the step noisy: rerun on a "
+                         f"quieter machine or with more --repeats")
+    return lines
+
+
+def time_steps(steps: Dict[str, Step], device: torch.device, repeats: int, budget_s: float,
+               clock: Callable[[], float] = time.perf_counter) -> Dict[str, dict]:
+    """Time several candidate steps with their repetitions interleaved.
+
+    Each step runs once as warm-up (in order), then rounds run every remaining step once each
+    (A, B, C, A, B, C, ...), so a burst of load from elsewhere on the machine falls on all
+    candidates alike rather than on whichever was being timed. Rounds continue until at least
+    ``repeats`` rounds are done and a second has passed (at most 1000 rounds), or ``budget_s``
+    seconds of rounds are spent (never fewer than 2 rounds, or 1 when a warm-up alone outlasts the
+    budget). Returns, per name, :func:`spread` of its times in ms, or ``{"error": ...}`` for a step
+    that raised (it is dropped from later rounds).
     """
-    t0 = time.perf_counter()
-    step()
-    sync(device)
-    warm_s = time.perf_counter() - t0
-    times = []
-    start = time.perf_counter()
-    while True:
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-        elapsed = time.perf_counter() - start
-        if len(times) >= 2 and elapsed > budget_s:
+    out: Dict[str, dict] = {}
+    live = []
+    longest_warm = 0.0
+    for name, step in steps.items():
+        try:
+            t0 = clock()
+            step()
+            sync(device)
+            longest_warm = max(longest_warm, clock() - t0)
+            live.append(name)
+        except Exception as e:  # one candidate failing must not stop the others
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    times = {name: [] for name in live}
+    start = clock()
+    rounds = 0
+    while live:
+        for name in list(live):
+            try:
+                t0 = clock()
+                steps[name]()
+                sync(device)
+                times[name].append((clock() - t0) * 1e3)
+            except Exception as e:
+                out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                live.remove(name)
+                del times[name]
+        rounds += 1
+        elapsed = clock() - start
+        if rounds >= 2 and elapsed > budget_s:
             break
-        if warm_s > budget_s:  # a step longer than the whole budget: one timed run after warm-up
+        if longest_warm > budget_s:  # a step longer than the whole budget: one timed round
             break
-        if len(times) >= repeats and (elapsed > min(budget_s, 1.0) or len(times) >= 1000):
+        if rounds >= repeats and (elapsed > min(budget_s, 1.0) or rounds >= 1000):
             break
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "runs": len(times)}
+    for name, ts in times.items():
+        out[name] = spread(ts)
+    return {name: out[name] for name in steps}
+
+
+def time_step(step: Step, device: torch.device, repeats: int, budget_s: float) -> dict:
+    """:func:`time_steps` of one step; a step that raises raises RuntimeError with its message."""
+    row = time_steps({"step": step}, device, repeats, budget_s)["step"]
+    if "error" in row:
+        raise RuntimeError(row["error"])
+    return row
+
+
+def case_budget(budget_s: float, total_left_s: Optional[float], cases_left: int, timed_share: float = 0.5,
+                floor_s: float = 0.2) -> float:
+    """Seconds of timed rounds for the next (case, mode) under a total time budget.
+
+    Each remaining (case, mode) gets an equal share of what is left of the total, of which
+    ``timed_share`` goes to the timed rounds (the rest is left for warm-ups, building inputs and
+    memory probes); never more than ``budget_s`` nor less than ``floor_s``. Without a total
+    (``None``), ``budget_s``.
+    """
+    if total_left_s is None:
+        return budget_s
+    if cases_left < 1:
+        raise ValueError(f"cases_left must be at least 1, got {cases_left}")
+    return min(budget_s, max(floor_s, timed_share * max(total_left_s, 0.0) / cases_left))
+
+
+#: loggers of third-party libraries whose warnings (torch.compile graph breaks, recompilations)
+#: would otherwise flood the bench output
+QUIET_LOGGERS = ("torch._dynamo", "torch._inductor", "torch._functorch", "torch.fx", "torch._logging",
+                 "torch._subclasses", "triton")
+
+
+@contextlib.contextmanager
+def quiet_third_party():
+    """Silence warnings issued from modules outside fastalign, and lower the torch.compile loggers
+    to ERROR, for the duration of the block. fastalign's own warnings and every exception pass."""
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", module=r"fastalign(\.|$)")
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
 
 
 def _status_kib(field: str) -> int:

@@ -1,7 +1,7 @@
 """Ratios, the plain-text table and the plot of benchmark results."""
 from __future__ import annotations
 
-from fastalign.bench.core import BASELINE
+from fastalign.bench.core import BASELINE, relative_spread
 
 
 def speedup(r: dict):
@@ -46,10 +46,10 @@ def table(data: dict) -> str:
         lines.append(f"device limits: copy {limits['copy_GBps']:.0f} GB/s, "
                      f"bf16 matmul {limits['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
     cw = max([22] + [len(r["case"]) for r in data["results"]])
-    head = f"{'op':18s} {'case':{cw}s} {'mode':8s} {'impl':14s} {'median ms':>10s} {'speedup':>9s} " \
+    head = f"{'op':18s} {'case':{cw}s} {'mode':8s} {'impl':14s} {'median ms':>10s} {'IQR %':>6s} {'speedup':>9s} " \
            f"{'extra MiB':>10s} {'mem ratio':>9s} {'% limit':>8s}  baseline"
     lines += [head, "-" * len(head)]
-    foot = "speedup: baseline time / time; extra MiB: peak memory beyond the inputs; mem ratio: to the " \
+    foot = "IQR %: interquartile range of the timed runs / median; speedup: baseline time / time; extra MiB: peak memory beyond the inputs; mem ratio: to the " \
            "baseline's, after removing the gradients every implementation returns; % limit: of measured " \
            "copy bandwidth / matmul peak"
     for r in data["results"]:
@@ -59,8 +59,10 @@ def table(data: dict) -> str:
             continue
         mem = r.get("peak_extra_bytes")
         frac = r.get("bandwidth_fraction", r.get("flops_fraction"))
+        rel = relative_spread(r)  # None in files recorded before the spread was kept
         lines.append(
-            f"{prefix} {r['median_ms']:10.2f} {_fmt(speedup(r), '8.2f') + 'x':>9s} "
+            f"{prefix} {r['median_ms']:10.2f} {_fmt(None if rel is None else 100 * rel, '6.0f'):>6s} "
+            f"{_fmt(speedup(r), '8.2f') + 'x':>9s} "
             f"{_fmt(None if mem is None else mem / 2**20, '10.1f'):>10s} "
             f"{_fmt(memory_ratio(r), '9.3f'):>9s} {_fmt(None if frac is None else 100 * frac, '7.1f'):>8s}  "
             f"{r.get('baseline', BASELINE)}")

@@ -14,7 +14,7 @@ import json
 import os
 import re
 
-from fastalign.bench.core import BASELINE
+from fastalign.bench.core import BASELINE, relative_spread
 from fastalign.bench.report import memory_ratio, speedup
 
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
@@ -38,17 +38,18 @@ def markdown(data: dict, source: str = "") -> str:
         lim = data["device_limits"]
         lines += [f"Measured limits: copy {lim['copy_GBps']:.0f} GB/s, bf16 matmul "
                   f"{lim['bf16_matmul_TFLOPs']:.0f} TFLOP/s", ""]
-    lines += ["| op | case | mode | impl | median ms | speedup | peak extra MiB | memory ratio (beyond returned grads) "
-              "| baseline |",
-              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    lines += ["| op | case | mode | impl | median ms | IQR % | speedup | peak extra MiB | memory ratio (beyond returned "
+              "grads) | baseline |",
+              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in data["results"]:
         if "median_ms" not in r:
             why = r.get("skipped") or r.get("error", "")
-            lines.append(f"| {r['op']} | {r['case']} | {r['mode']} | {r['impl']} | {why} | | | | |")
+            lines.append(f"| {r['op']} | {r['case']} | {r['mode']} | {r['impl']} | {why} | | | | | |")
             continue
         mem_ratio = memory_ratio(r)
+        rel = relative_spread(r)  # None in files recorded before the spread was kept
         lines.append(f"| {r['op']} | {r['case']} | {r['mode']} | {r['impl']} | {r['median_ms']:.2f} | "
-                     f"{_x(speedup(r))} | {_mib(r.get('peak_extra_bytes'))} | "
+                     f"{'-' if rel is None else f'{100 * rel:.0f}'} | {_x(speedup(r))} | {_mib(r.get('peak_extra_bytes'))} | "
                      f"{'-' if mem_ratio is None else f'{mem_ratio:.3f}'} | {r.get('baseline', BASELINE)} |")
     return "\n".join(lines) + "\n"
 

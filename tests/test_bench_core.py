@@ -1,0 +1,168 @@
+"""Scheduling and statistics of the benchmark runner, driven by a fake clock (no real timings)."""
+import logging
+import statistics
+import warnings
+
+import pytest
+import torch
+
+from fastalign.bench import core, report
+
+CPU = torch.device("cpu")
+
+
+class FakeClock:
+    """A clock that only moves when a step says so; every step call is logged in order."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.calls = []
+
+    def __call__(self):
+        return self.now
+
+    def step(self, name, durations):
+        """A step advancing the clock by the next of ``durations`` (seconds; the last one repeats)."""
+        seq = list(durations)
+
+        def run():
+            self.calls.append(name)
+            self.now += seq.pop(0) if len(seq) > 1 else seq[0]
+        return run
+
+
+def test_repetitions_are_interleaved_after_per_candidate_warmup():
+    clock = FakeClock()
+    steps = {n: clock.step(n, [0.01]) for n in ("A", "B", "C")}
+    out = core.time_steps(steps, CPU, repeats=4, budget_s=100.0, clock=clock)
+    warm, rounds = clock.calls[:3], clock.calls[3:]
+    assert warm == ["A", "B", "C"]
+    assert len(rounds) % 3 == 0 and len(rounds) >= 12
+    assert rounds == ["A", "B", "C"] * (len(rounds) // 3)
+    assert {n: r["runs"] for n, r in out.items()} == {n: len(rounds) // 3 for n in "ABC"}
+    assert list(out) == ["A", "B", "C"]
+
+
+def test_a_burst_of_load_hits_every_candidate():
+    # the machine is busy during the second round only: each candidate sees one slow run
+    clock = FakeClock()
+    steps = {"A": clock.step("A", [0.01, 0.01, 0.5, 0.01]), "B": clock.step("B", [0.02, 0.02, 1.0, 0.02])}
+    out = core.time_steps(steps, CPU, repeats=3, budget_s=100.0, clock=clock)
+    assert out["A"]["median_ms"] == pytest.approx(10.0)
+    assert out["B"]["median_ms"] == pytest.approx(20.0)
+    assert out["B"]["median_ms"] / out["A"]["median_ms"] == pytest.approx(2.0)
+
+
+def test_budget_stops_rounds_but_keeps_two():
+    clock = FakeClock()
+    steps = {"A": clock.step("A", [0.5]), "B": clock.step("B", [0.5])}
+    out = core.time_steps(steps, CPU, repeats=100, budget_s=1.5, clock=clock)
+    # each round takes 1 s: after round 2 the 1.5 s budget is spent
+    assert out["A"]["runs"] == out["B"]["runs"] == 2
+
+
+def test_one_round_when_a_warmup_outlasts_the_budget():
+    clock = FakeClock()
+    steps = {"A": clock.step("A", [0.01]), "slow": clock.step("slow", [5.0])}
+    out = core.time_steps(steps, CPU, repeats=10, budget_s=2.0, clock=clock)
+    assert out["A"]["runs"] == out["slow"]["runs"] == 1
+
+
+def test_a_failing_candidate_is_dropped_and_reported():
+    clock = FakeClock()
+    count = {"n": 0}
+
+    def flaky():
+        count["n"] += 1
+        clock.calls.append("F")
+        clock.now += 0.01
+        if count["n"] == 3:  # warm-up and first round pass, second round raises
+            raise RuntimeError("boom")
+
+    def broken():
+        raise ValueError("no")
+
+    out = core.time_steps({"A": clock.step("A", [0.01]), "F": flaky, "X": broken}, CPU, repeats=5,
+                          budget_s=100.0, clock=clock)
+    assert out["F"] == {"error": "RuntimeError: boom"}
+    assert out["X"] == {"error": "ValueError: no"}
+    assert out["A"]["runs"] >= 5
+    assert list(out) == ["A", "F", "X"]
+    with pytest.raises(RuntimeError, match="ValueError: no"):
+        core.time_step(broken, CPU, 2, 1.0)
+
+
+def test_spread_quartiles():
+    s = core.spread([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s["median_ms"], s["p25_ms"], s["p75_ms"], s["iqr_ms"], s["min_ms"], s["runs"]) == (3, 2, 4, 2, 1, 5)
+    times = [0.3, 7.0, 1.5, 2.25, 9.0, 4.0, 4.0, 0.1]
+    s = core.spread(times)
+    q = statistics.quantiles(times, n=4, method="inclusive")
+    assert s["p25_ms"] == q[0] and s["p75_ms"] == q[2] and s["iqr_ms"] == pytest.approx(q[2] - q[0])
+    assert s["p25_ms"] <= s["median_ms"] <= s["p75_ms"]
+    one = core.spread([2.5])
+    assert one["iqr_ms"] == 0 and one["median_ms"] == one["p25_ms"] == one["p75_ms"] == 2.5
+    with pytest.raises(ValueError, match="times_ms"):
+        core.spread([])
+
+
+def _row(impl, median, iqr, runs=5):
+    return {"op": "policy_loss", "case": "4x8", "mode": "fwd", "impl": impl, "median_ms": median,
+            "iqr_ms": iqr, "runs": runs}
+
+
+def test_wide_spread_warning_trigger():
+    rows = [_row("eager", 10.0, 2.5), _row("fastalign", 10.0, 2.6), {"op": "x", "case": "c", "mode": "fwd",
+                                                                      "impl": "y", "skipped": "n/a"}]
+    lines = core.spread_warnings(rows)
+    assert len(lines) == 1 and "fastalign" in lines[0] and "26%" in lines[0] and "--repeats" in lines[0]
+    assert core.spread_warnings(rows, threshold=0.1) and len(core.spread_warnings(rows, threshold=0.1)) == 2
+    assert core.spread_warnings([_row("eager", 10.0, 1.0)]) == []
+    assert core.relative_spread({"median_ms": 1.0}) is None  # recorded before the spread was kept
+
+
+def test_table_shows_the_spread():
+    data = {"environment": {"device": "CPU", "torch": "t", "date": "d"}, "device_limits": {},
+            "results": [_row("eager", 10.0, 2.0), _row("fastalign", 2.0, 0.1)]}
+    report.add_ratios(data["results"], {})
+    text = report.table(data)
+    assert "IQR %" in text
+    line = next(ln for ln in text.splitlines() if ln.split()[3:4] == ["fastalign"])
+    assert line.split()[4:7] == ["2.00", "5", "5.00x"]
+
+
+def test_quiet_third_party_keeps_fastalign_warnings_and_errors():
+    logger = logging.getLogger("torch._dynamo")
+    before = logger.level
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with core.quiet_third_party():
+            assert logger.getEffectiveLevel() == logging.ERROR
+            warnings.warn_explicit("third-party", UserWarning, "x.py", 1, module="torch._dynamo.convert_frame")
+            warnings.warn_explicit("ours", UserWarning, "y.py", 1, module="fastalign.bench.core")
+        assert logger.level == before
+    assert [str(w.message) for w in caught] == ["ours"]
+    with pytest.raises(ValueError, match="still raised"):
+        with core.quiet_third_party():
+            raise ValueError("still raised")
+
+
+def test_case_budget_shares_what_is_left():
+    assert core.case_budget(4.0, None, 10) == 4.0
+    assert core.case_budget(4.0, 200.0, 10) == 4.0           # 0.5 * 20 s share > 4 s cap
+    assert core.case_budget(4.0, 20.0, 10) == pytest.approx(1.0)
+    assert core.case_budget(4.0, -5.0, 3) == 0.2              # overrun: the floor, never negative
+    with pytest.raises(ValueError, match="cases_left"):
+        core.case_budget(4.0, 10.0, 0)
+
+
+def test_markdown_shows_the_spread():
+    from fastalign.bench import summary
+
+    data = {"environment": {"device": "CPU", "torch": "t", "date": "d", "fastalign": "f", "python": "p",
+                            "command": "c"}, "device_limits": {},
+            "results": [_row("eager", 10.0, 3.0), {"op": "policy_loss", "case": "4x8", "mode": "fwd",
+                                                   "impl": "old", "median_ms": 1.0}]}
+    text = summary.markdown(data)
+    assert "| IQR % |" in text
+    assert "| eager | 10.00 | 30 |" in text and "| old | 1.00 | - |" in text
