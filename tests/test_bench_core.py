@@ -140,6 +140,8 @@ def test_quiet_third_party_keeps_fastalign_warnings_and_errors():
             assert logger.getEffectiveLevel() == logging.ERROR
             warnings.warn_explicit("third-party", UserWarning, "x.py", 1, module="torch._dynamo.convert_frame")
             warnings.warn_explicit("ours", UserWarning, "y.py", 1, module="fastalign.bench.core")
+            # a baseline's deprecation, reported from the bench case that calls it
+            warnings.warn_explicit("deprecated", FutureWarning, "z.py", 1, module="fastalign.bench.cases.x")
         assert logger.level == before
     assert [str(w.message) for w in caught] == ["ours"]
     with pytest.raises(ValueError, match="still raised"):

@@ -194,11 +194,15 @@ QUIET_LOGGERS = ("torch._dynamo", "torch._inductor", "torch._functorch", "torch.
 @contextlib.contextmanager
 def quiet_third_party():
     """Silence warnings issued from modules outside fastalign, and lower the torch.compile loggers
-    to ERROR, for the duration of the block. fastalign's own warnings and every exception pass."""
+    to ERROR, for the duration of the block. fastalign's own warnings and every exception pass,
+    except deprecation warnings: a baseline's library deprecating the function a case calls is
+    reported from the case's frame, and says nothing about the measurement."""
     levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore")
         warnings.filterwarnings("default", module=r"fastalign(\.|$)")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
         try:
