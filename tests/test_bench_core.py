@@ -61,11 +61,21 @@ def test_budget_stops_rounds_but_keeps_two():
     assert out["A"]["runs"] == out["B"]["runs"] == 2
 
 
-def test_one_round_when_a_warmup_outlasts_the_budget():
+def test_one_round_when_a_round_outlasts_the_budget():
     clock = FakeClock()
     steps = {"A": clock.step("A", [0.01]), "slow": clock.step("slow", [5.0])}
     out = core.time_steps(steps, CPU, repeats=10, budget_s=2.0, clock=clock)
     assert out["A"]["runs"] == out["slow"]["runs"] == 1
+    assert core.relative_spread(out["A"]) is None  # no spread from one run
+
+
+def test_a_slow_warmup_does_not_cut_the_rounds():
+    # a compiling baseline: 30 s to warm up, then fast
+    clock = FakeClock()
+    steps = {"A": clock.step("A", [0.01]), "compiled": clock.step("compiled", [30.0, 0.01])}
+    out = core.time_steps(steps, CPU, repeats=5, budget_s=2.0, clock=clock)
+    assert out["A"]["runs"] == out["compiled"]["runs"] >= 5
+    assert out["compiled"]["median_ms"] == pytest.approx(10.0)
 
 
 def test_a_failing_candidate_is_dropped_and_reported():
@@ -119,6 +129,7 @@ def test_wide_spread_warning_trigger():
     assert core.spread_warnings(rows, threshold=0.1) and len(core.spread_warnings(rows, threshold=0.1)) == 2
     assert core.spread_warnings([_row("eager", 10.0, 1.0)]) == []
     assert core.relative_spread({"median_ms": 1.0}) is None  # recorded before the spread was kept
+    assert core.spread_warnings([_row("eager", 10.0, 9.0, runs=1)]) == []
 
 
 def test_table_shows_the_spread():

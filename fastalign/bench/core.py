@@ -92,8 +92,8 @@ def spread(times_ms) -> dict:
 
 
 def relative_spread(row: dict) -> Optional[float]:
-    """IQR / median of a timed row; None when the row has no timing."""
-    if "iqr_ms" not in row or not row.get("median_ms"):
+    """IQR / median of a timed row; None when the row has no timing or fewer than 2 runs."""
+    if "iqr_ms" not in row or not row.get("median_ms") or row.get("runs", 0) < 2:
         return None
     return row["iqr_ms"] / row["median_ms"]
 
@@ -118,19 +118,16 @@ def time_steps(steps: Dict[str, Step], device: torch.device, repeats: int, budge
     (A, B, C, A, B, C, ...), so a burst of load from elsewhere on the machine falls on all
     candidates alike rather than on whichever was being timed. Rounds continue until at least
     ``repeats`` rounds are done and a second has passed (at most 1000 rounds), or ``budget_s``
-    seconds of rounds are spent (never fewer than 2 rounds, or 1 when a warm-up alone outlasts the
-    budget). Returns, per name, :func:`spread` of its times in ms, or ``{"error": ...}`` for a step
+    seconds of rounds are spent (never fewer than 2 rounds, or 1 when the first round alone
+    outlasts the budget; a slow warm-up, such as torch.compile compiling, does not count). Returns, per name, :func:`spread` of its times in ms, or ``{"error": ...}`` for a step
     that raised (it is dropped from later rounds).
     """
     out: Dict[str, dict] = {}
     live = []
-    longest_warm = 0.0
     for name, step in steps.items():
         try:
-            t0 = clock()
             step()
             sync(device)
-            longest_warm = max(longest_warm, clock() - t0)
             live.append(name)
         except Exception as e:  # one candidate failing must not stop the others
             out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
@@ -152,7 +149,7 @@ def time_steps(steps: Dict[str, Step], device: torch.device, repeats: int, budge
         elapsed = clock() - start
         if rounds >= 2 and elapsed > budget_s:
             break
-        if longest_warm > budget_s:  # a step longer than the whole budget: one timed round
+        if rounds == 1 and elapsed > budget_s:  # one round longer than the whole budget
             break
         if rounds >= repeats and (elapsed > min(budget_s, 1.0) or rounds >= 1000):
             break
