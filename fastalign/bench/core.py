@@ -117,10 +117,10 @@ def time_steps(steps: Dict[str, Step], device: torch.device, repeats: int, budge
     Each step runs once as warm-up (in order), then rounds run every remaining step once each
     (A, B, C, A, B, C, ...), so a burst of load from elsewhere on the machine falls on all
     candidates alike rather than on whichever was being timed. Rounds continue until at least
-    ``repeats`` rounds are done and a second has passed (at most 1000 rounds), or ``budget_s``
-    seconds of rounds are spent (never fewer than 2 rounds, or 1 when the first round alone
-    outlasts the budget; a slow warm-up, such as torch.compile compiling, does not count). Returns, per name, :func:`spread` of its times in ms, or ``{"error": ...}`` for a step
-    that raised (it is dropped from later rounds).
+    ``repeats`` rounds are done and a second has passed (at most 1000 rounds), or until ``budget_s``
+    seconds of rounds are spent (so one round only when it alone outlasts the budget; a slow
+    warm-up, such as torch.compile compiling, does not count). Returns, per name, :func:`spread`
+    of its times in ms, or ``{"error": ...}`` for a step that raised (dropped from later rounds).
     """
     out: Dict[str, dict] = {}
     live = []
@@ -147,9 +147,7 @@ def time_steps(steps: Dict[str, Step], device: torch.device, repeats: int, budge
                 del times[name]
         rounds += 1
         elapsed = clock() - start
-        if rounds >= 2 and elapsed > budget_s:
-            break
-        if rounds == 1 and elapsed > budget_s:  # one round longer than the whole budget
+        if elapsed > budget_s:
             break
         if rounds >= repeats and (elapsed > min(budget_s, 1.0) or rounds >= 1000):
             break
