@@ -10,7 +10,8 @@ and autograd), so ``torch.compile(fullgraph=True)`` sees one node each.
   label logit is read from its chunk, and chunks over the vocabulary are merged
   with :func:`merge_pieces`. Backward
   recomputes each chunk, lets the C++ kernel write d(logits) in place and
-  accumulates ``dh += dz @ W_chunk``, ``dW_chunk += dz.T @ h`` in fp32.
+  accumulates ``dh += dz @ W_chunk``, ``dW_chunk += dz.T @ h`` in fp32. Only the labelled rows
+  (label != ignore_index, found on the host) go through these chunks; the rest are 0.
 * ``triton`` / ``cuda`` (CUDA tensors; CPU tensors in the interpreter): the
   Triton kernels of ``kernels/linear_stats.py`` tile tokens x vocabulary with
   ``tl.dot`` and keep online statistics; vocabulary splits are merged here.
