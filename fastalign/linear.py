@@ -84,7 +84,9 @@ def linear_logprobs(
         bias: optional ``[V]`` (this rank's shard with ``vocab_group``).
         temperature, softcap, logit_scale: the pipeline above (``softcap=None`` is off).
         ignore_index: rows with this label give 0 for every statistic and no gradient.
-            A label outside the vocabulary gives a NaN log-prob.
+            A label outside the vocabulary gives a NaN log-prob. On CPU tensors (``"cpp"``)
+            ignored rows cost no vocabulary work (unless ``argmax``, defined on every row):
+            only the labelled rows are gathered and sent through the lm_head.
         entropy, sum_p2, argmax: compute these too.
         vocab_group: a ``torch.distributed`` process group over which the vocabulary
             is sharded (tensor parallel); every rank passes the same ``hidden`` and

@@ -72,9 +72,11 @@ class LinearPolicyLoss(nn.Module):
                              f"got {tuple(hidden.shape)}")
         want_ent = (cfg.get("entropy_coef", 0.0) != 0.0 or cfg.get("entropy_quantile") is not None
                     or entropy_metric)
-        stats = linear_logprobs(hidden, weight, labels, bias=bias, entropy=want_ent, backend=backend, **logit)
         ignore_index = int(logit.get("ignore_index", -100))
         mask = response_mask.bool() & (labels != ignore_index)
+        # unscored tokens (prompt, tool output) are ignored rows: on CPU they skip the vocabulary
+        scored = labels.masked_fill(~mask, ignore_index)
+        stats = linear_logprobs(hidden, weight, scored, bias=bias, entropy=want_ent, backend=backend, **logit)
         return policy_loss(stats.logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
                            rollout_logprobs=rollout_logprobs, entropy=stats.entropy, **cfg)
 

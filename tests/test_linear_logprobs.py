@@ -435,3 +435,74 @@ def test_vocab_parallel_two_ranks_gloo(tmp_path, backend):
         assert_close(out["dh"], h.grad, atol=2e-5, rtol=1e-5, what=f"rank {r} d hidden")
         assert_close(out["dw"], w.grad[r * vr:(r + 1) * vr], atol=2e-5, rtol=1e-5, what=f"rank {r} d weight shard")
         assert_close(out["db"], b.grad[r * vr:(r + 1) * vr], atol=2e-5, rtol=1e-5, what=f"rank {r} d bias shard")
+
+
+@pytest.mark.parametrize("chunk", [(5, 37), None], ids=["chunked", "auto"])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_cpu_ignored_rows_skip_the_vocabulary(chunk, softcap):
+    """On CPU only labelled rows go through the vocabulary: with half the rows ignored, statistics and
+    gradients equal (to fp32 rounding) the computation over every row whose ignored rows are then zeroed
+    (here: every row given a real label, the ignored ones masked out of the loss), and ignored rows get
+    exactly 0."""
+    n = 40
+    hidden, weight, bias, labels = make_inputs(n=n, ignore_frac=0.0, seed=3)
+    ignored = torch.zeros(n, dtype=torch.bool)
+    ignored[torch.randperm(n, generator=torch.Generator().manual_seed(1))[: n // 2]] = True
+    sparse = torch.where(ignored, -100, labels)
+    kw = dict(softcap=softcap, temperature=0.7, backend="cpp", chunk=chunk)
+    keep = (~ignored).float()
+
+    def run(y, mask):
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        b = bias.clone().requires_grad_(True)
+        st = fastalign.linear_logprobs(h, w, y, bias=b, entropy=True, sum_p2=True, **kw)
+        ((st.logprobs + 0.3 * st.entropy - 0.5 * st.sum_p2) * mask).sum().backward()
+        return st, (h.grad, w.grad, b.grad)
+
+    st, grads = run(sparse, torch.ones(n))
+    full, full_grads = run(labels, keep)
+    for a, e, name in zip(st[:3], full[:3], ("logprobs", "entropy", "sum_p2")):
+        assert torch.equal(a[ignored], torch.zeros(n // 2)), name
+        # the same per-row arithmetic; BLAS may block a product of fewer rows differently (fp32 rounding)
+        assert_close(a[~ignored], e[~ignored], atol=1e-5, rtol=1e-6, what=name)
+    assert torch.equal(grads[0][ignored], torch.zeros(n // 2, hidden.shape[1]))
+    assert_close(grads[0][~ignored], full_grads[0][~ignored], atol=1e-6, rtol=1e-5, what="dhidden")
+    for a, e, name in zip(grads[1:], full_grads[1:], ("weight", "bias")):
+        assert_close(a, e, atol=1e-6, rtol=1e-5, what=f"d{name}")  # sums over rows in another order
+    # and against the float64 reference
+    hr, wr, br = (t.detach().double().requires_grad_(True) for t in (hidden, weight, bias))
+    ref = reference.linear_logprobs(hr, wr, sparse, bias=br, dtype=torch.float64, softcap=softcap, temperature=0.7)
+    (ref[0] + 0.3 * ref[1] - 0.5 * ref[2]).sum().backward()
+    assert_close(st.logprobs, ref[0], atol=1e-5, rtol=1e-5, what="logprobs")
+    for a, e, name in zip(grads, (hr.grad, wr.grad, br.grad), ("hidden", "weight", "bias")):
+        assert_close(a, e, atol=1e-4, rtol=1e-4, what=f"d{name}")
+
+
+def test_cpu_all_rows_ignored():
+    hidden, weight, bias, labels = make_inputs(n=6)
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    st = fastalign.linear_logprobs(h, w, torch.full_like(labels, -100), entropy=True, backend="cpp")
+    assert torch.equal(st.logprobs, torch.zeros(6)) and torch.equal(st.entropy, torch.zeros(6))
+    (st.logprobs + st.entropy).sum().backward()
+    assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_cpu_only_labelled_rows_reach_the_vocabulary(monkeypatch):
+    from fastalign.ops import linear_stats as ops
+
+    seen = []
+    for name in ("_cpu_forward", "_cpu_backward"):
+        fn = getattr(ops, name)
+        # argument 3: the labels of _cpu_forward, the hidden states of _cpu_backward (one per row)
+        monkeypatch.setattr(ops, name, lambda *a, fn=fn, **k: seen.append(a[3].shape[0]) or fn(*a, **k))
+    hidden, weight, bias, labels = make_inputs(n=12, ignore_frac=0.0)
+    labels[::3] = -100
+    h = hidden.clone().requires_grad_(True)
+    st = fastalign.linear_logprobs(h, weight, labels, bias=bias, backend="cpp")
+    st.logprobs.sum().backward()
+    assert seen == [8, 8]  # forward and backward each see the 8 labelled rows
+    seen.clear()
+    fastalign.linear_logprobs(hidden, weight, labels, bias=bias, argmax=True, backend="cpp")
+    assert seen == [12]  # argmax is defined on ignored rows too: every row

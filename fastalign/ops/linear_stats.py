@@ -10,7 +10,8 @@ and autograd), so ``torch.compile(fullgraph=True)`` sees one node each.
   label logit is read from its chunk, and chunks over the vocabulary are merged
   with :func:`merge_pieces`. Backward
   recomputes each chunk, lets the C++ kernel write d(logits) in place and
-  accumulates ``dh += dz @ W_chunk``, ``dW_chunk += dz.T @ h`` in fp32.
+  accumulates ``dh += dz @ W_chunk``, ``dW_chunk += dz.T @ h`` in fp32. Only the labelled rows
+  (label != ignore_index, found on the host) go through these chunks; the rest are 0.
 * ``triton`` / ``cuda`` (CUDA tensors; CPU tensors in the interpreter): the
   Triton kernels of ``kernels/linear_stats.py`` tile tokens x vocabulary with
   ``tl.dot`` and keep online statistics; vocabulary splits are merged here.
@@ -218,6 +219,54 @@ def _log_mass(buf, h_c, weight, bias, y, lse_c, scale, softcap, inv_t, ignore_in
     return torch.where(far, torch.log(c), 0.0).contiguous()
 
 
+def labelled_rows(labels: Tensor, ignore_index: int) -> Optional[Tensor]:
+    """Indices of the rows of ``labels [N]`` whose label is not ``ignore_index``, or None when every row
+    is labelled. Reads the count back to the host: for CPU tensors only (on a GPU it is a device sync)."""
+    keep = labels != ignore_index
+    if bool(keep.all()):
+        return None
+    return keep.nonzero().squeeze(1)
+
+
+def _cpu_forward_labelled(hidden, weight, bias, labels, scale, softcap, inv_t, ignore_index, out, nc, vc):
+    """:func:`_cpu_forward` over the labelled rows only (ignored rows are 0 and cost no vocabulary
+    work); with argmax every row is computed, since ignored rows keep their argmax."""
+    rows = None if out[3].numel() else labelled_rows(labels, ignore_index)
+    if rows is None:
+        _cpu_forward(hidden, weight, bias, labels, scale, softcap, inv_t, ignore_index, out, nc, vc)
+        return
+    part = [torch.empty(rows.numel() if t.numel() else 0) for t in out]
+    if rows.numel():
+        _cpu_forward(hidden.index_select(0, rows), weight, bias, labels.index_select(0, rows), scale, softcap,
+                     inv_t, ignore_index, part, nc, vc)
+    for full, sub in zip(out, part):
+        if full.numel():
+            full.zero_().index_copy_(0, rows, sub)
+
+
+def _cpu_backward_labelled(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp2, scale, softcap,
+                           inv_t, ignore_index, nc, vc, dh, dw, db):
+    """:func:`_cpu_backward` over the labelled rows only: ignored rows get a zero d(hidden) (``dh`` comes
+    zeroed) and add nothing to d(weight), d(bias)."""
+    rows = labelled_rows(labels, ignore_index)
+    if rows is None:
+        _cpu_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp2, scale, softcap, inv_t,
+                      ignore_index, nc, vc, dh, dw, db)
+        return
+    if rows.numel() == 0:
+        return
+
+    def pick(t):
+        return t if t is None or t.numel() == 0 else t.index_select(0, rows)
+
+    dh_rows = None if dh is None else torch.zeros((rows.numel(), dh.shape[1]), dtype=dh.dtype)
+    _cpu_backward(pick(g_lp), pick(g_ent), pick(g_sp2), hidden.index_select(0, rows), weight, bias,
+                  labels.index_select(0, rows), pick(lse), pick(ent), pick(sp2), scale, softcap, inv_t,
+                  ignore_index, nc, vc, dh_rows, dw, db)
+    if dh is not None:
+        dh.index_copy_(0, rows, dh_rows)
+
+
 def _cpu_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp2, scale, softcap, inv_t,
                   ignore_index, nc, vc, dh, dw, db):
     N, V = hidden.shape[0], weight.shape[0]
@@ -329,9 +378,9 @@ def linear_stats(
     if hidden.shape[0] == 0:
         return out
     if backend == "cpp":
-        _cpu_forward(hidden, weight, bias, labels, scale, softcap, inv_temperature, ignore_index, out,
+        _cpu_forward_labelled(hidden, weight, bias, labels, scale, softcap, inv_temperature, ignore_index, out,
                      chunk_tokens, chunk_vocab)
-    else:
+    else:  # every row: skipping ignored ones would need a bounded gather of the labelled rows (no host sync)
         _triton_forward(hidden, weight, bias, labels, scale, softcap, inv_temperature, ignore_index, out)
     return out
 
@@ -377,7 +426,7 @@ def linear_stats_backward(
     if hidden.shape[0] and any(x is not None for x in g):
         args = (hidden, weight, bias, labels, lse, entropy, sum_p2, scale, softcap, inv_temperature, ignore_index)
         if backend == "cpp":
-            _cpu_backward(*g, *args, chunk_tokens, chunk_vocab, dh32 if need_hidden else None,
+            _cpu_backward_labelled(*g, *args, chunk_tokens, chunk_vocab, dh32 if need_hidden else None,
                           dw if need_weight_acc else None, db if db.numel() else None)
         else:
             _triton_backward(*g, *args, chunk_tokens, skip_threshold, dh32 if need_hidden else None,
