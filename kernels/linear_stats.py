@@ -71,6 +71,15 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, s_h, s_w, sc
 
 
 @triton.jit
+def _empty_rows(BLOCK_N: tl.constexpr):
+    """Running state of BLOCK_N rows before any logit: (max, sum e, sum e z, sum e^2, label logit,
+    best logit, its index)."""
+    zeros = tl.zeros([BLOCK_N], tl.float32)
+    return (tl.full([BLOCK_N], NEG_INF, tl.float32), zeros, zeros, zeros, zeros,
+            tl.full([BLOCK_N], float("-inf"), tl.float32), tl.zeros([BLOCK_N], tl.int64))
+
+
+@triton.jit
 def linear_stats_fwd_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr, aidx_ptr, aval_ptr,
     N, V, H, s_h, s_w, v_per_split, n_splits, scale, cap, inv_t, ignore_index,
@@ -89,13 +98,7 @@ def linear_stats_fwd_kernel(
     if not WANT_AMAX:  # a block of ignored rows (prompt tokens) computes nothing
         v_hi = tl.where(tl.sum(((y != ignore_index) & row_ok).to(tl.int32), 0) > 0, v_hi, v_lo)
 
-    m = tl.full([BLOCK_N], NEG_INF, tl.float32)
-    s = tl.zeros([BLOCK_N], tl.float32)
-    t = tl.zeros([BLOCK_N], tl.float32)
-    q = tl.zeros([BLOCK_N], tl.float32)
-    zy = tl.zeros([BLOCK_N], tl.float32)
-    best_val = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK_N], tl.int64)
+    m, s, t, q, zy, best_val, best_idx = _empty_rows(BLOCK_N)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_ok = cols < v_hi
@@ -132,13 +135,7 @@ def linear_stats_finish_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rows < N
     stride = n_splits * N
-    m = tl.full([BLOCK_N], NEG_INF, tl.float32)
-    s = tl.zeros([BLOCK_N], tl.float32)
-    t = tl.zeros([BLOCK_N], tl.float32)
-    q = tl.zeros([BLOCK_N], tl.float32)
-    zy = tl.zeros([BLOCK_N], tl.float32)
-    best_val = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK_N], tl.int64)
+    m, s, t, q, zy, best_val, best_idx = _empty_rows(BLOCK_N)
     for k in range(0, n_splits):
         base = part_ptr + k * N + rows
         m, s, t, q = merge(m, s, t, q, tl.load(base, mask=ok, other=NEG_INF), tl.load(base + stride, mask=ok, other=0.0),
