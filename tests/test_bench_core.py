@@ -179,3 +179,66 @@ def test_markdown_shows_the_spread():
     text = summary.markdown(data)
     assert "| IQR % |" in text
     assert "| eager | 10.00 | 30 |" in text and "| old | 1.00 | - |" in text
+
+
+def test_deadline_skips_warmups_that_would_start_after_it():
+    clock = FakeClock()
+    steps = {n: clock.step(n, [3.0]) for n in ("A", "B", "C")}
+    deadline = core.Deadline(5.0, clock=clock)
+    out = core.time_steps(steps, CPU, repeats=2, budget_s=100.0, clock=clock, deadline=deadline)
+    assert clock.calls[:2] == ["A", "B"] and "C" not in clock.calls  # B's warm-up ends at 6 s > 5 s
+    assert "median_ms" in out["A"] and "median_ms" in out["B"]
+    assert out["C"] == {"skipped": core.OUT_OF_TIME}
+    assert core.Deadline(None).left() is None and not core.Deadline(0).passed()
+
+
+def test_roofline_takes_the_binding_limit():
+    limits = {"copy_GBps": 100.0, "matmul_TFLOPs": {"fp32": 2.0, "bf16": 10.0}}
+    # 1 GB at 100 GB/s = 10 ms; 10 GFLOP at 2 TFLOP/s = 5 ms: memory binds
+    assert core.roofline_ms({"bytes": 1e9, "flops": 1e10, "dtype": "fp32"}, limits) == (pytest.approx(10.0), "memory")
+    # 100 GFLOP at 10 TFLOP/s (bf16) = 10 ms beats 1 ms of traffic: compute binds
+    assert core.roofline_ms({"bytes": 1e8, "flops": 1e11, "dtype": "bf16"}, limits) == (pytest.approx(10.0), "compute")
+    assert core.roofline_ms({"flops": 1e11, "dtype": "fp16"}, limits) is None  # rate not measured
+    assert core.roofline_ms({"median_ms": 1.0}, limits) is None
+
+
+def test_table_fills_percent_of_limit_and_the_work_model():
+    rows = [dict(_row("eager", 40.0, 1.0), bytes=1e9, dtype="fp32"),
+            dict(_row("fastalign", 20.0, 1.0), bytes=1e9, dtype="fp32"),
+            {"op": "policy_loss", "case": "4x8", "mode": "fwd", "impl": "late", "skipped": core.OUT_OF_TIME},
+            dict(_row("other", 20.0, 1.0), memory_skipped="the run's time budget was spent")]
+    data = {"environment": {"device": "CPU", "torch": "t", "date": "d"},
+            "device_limits": {"copy_GBps": 100.0, "matmul_TFLOPs": {"fp32": 1.0}}, "results": rows}
+    report.add_ratios(rows, data["device_limits"])
+    assert rows[1]["limit_fraction"] == pytest.approx(0.5) and rows[0]["limit_fraction"] == pytest.approx(0.25)
+    text = report.table(data)
+    line = next(ln for ln in text.splitlines() if ln.split()[3:4] == ["fastalign"])
+    assert line.split()[-2] == "50.0"
+    assert "copy 100.0 GB/s, fp32 matmul 1.00 TFLOP/s" in text
+    assert "1 GB -> at least 10 ms (memory-bound); fastalign at 50.0% of it" in text
+    assert "peak memory not measured for 1 rows" in text and "skipped: the run's time budget" in text
+
+
+def test_cpu_device_limits_are_measured():
+    limits = core.device_limits(CPU, {"fp32"}, budget_s=0.5)
+    assert limits["copy_GBps"] > 0.1 and limits["matmul_TFLOPs"]["fp32"] > 1e-3
+    assert set(limits["matmul_TFLOPs"]) == {"fp32"}
+
+
+def test_cli_run_within_a_total_budget(tmp_path, capsys):
+    from fastalign.bench.__main__ import main
+
+    out = tmp_path / "run.json"
+    assert main(["--quick", "--ops", "group_advantages", "--no-compile", "--no-memory", "--repeats", "1",
+                 "--budget", "0.1", "--json", str(out)]) == 0
+    import json
+
+    data = json.loads(out.read_text())
+    ours = next(r for r in data["results"] if r["impl"] == "fastalign")
+    assert ours["median_ms"] > 0 and 0 < ours["limit_fraction"] and ours["bound"] == "memory"
+    assert data["device_limits"]["copy_GBps"] > 0
+    assert "fastalign at" in capsys.readouterr().out
+    # a budget spent before the first case: every row says so, nothing is built or timed
+    assert main(["--quick", "--ops", "group_advantages", "--total-budget", "1e-9", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["results"] and all(r["skipped"] == core.OUT_OF_TIME for r in data["results"])

@@ -26,8 +26,10 @@ divided by the implementation's, measured in the same run; "peak extra MiB" is
 the memory an implementation needs beyond its inputs (the CUDA allocator's peak
 on a GPU, the resident-set peak of a fresh process on the CPU), and "memory
 ratio" compares it with the baseline's, beyond the gradients every
-implementation must return. The baseline is eager PyTorch unless a row names
-another. Third-party implementations (Liger-Kernel, TRL, verl) run when they are
+implementation must return. "% limit" (in runs recorded since it was measured on
+the CPU too) is the least time the measured copy bandwidth and matmul rate allow
+for the step's bytes and FLOPs, over its time. The baseline is eager PyTorch
+unless a row names another. Third-party implementations (Liger-Kernel, TRL, verl) run when they are
 installed and otherwise show as "not installed".
 
 No GPU run is recorded yet: the tables are CPU runs of the C++ kernels.

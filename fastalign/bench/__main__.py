@@ -33,8 +33,9 @@ def parse_args(argv=None):
                    help="seconds of timed rounds per case and mode, all implementations together, before "
                         "stopping early (default 4 quick, 20 full)")
     p.add_argument("--total-budget", type=float, default=None, metavar="SECONDS",
-                   help="aim for the whole run to end within this time by shortening each case's timed "
-                        "rounds (default 270 with --quick, none otherwise; 0 for none)")
+                   help="end the whole run within this time: each case's timed rounds get a share of what "
+                        "is left, and warm-ups and memory probes that would start after it are skipped "
+                        "(default 270 with --quick, none otherwise; 0 for none)")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurements")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
     p.add_argument("--json", default=None, metavar="OUT", help="write every figure with device/date/versions")
@@ -43,6 +44,10 @@ def parse_args(argv=None):
                    help="write DIR/<device>-<date>.json, .md and .png (e.g. benchmarks/results)")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     return p.parse_args(argv)
+
+
+#: --quick's default --total-budget: the whole run, memory probes and compiling included, ends by then
+QUICK_TOTAL_S = 270.0
 
 
 def selected_cases(args, device_type: str):
@@ -66,9 +71,18 @@ def progress(total):
         return None
 
 
-def measure_case(case, mode: str, device, repeats: int, budget: float, memory: bool = True) -> list:
+#: a memory probe (a fresh interpreter building the inputs) is not started with less time left than this
+MIN_PROBE_S = 5.0
+MEMORY_OUT_OF_TIME = "the run's time budget was spent"
+
+
+def measure_case(case, mode: str, device, repeats: int, budget: float, memory: bool = True,
+                 deadline: core.Deadline = core.Deadline(None)) -> list:
     """Rows of one (case, mode): every implementation timed with interleaved repetitions, then
-    its peak memory measured."""
+    its peak memory measured, each only while ``deadline`` leaves time for it."""
+    if deadline.passed():  # not even its inputs are built
+        return [{"op": case.op, "case": case.label, "mode": mode, "impl": impl, "baseline": case.baseline,
+                 **case.params, "skipped": core.OUT_OF_TIME} for impl in case.impls]
     impls = case.build(device, mode)
     rows, steps = {}, {}
     for impl, step in impls.items():
@@ -78,23 +92,36 @@ def measure_case(case, mode: str, device, repeats: int, budget: float, memory: b
             rows[impl]["skipped"] = "not installed, disabled, or not for this device"
         else:
             steps[impl] = step
-    for impl, timing in core.time_steps(steps, device, repeats, budget).items():
+    for impl, timing in core.time_steps(steps, device, repeats, budget, deadline=deadline).items():
         row = rows[impl]
         row.update(timing)
-        if "error" in row or not memory:
+        if "median_ms" not in row or not memory:
+            continue
+        left = deadline.left()
+        if left is not None and left < MIN_PROBE_S:
+            row["memory_skipped"] = MEMORY_OUT_OF_TIME
             continue
         try:
-            row["peak_extra_bytes"] = (core.measure_cuda_memory(steps[impl], device) if device.type == "cuda"
-                                       else core.measure_cpu_memory_subprocess(case, mode, impl))
+            if device.type == "cuda":
+                row["peak_extra_bytes"] = core.measure_cuda_memory(steps[impl], device)
+            else:
+                row["peak_extra_bytes"] = core.measure_cpu_memory_subprocess(
+                    case, mode, impl, timeout=600 if left is None else left)
+                if row["peak_extra_bytes"] is None and deadline.passed():
+                    row["memory_skipped"] = MEMORY_OUT_OF_TIME
         except Exception as e:  # a baseline failing must not end the run
             row["error"] = f"{type(e).__name__}: {e}"[:300]
     for row in rows.values():
-        if case.bytes_moved and "median_ms" in row:
-            row["GBps"] = case.bytes_moved(mode) / row["median_ms"] / 1e6
+        if "median_ms" not in row:
+            continue
+        if case.bytes_moved:
+            row["bytes"] = case.bytes_moved(mode)
+            row["GBps"] = row["bytes"] / row["median_ms"] / 1e6
+        if case.flops:
+            row["flops"] = case.flops(mode)
+            row["TFLOPs"] = row["flops"] / row["median_ms"] / 1e9
         if case.required_bytes and row.get("peak_extra_bytes") is not None:
             row["required_bytes"] = case.required_bytes(mode)
-        if case.flops and "median_ms" in row:
-            row["TFLOPs"] = case.flops(mode) / row["median_ms"] / 1e9
     return list(rows.values())
 
 
@@ -106,9 +133,9 @@ def run(args) -> dict:
     modes = args.modes.split(",")
     cases = selected_cases(args, device.type)
     env = core.environment(device)
-    limits = core.device_limits(device)
-    total = args.total_budget if args.total_budget is not None else (270.0 if args.quick else 0.0)
-    deadline = time.monotonic() + total if total > 0 else None
+    total = args.total_budget if args.total_budget is not None else (QUICK_TOTAL_S if args.quick else 0.0)
+    deadline = core.Deadline(total)
+    limits = core.device_limits(device, {c.params.get("dtype", "fp32") for c in cases if c.flops})
     results = []
     todo = [(c, m) for c in cases for m in c.modes if m in modes]
     bar = progress(len(todo))
@@ -119,9 +146,9 @@ def run(args) -> dict:
         else:
             print(f"[{i + 1}/{len(todo)}] {desc}", file=sys.stderr, flush=True)
         with core.quiet_third_party():
-            left = None if deadline is None else deadline - time.monotonic()
-            results += measure_case(case, mode, device, repeats, core.case_budget(budget, left, len(todo) - i),
-                                    memory=not args.no_memory)
+            results += measure_case(case, mode, device, repeats,
+                                    core.case_budget(budget, deadline.left(), len(todo) - i),
+                                    memory=not args.no_memory, deadline=deadline)
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -110,8 +110,28 @@ def spread_warnings(results: list, threshold: float = WIDE_SPREAD) -> list:
     return lines
 
 
+class Deadline:
+    """The end of a run's total time budget; ``seconds=None`` (or 0) means no end."""
+
+    def __init__(self, seconds: Optional[float], clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.end = None if not seconds else clock() + seconds
+
+    def left(self) -> Optional[float]:
+        """Seconds left (negative once passed), or None without an end."""
+        return None if self.end is None else self.end - self.clock()
+
+    def passed(self) -> bool:
+        return self.end is not None and self.clock() >= self.end
+
+
+#: a step skipped because the run's total time budget ran out before its warm-up
+OUT_OF_TIME = "the run's time budget was spent before its warm-up (rerun this op alone, or with --total-budget 0)"
+
+
 def time_steps(steps: Dict[str, Step], device: torch.device, repeats: int, budget_s: float,
-               clock: Callable[[], float] = time.perf_counter) -> Dict[str, dict]:
+               clock: Callable[[], float] = time.perf_counter,
+               deadline: Optional[Deadline] = None) -> Dict[str, dict]:
     """Time several candidate steps with their repetitions interleaved.
 
     Each step runs once as warm-up (in order), then rounds run every remaining step once each
@@ -119,12 +139,16 @@ def time_steps(steps: Dict[str, Step], device: torch.device, repeats: int, budge
     candidates alike rather than on whichever was being timed. Rounds continue until at least
     ``repeats`` rounds are done and a second has passed (at most 1000 rounds), or until ``budget_s``
     seconds of rounds are spent (so one round only when it alone outlasts the budget; a slow
-    warm-up, such as torch.compile compiling, does not count). Returns, per name, :func:`spread`
-    of its times in ms, or ``{"error": ...}`` for a step that raised (dropped from later rounds).
+    warm-up, such as torch.compile compiling, does not count). A step whose warm-up would start
+    after ``deadline`` is skipped. Returns, per name, :func:`spread` of its times in ms,
+    ``{"error": ...}`` for a step that raised (dropped from later rounds) or ``{"skipped": ...}``.
     """
     out: Dict[str, dict] = {}
     live = []
     for name, step in steps.items():
+        if deadline is not None and deadline.passed():
+            out[name] = {"skipped": OUT_OF_TIME}
+            continue
         try:
             step()
             sync(device)
@@ -246,32 +270,76 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131
 
 
 def measure_cpu_memory_subprocess(case: Case, mode: str, impl: str, timeout: float = 600) -> Optional[int]:
-    """Run one step of (case, mode, impl) in a fresh interpreter and return its peak extra bytes.
+    """Run one step of (case, mode, impl) in a fresh interpreter and return its peak extra bytes
+    (None when the probe fails or outlasts ``timeout`` seconds).
 
     The interpreter first runs the case's tiny-shape ``warmup`` step when the case has one."""
     spec = json.dumps({"case": case.key, "mode": mode, "impl": impl})
     env = {**os.environ, **MALLOC_ENV}
-    out = subprocess.run([sys.executable, "-m", "fastalign.bench._memprobe", spec], capture_output=True,
-                         text=True, timeout=timeout, env=env)
+    try:
+        out = subprocess.run([sys.executable, "-m", "fastalign.bench._memprobe", spec], capture_output=True,
+                             text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        sys.stderr.write(f"memory probe for {case.key} {mode} {impl} stopped after {timeout:.0f} s\n")
+        return None
     if out.returncode != 0:
         sys.stderr.write(f"memory probe failed for {case.key} {mode} {impl}:\n{out.stderr[-2000:]}\n")
         return None
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def device_limits(device: torch.device) -> dict:
-    """Measured peaks to read results against: copy bandwidth and bf16 matmul throughput (CUDA only)."""
-    if device.type != "cuda":
-        return {}
-    n = 1 << 28  # 1 GiB of fp32
-    src = torch.empty(n, device=device)
+#: operands of the matmul-rate measurement: big enough to reach the peak, small enough to measure quickly
+MATMUL_SIDE = {"cpu": 1536, "cuda": 8192}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def device_limits(device: torch.device, dtypes=("bf16",), budget_s: float = 2.0) -> dict:
+    """Measured peaks to read results against, on CPU and GPU alike.
+
+    ``copy_GBps``: bytes read plus written per second by a large tensor copy (1 GiB on a GPU,
+    256 MiB on CPU). ``matmul_TFLOPs``: per dtype name in ``dtypes``, the rate of a square matmul
+    (8192 on a GPU, 1536 on CPU); fp32 on a GPU is measured with TF32 allowed, the precision
+    fastalign's Triton kernels use for fp32 inputs there. Fastest of a few runs each.
+    """
+    n = (1 << 28) if device.type == "cuda" else (1 << 26)
+    src = torch.ones(n, device=device)
     dst = torch.empty_like(src)
-    copy = time_step(lambda: dst.copy_(src), device, 10, 5.0)["min_ms"]
+    copy_ms = time_step(lambda: dst.copy_(src), device, 5, budget_s)["min_ms"]
     del src, dst
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn_like(a)
-    mm = time_step(lambda: a @ b, device, 10, 5.0)["min_ms"]
-    return {"copy_GBps": 2 * n * 4 / copy / 1e6, "bf16_matmul_TFLOPs": 2 * 8192**3 / mm / 1e9}
+    side = MATMUL_SIDE.get(device.type, MATMUL_SIDE["cpu"])
+    rates = {}
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        for name in sorted(set(dtypes)):
+            a = torch.randn(side, side, device=device).to(DTYPES[name])
+            b = torch.randn_like(a)
+            mm_ms = time_step(lambda: a @ b, device, 3, budget_s)["min_ms"]
+            rates[name] = 2 * side**3 / mm_ms / 1e9
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return {"copy_GBps": 2 * n * 4 / copy_ms / 1e6, "matmul_TFLOPs": rates}
+
+
+def roofline_ms(row: dict, limits: dict) -> Optional[tuple]:
+    """``(ms, bound)``: the least time the measured limits allow for a row's work, the longer of
+    bytes / copy bandwidth ("memory") and FLOPs / matmul rate of its dtype ("compute"); None when
+    the row declares neither or the limit was not measured."""
+    best = None
+    if row.get("bytes") and limits.get("copy_GBps"):
+        best = (row["bytes"] / limits["copy_GBps"] / 1e6, "memory")
+    rate = (limits.get("matmul_TFLOPs") or {}).get(row.get("dtype", "bf16"))
+    if row.get("flops") and rate:
+        ms = row["flops"] / rate / 1e9
+        if best is None or ms > best[0]:
+            best = (ms, "compute")
+    return best
+
+
+def describe_limits(limits: dict) -> str:
+    """One line: the measured copy bandwidth and matmul rates."""
+    rates = ", ".join(f"{k} matmul {v:.2f} TFLOP/s" for k, v in sorted((limits.get("matmul_TFLOPs") or {}).items()))
+    return f"device limits: copy {limits['copy_GBps']:.1f} GB/s" + (f", {rates}" if rates else "")
 
 
 def environment(device: torch.device) -> dict:

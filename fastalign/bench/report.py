@@ -1,7 +1,7 @@
 """Ratios, the plain-text table and the plot of benchmark results."""
 from __future__ import annotations
 
-from fastalign.bench.core import BASELINE, relative_spread
+from fastalign.bench.core import BASELINE, describe_limits, relative_spread, roofline_ms
 
 
 def speedup(r: dict):
@@ -14,25 +14,54 @@ def memory_ratio(r: dict):
     return r.get("memory_ratio", r.get("memory_vs_eager"))
 
 
+def limit_fraction(r: dict):
+    """Share of the measured limit a row reaches: the least time the limits allow / its time
+    (``bandwidth_fraction`` in files recorded before the limit was a roofline)."""
+    return r.get("limit_fraction", r.get("bandwidth_fraction", r.get("flops_fraction")))
+
+
 def add_ratios(results: list, limits: dict) -> None:
-    """speedup = baseline time / time and memory_ratio = memory / baseline memory, same case and mode.
+    """speedup = baseline time / time and memory_ratio = memory / baseline memory, same case and
+    mode; limit_ms, bound and limit_fraction from :func:`fastalign.bench.core.roofline_ms`.
 
     A row's baseline is its case's (``row["baseline"]``, ``eager`` unless the case names another)."""
     by_key = {(r["op"], r["case"], r["mode"], r["impl"]): r for r in results if "median_ms" in r}
     for r in results:
         r.setdefault("baseline", BASELINE)
+        if "median_ms" not in r:
+            continue
+        roof = roofline_ms(r, limits)
+        if roof is not None:
+            r["limit_ms"], r["bound"] = roof
+            r["limit_fraction"] = r["limit_ms"] / r["median_ms"]
         b = by_key.get((r["op"], r["case"], r["mode"], r["baseline"]))
-        if b is None or "median_ms" not in r:
+        if b is None:
             continue
         r["speedup"] = b["median_ms"] / r["median_ms"]
         if r.get("peak_extra_bytes") is not None and b.get("peak_extra_bytes"):
             req = r.get("required_bytes", 0)
             # memory beyond inputs and the gradients every implementation must return
             r["memory_ratio"] = max(r["peak_extra_bytes"] - req, 0) / max(b["peak_extra_bytes"] - req, 1)
-        if "GBps" in r and limits.get("copy_GBps"):
-            r["bandwidth_fraction"] = r["GBps"] / limits["copy_GBps"]
-        if "TFLOPs" in r and limits.get("bf16_matmul_TFLOPs"):
-            r["flops_fraction"] = r["TFLOPs"] / limits["bf16_matmul_TFLOPs"]
+
+
+def work_model(results: list) -> list:
+    """One line per (case, mode) with a declared amount of work: its bytes and FLOPs, the least
+    time the measured limits allow, which limit binds, and fastalign's share of it."""
+    lines, seen = [], set()
+    for r in results:
+        key = (r["op"], r["case"], r["mode"])
+        if key in seen or "limit_ms" not in r:
+            continue
+        seen.add(key)
+        work = ", ".join(part for part in (
+            f"{r['bytes'] / 1e9:.3g} GB" if r.get("bytes") else "",
+            f"{r['flops'] / 1e12:.3g} TFLOP" if r.get("flops") else "") if part)
+        ours = next((x for x in results if (x["op"], x["case"], x["mode"]) == key and x["impl"] == "fastalign"
+                     and "limit_fraction" in x), None)
+        share = "" if ours is None else f"; fastalign at {100 * ours['limit_fraction']:.1f}% of it"
+        lines.append(f"  {r['op']} {r['case']} {r['mode']}: {work} -> at least {r['limit_ms']:.4g} ms "
+                     f"({r['bound']}-bound){share}")
+    return ["work per step and the least time the measured limits allow:"] + lines if lines else []
 
 
 def _fmt(v, spec):
@@ -43,30 +72,34 @@ def table(data: dict) -> str:
     env, limits = data["environment"], data["device_limits"]
     lines = [f"fastalign-bench  {env['device']}  torch {env['torch']}  triton {env.get('triton')}  {env['date']}"]
     if limits:
-        lines.append(f"device limits: copy {limits['copy_GBps']:.0f} GB/s, "
-                     f"bf16 matmul {limits['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
+        lines.append(describe_limits(limits))
     cw = max([22] + [len(r["case"]) for r in data["results"]])
     head = f"{'op':18s} {'case':{cw}s} {'mode':8s} {'impl':14s} {'median ms':>10s} {'IQR %':>6s} {'speedup':>9s} " \
            f"{'extra MiB':>10s} {'mem ratio':>9s} {'% limit':>8s}  baseline"
     lines += [head, "-" * len(head)]
     foot = "IQR %: interquartile range of the timed runs / median; speedup: baseline time / time; extra MiB: peak memory beyond the inputs; mem ratio: to the " \
-           "baseline's, after removing the gradients every implementation returns; % limit: of measured " \
-           "copy bandwidth / matmul peak"
+           "baseline's, after removing the gradients every implementation returns; % limit: the least time " \
+           "the measured copy bandwidth and matmul rate allow for the step's bytes and FLOPs / its time"
     for r in data["results"]:
         prefix = f"{r['op']:18s} {r['case']:{cw}s} {r['mode']:8s} {r['impl']:14s}"
         if "skipped" in r or "error" in r:
             lines.append(f"{prefix} {'skipped: ' + r['skipped'] if 'skipped' in r else 'error: ' + r['error']}")
             continue
         mem = r.get("peak_extra_bytes")
-        frac = r.get("bandwidth_fraction", r.get("flops_fraction"))
+        frac = limit_fraction(r)
         rel = relative_spread(r)  # None in files recorded before the spread was kept
         lines.append(
             f"{prefix} {r['median_ms']:10.2f} {_fmt(None if rel is None else 100 * rel, '6.0f'):>6s} "
-            f"{_fmt(speedup(r), '8.2f') + 'x':>9s} "
+            f"{'-' if speedup(r) is None else format(speedup(r), '8.2f') + 'x':>9s} "
             f"{_fmt(None if mem is None else mem / 2**20, '10.1f'):>10s} "
             f"{_fmt(memory_ratio(r), '9.3f'):>9s} {_fmt(None if frac is None else 100 * frac, '7.1f'):>8s}  "
             f"{r.get('baseline', BASELINE)}")
     lines += ["-" * len(head), foot]
+    unmeasured = sum("memory_skipped" in r for r in data["results"])
+    if unmeasured:
+        lines.append(f"peak memory not measured for {unmeasured} rows: the run's time budget was spent (rerun "
+                     f"those ops alone, or with --total-budget 0)")
+    lines += work_model(data["results"])
     return "\n".join(lines)
 
 

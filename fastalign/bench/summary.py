@@ -14,8 +14,8 @@ import json
 import os
 import re
 
-from fastalign.bench.core import BASELINE, relative_spread
-from fastalign.bench.report import memory_ratio, speedup
+from fastalign.bench.core import BASELINE, describe_limits, relative_spread
+from fastalign.bench.report import limit_fraction, memory_ratio, speedup, work_model
 
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 
@@ -35,22 +35,26 @@ def markdown(data: dict, source: str = "") -> str:
              f"python {env['python']}" + (f"; file `{source}`" if source else ""), "",
              f"Command: `{env['command']}`", ""]
     if data.get("device_limits"):
-        lim = data["device_limits"]
-        lines += [f"Measured limits: copy {lim['copy_GBps']:.0f} GB/s, bf16 matmul "
-                  f"{lim['bf16_matmul_TFLOPs']:.0f} TFLOP/s", ""]
+        lines += ["Measured " + describe_limits(data["device_limits"]), ""]
     lines += ["| op | case | mode | impl | median ms | IQR % | speedup | peak extra MiB | memory ratio (beyond returned "
-              "grads) | baseline |",
-              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+              "grads) | % limit | baseline |",
+              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in data["results"]:
         if "median_ms" not in r:
             why = r.get("skipped") or r.get("error", "")
-            lines.append(f"| {r['op']} | {r['case']} | {r['mode']} | {r['impl']} | {why} | | | | | |")
+            lines.append(f"| {r['op']} | {r['case']} | {r['mode']} | {r['impl']} | {why} | | | | | | |")
             continue
         mem_ratio = memory_ratio(r)
         rel = relative_spread(r)  # None in files recorded before the spread was kept
         lines.append(f"| {r['op']} | {r['case']} | {r['mode']} | {r['impl']} | {r['median_ms']:.2f} | "
                      f"{'-' if rel is None else f'{100 * rel:.0f}'} | {_x(speedup(r))} | {_mib(r.get('peak_extra_bytes'))} | "
-                     f"{'-' if mem_ratio is None else f'{mem_ratio:.3f}'} | {r.get('baseline', BASELINE)} |")
+                     f"{'-' if mem_ratio is None else f'{mem_ratio:.3f}'} | "
+                     f"{'-' if limit_fraction(r) is None else f'{100 * limit_fraction(r):.1f}'} | "
+                     f"{r.get('baseline', BASELINE)} |")
+    model = work_model(data["results"])
+    if model:
+        lines += ["", "% limit: the least time the measured copy bandwidth and matmul rate allow for the step's "
+                  "bytes and FLOPs, over its time.", ""] + [f"- {ln.strip()}" for ln in model[1:]]
     return "\n".join(lines) + "\n"
 
 

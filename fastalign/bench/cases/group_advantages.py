@@ -43,6 +43,8 @@ def cases():
     return [
         Case(op="group_advantages", label=f"B={B} groups of {G}", params={"sequences": B, "group_size": G},
              build=_make_build(B, G, loop), modes=("fwd",), quick=quick, warmup=_make_build(64, 16, loop),
-             impls=("fastalign", "eager", "python-loop", "torch.compile", "verl"))
+             impls=("fastalign", "eager", "python-loop", "torch.compile", "verl"),
+             # reads each score (fp32) and prompt id (int64), writes its advantage (fp32)
+             bytes_moved=lambda mode, B=B: 16 * B)
         for B, G, loop, quick in [(65536, 16, True, True), (1 << 20, 16, False, False)]
     ]
