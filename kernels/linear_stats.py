@@ -176,8 +176,10 @@ def linear_stats_bwd_kernel(
     col_ok = cols < V
     y = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
     keep = (y != ignore_index) & row_ok
+    # a block of ignored rows (prompt tokens) multiplies nothing: its tile is all zeros
+    h_end = tl.where(tl.sum(keep.to(tl.int32), 0) > 0, H, 0)
 
-    z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, keep, col_ok, H, s_h, s_w, scale, cap,
+    z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, keep, col_ok, h_end, s_h, s_w, scale, cap,
                     HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
     g_lp = tl.load(g_lp_ptr + rows, mask=row_ok, other=0.0)[:, None] if HAS_G_LP else 0.0
     g_ent = tl.load(g_ent_ptr + rows, mask=row_ok, other=0.0)[:, None] if HAS_G_ENT else 0.0

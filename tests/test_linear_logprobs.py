@@ -506,3 +506,14 @@ def test_cpu_only_labelled_rows_reach_the_vocabulary(monkeypatch):
     seen.clear()
     fastalign.linear_logprobs(hidden, weight, labels, bias=bias, argmax=True, backend="cpp")
     assert seen == [12]  # argmax is defined on ignored rows too: every row
+
+
+def test_prompt_first_rows_whole_ignored_blocks(path):
+    """Prompt tokens first (a whole block of ignored rows, which the Triton kernels skip in forward
+    and backward), then responses: statistics and gradients equal the float64 reference."""
+    n = 40
+    hidden, weight, bias, labels = make_inputs(n=n, ignore_frac=0.0, seed=5)
+    labels[:20] = -100
+    st, grads, ref, ref_grads = run_both(hidden, weight, bias, labels, path, (1.0, -0.5, 0.25))
+    check(st, grads, ref, ref_grads, tol=2e-5, gtol=2e-5, argmax=False)
+    assert torch.count_nonzero(grads[0][:20]) == 0 and torch.count_nonzero(st.logprobs[:20]) == 0
