@@ -53,10 +53,11 @@ sdist: release-tools
 	$(VPY) -m build --sdist -o dist .
 
 # The documentation site in site/ (mkdocs build --strict: a broken link or a page
-# missing from the nav fails). docs/performance.md is rewritten from benchmarks/results first.
+# missing from the nav fails). docs/performance.md is rewritten from benchmarks/results first, docs/api.md from the signatures.
 docs: $(VPY)
 	$(VPY) -m pip install -q "mkdocs>=1.6,<2"
 	$(VPY) tools/docs_performance.py
+	$(VPY) tools/docs_api.py
 	$(VPY) -m mkdocs build --strict
 
 clean:
