@@ -38,6 +38,11 @@ def test_import_verl_alone_registers_everything():
         "    assert c.get_policy_loss_fn('fastalign_' + m).__module__ == 'fastalign.integrations.verl.plugin', m\n"
         "for e in ests:\n"
         "    assert c.get_adv_estimator_fn('fastalign_' + e).__module__ == 'fastalign.integrations.verl.plugin', e\n"
+        "from verl.utils.experimental import torch_functional as tf\n"
+        "assert type(tf.FusedLinearForPPO(impl_backend='fastalign')).__module__ == 'fastalign.integrations.verl.fused'\n"
+        "assert type(tf.FusedLinearForPPO(impl_backend='torch')).__module__ == tf.__name__\n"
+        "from verl.models.transformers import monkey_patch as mp\n"
+        "assert mp.patch_forward_with_backends.fastalign_wrapped\n"
         "print('registered', len(modes), len(ests))\n")
     env = {**os.environ, "VERL_USE_EXTERNAL_PLUGINS": "auto"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
@@ -262,6 +267,16 @@ def test_registry_gdpo_equals_verl(weights):
     assert torch.equal(f_adv, f_ret)
 
 
+def test_inputs_verl_trainer_does_not_pass_raise():
+    """verl 0.9.1's trainer passes these inputs only under its own estimator names."""
+    d = _adv_batch(seed=2)
+    for name in ("optimal_token_baseline", "tir_optimal_token_baseline", "gdpo", "remax"):
+        cfg = AlgoConfig(adv_estimator=plugin.PREFIX + name, gdpo_reward_keys=["acc"] if name == "gdpo" else None)
+        with pytest.raises(ValueError, match="old_log_probs|non_tensor_batch|reward_baselines"):
+            core_algos.get_adv_estimator_fn(plugin.PREFIX + name)(token_level_rewards=d["r"], response_mask=d["mask"],
+                                                                   config=cfg, index=d["uid"])
+
+
 def test_norm_flag_from_argument_or_config():
     d = _adv_batch(seed=1)
     fn = core_algos.get_adv_estimator_fn("fastalign_grpo")
@@ -297,9 +312,10 @@ def _fused_run(module, h, w, ids, dlp, dent, temperature):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fused_backend_equals_verl_torch_backend(dtype, temperature):
+def test_fused_backend_equals_verl_torch_backend(dtype, temperature, cpu_backend):
     from verl.utils.experimental import torch_functional as vtf
 
+    import fastalign
     from fastalign.integrations.verl import fused
 
     h, w, ids, dlp, dent = _fused_inputs(dtype)
@@ -307,7 +323,8 @@ def test_fused_backend_equals_verl_torch_backend(dtype, temperature):
     ours = vtf.FusedLinearForPPO(impl_backend="fastalign")  # verl's factory, as its patched forward calls it
     assert isinstance(ours, fused.FusedLinearForPPO)
     v = _fused_run(verl_mod, h, w, ids, dlp, dent, temperature)
-    f = _fused_run(ours, h, w, ids, dlp, dent, temperature)
+    with fastalign.use_backend(cpu_backend):
+        f = _fused_run(ours, h, w, ids, dlp, dent, temperature)
     assert f[0].dtype == v[0].dtype == torch.float32 and f[1].dtype == v[1].dtype == dtype
     # verl's torch backend rounds the logits to the input dtype; fastalign accumulates in fp32
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)

@@ -47,9 +47,11 @@ BACKEND = "fastalign"
 
 def _full(t: Tensor) -> Tensor:
     """A DTensor (FSDP2) gathered to the full tensor, differentiably; other tensors as they are."""
-    if type(t).__name__ == "DTensor":
-        return t.full_tensor()
-    return t
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return t
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 class FusedLinearForPPO(torch.nn.Module):

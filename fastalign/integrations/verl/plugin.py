@@ -18,8 +18,11 @@ Each estimator ``e`` of :mod:`fastalign.integrations.verl.advantages` is registe
 ``fastalign_e`` with the keyword arguments verl's estimator ``e`` takes, returning
 ``(advantages, returns)``. ``norm_adv_by_std_in_grpo`` is read from the argument or, when that is
 not given, from ``config`` (verl's trainer passes only ``config`` to registered estimators).
-verl 0.9.1's trainer computes ``gae`` on a branch of its own that passes ``values`` to nothing
-else: ``fastalign_gae`` is for direct calls, and without ``values`` it raises.
+verl 0.9.1's trainer hands some inputs only to its own estimator names: ``values`` (``gae``, on
+a branch of its own), ``old_log_probs`` / ``sum_pi_squared`` (the optimal-token-baseline pair),
+the reward components of ``gdpo_reward_keys`` (``gdpo``) and ``reward_baselines`` (computed for
+``remax`` only). Under ``fastalign_<name>`` those estimators are for direct calls; called without
+the input they raise ``ValueError`` rather than compute something else.
 
 It also enables ``actor_rollout_ref.model.fused_kernel_options.impl_backend=fastalign``
 (:mod:`fastalign.integrations.verl.fused`). :func:`register` is idempotent; importing this module
@@ -82,6 +85,10 @@ def _gdpo_scores(config: Any, non_tensor_batch, like: Tensor) -> Optional[Tensor
     return torch.stack(cols, dim=-1)
 
 
+#: estimators whose inputs verl 0.9.1's trainer passes only under its own names
+_TRAINER_OWN_INPUTS = ("optimal_token_baseline", "tir_optimal_token_baseline")
+
+
 def _advantage_fn(estimator: str) -> Callable:
     # grpo_vectorized is grpo computed at once; fastalign's grpo is vectorised already
     profile = "grpo" if estimator == "grpo_vectorized" else estimator
@@ -104,6 +111,13 @@ def _advantage_fn(estimator: str) -> Callable:
         if estimator == "gae" and values is None:
             raise ValueError(f"{PREFIX}gae needs values [B, T]; verl 0.9.1's trainer passes them only to its own 'gae' "
                              "(use algorithm.adv_estimator=gae there)")
+        if estimator in _TRAINER_OWN_INPUTS and old_log_probs is None and sum_pi_squared is None:
+            raise ValueError(f"{PREFIX + estimator} needs old_log_probs and sum_pi_squared [B, T]; verl 0.9.1's trainer "
+                             f"passes them only to its own {estimator!r} (use algorithm.adv_estimator={estimator} there)")
+        if estimator == "gdpo" and _get(config, "gdpo_reward_keys") and non_tensor_batch is None:
+            raise ValueError(f"{PREFIX}gdpo: algorithm.gdpo_reward_keys is set but non_tensor_batch was not passed; "
+                             "verl 0.9.1's trainer passes the reward components only to its own 'gdpo' (use "
+                             "algorithm.adv_estimator=gdpo there)")
         if estimator == "gpg" and alpha != 1.0:
             raise ValueError(f"alpha does not apply to {PREFIX}gpg: it is B / count_nonzero(scores), as in verl")
         if estimator in ("optimal_token_baseline", "tir_optimal_token_baseline") and not handle_zero_tail:
