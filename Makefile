@@ -7,6 +7,8 @@ VPY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 # verl pins a CUDA training stack; its loss and advantage code needs only the test extra.
 VERL_PIN ?= verl==0.9.1
+# OpenRLHF's package pulls DeepSpeed, vLLM and Ray; the adapter tests load only its loss module.
+OPENRLHF_PIN ?= openrlhf==0.11.2
 PYTEST_ARGS ?=
 
 .PHONY: test bench install wheel wheel-cuda wheel-check sdist docs release-tools clean
@@ -20,6 +22,7 @@ install: $(VPY)
 	$(VPY) -m pip install -q scikit-build-core pybind11 ninja
 	$(VPY) -m pip install -q --no-build-isolation -e ".[test,bench]"
 	$(VPY) -m pip install -q --no-deps $(VERL_PIN)
+	$(VPY) -m pip install -q --no-deps $(OPENRLHF_PIN)
 
 test: install
 	$(VPY) -m pytest -q $(PYTEST_ARGS)

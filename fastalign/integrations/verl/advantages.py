@@ -78,8 +78,8 @@ def algo_options(config=None) -> Dict[str, Any]:
 def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor, index=None, *,
                       values: Optional[Tensor] = None, reward_baselines: Optional[Tensor] = None,
                       reward_scores: Optional[Tensor] = None, old_log_probs: Optional[Tensor] = None,
-                      sum_pi_squared: Optional[Tensor] = None,
-                      rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                      sum_pi_squared: Optional[Tensor] = None, rollout_is_weights: Optional[Tensor] = None,
+                      epsilon: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     """``(advantages, returns)`` ``[B, T]`` of verl 0.9.1's ``algorithm.adv_estimator``.
 
     Args:
@@ -94,6 +94,8 @@ def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor
         old_log_probs, sum_pi_squared: ``[B, T]`` (optimal_token_baseline,
             tir_optimal_token_baseline); rollout_is_weights: ``[B, T]`` or None (they scale the
             path variance by their square).
+        epsilon: verl's ``epsilon`` argument (default 1e-6 for the grouped estimators, 1e-8 for the
+            optimal-token-baseline ones); gae, reinforce_plus_plus and remax have none.
     """
     opts = algo_options(config)
     est = opts["adv_estimator"]
@@ -102,6 +104,9 @@ def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor
                                              and rollout_is_weights is None):
         raise ValueError(f"old_log_probs, sum_pi_squared and rollout_is_weights apply to the optimal-token-baseline "
                          f"estimators, not to adv_estimator {est!r}")
+    if epsilon is not None and est in _TOKEN_LEVEL:
+        raise ValueError(f"epsilon does not apply to adv_estimator {est!r}")
+    eps = {} if epsilon is None else {"eps": float(epsilon)}
     if est == "gae":
         if values is None:
             raise ValueError("adv_estimator 'gae' needs values [B, T]")
@@ -124,8 +129,8 @@ def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor
             raise ValueError(f"adv_estimator {est!r} needs old_log_probs and sum_pi_squared [B, T]")
         return optimal_token_baseline_advantages(token_level_rewards, mask, index, old_log_probs, sum_pi_squared,
                                                  importance_weights=rollout_is_weights,
-                                                 align=_OPTIMAL_BASELINE[est])
-    kw = dict(_GROUPED[est])
+                                                 align=_OPTIMAL_BASELINE[est], **eps)
+    kw = dict(_GROUPED[est], **eps)
     if est in _STD_FROM_CONFIG:
         kw["std"] = "group" if opts["norm_adv_by_std_in_grpo"] else "none"
     if est in ("opo", "reinforce_plus_plus_baseline", "gdpo"):

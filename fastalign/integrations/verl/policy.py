@@ -65,18 +65,20 @@ def _clip_bounds(cfg: Any) -> tuple[float, float]:
     return float(_get(cfg, "clip_ratio_low", ratio)), float(_get(cfg, "clip_ratio_high", ratio))
 
 
-def verl_policy_config(actor: Any, *, fuse_terms: bool = True) -> PolicyConfig:
+def verl_policy_config(actor: Any, *, fuse_terms: bool = True, loss_mode: Optional[str] = None,
+                       loss_agg_mode: Optional[str] = None) -> PolicyConfig:
     """The :class:`fastalign.PolicyConfig` of a verl ``ActorConfig`` (object or dict).
 
     ``fuse_terms``: the KL and entropy terms go into the fused kernel (possible whenever they
-    aggregate like the policy term)."""
+    aggregate like the policy term). ``loss_mode`` / ``loss_agg_mode``: used instead of the
+    config's ``policy_loss.loss_mode`` / ``loss_agg_mode`` when given."""
     pl = _get(actor, "policy_loss", {})
-    mode = _get(pl, "loss_mode", "vanilla")
+    mode = loss_mode if loss_mode is not None else _get(pl, "loss_mode", "vanilla")
     if mode not in _MODES:
         raise ValueError(f"policy_loss.loss_mode {mode!r} has no fastalign profile; supported: {tuple(_MODES)}")
     row = _MODES[mode]
     el, eh = _clip_bounds(actor)
-    agg = _OWN_AGG.get(mode, _get(actor, "loss_agg_mode", "token-mean"))
+    agg = _OWN_AGG.get(mode, loss_agg_mode if loss_agg_mode is not None else _get(actor, "loss_agg_mode", "token-mean"))
     opts: dict = dict(loss_type=row)
     if row in ("ppo", "gspo", "clip_cov", "gmpo", "cispo", "dppo_tv", "dppo_kl"):
         opts.update(eps_low=el, eps_high=eh)
@@ -119,18 +121,21 @@ class VerlPolicyLoss:
     global_batch_size=None)`` returns ``(loss, metrics)`` with verl's metric names.
     """
 
-    def __init__(self, actor: Any):
+    def __init__(self, actor: Any, *, loss_mode: Optional[str] = None, loss_agg_mode: Optional[str] = None,
+                 policy_term_only: bool = False):
         self.actor = actor
-        self.mode = _get(_get(actor, "policy_loss", {}), "loss_mode", "vanilla")
-        self.loss_agg_mode = _get(actor, "loss_agg_mode", "token-mean")
-        self.use_kl = bool(_get(actor, "use_kl_loss", False))
+        self.mode = loss_mode if loss_mode is not None else _get(_get(actor, "policy_loss", {}), "loss_mode", "vanilla")
+        self.loss_agg_mode = loss_agg_mode if loss_agg_mode is not None else _get(actor, "loss_agg_mode", "token-mean")
+        # policy_term_only: the loss function verl's registry holds, without the KL and entropy terms
+        self.use_kl = not policy_term_only and bool(_get(actor, "use_kl_loss", False))
         self.kl_coef = float(_get(actor, "kl_loss_coef", 0.001))
         self.kl_type = str(_get(actor, "kl_loss_type", "low_var_kl"))
-        self.entropy_coeff = float(_get(actor, "entropy_coeff", 0.0))
+        self.entropy_coeff = 0.0 if policy_term_only else float(_get(actor, "entropy_coeff", 0.0))
         # sapo and geo_mean aggregate their policy term on their own (geo_mean: a plain mean over the
         # local sequences, without the global counts): KL and entropy then run apart
         self.fused = self.mode == "sapo" and self.loss_agg_mode == _OWN_AGG["sapo"] or self.mode not in _OWN_AGG
-        self.config = verl_policy_config(actor, fuse_terms=self.fused)
+        self.config = verl_policy_config(actor, fuse_terms=self.fused and not policy_term_only, loss_mode=self.mode,
+                                         loss_agg_mode=self.loss_agg_mode)
 
     def __call__(self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, response_mask: Tensor, *,
                  entropy: Optional[Tensor] = None, ref_log_prob: Optional[Tensor] = None,

@@ -1,0 +1,152 @@
+"""OpenRLHF 0.11.2 adapters: ``PolicyLoss`` and ``DPOLoss`` with OpenRLHF's constructor, ``forward``
+and return values (``openrlhf/models/loss.py``), computed by fastalign. A user swaps the import::
+
+    from fastalign.integrations.openrlhf import PolicyLoss, DPOLoss
+
+:class:`PolicyLoss` (``policy_loss_type`` ``"ppo"`` or ``"gspo"``), with ``l = log_probs -
+old_log_probs``, ``A`` the advantages and ``m`` the action mask:
+
+    ppo:  rho = exp(clamp(l, -20, 20)), pg = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)
+          (dual clip c: pg = min(pg, -c A) where A < 0)
+    gspo: rho_i = exp(mean_m l_i) for every token of sequence i, the same clip; the loss is
+          always a per-sequence mean (OpenRLHF forces token_level_loss=False)
+
+aggregated as ``sum_m pg / batch_num_tokens * dp_size`` (``token_level_loss``; the local token
+mean without ``batch_num_tokens``) or ``sum_i mean_m(pg_i) / global_batch_size * dp_size`` over
+the non-empty sequences. ``forward`` returns ``(loss, clip_ratio, ppo_kl, vllm_kl,
+is_filter_ratio)``: ``clip_ratio = mean_m[clipped surrogate < unclipped]``, ``ppo_kl = mean_m(-l)``.
+
+Train/rollout correction (ppo, ``is_correction_level="token"``, ``is_correction_gating="ratio"``)
+with ``r = exp(old_log_probs - rollout_log_probs)`` and ``[low, high] =
+is_correction_threshold``: ``mode="mask"`` weights pg by ``r 1[low <= r <= high]``, ``"clip"`` by
+``clamp(r, low, high)`` (fastalign's ``rollout_correction`` ``token_mask`` / ``token_truncate``);
+``vllm_kl = mean_m(rollout_log_probs - old_log_probs)``, ``is_filter_ratio`` the share of tokens
+outside the band. With gspo it takes the sequence ratio against ``rollout_log_probs``, as
+OpenRLHF. The sequence-level gates and the ``binary_kl`` / ``tv`` gates raise ``ValueError``, as
+does ``dual_clip`` with gspo.
+
+:class:`DPOLoss` (``beta``, ``label_smoothing``, ``ipo``) with ``d = (pc - pr) - (rc - rr)``:
+``-(1 - eps) log σ(βd) - eps log σ(-βd)`` or, with ``ipo``, ``(d - 1/(2β))²``, averaged over
+pairs; returns ``(loss, chosen_rewards, rejected_rewards)``, ``β(pc - rc)`` and ``β(pr - rr)``
+detached, per pair. ``label_smoothing`` with ``ipo`` raises (OpenRLHF ignores it).
+
+Nothing here imports OpenRLHF.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from fastalign.policy import policy_loss
+from fastalign.policy_config import PolicyConfig
+from fastalign.preference import preference_loss
+
+__all__ = ["PolicyLoss", "DPOLoss"]
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    m = mask.to(torch.float32)
+    return (x.float() * m).sum() / m.sum()
+
+
+class PolicyLoss(torch.nn.Module):
+    """OpenRLHF's ``PolicyLoss`` (PPO / GSPO actor loss) computed by :func:`fastalign.policy_loss`."""
+
+    def __init__(self, clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, dual_clip: Optional[float] = None,
+                 token_level_loss: bool = True, policy_loss_type: str = "ppo", is_correction_level: str = "off",
+                 is_correction_mode: str = "mask", is_correction_gating: str = "ratio",
+                 is_correction_threshold: Sequence[float] = (0.5, 5.0)) -> None:
+        super().__init__()
+        if policy_loss_type not in ("ppo", "gspo"):
+            raise ValueError(f"policy_loss_type must be 'ppo' or 'gspo', got {policy_loss_type!r}")
+        if is_correction_level not in ("off", "token", "seq"):
+            raise ValueError(f"is_correction_level must be off/token/seq, got {is_correction_level!r}")
+        if is_correction_mode not in ("mask", "clip"):
+            raise ValueError(f"is_correction_mode must be mask/clip, got {is_correction_mode!r}")
+        if is_correction_gating not in ("ratio", "binary_kl", "tv"):
+            raise ValueError(f"is_correction_gating must be ratio/binary_kl/tv, got {is_correction_gating!r}")
+        if policy_loss_type == "gspo" and dual_clip is not None:
+            raise ValueError("dual_clip is not supported with policy_loss_type='gspo' (fastalign's dual clip is a ppo "
+                             "option)")
+        self.clip_eps_low, self.clip_eps_high = float(clip_eps_low), float(clip_eps_high)
+        self.dual_clip = dual_clip
+        self.policy_loss_type = policy_loss_type
+        self.token_level_loss = bool(token_level_loss) and policy_loss_type != "gspo"  # gspo: per-sample mean
+        self.is_correction_level = is_correction_level
+        self.is_correction_mode = is_correction_mode
+        self.is_correction_gating = is_correction_gating
+        self.is_correction_threshold = tuple(float(t) for t in is_correction_threshold)
+        opts = dict(loss_type=policy_loss_type, eps_low=self.clip_eps_low, eps_high=self.clip_eps_high,
+                    agg="token-mean" if self.token_level_loss else "seq-mean-token-mean")
+        if not self.token_level_loss:
+            opts["seq_count"] = "nonempty"
+        if dual_clip is not None:
+            opts["dual_clip"] = float(dual_clip)
+        self.weights_rollout = is_correction_level != "off" and policy_loss_type == "ppo"
+        if self.weights_rollout:
+            if is_correction_level != "token" or is_correction_gating != "ratio":
+                raise ValueError(f"is_correction_level={is_correction_level!r} with is_correction_gating="
+                                 f"{is_correction_gating!r} is not supported: fastalign weights by the per-token "
+                                 "ratio (is_correction_level='token', is_correction_gating='ratio')")
+            low, high = self.is_correction_threshold
+            opts.update(rollout_correction="token_mask" if is_correction_mode == "mask" else "token_truncate",
+                        rollout_min=low, rollout_max=high)
+        self.config = PolicyConfig.make(**opts)
+
+    def forward(self, log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor,
+                action_mask: Optional[Tensor] = None, rollout_log_probs: Optional[Tensor] = None, dp_size: int = 1,
+                batch_num_tokens=None, global_batch_size=None):
+        """``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``; the last two are None without
+        the train/rollout correction."""
+        mask = torch.ones_like(log_probs, dtype=torch.bool) if action_mask is None else action_mask
+        corrected = self.is_correction_level != "off"
+        if corrected and rollout_log_probs is None:
+            raise ValueError("rollout_log_probs is required with is_correction_level != 'off'")
+        # OpenRLHF applies dp_size only with the global count of its aggregation
+        count = batch_num_tokens if self.token_level_loss else global_batch_size
+        cfg = self.config if count is None or dp_size == 1 else PolicyConfig.make(self.config, dp_size=int(dp_size))
+        counts = dict(global_tokens=batch_num_tokens) if self.token_level_loss else dict(global_seqs=global_batch_size)
+        if count is None:
+            counts = {}
+        gspo_vs_rollout = corrected and self.policy_loss_type == "gspo"
+        loss, met = policy_loss(log_probs, rollout_log_probs if gspo_vs_rollout else old_log_probs, advantages, mask,
+                                rollout_logprobs=rollout_log_probs if self.weights_rollout else None, config=cfg,
+                                **counts)
+        ppo_kl = _masked_mean(old_log_probs - log_probs.detach(), mask) if gspo_vs_rollout else met["approx_kl"]
+        vllm_kl = is_filter_ratio = None
+        if self.weights_rollout:
+            low, high = self.is_correction_threshold
+            r = (old_log_probs.detach().float() - rollout_log_probs.float()).exp()
+            is_filter_ratio = _masked_mean(((r < low) | (r > high)).float(), mask)
+            vllm_kl = _masked_mean(rollout_log_probs - old_log_probs, mask)
+        return loss, met["clipfrac"], ppo_kl, vllm_kl, is_filter_ratio
+
+
+class DPOLoss(torch.nn.Module):
+    """OpenRLHF's ``DPOLoss`` (DPO, conservative DPO with ``label_smoothing``, IPO) computed by
+    :func:`fastalign.preference_loss`."""
+
+    def __init__(self, beta: float, label_smoothing: float = 0.0, ipo: bool = False) -> None:
+        super().__init__()
+        if ipo and label_smoothing != 0.0:
+            raise ValueError("label_smoothing does not apply with ipo=True")
+        self.beta = beta
+        self.label_smoothing = label_smoothing
+        self.ipo = ipo
+
+    def forward(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
+                reference_rejected_logps: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        kw = dict(beta=self.beta)
+        if self.ipo:  # OpenRLHF's IPO takes the log-probs as given: lengths of 1 keep them so
+            one = torch.ones_like(policy_chosen_logps)
+            kw.update(loss_type="ipo", chosen_lengths=one, rejected_lengths=one)
+        else:
+            kw.update(loss_type="sigmoid", label_smoothing=self.label_smoothing)
+        loss, _ = preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                  reference_rejected_logps, **kw)
+        acc = torch.promote_types(policy_chosen_logps.dtype, torch.float32)  # rewards in fp32, as the loss
+        chosen_rewards = self.beta * (policy_chosen_logps.detach().to(acc) - reference_chosen_logps.to(acc))
+        rejected_rewards = self.beta * (policy_rejected_logps.detach().to(acc) - reference_rejected_logps.to(acc))
+        return loss, chosen_rewards, rejected_rewards

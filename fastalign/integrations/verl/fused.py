@@ -1,0 +1,166 @@
+"""fastalign as verl's fused log-prob / entropy backend (``impl_backend=fastalign``).
+
+verl's FSDP actor can replace the model's logits with a fused head: with
+``actor_rollout_ref.model.use_fused_kernels=True`` it patches the model's forward to hand the
+last hidden states and ``lm_head.weight`` to ``FusedLinearForPPO(impl_backend=...)``, chosen by
+``actor_rollout_ref.model.fused_kernel_options.impl_backend`` (``torch`` or ``liger``; ``triton``
+takes another path). This module adds the value ``fastalign``::
+
+    actor_rollout_ref.model.use_fused_kernels=True
+    actor_rollout_ref.model.fused_kernel_options.impl_backend=fastalign
+
+:class:`FusedLinearForPPO` has verl's constructor and ``forward(hidden_states, vocab_weights,
+input_ids, temperature=1.0) -> (log_probs, entropy)`` and computes them with
+:func:`fastalign.linear_logprobs`:
+
+    z = hidden_states @ vocab_weights.T / temperature
+    log_probs = z[input_ids] - logsumexp(z)           (float32)
+    entropy   = logsumexp(z) - sum_j softmax(z)_j z_j (the dtype of hidden_states, as verl)
+
+with fp32 accumulation and without the ``[tokens, V]`` logits (chunks of at most
+``FASTALIGN_LINEAR_CHUNK_MIB``); gradients flow to ``hidden_states`` and ``vocab_weights``. A
+``DTensor`` weight (FSDP2) is gathered with ``full_tensor()`` (differentiable).
+
+:func:`enable` (called by the ``verl.plugins`` entry point, so by ``import verl``) teaches verl's
+two switch points the new value: ``monkey_patch.patch_forward_with_backends`` installs verl's own
+fused forward for ``fastalign`` (as for ``torch``) and marks the model, and
+``verl.utils.experimental.torch_functional.FusedLinearForPPO`` returns this module for
+``impl_backend="fastalign"`` and verl's own class otherwise. ``monkey_patch`` imports
+``transformers``, so its patch is applied when verl imports it, not before. Idempotent.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import sys
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from fastalign.linear import linear_logprobs
+
+__all__ = ["BACKEND", "FusedLinearForPPO", "enable"]
+
+#: the value of ``fused_kernel_options.impl_backend`` that selects fastalign.
+BACKEND = "fastalign"
+
+
+def _full(t: Tensor) -> Tensor:
+    """A DTensor (FSDP2) gathered to the full tensor, differentiably; other tensors as they are."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return t
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class FusedLinearForPPO(torch.nn.Module):
+    """verl's ``FusedLinearForPPO`` computed by :func:`fastalign.linear_logprobs`.
+
+    ``chunk_size``: verl chunks by a token count; fastalign sizes its chunks by a memory
+    budget (``FASTALIGN_LINEAR_CHUNK_MIB``), so only ``None`` is accepted (verl's factory passes
+    none). ``impl_backend`` must be ``"fastalign"``.
+    """
+
+    def __init__(self, chunk_size: Optional[int] = None, impl_backend: str = BACKEND):
+        super().__init__()
+        if impl_backend != BACKEND:
+            raise ValueError(f"impl_backend must be {BACKEND!r} for fastalign's FusedLinearForPPO, got {impl_backend!r}")
+        if chunk_size is not None:
+            raise ValueError("chunk_size does not apply to fastalign's FusedLinearForPPO: it chunks by "
+                             "FASTALIGN_LINEAR_CHUNK_MIB")
+        self.impl_backend = impl_backend
+
+    def forward(self, hidden_states: Tensor, vocab_weights: Tensor, input_ids: Tensor,
+                temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+        if input_ids.shape != hidden_states.shape[:-1]:
+            raise ValueError(f"input_ids shape {tuple(input_ids.shape)} must match hidden_states shape "
+                             f"{tuple(hidden_states.shape[:-1])}")
+        stats = linear_logprobs(hidden_states, _full(vocab_weights), input_ids.to(torch.int64),
+                                temperature=float(temperature), entropy=True)
+        return stats.logprobs, stats.entropy.to(hidden_states.dtype)
+
+
+def _fused_linear_factory(verl_class: type) -> Callable:
+    """verl's ``FusedLinearForPPO(chunk_size, impl_backend)``, with ``impl_backend="fastalign"`` added."""
+
+    def fused_linear_for_ppo(chunk_size: int = 512, impl_backend: str = "torch"):
+        if impl_backend == BACKEND:
+            return FusedLinearForPPO()
+        return verl_class(chunk_size=chunk_size, impl_backend=impl_backend)
+
+    fused_linear_for_ppo.verl_class = verl_class
+    fused_linear_for_ppo.__doc__ = verl_class.__doc__
+    return fused_linear_for_ppo
+
+
+def _patch_torch_functional(module) -> None:
+    current = module.FusedLinearForPPO
+    if getattr(current, "verl_class", None) is None:
+        module.FusedLinearForPPO = _fused_linear_factory(current)
+
+
+def _patch_monkey_patch(module) -> None:
+    original = module.patch_forward_with_backends
+    if getattr(original, "fastalign_wrapped", False):
+        return
+
+    def patch_forward_with_backends(model, use_fused_kernels: bool = False, fused_kernels_backend: str = None):
+        if use_fused_kernels and fused_kernels_backend == BACKEND:
+            # verl's fused forward (the one its torch backend uses) asks FusedLinearForPPO for this backend
+            original(model, use_fused_kernels=True, fused_kernels_backend="torch")
+            if getattr(model, "_verl_fused_kernels_backend", None) == "torch":
+                model._verl_fused_kernels_backend = BACKEND
+            return
+        original(model, use_fused_kernels=use_fused_kernels, fused_kernels_backend=fused_kernels_backend)
+
+    patch_forward_with_backends.fastalign_wrapped = True
+    patch_forward_with_backends.__wrapped__ = original
+    module.patch_forward_with_backends = patch_forward_with_backends
+
+
+_PATCHES = {"verl.utils.experimental.torch_functional": _patch_torch_functional,
+            "verl.models.transformers.monkey_patch": _patch_monkey_patch}
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Applies a patch to a module right after it is first executed."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in _PATCHES:
+            return None
+        spec = None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _Patching(spec.loader, _PATCHES[name])
+        return spec
+
+
+class _Patching(importlib.abc.Loader):
+    def __init__(self, loader, patch):
+        self.loader, self.patch = loader, patch
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        self.patch(module)
+
+
+def enable() -> None:
+    """Make ``impl_backend=fastalign`` a backend of verl's fused kernels (idempotent)."""
+    pending = False
+    for name, patch in _PATCHES.items():
+        if name in sys.modules:
+            patch(sys.modules[name])
+        else:
+            pending = True
+    if pending and not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport())

@@ -1,0 +1,195 @@
+"""OpenRLHF adapters (fastalign.integrations.openrlhf) against OpenRLHF 0.11.2's own classes.
+
+OpenRLHF's package ``__init__`` imports DeepSpeed, vLLM, Ray and its trainers, none of which a
+CPU test environment has. Its loss module needs only torch and ``openrlhf/models/utils.py``
+(which imports ``deepspeed`` at the top but uses it in one ZeRO-3 helper only). So the test loads
+the two installed files themselves, ``openrlhf/models/utils.py`` and ``openrlhf/models/loss.py``,
+with importlib under empty stand-ins for the parent packages ``openrlhf`` / ``openrlhf.models``
+and for ``deepspeed``; the classes compared against are OpenRLHF's own code, unmodified. The
+stand-ins are removed from ``sys.modules`` afterwards.
+
+Compared: loss, d(loss)/d(log_probs) (d(loss)/d(policy log-probs) for DPO) and every returned
+value, OpenRLHF in float64, fastalign in float32.
+"""
+import importlib.util
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+from helpers import assert_close
+
+from fastalign.integrations import openrlhf as fo
+
+
+def _load_openrlhf_loss():
+    spec = importlib.util.find_spec("openrlhf")  # locates the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("openrlhf is not installed: `pip install --no-deps openrlhf==0.11.2` (see the Makefile)")
+    root = list(spec.submodule_search_locations)[0]
+    names = ("openrlhf", "openrlhf.models", "openrlhf.models.utils", "openrlhf.models.loss", "deepspeed")
+    saved = {n: sys.modules.get(n) for n in names}
+    try:
+        for name, path in (("openrlhf", root), ("openrlhf.models", os.path.join(root, "models"))):
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [path]
+            sys.modules[name] = pkg
+        if saved["deepspeed"] is None:
+            sys.modules["deepspeed"] = types.ModuleType("deepspeed")
+        mods = {}
+        for sub in ("utils", "loss"):
+            name = f"openrlhf.models.{sub}"
+            s = importlib.util.spec_from_file_location(name, os.path.join(root, "models", f"{sub}.py"))
+            mod = importlib.util.module_from_spec(s)
+            sys.modules[name] = mod
+            s.loader.exec_module(mod)
+            mods[sub] = mod
+        return mods["loss"]
+    finally:
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+
+
+@pytest.fixture(scope="module")
+def orl():
+    return _load_openrlhf_loss()
+
+
+def _batch(seed, B=6, T=9, with_rollout=False):
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(B, T, generator=g) * 2.0
+    old = (lp + torch.randn(B, T, generator=g) * 0.3).clamp(max=-1e-3)
+    A = torch.randn(B, 1, generator=g).expand(B, T).contiguous()
+    m = torch.arange(T)[None, :] < torch.randint(2, T + 1, (B, 1), generator=g)
+    m[2] = False  # an empty response
+    roll = (old + torch.randn(B, T, generator=g) * 0.6).clamp(max=-1e-3)
+    return lp, old, A, m, roll
+
+
+POLICY_CASES = {
+    "ppo": dict(),
+    "ppo_asymmetric": dict(clip_eps_low=0.1, clip_eps_high=0.28),
+    "ppo_dual_clip": dict(dual_clip=1.5),
+    "ppo_sample_level": dict(token_level_loss=False, clip_eps_high=0.3),
+    "ppo_dual_clip_sample_level": dict(token_level_loss=False, dual_clip=2.0),
+    "gspo": dict(policy_loss_type="gspo", clip_eps_low=0.02, clip_eps_high=0.03),
+    "gspo_token_flag_ignored": dict(policy_loss_type="gspo", token_level_loss=True, clip_eps_low=0.05,
+                                    clip_eps_high=0.05),
+    "gspo_vs_rollout": dict(policy_loss_type="gspo", is_correction_level="token", clip_eps_low=0.05,
+                            clip_eps_high=0.05),
+    "tis_mask": dict(is_correction_level="token", is_correction_threshold=(0.8, 1.25)),
+    "tis_clip": dict(is_correction_level="token", is_correction_mode="clip", is_correction_threshold=(0.8, 1.25)),
+    "tis_mask_dual_clip_sample_level": dict(is_correction_level="token", dual_clip=3.0, token_level_loss=False,
+                                            is_correction_threshold=(0.5, 1.5)),
+}
+
+
+def _run_policy(cls, kw, lp, old, A, m, roll, dtype, glob):
+    x = lp.to(dtype).clone().requires_grad_(True)
+    out = cls(**kw)(x, old.to(dtype), A.to(dtype), m.to(dtype) if dtype == torch.float64 else m,
+                    rollout_log_probs=roll.to(dtype), **glob)
+    out[0].backward()
+    return out, x.grad
+
+
+@pytest.mark.parametrize("dp", [False, True], ids=["local", "dp2"])
+@pytest.mark.parametrize("case", sorted(POLICY_CASES))
+def test_policy_loss_matches_openrlhf(orl, case, dp):
+    kw = POLICY_CASES[case]
+    lp, old, A, m, roll = _batch(sorted(POLICY_CASES).index(case))
+    glob = {}
+    if dp:
+        n_tok, n_seq = float(m.sum()), float((m.sum(-1) > 0).sum())
+        glob = dict(dp_size=2, batch_num_tokens=torch.tensor(2 * n_tok + 3), global_batch_size=torch.tensor(
+            2 * n_seq + 1))
+    (vl, *vm), vg = _run_policy(orl.PolicyLoss, kw, lp, old, A, m, roll, torch.float64, glob)
+    (fl, *fm), fg = _run_policy(fo.PolicyLoss, kw, lp, old, A, m, roll, torch.float32, glob)
+    assert_close(fl, vl, atol=1e-6, rtol=1e-5, what=f"{case} loss")
+    assert_close(fg, vg, atol=1e-6, rtol=1e-5, what=f"{case} d log_probs")
+    for name, f, v in zip(("clip_ratio", "ppo_kl", "vllm_kl", "is_filter_ratio"), fm, vm):
+        assert (f is None) == (v is None), (name, f, v)
+        if v is not None:
+            assert_close(f, v, atol=1e-6, rtol=1e-5, what=f"{case} {name}")
+
+
+def test_policy_loss_clipping_and_filters_are_exercised(orl):
+    lp, old, A, m, roll = _batch(3)
+    old = lp - 0.5  # ratio 1.65: clipped where A > 0, past the dual clip (1.5) where A < 0
+    for kw in (POLICY_CASES["ppo_dual_clip"], POLICY_CASES["tis_mask"], POLICY_CASES["tis_clip"]):
+        (vl, clip, _, _, filt), _ = _run_policy(orl.PolicyLoss, kw, lp, old, A, m, roll, torch.float64, {})
+        (fl, fclip, _, _, ffilt), _ = _run_policy(fo.PolicyLoss, kw, lp, old, A, m, roll, torch.float32, {})
+        assert clip > 0 and (filt is None or 0 < filt < 1), (kw, clip, filt)
+        assert_close(fl, vl, atol=1e-6, rtol=1e-5, what=f"{kw} loss")
+        assert_close(fclip, clip, atol=1e-6, what=f"{kw} clip_ratio")
+        if filt is not None:
+            assert_close(ffilt, filt, atol=1e-6, what=f"{kw} is_filter_ratio")
+
+
+def test_policy_loss_without_mask_is_the_plain_mean(orl):
+    lp, old, A, _, _ = _batch(5)
+    v = orl.PolicyLoss()(lp.double(), old.double(), A.double())
+    f = fo.PolicyLoss()(lp, old, A)
+    for a, b in zip(f[:3], v[:3]):
+        assert_close(a, b, atol=1e-6, rtol=1e-5, what="no action_mask")
+    assert f[3] is None and f[4] is None
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(is_correction_level="seq"), "is_correction_level"),
+    (dict(is_correction_level="token", is_correction_gating="binary_kl", is_correction_threshold=(0.0, 0.1)),
+     "is_correction_gating"),
+    (dict(policy_loss_type="gspo", dual_clip=2.0), "dual_clip"),
+    (dict(policy_loss_type="reinforce"), "policy_loss_type"),
+    (dict(dual_clip=0.5), "dual_clip"),
+])
+def test_policy_loss_options_it_cannot_honour_raise(kw, match):
+    with pytest.raises(ValueError, match=match):
+        fo.PolicyLoss(**kw)
+
+
+def test_policy_loss_needs_rollout_log_probs_for_correction():
+    lp, old, A, m, _ = _batch(1)
+    with pytest.raises(ValueError, match="rollout_log_probs"):
+        fo.PolicyLoss(is_correction_level="token")(lp, old, A, m)
+
+
+DPO_CASES = {
+    "dpo": dict(beta=0.1),
+    "dpo_beta_0.5": dict(beta=0.5),
+    "cdpo_label_smoothing": dict(beta=0.2, label_smoothing=0.15),
+    "ipo": dict(beta=0.1, ipo=True),
+    "ipo_beta_1": dict(beta=1.0, ipo=True),
+}
+
+
+def _dpo_inputs(seed, B=8):
+    g = torch.Generator().manual_seed(seed)
+    pc, pr = -torch.rand(B, generator=g) * 40, -torch.rand(B, generator=g) * 40
+    rc, rr = pc + torch.randn(B, generator=g) * 3, pr + torch.randn(B, generator=g) * 3
+    return pc, pr, rc, rr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", sorted(DPO_CASES))
+def test_dpo_loss_matches_openrlhf(orl, case, dtype):
+    kw = DPO_CASES[case]
+    pc, pr, rc, rr = (t.to(dtype) for t in _dpo_inputs(sorted(DPO_CASES).index(case)))
+    out = []
+    for cls, dt in ((orl.DPOLoss, torch.float64), (fo.DPOLoss, dtype)):
+        c, r = pc.to(dt).requires_grad_(True), pr.to(dt).requires_grad_(True)
+        loss, cr, rjr = cls(**kw)(c, r, rc.to(dt), rr.to(dt))
+        loss.backward()
+        out.append((loss, cr, rjr, c.grad, r.grad))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for name, f, v in zip(("loss", "chosen_rewards", "rejected_rewards", "d chosen", "d rejected"), *out[::-1]):
+        assert_close(f, v, **tol, what=f"{case} {name}")
+
+
+def test_dpo_label_smoothing_with_ipo_raises():
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fo.DPOLoss(beta=0.1, label_smoothing=0.1, ipo=True)

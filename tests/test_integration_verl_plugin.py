@@ -1,0 +1,386 @@
+"""The ``verl.plugins`` entry point: fastalign's losses and estimators in verl 0.9.1's registries.
+
+* A fresh interpreter that runs ``import verl`` alone finds every ``fastalign_<name>`` in
+  ``get_policy_loss_fn`` / ``get_adv_estimator_fn`` (the installed entry point is what loads them).
+* For every loss mode, verl's registry dispatch to ``fastalign_<mode>`` equals verl's own
+  ``<mode>`` called the way verl's actor calls it (``verl.workers.utils.losses.ppo_loss``: keyword
+  arguments, ``config.global_batch_info`` filled): loss, d(loss)/d(log_prob) and the metrics.
+* For every estimator, ``fastalign_<name>`` equals verl's ``<name>`` called with the keywords of
+  ``ray_trainer.compute_advantage``.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import assert_close
+
+core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not importable")
+actor_config = pytest.importorskip("verl.workers.config.actor", reason="verl is not importable")
+
+from verl.trainer.config import AlgoConfig  # noqa: E402
+
+from fastalign.integrations.verl import plugin  # noqa: E402
+
+MODES = [n[len(plugin.PREFIX):] for n in plugin.POLICY_LOSSES]
+ESTIMATORS = [n[len(plugin.PREFIX):] for n in plugin.ADVANTAGE_ESTIMATORS]
+
+
+def test_import_verl_alone_registers_everything():
+    code = (
+        "import sys, verl\n"
+        "from verl.trainer.ppo import core_algos as c\n"
+        f"modes, ests = {MODES!r}, {ESTIMATORS!r}\n"
+        "for m in modes:\n"
+        "    assert c.get_policy_loss_fn('fastalign_' + m).__module__ == 'fastalign.integrations.verl.plugin', m\n"
+        "for e in ests:\n"
+        "    assert c.get_adv_estimator_fn('fastalign_' + e).__module__ == 'fastalign.integrations.verl.plugin', e\n"
+        "from verl.utils.experimental import torch_functional as tf\n"
+        "assert type(tf.FusedLinearForPPO(impl_backend='fastalign')).__module__ == 'fastalign.integrations.verl.fused'\n"
+        "assert type(tf.FusedLinearForPPO(impl_backend='torch')).__module__ == tf.__name__\n"
+        "from verl.models.transformers import monkey_patch as mp\n"
+        "assert mp.patch_forward_with_backends.fastalign_wrapped\n"
+        "print('registered', len(modes), len(ests))\n")
+    env = {**os.environ, "VERL_USE_EXTERNAL_PLUGINS": "auto"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"registered {len(MODES)} {len(ESTIMATORS)}" in out.stdout
+
+
+def test_entry_point_is_declared():
+    from importlib.metadata import entry_points
+
+    eps = [ep for ep in entry_points(group="verl.plugins") if ep.name == "fastalign"]
+    assert len(eps) == 1 and eps[0].value == "fastalign.integrations.verl.plugin"
+
+
+def test_every_verl_mode_and_estimator_is_covered():
+    skipped = {"bypass_mode"}  # a rollout-correction mode, not a loss fastalign reproduces
+    verl_modes = {m for m in core_algos.POLICY_LOSS_REGISTRY if not m.startswith(plugin.PREFIX)} - skipped
+    assert set(MODES) == verl_modes, set(MODES) ^ verl_modes
+    assert set(ESTIMATORS) == {e.value for e in core_algos.AdvantageEstimator}
+
+
+def test_register_is_idempotent():
+    before = dict(core_algos.POLICY_LOSS_REGISTRY), dict(core_algos.ADV_ESTIMATOR_REGISTRY)
+    plugin.register()
+    plugin.register()
+    assert before == (dict(core_algos.POLICY_LOSS_REGISTRY), dict(core_algos.ADV_ESTIMATOR_REGISTRY))
+    assert core_algos.get_policy_loss_fn("fastalign_vanilla") is plugin.POLICY_LOSSES["fastalign_vanilla"]
+
+
+# ---------------------------------------------------------------------------------------------
+# policy losses
+
+
+def _actor(loss_mode, policy_loss=None, **kw):
+    pl = actor_config.PolicyLossConfig(loss_mode=loss_mode, **(policy_loss or {}))
+    return actor_config.ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, policy_loss=pl,
+                                    **kw)
+
+
+#: per mode: (actor options, policy_loss options); each runs with and without importance weights,
+#: locally and with data-parallel global counts.
+POLICY_CASES = {
+    "vanilla": (dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=2.5), {}),
+    "gspo": (dict(clip_ratio_low=0.01, clip_ratio_high=0.02), {}),
+    "sapo": (dict(tau_neg=1.3), {}),
+    "gpg": ({}, {}),
+    "clip_cov": ({}, dict(clip_cov_ratio=1.0, clip_cov_lb=-1.0, clip_cov_ub=5.0)),
+    "kl_cov": ({}, dict(kl_cov_ratio=0.1, ppo_kl_coef=0.1)),
+    "geo_mean": (dict(clip_ratio_low=0.1, clip_ratio_high=0.15), {}),
+    "cispo": (dict(clip_ratio_low=0.1, clip_ratio_high=0.1), {}),
+    "dppo_tv": (dict(clip_ratio_low=0.05, clip_ratio_high=0.03, clip_ratio_c=1.1), {}),
+    "dppo_kl": (dict(clip_ratio_low=0.01, clip_ratio_high=0.02, clip_ratio_c=1.2), {}),
+    "dro": ({}, dict(dro_beta=0.5)),
+}
+AGG = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+def _policy_batch(seed, B=6, T=9):
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(B, T, generator=g) * 2.0
+    old = (lp + torch.randn(B, T, generator=g) * 0.3).clamp(max=-1e-3)
+    A = torch.randn(B, 1, generator=g).expand(B, T).contiguous()
+    m = torch.arange(T)[None, :] < torch.randint(2, T + 1, (B, 1), generator=g)
+    m[2] = False  # an empty response
+    w = torch.rand(B, T, generator=g) + 0.5
+    return lp, old, A, m, w  # float32, what verl's actor feeds its loss
+
+
+def _dispatch(name, actor, lp, old, A, m, w, agg):
+    x = lp.clone().requires_grad_(True)
+    loss, metrics = core_algos.get_policy_loss_fn(name)(
+        old_log_prob=old, log_prob=x, advantages=A, response_mask=m, loss_agg_mode=agg, config=actor,
+        rollout_is_weights=w)
+    loss.backward()
+    return loss.detach(), x.grad, metrics
+
+
+def _set_global(actor, dp, m):
+    n_tok, n_seq = int(m.sum()), int((m.sum(-1) > 0).sum())
+    info = dict(dp_size=2, batch_num_tokens=2 * n_tok + 3, global_batch_size=2 * n_seq + 1) if dp else \
+        dict(dp_size=1, batch_num_tokens=None, global_batch_size=None)
+    actor.global_batch_info.update(info, loss_scale_factor=actor.loss_scale_factor)
+
+
+@pytest.mark.parametrize("dp", [False, True], ids=["local", "dp2"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "is_weights"])
+@pytest.mark.parametrize("agg", AGG)
+@pytest.mark.parametrize("mode", sorted(POLICY_CASES))
+def test_registry_policy_loss_equals_verl(mode, agg, weighted, dp):
+    opts, pl = POLICY_CASES[mode]
+    lsf = dict(loss_scale_factor=16) if agg == "seq-mean-token-sum-norm" and dp else {}
+    seed = sorted(POLICY_CASES).index(mode) * 10 + AGG.index(agg)
+    lp, old, A, m, w = _policy_batch(seed)
+    w = w if weighted else None
+    out = []
+    for name in (mode, plugin.PREFIX + mode):
+        actor = _actor(plugin.PREFIX + mode, pl, loss_agg_mode=agg, **opts, **lsf)
+        _set_global(actor, dp, m)
+        out.append(_dispatch(name, actor, lp, old, A, m, w, agg))
+    (vl, vg, vm), (fl, fg, fm) = out
+    assert_close(fl, vl, atol=1e-6, rtol=1e-5, what=f"{mode} loss")
+    assert_close(fg, vg, atol=1e-6, rtol=1e-5, what=f"{mode} d log_prob")
+    assert set(fm) == set(vm), (sorted(fm), sorted(vm))
+    for k, v in vm.items():
+        assert isinstance(fm[k], torch.Tensor) and fm[k].dim() == 0 and not fm[k].requires_grad
+        assert_close(fm[k], torch.tensor(float(v)), atol=1e-6, rtol=1e-5, what=f"{mode} metric {k}")
+
+
+def test_policy_loss_clipping_is_exercised():
+    lp, old, A, m, w = _policy_batch(7)
+    old = lp - 2.0  # ratio e^2: clipped where A > 0, past the dual clip where A < 0
+    actor = _actor("fastalign_vanilla")
+    _set_global(actor, False, m)
+    _, _, vm = _dispatch("vanilla", actor, lp, old, A, m, None, "token-mean")
+    _, _, fm = _dispatch("fastalign_vanilla", actor, lp, old, A, m, None, "token-mean")
+    assert vm["actor/pg_clipfrac"] > 0 and vm["actor/pg_clipfrac_lower"] > 0
+    for k in vm:
+        assert_close(fm[k], torch.tensor(float(vm[k])), atol=1e-6, what=k)
+
+
+def test_policy_loss_needs_config():
+    lp, old, A, m, _ = _policy_batch(0)
+    with pytest.raises(ValueError, match="config"):
+        core_algos.get_policy_loss_fn("fastalign_vanilla")(old, lp, A, m, "token-mean", None)
+    actor = _actor("fastalign_dro")
+    with pytest.raises(ValueError, match="dro_beta"):
+        core_algos.get_policy_loss_fn("fastalign_dro")(old, lp, A, m, "token-mean", actor)
+
+
+# ---------------------------------------------------------------------------------------------
+# advantage estimators
+
+D = torch.float64
+
+
+def _adv_batch(seed=0, B=12, T=7):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).to(D)
+    mask[4] = 0  # an empty response
+    scores = torch.randn(B, generator=g, dtype=D) * 2
+    r = torch.zeros(B, T, dtype=D)
+    r[torch.arange(B), (lengths - 1).clamp(min=0)] = scores
+    r = r * mask
+    token_r = torch.randn(B, T, generator=g, dtype=D) * mask
+    values = torch.randn(B, T, generator=g, dtype=D)
+    baselines = torch.randn(B, generator=g, dtype=D)
+    old = -torch.rand(B, T, generator=g, dtype=D) * 3.0
+    p2 = torch.exp(old) ** 2 + torch.rand(B, T, generator=g, dtype=D) * 0.3
+    iw = torch.rand(B, T, generator=g, dtype=D) + 0.5
+    uid = np.array(["p0", "p1", "p0", "p2", "p1", "p0", "p3", "p2", "p1", "p0", "p2", "p1"], dtype=object)
+    return dict(r=r, token_r=token_r, mask=mask, values=values, baselines=baselines, old=old, p2=p2, iw=iw, uid=uid)
+
+
+def _trainer_kwargs(est, cfg, d):
+    """The keywords verl's ray_trainer.compute_advantage passes to a registered estimator."""
+    token_level = est in ("reinforce_plus_plus", "remax", "optimal_token_baseline", "tir_optimal_token_baseline")
+    kw = dict(token_level_rewards=(d["token_r"] if token_level else d["r"]).clone(), response_mask=d["mask"],
+              config=cfg, index=d["uid"])
+    if est == "remax":
+        kw["reward_baselines"] = d["baselines"]
+    if est.endswith("optimal_token_baseline"):
+        kw.update(old_log_probs=d["old"], sum_pi_squared=d["p2"], rollout_is_weights=d["iw"])
+    return kw
+
+
+def _valid(x, mask):
+    return torch.where(mask > 0, x, torch.zeros_like(x))
+
+
+# norm_adv_by_std_in_grpo=False reaches verl's grpo and grpo_passk only
+@pytest.mark.parametrize("est, norm", [(e, True) for e in sorted(set(ESTIMATORS) - {"gae", "gdpo"})]
+                         + [("grpo", False), ("grpo_passk", False)])
+def test_registry_estimator_equals_verl(est, norm):
+    d = _adv_batch(seed=ESTIMATORS.index(est))
+    if est == "grpo_passk":  # pass@k needs groups of two or more
+        d["uid"] = np.array(["a", "b", "c"] * 4, dtype=object)
+    cfg = AlgoConfig(adv_estimator=plugin.PREFIX + est, gamma=0.95, norm_adv_by_std_in_grpo=norm)
+    kw = _trainer_kwargs(est, cfg, d)
+    if est == "grpo":  # verl's trainer calls its own grpo with the flag as an argument
+        verl_kw = {k: v for k, v in kw.items() if k != "config"}
+        v_adv, v_ret = core_algos.get_adv_estimator_fn(est)(norm_adv_by_std_in_grpo=norm, **verl_kw)
+    else:
+        v_adv, v_ret = core_algos.get_adv_estimator_fn(est)(**{**kw, "token_level_rewards": kw["token_level_rewards"]
+                                                              .clone()})
+    f_adv, f_ret = core_algos.get_adv_estimator_fn(plugin.PREFIX + est)(**kw)
+    m = d["mask"]
+    assert_close(_valid(f_adv, m), _valid(v_adv, m), atol=1e-6, rtol=1e-6, what=f"{est} advantages")
+    assert_close(_valid(f_ret, m), _valid(v_ret, m), atol=1e-6, rtol=1e-6, what=f"{est} returns")
+
+
+def test_registry_gae_equals_verl():
+    d = _adv_batch(seed=3)
+    v = core_algos.compute_gae_advantage_return(token_level_rewards=d["token_r"], values=d["values"],
+                                                response_mask=d["mask"], gamma=0.9, lam=0.8)
+    f = core_algos.get_adv_estimator_fn("fastalign_gae")(token_level_rewards=d["token_r"], values=d["values"],
+                                                          response_mask=d["mask"], gamma=0.9, lam=0.8)
+    for a, b, what in zip(f, v, ("advantages", "returns")):
+        assert_close(_valid(a, d["mask"]), _valid(b, d["mask"]), atol=1e-6, rtol=1e-6, what=f"gae {what}")
+    with pytest.raises(ValueError, match="values"):  # what verl's trainer would pass it
+        core_algos.get_adv_estimator_fn("fastalign_gae")(token_level_rewards=d["token_r"], response_mask=d["mask"],
+                                                          config=AlgoConfig(adv_estimator="fastalign_gae"))
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 0.5]], ids=["unweighted", "weighted"])
+def test_registry_gdpo_equals_verl(weights):
+    d = _adv_batch(seed=5)
+    B, T = d["mask"].shape
+    g = torch.Generator().manual_seed(9)
+    comps = {"fmt": (torch.rand(B, generator=g) > 0.5).float().numpy(), "acc": torch.randn(B, generator=g).numpy()}
+    prompts = torch.zeros(B, 3, dtype=torch.long)
+    attn = torch.cat([torch.ones(B, 3), d["mask"]], dim=1).long()  # response length from the attention mask
+    attn[4, 3] = 1  # verl reads the last valid position, even of an empty response
+    out = []
+    for name in ("gdpo", "fastalign_gdpo"):
+        cfg = AlgoConfig(adv_estimator=name, gdpo_reward_keys=["fmt", "acc"], gdpo_reward_weights=weights)
+        out.append(core_algos.get_adv_estimator_fn(name)(
+            token_level_rewards=d["r"].clone(), response_mask=d["mask"], config=cfg, index=d["uid"],
+            non_tensor_batch=dict(comps, uid=d["uid"]), batch=dict(prompts=prompts, attention_mask=attn)))
+    (v_adv, _), (f_adv, f_ret) = out
+    assert_close(_valid(f_adv, d["mask"]), _valid(v_adv, d["mask"]), atol=1e-5, rtol=1e-5, what="gdpo advantages")
+    assert torch.equal(f_adv, f_ret)
+
+
+def test_inputs_verl_trainer_does_not_pass_raise():
+    """verl 0.9.1's trainer passes these inputs only under its own estimator names."""
+    d = _adv_batch(seed=2)
+    for name in ("optimal_token_baseline", "tir_optimal_token_baseline", "gdpo", "remax"):
+        cfg = AlgoConfig(adv_estimator=plugin.PREFIX + name, gdpo_reward_keys=["acc"] if name == "gdpo" else None)
+        with pytest.raises(ValueError, match="old_log_probs|non_tensor_batch|reward_baselines"):
+            core_algos.get_adv_estimator_fn(plugin.PREFIX + name)(token_level_rewards=d["r"], response_mask=d["mask"],
+                                                                   config=cfg, index=d["uid"])
+
+
+def test_norm_flag_from_argument_or_config():
+    d = _adv_batch(seed=1)
+    fn = core_algos.get_adv_estimator_fn("fastalign_grpo")
+    off = AlgoConfig(adv_estimator="fastalign_grpo", norm_adv_by_std_in_grpo=False)
+    a1, _ = fn(d["r"], d["mask"], d["uid"], config=off)
+    a2, _ = fn(d["r"], d["mask"], d["uid"], norm_adv_by_std_in_grpo=False)
+    v, _ = core_algos.compute_grpo_outcome_advantage(d["r"].clone(), d["mask"], d["uid"], norm_adv_by_std_in_grpo=False)
+    assert_close(a1, v, atol=1e-6, what="flag from config")
+    assert_close(a2, v, atol=1e-6, what="flag as argument")
+    with pytest.raises(ValueError, match="alpha"):
+        core_algos.get_adv_estimator_fn("fastalign_gpg")(d["r"], d["mask"], d["uid"], alpha=2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# fused log-prob / entropy backend (fused_kernel_options.impl_backend=fastalign)
+
+
+def _fused_inputs(dtype, N=(2, 5), H=8, V=13, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*N, H, generator=g).to(dtype)
+    w = (torch.randn(V, H, generator=g) * 0.5).to(dtype)
+    ids = torch.randint(0, V, N, generator=g)
+    dlp, dent = torch.randn(*N, generator=g), torch.randn(*N, generator=g)
+    return h, w, ids, dlp, dent
+
+
+def _fused_run(module, h, w, ids, dlp, dent, temperature):
+    h, w = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    lp, ent = module.forward(hidden_states=h, vocab_weights=w, input_ids=ids, temperature=temperature)
+    (lp.float() * dlp + ent.float() * dent).sum().backward()
+    return lp, ent, h.grad, w.grad
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_backend_equals_verl_torch_backend(dtype, temperature, cpu_backend):
+    from verl.utils.experimental import torch_functional as vtf
+
+    import fastalign
+    from fastalign.integrations.verl import fused
+
+    h, w, ids, dlp, dent = _fused_inputs(dtype)
+    verl_mod = vtf.FusedLinearForPPO(impl_backend="torch")
+    ours = vtf.FusedLinearForPPO(impl_backend="fastalign")  # verl's factory, as its patched forward calls it
+    assert isinstance(ours, fused.FusedLinearForPPO)
+    v = _fused_run(verl_mod, h, w, ids, dlp, dent, temperature)
+    with fastalign.use_backend(cpu_backend):
+        f = _fused_run(ours, h, w, ids, dlp, dent, temperature)
+    assert f[0].dtype == v[0].dtype == torch.float32 and f[1].dtype == v[1].dtype == dtype
+    # verl's torch backend rounds the logits to the input dtype; fastalign accumulates in fp32
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    for name, a, b in zip(("log_probs", "entropy", "d hidden", "d weight"), f, v):
+        assert_close(a, b, **tol, what=f"fused {name}")
+    if dtype == torch.bfloat16:  # and against fp32 logits of the same bf16 inputs, tightly
+        ref = _fused_run(verl_mod, h.float(), w.float(), ids, dlp, dent, temperature)
+        for name, a, b in zip(("log_probs", "entropy"), f[:2], ref[:2]):
+            bf16_out = name == "entropy"  # returned in bf16, as verl does: one rounding
+            assert_close(a.float(), b.float(), atol=1e-5, rtol=1e-2 if bf16_out else 1e-5,
+                         what=f"fused bf16 {name} vs fp32 logits")
+
+
+def test_fused_backend_rejects_what_it_cannot_honour():
+    from fastalign.integrations.verl import fused
+
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused.FusedLinearForPPO(chunk_size=256)
+    with pytest.raises(ValueError, match="impl_backend"):
+        fused.FusedLinearForPPO(impl_backend="torch")
+    h, w, ids, _, _ = _fused_inputs(torch.float32)
+    with pytest.raises(ValueError, match="input_ids"):
+        fused.FusedLinearForPPO()(h, w, ids[:, :3])
+
+
+def test_fused_backend_switch_through_verl_monkey_patch():
+    """verl's forward patch with fused_kernels_backend='fastalign' on a tiny Qwen2 model gives the
+    log-probs and entropies (and gradients) of its 'torch' backend. The patch is verl's
+    ``patch_forward_with_backends``, the last step of ``apply_monkey_patch`` (whose earlier steps
+    import a class that trl 1.16 no longer has)."""
+    transformers = pytest.importorskip("transformers")
+    from verl.models.transformers import monkey_patch
+
+    cfg = transformers.Qwen2Config(vocab_size=37, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(cfg).float()
+    ids = torch.randint(0, 37, (2, 6), generator=torch.Generator().manual_seed(1))
+    attn = torch.ones_like(ids)
+    cls = type(model)
+    original_forward = cls.forward
+    out = {}
+    try:
+        for backend in ("torch", "fastalign"):
+            monkey_patch.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend=backend)
+            assert model._verl_fused_kernels_backend == backend
+            model.zero_grad()
+            res = model(input_ids=ids, attention_mask=attn, return_dict=True, temperature=0.9)
+            (res.log_probs.sum() + 0.1 * res.entropy.sum()).backward()
+            out[backend] = (res.log_probs.detach(), res.entropy.detach(), model.lm_head.weight.grad.clone(),
+                            model.model.embed_tokens.weight.grad.clone())
+    finally:
+        cls.forward = original_forward
+        for attr in ("_verl_fused_kernels_backend",):
+            if hasattr(model, attr):
+                delattr(model, attr)
+    for name, a, b in zip(("log_probs", "entropy", "d lm_head", "d embed"), out["fastalign"], out["torch"]):
+        assert_close(a, b, atol=1e-5, rtol=1e-5, what=f"patched model {name}")
