@@ -5,6 +5,8 @@ The step runs a tiny Qwen2 (built from its config): reference log-probs by
 with a KL term and an entropy bonus by ``LinearPolicyLoss``; a second step differentiates
 through ``causal_lm_logprobs`` itself into ``policy_loss``. ``fullgraph=True`` makes any
 graph break an error; the loss and every parameter gradient must match eager mode.
+``aot_eager`` traces forward and backward (the custom ops as single nodes) without code
+generation; ``inductor`` (the default compiler) also generates the code around them.
 """
 import copy
 
@@ -83,7 +85,8 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_compiled_fused_step_matches_eager():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_fused_step_matches_eager(compiler):
     model = tiny_qwen2()
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     with torch.no_grad():  # the reference differs from the policy, so the KL term has a gradient
@@ -93,7 +96,7 @@ def test_compiled_fused_step_matches_eager():
     batch = rollout_batch()
 
     eager = run(lambda m, *a: fused_step(m, ref_model, loss_fn, *a), model, *batch)
-    compiled_step = torch.compile(fused_step, fullgraph=True, backend="aot_eager")
+    compiled_step = torch.compile(fused_step, fullgraph=True, backend=compiler)
     compiled = run(lambda m, *a: compiled_step(m, ref_model, loss_fn, *a), model, *batch)
     assert_same(eager, compiled)
     # the gradient reaches the whole model, the body through the hidden states
