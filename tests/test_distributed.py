@@ -1,0 +1,354 @@
+"""Two processes over ``torch.distributed`` equal one process on the whole batch.
+
+* Data parallel: each rank takes half of the batch; with the step-wide token count
+  (``global_tokens``) and ``dp_size`` the per-rank losses are scaled so that averaging the
+  gradients over the ranks (what DDP / FSDP do) gives the single-process step on the
+  concatenated batch: ``LinearPolicyLoss`` from hidden states, and ``causal_lm_logprobs``
+  of a tiny Qwen2 into ``policy_loss``. Gradients and the parameters after an SGD step match.
+* Vocabulary parallel: each rank holds half of the lm_head rows (``vocab_group``); the
+  log-probs, entropy, sum p^2 and argmax equal the single-rank result, and so do the
+  gradients of the hidden states and of each weight / bias shard.
+
+CPU runs use ``gloo`` with two spawned processes meeting at a ``FileStore``; the GPU-marked
+versions use ``nccl`` with one GPU per rank. Each worker writes its results to a file the
+test compares; a hang fails the test after ``HANG_LIMIT_S`` instead of blocking the run.
+"""
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastalign
+from conftest import CPU_BACKENDS
+from fastalign.reference.linear import linear_logprobs as reference_linear_logprobs
+
+try:
+    import transformers  # noqa: F401
+
+    HAS_TRANSFORMERS = True
+except ImportError:  # pragma: no cover - transformers is in the test extra
+    HAS_TRANSFORMERS = False
+
+if not dist.is_available():  # pragma: no cover
+    pytest.skip("torch was built without torch.distributed", allow_module_level=True)
+
+WORLD = 2
+HANG_LIMIT_S = 600  # for the whole spawn; collectives time out after COLLECTIVE_TIMEOUT
+COLLECTIVE_TIMEOUT = timedelta(seconds=300)
+B, T, F, H, V = 4, 7, 6, 16, 40  # rows, tokens, input features, hidden size, vocabulary
+LR = 0.5
+
+
+# ----------------------------------------------------------------------------- shared data (same on every rank)
+
+def policy_data():
+    """A rollout batch: features x [B, T, F] mapped to hidden states by a parameter, labels with an
+    ignored token, a right-padded row and a prompt, old / reference log-probs and advantages."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, F, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[2, 4] = -100
+    mask = torch.ones(B, T)
+    mask[:, :2] = 0  # prompt
+    mask[3, 5:] = 0  # padding
+    mask[0, 2:4] = 0  # a tool output inside the response
+    old = -3.5 - torch.rand(B, T, generator=g)
+    ref = -3.5 - torch.rand(B, T, generator=g)
+    adv = torch.randn(B, generator=g)
+    proj = 0.5 * torch.randn(F, H, generator=g)
+    weight = torch.randn(V, H, generator=g)
+    return dict(x=x, labels=labels, mask=mask, old=old, ref=ref, adv=adv), dict(proj=proj, weight=weight)
+
+
+def policy_loss_fn(dp_size: int, backend: str):
+    return fastalign.LinearPolicyLoss(loss_type="grpo", agg="token-mean", kl_coef=0.05, entropy_coef=0.02,
+                                      dp_size=dp_size, backend=backend)
+
+
+def policy_step(data, params, rows, dp_size, backend, global_tokens=None, group=None):
+    """One SGD step of the policy on ``rows`` of the batch; with ``group`` the gradients (and the
+    reported loss) are averaged over the ranks. Returns the loss, gradients and new parameters."""
+    p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    d = {k: v[rows] for k, v in data.items()}
+    hidden = torch.tanh(d["x"] @ p["proj"])
+    loss, _ = policy_loss_fn(dp_size, backend)(hidden, p["weight"], d["labels"], d["old"], d["adv"], d["mask"],
+                                               ref_logprobs=d["ref"], global_tokens=global_tokens)
+    loss.backward()
+    grads = {k: v.grad for k, v in p.items()}
+    loss = loss.detach()
+    if group is not None:
+        for g in [loss, *grads.values()]:
+            dist.all_reduce(g, group=group)
+            g /= dist.get_world_size(group)
+    return dict(loss=loss, grads=grads, params={k: (p[k] - LR * grads[k]).detach() for k in p})
+
+
+def hf_data():
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, V, (B, 9), generator=g)
+    attention_mask = torch.ones(B, 9, dtype=torch.long)
+    attention_mask[1, -3:] = 0  # right padding
+    attention_mask[2, :2] = 0  # left padding
+    response_mask = attention_mask.clone()
+    response_mask[:, :4] = 0
+    old = -3.5 - torch.rand(B, 8, generator=g)
+    adv = torch.randn(B, generator=g)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask, old=old, adv=adv)
+
+
+def tiny_qwen2():
+    import transformers
+
+    torch.manual_seed(2)
+    config = transformers.Qwen2Config(vocab_size=V, hidden_size=H, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                      tie_word_embeddings=False, attn_implementation="eager")
+    return transformers.Qwen2ForCausalLM(config).float()
+
+
+def hf_step(data, rows, dp_size, global_tokens=None, group=None, device="cpu"):
+    """causal_lm_logprobs of a tiny Qwen2 into policy_loss, on ``rows``; SGD-updated parameters."""
+    from fastalign.integrations.hf import causal_lm_logprobs
+
+    model = tiny_qwen2().to(device)
+    d = {k: v[rows].to(device) for k, v in data.items()}
+    stats = causal_lm_logprobs(model, d["input_ids"], d["attention_mask"], response_mask=d["response_mask"],
+                               entropy=True)
+    mask = d["response_mask"][:, 1:] * d["attention_mask"][:, 1:]
+    loss, _ = fastalign.policy_loss(stats.logprobs, d["old"], d["adv"], mask, entropy=stats.entropy,
+                                    loss_type="grpo", agg="token-mean", entropy_coef=0.02, dp_size=dp_size,
+                                    global_tokens=global_tokens)
+    loss.backward()
+    loss = loss.detach()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    if group is not None:
+        for g in [loss, *grads.values()]:
+            dist.all_reduce(g, group=group)
+            g /= dist.get_world_size(group)
+    params = {n: (p - LR * grads[n]).detach() for n, p in model.named_parameters()}
+    return dict(loss=loss, grads=grads, params=params)
+
+
+VOCAB_OPTIONS = dict(temperature=0.7, softcap=4.0, logit_scale=1.3)
+
+
+def vocab_data():
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 5, H, generator=g)
+    weight = torch.randn(V, H, generator=g)
+    bias = 0.5 * torch.randn(V, generator=g)
+    labels = torch.randint(0, V, (2, 5), generator=g)
+    labels[0, :3] = torch.tensor([1, V // 2, V - 1])  # first and second shard, both ends
+    labels[1, 2] = -100
+    # upstream gradients of the three statistics
+    g_lp, g_ent, g_sp2 = torch.randn(3, 2, 5, generator=g)
+    return dict(hidden=hidden, weight=weight, bias=bias, labels=labels, g_lp=g_lp, g_ent=g_ent, g_sp2=g_sp2)
+
+
+def vocab_stats(data, backend, rank=0, world=1, group=None, device="cpu"):
+    """Statistics and gradients of this rank's shard (rows [rank V/world, (rank+1) V/world))."""
+    d = {k: v.to(device) for k, v in data.items()}
+    shard = slice(rank * V // world, (rank + 1) * V // world)
+    hidden = d["hidden"].clone().requires_grad_(True)
+    weight = d["weight"][shard].clone().requires_grad_(True)
+    bias = d["bias"][shard].clone().requires_grad_(True)
+    st = fastalign.linear_logprobs(hidden, weight, d["labels"], bias=bias, entropy=True, sum_p2=True, argmax=True,
+                                   vocab_group=group, backend=backend, **VOCAB_OPTIONS)
+    ((st.logprobs * d["g_lp"]).sum() + (st.entropy * d["g_ent"]).sum() + (st.sum_p2 * d["g_sp2"]).sum()).backward()
+    return dict(logprobs=st.logprobs.detach(), entropy=st.entropy.detach(), sum_p2=st.sum_p2.detach(),
+                argmax=st.argmax, d_hidden=hidden.grad, d_weight=weight.grad, d_bias=bias.grad)
+
+
+# ----------------------------------------------------------------------------- the workers
+
+def half(rank: int, world: int) -> slice:
+    return slice(rank * B // world, (rank + 1) * B // world)
+
+
+def _cpu(x):
+    if isinstance(x, dict):
+        return {k: _cpu(v) for k, v in x.items()}
+    return x.cpu() if isinstance(x, torch.Tensor) else x
+
+
+def _worker(rank, world, pg_backend, store_path, out_dir, scenarios, backend):
+    device = "cpu"
+    if pg_backend == "nccl":
+        device = f"cuda:{rank}"
+        torch.cuda.set_device(rank)
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group(pg_backend, store=store, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+    try:
+        group = dist.group.WORLD
+        out = {}
+        if "policy" in scenarios:
+            data, params = policy_data()
+            # the step-wide count of scored tokens: each rank counts its own, then one all-reduce
+            local = (data["mask"][half(rank, world)] * (data["labels"][half(rank, world)] != -100)).sum()
+            dist.all_reduce(local, group=group)
+            out["policy"] = policy_step(data, params, half(rank, world), world, backend, global_tokens=local,
+                                        group=group)
+        if "hf" in scenarios:
+            data = hf_data()
+            rows = half(rank, world)
+            local = (data["response_mask"][rows, 1:] * data["attention_mask"][rows, 1:]).sum().to(device)
+            dist.all_reduce(local, group=group)
+            with fastalign.use_backend(backend):
+                out["hf"] = hf_step(data, rows, world, global_tokens=local, group=group, device=device)
+        if "vocab" in scenarios:
+            out["vocab"] = vocab_stats(vocab_data(), backend, rank, world, group, device)
+        torch.save(_cpu(out), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(tmp_path, scenarios, backend, pg_backend="gloo"):
+    """Run the scenarios on WORLD spawned ranks; their results, one dict per rank."""
+    ctx = mp.start_processes(_worker, args=(WORLD, pg_backend, str(tmp_path / "store"), str(tmp_path),
+                                            tuple(scenarios), backend),
+                             nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + HANG_LIMIT_S
+    try:
+        while not ctx.join(timeout=2):  # raises if a rank failed, with its traceback
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {WORLD} ranks did not finish within {HANG_LIMIT_S} s (a hang)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_data_parallel(ranks, single, atol=1e-6, rtol=1e-5):
+    for r, got in enumerate(ranks):
+        torch.testing.assert_close(got["loss"], single["loss"], atol=atol, rtol=rtol, msg=f"loss, rank {r}")
+        assert got["grads"].keys() == single["grads"].keys()
+        for k in single["grads"]:
+            torch.testing.assert_close(got["grads"][k], single["grads"][k], atol=atol, rtol=rtol,
+                                       msg=f"d {k}, rank {r}")
+            torch.testing.assert_close(got["params"][k], single["params"][k], atol=atol, rtol=rtol,
+                                       msg=f"{k} after the step, rank {r}")
+    assert any(g.abs().max() > 0 for g in single["grads"].values())
+
+
+def check_vocab_parallel(ranks, single, atol=1e-5, rtol=1e-5):
+    for r, got in enumerate(ranks):
+        for k in ("logprobs", "entropy", "sum_p2", "d_hidden"):
+            torch.testing.assert_close(got[k], single[k], atol=atol, rtol=rtol, msg=f"{k}, rank {r}")
+        assert torch.equal(got["argmax"], single["argmax"]), f"argmax, rank {r}"
+    for k in ("d_weight", "d_bias"):  # each rank holds the gradient of its own rows
+        torch.testing.assert_close(torch.cat([got[k] for got in ranks]), single[k], atol=atol, rtol=rtol, msg=k)
+
+
+def check_single_against_reference(single, data):
+    """The single-rank result itself against the float64 reference (so both sides are right)."""
+    d = {k: v.double() if v.is_floating_point() else v for k, v in data.items()}
+    hidden, weight, bias = (d[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias"))
+    lp, ent, sp2, amax = reference_linear_logprobs(hidden, weight, d["labels"], bias=bias, dtype=torch.float64,
+                                                   **VOCAB_OPTIONS)
+    ((lp * d["g_lp"]).sum() + (ent * d["g_ent"]).sum() + (sp2 * d["g_sp2"]).sum()).backward()
+    for k, ref in (("logprobs", lp), ("entropy", ent), ("sum_p2", sp2), ("d_hidden", hidden.grad),
+                   ("d_weight", weight.grad), ("d_bias", bias.grad)):
+        torch.testing.assert_close(single[k].double(), ref.detach(), atol=1e-5, rtol=1e-5, msg=k)
+
+
+@pytest.fixture(scope="module", params=CPU_BACKENDS)
+def gloo_run(request, tmp_path_factory):
+    """All CPU scenarios in one 2-rank gloo run per kernel backend (spawning costs more than the work)."""
+    backend = request.param
+    scenarios = ("policy", "vocab") + (("hf",) if HAS_TRANSFORMERS else ())
+    return backend, spawn(tmp_path_factory.mktemp(f"gloo-{backend}"), scenarios, backend)
+
+
+def test_gloo_linear_policy_step_equals_single_process(gloo_run):
+    backend, ranks = gloo_run
+    data, params = policy_data()
+    single = policy_step(data, params, slice(None), 1, backend)
+    check_data_parallel([r["policy"] for r in ranks], single)
+
+
+def test_gloo_causal_lm_step_equals_single_process(gloo_run):
+    if not HAS_TRANSFORMERS:
+        pytest.skip("the model step needs transformers")
+    backend, ranks = gloo_run
+    with fastalign.use_backend(backend):
+        single = hf_step(hf_data(), slice(None), 1)
+    check_data_parallel([r["hf"] for r in ranks], single, atol=1e-6, rtol=1e-4)
+
+
+def test_gloo_vocab_parallel_equals_single_rank(gloo_run):
+    backend, ranks = gloo_run
+    data = vocab_data()
+    single = vocab_stats(data, backend)
+    check_single_against_reference(single, data)
+    check_vocab_parallel([r["vocab"] for r in ranks], single)
+
+
+# ----------------------------------------------------------------------------- GPU (NCCL, 2 devices)
+
+def _need_two_gpus():
+    if torch.cuda.device_count() < WORLD:
+        pytest.skip(f"needs {WORLD} CUDA devices, found {torch.cuda.device_count()}")
+    if not dist.is_nccl_available():
+        pytest.skip("torch was built without NCCL")
+
+
+@pytest.mark.gpu
+def test_nccl_vocab_parallel_equals_single_rank(tmp_path):
+    _need_two_gpus()
+    ranks = spawn(tmp_path, ("vocab",), "triton", pg_backend="nccl")
+    single = _cpu(vocab_stats(vocab_data(), "triton", device="cuda:0"))
+    check_vocab_parallel([r["vocab"] for r in ranks], single, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_nccl_causal_lm_step_equals_single_process(tmp_path):
+    _need_two_gpus()
+    pytest.importorskip("transformers", reason="the model step needs transformers")
+    ranks = spawn(tmp_path, ("hf",), "triton", pg_backend="nccl")
+    with fastalign.use_backend("triton"):
+        single = _cpu(hf_step(hf_data(), slice(None), 1, device="cuda:0"))
+    check_data_parallel([r["hf"] for r in ranks], single, atol=1e-4, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------- GPU: flash-attn packed rows
+
+@pytest.mark.gpu
+def test_flash_attn_packed_rows_equal_separate_sequences():
+    """One packed row (position_ids restarting at each sequence) through a flash_attention_2
+    Qwen2 gives, per sequence, the log-probs of that sequence run on its own."""
+    pytest.importorskip("flash_attn", reason="the packed path under test is flash-attn's (not installed)")
+    transformers = pytest.importorskip("transformers", reason="the model is a transformers Qwen2")
+    from fastalign.integrations.hf import causal_lm_logprobs
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      attn_implementation="flash_attention_2")
+    model = transformers.Qwen2ForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    lengths = [7, 12, 5]
+    seqs = [torch.randint(0, 256, (n,), device="cuda") for n in lengths]
+    packed = torch.cat(seqs)[None]
+    position_ids = torch.cat([torch.arange(n, device="cuda") for n in lengths])[None]
+    with torch.no_grad():
+        got = causal_lm_logprobs(model, packed, position_ids=position_ids, entropy=True)
+        start = 0
+        for s, n in zip(seqs, lengths):
+            alone = causal_lm_logprobs(model, s[None], entropy=True)
+            # entries start .. start+n-2 score tokens inside the sequence; the last one (next
+            # sequence's first token) is not scored and is 0
+            torch.testing.assert_close(got.logprobs[0, start:start + n - 1], alone.logprobs[0], atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(got.entropy[0, start:start + n - 1], alone.entropy[0], atol=2e-2, rtol=2e-2)
+            if start + n - 1 < got.logprobs.shape[1]:
+                assert got.logprobs[0, start + n - 1] == 0
+            start += n
