@@ -242,3 +242,9 @@ def test_cli_run_within_a_total_budget(tmp_path, capsys):
     assert main(["--quick", "--ops", "group_advantages", "--total-budget", "1e-9", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["results"] and all(r["skipped"] == core.OUT_OF_TIME for r in data["results"])
+
+
+def test_best_limits_keeps_the_higher_of_two_measurements():
+    a = {"copy_GBps": 10.0, "matmul_TFLOPs": {"fp32": 0.1, "bf16": 0.5}}
+    b = {"copy_GBps": 12.0, "matmul_TFLOPs": {"fp32": 0.05}}
+    assert core.best_limits(a, b) == {"copy_GBps": 12.0, "matmul_TFLOPs": {"fp32": 0.1, "bf16": 0.5}}

@@ -71,15 +71,19 @@ def progress(total):
         return None
 
 
-#: a memory probe (a fresh interpreter building the inputs) is not started with less time left than this
+#: a memory probe (a fresh interpreter building the inputs) is not started with less time left than this,
+#: beyond RESERVE_PER_CASE_S for each (case, mode) still to run: probes of a slow case must not starve
+#: the timing of the cases after it
 MIN_PROBE_S = 5.0
+RESERVE_PER_CASE_S = 15.0
 MEMORY_OUT_OF_TIME = "the run's time budget was spent"
 
 
 def measure_case(case, mode: str, device, repeats: int, budget: float, memory: bool = True,
-                 deadline: core.Deadline = core.Deadline(None)) -> list:
+                 deadline: core.Deadline = core.Deadline(None), reserve_s: float = 0.0) -> list:
     """Rows of one (case, mode): every implementation timed with interleaved repetitions, then
-    its peak memory measured, each only while ``deadline`` leaves time for it."""
+    its peak memory measured, each only while ``deadline`` leaves time for it (for the memory
+    probes: ``reserve_s`` seconds more, kept for the cases after this one)."""
     if deadline.passed():  # not even its inputs are built
         return [{"op": case.op, "case": case.label, "mode": mode, "impl": impl, "baseline": case.baseline,
                  **case.params, "skipped": core.OUT_OF_TIME} for impl in case.impls]
@@ -98,7 +102,7 @@ def measure_case(case, mode: str, device, repeats: int, budget: float, memory: b
         if "median_ms" not in row or not memory:
             continue
         left = deadline.left()
-        if left is not None and left < MIN_PROBE_S:
+        if left is not None and left - reserve_s < MIN_PROBE_S:
             row["memory_skipped"] = MEMORY_OUT_OF_TIME
             continue
         try:
@@ -106,7 +110,7 @@ def measure_case(case, mode: str, device, repeats: int, budget: float, memory: b
                 row["peak_extra_bytes"] = core.measure_cuda_memory(steps[impl], device)
             else:
                 row["peak_extra_bytes"] = core.measure_cpu_memory_subprocess(
-                    case, mode, impl, timeout=600 if left is None else left)
+                    case, mode, impl, timeout=600 if left is None else left - reserve_s)
                 if row["peak_extra_bytes"] is None and deadline.passed():
                     row["memory_skipped"] = MEMORY_OUT_OF_TIME
         except Exception as e:  # a baseline failing must not end the run
@@ -148,11 +152,14 @@ def run(args) -> dict:
         with core.quiet_third_party():
             results += measure_case(case, mode, device, repeats,
                                     core.case_budget(budget, deadline.left(), len(todo) - i),
-                                    memory=not args.no_memory, deadline=deadline)
+                                    memory=not args.no_memory, deadline=deadline,
+                                    reserve_s=RESERVE_PER_CASE_S * (len(todo) - i - 1))
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
+    if results and not deadline.passed():  # a peak is the best seen: load from elsewhere only lowers a rate
+        limits = core.best_limits(limits, core.device_limits(device, limits.get("matmul_TFLOPs", {})))
     report.add_ratios(results, limits)
     return {"environment": env, "device_limits": limits, "results": results}
 
