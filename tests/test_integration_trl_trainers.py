@@ -8,7 +8,6 @@ so the update is the gradient itself). GRPO: every ``loss_type`` the profile map
 term, a delta, an entropy bonus or an entropy mask). DPO: a representative subset of the loss types
 (sigmoid, ipo, the f-divergence and LD-DPO options, WPO weighting and a sft mix).
 """
-import copy
 import math
 import os
 import subprocess
@@ -61,9 +60,10 @@ def checkpoint(tmp_path_factory):
 
 
 def _common(tmp_path, **overrides):
+    """One fp32 step of plain SGD (TRL's configs default to bf16 autocast, whose rounding would dominate)."""
     return dict(output_dir=str(tmp_path), max_steps=1, report_to="none", seed=0, use_cpu=True, logging_steps=1,
-                optim="sgd", learning_rate=0.5, bf16=False, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-                **overrides)
+                optim="sgd", learning_rate=0.5, bf16=False, save_strategy="no", disable_tqdm=True,
+                dataloader_num_workers=0, **overrides)
 
 
 def _run(trainer):
@@ -204,6 +204,13 @@ def test_grpo_unsupported_option_raises(checkpoint, tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         fa_trl.GRPOTrainer(model=checkpoint, reward_funcs=_reward, args=args, train_dataset=_grpo_dataset(),
                            processing_class=_tokenizer(checkpoint))
+
+
+def test_example_trl_grpo_runs():
+    example = Path(__file__).resolve().parents[1] / "examples" / "trl_grpo.py"
+    out = subprocess.run([sys.executable, str(example), "--steps", "2"], check=True, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "TQDM_DISABLE": "1"}).stdout
+    assert "step   2  mean reward" in out and "mean reward: first step" in out
 
 
 def test_import_does_not_import_trl():
