@@ -6,7 +6,8 @@ reference model) and a tiny in-memory dataset; CPU, ``max_steps=1``, the same se
 and the drop-in must log the same loss and metrics and make the same parameter update (plain SGD,
 so the update is the gradient itself). GRPO: every ``loss_type`` the profile maps (some with a KL
 term, a delta, an entropy bonus or an entropy mask). DPO: a representative subset of the loss types
-(sigmoid, ipo, the f-divergence and LD-DPO options, WPO weighting and a sft mix).
+(sigmoid, ipo, robust, apo_zero, sft, mixed with loss weights; label smoothing, an alpha
+f-divergence, LD-DPO, WPO weighting and a precomputed reference).
 """
 import math
 import os
@@ -25,8 +26,7 @@ tokenizers = pytest.importorskip("tokenizers", reason="the test tokenizer needs 
 import fastalign.integrations.trl as fa_trl  # noqa: E402
 
 WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(61)]
-TIMING = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second", "epoch",
-          "total_flos", "train_loss", "num_tokens", "grad_norm", "learning_rate")
+TIMING = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
 ATOL, RTOL = 2e-5, 1e-4
 
 
@@ -61,15 +61,16 @@ def checkpoint(tmp_path_factory):
 
 def _common(tmp_path, **overrides):
     """One fp32 step of plain SGD (TRL's configs default to bf16 autocast, whose rounding would dominate)."""
-    return dict(output_dir=str(tmp_path), max_steps=1, report_to="none", seed=0, use_cpu=True, logging_steps=1,
-                optim="sgd", learning_rate=0.5, bf16=False, save_strategy="no", disable_tqdm=True,
-                dataloader_num_workers=0, **overrides)
+    return {**dict(output_dir=str(tmp_path), max_steps=1, report_to="none", seed=0, use_cpu=True, logging_steps=1,
+                   optim="sgd", learning_rate=0.5, bf16=False, save_strategy="no", disable_tqdm=True,
+                   dataloader_num_workers=0), **overrides}
 
 
 def _run(trainer):
     before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
     trainer.train()
-    logs = {k: v for k, v in trainer.state.log_history[0].items() if k not in TIMING}
+    logs = {f"{k}@{i}": v for i, log in enumerate(trainer.state.log_history[:-1])  # each step; not the summary
+            for k, v in log.items() if k not in TIMING}
     after = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
     return logs, before, after
 
@@ -107,7 +108,9 @@ GRPO_CASES = {
     "grpo": dict(loss_type="grpo", beta=0.05),
     "bnpo": dict(loss_type="bnpo", epsilon=0.1, delta=1.3),
     "dr_grpo": dict(loss_type="dr_grpo"),
-    "dapo": dict(loss_type="dapo", entropy_coef=0.02, top_entropy_quantile=0.5),
+    # two micro-batches per step; the second step reuses the generation with the old policy's log-probs
+    "dapo": dict(loss_type="dapo", entropy_coef=0.02, top_entropy_quantile=0.5, gradient_accumulation_steps=2,
+                 num_iterations=2, max_steps=2),
     "luspo": dict(loss_type="luspo", importance_sampling_level="sequence"),
     "cispo": dict(loss_type="cispo", epsilon_high=1.5, beta=0.02),
     "sapo": dict(loss_type="sapo", sapo_temperature_neg=1.3),
@@ -127,7 +130,7 @@ def test_grpo_trainer_matches_trl(checkpoint, tmp_path, case):
     options = GRPO_CASES[case]
     theirs = _run(_grpo(trl.GRPOTrainer, checkpoint, tmp_path / "trl", options))
     ours = _run(_grpo(fa_trl.GRPOTrainer, checkpoint, tmp_path / "fa", options))
-    assert "entropy" in ours[0] and ("kl" in ours[0]) == bool(options.get("beta"))
+    assert "entropy@0" in ours[0] and ("kl@0" in ours[0]) == bool(options.get("beta"))
     _compare(theirs, ours)
 
 
@@ -142,12 +145,11 @@ def _dpo_dataset():
 
 
 DPO_CASES = {
-    "sigmoid": dict(loss_type=["sigmoid"]),
-    "ipo": dict(loss_type=["ipo"], beta=0.5),
     "sigmoid_sft_weighted": dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
-    "robust_smoothing": dict(loss_type=["robust"], label_smoothing=0.1),
-    "alpha_divergence": dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
-    "ld_alpha_wpo": dict(loss_type=["sigmoid"], ld_alpha=0.5, use_weighting=True),
+    "ipo_robust_smoothing": dict(loss_type=["ipo", "robust"], beta=0.5, label_smoothing=0.1),
+    "alpha_divergence_ld_alpha": dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3,
+                                      ld_alpha=0.5),
+    "wpo_weighting": dict(loss_type=["sigmoid"], use_weighting=True),
     "apo_zero_precomputed": dict(loss_type=["apo_zero"], precompute_ref_log_probs=True),
 }
 
@@ -178,8 +180,8 @@ def test_dpo_trainer_matches_trl(checkpoint, reference_checkpoint, tmp_path, cas
     options = DPO_CASES[case]
     theirs = _run(_dpo(trl.DPOTrainer, checkpoint, reference_checkpoint, tmp_path / "trl", options))
     ours = _run(_dpo(fa_trl.DPOTrainer, checkpoint, reference_checkpoint, tmp_path / "fa", options))
-    assert {"rewards/margins", "logits/chosen", "mean_token_accuracy", "entropy"} <= set(ours[0])
-    assert ours[0]["rewards/margins"] != 0.0  # the reference differs from the policy
+    assert {"rewards/margins@0", "logits/chosen@0", "mean_token_accuracy@0", "entropy@0"} <= set(ours[0])
+    assert ours[0]["rewards/margins@0"] != 0.0  # the reference differs from the policy
     _compare(theirs, ours)
 
 
@@ -208,12 +210,11 @@ def test_grpo_unsupported_option_raises(checkpoint, tmp_path, field, value):
 
 def test_example_trl_grpo_runs():
     example = Path(__file__).resolve().parents[1] / "examples" / "trl_grpo.py"
-    out = subprocess.run([sys.executable, str(example), "--steps", "2"], check=True, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, str(example), "--steps", "1"], check=True, capture_output=True, text=True,
                          timeout=300, env={**os.environ, "TQDM_DISABLE": "1"}).stdout
-    assert "step   2  mean reward" in out and "mean reward: first step" in out
+    assert "step   1  mean reward" in out and "mean reward: first step" in out
 
 
 def test_import_does_not_import_trl():
-    code = ("import sys; import fastalign.integrations.trl as t; assert 'trl' not in sys.modules; "
-            "t.GRPOTrainer; assert 'trl' in sys.modules")
+    code = "import sys; import fastalign.integrations.trl; assert 'trl' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
