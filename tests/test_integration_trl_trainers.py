@@ -92,6 +92,55 @@ def _compare(theirs, ours):
     assert moved > 0  # the step changed the model
 
 
+# ------------------------------------------------------------------------------------------ head
+
+@pytest.mark.parametrize("model_type", ["qwen2", "cohere", "gemma2"])
+def test_head_outputs_match_the_models_own_logits(model_type):
+    """Every field of the fused head against the model's own logits in float64 (cohere: logit_scale;
+    gemma2: softcapping, where mean_logits has no closed form and raises)."""
+    from fastalign.integrations.trl._head import head_outputs
+
+    extra = {"cohere": dict(logit_scale=0.5), "gemma2": dict(final_logit_softcapping=3.0, head_dim=8)}
+    config_cls = {"qwen2": transformers.Qwen2Config, "cohere": transformers.CohereConfig,
+                  "gemma2": transformers.Gemma2Config}[model_type]
+    model_cls = {"qwen2": transformers.Qwen2ForCausalLM, "cohere": transformers.CohereForCausalLM,
+                 "gemma2": transformers.Gemma2ForCausalLM}[model_type]
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                        attn_implementation="eager", tie_word_embeddings=False, **extra.get(model_type, {}))
+    model = model_cls(config).float().eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0, 1.0)
+    ids = torch.randint(1, 50, (3, 9))
+    attention = torch.ones_like(ids)
+    attention[0, :2] = 0  # left padding
+    labels = ids.masked_fill(attention == 0, -100)
+    labels[:, :4] = -100  # the prompt is not scored
+    fields = ("log_probs", "entropy", "log_sum_sq_probs", "is_top1")
+    if model_type == "gemma2":
+        with pytest.raises(ValueError, match="mean_logits"):
+            head_outputs(model, ids, attention, labels, fields + ("mean_logits",), temperature=0.7)
+    else:
+        fields += ("mean_logits",)
+    out = head_outputs(model, ids, attention, labels, fields, temperature=0.7)
+    with torch.no_grad():
+        z = model(input_ids=ids, attention_mask=attention).logits[:, :-1].double() / 0.7
+    logp = torch.log_softmax(z, -1)
+    y, scored = labels[:, 1:], labels[:, 1:] != -100
+    zero = torch.zeros((), dtype=torch.float64)
+    expected = {"log_probs": logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1),
+                "entropy": -(logp.exp() * logp).sum(-1), "log_sum_sq_probs": torch.logsumexp(2 * logp, -1),
+                "mean_logits": z.mean(-1)}
+    for name in fields:
+        got = getattr(out, name)
+        if name == "is_top1":
+            assert torch.equal(got, (z.argmax(-1) == y) & scored)
+            continue
+        torch.testing.assert_close(got.double(), torch.where(scored, expected[name], zero), rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+
+
 # ------------------------------------------------------------------------------------------ GRPO
 
 def _reward(completions, **kwargs):
