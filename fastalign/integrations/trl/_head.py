@@ -1,5 +1,6 @@
 """The fused LM head the TRL drop-in trainers call: a model forward that returns per-token
-statistics from the last hidden states through :func:`fastalign.integrations.hf.causal_lm_logprobs`.
+statistics from the last hidden states through :func:`fastalign.integrations.hf.causal_lm_logprobs`,
+and the checks that a trainer's config and model are ones this head can serve.
 
 :func:`install_head` wraps ``model.forward`` so that ``model(input_ids=..., attention_mask=...,
 labels=labels, fastalign_head=fields)`` returns :class:`HeadOutputs` instead of running the
@@ -9,6 +10,7 @@ previous forward. Going through ``model(...)`` keeps every wrapper's forward in 
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -86,8 +88,12 @@ def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], lab
 
 def install_head(model, *, temperature: float = 1.0) -> None:
     """Wrap ``model.forward``: with ``fastalign_head=fields`` (a tuple of :data:`FIELDS`) it returns
-    :func:`head_outputs` of ``labels``; without, the previous forward runs as before. Install it on
-    the unwrapped ``PreTrainedModel`` (the PEFT base model), after TRL's own fused head."""
+    :func:`head_outputs` of ``labels``; without, the previous forward runs as before. It goes on the
+    ``PreTrainedModel`` (the base model under PEFT), after TRL's own fused head; once per model."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(model, "_fastalign_head", False):
+        return
+    model._fastalign_head = True
     previous = model.forward
 
     @functools.wraps(type(model).forward)
@@ -101,3 +107,32 @@ def install_head(model, *, temperature: float = 1.0) -> None:
                             tuple(fastalign_head), temperature=temperature, **kwargs)
 
     model.forward = types.MethodType(forward, model)
+
+
+def check_config(args, name: str) -> None:
+    """Raise on the fields of a TRL config that the drop-in trainers cannot honour."""
+    if getattr(args, "use_liger_kernel", False):
+        raise ValueError(f"{name}.use_liger_kernel: the fastalign trainers replace the LM head and loss that Liger "
+                         "would patch; set it to False")
+    if getattr(args, "cast_lm_head_to_fp32", False):
+        raise ValueError(f"{name}.cast_lm_head_to_fp32 is not supported: the fastalign head runs in the model's "
+                         "(or autocast's) dtype and accumulates in fp32")
+
+
+def check_model(trainer, name: str) -> None:
+    """Raise on a model the fastalign head cannot score like TRL's fused head."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config.get_text_config() is not base.config:
+        raise ValueError(f"model: {type(base).__name__} is a vision-language model; the fastalign trainers take "
+                         "text-only causal LMs (vision inputs are not supported)")
+    if getattr(trainer, "aux_loss_enabled", False):
+        raise ValueError(f"{name}.router_aux_loss_coef: the MoE load-balancing loss is not supported by the "
+                         "fastalign trainers; set it to 0")
+    head_transform(base.config)  # raises for an architecture without a known head transform
+
+
+def bind_config(init, args, kwargs):
+    """The ``args`` (config) argument of a trainer ``__init__`` call, or None."""
+    bound = inspect.signature(init).bind_partial(None, *args, **kwargs)
+    return bound.arguments.get("args")

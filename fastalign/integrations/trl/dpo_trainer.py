@@ -29,8 +29,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from fastalign.integrations.hf import head_transform
-from fastalign.integrations.trl._head import install_head
-from fastalign.integrations.trl.grpo_trainer import bind_config, check_config, check_model
+from fastalign.integrations.trl._head import bind_config, check_config, check_model, install_head
 from fastalign.integrations.trl.preference import DPOLoss
 from fastalign.sequence import sequence_logprobs
 
@@ -57,19 +56,12 @@ class DPOTrainer(trl.DPOTrainer):
         self.fastalign_loss = DPOLoss(self.args)
         for model in (self.model, self.ref_model):
             if model is not None:
-                self._head(model)
+                install_head(self.accelerator.unwrap_model(model))
 
     @staticmethod
     def _check_config(args) -> None:
         check_config(args, "DPOConfig")
         DPOLoss(args)  # raises on an option mix the profile does not map
-
-    def _head(self, model) -> None:
-        """Install the fastalign head on ``model`` once (the reference pass can run inside ``__init__``)."""
-        base = _base(self.accelerator.unwrap_model(model))
-        if not getattr(base, "_fastalign_head", False):
-            install_head(base)
-            base._fastalign_head = True
 
     def _fields(self):
         fields = ("log_probs", "entropy", "is_top1")
@@ -79,7 +71,7 @@ class DPOTrainer(trl.DPOTrainer):
 
     def compute_ref_log_probs(self, model, inputs):
         """The reference's summed (LD-DPO weighted) completion log-probs: ``(chosen [B], rejected [B])``."""
-        self._head(model)
+        install_head(self.accelerator.unwrap_model(model))  # the precomputed reference runs inside __init__
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         shift_mask = inputs["completion_mask"][..., 1:]

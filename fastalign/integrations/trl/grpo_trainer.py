@@ -21,49 +21,18 @@ quantile (TRL weights by tokens and gathers the entropies); with one process the
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 import trl
 from trl.trainer.utils import nanmax, nanmin
 
-from fastalign.integrations.hf import head_transform
-from fastalign.integrations.trl._head import install_head
+from fastalign.integrations.trl._head import bind_config, check_config, check_model, install_head
 from fastalign.integrations.trl.grpo import GRPOLoss, grpo_policy_config
 
 __all__ = ["GRPOTrainer"]
 
 _VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "num_tiles",
                   "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
-
-
-def check_config(args, name: str) -> None:
-    """Raise on the fields of a TRL config that the drop-in trainers cannot honour."""
-    if getattr(args, "use_liger_kernel", False):
-        raise ValueError(f"{name}.use_liger_kernel: the fastalign trainers replace the LM head and loss that Liger "
-                         "would patch; set it to False")
-    if getattr(args, "cast_lm_head_to_fp32", False):
-        raise ValueError(f"{name}.cast_lm_head_to_fp32 is not supported: the fastalign head runs in the model's "
-                         "(or autocast's) dtype and accumulates in fp32")
-
-
-def check_model(trainer, name: str) -> None:
-    """Raise on a model the fastalign head cannot score like TRL's fused head."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if base.config.get_text_config() is not base.config:
-        raise ValueError(f"model: {type(base).__name__} is a vision-language model; the fastalign trainers take "
-                         "text-only causal LMs (vision inputs are not supported)")
-    if getattr(trainer, "aux_loss_enabled", False):
-        raise ValueError(f"{name}.model_init_kwargs / model.config: the MoE load-balancing loss "
-                         "(output_router_logits with router_aux_loss_coef != 0) is not supported")
-    head_transform(base.config)  # raises for an architecture without a known head transform
-
-
-def bind_config(init, args, kwargs):
-    """The ``args`` (config) argument of a trainer ``__init__`` call, or None."""
-    bound = inspect.signature(init).bind_partial(None, *args, **kwargs)
-    return bound.arguments.get("args")
 
 
 class GRPOTrainer(trl.GRPOTrainer):
@@ -78,10 +47,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         self._check_config(self.args)
         check_model(self, "GRPOConfig")
         self.fastalign_loss = GRPOLoss(self.args)
-        install_head(self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model,
-                     temperature=self.temperature)
-        if self.ref_model is not None:
-            install_head(self.ref_model, temperature=self.temperature)
+        for model in (self.model, self.ref_model):
+            if model is not None:
+                install_head(model, temperature=self.temperature)
 
     @staticmethod
     def _check_config(args) -> None:
@@ -95,9 +63,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         r"""``(log p(y_t | y_{<t}), H_t, None)`` of the last ``logits_to_keep`` tokens, ``[B, logits_to_keep]``,
         from the hidden states (``H_t = -Σ_j p_j log p_j`` at temperature ``self.temperature``);
         padding (``attention_mask == 0``) gives 0. Text only; chunked by ``batch_size`` rows like TRL."""
-        given = sorted(k for k, v in vision_inputs.items() if v is not None and k != "num_images")
-        if given or vision_inputs.get("num_images") is not None:
-            raise ValueError(f"vision inputs {given or ['num_images']} are not supported by the fastalign GRPOTrainer")
+        given = sorted(k for k, v in vision_inputs.items() if v is not None)
+        if given:
+            raise ValueError(f"vision inputs {given} are not supported by the fastalign GRPOTrainer")
         if set(vision_inputs) - set(_VISION_INPUTS) - {"num_images"}:
             raise TypeError(f"unexpected arguments {sorted(set(vision_inputs) - set(_VISION_INPUTS))}")
         if compute_aux_loss:
