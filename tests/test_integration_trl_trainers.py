@@ -234,11 +234,36 @@ def test_dpo_trainer_matches_trl(checkpoint, reference_checkpoint, tmp_path, cas
     _compare(theirs, ours)
 
 
-def test_dpo_unsupported_option_raises(checkpoint, tmp_path):
-    args = trl.DPOConfig(**_common(tmp_path, per_device_train_batch_size=4, use_liger_kernel=True))
-    with pytest.raises(ValueError, match="use_liger_kernel"):
-        fa_trl.DPOTrainer(model=checkpoint, args=args, train_dataset=_dpo_dataset(),
-                          processing_class=_tokenizer(checkpoint))
+# ------------------------------------------------------------------------------------------ KTO
+
+def _kto_dataset():
+    return datasets.Dataset.from_dict({
+        "prompt": [" ".join(f"w{(5 * i + j) % 50 + 3}" for j in range(2 + i % 3)) for i in range(4)],
+        "completion": [" ".join(f"w{(7 * i + 2 * j) % 40 + 10}" for j in range(2 + i % 2)) for i in range(4)],
+        "label": [True, False, True, True]})
+
+
+KTO_CASES = {
+    "kto": dict(loss_type="kto", desirable_weight=1.5, undesirable_weight=0.7),
+    "apo_zero_unpaired_precomputed": dict(loss_type="apo_zero_unpaired", precompute_ref_log_probs=True),
+}
+
+
+@pytest.mark.parametrize("case", list(KTO_CASES))
+def test_kto_trainer_matches_trl(checkpoint, tmp_path, case):
+    def build(cls, out):
+        args = trl.KTOConfig(**_common(out, per_device_train_batch_size=4, **KTO_CASES[case]))
+        reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+        with torch.no_grad():  # a sharper reference: the mismatched completions are less likely under it (KL > 0)
+            reference.lm_head.weight.mul_(3.0)
+        return cls(model=checkpoint, ref_model=reference, args=args, train_dataset=_kto_dataset(),
+                   processing_class=_tokenizer(checkpoint))
+
+    theirs = _run(build(trl.KTOTrainer, tmp_path / "trl"))
+    ours = _run(build(fa_trl.KTOTrainer, tmp_path / "fa"))
+    assert {"rewards/chosen@0", "rewards/rejected@0", "kl@0", "logits/chosen@0", "entropy@0"} <= set(ours[0])
+    assert (ours[0]["kl@0"] > 0) == (case == "kto")  # the KL baseline is exercised
+    _compare(theirs, ours)
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -255,6 +280,16 @@ def test_grpo_unsupported_option_raises(checkpoint, tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         fa_trl.GRPOTrainer(model=checkpoint, reward_funcs=_reward, args=args, train_dataset=_grpo_dataset(),
                            processing_class=_tokenizer(checkpoint))
+
+
+@pytest.mark.parametrize("trainer", ["DPO", "KTO"])
+def test_preference_unsupported_option_raises(checkpoint, tmp_path, trainer):
+    config = getattr(trl, f"{trainer}Config")(**_common(tmp_path, per_device_train_batch_size=4,
+                                                        use_liger_kernel=True))
+    dataset = _dpo_dataset() if trainer == "DPO" else _kto_dataset()
+    with pytest.raises(ValueError, match=f"{trainer}Config.use_liger_kernel"):
+        getattr(fa_trl, f"{trainer}Trainer")(model=checkpoint, args=config, train_dataset=dataset,
+                                             processing_class=_tokenizer(checkpoint))
 
 
 def test_example_trl_grpo_runs():
