@@ -158,8 +158,9 @@ GRPO_CASES = {
     "bnpo": dict(loss_type="bnpo", epsilon=0.1, delta=1.3),
     "dr_grpo": dict(loss_type="dr_grpo"),
     # two micro-batches per step; the second step reuses the generation with the old policy's log-probs
+    # (which the off-policy mask measures against)
     "dapo": dict(loss_type="dapo", entropy_coef=0.02, top_entropy_quantile=0.5, gradient_accumulation_steps=2,
-                 num_iterations=2, max_steps=2),
+                 num_iterations=2, max_steps=2, off_policy_mask_threshold=1e-4),
     "luspo": dict(loss_type="luspo", importance_sampling_level="sequence"),
     "cispo": dict(loss_type="cispo", epsilon_high=1.5, beta=0.02),
     "sapo": dict(loss_type="sapo", sapo_temperature_neg=1.3),

@@ -63,11 +63,12 @@ class GRPOTrainer(trl.GRPOTrainer):
         r"""``(log p(y_t | y_{<t}), H_t, None)`` of the last ``logits_to_keep`` tokens, ``[B, logits_to_keep]``,
         from the hidden states (``H_t = -Σ_j p_j log p_j`` at temperature ``self.temperature``);
         padding (``attention_mask == 0``) gives 0. Text only; chunked by ``batch_size`` rows like TRL."""
+        unexpected = set(vision_inputs) - set(_VISION_INPUTS) - {"num_images"}
+        if unexpected:
+            raise TypeError(f"unexpected arguments {sorted(unexpected)}")
         given = sorted(k for k, v in vision_inputs.items() if v is not None)
         if given:
             raise ValueError(f"vision inputs {given} are not supported by the fastalign GRPOTrainer")
-        if set(vision_inputs) - set(_VISION_INPUTS) - {"num_images"}:
-            raise TypeError(f"unexpected arguments {sorted(set(vision_inputs) - set(_VISION_INPUTS))}")
         if compute_aux_loss:
             raise ValueError("the MoE load-balancing loss is not supported by the fastalign GRPOTrainer")
         fields = ("log_probs", "entropy") if compute_entropy else ("log_probs",)
