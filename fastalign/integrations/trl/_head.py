@@ -86,6 +86,12 @@ def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], lab
     return out
 
 
+def has_mean_logits(model) -> bool:
+    """Whether :func:`head_outputs` gives ``mean_logits`` for ``model`` (its head is not softcapped)."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return head_transform(model.config)[1] is None
+
+
 def install_head(model, *, temperature: float = 1.0) -> None:
     """Wrap ``model.forward``: with ``fastalign_head=fields`` (a tuple of :data:`FIELDS`) it returns
     :func:`head_outputs` of ``labels``; without, the previous forward runs as before. It goes on the

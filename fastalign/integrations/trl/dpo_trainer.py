@@ -28,18 +28,14 @@ import trl
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from fastalign.integrations.hf import head_transform
-from fastalign.integrations.trl._head import bind_config, check_config, check_model, install_head
+from fastalign.integrations.trl._head import (bind_config, check_config, check_model, has_mean_logits,
+                                               install_head)
 from fastalign.integrations.trl.preference import DPOLoss
 from fastalign.sequence import sequence_logprobs
 
 __all__ = ["DPOTrainer"]
 
 _NOT_MODEL_INPUTS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class DPOTrainer(trl.DPOTrainer):
@@ -65,7 +61,7 @@ class DPOTrainer(trl.DPOTrainer):
 
     def _fields(self):
         fields = ("log_probs", "entropy", "is_top1")
-        if head_transform(_base(self.accelerator.unwrap_model(self.model)).config)[1] is None:
+        if has_mean_logits(self.accelerator.unwrap_model(self.model)):
             fields += ("mean_logits",)
         return fields + (("log_sum_sq_probs",) if self.use_weighting else ())
 

@@ -27,8 +27,8 @@ import trl
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from fastalign.integrations.hf import head_transform
-from fastalign.integrations.trl._head import bind_config, check_config, check_model, install_head
+from fastalign.integrations.trl._head import (bind_config, check_config, check_model, has_mean_logits,
+                                               install_head)
 from fastalign.integrations.trl.preference import KTOLoss
 
 __all__ = ["KTOTrainer"]
@@ -96,7 +96,7 @@ class KTOTrainer(trl.KTOTrainer):
         seq_len = shift_mask.size(1)
         labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
         fields = ("log_probs", "entropy")
-        if head_transform(self.accelerator.unwrap_model(self.model).config)[1] is None:
+        if has_mean_logits(self.accelerator.unwrap_model(self.model)):
             fields += ("mean_logits",)
         outputs = model(**model_kwargs, labels=labels, fastalign_head=fields)
         kl_logps = self._kl_logps(model, batch)
