@@ -136,6 +136,8 @@ def causal_lm_logprobs(
     position_ids: Optional[Tensor] = None,
     temperature: float = 1.0,
     entropy: bool = False,
+    sum_p2: bool = False,
+    argmax: bool = False,
     ignore_index: int = -100,
     logit_scale=_UNSET,
     softcap=_UNSET,
@@ -172,6 +174,8 @@ def causal_lm_logprobs(
             sequence only (with an attention mask it does not split packed rows).
         temperature: the logits are divided by it (after the head transform).
         entropy: compute the entropy too.
+        sum_p2, argmax: compute :math:`\sum_j p_j^2` and the argmax too (as
+            :func:`fastalign.linear_logprobs`).
         ignore_index: label value of unscored tokens.
         logit_scale, softcap: the head transform, for an architecture not in
             :data:`HEAD_TRANSFORMS` (both must be given; ``softcap=None`` is off).
@@ -249,4 +253,5 @@ def causal_lm_logprobs(
                         f"{hidden.dtype}; run under torch.autocast or give the head the body's dtype")
     with torch.autocast(device_type, enabled=False):
         return linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
-                               logit_scale=logit_scale, ignore_index=ignore_index, entropy=entropy)
+                               logit_scale=logit_scale, ignore_index=ignore_index, entropy=entropy,
+                               sum_p2=sum_p2, argmax=argmax)

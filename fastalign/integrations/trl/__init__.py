@@ -1,9 +1,30 @@
-"""TRL 1.16 trainer profiles: build fastalign losses from TRL's own config objects.
+"""TRL 1.16 integration: trainer profiles and drop-in trainers.
 
-``grpo``: the policy loss of ``GRPOTrainer``; ``preference``: the losses of ``DPOTrainer``,
-``CPOTrainer``, ``ORPOTrainer`` and ``KTOTrainer``; ``rloo``: ``RLOOTrainer``'s advantages.
-Metrics come back under TRL's names.
+Profiles build fastalign losses from TRL's own config objects: ``grpo`` (the policy loss of
+``GRPOTrainer``), ``preference`` (the losses of ``DPOTrainer``, ``CPOTrainer``, ``ORPOTrainer``
+and ``KTOTrainer``), ``rloo`` (``RLOOTrainer``'s advantages). Metrics come back under TRL's names.
+
+Drop-in trainers, subclasses of TRL's with the same constructor and config classes::
+
+    from fastalign.integrations.trl import GRPOTrainer, DPOTrainer, KTOTrainer   # was: from trl import ...
+
+They are loaded on first access, so importing this package does not import ``trl``.
 """
+import importlib
+
 from fastalign.integrations.trl.grpo import *  # noqa: F401,F403
 from fastalign.integrations.trl.preference import *  # noqa: F401,F403
 from fastalign.integrations.trl.rloo import *  # noqa: F401,F403
+
+#: Drop-in trainer -> the module that defines it (imported on first access: it imports trl).
+_TRAINERS = {"GRPOTrainer": "grpo_trainer", "DPOTrainer": "dpo_trainer", "KTOTrainer": "kto_trainer"}
+
+
+def __getattr__(name):
+    if name in _TRAINERS:
+        return getattr(importlib.import_module(f"{__name__}.{_TRAINERS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_TRAINERS))

@@ -1,0 +1,119 @@
+"""Peak CPU memory of one GRPO training step: TRL's ``GRPOTrainer`` against fastalign's drop-in.
+
+Each trainer runs in its own subprocess (a fresh allocator and a fresh peak) on the same small
+randomly initialised Qwen2 with a large vocabulary (default V = 131072), the same prompts, seed and
+config, one optimizer step. Reported per trainer: the process's peak resident set size
+(``ru_maxrss``), the resident size just before ``train()`` (model, reference and optimizer set up)
+and their difference, the step's own peak (generation included, the same for both); then the ratios
+TRL / fastalign. On CPU TRL's fused head scores every position in vocabulary chunks (its Triton
+kernel, which skips unscored positions, runs on GPUs only). Not part of the tests::
+
+    python benchmarks/trl_peak_memory.py --vocab 131072 --completion-length 256
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def build_checkpoint(path: str, vocab: int, hidden: int) -> None:
+    import tokenizers
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=0,
+                                      eos_token_id=1, bos_token_id=None)
+    model = transformers.Qwen2ForCausalLM(config)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
+    model.save_pretrained(path)
+    words = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(vocab - 3)]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                         unk_token="<unk>").save_pretrained(path)
+
+
+def run_one(which: str, checkpoint: str, opts) -> dict:
+    """One optimizer step of ``which`` ("trl" or "fastalign"); returns its memory figures (MiB)."""
+    import datasets
+    import transformers
+    import trl
+
+    from fastalign.integrations.trl import GRPOTrainer
+
+    cls = trl.GRPOTrainer if which == "trl" else GRPOTrainer
+    args = trl.GRPOConfig(output_dir=os.path.join(os.path.dirname(checkpoint), f"out-{which}"), max_steps=1,
+                          per_device_train_batch_size=opts.batch, num_generations=opts.batch,
+                          max_completion_length=opts.completion_length, min_p=None, beta=opts.beta,
+                          loss_type="dapo", report_to="none", save_strategy="no", use_cpu=True, seed=0,
+                          disable_tqdm=True, logging_steps=1, optim="sgd", bf16=False,
+                          generation_kwargs={"min_new_tokens": opts.completion_length})
+    prompts = [" ".join(f"w{(7 * i + j) % 1000 + 3}" for j in range(16)) for i in range(opts.batch)]
+    trainer = cls(model=checkpoint, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
+                  args=args, train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
+                  processing_class=transformers.PreTrainedTokenizerFast.from_pretrained(checkpoint))
+    before = _rss_mib()
+    trainer.train()
+    peak = _peak_mib()
+    return {"peak_rss_mib": peak, "rss_before_train_mib": before, "step_peak_mib": peak - before,
+            "loss": trainer.state.log_history[0]["loss"]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=131072)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8, help="completions per step (one group)")
+    parser.add_argument("--completion-length", type=int, default=256)
+    parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient (adds a reference model)")
+    parser.add_argument("--child", choices=["trl", "fastalign"], help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.child:
+        print(json.dumps(run_one(opts.child, opts.checkpoint, opts)))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = os.path.join(tmp, "model")
+        build_checkpoint(checkpoint, opts.vocab, opts.hidden)
+        results = {}
+        for which in ("trl", "fastalign"):
+            cmd = [sys.executable, __file__, "--child", which, "--checkpoint", checkpoint, "--vocab", str(opts.vocab),
+                   "--hidden", str(opts.hidden), "--batch", str(opts.batch),
+                   "--completion-length", str(opts.completion_length), "--beta", str(opts.beta)]
+            env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+            results[which] = json.loads(out.strip().splitlines()[-1])
+    tokens = opts.batch * opts.completion_length
+    print(f"one GRPO step, V={opts.vocab}, hidden={opts.hidden}, {opts.batch} completions x "
+          f"{opts.completion_length} tokens ({tokens} scored tokens; full fp32 logits would be "
+          f"{tokens * opts.vocab * 4 / 2**20:.0f} MiB)")
+    print(f"{'trainer':<10} {'peak RSS':>10} {'before train':>13} {'step peak':>10} {'loss':>12}")
+    for which, r in results.items():
+        print(f"{which:<10} {r['peak_rss_mib']:>8.0f}Mi {r['rss_before_train_mib']:>11.0f}Mi "
+              f"{r['step_peak_mib']:>8.0f}Mi {r['loss']:>12.6g}")
+    t, f = results["trl"], results["fastalign"]
+    print(f"ratio TRL / fastalign: peak RSS {t['peak_rss_mib'] / f['peak_rss_mib']:.2f}, "
+          f"step peak {t['step_peak_mib'] / max(f['step_peak_mib'], 1e-9):.2f}")
+
+
+if __name__ == "__main__":
+    main()

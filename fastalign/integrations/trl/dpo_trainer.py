@@ -1,0 +1,131 @@
+"""``DPOTrainer``: TRL 1.16's ``trl.DPOTrainer`` with its log-probs and loss in fastalign.
+
+Same constructor, same ``trl.DPOConfig``; a TRL user changes one import::
+
+    from fastalign.integrations.trl import DPOTrainer   # was: from trl import DPOTrainer
+
+The chosen and rejected log-probs of the policy and of the reference (live or precomputed) come
+from the last hidden states and the model's own output head through
+:func:`fastalign.integrations.hf.causal_lm_logprobs`, so the ``[B, T, V]`` logits are never built;
+the loss is :class:`fastalign.integrations.trl.DPOLoss` of the trainer's config (every loss type,
+loss weights, f-divergences, LD-DPO, WPO weighting). Metrics go through TRL's own ``_metrics``
+under TRL's names: ``rewards/*`` and ``logps/*`` from the loss, and ``entropy``, ``num_tokens``,
+``logits/chosen``, ``logits/rejected`` (the mean logit, exact for heads without softcapping; not
+logged for a softcapped head) and ``mean_token_accuracy`` from the same fused pass.
+
+Options the drop-in cannot honour raise a ValueError naming the config field at construction:
+``use_liger_kernel``, ``cast_lm_head_to_fp32``, vision-language models and MoE load-balancing
+losses. With several processes ``rewards/*`` and ``logps/*`` are the mean of each process's mean
+(TRL gathers every pair: equal when the processes hold equally many pairs).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import trl
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+from fastalign.integrations.trl._head import (bind_config, check_config, check_model, has_mean_logits,
+                                               install_head)
+from fastalign.integrations.trl.preference import DPOLoss
+from fastalign.sequence import sequence_logprobs
+
+__all__ = ["DPOTrainer"]
+
+_NOT_MODEL_INPUTS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+
+
+class DPOTrainer(trl.DPOTrainer):
+    """``trl.DPOTrainer`` with fastalign's fused log-probs and loss (see the module doc)."""
+
+    @functools.wraps(trl.DPOTrainer.__init__)
+    def __init__(self, *args, **kwargs):
+        config = bind_config(trl.DPOTrainer.__init__, args, kwargs)
+        if config is not None:
+            self._check_config(config)
+        super().__init__(*args, **kwargs)
+        self._check_config(self.args)
+        check_model(self, "DPOConfig")
+        self.fastalign_loss = DPOLoss(self.args)
+        for model in (self.model, self.ref_model):
+            if model is not None:
+                install_head(self.accelerator.unwrap_model(model))
+
+    @staticmethod
+    def _check_config(args) -> None:
+        check_config(args, "DPOConfig")
+        DPOLoss(args)  # raises on an option mix the profile does not map
+
+    def _fields(self):
+        fields = ("log_probs", "entropy", "is_top1")
+        if has_mean_logits(self.accelerator.unwrap_model(self.model)):
+            fields += ("mean_logits",)
+        return fields + (("log_sum_sq_probs",) if self.use_weighting else ())
+
+    def compute_ref_log_probs(self, model, inputs):
+        """The reference's summed (LD-DPO weighted) completion log-probs: ``(chosen [B], rejected [B])``."""
+        install_head(self.accelerator.unwrap_model(model))  # the precomputed reference runs inside __init__
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        shift_mask = inputs["completion_mask"][..., 1:]
+        adapter = contextlib.nullcontext()
+        if self.ref_model is None and hasattr(self.accelerator.unwrap_model(self.model), "peft_config"):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                adapter, self.accelerator.autocast():
+            ref = model(**model_kwargs, labels=labels, fastalign_head=("log_probs",)).log_probs
+        ref = ref[:, -shift_mask.size(1):]
+        return sequence_logprobs(ref, shift_mask, ld_alpha=self.ld_alpha).sum.chunk(2, dim=0)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
+        completion_mask = inputs["completion_mask"]
+        shift_mask = completion_mask[..., 1:]
+        seq_len = shift_mask.size(1)
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        outputs = model(**model_kwargs, labels=labels, fastalign_head=self._fields())
+        per_token_logps = outputs.log_probs[:, -seq_len:]
+        ref = {}
+        if self.precompute_ref_logps:
+            ref.update(ref_chosen_logps=inputs["ref_chosen_logps"], ref_rejected_logps=inputs["ref_rejected_logps"])
+        else:
+            ref["ref_chosen_logps"], ref["ref_rejected_logps"] = self.compute_ref_log_probs(
+                self.ref_model if self.ref_model is not None else self.model, inputs)
+        sum_sq = None if outputs.log_sum_sq_probs is None else outputs.log_sum_sq_probs[:, -seq_len:]
+        loss, metrics = self.fastalign_loss(per_token_logps, shift_mask, **ref, log_sum_sq_probs=sum_sq)
+        self._log_head_metrics(mode, outputs, shift_mask, inputs["attention_mask"], seq_len)
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(self.accelerator.gather(value.detach().float().reshape(1)).mean().item())
+        if return_outputs:
+            with torch.no_grad():
+                outputs = model(**model_kwargs)
+            return loss, outputs
+        return loss
+
+    def _log_head_metrics(self, mode, outputs, shift_mask, attention_mask, seq_len) -> None:
+        """TRL's ``entropy``, ``num_tokens``, ``logits/*`` and ``mean_token_accuracy``: token-weighted over
+        every process (sums and counts gathered, as TRL does)."""
+        gather = self.accelerator.gather_for_metrics
+        log = self._metrics[mode]
+        mask = shift_mask.bool()
+        chosen, rejected = mask.chunk(2, dim=0)
+
+        def weighted(values, where):
+            total, count = gather(values.detach().float()[where].sum()).sum(), gather(where.sum()).sum()
+            return (total / count).item() if count > 0 else 0.0
+
+        log["entropy"].append(weighted(outputs.entropy[:, -seq_len:], mask))
+        if mode == "train":
+            self._total_train_tokens += gather(attention_mask.sum()).sum().item() // self._tp_size
+        log["num_tokens"] = [self._total_train_tokens]
+        if outputs.mean_logits is not None:
+            mean_logits = outputs.mean_logits[:, -seq_len:]
+            log["logits/chosen"].append(weighted(mean_logits, torch.cat([chosen, torch.zeros_like(rejected)])))
+            log["logits/rejected"].append(weighted(mean_logits, torch.cat([torch.zeros_like(chosen), rejected])))
+        is_top1 = outputs.is_top1[:, -seq_len:]
+        log["mean_token_accuracy"].append(weighted(is_top1, torch.cat([chosen, torch.zeros_like(rejected)])))

@@ -1,0 +1,121 @@
+"""``GRPOTrainer``: TRL 1.16's ``trl.GRPOTrainer`` with its log-probs, entropies and loss in fastalign.
+
+Same constructor, same ``trl.GRPOConfig``; a TRL user changes one import::
+
+    from fastalign.integrations.trl import GRPOTrainer   # was: from trl import GRPOTrainer
+
+Per-token log-probs and entropies of the policy (and of the reference and old policy) come from
+the last hidden states and the model's own output head through
+:func:`fastalign.integrations.hf.causal_lm_logprobs`, so the ``[B, T, V]`` logits are never built;
+the loss is :class:`fastalign.integrations.trl.GRPOLoss` of the trainer's config, and the metrics
+go through TRL's own ``_metrics`` under TRL's names. Generation, rewards, advantages, sampling
+and logging are TRL's.
+
+Options the drop-in cannot honour raise a ValueError naming the config field at construction:
+``use_liger_kernel``, ``cast_lm_head_to_fp32``, ``use_adaptive_entropy``, vision-language models
+and MoE load-balancing losses (``router_aux_loss_coef`` with ``output_router_logits``).
+With several processes the token-mean metrics (``entropy``, ``kl``, ``clip_ratio/*_mean``, ...)
+are the mean of each process's token mean, and ``top_entropy_quantile`` takes each process's own
+quantile (TRL weights by tokens and gathers the entropies); with one process they equal TRL's.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import trl
+from trl.trainer.utils import nanmax, nanmin
+
+from fastalign.integrations.trl._head import bind_config, check_config, check_model, install_head
+from fastalign.integrations.trl.grpo import GRPOLoss, grpo_policy_config
+
+__all__ = ["GRPOTrainer"]
+
+_VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+                  "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+class GRPOTrainer(trl.GRPOTrainer):
+    """``trl.GRPOTrainer`` with fastalign's fused log-probs, entropies and loss (see the module doc)."""
+
+    @functools.wraps(trl.GRPOTrainer.__init__)
+    def __init__(self, *args, **kwargs):
+        config = bind_config(trl.GRPOTrainer.__init__, args, kwargs)
+        if config is not None:
+            self._check_config(config)
+        super().__init__(*args, **kwargs)
+        self._check_config(self.args)
+        check_model(self, "GRPOConfig")
+        self.fastalign_loss = GRPOLoss(self.args)
+        for model in (self.model, self.ref_model):
+            if model is not None:
+                install_head(model, temperature=self.temperature)
+
+    @staticmethod
+    def _check_config(args) -> None:
+        check_config(args, "GRPOConfig")
+        if getattr(args, "use_adaptive_entropy", False):
+            raise ValueError("GRPOConfig.use_adaptive_entropy is not supported: set a fixed entropy_coef")
+        grpo_policy_config(args)  # raises on a loss_type or option the profile does not map
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **vision_inputs):
+        r"""``(log p(y_t | y_{<t}), H_t, None)`` of the last ``logits_to_keep`` tokens, ``[B, logits_to_keep]``,
+        from the hidden states (``H_t = -Σ_j p_j log p_j`` at temperature ``self.temperature``);
+        padding (``attention_mask == 0``) gives 0. Text only; chunked by ``batch_size`` rows like TRL."""
+        unexpected = set(vision_inputs) - set(_VISION_INPUTS) - {"num_images"}
+        if unexpected:
+            raise TypeError(f"unexpected arguments {sorted(unexpected)}")
+        given = sorted(k for k, v in vision_inputs.items() if v is not None)
+        if given:
+            raise ValueError(f"vision inputs {given} are not supported by the fastalign GRPOTrainer")
+        if compute_aux_loss:
+            raise ValueError("the MoE load-balancing loss is not supported by the fastalign GRPOTrainer")
+        fields = ("log_probs", "entropy") if compute_entropy else ("log_probs",)
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids, att = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
+            labels = ids.masked_fill(att == 0, -100)
+            labels[:, :-logits_to_keep] = -100
+            with self.accelerator.autocast():
+                out = model(input_ids=ids, attention_mask=att, labels=labels, fastalign_head=fields)
+            logps.append(out.log_probs[:, -logits_to_keep:])
+            if compute_entropy:
+                entropies.append(out.entropy[:, -logits_to_keep:])
+        return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+
+    def _compute_loss(self, model, inputs):
+        """TRL's ``_compute_loss`` contract: the micro-batch loss; the metrics go to ``self._metrics``."""
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        completion_mask = inputs["completion_mask"]
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
+            model, torch.cat([prompt_ids, completion_ids], dim=1),
+            torch.cat([inputs["prompt_mask"], completion_mask], dim=1), completion_ids.size(1), compute_entropy=True,
+            **{k: inputs.get(k) for k in ("num_images", *_VISION_INPUTS)})
+        old = inputs.get("old_per_token_logps")
+        sampling = inputs.get("sampling_per_token_logps")
+        if sampling is None and self.off_policy_mask_threshold is not None:
+            sampling = per_token_logps.detach() if old is None else old
+        mode = "train" if self.model.training else "eval"
+        loss, metrics = self.fastalign_loss(
+            per_token_logps, old, inputs["advantages"], mask, entropy=entropies,
+            ref_logprobs=inputs.get("ref_per_token_logps"), sampling_logprobs=sampling,
+            importance_sampling_ratio=inputs.get("importance_sampling_ratio"),
+            num_items_in_batch=inputs.get("num_items_in_batch"), num_processes=self.accelerator.num_processes,
+            training=mode == "train", gradient_accumulation_steps=self.current_gradient_accumulation_steps)
+        log = self._metrics[mode]
+        for name, value in metrics.items():
+            if name == "entropy_coef":
+                if self.accelerator.sync_gradients:
+                    log[name].append(float(self.entropy_coef))
+                continue
+            gathered = self.accelerator.gather(value.detach().float().reshape(1))
+            if name == "clip_ratio/low_min":
+                log[name].append(nanmin(gathered).item())
+            elif name == "clip_ratio/high_max":
+                log[name].append(nanmax(gathered).item())
+            else:
+                log[name].append(gathered.nanmean().item())
+        return loss

@@ -1,0 +1,141 @@
+"""``KTOTrainer``: TRL 1.16's ``trl.KTOTrainer`` with its log-probs and loss in fastalign.
+
+Same constructor, same ``trl.KTOConfig``; a TRL user changes one import::
+
+    from fastalign.integrations.trl import KTOTrainer   # was: from trl import KTOTrainer
+
+The completion log-probs of the policy and of the reference (live or precomputed), and those of the
+mismatched KL completions, come from the last hidden states and the model's own output head through
+:func:`fastalign.integrations.hf.causal_lm_logprobs` (no ``[B, T, V]`` logits); the loss is
+:class:`fastalign.integrations.trl.KTOLoss` of the trainer's config (``kto`` and
+``apo_zero_unpaired``, desirable and undesirable weights). Metrics go through TRL's ``_metrics``
+under TRL's names (``kl``, ``rewards/*``, ``logps/*``, ``entropy``, ``num_tokens``, ``logits/*``;
+a class absent from the batch logs nothing, as in TRL).
+
+Options the drop-in cannot honour raise a ValueError naming the config field at construction, as
+for the other drop-ins. With several processes the KL baseline is each process's own (TRL averages
+it over processes) and ``rewards/*`` / ``logps/*`` are the mean of each process's mean.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import torch
+import trl
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+from fastalign.integrations.trl._head import (bind_config, check_config, check_model, has_mean_logits,
+                                               install_head)
+from fastalign.integrations.trl.preference import KTOLoss
+
+__all__ = ["KTOTrainer"]
+
+_NOT_MODEL_INPUTS = ("completion_mask", "KL_input_ids", "KL_attention_mask", "KL_completion_mask",
+                     "KL_token_type_ids", "KL_mm_token_type_ids", "label", "ref_logps", "ref_KL_logps")
+
+
+class KTOTrainer(trl.KTOTrainer):
+    """``trl.KTOTrainer`` with fastalign's fused log-probs and loss (see the module doc)."""
+
+    @functools.wraps(trl.KTOTrainer.__init__)
+    def __init__(self, *args, **kwargs):
+        config = bind_config(trl.KTOTrainer.__init__, args, kwargs)
+        if config is not None:
+            self._check_config(config)
+        super().__init__(*args, **kwargs)
+        self._check_config(self.args)
+        check_model(self, "KTOConfig")
+        self.fastalign_loss = KTOLoss(self.args)
+        for model in (self.model, self.ref_model):
+            if model is not None:
+                install_head(self.accelerator.unwrap_model(model))
+
+    @staticmethod
+    def _check_config(args) -> None:
+        check_config(args, "KTOConfig")
+        KTOLoss(args)  # raises on a loss_type the profile does not map
+
+    def _summed(self, model, input_ids, attention_mask, completion_mask, **model_kwargs):
+        """Summed completion log-probs ``[N]`` of ``model`` (a no-grad caller wraps it)."""
+        install_head(self.accelerator.unwrap_model(model))  # the precomputed reference runs inside __init__
+        labels = input_ids.masked_fill(completion_mask == 0, -100)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fastalign_head=("log_probs",),
+                    **model_kwargs)
+        return out.log_probs[:, -(input_ids.size(1) - 1):].sum(-1)
+
+    def _reference_context(self):
+        if self.ref_model is None and hasattr(self.accelerator.unwrap_model(self.model), "peft_config"):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        return contextlib.nullcontext()
+
+    def compute_ref_log_probs(self, model, inputs):
+        """The reference's summed completion log-probs ``[N]`` and, for ``kto``, those of the KL completions."""
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                self._reference_context(), self.accelerator.autocast():
+            logps = self._summed(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+            kl = self._kl_logps(model, inputs)
+        return logps, kl
+
+    def _kl_logps(self, model, batch):
+        if not self.calculate_KL:
+            return None
+        with torch.no_grad():
+            return self._summed(model, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"],
+                                use_cache=False)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        batch = {k: (v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        model_kwargs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+        completion_mask = batch["completion_mask"]
+        shift_mask = completion_mask[:, 1:]
+        seq_len = shift_mask.size(1)
+        labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
+        fields = ("log_probs", "entropy")
+        if has_mean_logits(self.accelerator.unwrap_model(self.model)):
+            fields += ("mean_logits",)
+        outputs = model(**model_kwargs, labels=labels, fastalign_head=fields)
+        kl_logps = self._kl_logps(model, batch)
+        if self.precompute_ref_logps:
+            ref_logps, ref_kl_logps = batch["ref_logps"], batch.get("ref_KL_logps") if self.calculate_KL else None
+        else:
+            ref_logps, ref_kl_logps = self.compute_ref_log_probs(
+                self.ref_model if self.ref_model is not None else self.model, batch)
+        label = torch.as_tensor(batch["label"], dtype=torch.bool, device=outputs.log_probs.device)
+        loss, metrics = self.fastalign_loss(outputs.log_probs[:, -seq_len:], shift_mask, label, ref_logps,
+                                            kl_logps, ref_kl_logps)
+        log = self._metrics[mode]
+        for name, value in metrics.items():
+            value = self.accelerator.gather(value.detach().float().reshape(1)).nanmean().item()
+            if not math.isnan(value):  # a class absent from the batch: TRL logs nothing
+                log[name].append(value)
+        self._log_head_metrics(mode, outputs, shift_mask, batch["attention_mask"], seq_len, label)
+        if return_outputs:
+            with torch.no_grad():
+                outputs = model(**model_kwargs)
+            return loss, outputs
+        return loss
+
+    def _log_head_metrics(self, mode, outputs, shift_mask, attention_mask, seq_len, label) -> None:
+        """TRL's ``entropy``, ``num_tokens`` and ``logits/*``: token-weighted, sums and counts gathered."""
+        gather = self.accelerator.gather_for_metrics
+        log = self._metrics[mode]
+        mask = shift_mask.bool()
+
+        def weighted(values, where):
+            return gather(values.detach().float()[where].sum()).sum().item(), gather(where.sum()).sum().item()
+
+        total, count = weighted(outputs.entropy[:, -seq_len:], mask)
+        log["entropy"].append(total / count if count > 0 else 0.0)
+        if mode == "train":
+            self._total_train_tokens += gather(attention_mask.sum()).sum().item() // self._tp_size
+        log["num_tokens"] = [self._total_train_tokens]
+        if outputs.mean_logits is not None:
+            for name, rows in (("logits/chosen", label), ("logits/rejected", ~label)):
+                total, count = weighted(outputs.mean_logits[:, -seq_len:], mask & rows[:, None])
+                if count > 0:
+                    log[name].append(total / count)

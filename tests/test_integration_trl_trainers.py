@@ -1,0 +1,305 @@
+"""The TRL drop-in trainers against TRL 1.16's own trainers, one training step each.
+
+A tiny randomly initialised Qwen2 (built from ``transformers.Qwen2Config``, saved to a temporary
+directory with a word-level tokenizer so both trainers load the same weights and TRL can build its
+reference model) and a tiny in-memory dataset; CPU, ``max_steps=1``, the same seed. TRL's trainer
+and the drop-in must log the same loss and metrics and make the same parameter update (plain SGD,
+so the update is the gradient itself). GRPO: every ``loss_type`` the profile maps (some with a KL
+term, a delta, an entropy bonus or an entropy mask). DPO: a representative subset of the loss types
+(sigmoid, ipo, robust, apo_zero, sft, mixed with loss weights; label smoothing, an alpha
+f-divergence, LD-DPO, WPO weighting and a precomputed reference).
+"""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the TRL drop-ins need transformers")
+trl = pytest.importorskip("trl", reason="TRL is not importable")
+datasets = pytest.importorskip("datasets", reason="TRL's trainers need datasets")
+tokenizers = pytest.importorskip("tokenizers", reason="the test tokenizer needs tokenizers")
+
+import fastalign.integrations.trl as fa_trl  # noqa: E402
+
+WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(61)]
+TIMING = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
+ATOL, RTOL = 2e-5, 1e-4
+
+
+def tiny_checkpoint(path: Path) -> str:
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
+                                      eos_token_id=1, bos_token_id=None)
+    model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():  # logits of order one, so log-probs and ratios vary across tokens
+        model.lm_head.weight.normal_(0, 0.3)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
+    model.save_pretrained(path)
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                         unk_token="<unk>").save_pretrained(path)
+    return str(path)
+
+
+def _tokenizer(checkpoint):
+    """The word-level tokenizer (AutoTokenizer would pick the model type's own tokenizer class)."""
+    return transformers.PreTrainedTokenizerFast.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+def _common(tmp_path, **overrides):
+    """One fp32 step of plain SGD (TRL's configs default to bf16 autocast, whose rounding would dominate)."""
+    return {**dict(output_dir=str(tmp_path), max_steps=1, report_to="none", seed=0, use_cpu=True, logging_steps=1,
+                   optim="sgd", learning_rate=0.5, bf16=False, save_strategy="no", disable_tqdm=True,
+                   dataloader_num_workers=0), **overrides}
+
+
+def _run(trainer):
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    trainer.train()
+    logs = {f"{k}@{i}": v for i, log in enumerate(trainer.state.log_history[:-1])  # each step; not the summary
+            for k, v in log.items() if k not in TIMING}
+    after = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    return logs, before, after
+
+
+def _compare(theirs, ours):
+    (t_logs, t_before, t_after), (o_logs, o_before, o_after) = theirs, ours
+    assert sorted(o_logs) == sorted(t_logs)
+    for k, v in t_logs.items():
+        if isinstance(v, float) and math.isnan(v):
+            assert math.isnan(o_logs[k]), k
+        else:
+            assert o_logs[k] == pytest.approx(v, rel=RTOL, abs=ATOL), k
+    moved = 0
+    for k in t_before:
+        torch.testing.assert_close(o_before[k], t_before[k], rtol=0, atol=0)  # the same start
+        torch.testing.assert_close(o_after[k] - o_before[k], t_after[k] - t_before[k], rtol=RTOL, atol=ATOL,
+                                   msg=lambda m: f"{k}: {m}")
+        moved += int(not torch.equal(t_after[k], t_before[k]))
+    assert moved > 0  # the step changed the model
+
+
+# ------------------------------------------------------------------------------------------ head
+
+@pytest.mark.parametrize("model_type", ["qwen2", "cohere", "gemma2"])
+def test_head_outputs_match_the_models_own_logits(model_type):
+    """Every field of the fused head against the model's own logits in float64 (cohere: logit_scale;
+    gemma2: softcapping, where mean_logits has no closed form and raises)."""
+    from fastalign.integrations.trl._head import head_outputs
+
+    extra = {"cohere": dict(logit_scale=0.5), "gemma2": dict(final_logit_softcapping=3.0, head_dim=8)}
+    config_cls = {"qwen2": transformers.Qwen2Config, "cohere": transformers.CohereConfig,
+                  "gemma2": transformers.Gemma2Config}[model_type]
+    model_cls = {"qwen2": transformers.Qwen2ForCausalLM, "cohere": transformers.CohereForCausalLM,
+                 "gemma2": transformers.Gemma2ForCausalLM}[model_type]
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                        attn_implementation="eager", tie_word_embeddings=False, **extra.get(model_type, {}))
+    model = model_cls(config).float().eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0, 1.0)
+    ids = torch.randint(1, 50, (3, 9))
+    attention = torch.ones_like(ids)
+    attention[0, :2] = 0  # left padding
+    labels = ids.masked_fill(attention == 0, -100)
+    labels[:, :4] = -100  # the prompt is not scored
+    fields = ("log_probs", "entropy", "log_sum_sq_probs", "is_top1")
+    if model_type == "gemma2":
+        with pytest.raises(ValueError, match="mean_logits"):
+            head_outputs(model, ids, attention, labels, fields + ("mean_logits",), temperature=0.7)
+    else:
+        fields += ("mean_logits",)
+    out = head_outputs(model, ids, attention, labels, fields, temperature=0.7)
+    with torch.no_grad():
+        z = model(input_ids=ids, attention_mask=attention).logits[:, :-1].double() / 0.7
+    logp = torch.log_softmax(z, -1)
+    y, scored = labels[:, 1:], labels[:, 1:] != -100
+    zero = torch.zeros((), dtype=torch.float64)
+    expected = {"log_probs": logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1),
+                "entropy": -(logp.exp() * logp).sum(-1), "log_sum_sq_probs": torch.logsumexp(2 * logp, -1),
+                "mean_logits": z.mean(-1)}
+    for name in fields:
+        got = getattr(out, name)
+        if name == "is_top1":
+            assert torch.equal(got, (z.argmax(-1) == y) & scored)
+            continue
+        torch.testing.assert_close(got.double(), torch.where(scored, expected[name], zero), rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+# ------------------------------------------------------------------------------------------ GRPO
+
+def _reward(completions, **kwargs):
+    """Share of the word w7 in each completion (a rule-based reward)."""
+    return [c.split().count("w7") / max(len(c.split()), 1) for c in completions]
+
+
+def _grpo_dataset():
+    return datasets.Dataset.from_dict({"prompt": [" ".join(f"w{(3 * i + j) % 50 + 3}" for j in range(3 + i % 3))
+                                                  for i in range(8)]})
+
+
+GRPO_CASES = {
+    "grpo": dict(loss_type="grpo", beta=0.05),
+    "bnpo": dict(loss_type="bnpo", epsilon=0.1, delta=1.3),
+    "dr_grpo": dict(loss_type="dr_grpo"),
+    # two micro-batches per step; the second step reuses the generation with the old policy's log-probs
+    # (which the off-policy mask measures against)
+    "dapo": dict(loss_type="dapo", entropy_coef=0.02, top_entropy_quantile=0.5, gradient_accumulation_steps=2,
+                 num_iterations=2, max_steps=2, off_policy_mask_threshold=1e-4),
+    "luspo": dict(loss_type="luspo", importance_sampling_level="sequence"),
+    "cispo": dict(loss_type="cispo", epsilon_high=1.5, beta=0.02),
+    "sapo": dict(loss_type="sapo", sapo_temperature_neg=1.3),
+    "vespo": dict(loss_type="vespo"),
+}
+
+
+def _grpo(cls, checkpoint, tmp_path, options):
+    args = trl.GRPOConfig(**_common(tmp_path, per_device_train_batch_size=4, num_generations=4,
+                                    max_completion_length=6, temperature=1.0, **options))
+    return cls(model=checkpoint, reward_funcs=_reward, args=args, train_dataset=_grpo_dataset(),
+               processing_class=_tokenizer(checkpoint))
+
+
+@pytest.mark.parametrize("case", list(GRPO_CASES))
+def test_grpo_trainer_matches_trl(checkpoint, tmp_path, case):
+    options = GRPO_CASES[case]
+    theirs = _run(_grpo(trl.GRPOTrainer, checkpoint, tmp_path / "trl", options))
+    ours = _run(_grpo(fa_trl.GRPOTrainer, checkpoint, tmp_path / "fa", options))
+    assert "entropy@0" in ours[0] and ("kl@0" in ours[0]) == bool(options.get("beta"))
+    _compare(theirs, ours)
+
+
+# ------------------------------------------------------------------------------------------ DPO
+
+def _dpo_dataset():
+    prompts = [" ".join(f"w{(5 * i + j) % 50 + 3}" for j in range(2 + i % 3)) for i in range(4)]
+    return datasets.Dataset.from_dict({
+        "prompt": prompts,
+        "chosen": [" ".join(f"w{(7 * i + j) % 40 + 10}" for j in range(2 + i % 2)) for i in range(4)],
+        "rejected": [" ".join(f"w{(11 * i + 3 * j) % 45 + 5}" for j in range(3 - i % 2)) for i in range(4)]})
+
+
+DPO_CASES = {
+    "sigmoid_sft_weighted": dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
+    "ipo_robust_smoothing": dict(loss_type=["ipo", "robust"], beta=0.5, label_smoothing=0.1),
+    "alpha_divergence_ld_alpha": dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3,
+                                      ld_alpha=0.5),
+    "wpo_weighting": dict(loss_type=["sigmoid"], use_weighting=True),
+    "apo_zero_precomputed": dict(loss_type=["apo_zero"], precompute_ref_log_probs=True),
+}
+
+
+@pytest.fixture(scope="module")
+def reference_checkpoint(tmp_path_factory):
+    """A reference other than the policy, so the log-ratios (and rewards) are not all zero."""
+    path = tmp_path_factory.mktemp("tiny-qwen2-ref")
+    tiny_checkpoint(path)
+    model = transformers.Qwen2ForCausalLM.from_pretrained(path)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path)
+    return str(path)
+
+
+def _dpo(cls, checkpoint, reference, tmp_path, options):
+    args = trl.DPOConfig(**_common(tmp_path, per_device_train_batch_size=4, **options))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(reference)
+    return cls(model=checkpoint, ref_model=ref, args=args, train_dataset=_dpo_dataset(),
+               processing_class=_tokenizer(checkpoint))
+
+
+@pytest.mark.parametrize("case", list(DPO_CASES))
+def test_dpo_trainer_matches_trl(checkpoint, reference_checkpoint, tmp_path, case):
+    options = DPO_CASES[case]
+    theirs = _run(_dpo(trl.DPOTrainer, checkpoint, reference_checkpoint, tmp_path / "trl", options))
+    ours = _run(_dpo(fa_trl.DPOTrainer, checkpoint, reference_checkpoint, tmp_path / "fa", options))
+    assert {"rewards/margins@0", "logits/chosen@0", "mean_token_accuracy@0", "entropy@0"} <= set(ours[0])
+    assert ours[0]["rewards/margins@0"] != 0.0  # the reference differs from the policy
+    _compare(theirs, ours)
+
+
+# ------------------------------------------------------------------------------------------ KTO
+
+def _kto_dataset():
+    return datasets.Dataset.from_dict({
+        "prompt": [" ".join(f"w{(5 * i + j) % 50 + 3}" for j in range(2 + i % 3)) for i in range(4)],
+        "completion": [" ".join(f"w{(7 * i + 2 * j) % 40 + 10}" for j in range(2 + i % 2)) for i in range(4)],
+        "label": [True, False, True, True]})
+
+
+KTO_CASES = {
+    "kto": dict(loss_type="kto", desirable_weight=1.5, undesirable_weight=0.7),
+    "apo_zero_unpaired_precomputed": dict(loss_type="apo_zero_unpaired", precompute_ref_log_probs=True),
+}
+
+
+@pytest.mark.parametrize("case", list(KTO_CASES))
+def test_kto_trainer_matches_trl(checkpoint, tmp_path, case):
+    def build(cls, out):
+        args = trl.KTOConfig(**_common(out, per_device_train_batch_size=4, **KTO_CASES[case]))
+        reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+        with torch.no_grad():  # a sharper reference: the mismatched completions are less likely under it (KL > 0)
+            reference.lm_head.weight.mul_(3.0)
+        return cls(model=checkpoint, ref_model=reference, args=args, train_dataset=_kto_dataset(),
+                   processing_class=_tokenizer(checkpoint))
+
+    theirs = _run(build(trl.KTOTrainer, tmp_path / "trl"))
+    ours = _run(build(fa_trl.KTOTrainer, tmp_path / "fa"))
+    assert {"rewards/chosen@0", "rewards/rejected@0", "kl@0", "logits/chosen@0", "entropy@0"} <= set(ours[0])
+    assert (ours[0]["kl@0"] > 0) == (case == "kto")  # the KL baseline is exercised
+    _compare(theirs, ours)
+
+
+# ------------------------------------------------------------------------------------------ options
+
+@pytest.mark.parametrize("field, value", [("use_liger_kernel", True), ("cast_lm_head_to_fp32", True),
+                                          ("use_adaptive_entropy", True), ("loss_type", "not_a_loss")])
+def test_grpo_unsupported_option_raises(checkpoint, tmp_path, field, value):
+    if field == "loss_type":  # GRPOConfig itself accepts any string here
+        args = trl.GRPOConfig(**_common(tmp_path, per_device_train_batch_size=4, num_generations=4))
+        args.loss_type = value
+    else:
+        args = trl.GRPOConfig(**_common(tmp_path, per_device_train_batch_size=4, num_generations=4,
+                                        **{field: value}))
+    with pytest.raises(ValueError, match=field):
+        fa_trl.GRPOTrainer(model=checkpoint, reward_funcs=_reward, args=args, train_dataset=_grpo_dataset(),
+                           processing_class=_tokenizer(checkpoint))
+
+
+@pytest.mark.parametrize("trainer", ["DPO", "KTO"])
+def test_preference_unsupported_option_raises(checkpoint, tmp_path, trainer):
+    config = getattr(trl, f"{trainer}Config")(**_common(tmp_path, per_device_train_batch_size=4,
+                                                        use_liger_kernel=True))
+    dataset = _dpo_dataset() if trainer == "DPO" else _kto_dataset()
+    with pytest.raises(ValueError, match=f"{trainer}Config.use_liger_kernel"):
+        getattr(fa_trl, f"{trainer}Trainer")(model=checkpoint, args=config, train_dataset=dataset,
+                                             processing_class=_tokenizer(checkpoint))
+
+
+def test_example_trl_grpo_runs():
+    example = Path(__file__).resolve().parents[1] / "examples" / "trl_grpo.py"
+    out = subprocess.run([sys.executable, str(example), "--steps", "1"], check=True, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "TQDM_DISABLE": "1"}).stdout
+    assert "step   1  mean reward" in out and "mean reward: first step" in out
+
+
+def test_import_does_not_import_trl():
+    code = "import sys; import fastalign.integrations.trl; assert 'trl' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
