@@ -23,7 +23,7 @@
 #include <stdexcept>
 #include <vector>
 
-#include "cpu/advantage_math.h"
+#include "common/advantage_math.h"
 #include "cpu/parallel.h"
 #include "registry.h"
 

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <stdexcept>
 
-#include "cpu/advantage_math.h"
+#include "common/advantage_math.h"
 #include "cpu/parallel.h"
 #include "registry.h"
 
@@ -32,7 +32,7 @@ FASTALIGN_BINDINGS(returns) {
       "reverse_scan_cpu",
       [](uintptr_t x, uintptr_t v, uintptr_t mask, bool f64, int64_t B, int64_t T, double gamma, double lam, int mode,
          uintptr_t out, uintptr_t out2) {
-        if (mode == adv::kGae && (!v || !out2)) throw std::invalid_argument("reverse_scan: gae needs values and out2");
+        adv::check_scan_args(mode, v, out2);
         if (f64)
           reverse_scan<double>(ptr<const double>(x), ptr<const double>(v), ptr<const double>(mask), ptr<double>(out),
                                ptr<double>(out2), B, T, gamma, lam, mode);

@@ -20,7 +20,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "cpu/advantage_math.h"
+#include "common/advantage_math.h"
+#include "cuda/launch_check.h"
 #include "registry.h"
 
 namespace fastalign {
@@ -29,11 +30,6 @@ namespace {
 using namespace adv;
 
 constexpr int kThreads = 256;
-
-inline void check_launch(const char* what) {
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
-}
 
 inline unsigned blocks_for(int64_t n) { return unsigned((n + kThreads - 1) / kThreads); }
 
