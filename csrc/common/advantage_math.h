@@ -223,6 +223,15 @@ FASTALIGN_HD void scan_row(const S* x, const S* v, const S* m, S* out, S* out2, 
   scan_segment(x, v, m, out, out2, 0, T, gamma, lam, mode, run, next_v);
 }
 
+// Host side: f(S{}) with S the score type of the call, double when f64 else float.
+template <typename F>
+inline void with_score_type(bool f64, F&& f) {
+  if (f64)
+    f(double{});
+  else
+    f(float{});
+}
+
 // Host side, before a launch: gae reads the values and writes out2.
 inline void check_scan_args(int mode, uintptr_t values, uintptr_t out2) {
   if (mode == kGae && (!values || !out2)) throw std::invalid_argument("reverse_scan: gae needs values and out2");

@@ -156,11 +156,10 @@ void launch_scores(const char* op, bool f64, uintptr_t scores, int64_t B, uintpt
                    int64_t group_size, uintptr_t lengths, uintptr_t ngroups, uintptr_t start, const Outputs& o,
                    uintptr_t stream) {
   if (!perm && group_size <= 0) throw std::invalid_argument(std::string(op) + ": group_size must be > 0");
-  auto st = reinterpret_cast<cudaStream_t>(stream);
-  if (f64)
-    launch<double>(scores, B, perm, seg, group_size, lengths, ngroups, start, o, st);
-  else
-    launch<float>(scores, B, perm, seg, group_size, lengths, ngroups, start, o, st);
+  with_score_type(f64, [&](auto tag) {
+    launch<decltype(tag)>(scores, B, perm, seg, group_size, lengths, ngroups, start, o,
+                          reinterpret_cast<cudaStream_t>(stream));
+  });
 }
 
 }  // namespace

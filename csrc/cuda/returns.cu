@@ -103,11 +103,9 @@ FASTALIGN_BINDINGS(returns_cuda) {
       [](uintptr_t x, uintptr_t v, uintptr_t mask, bool f64, int64_t B, int64_t T, double gamma, double lam, int mode,
          uintptr_t out, uintptr_t out2, uintptr_t stream) {
         adv::check_scan_args(mode, v, out2);
-        auto st = reinterpret_cast<cudaStream_t>(stream);
-        if (f64)
-          launch<double>(x, v, mask, B, T, gamma, lam, mode, out, out2, st);
-        else
-          launch<float>(x, v, mask, B, T, gamma, lam, mode, out, out2, st);
+        adv::with_score_type(f64, [&](auto tag) {
+          launch<decltype(tag)>(x, v, mask, B, T, gamma, lam, mode, out, out2, reinterpret_cast<cudaStream_t>(stream));
+        });
       },
       py::call_guard<py::gil_scoped_release>(),
       "Reverse scan over contiguous [B, T] rows, one block per row, parallel across time.");
