@@ -3,7 +3,7 @@
 :class:`PolicyConfig` holds every option of :func:`fastalign.policy_loss`, validates it once,
 resolves the trainer presets and the option defaults that depend on the loss type, and emits
 :class:`KernelParams`: the numeric record both kernels read. ``KernelParams`` field order is
-the order of the C++ ``PolicyParams`` struct (``csrc/cpu/policy_loss.cpp``, checked by name at
+the order of the C++ ``PolicyParams`` struct (``csrc/cpu/policy_loss.h``, checked by name at
 the first call) and the keyword order of the Triton launcher (``kernels/policy_loss.py``).
 Adding an option is one field here plus its use in the kernels.
 """

@@ -3,7 +3,7 @@
 Per token t of row i (fp32, v = mask), l = lp - old, rho = exp(clamp(l, -20, 20)); at
 importance_sampling_level = sequence, rho = s_i = exp(clamp(mean_v l, -20, 20)) for the row:
 
-    pg_t                the loss-type row (constexpr LT, same table as csrc/cpu/policy_loss.cpp)
+    pg_t                the loss-type row (constexpr LT, same table as csrc/cpu/policy_loss_table.h)
     dpg_t = d_own_t + d_rho_t drho_t/dlp_t   (d_rho: derivative of pg in rho)
     w_t                 detached weights: rollout correction x keep mask x row weight
     K_t = KL_t (x rho under kl_rho)

@@ -17,7 +17,9 @@
 
 #include <omp.h>
 
-#include "cpu/cov_select_common.h"
+#include "common/cov_select_keys.h"
+#include "cpu/cov_select.h"
+#include "cpu/isa_dispatch.h"
 #include "cpu/parallel.h"
 #include "cpu/vec_math.h"
 #include "registry.h"
@@ -25,48 +27,30 @@
 namespace fastalign {
 namespace {
 
-
 // One row's [sum_v A, sum_v lp, n] (fixed order). Mask widened to fp32 per chunk so the
 // loop runs in fp32 lanes only.
-#define FASTALIGN_ROW_SUMS_BODY                                                      \
-  float sa = 0.f, sl = 0.f, n = 0.f;                                                \
-  alignas(64) float vb[512];                                                        \
-  for (int64_t t0 = 0; t0 < T; t0 += 512) {                                         \
-    const int64_t m = T - t0 < 512 ? T - t0 : 512;                                  \
-    for (int64_t t = 0; t < m; ++t) vb[t] = mask[t0 + t] != 0 ? 1.f : 0.f;          \
-    float ca = 0.f, cl = 0.f, cn = 0.f;                                             \
-    _Pragma("omp simd reduction(+ : ca, cl, cn)")                                   \
-    for (int64_t t = 0; t < m; ++t) {                                               \
-      const bool v = vb[t] != 0.f;                                                  \
-      ca += v ? adv[t0 + t] : 0.f;                                                  \
-      cl += v ? lp[t0 + t] : 0.f;                                                   \
-      cn += vb[t];                                                                  \
-    }                                                                               \
-    sa += ca;                                                                       \
-    sl += cl;                                                                       \
-    n += cn;                                                                        \
-  }                                                                                 \
-  out[0] = sa;                                                                      \
-  out[1] = sl;                                                                      \
+FASTALIGN_KERNEL_BODY void row_sums(int64_t T, const float* __restrict lp, const float* __restrict adv,
+                                    const uint8_t* __restrict mask, double* out) {
+  float sa = 0.f, sl = 0.f, n = 0.f;
+  alignas(64) float vb[512];
+  for (int64_t t0 = 0; t0 < T; t0 += 512) {
+    const int64_t m = T - t0 < 512 ? T - t0 : 512;
+    for (int64_t t = 0; t < m; ++t) vb[t] = mask[t0 + t] != 0 ? 1.f : 0.f;
+    float ca = 0.f, cl = 0.f, cn = 0.f;
+#pragma omp simd reduction(+ : ca, cl, cn)
+    for (int64_t t = 0; t < m; ++t) {
+      const bool v = vb[t] != 0.f;
+      ca += v ? adv[t0 + t] : 0.f;
+      cl += v ? lp[t0 + t] : 0.f;
+      cn += vb[t];
+    }
+    sa += ca;
+    sl += cl;
+    n += cn;
+  }
+  out[0] = sa;
+  out[1] = sl;
   out[2] = n;
-
-__attribute__((target("arch=x86-64-v4"))) void row_sums_avx512(int64_t T, const float* __restrict lp,
-    const float* __restrict adv, const uint8_t* __restrict mask, double* out) { FASTALIGN_ROW_SUMS_BODY }
-__attribute__((target("arch=x86-64-v3"))) void row_sums_avx2(int64_t T, const float* __restrict lp,
-    const float* __restrict adv, const uint8_t* __restrict mask, double* out) { FASTALIGN_ROW_SUMS_BODY }
-void row_sums_base(int64_t T, const float* __restrict lp, const float* __restrict adv,
-                   const uint8_t* __restrict mask, double* out) { FASTALIGN_ROW_SUMS_BODY }
-
-using RowSumsFn = void (*)(int64_t, const float*, const float*, const uint8_t*, double*);
-
-inline bool has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
-  return ok;
-}
-inline bool has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
 }
 
 void cov_sums(int64_t B, int64_t T, uintptr_t lp_p, uintptr_t adv_p, uintptr_t mask_p, uintptr_t out_p) {
@@ -77,7 +61,7 @@ void cov_sums(int64_t B, int64_t T, uintptr_t lp_p, uintptr_t adv_p, uintptr_t m
 
 // Per-row partial sums in a fixed order, then rows in order: deterministic.
 void cov_sums_rows(int64_t B, int64_t T, const float* lp, const float* adv, const uint8_t* mask, float* out) {
-  const RowSumsFn fn = has_avx512() ? row_sums_avx512 : has_avx2() ? row_sums_avx2 : row_sums_base;
+  const auto fn = isa::best<row_sums>();
   std::vector<double> part(static_cast<size_t>(B) * 3, 0.0);
 #pragma omp parallel for schedule(static) num_threads(threads_for(B * T))
   for (int64_t i = 0; i < B; ++i) fn(T, lp + i * T, adv + i * T, mask + i * T, part.data() + i * 3);
@@ -93,51 +77,25 @@ namespace {
 // uint32 lanes only (the uint8 mask is widened first), so the loop vectorises. Returns #hits.
 constexpr int64_t kChunk = 1024;
 
-#define FASTALIGN_CHUNK_BODY                                                                         \
-  alignas(64) float vb[kChunk];                                                                     \
-  for (int64_t i = 0; i < n; ++i) vb[i] = mask[t0 + i] != 0 ? 1.f : 0.f;                           \
-  uint32_t hits = 0;                                                                                \
-  _Pragma("omp simd reduction(+ : hits)")                                                          \
-  for (int64_t i = 0; i < n; ++i) {                                                                 \
-    bool cand;                                                                                      \
-    const uint32_t o = cov_order_t<MODE>(P, static_cast<uint32_t>(t0 + i), vb[i] != 0.f, lp[t0 + i], old[t0 + i], \
-                                 adv[t0 + i], cand);                                                \
-    const uint32_t h = cand & (o <= bound_hi);                                                      \
-    ord[i] = o;                                                                                     \
-    hit[i] = h;                                                                                     \
-    hits += h;                                                                                      \
-  }                                                                                                 \
+template <int MODE>
+FASTALIGN_KERNEL_BODY uint32_t chunk_keys(const CovParams& P, int64_t t0, int64_t n, const float* __restrict lp,
+                                          const float* __restrict old, const float* __restrict adv,
+                                          const uint8_t* __restrict mask, uint32_t bound_hi, uint32_t* __restrict ord,
+                                          uint32_t* __restrict hit) {
+  alignas(64) float vb[kChunk];
+  for (int64_t i = 0; i < n; ++i) vb[i] = mask[t0 + i] != 0 ? 1.f : 0.f;
+  uint32_t hits = 0;
+#pragma omp simd reduction(+ : hits)
+  for (int64_t i = 0; i < n; ++i) {
+    bool cand;
+    const uint32_t o = cov_order_t<MODE>(P, static_cast<uint32_t>(t0 + i), vb[i] != 0.f, lp[t0 + i], old[t0 + i],
+                                         adv[t0 + i], cand);
+    const uint32_t h = cand & (o <= bound_hi);
+    ord[i] = o;
+    hit[i] = h;
+    hits += h;
+  }
   return hits;
-
-template <int MODE>
-__attribute__((target("arch=x86-64-v4"))) uint32_t chunk_keys_avx512(
-    const CovParams& P, int64_t t0, int64_t n, const float* __restrict lp, const float* __restrict old,
-    const float* __restrict adv, const uint8_t* __restrict mask, uint32_t bound_hi, uint32_t* __restrict ord,
-    uint32_t* __restrict hit) {
-  FASTALIGN_CHUNK_BODY
-}
-
-template <int MODE>
-__attribute__((target("arch=x86-64-v3"))) uint32_t chunk_keys_avx2(
-    const CovParams& P, int64_t t0, int64_t n, const float* __restrict lp, const float* __restrict old,
-    const float* __restrict adv, const uint8_t* __restrict mask, uint32_t bound_hi, uint32_t* __restrict ord,
-    uint32_t* __restrict hit) {
-  FASTALIGN_CHUNK_BODY
-}
-
-template <int MODE>
-uint32_t chunk_keys_base(const CovParams& P, int64_t t0, int64_t n, const float* __restrict lp,
-                         const float* __restrict old, const float* __restrict adv, const uint8_t* __restrict mask,
-                         uint32_t bound_hi, uint32_t* __restrict ord, uint32_t* __restrict hit) {
-  FASTALIGN_CHUNK_BODY
-}
-
-using ChunkFn = uint32_t (*)(const CovParams&, int64_t, int64_t, const float*, const float*, const float*,
-                             const uint8_t*, uint32_t, uint32_t*, uint32_t*);
-
-template <int MODE>
-ChunkFn chunk_keys_fn() {
-  return has_avx512() ? chunk_keys_avx512<MODE> : has_avx2() ? chunk_keys_avx2<MODE> : chunk_keys_base<MODE>;
 }
 
 // One pass over the tokens, no per-token scratch: each thread walks its contiguous range in
@@ -158,51 +116,26 @@ void cov_select(int64_t N, uintptr_t lp_p, uintptr_t old_p, uintptr_t adv_p, uin
   const float* old = ptr<const float>(old_p);
   const float* adv = ptr<const float>(adv_p);
   const uint8_t* mask = ptr<const uint8_t>(mask_p);
-  const ChunkFn chunk_keys = P.mode == 0 ? chunk_keys_fn<0>() : chunk_keys_fn<1>();
-  const int64_t k = P.k;
+  const auto keys_fn = P.mode == 0 ? isa::best<chunk_keys<0>>() : isa::best<chunk_keys<1>>();
   const int nthreads = omp_get_max_threads();
-  struct Pick {
-    uint64_t key;
-    int64_t idx;
-    bool operator<(const Pick& o) const { return key < o.key || (key == o.key && idx < o.idx); }
-  };
-  std::vector<std::vector<Pick>> best(static_cast<size_t>(nthreads));
+  std::vector<TopK> best(static_cast<size_t>(nthreads), TopK(P.k));
 #pragma omp parallel num_threads(std::min(nthreads, threads_for(N)))
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
     const int64_t nchunks = (N + kChunk - 1) / kChunk;
     const int64_t c_lo = nchunks * tid / nt, c_hi = nchunks * (tid + 1) / nt;
-    std::vector<Pick>& mine = best[tid];
-    const size_t cap = static_cast<size_t>(std::max<int64_t>(2 * k, k + 256));
-    mine.reserve(cap);
-    Pick bound{kNoKey, INT64_MAX};  // picks not below bound cannot be among the range's k smallest
+    TopK& mine = best[tid];
     alignas(64) uint32_t ord[kChunk];
     alignas(64) uint32_t hit[kChunk];
     for (int64_t c = c_lo; c < c_hi; ++c) {
       const int64_t t0 = c * kChunk, n = std::min<int64_t>(kChunk, N - t0);
-      const uint32_t bound_hi = static_cast<uint32_t>(bound.key >> 32);
-      if (chunk_keys(P, t0, n, lp, old, adv, mask, bound_hi, ord, hit) == 0) continue;
-      for (int64_t i = 0; i < n; ++i) {
-        if (!hit[i]) continue;
-        const int64_t t = t0 + i;
-        const Pick p{(static_cast<uint64_t>(ord[i]) << 32) | (static_cast<uint64_t>(t) & 0xffffffffull), t};
-        if (!(p < bound)) continue;
-        mine.push_back(p);
-        if (mine.size() >= cap) {
-          std::nth_element(mine.begin(), mine.begin() + (k - 1), mine.end());
-          mine.resize(static_cast<size_t>(k));
-          bound = *std::max_element(mine.begin(), mine.end());
-        }
-      }
+      if (keys_fn(P, t0, n, lp, old, adv, mask, mine.bound_hi(), ord, hit) != 0) mine.add_hits(ord, hit, n, t0);
     }
   }
-  std::vector<Pick> merged;
-  for (auto& v : best) merged.insert(merged.end(), v.begin(), v.end());
-  const int64_t kk = std::min<int64_t>(k, static_cast<int64_t>(merged.size()));
-  if (kk > 0) std::nth_element(merged.begin(), merged.begin() + (kk - 1), merged.end());
+  const std::vector<Pick> picks = k_smallest(best, P.k);
 #pragma omp parallel for schedule(static) num_threads(threads_for(N))
   for (int64_t t = 0; t < N; ++t) sel[t] = 0;
-  for (int64_t j = 0; j < kk; ++j) sel[merged[j].idx] = 1;
+  for (const Pick& p : picks) sel[p.idx] = 1;
 }
 
 }  // namespace

@@ -23,7 +23,7 @@
 #include <stdexcept>
 #include <vector>
 
-#include "cpu/advantage_math.h"
+#include "common/advantage_math.h"
 #include "cpu/parallel.h"
 #include "registry.h"
 
@@ -570,14 +570,11 @@ FASTALIGN_BINDINGS(group_stats) {
         check_groups(index, group_size);
         int64_t cap;
         int64_t* work = csr_work(B, index, cap);
-        if (f64)
-          group_stats<double>(ptr<const double>(scores), B, ptr<const int64_t>(index), group_size,
-                              ptr<const double>(lengths), ptr<int64_t>(gid), ptr<double>(stats), rows,
-                              ptr<int64_t>(ngroups), work, cap);
-        else
-          group_stats<float>(ptr<const float>(scores), B, ptr<const int64_t>(index), group_size,
-                             ptr<const double>(lengths), ptr<int64_t>(gid), ptr<double>(stats), rows,
-                             ptr<int64_t>(ngroups), work, cap);
+        with_score_type(f64, [&](auto tag) {
+          using S = decltype(tag);
+          group_stats<S>(ptr<const S>(scores), B, ptr<const int64_t>(index), group_size, ptr<const double>(lengths),
+                         ptr<int64_t>(gid), ptr<double>(stats), rows, ptr<int64_t>(ngroups), work, cap);
+        });
       },
       py::call_guard<py::gil_scoped_release>(),
       "Dense group ids [B] and statistics [rows, 6] (count, mean, std, max, second, wmean; rows past the "
@@ -589,23 +586,20 @@ FASTALIGN_BINDINGS(group_stats) {
         check_groups(index, group_size);
         const AdvParams p{mode, div_std, eps, singleton_zero, scale ? ptr<const double>(scale)[0] : 1.0};
         if (mode == kCenter || mode == kRloo) {  // count / mean / std only: the one-pass affine path
-          if (f64)
-            affine_advantage<double>(ptr<const double>(scores), B, ptr<const int64_t>(index), group_size, p,
-                                     ptr<double>(out));
-          else
-            affine_advantage<float>(ptr<const float>(scores), B, ptr<const int64_t>(index), group_size, p,
-                                    ptr<float>(out));
+          with_score_type(f64, [&](auto tag) {
+            using S = decltype(tag);
+            affine_advantage<S>(ptr<const S>(scores), B, ptr<const int64_t>(index), group_size, p, ptr<S>(out));
+          });
           return;
         }
         int64_t cap;
         int64_t* work = csr_work(B, index, cap);
         int64_t* gid = work ? work + 2 * cap + 3 * B + 2 : nullptr;
-        if (f64)
-          group_advantage<double>(ptr<const double>(scores), B, ptr<const int64_t>(index), group_size,
-                                  ptr<const double>(lengths), gid, work, cap, p, ptr<double>(out));
-        else
-          group_advantage<float>(ptr<const float>(scores), B, ptr<const int64_t>(index), group_size,
-                                 ptr<const double>(lengths), gid, work, cap, p, ptr<float>(out));
+        with_score_type(f64, [&](auto tag) {
+          using S = decltype(tag);
+          group_advantage<S>(ptr<const S>(scores), B, ptr<const int64_t>(index), group_size, ptr<const double>(lengths),
+                             gid, work, cap, p, ptr<S>(out));
+        });
       },
       py::call_guard<py::gil_scoped_release>(),
       "Group-normalised advantage per score (mode: 0 center, 1 rloo, 2 opo, 3 passk), in place into out.");

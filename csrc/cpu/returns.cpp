@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <stdexcept>
 
-#include "cpu/advantage_math.h"
+#include "common/advantage_math.h"
 #include "cpu/parallel.h"
 #include "registry.h"
 
@@ -23,7 +23,6 @@ void reverse_scan(const S* x, const S* v, const S* m, S* out, S* out2, int64_t B
   });
 }
 
-
 }  // namespace
 
 FASTALIGN_BINDINGS(returns) {
@@ -32,13 +31,12 @@ FASTALIGN_BINDINGS(returns) {
       "reverse_scan_cpu",
       [](uintptr_t x, uintptr_t v, uintptr_t mask, bool f64, int64_t B, int64_t T, double gamma, double lam, int mode,
          uintptr_t out, uintptr_t out2) {
-        if (mode == adv::kGae && (!v || !out2)) throw std::invalid_argument("reverse_scan: gae needs values and out2");
-        if (f64)
-          reverse_scan<double>(ptr<const double>(x), ptr<const double>(v), ptr<const double>(mask), ptr<double>(out),
-                               ptr<double>(out2), B, T, gamma, lam, mode);
-        else
-          reverse_scan<float>(ptr<const float>(x), ptr<const float>(v), ptr<const float>(mask), ptr<float>(out),
-                              ptr<float>(out2), B, T, gamma, lam, mode);
+        adv::check_scan_args(mode, v, out2);
+        adv::with_score_type(f64, [&](auto tag) {
+          using S = decltype(tag);
+          reverse_scan<S>(ptr<const S>(x), ptr<const S>(v), ptr<const S>(mask), ptr<S>(out), ptr<S>(out2), B, T, gamma,
+                          lam, mode);
+        });
       },
       py::call_guard<py::gil_scoped_release>(),
       "Reverse scan over contiguous [B, T] rows (mode: 0 discounted return with reset, 1 reward-to-go, 2 gae).");

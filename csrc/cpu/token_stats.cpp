@@ -1,32 +1,22 @@
 // Per-token statistics of a logits row, fused (docs/math.md#token-statistics), on the CPU.
 //
 // Forward, one row z[0..V) at a time (rows spread over threads by cpu/parallel.h), x = z / T:
-//   m  = max_j x_j
-//   s  = sum_j e^{x_j - m}          t = sum_j e^{x_j - m} (x_j - m)
-//   q  = sum_j e^{2 (x_j - m)}
-//   lse = m + log s,  logprob = (x_y - m) - log s,  entropy = log s - t / s,
-//   sum_p2 = q / s^2
-// Everything is relative to the row max, and the log-prob is formed from the
-// small differences (x_y - m) and log s, never from x_y - lse: its error is the
-// fp32 rounding of the log-prob itself at any logit scale (a constant row of
-// 1e30 gives -log V). A row of only -inf has no mass: lse = -inf and the other
+// pass 1 the row max m, pass 2 s, t (and q) relative to it; common/softmax_stats.h finishes
+// lse, log-prob, entropy and sum p^2. A row of only -inf has no mass: lse = -inf and the other
 // statistics NaN (as log_softmax); as a vocabulary piece it merges with weight 0.
 //
-// Backward, with H the entropy and log p_j = (x_j - lse) - log c. The saved fp32
-// lse carries the rounding of m + log s, up to ulp(lse) / 2: below |lse| = 32
-// that is <= 2^-20, and c = 1. Above (large logits, low temperature: an error of
-// 5e-4 at lse = 1e4) one extra pass forms c = sum_j e^{x_j - lse}, which is
-// e^{-rounding}, and p is exact to fp32 rounding again:
-//   dL/dx_j = g_lp (1[j=y] - p_j) - g_H p_j (log p_j + H) + 2 g_q p_j (p_j - sum_p2)
-//   dL/dz_j = dL/dx_j / T
-// For a vocabulary piece of a row (the chunks of linear_logprobs) the saved lse
-// is the whole row's and c is not formed. Rows whose label is ignore_index get
-// zeros; a label outside [0, V) gives NaN statistics and is never an index.
+// Backward (common/softmax_stats.h for the gradient): one pass over the row, plus one before it
+// that forms log c when |lse| >= 32, so p is exact to fp32 rounding at any logit scale. For a
+// vocabulary piece of a row (the chunks of linear_logprobs) the saved lse is the whole row's and
+// c is not formed. Rows whose label is ignore_index get zeros; a label outside [0, V) gives NaN
+// statistics and is never an index.
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
 
+#include "common/softmax_stats.h"
+#include "cpu/isa_dispatch.h"
 #include "cpu/parallel.h"
 #include "cpu/vec_math.h"
 #include "registry.h"
@@ -34,28 +24,16 @@
 namespace fastalign {
 namespace {
 
-constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-constexpr float kRenormaliseAbove = 32.f;  // |lse| from which backward renormalises (ulp(32) / 2 = 2^-20);
-                                           // linear_stats.RENORMALISE_ABOVE for vocabulary pieces
+using softmax::RowLayout;
 
-// Rows are addressed as (outer, inner) so [B, T, V] views with any leading
-// strides need no copy: row r lives at (r / inner) * s_outer + (r % inner) * s_inner.
-struct RowLayout {
-  int64_t inner, s_outer, s_inner;
-  inline int64_t offset(int64_t r) const { return (r / inner) * s_outer + (r % inner) * s_inner; }
-};
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 struct RowStats {
   float m, ref, s, t, q;  // ref: m, or 0 for a row of only -inf (then s = t = q = 0)
 };
 
-#ifndef FASTALIGN_CPU_TARGETS  // the portable (clang) build defines it empty: no target_clones on templates
-#define FASTALIGN_CPU_TARGETS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#endif
-
 template <int D>
-FASTALIGN_CPU_TARGETS
-float row_max(const typename Storage<D>::T* z, int64_t V, float inv_t) {
+FASTALIGN_KERNEL_BODY float row_max(const typename Storage<D>::T* z, int64_t V, float inv_t) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < V; ++j) {
@@ -65,29 +43,19 @@ float row_max(const typename Storage<D>::T* z, int64_t V, float inv_t) {
   return m;
 }
 
-template <int D>
-FASTALIGN_CPU_TARGETS
-RowStats row_stats(const typename Storage<D>::T* z, int64_t V, float inv_t, bool want_q) {
+// WANT_Q: also q (sum p^2 is asked for).
+template <int D, bool WANT_Q>
+FASTALIGN_KERNEL_BODY RowStats row_stats(const typename Storage<D>::T* z, int64_t V, float inv_t) {
   const float m = row_max<D>(z, V, inv_t);
   const float ref = m == -std::numeric_limits<float>::infinity() ? 0.f : m;
   float s = 0.f, t = 0.f, q = 0.f;
-  if (want_q) {
 #pragma omp simd reduction(+ : s, t, q)
-    for (int64_t j = 0; j < V; ++j) {
-      const float d = Storage<D>::load(z[j]) * inv_t - ref;
-      const float e = exp_f32(d);
-      s += e;
-      t += e > 0.f ? e * d : 0.f;
-      q += e * e;
-    }
-  } else {
-#pragma omp simd reduction(+ : s, t)
-    for (int64_t j = 0; j < V; ++j) {
-      const float d = Storage<D>::load(z[j]) * inv_t - ref;
-      const float e = exp_f32(d);
-      s += e;
-      t += e > 0.f ? e * d : 0.f;
-    }
+  for (int64_t j = 0; j < V; ++j) {
+    const float d = Storage<D>::load(z[j]) * inv_t - ref;
+    const float e = exp_f32(d);
+    s += e;
+    t += e > 0.f ? e * d : 0.f;
+    if (WANT_Q) q += e * e;
   }
   return {m, ref, s, t, q};
 }
@@ -113,6 +81,8 @@ void forward(uintptr_t logits, RowLayout L, int64_t N, int64_t V, const int64_t*
              int64_t ignore_index, FwdOut o) {
   using T = typename Storage<D>::T;
   const T* base = reinterpret_cast<const T*>(logits);
+  const auto max_fn = isa::best<row_max<D>>();
+  const auto stats_fn = o.sp2 ? isa::best<row_stats<D, true>>() : isa::best<row_stats<D, false>>();
   parallel_for(N, threads_for(N * V), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* z = base + L.offset(r);
@@ -124,29 +94,28 @@ void forward(uintptr_t logits, RowLayout L, int64_t N, int64_t V, const int64_t*
         if (o.lse) o.lse[r] = 0.f;
         if (o.log_sum) o.log_sum[r] = 0.f;
         if (o.amax || o.row_max) {
-          const float m = row_max<D>(z, V, inv_t);
+          const float m = max_fn(z, V, inv_t);
           if (o.row_max) o.row_max[r] = m;
           if (o.amax) o.amax[r] = row_argmax<D>(z, V, inv_t, m);
         }
         continue;
       }
-      const RowStats st = row_stats<D>(z, V, inv_t, o.sp2 != nullptr);
+      const RowStats st = stats_fn(z, V, inv_t);
       const float log_s = std::log(st.s);
       if (o.amax) o.amax[r] = row_argmax<D>(z, V, inv_t, st.m);
-      if (o.lse) o.lse[r] = st.m + log_s;
+      if (o.lse) o.lse[r] = softmax::log_sum_exp(st.m, log_s);
       if (o.row_max) o.row_max[r] = st.m;
       if (o.log_sum) o.log_sum[r] = log_s;
-      if (o.lp) o.lp[r] = (y >= 0 && y < V) ? (Storage<D>::load(z[y]) * inv_t - st.ref) - log_s : kNaN;
-      if (o.ent) o.ent[r] = log_s - st.t / st.s;
-      if (o.sp2) o.sp2[r] = st.q / (st.s * st.s);
+      if (o.lp) o.lp[r] = (y >= 0 && y < V) ? softmax::logprob(Storage<D>::load(z[y]) * inv_t, st.ref, log_s) : kNaN;
+      if (o.ent) o.ent[r] = softmax::entropy(log_s, st.t, st.s);
+      if (o.sp2) o.sp2[r] = softmax::sum_p2(st.q, st.s);
     }
   });
 }
 
 // log sum_j e^{x_j - lse}: 0 up to the rounding of a saved fp32 lse.
 template <int D>
-FASTALIGN_CPU_TARGETS
-float log_mass(const typename Storage<D>::T* z, int64_t V, float inv_t, float lse) {
+FASTALIGN_KERNEL_BODY float log_mass(const typename Storage<D>::T* z, int64_t V, float inv_t, float lse) {
   float c = 0.f;
 #pragma omp simd reduction(+ : c)
   for (int64_t j = 0; j < V; ++j) c += exp_f32(Storage<D>::load(z[j]) * inv_t - lse);
@@ -154,17 +123,15 @@ float log_mass(const typename Storage<D>::T* z, int64_t V, float inv_t, float ls
 }
 
 template <int D>
-FASTALIGN_CPU_TARGETS
-void row_backward(const typename Storage<D>::T* z, typename Storage<D>::T* dz, int64_t V, float inv_t,
-                  float lse, float log_c, float g_lp, float g_h, float h, float g_q, float sp2) {
+FASTALIGN_KERNEL_BODY void row_backward(const typename Storage<D>::T* z, typename Storage<D>::T* dz, int64_t V,
+                                        float inv_t, float lse, float log_c, float g_lp, float g_h, float h, float g_q,
+                                        float sp2) {
   // dz may alias z (in-place backward): each element is read before it is written.
 #pragma omp simd
   for (int64_t j = 0; j < V; ++j) {
-    float logp = (Storage<D>::load(z[j]) * inv_t - lse) - log_c;
-    logp = logp < -1e30f ? -1e30f : logp;  // -inf logits: p = 0 and no NaN from 0 * inf
+    const float logp = softmax::log_p(Storage<D>::load(z[j]) * inv_t, lse, log_c);
     const float p = exp_f32(logp);
-    const float g = -g_lp * p - g_h * p * (logp + h) + 2.f * g_q * p * (p - sp2);
-    dz[j] = Storage<D>::store(g * inv_t);
+    dz[j] = Storage<D>::store(softmax::logit_grad(p, logp, g_lp, g_h, h, g_q, sp2) * inv_t);
   }
 }
 
@@ -178,6 +145,8 @@ void backward(uintptr_t logits, RowLayout L, int64_t N, int64_t V, const int64_t
   using T = typename Storage<D>::T;
   const T* zbase = reinterpret_cast<const T*>(logits);
   T* gbase = reinterpret_cast<T*>(grad);
+  const auto mass_fn = isa::best<log_mass<D>>();
+  const auto row_fn = isa::best<row_backward<D>>();
   parallel_for(N, threads_for(N * V), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* z = zbase + L.offset(r);
@@ -190,58 +159,67 @@ void backward(uintptr_t logits, RowLayout L, int64_t N, int64_t V, const int64_t
       const float glp = g_lp ? g_lp[r] : 0.f;
       const float gh = (g_h && ent) ? g_h[r] : 0.f;
       const float gq = (g_q && sp2) ? g_q[r] : 0.f;
-      const float log_c = whole_row ? (std::fabs(lse[r]) >= kRenormaliseAbove ? log_mass<D>(z, V, inv_t, lse[r]) : 0.f)
+      const float log_c = whole_row ? (std::fabs(lse[r]) >= softmax::kRenormaliseAbove ? mass_fn(z, V, inv_t, lse[r]) : 0.f)
                                     : (log_c_in ? log_c_in[r] : 0.f);
-      row_backward<D>(z, dz, V, inv_t, lse[r], log_c, glp, gh, ent ? ent[r] : 0.f, gq, sp2 ? sp2[r] : 0.f);
+      row_fn(z, dz, V, inv_t, lse[r], log_c, glp, gh, ent ? ent[r] : 0.f, gq, sp2 ? sp2[r] : 0.f);
       if (y >= 0 && y < V) dz[y] = Storage<D>::store(Storage<D>::load(dz[y]) + glp * inv_t);
     }
   });
 }
 
 
+// The two forward entry points differ only in which per-row outputs their last five pointers are.
+using Outputs = FwdOut (*)(uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t);
+
+FwdOut whole_row_outputs(uintptr_t lp, uintptr_t ent, uintptr_t sp2, uintptr_t amax, uintptr_t lse) {
+  return FwdOut{ptr<float>(lp), ptr<float>(ent), ptr<float>(sp2), ptr<int64_t>(amax), ptr<float>(lse), nullptr, nullptr};
+}
+
+FwdOut piece_outputs(uintptr_t ent, uintptr_t sp2, uintptr_t amax, uintptr_t row_max, uintptr_t log_sum) {
+  return FwdOut{nullptr, ptr<float>(ent), ptr<float>(sp2), ptr<int64_t>(amax), nullptr, ptr<float>(row_max),
+                ptr<float>(log_sum)};
+}
+
+template <Outputs outputs>
+void forward_entry(uintptr_t logits, int dtype, int64_t N, int64_t V, int64_t inner, int64_t s_outer, int64_t s_inner,
+                   uintptr_t labels, double inv_t, int64_t ignore_index, uintptr_t o0, uintptr_t o1, uintptr_t o2,
+                   uintptr_t o3, uintptr_t o4) {
+  const RowLayout L{inner, s_outer, s_inner};
+  const FwdOut o = outputs(o0, o1, o2, o3, o4);
+  FASTALIGN_DISPATCH_DTYPE(dtype, forward<D>(logits, L, N, V, ptr<const int64_t>(labels), float(inv_t), ignore_index, o));
+}
+
+// log_c: the whole row's log c per row for a vocabulary piece (0: none); whole_row: formed here.
+void backward_entry(bool whole_row, uintptr_t logits, int dtype, int64_t N, int64_t V, int64_t inner, int64_t s_outer,
+                    int64_t s_inner, uintptr_t labels, double inv_t, int64_t ignore_index, uintptr_t lse,
+                    uintptr_t log_c, uintptr_t ent, uintptr_t sp2, uintptr_t g_lp, uintptr_t g_h, uintptr_t g_q,
+                    uintptr_t grad, int64_t g_outer, int64_t g_inner) {
+  const RowLayout L{inner, s_outer, s_inner};
+  const RowLayout G{inner, g_outer, g_inner};
+  FASTALIGN_DISPATCH_DTYPE(dtype, backward<D>(logits, L, N, V, ptr<const int64_t>(labels), float(inv_t), ignore_index,
+                                              ptr<const float>(lse), ptr<const float>(ent), ptr<const float>(sp2),
+                                              ptr<const float>(g_lp), ptr<const float>(g_h), ptr<const float>(g_q),
+                                              grad, G, whole_row, ptr<const float>(log_c)));
+}
+
 }  // namespace
 
 FASTALIGN_BINDINGS(token_stats) {
   namespace py = pybind11;
-  m.def(
-      "token_stats_fwd_cpu",
-      [](uintptr_t logits, int dtype, int64_t N, int64_t V, int64_t inner, int64_t s_outer, int64_t s_inner,
-         uintptr_t labels, double inv_t, int64_t ignore_index, uintptr_t lp, uintptr_t ent, uintptr_t sp2,
-         uintptr_t amax, uintptr_t lse) {
-        const RowLayout L{inner, s_outer, s_inner};
-        const FwdOut o{ptr<float>(lp), ptr<float>(ent), ptr<float>(sp2), ptr<int64_t>(amax), ptr<float>(lse),
-                       nullptr, nullptr};
-        FASTALIGN_DISPATCH_DTYPE(dtype, forward<D>(logits, L, N, V, ptr<const int64_t>(labels), float(inv_t),
-                                                   ignore_index, o));
-      },
-      py::call_guard<py::gil_scoped_release>(),
-      "Forward token statistics over rows of logits; null pointers (0) skip an output.");
-  m.def(
-      "token_stats_piece_fwd_cpu",
-      [](uintptr_t logits, int dtype, int64_t N, int64_t V, int64_t inner, int64_t s_outer, int64_t s_inner,
-         uintptr_t labels, double inv_t, int64_t ignore_index, uintptr_t ent, uintptr_t sp2, uintptr_t amax,
-         uintptr_t row_max, uintptr_t log_sum) {
-        const RowLayout L{inner, s_outer, s_inner};
-        const FwdOut o{nullptr, ptr<float>(ent), ptr<float>(sp2), ptr<int64_t>(amax), nullptr, ptr<float>(row_max),
-                       ptr<float>(log_sum)};
-        FASTALIGN_DISPATCH_DTYPE(dtype, forward<D>(logits, L, N, V, ptr<const int64_t>(labels), float(inv_t),
-                                                   ignore_index, o));
-      },
-      py::call_guard<py::gil_scoped_release>(),
-      "Forward statistics of a vocabulary piece of each row: entropy, sum p^2 and argmax within the piece, "
-      "its max m and log s = log sum e^{x - m} (lse = m + log s); null pointers (0) skip an output.");
+  m.def("token_stats_fwd_cpu", &forward_entry<whole_row_outputs>, py::call_guard<py::gil_scoped_release>(),
+        "Forward token statistics over rows of logits: (logits, dtype, N, V, inner, s_outer, s_inner, labels, "
+        "inv_t, ignore_index, lp, ent, sp2, amax, lse); null pointers (0) skip an output.");
+  m.def("token_stats_piece_fwd_cpu", &forward_entry<piece_outputs>, py::call_guard<py::gil_scoped_release>(),
+        "Forward statistics of a vocabulary piece of each row: entropy, sum p^2 and argmax within the piece, "
+        "its max m and log s = log sum e^{x - m} (lse = m + log s), in the last five pointers "
+        "(ent, sp2, amax, row_max, log_sum); null pointers (0) skip an output.");
   m.def(
       "token_stats_bwd_cpu",
       [](uintptr_t logits, int dtype, int64_t N, int64_t V, int64_t inner, int64_t s_outer, int64_t s_inner,
          uintptr_t labels, double inv_t, int64_t ignore_index, uintptr_t lse, uintptr_t ent, uintptr_t sp2,
          uintptr_t g_lp, uintptr_t g_h, uintptr_t g_q, uintptr_t grad, int64_t g_outer, int64_t g_inner) {
-        const RowLayout L{inner, s_outer, s_inner};
-        const RowLayout G{inner, g_outer, g_inner};
-        FASTALIGN_DISPATCH_DTYPE(dtype, backward<D>(logits, L, N, V, ptr<const int64_t>(labels), float(inv_t),
-                                                    ignore_index, ptr<const float>(lse), ptr<const float>(ent),
-                                                    ptr<const float>(sp2), ptr<const float>(g_lp),
-                                                    ptr<const float>(g_h), ptr<const float>(g_q), grad, G, true,
-                                                    nullptr));
+        backward_entry(true, logits, dtype, N, V, inner, s_outer, s_inner, labels, inv_t, ignore_index, lse, 0, ent,
+                       sp2, g_lp, g_h, g_q, grad, g_outer, g_inner);
       },
       py::call_guard<py::gil_scoped_release>(),
       "Backward of token statistics: writes d(logits) (grad may equal logits for in-place).");
@@ -251,13 +229,8 @@ FASTALIGN_BINDINGS(token_stats) {
          uintptr_t labels, double inv_t, int64_t ignore_index, uintptr_t lse, uintptr_t log_c, uintptr_t ent,
          uintptr_t sp2, uintptr_t g_lp, uintptr_t g_h, uintptr_t g_q, uintptr_t grad, int64_t g_outer,
          int64_t g_inner) {
-        const RowLayout L{inner, s_outer, s_inner};
-        const RowLayout G{inner, g_outer, g_inner};
-        FASTALIGN_DISPATCH_DTYPE(dtype, backward<D>(logits, L, N, V, ptr<const int64_t>(labels), float(inv_t),
-                                                    ignore_index, ptr<const float>(lse), ptr<const float>(ent),
-                                                    ptr<const float>(sp2), ptr<const float>(g_lp),
-                                                    ptr<const float>(g_h), ptr<const float>(g_q), grad, G, false,
-                                                    ptr<const float>(log_c)));
+        backward_entry(false, logits, dtype, N, V, inner, s_outer, s_inner, labels, inv_t, ignore_index, lse, log_c,
+                       ent, sp2, g_lp, g_h, g_q, grad, g_outer, g_inner);
       },
       py::call_guard<py::gil_scoped_release>(),
       "Backward over a vocabulary piece of each row, given the whole row's lse / entropy / sum p^2 and "

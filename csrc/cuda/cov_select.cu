@@ -1,6 +1,6 @@
 // Clip-Cov / KL-Cov token selection (docs/math.md#clip-cov-and-kl-cov) on the GPU, no host synchronisation.
 //
-// Keys as in cpu/cov_select_common.h: every token gets a unique 64-bit key (kNoKey when it
+// Keys as in common/cov_select_keys.h: every token gets a unique 64-bit key (kNoKey when it
 // is not a candidate) and the selection is the k_eff = min(max(floor(ratio n), 1), #cand)
 // smallest keys. The k-th smallest key is found by radix selection, 8 bits per pass from the
 // top byte down: a histogram of the digit among keys that share the prefix found so far
@@ -16,17 +16,14 @@
 #include <stdexcept>
 #include <string>
 
-#include "cpu/cov_select_common.h"
+#include "common/cov_select_keys.h"
+#include "cuda/launch_check.h"
 #include "registry.h"
 
 namespace fastalign {
 namespace {
 
 constexpr int kThreads = 256;
-
-inline void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string("fastalign cov_select: ") + what + ": " + cudaGetErrorString(e));
-}
 
 // Fixed-shape tree reduction in shared memory (deterministic).
 __device__ float block_sum(float v, float* sh) {
@@ -163,7 +160,7 @@ FASTALIGN_BINDINGS(cov_select_cuda) {
           cov_sums_rows<<<static_cast<unsigned>(B), kThreads, 0, s>>>(T, ptr<const float>(lp), ptr<const float>(adv),
                                                                       ptr<const uint8_t>(mask), ptr<float>(part));
         cov_sums_total<<<1, kThreads, 0, s>>>(B, ptr<const float>(part), ptr<float>(out));
-        check(cudaGetLastError(), "cov_sums launch");
+        check_launch("cov_sums_cuda");
       },
       py::call_guard<py::gil_scoped_release>(),
       "[sum_v A, sum_v lp, n_valid] of [B, T] rows; part is [B, 3] fp32 scratch.");
@@ -187,7 +184,7 @@ FASTALIGN_BINDINGS(cov_select_cuda) {
           pick_digit<<<1, kThreads, 0, s>>>(shift, S, H);
         }
         if (N > 0) mark_kernel<<<g, kThreads, 0, s>>>(N, K, S, ptr<uint8_t>(sel));
-        check(cudaGetLastError(), "cov_select launch");
+        check_launch("cov_select_cuda");
       },
       py::call_guard<py::gil_scoped_release>(),
       "Clip-Cov (mode 0) / KL-Cov (mode 1) selection by radix select; keys [N] u64, hist [256] u32 and "

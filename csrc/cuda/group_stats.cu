@@ -20,7 +20,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "cpu/advantage_math.h"
+#include "common/advantage_math.h"
+#include "cuda/launch_check.h"
 #include "registry.h"
 
 namespace fastalign {
@@ -29,11 +30,6 @@ namespace {
 using namespace adv;
 
 constexpr int kThreads = 256;
-
-inline void check_launch(const char* what) {
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
-}
 
 inline unsigned blocks_for(int64_t n) { return unsigned((n + kThreads - 1) / kThreads); }
 
@@ -160,11 +156,10 @@ void launch_scores(const char* op, bool f64, uintptr_t scores, int64_t B, uintpt
                    int64_t group_size, uintptr_t lengths, uintptr_t ngroups, uintptr_t start, const Outputs& o,
                    uintptr_t stream) {
   if (!perm && group_size <= 0) throw std::invalid_argument(std::string(op) + ": group_size must be > 0");
-  auto st = reinterpret_cast<cudaStream_t>(stream);
-  if (f64)
-    launch<double>(scores, B, perm, seg, group_size, lengths, ngroups, start, o, st);
-  else
-    launch<float>(scores, B, perm, seg, group_size, lengths, ngroups, start, o, st);
+  with_score_type(f64, [&](auto tag) {
+    launch<decltype(tag)>(scores, B, perm, seg, group_size, lengths, ngroups, start, o,
+                          reinterpret_cast<cudaStream_t>(stream));
+  });
 }
 
 }  // namespace

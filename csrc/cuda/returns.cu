@@ -1,19 +1,21 @@
 // Reverse scans over time for token-level advantages (docs/math.md#advantages), CUDA: one block
-// per sequence, parallel across time (a blocked scan). Every recurrence of adv::scan_row is
-// affine in its carried state (m the mask, in double):
+// per sequence, parallel across time (a blocked scan). Every recurrence of adv::scan_segment
+// (common/advantage_math.h) is affine in its carried state (m the mask, in double):
 //   return: run' = (gamma m) run + x m m        to_go: run' = gamma run + x m
 //   gae:    (A, Vn)' = [[m gamma lam + 1 - m, m gamma], [0, 1 - m]] (A, Vn) + (m (x - V), m V)
+// and a masked token (m = 0) is that map at m = 0 without reading x or V, as the CPU scan skips it.
 // Each thread takes a contiguous segment of the row and (1) composes its tokens' maps,
 // (2) the block turns the segments' maps into each segment's incoming state (one thread,
 // kThreads steps, fixed order), (3) each thread walks its segment again from that state
-// with scan_row's per-token arithmetic and writes the outputs.
+// with adv::scan_segment and writes the outputs.
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
-#include "cpu/advantage_math.h"
+#include "common/advantage_math.h"
+#include "cuda/launch_check.h"
 #include "registry.h"
 
 namespace fastalign {
@@ -29,7 +31,9 @@ struct Map {  // (A, Vn) -> ([[al, be], [0, de]] (A, Vn) + (e, f)); returns use 
 template <typename S>
 __device__ __forceinline__ Map token_map(const S* x, const S* v, const S* m, int64_t t, double gamma, double lam,
                                          int mode) {
-  const double mt = double(m[t]), xt = double(x[t]);
+  const double mt = double(m[t]);
+  if (mt == 0.0) return Map{mode == adv::kGae ? 1.0 : (mode == adv::kReturnReset ? 0.0 : gamma), 0.0, 1.0, 0.0, 0.0};
+  const double xt = double(x[t]);
   if (mode == adv::kGae) {
     const double vt = double(v[t]);
     return Map{mt * gamma * lam + 1.0 - mt, mt * gamma, 1.0 - mt, mt * (xt - vt), mt * vt};
@@ -76,26 +80,8 @@ __global__ void __launch_bounds__(kThreads) reverse_scan(const S* __restrict__ x
   }
   __syncthreads();
 
-  double a_next = state_a[threadIdx.x], next_v = state_v[threadIdx.x];
-  if (mode == adv::kGae) {  // adv::scan_row's loop from the incoming state
-    for (int64_t t = hi - 1; t >= lo; --t) {
-      const double mt = double(m[t]), vt = double(v[t]);
-      const double delta = double(x[t]) + gamma * next_v - vt;
-      const double at = delta + gamma * lam * a_next;
-      next_v = vt * mt + (1.0 - mt) * next_v;
-      a_next = at * mt + (1.0 - mt) * a_next;
-      out[t] = S(a_next * mt);
-      out2[t] = S((a_next + vt) * mt);
-    }
-  } else {
-    double run = a_next;
-    for (int64_t t = hi - 1; t >= lo; --t) {
-      const double mt = double(m[t]);
-      run = double(x[t]) * mt + gamma * run;
-      out[t] = S(run * mt);
-      if (mode == adv::kReturnReset) run *= mt;
-    }
-  }
+  double run = state_a[threadIdx.x], next_v = state_v[threadIdx.x];
+  adv::scan_segment(x, v, m, out, out2, lo, hi, gamma, lam, mode, run, next_v);
 }
 
 template <typename S>
@@ -105,8 +91,7 @@ void launch(uintptr_t x, uintptr_t v, uintptr_t mask, int64_t B, int64_t T, doub
   reverse_scan<S><<<unsigned(B), kThreads, 0, st>>>(
       reinterpret_cast<const S*>(x), reinterpret_cast<const S*>(v), reinterpret_cast<const S*>(mask),
       reinterpret_cast<S*>(out), reinterpret_cast<S*>(out2), T, gamma, lam, mode);
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) throw std::runtime_error(std::string("reverse_scan: ") + cudaGetErrorString(e));
+  check_launch("reverse_scan_cuda");
 }
 
 }  // namespace
@@ -117,12 +102,10 @@ FASTALIGN_BINDINGS(returns_cuda) {
       "reverse_scan_cuda",
       [](uintptr_t x, uintptr_t v, uintptr_t mask, bool f64, int64_t B, int64_t T, double gamma, double lam, int mode,
          uintptr_t out, uintptr_t out2, uintptr_t stream) {
-        if (mode == adv::kGae && (!v || !out2)) throw std::invalid_argument("reverse_scan: gae needs values and out2");
-        auto st = reinterpret_cast<cudaStream_t>(stream);
-        if (f64)
-          launch<double>(x, v, mask, B, T, gamma, lam, mode, out, out2, st);
-        else
-          launch<float>(x, v, mask, B, T, gamma, lam, mode, out, out2, st);
+        adv::check_scan_args(mode, v, out2);
+        adv::with_score_type(f64, [&](auto tag) {
+          launch<decltype(tag)>(x, v, mask, B, T, gamma, lam, mode, out, out2, reinterpret_cast<cudaStream_t>(stream));
+        });
       },
       py::call_guard<py::gil_scoped_release>(),
       "Reverse scan over contiguous [B, T] rows, one block per row, parallel across time.");

@@ -8,15 +8,13 @@
 // rescaled by a = e^{m_old - m_new} (t' = a (t + (m_old - m_new) s)) once per vector
 // when its max is larger. The block merges the per-thread states with warp shuffles
 // and one shared-memory round, in a fixed order (deterministic), and thread 0 writes
-//   lse = m + log s, logprob = (x_y - m) - log s, entropy = log s - t/s, sum_p2 = q/s^2
-// (x_y - m first: the error is the rounding of the log-prob, not of |max|).
+// lse, logprob, entropy and sum_p2 (common/softmax_stats.h).
 // m starts at -inf; max differences are clamped at -1e30 and x - m is taken against
 // max(m, -FLT_MAX), so -inf logits give e = 0 without inf - inf; a NaN logit gives
 // e = NaN, which no step clamps away: its row's outputs are NaN (as on the CPU).
 // Rows whose label is ignore_index are not read unless their argmax is asked for.
 //
-// Backward: dx_j = g_lp (1[j=y] - p_j) - g_H p_j (log p_j + H) + 2 g_q p_j (p_j - sum_p2),
-// dz = dx / T, with log p_j = (x_j - lse) - log c; ignored rows get zeros without a read. The
+// Backward: dx_j of common/softmax_stats.h, dz = dx / T; ignored rows get zeros without a read. The
 // saved fp32 lse is off by up to ulp(lse) / 2 (<= 2^-20 below |lse| = 32, 5e-4 at 1e4): a row
 // with |lse| >= 32 first forms log c = log sum_j e^{x_j - lse} (that rounding; the sum is ~1),
 // reading the whole row before the block barrier of its sum, as the CPU backward does. Each
@@ -34,6 +32,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/softmax_stats.h"
+#include "cuda/launch_check.h"
 #include "registry.h"
 
 namespace fastalign {
@@ -41,7 +41,8 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kUnroll = 2;  // 16-byte vectors in flight per thread and step
-constexpr float kRenormaliseAbove = 32.f;  // |lse| from which backward forms log c (ulp(32) / 2 = 2^-20)
+
+using softmax::RowLayout;
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -157,20 +158,16 @@ __device__ __forceinline__ float block_sum(float v) {
   return total;
 }
 
-__device__ __forceinline__ int64_t row_offset(int64_t r, int64_t inner, int64_t s_outer, int64_t s_inner) {
-  return (r / inner) * s_outer + (r % inner) * s_inner;
-}
-
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 template <typename T, bool FULL>
 __global__ void __launch_bounds__(kThreads) token_stats_fwd_kernel(
-    const T* __restrict__ logits, int64_t V, int64_t inner, int64_t s_outer, int64_t s_inner,
-    const int64_t* __restrict__ labels, float inv_t, int64_t ignore_index, float* __restrict__ lp,
+    const T* __restrict__ logits, int64_t V, RowLayout L, const int64_t* __restrict__ labels, float inv_t,
+    int64_t ignore_index, float* __restrict__ lp,
     float* __restrict__ ent, float* __restrict__ sp2, int64_t* __restrict__ amax, float* __restrict__ lse_out) {
   using P = Pack<T>;
   const int64_t r = blockIdx.x;
-  const T* __restrict__ z = logits + row_offset(r, inner, s_outer, s_inner);
+  const T* __restrict__ z = logits + L.offset(r);
   const int64_t y = labels[r];
   const bool ignored = y == ignore_index;
   State st{-INFINITY, 0.f, 0.f, 0.f, 0};
@@ -214,10 +211,10 @@ __global__ void __launch_bounds__(kThreads) token_stats_fwd_kernel(
     return;
   }
   const float log_s = logf(st.s);
-  lse_out[r] = st.m + log_s;
-  lp[r] = (y >= 0 && y < V) ? (to_f32(z[y]) * inv_t - st.m) - log_s : NAN;
-  if (ent) ent[r] = log_s - st.t / st.s;
-  if (sp2) sp2[r] = st.q / (st.s * st.s);
+  lse_out[r] = softmax::log_sum_exp(st.m, log_s);
+  lp[r] = (y >= 0 && y < V) ? softmax::logprob(to_f32(z[y]) * inv_t, st.m, log_s) : NAN;
+  if (ent) ent[r] = softmax::entropy(log_s, st.t, st.s);
+  if (sp2) sp2[r] = softmax::sum_p2(st.q, st.s);
 }
 
 // FULL: entropy / sum p^2 gradients too; without it only the log-prob term.
@@ -226,13 +223,9 @@ struct RowGrad {
   float glp, gh, gq, h, p2, lse, log_c, inv_t;
   int y;  // the label's column (-1 when outside the row)
   __device__ __forceinline__ float operator()(float x, int j) const {
-    const float logp = (x - lse) - log_c;
+    const float logp = softmax::log_p(x, lse, log_c);
     const float p = __expf(logp);
-    float g = -glp * p;
-    if (FULL) {
-      const float ent_term = x == -INFINITY ? 0.f : p * (logp + h);  // NaN stays NaN
-      g += -gh * ent_term + 2.f * gq * p * (p - p2);
-    }
+    float g = FULL ? softmax::logit_grad(p, logp, glp, gh, h, gq, p2) : -glp * p;
     if (j == y) g += glp;
     return g * inv_t;
   }
@@ -240,20 +233,19 @@ struct RowGrad {
 
 template <typename T, bool FULL>
 __global__ void __launch_bounds__(kThreads) token_stats_bwd_kernel(
-    const T* __restrict__ logits, int64_t V, int64_t inner, int64_t s_outer, int64_t s_inner,
-    const int64_t* __restrict__ labels, float inv_t, int64_t ignore_index, const float* __restrict__ lse,
-    const float* __restrict__ ent, const float* __restrict__ sp2, const float* __restrict__ g_lp,
-    const float* __restrict__ g_h, const float* __restrict__ g_q, T* __restrict__ grad, int64_t g_outer,
-    int64_t g_inner) {
+    const T* __restrict__ logits, int64_t V, RowLayout L, const int64_t* __restrict__ labels, float inv_t,
+    int64_t ignore_index, const float* __restrict__ lse, const float* __restrict__ ent,
+    const float* __restrict__ sp2, const float* __restrict__ g_lp, const float* __restrict__ g_h,
+    const float* __restrict__ g_q, T* __restrict__ grad, RowLayout G) {
   using P = Pack<T>;
   const int64_t r = blockIdx.x;
-  const T* __restrict__ z = logits + row_offset(r, inner, s_outer, s_inner);
-  T* __restrict__ dz = grad + row_offset(r, inner, g_outer, g_inner);  // may be z itself (in-place)
+  const T* __restrict__ z = logits + L.offset(r);
+  T* __restrict__ dz = grad + G.offset(r);  // may be z itself (in-place)
   const int64_t y = labels[r];
   const bool keep = y != ignore_index;
   const float row_lse = lse[r];
   float log_c = 0.f;
-  if (keep && fabsf(row_lse) >= kRenormaliseAbove) {  // the same for the whole block
+  if (keep && fabsf(row_lse) >= softmax::kRenormaliseAbove) {  // the same for the whole block
     float c = 0.f;
     for (int64_t j = threadIdx.x; j < V; j += kThreads) c += __expf(to_f32(z[j]) * inv_t - row_lse);
     log_c = logf(block_sum(c));  // its barriers: every read of z here precedes any write of dz
@@ -291,10 +283,6 @@ __global__ void __launch_bounds__(kThreads) token_stats_bwd_kernel(
     dz[j] = from_f32<T>(keep ? f(to_f32(z[j]) * inv_t, int(j)) : 0.f);
 }
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("fastalign ") + what + ": " + cudaGetErrorString(err));
-}
-
 
 template <typename F>
 void dispatch(int dtype, F&& f) {
@@ -320,10 +308,10 @@ FASTALIGN_BINDINGS(token_stats_cuda) {
           using T = decltype(tag);
           auto kernel = (ent || sp2 || amax) ? token_stats_fwd_kernel<T, true> : token_stats_fwd_kernel<T, false>;
           kernel<<<N, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-              ptr<const T>(logits), V, inner, s_outer, s_inner, ptr<const int64_t>(labels), float(inv_t),
-              ignore_index, ptr<float>(lp), ptr<float>(ent), ptr<float>(sp2), ptr<int64_t>(amax), ptr<float>(lse));
+              ptr<const T>(logits), V, RowLayout{inner, s_outer, s_inner}, ptr<const int64_t>(labels),
+              float(inv_t), ignore_index, ptr<float>(lp), ptr<float>(ent), ptr<float>(sp2), ptr<int64_t>(amax), ptr<float>(lse));
         });
-        check(cudaGetLastError(), "token_stats_fwd_cuda");
+        check_launch("token_stats_fwd_cuda");
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(
@@ -338,11 +326,12 @@ FASTALIGN_BINDINGS(token_stats_cuda) {
           const bool full = (g_h && ent) || (g_q && sp2);
           auto kernel = full ? token_stats_bwd_kernel<T, true> : token_stats_bwd_kernel<T, false>;
           kernel<<<N, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-              ptr<const T>(logits), V, inner, s_outer, s_inner, ptr<const int64_t>(labels), float(inv_t),
-              ignore_index, ptr<const float>(lse), ptr<const float>(ent), ptr<const float>(sp2),
-              ptr<const float>(g_lp), ptr<const float>(g_h), ptr<const float>(g_q), ptr<T>(grad), g_outer, g_inner);
+              ptr<const T>(logits), V, RowLayout{inner, s_outer, s_inner}, ptr<const int64_t>(labels),
+              float(inv_t), ignore_index, ptr<const float>(lse), ptr<const float>(ent), ptr<const float>(sp2),
+              ptr<const float>(g_lp), ptr<const float>(g_h), ptr<const float>(g_q), ptr<T>(grad),
+              RowLayout{inner, g_outer, g_inner});
         });
-        check(cudaGetLastError(), "token_stats_bwd_cuda");
+        check_launch("token_stats_bwd_cuda");
       },
       py::call_guard<py::gil_scoped_release>());
 }

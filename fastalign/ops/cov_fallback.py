@@ -1,7 +1,7 @@
 """Clip-Cov / KL-Cov selection (docs/math.md#clip-cov-and-kl-cov) in plain torch on the tensors' device: the path of
 CUDA tensors when the CUDA kernels were not compiled. No host synchronisation (k stays a device
 tensor; the selection is a sort and a rank comparison), deterministic, and the same selection as
-the C++ / CUDA kernels: the same 64-bit keys (csrc/cpu/cov_select_common.h),
+the C++ / CUDA kernels: the same 64-bit keys (csrc/common/cov_select_keys.h),
 
     cov_t = (A_t - mean A) (lp_t - mean lp),   means = sums[0:2] / max(sums[2], 1)  (fp32)
     key_t = (order_t << 32) | t      for candidates, none otherwise

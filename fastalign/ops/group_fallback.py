@@ -3,7 +3,7 @@ the path of CUDA tensors when the CUDA kernels were not compiled. No host synchr
 size is known on the host: B statistics rows with an index, ceil(B / group_size) with blocks) and
 deterministic: members are put in group order by a stable sort of the keys, and each group is
 reduced by ``torch.segment_reduce`` (no atomics). The formulas are those of
-csrc/cpu/advantage_math.h, in float64, over each group's non-NaN scores:
+csrc/common/advantage_math.h, in float64, over each group's non-NaN scores:
 
     n, mean = (max == min ? max : sum / n), std = sqrt(sum (x - mean)^2 / (n - 1)) (0 if n < 2 or all equal),
     max, second (the largest of the rest; a repeated max is its own second), wmean = sum L x / sum L

@@ -9,20 +9,19 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/host_device.h"
 #ifdef __CUDACC__
-#define FA_HD __host__ __device__ __forceinline__
-#define FA_EXP(x) expf(x)
+#define FASTALIGN_COV_EXP(x) expf(x)
 #else
 #include "cpu/vec_math.h"
-#define FA_HD inline
-#define FA_EXP(x) ::fastalign::exp_f32(x)
+#define FASTALIGN_COV_EXP(x) ::fastalign::exp_f32(x)
 #endif
 
 namespace fastalign {
 
 constexpr uint64_t kNoKey = ~0ull;
 
-FA_HD uint64_t splitmix64(uint64_t x) {
+FASTALIGN_HD uint64_t splitmix64(uint64_t x) {
   x += 0x9e3779b97f4a7c15ull;
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
@@ -36,7 +35,7 @@ struct CovParams {
   uint32_t seed_lo, seed_hi;
 };
 
-FA_HD CovParams cov_params(const float* sums, float n_local, double ratio, double lb, double ub, double el,
+FASTALIGN_HD CovParams cov_params(const float* sums, float n_local, double ratio, double lb, double ub, double el,
                            double eh, int mode, uint64_t seed) {
   CovParams p;
   const float n = sums[2] > 1.f ? sums[2] : 1.f;
@@ -55,9 +54,8 @@ FA_HD CovParams cov_params(const float* sums, float n_local, double ratio, doubl
   return p;
 }
 
-
 // 32-bit integer hash (lowbias32): 32-bit multiplies only, so it vectorises on CPUs.
-FA_HD uint32_t hash32(uint32_t x) {
+FASTALIGN_HD uint32_t hash32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x7feb352du;
   x ^= x >> 15;
@@ -66,7 +64,7 @@ FA_HD uint32_t hash32(uint32_t x) {
   return x;
 }
 
-FA_HD uint32_t float_order_bits(float f) {  // monotone: a < b  <=>  bits(a) < bits(b)
+FASTALIGN_HD uint32_t float_order_bits(float f) {  // monotone: a < b  <=>  bits(a) < bits(b)
   uint32_t u;
   memcpy(&u, &f, 4);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
@@ -75,10 +73,10 @@ FA_HD uint32_t float_order_bits(float f) {  // monotone: a < b  <=>  bits(a) < b
 // The 32-bit order key of token idx and whether it is a candidate, for MODE 0 (clip_cov) or
 // 1 (kl_cov). Written without branches and in 32-bit lanes only, so the CPU loop vectorises.
 template <int MODE>
-FA_HD uint32_t cov_order_t(const CovParams& p, uint32_t idx, bool valid, float lp, float old, float a, bool& cand) {
+FASTALIGN_HD uint32_t cov_order_t(const CovParams& p, uint32_t idx, bool valid, float lp, float old, float a, bool& cand) {
   const float cov = (a - p.mean_a) * (lp - p.mean_lp);
   if (MODE == 0) {
-    const float rho = FA_EXP(lp - old);
+    const float rho = FASTALIGN_COV_EXP(lp - old);
     const float L1 = -a * rho;
     const float rc = rho < p.lo ? p.lo : (rho > p.hi ? p.hi : rho);
     const float L2 = -a * rc;
@@ -90,21 +88,16 @@ FA_HD uint32_t cov_order_t(const CovParams& p, uint32_t idx, bool valid, float l
   return ~float_order_bits(cov);
 }
 
-FA_HD uint32_t cov_order(const CovParams& p, uint32_t idx, bool valid, float lp, float old, float a, bool& cand) {
+FASTALIGN_HD uint32_t cov_order(const CovParams& p, uint32_t idx, bool valid, float lp, float old, float a, bool& cand) {
   return p.mode == 0 ? cov_order_t<0>(p, idx, valid, lp, old, a, cand) : cov_order_t<1>(p, idx, valid, lp, old, a, cand);
 }
 
 // The full 64-bit key: (order << 32) | index, or kNoKey for non-candidates.
-FA_HD uint64_t cov_key(const CovParams& p, uint64_t idx, bool valid, float lp, float old, float a) {
+FASTALIGN_HD uint64_t cov_key(const CovParams& p, uint64_t idx, bool valid, float lp, float old, float a) {
   bool cand;
   const uint32_t order = cov_order(p, static_cast<uint32_t>(idx), valid, lp, old, a, cand);
   const uint64_t key = (static_cast<uint64_t>(order) << 32) | (idx & 0xffffffffull);
   return cand ? key : kNoKey;
 }
-
-#ifndef __CUDACC__
-// [sum_v A, sum_v lp, n_valid] of [B, T] fp32 rows (uint8 mask), fixed order (csrc/cpu/cov_select.cpp).
-void cov_sums_rows(int64_t B, int64_t T, const float* lp, const float* adv, const uint8_t* mask, float* out);
-#endif
 
 }  // namespace fastalign

@@ -4,14 +4,11 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <stdexcept>
+
+#include "common/host_device.h"
 #if !defined(__CUDACC__) && defined(__SSE2__)
 #include <emmintrin.h>
-#endif
-
-#ifdef __CUDACC__
-#define FASTALIGN_HD __host__ __device__ __forceinline__
-#else
-#define FASTALIGN_HD inline
 #endif
 
 namespace fastalign {
@@ -177,41 +174,67 @@ enum Scan : int {
                      // carry V_next and A_next unchanged; out = A m, out2 = (A + V) m
 };
 
-template <typename S>
-FASTALIGN_HD void scan_row(const S* x, const S* v, const S* m, S* out, S* out2, int64_t T, double gamma, double lam,
-                           int mode) {
-  if (mode == kGae) {
-    double next_v = 0.0, a_next = 0.0;
-    for (int64_t t = T - 1; t >= 0; --t) {
-      const double mt = double(m[t]);
-      if (mt == 0.0) {
-        out[t] = S(0);
-        out2[t] = S(0);
-        continue;
-      }
-      const double vt = double(v[t]);
-      const double delta = double(x[t]) + gamma * next_v - vt;
-      const double a = delta + gamma * lam * a_next;
-      next_v = vt * mt + (1.0 - mt) * next_v;
-      a_next = a * mt + (1.0 - mt) * a_next;
-      out[t] = S(a_next * mt);
-      out2[t] = S((a_next + vt) * mt);
-    }
-    return;
-  }
-  double run = 0.0;
-  for (int64_t t = T - 1; t >= 0; --t) {
+// Tokens [lo, hi) of one row, from the last to the first, starting from the state carried in
+// from the tokens after hi: run (the return), or a_next and next_v (gae's A and V of the next
+// valid token). The state is updated to the one carried out before lo.
+template <int MODE, typename S>
+FASTALIGN_HD void scan_segment(const S* x, const S* v, const S* m, S* out, S* out2, int64_t lo, int64_t hi,
+                               double gamma, double lam, double& run, double& next_v) {
+  for (int64_t t = hi - 1; t >= lo; --t) {
     const double mt = double(m[t]);
     if (mt == 0.0) {
       out[t] = S(0);
-      if (mode == kReturnReset) run = 0.0;
-      else run = gamma * run;
+      if (MODE == kGae) out2[t] = S(0);
+      if (MODE == kReturnReset) run = 0.0;
+      if (MODE == kReturnCarry) run = gamma * run;
       continue;
     }
-    run = double(x[t]) * mt + gamma * run;
-    out[t] = S(run * mt);
-    if (mode == kReturnReset) run *= mt;
+    if (MODE == kGae) {
+      const double vt = double(v[t]);
+      const double delta = double(x[t]) + gamma * next_v - vt;
+      const double a = delta + gamma * lam * run;
+      next_v = vt * mt + (1.0 - mt) * next_v;
+      run = a * mt + (1.0 - mt) * run;
+      out[t] = S(run * mt);
+      out2[t] = S((run + vt) * mt);
+    } else {
+      run = double(x[t]) * mt + gamma * run;
+      out[t] = S(run * mt);
+      if (MODE == kReturnReset) run *= mt;
+    }
   }
+}
+
+template <typename S>
+FASTALIGN_HD void scan_segment(const S* x, const S* v, const S* m, S* out, S* out2, int64_t lo, int64_t hi,
+                               double gamma, double lam, int mode, double& run, double& next_v) {
+  switch (mode) {
+    case kGae: scan_segment<kGae>(x, v, m, out, out2, lo, hi, gamma, lam, run, next_v); break;
+    case kReturnReset: scan_segment<kReturnReset>(x, v, m, out, out2, lo, hi, gamma, lam, run, next_v); break;
+    default: scan_segment<kReturnCarry>(x, v, m, out, out2, lo, hi, gamma, lam, run, next_v); break;
+  }
+}
+
+// The whole row of T tokens, from a zero state.
+template <typename S>
+FASTALIGN_HD void scan_row(const S* x, const S* v, const S* m, S* out, S* out2, int64_t T, double gamma, double lam,
+                           int mode) {
+  double run = 0.0, next_v = 0.0;
+  scan_segment(x, v, m, out, out2, 0, T, gamma, lam, mode, run, next_v);
+}
+
+// Host side: f(S{}) with S the score type of the call, double when f64 else float.
+template <typename F>
+inline void with_score_type(bool f64, F&& f) {
+  if (f64)
+    f(double{});
+  else
+    f(float{});
+}
+
+// Host side, before a launch: gae reads the values and writes out2.
+inline void check_scan_args(int mode, uintptr_t values, uintptr_t out2) {
+  if (mode == kGae && (!values || !out2)) throw std::invalid_argument("reverse_scan: gae needs values and out2");
 }
 
 }  // namespace adv
