@@ -133,6 +133,45 @@ def test_packed_rows_equal_separate_sequences(arch):
     torch.testing.assert_close(stats.entropy.double(), expected_ent, atol=1e-5, rtol=0)
 
 
+def test_cu_seqlens_packed_row_equals_separate_sequences():
+    """cu_seqlens gives the same packed row as position_ids, each sequence equal to its own unpacked
+    run; tokens past cu_seqlens[-1] (trailing padding) are not scored."""
+    model = tiny_model("qwen2")
+    g = torch.Generator().manual_seed(8)
+    lengths = [5, 4, 6]
+    seqs = [torch.randint(1, V, (1, n), generator=g) for n in lengths]
+    input_ids = torch.cat(seqs + [torch.zeros(1, 3, dtype=torch.long)], 1)  # 3 padding tokens at the end
+    cu_seqlens = torch.tensor([0, 5, 9, 15], dtype=torch.int32)
+    with torch.no_grad():
+        stats = causal_lm_logprobs(model, input_ids, cu_seqlens=cu_seqlens, entropy=True)
+        expected = []
+        for s in seqs:
+            expected += [reference(model, s)[0], torch.zeros(1, 1, dtype=torch.float64)]
+    expected = torch.cat(expected + [torch.zeros(1, 2, dtype=torch.float64)], 1)
+    torch.testing.assert_close(stats.logprobs.double(), expected, atol=1e-5, rtol=0)
+    assert torch.count_nonzero(stats.entropy[0, 14:]) == 0
+    from fastalign.integrations.hf import packed_position_ids
+
+    pos, past_end = packed_position_ids(cu_seqlens, 18)
+    assert pos.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 8]]  # padding continues the last
+    assert past_end[0].tolist() == [False] * 15 + [True] * 3
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(cu_seqlens=torch.tensor([0, 4, 3])), ValueError, "cu_seqlens must start at 0, never decrease"),
+    (dict(cu_seqlens=torch.tensor([1, 6])), ValueError, "cu_seqlens must start at 0"),
+    (dict(cu_seqlens=torch.tensor([0, 7])), ValueError, "end at most at the 6"),
+    (dict(cu_seqlens=torch.tensor([0.0, 6.0])), TypeError, "cu_seqlens"),
+    (dict(cu_seqlens=torch.tensor([0, 6]), position_ids=torch.arange(6)[None]), ValueError, "not both"),
+])
+def test_cu_seqlens_refusals(kw, err, match):
+    model = tiny_model("qwen2")
+    with pytest.raises(err, match=match):
+        causal_lm_logprobs(model, torch.ones(1, 6, dtype=torch.long), **kw)
+    with pytest.raises(ValueError, match="one packed row"):
+        causal_lm_logprobs(model, torch.ones(2, 6, dtype=torch.long), cu_seqlens=torch.tensor([0, 6]))
+
+
 @pytest.mark.parametrize("arch,tied,head_bias", [("gemma2", False, True), ("cohere", True, False),
                                                  ("qwen2", False, False)])
 def test_gradients_match_loss_through_model_logits(arch, tied, head_bias):

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastalign import _validate
 from fastalign.linear import linear_logprobs
 from fastalign.logprobs import TokenStats
 
@@ -126,6 +127,18 @@ def _aligned(name: str, mask: Optional[Tensor], shape) -> Optional[Tensor]:
     return mask
 
 
+def packed_position_ids(cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """``position_ids [1, total]`` restarting at 0 at each ``cu_seqlens`` offset, and a
+    ``[1, total]`` bool mask of the tokens past ``cu_seqlens[-1]`` (padding after the last
+    sequence). On device, without a host sync: token ``t`` is in sequence
+    ``s = #{k >= 1 : cu[k] <= t}`` at position ``t - cu[s]``."""
+    t = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    seq = torch.searchsorted(cu_seqlens[1:].contiguous(), t, right=True)
+    past_end = seq >= cu_seqlens.shape[0] - 1
+    start = cu_seqlens[seq.clamp(max=cu_seqlens.shape[0] - 2)]
+    return (t - start).to(torch.long)[None], past_end[None]
+
+
 def causal_lm_logprobs(
     model,
     input_ids: Tensor,
@@ -134,6 +147,7 @@ def causal_lm_logprobs(
     labels: Optional[Tensor] = None,
     response_mask: Optional[Tensor] = None,
     position_ids: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
     temperature: float = 1.0,
     entropy: bool = False,
     sum_p2: bool = False,
@@ -172,6 +186,12 @@ def causal_lm_logprobs(
         position_ids: ``[B, T]`` passed to the model; a packed row restarts at 0 at each
             sequence; with ``attention_mask=None`` ``transformers`` then attends within each
             sequence only (with an attention mask it does not split packed rows).
+        cu_seqlens: ``[S+1]`` cumulative sequence lengths (starting at 0) of one packed row
+            ``input_ids [1, total]``, instead of ``position_ids`` (which are then made from it
+            on device). Tokens past ``cu_seqlens[-1]`` are padding, unscored. Malformed offsets
+            raise for CPU tensors; on a GPU they are not read on the host and make every
+            statistic NaN. With a model loaded with ``attn_implementation="flash_attention_2"``
+            ``transformers`` runs flash-attn's variable-length kernel on these packed rows.
         temperature: the logits are divided by it (after the head transform).
         entropy: compute the entropy too.
         sum_p2, argmax: compute :math:`\sum_j p_j^2` and the argmax too (as
@@ -219,6 +239,14 @@ def causal_lm_logprobs(
     labels = _aligned("labels", labels, shape)
     response_mask = _aligned("response_mask", response_mask, shape)
     position_ids = _aligned("position_ids", position_ids, shape)
+    malformed = past_end = None
+    if cu_seqlens is not None:
+        if position_ids is not None:
+            raise ValueError("give cu_seqlens or position_ids, not both")
+        if shape[0] != 1:
+            raise ValueError(f"cu_seqlens describes one packed row: input_ids must be [1, total], got {tuple(shape)}")
+        malformed = _validate.offsets("cu_seqlens", cu_seqlens, shape[1], device=input_ids.device)
+        position_ids, past_end = packed_position_ids(cu_seqlens, shape[1])
     if "logits_to_keep" in model_kwargs or "num_logits_to_keep" in model_kwargs:
         raise ValueError("logits_to_keep does not apply: no logits are computed")
     if (logit_scale is _UNSET) != (softcap is _UNSET):
@@ -234,6 +262,8 @@ def causal_lm_logprobs(
         scored = scored & attention_mask[:, 1:].bool()
     if position_ids is not None:
         scored = scored & (position_ids[:, 1:] != 0)
+    if past_end is not None:
+        scored = scored & ~past_end[:, 1:]
     targets = torch.where(scored, targets, torch.full_like(targets, ignore_index))
 
     # No KV cache: transformers builds its per-sequence (packed) attention mask only without one.
@@ -252,6 +282,10 @@ def causal_lm_logprobs(
         raise TypeError(f"model: the output head weight is {weight.dtype} but the hidden states are "
                         f"{hidden.dtype}; run under torch.autocast or give the head the body's dtype")
     with torch.autocast(device_type, enabled=False):
-        return linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
-                               logit_scale=logit_scale, ignore_index=ignore_index, entropy=entropy,
-                               sum_p2=sum_p2, argmax=argmax)
+        stats = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
+                                logit_scale=logit_scale, ignore_index=ignore_index, entropy=entropy,
+                                sum_p2=sum_p2, argmax=argmax)
+    if malformed is not None:  # offsets not read on the host: NaN statistics, never wrong ones
+        stats = TokenStats(*(t if t is None or not t.is_floating_point() else torch.where(malformed, float("nan"), t)
+                             for t in stats))
+    return stats
