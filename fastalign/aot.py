@@ -157,7 +157,7 @@ def linear_stats_cases(dtype):
         yield name, lambda full=full, bias=bias, cap=cap: K.linear_stats_backward(
             h[:chunk], w, bias, y[:chunk], f()[:chunk], f()[:chunk] if full else None, f()[:chunk] if full else None,
             f()[:chunk], f()[:chunk] if full else None, f()[:chunk] if full else None,
-            1.0, cap, 1.0, -100, 1e-6 if full else 0.0, du)
+            1.0, cap, 1.0, -100, 1e-6 if full else 0.0, du, f()[:chunk])
 
 
 def policy_loss_cases(dtype):

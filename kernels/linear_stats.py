@@ -24,11 +24,12 @@ with log p = x - lse, H the entropy and P = sum p^2 of the row:
     dx_j = g_lp (1[j=y] - p_j) - g_H p_j (log p_j + H) + 2 g_P p_j (p_j - P)
     du_j = dx_j / T * (1 - (z_j / cap)^2 if softcap) * scale
 
-Limit: log p = x - lse takes the saved fp32 lse as exact, so a row with |lse| >= 32
-carries its rounding, up to ulp(lse) / 2, as a common relative error of every p
-(5e-4 at |lse| = 1e4; at most 2^-20 below 32). Correcting it (log c = log sum_j
-e^{x_j - lse}, as the token_stats and C++ backwards do) needs the whole row, that
-is one more pass of the logit matmul, which this backward does not spend.
+The saved fp32 lse is off by up to ulp(lse) / 2 (5e-4 of every p at |lse| = 1e4), so
+for the labelled rows with |lse| >= 32 backward first forms their mass over the
+vocabulary, c = sum_j e^{x_j - lse} (``linear_row_mass``: the forward kernel run on
+those rows only, so the blocks without one compute nothing), and uses
+log p = x - lse - log c: the softmax is renormalised, as in the token_stats and C++
+backwards. For a vocabulary shard the caller sums c across the shards first.
 
 The result is written to a [chunk, V] buffer in the input dtype; d(hidden) = du @ W and
 d(weight) += du.T @ h are matrix products on that buffer (ops/linear_stats.py).
@@ -163,7 +164,7 @@ def linear_stats_finish_kernel(
 
 @triton.jit
 def linear_stats_bwd_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, sp2_ptr, g_lp_ptr, g_ent_ptr, g_sp2_ptr, du_ptr,
+    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, logc_ptr, ent_ptr, sp2_ptr, g_lp_ptr, g_ent_ptr, g_sp2_ptr, du_ptr,
     N, V, H, s_h, s_w, s_du, scale, cap, inv_t, ignore_index, threshold,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_SP2: tl.constexpr, SKIP: tl.constexpr,
@@ -187,7 +188,8 @@ def linear_stats_bwd_kernel(
     g_sp2 = tl.load(g_sp2_ptr + rows, mask=row_ok, other=0.0)[:, None] if HAS_G_SP2 else 0.0
     sp2 = tl.load(sp2_ptr + rows, mask=row_ok, other=0.0)[:, None] if HAS_G_SP2 else 0.0
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    dx = dlogits(z * inv_t, lse, 0.0, cols[None, :] == y[:, None], g_lp, g_ent, ent, g_sp2, sp2,
+    log_c = tl.load(logc_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    dx = dlogits(z * inv_t, lse, log_c, cols[None, :] == y[:, None], g_lp, g_ent, ent, g_sp2, sp2,
                  HAS_G_LP, HAS_G_ENT, HAS_G_SP2)
     du = dx * inv_t
     if SOFTCAP:
@@ -248,14 +250,13 @@ def gpu_chunk_tokens(n: int, vocab: int, elem_bytes: int, budget: int = GPU_CHUN
     return max(1, min(max(n, 1), budget // max(vocab * elem_bytes, 1)))
 
 
-def linear_stats_forward(hidden, weight, bias, labels, scale, cap, inv_t, ignore_index, out):
-    """Writes ``out`` = (logprobs, entropy, sum_p2, argmax, argmax logit, lse); unrequested ones are empty."""
+def _forward_parts(hidden, weight, bias, labels, scale, cap, inv_t, ignore_index, want_ent, want_sp2, want_amax):
+    """Launch the forward kernel: per-split states ``parts [5, splits, N]`` (m, s, t, q, label logit)
+    and, with ``want_amax``, the per-split argmax index and logit."""
     import torch
 
-    lp, ent, sp2, amax, amax_val, lse = out
     N, H = hidden.shape
     V = weight.shape[0]
-    want_ent, want_sp2, want_amax = bool(ent.numel()), bool(sp2.numel()), bool(amax.numel())
     blocks, launch = _config(hidden)
     bn, bv = blocks["BLOCK_N"], blocks["BLOCK_V"]
     v_blocks = triton.cdiv(V, bv)
@@ -276,6 +277,17 @@ def linear_stats_forward(hidden, weight, bias, labels, scale, cap, inv_t, ignore
         ignore_index, HAS_BIAS=bias is not None, SOFTCAP=cap > 0, WANT_ENT=want_ent, WANT_SP2=want_sp2, WANT_AMAX=want_amax,
         PRECISION=matmul_precision(hidden), **blocks, **launch,
     )
+    return parts, aidx, aval, splits
+
+
+def linear_stats_forward(hidden, weight, bias, labels, scale, cap, inv_t, ignore_index, out):
+    """Writes ``out`` = (logprobs, entropy, sum_p2, argmax, argmax logit, lse); unrequested ones are empty."""
+    lp, ent, sp2, amax, amax_val, lse = out
+    N = hidden.shape[0]
+    V = weight.shape[0]
+    want_ent, want_sp2, want_amax = bool(ent.numel()), bool(sp2.numel()), bool(amax.numel())
+    parts, aidx, aval, splits = _forward_parts(hidden, weight, bias, labels, scale, cap, inv_t, ignore_index,
+                                               want_ent, want_sp2, want_amax)
     finish_rows = 128 if on_gpu(hidden) else 16
     linear_stats_finish_kernel[(triton.cdiv(N, finish_rows),)](
         parts, aidx if want_amax else labels, aval if want_amax else parts, labels,
@@ -285,15 +297,31 @@ def linear_stats_forward(hidden, weight, bias, labels, scale, cap, inv_t, ignore
     )
 
 
+def linear_row_mass(hidden, weight, bias, labels, lse, scale, cap, inv_t, ignore_index, threshold):
+    """``c = sum_j e^{x_j - lse}`` per row over this weight's vocabulary for the labelled rows with
+    ``|lse| >= threshold`` (0 elsewhere): the forward kernel run on those rows alone (blocks without
+    one compute nothing), its split states folded as ``c = sum_k s_k e^{m_k - lse}``. Each
+    ``m_k - lse`` is a difference of nearby fp32 numbers, so c carries the rounding of the saved lse
+    that backward then removes (log p = x - lse - log c)."""
+    import torch
+
+    far = (lse.abs() >= threshold) & (labels != ignore_index)
+    far_labels = torch.where(far, labels, torch.full_like(labels, ignore_index))
+    parts = _forward_parts(hidden, weight, bias, far_labels, scale, cap, inv_t, ignore_index, False, False, False)[0]
+    c = (parts[1] * torch.exp(parts[0] - lse)).sum(0)
+    return torch.where(far, c, 0.0)
+
+
 def linear_stats_backward(hidden, weight, bias, labels, lse, ent, sp2, g_lp, g_ent, g_sp2,
-                          scale, cap, inv_t, ignore_index, threshold, du):
-    """Writes d(loss)/d(h @ W.T + b) for the token rows of ``hidden`` into ``du`` ([n, V])."""
+                          scale, cap, inv_t, ignore_index, threshold, du, log_c):
+    """Writes d(loss)/d(h @ W.T + b) for the token rows of ``hidden`` into ``du`` ([n, V]); ``log_c``
+    [n] corrects each row's log p (0: none)."""
     N, H = hidden.shape
     V = weight.shape[0]
     blocks, launch = _config(hidden, backward=True)
     dummy = lse
     linear_stats_bwd_kernel[(triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(V, blocks["BLOCK_V"]))](
-        hidden, weight, bias if bias is not None else hidden, labels, lse,
+        hidden, weight, bias if bias is not None else hidden, labels, lse, log_c,
         ent if ent is not None else dummy, sp2 if sp2 is not None else dummy,
         g_lp if g_lp is not None else dummy, g_ent if g_ent is not None else dummy,
         g_sp2 if g_sp2 is not None else dummy, du,

@@ -383,7 +383,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _vocab_parallel_worker(rank, world, port, backend, out_dir):
+def _vocab_parallel_worker(rank, world, port, backend, out_dir, temperature=0.9):
     import torch.distributed as dist
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
@@ -400,7 +400,7 @@ def _vocab_parallel_worker(rank, world, port, backend, out_dir):
         w = weight[rank * vr:(rank + 1) * vr].clone().requires_grad_(True)
         b = bias[rank * vr:(rank + 1) * vr].clone().requires_grad_(True)
         st = fastalign.linear_logprobs(h, w, labels, bias=b, entropy=True, sum_p2=True, argmax=True, softcap=4.0,
-                                       temperature=0.9, vocab_group=dist.group.WORLD, backend=backend,
+                                       temperature=temperature, vocab_group=dist.group.WORLD, backend=backend,
                                        chunk=(5, 37))
         gw = torch.linspace(-1, 1, N)
         (st.logprobs * gw + st.entropy * 0.3 - st.sum_p2).sum().backward()
@@ -411,30 +411,37 @@ def _vocab_parallel_worker(rank, world, port, backend, out_dir):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_vocab_parallel_two_ranks_gloo(tmp_path, backend):
+@pytest.mark.parametrize("backend,temperature", [("cpp", 0.9), ("triton", 0.9), ("cpp", 0.05), ("triton", 0.05)],
+                         ids=["cpp", "triton", "cpp-renormalised", "triton-renormalised"])
+def test_vocab_parallel_two_ranks_gloo(tmp_path, backend, temperature):
+    """Two vocabulary shards equal one rank; at temperature 0.05 (|lse| >= 32) backward renormalises
+    each row by its probability mass over the whole vocabulary, summed across the shards."""
     import torch.multiprocessing as mp
 
     world = 2
-    mp.spawn(_vocab_parallel_worker, args=(world, _free_port(), backend, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_vocab_parallel_worker, args=(world, _free_port(), backend, str(tmp_path), temperature), nprocs=world,
+             join=True)
     hidden, weight, bias, labels = make_inputs(n=N, v=2 * 101)
     labels[5], labels[6] = 101, 100
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
     b = bias.clone().requires_grad_(True)
     st = fastalign.linear_logprobs(h, w, labels, bias=b, entropy=True, sum_p2=True, argmax=True, softcap=4.0,
-                                   temperature=0.9, backend="cpp")
+                                   temperature=temperature, backend="cpp")
     gw = torch.linspace(-1, 1, N)
     (st.logprobs * gw + st.entropy * 0.3 - st.sum_p2).sum().backward()
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     vr = weight.shape[0] // world
+    # the gradients scale with 1 / T and so does the fp32 rounding of two kernels' logits; a shard
+    # renormalised by its own mass only is off by tens of percent
+    gtol = 2e-5 * 0.9 / temperature
     for r, out in enumerate(res):
         for a, e, name in zip(out["stats"][:3], st[:3], ("logprobs", "entropy", "sum_p2")):
             assert_close(a, e, atol=2e-5, rtol=1e-5, what=f"rank {r} {name}")
         assert torch.equal(out["stats"][3], st.argmax)
-        assert_close(out["dh"], h.grad, atol=2e-5, rtol=1e-5, what=f"rank {r} d hidden")
-        assert_close(out["dw"], w.grad[r * vr:(r + 1) * vr], atol=2e-5, rtol=1e-5, what=f"rank {r} d weight shard")
-        assert_close(out["db"], b.grad[r * vr:(r + 1) * vr], atol=2e-5, rtol=1e-5, what=f"rank {r} d bias shard")
+        assert_close(out["dh"], h.grad, atol=gtol, rtol=1e-5, what=f"rank {r} d hidden")
+        assert_close(out["dw"], w.grad[r * vr:(r + 1) * vr], atol=gtol, rtol=1e-5, what=f"rank {r} d weight shard")
+        assert_close(out["db"], b.grad[r * vr:(r + 1) * vr], atol=gtol, rtol=1e-5, what=f"rank {r} d bias shard")
 
 
 @pytest.mark.parametrize("chunk", [(5, 37), None], ids=["chunked", "auto"])
@@ -517,3 +524,32 @@ def test_prompt_first_rows_whole_ignored_blocks(path):
     st, grads, ref, ref_grads = run_both(hidden, weight, bias, labels, path, (1.0, -0.5, 0.25))
     check(st, grads, ref, ref_grads, tol=2e-5, gtol=2e-5, argmax=False)
     assert torch.count_nonzero(grads[0][:20]) == 0 and torch.count_nonzero(st.logprobs[:20]) == 0
+
+
+@pytest.mark.parametrize("offset,temperature", [(1e4, 1.0), (200.0, 1.0 / 64)])
+def test_gradients_renormalised_at_large_lse(path, offset, temperature):
+    """|lse| >= 32: backward renormalises each row by its mass over the vocabulary, so the saved fp32
+    lse (off by ~ulp(lse) / 2, 5e-4 of every p at 1e4) does not reach the gradients. Integer hidden
+    states and weights make every path's fp32 logits the same numbers, so float64 on those logits is
+    the exact answer."""
+    backend, chunk = path
+    g = torch.Generator().manual_seed(12)
+    n, h_dim, v = 24, 4, 80
+    hidden = torch.randint(-2, 3, (n, h_dim), generator=g).float().requires_grad_()
+    weight = torch.randint(-2, 3, (v, h_dim), generator=g).float().requires_grad_()
+    bias = (offset + torch.randn(v, generator=g) * 2.0 * temperature).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[:5] = -100
+    st = fastalign.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, entropy=True,
+                                   backend=backend, chunk=chunk)
+    (st.logprobs.sum() + 0.3 * st.entropy.sum()).backward()
+    z = torch.addmm(bias.detach(), hidden.detach(), weight.detach().T).double().requires_grad_()
+    logp = torch.log_softmax(z / temperature, -1)
+    keep = (labels != -100).double()
+    lp = logp.gather(-1, labels.clamp(min=0)[:, None]).squeeze(1)
+    ((lp * keep).sum() - 0.3 * ((logp.exp() * logp).sum(-1) * keep).sum()).backward()
+    dz = z.grad
+    tol = 2e-5 / temperature
+    assert_close(bias.grad, dz.sum(0), atol=tol, rtol=1e-5, what="d bias")
+    assert_close(hidden.grad, dz @ weight.detach().double(), atol=tol, rtol=1e-5, what="d hidden")
+    assert_close(weight.grad, dz.T @ hidden.detach().double(), atol=tol, rtol=1e-5, what="d weight")

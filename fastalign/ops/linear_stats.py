@@ -203,11 +203,16 @@ def _write_stats(rows, y, V, ignore_index, m_lp, m_lse, m_ent, m_sp2, best_idx, 
 RENORMALISE_ABOVE = 32.0
 
 
-def _log_mass(buf, h_c, weight, bias, y, lse_c, scale, softcap, inv_t, ignore_index, vc):
-    """``log c = log sum_j exp(z_j / T - lse)`` over the whole vocabulary for the rows of this token
-    chunk with ``|lse| >= RENORMALISE_ABOVE`` (0 elsewhere), or None when there are none: one more
-    sweep of logit chunks, only for rows of large logits or low temperature."""
-    far = (lse_c.abs() >= RENORMALISE_ABOVE) & (y != ignore_index)
+def far_rows(lse: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """Rows backward renormalises: labelled, with ``|lse| >= RENORMALISE_ABOVE``."""
+    return (lse.abs() >= RENORMALISE_ABOVE) & (labels != ignore_index)
+
+
+def _mass(buf, h_c, weight, bias, y, lse_c, scale, softcap, inv_t, ignore_index, vc):
+    """``c = sum_j exp(z_j / T - lse)`` over this weight's vocabulary for the rows of a token chunk that
+    :func:`far_rows` selects (0 elsewhere), or None when there are none: one more sweep of logit
+    chunks, only for rows of large logits or low temperature."""
+    far = far_rows(lse_c, y, ignore_index)
     if not bool(far.any()):
         return None
     V = weight.shape[0]
@@ -216,7 +221,30 @@ def _log_mass(buf, h_c, weight, bias, y, lse_c, scale, softcap, inv_t, ignore_in
         v1 = min(V, v0 + vc)
         z = chunk_logits(buf, h_c, _f32(weight[v0:v1]), _f32(None if bias is None else bias[v0:v1]), scale, softcap)
         c += torch.exp(z * inv_t - lse_c.unsqueeze(1)).sum(1)
-    return torch.where(far, torch.log(c), 0.0).contiguous()
+    return torch.where(far, c, 0.0)
+
+
+def log_mass(c: Tensor, lse: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """``log c`` on the :func:`far_rows`, 0 elsewhere (the correction backward applies to log p)."""
+    return torch.where(far_rows(lse, labels, ignore_index), torch.log(c), 0.0).contiguous()
+
+
+def row_mass(hidden, weight, bias, labels, lse, scale, softcap, inv_t, ignore_index, backend, nc, vc) -> Tensor:
+    """:func:`_mass` of every row (0 off the :func:`far_rows`), over this weight's vocabulary: summed
+    across vocabulary shards it is the whole row's mass."""
+    if backend != "cpp":
+        return triton_kernels("linear_stats").linear_row_mass(
+            hidden, weight, bias, labels, lse, scale, softcap, inv_t, ignore_index, RENORMALISE_ABOVE)
+    N = hidden.shape[0]
+    c = torch.zeros(N, dtype=torch.float32)
+    buf = torch.empty(min(nc, max(N, 1)) * min(vc, weight.shape[0]), dtype=torch.float32)
+    for n0 in range(0, N, nc):
+        n1 = min(N, n0 + nc)
+        part = _mass(buf, _f32(hidden[n0:n1]), weight, bias, labels[n0:n1], lse[n0:n1], scale, softcap, inv_t,
+                     ignore_index, vc)
+        if part is not None:
+            c[n0:n1] = part
+    return c
 
 
 def labelled_rows(labels: Tensor, ignore_index: int) -> Optional[Tensor]:
@@ -245,13 +273,13 @@ def _cpu_forward_labelled(hidden, weight, bias, labels, scale, softcap, inv_t, i
 
 
 def _cpu_backward_labelled(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp2, scale, softcap,
-                           inv_t, ignore_index, nc, vc, dh, dw, db):
+                           inv_t, ignore_index, nc, vc, dh, dw, db, log_c=None):
     """:func:`_cpu_backward` over the labelled rows only: ignored rows get a zero d(hidden) (``dh`` comes
     zeroed) and add nothing to d(weight), d(bias)."""
     rows = labelled_rows(labels, ignore_index)
     if rows is None:
         _cpu_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp2, scale, softcap, inv_t,
-                      ignore_index, nc, vc, dh, dw, db)
+                      ignore_index, nc, vc, dh, dw, db, log_c)
         return
     if rows.numel() == 0:
         return
@@ -262,13 +290,15 @@ def _cpu_backward_labelled(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse
     dh_rows = None if dh is None else torch.zeros((rows.numel(), dh.shape[1]), dtype=dh.dtype)
     _cpu_backward(pick(g_lp), pick(g_ent), pick(g_sp2), hidden.index_select(0, rows), weight, bias,
                   labels.index_select(0, rows), pick(lse), pick(ent), pick(sp2), scale, softcap, inv_t,
-                  ignore_index, nc, vc, dh_rows, dw, db)
+                  ignore_index, nc, vc, dh_rows, dw, db, pick(log_c))
     if dh is not None:
         dh.index_copy_(0, rows, dh_rows)
 
 
 def _cpu_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp2, scale, softcap, inv_t,
-                  ignore_index, nc, vc, dh, dw, db):
+                  ignore_index, nc, vc, dh, dw, db, log_c=None):
+    """Backward over token chunks; ``log_c`` (the rows' log mass over the whole vocabulary, given when
+    the weight is one shard of it) or, without it, the mass of this weight's vocabulary."""
     N, V = hidden.shape[0], weight.shape[0]
     C = _backend.compiled()
     buf = torch.empty(min(nc, N) * min(vc, V), dtype=torch.float32)
@@ -279,7 +309,11 @@ def _cpu_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp
         h_c = _f32(hidden[n0:n1])
         y = labels[n0:n1]
         dh_c = None if dh is None else dh[n0:n1]
-        log_c = _log_mass(buf, h_c, weight, bias, y, lse[n0:n1], scale, softcap, inv_t, ignore_index, vc)
+        if log_c is not None:
+            log_c_c = log_c[n0:n1]
+        else:
+            c = _mass(buf, h_c, weight, bias, y, lse[n0:n1], scale, softcap, inv_t, ignore_index, vc)
+            log_c_c = None if c is None else log_mass(c, lse[n0:n1], y, ignore_index)
         for v0 in range(0, V, vc):
             v1 = min(V, v0 + vc)
             w_v = _f32(weight[v0:v1])
@@ -289,7 +323,7 @@ def _cpu_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp
             sl = slice(n0, n1)
             C.token_stats_piece_bwd_cpu(
                 z.data_ptr(), DTYPE_CODE[torch.float32], n, v1 - v0, n, 0, v1 - v0, yl.data_ptr(), inv_t,
-                PIECE_IGNORE, lse[sl].data_ptr(), ptr(log_c), ptr(opt(ent) if ent.numel() == 0 else ent[sl]),
+                PIECE_IGNORE, lse[sl].data_ptr(), ptr(log_c_c), ptr(opt(ent) if ent.numel() == 0 else ent[sl]),
                 ptr(opt(sp2) if sp2.numel() == 0 else sp2[sl]),
                 ptr(None if g_lp is None else g_lp[sl]), ptr(None if g_ent is None else g_ent[sl]),
                 ptr(None if g_sp2 is None else g_sp2[sl]), z.data_ptr(), 0, v1 - v0)
@@ -328,13 +362,17 @@ def _matmul_f32(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
 
 
 def _triton_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp2, scale, softcap, inv_t,
-                     ignore_index, nc, skip_threshold, dh, dw, db):
+                     ignore_index, nc, skip_threshold, dh, dw, db, log_c=None):
     """Token chunks of ``nc`` rows: the Triton kernel writes the chunk's d(logits) in the input dtype,
     then ``dh[chunk] = du @ W`` (one product, fp32 accumulation, one rounding) and ``dW += du.T @ h``
     summed over chunks in fp32 (an fp32 buffer when ``dw`` is bf16/fp16 and there are several chunks;
-    the caller casts once)."""
+    the caller casts once). Rows with ``|lse| >= RENORMALISE_ABOVE`` are renormalised by ``log_c``
+    (given for a vocabulary shard, else one forward-like pass over the blocks that hold such rows)."""
     N, V = hidden.shape[0], weight.shape[0]
     K = triton_kernels("linear_stats")
+    if log_c is None:
+        c = row_mass(hidden, weight, bias, labels, lse, scale, softcap, inv_t, ignore_index, "triton", 0, 0)
+        log_c = log_mass(c, lse, labels, ignore_index)
     nc = max(1, min(nc, N))
     buf = torch.empty(nc * V, dtype=hidden.dtype, device=hidden.device)
     starts = range(0, N, nc)
@@ -349,7 +387,7 @@ def _triton_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent,
             hidden[sl], weight, bias, labels[sl], lse[sl], opt(ent[sl] if ent.numel() else None),
             opt(sp2[sl] if sp2.numel() else None), None if g_lp is None else g_lp[sl],
             None if g_ent is None else g_ent[sl], None if g_sp2 is None else g_sp2[sl],
-            scale, softcap, inv_t, ignore_index, skip_threshold, du)
+            scale, softcap, inv_t, ignore_index, skip_threshold, du, log_c[sl])
         if dh is not None:
             _matmul_f32(dh[sl], du, weight, accumulate=False)
         if dw_acc is not None:
@@ -408,9 +446,10 @@ def linear_stats_backward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, lse: Tensor, entropy: Tensor,
     sum_p2: Tensor, scale: float, softcap: float, inv_temperature: float, ignore_index: int, backend: str,
     chunk_tokens: int, chunk_vocab: int, skip_threshold: float, need_hidden: bool, need_weight: bool,
-    need_bias: bool,
+    need_bias: bool, log_c: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(d hidden, d weight, d bias) in the input dtypes; a gradient not needed is an empty tensor."""
+    """(d hidden, d weight, d bias) in the input dtypes; a gradient not needed is an empty tensor.
+    ``log_c``: the rows' log mass over the whole vocabulary when ``weight`` is one shard of it."""
     g = [None if x is None else x.contiguous().float() for x in (grad_logprobs, grad_entropy, grad_sum_p2)]
     if not entropy.numel():
         g[1] = None
@@ -427,10 +466,10 @@ def linear_stats_backward(
         args = (hidden, weight, bias, labels, lse, entropy, sum_p2, scale, softcap, inv_temperature, ignore_index)
         if backend == "cpp":
             _cpu_backward_labelled(*g, *args, chunk_tokens, chunk_vocab, dh32 if need_hidden else None,
-                          dw if need_weight_acc else None, db if db.numel() else None)
+                                   dw if need_weight_acc else None, db if db.numel() else None, log_c)
         else:
             _triton_backward(*g, *args, chunk_tokens, skip_threshold, dh32 if need_hidden else None,
-                             dw if need_weight_acc else None, db if db.numel() else None)
+                             dw if need_weight_acc else None, db if db.numel() else None, log_c)
     if dh32 is not dh:
         dh = dh32.to(hidden.dtype)
     return dh, dw.to(weight.dtype), db.to(b_dtype)
@@ -439,7 +478,7 @@ def linear_stats_backward(
 @linear_stats_backward.register_fake
 def _(grad_logprobs, grad_entropy, grad_sum_p2, hidden, weight, bias, labels, lse, entropy, sum_p2, scale,
       softcap, inv_temperature, ignore_index, backend, chunk_tokens, chunk_vocab, skip_threshold, need_hidden,
-      need_weight, need_bias):
+      need_weight, need_bias, log_c=None):
     dh = hidden.new_empty(hidden.shape if need_hidden else (0,))
     dw = weight.new_empty(weight.shape if need_weight else (0,))
     b_dtype = bias.dtype if bias is not None else weight.dtype
@@ -537,8 +576,13 @@ class VocabParallelStats(torch.autograd.Function):
         need = ctx.needs_input_grad
         if g_lp is None and g_ent is None and g_sp2 is None:
             return (None,) * 18
+        scale, softcap, inv_t, ignore, backend, nc, vc, _skip = ctx.args
+        # rows with |lse| >= RENORMALISE_ABOVE: their mass over the whole vocabulary, summed over the shards
+        c = row_mass(hidden, weight, bias, yl, lse, scale, softcap, inv_t, ignore, backend, nc, vc)
+        dist.all_reduce(c, op=dist.ReduceOp.SUM, group=ctx.group)
         dh, dw, db = linear_stats_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, yl, lse, ent, sp2,
-                                           *ctx.args, True, bool(need[1]), bool(bias is not None and need[2]))
+                                           *ctx.args, True, bool(need[1]), bool(bias is not None and need[2]),
+                                           log_mass(c, lse, yl, ignore))
         dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.group)
         return ((dh if need[0] else None), (dw if need[1] else None),
                 (db if bias is not None and need[2] else None), *((None,) * 15))
