@@ -30,7 +30,8 @@ tokenizers = pytest.importorskip("tokenizers", reason="the test tokenizer needs 
 import fastalign.integrations.trl as fa_trl  # noqa: E402
 
 WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(61)]
-TIMING = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
+TIMING = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second", "eval_runtime",
+          "eval_samples_per_second", "eval_steps_per_second")
 ATOL, RTOL = 2e-5, 1e-4
 
 
@@ -281,7 +282,8 @@ def test_kto_trainer_matches_trl(checkpoint, tmp_path, case):
 CPO_CASES = {
     "sigmoid_smoothing_bc": dict(loss_type="sigmoid", label_smoothing=0.1, cpo_alpha=0.3, beta=0.5),
     "hinge": dict(loss_type="hinge", beta=0.2),
-    "ipo": dict(loss_type="ipo", beta=0.5),
+    "ipo_with_eval": dict(loss_type="ipo", beta=0.5, eval_strategy="steps", eval_steps=1,
+                          per_device_eval_batch_size=4),
     "simpo_gamma": dict(loss_type="simpo", simpo_gamma=0.8, beta=2.0),
     "alphapo": dict(loss_type="alphapo", alpha=0.1, beta=2.0),
     "sigmoid_alpha_no_bc": dict(loss_type="sigmoid", alpha=-0.2, cpo_alpha=0.0),
@@ -290,7 +292,9 @@ CPO_CASES = {
 
 def _paired(cls, config_cls, checkpoint, tmp_path, options):
     args = config_cls(**_common(tmp_path, per_device_train_batch_size=4, **options))
-    return cls(model=checkpoint, args=args, train_dataset=_dpo_dataset(), processing_class=_tokenizer(checkpoint))
+    evaluation = _dpo_dataset() if "eval_strategy" in options else None  # evaluation predicts logits/*
+    return cls(model=checkpoint, args=args, train_dataset=_dpo_dataset(), eval_dataset=evaluation,
+               processing_class=_tokenizer(checkpoint))
 
 
 @pytest.mark.parametrize("case", list(CPO_CASES))
@@ -300,6 +304,8 @@ def test_cpo_trainer_matches_trl(checkpoint, tmp_path, case):
     theirs = _run(_paired(CPOTrainer, CPOConfig, checkpoint, tmp_path / "trl", CPO_CASES[case]))
     ours = _run(_paired(fa_trl.CPOTrainer, CPOConfig, checkpoint, tmp_path / "fa", CPO_CASES[case]))
     assert {"rewards/margins@0", "logits/chosen@0", "logits/rejected@0", "nll_loss@0"} <= set(ours[0])
+    if "eval_strategy" in CPO_CASES[case]:
+        assert {"eval_loss@1", "eval_logits/chosen@1", "eval_rewards/margins@1"} <= set(ours[0])
     assert (ours[0]["nll_loss@0"] > 0) == (CPO_CASES[case].get("cpo_alpha", 1.0) > 0 and case != "alphapo")
     _compare(theirs, ours)
 
@@ -406,6 +412,25 @@ def test_cpo_refuses_label_smoothing_trl_would_ignore(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="label_smoothing"):
         fa_trl.CPOTrainer(model=checkpoint, args=config, train_dataset=_dpo_dataset(),
                           processing_class=_tokenizer(checkpoint))
+
+
+def test_cpo_softcapped_head_evaluation_needs_prediction_loss_only(checkpoint, tmp_path):
+    """Evaluation predicts logits/*, which a softcapped head has no mean of without the full logits."""
+    config = transformers.Gemma2Config(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0,
+                                       final_logit_softcapping=3.0)
+    cpo_config = _config_class("CPO")
+
+    def build(**options):
+        return fa_trl.CPOTrainer(model=transformers.Gemma2ForCausalLM(config),
+                                 args=cpo_config(**_common(tmp_path, per_device_train_batch_size=4, **options)),
+                                 train_dataset=_dpo_dataset(), eval_dataset=_dpo_dataset(),
+                                 processing_class=_tokenizer(checkpoint))
+
+    with pytest.raises(ValueError, match="CPOConfig.prediction_loss_only"):
+        build()
+    logs = _run(build(prediction_loss_only=True))[0]  # accepted; it trains, without logits/*
+    assert "rewards/chosen@0" in logs and "logits/chosen@0" not in logs
 
 
 def test_example_trl_grpo_runs():
