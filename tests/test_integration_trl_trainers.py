@@ -7,7 +7,11 @@ and the drop-in must log the same loss and metrics and make the same parameter u
 so the update is the gradient itself). GRPO: every ``loss_type`` the profile maps (some with a KL
 term, a delta, an entropy bonus or an entropy mask). DPO: a representative subset of the loss types
 (sigmoid, ipo, robust, apo_zero, sft, mixed with loss weights; label smoothing, an alpha
-f-divergence, LD-DPO, WPO weighting and a precomputed reference).
+f-divergence, LD-DPO, WPO weighting and a precomputed reference). CPO: every loss type (sigmoid,
+hinge, ipo, simpo, alphapo), label smoothing, the AlphaPO reward and the BC weight. ORPO: one step.
+Two processes (``torch.distributed.run``, gloo on CPU): KTO and GRPO steps whose processes hold
+different shares equal TRL's own two-process run (the metrics and KL baseline are gathered as TRL
+gathers them).
 """
 import math
 import os
@@ -26,7 +30,8 @@ tokenizers = pytest.importorskip("tokenizers", reason="the test tokenizer needs 
 import fastalign.integrations.trl as fa_trl  # noqa: E402
 
 WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(61)]
-TIMING = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
+TIMING = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second", "eval_runtime",
+          "eval_samples_per_second", "eval_steps_per_second")
 ATOL, RTOL = 2e-5, 1e-4
 
 
@@ -119,13 +124,15 @@ def test_head_outputs_match_the_models_own_logits(model_type):
     labels[:, :4] = -100  # the prompt is not scored
     fields = ("log_probs", "entropy", "log_sum_sq_probs", "is_top1")
     if model_type == "gemma2":
-        with pytest.raises(ValueError, match="mean_logits"):
-            head_outputs(model, ids, attention, labels, fields + ("mean_logits",), temperature=0.7)
+        for mean_field in ("mean_logits", "position_mean_logits"):
+            with pytest.raises(ValueError, match=mean_field):
+                head_outputs(model, ids, attention, labels, fields + (mean_field,), temperature=0.7)
     else:
-        fields += ("mean_logits",)
+        fields += ("mean_logits", "position_mean_logits")
     out = head_outputs(model, ids, attention, labels, fields, temperature=0.7)
     with torch.no_grad():
-        z = model(input_ids=ids, attention_mask=attention).logits[:, :-1].double() / 0.7
+        z_every = model(input_ids=ids, attention_mask=attention).logits.double() / 0.7
+    z = z_every[:, :-1]
     logp = torch.log_softmax(z, -1)
     y, scored = labels[:, 1:], labels[:, 1:] != -100
     zero = torch.zeros((), dtype=torch.float64)
@@ -136,6 +143,9 @@ def test_head_outputs_match_the_models_own_logits(model_type):
         got = getattr(out, name)
         if name == "is_top1":
             assert torch.equal(got, (z.argmax(-1) == y) & scored)
+            continue
+        if name == "position_mean_logits":  # every position, the last and the padded ones included
+            torch.testing.assert_close(got.double(), z_every.mean(-1), rtol=1e-5, atol=1e-5)
             continue
         torch.testing.assert_close(got.double(), torch.where(scored, expected[name], zero), rtol=1e-5, atol=1e-5,
                                    msg=lambda m: f"{name}: {m}")
@@ -267,6 +277,103 @@ def test_kto_trainer_matches_trl(checkpoint, tmp_path, case):
     _compare(theirs, ours)
 
 
+# ------------------------------------------------------------------------------------------ CPO and ORPO
+
+CPO_CASES = {
+    "sigmoid_smoothing_bc": dict(loss_type="sigmoid", label_smoothing=0.1, cpo_alpha=0.3, beta=0.5),
+    "hinge": dict(loss_type="hinge", beta=0.2),
+    "ipo_with_eval": dict(loss_type="ipo", beta=0.5, eval_strategy="steps", eval_steps=1,
+                          per_device_eval_batch_size=4),
+    "simpo_gamma": dict(loss_type="simpo", simpo_gamma=0.8, beta=2.0),
+    "alphapo": dict(loss_type="alphapo", alpha=0.1, beta=2.0),
+    "sigmoid_alpha_no_bc": dict(loss_type="sigmoid", alpha=-0.2, cpo_alpha=0.0),
+}
+
+
+def _paired(cls, config_cls, checkpoint, tmp_path, options):
+    args = config_cls(**_common(tmp_path, per_device_train_batch_size=4, **options))
+    evaluation = _dpo_dataset() if "eval_strategy" in options else None  # evaluation predicts logits/*
+    return cls(model=checkpoint, args=args, train_dataset=_dpo_dataset(), eval_dataset=evaluation,
+               processing_class=_tokenizer(checkpoint))
+
+
+@pytest.mark.parametrize("case", list(CPO_CASES))
+def test_cpo_trainer_matches_trl(checkpoint, tmp_path, case):
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    theirs = _run(_paired(CPOTrainer, CPOConfig, checkpoint, tmp_path / "trl", CPO_CASES[case]))
+    ours = _run(_paired(fa_trl.CPOTrainer, CPOConfig, checkpoint, tmp_path / "fa", CPO_CASES[case]))
+    assert {"rewards/margins@0", "logits/chosen@0", "logits/rejected@0", "nll_loss@0"} <= set(ours[0])
+    if "eval_strategy" in CPO_CASES[case]:
+        assert {"eval_loss@1", "eval_logits/chosen@1", "eval_rewards/margins@1"} <= set(ours[0])
+    assert (ours[0]["nll_loss@0"] > 0) == (CPO_CASES[case].get("cpo_alpha", 1.0) > 0 and case != "alphapo")
+    _compare(theirs, ours)
+
+
+def test_orpo_trainer_matches_trl(checkpoint, tmp_path):
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    theirs = _run(_paired(ORPOTrainer, ORPOConfig, checkpoint, tmp_path / "trl", dict(beta=0.5)))
+    ours = _run(_paired(fa_trl.ORPOTrainer, ORPOConfig, checkpoint, tmp_path / "fa", dict(beta=0.5)))
+    assert {"log_odds_ratio@0", "log_odds_chosen@0", "logits/chosen@0", "nll_loss@0"} <= set(ours[0])
+    _compare(theirs, ours)
+
+
+# ------------------------------------------------------------------------------------------ two processes
+
+def _kto_two_process(cls, checkpoint, out):
+    """Two responses per process; one process holds both classes, the other only desirable ones."""
+    args = trl.KTOConfig(**_common(out, per_device_train_batch_size=2, loss_type="kto"))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(3.0)
+    return cls(model=checkpoint, ref_model=reference, args=args, train_dataset=_kto_dataset(),
+               processing_class=_tokenizer(checkpoint))
+
+
+def _grpo_two_process(cls, checkpoint, out):
+    """Four completions per process, of sampled lengths (the token counts differ between processes)."""
+    return _grpo(cls, checkpoint, out, dict(loss_type="bnpo", beta=0.05))
+
+
+TWO_PROCESS_RUNS = {"kto": _kto_two_process, "grpo": _grpo_two_process}
+
+
+def _two_process_worker(checkpoint: str, out_dir: str) -> None:
+    """Run under ``torch.distributed.run`` with two CPU processes (gloo): each case with TRL's trainer and
+    the drop-in; rank 0 saves the logs and the parameters before and after the step."""
+    results = {}
+    for case, build in TWO_PROCESS_RUNS.items():
+        for side, cls in (("trl", getattr(trl, f"{case.upper()}Trainer")),
+                          ("fa", getattr(fa_trl, f"{case.upper()}Trainer"))):
+            trainer = build(cls, checkpoint, Path(out_dir) / f"{case}-{side}")
+            assert trainer.accelerator.num_processes == 2
+            results[f"{case}/{side}"] = _run(trainer)
+    try:  # the entropy quantile is each process's own in the fastalign loss: refused with two processes
+        _grpo(fa_trl.GRPOTrainer, checkpoint, Path(out_dir) / "quantile", dict(top_entropy_quantile=0.5))
+    except ValueError as e:
+        results["quantile_refused"] = "GRPOConfig.top_entropy_quantile" in str(e)
+    if int(os.environ["RANK"]) == 0:
+        torch.save(results, Path(out_dir) / "results.pt")
+
+
+def test_two_processes_match_trl(checkpoint, tmp_path):
+    """KTO's KL baseline and per-class rewards, and GRPO's token-mean metrics, over two processes
+    whose shares differ (classes, completion lengths) equal TRL's own two-process run; GRPO's
+    top_entropy_quantile is refused there."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
+           checkpoint, str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = torch.load(tmp_path / "results.pt")
+    for case in TWO_PROCESS_RUNS:
+        _compare(results[f"{case}/trl"], results[f"{case}/fa"])
+    assert results.get("quantile_refused") is True
+    kto_logs = results["kto/fa"][0]
+    assert {"kl@0", "rewards/chosen@0", "rewards/rejected@0"} <= set(kto_logs) and kto_logs["kl@0"] > 0
+
+
 # ------------------------------------------------------------------------------------------ options
 
 @pytest.mark.parametrize("field, value", [("use_liger_kernel", True), ("cast_lm_head_to_fp32", True),
@@ -283,14 +390,47 @@ def test_grpo_unsupported_option_raises(checkpoint, tmp_path, field, value):
                            processing_class=_tokenizer(checkpoint))
 
 
-@pytest.mark.parametrize("trainer", ["DPO", "KTO"])
+def _config_class(trainer):
+    if trainer in ("CPO", "ORPO"):
+        import importlib
+        return getattr(importlib.import_module(f"trl.experimental.{trainer.lower()}"), f"{trainer}Config")
+    return getattr(trl, f"{trainer}Config")
+
+
+@pytest.mark.parametrize("trainer", ["DPO", "KTO", "CPO", "ORPO"])
 def test_preference_unsupported_option_raises(checkpoint, tmp_path, trainer):
-    config = getattr(trl, f"{trainer}Config")(**_common(tmp_path, per_device_train_batch_size=4,
-                                                        use_liger_kernel=True))
-    dataset = _dpo_dataset() if trainer == "DPO" else _kto_dataset()
+    config = _config_class(trainer)(**_common(tmp_path, per_device_train_batch_size=4, use_liger_kernel=True))
+    dataset = _kto_dataset() if trainer == "KTO" else _dpo_dataset()
     with pytest.raises(ValueError, match=f"{trainer}Config.use_liger_kernel"):
         getattr(fa_trl, f"{trainer}Trainer")(model=checkpoint, args=config, train_dataset=dataset,
                                              processing_class=_tokenizer(checkpoint))
+
+
+def test_cpo_refuses_label_smoothing_trl_would_ignore(checkpoint, tmp_path):
+    config = _config_class("CPO")(**_common(tmp_path, per_device_train_batch_size=4, loss_type="hinge",
+                                            label_smoothing=0.1))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fa_trl.CPOTrainer(model=checkpoint, args=config, train_dataset=_dpo_dataset(),
+                          processing_class=_tokenizer(checkpoint))
+
+
+def test_cpo_softcapped_head_evaluation_needs_prediction_loss_only(checkpoint, tmp_path):
+    """Evaluation predicts logits/*, which a softcapped head has no mean of without the full logits."""
+    config = transformers.Gemma2Config(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0,
+                                       final_logit_softcapping=3.0)
+    cpo_config = _config_class("CPO")
+
+    def build(**options):
+        return fa_trl.CPOTrainer(model=transformers.Gemma2ForCausalLM(config),
+                                 args=cpo_config(**_common(tmp_path, per_device_train_batch_size=4, **options)),
+                                 train_dataset=_dpo_dataset(), eval_dataset=_dpo_dataset(),
+                                 processing_class=_tokenizer(checkpoint))
+
+    with pytest.raises(ValueError, match="CPOConfig.prediction_loss_only"):
+        build()
+    logs = _run(build(prediction_loss_only=True))[0]  # accepted; it trains, without logits/*
+    assert "rewards/chosen@0" in logs and "logits/chosen@0" not in logs
 
 
 def test_example_trl_grpo_runs():
@@ -303,3 +443,7 @@ def test_example_trl_grpo_runs():
 def test_import_does_not_import_trl():
     code = "import sys; import fastalign.integrations.trl; assert 'trl' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+if __name__ == "__main__":  # the two-process worker (see test_two_processes_match_trl)
+    _two_process_worker(*sys.argv[1:])

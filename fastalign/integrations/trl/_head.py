@@ -21,7 +21,7 @@ from torch import Tensor
 from fastalign.integrations.hf import _body, _head, causal_lm_logprobs, head_transform
 
 #: The per-token fields :func:`head_outputs` can compute (TRL's ``FusedCausalLMOutput`` names).
-FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "position_mean_logits")
 
 
 @dataclass
@@ -30,6 +30,8 @@ class HeadOutputs:
 
     ``log_probs`` and ``entropy`` are differentiable; ``log_sum_sq_probs`` (``log Σ_j p_j²``),
     ``mean_logits`` (``(1/V) Σ_j z_j``) and ``is_top1`` (``label == argmax_j z_j``) are not.
+    ``position_mean_logits`` ``[B, T]`` (not differentiable) is the mean logit at every position,
+    the last one and unscored ones included (what a mean of the model's ``[B, T, V]`` logits sees).
     Fields not requested are None."""
 
     log_probs: Tensor
@@ -37,6 +39,7 @@ class HeadOutputs:
     log_sum_sq_probs: Optional[Tensor] = None
     mean_logits: Optional[Tensor] = None
     is_top1: Optional[Tensor] = None
+    position_mean_logits: Optional[Tensor] = None
 
 
 def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Tensor,
@@ -48,18 +51,19 @@ def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], lab
     ``entropy = logsumexp(z) - Σ_j p_j z_j``, ``log_sum_sq_probs = log Σ_j p_j²``,
     ``is_top1 = [y = argmax_j z_j]`` and ``mean_logits = (1/V) Σ_j z_j``, which is linear in
     ``h`` for a head without softcapping: ``logit_scale (h · mean_j W_j + mean_j b_j) / temperature``
-    (one ``H``-vector, no vocabulary pass). A softcapped head has no such form: ``mean_logits``
-    raises a ValueError there.
+    (one ``H``-vector, no vocabulary pass). A softcapped head has no such form: ``mean_logits`` and
+    ``position_mean_logits`` raise a ValueError there.
     """
     unknown = set(fields) - set(FIELDS)
     if unknown:
         raise ValueError(f"fastalign_head: unknown fields {sorted(unknown)}; known: {FIELDS}")
     hidden_states = []
     hook = None
-    if "mean_logits" in fields:
+    mean_fields = [f for f in ("mean_logits", "position_mean_logits") if f in fields]
+    if mean_fields:
         scale, softcap = head_transform(model.config)
         if softcap is not None:
-            raise ValueError("mean_logits: a softcapped head (final_logit_softcapping) has no mean logit without "
+            raise ValueError(f"{mean_fields[0]}: a softcapped head (final_logit_softcapping) has no mean logit without "
                              "the full logits")
         hook = _body(model).register_forward_hook(lambda m, a, out: hidden_states.append(out.last_hidden_state))
     try:
@@ -79,10 +83,14 @@ def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], lab
         with torch.no_grad():
             weight, bias = _head(model)
             w_mean = weight.float().mean(0)
-            mean = hidden_states[0][:, :-1].float() @ w_mean
+            mean = hidden_states[0].float() @ w_mean
             if bias is not None:
                 mean = mean + bias.float().mean()
-            out.mean_logits = torch.where(scored, mean * (scale / temperature), 0.0)
+            mean = mean * (scale / temperature)
+        if "mean_logits" in fields:
+            out.mean_logits = torch.where(scored, mean[:, :-1], 0.0)
+        if "position_mean_logits" in fields:
+            out.position_mean_logits = mean
     return out
 
 
@@ -142,3 +150,77 @@ def bind_config(init, args, kwargs):
     """The ``args`` (config) argument of a trainer ``__init__`` call, or None."""
     bound = inspect.signature(init).bind_partial(None, *args, **kwargs)
     return bound.arguments.get("args")
+
+
+def gathered_mean(accelerator, mean: Tensor, count, *, empty: float = float("nan")) -> float:
+    """The mean over every process of values each process holds ``count`` of, from each process's
+    ``mean``: ``Σ_p count_p mean_p / Σ_p count_p`` (what TRL's gather of the values themselves, or of
+    their sums and counts, gives; with one process it is ``mean``). A process holding none (its
+    mean NaN) adds nothing; ``empty`` where no process holds any."""
+    count = torch.as_tensor(count, dtype=torch.float32, device=mean.device).reshape(())
+    local = torch.where(count > 0, mean.detach().float().reshape(()) * count, 0.0)
+    total, held = accelerator.gather(torch.stack([local, count]).reshape(1, 2)).reshape(-1, 2).sum(0).tolist()
+    return total / held if held > 0 else empty
+
+
+class ConcatenatedPairsMixin:
+    r"""``get_batch_loss_metrics`` of TRL's concatenated-pairs trainers (``CPOTrainer``, ``ORPOTrainer``)
+    from the fused head: one forward over the chosen then the rejected rows, per-token log-probs of
+    the scored tokens, the trainer's profile loss (``fastalign_loss``) and TRL's metrics.
+
+    A subclass sets ``config_name``, ``nll_over_prompt`` (ORPO: the NLL runs over every attended
+    token, so the prompt is scored too) and ``logits_last_position`` (CPO's ``logits/*`` average
+    every position, ORPO's drop the last). ``logits/*`` is TRL's mean logit
+    ``mean_{b,t,j} z_{b,t,j}`` of each half, from one ``H``-vector (absent for a softcapped head);
+    the per-pair metrics (``rewards/*``, ``logps/*``) are averaged over every process's pairs and
+    the per-batch ones (``nll_loss``, ``logits/*``, ORPO's ``log_odds_*``) over processes, as TRL
+    gathers them."""
+
+    config_name = ""
+    nll_over_prompt = False
+    logits_last_position = True
+
+    def _setup_pairs(self, loss) -> None:
+        check_model(self, self.config_name)
+        if self.is_encoder_decoder:
+            raise ValueError(f"{self.config_name}.is_encoder_decoder: the fastalign trainers take decoder-only causal "
+                             "LMs")
+        self._mean_logits = has_mean_logits(self.accelerator.unwrap_model(self.model))
+        if not self._mean_logits and self.eval_dataset is not None and not self.args.prediction_loss_only:
+            raise ValueError(f"{self.config_name}.prediction_loss_only: evaluation predicts logits/chosen and "
+                             "logits/rejected, which a softcapped head cannot give without the full logits; set it "
+                             "to True")
+        self.fastalign_loss = loss
+        install_head(self.accelerator.unwrap_model(self.model))
+
+    def _padding_value(self) -> int:
+        return self.padding_value if hasattr(self, "padding_value") else self.pad_token_id
+
+    def get_batch_loss_metrics(self, model, batch, train_eval="train"):
+        cat = self.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=self._padding_value(),
+                                       device=self.accelerator.device)
+        ids, attention = cat["concatenated_input_ids"], cat["concatenated_attention_mask"]
+        completion_labels = cat["concatenated_labels"]
+        pairs = batch["chosen_labels"].shape[0]
+        labels = ids.masked_fill(attention == 0, -100) if self.nll_over_prompt else completion_labels
+        fields = ("log_probs",) + (("position_mean_logits",) if self._mean_logits else ())
+        outputs = model(input_ids=ids, attention_mask=attention, labels=labels, fastalign_head=fields,
+                        use_cache=False)
+        completion_mask = (completion_labels[:, 1:] != -100).to(outputs.log_probs.dtype)
+        extra = (attention[:, 1:].to(outputs.log_probs.dtype),) if self.nll_over_prompt else ()
+        loss, metrics = self.fastalign_loss(outputs.log_probs, completion_mask, *extra)
+
+        prefix = "eval_" if train_eval == "eval" else ""
+        logged = {}
+        for name, value in metrics.items():
+            if name in ("nll_loss", "log_odds_ratio", "log_odds_chosen"):  # one value per process in TRL
+                logged[prefix + name] = self.accelerator.gather_for_metrics(value.detach().float()).mean().item()
+            else:
+                logged[prefix + name] = gathered_mean(self.accelerator, value, pairs)
+        if self._mean_logits:
+            position_means = outputs.position_mean_logits
+            if not self.logits_last_position:
+                position_means = position_means[:, :-1]
+            for name, half in (("logits/chosen", position_means[:pairs]), ("logits/rejected", position_means[pairs:])):
+                logged[prefix + name] = self.accelerator.gather_for_metrics(half.mean()).mean().item()
+        return loss, logged

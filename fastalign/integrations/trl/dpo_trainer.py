@@ -15,8 +15,8 @@ logged for a softcapped head) and ``mean_token_accuracy`` from the same fused pa
 
 Options the drop-in cannot honour raise a ValueError naming the config field at construction:
 ``use_liger_kernel``, ``cast_lm_head_to_fp32``, vision-language models and MoE load-balancing
-losses. With several processes ``rewards/*`` and ``logps/*`` are the mean of each process's mean
-(TRL gathers every pair: equal when the processes hold equally many pairs).
+losses. With several processes every metric is over the pairs (or tokens) of every process, as
+TRL gathers them.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ import trl
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from fastalign.integrations.trl._head import (bind_config, check_config, check_model, has_mean_logits,
-                                               install_head)
+from fastalign.integrations.trl._head import (bind_config, check_config, check_model, gathered_mean,
+                                               has_mean_logits, install_head)
 from fastalign.integrations.trl.preference import DPOLoss
 from fastalign.sequence import sequence_logprobs
 
@@ -99,8 +99,9 @@ class DPOTrainer(trl.DPOTrainer):
         sum_sq = None if outputs.log_sum_sq_probs is None else outputs.log_sum_sq_probs[:, -seq_len:]
         loss, metrics = self.fastalign_loss(per_token_logps, shift_mask, **ref, log_sum_sq_probs=sum_sq)
         self._log_head_metrics(mode, outputs, shift_mask, inputs["attention_mask"], seq_len)
-        for name, value in metrics.items():
-            self._metrics[mode][name].append(self.accelerator.gather(value.detach().float().reshape(1)).mean().item())
+        pairs = shift_mask.size(0) // 2
+        for name, value in metrics.items():  # per-pair means: over every process's pairs, as TRL gathers them
+            self._metrics[mode][name].append(gathered_mean(self.accelerator, value, pairs))
         if return_outputs:
             with torch.no_grad():
                 outputs = model(**model_kwargs)

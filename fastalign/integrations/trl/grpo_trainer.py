@@ -13,10 +13,12 @@ and logging are TRL's.
 
 Options the drop-in cannot honour raise a ValueError naming the config field at construction:
 ``use_liger_kernel``, ``cast_lm_head_to_fp32``, ``use_adaptive_entropy``, vision-language models
-and MoE load-balancing losses (``router_aux_loss_coef`` with ``output_router_logits``).
+and MoE load-balancing losses (``router_aux_loss_coef`` with ``output_router_logits``), and
+``top_entropy_quantile`` with several processes.
 With several processes the token-mean metrics (``entropy``, ``kl``, ``clip_ratio/*_mean``, ...)
-are the mean of each process's token mean, and ``top_entropy_quantile`` takes each process's own
-quantile (TRL weights by tokens and gathers the entropies); with one process they equal TRL's.
+weight every process's tokens as TRL does. ``top_entropy_quantile < 1`` raises with several
+processes: the fastalign loss takes each process's own quantile, TRL the quantile over every
+process.
 """
 from __future__ import annotations
 
@@ -26,10 +28,15 @@ import torch
 import trl
 from trl.trainer.utils import nanmax, nanmin
 
-from fastalign.integrations.trl._head import bind_config, check_config, check_model, install_head
+from fastalign.integrations.trl._head import bind_config, check_config, check_model, gathered_mean, install_head
 from fastalign.integrations.trl.grpo import GRPOLoss, grpo_policy_config
 
 __all__ = ["GRPOTrainer"]
+
+#: Metrics TRL reduces over the processes' own values; the others are token (or row) means over every process.
+_PER_PROCESS = {"policy_loss": torch.nanmean, "clip_ratio/low_min": nanmin, "clip_ratio/high_max": nanmax}
+#: Means of a per-ratio quantity: one value per row under ``importance_sampling_level="sequence"``.
+_RATIO_MEANS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio")
 
 _VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "num_tiles",
                   "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
@@ -45,6 +52,9 @@ class GRPOTrainer(trl.GRPOTrainer):
             self._check_config(config)
         super().__init__(*args, **kwargs)
         self._check_config(self.args)
+        if self.accelerator.num_processes > 1 and self.args.top_entropy_quantile < 1.0:
+            raise ValueError("GRPOConfig.top_entropy_quantile < 1 is supported with one process only: the fastalign "
+                             "loss takes each process's own entropy quantile, TRL the quantile over every process")
         check_model(self, "GRPOConfig")
         self.fastalign_loss = GRPOLoss(self.args)
         for model in (self.model, self.ref_model):
@@ -106,16 +116,16 @@ class GRPOTrainer(trl.GRPOTrainer):
             num_items_in_batch=inputs.get("num_items_in_batch"), num_processes=self.accelerator.num_processes,
             training=mode == "train", gradient_accumulation_steps=self.current_gradient_accumulation_steps)
         log = self._metrics[mode]
+        sequence_ratio = self.importance_sampling_level == "sequence"
         for name, value in metrics.items():
             if name == "entropy_coef":
                 if self.accelerator.sync_gradients:
                     log[name].append(float(self.entropy_coef))
-                continue
-            gathered = self.accelerator.gather(value.detach().float().reshape(1))
-            if name == "clip_ratio/low_min":
-                log[name].append(nanmin(gathered).item())
-            elif name == "clip_ratio/high_max":
-                log[name].append(nanmax(gathered).item())
-            else:
-                log[name].append(gathered.nanmean().item())
+            elif name in _PER_PROCESS:
+                gathered = self.accelerator.gather(value.detach().float().reshape(1))
+                log[name].append(_PER_PROCESS[name](gathered).item())
+            else:  # a mean over every process's tokens (rows, for a sequence-level ratio), as TRL reduces it
+                per_row = name == "vespo/phi_seq_mean" or (sequence_ratio and name in _RATIO_MEANS)
+                count = mask.size(0) if per_row else mask.sum()
+                log[name].append(gathered_mean(self.accelerator, value, count, empty=0.0))
         return loss

@@ -13,8 +13,8 @@ under TRL's names (``kl``, ``rewards/*``, ``logps/*``, ``entropy``, ``num_tokens
 a class absent from the batch logs nothing, as in TRL).
 
 Options the drop-in cannot honour raise a ValueError naming the config field at construction, as
-for the other drop-ins. With several processes the KL baseline is each process's own (TRL averages
-it over processes) and ``rewards/*`` / ``logps/*`` are the mean of each process's mean.
+for the other drop-ins. With several processes the KL baseline is the mean of every process's
+estimate and ``rewards/*`` / ``logps/*`` average every process's responses of each class, as in TRL.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import trl
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from fastalign.integrations.trl._head import (bind_config, check_config, check_model, has_mean_logits,
-                                               install_head)
+from fastalign.integrations.trl._head import (bind_config, check_config, check_model, gathered_mean,
+                                               has_mean_logits, install_head)
 from fastalign.integrations.trl.preference import KTOLoss
 
 __all__ = ["KTOTrainer"]
@@ -106,13 +106,19 @@ class KTOTrainer(trl.KTOTrainer):
             ref_logps, ref_kl_logps = self.compute_ref_log_probs(
                 self.ref_model if self.ref_model is not None else self.model, batch)
         label = torch.as_tensor(batch["label"], dtype=torch.bool, device=outputs.log_probs.device)
+        if kl_logps is not None:  # the KL completions of every process (equal shares: TRL's mean of process means)
+            kl_logps, ref_kl_logps = self.accelerator.gather((kl_logps.detach(), ref_kl_logps.detach()))
         loss, metrics = self.fastalign_loss(outputs.log_probs[:, -seq_len:], shift_mask, label, ref_logps,
                                             kl_logps, ref_kl_logps)
         log = self._metrics[mode]
-        for name, value in metrics.items():
-            value = self.accelerator.gather(value.detach().float().reshape(1)).nanmean().item()
-            if not math.isnan(value):  # a class absent from the batch: TRL logs nothing
-                log[name].append(value)
+        counts = {"chosen": label.sum(), "rejected": (~label).sum()}
+        logged = {"kl": metrics["kl"].item()}  # the same on every process
+        for name in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+            logged[name] = gathered_mean(self.accelerator, metrics[name], counts[name.split("/")[1]])
+        logged["rewards/margins"] = logged["rewards/chosen"] - logged["rewards/rejected"]
+        for name in metrics:
+            if not math.isnan(logged[name]):  # a class absent from every process: TRL logs nothing
+                log[name].append(logged[name])
         self._log_head_metrics(mode, outputs, shift_mask, batch["attention_mask"], seq_len, label)
         if return_outputs:
             with torch.no_grad():

@@ -1,0 +1,49 @@
+"""``CPOTrainer``: TRL 1.16's ``trl.experimental.cpo.CPOTrainer`` with its log-probs and loss in fastalign.
+
+Same constructor, same ``CPOConfig``; a TRL user changes one import::
+
+    from fastalign.integrations.trl import CPOTrainer   # was: from trl.experimental.cpo import CPOTrainer
+
+The chosen and rejected completion log-probs come from the last hidden states and the model's own
+output head through :func:`fastalign.integrations.hf.causal_lm_logprobs` (no ``[B, T, V]``
+logits); the loss is :class:`fastalign.integrations.trl.CPOLoss` of the trainer's config (sigmoid,
+hinge, ipo, simpo and alphapo, label smoothing, ``simpo_gamma``, the AlphaPO reward ``alpha`` and
+the behaviour-cloning weight ``cpo_alpha``). Metrics keep TRL's names and values: ``rewards/*``,
+``logps/*``, ``nll_loss`` and ``logits/chosen`` / ``logits/rejected`` (TRL's mean over every
+position of the logits, from one ``H``-vector; not logged for a softcapped head).
+
+Options the drop-in cannot honour raise a ValueError naming the config field at construction:
+``use_liger_kernel``, encoder-decoder models (``is_encoder_decoder``), vision-language models,
+MoE load-balancing losses, and ``prediction_loss_only=False`` with an evaluation set on a
+softcapped head.
+"""
+from __future__ import annotations
+
+import functools
+
+from trl.experimental.cpo import CPOTrainer as _TRLCPOTrainer
+
+from fastalign.integrations.trl._head import ConcatenatedPairsMixin, bind_config, check_config
+from fastalign.integrations.trl.preference import CPOLoss
+
+__all__ = ["CPOTrainer"]
+
+
+class CPOTrainer(ConcatenatedPairsMixin, _TRLCPOTrainer):
+    """``trl.experimental.cpo.CPOTrainer`` with fastalign's fused log-probs and loss (see the module doc)."""
+
+    config_name = "CPOConfig"
+
+    @functools.wraps(_TRLCPOTrainer.__init__)
+    def __init__(self, *args, **kwargs):
+        config = bind_config(_TRLCPOTrainer.__init__, args, kwargs)
+        if config is not None:
+            self._check_config(config)
+        super().__init__(*args, **kwargs)
+        self._check_config(self.args)
+        self._setup_pairs(CPOLoss(self.args))
+
+    @staticmethod
+    def _check_config(args) -> None:
+        check_config(args, "CPOConfig")
+        CPOLoss(args)  # raises on an option the profile does not map (label smoothing TRL would ignore)

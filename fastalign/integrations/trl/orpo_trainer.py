@@ -1,0 +1,44 @@
+"""``ORPOTrainer``: TRL 1.16's ``trl.experimental.orpo.ORPOTrainer`` with its log-probs and loss in fastalign.
+
+Same constructor, same ``ORPOConfig``; a TRL user changes one import::
+
+    from fastalign.integrations.trl import ORPOTrainer   # was: from trl.experimental.orpo import ORPOTrainer
+
+The per-token log-probs of the chosen and rejected rows come from the last hidden states and the
+model's own output head through :func:`fastalign.integrations.hf.causal_lm_logprobs` (no
+``[B, T, V]`` logits), over the prompt too since ORPO's NLL runs over every attended token of the
+chosen rows; the loss is :class:`fastalign.integrations.trl.ORPOLoss` of the trainer's config.
+Metrics keep TRL's names and values: ``rewards/*``, ``logps/*``, ``nll_loss``, ``log_odds_ratio``,
+``log_odds_chosen`` and ``logits/chosen`` / ``logits/rejected`` (TRL's mean over every position
+but the last, from one ``H``-vector; not logged for a softcapped head).
+
+Options the drop-in cannot honour raise a ValueError naming the config field at construction, as
+for :class:`fastalign.integrations.trl.CPOTrainer`.
+"""
+from __future__ import annotations
+
+import functools
+
+from trl.experimental.orpo import ORPOTrainer as _TRLORPOTrainer
+
+from fastalign.integrations.trl._head import ConcatenatedPairsMixin, bind_config, check_config
+from fastalign.integrations.trl.preference import ORPOLoss
+
+__all__ = ["ORPOTrainer"]
+
+
+class ORPOTrainer(ConcatenatedPairsMixin, _TRLORPOTrainer):
+    """``trl.experimental.orpo.ORPOTrainer`` with fastalign's fused log-probs and loss (see the module doc)."""
+
+    config_name = "ORPOConfig"
+    nll_over_prompt = True
+    logits_last_position = False
+
+    @functools.wraps(_TRLORPOTrainer.__init__)
+    def __init__(self, *args, **kwargs):
+        config = bind_config(_TRLORPOTrainer.__init__, args, kwargs)
+        if config is not None:
+            check_config(config, "ORPOConfig")
+        super().__init__(*args, **kwargs)
+        check_config(self.args, "ORPOConfig")
+        self._setup_pairs(ORPOLoss(self.args))
