@@ -146,8 +146,10 @@ def cases():
             baseline=baseline,
             impls=IMPLS,
             warmup=make_build(1, 8, 16, 64, dtype),
-            # policy + reference forward matmuls; backward: two more (d hidden, d weight)
-            flops=lambda mode, n=N, h=H, v=V: 2 * n * h * v * (2 if mode == "fwd" else 4),
+            # policy + reference forward matmuls over the labelled rows (make_inputs: a quarter of
+            # each row is prompt, responses T/4 to 3T/4 long, so half the rows on average);
+            # backward: two more (d hidden, d weight)
+            flops=lambda mode, n=N // 2, h=H, v=V: 2 * n * h * v * (2 if mode == "fwd" else 4),
             # d(weight) and d(hidden)
             required_bytes=lambda mode, n=(V + N) * H * elem: 0 if mode == "fwd" else n,
         ))
