@@ -1,9 +1,18 @@
 """The compiled core is independent of libtorch, and the package layout is what users import."""
 import importlib.util
 import os
+import platform
+import shutil
 import struct
+import sys
+from pathlib import Path
+
+import pytest
 
 import fastalign
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import isa_check  # noqa: E402
 
 
 def elf_needed(path):
@@ -41,3 +50,44 @@ def test_cuda_sources_compiled_when_requested():
 def test_triton_kernels_ship_inside_the_package():
     spec = importlib.util.find_spec("fastalign.kernels.token_stats")
     assert spec is not None and spec.origin.endswith("token_stats.py")
+
+
+def _x86_64():
+    return platform.machine() in ("x86_64", "AMD64")
+
+
+def test_build_reports_the_kernel_variants_it_carries():
+    """On x86-64 the core carries AVX-512 and AVX2 kernel variants (proven at build time by
+    csrc/cpu/isa_probe.cpp); each variant the CPU supports runs its probe correctly, and the
+    variant in use is the best one the CPU supports."""
+    info = fastalign._backend.compiled().build_info()
+    if not _x86_64():
+        assert info["cpu_variants"] == [] and info["cpu_variant_used"] == "baseline"
+        return
+    variants = {v["name"]: v for v in info["cpu_variants"]}
+    assert list(variants) == ["avx512", "avx2"], info["cpu_variants"]
+    assert set(variants["avx512"]["features"].split(",")) >= {"avx512f", "avx512vl", "avx512bw", "avx512dq", "fma"}
+    assert set(variants["avx2"]["features"].split(",")) >= {"avx2", "fma"}
+    cpu = info["cpu_supports"]
+    has_avx2 = cpu["avx2"] and cpu["fma"]
+    has_avx512 = has_avx2 and all(cpu[f] for f in ("avx512f", "avx512vl", "avx512bw", "avx512dq"))
+    assert variants["avx2"]["runs_here"] == has_avx2
+    assert variants["avx512"]["runs_here"] == has_avx512
+    assert info["cpu_variant_used"] == ("avx512" if has_avx512 else "avx2" if has_avx2 else "baseline")
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) is not installed")
+def test_kernel_variants_contain_their_instruction_sets():
+    """The machine code carries the AVX2 and AVX-512 kernels: thousands of zmm, ymm and FMA
+    instructions (tools/isa_check.py), where a build that ignored the target attributes has none."""
+    if not _x86_64():
+        pytest.skip(f"{platform.machine()}: every variant is the baseline")
+    counts = isa_check.vector_counts(fastalign._backend.compiled().__file__)
+    assert isa_check.problems(counts) == [], counts
+
+
+def test_isa_check_flags_a_baseline_only_binary():
+    """The check itself fails on counts like those of a build compiled for the baseline only."""
+    assert len(isa_check.problems({"instructions": 700000, "zmm": 0, "ymm": 0, "fma": 0})) == 3
+    assert len(isa_check.problems({"instructions": 700000, "zmm": 12, "ymm": 9, "fma": 4})) == 3
+    assert isa_check.problems({"instructions": 900000, "zmm": 40000, "ymm": 40000, "fma": 9000}) == []

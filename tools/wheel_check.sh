@@ -5,7 +5,9 @@
 #      repaired by auditwheel, with a manylinux tag no newer than 2_28;
 #   3. that wheel installed into a fresh venv beside torch (CPU), every public
 #      op run once from an empty directory (tools/wheel_smoke.py), and
-#      `python -m fastalign.info`.
+#      `python -m fastalign.info`;
+#   4. on x86-64, the installed _C's AVX2 and AVX-512 kernel variants really use
+#      ymm / zmm registers and FMA (tools/isa_check.py, needs objdump).
 # PY: the interpreter to build for and test with; TORCH_PIN: the torch to test beside.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,5 +52,9 @@ cp tools/wheel_smoke.py "$run/"
 
 step "python -m fastalign.info"
 (cd "$run" && "$OLDPWD/$work/venv/bin/python" -m fastalign.info)
+
+step "the wheel's AVX2 / AVX-512 kernel variants (objdump of the installed _C)"
+cp tools/isa_check.py "$run/"
+(cd "$run" && "$OLDPWD/$work/venv/bin/python" isa_check.py)
 rm -rf "$run"
 step "wheel check passed"

@@ -5,7 +5,10 @@
 
 * the fastalign, torch and triton versions;
 * how the compiled core was built: compiler, CPU instruction sets, glibc target,
-  OpenMP runtime, and the CUDA architectures of its CUDA kernels (if any);
+  OpenMP runtime, and the CUDA architectures of its CUDA kernels (if any). The
+  CPU instruction sets are the baseline plus the kernel variants the binary
+  really carries (``cpu_variants``: each one's features, and whether its probe
+  ran correctly on this CPU), and ``cpu_variant_used`` names the one this CPU runs;
 * the kernel family each public op runs on CPU tensors and, when a GPU is
   visible, on CUDA tensors (see docs/backends.md);
 * whether the optional integrations (transformers, trl, verl, flash-attn) are
@@ -139,7 +142,8 @@ def format_report(r: dict) -> str:
         ]
         if c.get("cpu_supports"):
             have = [k for k, v in c["cpu_supports"].items() if v]
-            lines.append(f"  this CPU    {', '.join(have) or 'none of avx2/fma/avx512'}")
+            lines.append(f"  this CPU    {', '.join(have) or 'none of avx2/fma/avx512'}; "
+                         f"runs the {c.get('cpu_variant_used', '?')} kernels")
         if c["cuda_kernels"]:
             rt = c.get("cuda_runtime", {})
             line = f"  CUDA        kernels for sm_{c.get('cuda_archs', '?').replace(',', ', sm_')}"
