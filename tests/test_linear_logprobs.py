@@ -476,7 +476,7 @@ def test_cpu_ignored_rows_skip_the_vocabulary(chunk, softcap):
     assert torch.equal(grads[0][ignored], torch.zeros(n // 2, hidden.shape[1]))
     assert_close(grads[0][~ignored], full_grads[0][~ignored], atol=1e-6, rtol=1e-5, what="dhidden")
     for a, e, name in zip(grads[1:], full_grads[1:], ("weight", "bias")):
-        assert_close(a, e, atol=1e-6, rtol=1e-5, what=f"d{name}")  # sums over rows in another order
+        assert_close(a, e, atol=5e-6, rtol=1e-5, what=f"d{name}")  # fp32 sums over rows in another order
     # and against the float64 reference
     hr, wr, br = (t.detach().double().requires_grad_(True) for t in (hidden, weight, bias))
     ref = reference.linear_logprobs(hr, wr, sparse, bias=br, dtype=torch.float64, softcap=softcap, temperature=0.7)

@@ -135,7 +135,8 @@ def test_partly_used_outputs(cpu_backend, used):
     xr = logits.double().requires_grad_(True)
     ref = reference.token_logprobs(xr, labels)
     ref[("logprobs", "entropy", "sum_p2").index(used)].sum().backward()
-    assert_close(x.grad, xr.grad, atol=1e-6, what=f"d logits from {used}")
+    # fp32: the saved lse (~12 here) carries ulp / 2 ~ 5e-7 into every p, on top of the statistic's own rounding
+    assert_close(x.grad, xr.grad, atol=2e-6, what=f"d logits from {used}")
 
 
 def test_unrequested_outputs_are_none(cpu_backend):
