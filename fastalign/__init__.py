@@ -23,9 +23,9 @@ from fastalign.linear import linear_logprobs
 from fastalign.linear_policy import LinearPolicyLoss
 from fastalign.logprobs import TokenStats, token_logprobs
 from fastalign.policy import PolicyLoss, policy_loss
-from fastalign.policy_config import PolicyConfig
+from fastalign.policy_config import POLICY_LOSS_TYPES, PolicyConfig
 from fastalign.linear_preference import LinearPreferenceLoss
-from fastalign.preference import LOSS_TYPES, PreferenceLoss, preference_loss, wpo_weights
+from fastalign.preference import PREFERENCE_LOSS_TYPES, PreferenceLoss, preference_loss, wpo_weights
 from fastalign.sequence import SequenceLogprobs, sequence_logprobs
 from fastalign.info import info
 
@@ -33,9 +33,23 @@ __all__ = [
     "TokenStats", "linear_logprobs", "token_logprobs", "use_backend",
     "gae_advantages", "group_advantages", "implicit_process_advantages", "masked_whiten",
     "reinforce_pp_advantages", "remax_advantages", "token_advantages",
-    "PolicyConfig", "PolicyLoss", "aggregate_loss", "kl_penalty", "policy_loss",
+    "POLICY_LOSS_TYPES", "PolicyConfig", "PolicyLoss", "aggregate_loss", "kl_penalty", "policy_loss",
     "LinearPolicyLoss",
-    "LOSS_TYPES", "LinearPreferenceLoss", "PreferenceLoss", "SequenceLogprobs", "preference_loss",
+    "PREFERENCE_LOSS_TYPES", "LinearPreferenceLoss", "PreferenceLoss", "SequenceLogprobs", "preference_loss",
     "sequence_logprobs", "wpo_weights",
 ]
 __version__ = "0.1.0"
+
+#: former public names -> (current name, value)
+_DEPRECATED = {"LOSS_TYPES": ("PREFERENCE_LOSS_TYPES", PREFERENCE_LOSS_TYPES)}
+
+
+def __getattr__(name):
+    if name in _DEPRECATED:
+        import warnings
+
+        new, value = _DEPRECATED[name]
+        warnings.warn(f"fastalign.{name} is deprecated: use fastalign.{new} (fastalign.POLICY_LOSS_TYPES lists "
+                      f"the policy losses)", DeprecationWarning, stacklevel=2)
+        return value
+    raise AttributeError(f"module 'fastalign' has no attribute {name!r}")

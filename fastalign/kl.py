@@ -1,6 +1,9 @@
 """KL estimators between the policy and a reference policy, per token (docs/math.md#kl-estimators)."""
 from __future__ import annotations
 
+import warnings
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -22,7 +25,8 @@ def canonical_kl(kind: str, name: str = "kl_type") -> tuple[str, bool]:
     return _ALIASES.get(base, base), straight
 
 
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3", *, clamp: bool = True) -> Tensor:
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kl_type: str = "k3", *, clamp: bool = True,
+               kind: Optional[str] = None) -> Tensor:
     r"""Per-token KL estimate, fp32, with ``x = ref - lp``:
 
     * ``k1`` / ``kl``: ``lp - ref``
@@ -32,13 +36,21 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3", *, clam
       [-10, 10] (``clamp=False`` drops both clamps)
     * ``NAME+``: the value of NAME with the gradient of k2 (straight-through).
 
-    Differentiable in ``logprobs`` (the reference is treated as a constant).
+    Differentiable in ``logprobs`` (the reference is treated as a constant). ``kl_type`` is the
+    name :func:`fastalign.policy_loss` uses for the same choice; ``kind`` is its former name here,
+    deprecated.
     """
+    if kind is not None:
+        if kl_type != "k3":
+            raise TypeError("kl_penalty: pass kl_type only (kind is its deprecated name)")
+        warnings.warn("kl_penalty(kind=...) is deprecated: use kl_type=..., as policy_loss does",
+                      DeprecationWarning, stacklevel=2)
+        kl_type = kind
     _validate.floating("logprobs", logprobs)
     _validate.floating("ref_logprobs", ref_logprobs)
     _validate.same_device(logprobs=logprobs, ref_logprobs=ref_logprobs)
     _validate.shape("ref_logprobs", ref_logprobs, logprobs.shape, "logprobs.shape")
-    base, straight = canonical_kl(kind, "kind")
+    base, straight = canonical_kl(kl_type, "kl_type")
     lp = logprobs.float()
     d = lp - ref_logprobs.detach().float()
     if base == "k1":

@@ -42,6 +42,8 @@ KL_RHO_CODES = {False: 0, True: 1, "detached": 1, "grad": 2}
 IS_LEVELS = {"token": 0, "sequence": 1}
 SEQ_COUNTS = ("nonempty", "all")
 ENTROPY_AGGS = ("loss", "token-mean")
+#: every accepted ``loss_type`` of :func:`fastalign.policy_loss` (loss rows, then presets)
+POLICY_LOSS_TYPES = tuple(dict.fromkeys(LOSS_TYPES + tuple(PRESETS)))
 
 _PPO_ROWS = ("ppo", "gspo", "clip_cov")  # rows with the ppo clip
 _SEQUENCE_LEVEL_ROWS = ("ppo", "cispo", "sapo")  # rows that take importance_sampling_level="sequence"

@@ -190,6 +190,8 @@ LOSSES: Dict[str, Loss] = {
 }
 
 LOSS_TYPES = tuple(LOSSES)
+#: every accepted ``loss_type`` of :func:`fastalign.preference_loss` (the public name of LOSS_TYPES)
+PREFERENCE_LOSS_TYPES = LOSS_TYPES
 
 #: Unpaired losses (:func:`unpaired_preference_loss`): name -> (per-response terms, takes the KL baseline).
 UNPAIRED_LOSSES: Dict[str, Tuple[Callable[[Tensor, Tensor, float], Tuple[Tensor, Tensor]], bool]] = {

@@ -359,6 +359,15 @@ def test_sequence_level_advantages_broadcast():
     assert torch.equal(l1, l2)
 
 
+def test_kl_penalty_kind_is_a_deprecated_name_of_kl_type():
+    d = make_batch(seed=17)
+    with pytest.warns(DeprecationWarning, match="use kl_type"):
+        old = fastalign.kl_penalty(d["lp"], d["ref"], kind="k1")
+    assert torch.equal(old, fastalign.kl_penalty(d["lp"], d["ref"], kl_type="k1"))
+    with pytest.raises(TypeError, match="kl_type only"):
+        fastalign.kl_penalty(d["lp"], d["ref"], "k2", kind="k1")
+
+
 @pytest.mark.parametrize("kind", ["k1", "abs", "k2", "k3", "k3+", "low_var_kl"])
 def test_kl_penalty_public(kind):
     d = make_batch(seed=17)

@@ -55,7 +55,7 @@ F_SCORED = {"sigmoid", "robust", "hinge", "ipo", "exo_pair", "discopop", "sigmoi
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-@pytest.mark.parametrize("loss_type", fa.LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", fa.PREFERENCE_LOSS_TYPES)
 def test_each_loss_matches_reference(loss_type, eps):
     lc, lr, lc0, lr0, nc, nr = _pairs()
     with_ref = loss_type not in REF_ONLY
@@ -69,8 +69,8 @@ def test_each_loss_matches_reference(loss_type, eps):
 
 def test_row_flags_match_the_documented_sets():
     from fastalign.preference import LOSSES
-    assert {t for t in fa.LOSS_TYPES if LOSSES[t].smoothing} == SMOOTHED
-    assert {t for t in fa.LOSS_TYPES if LOSSES[t].f_score} == F_SCORED
+    assert {t for t in fa.PREFERENCE_LOSS_TYPES if LOSSES[t].smoothing} == SMOOTHED
+    assert {t for t in fa.PREFERENCE_LOSS_TYPES if LOSSES[t].f_score} == F_SCORED
 
 
 @pytest.mark.parametrize("average", ["log_ratio", "score"])
@@ -100,7 +100,7 @@ def test_f_length_average_changes_only_length_averaged_rows_and_not_reverse_kl()
         assert not torch.allclose(a, b)
 
 
-@pytest.mark.parametrize("loss_type", sorted(set(fa.LOSS_TYPES) - F_SCORED))
+@pytest.mark.parametrize("loss_type", sorted(set(fa.PREFERENCE_LOSS_TYPES) - F_SCORED))
 def test_f_divergence_on_a_row_it_does_not_apply_to_raises(loss_type):
     lc, lr, lc0, lr0, nc, nr = _pairs(seed=3)
     with pytest.raises(ValueError, match="f_divergence"):
@@ -574,7 +574,7 @@ def test_linear_compile_fullgraph():
 
 # ------------------------------------------------------------------ single pass (gradients in the forward)
 
-SEPARABLE = [t for t in fa.LOSS_TYPES if t not in ("aot", "aot_unpaired", "kto")]
+SEPARABLE = [t for t in fa.PREFERENCE_LOSS_TYPES if t not in ("aot", "aot_unpaired", "kto")]
 
 
 @pytest.fixture
@@ -737,3 +737,15 @@ def test_linear_wpo_cap_option():
     assert torch.isfinite(capped)
     with pytest.raises(ValueError, match="wpo_cap"):
         fa.LinearPreferenceLoss(wpo_cap=None)
+
+
+def test_loss_type_lists_have_one_name_each():
+    import warnings
+
+    assert "sigmoid" in fa.PREFERENCE_LOSS_TYPES and "grpo" in fa.POLICY_LOSS_TYPES
+    with pytest.warns(DeprecationWarning, match="PREFERENCE_LOSS_TYPES"):
+        assert fa.LOSS_TYPES == fa.PREFERENCE_LOSS_TYPES
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(AttributeError, match="no attribute"):
+            fa.NOT_A_NAME
