@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from fastalign import _backend, _validate
 from fastalign.linear import linear_logprobs
 from fastalign.ops.linear_block import block_backward, block_buffer, block_forward, block_logprobs, block_rows
-from fastalign.preference import _CONFIG_KEYS, LOSSES, _loss_list, preference_loss, wpo_weights
+from fastalign.preference import LOSSES, check_config, preference_loss, wpo_weights
 from fastalign.sequence import SequenceLogprobs, sequence_logprobs
 
 #: Memory for the kept logits of one single-pass block, in MiB (``FASTALIGN_PAIR_BLOCK_MIB``).
@@ -98,10 +98,7 @@ class LinearPreferenceLoss(nn.Module):
                  single_pass="auto",
                  **options):
         super().__init__()
-        for k in options:
-            if k not in _CONFIG_KEYS:
-                raise TypeError(f"LinearPreferenceLoss got an unknown option {k!r}; options are {_CONFIG_KEYS}")
-        self.loss_types, _ = _loss_list(loss_type, options.get("loss_weights"))
+        self.loss_types = check_config("LinearPreferenceLoss", loss_type, beta, label_smoothing, options)
         self.config = dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, **options)
         self.ignore_index = int(ignore_index)
         self.ld_alpha = ld_alpha

@@ -10,6 +10,7 @@ Nothing here reads a value back to the host.
 """
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
@@ -233,7 +234,8 @@ def _loss_list(loss_type, loss_weights) -> Tuple[Tuple[str, ...], Tuple[float, .
         raise ValueError("loss_type must name at least one loss")
     for t in types:
         if t not in LOSSES:
-            raise ValueError(f"loss_type {t!r} is not one of {LOSS_TYPES}")
+            raise ValueError(f"loss_type {t!r} is not one of {LOSS_TYPES}"
+                             + (_suggest(t, LOSS_TYPES) if isinstance(t, str) else ""))
     if loss_weights is None:
         weights = (1.0,) * len(types)
     else:
@@ -241,6 +243,49 @@ def _loss_list(loss_type, loss_weights) -> Tuple[Tuple[str, ...], Tuple[float, .
         if len(weights) != len(types):
             raise ValueError(f"loss_weights has {len(weights)} entries but loss_type names {len(types)} losses")
     return types, weights
+
+
+def _check_options(types, beta, label_smoothing, smoothed_losses, f_divergence, f_alpha, f_length_average,
+                   discopop_tau):
+    """The option checks of :func:`preference_loss` that need no tensor (the modules run them at
+    construction): ``(beta, label_smoothing, the smoothed losses)``."""
+    beta = _validate.positive("beta", beta)
+    eps = float(label_smoothing)
+    if not 0.0 <= eps < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
+    smoothed = _smoothed_set(types, smoothed_losses, eps)
+    if f_divergence not in F_DIVERGENCES:
+        raise ValueError(f"f_divergence must be one of {F_DIVERGENCES}, got {f_divergence!r}")
+    if f_divergence != "reverse_kl":
+        bad = [t for t in types if not LOSSES[t].f_score]
+        if bad:
+            raise ValueError(f"f_divergence={f_divergence!r} does not apply to loss_type {bad[0]!r}: only the losses "
+                             f"of d = dc - dr take it ({[t for t in LOSS_TYPES if LOSSES[t].f_score]})")
+    if f_divergence == "alpha_divergence" and not math.isfinite(f_alpha):
+        raise ValueError(f"f_alpha must be finite, got {f_alpha}")
+    if f_length_average not in F_LENGTH_AVERAGES:
+        raise ValueError(f"f_length_average must be one of {F_LENGTH_AVERAGES}, got {f_length_average!r}")
+    _validate.positive("discopop_tau", discopop_tau)
+    return beta, eps, smoothed
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def check_config(owner: str, loss_type, beta, label_smoothing, options: dict) -> Tuple[str, ...]:
+    """Validate a preference module's configuration at construction, as :func:`preference_loss` would
+    at the first call (unknown options get a "did you mean"); returns the loss types."""
+    for k in options:
+        if k not in _CONFIG_KEYS:
+            raise TypeError(f"{owner} got an unknown option {k!r}{_suggest(k, _CONFIG_KEYS)} (options: "
+                            f"{_CONFIG_KEYS})")
+    types, _ = _loss_list(loss_type, options.get("loss_weights"))
+    _check_options(types, beta, label_smoothing, options.get("smoothed_losses"),
+                   options.get("f_divergence", "reverse_kl"), options.get("f_alpha", 1.0),
+                   options.get("f_length_average", "log_ratio"), options.get("discopop_tau", 0.05))
+    return types
 
 
 def preference_loss(
@@ -358,23 +403,8 @@ def preference_loss(
     _validate.same_device(**named)
     if (chosen_lengths is None) != (rejected_lengths is None):
         raise ValueError("give both chosen_lengths and rejected_lengths, or neither")
-    beta = _validate.positive("beta", beta)
-    eps = float(label_smoothing)
-    if not 0.0 <= eps < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
-    smoothed = _smoothed_set(types, smoothed_losses, eps)
-    if f_divergence not in F_DIVERGENCES:
-        raise ValueError(f"f_divergence must be one of {F_DIVERGENCES}, got {f_divergence!r}")
-    if f_divergence != "reverse_kl":
-        bad = [t for t in types if not LOSSES[t].f_score]
-        if bad:
-            raise ValueError(f"f_divergence={f_divergence!r} does not apply to loss_type {bad[0]!r}: only the losses "
-                             f"of d = dc - dr take it ({[t for t in LOSS_TYPES if LOSSES[t].f_score]})")
-    if f_divergence == "alpha_divergence" and not math.isfinite(f_alpha):
-        raise ValueError(f"f_alpha must be finite, got {f_alpha}")
-    if f_length_average not in F_LENGTH_AVERAGES:
-        raise ValueError(f"f_length_average must be one of {F_LENGTH_AVERAGES}, got {f_length_average!r}")
-    _validate.positive("discopop_tau", discopop_tau)
+    beta, eps, smoothed = _check_options(types, beta, label_smoothing, smoothed_losses, f_divergence, f_alpha,
+                                         f_length_average, discopop_tau)
     has_len = chosen_lengths is not None
     need_nll = any(LOSSES[t].nll for t in types) or rpo_alpha is not None
     for t in types:
@@ -554,11 +584,8 @@ class PreferenceLoss(nn.Module):
 
     def __init__(self, loss_type="sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, **options):
         super().__init__()
-        for k in options:
-            if k not in _CONFIG_KEYS:
-                raise TypeError(f"PreferenceLoss got an unknown option {k!r}; options are {_CONFIG_KEYS}")
+        check_config("PreferenceLoss", loss_type, beta, label_smoothing, options)  # fail here, not at the first call
         self.config = dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, **options)
-        _loss_list(loss_type, options.get("loss_weights"))  # fail at construction on a bad name
 
     def forward(self, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, **per_batch):
         return preference_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,

@@ -749,3 +749,19 @@ def test_loss_type_lists_have_one_name_each():
         warnings.simplefilter("error")
         with pytest.raises(AttributeError, match="no attribute"):
             fa.NOT_A_NAME
+
+
+@pytest.mark.parametrize("module", [fa.PreferenceLoss, fa.LinearPreferenceLoss])
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(bta=0.1), TypeError, "unknown option 'bta'; did you mean 'beta'"),
+    (dict(loss_type="sigmod"), ValueError, "did you mean 'sigmoid'"),
+    (dict(beta=-1.0), ValueError, "beta"),
+    (dict(beta=float("nan")), ValueError, "beta"),
+    (dict(loss_type="hinge", label_smoothing=0.1), ValueError, "label_smoothing=0.1 does not apply"),
+    (dict(label_smoothing=0.5), ValueError, "label_smoothing"),
+    (dict(f_divergence="js"), ValueError, "f_divergence"),
+    (dict(discopop_tau=0.0), ValueError, "discopop_tau"),
+])
+def test_modules_validate_their_configuration_at_construction(module, kw, err, match):
+    with pytest.raises(err, match=match):
+        module(**kw)
