@@ -32,7 +32,7 @@ class SequenceLogprobs(NamedTuple):
     wpo: Optional[Tensor] = None
 
 
-def _segments(n: int, device, cu_seqlens: Optional[Tensor], position_ids: Optional[Tensor]) -> Tensor:
+def segment_ids(n: int, device, cu_seqlens: Optional[Tensor], position_ids: Optional[Tensor]) -> Tensor:
     """Segment id of every packed token, computed on the device."""
     if cu_seqlens is not None:
         pos = torch.arange(n, device=device, dtype=cu_seqlens.dtype)
@@ -129,7 +129,7 @@ def sequence_logprobs(
             if num_sequences is None:
                 raise ValueError("num_sequences is required with position_ids (the count of sequences is a shape)")
             S = int(num_sequences)
-        seg = _segments(n, lp.device, cu_seqlens, position_ids)
+        seg = segment_ids(n, lp.device, cu_seqlens, position_ids)
         # tokens outside every sequence (trailing padding of the packed buffer) count nowhere
         m = torch.where((seg >= 0) & (seg < S), m, torch.zeros_like(m))
         seg = seg.clamp(0, S - 1)

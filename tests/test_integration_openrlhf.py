@@ -19,7 +19,7 @@ import types
 import pytest
 import torch
 
-from helpers import assert_close
+from helpers import assert_close, policy_batch
 
 from fastalign.integrations import openrlhf as fo
 
@@ -62,11 +62,7 @@ def orl():
 
 def _batch(seed, B=6, T=9, with_rollout=False):
     g = torch.Generator().manual_seed(seed)
-    lp = -torch.rand(B, T, generator=g) * 2.0
-    old = (lp + torch.randn(B, T, generator=g) * 0.3).clamp(max=-1e-3)
-    A = torch.randn(B, 1, generator=g).expand(B, T).contiguous()
-    m = torch.arange(T)[None, :] < torch.randint(2, T + 1, (B, 1), generator=g)
-    m[2] = False  # an empty response
+    lp, old, A, m = policy_batch(g, B, T)
     roll = (old + torch.randn(B, T, generator=g) * 0.6).clamp(max=-1e-3)
     return lp, old, A, m, roll
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_close
+from helpers import assert_close, policy_batch
 
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not importable")
 actor_config = pytest.importorskip("verl.workers.config.actor", reason="verl is not importable")
@@ -102,11 +102,7 @@ AGG = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
 def _policy_batch(seed, B=6, T=9):
     g = torch.Generator().manual_seed(seed)
-    lp = -torch.rand(B, T, generator=g) * 2.0
-    old = (lp + torch.randn(B, T, generator=g) * 0.3).clamp(max=-1e-3)
-    A = torch.randn(B, 1, generator=g).expand(B, T).contiguous()
-    m = torch.arange(T)[None, :] < torch.randint(2, T + 1, (B, 1), generator=g)
-    m[2] = False  # an empty response
+    lp, old, A, m = policy_batch(g, B, T)
     w = torch.rand(B, T, generator=g) + 0.5
     return lp, old, A, m, w  # float32, what verl's actor feeds its loss
 

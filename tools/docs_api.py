@@ -6,11 +6,12 @@
 The page is generated from the signatures and docstrings themselves, so it
 cannot drift from the code; ``make docs`` refreshes it.
 """
-import argparse
 import inspect
 import pathlib
 import re
 import sys
+
+import generated_page
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "api.md"
@@ -73,20 +74,5 @@ def render() -> str:
     return HEADER + "\n".join(table) + "\n"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="fail when docs/api.md is out of date")
-    args = ap.parse_args()
-    page = render()
-    if args.check:
-        if not PAGE.exists() or PAGE.read_text() != page:
-            print("docs/api.md is out of date: run python tools/docs_api.py", file=sys.stderr)
-            return 1
-        return 0
-    PAGE.write_text(page)
-    print(f"wrote {PAGE.relative_to(ROOT)}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(generated_page.main(PAGE, render, __doc__.splitlines()[0], "tools/docs_api.py"))

@@ -7,9 +7,10 @@ Each recorded run's markdown summary (written by ``fastalign-bench --record``)
 already names the device, date, versions and the command that made it; this
 page puts them together, newest first, under one explanation.
 """
-import argparse
 import pathlib
 import sys
+
+import generated_page
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -60,20 +61,5 @@ def render() -> str:
     return "".join(parts).rstrip() + "\n"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="fail when docs/performance.md is out of date")
-    args = ap.parse_args()
-    page = render()
-    if args.check:
-        if not PAGE.exists() or PAGE.read_text() != page:
-            print("docs/performance.md is out of date: run python tools/docs_performance.py", file=sys.stderr)
-            return 1
-        return 0
-    PAGE.write_text(page)
-    print(f"wrote {PAGE.relative_to(ROOT)} from {RESULTS.relative_to(ROOT)}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(generated_page.main(PAGE, render, __doc__.splitlines()[0], "tools/docs_performance.py"))

@@ -32,6 +32,7 @@ from torch import Tensor
 from fastalign import _validate
 from fastalign.linear import linear_logprobs
 from fastalign.logprobs import TokenStats
+from fastalign.sequence import segment_ids
 
 _PLAIN_HEAD = (
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma", "olmo2",
@@ -133,7 +134,7 @@ def packed_position_ids(cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor]
     sequence). On device, without a host sync: token ``t`` is in sequence
     ``s = #{k >= 1 : cu[k] <= t}`` at position ``t - cu[s]``."""
     t = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    seq = torch.searchsorted(cu_seqlens[1:].contiguous(), t, right=True)
+    seq = segment_ids(total, cu_seqlens.device, cu_seqlens, None)
     past_end = seq >= cu_seqlens.shape[0] - 1
     start = cu_seqlens[seq.clamp(max=cu_seqlens.shape[0] - 2)]
     return (t - start).to(torch.long)[None], past_end[None]

@@ -146,10 +146,22 @@ def check_model(trainer, name: str) -> None:
     head_transform(base.config)  # raises for an architecture without a known head transform
 
 
-def bind_config(init, args, kwargs):
-    """The ``args`` (config) argument of a trainer ``__init__`` call, or None."""
-    bound = inspect.signature(init).bind_partial(None, *args, **kwargs)
-    return bound.arguments.get("args")
+def init_checked(trainer, init, args, kwargs, check) -> None:
+    """Run TRL's trainer ``init`` with ``check`` applied to its config: before, when the caller
+    passes one (so a refused option fails before any model work), and after, on the config TRL
+    settled on (a default one when none was passed)."""
+    config = inspect.signature(init).bind_partial(None, *args, **kwargs).arguments.get("args")
+    if config is not None:
+        check(config)
+    init(trainer, *args, **kwargs)
+    check(trainer.args)
+
+
+def install_heads(trainer, **options) -> None:
+    """:func:`install_head` on the trainer's model and its reference model (when it has one)."""
+    for model in (trainer.model, getattr(trainer, "ref_model", None)):
+        if model is not None:
+            install_head(trainer.accelerator.unwrap_model(model), **options)
 
 
 def gathered_mean(accelerator, mean: Tensor, count, *, empty: float = float("nan")) -> float:

@@ -23,7 +23,7 @@ import functools
 
 from trl.experimental.cpo import CPOTrainer as _TRLCPOTrainer
 
-from fastalign.integrations.trl._head import ConcatenatedPairsMixin, bind_config, check_config
+from fastalign.integrations.trl._head import ConcatenatedPairsMixin, check_config, init_checked
 from fastalign.integrations.trl.preference import CPOLoss
 
 __all__ = ["CPOTrainer"]
@@ -36,11 +36,7 @@ class CPOTrainer(ConcatenatedPairsMixin, _TRLCPOTrainer):
 
     @functools.wraps(_TRLCPOTrainer.__init__)
     def __init__(self, *args, **kwargs):
-        config = bind_config(_TRLCPOTrainer.__init__, args, kwargs)
-        if config is not None:
-            self._check_config(config)
-        super().__init__(*args, **kwargs)
-        self._check_config(self.args)
+        init_checked(self, _TRLCPOTrainer.__init__, args, kwargs, self._check_config)
         self._setup_pairs(CPOLoss(self.args))
 
     @staticmethod

@@ -28,8 +28,8 @@ import trl
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from fastalign.integrations.trl._head import (bind_config, check_config, check_model, gathered_mean,
-                                               has_mean_logits, install_head)
+from fastalign.integrations.trl._head import (check_config, check_model, gathered_mean, has_mean_logits,
+                                               init_checked, install_head, install_heads)
 from fastalign.integrations.trl.preference import DPOLoss
 from fastalign.sequence import sequence_logprobs
 
@@ -43,16 +43,10 @@ class DPOTrainer(trl.DPOTrainer):
 
     @functools.wraps(trl.DPOTrainer.__init__)
     def __init__(self, *args, **kwargs):
-        config = bind_config(trl.DPOTrainer.__init__, args, kwargs)
-        if config is not None:
-            self._check_config(config)
-        super().__init__(*args, **kwargs)
-        self._check_config(self.args)
+        init_checked(self, trl.DPOTrainer.__init__, args, kwargs, self._check_config)
         check_model(self, "DPOConfig")
         self.fastalign_loss = DPOLoss(self.args)
-        for model in (self.model, self.ref_model):
-            if model is not None:
-                install_head(self.accelerator.unwrap_model(model))
+        install_heads(self)
 
     @staticmethod
     def _check_config(args) -> None:

@@ -28,7 +28,7 @@ import torch
 import trl
 from trl.trainer.utils import nanmax, nanmin
 
-from fastalign.integrations.trl._head import bind_config, check_config, check_model, gathered_mean, install_head
+from fastalign.integrations.trl._head import check_config, check_model, gathered_mean, init_checked, install_heads
 from fastalign.integrations.trl.grpo import GRPOLoss, grpo_policy_config
 
 __all__ = ["GRPOTrainer"]
@@ -47,19 +47,13 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     @functools.wraps(trl.GRPOTrainer.__init__)
     def __init__(self, *args, **kwargs):
-        config = bind_config(trl.GRPOTrainer.__init__, args, kwargs)
-        if config is not None:
-            self._check_config(config)
-        super().__init__(*args, **kwargs)
-        self._check_config(self.args)
+        init_checked(self, trl.GRPOTrainer.__init__, args, kwargs, self._check_config)
         if self.accelerator.num_processes > 1 and self.args.top_entropy_quantile < 1.0:
             raise ValueError("GRPOConfig.top_entropy_quantile < 1 is supported with one process only: the fastalign "
                              "loss takes each process's own entropy quantile, TRL the quantile over every process")
         check_model(self, "GRPOConfig")
         self.fastalign_loss = GRPOLoss(self.args)
-        for model in (self.model, self.ref_model):
-            if model is not None:
-                install_head(model, temperature=self.temperature)
+        install_heads(self, temperature=self.temperature)
 
     @staticmethod
     def _check_config(args) -> None:

@@ -21,7 +21,7 @@ import functools
 
 from trl.experimental.orpo import ORPOTrainer as _TRLORPOTrainer
 
-from fastalign.integrations.trl._head import ConcatenatedPairsMixin, bind_config, check_config
+from fastalign.integrations.trl._head import ConcatenatedPairsMixin, check_config, init_checked
 from fastalign.integrations.trl.preference import ORPOLoss
 
 __all__ = ["ORPOTrainer"]
@@ -36,9 +36,5 @@ class ORPOTrainer(ConcatenatedPairsMixin, _TRLORPOTrainer):
 
     @functools.wraps(_TRLORPOTrainer.__init__)
     def __init__(self, *args, **kwargs):
-        config = bind_config(_TRLORPOTrainer.__init__, args, kwargs)
-        if config is not None:
-            check_config(config, "ORPOConfig")
-        super().__init__(*args, **kwargs)
-        check_config(self.args, "ORPOConfig")
+        init_checked(self, _TRLORPOTrainer.__init__, args, kwargs, lambda config: check_config(config, "ORPOConfig"))
         self._setup_pairs(ORPOLoss(self.args))
