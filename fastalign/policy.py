@@ -19,9 +19,12 @@ def _mask_u8(mask: Tensor) -> Tensor:
     return (mask != 0).contiguous().view(torch.uint8)
 
 
-def _entropy_keep(entropy: Tensor, valid: Tensor, q: float) -> Tensor:
-    """1.0 where H >= the (1 - q) quantile (linear interpolation) of the valid entropies; on the device."""
+def _entropy_keep(entropy: Tensor, valid: Tensor, q: float, threshold: Optional[Tensor] = None) -> Tensor:
+    """1.0 where H >= the (1 - q) quantile (linear interpolation) of the valid entropies, or H >=
+    ``threshold`` when given; on the device."""
     h = entropy.detach().float()
+    if threshold is not None:
+        return (h >= threshold.detach().float().reshape(())).to(torch.float32).contiguous()
     flat = torch.where(valid, h, torch.full_like(h, math.inf)).flatten()
     s = torch.sort(flat).values
     n = valid.sum().to(torch.float32)
@@ -76,6 +79,7 @@ def policy_loss(
     entropy: Optional[Tensor] = None,
     rollout_logprobs: Optional[Tensor] = None,
     importance_weights: Optional[Tensor] = None,
+    entropy_threshold: Optional[Tensor] = None,
     global_tokens=None,
     global_seqs=None,
     generator: Optional[torch.Generator] = None,
@@ -100,7 +104,11 @@ def policy_loss(
     mean per sequence, vespo folds them into its sequence weight), the entropy-quantile keep mask
     and the sequence off-policy mask (``mean_m(rollout_or_old - lp) > offpolicy_threshold`` with
     ``A < 0``). KL needs ``ref_logprobs``; the entropy bonus and ``entropy_quantile`` need
-    ``entropy`` (differentiable).
+    ``entropy`` (differentiable). The keep mask is ``H >= q_{1 - entropy_quantile}(H_valid)``, the
+    linearly interpolated quantile of this batch's valid entropies; ``entropy_threshold`` (a
+    one-element tensor, e.g. that quantile over every data-parallel process's valid entropies)
+    replaces it: ``keep = H >= entropy_threshold`` (a NaN threshold keeps no token). It needs
+    ``entropy_quantile``.
 
     ``global_tokens`` / ``global_seqs`` are the step-wide counts of docs/math.md#aggregation (ints or device
     tensors; with ``dp_size`` they make micro-batching and data parallelism exact);
@@ -157,6 +165,13 @@ def policy_loss(
         raise ValueError("rollout_logprobs is used only with rollout_correction or offpolicy_threshold")
     if cfg.entropy_quantile is not None and entropy is None:
         raise ValueError("entropy_quantile needs entropy")
+    if entropy_threshold is not None:
+        _validate.any_float("entropy_threshold", entropy_threshold)
+        if entropy_threshold.numel() != 1:
+            raise ValueError(f"entropy_threshold must hold one value, got shape {tuple(entropy_threshold.shape)}")
+        if cfg.entropy_quantile is None:
+            raise ValueError("entropy_threshold is used only with entropy_quantile (it replaces the batch's quantile)")
+        _validate.same_device(logprobs=logprobs, entropy_threshold=entropy_threshold)
 
     name = _backend.resolve(logprobs.device, cfg.backend)
     if name == "cuda":  # the fused per-token loss is a Triton kernel on the GPU
@@ -179,7 +194,7 @@ def policy_loss(
     roll = prep(None if rollout_logprobs is None else rollout_logprobs.detach())
     keep = ent_keep = None
     if cfg.entropy_quantile is not None and logprobs.numel() > 0:
-        keep = ent_keep = _entropy_keep(entropy, mask.bool(), float(cfg.entropy_quantile))
+        keep = ent_keep = _entropy_keep(entropy, mask.bool(), float(cfg.entropy_quantile), entropy_threshold)
     iw = None
     if importance_weights is not None:
         w = importance_weights.detach().float()

@@ -74,8 +74,10 @@ def _row_mean(x, m):
     return (x * m).sum(-1) / torch.clamp(m.sum(-1), min=1)
 
 
-def entropy_quantile_mask(H, m, q):
-    """1 where H >= the (1 - q) quantile (linear interpolation) of the valid entropies."""
+def entropy_quantile_mask(H, m, q, threshold=None):
+    """1 where H >= the (1 - q) quantile (linear interpolation) of the valid entropies (or ``threshold``)."""
+    if threshold is not None:
+        return (H.detach() >= threshold).to(H.dtype)
     vals = H.detach()[m.bool()]
     if vals.numel() == 0:
         return torch.zeros_like(H)
@@ -130,7 +132,7 @@ def policy_loss(
     rollout_correction=None, rollout_min=None, rollout_max=2.0, entropy_quantile=None, offpolicy_threshold=None,
     importance_weights=None, cispo_bounds=None, sapo_tau=(1.0, 1.05), vespo_k=(2.0, 3.0),
     vespo_lambda=(3.0, 2.0), cov_selected=None, cov_kl_coef=1.0, seq_count=None, global_tokens=None,
-    global_seqs=None, dp_size=1, max_len=None, dro_beta=None,
+    global_seqs=None, dp_size=1, max_len=None, dro_beta=None, entropy_threshold=None,
 ):
     """(loss, metrics) of docs/math.md#policy-losses with the added terms and the aggregation.
 
@@ -269,7 +271,7 @@ def policy_loss(
         w = w * iw
     keep = None
     if entropy_quantile is not None:
-        keep = entropy_quantile_mask(entropy, m, entropy_quantile)
+        keep = entropy_quantile_mask(entropy, m, entropy_quantile, entropy_threshold)
         w = w * keep
     if offpolicy_threshold is not None:
         sampling = old if rollout_logprobs is None else rollout_logprobs.to(lp.dtype)

@@ -17,7 +17,9 @@ Where TRL's behaviour differs from fastalign's defaults, the profile follows TRL
 * ``delta`` applies to the ppo-clip losses only (TRL ignores it for cispo, sapo, vespo).
 * the entropy bonus is ``entropy_coef * mean(H)`` over the kept tokens, independent of the
   aggregation (``entropy_agg="token-mean"``).
-* ``top_entropy_quantile`` keeps tokens with ``H >=`` the ``1 - q`` quantile (0 keeps the top).
+* ``top_entropy_quantile`` keeps tokens with ``H >=`` the ``1 - q`` quantile (0 keeps the top) of the
+  valid entropies; TRL takes it over every process's tokens: :func:`entropy_threshold` computes
+  it so, and ``GRPOLoss(..., entropy_threshold=...)`` uses it.
 * the off-policy mask measures ``mean(sampling_logprobs - lp)`` when sampling log-probs are given.
 * inference-engine importance sampling: pass TRL's ``importance_sampling_ratio`` (it multiplies
   the policy term; vespo folds it into its sequence weight), or ``sampling_logprobs`` and the
@@ -35,13 +37,15 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+import math
+
 import torch
 from torch import Tensor
 
 from fastalign.policy import policy_loss
 from fastalign.policy_config import PolicyConfig
 
-__all__ = ["GRPOLoss", "grpo_policy_config"]
+__all__ = ["GRPOLoss", "entropy_threshold", "grpo_policy_config"]
 
 # TRL loss_type -> (fastalign loss type, aggregation, sequence count, normalised by num_items_in_batch)
 _LOSSES = {
@@ -128,6 +132,28 @@ def grpo_policy_config(args: Any, *, sampling_correction: bool = False) -> Polic
     return PolicyConfig(**opts)
 
 
+def entropy_threshold(entropy: Tensor, mask: Tensor, top_quantile: float, accelerator=None) -> Tensor:
+    r"""The ``1 - top_quantile`` quantile of the valid entropies (``mask != 0``) of every process, on the device.
+
+    With ``s`` the ``n`` valid entropies sorted and ``r = (1 - top_quantile)(n - 1)`` it is
+    ``s[floor r] + (r - floor r)(s[ceil r] - s[floor r])`` (``torch.quantile``'s linear
+    interpolation); ``H >= it`` keeps the ``top_quantile`` share of highest-entropy tokens. NaN when
+    no process holds a valid token, or when a valid entropy is NaN (both keep no token).
+    ``accelerator`` (an ``accelerate.Accelerator``) gathers every process's entropies, padded to
+    one length, as TRL's ``get_high_entropy_mask`` does; without it the quantile is this batch's.
+    """
+    h = torch.where(mask.bool(), entropy.detach().float(), math.inf).flatten()
+    if accelerator is not None and accelerator.num_processes > 1:
+        h = accelerator.gather(accelerator.pad_across_processes(h, dim=0, pad_index=math.inf))
+    s = torch.sort(h).values  # valid values, then the +inf padding, then any NaN
+    n = (s != math.inf).sum()
+    rank = (1.0 - top_quantile) * (n - 1).clamp(min=0).to(torch.float32)
+    below = s.gather(0, rank.floor().long().reshape(1))
+    above = s.gather(0, rank.ceil().long().reshape(1))
+    threshold = torch.lerp(below, above, rank - rank.floor()).reshape(())
+    return torch.where((n > 0) & ~torch.isnan(s[-1]), threshold, math.nan)
+
+
 class GRPOLoss:
     """TRL's ``GRPOTrainer`` loss from its ``GRPOConfig``: ``GRPOLoss(grpo_config)(logprobs, ...)``.
 
@@ -137,7 +163,9 @@ class GRPOLoss:
     times the tool mask when there is one; ``old_logprobs=None`` means on-policy,
     ``logprobs.detach()``) and returns ``(loss, metrics)`` under TRL's names. ``entropy`` is
     required as in TRL (it is logged); ``num_items_in_batch`` (the generation batch's token
-    count) is required for dapo / cispo / vespo.
+    count) is required for dapo / cispo / vespo. With ``top_entropy_quantile < 1``,
+    ``entropy_threshold`` (:func:`entropy_threshold` over every process) replaces this micro-batch's
+    own entropy quantile.
     """
 
     def __init__(self, args: Any):
@@ -154,12 +182,15 @@ class GRPOLoss:
                  completion_mask: Tensor, *, entropy: Tensor, ref_logprobs: Optional[Tensor] = None,
                  sampling_logprobs: Optional[Tensor] = None, importance_sampling_ratio: Optional[Tensor] = None,
                  num_items_in_batch=None, num_processes: int = 1, training: bool = True,
-                 gradient_accumulation_steps: Optional[int] = None) -> tuple[Tensor, dict]:
+                 gradient_accumulation_steps: Optional[int] = None,
+                 entropy_threshold: Optional[Tensor] = None) -> tuple[Tensor, dict]:
         cfg = self.config
         if old_logprobs is None:
             old_logprobs = logprobs.detach()
         ga = self.grad_accum if gradient_accumulation_steps is None else int(gradient_accumulation_steps)
         kw: dict = dict(entropy=entropy, ref_logprobs=ref_logprobs if cfg.kl_coef != 0.0 else None)
+        if entropy_threshold is not None:
+            kw["entropy_threshold"] = entropy_threshold
         if self.is_correction:
             if importance_sampling_ratio is not None:
                 kw["importance_weights"] = importance_sampling_ratio

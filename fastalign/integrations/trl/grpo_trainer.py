@@ -13,12 +13,11 @@ and logging are TRL's.
 
 Options the drop-in cannot honour raise a ValueError naming the config field at construction:
 ``use_liger_kernel``, ``cast_lm_head_to_fp32``, ``use_adaptive_entropy``, vision-language models
-and MoE load-balancing losses (``router_aux_loss_coef`` with ``output_router_logits``), and
-``top_entropy_quantile`` with several processes.
+and MoE load-balancing losses (``router_aux_loss_coef`` with ``output_router_logits``).
 With several processes the token-mean metrics (``entropy``, ``kl``, ``clip_ratio/*_mean``, ...)
-weight every process's tokens as TRL does. ``top_entropy_quantile < 1`` raises with several
-processes: the fastalign loss takes each process's own quantile, TRL the quantile over every
-process.
+weight every process's tokens as TRL does, and ``top_entropy_quantile < 1`` keeps the tokens at or
+above the entropy quantile over every process's valid tokens (gathered here, as TRL gathers them;
+see :func:`fastalign.integrations.trl.entropy_threshold`).
 """
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ import trl
 from trl.trainer.utils import nanmax, nanmin
 
 from fastalign.integrations.trl._head import check_config, check_model, gathered_mean, init_checked, install_heads
-from fastalign.integrations.trl.grpo import GRPOLoss, grpo_policy_config
+from fastalign.integrations.trl.grpo import GRPOLoss, entropy_threshold, grpo_policy_config
 
 __all__ = ["GRPOTrainer"]
 
@@ -48,9 +47,6 @@ class GRPOTrainer(trl.GRPOTrainer):
     @functools.wraps(trl.GRPOTrainer.__init__)
     def __init__(self, *args, **kwargs):
         init_checked(self, trl.GRPOTrainer.__init__, args, kwargs, self._check_config)
-        if self.accelerator.num_processes > 1 and self.args.top_entropy_quantile < 1.0:
-            raise ValueError("GRPOConfig.top_entropy_quantile < 1 is supported with one process only: the fastalign "
-                             "loss takes each process's own entropy quantile, TRL the quantile over every process")
         check_model(self, "GRPOConfig")
         self.fastalign_loss = GRPOLoss(self.args)
         install_heads(self, temperature=self.temperature)
@@ -102,13 +98,17 @@ class GRPOTrainer(trl.GRPOTrainer):
         sampling = inputs.get("sampling_per_token_logps")
         if sampling is None and self.off_policy_mask_threshold is not None:
             sampling = per_token_logps.detach() if old is None else old
+        threshold = None
+        if self.top_entropy_quantile < 1.0:  # over every process's tokens, as TRL's get_high_entropy_mask
+            threshold = entropy_threshold(entropies, mask, self.top_entropy_quantile, self.accelerator)
         mode = "train" if self.model.training else "eval"
         loss, metrics = self.fastalign_loss(
             per_token_logps, old, inputs["advantages"], mask, entropy=entropies,
             ref_logprobs=inputs.get("ref_per_token_logps"), sampling_logprobs=sampling,
             importance_sampling_ratio=inputs.get("importance_sampling_ratio"),
             num_items_in_batch=inputs.get("num_items_in_batch"), num_processes=self.accelerator.num_processes,
-            training=mode == "train", gradient_accumulation_steps=self.current_gradient_accumulation_steps)
+            training=mode == "train", gradient_accumulation_steps=self.current_gradient_accumulation_steps,
+            entropy_threshold=threshold)
         log = self._metrics[mode]
         sequence_ratio = self.importance_sampling_level == "sequence"
         for name, value in metrics.items():
