@@ -10,19 +10,39 @@ Each verl loss mode ``m`` that :mod:`fastalign.integrations.verl.policy` covers 
 ``fastalign_m`` with the signature of verl's policy-loss functions,
 ``fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
 -> (pg_loss, pg_metrics)``: the policy term only, aggregated with ``config.global_batch_info``
-(verl's actor adds the entropy and KL terms itself). ``pg_metrics`` has the keys verl's own mode
-returns; the values are detached 0-dim tensors rather than Python floats, so the loss makes no
-host synchronisation (verl's ``Metric`` reads scalar tensors).
+(verl's actor adds the entropy and KL terms itself). ``pg_metrics`` has the keys and the types
+verl's own mode returns: a dict of Python floats (verl's actor wraps them in ``Metric`` with mean
+aggregation). They are read from the device in one transfer, where verl's modes read each.
 
 Each estimator ``e`` of :mod:`fastalign.integrations.verl.advantages` is registered as
 ``fastalign_e`` with the keyword arguments verl's estimator ``e`` takes, returning
 ``(advantages, returns)``. ``norm_adv_by_std_in_grpo`` is read from the argument or, when that is
 not given, from ``config`` (verl's trainer passes only ``config`` to registered estimators).
-verl 0.9.1's trainer hands some inputs only to its own estimator names: ``values`` (``gae``, on
-a branch of its own), ``old_log_probs`` / ``sum_pi_squared`` (the optimal-token-baseline pair),
-the reward components of ``gdpo_reward_keys`` (``gdpo``) and ``reward_baselines`` (computed for
-``remax`` only). Under ``fastalign_<name>`` those estimators are for direct calls; called without
-the input they raise ``ValueError`` rather than compute something else.
+
+fastalign estimators verl has no name for are registered when they need only what verl's trainer
+passes to a registered estimator (``token_level_rewards``, ``response_mask``, ``index``,
+``config``): ``fastalign_grpo_batch_std``, ``A = (r - mean_group(r)) / (std_batch(r) + eps)`` (the
+group mean, the unbiased standard deviation of every score in the batch; a group of one gets 0).
+
+What verl 0.9.1's registry cannot express, because its trainer hands some inputs only to its own
+estimator names (``ray_trainer.compute_advantage``) and to no registered one:
+
+* ``gae``: ``values`` (on a branch of its own); ``remax``: ``reward_baselines`` (the greedy
+  rollout is generated for ``adv_estimator=remax`` only); ``optimal_token_baseline`` /
+  ``tir_optimal_token_baseline``: ``old_log_probs`` and ``sum_pi_squared``; ``gdpo``: the reward
+  components of ``gdpo_reward_keys`` (without keys it normalises the summed reward).
+  These are registered too, for direct calls with verl's keywords; selected by
+  ``algorithm.adv_estimator`` they raise ``ValueError`` on the missing input rather than compute
+  something else. Use verl's own name for them.
+* GiGPO step groups (``group_advantages(step_index=...)``): the environment-state ids are not
+  passed; PRIME implicit process rewards (``implicit_process_advantages``): the policy and
+  reference log-probs are not passed. Not registered.
+
+Rollout-correction bypass mode (``algorithm.rollout_correction.bypass_mode=True``): verl 0.9.1
+keeps no registry of loss modes for it; its trainer sets ``policy_loss.loss_mode="bypass_mode"``
+(verl's own PPO-clip / REINFORCE on ``pi / pi_rollout``), replacing whatever mode was configured,
+a ``fastalign_<mode>`` included. Decoupled rollout correction (``bypass_mode=False``) hands
+``rollout_is_weights`` to the configured mode, which the ``fastalign_<mode>`` losses apply.
 
 It also enables ``actor_rollout_ref.model.fused_kernel_options.impl_backend=fastalign``
 (:mod:`fastalign.integrations.verl.fused`). :func:`register` is idempotent; importing this module
@@ -35,6 +55,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import Tensor
 
+from fastalign.advantages import group_advantages, token_advantages
 from fastalign.integrations.verl.advantages import ESTIMATORS, algo_options, compute_advantage
 from fastalign.integrations.verl.policy import _MODES, VerlPolicyLoss, _get
 
@@ -56,7 +77,9 @@ def _policy_loss_fn(mode: str) -> Callable:
                                 batch_num_tokens=info.get("batch_num_tokens"),
                                 global_batch_size=info.get("global_batch_size"))
         metrics.pop("actor/pg_loss")
-        return loss, metrics
+        names = list(metrics)  # Python floats, as verl's own modes return them: one host read for all
+        values = torch.stack([metrics[k].float() for k in names]).tolist() if names else []
+        return loss, dict(zip(names, values))
 
     policy_loss_fn.__name__ = policy_loss_fn.__qualname__ = f"{PREFIX}{mode}_policy_loss"
     policy_loss_fn.__doc__ = (f"verl loss mode {mode!r} computed by fastalign (the policy term, metrics under "
@@ -145,10 +168,36 @@ def _advantage_fn(estimator: str) -> Callable:
     return advantage_fn
 
 
+def _grpo_batch_std_advantage(token_level_rewards: Tensor, response_mask: Optional[Tensor] = None, index=None,
+                              epsilon: float = 1e-6, norm_adv_by_std_in_grpo: Optional[bool] = None,
+                              config: Any = None, **unused) -> tuple[Tensor, Tensor]:
+    """``(r - mean_group(r)) / (std_batch(r) + epsilon)`` spread over the response tokens (fastalign's
+    grpo with ``std="batch"``; a group of one gets 0); ``r`` the row sums of the token rewards."""
+    if response_mask is None or index is None:
+        raise ValueError(f"{PREFIX}grpo_batch_std needs response_mask and index (the uid of each response)")
+    flag = norm_adv_by_std_in_grpo if norm_adv_by_std_in_grpo is not None else _get(config, "norm_adv_by_std_in_grpo",
+                                                                                   True)
+    if not flag:
+        raise ValueError(f"norm_adv_by_std_in_grpo=False contradicts {PREFIX}grpo_batch_std (it divides by the batch "
+                         f"std); use {PREFIX}grpo")
+    given = sorted(k for k, v in unused.items() if v is not None and k not in ("reward_baselines",))
+    if given:
+        raise ValueError(f"{PREFIX}grpo_batch_std does not use {given}")
+    scores = token_level_rewards.sum(dim=-1)
+    adv = group_advantages(scores, index, estimator="grpo", std="batch", singleton="zero", eps=float(epsilon))
+    adv = token_advantages(adv, response_mask)
+    return adv, adv
+
+
+_grpo_batch_std_advantage.__name__ = _grpo_batch_std_advantage.__qualname__ = f"{PREFIX}grpo_batch_std_advantage"
+
 #: ``fastalign_<mode>`` → its verl policy-loss function.
 POLICY_LOSSES: Dict[str, Callable] = {PREFIX + m: _policy_loss_fn(m) for m in _MODES}
 #: ``fastalign_<estimator>`` → its verl advantage-estimator function.
-ADVANTAGE_ESTIMATORS: Dict[str, Callable] = {PREFIX + e: _advantage_fn(e) for e in ESTIMATORS}
+ADVANTAGE_ESTIMATORS: Dict[str, Callable] = {
+    **{PREFIX + e: _advantage_fn(e) for e in ESTIMATORS},
+    PREFIX + "grpo_batch_std": _grpo_batch_std_advantage,  # no verl counterpart
+}
 
 
 def register() -> None:
