@@ -105,17 +105,50 @@ def _full(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _head(model) -> tuple[Tensor, Optional[Tensor]]:
+def _lora_head(head, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    r"""A PEFT LoRA layer on the head as one linear map of a widened hidden state: its forward is
+    ``h W^T + b + Σ_a s_a (B_a(A_a(dropout_a(h))))``, i.e. ``[h, s_a A_a(dropout_a(h)), ...]`` times
+    ``[W, B_a, ...]^T`` plus ``b + Σ_a s_a b_{B_a}`` (``H + Σ r_a`` columns; gradients reach A and B).
+    Disabled adapters give the base head; merged ones are in its weight already (PEFT's own rules)."""
+    if head.disable_adapters:
+        if head.merged:
+            raise ValueError("model: the output head's LoRA adapters are merged into its weight while adapters are "
+                             "disabled; unmerge them (model.unmerge_adapter()) first")
+        return hidden, weight, bias
+    if head.merged:
+        return hidden, weight, bias
+    hiddens, weights = [hidden], [weight]
+    for name in head.active_adapters:
+        if name not in head.lora_A.keys():
+            continue
+        if name in getattr(head, "lora_variant", {}) or head.fan_in_fan_out:
+            raise ValueError(f"model: the output head's LoRA adapter {name!r} is not a plain LoRA on an nn.Linear "
+                             "(DoRA and other variants, fan_in_fan_out), which the fused head cannot express")
+        lora_a, lora_b, scaling = head.lora_A[name], head.lora_B[name], head.scaling[name]
+        hiddens.append((lora_a(head.lora_dropout[name](hidden).to(lora_a.weight.dtype)) * scaling).to(hidden.dtype))
+        weights.append(lora_b.weight.to(weight.dtype))
+        if lora_b.bias is not None:
+            extra = (lora_b.bias * scaling).to(weight.dtype)
+            bias = extra if bias is None else bias + extra
+    return torch.cat(hiddens, dim=-1), torch.cat(weights, dim=1), bias
+
+
+def _head(model, hidden: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(hidden, weight, bias)`` with ``hidden @ weight.T + bias`` the output head of ``hidden``:
+    the head's own weight (gathered if a DTensor), or under a PEFT LoRA head the widened operands
+    of :func:`_lora_head` (a ``modules_to_save`` head resolves to its active copy itself)."""
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise TypeError(f"model: {type(model).__name__}.get_output_embeddings() has no weight")
-    weight, bias = _full(head.weight), _full(getattr(head, "bias", None))
+    lora = hasattr(head, "lora_A") and hasattr(head, "get_base_layer")
+    base = head.get_base_layer() if lora else head
+    weight, bias = _full(base.weight), _full(getattr(base, "bias", None))
     if weight.dim() != 2 or weight.numel() == 0:
         raise ValueError(
             f"model: the output head weight has shape {tuple(weight.shape)}; a partitioned parameter "
             "(DeepSpeed ZeRO-3) must be gathered around the call, e.g. with "
             "deepspeed.zero.GatheredParameters([lm_head.weight, lm_head.bias])")
-    return weight, bias
+    return _lora_head(head, hidden, weight, bias) if lora else (hidden, weight, bias)
 
 
 def _aligned(name: str, mask: Optional[Tensor], shape) -> Optional[Tensor]:
@@ -224,6 +257,12 @@ def causal_lm_logprobs(
     lm_head with bf16 hidden states), accumulating in fp32. Outside autocast the two
     dtypes must match, as they must for the model itself.
 
+    PEFT: a ``PeftModel`` (or its base model) is scored as its forward computes: LoRA layers in
+    the body run in its forward; a ``modules_to_save`` head is its active copy; a LoRA head
+    ``W + s B A`` goes through the vocabulary pass as ``[h, s A(dropout(h))] [W, B]^T`` (a
+    ``[V, H + r]`` weight per call; gradients reach ``A`` and ``B``); under ``disable_adapter()``
+    the base model is scored. DoRA and other LoRA variants on the head raise a ValueError.
+
     Returns:
         :class:`fastalign.TokenStats` with ``[B, T-1]`` fp32 ``logprobs`` (and ``entropy``).
     """
@@ -271,8 +310,7 @@ def causal_lm_logprobs(
     model_kwargs.setdefault("use_cache", False)
     outputs = _body(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                            return_dict=True, **model_kwargs)
-    hidden = outputs.last_hidden_state[:, :-1]
-    weight, bias = _head(model)
+    hidden, weight, bias = _head(model, outputs.last_hidden_state[:, :-1])
 
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):

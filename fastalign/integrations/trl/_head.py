@@ -81,9 +81,8 @@ def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], lab
         out.is_top1 = (stats.argmax == labels[:, 1:]) & scored
     if hidden_states:
         with torch.no_grad():
-            weight, bias = _head(model)
-            w_mean = weight.float().mean(0)
-            mean = hidden_states[0].float() @ w_mean
+            hidden, weight, bias = _head(model, hidden_states[0])
+            mean = hidden.float() @ weight.float().mean(0)
             if bias is not None:
                 mean = mean + bias.float().mean()
             mean = mean * (scale / temperature)

@@ -1,0 +1,172 @@
+"""PEFT (LoRA) models: causal_lm_logprobs against the PeftModel's own logits, and the TRL drop-ins with
+``peft_config`` against TRL's own trainers with the same ``peft_config``.
+
+Tiny randomly initialised models (no downloads). The LoRA weights are random (``init_lora_weights=False``)
+so the adapters change the logits, and a ``modules_to_save`` head copy is perturbed away from the
+original. The reference is the model's own forward run in float64 (log-softmax of its logits);
+gradients are those of the same objective through that float64 model's logits.
+"""
+import copy
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the PEFT tests need transformers")
+peft = pytest.importorskip("peft", reason="peft is not importable")
+
+from fastalign.integrations.hf import causal_lm_logprobs  # noqa: E402
+
+V = 97
+CASES = {
+    "lora_attention": dict(target_modules=["q_proj", "v_proj"]),
+    "lora_attention_and_head": dict(target_modules=["q_proj", "v_proj", "lm_head"]),
+    "lora_head_with_bias": dict(target_modules=["lm_head"], lora_bias=True),
+    "modules_to_save_head": dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+}
+
+
+def peft_model(case, model_type="qwen2", seed=0):
+    torch.manual_seed(seed)
+    extra = {"cohere": dict(logit_scale=0.5)}.get(model_type, {})
+    config_cls, model_cls = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+                             "cohere": ("CohereConfig", "CohereForCausalLM")}[model_type]
+    config = getattr(transformers, config_cls)(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                               tie_word_embeddings=False, attn_implementation="eager", **extra)
+    model = getattr(transformers, model_cls)(config).float()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0, 0.5)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **CASES[case]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name or ("lora_" in name and "lm_head" in name):
+                p.add_(torch.randn_like(p) * 0.3)  # the adapted head differs visibly from the base head
+    return model.eval()
+
+
+def _batch(seed=1, B=3, T=10):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, V, (B, T), generator=g)
+    attention = torch.ones_like(ids)
+    attention[0, -3:] = 0  # padding (on the right: a float64 eager model gives NaN on fully masked rows)
+    labels = ids.masked_fill(attention == 0, -100)
+    labels[:, :4] = -100  # the prompt is not scored
+    return ids, attention, labels
+
+
+def _reference(model, ids, attention, labels, temperature):
+    z = model(input_ids=ids, attention_mask=attention).logits[:, :-1].double() / temperature
+    logp = torch.log_softmax(z, -1)
+    y, scored = labels[:, 1:], labels[:, 1:] != -100
+    lp = logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    zero = torch.zeros((), dtype=torch.float64)
+    return torch.where(scored, lp, zero), torch.where(scored, ent, zero)
+
+
+def _grads(model, lp, ent, g):
+    model.zero_grad()
+    ((lp.double() * g).sum() + 0.3 * (ent.double() * g).sum()).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_causal_lm_logprobs_on_peft_model_matches_its_logits(case):
+    model = peft_model(case)
+    ids, attention, labels = _batch()
+    g = torch.randn(ids.shape[0], ids.shape[1] - 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    stats = causal_lm_logprobs(model, ids, attention, labels=labels, temperature=0.8, entropy=True)
+    ours = _grads(model, stats.logprobs, stats.entropy, g)
+    model64 = copy.deepcopy(model).double()  # the reference runs the whole model in float64
+    ref_lp, ref_ent = _reference(model64, ids, attention, labels, 0.8)
+    theirs = _grads(model64, ref_lp, ref_ent, g)
+    torch.testing.assert_close(stats.logprobs.double(), ref_lp.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.entropy.double(), ref_ent.detach(), rtol=1e-5, atol=1e-5)
+    assert set(ours) == set(theirs) and any("lora_B" in n for n in ours)
+    for name in theirs:  # the adapters' (and a saved head copy's) gradients, through the fused head;
+        # fp32 against float64 through the whole model: errors relative to the tensor's largest entry
+        scale = theirs[name].abs().max().item()
+        torch.testing.assert_close(ours[name].double(), theirs[name], rtol=1e-4, atol=5e-4 * scale,
+                                   msg=lambda m: f"{name}: {m}")
+    if case != "lora_attention":  # the adapted head is not the base head
+        with model.disable_adapter():
+            base = causal_lm_logprobs(model, ids, attention, labels=labels, temperature=0.8).logprobs
+        assert not torch.allclose(base, stats.logprobs.detach(), atol=1e-3)
+
+
+@pytest.mark.parametrize("case", ["lora_attention_and_head", "modules_to_save_head"])
+def test_disabled_adapters_score_the_base_model(case):
+    """Under ``disable_adapter()`` (TRL's reference model for a PEFT policy) the base model is scored."""
+    model = peft_model(case, model_type="cohere")  # with a logit_scale between the head and the logits
+    ids, attention, labels = _batch(seed=2)
+    with torch.no_grad(), model.disable_adapter():
+        got = causal_lm_logprobs(model, ids, attention, labels=labels).logprobs
+        expected, _ = _reference(model, ids, attention, labels, 1.0)
+        base_lp, _ = _reference(model.get_base_model(), ids, attention, labels, 1.0)  # wrappers passing through
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(expected, base_lp, rtol=0, atol=0)
+
+
+def test_lora_head_variant_raises():
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = peft.get_peft_model(transformers.Qwen2ForCausalLM(config),
+                                peft.LoraConfig(r=4, target_modules=["lm_head"], use_dora=True))
+    ids, attention, labels = _batch()
+    with pytest.raises(ValueError, match="not a plain LoRA"):
+        causal_lm_logprobs(model, ids, attention, labels=labels)
+
+
+# ------------------------------------------------------------------------------------------ TRL drop-ins
+
+trl = pytest.importorskip("trl", reason="TRL is not importable")
+pytest.importorskip("datasets", reason="TRL's trainers need datasets")
+pytest.importorskip("tokenizers", reason="the test tokenizer needs tokenizers")
+
+import fastalign.integrations.trl as fa_trl  # noqa: E402
+from test_integration_trl_trainers import (_common, _compare, _dpo_dataset, _grpo_dataset, _reward,  # noqa: E402
+                                           _run, _tokenizer, checkpoint)  # noqa: F401  (checkpoint: a fixture)
+
+
+def _lora(**kw):
+    return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, **kw)
+
+
+def _seeded(build):
+    torch.manual_seed(0)  # the LoRA weights are drawn when the trainer wraps the model
+    return build()
+
+
+def test_grpo_trainer_with_peft_matches_trl(checkpoint, tmp_path):
+    """LoRA on attention with a trained copy of the lm_head (modules_to_save; TRL's GRPOTrainer refuses a
+    LoRA adapter on the lm_head); the KL reference is the adapter-disabled model."""
+    options = dict(loss_type="bnpo", beta=0.05, per_device_train_batch_size=4, num_generations=4,
+                   max_completion_length=6, temperature=1.0)
+
+    def build(cls, out):
+        return cls(model=checkpoint, reward_funcs=_reward, args=trl.GRPOConfig(**_common(out, **options)),
+                   train_dataset=_grpo_dataset(), processing_class=_tokenizer(checkpoint),
+                   peft_config=_lora(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+
+    theirs = _run(_seeded(lambda: build(trl.GRPOTrainer, tmp_path / "trl")))
+    ours = _run(_seeded(lambda: build(fa_trl.GRPOTrainer, tmp_path / "fa")))
+    assert any("lm_head.modules_to_save" in k for k in ours[1]) and any("lora_B" in k for k in ours[1])
+    assert ours[0]["kl@0"] > 0  # the adapters move the policy away from the adapter-disabled reference
+    _compare(theirs, ours)
+
+
+def test_dpo_trainer_with_peft_matches_trl(checkpoint, tmp_path):
+    """LoRA on attention with a trained copy of the lm_head (modules_to_save); no ref_model: the
+    reference is the adapter-disabled model."""
+    def build(cls, out):
+        return cls(model=checkpoint, args=trl.DPOConfig(**_common(out, per_device_train_batch_size=4)),
+                   train_dataset=_dpo_dataset(), processing_class=_tokenizer(checkpoint),
+                   peft_config=_lora(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+
+    theirs = _run(_seeded(lambda: build(trl.DPOTrainer, tmp_path / "trl")))
+    ours = _run(_seeded(lambda: build(fa_trl.DPOTrainer, tmp_path / "fa")))
+    assert any("modules_to_save" in k for k in ours[1])
+    assert not math.isclose(ours[0]["rewards/margins@0"], 0.0, abs_tol=1e-7)  # policy differs from the reference
+    _compare(theirs, ours)
