@@ -52,6 +52,7 @@ class _FusedHead:
 
     training = True
     is_gradient_checkpointing = False
+    _modules: dict = {}  # no submodules (read by TRL's is_peft_model check when peft is installed)
 
     def __init__(self, log_probs, mask, log_sum_sq_probs=None):
         zero = torch.zeros_like(mask, dtype=log_probs.dtype)
@@ -479,6 +480,7 @@ class _UnpairedHead:
 
     training = True
     is_gradient_checkpointing = False
+    _modules: dict = {}  # no submodules (read by TRL's is_peft_model check when peft is installed)
 
     def __init__(self, ids, lp, mask, kl_ids, kl_lp, kl_mask):
         self.ids, self.kl_ids = ids, kl_ids

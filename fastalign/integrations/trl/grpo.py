@@ -35,9 +35,8 @@ controller that lives in the trainer: pass its current coefficient as ``entropy_
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
-
 import math
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor
