@@ -546,6 +546,36 @@ def test_linear_compact_rows_equal_whole_batch():
         fa.LinearPreferenceLoss(compact="yes")
 
 
+def test_labelled_rows_are_compacted_once(monkeypatch):
+    """On the C++ kernels the two-pass path leaves the compaction to linear_logprobs (which gathers the
+    labelled rows itself); the single pass and the Triton kernels get the rows compacted by the module."""
+    h, w, b, labels, rh = _hidden_batch(seed=6)
+    paths = fa.LinearPreferenceLoss().paths
+    assert not paths.compacts(h, single=False, backend="cpp")
+    assert paths.compacts(h, single=True, backend="cpp") and paths.compacts(h, single=False, backend="triton")
+    assert fa.LinearPreferenceLoss(compact=True).paths.compacts(h, single=False, backend="cpp")
+    import fastalign.ops.linear_stats as ls
+
+    gathers = []
+    labelled = ls.labelled_rows
+    monkeypatch.setattr(ls, "labelled_rows", lambda y, i: gathers.append(labelled(y, i)) or gathers[-1])
+    hx = h.clone().requires_grad_(True)
+    loss, _ = fa.LinearPreferenceLoss(backend="cpp")(hx, w, labels, bias=b)
+    loss.backward()
+    # forward and backward each find the labelled rows once, on the whole batch (not on compacted rows)
+    assert len(gathers) == 2 and all(g is not None and g.numel() == int((labels != -100).sum()) for g in gathers)
+
+
+def test_ops_layer_takes_the_loss_as_a_callback():
+    import ast
+    import inspect
+
+    import fastalign.ops.preference_blocks as blocks
+
+    imported = {n.module for n in ast.walk(ast.parse(inspect.getsource(blocks))) if isinstance(n, ast.ImportFrom)}
+    assert all(not m.startswith("fastalign") or m.startswith("fastalign.ops") for m in imported), imported
+
+
 def test_linear_bad_inputs():
     h, w, b, labels, rh = _hidden_batch()
     mod = fa.LinearPreferenceLoss()
