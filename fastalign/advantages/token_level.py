@@ -1,7 +1,7 @@
 r"""Token-level advantages (docs/math.md#advantages): ``[B, T]`` token rewards (values, log-probs)
 and the response mask in, ``[B, T]`` advantages out; the returns are reverse scans over time on
 the C++ CPU kernels or the CUDA kernels. :func:`token_advantages` spreads sequence-level
-advantages (:mod:`fastalign.advantages.sequence`) over the response tokens. No autograd.
+advantages (:mod:`fastalign.advantages.sequence_level`) over the response tokens. No autograd.
 """
 from __future__ import annotations
 

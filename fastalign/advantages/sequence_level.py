@@ -5,7 +5,7 @@ Each estimator of :func:`group_advantages` is one row of ``ESTIMATORS`` (a small
 from two kernels: segmented group statistics and a per-score normaliser. Groups are an integer
 index (any order, any values such as hashed prompt ids; the same results as consecutive blocks)
 or a fixed ``group_size``. Nothing on the CUDA path synchronises with the host. Advantages are
-targets: no autograd. The token-level estimators are in :mod:`fastalign.advantages.token`.
+targets: no autograd. The token-level estimators are in :mod:`fastalign.advantages.token_level`.
 """
 from __future__ import annotations
 
