@@ -46,10 +46,10 @@ _DEPRECATED = {"LOSS_TYPES": ("PREFERENCE_LOSS_TYPES", PREFERENCE_LOSS_TYPES)}
 
 def __getattr__(name):
     if name in _DEPRECATED:
-        import warnings
+        from fastalign._deprecate import warn
 
         new, value = _DEPRECATED[name]
-        warnings.warn(f"fastalign.{name} is deprecated: use fastalign.{new} (fastalign.POLICY_LOSS_TYPES lists "
-                      f"the policy losses)", DeprecationWarning, stacklevel=2)
+        warn(f"fastalign.{name} is deprecated: use fastalign.{new} (fastalign.POLICY_LOSS_TYPES lists the policy "
+             f"losses)")
         return value
     raise AttributeError(f"module 'fastalign' has no attribute {name!r}")

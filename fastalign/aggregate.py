@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _validate
+from fastalign._deprecate import renamed
 
 AGGS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 Count = Union[int, float, Tensor, None]
@@ -54,9 +55,11 @@ def aggregate_rows(row_loss: Tensor, row_n: Tensor, agg: str, T: int, global_tok
     return (row_loss / per_row).sum(0) / nseq * dp_size
 
 
-def aggregate_loss(per_token_loss: Tensor, mask: Tensor, agg: str = "token-mean", global_tokens: Count = None,
-                   global_seqs: Count = None, dp_size: int = 1, *, max_len: Optional[int] = None) -> Tensor:
-    r"""Reduce a per-token loss ``L [B, T]`` under the mask ``m`` (docs/math.md#aggregation), fp32 0-dim result.
+@renamed(mask="response_mask")
+def aggregate_loss(per_token_loss: Tensor, response_mask: Tensor, agg: str = "token-mean",
+                   global_tokens: Count = None, global_seqs: Count = None, dp_size: int = 1, *,
+                   max_len: Optional[int] = None) -> Tensor:
+    r"""Reduce a per-token loss ``L [B, T]`` under ``response_mask`` ``m`` (docs/math.md#aggregation), fp32 0-dim.
 
     * ``token-mean``: ``sum(m L) / N_glob * dp``
     * ``token-sum``: ``sum(m L) * dp``
@@ -71,12 +74,12 @@ def aggregate_loss(per_token_loss: Tensor, mask: Tensor, agg: str = "token-mean"
     ranks gives exactly the gradient of the global mean.
     """
     _validate.floating("per_token_loss", per_token_loss, dim=2)
-    _validate.real("mask", mask, dim=2)
-    _validate.shape("mask", mask, per_token_loss.shape, "per_token_loss.shape")
-    _validate.same_device(per_token_loss=per_token_loss, mask=mask)
+    _validate.real("response_mask", response_mask, dim=2)
+    _validate.shape("response_mask", response_mask, per_token_loss.shape, "per_token_loss.shape")
+    _validate.same_device(per_token_loss=per_token_loss, response_mask=response_mask)
     check_agg(agg)
     _validate.counts(global_tokens=global_tokens, global_seqs=global_seqs, dp_size=dp_size, max_len=max_len)
-    m = mask.to(torch.float32)
+    m = response_mask.to(torch.float32)
     L = torch.where(m > 0, per_token_loss.float(), torch.zeros((), device=m.device))
     return aggregate_rows(L.sum(-1), m.sum(-1), agg, per_token_loss.shape[1], global_tokens, global_seqs,
                           dp_size, max_len)

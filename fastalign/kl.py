@@ -1,13 +1,11 @@
 """KL estimators between the policy and a reference policy, per token (docs/math.md#kl-estimators)."""
 from __future__ import annotations
 
-import warnings
-from typing import Optional
-
 import torch
 from torch import Tensor
 
 from fastalign import _validate
+from fastalign._deprecate import renamed
 
 KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
 _ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
@@ -25,8 +23,8 @@ def canonical_kl(kind: str, name: str = "kl_type") -> tuple[str, bool]:
     return _ALIASES.get(base, base), straight
 
 
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kl_type: str = "k3", *, clamp: bool = True,
-               kind: Optional[str] = None) -> Tensor:
+@renamed(kind="kl_type")
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kl_type: str = "k3", *, clamp: bool = True) -> Tensor:
     r"""Per-token KL estimate, fp32, with ``x = ref - lp``:
 
     * ``k1`` / ``kl``: ``lp - ref``
@@ -40,12 +38,6 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kl_type: str = "k3", *, c
     name :func:`fastalign.policy_loss` uses for the same choice; ``kind`` is its former name here,
     deprecated.
     """
-    if kind is not None:
-        if kl_type != "k3":
-            raise TypeError("kl_penalty: pass kl_type only (kind is its deprecated name)")
-        warnings.warn("kl_penalty(kind=...) is deprecated: use kl_type=..., as policy_loss does",
-                      DeprecationWarning, stacklevel=2)
-        kl_type = kind
     _validate.floating("logprobs", logprobs)
     _validate.floating("ref_logprobs", ref_logprobs)
     _validate.same_device(logprobs=logprobs, ref_logprobs=ref_logprobs)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend, _validate
+from fastalign._options import check_choice
 from fastalign.logprobs import TokenStats, shaped_stats
 from fastalign.ops.linear_stats import VocabParallelStats, gpu_chunk_tokens, linear_stats
 
@@ -39,6 +40,27 @@ def chunk_shape(n: int, v: int, backend: str, chunk_mib: Optional[float] = None)
         vc = v
     nc = max(1, min(max(n, 1), elems // vc))
     return nc, vc
+
+
+def check_logit_options(temperature: float = 1.0, softcap: Optional[float] = None, logit_scale: float = 1.0,
+                        ignore_index: int = -100, grad_skip_threshold: float = 0.0, chunk=None,
+                        backend: Optional[str] = None) -> tuple[float, float, float]:
+    """Check the logit pipeline's options (a ``ValueError`` / ``TypeError`` naming the bad one);
+    returns ``(1 / temperature, softcap or 0, logit_scale)`` as floats. The linear loss modules
+    run it at construction, :func:`linear_logprobs` at each call."""
+    _validate.index_value("ignore_index", ignore_index)
+    inv_t = 1.0 / _validate.positive("temperature", temperature)
+    cap = 0.0 if softcap is None else _validate.positive("softcap", softcap)
+    scale = float(logit_scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"logit_scale must be finite, got {logit_scale}")
+    if not grad_skip_threshold >= 0:
+        raise ValueError(f"grad_skip_threshold must be >= 0, got {grad_skip_threshold}")
+    if chunk is not None and (len(chunk) != 2 or min(int(chunk[0]), int(chunk[1])) < 1):
+        raise ValueError(f"chunk must be (tokens, vocab) with both >= 1, got {chunk}")
+    if backend is not None:
+        check_choice("backend", backend, _backend.BACKENDS)
+    return inv_t, cap, scale
 
 
 def linear_logprobs(
@@ -120,14 +142,8 @@ def linear_logprobs(
     if V == 0:
         raise ValueError("weight must have a non-empty vocabulary (first) dimension")
     _validate.nonempty("hidden", hidden, -1, "hidden-size (last)")
-    _validate.index_value("ignore_index", ignore_index)
-    inv_t = 1.0 / _validate.positive("temperature", temperature)
-    cap = 0.0 if softcap is None else _validate.positive("softcap", softcap)
-    scale = float(logit_scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"logit_scale must be finite, got {logit_scale}")
-    if not grad_skip_threshold >= 0:
-        raise ValueError(f"grad_skip_threshold must be >= 0, got {grad_skip_threshold}")
+    inv_t, cap, scale = check_logit_options(temperature, softcap, logit_scale, ignore_index, grad_skip_threshold,
+                                            chunk)
     name = _backend.resolve(hidden.device, backend)
     if name == "cuda":  # no separate CUDA C++ kernel: the Triton kernels are the CUDA path
         name = "triton"
@@ -140,8 +156,6 @@ def linear_logprobs(
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     N = h2.shape[0]
     if chunk is not None:
-        if len(chunk) != 2 or min(int(chunk[0]), int(chunk[1])) < 1:
-            raise ValueError(f"chunk must be (tokens, vocab) with both >= 1, got {chunk}")
         nc, vc = int(chunk[0]), int(chunk[1])
     else:
         nc, vc = chunk_shape(N, V, name)

@@ -7,9 +7,10 @@ import torch
 from torch import Tensor, nn
 
 from fastalign import _validate
-from fastalign.linear import linear_logprobs
+from fastalign._options import check_names
+from fastalign.linear import check_logit_options, linear_logprobs
 from fastalign.policy import policy_loss
-from fastalign.policy_config import PolicyConfig, check_names
+from fastalign.policy_config import FIELDS, PolicyConfig
 
 # keywords that belong to the logit pipeline (linear_logprobs), not to policy_loss
 _LOGIT_OPTIONS = ("temperature", "softcap", "logit_scale", "ignore_index", "chunk", "vocab_group",
@@ -45,10 +46,12 @@ class LinearPolicyLoss(nn.Module):
         self.entropy_metric = bool(entropy_metric)
         if "entropy" in config:
             raise ValueError("LinearPolicyLoss computes the entropy itself; pass entropy_coef / entropy_metric")
-        check_names(config, extra=_LOGIT_OPTIONS)
-        self.config = dict(config)
-        # validated now (unknown names, options that do not apply), not at the first call
+        # validated now (unknown names, bad values, options that do not apply), not at the first call
+        check_names("LinearPolicyLoss", config, FIELDS + _LOGIT_OPTIONS)
+        logit = {k: v for k, v in config.items() if k in _LOGIT_OPTIONS and k != "vocab_group"}
+        check_logit_options(**logit, backend=config.get("backend"))
         PolicyConfig(**{k: v for k, v in config.items() if k not in _LOGIT_OPTIONS})
+        self.config = dict(config)
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Tensor, advantages: Tensor,
                 response_mask: Tensor, *, bias: Optional[Tensor] = None, ref_logprobs: Optional[Tensor] = None,

@@ -285,7 +285,7 @@ class PolicyLoss(nn.Module):
 
     def __init__(self, config: Optional[PolicyConfig] = None, **options):
         super().__init__()
-        self.config = PolicyConfig.make(config, **options)
+        self.config = PolicyConfig.make(config, "PolicyLoss", **options)
 
     def forward(self, logprobs, old_logprobs, advantages, response_mask, **kwargs):
         return policy_loss(logprobs, old_logprobs, advantages, response_mask, config=self.config, **kwargs)

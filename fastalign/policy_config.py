@@ -10,11 +10,11 @@ Adding an option is one field here plus its use in the kernels.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import math
 from typing import Any, NamedTuple, Optional
 
+from fastalign._options import check_choice, check_names
 from fastalign.aggregate import check_agg
 from fastalign.kl import canonical_kl
 
@@ -164,9 +164,11 @@ class PolicyConfig:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def make(cls, config: Optional["PolicyConfig"] = None, **options) -> "PolicyConfig":
-        """``config`` (or the defaults) with ``options`` replaced; unknown names raise ``TypeError``."""
-        check_names(options)
+    def make(cls, config: Optional["PolicyConfig"] = None, owner: str = "policy_loss", /,
+             **options) -> "PolicyConfig":
+        """``config`` (or the defaults) with ``options`` replaced; unknown names raise ``TypeError``
+        (``owner``: the function or module named in the message)."""
+        check_names(owner, options, FIELDS)
         if config is None:
             try:  # the same keywords on every step: validate them once
                 return _from_options(tuple((k, type(v), v) for k, v in sorted(options.items())))
@@ -175,15 +177,11 @@ class PolicyConfig:
         return dataclasses.replace(config, **options) if options else config
 
     def __post_init__(self):
-        lt = self.loss_type
-        if not isinstance(lt, str) or (lt not in LOSS_TYPES and lt not in PRESETS):
-            raise ValueError(f"loss_type must be one of {tuple(dict.fromkeys(LOSS_TYPES + tuple(PRESETS)))}, "
-                             f"got {lt!r}")
-        row, agg, seq_count = self.row, self.resolved_agg, self.resolved_seq_count
+        check_choice("loss_type", self.loss_type, POLICY_LOSS_TYPES)
+        row, agg = self.row, self.resolved_agg
         check_agg(agg)
-        if self.seq_count is not None and self.seq_count not in SEQ_COUNTS:
-            raise ValueError(f"seq_count must be one of {SEQ_COUNTS}, got {self.seq_count!r}")
-        del seq_count
+        if self.seq_count is not None:
+            check_choice("seq_count", self.seq_count, SEQ_COUNTS)
         if self.importance_sampling_level not in IS_LEVELS:
             raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', "
                              f"got {self.importance_sampling_level!r}")
@@ -222,12 +220,10 @@ class PolicyConfig:
         if self.kl_rho not in KL_RHO_CODES or isinstance(self.kl_rho, (int, float)) and \
                 not isinstance(self.kl_rho, bool):
             raise ValueError(f"kl_rho must be False, True, 'detached' or 'grad', got {self.kl_rho!r}")
-        if self.entropy_agg not in ENTROPY_AGGS:
-            raise ValueError(f"entropy_agg must be one of {ENTROPY_AGGS}, got {self.entropy_agg!r}")
+        check_choice("entropy_agg", self.entropy_agg, ENTROPY_AGGS)
         if self.entropy_agg != "loss" and self.entropy_coef == 0.0:
             raise ValueError("entropy_agg applies only with entropy_coef != 0")
-        if self.rollout_correction is not None and self.rollout_correction not in ROLLOUT_MODES:
-            raise ValueError(f"rollout_correction must be one of {ROLLOUT_MODES}, got {self.rollout_correction!r}")
+        check_choice("rollout_correction", self.rollout_correction, (None,) + ROLLOUT_MODES)
         if self.rollout_correction is None and (self.rollout_min is not None or self.rollout_max != 2.0):
             name = "rollout_min" if self.rollout_min is not None else "rollout_max"
             raise ValueError(f"{name} applies only with rollout_correction")
@@ -330,13 +326,3 @@ FIELDS = tuple(f.name for f in dataclasses.fields(PolicyConfig))
 @functools.lru_cache(maxsize=256)
 def _from_options(items: tuple) -> PolicyConfig:
     return PolicyConfig(**{k: v for k, _t, v in items})
-
-
-def check_names(options: dict, extra: tuple = ()) -> None:
-    """``TypeError`` for a keyword that is not a configuration field, with the closest valid name."""
-    valid = FIELDS + tuple(extra)
-    for name in options:
-        if name not in valid:
-            close = difflib.get_close_matches(name, valid, n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise TypeError(f"unknown policy-loss option {name!r}{hint}")

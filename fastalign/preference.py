@@ -10,7 +10,6 @@ Nothing here reads a value back to the host.
 """
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
@@ -20,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastalign import _validate
+from fastalign._deprecate import renamed
+from fastalign._options import check_choice, check_names, did_you_mean
 from fastalign.sequence import _floating, sequence_logprobs
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -201,6 +202,11 @@ UNPAIRED_LOSSES: Dict[str, Tuple[Callable[[Tensor, Tensor, float], Tuple[Tensor,
 }
 
 
+#: former argument names of the pair losses (accepted with a deprecation warning)
+PAIR_RENAMES = dict(chosen_logps="chosen_logprobs", rejected_logps="rejected_logprobs",
+                    ref_chosen_logps="ref_chosen_logprobs", ref_rejected_logps="ref_rejected_logprobs")
+
+
 def _f_score(x: Tensor, kind: str, alpha: float) -> Tensor:
     """f-divergence score ``f'(u)`` of a log-ratio ``x = log u`` (reverse KL: ``x`` itself).
 
@@ -234,8 +240,7 @@ def _loss_list(loss_type, loss_weights) -> Tuple[Tuple[str, ...], Tuple[float, .
         raise ValueError("loss_type must name at least one loss")
     for t in types:
         if t not in LOSSES:
-            raise ValueError(f"loss_type {t!r} is not one of {LOSS_TYPES}"
-                             + (_suggest(t, LOSS_TYPES) if isinstance(t, str) else ""))
+            raise ValueError(f"loss_type {t!r} is not one of {LOSS_TYPES}{did_you_mean(t, LOSS_TYPES)}")
     if loss_weights is None:
         weights = (1.0,) * len(types)
     else:
@@ -246,16 +251,17 @@ def _loss_list(loss_type, loss_weights) -> Tuple[Tuple[str, ...], Tuple[float, .
 
 
 def _check_options(types, beta, label_smoothing, smoothed_losses, f_divergence, f_alpha, f_length_average,
-                   discopop_tau):
+                   discopop_tau, **coefficients):
     """The option checks of :func:`preference_loss` that need no tensor (the modules run them at
-    construction): ``(beta, label_smoothing, the smoothed losses)``."""
+    construction; ``coefficients``: the real-valued options, each finite or None):
+    ``(beta, label_smoothing, the smoothed losses)``."""
     beta = _validate.positive("beta", beta)
+    _validate.finite(**coefficients)
     eps = float(label_smoothing)
     if not 0.0 <= eps < 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
     smoothed = _smoothed_set(types, smoothed_losses, eps)
-    if f_divergence not in F_DIVERGENCES:
-        raise ValueError(f"f_divergence must be one of {F_DIVERGENCES}, got {f_divergence!r}")
+    check_choice("f_divergence", f_divergence, F_DIVERGENCES)
     if f_divergence != "reverse_kl":
         bad = [t for t in types if not LOSSES[t].f_score]
         if bad:
@@ -263,36 +269,31 @@ def _check_options(types, beta, label_smoothing, smoothed_losses, f_divergence, 
                              f"of d = dc - dr take it ({[t for t in LOSS_TYPES if LOSSES[t].f_score]})")
     if f_divergence == "alpha_divergence" and not math.isfinite(f_alpha):
         raise ValueError(f"f_alpha must be finite, got {f_alpha}")
-    if f_length_average not in F_LENGTH_AVERAGES:
-        raise ValueError(f"f_length_average must be one of {F_LENGTH_AVERAGES}, got {f_length_average!r}")
+    check_choice("f_length_average", f_length_average, F_LENGTH_AVERAGES)
     _validate.positive("discopop_tau", discopop_tau)
     return beta, eps, smoothed
 
 
-def _suggest(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def check_config(owner: str, loss_type, beta, label_smoothing, options: dict) -> Tuple[str, ...]:
+def check_config(owner: str, loss_type, beta, label_smoothing, options: dict,
+                 own: Tuple[str, ...] = ()) -> Tuple[str, ...]:
     """Validate a preference module's configuration at construction, as :func:`preference_loss` would
-    at the first call (unknown options get a "did you mean"); returns the loss types."""
-    for k in options:
-        if k not in _CONFIG_KEYS:
-            raise TypeError(f"{owner} got an unknown option {k!r}{_suggest(k, _CONFIG_KEYS)} (options: "
-                            f"{_CONFIG_KEYS})")
+    at the first call (unknown options get a "did you mean" among the options and the module's ``own``
+    keywords); returns the loss types."""
+    check_names(owner, options, _CONFIG_KEYS + tuple(own))
     types, _ = _loss_list(loss_type, options.get("loss_weights"))
     _check_options(types, beta, label_smoothing, options.get("smoothed_losses"),
                    options.get("f_divergence", "reverse_kl"), options.get("f_alpha", 1.0),
-                   options.get("f_length_average", "log_ratio"), options.get("discopop_tau", 0.05))
+                   options.get("f_length_average", "log_ratio"), options.get("discopop_tau", 0.05),
+                   **{k: options[k] for k in _COEFFICIENTS if k in options})
     return types
 
 
+@renamed(**PAIR_RENAMES)
 def preference_loss(
-    chosen_logps: Tensor,
-    rejected_logps: Tensor,
-    ref_chosen_logps: Optional[Tensor] = None,
-    ref_rejected_logps: Optional[Tensor] = None,
+    chosen_logprobs: Tensor,
+    rejected_logprobs: Tensor,
+    ref_chosen_logprobs: Optional[Tensor] = None,
+    ref_rejected_logprobs: Optional[Tensor] = None,
     *,
     loss_type: Union[str, Sequence[str]] = "sigmoid",
     beta: float = 0.1,
@@ -350,8 +351,8 @@ def preference_loss(
     per-pair ``weights`` ``ω`` (e.g. :func:`wpo_weights`, detached).
 
     Args:
-        chosen_logps, rejected_logps: ``[B]`` summed policy log-probs (differentiable).
-        ref_chosen_logps, ref_rejected_logps: ``[B]`` reference log-probs (both or neither;
+        chosen_logprobs, rejected_logprobs: ``[B]`` summed policy log-probs (differentiable).
+        ref_chosen_logprobs, ref_rejected_logprobs: ``[B]`` reference log-probs (both or neither;
             without them the reference log-probs are 0 — reference-free).
         loss_type: a name or a list of names (summed with ``loss_weights``).
         chosen_lengths, rejected_lengths: ``[B]`` response lengths; needed by ipo,
@@ -381,14 +382,14 @@ def preference_loss(
         (when it is known), all detached 0-dim tensors.
     """
     types, loss_w = _loss_list(loss_type, loss_weights)
-    _floating("chosen_logps", chosen_logps, dim=1)
-    B = chosen_logps.shape[0]
-    _floating("rejected_logps", rejected_logps)
-    _validate.shape("rejected_logps", rejected_logps, (B,), "like chosen_logps")
-    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
-        raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)")
-    named = dict(chosen_logps=chosen_logps, rejected_logps=rejected_logps)
-    for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps),
+    _floating("chosen_logprobs", chosen_logprobs, dim=1)
+    B = chosen_logprobs.shape[0]
+    _floating("rejected_logprobs", rejected_logprobs)
+    _validate.shape("rejected_logprobs", rejected_logprobs, (B,), "like chosen_logprobs")
+    if (ref_chosen_logprobs is None) != (ref_rejected_logprobs is None):
+        raise ValueError("give both ref_chosen_logprobs and ref_rejected_logprobs, or neither (reference-free)")
+    named = dict(chosen_logprobs=chosen_logprobs, rejected_logprobs=rejected_logprobs)
+    for name, t in (("ref_chosen_logprobs", ref_chosen_logprobs), ("ref_rejected_logprobs", ref_rejected_logprobs),
                     ("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths),
                     ("weights", weights)):
         if t is not None:
@@ -404,7 +405,9 @@ def preference_loss(
     if (chosen_lengths is None) != (rejected_lengths is None):
         raise ValueError("give both chosen_lengths and rejected_lengths, or neither")
     beta, eps, smoothed = _check_options(types, beta, label_smoothing, smoothed_losses, f_divergence, f_alpha,
-                                         f_length_average, discopop_tau)
+                                         f_length_average, discopop_tau, rpo_alpha=rpo_alpha, cpo_alpha=cpo_alpha,
+                                         simpo_gamma=simpo_gamma, alphapo_alpha=alphapo_alpha,
+                                         desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
     has_len = chosen_lengths is not None
     need_nll = any(LOSSES[t].nll for t in types) or rpo_alpha is not None
     for t in types:
@@ -413,13 +416,13 @@ def preference_loss(
     if need_nll and chosen_nll is None and not has_len:
         raise ValueError("this loss needs the chosen NLL: give chosen_nll, or chosen_lengths and rejected_lengths")
 
-    acc = torch.promote_types(chosen_logps.dtype, torch.float32)
-    lc, lr = chosen_logps.to(acc), rejected_logps.to(acc)
-    if ref_chosen_logps is None:
+    acc = torch.promote_types(chosen_logprobs.dtype, torch.float32)
+    lc, lr = chosen_logprobs.to(acc), rejected_logprobs.to(acc)
+    if ref_chosen_logprobs is None:
         lc0 = lr0 = torch.zeros_like(lc)
     else:
-        lc0 = ref_chosen_logps.detach().to(acc)
-        lr0 = ref_rejected_logps.detach().to(acc)
+        lc0 = ref_chosen_logprobs.detach().to(acc)
+        lr0 = ref_rejected_logprobs.detach().to(acc)
     dc_raw, dr_raw = lc - lc0, lr - lr0
     dc, dr = _f_score(dc_raw, f_divergence, f_alpha), _f_score(dr_raw, f_divergence, f_alpha)
     dc_bar = dr_bar = lc_bar = lr_bar = None
@@ -471,9 +474,10 @@ def preference_loss(
     return loss, metrics
 
 
+@renamed(logps="logprobs", ref_logps="ref_logprobs")
 def unpaired_preference_loss(
-    logps: Tensor,
-    ref_logps: Optional[Tensor],
+    logprobs: Tensor,
+    ref_logprobs: Optional[Tensor],
     desirable: Tensor,
     *,
     loss_type: str = "kto",
@@ -501,16 +505,15 @@ def unpaired_preference_loss(
     difference, ``logps/chosen`` / ``logps/rejected`` likewise of ``lp``. A class absent from the
     batch gives NaN for its metrics.
     """
-    if loss_type not in UNPAIRED_LOSSES:
-        raise ValueError(f"loss_type must be one of {tuple(UNPAIRED_LOSSES)}, got {loss_type!r}")
+    check_choice("loss_type", loss_type, UNPAIRED_LOSSES)
     terms, takes_kl = UNPAIRED_LOSSES[loss_type]
-    _floating("logps", logps, dim=1)
-    N = logps.shape[0]
-    named = dict(logps=logps)
-    if ref_logps is not None:
-        _floating("ref_logps", ref_logps)
-        _validate.shape("ref_logps", ref_logps, (N,), "like logps")
-        named["ref_logps"] = ref_logps
+    _floating("logprobs", logprobs, dim=1)
+    N = logprobs.shape[0]
+    named = dict(logprobs=logprobs)
+    if ref_logprobs is not None:
+        _floating("ref_logprobs", ref_logprobs)
+        _validate.shape("ref_logprobs", ref_logprobs, (N,), "like logprobs")
+        named["ref_logprobs"] = ref_logprobs
     _validate.tensor("desirable", desirable)
     if desirable.dtype != torch.bool:
         raise TypeError(f"desirable must be a bool tensor (True for a desirable response), got {desirable.dtype}")
@@ -524,9 +527,9 @@ def unpaired_preference_loss(
     _validate.same_device(**named)
     beta = _validate.positive("beta", beta)
 
-    acc = torch.promote_types(logps.dtype, torch.float32)
-    lp = logps.to(acc)
-    x = lp if ref_logps is None else lp - ref_logps.detach().to(acc)
+    acc = torch.promote_types(logprobs.dtype, torch.float32)
+    lp = logprobs.to(acc)
+    x = lp if ref_logprobs is None else lp - ref_logprobs.detach().to(acc)
     if takes_kl:
         z0 = (x.mean() if kl is None else kl.to(acc).mean()).clamp(min=0.0).detach()
     else:
@@ -572,6 +575,8 @@ def _smoothed_set(types: Tuple[str, ...], smoothed_losses, eps: float) -> Tuple[
     return chosen
 
 
+#: the real-valued options checked finite (besides beta, label_smoothing, f_alpha, discopop_tau)
+_COEFFICIENTS = ("rpo_alpha", "cpo_alpha", "simpo_gamma", "alphapo_alpha", "desirable_weight", "undesirable_weight")
 _CONFIG_KEYS = ("loss_type", "beta", "label_smoothing", "loss_weights", "rpo_alpha", "cpo_alpha", "simpo_gamma",
                 "alphapo_alpha", "discopop_tau", "bco_delta", "desirable_weight", "undesirable_weight",
                 "f_divergence", "f_alpha", "f_length_average", "smoothed_losses")
@@ -579,16 +584,18 @@ _CONFIG_KEYS = ("loss_type", "beta", "label_smoothing", "loss_weights", "rpo_alp
 
 class PreferenceLoss(nn.Module):
     """:func:`preference_loss` as a module: the options are fixed at construction,
-    ``forward(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, **per_batch)``
-    takes the tensors (lengths, chosen_nll, weights, kto_kl)."""
+    ``forward(chosen_logprobs, rejected_logprobs, ref_chosen_logprobs=None, ref_rejected_logprobs=None,
+    **per_batch)`` takes the tensors (lengths, chosen_nll, weights, kto_kl)."""
 
     def __init__(self, loss_type="sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, **options):
         super().__init__()
         check_config("PreferenceLoss", loss_type, beta, label_smoothing, options)  # fail here, not at the first call
         self.config = dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, **options)
 
-    def forward(self, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, **per_batch):
-        return preference_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+    @renamed(**PAIR_RENAMES)
+    def forward(self, chosen_logprobs, rejected_logprobs, ref_chosen_logprobs=None, ref_rejected_logprobs=None,
+                **per_batch):
+        return preference_loss(chosen_logprobs, rejected_logprobs, ref_chosen_logprobs, ref_rejected_logprobs,
                                **self.config, **per_batch)
 
     def extra_repr(self) -> str:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _validate
+from fastalign._deprecate import renamed
 
 
 _floating = _validate.any_float  # float64 is accepted too (sequence-level math, fp64 oracles)
@@ -42,9 +43,10 @@ def segment_ids(n: int, device, cu_seqlens: Optional[Tensor], position_ids: Opti
     return torch.cumsum(starts, 0) - 1
 
 
+@renamed(token_logps="token_logprobs", mask="response_mask")
 def sequence_logprobs(
-    token_logps: Tensor,
-    mask: Optional[Tensor] = None,
+    token_logprobs: Tensor,
+    response_mask: Optional[Tensor] = None,
     *,
     labels: Optional[Tensor] = None,
     ignore_index: int = -100,
@@ -60,9 +62,9 @@ def sequence_logprobs(
 
     Layouts:
 
-    * **padded** — ``token_logps`` ``[S, T]``; mask ``[S, T]`` (bool or 0/1 float), or
+    * **padded** — ``token_logprobs`` ``[S, T]``; ``response_mask`` ``[S, T]`` (bool or 0/1 float), or
       ``labels`` with ``ignore_index`` (mask = labels != ignore_index), or nothing (all valid).
-    * **packed** — ``token_logps`` ``[N]`` (or ``[1, N]``) holding the sequences back to back,
+    * **packed** — ``token_logprobs`` ``[N]`` (or ``[1, N]``) holding the sequences back to back,
       with ``cu_seqlens`` ``[S+1]`` (cumulative lengths, starts at 0) or ``position_ids``
       (a sequence starts where the position is 0; pass ``num_sequences`` — the count of
       sequences is needed as a shape and is never read from the device).
@@ -83,44 +85,44 @@ def sequence_logprobs(
     ``sum_p2`` (per-token :math:`\sum_j p_j^2`, e.g. ``TokenStats.sum_p2``) adds the detached
     WPO log-weight ``wpo_i = mean_t(lp_t - log sum_p2_t)`` over the valid tokens.
     """
-    _floating("token_logps", token_logps, min_dim=1)
+    _floating("token_logprobs", token_logprobs, min_dim=1)
     packed = cu_seqlens is not None or position_ids is not None
     if cu_seqlens is not None and position_ids is not None:
         raise ValueError("give cu_seqlens or position_ids, not both")
-    if mask is not None and labels is not None:
-        raise ValueError("give mask or labels (with ignore_index), not both")
-    if not packed and token_logps.dim() != 2:
-        raise ValueError(f"token_logps must be [S, T] for a padded batch (or give cu_seqlens / position_ids), "
-                         f"got shape {tuple(token_logps.shape)}")
-    if packed and not (token_logps.dim() == 1 or (token_logps.dim() == 2 and token_logps.shape[0] == 1)):
-        raise ValueError(f"packed token_logps must be [N] or [1, N], got shape {tuple(token_logps.shape)}")
-    for name, t in (("mask", mask), ("labels", labels), ("token_weights", token_weights), ("sum_p2", sum_p2),
-                    ("position_ids", position_ids)):
+    if response_mask is not None and labels is not None:
+        raise ValueError("give response_mask or labels (with ignore_index), not both")
+    if not packed and token_logprobs.dim() != 2:
+        raise ValueError(f"token_logprobs must be [S, T] for a padded batch (or give cu_seqlens / position_ids), "
+                         f"got shape {tuple(token_logprobs.shape)}")
+    if packed and not (token_logprobs.dim() == 1 or (token_logprobs.dim() == 2 and token_logprobs.shape[0] == 1)):
+        raise ValueError(f"packed token_logprobs must be [N] or [1, N], got shape {tuple(token_logprobs.shape)}")
+    for name, t in (("response_mask", response_mask), ("labels", labels), ("token_weights", token_weights),
+                    ("sum_p2", sum_p2), ("position_ids", position_ids)):
         if t is not None:
             _validate.real(name, t)
-            _validate.shape(name, t, token_logps.shape, "token_logps.shape")
-            _validate.same_device(token_logps=token_logps, **{name: t})
+            _validate.shape(name, t, token_logprobs.shape, "token_logprobs.shape")
+            _validate.same_device(token_logprobs=token_logprobs, **{name: t})
     _validate.finite(ld_alpha=ld_alpha)
     if num_sequences is not None:
         _validate.at_least("num_sequences", num_sequences, 1)
     if labels is not None:
         _validate.integer("labels", labels)
-        mask = labels != _validate.index_value("ignore_index", ignore_index)
+        response_mask = labels != _validate.index_value("ignore_index", ignore_index)
     if token_weights is not None:
         _floating("token_weights", token_weights)
     if sum_p2 is not None:
         _floating("sum_p2", sum_p2)
 
-    acc = torch.promote_types(token_logps.dtype, torch.float32)
-    lp = token_logps.to(acc)
-    m = torch.ones_like(lp) if mask is None else mask.to(acc)
+    acc = torch.promote_types(token_logprobs.dtype, torch.float32)
+    lp = token_logprobs.to(acc)
+    m = torch.ones_like(lp) if response_mask is None else response_mask.to(acc)
 
     if packed:
         lp, m = lp.reshape(-1), m.reshape(-1)
         n = lp.shape[0]
         malformed = None
         if cu_seqlens is not None:
-            malformed = _validate.offsets("cu_seqlens", cu_seqlens, n, device=token_logps.device)
+            malformed = _validate.offsets("cu_seqlens", cu_seqlens, n, device=token_logprobs.device)
             S = cu_seqlens.shape[0] - 1
             if num_sequences is not None and int(num_sequences) != S:
                 raise ValueError(f"num_sequences={num_sequences} but cu_seqlens describes {S} sequences")

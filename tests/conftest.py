@@ -36,6 +36,11 @@ except ImportError:  # pragma: no cover - hypothesis is in the test extra
     pass
 
 
+def pytest_configure(config):
+    # a former argument name used by the library or by a test is an error, except under pytest.warns
+    config.addinivalue_line("filterwarnings", "error::fastalign._deprecate.RenamedWarning")
+
+
 @pytest.fixture(params=CPU_BACKENDS)
 def cpu_backend(request):
     """Each CPU-runnable backend: the C++ kernels and the Triton interpreter."""

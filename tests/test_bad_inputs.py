@@ -95,7 +95,7 @@ def _policy_good():
 
 
 def _pref_good():
-    return dict(chosen_logps=_f(B), rejected_logps=_f(B), ref_chosen_logps=_f(B), ref_rejected_logps=_f(B),
+    return dict(chosen_logprobs=_f(B), rejected_logprobs=_f(B), ref_chosen_logprobs=_f(B), ref_rejected_logprobs=_f(B),
                 chosen_lengths=torch.full((B,), 3.0), rejected_lengths=torch.full((B,), 2.0), weights=_f(B).abs())
 
 
@@ -106,7 +106,7 @@ def _lin_policy_good():
 
 def _lin_pref_good():
     return dict(hidden=_f(2 * B, T, H), weight=_f(V, H), labels=_lab(2 * B, T), bias=_f(V),
-                ref_chosen_logps=_f(B), ref_rejected_logps=_f(B), token_weights=_f(2 * B, T))
+                ref_chosen_logprobs=_f(B), ref_rejected_logprobs=_f(B), token_weights=_f(2 * B, T))
 
 
 def _call_lin_policy(a):
@@ -158,39 +158,41 @@ FNS = [
     Fn("kl_penalty", lambda: dict(logprobs=_f(B, T), ref_logprobs=_f(B, T)),
        lambda a: fa.kl_penalty(a["logprobs"], a["ref_logprobs"]),
        {"logprobs": ("float", ()), "ref_logprobs": ("float", ("other_device", "rank_up", "rank_down", "mismatch"))}),
-    Fn("aggregate_loss", lambda: dict(per_token_loss=_f(B, T), mask=_mask(B, T)),
-       lambda a: fa.aggregate_loss(a["per_token_loss"], a["mask"]),
+    Fn("aggregate_loss", lambda: dict(per_token_loss=_f(B, T), response_mask=_mask(B, T)),
+       lambda a: fa.aggregate_loss(a["per_token_loss"], a["response_mask"]),
        {"per_token_loss": ("float", ("rank_up", "rank_down")),
-        "mask": ("real", ("other_device", "rank_up", "rank_down", "mismatch"))}),
-    Fn("sequence_logprobs", lambda: dict(token_logps=_f(B, T), mask=_mask(B, T), token_weights=_f(B, T),
-                                         sum_p2=_f(B, T).sigmoid()),
-       lambda a: fa.sequence_logprobs(a["token_logps"], a["mask"], token_weights=a["token_weights"],
+        "response_mask": ("real", ("other_device", "rank_up", "rank_down", "mismatch"))}),
+    Fn("sequence_logprobs", lambda: dict(token_logprobs=_f(B, T), response_mask=_mask(B, T),
+                                         token_weights=_f(B, T), sum_p2=_f(B, T).sigmoid()),
+       lambda a: fa.sequence_logprobs(a["token_logprobs"], a["response_mask"], token_weights=a["token_weights"],
                                       sum_p2=a["sum_p2"]),
-       {"token_logps": ("any_float", ("rank_up", "rank_down")),
-        "mask": ("real", ("other_device", "rank_up", "rank_down", "mismatch")),
+       {"token_logprobs": ("any_float", ("rank_up", "rank_down")),
+        "response_mask": ("real", ("other_device", "rank_up", "rank_down", "mismatch")),
         "token_weights": ("any_float", ("other_device", "rank_up", "rank_down", "mismatch")),
         "sum_p2": ("any_float", ("other_device", "rank_up", "rank_down", "mismatch"))}),
-    Fn("sequence_logprobs_labels", lambda: dict(token_logps=_f(B, T), labels=_lab(B, T)),
-       lambda a: fa.sequence_logprobs(a["token_logps"], labels=a["labels"]),
+    Fn("sequence_logprobs_labels", lambda: dict(token_logprobs=_f(B, T), labels=_lab(B, T)),
+       lambda a: fa.sequence_logprobs(a["token_logprobs"], labels=a["labels"]),
        {"labels": ("int", ("other_device", "rank_up", "rank_down", "mismatch"))}),
-    Fn("sequence_logprobs_packed", lambda: dict(token_logps=_f(6), cu_seqlens=torch.tensor([0, 2, 6])),
-       lambda a: fa.sequence_logprobs(a["token_logps"], cu_seqlens=a["cu_seqlens"]),
-       {"token_logps": ("any_float", ()),
+    Fn("sequence_logprobs_packed", lambda: dict(token_logprobs=_f(6), cu_seqlens=torch.tensor([0, 2, 6])),
+       lambda a: fa.sequence_logprobs(a["token_logprobs"], cu_seqlens=a["cu_seqlens"]),
+       {"token_logprobs": ("any_float", ()),
         "cu_seqlens": ("int", ("other_device", "rank_up", "rank_down"))}),
-    Fn("sequence_logprobs_position_ids", lambda: dict(token_logps=_f(6), position_ids=torch.tensor([0, 1, 0, 1, 2, 3])),
-       lambda a: fa.sequence_logprobs(a["token_logps"], position_ids=a["position_ids"], num_sequences=2),
+    Fn("sequence_logprobs_position_ids",
+       lambda: dict(token_logprobs=_f(6), position_ids=torch.tensor([0, 1, 0, 1, 2, 3])),
+       lambda a: fa.sequence_logprobs(a["token_logprobs"], position_ids=a["position_ids"], num_sequences=2),
        {"position_ids": ("int", ("other_device", "rank_up", "mismatch"))}),
     Fn("preference_loss", _pref_good, lambda a: fa.preference_loss(**a, loss_type=["sigmoid", "ipo"]),
-       {"chosen_logps": ("any_float", ("rank_up", "rank_down")),
-        "rejected_logps": ("any_float", ("other_device", "rank_up", "rank_down", "mismatch")),
+       {"chosen_logprobs": ("any_float", ("rank_up", "rank_down")),
+        "rejected_logprobs": ("any_float", ("other_device", "rank_up", "rank_down", "mismatch")),
         **{k: ("real", ("other_device", "rank_up", "rank_down", "mismatch"))
-           for k in ("ref_chosen_logps", "ref_rejected_logps", "chosen_lengths", "rejected_lengths", "weights")}}),
+           for k in ("ref_chosen_logprobs", "ref_rejected_logprobs", "chosen_lengths", "rejected_lengths",
+                     "weights")}}),
     Fn("PreferenceLoss", _pref_good, lambda a: fa.PreferenceLoss("kto", beta=0.2)(
-        a["chosen_logps"], a["rejected_logps"], a["ref_chosen_logps"], a["ref_rejected_logps"]),
-       {"chosen_logps": ("any_float", ("rank_up", "rank_down")),
-        "rejected_logps": ("any_float", ("other_device", "mismatch")),
-        "ref_chosen_logps": ("real", ("other_device", "mismatch")),
-        "ref_rejected_logps": ("real", ("other_device", "mismatch"))}),
+        a["chosen_logprobs"], a["rejected_logprobs"], a["ref_chosen_logprobs"], a["ref_rejected_logprobs"]),
+       {"chosen_logprobs": ("any_float", ("rank_up", "rank_down")),
+        "rejected_logprobs": ("any_float", ("other_device", "mismatch")),
+        "ref_chosen_logprobs": ("real", ("other_device", "mismatch")),
+        "ref_rejected_logprobs": ("real", ("other_device", "mismatch"))}),
     Fn("wpo_weights", lambda: dict(chosen_wpo=_f(B), rejected_wpo=_f(B)),
        lambda a: fa.wpo_weights(a["chosen_wpo"], a["rejected_wpo"]),
        {"chosen_wpo": ("any_float", ()), "rejected_wpo": ("any_float", ("other_device", "rank_up", "mismatch"))}),
@@ -199,8 +201,8 @@ FNS = [
         "weight": ("float", ("other_device", "rank_up", "rank_down", "mismatch")),
         "labels": ("int", ("rank_up", "rank_down", "mismatch")),
         "bias": ("float", ("other_device", "rank_up", "mismatch")),
-        "ref_chosen_logps": ("real", ("other_device", "rank_up", "mismatch")),
-        "ref_rejected_logps": ("real", ("other_device",)),
+        "ref_chosen_logprobs": ("real", ("other_device", "rank_up", "mismatch")),
+        "ref_rejected_logprobs": ("real", ("other_device",)),
         "token_weights": ("any_float", ("other_device", "rank_up", "mismatch"))},
        backends=True,
        # a list is the (chosen, rejected) layout: a list of 2B rows is a ValueError
@@ -223,9 +225,9 @@ FNS = [
        lambda a: fa.token_advantages(a["adv"], a["response_mask"]),
        {"adv": ("any_float", ("rank_up", "rank_down")),
         "response_mask": ("real", ("other_device", "rank_up", "rank_down"))}),
-    Fn("masked_whiten", lambda: dict(x=_f(B, T), mask=_mask(B, T)),
-       lambda a: fa.masked_whiten(a["x"], a["mask"]),
-       {"x": ("any_float", ()), "mask": ("real", ("other_device", "rank_up", "rank_down", "mismatch"))}),
+    Fn("masked_whiten", lambda: dict(x=_f(B, T), response_mask=_mask(B, T)),
+       lambda a: fa.masked_whiten(a["x"], a["response_mask"]),
+       {"x": ("any_float", ()), "response_mask": ("real", ("other_device", "rank_up", "rank_down", "mismatch"))}),
     Fn("reinforce_pp_advantages", lambda: dict(token_rewards=_f(B, T), response_mask=_mask(B, T)),
        lambda a: fa.reinforce_pp_advantages(a["token_rewards"], a["response_mask"], gamma=0.9),
        {"token_rewards": ("any_float", ("rank_up", "rank_down")),

@@ -604,11 +604,11 @@ def test_gpu_no_sync_and_cuda_graph():
 
 def test_unknown_option_suggests_the_closest_name():
     d = make_batch(B=2, T=5, seed=30)
-    with pytest.raises(TypeError, match="did you mean eps_high"):
+    with pytest.raises(TypeError, match="did you mean 'eps_high'"):
         fastalign.policy_loss(d["lp"], d["old"], d["A"], d["m"], eps_hihg=0.3)
-    with pytest.raises(TypeError, match="did you mean entropy_coef"):
+    with pytest.raises(TypeError, match="did you mean 'entropy_coef'"):
         fastalign.PolicyLoss(entropy_coeff=0.1)
-    with pytest.raises(TypeError, match="did you mean kl_coef"):
+    with pytest.raises(TypeError, match="did you mean 'kl_coef'"):
         fastalign.LinearPolicyLoss(kl_coeff=0.1)
 
 

@@ -262,7 +262,7 @@ def test_bad_inputs():
     lc, lr, lc0, lr0, nc, nr = _pairs()
     with pytest.raises(ValueError, match="loss_type"):
         fa.preference_loss(lc, lr, loss_type="dpo2")
-    with pytest.raises(ValueError, match="rejected_logps"):
+    with pytest.raises(ValueError, match="rejected_logprobs"):
         fa.preference_loss(lc, lr[:3])
     with pytest.raises(ValueError, match="both"):
         fa.preference_loss(lc, lr, lc0, None)
@@ -278,9 +278,9 @@ def test_bad_inputs():
         fa.preference_loss(lc, lr, loss_type=["sigmoid", "hinge"], loss_weights=[1.0])
     with pytest.raises(ValueError, match="f_divergence"):
         fa.preference_loss(lc, lr, f_divergence="tv")
-    with pytest.raises(TypeError, match="chosen_logps"):
+    with pytest.raises(TypeError, match="chosen_logprobs"):
         fa.preference_loss(lc.long(), lr)
-    with pytest.raises(ValueError, match="chosen_logps"):
+    with pytest.raises(ValueError, match="chosen_logprobs"):
         fa.preference_loss(lc.view(2, 3), lr.view(2, 3))
     with pytest.raises(TypeError, match="unknown option"):
         fa.PreferenceLoss(gamma=1.0)
@@ -473,7 +473,7 @@ def test_linear_reference_as_hidden_or_as_logps_and_separate_layout():
     a, _ = mod(h, w, labels, bias=b, ref_hidden=rh)
     rlp, valid = R.token_logps_from_hidden(rh, w, labels, b)
     rs = (rlp * valid).sum(-1)
-    c, _ = mod(h, w, labels, bias=b, ref_chosen_logps=rs[:B], ref_rejected_logps=rs[B:])
+    c, _ = mod(h, w, labels, bias=b, ref_chosen_logprobs=rs[:B], ref_rejected_logprobs=rs[B:])
     assert_close(a, c, atol=1e-6, rtol=1e-5, what="ref hidden vs ref logps")
     d, _ = mod((h[:B], h[B:, :5]), w, (labels[:B], labels[B:, :5]), bias=b, ref_hidden=(rh[:B], rh[B:, :5]))
     labels5 = labels.clone()
@@ -546,6 +546,36 @@ def test_linear_compact_rows_equal_whole_batch():
         fa.LinearPreferenceLoss(compact="yes")
 
 
+def test_labelled_rows_are_compacted_once(monkeypatch):
+    """On the C++ kernels the two-pass path leaves the compaction to linear_logprobs (which gathers the
+    labelled rows itself); the single pass and the Triton kernels get the rows compacted by the module."""
+    h, w, b, labels, rh = _hidden_batch(seed=6)
+    paths = fa.LinearPreferenceLoss().paths
+    assert not paths.compacts(h, single=False, backend="cpp")
+    assert paths.compacts(h, single=True, backend="cpp") and paths.compacts(h, single=False, backend="triton")
+    assert fa.LinearPreferenceLoss(compact=True).paths.compacts(h, single=False, backend="cpp")
+    import fastalign.ops.linear_stats as ls
+
+    gathers = []
+    labelled = ls.labelled_rows
+    monkeypatch.setattr(ls, "labelled_rows", lambda y, i: gathers.append(labelled(y, i)) or gathers[-1])
+    hx = h.clone().requires_grad_(True)
+    loss, _ = fa.LinearPreferenceLoss(backend="cpp")(hx, w, labels, bias=b)
+    loss.backward()
+    # forward and backward each find the labelled rows once, on the whole batch (not on compacted rows)
+    assert len(gathers) == 2 and all(g is not None and g.numel() == int((labels != -100).sum()) for g in gathers)
+
+
+def test_ops_layer_takes_the_loss_as_a_callback():
+    import ast
+    import inspect
+
+    import fastalign.ops.preference_blocks as blocks
+
+    imported = {n.module for n in ast.walk(ast.parse(inspect.getsource(blocks))) if isinstance(n, ast.ImportFrom)}
+    assert all(not m.startswith("fastalign") or m.startswith("fastalign.ops") for m in imported), imported
+
+
 def test_linear_bad_inputs():
     h, w, b, labels, rh = _hidden_batch()
     mod = fa.LinearPreferenceLoss()
@@ -556,7 +586,7 @@ def test_linear_bad_inputs():
     with pytest.raises(ValueError, match="hidden size"):
         mod(h, w[:, :5], labels)
     with pytest.raises(ValueError, match="not both"):
-        mod(h, w, labels, ref_hidden=rh, ref_chosen_logps=torch.zeros(3), ref_rejected_logps=torch.zeros(3))
+        mod(h, w, labels, ref_hidden=rh, ref_chosen_logprobs=torch.zeros(3), ref_rejected_logprobs=torch.zeros(3))
     with pytest.raises(ValueError, match="pairs"):
         mod((h[:3], h[3:]), w, labels)
     with pytest.raises(TypeError, match="unknown option"):
@@ -649,7 +679,7 @@ def test_single_pass_kto_with_given_kl_and_reference_logps(one_pair_blocks):
     rs = torch.randn(8, generator=torch.Generator().manual_seed(1)) - 5.0
 
     def call(mod, h, w, b, y, rh):
-        return mod(h, w, y, bias=b, ref_chosen_logps=rs[:4], ref_rejected_logps=rs[4:], kto_kl=kl)
+        return mod(h, w, y, bias=b, ref_chosen_logprobs=rs[:4], ref_rejected_logprobs=rs[4:], kto_kl=kl)
 
     two, one = _both_paths(dict(loss_type="kto"), call)
     _assert_same(two, one, "kto")
@@ -684,8 +714,8 @@ def test_single_pass_where_it_does_not_apply():
                                                  cu_seqlens=cu)
     # "auto" keeps the two-pass path on CPU tensors and for coupled losses (same values either way)
     auto = fa.LinearPreferenceLoss(loss_type="aot")
-    assert not auto._single_passes(h, None)
-    assert not fa.LinearPreferenceLoss()._single_passes(h, None)
+    assert not auto.paths.single_passes(h, None)
+    assert not fa.LinearPreferenceLoss().paths.single_passes(h, None)
 
 
 @pytest.mark.gpu
@@ -695,7 +725,7 @@ def test_gpu_linear_against_reference(dtype, single_pass, monkeypatch):
     monkeypatch.setenv("FASTALIGN_PAIR_BLOCK_MIB", "1")  # a few pairs per block at this vocabulary
     h, w, b, labels, rh = _hidden_batch(B=6, T=40, H=64, V=32011, seed=11, prompt=9)
     mod = fa.LinearPreferenceLoss(loss_type=["sigmoid", "sft"], beta=0.2, single_pass=single_pass)
-    assert mod._single_passes(h.cuda(), None) == (single_pass == "auto")
+    assert mod.paths.single_passes(h.cuda(), None) == (single_pass == "auto")
     hx, wx = h.to("cuda", dtype).requires_grad_(True), w.to("cuda", dtype).requires_grad_(True)
     loss, m = mod(hx, wx, labels.cuda(), ref_hidden=rh.to("cuda", dtype))
     hr, wr = h.to(dtype).double().requires_grad_(True), w.to(dtype).double().requires_grad_(True)

@@ -274,9 +274,9 @@ def test_sequence_logprobs_padded(S, T, dtype, weights, mask_kind, ignore_index,
     tw = torch.rand(S, T, generator=g).to(dtype) if weights else None
     kw = {}
     if mask_kind == "bool":
-        kw["mask"] = m
+        kw["response_mask"] = m
     elif mask_kind == "float":
-        kw["mask"] = m.to(dtype)
+        kw["response_mask"] = m.to(dtype)
     elif mask_kind == "labels":
         y = torch.randint(0, 9, (S, T), generator=g)
         y = torch.where(m, torch.where(y == ignore_index, y + 1, y), torch.full_like(y, ignore_index))

@@ -20,13 +20,14 @@ def test_grpo_step_quickstart():
     hidden = torch.randn(B, T, H, requires_grad=True)
     weight = torch.randn(V, H, requires_grad=True)
     labels = torch.randint(0, V, (B, T))
-    mask = torch.ones(B, T)
-    mask[:, -2:] = 0
+    response_mask = torch.ones(B, T)
+    response_mask[:, -2:] = 0
     rewards, prompt_ids = torch.randn(B), torch.tensor([7, 7, 9, 9])
     old_logprobs, ref_logprobs = torch.randn(B, T) - 3, torch.randn(B, T) - 3
     adv = fa.group_advantages(rewards, prompt_ids)
     loss, metrics = fa.LinearPolicyLoss(loss_type="grpo", kl_coef=1e-3)(
-        hidden, weight, labels, old_logprobs, adv[:, None].expand_as(mask), mask, ref_logprobs=ref_logprobs)
+        hidden, weight, labels, old_logprobs, adv[:, None].expand_as(response_mask), response_mask,
+        ref_logprobs=ref_logprobs)
     loss.backward()
     assert {"clipfrac", "approx_kl", "kl"} <= set(metrics)
     assert all(v.dim() == 0 for v in metrics.values())

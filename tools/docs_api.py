@@ -71,7 +71,29 @@ def render() -> str:
         args = _arguments(obj)
         rows.append(f"| `{name}` | {kind} | {f'`{_cell(args)}`' if args else ''} | {_cell(_first_line(obj))} |")
     table = ["| name | kind | arguments | what it is |", "| --- | --- | --- | --- |"] + rows
-    return HEADER + "\n".join(table) + "\n"
+    return HEADER + "\n".join(table) + "\n" + _renamed()
+
+
+RENAMED_HEADER = """
+## Renamed arguments
+
+One name per idea: `response_mask` is the token mask everywhere, `logprobs` the log-probs.
+The former names still work and warn (`DeprecationWarning`); giving both is a `TypeError`.
+
+| function | former name | name |
+| --- | --- | --- |
+"""
+
+
+def _renamed() -> str:
+    """The table of former argument (and constant) names, from the library's own list."""
+    import fastalign
+    from fastalign._deprecate import RENAMED
+
+    by_owner = sorted(RENAMED, key=lambda r: r[0].lower())
+    rows = [f"| `{owner}` | `{old}` | `{new}` |" for owner, old, new in by_owner]
+    rows += [f"| `fastalign` | `{old}` | `{new}` |" for old, (new, _) in fastalign._DEPRECATED.items()]
+    return RENAMED_HEADER + "\n".join(rows) + "\n"
 
 
 if __name__ == "__main__":

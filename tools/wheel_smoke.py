@@ -185,8 +185,8 @@ def _():
     w = torch.randn(V, H, requires_grad=True)
     labels = torch.randint(0, V, (2 * B, T))
     labels[:, :2] = -100
-    loss, metrics = fa.LinearPreferenceLoss("sigmoid", beta=0.1)(h, w, labels, ref_chosen_logps=ref_c,
-                                                                ref_rejected_logps=ref_r)
+    loss, metrics = fa.LinearPreferenceLoss("sigmoid", beta=0.1)(h, w, labels, ref_chosen_logprobs=ref_c,
+                                                                ref_rejected_logprobs=ref_r)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(w.grad).all()
 

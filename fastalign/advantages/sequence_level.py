@@ -1,20 +1,11 @@
-r"""Advantage estimators (docs/math.md#advantages): group-normalised sequence advantages and
-token-level returns, on the C++ CPU kernels or the CUDA kernels.
+r"""Sequence-level advantages (docs/math.md#advantages): one advantage per response from the
+statistics of its group (the responses to the same prompt), on the C++ CPU kernels or the CUDA kernels.
 
-Sequence level: :func:`group_advantages` turns one score per response into one
-advantage per response, from the statistics of its group (the responses to the
-same prompt). Each estimator is one row of ``ESTIMATORS`` (a small function),
-built from two kernels: segmented group statistics and a per-score normaliser.
-:func:`token_advantages` spreads them over the response tokens.
-
-Token level: :func:`reinforce_pp_advantages`, :func:`remax_advantages`,
-:func:`gae_advantages` and :func:`implicit_process_advantages` take ``[B, T]``
-token rewards (values, log-probs) and the response mask; their returns are
-reverse scans over time in the same kernels.
-
-Groups are an integer index (any order, any values such as hashed prompt ids;
-the same results as consecutive blocks) or a fixed ``group_size``. Nothing on
-the CUDA path synchronises with the host. Advantages are targets: no autograd.
+Each estimator of :func:`group_advantages` is one row of ``ESTIMATORS`` (a small function), built
+from two kernels: segmented group statistics and a per-score normaliser. Groups are an integer
+index (any order, any values such as hashed prompt ids; the same results as consecutive blocks)
+or a fixed ``group_size``. Nothing on the CUDA path synchronises with the host. Advantages are
+targets: no autograd. The token-level estimators are in :mod:`fastalign.advantages.token_level`.
 """
 from __future__ import annotations
 
@@ -23,14 +14,13 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from fastalign import _backend, _validate
+from fastalign import _validate
+from fastalign.advantages._inputs import WHITEN_EPS, as_index, resolve_backend, response_mask_rows
 from fastalign.ops.group_stats import MODES, call_group_advantage, group_stats
-from fastalign.ops.returns import SCANS, reverse_scan
 
 STD_MODES = ("group", "batch", "none")
 SINGLETON = ("raw", "zero", "unit_std")
 BATCH_NORMALIZATIONS = ("sequence", "token")
-WHITEN_EPS = 1e-8
 TOKEN_LEVEL = {
     "reinforce_pp": "reinforce_pp_advantages",
     "remax": "remax_advantages",
@@ -177,51 +167,6 @@ ESTIMATORS: dict[str, Callable[[Tensor, _Groups, _Ctx], Tensor]] = {
 
 
 # ---------------------------------------------------------------- host-side checks
-def _resolve(device: torch.device, backend: Optional[str]) -> str:
-    name = _backend.resolve(device, backend)
-    if name == "triton":  # no Triton kernels here: the compiled kernels of that device
-        name = "cuda" if device.type == "cuda" else "cpp"
-    return name
-
-
-def _as_index(name: str, ids, B: int, device: torch.device) -> Tensor:
-    """int64 [B] group keys on ``device``. Integer tensors pass through (on the
-    device, no copy to the host). Strings (lists, tuples, numpy arrays of str
-    or object) are mapped to 0, 1, ... in order of first appearance on the
-    host — a host step, for trainers that keep prompt ids as text."""
-    if isinstance(ids, Tensor):
-        _validate.tensor(name, ids)
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor (group keys), got {ids.dtype}")
-        if ids.dim() != 1 or ids.shape[0] != B:
-            raise ValueError(f"{name} must have shape ({B},) (one group key per score), got {tuple(ids.shape)}")
-        if ids.device != device:
-            raise ValueError(f"{name} is on {ids.device} but scores are on {device}; use one device")
-        return ids.to(torch.int64).contiguous()
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover
-        np = None
-    if np is not None and isinstance(ids, np.ndarray):
-        if ids.ndim != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {ids.shape}")
-        if ids.dtype.kind in "iu":
-            return _as_index(name, torch.from_numpy(ids.astype(np.int64)).to(device), B, device)
-        if ids.dtype.kind not in "OUS":
-            raise TypeError(f"{name} must hold integers or strings, got numpy dtype {ids.dtype}")
-        ids = ids.tolist()
-    if not isinstance(ids, (list, tuple)):
-        raise TypeError(f"{name} must be an integer tensor, a numpy array or a list of ids, got {type(ids).__name__}")
-    if len(ids) != B:
-        raise ValueError(f"{name} must have {B} entries (one group key per score), got {len(ids)}")
-    table: dict = {}
-    try:
-        keys = [table.setdefault(k, len(table)) for k in ids]
-    except TypeError as e:
-        raise TypeError(f"{name} entries must be hashable ids (str or int)") from e
-    return torch.tensor(keys, dtype=torch.int64, device=device)
-
-
 def _groups(name: str, index, group_size, B: int, device) -> _Groups:
     if index is not None and group_size is not None:
         raise ValueError(f"give either {name} or group_size, not both")
@@ -233,7 +178,7 @@ def _groups(name: str, index, group_size, B: int, device) -> _Groups:
         if B % group_size:
             raise ValueError(f"group_size={group_size} must divide the number of scores {B}")
         return _Groups(torch.empty(0, dtype=torch.int64, device=device), group_size)
-    return _Groups(_as_index(name, index, B, device), 1)
+    return _Groups(as_index(name, index, B, device), 1)
 
 
 def _scores(name: str, x, dim: int) -> Tensor:
@@ -246,15 +191,6 @@ def _scores(name: str, x, dim: int) -> Tensor:
     if x.dtype != torch.float64:
         x = x.to(torch.float32)
     return x.contiguous()
-
-
-def _mask(name: str, mask, B: int, dtype, device) -> Tensor:
-    _validate.real(name, mask, dim=2)
-    if mask.shape[0] != B:
-        raise ValueError(f"{name} must have shape ({B}, T) (one row per response), got {tuple(mask.shape)}")
-    if mask.device != device:
-        raise ValueError(f"{name} is on {mask.device} but the scores are on {device}; use one device")
-    return mask.to(dtype).contiguous()
 
 
 # ---------------------------------------------------------------- public API
@@ -351,7 +287,7 @@ def group_advantages(
         _validate.same_device(scores=r, lengths=lengths)
         lens = lengths.to(torch.float64).contiguous()
     elif response_mask is not None:
-        lens = _mask("response_mask", response_mask, B, torch.float64, device).sum(dim=1)
+        lens = response_mask_rows("response_mask", response_mask, B, torch.float64, device).sum(dim=1)
     if estimator == "gdpo":
         K = r.shape[1]
         if reward_weights is not None:
@@ -367,7 +303,7 @@ def group_advantages(
         raise ValueError(f"batch_normalization must be one of {BATCH_NORMALIZATIONS}, got {batch_normalization!r}")
     if batch_normalization != "sequence" and estimator != "gdpo":
         raise ValueError(f"batch_normalization is gdpo's last step; it does not apply to estimator {estimator!r}")
-    c = _Ctx(float(eps), std, singleton == "zero", lens, reward_weights, _resolve(device, backend),
+    c = _Ctx(float(eps), std, singleton == "zero", lens, reward_weights, resolve_backend(device, backend),
              singleton == "unit_std", batch_normalization)
     row = ESTIMATORS[estimator]
     adv = row(r, g, c)
@@ -381,173 +317,3 @@ def group_advantages(
     elif step_scores is not None:
         raise ValueError("step_scores needs step_index (the step groups)")
     return adv
-
-
-def token_advantages(adv: Tensor, response_mask: Tensor) -> Tensor:
-    """Spread per-sequence advantages over tokens: ``adv[:, None] * mask`` -> ``[B, T]``."""
-    _validate.tensor("adv", adv, dim=1)
-    if not adv.dtype.is_floating_point:
-        raise TypeError(f"adv must be a float tensor, got {adv.dtype}")
-    m = _mask("response_mask", response_mask, adv.shape[0], adv.dtype, adv.device)
-    return adv.unsqueeze(-1) * m
-
-
-def masked_whiten(x: Tensor, mask: Tensor, eps: float = WHITEN_EPS) -> Tensor:
-    """``(x - mean) * rsqrt(var + eps) * mask`` with mean and unbiased var over the masked tokens.
-
-    Tokens where ``mask == 0`` are left out by selection (not multiplied by 0): a NaN or inf there
-    changes nothing, and their output is exactly 0."""
-    _validate.any_float("x", x)
-    _validate.like(tuple(x.shape), "x.shape", device=x.device, device_of="x", kind="real", mask=mask)
-    _validate.finite(eps=eps)
-    m = mask.to(torch.float64)
-    valid = m != 0
-    x64 = torch.where(valid, x.to(torch.float64), 0.0)
-    n = m.sum()
-    mean = (x64 * m).sum() / n.clamp_min(1.0)
-    var = torch.where(valid, m * (x64 - mean) ** 2, 0.0).sum() / (n - 1.0).clamp_min(1.0)
-    return torch.where(valid, (x64 - mean) * torch.rsqrt(var + eps) * m, 0.0).to(x.dtype)
-
-
-def _token_inputs(name: str, x, mask, others=()):
-    _validate.real(name, x, dim=2)
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
-    x = (x if x.dtype == torch.float64 else x.to(torch.float32)).contiguous()
-    m = _mask("response_mask", mask, x.shape[0], x.dtype, x.device)
-    _validate.shape("response_mask", m, x.shape, f"like {name}")
-    out = []
-    for oname, o in others:
-        _validate.any_float(oname, o, dim=2)
-        _validate.shape(oname, o, x.shape, f"like {name}")
-        _validate.same_device(**{name: x, oname: o})
-        out.append(o.to(x.dtype).contiguous())
-    return x, m, out
-
-
-def reinforce_pp_advantages(token_rewards: Tensor, response_mask: Tensor, *, gamma: float = 1.0,
-                            whiten: bool = True, backend: Optional[str] = None) -> Tensor:
-    """REINFORCE++: ``G_t = r_t + gamma G_{t+1}`` (reset after each masked token), whitened over valid tokens.
-
-    Returns ``[B, T]`` (``G m`` whitened, times m). In this and the other token-level estimators a
-    masked token (``mask == 0``) is skipped by selection: whatever it holds (NaN, inf) never reaches
-    a valid token or the whitening statistics, and its output is exactly 0."""
-    _validate.finite(gamma=gamma)
-    x, m, _ = _token_inputs("token_rewards", token_rewards, response_mask)
-    g, _ = reverse_scan(x, x.new_empty(0), m, float(gamma), 0.0, SCANS["return"], _resolve(x.device, backend))
-    return masked_whiten(g, m) if whiten else g
-
-
-def remax_advantages(token_rewards: Tensor, response_mask: Tensor, baseline: Tensor, *,
-                     backend: Optional[str] = None) -> Tensor:
-    """ReMax: ``A_t = (sum_{s>=t} r_s m_s - b) m_t`` with ``b [B]`` the greedy rollout's score."""
-    x, m, _ = _token_inputs("token_rewards", token_rewards, response_mask)
-    _validate.real("baseline", baseline, dim=1)
-    _validate.shape("baseline", baseline, (x.shape[0],), "one score per response")
-    _validate.same_device(token_rewards=x, baseline=baseline)
-    g, _ = reverse_scan(x, x.new_empty(0), m, 1.0, 0.0, SCANS["to_go"], _resolve(x.device, backend))
-    return torch.where(m != 0, g - baseline.to(x.dtype).unsqueeze(-1) * m, 0.0)
-
-
-def gae_advantages(token_rewards: Tensor, values: Tensor, response_mask: Tensor, *, gamma: float = 1.0,
-                   lam: float = 1.0, whiten: bool = True, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
-    """GAE: ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}`` (masked
-    tokens are skipped: they carry V and A through). Returns ``(A [B, T], returns = (A + V) m)``,
-    A whitened over valid tokens unless ``whiten=False``."""
-    _validate.finite(gamma=gamma, lam=lam)
-    x, m, (v,) = _token_inputs("token_rewards", token_rewards, response_mask, [("values", values)])
-    a, ret = reverse_scan(x, v, m, float(gamma), float(lam), SCANS["gae"], _resolve(x.device, backend))
-    return (masked_whiten(a, m) if whiten else a), ret
-
-
-def implicit_process_advantages(logprobs: Tensor, ref_logprobs: Tensor, response_mask: Tensor,
-                                outcome_advantages: Optional[Tensor] = None, *, beta: float = 0.05,
-                                gamma: float = 1.0, backend: Optional[str] = None) -> Tensor:
-    """PRIME implicit process rewards: token reward ``beta (lp - ref)``, returns
-    ``R_t = sum_{s>=t} gamma^{s-t} beta (lp_s - ref_s) m_s`` (reset after masked tokens),
-    plus the outcome advantage of the sequence: ``(R_t + A_i) m_t``."""
-    _validate.finite(beta=beta, gamma=gamma)
-    lp, m, (ref,) = _token_inputs("logprobs", logprobs, response_mask, [("ref_logprobs", ref_logprobs)])
-    _validate.like((lp.shape[0],), "one advantage per response", device=lp.device, device_of="logprobs",
-                   outcome_advantages=outcome_advantages)
-    x = (lp - ref) * float(beta)
-    r, _ = reverse_scan(x, x.new_empty(0), m, float(gamma), 0.0, SCANS["return"], _resolve(x.device, backend))
-    if outcome_advantages is not None:
-        _validate.tensor("outcome_advantages", outcome_advantages, dim=1)
-        _validate.shape("outcome_advantages", outcome_advantages, (x.shape[0],), "one advantage per response")
-        r = torch.where(m != 0, r + outcome_advantages.to(x.dtype).unsqueeze(-1) * m, 0.0)
-    return r
-
-
-# ---------------------------------------------------------------- optimal token baseline
-def optimal_token_baseline_advantages(
-    token_rewards: Tensor,
-    response_mask: Tensor,
-    index,
-    old_logprobs: Tensor,
-    sum_p2: Tensor,
-    *,
-    importance_weights: Optional[Tensor] = None,
-    zero_tail: bool = True,
-    align: str = "position",
-    eps: float = 1e-8,
-) -> tuple:
-    r"""Per-token baseline weighted by the cumulative path variance (docs/math.md#token-advantages).
-
-    With ``m`` the mask, ``G_t = sum_{u >= t} m_u r_u`` the return, the per-token variance proxy
-    ``w_t = 1 - 2 exp(old_t) + sum_p2_t`` (times ``iw_t ** 2`` with ``importance_weights``) and
-    ``W_t = sum_{u <= t} m_u w_u``, each group ``g`` of responses (same ``index``) shares
-
-        B_t = sum_{j in g} G_jt W_jt m_jt / (sum_{j in g} W_jt m_jt + eps)
-
-    and ``A_t = (G_t - B_t) m_t``; a group of one has ``B = 0``. ``zero_tail``: when one
-    response of a group is strictly the longest (by ``sum m``), its baseline is 0 from position
-    ``L_2`` on, ``L_2`` the second-longest length of the group. ``align``: ``"position"`` sums
-    over the responses at the same position ``t``; ``"response"`` (multi-turn responses with masked
-    observation spans) at the same response-token rank ``k = sum_{u <= t} m_u - 1``, groups counting
-    only non-empty responses (positions of ``zero_tail`` are ranks then). ``sum_p2`` is ``sum_v p_v^2``
-    of the old policy (``TokenStats`` / ``SequenceLogprobs`` provide it).
-
-    Returns ``(advantages, returns)`` ``[B, T]`` in the rewards' dtype (float32 or float64).
-    Plain tensor operations on the inputs' device, group sums as a ``[B, B]`` same-group matrix
-    product in float64: no host synchronisation (string ids are mapped on the host, as in
-    :func:`group_advantages`). No autograd.
-    """
-    extra = [("old_logprobs", old_logprobs), ("sum_p2", sum_p2)]
-    if importance_weights is not None:
-        extra.append(("importance_weights", importance_weights))
-    r, m, (old, p2, *iw) = _token_inputs("token_rewards", token_rewards, response_mask, extra)
-    B, T = r.shape
-    _validate.finite(eps=eps)
-    if align not in ("position", "response"):
-        raise ValueError(f"align must be 'position' or 'response', got {align!r}")
-    with torch.no_grad():
-        keys = _as_index("index", index, B, r.device)
-        returns = (r * m).flip(-1).cumsum(-1).flip(-1)
-        w = 1.0 - 2.0 * torch.exp(old) + p2
-        if iw:
-            w = w * iw[0] * iw[0]
-        W = (w * m).cumsum(-1)
-        lengths = m.sum(-1)
-        same = (keys[:, None] == keys[None, :]).to(r.dtype)  # [B, B]
-        GW, Wm = returns * W * m, W * m
-        rank = (m.cumsum(-1) - 1.0).clamp_min(0.0).to(torch.int64)  # response-token rank of each position
-        if align == "response":  # move every response token to its rank (masked ones add 0)
-            same = same * (lengths > 0).to(r.dtype)[None, :]
-            GW = torch.zeros_like(GW).scatter_add_(1, rank, GW)
-            Wm = torch.zeros_like(Wm).scatter_add_(1, rank, Wm)
-        same64 = same.to(torch.float64)  # float64 group sums: exact member counts, no reduced-precision matmul
-        num = (same64 @ GW.to(torch.float64)).to(r.dtype)
-        den = (same64 @ Wm.to(torch.float64)).to(r.dtype) + eps
-        baseline = torch.where(same.sum(-1, keepdim=True) > 1, num / den, 0.0)
-        if zero_tail:
-            in_group = same > 0
-            longest = torch.where(in_group, lengths[None, :], -1.0).amax(-1)
-            n_longest = (in_group & (lengths[None, :] == longest[:, None])).sum(-1)
-            second = torch.where(in_group & (lengths[None, :] < longest[:, None]), lengths[None, :], -1.0).amax(-1)
-            alone_longest = (lengths == longest) & (n_longest == 1) & (second >= 0)
-            tail = torch.arange(T, device=r.device)[None, :] >= second[:, None]
-            baseline = torch.where(alone_longest[:, None] & tail, 0.0, baseline)
-        if align == "response":
-            baseline = baseline.gather(1, rank)
-        return (returns - baseline) * m, returns

@@ -1,0 +1,58 @@
+"""Former argument names of the public API, still accepted with a :class:`RenamedWarning`.
+
+``@renamed(mask="response_mask")`` on a function lets callers pass ``mask=...``: the value goes to
+``response_mask``, with one warning per call naming every former name used; giving both names is
+a ``TypeError``. Every rename is listed in
+``RENAMED`` (docs/api.md's "Renamed arguments" table is generated from it).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from typing import Callable, List, Tuple
+
+
+class RenamedWarning(DeprecationWarning):
+    """A public name (argument or constant) used under its former name."""
+
+
+#: (function, former argument name, current name), in declaration order
+RENAMED: List[Tuple[str, str, str]] = []
+
+
+def warn(message: str, stacklevel: int = 3) -> None:
+    """Emit ``message`` as a :class:`RenamedWarning` (``stacklevel`` from the caller of this helper's caller)."""
+    warnings.warn(message, RenamedWarning, stacklevel=stacklevel)
+
+
+def renamed(**old_to_new: str) -> Callable:
+    """Decorator: accept each old keyword name of the wrapped function as its new name, with a warning."""
+
+    def wrap(fn: Callable) -> Callable:
+        owner = fn.__qualname__
+        params = list(inspect.signature(fn).parameters.values())
+        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        pairs = tuple(old_to_new.items())
+        for old, new in pairs:
+            if new not in (p.name for p in params):
+                raise AssertionError(f"{fn.__qualname__} has no argument {new!r} to rename {old!r} to")
+            RENAMED.append((owner, old, new))
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            used = [(old, new) for old, new in pairs if old in kwargs]  # plain ops: torch.compile traces them
+            if used:
+                given = positional[:len(args)]
+                for old, new in used:
+                    if new in kwargs or new in given:
+                        raise TypeError(f"{owner}: pass {new} only ({old} is its deprecated name)")
+                    kwargs[new] = kwargs.pop(old)
+                warn(f"{owner}({', '.join(f'{o}=' for o, _ in used)}...) is deprecated: use "
+                     f"{', '.join(f'{n}=' for _, n in used)}...")
+            return fn(*args, **kwargs)
+
+        return call
+
+    return wrap
+

@@ -1,0 +1,36 @@
+"""The one validation convention of the loss configurations.
+
+Every loss module (``PolicyLoss``, ``LinearPolicyLoss``, ``PreferenceLoss``, ``LinearPreferenceLoss``)
+checks its whole configuration at construction, and the functions check theirs at the call, with these
+helpers: a misspelled option name is a ``TypeError`` naming it with the closest valid name; a value
+outside its choices is a ``ValueError`` naming the option, with the closest valid value.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+def did_you_mean(name, choices: Iterable) -> str:
+    """``"; did you mean 'x'?"`` for the closest string in ``choices``, or ``""``."""
+    if not isinstance(name, str):
+        return ""
+    close = difflib.get_close_matches(name, [c for c in choices if isinstance(c, str)], n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def check_names(owner: str, options: dict, valid: Iterable[str]) -> None:
+    """``TypeError`` for a keyword of ``owner`` that is not one of ``valid``, with the closest valid name."""
+    valid = tuple(valid)
+    for name in options:
+        if name not in valid:
+            hint = did_you_mean(name, valid)
+            raise TypeError(f"{owner} got an unknown option {name!r}"
+                            + (hint if hint else f" (options: {', '.join(valid)})"))
+
+
+def check_choice(name: str, value, choices: Iterable, what: str = "") -> None:
+    """``ValueError`` naming ``name`` when ``value`` is not one of ``choices`` (``what``: text after the list)."""
+    choices = tuple(choices)
+    if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
+        raise ValueError(f"{name} must be one of {choices}{what}, got {value!r}{did_you_mean(value, choices)}")

@@ -1,0 +1,68 @@
+"""Host-side input checks shared by the sequence-level and the token-level advantage estimators."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastalign import _backend, _validate
+
+#: the epsilon of every whitening ``(x - mean) * rsqrt(var + eps)`` (verl's)
+WHITEN_EPS = 1e-8
+
+
+def resolve_backend(device: torch.device, backend: Optional[str]) -> str:
+    """The compiled kernels that run the estimators for ``device`` ("cpp" or "cuda")."""
+    name = _backend.resolve(device, backend)
+    if name == "triton":  # no Triton kernels here: the compiled kernels of that device
+        name = "cuda" if device.type == "cuda" else "cpp"
+    return name
+
+
+def as_index(name: str, ids, B: int, device: torch.device) -> Tensor:
+    """int64 [B] group keys on ``device``. Integer tensors pass through (on the
+    device, no copy to the host). Strings (lists, tuples, numpy arrays of str
+    or object) are mapped to 0, 1, ... in order of first appearance on the
+    host — a host step, for trainers that keep prompt ids as text."""
+    if isinstance(ids, Tensor):
+        _validate.tensor(name, ids)
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor (group keys), got {ids.dtype}")
+        if ids.dim() != 1 or ids.shape[0] != B:
+            raise ValueError(f"{name} must have shape ({B},) (one group key per score), got {tuple(ids.shape)}")
+        if ids.device != device:
+            raise ValueError(f"{name} is on {ids.device} but scores are on {device}; use one device")
+        return ids.to(torch.int64).contiguous()
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        np = None
+    if np is not None and isinstance(ids, np.ndarray):
+        if ids.ndim != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {ids.shape}")
+        if ids.dtype.kind in "iu":
+            return as_index(name, torch.from_numpy(ids.astype(np.int64)).to(device), B, device)
+        if ids.dtype.kind not in "OUS":
+            raise TypeError(f"{name} must hold integers or strings, got numpy dtype {ids.dtype}")
+        ids = ids.tolist()
+    if not isinstance(ids, (list, tuple)):
+        raise TypeError(f"{name} must be an integer tensor, a numpy array or a list of ids, got {type(ids).__name__}")
+    if len(ids) != B:
+        raise ValueError(f"{name} must have {B} entries (one group key per score), got {len(ids)}")
+    table: dict = {}
+    try:
+        keys = [table.setdefault(k, len(table)) for k in ids]
+    except TypeError as e:
+        raise TypeError(f"{name} entries must be hashable ids (str or int)") from e
+    return torch.tensor(keys, dtype=torch.int64, device=device)
+
+
+def response_mask_rows(name: str, mask, B: int, dtype, device) -> Tensor:
+    """A ``[B, T]`` mask (one row per response) checked against the scores' ``B`` and device, in ``dtype``."""
+    _validate.real(name, mask, dim=2)
+    if mask.shape[0] != B:
+        raise ValueError(f"{name} must have shape ({B}, T) (one row per response), got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but the scores are on {device}; use one device")
+    return mask.to(dtype).contiguous()

@@ -1,0 +1,191 @@
+r"""Token-level advantages (docs/math.md#advantages): ``[B, T]`` token rewards (values, log-probs)
+and the response mask in, ``[B, T]`` advantages out; the returns are reverse scans over time on
+the C++ CPU kernels or the CUDA kernels. :func:`token_advantages` spreads sequence-level
+advantages (:mod:`fastalign.advantages.sequence_level`) over the response tokens. No autograd.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastalign import _validate
+from fastalign._deprecate import renamed
+from fastalign.advantages._inputs import WHITEN_EPS, as_index, resolve_backend, response_mask_rows
+from fastalign.ops.returns import SCANS, reverse_scan
+
+
+def token_advantages(adv: Tensor, response_mask: Tensor) -> Tensor:
+    """Spread per-sequence advantages over tokens: ``adv[:, None] * response_mask`` -> ``[B, T]``."""
+    _validate.tensor("adv", adv, dim=1)
+    if not adv.dtype.is_floating_point:
+        raise TypeError(f"adv must be a float tensor, got {adv.dtype}")
+    m = response_mask_rows("response_mask", response_mask, adv.shape[0], adv.dtype, adv.device)
+    return adv.unsqueeze(-1) * m
+
+
+@renamed(mask="response_mask")
+def masked_whiten(x: Tensor, response_mask: Tensor, eps: float = WHITEN_EPS) -> Tensor:
+    """``(x - mean) * rsqrt(var + eps) * m`` with mean and unbiased var over the tokens of ``response_mask`` ``m``.
+
+    Tokens where ``m == 0`` are left out by selection (not multiplied by 0): a NaN or inf there
+    changes nothing, and their output is exactly 0."""
+    _validate.any_float("x", x)
+    _validate.like(tuple(x.shape), "x.shape", device=x.device, device_of="x", kind="real",
+                   response_mask=response_mask)
+    _validate.finite(eps=eps)
+    m = response_mask.to(torch.float64)
+    valid = m != 0
+    x64 = torch.where(valid, x.to(torch.float64), 0.0)
+    n = m.sum()
+    mean = (x64 * m).sum() / n.clamp_min(1.0)
+    var = torch.where(valid, m * (x64 - mean) ** 2, 0.0).sum() / (n - 1.0).clamp_min(1.0)
+    return torch.where(valid, (x64 - mean) * torch.rsqrt(var + eps) * m, 0.0).to(x.dtype)
+
+
+def _token_inputs(name: str, x, response_mask, others=()):
+    """``x`` (float32 or float64), the response mask in its dtype, and the ``others`` shaped like ``x``."""
+    _validate.real(name, x, dim=2)
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+    x = (x if x.dtype == torch.float64 else x.to(torch.float32)).contiguous()
+    m = response_mask_rows("response_mask", response_mask, x.shape[0], x.dtype, x.device)
+    _validate.shape("response_mask", m, x.shape, f"like {name}")
+    out = []
+    for oname, o in others:
+        _validate.any_float(oname, o, dim=2)
+        _validate.shape(oname, o, x.shape, f"like {name}")
+        _validate.same_device(**{name: x, oname: o})
+        out.append(o.to(x.dtype).contiguous())
+    return x, m, out
+
+
+def reinforce_pp_advantages(token_rewards: Tensor, response_mask: Tensor, *, gamma: float = 1.0,
+                            whiten: bool = True, backend: Optional[str] = None) -> Tensor:
+    """REINFORCE++: ``G_t = r_t + gamma G_{t+1}`` (reset after each masked token), whitened over valid tokens.
+
+    Returns ``[B, T]`` (``G m`` whitened, times m). In this and the other token-level estimators a
+    masked token (``response_mask == 0``) is skipped by selection: whatever it holds (NaN, inf) never reaches
+    a valid token or the whitening statistics, and its output is exactly 0."""
+    _validate.finite(gamma=gamma)
+    x, m, _ = _token_inputs("token_rewards", token_rewards, response_mask)
+    g, _ = reverse_scan(x, x.new_empty(0), m, float(gamma), 0.0, SCANS["return"],
+                        resolve_backend(x.device, backend))
+    return masked_whiten(g, m) if whiten else g
+
+
+def remax_advantages(token_rewards: Tensor, response_mask: Tensor, baseline: Tensor, *,
+                     backend: Optional[str] = None) -> Tensor:
+    """ReMax: ``A_t = (sum_{s>=t} r_s m_s - b) m_t`` with ``b [B]`` the greedy rollout's score."""
+    x, m, _ = _token_inputs("token_rewards", token_rewards, response_mask)
+    _validate.real("baseline", baseline, dim=1)
+    _validate.shape("baseline", baseline, (x.shape[0],), "one score per response")
+    _validate.same_device(token_rewards=x, baseline=baseline)
+    g, _ = reverse_scan(x, x.new_empty(0), m, 1.0, 0.0, SCANS["to_go"], resolve_backend(x.device, backend))
+    return torch.where(m != 0, g - baseline.to(x.dtype).unsqueeze(-1) * m, 0.0)
+
+
+def gae_advantages(token_rewards: Tensor, values: Tensor, response_mask: Tensor, *, gamma: float = 1.0,
+                   lam: float = 1.0, whiten: bool = True, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """GAE: ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}`` (masked
+    tokens are skipped: they carry V and A through). Returns ``(A [B, T], returns = (A + V) m)``,
+    A whitened over valid tokens unless ``whiten=False``."""
+    _validate.finite(gamma=gamma, lam=lam)
+    x, m, (v,) = _token_inputs("token_rewards", token_rewards, response_mask, [("values", values)])
+    a, ret = reverse_scan(x, v, m, float(gamma), float(lam), SCANS["gae"], resolve_backend(x.device, backend))
+    return (masked_whiten(a, m) if whiten else a), ret
+
+
+def implicit_process_advantages(logprobs: Tensor, ref_logprobs: Tensor, response_mask: Tensor,
+                                outcome_advantages: Optional[Tensor] = None, *, beta: float = 0.05,
+                                gamma: float = 1.0, backend: Optional[str] = None) -> Tensor:
+    """PRIME implicit process rewards: token reward ``beta (lp - ref)``, returns
+    ``R_t = sum_{s>=t} gamma^{s-t} beta (lp_s - ref_s) m_s`` (reset after masked tokens),
+    plus the outcome advantage of the sequence: ``(R_t + A_i) m_t``."""
+    _validate.finite(beta=beta, gamma=gamma)
+    lp, m, (ref,) = _token_inputs("logprobs", logprobs, response_mask, [("ref_logprobs", ref_logprobs)])
+    _validate.like((lp.shape[0],), "one advantage per response", device=lp.device, device_of="logprobs",
+                   outcome_advantages=outcome_advantages)
+    x = (lp - ref) * float(beta)
+    r, _ = reverse_scan(x, x.new_empty(0), m, float(gamma), 0.0, SCANS["return"],
+                        resolve_backend(x.device, backend))
+    if outcome_advantages is not None:
+        _validate.tensor("outcome_advantages", outcome_advantages, dim=1)
+        _validate.shape("outcome_advantages", outcome_advantages, (x.shape[0],), "one advantage per response")
+        r = torch.where(m != 0, r + outcome_advantages.to(x.dtype).unsqueeze(-1) * m, 0.0)
+    return r
+
+
+# ---------------------------------------------------------------- optimal token baseline
+def optimal_token_baseline_advantages(
+    token_rewards: Tensor,
+    response_mask: Tensor,
+    index,
+    old_logprobs: Tensor,
+    sum_p2: Tensor,
+    *,
+    importance_weights: Optional[Tensor] = None,
+    zero_tail: bool = True,
+    align: str = "position",
+    eps: float = 1e-8,
+) -> tuple:
+    r"""Per-token baseline weighted by the cumulative path variance (docs/math.md#token-advantages).
+
+    With ``m`` the mask, ``G_t = sum_{u >= t} m_u r_u`` the return, the per-token variance proxy
+    ``w_t = 1 - 2 exp(old_t) + sum_p2_t`` (times ``iw_t ** 2`` with ``importance_weights``) and
+    ``W_t = sum_{u <= t} m_u w_u``, each group ``g`` of responses (same ``index``) shares
+
+        B_t = sum_{j in g} G_jt W_jt m_jt / (sum_{j in g} W_jt m_jt + eps)
+
+    and ``A_t = (G_t - B_t) m_t``; a group of one has ``B = 0``. ``zero_tail``: when one
+    response of a group is strictly the longest (by ``sum m``), its baseline is 0 from position
+    ``L_2`` on, ``L_2`` the second-longest length of the group. ``align``: ``"position"`` sums
+    over the responses at the same position ``t``; ``"response"`` (multi-turn responses with masked
+    observation spans) at the same response-token rank ``k = sum_{u <= t} m_u - 1``, groups counting
+    only non-empty responses (positions of ``zero_tail`` are ranks then). ``sum_p2`` is ``sum_v p_v^2``
+    of the old policy (``TokenStats`` / ``SequenceLogprobs`` provide it).
+
+    Returns ``(advantages, returns)`` ``[B, T]`` in the rewards' dtype (float32 or float64).
+    Plain tensor operations on the inputs' device, group sums as a ``[B, B]`` same-group matrix
+    product in float64: no host synchronisation (string ids are mapped on the host, as in
+    :func:`group_advantages`). No autograd.
+    """
+    extra = [("old_logprobs", old_logprobs), ("sum_p2", sum_p2)]
+    if importance_weights is not None:
+        extra.append(("importance_weights", importance_weights))
+    r, m, (old, p2, *iw) = _token_inputs("token_rewards", token_rewards, response_mask, extra)
+    B, T = r.shape
+    _validate.finite(eps=eps)
+    if align not in ("position", "response"):
+        raise ValueError(f"align must be 'position' or 'response', got {align!r}")
+    with torch.no_grad():
+        keys = as_index("index", index, B, r.device)
+        returns = (r * m).flip(-1).cumsum(-1).flip(-1)
+        w = 1.0 - 2.0 * torch.exp(old) + p2
+        if iw:
+            w = w * iw[0] * iw[0]
+        W = (w * m).cumsum(-1)
+        lengths = m.sum(-1)
+        same = (keys[:, None] == keys[None, :]).to(r.dtype)  # [B, B]
+        GW, Wm = returns * W * m, W * m
+        rank = (m.cumsum(-1) - 1.0).clamp_min(0.0).to(torch.int64)  # response-token rank of each position
+        if align == "response":  # move every response token to its rank (masked ones add 0)
+            same = same * (lengths > 0).to(r.dtype)[None, :]
+            GW = torch.zeros_like(GW).scatter_add_(1, rank, GW)
+            Wm = torch.zeros_like(Wm).scatter_add_(1, rank, Wm)
+        same64 = same.to(torch.float64)  # float64 group sums: exact member counts, no reduced-precision matmul
+        num = (same64 @ GW.to(torch.float64)).to(r.dtype)
+        den = (same64 @ Wm.to(torch.float64)).to(r.dtype) + eps
+        baseline = torch.where(same.sum(-1, keepdim=True) > 1, num / den, 0.0)
+        if zero_tail:
+            in_group = same > 0
+            longest = torch.where(in_group, lengths[None, :], -1.0).amax(-1)
+            n_longest = (in_group & (lengths[None, :] == longest[:, None])).sum(-1)
+            second = torch.where(in_group & (lengths[None, :] < longest[:, None]), lengths[None, :], -1.0).amax(-1)
+            alone_longest = (lengths == longest) & (n_longest == 1) & (second >= 0)
+            tail = torch.arange(T, device=r.device)[None, :] >= second[:, None]
+            baseline = torch.where(alone_longest[:, None] & tail, 0.0, baseline)
+        if align == "response":
+            baseline = baseline.gather(1, rank)
+        return (returns - baseline) * m, returns
