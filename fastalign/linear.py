@@ -14,7 +14,9 @@ from torch import Tensor
 
 from fastalign import _backend, _validate
 from fastalign.logprobs import TokenStats, shaped_stats
-from fastalign.ops.linear_stats import VocabParallelStats, gpu_chunk_tokens, linear_stats
+from fastalign.ops.linear_stats import linear_stats
+from fastalign.ops.linear_triton import gpu_chunk_tokens
+from fastalign.ops.vocab_parallel import VocabParallelStats
 
 #: Default bound on one chunk of fp32 logits, in MiB (``FASTALIGN_LINEAR_CHUNK_MIB`` overrides).
 DEFAULT_CHUNK_MIB = 32.0
