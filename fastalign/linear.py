@@ -130,9 +130,7 @@ def linear_logprobs(
         raise ValueError(f"logit_scale must be finite, got {logit_scale}")
     if not grad_skip_threshold >= 0:
         raise ValueError(f"grad_skip_threshold must be >= 0, got {grad_skip_threshold}")
-    name = _backend.resolve(hidden.device, backend)
-    if name == "cuda":  # no separate CUDA C++ kernel: the Triton kernels are the CUDA path
-        name = "triton"
+    name = _backend.backend_for("linear_stats", hidden.device, backend)
 
     h2 = hidden.reshape(-1, H)
     if h2.stride(-1) != 1:

@@ -158,9 +158,7 @@ def policy_loss(
     if cfg.entropy_quantile is not None and entropy is None:
         raise ValueError("entropy_quantile needs entropy")
 
-    name = _backend.resolve(logprobs.device, cfg.backend)
-    if name == "cuda":  # the fused per-token loss is a Triton kernel on the GPU
-        name = "triton"
+    name = _backend.backend_for("policy_loss_rows", logprobs.device, cfg.backend)
 
     # ---------------- inputs for the kernels ----------------
     def prep(t: Optional[Tensor]) -> Optional[Tensor]:

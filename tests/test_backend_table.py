@@ -186,6 +186,12 @@ def test_each_fake_is_the_ops_declared_outputs():
             assert (f.shape, f.dtype, f.device) == (r.shape, r.dtype, r.device), name
 
 
+@pytest.mark.parametrize("name", sorted(_backend.OP_BACKENDS))
+def test_opcheck_schema_and_fake(name):
+    op, args = _op_cases()[name]
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
 def test_direct_implementation_equals_the_op():
     for name, (op, args) in _op_cases().items():
         if name in ("token_stats_backward_",):

@@ -81,7 +81,7 @@ def linear_stats_backward(
         g[1] = None
     if not sum_p2.numel():
         g[2] = None
-    on_cpu = backend_for("linear_stats_backward", hidden.device, backend) == "cpp"
+    cpp = backend_for("linear_stats_backward", hidden.device, backend) == "cpp"
     acc_dtype = torch.float32 if not hidden.is_cuda else None
     dh_acc = _zeroed(dh, acc_dtype or dh.dtype)
     dw_acc = _zeroed(dw, acc_dtype or dw.dtype)
@@ -89,7 +89,7 @@ def linear_stats_backward(
     if hidden.shape[0] and any(x is not None for x in g):
         args = (hidden, weight, bias, labels, lse, entropy, sum_p2, scale, softcap, inv_temperature, ignore_index)
         grads = (dh_acc if need_hidden else None, dw_acc if need_weight else None, db_acc if db.numel() else None)
-        if on_cpu:
+        if cpp:
             linear_cpu.backward_labelled(*g, *args, chunk_tokens, chunk_vocab, *grads, log_c)
         else:
             linear_triton.backward(*g, *args, chunk_tokens, skip_threshold, *grads, log_c)
