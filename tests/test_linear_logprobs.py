@@ -503,7 +503,7 @@ def test_cpu_only_labelled_rows_reach_the_vocabulary(monkeypatch):
     seen = []
     for name in ("forward", "backward"):
         fn = getattr(ops, name)
-        # argument 3: the labels of _cpu_forward, the hidden states of _cpu_backward (one per row)
+        # argument 3: the labels of forward, the hidden states of backward (one per row)
         monkeypatch.setattr(ops, name, lambda *a, fn=fn, **k: seen.append(a[3].shape[0]) or fn(*a, **k))
     hidden, weight, bias, labels = make_inputs(n=12, ignore_frac=0.0)
     labels[::3] = -100
