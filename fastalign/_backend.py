@@ -74,29 +74,30 @@ SUBSTITUTES = {"cpp": ("cpp",), "cuda": ("cuda", "triton", "torch"), "triton": (
 ALL_KERNELS = ("cpp", "triton", "cuda")
 
 
-def _runs(family: str, device) -> bool:
-    """Whether kernels of ``family`` can run on tensors on ``device``."""
+def _runs(family: str, kind: str, device) -> bool:
+    """Whether kernels of ``family`` can run on tensors on ``device`` (of type ``kind``)."""
     if family == "cpp":
-        return device.type == "cpu"
+        return kind == "cpu"
     if family == "cuda":
-        return device.type == "cuda" and cuda_kernels_usable(device)  # warned once per device when not
-    return device.type in ("cpu", "cuda")
+        return kind == "cuda" and cuda_kernels_usable(device)  # warned once per device when not
+    return kind in ("cpu", "cuda")
 
 
 def _choose(what: str, families: tuple, device, backend: str | None) -> str:
     name = _check_name(backend) if backend is not None else current()
-    is_cuda = device.type == "cuda"
-    if name == "cpp" and is_cuda:
+    kind = device.type
+    if name == "cpp" and kind == "cuda":
         raise ValueError("backend 'cpp' runs on CPU tensors only; got CUDA tensors")
-    if name == "cuda" and not is_cuda:
+    if name == "cuda" and kind != "cuda":
         raise ValueError("backend 'cuda' needs CUDA tensors; got tensors on " + str(device))
-    order = families if name == "auto" else SUBSTITUTES[name]
-    chosen = next((f for f in order if f in families and _runs(f, device)), None)
-    if chosen is None:
+    for family in families if name == "auto" else SUBSTITUTES[name]:
+        if family in families and _runs(family, kind, device):
+            break
+    else:
         raise ValueError(f"{what} has no kernels for tensors on {device} (it has: {', '.join(families)})")
-    if chosen == "triton" and not is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if family == "triton" and kind != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)")
-    return chosen
+    return family
 
 
 def backend_for(op: str, device, backend: str | None = None) -> str:
