@@ -1,10 +1,11 @@
 """Backend choice: which kernel family runs an op.
 
-``auto`` (the default) runs Triton kernels on CUDA tensors and the C++ kernels
-on CPU tensors. ``FASTALIGN_BACKEND=triton|cpp|cuda`` or
-``with fastalign.use_backend("triton"):`` forces one; Triton on CPU tensors
-needs ``TRITON_INTERPRET=1`` (that is how the Triton kernels are tested
-without a GPU).
+The setting is ``with fastalign.use_backend(...):``, else ``FASTALIGN_BACKEND=auto|cpp|triton|cuda``,
+else ``auto``; functions with a ``backend=`` argument take it first. Each custom op declares the kernel
+families it has once, in :data:`OP_BACKENDS`, and :func:`backend_for` applies it: ``auto`` runs the C++
+kernels on CPU tensors and, on CUDA tensors, the op's first GPU family (Triton for most; the compiled
+CUDA kernels for the group, scan and Clip-Cov / KL-Cov selection ops). Triton on CPU tensors needs
+``TRITON_INTERPRET=1`` (that is how the Triton kernels are tested without a GPU).
 """
 from __future__ import annotations
 
@@ -40,21 +41,80 @@ def use_backend(name: str):
         _forced = previous
 
 
-def resolve(device, backend: str | None = None) -> str:
-    """Concrete backend ("triton", "cpp" or "cuda") for tensors on ``device``."""
+#: The kernel families of each custom op in ``fastalign/ops``, in the order ``auto`` prefers them:
+#:
+#: * ``cpp``: the C++ kernels of ``fastalign._C``, on CPU tensors;
+#: * ``cuda``: the CUDA kernels of ``fastalign._C`` (when built with nvcc), on CUDA tensors;
+#: * ``triton``: the Triton kernels of ``fastalign.kernels``, on CUDA tensors (CPU tensors under
+#:   ``TRITON_INTERPRET=1``);
+#: * ``torch``: plain torch on the tensors' own device (no host synchronisation): the GPU path of an
+#:   op without Triton kernels when its CUDA kernels cannot run.
+OP_BACKENDS = {
+    "token_stats": ("cpp", "triton", "cuda"),
+    "token_stats_backward": ("cpp", "triton", "cuda"),
+    "token_stats_backward_": ("cpp", "triton", "cuda"),
+    "linear_stats": ("cpp", "triton"),
+    "linear_stats_backward": ("cpp", "triton"),
+    "policy_loss_rows": ("cpp", "triton"),
+    "policy_loss_grads": ("cpp", "torch"),
+    "policy_loss_cov_rows": ("cpp",),
+    "cov_sums": ("cpp", "cuda", "torch"),
+    "cov_select": ("cpp", "cuda", "torch"),
+    "group_stats": ("cpp", "cuda", "torch"),
+    "group_advantage": ("cpp", "cuda", "torch"),
+    "reverse_scan": ("cpp", "cuda", "triton"),
+}
+
+#: What runs when a backend is requested, best first; an op runs the first of these it has that can run on the
+#: tensors' device. ``cuda`` gives way to the Triton kernels, then plain torch, where the CUDA kernels cannot run
+#: (or the op has none); ``triton`` to plain torch, then the compiled kernels, where the op has no Triton kernels.
+SUBSTITUTES = {"cpp": ("cpp",), "cuda": ("cuda", "triton", "torch"), "triton": ("triton", "torch", "cuda", "cpp")}
+
+#: The families of an op with every kernel family: what the public functions check a request against.
+ALL_KERNELS = ("cpp", "triton", "cuda")
+
+
+def _runs(family: str, kind: str, device) -> bool:
+    """Whether kernels of ``family`` can run on tensors on ``device`` (of type ``kind``)."""
+    if family == "cpp":
+        return kind == "cpu"
+    if family == "cuda":
+        return kind == "cuda" and cuda_kernels_usable(device)  # warned once per device when not
+    return kind in ("cpu", "cuda")
+
+
+def _choose(what: str, families: tuple, device, backend: str | None) -> str:
     name = _check_name(backend) if backend is not None else current()
-    is_cuda = device.type == "cuda"
-    if name == "auto":
-        return "triton" if is_cuda else "cpp"
-    if name == "cpp" and is_cuda:
+    kind = device.type
+    if name == "cpp" and kind == "cuda":
         raise ValueError("backend 'cpp' runs on CPU tensors only; got CUDA tensors")
-    if name == "cuda" and not is_cuda:
+    if name == "cuda" and kind != "cuda":
         raise ValueError("backend 'cuda' needs CUDA tensors; got tensors on " + str(device))
-    if name == "cuda" and not cuda_kernels_usable(device):  # warned once; the Triton kernels run instead
-        return "triton"
-    if name == "triton" and not is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    for family in families if name == "auto" else SUBSTITUTES[name]:
+        if family in families and _runs(family, kind, device):
+            break
+    else:
+        raise ValueError(f"{what} has no kernels for tensors on {device} (it has: {', '.join(families)})")
+    if family == "triton" and kind != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)")
-    return name
+    return family
+
+
+def backend_for(op: str, device, backend: str | None = None) -> str:
+    """The kernel family (``OP_BACKENDS``) that runs the custom op ``op`` for tensors on ``device``.
+
+    ``backend``: the request ("auto", "cpp", "triton", "cuda"; None: the setting in force, :func:`current`).
+    ``auto`` runs the op's first family that can run on the device; a named backend runs itself or its
+    ``SUBSTITUTES``. ``cpp`` on CUDA tensors, ``cuda`` on CPU tensors and Triton kernels on CPU tensors
+    without ``TRITON_INTERPRET=1`` raise a ValueError.
+    """
+    return _choose(op, OP_BACKENDS[op], device, backend)
+
+
+def resolve(device, backend: str | None = None) -> str:
+    """Concrete backend ("triton", "cpp" or "cuda") for tensors on ``device``, for an op with every kernel
+    family: what the public functions pass down to the ops (each op then applies :func:`backend_for`)."""
+    return _choose("this op", ALL_KERNELS, device, backend)
 
 
 def compiled():
@@ -82,14 +142,6 @@ def cuda_kernels_available() -> bool:
     except ImportError:
         return False
     return bool(getattr(_C, "cuda_compiled", False))
-
-
-def cuda_op_backend(backend: str, device) -> str:
-    """For an op with both CUDA C++ and Triton kernels: ``"triton"`` where ``"cuda"`` was chosen
-    but the compiled CUDA kernels cannot run on ``device`` (:func:`cuda_kernels_usable`)."""
-    if backend == "cuda" and not cuda_kernels_usable(device):
-        return "triton"
-    return backend
 
 
 _cuda_usable: dict = {}

@@ -15,7 +15,9 @@ from torch import Tensor
 from fastalign import _backend, _validate
 from fastalign._options import check_choice
 from fastalign.logprobs import TokenStats, shaped_stats
-from fastalign.ops.linear_stats import VocabParallelStats, gpu_chunk_tokens, linear_stats
+from fastalign.ops.linear_stats import linear_stats
+from fastalign.ops.linear_triton import gpu_chunk_tokens
+from fastalign.ops.vocab_parallel import VocabParallelStats
 
 #: Default bound on one chunk of fp32 logits, in MiB (``FASTALIGN_LINEAR_CHUNK_MIB`` overrides).
 DEFAULT_CHUNK_MIB = 32.0
@@ -144,9 +146,7 @@ def linear_logprobs(
     _validate.nonempty("hidden", hidden, -1, "hidden-size (last)")
     inv_t, cap, scale = check_logit_options(temperature, softcap, logit_scale, ignore_index, grad_skip_threshold,
                                             chunk)
-    name = _backend.resolve(hidden.device, backend)
-    if name == "cuda":  # no separate CUDA C++ kernel: the Triton kernels are the CUDA path
-        name = "triton"
+    name = _backend.backend_for("linear_stats", hidden.device, backend)
 
     h2 = hidden.reshape(-1, H)
     if h2.stride(-1) != 1:

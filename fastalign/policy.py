@@ -173,9 +173,7 @@ def policy_loss(
             raise ValueError("entropy_threshold is used only with entropy_quantile (it replaces the batch's quantile)")
         _validate.same_device(logprobs=logprobs, entropy_threshold=entropy_threshold)
 
-    name = _backend.resolve(logprobs.device, cfg.backend)
-    if name == "cuda":  # the fused per-token loss is a Triton kernel on the GPU
-        name = "triton"
+    name = _backend.backend_for("policy_loss_rows", logprobs.device, cfg.backend)
 
     # ---------------- inputs for the kernels ----------------
     def prep(t: Optional[Tensor]) -> Optional[Tensor]:

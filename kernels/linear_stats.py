@@ -32,7 +32,7 @@ log p = x - lse - log c: the softmax is renormalised, as in the token_stats and 
 backwards. For a vocabulary shard the caller sums c across the shards first.
 
 The result is written to a [chunk, V] buffer in the input dtype; d(hidden) = du @ W and
-d(weight) += du.T @ h are matrix products on that buffer (ops/linear_stats.py).
+d(weight) += du.T @ h are matrix products on that buffer (ops/linear_triton.py).
 With SKIP, a tile whose every |du| is below the threshold is written as zeros
 (the softmax gradient is concentrated on few ids).
 """

@@ -217,7 +217,7 @@ def test_linear_backward_bf16_dw_fp32_accumulation_over_many_chunks():
 
 def test_linear_backward_bf16_weight_gradient_buffer():
     """The GPU layout (bf16 dW output) with several chunks sums in an fp32 buffer, cast once."""
-    from fastalign.ops.linear_stats import _triton_backward
+    from fastalign.ops.linear_triton import backward as _triton_backward
 
     h, w, y = _linear_case(seed=6)
     ref_dw, _ = _ref_dw(h, w, y)
@@ -232,7 +232,7 @@ def test_linear_backward_bf16_weight_gradient_buffer():
 
 
 def test_gpu_chunk_tokens_sizes_in_gpu_bytes():
-    from fastalign.ops.linear_stats import gpu_chunk_tokens
+    from fastalign.ops.linear_triton import gpu_chunk_tokens
 
     n = gpu_chunk_tokens(8192, 151936, 2)
     assert 2048 <= n <= 8192  # thousands of tokens: the weight streams a few times, not 149
@@ -457,10 +457,11 @@ def test_cuda_kernels_available_reports_the_build(monkeypatch):
 
     assert isinstance(_backend.cuda_kernels_available(), bool)
     cpu = torch.device("cpu")
-    assert _backend.cuda_op_backend("cpp", cpu) == "cpp" and _backend.cuda_op_backend("triton", cpu) == "triton"
+    assert _backend.backend_for("reverse_scan", cpu, "cpp") == "cpp"
+    assert _backend.backend_for("reverse_scan", cpu, "triton") == "triton"
     for usable, expected in ((True, "cuda"), (False, "triton")):
         monkeypatch.setattr(_backend, "cuda_kernels_usable", lambda device, usable=usable: usable)
-        assert _backend.cuda_op_backend("cuda", torch.device("cuda", 0)) == expected
+        assert _backend.backend_for("reverse_scan", torch.device("cuda", 0), "cuda") == expected
 
 
 def test_token_logprobs_extreme_finite_logits():

@@ -8,7 +8,8 @@ import torch
 
 import fastalign
 from fastalign import reference
-from fastalign.ops.linear_stats import linear_stats, linear_stats_backward, merge_stats
+from fastalign.ops.linear_stats import linear_stats, linear_stats_backward
+from fastalign.ops.vocab_pieces import merge_stats
 from helpers import assert_close
 
 N, H, V = 17, 40, 203  # not a multiple of any block size
@@ -497,12 +498,12 @@ def test_cpu_all_rows_ignored():
 
 
 def test_cpu_only_labelled_rows_reach_the_vocabulary(monkeypatch):
-    from fastalign.ops import linear_stats as ops
+    from fastalign.ops import linear_cpu as ops
 
     seen = []
-    for name in ("_cpu_forward", "_cpu_backward"):
+    for name in ("forward", "backward"):
         fn = getattr(ops, name)
-        # argument 3: the labels of _cpu_forward, the hidden states of _cpu_backward (one per row)
+        # argument 3: the labels of forward, the hidden states of backward (one per row)
         monkeypatch.setattr(ops, name, lambda *a, fn=fn, **k: seen.append(a[3].shape[0]) or fn(*a, **k))
     hidden, weight, bias, labels = make_inputs(n=12, ignore_frac=0.0)
     labels[::3] = -100

@@ -1,8 +1,11 @@
-"""Small helpers shared by the ops: dtype codes, raw pointers, Triton kernels."""
+"""Small helpers shared by the ops: how an op is declared (:func:`kernel_op`), when a call may skip the
+dispatcher (:func:`runs_directly`), dtype codes, raw pointers, Triton kernels."""
 from __future__ import annotations
 
 import importlib
-from typing import Optional
+import inspect
+import typing
+from typing import Callable, Optional
 
 import torch
 
@@ -61,6 +64,47 @@ def unrunnable(t: torch.Tensor) -> Optional[tuple[type, str]]:
     return None
 
 
+def kernel_op(name: str, outputs: Callable, mutates_args: tuple[str, ...] = ()):
+    """Declare the custom op ``fastalign::<name>`` from ``write(<op arguments>, out)``.
+
+    ``outputs`` allocates the op's outputs (shapes, dtypes, device; contents unset) from the op arguments
+    it names. The op calls it, lets ``write`` fill those outputs with the kernels and returns them; its
+    fake implementation (torch.compile, FakeTensorMode) is ``outputs`` alone, so the outputs are declared
+    in one place. The op's schema is ``write``'s signature without ``out``, returning ``out``'s annotation.
+    The returned op has ``.direct``: the same implementation as a plain function (see :func:`runs_directly`).
+    """
+    def declare(write: Callable):
+        hints = typing.get_type_hints(write)
+        *params, out_param = inspect.signature(write).parameters.values()
+        returns = hints[out_param.name]
+        signature = inspect.Signature([p.replace(annotation=hints[p.name]) for p in params],
+                                      return_annotation=None if returns is type(None) else returns)
+        names = [p.name for p in params]
+        picks = [names.index(n) for n in inspect.signature(outputs).parameters]
+
+        def allocate(args, kwargs):
+            if kwargs or len(args) != len(names):  # keywords or defaults: bind them by name
+                bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                args = tuple(bound.arguments.values())
+            return outputs(*(args[i] for i in picks))
+
+        def implementation(*args, **kwargs):
+            out = allocate(args, kwargs)
+            write(*args, **kwargs, out=out)
+            return out
+
+        implementation.__signature__ = signature
+        implementation.__name__ = implementation.__qualname__ = name
+        implementation.__doc__ = write.__doc__
+        op = torch.library.custom_op(f"fastalign::{name}", implementation, mutates_args=mutates_args)
+        op.register_fake(lambda *args, **kwargs: allocate(args, kwargs))
+        op.direct = implementation
+        return op
+
+    return declare
+
+
 def eager(*tensors: Optional[torch.Tensor]) -> bool:
     """True for a plain eager call: every tensor a plain ``torch.Tensor`` (no fake or other
     subclass), nothing tracing (torch.compile, jit) and no dispatch or function mode active.
@@ -68,3 +112,11 @@ def eager(*tensors: Optional[torch.Tensor]) -> bool:
     return (all(t is None or type(t) is torch.Tensor for t in tensors)
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled())
+
+
+def runs_directly(backend: str, *tensors: Optional[torch.Tensor]) -> bool:
+    """The one rule for skipping the custom-op dispatcher: the C++ kernels (``backend == "cpp"``, CPU
+    tensors) in a plain :func:`eager` call. The op's implementation (``op.direct``, or an autograd
+    Function over it) then runs without the dispatcher's per-call cost; same kernels, same results.
+    Everything else (torch.compile, fake tensors and other subclasses, modes, GPU) calls the op."""
+    return backend == "cpp" and eager(*tensors)

@@ -1,12 +1,8 @@
 """``fastalign::group_stats`` and ``fastalign::group_advantage``: segmented
 statistics of sequence scores and the per-score advantages built from them
-<<<<<<< HEAD
 (docs/math.md#advantages), on the C++ CPU kernels or the CUDA kernels; on CUDA tensors of an
 install built without the CUDA kernels (or with ``backend="triton"``) the plain-torch
 on-device path of ``ops/group_fallback.py`` (same formulas, no host sync).
-=======
-(docs/math.md#advantages), on the C++ CPU kernels or the CUDA kernels.
->>>>>>> release
 
 ``group_stats(scores[B], index[B] | empty, lengths[B] | empty, group_size)``
 returns dense group ids ``gid[B]`` (int64), statistics ``[S, 6]`` float64
@@ -33,8 +29,9 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend
+from fastalign._backend import backend_for
 from fastalign.ops import group_fallback
-from fastalign.ops._launch import eager, ptr
+from fastalign.ops._launch import kernel_op, ptr, runs_directly
 
 STATS = ("count", "mean", "std", "max", "second", "wmean")
 MODES = {"center": 0, "rloo": 1, "opo": 2, "passk": 3}
@@ -67,18 +64,20 @@ def _cuda_segments(index: Tensor):
     return perm, seg, torch.empty(B, dtype=torch.int64, device=index.device)
 
 
-@torch.library.custom_op("fastalign::group_stats", mutates_args=())
-def group_stats(scores: Tensor, index: Tensor, lengths: Tensor, group_size: int, backend: str
-                ) -> tuple[Tensor, Tensor, Tensor]:
+@kernel_op("group_stats", _stats_outputs)
+def group_stats(scores: Tensor, index: Tensor, lengths: Tensor, group_size: int, backend: str,
+                out: tuple[Tensor, Tensor, Tensor]) -> None:
     """(gid [B] int64, stats [S, 6] float64, ngroups [1] int64) of fp32/fp64 ``scores``.
 
     ``index``: int64 [B] group keys, or empty to use ``group_size`` blocks.
     ``lengths``: float64 [B] weights of the weighted mean, or empty (all 1).
     """
-    backend = _backend.cuda_op_backend(backend, scores.device)
-    if backend == "triton":
-        return group_fallback.group_stats(scores, index, lengths, group_size)
-    gid, stats, ngroups = out = _stats_outputs(scores, index, group_size)
+    gid, stats, ngroups = out
+    backend = backend_for("group_stats", scores.device, backend)
+    if backend == "torch":
+        for o, r in zip(out, group_fallback.group_stats(scores, index, lengths, group_size)):
+            o.copy_(r)
+        return
     B = scores.shape[0]
     f64 = scores.dtype == torch.float64
     if backend == "cuda":
@@ -86,40 +85,32 @@ def group_stats(scores: Tensor, index: Tensor, lengths: Tensor, group_size: int,
         _backend.compiled().group_stats_cuda(
             scores.data_ptr(), f64, B, ptr(perm), ptr(seg), group_size, ptr(lengths),
             ptr(gid), ptr(stats), stats.shape[0], ngroups.data_ptr(), ptr(start), _backend.cuda_stream(scores))
-    elif backend == "cpp":  # scratch (hash table, CSR) is kept in the C++ core
+    else:  # scratch (hash table, CSR) is kept in the C++ core
         _backend.compiled().group_stats_cpu(
             scores.data_ptr(), f64, B, ptr(index), group_size, ptr(lengths),
             ptr(gid), ptr(stats), stats.shape[0], ngroups.data_ptr())
-    else:
-        raise ValueError(f"group_stats runs on the 'cpp', 'cuda' or 'triton' backend, got {backend!r}")
-    return out
 
 
-@group_stats.register_fake
-def _(scores, index, lengths, group_size, backend):
-    return _stats_outputs(scores, index, group_size)
+def _advantage_outputs(scores: Tensor):
+    return torch.empty_like(scores)
 
 
-def _group_advantage(scores: Tensor, index: Tensor, lengths: Tensor, scale: Tensor, group_size: int, mode: int,
-                     div_std: bool, eps: float, singleton_zero: bool, backend: str) -> Tensor:
+@kernel_op("group_advantage", _advantage_outputs)
+def group_advantage(scores: Tensor, index: Tensor, lengths: Tensor, scale: Tensor, group_size: int, mode: int,
+                    div_std: bool, eps: float, singleton_zero: bool, backend: str, out: Tensor) -> None:
     """Advantage of each score from its group's statistics (``MODES``), in the scores dtype.
 
     NaN scores give 0 and stay out of the statistics; groups of one give the raw
     score (or 0 with ``singleton_zero``); otherwise ``base(mode) [/ (std + eps)]
     * scale``, ``scale`` a float64 [1] tensor or empty (1).
     """
-    backend = _backend.cuda_op_backend(backend, scores.device)
-    if backend == "triton":
-        return group_fallback.group_advantage(scores, index, lengths, scale, group_size, mode, div_std, eps,
-                                              singleton_zero)
-    out = torch.empty_like(scores)
+    backend = backend_for("group_advantage", scores.device, backend)
+    if backend == "torch":
+        out.copy_(group_fallback.group_advantage(scores, index, lengths, scale, group_size, mode, div_std, eps,
+                                                 singleton_zero))
+        return
     B = scores.shape[0]
     f64 = scores.dtype == torch.float64
-    if backend == "cpp":  # the hot path: one call, scratch kept in the C++ core
-        _backend.compiled().group_advantage_cpu(
-            scores.data_ptr(), f64, B, ptr(index), group_size, ptr(lengths), mode, div_std, eps, singleton_zero,
-            ptr(scale), out.data_ptr())
-        return out
     tail = (int(mode), bool(div_std), float(eps), bool(singleton_zero), ptr(scale), out.data_ptr())
     if backend == "cuda":
         perm, seg, start = _cuda_segments(index)
@@ -127,25 +118,17 @@ def _group_advantage(scores: Tensor, index: Tensor, lengths: Tensor, scale: Tens
         _backend.compiled().group_advantage_cuda(
             scores.data_ptr(), f64, B, ptr(perm), ptr(seg), group_size, ptr(lengths), ptr(ngroups), ptr(start),
             *tail, _backend.cuda_stream(scores))
-    else:
-        raise ValueError(f"group_advantage runs on the 'cpp', 'cuda' or 'triton' backend, got {backend!r}")
-    return out
-
-
-group_advantage = torch.library.custom_op("fastalign::group_advantage", mutates_args=())(_group_advantage)
-
-
-@group_advantage.register_fake
-def _(scores, index, lengths, scale, group_size, mode, div_std, eps, singleton_zero, backend):
-    return torch.empty_like(scores)
+    else:  # the hot path: one call, scratch kept in the C++ core
+        _backend.compiled().group_advantage_cpu(
+            scores.data_ptr(), f64, B, ptr(index), group_size, ptr(lengths), *tail)
 
 
 def call_group_advantage(scores: Tensor, index: Tensor, lengths: Tensor, scale: Tensor, group_size: int, mode: int,
                          div_std: bool, eps: float, singleton_zero: bool, backend: str) -> Tensor:
     """``group_advantage``; plain eager CPU calls skip the dispatcher round trip (~8 us of a call
-    that is otherwise ~0.1 ms at 64K scores) and run the op's implementation directly. Under
-    torch.compile, tracing, fake or other tensor subclasses, or an active mode, the custom op runs."""
+    that is otherwise ~0.1 ms at 64K scores) and run the op's implementation directly
+    (:func:`~fastalign.ops._launch.runs_directly`)."""
     args = (scores, index, lengths, scale, group_size, mode, div_std, eps, singleton_zero, backend)
-    if backend == "cpp" and scores.device.type == "cpu" and eager(scores, index, lengths, scale):
-        return _group_advantage(*args)
+    if runs_directly(backend, scores, index, lengths, scale):
+        return group_advantage.direct(*args)
     return group_advantage(*args)

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastalign.ops.linear_stats import chunk_grad_to_inputs, chunk_logits, softcap_derivative
+from fastalign.ops.linear_cpu import chunk_grad_to_inputs, chunk_logits, softcap_derivative
 from fastalign.ops.token_stats import backward_into, token_stats
 
 

@@ -1,11 +1,7 @@
 """``fastalign::reverse_scan``: token-level returns and GAE as reverse scans over
-<<<<<<< HEAD
 time (docs/math.md#advantages): one sequence per CPU row; on CUDA tensors the CUDA kernels, or, in an
 install built without them (or with ``backend="triton"``), the Triton kernel of
 ``kernels/reverse_scan.py``, which scans each row in parallel across time.
-=======
-time (docs/math.md#advantages), one sequence per CPU row / CUDA thread.
->>>>>>> release
 
 Modes (``m`` the 0/1 mask, all rows contiguous ``[B, T]`` in one float dtype):
 
@@ -22,7 +18,8 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend
-from fastalign.ops._launch import ptr, triton_kernels
+from fastalign._backend import backend_for
+from fastalign.ops._launch import kernel_op, ptr, triton_kernels
 
 SCANS = {"return": 0, "to_go": 1, "gae": 2}
 
@@ -31,30 +28,22 @@ def _outputs(x: Tensor, mode: int):
     return torch.empty_like(x), torch.empty_like(x) if mode == SCANS["gae"] else x.new_empty(0)
 
 
-@torch.library.custom_op("fastalign::reverse_scan", mutates_args=())
-def reverse_scan(x: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float, mode: int, backend: str
-                 ) -> tuple[Tensor, Tensor]:
+@kernel_op("reverse_scan", _outputs)
+def reverse_scan(x: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float, mode: int, backend: str,
+                 out: tuple[Tensor, Tensor]) -> None:
     """(out [B, T], out2 [B, T] for gae else empty); ``values`` empty unless gae."""
-    out, out2 = _outputs(x, mode)
+    out, out2 = out
     B, T = x.shape
     if B * T == 0:  # no tokens: nothing to scan
-        return out, out2
-    backend = _backend.cuda_op_backend(backend, x.device)
+        return
+    backend = backend_for("reverse_scan", x.device, backend)
     if backend == "triton":
         triton_kernels("reverse_scan").reverse_scan(x, values if values.numel() else None, mask, gamma, lam, mode,
                                                     out, out2 if out2.numel() else None)
-        return out, out2
+        return
     args = (x.data_ptr(), ptr(values), mask.data_ptr(), x.dtype == torch.float64, B, T, float(gamma), float(lam),
             int(mode), out.data_ptr(), ptr(out2))
     if backend == "cuda":
         _backend.compiled().reverse_scan_cuda(*args, _backend.cuda_stream(x))
-    elif backend == "cpp":
-        _backend.compiled().reverse_scan_cpu(*args)
     else:
-        raise ValueError(f"reverse_scan runs on the 'cpp', 'cuda' or 'triton' backend, got {backend!r}")
-    return out, out2
-
-
-@reverse_scan.register_fake
-def _(x, values, mask, gamma, lam, mode, backend):
-    return _outputs(x, mode)
+        _backend.compiled().reverse_scan_cpu(*args)

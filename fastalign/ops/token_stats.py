@@ -1,6 +1,6 @@
 """``fastalign::token_stats``: log-prob / entropy / sum p^2 / argmax per logits row.
 
-Forward and backward are custom ops with fake implementations, so autograd,
+Forward and backward are custom ops (``kernel_op``: outputs declared once, fakes from them), so autograd,
 ``torch.compile(fullgraph=True)`` and CUDA graphs see one opaque node each.
 Logits come in as a ``[outer, inner, V]`` view (last dim contiguous, any
 leading strides), labels as a contiguous int64 ``[outer * inner]``.
@@ -15,13 +15,8 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend
-from fastalign.ops._launch import DTYPE_CODE, opt, ptr, stat_outputs, triton_kernels
-
-_EMPTY = (0,)
-
-
-def _outputs(logits: Tensor, entropy: bool, sum_p2: bool, argmax: bool):
-    return stat_outputs(logits.shape[0] * logits.shape[1], logits.device, entropy, sum_p2, argmax)
+from fastalign._backend import backend_for
+from fastalign.ops._launch import DTYPE_CODE, kernel_op, opt, ptr, stat_outputs, triton_kernels
 
 
 def _shares_memory(t: Tensor) -> bool:
@@ -46,95 +41,87 @@ def check_inplace_backward(logits: Tensor) -> None:
             "inplace_backward=False or logits.contiguous()")
 
 
-@torch.library.custom_op("fastalign::token_stats", mutates_args=())
+def _outputs(logits: Tensor, entropy: bool, sum_p2: bool, argmax: bool, inplace_backward: bool):
+    """(logprobs, entropy, sum_p2, argmax, lse) of the ``[outer, inner, V]`` logits; refuses, with
+    ``inplace_backward``, logits whose backward could not be written over them."""
+    if inplace_backward:
+        check_inplace_backward(logits)
+    return stat_outputs(logits.shape[0] * logits.shape[1], logits.device, entropy, sum_p2, argmax)
+
+
+@kernel_op("token_stats", _outputs)
 def token_stats(
     logits: Tensor, labels: Tensor, inv_temperature: float, ignore_index: int,
     entropy: bool, sum_p2: bool, argmax: bool, backend: str, inplace_backward: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
+) -> None:
     """Returns (logprobs, entropy, sum_p2, argmax, lse); unrequested ones are empty.
 
     ``inplace_backward`` only affects backward: d(logits) overwrites the logits buffer.
     """
-    if inplace_backward:
-        check_inplace_backward(logits)
-    lp, ent, sp2, amax, lse = out = _outputs(logits, entropy, sum_p2, argmax)
+    lp, ent, sp2, amax, lse = out
     O, I, V = logits.shape
-    if backend == "cpp":
-        _backend.compiled().token_stats_fwd_cpu(
-            logits.data_ptr(), DTYPE_CODE[logits.dtype], O * I, V, I, logits.stride(0), logits.stride(1),
-            labels.data_ptr(), inv_temperature, ignore_index,
-            ptr(lp), ptr(ent), ptr(sp2), ptr(amax), ptr(lse))
-    elif backend == "cuda":
-        _backend.compiled().token_stats_fwd_cuda(
-            logits.data_ptr(), DTYPE_CODE[logits.dtype], O * I, V, I, logits.stride(0), logits.stride(1),
-            labels.data_ptr(), inv_temperature, ignore_index,
-            ptr(lp), ptr(ent), ptr(sp2), ptr(amax), ptr(lse), _backend.cuda_stream(logits))
-    else:
+    backend = backend_for("token_stats", logits.device, backend)
+    if backend == "triton":
         triton_kernels("token_stats").token_stats_forward(
             logits, labels, inv_temperature, ignore_index, lp, opt(ent), opt(sp2), opt(amax), lse)
-    return out
-
-
-@token_stats.register_fake
-def _(logits, labels, inv_temperature, ignore_index, entropy, sum_p2, argmax, backend, inplace_backward):
-    if inplace_backward:
-        check_inplace_backward(logits)
-    return _outputs(logits, entropy, sum_p2, argmax)
+        return
+    args = (logits.data_ptr(), DTYPE_CODE[logits.dtype], O * I, V, I, logits.stride(0), logits.stride(1),
+            labels.data_ptr(), inv_temperature, ignore_index, ptr(lp), ptr(ent), ptr(sp2), ptr(amax), ptr(lse))
+    if backend == "cuda":
+        _backend.compiled().token_stats_fwd_cuda(*args, _backend.cuda_stream(logits))
+    else:
+        _backend.compiled().token_stats_fwd_cpu(*args)
 
 
 def backward_into(grad: Tensor, g_lp, g_ent, g_sp2, logits, labels, lse, ent, sp2,
-                   inv_temperature, ignore_index, backend) -> None:
+                  inv_temperature, ignore_index, backend) -> None:
+    """d(loss)/d(logits) written into ``grad`` (``logits`` itself for the in-place backward)."""
     O, I, V = logits.shape
     g_lp, g_ent, g_sp2 = (None if g is None else g.contiguous().float() for g in (g_lp, g_ent, g_sp2))
     ent, sp2 = opt(ent), opt(sp2)
-    if backend in ("cpp", "cuda"):
-        args = (
-            logits.data_ptr(), DTYPE_CODE[logits.dtype], O * I, V, I, logits.stride(0), logits.stride(1),
-            labels.data_ptr(), inv_temperature, ignore_index, ptr(lse), ptr(ent), ptr(sp2),
-            ptr(g_lp), ptr(g_ent), ptr(g_sp2), grad.data_ptr(), grad.stride(0), grad.stride(1))
-        if backend == "cpp":
-            _backend.compiled().token_stats_bwd_cpu(*args)
-        else:
-            _backend.compiled().token_stats_bwd_cuda(*args, _backend.cuda_stream(logits))
-    else:
+    backend = backend_for("token_stats_backward", logits.device, backend)
+    if backend == "triton":
         triton_kernels("token_stats").token_stats_backward(
             logits, labels, inv_temperature, ignore_index, lse, ent, sp2, g_lp, g_ent, g_sp2, grad)
+        return
+    args = (logits.data_ptr(), DTYPE_CODE[logits.dtype], O * I, V, I, logits.stride(0), logits.stride(1),
+            labels.data_ptr(), inv_temperature, ignore_index, ptr(lse), ptr(ent), ptr(sp2),
+            ptr(g_lp), ptr(g_ent), ptr(g_sp2), grad.data_ptr(), grad.stride(0), grad.stride(1))
+    if backend == "cuda":
+        _backend.compiled().token_stats_bwd_cuda(*args, _backend.cuda_stream(logits))
+    else:
+        _backend.compiled().token_stats_bwd_cpu(*args)
 
 
-@torch.library.custom_op("fastalign::token_stats_backward", mutates_args=())
-def token_stats_backward(
-    grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor], grad_sum_p2: Optional[Tensor],
-    logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, sum_p2: Tensor,
-    inv_temperature: float, ignore_index: int, backend: str,
-) -> Tensor:
-    """d(loss)/d(logits) in the logits dtype, for whichever output gradients are given."""
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    backward_into(grad, grad_logprobs, grad_entropy, grad_sum_p2, logits, labels, lse, entropy, sum_p2,
-                   inv_temperature, ignore_index, backend)
-    return grad
-
-
-@token_stats_backward.register_fake
-def _(grad_logprobs, grad_entropy, grad_sum_p2, logits, labels, lse, entropy, sum_p2,
-      inv_temperature, ignore_index, backend):
+def _grad_outputs(logits: Tensor):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-@torch.library.custom_op("fastalign::token_stats_backward_", mutates_args=("logits",))
+@kernel_op("token_stats_backward", _grad_outputs)
+def token_stats_backward(
+    grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor], grad_sum_p2: Optional[Tensor],
+    logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, sum_p2: Tensor,
+    inv_temperature: float, ignore_index: int, backend: str, out: Tensor,
+) -> None:
+    """d(loss)/d(logits) in the logits dtype, for whichever output gradients are given."""
+    backward_into(out, grad_logprobs, grad_entropy, grad_sum_p2, logits, labels, lse, entropy, sum_p2,
+                  inv_temperature, ignore_index, backend)
+
+
+def _no_outputs():
+    return None
+
+
+@kernel_op("token_stats_backward_", _no_outputs, mutates_args=("logits",))
 def token_stats_backward_(
     grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor], grad_sum_p2: Optional[Tensor],
     logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, sum_p2: Tensor,
-    inv_temperature: float, ignore_index: int, backend: str,
+    inv_temperature: float, ignore_index: int, backend: str, out: None,
 ) -> None:
     """In-place backward: overwrites ``logits`` with d(loss)/d(logits) (saves one [N, V] buffer)."""
     backward_into(logits, grad_logprobs, grad_entropy, grad_sum_p2, logits, labels, lse, entropy, sum_p2,
-                   inv_temperature, ignore_index, backend)
-
-
-@token_stats_backward_.register_fake
-def _(grad_logprobs, grad_entropy, grad_sum_p2, logits, labels, lse, entropy, sum_p2,
-      inv_temperature, ignore_index, backend):
-    return None
+                  inv_temperature, ignore_index, backend)
 
 
 def _setup_context(ctx, inputs, output):

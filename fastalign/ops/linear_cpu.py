@@ -1,0 +1,244 @@
+"""The CPU path of ``fastalign::linear_stats``: BLAS products and the C++ row kernels.
+
+Tokens x vocabulary chunks. Each chunk's logits ``z = softcap(scale * (h @ W.T + b))`` come from one
+BLAS product into a reused fp32 buffer; the C++ row kernels of ``token_stats`` give the chunk's
+(max, log s, entropy, sum p^2, argmax), the label logit is read from its chunk, and the chunks of a
+row are merged by :func:`~fastalign.ops.vocab_pieces.merge_pieces`. Backward recomputes each chunk,
+lets the C++ kernel write d(logits) in place and accumulates ``dh += dz @ W_chunk``,
+``dW_chunk += dz.T @ h`` in fp32. Only the labelled rows (label != ignore_index, found on the host:
+CPU tensors only) go through these chunks; the rest are 0.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastalign import _backend
+from fastalign.ops._launch import DTYPE_CODE, opt, ptr
+from fastalign.ops.vocab_pieces import PIECE_IGNORE, far_rows, local_labels, log_mass, merge_pieces
+
+
+def chunk_logits(buf: Tensor, h_c: Tensor, w_v: Tensor, b_v: Optional[Tensor], scale: float, softcap: float) -> Tensor:
+    """fp32 ``softcap(scale * (h_c @ w_v.T + b_v))`` written into the flat buffer ``buf``."""
+    n, v = h_c.shape[0], w_v.shape[0]
+    z = buf[: n * v].view(n, v)
+    if b_v is None:
+        torch.mm(h_c, w_v.t(), out=z)
+        if scale != 1.0:
+            z.mul_(scale)
+    else:
+        torch.addmm(b_v, h_c, w_v.t(), beta=scale, alpha=scale, out=z)
+    if softcap > 0:
+        z.div_(softcap).tanh_().mul_(softcap)
+    return z
+
+
+def softcap_derivative(z: Tensor, softcap: float, scale: float, out: Optional[Tensor] = None) -> Tensor:
+    """``d z / d u`` for ``z = softcap * tanh(scale * u / softcap)``: ``scale * (1 - (z / softcap)^2)``."""
+    out = torch.empty_like(z) if out is None else out
+    torch.mul(z, 1.0 / softcap, out=out)
+    return out.square_().neg_().add_(1.0).mul_(scale)
+
+
+def chunk_grad_to_inputs(dz: Tensor, deriv: Optional[Tensor], scale: float, softcap: float, h_c: Tensor,
+                         w_v: Tensor, dh_c: Optional[Tensor], dw_v: Optional[Tensor], db_v: Optional[Tensor],
+                         accumulate: bool = True) -> None:
+    """From d(loss)/d(logits) of a chunk (``dz``, scaled in place to d(loss)/d(h W^T + b)):
+    ``dh_c (+)= dz @ w_v``, ``dw_v += dz.T @ h_c``, ``db_v += dz.sum(0)``."""
+    if softcap > 0:
+        dz.mul_(deriv)
+    elif scale != 1.0:
+        dz.mul_(scale)
+    if dh_c is not None:
+        if accumulate:
+            dh_c.addmm_(dz, w_v)
+        else:
+            torch.mm(dz, w_v, out=dh_c)
+    if dw_v is not None:
+        dw_v.addmm_(dz.t().to(dw_v.dtype), h_c.to(dw_v.dtype))
+    if db_v is not None:
+        db_v += dz.sum(0, dtype=torch.float32).to(db_v.dtype)
+
+
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.float()
+
+
+def forward(hidden, weight, bias, labels, scale, softcap, inv_t, ignore_index, out, nc, vc):
+    """Per token chunk: each vocabulary piece's (max, log s, entropy, sum p^2, argmax) from the C++
+    row kernel, the label logit gathered from its piece, then :func:`merge_pieces` and
+    ``logprob = (z_y - M) - log S``."""
+    lp, ent, sp2, amax, amax_val, lse = out
+    N, V = hidden.shape[0], weight.shape[0]
+    C = _backend.compiled()
+    buf = torch.empty(min(nc, N) * min(vc, V), dtype=torch.float32)
+    K = -(-V // vc)
+    for n0 in range(0, N, nc):
+        n1 = min(N, n0 + nc)
+        n = n1 - n0
+        h_c = _f32(hidden[n0:n1])
+        y = labels[n0:n1]
+        m_k, log_s_k = torch.empty(K, n), torch.empty(K, n)
+        ent_k = torch.empty(K, n) if ent.numel() else None
+        sp2_k = torch.empty(K, n) if sp2.numel() else None
+        zy = torch.zeros(n)
+        amax_k = torch.empty(n, dtype=torch.int64) if amax.numel() else None
+        best_val = torch.full((n,), float("-inf")) if amax.numel() else None
+        best_idx = torch.zeros(n, dtype=torch.int64) if amax.numel() else None
+        for k in range(K):
+            v0, v1 = k * vc, min(V, (k + 1) * vc)
+            z = chunk_logits(buf, h_c, _f32(weight[v0:v1]), _f32(None if bias is None else bias[v0:v1]),
+                              scale, softcap)
+            yl = local_labels(y, v0, v1, ignore_index)
+            C.token_stats_piece_fwd_cpu(
+                z.data_ptr(), DTYPE_CODE[torch.float32], n, v1 - v0, n, 0, v1 - v0, yl.data_ptr(), inv_t,
+                PIECE_IGNORE, ptr(None if ent_k is None else ent_k[k]), ptr(None if sp2_k is None else sp2_k[k]),
+                ptr(amax_k), m_k[k].data_ptr(), log_s_k[k].data_ptr())
+            inside = yl >= 0
+            zy_k = z.gather(1, yl.clamp_min(0).unsqueeze(1)).squeeze(1) * inv_t
+            zy = torch.where(inside, zy_k, zy)
+            if amax_k is not None:
+                better = m_k[k] > best_val
+                best_val = torch.where(better, m_k[k], best_val)
+                best_idx = torch.where(better, amax_k + v0, best_idx)
+        if K == 1:
+            M, log_S, m_ent, m_sp2 = m_k[0], log_s_k[0], opt(None if ent_k is None else ent_k[0]), \
+                opt(None if sp2_k is None else sp2_k[0])
+        else:
+            M, log_S, m_ent, m_sp2, _ = merge_pieces(m_k, log_s_k, ent_k, sp2_k)
+        write_stats(slice(n0, n1), y, V, ignore_index, (zy - M) - log_S, M + log_S, m_ent, m_sp2, best_idx,
+                     best_val, out)
+
+
+def write_stats(rows, y, V, ignore_index, m_lp, m_lse, m_ent, m_sp2, best_idx, best_val, out):
+    """Write the merged statistics of ``rows``; ignored rows give 0, out-of-range labels a NaN log-prob."""
+    lp, ent, sp2, amax, amax_val, lse = out
+    ignored = y == ignore_index
+    valid = (y >= 0) & (y < V)
+    zero = torch.zeros((), dtype=torch.float32, device=y.device)
+    lp[rows] = torch.where(ignored, zero, torch.where(valid, m_lp, float("nan")))
+    lse[rows] = torch.where(ignored, zero, m_lse)
+    if m_ent is not None:
+        ent[rows] = torch.where(ignored, zero, m_ent)
+    if m_sp2 is not None:
+        sp2[rows] = torch.where(ignored, zero, m_sp2)
+    if best_idx is not None:
+        amax[rows] = best_idx
+        amax_val[rows] = best_val
+
+
+def chunk_row_mass(buf, h_c, weight, bias, y, lse_c, scale, softcap, inv_t, ignore_index, vc):
+    """``c = sum_j exp(z_j / T - lse)`` over this weight's vocabulary for the rows of a token chunk that
+    :func:`far_rows` selects (0 elsewhere), or None when there are none: one more sweep of logit
+    chunks, only for rows of large logits or low temperature."""
+    far = far_rows(lse_c, y, ignore_index)
+    if not bool(far.any()):
+        return None
+    V = weight.shape[0]
+    c = torch.zeros_like(lse_c)
+    for v0 in range(0, V, vc):
+        v1 = min(V, v0 + vc)
+        z = chunk_logits(buf, h_c, _f32(weight[v0:v1]), _f32(None if bias is None else bias[v0:v1]), scale, softcap)
+        c += torch.exp(z * inv_t - lse_c.unsqueeze(1)).sum(1)
+    return torch.where(far, c, 0.0)
+
+
+def row_mass(hidden, weight, bias, labels, lse, scale, softcap, inv_t, ignore_index, nc, vc) -> Tensor:
+    """:func:`chunk_row_mass` of every row (0 off the :func:`far_rows`), over this weight's vocabulary: summed
+    across vocabulary shards it is the whole row's mass."""
+    N = hidden.shape[0]
+    c = torch.zeros(N, dtype=torch.float32)
+    buf = torch.empty(min(nc, max(N, 1)) * min(vc, weight.shape[0]), dtype=torch.float32)
+    for n0 in range(0, N, nc):
+        n1 = min(N, n0 + nc)
+        part = chunk_row_mass(buf, _f32(hidden[n0:n1]), weight, bias, labels[n0:n1], lse[n0:n1], scale, softcap,
+                              inv_t, ignore_index, vc)
+        if part is not None:
+            c[n0:n1] = part
+    return c
+
+
+def labelled_rows(labels: Tensor, ignore_index: int) -> Optional[Tensor]:
+    """Indices of the rows of ``labels [N]`` whose label is not ``ignore_index``, or None when every row
+    is labelled. Reads the count back to the host: for CPU tensors only (on a GPU it is a device sync)."""
+    keep = labels != ignore_index
+    if bool(keep.all()):
+        return None
+    return keep.nonzero().squeeze(1)
+
+
+def forward_labelled(hidden, weight, bias, labels, scale, softcap, inv_t, ignore_index, out, nc, vc):
+    """:func:`forward` over the labelled rows only (ignored rows are 0 and cost no vocabulary
+    work); with argmax every row is computed, since ignored rows keep their argmax."""
+    rows = None if out[3].numel() else labelled_rows(labels, ignore_index)
+    if rows is None:
+        forward(hidden, weight, bias, labels, scale, softcap, inv_t, ignore_index, out, nc, vc)
+        return
+    part = [torch.empty(rows.numel() if t.numel() else 0) for t in out]
+    if rows.numel():
+        forward(hidden.index_select(0, rows), weight, bias, labels.index_select(0, rows), scale, softcap,
+                     inv_t, ignore_index, part, nc, vc)
+    for full, sub in zip(out, part):
+        if full.numel():
+            full.zero_().index_copy_(0, rows, sub)
+
+
+def backward_labelled(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp2, scale, softcap,
+                           inv_t, ignore_index, nc, vc, dh, dw, db, log_c=None):
+    """:func:`backward` over the labelled rows only: ignored rows get a zero d(hidden) (``dh`` comes
+    zeroed) and add nothing to d(weight), d(bias)."""
+    rows = labelled_rows(labels, ignore_index)
+    if rows is None:
+        backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp2, scale, softcap, inv_t,
+                      ignore_index, nc, vc, dh, dw, db, log_c)
+        return
+    if rows.numel() == 0:
+        return
+
+    def pick(t):
+        return t if t is None or t.numel() == 0 else t.index_select(0, rows)
+
+    dh_rows = None if dh is None else torch.zeros((rows.numel(), dh.shape[1]), dtype=dh.dtype)
+    backward(pick(g_lp), pick(g_ent), pick(g_sp2), hidden.index_select(0, rows), weight, bias,
+                  labels.index_select(0, rows), pick(lse), pick(ent), pick(sp2), scale, softcap, inv_t,
+                  ignore_index, nc, vc, dh_rows, dw, db, pick(log_c))
+    if dh is not None:
+        dh.index_copy_(0, rows, dh_rows)
+
+
+def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp2, scale, softcap, inv_t,
+                  ignore_index, nc, vc, dh, dw, db, log_c=None):
+    """Backward over token chunks; ``log_c`` (the rows' log mass over the whole vocabulary, given when
+    the weight is one shard of it) or, without it, the mass of this weight's vocabulary."""
+    N, V = hidden.shape[0], weight.shape[0]
+    C = _backend.compiled()
+    buf = torch.empty(min(nc, N) * min(vc, V), dtype=torch.float32)
+    dbuf = torch.empty_like(buf) if softcap > 0 else None
+    for n0 in range(0, N, nc):
+        n1 = min(N, n0 + nc)
+        n = n1 - n0
+        h_c = _f32(hidden[n0:n1])
+        y = labels[n0:n1]
+        dh_c = None if dh is None else dh[n0:n1]
+        if log_c is not None:
+            log_c_c = log_c[n0:n1]
+        else:
+            c = chunk_row_mass(buf, h_c, weight, bias, y, lse[n0:n1], scale, softcap, inv_t, ignore_index, vc)
+            log_c_c = None if c is None else log_mass(c, lse[n0:n1], y, ignore_index)
+        for v0 in range(0, V, vc):
+            v1 = min(V, v0 + vc)
+            w_v = _f32(weight[v0:v1])
+            z = chunk_logits(buf, h_c, w_v, _f32(None if bias is None else bias[v0:v1]), scale, softcap)
+            deriv = softcap_derivative(z, softcap, scale, dbuf[: z.numel()].view_as(z)) if softcap > 0 else None
+            yl = local_labels(y, v0, v1, ignore_index)
+            sl = slice(n0, n1)
+            C.token_stats_piece_bwd_cpu(
+                z.data_ptr(), DTYPE_CODE[torch.float32], n, v1 - v0, n, 0, v1 - v0, yl.data_ptr(), inv_t,
+                PIECE_IGNORE, lse[sl].data_ptr(), ptr(log_c_c), ptr(opt(ent) if ent.numel() == 0 else ent[sl]),
+                ptr(opt(sp2) if sp2.numel() == 0 else sp2[sl]),
+                ptr(None if g_lp is None else g_lp[sl]), ptr(None if g_ent is None else g_ent[sl]),
+                ptr(None if g_sp2 is None else g_sp2[sl]), z.data_ptr(), 0, v1 - v0)
+            chunk_grad_to_inputs(z, deriv, scale, softcap, h_c, w_v, dh_c, None if dw is None else dw[v0:v1],
+                                 None if db is None else db[v0:v1])

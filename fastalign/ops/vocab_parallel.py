@@ -1,0 +1,113 @@
+"""Vocabulary parallelism: ``fastalign::linear_stats`` on one shard of the vocabulary per rank.
+
+Each rank holds rows ``[start, start + V_r)`` of the weight; labels are global ids. The shards are
+vocabulary pieces, merged across ranks by :func:`~fastalign.ops.vocab_pieces.merge_pieces` with
+all-reduces as the reductions; backward needs only the merged per-token statistics, so the local
+backward op runs unchanged and d(hidden) is summed over ranks (hidden is replicated).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastalign._backend import backend_for
+from fastalign.ops import linear_cpu, linear_triton
+from fastalign.ops.linear_stats import linear_stats, linear_stats_backward
+from fastalign.ops.vocab_pieces import PIECE_IGNORE, local_labels, log_mass, merge_pieces
+
+
+class AcrossRanks:
+    """Pieces spread over the ranks of ``group``, one ``[N]`` tensor each: the reductions of
+    :func:`~fastalign.ops.vocab_pieces.merge_pieces` as all-reduces (the sums in one call)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def max(self, t: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return t
+
+    def sum(self, *ts: Tensor) -> tuple[Tensor, ...]:
+        import torch.distributed as dist
+
+        packed = torch.stack(ts)
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.group)
+        return tuple(packed.unbind(0))
+
+
+def row_mass(hidden, weight, bias, labels, lse, scale, softcap, inv_t, ignore_index, backend, nc, vc) -> Tensor:
+    """``c = sum_j exp(z_j / T - lse)`` over this rank's shard for the rows backward renormalises
+    (:func:`~fastalign.ops.vocab_pieces.far_rows`), 0 elsewhere: summed over the shards it is the
+    whole row's mass."""
+    if backend_for("linear_stats_backward", hidden.device, backend) == "cpp":
+        return linear_cpu.row_mass(hidden, weight, bias, labels, lse, scale, softcap, inv_t, ignore_index, nc, vc)
+    return linear_triton.row_mass(hidden, weight, bias, labels, lse, scale, softcap, inv_t, ignore_index)
+
+
+class VocabParallelStats(torch.autograd.Function):
+    """Statistics of hidden states against a vocabulary sharded over ``group`` (module docstring).
+
+    Forward: local statistics with local labels, then the merge across ranks (max of lse, sum of the
+    exp mass, one sum of the mass-weighted entropy / sum p^2 terms and of the label logit), and max /
+    min all-reduces for the argmax. Backward: the local backward op with the merged statistics and
+    the rows' mass over the whole vocabulary; d(hidden) summed over ranks.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, group, start, v_total, scale, softcap, inv_t, ignore_index,
+                want_ent, want_sp2, want_amax, backend, nc, vc, skip):
+        import torch.distributed as dist
+
+        V_r = weight.shape[0]
+        yl = local_labels(labels, start, start + V_r, ignore_index)
+        lp, ent, sp2, amax, amax_val, lse = linear_stats(
+            hidden, weight, bias, yl, scale, softcap, inv_t, PIECE_IGNORE, want_ent, want_sp2, want_amax,
+            backend, nc, vc, skip)
+        ignored = labels == ignore_index
+        inside = (labels >= start) & (labels < start + V_r) & ~ignored
+        label_logit = torch.where(inside, lp + lse, 0.0)
+        M, log_S, m_ent, m_sp2, (m_label_logit,) = merge_pieces(
+            lse, torch.zeros_like(lse), ent if want_ent else None, sp2 if want_sp2 else None,
+            extra=(label_logit,), over=AcrossRanks(group))
+        g_lse = M + log_S
+        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        valid = (labels >= 0) & (labels < v_total)
+        g_lp = torch.where(ignored, zero, torch.where(valid, m_label_logit - g_lse, float("nan")))
+        g_lse = torch.where(ignored, zero, g_lse)
+        g_ent = torch.where(ignored, zero, m_ent) if want_ent else ent
+        g_sp2 = torch.where(ignored, zero, m_sp2) if want_sp2 else sp2
+        g_amax = amax
+        if want_amax:
+            best = amax_val.clone()
+            dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
+            cand = torch.where(amax_val == best, amax + start, torch.full_like(amax, v_total))
+            dist.all_reduce(cand, op=dist.ReduceOp.MIN, group=group)
+            g_amax = cand
+        ctx.save_for_backward(hidden, weight, bias, yl, g_lse, g_ent, g_sp2)
+        ctx.group = group
+        ctx.args = (scale, softcap, inv_t, PIECE_IGNORE, backend, nc, vc, skip)
+        ctx.mark_non_differentiable(g_amax)
+        ctx.set_materialize_grads(False)
+        return g_lp, g_ent, g_sp2, g_amax
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent, g_sp2, _g_amax):
+        import torch.distributed as dist
+
+        hidden, weight, bias, yl, lse, ent, sp2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if g_lp is None and g_ent is None and g_sp2 is None:
+            return (None,) * 18
+        scale, softcap, inv_t, ignore, backend, nc, vc, _skip = ctx.args
+        # rows with |lse| >= RENORMALISE_ABOVE: their mass over the whole vocabulary, summed over the shards
+        c = row_mass(hidden, weight, bias, yl, lse, scale, softcap, inv_t, ignore, backend, nc, vc)
+        dist.all_reduce(c, op=dist.ReduceOp.SUM, group=ctx.group)
+        dh, dw, db = linear_stats_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, yl, lse, ent, sp2,
+                                           *ctx.args, True, bool(need[1]), bool(bias is not None and need[2]),
+                                           log_mass(c, lse, yl, ignore))
+        dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.group)
+        return ((dh if need[0] else None), (dw if need[1] else None),
+                (db if bias is not None and need[2] else None), *((None,) * 15))

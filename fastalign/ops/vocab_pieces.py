@@ -1,0 +1,96 @@
+"""Statistics of disjoint vocabulary pieces: labels inside a piece, the one merge of the pieces'
+statistics into the whole row's, and the mass backward renormalises by.
+
+A row's vocabulary is cut into pieces k (chunks on the CPU, splits in the Triton kernels, shards
+across ranks for vocabulary parallelism). With each piece given as its max ``m_k`` and
+``log s_k = log sum_{j in k} exp(z_j - m_k)`` (so ``lse_k = m_k + log s_k``), ``M = max_k m_k``,
+``u_k = (m_k - M) + log s_k`` the log of the piece's mass relative to ``exp(M)`` and
+``pi_k = exp(u_k) / S``, ``S = sum_k exp(u_k)``, the piece's share of the row's mass:
+
+    lse = M + log S,  H = sum_k pi_k (H_k - log pi_k),  sum_p2 = sum_k pi_k^2 sum_p2_k
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+class StackedPieces:
+    """Pieces stacked along dim 0 of ``[K, N]`` tensors: the reductions of :func:`merge_pieces`."""
+
+    @staticmethod
+    def max(t: Tensor) -> Tensor:
+        return t.max(0).values
+
+    @staticmethod
+    def sum(*ts: Tensor) -> tuple[Tensor, ...]:
+        return tuple(t.sum(0) for t in ts)
+
+
+def merge_pieces(m: Tensor, log_s: Tensor, ent: Optional[Tensor], sp2: Optional[Tensor], extra: tuple = (),
+                 over=StackedPieces):
+    """Merge the statistics of disjoint vocabulary pieces (module docstring) into the row's:
+    ``(M, log S, entropy, sum_p2, sums of extra)`` with ``lse = M + log S``.
+
+    ``over`` reduces across the pieces: :class:`StackedPieces` (``[K, N]`` in, ``[N]`` out) or, for
+    vocabulary shards, all-reduces across ranks (``over.sum`` gets every tensor to sum at once, so
+    that ``extra`` terms share one reduction). Only differences from ``M`` are summed, so
+    ``(z_y - M) - log S`` is a log-prob exact to its own fp32 rounding at any logit scale. A piece
+    with no mass (all logits -inf: ``m_k = -inf``) gets weight 0; a row of only such pieces gives
+    ``log S = -inf``.
+    """
+    M = over.max(m)
+    M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+    u = (m - M) + log_s
+    w = torch.exp(u)
+    (s,) = over.sum(w)
+    log_S = torch.log(s)
+    pi = w / s
+    terms = []
+    if ent is not None:
+        log_pi = torch.where(pi > 0, u - log_S, torch.zeros_like(pi))
+        terms.append(torch.where(pi > 0, pi * (ent - log_pi), torch.zeros_like(pi)))
+    if sp2 is not None:
+        terms.append(torch.where(pi > 0, pi * pi * sp2, torch.zeros_like(pi)))
+    sums = list(over.sum(*terms, *extra)) if terms or extra else []
+    out_ent = sums.pop(0) if ent is not None else None
+    out_sp2 = sums.pop(0) if sp2 is not None else None
+    return M, log_S, out_ent, out_sp2, tuple(sums)
+
+
+def merge_stats(lse: Tensor, ent: Optional[Tensor], sp2: Optional[Tensor]):
+    """Merge per-piece statistics ``[K, N]`` (over disjoint vocabulary pieces) into ``[N]``."""
+    M, log_S, out_ent, out_sp2, _ = merge_pieces(lse, torch.zeros_like(lse), ent, sp2)
+    return M + log_S, out_ent, out_sp2
+
+
+# Labels as the row kernels see them inside one vocabulary piece: a local id in [0, v1 - v0),
+# PIECE_IGNORE for an ignored row, PIECE_ELSEWHERE for a label in another piece (or out of range).
+# Both are negative, so no local id can ever be mistaken for an ignored row, whatever ignore_index.
+PIECE_IGNORE = -1
+PIECE_ELSEWHERE = -2
+
+
+def local_labels(labels: Tensor, v0: int, v1: int, ignore_index: int) -> Tensor:
+    """Labels relative to the vocabulary piece [v0, v1), for kernels run with ``PIECE_IGNORE``."""
+    inside = (labels >= v0) & (labels < v1)
+    local = torch.where(inside, labels - v0, PIECE_ELSEWHERE)
+    return torch.where(labels == ignore_index, PIECE_IGNORE, local).contiguous()
+
+
+# |lse| from which backward renormalises a row (as the C++ token_stats backward): the saved fp32
+# lse is off by up to ulp(lse) / 2, which reaches 2^-20 at 32 (and 5e-4 at 1e4).
+RENORMALISE_ABOVE = 32.0
+
+
+def far_rows(lse: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """Rows backward renormalises: labelled, with ``|lse| >= RENORMALISE_ABOVE``."""
+    return (lse.abs() >= RENORMALISE_ABOVE) & (labels != ignore_index)
+
+
+def log_mass(c: Tensor, lse: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """``log c`` on the :func:`far_rows`, 0 elsewhere (the correction backward applies to log p), for
+    ``c = sum_j exp(z_j / T - lse)`` over the whole vocabulary."""
+    return torch.where(far_rows(lse, labels, ignore_index), torch.log(c), 0.0).contiguous()

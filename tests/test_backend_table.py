@@ -1,0 +1,217 @@
+"""The op layer's conventions: one backend table (``_backend.OP_BACKENDS``) applied by ``backend_for``,
+one fake per op derived from its declared outputs, one rule for skipping the dispatcher."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastalign
+from fastalign import _backend
+from fastalign.ops import group_stats, linear_stats, policy_loss, returns, token_stats
+from fastalign.ops._launch import runs_directly
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
+MODULES = (group_stats, linear_stats, policy_loss, returns, token_stats)
+DOC = Path(__file__).resolve().parent.parent / "docs" / "backends.md"
+
+
+def _custom_ops():
+    ops = {}
+    for module in MODULES:
+        for value in vars(module).values():
+            if isinstance(value, torch._library.custom_ops.CustomOpDef) and value._namespace == "fastalign":
+                ops[value._name] = value
+    return ops
+
+
+def _cuda_usable(monkeypatch, usable: bool):
+    monkeypatch.setattr(_backend, "cuda_kernels_usable", lambda device: usable)
+
+
+def test_every_custom_op_is_in_the_table():
+    assert sorted(_custom_ops()) == sorted(_backend.OP_BACKENDS)
+    for op, families in _backend.OP_BACKENDS.items():
+        assert families and set(families) <= {"cpp", "triton", "cuda", "torch"}, op
+        assert families[0] == "cpp", f"{op}: auto runs the C++ kernels on CPU tensors"
+
+
+def _auto(op, device):
+    try:
+        return _backend.backend_for(op, device, "auto")
+    except ValueError:
+        return "-"
+
+
+def _row(op, monkeypatch):
+    _cuda_usable(monkeypatch, True)
+    cpu, gpu = _auto(op, CPU), _auto(op, CUDA)
+    _cuda_usable(monkeypatch, False)
+    gpu_without = _auto(op, CUDA)
+    return f"| `{op}` | {', '.join(_backend.OP_BACKENDS[op])} | {cpu} | {gpu} | {gpu_without} |"
+
+
+def test_docs_table_is_the_declared_one(monkeypatch):
+    """docs/backends.md lists each op's families and what ``auto`` runs, as backend_for applies them."""
+    rows = [_row(op, monkeypatch) for op in _backend.OP_BACKENDS]
+    text = DOC.read_text()
+    start = text.index("| op | kernel families |")
+    table = text[start:].split("\n\n")[0].splitlines()[2:]
+    assert table == rows, "\n".join(rows)
+
+
+@pytest.mark.parametrize("op", sorted(_backend.OP_BACKENDS))
+def test_backend_for_applies_the_table(op, monkeypatch):
+    families = _backend.OP_BACKENDS[op]
+    assert _backend.backend_for(op, CPU, "auto") == "cpp"
+    assert _backend.backend_for(op, CPU, "cpp") == "cpp"
+    with pytest.raises(ValueError, match="backend 'cpp' runs on CPU tensors only"):
+        _backend.backend_for(op, CUDA, "cpp")
+    with pytest.raises(ValueError, match="backend 'cuda' needs CUDA tensors"):
+        _backend.backend_for(op, CPU, "cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _backend.backend_for(op, CPU, "gpu")
+    for usable in (True, False):
+        _cuda_usable(monkeypatch, usable)
+        runnable = [f for f in families if f in (("cuda", "triton", "torch") if usable else ("triton", "torch"))]
+        for request in ("auto", "cuda", "triton"):
+            if not runnable:
+                with pytest.raises(ValueError, match=f"{op} has no kernels for tensors on cuda"):
+                    _backend.backend_for(op, CUDA, request)
+                continue
+            got = _backend.backend_for(op, CUDA, request)
+            assert got in runnable
+            if request == "auto":
+                assert got == runnable[0]
+            elif request in families and request in runnable:
+                assert got == request
+            if request == "cuda" and not usable:
+                assert got != "cuda"  # the Triton kernels (or plain torch) instead
+
+
+@pytest.mark.parametrize("op", sorted(_backend.OP_BACKENDS))
+def test_triton_on_cpu_needs_the_interpreter_only_for_triton_kernels(op, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    chosen = _backend.backend_for(op, CPU, "triton")
+    assert chosen == ("triton" if "triton" in _backend.OP_BACKENDS[op] else
+                      "torch" if "torch" in _backend.OP_BACKENDS[op] else "cpp")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    if chosen == "triton":
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            _backend.backend_for(op, CPU, "triton")
+    else:
+        assert _backend.backend_for(op, CPU, "triton") == chosen
+
+
+def test_resolve_is_the_request_check_of_the_public_functions(monkeypatch):
+    assert _backend.resolve(CPU, "auto") == "cpp"
+    _cuda_usable(monkeypatch, True)
+    assert _backend.resolve(CUDA, "auto") == "triton" and _backend.resolve(CUDA, "cuda") == "cuda"
+    _cuda_usable(monkeypatch, False)
+    assert _backend.resolve(CUDA, "cuda") == "triton"
+
+
+def test_ops_refuse_a_backend_they_cannot_run():
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="backend 'cuda' needs CUDA tensors"):
+        returns.reverse_scan(x, x.new_empty(0), torch.ones(2, 3), 1.0, 0.0, 0, "cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        group_stats.group_advantage(x[0], torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.float64),
+                                    torch.empty(0, dtype=torch.float64), 3, 0, True, 1e-6, False, "gpu")
+
+
+def _op_cases():
+    """One call of each custom op on small CPU tensors (C++ kernels)."""
+    g = torch.Generator().manual_seed(0)
+    B, T, V, H = 3, 5, 11, 4
+    logits = torch.randn(1, B, V, generator=g)
+    labels = torch.tensor([1, -100, 7])
+    lp, ent, sp2, _amax, lse = token_stats.token_stats(logits, labels, 1.0, -100, True, True, True, "cpp", False)
+    h, w = torch.randn(B, H, generator=g), torch.randn(V, H, generator=g)
+    llp, lent, lsp2, *_rest, llse = linear_stats.linear_stats(h, w, None, labels, 1.0, 0.0, 1.0, -100, True, False,
+                                                              True, "cpp", 2, 4, 0.0)
+    x, m = torch.randn(B, T, generator=g), (torch.rand(B, T, generator=g) > 0.3)
+    m8 = m.to(torch.uint8)
+    params = list(fastalign.PolicyConfig(kl_coef=0.1).kernel_params(entropy_in_kernel=True))
+    cov_params = list(fastalign.PolicyConfig(loss_type="kl_cov").kernel_params(entropy_in_kernel=True))
+    sums = policy_loss.cov_sums(x, x, m8)
+    scores, index = torch.randn(6, generator=g), torch.tensor([0, 0, 1, 1, 2, 2])
+    f64 = torch.empty(0, dtype=torch.float64)
+    seed = torch.tensor([3])
+    return {
+        "token_stats": (token_stats.token_stats, (logits, labels, 1.0, -100, True, True, True, "cpp", False)),
+        "token_stats_backward": (token_stats.token_stats_backward,
+                                 (torch.ones(B), None, None, logits, labels, lse, ent, sp2, 1.0, -100, "cpp")),
+        "token_stats_backward_": (token_stats.token_stats_backward_,
+                                  (torch.ones(B), None, None, logits.clone(), labels, lse, ent, sp2, 1.0, -100,
+                                   "cpp")),
+        "linear_stats": (linear_stats.linear_stats,
+                         (h, w, None, labels, 1.0, 0.0, 1.0, -100, True, False, True, "cpp", 2, 4, 0.0)),
+        "linear_stats_backward": (linear_stats.linear_stats_backward,
+                                  (torch.ones(B), None, None, h, w, None, labels, llse, lent, lsp2, 1.0, 0.0, 1.0,
+                                   -100, "cpp", 2, 4, 0.0, True, True, False)),
+        "policy_loss_rows": (policy_loss.policy_loss_rows,
+                             (x, x, x, m8, x, x, None, None, None, None, params, "cpp")),
+        "policy_loss_grads": (policy_loss.policy_loss_grads, (x, torch.randn(B, 11), m8, 0.01, True, False, "cpp")),
+        "policy_loss_cov_rows": (policy_loss.policy_loss_cov_rows,
+                                 (x, x, x, m8, None, None, None, None, None, seed, cov_params, True)),
+        "cov_sums": (policy_loss.cov_sums, (x, x, m8)),
+        "cov_select": (policy_loss.cov_select, (x, x, x, m8, sums, sums[2:3].clone(), seed, 1, 0.2, -1.0, 5.0, 0.2,
+                                                0.28)),
+        "group_stats": (group_stats.group_stats, (scores, index, f64, 1, "cpp")),
+        "group_advantage": (group_stats.group_advantage, (scores, index, f64, f64, 1, 0, True, 1e-6, False, "cpp")),
+        "reverse_scan": (returns.reverse_scan, (x, x, m.float(), 0.9, 0.95, returns.SCANS["gae"], "cpp")),
+    }
+
+
+def test_each_fake_is_the_ops_declared_outputs():
+    """The generic fake (the op's output declaration alone) matches what the op returns: shapes,
+    dtypes, devices; and it is what FakeTensorMode traces through."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cases = _op_cases()
+    assert sorted(cases) == sorted(_backend.OP_BACKENDS)
+    for name, (op, args) in cases.items():
+        real = op(*args)
+        with FakeTensorMode() as mode:
+            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            fake = op(*fake_args)
+        real = real if isinstance(real, tuple) else (real,)
+        fake = fake if isinstance(fake, tuple) else (fake,)
+        assert len(real) == len(fake), name
+        for r, f in zip(real, fake):
+            if r is None:
+                assert f is None, name
+                continue
+            assert type(f) is not torch.Tensor, name
+            assert (f.shape, f.dtype, f.device) == (r.shape, r.dtype, r.device), name
+
+
+@pytest.mark.parametrize("name", sorted(_backend.OP_BACKENDS))
+def test_opcheck_schema_and_fake(name):
+    op, args = _op_cases()[name]
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_direct_implementation_equals_the_op():
+    for name, (op, args) in _op_cases().items():
+        if name in ("token_stats_backward_",):
+            continue
+        a, b = op(*args), op.direct(*args)
+        a = a if isinstance(a, tuple) else (a,)
+        b = b if isinstance(b, tuple) else (b,)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y) or (x.dtype.is_floating_point and torch.allclose(x, y, equal_nan=True)), name
+
+
+def test_one_rule_for_skipping_the_dispatcher():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.overrides import TorchFunctionMode
+
+    x = torch.randn(3)
+    assert runs_directly("cpp", x, None)
+    assert not runs_directly("triton", x) and not runs_directly("torch", x)
+    with FakeTensorMode() as mode:
+        assert not runs_directly("cpp", mode.from_tensor(x))
+    with TorchFunctionMode():
+        assert not runs_directly("cpp", x)
+    assert not runs_directly("cpp", torch.nn.Parameter(x))
