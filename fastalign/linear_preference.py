@@ -30,6 +30,7 @@ from fastalign import _backend, _validate
 from fastalign._deprecate import renamed
 from fastalign._options import check_choice
 from fastalign.linear import check_logit_options, linear_logprobs
+from fastalign.ops._launch import eager
 from fastalign.ops.preference_blocks import DEFAULT_PAIR_BLOCK_MIB, LogitPipeline, pair_logprobs, single_pass_loss
 from fastalign.preference import LOSSES, check_config, preference_loss, wpo_weights
 from fastalign.sequence import SequenceLogprobs, sequence_logprobs
@@ -95,14 +96,14 @@ class PathPolicy:
             if why:
                 raise ValueError(f"single_pass=True does not apply: {why}")
             return True
-        return why is None and hidden.is_cuda and not torch.compiler.is_compiling()
+        return why is None and hidden.is_cuda and eager(hidden)
 
     def compacts(self, hidden: Tensor, single: bool, backend: str) -> bool:
         """``"auto"``: CPU tensors outside ``torch.compile`` (finding the labelled rows reads their
         count back: free on the CPU, a sync on a GPU). The rows are compacted once: the two-pass
         path on the C++ kernels compacts them itself, so it is left to do so."""
         if self.compact == "auto":
-            return (hidden.device.type == "cpu" and not torch.compiler.is_compiling()
+            return (hidden.device.type == "cpu" and eager(hidden)
                     and (single or backend != "cpp"))
         return bool(self.compact)
 

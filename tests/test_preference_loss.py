@@ -554,7 +554,7 @@ def test_labelled_rows_are_compacted_once(monkeypatch):
     assert not paths.compacts(h, single=False, backend="cpp")
     assert paths.compacts(h, single=True, backend="cpp") and paths.compacts(h, single=False, backend="triton")
     assert fa.LinearPreferenceLoss(compact=True).paths.compacts(h, single=False, backend="cpp")
-    import fastalign.ops.linear_stats as ls
+    import fastalign.ops.linear_cpu as ls
 
     gathers = []
     labelled = ls.labelled_rows
