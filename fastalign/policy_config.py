@@ -2,21 +2,22 @@
 
 :class:`PolicyConfig` holds every option of :func:`fastalign.policy_loss`, validates it once,
 resolves the trainer presets and the option defaults that depend on the loss type, and emits
-:class:`KernelParams`: the numeric record both kernels read. ``KernelParams`` field order is
-the order of the C++ ``PolicyParams`` struct (``csrc/cpu/policy_loss.h``, checked by name at
-the first call) and the keyword order of the Triton launcher (``kernels/policy_loss.py``).
-Adding an option is one field here plus its use in the kernels.
+:class:`~fastalign.ops.policy_params.KernelParams`: the numeric record both kernels read (its field
+order is the order of the C++ ``PolicyParams`` struct, ``csrc/cpu/policy_loss.h``, checked by name at
+the first call, and the keyword order of the Triton launcher, ``kernels/policy_loss.py``).
+Adding an option is one field here, one in that record, and its use in the kernels.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 from fastalign._options import check_choice, check_names
 from fastalign.aggregate import check_agg
 from fastalign.kl import canonical_kl
+from fastalign.ops.policy_params import KernelParams
 
 # Loss-type rows of the kernels (one code per row of the table in docs/math.md#policy-losses).
 LOSS_CODES = {"ppo": 0, "gspo": 1, "cispo": 2, "sapo": 3, "reinforce": 4, "gmpo": 5, "clip_cov": 6, "kl_cov": 7,
@@ -49,50 +50,6 @@ _PPO_ROWS = ("ppo", "gspo", "clip_cov")  # rows with the ppo clip
 _SEQUENCE_LEVEL_ROWS = ("ppo", "cispo", "sapo")  # rows that take importance_sampling_level="sequence"
 _CLIP_ROWS = ("ppo", "gspo", "clip_cov", "gmpo", "cispo", "dppo_tv", "dppo_kl")  # rows that read eps_low / eps_high
 _DELTA_ROWS = ("ppo", "gspo", "dppo_tv", "dppo_kl")  # rows that read delta (the ratio's upper bound)
-
-
-class KernelParams(NamedTuple):
-    """Numeric parameters of one policy-loss launch, in the C++ ``PolicyParams`` order.
-
-    Codes are small integers carried as floats (exact); an option that is off is 0
-    (``dual_clip``, ``delta``) or ``inf`` (``offpolicy_threshold``).
-    """
-
-    loss_type: int
-    is_level: int
-    kl_type: int
-    kl_straight: int
-    kl_clamp: int
-    kl_rho: int
-    rollout: int
-    eps_low: float
-    eps_high: float
-    dual_clip: float
-    delta: float
-    cispo_lo: float
-    cispo_hi: float
-    tau_pos: float
-    tau_neg: float
-    vespo_k_pos: float
-    vespo_lambda_pos: float
-    vespo_k_neg: float
-    vespo_lambda_neg: float
-    kl_coef: float
-    entropy_coef: float
-    rollout_min: float
-    rollout_max: float
-    offpolicy_threshold: float
-    cov_kl_coef: float
-    cov_ratio: float
-    cov_lb: float
-    cov_ub: float
-    dro_beta: float
-
-    @classmethod
-    def from_list(cls, values) -> "KernelParams":
-        """The record from the flat float list a custom op carries."""
-        n_int = 7
-        return cls(*[int(v) for v in values[:n_int]], *[float(v) for v in values[n_int:]])
 
 
 @dataclasses.dataclass(frozen=True)

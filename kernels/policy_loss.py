@@ -418,7 +418,7 @@ def policy_loss_forward(lp, old, adv, mask, ref, ent, roll, keep, iw, sel, row, 
                         dro_beta=0.0, cov_ratio=None, cov_lb=None, cov_ub=None):
     """Launch over rows of contiguous [B, T] inputs (mask/sel uint8); optional ones may be None.
 
-    Keywords: the fields of ``fastalign.policy_config.KernelParams`` (``**params._asdict()``);
+    Keywords: the fields of ``fastalign.ops.policy_params.KernelParams`` (``**params._asdict()``);
     the Clip-Cov selection bounds are used by the selection op, not here.
     """
     B, T = lp.shape

@@ -648,7 +648,7 @@ def test_rollout_logprobs_without_a_use_raise():
 
 def test_kernel_parameter_order_matches_the_compiled_struct():
     from fastalign import _backend
-    from fastalign.policy_config import KernelParams
+    from fastalign.ops.policy_params import KernelParams
 
     assert tuple(_backend.compiled().policy_loss_param_names()) == KernelParams._fields
 

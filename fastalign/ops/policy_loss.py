@@ -6,7 +6,7 @@
 the per-token d(row loss)/d(logprobs) computed in the same pass. Its autograd backward
 only scales those by the upstream gradient of each row; d(row loss)/d(entropy) is
 ``-entropy_coef * mask``, rebuilt in backward. The launch parameters travel as one
-:class:`~fastalign.policy_config.KernelParams` record (a flat float list in the custom op).
+:class:`~fastalign.ops.policy_params.KernelParams` record (a flat float list in the custom op).
 Inputs are contiguous ``[B, T]``: float (fp32 for the C++ kernel; any float dtype for
 Triton), the mask and the selection ``uint8``.
 """
@@ -21,7 +21,7 @@ from fastalign import _backend
 from fastalign._backend import backend_for
 from fastalign.ops import cov_fallback
 from fastalign.ops._launch import kernel_op, ptr, runs_directly, triton_kernels
-from fastalign.policy_config import KernelParams
+from fastalign.ops.policy_params import KernelParams
 
 ROW_COLS = ("loss", "n", "clipped", "clipped_lower", "neg_log_ratio", "kl", "entropy", "selected", "clip_low",
             "clip_high", "phi")
