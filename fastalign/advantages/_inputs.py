@@ -13,11 +13,10 @@ WHITEN_EPS = 1e-8
 
 
 def resolve_backend(device: torch.device, backend: Optional[str]) -> str:
-    """The compiled kernels that run the estimators for ``device`` ("cpp" or "cuda")."""
-    name = _backend.resolve(device, backend)
-    if name == "triton":  # no Triton kernels here: the compiled kernels of that device
-        name = "cuda" if device.type == "cuda" else "cpp"
-    return name
+    """The backend request for ``device``, checked; each op then picks its kernels from the op table
+    (``fastalign._backend.backend_for``: a Triton request runs the plain-torch path of an op without
+    Triton kernels)."""
+    return _backend.resolve(device, backend)
 
 
 def as_index(name: str, ids, B: int, device: torch.device) -> Tensor:

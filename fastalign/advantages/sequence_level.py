@@ -260,7 +260,7 @@ def group_advantages(
             reinforce_pp_baseline and opo (or give ``lengths`` ``[B]``).
         reward_weights: gdpo weights, one per reward column (default 1).
         step_index, step_scores, omega: GiGPO step groups.
-        backend: ``"cpp"`` (CPU tensors) or ``"cuda"``; default by device.
+        backend: a kernel family (docs/backends.md); default by device.
 
     Returns:
         ``[B]`` advantages, float64 for float64 scores, else float32.
