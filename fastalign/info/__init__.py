@@ -22,31 +22,46 @@ import importlib.util
 import platform
 import sys
 
-# Public ops and the kernel family each runs with backend "auto":
-# (name, on CPU tensors, on CUDA tensors). "compiled CUDA" falls back to Triton
-# when the compiled CUDA kernels cannot run (fastalign._backend.cuda_kernels_usable).
+# Public ops and the custom op whose kernels do their work (None: plain torch on small tensors). The
+# family each runs here comes from the op table, fastalign._backend.OP_BACKENDS, as the op itself picks it.
 OPS = (
-    ("token_logprobs", "cpp", "triton"),
-    ("linear_logprobs", "cpp", "triton"),
-    ("policy_loss", "cpp", "triton"),
-    ("policy_loss (clip_cov/kl_cov selection)", "cpp", "compiled CUDA"),
-    ("PolicyLoss", "cpp", "triton"),
-    ("LinearPolicyLoss", "cpp", "triton"),
-    ("kl_penalty", "torch", "torch"),
-    ("aggregate_loss", "torch", "torch"),
-    ("group_advantages", "cpp", "compiled CUDA"),
-    ("token_advantages", "torch", "torch"),
-    ("masked_whiten", "torch", "torch"),
-    ("reinforce_pp_advantages", "cpp", "compiled CUDA"),
-    ("remax_advantages", "cpp", "compiled CUDA"),
-    ("gae_advantages", "cpp", "compiled CUDA"),
-    ("implicit_process_advantages", "cpp", "compiled CUDA"),
-    ("preference_loss", "torch", "torch"),
-    ("PreferenceLoss", "torch", "torch"),
-    ("LinearPreferenceLoss", "cpp", "triton"),
-    ("sequence_logprobs", "torch", "torch"),
-    ("wpo_weights", "torch", "torch"),
+    ("token_logprobs", "token_stats"),
+    ("linear_logprobs", "linear_stats"),
+    ("policy_loss", "policy_loss_rows"),
+    ("policy_loss (clip_cov/kl_cov selection)", "cov_select"),
+    ("PolicyLoss", "policy_loss_rows"),
+    ("LinearPolicyLoss", "linear_stats"),
+    ("kl_penalty", None),
+    ("aggregate_loss", None),
+    ("group_advantages", "group_advantage"),
+    ("token_advantages", None),
+    ("masked_whiten", None),
+    ("reinforce_pp_advantages", "reverse_scan"),
+    ("remax_advantages", "reverse_scan"),
+    ("gae_advantages", "reverse_scan"),
+    ("implicit_process_advantages", "reverse_scan"),
+    ("preference_loss", None),
+    ("PreferenceLoss", None),
+    ("LinearPreferenceLoss", "linear_stats"),
+    ("sequence_logprobs", None),
+    ("wpo_weights", None),
 )
+
+
+def _families(device) -> dict:
+    """The kernel family each public op runs for tensors on ``device`` under the backend setting in force."""
+    from fastalign import _backend
+
+    def family(op):
+        if op is None:
+            return "torch"
+        try:
+            return _backend.backend_for(op, device)
+        except ValueError as e:
+            return f"none ({e})"
+
+    return {name: family(op) for name, op in OPS}
+
 
 INTEGRATIONS = (("transformers", "transformers"), ("trl", "trl"), ("verl", "verl"), ("flash-attn", "flash_attn"))
 
@@ -90,7 +105,7 @@ def _gpu_backends() -> dict:
     probe = getattr(_backend, "cuda_kernels_available", None)  # the compiled CUDA part is present at all
     present = probe() if callable(probe) else True
     usable = present and _backend.cuda_kernels_usable(torch.device("cuda", torch.cuda.current_device()))
-    ops = {name: ("cuda" if usable else "triton") if gpu == "compiled CUDA" else gpu for name, _, gpu in OPS}
+    ops = _families(torch.device("cuda", torch.cuda.current_device()))
     return {"device": torch.cuda.get_device_name(), "capability": "sm_%d%d" % torch.cuda.get_device_capability(),
             "compiled_cuda_usable": usable, "ops": ops}
 
@@ -110,7 +125,7 @@ def info(print_report: bool = False) -> dict:
         "triton": _version("triton", "triton"),
         "compiled": _compiled_core(),
         "backend_setting": _backend.current(),
-        "cpu_ops": {name: cpu for name, cpu, _ in OPS},
+        "cpu_ops": _families(torch.device("cpu")),
         "cuda": _gpu_backends(),
         "integrations": {name: _version(name, module) for name, module in INTEGRATIONS},
     }
@@ -152,14 +167,14 @@ def format_report(r: dict) -> str:
                          f"{_cuda_version(rt['driver']) if rt['driver'] else 'none'}, {rt['devices']} device(s)")
             lines.append(line)
         else:
-            lines.append("  CUDA        no CUDA kernels in this build (GPU ops run their Triton kernels)")
+            lines.append("  CUDA        no CUDA kernels in this build (GPU ops run their Triton or plain-torch paths)")
     lines.append(f"backend       {r['backend_setting']} (FASTALIGN_BACKEND / fastalign.use_backend)")
     gpu = r["cuda"]
     if gpu["device"] is None:
         lines.append(f"GPU           none: {gpu['reason']}")
     else:
         lines.append(f"GPU           {gpu['device']} ({gpu['capability']}), compiled CUDA kernels "
-                     f"{'usable' if gpu['compiled_cuda_usable'] else 'not usable: Triton instead'}")
+                     f"{'usable' if gpu['compiled_cuda_usable'] else 'not usable: Triton or plain-torch paths instead'}")
     width = max(len(n) for n in r["cpu_ops"])
     lines.append(f"{'op':<{width}}  CPU tensors  CUDA tensors")
     for name, cpu in r["cpu_ops"].items():
