@@ -44,3 +44,32 @@ for whl in "$raw"/*.whl; do
   name=$(basename "$whl" | cut -d- -f1-3)
   for fixed in "$OUT/$name"-*manylinux*.whl; do "$AUDITWHEEL" show "$fixed"; done
 done
+# A CUDA build lists the device code of each wheel's _C: machine code (ELF) per architecture and
+# the PTX it carries (CUDA's cuobjdump, or the one that ships with Triton: CUOBJDUMP to choose).
+if [ "$FASTALIGN_CUDA" = 1 ]; then
+  cuobjdump=${CUOBJDUMP:-$(command -v cuobjdump || true)}
+  for cand in "${CUDA_HOME:-/usr/local/cuda}/bin/cuobjdump" \
+              "$("${pythons[0]}" -c 'import triton, os; print(os.path.dirname(triton.__file__))' 2>/dev/null)/backends/nvidia/bin/cuobjdump" \
+              "$("$(dirname "$(command -v "$AUDITWHEEL")")/python" -c 'import triton, os; print(os.path.dirname(triton.__file__))' 2>/dev/null)/backends/nvidia/bin/cuobjdump"; do
+    if [ -z "$cuobjdump" ] && [ -x "$cand" ]; then cuobjdump=$cand; fi
+  done
+  if [ -z "$cuobjdump" ]; then
+    echo "cuobjdump not found (CUOBJDUMP=...): device code not listed"
+  else
+    for whl in "$raw"/*.whl; do
+      name=$(basename "$whl" | cut -d- -f1-3)
+      for fixed in "$OUT/$name"-*manylinux*.whl; do
+        so=$("${pythons[0]}" - "$fixed" "$raw/so" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    name = next(n for n in z.namelist() if n.startswith("fastalign/_C") and n.endswith(".so"))
+    print(z.extract(name, sys.argv[2]))
+PY
+)
+        echo "device code in $(basename "$fixed"):"
+        "$cuobjdump" --list-elf "$so"
+        "$cuobjdump" --list-ptx "$so" || true  # exits 1 when the build carries no PTX
+      done
+    done
+  fi
+fi
