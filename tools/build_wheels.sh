@@ -42,7 +42,16 @@ for whl in "$raw"/*.whl; do
 done
 for whl in "$raw"/*.whl; do
   name=$(basename "$whl" | cut -d- -f1-3)
-  for fixed in "$OUT/$name"-*manylinux*.whl; do "$AUDITWHEEL" show "$fixed"; done
+  for fixed in "$OUT/$name"-*manylinux*.whl; do
+    "$AUDITWHEEL" show "$fixed"
+    # A portable build (CUDA kernels or not) must load on glibc 2.28: its newest tag is 2_28 or older.
+    tag=$(basename "$fixed" .whl | cut -d- -f5)
+    newest=$(echo "$tag" | tr '.' '\n' | sed -n 's/^manylinux_2_\([0-9]*\)_.*/\1/p' | sort -n | tail -1)
+    if [ "$FASTALIGN_PORTABLE" = 1 ] && ! { [ -n "$newest" ] && [ "$newest" -le 28 ]; }; then
+      echo "$(basename "$fixed"): expected a manylinux_2_28 tag or older, got $tag" >&2
+      exit 1
+    fi
+  done
 done
 # A CUDA build lists the device code of each wheel's _C: machine code (ELF) per architecture and
 # the PTX it carries (CUDA's cuobjdump, or the one that ships with Triton: CUOBJDUMP to choose).
