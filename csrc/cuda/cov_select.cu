@@ -13,12 +13,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <stdexcept>
-#include <string>
 
 #include "common/cov_select_keys.h"
+#include "cuda/entry_points.h"
 #include "cuda/launch_check.h"
-#include "registry.h"
 
 namespace fastalign {
 namespace {
@@ -149,46 +147,39 @@ int grid_for(int64_t N) {
 
 }  // namespace
 
-FASTALIGN_BINDINGS(cov_select_cuda) {
-  namespace py = pybind11;
-  m.def(
-      "cov_sums_cuda",
-      [](int64_t B, int64_t T, uintptr_t lp, uintptr_t adv, uintptr_t mask, uintptr_t part, uintptr_t out,
-         uintptr_t stream) {
-        auto s = reinterpret_cast<cudaStream_t>(stream);
-        if (B > 0)
-          cov_sums_rows<<<static_cast<unsigned>(B), kThreads, 0, s>>>(T, ptr<const float>(lp), ptr<const float>(adv),
-                                                                      ptr<const uint8_t>(mask), ptr<float>(part));
-        cov_sums_total<<<1, kThreads, 0, s>>>(B, ptr<const float>(part), ptr<float>(out));
-        check_launch("cov_sums_cuda");
-      },
-      py::call_guard<py::gil_scoped_release>(),
-      "[sum_v A, sum_v lp, n_valid] of [B, T] rows; part is [B, 3] fp32 scratch.");
-  m.def(
-      "cov_select_cuda",
-      [](int64_t N, uintptr_t lp, uintptr_t old, uintptr_t adv, uintptr_t mask, uintptr_t sums, uintptr_t nloc,
-         uintptr_t seed, int mode, double ratio, double lb, double ub, double el, double eh, uintptr_t keys,
-         uintptr_t hist, uintptr_t state, uintptr_t sel, uintptr_t stream) {
-        auto s = reinterpret_cast<cudaStream_t>(stream);
-        SelArgs a{ptr<const float>(lp), ptr<const float>(old), ptr<const float>(adv), ptr<const float>(sums),
-                  ptr<const float>(nloc), ptr<const uint8_t>(mask), ptr<const int64_t>(seed), ratio, lb, ub, el, eh, mode};
-        auto* K = ptr<unsigned long long>(keys);
-        auto* S = ptr<unsigned long long>(state);
-        auto* H = ptr<unsigned int>(hist);
-        // state and hist arrive zeroed (the caller allocates them with zeros)
-        const int g = grid_for(N);
-        if (N > 0) keys_kernel<<<g, kThreads, 0, s>>>(N, a, K, S);
-        setup_kernel<<<1, 1, 0, s>>>(a, S);
-        for (int shift = 56; shift >= 0; shift -= 8) {
-          if (N > 0) hist_kernel<<<g, kThreads, 0, s>>>(N, shift, K, S, H);
-          pick_digit<<<1, kThreads, 0, s>>>(shift, S, H);
-        }
-        if (N > 0) mark_kernel<<<g, kThreads, 0, s>>>(N, K, S, ptr<uint8_t>(sel));
-        check_launch("cov_select_cuda");
-      },
-      py::call_guard<py::gil_scoped_release>(),
-      "Clip-Cov (mode 0) / KL-Cov (mode 1) selection by radix select; keys [N] u64, hist [256] u32 and "
-      "state [4] u64 are zeroed scratch.");
+// [sum_v A, sum_v lp, n_valid] of [B, T] rows; part is [B, 3] fp32 scratch.
+extern "C" const char* fastalign_cov_sums_cuda(int64_t B, int64_t T, uintptr_t lp, uintptr_t adv, uintptr_t mask,
+                                               uintptr_t part, uintptr_t out, uintptr_t stream) {
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  if (B > 0)
+    cov_sums_rows<<<static_cast<unsigned>(B), kThreads, 0, s>>>(T, ptr<const float>(lp), ptr<const float>(adv),
+                                                                ptr<const uint8_t>(mask), ptr<float>(part));
+  cov_sums_total<<<1, kThreads, 0, s>>>(B, ptr<const float>(part), ptr<float>(out));
+  return launch_error();
+}
+
+// Clip-Cov (mode 0) / KL-Cov (mode 1) selection by radix select; keys [N] u64, hist [256] u32 and
+// state [4] u64 are zeroed scratch (the caller allocates them with zeros).
+extern "C" const char* fastalign_cov_select_cuda(int64_t N, uintptr_t lp, uintptr_t old, uintptr_t adv,
+                                                 uintptr_t mask, uintptr_t sums, uintptr_t nloc, uintptr_t seed,
+                                                 int mode, double ratio, double lb, double ub, double el, double eh,
+                                                 uintptr_t keys, uintptr_t hist, uintptr_t state, uintptr_t sel,
+                                                 uintptr_t stream) {
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  SelArgs a{ptr<const float>(lp), ptr<const float>(old), ptr<const float>(adv), ptr<const float>(sums),
+            ptr<const float>(nloc), ptr<const uint8_t>(mask), ptr<const int64_t>(seed), ratio, lb, ub, el, eh, mode};
+  auto* K = ptr<unsigned long long>(keys);
+  auto* S = ptr<unsigned long long>(state);
+  auto* H = ptr<unsigned int>(hist);
+  const int g = grid_for(N);
+  if (N > 0) keys_kernel<<<g, kThreads, 0, s>>>(N, a, K, S);
+  setup_kernel<<<1, 1, 0, s>>>(a, S);
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    if (N > 0) hist_kernel<<<g, kThreads, 0, s>>>(N, shift, K, S, H);
+    pick_digit<<<1, kThreads, 0, s>>>(shift, S, H);
+  }
+  if (N > 0) mark_kernel<<<g, kThreads, 0, s>>>(N, K, S, ptr<uint8_t>(sel));
+  return launch_error();
 }
 
 }  // namespace fastalign

@@ -17,12 +17,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <stdexcept>
-#include <string>
 
 #include "common/advantage_math.h"
+#include "cuda/entry_points.h"
 #include "cuda/launch_check.h"
-#include "registry.h"
 
 namespace fastalign {
 namespace {
@@ -134,60 +132,56 @@ __global__ void segment_kernel(const S* r, const double* len, const int64_t* per
 
 // perm/seg: stably sorted keys' original positions and segment numbers (0 for fixed blocks).
 template <typename S>
-void launch(uintptr_t scores, int64_t B, uintptr_t perm, uintptr_t seg, int64_t group_size, uintptr_t lengths,
-            uintptr_t ngroups, uintptr_t start, const Outputs& o, cudaStream_t st) {
-  if (B == 0) return;
+const char* launch(uintptr_t scores, int64_t B, uintptr_t perm, uintptr_t seg, int64_t group_size,
+                   uintptr_t lengths, uintptr_t ngroups, uintptr_t start, const Outputs& o, cudaStream_t st) {
+  if (B == 0) return nullptr;
   if (perm) {
     segment_starts<<<blocks_for(B), kThreads, 0, st>>>(reinterpret_cast<const int64_t*>(seg), B,
                                                        reinterpret_cast<int64_t*>(start),
                                                        reinterpret_cast<int64_t*>(ngroups));
-    check_launch("segment_starts");
+    if (const char* error = launch_error()) return error;
   }
   const int64_t warps = perm ? B : (B + group_size - 1) / group_size;  // upper bound on the groups
   segment_kernel<S><<<blocks_for(warps * 32), kThreads, 0, st>>>(
       reinterpret_cast<const S*>(scores), reinterpret_cast<const double*>(lengths),
       reinterpret_cast<const int64_t*>(perm), reinterpret_cast<const int64_t*>(start),
       reinterpret_cast<const int64_t*>(ngroups), group_size, B, o);
-  check_launch("segment_kernel");
+  return launch_error();
 }
 
-// fp64 or fp32 scores; a fixed group size must be positive when no sort order is given.
-void launch_scores(const char* op, bool f64, uintptr_t scores, int64_t B, uintptr_t perm, uintptr_t seg,
-                   int64_t group_size, uintptr_t lengths, uintptr_t ngroups, uintptr_t start, const Outputs& o,
-                   uintptr_t stream) {
-  if (!perm && group_size <= 0) throw std::invalid_argument(std::string(op) + ": group_size must be > 0");
+// fp64 or fp32 scores; a fixed group size (perm = 0) is positive (checked by the binding).
+const char* launch_scores(bool f64, uintptr_t scores, int64_t B, uintptr_t perm, uintptr_t seg, int64_t group_size,
+                          uintptr_t lengths, uintptr_t ngroups, uintptr_t start, const Outputs& o, uintptr_t stream) {
+  if (!perm && group_size <= 0) return "group_size must be > 0";
+  const char* error = nullptr;
   with_score_type(f64, [&](auto tag) {
-    launch<decltype(tag)>(scores, B, perm, seg, group_size, lengths, ngroups, start, o,
-                          reinterpret_cast<cudaStream_t>(stream));
+    error = launch<decltype(tag)>(scores, B, perm, seg, group_size, lengths, ngroups, start, o,
+                                  reinterpret_cast<cudaStream_t>(stream));
   });
+  return error;
 }
 
 }  // namespace
 
-FASTALIGN_BINDINGS(group_stats_cuda) {
-  namespace py = pybind11;
-  m.def(
-      "group_stats_cuda",
-      [](uintptr_t scores, bool f64, int64_t B, uintptr_t perm, uintptr_t seg, int64_t group_size, uintptr_t lengths,
-         uintptr_t gid, uintptr_t stats, int64_t rows, uintptr_t ngroups, uintptr_t start, uintptr_t stream) {
-        const Outputs o{reinterpret_cast<int64_t*>(gid), reinterpret_cast<double*>(stats), rows,
-                        reinterpret_cast<int64_t*>(ngroups), nullptr, AdvParams{0, false, 0.0, false, 1.0}, nullptr};
-        launch_scores("group_stats", f64, scores, B, perm, seg, group_size, lengths, ngroups, start, o, stream);
-      },
-      py::call_guard<py::gil_scoped_release>(),
-      "Group ids [B] and statistics [rows, 6] on the device from stably sorted keys (perm, seg) or a fixed "
-      "group_size (perm = 0); rows past the number of groups are written as empty groups.");
-  m.def(
-      "group_advantage_cuda",
-      [](uintptr_t scores, bool f64, int64_t B, uintptr_t perm, uintptr_t seg, int64_t group_size, uintptr_t lengths,
-         uintptr_t ngroups, uintptr_t start, int mode, bool div_std, double eps, bool singleton_zero,
-         uintptr_t scale, uintptr_t out, uintptr_t stream) {
-        const Outputs o{nullptr, nullptr, 0, nullptr, reinterpret_cast<void*>(out),
-                        AdvParams{mode, div_std, eps, singleton_zero, 1.0}, reinterpret_cast<const double*>(scale)};
-        launch_scores("group_advantage", f64, scores, B, perm, seg, group_size, lengths, ngroups, start, o, stream);
-      },
-      py::call_guard<py::gil_scoped_release>(),
-      "Group-normalised advantage per score, one warp per group (ngroups, start: device scratch for keyed groups).");
+// Group ids [B] and statistics [rows, kStats]; rows past the number of groups are written as empty groups.
+extern "C" const char* fastalign_group_stats_cuda(uintptr_t scores, bool f64, int64_t B, uintptr_t perm, uintptr_t seg,
+                                                  int64_t group_size, uintptr_t lengths, uintptr_t gid,
+                                                  uintptr_t stats, int64_t rows, uintptr_t ngroups, uintptr_t start,
+                                                  uintptr_t stream) {
+  const Outputs o{reinterpret_cast<int64_t*>(gid), reinterpret_cast<double*>(stats), rows,
+                  reinterpret_cast<int64_t*>(ngroups), nullptr, adv::AdvParams{0, false, 0.0, false, 1.0}, nullptr};
+  return launch_scores(f64, scores, B, perm, seg, group_size, lengths, ngroups, start, o, stream);
+}
+
+// Group-normalised advantage per score (ngroups, start: device scratch for keyed groups).
+extern "C" const char* fastalign_group_advantage_cuda(uintptr_t scores, bool f64, int64_t B, uintptr_t perm,
+                                                      uintptr_t seg, int64_t group_size, uintptr_t lengths,
+                                                      uintptr_t ngroups, uintptr_t start, int mode, bool div_std,
+                                                      double eps, bool singleton_zero, uintptr_t scale,
+                                                      uintptr_t out, uintptr_t stream) {
+  const Outputs o{nullptr, nullptr, 0, nullptr, reinterpret_cast<void*>(out),
+                  adv::AdvParams{mode, div_std, eps, singleton_zero, 1.0}, reinterpret_cast<const double*>(scale)};
+  return launch_scores(f64, scores, B, perm, seg, group_size, lengths, ngroups, start, o, stream);
 }
 
 }  // namespace fastalign

@@ -1,16 +1,21 @@
-// Kernel launches are asynchronous: after queueing its kernels an entry point asks for the
-// launch error (a bad configuration, no device image for this GPU) and raises it, named.
+// Host helpers of the CUDA entry points (csrc/cuda/entry_points.h). Kernel launches are
+// asynchronous: after queueing its kernels an entry point asks for the launch error (a bad
+// configuration, no device image for this GPU) and returns its message; the binding raises it,
+// named (csrc/cuda/bindings.cpp).
 #pragma once
 #include <cuda_runtime.h>
 
-#include <stdexcept>
-#include <string>
+#include <stdint.h>
 
 namespace fastalign {
 
-inline void check_launch(const char* what) {
+// Raw pointer from the integer address Python passes (tensor.data_ptr()); 0 stays null.
+template <typename P>
+inline P* ptr(uintptr_t p) { return reinterpret_cast<P*>(p); }
+
+inline const char* launch_error() {
   const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) throw std::runtime_error(std::string("fastalign ") + what + ": " + cudaGetErrorString(e));
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
 }  // namespace fastalign

@@ -11,12 +11,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <stdexcept>
-#include <string>
 
 #include "common/advantage_math.h"
+#include "cuda/entry_points.h"
 #include "cuda/launch_check.h"
-#include "registry.h"
 
 namespace fastalign {
 namespace {
@@ -85,30 +83,26 @@ __global__ void __launch_bounds__(kThreads) reverse_scan(const S* __restrict__ x
 }
 
 template <typename S>
-void launch(uintptr_t x, uintptr_t v, uintptr_t mask, int64_t B, int64_t T, double gamma, double lam, int mode,
-            uintptr_t out, uintptr_t out2, cudaStream_t st) {
-  if (B == 0 || T == 0) return;
+const char* launch(uintptr_t x, uintptr_t v, uintptr_t mask, int64_t B, int64_t T, double gamma, double lam,
+                   int mode, uintptr_t out, uintptr_t out2, cudaStream_t st) {
+  if (B == 0 || T == 0) return nullptr;
   reverse_scan<S><<<unsigned(B), kThreads, 0, st>>>(
       reinterpret_cast<const S*>(x), reinterpret_cast<const S*>(v), reinterpret_cast<const S*>(mask),
       reinterpret_cast<S*>(out), reinterpret_cast<S*>(out2), T, gamma, lam, mode);
-  check_launch("reverse_scan_cuda");
+  return launch_error();
 }
 
 }  // namespace
 
-FASTALIGN_BINDINGS(returns_cuda) {
-  namespace py = pybind11;
-  m.def(
-      "reverse_scan_cuda",
-      [](uintptr_t x, uintptr_t v, uintptr_t mask, bool f64, int64_t B, int64_t T, double gamma, double lam, int mode,
-         uintptr_t out, uintptr_t out2, uintptr_t stream) {
-        adv::check_scan_args(mode, v, out2);
-        adv::with_score_type(f64, [&](auto tag) {
-          launch<decltype(tag)>(x, v, mask, B, T, gamma, lam, mode, out, out2, reinterpret_cast<cudaStream_t>(stream));
-        });
-      },
-      py::call_guard<py::gil_scoped_release>(),
-      "Reverse scan over contiguous [B, T] rows, one block per row, parallel across time.");
+// Reverse scan over contiguous [B, T] rows (gae: values and out2 set, checked by the binding).
+extern "C" const char* fastalign_reverse_scan_cuda(uintptr_t x, uintptr_t v, uintptr_t mask, bool f64, int64_t B,
+                                                   int64_t T, double gamma, double lam, int mode, uintptr_t out,
+                                                   uintptr_t out2, uintptr_t stream) {
+  const char* error = nullptr;
+  adv::with_score_type(f64, [&](auto tag) {
+    error = launch<decltype(tag)>(x, v, mask, B, T, gamma, lam, mode, out, out2, reinterpret_cast<cudaStream_t>(stream));
+  });
+  return error;
 }
 
 }  // namespace fastalign

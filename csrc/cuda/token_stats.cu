@@ -24,17 +24,14 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <pybind11/pybind11.h>
 
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
-#include <stdexcept>
-#include <string>
 
 #include "common/softmax_stats.h"
+#include "cuda/entry_points.h"
 #include "cuda/launch_check.h"
-#include "registry.h"
 
 namespace fastalign {
 namespace {
@@ -284,56 +281,53 @@ __global__ void __launch_bounds__(kThreads) token_stats_bwd_kernel(
 }
 
 
+// f(T{}) for the dtype code (0 fp32, 1 bf16, 2 fp16); false for any other code.
 template <typename F>
-void dispatch(int dtype, F&& f) {
+bool dispatch(int dtype, F&& f) {
   switch (dtype) {
-    case 0: f(float{}); break;
-    case 1: f(__nv_bfloat16{}); break;
-    case 2: f(__half{}); break;
-    default: throw std::invalid_argument("fastalign: unsupported dtype code");
+    case 0: f(float{}); return true;
+    case 1: f(__nv_bfloat16{}); return true;
+    case 2: f(__half{}); return true;
+    default: return false;
   }
 }
 
 }  // namespace
 
-FASTALIGN_BINDINGS(token_stats_cuda) {
-  namespace py = pybind11;
-  m.def(
-      "token_stats_fwd_cuda",
-      [](uintptr_t logits, int dtype, int64_t N, int64_t V, int64_t inner, int64_t s_outer, int64_t s_inner,
-         uintptr_t labels, double inv_t, int64_t ignore_index, uintptr_t lp, uintptr_t ent, uintptr_t sp2,
-         uintptr_t amax, uintptr_t lse, uintptr_t stream) {
-        if (N == 0) return;
-        dispatch(dtype, [&](auto tag) {
-          using T = decltype(tag);
-          auto kernel = (ent || sp2 || amax) ? token_stats_fwd_kernel<T, true> : token_stats_fwd_kernel<T, false>;
-          kernel<<<N, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-              ptr<const T>(logits), V, RowLayout{inner, s_outer, s_inner}, ptr<const int64_t>(labels),
-              float(inv_t), ignore_index, ptr<float>(lp), ptr<float>(ent), ptr<float>(sp2), ptr<int64_t>(amax), ptr<float>(lse));
-        });
-        check_launch("token_stats_fwd_cuda");
-      },
-      py::call_guard<py::gil_scoped_release>());
-  m.def(
-      "token_stats_bwd_cuda",
-      [](uintptr_t logits, int dtype, int64_t N, int64_t V, int64_t inner, int64_t s_outer, int64_t s_inner,
-         uintptr_t labels, double inv_t, int64_t ignore_index, uintptr_t lse, uintptr_t ent, uintptr_t sp2,
-         uintptr_t g_lp, uintptr_t g_h, uintptr_t g_q, uintptr_t grad, int64_t g_outer, int64_t g_inner,
-         uintptr_t stream) {
-        if (N == 0) return;
-        dispatch(dtype, [&](auto tag) {
-          using T = decltype(tag);
-          const bool full = (g_h && ent) || (g_q && sp2);
-          auto kernel = full ? token_stats_bwd_kernel<T, true> : token_stats_bwd_kernel<T, false>;
-          kernel<<<N, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-              ptr<const T>(logits), V, RowLayout{inner, s_outer, s_inner}, ptr<const int64_t>(labels),
-              float(inv_t), ignore_index, ptr<const float>(lse), ptr<const float>(ent), ptr<const float>(sp2),
-              ptr<const float>(g_lp), ptr<const float>(g_h), ptr<const float>(g_q), ptr<T>(grad),
-              RowLayout{inner, g_outer, g_inner});
-        });
-        check_launch("token_stats_bwd_cuda");
-      },
-      py::call_guard<py::gil_scoped_release>());
+extern "C" const char* fastalign_token_stats_fwd_cuda(uintptr_t logits, int dtype, int64_t N, int64_t V,
+                                                      int64_t inner, int64_t s_outer, int64_t s_inner,
+                                                      uintptr_t labels, double inv_t, int64_t ignore_index,
+                                                      uintptr_t lp, uintptr_t ent, uintptr_t sp2, uintptr_t amax,
+                                                      uintptr_t lse, uintptr_t stream) {
+  if (N == 0) return nullptr;
+  const bool known = dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto kernel = (ent || sp2 || amax) ? token_stats_fwd_kernel<T, true> : token_stats_fwd_kernel<T, false>;
+    kernel<<<N, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+        ptr<const T>(logits), V, RowLayout{inner, s_outer, s_inner}, ptr<const int64_t>(labels),
+        float(inv_t), ignore_index, ptr<float>(lp), ptr<float>(ent), ptr<float>(sp2), ptr<int64_t>(amax), ptr<float>(lse));
+  });
+  return known ? launch_error() : "unsupported dtype code";
+}
+
+extern "C" const char* fastalign_token_stats_bwd_cuda(uintptr_t logits, int dtype, int64_t N, int64_t V,
+                                                      int64_t inner, int64_t s_outer, int64_t s_inner,
+                                                      uintptr_t labels, double inv_t, int64_t ignore_index,
+                                                      uintptr_t lse, uintptr_t ent, uintptr_t sp2, uintptr_t g_lp,
+                                                      uintptr_t g_h, uintptr_t g_q, uintptr_t grad, int64_t g_outer,
+                                                      int64_t g_inner, uintptr_t stream) {
+  if (N == 0) return nullptr;
+  const bool known = dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const bool full = (g_h && ent) || (g_q && sp2);
+    auto kernel = full ? token_stats_bwd_kernel<T, true> : token_stats_bwd_kernel<T, false>;
+    kernel<<<N, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+        ptr<const T>(logits), V, RowLayout{inner, s_outer, s_inner}, ptr<const int64_t>(labels),
+        float(inv_t), ignore_index, ptr<const float>(lse), ptr<const float>(ent), ptr<const float>(sp2),
+        ptr<const float>(g_lp), ptr<const float>(g_h), ptr<const float>(g_q), ptr<T>(grad),
+        RowLayout{inner, g_outer, g_inner});
+  });
+  return known ? launch_error() : "unsupported dtype code";
 }
 
 }  // namespace fastalign
