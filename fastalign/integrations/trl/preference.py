@@ -27,12 +27,12 @@ TRL is never imported here except to check a dict's keys against the config's fi
 """
 from __future__ import annotations
 
-import difflib
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from fastalign._options import did_you_mean
 from fastalign.linear_preference import LinearPreferenceLoss
 from fastalign.preference import PreferenceLoss, preference_loss, unpaired_preference_loss, wpo_weights
 from fastalign.sequence import sequence_logprobs
@@ -77,9 +77,7 @@ def _read(config, defaults: Dict[str, Any], name: str) -> Dict[str, Any]:
         known = set(defaults) | (fields or set())
         for k in config:
             if k not in known:
-                close = difflib.get_close_matches(k, sorted(known), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"{name} has no field {k!r}{hint}")
+                raise ValueError(f"{name} has no field {k!r}{did_you_mean(k, sorted(known))}")
         return {k: config.get(k, v) for k, v in defaults.items()}
     if config is None:
         return dict(defaults)
