@@ -36,22 +36,21 @@ release-tools: $(VPY)
 
 # Portable wheels in dist/, one per CPython 3.10-3.13 found here (pyenv or PATH;
 # PYTHONS="python3.11 ..." to choose), compiled by zig's clang against glibc 2.28
-# and tagged by auditwheel (manylinux_2_28 or older). CPU core only: the CUDA
-# kernels for three architectures take longer than one CI run should, so they
-# have their own target.
-wheel: release-tools
-	FASTALIGN_CUDA=0 AUDITWHEEL=$(VENV)/bin/auditwheel tools/build_wheels.sh $(PYTHONS)
-
-# The same portable wheels with the CUDA kernels (nvcc needed) for sm_80, sm_90 and
-# sm_100: machine code for each, PTX for sm_100 so newer GPUs can compile it, static
-# cudart. nvcc compiles the .cu files with the system GCC as host compiler (their host
-# side is plain C entry points needing only libc and the CUDA runtime); zig's clang
-# compiles the rest and links _C against glibc 2.28, so the tag is manylinux_2_28 or
-# older on any build machine. FASTALIGN_CUDA_ARCHS overrides the architectures.
+# and tagged by auditwheel (manylinux_2_28 or older). When nvcc is found they carry
+# the CUDA kernels for sm_80, sm_90 and sm_100 (machine code for each, PTX for sm_100
+# so newer GPUs can compile it) with the static CUDA runtime: nvcc compiles the .cu
+# files with the system GCC as host compiler (their host side is plain C entry points
+# needing only libc and the CUDA runtime) and zig's clang links them into _C, so the
+# tag stays manylinux_2_28 or older on any build machine. FASTALIGN_CUDA=0 leaves the
+# CUDA kernels out; FASTALIGN_CUDA_ARCHS overrides the architectures.
 FASTALIGN_WHEEL_CUDA_ARCHS ?= 80-real;90-real;100
-wheel-cuda: release-tools
-	FASTALIGN_CUDA=1 FASTALIGN_CUDA_ARCHS="$(or $(FASTALIGN_CUDA_ARCHS),$(FASTALIGN_WHEEL_CUDA_ARCHS))" \
+wheel: release-tools
+	FASTALIGN_CUDA_ARCHS="$(or $(FASTALIGN_CUDA_ARCHS),$(FASTALIGN_WHEEL_CUDA_ARCHS))" \
 	  AUDITWHEEL=$(VENV)/bin/auditwheel tools/build_wheels.sh $(PYTHONS)
+
+# The same, requiring the CUDA kernels (fails without nvcc).
+wheel-cuda:
+	FASTALIGN_CUDA=1 $(MAKE) wheel
 
 # The source distribution in dist/ (builds the same as the wheel: pip install fastalign-*.tar.gz).
 sdist: release-tools
@@ -69,11 +68,12 @@ clean:
 	rm -rf build dist site .venv *.egg-info
 
 # The release check: the sdist's contents; a portable wheel from pip's isolated
-# build, repaired by auditwheel, tag manylinux_2_28 or older; that wheel in a
-# fresh venv beside torch==2.13.0 (CPU) running every public op from an empty
-# directory, then `python -m fastalign.info`.
+# build (with the CUDA kernels for sm_80, sm_90 and sm_100 when nvcc is found),
+# repaired by auditwheel, tag manylinux_2_28 or older; that wheel in a fresh venv
+# beside torch==2.13.0 (CPU) running every public op from an empty directory,
+# then `python -m fastalign.info`.
 wheel-check: release-tools
-	FASTALIGN_CUDA=0 PY=$(VPY) TORCH_PIN=$(TORCH_PIN) AUDITWHEEL=$(VENV)/bin/auditwheel tools/wheel_check.sh
+	FASTALIGN_CUDA_ARCHS="$(or $(FASTALIGN_CUDA_ARCHS),$(FASTALIGN_WHEEL_CUDA_ARCHS))" PY=$(VPY) TORCH_PIN=$(TORCH_PIN) AUDITWHEEL=$(VENV)/bin/auditwheel tools/wheel_check.sh
 
 .PHONY: aot gpu-check
 

@@ -6,15 +6,20 @@
 #
 #   tools/build_wheels.sh [PYTHON ...]     default: every CPython 3.10-3.13 found
 #
-# The default builds the portable CPU core. FASTALIGN_CUDA=1 (`make wheel-cuda`) adds
-# the CUDA kernels for FASTALIGN_CUDA_ARCHS: nvcc with the system GCC compiles the .cu
-# files, zig's clang links them in, still against glibc 2.28.
+# The CUDA kernels join when nvcc is found (FASTALIGN_CUDA=1 requires them, 0 leaves
+# them out), for FASTALIGN_CUDA_ARCHS (default 80-real;90-real;100): nvcc with the
+# system GCC compiles the .cu files, zig's clang links them in, still against glibc
+# 2.28. Each CUDA wheel is then checked to carry machine code for every architecture
+# asked for, and PTX for the ones without "-real".
 # OUT (default dist) receives the wheels; AUDITWHEEL names the auditwheel command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-dist}
 AUDITWHEEL=${AUDITWHEEL:-auditwheel}
-export FASTALIGN_PORTABLE=${FASTALIGN_PORTABLE:-1} FASTALIGN_CUDA=${FASTALIGN_CUDA:-0}
+if [ -z "${FASTALIGN_CUDA:-}" ]; then
+  FASTALIGN_CUDA=$(command -v nvcc >/dev/null 2>&1 && echo 1 || echo 0)
+fi
+export FASTALIGN_PORTABLE=${FASTALIGN_PORTABLE:-1} FASTALIGN_CUDA FASTALIGN_CUDA_ARCHS=${FASTALIGN_CUDA_ARCHS:-80-real;90-real;100}
 
 pythons=("$@")
 if [ ${#pythons[@]} -eq 0 ]; then
@@ -53,8 +58,8 @@ for whl in "$raw"/*.whl; do
     fi
   done
 done
-# A CUDA build lists the device code of each wheel's _C: machine code (ELF) per architecture and
-# the PTX it carries (CUDA's cuobjdump, or the one that ships with Triton: CUOBJDUMP to choose).
+# A CUDA build: the device code of each wheel's _C, listed (machine code per architecture, PTX) and
+# checked against FASTALIGN_CUDA_ARCHS (CUDA's cuobjdump, or the one that ships with Triton: CUOBJDUMP).
 if [ "$FASTALIGN_CUDA" = 1 ]; then
   cuobjdump=${CUOBJDUMP:-$(command -v cuobjdump || true)}
   for cand in "${CUDA_HOME:-/usr/local/cuda}/bin/cuobjdump" \
@@ -62,23 +67,29 @@ if [ "$FASTALIGN_CUDA" = 1 ]; then
               "$("$(dirname "$(command -v "$AUDITWHEEL")")/python" -c 'import triton, os; print(os.path.dirname(triton.__file__))' 2>/dev/null)/backends/nvidia/bin/cuobjdump"; do
     if [ -z "$cuobjdump" ] && [ -x "$cand" ]; then cuobjdump=$cand; fi
   done
-  if [ -z "$cuobjdump" ]; then
-    echo "cuobjdump not found (CUOBJDUMP=...): device code not listed"
-  else
-    for whl in "$raw"/*.whl; do
-      name=$(basename "$whl" | cut -d- -f1-3)
-      for fixed in "$OUT/$name"-*manylinux*.whl; do
-        so=$("${pythons[0]}" - "$fixed" "$raw/so" <<'PY'
+  [ -n "$cuobjdump" ] || { echo "cuobjdump not found (CUOBJDUMP=...): cannot check the device code" >&2; exit 1; }
+  for whl in "$raw"/*.whl; do
+    name=$(basename "$whl" | cut -d- -f1-3)
+    for fixed in "$OUT/$name"-*manylinux*.whl; do
+      so=$("${pythons[0]}" - "$fixed" "$raw/so" <<'PY'
 import sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z:
     name = next(n for n in z.namelist() if n.startswith("fastalign/_C") and n.endswith(".so"))
     print(z.extract(name, sys.argv[2]))
 PY
 )
-        echo "device code in $(basename "$fixed"):"
-        "$cuobjdump" --list-elf "$so"
-        "$cuobjdump" --list-ptx "$so" || true  # exits 1 when the build carries no PTX
+      elf=$("$cuobjdump" --list-elf "$so")
+      ptx=$("$cuobjdump" --list-ptx "$so" 2>/dev/null || true)  # exits 1 when the build carries no PTX
+      echo "device code in $(basename "$fixed"):"
+      echo "$elf"; echo "$ptx"
+      for arch in ${FASTALIGN_CUDA_ARCHS//;/ }; do
+        sm=sm_${arch%%-*}
+        grep -q "\.$sm\.cubin" <<<"$elf" || { echo "$(basename "$fixed"): no $sm machine code" >&2; exit 1; }
+        if [ "${arch#*-}" != real ] && ! grep -q "\.$sm\.ptx" <<<"$ptx"; then
+          echo "$(basename "$fixed"): no $sm PTX" >&2; exit 1
+        fi
       done
+      echo "device code ok: ${FASTALIGN_CUDA_ARCHS//;/, }"
     done
-  fi
+  done
 fi

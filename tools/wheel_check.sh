@@ -2,7 +2,8 @@
 # The release check (`make wheel-check`, run by CI):
 #   1. the sdist carries what a source build needs (csrc/, kernels/, CMakeLists.txt);
 #   2. a portable wheel, built by pip's isolated build (tools/build_wheels.sh),
-#      repaired by auditwheel, with a manylinux tag no newer than 2_28;
+#      repaired by auditwheel, with a manylinux tag no newer than 2_28, carrying the
+#      CUDA kernels (device code checked by tools/build_wheels.sh) when nvcc is found;
 #   3. that wheel installed into a fresh venv beside torch (CPU), every public
 #      op run once from an empty directory (tools/wheel_smoke.py), and
 #      `python -m fastalign.info`;
@@ -52,6 +53,13 @@ cp tools/wheel_smoke.py "$run/"
 
 step "python -m fastalign.info"
 (cd "$run" && "$OLDPWD/$work/venv/bin/python" -m fastalign.info)
+
+step "the wheel's CUDA kernels"
+want_cuda=${FASTALIGN_CUDA:-$(command -v nvcc >/dev/null 2>&1 && echo 1 || echo 0)}
+have_cuda=$(cd "$run" && "$OLDPWD/$work/venv/bin/python" -c \
+  "from fastalign import _C; print(int(_C.cuda_compiled), _C.build_info().get('cuda_archs', ''))")
+echo "cuda_compiled, archs: $have_cuda (expected CUDA kernels: $want_cuda)"
+[ "${have_cuda%% *}" = "$want_cuda" ] || { echo "the wheel's CUDA kernels are not what the build asked for"; exit 1; }
 
 step "the wheel's AVX2 / AVX-512 kernel variants (objdump of the installed _C)"
 cp tools/isa_check.py "$run/"
