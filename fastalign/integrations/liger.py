@@ -1,0 +1,484 @@
+"""Liger-Kernel 0.8 adapters: its chunked fused-linear losses (``liger_kernel.chunked_loss``) with
+the same constructors, ``forward`` signatures and return values, computed by fastalign from the
+hidden states and the lm_head weight (never the ``[N, V]`` logits). A user swaps the import::
+
+    from fastalign.integrations.liger import LigerFusedLinearGRPOLoss   # was: from liger_kernel.chunked_loss import ...
+
+Modules: :class:`LigerFusedLinearGRPOLoss`, :class:`LigerFusedLinearDPOLoss`,
+:class:`LigerFusedLinearCPOLoss`, :class:`LigerFusedLinearORPOLoss`,
+:class:`LigerFusedLinearSimPOLoss`, :class:`LigerFusedLinearKTOLoss`. Log-probs come from
+:func:`fastalign.linear_logprobs`, the losses from :func:`fastalign.policy_loss`,
+:func:`fastalign.preference_loss` and :func:`fastalign.preference.unpaired_preference_loss`
+(docs/math.md#policy-losses, docs/math.md#preference-losses). Gradients flow to the hidden
+states, the weight and the bias.
+
+GRPO (with ``l = lp - old``, ``rho = exp(l)`` or, at ``importance_sampling_level="sequence"``,
+``exp(mean_m l)``, ``A`` the advantage, ``m`` the attention mask):
+
+    ppo-clip (grpo, bnpo, dr_grpo, dapo, luspo): pg = -min(min(rho, delta) A, clip(rho, 1 - eps_low, 1 + eps_high) A)
+    cispo: pg = -sg(min(rho, epsilon_high)) A lp      sapo: pg = -A (4/tau) σ(tau (rho - 1))
+    vespo: pg = -sg(phi(w)) A lp, w = exp(sum_m l)    L = w_is pg + beta k3(ref, lp) (* rho with use_bias_correction_kl)
+
+aggregated as grpo / sapo ``sum_i mean_m(L_i) / B``, bnpo ``sum_m L / sum m``, dr_grpo ``sum_m L /
+(B max_completion_length)``, dapo / cispo / vespo ``sum_m L / (num_items_in_batch / world)`` (the
+token count of the batch, summed over the processes, without ``num_items_in_batch``), luspo
+``sum_i |y_i| L_i / B``. ``vllm_is_ratio`` is ``w_is`` (vespo folds it into its weight).
+``forward`` returns ``(loss, metrics)``: ``metrics = (kl, clip_ratio)`` with ``beta != 0``, else
+``(clip_ratio,)``, each a masked sum over the token count of the batch.
+
+Where Liger's behaviour differs from TRL's, this module follows Liger:
+
+* ``use_bias_correction_kl`` defaults to False (TRL: True); the KL has no clamp.
+* luspo: Liger sums ``L * |y_i|`` over every position, padding included, and divides by ``B T``;
+  with a per-sequence loss (``importance_sampling_level="sequence"``, ``beta=0``, no per-token
+  ``vllm_is_ratio``) that is TRL's ``sum_i |y_i| L_i / B``, which fastalign computes; any other
+  luspo setting raises ``ValueError``.
+* the clip ratio counts ``rho < 1 - eps_low`` with ``A < 0`` or ``rho > 1 + eps_high`` with ``A > 0``
+  (cispo: ``rho > epsilon_high`` with ``A > 0``; sapo, vespo: 0) per token, before ``delta``.
+
+Preference losses (``lc``, ``lr``: the chosen / rejected log-probs, summed over the tokens whose
+target is not ``ignore_index``, or averaged with ``average_log_prob``; ``lc0``, ``lr0`` the
+reference ones from ``ref_input`` or 0; ``NLL`` the chosen token mean of ``-lp``, 0 without
+``compute_nll_loss``): ``loss = mean_pairs(ℓ) + alpha NLL`` with ``ℓ`` the row of
+docs/math.md#preference-losses — DPO: its ``loss_type`` on ``d = (lc - lc0) - (lr - lr0)``
+(``label_smoothing`` for robust and exo_pair only, as Liger); CPO: the smoothed sigmoid of
+``β(lc - lr)``; SimPO: of ``β(l̄c - l̄r) - gamma``; ORPO: ``-β log σ(log-odds)`` (alpha 1).
+``forward`` returns ``(loss, (chosen_logps, rejected_logps, chosen_logits_mean,
+rejected_logits_mean, nll_loss, *aux))``, aux ``(chosen_rewards, rejected_rewards)`` per pair
+(``β(lc - lc0)``; ORPO adds ``log_odds_ratio``, ``log_odds_chosen``). The logits means are the
+mean of ``hidden @ W.T + b`` over every position and the vocabulary, computed as ``h · sum_v W_v``.
+
+KTO: ``loss = mean_i (1 - σ(β s_i (x_i - kl)))``, ``x = lp - lp0``, ``s = ±1`` by
+``preference_labels``, ``kl`` as given (no clamp, as Liger); returns ``(loss, (chosen_logps_sum,
+rejected_logps_sum, chosen_logits_sum, rejected_logits_sum, chosen_rewards_sum,
+rejected_rewards_sum))``.
+
+``compiled`` and ``chunk_size`` choose how Liger runs, not what it computes: they are accepted
+and do not change the result. A target equal to ``ignore_index`` (-100 for GRPO) under the GRPO
+attention mask is dropped from the mask (Liger would score it as a log-prob of ``-logsumexp``).
+An option that does not apply to the chosen loss raises ``ValueError`` naming it.
+
+Nothing here imports Liger-Kernel.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from fastalign.linear import linear_logprobs
+from fastalign.policy import policy_loss
+from fastalign.policy_config import PolicyConfig
+from fastalign.preference import preference_loss, unpaired_preference_loss
+
+__all__ = ["LigerFusedLinearGRPOLoss", "LigerFusedLinearDPOLoss", "LigerFusedLinearCPOLoss",
+           "LigerFusedLinearORPOLoss", "LigerFusedLinearSimPOLoss", "LigerFusedLinearKTOLoss"]
+
+# Liger GRPO loss_type -> (fastalign loss row, aggregation, sequence count, divided by the batch's token count)
+GRPO_LOSSES = {
+    "grpo": ("ppo", "seq-mean-token-mean", "all", False),
+    "bnpo": ("ppo", "token-mean", None, False),
+    "dr_grpo": ("ppo", "seq-mean-token-sum-norm", "all", False),
+    "dapo": ("ppo", "token-mean", None, True),
+    "luspo": ("ppo", "seq-mean-token-sum", "all", False),
+    "cispo": ("cispo", "token-mean", None, True),
+    "sapo": ("sapo", "seq-mean-token-mean", "all", False),
+    "vespo": ("vespo", "token-mean", None, True),
+}
+_GRPO_IGNORE_INDEX = -100
+
+
+def _execution_options(compiled, chunk_size) -> None:
+    if not isinstance(compiled, bool):
+        raise TypeError(f"compiled must be a bool, got {compiled!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+
+
+def _not_default(owner: str, loss_type: str, **given) -> None:
+    """Options given a non-default value that ``loss_type`` does not read: ``name=(value, default)``."""
+    for name, (value, default) in given.items():
+        if value != default:
+            raise ValueError(f"{name} does not apply to {owner} loss_type {loss_type!r}")
+
+
+class LigerFusedLinearGRPOLoss(nn.Module):
+    """Liger's ``LigerFusedLinearGRPOLoss`` computed by :func:`fastalign.linear_logprobs` and
+    :func:`fastalign.policy_loss` (formulas in the module docstring and docs/integrations.md)."""
+
+    def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True, chunk_size: int = 1,
+                 epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_type: str = "dapo",
+                 max_completion_length: Optional[int] = None, importance_sampling_level: str = "token",
+                 sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, temperature: float = 1.0,
+                 delta: Optional[float] = None, use_bias_correction_kl: bool = False, vespo_k_pos: float = 2.0,
+                 vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0):
+        super().__init__()
+        _execution_options(compiled, chunk_size)
+        if loss_type not in GRPO_LOSSES:
+            raise ValueError(f"loss_type must be one of {tuple(GRPO_LOSSES)}, got {loss_type!r}")
+        if sapo_temperature_pos <= 0 or sapo_temperature_neg <= 0:
+            raise ValueError(f"sapo_temperature_pos and sapo_temperature_neg must be > 0, got "
+                             f"{sapo_temperature_pos}, {sapo_temperature_neg}")
+        row, agg, seq_count, self._per_token_count = GRPO_LOSSES[loss_type]
+        _not_default("GRPO", loss_type, **({} if row == "sapo" else dict(
+            sapo_temperature_pos=(sapo_temperature_pos, 1.0), sapo_temperature_neg=(sapo_temperature_neg, 1.05))))
+        _not_default("GRPO", loss_type, **({} if row == "vespo" else dict(
+            vespo_k_pos=(vespo_k_pos, 2.0), vespo_lambda_pos=(vespo_lambda_pos, 3.0), vespo_k_neg=(vespo_k_neg, 3.0),
+            vespo_lambda_neg=(vespo_lambda_neg, 2.0))))
+        _not_default("GRPO", loss_type, **({} if row == "ppo" else dict(delta=(delta, None))))
+        _not_default("GRPO", loss_type, **({} if row in ("ppo", "cispo") else dict(epsilon_high=(epsilon_high, 0.2))))
+        _not_default("GRPO", loss_type, **({} if row == "ppo" else dict(epsilon_low=(epsilon_low, 0.2))))
+        if importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got "
+                             f"{importance_sampling_level!r}")
+        if importance_sampling_level == "sequence" and row != "ppo":
+            raise ValueError(f"importance_sampling_level='sequence' is not supported for loss_type {loss_type!r}")
+        if loss_type == "dr_grpo" and max_completion_length is None:
+            raise ValueError("max_completion_length must be given for loss_type 'dr_grpo'")
+        if loss_type == "luspo" and (importance_sampling_level != "sequence" or beta != 0.0):
+            raise ValueError("loss_type 'luspo' is supported with importance_sampling_level='sequence' and beta=0 "
+                             "(Liger's luspo otherwise sums the padding positions too)")
+        if delta is not None and not delta > 0:
+            raise ValueError(f"delta must be > 0, got {delta}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.beta, self.compiled, self.use_ref_model, self.chunk_size = float(beta), compiled, use_ref_model, chunk_size
+        self.epsilon_low, self.epsilon_high = float(epsilon_low), float(epsilon_high)
+        self.loss_type, self.max_completion_length = loss_type, max_completion_length
+        self.importance_sampling_level, self.temperature = importance_sampling_level, float(temperature)
+        self.sapo_temperature_pos, self.sapo_temperature_neg = sapo_temperature_pos, sapo_temperature_neg
+        self.delta, self.use_bias_correction_kl = delta, bool(use_bias_correction_kl)
+        self.vespo_k_pos, self.vespo_lambda_pos = vespo_k_pos, vespo_lambda_pos
+        self.vespo_k_neg, self.vespo_lambda_neg = vespo_k_neg, vespo_lambda_neg
+        self.row = row
+        opts: dict = dict(loss_type=row, agg=agg, seq_count=seq_count,
+                          importance_sampling_level=importance_sampling_level)
+        if row == "ppo":
+            opts.update(eps_low=self.epsilon_low, eps_high=self.epsilon_high)
+            if delta is not None:
+                opts["delta"] = float(delta)
+        if loss_type == "dr_grpo":
+            opts["max_len"] = int(max_completion_length)
+        if row == "cispo":
+            opts["cispo_bounds"] = (0.0, self.epsilon_high)  # an absolute cap, no lower bound
+        if row == "sapo":
+            opts["sapo_tau"] = (float(sapo_temperature_pos), float(sapo_temperature_neg))
+        if row == "vespo":
+            opts.update(vespo_k=(float(vespo_k_pos), float(vespo_k_neg)),
+                        vespo_lambda=(float(vespo_lambda_pos), float(vespo_lambda_neg)))
+        # without a reference model Liger's KL is against lp itself: 0, with a zero gradient
+        if self.beta != 0.0 and use_ref_model:
+            opts.update(kl_coef=self.beta, kl_type="k3", kl_clamp=False,
+                        kl_rho="grad" if self.use_bias_correction_kl else False)
+        self.config = PolicyConfig(**opts)
+
+    def forward(self, _input: Tensor, lin_weight: Tensor, selected_token_ids: Tensor, attention_mask: Tensor,
+                advantages: Tensor, bias: Optional[Tensor] = None, ref_per_token_logps: Optional[Tensor] = None,
+                old_per_token_logps: Optional[Tensor] = None, ref_input: Optional[Tensor] = None,
+                ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
+                vllm_is_ratio: Optional[Tensor] = None, num_items_in_batch=None):
+        """``(loss, (kl, clip_ratio))`` with ``beta != 0``, else ``(loss, (clip_ratio,))``."""
+        if self.use_ref_model:
+            if ref_per_token_logps is None and (ref_input is None or ref_weight is None):
+                raise ValueError("use_ref_model=True needs ref_per_token_logps, or ref_input and ref_weight")
+        elif ref_per_token_logps is not None or ref_input is not None:
+            raise ValueError("ref_per_token_logps / ref_input are not used with use_ref_model=False")
+        if vllm_is_ratio is not None and self.loss_type == "luspo" and vllm_is_ratio.dim() == 2 \
+                and vllm_is_ratio.shape[1] != 1:
+            raise ValueError("a per-token vllm_is_ratio is not supported with loss_type 'luspo'")
+        if num_items_in_batch is not None and not self._per_token_count:
+            raise ValueError(f"num_items_in_batch does not apply to loss_type {self.loss_type!r}")
+        labels = selected_token_ids
+        mask = attention_mask.bool() & (labels != _GRPO_IGNORE_INDEX)
+        scored = labels.masked_fill(~mask, _GRPO_IGNORE_INDEX)  # unscored positions skip the vocabulary
+        lp = linear_logprobs(_input, lin_weight, scored, bias=bias, temperature=self.temperature).logprobs
+        ref = None
+        if self.beta != 0.0 and self.use_ref_model:
+            if ref_per_token_logps is not None:
+                ref = ref_per_token_logps
+            else:
+                with torch.no_grad():
+                    ref = linear_logprobs(ref_input, ref_weight, scored, bias=ref_bias,
+                                          temperature=self.temperature).logprobs
+        old = lp.detach() if old_per_token_logps is None else old_per_token_logps
+        kw: dict = {}
+        cfg = self.config
+        if self._per_token_count:
+            kw["global_tokens"], world = self._token_count(mask, num_items_in_batch)
+            if world != 1:
+                cfg = PolicyConfig.make(cfg, dp_size=world)
+        if vllm_is_ratio is not None:
+            kw["importance_weights"] = self._is_weights(vllm_is_ratio, mask)
+        loss, _ = policy_loss(lp, old, advantages, mask, ref_logprobs=ref, config=cfg, **kw)
+        return loss, self._metrics(lp, old, ref, advantages, mask)
+
+    def _is_weights(self, ratio: Tensor, mask: Tensor) -> Tensor:
+        """The importance weights of ``vllm_is_ratio``. vespo: Liger adds ``sum_t clamp(log r_t, log 1e-8, 20)`` over
+        every position of its ``[B, T]`` or ``[B, 1]`` ratio, padding included, to the sequence's log-weight: that
+        sum goes on the first scored token (fastalign sums the log-weights of the scored tokens)."""
+        if self.row != "vespo":
+            return ratio
+        with torch.no_grad():
+            log_sum = ratio.float().reshape(ratio.shape[0], -1).log().clamp(math.log(1e-8), 20.0).sum(-1, keepdim=True)
+            first = mask & (mask.cumsum(-1) == 1)
+            return torch.where(first, log_sum.exp(), torch.ones((), device=ratio.device))
+
+    @staticmethod
+    def _token_count(mask: Tensor, num_items_in_batch):
+        """(tokens of the whole batch, processes): ``num_items_in_batch`` or the mask summed over the processes."""
+        world = 1
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size()
+        if num_items_in_batch is not None:
+            return torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=mask.device), world
+        n = mask.sum().to(torch.float32)
+        if world != 1:
+            dist.all_reduce(n)
+        return n, world
+
+    @torch.no_grad()
+    def _metrics(self, lp: Tensor, old: Tensor, ref: Optional[Tensor], advantages: Tensor, mask: Tensor) -> tuple:
+        m = mask.to(torch.float32)
+        n = m.sum().clamp(min=1.0)
+        lp = lp.detach().float()
+        log_ratio = lp - old.float()
+        if self.importance_sampling_level == "sequence":
+            log_ratio = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        rho = log_ratio.exp()
+        out = []
+        if self.beta != 0.0:
+            x = (ref.float() - lp) if ref is not None else torch.zeros_like(lp)
+            kl = x.exp() - x - 1.0
+            if self.use_bias_correction_kl:
+                kl = kl * rho
+            out.append((kl * m).sum() / n)
+        a = advantages.float().reshape(-1, 1)
+        if self.row == "ppo":
+            clipped = ((rho < 1.0 - self.epsilon_low) & (a < 0)) | ((rho > 1.0 + self.epsilon_high) & (a > 0))
+        elif self.row == "cispo":
+            clipped = (rho > self.epsilon_high) & (a > 0)
+        else:  # sapo, vespo have no clip
+            clipped = torch.zeros_like(rho, dtype=torch.bool)
+        out.append((clipped.expand_as(m) * m).sum() / n)
+        return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------- preference losses
+def _logits_sum(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``sum_{t, v} (hidden @ W.T + b)`` per row of ``hidden [R, T, H]``, as ``h · sum_v W_v`` (no logits)."""
+    h = hidden.detach().float()
+    s = h.sum(1) @ weight.detach().float().sum(0)
+    if bias is not None:
+        s = s + hidden.shape[1] * bias.detach().float().sum()
+    return s
+
+
+class _LigerPreference(nn.Module):
+    """What Liger's preference losses share: response log-probs from the hidden states, the chosen NLL and the
+    logits means."""
+
+    average_log_prob = False
+    alpha = 1.0
+    compute_nll_loss = True
+
+    def _response_logprobs(self, hidden, weight, target, bias, *, grad: bool = True):
+        """Per response: (summed or averaged log-prob, token count), with the token log-probs."""
+        with torch.enable_grad() if grad else torch.no_grad():
+            tok = linear_logprobs(hidden, weight, target, bias=bias, ignore_index=self.ignore_index).logprobs
+        keep = target != self.ignore_index
+        count = keep.sum(-1).to(torch.float32)
+        total = (tok * keep).sum(-1)
+        return (total / count if self.average_log_prob else total), count, tok
+
+    def _chosen_nll(self, hidden, weight, target, bias, tok, nll_target=None) -> Tensor:
+        B = target.shape[0] // 2
+        if not self.compute_nll_loss:
+            return torch.zeros((), dtype=torch.float32, device=hidden.device)
+        labels = target[:B] if nll_target is None else nll_target[:B]
+        if nll_target is not None:
+            tok = linear_logprobs(hidden[:B], weight, labels, bias=bias, ignore_index=self.ignore_index).logprobs
+        keep = labels != self.ignore_index
+        return -(tok[:B] * keep).sum() / keep.sum()
+
+    def _pairs(self, weight, hidden, target, bias, ref_input=None, ref_weight=None, ref_bias=None, nll_target=None):
+        if hidden.dim() != 3 or target.dim() != 2 or hidden.shape[0] % 2:
+            raise ValueError(f"_input must be (2B, T, H) with target (2B, T): chosen rows then rejected rows, got "
+                             f"{tuple(hidden.shape)} and {tuple(target.shape)}")
+        B = target.shape[0] // 2
+        logps, count, tok = self._response_logprobs(hidden, weight, target, bias)
+        ref = None
+        if getattr(self, "use_ref_model", False):
+            if ref_input is None or ref_weight is None:
+                raise ValueError("use_ref_model=True needs ref_input and ref_weight")
+            ref, _, _ = self._response_logprobs(ref_input, ref_weight, target, ref_bias, grad=False)
+        elif ref_input is not None:
+            raise ValueError("ref_input is not used with use_ref_model=False")
+        nll = self._chosen_nll(hidden, weight, target, bias, tok, nll_target)
+        logits_sum = _logits_sum(hidden, weight, bias) / (B * target.shape[1] * weight.shape[0])
+        return logps, count, ref, nll, (logits_sum[:B].sum(), logits_sum[B:].sum())
+
+    @staticmethod
+    def _out(loss, logps, logits_means, nll, *aux):
+        B = logps.shape[0] // 2
+        return loss, (logps[:B].detach(), logps[B:].detach(), *logits_means, nll.detach(), *aux)
+
+
+class LigerFusedLinearDPOLoss(_LigerPreference):
+    """Liger's ``LigerFusedLinearDPOLoss``: :func:`fastalign.preference_loss` on log-probs from
+    :func:`fastalign.linear_logprobs`, plus ``alpha`` times the chosen NLL."""
+
+    LOSS_TYPES = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero",
+                  "apo_down", "discopop")
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, compute_nll_loss: bool = False,
+                 compiled: bool = True, use_ref_model: bool = True, average_log_prob: bool = False,
+                 chunk_size: int = 1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                 discopop_tau: float = 0.05):
+        super().__init__()
+        _execution_options(compiled, chunk_size)
+        if loss_type not in self.LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {self.LOSS_TYPES}, got {loss_type!r}")
+        if loss_type == "exo_pair" and not label_smoothing > 0.0:
+            raise ValueError("label_smoothing must be > 0 for loss_type='exo_pair'")
+        if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust', got {label_smoothing}")
+        _not_default("DPO", loss_type, **({} if loss_type in ("robust", "exo_pair") else dict(
+            label_smoothing=(label_smoothing, 0.0))))
+        _not_default("DPO", loss_type, **({} if loss_type == "discopop" else dict(discopop_tau=(discopop_tau, 0.05))))
+        if not compute_nll_loss and alpha != 1.0:
+            raise ValueError("alpha applies only with compute_nll_loss=True")
+        self.ignore_index, self.beta, self.alpha = ignore_index, float(beta), float(alpha)
+        self.compute_nll_loss, self.compiled, self.use_ref_model = bool(compute_nll_loss), compiled, use_ref_model
+        self.average_log_prob, self.chunk_size, self.loss_type = bool(average_log_prob), chunk_size, loss_type
+        self.label_smoothing, self.discopop_tau = float(label_smoothing), float(discopop_tau)
+        self._options = dict(loss_type=loss_type, beta=self.beta)
+        if loss_type in ("robust", "exo_pair"):
+            self._options["label_smoothing"] = self.label_smoothing
+        if loss_type == "discopop":
+            self._options["discopop_tau"] = self.discopop_tau
+
+    def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None):
+        logps, _, ref, nll, logits_means = self._pairs(lin_weight, _input, target, bias, ref_input, ref_weight,
+                                                       ref_bias)
+        B = logps.shape[0] // 2
+        ref_c, ref_r = (None, None) if ref is None else (ref[:B], ref[B:])
+        pair, _ = preference_loss(logps[:B], logps[B:], ref_c, ref_r, **self._options)
+        loss = pair + self.alpha * nll
+        with torch.no_grad():
+            x = logps.detach().float() - (0.0 if ref is None else ref.float())
+        return self._out(loss, logps, logits_means, nll, self.beta * x[:B], self.beta * x[B:])
+
+
+class LigerFusedLinearCPOLoss(_LigerPreference):
+    """Liger's ``LigerFusedLinearCPOLoss``: fastalign's ``cpo`` row, ``-(1-eps) log σ(β(lc - lr)) - eps log σ(-β(lc
+    - lr)) + alpha NLL``."""
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0,
+                 compute_nll_loss: bool = True, compiled: bool = True, average_log_prob: bool = False,
+                 chunk_size: int = 1):
+        super().__init__()
+        _execution_options(compiled, chunk_size)
+        if not compute_nll_loss and alpha != 1.0:
+            raise ValueError("alpha applies only with compute_nll_loss=True")
+        self.ignore_index, self.beta, self.alpha = ignore_index, float(beta), float(alpha)
+        self.label_smoothing, self.compute_nll_loss = float(label_smoothing), bool(compute_nll_loss)
+        self.compiled, self.average_log_prob, self.chunk_size = compiled, bool(average_log_prob), chunk_size
+
+    def forward(self, lin_weight, _input, target, bias=None):
+        logps, _, _, nll, logits_means = self._pairs(lin_weight, _input, target, bias)
+        B = logps.shape[0] // 2
+        loss, _ = preference_loss(logps[:B], logps[B:], loss_type="cpo", beta=self.beta,
+                                  label_smoothing=self.label_smoothing, chosen_nll=nll, cpo_alpha=self.alpha)
+        r = self.beta * logps.detach().float()
+        return self._out(loss, logps, logits_means, nll, r[:B], r[B:])
+
+
+class LigerFusedLinearSimPOLoss(_LigerPreference):
+    """Liger's ``LigerFusedLinearSimPOLoss``: fastalign's ``simpo`` row (``simpo_gamma = gamma``) on the
+    token-averaged log-probs, plus ``alpha`` times the chosen NLL."""
+
+    average_log_prob = True
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0,
+                 compute_nll_loss: bool = True, compiled: bool = True, gamma: float = 0.5, chunk_size: int = 1):
+        super().__init__()
+        _execution_options(compiled, chunk_size)
+        if not compute_nll_loss and alpha != 1.0:
+            raise ValueError("alpha applies only with compute_nll_loss=True")
+        self.ignore_index, self.beta, self.alpha = ignore_index, float(beta), float(alpha)
+        self.label_smoothing, self.compute_nll_loss = float(label_smoothing), bool(compute_nll_loss)
+        self.compiled, self.gamma, self.chunk_size = compiled, float(gamma), chunk_size
+
+    def forward(self, lin_weight, _input, target, bias=None):
+        logps, count, _, nll, logits_means = self._pairs(lin_weight, _input, target, bias)
+        B = logps.shape[0] // 2
+        total = logps * count  # the summed log-probs, with their lengths: the row averages them again
+        pair, _ = preference_loss(total[:B], total[B:], loss_type="simpo", beta=self.beta,
+                                  label_smoothing=self.label_smoothing, simpo_gamma=self.gamma,
+                                  chosen_lengths=count[:B], rejected_lengths=count[B:])
+        r = self.beta * logps.detach().float()
+        return self._out(pair + self.alpha * nll, logps, logits_means, nll, r[:B], r[B:])
+
+
+class LigerFusedLinearORPOLoss(_LigerPreference):
+    """Liger's ``LigerFusedLinearORPOLoss``: fastalign's ``orpo`` row, ``NLL - β log σ((l̄c - l̄r) - (log(1 -
+    e^{l̄c}) - log(1 - e^{l̄r})))`` on the token-averaged log-probs."""
+
+    average_log_prob = True
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1, compute_nll_loss: bool = True,
+                 compiled: bool = True, chunk_size: int = 1):
+        super().__init__()
+        _execution_options(compiled, chunk_size)
+        self.ignore_index, self.beta, self.compute_nll_loss = ignore_index, float(beta), bool(compute_nll_loss)
+        self.compiled, self.chunk_size = compiled, chunk_size
+
+    def forward(self, lin_weight, _input, target, bias=None, nll_target=None):
+        logps, count, _, nll, logits_means = self._pairs(lin_weight, _input, target, bias, nll_target=nll_target)
+        B = logps.shape[0] // 2
+        total = logps * count
+        loss, met = preference_loss(total[:B], total[B:], loss_type="orpo", beta=self.beta, chosen_nll=nll,
+                                    chosen_lengths=count[:B], rejected_lengths=count[B:])
+        r = self.beta * logps.detach().float()
+        return self._out(loss, logps, logits_means, nll, r[:B], r[B:], met["log_odds_ratio"], met["log_odds_chosen"])
+
+
+class LigerFusedLinearKTOLoss(_LigerPreference):
+    """Liger's ``LigerFusedLinearKTOLoss``: :func:`fastalign.preference.unpaired_preference_loss` (kto) with
+    Liger's ``kl`` used as given (moved into the reference log-probs, so no clamp applies)."""
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1, compiled: bool = True,
+                 use_ref_model: bool = False, average_log_prob: bool = False, chunk_size: int = 1):
+        super().__init__()
+        _execution_options(compiled, chunk_size)
+        self.ignore_index, self.beta, self.compiled, self.use_ref_model = ignore_index, float(beta), compiled, \
+            use_ref_model
+        self.average_log_prob, self.chunk_size = bool(average_log_prob), chunk_size
+
+    def forward(self, _input, lin_weight, target, bias=None, preference_labels=None, ref_input=None, ref_weight=None,
+                ref_bias=None, kl=None):
+        if preference_labels is None:
+            raise ValueError("preference_labels (bool, one per response) is required")
+        logps, _, _ = self._response_logprobs(_input, lin_weight, target, bias)
+        if self.use_ref_model:
+            if ref_input is None or ref_weight is None:
+                raise ValueError("use_ref_model=True needs ref_input and ref_weight")
+            ref, _, _ = self._response_logprobs(ref_input, ref_weight, target, ref_bias, grad=False)
+        elif ref_input is not None:
+            raise ValueError("ref_input is not used with use_ref_model=False")
+        else:
+            ref = torch.zeros_like(logps.detach())
+        # 1 - σ(β s (lp - lp0 - kl)): kl joins the reference, fastalign's own baseline is 0
+        shifted = ref if kl is None else ref + kl
+        loss, _ = unpaired_preference_loss(logps, shifted, preference_labels, loss_type="kto", beta=self.beta,
+                                           kl=torch.zeros(1, device=logps.device))
+        good = preference_labels.to(torch.float32)
+        with torch.no_grad():
+            rewards = self.beta * (logps.detach().float() - ref.float())
+            lsum = _logits_sum(_input, lin_weight, bias)
+            x = logps.detach().float()
+        return loss, ((x * good).sum(), (x * (1 - good)).sum(), (lsum * good).sum(), (lsum * (1 - good)).sum(),
+                      (rewards * good).sum(), (rewards * (1 - good)).sum())

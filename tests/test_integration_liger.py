@@ -1,0 +1,344 @@
+"""Liger-Kernel adapters (fastalign.integrations.liger) against Liger-Kernel 0.8's own chunked losses.
+
+Each case builds Liger's module (``compiled=False``: its loss math runs eagerly on the CPU) and
+fastalign's with the same constructor arguments, calls both on the same random hidden states,
+lm_head weight (and bias) and labels, and compares the loss, every returned metric and the
+gradients with respect to the hidden states, the weight and the bias. fp32 on both sides; a few
+bf16 cases. The C++ backend (the default on CPU tensors) runs fastalign.
+"""
+import pytest
+import torch
+
+from helpers import assert_close
+
+from fastalign.integrations import liger as fl
+
+chunked = pytest.importorskip("liger_kernel.chunked_loss", reason="liger_kernel is not installed: "
+                              "`pip install liger-kernel==0.8.*` (the test extra)")
+
+V, H = 37, 16
+
+
+def _tensors(g, shape, dtype, scale=1.0):
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+def _leaves(*ts):
+    return [None if t is None else t.detach().clone().requires_grad_(True) for t in ts]
+
+
+def _compare(out_fa, out_lg, leaves_fa, leaves_lg, *, rtol, atol, what):
+    loss_fa, met_fa = out_fa
+    loss_lg, met_lg = out_lg
+    assert_close(loss_fa, loss_lg, rtol=rtol, atol=atol, what=f"{what} loss")
+    assert isinstance(met_fa, tuple) and len(met_fa) == len(met_lg), f"{what}: metrics {len(met_fa)} != {len(met_lg)}"
+    for i, (a, b) in enumerate(zip(met_fa, met_lg)):
+        b = torch.as_tensor(b)
+        assert_close(torch.as_tensor(a).reshape(b.shape), b, rtol=rtol, atol=atol, what=f"{what} metric {i}")
+    loss_fa.backward()
+    loss_lg.backward()
+    for name, a, b in zip(("hidden", "weight", "bias"), leaves_fa, leaves_lg):
+        if a is None:
+            continue
+        assert a.grad is not None and b.grad is not None, f"{what}: no gradient for {name}"
+        assert a.grad.dtype == b.grad.dtype, f"{what}: d{name} dtype {a.grad.dtype} != {b.grad.dtype}"
+        assert_close(a.grad, b.grad, rtol=rtol, atol=atol, what=f"{what} d{name}")
+
+
+# ------------------------------------------------------------------------------------------------------------ GRPO
+def _grpo_batch(seed, B=4, T=7, dtype=torch.float32, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = _tensors(g, (B, T, H), dtype)
+    weight = _tensors(g, (V, H), dtype, 0.3)
+    b = _tensors(g, (V,), dtype, 0.1) if bias else None
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.25).long()
+    mask[0, :] = 1
+    mask[-1, :] = 0  # an empty sequence
+    ids = ids.masked_fill(mask == 0, -100)  # unscored positions carry ignore_index
+    ids[1, 2] = 5  # ... or any token
+    mask[1, 2] = 0
+    adv = torch.randn(B, generator=g)
+    with torch.no_grad():
+        lp_guess = torch.log_softmax((hidden.float() @ weight.float().T), -1).gather(-1, ids.clamp(min=0)[..., None])[
+            ..., 0]
+    old = lp_guess + torch.randn(B, T, generator=g) * 0.3
+    ref = lp_guess + torch.randn(B, T, generator=g) * 0.2
+    ref_hidden = hidden + _tensors(g, (B, T, H), dtype, 0.1)
+    ref_weight = weight + _tensors(g, (V, H), dtype, 0.02)
+    return dict(hidden=hidden, weight=weight, bias=b, ids=ids, mask=mask, adv=adv, old=old, ref=ref,
+                ref_hidden=ref_hidden, ref_weight=ref_weight)
+
+
+GRPO_CASES = {
+    "dapo_default": dict(),
+    "dapo_no_kl": dict(beta=0.0, use_ref_model=False),
+    "grpo": dict(loss_type="grpo", beta=0.1),
+    "grpo_sequence": dict(loss_type="grpo", beta=0.1, importance_sampling_level="sequence", epsilon_low=0.05,
+                          epsilon_high=0.08),
+    "bnpo_asymmetric": dict(loss_type="bnpo", epsilon_low=0.1, epsilon_high=0.28),
+    "bnpo_sequence_bias_kl": dict(loss_type="bnpo", importance_sampling_level="sequence", use_bias_correction_kl=True,
+                                  epsilon_low=0.1, epsilon_high=0.1),
+    "dr_grpo": dict(loss_type="dr_grpo", max_completion_length=9, beta=0.2),
+    "dapo_delta": dict(loss_type="dapo", delta=1.3, epsilon_low=0.1),
+    "dapo_bias_correction_kl": dict(use_bias_correction_kl=True, beta=0.3),
+    "dapo_temperature": dict(temperature=0.7, beta=0.1),
+    "cispo": dict(loss_type="cispo", epsilon_high=1.2, beta=0.0, use_ref_model=False),
+    "cispo_kl": dict(loss_type="cispo", epsilon_high=0.9, beta=0.05),
+    "sapo": dict(loss_type="sapo", sapo_temperature_pos=0.8, sapo_temperature_neg=1.3),
+    "vespo": dict(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_neg=2.5, beta=0.0, use_ref_model=False),
+    "luspo_sequence": dict(loss_type="luspo", importance_sampling_level="sequence", beta=0.0, use_ref_model=False,
+                           epsilon_low=0.05, epsilon_high=0.05),
+    "ref_model_off_beta": dict(beta=0.1, use_ref_model=False),
+}
+
+
+def _run_grpo(module, d, leaves, *, ref_mode, on_policy=False, **extra):
+    hidden, weight, bias = leaves
+    kw = dict(bias=bias, old_per_token_logps=None if on_policy else d["old"])
+    if module.use_ref_model:
+        if ref_mode == "logps":
+            kw["ref_per_token_logps"] = d["ref"]
+        else:
+            kw.update(ref_input=d["ref_hidden"], ref_weight=d["ref_weight"], ref_bias=bias.detach() if bias is not None
+                      else None)
+    return module(hidden, weight, d["ids"], d["mask"], d["adv"], **kw, **extra)
+
+
+def _grpo_pair(opts):
+    lg = chunked.LigerFusedLinearGRPOLoss(compiled=False, **opts)
+    fa = fl.LigerFusedLinearGRPOLoss(compiled=False, **opts)
+    return fa, lg
+
+
+def _liger_ids(d):
+    # Liger scores every position; the unscored ones are masked: give them a real token
+    return d["ids"].clamp(min=0)
+
+
+@pytest.mark.parametrize("name", list(GRPO_CASES))
+def test_grpo_matches_liger(name):
+    opts = GRPO_CASES[name]
+    fa, lg = _grpo_pair(opts)
+    for ref_mode in (("logps", "hidden") if opts.get("use_ref_model", True) else ("none",)):
+        d = _grpo_batch(sum(map(ord, name)))
+        leaves_fa, leaves_lg = _leaves(d["hidden"], d["weight"], d["bias"]), _leaves(d["hidden"], d["weight"],
+                                                                                     d["bias"])
+        out_fa = _run_grpo(fa, d, leaves_fa, ref_mode=ref_mode)
+        out_lg = _run_grpo(lg, {**d, "ids": _liger_ids(d)}, leaves_lg, ref_mode=ref_mode)
+        _compare(out_fa, out_lg, leaves_fa, leaves_lg, rtol=1e-5, atol=2e-6, what=f"{name}/{ref_mode}")
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "cispo", "vespo"])
+def test_grpo_vllm_is_ratio_and_num_items(loss_type):
+    opts = dict(loss_type=loss_type, beta=0.05, epsilon_high=1.5 if loss_type == "cispo" else 0.2)
+    fa, lg = _grpo_pair(opts)
+    d = _grpo_batch(7)
+    g = torch.Generator().manual_seed(3)
+    for ratio in (torch.rand(4, 7, generator=g) + 0.5, torch.rand(4, generator=g) + 0.5):
+        extra = dict(vllm_is_ratio=ratio)
+        if loss_type in ("dapo", "cispo", "vespo"):
+            extra["num_items_in_batch"] = 41
+        leaves_fa, leaves_lg = _leaves(d["hidden"], d["weight"], d["bias"]), _leaves(d["hidden"], d["weight"],
+                                                                                     d["bias"])
+        out_fa = _run_grpo(fa, d, leaves_fa, ref_mode="logps", **extra)
+        out_lg = _run_grpo(lg, {**d, "ids": _liger_ids(d)}, leaves_lg, ref_mode="logps", **extra)
+        _compare(out_fa, out_lg, leaves_fa, leaves_lg, rtol=1e-5, atol=2e-6, what=f"{loss_type}/{ratio.dim()}D")
+
+
+def test_grpo_on_policy_and_no_bias():
+    fa, lg = _grpo_pair(dict(loss_type="grpo", beta=0.1))
+    d = _grpo_batch(11, bias=False)
+    leaves_fa, leaves_lg = _leaves(d["hidden"], d["weight"], None), _leaves(d["hidden"], d["weight"], None)
+    out_fa = _run_grpo(fa, d, leaves_fa, ref_mode="logps", on_policy=True)
+    out_lg = _run_grpo(lg, {**d, "ids": _liger_ids(d)}, leaves_lg, ref_mode="logps", on_policy=True)
+    _compare(out_fa, out_lg, leaves_fa, leaves_lg, rtol=1e-5, atol=2e-6, what="on-policy")
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_grpo_bf16(loss_type):
+    fa, lg = _grpo_pair(dict(loss_type=loss_type, beta=0.1))
+    d = _grpo_batch(5, dtype=torch.bfloat16)
+    leaves_fa, leaves_lg = _leaves(d["hidden"], d["weight"], d["bias"]), _leaves(d["hidden"], d["weight"], d["bias"])
+    out_fa = _run_grpo(fa, d, leaves_fa, ref_mode="hidden")
+    out_lg = _run_grpo(lg, {**d, "ids": _liger_ids(d)}, leaves_lg, ref_mode="hidden")
+    # Liger rounds the logits to bf16 before its fp32 softmax; fastalign keeps them in fp32
+    _compare(out_fa, out_lg, leaves_fa, leaves_lg, rtol=1e-2, atol=4e-3, what=f"bf16 {loss_type}")
+
+
+def test_grpo_signature_matches_liger():
+    import inspect
+
+    for fa_cls, lg_cls in ((fl.LigerFusedLinearGRPOLoss, chunked.LigerFusedLinearGRPOLoss),
+                           (fl.LigerFusedLinearDPOLoss, chunked.LigerFusedLinearDPOLoss),
+                           (fl.LigerFusedLinearCPOLoss, chunked.LigerFusedLinearCPOLoss),
+                           (fl.LigerFusedLinearORPOLoss, chunked.LigerFusedLinearORPOLoss),
+                           (fl.LigerFusedLinearSimPOLoss, chunked.LigerFusedLinearSimPOLoss),
+                           (fl.LigerFusedLinearKTOLoss, chunked.LigerFusedLinearKTOLoss)):
+        for meth in ("__init__", "forward"):
+            a = inspect.signature(getattr(fa_cls, meth)).parameters
+            b = inspect.signature(getattr(lg_cls, meth)).parameters
+            assert [(p.name, p.default) for p in a.values()] == [(p.name, p.default) for p in b.values()], \
+                f"{fa_cls.__name__}.{meth}"
+
+
+@pytest.mark.parametrize("opts, word", [
+    (dict(loss_type="nope"), "loss_type"),
+    (dict(loss_type="cispo", importance_sampling_level="sequence"), "importance_sampling_level"),
+    (dict(loss_type="dr_grpo"), "max_completion_length"),
+    (dict(loss_type="luspo"), "luspo"),
+    (dict(loss_type="dapo", sapo_temperature_pos=0.5), "sapo_temperature_pos"),
+    (dict(loss_type="sapo", delta=2.0), "delta"),
+    (dict(loss_type="grpo", vespo_k_pos=1.0), "vespo_k_pos"),
+    (dict(loss_type="sapo", epsilon_low=0.1), "epsilon_low"),
+    (dict(delta=-1.0), "delta"),
+    (dict(sapo_temperature_neg=0.0, loss_type="sapo"), "sapo_temperature"),
+    (dict(chunk_size=0), "chunk_size"),
+])
+def test_grpo_options_that_do_not_apply_raise(opts, word):
+    with pytest.raises(ValueError, match=word):
+        fl.LigerFusedLinearGRPOLoss(**opts)
+
+
+def test_grpo_call_errors():
+    d = _grpo_batch(1)
+    fa = fl.LigerFusedLinearGRPOLoss(beta=0.1)
+    with pytest.raises(ValueError, match="use_ref_model"):
+        fa(d["hidden"], d["weight"], d["ids"], d["mask"], d["adv"])
+    off = fl.LigerFusedLinearGRPOLoss(beta=0.1, use_ref_model=False)
+    with pytest.raises(ValueError, match="use_ref_model=False"):
+        off(d["hidden"], d["weight"], d["ids"], d["mask"], d["adv"], ref_per_token_logps=d["ref"])
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        fl.LigerFusedLinearGRPOLoss(loss_type="grpo", use_ref_model=False)(d["hidden"], d["weight"], d["ids"], d["mask"],
+                                                                 d["adv"], num_items_in_batch=10)
+
+
+# ----------------------------------------------------------------------------------------------------- preference
+def _pref_batch(seed, B=3, T=6, dtype=torch.float32, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = _tensors(g, (2 * B, T, H), dtype)
+    weight = _tensors(g, (V, H), dtype, 0.3)
+    b = _tensors(g, (V,), dtype, 0.1) if bias else None
+    target = torch.randint(0, V, (2 * B, T), generator=g)
+    target[:, :2] = -100  # the prompt
+    target[0, -1] = -100  # padding
+    target[B + 1, -2:] = -100
+    ref_hidden = hidden + _tensors(g, (2 * B, T, H), dtype, 0.2)
+    ref_weight = weight + _tensors(g, (V, H), dtype, 0.05)
+    return dict(hidden=hidden, weight=weight, bias=b, target=target, ref_hidden=ref_hidden, ref_weight=ref_weight)
+
+
+def _run_pref(module, d, leaves, **extra):
+    hidden, weight, bias = leaves
+    kw = dict(bias=bias, **extra)
+    if getattr(module, "use_ref_model", False):
+        kw.update(ref_input=d["ref_hidden"], ref_weight=d["ref_weight"], ref_bias=None if bias is None else
+                  bias.detach())
+    return module(weight, hidden, d["target"], **kw)
+
+
+DPO_CASES = {
+    "sigmoid": dict(),
+    "sigmoid_average_nll": dict(average_log_prob=True, compute_nll_loss=True, alpha=0.5),
+    "sigmoid_no_ref": dict(use_ref_model=False, beta=0.2),
+    "hinge": dict(loss_type="hinge", beta=0.5),
+    "exo_pair": dict(loss_type="exo_pair", label_smoothing=1e-3),
+    "nca_pair": dict(loss_type="nca_pair"),
+    "robust": dict(loss_type="robust", label_smoothing=0.1),
+    "bco_pair": dict(loss_type="bco_pair", compute_nll_loss=True),
+    "sppo_hard": dict(loss_type="sppo_hard", beta=0.5),
+    "apo_zero": dict(loss_type="apo_zero"),
+    "apo_down": dict(loss_type="apo_down"),
+    "discopop": dict(loss_type="discopop", discopop_tau=0.1),
+}
+
+PREF_CASES = (
+    [("DPO", name, opts) for name, opts in DPO_CASES.items()]
+    + [("CPO", "default", dict()), ("CPO", "smoothing_average", dict(label_smoothing=0.1, average_log_prob=True)),
+       ("CPO", "no_nll", dict(compute_nll_loss=False, beta=0.3)), ("CPO", "alpha", dict(alpha=0.25))]
+    + [("SimPO", "default", dict()), ("SimPO", "gamma_smoothing", dict(gamma=0.8, label_smoothing=0.1, beta=2.0)),
+       ("SimPO", "no_nll", dict(compute_nll_loss=False))]
+    + [("ORPO", "default", dict()), ("ORPO", "no_nll", dict(compute_nll_loss=False, beta=0.5))]
+)
+
+
+@pytest.mark.parametrize("kind, name, opts", PREF_CASES, ids=[f"{k}-{n}" for k, n, _ in PREF_CASES])
+def test_preference_matches_liger(kind, name, opts):
+    fa = getattr(fl, f"LigerFusedLinear{kind}Loss")(compiled=False, **opts)
+    lg = getattr(chunked, f"LigerFusedLinear{kind}Loss")(compiled=False, **opts)
+    for bias in (True, False):
+        d = _pref_batch(len(name) + len(kind), bias=bias)
+        leaves_fa, leaves_lg = _leaves(d["hidden"], d["weight"], d["bias"]), _leaves(d["hidden"], d["weight"],
+                                                                                     d["bias"])
+        _compare(_run_pref(fa, d, leaves_fa), _run_pref(lg, d, leaves_lg), leaves_fa, leaves_lg, rtol=1e-5,
+                 atol=2e-6, what=f"{kind}/{name}/bias={bias}")
+
+
+def test_orpo_nll_target():
+    fa, lg = fl.LigerFusedLinearORPOLoss(compiled=False), chunked.LigerFusedLinearORPOLoss(compiled=False)
+    d = _pref_batch(21)
+    nll_target = d["target"].clone()
+    nll_target[:, 0] = 3  # the NLL also scores the first prompt token
+    leaves_fa, leaves_lg = _leaves(d["hidden"], d["weight"], d["bias"]), _leaves(d["hidden"], d["weight"], d["bias"])
+    _compare(_run_pref(fa, d, leaves_fa, nll_target=nll_target), _run_pref(lg, d, leaves_lg, nll_target=nll_target),
+             leaves_fa, leaves_lg, rtol=1e-5, atol=2e-6, what="orpo nll_target")
+
+
+@pytest.mark.parametrize("kind", ["DPO", "SimPO"])
+def test_preference_bf16(kind):
+    fa = getattr(fl, f"LigerFusedLinear{kind}Loss")(compiled=False)
+    lg = getattr(chunked, f"LigerFusedLinear{kind}Loss")(compiled=False)
+    d = _pref_batch(4, dtype=torch.bfloat16)
+    leaves_fa, leaves_lg = _leaves(d["hidden"], d["weight"], d["bias"]), _leaves(d["hidden"], d["weight"], d["bias"])
+    _compare(_run_pref(fa, d, leaves_fa), _run_pref(lg, d, leaves_lg), leaves_fa, leaves_lg, rtol=1e-2, atol=4e-3,
+             what=f"bf16 {kind}")
+
+
+@pytest.mark.parametrize("kind", ["DPO", "CPO"])
+def test_preference_ignore_index(kind):
+    fa = getattr(fl, f"LigerFusedLinear{kind}Loss")(compiled=False, ignore_index=-1)
+    lg = getattr(chunked, f"LigerFusedLinear{kind}Loss")(compiled=False, ignore_index=-1)
+    d = _pref_batch(12)
+    d["target"] = d["target"].masked_fill(d["target"] == -100, -1)
+    leaves_fa, leaves_lg = _leaves(d["hidden"], d["weight"], d["bias"]), _leaves(d["hidden"], d["weight"], d["bias"])
+    _compare(_run_pref(fa, d, leaves_fa), _run_pref(lg, d, leaves_lg), leaves_fa, leaves_lg, rtol=1e-5, atol=2e-6,
+             what=f"ignore_index {kind}")
+
+
+@pytest.mark.parametrize("opts, word", [
+    (dict(loss_type="ipo"), "loss_type"),
+    (dict(loss_type="sigmoid", label_smoothing=0.1), "label_smoothing"),
+    (dict(loss_type="exo_pair"), "label_smoothing"),
+    (dict(loss_type="robust", label_smoothing=0.5), "label_smoothing"),
+    (dict(loss_type="hinge", discopop_tau=0.2), "discopop_tau"),
+    (dict(alpha=0.5), "alpha"),
+])
+def test_dpo_options_that_do_not_apply_raise(opts, word):
+    with pytest.raises(ValueError, match=word):
+        fl.LigerFusedLinearDPOLoss(**opts)
+
+
+# ------------------------------------------------------------------------------------------------------------ KTO
+KTO_CASES = {
+    "default": dict(),
+    "ref_model": dict(use_ref_model=True, beta=0.3),
+    "ref_model_average": dict(use_ref_model=True, average_log_prob=True),
+}
+
+
+@pytest.mark.parametrize("name", list(KTO_CASES))
+@pytest.mark.parametrize("kl", [None, 0.3, -0.2])
+def test_kto_matches_liger(name, kl):
+    opts = KTO_CASES[name]
+    fa = fl.LigerFusedLinearKTOLoss(compiled=False, **opts)
+    lg = chunked.LigerFusedLinearKTOLoss(compiled=False, **opts)
+    d = _pref_batch(9, B=3)
+    labels = torch.tensor([True, False, True, True, False, False])
+    for bias in (True, False):
+        b = d["bias"] if bias else None
+        leaves_fa, leaves_lg = _leaves(d["hidden"], d["weight"], b), _leaves(d["hidden"], d["weight"], b)
+        kw = dict(preference_labels=labels, kl=None if kl is None else torch.tensor(kl))
+        if opts.get("use_ref_model"):
+            kw.update(ref_input=d["ref_hidden"], ref_weight=d["ref_weight"], ref_bias=None if b is None else b.detach())
+        outs = [m(lv[0], lv[1], d["target"], lv[2], **kw) for m, lv in ((fa, leaves_fa), (lg, leaves_lg))]
+        _compare(*outs, leaves_fa, leaves_lg, rtol=1e-5, atol=2e-6, what=f"kto/{name}/kl={kl}/bias={bias}")
