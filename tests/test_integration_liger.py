@@ -90,6 +90,7 @@ GRPO_CASES = {
     "luspo_sequence": dict(loss_type="luspo", importance_sampling_level="sequence", beta=0.0, use_ref_model=False,
                            epsilon_low=0.05, epsilon_high=0.05),
     "ref_model_off_beta": dict(beta=0.1, use_ref_model=False),
+    "grpo_chunked": dict(loss_type="grpo", beta=0.1, chunk_size=2),  # Liger's chunking does not change the result
 }
 
 
@@ -250,6 +251,7 @@ DPO_CASES = {
     "apo_zero": dict(loss_type="apo_zero"),
     "apo_down": dict(loss_type="apo_down"),
     "discopop": dict(loss_type="discopop", discopop_tau=0.1),
+    "sigmoid_chunked": dict(chunk_size=2, compute_nll_loss=True),
 }
 
 PREF_CASES = (

@@ -58,7 +58,7 @@ and do not change the result. A target equal to ``ignore_index`` (-100 for GRPO)
 attention mask is dropped from the mask (Liger would score it as a log-prob of ``-logsumexp``).
 An option that does not apply to the chosen loss raises ``ValueError`` naming it.
 
-Nothing here imports Liger-Kernel.
+The option table and what raises: docs/integrations.md#liger-kernel. Nothing here imports Liger-Kernel.
 """
 from __future__ import annotations
 
