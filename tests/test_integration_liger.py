@@ -167,7 +167,7 @@ def test_grpo_bf16(loss_type):
     _compare(out_fa, out_lg, leaves_fa, leaves_lg, rtol=1e-2, atol=4e-3, what=f"bf16 {loss_type}")
 
 
-def test_grpo_signature_matches_liger():
+def test_signatures_match_liger():
     import inspect
 
     for fa_cls, lg_cls in ((fl.LigerFusedLinearGRPOLoss, chunked.LigerFusedLinearGRPOLoss),
