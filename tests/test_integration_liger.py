@@ -344,3 +344,41 @@ def test_kto_matches_liger(name, kl):
             kw.update(ref_input=d["ref_hidden"], ref_weight=d["ref_weight"], ref_bias=None if b is None else b.detach())
         outs = [m(lv[0], lv[1], d["target"], lv[2], **kw) for m, lv in ((fa, leaves_fa), (lg, leaves_lg))]
         _compare(*outs, leaves_fa, leaves_lg, rtol=1e-5, atol=2e-6, what=f"kto/{name}/kl={kl}/bias={bias}")
+
+
+@pytest.mark.parametrize("case", ["grpo", "dpo", "kto"])
+def test_every_cpu_backend(cpu_backend, case):
+    """The same numbers from the C++ kernels and the Triton kernels (interpreter)."""
+    import fastalign
+
+    if case == "grpo":
+        opts = dict(loss_type="grpo", beta=0.1, use_bias_correction_kl=True)
+        fa, lg = _grpo_pair(opts)
+        d = _grpo_batch(17, B=2, T=5)
+        leaves_fa, leaves_lg = _leaves(d["hidden"], d["weight"], d["bias"]), _leaves(d["hidden"], d["weight"],
+                                                                                     d["bias"])
+        with fastalign.use_backend(cpu_backend):
+            out_fa = _run_grpo(fa, d, leaves_fa, ref_mode="hidden")
+        out_lg = _run_grpo(lg, {**d, "ids": _liger_ids(d)}, leaves_lg, ref_mode="hidden")
+    elif case == "dpo":
+        fa = fl.LigerFusedLinearDPOLoss(compiled=False, compute_nll_loss=True)
+        lg = chunked.LigerFusedLinearDPOLoss(compiled=False, compute_nll_loss=True)
+        d = _pref_batch(18, B=2, T=5)
+        leaves_fa, leaves_lg = _leaves(d["hidden"], d["weight"], d["bias"]), _leaves(d["hidden"], d["weight"],
+                                                                                     d["bias"])
+        with fastalign.use_backend(cpu_backend):
+            out_fa = _run_pref(fa, d, leaves_fa)
+        out_lg = _run_pref(lg, d, leaves_lg)
+    else:
+        fa = fl.LigerFusedLinearKTOLoss(compiled=False, use_ref_model=True)
+        lg = chunked.LigerFusedLinearKTOLoss(compiled=False, use_ref_model=True)
+        d = _pref_batch(19, B=2, T=5)
+        leaves_fa, leaves_lg = _leaves(d["hidden"], d["weight"], d["bias"]), _leaves(d["hidden"], d["weight"],
+                                                                                     d["bias"])
+        kw = dict(preference_labels=torch.tensor([True, False, False, True]), ref_input=d["ref_hidden"],
+                  ref_weight=d["ref_weight"], kl=torch.tensor(0.1))
+        with fastalign.use_backend(cpu_backend):
+            out_fa = fa(leaves_fa[0], leaves_fa[1], d["target"], leaves_fa[2], **kw)
+        out_lg = lg(leaves_lg[0], leaves_lg[1], d["target"], leaves_lg[2], **kw)
+    with fastalign.use_backend(cpu_backend):
+        _compare(out_fa, out_lg, leaves_fa, leaves_lg, rtol=1e-5, atol=2e-6, what=f"{case}/{cpu_backend}")
