@@ -11,7 +11,7 @@
   ran correctly on this CPU), and ``cpu_variant_used`` names the one this CPU runs;
 * the kernel family each public op runs on CPU tensors and, when a GPU is
   visible, on CUDA tensors (see docs/backends.md);
-* whether the optional integrations (transformers, trl, verl, flash-attn) are
+* whether the optional integrations (transformers, trl, verl, OpenRLHF, Liger-Kernel, PEFT, flash-attn) are
   importable — looked up with ``importlib.util.find_spec``, so nothing heavy is
   imported.
 """
@@ -63,7 +63,8 @@ def _families(device) -> dict:
     return {name: family(op) for name, op in OPS}
 
 
-INTEGRATIONS = (("transformers", "transformers"), ("trl", "trl"), ("verl", "verl"), ("flash-attn", "flash_attn"))
+INTEGRATIONS = (("transformers", "transformers"), ("trl", "trl"), ("verl", "verl"), ("openrlhf", "openrlhf"),
+                ("liger-kernel", "liger_kernel"), ("peft", "peft"), ("flash-attn", "flash_attn"))
 
 
 def _version(dist: str, module: str):
