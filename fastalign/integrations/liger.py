@@ -68,6 +68,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from fastalign.integrations.trl.grpo import GRPO_LOSSES  # Liger's GRPO loss types are TRL's
 from fastalign.linear import linear_logprobs
 from fastalign.policy import policy_loss
 from fastalign.policy_config import PolicyConfig
@@ -76,17 +77,6 @@ from fastalign.preference import preference_loss, unpaired_preference_loss
 __all__ = ["LigerFusedLinearGRPOLoss", "LigerFusedLinearDPOLoss", "LigerFusedLinearCPOLoss",
            "LigerFusedLinearORPOLoss", "LigerFusedLinearSimPOLoss", "LigerFusedLinearKTOLoss"]
 
-# Liger GRPO loss_type -> (fastalign loss row, aggregation, sequence count, divided by the batch's token count)
-GRPO_LOSSES = {
-    "grpo": ("ppo", "seq-mean-token-mean", "all", False),
-    "bnpo": ("ppo", "token-mean", None, False),
-    "dr_grpo": ("ppo", "seq-mean-token-sum-norm", "all", False),
-    "dapo": ("ppo", "token-mean", None, True),
-    "luspo": ("ppo", "seq-mean-token-sum", "all", False),
-    "cispo": ("cispo", "token-mean", None, True),
-    "sapo": ("sapo", "seq-mean-token-mean", "all", False),
-    "vespo": ("vespo", "token-mean", None, True),
-}
 _GRPO_IGNORE_INDEX = -100
 
 
@@ -284,6 +274,14 @@ class _LigerPreference(nn.Module):
     alpha = 1.0
     compute_nll_loss = True
 
+    def _shared_options(self, ignore_index, beta, alpha, compute_nll_loss, compiled, chunk_size) -> None:
+        """The options every Liger preference loss takes, checked and kept."""
+        _execution_options(compiled, chunk_size)
+        if not compute_nll_loss and alpha != 1.0:
+            raise ValueError("alpha applies only with compute_nll_loss=True")
+        self.ignore_index, self.beta, self.alpha = ignore_index, float(beta), float(alpha)
+        self.compute_nll_loss, self.compiled, self.chunk_size = bool(compute_nll_loss), compiled, chunk_size
+
     def _response_logprobs(self, hidden, weight, target, bias, *, grad: bool = True):
         """Per response: (summed or averaged log-prob, token count), with the token log-probs."""
         with torch.enable_grad() if grad else torch.no_grad():
@@ -338,7 +336,6 @@ class LigerFusedLinearDPOLoss(_LigerPreference):
                  chunk_size: int = 1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  discopop_tau: float = 0.05):
         super().__init__()
-        _execution_options(compiled, chunk_size)
         if loss_type not in self.LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {self.LOSS_TYPES}, got {loss_type!r}")
         if loss_type == "exo_pair" and not label_smoothing > 0.0:
@@ -348,11 +345,8 @@ class LigerFusedLinearDPOLoss(_LigerPreference):
         _not_default("DPO", loss_type, **({} if loss_type in ("robust", "exo_pair") else dict(
             label_smoothing=(label_smoothing, 0.0))))
         _not_default("DPO", loss_type, **({} if loss_type == "discopop" else dict(discopop_tau=(discopop_tau, 0.05))))
-        if not compute_nll_loss and alpha != 1.0:
-            raise ValueError("alpha applies only with compute_nll_loss=True")
-        self.ignore_index, self.beta, self.alpha = ignore_index, float(beta), float(alpha)
-        self.compute_nll_loss, self.compiled, self.use_ref_model = bool(compute_nll_loss), compiled, use_ref_model
-        self.average_log_prob, self.chunk_size, self.loss_type = bool(average_log_prob), chunk_size, loss_type
+        self._shared_options(ignore_index, beta, alpha, compute_nll_loss, compiled, chunk_size)
+        self.use_ref_model, self.average_log_prob, self.loss_type = use_ref_model, bool(average_log_prob), loss_type
         self.label_smoothing, self.discopop_tau = float(label_smoothing), float(discopop_tau)
         self._options = dict(loss_type=loss_type, beta=self.beta)
         if loss_type in ("robust", "exo_pair"):
@@ -380,12 +374,8 @@ class LigerFusedLinearCPOLoss(_LigerPreference):
                  compute_nll_loss: bool = True, compiled: bool = True, average_log_prob: bool = False,
                  chunk_size: int = 1):
         super().__init__()
-        _execution_options(compiled, chunk_size)
-        if not compute_nll_loss and alpha != 1.0:
-            raise ValueError("alpha applies only with compute_nll_loss=True")
-        self.ignore_index, self.beta, self.alpha = ignore_index, float(beta), float(alpha)
-        self.label_smoothing, self.compute_nll_loss = float(label_smoothing), bool(compute_nll_loss)
-        self.compiled, self.average_log_prob, self.chunk_size = compiled, bool(average_log_prob), chunk_size
+        self._shared_options(ignore_index, beta, alpha, compute_nll_loss, compiled, chunk_size)
+        self.label_smoothing, self.average_log_prob = float(label_smoothing), bool(average_log_prob)
 
     def forward(self, lin_weight, _input, target, bias=None):
         logps, _, _, nll, logits_means = self._pairs(lin_weight, _input, target, bias)
@@ -405,12 +395,8 @@ class LigerFusedLinearSimPOLoss(_LigerPreference):
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0,
                  compute_nll_loss: bool = True, compiled: bool = True, gamma: float = 0.5, chunk_size: int = 1):
         super().__init__()
-        _execution_options(compiled, chunk_size)
-        if not compute_nll_loss and alpha != 1.0:
-            raise ValueError("alpha applies only with compute_nll_loss=True")
-        self.ignore_index, self.beta, self.alpha = ignore_index, float(beta), float(alpha)
-        self.label_smoothing, self.compute_nll_loss = float(label_smoothing), bool(compute_nll_loss)
-        self.compiled, self.gamma, self.chunk_size = compiled, float(gamma), chunk_size
+        self._shared_options(ignore_index, beta, alpha, compute_nll_loss, compiled, chunk_size)
+        self.label_smoothing, self.gamma = float(label_smoothing), float(gamma)
 
     def forward(self, lin_weight, _input, target, bias=None):
         logps, count, _, nll, logits_means = self._pairs(lin_weight, _input, target, bias)
@@ -432,9 +418,7 @@ class LigerFusedLinearORPOLoss(_LigerPreference):
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, compute_nll_loss: bool = True,
                  compiled: bool = True, chunk_size: int = 1):
         super().__init__()
-        _execution_options(compiled, chunk_size)
-        self.ignore_index, self.beta, self.compute_nll_loss = ignore_index, float(beta), bool(compute_nll_loss)
-        self.compiled, self.chunk_size = compiled, chunk_size
+        self._shared_options(ignore_index, beta, 1.0, compute_nll_loss, compiled, chunk_size)
 
     def forward(self, lin_weight, _input, target, bias=None, nll_target=None):
         logps, count, _, nll, logits_means = self._pairs(lin_weight, _input, target, bias, nll_target=nll_target)
@@ -453,10 +437,8 @@ class LigerFusedLinearKTOLoss(_LigerPreference):
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, compiled: bool = True,
                  use_ref_model: bool = False, average_log_prob: bool = False, chunk_size: int = 1):
         super().__init__()
-        _execution_options(compiled, chunk_size)
-        self.ignore_index, self.beta, self.compiled, self.use_ref_model = ignore_index, float(beta), compiled, \
-            use_ref_model
-        self.average_log_prob, self.chunk_size = bool(average_log_prob), chunk_size
+        self._shared_options(ignore_index, beta, 1.0, False, compiled, chunk_size)
+        self.use_ref_model, self.average_log_prob = use_ref_model, bool(average_log_prob)
 
     def forward(self, _input, lin_weight, target, bias=None, preference_labels=None, ref_input=None, ref_weight=None,
                 ref_bias=None, kl=None):

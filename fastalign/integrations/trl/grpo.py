@@ -46,8 +46,9 @@ from fastalign.policy_config import PolicyConfig
 
 __all__ = ["GRPOLoss", "entropy_threshold", "grpo_policy_config"]
 
-# TRL loss_type -> (fastalign loss type, aggregation, sequence count, normalised by num_items_in_batch)
-_LOSSES = {
+#: GRPO-family ``loss_type`` (TRL's names, which Liger-Kernel's GRPO loss shares) -> (fastalign loss row,
+#: aggregation, sequence count, normalised by the batch's token count ``num_items_in_batch``)
+GRPO_LOSSES = {
     "grpo": ("ppo", "seq-mean-token-mean", "all", False),
     "bnpo": ("ppo", "token-mean", None, False),
     "dr_grpo": ("ppo", "seq-mean-token-sum-norm", "all", False),
@@ -82,12 +83,12 @@ def grpo_policy_config(args: Any, *, sampling_correction: bool = False) -> Polic
     sampling log-probs in the kernel (``rollout_correction``) rather than passed precomputed.
     """
     loss_type = _read(args, "loss_type")
-    if loss_type not in _LOSSES:
-        raise ValueError(f"GRPOConfig.loss_type must be one of {tuple(_LOSSES)}, got {loss_type!r}")
+    if loss_type not in GRPO_LOSSES:
+        raise ValueError(f"GRPOConfig.loss_type must be one of {tuple(GRPO_LOSSES)}, got {loss_type!r}")
     if _read(args, "use_adaptive_entropy"):
         raise ValueError("use_adaptive_entropy is a trainer-side controller: pass its current coefficient as "
                          "entropy_coef")
-    row, agg, seq_count, _ = _LOSSES[loss_type]
+    row, agg, seq_count, _ = GRPO_LOSSES[loss_type]
     eps_low = float(_read(args, "epsilon"))
     eps_high = _read(args, "epsilon_high")
     eps_high = eps_low if eps_high is None else float(eps_high)
@@ -171,7 +172,7 @@ class GRPOLoss:
         self.args = args
         self.loss_type = _read(args, "loss_type")
         self.config = grpo_policy_config(args)
-        self._normalised = _LOSSES[self.loss_type][3]
+        self._normalised = GRPO_LOSSES[self.loss_type][3]
         self.grad_accum = int(_read(args, "gradient_accumulation_steps") or 1)
         spg = _read(args, "steps_per_generation")
         self.steps_per_generation = self.grad_accum if spg is None else int(spg)
