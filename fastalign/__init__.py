@@ -8,15 +8,17 @@ Public API (see docs/math.md for every formula):
 * :class:`LinearPolicyLoss` — the policy loss straight from hidden states and the lm_head weight.
 * :func:`kl_penalty`, :func:`aggregate_loss` — KL estimators and loss aggregation.
 * :func:`preference_loss`, :class:`PreferenceLoss`, :class:`LinearPreferenceLoss` — the DPO
-  family (docs/math.md#preference-losses); :func:`sequence_logprobs` for padded and packed batches.
+  family (docs/math.md#preference-losses), :func:`unpaired_preference_loss` for unpaired (KTO-style)
+  data; :func:`sequence_logprobs` for padded and packed batches.
 * :func:`group_advantages`, :func:`token_advantages` — GRPO-family advantages (docs/math.md#advantages);
   token-level :func:`reinforce_pp_advantages`, :func:`remax_advantages`,
-  :func:`gae_advantages`, :func:`implicit_process_advantages`.
+  :func:`gae_advantages`, :func:`implicit_process_advantages`, :func:`optimal_token_baseline_advantages`.
 * :func:`use_backend` — force the Triton, C++ or CUDA kernels.
 """
 from fastalign._backend import use_backend
 from fastalign.advantages import (gae_advantages, group_advantages, implicit_process_advantages, masked_whiten,
-                                  reinforce_pp_advantages, remax_advantages, token_advantages)
+                                  optimal_token_baseline_advantages, reinforce_pp_advantages, remax_advantages,
+                                  token_advantages)
 from fastalign.aggregate import aggregate_loss
 from fastalign.kl import kl_penalty
 from fastalign.linear import linear_logprobs
@@ -25,18 +27,19 @@ from fastalign.logprobs import TokenStats, token_logprobs
 from fastalign.policy import PolicyLoss, policy_loss
 from fastalign.policy_config import POLICY_LOSS_TYPES, PolicyConfig
 from fastalign.linear_preference import LinearPreferenceLoss
-from fastalign.preference import PREFERENCE_LOSS_TYPES, PreferenceLoss, preference_loss, wpo_weights
+from fastalign.preference import (PREFERENCE_LOSS_TYPES, PreferenceLoss, preference_loss, unpaired_preference_loss,
+                                  wpo_weights)
 from fastalign.sequence import SequenceLogprobs, sequence_logprobs
 from fastalign.info import info
 
 __all__ = [
     "TokenStats", "linear_logprobs", "token_logprobs", "use_backend",
     "gae_advantages", "group_advantages", "implicit_process_advantages", "masked_whiten",
-    "reinforce_pp_advantages", "remax_advantages", "token_advantages",
+    "optimal_token_baseline_advantages", "reinforce_pp_advantages", "remax_advantages", "token_advantages",
     "POLICY_LOSS_TYPES", "PolicyConfig", "PolicyLoss", "aggregate_loss", "kl_penalty", "policy_loss",
     "LinearPolicyLoss",
     "PREFERENCE_LOSS_TYPES", "LinearPreferenceLoss", "PreferenceLoss", "SequenceLogprobs", "preference_loss",
-    "sequence_logprobs", "wpo_weights",
+    "sequence_logprobs", "unpaired_preference_loss", "wpo_weights",
 ]
 __version__ = "0.1.0"
 

@@ -161,6 +161,18 @@ def _():
     assert torch.isfinite(fa.implicit_process_advantages(lp.detach(), refl, mask)).all()
 
 
+@op("optimal_token_baseline_advantages")
+def _():
+    index = torch.tensor([0, 0, 1, 1])
+    p = torch.rand(B, T) * 0.9 + 0.05  # the sampled token's old probability; sum_v p_v^2 >= p^2
+    old, sp2 = p.log(), p * p + 0.3 * (1 - p) ** 2
+    a, g = fa.optimal_token_baseline_advantages(r, mask, index, old, sp2)
+    wa, wg = ref.advantages.optimal_token_baseline_advantages(r.double(), mask.double(), index, old.double(),
+                                                              sp2.double())
+    close(a, wa, "optimal token baseline advantages")
+    close(g, wg, "optimal token baseline returns")
+
+
 chosen, rejected = torch.randn(B, requires_grad=True), torch.randn(B, requires_grad=True)
 ref_c, ref_r = torch.randn(B), torch.randn(B)
 
@@ -176,6 +188,16 @@ def _():
 @op("PreferenceLoss")
 def _():
     loss, _ = fa.PreferenceLoss("sigmoid", beta=0.1)(chosen, rejected, ref_c, ref_r)
+    loss.backward()
+
+
+@op("unpaired_preference_loss")
+def _():
+    lp_u = torch.randn(B, requires_grad=True)
+    desirable = torch.tensor([True, False, True, True])
+    loss, _ = fa.unpaired_preference_loss(lp_u, ref_c, desirable, loss_type="kto")
+    want, _ = ref.preference.unpaired_loss(lp_u.detach().double(), ref_c.double(), desirable)
+    close(loss, want, "unpaired preference loss")
     loss.backward()
 
 

@@ -15,6 +15,7 @@ def _isnan(x: float) -> bool:
 
 
 def _keys(index, group_size, B):
+    """Group keys as hashable Python values (a tensor's elements would hash by identity)."""
     if index is not None:
         return index.tolist() if isinstance(index, torch.Tensor) else list(index)
     return [i // group_size for i in range(B)]
@@ -283,7 +284,7 @@ def optimal_token_baseline_advantages(rewards, mask, index, old_logprobs, sum_p2
         iw = None if importance_weights is None else packed(importance_weights.double())
         # W and G are prefix / suffix sums over valid tokens: packing first gives the same values
         a, g = optimal_token_baseline_advantages(
-            packed(rewards.double())[keep], counts[keep], [list(index)[i] for i in keep],
+            packed(rewards.double())[keep], counts[keep], [_keys(index, None, None)[i] for i in keep],
             packed(old_logprobs.double())[keep], packed(sum_p2.double())[keep], iw if iw is None else iw[keep],
             zero_tail, "position", eps)
         adv = torch.zeros(B, T, dtype=torch.float64)
@@ -310,7 +311,7 @@ def optimal_token_baseline_advantages(rewards, mask, index, old_logprobs, sum_p2
             acc += float(w[i, t] * m[i, t])
             W[i, t] = acc
     groups = defaultdict(list)
-    for i, k in enumerate(list(index)):
+    for i, k in enumerate(_keys(index, None, None)):
         groups[k].append(i)
     base = torch.zeros_like(r)
     for rows in groups.values():
