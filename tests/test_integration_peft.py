@@ -7,6 +7,7 @@ original. The reference is the model's own forward run in float64 (log-softmax o
 gradients are those of the same objective through that float64 model's logits.
 """
 import copy
+import importlib
 import math
 
 import pytest
@@ -126,8 +127,8 @@ pytest.importorskip("datasets", reason="TRL's trainers need datasets")
 pytest.importorskip("tokenizers", reason="the test tokenizer needs tokenizers")
 
 import fastalign.integrations.trl as fa_trl  # noqa: E402
-from test_integration_trl_trainers import (_common, _compare, _dpo_dataset, _grpo_dataset, _reward,  # noqa: E402
-                                           _run, _tokenizer, checkpoint)  # noqa: F401  (checkpoint: a fixture)
+from test_integration_trl_trainers import (_common, _compare, _dpo_dataset, _grpo_dataset, _kto_dataset,  # noqa: E402
+                                           _reward, _run, _tokenizer, checkpoint)  # noqa: F401  (checkpoint: a fixture)
 
 
 def _lora(**kw):
@@ -169,4 +170,48 @@ def test_dpo_trainer_with_peft_matches_trl(checkpoint, tmp_path):
     ours = _run(_seeded(lambda: build(fa_trl.DPOTrainer, tmp_path / "fa")))
     assert any("modules_to_save" in k for k in ours[1])
     assert not math.isclose(ours[0]["rewards/margins@0"], 0.0, abs_tol=1e-7)  # policy differs from the reference
+    _compare(theirs, ours)
+
+
+def test_kto_trainer_with_peft_matches_trl(checkpoint, tmp_path):
+    """LoRA on attention with a trained copy of the lm_head (modules_to_save; TRL's KTOTrainer refuses a
+    LoRA adapter on the lm_head); no ref_model: the reference, and that of the KL completions, is the
+    adapter-disabled model."""
+    def build(cls, out):
+        args = trl.KTOConfig(**_common(out, per_device_train_batch_size=4, loss_type="kto", desirable_weight=1.5,
+                                       undesirable_weight=0.7))
+        return cls(model=checkpoint, args=args, train_dataset=_kto_dataset(), processing_class=_tokenizer(checkpoint),
+                   peft_config=_lora(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+
+    theirs = _run(_seeded(lambda: build(trl.KTOTrainer, tmp_path / "trl")))
+    ours = _run(_seeded(lambda: build(fa_trl.KTOTrainer, tmp_path / "fa")))
+    assert any("lm_head.modules_to_save" in k for k in ours[1]) and any("lora_B" in k for k in ours[1])
+    assert ours[0]["kl@0"] > 0  # the adapters move the policy away from the adapter-disabled reference
+    assert not math.isclose(ours[0]["rewards/chosen@0"], 0.0, abs_tol=1e-7)
+    _compare(theirs, ours)
+
+
+PAIRED_PEFT_CASES = {  # CPO and ORPO have no reference model; TRL's trainers score a LoRA lm_head through its forward
+    "lora_attention_and_head": dict(target_modules=["q_proj", "v_proj", "lm_head"]),
+    "modules_to_save_head": dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+}
+
+
+@pytest.mark.parametrize("trainer", ["CPO", "ORPO"])
+@pytest.mark.parametrize("case", list(PAIRED_PEFT_CASES))
+def test_paired_trainers_with_peft_match_trl(checkpoint, tmp_path, trainer, case):
+    module = importlib.import_module(f"trl.experimental.{trainer.lower()}")
+    config_cls, trl_cls = getattr(module, f"{trainer}Config"), getattr(module, f"{trainer}Trainer")
+    options = dict(loss_type="sigmoid", cpo_alpha=0.3) if trainer == "CPO" else {}
+
+    def build(cls, out):
+        args = config_cls(**_common(out, per_device_train_batch_size=4, beta=0.5, **options))
+        return cls(model=checkpoint, args=args, train_dataset=_dpo_dataset(), processing_class=_tokenizer(checkpoint),
+                   peft_config=_lora(**PAIRED_PEFT_CASES[case]))
+
+    theirs = _run(_seeded(lambda: build(trl_cls, tmp_path / "trl")))
+    ours = _run(_seeded(lambda: build(getattr(fa_trl, f"{trainer}Trainer"), tmp_path / "fa")))
+    head = "lm_head.lora_B" if case == "lora_attention_and_head" else "lm_head.modules_to_save"
+    assert any(head in k for k in ours[1]) and any("q_proj.lora_B" in k for k in ours[1])
+    assert {"rewards/margins@0", "logits/chosen@0", "nll_loss@0"} <= set(ours[0])
     _compare(theirs, ours)
