@@ -19,22 +19,25 @@ def _mask_u8(mask: Tensor) -> Tensor:
     return (mask != 0).contiguous().view(torch.uint8)
 
 
+def entropy_quantile(h: Tensor, q: float) -> Tensor:
+    """0-dim ``1 - q`` quantile, with ``torch.quantile``'s linear interpolation, of the entries of the flat
+    ``h`` that count; ``+inf`` marks the ones that do not (with none counting, the result is ``+inf``).
+    On the device: a sort and two gathers, no host synchronisation."""
+    s = torch.sort(h).values  # the entries that count, then the +inf ones, then any NaN
+    n = (s != math.inf).sum()
+    pos = (1.0 - q) * (n - 1).clamp(min=0).to(torch.float32)
+    below = s.gather(0, pos.floor().long().reshape(1))
+    above = s.gather(0, pos.ceil().long().reshape(1))
+    return torch.lerp(below, above, pos - pos.floor()).reshape(())
+
+
 def _entropy_keep(entropy: Tensor, valid: Tensor, q: float, threshold: Optional[Tensor] = None) -> Tensor:
-    """1.0 where H >= the (1 - q) quantile (linear interpolation) of the valid entropies, or H >=
+    """1.0 where H >= the (1 - q) quantile of the valid entropies (:func:`entropy_quantile`), or H >=
     ``threshold`` when given; on the device."""
     h = entropy.detach().float()
-    if threshold is not None:
-        return (h >= threshold.detach().float().reshape(())).to(torch.float32).contiguous()
-    flat = torch.where(valid, h, torch.full_like(h, math.inf)).flatten()
-    s = torch.sort(flat).values
-    n = valid.sum().to(torch.float32)
-    pos = (1.0 - q) * (n - 1.0).clamp(min=0.0)
-    lo = pos.floor()
-    hi = pos.ceil()
-    v_lo = s.gather(0, lo.long().reshape(1))
-    v_hi = s.gather(0, hi.long().reshape(1))
-    thr = v_lo + (v_hi - v_lo) * (pos - lo)
-    return (h >= thr).to(torch.float32).contiguous()
+    if threshold is None:
+        threshold = entropy_quantile(torch.where(valid, h, math.inf).flatten(), q)
+    return (h >= threshold.detach().float().reshape(())).to(torch.float32).contiguous()
 
 
 def _expand_weights(w: Tensor, shape: tuple) -> Tensor:

@@ -6,17 +6,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastalign import _backend, _validate
+from fastalign import _validate
 
 #: the epsilon of every whitening ``(x - mean) * rsqrt(var + eps)`` (verl's)
 WHITEN_EPS = 1e-8
-
-
-def resolve_backend(device: torch.device, backend: Optional[str]) -> str:
-    """The backend request for ``device``, checked; each op then picks its kernels from the op table
-    (``fastalign._backend.backend_for``: a Triton request runs the plain-torch path of an op without
-    Triton kernels)."""
-    return _backend.resolve(device, backend)
 
 
 def as_index(name: str, ids, B: int, device: torch.device) -> Tensor:

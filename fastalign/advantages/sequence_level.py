@@ -14,8 +14,8 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from fastalign import _validate
-from fastalign.advantages._inputs import WHITEN_EPS, as_index, resolve_backend, response_mask_rows
+from fastalign import _backend, _validate
+from fastalign.advantages._inputs import WHITEN_EPS, as_index, response_mask_rows
 from fastalign.ops.group_stats import MODES, call_group_advantage, group_stats
 
 STD_MODES = ("group", "batch", "none")
@@ -303,7 +303,7 @@ def group_advantages(
         raise ValueError(f"batch_normalization must be one of {BATCH_NORMALIZATIONS}, got {batch_normalization!r}")
     if batch_normalization != "sequence" and estimator != "gdpo":
         raise ValueError(f"batch_normalization is gdpo's last step; it does not apply to estimator {estimator!r}")
-    c = _Ctx(float(eps), std, singleton == "zero", lens, reward_weights, resolve_backend(device, backend),
+    c = _Ctx(float(eps), std, singleton == "zero", lens, reward_weights, _backend.resolve(device, backend),
              singleton == "unit_std", batch_normalization)
     row = ESTIMATORS[estimator]
     adv = row(r, g, c)

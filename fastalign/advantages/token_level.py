@@ -10,9 +10,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastalign import _validate
+from fastalign import _backend, _validate
 from fastalign._deprecate import renamed
-from fastalign.advantages._inputs import WHITEN_EPS, as_index, resolve_backend, response_mask_rows
+from fastalign.advantages._inputs import WHITEN_EPS, as_index, response_mask_rows
 from fastalign.ops.returns import SCANS, reverse_scan
 
 
@@ -71,7 +71,7 @@ def reinforce_pp_advantages(token_rewards: Tensor, response_mask: Tensor, *, gam
     _validate.finite(gamma=gamma)
     x, m, _ = _token_inputs("token_rewards", token_rewards, response_mask)
     g, _ = reverse_scan(x, x.new_empty(0), m, float(gamma), 0.0, SCANS["return"],
-                        resolve_backend(x.device, backend))
+                        _backend.resolve(x.device, backend))
     return masked_whiten(g, m) if whiten else g
 
 
@@ -82,7 +82,7 @@ def remax_advantages(token_rewards: Tensor, response_mask: Tensor, baseline: Ten
     _validate.real("baseline", baseline, dim=1)
     _validate.shape("baseline", baseline, (x.shape[0],), "one score per response")
     _validate.same_device(token_rewards=x, baseline=baseline)
-    g, _ = reverse_scan(x, x.new_empty(0), m, 1.0, 0.0, SCANS["to_go"], resolve_backend(x.device, backend))
+    g, _ = reverse_scan(x, x.new_empty(0), m, 1.0, 0.0, SCANS["to_go"], _backend.resolve(x.device, backend))
     return torch.where(m != 0, g - baseline.to(x.dtype).unsqueeze(-1) * m, 0.0)
 
 
@@ -93,7 +93,7 @@ def gae_advantages(token_rewards: Tensor, values: Tensor, response_mask: Tensor,
     A whitened over valid tokens unless ``whiten=False``."""
     _validate.finite(gamma=gamma, lam=lam)
     x, m, (v,) = _token_inputs("token_rewards", token_rewards, response_mask, [("values", values)])
-    a, ret = reverse_scan(x, v, m, float(gamma), float(lam), SCANS["gae"], resolve_backend(x.device, backend))
+    a, ret = reverse_scan(x, v, m, float(gamma), float(lam), SCANS["gae"], _backend.resolve(x.device, backend))
     return (masked_whiten(a, m) if whiten else a), ret
 
 
@@ -109,7 +109,7 @@ def implicit_process_advantages(logprobs: Tensor, ref_logprobs: Tensor, response
                    outcome_advantages=outcome_advantages)
     x = (lp - ref) * float(beta)
     r, _ = reverse_scan(x, x.new_empty(0), m, float(gamma), 0.0, SCANS["return"],
-                        resolve_backend(x.device, backend))
+                        _backend.resolve(x.device, backend))
     if outcome_advantages is not None:
         _validate.tensor("outcome_advantages", outcome_advantages, dim=1)
         _validate.shape("outcome_advantages", outcome_advantages, (x.shape[0],), "one advantage per response")

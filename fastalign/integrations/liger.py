@@ -301,19 +301,23 @@ class _LigerPreference(nn.Module):
         keep = labels != self.ignore_index
         return -(tok[:B] * keep).sum() / keep.sum()
 
+    def _reference(self, ref_input, ref_weight, ref_bias, target) -> Optional[Tensor]:
+        """The reference model's response log-probs with ``use_ref_model``, else None."""
+        if getattr(self, "use_ref_model", False):
+            if ref_input is None or ref_weight is None:
+                raise ValueError("use_ref_model=True needs ref_input and ref_weight")
+            return self._response_logprobs(ref_input, ref_weight, target, ref_bias, grad=False)[0]
+        if ref_input is not None:
+            raise ValueError("ref_input is not used with use_ref_model=False")
+        return None
+
     def _pairs(self, weight, hidden, target, bias, ref_input=None, ref_weight=None, ref_bias=None, nll_target=None):
         if hidden.dim() != 3 or target.dim() != 2 or hidden.shape[0] % 2:
             raise ValueError(f"_input must be (2B, T, H) with target (2B, T): chosen rows then rejected rows, got "
                              f"{tuple(hidden.shape)} and {tuple(target.shape)}")
         B = target.shape[0] // 2
         logps, count, tok = self._response_logprobs(hidden, weight, target, bias)
-        ref = None
-        if getattr(self, "use_ref_model", False):
-            if ref_input is None or ref_weight is None:
-                raise ValueError("use_ref_model=True needs ref_input and ref_weight")
-            ref, _, _ = self._response_logprobs(ref_input, ref_weight, target, ref_bias, grad=False)
-        elif ref_input is not None:
-            raise ValueError("ref_input is not used with use_ref_model=False")
+        ref = self._reference(ref_input, ref_weight, ref_bias, target)
         nll = self._chosen_nll(hidden, weight, target, bias, tok, nll_target)
         logits_sum = _logits_sum(hidden, weight, bias) / (B * target.shape[1] * weight.shape[0])
         return logps, count, ref, nll, (logits_sum[:B].sum(), logits_sum[B:].sum())
@@ -445,13 +449,8 @@ class LigerFusedLinearKTOLoss(_LigerPreference):
         if preference_labels is None:
             raise ValueError("preference_labels (bool, one per response) is required")
         logps, _, _ = self._response_logprobs(_input, lin_weight, target, bias)
-        if self.use_ref_model:
-            if ref_input is None or ref_weight is None:
-                raise ValueError("use_ref_model=True needs ref_input and ref_weight")
-            ref, _, _ = self._response_logprobs(ref_input, ref_weight, target, ref_bias, grad=False)
-        elif ref_input is not None:
-            raise ValueError("ref_input is not used with use_ref_model=False")
-        else:
+        ref = self._reference(ref_input, ref_weight, ref_bias, target)
+        if ref is None:
             ref = torch.zeros_like(logps.detach())
         # 1 - σ(β s (lp - lp0 - kl)): kl joins the reference, fastalign's own baseline is 0
         shifted = ref if kl is None else ref + kl

@@ -41,7 +41,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
-from fastalign.policy import policy_loss
+from fastalign.policy import entropy_quantile, policy_loss
 from fastalign.policy_config import PolicyConfig
 
 __all__ = ["GRPOLoss", "entropy_threshold", "grpo_policy_config"]
@@ -145,13 +145,8 @@ def entropy_threshold(entropy: Tensor, mask: Tensor, top_quantile: float, accele
     h = torch.where(mask.bool(), entropy.detach().float(), math.inf).flatten()
     if accelerator is not None and accelerator.num_processes > 1:
         h = accelerator.gather(accelerator.pad_across_processes(h, dim=0, pad_index=math.inf))
-    s = torch.sort(h).values  # valid values, then the +inf padding, then any NaN
-    n = (s != math.inf).sum()
-    rank = (1.0 - top_quantile) * (n - 1).clamp(min=0).to(torch.float32)
-    below = s.gather(0, rank.floor().long().reshape(1))
-    above = s.gather(0, rank.ceil().long().reshape(1))
-    threshold = torch.lerp(below, above, rank - rank.floor()).reshape(())
-    return torch.where((n > 0) & ~torch.isnan(s[-1]), threshold, math.nan)
+    counted = h != math.inf  # no valid token anywhere, or a NaN among them: NaN, as torch.quantile gives
+    return torch.where(counted.any() & ~torch.isnan(h).any(), entropy_quantile(h, top_quantile), math.nan)
 
 
 class GRPOLoss:
