@@ -75,7 +75,7 @@ clean:
 wheel-check: release-tools
 	FASTALIGN_CUDA_ARCHS="$(or $(FASTALIGN_CUDA_ARCHS),$(FASTALIGN_WHEEL_CUDA_ARCHS))" PY=$(VPY) TORCH_PIN=$(TORCH_PIN) AUDITWHEEL=$(VENV)/bin/auditwheel tools/wheel_check.sh
 
-.PHONY: aot gpu-check
+.PHONY: aot gpu-check gpu-peers
 
 # Ahead-of-time compile gate (no GPU needed): every Triton kernel through its launcher
 # at realistic shapes for sm_80 and sm_90, and csrc/cuda/*.cu with nvcc -Xptxas -v.
@@ -86,3 +86,9 @@ aot: install
 # results in benchmarks/results/. Fails cleanly without a GPU.
 gpu-check:
 	PY=$(PY) bash benchmarks/gpu_check.sh
+
+# The benchmark's third-party peers as wheels in .whl/, for a GPU machine without network
+# (gpu-check installs them from there): pure-Python wheels for the GPU machine's Python 3.12.
+GPU_PEERS ?= liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0 datasets==4.8.5 dill==0.4.1 multiprocess==0.70.19
+gpu-peers:
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl $(GPU_PEERS)

@@ -14,9 +14,10 @@ from fastalign.policy_config import FIELDS, LOSS_TYPES, PRESETS, ROLLOUT_MODES, 
 
 
 def _mask_u8(mask: Tensor) -> Tensor:
-    if mask.dtype == torch.bool:
-        return mask.contiguous().view(torch.uint8)
-    return (mask != 0).contiguous().view(torch.uint8)
+    as_bool = mask if mask.dtype == torch.bool else mask != 0
+    if torch.compiler.is_compiling():  # a fused cast in the graph (inductor cannot lower every bool view)
+        return as_bool.to(torch.uint8)
+    return as_bool.contiguous().view(torch.uint8)  # no copy
 
 
 def entropy_quantile(h: Tensor, q: float) -> Tensor:

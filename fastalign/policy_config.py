@@ -14,6 +14,8 @@ import functools
 import math
 from typing import Any, Optional
 
+import torch
+
 from fastalign._options import check_choice, check_names
 from fastalign.aggregate import check_agg
 from fastalign.kl import canonical_kl
@@ -246,6 +248,8 @@ class PolicyConfig:
     def kernel_params(self, *, entropy_in_kernel: bool) -> KernelParams:
         """The numeric record for the kernels. ``entropy_in_kernel``: the per-token entropy term
         ``-entropy_coef H_t`` is part of the kernel's loss (``entropy_agg="loss"``)."""
+        if torch.compiler.is_compiling():  # traced once per graph; the cache is an eager-mode saving
+            return self._kernel_params(entropy_in_kernel)
         cache = self.__dict__.setdefault("_kernel_params_cache", {})  # built once per configuration
         if entropy_in_kernel not in cache:
             cache[entropy_in_kernel] = self._kernel_params(entropy_in_kernel)

@@ -32,16 +32,19 @@ which would round back onto the same fp32 grid.
 
 Edge values:
 
-* The running max starts at -inf. Differences of maxima are clamped at -1e30
-  (so -inf - -inf and -inf * 0 never occur: a state that has seen only -inf
-  logits has s = t = q = 0 and contributes nothing), and x - M is taken against
+* The running max starts at -inf. Equal maxima (two -inf too) rescale by a = 1
+  without forming -inf - -inf, other differences are clamped at -1e30 (so
+  -inf * 0 never occurs: a state that has seen only -inf logits has
+  s = t = q = 0 and contributes nothing), and x - M is taken against
   max(M, -FLT_MAX), so a -inf logit gives e = 0 even before any finite one.
 * -inf logits give e = 0 and no 0 * inf (t clamps x - M at -1e30); a row of
   only -inf logits gives s = 0 and a NaN log-prob, like log_softmax.
-* NaN propagates: ``tl.max`` / ``tl.maximum`` return the non-NaN operand, but a
-  NaN logit x gives e^{x - M} = NaN, and NaN in s, t or q is never clamped
-  away, so a row with a NaN logit (or a NaN weight row, or NaN gradient
-  inputs) ends as NaN, as on the C++ backend.
+* NaN propagates. Whether ``tl.max`` / ``tl.maximum`` return a NaN operand is
+  left to the implementation (compiled code drops it, some interpreters keep
+  it), and nothing here depends on it: a NaN logit x gives e^{x - M} = NaN
+  either way, and NaN in s, t or q is never clamped away, so a row with a NaN
+  logit (or a NaN weight row, or NaN gradient inputs) ends as NaN, as on the
+  C++ backend.
 """
 import os
 
@@ -67,7 +70,8 @@ def exp(x):
 @triton.jit
 def rescale(m, s, t, q, M):
     """The state (m, s, t, q) relative to a max M >= m (broadcastable)."""
-    dm = tl.maximum(m - M, -1e30)  # empty states (m = -inf, also under M = -inf): a = 0, no inf * 0
+    # m = M, also both -inf: a = 1 (no -inf - -inf); an empty state under a finite M: a = 0, no inf * 0
+    dm = tl.where(m == M, 0.0, tl.maximum(m - M, -1e30))
     a = exp(dm)
     return a * s, a * (t + dm * s), a * a * q
 

@@ -36,9 +36,23 @@ except ImportError:  # pragma: no cover - hypothesis is in the test extra
     pass
 
 
+def _major_minor(version: str) -> tuple:
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
 def pytest_configure(config):
     # a former argument name used by the library or by a test is an error, except under pytest.warns
     config.addinivalue_line("filterwarnings", "error::fastalign._deprecate.RenamedWarning")
+    if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+        import numpy
+
+        # the interpreter of Triton 3.6 and older turns 1-element arrays into loop bounds, which
+        # NumPy 2.4 made an error: every Triton test would fail with the same TypeError
+        if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+            raise pytest.UsageError(
+                f"the Triton {triton.__version__} interpreter cannot run with NumPy {numpy.__version__} "
+                "('only 0-dimensional arrays can be converted to Python scalars'): install 'numpy<2.4' "
+                "or Triton 3.7 or newer")
 
 
 @pytest.fixture(params=CPU_BACKENDS)

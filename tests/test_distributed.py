@@ -10,7 +10,8 @@
   gradients of the hidden states and of each weight / bias shard.
 
 CPU runs use ``gloo`` with two spawned processes meeting at a ``FileStore``; the GPU-marked
-versions use ``nccl`` with one GPU per rank. Each worker writes its results to a file the
+versions use ``nccl`` with one GPU per rank, or ``gloo`` with both ranks on one GPU (what a
+one-GPU machine can run). Each worker writes its results to a file the
 test compares; a hang fails the test after ``HANG_LIMIT_S`` instead of blocking the run.
 """
 from __future__ import annotations
@@ -177,11 +178,11 @@ def _cpu(x):
     return x.cpu() if isinstance(x, torch.Tensor) else x
 
 
-def _worker(rank, world, pg_backend, store_path, out_dir, scenarios, backend):
+def _worker(rank, world, pg_backend, store_path, out_dir, scenarios, backend, cuda):
     device = "cpu"
-    if pg_backend == "nccl":
-        device = f"cuda:{rank}"
-        torch.cuda.set_device(rank)
+    if cuda:  # nccl: a GPU per rank; gloo: every rank on the first GPU
+        device = f"cuda:{rank if pg_backend == 'nccl' else 0}"
+        torch.cuda.set_device(device)
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world)
     dist.init_process_group(pg_backend, store=store, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
@@ -209,10 +210,10 @@ def _worker(rank, world, pg_backend, store_path, out_dir, scenarios, backend):
         dist.destroy_process_group()
 
 
-def spawn(tmp_path, scenarios, backend, pg_backend="gloo"):
+def spawn(tmp_path, scenarios, backend, pg_backend="gloo", cuda=False):
     """Run the scenarios on WORLD spawned ranks; their results, one dict per rank."""
     ctx = mp.start_processes(_worker, args=(WORLD, pg_backend, str(tmp_path / "store"), str(tmp_path),
-                                            tuple(scenarios), backend),
+                                            tuple(scenarios), backend, cuda),
                              nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + HANG_LIMIT_S
     try:
@@ -294,28 +295,30 @@ def test_gloo_vocab_parallel_equals_single_rank(gloo_run):
     check_vocab_parallel([r["vocab"] for r in ranks], single)
 
 
-# ----------------------------------------------------------------------------- GPU (NCCL, 2 devices)
+# ----------------------------------------------------------------------------- GPU (NCCL on 2 devices, gloo on 1)
 
-def _need_two_gpus():
-    if torch.cuda.device_count() < WORLD:
-        pytest.skip(f"needs {WORLD} CUDA devices, found {torch.cuda.device_count()}")
-    if not dist.is_nccl_available():
+def _need_gpus(pg_backend):
+    if pg_backend == "nccl" and torch.cuda.device_count() < WORLD:
+        pytest.skip(f"nccl needs {WORLD} CUDA devices, found {torch.cuda.device_count()}")
+    if pg_backend == "nccl" and not dist.is_nccl_available():
         pytest.skip("torch was built without NCCL")
 
 
 @pytest.mark.gpu
-def test_nccl_vocab_parallel_equals_single_rank(tmp_path):
-    _need_two_gpus()
-    ranks = spawn(tmp_path, ("vocab",), "triton", pg_backend="nccl")
+@pytest.mark.parametrize("pg_backend", ["nccl", "gloo"])
+def test_gpu_vocab_parallel_equals_single_rank(tmp_path, pg_backend):
+    _need_gpus(pg_backend)
+    ranks = spawn(tmp_path, ("vocab",), "triton", pg_backend=pg_backend, cuda=True)
     single = _cpu(vocab_stats(vocab_data(), "triton", device="cuda:0"))
     check_vocab_parallel([r["vocab"] for r in ranks], single, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu
-def test_nccl_causal_lm_step_equals_single_process(tmp_path):
-    _need_two_gpus()
+@pytest.mark.parametrize("pg_backend", ["nccl", "gloo"])
+def test_gpu_causal_lm_step_equals_single_process(tmp_path, pg_backend):
+    _need_gpus(pg_backend)
     pytest.importorskip("transformers", reason="the model step needs transformers")
-    ranks = spawn(tmp_path, ("hf",), "triton", pg_backend="nccl")
+    ranks = spawn(tmp_path, ("hf",), "triton", pg_backend=pg_backend, cuda=True)
     with fastalign.use_backend("triton"):
         single = _cpu(hf_step(hf_data(), slice(None), 1, device="cuda:0"))
     check_data_parallel([r["hf"] for r in ranks], single, atol=1e-4, rtol=1e-3)
