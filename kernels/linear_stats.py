@@ -197,7 +197,7 @@ def linear_stats_bwd_kernel(
         du = du * (1.0 - r * r)
     du = tl.where(keep[:, None] & col_ok[None, :], du * scale, 0.0)
     if SKIP:
-        du = tl.where(tl.max(tl.max(tl.abs(du), 1), 0) >= threshold, du, 0.0)
+        du = tl.where(tl.max(tl.abs(du), axis=None) >= threshold, du, 0.0)  # the tile's largest |du|
     tl.store(du_ptr + rows[:, None] * s_du + cols[None, :], du.to(du_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
