@@ -65,7 +65,7 @@ docs: $(VPY)
 	$(VPY) -m mkdocs build --strict
 
 clean:
-	rm -rf build dist site .venv *.egg-info
+	rm -rf build dist site .venv .venv-compat *.egg-info
 
 # The release check: the sdist's contents; a portable wheel from pip's isolated
 # build (with the CUDA kernels for sm_80, sm_90 and sm_100 when nvcc is found),
@@ -75,7 +75,7 @@ clean:
 wheel-check: release-tools
 	FASTALIGN_CUDA_ARCHS="$(or $(FASTALIGN_CUDA_ARCHS),$(FASTALIGN_WHEEL_CUDA_ARCHS))" PY=$(VPY) TORCH_PIN=$(TORCH_PIN) AUDITWHEEL=$(VENV)/bin/auditwheel tools/wheel_check.sh
 
-.PHONY: aot gpu-check gpu-peers
+.PHONY: aot gpu-check gpu-peers compat
 
 # Ahead-of-time compile gate (no GPU needed): every Triton kernel through its launcher
 # at realistic shapes for sm_80 and sm_90, and csrc/cuda/*.cu with nvcc -Xptxas -v.
@@ -92,3 +92,15 @@ gpu-check:
 GPU_PEERS ?= liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0 datasets==4.8.5 dill==0.4.1 multiprocess==0.70.19
 gpu-peers:
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl $(GPU_PEERS)
+
+# The whole suite on the torch and Triton that GPU machines carry (CUDA builds, run here on the CPU;
+# about 5 GB in .venv-compat). NumPy stays below 2.4, which the Triton 3.6 interpreter cannot use.
+COMPAT_PY ?= python3.12
+COMPAT_VENV ?= .venv-compat
+COMPAT_PINS ?= torch==2.11.0 triton==3.6.0 "numpy<2.4" "transformers==5.17.*" "peft==0.21.*"
+compat:
+	test -x $(COMPAT_VENV)/bin/python || $(COMPAT_PY) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install -q $(COMPAT_PINS) pytest pytest-benchmark hypothesis scikit-build-core pybind11 \
+	  ninja tqdm matplotlib
+	$(COMPAT_VENV)/bin/pip install -q --no-build-isolation --no-deps -e .
+	$(COMPAT_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

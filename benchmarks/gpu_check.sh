@@ -18,6 +18,7 @@
 # on a machine without network, `make gpu-peers` downloads their wheels into .whl/ beforehand and
 # this script installs them from there (into a separate folder, without touching the environment).
 # The CUDA kernels are built for this device's architecture only unless FASTALIGN_CUDA_ARCHS is set.
+# GPU_CHECK_COMMIT names the commit where the copy being checked has no git history.
 set -u
 PY=${PY:-python3}
 cd "$(dirname "$0")/.."
@@ -55,7 +56,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $out/NAME.lo
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  echo "commit: ${GPU_CHECK_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null
   PYTHONPATH="$bench_path" "$PY" - <<'EOF'
 import platform, torch
