@@ -69,13 +69,14 @@ def run(step, model, *args):
     return [o.detach() for o in out], grads
 
 
-def assert_same(eager, compiled):
+def assert_same(eager, compiled, loosen=1.0):
+    """Outputs to 1e-5 and gradients to (1e-5, 1e-4), each times ``loosen``."""
     (out_e, g_e), (out_c, g_c) = eager, compiled
     for a, b in zip(out_e, out_c):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b, a, atol=1e-5 * loosen, rtol=1e-5 * loosen)
     assert g_c.keys() == g_e.keys() and len(g_e) > 0
     for name in g_e:
-        torch.testing.assert_close(g_c[name], g_e[name], atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(g_c[name], g_e[name], atol=1e-5 * loosen, rtol=1e-4 * loosen, msg=name)
 
 
 @pytest.fixture(autouse=True)
@@ -85,22 +86,33 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_compiled_fused_step_matches_eager(compiler):
-    model = tiny_qwen2()
+def compiled_fused_step_matches_eager(compiler, device, loosen=1.0):
+    model = tiny_qwen2().to(device)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     with torch.no_grad():  # the reference differs from the policy, so the KL term has a gradient
         for p in ref_model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     loss_fn = fastalign.LinearPolicyLoss(loss_type="grpo", kl_coef=0.04, entropy_coef=0.01, entropy_metric=True)
-    batch = rollout_batch()
+    batch = tuple(t.to(device) for t in rollout_batch())
 
     eager = run(lambda m, *a: fused_step(m, ref_model, loss_fn, *a), model, *batch)
     compiled_step = torch.compile(fused_step, fullgraph=True, backend=compiler)
     compiled = run(lambda m, *a: compiled_step(m, ref_model, loss_fn, *a), model, *batch)
-    assert_same(eager, compiled)
+    assert_same(eager, compiled, loosen)
     # the gradient reaches the whole model, the body through the hidden states
     assert "lm_head.weight" in eager[1] and "model.embed_tokens.weight" in eager[1]
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_fused_step_matches_eager(compiler):
+    compiled_fused_step_matches_eager(compiler, "cpu")
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_fused_step_matches_eager():
+    """The compiled Triton kernels inside an inductor graph on CUDA (inductor may order the
+    model's sums differently from eager: fp32 rounding, hence the wider tolerance)."""
+    compiled_fused_step_matches_eager("inductor", "cuda", loosen=10.0)
 
 
 def test_compiled_logprob_step_matches_eager():
