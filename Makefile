@@ -95,10 +95,12 @@ gpu-peers:
 
 # The whole suite on the torch and Triton that GPU machines carry (CUDA builds, run here on the CPU;
 # about 5 GB in .venv-compat). NumPy stays below 2.4, which the Triton 3.6 interpreter cannot use.
-COMPAT_PY ?= python3.12
+COMPAT_PY ?= $(shell for p in python3.12 $$(ls -d $$HOME/.pyenv/versions/3.12*/bin/python 2>/dev/null); do \
+  $$p -c "" 2>/dev/null && { echo $$p; break; }; done)
 COMPAT_VENV ?= .venv-compat
 COMPAT_PINS ?= torch==2.11.0 triton==3.6.0 "numpy<2.4" "transformers==5.17.*" "peft==0.21.*"
 compat:
+	@test -n "$(COMPAT_PY)" || { echo "make compat: no Python 3.12 found; set COMPAT_PY" >&2; exit 1; }
 	test -x $(COMPAT_VENV)/bin/python || $(COMPAT_PY) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/pip install -q $(COMPAT_PINS) pytest pytest-benchmark hypothesis scikit-build-core pybind11 \
 	  ninja tqdm matplotlib
