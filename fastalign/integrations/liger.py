@@ -322,10 +322,13 @@ class _LigerPreference(nn.Module):
         logits_sum = _logits_sum(hidden, weight, bias) / (B * target.shape[1] * weight.shape[0])
         return logps, count, ref, nll, (logits_sum[:B].sum(), logits_sum[B:].sum())
 
-    @staticmethod
-    def _out(loss, logps, logits_means, nll, *aux):
+    def _out(self, loss, logps, logits_means, nll, *aux, ref=None):
+        """Liger's outputs: the loss, then chosen / rejected log-probs, logits means, the chosen NLL, the chosen /
+        rejected rewards ``β (log p - log p_ref)`` (``log p_ref`` 0 without a reference) and ``aux``."""
         B = logps.shape[0] // 2
-        return loss, (logps[:B].detach(), logps[B:].detach(), *logits_means, nll.detach(), *aux)
+        with torch.no_grad():
+            r = self.beta * (logps.detach().float() - (0.0 if ref is None else ref.float()))
+        return loss, (logps[:B].detach(), logps[B:].detach(), *logits_means, nll.detach(), r[:B], r[B:], *aux)
 
 
 class LigerFusedLinearDPOLoss(_LigerPreference):
@@ -364,10 +367,7 @@ class LigerFusedLinearDPOLoss(_LigerPreference):
         B = logps.shape[0] // 2
         ref_c, ref_r = (None, None) if ref is None else (ref[:B], ref[B:])
         pair, _ = preference_loss(logps[:B], logps[B:], ref_c, ref_r, **self._options)
-        loss = pair + self.alpha * nll
-        with torch.no_grad():
-            x = logps.detach().float() - (0.0 if ref is None else ref.float())
-        return self._out(loss, logps, logits_means, nll, self.beta * x[:B], self.beta * x[B:])
+        return self._out(pair + self.alpha * nll, logps, logits_means, nll, ref=ref)
 
 
 class LigerFusedLinearCPOLoss(_LigerPreference):
@@ -386,8 +386,7 @@ class LigerFusedLinearCPOLoss(_LigerPreference):
         B = logps.shape[0] // 2
         loss, _ = preference_loss(logps[:B], logps[B:], loss_type="cpo", beta=self.beta,
                                   label_smoothing=self.label_smoothing, chosen_nll=nll, cpo_alpha=self.alpha)
-        r = self.beta * logps.detach().float()
-        return self._out(loss, logps, logits_means, nll, r[:B], r[B:])
+        return self._out(loss, logps, logits_means, nll)
 
 
 class LigerFusedLinearSimPOLoss(_LigerPreference):
@@ -409,8 +408,7 @@ class LigerFusedLinearSimPOLoss(_LigerPreference):
         pair, _ = preference_loss(total[:B], total[B:], loss_type="simpo", beta=self.beta,
                                   label_smoothing=self.label_smoothing, simpo_gamma=self.gamma,
                                   chosen_lengths=count[:B], rejected_lengths=count[B:])
-        r = self.beta * logps.detach().float()
-        return self._out(pair + self.alpha * nll, logps, logits_means, nll, r[:B], r[B:])
+        return self._out(pair + self.alpha * nll, logps, logits_means, nll)
 
 
 class LigerFusedLinearORPOLoss(_LigerPreference):
@@ -430,8 +428,7 @@ class LigerFusedLinearORPOLoss(_LigerPreference):
         total = logps * count
         loss, met = preference_loss(total[:B], total[B:], loss_type="orpo", beta=self.beta, chosen_nll=nll,
                                     chosen_lengths=count[:B], rejected_lengths=count[B:])
-        r = self.beta * logps.detach().float()
-        return self._out(loss, logps, logits_means, nll, r[:B], r[B:], met["log_odds_ratio"], met["log_odds_chosen"])
+        return self._out(loss, logps, logits_means, nll, met["log_odds_ratio"], met["log_odds_chosen"])
 
 
 class LigerFusedLinearKTOLoss(_LigerPreference):
