@@ -40,6 +40,7 @@ from pathlib import Path
 #: Largest shared memory one block may use (opt-in), bytes.
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 N_TOKENS, VOCAB, HIDDEN = 8192, 151936, 4096
+LORA_RANK = 16  # a LoRA adapter on the lm_head
 SEQ_B, SEQ_T = 1024, 4096
 
 
@@ -147,16 +148,18 @@ def linear_stats_cases(dtype):
     f = lambda: _meta(N_TOKENS, dtype=torch.float32)  # noqa: E731
     for full in (False, True):
         bias = _meta(VOCAB, dtype=dtype) if full else None
+        low_rank = (_meta(N_TOKENS, LORA_RANK, dtype=dtype), _meta(VOCAB, LORA_RANK, dtype=dtype)) if full else None
         cap = 30.0 if full else 0.0
-        name = _variant(bias=full, softcap=full, stats=full)
+        name = _variant(bias=full, softcap=full, stats=full, low_rank=full)
         out = stat_outputs(N_TOKENS, "meta", full, full, full, argmax_value=True)
-        yield name, lambda full=full, bias=bias, cap=cap, out=out: K.linear_stats_forward(
-            h, w, bias, y, 1.0, cap, 1.0, -100, out)
+        yield name, lambda full=full, bias=bias, low_rank=low_rank, cap=cap, out=out: K.linear_stats_forward(
+            h, w, bias, low_rank, y, 1.0, cap, 1.0, -100, out)
         chunk = K.gpu_chunk_tokens(N_TOKENS, VOCAB, h.element_size())
         du = _meta(chunk, VOCAB, dtype=dtype)
-        yield name, lambda full=full, bias=bias, cap=cap: K.linear_stats_backward(
-            h[:chunk], w, bias, y[:chunk], f()[:chunk], f()[:chunk] if full else None, f()[:chunk] if full else None,
-            f()[:chunk], f()[:chunk] if full else None, f()[:chunk] if full else None,
+        chunk_low_rank = None if low_rank is None else (low_rank[0][:chunk], low_rank[1])
+        yield name, lambda full=full, bias=bias, low_rank=chunk_low_rank, cap=cap: K.linear_stats_backward(
+            h[:chunk], w, bias, low_rank, y[:chunk], f()[:chunk], f()[:chunk] if full else None,
+            f()[:chunk] if full else None, f()[:chunk], f()[:chunk] if full else None, f()[:chunk] if full else None,
             1.0, cap, 1.0, -100, 1e-6 if full else 0.0, du, f()[:chunk])
 
 

@@ -65,12 +65,37 @@ def check_logit_options(temperature: float = 1.0, softcap: Optional[float] = Non
     return inv_t, cap, scale
 
 
+def _low_rank(low_rank, hidden: Tensor, V: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """``(a, L)`` of ``low_rank`` after checking it against ``hidden`` and the vocabulary, or ``(None, None)``."""
+    if low_rank is None:
+        return None, None
+    if not isinstance(low_rank, (tuple, list)) or len(low_rank) != 2:
+        raise TypeError(f"low_rank must be a pair (a, L) of tensors, got {type(low_rank).__name__}")
+    a, lw = low_rank
+    _validate.floating("low_rank[0]", a, min_dim=1)
+    _validate.floating("low_rank[1]", lw, dim=2)
+    _validate.same_device(hidden=hidden, **{"low_rank[0]": a, "low_rank[1]": lw})
+    for name, t in (("low_rank[0]", a), ("low_rank[1]", lw)):
+        if t.dtype != hidden.dtype:
+            raise TypeError(f"{name} must have the dtype of hidden ({hidden.dtype}), got {t.dtype}")
+    r = lw.shape[1]
+    if tuple(a.shape) != (*hidden.shape[:-1], r):
+        raise ValueError(f"low_rank[0] must have shape {(*hidden.shape[:-1], r)} (hidden.shape[:-1] + (r,), "
+                         f"r = low_rank[1].shape[1]), got {tuple(a.shape)}")
+    if lw.shape[0] != V:
+        raise ValueError(f"low_rank[1] must have shape ({V}, r) (weight.shape[0] rows), got {tuple(lw.shape)}")
+    if r == 0:
+        raise ValueError("low_rank[1] must have a rank (second) dimension of at least 1")
+    return a, lw
+
+
 def linear_logprobs(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
     *,
     bias: Optional[Tensor] = None,
+    low_rank: Optional[tuple[Tensor, Tensor]] = None,
     temperature: float = 1.0,
     softcap: Optional[float] = None,
     logit_scale: float = 1.0,
@@ -87,7 +112,7 @@ def linear_logprobs(
 
     Logit pipeline (docs/math.md#token-statistics), in this order::
 
-        z = logit_scale * (hidden @ weight.T + bias)
+        z = logit_scale * (hidden @ weight.T + a @ L.T + bias)   # a @ L.T: low_rank=(a, L), optional
         z = softcap * tanh(z / softcap)        # if softcap
         z = z / temperature
 
@@ -106,6 +131,13 @@ def linear_logprobs(
             ``[rank * V_r, (rank + 1) * V_r)`` of the full vocabulary.
         labels: integer tensor shaped like ``hidden.shape[:-1]`` (global ids).
         bias: optional ``[V]`` (this rank's shard with ``vocab_group``).
+        low_rank: optional ``(a, L)``, ``a [..., r]`` shaped like ``hidden`` but for its last
+            dimension and ``L [V, r]`` (this rank's shard with ``vocab_group``), both in
+            ``hidden``'s dtype: a low-rank term ``a @ L.T`` added to the logits, computed tile
+            by tile like ``hidden @ weight.T`` (never the widened ``[V, H + r]`` weight).
+            Gradients reach ``a`` and ``L``. A LoRA adapter on the lm_head is
+            ``low_rank=(s * lora_A(dropout(hidden)), lora_B.weight)``; see
+            :func:`fastalign.integrations.hf.causal_lm_logprobs`.
         temperature, softcap, logit_scale: the pipeline above (``softcap=None`` is off).
         ignore_index: rows with this label give 0 for every statistic and no gradient.
             A label outside the vocabulary gives a NaN log-prob. On CPU tensors (``"cpp"``)
@@ -141,6 +173,7 @@ def linear_logprobs(
     if bias is not None and tuple(bias.shape) != (V,):
         raise ValueError(f"bias must have shape ({V},) (weight.shape[0]), got {tuple(bias.shape)}")
     _validate.shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
+    low_rank_hidden, low_rank_weight = _low_rank(low_rank, hidden, V)
     if V == 0:
         raise ValueError("weight must have a non-empty vocabulary (first) dimension")
     _validate.nonempty("hidden", hidden, -1, "hidden-size (last)")
@@ -154,6 +187,9 @@ def linear_logprobs(
     w2 = weight if weight.stride(-1) == 1 else weight.contiguous()
     b2 = None if bias is None else bias.contiguous()
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    if low_rank_hidden is not None:
+        low_rank_hidden = low_rank_hidden.reshape(-1, low_rank_hidden.shape[-1]).contiguous()
+        low_rank_weight = low_rank_weight.contiguous()
     N = h2.shape[0]
     if chunk is not None:
         nc, vc = int(chunk[0]), int(chunk[1])
@@ -164,8 +200,8 @@ def linear_logprobs(
 
     if vocab_group is None:
         lp, ent, sp2, amax, _amax_val, _lse = linear_stats(
-            h2, w2, b2, flat_labels, scale, cap, inv_t, int(ignore_index), bool(entropy), bool(sum_p2),
-            bool(argmax), name, nc, vc, float(grad_skip_threshold))
+            h2, w2, b2, low_rank_hidden, low_rank_weight, flat_labels, scale, cap, inv_t, int(ignore_index),
+            bool(entropy), bool(sum_p2), bool(argmax), name, nc, vc, float(grad_skip_threshold))
     else:
         import torch.distributed as dist
 
@@ -174,6 +210,7 @@ def linear_logprobs(
         rank = dist.get_rank(vocab_group)
         world = dist.get_world_size(vocab_group)
         lp, ent, sp2, amax = VocabParallelStats.apply(
-            h2, w2, b2, flat_labels, vocab_group, rank * V, world * V, scale, cap, inv_t, int(ignore_index),
-            bool(entropy), bool(sum_p2), bool(argmax), name, nc, vc, float(grad_skip_threshold))
+            h2, w2, b2, low_rank_hidden, low_rank_weight, flat_labels, vocab_group, rank * V, world * V, scale, cap,
+            inv_t, int(ignore_index), bool(entropy), bool(sum_p2), bool(argmax), name, nc, vc,
+            float(grad_skip_threshold))
     return shaped_stats(labels.shape, lp, ent, sp2, amax, entropy, sum_p2, argmax)

@@ -2,9 +2,10 @@
 
 A logit tile for token rows r and vocabulary columns c is
 
-    u = scale * (h[r] @ W[c].T + b[c]),   z = cap * tanh(u / cap) (if softcap),   x = z / T
+    u = scale * (h[r] @ W[c].T + a[r] @ L[c].T + b[c]),   z = cap * tanh(u / cap) (if softcap),   x = z / T
 
-accumulated in fp32 over blocks of the hidden dimension. fp32 inputs multiply
+accumulated in fp32 over blocks of the hidden dimension (``a @ L.T``, a low-rank adapter on the
+head such as LoRA's ``s B A(h)``, is optional: its r columns follow the H). fp32 inputs multiply
 in TF32 on a GPU by default (``FASTALIGN_FP32_MATMUL=ieee`` for full fp32
 products); bf16/fp16 inputs multiply natively, always accumulating in fp32.
 
@@ -32,7 +33,8 @@ log p = x - lse - log c: the softmax is renormalised, as in the token_stats and 
 backwards. For a vocabulary shard the caller sums c across the shards first.
 
 The result is written to a [chunk, V] buffer in the input dtype; d(hidden) = du @ W and
-d(weight) += du.T @ h are matrix products on that buffer (ops/linear_triton.py).
+d(weight) += du.T @ h (and d(a) = du @ L, d(L) += du.T @ a) are matrix products on that
+buffer (ops/linear_triton.py).
 With SKIP, a tile whose every |du| is below the threshold is written as zeros
 (the softmax gradient is concentrated on few ids).
 """
@@ -48,20 +50,30 @@ GPU_CHUNK_BYTES = 1 << 30
 
 
 @triton.jit
-def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, s_h, s_w, scale, cap,
-                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
-                UPCAST: tl.constexpr):
-    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for k0 in range(0, H, BLOCK_H):
+def _dot_over(acc, x_ptr, y_ptr, rows, cols, row_ok, col_ok, K, s_x, s_y,
+              BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += x[rows, :K] @ y[cols, :K].T, BLOCK_H columns of the shared dimension at a time."""
+    for k0 in range(0, K, BLOCK_H):
         ks = k0 + tl.arange(0, BLOCK_H)
-        k_ok = ks < H
-        a = tl.load(h_ptr + rows[:, None] * s_h + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + cols[None, :] * s_w + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        k_ok = ks < K
+        a = tl.load(x_ptr + rows[:, None] * s_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(y_ptr + cols[None, :] * s_y + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:  # the interpreter's tl.dot mishandles bf16/fp16 operands
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _logit_tile(h_ptr, w_ptr, b_ptr, a_ptr, l_ptr, rows, cols, row_ok, col_ok, H, R, s_h, s_w, s_a, s_l, scale, cap,
+                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, LOW_RANK: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+                UPCAST: tl.constexpr):
+    acc = _dot_over(tl.zeros([BLOCK_N, BLOCK_V], tl.float32), h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, s_h,
+                    s_w, BLOCK_H, PRECISION, UPCAST)
+    if LOW_RANK:  # + a[rows] @ L[cols].T: a low-rank adapter on the head, its r columns after the H
+        acc = _dot_over(acc, a_ptr, l_ptr, rows, cols, row_ok, col_ok, R, s_a, s_l, BLOCK_H, PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     z = acc * scale
@@ -82,10 +94,10 @@ def _empty_rows(BLOCK_N: tl.constexpr):
 
 @triton.jit
 def linear_stats_fwd_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr, aidx_ptr, aval_ptr,
-    N, V, H, s_h, s_w, v_per_split, n_splits, scale, cap, inv_t, ignore_index,
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WANT_ENT: tl.constexpr, WANT_SP2: tl.constexpr,
-    WANT_AMAX: tl.constexpr,
+    h_ptr, w_ptr, b_ptr, a_ptr, l_ptr, labels_ptr, part_ptr, aidx_ptr, aval_ptr,
+    N, V, H, R, s_h, s_w, s_a, s_l, v_per_split, n_splits, scale, cap, inv_t, ignore_index,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, LOW_RANK: tl.constexpr,
+    WANT_ENT: tl.constexpr, WANT_SP2: tl.constexpr, WANT_AMAX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -103,8 +115,8 @@ def linear_stats_fwd_kernel(
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_ok = cols < v_hi
-        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, s_h, s_w, scale, cap,
-                        HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, a_ptr, l_ptr, rows, cols, row_ok, col_ok, H, R, s_h, s_w, s_a, s_l,
+                        scale, cap, HAS_BIAS, SOFTCAP, LOW_RANK, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
         x = tl.where(col_ok[None, :], z * inv_t, float("-inf"))
         if WANT_AMAX:
             block_max = tl.max(x, 1)
@@ -164,9 +176,9 @@ def linear_stats_finish_kernel(
 
 @triton.jit
 def linear_stats_bwd_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, logc_ptr, ent_ptr, sp2_ptr, g_lp_ptr, g_ent_ptr, g_sp2_ptr, du_ptr,
-    N, V, H, s_h, s_w, s_du, scale, cap, inv_t, ignore_index, threshold,
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+    h_ptr, w_ptr, b_ptr, a_ptr, l_ptr, labels_ptr, lse_ptr, logc_ptr, ent_ptr, sp2_ptr, g_lp_ptr, g_ent_ptr,
+    g_sp2_ptr, du_ptr, N, V, H, R, s_h, s_w, s_a, s_l, s_du, scale, cap, inv_t, ignore_index, threshold,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, LOW_RANK: tl.constexpr,
     HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_SP2: tl.constexpr, SKIP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -178,10 +190,12 @@ def linear_stats_bwd_kernel(
     y = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
     keep = (y != ignore_index) & row_ok
     # a block of ignored rows (prompt tokens) multiplies nothing: its tile is all zeros
-    h_end = tl.where(tl.sum(keep.to(tl.int32), 0) > 0, H, 0)
+    any_kept = tl.sum(keep.to(tl.int32), 0) > 0
+    h_end = tl.where(any_kept, H, 0)
+    r_end = tl.where(any_kept, R, 0)
 
-    z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, keep, col_ok, h_end, s_h, s_w, scale, cap,
-                    HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
+    z = _logit_tile(h_ptr, w_ptr, b_ptr, a_ptr, l_ptr, rows, cols, keep, col_ok, h_end, r_end, s_h, s_w, s_a, s_l,
+                    scale, cap, HAS_BIAS, SOFTCAP, LOW_RANK, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
     g_lp = tl.load(g_lp_ptr + rows, mask=row_ok, other=0.0)[:, None] if HAS_G_LP else 0.0
     g_ent = tl.load(g_ent_ptr + rows, mask=row_ok, other=0.0)[:, None] if HAS_G_ENT else 0.0
     ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)[:, None] if HAS_G_ENT else 0.0
@@ -250,7 +264,17 @@ def gpu_chunk_tokens(n: int, vocab: int, elem_bytes: int, budget: int = GPU_CHUN
     return max(1, min(max(n, 1), budget // max(vocab * elem_bytes, 1)))
 
 
-def _forward_parts(hidden, weight, bias, labels, scale, cap, inv_t, ignore_index, want_ent, want_sp2, want_amax):
+def _low_rank_args(hidden, low_rank):
+    """Kernel arguments ``(a, L, R, a.stride(0), L.stride(0))`` of the low-rank term ``a @ L.T``
+    (dummies without one)."""
+    if low_rank is None:
+        return hidden, hidden, 0, 0, 0
+    a, lw = low_rank
+    return a, lw, a.shape[1], a.stride(0), lw.stride(0)
+
+
+def _forward_parts(hidden, weight, bias, low_rank, labels, scale, cap, inv_t, ignore_index, want_ent, want_sp2,
+                   want_amax):
     """Launch the forward kernel: per-split states ``parts [5, splits, N]`` (m, s, t, q, label logit)
     and, with ``want_amax``, the per-split argmax index and logit."""
     import torch
@@ -270,24 +294,26 @@ def _forward_parts(hidden, weight, bias, labels, scale, cap, inv_t, ignore_index
     parts = torch.empty(5, splits, N, device=hidden.device, dtype=torch.float32)
     aidx = torch.empty(splits if want_amax else 0, N, device=hidden.device, dtype=torch.int64)
     aval = torch.empty(splits if want_amax else 0, N, device=hidden.device, dtype=torch.float32)
+    a, lw, R, s_a, s_l = _low_rank_args(hidden, low_rank)
     linear_stats_fwd_kernel[(splits, token_blocks)](
-        hidden, weight, bias if bias is not None else hidden, labels, parts,
+        hidden, weight, bias if bias is not None else hidden, a, lw, labels, parts,
         aidx if want_amax else labels, aval if want_amax else parts,
-        N, V, H, hidden.stride(0), weight.stride(0), per, splits, scale, cap if cap > 0 else 1.0, inv_t,
-        ignore_index, HAS_BIAS=bias is not None, SOFTCAP=cap > 0, WANT_ENT=want_ent, WANT_SP2=want_sp2, WANT_AMAX=want_amax,
-        PRECISION=matmul_precision(hidden), **blocks, **launch,
+        N, V, H, R, hidden.stride(0), weight.stride(0), s_a, s_l, per, splits, scale, cap if cap > 0 else 1.0,
+        inv_t, ignore_index, HAS_BIAS=bias is not None, SOFTCAP=cap > 0, LOW_RANK=low_rank is not None,
+        WANT_ENT=want_ent, WANT_SP2=want_sp2, WANT_AMAX=want_amax, PRECISION=matmul_precision(hidden),
+        **blocks, **launch,
     )
     return parts, aidx, aval, splits
 
 
-def linear_stats_forward(hidden, weight, bias, labels, scale, cap, inv_t, ignore_index, out):
+def linear_stats_forward(hidden, weight, bias, low_rank, labels, scale, cap, inv_t, ignore_index, out):
     """Writes ``out`` = (logprobs, entropy, sum_p2, argmax, argmax logit, lse); unrequested ones are empty."""
     lp, ent, sp2, amax, amax_val, lse = out
     N = hidden.shape[0]
     V = weight.shape[0]
     want_ent, want_sp2, want_amax = bool(ent.numel()), bool(sp2.numel()), bool(amax.numel())
-    parts, aidx, aval, splits = _forward_parts(hidden, weight, bias, labels, scale, cap, inv_t, ignore_index,
-                                               want_ent, want_sp2, want_amax)
+    parts, aidx, aval, splits = _forward_parts(hidden, weight, bias, low_rank, labels, scale, cap, inv_t,
+                                               ignore_index, want_ent, want_sp2, want_amax)
     finish_rows = 128 if on_gpu(hidden) else 16
     linear_stats_finish_kernel[(triton.cdiv(N, finish_rows),)](
         parts, aidx if want_amax else labels, aval if want_amax else parts, labels,
@@ -297,7 +323,7 @@ def linear_stats_forward(hidden, weight, bias, labels, scale, cap, inv_t, ignore
     )
 
 
-def linear_row_mass(hidden, weight, bias, labels, lse, scale, cap, inv_t, ignore_index, threshold):
+def linear_row_mass(hidden, weight, bias, low_rank, labels, lse, scale, cap, inv_t, ignore_index, threshold):
     """``c = sum_j e^{x_j - lse}`` per row over this weight's vocabulary for the labelled rows with
     ``|lse| >= threshold`` (0 elsewhere): the forward kernel run on those rows alone (blocks without
     one compute nothing), its split states folded as ``c = sum_k s_k e^{m_k - lse}``. Each
@@ -307,12 +333,13 @@ def linear_row_mass(hidden, weight, bias, labels, lse, scale, cap, inv_t, ignore
 
     far = (lse.abs() >= threshold) & (labels != ignore_index)
     far_labels = torch.where(far, labels, torch.full_like(labels, ignore_index))
-    parts = _forward_parts(hidden, weight, bias, far_labels, scale, cap, inv_t, ignore_index, False, False, False)[0]
+    parts = _forward_parts(hidden, weight, bias, low_rank, far_labels, scale, cap, inv_t, ignore_index, False,
+                           False, False)[0]
     c = (parts[1] * torch.exp(parts[0] - lse)).sum(0)
     return torch.where(far, c, 0.0)
 
 
-def linear_stats_backward(hidden, weight, bias, labels, lse, ent, sp2, g_lp, g_ent, g_sp2,
+def linear_stats_backward(hidden, weight, bias, low_rank, labels, lse, ent, sp2, g_lp, g_ent, g_sp2,
                           scale, cap, inv_t, ignore_index, threshold, du, log_c):
     """Writes d(loss)/d(h @ W.T + b) for the token rows of ``hidden`` into ``du`` ([n, V]); ``log_c``
     [n] corrects each row's log p (0: none)."""
@@ -320,14 +347,15 @@ def linear_stats_backward(hidden, weight, bias, labels, lse, ent, sp2, g_lp, g_e
     V = weight.shape[0]
     blocks, launch = _config(hidden, backward=True)
     dummy = lse
+    a, lw, R, s_a, s_l = _low_rank_args(hidden, low_rank)
     linear_stats_bwd_kernel[(triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(V, blocks["BLOCK_V"]))](
-        hidden, weight, bias if bias is not None else hidden, labels, lse, log_c,
+        hidden, weight, bias if bias is not None else hidden, a, lw, labels, lse, log_c,
         ent if ent is not None else dummy, sp2 if sp2 is not None else dummy,
         g_lp if g_lp is not None else dummy, g_ent if g_ent is not None else dummy,
         g_sp2 if g_sp2 is not None else dummy, du,
-        N, V, H, hidden.stride(0), weight.stride(0), du.stride(0), scale, cap if cap > 0 else 1.0, inv_t,
-        ignore_index, threshold,
-        HAS_BIAS=bias is not None, SOFTCAP=cap > 0, HAS_G_LP=g_lp is not None,
+        N, V, H, R, hidden.stride(0), weight.stride(0), s_a, s_l, du.stride(0), scale, cap if cap > 0 else 1.0,
+        inv_t, ignore_index, threshold,
+        HAS_BIAS=bias is not None, SOFTCAP=cap > 0, LOW_RANK=low_rank is not None, HAS_G_LP=g_lp is not None,
         HAS_G_ENT=g_ent is not None and ent is not None, HAS_G_SP2=g_sp2 is not None and sp2 is not None,
         SKIP=threshold > 0, PRECISION=matmul_precision(hidden), **blocks, **launch,
     )

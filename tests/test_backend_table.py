@@ -127,8 +127,8 @@ def _op_cases():
     labels = torch.tensor([1, -100, 7])
     lp, ent, sp2, _amax, lse = token_stats.token_stats(logits, labels, 1.0, -100, True, True, True, "cpp", False)
     h, w = torch.randn(B, H, generator=g), torch.randn(V, H, generator=g)
-    llp, lent, lsp2, *_rest, llse = linear_stats.linear_stats(h, w, None, labels, 1.0, 0.0, 1.0, -100, True, False,
-                                                              True, "cpp", 2, 4, 0.0)
+    llp, lent, lsp2, *_rest, llse = linear_stats.linear_stats(h, w, None, None, None, labels, 1.0, 0.0, 1.0, -100,
+                                                              True, False, True, "cpp", 2, 4, 0.0)
     x, m = torch.randn(B, T, generator=g), (torch.rand(B, T, generator=g) > 0.3)
     m8 = m.to(torch.uint8)
     params = list(fastalign.PolicyConfig(kl_coef=0.1).kernel_params(entropy_in_kernel=True))
@@ -145,10 +145,10 @@ def _op_cases():
                                   (torch.ones(B), None, None, logits.clone(), labels, lse, ent, sp2, 1.0, -100,
                                    "cpp")),
         "linear_stats": (linear_stats.linear_stats,
-                         (h, w, None, labels, 1.0, 0.0, 1.0, -100, True, False, True, "cpp", 2, 4, 0.0)),
+                         (h, w, None, None, None, labels, 1.0, 0.0, 1.0, -100, True, False, True, "cpp", 2, 4, 0.0)),
         "linear_stats_backward": (linear_stats.linear_stats_backward,
-                                  (torch.ones(B), None, None, h, w, None, labels, llse, lent, lsp2, 1.0, 0.0, 1.0,
-                                   -100, "cpp", 2, 4, 0.0, True, True, False)),
+                                  (torch.ones(B), None, None, h, w, None, None, None, labels, llse, lent, lsp2, 1.0,
+                                   0.0, 1.0, -100, "cpp", 2, 4, 0.0, True, True, False, False)),
         "policy_loss_rows": (policy_loss.policy_loss_rows,
                              (x, x, x, m8, x, x, None, None, None, None, params, "cpp")),
         "policy_loss_grads": (policy_loss.policy_loss_grads, (x, torch.randn(B, 11), m8, 0.01, True, False, "cpp")),

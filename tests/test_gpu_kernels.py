@@ -273,6 +273,35 @@ def test_gpu_linear_backward_bf16_at_full_vocabulary():
 
 
 @pytest.mark.gpu
+def test_gpu_linear_low_rank_bf16_at_full_vocabulary():
+    """A LoRA lm_head (rank 16, frozen W) through the low-rank term: equals the float64 widened head,
+    gradients to a and L with one chunk and with eight."""
+    N, H, V, R = 1024, 256, 151936, 16
+    g = torch.Generator(device="cuda").manual_seed(2)
+    h = (torch.randn(N, H, device="cuda", generator=g) * 0.5).bfloat16()
+    w = (torch.randn(V, H, device="cuda", generator=g) * 0.05).bfloat16()
+    a = (torch.randn(N, R, device="cuda", generator=g) * 0.5).bfloat16()
+    lw = (torch.randn(V, R, device="cuda", generator=g) * 0.05).bfloat16()
+    y = torch.randint(0, V, (N,), device="cuda", generator=g)
+    y[: N // 4] = -100
+    ag, lg = a.clone().requires_grad_(True), lw.clone().requires_grad_(True)
+    ad, ld = a.double().requires_grad_(True), lw.double().requires_grad_(True)
+    logp = torch.log_softmax(h.double() @ w.double().T + ad @ ld.T, -1)
+    keep = y != -100
+    ref_lp = torch.where(keep, logp.gather(1, y.clamp(min=0)[:, None])[:, 0], 0.0)
+    ref_ent = torch.where(keep, -(logp.exp() * logp).sum(-1), 0.0)
+    (ref_lp.sum() + 0.1 * ref_ent.sum()).backward()
+    del logp
+    for chunk in (None, (128, V)):
+        ag.grad = lg.grad = None
+        st = fastalign.linear_logprobs(h, w, y, low_rank=(ag, lg), entropy=True, chunk=chunk)
+        (st.logprobs.sum() + 0.1 * st.entropy.sum()).backward()
+        assert_close(st.logprobs, ref_lp, atol=2e-2, what="logprobs")
+        assert _rel_err(ag.grad, ad.grad) < 5e-3
+        assert _rel_err(lg.grad, ld.grad) < 5e-3
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_token_logprobs_matches_reference(dtype, backend):

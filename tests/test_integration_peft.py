@@ -109,6 +109,33 @@ def test_disabled_adapters_score_the_base_model(case):
     torch.testing.assert_close(expected, base_lp, rtol=0, atol=0)
 
 
+def test_lora_head_dropout_draws_are_peft_own():
+    """lora_dropout > 0 on a LoRA lm_head in training mode: from the same random state the fused head
+    draws PEFT's dropout masks (its modules, its order, the same shape), so the log-probs equal the
+    model's own logits draw for draw, and the random state after the call is the same."""
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                      attn_implementation="eager")
+    model = peft.get_peft_model(transformers.Qwen2ForCausalLM(config),
+                                peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, init_lora_weights=False,
+                                                target_modules=["q_proj", "lm_head"])).train()
+    ids, attention, labels = _batch(seed=3)
+    torch.manual_seed(11)
+    got = causal_lm_logprobs(model, ids, attention, labels=labels).logprobs
+    after_ours = torch.rand(4)
+    torch.manual_seed(11)
+    z = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+    after_theirs = torch.rand(4)
+    y, scored = labels[:, 1:], labels[:, 1:] != -100
+    expected = torch.where(scored, torch.log_softmax(z, -1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1), 0.0)
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(after_ours, after_theirs)
+    with torch.no_grad():
+        other_draw = causal_lm_logprobs(model, ids, attention, labels=labels).logprobs
+    assert not torch.allclose(other_draw, got.detach(), atol=1e-3)  # the dropout is live
+
+
 def test_lora_head_variant_raises():
     torch.manual_seed(0)
     config = transformers.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

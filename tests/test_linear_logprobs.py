@@ -265,25 +265,28 @@ def test_chunk_shape_bounds_memory():
     assert vc == 131072 and nc * vc * 4 <= 64 * 2 ** 20
 
 
-def _op_args(backend, chunk=(5, 37)):
+def _op_args(backend, chunk=(5, 37), low_rank=False):
     hidden, weight, bias, labels = make_inputs()
-    return (hidden, weight, bias, labels, 1.3, 4.0, 1.0 / 0.9, -100, True, True, True, backend, *chunk, 0.0)
+    a, lw = (torch.randn(N, 3), torch.randn(V, 3) * 0.3) if low_rank else (None, None)
+    return (hidden, weight, bias, a, lw, labels, 1.3, 4.0, 1.0 / 0.9, -100, True, True, True, backend, *chunk, 0.0)
 
 
-def test_custom_ops_pass_opcheck(cpu_backend):
-    args = _op_args(cpu_backend)
+@pytest.mark.parametrize("low_rank", [False, True], ids=["plain", "low_rank"])
+def test_custom_ops_pass_opcheck(cpu_backend, low_rank):
+    args = _op_args(cpu_backend, low_rank=low_rank)
     torch.library.opcheck(linear_stats, args, test_utils=("test_schema", "test_faketensor"))
     lp, ent, sp2, _amax, _val, lse = linear_stats(*args)
-    hidden, weight, bias, labels = args[:4]
+    hidden, weight, bias, a, lw, labels = args[:6]
     g = torch.randn(N)
-    bargs = (g, g, g, hidden, weight, bias, labels, lse, ent, sp2, 1.3, 4.0, 1.0 / 0.9, -100, cpu_backend, 5, 37,
-             0.0, True, True, True)
+    bargs = (g, g, g, hidden, weight, bias, a, lw, labels, lse, ent, sp2, 1.3, 4.0, 1.0 / 0.9, -100, cpu_backend,
+             5, 37, 0.0, True, True, True, low_rank)
     torch.library.opcheck(linear_stats_backward, bargs, test_utils=("test_schema", "test_faketensor"))
 
 
-def test_autograd_registration_passes_opcheck():
-    args = list(_op_args("cpp"))
-    for i in range(3):
+@pytest.mark.parametrize("low_rank", [False, True], ids=["plain", "low_rank"])
+def test_autograd_registration_passes_opcheck(low_rank):
+    args = list(_op_args("cpp", low_rank=low_rank))
+    for i in range(5 if low_rank else 3):
         args[i] = args[i].clone().requires_grad_(True)
     torch.library.opcheck(linear_stats, tuple(args), test_utils=("test_autograd_registration",))
 
@@ -501,10 +504,9 @@ def test_cpu_only_labelled_rows_reach_the_vocabulary(monkeypatch):
     from fastalign.ops import linear_cpu as ops
 
     seen = []
-    for name in ("forward", "backward"):
+    for name, rows_arg in (("forward", 4), ("backward", 3)):  # the labels of forward, the hidden states of backward
         fn = getattr(ops, name)
-        # argument 3: the labels of forward, the hidden states of backward (one per row)
-        monkeypatch.setattr(ops, name, lambda *a, fn=fn, **k: seen.append(a[3].shape[0]) or fn(*a, **k))
+        monkeypatch.setattr(ops, name, lambda *a, fn=fn, i=rows_arg, **k: seen.append(a[i].shape[0]) or fn(*a, **k))
     hidden, weight, bias, labels = make_inputs(n=12, ignore_frac=0.0)
     labels[::3] = -100
     h = hidden.clone().requires_grad_(True)

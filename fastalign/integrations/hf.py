@@ -105,19 +105,21 @@ def _full(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _lora_head(head, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
-    r"""A PEFT LoRA layer on the head as one linear map of a widened hidden state: its forward is
-    ``h W^T + b + Σ_a s_a (B_a(A_a(dropout_a(h))))``, i.e. ``[h, s_a A_a(dropout_a(h)), ...]`` times
-    ``[W, B_a, ...]^T`` plus ``b + Σ_a s_a b_{B_a}`` (``H + Σ r_a`` columns; gradients reach A and B).
-    Disabled adapters give the base head; merged ones are in its weight already (PEFT's own rules)."""
+def _lora_low_rank(head, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    r"""``(bias, low_rank)`` of a PEFT LoRA layer on the head, whose forward is
+    ``h W^T + b + Σ_a s_a B_a(A_a(dropout_a(h)))``: the low-rank term ``(a, L)`` of
+    :func:`fastalign.linear_logprobs` with ``a = [s_a A_a(dropout_a(h)), ...]`` and ``L = [B_a, ...]``
+    (``Σ_a r_a`` columns; gradients reach A and B), and ``b + Σ_a s_a b_{B_a}``. The dropout draws
+    are PEFT's own (its dropout modules, in its order, on an input of the same shape). Disabled
+    adapters give the base head; merged ones are in its weight already (PEFT's own rules)."""
     if head.disable_adapters:
         if head.merged:
             raise ValueError("model: the output head's LoRA adapters are merged into its weight while adapters are "
                              "disabled; unmerge them (model.unmerge_adapter()) first")
-        return hidden, weight, bias
+        return bias, None
     if head.merged:
-        return hidden, weight, bias
-    hiddens, weights = [hidden], [weight]
+        return bias, None
+    downs, ups = [], []
     for name in head.active_adapters:
         if name not in head.lora_A.keys():
             continue
@@ -125,18 +127,22 @@ def _lora_head(head, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
             raise ValueError(f"model: the output head's LoRA adapter {name!r} is not a plain LoRA on an nn.Linear "
                              "(DoRA and other variants, fan_in_fan_out), which the fused head cannot express")
         lora_a, lora_b, scaling = head.lora_A[name], head.lora_B[name], head.scaling[name]
-        hiddens.append((lora_a(head.lora_dropout[name](hidden).to(lora_a.weight.dtype)) * scaling).to(hidden.dtype))
-        weights.append(lora_b.weight.to(weight.dtype))
+        x = head.lora_dropout[name](hidden.to(lora_a.weight.dtype))  # PEFT casts, then drops out
+        downs.append((lora_a(x) * scaling).to(hidden.dtype))
+        ups.append(lora_b.weight.to(weight.dtype))
         if lora_b.bias is not None:
             extra = (lora_b.bias * scaling).to(weight.dtype)
             bias = extra if bias is None else bias + extra
-    return torch.cat(hiddens, dim=-1), torch.cat(weights, dim=1), bias
+    if not downs:
+        return bias, None
+    return bias, (torch.cat(downs, dim=-1), torch.cat(ups, dim=1))
 
 
-def _head(model, hidden: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """``(hidden, weight, bias)`` with ``hidden @ weight.T + bias`` the output head of ``hidden``:
-    the head's own weight (gathered if a DTensor), or under a PEFT LoRA head the widened operands
-    of :func:`_lora_head` (a ``modules_to_save`` head resolves to its active copy itself)."""
+def _head(model, hidden: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[tuple[Tensor, Tensor]]]:
+    """``(weight, bias, low_rank)`` of the model's output head applied to ``hidden``: the head's own
+    weight and bias (gathered if DTensors) and, under a PEFT LoRA head, its adapters as the low-rank term
+    of :func:`fastalign.linear_logprobs` (:func:`_lora_low_rank`; a ``modules_to_save`` head resolves
+    to its active copy itself)."""
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise TypeError(f"model: {type(model).__name__}.get_output_embeddings() has no weight")
@@ -148,7 +154,10 @@ def _head(model, hidden: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
             f"model: the output head weight has shape {tuple(weight.shape)}; a partitioned parameter "
             "(DeepSpeed ZeRO-3) must be gathered around the call, e.g. with "
             "deepspeed.zero.GatheredParameters([lm_head.weight, lm_head.bias])")
-    return _lora_head(head, hidden, weight, bias) if lora else (hidden, weight, bias)
+    if lora:
+        bias, low_rank = _lora_low_rank(head, hidden, weight, bias)
+        return weight, bias, low_rank
+    return weight, bias, None
 
 
 def _aligned(name: str, mask: Optional[Tensor], shape) -> Optional[Tensor]:
@@ -189,6 +198,7 @@ def causal_lm_logprobs(
     ignore_index: int = -100,
     logit_scale=_UNSET,
     softcap=_UNSET,
+    _on_head=None,
     **model_kwargs,
 ) -> TokenStats:
     r"""Next-token log-probs (and entropy) of a ``transformers`` causal LM, from its hidden states.
@@ -233,6 +243,8 @@ def causal_lm_logprobs(
         ignore_index: label value of unscored tokens.
         logit_scale, softcap: the head transform, for an architecture not in
             :data:`HEAD_TRANSFORMS` (both must be given; ``softcap=None`` is off).
+        _on_head: internal: called with ``(hidden, weight, bias, low_rank)`` of every position
+            (the head's operands, after the autocast cast) before the vocabulary pass.
         **model_kwargs: passed to the body; ``use_cache`` defaults to False (``transformers``
             attends within packed sequences only without a cache).
 
@@ -259,9 +271,12 @@ def causal_lm_logprobs(
 
     PEFT: a ``PeftModel`` (or its base model) is scored as its forward computes: LoRA layers in
     the body run in its forward; a ``modules_to_save`` head is its active copy; a LoRA head
-    ``W + s B A`` goes through the vocabulary pass as ``[h, s A(dropout(h))] [W, B]^T`` (a
-    ``[V, H + r]`` weight per call; gradients reach ``A`` and ``B``); under ``disable_adapter()``
-    the base model is scored. DoRA and other LoRA variants on the head raise a ValueError.
+    ``W + s B A`` goes through the vocabulary pass as ``h W^T + (s A(dropout(h))) B^T``, the
+    low-rank term of :func:`fastalign.linear_logprobs` (no widened weight; gradients reach ``A``
+    and ``B`` only, none is formed for a frozen ``W``). Its dropout runs on the hidden states of
+    every position, as PEFT's forward without ``logits_to_keep`` does, so with ``lora_dropout > 0``
+    the draws are PEFT's own for the same random state. Under ``disable_adapter()`` the base
+    model is scored. DoRA and other LoRA variants on the head raise a ValueError.
 
     Returns:
         :class:`fastalign.TokenStats` with ``[B, T-1]`` fp32 ``logprobs`` (and ``entropy``).
@@ -310,20 +325,25 @@ def causal_lm_logprobs(
     model_kwargs.setdefault("use_cache", False)
     outputs = _body(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                            return_dict=True, **model_kwargs)
-    hidden, weight, bias = _head(model, outputs.last_hidden_state[:, :-1])
+    hidden = outputs.last_hidden_state
+    weight, bias, low_rank = _head(model, hidden)
 
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
+        low_rank = None if low_rank is None else (low_rank[0].to(dtype), low_rank[1].to(dtype))
     elif weight.dtype != hidden.dtype:
         raise TypeError(f"model: the output head weight is {weight.dtype} but the hidden states are "
                         f"{hidden.dtype}; run under torch.autocast or give the head the body's dtype")
+    if _on_head is not None:  # the head's operands at every position, for statistics beside the log-probs
+        _on_head(hidden, weight, bias, low_rank)
     with torch.autocast(device_type, enabled=False):
-        stats = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
-                                logit_scale=logit_scale, ignore_index=ignore_index, entropy=entropy,
-                                sum_p2=sum_p2, argmax=argmax)
+        stats = linear_logprobs(hidden[:, :-1], weight, targets, bias=bias, temperature=temperature,
+                                softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index,
+                                entropy=entropy, sum_p2=sum_p2, argmax=argmax,
+                                low_rank=None if low_rank is None else (low_rank[0][:, :-1], low_rank[1]))
     if malformed is not None:  # offsets not read on the host: NaN statistics, never wrong ones
         stats = TokenStats(*(t if t is None or not t.is_floating_point() else torch.where(malformed, float("nan"), t)
                              for t in stats))

@@ -1,12 +1,13 @@
 """The CPU path of ``fastalign::linear_stats``: BLAS products and the C++ row kernels.
 
-Tokens x vocabulary chunks. Each chunk's logits ``z = softcap(scale * (h @ W.T + b))`` come from one
-BLAS product into a reused fp32 buffer; the C++ row kernels of ``token_stats`` give the chunk's
-(max, log s, entropy, sum p^2, argmax), the label logit is read from its chunk, and the chunks of a
-row are merged by :func:`~fastalign.ops.vocab_pieces.merge_pieces`. Backward recomputes each chunk,
-lets the C++ kernel write d(logits) in place and accumulates ``dh += dz @ W_chunk``,
-``dW_chunk += dz.T @ h`` in fp32. Only the labelled rows (label != ignore_index, found on the host:
-CPU tensors only) go through these chunks; the rest are 0.
+Tokens x vocabulary chunks. Each chunk's logits ``z = softcap(scale * (h @ W.T + a @ L.T + b))``
+(the low-rank term optional) come from BLAS products into a reused fp32 buffer; the C++ row
+kernels of ``token_stats`` give the chunk's (max, log s, entropy, sum p^2, argmax), the label
+logit is read from its chunk, and the chunks of a row are merged by
+:func:`~fastalign.ops.vocab_pieces.merge_pieces`. Backward recomputes each chunk, lets the C++
+kernel write d(logits) in place and accumulates ``dh += dz @ W_chunk``, ``dW_chunk += dz.T @ h``
+(``da += dz @ L_chunk``, ``dL_chunk += dz.T @ a``) in fp32. Only the labelled rows (label !=
+ignore_index, found on the host: CPU tensors only) go through these chunks; the rest are 0.
 """
 from __future__ import annotations
 
@@ -20,12 +21,18 @@ from fastalign.ops._launch import DTYPE_CODE, opt, ptr
 from fastalign.ops.vocab_pieces import PIECE_IGNORE, far_rows, local_labels, log_mass, merge_pieces
 
 
-def chunk_logits(buf: Tensor, h_c: Tensor, w_v: Tensor, b_v: Optional[Tensor], scale: float, softcap: float) -> Tensor:
-    """fp32 ``softcap(scale * (h_c @ w_v.T + b_v))`` written into the flat buffer ``buf``."""
+def chunk_logits(buf: Tensor, h_c: Tensor, w_v: Tensor, b_v: Optional[Tensor], scale: float, softcap: float,
+                 low_rank: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+    """fp32 ``softcap(scale * (h_c @ w_v.T + a_c @ l_v.T + b_v))`` written into the flat buffer ``buf``
+    (``low_rank = (a_c, l_v)`` optional)."""
     n, v = h_c.shape[0], w_v.shape[0]
     z = buf[: n * v].view(n, v)
-    if b_v is None:
+    if b_v is None or low_rank is not None:
         torch.mm(h_c, w_v.t(), out=z)
+        if low_rank is not None:
+            z.addmm_(low_rank[0], low_rank[1].t())
+        if b_v is not None:
+            z.add_(b_v)
         if scale != 1.0:
             z.mul_(scale)
     else:
@@ -44,9 +51,11 @@ def softcap_derivative(z: Tensor, softcap: float, scale: float, out: Optional[Te
 
 def chunk_grad_to_inputs(dz: Tensor, deriv: Optional[Tensor], scale: float, softcap: float, h_c: Tensor,
                          w_v: Tensor, dh_c: Optional[Tensor], dw_v: Optional[Tensor], db_v: Optional[Tensor],
-                         accumulate: bool = True) -> None:
+                         accumulate: bool = True, low_rank: Optional[tuple[Tensor, Tensor]] = None,
+                         low_rank_grads: tuple = (None, None)) -> None:
     """From d(loss)/d(logits) of a chunk (``dz``, scaled in place to d(loss)/d(h W^T + b)):
-    ``dh_c (+)= dz @ w_v``, ``dw_v += dz.T @ h_c``, ``db_v += dz.sum(0)``."""
+    ``dh_c (+)= dz @ w_v``, ``dw_v += dz.T @ h_c``, ``db_v += dz.sum(0)``; with ``low_rank = (a_c, l_v)``
+    also ``da_c (+)= dz @ l_v`` and ``dl_v += dz.T @ a_c`` into ``low_rank_grads = (da_c, dl_v)``."""
     if softcap > 0:
         dz.mul_(deriv)
     elif scale != 1.0:
@@ -58,6 +67,14 @@ def chunk_grad_to_inputs(dz: Tensor, deriv: Optional[Tensor], scale: float, soft
             torch.mm(dz, w_v, out=dh_c)
     if dw_v is not None:
         dw_v.addmm_(dz.t().to(dw_v.dtype), h_c.to(dw_v.dtype))
+    da_c, dl_v = low_rank_grads
+    if da_c is not None:
+        if accumulate:
+            da_c.addmm_(dz, low_rank[1])
+        else:
+            torch.mm(dz, low_rank[1], out=da_c)
+    if dl_v is not None:
+        dl_v.addmm_(dz.t(), low_rank[0])
     if db_v is not None:
         db_v += dz.sum(0, dtype=torch.float32).to(db_v.dtype)
 
@@ -66,7 +83,17 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.float()
 
 
-def forward(hidden, weight, bias, labels, scale, softcap, inv_t, ignore_index, out, nc, vc):
+def _piece(a_c: Optional[Tensor], low_rank, v0: int, v1: int):
+    """``(a_c, L[v0:v1])`` in fp32: the low-rank term of one chunk of tokens and vocabulary (None without one)."""
+    return None if low_rank is None else (a_c, _f32(low_rank[1][v0:v1]))
+
+
+def _rows_of(low_rank, rows: Tensor):
+    """``low_rank`` with the rows ``rows`` of its ``a`` (``L`` is per vocabulary id)."""
+    return None if low_rank is None else (low_rank[0].index_select(0, rows), low_rank[1])
+
+
+def forward(hidden, weight, bias, low_rank, labels, scale, softcap, inv_t, ignore_index, out, nc, vc):
     """Per token chunk: each vocabulary piece's (max, log s, entropy, sum p^2, argmax) from the C++
     row kernel, the label logit gathered from its piece, then :func:`merge_pieces` and
     ``logprob = (z_y - M) - log S``."""
@@ -79,6 +106,7 @@ def forward(hidden, weight, bias, labels, scale, softcap, inv_t, ignore_index, o
         n1 = min(N, n0 + nc)
         n = n1 - n0
         h_c = _f32(hidden[n0:n1])
+        a_c = None if low_rank is None else _f32(low_rank[0][n0:n1])
         y = labels[n0:n1]
         m_k, log_s_k = torch.empty(K, n), torch.empty(K, n)
         ent_k = torch.empty(K, n) if ent.numel() else None
@@ -90,7 +118,7 @@ def forward(hidden, weight, bias, labels, scale, softcap, inv_t, ignore_index, o
         for k in range(K):
             v0, v1 = k * vc, min(V, (k + 1) * vc)
             z = chunk_logits(buf, h_c, _f32(weight[v0:v1]), _f32(None if bias is None else bias[v0:v1]),
-                              scale, softcap)
+                             scale, softcap, _piece(a_c, low_rank, v0, v1))
             yl = local_labels(y, v0, v1, ignore_index)
             C.token_stats_piece_fwd_cpu(
                 z.data_ptr(), DTYPE_CODE[torch.float32], n, v1 - v0, n, 0, v1 - v0, yl.data_ptr(), inv_t,
@@ -129,7 +157,7 @@ def write_stats(rows, y, V, ignore_index, m_lp, m_lse, m_ent, m_sp2, best_idx, b
         amax_val[rows] = best_val
 
 
-def chunk_row_mass(buf, h_c, weight, bias, y, lse_c, scale, softcap, inv_t, ignore_index, vc):
+def chunk_row_mass(buf, h_c, weight, bias, low_rank, a_c, y, lse_c, scale, softcap, inv_t, ignore_index, vc):
     """``c = sum_j exp(z_j / T - lse)`` over this weight's vocabulary for the rows of a token chunk that
     :func:`far_rows` selects (0 elsewhere), or None when there are none: one more sweep of logit
     chunks, only for rows of large logits or low temperature."""
@@ -140,12 +168,13 @@ def chunk_row_mass(buf, h_c, weight, bias, y, lse_c, scale, softcap, inv_t, igno
     c = torch.zeros_like(lse_c)
     for v0 in range(0, V, vc):
         v1 = min(V, v0 + vc)
-        z = chunk_logits(buf, h_c, _f32(weight[v0:v1]), _f32(None if bias is None else bias[v0:v1]), scale, softcap)
+        z = chunk_logits(buf, h_c, _f32(weight[v0:v1]), _f32(None if bias is None else bias[v0:v1]), scale, softcap,
+                         _piece(a_c, low_rank, v0, v1))
         c += torch.exp(z * inv_t - lse_c.unsqueeze(1)).sum(1)
     return torch.where(far, c, 0.0)
 
 
-def row_mass(hidden, weight, bias, labels, lse, scale, softcap, inv_t, ignore_index, nc, vc) -> Tensor:
+def row_mass(hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t, ignore_index, nc, vc) -> Tensor:
     """:func:`chunk_row_mass` of every row (0 off the :func:`far_rows`), over this weight's vocabulary: summed
     across vocabulary shards it is the whole row's mass."""
     N = hidden.shape[0]
@@ -153,8 +182,9 @@ def row_mass(hidden, weight, bias, labels, lse, scale, softcap, inv_t, ignore_in
     buf = torch.empty(min(nc, max(N, 1)) * min(vc, weight.shape[0]), dtype=torch.float32)
     for n0 in range(0, N, nc):
         n1 = min(N, n0 + nc)
-        part = chunk_row_mass(buf, _f32(hidden[n0:n1]), weight, bias, labels[n0:n1], lse[n0:n1], scale, softcap,
-                              inv_t, ignore_index, vc)
+        a_c = None if low_rank is None else _f32(low_rank[0][n0:n1])
+        part = chunk_row_mass(buf, _f32(hidden[n0:n1]), weight, bias, low_rank, a_c, labels[n0:n1], lse[n0:n1],
+                              scale, softcap, inv_t, ignore_index, vc)
         if part is not None:
             c[n0:n1] = part
     return c
@@ -169,30 +199,30 @@ def labelled_rows(labels: Tensor, ignore_index: int) -> Optional[Tensor]:
     return keep.nonzero().squeeze(1)
 
 
-def forward_labelled(hidden, weight, bias, labels, scale, softcap, inv_t, ignore_index, out, nc, vc):
+def forward_labelled(hidden, weight, bias, low_rank, labels, scale, softcap, inv_t, ignore_index, out, nc, vc):
     """:func:`forward` over the labelled rows only (ignored rows are 0 and cost no vocabulary
     work); with argmax every row is computed, since ignored rows keep their argmax."""
     rows = None if out[3].numel() else labelled_rows(labels, ignore_index)
     if rows is None:
-        forward(hidden, weight, bias, labels, scale, softcap, inv_t, ignore_index, out, nc, vc)
+        forward(hidden, weight, bias, low_rank, labels, scale, softcap, inv_t, ignore_index, out, nc, vc)
         return
     part = [torch.empty(rows.numel() if t.numel() else 0) for t in out]
     if rows.numel():
-        forward(hidden.index_select(0, rows), weight, bias, labels.index_select(0, rows), scale, softcap,
-                     inv_t, ignore_index, part, nc, vc)
+        forward(hidden.index_select(0, rows), weight, bias, _rows_of(low_rank, rows), labels.index_select(0, rows),
+                scale, softcap, inv_t, ignore_index, part, nc, vc)
     for full, sub in zip(out, part):
         if full.numel():
             full.zero_().index_copy_(0, rows, sub)
 
 
-def backward_labelled(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp2, scale, softcap,
-                           inv_t, ignore_index, nc, vc, dh, dw, db, log_c=None):
+def backward_labelled(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent, sp2, scale, softcap,
+                      inv_t, ignore_index, nc, vc, dh, dw, db, low_rank_grads=(None, None), log_c=None):
     """:func:`backward` over the labelled rows only: ignored rows get a zero d(hidden) (``dh`` comes
     zeroed) and add nothing to d(weight), d(bias)."""
     rows = labelled_rows(labels, ignore_index)
     if rows is None:
-        backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp2, scale, softcap, inv_t,
-                      ignore_index, nc, vc, dh, dw, db, log_c)
+        backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent, sp2, scale, softcap, inv_t,
+                 ignore_index, nc, vc, dh, dw, db, low_rank_grads, log_c)
         return
     if rows.numel() == 0:
         return
@@ -200,16 +230,18 @@ def backward_labelled(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent
     def pick(t):
         return t if t is None or t.numel() == 0 else t.index_select(0, rows)
 
-    dh_rows = None if dh is None else torch.zeros((rows.numel(), dh.shape[1]), dtype=dh.dtype)
+    da, dl = low_rank_grads
+    dh_rows, da_rows = (None if g is None else torch.zeros((rows.numel(), g.shape[1]), dtype=g.dtype) for g in (dh, da))
     backward(pick(g_lp), pick(g_ent), pick(g_sp2), hidden.index_select(0, rows), weight, bias,
-                  labels.index_select(0, rows), pick(lse), pick(ent), pick(sp2), scale, softcap, inv_t,
-                  ignore_index, nc, vc, dh_rows, dw, db, pick(log_c))
-    if dh is not None:
-        dh.index_copy_(0, rows, dh_rows)
+             _rows_of(low_rank, rows), labels.index_select(0, rows), pick(lse), pick(ent), pick(sp2), scale, softcap,
+             inv_t, ignore_index, nc, vc, dh_rows, dw, db, (da_rows, dl), pick(log_c))
+    for full, part in ((dh, dh_rows), (da, da_rows)):
+        if full is not None:
+            full.index_copy_(0, rows, part)
 
 
-def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp2, scale, softcap, inv_t,
-                  ignore_index, nc, vc, dh, dw, db, log_c=None):
+def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent, sp2, scale, softcap, inv_t,
+             ignore_index, nc, vc, dh, dw, db, low_rank_grads=(None, None), log_c=None):
     """Backward over token chunks; ``log_c`` (the rows' log mass over the whole vocabulary, given when
     the weight is one shard of it) or, without it, the mass of this weight's vocabulary."""
     N, V = hidden.shape[0], weight.shape[0]
@@ -220,17 +252,22 @@ def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp2, sc
         n1 = min(N, n0 + nc)
         n = n1 - n0
         h_c = _f32(hidden[n0:n1])
+        a_c = None if low_rank is None else _f32(low_rank[0][n0:n1])
         y = labels[n0:n1]
         dh_c = None if dh is None else dh[n0:n1]
+        da_c = None if low_rank_grads[0] is None else low_rank_grads[0][n0:n1]
+        dl = low_rank_grads[1]
         if log_c is not None:
             log_c_c = log_c[n0:n1]
         else:
-            c = chunk_row_mass(buf, h_c, weight, bias, y, lse[n0:n1], scale, softcap, inv_t, ignore_index, vc)
+            c = chunk_row_mass(buf, h_c, weight, bias, low_rank, a_c, y, lse[n0:n1], scale, softcap, inv_t,
+                               ignore_index, vc)
             log_c_c = None if c is None else log_mass(c, lse[n0:n1], y, ignore_index)
         for v0 in range(0, V, vc):
             v1 = min(V, v0 + vc)
             w_v = _f32(weight[v0:v1])
-            z = chunk_logits(buf, h_c, w_v, _f32(None if bias is None else bias[v0:v1]), scale, softcap)
+            piece = _piece(a_c, low_rank, v0, v1)
+            z = chunk_logits(buf, h_c, w_v, _f32(None if bias is None else bias[v0:v1]), scale, softcap, piece)
             deriv = softcap_derivative(z, softcap, scale, dbuf[: z.numel()].view_as(z)) if softcap > 0 else None
             yl = local_labels(y, v0, v1, ignore_index)
             sl = slice(n0, n1)
@@ -241,4 +278,5 @@ def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp2, sc
                 ptr(None if g_lp is None else g_lp[sl]), ptr(None if g_ent is None else g_ent[sl]),
                 ptr(None if g_sp2 is None else g_sp2[sl]), z.data_ptr(), 0, v1 - v0)
             chunk_grad_to_inputs(z, deriv, scale, softcap, h_c, w_v, dh_c, None if dw is None else dw[v0:v1],
-                                 None if db is None else db[v0:v1])
+                                 None if db is None else db[v0:v1], low_rank=piece,
+                                 low_rank_grads=(da_c, None if dl is None else dl[v0:v1]))

@@ -14,17 +14,17 @@ from fastalign.ops._launch import opt, triton_kernels
 from fastalign.ops.vocab_pieces import RENORMALISE_ABOVE, log_mass
 
 
-def row_mass(hidden, weight, bias, labels, lse, scale, softcap, inv_t, ignore_index) -> Tensor:
+def row_mass(hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t, ignore_index) -> Tensor:
     """``c = sum_j exp(z_j / T - lse)`` over this weight's vocabulary for the rows backward renormalises
     (:func:`~fastalign.ops.vocab_pieces.far_rows`), 0 elsewhere."""
     return triton_kernels("linear_stats").linear_row_mass(
-        hidden, weight, bias, labels, lse, scale, softcap, inv_t, ignore_index, RENORMALISE_ABOVE)
+        hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t, ignore_index, RENORMALISE_ABOVE)
 
 
-def forward(hidden, weight, bias, labels, scale, softcap, inv_t, ignore_index, out):
+def forward(hidden, weight, bias, low_rank, labels, scale, softcap, inv_t, ignore_index, out):
     """Per-split online statistics in Triton, merged per row by a second Triton kernel (no host math)."""
-    triton_kernels("linear_stats").linear_stats_forward(hidden, weight, bias, labels, scale, softcap, inv_t,
-                                                        ignore_index, out)
+    triton_kernels("linear_stats").linear_stats_forward(hidden, weight, bias, low_rank, labels, scale, softcap,
+                                                        inv_t, ignore_index, out)
 
 
 def gpu_chunk_tokens(n: int, vocab: int, elem_bytes: int) -> int:
@@ -49,38 +49,46 @@ def _matmul_f32(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
         torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
 
 
-def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, labels, lse, ent, sp2, scale, softcap, inv_t,
-                     ignore_index, nc, skip_threshold, dh, dw, db, log_c=None):
+def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent, sp2, scale, softcap, inv_t,
+             ignore_index, nc, skip_threshold, dh, dw, db, low_rank_grads=(None, None), log_c=None):
     """Token chunks of ``nc`` rows: the Triton kernel writes the chunk's d(logits) in the input dtype,
     then ``dh[chunk] = du @ W`` (one product, fp32 accumulation, one rounding) and ``dW += du.T @ h``
     summed over chunks in fp32 (an fp32 buffer when ``dw`` is bf16/fp16 and there are several chunks;
-    the caller casts once). Rows with ``|lse| >= RENORMALISE_ABOVE`` are renormalised by ``log_c``
+    the caller casts once); likewise ``d a = du @ L`` and ``d L += du.T @ a`` for ``low_rank = (a, L)``
+    into ``low_rank_grads``. Rows with ``|lse| >= RENORMALISE_ABOVE`` are renormalised by ``log_c``
     (given for a vocabulary shard, else one forward-like pass over the blocks that hold such rows)."""
     N, V = hidden.shape[0], weight.shape[0]
     K = triton_kernels("linear_stats")
     if log_c is None:
-        c = row_mass(hidden, weight, bias, labels, lse, scale, softcap, inv_t, ignore_index)
+        c = row_mass(hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t, ignore_index)
         log_c = log_mass(c, lse, labels, ignore_index)
     nc = max(1, min(nc, N))
     buf = torch.empty(nc * V, dtype=hidden.dtype, device=hidden.device)
     starts = range(0, N, nc)
-    dw_acc = dw
-    if dw is not None and dw.dtype != torch.float32 and len(starts) > 1:
-        dw_acc = torch.empty(dw.shape, dtype=torch.float32, device=dw.device)
+    a, lw = low_rank if low_rank is not None else (None, None)
+    da, dl = low_rank_grads
+    dw_acc, dl_acc = (g if g is None or g.dtype == torch.float32 or len(starts) == 1 else
+                      torch.empty(g.shape, dtype=torch.float32, device=g.device) for g in (dw, dl))
     for i, n0 in enumerate(starts):
         n1 = min(N, n0 + nc)
         sl = slice(n0, n1)
         du = buf[: (n1 - n0) * V].view(n1 - n0, V)
         K.linear_stats_backward(
-            hidden[sl], weight, bias, labels[sl], lse[sl], opt(ent[sl] if ent.numel() else None),
-            opt(sp2[sl] if sp2.numel() else None), None if g_lp is None else g_lp[sl],
-            None if g_ent is None else g_ent[sl], None if g_sp2 is None else g_sp2[sl],
+            hidden[sl], weight, bias, None if a is None else (a[sl], lw), labels[sl], lse[sl],
+            opt(ent[sl] if ent.numel() else None), opt(sp2[sl] if sp2.numel() else None),
+            None if g_lp is None else g_lp[sl], None if g_ent is None else g_ent[sl],
+            None if g_sp2 is None else g_sp2[sl],
             scale, softcap, inv_t, ignore_index, skip_threshold, du, log_c[sl])
         if dh is not None:
             _matmul_f32(dh[sl], du, weight, accumulate=False)
         if dw_acc is not None:
             _matmul_f32(dw_acc, du.t(), hidden[sl], accumulate=i > 0)
+        if da is not None:
+            _matmul_f32(da[sl], du, lw, accumulate=False)
+        if dl_acc is not None:
+            _matmul_f32(dl_acc, du.t(), a[sl], accumulate=i > 0)
         if db is not None:
             db += du.sum(0, dtype=torch.float32).to(db.dtype)
-    if dw_acc is not dw:
-        dw.copy_(dw_acc)
+    for result, acc in ((dw, dw_acc), (dl, dl_acc)):
+        if acc is not result:
+            result.copy_(acc)

@@ -3,7 +3,8 @@
 Each rank holds rows ``[start, start + V_r)`` of the weight; labels are global ids. The shards are
 vocabulary pieces, merged across ranks by :func:`~fastalign.ops.vocab_pieces.merge_pieces` with
 all-reduces as the reductions; backward needs only the merged per-token statistics, so the local
-backward op runs unchanged and d(hidden) is summed over ranks (hidden is replicated).
+backward op runs unchanged and d(hidden) is summed over ranks (hidden is replicated). A low-rank term
+``a @ L.T`` has its ``L`` sharded like the weight and its ``a`` replicated like hidden: d(a) is summed too.
 """
 from __future__ import annotations
 
@@ -38,13 +39,15 @@ class AcrossRanks:
         return tuple(packed.unbind(0))
 
 
-def row_mass(hidden, weight, bias, labels, lse, scale, softcap, inv_t, ignore_index, backend, nc, vc) -> Tensor:
+def row_mass(hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t, ignore_index, backend, nc,
+             vc) -> Tensor:
     """``c = sum_j exp(z_j / T - lse)`` over this rank's shard for the rows backward renormalises
     (:func:`~fastalign.ops.vocab_pieces.far_rows`), 0 elsewhere: summed over the shards it is the
     whole row's mass."""
     if backend_for("linear_stats_backward", hidden.device, backend) == "cpp":
-        return linear_cpu.row_mass(hidden, weight, bias, labels, lse, scale, softcap, inv_t, ignore_index, nc, vc)
-    return linear_triton.row_mass(hidden, weight, bias, labels, lse, scale, softcap, inv_t, ignore_index)
+        return linear_cpu.row_mass(hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t, ignore_index,
+                                   nc, vc)
+    return linear_triton.row_mass(hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t, ignore_index)
 
 
 class VocabParallelStats(torch.autograd.Function):
@@ -57,15 +60,15 @@ class VocabParallelStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, group, start, v_total, scale, softcap, inv_t, ignore_index,
-                want_ent, want_sp2, want_amax, backend, nc, vc, skip):
+    def forward(ctx, hidden, weight, bias, low_rank_hidden, low_rank_weight, labels, group, start, v_total, scale,
+                softcap, inv_t, ignore_index, want_ent, want_sp2, want_amax, backend, nc, vc, skip):
         import torch.distributed as dist
 
         V_r = weight.shape[0]
         yl = local_labels(labels, start, start + V_r, ignore_index)
         lp, ent, sp2, amax, amax_val, lse = linear_stats(
-            hidden, weight, bias, yl, scale, softcap, inv_t, PIECE_IGNORE, want_ent, want_sp2, want_amax,
-            backend, nc, vc, skip)
+            hidden, weight, bias, low_rank_hidden, low_rank_weight, yl, scale, softcap, inv_t, PIECE_IGNORE, want_ent,
+            want_sp2, want_amax, backend, nc, vc, skip)
         ignored = labels == ignore_index
         inside = (labels >= start) & (labels < start + V_r) & ~ignored
         label_logit = torch.where(inside, lp + lse, 0.0)
@@ -86,7 +89,7 @@ class VocabParallelStats(torch.autograd.Function):
             cand = torch.where(amax_val == best, amax + start, torch.full_like(amax, v_total))
             dist.all_reduce(cand, op=dist.ReduceOp.MIN, group=group)
             g_amax = cand
-        ctx.save_for_backward(hidden, weight, bias, yl, g_lse, g_ent, g_sp2)
+        ctx.save_for_backward(hidden, weight, bias, low_rank_hidden, low_rank_weight, yl, g_lse, g_ent, g_sp2)
         ctx.group = group
         ctx.args = (scale, softcap, inv_t, PIECE_IGNORE, backend, nc, vc, skip)
         ctx.mark_non_differentiable(g_amax)
@@ -97,17 +100,22 @@ class VocabParallelStats(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent, g_sp2, _g_amax):
         import torch.distributed as dist
 
-        hidden, weight, bias, yl, lse, ent, sp2 = ctx.saved_tensors
+        hidden, weight, bias, a, lw, yl, lse, ent, sp2 = ctx.saved_tensors
+        low_rank = None if a is None else (a, lw)
         need = ctx.needs_input_grad
         if g_lp is None and g_ent is None and g_sp2 is None:
-            return (None,) * 18
+            return (None,) * 20
         scale, softcap, inv_t, ignore, backend, nc, vc, _skip = ctx.args
         # rows with |lse| >= RENORMALISE_ABOVE: their mass over the whole vocabulary, summed over the shards
-        c = row_mass(hidden, weight, bias, yl, lse, scale, softcap, inv_t, ignore, backend, nc, vc)
+        c = row_mass(hidden, weight, bias, low_rank, yl, lse, scale, softcap, inv_t, ignore, backend, nc, vc)
         dist.all_reduce(c, op=dist.ReduceOp.SUM, group=ctx.group)
-        dh, dw, db = linear_stats_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, yl, lse, ent, sp2,
-                                           *ctx.args, True, bool(need[1]), bool(bias is not None and need[2]),
-                                           log_mass(c, lse, yl, ignore))
+        # every rank takes part in the all-reduce of d(hidden) (and d(a)): both are computed on every rank
+        dh, dw, db, da, dl = linear_stats_backward(
+            g_lp, g_ent, g_sp2, hidden, weight, bias, a, lw, yl, lse, ent, sp2, *ctx.args, True, bool(need[1]),
+            bool(bias is not None and need[2]), low_rank is not None, log_mass(c, lse, yl, ignore))
         dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.group)
-        return ((dh if need[0] else None), (dw if need[1] else None),
-                (db if bias is not None and need[2] else None), *((None,) * 15))
+        if low_rank is not None:
+            dist.all_reduce(da, op=dist.ReduceOp.SUM, group=ctx.group)
+        present = (True, True, bias is not None, low_rank is not None, low_rank is not None)
+        return (*(g if n and p else None for g, n, p in zip((dh, dw, db, da, dl), need, present)),
+                *((None,) * 15))

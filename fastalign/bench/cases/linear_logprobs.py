@@ -49,6 +49,39 @@ def _make_build(N, H, V, dtype, prompt_share=0.0):
     return build
 
 
+def _make_lora_build(N, H, V, r, dtype):
+    """A frozen lm_head with a trainable LoRA adapter: gradients to the hidden states, ``a = s A(h)``
+    and ``L = B`` only. ``fastalign`` takes the adapter as its low-rank term; ``widened`` sends
+    ``[h, a] [W, L]^T`` through the same kernels (a ``[V, H + r]`` weight per call and its whole
+    gradient); ``eager`` builds the logits ``h W^T + a L^T``."""
+    def build(device, mode):
+        g = torch.Generator(device=device).manual_seed(0)
+        hidden = torch.randn(N, H, device=device, dtype=dtype, generator=g)
+        weight = (torch.randn(V, H, device=device, generator=g) * H ** -0.5).to(dtype)
+        a = torch.randn(N, r, device=device, dtype=dtype, generator=g)
+        lw = (torch.randn(V, r, device=device, generator=g) * r ** -0.5).to(dtype)
+        labels = torch.randint(0, V, (N,), device=device, generator=g)
+
+        def wrap(fn):
+            return grad_step(fn, (hidden, a, lw), mode == "fwd+bwd",
+                             loss=lambda out: out[0].sum() + 0.01 * out[1].sum())
+
+        def fused(h, a, lw):
+            st = fastalign.linear_logprobs(h, weight, labels, low_rank=(a, lw), entropy=True)
+            return st.logprobs, st.entropy
+
+        def widened(h, a, lw):
+            st = fastalign.linear_logprobs(torch.cat([h, a], -1), torch.cat([weight, lw], 1), labels, entropy=True)
+            return st.logprobs, st.entropy
+
+        def eager(h, a, lw):
+            return reference.eager_logprobs_entropy(torch.addmm(h @ weight.T, a, lw.T), labels)
+
+        return {"fastalign": wrap(fused), "widened": wrap(widened), "eager": wrap(eager)}
+
+    return build
+
+
 def flop_model(N: int, H: int, V: int) -> dict:
     """Matrix FLOPs at N tokens, hidden H, vocabulary V (the dense tensor-core limit) and how the
     "% limit" column is formed. Forward: logits h @ W.T, 2 N H V. Forward+backward: that plus
@@ -96,5 +129,20 @@ def cases():
             flops=lambda mode, f=2 * N * H * V: f if mode == "fwd" else 3 * f,
             required_bytes=lambda mode, n=(N + V) * H * torch.empty((), dtype=DTYPES[dt]).element_size():
                 0 if mode == "fwd" else n,
+        ))
+    # a LoRA adapter (rank 16) on a frozen lm_head
+    for N, H, V, dt, quick in [(1024, 1024, 32000, "fp32", False), (8192, 4096, 151936, "bf16", False)]:
+        elem = torch.empty((), dtype=DTYPES[dt]).element_size()
+        out.append(Case(
+            op="linear_logprobs",
+            label=f"{N}x{H}x{V} {dt} LoRA r=16 head",
+            params={"tokens": N, "hidden": H, "vocab": V, "dtype": dt, "lora_rank": 16},
+            build=_make_lora_build(N, H, V, 16, DTYPES[dt]),
+            quick=quick,
+            warmup=_make_lora_build(8, 16, 64, 4, DTYPES[dt]),
+            impls=("fastalign", "widened", "eager"),
+            bytes_moved=lambda mode, n=(N + V) * (H + 16) * elem: n if mode == "fwd" else 2 * n,
+            flops=lambda mode, f=2 * N * (H + 16) * V: f if mode == "fwd" else 2 * f,
+            required_bytes=lambda mode, n=(N + V) * 16 * elem + N * H * elem: 0 if mode == "fwd" else n,
         ))
     return out

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastalign.integrations.hf import _body, _head, causal_lm_logprobs, head_transform
+from fastalign.integrations.hf import causal_lm_logprobs, head_transform
 
 #: The per-token fields :func:`head_outputs` can compute (TRL's ``FusedCausalLMOutput`` names).
 FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "position_mean_logits")
@@ -50,39 +50,36 @@ def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], lab
     scores ``labels[:, t+1]`` (``-100``: unscored): ``log_probs = z_{y} - logsumexp(z)``,
     ``entropy = logsumexp(z) - Σ_j p_j z_j``, ``log_sum_sq_probs = log Σ_j p_j²``,
     ``is_top1 = [y = argmax_j z_j]`` and ``mean_logits = (1/V) Σ_j z_j``, which is linear in
-    ``h`` for a head without softcapping: ``logit_scale (h · mean_j W_j + mean_j b_j) / temperature``
-    (one ``H``-vector, no vocabulary pass). A softcapped head has no such form: ``mean_logits`` and
-    ``position_mean_logits`` raise a ValueError there.
+    ``h`` for a head without softcapping: ``logit_scale (h · mean_j W_j + a · mean_j L_j + mean_j b_j)
+    / temperature`` (``a @ L.T`` a LoRA head's low-rank term; no vocabulary pass). A softcapped head
+    has no such form: ``mean_logits`` and ``position_mean_logits`` raise a ValueError there.
     """
     unknown = set(fields) - set(FIELDS)
     if unknown:
         raise ValueError(f"fastalign_head: unknown fields {sorted(unknown)}; known: {FIELDS}")
-    hidden_states = []
-    hook = None
+    head = []
     mean_fields = [f for f in ("mean_logits", "position_mean_logits") if f in fields]
     if mean_fields:
         scale, softcap = head_transform(model.config)
         if softcap is not None:
             raise ValueError(f"{mean_fields[0]}: a softcapped head (final_logit_softcapping) has no mean logit without "
                              "the full logits")
-        hook = _body(model).register_forward_hook(lambda m, a, out: hidden_states.append(out.last_hidden_state))
-    try:
-        stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, temperature=temperature,
-                                   entropy="entropy" in fields, sum_p2="log_sum_sq_probs" in fields,
-                                   argmax="is_top1" in fields, **model_kwargs)
-    finally:
-        if hook is not None:
-            hook.remove()
+    on_head = (lambda *operands: head.append(operands)) if mean_fields else None
+    stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, temperature=temperature,
+                               entropy="entropy" in fields, sum_p2="log_sum_sq_probs" in fields,
+                               argmax="is_top1" in fields, _on_head=on_head, **model_kwargs)
     scored = labels[:, 1:] != -100
     out = HeadOutputs(log_probs=stats.logprobs, entropy=stats.entropy)
     if stats.sum_p2 is not None:
         out.log_sum_sq_probs = torch.where(scored, stats.sum_p2.detach().clamp(min=1e-38).log(), 0.0)
     if stats.argmax is not None:
         out.is_top1 = (stats.argmax == labels[:, 1:]) & scored
-    if hidden_states:
+    if head:
         with torch.no_grad():
-            hidden, weight, bias = _head(model, hidden_states[0])
+            hidden, weight, bias, low_rank = head[0]
             mean = hidden.float() @ weight.float().mean(0)
+            if low_rank is not None:
+                mean = mean + low_rank[0].float() @ low_rank[1].float().mean(0)
             if bias is not None:
                 mean = mean + bias.float().mean()
             mean = mean * (scale / temperature)
