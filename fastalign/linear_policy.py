@@ -26,17 +26,19 @@ class LinearPolicyLoss(nn.Module):
     ``ignore_index``, ``chunk``, ``vocab_group``, ``grad_skip_threshold``) and ``backend``.
 
     ``forward(hidden [B, T, H], weight [V, H], labels [B, T], old_logprobs, advantages,
-    response_mask, *, bias=None, ref_logprobs=None, rollout_logprobs=None, **per_call)`` computes
+    response_mask, *, bias=None, low_rank=None, ref_logprobs=None, rollout_logprobs=None, **per_call)``
+    computes
 
     .. code-block:: text
 
-        lp, H = linear_logprobs(hidden, weight, labels)        # no [B*T, V] tensor
+        lp, H = linear_logprobs(hidden, weight, labels, bias=bias, low_rank=low_rank)   # no [B*T, V] tensor
         loss, metrics = policy_loss(lp, old_logprobs, advantages, response_mask & (labels != ignore_index),
                                     entropy=H, ...)
 
     The entropy is computed only when it is used: ``entropy_coef != 0``, ``entropy_quantile``
     set, or ``entropy_metric=True`` (adds ``metrics["entropy"]``). Gradients flow to ``hidden``,
-    ``weight`` and ``bias``. Tokens labelled ``ignore_index`` are dropped from the mask.
+    ``weight``, ``bias`` and the low-rank term ``(a [B, T, r], L [V, r])`` of a LoRA lm_head
+    (see :func:`fastalign.linear_logprobs`). Tokens labelled ``ignore_index`` are dropped from the mask.
     Per-call keywords override the configuration. Returns ``(loss, metrics)`` like
     :func:`fastalign.policy_loss`.
     """
@@ -54,7 +56,8 @@ class LinearPolicyLoss(nn.Module):
         self.config = dict(config)
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Tensor, advantages: Tensor,
-                response_mask: Tensor, *, bias: Optional[Tensor] = None, ref_logprobs: Optional[Tensor] = None,
+                response_mask: Tensor, *, bias: Optional[Tensor] = None,
+                low_rank: Optional[tuple[Tensor, Tensor]] = None, ref_logprobs: Optional[Tensor] = None,
                 rollout_logprobs: Optional[Tensor] = None, **kwargs) -> tuple[Tensor, dict]:
         if "entropy" in kwargs:
             raise ValueError("LinearPolicyLoss computes the entropy itself; pass entropy_coef / entropy_metric")
@@ -79,7 +82,8 @@ class LinearPolicyLoss(nn.Module):
         mask = response_mask.bool() & (labels != ignore_index)
         # unscored tokens (prompt, tool output) are ignored rows: on CPU they skip the vocabulary
         scored = labels.masked_fill(~mask, ignore_index)
-        stats = linear_logprobs(hidden, weight, scored, bias=bias, entropy=want_ent, backend=backend, **logit)
+        stats = linear_logprobs(hidden, weight, scored, bias=bias, low_rank=low_rank, entropy=want_ent,
+                                backend=backend, **logit)
         return policy_loss(stats.logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
                            rollout_logprobs=rollout_logprobs, entropy=stats.entropy, **cfg)
 

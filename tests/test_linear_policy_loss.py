@@ -87,6 +87,23 @@ def test_logit_options_and_ignore_index(cpu_backend):
     compare(fused(d, {**cfg, **opts}, cpu_backend), explicit(d, cfg, **opts))
 
 
+def test_low_rank_head_equals_widened_head(cpu_backend):
+    """A LoRA lm_head as the low-rank term (a, L): the loss, metrics and gradients of a and L equal the
+    oracle on the widened head [h, a] [W, L]^T."""
+    d = make(seed=4, ignore=True)
+    g = torch.Generator().manual_seed(9)
+    a, lw = torch.randn(B, T, 3, generator=g), torch.randn(V, 3, generator=g) * 0.3
+    cfg = dict(loss_type="grpo", eps_high=0.28, kl_coef=0.05, entropy_coef=0.01)
+    a_, l_ = a.clone().requires_grad_(True), lw.clone().requires_grad_(True)
+    loss, met = fastalign.LinearPolicyLoss(backend=cpu_backend, **cfg)(
+        d["hidden"], d["weight"], d["labels"], d["old"], d["A"], d["m"], bias=d["bias"], low_rank=(a_, l_),
+        ref_logprobs=d["ref"])
+    loss.backward()
+    wide = dict(d, hidden=torch.cat([d["hidden"], a], -1), weight=torch.cat([d["weight"], lw], 1))
+    rloss, rmet, gh, gw = explicit(wide, cfg)
+    compare((loss, met, a_.grad, l_.grad), (rloss, rmet, gh[..., H:], gw[:, H:]))  # the a and L columns
+
+
 def test_entropy_only_when_used(cpu_backend, monkeypatch):
     d = make(seed=3)
     seen = []
