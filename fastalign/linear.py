@@ -65,6 +65,29 @@ def check_logit_options(temperature: float = 1.0, softcap: Optional[float] = Non
     return inv_t, cap, scale
 
 
+def check_head_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None) -> None:
+    """Check hidden states, lm_head weight (and bias) and labels against each other (a ``ValueError`` /
+    ``TypeError`` naming the bad one): dtypes, devices and shapes as :func:`linear_logprobs` takes them."""
+    _validate.floating("hidden", hidden, min_dim=1)
+    _validate.floating("weight", weight, dim=2)
+    _validate.integer("labels", labels)
+    if bias is not None:
+        _validate.floating("bias", bias, dim=1)
+    _validate.same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    H = hidden.shape[-1]
+    V = weight.shape[0]
+    if weight.shape[1] != H:
+        raise ValueError(f"weight must have shape (V, {H}) (hidden.shape[-1] = {H}), got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    if bias is not None and tuple(bias.shape) != (V,):
+        raise ValueError(f"bias must have shape ({V},) (weight.shape[0]), got {tuple(bias.shape)}")
+    _validate.shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
+    if V == 0:
+        raise ValueError("weight must have a non-empty vocabulary (first) dimension")
+    _validate.nonempty("hidden", hidden, -1, "hidden-size (last)")
+
+
 def _low_rank(low_rank, hidden: Tensor, V: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """``(a, L)`` of ``low_rank`` after checking it against ``hidden`` and the vocabulary, or ``(None, None)``."""
     if low_rank is None:
@@ -158,25 +181,10 @@ def linear_logprobs(
     Returns:
         :class:`TokenStats` with fp32 tensors shaped like ``labels`` (argmax int64).
     """
-    _validate.floating("hidden", hidden, min_dim=1)
-    _validate.floating("weight", weight, dim=2)
-    _validate.integer("labels", labels)
-    if bias is not None:
-        _validate.floating("bias", bias, dim=1)
-    _validate.same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    check_head_inputs(hidden, weight, labels, bias)
     H = hidden.shape[-1]
     V = weight.shape[0]
-    if weight.shape[1] != H:
-        raise ValueError(f"weight must have shape (V, {H}) (hidden.shape[-1] = {H}), got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
-    if bias is not None and tuple(bias.shape) != (V,):
-        raise ValueError(f"bias must have shape ({V},) (weight.shape[0]), got {tuple(bias.shape)}")
-    _validate.shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
     low_rank_hidden, low_rank_weight = _low_rank(low_rank, hidden, V)
-    if V == 0:
-        raise ValueError("weight must have a non-empty vocabulary (first) dimension")
-    _validate.nonempty("hidden", hidden, -1, "hidden-size (last)")
     inv_t, cap, scale = check_logit_options(temperature, softcap, logit_scale, ignore_index, grad_skip_threshold,
                                             chunk)
     name = _backend.backend_for("linear_stats", hidden.device, backend)

@@ -1,4 +1,20 @@
-"""The whole policy-gradient step from hidden states: ``linear_logprobs`` then ``policy_loss``."""
+"""The whole policy-gradient step from hidden states: ``linear_logprobs`` then ``policy_loss``.
+
+Two ways through the vocabulary, same loss and gradients:
+
+* **two passes**: token log-probs (and entropies) from :func:`fastalign.linear_logprobs`
+  (forward: statistics only; backward: logits recomputed chunk by chunk), then
+  :func:`fastalign.policy_loss`: four matrix products of ``[tokens, H] x [H, V]`` size.
+* **single pass** (when gradients are needed and the loss is separable over sequences): blocks
+  of whole sequences go through the head once; with the step's normalisers fixed by the mask,
+  the gradient of each token's log-prob (and entropy) is known from its own sequence, so the
+  block's d(logits) and the gradients of hidden, weight and bias follow while its logits are in
+  memory (:mod:`fastalign.ops.single_pass`): three products. The block's logits are the memory
+  cost (``FASTALIGN_BLOCK_MIB``, 1024 MiB by default, at least one sequence).
+
+Every loss is separable over sequences except Clip-Cov / KL-Cov (tokens chosen across the
+batch) and ``entropy_quantile`` without ``entropy_threshold`` (the batch's quantile).
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,15 +22,37 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastalign import _validate
-from fastalign._options import check_names
-from fastalign.linear import check_logit_options, linear_logprobs
+from fastalign import _backend, _validate
+from fastalign._options import check_choice, check_names
+from fastalign.linear import check_head_inputs, check_logit_options, linear_logprobs
+from fastalign.ops._launch import eager
+from fastalign.ops.single_pass import LogitPipeline, Side, single_pass_loss
 from fastalign.policy import policy_loss
 from fastalign.policy_config import FIELDS, PolicyConfig
 
 # keywords that belong to the logit pipeline (linear_logprobs), not to policy_loss
 _LOGIT_OPTIONS = ("temperature", "softcap", "logit_scale", "ignore_index", "chunk", "vocab_group",
                   "grad_skip_threshold")
+_MODES = ("auto", True, False)
+_COUPLED = ("clip_cov", "kl_cov")  # loss types whose tokens are chosen across the batch
+
+
+def single_pass_blocker(config: dict, *, low_rank=None, entropy_threshold=None, per_call: bool = True) -> Optional[str]:
+    """Why a :class:`LinearPolicyLoss` configuration cannot take the single pass (None when it can).
+    ``per_call``: include what depends on the call's own arguments."""
+    if config.get("loss_type") in _COUPLED:
+        return f"loss_type {config['loss_type']!r} chooses its tokens across the batch"
+    if config.get("vocab_group") is not None:
+        return "the vocabulary is split over a process group"
+    if config.get("grad_skip_threshold", 0.0):
+        return "grad_skip_threshold applies to the two-pass backward"
+    if config.get("chunk") is not None:
+        return "chunk sets the two-pass path's chunks"
+    if per_call and config.get("entropy_quantile") is not None and entropy_threshold is None:
+        return "entropy_quantile takes the batch's quantile unless entropy_threshold is given"
+    if per_call and low_rank is not None:
+        return "the low-rank term of a LoRA head goes through the two-pass path"
+    return None
 
 
 class LinearPolicyLoss(nn.Module):
@@ -41,11 +79,19 @@ class LinearPolicyLoss(nn.Module):
     (see :func:`fastalign.linear_logprobs`). Tokens labelled ``ignore_index`` are dropped from the mask.
     Per-call keywords override the configuration. Returns ``(loss, metrics)`` like
     :func:`fastalign.policy_loss`.
+
+    ``single_pass`` (``"auto"``, True, False): the single pass over blocks of whole sequences
+    (module docstring) when gradients are needed; ``"auto"`` takes it in eager mode for a loss
+    separable over sequences (not under ``torch.compile``, which gets the two-pass custom ops),
+    True raises where it does not apply. Its gradients are computed in the forward, so the loss
+    can be differentiated once per forward.
     """
 
-    def __init__(self, *, entropy_metric: bool = False, **config):
+    def __init__(self, *, entropy_metric: bool = False, single_pass="auto", **config):
         super().__init__()
         self.entropy_metric = bool(entropy_metric)
+        check_choice("single_pass", single_pass, _MODES)
+        self.single_pass = single_pass
         if "entropy" in config:
             raise ValueError("LinearPolicyLoss computes the entropy itself; pass entropy_coef / entropy_metric")
         # validated now (unknown names, bad values, options that do not apply), not at the first call
@@ -54,6 +100,9 @@ class LinearPolicyLoss(nn.Module):
         check_logit_options(**logit, backend=config.get("backend"))
         PolicyConfig(**{k: v for k, v in config.items() if k not in _LOGIT_OPTIONS})
         self.config = dict(config)
+        why = single_pass_blocker(config, per_call=False) if single_pass is True else None
+        if why:
+            raise ValueError(f"single_pass=True does not apply: {why}")
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Tensor, advantages: Tensor,
                 response_mask: Tensor, *, bias: Optional[Tensor] = None,
@@ -63,6 +112,11 @@ class LinearPolicyLoss(nn.Module):
             raise ValueError("LinearPolicyLoss computes the entropy itself; pass entropy_coef / entropy_metric")
         cfg = {**self.config, **kwargs}
         entropy_metric = bool(cfg.pop("entropy_metric", self.entropy_metric))
+        single_pass = cfg.pop("single_pass", self.single_pass)
+        check_choice("single_pass", single_pass, _MODES)
+        why = single_pass_blocker(cfg, low_rank=low_rank, entropy_threshold=cfg.get("entropy_threshold"))
+        if single_pass is True and why:
+            raise ValueError(f"single_pass=True does not apply: {why}")
         logit = {k: cfg.pop(k) for k in _LOGIT_OPTIONS if k in cfg}
         backend = cfg.get("backend")
         _validate.integer("labels", labels, dim=2)
@@ -82,13 +136,53 @@ class LinearPolicyLoss(nn.Module):
         mask = response_mask.bool() & (labels != ignore_index)
         # unscored tokens (prompt, tool output) are ignored rows: on CPU they skip the vocabulary
         scored = labels.masked_fill(~mask, ignore_index)
+        check_head_inputs(hidden, weight, scored, bias)
+        inputs = dict(ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, **cfg)
+        differentiated = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                         for t in (hidden, weight, bias))
+        if single_pass is True and not eager(hidden, weight, bias):
+            raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two-pass "
+                             "custom ops run")
+        if why is None and differentiated and single_pass is not False and eager(hidden, weight, bias):
+            return _single_pass(hidden, weight, bias, scored, old_logprobs, advantages, mask, want_ent, logit,
+                                backend, inputs)
         stats = linear_logprobs(hidden, weight, scored, bias=bias, low_rank=low_rank, entropy=want_ent,
                                 backend=backend, **logit)
-        return policy_loss(stats.logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
-                           rollout_logprobs=rollout_logprobs, entropy=stats.entropy, **cfg)
+        return policy_loss(stats.logprobs, old_logprobs, advantages, mask, entropy=stats.entropy, **inputs)
 
     def extra_repr(self) -> str:
         items = dict(self.config)
         if self.entropy_metric:
             items["entropy_metric"] = True
+        if self.single_pass != "auto":
+            items["single_pass"] = self.single_pass
         return ", ".join(f"{k}={v!r}" for k, v in items.items() if not isinstance(v, torch.Tensor))
+
+
+def _single_pass(hidden, weight, bias, labels, old_logprobs, advantages, mask, want_ent: bool, logit: dict,
+                 backend, inputs: dict):
+    """:func:`fastalign.policy_loss` of the token statistics of ``hidden`` by the single pass, a block of
+    whole sequences at a time. A block's share is the loss of the whole batch with the other sequences'
+    log-probs held at ``old_logprobs`` and their entropies at 0: constants, so its gradient with respect
+    to the block's statistics is the loss's (the normalisers come from the mask, as in the batch's loss)."""
+    ignore_index = int(logit.get("ignore_index", -100))
+    inv_t, cap, scale = check_logit_options(**{k: v for k, v in logit.items() if k != "vocab_group"})
+    pipe = LogitPipeline(scale=scale, softcap=cap, inv_t=inv_t, ignore_index=ignore_index,
+                         backend=_backend.resolve(hidden.device, backend))
+    # on the CPU only the labelled rows go through the head (finding them reads their count: free there)
+    rows = (labels.reshape(-1) != ignore_index).nonzero().squeeze(1) if hidden.device.type == "cpu" else None
+    held = old_logprobs.detach().float()
+    zero = torch.zeros_like(held)
+
+    def embed(part: Tensor, rest: Tensor, items: slice) -> Tensor:
+        return torch.cat([rest[:items.start], part, rest[items.stop:]])
+
+    def share(lps, ents, items: slice):
+        ent = embed(ents[0], zero, items) if want_ent else None
+        return policy_loss(embed(lps[0], held, items), old_logprobs, advantages, mask, entropy=ent, **inputs)[0]
+
+    def total(lps, ents):
+        return policy_loss(lps[0], old_logprobs, advantages, mask, entropy=ents[0], **inputs)
+
+    return single_pass_loss([Side(hidden, labels, rows)], weight, bias, share, total, pipe=pipe,
+                            aux="entropy" if want_ent else None)

@@ -9,8 +9,8 @@ through the vocabulary, same loss and gradients:
   recomputed chunk by chunk), then :func:`sequence_logprobs` and :func:`preference_loss`.
 * **single pass** (default on a GPU for the pair-separable losses): blocks of whole pairs
   go through the head once, their share of the loss giving d loss / d lp at once
-  (:mod:`fastalign.ops.preference_blocks`, which calls back into this module's loss). The
-  block's logits are the memory cost (``FASTALIGN_PAIR_BLOCK_MIB``, 1024 MiB by default, at
+  (:mod:`fastalign.ops.single_pass`, which calls back into this module's loss). The
+  block's logits are the memory cost (``FASTALIGN_BLOCK_MIB``, 1024 MiB by default, at
   least one pair).
 
 A loss is pair-separable when ``loss = (1/B) Σ_i ℓ_i + c·NLL`` with ``ℓ_i`` a function of
@@ -31,9 +31,12 @@ from fastalign._deprecate import renamed
 from fastalign._options import check_choice
 from fastalign.linear import check_logit_options, linear_logprobs
 from fastalign.ops._launch import eager
-from fastalign.ops.preference_blocks import DEFAULT_PAIR_BLOCK_MIB, LogitPipeline, pair_logprobs, single_pass_loss
+from fastalign.ops.single_pass import DEFAULT_BLOCK_MIB, LogitPipeline, Side, block_logprobs_of, single_pass_loss
 from fastalign.preference import LOSSES, check_config, preference_loss, wpo_weights
 from fastalign.sequence import SequenceLogprobs, sequence_logprobs
+
+#: The block budget of the single pass, in MiB (its former name).
+DEFAULT_PAIR_BLOCK_MIB = DEFAULT_BLOCK_MIB
 
 __all__ = ["DEFAULT_PAIR_BLOCK_MIB", "LinearPreferenceLoss", "PathPolicy"]
 
@@ -208,7 +211,7 @@ class LinearPreferenceLoss(nn.Module):
         if rows is not None:
             h, y = h.index_select(0, rows), y.index_select(0, rows)
         if blocks:
-            lp, sp2 = pair_logprobs(h, weight, bias, y, self._pipeline(h.device)), None
+            lp, sp2 = block_logprobs_of(h, weight, bias, y, self._pipeline(h.device)), None
         else:
             st = linear_logprobs(h, weight, y, bias=bias, sum_p2=sum_p2, **self.kernel_options)
             lp, sp2 = st.logprobs, st.sum_p2
@@ -359,7 +362,7 @@ class LinearPreferenceLoss(nn.Module):
                           kto_kl)
 
     def _single_pass(self, hc, hr, yc, yr, weight, bias, twc, twr, rows_c, rows_r, refs, kto_kl):
-        """The single pass (:mod:`fastalign.ops.preference_blocks`) with this module's loss as its callbacks:
+        """The single pass (:mod:`fastalign.ops.single_pass`) with this module's loss as its callbacks:
         a block of pairs ``p0..p1-1`` contributes ``(p1 - p0)/B`` times its own mean loss, its chosen NLL
         over the whole batch's chosen token count."""
         ref_c, ref_r = refs
@@ -369,17 +372,17 @@ class LinearPreferenceLoss(nn.Module):
         def pick(t, pairs):
             return None if t is None else t[pairs]
 
-        def share(lpc, lpr, spc, spr, pairs: slice):
+        def share(lps, sps, pairs: slice):
             frac = (pairs.stop - pairs.start) / B
-            part, _ = self._pair_loss(lpc, lpr, spc, spr, yc[pairs], yr[pairs], pick(twc, pairs), pick(twr, pairs),
+            part, _ = self._pair_loss(*lps, *sps, yc[pairs], yr[pairs], pick(twc, pairs), pick(twr, pairs),
                                       pick(ref_c, pairs), pick(ref_r, pairs), kto_kl, nll_count=nll_count * frac)
             return part * frac
 
-        def total(lpc, lpr, spc, spr):
-            return self._pair_loss(lpc, lpr, spc, spr, yc, yr, twc, twr, ref_c, ref_r, kto_kl)
+        def total(lps, sps):
+            return self._pair_loss(*lps, *sps, yc, yr, twc, twr, ref_c, ref_r, kto_kl)
 
-        return single_pass_loss(hc, hr, weight, bias, yc, yr, rows_c, rows_r, share, total,
-                                pipe=self._pipeline(hc.device), sum_p2=self.use_weighting)
+        return single_pass_loss([Side(hc, yc, rows_c), Side(hr, yr, rows_r)], weight, bias, share, total,
+                                pipe=self._pipeline(hc.device), aux="sum_p2" if self.use_weighting else None)
 
 
 def _sequences(seq: SequenceLogprobs, part: slice) -> SequenceLogprobs:

@@ -273,6 +273,41 @@ def test_gpu_linear_backward_bf16_at_full_vocabulary():
 
 
 @pytest.mark.gpu
+def test_gpu_linear_policy_single_pass_bf16_at_full_vocabulary(monkeypatch):
+    """LinearPolicyLoss's single pass over 8 blocks of one sequence (bf16 logits kept per block, d(weight)
+    summed over the blocks in fp32) and its two passes against the float64 loss of the materialised logits."""
+    from fastalign.reference import policy as ref_policy
+
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "64")  # 220 rows of 151936 bf16 logits: one sequence per block
+    B, T, H, V = 8, 256, 256, 151936
+    g = torch.Generator(device="cuda").manual_seed(3)
+    h = (torch.randn(B, T, H, device="cuda", generator=g) * 0.5).bfloat16()
+    w = (torch.randn(V, H, device="cuda", generator=g) * 0.05).bfloat16()
+    y = torch.randint(0, V, (B, T), device="cuda", generator=g)
+    y[:, :64] = -100  # prompts
+    mask = torch.ones(B, T, dtype=torch.bool, device="cuda")
+    adv = torch.randn(B, device="cuda", generator=g)
+    hd, wd = h.double().requires_grad_(True), w.double().requires_grad_(True)
+    logp = torch.log_softmax(hd @ wd.T, -1)
+    keep = (y != -100) & mask
+    lp64 = torch.where(keep, logp.gather(-1, y.clamp(min=0)[..., None])[..., 0], 0.0)
+    ent64 = torch.where(keep, -(logp.exp() * logp).sum(-1), 0.0)
+    del logp
+    old = (lp64.detach() + 0.1 * torch.randn(B, T, device="cuda", generator=g, dtype=torch.float64)).float()
+    cfg = dict(loss_type="ppo", eps_low=0.2, eps_high=0.28, entropy_coef=0.01, agg="token-mean")
+    loss64, _ = ref_policy.policy_loss(lp64.cpu(), old.double().cpu(), adv.double().cpu(), keep.cpu(),
+                                       entropy=ent64.cpu(), **cfg)
+    loss64.backward()
+    for single_pass in (True, False):
+        hg, wg = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss, _ = fastalign.LinearPolicyLoss(single_pass=single_pass, **cfg)(hg, wg, y, old, adv, mask)
+        loss.backward()
+        assert abs(loss.item() - loss64.item()) < 2e-3, (single_pass, loss.item(), loss64.item())
+        assert _rel_err(hg.grad, hd.grad) < 5e-3, single_pass
+        assert _rel_err(wg.grad, wd.grad) < 5e-3, single_pass
+
+
+@pytest.mark.gpu
 def test_gpu_linear_low_rank_bf16_at_full_vocabulary():
     """A LoRA lm_head (rank 16, frozen W) through the low-rank term: equals the float64 widened head,
     gradients to a and L with one chunk and with eight."""

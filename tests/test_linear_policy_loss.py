@@ -1,4 +1,5 @@
-"""LinearPolicyLoss: linear_logprobs + policy_loss equals PolicyLoss on explicitly built logits."""
+"""LinearPolicyLoss: linear_logprobs + policy_loss (two passes) and the single pass over blocks of whole
+sequences each equal PolicyLoss on explicitly built logits."""
 from __future__ import annotations
 
 import pytest
@@ -46,10 +47,10 @@ def explicit(d, config, *, temperature=1.0, softcap=None, logit_scale=1.0, use_b
     return loss, met, h.grad, w.grad
 
 
-def fused(d, config, backend, *, use_bias=True, **call):
+def fused(d, config, backend, *, use_bias=True, single_pass="auto", **call):
     h = d["hidden"].clone().requires_grad_(True)
     w = d["weight"].clone().requires_grad_(True)
-    mod = fastalign.LinearPolicyLoss(backend=backend, **config)
+    mod = fastalign.LinearPolicyLoss(backend=backend, single_pass=single_pass, **config)
     loss, met = mod(h, w, d["labels"], d["old"], d["A"], d["m"], bias=d["bias"] if use_bias else None,
                     ref_logprobs=d["ref"], **call)
     loss.backward()
@@ -69,22 +70,31 @@ def compare(out, ref, metrics_keys=None):
     assert_close(gw, rgw, atol=2e-5, rtol=1e-4, what="d weight")
 
 
+PATHS = pytest.mark.parametrize("single_pass", [False, True], ids=["two-pass", "single-pass"])
+
+
+@PATHS
 @pytest.mark.parametrize("loss_type", ["ppo", "grpo", "kl_cov"])
-def test_matches_policy_loss_on_logits(cpu_backend, loss_type):
+def test_matches_policy_loss_on_logits(cpu_backend, loss_type, single_pass):
     d = make(seed=1)
     cfg = dict(loss_type=loss_type, kl_coef=0.05, entropy_coef=0.01)
     if loss_type == "kl_cov":
         cfg["cov_ratio"] = 0.1  # KL-Cov has no clip range
+        if single_pass:
+            with pytest.raises(ValueError, match="single_pass=True does not apply: loss_type 'kl_cov'"):
+                fused(d, cfg, cpu_backend, single_pass=True)
+            return
     else:
         cfg["eps_high"] = 0.28
-    compare(fused(d, cfg, cpu_backend), explicit(d, cfg))
+    compare(fused(d, cfg, cpu_backend, single_pass=single_pass), explicit(d, cfg))
 
 
-def test_logit_options_and_ignore_index(cpu_backend):
+@PATHS
+def test_logit_options_and_ignore_index(cpu_backend, single_pass):
     d = make(seed=2, ignore=True)
     cfg = dict(loss_type="ppo", kl_coef=0.1, entropy_coef=0.02, agg="seq-mean-token-mean")
     opts = dict(temperature=0.7, softcap=3.0, logit_scale=1.3)
-    compare(fused(d, {**cfg, **opts}, cpu_backend), explicit(d, cfg, **opts))
+    compare(fused(d, {**cfg, **opts}, cpu_backend, single_pass=single_pass), explicit(d, cfg, **opts))
 
 
 def test_low_rank_head_equals_widened_head(cpu_backend):
@@ -115,16 +125,16 @@ def test_entropy_only_when_used(cpu_backend, monkeypatch):
 
     monkeypatch.setattr(fastalign.linear_policy, "linear_logprobs", spy)
     cfg = dict(loss_type="ppo", kl_coef=0.05)
-    out = fused(d, cfg, cpu_backend, use_bias=False)
+    out = fused(d, cfg, cpu_backend, use_bias=False, single_pass=False)
     # bonus off: no entropy computed, no entropy metric, loss equals PolicyLoss without entropy
     compare(out, explicit(d, cfg, use_bias=False, ent=False))
     assert seen == [False] and "entropy" not in out[1]
-    out_on = fused(d, {**cfg, "entropy_coef": 0.05}, cpu_backend, use_bias=False)
+    out_on = fused(d, {**cfg, "entropy_coef": 0.05}, cpu_backend, use_bias=False, single_pass=False)
     compare(out_on, explicit(d, {**cfg, "entropy_coef": 0.05}, use_bias=False))
     assert seen[-1] is True and "entropy" in out_on[1]
     assert not torch.allclose(out[0], out_on[0])  # the bonus changes the loss
     # metric only: entropy computed, loss unchanged
-    out_m = fused(d, cfg, cpu_backend, use_bias=False, entropy_metric=True)
+    out_m = fused(d, cfg, cpu_backend, use_bias=False, single_pass=False, entropy_metric=True)
     assert seen[-1] is True and "entropy" in out_m[1]
     assert torch.equal(out_m[0], out[0])
     assert_close(out_m[1]["entropy"], out_on[1]["entropy"], atol=1e-6, what="entropy metric")

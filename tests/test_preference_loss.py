@@ -570,7 +570,7 @@ def test_ops_layer_takes_the_loss_as_a_callback():
     import ast
     import inspect
 
-    import fastalign.ops.preference_blocks as blocks
+    import fastalign.ops.single_pass as blocks
 
     imported = {n.module for n in ast.walk(ast.parse(inspect.getsource(blocks))) if isinstance(n, ast.ImportFrom)}
     assert all(not m.startswith("fastalign") or m.startswith("fastalign.ops") for m in imported), imported
@@ -610,7 +610,7 @@ SEPARABLE = [t for t in fa.PREFERENCE_LOSS_TYPES if t not in ("aot", "aot_unpair
 @pytest.fixture
 def one_pair_blocks(monkeypatch):
     """Blocks of a single pair, so every pair's share of the loss is taken on its own."""
-    monkeypatch.setenv("FASTALIGN_PAIR_BLOCK_MIB", "1e-9")
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "1e-9")
 
 
 @pytest.mark.parametrize("compact", [True, False])
@@ -659,7 +659,7 @@ def _assert_same(two, one, what):
 ], ids=["ld+rpo+sft", "wpo", "weighted-list", "logit-pipeline"])
 def test_single_pass_equals_two_pass(options, blocks, monkeypatch):
     if blocks == "one pair":
-        monkeypatch.setenv("FASTALIGN_PAIR_BLOCK_MIB", "1e-9")
+        monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "1e-9")
     tw = torch.rand(8, 7, generator=torch.Generator().manual_seed(0))
 
     def concatenated(mod, h, w, b, y, rh):
@@ -722,7 +722,7 @@ def test_single_pass_where_it_does_not_apply():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("single_pass", ["auto", False])
 def test_gpu_linear_against_reference(dtype, single_pass, monkeypatch):
-    monkeypatch.setenv("FASTALIGN_PAIR_BLOCK_MIB", "1")  # a few pairs per block at this vocabulary
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "1")  # a few pairs per block at this vocabulary
     h, w, b, labels, rh = _hidden_batch(B=6, T=40, H=64, V=32011, seed=11, prompt=9)
     mod = fa.LinearPreferenceLoss(loss_type=["sigmoid", "sft"], beta=0.2, single_pass=single_pass)
     assert mod.paths.single_passes(h.cuda(), None) == (single_pass == "auto")

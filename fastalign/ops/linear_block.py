@@ -5,8 +5,8 @@ statistics of a *block* of rows are (a preference loss over a few whole pairs is
 block's logits need not be recomputed in a backward pass. Per block:
 
     z      = softcap(scale * (h @ W.T + b))                      (kept: [rows, V])
-    lp, lse, sum p^2 = token_stats(z / T)                        (C++ / Triton row kernels)
-    g      = d loss / d lp                                       (the caller's, from lp)
+    lp, lse, sum p^2 or H = token_stats(z / T)                   (C++ / Triton row kernels)
+    g      = d loss / d lp (and d loss / d H)                    (the caller's, from lp)
     dz     = d loss / d z, written over z in place               (token_stats backward)
     dh     = dz @ W,   dW += dz.T @ h,   db += sum_rows dz
 
@@ -31,28 +31,32 @@ def block_buffer(rows: int, vocab: int, like: Tensor) -> Tensor:
 
 
 def block_forward(buf: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *,
-                  scale: float, softcap: float, inv_t: float, ignore_index: int, sum_p2: bool, backend: str):
+                  scale: float, softcap: float, inv_t: float, ignore_index: int, aux: Optional[str], backend: str):
     """Logits of the rows ``h [n, H]`` into ``buf`` and their statistics.
 
-    Returns ``(z, deriv, lp, sp2, lse)``: ``z`` the kept logits, ``deriv`` the softcap
-    derivative (None without softcap), ``sp2`` empty unless asked."""
+    Returns ``(z, deriv, lp, aux, lse)``: ``z`` the kept logits, ``deriv`` the softcap
+    derivative (None without softcap), ``aux`` the ``"sum_p2"`` or ``"entropy"`` of each row
+    (None when ``aux`` is None)."""
     native = buf.dtype == h.dtype
     hw = (h, weight, bias) if native else tuple(None if t is None else t.float() for t in (h, weight, bias))
     z = chunk_logits(buf, *hw, scale, softcap)
     deriv = softcap_derivative(z, softcap, scale) if softcap > 0 else None
-    lp, _ent, sp2, _amax, lse = token_stats(z.unsqueeze(0), labels, inv_t, ignore_index, False, sum_p2, False,
-                                            backend, True)
-    return z, deriv, lp, sp2, lse
+    lp, ent, sp2, _amax, lse = token_stats(z.unsqueeze(0), labels, inv_t, ignore_index, aux == "entropy",
+                                           aux == "sum_p2", False, backend, True)
+    return z, deriv, lp, {None: None, "sum_p2": sp2, "entropy": ent}[aux], lse
 
 
 def block_backward(z: Tensor, deriv: Optional[Tensor], g_lp: Tensor, h: Tensor, weight: Tensor,
                    labels: Tensor, lse: Tensor, *, scale: float, softcap: float, inv_t: float, ignore_index: int,
-                   backend: str, dw: Optional[Tensor], db: Optional[Tensor]) -> Tensor:
-    """Turn the kept logits ``z`` into d(logits) in place for token gradients ``g_lp``; accumulate
-    ``dw``/``db`` and return ``dh [n, H]`` (fp32 on the CPU, the input dtype on a GPU)."""
+                   backend: str, dw: Optional[Tensor], db: Optional[Tensor], g_ent: Optional[Tensor] = None,
+                   ent: Optional[Tensor] = None) -> Tensor:
+    """Turn the kept logits ``z`` into d(logits) in place for token gradients ``g_lp`` (and ``g_ent`` of
+    the entropies ``ent``); accumulate ``dw``/``db`` and return ``dh [n, H]`` (fp32 on the CPU, the input
+    dtype on a GPU)."""
     empty = lse.new_empty(0)
     z3 = z.unsqueeze(0)
-    backward_into(z3, g_lp, None, None, z3, labels, lse, empty, empty, inv_t, ignore_index, backend)
+    backward_into(z3, g_lp, g_ent, None, z3, labels, lse, empty if ent is None else ent, empty, inv_t, ignore_index,
+                  backend)
     native = z.dtype == h.dtype
     h_c, w_c = (h, weight) if native else (h.float(), weight.float())
     dh = torch.empty(h.shape, dtype=z.dtype, device=z.device)
@@ -75,8 +79,8 @@ def block_logprobs(h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Te
     buf = block_buffer(min(rows, max(n, 1)), weight.shape[0], h)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        _z, _d, lp, _sp2, _lse = block_forward(buf, h[r0:r1], weight, bias, labels[r0:r1], scale=scale,
+        _z, _d, lp, _aux, _lse = block_forward(buf, h[r0:r1], weight, bias, labels[r0:r1], scale=scale,
                                                softcap=softcap, inv_t=inv_t, ignore_index=ignore_index,
-                                               sum_p2=False, backend=backend)
+                                               aux=None, backend=backend)
         out[r0:r1] = lp
     return out

@@ -49,6 +49,22 @@ def softcap_derivative(z: Tensor, softcap: float, scale: float, out: Optional[Te
     return out.square_().neg_().add_(1.0).mul_(scale)
 
 
+def matmul_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    """``out (+)= a @ b`` with fp32 accumulation inside the product; ``out`` may be fp32 while the
+    operands are bf16/fp16 (on CUDA one cuBLAS call with ``out_dtype``; elsewhere via fp32 copies)."""
+    if out.dtype == a.dtype:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+    elif out.is_cuda:
+        torch.addmm(out, a, b, beta=1.0 if accumulate else 0.0, out_dtype=out.dtype, out=out)
+    elif accumulate:
+        out.addmm_(a.to(out.dtype), b.to(out.dtype))
+    else:
+        torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
+
+
 def chunk_grad_to_inputs(dz: Tensor, deriv: Optional[Tensor], scale: float, softcap: float, h_c: Tensor,
                          w_v: Tensor, dh_c: Optional[Tensor], dw_v: Optional[Tensor], db_v: Optional[Tensor],
                          accumulate: bool = True, low_rank: Optional[tuple[Tensor, Tensor]] = None,
@@ -66,15 +82,12 @@ def chunk_grad_to_inputs(dz: Tensor, deriv: Optional[Tensor], scale: float, soft
         else:
             torch.mm(dz, w_v, out=dh_c)
     if dw_v is not None:
-        dw_v.addmm_(dz.t().to(dw_v.dtype), h_c.to(dw_v.dtype))
+        matmul_into(dw_v, dz.t(), h_c, accumulate=True)
     da_c, dl_v = low_rank_grads
     if da_c is not None:
-        if accumulate:
-            da_c.addmm_(dz, low_rank[1])
-        else:
-            torch.mm(dz, low_rank[1], out=da_c)
+        matmul_into(da_c, dz, low_rank[1], accumulate=accumulate)
     if dl_v is not None:
-        dl_v.addmm_(dz.t(), low_rank[0])
+        matmul_into(dl_v, dz.t(), low_rank[0], accumulate=True)
     if db_v is not None:
         db_v += dz.sum(0, dtype=torch.float32).to(db_v.dtype)
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from fastalign.ops._launch import opt, triton_kernels
+from fastalign.ops.linear_cpu import matmul_into
 from fastalign.ops.vocab_pieces import RENORMALISE_ABOVE, log_mass
 
 
@@ -31,22 +32,6 @@ def gpu_chunk_tokens(n: int, vocab: int, elem_bytes: int) -> int:
     """Tokens per Triton backward chunk: a d(logits) buffer of at most 1 GiB in the input dtype
     (thousands of tokens at a 152k vocabulary, so the weight is streamed O(N / chunk) times)."""
     return triton_kernels("linear_stats").gpu_chunk_tokens(n, vocab, elem_bytes)
-
-
-def _matmul_f32(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
-    """``out (+)= a @ b`` with fp32 accumulation inside the product; ``out`` may be fp32 while the
-    operands are bf16/fp16 (on CUDA one cuBLAS call with ``out_dtype``; elsewhere via fp32 copies)."""
-    if out.dtype == a.dtype:
-        if accumulate:
-            out.addmm_(a, b)
-        else:
-            torch.mm(a, b, out=out)
-    elif out.is_cuda:
-        torch.addmm(out, a, b, beta=1.0 if accumulate else 0.0, out_dtype=out.dtype, out=out)
-    elif accumulate:
-        out.addmm_(a.to(out.dtype), b.to(out.dtype))
-    else:
-        torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
 
 
 def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent, sp2, scale, softcap, inv_t,
@@ -80,13 +65,13 @@ def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, en
             None if g_sp2 is None else g_sp2[sl],
             scale, softcap, inv_t, ignore_index, skip_threshold, du, log_c[sl])
         if dh is not None:
-            _matmul_f32(dh[sl], du, weight, accumulate=False)
+            matmul_into(dh[sl], du, weight, accumulate=False)
         if dw_acc is not None:
-            _matmul_f32(dw_acc, du.t(), hidden[sl], accumulate=i > 0)
+            matmul_into(dw_acc, du.t(), hidden[sl], accumulate=i > 0)
         if da is not None:
-            _matmul_f32(da[sl], du, lw, accumulate=False)
+            matmul_into(da[sl], du, lw, accumulate=False)
         if dl_acc is not None:
-            _matmul_f32(dl_acc, du.t(), a[sl], accumulate=i > 0)
+            matmul_into(dl_acc, du.t(), a[sl], accumulate=i > 0)
         if db is not None:
             db += du.sum(0, dtype=torch.float32).to(db.dtype)
     for result, acc in ((dw, dw_acc), (dl, dl_acc)):

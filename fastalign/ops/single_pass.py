@@ -1,0 +1,193 @@
+"""Single pass of a loss through the LM head, a block of whole items (sequences, pairs) at a time.
+
+When the loss is a sum of per-item terms (a token-level policy loss with step-wide normalisers
+over whole sequences; a pair-separable preference loss over whole pairs), the gradient of each
+token log-prob is known as soon as the log-probs of its item are. So each block of items goes
+through the head once (:mod:`fastalign.ops.linear_block`): logits kept, statistics, the block's
+d loss / d lp (and d loss / d entropy) from the caller's callback, then d(logits) in place and
+the gradients of hidden, weight and bias, before the next block. With ``s_k`` the block's share
+of the loss (any function whose gradient with respect to the block's statistics is the loss's)
+and ``z`` its kept logits:
+
+    lp, aux            = stats(z)                 (aux: sum p^2 or the entropy, when asked)
+    g_lp, g_aux        = d s_k / d (lp, aux)      (autograd through the callback, [b, T] grids)
+    dh, dW, db        += d(lp, aux)/d(h, W, b) · g    (block_backward: three matrix products per block)
+
+three matrix products per block instead of the four of a forward plus a recomputing backward.
+An item's token rows may come from several tensors (the chosen and rejected sides of a pair):
+each is a *side* ``[B, T_s, H]`` with its labels; item ``i`` is row ``i`` of every side. The
+loss value (and its metrics) comes from the whole batch's statistics; the backward only scales
+the accumulated gradients by the incoming gradient. The callbacks are the caller's: this layer
+knows items, rows and the logit pipeline, not the loss.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from fastalign.ops.linear_block import block_backward, block_buffer, block_forward, block_logprobs, block_rows
+
+#: Memory for the kept logits of one block, in MiB (``FASTALIGN_BLOCK_MIB`` overrides; its former name
+#: ``FASTALIGN_PAIR_BLOCK_MIB`` is read too).
+DEFAULT_BLOCK_MIB = 1024.0
+
+#: The per-token statistic a loss may read beside the log-prob: its gradient flows (entropy) or not (sum_p2).
+AUX_STATS = (None, "sum_p2", "entropy")
+
+
+def block_budget_rows(vocab: int, like: Tensor) -> int:
+    """Rows of kept logits per block: the ``FASTALIGN_BLOCK_MIB`` budget (1024 MiB by default) over
+    one row of ``vocab`` logits in the block buffer's dtype (at least one row)."""
+    mib = os.environ.get("FASTALIGN_BLOCK_MIB", os.environ.get("FASTALIGN_PAIR_BLOCK_MIB", DEFAULT_BLOCK_MIB))
+    return block_rows(vocab, like, float(mib) * (1 << 20))
+
+
+class LogitPipeline(NamedTuple):
+    """The logit pipeline and the kernel family of the blocks (docs/math.md#token-statistics)."""
+
+    scale: float
+    softcap: float  # 0: off
+    inv_t: float
+    ignore_index: int
+    backend: str
+
+
+class Side(NamedTuple):
+    """One tensor of token rows: ``hidden [B, T, H]``, ``labels [B, T]`` and ``rows``, the sorted flat
+    indices of its labelled positions (only those go through the head), or None for every position."""
+
+    hidden: Tensor
+    labels: Tensor
+    rows: Optional[Tensor] = None
+
+
+#: share(lp grids [b, T_s] per side, aux grids per side (or Nones), items) -> a 0-dim tensor whose gradient
+#: with respect to the grids is the loss's
+BlockShare = Callable[[list, list, slice], Tensor]
+#: total(lp [B, T_s] per side, aux per side) -> (loss, metrics) of the whole batch
+BatchLoss = Callable[[list, list], Tuple[Tensor, dict]]
+
+
+def block_logprobs_of(h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                      pipe: LogitPipeline) -> Tensor:
+    """fp32 log-probs of the rows ``h [n, H]`` (no gradient), a budget of rows at a time."""
+    return block_logprobs(h, weight, bias, labels.to(torch.int64).contiguous(),
+                          rows=block_budget_rows(weight.shape[0], h), **pipe._asdict())
+
+
+def single_pass_loss(sides: Sequence[Side], weight: Tensor, bias: Optional[Tensor], share: BlockShare,
+                     total: BatchLoss, *, pipe: LogitPipeline, aux: Optional[str] = None) -> Tuple[Tensor, dict]:
+    """``(loss, metrics)`` of items spread over ``sides``; the gradients of every side's hidden states,
+    ``weight`` and ``bias`` are computed here, block by block. ``aux``: one of :data:`AUX_STATS`."""
+    if aux not in AUX_STATS:
+        raise ValueError(f"aux must be one of {AUX_STATS}, got {aux!r}")
+    out: dict = {}
+    state = ([(s.labels, s.rows) for s in sides], share, total, pipe, aux, out)
+    loss = _SinglePass.apply(weight, bias, state, *(s.hidden for s in sides))
+    return loss, out["metrics"]
+
+
+def _side_rows(labels: Tensor, rows: Optional[Tensor], p0: int, p1: int) -> Tensor:
+    """Flat row indices (into ``hidden.reshape(-1, H)``) of items ``p0..p1-1`` on one side."""
+    T = labels.shape[1]
+    if rows is None:
+        return torch.arange(p0 * T, p1 * T, device=labels.device)
+    lo, hi = torch.searchsorted(rows, torch.tensor([p0 * T, p1 * T], device=rows.device)).tolist()
+    return rows[lo:hi]
+
+
+def _split(t: Optional[Tensor], sizes: list) -> list:
+    return [None] * len(sizes) if t is None else list(t.split(sizes))
+
+
+class _SinglePass(torch.autograd.Function):
+    """Loss value from the whole batch; d(hidden) of every side, d(weight), d(bias) summed block by
+    block in the forward and scaled by the incoming gradient in the backward."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, state, *hiddens):
+        side_labels, share, total, pipe, aux, out = state
+        kw = pipe._asdict()
+        B, H, V = hiddens[0].shape[0], hiddens[0].shape[-1], weight.shape[0]
+        need_w, need_b = ctx.needs_input_grad[0], bias is not None and ctx.needs_input_grad[1]
+        # d(weight) summed over the blocks in fp32 (one rounding to the weight's dtype, in backward)
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        db = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
+        dh = [torch.zeros(h.shape, dtype=h.dtype, device=h.device) if ctx.needs_input_grad[3 + i] else None
+              for i, h in enumerate(hiddens)]
+        flat = [h.reshape(-1, H) for h in hiddens]
+        y_flat = [y.reshape(-1).to(torch.int64) for y, _rows in side_labels]
+        lp_all = [torch.zeros(y.shape, dtype=torch.float32, device=y.device) for y, _rows in side_labels]
+        # unlabelled positions: sum p^2 = 1 (a weight of log 1 = 0), entropy 0
+        aux_all = [None if aux is None else torch.full(y.shape, 1.0 if aux == "sum_p2" else 0.0, device=y.device)
+                   for y, _rows in side_labels]
+
+        # items per block: their rows' logits within the budget (at least one item)
+        if all(rows is None for _y, rows in side_labels):
+            per_item = sum(y[0].numel() for y, _rows in side_labels)
+        else:
+            per_item = -(-sum(y.numel() if rows is None else rows.numel() for y, rows in side_labels) // max(B, 1))
+        k = max(1, min(B, block_budget_rows(V, hiddens[0]) // max(per_item, 1)))
+        buf = None
+        for p0 in range(0, B, k):
+            p1 = min(B, p0 + k)
+            idx = [_side_rows(y, rows, p0, p1) for y, rows in side_labels]
+            sizes = [i.numel() for i in idx]
+            h_blk = torch.cat([f.index_select(0, i) for f, i in zip(flat, idx)])
+            y_blk = torch.cat([y.index_select(0, i) for y, i in zip(y_flat, idx)])
+            if buf is None or buf.numel() < h_blk.shape[0] * V:
+                buf = None  # free the smaller buffer before the larger one is allocated
+                buf = block_buffer(max(h_blk.shape[0], k * per_item), V, hiddens[0])
+            with torch.no_grad():
+                z, deriv, lp, aux_blk, lse = block_forward(buf, h_blk, weight, bias, y_blk, aux=aux, **kw)
+            # d (block's share of the loss) / d (lp, aux), on [b, T] grids of these items
+            with torch.enable_grad():
+                grids, aux_grids = [], []
+                for side, (ids, part, aux_part) in enumerate(zip(idx, lp.split(sizes), _split(aux_blk, sizes))):
+                    lp_all[side].view(-1).index_copy_(0, ids, part)
+                    grids.append(lp_all[side][p0:p1].detach().requires_grad_())
+                    if aux is not None:
+                        aux_all[side].view(-1).index_copy_(0, ids, aux_part)
+                    aux_grids.append(None if aux is None else aux_all[side][p0:p1].detach().requires_grad_(
+                        aux == "entropy"))
+                s = share(grids, aux_grids, slice(p0, p1))
+                wrt = grids + (aux_grids if aux == "entropy" else [])
+                g = torch.autograd.grad(s, wrt, allow_unused=True, materialize_grads=True)
+
+            def rows_of(grads):
+                return torch.cat([gr.reshape(-1).index_select(0, ids - p0 * y.shape[1])
+                                  for gr, ids, (y, _rows) in zip(grads, idx, side_labels)]).float().contiguous()
+
+            g_ent = rows_of(g[len(grids):]) if aux == "entropy" else None
+            dh_blk = block_backward(z, deriv, rows_of(g[:len(grids)]), h_blk, weight, y_blk, lse,
+                                    g_ent=g_ent, ent=aux_blk if aux == "entropy" else None, dw=dw, db=db, **kw)
+            for side, (ids, part) in enumerate(zip(idx, dh_blk.split(sizes))):
+                if dh[side] is not None:
+                    dh[side].view(-1, H).index_copy_(0, ids, part.to(dh[side].dtype))
+        del buf
+        with torch.no_grad():
+            loss, metrics = total(lp_all, aux_all)
+        # kept as attributes, not saved tensors: backward scales them in place (no second [V, H])
+        ctx.grads = (dw, db, *dh)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        out["metrics"] = metrics
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.grads is None:
+            raise RuntimeError("the single pass of a loss can be differentiated once per forward "
+                               "(its gradients are computed in the forward); run the forward again")
+        grads, ctx.grads = ctx.grads, None
+        n_sides = len(grads) - 2
+        dtypes = (*ctx.dtypes, *([None] * n_sides))  # d(hidden) is already in each side's dtype
+        inputs = (0, 1, *range(3, 3 + n_sides))  # (weight, bias, state, *hiddens): state has no gradient
+        out = [None] * (3 + n_sides)
+        for t, dtype, i in zip(grads, dtypes, inputs):
+            if t is not None and ctx.needs_input_grad[i]:
+                t = t.mul_(g.to(t.dtype))
+                out[i] = t if dtype is None else t.to(dtype)
+        return tuple(out)

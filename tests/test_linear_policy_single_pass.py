@@ -1,0 +1,167 @@
+"""LinearPolicyLoss's single pass (blocks of whole sequences through the head once, gradients while the
+block's logits are in memory) equals its two-pass path: loss, every metric and the gradients of hidden,
+weight and bias, for every loss separable over sequences; blocks of one sequence and of the whole batch;
+the C++ kernels and the Triton kernels in the interpreter. The two-pass path itself equals the float64
+oracle on materialised logits (test_linear_policy_loss)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastalign
+import fastalign.linear_policy as linear_policy
+from helpers import assert_close
+
+B, T, H, V = 4, 9, 16, 97
+
+CONFIGS = {
+    "grpo+k3+entropy": dict(loss_type="grpo", eps_high=0.28, kl_coef=0.05, entropy_coef=0.01),
+    "dapo+kl_rho": dict(loss_type="dapo", eps_high=0.28, kl_coef=0.05, kl_rho="grad"),
+    "dr_grpo": dict(loss_type="dr_grpo", max_len=T),
+    "bnpo+dual_clip+delta": dict(loss_type="bnpo", dual_clip=3.0, delta=4.0),
+    "gspo": dict(loss_type="gspo", eps_low=3e-4, eps_high=4e-4),
+    "cispo": dict(loss_type="cispo", eps_high=0.28),
+    "sapo": dict(loss_type="sapo"),
+    "vespo": dict(loss_type="vespo"),
+    "geo_mean": dict(loss_type="geo_mean"),
+    "seq-mean-token-sum+entropy_agg": dict(loss_type="ppo", agg="seq-mean-token-sum", entropy_coef=0.02,
+                                           entropy_agg="token-mean"),
+    "rollout_correction+offpolicy": dict(loss_type="ppo", rollout_correction="token_truncate",
+                                         offpolicy_threshold=0.05),
+    "global_counts": dict(loss_type="ppo", agg="seq-mean-token-mean", dp_size=2),
+}
+
+
+def make(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * 0.3).to(dtype)
+    bias = (torch.randn(V, generator=g) * 0.1).to(dtype)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[:, :3] = -100  # prompt
+    labels[1, 5] = -100  # a tool token inside the response
+    with torch.no_grad():
+        z = hidden.float() @ weight.float().T + bias.float()
+        lp0 = torch.log_softmax(z, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    mask = torch.rand(B, T, generator=g) > 0.15
+    mask[3, 4:] = False  # a short response
+    return dict(hidden=hidden, weight=weight, bias=bias, labels=labels, mask=mask,
+                old=lp0 + torch.randn(B, T, generator=g) * 0.2, ref=lp0 + torch.randn(B, T, generator=g) * 0.2,
+                rollout=lp0 + torch.randn(B, T, generator=g) * 0.2, A=torch.randn(B, generator=g))
+
+
+def run(d, config, single_pass, backend="cpp", **call):
+    leaves = [d[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
+    mod = fastalign.LinearPolicyLoss(backend=backend, single_pass=single_pass, **config)
+    inputs = {}
+    if config.get("kl_coef"):
+        inputs["ref_logprobs"] = d["ref"]
+    if config.get("rollout_correction") or config.get("offpolicy_threshold"):
+        inputs["rollout_logprobs"] = d["rollout"]
+    loss, metrics = mod(leaves[0], leaves[1], d["labels"], d["old"], d["A"], d["mask"], bias=leaves[2], **inputs,
+                        **call)
+    loss.backward()
+    return loss, metrics, [t.grad for t in leaves]
+
+
+def check_same(single, two, tol=2e-5):
+    loss, metrics, grads = single
+    rloss, rmetrics, rgrads = two
+    assert_close(loss, rloss, atol=tol, rtol=tol, what="loss")
+    assert set(metrics) == set(rmetrics)
+    for k in rmetrics:
+        assert_close(metrics[k], rmetrics[k], atol=tol, rtol=tol, what=k)
+    for got, want, name in zip(grads, rgrads, ("d hidden", "d weight", "d bias")):
+        assert_close(got, want, atol=tol, rtol=tol, what=name)
+
+
+@pytest.fixture(params=["1e-9", "1024"], ids=["one-sequence-blocks", "one-block"])
+def block_mib(request, monkeypatch):
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", request.param)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_single_pass_equals_two_passes(name, block_mib):
+    d = make(seed=1)
+    call = {"global_tokens": torch.tensor(40.0), "global_seqs": 7} if name == "global_counts" else {}
+    check_same(run(d, CONFIGS[name], True, **call), run(d, CONFIGS[name], False, **call))
+
+
+def test_single_pass_is_taken(monkeypatch):
+    """``"auto"`` takes the single pass when gradients are needed, the two passes otherwise."""
+    calls = []
+    orig = linear_policy.single_pass_loss
+    monkeypatch.setattr(linear_policy, "single_pass_loss", lambda *a, **k: calls.append(k["aux"]) or orig(*a, **k))
+    d = make(seed=2)
+    run(d, CONFIGS["grpo+k3+entropy"], "auto")
+    run(d, dict(loss_type="ppo"), "auto")
+    assert calls == ["entropy", None]
+    with torch.no_grad():
+        fastalign.LinearPolicyLoss(loss_type="ppo")(d["hidden"], d["weight"], d["labels"], d["old"], d["A"],
+                                                   d["mask"])
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_triton_kernels(softcap):
+    d = make(seed=3)
+    cfg = dict(CONFIGS["grpo+k3+entropy"], temperature=0.8, softcap=softcap)
+    check_same(run(d, cfg, True, backend="triton"), run(d, cfg, False, backend="triton"))
+
+
+def test_entropy_quantile_with_threshold():
+    """The batch's entropy quantile couples the sequences; a given threshold (e.g. gathered over every
+    process) does not."""
+    d = make(seed=4)
+    cfg = dict(loss_type="ppo", entropy_quantile=0.5)
+    threshold = torch.tensor([1.5])
+    check_same(run(d, cfg, True, entropy_threshold=threshold), run(d, cfg, False, entropy_threshold=threshold))
+    with pytest.raises(ValueError, match="entropy_quantile takes the batch's quantile"):
+        run(d, cfg, True)
+    run(d, cfg, "auto")  # the two passes
+
+
+def test_bf16():
+    d = make(seed=5, dtype=torch.bfloat16)
+    cfg = CONFIGS["grpo+k3+entropy"]
+    check_same(run(d, cfg, True), run(d, cfg, False), tol=2e-2)
+
+
+@pytest.mark.parametrize("config,call,match", [
+    (dict(loss_type="clip_cov", cov_ratio=0.2), {}, "chooses its tokens across the batch"),
+    (dict(loss_type="ppo", chunk=(4, 16)), {}, "chunk"),
+    (dict(loss_type="ppo", grad_skip_threshold=1e-3, backend="triton"), {}, "grad_skip_threshold"),
+])
+def test_single_pass_true_raises_where_it_does_not_apply(config, call, match):
+    with pytest.raises(ValueError, match=match):
+        fastalign.LinearPolicyLoss(single_pass=True, **config)
+
+
+def test_low_rank_takes_the_two_passes():
+    d = make(seed=6)
+    a, lw = torch.randn(B, T, 2), torch.randn(V, 2) * 0.1
+    with pytest.raises(ValueError, match="low-rank term"):
+        run(d, dict(loss_type="ppo"), True, low_rank=(a, lw))
+    run(d, dict(loss_type="ppo"), "auto", low_rank=(a, lw))
+
+
+def test_backward_twice_raises():
+    d = make(seed=7)
+    h = d["hidden"].clone().requires_grad_(True)
+    loss, _ = fastalign.LinearPolicyLoss(loss_type="ppo", single_pass=True)(
+        h, d["weight"], d["labels"], d["old"], d["A"], d["mask"])
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once per forward"):
+        loss.backward()
+
+
+def test_bad_head_inputs_are_named():
+    d = make(seed=8)
+    h = d["hidden"].clone().requires_grad_(True)
+    mod = fastalign.LinearPolicyLoss(loss_type="ppo", single_pass=True)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        mod(h, d["weight"][:, :-1], d["labels"], d["old"], d["A"], d["mask"])
+    with pytest.raises(ValueError, match="bias must have shape"):
+        mod(h, d["weight"], d["labels"], d["old"], d["A"], d["mask"], bias=d["bias"][:-1])
+    with pytest.raises(ValueError, match="single_pass must be one of"):
+        fastalign.LinearPolicyLoss(single_pass="yes")
