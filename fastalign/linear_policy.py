@@ -10,7 +10,8 @@ Two ways through the vocabulary, same loss and gradients:
   the gradient of each token's log-prob (and entropy) is known from its own sequence, so the
   block's d(logits) and the gradients of hidden, weight and bias follow while its logits are in
   memory (:mod:`fastalign.ops.single_pass`): three products. The block's logits are the memory
-  cost (``FASTALIGN_BLOCK_MIB``, 1024 MiB by default, at least one sequence).
+  cost (``FASTALIGN_BLOCK_MIB``: 1024 MiB of bf16/fp16 logits on a GPU, 64 MiB of fp32 on the
+  CPU by default, at least one sequence).
 
 Every loss is separable over sequences except Clip-Cov / KL-Cov (tokens chosen across the
 batch) and ``entropy_quantile`` without ``entropy_threshold`` (the batch's quantile).

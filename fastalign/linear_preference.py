@@ -10,8 +10,8 @@ through the vocabulary, same loss and gradients:
 * **single pass** (default on a GPU for the pair-separable losses): blocks of whole pairs
   go through the head once, their share of the loss giving d loss / d lp at once
   (:mod:`fastalign.ops.single_pass`, which calls back into this module's loss). The
-  block's logits are the memory cost (``FASTALIGN_BLOCK_MIB``, 1024 MiB by default, at
-  least one pair).
+  block's logits are the memory cost (``FASTALIGN_BLOCK_MIB``, 1024 MiB on a GPU and 64 MiB
+  on the CPU by default, at least one pair).
 
 A loss is pair-separable when ``loss = (1/B) Σ_i ℓ_i + c·NLL`` with ``ℓ_i`` a function of
 pair ``i`` only: every loss type except ``aot``/``aot_unpaired`` (sorted across the batch),

@@ -30,18 +30,21 @@ from torch import Tensor
 
 from fastalign.ops.linear_block import block_backward, block_buffer, block_forward, block_logprobs, block_rows
 
-#: Memory for the kept logits of one block, in MiB (``FASTALIGN_BLOCK_MIB`` overrides; its former name
-#: ``FASTALIGN_PAIR_BLOCK_MIB`` is read too).
+#: Memory for the kept logits of one block, in MiB, on a GPU (bf16/fp16 logits: thousands of rows, so the
+#: products run at full size) and on the CPU (fp32 logits of a few sequences; each block adds once to the fp32
+#: d(weight)). ``FASTALIGN_BLOCK_MIB`` overrides both; its former name ``FASTALIGN_PAIR_BLOCK_MIB`` is read too.
 DEFAULT_BLOCK_MIB = 1024.0
+DEFAULT_CPU_BLOCK_MIB = 64.0
 
 #: The per-token statistic a loss may read beside the log-prob: its gradient flows (entropy) or not (sum_p2).
 AUX_STATS = (None, "sum_p2", "entropy")
 
 
 def block_budget_rows(vocab: int, like: Tensor) -> int:
-    """Rows of kept logits per block: the ``FASTALIGN_BLOCK_MIB`` budget (1024 MiB by default) over
-    one row of ``vocab`` logits in the block buffer's dtype (at least one row)."""
-    mib = os.environ.get("FASTALIGN_BLOCK_MIB", os.environ.get("FASTALIGN_PAIR_BLOCK_MIB", DEFAULT_BLOCK_MIB))
+    """Rows of kept logits per block: the ``FASTALIGN_BLOCK_MIB`` budget (by default 1024 MiB on a GPU,
+    64 MiB on the CPU) over one row of ``vocab`` logits in the block buffer's dtype (at least one row)."""
+    default = DEFAULT_BLOCK_MIB if like.is_cuda else DEFAULT_CPU_BLOCK_MIB
+    mib = os.environ.get("FASTALIGN_BLOCK_MIB", os.environ.get("FASTALIGN_PAIR_BLOCK_MIB", default))
     return block_rows(vocab, like, float(mib) * (1 << 20))
 
 
