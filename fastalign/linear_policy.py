@@ -137,19 +137,11 @@ class LinearPolicyLoss(nn.Module):
         mask = response_mask.bool() & (labels != ignore_index)
         # unscored tokens (prompt, tool output) are ignored rows: on CPU they skip the vocabulary
         scored = labels.masked_fill(~mask, ignore_index)
-        check_head_inputs(hidden, weight, scored, bias)
-        inputs = dict(ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, **cfg)
-        differentiated = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                         for t in (hidden, weight, bias))
-        if single_pass is True and not eager(hidden, weight, bias):
-            raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two-pass "
-                             "custom ops run")
-        if why is None and differentiated and single_pass is not False and eager(hidden, weight, bias):
-            return _single_pass(hidden, weight, bias, scored, old_logprobs, advantages, mask, want_ent, logit,
-                                backend, inputs)
-        stats = linear_logprobs(hidden, weight, scored, bias=bias, low_rank=low_rank, entropy=want_ent,
-                                backend=backend, **logit)
-        return policy_loss(stats.logprobs, old_logprobs, advantages, mask, entropy=stats.entropy, **inputs)
+        loss, metrics, _lp, _ent = policy_step(
+            hidden, weight, scored, old_logprobs, advantages, mask, bias=bias, low_rank=low_rank, entropy=want_ent,
+            single_pass=single_pass if why is None else False, logit=logit, backend=backend,
+            inputs=dict(ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, **cfg))
+        return loss, metrics
 
     def extra_repr(self) -> str:
         items = dict(self.config)
@@ -160,30 +152,63 @@ class LinearPolicyLoss(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in items.items() if not isinstance(v, torch.Tensor))
 
 
+def policy_step(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Optional[Tensor], advantages: Tensor,
+                mask: Tensor, *, bias: Optional[Tensor] = None, low_rank=None, entropy: bool = False,
+                single_pass="auto", logit: dict, backend: Optional[str] = None, inputs: dict):
+    """``(loss, metrics, logprobs, entropy)``: :func:`fastalign.policy_loss` (with ``inputs``: its other
+    tensors and options) of the token statistics of ``hidden`` against the head ``weight`` (``labels``
+    already ``ignore_index`` off ``mask``; ``logit``: the options of :func:`fastalign.linear_logprobs`),
+    by the single pass or the two passes (module docstring); ``logprobs`` detached, ``entropy`` None
+    unless asked. ``old_logprobs=None`` is the policy's own log-probs, detached (a ratio of 1).
+    ``single_pass``: ``"auto"`` / True take the single pass when gradients are needed in eager mode
+    (the caller has ruled out a loss that couples the batch); True raises under tracing."""
+    check_head_inputs(hidden, weight, labels, bias)
+    differentiated = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if single_pass is True and not eager(hidden, weight, bias):
+        raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two-pass "
+                         "custom ops run")
+    if differentiated and single_pass is not False and eager(hidden, weight, bias):
+        return _single_pass(hidden, weight, bias, labels, old_logprobs, advantages, mask, entropy, logit, backend,
+                            inputs)
+    stats = linear_logprobs(hidden, weight, labels, bias=bias, low_rank=low_rank, entropy=entropy, backend=backend,
+                            **logit)
+    lp = stats.logprobs
+    old = lp.detach() if old_logprobs is None else old_logprobs
+    loss, metrics = policy_loss(lp, old, advantages, mask, entropy=stats.entropy, **inputs)
+    return loss, metrics, lp.detach(), stats.entropy
+
+
 def _single_pass(hidden, weight, bias, labels, old_logprobs, advantages, mask, want_ent: bool, logit: dict,
                  backend, inputs: dict):
-    """:func:`fastalign.policy_loss` of the token statistics of ``hidden`` by the single pass, a block of
-    whole sequences at a time. A block's share is the loss of the whole batch with the other sequences'
-    log-probs held at ``old_logprobs`` and their entropies at 0: constants, so its gradient with respect
-    to the block's statistics is the loss's (the normalisers come from the mask, as in the batch's loss)."""
+    """:func:`policy_step` by the single pass, a block of whole sequences at a time. A block's share is
+    the loss of the whole batch with the other sequences' log-probs held at ``old_logprobs`` (or 0
+    with their old log-probs 0 too, when those are the policy's own) and their entropies at 0:
+    constants, so its gradient with respect to the block's statistics is the loss's (the normalisers
+    come from the mask, as in the batch's loss)."""
     ignore_index = int(logit.get("ignore_index", -100))
     inv_t, cap, scale = check_logit_options(**{k: v for k, v in logit.items() if k != "vocab_group"})
     pipe = LogitPipeline(scale=scale, softcap=cap, inv_t=inv_t, ignore_index=ignore_index,
                          backend=_backend.resolve(hidden.device, backend))
     # on the CPU only the labelled rows go through the head (finding them reads their count: free there)
     rows = (labels.reshape(-1) != ignore_index).nonzero().squeeze(1) if hidden.device.type == "cpu" else None
-    held = old_logprobs.detach().float()
-    zero = torch.zeros_like(held)
+    zero = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    held = zero if old_logprobs is None else old_logprobs.detach().float()
+    stats = []
 
     def embed(part: Tensor, rest: Tensor, items: slice) -> Tensor:
         return torch.cat([rest[:items.start], part, rest[items.stop:]])
 
     def share(lps, ents, items: slice):
+        lp = embed(lps[0], held, items)
+        old = lp.detach() if old_logprobs is None else old_logprobs
         ent = embed(ents[0], zero, items) if want_ent else None
-        return policy_loss(embed(lps[0], held, items), old_logprobs, advantages, mask, entropy=ent, **inputs)[0]
+        return policy_loss(lp, old, advantages, mask, entropy=ent, **inputs)[0]
 
     def total(lps, ents):
-        return policy_loss(lps[0], old_logprobs, advantages, mask, entropy=ents[0], **inputs)
+        stats.extend((lps[0], ents[0]))
+        old = lps[0] if old_logprobs is None else old_logprobs
+        return policy_loss(lps[0], old, advantages, mask, entropy=ents[0], **inputs)
 
-    return single_pass_loss([Side(hidden, labels, rows)], weight, bias, share, total, pipe=pipe,
-                            aux="entropy" if want_ent else None)
+    loss, metrics = single_pass_loss([Side(hidden, labels, rows)], weight, bias, share, total, pipe=pipe,
+                                     aux="entropy" if want_ent else None)
+    return loss, metrics, *stats

@@ -225,8 +225,8 @@ def test_linear_backward_bf16_weight_gradient_buffer():
     lse = torch.logsumexp((h.float() @ w.float().T), -1)
     dw = torch.zeros(w.shape, dtype=torch.bfloat16)
     empty = torch.empty(0)
-    _triton_backward(torch.ones(len(y)), None, None, h, w, None, y, lse, empty, empty, 1.0, 0.0, 1.0, -100, 2,
-                     0.0, None, dw, None)
+    _triton_backward(torch.ones(len(y)), None, None, h, w, None, None, y, lse, empty, empty, 1.0, 0.0, 1.0, -100,
+                     2, 0.0, None, dw, None)
     assert _rel_err(dw, ref_dw) < DW_TOL
     assert torch.isfinite(st.logprobs).all()
 

@@ -7,7 +7,8 @@ hidden states and the lm_head weight (never the ``[N, V]`` logits). A user swaps
 Modules: :class:`LigerFusedLinearGRPOLoss`, :class:`LigerFusedLinearDPOLoss`,
 :class:`LigerFusedLinearCPOLoss`, :class:`LigerFusedLinearORPOLoss`,
 :class:`LigerFusedLinearSimPOLoss`, :class:`LigerFusedLinearKTOLoss`. Log-probs come from
-:func:`fastalign.linear_logprobs`, the losses from :func:`fastalign.policy_loss`,
+:func:`fastalign.linear_logprobs` (GRPO: the single pass of :class:`fastalign.LinearPolicyLoss` when
+gradients are needed), the losses from :func:`fastalign.policy_loss`,
 :func:`fastalign.preference_loss` and :func:`fastalign.preference.unpaired_preference_loss`
 (docs/math.md#policy-losses, docs/math.md#preference-losses). Gradients flow to the hidden
 states, the weight and the bias.
@@ -70,7 +71,7 @@ from torch import Tensor, nn
 
 from fastalign.integrations.trl.grpo import GRPO_LOSSES  # Liger's GRPO loss types are TRL's
 from fastalign.linear import linear_logprobs
-from fastalign.policy import policy_loss
+from fastalign.linear_policy import policy_step
 from fastalign.policy_config import PolicyConfig
 from fastalign.preference import preference_loss, unpaired_preference_loss
 
@@ -183,7 +184,6 @@ class LigerFusedLinearGRPOLoss(nn.Module):
         labels = selected_token_ids
         mask = attention_mask.bool() & (labels != _GRPO_IGNORE_INDEX)
         scored = labels.masked_fill(~mask, _GRPO_IGNORE_INDEX)  # unscored positions skip the vocabulary
-        lp = linear_logprobs(_input, lin_weight, scored, bias=bias, temperature=self.temperature).logprobs
         ref = None
         if self.beta != 0.0 and self.use_ref_model:
             if ref_per_token_logps is not None:
@@ -192,7 +192,6 @@ class LigerFusedLinearGRPOLoss(nn.Module):
                 with torch.no_grad():
                     ref = linear_logprobs(ref_input, ref_weight, scored, bias=ref_bias,
                                           temperature=self.temperature).logprobs
-        old = lp.detach() if old_per_token_logps is None else old_per_token_logps
         kw: dict = {}
         cfg = self.config
         if self._per_token_count:
@@ -201,7 +200,11 @@ class LigerFusedLinearGRPOLoss(nn.Module):
                 cfg = PolicyConfig.make(cfg, dp_size=world)
         if vllm_is_ratio is not None:
             kw["importance_weights"] = self._is_weights(vllm_is_ratio, mask)
-        loss, _ = policy_loss(lp, old, advantages, mask, ref_logprobs=ref, config=cfg, **kw)
+        # the single pass through the head when gradients are needed (every Liger GRPO loss is separable)
+        loss, _, lp, _ = policy_step(_input, lin_weight, scored, old_per_token_logps, advantages, mask, bias=bias,
+                                     logit=dict(temperature=self.temperature),
+                                     inputs=dict(ref_logprobs=ref, config=cfg, **kw))
+        old = lp if old_per_token_logps is None else old_per_token_logps
         return loss, self._metrics(lp, old, ref, advantages, mask)
 
     def _is_weights(self, ratio: Tensor, mask: Tensor) -> Tensor:
