@@ -18,7 +18,7 @@ batch) and ``entropy_quantile`` without ``entropy_threshold`` (the batch's quant
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -137,11 +137,16 @@ class LinearPolicyLoss(nn.Module):
         mask = response_mask.bool() & (labels != ignore_index)
         # unscored tokens (prompt, tool output) are ignored rows: on CPU they skip the vocabulary
         scored = labels.masked_fill(~mask, ignore_index)
-        loss, metrics, _lp, _ent = policy_step(
-            hidden, weight, scored, old_logprobs, advantages, mask, bias=bias, low_rank=low_rank, entropy=want_ent,
-            single_pass=single_pass if why is None else False, logit=logit, backend=backend,
-            inputs=dict(ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, **cfg))
-        return loss, metrics
+        inputs = dict(ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, **cfg)
+
+        def loss(lp, old, ent):
+            return policy_loss(lp, old, advantages, mask, entropy=ent, **inputs)
+
+        value, metrics, _lp, _ent = policy_step(hidden, weight, scored, old_logprobs, loss, bias=bias,
+                                                low_rank=low_rank, entropy=want_ent,
+                                                single_pass=single_pass if why is None else False, logit=logit,
+                                                backend=backend)
+        return value, metrics
 
     def extra_repr(self) -> str:
         items = dict(self.config)
@@ -152,34 +157,37 @@ class LinearPolicyLoss(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in items.items() if not isinstance(v, torch.Tensor))
 
 
-def policy_step(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Optional[Tensor], advantages: Tensor,
-                mask: Tensor, *, bias: Optional[Tensor] = None, low_rank=None, entropy: bool = False,
-                single_pass="auto", logit: dict, backend: Optional[str] = None, inputs: dict):
-    """``(loss, metrics, logprobs, entropy)``: :func:`fastalign.policy_loss` (with ``inputs``: its other
-    tensors and options) of the token statistics of ``hidden`` against the head ``weight`` (``labels``
-    already ``ignore_index`` off ``mask``; ``logit``: the options of :func:`fastalign.linear_logprobs`),
-    by the single pass or the two passes (module docstring); ``logprobs`` detached, ``entropy`` None
-    unless asked. ``old_logprobs=None`` is the policy's own log-probs, detached (a ratio of 1).
+#: loss(logprobs, old_logprobs, entropy) -> (loss, metrics) of a batch of sequences
+SequenceLoss = Callable[[Tensor, Tensor, Optional[Tensor]], Tuple[Tensor, dict]]
+
+
+def policy_step(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Optional[Tensor], loss: SequenceLoss, *,
+                bias: Optional[Tensor] = None, low_rank=None, entropy: bool = False, single_pass="auto",
+                logit: dict, backend: Optional[str] = None):
+    """``(loss, metrics, logprobs, entropy)``: ``loss(lp, old, H)`` of the token statistics of ``hidden``
+    against the head ``weight`` (``labels`` already ``ignore_index`` where unscored; ``logit``: the options
+    of :func:`fastalign.linear_logprobs`), by the single pass or the two passes (module docstring);
+    ``logprobs`` detached, ``entropy`` None unless asked. ``old_logprobs=None`` is the policy's own
+    log-probs, detached (a ratio of 1). ``loss`` must be separable over sequences (a
+    :func:`fastalign.policy_loss` with normalisers from the mask; the caller rules out the rest).
     ``single_pass``: ``"auto"`` / True take the single pass when gradients are needed in eager mode
-    (the caller has ruled out a loss that couples the batch); True raises under tracing."""
+    without a ``low_rank`` head; True raises under tracing."""
     check_head_inputs(hidden, weight, labels, bias)
     differentiated = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if single_pass is True and not eager(hidden, weight, bias):
         raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two-pass "
                          "custom ops run")
-    if differentiated and single_pass is not False and eager(hidden, weight, bias):
-        return _single_pass(hidden, weight, bias, labels, old_logprobs, advantages, mask, entropy, logit, backend,
-                            inputs)
+    if differentiated and single_pass is not False and low_rank is None and eager(hidden, weight, bias):
+        return _single_pass(hidden, weight, bias, labels, old_logprobs, loss, entropy, logit, backend)
     stats = linear_logprobs(hidden, weight, labels, bias=bias, low_rank=low_rank, entropy=entropy, backend=backend,
                             **logit)
     lp = stats.logprobs
-    old = lp.detach() if old_logprobs is None else old_logprobs
-    loss, metrics = policy_loss(lp, old, advantages, mask, entropy=stats.entropy, **inputs)
-    return loss, metrics, lp.detach(), stats.entropy
+    value, metrics = loss(lp, lp.detach() if old_logprobs is None else old_logprobs, stats.entropy)
+    return value, metrics, lp.detach(), stats.entropy
 
 
-def _single_pass(hidden, weight, bias, labels, old_logprobs, advantages, mask, want_ent: bool, logit: dict,
-                 backend, inputs: dict):
+def _single_pass(hidden, weight, bias, labels, old_logprobs, loss: SequenceLoss, want_ent: bool, logit: dict,
+                 backend):
     """:func:`policy_step` by the single pass, a block of whole sequences at a time. A block's share is
     the loss of the whole batch with the other sequences' log-probs held at ``old_logprobs`` (or 0
     with their old log-probs 0 too, when those are the policy's own) and their entropies at 0:
@@ -200,15 +208,13 @@ def _single_pass(hidden, weight, bias, labels, old_logprobs, advantages, mask, w
 
     def share(lps, ents, items: slice):
         lp = embed(lps[0], held, items)
-        old = lp.detach() if old_logprobs is None else old_logprobs
-        ent = embed(ents[0], zero, items) if want_ent else None
-        return policy_loss(lp, old, advantages, mask, entropy=ent, **inputs)[0]
+        return loss(lp, lp.detach() if old_logprobs is None else old_logprobs,
+                    embed(ents[0], zero, items) if want_ent else None)[0]
 
     def total(lps, ents):
         stats.extend((lps[0], ents[0]))
-        old = lps[0] if old_logprobs is None else old_logprobs
-        return policy_loss(lps[0], old, advantages, mask, entropy=ents[0], **inputs)
+        return loss(lps[0], lps[0] if old_logprobs is None else old_logprobs, ents[0])
 
-    loss, metrics = single_pass_loss([Side(hidden, labels, rows)], weight, bias, share, total, pipe=pipe,
-                                     aux="entropy" if want_ent else None)
-    return loss, metrics, *stats
+    value, metrics = single_pass_loss([Side(hidden, labels, rows)], weight, bias, share, total, pipe=pipe,
+                                      aux="entropy" if want_ent else None)
+    return value, metrics, *stats

@@ -186,12 +186,20 @@ def _grpo(cls, checkpoint, tmp_path, options):
 
 
 @pytest.mark.parametrize("case", list(GRPO_CASES))
-def test_grpo_trainer_matches_trl(checkpoint, tmp_path, case):
+def test_grpo_trainer_matches_trl(checkpoint, tmp_path, case, monkeypatch):
+    """Loss, metrics and update equal TRL's. The loss goes through the head in one pass over the completions
+    (blocks of whole sequences), except with top_entropy_quantile < 1 (the quantile of every token comes first)."""
+    import fastalign.linear_policy as linear_policy
+
     options = GRPO_CASES[case]
     theirs = _run(_grpo(trl.GRPOTrainer, checkpoint, tmp_path / "trl", options))
+    single = linear_policy._single_pass
+    passes = []
+    monkeypatch.setattr(linear_policy, "_single_pass", lambda *a: passes.append(1) or single(*a))
     ours = _run(_grpo(fa_trl.GRPOTrainer, checkpoint, tmp_path / "fa", options))
     assert "entropy@0" in ours[0] and ("kl@0" in ours[0]) == bool(options.get("beta"))
     _compare(theirs, ours)
+    assert bool(passes) == (options.get("top_entropy_quantile", 1.0) == 1.0)
 
 
 # ------------------------------------------------------------------------------------------ DPO

@@ -100,6 +100,11 @@ def test_single_pass_is_taken(monkeypatch):
         fastalign.LinearPolicyLoss(loss_type="ppo")(d["hidden"], d["weight"], d["labels"], d["old"], d["A"],
                                                    d["mask"])
     assert len(calls) == 2
+    head = torch.nn.Linear(H, V)  # a model's lm_head: its weight and bias are nn.Parameters
+    loss, _ = fastalign.LinearPolicyLoss(loss_type="ppo")(d["hidden"], head.weight, d["labels"], d["old"], d["A"],
+                                                          d["mask"], bias=head.bias)
+    loss.backward()
+    assert len(calls) == 3 and head.weight.grad is not None
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])

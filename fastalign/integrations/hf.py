@@ -160,6 +160,28 @@ def _head(model, hidden: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[tup
     return weight, bias, None
 
 
+def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **model_kwargs):
+    """``(hidden [B, T, H], weight, bias, low_rank)``: the model's body run on ``input_ids`` (no KV cache)
+    and its output head's operands at every position (:func:`_head`), all in the autocast dtype under
+    ``torch.autocast`` (as the model's ``nn.Linear`` would run); ``hidden @ weight.T + a @ L.T + bias``
+    are the head's logits before its transform (:data:`HEAD_TRANSFORMS`)."""
+    # No KV cache: transformers builds its per-sequence (packed) attention mask only without one.
+    model_kwargs.setdefault("use_cache", False)
+    outputs = _body(model)(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **model_kwargs)
+    hidden = outputs.last_hidden_state
+    weight, bias, low_rank = _head(model, hidden)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        low_rank = None if low_rank is None else (low_rank[0].to(dtype), low_rank[1].to(dtype))
+    elif weight.dtype != hidden.dtype:
+        raise TypeError(f"model: the output head weight is {weight.dtype} but the hidden states are "
+                        f"{hidden.dtype}; run under torch.autocast or give the head the body's dtype")
+    return hidden, weight, bias, low_rank
+
+
 def _aligned(name: str, mask: Optional[Tensor], shape) -> Optional[Tensor]:
     if mask is None:
         return None
@@ -321,22 +343,9 @@ def causal_lm_logprobs(
         scored = scored & ~past_end[:, 1:]
     targets = torch.where(scored, targets, torch.full_like(targets, ignore_index))
 
-    # No KV cache: transformers builds its per-sequence (packed) attention mask only without one.
-    model_kwargs.setdefault("use_cache", False)
-    outputs = _body(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           return_dict=True, **model_kwargs)
-    hidden = outputs.last_hidden_state
-    weight, bias, low_rank = _head(model, hidden)
-
+    hidden, weight, bias, low_rank = head_operands(model, input_ids, attention_mask, position_ids=position_ids,
+                                                   **model_kwargs)
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        low_rank = None if low_rank is None else (low_rank[0].to(dtype), low_rank[1].to(dtype))
-    elif weight.dtype != hidden.dtype:
-        raise TypeError(f"model: the output head weight is {weight.dtype} but the hidden states are "
-                        f"{hidden.dtype}; run under torch.autocast or give the head the body's dtype")
     if _on_head is not None:  # the head's operands at every position, for statistics beside the log-probs
         _on_head(hidden, weight, bias, low_rank)
     with torch.autocast(device_type, enabled=False):

@@ -72,6 +72,7 @@ from torch import Tensor, nn
 from fastalign.integrations.trl.grpo import GRPO_LOSSES  # Liger's GRPO loss types are TRL's
 from fastalign.linear import linear_logprobs
 from fastalign.linear_policy import policy_step
+from fastalign.policy import policy_loss
 from fastalign.policy_config import PolicyConfig
 from fastalign.preference import preference_loss, unpaired_preference_loss
 
@@ -201,9 +202,11 @@ class LigerFusedLinearGRPOLoss(nn.Module):
         if vllm_is_ratio is not None:
             kw["importance_weights"] = self._is_weights(vllm_is_ratio, mask)
         # the single pass through the head when gradients are needed (every Liger GRPO loss is separable)
-        loss, _, lp, _ = policy_step(_input, lin_weight, scored, old_per_token_logps, advantages, mask, bias=bias,
-                                     logit=dict(temperature=self.temperature),
-                                     inputs=dict(ref_logprobs=ref, config=cfg, **kw))
+        def grpo(lp, old, _entropy):
+            return policy_loss(lp, old, advantages, mask, ref_logprobs=ref, config=cfg, **kw)
+
+        loss, _, lp, _ = policy_step(_input, lin_weight, scored, old_per_token_logps, grpo, bias=bias,
+                                     logit=dict(temperature=self.temperature))
         old = lp if old_per_token_logps is None else old_per_token_logps
         return loss, self._metrics(lp, old, ref, advantages, mask)
 

@@ -105,11 +105,14 @@ def kernel_op(name: str, outputs: Callable, mutates_args: tuple[str, ...] = ()):
     return declare
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def eager(*tensors: Optional[torch.Tensor]) -> bool:
-    """True for a plain eager call: every tensor a plain ``torch.Tensor`` (no fake or other
-    subclass), nothing tracing (torch.compile, jit) and no dispatch or function mode active.
-    Only then may the host read a tensor's values or call a kernel without the custom op."""
-    return (all(t is None or type(t) is torch.Tensor for t in tensors)
+    """True for a plain eager call: every tensor a plain ``torch.Tensor`` or ``nn.Parameter`` (no fake,
+    DTensor or other subclass), nothing tracing (torch.compile, jit) and no dispatch or function mode
+    active. Only then may the host read a tensor's values or call a kernel without the custom op."""
+    return (all(t is None or type(t) in _PLAIN for t in tensors)
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled())
 

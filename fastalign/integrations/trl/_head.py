@@ -18,10 +18,11 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastalign.integrations.hf import causal_lm_logprobs, head_transform
+from fastalign.integrations.hf import causal_lm_logprobs, head_operands, head_transform
 
-#: The per-token fields :func:`head_outputs` can compute (TRL's ``FusedCausalLMOutput`` names).
-FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "position_mean_logits")
+#: The per-token fields :func:`head_outputs` can compute (TRL's ``FusedCausalLMOutput`` names), and
+#: ``operands``: the head's own operands instead, for a loss that goes through the head itself.
+FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "position_mean_logits", "operands")
 
 
 @dataclass
@@ -32,14 +33,16 @@ class HeadOutputs:
     ``mean_logits`` (``(1/V) Σ_j z_j``) and ``is_top1`` (``label == argmax_j z_j``) are not.
     ``position_mean_logits`` ``[B, T]`` (not differentiable) is the mean logit at every position,
     the last one and unscored ones included (what a mean of the model's ``[B, T, V]`` logits sees).
-    Fields not requested are None."""
+    Fields not requested are None. ``operands`` (alone) is ``(hidden [B, T, H], weight, bias, low_rank)``
+    of :func:`fastalign.integrations.hf.head_operands`, with no vocabulary pass (``log_probs`` None)."""
 
-    log_probs: Tensor
+    log_probs: Optional[Tensor]
     entropy: Optional[Tensor] = None
     log_sum_sq_probs: Optional[Tensor] = None
     mean_logits: Optional[Tensor] = None
     is_top1: Optional[Tensor] = None
     position_mean_logits: Optional[Tensor] = None
+    operands: Optional[tuple] = None
 
 
 def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Tensor,
@@ -57,6 +60,10 @@ def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], lab
     unknown = set(fields) - set(FIELDS)
     if unknown:
         raise ValueError(f"fastalign_head: unknown fields {sorted(unknown)}; known: {FIELDS}")
+    if "operands" in fields:
+        if len(fields) != 1:
+            raise ValueError("fastalign_head: 'operands' is asked alone (the head's operands, no statistics)")
+        return HeadOutputs(log_probs=None, operands=head_operands(model, input_ids, attention_mask, **model_kwargs))
     head = []
     mean_fields = [f for f in ("mean_logits", "position_mean_logits") if f in fields]
     if mean_fields:

@@ -8,7 +8,10 @@ Per-token log-probs and entropies of the policy (and of the reference and old po
 the last hidden states and the model's own output head through
 :func:`fastalign.integrations.hf.causal_lm_logprobs`, so the ``[B, T, V]`` logits are never built;
 the loss is :class:`fastalign.integrations.trl.GRPOLoss` of the trainer's config, and the metrics
-go through TRL's own ``_metrics`` under TRL's names. Generation, rewards, advantages, sampling
+go through TRL's own ``_metrics`` under TRL's names. The training loss goes through the head
+itself (:func:`fastalign.linear_policy.policy_step`): one pass over blocks of whole completions,
+three matrix products instead of four, unless ``top_entropy_quantile < 1`` (the entropy quantile
+over every process comes first). Generation, rewards, advantages, sampling
 and logging are TRL's.
 
 Options the drop-in cannot honour raise a ValueError naming the config field at construction:
@@ -27,8 +30,10 @@ import torch
 import trl
 from trl.trainer.utils import nanmax, nanmin
 
+from fastalign.integrations.hf import head_transform
 from fastalign.integrations.trl._head import check_config, check_model, gathered_mean, init_checked, install_heads
 from fastalign.integrations.trl.grpo import GRPOLoss, entropy_threshold, grpo_policy_config
+from fastalign.linear_policy import policy_step
 
 __all__ = ["GRPOTrainer"]
 
@@ -39,6 +44,18 @@ _RATIO_MEANS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/regio
 
 _VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "num_tiles",
                   "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+def _text_only(vision_inputs: dict, compute_aux_loss: bool) -> None:
+    """Raise on what the fused head cannot take: vision inputs, unknown ones, the MoE load-balancing loss."""
+    unexpected = set(vision_inputs) - set(_VISION_INPUTS) - {"num_images"}
+    if unexpected:
+        raise TypeError(f"unexpected arguments {sorted(unexpected)}")
+    given = sorted(k for k, v in vision_inputs.items() if v is not None)
+    if given:
+        raise ValueError(f"vision inputs {given} are not supported by the fastalign GRPOTrainer")
+    if compute_aux_loss:
+        raise ValueError("the MoE load-balancing loss is not supported by the fastalign GRPOTrainer")
 
 
 class GRPOTrainer(trl.GRPOTrainer):
@@ -63,14 +80,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         r"""``(log p(y_t | y_{<t}), H_t, None)`` of the last ``logits_to_keep`` tokens, ``[B, logits_to_keep]``,
         from the hidden states (``H_t = -Σ_j p_j log p_j`` at temperature ``self.temperature``);
         padding (``attention_mask == 0``) gives 0. Text only; chunked by ``batch_size`` rows like TRL."""
-        unexpected = set(vision_inputs) - set(_VISION_INPUTS) - {"num_images"}
-        if unexpected:
-            raise TypeError(f"unexpected arguments {sorted(unexpected)}")
-        given = sorted(k for k, v in vision_inputs.items() if v is not None)
-        if given:
-            raise ValueError(f"vision inputs {given} are not supported by the fastalign GRPOTrainer")
-        if compute_aux_loss:
-            raise ValueError("the MoE load-balancing loss is not supported by the fastalign GRPOTrainer")
+        _text_only(vision_inputs, compute_aux_loss)
         fields = ("log_probs", "entropy") if compute_entropy else ("log_probs",)
         batch_size = batch_size or input_ids.size(0)
         logps, entropies = [], []
@@ -85,30 +95,58 @@ class GRPOTrainer(trl.GRPOTrainer):
                 entropies.append(out.entropy[:, -logits_to_keep:])
         return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
 
+    def _head_loss(self, model, ids, attention, completion_ids, completion_mask, old, loss, vision):
+        """``(loss, metrics)`` of ``loss`` on the completion tokens, through the model's head from its hidden
+        states (:func:`fastalign.linear_policy.policy_step`), padding unscored as in
+        :meth:`_get_per_token_logps_and_entropies`."""
+        _text_only(vision, False)
+        with self.accelerator.autocast():
+            out = model(input_ids=ids, attention_mask=attention, labels=ids, fastalign_head=("operands",))
+        hidden, weight, bias, low_rank = out.operands
+        k = completion_ids.size(1)
+        positions = slice(hidden.size(1) - k - 1, hidden.size(1) - 1)  # those that predict the completion
+        scale, softcap = head_transform(self.accelerator.unwrap_model(model).config)
+        value, metrics, _lp, _ent = policy_step(
+            hidden[:, positions], weight, completion_ids.masked_fill(completion_mask == 0, -100), old, loss,
+            bias=bias, low_rank=None if low_rank is None else (low_rank[0][:, positions], low_rank[1]), entropy=True,
+            logit=dict(temperature=self.temperature, logit_scale=scale, softcap=softcap))
+        return value, metrics
+
     def _compute_loss(self, model, inputs):
-        """TRL's ``_compute_loss`` contract: the micro-batch loss; the metrics go to ``self._metrics``."""
+        """TRL's ``_compute_loss`` contract: the micro-batch loss; the metrics go to ``self._metrics``.
+
+        With ``top_entropy_quantile = 1`` the loss goes through the head itself (:func:`fastalign.linear_policy.
+        policy_step`: one pass over blocks of whole sequences when gradients are needed); otherwise the
+        entropies of every process come first (the quantile), then the loss."""
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         completion_mask = inputs["completion_mask"]
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
-            model, torch.cat([prompt_ids, completion_ids], dim=1),
-            torch.cat([inputs["prompt_mask"], completion_mask], dim=1), completion_ids.size(1), compute_entropy=True,
-            **{k: inputs.get(k) for k in ("num_images", *_VISION_INPUTS)})
+        ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        vision = {k: inputs.get(k) for k in ("num_images", *_VISION_INPUTS)}
         old = inputs.get("old_per_token_logps")
-        sampling = inputs.get("sampling_per_token_logps")
-        if sampling is None and self.off_policy_mask_threshold is not None:
-            sampling = per_token_logps.detach() if old is None else old
-        threshold = None
-        if self.top_entropy_quantile < 1.0:  # over every process's tokens, as TRL's get_high_entropy_mask
-            threshold = entropy_threshold(entropies, mask, self.top_entropy_quantile, self.accelerator)
         mode = "train" if self.model.training else "eval"
-        loss, metrics = self.fastalign_loss(
-            per_token_logps, old, inputs["advantages"], mask, entropy=entropies,
-            ref_logprobs=inputs.get("ref_per_token_logps"), sampling_logprobs=sampling,
-            importance_sampling_ratio=inputs.get("importance_sampling_ratio"),
-            num_items_in_batch=inputs.get("num_items_in_batch"), num_processes=self.accelerator.num_processes,
-            training=mode == "train", gradient_accumulation_steps=self.current_gradient_accumulation_steps,
-            entropy_threshold=threshold)
+
+        def grpo(per_token_logps, old_logps, entropies, threshold=None):
+            sampling = inputs.get("sampling_per_token_logps")
+            if sampling is None and self.off_policy_mask_threshold is not None:
+                sampling = old_logps.detach()
+            return self.fastalign_loss(
+                per_token_logps, old_logps, inputs["advantages"], mask, entropy=entropies,
+                ref_logprobs=inputs.get("ref_per_token_logps"), sampling_logprobs=sampling,
+                importance_sampling_ratio=inputs.get("importance_sampling_ratio"),
+                num_items_in_batch=inputs.get("num_items_in_batch"), num_processes=self.accelerator.num_processes,
+                training=mode == "train", gradient_accumulation_steps=self.current_gradient_accumulation_steps,
+                entropy_threshold=threshold)
+
+        if self.top_entropy_quantile < 1.0:  # over every process's tokens, as TRL's get_high_entropy_mask
+            per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
+                model, ids, attention, completion_ids.size(1), compute_entropy=True, **vision)
+            threshold = entropy_threshold(entropies, mask, self.top_entropy_quantile, self.accelerator)
+            loss, metrics = grpo(per_token_logps, per_token_logps.detach() if old is None else old, entropies,
+                                 threshold)
+        else:
+            loss, metrics = self._head_loss(model, ids, attention, completion_ids, completion_mask, old, grpo, vision)
         log = self._metrics[mode]
         sequence_ratio = self.importance_sampling_level == "sequence"
         for name, value in metrics.items():
