@@ -214,4 +214,9 @@ def test_one_rule_for_skipping_the_dispatcher():
         assert not runs_directly("cpp", mode.from_tensor(x))
     with TorchFunctionMode():
         assert not runs_directly("cpp", x)
-    assert not runs_directly("cpp", torch.nn.Parameter(x))
+    assert runs_directly("cpp", torch.nn.Parameter(x))  # a model's weight: a plain tensor to the kernels
+
+    class Wrapped(torch.Tensor):  # any other subclass may override dispatch: it goes through the op
+        pass
+
+    assert not runs_directly("cpp", x.as_subclass(Wrapped))
