@@ -5,7 +5,8 @@ Two ways through the vocabulary, same loss and gradients:
 * **two passes**: token log-probs (and entropies) from :func:`fastalign.linear_logprobs`
   (forward: statistics only; backward: logits recomputed chunk by chunk), then
   :func:`fastalign.policy_loss`: four matrix products of ``[tokens, H] x [H, V]`` size.
-* **single pass** (when gradients are needed and the loss is separable over sequences): blocks
+* **single pass** (when gradients are needed and the loss is separable over sequences; by
+  default on a GPU, and on the CPU for an fp32 head): blocks
   of whole sequences go through the head once; with the step's normalisers fixed by the mask,
   the gradient of each token's log-prob (and entropy) is known from its own sequence, so the
   block's d(logits) and the gradients of hidden, weight and bias follow while its logits are in
@@ -27,7 +28,7 @@ from fastalign import _backend, _validate
 from fastalign._options import check_choice, check_names
 from fastalign.linear import check_head_inputs, check_logit_options, linear_logprobs
 from fastalign.ops._launch import eager
-from fastalign.ops.single_pass import LogitPipeline, Side, single_pass_loss
+from fastalign.ops.single_pass import LogitPipeline, Side, pays_off, single_pass_loss
 from fastalign.policy import policy_loss
 from fastalign.policy_config import FIELDS, PolicyConfig
 
@@ -83,9 +84,9 @@ class LinearPolicyLoss(nn.Module):
 
     ``single_pass`` (``"auto"``, True, False): the single pass over blocks of whole sequences
     (module docstring) when gradients are needed; ``"auto"`` takes it in eager mode for a loss
-    separable over sequences (not under ``torch.compile``, which gets the two-pass custom ops),
-    True raises where it does not apply. Its gradients are computed in the forward, so the loss
-    can be differentiated once per forward.
+    separable over sequences, on a GPU or with an fp32 head on the CPU (not under
+    ``torch.compile``, which gets the two-pass custom ops), True raises where it does not apply.
+    Its gradients are computed in the forward, so the loss can be differentiated once per forward.
     """
 
     def __init__(self, *, entropy_metric: bool = False, single_pass="auto", **config):
@@ -170,15 +171,17 @@ def policy_step(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Op
     ``logprobs`` detached, ``entropy`` None unless asked. ``old_logprobs=None`` is the policy's own
     log-probs, detached (a ratio of 1). ``loss`` must be separable over sequences (a
     :func:`fastalign.policy_loss` with normalisers from the mask; the caller rules out the rest).
-    ``single_pass``: ``"auto"`` / True take the single pass when gradients are needed in eager mode
-    without a ``low_rank`` head; True raises under tracing."""
+    ``single_pass``: True takes the single pass when gradients are needed in eager mode without a
+    ``low_rank`` head (it raises under tracing); ``"auto"`` too, where it pays off
+    (:func:`~fastalign.ops.single_pass.pays_off`: a GPU, or an fp32 head on the CPU)."""
     check_head_inputs(hidden, weight, labels, bias)
     differentiated = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if single_pass is True and not eager(hidden, weight, bias):
         raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two-pass "
                          "custom ops run")
-    if differentiated and single_pass is not False and low_rank is None and eager(hidden, weight, bias):
-        return _single_pass(hidden, weight, bias, labels, old_logprobs, loss, entropy, logit, backend)
+    if single_pass is True or (single_pass == "auto" and pays_off(weight)):
+        if differentiated and low_rank is None and eager(hidden, weight, bias):
+            return _single_pass(hidden, weight, bias, labels, old_logprobs, loss, entropy, logit, backend)
     stats = linear_logprobs(hidden, weight, labels, bias=bias, low_rank=low_rank, entropy=entropy, backend=backend,
                             **logit)
     lp = stats.logprobs

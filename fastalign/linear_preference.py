@@ -4,10 +4,12 @@ This module holds the batch layouts (concatenated, separate, packed), the choice
 (:class:`PathPolicy`) and the loss of a set of pairs from their token log-probs. Two ways
 through the vocabulary, same loss and gradients:
 
-* **two passes** (default on the CPU, and for every loss): token log-probs from
-  :func:`fastalign.linear_logprobs` (forward: statistics only; backward: logits
-  recomputed chunk by chunk), then :func:`sequence_logprobs` and :func:`preference_loss`.
-* **single pass** (default on a GPU for the pair-separable losses): blocks of whole pairs
+* **two passes** (for every loss; the default without gradients, and for a bf16/fp16 head on
+  the CPU): token log-probs from :func:`fastalign.linear_logprobs` (forward: statistics only;
+  backward: logits recomputed chunk by chunk), then :func:`sequence_logprobs` and
+  :func:`preference_loss`.
+* **single pass** (default for the pair-separable losses when gradients are needed, on a GPU
+  or with an fp32 head on the CPU): blocks of whole pairs
   go through the head once, their share of the loss giving d loss / d lp at once
   (:mod:`fastalign.ops.single_pass`, which calls back into this module's loss). The
   block's logits are the memory cost (``FASTALIGN_BLOCK_MIB``, 1024 MiB on a GPU and 64 MiB
@@ -31,7 +33,8 @@ from fastalign._deprecate import renamed
 from fastalign._options import check_choice
 from fastalign.linear import check_logit_options, linear_logprobs
 from fastalign.ops._launch import eager
-from fastalign.ops.single_pass import DEFAULT_BLOCK_MIB, LogitPipeline, Side, block_logprobs_of, single_pass_loss
+from fastalign.ops.single_pass import (DEFAULT_BLOCK_MIB, LogitPipeline, Side, block_logprobs_of, pays_off,
+                                       single_pass_loss)
 from fastalign.preference import LOSSES, check_config, preference_loss, wpo_weights
 from fastalign.sequence import SequenceLogprobs, sequence_logprobs
 
@@ -90,8 +93,9 @@ class PathPolicy:
             return "kto takes the batch's mean KL unless kto_kl is given"
         return None
 
-    def single_passes(self, hidden: Tensor, kto_kl) -> bool:
-        """``"auto"``: CUDA tensors in eager mode, when the loss is pair-separable."""
+    def single_passes(self, hidden: Tensor, kto_kl, weight: Tensor, differentiated: bool) -> bool:
+        """``"auto"``: in eager mode when gradients are needed, where the single pass pays off
+        (:func:`~fastalign.ops.single_pass.pays_off`), when the loss is pair-separable."""
         if self.single_pass is False:
             return False
         why = self.blocker(kto_kl)
@@ -99,7 +103,7 @@ class PathPolicy:
             if why:
                 raise ValueError(f"single_pass=True does not apply: {why}")
             return True
-        return why is None and hidden.is_cuda and eager(hidden)
+        return why is None and differentiated and pays_off(weight) and eager(hidden, weight)
 
     def compacts(self, hidden: Tensor, single: bool, backend: str) -> bool:
         """``"auto"``: CPU tensors outside ``torch.compile`` (finding the labelled rows reads their
@@ -152,9 +156,10 @@ class LinearPreferenceLoss(nn.Module):
     option is a ``TypeError`` with the closest valid name, a bad value a ``ValueError`` naming it.
 
     ``single_pass``: gradients computed while a block of whole pairs' logits is in memory
-    (see the module docstring). ``"auto"`` (default) uses it for CUDA tensors in eager mode
-    when the loss is pair-separable and the batch is padded (not packed, no
-    ``vocab_group``); ``True`` asks for it (an error where it does not apply); ``False`` never.
+    (see the module docstring). ``"auto"`` (default) uses it in eager mode when gradients are
+    needed, on a GPU or with an fp32 head on the CPU, when the loss is pair-separable and the
+    batch is padded (not packed, no ``vocab_group``); ``True`` asks for it (an error where it
+    does not apply); ``False`` never.
     """
 
     def __init__(self, loss_type="sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, *,
@@ -310,7 +315,9 @@ class LinearPreferenceLoss(nn.Module):
                     raise ValueError("with separate hidden, token_weights must be a (chosen, rejected) pair")
                 twc, twr = pair
             rhc, rhr = _pair("ref_hidden", ref_hidden) if ref_hidden is not None else (None, None)
-        single = self.paths.single_passes(hc, kto_kl)
+        differentiated = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
+                                                         for t in (hc, hr, weight, bias))
+        single = self.paths.single_passes(hc, kto_kl, weight, differentiated)
         rows_c, rows_r = self._rows(hc, yc, single), self._rows(hr, yr, single)
         both = (hidden, labels) if split is None else None
         if rhc is not None:

@@ -105,6 +105,9 @@ def test_single_pass_is_taken(monkeypatch):
                                                           d["mask"], bias=head.bias)
     loss.backward()
     assert len(calls) == 3 and head.weight.grad is not None
+    bf16 = make(seed=2, dtype=torch.bfloat16)  # a bf16 head on the CPU: the two passes (no whole-weight upcast)
+    run(bf16, dict(loss_type="ppo"), "auto")
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])

@@ -560,7 +560,7 @@ def test_labelled_rows_are_compacted_once(monkeypatch):
     labelled = ls.labelled_rows
     monkeypatch.setattr(ls, "labelled_rows", lambda y, i: gathers.append(labelled(y, i)) or gathers[-1])
     hx = h.clone().requires_grad_(True)
-    loss, _ = fa.LinearPreferenceLoss(backend="cpp")(hx, w, labels, bias=b)
+    loss, _ = fa.LinearPreferenceLoss(backend="cpp", single_pass=False)(hx, w, labels, bias=b)
     loss.backward()
     # forward and backward each find the labelled rows once, on the whole batch (not on compacted rows)
     assert len(gathers) == 2 and all(g is not None and g.numel() == int((labels != -100).sum()) for g in gathers)
@@ -712,10 +712,13 @@ def test_single_pass_where_it_does_not_apply():
     with pytest.raises(ValueError, match="packed"):
         fa.LinearPreferenceLoss(single_pass=True)(h.reshape(-1, h.shape[-1])[:18], w, labels.reshape(-1)[:18],
                                                  cu_seqlens=cu)
-    # "auto" keeps the two-pass path on CPU tensors and for coupled losses (same values either way)
-    auto = fa.LinearPreferenceLoss(loss_type="aot")
-    assert not auto.paths.single_passes(h, None)
-    assert not fa.LinearPreferenceLoss().paths.single_passes(h, None)
+    # "auto" takes the two-pass path for coupled losses, without gradients and for a bf16 head on the CPU
+    # (same values either way); the single pass for a separable loss with an fp32 head
+    paths = fa.LinearPreferenceLoss().paths
+    assert not fa.LinearPreferenceLoss(loss_type="aot").paths.single_passes(h, None, w, True)
+    assert not paths.single_passes(h, None, w, False)
+    assert not paths.single_passes(h.bfloat16(), None, w.bfloat16(), True)
+    assert paths.single_passes(h, None, w, True)
 
 
 @pytest.mark.gpu

@@ -48,6 +48,12 @@ def block_budget_rows(vocab: int, like: Tensor) -> int:
     return block_rows(vocab, like, float(mib) * (1 << 20))
 
 
+def pays_off(weight: Tensor) -> bool:
+    """Whether the single pass beats the two passes by default: on a GPU (its blocks keep the input dtype),
+    and on the CPU for an fp32 head (a bf16/fp16 one would be converted to fp32 whole, for every block)."""
+    return weight.is_cuda or weight.dtype == torch.float32
+
+
 class LogitPipeline(NamedTuple):
     """The logit pipeline and the kernel family of the blocks (docs/math.md#token-statistics)."""
 

@@ -6,10 +6,10 @@ rejected rows second in a ``[2B, T, H]`` batch; ragged responses after a prompt.
 Implementations:
 
 * ``fastalign`` — :class:`fastalign.LinearPreferenceLoss` with its defaults (never builds
-  ``[N, V]``; on the CPU two passes over the labelled positions only, on a GPU a single
-  pass over blocks of whole pairs);
-* ``fastalign-single-pass`` (CPU) / ``fastalign-two-pass`` (GPU) — the other way through
-  the vocabulary; ``fastalign-whole`` (CPU) — every position, prompt and padding included;
+  ``[N, V]``; with gradients a single pass over blocks of whole pairs, without them the
+  statistics pass over the labelled positions only);
+* ``fastalign-two-pass`` — the two passes (statistics, then a recomputing backward) also
+  with gradients; ``fastalign-whole`` (CPU) — every position, prompt and padding included;
 * ``eager``     — what trainers write: ``logits = h @ W.T``, ``log_softmax``, ``gather``;
 * ``logits``    — builds the fp32 logits, then the fused :func:`fastalign.token_logprobs`
   row kernel (backward in place into the logits): the leanest path that builds logits;
@@ -88,8 +88,7 @@ def _liger(device):
     return path
 
 
-IMPLS = ("fastalign", "fastalign-two-pass", "fastalign-single-pass", "fastalign-whole", "logits", "liger", "eager",
-         "torch.compile")
+IMPLS = ("fastalign", "fastalign-two-pass", "fastalign-whole", "logits", "liger", "eager", "torch.compile")
 
 
 def make_build(B, T, H, V, dtype=torch.float32, whole=True):
@@ -109,9 +108,8 @@ def make_build(B, T, H, V, dtype=torch.float32, whole=True):
         eager_ok = device.type != "cpu" or 4 * 4 * 2 * B * T * V * 1.2 < _cpu_available_bytes()
         return {
             "fastalign": wrap(fused()),
-            # the variants the defaults do not pick on this device
-            "fastalign-two-pass": wrap(fused(single_pass=False)) if gpu else None,
-            "fastalign-single-pass": None if gpu else wrap(fused(single_pass=True)),
+            # the variants the defaults do not pick (the two passes are the default without gradients)
+            "fastalign-two-pass": wrap(fused(single_pass=False)) if backward else None,
             "fastalign-whole": None if gpu or not whole else wrap(fused(compact=False)),
             "logits": wrap(_logits_path),
             "liger": wrap(_liger(device)),
