@@ -39,7 +39,8 @@ _MODES = ("auto", True, False)
 _COUPLED = ("clip_cov", "kl_cov")  # loss types whose tokens are chosen across the batch
 
 
-def single_pass_blocker(config: dict, *, low_rank=None, entropy_threshold=None, per_call: bool = True) -> Optional[str]:
+def _single_pass_blocker(config: dict, *, low_rank=None, entropy_threshold=None,
+                         per_call: bool = True) -> Optional[str]:
     """Why a :class:`LinearPolicyLoss` configuration cannot take the single pass (None when it can).
     ``per_call``: include what depends on the call's own arguments."""
     if config.get("loss_type") in _COUPLED:
@@ -102,7 +103,7 @@ class LinearPolicyLoss(nn.Module):
         check_logit_options(**logit, backend=config.get("backend"))
         PolicyConfig(**{k: v for k, v in config.items() if k not in _LOGIT_OPTIONS})
         self.config = dict(config)
-        why = single_pass_blocker(config, per_call=False) if single_pass is True else None
+        why = _single_pass_blocker(config, per_call=False) if single_pass is True else None
         if why:
             raise ValueError(f"single_pass=True does not apply: {why}")
 
@@ -116,7 +117,7 @@ class LinearPolicyLoss(nn.Module):
         entropy_metric = bool(cfg.pop("entropy_metric", self.entropy_metric))
         single_pass = cfg.pop("single_pass", self.single_pass)
         check_choice("single_pass", single_pass, _MODES)
-        why = single_pass_blocker(cfg, low_rank=low_rank, entropy_threshold=cfg.get("entropy_threshold"))
+        why = _single_pass_blocker(cfg, low_rank=low_rank, entropy_threshold=cfg.get("entropy_threshold"))
         if single_pass is True and why:
             raise ValueError(f"single_pass=True does not apply: {why}")
         logit = {k: cfg.pop(k) for k in _LOGIT_OPTIONS if k in cfg}
