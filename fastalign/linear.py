@@ -17,6 +17,7 @@ from fastalign._options import check_choice
 from fastalign.logprobs import TokenStats, shaped_stats
 from fastalign.ops.linear_stats import linear_stats
 from fastalign.ops.linear_triton import gpu_chunk_tokens
+from fastalign.ops.single_pass import LogitPipeline
 from fastalign.ops.vocab_parallel import VocabParallelStats
 
 #: Default bound on one chunk of fp32 logits, in MiB (``FASTALIGN_LINEAR_CHUNK_MIB`` overrides).
@@ -63,6 +64,24 @@ def check_logit_options(temperature: float = 1.0, softcap: Optional[float] = Non
     if backend is not None:
         check_choice("backend", backend, _backend.BACKENDS)
     return inv_t, cap, scale
+
+
+#: linear_logprobs options that only the two passes have, at their unset values
+_TWO_PASS_OPTIONS = {"chunk": None, "vocab_group": None, "grad_skip_threshold": 0.0}
+
+
+def logit_pipeline(device: torch.device, options: dict) -> LogitPipeline:
+    """The single pass's :class:`~fastalign.ops.single_pass.LogitPipeline` from :func:`linear_logprobs`
+    keywords (``temperature``, ``softcap``, ``logit_scale``, ``ignore_index``, ``backend``; checked). The
+    options only the two passes have (``chunk``, ``vocab_group``, ``grad_skip_threshold``) must be unset."""
+    for name, unset in _TWO_PASS_OPTIONS.items():
+        if options.get(name, unset) != unset:
+            raise ValueError(f"{name} does not apply to the single pass through the head")
+    ignore_index = options.get("ignore_index", -100)
+    inv_t, cap, scale = check_logit_options(options.get("temperature", 1.0), options.get("softcap"),
+                                            options.get("logit_scale", 1.0), ignore_index)
+    return LogitPipeline(scale=scale, softcap=cap, inv_t=inv_t, ignore_index=int(ignore_index),
+                         backend=_backend.resolve(device, options.get("backend")))
 
 
 def check_head_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None) -> None:

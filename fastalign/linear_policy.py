@@ -24,11 +24,11 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from fastalign import _backend, _validate
+from fastalign import _validate
 from fastalign._options import check_choice, check_names
-from fastalign.linear import check_head_inputs, check_logit_options, linear_logprobs
+from fastalign.linear import check_head_inputs, check_logit_options, linear_logprobs, logit_pipeline
 from fastalign.ops._launch import eager
-from fastalign.ops.single_pass import LogitPipeline, Side, pays_off, single_pass_loss
+from fastalign.ops.single_pass import Side, by_default, single_pass_loss
 from fastalign.policy import policy_loss
 from fastalign.policy_config import FIELDS, PolicyConfig
 
@@ -172,17 +172,14 @@ def policy_step(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Op
     ``logprobs`` detached, ``entropy`` None unless asked. ``old_logprobs=None`` is the policy's own
     log-probs, detached (a ratio of 1). ``loss`` must be separable over sequences (a
     :func:`fastalign.policy_loss` with normalisers from the mask; the caller rules out the rest).
-    ``single_pass``: True takes the single pass when gradients are needed in eager mode without a
-    ``low_rank`` head (it raises under tracing); ``"auto"`` too, where it pays off
-    (:func:`~fastalign.ops.single_pass.pays_off`: a GPU, or an fp32 head on the CPU)."""
+    ``single_pass``: True takes the single pass (it raises under tracing or with a ``low_rank`` head),
+    ``"auto"`` where :func:`~fastalign.ops.single_pass.by_default` says so, without a ``low_rank`` head."""
     check_head_inputs(hidden, weight, labels, bias)
-    differentiated = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if single_pass is True and not eager(hidden, weight, bias):
-        raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two-pass "
-                         "custom ops run")
-    if single_pass is True or (single_pass == "auto" and pays_off(weight)):
-        if differentiated and low_rank is None and eager(hidden, weight, bias):
-            return _single_pass(hidden, weight, bias, labels, old_logprobs, loss, entropy, logit, backend)
+    if single_pass is True and (low_rank is not None or not eager(hidden, weight, bias)):
+        raise ValueError("single_pass=True does not apply: a low-rank head, or under torch.compile (or fake tensors), "
+                         "takes the two passes")
+    if single_pass is True or (single_pass == "auto" and low_rank is None and by_default(weight, hidden, bias)):
+        return _single_pass(hidden, weight, bias, labels, old_logprobs, loss, entropy, logit, backend)
     stats = linear_logprobs(hidden, weight, labels, bias=bias, low_rank=low_rank, entropy=entropy, backend=backend,
                             **logit)
     lp = stats.logprobs
@@ -197,12 +194,9 @@ def _single_pass(hidden, weight, bias, labels, old_logprobs, loss: SequenceLoss,
     with their old log-probs 0 too, when those are the policy's own) and their entropies at 0:
     constants, so its gradient with respect to the block's statistics is the loss's (the normalisers
     come from the mask, as in the batch's loss)."""
-    ignore_index = int(logit.get("ignore_index", -100))
-    inv_t, cap, scale = check_logit_options(**{k: v for k, v in logit.items() if k != "vocab_group"})
-    pipe = LogitPipeline(scale=scale, softcap=cap, inv_t=inv_t, ignore_index=ignore_index,
-                         backend=_backend.resolve(hidden.device, backend))
+    pipe = logit_pipeline(hidden.device, {**logit, "backend": backend})
     # on the CPU only the labelled rows go through the head (finding them reads their count: free there)
-    rows = (labels.reshape(-1) != ignore_index).nonzero().squeeze(1) if hidden.device.type == "cpu" else None
+    rows = (labels.reshape(-1) != pipe.ignore_index).nonzero().squeeze(1) if hidden.device.type == "cpu" else None
     zero = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     held = zero if old_logprobs is None else old_logprobs.detach().float()
     stats = []

@@ -31,9 +31,9 @@ from torch import Tensor, nn
 from fastalign import _backend, _validate
 from fastalign._deprecate import renamed
 from fastalign._options import check_choice
-from fastalign.linear import check_logit_options, linear_logprobs
+from fastalign.linear import check_logit_options, linear_logprobs, logit_pipeline
 from fastalign.ops._launch import eager
-from fastalign.ops.single_pass import (DEFAULT_BLOCK_MIB, LogitPipeline, Side, block_logprobs_of, pays_off,
+from fastalign.ops.single_pass import (DEFAULT_BLOCK_MIB, LogitPipeline, Side, block_logprobs_of, by_default,
                                        single_pass_loss)
 from fastalign.preference import LOSSES, check_config, preference_loss, wpo_weights
 from fastalign.sequence import SequenceLogprobs, sequence_logprobs
@@ -93,9 +93,9 @@ class PathPolicy:
             return "kto takes the batch's mean KL unless kto_kl is given"
         return None
 
-    def single_passes(self, hidden: Tensor, kto_kl, weight: Tensor, differentiated: bool) -> bool:
-        """``"auto"``: in eager mode when gradients are needed, where the single pass pays off
-        (:func:`~fastalign.ops.single_pass.pays_off`), when the loss is pair-separable."""
+    def single_passes(self, kto_kl, weight: Tensor, *inputs) -> bool:
+        """``"auto"``: where :func:`~fastalign.ops.single_pass.by_default` says so (gradients of ``weight``
+        or ``inputs`` needed, eager, paying off), when the loss is pair-separable."""
         if self.single_pass is False:
             return False
         why = self.blocker(kto_kl)
@@ -103,7 +103,7 @@ class PathPolicy:
             if why:
                 raise ValueError(f"single_pass=True does not apply: {why}")
             return True
-        return why is None and differentiated and pays_off(weight) and eager(hidden, weight)
+        return why is None and by_default(weight, *inputs)
 
     def compacts(self, hidden: Tensor, single: bool, backend: str) -> bool:
         """``"auto"``: CPU tensors outside ``torch.compile`` (finding the labelled rows reads their
@@ -194,11 +194,7 @@ class LinearPreferenceLoss(nn.Module):
 
     def _pipeline(self, device) -> LogitPipeline:
         """The logit pipeline and kernel family of the single pass's blocks."""
-        o = self.kernel_options
-        return LogitPipeline(scale=float(o["logit_scale"]),
-                             softcap=0.0 if o["softcap"] is None else float(o["softcap"]),
-                             inv_t=1.0 / float(o["temperature"]), ignore_index=self.ignore_index,
-                             backend=_backend.resolve(device, o["backend"]))
+        return logit_pipeline(device, self.kernel_options)
 
     def _rows(self, hidden, labels, single: bool):
         """Flat indices of the labelled positions when this call compacts them, else None."""
@@ -315,9 +311,7 @@ class LinearPreferenceLoss(nn.Module):
                     raise ValueError("with separate hidden, token_weights must be a (chosen, rejected) pair")
                 twc, twr = pair
             rhc, rhr = _pair("ref_hidden", ref_hidden) if ref_hidden is not None else (None, None)
-        differentiated = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
-                                                         for t in (hc, hr, weight, bias))
-        single = self.paths.single_passes(hc, kto_kl, weight, differentiated)
+        single = self.paths.single_passes(kto_kl, weight, hc, hr, bias)
         rows_c, rows_r = self._rows(hc, yc, single), self._rows(hr, yr, single)
         both = (hidden, labels) if split is None else None
         if rhc is not None:

@@ -715,10 +715,11 @@ def test_single_pass_where_it_does_not_apply():
     # "auto" takes the two-pass path for coupled losses, without gradients and for a bf16 head on the CPU
     # (same values either way); the single pass for a separable loss with an fp32 head
     paths = fa.LinearPreferenceLoss().paths
-    assert not fa.LinearPreferenceLoss(loss_type="aot").paths.single_passes(h, None, w, True)
-    assert not paths.single_passes(h, None, w, False)
-    assert not paths.single_passes(h.bfloat16(), None, w.bfloat16(), True)
-    assert paths.single_passes(h, None, w, True)
+    hg = h.clone().requires_grad_(True)
+    assert not fa.LinearPreferenceLoss(loss_type="aot").paths.single_passes(None, w, hg)
+    assert not paths.single_passes(None, w, h)
+    assert not paths.single_passes(None, w.bfloat16(), hg.bfloat16())
+    assert paths.single_passes(None, w, hg)
 
 
 @pytest.mark.gpu

@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from fastalign.ops._launch import eager
 from fastalign.ops.linear_block import block_backward, block_buffer, block_forward, block_logprobs, block_rows
 
 #: Memory for the kept logits of one block, in MiB, on a GPU (bf16/fp16 logits: thousands of rows, so the
@@ -48,10 +49,14 @@ def block_budget_rows(vocab: int, like: Tensor) -> int:
     return block_rows(vocab, like, float(mib) * (1 << 20))
 
 
-def pays_off(weight: Tensor) -> bool:
-    """Whether the single pass beats the two passes by default: on a GPU (its blocks keep the input dtype),
-    and on the CPU for an fp32 head (a bf16/fp16 one would be converted to fp32 whole, for every block)."""
-    return weight.is_cuda or weight.dtype == torch.float32
+def by_default(weight: Tensor, *inputs) -> bool:
+    """Whether ``single_pass="auto"`` takes the single pass: gradients are needed (of ``weight`` or one of
+    ``inputs``), the call is eager (:func:`~fastalign.ops._launch.eager`: under tracing the two-pass custom
+    ops run), and it pays off: on a GPU (its blocks keep the input dtype), and on the CPU for an fp32 head
+    (a bf16/fp16 one would be converted to fp32 whole, for every block)."""
+    tensors = (weight, *inputs)
+    differentiated = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+    return differentiated and (weight.is_cuda or weight.dtype == torch.float32) and eager(*tensors)
 
 
 class LogitPipeline(NamedTuple):

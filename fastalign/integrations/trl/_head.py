@@ -45,7 +45,7 @@ class HeadOutputs:
     operands: Optional[tuple] = None
 
 
-def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Tensor,
+def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor],
                  fields: Sequence[str], *, temperature: float = 1.0, **model_kwargs) -> HeadOutputs:
     r"""TRL's fused-head statistics of ``model`` from its hidden states, never its logits.
 
@@ -64,6 +64,8 @@ def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], lab
         if len(fields) != 1:
             raise ValueError("fastalign_head: 'operands' is asked alone (the head's operands, no statistics)")
         return HeadOutputs(log_probs=None, operands=head_operands(model, input_ids, attention_mask, **model_kwargs))
+    if labels is None:
+        raise ValueError("fastalign_head: the statistics score labels; pass labels=")
     head = []
     mean_fields = [f for f in ("mean_logits", "position_mean_logits") if f in fields]
     if mean_fields:
@@ -119,7 +121,7 @@ def install_head(model, *, temperature: float = 1.0) -> None:
             return previous(*args, **kwargs)
         if args:
             raise TypeError("fastalign_head: pass input_ids and attention_mask by keyword")
-        labels = kwargs.pop("labels")
+        labels = kwargs.pop("labels", None)
         return head_outputs(self, kwargs.pop("input_ids"), kwargs.pop("attention_mask", None), labels,
                             tuple(fastalign_head), temperature=temperature, **kwargs)
 

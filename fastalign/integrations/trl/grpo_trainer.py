@@ -101,7 +101,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         :meth:`_get_per_token_logps_and_entropies`."""
         _text_only(vision, False)
         with self.accelerator.autocast():
-            out = model(input_ids=ids, attention_mask=attention, labels=ids, fastalign_head=("operands",))
+            out = model(input_ids=ids, attention_mask=attention, fastalign_head=("operands",))
         hidden, weight, bias, low_rank = out.operands
         k = completion_ids.size(1)
         positions = slice(hidden.size(1) - k - 1, hidden.size(1) - 1)  # those that predict the completion
