@@ -7,7 +7,8 @@
 #   3. compute-sanitizer memcheck on the GPU kernel tests (when compute-sanitizer is installed)
 #   4. the GPU benchmark: token_logprobs [8192 x 151936] bf16 against the one-read bandwidth limit,
 #      linear_logprobs N=8192 H=4096 V=151936 bf16 fwd and fwd+bwd against the dense tensor-core
-#      limit, also with half of every sequence an unscored prompt, with the installed peers
+#      limit, also with half of every sequence an unscored prompt (with and without device compaction),
+#      and LinearPolicyLoss (GRPO) at B=8 T=1024 on that head, with the installed peers
 #
 # Everything lands in benchmarks/results/gpu-check-<device>-<UTC time>/ (or $GPU_CHECK_OUT) with the
 # device, date and versions (env.txt) and a one-line status per step (summary.txt): seven files, each
@@ -87,7 +88,7 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
 else
   echo "memcheck     skipped: compute-sanitizer not installed" | tee -a "$out/summary.txt"
 fi
-PYTHONPATH="$bench_path" step bench 230 "$PY" -m fastalign.bench --device cuda --ops token_logprobs,linear_logprobs \
-  --cases 8192x151936,8192x4096x151936 --repeats 10 --budget 6 --total-budget 200 --json "$out/bench.json"
+PYTHONPATH="$bench_path" step bench 230 "$PY" -m fastalign.bench --device cuda \
+  --ops token_logprobs,linear_logprobs,linear_policy_loss --cases 8192x151936,8192x4096x151936,"T=1024 H=4096" --repeats 10 --budget 6 --total-budget 200 --json "$out/bench.json"
 echo "gpu-check: results in $out" | tee -a "$out/summary.txt"
 exit $status

@@ -204,10 +204,18 @@ def extra_cases(dtype):
         yield from K.aot_cases(dtype)
 
 
+def live_matmul_cases(dtype):
+    """The LM-head products bounded by the count of labelled rows (device compaction)."""
+    from fastalign.kernels import live_matmul as K
+
+    yield from K.aot_cases(dtype)
+
+
 #: (family, case generator, dtypes it runs for)
 FAMILIES = [
     ("token_stats", token_stats_cases, ("bf16", "fp16", "fp32")),
     ("linear_stats", linear_stats_cases, ("bf16", "fp16", "fp32")),
+    ("live_matmul", live_matmul_cases, ("bf16", "fp16", "fp32")),
     ("policy_loss", policy_loss_cases, ("fp32",)),
     ("scans/groups", extra_cases, ("fp32", "fp64")),
 ]

@@ -195,8 +195,9 @@ def _single_pass(hidden, weight, bias, labels, old_logprobs, loss: SequenceLoss,
     constants, so its gradient with respect to the block's statistics is the loss's (the normalisers
     come from the mask, as in the batch's loss)."""
     pipe = logit_pipeline(hidden.device, {**logit, "backend": backend})
-    # on the CPU only the labelled rows go through the head (finding them reads their count: free there)
-    rows = (labels.reshape(-1) != pipe.ignore_index).nonzero().squeeze(1) if hidden.device.type == "cpu" else None
+    # the C++ path finds the labelled rows on the host (reading their count is free on the CPU); the
+    # Triton paths put them first on the device (ops/device_compaction.py)
+    rows = (labels.reshape(-1) != pipe.ignore_index).nonzero().squeeze(1) if pipe.backend == "cpp" else None
     zero = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     held = zero if old_logprobs is None else old_logprobs.detach().float()
     stats = []

@@ -337,6 +337,49 @@ def test_gpu_linear_low_rank_bf16_at_full_vocabulary():
 
 
 @pytest.mark.gpu
+def test_gpu_device_compaction_bf16_at_full_vocabulary(monkeypatch):
+    """Half of every sequence an unscored prompt whose hidden states are NaN: the compiled bounded
+    products (two passes with one chunk and with eight; LinearPolicyLoss's single pass) give the
+    log-probs and gradients of every row through cuBLAS (FASTALIGN_DEVICE_COMPACTION=0) on the same
+    batch with those rows zeroed."""
+    B, T, H, V = 4, 256, 256, 151936
+    g = torch.Generator(device="cuda").manual_seed(4)
+    h = (torch.randn(B, T, H, device="cuda", generator=g) * 0.5).bfloat16()
+    w = (torch.randn(V, H, device="cuda", generator=g) * 0.05).bfloat16()
+    y = torch.randint(0, V, (B, T), device="cuda", generator=g)
+    y[:, : T // 2] = -100
+    prompt = (y == -100)[..., None]
+    mask = torch.ones(B, T, dtype=torch.bool, device="cuda")
+    adv = torch.randn(B, device="cuda", generator=g)
+    old = torch.full((B, T), -12.0, device="cuda")
+
+    def two_pass(hidden, chunk):
+        hg, wg = hidden.reshape(-1, H).clone().requires_grad_(True), w.clone().requires_grad_(True)
+        st = fastalign.linear_logprobs(hg, wg, y.reshape(-1), entropy=True, chunk=chunk)
+        (st.logprobs.sum() + 0.1 * st.entropy.sum()).backward()
+        return st.logprobs, hg.grad, wg.grad
+
+    def single_pass(hidden):
+        hg, wg = hidden.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss, _ = fastalign.LinearPolicyLoss(loss_type="grpo", entropy_coef=0.01, single_pass=True)(
+            hg, wg, y, old, adv, mask)
+        loss.backward()
+        return loss.reshape(1), hg.grad, wg.grad
+
+    poisoned, zeroed = h.masked_fill(prompt, float("nan")), h.masked_fill(prompt, 0.0)
+    runs = [lambda x: two_pass(x, None), lambda x: two_pass(x, (128, V)), single_pass]
+    for run in runs:
+        got = run(poisoned)
+        monkeypatch.setenv("FASTALIGN_DEVICE_COMPACTION", "0")
+        want = run(zeroed)
+        monkeypatch.delenv("FASTALIGN_DEVICE_COMPACTION")
+        assert torch.isfinite(got[1]).all() and torch.isfinite(got[2]).all()
+        assert _rel_err(got[0], want[0]) < 1e-3
+        assert _rel_err(got[1], want[1]) < 1e-2
+        assert _rel_err(got[2], want[2]) < 1e-2
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_token_logprobs_matches_reference(dtype, backend):

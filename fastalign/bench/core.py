@@ -21,6 +21,7 @@ import sys
 import time
 import warnings
 from typing import Callable, Dict, Optional
+from unittest import mock
 
 import torch
 
@@ -67,6 +68,17 @@ def grad_step(fn: Optional[Callable], leaves, backward: bool, loss: Optional[Cal
                 (out if loss is None else loss(out)).backward()
         return out
     return step
+
+
+def with_env(step: Optional[Step], **env: str) -> Optional[Step]:
+    """``step`` run (backward included) with the environment variables ``env`` set, restored after."""
+    if step is None:
+        return None
+
+    def run():
+        with mock.patch.dict(os.environ, env):
+            return step()
+    return run
 
 
 def sync(device: torch.device) -> None:

@@ -31,15 +31,17 @@ def block_buffer(rows: int, vocab: int, like: Tensor) -> Tensor:
 
 
 def block_forward(buf: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *,
-                  scale: float, softcap: float, inv_t: float, ignore_index: int, aux: Optional[str], backend: str):
+                  scale: float, softcap: float, inv_t: float, ignore_index: int, aux: Optional[str], backend: str,
+                  live: Optional[Tensor] = None):
     """Logits of the rows ``h [n, H]`` into ``buf`` and their statistics.
 
     Returns ``(z, deriv, lp, aux, lse)``: ``z`` the kept logits, ``deriv`` the softcap
     derivative (None without softcap), ``aux`` the ``"sum_p2"`` or ``"entropy"`` of each row
-    (None when ``aux`` is None)."""
+    (None when ``aux`` is None). ``live``: the labelled rows come first and only those ``live`` rows
+    are multiplied (:mod:`~fastalign.ops.device_compaction`)."""
     native = buf.dtype == h.dtype
     hw = (h, weight, bias) if native else tuple(None if t is None else t.float() for t in (h, weight, bias))
-    z = chunk_logits(buf, *hw, scale, softcap)
+    z = chunk_logits(buf, *hw, scale, softcap, live=live)
     deriv = softcap_derivative(z, softcap, scale) if softcap > 0 else None
     lp, ent, sp2, _amax, lse = token_stats(z.unsqueeze(0), labels, inv_t, ignore_index, aux == "entropy",
                                            aux == "sum_p2", False, backend, True)
@@ -49,10 +51,10 @@ def block_forward(buf: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor]
 def block_backward(z: Tensor, deriv: Optional[Tensor], g_lp: Tensor, h: Tensor, weight: Tensor,
                    labels: Tensor, lse: Tensor, *, scale: float, softcap: float, inv_t: float, ignore_index: int,
                    backend: str, dw: Optional[Tensor], db: Optional[Tensor], g_ent: Optional[Tensor] = None,
-                   ent: Optional[Tensor] = None) -> Tensor:
+                   ent: Optional[Tensor] = None, live: Optional[Tensor] = None) -> Tensor:
     """Turn the kept logits ``z`` into d(logits) in place for token gradients ``g_lp`` (and ``g_ent`` of
     the entropies ``ent``); accumulate ``dw``/``db`` and return ``dh [n, H]`` (fp32 on the CPU, the input
-    dtype on a GPU)."""
+    dtype on a GPU). ``live``: as in :func:`block_forward` (``dh`` is 0 past it)."""
     empty = lse.new_empty(0)
     z3 = z.unsqueeze(0)
     backward_into(z3, g_lp, g_ent, None, z3, labels, lse, empty if ent is None else ent, empty, inv_t, ignore_index,
@@ -60,7 +62,7 @@ def block_backward(z: Tensor, deriv: Optional[Tensor], g_lp: Tensor, h: Tensor, 
     native = z.dtype == h.dtype
     h_c, w_c = (h, weight) if native else (h.float(), weight.float())
     dh = torch.empty(h.shape, dtype=z.dtype, device=z.device)
-    chunk_grad_to_inputs(z, deriv, scale, softcap, h_c, w_c, dh, dw, db, accumulate=False)
+    chunk_grad_to_inputs(z, deriv, scale, softcap, h_c, w_c, dh, dw, db, accumulate=False, live=live)
     return dh
 
 

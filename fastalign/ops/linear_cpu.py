@@ -18,19 +18,21 @@ from torch import Tensor
 
 from fastalign import _backend
 from fastalign.ops._launch import DTYPE_CODE, opt, ptr
+from fastalign.ops.device_compaction import matmul_live
 from fastalign.ops.vocab_pieces import PIECE_IGNORE, far_rows, local_labels, log_mass, merge_pieces
 
 
 def chunk_logits(buf: Tensor, h_c: Tensor, w_v: Tensor, b_v: Optional[Tensor], scale: float, softcap: float,
-                 low_rank: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
-    """fp32 ``softcap(scale * (h_c @ w_v.T + a_c @ l_v.T + b_v))`` written into the flat buffer ``buf``
-    (``low_rank = (a_c, l_v)`` optional)."""
+                 low_rank: Optional[tuple[Tensor, Tensor]] = None, live: Optional[Tensor] = None) -> Tensor:
+    """``softcap(scale * (h_c @ w_v.T + a_c @ l_v.T + b_v))`` written into the flat buffer ``buf``
+    (``low_rank = (a_c, l_v)`` optional). ``live``: only the first ``live`` rows are multiplied (a
+    device count, :mod:`~fastalign.ops.device_compaction`); the others get the logits of ``h = 0``."""
     n, v = h_c.shape[0], w_v.shape[0]
     z = buf[: n * v].view(n, v)
-    if b_v is None or low_rank is not None:
-        torch.mm(h_c, w_v.t(), out=z)
+    if b_v is None or low_rank is not None or live is not None:
+        matmul_into(z, h_c, w_v.t(), accumulate=False, live=live)
         if low_rank is not None:
-            z.addmm_(low_rank[0], low_rank[1].t())
+            matmul_into(z, low_rank[0], low_rank[1].t(), accumulate=True, live=live)
         if b_v is not None:
             z.add_(b_v)
         if scale != 1.0:
@@ -49,10 +51,15 @@ def softcap_derivative(z: Tensor, softcap: float, scale: float, out: Optional[Te
     return out.square_().neg_().add_(1.0).mul_(scale)
 
 
-def matmul_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+def matmul_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool, live: Optional[Tensor] = None,
+                live_dim: int = 0) -> None:
     """``out (+)= a @ b`` with fp32 accumulation inside the product; ``out`` may be fp32 while the
-    operands are bf16/fp16 (on CUDA one cuBLAS call with ``out_dtype``; elsewhere via fp32 copies)."""
-    if out.dtype == a.dtype:
+    operands are bf16/fp16 (on CUDA one cuBLAS call with ``out_dtype``; elsewhere via fp32 copies).
+    ``live``: over the first ``live`` rows of ``a`` (``live_dim`` 0) or of the shared dimension
+    (``live_dim`` 1) only, counted on the device (:func:`~fastalign.ops.device_compaction.matmul_live`)."""
+    if live is not None:
+        matmul_live(out, a, b, live, live_dim, accumulate)
+    elif out.dtype == a.dtype:
         if accumulate:
             out.addmm_(a, b)
         else:
@@ -68,26 +75,26 @@ def matmul_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
 def chunk_grad_to_inputs(dz: Tensor, deriv: Optional[Tensor], scale: float, softcap: float, h_c: Tensor,
                          w_v: Tensor, dh_c: Optional[Tensor], dw_v: Optional[Tensor], db_v: Optional[Tensor],
                          accumulate: bool = True, low_rank: Optional[tuple[Tensor, Tensor]] = None,
-                         low_rank_grads: tuple = (None, None)) -> None:
+                         low_rank_grads: tuple = (None, None), live: Optional[Tensor] = None) -> None:
     """From d(loss)/d(logits) of a chunk (``dz``, scaled in place to d(loss)/d(h W^T + b)):
     ``dh_c (+)= dz @ w_v``, ``dw_v += dz.T @ h_c``, ``db_v += dz.sum(0)``; with ``low_rank = (a_c, l_v)``
-    also ``da_c (+)= dz @ l_v`` and ``dl_v += dz.T @ a_c`` into ``low_rank_grads = (da_c, dl_v)``."""
+    also ``da_c (+)= dz @ l_v`` and ``dl_v += dz.T @ a_c`` into ``low_rank_grads = (da_c, dl_v)``.
+    ``live``: the products take the first ``live`` rows only (a device count; the rows of ``dz`` past
+    it are 0, and ``dh_c`` / ``da_c`` get 0 there)."""
     if softcap > 0:
         dz.mul_(deriv)
     elif scale != 1.0:
         dz.mul_(scale)
+    rows, tokens = dict(live=live, live_dim=0), dict(live=live, live_dim=1)
     if dh_c is not None:
-        if accumulate:
-            dh_c.addmm_(dz, w_v)
-        else:
-            torch.mm(dz, w_v, out=dh_c)
+        matmul_into(dh_c, dz, w_v, accumulate=accumulate, **rows)
     if dw_v is not None:
-        matmul_into(dw_v, dz.t(), h_c, accumulate=True)
+        matmul_into(dw_v, dz.t(), h_c, accumulate=True, **tokens)
     da_c, dl_v = low_rank_grads
     if da_c is not None:
-        matmul_into(da_c, dz, low_rank[1], accumulate=accumulate)
+        matmul_into(da_c, dz, low_rank[1], accumulate=accumulate, **rows)
     if dl_v is not None:
-        matmul_into(dl_v, dz.t(), low_rank[0], accumulate=True)
+        matmul_into(dl_v, dz.t(), low_rank[0], accumulate=True, **tokens)
     if db_v is not None:
         db_v += dz.sum(0, dtype=torch.float32).to(db_v.dtype)
 

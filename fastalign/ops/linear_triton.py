@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from fastalign.ops._launch import opt, triton_kernels
+from fastalign.ops.device_compaction import compact
 from fastalign.ops.linear_cpu import matmul_into
 from fastalign.ops.vocab_pieces import RENORMALISE_ABOVE, log_mass
 
@@ -23,9 +24,25 @@ def row_mass(hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t,
 
 
 def forward(hidden, weight, bias, low_rank, labels, scale, softcap, inv_t, ignore_index, out):
-    """Per-split online statistics in Triton, merged per row by a second Triton kernel (no host math)."""
-    triton_kernels("linear_stats").linear_stats_forward(hidden, weight, bias, low_rank, labels, scale, softcap,
-                                                        inv_t, ignore_index, out)
+    """Per-split online statistics in Triton, merged per row by a second Triton kernel (no host math).
+    The labelled rows are put first (:func:`~fastalign.ops.device_compaction.compact`), so the blocks of
+    ignored rows after them compute nothing; with argmax (defined on every row) all rows are computed."""
+    K = triton_kernels("linear_stats")
+    cmp = None if out[3].numel() else compact(labels, ignore_index)
+    if cmp is None:
+        K.linear_stats_forward(hidden, weight, bias, low_rank, labels, scale, softcap, inv_t, ignore_index, out)
+        return
+    packed = [torch.empty_like(t) for t in out]
+    K.linear_stats_forward(cmp.gather(hidden), weight, bias, _gathered(cmp, low_rank), cmp.gather(labels), scale,
+                           softcap, inv_t, ignore_index, packed)
+    for result, t in zip(out, packed):
+        if result.numel():
+            cmp.scatter(t, into=result)
+
+
+def _gathered(cmp, low_rank):
+    """The low-rank term ``(a, L)`` with the rows of ``a`` in compacted order."""
+    return None if low_rank is None else (cmp.gather(low_rank[0]), low_rank[1])
 
 
 def gpu_chunk_tokens(n: int, vocab: int, elem_bytes: int) -> int:
@@ -41,12 +58,35 @@ def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, en
     summed over chunks in fp32 (an fp32 buffer when ``dw`` is bf16/fp16 and there are several chunks;
     the caller casts once); likewise ``d a = du @ L`` and ``d L += du.T @ a`` for ``low_rank = (a, L)``
     into ``low_rank_grads``. Rows with ``|lse| >= RENORMALISE_ABOVE`` are renormalised by ``log_c``
-    (given for a vocabulary shard, else one forward-like pass over the blocks that hold such rows)."""
-    N, V = hidden.shape[0], weight.shape[0]
-    K = triton_kernels("linear_stats")
+    (given for a vocabulary shard, else one forward-like pass over the blocks that hold such rows).
+
+    The labelled rows are put first (:func:`~fastalign.ops.device_compaction.compact`) and the
+    products of each chunk run over its labelled rows only (their count read on the device)."""
     if log_c is None:
         c = row_mass(hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t, ignore_index)
         log_c = log_mass(c, lse, labels, ignore_index)
+    cmp = compact(labels, ignore_index)
+    if cmp is None:
+        _chunks(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent, sp2, scale, softcap, inv_t,
+                ignore_index, nc, skip_threshold, dh, dw, db, low_rank_grads, log_c, None)
+        return
+    gather = cmp.gather
+    da, dl = low_rank_grads
+    dh_c, da_c = (None if t is None else torch.empty_like(t) for t in (dh, da))
+    _chunks(gather(g_lp), gather(g_ent), gather(g_sp2), gather(hidden), weight, bias, _gathered(cmp, low_rank),
+            gather(labels), gather(lse), gather(ent) if ent.numel() else ent, gather(sp2) if sp2.numel() else sp2,
+            scale, softcap, inv_t, ignore_index, nc, skip_threshold, dh_c, dw, db, (da_c, dl), gather(log_c), cmp)
+    for result, t in ((dh, dh_c), (da, da_c)):
+        if result is not None:
+            cmp.scatter(t, into=result)
+
+
+def _chunks(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent, sp2, scale, softcap, inv_t,
+            ignore_index, nc, skip_threshold, dh, dw, db, low_rank_grads, log_c, cmp):
+    """:func:`backward` chunk by chunk; ``cmp``: the rows are in compacted order, the products of a chunk
+    stop at its last labelled row."""
+    N, V = hidden.shape[0], weight.shape[0]
+    K = triton_kernels("linear_stats")
     nc = max(1, min(nc, N))
     buf = torch.empty(nc * V, dtype=hidden.dtype, device=hidden.device)
     starts = range(0, N, nc)
@@ -64,14 +104,16 @@ def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, en
             None if g_lp is None else g_lp[sl], None if g_ent is None else g_ent[sl],
             None if g_sp2 is None else g_sp2[sl],
             scale, softcap, inv_t, ignore_index, skip_threshold, du, log_c[sl])
+        live = None if cmp is None else cmp.live_in(n0, n1)
+        rows, tokens = dict(live=live, live_dim=0), dict(live=live, live_dim=1)
         if dh is not None:
-            matmul_into(dh[sl], du, weight, accumulate=False)
+            matmul_into(dh[sl], du, weight, accumulate=False, **rows)
         if dw_acc is not None:
-            matmul_into(dw_acc, du.t(), hidden[sl], accumulate=i > 0)
+            matmul_into(dw_acc, du.t(), hidden[sl], accumulate=i > 0, **tokens)
         if da is not None:
-            matmul_into(da[sl], du, lw, accumulate=False)
+            matmul_into(da[sl], du, lw, accumulate=False, **rows)
         if dl_acc is not None:
-            matmul_into(dl_acc, du.t(), a[sl], accumulate=i > 0)
+            matmul_into(dl_acc, du.t(), a[sl], accumulate=i > 0, **tokens)
         if db is not None:
             db += du.sum(0, dtype=torch.float32).to(db.dtype)
     for result, acc in ((dw, dw_acc), (dl, dl_acc)):

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from fastalign.ops._launch import eager
+from fastalign.ops.device_compaction import compact
 from fastalign.ops.linear_block import block_backward, block_buffer, block_forward, block_logprobs, block_rows
 
 #: Memory for the kept logits of one block, in MiB, on a GPU (bf16/fp16 logits: thousands of rows, so the
@@ -141,10 +142,13 @@ class _SinglePass(torch.autograd.Function):
 
         # items per block: their rows' logits within the budget (at least one item)
         if all(rows is None for _y, rows in side_labels):
-            per_item = sum(y[0].numel() for y, _rows in side_labels)
+            per_item = sum(y.shape[1:].numel() for y, _rows in side_labels)
         else:
             per_item = -(-sum(y.numel() if rows is None else rows.numel() for y, rows in side_labels) // max(B, 1))
         k = max(1, min(B, block_budget_rows(V, hiddens[0]) // max(per_item, 1)))
+        # rows not found on the host: the Triton paths put a block's labelled rows first on the device and
+        # multiply only those (ops/device_compaction.py)
+        on_device = pipe.backend != "cpp" and all(rows is None for _y, rows in side_labels)
         buf = None
         for p0 in range(0, B, k):
             p1 = min(B, p0 + k)
@@ -152,15 +156,21 @@ class _SinglePass(torch.autograd.Function):
             sizes = [i.numel() for i in idx]
             h_blk = torch.cat([f.index_select(0, i) for f, i in zip(flat, idx)])
             y_blk = torch.cat([y.index_select(0, i) for y, i in zip(y_flat, idx)])
+            cmp = compact(y_blk, pipe.ignore_index) if on_device else None
+            if cmp is not None:
+                h_blk, y_blk = cmp.gather(h_blk), cmp.gather(y_blk)
             if buf is None or buf.numel() < h_blk.shape[0] * V:
                 buf = None  # free the smaller buffer before the larger one is allocated
                 buf = block_buffer(max(h_blk.shape[0], k * per_item), V, hiddens[0])
+            live = None if cmp is None else cmp.live
             with torch.no_grad():
-                z, deriv, lp, aux_blk, lse = block_forward(buf, h_blk, weight, bias, y_blk, aux=aux, **kw)
+                z, deriv, lp, aux_blk, lse = block_forward(buf, h_blk, weight, bias, y_blk, aux=aux, live=live, **kw)
+            in_place = (lambda t: t) if cmp is None else (lambda t: None if t is None else cmp.scatter(t))
             # d (block's share of the loss) / d (lp, aux), on [b, T] grids of these items
             with torch.enable_grad():
                 grids, aux_grids = [], []
-                for side, (ids, part, aux_part) in enumerate(zip(idx, lp.split(sizes), _split(aux_blk, sizes))):
+                for side, (ids, part, aux_part) in enumerate(zip(idx, in_place(lp).split(sizes),
+                                                                 _split(in_place(aux_blk), sizes))):
                     lp_all[side].view(-1).index_copy_(0, ids, part)
                     grids.append(lp_all[side][p0:p1].detach().requires_grad_())
                     if aux is not None:
@@ -172,13 +182,15 @@ class _SinglePass(torch.autograd.Function):
                 g = torch.autograd.grad(s, wrt, allow_unused=True, materialize_grads=True)
 
             def rows_of(grads):
-                return torch.cat([gr.reshape(-1).index_select(0, ids - p0 * y.shape[1])
-                                  for gr, ids, (y, _rows) in zip(grads, idx, side_labels)]).float().contiguous()
+                flat_g = torch.cat([gr.reshape(-1).index_select(0, ids - p0 * y.shape[1])
+                                    for gr, ids, (y, _rows) in zip(grads, idx, side_labels)]).float()
+                return (flat_g if cmp is None else cmp.gather(flat_g)).contiguous()
 
             g_ent = rows_of(g[len(grids):]) if aux == "entropy" else None
             dh_blk = block_backward(z, deriv, rows_of(g[:len(grids)]), h_blk, weight, y_blk, lse,
-                                    g_ent=g_ent, ent=aux_blk if aux == "entropy" else None, dw=dw, db=db, **kw)
-            for side, (ids, part) in enumerate(zip(idx, dh_blk.split(sizes))):
+                                    g_ent=g_ent, ent=aux_blk if aux == "entropy" else None, dw=dw, db=db, live=live,
+                                    **kw)
+            for side, (ids, part) in enumerate(zip(idx, in_place(dh_blk).split(sizes))):
                 if dh[side] is not None:
                     dh[side].view(-1, H).index_copy_(0, ids, part.to(dh[side].dtype))
         del buf

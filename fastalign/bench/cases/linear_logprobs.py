@@ -5,7 +5,7 @@ import torch
 
 import fastalign
 from fastalign import reference
-from fastalign.bench.core import Case, grad_step
+from fastalign.bench.core import Case, grad_step, with_env
 from fastalign.bench.optional import optional_impl
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -35,6 +35,8 @@ def _make_build(N, H, V, dtype, prompt_share=0.0):
             return torch.where(keep, lp, 0.0), torch.where(keep, ent, 0.0)
 
         impls = {"fastalign": wrap(fused), "eager": wrap(eager)}
+        if prompt_share and device.type == "cuda":  # the Triton path with every row through the products
+            impls["fastalign-all-rows"] = with_env(wrap(fused), FASTALIGN_DEVICE_COMPACTION="0")
         peers = _peers(N, H, V, dtype)
         liger, cce = peers["liger (CE)"], peers["cut-cross-entropy"]
         # the peers return -log p of the labels (no entropy): timed on the log-probs alone
@@ -109,7 +111,8 @@ def _peers(N, H, V, dtype):
 def cases():
     out = []
     # the prompt-share case: half of each 1024-token sequence is an unscored prompt, which fused
-    # kernels need not send through the vocabulary (its % limit counts the full FLOPs)
+    # kernels need not send through the vocabulary (its % limit counts the full FLOPs); on a GPU
+    # "fastalign-all-rows" turns device compaction off (FASTALIGN_DEVICE_COMPACTION=0)
     for N, H, V, dt, quick, prompt in [(512, 512, 152064, "fp32", True, 0.0), (1024, 1024, 152064, "fp32", False, 0.0),
                                        (4096, 1024, 152064, "fp32", False, 0.0),
                                        (8192, 4096, 151936, "bf16", False, 0.0),
@@ -122,7 +125,8 @@ def cases():
             build=_make_build(N, H, V, DTYPES[dt], prompt),
             quick=quick,
             warmup=_make_build(8, 16, 64, DTYPES[dt]),
-            impls=("fastalign", "eager", "liger (CE)", "cut-cross-entropy"),
+            impls=("fastalign", *(("fastalign-all-rows",) if prompt else ()), "eager", "liger (CE)",
+                   "cut-cross-entropy"),
             # reads hidden and weight; backward reads them again and writes their gradients
             bytes_moved=lambda mode, n=(N + V) * H * torch.empty((), dtype=DTYPES[dt]).element_size():
                 n if mode == "fwd" else 3 * n,
