@@ -84,9 +84,11 @@ def logit_pipeline(device: torch.device, options: dict) -> LogitPipeline:
                          backend=_backend.resolve(device, options.get("backend")))
 
 
-def check_head_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None) -> None:
-    """Check hidden states, lm_head weight (and bias) and labels against each other (a ``ValueError`` /
-    ``TypeError`` naming the bad one): dtypes, devices and shapes as :func:`linear_logprobs` takes them."""
+def check_head_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
+                      low_rank=None) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Check hidden states, lm_head weight (bias, low-rank term) and labels against each other (a
+    ``ValueError`` / ``TypeError`` naming the bad one): dtypes, devices and shapes as
+    :func:`linear_logprobs` takes them. Returns the low-rank term's ``(a, L)``, or ``(None, None)``."""
     _validate.floating("hidden", hidden, min_dim=1)
     _validate.floating("weight", weight, dim=2)
     _validate.integer("labels", labels)
@@ -105,6 +107,7 @@ def check_head_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Opti
     if V == 0:
         raise ValueError("weight must have a non-empty vocabulary (first) dimension")
     _validate.nonempty("hidden", hidden, -1, "hidden-size (last)")
+    return _low_rank(low_rank, hidden, V)
 
 
 def _low_rank(low_rank, hidden: Tensor, V: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -200,10 +203,9 @@ def linear_logprobs(
     Returns:
         :class:`TokenStats` with fp32 tensors shaped like ``labels`` (argmax int64).
     """
-    check_head_inputs(hidden, weight, labels, bias)
+    low_rank_hidden, low_rank_weight = check_head_inputs(hidden, weight, labels, bias, low_rank)
     H = hidden.shape[-1]
     V = weight.shape[0]
-    low_rank_hidden, low_rank_weight = _low_rank(low_rank, hidden, V)
     inv_t, cap, scale = check_logit_options(temperature, softcap, logit_scale, ignore_index, grad_skip_threshold,
                                             chunk)
     name = _backend.backend_for("linear_stats", hidden.device, backend)

@@ -39,8 +39,7 @@ _MODES = ("auto", True, False)
 _COUPLED = ("clip_cov", "kl_cov")  # loss types whose tokens are chosen across the batch
 
 
-def _single_pass_blocker(config: dict, *, low_rank=None, entropy_threshold=None,
-                         per_call: bool = True) -> Optional[str]:
+def _single_pass_blocker(config: dict, *, entropy_threshold=None, per_call: bool = True) -> Optional[str]:
     """Why a :class:`LinearPolicyLoss` configuration cannot take the single pass (None when it can).
     ``per_call``: include what depends on the call's own arguments."""
     if config.get("loss_type") in _COUPLED:
@@ -53,8 +52,6 @@ def _single_pass_blocker(config: dict, *, low_rank=None, entropy_threshold=None,
         return "chunk sets the two-pass path's chunks"
     if per_call and config.get("entropy_quantile") is not None and entropy_threshold is None:
         return "entropy_quantile takes the batch's quantile unless entropy_threshold is given"
-    if per_call and low_rank is not None:
-        return "the low-rank term of a LoRA head goes through the two-pass path"
     return None
 
 
@@ -117,7 +114,7 @@ class LinearPolicyLoss(nn.Module):
         entropy_metric = bool(cfg.pop("entropy_metric", self.entropy_metric))
         single_pass = cfg.pop("single_pass", self.single_pass)
         check_choice("single_pass", single_pass, _MODES)
-        why = _single_pass_blocker(cfg, low_rank=low_rank, entropy_threshold=cfg.get("entropy_threshold"))
+        why = _single_pass_blocker(cfg, entropy_threshold=cfg.get("entropy_threshold"))
         if single_pass is True and why:
             raise ValueError(f"single_pass=True does not apply: {why}")
         logit = {k: cfg.pop(k) for k in _LOGIT_OPTIONS if k in cfg}
@@ -137,7 +134,7 @@ class LinearPolicyLoss(nn.Module):
                     or entropy_metric)
         ignore_index = int(logit.get("ignore_index", -100))
         mask = response_mask.bool() & (labels != ignore_index)
-        # unscored tokens (prompt, tool output) are ignored rows: on CPU they skip the vocabulary
+        # unscored tokens (prompt, tool output) are ignored rows: they skip the vocabulary on every backend
         scored = labels.masked_fill(~mask, ignore_index)
         inputs = dict(ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, **cfg)
 
@@ -172,14 +169,14 @@ def policy_step(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Op
     ``logprobs`` detached, ``entropy`` None unless asked. ``old_logprobs=None`` is the policy's own
     log-probs, detached (a ratio of 1). ``loss`` must be separable over sequences (a
     :func:`fastalign.policy_loss` with normalisers from the mask; the caller rules out the rest).
-    ``single_pass``: True takes the single pass (it raises under tracing or with a ``low_rank`` head),
-    ``"auto"`` where :func:`~fastalign.ops.single_pass.by_default` says so, without a ``low_rank`` head."""
-    check_head_inputs(hidden, weight, labels, bias)
-    if single_pass is True and (low_rank is not None or not eager(hidden, weight, bias)):
-        raise ValueError("single_pass=True does not apply: a low-rank head, or under torch.compile (or fake tensors), "
-                         "takes the two passes")
-    if single_pass is True or (single_pass == "auto" and low_rank is None and by_default(weight, hidden, bias)):
-        return _single_pass(hidden, weight, bias, labels, old_logprobs, loss, entropy, logit, backend)
+    ``single_pass``: True takes the single pass (it raises under tracing), ``"auto"`` where
+    :func:`~fastalign.ops.single_pass.by_default` says so. ``low_rank = (a, L)``: a low-rank term on the
+    head, as in :func:`fastalign.linear_logprobs` (a frozen ``weight`` with a trainable LoRA adapter)."""
+    a, lw = check_head_inputs(hidden, weight, labels, bias, low_rank)
+    if single_pass is True and not eager(hidden, weight, bias, a, lw):
+        raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two passes run")
+    if single_pass is True or (single_pass == "auto" and by_default(weight, hidden, bias, a, lw)):
+        return _single_pass(hidden, weight, bias, a, lw, labels, old_logprobs, loss, entropy, logit, backend)
     stats = linear_logprobs(hidden, weight, labels, bias=bias, low_rank=low_rank, entropy=entropy, backend=backend,
                             **logit)
     lp = stats.logprobs
@@ -187,8 +184,8 @@ def policy_step(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Op
     return value, metrics, lp.detach(), stats.entropy
 
 
-def _single_pass(hidden, weight, bias, labels, old_logprobs, loss: SequenceLoss, want_ent: bool, logit: dict,
-                 backend):
+def _single_pass(hidden, weight, bias, a, lw, labels, old_logprobs, loss: SequenceLoss, want_ent: bool,
+                 logit: dict, backend):
     """:func:`policy_step` by the single pass, a block of whole sequences at a time. A block's share is
     the loss of the whole batch with the other sequences' log-probs held at ``old_logprobs`` (or 0
     with their old log-probs 0 too, when those are the policy's own) and their entropies at 0:
@@ -214,6 +211,6 @@ def _single_pass(hidden, weight, bias, labels, old_logprobs, loss: SequenceLoss,
         stats.extend((lps[0], ents[0]))
         return loss(lps[0], lps[0] if old_logprobs is None else old_logprobs, ents[0])
 
-    value, metrics = single_pass_loss([Side(hidden, labels, rows)], weight, bias, share, total, pipe=pipe,
-                                      aux="entropy" if want_ent else None)
+    value, metrics = single_pass_loss([Side(hidden, labels, rows, a)], weight, bias, share, total, pipe=pipe,
+                                      aux="entropy" if want_ent else None, low_rank_weight=lw)
     return value, metrics, *stats

@@ -1,4 +1,5 @@
 """Scheduling and statistics of the benchmark runner, driven by a fake clock (no real timings)."""
+import json
 import logging
 import statistics
 import warnings
@@ -248,3 +249,19 @@ def test_best_limits_keeps_the_higher_of_two_measurements():
     a = {"copy_GBps": 10.0, "matmul_TFLOPs": {"fp32": 0.1, "bf16": 0.5}}
     b = {"copy_GBps": 12.0, "matmul_TFLOPs": {"fp32": 0.05}}
     assert core.best_limits(a, b) == {"copy_GBps": 12.0, "matmul_TFLOPs": {"fp32": 0.1, "bf16": 0.5}}
+
+
+def test_readme_table_shows_the_newest_run_of_a_case(tmp_path):
+    from fastalign.bench import summary
+
+    def record(name, date, ms, device="CPU"):
+        row = {"op": "linear_logprobs", "case": "4x8", "mode": "fwd", "impl": "fastalign", "median_ms": ms,
+               "baseline": "eager"}
+        path = tmp_path / name
+        path.write_text(json.dumps({"environment": {"device": device, "date": date}, "results": [row]}))
+        return str(path)
+
+    files = [record("b.json", "2026-11-30T10:00", 2.0), record("a.json", "2026-11-24T10:00", 1.0),
+             record("c.json", "2026-11-20T10:00", 3.0, device="GPU")]
+    table = summary.readme_table(files)
+    assert "| 2.00 |" in table and "| 1.00 |" not in table and "| 3.00 |" in table

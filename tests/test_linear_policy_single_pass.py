@@ -145,12 +145,43 @@ def test_single_pass_true_raises_where_it_does_not_apply(config, call, match):
         fastalign.LinearPolicyLoss(single_pass=True, **config)
 
 
-def test_low_rank_takes_the_two_passes():
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("config", ["grpo+k3+entropy", "seq-mean-token-sum+entropy_agg"])
+def test_low_rank_head(backend, config, block_mib):
+    """A LoRA head (frozen W, trainable a = s A(h) and L = B) through the single pass: loss, metrics and
+    the gradients of hidden, a and L equal the two passes, and no gradient reaches the frozen W."""
     d = make(seed=6)
-    a, lw = torch.randn(B, T, 2), torch.randn(V, 2) * 0.1
-    with pytest.raises(ValueError, match="low-rank term"):
-        run(d, dict(loss_type="ppo"), True, low_rank=(a, lw))
-    run(d, dict(loss_type="ppo"), "auto", low_rank=(a, lw))
+    g = torch.Generator().manual_seed(16)
+    a0, lw0 = torch.randn(B, T, 3, generator=g), torch.randn(V, 3, generator=g) * 0.1
+    cfg = CONFIGS[config]
+
+    def lora(single_pass):
+        h, a, lw = (t.clone().requires_grad_(True) for t in (d["hidden"], a0, lw0))
+        inputs = {"ref_logprobs": d["ref"]} if cfg.get("kl_coef") else {}
+        mod = fastalign.LinearPolicyLoss(backend=backend, single_pass=single_pass, **cfg)
+        loss, metrics = mod(h, d["weight"], d["labels"], d["old"], d["A"], d["mask"], bias=d["bias"],
+                            low_rank=(a, lw), **inputs)
+        loss.backward()
+        return loss, metrics, [h.grad, a.grad, lw.grad]
+
+    single, two = lora(True), lora(False)
+    check_same(single, two)
+    for got, want, name in zip(single[2], two[2], ("d hidden", "d a", "d L")):
+        assert_close(got, want, atol=2e-5, rtol=2e-5, what=name)
+
+
+def test_low_rank_head_takes_the_single_pass_by_default(monkeypatch):
+    """``"auto"`` with a LoRA head on an fp32 CPU head: the single pass runs (gradients are needed by
+    a and L even with W frozen)."""
+    d = make(seed=6)
+    calls = []
+    real = linear_policy.single_pass_loss
+    monkeypatch.setattr(linear_policy, "single_pass_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a, lw = torch.randn(B, T, 2, requires_grad=True), (torch.randn(V, 2) * 0.1).requires_grad_(True)
+    loss, _ = fastalign.LinearPolicyLoss(loss_type="ppo")(d["hidden"], d["weight"], d["labels"], d["old"], d["A"],
+                                                           d["mask"], low_rank=(a, lw))
+    loss.backward()
+    assert calls == [1] and a.grad is not None and lw.grad is not None
 
 
 def test_backward_twice_raises():

@@ -4,11 +4,11 @@ When the gradient of a loss with respect to each token log-prob is known as soon
 statistics of a *block* of rows are (a preference loss over a few whole pairs is), the
 block's logits need not be recomputed in a backward pass. Per block:
 
-    z      = softcap(scale * (h @ W.T + b))                      (kept: [rows, V])
+    z      = softcap(scale * (h @ W.T + a @ L.T + b))            (kept: [rows, V]; a @ L.T optional)
     lp, lse, sum p^2 or H = token_stats(z / T)                   (C++ / Triton row kernels)
     g      = d loss / d lp (and d loss / d H)                    (the caller's, from lp)
     dz     = d loss / d z, written over z in place               (token_stats backward)
-    dh     = dz @ W,   dW += dz.T @ h,   db += sum_rows dz
+    dh     = dz @ W,   dW += dz.T @ h,   db += sum_rows dz       (da = dz @ L,  dL += dz.T @ a)
 
 three matrix products per block instead of the four of a forward plus a recomputing
 backward. The price is the block's logits in memory: the caller sizes the block.
@@ -30,18 +30,28 @@ def block_buffer(rows: int, vocab: int, like: Tensor) -> Tensor:
     return torch.empty(rows * vocab, dtype=dtype, device=like.device)
 
 
+def _operands(like: Tensor, *tensors):
+    """``tensors`` as the block's products take them: as they are when ``like`` (the buffer) has their
+    dtype, else in fp32 (None and pairs kept)."""
+    def cast(t):
+        if isinstance(t, tuple):
+            return tuple(cast(x) for x in t)
+        return t if t is None or t.dtype == like.dtype else t.float()
+    return [cast(t) for t in tensors]
+
+
 def block_forward(buf: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *,
                   scale: float, softcap: float, inv_t: float, ignore_index: int, aux: Optional[str], backend: str,
-                  live: Optional[Tensor] = None):
+                  low_rank: Optional[tuple[Tensor, Tensor]] = None, live: Optional[Tensor] = None):
     """Logits of the rows ``h [n, H]`` into ``buf`` and their statistics.
 
     Returns ``(z, deriv, lp, aux, lse)``: ``z`` the kept logits, ``deriv`` the softcap
     derivative (None without softcap), ``aux`` the ``"sum_p2"`` or ``"entropy"`` of each row
-    (None when ``aux`` is None). ``live``: the labelled rows come first and only those ``live`` rows
-    are multiplied (:mod:`~fastalign.ops.device_compaction`)."""
-    native = buf.dtype == h.dtype
-    hw = (h, weight, bias) if native else tuple(None if t is None else t.float() for t in (h, weight, bias))
-    z = chunk_logits(buf, *hw, scale, softcap, live=live)
+    (None when ``aux`` is None). ``low_rank = (a [n, r], L [V, r])`` adds ``a @ L.T`` to the logits.
+    ``live``: the labelled rows come first and only those ``live`` rows are multiplied
+    (:mod:`~fastalign.ops.device_compaction`)."""
+    h, weight, bias, low_rank = _operands(buf, h, weight, bias, low_rank)
+    z = chunk_logits(buf, h, weight, bias, scale, softcap, low_rank=low_rank, live=live)
     deriv = softcap_derivative(z, softcap, scale) if softcap > 0 else None
     lp, ent, sp2, _amax, lse = token_stats(z.unsqueeze(0), labels, inv_t, ignore_index, aux == "entropy",
                                            aux == "sum_p2", False, backend, True)
@@ -51,19 +61,22 @@ def block_forward(buf: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor]
 def block_backward(z: Tensor, deriv: Optional[Tensor], g_lp: Tensor, h: Tensor, weight: Tensor,
                    labels: Tensor, lse: Tensor, *, scale: float, softcap: float, inv_t: float, ignore_index: int,
                    backend: str, dw: Optional[Tensor], db: Optional[Tensor], g_ent: Optional[Tensor] = None,
-                   ent: Optional[Tensor] = None, live: Optional[Tensor] = None) -> Tensor:
+                   ent: Optional[Tensor] = None, low_rank: Optional[tuple[Tensor, Tensor]] = None,
+                   dl: Optional[Tensor] = None, live: Optional[Tensor] = None):
     """Turn the kept logits ``z`` into d(logits) in place for token gradients ``g_lp`` (and ``g_ent`` of
-    the entropies ``ent``); accumulate ``dw``/``db`` and return ``dh [n, H]`` (fp32 on the CPU, the input
-    dtype on a GPU). ``live``: as in :func:`block_forward` (``dh`` is 0 past it)."""
+    the entropies ``ent``); accumulate ``dw``/``db`` (and ``dl`` for ``low_rank = (a, L)``) and return
+    ``(dh [n, H], da [n, r] or None)`` (fp32 on the CPU, the input dtype on a GPU). ``live``: as in
+    :func:`block_forward` (``dh`` and ``da`` are 0 past it)."""
     empty = lse.new_empty(0)
     z3 = z.unsqueeze(0)
     backward_into(z3, g_lp, g_ent, None, z3, labels, lse, empty if ent is None else ent, empty, inv_t, ignore_index,
                   backend)
-    native = z.dtype == h.dtype
-    h_c, w_c = (h, weight) if native else (h.float(), weight.float())
+    h, weight, low_rank = _operands(z, h, weight, low_rank)
     dh = torch.empty(h.shape, dtype=z.dtype, device=z.device)
-    chunk_grad_to_inputs(z, deriv, scale, softcap, h_c, w_c, dh, dw, db, accumulate=False, live=live)
-    return dh
+    da = None if low_rank is None else torch.empty(low_rank[0].shape, dtype=z.dtype, device=z.device)
+    chunk_grad_to_inputs(z, deriv, scale, softcap, h, weight, dh, dw, db, accumulate=False, low_rank=low_rank,
+                         low_rank_grads=(da, dl), live=live)
+    return dh, da
 
 
 def block_rows(vocab: int, like: Tensor, budget_bytes: float) -> int:

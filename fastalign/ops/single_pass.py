@@ -72,11 +72,14 @@ class LogitPipeline(NamedTuple):
 
 class Side(NamedTuple):
     """One tensor of token rows: ``hidden [B, T, H]``, ``labels [B, T]`` and ``rows``, the sorted flat
-    indices of its labelled positions (only those go through the head), or None for every position."""
+    indices of its labelled positions (only those go through the head), or None for every position;
+    ``low_rank_hidden [B, T, r]``: the rows' input to a low-rank term on the head (``a`` of ``a @ L.T``,
+    a LoRA adapter's ``s A(h)``), with ``low_rank_weight`` of :func:`single_pass_loss`."""
 
     hidden: Tensor
     labels: Tensor
     rows: Optional[Tensor] = None
+    low_rank_hidden: Optional[Tensor] = None
 
 
 #: share(lp grids [b, T_s] per side, aux grids per side (or Nones), items) -> a 0-dim tensor whose gradient
@@ -94,14 +97,20 @@ def block_logprobs_of(h: Tensor, weight: Tensor, bias: Optional[Tensor], labels:
 
 
 def single_pass_loss(sides: Sequence[Side], weight: Tensor, bias: Optional[Tensor], share: BlockShare,
-                     total: BatchLoss, *, pipe: LogitPipeline, aux: Optional[str] = None) -> Tuple[Tensor, dict]:
+                     total: BatchLoss, *, pipe: LogitPipeline, aux: Optional[str] = None,
+                     low_rank_weight: Optional[Tensor] = None) -> Tuple[Tensor, dict]:
     """``(loss, metrics)`` of items spread over ``sides``; the gradients of every side's hidden states,
-    ``weight`` and ``bias`` are computed here, block by block. ``aux``: one of :data:`AUX_STATS`."""
+    ``weight`` and ``bias`` (and of the low-rank term: every side's ``low_rank_hidden`` and
+    ``low_rank_weight [V, r]``) are computed here, block by block. ``aux``: one of :data:`AUX_STATS`."""
     if aux not in AUX_STATS:
         raise ValueError(f"aux must be one of {AUX_STATS}, got {aux!r}")
+    low = [s.low_rank_hidden for s in sides]
+    if any((a is None) != (low_rank_weight is None) for a in low):
+        raise ValueError("low_rank_weight and every side's low_rank_hidden go together")
     out: dict = {}
     state = ([(s.labels, s.rows) for s in sides], share, total, pipe, aux, out)
-    loss = _SinglePass.apply(weight, bias, state, *(s.hidden for s in sides))
+    loss = _SinglePass.apply(weight, bias, low_rank_weight, state, *(s.hidden for s in sides),
+                             *(a for a in low if a is not None))
     return loss, out["metrics"]
 
 
@@ -119,21 +128,27 @@ def _split(t: Optional[Tensor], sizes: list) -> list:
 
 
 class _SinglePass(torch.autograd.Function):
-    """Loss value from the whole batch; d(hidden) of every side, d(weight), d(bias) summed block by
-    block in the forward and scaled by the incoming gradient in the backward."""
+    """Loss value from the whole batch; d(hidden) of every side, d(weight), d(bias) (and the low-rank
+    term's) summed block by block in the forward and scaled by the incoming gradient in the backward."""
 
     @staticmethod
-    def forward(ctx, weight, bias, state, *hiddens):
+    def forward(ctx, weight, bias, low_rank_weight, state, *row_inputs):
         side_labels, share, total, pipe, aux, out = state
         kw = pipe._asdict()
-        B, H, V = hiddens[0].shape[0], hiddens[0].shape[-1], weight.shape[0]
-        need_w, need_b = ctx.needs_input_grad[0], bias is not None and ctx.needs_input_grad[1]
-        # d(weight) summed over the blocks in fp32 (one rounding to the weight's dtype, in backward)
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        db = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
-        dh = [torch.zeros(h.shape, dtype=h.dtype, device=h.device) if ctx.needs_input_grad[3 + i] else None
-              for i, h in enumerate(hiddens)]
-        flat = [h.reshape(-1, H) for h in hiddens]
+        n = len(side_labels)
+        # the per-row inputs, kind by kind: hidden states, then the low-rank term's inputs (if any)
+        kinds = [row_inputs[:n]] + ([row_inputs[n:]] if low_rank_weight is not None else [])
+        hiddens = kinds[0]
+        B, V = hiddens[0].shape[0], weight.shape[0]
+        need = ctx.needs_input_grad
+        # d(weight) (and d(low_rank_weight)) summed over the blocks in fp32 (one rounding, in backward)
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[0] else None
+        db = torch.zeros(V, dtype=torch.float32, device=weight.device) if bias is not None and need[1] else None
+        dl = (torch.zeros(low_rank_weight.shape, dtype=torch.float32, device=weight.device)
+              if low_rank_weight is not None and need[2] else None)
+        d_rows = [[torch.zeros(t.shape, dtype=t.dtype, device=t.device) if need[4 + j * n + i] else None
+                   for i, t in enumerate(kind)] for j, kind in enumerate(kinds)]
+        flats = [[t.reshape(-1, t.shape[-1]) for t in kind] for kind in kinds]
         y_flat = [y.reshape(-1).to(torch.int64) for y, _rows in side_labels]
         lp_all = [torch.zeros(y.shape, dtype=torch.float32, device=y.device) for y, _rows in side_labels]
         # unlabelled positions: sum p^2 = 1 (a weight of log 1 = 0), entropy 0
@@ -154,17 +169,20 @@ class _SinglePass(torch.autograd.Function):
             p1 = min(B, p0 + k)
             idx = [_side_rows(y, rows, p0, p1) for y, rows in side_labels]
             sizes = [i.numel() for i in idx]
-            h_blk = torch.cat([f.index_select(0, i) for f, i in zip(flat, idx)])
+            blocks = [torch.cat([f.index_select(0, i) for f, i in zip(flat, idx)]) for flat in flats]
             y_blk = torch.cat([y.index_select(0, i) for y, i in zip(y_flat, idx)])
             cmp = compact(y_blk, pipe.ignore_index) if on_device else None
             if cmp is not None:
-                h_blk, y_blk = cmp.gather(h_blk), cmp.gather(y_blk)
+                blocks, y_blk = [cmp.gather(b) for b in blocks], cmp.gather(y_blk)
+            h_blk = blocks[0]
+            low_rank = None if low_rank_weight is None else (blocks[1], low_rank_weight)
             if buf is None or buf.numel() < h_blk.shape[0] * V:
                 buf = None  # free the smaller buffer before the larger one is allocated
                 buf = block_buffer(max(h_blk.shape[0], k * per_item), V, hiddens[0])
             live = None if cmp is None else cmp.live
             with torch.no_grad():
-                z, deriv, lp, aux_blk, lse = block_forward(buf, h_blk, weight, bias, y_blk, aux=aux, live=live, **kw)
+                z, deriv, lp, aux_blk, lse = block_forward(buf, h_blk, weight, bias, y_blk, aux=aux,
+                                                           low_rank=low_rank, live=live, **kw)
             in_place = (lambda t: t) if cmp is None else (lambda t: None if t is None else cmp.scatter(t))
             # d (block's share of the loss) / d (lp, aux), on [b, T] grids of these items
             with torch.enable_grad():
@@ -187,18 +205,19 @@ class _SinglePass(torch.autograd.Function):
                 return (flat_g if cmp is None else cmp.gather(flat_g)).contiguous()
 
             g_ent = rows_of(g[len(grids):]) if aux == "entropy" else None
-            dh_blk = block_backward(z, deriv, rows_of(g[:len(grids)]), h_blk, weight, y_blk, lse,
-                                    g_ent=g_ent, ent=aux_blk if aux == "entropy" else None, dw=dw, db=db, live=live,
-                                    **kw)
-            for side, (ids, part) in enumerate(zip(idx, in_place(dh_blk).split(sizes))):
-                if dh[side] is not None:
-                    dh[side].view(-1, H).index_copy_(0, ids, part.to(dh[side].dtype))
+            d_blocks = block_backward(z, deriv, rows_of(g[:len(grids)]), h_blk, weight, y_blk, lse, g_ent=g_ent,
+                                      ent=aux_blk if aux == "entropy" else None, dw=dw, db=db, low_rank=low_rank,
+                                      dl=dl, live=live, **kw)
+            for d_blk, d_sides in zip(d_blocks, d_rows):  # (dh, da) of the block, back to their sides
+                for d_side, ids, part in zip(d_sides, idx, in_place(d_blk).split(sizes)):
+                    if d_side is not None:
+                        d_side.view(-1, part.shape[-1]).index_copy_(0, ids, part.to(d_side.dtype))
         del buf
         with torch.no_grad():
             loss, metrics = total(lp_all, aux_all)
         # kept as attributes, not saved tensors: backward scales them in place (no second [V, H])
-        ctx.grads = (dw, db, *dh)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.grads = (dw, db, dl, *(d for d_sides in d_rows for d in d_sides))
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (weight, bias, low_rank_weight))
         out["metrics"] = metrics
         return loss
 
@@ -208,10 +227,10 @@ class _SinglePass(torch.autograd.Function):
             raise RuntimeError("the single pass of a loss can be differentiated once per forward "
                                "(its gradients are computed in the forward); run the forward again")
         grads, ctx.grads = ctx.grads, None
-        n_sides = len(grads) - 2
-        dtypes = (*ctx.dtypes, *([None] * n_sides))  # d(hidden) is already in each side's dtype
-        inputs = (0, 1, *range(3, 3 + n_sides))  # (weight, bias, state, *hiddens): state has no gradient
-        out = [None] * (3 + n_sides)
+        n_rows = len(grads) - 3
+        dtypes = (*ctx.dtypes, *([None] * n_rows))  # the per-row gradients are already in their inputs' dtypes
+        inputs = (0, 1, 2, *range(4, 4 + n_rows))  # (weight, bias, low_rank_weight, state, *rows): no state grad
+        out = [None] * (4 + n_rows)
         for t, dtype, i in zip(grads, dtypes, inputs):
             if t is not None and ctx.needs_input_grad[i]:
                 t = t.mul_(g.to(t.dtype))
