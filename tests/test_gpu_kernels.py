@@ -334,6 +334,19 @@ def test_gpu_linear_low_rank_bf16_at_full_vocabulary():
         assert_close(st.logprobs, ref_lp, atol=2e-2, what="logprobs")
         assert _rel_err(ag.grad, ad.grad) < 5e-3
         assert _rel_err(lg.grad, ld.grad) < 5e-3
+    # the same head through LinearPolicyLoss's single pass (4 sequences of 256, two blocks): a token-sum
+    # REINFORCE loss with A = -1 and entropy_coef = -0.1 is sum(lp) + 0.1 sum(H) above, the same gradients
+    B = 4
+    hb, ab, lb = (t.clone().requires_grad_(True) for t in (h.view(B, N // B, H), a.view(B, N // B, R), lw))
+    loss_fn = fastalign.LinearPolicyLoss(loss_type="reinforce", agg="token-sum", entropy_coef=-0.1, single_pass=True)
+    old_lp = torch.zeros(B, N // B, device="cuda")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTALIGN_BLOCK_MIB", str(2 * 256 * V * 2 / 2 ** 20))
+        loss, _ = loss_fn(hb, w, y.view(B, N // B), old_lp, -torch.ones(B, device="cuda"),
+                          torch.ones(B, N // B, dtype=torch.bool, device="cuda"), low_rank=(ab, lb))
+    loss.backward()
+    assert _rel_err(ab.grad.view(N, R), ad.grad) < 5e-3
+    assert _rel_err(lb.grad, ld.grad) < 5e-3
 
 
 @pytest.mark.gpu
