@@ -28,6 +28,7 @@ from fastalign import _validate
 from fastalign._options import check_choice, check_names
 from fastalign.linear import check_head_inputs, check_logit_options, linear_logprobs, logit_pipeline
 from fastalign.ops._launch import eager
+from fastalign.ops.linear_cpu import labelled_rows
 from fastalign.ops.single_pass import Side, by_default, single_pass_loss
 from fastalign.policy import policy_loss
 from fastalign.policy_config import FIELDS, PolicyConfig
@@ -194,7 +195,7 @@ def _single_pass(hidden, weight, bias, a, lw, labels, old_logprobs, loss: Sequen
     pipe = logit_pipeline(hidden.device, {**logit, "backend": backend})
     # the C++ path finds the labelled rows on the host (reading their count is free on the CPU); the
     # Triton paths put them first on the device (ops/device_compaction.py)
-    rows = (labels.reshape(-1) != pipe.ignore_index).nonzero().squeeze(1) if pipe.backend == "cpp" else None
+    rows = labelled_rows(labels.reshape(-1), pipe.ignore_index) if pipe.backend == "cpp" else None
     zero = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     held = zero if old_logprobs is None else old_logprobs.detach().float()
     stats = []

@@ -183,12 +183,12 @@ class _SinglePass(torch.autograd.Function):
             with torch.no_grad():
                 z, deriv, lp, aux_blk, lse = block_forward(buf, h_blk, weight, bias, y_blk, aux=aux,
                                                            low_rank=low_rank, live=live, **kw)
-            in_place = (lambda t: t) if cmp is None else (lambda t: None if t is None else cmp.scatter(t))
+            in_order = (lambda t: t) if cmp is None else (lambda t: None if t is None else cmp.scatter(t))
             # d (block's share of the loss) / d (lp, aux), on [b, T] grids of these items
             with torch.enable_grad():
                 grids, aux_grids = [], []
-                for side, (ids, part, aux_part) in enumerate(zip(idx, in_place(lp).split(sizes),
-                                                                 _split(in_place(aux_blk), sizes))):
+                for side, (ids, part, aux_part) in enumerate(zip(idx, in_order(lp).split(sizes),
+                                                                 _split(in_order(aux_blk), sizes))):
                     lp_all[side].view(-1).index_copy_(0, ids, part)
                     grids.append(lp_all[side][p0:p1].detach().requires_grad_())
                     if aux is not None:
@@ -209,7 +209,7 @@ class _SinglePass(torch.autograd.Function):
                                       ent=aux_blk if aux == "entropy" else None, dw=dw, db=db, low_rank=low_rank,
                                       dl=dl, live=live, **kw)
             for d_blk, d_sides in zip(d_blocks, d_rows):  # (dh, da) of the block, back to their sides
-                for d_side, ids, part in zip(d_sides, idx, in_place(d_blk).split(sizes)):
+                for d_side, ids, part in zip(d_sides, idx, in_order(d_blk).split(sizes)):
                     if d_side is not None:
                         d_side.view(-1, part.shape[-1]).index_copy_(0, ids, part.to(d_side.dtype))
         del buf
