@@ -1,4 +1,9 @@
-"""Assertion helpers shared by the tests."""
+"""Assertion helpers and the body of a spawned rank, shared by the tests."""
+import contextlib
+import faulthandler
+import os
+import sys
+
 import torch
 
 
@@ -27,3 +32,27 @@ def policy_batch(g: torch.Generator, B: int, T: int):
     m = torch.arange(T)[None, :] < torch.randint(2, T + 1, (B, 1), generator=g)
     m[2] = False  # an empty response
     return lp, old, A, m
+
+
+@contextlib.contextmanager
+def rank_body():
+    """The work of one spawned ``torch.distributed`` rank, after ``init_process_group``.
+
+    On leaving, the rank waits for its peers and leaves its process group; when the work finished,
+    it then exits at once.
+    Interpreter teardown is skipped because gloo's threads can abort a rank there (SIGABRT,
+    "terminate called without an active exception") after its results were written and the group
+    destroyed, which would fail a run that passed. An exception in the work still propagates (the
+    spawner reports it), and faulthandler prints every thread's stack if a rank aborts anyway.
+    """
+    import torch.distributed as dist
+
+    faulthandler.enable(all_threads=True)
+    try:
+        yield
+        dist.barrier()  # no rank tears gloo down while its peer still has work in flight
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -28,6 +28,7 @@ import torch.multiprocessing as mp
 import fastalign
 from conftest import CPU_BACKENDS
 from fastalign.reference.linear import linear_logprobs as reference_linear_logprobs
+from helpers import rank_body
 
 try:
     import transformers  # noqa: F401
@@ -186,7 +187,7 @@ def _worker(rank, world, pg_backend, store_path, out_dir, scenarios, backend, cu
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world)
     dist.init_process_group(pg_backend, store=store, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
-    try:
+    with rank_body():
         group = dist.group.WORLD
         out = {}
         if "policy" in scenarios:
@@ -206,8 +207,6 @@ def _worker(rank, world, pg_backend, store_path, out_dir, scenarios, backend, cu
         if "vocab" in scenarios:
             out["vocab"] = vocab_stats(vocab_data(), backend, rank, world, group, device)
         torch.save(_cpu(out), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def spawn(tmp_path, scenarios, backend, pg_backend="gloo", cuda=False):

@@ -451,4 +451,7 @@ def test_import_does_not_import_trl():
 
 
 if __name__ == "__main__":  # the two-process worker (see test_two_processes_match_trl)
-    _two_process_worker(*sys.argv[1:])
+    from helpers import rank_body
+
+    with rank_body():
+        _two_process_worker(*sys.argv[1:])

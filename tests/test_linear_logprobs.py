@@ -10,7 +10,7 @@ import fastalign
 from fastalign import reference
 from fastalign.ops.linear_stats import linear_stats, linear_stats_backward
 from fastalign.ops.vocab_pieces import merge_stats
-from helpers import assert_close
+from helpers import assert_close, rank_body
 
 N, H, V = 17, 40, 203  # not a multiple of any block size
 
@@ -394,7 +394,7 @@ def _vocab_parallel_worker(rank, world, port, backend, out_dir, temperature=0.9)
     if backend == "triton":
         os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with rank_body():
         torch.set_num_threads(1)
         hidden, weight, bias, labels = make_inputs(n=N, v=2 * 101)
         labels[5] = 101  # first id of rank 1's shard; labels[-1] is the last id of the vocabulary
@@ -410,9 +410,6 @@ def _vocab_parallel_worker(rank, world, port, backend, out_dir, temperature=0.9)
         (st.logprobs * gw + st.entropy * 0.3 - st.sum_p2).sum().backward()
         torch.save({"stats": [t.detach() for t in st], "dh": h.grad, "dw": w.grad, "db": b.grad},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # no rank tears gloo down while its peer still has work in flight
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("backend,temperature", [("cpp", 0.9), ("triton", 0.9), ("cpp", 0.05), ("triton", 0.05)],

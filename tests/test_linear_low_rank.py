@@ -8,7 +8,7 @@ import torch
 
 import fastalign
 from fastalign import reference
-from helpers import assert_close
+from helpers import assert_close, rank_body
 from test_linear_logprobs import BACKEND_IDS, BACKENDS, N, V, _free_port, make_inputs
 
 R = 5  # a rank not a multiple of any block size
@@ -144,7 +144,7 @@ def _vocab_parallel_worker(rank, world, port, out_dir):
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with rank_body():
         torch.set_num_threads(1)
         hidden, weight, bias, labels = make_inputs(n=N, v=2 * 101)
         a, lw = make_low_rank(v=2 * 101)
@@ -157,9 +157,6 @@ def _vocab_parallel_worker(rank, world, port, out_dir):
         (st.logprobs - 0.3 * st.entropy).sum().backward()
         torch.save({"stats": [st.logprobs.detach(), st.entropy.detach()], "dh": h.grad, "dw": w.grad, "da": a_.grad,
                     "dl": l_.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_vocab_parallel_two_ranks_gloo(tmp_path):

@@ -10,7 +10,7 @@ import torch
 import fastalign
 from fastalign import reference
 from fastalign.ops import policy_loss as ops
-from helpers import assert_close
+from helpers import assert_close, rank_body
 
 LOSS_TYPES = ["ppo", "gspo", "cispo", "sapo", "reinforce", "gmpo", "clip_cov", "kl_cov", "dppo_tv", "dppo_kl"]
 
@@ -491,7 +491,7 @@ def _dp_worker(rank, world, init_file, q):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with rank_body():
         d = make_batch(B=7, T=15, seed=23)
         d["m"][5, 4:] = False  # uneven lengths
         rows = [slice(0, 2), slice(2, 7)][rank]  # uneven split: 2 rows and 5 rows
@@ -519,9 +519,8 @@ def _dp_worker(rank, world, init_file, q):
         ours = ops.cov_select(lp, old, A, mu, sums, nloc, torch.tensor([0]), 1, 0.2, 1.0, 5.0, 0.2, 0.2)
         res["kl_cov_ok"] = bool(torch.equal(ours.bool(), sel)) and float(met["cov_selected_frac"]) > 0
         q.put((rank, res))
-        dist.barrier()  # no rank tears gloo down while its peer still has work in flight
-    finally:
-        dist.destroy_process_group()
+        q.close()
+        q.join_thread()  # sent before this rank exits
 
 
 def test_two_process_gloo_global_normalisation(tmp_path):

@@ -15,6 +15,7 @@ import torch
 import fastalign as fa
 from fastalign.advantages import masked_whiten
 from fastalign.reference import advantages as ref_adv
+from helpers import rank_body
 
 
 def _lp64(logits, labels, temperature=1.0):
@@ -436,7 +437,7 @@ def _vocab_parallel_ignore_worker(rank, world, port, out_dir):
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with rank_body():
         torch.set_num_threads(1)
         g = torch.Generator().manual_seed(10)
         h, W = torch.randn(6, 8, generator=g), torch.randn(40, 8, generator=g)
@@ -447,9 +448,6 @@ def _vocab_parallel_ignore_worker(rank, world, port, out_dir):
                                 vocab_group=dist.group.WORLD, backend="cpp", chunk=(4, 7))
         st.logprobs.sum().backward()
         torch.save({"lp": st.logprobs.detach(), "dh": hl.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_vocab_parallel_label_at_shard_start_plus_ignore_index():
