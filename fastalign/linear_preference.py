@@ -33,6 +33,7 @@ from fastalign._deprecate import renamed
 from fastalign._options import check_choice
 from fastalign.linear import check_logit_options, linear_logprobs, logit_pipeline
 from fastalign.ops._launch import eager
+from fastalign.ops.linear_cpu import labelled_rows
 from fastalign.ops.single_pass import (DEFAULT_BLOCK_MIB, LogitPipeline, Side, block_logprobs_of, by_default,
                                        single_pass_loss)
 from fastalign.preference import LOSSES, check_config, preference_loss, wpo_weights
@@ -197,10 +198,11 @@ class LinearPreferenceLoss(nn.Module):
         return logit_pipeline(device, self.kernel_options)
 
     def _rows(self, hidden, labels, single: bool):
-        """Flat indices of the labelled positions when this call compacts them, else None."""
+        """Flat indices of the labelled positions when this call compacts them, else None (also when
+        every position is labelled)."""
         if not self.paths.compacts(hidden, single, _backend.resolve(hidden.device, self.kernel_options["backend"])):
             return None
-        return (labels.reshape(-1) != self.ignore_index).nonzero().squeeze(1)
+        return labelled_rows(labels.reshape(-1), self.ignore_index)
 
     def _token_logprobs(self, hidden, weight, labels, bias, sum_p2: bool, rows: Optional[Tensor] = None,
                         blocks: bool = False):
@@ -338,7 +340,10 @@ class LinearPreferenceLoss(nn.Module):
         else:
             h = torch.cat([hc.reshape(-1, H), hr.reshape(-1, H)])
             y = torch.cat([yc.reshape(-1), yr.reshape(-1)])
-        rows = None if rows_c is None else torch.cat([rows_c, rows_r + n_c])
+        rows = None
+        if rows_c is not None or rows_r is not None:  # a side with None has every row labelled
+            every = (lambda r, n: torch.arange(n, device=h.device) if r is None else r)
+            rows = torch.cat([every(rows_c, n_c), every(rows_r, yr.numel()) + n_c])
         lp, sp2 = self._token_logprobs(h, weight, y, bias, sum_p2, rows, blocks)
         split = (lambda t: (t[:n_c].view(yc.shape), t[n_c:].view(yr.shape)))
         return tuple(zip(split(lp), split(sp2) if sp2 is not None else (None, None)))

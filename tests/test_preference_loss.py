@@ -526,14 +526,22 @@ def test_linear_wpo_token_weights_ld_against_logits_path():
     assert_close(g, gy, atol=1e-6, rtol=1e-4, what="d hidden")
 
 
-def test_linear_compact_rows_equal_whole_batch():
+@pytest.mark.parametrize("labelled", ["neither", "chosen", "rejected", "both"])
+@pytest.mark.parametrize("single_pass", [False, True])
+def test_linear_compact_rows_equal_whole_batch(labelled, single_pass):
+    """Compacting the labelled rows changes nothing, also when a side has every row labelled."""
     h, w, b, labels, rh = _hidden_batch(seed=5)
     B = h.shape[0] // 2
+    full = torch.randint(0, w.shape[0], labels[:B].shape, generator=torch.Generator().manual_seed(1))
+    if labelled in ("chosen", "both"):
+        labels[:B] = full
+    if labelled in ("rejected", "both"):
+        labels[B:] = full
     for layout in ("concatenated", "separate"):
         outs = []
         for compact in (True, False):
-            mod = fa.LinearPreferenceLoss(loss_type=["sigmoid", "sft"], ld_alpha=0.5, use_weighting=True,
-                                          compact=compact)
+            mod = fa.LinearPreferenceLoss(loss_type=["sigmoid", "sft"], ld_alpha=0.5, use_weighting=not single_pass,
+                                          compact=compact, single_pass=single_pass)
             hx, wx = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
             if layout == "concatenated":
                 loss, m = mod(hx, wx, labels, bias=b, ref_hidden=rh)

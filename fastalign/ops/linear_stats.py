@@ -46,7 +46,7 @@ def linear_stats(
             ignore_index, out)
     if backend_for("linear_stats", hidden.device, backend) == "cpp":
         linear_cpu.forward_labelled(*args, chunk_tokens, chunk_vocab)
-    else:  # every row: skipping ignored ones would need a bounded gather of the labelled rows (no host sync)
+    else:  # the labelled rows put first on the device (ops/device_compaction.py)
         linear_triton.forward(*args)
 
 
