@@ -12,6 +12,8 @@ from collections import defaultdict
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from helpers import assert_close
 
@@ -114,7 +116,7 @@ CASES = {
     "cispo_sequence": dict(loss_type="cispo", epsilon_high=1.02, importance_sampling_level="sequence"),
     "sapo": dict(loss_type="sapo", beta=0.05, sapo_temperature_neg=1.3),
     "sapo_sequence": dict(loss_type="sapo", importance_sampling_level="sequence", top_entropy_quantile=0.6),
-    "vespo": dict(loss_type="vespo", use_vllm=True, beta=0.02),
+    "vespo": dict(loss_type="vespo", use_vllm=True, vllm_importance_sampling_mode="token_truncate", beta=0.02),
     "vespo_plain": dict(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_neg=2.5),
 }
 SETUPS = {  # (gradient accumulation, processes, training, steps_per_generation)
@@ -128,10 +130,11 @@ def _call_both(config, d, ga, nproc, training, spg, *, old=True, seq_ratio=False
     config = {**config, "steps_per_generation": spg, "gradient_accumulation_steps": ga}
     ratio = d["ratio"][:, :1] if seq_ratio else d["ratio"]
     use_vllm = config.get("use_vllm", False)
+    corrected = use_vllm and config.get("vllm_importance_sampling_correction", True)  # when TRL computes the ratio
     num_items = int(d["m"].sum()) * 3  # the generation batch spans several micro-batches
     kw = dict(ref=d["ref"] if config.get("beta", 0.0) else None,
               sampling=d["sampling"] if (config.get("off_policy_mask_threshold") is not None or use_vllm) else None,
-              is_ratio=ratio if use_vllm else None, num_items=num_items)
+              is_ratio=ratio if corrected else None, num_items=num_items)
     tl, tg, th, tm = trl_loss(config, d["lp"], d["old"] if old else None, d["A"], d["m"], d["H"], ga=ga, nproc=nproc,
                               training=training, **kw)
     x = d["lp"].clone().requires_grad_(True)
@@ -161,6 +164,60 @@ def test_grpo_loss_matches_trl(case, setup):
     d = batch(seed=sorted(CASES).index(case))
     trl, ours = _call_both(CASES[case], d, *SETUPS[setup])
     _compare(trl, ours)
+
+
+#: Values of every GRPOConfig field the loss reads; random combinations of them are compared with TRL.
+OPTION_SPACE = dict(
+    loss_type=["grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo"],
+    beta=[0.0, 0.04], epsilon=[0.2, 0.1], epsilon_high=[None, 0.28, 1.05], delta=[None, 1.1],
+    importance_sampling_level=["token", "sequence"], top_entropy_quantile=[1.0, 0.5, 0.0],
+    entropy_coef=[0.0, 0.02], use_bias_correction_kl=[True, False], off_policy_mask_threshold=[None, 0.0, 0.01],
+    use_vllm=[False, True], vllm_importance_sampling_correction=[True, False],
+    vllm_importance_sampling_mode=["sequence_mask", "token_mask", "token_truncate", "sequence_truncate"],
+    vllm_importance_sampling_clip_min=[None, 0.5], sapo_temperature_neg=[1.05, 1.3], max_completion_length=[9, 12],
+    vespo_k_pos=[2.0, 1.5], vespo_lambda_neg=[2.0, 2.5],
+)
+
+
+def _refused(config) -> bool:
+    """The vespo settings the profile refuses: TRL's trainer refuses vLLM importance sampling in a sequence
+    mode, and ignores ``importance_sampling_level="sequence"`` (with a warning)."""
+    corrected = config["use_vllm"] and config["vllm_importance_sampling_correction"]
+    return config["loss_type"] == "vespo" and (config["importance_sampling_level"] == "sequence" or (
+        corrected and not config["vllm_importance_sampling_mode"].startswith("token")))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(config=st.fixed_dictionaries({k: st.sampled_from(v) for k, v in OPTION_SPACE.items()}),
+       setup=st.sampled_from(sorted(SETUPS)), on_policy=st.booleans(), seed=st.integers(0, 99))
+def test_option_combinations_match_trl(config, setup, on_policy, seed):
+    """Random combinations of the loss options: loss, gradients and every metric equal TRL's
+    ``_compute_loss``, or the profile refuses the combination with a ValueError."""
+    if _refused(config):
+        with pytest.raises(ValueError, match="vespo"):
+            GRPOLoss(config)
+        return
+    d = batch(seed=seed)
+    _compare(*_call_both(config, d, *SETUPS[setup], old=not on_policy,
+                         seq_ratio=config["vllm_importance_sampling_mode"].startswith("sequence")))
+
+
+def test_cispo_clip_ratio_counts_empty_rows_at_sequence_level():
+    """TRL's cispo_clip_ratio under importance_sampling_level="sequence" averages over every row, and an
+    empty completion (ratio exp(0) = 1 > epsilon_high) with a positive advantage counts as clipped."""
+    d = batch(seed=3)
+    d["A"][1] = 1.0  # row 1 is the empty completion
+    trl, ours = _call_both(dict(loss_type="cispo", importance_sampling_level="sequence", epsilon_high=0.2), d,
+                           1, 1, True, 1)
+    _compare(trl, ours)
+    assert trl[3]["cispo_clip_ratio"] >= 1 / 6
+
+
+def test_importance_sampling_ratio_without_correction_raises():
+    d = batch(seed=4)
+    loss = GRPOLoss(dict(loss_type="grpo", use_vllm=True, vllm_importance_sampling_correction=False))
+    with pytest.raises(ValueError, match="importance_sampling_ratio"):
+        loss(d["lp"], d["old"], d["A"], d["m"], entropy=d["H"], importance_sampling_ratio=d["ratio"])
 
 
 def test_on_policy_old_logprobs_none():

@@ -25,6 +25,14 @@ Where TRL's behaviour differs from fastalign's defaults, the profile follows TRL
   the policy term; vespo folds it into its sequence weight), or ``sampling_logprobs`` and the
   ratio is computed in the kernel from ``vllm_importance_sampling_mode`` and its clip bounds
   (truncate modes clamp to ``[clip_min, clip_max]``; a NaN sampling log-prob is a log-ratio of 0).
+  A ratio given without ``use_vllm`` and ``vllm_importance_sampling_correction`` raises (TRL
+  computes it only then).
+* ``cispo_clip_ratio`` under ``importance_sampling_level="sequence"`` averages over every row, and
+  counts an empty completion (ratio ``exp(0) = 1``) with a positive advantage as clipped when
+  ``epsilon_high < 1``, as TRL does.
+* vespo: like TRL's trainer the profile refuses vLLM importance sampling in a ``sequence_*``
+  mode; TRL ignores ``importance_sampling_level="sequence"`` for vespo (with a warning), the
+  profile refuses it.
 
 Metrics come back under TRL's names: ``kl``, ``entropy``, ``policy_loss`` and ``entropy_coef``
 (with an entropy bonus), ``clip_ratio/low_mean``,
@@ -89,6 +97,11 @@ def grpo_policy_config(args: Any, *, sampling_correction: bool = False) -> Polic
         raise ValueError("use_adaptive_entropy is a trainer-side controller: pass its current coefficient as "
                          "entropy_coef")
     row, agg, seq_count, _ = GRPO_LOSSES[loss_type]
+    mode = _read(args, "vllm_importance_sampling_mode")
+    if (row == "vespo" and _read(args, "use_vllm") and _read(args, "vllm_importance_sampling_correction")
+            and mode not in ("token_truncate", "token_mask")):  # as GRPOTrainer refuses it
+        raise ValueError("loss_type 'vespo' with vLLM importance sampling needs vllm_importance_sampling_mode "
+                         f"'token_truncate' or 'token_mask', got {mode!r}")
     eps_low = float(_read(args, "epsilon"))
     eps_high = _read(args, "epsilon_high")
     eps_high = eps_low if eps_high is None else float(eps_high)
@@ -124,7 +137,6 @@ def grpo_policy_config(args: Any, *, sampling_correction: bool = False) -> Polic
     if coef != 0.0:
         opts.update(entropy_coef=coef, entropy_agg="token-mean")
     if sampling_correction:
-        mode = _read(args, "vllm_importance_sampling_mode")
         lo = _read(args, "vllm_importance_sampling_clip_min")
         hi = _read(args, "vllm_importance_sampling_clip_max")
         opts.update(rollout_correction=mode, rollout_min=0.0 if lo is None else float(lo),
@@ -186,6 +198,9 @@ class GRPOLoss:
         kw: dict = dict(entropy=entropy, ref_logprobs=ref_logprobs if cfg.kl_coef != 0.0 else None)
         if entropy_threshold is not None:
             kw["entropy_threshold"] = entropy_threshold
+        if importance_sampling_ratio is not None and not self.is_correction:
+            raise ValueError("importance_sampling_ratio applies with use_vllm=True and "
+                             "vllm_importance_sampling_correction=True only (GRPOTrainer computes it only then)")
         if self.is_correction:
             if importance_sampling_ratio is not None:
                 kw["importance_weights"] = importance_sampling_ratio
@@ -218,7 +233,20 @@ class GRPOLoss:
                         "clip_ratio/region_mean": met["clip_region"], "clip_ratio/low_min": met["clip_low_min"],
                         "clip_ratio/high_max": met["clip_high_max"]})
         elif cfg.row == "cispo":
-            out["cispo_clip_ratio"] = met["clip_high"]
+            out["cispo_clip_ratio"] = met["clip_high"] + _empty_rows_clipped(cfg, advantages, completion_mask)
         elif cfg.row == "vespo":
             out["vespo/phi_seq_mean"] = met["phi_mean"]
         return loss, out
+
+
+def _empty_rows_clipped(cfg: PolicyConfig, advantages: Tensor, mask: Tensor) -> Tensor:
+    """TRL's share of rows counted as cispo-clipped that have no completion token, under
+    ``importance_sampling_level="sequence"`` with one advantage per row: there the row's ratio is
+    ``exp(0 / 1) = 1`` and the metric averages over every row, so such a row counts as clipped when
+    ``1 > epsilon_high`` and its advantage is positive. 0 otherwise."""
+    B = mask.shape[0]
+    per_row = advantages.dim() == 1 or advantages.shape[-1] == 1
+    if cfg.importance_sampling_level != "sequence" or not per_row or B == 0 or not 1.0 > cfg.cispo_bounds[1]:
+        return torch.zeros((), device=advantages.device)
+    empty = (mask.reshape(B, -1).sum(-1) == 0) & (advantages.reshape(B) > 0)
+    return empty.sum(dtype=torch.float32) / B
