@@ -2,7 +2,8 @@
 
 Profiles build fastalign losses from TRL's own config objects: ``grpo`` (the policy loss of
 ``GRPOTrainer``), ``preference`` (the losses of ``DPOTrainer``, ``CPOTrainer``, ``ORPOTrainer``
-and ``KTOTrainer``), ``rloo`` (``RLOOTrainer``'s advantages). Metrics come back under TRL's names.
+and ``KTOTrainer``), ``grpo_rewards`` and ``rloo`` (the advantages of ``GRPOTrainer`` and
+``RLOOTrainer``). Metrics come back under TRL's names.
 
 Drop-in trainers, subclasses of TRL's with the same constructor and config classes::
 
@@ -14,6 +15,7 @@ They are loaded on first access, so importing this package does not import ``trl
 import importlib
 
 from fastalign.integrations.trl.grpo import *  # noqa: F401,F403
+from fastalign.integrations.trl.grpo_rewards import *  # noqa: F401,F403
 from fastalign.integrations.trl.preference import *  # noqa: F401,F403
 from fastalign.integrations.trl.rloo import *  # noqa: F401,F403
 

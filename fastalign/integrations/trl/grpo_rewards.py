@@ -1,0 +1,90 @@
+"""TRL 1.16 ``GRPOTrainer`` advantages from fastalign's group kernels.
+
+:func:`grpo_advantages` reproduces how ``GRPOTrainer`` turns the reward functions' outputs of one
+generation batch (every process's, as TRL gathers them) into advantages. A row where every
+function returned None (NaN) is unscorable: it stays out of every statistic and gets 0.
+
+``multi_objective_aggregation="sum_then_normalize"`` (TRL's default): ``r = Σ_k w_k x_k`` (NaN
+entries skipped), then with ``mean``/``std`` (unbiased) over the scorable rows of each prompt's
+``num_generations`` consecutive rows::
+
+    scale_rewards="group":  A = (r - mean_group) / (std_group + 1e-4)
+    scale_rewards="batch":  A = (r - mean_group) / (std_batch + 1e-4)
+    scale_rewards="none":   A =  r - mean_group                        (Dr. GRPO)
+
+``"normalize_then_sum"`` (GDPO): each reward column is normalised in its group as ``"group"``
+above, the columns are summed with the weights, and the sum is normalised over the batch. TRL
+ignores ``scale_rewards`` there; the profile raises unless it is the default ``"group"``.
+
+A group with a single scorable row gives it 0 (TRL's NaN std, then ``nan_to_num``). Statistics
+accumulate in float64, so a group of equal rewards gets exactly 0 (TRL's float32 mean can leave
+``~1e-7 / 1e-4`` there).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+from torch import Tensor
+
+from fastalign.advantages import group_advantages
+
+__all__ = ["GRPO_ADVANTAGE_DEFAULTS", "grpo_advantages"]
+
+#: TRL 1.16's ``GRPOConfig`` defaults for the fields the advantages read.
+GRPO_ADVANTAGE_DEFAULTS: Dict[str, Any] = dict(num_generations=8, num_generations_eval=None, reward_weights=None,
+                                               scale_rewards="group",
+                                               multi_objective_aggregation="sum_then_normalize")
+SCALE_EPS = 1e-4  # GRPOTrainer's std offset
+_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+_SCALES = {True: "group", False: "none", "group": "group", "batch": "batch", "none": "none"}
+
+
+def _read(config) -> Dict[str, Any]:
+    if config is None:
+        return dict(GRPO_ADVANTAGE_DEFAULTS)
+    if isinstance(config, dict):
+        return {k: config.get(k, v) for k, v in GRPO_ADVANTAGE_DEFAULTS.items()}
+    return {k: getattr(config, k, v) for k, v in GRPO_ADVANTAGE_DEFAULTS.items()}
+
+
+def grpo_advantages(config, rewards_per_func: Tensor, *, training: bool = True) -> Tensor:
+    """``[B]`` advantages of ``GRPOTrainer`` (TRL 1.16) for one generation batch (see the module doc).
+
+    Args:
+        config: ``GRPOConfig`` or a dict: ``num_generations`` (``num_generations_eval`` when not
+            training, if set), ``reward_weights``, ``scale_rewards``, ``multi_objective_aggregation``.
+        rewards_per_func: ``[B, F]`` rewards of the F reward functions over every process (NaN where
+            a function returned None), ``B`` a multiple of the group size (each prompt's completions
+            consecutive). Slice the result for this process's rows, as TRL does.
+        training: whether the batch is a training batch (else the evaluation group size).
+    """
+    c = _read(config)
+    if not isinstance(rewards_per_func, Tensor) or rewards_per_func.dim() != 2:
+        raise ValueError("rewards_per_func must be a [B, F] tensor (one column per reward function)")
+    B, F_ = rewards_per_func.shape
+    G = int(c["num_generations"] if training or c["num_generations_eval"] is None else c["num_generations_eval"])
+    if G < 1 or B % G:
+        raise ValueError(f"num_generations={G} must divide the number of completions {B}")
+    scale = _SCALES.get(c["scale_rewards"])
+    if scale is None:
+        raise ValueError(f"scale_rewards must be one of 'group', 'batch', 'none' (or a bool), got {c['scale_rewards']!r}")
+    aggregation = c["multi_objective_aggregation"]
+    if aggregation not in _AGGREGATIONS:
+        raise ValueError(f"multi_objective_aggregation must be one of {_AGGREGATIONS}, got {aggregation!r}")
+    if aggregation == "normalize_then_sum" and scale != "group":
+        raise ValueError(f"scale_rewards={c['scale_rewards']!r} does not apply with multi_objective_aggregation="
+                         "'normalize_then_sum' (TRL 1.16 normalises each column by its group std and the sum by the "
+                         "batch std whatever it is)")
+    x = rewards_per_func.to(torch.promote_types(rewards_per_func.dtype, torch.float32))
+    w = c["reward_weights"]
+    w = torch.ones(F_, dtype=x.dtype, device=x.device) if w is None else torch.as_tensor(w, dtype=x.dtype,
+                                                                                          device=x.device)
+    if w.shape != (F_,):
+        raise ValueError(f"reward_weights has {w.numel()} entries for {F_} reward functions")
+    unscorable = torch.isnan(x).all(dim=1)
+    if aggregation == "normalize_then_sum":
+        x = torch.where(unscorable[:, None], float("nan"), x)
+        return group_advantages(x, group_size=G, estimator="gdpo", reward_weights=w, eps=SCALE_EPS, singleton="zero")
+    rewards = torch.where(unscorable, float("nan"), (x * w).nansum(dim=1))
+    return group_advantages(rewards, group_size=G, estimator="grpo", std=scale, eps=SCALE_EPS, singleton="zero")
