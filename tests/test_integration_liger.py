@@ -8,6 +8,8 @@ bf16 cases. The C++ backend (the default on CPU tensors) runs fastalign.
 """
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from helpers import assert_close
 
@@ -145,6 +147,50 @@ def test_grpo_vllm_is_ratio_and_num_items(loss_type):
         out_fa = _run_grpo(fa, d, leaves_fa, ref_mode="logps", **extra)
         out_lg = _run_grpo(lg, {**d, "ids": _liger_ids(d)}, leaves_lg, ref_mode="logps", **extra)
         _compare(out_fa, out_lg, leaves_fa, leaves_lg, rtol=1e-5, atol=2e-6, what=f"{loss_type}/{ratio.dim()}D")
+
+
+_PPO_ROWS = ("dapo", "grpo", "bnpo", "dr_grpo", "luspo")
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(loss_type=st.sampled_from(list(_PPO_ROWS) + ["cispo", "sapo", "vespo"]), beta=st.sampled_from([0.0, 0.04]),
+       no_ref=st.booleans(), eps=st.sampled_from([(0.2, 0.2), (0.1, 0.28), (0.2, 1.2)]),
+       sequence=st.booleans(), temperature=st.sampled_from([1.0, 0.7]), bias_kl=st.booleans(),
+       delta=st.sampled_from([None, 1.3]), chunk_size=st.sampled_from([1, 2]), ref_hidden=st.booleans(),
+       ratio=st.sampled_from([None, "token", "sequence"]), num_items=st.booleans(), on_policy=st.booleans(),
+       bias=st.booleans(), seed=st.integers(0, 99))
+def test_grpo_option_combinations_match_liger(loss_type, beta, no_ref, eps, sequence, temperature, bias_kl, delta,
+                                              chunk_size, ref_hidden, ratio, num_items, on_policy, bias, seed):
+    """Random combinations of the options that apply to each loss type, against Liger's module."""
+    opts = dict(loss_type=loss_type, beta=beta, temperature=temperature, use_bias_correction_kl=bias_kl,
+                chunk_size=chunk_size)
+    if loss_type in _PPO_ROWS:
+        opts.update(epsilon_low=eps[0], epsilon_high=eps[1], delta=delta)
+    if loss_type == "cispo":
+        opts["epsilon_high"] = eps[1]
+    if loss_type == "dr_grpo":
+        opts["max_completion_length"] = 9
+    if loss_type == "luspo":  # what the adapter supports (module doc)
+        opts.update(beta=0.0, importance_sampling_level="sequence")
+    elif sequence and loss_type in _PPO_ROWS:
+        opts["importance_sampling_level"] = "sequence"
+    if opts["beta"] == 0.0 and no_ref:
+        opts["use_ref_model"] = False
+    fa, lg = _grpo_pair(opts)
+    d = _grpo_batch(seed, bias=bias)
+    g = torch.Generator().manual_seed(seed)
+    extra = {}
+    if ratio == "token" and loss_type == "luspo":  # refused (module doc): Liger sums it over padding too
+        ratio = "sequence"
+    if ratio is not None:
+        extra["vllm_is_ratio"] = torch.rand(*((4, 7) if ratio == "token" else (4,)), generator=g) + 0.5
+    if num_items and loss_type in ("dapo", "cispo", "vespo"):
+        extra["num_items_in_batch"] = 41
+    ref_mode = ("hidden" if ref_hidden else "logps") if opts.get("use_ref_model", True) else "none"
+    leaves_fa, leaves_lg = _leaves(d["hidden"], d["weight"], d["bias"]), _leaves(d["hidden"], d["weight"], d["bias"])
+    out_fa = _run_grpo(fa, d, leaves_fa, ref_mode=ref_mode, on_policy=on_policy, **extra)
+    out_lg = _run_grpo(lg, {**d, "ids": _liger_ids(d)}, leaves_lg, ref_mode=ref_mode, on_policy=on_policy, **extra)
+    _compare(out_fa, out_lg, leaves_fa, leaves_lg, rtol=1e-5, atol=2e-6, what=str(opts))
 
 
 def test_grpo_on_policy_and_no_bias():
