@@ -114,3 +114,77 @@ def test_rloo_defaults_and_bad_inputs():
         rloo_advantages({"beta": 0.0, "num_generations": 3}, torch.zeros(4, 1))
     with pytest.raises(ValueError, match="reward_weights"):
         rloo_advantages({"beta": 0.0, "reward_weights": [1.0]}, torch.zeros(4, 2))
+
+
+# ------------------------------------------------------------------------------------------ the loss
+
+def _trl_rloo_loss(args, lp, old_logps, A, m, H, training=True):
+    """``RLOOTrainer._compute_loss`` on a stand-in trainer; d loss / d lp, d loss / d H and its metrics."""
+    lp = lp.clone().requires_grad_(True)
+    H = H.clone().requires_grad_(True)
+    B, T = lp.shape
+    trainer = SimpleNamespace(
+        args=args, epsilon_low=args.epsilon,
+        epsilon_high=args.epsilon_high if args.epsilon_high is not None else args.epsilon,
+        aux_loss_enabled=False, accelerator=_Accelerator(), model=SimpleNamespace(training=training),
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _get_per_token_logps_and_entropies=lambda *a, **k: (lp, H, None))
+    inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": m.long(),
+              "old_logps": old_logps, "advantages": A}
+    loss = RLOOTrainer._compute_loss(trainer, None, inputs)
+    loss.backward()
+    return loss.detach(), lp.grad, H.grad, {k: v[-1] for k, v in trainer._metrics["train" if training else "eval"].items()}
+
+
+def _loss_batch(B=6, T=8, seed=0, spread=0.4):
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(B, T, generator=g, dtype=D) * 1.5
+    lengths = torch.randint(1, T + 1, (B, 1), generator=g)
+    m = torch.arange(T)[None, :] < lengths
+    m[2] = False  # an empty completion
+    old_logps = (lp * m).sum(-1) + torch.randn(B, generator=g, dtype=D) * spread
+    A = torch.randn(B, generator=g, dtype=D)
+    H = torch.rand(B, T, generator=g, dtype=D) * 3
+    return lp, old_logps, A, m, H
+
+
+@pytest.mark.parametrize("eps", [dict(), dict(epsilon=0.1), dict(epsilon=0.1, epsilon_high=0.28)])
+@pytest.mark.parametrize("spread", [0.05, 0.4, 2.0])
+def test_rloo_loss(eps, spread):
+    """Loss, d loss / d per-token log-probs and TRL's metrics; at spread 2.0 most ratios are clipped."""
+    from fastalign.integrations.trl import RLOOLoss
+
+    args = _config(**eps)
+    lp, old, A, m, H = _loss_batch(seed=int(spread * 10), spread=spread)
+    tl, tg, th, tm = _trl_rloo_loss(args, lp, old, A, m, H)
+    x = lp.float().requires_grad_(True)  # TRL in float64, fastalign in float32
+    loss, met = RLOOLoss(args)(x, old.float(), A.float(), m, entropy=H.float())
+    loss.backward()
+    torch.testing.assert_close(loss.double(), tl, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x.grad.double(), tg, atol=1e-6, rtol=1e-5)
+    assert th is None or torch.all(th == 0)  # TRL logs the entropy only
+    assert set(met) == set(tm), (sorted(met), sorted(tm))
+    for k, v in tm.items():
+        torch.testing.assert_close(met[k].double(), torch.tensor(v, dtype=D), atol=1e-6, rtol=1e-6, msg=k)
+    if spread == 2.0:
+        assert tm["clip_ratio/region_mean"] > 0
+
+
+def test_rloo_loss_from_a_dict_and_bad_inputs():
+    from fastalign.integrations.trl import RLOO_LOSS_DEFAULTS, RLOOLoss
+
+    import dataclasses
+    fields = {f.name: f for f in dataclasses.fields(RLOOConfig)}
+    for k, v in RLOO_LOSS_DEFAULTS.items():
+        assert fields[k].default == v, k
+    lp, old, A, m, H = (t.float() if t.is_floating_point() else t for t in _loss_batch(seed=3))
+    a, _ = RLOOLoss({"epsilon": 0.1})(lp, old, A, m, entropy=H)
+    b, _ = RLOOLoss(_config(epsilon=0.1))(lp, old, A, m, entropy=H)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="old_logps"):
+        RLOOLoss()(lp, old[:, None], A, m, entropy=H)
+    with pytest.raises(ValueError, match="advantages"):
+        RLOOLoss()(lp, old, A[:3], m, entropy=H)
+    with pytest.raises(ValueError, match="entropy"):
+        RLOOLoss()(lp, old, A, m, entropy=H[:, :3])

@@ -2,8 +2,8 @@
 
 Profiles build fastalign losses from TRL's own config objects: ``grpo`` (the policy loss of
 ``GRPOTrainer``), ``preference`` (the losses of ``DPOTrainer``, ``CPOTrainer``, ``ORPOTrainer``
-and ``KTOTrainer``), ``grpo_rewards`` and ``rloo`` (the advantages of ``GRPOTrainer`` and
-``RLOOTrainer``). Metrics come back under TRL's names.
+and ``KTOTrainer``), ``grpo_rewards`` (``GRPOTrainer``'s advantages) and ``rloo`` (``RLOOTrainer``'s advantages and
+loss). Metrics come back under TRL's names.
 
 Drop-in trainers, subclasses of TRL's with the same constructor and config classes::
 

@@ -1,4 +1,4 @@
-"""TRL 1.16 ``RLOOTrainer`` advantages from fastalign's group kernels.
+"""TRL 1.16 ``RLOOTrainer`` profile: its advantages and its loss from fastalign's kernels.
 
 :func:`rloo_advantages` reproduces how ``RLOOTrainer`` turns the reward functions' outputs into
 advantages: weighted sum of the reward columns (a row where every function returned None — NaN —
@@ -7,6 +7,15 @@ the leave-one-out baseline over the scorable completions of each prompt's ``num_
 consecutive rows, then, with ``normalize_advantages``, ``(A - mean) / (std + 1e-4)`` over the
 scorable completions of the batch. Unscorable completions, and a completion alone in its group,
 get 0 (and stay out of the normalisation), as in TRL.
+
+:class:`RLOOLoss` is ``RLOOTrainer._compute_loss``: a PPO clip on the *sequence* ratio of summed
+log-probs, averaged over the completions (empty ones included)::
+
+    rho_i = exp(Σ_t m_it lp_it - old_i),   L = mean_i -min(rho_i A_i, clip(rho_i, 1 - eps_low, 1 + eps_high) A_i)
+
+with ``old_i`` the old policy's summed log-probs, and TRL's metrics ``entropy`` (token mean) and
+``clip_ratio/*`` (over the completions). The loss is not divided by the gradient-accumulation steps
+(TRL leaves that to ``transformers``' Trainer).
 """
 from __future__ import annotations
 
@@ -16,13 +25,17 @@ import torch
 from torch import Tensor
 
 from fastalign.advantages import group_advantages
+from fastalign.policy import policy_loss
+from fastalign.sequence import sequence_logprobs
 
-__all__ = ["RLOO_DEFAULTS", "rloo_advantages"]
+__all__ = ["RLOO_DEFAULTS", "RLOO_LOSS_DEFAULTS", "RLOOLoss", "rloo_advantages"]
 
 #: TRL 1.16's ``RLOOConfig`` defaults for the fields the advantages read.
 RLOO_DEFAULTS: Dict[str, Any] = dict(num_generations=2, beta=0.05, reward_weights=None, normalize_advantages=False,
                                      reward_clip_range=None)
 NORMALIZE_EPS = 1e-4  # RLOOTrainer's std offset
+#: TRL 1.16's ``RLOOConfig`` defaults for the fields the loss reads.
+RLOO_LOSS_DEFAULTS: Dict[str, Any] = dict(epsilon=0.2, epsilon_high=None)
 
 
 def _read(config) -> Dict[str, Any]:
@@ -79,3 +92,46 @@ def rloo_advantages(config, rewards_per_func: Tensor, kl: Optional[Tensor] = Non
     siblings = scorable.view(-1, G).sum(dim=1, keepdim=True).expand(-1, G).reshape(-1)
     kept = torch.where(scorable & (siblings > 1), adv, float("nan"))
     return group_advantages(kept, group_size=B, estimator="grpo", eps=NORMALIZE_EPS, singleton="zero")
+
+
+class RLOOLoss:
+    """``RLOOTrainer``'s loss from its ``RLOOConfig``: ``RLOOLoss(rloo_config)(logprobs, ...)`` (see the module doc).
+
+    ``__call__(logprobs, old_logps, advantages, completion_mask, *, entropy)`` takes the per-token
+    log-probs ``[B, T]`` of the policy, the old policy's summed log-probs ``old_logps [B]`` (TRL's
+    ``inputs["old_logps"]``), the advantages ``[B]`` and the completion mask, and the per-token
+    entropies for the logged ``entropy``; it returns ``(loss, metrics)`` under TRL's names, as 0-dim
+    tensors over this process's completions (TRL gathers them over the processes).
+    """
+
+    def __init__(self, args: Any = None):
+        self.args = args
+        read = ((lambda k: args.get(k, RLOO_LOSS_DEFAULTS[k])) if isinstance(args, dict) else
+                (lambda k: getattr(args, k, RLOO_LOSS_DEFAULTS[k])))
+        eps_low = float(read("epsilon"))
+        eps_high = read("epsilon_high")
+        self.eps_low, self.eps_high = eps_low, eps_low if eps_high is None else float(eps_high)
+
+    def __call__(self, logprobs: Tensor, old_logps: Tensor, advantages: Tensor, completion_mask: Tensor, *,
+                 entropy: Tensor) -> tuple[Tensor, dict]:
+        if not isinstance(logprobs, Tensor) or logprobs.dim() != 2:
+            raise ValueError("logprobs must be a [B, T] tensor of per-token log-probs")
+        B = logprobs.shape[0]
+        for name, t in (("old_logps", old_logps), ("advantages", advantages)):
+            if not isinstance(t, Tensor) or t.shape != (B,):
+                raise ValueError(f"{name} must be a [B] tensor (one value per completion), B = {B}")
+        if not isinstance(entropy, Tensor) or entropy.shape != logprobs.shape:
+            raise ValueError("entropy must be a [B, T] tensor like logprobs (TRL logs its token mean)")
+        mask = completion_mask.bool()
+        logps = sequence_logprobs(logprobs, mask).sum  # Σ_t m_t lp_t, differentiable
+        # one "token" per completion: the ppo row on the sequence ratio, averaged over every completion
+        loss, met = policy_loss(logps[:, None], old_logps.to(logps.dtype)[:, None], advantages,
+                                torch.ones(B, 1, dtype=torch.bool, device=logps.device), loss_type="ppo",
+                                agg="token-mean", eps_low=self.eps_low, eps_high=self.eps_high)
+        with torch.no_grad():
+            m = mask.to(torch.float32)
+            ent = (entropy.float() * m).sum() / m.sum().clamp(min=1.0)
+        out = {"entropy": ent, "clip_ratio/low_mean": met["clip_low"], "clip_ratio/low_min": met["clip_low_min"],
+               "clip_ratio/high_mean": met["clip_high"], "clip_ratio/high_max": met["clip_high_max"],
+               "clip_ratio/region_mean": met["clip_region"]}
+        return loss, out
