@@ -379,6 +379,42 @@ def test_two_processes_match_trl(checkpoint, tmp_path):
     assert {"kl@0", "rewards/chosen@0", "rewards/rejected@0"} <= set(kto_logs) and kto_logs["kl@0"] > 0
 
 
+# ------------------------------------------------------------------------------------------ RLOO
+
+RLOO_CASES = {
+    "kl": dict(beta=0.05),
+    "no_kl_asymmetric_clip": dict(beta=0.0, epsilon=0.1, epsilon_high=0.28),
+    "normalized": dict(beta=0.02, normalize_advantages=True),
+    # two micro-batches per step; the second step reuses the generation with the old policy's log-probs
+    "reused": dict(beta=0.0, gradient_accumulation_steps=2, num_iterations=2, max_steps=2, epsilon=0.05),
+}
+
+
+def _rloo(cls, checkpoint, tmp_path, options):
+    args = trl.RLOOConfig(**_common(tmp_path, per_device_train_batch_size=4, num_generations=4,
+                                    max_completion_length=6, temperature=1.0, **options))
+    return cls(model=checkpoint, reward_funcs=_reward, args=args, train_dataset=_grpo_dataset(),
+               processing_class=_tokenizer(checkpoint))
+
+
+@pytest.mark.parametrize("case", list(RLOO_CASES))
+def test_rloo_trainer_matches_trl(checkpoint, tmp_path, case):
+    """Loss, metrics (entropy, clip ratios, rewards, KL) and the update equal TRL's RLOOTrainer."""
+    options = RLOO_CASES[case]
+    theirs = _run(_rloo(trl.RLOOTrainer, checkpoint, tmp_path / "trl", options))
+    ours = _run(_rloo(fa_trl.RLOOTrainer, checkpoint, tmp_path / "fa", options))
+    assert "entropy@0" in ours[0] and "clip_ratio/region_mean@0" in ours[0]
+    _compare(theirs, ours)
+
+
+@pytest.mark.parametrize("field", ["use_liger_kernel"])  # RLOOConfig has no cast_lm_head_to_fp32
+def test_rloo_unsupported_option_raises(checkpoint, tmp_path, field):
+    args = trl.RLOOConfig(**_common(tmp_path, per_device_train_batch_size=4, num_generations=4, **{field: True}))
+    with pytest.raises(ValueError, match=f"RLOOConfig.{field}"):
+        fa_trl.RLOOTrainer(model=checkpoint, reward_funcs=_reward, args=args, train_dataset=_grpo_dataset(),
+                           processing_class=_tokenizer(checkpoint))
+
+
 # ------------------------------------------------------------------------------------------ options
 
 @pytest.mark.parametrize("field, value", [("use_liger_kernel", True), ("cast_lm_head_to_fp32", True),

@@ -180,6 +180,45 @@ def gathered_mean(accelerator, mean: Tensor, count, *, empty: float = float("nan
     return total / held if held > 0 else empty
 
 
+#: The vision-language inputs TRL's log-prob methods take (the fused head refuses them).
+VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+                 "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+def text_only(vision_inputs: dict, compute_aux_loss: bool) -> None:
+    """Raise on what the fused head cannot take: vision inputs, unknown ones, the MoE load-balancing loss."""
+    unexpected = set(vision_inputs) - set(VISION_INPUTS) - {"num_images"}
+    if unexpected:
+        raise TypeError(f"unexpected arguments {sorted(unexpected)}")
+    given = sorted(k for k, v in vision_inputs.items() if v is not None)
+    if given:
+        raise ValueError(f"vision inputs {given} are not supported by the fastalign trainers")
+    if compute_aux_loss:
+        raise ValueError("the MoE load-balancing loss is not supported by the fastalign trainers")
+
+
+def fused_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                              compute_entropy=False, compute_aux_loss=False, **vision_inputs):
+    r"""TRL's ``_get_per_token_logps_and_entropies`` (GRPO and RLOO trainers) through the fused head:
+    ``(log p(y_t | y_{<t}), H_t, None)`` of the last ``logits_to_keep`` tokens, ``[B, logits_to_keep]``,
+    from the hidden states (``H_t = -Σ_j p_j log p_j`` at temperature ``self.temperature``);
+    padding (``attention_mask == 0``) gives 0. Text only; chunked by ``batch_size`` rows like TRL."""
+    text_only(vision_inputs, compute_aux_loss)
+    fields = ("log_probs", "entropy") if compute_entropy else ("log_probs",)
+    batch_size = batch_size or input_ids.size(0)
+    logps, entropies = [], []
+    for start in range(0, input_ids.size(0), batch_size):
+        ids, att = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
+        labels = ids.masked_fill(att == 0, -100)
+        labels[:, :-logits_to_keep] = -100
+        with self.accelerator.autocast():
+            out = model(input_ids=ids, attention_mask=att, labels=labels, fastalign_head=fields)
+        logps.append(out.log_probs[:, -logits_to_keep:])
+        if compute_entropy:
+            entropies.append(out.entropy[:, -logits_to_keep:])
+    return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+
+
 class ConcatenatedPairsMixin:
     r"""``get_batch_loss_metrics`` of TRL's concatenated-pairs trainers (``CPOTrainer``, ``ORPOTrainer``)
     from the fused head: one forward over the chosen then the rejected rows, per-token log-probs of

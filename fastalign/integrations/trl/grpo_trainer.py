@@ -31,7 +31,8 @@ import trl
 from trl.trainer.utils import nanmax, nanmin
 
 from fastalign.integrations.hf import head_transform
-from fastalign.integrations.trl._head import check_config, check_model, gathered_mean, init_checked, install_heads
+from fastalign.integrations.trl._head import (VISION_INPUTS, check_config, check_model, fused_logps_and_entropies,
+                                               gathered_mean, init_checked, install_heads, text_only)
 from fastalign.integrations.trl.grpo import GRPOLoss, entropy_threshold, grpo_policy_config
 from fastalign.linear_policy import policy_step
 
@@ -41,22 +42,6 @@ __all__ = ["GRPOTrainer"]
 _PER_PROCESS = {"policy_loss": torch.nanmean, "clip_ratio/low_min": nanmin, "clip_ratio/high_max": nanmax}
 #: Means of a per-ratio quantity: one value per row under ``importance_sampling_level="sequence"``.
 _RATIO_MEANS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio")
-
-_VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "num_tiles",
-                  "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
-
-
-def _text_only(vision_inputs: dict, compute_aux_loss: bool) -> None:
-    """Raise on what the fused head cannot take: vision inputs, unknown ones, the MoE load-balancing loss."""
-    unexpected = set(vision_inputs) - set(_VISION_INPUTS) - {"num_images"}
-    if unexpected:
-        raise TypeError(f"unexpected arguments {sorted(unexpected)}")
-    given = sorted(k for k, v in vision_inputs.items() if v is not None)
-    if given:
-        raise ValueError(f"vision inputs {given} are not supported by the fastalign GRPOTrainer")
-    if compute_aux_loss:
-        raise ValueError("the MoE load-balancing loss is not supported by the fastalign GRPOTrainer")
-
 
 class GRPOTrainer(trl.GRPOTrainer):
     """``trl.GRPOTrainer`` with fastalign's fused log-probs, entropies and loss (see the module doc)."""
@@ -75,31 +60,13 @@ class GRPOTrainer(trl.GRPOTrainer):
             raise ValueError("GRPOConfig.use_adaptive_entropy is not supported: set a fixed entropy_coef")
         grpo_policy_config(args)  # raises on a loss_type or option the profile does not map
 
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
-                                           compute_entropy=False, compute_aux_loss=False, **vision_inputs):
-        r"""``(log p(y_t | y_{<t}), H_t, None)`` of the last ``logits_to_keep`` tokens, ``[B, logits_to_keep]``,
-        from the hidden states (``H_t = -Σ_j p_j log p_j`` at temperature ``self.temperature``);
-        padding (``attention_mask == 0``) gives 0. Text only; chunked by ``batch_size`` rows like TRL."""
-        _text_only(vision_inputs, compute_aux_loss)
-        fields = ("log_probs", "entropy") if compute_entropy else ("log_probs",)
-        batch_size = batch_size or input_ids.size(0)
-        logps, entropies = [], []
-        for start in range(0, input_ids.size(0), batch_size):
-            ids, att = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
-            labels = ids.masked_fill(att == 0, -100)
-            labels[:, :-logits_to_keep] = -100
-            with self.accelerator.autocast():
-                out = model(input_ids=ids, attention_mask=att, labels=labels, fastalign_head=fields)
-            logps.append(out.log_probs[:, -logits_to_keep:])
-            if compute_entropy:
-                entropies.append(out.entropy[:, -logits_to_keep:])
-        return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+    _get_per_token_logps_and_entropies = fused_logps_and_entropies
 
     def _head_loss(self, model, ids, attention, completion_ids, completion_mask, old, loss, vision):
         """``(loss, metrics)`` of ``loss`` on the completion tokens, through the model's head from its hidden
         states (:func:`fastalign.linear_policy.policy_step`), padding unscored as in
         :meth:`_get_per_token_logps_and_entropies`."""
-        _text_only(vision, False)
+        text_only(vision, False)
         with self.accelerator.autocast():
             out = model(input_ids=ids, attention_mask=attention, fastalign_head=("operands",))
         hidden, weight, bias, low_rank = out.operands
@@ -123,7 +90,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
-        vision = {k: inputs.get(k) for k in ("num_images", *_VISION_INPUTS)}
+        vision = {k: inputs.get(k) for k in ("num_images", *VISION_INPUTS)}
         old = inputs.get("old_per_token_logps")
         mode = "train" if self.model.training else "eval"
 

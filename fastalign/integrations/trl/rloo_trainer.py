@@ -1,0 +1,67 @@
+"""``RLOOTrainer``: TRL 1.16's ``trl.RLOOTrainer`` with its log-probs, entropies and loss in fastalign.
+
+Same constructor, same ``trl.RLOOConfig``; a TRL user changes one import::
+
+    from fastalign.integrations.trl import RLOOTrainer   # was: from trl import RLOOTrainer
+
+Per-token log-probs and entropies of the policy (and of the reference and old policy) come from
+the last hidden states and the model's own output head through
+:func:`fastalign.integrations.hf.causal_lm_logprobs`, so the ``[B, T, V]`` logits are never built;
+the loss is :class:`fastalign.integrations.trl.RLOOLoss` of the trainer's config, and the metrics
+go through TRL's own ``_metrics`` under TRL's names (``entropy`` weighted by every process's
+tokens, ``clip_ratio/*`` over every process's completions, as TRL gathers them). Generation,
+rewards and advantages are TRL's.
+
+Options the drop-in cannot honour raise a ValueError naming the config field at construction:
+``use_liger_kernel``, vision-language models and MoE load-balancing losses
+(``router_aux_loss_coef`` with ``output_router_logits``).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import trl
+
+from fastalign.integrations.trl._head import (VISION_INPUTS, check_config, check_model, fused_logps_and_entropies,
+                                               gathered_mean, init_checked, install_heads)
+from fastalign.integrations.trl.rloo import RLOOLoss
+
+__all__ = ["RLOOTrainer"]
+
+#: The metrics that are a min / max over every process's completions; the others are means.
+_EXTREMES = {"clip_ratio/low_min": torch.amin, "clip_ratio/high_max": torch.amax}
+
+
+class RLOOTrainer(trl.RLOOTrainer):
+    """``trl.RLOOTrainer`` with fastalign's fused log-probs, entropies and loss (see the module doc)."""
+
+    @functools.wraps(trl.RLOOTrainer.__init__)
+    def __init__(self, *args, **kwargs):
+        init_checked(self, trl.RLOOTrainer.__init__, args, kwargs, lambda config: check_config(config, "RLOOConfig"))
+        check_model(self, "RLOOConfig")
+        self.fastalign_loss = RLOOLoss(self.args)
+        install_heads(self, temperature=self.temperature)
+
+    _get_per_token_logps_and_entropies = fused_logps_and_entropies
+
+    def _compute_loss(self, model, inputs):
+        """TRL's ``_compute_loss`` contract: the micro-batch loss; the metrics go to ``self._metrics``."""
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        vision = {k: inputs.get(k) for k in ("num_images", *VISION_INPUTS)}
+        logps, entropies, _ = self._get_per_token_logps_and_entropies(
+            model, ids, attention, completion_ids.size(1), compute_entropy=True, **vision)
+        loss, metrics = self.fastalign_loss(logps, inputs["old_logps"], inputs["advantages"], completion_mask,
+                                            entropy=entropies)
+        log = self._metrics["train" if self.model.training else "eval"]
+        rows = completion_mask.size(0)
+        for name, value in metrics.items():
+            if name in _EXTREMES:
+                gathered = self.accelerator.gather(value.detach().float().reshape(1))
+                log[name].append(_EXTREMES[name](gathered).item())
+            else:  # entropy: over every process's tokens; clip means: over every process's completions
+                log[name].append(gathered_mean(self.accelerator, value, completion_mask.sum() if name == "entropy"
+                                               else rows, empty=0.0))
+        return loss
