@@ -56,3 +56,35 @@ def rank_body():
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+class SingleProcessAccelerator:
+    """The ``accelerate.Accelerator`` of one CPU process, for calling a TRL trainer's methods unbound on a
+    stand-in trainer: gathers and reductions are the identity."""
+
+    device = torch.device("cpu")
+    process_index = 0
+    num_processes = 1
+
+    def gather(self, x):
+        return x
+
+    gather_for_metrics = gather
+
+    def reduce(self, x, reduction="sum"):
+        return x
+
+    def unwrap_model(self, m):
+        return m
+
+
+def random_rewards(B: int, F: int, seed: int, unscorable=(), partial=()) -> torch.Tensor:
+    """``[B, F]`` float64 rewards of F reward functions: NaN in every column of the ``unscorable`` rows
+    (every function returned None) and in the first column of the ``partial`` rows."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(B, F, generator=g, dtype=torch.float64) * 2
+    for i in unscorable:
+        r[i] = float("nan")
+    for i in partial:
+        r[i, 0] = float("nan")
+    return r

@@ -178,11 +178,16 @@ GRPO_CASES = {
 }
 
 
-def _grpo(cls, checkpoint, tmp_path, options):
-    args = trl.GRPOConfig(**_common(tmp_path, per_device_train_batch_size=4, num_generations=4,
-                                    max_completion_length=6, temperature=1.0, **options))
+def _online(cls, config_cls, checkpoint, tmp_path, options):
+    """An online trainer (GRPO, RLOO) on the tiny model: four completions of each prompt, one step."""
+    args = config_cls(**_common(tmp_path, per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
+                                temperature=1.0, **options))
     return cls(model=checkpoint, reward_funcs=_reward, args=args, train_dataset=_grpo_dataset(),
                processing_class=_tokenizer(checkpoint))
+
+
+def _grpo(cls, checkpoint, tmp_path, options):
+    return _online(cls, trl.GRPOConfig, checkpoint, tmp_path, options)
 
 
 @pytest.mark.parametrize("case", list(GRPO_CASES))
@@ -391,10 +396,7 @@ RLOO_CASES = {
 
 
 def _rloo(cls, checkpoint, tmp_path, options):
-    args = trl.RLOOConfig(**_common(tmp_path, per_device_train_batch_size=4, num_generations=4,
-                                    max_completion_length=6, temperature=1.0, **options))
-    return cls(model=checkpoint, reward_funcs=_reward, args=args, train_dataset=_grpo_dataset(),
-               processing_class=_tokenizer(checkpoint))
+    return _online(cls, trl.RLOOConfig, checkpoint, tmp_path, options)
 
 
 @pytest.mark.parametrize("case", list(RLOO_CASES))

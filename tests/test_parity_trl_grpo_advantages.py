@@ -14,6 +14,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import SingleProcessAccelerator, random_rewards
+
 pytest.importorskip("trl", reason="TRL is not installed: `pip install trl==1.16.*` to run the parity tests")
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
 
@@ -25,23 +27,6 @@ from fastalign.integrations.trl import GRPO_ADVANTAGE_DEFAULTS, grpo_advantages 
 D = torch.float64
 
 
-class _Accelerator:
-    device = torch.device("cpu")
-    process_index = 0
-    num_processes = 1
-
-    def gather(self, x):
-        return x
-
-    gather_for_metrics = gather
-
-    def reduce(self, x, reduction="sum"):
-        return x
-
-    def unwrap_model(self, m):
-        return m
-
-
 def _trl_grpo(args, rewards_per_func, training=True, T=3):
     """``GRPOTrainer._generate_and_score_completions(...)["advantages"]`` on a stand-in trainer."""
     B, n_funcs = rewards_per_func.shape
@@ -51,8 +36,8 @@ def _trl_grpo(args, rewards_per_func, training=True, T=3):
         return torch.zeros(B, keep, dtype=D), None, None
 
     trainer = SimpleNamespace(
-        accelerator=_Accelerator(), model=model, ref_model=None, args=args, environment_factories=None, tools=None,
-        environments=None, _tokenizer=SimpleNamespace(pad_token_id=0), pad_to_multiple_of=None,
+        accelerator=SingleProcessAccelerator(), model=model, ref_model=None, args=args, environment_factories=None,
+        tools=None, environments=None, _tokenizer=SimpleNamespace(pad_token_id=0), pad_to_multiple_of=None,
         mask_truncated_completions=False, beta=0.0, num_generations=args.num_generations,
         num_generations_eval=args.num_generations_eval or args.num_generations,
         reward_weights=torch.tensor(args.reward_weights or [1.0] * n_funcs, dtype=torch.float32),
@@ -80,16 +65,6 @@ def _compare(args, rewards, training=True):
     return got
 
 
-def _rewards(B, F, seed, unscorable=(), partial=()):
-    g = torch.Generator().manual_seed(seed)
-    r = torch.randn(B, F, generator=g, dtype=D) * 2
-    for i in unscorable:  # every reward function returned None
-        r[i] = float("nan")
-    for i in partial:  # the first one did
-        r[i, 0] = float("nan")
-    return r
-
-
 @pytest.mark.parametrize("scale", ["group", "batch", "none", True, False])
 @pytest.mark.parametrize("case", ["plain", "unscorable", "alone-in-group", "weights", "equal-group"])
 def test_sum_then_normalize(case, scale):
@@ -102,7 +77,7 @@ def test_sum_then_normalize(case, scale):
         unscorable = tuple(range(1, G))
     if case == "weights":
         kw["reward_weights"] = [0.3, 1.7]
-    r = _rewards(B, 2, seed=len(case), unscorable=unscorable, partial=partial)
+    r = random_rewards(B, 2, seed=len(case), unscorable=unscorable, partial=partial)
     if case == "equal-group":
         r[4:8] = r[4]
     got = _compare(_config(**kw), r)
@@ -115,7 +90,7 @@ def test_normalize_then_sum(case):
     kw = dict(num_generations=4, per_device_train_batch_size=8, multi_objective_aggregation="normalize_then_sum")
     if case == "weights":
         kw["reward_weights"] = [2.0, 0.5, 1.0]
-    r = _rewards(8, 3, seed=7, unscorable=(2,) if case == "unscorable" else (),
+    r = random_rewards(8, 3, seed=7, unscorable=(2,) if case == "unscorable" else (),
                  partial=(1, 5) if case == "partial" else ())
     _compare(_config(**kw), r)
 
@@ -125,7 +100,7 @@ def test_evaluation_groups_of_one(aggregation):
     """num_generations_eval=1 in evaluation: no group statistics, every advantage 0."""
     args = _config(num_generations=2, per_device_train_batch_size=4, num_generations_eval=1,
                    multi_objective_aggregation=aggregation)
-    got = _compare(args, _rewards(3, 2, seed=1), training=False)
+    got = _compare(args, random_rewards(3, 2, seed=1), training=False)
     assert torch.all(got == 0)
 
 
@@ -140,7 +115,7 @@ def test_random_batches_match_trl(G, groups, F, aggregation, scale, weighted, se
     B = G * groups
     if aggregation == "normalize_then_sum":
         scale = "group"
-    r = _rewards(B, F, seed)
+    r = random_rewards(B, F, seed)
     if ties:
         r = r.round()
     for row, col in holes:  # col -1: every reward function returned None for the row

@@ -1,11 +1,13 @@
-"""TRL 1.16 parity: ``RLOOTrainer``'s advantages against :func:`fastalign.integrations.trl.rloo_advantages`.
+"""TRL 1.16 parity: ``RLOOTrainer``'s advantages and loss against :func:`fastalign.integrations.trl.rloo_advantages`
+and :class:`fastalign.integrations.trl.RLOOLoss`.
 
-TRL computes them inside ``RLOOTrainer._generate_and_score_completions``; the test calls that method
+TRL computes the advantages inside ``RLOOTrainer._generate_and_score_completions``; the test calls that method
 unbound on a stand-in trainer carrying the attributes it reads (set from a real ``RLOOConfig`` as
 the trainer's ``__init__`` sets them), whose ``_generate`` returns fixed token ids, whose
 ``_calculate_rewards`` returns the test's reward columns and whose
 ``_get_per_token_logps_and_entropies`` returns log-probs that give the test's sequence KL.
-No model, no generation; float64 at 1e-6.
+The loss is ``RLOOTrainer._compute_loss`` called the same way (TRL in float64, fastalign in float32).
+No model, no generation; 1e-6.
 """
 import types
 from collections import defaultdict
@@ -13,6 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+from helpers import SingleProcessAccelerator, random_rewards
 
 pytest.importorskip("trl", reason="TRL is not installed: `pip install trl==1.16.*` to run the parity tests")
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
@@ -23,22 +27,6 @@ from trl.trainer.rloo_trainer import RLOOTrainer  # noqa: E402
 from fastalign.integrations.trl import RLOO_DEFAULTS, rloo_advantages  # noqa: E402
 
 D = torch.float64
-
-
-class _Accelerator:
-    device = torch.device("cpu")
-    process_index = 0
-
-    def gather(self, x):
-        return x
-
-    gather_for_metrics = gather
-
-    def reduce(self, x, reduction="sum"):
-        return x
-
-    def unwrap_model(self, m):
-        return m
 
 
 def _trl_rloo(args, rewards_per_func, kl=None, T=3):
@@ -52,7 +40,7 @@ def _trl_rloo(args, rewards_per_func, kl=None, T=3):
         return out, None, None
 
     trainer = SimpleNamespace(
-        accelerator=_Accelerator(), model=model, ref_model=object() if args.beta else None, args=args,
+        accelerator=SingleProcessAccelerator(), model=model, ref_model=object() if args.beta else None, args=args,
         _tokenizer=SimpleNamespace(pad_token_id=0), pad_to_multiple_of=None, mask_truncated_completions=False,
         beta=args.beta, num_generations=args.num_generations, num_generations_eval=args.num_generations,
         reward_weights=torch.tensor(args.reward_weights or [1.0] * n_funcs, dtype=torch.float32),
@@ -71,16 +59,6 @@ def _config(**kw):
     return RLOOConfig(output_dir="/tmp/fastalign-trl-parity", report_to=[], use_cpu=True, **kw)
 
 
-def _rewards(B, F, seed, unscorable=(), partial=()):
-    g = torch.Generator().manual_seed(seed)
-    r = torch.randn(B, F, generator=g, dtype=D) * 2
-    for i in unscorable:
-        r[i] = float("nan")
-    for i in partial:  # some functions returned None
-        r[i, 0] = float("nan")
-    return r
-
-
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("G", [2, 4])
 @pytest.mark.parametrize("case", ["plain", "unscorable", "alone-in-group", "weights-clip", "kl"])
@@ -93,7 +71,7 @@ def test_rloo_advantages(case, G, normalize):
         unscorable = tuple(range(1, G))
     if case == "weights-clip":
         kw.update(reward_weights=[0.3, 1.7], reward_clip_range=(-1.5, 2.0))
-    rpf = _rewards(8, 2, seed=G + 10 * normalize, unscorable=unscorable, partial=partial)
+    rpf = random_rewards(8, 2, seed=G + 10 * normalize, unscorable=unscorable, partial=partial)
     if case == "kl":
         kw["beta"] = 0.2
         kl = torch.rand(8, generator=torch.Generator().manual_seed(3), dtype=D)
@@ -126,7 +104,7 @@ def _trl_rloo_loss(args, lp, old_logps, A, m, H, training=True):
     trainer = SimpleNamespace(
         args=args, epsilon_low=args.epsilon,
         epsilon_high=args.epsilon_high if args.epsilon_high is not None else args.epsilon,
-        aux_loss_enabled=False, accelerator=_Accelerator(), model=SimpleNamespace(training=training),
+        aux_loss_enabled=False, accelerator=SingleProcessAccelerator(), model=SimpleNamespace(training=training),
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _get_per_token_logps_and_entropies=lambda *a, **k: (lp, H, None))
     inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
@@ -134,7 +112,8 @@ def _trl_rloo_loss(args, lp, old_logps, A, m, H, training=True):
               "old_logps": old_logps, "advantages": A}
     loss = RLOOTrainer._compute_loss(trainer, None, inputs)
     loss.backward()
-    return loss.detach(), lp.grad, H.grad, {k: v[-1] for k, v in trainer._metrics["train" if training else "eval"].items()}
+    metrics = trainer._metrics["train" if training else "eval"]
+    return loss.detach(), lp.grad, H.grad, {k: v[-1] for k, v in metrics.items()}
 
 
 def _loss_batch(B=6, T=8, seed=0, spread=0.4):

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from fastalign.advantages import group_advantages
+from fastalign.integrations.trl._rewards import reward_columns
 
 __all__ = ["GRPO_ADVANTAGE_DEFAULTS", "grpo_advantages"]
 
@@ -60,12 +61,7 @@ def grpo_advantages(config, rewards_per_func: Tensor, *, training: bool = True) 
         training: whether the batch is a training batch (else the evaluation group size).
     """
     c = _read(config)
-    if not isinstance(rewards_per_func, Tensor) or rewards_per_func.dim() != 2:
-        raise ValueError("rewards_per_func must be a [B, F] tensor (one column per reward function)")
-    B, F_ = rewards_per_func.shape
     G = int(c["num_generations"] if training or c["num_generations_eval"] is None else c["num_generations_eval"])
-    if G < 1 or B % G:
-        raise ValueError(f"num_generations={G} must divide the number of completions {B}")
     scale = _SCALES.get(c["scale_rewards"])
     if scale is None:
         raise ValueError(f"scale_rewards must be one of 'group', 'batch', 'none' (or a bool), got {c['scale_rewards']!r}")
@@ -76,15 +72,10 @@ def grpo_advantages(config, rewards_per_func: Tensor, *, training: bool = True) 
         raise ValueError(f"scale_rewards={c['scale_rewards']!r} does not apply with multi_objective_aggregation="
                          "'normalize_then_sum' (TRL 1.16 normalises each column by its group std and the sum by the "
                          "batch std whatever it is)")
-    x = rewards_per_func.to(torch.promote_types(rewards_per_func.dtype, torch.float32))
-    w = c["reward_weights"]
-    w = torch.ones(F_, dtype=x.dtype, device=x.device) if w is None else torch.as_tensor(w, dtype=x.dtype,
-                                                                                          device=x.device)
-    if w.shape != (F_,):
-        raise ValueError(f"reward_weights has {w.numel()} entries for {F_} reward functions")
-    unscorable = torch.isnan(x).all(dim=1)
+    cols = reward_columns(rewards_per_func, c["reward_weights"], G)
     if aggregation == "normalize_then_sum":
-        x = torch.where(unscorable[:, None], float("nan"), x)
-        return group_advantages(x, group_size=G, estimator="gdpo", reward_weights=w, eps=SCALE_EPS, singleton="zero")
-    rewards = torch.where(unscorable, float("nan"), (x * w).nansum(dim=1))
-    return group_advantages(rewards, group_size=G, estimator="grpo", std=scale, eps=SCALE_EPS, singleton="zero")
+        x = torch.where(cols.unscorable[:, None], float("nan"), cols.values)
+        return group_advantages(x, group_size=G, estimator="gdpo", reward_weights=cols.weights, eps=SCALE_EPS,
+                                singleton="zero")
+    return group_advantages(cols.weighted_sum(), group_size=G, estimator="grpo", std=scale, eps=SCALE_EPS,
+                            singleton="zero")

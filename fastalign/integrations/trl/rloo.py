@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from fastalign.advantages import group_advantages
+from fastalign.integrations.trl._rewards import reward_columns
 from fastalign.policy import policy_loss
 from fastalign.sequence import sequence_logprobs
 
@@ -58,25 +59,15 @@ def rloo_advantages(config, rewards_per_func: Tensor, kl: Optional[Tensor] = Non
         kl: ``[B]`` per-sequence KL, ``sum_t m_t (old_t - ref_t)``; required when ``beta != 0``.
     """
     c = _read(config)
-    if not isinstance(rewards_per_func, Tensor) or rewards_per_func.dim() != 2:
-        raise ValueError("rewards_per_func must be a [B, F] tensor (one column per reward function)")
-    B, F_ = rewards_per_func.shape
     G = int(c["num_generations"])
-    if G < 1 or B % G:
-        raise ValueError(f"num_generations={G} must divide the number of completions {B}")
+    cols = reward_columns(rewards_per_func, c["reward_weights"], G)
+    B = cols.values.shape[0]
     beta = float(c["beta"])
     if beta != 0.0 and kl is None:
         raise ValueError("beta != 0 subtracts beta * KL from the rewards: give kl [B]")
     if beta == 0.0 and kl is not None:
         raise ValueError("kl does not apply with beta = 0")
-    x = rewards_per_func.to(torch.promote_types(rewards_per_func.dtype, torch.float32))
-    w = c["reward_weights"]
-    w = torch.ones(F_, dtype=x.dtype, device=x.device) if w is None else torch.as_tensor(w, dtype=x.dtype,
-                                                                                          device=x.device)
-    if w.shape != (F_,):
-        raise ValueError(f"reward_weights has {w.numel()} entries for {F_} reward functions")
-    unscorable = torch.isnan(x).all(dim=1)
-    rewards = torch.where(unscorable, float("nan"), (x * w).nansum(dim=1))
+    rewards = cols.weighted_sum()
     if c["reward_clip_range"] is not None:
         lo, hi = c["reward_clip_range"]
         rewards = rewards.clamp(min=lo, max=hi)
