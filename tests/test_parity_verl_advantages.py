@@ -295,3 +295,16 @@ def test_float32_batches_as_verl_gets_them(estimator):
     valid = mask.bool()
     torch.testing.assert_close(adv_f[valid], adv_v[valid], atol=2e-6, rtol=2e-6)
     torch.testing.assert_close(ret_f[valid], ret_v[valid], atol=2e-6, rtol=2e-6)
+
+
+def test_whitening_a_constant_batch_gives_zero():
+    """REINFORCE++-baseline on one response: every valid token carries the same value, so the whitened
+    advantage is 0. fastalign gives exactly 0; verl's masked mean divides by ``count + 1e-8``, and the
+    leftover ``x * 1e-9`` over ``sqrt(0 + 1e-8)`` leaves ~1e-5 (the one place the two differ)."""
+    r, _, mask, _, _ = _batch(seed=0, B=1)
+    cfg = AlgoConfig(adv_estimator="reinforce_plus_plus_baseline")
+    uid = np.array(["p0"], dtype=object)
+    adv_v, _ = _verl(cfg, r, mask, uid)
+    adv_f, ret_f = fverl.compute_advantage(cfg, r, mask, uid)
+    assert torch.equal(adv_f, torch.zeros_like(adv_f)) and torch.equal(ret_f, adv_f)
+    assert 0 < adv_v.abs().max() < 1e-4
