@@ -18,6 +18,8 @@ import types
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from helpers import assert_close, policy_batch
 
@@ -136,16 +138,61 @@ def test_policy_loss_without_mask_is_the_plain_mean(orl):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(is_correction_level="seq"), "is_correction_level"),
-    (dict(is_correction_level="token", is_correction_gating="binary_kl", is_correction_threshold=(0.0, 0.1)),
-     "is_correction_gating"),
-    (dict(policy_loss_type="gspo", dual_clip=2.0), "dual_clip"),
+    (dict(is_correction_level="seq", is_correction_mode="clip"), "is_correction_mode"),
+    (dict(is_correction_level="token", is_correction_gating="tv", is_correction_mode="clip",
+          is_correction_threshold=(0.0, 0.1)), "is_correction_mode"),
+    (dict(is_correction_level="token", is_correction_gating="binary_kl"), "is_correction_gating"),
+    (dict(is_correction_level="tokens"), "is_correction_level"),
     (dict(policy_loss_type="reinforce"), "policy_loss_type"),
     (dict(dual_clip=0.5), "dual_clip"),
 ])
-def test_policy_loss_options_it_cannot_honour_raise(kw, match):
+def test_policy_loss_options_openrlhf_refuses_raise(orl, kw, match):
+    """What OpenRLHF refuses (its asserts and ValueErrors, in the constructor or the first call) raises a
+    ValueError here when the loss is built."""
+    lp, old, A, m, roll = _batch(2)
+    with pytest.raises((ValueError, AssertionError)):
+        _run_policy(orl.PolicyLoss, kw, lp, old, A, m, roll, torch.float64, {})
     with pytest.raises(ValueError, match=match):
         fo.PolicyLoss(**kw)
+
+
+GATES = [("token", "ratio", "mask", (0.8, 1.25)), ("token", "ratio", "clip", (0.8, 1.25)),
+         ("seq", "ratio", "mask", (0.8, 1.25)), ("token", "binary_kl", "mask", (0.0, 0.02)),
+         ("token", "tv", "mask", (0.0, 0.05)), ("seq", "binary_kl", "mask", (0.0, 0.02)),
+         ("seq", "tv", "mask", (0.0, 0.05))]
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(loss_type=st.sampled_from(["ppo", "gspo"]), eps=st.sampled_from([(0.2, 0.2), (0.1, 0.28), (0.02, 0.03)]),
+       dual_clip=st.sampled_from([None, 1.5, 3.0]), token_level=st.booleans(),
+       gate=st.sampled_from([None] + GATES), far=st.sampled_from([None, 0.5, -0.5]), dp=st.booleans(),
+       seed=st.integers(0, 99))
+def test_policy_loss_option_combinations_match_openrlhf(orl, loss_type, eps, dual_clip, token_level, gate, far, dp,
+                                                        seed):
+    """Random combinations of every constructor option (the train/rollout gates at token and sequence level,
+    on the ratio, the binary KL and the total variation; dual clip with ppo and gspo), with ratios near 1
+    or far from it, locally and with global counts."""
+    kw = dict(clip_eps_low=eps[0], clip_eps_high=eps[1], dual_clip=dual_clip, token_level_loss=token_level,
+              policy_loss_type=loss_type)
+    if gate is not None:
+        kw.update(is_correction_level=gate[0], is_correction_gating=gate[1], is_correction_mode=gate[2],
+                  is_correction_threshold=gate[3])
+    lp, old, A, m, roll = _batch(seed)
+    if far is not None:
+        old = lp - far  # every ratio at exp(far): clipped, past the dual clip where A < 0
+    glob = {}
+    if dp:
+        n_tok, n_seq = float(m.sum()), float((m.sum(-1) > 0).sum())
+        glob = dict(dp_size=2, batch_num_tokens=torch.tensor(2 * n_tok + 3),
+                    global_batch_size=torch.tensor(2 * n_seq + 1))
+    (vl, *vm), vg = _run_policy(orl.PolicyLoss, kw, lp, old, A, m, roll, torch.float64, glob)
+    (fl, *fm), fg = _run_policy(fo.PolicyLoss, kw, lp, old, A, m, roll, torch.float32, glob)
+    assert_close(fl, vl, atol=1e-6, rtol=1e-5, what=f"{kw} loss")
+    assert_close(fg, vg, atol=1e-6, rtol=1e-5, what=f"{kw} d log_probs")
+    for name, f, v in zip(("clip_ratio", "ppo_kl", "vllm_kl", "is_filter_ratio"), fm, vm):
+        assert (f is None) == (v is None), (name, f, v)
+        if v is not None:
+            assert_close(f, v, atol=1e-6, rtol=1e-5, what=f"{kw} {name}")
 
 
 def test_policy_loss_needs_rollout_log_probs_for_correction():

@@ -3,27 +3,32 @@ and return values (``openrlhf/models/loss.py``), computed by fastalign. A user s
 
     from fastalign.integrations.openrlhf import PolicyLoss, DPOLoss
 
+
 :class:`PolicyLoss` (``policy_loss_type`` ``"ppo"`` or ``"gspo"``), with ``l = log_probs -
 old_log_probs``, ``A`` the advantages and ``m`` the action mask:
 
     ppo:  rho = exp(clamp(l, -20, 20)), pg = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)
           (dual clip c: pg = min(pg, -c A) where A < 0)
-    gspo: rho_i = exp(mean_m l_i) for every token of sequence i, the same clip; the loss is
-          always a per-sequence mean (OpenRLHF forces token_level_loss=False)
+    gspo: rho_i = exp(mean_m l_i) for every token of sequence i, the same clip (fastalign's ppo with
+          importance_sampling_level="sequence"); the loss is always a per-sequence mean (OpenRLHF
+          forces token_level_loss=False)
 
 aggregated as ``sum_m pg / batch_num_tokens * dp_size`` (``token_level_loss``; the local token
 mean without ``batch_num_tokens``) or ``sum_i mean_m(pg_i) / global_batch_size * dp_size`` over
 the non-empty sequences. ``forward`` returns ``(loss, clip_ratio, ppo_kl, vllm_kl,
 is_filter_ratio)``: ``clip_ratio = mean_m[clipped surrogate < unclipped]``, ``ppo_kl = mean_m(-l)``.
 
-Train/rollout correction (ppo, ``is_correction_level="token"``, ``is_correction_gating="ratio"``)
-with ``r = exp(old_log_probs - rollout_log_probs)`` and ``[low, high] =
-is_correction_threshold``: ``mode="mask"`` weights pg by ``r 1[low <= r <= high]``, ``"clip"`` by
-``clamp(r, low, high)`` (fastalign's ``rollout_correction`` ``token_mask`` / ``token_truncate``);
-``vllm_kl = mean_m(rollout_log_probs - old_log_probs)``, ``is_filter_ratio`` the share of tokens
-outside the band. With gspo it takes the sequence ratio against ``rollout_log_probs``, as
-OpenRLHF. The sequence-level gates and the ``binary_kl`` / ``tv`` gates raise ``ValueError``, as
-does ``dual_clip`` with gspo.
+Train/rollout correction (ppo, ``is_correction_level`` ``"token"`` or ``"seq"``) with
+``r = exp(old_log_probs - rollout_log_probs)`` per token and ``[low, high] =
+is_correction_threshold``: a gate reads a statistic per unit (a token, or the mean over a
+sequence): the ratio (``is_correction_gating="ratio"``; a sequence's geometric mean), or the
+binary KL ``p log(p/q) + (1-p) log((1-p)/(1-q))`` / the total variation ``|p - q|`` between the
+sampled token's rollout and train probabilities ``p, q`` (clamped to ``[1e-6, 1 - 1e-6]``).
+``mode="mask"`` weights pg by ``r`` inside the band and 0 outside; ``"clip"`` (token ratio only)
+by the statistic clamped to the band. The weight is detached and enters :func:`fastalign.policy_loss`
+as ``importance_weights``. ``vllm_kl = mean_m(rollout_log_probs - old_log_probs)``,
+``is_filter_ratio`` the share of units outside the band (tokens, or every sequence). With gspo it
+takes the sequence ratio against ``rollout_log_probs`` and no weight, as OpenRLHF.
 
 :class:`DPOLoss` (``beta``, ``label_smoothing``, ``ipo``) with ``d = (pc - pr) - (rc - rr)``:
 ``-(1 - eps) log σ(βd) - eps log σ(-βd)`` or, with ``ipo``, ``(d - 1/(2β))²``, averaged over
@@ -67,9 +72,15 @@ class PolicyLoss(torch.nn.Module):
             raise ValueError(f"is_correction_mode must be mask/clip, got {is_correction_mode!r}")
         if is_correction_gating not in ("ratio", "binary_kl", "tv"):
             raise ValueError(f"is_correction_gating must be ratio/binary_kl/tv, got {is_correction_gating!r}")
-        if policy_loss_type == "gspo" and dual_clip is not None:
-            raise ValueError("dual_clip is not supported with policy_loss_type='gspo' (fastalign's dual clip is a ppo "
-                             "option)")
+        if is_correction_mode == "clip" and (is_correction_level == "seq" or is_correction_gating != "ratio"):
+            raise ValueError("is_correction_mode='clip' needs is_correction_level='token' and "
+                             "is_correction_gating='ratio' (only the per-token ratio is a weight to clamp)")
+        low, high = (float(t) for t in is_correction_threshold)
+        if is_correction_gating != "ratio" and is_correction_level != "off" and low > 0:
+            raise ValueError(f"is_correction_gating={is_correction_gating!r} takes an upper bound only: "
+                             f"is_correction_threshold must be (0, delta), got {tuple(is_correction_threshold)}")
+        if dual_clip is not None and not dual_clip > 1.0:
+            raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
         self.clip_eps_low, self.clip_eps_high = float(clip_eps_low), float(clip_eps_high)
         self.dual_clip = dual_clip
         self.policy_loss_type = policy_loss_type
@@ -77,23 +88,46 @@ class PolicyLoss(torch.nn.Module):
         self.is_correction_level = is_correction_level
         self.is_correction_mode = is_correction_mode
         self.is_correction_gating = is_correction_gating
-        self.is_correction_threshold = tuple(float(t) for t in is_correction_threshold)
-        opts = dict(loss_type=policy_loss_type, eps_low=self.clip_eps_low, eps_high=self.clip_eps_high,
+        self.is_correction_threshold = (low, high)
+        opts = dict(loss_type="ppo", eps_low=self.clip_eps_low, eps_high=self.clip_eps_high,
                     agg="token-mean" if self.token_level_loss else "seq-mean-token-mean")
+        if policy_loss_type == "gspo":
+            opts["importance_sampling_level"] = "sequence"
         if not self.token_level_loss:
             opts["seq_count"] = "nonempty"
         if dual_clip is not None:
             opts["dual_clip"] = float(dual_clip)
         self.weights_rollout = is_correction_level != "off" and policy_loss_type == "ppo"
-        if self.weights_rollout:
-            if is_correction_level != "token" or is_correction_gating != "ratio":
-                raise ValueError(f"is_correction_level={is_correction_level!r} with is_correction_gating="
-                                 f"{is_correction_gating!r} is not supported: fastalign weights by the per-token "
-                                 "ratio (is_correction_level='token', is_correction_gating='ratio')")
-            low, high = self.is_correction_threshold
-            opts.update(rollout_correction="token_mask" if is_correction_mode == "mask" else "token_truncate",
-                        rollout_min=low, rollout_max=high)
         self.config = PolicyConfig.make(**opts)
+
+    def _correction(self, old_log_probs: Tensor, rollout_log_probs: Tensor, mask: Tensor):
+        """``(weight, vllm_kl, is_filter_ratio)`` of the train/rollout correction (see the module doc)."""
+        low, high = self.is_correction_threshold
+        seq = self.is_correction_level == "seq"
+        m = mask.to(torch.float32)
+        old, rollout = old_log_probs.detach().float(), rollout_log_probs.detach().float()
+        is_log_ratio = old - rollout
+        token_is = is_log_ratio.exp()
+
+        def per_unit(x: Tensor) -> Tensor:  # a sequence's mean (NaN for an empty one, as OpenRLHF), or x
+            return ((x * m).sum(-1) / m.sum(-1)).unsqueeze(-1) if seq else x
+
+        if self.is_correction_gating == "ratio":
+            stat = per_unit(is_log_ratio).exp()
+        else:
+            p, q = rollout.exp().clamp(1e-6, 1 - 1e-6), old.exp().clamp(1e-6, 1 - 1e-6)
+            if self.is_correction_gating == "binary_kl":
+                stat = per_unit(p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log())
+            else:  # tv
+                stat = per_unit((p - q).abs())
+        if self.is_correction_mode == "clip":
+            weight, filtered = stat.clamp(min=low, max=high), (stat < low) | (stat > high)
+        else:
+            keep = (stat >= low) & (stat <= high)
+            weight, filtered = torch.where(keep, token_is, 0.0), ~keep
+        weight = torch.where(mask.bool(), weight, 0.0)
+        is_filter_ratio = filtered.float().mean() if seq else _masked_mean(filtered, mask)
+        return weight, _masked_mean(rollout - old, mask), is_filter_ratio
 
     def forward(self, log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor,
                 action_mask: Optional[Tensor] = None, rollout_log_probs: Optional[Tensor] = None, dp_size: int = 1,
@@ -110,17 +144,13 @@ class PolicyLoss(torch.nn.Module):
         counts = dict(global_tokens=batch_num_tokens) if self.token_level_loss else dict(global_seqs=global_batch_size)
         if count is None:
             counts = {}
+        weight = vllm_kl = is_filter_ratio = None
+        if self.weights_rollout:
+            weight, vllm_kl, is_filter_ratio = self._correction(old_log_probs, rollout_log_probs, mask)
         gspo_vs_rollout = corrected and self.policy_loss_type == "gspo"
         loss, met = policy_loss(log_probs, rollout_log_probs if gspo_vs_rollout else old_log_probs, advantages, mask,
-                                rollout_logprobs=rollout_log_probs if self.weights_rollout else None, config=cfg,
-                                **counts)
+                                importance_weights=weight, config=cfg, **counts)
         ppo_kl = _masked_mean(old_log_probs - log_probs.detach(), mask) if gspo_vs_rollout else met["approx_kl"]
-        vllm_kl = is_filter_ratio = None
-        if self.weights_rollout:
-            low, high = self.is_correction_threshold
-            r = (old_log_probs.detach().float() - rollout_log_probs.float()).exp()
-            is_filter_ratio = _masked_mean(((r < low) | (r > high)).float(), mask)
-            vllm_kl = _masked_mean(rollout_log_probs - old_log_probs, mask)
         return loss, met["clipfrac"], ppo_kl, vllm_kl, is_filter_ratio
 
 
