@@ -1,6 +1,8 @@
 """Per-token log-probs and entropy from logits (docs/math.md#token-statistics)."""
 from __future__ import annotations
 
+import math
+
 from typing import NamedTuple, Optional
 
 import torch
@@ -44,11 +46,12 @@ def _as_rows(logits: Tensor) -> Tensor:
         return logits.view(1, 1, V)
     if len(lead) == 1:
         return logits.unsqueeze(0)
-    # Collapse all but the innermost leading dim into `outer` when strides allow.
+    # Collapse all but the innermost leading dim into `outer` when strides allow (sizes given: one may be 0).
+    outer = math.prod(lead[:-1])
     try:
-        return logits.view(-1, lead[-1], V)
+        return logits.view(outer, lead[-1], V)
     except RuntimeError:
-        return logits.reshape(-1, lead[-1], V)
+        return logits.reshape(outer, lead[-1], V)
 
 
 def token_logprobs(

@@ -163,6 +163,17 @@ def test_empty_batch(cpu_backend):
     assert x.grad.shape == (0, 10)
 
 
+@pytest.mark.parametrize("shape", [(3, 0, 10), (0, 4, 10), (0, 0, 10), (2, 3, 0, 10)])
+def test_empty_leading_dimensions(cpu_backend, shape):
+    """A batch of rows with no tokens (or no rows): empty statistics of the leading shape, empty gradient."""
+    x = torch.randn(*shape, requires_grad=True)
+    st = fastalign.token_logprobs(x, torch.zeros(shape[:-1], dtype=torch.long), entropy=True, sum_p2=True,
+                                  backend=cpu_backend)
+    assert st.logprobs.shape == st.entropy.shape == st.sum_p2.shape == shape[:-1]
+    (st.logprobs.sum() + st.entropy.sum()).backward()
+    assert x.grad.shape == shape
+
+
 def test_deterministic(cpu_backend):
     logits = make_logits((16, 500), torch.bfloat16)
     labels = make_labels((16,), 500)
