@@ -248,6 +248,7 @@ class LinearPreferenceLoss(nn.Module):
 
     def _check(self, name, hidden, labels, weight):
         _validate.floating(name, hidden, min_dim=2)
+        _validate.nonempty(name, hidden, -1, "hidden-size (last)")
         _validate.integer(f"{name} labels", labels)
         _validate.shape(f"{name} labels", labels, hidden.shape[:-1], f"{name}.shape[:-1]")
         if hidden.shape[-1] != weight.shape[-1]:

@@ -587,6 +587,8 @@ def test_ops_layer_takes_the_loss_as_a_callback():
 def test_linear_bad_inputs():
     h, w, b, labels, rh = _hidden_batch()
     mod = fa.LinearPreferenceLoss()
+    with pytest.raises(ValueError, match="hidden-size"):
+        mod(h[..., :0], w[:, :0], labels)
     with pytest.raises(ValueError, match=r"\[2B, T, H\]"):
         mod(h[:5], w, labels[:5])
     with pytest.raises(ValueError, match="labels"):
