@@ -1,4 +1,4 @@
-"""Peak CPU memory of one GRPO training step: TRL's ``GRPOTrainer`` against fastalign's drop-in.
+"""Peak CPU memory of one GRPO (or RLOO) training step: TRL's trainer against fastalign's drop-in.
 
 Each trainer runs in its own subprocess (a fresh allocator and a fresh peak) on the same small
 randomly initialised Qwen2 with a large vocabulary (default V = 131072), the same prompts, seed and
@@ -8,7 +8,7 @@ and their difference, the step's own peak (generation included, the same for bot
 TRL / fastalign. On CPU TRL's fused head scores every position in vocabulary chunks (its Triton
 kernel, which skips unscored positions, runs on GPUs only). Not part of the tests::
 
-    python benchmarks/trl_peak_memory.py --vocab 131072 --completion-length 256
+    python benchmarks/trl_peak_memory.py --vocab 131072 --completion-length 256 [--trainer rloo]
 """
 import argparse
 import json
@@ -57,15 +57,17 @@ def run_one(which: str, checkpoint: str, opts) -> dict:
     import transformers
     import trl
 
-    from fastalign.integrations.trl import GRPOTrainer
+    import fastalign.integrations.trl as fa_trl
 
-    cls = trl.GRPOTrainer if which == "trl" else GRPOTrainer
-    args = trl.GRPOConfig(output_dir=os.path.join(os.path.dirname(checkpoint), f"out-{which}"), max_steps=1,
-                          per_device_train_batch_size=opts.batch, num_generations=opts.batch,
-                          max_completion_length=opts.completion_length, min_p=None, beta=opts.beta,
-                          loss_type="dapo", report_to="none", save_strategy="no", use_cpu=True, seed=0,
-                          disable_tqdm=True, logging_steps=1, optim="sgd", bf16=False,
-                          generation_kwargs={"min_new_tokens": opts.completion_length})
+    name = f"{opts.trainer.upper()}Trainer"
+    cls = getattr(trl, name) if which == "trl" else getattr(fa_trl, name)
+    config = trl.GRPOConfig if opts.trainer == "grpo" else trl.RLOOConfig
+    loss = dict(loss_type="dapo") if opts.trainer == "grpo" else {}
+    args = config(output_dir=os.path.join(os.path.dirname(checkpoint), f"out-{which}"), max_steps=1,
+                  per_device_train_batch_size=opts.batch, num_generations=opts.batch,
+                  max_completion_length=opts.completion_length, min_p=None, beta=opts.beta, report_to="none",
+                  save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, logging_steps=1, optim="sgd",
+                  bf16=False, generation_kwargs={"min_new_tokens": opts.completion_length}, **loss)
     prompts = [" ".join(f"w{(7 * i + j) % 1000 + 3}" for j in range(16)) for i in range(opts.batch)]
     trainer = cls(model=checkpoint, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
                   args=args, train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
@@ -79,6 +81,7 @@ def run_one(which: str, checkpoint: str, opts) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trainer", choices=["grpo", "rloo"], default="grpo")
     parser.add_argument("--vocab", type=int, default=131072)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8, help="completions per step (one group)")
@@ -98,12 +101,13 @@ def main():
         for which in ("trl", "fastalign"):
             cmd = [sys.executable, __file__, "--child", which, "--checkpoint", checkpoint, "--vocab", str(opts.vocab),
                    "--hidden", str(opts.hidden), "--batch", str(opts.batch),
-                   "--completion-length", str(opts.completion_length), "--beta", str(opts.beta)]
+                   "--completion-length", str(opts.completion_length), "--beta", str(opts.beta),
+                   "--trainer", opts.trainer]
             env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             results[which] = json.loads(out.strip().splitlines()[-1])
     tokens = opts.batch * opts.completion_length
-    print(f"one GRPO step, V={opts.vocab}, hidden={opts.hidden}, {opts.batch} completions x "
+    print(f"one {opts.trainer.upper()} step, V={opts.vocab}, hidden={opts.hidden}, {opts.batch} completions x "
           f"{opts.completion_length} tokens ({tokens} scored tokens; full fp32 logits would be "
           f"{tokens * opts.vocab * 4 / 2**20:.0f} MiB)")
     print(f"{'trainer':<10} {'peak RSS':>10} {'before train':>13} {'step peak':>10} {'loss':>12}")
