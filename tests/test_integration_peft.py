@@ -155,7 +155,8 @@ pytest.importorskip("tokenizers", reason="the test tokenizer needs tokenizers")
 
 import fastalign.integrations.trl as fa_trl  # noqa: E402
 from test_integration_trl_trainers import (_common, _compare, _dpo_dataset, _grpo_dataset, _kto_dataset,  # noqa: E402
-                                           _reward, _run, _tokenizer, checkpoint)  # noqa: F401  (checkpoint: a fixture)
+                                           _reward, _run, _sft_dataset, _tokenizer,
+                                           checkpoint)  # noqa: F401  (checkpoint: a fixture)
 
 
 def _lora(**kw):
@@ -184,6 +185,20 @@ def test_online_trainers_with_peft_match_trl(checkpoint, tmp_path, trainer):
     ours = _run(_seeded(lambda: build(getattr(fa_trl, f"{trainer}Trainer"), tmp_path / "fa")))
     assert any("lm_head.modules_to_save" in k for k in ours[1]) and any("lora_B" in k for k in ours[1])
     assert ours[0]["kl@0"] != 0  # the adapters move the policy away from the adapter-disabled reference
+    _compare(theirs, ours)
+
+
+def test_sft_trainer_with_peft_matches_trl(checkpoint, tmp_path):
+    """LoRA on attention with a trained copy of the lm_head (modules_to_save; TRL's SFTTrainer refuses a LoRA
+    adapter on the lm_head, and so does the drop-in, which runs TRL's constructor)."""
+    def build(cls, out):
+        return cls(model=checkpoint, args=trl.SFTConfig(**_common(out, per_device_train_batch_size=4)),
+                   train_dataset=_sft_dataset("text"), processing_class=_tokenizer(checkpoint),
+                   peft_config=_lora(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+
+    theirs = _run(_seeded(lambda: build(trl.SFTTrainer, tmp_path / "trl")))
+    ours = _run(_seeded(lambda: build(fa_trl.SFTTrainer, tmp_path / "fa")))
+    assert any("lm_head.modules_to_save" in k for k in ours[1]) and any("lora_B" in k for k in ours[1])
     _compare(theirs, ours)
 
 

@@ -151,6 +151,62 @@ def test_head_outputs_match_the_models_own_logits(model_type):
                                    msg=lambda m: f"{name}: {m}")
 
 
+# ------------------------------------------------------------------------------------------ SFT
+
+def _sft_dataset(kind):
+    if kind == "text":
+        return datasets.Dataset.from_dict({"text": [" ".join(f"w{(3 * i + 2 * j) % 55 + 3}" for j in range(4 + i % 5))
+                                                    for i in range(8)]})
+    return datasets.Dataset.from_dict({  # prompt-completion: completion_only_loss scores the completion only
+        "prompt": [" ".join(f"w{(5 * i + j) % 50 + 3}" for j in range(2 + i % 3)) for i in range(8)],
+        "completion": [" ".join(f"w{(7 * i + j) % 40 + 10}" for j in range(1 + i % 4)) for i in range(8)]})
+
+
+SFT_CASES = {
+    "nll_padded": (dict(), "text"),
+    "dft": (dict(loss_type="dft"), "text"),
+    "completion_only": (dict(completion_only_loss=True), "prompt_completion"),
+    "packed_padding_free": (dict(packing=True, max_length=16), "text"),
+    # two micro-batches per step: the loss is normalised by the step's token count (num_items_in_batch)
+    "accumulated": (dict(gradient_accumulation_steps=2, per_device_train_batch_size=2), "prompt_completion"),
+}
+
+
+def _sft(cls, checkpoint, tmp_path, options, kind):
+    args = trl.SFTConfig(**_common(tmp_path, **{"per_device_train_batch_size": 4, **options}))
+    return cls(model=checkpoint, args=args, train_dataset=_sft_dataset(kind), processing_class=_tokenizer(checkpoint))
+
+
+@pytest.mark.parametrize("case", list(SFT_CASES))
+def test_sft_trainer_matches_trl(checkpoint, tmp_path, case, monkeypatch):
+    """Loss, entropy, mean_token_accuracy, num_tokens and the update equal TRL's SFTTrainer (which scores
+    with its own fused head); the drop-in scores through fastalign's head (packed rows: one row, position_ids,
+    no attention mask)."""
+    import fastalign.integrations.trl._head as head
+
+    options, kind = SFT_CASES[case]
+    theirs = _run(_sft(trl.SFTTrainer, checkpoint, tmp_path / "trl", options, kind))
+    calls, scored = [], head.causal_lm_logprobs
+    monkeypatch.setattr(head, "causal_lm_logprobs", lambda model, ids, attention=None, **kw: calls.append(
+        (ids.shape[0], attention is None, kw.get("position_ids") is not None)) or scored(model, ids, attention, **kw))
+    ours = _run(_sft(fa_trl.SFTTrainer, checkpoint, tmp_path / "fa", options, kind))
+    assert calls and all(c == (1, True, True) for c in calls) == ("packed" in case)
+    assert {"loss@0", "entropy@0", "mean_token_accuracy@0", "num_tokens@0"} <= set(ours[0])
+    _compare(theirs, ours)
+
+
+@pytest.mark.parametrize("field, value", [("label_smoothing_factor", 0.1), ("use_liger_kernel", True)])
+def test_sft_unsupported_option_raises(checkpoint, tmp_path, field, value):
+    args = trl.SFTConfig(**_common(tmp_path, per_device_train_batch_size=4, **{field: value}))
+    with pytest.raises(ValueError, match=f"SFTConfig.{field}"):
+        fa_trl.SFTTrainer(model=checkpoint, args=args, train_dataset=_sft_dataset("text"),
+                          processing_class=_tokenizer(checkpoint))
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        fa_trl.SFTTrainer(model=checkpoint, args=trl.SFTConfig(**_common(tmp_path, per_device_train_batch_size=4)),
+                          train_dataset=_sft_dataset("text"), processing_class=_tokenizer(checkpoint),
+                          compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum())
+
+
 # ------------------------------------------------------------------------------------------ GRPO
 
 def _reward(completions, **kwargs):

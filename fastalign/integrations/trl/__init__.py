@@ -7,7 +7,7 @@ loss). Metrics come back under TRL's names.
 
 Drop-in trainers, subclasses of TRL's with the same constructor and config classes::
 
-    from fastalign.integrations.trl import GRPOTrainer, RLOOTrainer, DPOTrainer, KTOTrainer   # was: from trl import ...
+    from fastalign.integrations.trl import SFTTrainer, GRPOTrainer, RLOOTrainer, DPOTrainer, KTOTrainer   # was: from trl import ...
     from fastalign.integrations.trl import CPOTrainer, ORPOTrainer   # was: from trl.experimental.cpo / .orpo
 
 They are loaded on first access, so importing this package does not import ``trl``.
@@ -20,8 +20,9 @@ from fastalign.integrations.trl.preference import *  # noqa: F401,F403
 from fastalign.integrations.trl.rloo import *  # noqa: F401,F403
 
 #: Drop-in trainer -> the module that defines it (imported on first access: it imports trl).
-_TRAINERS = {"GRPOTrainer": "grpo_trainer", "RLOOTrainer": "rloo_trainer", "DPOTrainer": "dpo_trainer",
-             "KTOTrainer": "kto_trainer", "CPOTrainer": "cpo_trainer", "ORPOTrainer": "orpo_trainer"}
+_TRAINERS = {"SFTTrainer": "sft_trainer", "GRPOTrainer": "grpo_trainer", "RLOOTrainer": "rloo_trainer",
+             "DPOTrainer": "dpo_trainer", "KTOTrainer": "kto_trainer", "CPOTrainer": "cpo_trainer",
+             "ORPOTrainer": "orpo_trainer"}
 
 
 def __getattr__(name):

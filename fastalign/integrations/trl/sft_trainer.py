@@ -1,0 +1,98 @@
+"""``SFTTrainer``: TRL 1.16's ``trl.SFTTrainer`` with its token log-probs, entropy and accuracy in fastalign.
+
+Same constructor, same ``trl.SFTConfig``; a TRL user changes one import::
+
+    from fastalign.integrations.trl import SFTTrainer   # was: from trl import SFTTrainer
+
+The loss and its metrics come from the last hidden states and the model's own output head through
+:func:`fastalign.integrations.hf.causal_lm_logprobs` (only positions whose next-token label is not
+-100 go through the vocabulary; the ``[B, T, V]`` logits are never built):
+
+    nll:  loss = -Σ_t lp_t / N            dft:  loss = -Σ_t sg(p_t) lp_t / N
+
+``N`` the scored-token count (``num_items_in_batch`` when ``Trainer`` passes it, then times the
+process count with ``average_tokens_across_devices``), as TRL's ``compute_loss``. ``entropy``,
+``mean_token_accuracy`` and ``num_tokens`` are logged under TRL's names, over every process's
+tokens. Padded, packed (``padding_free``, ``position_ids``) and completion-only batches are scored
+as TRL scores them (the collator's -100 labels).
+
+Options the drop-in cannot honour raise a ValueError naming them at construction:
+``compute_loss_func`` and ``label_smoothing_factor`` (they need the full logits),
+``use_liger_kernel``, sequence parallelism, vision-language models and MoE load-balancing losses.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import trl
+
+from fastalign.integrations.trl._head import check_config, check_model, init_checked, install_head
+
+__all__ = ["SFTTrainer"]
+
+_FIELDS = ("log_probs", "entropy", "is_top1")
+
+
+class SFTTrainer(trl.SFTTrainer):
+    """``trl.SFTTrainer`` with fastalign's fused log-probs, entropy and accuracy (see the module doc)."""
+
+    @functools.wraps(trl.SFTTrainer.__init__)
+    def __init__(self, *args, **kwargs):
+        init_checked(self, trl.SFTTrainer.__init__, args, kwargs, self._check_config)
+        check_model(self, "SFTConfig")
+        if self.compute_loss_func is not None:
+            raise ValueError("compute_loss_func is not supported by the fastalign SFTTrainer: it takes the model's "
+                             "logits, which the fused head never builds")
+        parallelism = self.accelerator.parallelism_config
+        if parallelism is not None and getattr(parallelism, "sp_enabled", False):
+            raise ValueError("sequence parallelism is not supported by the fastalign SFTTrainer")
+        install_head(self.accelerator.unwrap_model(self.model))
+
+    @staticmethod
+    def _check_config(args) -> None:
+        check_config(args, "SFTConfig")
+        if args.label_smoothing_factor > 0:
+            raise ValueError("SFTConfig.label_smoothing_factor is not supported by the fastalign SFTTrainer: label "
+                             "smoothing needs the full logits; set it to 0")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "use_cache")}
+        labels = inputs["labels"]
+        out = model(**model_inputs, labels=labels, fastalign_head=_FIELDS)
+        scored = labels[:, 1:] != -100
+        per_token_loss = -out.log_probs  # 0 at unscored positions
+        if self.args.loss_type == "dft":  # DFT: each token's NLL weighted by its (detached) probability
+            per_token_loss = per_token_loss * out.log_probs.detach().exp()
+        num_tokens = scored.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        self._log_metrics(mode, inputs, out, scored)
+        if return_outputs:
+            warnings.warn("return_outputs=True computes the logits with an extra forward pass (the fused head "
+                          "never builds them)", stacklevel=2)
+            with torch.no_grad():
+                outputs = model(**model_inputs)
+            return loss, outputs
+        return loss
+
+    def _log_metrics(self, mode, inputs, out, scored) -> None:
+        """TRL's ``entropy``, ``mean_token_accuracy`` (over every process's scored tokens) and ``num_tokens``."""
+        gather = self.accelerator.gather_for_metrics
+        log = self._metrics[mode]
+        num_valid = gather(scored.sum()).sum()
+        entropy_sum = gather(out.entropy.detach().sum()).sum()
+        num_correct = gather(out.is_top1.sum()).sum()
+        log["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
+        log["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
+        if mode == "train":
+            if "attention_mask" in inputs:
+                tokens = gather(inputs["attention_mask"].sum()).sum().item()
+            else:  # padding-free: one packed row, its length per process
+                ids = inputs["position_ids"]
+                tokens = gather(torch.tensor(ids.size(1), device=ids.device)).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
+        log["num_tokens"] = [self._total_train_tokens]
