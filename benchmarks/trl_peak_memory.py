@@ -1,4 +1,4 @@
-"""Peak CPU memory of one GRPO (or RLOO) training step: TRL's trainer against fastalign's drop-in.
+"""Peak CPU memory (and time) of one SFT, GRPO or RLOO training step: TRL's trainer against fastalign's drop-in.
 
 Each trainer runs in its own subprocess (a fresh allocator and a fresh peak) on the same small
 randomly initialised Qwen2 with a large vocabulary (default V = 131072), the same prompts, seed and
@@ -8,7 +8,7 @@ and their difference, the step's own peak (generation included, the same for bot
 TRL / fastalign. On CPU TRL's fused head scores every position in vocabulary chunks (its Triton
 kernel, which skips unscored positions, runs on GPUs only). Not part of the tests::
 
-    python benchmarks/trl_peak_memory.py --vocab 131072 --completion-length 256 [--trainer rloo]
+    python benchmarks/trl_peak_memory.py --vocab 131072 --completion-length 256 [--trainer sft|grpo|rloo]
 """
 import argparse
 import json
@@ -17,6 +17,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,30 +62,39 @@ def run_one(which: str, checkpoint: str, opts) -> dict:
 
     name = f"{opts.trainer.upper()}Trainer"
     cls = getattr(trl, name) if which == "trl" else getattr(fa_trl, name)
-    config = trl.GRPOConfig if opts.trainer == "grpo" else trl.RLOOConfig
-    loss = dict(loss_type="dapo") if opts.trainer == "grpo" else {}
-    args = config(output_dir=os.path.join(os.path.dirname(checkpoint), f"out-{which}"), max_steps=1,
-                  per_device_train_batch_size=opts.batch, num_generations=opts.batch,
-                  max_completion_length=opts.completion_length, min_p=None, beta=opts.beta, report_to="none",
-                  save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, logging_steps=1, optim="sgd",
-                  bf16=False, generation_kwargs={"min_new_tokens": opts.completion_length}, **loss)
-    prompts = [" ".join(f"w{(7 * i + j) % 1000 + 3}" for j in range(16)) for i in range(opts.batch)]
-    trainer = cls(model=checkpoint, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
-                  args=args, train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
-                  processing_class=transformers.PreTrainedTokenizerFast.from_pretrained(checkpoint))
+    common = dict(output_dir=os.path.join(os.path.dirname(checkpoint), f"out-{which}"), max_steps=1,
+                  per_device_train_batch_size=opts.batch, report_to="none", save_strategy="no", use_cpu=True, seed=0,
+                  disable_tqdm=True, logging_steps=1, optim="sgd", bf16=False)
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(checkpoint)
+    if opts.trainer == "sft":  # batch texts of completion_length words, every token scored
+        texts = [" ".join(f"w{(7 * i + 3 * j) % 1000 + 3}" for j in range(opts.completion_length))
+                 for i in range(opts.batch)]
+        trainer = cls(model=checkpoint, args=trl.SFTConfig(max_length=opts.completion_length + 8, **common),
+                      train_dataset=datasets.Dataset.from_dict({"text": texts}), processing_class=tokenizer)
+    else:
+        config = trl.GRPOConfig if opts.trainer == "grpo" else trl.RLOOConfig
+        loss = dict(loss_type="dapo") if opts.trainer == "grpo" else {}
+        args = config(num_generations=opts.batch, max_completion_length=opts.completion_length, min_p=None,
+                      beta=opts.beta, generation_kwargs={"min_new_tokens": opts.completion_length}, **loss, **common)
+        prompts = [" ".join(f"w{(7 * i + j) % 1000 + 3}" for j in range(16)) for i in range(opts.batch)]
+        trainer = cls(model=checkpoint, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
+                      args=args, train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
+                      processing_class=tokenizer)
     before = _rss_mib()
+    start = time.perf_counter()
     trainer.train()
+    seconds = time.perf_counter() - start
     peak = _peak_mib()
     return {"peak_rss_mib": peak, "rss_before_train_mib": before, "step_peak_mib": peak - before,
-            "loss": trainer.state.log_history[0]["loss"]}
+            "train_s": seconds, "loss": trainer.state.log_history[0]["loss"]}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trainer", choices=["grpo", "rloo"], default="grpo")
+    parser.add_argument("--trainer", choices=["sft", "grpo", "rloo"], default="grpo")
     parser.add_argument("--vocab", type=int, default=131072)
     parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8, help="completions per step (one group)")
+    parser.add_argument("--batch", type=int, default=8, help="completions (SFT: texts) per step, one group")
     parser.add_argument("--completion-length", type=int, default=256)
     parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient (adds a reference model)")
     parser.add_argument("--child", choices=["trl", "fastalign"], help=argparse.SUPPRESS)
@@ -110,13 +120,14 @@ def main():
     print(f"one {opts.trainer.upper()} step, V={opts.vocab}, hidden={opts.hidden}, {opts.batch} completions x "
           f"{opts.completion_length} tokens ({tokens} scored tokens; full fp32 logits would be "
           f"{tokens * opts.vocab * 4 / 2**20:.0f} MiB)")
-    print(f"{'trainer':<10} {'peak RSS':>10} {'before train':>13} {'step peak':>10} {'loss':>12}")
+    print(f"{'trainer':<10} {'peak RSS':>10} {'before train':>13} {'step peak':>10} {'train()':>9} {'loss':>12}")
     for which, r in results.items():
         print(f"{which:<10} {r['peak_rss_mib']:>8.0f}Mi {r['rss_before_train_mib']:>11.0f}Mi "
-              f"{r['step_peak_mib']:>8.0f}Mi {r['loss']:>12.6g}")
+              f"{r['step_peak_mib']:>8.0f}Mi {r['train_s']:>8.2f}s {r['loss']:>12.6g}")
     t, f = results["trl"], results["fastalign"]
     print(f"ratio TRL / fastalign: peak RSS {t['peak_rss_mib'] / f['peak_rss_mib']:.2f}, "
-          f"step peak {t['step_peak_mib'] / max(f['step_peak_mib'], 1e-9):.2f}")
+          f"step peak {t['step_peak_mib'] / max(f['step_peak_mib'], 1e-9):.2f}, train() time "
+          f"{t['train_s'] / f['train_s']:.2f} (generation included for GRPO and RLOO)")
 
 
 if __name__ == "__main__":
