@@ -407,7 +407,20 @@ def _grpo_two_process(cls, checkpoint, out):
                                             entropy_coef=0.02))
 
 
-TWO_PROCESS_RUNS = {"kto": _kto_two_process, "grpo": _grpo_two_process}
+def _rloo_two_process(cls, checkpoint, out):
+    """Four completions per process (one group each): entropy over both processes' tokens, clip ratios over
+    their completions, the min / max over both."""
+    return _rloo(cls, checkpoint, out, dict(beta=0.05, epsilon=0.05))
+
+
+def _sft_two_process(cls, checkpoint, out):
+    """Four prompt-completion pairs per process, of different token counts: the loss is normalised by both
+    processes' tokens (num_items_in_batch, average_tokens_across_devices)."""
+    return _sft(cls, checkpoint, out, dict(), "prompt_completion")
+
+
+TWO_PROCESS_RUNS = {"kto": _kto_two_process, "grpo": _grpo_two_process, "rloo": _rloo_two_process,
+                    "sft": _sft_two_process}
 
 
 def _two_process_worker(checkpoint: str, out_dir: str) -> None:
@@ -425,9 +438,9 @@ def _two_process_worker(checkpoint: str, out_dir: str) -> None:
 
 
 def test_two_processes_match_trl(checkpoint, tmp_path):
-    """KTO's KL baseline and per-class rewards, and GRPO's token-mean metrics and entropy mask (the
-    quantile over both processes' tokens), over two processes whose shares differ (classes,
-    completion lengths) equal TRL's own two-process run."""
+    """KTO's KL baseline and per-class rewards, GRPO's token-mean metrics and entropy mask (the
+    quantile over both processes' tokens), RLOO's and SFT's metrics and token normalisation, over two
+    processes whose shares differ (classes, completion lengths) equal TRL's own two-process run."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
            checkpoint, str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
