@@ -110,6 +110,22 @@ def test_no_mask_scores_every_position():
     torch.testing.assert_close(stats.logprobs.double(), ref_lp, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("head_bias", [False, True])
+def test_on_head_sees_the_operands_of_every_position(head_bias):
+    """on_head gets the head's operands once, before the vocabulary pass: they give the model's own logits at
+    every position (a mean logit from them equals the mean of those logits)."""
+    model = tiny_model("qwen2", head_bias=head_bias)
+    input_ids = torch.randint(1, V, (2, 7), generator=torch.Generator().manual_seed(6))
+    seen = []
+    with torch.no_grad():
+        causal_lm_logprobs(model, input_ids, on_head=lambda *operands: seen.append(operands))
+        logits = model(input_ids=input_ids).logits.double()
+    (hidden, weight, bias, low_rank), = seen
+    assert hidden.shape[:2] == (2, 7) and low_rank is None and (bias is not None) == head_bias
+    z = hidden.double() @ weight.double().T + (0 if bias is None else bias.double())
+    torch.testing.assert_close(z, logits, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "cohere"])
 def test_packed_rows_equal_separate_sequences(arch):
     """position_ids restarting at 0 pack sequences into one row; each equals its own unpacked run,

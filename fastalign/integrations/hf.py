@@ -220,7 +220,7 @@ def causal_lm_logprobs(
     ignore_index: int = -100,
     logit_scale=_UNSET,
     softcap=_UNSET,
-    _on_head=None,
+    on_head=None,
     **model_kwargs,
 ) -> TokenStats:
     r"""Next-token log-probs (and entropy) of a ``transformers`` causal LM, from its hidden states.
@@ -265,8 +265,10 @@ def causal_lm_logprobs(
         ignore_index: label value of unscored tokens.
         logit_scale, softcap: the head transform, for an architecture not in
             :data:`HEAD_TRANSFORMS` (both must be given; ``softcap=None`` is off).
-        _on_head: internal: called with ``(hidden, weight, bias, low_rank)`` of every position
-            (the head's operands, after the autocast cast) before the vocabulary pass.
+        on_head: called with the head's operands ``(hidden [B, T, H], weight, bias, low_rank)`` of
+            every position (after the autocast cast; ``low_rank`` as :func:`head_operands`) before the
+            vocabulary pass, for statistics derived from the hidden states beside the log-probs (the
+            TRL drop-ins take their mean logit ``h · mean_j W_j`` from it) without running the body twice.
         **model_kwargs: passed to the body; ``use_cache`` defaults to False (``transformers``
             attends within packed sequences only without a cache).
 
@@ -346,8 +348,8 @@ def causal_lm_logprobs(
     hidden, weight, bias, low_rank = head_operands(model, input_ids, attention_mask, position_ids=position_ids,
                                                    **model_kwargs)
     device_type = hidden.device.type
-    if _on_head is not None:  # the head's operands at every position, for statistics beside the log-probs
-        _on_head(hidden, weight, bias, low_rank)
+    if on_head is not None:  # the head's operands at every position, for statistics beside the log-probs
+        on_head(hidden, weight, bias, low_rank)
     with torch.autocast(device_type, enabled=False):
         stats = linear_logprobs(hidden[:, :-1], weight, targets, bias=bias, temperature=temperature,
                                 softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index,

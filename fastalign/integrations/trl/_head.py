@@ -76,7 +76,7 @@ def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], lab
     on_head = (lambda *operands: head.append(operands)) if mean_fields else None
     stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, temperature=temperature,
                                entropy="entropy" in fields, sum_p2="log_sum_sq_probs" in fields,
-                               argmax="is_top1" in fields, _on_head=on_head, **model_kwargs)
+                               argmax="is_top1" in fields, on_head=on_head, **model_kwargs)
     scored = labels[:, 1:] != -100
     out = HeadOutputs(log_probs=stats.logprobs, entropy=stats.entropy)
     if stats.sum_p2 is not None:
