@@ -95,24 +95,29 @@ def _run_policy(cls, kw, lp, old, A, m, roll, dtype, glob):
     return out, x.grad
 
 
-@pytest.mark.parametrize("dp", [False, True], ids=["local", "dp2"])
-@pytest.mark.parametrize("case", sorted(POLICY_CASES))
-def test_policy_loss_matches_openrlhf(orl, case, dp):
-    kw = POLICY_CASES[case]
-    lp, old, A, m, roll = _batch(sorted(POLICY_CASES).index(case))
+def _compare_policy(orl, kw, lp, old, A, m, roll, dp, what):
+    """OpenRLHF's PolicyLoss (float64) against the adapter (float32): loss, d log_probs and the returned
+    metrics; ``dp``: with the global token and sequence counts of two ranks."""
     glob = {}
     if dp:
         n_tok, n_seq = float(m.sum()), float((m.sum(-1) > 0).sum())
-        glob = dict(dp_size=2, batch_num_tokens=torch.tensor(2 * n_tok + 3), global_batch_size=torch.tensor(
-            2 * n_seq + 1))
+        glob = dict(dp_size=2, batch_num_tokens=torch.tensor(2 * n_tok + 3),
+                    global_batch_size=torch.tensor(2 * n_seq + 1))
     (vl, *vm), vg = _run_policy(orl.PolicyLoss, kw, lp, old, A, m, roll, torch.float64, glob)
     (fl, *fm), fg = _run_policy(fo.PolicyLoss, kw, lp, old, A, m, roll, torch.float32, glob)
-    assert_close(fl, vl, atol=1e-6, rtol=1e-5, what=f"{case} loss")
-    assert_close(fg, vg, atol=1e-6, rtol=1e-5, what=f"{case} d log_probs")
+    assert_close(fl, vl, atol=1e-6, rtol=1e-5, what=f"{what} loss")
+    assert_close(fg, vg, atol=1e-6, rtol=1e-5, what=f"{what} d log_probs")
     for name, f, v in zip(("clip_ratio", "ppo_kl", "vllm_kl", "is_filter_ratio"), fm, vm):
         assert (f is None) == (v is None), (name, f, v)
         if v is not None:
-            assert_close(f, v, atol=1e-6, rtol=1e-5, what=f"{case} {name}")
+            assert_close(f, v, atol=1e-6, rtol=1e-5, what=f"{what} {name}")
+
+
+@pytest.mark.parametrize("dp", [False, True], ids=["local", "dp2"])
+@pytest.mark.parametrize("case", sorted(POLICY_CASES))
+def test_policy_loss_matches_openrlhf(orl, case, dp):
+    lp, old, A, m, roll = _batch(sorted(POLICY_CASES).index(case))
+    _compare_policy(orl, POLICY_CASES[case], lp, old, A, m, roll, dp, case)
 
 
 def test_policy_loss_clipping_and_filters_are_exercised(orl):
@@ -180,19 +185,7 @@ def test_policy_loss_option_combinations_match_openrlhf(orl, loss_type, eps, dua
     lp, old, A, m, roll = _batch(seed)
     if far is not None:
         old = lp - far  # every ratio at exp(far): clipped, past the dual clip where A < 0
-    glob = {}
-    if dp:
-        n_tok, n_seq = float(m.sum()), float((m.sum(-1) > 0).sum())
-        glob = dict(dp_size=2, batch_num_tokens=torch.tensor(2 * n_tok + 3),
-                    global_batch_size=torch.tensor(2 * n_seq + 1))
-    (vl, *vm), vg = _run_policy(orl.PolicyLoss, kw, lp, old, A, m, roll, torch.float64, glob)
-    (fl, *fm), fg = _run_policy(fo.PolicyLoss, kw, lp, old, A, m, roll, torch.float32, glob)
-    assert_close(fl, vl, atol=1e-6, rtol=1e-5, what=f"{kw} loss")
-    assert_close(fg, vg, atol=1e-6, rtol=1e-5, what=f"{kw} d log_probs")
-    for name, f, v in zip(("clip_ratio", "ppo_kl", "vllm_kl", "is_filter_ratio"), fm, vm):
-        assert (f is None) == (v is None), (name, f, v)
-        if v is not None:
-            assert_close(f, v, atol=1e-6, rtol=1e-5, what=f"{kw} {name}")
+    _compare_policy(orl, kw, lp, old, A, m, roll, dp, kw)
 
 
 def test_policy_loss_needs_rollout_log_probs_for_correction():
