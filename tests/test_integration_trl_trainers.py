@@ -167,6 +167,10 @@ SFT_CASES = {
     "dft": (dict(loss_type="dft"), "text"),
     "completion_only": (dict(completion_only_loss=True), "prompt_completion"),
     "packed_padding_free": (dict(packing=True, max_length=16), "text"),
+    "packed_wrapped": (dict(packing=True, packing_strategy="wrapped", max_length=16), "text"),
+    "packed_dft_completion_only": (dict(packing=True, loss_type="dft", max_length=16), "prompt_completion"),
+    # an evaluation after the step: eval_loss, eval_entropy, eval_mean_token_accuracy
+    "evaluated": (dict(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4), "text"),
     # two micro-batches per step: the loss is normalised by the step's token count (num_items_in_batch)
     "accumulated": (dict(gradient_accumulation_steps=2, per_device_train_batch_size=2), "prompt_completion"),
 }
@@ -174,7 +178,9 @@ SFT_CASES = {
 
 def _sft(cls, checkpoint, tmp_path, options, kind):
     args = trl.SFTConfig(**_common(tmp_path, **{"per_device_train_batch_size": 4, **options}))
-    return cls(model=checkpoint, args=args, train_dataset=_sft_dataset(kind), processing_class=_tokenizer(checkpoint))
+    evaluated = options.get("eval_strategy", "no") != "no"
+    return cls(model=checkpoint, args=args, train_dataset=_sft_dataset(kind), processing_class=_tokenizer(checkpoint),
+               eval_dataset=_sft_dataset(kind) if evaluated else None)
 
 
 @pytest.mark.parametrize("case", list(SFT_CASES))
@@ -190,7 +196,10 @@ def test_sft_trainer_matches_trl(checkpoint, tmp_path, case, monkeypatch):
     monkeypatch.setattr(head, "causal_lm_logprobs", lambda model, ids, attention=None, **kw: calls.append(
         (ids.shape[0], attention is None, kw.get("position_ids") is not None)) or scored(model, ids, attention, **kw))
     ours = _run(_sft(fa_trl.SFTTrainer, checkpoint, tmp_path / "fa", options, kind))
-    assert calls and all(c == (1, True, True) for c in calls) == ("packed" in case)
+    padding_free = case in ("packed_padding_free", "packed_dft_completion_only")  # bfd packing: one packed row
+    assert calls and all(c == (1, True, True) for c in calls) == padding_free
+    if case == "evaluated":
+        assert {"eval_loss@1", "eval_entropy@1", "eval_mean_token_accuracy@1"} <= set(ours[0])
     assert {"loss@0", "entropy@0", "mean_token_accuracy@0", "num_tokens@0"} <= set(ours[0])
     _compare(theirs, ours)
 
