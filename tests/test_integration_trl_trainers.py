@@ -247,8 +247,9 @@ def _online(cls, config_cls, checkpoint, tmp_path, options):
     """An online trainer (GRPO, RLOO) on the tiny model: four completions of each prompt, one step."""
     args = config_cls(**_common(tmp_path, per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
                                 temperature=1.0, **options))
+    evaluated = options.get("eval_strategy", "no") != "no"
     return cls(model=checkpoint, reward_funcs=_reward, args=args, train_dataset=_grpo_dataset(),
-               processing_class=_tokenizer(checkpoint))
+               eval_dataset=_grpo_dataset() if evaluated else None, processing_class=_tokenizer(checkpoint))
 
 
 def _grpo(cls, checkpoint, tmp_path, options):
@@ -470,6 +471,8 @@ RLOO_CASES = {
     "normalized": dict(beta=0.02, normalize_advantages=True),
     # two micro-batches per step; the second step reuses the generation with the old policy's log-probs
     "reused": dict(beta=0.0, gradient_accumulation_steps=2, num_iterations=2, max_steps=2, epsilon=0.05),
+    # an evaluation after the step: the loss and metrics in eval mode
+    "evaluated": dict(beta=0.02, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4),
 }
 
 
