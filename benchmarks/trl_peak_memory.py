@@ -1,4 +1,4 @@
-"""Peak CPU memory (and time) of one SFT, GRPO or RLOO training step: TRL's trainer against fastalign's drop-in.
+"""Peak CPU memory (and time) of one SFT, DPO, GRPO or RLOO training step: TRL's trainer against fastalign's drop-in.
 
 Each trainer runs in its own subprocess (a fresh allocator and a fresh peak) on the same small
 randomly initialised Qwen2 with a large vocabulary (default V = 131072), the same prompts, seed and
@@ -8,7 +8,7 @@ and their difference, the step's own peak (generation included, the same for bot
 TRL / fastalign. On CPU TRL's fused head scores every position in vocabulary chunks (its Triton
 kernel, which skips unscored positions, runs on GPUs only). Not part of the tests::
 
-    python benchmarks/trl_peak_memory.py --vocab 131072 --completion-length 256 [--trainer sft|grpo|rloo]
+    python benchmarks/trl_peak_memory.py --vocab 131072 --completion-length 256 [--trainer sft|dpo|grpo|rloo]
 """
 import argparse
 import json
@@ -66,7 +66,13 @@ def run_one(which: str, checkpoint: str, opts) -> dict:
                   per_device_train_batch_size=opts.batch, report_to="none", save_strategy="no", use_cpu=True, seed=0,
                   disable_tqdm=True, logging_steps=1, optim="sgd", bf16=False)
     tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(checkpoint)
-    if opts.trainer == "sft":  # batch texts of completion_length words, every token scored
+    if opts.trainer == "dpo":  # batch pairs: a 16-word prompt, chosen and rejected of completion_length words
+        words = lambda i, k: " ".join(f"w{(k * i + 3 * j) % 1000 + 3}" for j in range(opts.completion_length))
+        pairs = {"prompt": [" ".join(f"w{(7 * i + j) % 1000 + 3}" for j in range(16)) for i in range(opts.batch)],
+                 "chosen": [words(i, 5) for i in range(opts.batch)], "rejected": [words(i, 11) for i in range(opts.batch)]}
+        trainer = cls(model=checkpoint, args=trl.DPOConfig(max_length=opts.completion_length + 24, **common),
+                      train_dataset=datasets.Dataset.from_dict(pairs), processing_class=tokenizer)
+    elif opts.trainer == "sft":  # batch texts of completion_length words, every token scored
         texts = [" ".join(f"w{(7 * i + 3 * j) % 1000 + 3}" for j in range(opts.completion_length))
                  for i in range(opts.batch)]
         trainer = cls(model=checkpoint, args=trl.SFTConfig(max_length=opts.completion_length + 8, **common),
@@ -91,10 +97,10 @@ def run_one(which: str, checkpoint: str, opts) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trainer", choices=["sft", "grpo", "rloo"], default="grpo")
+    parser.add_argument("--trainer", choices=["sft", "dpo", "grpo", "rloo"], default="grpo")
     parser.add_argument("--vocab", type=int, default=131072)
     parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8, help="completions (SFT: texts) per step, one group")
+    parser.add_argument("--batch", type=int, default=8, help="completions (SFT: texts, DPO: pairs) per step")
     parser.add_argument("--completion-length", type=int, default=256)
     parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient (adds a reference model)")
     parser.add_argument("--child", choices=["trl", "fastalign"], help=argparse.SUPPRESS)
@@ -116,10 +122,11 @@ def main():
             env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             results[which] = json.loads(out.strip().splitlines()[-1])
-    tokens = opts.batch * opts.completion_length
-    print(f"one {opts.trainer.upper()} step, V={opts.vocab}, hidden={opts.hidden}, {opts.batch} completions x "
-          f"{opts.completion_length} tokens ({tokens} scored tokens; full fp32 logits would be "
-          f"{tokens * opts.vocab * 4 / 2**20:.0f} MiB)")
+    per_row = 2 if opts.trainer == "dpo" else 1  # a DPO pair scores its chosen and its rejected completion
+    tokens = opts.batch * per_row * opts.completion_length
+    rows = f"{opts.batch} pairs x 2" if per_row == 2 else f"{opts.batch} completions"
+    print(f"one {opts.trainer.upper()} step, V={opts.vocab}, hidden={opts.hidden}, {rows} x {opts.completion_length} "
+          f"tokens ({tokens} scored tokens; full fp32 logits would be {tokens * opts.vocab * 4 / 2**20:.0f} MiB)")
     print(f"{'trainer':<10} {'peak RSS':>10} {'before train':>13} {'step peak':>10} {'train()':>9} {'loss':>12}")
     for which, r in results.items():
         print(f"{which:<10} {r['peak_rss_mib']:>8.0f}Mi {r['rss_before_train_mib']:>11.0f}Mi "
