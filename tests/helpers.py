@@ -58,13 +58,17 @@ def rank_body():
     os._exit(0)
 
 
-class SingleProcessAccelerator:
-    """The ``accelerate.Accelerator`` of one CPU process, for calling a TRL trainer's methods unbound on a
-    stand-in trainer: gathers and reductions are the identity."""
+class LocalAccelerator:
+    """One process's view of an ``accelerate.Accelerator``, for calling a TRL trainer's methods unbound on a
+    stand-in trainer: gathers, reductions and padding are the identity; ``num_processes`` is what the
+    trainer's formulas read (a share of a larger run)."""
 
     device = torch.device("cpu")
     process_index = 0
-    num_processes = 1
+    sync_gradients = True
+
+    def __init__(self, num_processes: int = 1):
+        self.num_processes = num_processes
 
     def gather(self, x):
         return x
@@ -74,8 +78,14 @@ class SingleProcessAccelerator:
     def reduce(self, x, reduction="sum"):
         return x
 
+    def pad_across_processes(self, x, dim=0, pad_index=0):
+        return x
+
     def unwrap_model(self, m):
         return m
+
+    def autocast(self):
+        return contextlib.nullcontext()
 
 
 def random_rewards(B: int, F: int, seed: int, unscorable=(), partial=()) -> torch.Tensor:

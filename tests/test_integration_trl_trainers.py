@@ -71,6 +71,11 @@ def _common(tmp_path, **overrides):
                    dataloader_num_workers=0), **overrides}
 
 
+def _eval_dataset(options, make):
+    """The evaluation set ``make()`` when ``options`` ask for evaluation, else None."""
+    return make() if options.get("eval_strategy", "no") != "no" else None
+
+
 def _run(trainer):
     before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
     trainer.train()
@@ -178,9 +183,8 @@ SFT_CASES = {
 
 def _sft(cls, checkpoint, tmp_path, options, kind):
     args = trl.SFTConfig(**_common(tmp_path, **{"per_device_train_batch_size": 4, **options}))
-    evaluated = options.get("eval_strategy", "no") != "no"
     return cls(model=checkpoint, args=args, train_dataset=_sft_dataset(kind), processing_class=_tokenizer(checkpoint),
-               eval_dataset=_sft_dataset(kind) if evaluated else None)
+               eval_dataset=_eval_dataset(options, lambda: _sft_dataset(kind)))
 
 
 @pytest.mark.parametrize("case", list(SFT_CASES))
@@ -247,9 +251,8 @@ def _online(cls, config_cls, checkpoint, tmp_path, options):
     """An online trainer (GRPO, RLOO) on the tiny model: four completions of each prompt, one step."""
     args = config_cls(**_common(tmp_path, per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
                                 temperature=1.0, **options))
-    evaluated = options.get("eval_strategy", "no") != "no"
     return cls(model=checkpoint, reward_funcs=_reward, args=args, train_dataset=_grpo_dataset(),
-               eval_dataset=_grpo_dataset() if evaluated else None, processing_class=_tokenizer(checkpoint))
+               eval_dataset=_eval_dataset(options, _grpo_dataset), processing_class=_tokenizer(checkpoint))
 
 
 def _grpo(cls, checkpoint, tmp_path, options):

@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_close
+from helpers import LocalAccelerator, assert_close
 
 trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer", reason="TRL is not importable")
 GRPOTrainer = trl_grpo.GRPOTrainer
@@ -24,25 +24,6 @@ from trl import GRPOConfig  # noqa: E402
 from fastalign.integrations.trl import GRPOLoss  # noqa: E402
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig) if f.default is not dataclasses.MISSING}
-
-
-class _Accelerator:
-    """One process's view: gathers and reductions are the identity."""
-
-    def __init__(self, num_processes):
-        self.num_processes = num_processes
-        self.sync_gradients = True
-
-    def gather(self, x):
-        return x
-
-    gather_for_metrics = gather
-
-    def reduce(self, x, reduction="sum"):
-        return x
-
-    def pad_across_processes(self, x, dim=0, pad_index=0):
-        return x
 
 
 def trl_loss(config, lp, old, A, m, H, *, ref=None, sampling=None, is_ratio=None, num_items=None, ga=1, nproc=1,
@@ -61,7 +42,7 @@ def trl_loss(config, lp, old, A, m, H, *, ref=None, sampling=None, is_ratio=None
         use_adaptive_entropy=args.use_adaptive_entropy,
         _entropy_bonus_enabled=args.entropy_coef != 0.0 or args.use_adaptive_entropy,
         _last_world_entropy=float("inf"), aux_loss_enabled=False, model=types.SimpleNamespace(training=training),
-        current_gradient_accumulation_steps=ga, accelerator=_Accelerator(nproc),
+        current_gradient_accumulation_steps=ga, accelerator=LocalAccelerator(nproc),
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _get_per_token_logps_and_entropies=lambda *a, **k: (lp, H, None),
         get_off_policy_mask=GRPOTrainer.get_off_policy_mask, get_gamma_weights=GRPOTrainer.get_gamma_weights,

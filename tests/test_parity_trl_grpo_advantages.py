@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import SingleProcessAccelerator, random_rewards
+from helpers import LocalAccelerator, random_rewards
 
 pytest.importorskip("trl", reason="TRL is not installed: `pip install trl==1.16.*` to run the parity tests")
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
@@ -36,7 +36,7 @@ def _trl_grpo(args, rewards_per_func, training=True, T=3):
         return torch.zeros(B, keep, dtype=D), None, None
 
     trainer = SimpleNamespace(
-        accelerator=SingleProcessAccelerator(), model=model, ref_model=None, args=args, environment_factories=None,
+        accelerator=LocalAccelerator(), model=model, ref_model=None, args=args, environment_factories=None,
         tools=None, environments=None, _tokenizer=SimpleNamespace(pad_token_id=0), pad_to_multiple_of=None,
         mask_truncated_completions=False, beta=0.0, num_generations=args.num_generations,
         num_generations_eval=args.num_generations_eval or args.num_generations,

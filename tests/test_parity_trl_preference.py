@@ -15,12 +15,13 @@ the trainer's ``__init__`` sets them, and a stand-in model:
 
 No model, no download: synthetic log-probs, float64 (float32 where TRL's code casts).
 """
-import contextlib
 from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+from helpers import LocalAccelerator
 
 trl = pytest.importorskip("trl", reason="TRL is not installed: `pip install trl==1.16.*` to run the parity tests")
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
@@ -31,20 +32,6 @@ from fastalign.integrations.trl import preference as P  # noqa: E402
 
 D = torch.float64
 TOL = dict(atol=1e-6, rtol=1e-6)
-
-
-class _Accelerator:
-    """Single process: gathers are the identity."""
-
-    device = torch.device("cpu")
-
-    def gather(self, x):
-        return x
-
-    gather_for_metrics = gather
-
-    def autocast(self):
-        return contextlib.nullcontext()
 
 
 class _FusedHead:
@@ -98,7 +85,7 @@ def _trl_dpo(args, lp, ref, mask, lssp):
     """DPOTrainer._compute_loss on a stand-in trainer (attributes as DPOTrainer.__init__ sets them)."""
     model = _FusedHead(lp, mask, lssp if args.use_weighting else None)
     trainer = SimpleNamespace(
-        model=model, ref_model=_FusedHead(ref, mask), accelerator=_Accelerator(), args=args,
+        model=model, ref_model=_FusedHead(ref, mask), accelerator=LocalAccelerator(), args=args,
         aux_loss_enabled=False, precompute_ref_logps=False, beta=args.beta, loss_types=args.loss_type,
         loss_weights=args.loss_weights or [1.0] * len(args.loss_type), ld_alpha=args.ld_alpha,
         f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef,
@@ -364,7 +351,7 @@ def _stand_in(trainer_cls, methods, **attrs):
     """An object with ``attrs`` and the trainer's own ``methods`` (static ones stay static)."""
     import inspect
     import types
-    obj = SimpleNamespace(accelerator=_Accelerator(), aux_loss_enabled=False, is_encoder_decoder=False, **attrs)
+    obj = SimpleNamespace(accelerator=LocalAccelerator(), aux_loss_enabled=False, is_encoder_decoder=False, **attrs)
     for name in methods:
         raw = inspect.getattr_static(trainer_cls, name)
         f = getattr(trainer_cls, name)

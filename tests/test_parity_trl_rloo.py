@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import SingleProcessAccelerator, random_rewards
+from helpers import LocalAccelerator, random_rewards
 
 pytest.importorskip("trl", reason="TRL is not installed: `pip install trl==1.16.*` to run the parity tests")
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
@@ -40,7 +40,7 @@ def _trl_rloo(args, rewards_per_func, kl=None, T=3):
         return out, None, None
 
     trainer = SimpleNamespace(
-        accelerator=SingleProcessAccelerator(), model=model, ref_model=object() if args.beta else None, args=args,
+        accelerator=LocalAccelerator(), model=model, ref_model=object() if args.beta else None, args=args,
         _tokenizer=SimpleNamespace(pad_token_id=0), pad_to_multiple_of=None, mask_truncated_completions=False,
         beta=args.beta, num_generations=args.num_generations, num_generations_eval=args.num_generations,
         reward_weights=torch.tensor(args.reward_weights or [1.0] * n_funcs, dtype=torch.float32),
@@ -104,7 +104,7 @@ def _trl_rloo_loss(args, lp, old_logps, A, m, H, training=True):
     trainer = SimpleNamespace(
         args=args, epsilon_low=args.epsilon,
         epsilon_high=args.epsilon_high if args.epsilon_high is not None else args.epsilon,
-        aux_loss_enabled=False, accelerator=SingleProcessAccelerator(), model=SimpleNamespace(training=training),
+        aux_loss_enabled=False, accelerator=LocalAccelerator(), model=SimpleNamespace(training=training),
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _get_per_token_logps_and_entropies=lambda *a, **k: (lp, H, None))
     inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),

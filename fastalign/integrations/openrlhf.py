@@ -3,7 +3,6 @@ and return values (``openrlhf/models/loss.py``), computed by fastalign. A user s
 
     from fastalign.integrations.openrlhf import PolicyLoss, DPOLoss
 
-
 :class:`PolicyLoss` (``policy_loss_type`` ``"ppo"`` or ``"gspo"``), with ``l = log_probs -
 old_log_probs``, ``A`` the advantages and ``m`` the action mask:
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from fastalign.advantages import group_advantages
-from fastalign.integrations.trl._rewards import reward_columns
+from fastalign.integrations.trl._rewards import read_fields, reward_columns
 
 __all__ = ["GRPO_ADVANTAGE_DEFAULTS", "grpo_advantages"]
 
@@ -39,14 +39,6 @@ GRPO_ADVANTAGE_DEFAULTS: Dict[str, Any] = dict(num_generations=8, num_generation
 SCALE_EPS = 1e-4  # GRPOTrainer's std offset
 _AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 _SCALES = {True: "group", False: "none", "group": "group", "batch": "batch", "none": "none"}
-
-
-def _read(config) -> Dict[str, Any]:
-    if config is None:
-        return dict(GRPO_ADVANTAGE_DEFAULTS)
-    if isinstance(config, dict):
-        return {k: config.get(k, v) for k, v in GRPO_ADVANTAGE_DEFAULTS.items()}
-    return {k: getattr(config, k, v) for k, v in GRPO_ADVANTAGE_DEFAULTS.items()}
 
 
 def grpo_advantages(config, rewards_per_func: Tensor, *, training: bool = True) -> Tensor:
@@ -60,7 +52,7 @@ def grpo_advantages(config, rewards_per_func: Tensor, *, training: bool = True) 
             consecutive). Slice the result for this process's rows, as TRL does.
         training: whether the batch is a training batch (else the evaluation group size).
     """
-    c = _read(config)
+    c = read_fields(config, GRPO_ADVANTAGE_DEFAULTS)
     G = int(c["num_generations"] if training or c["num_generations_eval"] is None else c["num_generations_eval"])
     scale = _SCALES.get(c["scale_rewards"])
     if scale is None:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fastalign.advantages import group_advantages
-from fastalign.integrations.trl._rewards import reward_columns
+from fastalign.integrations.trl._rewards import read_fields, reward_columns
 from fastalign.policy import policy_loss
 from fastalign.sequence import sequence_logprobs
 
@@ -39,14 +39,6 @@ NORMALIZE_EPS = 1e-4  # RLOOTrainer's std offset
 RLOO_LOSS_DEFAULTS: Dict[str, Any] = dict(epsilon=0.2, epsilon_high=None)
 
 
-def _read(config) -> Dict[str, Any]:
-    if config is None:
-        return dict(RLOO_DEFAULTS)
-    if isinstance(config, dict):
-        return {k: config.get(k, v) for k, v in RLOO_DEFAULTS.items()}
-    return {k: getattr(config, k, v) for k, v in RLOO_DEFAULTS.items()}
-
-
 def rloo_advantages(config, rewards_per_func: Tensor, kl: Optional[Tensor] = None) -> Tensor:
     """``[B]`` advantages of ``RLOOTrainer`` (TRL 1.16) for one generation batch.
 
@@ -58,7 +50,7 @@ def rloo_advantages(config, rewards_per_func: Tensor, kl: Optional[Tensor] = Non
             consecutive).
         kl: ``[B]`` per-sequence KL, ``sum_t m_t (old_t - ref_t)``; required when ``beta != 0``.
     """
-    c = _read(config)
+    c = read_fields(config, RLOO_DEFAULTS)
     G = int(c["num_generations"])
     cols = reward_columns(rewards_per_func, c["reward_weights"], G)
     B = cols.values.shape[0]
@@ -97,11 +89,9 @@ class RLOOLoss:
 
     def __init__(self, args: Any = None):
         self.args = args
-        read = ((lambda k: args.get(k, RLOO_LOSS_DEFAULTS[k])) if isinstance(args, dict) else
-                (lambda k: getattr(args, k, RLOO_LOSS_DEFAULTS[k])))
-        eps_low = float(read("epsilon"))
-        eps_high = read("epsilon_high")
-        self.eps_low, self.eps_high = eps_low, eps_low if eps_high is None else float(eps_high)
+        c = read_fields(args, RLOO_LOSS_DEFAULTS)
+        eps_low = float(c["epsilon"])
+        self.eps_low, self.eps_high = eps_low, eps_low if c["epsilon_high"] is None else float(c["epsilon_high"])
 
     def __call__(self, logprobs: Tensor, old_logps: Tensor, advantages: Tensor, completion_mask: Tensor, *,
                  entropy: Tensor) -> tuple[Tensor, dict]:
