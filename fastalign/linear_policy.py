@@ -198,7 +198,6 @@ def _single_pass(hidden, weight, bias, a, lw, labels, old_logprobs, loss: Sequen
     rows = labelled_rows(labels.reshape(-1), pipe.ignore_index) if pipe.backend == "cpp" else None
     zero = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     held = zero if old_logprobs is None else old_logprobs.detach().float()
-    stats = []
 
     def embed(part: Tensor, rest: Tensor, items: slice) -> Tensor:
         return torch.cat([rest[:items.start], part, rest[items.stop:]])
@@ -209,9 +208,8 @@ def _single_pass(hidden, weight, bias, a, lw, labels, old_logprobs, loss: Sequen
                     embed(ents[0], zero, items) if want_ent else None)[0]
 
     def total(lps, ents):
-        stats.extend((lps[0], ents[0]))
         return loss(lps[0], lps[0] if old_logprobs is None else old_logprobs, ents[0])
 
-    value, metrics = single_pass_loss([Side(hidden, labels, rows, a)], weight, bias, share, total, pipe=pipe,
-                                      aux="entropy" if want_ent else None, low_rank_weight=lw)
-    return value, metrics, *stats
+    value, metrics, stats = single_pass_loss([Side(hidden, labels, rows, a)], weight, bias, share, total, pipe=pipe,
+                                             aux="entropy" if want_ent else None, low_rank_weight=lw)
+    return value, metrics, stats["logprobs"][0], stats["entropy"][0] if want_ent else None

@@ -235,6 +235,29 @@ def test_kto_trainer_with_peft_matches_trl(checkpoint, tmp_path):
     _compare(theirs, ours)
 
 
+@pytest.mark.parametrize("trainer", ["DPO", "KTO"])
+def test_reference_trainers_with_dropout_draw_as_trl(checkpoint, tmp_path, trainer):
+    """Attention dropout and LoRA dropout on, reference the adapter-disabled model in training mode: its
+    forward draws dropout masks too, so the policy's forward must come first, as in TRL, for the same
+    masks (hence the same loss and update) from the same seed."""
+    options = dict(loss_type="kto") if trainer == "KTO" else {}
+    dataset = _kto_dataset if trainer == "KTO" else _dpo_dataset
+
+    def build(cls, out):
+        model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.3
+        args = getattr(trl, f"{trainer}Config")(**_common(out, per_device_train_batch_size=4, **options))
+        lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, init_lora_weights=False,
+                               target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+        return cls(model=model, args=args, train_dataset=dataset(), processing_class=_tokenizer(checkpoint),
+                   peft_config=lora)
+
+    theirs = _run(_seeded(lambda: build(getattr(trl, f"{trainer}Trainer"), tmp_path / "trl")))
+    ours = _run(_seeded(lambda: build(getattr(fa_trl, f"{trainer}Trainer"), tmp_path / "fa")))
+    _compare(theirs, ours)
+
+
 PAIRED_PEFT_CASES = {  # CPO and ORPO have no reference model; TRL's trainers score a LoRA lm_head through its forward
     "lora_attention_and_head": dict(target_modules=["q_proj", "v_proj", "lm_head"]),
     "modules_to_save_head": dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),

@@ -259,21 +259,27 @@ def _grpo(cls, checkpoint, tmp_path, options):
     return _online(cls, trl.GRPOConfig, checkpoint, tmp_path, options)
 
 
-@pytest.mark.parametrize("case", list(GRPO_CASES))
-def test_grpo_trainer_matches_trl(checkpoint, tmp_path, case, monkeypatch):
-    """Loss, metrics and update equal TRL's. The loss goes through the head in one pass over the completions
-    (blocks of whole sequences), except with top_entropy_quantile < 1 (the quantile of every token comes first)."""
+@pytest.fixture
+def sequence_passes(monkeypatch):
+    """The single passes over blocks of whole completions taken while a test runs."""
     import fastalign.linear_policy as linear_policy
 
+    single, passes = linear_policy._single_pass, []
+    monkeypatch.setattr(linear_policy, "_single_pass", lambda *a: passes.append(1) or single(*a))
+    return passes
+
+
+@pytest.mark.parametrize("case", list(GRPO_CASES))
+def test_grpo_trainer_matches_trl(checkpoint, tmp_path, case, sequence_passes):
+    """Loss, metrics and update equal TRL's. The loss goes through the head in one pass over the completions
+    (blocks of whole sequences), except with top_entropy_quantile < 1 (the quantile of every token comes first)."""
     options = GRPO_CASES[case]
     theirs = _run(_grpo(trl.GRPOTrainer, checkpoint, tmp_path / "trl", options))
-    single = linear_policy._single_pass
-    passes = []
-    monkeypatch.setattr(linear_policy, "_single_pass", lambda *a: passes.append(1) or single(*a))
+    assert not sequence_passes
     ours = _run(_grpo(fa_trl.GRPOTrainer, checkpoint, tmp_path / "fa", options))
     assert "entropy@0" in ours[0] and ("kl@0" in ours[0]) == bool(options.get("beta"))
     _compare(theirs, ours)
-    assert bool(passes) == (options.get("top_entropy_quantile", 1.0) == 1.0)
+    assert bool(sequence_passes) == (options.get("top_entropy_quantile", 1.0) == 1.0)
 
 
 # ------------------------------------------------------------------------------------------ DPO
@@ -293,6 +299,7 @@ DPO_CASES = {
                                       ld_alpha=0.5),
     "wpo_weighting": dict(loss_type=["sigmoid"], use_weighting=True),
     "apo_zero_precomputed": dict(loss_type=["apo_zero"], precompute_ref_log_probs=True),
+    "aot_coupled": dict(loss_type=["aot"]),
 }
 
 
@@ -317,14 +324,28 @@ def _dpo(cls, checkpoint, reference, tmp_path, options):
                processing_class=_tokenizer(checkpoint))
 
 
+@pytest.fixture
+def pair_passes(monkeypatch):
+    """The single passes over blocks of whole pairs (or KTO's responses) taken while a test runs (one per
+    training step)."""
+    import fastalign.linear_preference as linear_preference
+
+    single, passes = linear_preference._preference_single_pass, []
+    monkeypatch.setattr(linear_preference, "_preference_single_pass", lambda *a: passes.append(1) or single(*a))
+    return passes
+
+
 @pytest.mark.parametrize("case", list(DPO_CASES))
-def test_dpo_trainer_matches_trl(checkpoint, reference_checkpoint, tmp_path, case):
+def test_dpo_trainer_matches_trl(checkpoint, reference_checkpoint, tmp_path, case, pair_passes):
+    """Loss, metrics and update equal TRL's. The loss, its entropy and accuracy metrics go through the head in
+    one pass over blocks of whole pairs, except for a loss that couples the pairs (aot sorts the batch)."""
     options = DPO_CASES[case]
     theirs = _run(_dpo(trl.DPOTrainer, checkpoint, reference_checkpoint, tmp_path / "trl", options))
     ours = _run(_dpo(fa_trl.DPOTrainer, checkpoint, reference_checkpoint, tmp_path / "fa", options))
     assert {"rewards/margins@0", "logits/chosen@0", "mean_token_accuracy@0", "entropy@0"} <= set(ours[0])
     assert ours[0]["rewards/margins@0"] != 0.0  # the reference differs from the policy
     _compare(theirs, ours)
+    assert len(pair_passes) == (0 if case == "aot_coupled" else 1)
 
 
 # ------------------------------------------------------------------------------------------ KTO
@@ -343,7 +364,8 @@ KTO_CASES = {
 
 
 @pytest.mark.parametrize("case", list(KTO_CASES))
-def test_kto_trainer_matches_trl(checkpoint, tmp_path, case):
+def test_kto_trainer_matches_trl(checkpoint, tmp_path, case, pair_passes):
+    """Loss, metrics and update equal TRL's; the loss goes through the head in one pass over whole responses."""
     def build(cls, out):
         args = trl.KTOConfig(**_common(out, per_device_train_batch_size=4, **KTO_CASES[case]))
         reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
@@ -357,6 +379,7 @@ def test_kto_trainer_matches_trl(checkpoint, tmp_path, case):
     assert {"rewards/chosen@0", "rewards/rejected@0", "kl@0", "logits/chosen@0", "entropy@0"} <= set(ours[0])
     assert (ours[0]["kl@0"] > 0) == (case == "kto")  # the KL baseline is exercised
     _compare(theirs, ours)
+    assert len(pair_passes) == 1
 
 
 # ------------------------------------------------------------------------------------------ CPO and ORPO
@@ -380,7 +403,8 @@ def _paired(cls, config_cls, checkpoint, tmp_path, options):
 
 
 @pytest.mark.parametrize("case", list(CPO_CASES))
-def test_cpo_trainer_matches_trl(checkpoint, tmp_path, case):
+def test_cpo_trainer_matches_trl(checkpoint, tmp_path, case, pair_passes):
+    """Loss, metrics and update equal TRL's; the loss goes through the head in one pass over whole pairs."""
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     theirs = _run(_paired(CPOTrainer, CPOConfig, checkpoint, tmp_path / "trl", CPO_CASES[case]))
@@ -390,15 +414,18 @@ def test_cpo_trainer_matches_trl(checkpoint, tmp_path, case):
         assert {"eval_loss@1", "eval_logits/chosen@1", "eval_rewards/margins@1"} <= set(ours[0])
     assert (ours[0]["nll_loss@0"] > 0) == (CPO_CASES[case].get("cpo_alpha", 1.0) > 0 and case != "alphapo")
     _compare(theirs, ours)
+    assert len(pair_passes) == 1  # the training step; evaluation needs no gradient (two passes)
 
 
-def test_orpo_trainer_matches_trl(checkpoint, tmp_path):
+def test_orpo_trainer_matches_trl(checkpoint, tmp_path, pair_passes):
+    """Loss, metrics and update equal TRL's; the loss goes through the head in one pass over whole pairs."""
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     theirs = _run(_paired(ORPOTrainer, ORPOConfig, checkpoint, tmp_path / "trl", dict(beta=0.5)))
     ours = _run(_paired(fa_trl.ORPOTrainer, ORPOConfig, checkpoint, tmp_path / "fa", dict(beta=0.5)))
     assert {"log_odds_ratio@0", "log_odds_chosen@0", "logits/chosen@0", "nll_loss@0"} <= set(ours[0])
     _compare(theirs, ours)
+    assert len(pair_passes) == 1
 
 
 # ------------------------------------------------------------------------------------------ two processes
@@ -484,13 +511,15 @@ def _rloo(cls, checkpoint, tmp_path, options):
 
 
 @pytest.mark.parametrize("case", list(RLOO_CASES))
-def test_rloo_trainer_matches_trl(checkpoint, tmp_path, case):
-    """Loss, metrics (entropy, clip ratios, rewards, KL) and the update equal TRL's RLOOTrainer."""
+def test_rloo_trainer_matches_trl(checkpoint, tmp_path, case, sequence_passes):
+    """Loss, metrics (entropy, clip ratios, rewards, KL) and the update equal TRL's RLOOTrainer; the loss goes
+    through the head in one pass over blocks of whole completions."""
     options = RLOO_CASES[case]
     theirs = _run(_rloo(trl.RLOOTrainer, checkpoint, tmp_path / "trl", options))
     ours = _run(_rloo(fa_trl.RLOOTrainer, checkpoint, tmp_path / "fa", options))
     assert "entropy@0" in ours[0] and "clip_ratio/region_mean@0" in ours[0]
     _compare(theirs, ours)
+    assert sequence_passes
 
 
 @pytest.mark.parametrize("field", ["use_liger_kernel"])  # RLOOConfig has no cast_lm_head_to_fp32

@@ -40,22 +40,27 @@ def _operands(like: Tensor, *tensors):
     return [cast(t) for t in tensors]
 
 
+#: The statistics a block can give beside the log-prob.
+BLOCK_STATS = ("entropy", "sum_p2", "argmax")
+
+
 def block_forward(buf: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *,
-                  scale: float, softcap: float, inv_t: float, ignore_index: int, aux: Optional[str], backend: str,
+                  scale: float, softcap: float, inv_t: float, ignore_index: int, stats=(), backend: str,
                   low_rank: Optional[tuple[Tensor, Tensor]] = None, live: Optional[Tensor] = None):
     """Logits of the rows ``h [n, H]`` into ``buf`` and their statistics.
 
-    Returns ``(z, deriv, lp, aux, lse)``: ``z`` the kept logits, ``deriv`` the softcap
-    derivative (None without softcap), ``aux`` the ``"sum_p2"`` or ``"entropy"`` of each row
-    (None when ``aux`` is None). ``low_rank = (a [n, r], L [V, r])`` adds ``a @ L.T`` to the logits.
+    Returns ``(z, deriv, lp, extra, lse)``: ``z`` the kept logits, ``deriv`` the softcap
+    derivative (None without softcap), ``extra`` a dict of the ``stats`` asked (names of
+    :data:`BLOCK_STATS`) per row. ``low_rank = (a [n, r], L [V, r])`` adds ``a @ L.T`` to the logits.
     ``live``: the labelled rows come first and only those ``live`` rows are multiplied
     (:mod:`~fastalign.ops.device_compaction`)."""
     h, weight, bias, low_rank = _operands(buf, h, weight, bias, low_rank)
     z = chunk_logits(buf, h, weight, bias, scale, softcap, low_rank=low_rank, live=live)
     deriv = softcap_derivative(z, softcap, scale) if softcap > 0 else None
-    lp, ent, sp2, _amax, lse = token_stats(z.unsqueeze(0), labels, inv_t, ignore_index, aux == "entropy",
-                                           aux == "sum_p2", False, backend, True)
-    return z, deriv, lp, {None: None, "sum_p2": sp2, "entropy": ent}[aux], lse
+    lp, ent, sp2, amax, lse = token_stats(z.unsqueeze(0), labels, inv_t, ignore_index, "entropy" in stats,
+                                          "sum_p2" in stats, "argmax" in stats, backend, True)
+    extra = {"entropy": ent, "sum_p2": sp2, "argmax": amax}
+    return z, deriv, lp, {name: extra[name] for name in stats}, lse
 
 
 def block_backward(z: Tensor, deriv: Optional[Tensor], g_lp: Tensor, h: Tensor, weight: Tensor,
@@ -94,8 +99,8 @@ def block_logprobs(h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Te
     buf = block_buffer(min(rows, max(n, 1)), weight.shape[0], h)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        _z, _d, lp, _aux, _lse = block_forward(buf, h[r0:r1], weight, bias, labels[r0:r1], scale=scale,
-                                               softcap=softcap, inv_t=inv_t, ignore_index=ignore_index,
-                                               aux=None, backend=backend)
+        _z, _d, lp, _extra, _lse = block_forward(buf, h[r0:r1], weight, bias, labels[r0:r1], scale=scale,
+                                                 softcap=softcap, inv_t=inv_t, ignore_index=ignore_index,
+                                                 backend=backend)
         out[r0:r1] = lp
     return out

@@ -30,7 +30,8 @@ from torch import Tensor
 
 from fastalign.ops._launch import eager
 from fastalign.ops.device_compaction import compact
-from fastalign.ops.linear_block import block_backward, block_buffer, block_forward, block_logprobs, block_rows
+from fastalign.ops.linear_block import (BLOCK_STATS, block_backward, block_buffer, block_forward, block_logprobs,
+                                        block_rows)
 
 #: Memory for the kept logits of one block, in MiB, on a GPU (bf16/fp16 logits: thousands of rows, so the
 #: products run at full size) and on the CPU (fp32 logits of a few sequences; each block adds once to the fp32
@@ -96,22 +97,34 @@ def block_logprobs_of(h: Tensor, weight: Tensor, bias: Optional[Tensor], labels:
                           rows=block_budget_rows(weight.shape[0], h), **pipe._asdict())
 
 
+#: The value of each statistic at an unlabelled position (no vocabulary work there).
+UNLABELLED = {"logprobs": 0.0, "entropy": 0.0, "sum_p2": 1.0, "argmax": -1}
+
+
 def single_pass_loss(sides: Sequence[Side], weight: Tensor, bias: Optional[Tensor], share: BlockShare,
-                     total: BatchLoss, *, pipe: LogitPipeline, aux: Optional[str] = None,
-                     low_rank_weight: Optional[Tensor] = None) -> Tuple[Tensor, dict]:
-    """``(loss, metrics)`` of items spread over ``sides``; the gradients of every side's hidden states,
-    ``weight`` and ``bias`` (and of the low-rank term: every side's ``low_rank_hidden`` and
-    ``low_rank_weight [V, r]``) are computed here, block by block. ``aux``: one of :data:`AUX_STATS`."""
+                     total: BatchLoss, *, pipe: LogitPipeline, aux: Optional[str] = None, extras: Sequence[str] = (),
+                     low_rank_weight: Optional[Tensor] = None) -> Tuple[Tensor, dict, dict]:
+    """``(loss, metrics, stats)`` of items spread over ``sides``; the gradients of every side's hidden
+    states, ``weight`` and ``bias`` (and of the low-rank term: every side's ``low_rank_hidden`` and
+    ``low_rank_weight [V, r]``) are computed here, block by block. ``aux``: one of :data:`AUX_STATS`,
+    passed to the callbacks. ``stats``: name -> one detached tensor per side, shaped like its labels, of
+    ``"logprobs"``, ``aux`` and the ``extras`` (statistics of :data:`~fastalign.ops.linear_block.BLOCK_STATS`
+    kept for the caller, e.g. entropies and argmax for metrics, with no gradient); an unlabelled position
+    holds :data:`UNLABELLED`."""
     if aux not in AUX_STATS:
         raise ValueError(f"aux must be one of {AUX_STATS}, got {aux!r}")
+    unknown = set(extras) - set(BLOCK_STATS)
+    if unknown:
+        raise ValueError(f"extras must be among {BLOCK_STATS}, got {sorted(unknown)}")
     low = [s.low_rank_hidden for s in sides]
     if any((a is None) != (low_rank_weight is None) for a in low):
         raise ValueError("low_rank_weight and every side's low_rank_hidden go together")
     out: dict = {}
-    state = ([(s.labels, s.rows) for s in sides], share, total, pipe, aux, out)
+    names = tuple(dict.fromkeys(([aux] if aux else []) + list(extras)))
+    state = ([(s.labels, s.rows) for s in sides], share, total, pipe, aux, names, out)
     loss = _SinglePass.apply(weight, bias, low_rank_weight, state, *(s.hidden for s in sides),
                              *(a for a in low if a is not None))
-    return loss, out["metrics"]
+    return loss, out["metrics"], out["stats"]
 
 
 def _side_rows(labels: Tensor, rows: Optional[Tensor], p0: int, p1: int) -> Tensor:
@@ -123,17 +136,13 @@ def _side_rows(labels: Tensor, rows: Optional[Tensor], p0: int, p1: int) -> Tens
     return rows[lo:hi]
 
 
-def _split(t: Optional[Tensor], sizes: list) -> list:
-    return [None] * len(sizes) if t is None else list(t.split(sizes))
-
-
 class _SinglePass(torch.autograd.Function):
     """Loss value from the whole batch; d(hidden) of every side, d(weight), d(bias) (and the low-rank
     term's) summed block by block in the forward and scaled by the incoming gradient in the backward."""
 
     @staticmethod
     def forward(ctx, weight, bias, low_rank_weight, state, *row_inputs):
-        side_labels, share, total, pipe, aux, out = state
+        side_labels, share, total, pipe, aux, names, out = state
         kw = pipe._asdict()
         n = len(side_labels)
         # the per-row inputs, kind by kind: hidden states, then the low-rank term's inputs (if any)
@@ -150,10 +159,12 @@ class _SinglePass(torch.autograd.Function):
                    for i, t in enumerate(kind)] for j, kind in enumerate(kinds)]
         flats = [[t.reshape(-1, t.shape[-1]) for t in kind] for kind in kinds]
         y_flat = [y.reshape(-1).to(torch.int64) for y, _rows in side_labels]
-        lp_all = [torch.zeros(y.shape, dtype=torch.float32, device=y.device) for y, _rows in side_labels]
-        # unlabelled positions: sum p^2 = 1 (a weight of log 1 = 0), entropy 0
-        aux_all = [None if aux is None else torch.full(y.shape, 1.0 if aux == "sum_p2" else 0.0, device=y.device)
-                   for y, _rows in side_labels]
+        # every statistic of every side, UNLABELLED where not computed (sum p^2 = 1: a WPO weight of log 1 = 0)
+        every = {name: [torch.full(y.shape, UNLABELLED[name], device=y.device,
+                                   dtype=torch.int64 if name == "argmax" else torch.float32) for y, _rows in side_labels]
+                 for name in ("logprobs", *names)}
+        lp_all = every["logprobs"]
+        aux_all = every[aux] if aux else [None] * n
 
         # items per block: their rows' logits within the budget (at least one item)
         if all(rows is None for _y, rows in side_labels):
@@ -181,18 +192,21 @@ class _SinglePass(torch.autograd.Function):
                 buf = block_buffer(max(h_blk.shape[0], k * per_item), V, hiddens[0])
             live = None if cmp is None else cmp.live
             with torch.no_grad():
-                z, deriv, lp, aux_blk, lse = block_forward(buf, h_blk, weight, bias, y_blk, aux=aux,
-                                                           low_rank=low_rank, live=live, **kw)
+                z, deriv, lp, extra, lse = block_forward(buf, h_blk, weight, bias, y_blk, stats=names,
+                                                         low_rank=low_rank, live=live, **kw)
+            aux_blk = extra.get(aux)
             in_order = (lambda t: t) if cmp is None else (lambda t: None if t is None else cmp.scatter(t))
+            labelled = y_blk != pipe.ignore_index
+            for name in names:  # the extras (and aux) of these items at their positions, UNLABELLED where ignored
+                part = torch.where(labelled, extra[name], UNLABELLED[name])
+                for side, (ids, piece) in enumerate(zip(idx, in_order(part).split(sizes))):
+                    every[name][side].view(-1).index_copy_(0, ids, piece)
             # d (block's share of the loss) / d (lp, aux), on [b, T] grids of these items
             with torch.enable_grad():
                 grids, aux_grids = [], []
-                for side, (ids, part, aux_part) in enumerate(zip(idx, in_order(lp).split(sizes),
-                                                                 _split(in_order(aux_blk), sizes))):
+                for side, (ids, part) in enumerate(zip(idx, in_order(lp).split(sizes))):
                     lp_all[side].view(-1).index_copy_(0, ids, part)
                     grids.append(lp_all[side][p0:p1].detach().requires_grad_())
-                    if aux is not None:
-                        aux_all[side].view(-1).index_copy_(0, ids, aux_part)
                     aux_grids.append(None if aux is None else aux_all[side][p0:p1].detach().requires_grad_(
                         aux == "entropy"))
                 s = share(grids, aux_grids, slice(p0, p1))
@@ -218,7 +232,7 @@ class _SinglePass(torch.autograd.Function):
         # kept as attributes, not saved tensors: backward scales them in place (no second [V, H])
         ctx.grads = (dw, db, dl, *(d for d_sides in d_rows for d in d_sides))
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (weight, bias, low_rank_weight))
-        out["metrics"] = metrics
+        out["metrics"], out["stats"] = metrics, every
         return loss
 
     @staticmethod

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 
 from fastalign.integrations.hf import causal_lm_logprobs, head_operands, head_transform
+from fastalign.linear_policy import policy_step
+from fastalign.linear_preference import preference_step
 
 #: The per-token fields :func:`head_outputs` can compute (TRL's ``FusedCausalLMOutput`` names), and
 #: ``operands``: the head's own operands instead, for a loss that goes through the head itself.
@@ -84,19 +86,68 @@ def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], lab
     if stats.argmax is not None:
         out.is_top1 = (stats.argmax == labels[:, 1:]) & scored
     if head:
-        with torch.no_grad():
-            hidden, weight, bias, low_rank = head[0]
-            mean = hidden.float() @ weight.float().mean(0)
-            if low_rank is not None:
-                mean = mean + low_rank[0].float() @ low_rank[1].float().mean(0)
-            if bias is not None:
-                mean = mean + bias.float().mean()
-            mean = mean * (scale / temperature)
+        mean = mean_logits(head[0], scale / temperature)
         if "mean_logits" in fields:
             out.mean_logits = torch.where(scored, mean[:, :-1], 0.0)
         if "position_mean_logits" in fields:
             out.position_mean_logits = mean
     return out
+
+
+def mean_logits(operands, scale: float) -> Tensor:
+    r"""The mean logit ``(1/V) Σ_j z_j`` at every position ``[B, T]`` (fp32, no gradient) of a head without
+    softcapping, from its operands ``(hidden, weight, bias, low_rank)``: linear in ``h``,
+    ``scale (h · mean_j W_j + a · mean_j L_j + mean_j b_j)`` (``scale``: logit scale over temperature)."""
+    hidden, weight, bias, low_rank = operands
+    with torch.no_grad():
+        mean = hidden.float() @ weight.float().mean(0)
+        if low_rank is not None:
+            mean = mean + low_rank[0].float() @ low_rank[1].float().mean(0)
+        if bias is not None:
+            mean = mean + bias.float().mean()
+        return mean * scale
+
+
+def head_policy_loss(trainer, model, ids: Tensor, attention: Tensor, completion_ids: Tensor, completion_mask: Tensor,
+                     old: Optional[Tensor], loss, vision: dict):
+    """``(loss, metrics)`` of a policy ``loss(lp, old, entropy)`` on the completion tokens of an online
+    trainer's batch (``ids = prompt + completion``), through the model's head from its hidden states
+    (:func:`fastalign.linear_policy.policy_step`: one pass over blocks of whole completions when gradients
+    are needed), padding unscored as in :func:`fused_logps_and_entropies`; ``old=None``: the policy's own
+    log-probs, detached; the temperature is ``trainer.temperature``. ``loss`` must be separable over
+    completions."""
+    text_only(vision, False)
+    with trainer.accelerator.autocast():
+        out = model(input_ids=ids, attention_mask=attention, fastalign_head=("operands",))
+    hidden, weight, bias, low_rank = out.operands
+    k = completion_ids.size(1)
+    positions = slice(hidden.size(1) - k - 1, hidden.size(1) - 1)  # those that predict the completion
+    scale, softcap = head_transform(trainer.accelerator.unwrap_model(model).config)
+    value, metrics, _lp, _ent = policy_step(
+        hidden[:, positions], weight, completion_ids.masked_fill(completion_mask == 0, -100), old, loss,
+        bias=bias, low_rank=None if low_rank is None else (low_rank[0][:, positions], low_rank[1]), entropy=True,
+        logit=dict(temperature=trainer.temperature, logit_scale=scale, softcap=softcap))
+    return value, metrics
+
+
+def head_preference_loss(operands, config, targets: Tensor, loss, *, paired: bool = True, sum_p2: bool = False,
+                         extras: Sequence[str] = (), separable: bool = True, position_means: bool = False):
+    """``(loss, metrics, stats)`` of a preference ``loss`` over the rows whose head ``operands`` (of
+    ``model(..., fastalign_head=("operands",))``, chosen rows first when ``paired``) are given, through the
+    head itself (:func:`fastalign.linear_preference.preference_step`: one pass over blocks of whole pairs,
+    or responses, when gradients are needed and ``separable``), never the logits. ``targets [N, T-1]``: the
+    next token at each position, ``-100`` where unscored; ``config``: the model's (its head transform).
+    ``stats`` as :func:`~fastalign.linear_preference.preference_step`'s, plus ``"position_mean_logits"
+    [N, T]`` (:func:`mean_logits`) with ``position_means``."""
+    hidden, weight, bias, low_rank = operands
+    scale, softcap = head_transform(config)
+    value, metrics, stats = preference_step(
+        hidden[:, :-1], weight, targets, loss, bias=bias, paired=paired, sum_p2=sum_p2, extras=extras,
+        low_rank=None if low_rank is None else (low_rank[0][:, :-1], low_rank[1]),
+        single_pass="auto" if separable else False, logit=dict(logit_scale=scale, softcap=softcap))
+    if position_means:
+        stats["position_mean_logits"] = mean_logits(operands, scale)
+    return value, metrics, stats
 
 
 def has_mean_logits(model) -> bool:
@@ -221,8 +272,9 @@ def fused_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_
 
 class ConcatenatedPairsMixin:
     r"""``get_batch_loss_metrics`` of TRL's concatenated-pairs trainers (``CPOTrainer``, ``ORPOTrainer``)
-    from the fused head: one forward over the chosen then the rejected rows, per-token log-probs of
-    the scored tokens, the trainer's profile loss (``fastalign_loss``) and TRL's metrics.
+    from the fused head: one forward over the chosen then the rejected rows, the trainer's profile loss
+    (``fastalign_loss``) of the scored tokens' log-probs through the head itself (:func:`head_preference_loss`:
+    one pass over blocks of whole pairs when gradients are needed) and TRL's metrics.
 
     A subclass sets ``config_name``, ``nll_over_prompt`` (ORPO: the NLL runs over every attended
     token, so the prompt is scored too) and ``logits_last_position`` (CPO's ``logits/*`` average
@@ -259,12 +311,14 @@ class ConcatenatedPairsMixin:
         completion_labels = cat["concatenated_labels"]
         pairs = batch["chosen_labels"].shape[0]
         labels = ids.masked_fill(attention == 0, -100) if self.nll_over_prompt else completion_labels
-        fields = ("log_probs",) + (("position_mean_logits",) if self._mean_logits else ())
-        outputs = model(input_ids=ids, attention_mask=attention, labels=labels, fastalign_head=fields,
-                        use_cache=False)
-        completion_mask = (completion_labels[:, 1:] != -100).to(outputs.log_probs.dtype)
-        extra = (attention[:, 1:].to(outputs.log_probs.dtype),) if self.nll_over_prompt else ()
-        loss, metrics = self.fastalign_loss(outputs.log_probs, completion_mask, *extra)
+        targets = labels[:, 1:].masked_fill(attention[:, 1:] == 0, -100)
+        completion_mask = (completion_labels[:, 1:] != -100).float()
+        extra = (attention[:, 1:].float(),) if self.nll_over_prompt else ()
+        operands = model(input_ids=ids, attention_mask=attention, use_cache=False, fastalign_head=("operands",))
+        loss, metrics, stats = head_preference_loss(
+            operands.operands, self.accelerator.unwrap_model(self.model).config, targets,
+            lambda per_token_logps, _sum_p2: self.fastalign_loss(per_token_logps, completion_mask, *extra),
+            position_means=self._mean_logits)
 
         prefix = "eval_" if train_eval == "eval" else ""
         logged = {}
@@ -274,7 +328,7 @@ class ConcatenatedPairsMixin:
             else:
                 logged[prefix + name] = gathered_mean(self.accelerator, value, pairs)
         if self._mean_logits:
-            position_means = outputs.position_mean_logits
+            position_means = stats["position_mean_logits"]
             if not self.logits_last_position:
                 position_means = position_means[:, :-1]
             for name, half in (("logits/chosen", position_means[:pairs]), ("logits/rejected", position_means[pairs:])):

@@ -5,13 +5,15 @@ Same constructor, same ``trl.DPOConfig``; a TRL user changes one import::
     from fastalign.integrations.trl import DPOTrainer   # was: from trl import DPOTrainer
 
 The chosen and rejected log-probs of the policy and of the reference (live or precomputed) come
-from the last hidden states and the model's own output head through
-:func:`fastalign.integrations.hf.causal_lm_logprobs`, so the ``[B, T, V]`` logits are never built;
-the loss is :class:`fastalign.integrations.trl.DPOLoss` of the trainer's config (every loss type,
-loss weights, f-divergences, LD-DPO, WPO weighting). Metrics go through TRL's own ``_metrics``
+from the last hidden states and the model's own output head, so the ``[B, T, V]`` logits are never
+built; the loss is :class:`fastalign.integrations.trl.DPOLoss` of the trainer's config (every loss
+type, loss weights, f-divergences, LD-DPO, WPO weighting). The training loss goes through the head
+itself (:func:`fastalign.linear_preference.preference_step`): one pass over blocks of whole pairs,
+three matrix products instead of four, unless the loss couples the pairs (``aot``, ``aot_unpaired``;
+WPO weights with ``sft``), which take the two passes. Metrics go through TRL's own ``_metrics``
 under TRL's names: ``rewards/*`` and ``logps/*`` from the loss, and ``entropy``, ``num_tokens``,
 ``logits/chosen``, ``logits/rejected`` (the mean logit, exact for heads without softcapping; not
-logged for a softcapped head) and ``mean_token_accuracy`` from the same fused pass.
+logged for a softcapped head) and ``mean_token_accuracy`` from the same pass.
 
 Options the drop-in cannot honour raise a ValueError naming the config field at construction:
 ``use_liger_kernel``, ``cast_lm_head_to_fp32``, vision-language models and MoE load-balancing
@@ -29,8 +31,9 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from fastalign.integrations.trl._head import (check_config, check_model, gathered_mean, has_mean_logits,
-                                               init_checked, install_head, install_heads)
+                                               head_preference_loss, init_checked, install_head, install_heads)
 from fastalign.integrations.trl.preference import DPOLoss
+from fastalign.linear_preference import coupling
 from fastalign.sequence import sequence_logprobs
 
 __all__ = ["DPOTrainer"]
@@ -53,12 +56,6 @@ class DPOTrainer(trl.DPOTrainer):
         check_config(args, "DPOConfig")
         DPOLoss(args)  # raises on an option mix the profile does not map
 
-    def _fields(self):
-        fields = ("log_probs", "entropy", "is_top1")
-        if has_mean_logits(self.accelerator.unwrap_model(self.model)):
-            fields += ("mean_logits",)
-        return fields + (("log_sum_sq_probs",) if self.use_weighting else ())
-
     def compute_ref_log_probs(self, model, inputs):
         """The reference's summed (LD-DPO weighted) completion log-probs: ``(chosen [B], rejected [B])``."""
         install_head(self.accelerator.unwrap_model(model))  # the precomputed reference runs inside __init__
@@ -78,21 +75,27 @@ class DPOTrainer(trl.DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
-        completion_mask = inputs["completion_mask"]
-        shift_mask = completion_mask[..., 1:]
-        seq_len = shift_mask.size(1)
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        outputs = model(**model_kwargs, labels=labels, fastalign_head=self._fields())
-        per_token_logps = outputs.log_probs[:, -seq_len:]
+        shift_mask = inputs["completion_mask"][..., 1:]
+        targets = inputs["input_ids"][:, 1:].masked_fill(shift_mask == 0, -100)
+        # the policy's forward (its dropout draws) before the reference's, as in TRL
+        operands = model(**model_kwargs, fastalign_head=("operands",)).operands
         ref = {}
         if self.precompute_ref_logps:
             ref.update(ref_chosen_logps=inputs["ref_chosen_logps"], ref_rejected_logps=inputs["ref_rejected_logps"])
         else:
             ref["ref_chosen_logps"], ref["ref_rejected_logps"] = self.compute_ref_log_probs(
                 self.ref_model if self.ref_model is not None else self.model, inputs)
-        sum_sq = None if outputs.log_sum_sq_probs is None else outputs.log_sum_sq_probs[:, -seq_len:]
-        loss, metrics = self.fastalign_loss(per_token_logps, shift_mask, **ref, log_sum_sq_probs=sum_sq)
-        self._log_head_metrics(mode, outputs, shift_mask, inputs["attention_mask"], seq_len)
+
+        def dpo(per_token_logps, sum_p2):
+            log_sum_sq = None if sum_p2 is None else sum_p2.clamp(min=1e-38).log()
+            return self.fastalign_loss(per_token_logps, shift_mask, **ref, log_sum_sq_probs=log_sum_sq)
+
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        loss, metrics, stats = head_preference_loss(
+            operands, unwrapped.config, targets, dpo, sum_p2=self.use_weighting, extras=("entropy", "argmax"),
+            separable=coupling(self.fastalign_loss.options["loss_type"], self.use_weighting) is None,
+            position_means=has_mean_logits(unwrapped))
+        self._log_head_metrics(mode, stats, targets, inputs["attention_mask"])
         pairs = shift_mask.size(0) // 2
         for name, value in metrics.items():  # per-pair means: over every process's pairs, as TRL gathers them
             self._metrics[mode][name].append(gathered_mean(self.accelerator, value, pairs))
@@ -102,25 +105,25 @@ class DPOTrainer(trl.DPOTrainer):
             return loss, outputs
         return loss
 
-    def _log_head_metrics(self, mode, outputs, shift_mask, attention_mask, seq_len) -> None:
+    def _log_head_metrics(self, mode, stats, targets, attention_mask) -> None:
         """TRL's ``entropy``, ``num_tokens``, ``logits/*`` and ``mean_token_accuracy``: token-weighted over
-        every process (sums and counts gathered, as TRL does)."""
+        every process (sums and counts gathered, as TRL does), from the statistics of the loss's own pass."""
         gather = self.accelerator.gather_for_metrics
         log = self._metrics[mode]
-        mask = shift_mask.bool()
+        mask = targets != -100
         chosen, rejected = mask.chunk(2, dim=0)
+        only_chosen = torch.cat([chosen, torch.zeros_like(rejected)])
 
         def weighted(values, where):
             total, count = gather(values.detach().float()[where].sum()).sum(), gather(where.sum()).sum()
             return (total / count).item() if count > 0 else 0.0
 
-        log["entropy"].append(weighted(outputs.entropy[:, -seq_len:], mask))
+        log["entropy"].append(weighted(stats["entropy"], mask))
         if mode == "train":
             self._total_train_tokens += gather(attention_mask.sum()).sum().item() // self._tp_size
         log["num_tokens"] = [self._total_train_tokens]
-        if outputs.mean_logits is not None:
-            mean_logits = outputs.mean_logits[:, -seq_len:]
-            log["logits/chosen"].append(weighted(mean_logits, torch.cat([chosen, torch.zeros_like(rejected)])))
+        if "position_mean_logits" in stats:
+            mean_logits = stats["position_mean_logits"][:, :-1]
+            log["logits/chosen"].append(weighted(mean_logits, only_chosen))
             log["logits/rejected"].append(weighted(mean_logits, torch.cat([torch.zeros_like(chosen), rejected])))
-        is_top1 = outputs.is_top1[:, -seq_len:]
-        log["mean_token_accuracy"].append(weighted(is_top1, torch.cat([chosen, torch.zeros_like(rejected)])))
+        log["mean_token_accuracy"].append(weighted(stats["argmax"] == targets, only_chosen))

@@ -30,11 +30,9 @@ import torch
 import trl
 from trl.trainer.utils import nanmax, nanmin
 
-from fastalign.integrations.hf import head_transform
 from fastalign.integrations.trl._head import (VISION_INPUTS, check_config, check_model, fused_logps_and_entropies,
-                                               gathered_mean, init_checked, install_heads, text_only)
+                                               gathered_mean, head_policy_loss, init_checked, install_heads)
 from fastalign.integrations.trl.grpo import GRPOLoss, entropy_threshold, grpo_policy_config
-from fastalign.linear_policy import policy_step
 
 __all__ = ["GRPOTrainer"]
 
@@ -61,23 +59,6 @@ class GRPOTrainer(trl.GRPOTrainer):
         grpo_policy_config(args)  # raises on a loss_type or option the profile does not map
 
     _get_per_token_logps_and_entropies = fused_logps_and_entropies
-
-    def _head_loss(self, model, ids, attention, completion_ids, completion_mask, old, loss, vision):
-        """``(loss, metrics)`` of ``loss`` on the completion tokens, through the model's head from its hidden
-        states (:func:`fastalign.linear_policy.policy_step`), padding unscored as in
-        :meth:`_get_per_token_logps_and_entropies`."""
-        text_only(vision, False)
-        with self.accelerator.autocast():
-            out = model(input_ids=ids, attention_mask=attention, fastalign_head=("operands",))
-        hidden, weight, bias, low_rank = out.operands
-        k = completion_ids.size(1)
-        positions = slice(hidden.size(1) - k - 1, hidden.size(1) - 1)  # those that predict the completion
-        scale, softcap = head_transform(self.accelerator.unwrap_model(model).config)
-        value, metrics, _lp, _ent = policy_step(
-            hidden[:, positions], weight, completion_ids.masked_fill(completion_mask == 0, -100), old, loss,
-            bias=bias, low_rank=None if low_rank is None else (low_rank[0][:, positions], low_rank[1]), entropy=True,
-            logit=dict(temperature=self.temperature, logit_scale=scale, softcap=softcap))
-        return value, metrics
 
     def _compute_loss(self, model, inputs):
         """TRL's ``_compute_loss`` contract: the micro-batch loss; the metrics go to ``self._metrics``.
@@ -113,7 +94,8 @@ class GRPOTrainer(trl.GRPOTrainer):
             loss, metrics = grpo(per_token_logps, per_token_logps.detach() if old is None else old, entropies,
                                  threshold)
         else:
-            loss, metrics = self._head_loss(model, ids, attention, completion_ids, completion_mask, old, grpo, vision)
+            loss, metrics = head_policy_loss(self, model, ids, attention, completion_ids, completion_mask, old, grpo,
+                                             vision)
         log = self._metrics[mode]
         sequence_ratio = self.importance_sampling_level == "sequence"
         for name, value in metrics.items():

@@ -5,12 +5,14 @@ Same constructor, same ``trl.KTOConfig``; a TRL user changes one import::
     from fastalign.integrations.trl import KTOTrainer   # was: from trl import KTOTrainer
 
 The completion log-probs of the policy and of the reference (live or precomputed), and those of the
-mismatched KL completions, come from the last hidden states and the model's own output head through
-:func:`fastalign.integrations.hf.causal_lm_logprobs` (no ``[B, T, V]`` logits); the loss is
-:class:`fastalign.integrations.trl.KTOLoss` of the trainer's config (``kto`` and
-``apo_zero_unpaired``, desirable and undesirable weights). Metrics go through TRL's ``_metrics``
-under TRL's names (``kl``, ``rewards/*``, ``logps/*``, ``entropy``, ``num_tokens``, ``logits/*``;
-a class absent from the batch logs nothing, as in TRL).
+mismatched KL completions, come from the last hidden states and the model's own output head
+(no ``[B, T, V]`` logits); the loss is :class:`fastalign.integrations.trl.KTOLoss` of the
+trainer's config (``kto`` and ``apo_zero_unpaired``, desirable and undesirable weights). The
+training loss goes through the head itself (:func:`fastalign.linear_preference.preference_step`:
+one pass over blocks of whole responses). The forwards run in TRL's order (KL completions, policy,
+reference), so dropout draws the same masks. Metrics go through TRL's ``_metrics`` under TRL's
+names (``kl``, ``rewards/*``, ``logps/*``, ``entropy``, ``num_tokens``, ``logits/*``; a class
+absent from the batch logs nothing, as in TRL).
 
 Options the drop-in cannot honour raise a ValueError naming the config field at construction, as
 for the other drop-ins. With several processes the KL baseline is the mean of every process's
@@ -28,7 +30,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from fastalign.integrations.trl._head import (check_config, check_model, gathered_mean, has_mean_logits,
-                                               init_checked, install_head, install_heads)
+                                               head_preference_loss, init_checked, install_head, install_heads)
 from fastalign.integrations.trl.preference import KTOLoss
 
 __all__ = ["KTOTrainer"]
@@ -70,8 +72,8 @@ class KTOTrainer(trl.KTOTrainer):
         """The reference's summed completion log-probs ``[N]`` and, for ``kto``, those of the KL completions."""
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 self._reference_context(), self.accelerator.autocast():
+            kl = self._kl_logps(model, inputs)  # the KL completions first, as in TRL (the order of dropout draws)
             logps = self._summed(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
-            kl = self._kl_logps(model, inputs)
         return logps, kl
 
     def _kl_logps(self, model, batch):
@@ -85,25 +87,26 @@ class KTOTrainer(trl.KTOTrainer):
         mode = "train" if self.model.training else "eval"
         batch = {k: (v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         model_kwargs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
-        completion_mask = batch["completion_mask"]
-        shift_mask = completion_mask[:, 1:]
-        seq_len = shift_mask.size(1)
-        labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
-        fields = ("log_probs", "entropy")
-        if has_mean_logits(self.accelerator.unwrap_model(self.model)):
-            fields += ("mean_logits",)
-        outputs = model(**model_kwargs, labels=labels, fastalign_head=fields)
+        shift_mask = batch["completion_mask"][:, 1:]
+        targets = batch["input_ids"][:, 1:].masked_fill(shift_mask == 0, -100)
+        # the forwards in TRL's order (that of their dropout draws): the KL completions, the policy, the reference
         kl_logps = self._kl_logps(model, batch)
+        operands = model(**model_kwargs, fastalign_head=("operands",)).operands
         if self.precompute_ref_logps:
             ref_logps, ref_kl_logps = batch["ref_logps"], batch.get("ref_KL_logps") if self.calculate_KL else None
         else:
             ref_logps, ref_kl_logps = self.compute_ref_log_probs(
                 self.ref_model if self.ref_model is not None else self.model, batch)
-        label = torch.as_tensor(batch["label"], dtype=torch.bool, device=outputs.log_probs.device)
+        label = torch.as_tensor(batch["label"], dtype=torch.bool, device=targets.device)
         if kl_logps is not None:  # the KL completions of every process (equal shares: TRL's mean of process means)
             kl_logps, ref_kl_logps = self.accelerator.gather((kl_logps.detach(), ref_kl_logps.detach()))
-        loss, metrics = self.fastalign_loss(outputs.log_probs[:, -seq_len:], shift_mask, label, ref_logps,
-                                            kl_logps, ref_kl_logps)
+
+        def kto(per_token_logps, _sum_p2):
+            return self.fastalign_loss(per_token_logps, shift_mask, label, ref_logps, kl_logps, ref_kl_logps)
+
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        loss, metrics, stats = head_preference_loss(operands, unwrapped.config, targets, kto, paired=False,
+                                                    extras=("entropy",), position_means=has_mean_logits(unwrapped))
         log = self._metrics[mode]
         counts = {"chosen": label.sum(), "rejected": (~label).sum()}
         logged = {"kl": metrics["kl"].item()}  # the same on every process
@@ -113,29 +116,29 @@ class KTOTrainer(trl.KTOTrainer):
         for name in metrics:
             if not math.isnan(logged[name]):  # a class absent from every process: TRL logs nothing
                 log[name].append(logged[name])
-        self._log_head_metrics(mode, outputs, shift_mask, batch["attention_mask"], seq_len, label)
+        self._log_head_metrics(mode, stats, targets != -100, batch["attention_mask"], label)
         if return_outputs:
             with torch.no_grad():
                 outputs = model(**model_kwargs)
             return loss, outputs
         return loss
 
-    def _log_head_metrics(self, mode, outputs, shift_mask, attention_mask, seq_len, label) -> None:
-        """TRL's ``entropy``, ``num_tokens`` and ``logits/*``: token-weighted, sums and counts gathered."""
+    def _log_head_metrics(self, mode, stats, mask, attention_mask, label) -> None:
+        """TRL's ``entropy``, ``num_tokens`` and ``logits/*``: token-weighted, sums and counts gathered, from the
+        statistics of the loss's own pass."""
         gather = self.accelerator.gather_for_metrics
         log = self._metrics[mode]
-        mask = shift_mask.bool()
 
         def weighted(values, where):
             return gather(values.detach().float()[where].sum()).sum().item(), gather(where.sum()).sum().item()
 
-        total, count = weighted(outputs.entropy[:, -seq_len:], mask)
+        total, count = weighted(stats["entropy"], mask)
         log["entropy"].append(total / count if count > 0 else 0.0)
         if mode == "train":
             self._total_train_tokens += gather(attention_mask.sum()).sum().item() // self._tp_size
         log["num_tokens"] = [self._total_train_tokens]
-        if outputs.mean_logits is not None:
+        if "position_mean_logits" in stats:
             for name, rows in (("logits/chosen", label), ("logits/rejected", ~label)):
-                total, count = weighted(outputs.mean_logits[:, -seq_len:], mask & rows[:, None])
+                total, count = weighted(stats["position_mean_logits"][:, :-1], mask & rows[:, None])
                 if count > 0:
                     log[name].append(total / count)

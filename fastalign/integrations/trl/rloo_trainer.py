@@ -7,7 +7,8 @@ Same constructor, same ``trl.RLOOConfig``; a TRL user changes one import::
 Per-token log-probs and entropies of the policy (and of the reference and old policy) come from
 the last hidden states and the model's own output head through
 :func:`fastalign.integrations.hf.causal_lm_logprobs`, so the ``[B, T, V]`` logits are never built;
-the loss is :class:`fastalign.integrations.trl.RLOOLoss` of the trainer's config, and the metrics
+the training loss goes through the head itself (:func:`fastalign.linear_policy.policy_step`: one
+pass over blocks of whole completions, three matrix products instead of four); the loss is :class:`fastalign.integrations.trl.RLOOLoss` of the trainer's config, and the metrics
 go through TRL's own ``_metrics`` under TRL's names (``entropy`` weighted by every process's
 tokens, ``clip_ratio/*`` over every process's completions, as TRL gathers them). Generation,
 rewards and advantages are TRL's.
@@ -24,7 +25,7 @@ import torch
 import trl
 
 from fastalign.integrations.trl._head import (VISION_INPUTS, check_config, check_model, fused_logps_and_entropies,
-                                               gathered_mean, init_checked, install_heads)
+                                               gathered_mean, head_policy_loss, init_checked, install_heads)
 from fastalign.integrations.trl.rloo import RLOOLoss
 
 __all__ = ["RLOOTrainer"]
@@ -51,10 +52,13 @@ class RLOOTrainer(trl.RLOOTrainer):
         ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
         vision = {k: inputs.get(k) for k in ("num_images", *VISION_INPUTS)}
-        logps, entropies, _ = self._get_per_token_logps_and_entropies(
-            model, ids, attention, completion_ids.size(1), compute_entropy=True, **vision)
-        loss, metrics = self.fastalign_loss(logps, inputs["old_logps"], inputs["advantages"], completion_mask,
-                                            entropy=entropies)
+
+        def rloo(per_token_logps, _old, entropies):  # the old policy's log-probs are per completion: inputs'
+            return self.fastalign_loss(per_token_logps, inputs["old_logps"], inputs["advantages"], completion_mask,
+                                       entropy=entropies)
+
+        loss, metrics = head_policy_loss(self, model, ids, attention, completion_ids, completion_mask, None, rloo,
+                                         vision)
         log = self._metrics["train" if self.model.training else "eval"]
         rows = completion_mask.size(0)
         for name, value in metrics.items():

@@ -1,0 +1,190 @@
+"""``preference_step``: a loss separable over pairs, from hidden states and the head, by the single pass (blocks
+of whole pairs through the head once) and by the two passes. Both equal a float64 plain-PyTorch oracle on
+materialised logits: the loss, its metrics, the gradients of hidden, weight, bias and a low-rank term, and
+the statistics kept for metrics (entropy, argmax, sum p^2) at the scored positions; blocks of one pair
+and of the whole batch; the C++ kernels and the Triton kernels in the interpreter; softcap, logit scale
+and temperature; bf16 operands."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastalign.linear_preference import coupling, preference_step
+from helpers import assert_close
+
+B, T, H, V, R = 3, 7, 16, 89, 4
+LOGIT = dict(temperature=0.8, softcap=6.0, logit_scale=1.3)
+
+
+def make(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    labels[:, :2] = -100  # prompt
+    labels[B + 1, 5:] = -100  # a short rejected response
+    labels[0, 4] = -100  # an unscored token inside a response
+    return dict(hidden=torch.randn(2 * B, T, H, generator=g).to(dtype),
+                weight=(torch.randn(V, H, generator=g) * 0.3).to(dtype),
+                bias=(torch.randn(V, generator=g) * 0.1).to(dtype),
+                a=(torch.randn(2 * B, T, R, generator=g) * 0.5).to(dtype),
+                L=(torch.randn(V, R, generator=g) * 0.2).to(dtype),
+                labels=labels, ref=torch.randn(2 * B, generator=g))
+
+
+def dpo_like(labels, ref, beta=0.3):
+    """A DPO loss with WPO-like pair weights from sum p^2 and the batch's chosen-token NLL (both linear
+    in lp with weights the labels fix, or per pair)."""
+    mask = (labels != -100).to(torch.float64)
+
+    def loss(lp, sp2):
+        lp = lp.double() * mask
+        s = lp.sum(-1)
+        margin = beta * ((s[:B] - ref[:B].double()) - (s[B:] - ref[B:].double()))
+        per_pair = -F.logsigmoid(margin)
+        if sp2 is not None:
+            w = ((sp2.double().log() * mask).sum(-1) / mask.sum(-1).clamp(min=1)).exp()
+            per_pair = per_pair * (w[:B] * w[B:]).detach()
+        nll = -s[:B].sum() / mask[:B].sum()
+        value = per_pair.mean() + 0.5 * nll
+        return value, {"margin": margin.detach().mean(), "nll": nll.detach()}
+    return loss
+
+
+def kto_like(labels, ref, beta=0.4):
+    """An unpaired loss: each response's signed sigmoid term and the desirable responses' token-mean NLL."""
+    mask = (labels != -100).to(torch.float64)
+    sign = torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0, 1.0], dtype=torch.float64)[:labels.shape[0]]
+
+    def loss(lp, sp2):
+        assert sp2 is None
+        s = (lp.double() * mask).sum(-1)
+        desirable = (sign > 0).double()[:, None]
+        nll = -(s * desirable[:, 0]).sum() / (mask * desirable).sum()
+        value = -F.logsigmoid(sign * beta * (s - ref.double())).mean() + 0.3 * nll
+        return value, {"nll": nll.detach()}
+    return loss
+
+
+def oracle(d, sum_p2, low_rank, logit, make_loss=dpo_like):
+    """float64 loss, metrics, gradients and statistics on the materialised logits."""
+    leaves = {k: d[k].double().requires_grad_(True) for k in ("hidden", "weight", "bias", "a", "L")}
+    z = leaves["hidden"] @ leaves["weight"].T + leaves["bias"]
+    if low_rank:
+        z = z + leaves["a"] @ leaves["L"].T
+    z = z * logit.get("logit_scale", 1.0)
+    cap = logit.get("softcap")
+    if cap:
+        z = cap * torch.tanh(z / cap)
+    z = z / logit.get("temperature", 1.0)
+    logp = torch.log_softmax(z, -1)
+    y = d["labels"]
+    scored = y != -100
+    lp = torch.where(scored, logp.gather(-1, y.clamp(min=0)[..., None])[..., 0], 0.0)
+    p = logp.exp()
+    sp2 = torch.where(scored, (p * p).sum(-1), 1.0)
+    value, metrics = make_loss(y, d["ref"])(lp, sp2.detach() if sum_p2 else None)
+    value.backward()
+    names = ("hidden", "weight", "bias") + (("a", "L") if low_rank else ())
+    stats = {"logprobs": lp.detach(), "sum_p2": sp2.detach(),
+             "entropy": torch.where(scored, -(p * logp).sum(-1), 0.0).detach(),
+             "argmax": torch.where(scored, z.argmax(-1), -1)}
+    return value.detach(), metrics, [leaves[k].grad for k in names], stats
+
+
+def run(d, single_pass, *, sum_p2=True, low_rank=True, backend="cpp", logit=LOGIT, extras=("entropy", "argmax"),
+        make_loss=dpo_like, paired=True):
+    names = ("hidden", "weight", "bias") + (("a", "L") if low_rank else ())
+    leaves = {k: d[k].clone().requires_grad_(True) for k in names}
+    value, metrics, stats = preference_step(
+        leaves["hidden"], leaves["weight"], d["labels"], make_loss(d["labels"], d["ref"]), bias=leaves["bias"],
+        low_rank=(leaves["a"], leaves["L"]) if low_rank else None, sum_p2=sum_p2, extras=extras,
+        single_pass=single_pass, logit=dict(logit, backend=backend), paired=paired)
+    value.backward()
+    return value.detach(), metrics, [leaves[k].grad for k in names], stats
+
+
+def check(got, want, tol, stats=("logprobs", "sum_p2", "entropy", "argmax")):
+    value, metrics, grads, st = got
+    rvalue, rmetrics, rgrads, rst = want
+    assert_close(value, rvalue, atol=tol, rtol=tol, what="loss")
+    for k in rmetrics:
+        assert_close(metrics[k], rmetrics[k], atol=tol, rtol=tol, what=k)
+    for g, r, name in zip(grads, rgrads, ("hidden", "weight", "bias", "a", "L")):
+        assert_close(g, r, atol=tol, rtol=tol, what=f"d {name}")
+    for name in stats:
+        if name == "argmax":
+            assert torch.equal(st[name], rst[name]), "argmax"
+        else:
+            assert_close(st[name], rst[name], atol=tol, rtol=tol, what=name)
+        assert not st[name].requires_grad, name
+
+
+@pytest.fixture(params=["1e-9", "1024"], ids=["one-pair-blocks", "one-block"])
+def block_mib(request, monkeypatch):
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", request.param)
+
+
+@pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "two-pass"])
+@pytest.mark.parametrize("sum_p2,low_rank", [(True, True), (False, False)], ids=["wpo+lora", "plain"])
+def test_preference_step_matches_float64(block_mib, single_pass, sum_p2, low_rank):
+    d = make()
+    got = run(d, single_pass, sum_p2=sum_p2, low_rank=low_rank)
+    assert set(got[3]) == {"logprobs", "entropy", "argmax"} | ({"sum_p2"} if sum_p2 else set())
+    check(got, oracle(d, sum_p2, low_rank, LOGIT), 2e-5, stats=tuple(got[3]))
+
+
+@pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "two-pass"])
+def test_preference_step_unpaired_matches_float64(block_mib, single_pass):
+    """Unpaired responses (KTO): each block holds whole responses, in any order of the classes."""
+    d = make(4)
+    got = run(d, single_pass, sum_p2=False, make_loss=kto_like, paired=False)
+    check(got, oracle(d, False, True, LOGIT, kto_like), 2e-5, stats=("logprobs", "entropy", "argmax"))
+
+
+def test_preference_step_triton_interpreter(block_mib, monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    d = make(1)
+    check(run(d, True, backend="triton"), oracle(d, True, True, LOGIT), 2e-5)
+
+
+def test_preference_step_bf16_operands():
+    """bf16 hidden and head: both paths accumulate in fp32 and agree with the float64 oracle on the same
+    (rounded) operands within bf16's output rounding."""
+    d = make(2, torch.bfloat16)
+    want = oracle(d, True, False, {})
+    for single_pass in (True, False):
+        got = run(d, single_pass, low_rank=False, logit={})
+        check(got, want, 3e-2, stats=("logprobs", "sum_p2", "entropy"))
+
+
+def test_preference_step_auto_and_no_grad():
+    """Without gradients ``"auto"`` takes the two passes: same loss and statistics, nothing to differentiate."""
+    d = make(3)
+    with torch.no_grad():
+        value, _m, stats = preference_step(d["hidden"], d["weight"], d["labels"], dpo_like(d["labels"], d["ref"]),
+                                     bias=d["bias"], extras=("entropy",), logit=LOGIT)
+    want = oracle(d, False, False, LOGIT)
+    assert_close(value, want[0], atol=2e-5, rtol=2e-5, what="loss")
+    assert_close(stats["entropy"], want[3]["entropy"], atol=2e-5, rtol=2e-5, what="entropy")
+    assert set(stats) == {"logprobs", "entropy"}
+
+
+def test_preference_step_bad_inputs():
+    d = make()
+    loss = dpo_like(d["labels"], d["ref"])
+    with pytest.raises(ValueError, match="N even"):
+        preference_step(d["hidden"][:5], d["weight"], d["labels"][:5], loss)
+    preference_step(d["hidden"][:5], d["weight"], d["labels"][:5], kto_like(d["labels"][:5], d["ref"][:5]),
+                    paired=False)  # unpaired: any count
+    with pytest.raises(ValueError, match="extras"):
+        preference_step(d["hidden"], d["weight"], d["labels"], loss, extras=("mean",))
+    with pytest.raises(ValueError, match="single_pass"):
+        preference_step(d["hidden"], d["weight"], d["labels"], loss, single_pass="yes")
+
+
+def test_coupling_names_the_losses_that_are_not_separable_over_pairs():
+    assert coupling(["sigmoid", "sft"]) is None
+    assert coupling(["sigmoid"], use_weighting=True) is None
+    assert "aot" in coupling(["sigmoid", "aot"])
+    assert "sft" in coupling(["sigmoid", "sft"], use_weighting=True)
