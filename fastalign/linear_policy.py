@@ -12,7 +12,7 @@ Two ways through the vocabulary, same loss and gradients:
   block's d(logits) and the gradients of hidden, weight and bias follow while its logits are in
   memory (:mod:`fastalign.ops.single_pass`): three products. The block's logits are the memory
   cost (``FASTALIGN_BLOCK_MIB``: 1024 MiB of bf16/fp16 logits on a GPU, 64 MiB of fp32 on the
-  CPU by default, at least one sequence).
+  CPU by default); ``"auto"`` takes it only when one sequence's logits fit that budget.
 
 Every loss is separable over sequences except Clip-Cov / KL-Cov (tokens chosen across the
 batch) and ``entropy_quantile`` without ``entropy_threshold`` (the batch's quantile).
@@ -176,7 +176,9 @@ def policy_step(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Op
     a, lw = check_head_inputs(hidden, weight, labels, bias, low_rank)
     if single_pass is True and not eager(hidden, weight, bias, a, lw):
         raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two passes run")
-    if single_pass is True or (single_pass == "auto" and by_default(weight, hidden, bias, a, lw)):
+    item_rows = hidden.shape[-2] if hidden.dim() > 2 else hidden.shape[0]  # one sequence's positions
+    auto = single_pass == "auto" and by_default(weight, hidden, bias, a, lw, item_rows=item_rows)
+    if single_pass is True or auto:
         return _single_pass(hidden, weight, bias, a, lw, labels, old_logprobs, loss, entropy, logit, backend)
     stats = linear_logprobs(hidden, weight, labels, bias=bias, low_rank=low_rank, entropy=entropy, backend=backend,
                             **logit)

@@ -13,7 +13,7 @@ through the vocabulary, same loss and gradients:
   go through the head once, their share of the loss giving d loss / d lp at once
   (:mod:`fastalign.ops.single_pass`, which calls back into this module's loss). The
   block's logits are the memory cost (``FASTALIGN_BLOCK_MIB``, 1024 MiB on a GPU and 64 MiB
-  on the CPU by default, at least one pair).
+  on the CPU by default); ``"auto"`` takes it only when one pair's logits fit that budget.
 
 A loss is pair-separable when ``loss = (1/B) Σ_i ℓ_i + c·NLL`` with ``ℓ_i`` a function of
 pair ``i`` only: every loss type except ``aot``/``aot_unpaired`` (sorted across the batch),
@@ -103,9 +103,10 @@ class PathPolicy:
             return "kto takes the batch's mean KL unless kto_kl is given"
         return None
 
-    def single_passes(self, kto_kl, weight: Tensor, *inputs) -> bool:
+    def single_passes(self, kto_kl, weight: Tensor, chosen: Tensor, rejected: Tensor, *inputs) -> bool:
         """``"auto"``: where :func:`~fastalign.ops.single_pass.by_default` says so (gradients of ``weight``
-        or ``inputs`` needed, eager, paying off), when the loss is pair-separable."""
+        or the inputs needed, eager, a pair's logits within the block budget, paying off), when the loss is
+        pair-separable. ``chosen``, ``rejected``: the hidden states of each side ``[B, T_s, H]``."""
         if self.single_pass is False:
             return False
         why = self.blocker(kto_kl)
@@ -113,7 +114,8 @@ class PathPolicy:
             if why:
                 raise ValueError(f"single_pass=True does not apply: {why}")
             return True
-        return why is None and by_default(weight, *inputs)
+        return why is None and by_default(weight, chosen, rejected, *inputs,
+                                          item_rows=chosen.shape[-2] + rejected.shape[-2])
 
     def compacts(self, hidden: Tensor, single: bool, backend: str) -> bool:
         """``"auto"``: CPU tensors outside ``torch.compile`` (finding the labelled rows reads their
@@ -444,7 +446,9 @@ def preference_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: Prefer
     if single_pass is True and not eager(hidden, weight, bias, a, lw):
         raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two passes run")
     with torch.autocast(hidden.device.type, enabled=False):  # the head runs in its operands' dtype
-        if single_pass is True or (single_pass == "auto" and by_default(weight, hidden, bias, a, lw)):
+        item_rows = hidden.shape[1] * (2 if paired else 1)  # one pair's (or response's) positions
+        if single_pass is True or (single_pass == "auto" and by_default(weight, hidden, bias, a, lw,
+                                                                         item_rows=item_rows)):
             return _preference_single_pass(hidden, weight, bias, a, lw, labels, loss, paired, sum_p2, extras,
                                            logit)
         return _preference_two_passes(hidden, weight, bias, a, lw, labels, loss, sum_p2, extras, logit)

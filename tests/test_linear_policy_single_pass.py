@@ -108,6 +108,13 @@ def test_single_pass_is_taken(monkeypatch):
     bf16 = make(seed=2, dtype=torch.bfloat16)  # a bf16 head on the CPU: the two passes (no whole-weight upcast)
     run(bf16, dict(loss_type="ppo"), "auto")
     assert len(calls) == 3
+    sequence_mib = T * V * 4 / 2**20  # one sequence's fp32 logits over the block budget: the two passes
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", str(sequence_mib * 0.99))
+    run(d, dict(loss_type="ppo"), "auto")
+    assert len(calls) == 3
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", str(sequence_mib))
+    run(d, dict(loss_type="ppo"), "auto")
+    assert len(calls) == 4
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])

@@ -708,7 +708,7 @@ def test_single_pass_bf16(one_pair_blocks):
         assert_close(y.float(), x.float(), atol=1e-2, rtol=2e-2, what=f"bf16 {what}")
 
 
-def test_single_pass_where_it_does_not_apply():
+def test_single_pass_where_it_does_not_apply(monkeypatch):
     h, w, b, labels, rh = _hidden_batch()
     with pytest.raises(ValueError, match="couples the pairs"):
         fa.LinearPreferenceLoss(loss_type="aot", single_pass=True)
@@ -722,14 +722,21 @@ def test_single_pass_where_it_does_not_apply():
     with pytest.raises(ValueError, match="packed"):
         fa.LinearPreferenceLoss(single_pass=True)(h.reshape(-1, h.shape[-1])[:18], w, labels.reshape(-1)[:18],
                                                  cu_seqlens=cu)
-    # "auto" takes the two-pass path for coupled losses, without gradients and for a bf16 head on the CPU
-    # (same values either way); the single pass for a separable loss with an fp32 head
+    # "auto" takes the two-pass path for coupled losses, without gradients, for a bf16 head on the CPU and
+    # for a pair whose logits exceed the block budget (same values either way); the single pass for a
+    # separable loss with an fp32 head
     paths = fa.LinearPreferenceLoss().paths
     hg = h.clone().requires_grad_(True)
-    assert not fa.LinearPreferenceLoss(loss_type="aot").paths.single_passes(None, w, hg)
-    assert not paths.single_passes(None, w, h)
-    assert not paths.single_passes(None, w.bfloat16(), hg.bfloat16())
-    assert paths.single_passes(None, w, hg)
+    B = h.shape[0] // 2
+    assert not fa.LinearPreferenceLoss(loss_type="aot").paths.single_passes(None, w, hg[:B], hg[B:])
+    assert not paths.single_passes(None, w, h[:B], h[B:])
+    assert not paths.single_passes(None, w.bfloat16(), hg[:B].bfloat16(), hg[B:].bfloat16())
+    assert paths.single_passes(None, w, hg[:B], hg[B:])
+    pair_mib = 2 * h.shape[1] * w.shape[0] * 4 / 2**20
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", str(pair_mib * 0.99))
+    assert not paths.single_passes(None, w, hg[:B], hg[B:])
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", str(pair_mib))
+    assert paths.single_passes(None, w, hg[:B], hg[B:])
 
 
 @pytest.mark.gpu

@@ -170,6 +170,22 @@ def test_preference_step_auto_and_no_grad():
     assert set(stats) == {"logprobs", "entropy"}
 
 
+def test_preference_step_auto_keeps_the_block_budget(monkeypatch):
+    """``"auto"`` takes the single pass only when one pair's logits fit the block budget (above it, a block
+    of one pair would exceed the budget; the two passes stay within their chunks)."""
+    import fastalign.linear_preference as linear_preference
+
+    single, passes = linear_preference._preference_single_pass, []
+    monkeypatch.setattr(linear_preference, "_preference_single_pass", lambda *a: passes.append(1) or single(*a))
+    d = make(5)
+    pair_mib = 2 * T * V * 4 / 2**20
+    want = oracle(d, True, True, LOGIT)
+    for mib, taken in ((pair_mib * 0.99, 0), (pair_mib, 1)):
+        monkeypatch.setenv("FASTALIGN_BLOCK_MIB", str(mib))
+        check(run(d, "auto"), want, 2e-5)
+        assert len(passes) == taken
+
+
 def test_preference_step_bad_inputs():
     d = make()
     loss = dpo_like(d["labels"], d["ref"])

@@ -51,14 +51,18 @@ def block_budget_rows(vocab: int, like: Tensor) -> int:
     return block_rows(vocab, like, float(mib) * (1 << 20))
 
 
-def by_default(weight: Tensor, *inputs) -> bool:
+def by_default(weight: Tensor, *inputs, item_rows: int = 1) -> bool:
     """Whether ``single_pass="auto"`` takes the single pass: gradients are needed (of ``weight`` or one of
     ``inputs``), the call is eager (:func:`~fastalign.ops._launch.eager`: under tracing the two-pass custom
-    ops run), and it pays off: on a GPU (its blocks keep the input dtype), and on the CPU for an fp32 head
-    (a bf16/fp16 one would be converted to fp32 whole, for every block)."""
+    ops run), one item's logits (``item_rows`` rows, its padded length over every side) fit the block
+    budget (:func:`block_budget_rows`: a longer item would be one block above the budget, where the two
+    passes stay within their chunks), and it pays off: on a GPU (its blocks keep the input dtype), and on
+    the CPU for an fp32 head (a bf16/fp16 one would be converted to fp32 whole, for every block)."""
     tensors = (weight, *inputs)
     differentiated = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
-    return differentiated and (weight.is_cuda or weight.dtype == torch.float32) and eager(*tensors)
+    fits = item_rows <= block_budget_rows(weight.shape[0], inputs[0] if inputs else weight)
+    return (differentiated and fits and (weight.is_cuda or weight.dtype == torch.float32)
+            and eager(*tensors))
 
 
 class LogitPipeline(NamedTuple):
@@ -161,7 +165,8 @@ class _SinglePass(torch.autograd.Function):
         y_flat = [y.reshape(-1).to(torch.int64) for y, _rows in side_labels]
         # every statistic of every side, UNLABELLED where not computed (sum p^2 = 1: a WPO weight of log 1 = 0)
         every = {name: [torch.full(y.shape, UNLABELLED[name], device=y.device,
-                                   dtype=torch.int64 if name == "argmax" else torch.float32) for y, _rows in side_labels]
+                                   dtype=torch.int64 if name == "argmax" else torch.float32)
+                        for y, _rows in side_labels]
                  for name in ("logprobs", *names)}
         lp_all = every["logprobs"]
         aux_all = every[aux] if aux else [None] * n
