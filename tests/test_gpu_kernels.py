@@ -308,6 +308,49 @@ def test_gpu_linear_policy_single_pass_bf16_at_full_vocabulary(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_gpu_preference_step_bf16_at_full_vocabulary(monkeypatch):
+    """preference_step's single pass over blocks of one pair (bf16 logits kept per block; the entropy and
+    argmax for metrics from the same pass) and its two passes against float64 on the materialised logits:
+    a sigmoid DPO loss with a chosen-token NLL."""
+    import torch.nn.functional as F
+
+    from fastalign.linear_preference import preference_step
+
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "160")  # 2 x 256 rows of 151936 bf16 logits: one pair per block
+    B, T, H, V = 4, 256, 256, 151936
+    g = torch.Generator(device="cuda").manual_seed(5)
+    h = (torch.randn(2 * B, T, H, device="cuda", generator=g) * 0.5).bfloat16()
+    w = (torch.randn(V, H, device="cuda", generator=g) * 0.05).bfloat16()
+    y = torch.randint(0, V, (2 * B, T), device="cuda", generator=g)
+    y[:, :64] = -100  # prompts
+    ref = torch.randn(2 * B, device="cuda", generator=g, dtype=torch.float64) * 5
+    keep = y != -100
+
+    def dpo(lp, _sum_p2):
+        s = (lp.double() * keep).sum(-1)
+        nll = -s[:B].sum() / keep[:B].sum()
+        return -F.logsigmoid(0.1 * ((s[:B] - ref[:B]) - (s[B:] - ref[B:]))).mean() + nll, {}
+
+    hd, wd = h.double().requires_grad_(True), w.double().requires_grad_(True)
+    logp = torch.log_softmax(hd @ wd.T, -1)
+    lp64 = torch.where(keep, logp.gather(-1, y.clamp(min=0)[..., None])[..., 0], 0.0)
+    with torch.no_grad():
+        ent64 = torch.where(keep, -(logp.exp() * logp).sum(-1), 0.0)
+    del logp
+    loss64, _ = dpo(lp64, None)
+    loss64.backward()
+    for single_pass in (True, False):
+        hg, wg = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss, _, stats = preference_step(hg, wg, y, dpo, extras=("entropy", "argmax"), single_pass=single_pass)
+        loss.backward()
+        assert abs(loss.item() - loss64.item()) < 2e-3 * max(1.0, abs(loss64.item())), (single_pass, loss.item())
+        assert _rel_err(hg.grad, hd.grad) < 5e-3, single_pass
+        assert _rel_err(wg.grad, wd.grad) < 5e-3, single_pass
+        assert _rel_err(stats["entropy"], ent64) < 5e-3, single_pass
+        assert bool((stats["argmax"] >= 0).eq(keep).all()), single_pass
+
+
+@pytest.mark.gpu
 def test_gpu_linear_low_rank_bf16_at_full_vocabulary():
     """A LoRA lm_head (rank 16, frozen W) through the low-rank term: equals the float64 widened head,
     gradients to a and L with one chunk and with eight."""
