@@ -308,13 +308,13 @@ def test_gpu_linear_policy_single_pass_bf16_at_full_vocabulary(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_preference_step_bf16_at_full_vocabulary(monkeypatch):
-    """preference_step's single pass over blocks of one pair (bf16 logits kept per block; the entropy and
+def test_gpu_separable_step_bf16_at_full_vocabulary(monkeypatch):
+    """separable_step's single pass over blocks of one pair (bf16 logits kept per block; the entropy and
     argmax for metrics from the same pass) and its two passes against float64 on the materialised logits:
     a sigmoid DPO loss with a chosen-token NLL."""
     import torch.nn.functional as F
 
-    from fastalign.linear_preference import preference_step
+    from fastalign.linear_step import separable_step
 
     monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "160")  # 2 x 256 rows of 151936 bf16 logits: one pair per block
     B, T, H, V = 4, 256, 256, 151936
@@ -341,7 +341,8 @@ def test_gpu_preference_step_bf16_at_full_vocabulary(monkeypatch):
     loss64.backward()
     for single_pass in (True, False):
         hg, wg = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        loss, _, stats = preference_step(hg, wg, y, dpo, extras=("entropy", "argmax"), single_pass=single_pass)
+        loss, _, stats = separable_step(hg, wg, y, dpo, paired=True, extras=("entropy", "argmax"),
+                                        single_pass=single_pass)
         loss.backward()
         assert abs(loss.item() - loss64.item()) < 2e-3 * max(1.0, abs(loss64.item())), (single_pass, loss.item())
         assert _rel_err(hg.grad, hd.grad) < 5e-3, single_pass

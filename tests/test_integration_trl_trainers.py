@@ -188,20 +188,22 @@ def _sft(cls, checkpoint, tmp_path, options, kind):
 
 
 @pytest.mark.parametrize("case", list(SFT_CASES))
-def test_sft_trainer_matches_trl(checkpoint, tmp_path, case, monkeypatch):
+def test_sft_trainer_matches_trl(checkpoint, tmp_path, case, monkeypatch, item_passes):
     """Loss, entropy, mean_token_accuracy, num_tokens and the update equal TRL's SFTTrainer (which scores
     with its own fused head); the drop-in scores through fastalign's head (packed rows: one row, position_ids,
-    no attention mask)."""
+    no attention mask), the training step in one pass over blocks of tokens."""
     import fastalign.integrations.trl._head as head
 
     options, kind = SFT_CASES[case]
     theirs = _run(_sft(trl.SFTTrainer, checkpoint, tmp_path / "trl", options, kind))
-    calls, scored = [], head.causal_lm_logprobs
-    monkeypatch.setattr(head, "causal_lm_logprobs", lambda model, ids, attention=None, **kw: calls.append(
-        (ids.shape[0], attention is None, kw.get("position_ids") is not None)) or scored(model, ids, attention, **kw))
+    calls, operands = [], head.head_operands
+    monkeypatch.setattr(head, "head_operands", lambda model, ids, attention=None, **kw: calls.append(
+        (ids.shape[0], attention is None, kw.get("position_ids") is not None)) or operands(model, ids, attention, **kw))
     ours = _run(_sft(fa_trl.SFTTrainer, checkpoint, tmp_path / "fa", options, kind))
     padding_free = case in ("packed_padding_free", "packed_dft_completion_only")  # bfd packing: one packed row
     assert calls and all(c == (1, True, True) for c in calls) == padding_free
+    # one per training micro-batch (evaluation needs no gradient: two passes)
+    assert len(item_passes) == options.get("gradient_accumulation_steps", 1)
     if case == "evaluated":
         assert {"eval_loss@1", "eval_entropy@1", "eval_mean_token_accuracy@1"} <= set(ours[0])
     assert {"loss@0", "entropy@0", "mean_token_accuracy@0", "num_tokens@0"} <= set(ours[0])
@@ -325,18 +327,18 @@ def _dpo(cls, checkpoint, reference, tmp_path, options):
 
 
 @pytest.fixture
-def pair_passes(monkeypatch):
-    """The single passes over blocks of whole pairs (or KTO's responses) taken while a test runs (one per
-    training step)."""
-    import fastalign.linear_preference as linear_preference
+def item_passes(monkeypatch):
+    """The single passes of ``separable_step`` (blocks of whole pairs, KTO's responses or SFT's tokens) taken
+    while a test runs (one per training step)."""
+    import fastalign.linear_step as linear_step
 
-    single, passes = linear_preference._preference_single_pass, []
-    monkeypatch.setattr(linear_preference, "_preference_single_pass", lambda *a: passes.append(1) or single(*a))
+    single, passes = linear_step._single_pass, []
+    monkeypatch.setattr(linear_step, "_single_pass", lambda *a: passes.append(1) or single(*a))
     return passes
 
 
 @pytest.mark.parametrize("case", list(DPO_CASES))
-def test_dpo_trainer_matches_trl(checkpoint, reference_checkpoint, tmp_path, case, pair_passes):
+def test_dpo_trainer_matches_trl(checkpoint, reference_checkpoint, tmp_path, case, item_passes):
     """Loss, metrics and update equal TRL's. The loss, its entropy and accuracy metrics go through the head in
     one pass over blocks of whole pairs, except for a loss that couples the pairs (aot sorts the batch)."""
     options = DPO_CASES[case]
@@ -345,7 +347,7 @@ def test_dpo_trainer_matches_trl(checkpoint, reference_checkpoint, tmp_path, cas
     assert {"rewards/margins@0", "logits/chosen@0", "mean_token_accuracy@0", "entropy@0"} <= set(ours[0])
     assert ours[0]["rewards/margins@0"] != 0.0  # the reference differs from the policy
     _compare(theirs, ours)
-    assert len(pair_passes) == (0 if case == "aot_coupled" else 1)
+    assert len(item_passes) == (0 if case == "aot_coupled" else 1)
 
 
 # ------------------------------------------------------------------------------------------ KTO
@@ -364,7 +366,7 @@ KTO_CASES = {
 
 
 @pytest.mark.parametrize("case", list(KTO_CASES))
-def test_kto_trainer_matches_trl(checkpoint, tmp_path, case, pair_passes):
+def test_kto_trainer_matches_trl(checkpoint, tmp_path, case, item_passes):
     """Loss, metrics and update equal TRL's; the loss goes through the head in one pass over whole responses."""
     def build(cls, out):
         args = trl.KTOConfig(**_common(out, per_device_train_batch_size=4, **KTO_CASES[case]))
@@ -379,7 +381,7 @@ def test_kto_trainer_matches_trl(checkpoint, tmp_path, case, pair_passes):
     assert {"rewards/chosen@0", "rewards/rejected@0", "kl@0", "logits/chosen@0", "entropy@0"} <= set(ours[0])
     assert (ours[0]["kl@0"] > 0) == (case == "kto")  # the KL baseline is exercised
     _compare(theirs, ours)
-    assert len(pair_passes) == 1
+    assert len(item_passes) == 1
 
 
 # ------------------------------------------------------------------------------------------ CPO and ORPO
@@ -403,7 +405,7 @@ def _paired(cls, config_cls, checkpoint, tmp_path, options):
 
 
 @pytest.mark.parametrize("case", list(CPO_CASES))
-def test_cpo_trainer_matches_trl(checkpoint, tmp_path, case, pair_passes):
+def test_cpo_trainer_matches_trl(checkpoint, tmp_path, case, item_passes):
     """Loss, metrics and update equal TRL's; the loss goes through the head in one pass over whole pairs."""
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
@@ -414,10 +416,10 @@ def test_cpo_trainer_matches_trl(checkpoint, tmp_path, case, pair_passes):
         assert {"eval_loss@1", "eval_logits/chosen@1", "eval_rewards/margins@1"} <= set(ours[0])
     assert (ours[0]["nll_loss@0"] > 0) == (CPO_CASES[case].get("cpo_alpha", 1.0) > 0 and case != "alphapo")
     _compare(theirs, ours)
-    assert len(pair_passes) == 1  # the training step; evaluation needs no gradient (two passes)
+    assert len(item_passes) == 1  # the training step; evaluation needs no gradient (two passes)
 
 
-def test_orpo_trainer_matches_trl(checkpoint, tmp_path, pair_passes):
+def test_orpo_trainer_matches_trl(checkpoint, tmp_path, item_passes):
     """Loss, metrics and update equal TRL's; the loss goes through the head in one pass over whole pairs."""
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
@@ -425,7 +427,7 @@ def test_orpo_trainer_matches_trl(checkpoint, tmp_path, pair_passes):
     ours = _run(_paired(fa_trl.ORPOTrainer, ORPOConfig, checkpoint, tmp_path / "fa", dict(beta=0.5)))
     assert {"log_odds_ratio@0", "log_odds_chosen@0", "logits/chosen@0", "nll_loss@0"} <= set(ours[0])
     _compare(theirs, ours)
-    assert len(pair_passes) == 1
+    assert len(item_passes) == 1
 
 
 # ------------------------------------------------------------------------------------------ two processes

@@ -204,6 +204,26 @@ def packed_position_ids(cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor]
     return (t - start).to(torch.long)[None], past_end[None]
 
 
+def next_token_targets(input_ids: Tensor, *, labels: Optional[Tensor] = None, response_mask: Optional[Tensor] = None,
+                       attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                       past_end: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
+    """``[B, T-1]``: the token position ``t`` predicts (``y_{t+1}``, ``y = labels`` if given, else
+    ``input_ids``), ``ignore_index`` where it is not scored (the rule of :func:`causal_lm_logprobs`):
+    ``y_{t+1}`` is ``ignore_index``, or ``response_mask[:, t+1]`` / ``attention_mask[:, t+1]`` is 0, or
+    ``position_ids[:, t+1] == 0`` (the next token starts another packed sequence), or ``past_end[:, t+1]``
+    (padding after the last packed sequence). On device, no host sync."""
+    targets = (input_ids if labels is None else labels)[:, 1:]
+    scored = targets != ignore_index
+    for mask in (response_mask, attention_mask):
+        if mask is not None:
+            scored = scored & mask[:, 1:].bool()
+    if position_ids is not None:
+        scored = scored & (position_ids[:, 1:] != 0)
+    if past_end is not None:
+        scored = scored & ~past_end[:, 1:]
+    return torch.where(scored, targets, torch.full_like(targets, ignore_index))
+
+
 def causal_lm_logprobs(
     model,
     input_ids: Tensor,
@@ -333,17 +353,9 @@ def causal_lm_logprobs(
     if logit_scale is _UNSET:
         logit_scale, softcap = head_transform(model.config)
 
-    targets = (input_ids if labels is None else labels)[:, 1:]
-    scored = targets != ignore_index
-    if response_mask is not None:
-        scored = scored & response_mask[:, 1:].bool()
-    if attention_mask is not None:
-        scored = scored & attention_mask[:, 1:].bool()
-    if position_ids is not None:
-        scored = scored & (position_ids[:, 1:] != 0)
-    if past_end is not None:
-        scored = scored & ~past_end[:, 1:]
-    targets = torch.where(scored, targets, torch.full_like(targets, ignore_index))
+    targets = next_token_targets(input_ids, labels=labels, response_mask=response_mask,
+                                 attention_mask=attention_mask, position_ids=position_ids, past_end=past_end,
+                                 ignore_index=ignore_index)
 
     hidden, weight, bias, low_rank = head_operands(model, input_ids, attention_mask, position_ids=position_ids,
                                                    **model_kwargs)

@@ -219,6 +219,13 @@ def labelled_rows(labels: Tensor, ignore_index: int) -> Optional[Tensor]:
     return keep.nonzero().squeeze(1)
 
 
+def scatter_labelled(values: Tensor, rows: Tensor, like: Tensor, fill: float) -> Tensor:
+    """``values`` (of the rows :func:`labelled_rows` found) at those flat ``rows`` of a tensor shaped like
+    ``like``, ``fill`` elsewhere; differentiable with respect to ``values``."""
+    out = torch.full((like.numel(),), fill, dtype=values.dtype, device=values.device)
+    return out.index_put((rows,), values).view(like.shape)
+
+
 def forward_labelled(hidden, weight, bias, low_rank, labels, scale, softcap, inv_t, ignore_index, out, nc, vc):
     """:func:`forward` over the labelled rows only (ignored rows are 0 and cost no vocabulary
     work); with argmax every row is computed, since ignored rows keep their argmax."""

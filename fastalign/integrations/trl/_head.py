@@ -20,7 +20,7 @@ from torch import Tensor
 
 from fastalign.integrations.hf import causal_lm_logprobs, head_operands, head_transform
 from fastalign.linear_policy import policy_step
-from fastalign.linear_preference import preference_step
+from fastalign.linear_step import separable_step
 
 #: The per-token fields :func:`head_outputs` can compute (TRL's ``FusedCausalLMOutput`` names), and
 #: ``operands``: the head's own operands instead, for a loss that goes through the head itself.
@@ -130,21 +130,36 @@ def head_policy_loss(trainer, model, ids: Tensor, attention: Tensor, completion_
     return value, metrics
 
 
-def head_preference_loss(operands, config, targets: Tensor, loss, *, paired: bool = True, sum_p2: bool = False,
-                         extras: Sequence[str] = (), separable: bool = True, position_means: bool = False):
-    """``(loss, metrics, stats)`` of a preference ``loss`` over the rows whose head ``operands`` (of
-    ``model(..., fastalign_head=("operands",))``, chosen rows first when ``paired``) are given, through the
-    head itself (:func:`fastalign.linear_preference.preference_step`: one pass over blocks of whole pairs,
-    or responses, when gradients are needed and ``separable``), never the logits. ``targets [N, T-1]``: the
-    next token at each position, ``-100`` where unscored; ``config``: the model's (its head transform).
-    ``stats`` as :func:`~fastalign.linear_preference.preference_step`'s, plus ``"position_mean_logits"
-    [N, T]`` (:func:`mean_logits`) with ``position_means``."""
+#: What an item of :func:`head_separable_loss` is: a row, a pair of rows (chosen first), or a token.
+ITEMS = ("rows", "pairs", "tokens")
+
+
+def head_separable_loss(operands, config, targets: Tensor, loss, *, items: str = "pairs", sum_p2: bool = False,
+                        extras: Sequence[str] = (), separable: bool = True, position_means: bool = False):
+    """``(loss, metrics, stats)`` of ``loss(lp [N, T-1], sum_p2)`` over the rows whose head ``operands`` (of
+    ``model(..., fastalign_head=("operands",))``) are given, through the head itself
+    (:func:`fastalign.linear_step.separable_step`: one pass over blocks of whole ``items``, one of
+    :data:`ITEMS`, when gradients are needed and ``separable``), never the logits. ``targets [N, T-1]``:
+    the next token at each position, ``-100`` where unscored; ``config``: the model's (its head
+    transform). ``stats`` as :func:`~fastalign.linear_step.separable_step`'s, ``[N, T-1]``, plus
+    ``"position_mean_logits" [N, T]`` (:func:`mean_logits`) with ``position_means``."""
+    if items not in ITEMS:
+        raise ValueError(f"items must be one of {ITEMS}, got {items!r}")
     hidden, weight, bias, low_rank = operands
     scale, softcap = head_transform(config)
-    value, metrics, stats = preference_step(
-        hidden[:, :-1], weight, targets, loss, bias=bias, paired=paired, sum_p2=sum_p2, extras=extras,
-        low_rank=None if low_rank is None else (low_rank[0][:, :-1], low_rank[1]),
-        single_pass="auto" if separable else False, logit=dict(logit_scale=scale, softcap=softcap))
+    hidden, low = hidden[:, :-1], None if low_rank is None else (low_rank[0][:, :-1], low_rank[1])
+    shape = targets.shape
+
+    def step_loss(lp, sp2):  # the caller's loss on [N, T-1] grids (items="tokens" flattens them)
+        return loss(lp.view(shape), None if sp2 is None else sp2.view(shape))
+
+    if items == "tokens":  # every position its own item: [N * (T-1), 1, ...]
+        hidden, targets = hidden.reshape(-1, 1, hidden.shape[-1]), targets.reshape(-1, 1)
+        low = None if low is None else (low[0].reshape(-1, 1, low[0].shape[-1]), low[1])
+    value, metrics, stats = separable_step(
+        hidden, weight, targets, step_loss, bias=bias, low_rank=low, paired=items == "pairs", sum_p2=sum_p2,
+        extras=extras, single_pass="auto" if separable else False, logit=dict(logit_scale=scale, softcap=softcap))
+    stats = {name: t.view(shape) for name, t in stats.items()}
     if position_means:
         stats["position_mean_logits"] = mean_logits(operands, scale)
     return value, metrics, stats
@@ -273,7 +288,7 @@ def fused_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_
 class ConcatenatedPairsMixin:
     r"""``get_batch_loss_metrics`` of TRL's concatenated-pairs trainers (``CPOTrainer``, ``ORPOTrainer``)
     from the fused head: one forward over the chosen then the rejected rows, the trainer's profile loss
-    (``fastalign_loss``) of the scored tokens' log-probs through the head itself (:func:`head_preference_loss`:
+    (``fastalign_loss``) of the scored tokens' log-probs through the head itself (:func:`head_separable_loss`:
     one pass over blocks of whole pairs when gradients are needed) and TRL's metrics.
 
     A subclass sets ``config_name``, ``nll_over_prompt`` (ORPO: the NLL runs over every attended
@@ -315,7 +330,7 @@ class ConcatenatedPairsMixin:
         completion_mask = (completion_labels[:, 1:] != -100).float()
         extra = (attention[:, 1:].float(),) if self.nll_over_prompt else ()
         operands = model(input_ids=ids, attention_mask=attention, use_cache=False, fastalign_head=("operands",))
-        loss, metrics, stats = head_preference_loss(
+        loss, metrics, stats = head_separable_loss(
             operands.operands, self.accelerator.unwrap_model(self.model).config, targets,
             lambda per_token_logps, _sum_p2: self.fastalign_loss(per_token_logps, completion_mask, *extra),
             position_means=self._mean_logits)

@@ -6,7 +6,7 @@ Same constructor, same ``CPOConfig``; a TRL user changes one import::
 
 The chosen and rejected completion log-probs come from the last hidden states and the model's own
 output head (no ``[B, T, V]`` logits), the training loss through the head itself in one pass over
-blocks of whole pairs (:func:`fastalign.linear_preference.preference_step`); the loss is :class:`fastalign.integrations.trl.CPOLoss` of the trainer's config (sigmoid,
+blocks of whole pairs (:func:`fastalign.linear_step.separable_step`); the loss is :class:`fastalign.integrations.trl.CPOLoss` of the trainer's config (sigmoid,
 hinge, ipo, simpo and alphapo, label smoothing, ``simpo_gamma``, the AlphaPO reward ``alpha`` and
 the behaviour-cloning weight ``cpo_alpha``). Metrics keep TRL's names and values: ``rewards/*``,
 ``logps/*``, ``nll_loss`` and ``logits/chosen`` / ``logits/rejected`` (TRL's mean over every

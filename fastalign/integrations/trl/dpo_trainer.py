@@ -8,7 +8,7 @@ The chosen and rejected log-probs of the policy and of the reference (live or pr
 from the last hidden states and the model's own output head, so the ``[B, T, V]`` logits are never
 built; the loss is :class:`fastalign.integrations.trl.DPOLoss` of the trainer's config (every loss
 type, loss weights, f-divergences, LD-DPO, WPO weighting). The training loss goes through the head
-itself (:func:`fastalign.linear_preference.preference_step`): one pass over blocks of whole pairs,
+itself (:func:`fastalign.linear_step.separable_step`): one pass over blocks of whole pairs,
 three matrix products instead of four, unless the loss couples the pairs (``aot``, ``aot_unpaired``;
 WPO weights with ``sft``), which take the two passes. Metrics go through TRL's own ``_metrics``
 under TRL's names: ``rewards/*`` and ``logps/*`` from the loss, and ``entropy``, ``num_tokens``,
@@ -31,7 +31,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from fastalign.integrations.trl._head import (check_config, check_model, gathered_mean, has_mean_logits,
-                                               head_preference_loss, init_checked, install_head, install_heads)
+                                               head_separable_loss, init_checked, install_head, install_heads)
 from fastalign.integrations.trl.preference import DPOLoss
 from fastalign.linear_preference import coupling
 from fastalign.sequence import sequence_logprobs
@@ -91,7 +91,7 @@ class DPOTrainer(trl.DPOTrainer):
             return self.fastalign_loss(per_token_logps, shift_mask, **ref, log_sum_sq_probs=log_sum_sq)
 
         unwrapped = self.accelerator.unwrap_model(self.model)
-        loss, metrics, stats = head_preference_loss(
+        loss, metrics, stats = head_separable_loss(
             operands, unwrapped.config, targets, dpo, sum_p2=self.use_weighting, extras=("entropy", "argmax"),
             separable=coupling(self.fastalign_loss.options["loss_type"], self.use_weighting) is None,
             position_means=has_mean_logits(unwrapped))

@@ -8,7 +8,7 @@ The completion log-probs of the policy and of the reference (live or precomputed
 mismatched KL completions, come from the last hidden states and the model's own output head
 (no ``[B, T, V]`` logits); the loss is :class:`fastalign.integrations.trl.KTOLoss` of the
 trainer's config (``kto`` and ``apo_zero_unpaired``, desirable and undesirable weights). The
-training loss goes through the head itself (:func:`fastalign.linear_preference.preference_step`:
+training loss goes through the head itself (:func:`fastalign.linear_step.separable_step`:
 one pass over blocks of whole responses). The forwards run in TRL's order (KL completions, policy,
 reference), so dropout draws the same masks. Metrics go through TRL's ``_metrics`` under TRL's
 names (``kl``, ``rewards/*``, ``logps/*``, ``entropy``, ``num_tokens``, ``logits/*``; a class
@@ -30,7 +30,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from fastalign.integrations.trl._head import (check_config, check_model, gathered_mean, has_mean_logits,
-                                               head_preference_loss, init_checked, install_head, install_heads)
+                                               head_separable_loss, init_checked, install_head, install_heads)
 from fastalign.integrations.trl.preference import KTOLoss
 
 __all__ = ["KTOTrainer"]
@@ -105,8 +105,8 @@ class KTOTrainer(trl.KTOTrainer):
             return self.fastalign_loss(per_token_logps, shift_mask, label, ref_logps, kl_logps, ref_kl_logps)
 
         unwrapped = self.accelerator.unwrap_model(self.model)
-        loss, metrics, stats = head_preference_loss(operands, unwrapped.config, targets, kto, paired=False,
-                                                    extras=("entropy",), position_means=has_mean_logits(unwrapped))
+        loss, metrics, stats = head_separable_loss(operands, unwrapped.config, targets, kto, items="rows",
+                                                   extras=("entropy",), position_means=has_mean_logits(unwrapped))
         log = self._metrics[mode]
         counts = {"chosen": label.sum(), "rejected": (~label).sum()}
         logged = {"kl": metrics["kl"].item()}  # the same on every process

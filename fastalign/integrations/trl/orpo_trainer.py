@@ -7,7 +7,7 @@ Same constructor, same ``ORPOConfig``; a TRL user changes one import::
 The per-token log-probs of the chosen and rejected rows come from the last hidden states and the
 model's own output head (no ``[B, T, V]`` logits), over the prompt too since ORPO's NLL runs over
 every attended token of the chosen rows, the training loss through the head itself in one pass over
-blocks of whole pairs (:func:`fastalign.linear_preference.preference_step`); the loss is :class:`fastalign.integrations.trl.ORPOLoss` of the trainer's config.
+blocks of whole pairs (:func:`fastalign.linear_step.separable_step`); the loss is :class:`fastalign.integrations.trl.ORPOLoss` of the trainer's config.
 Metrics keep TRL's names and values: ``rewards/*``, ``logps/*``, ``nll_loss``, ``log_odds_ratio``,
 ``log_odds_chosen`` and ``logits/chosen`` / ``logits/rejected`` (TRL's mean over every position
 but the last, from one ``H``-vector; not logged for a softcapped head).

@@ -4,9 +4,10 @@ Same constructor, same ``trl.SFTConfig``; a TRL user changes one import::
 
     from fastalign.integrations.trl import SFTTrainer   # was: from trl import SFTTrainer
 
-The loss and its metrics come from the last hidden states and the model's own output head through
-:func:`fastalign.integrations.hf.causal_lm_logprobs` (only positions whose next-token label is not
--100 go through the vocabulary; the ``[B, T, V]`` logits are never built):
+The loss and its metrics come from the last hidden states and the model's own output head (only
+positions whose next-token label is not -100 go through the vocabulary; the ``[B, T, V]`` logits
+are never built), the training loss in one pass through the head over blocks of tokens
+(:func:`fastalign.linear_step.separable_step`: three matrix products instead of four):
 
     nll:  loss = -Σ_t lp_t / N            dft:  loss = -Σ_t sg(p_t) lp_t / N
 
@@ -28,11 +29,10 @@ import warnings
 import torch
 import trl
 
-from fastalign.integrations.trl._head import check_config, check_model, init_checked, install_head
+from fastalign.integrations.hf import next_token_targets
+from fastalign.integrations.trl._head import check_config, check_model, head_separable_loss, init_checked, install_head
 
 __all__ = ["SFTTrainer"]
-
-_FIELDS = ("log_probs", "entropy", "is_top1")
 
 
 class SFTTrainer(trl.SFTTrainer):
@@ -60,17 +60,24 @@ class SFTTrainer(trl.SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "use_cache")}
-        labels = inputs["labels"]
-        out = model(**model_inputs, labels=labels, fastalign_head=_FIELDS)
-        scored = labels[:, 1:] != -100
-        per_token_loss = -out.log_probs  # 0 at unscored positions
-        if self.args.loss_type == "dft":  # DFT: each token's NLL weighted by its (detached) probability
-            per_token_loss = per_token_loss * out.log_probs.detach().exp()
-        num_tokens = scored.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        targets = next_token_targets(inputs["input_ids"], labels=inputs["labels"],
+                                     attention_mask=inputs.get("attention_mask"),
+                                     position_ids=inputs.get("position_ids"))
+        scored = targets != -100
+        num_tokens = torch.as_tensor(scored.sum() if num_items_in_batch is None else num_items_in_batch).clamp(min=1)
+        dft = self.args.loss_type == "dft"
+
+        def sft(per_token_logps, _sum_p2):  # 0 at unscored positions; DFT weighs by the detached probability
+            per_token_loss = -per_token_logps * (per_token_logps.detach().exp() if dft else 1.0)
+            return per_token_loss.sum() / num_tokens, {}
+
+        operands = model(**model_inputs, fastalign_head=("operands",)).operands
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        loss, _, stats = head_separable_loss(operands, unwrapped.config, targets, sft, items="tokens",
+                                             extras=("entropy", "argmax"))
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        self._log_metrics(mode, inputs, out, scored)
+        self._log_metrics(mode, inputs, stats, targets)
         if return_outputs:
             warnings.warn("return_outputs=True computes the logits with an extra forward pass (the fused head "
                           "never builds them)", stacklevel=2)
@@ -79,13 +86,14 @@ class SFTTrainer(trl.SFTTrainer):
             return loss, outputs
         return loss
 
-    def _log_metrics(self, mode, inputs, out, scored) -> None:
-        """TRL's ``entropy``, ``mean_token_accuracy`` (over every process's scored tokens) and ``num_tokens``."""
+    def _log_metrics(self, mode, inputs, stats, targets) -> None:
+        """TRL's ``entropy``, ``mean_token_accuracy`` (over every process's scored tokens) and ``num_tokens``,
+        from the statistics of the loss's own pass."""
         gather = self.accelerator.gather_for_metrics
         log = self._metrics[mode]
-        num_valid = gather(scored.sum()).sum()
-        entropy_sum = gather(out.entropy.detach().sum()).sum()
-        num_correct = gather(out.is_top1.sum()).sum()
+        num_valid = gather((targets != -100).sum()).sum()
+        entropy_sum = gather(stats["entropy"].sum()).sum()
+        num_correct = gather((stats["argmax"] == targets).sum()).sum()
         log["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
         log["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
         if mode == "train":

@@ -1,5 +1,5 @@
-"""``preference_step``: a loss separable over pairs, from hidden states and the head, by the single pass (blocks
-of whole pairs through the head once) and by the two passes. Both equal a float64 plain-PyTorch oracle on
+"""``separable_step``: a loss separable over items (pairs, or rows), from hidden states and the head, by the
+single pass (blocks of whole items through the head once) and by the two passes. Both equal a float64 plain-PyTorch oracle on
 materialised logits: the loss, its metrics, the gradients of hidden, weight, bias and a low-rank term, and
 the statistics kept for metrics (entropy, argmax, sum p^2) at the scored positions; blocks of one pair
 and of the whole batch; the C++ kernels and the Triton kernels in the interpreter; softcap, logit scale
@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastalign.linear_preference import coupling, preference_step
+from fastalign.linear_preference import coupling
+from fastalign.linear_step import separable_step
 from helpers import assert_close
 
 B, T, H, V, R = 3, 7, 16, 89, 4
@@ -95,7 +96,7 @@ def run(d, single_pass, *, sum_p2=True, low_rank=True, backend="cpp", logit=LOGI
         make_loss=dpo_like, paired=True):
     names = ("hidden", "weight", "bias") + (("a", "L") if low_rank else ())
     leaves = {k: d[k].clone().requires_grad_(True) for k in names}
-    value, metrics, stats = preference_step(
+    value, metrics, stats = separable_step(
         leaves["hidden"], leaves["weight"], d["labels"], make_loss(d["labels"], d["ref"]), bias=leaves["bias"],
         low_rank=(leaves["a"], leaves["L"]) if low_rank else None, sum_p2=sum_p2, extras=extras,
         single_pass=single_pass, logit=dict(logit, backend=backend), paired=paired)
@@ -126,7 +127,7 @@ def block_mib(request, monkeypatch):
 
 @pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "two-pass"])
 @pytest.mark.parametrize("sum_p2,low_rank", [(True, True), (False, False)], ids=["wpo+lora", "plain"])
-def test_preference_step_matches_float64(block_mib, single_pass, sum_p2, low_rank):
+def test_separable_step_matches_float64(block_mib, single_pass, sum_p2, low_rank):
     d = make()
     got = run(d, single_pass, sum_p2=sum_p2, low_rank=low_rank)
     assert set(got[3]) == {"logprobs", "entropy", "argmax"} | ({"sum_p2"} if sum_p2 else set())
@@ -134,21 +135,21 @@ def test_preference_step_matches_float64(block_mib, single_pass, sum_p2, low_ran
 
 
 @pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "two-pass"])
-def test_preference_step_unpaired_matches_float64(block_mib, single_pass):
+def test_separable_step_unpaired_matches_float64(block_mib, single_pass):
     """Unpaired responses (KTO): each block holds whole responses, in any order of the classes."""
     d = make(4)
     got = run(d, single_pass, sum_p2=False, make_loss=kto_like, paired=False)
     check(got, oracle(d, False, True, LOGIT, kto_like), 2e-5, stats=("logprobs", "entropy", "argmax"))
 
 
-def test_preference_step_triton_interpreter(block_mib, monkeypatch):
+def test_separable_step_triton_interpreter(block_mib, monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     d = make(1)
     check(run(d, True, backend="triton"), oracle(d, True, True, LOGIT), 2e-5)
 
 
-def test_preference_step_bf16_operands():
+def test_separable_step_bf16_operands():
     """bf16 hidden and head: both paths accumulate in fp32 and agree with the float64 oracle on the same
     (rounded) operands within bf16's output rounding."""
     d = make(2, torch.bfloat16)
@@ -158,25 +159,25 @@ def test_preference_step_bf16_operands():
         check(got, want, 3e-2, stats=("logprobs", "sum_p2", "entropy"))
 
 
-def test_preference_step_auto_and_no_grad():
+def test_separable_step_auto_and_no_grad():
     """Without gradients ``"auto"`` takes the two passes: same loss and statistics, nothing to differentiate."""
     d = make(3)
     with torch.no_grad():
-        value, _m, stats = preference_step(d["hidden"], d["weight"], d["labels"], dpo_like(d["labels"], d["ref"]),
-                                     bias=d["bias"], extras=("entropy",), logit=LOGIT)
+        value, _m, stats = separable_step(d["hidden"], d["weight"], d["labels"], dpo_like(d["labels"], d["ref"]),
+                                          bias=d["bias"], paired=True, extras=("entropy",), logit=LOGIT)
     want = oracle(d, False, False, LOGIT)
     assert_close(value, want[0], atol=2e-5, rtol=2e-5, what="loss")
     assert_close(stats["entropy"], want[3]["entropy"], atol=2e-5, rtol=2e-5, what="entropy")
     assert set(stats) == {"logprobs", "entropy"}
 
 
-def test_preference_step_auto_keeps_the_block_budget(monkeypatch):
+def test_separable_step_auto_keeps_the_block_budget(monkeypatch):
     """``"auto"`` takes the single pass only when one pair's logits fit the block budget (above it, a block
     of one pair would exceed the budget; the two passes stay within their chunks)."""
-    import fastalign.linear_preference as linear_preference
+    import fastalign.linear_step as linear_step
 
-    single, passes = linear_preference._preference_single_pass, []
-    monkeypatch.setattr(linear_preference, "_preference_single_pass", lambda *a: passes.append(1) or single(*a))
+    single, passes = linear_step._single_pass, []
+    monkeypatch.setattr(linear_step, "_single_pass", lambda *a: passes.append(1) or single(*a))
     d = make(5)
     pair_mib = 2 * T * V * 4 / 2**20
     want = oracle(d, True, True, LOGIT)
@@ -186,17 +187,16 @@ def test_preference_step_auto_keeps_the_block_budget(monkeypatch):
         assert len(passes) == taken
 
 
-def test_preference_step_bad_inputs():
+def test_separable_step_bad_inputs():
     d = make()
     loss = dpo_like(d["labels"], d["ref"])
     with pytest.raises(ValueError, match="N even"):
-        preference_step(d["hidden"][:5], d["weight"], d["labels"][:5], loss)
-    preference_step(d["hidden"][:5], d["weight"], d["labels"][:5], kto_like(d["labels"][:5], d["ref"][:5]),
-                    paired=False)  # unpaired: any count
+        separable_step(d["hidden"][:5], d["weight"], d["labels"][:5], loss, paired=True)
+    separable_step(d["hidden"][:5], d["weight"], d["labels"][:5], kto_like(d["labels"][:5], d["ref"][:5]))  # any N
     with pytest.raises(ValueError, match="extras"):
-        preference_step(d["hidden"], d["weight"], d["labels"], loss, extras=("mean",))
+        separable_step(d["hidden"], d["weight"], d["labels"], loss, extras=("mean",))
     with pytest.raises(ValueError, match="single_pass"):
-        preference_step(d["hidden"], d["weight"], d["labels"], loss, single_pass="yes")
+        separable_step(d["hidden"], d["weight"], d["labels"], loss, single_pass="yes")
 
 
 def test_coupling_names_the_losses_that_are_not_separable_over_pairs():

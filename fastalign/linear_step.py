@@ -1,0 +1,132 @@
+"""A loss separable over items, from hidden states and the LM head, for a trainer's own loss.
+
+:func:`separable_step` takes a caller's loss of per-token log-probs (and :math:`\sum_j p_j^2`) of a
+batch and goes through the head in one of two ways, same loss and gradients:
+
+* **single pass** (when gradients are needed, an item's logits fit the block budget, on a GPU or
+  with an fp32 head on the CPU): blocks of whole items go through the head once
+  (:mod:`fastalign.ops.single_pass`); a block's share is the loss with the other items' statistics
+  held constant, which has the loss's gradient with respect to the block's statistics when the loss
+  is separable over items: three matrix products instead of four;
+* **two passes**: :func:`fastalign.linear_logprobs` (its backward recomputes the logits), then the loss.
+
+An item is a row (a sequence, an unpaired response; a token, with the batch reshaped to
+``[tokens, 1, H]``) or, ``paired``, rows ``i`` and ``N/2 + i`` (a chosen and a rejected response).
+Entropies and argmax for the caller's metrics come from the same pass. The TRL drop-ins use it for
+the preference trainers (pairs, KTO's responses) and SFT (tokens).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from fastalign._options import check_choice
+from fastalign.linear import check_head_inputs, linear_logprobs, logit_pipeline
+from fastalign.ops._launch import eager
+from fastalign.ops.linear_cpu import labelled_rows, scatter_labelled
+from fastalign.ops.single_pass import UNLABELLED, Side, by_default, single_pass_loss
+
+__all__ = ["StepLoss", "separable_step"]
+
+_MODES = ("auto", True, False)
+
+#: loss(logprobs [N, T], sum_p2 [N, T] or None) -> (loss, metrics) of a batch
+StepLoss = Callable[[Tensor, Optional[Tensor]], Tuple[Tensor, dict]]
+
+
+def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLoss, *,
+                   bias: Optional[Tensor] = None, low_rank=None, paired: bool = False, sum_p2: bool = False,
+                   extras: Sequence[str] = (), single_pass="auto",
+                   logit: Optional[dict] = None) -> Tuple[Tensor, dict, dict]:
+    r"""``(loss, metrics, stats)``: ``loss(lp, sum_p2)`` of the token statistics of ``hidden`` through the head.
+
+    ``hidden [N, T, H]`` holds N rows, each an item, or with ``paired`` the chosen rows then the
+    rejected ones (rows ``i`` and ``N/2 + i`` an item). ``labels [N, T]`` are aligned with the
+    positions (``ignore_index`` where unscored), ``weight``, ``bias`` and ``low_rank = (a [N, T, r],
+    L [V, r])`` the head, ``logit`` the logit options of :func:`fastalign.linear_logprobs`
+    (``temperature``, ``softcap``, ``logit_scale``, ``ignore_index``, ``backend``). ``loss`` gets
+    ``lp`` (differentiable) and, with ``sum_p2=True``, :math:`\sum_j p_j^2` (not differentiable),
+    both ``[N, T]``.
+
+    ``loss`` must be separable over the items: a sum of per-item terms plus terms linear in ``lp``
+    with weights fixed by the labels (a token-mean NLL over the batch);
+    :func:`fastalign.linear_preference.coupling` says which preference losses are not. Then the
+    single pass takes blocks of whole items through the head once (module docstring).
+    ``single_pass``: ``"auto"`` takes it where :func:`~fastalign.ops.single_pass.by_default` says so
+    (an item's logits within the block budget among the conditions), True asks for it, False never.
+
+    ``stats``: name -> detached ``[N, T]`` tensor of ``"logprobs"``, ``"sum_p2"`` (when asked) and the
+    ``extras`` (``"entropy"``, ``"argmax"``; for metrics, no gradient), all from the same pass; an
+    unscored position holds 0 (``sum_p2``: 1, ``argmax``: -1)."""
+    logit = dict(logit or {})
+    a, lw = check_head_inputs(hidden, weight, labels, bias, low_rank)
+    if hidden.dim() != 3 or (paired and hidden.shape[0] % 2):
+        raise ValueError(f"hidden must be [N, T, H]{' with N even (chosen rows first)' if paired else ''}, got "
+                         f"shape {tuple(hidden.shape)}")
+    unknown = set(extras) - {"entropy", "argmax"}
+    if unknown:
+        raise ValueError(f"extras must be among ('entropy', 'argmax'), got {sorted(unknown)}")
+    check_choice("single_pass", single_pass, _MODES)
+    if single_pass is True and not eager(hidden, weight, bias, a, lw):
+        raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two passes run")
+    with torch.autocast(hidden.device.type, enabled=False):  # the head runs in its operands' dtype
+        item_rows = hidden.shape[1] * (2 if paired else 1)  # one item's positions
+        if single_pass is True or (single_pass == "auto" and by_default(weight, hidden, bias, a, lw,
+                                                                         item_rows=item_rows)):
+            return _single_pass(hidden, weight, bias, a, lw, labels, loss, paired, sum_p2, extras, logit)
+        return _two_passes(hidden, weight, bias, a, lw, labels, loss, sum_p2, extras, logit)
+
+
+def _two_passes(hidden, weight, bias, a, lw, labels, loss: StepLoss, sum_p2: bool, extras, logit: dict):
+    """:func:`separable_step` by :func:`fastalign.linear_logprobs` (its backward recomputes the logits); on
+    the CPU only the scored rows go through the vocabulary (their argmax included)."""
+    ignore_index = int(logit.get("ignore_index", -100))
+    rows = labelled_rows(labels.reshape(-1), ignore_index) if hidden.device.type == "cpu" else None
+    h, y, low = hidden, labels, None if a is None else (a, lw)
+    if rows is not None:
+        h, y = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), labels.reshape(-1).index_select(0, rows)
+        low = None if a is None else (a.reshape(-1, a.shape[-1]).index_select(0, rows), lw)
+    st = linear_logprobs(h, weight, y, bias=bias, low_rank=low, sum_p2=sum_p2, entropy="entropy" in extras,
+                         argmax="argmax" in extras, **logit)
+    scored = labels != ignore_index
+    stats = {}
+    for name in ("logprobs", *(["sum_p2"] if sum_p2 else []), *extras):
+        t, fill = getattr(st, name), UNLABELLED[name]
+        t = t.view(labels.shape) if rows is None else scatter_labelled(t, rows, labels, fill)
+        stats[name] = torch.where(scored, t if name == "logprobs" else t.detach(), fill)
+    value, metrics = loss(stats["logprobs"], stats.get("sum_p2"))
+    stats["logprobs"] = stats["logprobs"].detach()
+    return value, metrics, stats
+
+
+def _single_pass(hidden, weight, bias, a, lw, labels, loss: StepLoss, paired: bool, sum_p2: bool, extras,
+                 logit: dict):
+    """:func:`separable_step` by the single pass: the chosen and rejected halves are its two sides (one side
+    when unpaired); a block's share is ``loss`` of the whole batch with the other items' log-probs held at
+    0 and their ``sum_p2`` at 1 (constants, so its gradient with respect to the block's statistics is the
+    loss's)."""
+    pipe = logit_pipeline(hidden.device, logit)
+    n_sides = 2 if paired else 1
+    parts = [t.chunk(n_sides) if t is not None else [None] * n_sides for t in (hidden, labels, a)]
+    # the C++ path finds the labelled rows on the host (free on the CPU); the Triton paths on the device
+    sides = [Side(h, y, labelled_rows(y.reshape(-1), pipe.ignore_index) if pipe.backend == "cpp" else None, low)
+             for h, y, low in zip(*parts)]
+    held = {"lp": torch.zeros(labels.shape, dtype=torch.float32, device=labels.device),
+            "sp2": torch.ones(labels.shape, dtype=torch.float32, device=labels.device)}
+
+    def whole(blocks, rest, items: slice):
+        """Every side's rows, the block's ``items`` from ``blocks`` and the rest from ``rest``."""
+        return torch.cat([torch.cat([r[:items.start], blk, r[items.stop:]])
+                          for r, blk in zip(rest.chunk(n_sides), blocks)])
+
+    def share(lps, sps, items: slice):
+        return loss(whole(lps, held["lp"], items), whole(sps, held["sp2"], items) if sum_p2 else None)[0]
+
+    def total(lps, sps):
+        return loss(torch.cat(lps), torch.cat(sps) if sum_p2 else None)
+
+    value, metrics, stats = single_pass_loss(sides, weight, bias, share, total, pipe=pipe,
+                                             aux="sum_p2" if sum_p2 else None, extras=extras, low_rank_weight=lw)
+    return value, metrics, {name: torch.cat(per_side) for name, per_side in stats.items()}
