@@ -105,10 +105,12 @@ def _compare(theirs, ours):
 # ------------------------------------------------------------------------------------------ head
 
 @pytest.mark.parametrize("model_type", ["qwen2", "cohere", "gemma2"])
-def test_head_outputs_match_the_models_own_logits(model_type):
-    """Every field of the fused head against the model's own logits in float64 (cohere: logit_scale;
-    gemma2: softcapping, where mean_logits has no closed form and raises)."""
-    from fastalign.integrations.trl._head import head_outputs
+def test_head_matches_the_models_own_logits(model_type):
+    """The fused head against the model's own logits in float64 (cohere: logit_scale; gemma2: softcapping,
+    which has no mean logit without the logits): head_outputs' fields, the mean logit from the operands, and
+    the statistics of head_separable_loss's pass (items as rows, pairs and tokens; loss and gradient too)."""
+    from fastalign.integrations.hf import head_operands
+    from fastalign.integrations.trl._head import has_mean_logits, head_outputs, head_separable_loss, mean_logits
 
     extra = {"cohere": dict(logit_scale=0.5), "gemma2": dict(final_logit_softcapping=3.0, head_dim=8)}
     config_cls = {"qwen2": transformers.Qwen2Config, "cohere": transformers.CohereConfig,
@@ -122,38 +124,57 @@ def test_head_outputs_match_the_models_own_logits(model_type):
     model = model_cls(config).float().eval()
     with torch.no_grad():
         model.get_output_embeddings().weight.normal_(0, 1.0)
-    ids = torch.randint(1, 50, (3, 9))
+    ids = torch.randint(1, 50, (4, 9))
     attention = torch.ones_like(ids)
     attention[0, :2] = 0  # left padding
     labels = ids.masked_fill(attention == 0, -100)
     labels[:, :4] = -100  # the prompt is not scored
-    fields = ("log_probs", "entropy", "log_sum_sq_probs", "is_top1")
-    if model_type == "gemma2":
-        for mean_field in ("mean_logits", "position_mean_logits"):
-            with pytest.raises(ValueError, match=mean_field):
-                head_outputs(model, ids, attention, labels, fields + (mean_field,), temperature=0.7)
-    else:
-        fields += ("mean_logits", "position_mean_logits")
-    out = head_outputs(model, ids, attention, labels, fields, temperature=0.7)
+    out = head_outputs(model, ids, attention, labels, ("log_probs", "entropy"), temperature=0.7)
     with torch.no_grad():
-        z_every = model(input_ids=ids, attention_mask=attention).logits.double() / 0.7
-    z = z_every[:, :-1]
-    logp = torch.log_softmax(z, -1)
+        z_every = model(input_ids=ids, attention_mask=attention).logits.double()
     y, scored = labels[:, 1:], labels[:, 1:] != -100
     zero = torch.zeros((), dtype=torch.float64)
-    expected = {"log_probs": logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1),
-                "entropy": -(logp.exp() * logp).sum(-1), "log_sum_sq_probs": torch.logsumexp(2 * logp, -1),
-                "mean_logits": z.mean(-1)}
-    for name in fields:
-        got = getattr(out, name)
-        if name == "is_top1":
-            assert torch.equal(got, (z.argmax(-1) == y) & scored)
-            continue
-        if name == "position_mean_logits":  # every position, the last and the padded ones included
-            torch.testing.assert_close(got.double(), z_every.mean(-1), rtol=1e-5, atol=1e-5)
-            continue
-        torch.testing.assert_close(got.double(), torch.where(scored, expected[name], zero), rtol=1e-5, atol=1e-5,
-                                   msg=lambda m: f"{name}: {m}")
+
+    def expected(z):
+        logp = torch.log_softmax(z[:, :-1], -1)
+        return {"logprobs": torch.where(scored, logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1), zero),
+                "entropy": torch.where(scored, -(logp.exp() * logp).sum(-1), zero),
+                "sum_p2": torch.where(scored, logp.exp().pow(2).sum(-1), 1.0),
+                "argmax": torch.where(scored, z[:, :-1].argmax(-1), -1)}
+
+    want = expected(z_every / 0.7)
+    for name, got in (("logprobs", out.log_probs), ("entropy", out.entropy)):
+        torch.testing.assert_close(got.double(), want[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    operands = head_operands(model, ids, attention)
+    assert has_mean_logits(model) == (model_type != "gemma2")
+    if has_mean_logits(model):  # every position, the last and the padded ones included
+        scale = 0.5 if model_type == "cohere" else 1.0
+        torch.testing.assert_close(mean_logits(operands, scale).double(), z_every.mean(-1), rtol=1e-5, atol=1e-5)
+
+    want = expected(z_every)
+    hidden, weight, bias, low_rank = operands
+    for items in ("rows", "pairs", "tokens"):
+        h = hidden.detach().requires_grad_(True)
+
+        def loss(lp, sum_p2):
+            return -(lp * sum_p2).sum(), {}
+
+        value, _, stats = head_separable_loss((h, weight, bias, low_rank), model.config, y.masked_fill(~scored, -100),
+                                              loss, items=items, sum_p2=True, extras=("entropy", "argmax"))
+        value.backward()
+        for name in ("logprobs", "entropy", "sum_p2"):
+            torch.testing.assert_close(stats[name].double(), want[name], rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{items} {name}: {m}")
+        assert torch.equal(stats["argmax"], want["argmax"]), items
+        h64 = hidden.detach().double().requires_grad_(True)
+        z = h64 @ weight.detach().double().T
+        if model_type == "cohere":
+            z = z * 0.5
+        if model_type == "gemma2":
+            z = 3.0 * torch.tanh(z / 3.0)
+        ref = expected(z)
+        (-(ref["logprobs"] * want["sum_p2"]).sum()).backward()
+        torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{items}: {m}")
 
 
 # ------------------------------------------------------------------------------------------ SFT

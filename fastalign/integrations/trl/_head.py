@@ -18,32 +18,23 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastalign.integrations.hf import causal_lm_logprobs, head_operands, head_transform
+from fastalign.integrations.hf import causal_lm_logprobs, head_operands, head_transform, next_token_targets
 from fastalign.linear_policy import policy_step
 from fastalign.linear_step import separable_step
 
 #: The per-token fields :func:`head_outputs` can compute (TRL's ``FusedCausalLMOutput`` names), and
 #: ``operands``: the head's own operands instead, for a loss that goes through the head itself.
-FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "position_mean_logits", "operands")
+FIELDS = ("log_probs", "entropy", "operands")
 
 
 @dataclass
 class HeadOutputs:
-    """Per-token statistics ``[B, T-1]`` of the next token; unscored positions are 0 (False).
-
-    ``log_probs`` and ``entropy`` are differentiable; ``log_sum_sq_probs`` (``log Σ_j p_j²``),
-    ``mean_logits`` (``(1/V) Σ_j z_j``) and ``is_top1`` (``label == argmax_j z_j``) are not.
-    ``position_mean_logits`` ``[B, T]`` (not differentiable) is the mean logit at every position,
-    the last one and unscored ones included (what a mean of the model's ``[B, T, V]`` logits sees).
+    """Per-token statistics ``[B, T-1]`` of the next token, differentiable; unscored positions are 0.
     Fields not requested are None. ``operands`` (alone) is ``(hidden [B, T, H], weight, bias, low_rank)``
     of :func:`fastalign.integrations.hf.head_operands`, with no vocabulary pass (``log_probs`` None)."""
 
     log_probs: Optional[Tensor]
     entropy: Optional[Tensor] = None
-    log_sum_sq_probs: Optional[Tensor] = None
-    mean_logits: Optional[Tensor] = None
-    is_top1: Optional[Tensor] = None
-    position_mean_logits: Optional[Tensor] = None
     operands: Optional[tuple] = None
 
 
@@ -52,12 +43,9 @@ def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], lab
     r"""TRL's fused-head statistics of ``model`` from its hidden states, never its logits.
 
     With ``z_t = head(h_t) / temperature`` (the model's head transform included), entry ``t``
-    scores ``labels[:, t+1]`` (``-100``: unscored): ``log_probs = z_{y} - logsumexp(z)``,
-    ``entropy = logsumexp(z) - Σ_j p_j z_j``, ``log_sum_sq_probs = log Σ_j p_j²``,
-    ``is_top1 = [y = argmax_j z_j]`` and ``mean_logits = (1/V) Σ_j z_j``, which is linear in
-    ``h`` for a head without softcapping: ``logit_scale (h · mean_j W_j + a · mean_j L_j + mean_j b_j)
-    / temperature`` (``a @ L.T`` a LoRA head's low-rank term; no vocabulary pass). A softcapped head
-    has no such form: ``mean_logits`` and ``position_mean_logits`` raise a ValueError there.
+    scores ``labels[:, t+1]`` (``-100``: unscored): ``log_probs = z_{y} - logsumexp(z)`` and
+    ``entropy = logsumexp(z) - Σ_j p_j z_j``. A loss that goes through the head itself asks for
+    ``operands`` (:func:`head_policy_loss`, :func:`head_separable_loss`).
     """
     unknown = set(fields) - set(FIELDS)
     if unknown:
@@ -68,36 +56,17 @@ def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], lab
         return HeadOutputs(log_probs=None, operands=head_operands(model, input_ids, attention_mask, **model_kwargs))
     if labels is None:
         raise ValueError("fastalign_head: the statistics score labels; pass labels=")
-    head = []
-    mean_fields = [f for f in ("mean_logits", "position_mean_logits") if f in fields]
-    if mean_fields:
-        scale, softcap = head_transform(model.config)
-        if softcap is not None:
-            raise ValueError(f"{mean_fields[0]}: a softcapped head (final_logit_softcapping) has no mean logit without "
-                             "the full logits")
-    on_head = (lambda *operands: head.append(operands)) if mean_fields else None
     stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, temperature=temperature,
-                               entropy="entropy" in fields, sum_p2="log_sum_sq_probs" in fields,
-                               argmax="is_top1" in fields, on_head=on_head, **model_kwargs)
-    scored = labels[:, 1:] != -100
-    out = HeadOutputs(log_probs=stats.logprobs, entropy=stats.entropy)
-    if stats.sum_p2 is not None:
-        out.log_sum_sq_probs = torch.where(scored, stats.sum_p2.detach().clamp(min=1e-38).log(), 0.0)
-    if stats.argmax is not None:
-        out.is_top1 = (stats.argmax == labels[:, 1:]) & scored
-    if head:
-        mean = mean_logits(head[0], scale / temperature)
-        if "mean_logits" in fields:
-            out.mean_logits = torch.where(scored, mean[:, :-1], 0.0)
-        if "position_mean_logits" in fields:
-            out.position_mean_logits = mean
-    return out
+                               entropy="entropy" in fields, **model_kwargs)
+    return HeadOutputs(log_probs=stats.logprobs, entropy=stats.entropy)
 
 
 def mean_logits(operands, scale: float) -> Tensor:
     r"""The mean logit ``(1/V) Σ_j z_j`` at every position ``[B, T]`` (fp32, no gradient) of a head without
     softcapping, from its operands ``(hidden, weight, bias, low_rank)``: linear in ``h``,
-    ``scale (h · mean_j W_j + a · mean_j L_j + mean_j b_j)`` (``scale``: logit scale over temperature)."""
+    ``scale (h · mean_j W_j + a · mean_j L_j + mean_j b_j)`` (``scale``: logit scale over temperature;
+    ``a @ L.T`` a LoRA head's low-rank term), with no vocabulary pass. A softcapped head has no such form
+    (:func:`has_mean_logits`)."""
     hidden, weight, bias, low_rank = operands
     with torch.no_grad():
         mean = hidden.float() @ weight.float().mean(0)
@@ -166,7 +135,7 @@ def head_separable_loss(operands, config, targets: Tensor, loss, *, items: str =
 
 
 def has_mean_logits(model) -> bool:
-    """Whether :func:`head_outputs` gives ``mean_logits`` for ``model`` (its head is not softcapped)."""
+    """Whether :func:`mean_logits` applies to ``model``: its head is not softcapped."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     return head_transform(model.config)[1] is None
 
@@ -326,7 +295,7 @@ class ConcatenatedPairsMixin:
         completion_labels = cat["concatenated_labels"]
         pairs = batch["chosen_labels"].shape[0]
         labels = ids.masked_fill(attention == 0, -100) if self.nll_over_prompt else completion_labels
-        targets = labels[:, 1:].masked_fill(attention[:, 1:] == 0, -100)
+        targets = next_token_targets(ids, labels=labels, attention_mask=attention)
         completion_mask = (completion_labels[:, 1:] != -100).float()
         extra = (attention[:, 1:].float(),) if self.nll_over_prompt else ()
         operands = model(input_ids=ids, attention_mask=attention, use_cache=False, fastalign_head=("operands",))
