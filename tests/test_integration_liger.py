@@ -310,8 +310,19 @@ PREF_CASES = (
 )
 
 
+@pytest.fixture
+def item_passes(monkeypatch):
+    """The single passes of ``separable_step`` (blocks of whole pairs or responses) taken while a test runs."""
+    import fastalign.linear_step as linear_step
+
+    single, passes = linear_step._single_pass, []
+    monkeypatch.setattr(linear_step, "_single_pass", lambda *a: passes.append(1) or single(*a))
+    return passes
+
+
 @pytest.mark.parametrize("kind, name, opts", PREF_CASES, ids=[f"{k}-{n}" for k, n, _ in PREF_CASES])
-def test_preference_matches_liger(kind, name, opts):
+def test_preference_matches_liger(kind, name, opts, item_passes):
+    """Loss, outputs and gradients equal Liger's; the loss goes through the head in one pass over whole pairs."""
     fa = getattr(fl, f"LigerFusedLinear{kind}Loss")(compiled=False, **opts)
     lg = getattr(chunked, f"LigerFusedLinear{kind}Loss")(compiled=False, **opts)
     for bias in (True, False):
@@ -320,6 +331,7 @@ def test_preference_matches_liger(kind, name, opts):
                                                                                      d["bias"])
         _compare(_run_pref(fa, d, leaves_fa), _run_pref(lg, d, leaves_lg), leaves_fa, leaves_lg, rtol=1e-5,
                  atol=2e-6, what=f"{kind}/{name}/bias={bias}")
+    assert len(item_passes) == 2
 
 
 def test_orpo_nll_target():
@@ -376,7 +388,8 @@ KTO_CASES = {
 
 @pytest.mark.parametrize("name", list(KTO_CASES))
 @pytest.mark.parametrize("kl", [None, 0.3, -0.2])
-def test_kto_matches_liger(name, kl):
+def test_kto_matches_liger(name, kl, item_passes):
+    """Loss, outputs and gradients equal Liger's; the loss goes through the head in one pass over responses."""
     opts = KTO_CASES[name]
     fa = fl.LigerFusedLinearKTOLoss(compiled=False, **opts)
     lg = chunked.LigerFusedLinearKTOLoss(compiled=False, **opts)
@@ -390,6 +403,7 @@ def test_kto_matches_liger(name, kl):
             kw.update(ref_input=d["ref_hidden"], ref_weight=d["ref_weight"], ref_bias=None if b is None else b.detach())
         outs = [m(lv[0], lv[1], d["target"], lv[2], **kw) for m, lv in ((fa, leaves_fa), (lg, leaves_lg))]
         _compare(*outs, leaves_fa, leaves_lg, rtol=1e-5, atol=2e-6, what=f"kto/{name}/kl={kl}/bias={bias}")
+    assert len(item_passes) == 2
 
 
 @pytest.mark.parametrize("case", ["grpo", "dpo", "kto"])

@@ -6,9 +6,11 @@ hidden states and the lm_head weight (never the ``[N, V]`` logits). A user swaps
 
 Modules: :class:`LigerFusedLinearGRPOLoss`, :class:`LigerFusedLinearDPOLoss`,
 :class:`LigerFusedLinearCPOLoss`, :class:`LigerFusedLinearORPOLoss`,
-:class:`LigerFusedLinearSimPOLoss`, :class:`LigerFusedLinearKTOLoss`. Log-probs come from
-:func:`fastalign.linear_logprobs` (GRPO: the single pass of :class:`fastalign.LinearPolicyLoss` when
-gradients are needed), the losses from :func:`fastalign.policy_loss`,
+:class:`LigerFusedLinearSimPOLoss`, :class:`LigerFusedLinearKTOLoss`. Log-probs come from the head
+in one pass with the loss when gradients are needed (GRPO: the single pass of
+:class:`fastalign.LinearPolicyLoss`; the preference losses: :func:`fastalign.linear_step.separable_step`
+over blocks of whole pairs, or KTO's responses; ORPO with ``nll_target`` and the rest: the two passes
+of :func:`fastalign.linear_logprobs`), the losses from :func:`fastalign.policy_loss`,
 :func:`fastalign.preference_loss` and :func:`fastalign.preference.unpaired_preference_loss`
 (docs/math.md#policy-losses, docs/math.md#preference-losses). Gradients flow to the hidden
 states, the weight and the bias.
@@ -72,6 +74,7 @@ from torch import Tensor, nn
 from fastalign.integrations.trl.grpo import GRPO_LOSSES  # Liger's GRPO loss types are TRL's
 from fastalign.linear import linear_logprobs
 from fastalign.linear_policy import policy_step
+from fastalign.linear_step import separable_step
 from fastalign.policy import policy_loss
 from fastalign.policy_config import PolicyConfig
 from fastalign.preference import preference_loss, unpaired_preference_loss
@@ -288,45 +291,74 @@ class _LigerPreference(nn.Module):
         self.ignore_index, self.beta, self.alpha = ignore_index, float(beta), float(alpha)
         self.compute_nll_loss, self.compiled, self.chunk_size = bool(compute_nll_loss), compiled, chunk_size
 
-    def _response_logprobs(self, hidden, weight, target, bias, *, grad: bool = True):
-        """Per response: (summed or averaged log-prob, token count), with the token log-probs."""
-        with torch.enable_grad() if grad else torch.no_grad():
-            tok = linear_logprobs(hidden, weight, target, bias=bias, ignore_index=self.ignore_index).logprobs
+    def _summed(self, tok: Tensor, target: Tensor):
+        """Per response: (summed or averaged log-prob, token count) of the token log-probs ``tok``."""
         keep = target != self.ignore_index
         count = keep.sum(-1).to(torch.float32)
         total = (tok * keep).sum(-1)
-        return (total / count if self.average_log_prob else total), count, tok
+        return (total / count if self.average_log_prob else total), count
 
-    def _chosen_nll(self, hidden, weight, target, bias, tok, nll_target=None) -> Tensor:
-        B = target.shape[0] // 2
+    def _response_logprobs(self, hidden, weight, target, bias):
+        """The reference's :meth:`_summed` log-probs (no gradient)."""
+        with torch.no_grad():
+            tok = linear_logprobs(hidden, weight, target, bias=bias, ignore_index=self.ignore_index).logprobs
+        return self._summed(tok, target)[0]
+
+    def _chosen_nll(self, tok: Tensor, labels: Tensor) -> Tensor:
+        """The chosen token mean of ``-lp`` (``tok``, ``labels``: the chosen rows), 0 without ``compute_nll_loss``."""
         if not self.compute_nll_loss:
-            return torch.zeros((), dtype=torch.float32, device=hidden.device)
-        labels = target[:B] if nll_target is None else nll_target[:B]
-        if nll_target is not None:
-            tok = linear_logprobs(hidden[:B], weight, labels, bias=bias, ignore_index=self.ignore_index).logprobs
+            return torch.zeros((), dtype=torch.float32, device=tok.device)
         keep = labels != self.ignore_index
-        return -(tok[:B] * keep).sum() / keep.sum()
+        return -(tok * keep).sum() / keep.sum()
+
+    def _step(self, hidden, weight, target, bias, loss, *, paired: bool = True, nll_target=None):
+        """``(value, logps, count, nll, aux)``: ``loss(logps, count, nll) -> (value, aux)`` of the responses'
+        log-probs through the head (:func:`fastalign.linear_step.separable_step`: one pass over blocks of whole
+        pairs, or responses, when gradients are needed). With ``nll_target`` (ORPO) the chosen NLL scores other
+        labels than the loss: the token log-probs of both come from :func:`fastalign.linear_logprobs`."""
+        if nll_target is not None:
+            tok = linear_logprobs(hidden, weight, target, bias=bias, ignore_index=self.ignore_index).logprobs
+            B = target.shape[0] // 2
+            nll_tok = linear_logprobs(hidden[:B], weight, nll_target[:B], bias=bias,
+                                      ignore_index=self.ignore_index).logprobs
+            logps, count = self._summed(tok, target)
+            nll = self._chosen_nll(nll_tok, nll_target[:B])
+            value, aux = loss(logps, count, nll)
+            return value, logps, count, nll, aux
+
+        def response_loss(tok, _sum_p2):
+            logps, count = self._summed(tok, target)
+            nll = self._chosen_nll(tok[:tok.shape[0] // 2], target[:target.shape[0] // 2]) if paired else None
+            value, aux = loss(logps, count, nll)
+            return value, {"logps": logps.detach(), "count": count, "nll": nll, "aux": aux}
+
+        value, out, _ = separable_step(hidden, weight, target, response_loss, bias=bias, paired=paired,
+                                       logit=dict(ignore_index=self.ignore_index))
+        return value, out["logps"], out["count"], out["nll"], out["aux"]
 
     def _reference(self, ref_input, ref_weight, ref_bias, target) -> Optional[Tensor]:
         """The reference model's response log-probs with ``use_ref_model``, else None."""
         if getattr(self, "use_ref_model", False):
             if ref_input is None or ref_weight is None:
                 raise ValueError("use_ref_model=True needs ref_input and ref_weight")
-            return self._response_logprobs(ref_input, ref_weight, target, ref_bias, grad=False)[0]
+            return self._response_logprobs(ref_input, ref_weight, target, ref_bias)
         if ref_input is not None:
             raise ValueError("ref_input is not used with use_ref_model=False")
         return None
 
-    def _pairs(self, weight, hidden, target, bias, ref_input=None, ref_weight=None, ref_bias=None, nll_target=None):
+    def _pairs(self, weight, hidden, target, bias, loss, ref_input=None, ref_weight=None, ref_bias=None,
+               nll_target=None):
+        """``(value, logps, nll, logits_means, aux, ref)`` of ``loss(logps, count, nll, ref) -> (value, aux)`` on
+        the pairs (chosen rows first), through :meth:`_step`."""
         if hidden.dim() != 3 or target.dim() != 2 or hidden.shape[0] % 2:
             raise ValueError(f"_input must be (2B, T, H) with target (2B, T): chosen rows then rejected rows, got "
                              f"{tuple(hidden.shape)} and {tuple(target.shape)}")
         B = target.shape[0] // 2
-        logps, count, tok = self._response_logprobs(hidden, weight, target, bias)
         ref = self._reference(ref_input, ref_weight, ref_bias, target)
-        nll = self._chosen_nll(hidden, weight, target, bias, tok, nll_target)
+        value, logps, _, nll, aux = self._step(hidden, weight, target, bias,
+                                               lambda lp, count, nll: loss(lp, count, nll, ref), nll_target=nll_target)
         logits_sum = _logits_sum(hidden, weight, bias) / (B * target.shape[1] * weight.shape[0])
-        return logps, count, ref, nll, (logits_sum[:B].sum(), logits_sum[B:].sum())
+        return value, logps, nll, (logits_sum[:B].sum(), logits_sum[B:].sum()), aux, ref
 
     def _out(self, loss, logps, logits_means, nll, *aux, ref=None):
         """Liger's outputs: the loss, then chosen / rejected log-probs, logits means, the chosen NLL, the chosen /
@@ -368,12 +400,15 @@ class LigerFusedLinearDPOLoss(_LigerPreference):
             self._options["discopop_tau"] = self.discopop_tau
 
     def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None):
-        logps, _, ref, nll, logits_means = self._pairs(lin_weight, _input, target, bias, ref_input, ref_weight,
-                                                       ref_bias)
-        B = logps.shape[0] // 2
-        ref_c, ref_r = (None, None) if ref is None else (ref[:B], ref[B:])
-        pair, _ = preference_loss(logps[:B], logps[B:], ref_c, ref_r, **self._options)
-        return self._out(pair + self.alpha * nll, logps, logits_means, nll, ref=ref)
+        def dpo(logps, _count, nll, ref):
+            B = logps.shape[0] // 2
+            ref_c, ref_r = (None, None) if ref is None else (ref[:B], ref[B:])
+            pair, _ = preference_loss(logps[:B], logps[B:], ref_c, ref_r, **self._options)
+            return pair + self.alpha * nll, ()
+
+        loss, logps, nll, logits_means, _, ref = self._pairs(lin_weight, _input, target, bias, dpo, ref_input,
+                                                             ref_weight, ref_bias)
+        return self._out(loss, logps, logits_means, nll, ref=ref)
 
 
 class LigerFusedLinearCPOLoss(_LigerPreference):
@@ -388,10 +423,12 @@ class LigerFusedLinearCPOLoss(_LigerPreference):
         self.label_smoothing, self.average_log_prob = float(label_smoothing), bool(average_log_prob)
 
     def forward(self, lin_weight, _input, target, bias=None):
-        logps, _, _, nll, logits_means = self._pairs(lin_weight, _input, target, bias)
-        B = logps.shape[0] // 2
-        loss, _ = preference_loss(logps[:B], logps[B:], loss_type="cpo", beta=self.beta,
-                                  label_smoothing=self.label_smoothing, chosen_nll=nll, cpo_alpha=self.alpha)
+        def cpo(logps, _count, nll, _ref):
+            B = logps.shape[0] // 2
+            return preference_loss(logps[:B], logps[B:], loss_type="cpo", beta=self.beta,
+                                   label_smoothing=self.label_smoothing, chosen_nll=nll, cpo_alpha=self.alpha)[0], ()
+
+        loss, logps, nll, logits_means, _, _ = self._pairs(lin_weight, _input, target, bias, cpo)
         return self._out(loss, logps, logits_means, nll)
 
 
@@ -408,13 +445,16 @@ class LigerFusedLinearSimPOLoss(_LigerPreference):
         self.label_smoothing, self.gamma = float(label_smoothing), float(gamma)
 
     def forward(self, lin_weight, _input, target, bias=None):
-        logps, count, _, nll, logits_means = self._pairs(lin_weight, _input, target, bias)
-        B = logps.shape[0] // 2
-        total = logps * count  # the summed log-probs, with their lengths: the row averages them again
-        pair, _ = preference_loss(total[:B], total[B:], loss_type="simpo", beta=self.beta,
-                                  label_smoothing=self.label_smoothing, simpo_gamma=self.gamma,
-                                  chosen_lengths=count[:B], rejected_lengths=count[B:])
-        return self._out(pair + self.alpha * nll, logps, logits_means, nll)
+        def simpo(logps, count, nll, _ref):
+            B = logps.shape[0] // 2
+            total = logps * count  # the summed log-probs, with their lengths: the row averages them again
+            pair, _ = preference_loss(total[:B], total[B:], loss_type="simpo", beta=self.beta,
+                                      label_smoothing=self.label_smoothing, simpo_gamma=self.gamma,
+                                      chosen_lengths=count[:B], rejected_lengths=count[B:])
+            return pair + self.alpha * nll, ()
+
+        loss, logps, nll, logits_means, _, _ = self._pairs(lin_weight, _input, target, bias, simpo)
+        return self._out(loss, logps, logits_means, nll)
 
 
 class LigerFusedLinearORPOLoss(_LigerPreference):
@@ -429,12 +469,16 @@ class LigerFusedLinearORPOLoss(_LigerPreference):
         self._shared_options(ignore_index, beta, 1.0, compute_nll_loss, compiled, chunk_size)
 
     def forward(self, lin_weight, _input, target, bias=None, nll_target=None):
-        logps, count, _, nll, logits_means = self._pairs(lin_weight, _input, target, bias, nll_target=nll_target)
-        B = logps.shape[0] // 2
-        total = logps * count
-        loss, met = preference_loss(total[:B], total[B:], loss_type="orpo", beta=self.beta, chosen_nll=nll,
-                                    chosen_lengths=count[:B], rejected_lengths=count[B:])
-        return self._out(loss, logps, logits_means, nll, met["log_odds_ratio"], met["log_odds_chosen"])
+        def orpo(logps, count, nll, _ref):
+            B = logps.shape[0] // 2
+            total = logps * count
+            loss, met = preference_loss(total[:B], total[B:], loss_type="orpo", beta=self.beta, chosen_nll=nll,
+                                        chosen_lengths=count[:B], rejected_lengths=count[B:])
+            return loss, (met["log_odds_ratio"], met["log_odds_chosen"])
+
+        loss, logps, nll, logits_means, odds, _ = self._pairs(lin_weight, _input, target, bias, orpo,
+                                                              nll_target=nll_target)
+        return self._out(loss, logps, logits_means, nll, *odds)
 
 
 class LigerFusedLinearKTOLoss(_LigerPreference):
@@ -451,14 +495,17 @@ class LigerFusedLinearKTOLoss(_LigerPreference):
                 ref_bias=None, kl=None):
         if preference_labels is None:
             raise ValueError("preference_labels (bool, one per response) is required")
-        logps, _, _ = self._response_logprobs(_input, lin_weight, target, bias)
         ref = self._reference(ref_input, ref_weight, ref_bias, target)
         if ref is None:
-            ref = torch.zeros_like(logps.detach())
+            ref = torch.zeros(target.shape[0], dtype=torch.float32, device=target.device)
         # 1 - σ(β s (lp - lp0 - kl)): kl joins the reference, fastalign's own baseline is 0
         shifted = ref if kl is None else ref + kl
-        loss, _ = unpaired_preference_loss(logps, shifted, preference_labels, loss_type="kto", beta=self.beta,
-                                           kl=torch.zeros(1, device=logps.device))
+
+        def kto(logps, _count, _nll):
+            return unpaired_preference_loss(logps, shifted, preference_labels, loss_type="kto", beta=self.beta,
+                                            kl=torch.zeros(1, device=logps.device))[0], ()
+
+        loss, logps, _, _, _ = self._step(_input, lin_weight, target, bias, kto, paired=False)
         good = preference_labels.to(torch.float32)
         with torch.no_grad():
             rewards = self.beta * (logps.detach().float() - ref.float())
