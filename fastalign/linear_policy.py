@@ -12,7 +12,9 @@ Two ways through the vocabulary, same loss and gradients:
   block's d(logits) and the gradients of hidden, weight and bias follow while its logits are in
   memory (:mod:`fastalign.ops.single_pass`): three products. The block's logits are the memory
   cost (``FASTALIGN_BLOCK_MIB``: 1024 MiB of bf16/fp16 logits on a GPU, 64 MiB of fp32 on the
-  CPU by default); ``"auto"`` takes it only when one sequence's logits fit that budget.
+  CPU by default). A loss separable over tokens too (:attr:`fastalign.PolicyConfig.token_separable`)
+  takes blocks of any tokens, so any sequence length fits; otherwise ``"auto"`` takes it only when
+  one sequence's logits fit that budget.
 
 Every loss is separable over sequences except Clip-Cov / KL-Cov (tokens chosen across the
 batch) and ``entropy_quantile`` without ``entropy_threshold`` (the batch's quantile).
@@ -142,10 +144,11 @@ class LinearPolicyLoss(nn.Module):
         def loss(lp, old, ent):
             return policy_loss(lp, old, advantages, mask, entropy=ent, **inputs)
 
+        per_token = PolicyConfig(**{k: v for k, v in cfg.items() if k in FIELDS}).token_separable
         value, metrics, _lp, _ent = policy_step(hidden, weight, scored, old_logprobs, loss, bias=bias,
                                                 low_rank=low_rank, entropy=want_ent,
-                                                single_pass=single_pass if why is None else False, logit=logit,
-                                                backend=backend)
+                                                single_pass=single_pass if why is None else False,
+                                                token_separable=per_token, logit=logit, backend=backend)
         return value, metrics
 
     def extra_repr(self) -> str:
@@ -163,7 +166,7 @@ SequenceLoss = Callable[[Tensor, Tensor, Optional[Tensor]], Tuple[Tensor, dict]]
 
 def policy_step(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Optional[Tensor], loss: SequenceLoss, *,
                 bias: Optional[Tensor] = None, low_rank=None, entropy: bool = False, single_pass="auto",
-                logit: dict, backend: Optional[str] = None):
+                token_separable: bool = False, logit: dict, backend: Optional[str] = None):
     """``(loss, metrics, logprobs, entropy)``: ``loss(lp, old, H)`` of the token statistics of ``hidden``
     against the head ``weight`` (``labels`` already ``ignore_index`` where unscored; ``logit``: the options
     of :func:`fastalign.linear_logprobs`), by the single pass or the two passes (module docstring);
@@ -172,12 +175,27 @@ def policy_step(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Op
     :func:`fastalign.policy_loss` with normalisers from the mask; the caller rules out the rest).
     ``single_pass``: True takes the single pass (it raises under tracing), ``"auto"`` where
     :func:`~fastalign.ops.single_pass.by_default` says so. ``low_rank = (a, L)``: a low-rank term on the
-    head, as in :func:`fastalign.linear_logprobs` (a frozen ``weight`` with a trainable LoRA adapter)."""
+    head, as in :func:`fastalign.linear_logprobs` (a frozen ``weight`` with a trainable LoRA adapter).
+    ``token_separable``: the loss is separable over tokens too (:attr:`fastalign.PolicyConfig.token_separable`),
+    so the single pass takes blocks of any tokens, sized by the block budget alone: a sequence longer than
+    the budget still takes it."""
     a, lw = check_head_inputs(hidden, weight, labels, bias, low_rank)
     if single_pass is True and not eager(hidden, weight, bias, a, lw):
         raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two passes run")
-    item_rows = hidden.shape[-2] if hidden.dim() > 2 else hidden.shape[0]  # one sequence's positions
+    tokens = token_separable and hidden.dim() == 3
+    item_rows = 1 if tokens else hidden.shape[-2] if hidden.dim() > 2 else hidden.shape[0]  # one item's positions
     auto = single_pass == "auto" and by_default(weight, hidden, bias, a, lw, item_rows=item_rows)
+    if (single_pass is True or auto) and tokens:  # every token its own item: [B * T, 1, ...]
+        shape = labels.shape
+
+        def per_token(lp, old, ent):
+            return loss(lp.view(shape), old.view(shape), None if ent is None else ent.view(shape))
+
+        def flat(t):
+            return None if t is None else t.reshape(-1, 1, *t.shape[2:])
+        value, metrics, lp, ent = _single_pass(flat(hidden), weight, bias, flat(a), lw, flat(labels),
+                                               flat(old_logprobs), per_token, entropy, logit, backend)
+        return value, metrics, lp.view(shape), None if ent is None else ent.view(shape)
     if single_pass is True or auto:
         return _single_pass(hidden, weight, bias, a, lw, labels, old_logprobs, loss, entropy, logit, backend)
     stats = linear_logprobs(hidden, weight, labels, bias=bias, low_rank=low_rank, entropy=entropy, backend=backend,

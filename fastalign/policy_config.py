@@ -52,6 +52,9 @@ _PPO_ROWS = ("ppo", "gspo", "clip_cov")  # rows with the ppo clip
 _SEQUENCE_LEVEL_ROWS = ("ppo", "cispo", "sapo")  # rows that take importance_sampling_level="sequence"
 _CLIP_ROWS = ("ppo", "gspo", "clip_cov", "gmpo", "cispo", "dppo_tv", "dppo_kl")  # rows that read eps_low / eps_high
 _DELTA_ROWS = ("ppo", "gspo", "dppo_tv", "dppo_kl")  # rows that read delta (the ratio's upper bound)
+# rows whose per-token loss reads that token's log-prob alone (gspo, gmpo and vespo read sequence statistics of
+# the log-probs; clip_cov and kl_cov choose their tokens across the batch)
+_TOKEN_ROWS = ("ppo", "cispo", "sapo", "reinforce", "dppo_tv", "dppo_kl", "dro")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +247,15 @@ class PolicyConfig:
     @property
     def sequence_level(self) -> bool:
         return self.importance_sampling_level == "sequence"
+
+    @property
+    def token_separable(self) -> bool:
+        """Whether ``d loss / d lp_t`` (and ``d loss / d H_t``) depends on token ``t``'s own statistics alone,
+        every normaliser coming from the mask: a row that reads one token's log-ratio, at the token level,
+        without the off-policy mask (it reads each sequence's mean log-ratio) or an entropy quantile (the
+        batch's). The single pass through the head may then take blocks of any tokens, not whole sequences."""
+        return (self.row in _TOKEN_ROWS and not self.sequence_level and self.offpolicy_threshold is None
+                and self.entropy_quantile is None)
 
     def kernel_params(self, *, entropy_in_kernel: bool) -> KernelParams:
         """The numeric record for the kernels. ``entropy_in_kernel``: the per-token entropy term

@@ -274,11 +274,12 @@ def test_gpu_linear_backward_bf16_at_full_vocabulary():
 
 @pytest.mark.gpu
 def test_gpu_linear_policy_single_pass_bf16_at_full_vocabulary(monkeypatch):
-    """LinearPolicyLoss's single pass over 8 blocks of one sequence (bf16 logits kept per block, d(weight)
-    summed over the blocks in fp32) and its two passes against the float64 loss of the materialised logits."""
+    """LinearPolicyLoss's single pass over blocks of 220 tokens across sequences (ppo is separable over tokens;
+    bf16 logits kept per block, d(weight) summed over the blocks in fp32) and its two passes against the float64
+    loss of the materialised logits."""
     from fastalign.reference import policy as ref_policy
 
-    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "64")  # 220 rows of 151936 bf16 logits: one sequence per block
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "64")  # 220 rows of 151936 bf16 logits: under one sequence (256)
     B, T, H, V = 8, 256, 256, 151936
     g = torch.Generator(device="cuda").manual_seed(3)
     h = (torch.randn(B, T, H, device="cuda", generator=g) * 0.5).bfloat16()

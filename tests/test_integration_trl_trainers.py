@@ -284,11 +284,12 @@ def _grpo(cls, checkpoint, tmp_path, options):
 
 @pytest.fixture
 def sequence_passes(monkeypatch):
-    """The single passes over blocks of whole completions taken while a test runs."""
+    """The single passes of the policy losses taken while a test runs: their items' length (1: blocks of any
+    tokens; else: of whole completions)."""
     import fastalign.linear_policy as linear_policy
 
     single, passes = linear_policy._single_pass, []
-    monkeypatch.setattr(linear_policy, "_single_pass", lambda *a: passes.append(1) or single(*a))
+    monkeypatch.setattr(linear_policy, "_single_pass", lambda *a: passes.append(a[5].shape[1]) or single(*a))
     return passes
 
 
@@ -303,6 +304,9 @@ def test_grpo_trainer_matches_trl(checkpoint, tmp_path, case, sequence_passes):
     assert "entropy@0" in ours[0] and ("kl@0" in ours[0]) == bool(options.get("beta"))
     _compare(theirs, ours)
     assert bool(sequence_passes) == (options.get("top_entropy_quantile", 1.0) == 1.0)
+    tokens = fa_trl.grpo_policy_config(trl.GRPOConfig(**_common(tmp_path, **options))).token_separable
+    assert tokens == (case in ("grpo", "bnpo", "dr_grpo", "cispo", "sapo"))  # not luspo, vespo, dapo's mask
+    assert all((length == 1) == tokens for length in sequence_passes)
 
 
 # ------------------------------------------------------------------------------------------ DPO

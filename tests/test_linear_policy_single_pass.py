@@ -29,6 +29,9 @@ CONFIGS = {
     "rollout_correction+offpolicy": dict(loss_type="ppo", rollout_correction="token_truncate",
                                          offpolicy_threshold=0.05),
     "global_counts": dict(loss_type="ppo", agg="seq-mean-token-mean", dp_size=2),
+    "sequence_ratio": dict(loss_type="ppo", importance_sampling_level="sequence", eps_low=3e-4, eps_high=4e-4),
+    "dppo_tv+reinforce_kl": dict(loss_type="dppo_tv", kl_coef=0.1, kl_type="k2"),
+    "gpg": dict(loss_type="gpg", entropy_coef=0.01),
 }
 
 
@@ -108,13 +111,32 @@ def test_single_pass_is_taken(monkeypatch):
     bf16 = make(seed=2, dtype=torch.bfloat16)  # a bf16 head on the CPU: the two passes (no whole-weight upcast)
     run(bf16, dict(loss_type="ppo"), "auto")
     assert len(calls) == 3
-    sequence_mib = T * V * 4 / 2**20  # one sequence's fp32 logits over the block budget: the two passes
+    # a loss that reads whole sequences (gspo) with one sequence's fp32 logits over the block budget: the two
+    # passes; within it: the single pass
+    sequence_mib = T * V * 4 / 2**20
     monkeypatch.setenv("FASTALIGN_BLOCK_MIB", str(sequence_mib * 0.99))
-    run(d, dict(loss_type="ppo"), "auto")
+    run(d, CONFIGS["gspo"], "auto")
     assert len(calls) == 3
     monkeypatch.setenv("FASTALIGN_BLOCK_MIB", str(sequence_mib))
-    run(d, dict(loss_type="ppo"), "auto")
+    run(d, CONFIGS["gspo"], "auto")
     assert len(calls) == 4
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_token_separable_losses_take_blocks_of_tokens(name, monkeypatch):
+    """With a block budget of 3 tokens (under one sequence), a loss separable over tokens still takes the single
+    pass, in blocks of any 3 tokens, and equals the two passes; a loss that reads whole sequences (gspo,
+    geo_mean, vespo, a sequence-level ratio, the off-policy mask) takes the two passes."""
+    calls = []
+    orig = linear_policy._single_pass
+    monkeypatch.setattr(linear_policy, "_single_pass", lambda *a: calls.append(a[5].shape) or orig(*a))
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", str(3 * V * 4 / 2**20))
+    d = make(seed=4)
+    call = {"global_tokens": torch.tensor(40.0), "global_seqs": 7} if name == "global_counts" else {}
+    auto = run(d, CONFIGS[name], "auto", **call)
+    separable = fastalign.PolicyConfig(**CONFIGS[name]).token_separable
+    assert calls == ([(B * T, 1)] if separable else [])  # the labels, one token per item
+    check_same(auto, run(d, CONFIGS[name], False, **call))
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])
@@ -122,6 +144,14 @@ def test_triton_kernels(softcap):
     d = make(seed=3)
     cfg = dict(CONFIGS["grpo+k3+entropy"], temperature=0.8, softcap=softcap)
     check_same(run(d, cfg, True, backend="triton"), run(d, cfg, False, backend="triton"))
+
+
+def test_triton_kernels_blocks_of_tokens(monkeypatch):
+    """Blocks of 5 tokens across sequences on the Triton kernels (labelled rows put first on the device)."""
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", str(5 * V * 4 / 2**20))
+    d = make(seed=5)
+    cfg = dict(CONFIGS["grpo+k3+entropy"], temperature=0.8)
+    check_same(run(d, cfg, "auto", backend="triton"), run(d, cfg, False, backend="triton"))
 
 
 def test_entropy_quantile_with_threshold():

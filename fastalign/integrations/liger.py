@@ -209,7 +209,7 @@ class LigerFusedLinearGRPOLoss(nn.Module):
             return policy_loss(lp, old, advantages, mask, ref_logprobs=ref, config=cfg, **kw)
 
         loss, _, lp, _ = policy_step(_input, lin_weight, scored, old_per_token_logps, grpo, bias=bias,
-                                     logit=dict(temperature=self.temperature))
+                                     token_separable=cfg.token_separable, logit=dict(temperature=self.temperature))
         old = lp if old_per_token_logps is None else old_per_token_logps
         return loss, self._metrics(lp, old, ref, advantages, mask)
 

@@ -78,13 +78,14 @@ def mean_logits(operands, scale: float) -> Tensor:
 
 
 def head_policy_loss(trainer, model, ids: Tensor, attention: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-                     old: Optional[Tensor], loss, vision: dict):
+                     old: Optional[Tensor], loss, vision: dict, *, token_separable: bool = False):
     """``(loss, metrics)`` of a policy ``loss(lp, old, entropy)`` on the completion tokens of an online
     trainer's batch (``ids = prompt + completion``), through the model's head from its hidden states
     (:func:`fastalign.linear_policy.policy_step`: one pass over blocks of whole completions when gradients
     are needed), padding unscored as in :func:`fused_logps_and_entropies`; ``old=None``: the policy's own
     log-probs, detached; the temperature is ``trainer.temperature``. ``loss`` must be separable over
-    completions."""
+    completions; ``token_separable``: over tokens too (blocks of any tokens, so long completions take the
+    pass as well; :attr:`fastalign.PolicyConfig.token_separable`)."""
     text_only(vision, False)
     with trainer.accelerator.autocast():
         out = model(input_ids=ids, attention_mask=attention, fastalign_head=("operands",))
@@ -95,6 +96,7 @@ def head_policy_loss(trainer, model, ids: Tensor, attention: Tensor, completion_
     value, metrics, _lp, _ent = policy_step(
         hidden[:, positions], weight, completion_ids.masked_fill(completion_mask == 0, -100), old, loss,
         bias=bias, low_rank=None if low_rank is None else (low_rank[0][:, positions], low_rank[1]), entropy=True,
+        token_separable=token_separable,
         logit=dict(temperature=trainer.temperature, logit_scale=scale, softcap=softcap))
     return value, metrics
 

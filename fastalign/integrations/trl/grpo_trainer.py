@@ -95,7 +95,7 @@ class GRPOTrainer(trl.GRPOTrainer):
                                  threshold)
         else:
             loss, metrics = head_policy_loss(self, model, ids, attention, completion_ids, completion_mask, old, grpo,
-                                             vision)
+                                             vision, token_separable=self.fastalign_loss.config.token_separable)
         log = self._metrics[mode]
         sequence_ratio = self.importance_sampling_level == "sequence"
         for name, value in metrics.items():
