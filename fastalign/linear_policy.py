@@ -83,10 +83,11 @@ class LinearPolicyLoss(nn.Module):
     Per-call keywords override the configuration. Returns ``(loss, metrics)`` like
     :func:`fastalign.policy_loss`.
 
-    ``single_pass`` (``"auto"``, True, False): the single pass over blocks of whole sequences
-    (module docstring) when gradients are needed; ``"auto"`` takes it in eager mode for a loss
-    separable over sequences, on a GPU or with an fp32 head on the CPU (not under
-    ``torch.compile``, which gets the two-pass custom ops), True raises where it does not apply.
+    ``single_pass`` (``"auto"``, True, False): the single pass over blocks of whole sequences, or of
+    any tokens for a loss separable over tokens (module docstring), when gradients are needed;
+    ``"auto"`` takes it in eager mode for a loss separable over sequences, on a GPU or with an fp32
+    head on the CPU, within the block budget (not under ``torch.compile``, which gets the two-pass
+    custom ops), True raises where it does not apply.
     Its gradients are computed in the forward, so the loss can be differentiated once per forward.
     """
 
