@@ -1,4 +1,4 @@
-"""A loss separable over items, from hidden states and the LM head, for a trainer's own loss.
+r"""A loss separable over items, from hidden states and the LM head, for a trainer's own loss.
 
 :func:`separable_step` takes a caller's loss of per-token log-probs (and :math:`\sum_j p_j^2`) of a
 batch and goes through the head in one of two ways, same loss and gradients:
