@@ -3,8 +3,8 @@ chunked ``LigerFusedLinearGRPOLoss``.
 
 The loss (bnpo): ``sum_m L / sum m`` with ``L = -min(rho A, clip(rho, 0.8, 1.28) A) + 0.04 k3(ref, lp)``
 (the KL unclamped, as Liger), ``lp`` the log-prob of each completion token from ``hidden @ W.T``.
-``fastalign`` takes its default path (the single pass over blocks of whole sequences when gradients
-are needed), ``fastalign-two-pass`` the statistics pass and a recomputing backward; ``eager`` builds
+``fastalign`` takes its default path (the single pass when gradients are needed; bnpo is separable
+over tokens, so its blocks hold any tokens the block budget allows), ``fastalign-two-pass`` the statistics pass and a recomputing backward; ``eager`` builds
 the ``[B, T, V]`` logits; ``liger`` is Liger-Kernel's own module where installed. The prompt-share
 cases start each sequence with an unscored prompt (its mask 0): fastalign sends only the scored
 tokens through the head; on a GPU ``fastalign-all-rows`` turns the device compaction off
