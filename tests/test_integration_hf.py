@@ -245,6 +245,29 @@ def test_fp32_head_with_bf16_autocast():
     check(stats.logprobs, ref, scored, 0.15)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-model", "bf16-autocast"])
+def test_head_dtype_fp32_runs_the_head_in_fp32(autocast):
+    """head_dtype=torch.float32 (TRL's cast_lm_head_to_fp32): the hidden states and the head cast up, whatever the
+    body's dtype or the autocast's; equal to float64 log-softmax of the fp32 head on those hidden states, with
+    gradients to the head and the bf16 body."""
+    model = tiny_model("qwen2")
+    if not autocast:
+        model = model.to(torch.bfloat16)
+        model.lm_head.float()
+    input_ids, attention_mask, labels = batch(seed=7)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, head_dtype=torch.float32)
+    assert hidden.dtype == (torch.float32 if autocast else torch.bfloat16)  # the final norm's output
+    logp = torch.log_softmax(hidden[:, :-1].double() @ model.lm_head.weight.double().T, -1)
+    ref = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
+    check(stats.logprobs, ref, scored, 1e-5)
+    stats.logprobs.sum().backward()
+    assert model.lm_head.weight.grad.dtype == torch.float32 and model.lm_head.weight.grad.abs().sum() > 0
+    assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
 def test_head_transform_table_and_refusals():
     def cfg(name, **fields):
         return SimpleNamespace(model_type=name, **fields)

@@ -282,6 +282,29 @@ def _grpo(cls, checkpoint, tmp_path, options):
     return _online(cls, trl.GRPOConfig, checkpoint, tmp_path, options)
 
 
+def test_grpo_cast_lm_head_to_fp32_matches_trl(checkpoint, tmp_path, sequence_passes):
+    """A bf16 model with TRL's fp32 lm_head: the fused head runs in fp32 (hidden states cast up), as TRL's; the
+    loss, metrics and the bf16 update equal TRL's (the update within one bf16 rounding of the parameters)."""
+    def build(cls, out):
+        model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+        args = trl.GRPOConfig(**_common(out, per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
+                                        temperature=1.0, loss_type="grpo", beta=0.04, cast_lm_head_to_fp32=True))
+        return cls(model=model, reward_funcs=_reward, args=args, train_dataset=_grpo_dataset(),
+                   processing_class=_tokenizer(checkpoint))
+
+    theirs = _run(build(trl.GRPOTrainer, tmp_path / "trl"))
+    ours = _run(build(fa_trl.GRPOTrainer, tmp_path / "fa"))
+    assert sequence_passes  # the head's single pass, in fp32
+    (t_logs, t_before, t_after), (o_logs, o_before, o_after) = theirs, ours
+    assert sorted(o_logs) == sorted(t_logs)
+    for k, v in t_logs.items():
+        assert o_logs[k] == pytest.approx(v, rel=RTOL, abs=ATOL), k
+    assert o_after["lm_head.weight"].dtype == torch.float32
+    for k in t_before:
+        step = 2 ** -7 * t_after[k].float().abs() + ATOL  # one bf16 rounding of the updated parameter
+        assert ((o_after[k].float() - t_after[k].float()).abs() <= step).all(), k
+
+
 @pytest.fixture
 def sequence_passes(monkeypatch):
     """The single passes of the policy losses taken while a test runs: their items' length (1: blocks of any
@@ -559,7 +582,7 @@ def test_rloo_unsupported_option_raises(checkpoint, tmp_path, field):
 
 # ------------------------------------------------------------------------------------------ options
 
-@pytest.mark.parametrize("field, value", [("use_liger_kernel", True), ("cast_lm_head_to_fp32", True),
+@pytest.mark.parametrize("field, value", [("use_liger_kernel", True),
                                           ("use_adaptive_entropy", True), ("loss_type", "not_a_loss")])
 def test_grpo_unsupported_option_raises(checkpoint, tmp_path, field, value):
     if field == "loss_type":  # GRPOConfig itself accepts any string here

@@ -160,19 +160,24 @@ def _head(model, hidden: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[tup
     return weight, bias, None
 
 
-def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **model_kwargs):
+def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *,
+                  head_dtype: Optional[torch.dtype] = None, **model_kwargs):
     """``(hidden [B, T, H], weight, bias, low_rank)``: the model's body run on ``input_ids`` (no KV cache)
     and its output head's operands at every position (:func:`_head`), all in the autocast dtype under
-    ``torch.autocast`` (as the model's ``nn.Linear`` would run); ``hidden @ weight.T + a @ L.T + bias``
-    are the head's logits before its transform (:data:`HEAD_TRANSFORMS`)."""
+    ``torch.autocast`` (as the model's ``nn.Linear`` would run), or all in ``head_dtype`` when given
+    (a head kept in fp32 whatever the body's dtype: TRL's ``cast_lm_head_to_fp32``);
+    ``hidden @ weight.T + a @ L.T + bias`` are the head's logits before its transform
+    (:data:`HEAD_TRANSFORMS`)."""
     # No KV cache: transformers builds its per-sequence (packed) attention mask only without one.
     model_kwargs.setdefault("use_cache", False)
     outputs = _body(model)(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **model_kwargs)
     hidden = outputs.last_hidden_state
     weight, bias, low_rank = _head(model, hidden)
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
+    dtype = head_dtype
+    if dtype is None and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
+    if dtype is not None:
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         low_rank = None if low_rank is None else (low_rank[0].to(dtype), low_rank[1].to(dtype))
@@ -241,6 +246,7 @@ def causal_lm_logprobs(
     logit_scale=_UNSET,
     softcap=_UNSET,
     on_head=None,
+    head_dtype: Optional[torch.dtype] = None,
     **model_kwargs,
 ) -> TokenStats:
     r"""Next-token log-probs (and entropy) of a ``transformers`` causal LM, from its hidden states.
@@ -289,6 +295,8 @@ def causal_lm_logprobs(
             every position (after the autocast cast; ``low_rank`` as :func:`head_operands`) before the
             vocabulary pass, for statistics derived from the hidden states beside the log-probs (the
             TRL drop-ins take their mean logit ``h · mean_j W_j`` from it) without running the body twice.
+        head_dtype: run the head in this dtype, whatever the body's and the autocast's: the hidden
+            states and the head are cast to it (``torch.float32``: TRL's ``cast_lm_head_to_fp32``).
         **model_kwargs: passed to the body; ``use_cache`` defaults to False (``transformers``
             attends within packed sequences only without a cache).
 
@@ -358,7 +366,7 @@ def causal_lm_logprobs(
                                  ignore_index=ignore_index)
 
     hidden, weight, bias, low_rank = head_operands(model, input_ids, attention_mask, position_ids=position_ids,
-                                                   **model_kwargs)
+                                                   head_dtype=head_dtype, **model_kwargs)
     device_type = hidden.device.type
     if on_head is not None:  # the head's operands at every position, for statistics beside the log-probs
         on_head(hidden, weight, bias, low_rank)

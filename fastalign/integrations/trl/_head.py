@@ -39,13 +39,15 @@ class HeadOutputs:
 
 
 def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor],
-                 fields: Sequence[str], *, temperature: float = 1.0, **model_kwargs) -> HeadOutputs:
+                 fields: Sequence[str], *, temperature: float = 1.0, head_dtype: Optional[torch.dtype] = None,
+                 **model_kwargs) -> HeadOutputs:
     r"""TRL's fused-head statistics of ``model`` from its hidden states, never its logits.
 
     With ``z_t = head(h_t) / temperature`` (the model's head transform included), entry ``t``
     scores ``labels[:, t+1]`` (``-100``: unscored): ``log_probs = z_{y} - logsumexp(z)`` and
     ``entropy = logsumexp(z) - Σ_j p_j z_j``. A loss that goes through the head itself asks for
-    ``operands`` (:func:`head_policy_loss`, :func:`head_separable_loss`).
+    ``operands`` (:func:`head_policy_loss`, :func:`head_separable_loss`). ``head_dtype``: the dtype the head
+    runs in, whatever the body's (``torch.float32``: TRL's ``cast_lm_head_to_fp32``).
     """
     unknown = set(fields) - set(FIELDS)
     if unknown:
@@ -53,11 +55,12 @@ def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], lab
     if "operands" in fields:
         if len(fields) != 1:
             raise ValueError("fastalign_head: 'operands' is asked alone (the head's operands, no statistics)")
-        return HeadOutputs(log_probs=None, operands=head_operands(model, input_ids, attention_mask, **model_kwargs))
+        return HeadOutputs(log_probs=None, operands=head_operands(model, input_ids, attention_mask,
+                                                                  head_dtype=head_dtype, **model_kwargs))
     if labels is None:
         raise ValueError("fastalign_head: the statistics score labels; pass labels=")
     stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, temperature=temperature,
-                               entropy="entropy" in fields, **model_kwargs)
+                               entropy="entropy" in fields, head_dtype=head_dtype, **model_kwargs)
     return HeadOutputs(log_probs=stats.logprobs, entropy=stats.entropy)
 
 
@@ -142,10 +145,11 @@ def has_mean_logits(model) -> bool:
     return head_transform(model.config)[1] is None
 
 
-def install_head(model, *, temperature: float = 1.0) -> None:
+def install_head(model, *, temperature: float = 1.0, head_dtype: Optional[torch.dtype] = None) -> None:
     """Wrap ``model.forward``: with ``fastalign_head=fields`` (a tuple of :data:`FIELDS`) it returns
-    :func:`head_outputs` of ``labels``; without, the previous forward runs as before. It goes on the
-    ``PreTrainedModel`` (the base model under PEFT), after TRL's own fused head; once per model."""
+    :func:`head_outputs` of ``labels`` (at ``temperature``, the head in ``head_dtype``); without, the
+    previous forward runs as before. It goes on the ``PreTrainedModel`` (the base model under PEFT),
+    after TRL's own fused head; once per model."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(model, "_fastalign_head", False):
         return
@@ -160,7 +164,7 @@ def install_head(model, *, temperature: float = 1.0) -> None:
             raise TypeError("fastalign_head: pass input_ids and attention_mask by keyword")
         labels = kwargs.pop("labels", None)
         return head_outputs(self, kwargs.pop("input_ids"), kwargs.pop("attention_mask", None), labels,
-                            tuple(fastalign_head), temperature=temperature, **kwargs)
+                            tuple(fastalign_head), temperature=temperature, head_dtype=head_dtype, **kwargs)
 
     model.forward = types.MethodType(forward, model)
 
@@ -170,9 +174,6 @@ def check_config(args, name: str) -> None:
     if getattr(args, "use_liger_kernel", False):
         raise ValueError(f"{name}.use_liger_kernel: the fastalign trainers replace the LM head and loss that Liger "
                          "would patch; set it to False")
-    if getattr(args, "cast_lm_head_to_fp32", False):
-        raise ValueError(f"{name}.cast_lm_head_to_fp32 is not supported: the fastalign head runs in the model's "
-                         "(or autocast's) dtype and accumulates in fp32")
 
 
 def check_model(trainer, name: str) -> None:

@@ -16,7 +16,7 @@ under TRL's names: ``rewards/*`` and ``logps/*`` from the loss, and ``entropy``,
 logged for a softcapped head) and ``mean_token_accuracy`` from the same pass.
 
 Options the drop-in cannot honour raise a ValueError naming the config field at construction:
-``use_liger_kernel``, ``cast_lm_head_to_fp32``, vision-language models and MoE load-balancing
+``use_liger_kernel``, vision-language models and MoE load-balancing
 losses. With several processes every metric is over the pairs (or tokens) of every process, as
 TRL gathers them.
 """

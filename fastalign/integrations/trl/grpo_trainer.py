@@ -14,9 +14,10 @@ three matrix products instead of four, unless ``top_entropy_quantile < 1`` (the 
 over every process comes first). Generation, rewards, advantages, sampling
 and logging are TRL's.
 
-Options the drop-in cannot honour raise a ValueError naming the config field at construction:
-``use_liger_kernel``, ``cast_lm_head_to_fp32``, ``use_adaptive_entropy``, vision-language models
-and MoE load-balancing losses (``router_aux_loss_coef`` with ``output_router_logits``).
+``cast_lm_head_to_fp32`` runs the fused head in fp32 (hidden states and head cast up), as TRL's
+trainer runs its own. Options the drop-in cannot honour raise a ValueError naming the config field
+at construction: ``use_liger_kernel``, ``use_adaptive_entropy``, vision-language models and MoE
+load-balancing losses (``router_aux_loss_coef`` with ``output_router_logits``).
 With several processes the token-mean metrics (``entropy``, ``kl``, ``clip_ratio/*_mean``, ...)
 weight every process's tokens as TRL does, and ``top_entropy_quantile < 1`` keeps the tokens at or
 above the entropy quantile over every process's valid tokens (gathered here, as TRL gathers them;
@@ -49,7 +50,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         init_checked(self, trl.GRPOTrainer.__init__, args, kwargs, self._check_config)
         check_model(self, "GRPOConfig")
         self.fastalign_loss = GRPOLoss(self.args)
-        install_heads(self, temperature=self.temperature)
+        # cast_lm_head_to_fp32: TRL made the head fp32; the fused head runs in fp32 too, hidden states cast up
+        install_heads(self, temperature=self.temperature,
+                      head_dtype=torch.float32 if self.args.cast_lm_head_to_fp32 else None)
 
     @staticmethod
     def _check_config(args) -> None:
