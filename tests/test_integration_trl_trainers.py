@@ -282,6 +282,28 @@ def _grpo(cls, checkpoint, tmp_path, options):
     return _online(cls, trl.GRPOConfig, checkpoint, tmp_path, options)
 
 
+ADAPTIVE_CASES = {
+    # entropy under the target: the coefficient applies from the second step and grows
+    "rising": dict(loss_type="grpo", entropy_coef=0.01, entropy_coef_delta=0.02, entropy_target=10.0, max_steps=3),
+    # over the target (no bonus) and shrinking, two micro-batches per step, the bonus on the top-entropy tokens
+    "falling_accumulated": dict(loss_type="dapo", entropy_coef=0.05, entropy_coef_delta=0.02, entropy_target=0.5,
+                                entropy_coef_min=0.02, top_entropy_quantile=0.5, gradient_accumulation_steps=2,
+                                max_steps=2),
+}
+
+
+@pytest.mark.parametrize("case", list(ADAPTIVE_CASES))
+def test_grpo_adaptive_entropy_matches_trl(checkpoint, tmp_path, case):
+    """use_adaptive_entropy: TRL's controller of entropy_coef, on the entropies of the drop-in's own pass; the
+    coefficient, loss, metrics and updates of every step equal TRL's."""
+    options = dict(ADAPTIVE_CASES[case], use_adaptive_entropy=True)
+    theirs = _run(_grpo(trl.GRPOTrainer, checkpoint, tmp_path / "trl", options))
+    ours = _run(_grpo(fa_trl.GRPOTrainer, checkpoint, tmp_path / "fa", options))
+    coefs = [ours[0][f"entropy_coef@{i}"] for i in range(options["max_steps"])]
+    assert len(set(coefs)) == len(coefs)  # the controller moved the coefficient every step
+    _compare(theirs, ours)
+
+
 def test_grpo_cast_lm_head_to_fp32_matches_trl(checkpoint, tmp_path, sequence_passes):
     """A bf16 model with TRL's fp32 lm_head: the fused head runs in fp32 (hidden states cast up), as TRL's; the
     loss, metrics and the bf16 update equal TRL's (the update within one bf16 rounding of the parameters)."""
@@ -582,8 +604,7 @@ def test_rloo_unsupported_option_raises(checkpoint, tmp_path, field):
 
 # ------------------------------------------------------------------------------------------ options
 
-@pytest.mark.parametrize("field, value", [("use_liger_kernel", True),
-                                          ("use_adaptive_entropy", True), ("loss_type", "not_a_loss")])
+@pytest.mark.parametrize("field, value", [("use_liger_kernel", True), ("loss_type", "not_a_loss")])
 def test_grpo_unsupported_option_raises(checkpoint, tmp_path, field, value):
     if field == "loss_type":  # GRPOConfig itself accepts any string here
         args = trl.GRPOConfig(**_common(tmp_path, per_device_train_batch_size=4, num_generations=4))

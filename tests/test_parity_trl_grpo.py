@@ -236,8 +236,11 @@ def test_grpo_config_object():
 
 
 def test_unsupported_settings_raise():
+    d = batch(seed=9)
+    with pytest.raises(ValueError, match="use_adaptive_entropy"):  # the controller's coefficient of the step
+        GRPOLoss(dict(loss_type="grpo", use_adaptive_entropy=True))(d["lp"], d["old"], d["A"], d["m"], entropy=d["H"])
     with pytest.raises(ValueError, match="use_adaptive_entropy"):
-        GRPOLoss(dict(loss_type="grpo", use_adaptive_entropy=True))
+        GRPOLoss(dict(loss_type="grpo"))(d["lp"], d["old"], d["A"], d["m"], entropy=d["H"], entropy_coef=0.1)
     with pytest.raises(ValueError, match="loss_type"):
         GRPOLoss(dict(loss_type="nope"))
     with pytest.raises(ValueError, match="num_items_in_batch"):

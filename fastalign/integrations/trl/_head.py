@@ -82,7 +82,7 @@ def mean_logits(operands, scale: float) -> Tensor:
 
 def head_policy_loss(trainer, model, ids: Tensor, attention: Tensor, completion_ids: Tensor, completion_mask: Tensor,
                      old: Optional[Tensor], loss, vision: dict, *, token_separable: bool = False):
-    """``(loss, metrics)`` of a policy ``loss(lp, old, entropy)`` on the completion tokens of an online
+    """``(loss, metrics, entropies)`` of a policy ``loss(lp, old, entropy)`` on the completion tokens of an online
     trainer's batch (``ids = prompt + completion``), through the model's head from its hidden states
     (:func:`fastalign.linear_policy.policy_step`: one pass over blocks of whole completions when gradients
     are needed), padding unscored as in :func:`fused_logps_and_entropies`; ``old=None``: the policy's own
@@ -96,12 +96,12 @@ def head_policy_loss(trainer, model, ids: Tensor, attention: Tensor, completion_
     k = completion_ids.size(1)
     positions = slice(hidden.size(1) - k - 1, hidden.size(1) - 1)  # those that predict the completion
     scale, softcap = head_transform(trainer.accelerator.unwrap_model(model).config)
-    value, metrics, _lp, _ent = policy_step(
+    value, metrics, _lp, entropies = policy_step(
         hidden[:, positions], weight, completion_ids.masked_fill(completion_mask == 0, -100), old, loss,
         bias=bias, low_rank=None if low_rank is None else (low_rank[0][:, positions], low_rank[1]), entropy=True,
         token_separable=token_separable,
         logit=dict(temperature=trainer.temperature, logit_scale=scale, softcap=softcap))
-    return value, metrics
+    return value, metrics, entropies
 
 
 #: What an item of :func:`head_separable_loss` is: a row, a pair of rows (chosen first), or a token.

@@ -39,7 +39,8 @@ Metrics come back under TRL's names: ``kl``, ``entropy``, ``policy_loss`` and ``
 ``clip_ratio/low_min``, ``clip_ratio/high_mean``, ``clip_ratio/high_max``,
 ``clip_ratio/region_mean`` (ppo-clip losses), ``cispo_clip_ratio``, ``vespo/phi_seq_mean``, as
 0-dim device tensors (TRL gathers and logs them as floats). ``use_adaptive_entropy`` is a
-controller that lives in the trainer: pass its current coefficient as ``entropy_coef``.
+controller that lives in the trainer: each call takes its current coefficient as ``entropy_coef``
+(the drop-in ``GRPOTrainer`` runs TRL's controller).
 """
 from __future__ import annotations
 
@@ -93,9 +94,6 @@ def grpo_policy_config(args: Any, *, sampling_correction: bool = False) -> Polic
     loss_type = _read(args, "loss_type")
     if loss_type not in GRPO_LOSSES:
         raise ValueError(f"GRPOConfig.loss_type must be one of {tuple(GRPO_LOSSES)}, got {loss_type!r}")
-    if _read(args, "use_adaptive_entropy"):
-        raise ValueError("use_adaptive_entropy is a trainer-side controller: pass its current coefficient as "
-                         "entropy_coef")
     row, agg, seq_count, _ = GRPO_LOSSES[loss_type]
     mode = _read(args, "vllm_importance_sampling_mode")
     if (row == "vespo" and _read(args, "use_vllm") and _read(args, "vllm_importance_sampling_correction")
@@ -172,7 +170,9 @@ class GRPOLoss:
     required as in TRL (it is logged); ``num_items_in_batch`` (the generation batch's token
     count) is required for dapo / cispo / vespo. With ``top_entropy_quantile < 1``,
     ``entropy_threshold`` (:func:`entropy_threshold` over every process) replaces this micro-batch's
-    own entropy quantile.
+    own entropy quantile. With ``use_adaptive_entropy`` each call takes the controller's coefficient
+    for this step as ``entropy_coef`` (0 while the entropy is above ``entropy_target``); the bonus is
+    then on even at 0, as in TRL (``policy_loss`` and ``entropy_coef`` logged).
     """
 
     def __init__(self, args: Any):
@@ -184,14 +184,22 @@ class GRPOLoss:
         spg = _read(args, "steps_per_generation")
         self.steps_per_generation = self.grad_accum if spg is None else int(spg)
         self.is_correction = bool(_read(args, "use_vllm")) and bool(_read(args, "vllm_importance_sampling_correction"))
+        self.adaptive_entropy = bool(_read(args, "use_adaptive_entropy"))
 
     def __call__(self, logprobs: Tensor, old_logprobs: Optional[Tensor], advantages: Tensor,
                  completion_mask: Tensor, *, entropy: Tensor, ref_logprobs: Optional[Tensor] = None,
                  sampling_logprobs: Optional[Tensor] = None, importance_sampling_ratio: Optional[Tensor] = None,
                  num_items_in_batch=None, num_processes: int = 1, training: bool = True,
                  gradient_accumulation_steps: Optional[int] = None,
-                 entropy_threshold: Optional[Tensor] = None) -> tuple[Tensor, dict]:
+                 entropy_threshold: Optional[Tensor] = None,
+                 entropy_coef: Optional[float] = None) -> tuple[Tensor, dict]:
         cfg = self.config
+        if self.adaptive_entropy != (entropy_coef is not None):
+            raise ValueError("entropy_coef is the adaptive controller's coefficient of this step: pass it exactly when "
+                             "use_adaptive_entropy=True")
+        if entropy_coef is not None:
+            coef = float(entropy_coef)
+            cfg = PolicyConfig.make(cfg, entropy_coef=coef, entropy_agg="token-mean" if coef else "loss")
         if old_logprobs is None:
             old_logprobs = logprobs.detach()
         ga = self.grad_accum if gradient_accumulation_steps is None else int(gradient_accumulation_steps)
@@ -205,7 +213,8 @@ class GRPOLoss:
             if importance_sampling_ratio is not None:
                 kw["importance_weights"] = importance_sampling_ratio
             elif sampling_logprobs is not None and cfg.row != "vespo":
-                cfg = grpo_policy_config(self.args, sampling_correction=True)
+                cfg = PolicyConfig.make(grpo_policy_config(self.args, sampling_correction=True),
+                                        entropy_coef=cfg.entropy_coef, entropy_agg=cfg.entropy_agg)
             else:
                 raise ValueError("vLLM importance sampling needs importance_sampling_ratio (or sampling_logprobs)")
         if cfg.offpolicy_threshold is not None or cfg.rollout_correction is not None:
@@ -217,6 +226,8 @@ class GRPOLoss:
             kw["global_tokens"] = n / self.steps_per_generation if training else n
             cfg = PolicyConfig.make(cfg, dp_size=int(num_processes))
         loss, met = policy_loss(logprobs, old_logprobs, advantages, completion_mask, config=cfg, **kw)
+        if self.adaptive_entropy:  # the bonus stays on at a coefficient of 0: TRL logs policy_loss then too
+            met.setdefault("policy_term", loss.detach())
         scale = ga if training else 1
         if scale != 1:
             loss = loss / scale

@@ -15,9 +15,10 @@ over every process comes first). Generation, rewards, advantages, sampling
 and logging are TRL's.
 
 ``cast_lm_head_to_fp32`` runs the fused head in fp32 (hidden states and head cast up), as TRL's
-trainer runs its own. Options the drop-in cannot honour raise a ValueError naming the config field
-at construction: ``use_liger_kernel``, ``use_adaptive_entropy``, vision-language models and MoE
-load-balancing losses (``router_aux_loss_coef`` with ``output_router_logits``).
+trainer runs its own; ``use_adaptive_entropy`` runs TRL's controller of ``entropy_coef`` on the
+entropies of the loss's own pass. Options the drop-in cannot honour raise a ValueError naming the
+config field at construction: ``use_liger_kernel``, vision-language models and MoE load-balancing
+losses (``router_aux_loss_coef`` with ``output_router_logits``).
 With several processes the token-mean metrics (``entropy``, ``kl``, ``clip_ratio/*_mean``, ...)
 weight every process's tokens as TRL does, and ``top_entropy_quantile < 1`` keeps the tokens at or
 above the entropy quantile over every process's valid tokens (gathered here, as TRL gathers them;
@@ -57,11 +58,30 @@ class GRPOTrainer(trl.GRPOTrainer):
     @staticmethod
     def _check_config(args) -> None:
         check_config(args, "GRPOConfig")
-        if getattr(args, "use_adaptive_entropy", False):
-            raise ValueError("GRPOConfig.use_adaptive_entropy is not supported: set a fixed entropy_coef")
         grpo_policy_config(args)  # raises on a loss_type or option the profile does not map
 
     _get_per_token_logps_and_entropies = fused_logps_and_entropies
+
+    def _adapt_entropy_coef(self, entropies, bonus_mask) -> None:
+        """TRL's adaptive entropy controller (``use_adaptive_entropy``): the token-weighted entropy of the
+        optimizer step's micro-batches over every process; at the step's end ``entropy_coef`` moves up by
+        ``entropy_coef_delta`` (at most ``entropy_coef_max``) when that entropy is at or below
+        ``entropy_target``, else down (at least ``entropy_coef_min``). The state is TRL's own attributes,
+        so its checkpoints save and restore it."""
+        stats = torch.stack([(entropies * bonus_mask).sum(), bonus_mask.sum()]).detach()
+        window = self._entropy_window_stats
+        self._entropy_window_stats = stats if window is None else window + stats
+        if not self.accelerator.sync_gradients:
+            return
+        totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+        entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
+        a = self.args
+        if entropy <= a.entropy_target:
+            self.entropy_coef = min(self.entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
+        else:
+            self.entropy_coef = max(self.entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
+        self._last_world_entropy = entropy
+        self._entropy_window_stats = None
 
     def _compute_loss(self, model, inputs):
         """TRL's ``_compute_loss`` contract: the micro-batch loss; the metrics go to ``self._metrics``.
@@ -77,6 +97,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         vision = {k: inputs.get(k) for k in ("num_images", *VISION_INPUTS)}
         old = inputs.get("old_per_token_logps")
         mode = "train" if self.model.training else "eval"
+        coef = None  # the adaptive controller's coefficient from the last optimizer step, applied at or below target
+        if self.use_adaptive_entropy:
+            coef = self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
 
         def grpo(per_token_logps, old_logps, entropies, threshold=None):
             sampling = inputs.get("sampling_per_token_logps")
@@ -88,7 +111,7 @@ class GRPOTrainer(trl.GRPOTrainer):
                 importance_sampling_ratio=inputs.get("importance_sampling_ratio"),
                 num_items_in_batch=inputs.get("num_items_in_batch"), num_processes=self.accelerator.num_processes,
                 training=mode == "train", gradient_accumulation_steps=self.current_gradient_accumulation_steps,
-                entropy_threshold=threshold)
+                entropy_threshold=threshold, entropy_coef=coef)
 
         if self.top_entropy_quantile < 1.0:  # over every process's tokens, as TRL's get_high_entropy_mask
             per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
@@ -96,9 +119,14 @@ class GRPOTrainer(trl.GRPOTrainer):
             threshold = entropy_threshold(entropies, mask, self.top_entropy_quantile, self.accelerator)
             loss, metrics = grpo(per_token_logps, per_token_logps.detach() if old is None else old, entropies,
                                  threshold)
+            bonus_mask = mask * ((entropies >= threshold) & mask.bool())  # the tokens the entropy bonus acts on
         else:
-            loss, metrics = head_policy_loss(self, model, ids, attention, completion_ids, completion_mask, old, grpo,
-                                             vision, token_separable=self.fastalign_loss.config.token_separable)
+            loss, metrics, entropies = head_policy_loss(
+                self, model, ids, attention, completion_ids, completion_mask, old, grpo, vision,
+                token_separable=self.fastalign_loss.config.token_separable)
+            bonus_mask = mask
+        if self.use_adaptive_entropy and mode == "train":
+            self._adapt_entropy_coef(entropies, bonus_mask)
         log = self._metrics[mode]
         sequence_ratio = self.importance_sampling_level == "sequence"
         for name, value in metrics.items():
