@@ -304,6 +304,59 @@ def test_grpo_adaptive_entropy_matches_trl(checkpoint, tmp_path, case):
     _compare(theirs, ours)
 
 
+@pytest.fixture(scope="module")
+def moe_checkpoint(checkpoint, tmp_path_factory):
+    """A tiny Qwen3-MoE (4 experts, 2 per token) that returns its router logits, with a load-balancing coefficient."""
+    path = tmp_path_factory.mktemp("tiny-qwen3-moe")
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64,
+                                         moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                         max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
+                                         eos_token_id=1, bos_token_id=None, output_router_logits=True,
+                                         router_aux_loss_coef=0.02)
+    model = transformers.Qwen3MoeForCausalLM(config)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
+    model.save_pretrained(path)
+    _tokenizer(checkpoint).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("options", [dict(loss_type="grpo", beta=0.04),
+                                     dict(loss_type="dapo", top_entropy_quantile=0.5, entropy_coef=0.02)],
+                         ids=["single-pass", "entropy-quantile"])
+def test_grpo_moe_load_balancing_loss_matches_trl(moe_checkpoint, tmp_path, options):
+    """A MoE model's load-balancing loss from the router logits of the same body forward: loss, aux_loss and the
+    update (router weights included) equal TRL's."""
+    theirs = _run(_grpo(trl.GRPOTrainer, moe_checkpoint, tmp_path / "trl", options))
+    ours = _run(_grpo(fa_trl.GRPOTrainer, moe_checkpoint, tmp_path / "fa", options))
+    assert ours[0]["aux_loss@0"] > 0
+    _compare(theirs, ours)
+
+
+def test_dpo_moe_load_balancing_loss_matches_trl(moe_checkpoint, tmp_path, item_passes):
+    """DPO on a MoE model: the load-balancing loss of the policy's forward, its loss through the head's single
+    pass; loss, metrics and update equal TRL's."""
+    args = trl.DPOConfig(**_common(tmp_path / "args", per_device_train_batch_size=4))
+    theirs = _run(trl.DPOTrainer(model=moe_checkpoint, args=args, train_dataset=_dpo_dataset(),
+                                 processing_class=_tokenizer(moe_checkpoint)))
+    ours = _run(fa_trl.DPOTrainer(model=moe_checkpoint, args=args, train_dataset=_dpo_dataset(),
+                                  processing_class=_tokenizer(moe_checkpoint)))
+    assert ours[0]["aux_loss@0"] > 0 and item_passes
+    _compare(theirs, ours)
+
+
+@pytest.mark.parametrize("trainer", ["SFT", "KTO", "RLOO"])
+def test_moe_load_balancing_loss_refused_where_not_mapped(moe_checkpoint, tmp_path, trainer):
+    """The other drop-ins name the option rather than drop the load-balancing loss."""
+    config = getattr(trl, f"{trainer}Config")(**_common(tmp_path, per_device_train_batch_size=4))
+    data = {"SFT": lambda: _sft_dataset("text"), "KTO": _kto_dataset, "RLOO": _grpo_dataset}[trainer]()
+    extra = dict(reward_funcs=_reward) if trainer == "RLOO" else {}
+    with pytest.raises(ValueError, match="router_aux_loss_coef"):
+        getattr(fa_trl, f"{trainer}Trainer")(model=moe_checkpoint, args=config, train_dataset=data,
+                                             processing_class=_tokenizer(moe_checkpoint), **extra)
+
+
 def test_grpo_cast_lm_head_to_fp32_matches_trl(checkpoint, tmp_path, sequence_passes):
     """A bf16 model with TRL's fp32 lm_head: the fused head runs in fp32 (hidden states cast up), as TRL's; the
     loss, metrics and the bf16 update equal TRL's (the update within one bf16 rounding of the parameters)."""

@@ -160,17 +160,36 @@ def _head(model, hidden: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[tup
     return weight, bias, None
 
 
+def router_aux_loss(model, router_logits, attention_mask: Optional[Tensor] = None) -> Tensor:
+    """The MoE load-balancing loss the model's own forward adds with ``output_router_logits=True``: its modeling
+    module's ``load_balancing_loss_func`` of the body's ``router_logits``, ``num_experts`` and
+    ``num_experts_per_tok`` (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE), differentiable."""
+    import sys
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    loss_fn = getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
+    if loss_fn is None or not hasattr(base, "num_experts") or not hasattr(base, "num_experts_per_tok"):
+        raise ValueError(f"model: {type(base).__name__} has no MoE load-balancing loss (load_balancing_loss_func with "
+                         "num_experts and num_experts_per_tok)")
+    if router_logits is None:
+        raise ValueError("model: the body returned no router logits; pass output_router_logits=True")
+    return loss_fn(router_logits, base.num_experts, base.num_experts_per_tok, attention_mask)
+
+
 def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *,
-                  head_dtype: Optional[torch.dtype] = None, **model_kwargs):
+                  head_dtype: Optional[torch.dtype] = None, on_body=None, **model_kwargs):
     """``(hidden [B, T, H], weight, bias, low_rank)``: the model's body run on ``input_ids`` (no KV cache)
     and its output head's operands at every position (:func:`_head`), all in the autocast dtype under
     ``torch.autocast`` (as the model's ``nn.Linear`` would run), or all in ``head_dtype`` when given
     (a head kept in fp32 whatever the body's dtype: TRL's ``cast_lm_head_to_fp32``);
     ``hidden @ weight.T + a @ L.T + bias`` are the head's logits before its transform
-    (:data:`HEAD_TRANSFORMS`)."""
+    (:data:`HEAD_TRANSFORMS`). ``on_body`` is called with the body's outputs (e.g. a MoE body's
+    ``router_logits`` for :func:`router_aux_loss`)."""
     # No KV cache: transformers builds its per-sequence (packed) attention mask only without one.
     model_kwargs.setdefault("use_cache", False)
     outputs = _body(model)(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **model_kwargs)
+    if on_body is not None:
+        on_body(outputs)
     hidden = outputs.last_hidden_state
     weight, bias, low_rank = _head(model, hidden)
     device_type = hidden.device.type

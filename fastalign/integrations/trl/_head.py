@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastalign.integrations.hf import causal_lm_logprobs, head_operands, head_transform, next_token_targets
+from fastalign.integrations.hf import (causal_lm_logprobs, head_operands, head_transform, next_token_targets,
+                                       router_aux_loss)
 from fastalign.linear_policy import policy_step
 from fastalign.linear_step import separable_step
 
@@ -31,11 +32,13 @@ FIELDS = ("log_probs", "entropy", "operands")
 class HeadOutputs:
     """Per-token statistics ``[B, T-1]`` of the next token, differentiable; unscored positions are 0.
     Fields not requested are None. ``operands`` (alone) is ``(hidden [B, T, H], weight, bias, low_rank)``
-    of :func:`fastalign.integrations.hf.head_operands`, with no vocabulary pass (``log_probs`` None)."""
+    of :func:`fastalign.integrations.hf.head_operands`, with no vocabulary pass (``log_probs`` None).
+    ``aux_loss``: a MoE body's load-balancing loss, with ``output_router_logits=True``."""
 
     log_probs: Optional[Tensor]
     entropy: Optional[Tensor] = None
     operands: Optional[tuple] = None
+    aux_loss: Optional[Tensor] = None
 
 
 def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor],
@@ -52,16 +55,19 @@ def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], lab
     unknown = set(fields) - set(FIELDS)
     if unknown:
         raise ValueError(f"fastalign_head: unknown fields {sorted(unknown)}; known: {FIELDS}")
+    aux = []
+    if model_kwargs.get("output_router_logits"):  # the MoE load-balancing loss, as the model's forward adds it
+        model_kwargs["on_body"] = lambda body: aux.append(router_aux_loss(model, body.router_logits, attention_mask))
     if "operands" in fields:
         if len(fields) != 1:
             raise ValueError("fastalign_head: 'operands' is asked alone (the head's operands, no statistics)")
-        return HeadOutputs(log_probs=None, operands=head_operands(model, input_ids, attention_mask,
-                                                                  head_dtype=head_dtype, **model_kwargs))
+        operands = head_operands(model, input_ids, attention_mask, head_dtype=head_dtype, **model_kwargs)
+        return HeadOutputs(log_probs=None, operands=operands, aux_loss=aux[0] if aux else None)
     if labels is None:
         raise ValueError("fastalign_head: the statistics score labels; pass labels=")
     stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, temperature=temperature,
                                entropy="entropy" in fields, head_dtype=head_dtype, **model_kwargs)
-    return HeadOutputs(log_probs=stats.logprobs, entropy=stats.entropy)
+    return HeadOutputs(log_probs=stats.logprobs, entropy=stats.entropy, aux_loss=aux[0] if aux else None)
 
 
 def mean_logits(operands, scale: float) -> Tensor:
@@ -81,17 +87,20 @@ def mean_logits(operands, scale: float) -> Tensor:
 
 
 def head_policy_loss(trainer, model, ids: Tensor, attention: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-                     old: Optional[Tensor], loss, vision: dict, *, token_separable: bool = False):
-    """``(loss, metrics, entropies)`` of a policy ``loss(lp, old, entropy)`` on the completion tokens of an online
+                     old: Optional[Tensor], loss, vision: dict, *, token_separable: bool = False,
+                     aux_loss: bool = False):
+    """``(loss, metrics, entropies, aux)`` of a policy ``loss(lp, old, entropy)`` on the completion tokens of an online
     trainer's batch (``ids = prompt + completion``), through the model's head from its hidden states
     (:func:`fastalign.linear_policy.policy_step`: one pass over blocks of whole completions when gradients
     are needed), padding unscored as in :func:`fused_logps_and_entropies`; ``old=None``: the policy's own
     log-probs, detached; the temperature is ``trainer.temperature``. ``loss`` must be separable over
     completions; ``token_separable``: over tokens too (blocks of any tokens, so long completions take the
-    pass as well; :attr:`fastalign.PolicyConfig.token_separable`)."""
-    text_only(vision, False)
+    pass as well; :attr:`fastalign.PolicyConfig.token_separable`); ``aux_loss``: also the MoE body's
+    load-balancing loss (``aux``, else None)."""
+    text_only(vision)
+    router = {"output_router_logits": True} if aux_loss else {}
     with trainer.accelerator.autocast():
-        out = model(input_ids=ids, attention_mask=attention, fastalign_head=("operands",))
+        out = model(input_ids=ids, attention_mask=attention, fastalign_head=("operands",), **router)
     hidden, weight, bias, low_rank = out.operands
     k = completion_ids.size(1)
     positions = slice(hidden.size(1) - k - 1, hidden.size(1) - 1)  # those that predict the completion
@@ -101,7 +110,7 @@ def head_policy_loss(trainer, model, ids: Tensor, attention: Tensor, completion_
         bias=bias, low_rank=None if low_rank is None else (low_rank[0][:, positions], low_rank[1]), entropy=True,
         token_separable=token_separable,
         logit=dict(temperature=trainer.temperature, logit_scale=scale, softcap=softcap))
-    return value, metrics, entropies
+    return value, metrics, entropies, out.aux_loss
 
 
 #: What an item of :func:`head_separable_loss` is: a row, a pair of rows (chosen first), or a token.
@@ -176,14 +185,15 @@ def check_config(args, name: str) -> None:
                          "would patch; set it to False")
 
 
-def check_model(trainer, name: str) -> None:
-    """Raise on a model the fastalign head cannot score like TRL's fused head."""
+def check_model(trainer, name: str, *, aux_loss: bool = False) -> None:
+    """Raise on a model the fastalign head cannot score like TRL's fused head (``aux_loss``: the trainer adds a
+    MoE body's load-balancing loss)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if base.config.get_text_config() is not base.config:
         raise ValueError(f"model: {type(base).__name__} is a vision-language model; the fastalign trainers take "
                          "text-only causal LMs (vision inputs are not supported)")
-    if getattr(trainer, "aux_loss_enabled", False):
+    if getattr(trainer, "aux_loss_enabled", False) and not aux_loss:
         raise ValueError(f"{name}.router_aux_loss_coef: the MoE load-balancing loss is not supported by the "
                          "fastalign trainers; set it to 0")
     head_transform(base.config)  # raises for an architecture without a known head transform
@@ -223,38 +233,42 @@ VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spat
                  "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
-def text_only(vision_inputs: dict, compute_aux_loss: bool) -> None:
-    """Raise on what the fused head cannot take: vision inputs, unknown ones, the MoE load-balancing loss."""
+def text_only(vision_inputs: dict) -> None:
+    """Raise on what the fused head cannot take: vision inputs, unknown ones."""
     unexpected = set(vision_inputs) - set(VISION_INPUTS) - {"num_images"}
     if unexpected:
         raise TypeError(f"unexpected arguments {sorted(unexpected)}")
     given = sorted(k for k, v in vision_inputs.items() if v is not None)
     if given:
         raise ValueError(f"vision inputs {given} are not supported by the fastalign trainers")
-    if compute_aux_loss:
-        raise ValueError("the MoE load-balancing loss is not supported by the fastalign trainers")
 
 
 def fused_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                               compute_entropy=False, compute_aux_loss=False, **vision_inputs):
     r"""TRL's ``_get_per_token_logps_and_entropies`` (GRPO and RLOO trainers) through the fused head:
-    ``(log p(y_t | y_{<t}), H_t, None)`` of the last ``logits_to_keep`` tokens, ``[B, logits_to_keep]``,
+    ``(log p(y_t | y_{<t}), H_t, aux)`` of the last ``logits_to_keep`` tokens, ``[B, logits_to_keep]``,
     from the hidden states (``H_t = -Σ_j p_j log p_j`` at temperature ``self.temperature``);
-    padding (``attention_mask == 0``) gives 0. Text only; chunked by ``batch_size`` rows like TRL."""
-    text_only(vision_inputs, compute_aux_loss)
+    padding (``attention_mask == 0``) gives 0; ``aux``: with ``compute_aux_loss`` the MoE body's
+    load-balancing loss, the mean over the chunks as TRL's, else None. Text only; chunked by
+    ``batch_size`` rows like TRL."""
+    text_only(vision_inputs)
     fields = ("log_probs", "entropy") if compute_entropy else ("log_probs",)
+    router = {"output_router_logits": True} if compute_aux_loss else {}
     batch_size = batch_size or input_ids.size(0)
-    logps, entropies = [], []
+    logps, entropies, aux = [], [], []
     for start in range(0, input_ids.size(0), batch_size):
         ids, att = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
         labels = ids.masked_fill(att == 0, -100)
         labels[:, :-logits_to_keep] = -100
         with self.accelerator.autocast():
-            out = model(input_ids=ids, attention_mask=att, labels=labels, fastalign_head=fields)
+            out = model(input_ids=ids, attention_mask=att, labels=labels, fastalign_head=fields, **router)
         logps.append(out.log_probs[:, -logits_to_keep:])
         if compute_entropy:
             entropies.append(out.entropy[:, -logits_to_keep:])
-    return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+        if compute_aux_loss:
+            aux.append(out.aux_loss)
+    return (torch.cat(logps), torch.cat(entropies) if compute_entropy else None,
+            torch.stack(aux).mean() if compute_aux_loss else None)
 
 
 class ConcatenatedPairsMixin:

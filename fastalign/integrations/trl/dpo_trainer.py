@@ -15,9 +15,10 @@ under TRL's names: ``rewards/*`` and ``logps/*`` from the loss, and ``entropy``,
 ``logits/chosen``, ``logits/rejected`` (the mean logit, exact for heads without softcapping; not
 logged for a softcapped head) and ``mean_token_accuracy`` from the same pass.
 
-Options the drop-in cannot honour raise a ValueError naming the config field at construction:
-``use_liger_kernel``, vision-language models and MoE load-balancing
-losses. With several processes every metric is over the pairs (or tokens) of every process, as
+A MoE model's load-balancing loss (``router_aux_loss_coef`` with ``output_router_logits``) comes
+from the router logits of the policy's body forward, as TRL adds it. Options the drop-in cannot
+honour raise a ValueError naming the config field at construction: ``use_liger_kernel`` and
+vision-language models. With several processes every metric is over the pairs (or tokens) of every process, as
 TRL gathers them.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ class DPOTrainer(trl.DPOTrainer):
     @functools.wraps(trl.DPOTrainer.__init__)
     def __init__(self, *args, **kwargs):
         init_checked(self, trl.DPOTrainer.__init__, args, kwargs, self._check_config)
-        check_model(self, "DPOConfig")
+        check_model(self, "DPOConfig", aux_loss=True)
         self.fastalign_loss = DPOLoss(self.args)
         install_heads(self)
 
@@ -78,7 +79,8 @@ class DPOTrainer(trl.DPOTrainer):
         shift_mask = inputs["completion_mask"][..., 1:]
         targets = inputs["input_ids"][:, 1:].masked_fill(shift_mask == 0, -100)
         # the policy's forward (its dropout draws) before the reference's, as in TRL
-        operands = model(**model_kwargs, fastalign_head=("operands",)).operands
+        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        policy = model(**model_kwargs, **router, fastalign_head=("operands",))
         ref = {}
         if self.precompute_ref_logps:
             ref.update(ref_chosen_logps=inputs["ref_chosen_logps"], ref_rejected_logps=inputs["ref_rejected_logps"])
@@ -92,9 +94,12 @@ class DPOTrainer(trl.DPOTrainer):
 
         unwrapped = self.accelerator.unwrap_model(self.model)
         loss, metrics, stats = head_separable_loss(
-            operands, unwrapped.config, targets, dpo, sum_p2=self.use_weighting, extras=("entropy", "argmax"),
+            policy.operands, unwrapped.config, targets, dpo, sum_p2=self.use_weighting, extras=("entropy", "argmax"),
             separable=coupling(self.fastalign_loss.options["loss_type"], self.use_weighting) is None,
             position_means=has_mean_logits(unwrapped))
+        if self.aux_loss_enabled:  # the MoE load-balancing loss of the policy's forward, as TRL adds it
+            loss = loss + self.router_aux_loss_coef * policy.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(policy.aux_loss).mean().item())
         self._log_head_metrics(mode, stats, targets, inputs["attention_mask"])
         pairs = shift_mask.size(0) // 2
         for name, value in metrics.items():  # per-pair means: over every process's pairs, as TRL gathers them

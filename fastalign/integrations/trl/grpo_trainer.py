@@ -16,9 +16,10 @@ and logging are TRL's.
 
 ``cast_lm_head_to_fp32`` runs the fused head in fp32 (hidden states and head cast up), as TRL's
 trainer runs its own; ``use_adaptive_entropy`` runs TRL's controller of ``entropy_coef`` on the
-entropies of the loss's own pass. Options the drop-in cannot honour raise a ValueError naming the
-config field at construction: ``use_liger_kernel``, vision-language models and MoE load-balancing
-losses (``router_aux_loss_coef`` with ``output_router_logits``).
+entropies of the loss's own pass; a MoE model's load-balancing loss (``router_aux_loss_coef`` with
+``output_router_logits``) comes from the router logits of the same body forward, as TRL adds it.
+Options the drop-in cannot honour raise a ValueError naming the config field at construction:
+``use_liger_kernel`` and vision-language models.
 With several processes the token-mean metrics (``entropy``, ``kl``, ``clip_ratio/*_mean``, ...)
 weight every process's tokens as TRL does, and ``top_entropy_quantile < 1`` keeps the tokens at or
 above the entropy quantile over every process's valid tokens (gathered here, as TRL gathers them;
@@ -49,7 +50,7 @@ class GRPOTrainer(trl.GRPOTrainer):
     @functools.wraps(trl.GRPOTrainer.__init__)
     def __init__(self, *args, **kwargs):
         init_checked(self, trl.GRPOTrainer.__init__, args, kwargs, self._check_config)
-        check_model(self, "GRPOConfig")
+        check_model(self, "GRPOConfig", aux_loss=True)
         self.fastalign_loss = GRPOLoss(self.args)
         # cast_lm_head_to_fp32: TRL made the head fp32; the fused head runs in fp32 too, hidden states cast up
         install_heads(self, temperature=self.temperature,
@@ -114,20 +115,25 @@ class GRPOTrainer(trl.GRPOTrainer):
                 entropy_threshold=threshold, entropy_coef=coef)
 
         if self.top_entropy_quantile < 1.0:  # over every process's tokens, as TRL's get_high_entropy_mask
-            per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
-                model, ids, attention, completion_ids.size(1), compute_entropy=True, **vision)
+            per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+                model, ids, attention, completion_ids.size(1), compute_entropy=True,
+                compute_aux_loss=self.aux_loss_enabled, **vision)
             threshold = entropy_threshold(entropies, mask, self.top_entropy_quantile, self.accelerator)
             loss, metrics = grpo(per_token_logps, per_token_logps.detach() if old is None else old, entropies,
                                  threshold)
             bonus_mask = mask * ((entropies >= threshold) & mask.bool())  # the tokens the entropy bonus acts on
         else:
-            loss, metrics, entropies = head_policy_loss(
+            loss, metrics, entropies, aux_loss = head_policy_loss(
                 self, model, ids, attention, completion_ids, completion_mask, old, grpo, vision,
-                token_separable=self.fastalign_loss.config.token_separable)
+                token_separable=self.fastalign_loss.config.token_separable, aux_loss=self.aux_loss_enabled)
             bonus_mask = mask
         if self.use_adaptive_entropy and mode == "train":
             self._adapt_entropy_coef(entropies, bonus_mask)
         log = self._metrics[mode]
+        if self.aux_loss_enabled:  # the MoE load-balancing loss, scaled for gradient accumulation as TRL's
+            loss = loss + self.router_aux_loss_coef * aux_loss / (
+                self.current_gradient_accumulation_steps if mode == "train" else 1.0)
+            log["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         sequence_ratio = self.importance_sampling_level == "sequence"
         for name, value in metrics.items():
             if name == "entropy_coef":

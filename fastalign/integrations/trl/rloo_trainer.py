@@ -57,8 +57,8 @@ class RLOOTrainer(trl.RLOOTrainer):
             return self.fastalign_loss(per_token_logps, inputs["old_logps"], inputs["advantages"], completion_mask,
                                        entropy=entropies)
 
-        loss, metrics, _ = head_policy_loss(self, model, ids, attention, completion_ids, completion_mask, None, rloo,
-                                            vision)
+        loss, metrics, _, _ = head_policy_loss(self, model, ids, attention, completion_ids, completion_mask, None,
+                                               rloo, vision)
         log = self._metrics["train" if self.model.training else "eval"]
         rows = completion_mask.size(0)
         for name, value in metrics.items():
