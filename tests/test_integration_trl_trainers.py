@@ -13,6 +13,7 @@ Two processes (``torch.distributed.run``, gloo on CPU): KTO and GRPO steps whose
 different shares equal TRL's own two-process run (the metrics, KL baseline and entropy quantile are
 gathered as TRL gathers them).
 """
+import importlib
 import math
 import os
 import subprocess
@@ -346,15 +347,25 @@ def test_dpo_moe_load_balancing_loss_matches_trl(moe_checkpoint, tmp_path, item_
     _compare(theirs, ours)
 
 
-@pytest.mark.parametrize("trainer", ["SFT", "KTO", "RLOO"])
-def test_moe_load_balancing_loss_refused_where_not_mapped(moe_checkpoint, tmp_path, trainer):
-    """The other drop-ins name the option rather than drop the load-balancing loss."""
-    config = getattr(trl, f"{trainer}Config")(**_common(tmp_path, per_device_train_batch_size=4))
-    data = {"SFT": lambda: _sft_dataset("text"), "KTO": _kto_dataset, "RLOO": _grpo_dataset}[trainer]()
+@pytest.mark.parametrize("trainer", ["SFT", "KTO", "RLOO", "CPO", "ORPO"])
+def test_moe_load_balancing_loss_matches_trl(moe_checkpoint, tmp_path, trainer):
+    """The other drop-ins add a MoE model's load-balancing loss as their TRL trainer does (SFT: over the
+    accumulation steps; CPO and ORPO: the config's coefficient, not logged); loss, metrics and update equal."""
+    config_cls = _config_class(trainer)
+    trl_cls = getattr(importlib.import_module(config_cls.__module__.rsplit(".", 1)[0]), f"{trainer}Trainer")
     extra = dict(reward_funcs=_reward) if trainer == "RLOO" else {}
-    with pytest.raises(ValueError, match="router_aux_loss_coef"):
-        getattr(fa_trl, f"{trainer}Trainer")(model=moe_checkpoint, args=config, train_dataset=data,
-                                             processing_class=_tokenizer(moe_checkpoint), **extra)
+    options = dict(num_generations=4, max_completion_length=6, temperature=1.0) if trainer == "RLOO" else {}
+    data = {"SFT": lambda: _sft_dataset("text"), "KTO": _kto_dataset, "RLOO": _grpo_dataset, "CPO": _dpo_dataset,
+            "ORPO": _dpo_dataset}[trainer]
+
+    def build(cls, out):
+        return cls(model=moe_checkpoint, args=config_cls(**_common(out, per_device_train_batch_size=4, **options)),
+                   train_dataset=data(), processing_class=_tokenizer(moe_checkpoint), **extra)
+
+    theirs = _run(build(trl_cls, tmp_path / "trl"))
+    ours = _run(build(getattr(fa_trl, f"{trainer}Trainer"), tmp_path / "fa"))
+    assert ("aux_loss@0" in ours[0]) == (trainer not in ("CPO", "ORPO"))
+    _compare(theirs, ours)
 
 
 def test_grpo_cast_lm_head_to_fp32_matches_trl(checkpoint, tmp_path, sequence_passes):
@@ -376,6 +387,7 @@ def test_grpo_cast_lm_head_to_fp32_matches_trl(checkpoint, tmp_path, sequence_pa
         assert o_logs[k] == pytest.approx(v, rel=RTOL, abs=ATOL), k
     assert o_after["lm_head.weight"].dtype == torch.float32
     for k in t_before:
+        torch.testing.assert_close(o_before[k], t_before[k], rtol=0, atol=0)  # the same start
         step = 2 ** -7 * t_after[k].float().abs() + ATOL  # one bf16 rounding of the updated parameter
         assert ((o_after[k].float() - t_after[k].float()).abs() <= step).all(), k
 
@@ -672,7 +684,6 @@ def test_grpo_unsupported_option_raises(checkpoint, tmp_path, field, value):
 
 def _config_class(trainer):
     if trainer in ("CPO", "ORPO"):
-        import importlib
         return getattr(importlib.import_module(f"trl.experimental.{trainer.lower()}"), f"{trainer}Config")
     return getattr(trl, f"{trainer}Config")
 

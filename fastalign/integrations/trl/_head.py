@@ -185,17 +185,13 @@ def check_config(args, name: str) -> None:
                          "would patch; set it to False")
 
 
-def check_model(trainer, name: str, *, aux_loss: bool = False) -> None:
-    """Raise on a model the fastalign head cannot score like TRL's fused head (``aux_loss``: the trainer adds a
-    MoE body's load-balancing loss)."""
+def check_model(trainer, name: str) -> None:
+    """Raise on a model the fastalign head cannot score like TRL's fused head."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if base.config.get_text_config() is not base.config:
         raise ValueError(f"model: {type(base).__name__} is a vision-language model; the fastalign trainers take "
                          "text-only causal LMs (vision inputs are not supported)")
-    if getattr(trainer, "aux_loss_enabled", False) and not aux_loss:
-        raise ValueError(f"{name}.router_aux_loss_coef: the MoE load-balancing loss is not supported by the "
-                         "fastalign trainers; set it to 0")
     head_transform(base.config)  # raises for an architecture without a known head transform
 
 
@@ -315,11 +311,15 @@ class ConcatenatedPairsMixin:
         targets = next_token_targets(ids, labels=labels, attention_mask=attention)
         completion_mask = (completion_labels[:, 1:] != -100).float()
         extra = (attention[:, 1:].float(),) if self.nll_over_prompt else ()
-        operands = model(input_ids=ids, attention_mask=attention, use_cache=False, fastalign_head=("operands",))
+        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        policy = model(input_ids=ids, attention_mask=attention, use_cache=False, fastalign_head=("operands",),
+                       **router)
         loss, metrics, stats = head_separable_loss(
-            operands.operands, self.accelerator.unwrap_model(self.model).config, targets,
+            policy.operands, self.accelerator.unwrap_model(self.model).config, targets,
             lambda per_token_logps, _sum_p2: self.fastalign_loss(per_token_logps, completion_mask, *extra),
             position_means=self._mean_logits)
+        if self.aux_loss_enabled:  # the MoE load-balancing loss of the same forward, as TRL adds it (not logged)
+            loss = loss + self.aux_loss_coef * policy.aux_loss
 
         prefix = "eval_" if train_eval == "eval" else ""
         logged = {}

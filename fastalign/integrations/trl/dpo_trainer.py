@@ -48,7 +48,7 @@ class DPOTrainer(trl.DPOTrainer):
     @functools.wraps(trl.DPOTrainer.__init__)
     def __init__(self, *args, **kwargs):
         init_checked(self, trl.DPOTrainer.__init__, args, kwargs, self._check_config)
-        check_model(self, "DPOConfig", aux_loss=True)
+        check_model(self, "DPOConfig")
         self.fastalign_loss = DPOLoss(self.args)
         install_heads(self)
 

@@ -50,7 +50,7 @@ class GRPOTrainer(trl.GRPOTrainer):
     @functools.wraps(trl.GRPOTrainer.__init__)
     def __init__(self, *args, **kwargs):
         init_checked(self, trl.GRPOTrainer.__init__, args, kwargs, self._check_config)
-        check_model(self, "GRPOConfig", aux_loss=True)
+        check_model(self, "GRPOConfig")
         self.fastalign_loss = GRPOLoss(self.args)
         # cast_lm_head_to_fp32: TRL made the head fp32; the fused head runs in fp32 too, hidden states cast up
         install_heads(self, temperature=self.temperature,

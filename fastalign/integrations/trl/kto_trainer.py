@@ -14,8 +14,9 @@ reference), so dropout draws the same masks. Metrics go through TRL's ``_metrics
 names (``kl``, ``rewards/*``, ``logps/*``, ``entropy``, ``num_tokens``, ``logits/*``; a class
 absent from the batch logs nothing, as in TRL).
 
-Options the drop-in cannot honour raise a ValueError naming the config field at construction, as
-for the other drop-ins. With several processes the KL baseline is the mean of every process's
+A MoE model's load-balancing loss comes from the router logits of the policy's body forward, as TRL
+adds it. Options the drop-in cannot honour raise a ValueError naming the config field at
+construction, as for the other drop-ins. With several processes the KL baseline is the mean of every process's
 estimate and ``rewards/*`` / ``logps/*`` average every process's responses of each class, as in TRL.
 """
 from __future__ import annotations
@@ -91,7 +92,8 @@ class KTOTrainer(trl.KTOTrainer):
         targets = batch["input_ids"][:, 1:].masked_fill(shift_mask == 0, -100)
         # the forwards in TRL's order (that of their dropout draws): the KL completions, the policy, the reference
         kl_logps = self._kl_logps(model, batch)
-        operands = model(**model_kwargs, fastalign_head=("operands",)).operands
+        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        policy = model(**model_kwargs, **router, fastalign_head=("operands",))
         if self.precompute_ref_logps:
             ref_logps, ref_kl_logps = batch["ref_logps"], batch.get("ref_KL_logps") if self.calculate_KL else None
         else:
@@ -105,7 +107,7 @@ class KTOTrainer(trl.KTOTrainer):
             return self.fastalign_loss(per_token_logps, shift_mask, label, ref_logps, kl_logps, ref_kl_logps)
 
         unwrapped = self.accelerator.unwrap_model(self.model)
-        loss, metrics, stats = head_separable_loss(operands, unwrapped.config, targets, kto, items="rows",
+        loss, metrics, stats = head_separable_loss(policy.operands, unwrapped.config, targets, kto, items="rows",
                                                    extras=("entropy",), position_means=has_mean_logits(unwrapped))
         log = self._metrics[mode]
         counts = {"chosen": label.sum(), "rejected": (~label).sum()}
@@ -117,6 +119,9 @@ class KTOTrainer(trl.KTOTrainer):
             if not math.isnan(logged[name]):  # a class absent from every process: TRL logs nothing
                 log[name].append(logged[name])
         self._log_head_metrics(mode, stats, targets != -100, batch["attention_mask"], label)
+        if self.aux_loss_enabled:  # the MoE load-balancing loss of the policy's forward, as TRL adds it
+            loss = loss + self.router_aux_loss_coef * policy.aux_loss
+            log["aux_loss"].append(self.accelerator.gather_for_metrics(policy.aux_loss).mean().item())
         if return_outputs:
             with torch.no_grad():
                 outputs = model(**model_kwargs)

@@ -14,8 +14,9 @@ tokens, ``clip_ratio/*`` over every process's completions, as TRL gathers them).
 rewards and advantages are TRL's.
 
 Options the drop-in cannot honour raise a ValueError naming the config field at construction:
-``use_liger_kernel``, vision-language models and MoE load-balancing losses
-(``router_aux_loss_coef`` with ``output_router_logits``).
+``use_liger_kernel`` and vision-language models. A MoE model's load-balancing loss
+(``router_aux_loss_coef`` with ``output_router_logits``) comes from the router logits of the same
+body forward, as TRL adds it.
 """
 from __future__ import annotations
 
@@ -57,9 +58,12 @@ class RLOOTrainer(trl.RLOOTrainer):
             return self.fastalign_loss(per_token_logps, inputs["old_logps"], inputs["advantages"], completion_mask,
                                        entropy=entropies)
 
-        loss, metrics, _, _ = head_policy_loss(self, model, ids, attention, completion_ids, completion_mask, None,
-                                               rloo, vision)
+        loss, metrics, _, aux_loss = head_policy_loss(self, model, ids, attention, completion_ids, completion_mask,
+                                                      None, rloo, vision, aux_loss=self.aux_loss_enabled)
         log = self._metrics["train" if self.model.training else "eval"]
+        if self.aux_loss_enabled:  # the MoE load-balancing loss of the same forward, as TRL adds it
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            log["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         rows = completion_mask.size(0)
         for name, value in metrics.items():
             if name in _EXTREMES:

@@ -19,7 +19,8 @@ as TRL scores them (the collator's -100 labels).
 
 Options the drop-in cannot honour raise a ValueError naming them at construction:
 ``compute_loss_func`` and ``label_smoothing_factor`` (they need the full logits),
-``use_liger_kernel``, sequence parallelism, vision-language models and MoE load-balancing losses.
+``use_liger_kernel``, sequence parallelism and vision-language models. A MoE model's load-balancing
+loss comes from the router logits of the same body forward, as TRL adds it.
 """
 from __future__ import annotations
 
@@ -71,13 +72,19 @@ class SFTTrainer(trl.SFTTrainer):
             per_token_loss = -per_token_logps * (per_token_logps.detach().exp() if dft else 1.0)
             return per_token_loss.sum() / num_tokens, {}
 
-        operands = model(**model_inputs, fastalign_head=("operands",)).operands
+        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        policy = model(**model_inputs, **router, fastalign_head=("operands",))
         unwrapped = self.accelerator.unwrap_model(self.model)
-        loss, _, stats = head_separable_loss(operands, unwrapped.config, targets, sft, items="tokens",
+        loss, _, stats = head_separable_loss(policy.operands, unwrapped.config, targets, sft, items="tokens",
                                              extras=("entropy", "argmax"))
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        if self.aux_loss_enabled:  # the MoE load-balancing loss, averaged over the accumulation steps as TRL's
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * policy.aux_loss / steps
         self._log_metrics(mode, inputs, stats, targets)
+        if self.aux_loss_enabled:
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(policy.aux_loss).mean().item())
         if return_outputs:
             warnings.warn("return_outputs=True computes the logits with an extra forward pass (the fused head "
                           "never builds them)", stacklevel=2)
