@@ -579,9 +579,21 @@ def _kto_two_process(cls, checkpoint, out):
 
 def _grpo_two_process(cls, checkpoint, out):
     """Four completions per process, of sampled lengths (the token counts differ between processes);
-    the entropy mask keeps the tokens at or above the median entropy of both processes' tokens."""
+    the entropy mask keeps the tokens at or above the median entropy of both processes' tokens; the adaptive
+    entropy controller reads the entropy of both processes' masked tokens at each of two steps."""
     return _grpo(cls, checkpoint, out, dict(loss_type="bnpo", beta=0.05, top_entropy_quantile=0.5,
-                                            entropy_coef=0.02))
+                                            entropy_coef=0.02, use_adaptive_entropy=True, entropy_target=10.0,
+                                            entropy_coef_delta=0.01, max_steps=2))
+
+
+def _dpo_two_process(cls, checkpoint, out):
+    """Two pairs per process through the head's single pass: per-pair and token-weighted metrics over both."""
+    args = trl.DPOConfig(**_common(out, per_device_train_batch_size=2, loss_type=["sigmoid", "sft"]))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(1.5)
+    return cls(model=checkpoint, ref_model=reference, args=args, train_dataset=_dpo_dataset(),
+               processing_class=_tokenizer(checkpoint))
 
 
 def _rloo_two_process(cls, checkpoint, out):
@@ -597,7 +609,7 @@ def _sft_two_process(cls, checkpoint, out):
 
 
 TWO_PROCESS_RUNS = {"kto": _kto_two_process, "grpo": _grpo_two_process, "rloo": _rloo_two_process,
-                    "sft": _sft_two_process}
+                    "sft": _sft_two_process, "dpo": _dpo_two_process}
 
 
 def _two_process_worker(checkpoint: str, out_dir: str) -> None:
@@ -615,9 +627,10 @@ def _two_process_worker(checkpoint: str, out_dir: str) -> None:
 
 
 def test_two_processes_match_trl(checkpoint, tmp_path):
-    """KTO's KL baseline and per-class rewards, GRPO's token-mean metrics and entropy mask (the
-    quantile over both processes' tokens), RLOO's and SFT's metrics and token normalisation, over two
-    processes whose shares differ (classes, completion lengths) equal TRL's own two-process run."""
+    """KTO's KL baseline and per-class rewards, GRPO's token-mean metrics, entropy mask (the quantile over
+    both processes' tokens) and adaptive entropy coefficient, RLOO's, SFT's and DPO's metrics and token
+    normalisation, over two processes whose shares differ (classes, completion lengths) equal TRL's own
+    two-process run."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
            checkpoint, str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
@@ -628,6 +641,8 @@ def test_two_processes_match_trl(checkpoint, tmp_path):
         _compare(results[f"{case}/trl"], results[f"{case}/fa"])
     kto_logs = results["kto/fa"][0]
     assert {"kl@0", "rewards/chosen@0", "rewards/rejected@0"} <= set(kto_logs) and kto_logs["kl@0"] > 0
+    grpo_logs = results["grpo/fa"][0]
+    assert grpo_logs["entropy_coef@1"] != grpo_logs["entropy_coef@0"]  # the controller moved it
 
 
 # ------------------------------------------------------------------------------------------ RLOO
