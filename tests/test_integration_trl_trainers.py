@@ -111,7 +111,8 @@ def test_head_matches_the_models_own_logits(model_type):
     which has no mean logit without the logits): head_outputs' fields, the mean logit from the operands, and
     the statistics of head_separable_loss's pass (items as rows, pairs and tokens; loss and gradient too)."""
     from fastalign.integrations.hf import head_operands
-    from fastalign.integrations.trl._head import has_mean_logits, head_outputs, head_separable_loss, mean_logits
+    from fastalign.integrations.trl._head import (has_mean_logits, head_outputs, head_separable_loss, label_margin,
+                                                   mean_logits)
 
     extra = {"cohere": dict(logit_scale=0.5), "gemma2": dict(final_logit_softcapping=3.0, head_dim=8)}
     config_cls = {"qwen2": transformers.Qwen2Config, "cohere": transformers.CohereConfig,
@@ -151,6 +152,10 @@ def test_head_matches_the_models_own_logits(model_type):
     if has_mean_logits(model):  # every position, the last and the padded ones included
         scale = 0.5 if model_type == "cohere" else 1.0
         torch.testing.assert_close(mean_logits(operands, scale).double(), z_every.mean(-1), rtol=1e-5, atol=1e-5)
+        z = z_every[:, :-1]  # the label-smoothing margin z_y - mean_j z_j at the scored positions
+        margin = torch.where(scored, z.gather(-1, y.clamp(min=0)[..., None])[..., 0] - z.mean(-1), zero)
+        torch.testing.assert_close(label_margin(operands, y.masked_fill(~scored, -100), scale).double(), margin,
+                                   rtol=1e-5, atol=1e-5)
 
     want = expected(z_every)
     hidden, weight, bias, low_rank = operands
@@ -200,6 +205,11 @@ SFT_CASES = {
     "evaluated": (dict(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4), "text"),
     # two micro-batches per step: the loss is normalised by the step's token count (num_items_in_batch)
     "accumulated": (dict(gradient_accumulation_steps=2, per_device_train_batch_size=2), "prompt_completion"),
+    # label smoothing without the logits: the margin z_y - mean_j z_j from one head row per token
+    "label_smoothing": (dict(label_smoothing_factor=0.2), "prompt_completion"),
+    "label_smoothing_packed_accumulated": (dict(label_smoothing_factor=0.1, packing=True, max_length=16,
+                                                gradient_accumulation_steps=2, per_device_train_batch_size=2),
+                                           "text"),
 }
 
 
@@ -222,7 +232,7 @@ def test_sft_trainer_matches_trl(checkpoint, tmp_path, case, monkeypatch, item_p
     monkeypatch.setattr(head, "head_operands", lambda model, ids, attention=None, **kw: calls.append(
         (ids.shape[0], attention is None, kw.get("position_ids") is not None)) or operands(model, ids, attention, **kw))
     ours = _run(_sft(fa_trl.SFTTrainer, checkpoint, tmp_path / "fa", options, kind))
-    padding_free = case in ("packed_padding_free", "packed_dft_completion_only")  # bfd packing: one packed row
+    padding_free = bool(options.get("packing")) and options.get("packing_strategy") != "wrapped"  # bfd: one row
     assert calls and all(c == (1, True, True) for c in calls) == padding_free
     # one per training micro-batch (evaluation needs no gradient: two passes)
     assert len(item_passes) == options.get("gradient_accumulation_steps", 1)
@@ -232,9 +242,12 @@ def test_sft_trainer_matches_trl(checkpoint, tmp_path, case, monkeypatch, item_p
     _compare(theirs, ours)
 
 
-@pytest.mark.parametrize("field, value", [("label_smoothing_factor", 0.1), ("use_liger_kernel", True)])
-def test_sft_unsupported_option_raises(checkpoint, tmp_path, field, value):
-    args = trl.SFTConfig(**_common(tmp_path, per_device_train_batch_size=4, **{field: value}))
+@pytest.mark.parametrize("options", [dict(label_smoothing_factor=0.1, loss_type="dft"), dict(use_liger_kernel=True)],
+                         ids=["label_smoothing_with_dft", "use_liger_kernel"])
+def test_sft_unsupported_option_raises(checkpoint, tmp_path, options):
+    """label_smoothing_factor with dft (TRL ignores it there) and use_liger_kernel name the field."""
+    field = next(iter(options))
+    args = trl.SFTConfig(**_common(tmp_path, per_device_train_batch_size=4, **options))
     with pytest.raises(ValueError, match=f"SFTConfig.{field}"):
         fa_trl.SFTTrainer(model=checkpoint, args=args, train_dataset=_sft_dataset("text"),
                           processing_class=_tokenizer(checkpoint))
@@ -737,6 +750,17 @@ def test_cpo_softcapped_head_evaluation_needs_prediction_loss_only(checkpoint, t
         build()
     logs = _run(build(prediction_loss_only=True))[0]  # accepted; it trains, without logits/*
     assert "rewards/chosen@0" in logs and "logits/chosen@0" not in logs
+
+
+def test_sft_label_smoothing_on_a_softcapped_head_raises(checkpoint, tmp_path):
+    """The smoothing margin is linear in the hidden states only without softcapping: a Gemma 2 head names the field."""
+    config = transformers.Gemma2Config(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0,
+                                       final_logit_softcapping=3.0)
+    args = trl.SFTConfig(**_common(tmp_path, per_device_train_batch_size=4, label_smoothing_factor=0.1))
+    with pytest.raises(ValueError, match="SFTConfig.label_smoothing_factor"):
+        fa_trl.SFTTrainer(model=transformers.Gemma2ForCausalLM(config), args=args, train_dataset=_sft_dataset("text"),
+                          processing_class=_tokenizer(checkpoint))
 
 
 def test_example_trl_grpo_runs():

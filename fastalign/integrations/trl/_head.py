@@ -148,6 +148,28 @@ def head_separable_loss(operands, config, targets: Tensor, loss, *, items: str =
     return value, metrics, stats
 
 
+def label_margin(operands, targets: Tensor, scale: float) -> Tensor:
+    r"""``z_y - (1/V) Σ_j z_j`` at each position ``[B, T-1]`` (fp32, differentiable; 0 where ``targets`` is
+    -100) of a head without softcapping, from its operands and the next tokens ``targets``: linear in ``h``,
+    ``scale (h · (W_y - mean_j W_j) + (b_y - mean_j b_j) + a · (L_y - mean_j L_j))``, with no vocabulary pass
+    (one row of the head per position). With ``lp = z_y - lse``, the label-smoothing term
+    ``-(1/V) Σ_j log p_j = lse - mean_j z_j`` is ``label_margin - lp``."""
+    hidden, weight, bias, low_rank = operands
+    scored = targets != -100
+    y = targets.clamp(min=0)
+
+    def margin(rows, w):  # rows · (w_y - mean_j w_j) per position
+        w = w.float()
+        return (rows.float() * (w[y] - w.mean(0))).sum(-1)
+
+    out = margin(hidden[:, :-1], weight)
+    if bias is not None:
+        out = out + (bias.float()[y] - bias.float().mean())
+    if low_rank is not None:
+        out = out + margin(low_rank[0][:, :-1], low_rank[1])
+    return torch.where(scored, out * scale, 0.0)
+
+
 def has_mean_logits(model) -> bool:
     """Whether :func:`mean_logits` applies to ``model``: its head is not softcapped."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model

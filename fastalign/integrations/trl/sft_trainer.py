@@ -17,8 +17,12 @@ process count with ``average_tokens_across_devices``), as TRL's ``compute_loss``
 tokens. Padded, packed (``padding_free``, ``position_ids``) and completion-only batches are scored
 as TRL scores them (the collator's -100 labels).
 
+``label_smoothing_factor`` ε (``loss_type="nll"``) adds TRL's smoothing term without the logits:
+``(1-ε) NLL + ε mean_t (-(1/V) Σ_j log p_tj) = NLL + ε mean_t (z_ty - mean_j z_tj)``, the margin
+linear in the hidden states (one head row per token; not for a softcapped head).
+
 Options the drop-in cannot honour raise a ValueError naming them at construction:
-``compute_loss_func`` and ``label_smoothing_factor`` (they need the full logits),
+``compute_loss_func`` (it needs the full logits),
 ``use_liger_kernel``, sequence parallelism and vision-language models. A MoE model's load-balancing
 loss comes from the router logits of the same body forward, as TRL adds it.
 """
@@ -30,8 +34,9 @@ import warnings
 import torch
 import trl
 
-from fastalign.integrations.hf import next_token_targets
-from fastalign.integrations.trl._head import check_config, check_model, head_separable_loss, init_checked, install_head
+from fastalign.integrations.hf import head_transform, next_token_targets
+from fastalign.integrations.trl._head import (check_config, check_model, has_mean_logits, head_separable_loss,
+                                               init_checked, install_head, label_margin)
 
 __all__ = ["SFTTrainer"]
 
@@ -49,14 +54,17 @@ class SFTTrainer(trl.SFTTrainer):
         parallelism = self.accelerator.parallelism_config
         if parallelism is not None and getattr(parallelism, "sp_enabled", False):
             raise ValueError("sequence parallelism is not supported by the fastalign SFTTrainer")
+        if self.args.label_smoothing_factor > 0 and not has_mean_logits(self.accelerator.unwrap_model(self.model)):
+            raise ValueError("SFTConfig.label_smoothing_factor: a softcapped head (final_logit_softcapping) has no "
+                             "mean logit without the full logits; set it to 0")
         install_head(self.accelerator.unwrap_model(self.model))
 
     @staticmethod
     def _check_config(args) -> None:
         check_config(args, "SFTConfig")
-        if args.label_smoothing_factor > 0:
-            raise ValueError("SFTConfig.label_smoothing_factor is not supported by the fastalign SFTTrainer: label "
-                             "smoothing needs the full logits; set it to 0")
+        if args.label_smoothing_factor > 0 and args.loss_type != "nll":
+            raise ValueError(f"SFTConfig.label_smoothing_factor applies to loss_type='nll' only (TRL ignores it with "
+                             f"{args.loss_type!r}); set it to 0")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
@@ -77,6 +85,10 @@ class SFTTrainer(trl.SFTTrainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         loss, _, stats = head_separable_loss(policy.operands, unwrapped.config, targets, sft, items="tokens",
                                              extras=("entropy", "argmax"))
+        eps = self.args.label_smoothing_factor
+        if eps > 0:  # (1 - eps) NLL + eps mean_t (lse_t - mean_j z_tj) = NLL + eps mean_t (z_ty - mean_j z_tj)
+            margin = label_margin(policy.operands, targets, head_transform(unwrapped.config)[0])
+            loss = loss + eps * margin.sum() / num_tokens
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         if self.aux_loss_enabled:  # the MoE load-balancing loss, averaged over the accumulation steps as TRL's
