@@ -8,7 +8,9 @@
 #   4. the GPU benchmark: token_logprobs [8192 x 151936] bf16 against the one-read bandwidth limit,
 #      linear_logprobs N=8192 H=4096 V=151936 bf16 fwd and fwd+bwd against the dense tensor-core
 #      limit, also with half of every sequence an unscored prompt (with and without device compaction),
-#      and LinearPolicyLoss (GRPO) at B=8 T=1024 on that head, with the installed peers
+#      the SFT loss (token-mean cross-entropy: the single pass in blocks of tokens, the two passes,
+#      Liger's and cut-cross-entropy's fused linear cross-entropy) and LinearPolicyLoss (GRPO) at B=8
+#      T=1024 on that head, with the installed peers
 #
 # Everything lands in benchmarks/results/gpu-check-<device>-<UTC time>/ (or $GPU_CHECK_OUT) with the
 # device, date and versions (env.txt) and a one-line status per step (summary.txt): seven files, each
@@ -89,6 +91,6 @@ else
   echo "memcheck     skipped: compute-sanitizer not installed" | tee -a "$out/summary.txt"
 fi
 PYTHONPATH="$bench_path" step bench 230 "$PY" -m fastalign.bench --device cuda \
-  --ops token_logprobs,linear_logprobs,linear_policy_loss --cases 8192x151936,8192x4096x151936,"T=1024 H=4096" --repeats 10 --budget 6 --total-budget 200 --json "$out/bench.json"
+  --ops token_logprobs,linear_logprobs,linear_cross_entropy,linear_policy_loss --cases 8192x151936,8192x4096x151936,"T=1024 H=4096" --repeats 10 --budget 6 --total-budget 200 --json "$out/bench.json"
 echo "gpu-check: results in $out" | tee -a "$out/summary.txt"
 exit $status

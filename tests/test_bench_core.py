@@ -265,3 +265,16 @@ def test_readme_table_shows_the_newest_run_of_a_case(tmp_path):
              record("c.json", "2026-11-20T10:00", 3.0, device="GPU")]
     table = summary.readme_table(files)
     assert "| 2.00 |" in table and "| 1.00 |" not in table and "| 3.00 |" in table
+
+
+def test_linear_cross_entropy_case_implementations_agree():
+    """The SFT-loss case's implementations compute one loss, forward and with their backward (its tiny warmup
+    shape on the CPU; the gradients of both fastalign paths are tested against float64 elsewhere)."""
+    from fastalign.bench.cases.linear_cross_entropy import _make_build
+
+    for mode in ("fwd", "fwd+bwd"):
+        losses = {impl: step().detach() for impl, step in _make_build(64, 16, 97, torch.float32)(
+            torch.device("cpu"), mode).items() if step is not None}
+        assert {"fastalign", "fastalign-two-pass", "eager"} <= set(losses)
+        for impl, value in losses.items():
+            torch.testing.assert_close(value, losses["eager"], rtol=1e-5, atol=1e-6, msg=lambda m: f"{impl}: {m}")
