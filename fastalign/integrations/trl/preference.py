@@ -21,9 +21,10 @@ Where fastalign's own defaults differ from TRL 1.16, the profile selects TRL's b
   come from length-averaged log-probs.
 * KTO takes unpaired, unbalanced batches (any mix of desirable and undesirable responses).
 
-Not reproduced (they need the logits, which the fused paths never build): ``entropy``,
-``logits/chosen``, ``logits/rejected``, ``mean_token_accuracy``, ``num_tokens``, ``aux_loss``.
-TRL is never imported here except to check a dict's keys against the config's fields.
+The profiles take log-probs only, so they do not give ``entropy``, ``logits/chosen``,
+``logits/rejected``, ``mean_token_accuracy``, ``num_tokens`` or ``aux_loss``; the drop-in trainers
+log those from the head's own pass. TRL is never imported here except to check a dict's keys
+against the config's fields.
 """
 from __future__ import annotations
 
