@@ -31,7 +31,7 @@ from fastalign._options import check_choice, check_names
 from fastalign.linear import check_head_inputs, check_logit_options, linear_logprobs, logit_pipeline
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_cpu import labelled_rows
-from fastalign.ops.single_pass import Side, by_default, single_pass_loss
+from fastalign.ops.single_pass import Side, by_default, single_pass_loss, token_items
 from fastalign.policy import policy_loss
 from fastalign.policy_config import FIELDS, PolicyConfig
 
@@ -145,7 +145,8 @@ class LinearPolicyLoss(nn.Module):
         def loss(lp, old, ent):
             return policy_loss(lp, old, advantages, mask, entropy=ent, **inputs)
 
-        per_token = PolicyConfig(**{k: v for k, v in cfg.items() if k in FIELDS}).token_separable
+        per_token = PolicyConfig.make(None, "LinearPolicyLoss",
+                                      **{k: v for k, v in cfg.items() if k in FIELDS}).token_separable
         value, metrics, _lp, _ent = policy_step(hidden, weight, scored, old_logprobs, loss, bias=bias,
                                                 low_rank=low_rank, entropy=want_ent,
                                                 single_pass=single_pass if why is None else False,
@@ -192,10 +193,9 @@ def policy_step(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Op
         def per_token(lp, old, ent):
             return loss(lp.view(shape), old.view(shape), None if ent is None else ent.view(shape))
 
-        def flat(t):
-            return None if t is None else t.reshape(-1, 1, *t.shape[2:])
-        value, metrics, lp, ent = _single_pass(flat(hidden), weight, bias, flat(a), lw, flat(labels),
-                                               flat(old_logprobs), per_token, entropy, logit, backend)
+        value, metrics, lp, ent = _single_pass(token_items(hidden), weight, bias, token_items(a), lw,
+                                               token_items(labels), token_items(old_logprobs), per_token, entropy,
+                                               logit, backend)
         return value, metrics, lp.view(shape), None if ent is None else ent.view(shape)
     if single_pass is True or auto:
         return _single_pass(hidden, weight, bias, a, lw, labels, old_logprobs, loss, entropy, logit, backend)

@@ -231,7 +231,8 @@ class LinearPreferenceLoss(nn.Module):
             lp, sp2 = st.logprobs, st.sum_p2
         if rows is None:
             return lp.view(labels.shape), None if sp2 is None else sp2.view(labels.shape)
-        return scatter_labelled(lp, rows, labels, 0.0), None if sp2 is None else scatter_labelled(sp2.detach(), rows, labels, 1.0)
+        sp2 = None if sp2 is None else scatter_labelled(sp2.detach(), rows, labels, 1.0)
+        return scatter_labelled(lp, rows, labels, 0.0), sp2
 
     def _sums(self, lpc, lpr, yc, yr, twc=None, twr=None, spc=None, spr=None):
         """Per-sequence sums of both sides (LD-DPO public length ``min(|yc|, |yr|)`` per pair)."""

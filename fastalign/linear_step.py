@@ -10,8 +10,8 @@ batch and goes through the head in one of two ways, same loss and gradients:
   is separable over items: three matrix products instead of four;
 * **two passes**: :func:`fastalign.linear_logprobs` (its backward recomputes the logits), then the loss.
 
-An item is a row (a sequence, an unpaired response; a token, with the batch reshaped to
-``[tokens, 1, H]``) or, ``paired``, rows ``i`` and ``N/2 + i`` (a chosen and a rejected response).
+An item (``items``) is a row (a sequence, an unpaired response), a pair of rows ``i`` and ``N/2 + i``
+(a chosen and a rejected response) or a token (a loss separable over tokens: blocks of any tokens).
 Entropies and argmax for the caller's metrics come from the same pass. The TRL drop-ins use it for
 the preference trainers (pairs, KTO's responses) and SFT (tokens).
 """
@@ -26,24 +26,27 @@ from fastalign._options import check_choice
 from fastalign.linear import check_head_inputs, linear_logprobs, logit_pipeline
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_cpu import labelled_rows, scatter_labelled
-from fastalign.ops.single_pass import UNLABELLED, Side, by_default, single_pass_loss
+from fastalign.ops.single_pass import UNLABELLED, Side, by_default, single_pass_loss, token_items
 
-__all__ = ["StepLoss", "separable_step"]
+__all__ = ["ITEMS", "StepLoss", "separable_step"]
 
 _MODES = ("auto", True, False)
+#: What an item of :func:`separable_step` is: a row, a pair of rows (chosen first), or a token.
+ITEMS = ("rows", "pairs", "tokens")
 
 #: loss(logprobs [N, T], sum_p2 [N, T] or None) -> (loss, metrics) of a batch
 StepLoss = Callable[[Tensor, Optional[Tensor]], Tuple[Tensor, dict]]
 
 
 def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLoss, *,
-                   bias: Optional[Tensor] = None, low_rank=None, paired: bool = False, sum_p2: bool = False,
+                   bias: Optional[Tensor] = None, low_rank=None, items: str = "rows", sum_p2: bool = False,
                    extras: Sequence[str] = (), single_pass="auto",
                    logit: Optional[dict] = None) -> Tuple[Tensor, dict, dict]:
     r"""``(loss, metrics, stats)``: ``loss(lp, sum_p2)`` of the token statistics of ``hidden`` through the head.
 
-    ``hidden [N, T, H]`` holds N rows, each an item, or with ``paired`` the chosen rows then the
-    rejected ones (rows ``i`` and ``N/2 + i`` an item). ``labels [N, T]`` are aligned with the
+    ``hidden [N, T, H]`` holds N rows; ``items`` (one of :data:`ITEMS`) says what an item is: each row,
+    each pair of rows ``i`` and ``N/2 + i`` (the chosen rows first), or each token. ``labels [N, T]`` are
+    aligned with the
     positions (``ignore_index`` where unscored), ``weight``, ``bias`` and ``low_rank = (a [N, T, r],
     L [V, r])`` the head, ``logit`` the logit options of :func:`fastalign.linear_logprobs`
     (``temperature``, ``softcap``, ``logit_scale``, ``ignore_index``, ``backend``). ``loss`` gets
@@ -61,7 +64,9 @@ def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLos
     ``extras`` (``"entropy"``, ``"argmax"``; for metrics, no gradient), all from the same pass; an
     unscored position holds 0 (``sum_p2``: 1, ``argmax``: -1)."""
     logit = dict(logit or {})
+    check_choice("items", items, ITEMS)
     a, lw = check_head_inputs(hidden, weight, labels, bias, low_rank)
+    paired = items == "pairs"
     if hidden.dim() != 3 or (paired and hidden.shape[0] % 2):
         raise ValueError(f"hidden must be [N, T, H]{' with N even (chosen rows first)' if paired else ''}, got "
                          f"shape {tuple(hidden.shape)}")
@@ -72,11 +77,19 @@ def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLos
     if single_pass is True and not eager(hidden, weight, bias, a, lw):
         raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two passes run")
     with torch.autocast(hidden.device.type, enabled=False):  # the head runs in its operands' dtype
-        item_rows = hidden.shape[1] * (2 if paired else 1)  # one item's positions
-        if single_pass is True or (single_pass == "auto" and by_default(weight, hidden, bias, a, lw,
-                                                                         item_rows=item_rows)):
+        item_rows = {"rows": hidden.shape[1], "pairs": 2 * hidden.shape[1], "tokens": 1}[items]
+        if not (single_pass is True or (single_pass == "auto" and by_default(weight, hidden, bias, a, lw,
+                                                                             item_rows=item_rows))):
+            return _two_passes(hidden, weight, bias, a, lw, labels, loss, sum_p2, extras, logit)
+        if items != "tokens":
             return _single_pass(hidden, weight, bias, a, lw, labels, loss, paired, sum_p2, extras, logit)
-        return _two_passes(hidden, weight, bias, a, lw, labels, loss, sum_p2, extras, logit)
+        shape = labels.shape  # every position its own item: [N * T, 1, ...], the loss on [N, T] grids
+
+        def per_token(lp, sp2):
+            return loss(lp.view(shape), None if sp2 is None else sp2.view(shape))
+        value, metrics, stats = _single_pass(token_items(hidden), weight, bias, token_items(a), lw,
+                                             token_items(labels), per_token, False, sum_p2, extras, logit)
+        return value, metrics, {name: t.view(shape) for name, t in stats.items()}
 
 
 def _two_passes(hidden, weight, bias, a, lw, labels, loss: StepLoss, sum_p2: bool, extras, logit: dict):

@@ -342,7 +342,7 @@ def test_gpu_separable_step_bf16_at_full_vocabulary(monkeypatch):
     loss64.backward()
     for single_pass in (True, False):
         hg, wg = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        loss, _, stats = separable_step(hg, wg, y, dpo, paired=True, extras=("entropy", "argmax"),
+        loss, _, stats = separable_step(hg, wg, y, dpo, items="pairs", extras=("entropy", "argmax"),
                                         single_pass=single_pass)
         loss.backward()
         assert abs(loss.item() - loss64.item()) < 2e-3 * max(1.0, abs(loss64.item())), (single_pass, loss.item())

@@ -72,6 +72,14 @@ def _common(tmp_path, **overrides):
                    dataloader_num_workers=0), **overrides}
 
 
+def _sharper(checkpoint, factor: float):
+    """The checkpoint's model with its lm_head scaled by ``factor``: a reference other than the policy."""
+    reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(factor)
+    return reference
+
+
 def _eval_dataset(options, make):
     """The evaluation set ``make()`` when ``options`` ask for evaluation, else None."""
     return make() if options.get("eval_strategy", "no") != "no" else None
@@ -518,10 +526,8 @@ def test_kto_trainer_matches_trl(checkpoint, tmp_path, case, item_passes):
     """Loss, metrics and update equal TRL's; the loss goes through the head in one pass over whole responses."""
     def build(cls, out):
         args = trl.KTOConfig(**_common(out, per_device_train_batch_size=4, **KTO_CASES[case]))
-        reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
-        with torch.no_grad():  # a sharper reference: the mismatched completions are less likely under it (KL > 0)
-            reference.lm_head.weight.mul_(3.0)
-        return cls(model=checkpoint, ref_model=reference, args=args, train_dataset=_kto_dataset(),
+        # a sharper reference: the mismatched completions are less likely under it (KL > 0)
+        return cls(model=checkpoint, ref_model=_sharper(checkpoint, 3.0), args=args, train_dataset=_kto_dataset(),
                    processing_class=_tokenizer(checkpoint))
 
     theirs = _run(build(trl.KTOTrainer, tmp_path / "trl"))
@@ -583,10 +589,7 @@ def test_orpo_trainer_matches_trl(checkpoint, tmp_path, item_passes):
 def _kto_two_process(cls, checkpoint, out):
     """Two responses per process; one process holds both classes, the other only desirable ones."""
     args = trl.KTOConfig(**_common(out, per_device_train_batch_size=2, loss_type="kto"))
-    reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
-    with torch.no_grad():
-        reference.lm_head.weight.mul_(3.0)
-    return cls(model=checkpoint, ref_model=reference, args=args, train_dataset=_kto_dataset(),
+    return cls(model=checkpoint, ref_model=_sharper(checkpoint, 3.0), args=args, train_dataset=_kto_dataset(),
                processing_class=_tokenizer(checkpoint))
 
 
@@ -602,10 +605,7 @@ def _grpo_two_process(cls, checkpoint, out):
 def _dpo_two_process(cls, checkpoint, out):
     """Two pairs per process through the head's single pass: per-pair and token-weighted metrics over both."""
     args = trl.DPOConfig(**_common(out, per_device_train_batch_size=2, loss_type=["sigmoid", "sft"]))
-    reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
-    with torch.no_grad():
-        reference.lm_head.weight.mul_(1.5)
-    return cls(model=checkpoint, ref_model=reference, args=args, train_dataset=_dpo_dataset(),
+    return cls(model=checkpoint, ref_model=_sharper(checkpoint, 1.5), args=args, train_dataset=_dpo_dataset(),
                processing_class=_tokenizer(checkpoint))
 
 

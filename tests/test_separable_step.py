@@ -93,13 +93,13 @@ def oracle(d, sum_p2, low_rank, logit, make_loss=dpo_like):
 
 
 def run(d, single_pass, *, sum_p2=True, low_rank=True, backend="cpp", logit=LOGIT, extras=("entropy", "argmax"),
-        make_loss=dpo_like, paired=True):
+        make_loss=dpo_like, items="pairs"):
     names = ("hidden", "weight", "bias") + (("a", "L") if low_rank else ())
     leaves = {k: d[k].clone().requires_grad_(True) for k in names}
     value, metrics, stats = separable_step(
         leaves["hidden"], leaves["weight"], d["labels"], make_loss(d["labels"], d["ref"]), bias=leaves["bias"],
         low_rank=(leaves["a"], leaves["L"]) if low_rank else None, sum_p2=sum_p2, extras=extras,
-        single_pass=single_pass, logit=dict(logit, backend=backend), paired=paired)
+        single_pass=single_pass, logit=dict(logit, backend=backend), items=items)
     value.backward()
     return value.detach(), metrics, [leaves[k].grad for k in names], stats
 
@@ -138,8 +138,25 @@ def test_separable_step_matches_float64(block_mib, single_pass, sum_p2, low_rank
 def test_separable_step_unpaired_matches_float64(block_mib, single_pass):
     """Unpaired responses (KTO): each block holds whole responses, in any order of the classes."""
     d = make(4)
-    got = run(d, single_pass, sum_p2=False, make_loss=kto_like, paired=False)
+    got = run(d, single_pass, sum_p2=False, make_loss=kto_like, items="rows")
     check(got, oracle(d, False, True, LOGIT, kto_like), 2e-5, stats=("logprobs", "entropy", "argmax"))
+
+
+@pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "two-pass"])
+def test_separable_step_tokens_matches_float64(block_mib, single_pass):
+    """Every token its own item (a loss separable over tokens: the SFT NLL with a sum p^2 weight per token): blocks
+    of any tokens, across rows."""
+    d = make(6)
+    mask = (d["labels"] != -100).to(torch.float64)
+
+    def token_loss(labels, ref):
+        def loss(lp, sp2):
+            value = -(lp.double() * mask * (1 + sp2.double())).sum() / mask.sum()
+            return value, {"nll": value.detach()}
+        return loss
+
+    got = run(d, single_pass, make_loss=token_loss, items="tokens")
+    check(got, oracle(d, True, True, LOGIT, token_loss), 2e-5)
 
 
 def test_separable_step_triton_interpreter(block_mib, monkeypatch):
@@ -164,7 +181,7 @@ def test_separable_step_auto_and_no_grad():
     d = make(3)
     with torch.no_grad():
         value, _m, stats = separable_step(d["hidden"], d["weight"], d["labels"], dpo_like(d["labels"], d["ref"]),
-                                          bias=d["bias"], paired=True, extras=("entropy",), logit=LOGIT)
+                                          bias=d["bias"], items="pairs", extras=("entropy",), logit=LOGIT)
     want = oracle(d, False, False, LOGIT)
     assert_close(value, want[0], atol=2e-5, rtol=2e-5, what="loss")
     assert_close(stats["entropy"], want[3]["entropy"], atol=2e-5, rtol=2e-5, what="entropy")
@@ -191,7 +208,7 @@ def test_separable_step_bad_inputs():
     d = make()
     loss = dpo_like(d["labels"], d["ref"])
     with pytest.raises(ValueError, match="N even"):
-        separable_step(d["hidden"][:5], d["weight"], d["labels"][:5], loss, paired=True)
+        separable_step(d["hidden"][:5], d["weight"], d["labels"][:5], loss, items="pairs")
     separable_step(d["hidden"][:5], d["weight"], d["labels"][:5], kto_like(d["labels"][:5], d["ref"][:5]))  # any N
     with pytest.raises(ValueError, match="extras"):
         separable_step(d["hidden"], d["weight"], d["labels"], loss, extras=("mean",))

@@ -311,7 +311,7 @@ class _LigerPreference(nn.Module):
         keep = labels != self.ignore_index
         return -(tok * keep).sum() / keep.sum()
 
-    def _step(self, hidden, weight, target, bias, loss, *, paired: bool = True, nll_target=None):
+    def _step(self, hidden, weight, target, bias, loss, *, items: str = "pairs", nll_target=None):
         """``(value, logps, count, nll, aux)``: ``loss(logps, count, nll) -> (value, aux)`` of the responses'
         log-probs through the head (:func:`fastalign.linear_step.separable_step`: one pass over blocks of whole
         pairs, or responses, when gradients are needed). With ``nll_target`` (ORPO) the chosen NLL scores other
@@ -328,11 +328,12 @@ class _LigerPreference(nn.Module):
 
         def response_loss(tok, _sum_p2):
             logps, count = self._summed(tok, target)
-            nll = self._chosen_nll(tok[:tok.shape[0] // 2], target[:target.shape[0] // 2]) if paired else None
+            half = tok.shape[0] // 2
+            nll = self._chosen_nll(tok[:half], target[:half]) if items == "pairs" else None
             value, aux = loss(logps, count, nll)
             return value, {"logps": logps.detach(), "count": count, "nll": nll, "aux": aux}
 
-        value, out, _ = separable_step(hidden, weight, target, response_loss, bias=bias, paired=paired,
+        value, out, _ = separable_step(hidden, weight, target, response_loss, bias=bias, items=items,
                                        logit=dict(ignore_index=self.ignore_index))
         return value, out["logps"], out["count"], out["nll"], out["aux"]
 
@@ -505,7 +506,7 @@ class LigerFusedLinearKTOLoss(_LigerPreference):
             return unpaired_preference_loss(logps, shifted, preference_labels, loss_type="kto", beta=self.beta,
                                             kl=torch.zeros(1, device=logps.device))[0], ()
 
-        loss, logps, _, _, _ = self._step(_input, lin_weight, target, bias, kto, paired=False)
+        loss, logps, _, _, _ = self._step(_input, lin_weight, target, bias, kto, items="rows")
         good = preference_labels.to(torch.float32)
         with torch.no_grad():
             rewards = self.beta * (logps.detach().float() - ref.float())

@@ -101,6 +101,12 @@ def block_logprobs_of(h: Tensor, weight: Tensor, bias: Optional[Tensor], labels:
                           rows=block_budget_rows(weight.shape[0], h), **pipe._asdict())
 
 
+def token_items(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t [N, T, ...]`` as ``[N * T, 1, ...]``: every position its own item, for a loss separable over tokens
+    (blocks of any tokens, sized by the budget alone); None stays None."""
+    return None if t is None else t.reshape(-1, 1, *t.shape[2:])
+
+
 #: The value of each statistic at an unlabelled position (no vocabulary work there).
 UNLABELLED = {"logprobs": 0.0, "entropy": 0.0, "sum_p2": 1.0, "argmax": -1}
 

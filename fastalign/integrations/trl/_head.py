@@ -77,30 +77,47 @@ def mean_logits(operands, scale: float) -> Tensor:
     ``a @ L.T`` a LoRA head's low-rank term), with no vocabulary pass. A softcapped head has no such form
     (:func:`has_mean_logits`)."""
     hidden, weight, bias, low_rank = operands
-    with torch.no_grad():
-        mean = hidden.float() @ weight.float().mean(0)
+    with torch.no_grad():  # the means accumulate in fp32 without an fp32 copy of the [V, H] head
+        mean = hidden.float() @ weight.mean(0, dtype=torch.float32)
         if low_rank is not None:
-            mean = mean + low_rank[0].float() @ low_rank[1].float().mean(0)
+            mean = mean + low_rank[0].float() @ low_rank[1].mean(0, dtype=torch.float32)
         if bias is not None:
-            mean = mean + bias.float().mean()
+            mean = mean + bias.mean(dtype=torch.float32)
         return mean * scale
 
 
+def policy_operands(trainer, model, **inputs) -> HeadOutputs:
+    """``model(**inputs)`` through the fused head for its operands, with the MoE body's load-balancing loss
+    (``aux_loss``) when the trainer adds one (TRL's ``aux_loss_enabled``)."""
+    router = {"output_router_logits": True} if trainer.aux_loss_enabled else {}
+    return model(**inputs, **router, fastalign_head=("operands",))
+
+
+def add_aux_loss(trainer, loss: Tensor, aux: Optional[Tensor], mode: Optional[str], *, coef: Optional[float] = None,
+                 scale: float = 1.0) -> Tensor:
+    """``loss + coef * aux / scale`` when the trainer adds a MoE body's load-balancing loss ``aux`` (``coef``: its
+    ``router_aux_loss_coef`` by default), logging TRL's ``aux_loss`` metric under ``mode`` (None: not logged);
+    ``loss`` otherwise."""
+    if not trainer.aux_loss_enabled:
+        return loss
+    if mode is not None:
+        trainer._metrics[mode]["aux_loss"].append(trainer.accelerator.gather_for_metrics(aux).mean().item())
+    return loss + (trainer.router_aux_loss_coef if coef is None else coef) * aux / scale
+
+
 def head_policy_loss(trainer, model, ids: Tensor, attention: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-                     old: Optional[Tensor], loss, vision: dict, *, token_separable: bool = False,
-                     aux_loss: bool = False):
+                     old: Optional[Tensor], loss, vision: dict, *, token_separable: bool = False):
     """``(loss, metrics, entropies, aux)`` of a policy ``loss(lp, old, entropy)`` on the completion tokens of an online
     trainer's batch (``ids = prompt + completion``), through the model's head from its hidden states
     (:func:`fastalign.linear_policy.policy_step`: one pass over blocks of whole completions when gradients
     are needed), padding unscored as in :func:`fused_logps_and_entropies`; ``old=None``: the policy's own
     log-probs, detached; the temperature is ``trainer.temperature``. ``loss`` must be separable over
     completions; ``token_separable``: over tokens too (blocks of any tokens, so long completions take the
-    pass as well; :attr:`fastalign.PolicyConfig.token_separable`); ``aux_loss``: also the MoE body's
-    load-balancing loss (``aux``, else None)."""
+    pass as well; :attr:`fastalign.PolicyConfig.token_separable`); ``aux``: the MoE body's load-balancing
+    loss when the trainer adds one (:func:`policy_operands`), else None."""
     text_only(vision)
-    router = {"output_router_logits": True} if aux_loss else {}
     with trainer.accelerator.autocast():
-        out = model(input_ids=ids, attention_mask=attention, fastalign_head=("operands",), **router)
+        out = policy_operands(trainer, model, input_ids=ids, attention_mask=attention)
     hidden, weight, bias, low_rank = out.operands
     k = completion_ids.size(1)
     positions = slice(hidden.size(1) - k - 1, hidden.size(1) - 1)  # those that predict the completion
@@ -113,36 +130,21 @@ def head_policy_loss(trainer, model, ids: Tensor, attention: Tensor, completion_
     return value, metrics, entropies, out.aux_loss
 
 
-#: What an item of :func:`head_separable_loss` is: a row, a pair of rows (chosen first), or a token.
-ITEMS = ("rows", "pairs", "tokens")
-
-
 def head_separable_loss(operands, config, targets: Tensor, loss, *, items: str = "pairs", sum_p2: bool = False,
                         extras: Sequence[str] = (), separable: bool = True, position_means: bool = False):
     """``(loss, metrics, stats)`` of ``loss(lp [N, T-1], sum_p2)`` over the rows whose head ``operands`` (of
     ``model(..., fastalign_head=("operands",))``) are given, through the head itself
     (:func:`fastalign.linear_step.separable_step`: one pass over blocks of whole ``items``, one of
-    :data:`ITEMS`, when gradients are needed and ``separable``), never the logits. ``targets [N, T-1]``:
-    the next token at each position, ``-100`` where unscored; ``config``: the model's (its head
-    transform). ``stats`` as :func:`~fastalign.linear_step.separable_step`'s, ``[N, T-1]``, plus
+    :data:`fastalign.linear_step.ITEMS`, when gradients are needed and ``separable``), never the logits.
+    ``targets [N, T-1]``: the next token at each position, ``-100`` where unscored; ``config``: the
+    model's (its head transform). ``stats`` as :func:`~fastalign.linear_step.separable_step`'s, ``[N, T-1]``, plus
     ``"position_mean_logits" [N, T]`` (:func:`mean_logits`) with ``position_means``."""
-    if items not in ITEMS:
-        raise ValueError(f"items must be one of {ITEMS}, got {items!r}")
     hidden, weight, bias, low_rank = operands
     scale, softcap = head_transform(config)
-    hidden, low = hidden[:, :-1], None if low_rank is None else (low_rank[0][:, :-1], low_rank[1])
-    shape = targets.shape
-
-    def step_loss(lp, sp2):  # the caller's loss on [N, T-1] grids (items="tokens" flattens them)
-        return loss(lp.view(shape), None if sp2 is None else sp2.view(shape))
-
-    if items == "tokens":  # every position its own item: [N * (T-1), 1, ...]
-        hidden, targets = hidden.reshape(-1, 1, hidden.shape[-1]), targets.reshape(-1, 1)
-        low = None if low is None else (low[0].reshape(-1, 1, low[0].shape[-1]), low[1])
     value, metrics, stats = separable_step(
-        hidden, weight, targets, step_loss, bias=bias, low_rank=low, paired=items == "pairs", sum_p2=sum_p2,
-        extras=extras, single_pass="auto" if separable else False, logit=dict(logit_scale=scale, softcap=softcap))
-    stats = {name: t.view(shape) for name, t in stats.items()}
+        hidden[:, :-1], weight, targets, loss, bias=bias, items=items, sum_p2=sum_p2, extras=extras,
+        low_rank=None if low_rank is None else (low_rank[0][:, :-1], low_rank[1]),
+        single_pass="auto" if separable else False, logit=dict(logit_scale=scale, softcap=softcap))
     if position_means:
         stats["position_mean_logits"] = mean_logits(operands, scale)
     return value, metrics, stats
@@ -158,13 +160,12 @@ def label_margin(operands, targets: Tensor, scale: float) -> Tensor:
     scored = targets != -100
     y = targets.clamp(min=0)
 
-    def margin(rows, w):  # rows · (w_y - mean_j w_j) per position
-        w = w.float()
-        return (rows.float() * (w[y] - w.mean(0))).sum(-1)
+    def margin(rows, w):  # rows · (w_y - mean_j w_j) per position; one head row per position in fp32, not [V, H]
+        return (rows.float() * (w[y].float() - w.mean(0, dtype=torch.float32))).sum(-1)
 
     out = margin(hidden[:, :-1], weight)
     if bias is not None:
-        out = out + (bias.float()[y] - bias.float().mean())
+        out = out + (bias[y].float() - bias.mean(dtype=torch.float32))
     if low_rank is not None:
         out = out + margin(low_rank[0][:, :-1], low_rank[1])
     return torch.where(scored, out * scale, 0.0)
@@ -333,15 +334,13 @@ class ConcatenatedPairsMixin:
         targets = next_token_targets(ids, labels=labels, attention_mask=attention)
         completion_mask = (completion_labels[:, 1:] != -100).float()
         extra = (attention[:, 1:].float(),) if self.nll_over_prompt else ()
-        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        policy = model(input_ids=ids, attention_mask=attention, use_cache=False, fastalign_head=("operands",),
-                       **router)
+        policy = policy_operands(self, model, input_ids=ids, attention_mask=attention, use_cache=False)
         loss, metrics, stats = head_separable_loss(
             policy.operands, self.accelerator.unwrap_model(self.model).config, targets,
             lambda per_token_logps, _sum_p2: self.fastalign_loss(per_token_logps, completion_mask, *extra),
             position_means=self._mean_logits)
-        if self.aux_loss_enabled:  # the MoE load-balancing loss of the same forward, as TRL adds it (not logged)
-            loss = loss + self.aux_loss_coef * policy.aux_loss
+        # the MoE load-balancing loss of the same forward, with the config's coefficient, not logged (as TRL)
+        loss = add_aux_loss(self, loss, policy.aux_loss, None, coef=self.aux_loss_coef)
 
         prefix = "eval_" if train_eval == "eval" else ""
         logged = {}

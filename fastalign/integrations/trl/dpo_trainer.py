@@ -31,8 +31,9 @@ import trl
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from fastalign.integrations.trl._head import (check_config, check_model, gathered_mean, has_mean_logits,
-                                               head_separable_loss, init_checked, install_head, install_heads)
+from fastalign.integrations.trl._head import (add_aux_loss, check_config, check_model, gathered_mean,
+                                               has_mean_logits, head_separable_loss, init_checked, install_head,
+                                               install_heads, policy_operands)
 from fastalign.integrations.trl.preference import DPOLoss
 from fastalign.linear_preference import coupling
 from fastalign.sequence import sequence_logprobs
@@ -79,8 +80,7 @@ class DPOTrainer(trl.DPOTrainer):
         shift_mask = inputs["completion_mask"][..., 1:]
         targets = inputs["input_ids"][:, 1:].masked_fill(shift_mask == 0, -100)
         # the policy's forward (its dropout draws) before the reference's, as in TRL
-        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        policy = model(**model_kwargs, **router, fastalign_head=("operands",))
+        policy = policy_operands(self, model, **model_kwargs)
         ref = {}
         if self.precompute_ref_logps:
             ref.update(ref_chosen_logps=inputs["ref_chosen_logps"], ref_rejected_logps=inputs["ref_rejected_logps"])
@@ -97,9 +97,7 @@ class DPOTrainer(trl.DPOTrainer):
             policy.operands, unwrapped.config, targets, dpo, sum_p2=self.use_weighting, extras=("entropy", "argmax"),
             separable=coupling(self.fastalign_loss.options["loss_type"], self.use_weighting) is None,
             position_means=has_mean_logits(unwrapped))
-        if self.aux_loss_enabled:  # the MoE load-balancing loss of the policy's forward, as TRL adds it
-            loss = loss + self.router_aux_loss_coef * policy.aux_loss
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(policy.aux_loss).mean().item())
+        loss = add_aux_loss(self, loss, policy.aux_loss, mode)
         self._log_head_metrics(mode, stats, targets, inputs["attention_mask"])
         pairs = shift_mask.size(0) // 2
         for name, value in metrics.items():  # per-pair means: over every process's pairs, as TRL gathers them

@@ -33,8 +33,9 @@ import torch
 import trl
 from trl.trainer.utils import nanmax, nanmin
 
-from fastalign.integrations.trl._head import (VISION_INPUTS, check_config, check_model, fused_logps_and_entropies,
-                                               gathered_mean, head_policy_loss, init_checked, install_heads)
+from fastalign.integrations.trl._head import (VISION_INPUTS, add_aux_loss, check_config, check_model,
+                                               fused_logps_and_entropies, gathered_mean, head_policy_loss,
+                                               init_checked, install_heads)
 from fastalign.integrations.trl.grpo import GRPOLoss, entropy_threshold, grpo_policy_config
 
 __all__ = ["GRPOTrainer"]
@@ -125,15 +126,14 @@ class GRPOTrainer(trl.GRPOTrainer):
         else:
             loss, metrics, entropies, aux_loss = head_policy_loss(
                 self, model, ids, attention, completion_ids, completion_mask, old, grpo, vision,
-                token_separable=self.fastalign_loss.config.token_separable, aux_loss=self.aux_loss_enabled)
+                token_separable=self.fastalign_loss.config.token_separable)
             bonus_mask = mask
         if self.use_adaptive_entropy and mode == "train":
             self._adapt_entropy_coef(entropies, bonus_mask)
         log = self._metrics[mode]
-        if self.aux_loss_enabled:  # the MoE load-balancing loss, scaled for gradient accumulation as TRL's
-            loss = loss + self.router_aux_loss_coef * aux_loss / (
-                self.current_gradient_accumulation_steps if mode == "train" else 1.0)
-            log["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        # the MoE load-balancing loss, scaled for gradient accumulation as TRL's
+        loss = add_aux_loss(self, loss, aux_loss, mode,
+                            scale=self.current_gradient_accumulation_steps if mode == "train" else 1.0)
         sequence_ratio = self.importance_sampling_level == "sequence"
         for name, value in metrics.items():
             if name == "entropy_coef":

@@ -30,8 +30,9 @@ import trl
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from fastalign.integrations.trl._head import (check_config, check_model, gathered_mean, has_mean_logits,
-                                               head_separable_loss, init_checked, install_head, install_heads)
+from fastalign.integrations.trl._head import (add_aux_loss, check_config, check_model, gathered_mean,
+                                               has_mean_logits, head_separable_loss, init_checked, install_head,
+                                               install_heads, policy_operands)
 from fastalign.integrations.trl.preference import KTOLoss
 
 __all__ = ["KTOTrainer"]
@@ -92,8 +93,7 @@ class KTOTrainer(trl.KTOTrainer):
         targets = batch["input_ids"][:, 1:].masked_fill(shift_mask == 0, -100)
         # the forwards in TRL's order (that of their dropout draws): the KL completions, the policy, the reference
         kl_logps = self._kl_logps(model, batch)
-        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        policy = model(**model_kwargs, **router, fastalign_head=("operands",))
+        policy = policy_operands(self, model, **model_kwargs)
         if self.precompute_ref_logps:
             ref_logps, ref_kl_logps = batch["ref_logps"], batch.get("ref_KL_logps") if self.calculate_KL else None
         else:
@@ -119,9 +119,7 @@ class KTOTrainer(trl.KTOTrainer):
             if not math.isnan(logged[name]):  # a class absent from every process: TRL logs nothing
                 log[name].append(logged[name])
         self._log_head_metrics(mode, stats, targets != -100, batch["attention_mask"], label)
-        if self.aux_loss_enabled:  # the MoE load-balancing loss of the policy's forward, as TRL adds it
-            loss = loss + self.router_aux_loss_coef * policy.aux_loss
-            log["aux_loss"].append(self.accelerator.gather_for_metrics(policy.aux_loss).mean().item())
+        loss = add_aux_loss(self, loss, policy.aux_loss, mode)
         if return_outputs:
             with torch.no_grad():
                 outputs = model(**model_kwargs)

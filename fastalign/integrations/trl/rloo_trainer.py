@@ -25,8 +25,9 @@ import functools
 import torch
 import trl
 
-from fastalign.integrations.trl._head import (VISION_INPUTS, check_config, check_model, fused_logps_and_entropies,
-                                               gathered_mean, head_policy_loss, init_checked, install_heads)
+from fastalign.integrations.trl._head import (VISION_INPUTS, add_aux_loss, check_config, check_model,
+                                               fused_logps_and_entropies, gathered_mean, head_policy_loss,
+                                               init_checked, install_heads)
 from fastalign.integrations.trl.rloo import RLOOLoss
 
 __all__ = ["RLOOTrainer"]
@@ -59,11 +60,10 @@ class RLOOTrainer(trl.RLOOTrainer):
                                        entropy=entropies)
 
         loss, metrics, _, aux_loss = head_policy_loss(self, model, ids, attention, completion_ids, completion_mask,
-                                                      None, rloo, vision, aux_loss=self.aux_loss_enabled)
-        log = self._metrics["train" if self.model.training else "eval"]
-        if self.aux_loss_enabled:  # the MoE load-balancing loss of the same forward, as TRL adds it
-            loss = loss + self.router_aux_loss_coef * aux_loss
-            log["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+                                                      None, rloo, vision)
+        mode = "train" if self.model.training else "eval"
+        loss = add_aux_loss(self, loss, aux_loss, mode)  # the MoE load-balancing loss of the same forward
+        log = self._metrics[mode]
         rows = completion_mask.size(0)
         for name, value in metrics.items():
             if name in _EXTREMES:

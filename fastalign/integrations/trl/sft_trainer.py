@@ -35,8 +35,9 @@ import torch
 import trl
 
 from fastalign.integrations.hf import head_transform, next_token_targets
-from fastalign.integrations.trl._head import (check_config, check_model, has_mean_logits, head_separable_loss,
-                                               init_checked, install_head, label_margin)
+from fastalign.integrations.trl._head import (add_aux_loss, check_config, check_model, has_mean_logits,
+                                               head_separable_loss, init_checked, install_head, label_margin,
+                                               policy_operands)
 
 __all__ = ["SFTTrainer"]
 
@@ -80,8 +81,7 @@ class SFTTrainer(trl.SFTTrainer):
             per_token_loss = -per_token_logps * (per_token_logps.detach().exp() if dft else 1.0)
             return per_token_loss.sum() / num_tokens, {}
 
-        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        policy = model(**model_inputs, **router, fastalign_head=("operands",))
+        policy = policy_operands(self, model, **model_inputs)
         unwrapped = self.accelerator.unwrap_model(self.model)
         loss, _, stats = head_separable_loss(policy.operands, unwrapped.config, targets, sft, items="tokens",
                                              extras=("entropy", "argmax"))
@@ -91,12 +91,10 @@ class SFTTrainer(trl.SFTTrainer):
             loss = loss + eps * margin.sum() / num_tokens
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        if self.aux_loss_enabled:  # the MoE load-balancing loss, averaged over the accumulation steps as TRL's
-            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-            loss = loss + self.router_aux_loss_coef * policy.aux_loss / steps
+        # the MoE load-balancing loss, averaged over the accumulation steps as TRL's
+        loss = add_aux_loss(self, loss, policy.aux_loss, mode,
+                            scale=self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1)
         self._log_metrics(mode, inputs, stats, targets)
-        if self.aux_loss_enabled:
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(policy.aux_loss).mean().item())
         if return_outputs:
             warnings.warn("return_outputs=True computes the logits with an extra forward pass (the fused head "
                           "never builds them)", stacklevel=2)
