@@ -308,6 +308,57 @@ def test_unknown_architecture_with_stated_head_transform():
     check(stats.logprobs, ref_lp, scored, 1e-5)
 
 
+def test_registered_head_transform_is_read_by_every_call(monkeypatch):
+    """register_head_transform states an unlisted model_type's transform once; calls then need no arguments."""
+    import fastalign.integrations.hf as hf
+
+    monkeypatch.setattr(hf, "HEAD_TRANSFORMS", dict(hf.HEAD_TRANSFORMS))
+    model = tiny_model("cohere")
+    input_ids, attention_mask, labels = batch(seed=8)
+    with torch.no_grad():
+        ref_lp, _ = reference(model, input_ids, attention_mask)
+        model.config.model_type = "my_cohere"
+        with pytest.raises(ValueError, match="register_head_transform"):
+            causal_lm_logprobs(model, input_ids, attention_mask, labels=labels)
+        hf.register_head_transform("my_cohere", logit_scale=model.config.logit_scale)
+        stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels)
+    check(stats.logprobs, ref_lp, (labels[:, 1:] != -100) & attention_mask[:, 1:].bool(), 1e-5)
+    with pytest.raises(ValueError, match="already"):
+        hf.register_head_transform("llama")
+    with pytest.raises(ValueError, match="softcap"):
+        hf.register_head_transform("mine", softcap=0.0)
+
+
+#: Architectures listed with a plain head (logits = lm_head(h)), each checked against its own logits below.
+PLAIN_ARCHS = ["gpt2", "gpt_neox", "opt", "phi", "phimoe", "olmo", "olmo3", "olmoe", "smollm3", "gpt_oss", "stablelm",
+               "glm", "glm4", "exaone4", "seed_oss", "nemotron", "ministral", "helium", "internlm3", "persimmon",
+               "jetmoe", "mpt", "bloom", "olmo2", "starcoder2", "mixtral", "qwen2_moe"]
+_SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, n_embd=32, n_layer=2, n_head=4, d_model=32, ffn_dim=64,
+              max_position_embeddings=64, n_positions=64, word_embed_proj_dim=32, pad_token_id=0,
+              moe_intermediate_size=16, num_experts=4, num_local_experts=4, num_experts_per_tok=2)
+
+
+@pytest.mark.parametrize("arch", PLAIN_ARCHS)
+def test_plain_head_architectures_match_their_own_logits(arch):
+    assert head_transform(transformers.AutoConfig.for_model(arch)) == (1.0, None)
+    config = transformers.AutoConfig.for_model(arch)
+    for k, v in _SMALL.items():
+        if hasattr(config, k):
+            setattr(config, k, v)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0, 1.0)
+    input_ids, attention_mask, labels = batch(seed=3)
+    with torch.no_grad():
+        ref_lp, ref_ent = reference(model, input_ids, attention_mask)
+        stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, entropy=True)
+    scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
+    check(stats.logprobs, ref_lp, scored, 1e-4)
+    check(stats.entropy, ref_ent, scored, 1e-4)
+
+
 def test_dtensor_head_weight_is_gathered(tmp_path):
     """An FSDP2-style DTensor lm_head (sharded over a 1-rank mesh) gives the plain result and a DTensor grad."""
     import torch.distributed as dist

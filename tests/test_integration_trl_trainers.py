@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -413,6 +414,28 @@ def test_grpo_cast_lm_head_to_fp32_matches_trl(checkpoint, tmp_path, sequence_pa
         assert ((o_after[k].float() - t_after[k].float()).abs() <= step).all(), k
 
 
+def test_trainers_sharing_a_model_score_at_their_own_temperature(checkpoint, tmp_path):
+    """One model object under several drop-in trainers in turn: each scores (old policy, reference) at its own
+    temperature, not at the first trainer's."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        z = model(ids).logits[0, 2:-1].double()
+    for i, (config_cls, cls, temperature) in enumerate([(trl.GRPOConfig, fa_trl.GRPOTrainer, 1.0),
+                                                         (trl.GRPOConfig, fa_trl.GRPOTrainer, 0.5),
+                                                         (trl.RLOOConfig, fa_trl.RLOOTrainer, 1.7)]):
+        args = config_cls(**_common(tmp_path / str(i), per_device_train_batch_size=4, num_generations=4,
+                                    max_completion_length=6, temperature=temperature))
+        trainer = cls(model=model, reward_funcs=_reward, args=args, train_dataset=_grpo_dataset(),
+                      processing_class=_tokenizer(checkpoint))
+        with torch.no_grad():
+            lp, entropy, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), 4,
+                                                                         compute_entropy=True)
+        expected = torch.log_softmax(z / temperature, -1)
+        torch.testing.assert_close(lp[0].double(), expected.gather(-1, ids[0, 3:, None])[:, 0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(entropy[0].double(), -(expected.exp() * expected).sum(-1), rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture
 def sequence_passes(monkeypatch):
     """The single passes of the policy losses taken while a test runs: their items' length (1: blocks of any
@@ -734,21 +757,31 @@ def test_cpo_refuses_label_smoothing_trl_would_ignore(checkpoint, tmp_path):
 
 
 def test_cpo_softcapped_head_evaluation_needs_prediction_loss_only(checkpoint, tmp_path):
-    """Evaluation predicts logits/*, which a softcapped head has no mean of without the full logits."""
+    """Evaluation with compute_metrics predicts logits/*, which a softcapped head has no mean of without the full
+    logits: refused when the trainer is built with an evaluation set, and when evaluate() is given one later.
+    Without compute_metrics, evaluation predicts only the loss and runs."""
     config = transformers.Gemma2Config(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0,
                                        final_logit_softcapping=3.0)
     cpo_config = _config_class("CPO")
 
-    def build(**options):
+    def metrics(prediction):
+        return {"mean_prediction": float(np.mean(prediction.predictions))}
+
+    def build(eval_dataset=None, compute_metrics=metrics, **options):
         return fa_trl.CPOTrainer(model=transformers.Gemma2ForCausalLM(config),
                                  args=cpo_config(**_common(tmp_path, per_device_train_batch_size=4, **options)),
-                                 train_dataset=_dpo_dataset(), eval_dataset=_dpo_dataset(),
-                                 processing_class=_tokenizer(checkpoint))
+                                 train_dataset=_dpo_dataset(), eval_dataset=eval_dataset,
+                                 processing_class=_tokenizer(checkpoint), compute_metrics=compute_metrics)
 
     with pytest.raises(ValueError, match="CPOConfig.prediction_loss_only"):
-        build()
-    logs = _run(build(prediction_loss_only=True))[0]  # accepted; it trains, without logits/*
+        build(_dpo_dataset())
+    trainer = build(_dpo_dataset(), compute_metrics=None)
+    assert "eval_loss" in trainer.evaluate()
+    trainer.compute_metrics = metrics
+    with pytest.raises(ValueError, match="CPOConfig.prediction_loss_only"):
+        trainer.evaluate(trainer.eval_dataset)
+    logs = _run(build(_dpo_dataset(), prediction_loss_only=True))[0]  # accepted; it trains, without logits/*
     assert "rewards/chosen@0" in logs and "logits/chosen@0" not in logs
 
 

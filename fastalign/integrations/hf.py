@@ -24,6 +24,7 @@ Any other architecture raises unless the caller states its head transform with
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -36,7 +37,9 @@ from fastalign.sequence import segment_ids
 
 _PLAIN_HEAD = (
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma", "olmo2",
-    "starcoder2", "deepseek_v3",
+    "starcoder2", "deepseek_v3", "gpt2", "gpt_neox", "opt", "phi", "phimoe", "olmo", "olmo3", "olmoe", "smollm3",
+    "gpt_oss", "stablelm", "glm", "glm4", "exaone4", "seed_oss", "nemotron", "ministral", "helium", "internlm3",
+    "persimmon", "jetmoe", "mpt", "bloom",
 )
 
 
@@ -79,9 +82,28 @@ def head_transform(config) -> tuple[float, Optional[float]]:
     if rule is None:
         raise ValueError(
             f"model: config.model_type {model_type!r} has no known head transform; supported: "
-            f"{sorted(HEAD_TRANSFORMS)}. Pass logit_scale= and softcap= to state what its forward applies "
-            "between the last hidden state and the logits.")
+            f"{sorted(HEAD_TRANSFORMS)}. State what its forward applies between the last hidden state and the "
+            "logits: causal_lm_logprobs takes logit_scale= and softcap=; for the trainers, "
+            f"fastalign.integrations.hf.register_head_transform({model_type!r}, logit_scale=..., softcap=...)")
     return rule(config)
+
+
+def register_head_transform(model_type: str, *, logit_scale: float = 1.0, softcap: Optional[float] = None) -> None:
+    """State the head transform of a ``model_type`` missing from :data:`HEAD_TRANSFORMS` (a custom or new
+    architecture): its forward computes ``logits = softcap * tanh(logit_scale * lm_head(h) / softcap)`` (no
+    ``tanh`` with ``softcap=None``) from the last hidden states ``h``. Every call through this module, the TRL
+    drop-ins included, then reads it. A ``model_type`` already in the table raises (its rule reads the config)."""
+    if not isinstance(model_type, str) or not model_type:
+        raise TypeError(f"model_type must be a non-empty string, got {model_type!r}")
+    if model_type in HEAD_TRANSFORMS:
+        raise ValueError(f"model_type {model_type!r} already has a head transform (read from its config)")
+    scale = float(logit_scale)
+    if not math.isfinite(scale) or scale == 0.0:
+        raise ValueError(f"logit_scale must be finite and non-zero, got {logit_scale}")
+    if softcap is not None and not (math.isfinite(float(softcap)) and float(softcap) > 0.0):
+        raise ValueError(f"softcap must be None or finite and > 0, got {softcap}")
+    cap = None if softcap is None else float(softcap)
+    HEAD_TRANSFORMS[model_type] = lambda config: (scale, cap)
 
 
 def _body(model):

@@ -3,8 +3,8 @@ statistics from the last hidden states through :func:`fastalign.integrations.hf.
 and the checks that a trainer's config and model are ones this head can serve.
 
 :func:`install_head` wraps ``model.forward`` so that ``model(input_ids=..., attention_mask=...,
-labels=labels, fastalign_head=fields)`` returns :class:`HeadOutputs` instead of running the
-previous forward. Going through ``model(...)`` keeps every wrapper's forward in the path
+labels=labels, **head_call(trainer, fields))`` returns :class:`HeadOutputs` instead of running the
+previous forward, at that trainer's temperature and head dtype. Going through ``model(...)`` keeps every wrapper's forward in the path
 (DDP, FSDP, PEFT); any other call (generation included) reaches the previous forward unchanged.
 """
 from __future__ import annotations
@@ -90,7 +90,7 @@ def policy_operands(trainer, model, **inputs) -> HeadOutputs:
     """``model(**inputs)`` through the fused head for its operands, with the MoE body's load-balancing loss
     (``aux_loss``) when the trainer adds one (TRL's ``aux_loss_enabled``)."""
     router = {"output_router_logits": True} if trainer.aux_loss_enabled else {}
-    return model(**inputs, **router, fastalign_head=("operands",))
+    return model(**inputs, **router, **head_call(trainer, ("operands",)))
 
 
 def add_aux_loss(trainer, loss: Tensor, aux: Optional[Tensor], mode: Optional[str], *, coef: Optional[float] = None,
@@ -133,7 +133,7 @@ def head_policy_loss(trainer, model, ids: Tensor, attention: Tensor, completion_
 def head_separable_loss(operands, config, targets: Tensor, loss, *, items: str = "pairs", sum_p2: bool = False,
                         extras: Sequence[str] = (), separable: bool = True, position_means: bool = False):
     """``(loss, metrics, stats)`` of ``loss(lp [N, T-1], sum_p2)`` over the rows whose head ``operands`` (of
-    ``model(..., fastalign_head=("operands",))``) are given, through the head itself
+    ``model(..., **head_call(trainer, ("operands",)))``) are given, through the head itself
     (:func:`fastalign.linear_step.separable_step`: one pass over blocks of whole ``items``, one of
     :data:`fastalign.linear_step.ITEMS`, when gradients are needed and ``separable``), never the logits.
     ``targets [N, T-1]``: the next token at each position, ``-100`` where unscored; ``config``: the
@@ -177,11 +177,12 @@ def has_mean_logits(model) -> bool:
     return head_transform(model.config)[1] is None
 
 
-def install_head(model, *, temperature: float = 1.0, head_dtype: Optional[torch.dtype] = None) -> None:
+def install_head(model) -> None:
     """Wrap ``model.forward``: with ``fastalign_head=fields`` (a tuple of :data:`FIELDS`) it returns
-    :func:`head_outputs` of ``labels`` (at ``temperature``, the head in ``head_dtype``); without, the
-    previous forward runs as before. It goes on the ``PreTrainedModel`` (the base model under PEFT),
-    after TRL's own fused head; once per model."""
+    :func:`head_outputs` of ``labels``, with ``fastalign_options`` (``temperature``, ``head_dtype``: the
+    calling trainer's, :func:`head_call`) as its keywords; without, the previous forward runs as before.
+    It goes on the ``PreTrainedModel`` (the base model under PEFT), after TRL's own fused head; once per
+    model, and holds no trainer's options, so every trainer sharing the model scores with its own."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(model, "_fastalign_head", False):
         return
@@ -189,16 +190,22 @@ def install_head(model, *, temperature: float = 1.0, head_dtype: Optional[torch.
     previous = model.forward
 
     @functools.wraps(type(model).forward)
-    def forward(self, *args, fastalign_head=None, **kwargs):
+    def forward(self, *args, fastalign_head=None, fastalign_options=None, **kwargs):
         if fastalign_head is None:
             return previous(*args, **kwargs)
         if args:
             raise TypeError("fastalign_head: pass input_ids and attention_mask by keyword")
         labels = kwargs.pop("labels", None)
         return head_outputs(self, kwargs.pop("input_ids"), kwargs.pop("attention_mask", None), labels,
-                            tuple(fastalign_head), temperature=temperature, head_dtype=head_dtype, **kwargs)
+                            tuple(fastalign_head), **(fastalign_options or {}), **kwargs)
 
     model.forward = types.MethodType(forward, model)
+
+
+def head_call(trainer, fields: Sequence[str]) -> dict:
+    """The keywords of a model call through the fused head for ``fields``, at the trainer's own head options
+    (:func:`install_heads`: its ``temperature`` and ``head_dtype``; none for trainers without)."""
+    return {"fastalign_head": tuple(fields), "fastalign_options": getattr(trainer, "fastalign_head_options", {})}
 
 
 def check_config(args, name: str) -> None:
@@ -230,10 +237,12 @@ def init_checked(trainer, init, args, kwargs, check) -> None:
 
 
 def install_heads(trainer, **options) -> None:
-    """:func:`install_head` on the trainer's model and its reference model (when it has one)."""
+    """:func:`install_head` on the trainer's model and its reference model (when it has one); ``options``
+    (``temperature``, ``head_dtype``) are the trainer's own, passed with each of its calls (:func:`head_call`)."""
+    trainer.fastalign_head_options = dict(options)
     for model in (trainer.model, getattr(trainer, "ref_model", None)):
         if model is not None:
-            install_head(trainer.accelerator.unwrap_model(model), **options)
+            install_head(trainer.accelerator.unwrap_model(model))
 
 
 def gathered_mean(accelerator, mean: Tensor, count, *, empty: float = float("nan")) -> float:
@@ -280,7 +289,7 @@ def fused_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_
         labels = ids.masked_fill(att == 0, -100)
         labels[:, :-logits_to_keep] = -100
         with self.accelerator.autocast():
-            out = model(input_ids=ids, attention_mask=att, labels=labels, fastalign_head=fields, **router)
+            out = model(input_ids=ids, attention_mask=att, labels=labels, **head_call(self, fields), **router)
         logps.append(out.log_probs[:, -logits_to_keep:])
         if compute_entropy:
             entropies.append(out.entropy[:, -logits_to_keep:])
@@ -314,12 +323,20 @@ class ConcatenatedPairsMixin:
             raise ValueError(f"{self.config_name}.is_encoder_decoder: the fastalign trainers take decoder-only causal "
                              "LMs")
         self._mean_logits = has_mean_logits(self.accelerator.unwrap_model(self.model))
-        if not self._mean_logits and self.eval_dataset is not None and not self.args.prediction_loss_only:
-            raise ValueError(f"{self.config_name}.prediction_loss_only: evaluation predicts logits/chosen and "
-                             "logits/rejected, which a softcapped head cannot give without the full logits; set it "
-                             "to True")
+        if self.eval_dataset is not None and self.compute_metrics is not None:
+            self._check_predicts_loss_only(self.args.prediction_loss_only)
         self.fastalign_loss = loss
         install_head(self.accelerator.unwrap_model(self.model))
+
+    def _check_predicts_loss_only(self, prediction_loss_only: bool) -> None:
+        if not self._mean_logits and not prediction_loss_only:
+            raise ValueError(f"{self.config_name}.prediction_loss_only: evaluation with compute_metrics predicts "
+                             "logits/chosen and logits/rejected, which a softcapped head cannot give without the "
+                             "full logits; set it to True")
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        self._check_predicts_loss_only(prediction_loss_only)  # also for a dataset given to evaluate() or predict()
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def _padding_value(self) -> int:
         return self.padding_value if hasattr(self, "padding_value") else self.pad_token_id

@@ -14,7 +14,8 @@ position of the logits, from one ``H``-vector; not logged for a softcapped head)
 
 Options the drop-in cannot honour raise a ValueError naming the config field at construction:
 ``use_liger_kernel``, encoder-decoder models (``is_encoder_decoder``), vision-language models,
-and ``prediction_loss_only=False`` with an evaluation set on a softcapped head. A MoE model's
+and, on a softcapped head, evaluation that predicts logits (``compute_metrics`` with
+``prediction_loss_only=False``; at construction when an evaluation set is given, else at ``evaluate``). A MoE model's
 load-balancing loss (the config's ``output_router_logits`` and ``router_aux_loss_coef``) comes from
 the router logits of the same body forward, as TRL adds it.
 """

@@ -32,8 +32,8 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from fastalign.integrations.trl._head import (add_aux_loss, check_config, check_model, gathered_mean,
-                                               has_mean_logits, head_separable_loss, init_checked, install_head,
-                                               install_heads, policy_operands)
+                                               has_mean_logits, head_call, head_separable_loss, init_checked,
+                                               install_head, install_heads, policy_operands)
 from fastalign.integrations.trl.preference import DPOLoss
 from fastalign.linear_preference import coupling
 from fastalign.sequence import sequence_logprobs
@@ -70,7 +70,7 @@ class DPOTrainer(trl.DPOTrainer):
             adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 adapter, self.accelerator.autocast():
-            ref = model(**model_kwargs, labels=labels, fastalign_head=("log_probs",)).log_probs
+            ref = model(**model_kwargs, labels=labels, **head_call(self, ("log_probs",))).log_probs
         ref = ref[:, -shift_mask.size(1):]
         return sequence_logprobs(ref, shift_mask, ld_alpha=self.ld_alpha).sum.chunk(2, dim=0)
 

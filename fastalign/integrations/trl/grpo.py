@@ -184,6 +184,7 @@ class GRPOLoss:
         spg = _read(args, "steps_per_generation")
         self.steps_per_generation = self.grad_accum if spg is None else int(spg)
         self.is_correction = bool(_read(args, "use_vllm")) and bool(_read(args, "vllm_importance_sampling_correction"))
+        self.correction_config = grpo_policy_config(args, sampling_correction=True) if self.is_correction else None
         self.adaptive_entropy = bool(_read(args, "use_adaptive_entropy"))
 
     def __call__(self, logprobs: Tensor, old_logprobs: Optional[Tensor], advantages: Tensor,
@@ -213,8 +214,8 @@ class GRPOLoss:
             if importance_sampling_ratio is not None:
                 kw["importance_weights"] = importance_sampling_ratio
             elif sampling_logprobs is not None and cfg.row != "vespo":
-                cfg = PolicyConfig.make(grpo_policy_config(self.args, sampling_correction=True),
-                                        entropy_coef=cfg.entropy_coef, entropy_agg=cfg.entropy_agg)
+                cfg = PolicyConfig.make(self.correction_config, entropy_coef=cfg.entropy_coef,
+                                        entropy_agg=cfg.entropy_agg)
             else:
                 raise ValueError("vLLM importance sampling needs importance_sampling_ratio (or sampling_logprobs)")
         if cfg.offpolicy_threshold is not None or cfg.rollout_correction is not None:

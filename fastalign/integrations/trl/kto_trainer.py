@@ -31,8 +31,8 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from fastalign.integrations.trl._head import (add_aux_loss, check_config, check_model, gathered_mean,
-                                               has_mean_logits, head_separable_loss, init_checked, install_head,
-                                               install_heads, policy_operands)
+                                               has_mean_logits, head_call, head_separable_loss, init_checked,
+                                               install_head, install_heads, policy_operands)
 from fastalign.integrations.trl.preference import KTOLoss
 
 __all__ = ["KTOTrainer"]
@@ -60,8 +60,8 @@ class KTOTrainer(trl.KTOTrainer):
         """Summed completion log-probs ``[N]`` of ``model`` (a no-grad caller wraps it)."""
         install_head(self.accelerator.unwrap_model(model))  # the precomputed reference runs inside __init__
         labels = input_ids.masked_fill(completion_mask == 0, -100)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fastalign_head=("log_probs",),
-                    **model_kwargs)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                    **head_call(self, ("log_probs",)), **model_kwargs)
         return out.log_probs[:, -(input_ids.size(1) - 1):].sum(-1)
 
     def _reference_context(self):
