@@ -5,7 +5,8 @@ per-token affine maps, which is associative: one program per row takes BLOCK_T
 tokens at a time from the end, composes their maps with ``tl.associative_scan``
 (a parallel prefix over the block) and applies the composition to the state
 carried in from the later tokens. Math in fp64 like the C++ kernels (``m`` the
-mask, masked tokens map the state to itself):
+mask, masked tokens map the state to itself; their x and V are read as 0, so a NaN or inf
+there never reaches a valid token):
 
 * ``return``: s_t = m_t (x_t m_t + gamma s_{t+1});   out_t = s_t        (reset after masked tokens)
 * ``to_go``:  s_t = x_t m_t + gamma s_{t+1};         out_t = s_t m_t
@@ -53,8 +54,10 @@ def reverse_scan_kernel(x_ptr, v_ptr, m_ptr, out_ptr, out2_ptr, T, gamma, lam,
         ok = t >= 0
         x = tl.load(x_ptr + base + t, mask=ok, other=0.0).to(tl.float64)
         m = tl.load(m_ptr + base + t, mask=ok, other=0.0).to(tl.float64)
+        x = tl.where(m != 0.0, x, 0.0)  # a masked slot's value (NaN, inf) never reaches a valid token
         if MODE == 2:
             v = tl.load(v_ptr + base + t, mask=ok, other=0.0).to(tl.float64)
+            v = tl.where(m != 0.0, v, 0.0)
             al = m * (gamma * lam) + 1.0 - m
             be = m * gamma
             de = 1.0 - m

@@ -187,6 +187,25 @@ def test_out_of_range_labels_give_nan(path):
     assert torch.isfinite(st.entropy).all()
 
 
+def test_nan_and_massless_rows_are_nan_rows(path):
+    """A NaN in a hidden row, or a row whose logits are all -inf, is a NaN row in every statistic, as log_softmax
+    of the full logits gives, however the vocabulary is cut into pieces; the other rows are unaffected."""
+    backend, chunk = path
+    hidden, weight, bias, labels = make_inputs()
+    labels[:2] = torch.tensor([5, 6])
+    hidden[0, 3] = float("nan")
+    st = fastalign.linear_logprobs(hidden, weight, labels, bias=bias, entropy=True, sum_p2=True, backend=backend,
+                                   chunk=chunk)
+    ref = reference.linear_logprobs(hidden.double(), weight.double(), labels, bias=bias.double(), dtype=torch.float64)
+    assert torch.isnan(st.logprobs[0]) and torch.isnan(st.entropy[0]) and torch.isnan(st.sum_p2[0])
+    for a, e in zip(st[:3], ref[:3]):
+        assert_close(a[1:], e[1:], atol=2e-5, rtol=2e-5)
+    massless = fastalign.linear_logprobs(hidden[2:4], weight, labels[2:4], bias=torch.full((V,), -float("inf")),
+                                         entropy=True, sum_p2=True, backend=backend, chunk=chunk)
+    for t in massless[:3]:
+        assert torch.isnan(t).all()
+
+
 def test_extreme_logits(path):
     """Huge logits (scale 1e3) stay finite: every running value is relative to the running max."""
     hidden, weight, bias, labels = make_inputs(seed=7)

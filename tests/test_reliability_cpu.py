@@ -222,7 +222,7 @@ def _poison(x, mask, value):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), "max"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_masked_slots_never_reach_valid_tokens(value, dtype):
+def test_masked_slots_never_reach_valid_tokens(value, dtype, cpu_backend):
     torch.manual_seed(6)
     value = torch.finfo(dtype).max if value == "max" else value
     B, T = 4, 9
@@ -234,12 +234,15 @@ def test_masked_slots_never_reach_valid_tokens(value, dtype):
     mask[1, 2] = 0  # and a hole in the middle
     base = torch.randn(B, dtype=dtype)
     out_adv = torch.randn(B, dtype=dtype)
+    index = torch.tensor([0, 0, 1, 1])
     calls = {
         "reinforce_pp": lambda r_, v_, lp_: fa.reinforce_pp_advantages(r_, mask, gamma=0.9),
         "remax": lambda r_, v_, lp_: fa.remax_advantages(r_, mask, base),
         "gae": lambda r_, v_, lp_: torch.stack(fa.gae_advantages(r_, v_, mask, gamma=0.95, lam=0.9)),
         "implicit": lambda r_, v_, lp_: fa.implicit_process_advantages(lp_, rlp, mask, out_adv, gamma=0.9),
         "whiten": lambda r_, v_, lp_: masked_whiten(r_, mask),
+        "optimal_token_baseline": lambda r_, v_, lp_: fa.optimal_token_baseline_advantages(  # the advantages
+            r_, mask, index, lp_, v_.abs())[0],
     }
     expect = {
         "reinforce_pp": ref_adv.reinforce_pp_advantages(r, mask, gamma=0.9),
@@ -247,10 +250,12 @@ def test_masked_slots_never_reach_valid_tokens(value, dtype):
         "gae": torch.stack(ref_adv.gae_advantages(r, v, mask, gamma=0.95, lam=0.9)),
         "implicit": ref_adv.implicit_process_advantages(lp, rlp, mask, out_adv, gamma=0.9),
         "whiten": ref_adv.masked_whiten(r.double(), mask.double()),
+        "optimal_token_baseline": ref_adv.optimal_token_baseline_advantages(r, mask, index, lp, v.abs())[0],
     }
     for name, fn in calls.items():
-        clean = fn(r, v, lp)
-        dirty = fn(_poison(r, mask, value), _poison(v, mask, value), _poison(lp, mask, value))
+        with fa.use_backend(cpu_backend):
+            clean = fn(r, v, lp)
+            dirty = fn(_poison(r, mask, value), _poison(v, mask, value), _poison(lp, mask, value))
         assert torch.equal(clean, dirty), f"{name}: a masked slot changed the result"
         tol = 1e-5 if dtype == torch.float32 else 1e-10
         torch.testing.assert_close(clean.double(), expect[name].double(), atol=tol, rtol=tol, msg=name)

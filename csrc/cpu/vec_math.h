@@ -13,9 +13,12 @@ static inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 
 
 // exp(x) = 2^n * exp(r), n = round(x / ln2), r = x - n ln2 in [-ln2/2, ln2/2];
 // exp(r) by a degree-6 polynomial (rel. error ~1e-7). exp(x) = 0 for x < -87.3
-// (also -inf), so masked vocabulary entries contribute exactly nothing.
+// (also -inf), so masked vocabulary entries contribute exactly nothing. Above 88.3 (where 2^n would
+// reach the exponent of inf) it is 2 exp(x - ln2): finite up to FLT_MAX, inf beyond (also +inf).
 static inline float exp_f32(float x) {
-  const float xc = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  const bool high = x > 88.3f;
+  const float xh = high ? x - 0.693147180559945f : x;
+  const float xc = xh < -87.3f ? -87.3f : (xh > 88.3f ? 88.3f : xh);
   const float t = xc * 1.44269504088896341f;
   const float fn = (t + 12582912.0f) - 12582912.0f;  // round to nearest
   const float r = (xc - fn * 0.693359375f) - fn * (-2.12194440e-4f);
@@ -28,7 +31,8 @@ static inline float exp_f32(float x) {
   p = p * r * r + r + 1.0f;
   const int32_t n = static_cast<int32_t>(fn);
   const float scale = bits_to_float(static_cast<uint32_t>(n + 127) << 23);
-  return x < -87.3f ? 0.0f : p * scale;
+  const float e = p * scale;
+  return x < -87.3f ? 0.0f : (high ? (x > 89.0f ? e * 4.0f : e * 2.0f) : e);
 }
 
 static inline float bf16_to_f32(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }

@@ -1,8 +1,6 @@
 """Host-side input checks shared by the sequence-level and the token-level advantage estimators."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 

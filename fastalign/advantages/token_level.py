@@ -161,11 +161,12 @@ def optimal_token_baseline_advantages(
         raise ValueError(f"align must be 'position' or 'response', got {align!r}")
     with torch.no_grad():
         keys = as_index("index", index, B, r.device)
-        returns = (r * m).flip(-1).cumsum(-1).flip(-1)
+        valid = m != 0  # selection, not a product: a masked slot's NaN or inf never reaches a valid token
+        returns = torch.where(valid, r * m, 0.0).flip(-1).cumsum(-1).flip(-1)
         w = 1.0 - 2.0 * torch.exp(old) + p2
         if iw:
             w = w * iw[0] * iw[0]
-        W = (w * m).cumsum(-1)
+        W = torch.where(valid, w * m, 0.0).cumsum(-1)
         lengths = m.sum(-1)
         same = (keys[:, None] == keys[None, :]).to(r.dtype)  # [B, B]
         GW, Wm = returns * W * m, W * m

@@ -39,7 +39,7 @@ def merge_pieces(m: Tensor, log_s: Tensor, ent: Optional[Tensor], sp2: Optional[
     that ``extra`` terms share one reduction). Only differences from ``M`` are summed, so
     ``(z_y - M) - log S`` is a log-prob exact to its own fp32 rounding at any logit scale. A piece
     with no mass (all logits -inf: ``m_k = -inf``) gets weight 0; a row of only such pieces gives
-    ``log S = -inf``.
+    ``log S = -inf`` and NaN entropy and sum_p2, as does a row with a NaN logit (as one piece would).
     """
     M = over.max(m)
     M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
@@ -49,11 +49,12 @@ def merge_pieces(m: Tensor, log_s: Tensor, ent: Optional[Tensor], sp2: Optional[
     log_S = torch.log(s)
     pi = w / s
     terms = []
+    massless = pi == 0  # only such a piece is dropped; a NaN share (a NaN row, or a row with no mass) stays NaN
     if ent is not None:
-        log_pi = torch.where(pi > 0, u - log_S, torch.zeros_like(pi))
-        terms.append(torch.where(pi > 0, pi * (ent - log_pi), torch.zeros_like(pi)))
+        log_pi = torch.where(massless, torch.zeros_like(pi), u - log_S)
+        terms.append(torch.where(massless, torch.zeros_like(pi), pi * (ent - log_pi)))
     if sp2 is not None:
-        terms.append(torch.where(pi > 0, pi * pi * sp2, torch.zeros_like(pi)))
+        terms.append(torch.where(massless, torch.zeros_like(pi), pi * pi * sp2))
     sums = list(over.sum(*terms, *extra)) if terms or extra else []
     out_ent = sums.pop(0) if ent is not None else None
     out_sp2 = sums.pop(0) if sp2 is not None else None
