@@ -250,17 +250,46 @@ def _loss_list(loss_type, loss_weights) -> Tuple[Tuple[str, ...], Tuple[float, .
     return types, weights
 
 
+#: The options only some loss rows read: name -> (those rows, the default). A value other than the default
+#: for a loss list with none of those rows raises, as label_smoothing and f_divergence do.
+ROW_OPTIONS: Dict[str, Tuple[Tuple[str, ...], object]] = {
+    "cpo_alpha": (("cpo",), 1.0),
+    "simpo_gamma": (("simpo", "alphapo"), 0.5),
+    "alphapo_alpha": (("alphapo",), 0.25),
+    "discopop_tau": (("discopop",), 0.05),
+    "bco_delta": (("bco_pair",), 0.0),
+    "desirable_weight": (("kto",), 1.0),
+    "undesirable_weight": (("kto",), 1.0),
+    "kto_kl": (("kto",), None),
+}
+
+
+def _check_rows_read(types, given: dict) -> None:
+    for name, value in given.items():
+        rows, default = ROW_OPTIONS[name]
+        if any(t in rows for t in types):
+            continue
+        unchanged = value is None if default is None else (not isinstance(value, Tensor) and value == default)
+        if not unchanged:
+            shown = "a tensor" if isinstance(value, Tensor) else repr(value)
+            raise ValueError(f"{name}={shown} does not apply to loss_type {list(types)}: only {list(rows)} read it")
+
+
 def _check_options(types, beta, label_smoothing, smoothed_losses, f_divergence, f_alpha, f_length_average,
-                   discopop_tau, **coefficients):
+                   discopop_tau, row_options: Optional[dict] = None, **coefficients):
     """The option checks of :func:`preference_loss` that need no tensor (the modules run them at
-    construction; ``coefficients``: the real-valued options, each finite or None):
-    ``(beta, label_smoothing, the smoothed losses)``."""
+    construction; ``coefficients``: the real-valued options, each finite or None; ``row_options``: the
+    :data:`ROW_OPTIONS` given): ``(beta, label_smoothing, the smoothed losses)``."""
     beta = _validate.positive("beta", beta)
     _validate.finite(**coefficients)
+    _check_rows_read(types, dict(row_options or {}, discopop_tau=discopop_tau))
     eps = float(label_smoothing)
-    if not 0.0 <= eps < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
     smoothed = _smoothed_set(types, smoothed_losses, eps)
+    for t, top in (("robust", 0.5), ("exo_pair", 1.0)):  # robust divides by 1 - 2 eps, exo_pair takes log(1 - eps)
+        if t in smoothed and eps >= top:
+            raise ValueError(f"label_smoothing must lie in [0, {top}) for loss_type {t!r}, got {label_smoothing}")
     check_choice("f_divergence", f_divergence, F_DIVERGENCES)
     if f_divergence != "reverse_kl":
         bad = [t for t in types if not LOSSES[t].f_score]
@@ -269,6 +298,9 @@ def _check_options(types, beta, label_smoothing, smoothed_losses, f_divergence, 
                              f"of d = dc - dr take it ({[t for t in LOSS_TYPES if LOSSES[t].f_score]})")
     if f_divergence == "alpha_divergence" and not math.isfinite(f_alpha):
         raise ValueError(f"f_alpha must be finite, got {f_alpha}")
+    if f_divergence != "alpha_divergence" and f_alpha != 1.0:
+        raise ValueError(f"f_alpha={f_alpha!r} applies with f_divergence='alpha_divergence' only, got "
+                         f"f_divergence={f_divergence!r}")
     check_choice("f_length_average", f_length_average, F_LENGTH_AVERAGES)
     _validate.positive("discopop_tau", discopop_tau)
     return beta, eps, smoothed
@@ -284,6 +316,7 @@ def check_config(owner: str, loss_type, beta, label_smoothing, options: dict,
     _check_options(types, beta, label_smoothing, options.get("smoothed_losses"),
                    options.get("f_divergence", "reverse_kl"), options.get("f_alpha", 1.0),
                    options.get("f_length_average", "log_ratio"), options.get("discopop_tau", 0.05),
+                   {k: options[k] for k in ROW_OPTIONS if k in options and k != "discopop_tau"},
                    **{k: options[k] for k in _COEFFICIENTS if k in options})
     return types
 
@@ -405,7 +438,12 @@ def preference_loss(
     if (chosen_lengths is None) != (rejected_lengths is None):
         raise ValueError("give both chosen_lengths and rejected_lengths, or neither")
     beta, eps, smoothed = _check_options(types, beta, label_smoothing, smoothed_losses, f_divergence, f_alpha,
-                                         f_length_average, discopop_tau, rpo_alpha=rpo_alpha, cpo_alpha=cpo_alpha,
+                                         f_length_average, discopop_tau,
+                                         dict(cpo_alpha=cpo_alpha, simpo_gamma=simpo_gamma,
+                                              alphapo_alpha=alphapo_alpha, bco_delta=bco_delta, kto_kl=kto_kl,
+                                              desirable_weight=desirable_weight,
+                                              undesirable_weight=undesirable_weight),
+                                         rpo_alpha=rpo_alpha, cpo_alpha=cpo_alpha,
                                          simpo_gamma=simpo_gamma, alphapo_alpha=alphapo_alpha,
                                          desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
     has_len = chosen_lengths is not None

@@ -312,6 +312,9 @@ def test_bad_inputs_raise_before_any_kernel():
         ga(s, idx, estimator="gae")
     with pytest.raises(ValueError, match="std"):
         ga(s, idx, std="global")
+    for estimator in ("rloo", "gpg", "opo", "reinforce_pp_baseline"):  # they divide by no std
+        with pytest.raises(ValueError, match="std='none' does not apply"):
+            ga(s, idx, estimator=estimator, std="none", response_mask=torch.ones(8, 3))
     with pytest.raises(ValueError, match="singleton"):
         ga(s, idx, singleton="one")
     with pytest.raises(ValueError, match="eps"):

@@ -198,6 +198,7 @@ DPO_CASES = {
     "dpo": dict(beta=0.1),
     "dpo_beta_0.5": dict(beta=0.5),
     "cdpo_label_smoothing": dict(beta=0.2, label_smoothing=0.15),
+    "cdpo_label_smoothing_half": dict(beta=0.2, label_smoothing=0.5),  # OpenRLHF computes it
     "ipo": dict(beta=0.1, ipo=True),
     "ipo_beta_1": dict(beta=1.0, ipo=True),
 }
@@ -229,3 +230,13 @@ def test_dpo_loss_matches_openrlhf(orl, case, dtype):
 def test_dpo_label_smoothing_with_ipo_raises():
     with pytest.raises(ValueError, match="label_smoothing"):
         fo.DPOLoss(beta=0.1, label_smoothing=0.1, ipo=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_dpo_loss_output_dtypes_match_openrlhf(orl, dtype):
+    """OpenRLHF's DPOLoss returns loss and rewards in the inputs' dtype (bf16 in, bf16 out)."""
+    x = [t.to(dtype) for t in _dpo_inputs(11)]
+    for kw in (dict(beta=0.1), dict(beta=0.1, label_smoothing=0.5), dict(beta=0.1, ipo=True)):
+        want = [t.dtype for t in orl.DPOLoss(**kw)(*x)]
+        got = [t.dtype for t in fo.DPOLoss(**kw)(*x)]
+        assert got == want, (kw, got, want)

@@ -211,14 +211,45 @@ def test_options_kto_kl_class_weights_cpo_alpha_gamma():
     kl = torch.randn(9, dtype=D) + 0.5
     _run_both(dict(loss_type="kto", kto_kl=kl, desirable_weight=1.5, undesirable_weight=0.5),
               dict(loss_types=("kto",), kto_kl=kl, wd=1.5, wu=0.5), lc, lr, lc0, lr0)
-    for t in ("simpo", "alphapo"):
-        _run_both(dict(loss_type=t, simpo_gamma=1.0, alphapo_alpha=0.1, chosen_lengths=nc, rejected_lengths=nr),
-                  dict(loss_types=(t,), gamma=1.0, alpha=0.1, nc=nc, nr=nr), lc, lr, lc0, lr0, False)
+    for t, alpha in (("simpo", {}), ("alphapo", dict(alphapo_alpha=0.1))):
+        _run_both(dict(loss_type=t, simpo_gamma=1.0, chosen_lengths=nc, rejected_lengths=nr, **alpha),
+                  dict(loss_types=(t,), gamma=1.0, alpha=alpha.get("alphapo_alpha", 0.0), nc=nc, nr=nr),
+                  lc, lr, lc0, lr0, False)
     nll = torch.tensor(1.7, dtype=D)
     _run_both(dict(loss_type="cpo", cpo_alpha=0.3, chosen_nll=nll), dict(loss_types=("cpo",), cpo_alpha=0.3, nll=nll),
               lc, lr, lc0, lr0, False)
     _run_both(dict(loss_type="discopop", discopop_tau=0.5), dict(loss_types=("discopop",), tau=0.5),
               lc, lr, lc0, lr0)
+
+
+@pytest.mark.parametrize("option", [dict(simpo_gamma=5.0), dict(cpo_alpha=0.3), dict(alphapo_alpha=0.1),
+                                    dict(discopop_tau=0.5), dict(bco_delta=0.2), dict(desirable_weight=2.0),
+                                    dict(undesirable_weight=0.5), dict(kto_kl="tensor"), dict(f_alpha=0.5)])
+def test_an_option_no_loss_row_reads_raises(option):
+    """An option that only some loss rows read, given to a loss list without them, is refused by name (the
+    function and the modules alike); at its default it is accepted."""
+    lc, lr, lc0, lr0, nc, nr = _pairs(seed=6)
+    if option.get("kto_kl") == "tensor":
+        option = dict(kto_kl=torch.zeros(9, dtype=D))
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=name):
+        fa.preference_loss(lc, lr, lc0, lr0, loss_type=["sigmoid", "hinge"], **option)
+    if name != "kto_kl":
+        with pytest.raises(ValueError, match=name):
+            fa.PreferenceLoss(loss_type="sigmoid", **option)
+        default = {k: fa.preference_loss.__wrapped__.__kwdefaults__[k] for k in option}
+        fa.preference_loss(lc, lr, lc0, lr0, loss_type="sigmoid", **default)
+
+
+@pytest.mark.parametrize("eps", [0.5, 0.7, 1.0])
+def test_label_smoothing_from_one_half(eps):
+    """The smoothed logistic loss is defined on all of [0, 1] (OpenRLHF's conservative DPO takes it there):
+    ``-(1-eps) log sigma(beta d) - eps log sigma(-beta d)``, in float64."""
+    lc, lr, lc0, lr0, nc, nr = _pairs(seed=3)
+    loss, _ = fa.preference_loss(lc, lr, lc0, lr0, label_smoothing=eps, beta=0.3)
+    x = 0.3 * ((lc - lc0) - (lr - lr0))
+    expected = (-(1 - eps) * torch.nn.functional.logsigmoid(x) - eps * torch.nn.functional.logsigmoid(-x)).mean()
+    assert_close(loss, expected, atol=1e-12, what="smoothed sigmoid")
 
 
 def test_alphapo_zero_alpha_is_simpo_and_exo_default_eps():
@@ -271,7 +302,9 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="NLL"):
         fa.preference_loss(lc, lr, loss_type="sft")
     with pytest.raises(ValueError, match="label_smoothing"):
-        fa.preference_loss(lc, lr, label_smoothing=0.5)
+        fa.preference_loss(lc, lr, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fa.preference_loss(lc, lr, loss_type="robust", label_smoothing=0.5)
     with pytest.raises(ValueError, match="beta"):
         fa.preference_loss(lc, lr, beta=0.0)
     with pytest.raises(ValueError, match="loss_weights"):
@@ -809,7 +842,8 @@ def test_loss_type_lists_have_one_name_each():
     (dict(beta=-1.0), ValueError, "beta"),
     (dict(beta=float("nan")), ValueError, "beta"),
     (dict(loss_type="hinge", label_smoothing=0.1), ValueError, "label_smoothing=0.1 does not apply"),
-    (dict(label_smoothing=0.5), ValueError, "label_smoothing"),
+    (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+    (dict(loss_type="robust", label_smoothing=0.5), ValueError, "label_smoothing must lie in \\[0, 0.5\\) for loss_type 'robust'"),
     (dict(f_divergence="js"), ValueError, "f_divergence"),
     (dict(discopop_tau=0.0), ValueError, "discopop_tau"),
 ])

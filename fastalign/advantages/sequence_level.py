@@ -19,6 +19,8 @@ from fastalign.advantages._inputs import WHITEN_EPS, as_index, response_mask_row
 from fastalign.ops.group_stats import MODES, call_group_advantage, group_stats
 
 STD_MODES = ("group", "batch", "none")
+#: the estimators that read ``std`` (the others take no std, and refuse one other than the default)
+STD_ESTIMATORS = ("grpo", "grpo_passk", "gdpo")
 SINGLETON = ("raw", "zero", "unit_std")
 BATCH_NORMALIZATIONS = ("sequence", "token")
 TOKEN_LEVEL = {
@@ -274,6 +276,8 @@ def group_advantages(
     B, device = r.shape[0], r.device
     if std not in STD_MODES:
         raise ValueError(f"std must be one of {STD_MODES}, got {std!r}")
+    if std != "group" and estimator not in STD_ESTIMATORS:
+        raise ValueError(f"std={std!r} does not apply to estimator {estimator!r}: only {STD_ESTIMATORS} divide by a std")
     if singleton not in SINGLETON:
         raise ValueError(f"singleton must be one of {SINGLETON}, got {singleton!r}")
     if not eps >= 0:

@@ -32,7 +32,13 @@ takes the sequence ratio against ``rollout_log_probs`` and no weight, as OpenRLH
 :class:`DPOLoss` (``beta``, ``label_smoothing``, ``ipo``) with ``d = (pc - pr) - (rc - rr)``:
 ``-(1 - eps) log σ(βd) - eps log σ(-βd)`` or, with ``ipo``, ``(d - 1/(2β))²``, averaged over
 pairs; returns ``(loss, chosen_rewards, rejected_rewards)``, ``β(pc - rc)`` and ``β(pr - rr)``
-detached, per pair. ``label_smoothing`` with ``ipo`` raises (OpenRLHF ignores it).
+detached, per pair, in the inputs' dtype as OpenRLHF (bf16 in, bf16 out; computed in fp32, then
+cast). ``label_smoothing`` in ``[0, 1]``, as OpenRLHF; with ``ipo`` it raises (OpenRLHF ignores it).
+
+Deviation: the ppo ratio clamps ``l`` to ``[-20, 20]`` as OpenRLHF does, but the gspo sequence
+ratio is also ``exp(clamp(mean_m l, -20, 20))`` (fastalign's sequence-level clamp), where OpenRLHF
+has no cap: loss and gradient differ once a sequence's mean log-ratio passes ``±20`` (a ratio
+beyond ``e^20``, a diverged policy). No option of :class:`fastalign.PolicyConfig` carries the cap.
 
 Nothing here imports OpenRLHF.
 """
@@ -161,6 +167,8 @@ class DPOLoss(torch.nn.Module):
         super().__init__()
         if ipo and label_smoothing != 0.0:
             raise ValueError("label_smoothing does not apply with ipo=True")
+        if not 0.0 <= float(label_smoothing) <= 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
         self.beta = beta
         self.label_smoothing = label_smoothing
         self.ipo = ipo
@@ -173,9 +181,12 @@ class DPOLoss(torch.nn.Module):
             kw.update(loss_type="ipo", chosen_lengths=one, rejected_lengths=one)
         else:
             kw.update(loss_type="sigmoid", label_smoothing=self.label_smoothing)
-        loss, _ = preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                                  reference_rejected_logps, **kw)
-        acc = torch.promote_types(policy_chosen_logps.dtype, torch.float32)  # rewards in fp32, as the loss
+        inputs = (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+        loss, _ = preference_loss(*inputs, **kw)
+        out = policy_chosen_logps.dtype  # OpenRLHF's dtype (bf16 in: bf16 out)
+        for t in inputs[1:]:
+            out = torch.promote_types(out, t.dtype)
+        acc = torch.promote_types(out, torch.float32)  # computed in fp32, returned in the inputs' dtype
         chosen_rewards = self.beta * (policy_chosen_logps.detach().to(acc) - reference_chosen_logps.to(acc))
         rejected_rewards = self.beta * (policy_rejected_logps.detach().to(acc) - reference_rejected_logps.to(acc))
-        return loss, chosen_rewards, rejected_rewards
+        return loss.to(out), chosen_rewards.to(out), rejected_rewards.to(out)

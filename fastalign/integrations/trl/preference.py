@@ -134,8 +134,9 @@ def _dpo(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         raise ValueError("DPOConfig: use_weighting does not apply to 'aot' / 'aot_unpaired' (they sort the batch)")
     f, coef = c["f_divergence_type"], float(c["f_alpha_divergence_coef"])
     opts: Dict[str, Any] = dict(loss_type=types, beta=float(c["beta"]), loss_weights=c["loss_weights"],
-                                label_smoothing=eps, smoothed_losses=smoothed, f_length_average="score",
-                                discopop_tau=float(c["discopop_tau"]))
+                                label_smoothing=eps, smoothed_losses=smoothed, f_length_average="score")
+    if "discopop" in types:  # TRL reads it there only
+        opts["discopop_tau"] = float(c["discopop_tau"])
     if f == "alpha_divergence" and abs(coef - 1.0) < 1e-6:  # TRL's limit case: reverse KL
         f = "reverse_kl"
     opts["f_divergence"] = f
