@@ -161,6 +161,9 @@ def policy_loss(
                           rollout_logprobs=rollout_logprobs, importance_weights=importance_weights)
     if cfg.kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("kl_coef != 0 needs ref_logprobs")
+    if ref_logprobs is None and cfg.kl_options_set:
+        raise ValueError(f"{cfg.kl_options_set[0]} applies only with the KL term (ref_logprobs), "
+                         f"got {cfg.kl_options_set[0]}={getattr(cfg, cfg.kl_options_set[0])!r}")
     if cfg.entropy_coef != 0.0 and entropy is None:
         raise ValueError("entropy_coef != 0 needs entropy")
     if cfg.rollout_correction is not None and rollout_logprobs is None:
@@ -246,10 +249,12 @@ def policy_loss(
             seqs = shape[0]
         elif cfg.resolved_seq_count == "nonempty" and agg == "seq-mean-token-sum-norm":
             seqs = (row_n > 0).sum()
-    loss = aggregate_rows(row[:, 0], row_n, agg, shape[1], global_tokens, seqs, cfg.dp_size, cfg.max_len)
+    # seq-mean-token-sum-norm takes the dp factor with global_seqs only (the local count above has none)
+    dp = 1 if agg == "seq-mean-token-sum-norm" and global_seqs is None else cfg.dp_size
+    loss = aggregate_rows(row[:, 0], row_n, agg, shape[1], global_tokens, seqs, dp, cfg.max_len)
     rd = row.detach()
     if ref_logprobs is not None or entropy is not None:  # KL and entropy aggregated like the loss
-        terms = aggregate_rows(rd[:, 5:7], row_n, agg, shape[1], global_tokens, seqs, cfg.dp_size, cfg.max_len)
+        terms = aggregate_rows(rd[:, 5:7], row_n, agg, shape[1], global_tokens, seqs, dp, cfg.max_len)
     tot = rd.sum(0)
     per = (tot / tot[1].clamp(min=1.0)).unbind(0)  # every column over the valid count, one division
     metrics = {"clipfrac": per[2], "clipfrac_lower": per[3], "approx_kl": per[4]}

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 
+from fastalign import _validate
 from fastalign._options import check_choice, check_names
 from fastalign.aggregate import check_agg
 from fastalign.kl import canonical_kl
@@ -55,6 +56,10 @@ _DELTA_ROWS = ("ppo", "gspo", "dppo_tv", "dppo_kl")  # rows that read delta (the
 # rows whose per-token loss reads that token's log-prob alone (gspo, gmpo and vespo read sequence statistics of
 # the log-probs; clip_cov and kl_cov choose their tokens across the batch)
 _TOKEN_ROWS = ("ppo", "cispo", "sapo", "reinforce", "dppo_tv", "dppo_kl", "dro")
+# scalar options that must be finite real numbers when given (None: the option is off or at its default)
+_FINITE = ("eps_low", "eps_high", "dual_clip", "delta", "dro_beta", "kl_coef", "entropy_coef", "rollout_min",
+           "entropy_quantile", "offpolicy_threshold", "cov_ratio", "cov_lb", "cov_ub", "cov_kl_coef")
+_PAIRS = ("cispo_bounds", "sapo_tau", "vespo_k", "vespo_lambda")  # (a, b) options, finite numbers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +92,13 @@ class PolicyConfig:
     ``dp_size``, ``max_len``; and ``backend``.
 
     Unknown names raise ``TypeError`` with the closest valid one; an option that the chosen
-    loss type does not use raises ``ValueError`` naming it.
+    loss type does not use raises ``ValueError`` naming it (so does an ``agg`` other than gmpo's own
+    seq-mean-token-mean with gmpo). Values: the
+    numeric options are real numbers (not strings or bools: ``TypeError``), finite (``rollout_max``
+    may be ``+inf``, no upper bound) and in range (``ValueError`` naming the option):
+    ``rollout_max >= 0``, ``sapo_tau > 0``, ``cispo_bounds`` a pair ``lo <= hi``, ``cov_lb < cov_ub``.
+    ``kl_type`` / ``kl_clamp`` / ``kl_rho`` other than their defaults need the KL term
+    (``ref_logprobs`` at the call).
     """
 
     loss_type: str = "ppo"
@@ -132,6 +143,8 @@ class PolicyConfig:
         (``owner``: the function or module named in the message)."""
         check_names(owner, options, FIELDS)
         if config is None:
+            if torch.compiler.is_compiling():  # traced once per graph; Dynamo would trace the lru_cache
+                return cls(**options)
             try:  # the same keywords on every step: validate them once
                 return _from_options(tuple((k, type(v), v) for k, v in sorted(options.items())))
             except TypeError:  # an unhashable value
@@ -142,6 +155,10 @@ class PolicyConfig:
         check_choice("loss_type", self.loss_type, POLICY_LOSS_TYPES)
         row, agg = self.row, self.resolved_agg
         check_agg(agg)
+        self._check_numbers()
+        if self.agg not in (None, "seq-mean-token-mean") and row == "gmpo":  # it would be ignored
+            raise ValueError(f"agg does not apply to loss_type {self.loss_type!r} (gmpo always aggregates "
+                             f"seq-mean-token-mean), got {self.agg!r}")
         if self.seq_count is not None:
             check_choice("seq_count", self.seq_count, SEQ_COUNTS)
         if self.importance_sampling_level not in IS_LEVELS:
@@ -176,6 +193,8 @@ class PolicyConfig:
         self._only("cov_global", bool(self.cov_global), ("clip_cov", "kl_cov"))
         if row in ("clip_cov", "kl_cov") and not self.cov_params[0] > 0:
             raise ValueError(f"cov_ratio must be > 0, got {self.cov_ratio}")
+        if row == "clip_cov" and not self.cov_params[1] < self.cov_params[2]:
+            raise ValueError(f"cov_lb must be < cov_ub, got cov_lb={self.cov_params[1]}, cov_ub={self.cov_params[2]}")
         if self.seq_count is not None and not agg.startswith("seq-mean"):
             raise ValueError(f"seq_count applies to the seq-mean aggregations, not to agg={agg!r}")
         canonical_kl(self.kl_type)
@@ -197,6 +216,38 @@ class PolicyConfig:
             raise ValueError(f"dp_size must be an int >= 1, got {self.dp_size!r}")
         if self.max_len is not None and agg != "seq-mean-token-sum-norm":
             raise ValueError(f"max_len applies to agg='seq-mean-token-sum-norm', not to {agg!r}")
+
+    def _check_numbers(self) -> None:
+        """Types and ranges of the numeric options (whether they apply is checked by ``_only``)."""
+        _validate.finite(**{name: getattr(self, name) for name in _FINITE})
+        rmax = _validate._number("rollout_max", self.rollout_max)
+        if not rmax >= 0:  # +inf: no upper bound (TRL's default); NaN fails here
+            raise ValueError(f"rollout_max must be >= 0 (or +inf), got {self.rollout_max}")
+        for name in _PAIRS:
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or len(v) != 2:
+                raise ValueError(f"{name} must be a pair of numbers, got {v!r}")
+            _validate.finite(**{f"{name}[0]": v[0], f"{name}[1]": v[1]})
+        if self.cispo_bounds is not None and not self.cispo_bounds[0] <= self.cispo_bounds[1]:
+            raise ValueError(f"cispo_bounds must be (lo, hi) with lo <= hi, got {tuple(self.cispo_bounds)}")
+        if self.sapo_tau is not None and not (self.sapo_tau[0] > 0 and self.sapo_tau[1] > 0):
+            raise ValueError(f"sapo_tau must be two temperatures > 0, got {tuple(self.sapo_tau)}")
+        if not isinstance(self.kl_clamp, bool):
+            raise TypeError(f"kl_clamp must be a bool, got {type(self.kl_clamp).__name__}")
+
+    @property
+    def kl_options_set(self) -> tuple:
+        """The KL options set other than their defaults (they need the KL term, ``ref_logprobs``)."""
+        out = []
+        if canonical_kl(self.kl_type) != canonical_kl("k3"):
+            out.append("kl_type")
+        if self.kl_clamp is not True:
+            out.append("kl_clamp")
+        if self.kl_rho is not False:
+            out.append("kl_rho")
+        return tuple(out)
 
     def _only(self, name: str, given: bool, rows: tuple) -> None:
         if given and self.row not in rows:

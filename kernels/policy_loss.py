@@ -173,9 +173,11 @@ def policy_loss_fwd_kernel(
         drop = ((sa * inv_n) < 0) & ((skd * inv_n) > offpolicy_threshold)
         w_row = tl.where(drop, 0.0, w_row)
     rho_row = tl.zeros([], tl.float32)
+    drho_row = tl.zeros([], tl.float32)
     if LT == GSPO:
         m_l = sl * inv_n
         rho_row = tl.exp(tl.where(m_l > 10.0, 10.0, m_l))
+        drho_row = tl.where(m_l > 10.0, 0.0, rho_row)  # torch.clamp(max=10): no gradient above the cap
     if SEQ:
         rho_row = tl.exp(_clamp(sl * inv_n, -20.0, 20.0))
     gmpo_row = tl.zeros([], tl.float32)
@@ -210,7 +212,7 @@ def policy_loss_fwd_kernel(
         cols, inb, v, x_lp, old, a = _load_tokens(lp_ptr, old_ptr, adv_ptr, mask_ptr, base, start, T, BLOCK_T)
         l = x_lp - old
         rho_c = tl.exp(_clamp(l, -20.0, 20.0))
-        drho_c = tl.where((l < -20.0) | (l > 20.0), 0.0, rho_c)
+        drho_c = tl.where((l >= -20.0) & (l <= 20.0), rho_c, 0.0)  # 0 for a NaN log-ratio, as torch.clamp
         zero = tl.zeros([BLOCK_T], tl.float32)
         if SEQ:  # the row's ratio; its gradient comes in pass 3
             rho_is = zero + rho_row
@@ -233,7 +235,7 @@ def policy_loss_fwd_kernel(
             drho = drho_is
             if LT == GSPO:
                 rho = zero + rho_row
-                drho = rho
+                drho = zero + drho_row
             if LT == CLIPCOV:
                 rho = tl.exp(l)
                 drho = rho
@@ -330,7 +332,8 @@ def policy_loss_fwd_kernel(
             g = d_own
         else:
             L = w * pg
-            g = w * (d_own + d_rho * drho)
+            # a ratio that passes no gradient (clamped, or a NaN log-ratio) stops d_rho too, as torch.clamp does
+            g = w * (d_own + tl.where(drho != 0.0, d_rho * drho, 0.0))
         grow = w * d_rho
         klv = zero
         if KL_ON:

@@ -308,3 +308,21 @@ def test_whitening_a_constant_batch_gives_zero():
     adv_f, ret_f = fverl.compute_advantage(cfg, r, mask, uid)
     assert torch.equal(adv_f, torch.zeros_like(adv_f)) and torch.equal(ret_f, adv_f)
     assert 0 < adv_v.abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("uid", ["str-with-singletons", "int-ndarray-singleton", "tensor-singleton"])
+def test_grpo_passk_group_of_one_raises_as_verl(uid):
+    """verl's grpo_passk refuses a group of fewer than 2 responses; the profile raises ValueError naming index."""
+    r, _, mask, _, _ = _batch(seed=6)
+    B = r.shape[0]
+    if uid == "str-with-singletons":
+        index = UIDS[uid]
+    else:
+        ids = np.repeat(np.arange(B), 2)[:B]
+        ids[-1] = 10 ** 6  # a group of one
+        index = ids if uid == "int-ndarray-singleton" else torch.from_numpy(ids)
+    cfg = AlgoConfig(adv_estimator="grpo_passk")
+    with pytest.raises(ValueError):
+        _verl(cfg, r, mask, index.numpy() if torch.is_tensor(index) else index)
+    with pytest.raises(ValueError, match="index"):
+        fverl.compute_advantage(cfg, r, mask, index)

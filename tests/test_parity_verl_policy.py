@@ -167,3 +167,59 @@ def test_dict_config_equals_actor_config():
                                               ref_log_prob=d["ref"])
     l2, m2 = VerlPolicyLoss(as_dict)(d["lp"], d["old"], d["A"], d["m"], entropy=d["H"], ref_log_prob=d["ref"])
     assert torch.equal(l1, l2) and m1.keys() == m2.keys()
+
+
+def test_gspo_cap_passes_no_gradient():
+    """verl's gspo clamps the sequence log-ratio at 10 with torch.clamp: no gradient beyond the cap."""
+    d = batch(seed=45)
+    d["old"] = d["old"].clone()
+    d["old"][0] = d["lp"][0] - 11.0  # row 0: mean log-ratio 11 > 10
+    d["A"] = d["A"].clone()
+    d["A"][0] = -1.0  # the unclipped branch -A s is active
+    kw = dict(loss_mode="gspo", loss_agg_mode="seq-mean-token-mean")
+    for backend in ("cpp", "triton"):
+        import fastalign
+
+        with fastalign.use_backend(backend):
+            vl, vg, _, _ = verl_loss(make_actor(**kw), d["lp"], d["old"], d["A"], d["m"])
+            x = d["lp"].clone().requires_grad_(True)
+            loss, _ = VerlPolicyLoss(make_actor(**kw))(x, d["old"], d["A"], d["m"])
+            loss.backward()
+        assert_close(loss, vl, atol=1e-6, rtol=1e-5, what=f"{backend} loss")
+        assert_close(x.grad, vg, atol=1e-6, rtol=1e-5, what=f"{backend} d log_prob")
+        assert (x.grad[0] == 0).all()
+
+
+@pytest.mark.parametrize("case", ["vanilla", "cispo", "sapo_token_mean_terms", "dppo_tv", "dppo_kl", "gspo"])
+def test_ppo_kl_metric_is_clamped_as_verl(case):
+    """actor/ppo_kl: verl clamps the log-ratio to [-20, 20] in vanilla, cispo, sapo, dppo_tv, dppo_kl (gspo: not)."""
+    d = batch(seed=46)
+    d["old"] = d["old"].clone()
+    d["old"][1, :3] = d["lp"][1, :3] - 30.0  # |l| > 20 on valid tokens
+    d["old"][3, :2] = (d["lp"][3, :2] + 25.0).clamp(max=-1e-3)
+    vm = _run(case, d, False)
+    m = d["m"].double()
+    raw = ((d["old"].double() - d["lp"].double()) * m).sum() / m.sum()
+    assert (abs(vm["actor/ppo_kl"] - float(raw)) > 0.1) == (case != "gspo")  # the data exercise the clamp
+
+
+@pytest.mark.parametrize("mode,agg", [("vanilla", "seq-mean-token-mean"), ("vanilla", "seq-mean-token-sum"),
+                                      ("vanilla", "seq-mean-token-sum-norm"), ("sapo", "token-sum"),
+                                      ("vanilla", "token-mean"), ("geo_mean", "token-mean"), ("vanilla", "token-sum")])
+def test_dp_without_global_counts_as_verl(mode, agg):
+    """dp_size > 1 without the count of the aggregation: verl's agg_loss raises naming it; where verl
+    computes (geo_mean's plain mean, token-sum), the profile computes the same."""
+    d = batch(seed=47)
+    kw = dict(loss_mode=mode, loss_agg_mode=agg)
+    try:
+        vl, vg, _, _ = verl_loss(make_actor(**kw), d["lp"], d["old"], d["A"], d["m"], dp_size=2)
+    except ValueError as e:
+        name = "global_batch_size" if "global_batch_size" in str(e) else "batch_num_tokens"
+        with pytest.raises(ValueError, match=name):
+            VerlPolicyLoss(make_actor(**kw))(d["lp"], d["old"], d["A"], d["m"], dp_size=2)
+        return
+    x = d["lp"].clone().requires_grad_(True)
+    loss, _ = VerlPolicyLoss(make_actor(**kw))(x, d["old"], d["A"], d["m"], dp_size=2)
+    loss.backward()
+    assert_close(loss, vl, atol=1e-6, rtol=1e-6, what="loss")
+    assert_close(x.grad, vg, atol=1e-6, rtol=1e-5, what="d log_prob")

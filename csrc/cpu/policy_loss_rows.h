@@ -59,12 +59,12 @@ FASTALIGN_KERNEL_BODY uint32_t chunk_body(const Cfg& c, const Row& R, const RowC
   const float r_min = c.rollout_min, r_max = c.rollout_max;
   const int rollout = c.rollout;
   const bool kl_clamp = c.kl_clamp != 0;
-  const float w_k1 = c.kl_type == kK1, w_abs = c.kl_type == kAbs, w_k2 = c.kl_type == kK2, w_k3 = c.kl_type == kK3;
-  const float w_st = c.kl_straight ? 1.f : 0.f;
+  const bool is_k1 = c.kl_type == kK1, is_abs = c.kl_type == kAbs, is_k2 = c.kl_type == kK2, is_k3 = c.kl_type == kK3;
+  const bool straight = c.kl_straight != 0;
   const float w_row = PLAIN ? 1.f : x.w_row, rho_row = x.rho_row;
   // 1 where the token's own ratio carries the gradient (0 at sequence level: see row_finish)
   constexpr float w_tok = SEQ ? 0.f : 1.f;
-  const float w_kl_grad = c.kl_rho == kKLRhoGrad ? 1.f : 0.f;
+  const bool kl_grad = c.kl_rho == kKLRhoGrad;
   // Options off become bounds that never bind (no runtime branches in the loop, so it vectorises).
   constexpr float kBig = std::numeric_limits<float>::max();
   const float xlo = kl_clamp ? -20.f : -kBig, xhi = kl_clamp ? 20.f : kBig;
@@ -124,7 +124,8 @@ FASTALIGN_KERNEL_BODY uint32_t chunk_body(const Cfg& c, const Row& R, const RowC
       w *= rollout_weight(r, trunc, r_min, r_max);
     }
     float L = LT == kGMPO ? 0.f : w * lt.pg;
-    float g = LT == kGMPO ? lt.d_own : w * (lt.d_own + lt.d_rho * lt.drho);
+    // a ratio that passes no gradient (clamped, or a NaN log-ratio) stops d_rho too, as torch.clamp does
+    float g = LT == kGMPO ? lt.d_own : w * (lt.d_own + (lt.drho != 0.f ? lt.d_rho * lt.drho : 0.f));
     float grow = w * lt.d_rho;
     // KL term (x = ref - lp), times the ratio under kl_rho
     float klv = 0.f;
@@ -138,14 +139,16 @@ FASTALIGN_KERNEL_BODY uint32_t chunk_body(const Cfg& c, const Row& R, const RowC
       const bool k3_live = (xk >= xlo) & (xk <= xhi) & (k3 >= klo) & (k3 <= khi);
       const float dk3 = k3_live ? -(e - 1.f) : 0.f;
       const float sgn = d > 0.f ? 1.f : (d < 0.f ? -1.f : 0.f);
-      // blends with 0/1 weights (a ternary chain on kl_type would become a switch and stop SIMD)
-      const float kv = w_k1 * d + w_abs * std::fabs(d) + w_k2 * (0.5f * d * d) + w_k3 * k3c;
-      const float dkl_own = w_k1 + w_abs * sgn + w_k2 * d + w_k3 * dk3;
-      const float dkl = w_st * d + (1.f - w_st) * dkl_own;
+      // one select per estimator, summed (a ternary chain on kl_type would become a switch and stop
+      // SIMD). Selects, not 0/1 weights: an unused term may be inf (|d| = inf), and 0 * inf is NaN.
+      const float kv = (is_k1 ? d : 0.f) + (is_abs ? std::fabs(d) : 0.f) + (is_k2 ? 0.5f * d * d : 0.f) +
+                       (is_k3 ? k3c : 0.f);
+      const float dkl_own = (is_k1 ? 1.f : 0.f) + (is_abs ? sgn : 0.f) + (is_k2 ? d : 0.f) + (is_k3 ? dk3 : 0.f);
+      const float dkl = straight ? d : dkl_own;
       if (KLRHO) {  // K = KL * rho: d/dlp = rho dKL + [grad] KL drho (at sequence level through d_row)
         klv = rho_is * kv;
-        g += kl_coef * (rho_is * dkl + w_kl_grad * w_tok * drho_c * kv);
-        grow += kl_coef * w_kl_grad * kv;
+        g += kl_coef * (rho_is * dkl + (kl_grad ? w_tok * drho_c * kv : 0.f));
+        grow += kl_grad ? kl_coef * kv : 0.f;
       } else {
         klv = kv;
         g += kl_coef * dkl;

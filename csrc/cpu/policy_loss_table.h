@@ -7,7 +7,8 @@
 // (d_rho: derivative in rho), plus the clip metrics. Loss types (LT), r1 = min(rho, delta):
 //   ppo      L1 = -A r1, L2 = -A clip(rho, 1-el, 1+eh), max(L1, L2) (L2 only if strictly
 //            larger), dual clip min(., -cA) for A < 0 (only if strictly larger)
-//   gspo     rho = exp(min(mean_v l, 10)) per row (gradient d rho/d lp_t = rho), ppo clip
+//   gspo     rho = exp(min(mean_v l, 10)) per row, ppo clip; gradient d rho/d lp_t = rho, and 0
+//            where mean_v l > 10 (the cap passes no gradient, as torch.clamp in verl)
 //   cispo    -sg(clip(rho, lo, hi)) A lp
 //   sapo     -(4/tau) sigma(tau (rho - 1)) A, tau = tau_pos if A > 0 else tau_neg
 //   reinforce -A lp
@@ -64,6 +65,7 @@ static inline float vespo_phi(const Cfg& c, bool pos, float logw, float w) {
 // Row-level quantities from pass 1 that the token loop needs.
 struct RowCtx {
   float w_row, rho_row, gmpo_G, gmpo_row, vespo_logw, vespo_w, vespo_phi, inv_n;
+  float drho_row;  // gspo: d rho_row / d(mean l) (0 above the cap)
 };
 
 // ---- pass 1: per-row sums (only what the configuration needs) ----
@@ -111,10 +113,14 @@ FASTALIGN_KERNEL_BODY RowCtx row_stats(const Cfg& c, const Row& R) {
     }
   }
   const float inv_n = 1.f / (n1 > 1.f ? n1 : 1.f);
-  RowCtx x{1.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, inv_n};
+  RowCtx x{1.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, inv_n, 0.f};
   if (seq_roll) x.w_row = rollout_weight(std::exp(clampf(slr, -20.f, 20.f)), roll_trunc, r_min, r_max);
   if (offpol && sa * inv_n < 0.f && skd * inv_n > c.offpolicy_threshold) x.w_row = 0.f;
-  if (LT == kGSPO) x.rho_row = std::exp(clampf(sl * inv_n, -kHuge, 10.f));  // keeps NaN
+  if (LT == kGSPO) {
+    const float mean_l = sl * inv_n;
+    x.rho_row = std::exp(clampf(mean_l, -kHuge, 10.f));  // keeps NaN
+    x.drho_row = mean_l > 10.f ? 0.f : x.rho_row;       // torch.clamp(max=10): no gradient above the cap
+  }
   if (c.is_level != 0) x.rho_row = std::exp(clampf(sl * inv_n, -20.f, 20.f));
   if (LT == kGMPO && n1 > 0.f) {
     const float seq = -std::exp(sc * inv_n) * (sa * inv_n);
@@ -135,7 +141,7 @@ FASTALIGN_KERNEL_BODY RowCtx row_stats(const Cfg& c, const Row& R) {
 struct LossConsts {
   const Cfg& c;
   float el, eh, lo, hi, cis_lo, cis_hi, tau_pos, tau_neg, cov_kl, dro_beta, delta_b, dual_b;
-  float rho_row, gmpo_G, vespo_logw, vespo_w;
+  float rho_row, gmpo_G, vespo_logw, vespo_w, drho_row;
 };
 
 template <int LT>
@@ -146,7 +152,7 @@ FASTALIGN_KERNEL_BODY LossConsts loss_consts(const Cfg& c, const RowCtx& x) {
                     c.tau_pos, c.tau_neg, c.cov_kl_coef, c.dro_beta,
                     (has_delta && c.delta > 0.f) ? c.delta : kBig,
                     (LT == kPPO && c.dual_clip > 0.f) ? c.dual_clip : kBig,
-                    x.rho_row, x.gmpo_G, x.vespo_logw, x.vespo_w};
+                    x.rho_row, x.gmpo_G, x.vespo_logw, x.vespo_w, x.drho_row};
 }
 
 // One token's inputs to a loss row. rho_c = exp(clamp(l, -20, 20)) and drho_c its d/d(lp);
@@ -173,7 +179,7 @@ FASTALIGN_KERNEL_BODY LossTerm loss_row(const LossConsts& k, const TokenIn& x) {
   if (PPO_ROW) {
     float rho = x.rho_is;
     o.drho = w_tok * x.drho_c;
-    if (LT == kGSPO) { rho = k.rho_row; o.drho = k.rho_row; }
+    if (LT == kGSPO) { rho = k.rho_row; o.drho = k.drho_row; }
     if (LT == kCLIPCOV) { rho = exp_f32(l); o.drho = rho; }
     const float r1 = rho > k.delta_b ? k.delta_b : rho;
     const float dr1 = rho > k.delta_b ? 0.f : 1.f;

@@ -39,6 +39,11 @@ Where Liger's behaviour differs from TRL's, this module follows Liger:
 * the clip ratio counts ``rho < 1 - eps_low`` with ``A < 0`` or ``rho > 1 + eps_high`` with ``A > 0``
   (cispo: ``rho > epsilon_high`` with ``A > 0``; sapo, vespo: 0) per token, before ``delta``.
 
+Deviation: fastalign's ratio is ``exp(clamp(l, -20, 20))`` (the sequence ratio ``exp(clamp(mean_m l,
+-20, 20))``), with no gradient beyond the clamp; Liger's ``coef_1`` has no clamp. Loss and gradient
+differ only where ``|l| > 20`` (a ratio beyond ``e^20``, a diverged policy); no option of
+:class:`fastalign.PolicyConfig` carries the cap.
+
 Preference losses (``lc``, ``lr``: the chosen / rejected log-probs, summed over the tokens whose
 target is not ``ignore_index``, or averaged with ``average_log_prob``; ``lc0``, ``lr0`` the
 reference ones from ``ref_input`` or 0; ``NLL`` the chosen token mean of ``-lp``, 0 without

@@ -171,8 +171,8 @@ def policy_loss(
 
     if loss_type in ("ppo", "clip_cov", "gspo"):
         if loss_type == "gspo":
-            log_s = torch.clamp((m * l).sum(-1) / torch.clamp(row_n, min=1), max=10.0).detach()
-            rho = torch.exp(lp - lp.detach() + log_s[:, None])
+            log_s = ((m * l).sum(-1) / torch.clamp(row_n, min=1)).detach()
+            rho = torch.exp(torch.clamp(lp - lp.detach() + log_s[:, None], max=10.0))  # no gradient past the cap
         elif loss_type == "ppo":
             rho = rho_is
         else:

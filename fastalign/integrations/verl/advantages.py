@@ -10,7 +10,8 @@ Where fastalign's own defaults differ, the profile selects verl's behaviour:
 
 * a group of one has mean 0 and std 1 (``singleton="unit_std"``): ``r / (1 + eps)`` in grpo,
   grpo_vectorized and gdpo's columns, ``alpha r`` in gpg; rloo_vectorized gives it 0
-  (``singleton="zero"``), rloo, opo and reinforce_plus_plus_baseline its score.
+  (``singleton="zero"``), rloo, opo and reinforce_plus_plus_baseline its score; grpo_passk raises
+  ``ValueError`` naming ``index`` (pass@k needs at least 2 responses per group, as verl refuses it).
 * gdpo: the weighted sum of the group-normalised reward columns is whitened over the valid
   tokens (``batch_normalization="token"``).
 * reinforce_plus_plus: the return is carried through masked tokens (multi-turn observation
@@ -31,6 +32,7 @@ from torch import Tensor
 
 from fastalign.advantages import (gae_advantages, group_advantages, optimal_token_baseline_advantages,
                                   remax_advantages, token_advantages)
+from fastalign.advantages._inputs import as_index
 
 __all__ = ["ALGO_DEFAULTS", "ESTIMATORS", "algo_options", "compute_advantage"]
 
@@ -73,6 +75,22 @@ def algo_options(config=None) -> Dict[str, Any]:
         raise ValueError(f"gdpo_reward_weights does not apply to adv_estimator {est!r}")
     out["adv_estimator"] = est
     return out
+
+
+def _check_passk_groups(index, B: int, device) -> None:
+    """verl's grpo_passk refuses a group of fewer than 2 responses (a host read of the group sizes, as verl's
+    own loop over the groups)."""
+    keys = as_index("index", index, B, device)
+    if B == 0:
+        return
+    _, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+    small = counts[inverse] < 2
+    if bool(small.any()):
+        i = int(small.nonzero()[0, 0])
+        uid = index[i]
+        uid = uid.item() if hasattr(uid, "item") else uid
+        raise ValueError(f"index: grpo_passk (pass@k) requires at least 2 responses per group, got "
+                         f"{int(counts[inverse[i]])} for group {uid!r}")
 
 
 def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor, index=None, *,
@@ -130,6 +148,8 @@ def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor
         return optimal_token_baseline_advantages(token_level_rewards, mask, index, old_log_probs, sum_pi_squared,
                                                  importance_weights=rollout_is_weights,
                                                  align=_OPTIMAL_BASELINE[est], **eps)
+    if est == "grpo_passk":
+        _check_passk_groups(index, token_level_rewards.shape[0], token_level_rewards.device)
     kw = dict(_GROUPED[est], **eps)
     if est in _STD_FROM_CONFIG:
         kw["std"] = "group" if opts["norm_adv_by_std_in_grpo"] else "none"

@@ -23,8 +23,15 @@ Where verl's behaviour differs from fastalign's defaults, the profile follows ve
 * ``rollout_is_weights`` multiply the policy term; geo_mean takes their geometric mean per
   sequence.
 
+* gspo caps the mean log-ratio at 10 as verl does, with no gradient beyond the cap (``torch.clamp``).
+* ``actor/ppo_kl`` is ``mean_m(-clamp(l, -20, 20))`` in vanilla, cispo, sapo, dppo_tv and dppo_kl (verl
+  clamps the log-ratio there), ``mean_m(-l)`` in the other modes.
+
 Global normalisers: ``dp_size``, ``batch_num_tokens``, ``global_batch_size`` as in verl's
-``global_batch_info``. Metrics (0-dim device tensors), as verl's actor loss logs them:
+``global_batch_info``; as verl's ``agg_loss``, ``dp_size > 1`` without the count of an aggregation
+raises ``ValueError`` naming it (token-mean: ``batch_num_tokens``; the seq-mean modes and sapo's
+policy term: ``global_batch_size``; geo_mean's policy term reads no count). Metrics (0-dim device
+tensors), as verl's actor loss logs them:
 ``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower`` (those its loss function
 returns), ``actor/pg_loss``, ``actor/entropy_loss`` (when an entropy is given), ``kl_loss`` and
 ``kl_coef`` (with ``use_kl_loss``).
@@ -48,6 +55,25 @@ _MODES = {"vanilla": "ppo", "gspo": "gspo", "sapo": "sapo", "gpg": "reinforce", 
           "dro": "dro"}
 _LOWER_MODES = ("vanilla", "dppo_tv", "dppo_kl")  # pg_clipfrac_lower: dual clip / ratio truncation
 _OWN_AGG = {"sapo": "seq-mean-token-mean", "geo_mean": "seq-mean-token-mean"}  # the policy term ignores the mode
+# modes whose ppo_kl is mean_m(-clamp(l, -20, 20)) in verl (the others log the unclamped mean_m(-l))
+_CLAMPED_KL_MODES = ("vanilla", "cispo", "sapo", "dppo_tv", "dppo_kl")
+
+
+def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
+    """``sum_m x / max(sum m, 1)`` on the device (one fused reduction; NaN in masked slots never reaches it)."""
+    return torch.where(m > 0, x * m, 0.0).sum() / m.sum().clamp(min=1.0)
+
+
+def _check_global_counts(aggs, dp_size: int, batch_num_tokens, global_batch_size) -> None:
+    """verl's ``agg_loss``: with ``dp_size > 1`` token-mean needs ``batch_num_tokens`` and the seq-mean
+    modes ``global_batch_size`` (a local mean times ``dp_size`` would scale the gradient by ``dp_size``)."""
+    if dp_size <= 1:
+        return
+    for agg in aggs:
+        if agg == "token-mean" and batch_num_tokens is None:
+            raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
+        if agg.startswith("seq-mean") and global_batch_size is None:
+            raise ValueError("global_batch_size is required when dp_size > 1")
 
 
 def _get(cfg: Any, name: str, default=None):
@@ -147,8 +173,12 @@ class VerlPolicyLoss:
             pg_counts = {}
         elif dp_size != 1:
             cfg = PolicyConfig.make(cfg, dp_size=int(dp_size))
-        if dp_size > 1 and batch_num_tokens is None and self.loss_agg_mode == "token-mean":
-            raise ValueError("batch_num_tokens is required when dp_size > 1")
+        # the aggregations verl's agg_loss runs: the policy term's (geo_mean: a plain local mean, no counts)
+        # and, for the KL and entropy terms, loss_agg_mode
+        aggs = [] if self.mode == "geo_mean" else [_OWN_AGG.get(self.mode, self.loss_agg_mode)]
+        if self.use_kl or (entropy is not None and self.entropy_coeff != 0.0):
+            aggs.append(self.loss_agg_mode)
+        _check_global_counts(aggs, int(dp_size), batch_num_tokens, global_batch_size)
         loss, met = policy_loss(
             log_prob, old_log_prob, advantages, response_mask, config=cfg,
             ref_logprobs=ref_log_prob if (self.fused and self.use_kl) else None,
@@ -187,6 +217,9 @@ class VerlPolicyLoss:
             return loss, {"actor/ppo_kl": met["approx_kl"], **terms}
         out = {"actor/pg_clipfrac": met["clipfrac"], "actor/ppo_kl": met["approx_kl"],
                "actor/pg_clipfrac_lower": met["clipfrac_lower"] if mode in _LOWER_MODES else zero}
+        if mode in _CLAMPED_KL_MODES:  # verl clamps the log-ratio of its ppo_kl in these modes
+            m = response_mask.to(torch.float32)
+            out["actor/ppo_kl"] = _masked_mean(-(log_prob.detach().float() - old_log_prob.float()).clamp(-20.0, 20.0), m)
         if mode == "sapo":
             out["actor/pg_clipfrac"] = zero
         elif mode == "clip_cov":
@@ -195,8 +228,7 @@ class VerlPolicyLoss:
             out["actor/pg_clipfrac"], out["actor/pg_clipfrac_lower"] = met["clip_high"], met["clip_low"]
         if mode == "kl_cov":
             m = response_mask.to(torch.float32)
-            absl = torch.where(m > 0, (log_prob.detach().float() - old_log_prob.float()).abs(), 0.0)
-            out = {"actor/ppo_kl": (absl * m).sum() / m.sum().clamp(min=1.0)}
+            out = {"actor/ppo_kl": _masked_mean((log_prob.detach().float() - old_log_prob.float()).abs(), m)}
         elif mode == "clip_cov":
             out.pop("actor/pg_clipfrac_lower")
         return loss, {**out, **terms}

@@ -1,0 +1,207 @@
+"""Regressions of policy_loss / PolicyConfig found by user testing: infinite and NaN log-probs through the
+KL term, gspo's cap of 10, option values, seq-mean-token-sum-norm with dp_size, PolicyConfig.make while
+compiling. Oracles: the float64 reference (fastalign.reference) or a float64 formula written here."""
+import math
+
+import pytest
+import torch
+
+import fastalign
+from fastalign.reference.policy import policy_loss as reference_policy_loss
+
+
+def _small():
+    lp = torch.tensor([[-0.5, -1.5, -1.0, -0.7], [-0.2, -0.9, -1.3, -2.0]])
+    old = lp + torch.tensor([[0.1, -0.2, 0.05, 0.0], [-0.1, 0.15, 0.0, 0.2]])
+    A = torch.tensor([[1.0, 1.0, -1.0, 0.5], [-0.3, 0.8, 1.2, -1.0]])
+    m = torch.ones(2, 4)
+    ref = lp + torch.tensor([[0.1, -0.3, 0.2, 0.0], [0.05, -0.1, 0.3, -0.2]])
+    return lp, old, A, m, ref
+
+
+def _fa(backend, lp, old, A, m, **kw):
+    x = lp.clone().requires_grad_(True)
+    loss, met = fastalign.policy_loss(x, old, A, m, backend=backend, **kw)
+    loss.backward()
+    return loss.detach().double(), met, x.grad.double()
+
+
+def _ref(lp, old, A, m, **kw):
+    x = lp.double().requires_grad_(True)
+    kw = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    loss, met = reference_policy_loss(x, old.double(), A.double(), m.double(), **kw)
+    loss.backward()
+    return loss.detach(), met, x.grad
+
+
+def _close(a, b, what):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, equal_nan=True, msg=lambda s: f"{what}: {s}")
+
+
+# ------------------------------------------------------------------ infinite / NaN log-probs in the KL term
+
+@pytest.mark.parametrize("where", ["lp", "ref"])
+@pytest.mark.parametrize("kl_type", ["k1", "abs", "k2", "k3", "k3+", "k1+"])
+@pytest.mark.parametrize("loss_type", ["ppo", "reinforce", "cispo"])
+def test_infinite_logprob_in_the_kl_term(where, kl_type, loss_type):
+    """|lp - ref| = inf on a valid token: each estimator's own value (k3: clamped to 10, no gradient), never
+    the NaN of 0 * inf from the estimators not chosen (the C++ kernel blended them with 0/1 weights). The
+    C++ and Triton kernels agree everywhere; the float64 reference is the oracle where its own value is
+    defined (ppo, whose ratio is clamped, with a plain estimator; it makes NaN of the straight-through
+    ``+`` forms at infinity and of ``-A lp`` at ``lp = -inf``)."""
+    lp, old, A, m, ref = _small()
+    if where == "lp":
+        lp[0, 1] = -math.inf
+    else:
+        ref[0, 1] = -math.inf
+    kw = dict(loss_type=loss_type, ref_logprobs=ref, kl_coef=0.1, kl_type=kl_type)
+    cpp, tri = (_fa(b, lp, old, A, m, **kw) for b in ("cpp", "triton"))
+    _close(cpp[0], tri[0], "loss, cpp against triton")
+    _close(cpp[1]["kl"], tri[1]["kl"], "kl metric, cpp against triton")
+    _close(cpp[2], tri[2], "d lp, cpp against triton")
+    if loss_type == "ppo" or where == "ref":  # (reinforce / cispo at lp = -inf: -A lp is itself infinite)
+        assert not torch.isnan(cpp[0]) and not torch.isnan(cpp[2]).any()
+    if loss_type == "ppo" and not kl_type.endswith("+"):
+        rloss, rmet, rg = _ref(lp, old, A, m, **kw)
+        _close(cpp[0], rloss, "loss")
+        _close(cpp[1]["kl"].double(), rmet["kl"], "kl metric")
+        _close(cpp[2], rg, "d lp")
+    if kl_type == "k3" and loss_type == "ppo":  # clamped: a finite loss
+        assert torch.isfinite(cpp[0])
+
+
+@pytest.mark.parametrize("loss_type", ["ppo", "sapo", "reinforce", "vespo", "cispo", "dro"])
+def test_nan_logprob_propagates_the_same_on_both_backends(loss_type):
+    """A NaN log-prob on a valid token with a KL term: a NaN loss, and the same gradient (NaN where the
+    reference has NaN) on the C++ and Triton kernels as in the float64 reference."""
+    lp, old, A, m, ref = _small()
+    lp[1, 2] = math.nan
+    kw = dict(loss_type=loss_type, ref_logprobs=ref, kl_coef=0.1)
+    if loss_type == "dro":
+        kw["dro_beta"] = 0.5
+    out = {b: _fa(b, lp, old, A, m, **kw) for b in ("cpp", "triton")}
+    rloss, _, rg = _ref(lp, old, A, m, **kw)
+    assert torch.isnan(rloss)
+    for b, (loss, _, g) in out.items():
+        assert torch.isnan(loss), b
+        assert torch.equal(torch.isnan(g), torch.isnan(out["cpp"][2])), b
+        _close(g, out["cpp"][2], f"{b} d lp against cpp")
+    _close(out["cpp"][2], rg, "d lp against the reference")
+
+
+# ------------------------------------------------------------------ gspo: the cap of 10 passes no gradient
+
+def _gspo_f64(lp, old, A, m, eps=0.2):
+    """verl's compute_policy_loss_gspo in float64: log s = lp - sg(lp) + sg(mean_m l), torch.clamp(max=10),
+    ppo clip, seq-mean-token-mean over the non-empty rows."""
+    x = lp.double().requires_grad_(True)
+    md = m.double()
+    l = x - old.double()
+    mean_l = (l * md).sum(-1) / md.sum(-1).clamp(min=1)
+    log_s = x - x.detach() + mean_l.detach()[:, None]
+    s = torch.exp(torch.clamp(log_s, max=10.0))
+    a = A.double()
+    pg = torch.maximum(-a * s, -a * torch.clamp(s, 1 - eps, 1 + eps))
+    per_row = (pg * md).sum(-1) / md.sum(-1).clamp(min=1)
+    loss = per_row.sum() / (md.sum(-1) > 0).sum().clamp(min=1)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+def test_gspo_cap_passes_no_gradient(cpu_backend):
+    lp, old, A, m, _ = _small()
+    old = old.clone()
+    old[0] = lp[0] - 11.0  # row 0: mean log-ratio 11 > 10, the cap binds
+    A = A.clone()
+    A[0] = -1.0  # the unclipped branch -A s is active there
+    loss, _, g = _fa(cpu_backend, lp, old, A, m, loss_type="gspo")
+    rloss, rg = _gspo_f64(lp, old, A, m)
+    torch.testing.assert_close(loss, rloss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(g, rg, atol=1e-6, rtol=1e-5)
+    assert (g[0] == 0).all() and (g[1] != 0).any()
+
+
+# ------------------------------------------------------------------ option values
+
+@pytest.mark.parametrize("kw,name,exc", [
+    (dict(loss_type="gmpo", agg="token-mean"), "agg", ValueError),
+    (dict(loss_type="geo_mean", agg="seq-mean-token-sum"), "agg", ValueError),
+    (dict(rollout_correction="token_truncate", rollout_max=-1.0), "rollout_max", ValueError),
+    (dict(rollout_correction="token_mask", rollout_max=math.nan), "rollout_max", ValueError),
+    (dict(loss_type="sapo", sapo_tau=(0.0, 1.0)), "sapo_tau", ValueError),
+    (dict(loss_type="sapo", sapo_tau=(-1.0, 1.0)), "sapo_tau", ValueError),
+    (dict(loss_type="cispo", cispo_bounds=(1.5, 0.5)), "cispo_bounds", ValueError),
+    (dict(loss_type="cispo", cispo_bounds=(0.5, 1.5, 2.0)), "cispo_bounds", ValueError),
+    (dict(loss_type="cispo", cispo_bounds=(0.5, math.inf)), "cispo_bounds", ValueError),
+    (dict(loss_type="vespo", vespo_k=(math.nan, 1.0)), "vespo_k", ValueError),
+    (dict(eps_low=math.nan), "eps_low", ValueError),
+    (dict(kl_coef=math.nan), "kl_coef", ValueError),
+    (dict(entropy_coef=math.inf), "entropy_coef", ValueError),
+    (dict(offpolicy_threshold=math.nan), "offpolicy_threshold", ValueError),
+    (dict(loss_type="dro", dro_beta=math.inf), "dro_beta", ValueError),
+    (dict(loss_type="clip_cov", cov_lb=5.0, cov_ub=1.0), "cov_lb", ValueError),
+    (dict(kl_coef="0.1"), "kl_coef", TypeError),
+    (dict(eps_high="0.28"), "eps_high", TypeError),
+    (dict(kl_clamp="no"), "kl_clamp", TypeError),
+])
+def test_bad_option_values_raise_naming_them(kw, name, exc):
+    with pytest.raises(exc, match=name):
+        fastalign.PolicyConfig(**kw)
+    with pytest.raises(exc, match=name):
+        fastalign.PolicyLoss(**kw)
+
+
+def test_options_left_at_their_defaults_never_raise():
+    lp, old, A, m, ref = _small()
+    for lt in fastalign.PolicyConfig.__dataclass_fields__["loss_type"].default, "gmpo", "gspo", "sapo", "cispo":
+        fastalign.policy_loss(lp, old, A, m, loss_type=lt)
+    fastalign.PolicyConfig(rollout_correction="token_truncate", rollout_min=0.0, rollout_max=math.inf)  # TRL
+    fastalign.PolicyConfig(kl_type="k3", kl_clamp=True, kl_rho=False)  # the defaults, given
+    fastalign.PolicyConfig(loss_type="gmpo", agg="seq-mean-token-mean")  # gmpo's own aggregation, given
+    fastalign.policy_loss(lp, old, A, m, kl_type="low_var_kl")  # an alias of the default estimator
+
+
+@pytest.mark.parametrize("kw,name", [(dict(kl_type="k1"), "kl_type"), (dict(kl_clamp=False), "kl_clamp"),
+                                     (dict(kl_rho=True), "kl_rho"), (dict(kl_rho="grad"), "kl_rho")])
+def test_kl_options_without_the_kl_term_raise(kw, name):
+    lp, old, A, m, ref = _small()
+    with pytest.raises(ValueError, match=name):
+        fastalign.policy_loss(lp, old, A, m, **kw)
+    # with ref_logprobs the options shape the KL (a metric with kl_coef = 0): accepted, and used
+    _, met = fastalign.policy_loss(lp, old, A, m, ref_logprobs=ref, **kw)
+    _, rmet, _ = _ref(lp, old, A, m, ref_logprobs=ref, **kw)
+    _close(met["kl"].double(), rmet["kl"], "kl metric")
+
+
+# ------------------------------------------------------------------ seq-mean-token-sum-norm with dp_size
+
+@pytest.mark.parametrize("seq_count", ["all", "nonempty"])
+@pytest.mark.parametrize("dp_size", [1, 2, 4])
+def test_sum_norm_without_global_seqs_has_no_dp_factor(cpu_backend, seq_count, dp_size):
+    """sum(m L) / (B L_max) without global_seqs (B: every row, or the non-empty ones), whatever dp_size."""
+    lp, old, A, m, _ = _small()
+    m = m.clone()
+    m[1, 2:] = 0
+    loss, _, g = _fa(cpu_backend, lp, old, A, m, loss_type="reinforce", agg="seq-mean-token-sum-norm",
+                     seq_count=seq_count, dp_size=dp_size)
+    x = lp.double().requires_grad_(True)
+    md = m.double()
+    rows = md.shape[0] if seq_count == "all" else int((md.sum(-1) > 0).sum())
+    r = (-A.double() * x * md).sum() / (rows * md.shape[1])
+    r.backward()
+    torch.testing.assert_close(loss, r.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(g, x.grad, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ PolicyConfig.make while compiling
+
+def test_make_skips_the_cache_while_compiling(monkeypatch):
+    """Dynamo would trace (and warn about) the lru_cache of PolicyConfig.make: skipped while compiling."""
+    from fastalign import policy_config
+
+    before = policy_config._from_options.cache_info()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    cfg = fastalign.PolicyConfig.make(None, loss_type="grpo", eps_high=0.31)
+    assert cfg.eps_high == 0.31
+    after = policy_config._from_options.cache_info()
+    assert (after.hits, after.misses) == (before.hits, before.misses)
