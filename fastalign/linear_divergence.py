@@ -123,7 +123,9 @@ def linear_divergence_loss(
     if not 0.0 <= b <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     inv_t, cap, scale = check_logit_options(temperature, softcap, logit_scale, ignore_index)
-    _t_inv, t_cap, t_scale = check_logit_options(1.0, teacher_softcap, teacher_logit_scale)
+    t_cap = 0.0 if teacher_softcap is None else _validate.positive("teacher_softcap", teacher_softcap)
+    _validate.finite(teacher_logit_scale=teacher_logit_scale)
+    t_scale = float(teacher_logit_scale)
     _validate.finite(soft_weight=soft_weight, hard_weight=hard_weight)
     check_choice("single_pass", single_pass, _MODES)
     lead = hidden.shape[:-1]

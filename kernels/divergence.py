@@ -29,17 +29,23 @@ FLOOR: tl.constexpr = tl.constexpr(-1e30)
 
 
 @triton.jit
+def _floor(x):
+    """max(x, -1e30) that keeps a NaN (tl.maximum may drop it)."""
+    return tl.where(x < FLOOR, FLOOR, x)
+
+
+@triton.jit
 def _column(xs, xt, lse_s, lse_t, log_1mb, log_b, MODE: tl.constexpr):
     """(lps, lpt, ps, pt, lm) of a tile of columns."""
-    lps = tl.maximum(xs - lse_s, FLOOR) + (xs - xs)  # + (xs - xs): a NaN logit stays NaN
-    lpt = tl.maximum(xt - lse_t, FLOOR) + (xt - xt)
+    lps = _floor(xs - lse_s)
+    lpt = _floor(xt - lse_t)
     ps = exp(lps)
     pt = exp(lpt)
     if MODE == 2:
         a = lps + log_1mb
         b = lpt + log_b
         hi = tl.maximum(a, b)
-        lm = tl.maximum(hi + tl.log(1.0 + exp(tl.minimum(a, b) - hi)), FLOOR) + (a - a) + (b - b)
+        lm = _floor(hi + tl.log(1.0 + exp(tl.minimum(a, b) - hi)) + (a - a) + (b - b))
     else:
         lm = lps
     return lps, lpt, ps, pt, lm
@@ -132,7 +138,7 @@ def divergence_rows_kernel(
                 g = (1.0 - beta) * ps * (lps - lm - K)
             g = g_soft * g
             if HARD:
-                p1 = exp(tl.maximum(z - lse_1, FLOOR) + (z - z))
+                p1 = exp(_floor(z - lse_1))
                 g += g_hard * (p1 - tl.where(c == y, 1.0, 0.0))
             g = tl.where(read, g, 0.0)
             tl.store(zs_row + c, g.to(zs_ptr.dtype.element_ty), mask=inside)
