@@ -81,7 +81,7 @@ from fastalign.policy_config import PolicyConfig
 from fastalign.preference import preference_loss, unpaired_preference_loss
 
 __all__ = ["LigerFusedLinearGRPOLoss", "LigerFusedLinearDPOLoss", "LigerFusedLinearCPOLoss",
-           "LigerFusedLinearORPOLoss", "LigerFusedLinearSimPOLoss", "LigerFusedLinearKTOLoss"]
+           "LigerFusedLinearORPOLoss", "LigerFusedLinearSimPOLoss", "LigerFusedLinearKTOLoss", "LigerFusedLinearJSDLoss"]
 
 _GRPO_IGNORE_INDEX = -100
 
@@ -517,6 +517,5 @@ class LigerFusedLinearKTOLoss(_LigerPreference):
                       (rewards * good).sum(), (rewards * (1 - good)).sum())
 
 
+# the distillation loss lives in its own module (it shares nothing with the log-prob losses above)
 from fastalign.integrations.liger_distillation import LigerFusedLinearJSDLoss  # noqa: E402
-
-__all__.append("LigerFusedLinearJSDLoss")
