@@ -13,6 +13,8 @@ Public API (see docs/math.md for every formula):
 * :func:`group_advantages`, :func:`token_advantages` — GRPO-family advantages (docs/math.md#advantages);
   token-level :func:`reinforce_pp_advantages`, :func:`remax_advantages`,
   :func:`gae_advantages`, :func:`implicit_process_advantages`, :func:`optimal_token_baseline_advantages`.
+* :func:`linear_divergence_loss` — the distillation loss (generalized JSD between a student and a teacher)
+  from both models' hidden states and heads (docs/math.md#distillation-divergence).
 * :func:`use_backend` — force the Triton, C++ or CUDA kernels.
 """
 from fastalign._backend import use_backend
@@ -22,6 +24,7 @@ from fastalign.advantages import (gae_advantages, group_advantages, implicit_pro
 from fastalign.aggregate import aggregate_loss
 from fastalign.kl import kl_penalty
 from fastalign.linear import linear_logprobs
+from fastalign.linear_divergence import linear_divergence_loss
 from fastalign.linear_policy import LinearPolicyLoss
 from fastalign.logprobs import TokenStats, token_logprobs
 from fastalign.policy import PolicyLoss, policy_loss
@@ -37,7 +40,7 @@ __all__ = [
     "gae_advantages", "group_advantages", "implicit_process_advantages", "masked_whiten",
     "optimal_token_baseline_advantages", "reinforce_pp_advantages", "remax_advantages", "token_advantages",
     "POLICY_LOSS_TYPES", "PolicyConfig", "PolicyLoss", "aggregate_loss", "kl_penalty", "policy_loss",
-    "LinearPolicyLoss",
+    "LinearPolicyLoss", "linear_divergence_loss",
     "PREFERENCE_LOSS_TYPES", "LinearPreferenceLoss", "PreferenceLoss", "SequenceLogprobs", "preference_loss",
     "sequence_logprobs", "unpaired_preference_loss", "wpo_weights",
 ]

@@ -63,6 +63,7 @@ OP_BACKENDS = {
     "group_stats": ("cpp", "cuda", "torch"),
     "group_advantage": ("cpp", "cuda", "torch"),
     "reverse_scan": ("cpp", "cuda", "triton"),
+    "divergence_rows": ("cpp", "triton"),
 }
 
 #: What runs when a backend is requested, best first; an op runs the first of these it has that can run on the

@@ -204,6 +204,25 @@ def extra_cases(dtype):
         yield from K.aot_cases(dtype)
 
 
+def divergence_cases(dtype):
+    """The distillation divergence rows: a GPU block of student and teacher logits in the input dtype, each
+    divergence (forward KL, reverse KL, generalized JSD), with and without gradients and the hard loss."""
+    import torch
+
+    from fastalign.kernels import divergence as K
+
+    rows = 2048
+    zs, zt = _meta(rows, VOCAB, dtype=dtype), _meta(rows, VOCAB, dtype=dtype)
+    f = lambda: _meta(rows, dtype=torch.float32)  # noqa: E731
+    y = _meta(rows, dtype=torch.int64)
+    for beta, kind in ((0.0, "fkl"), (1.0, "rkl"), (0.5, "jsd")):
+        for full in (False, True):
+            name = kind + ("+grad+hard+mask" if full else "")
+            yield name, lambda beta=beta, full=full: K.divergence_rows(
+                zs, zt, 1.0, beta, f() if full else None, y if full else None, -100, f() if full else None,
+                f() if full else None, f(), f(), f() if full else None)
+
+
 def live_matmul_cases(dtype):
     """The LM-head products bounded by the count of labelled rows (device compaction)."""
     from fastalign.kernels import live_matmul as K
@@ -216,6 +235,7 @@ FAMILIES = [
     ("token_stats", token_stats_cases, ("bf16", "fp16", "fp32")),
     ("linear_stats", linear_stats_cases, ("bf16", "fp16", "fp32")),
     ("live_matmul", live_matmul_cases, ("bf16", "fp16", "fp32")),
+    ("divergence", divergence_cases, ("bf16", "fp16", "fp32")),
     ("policy_loss", policy_loss_cases, ("fp32",)),
     ("scans/groups", extra_cases, ("fp32", "fp64")),
 ]

@@ -24,7 +24,8 @@ def test_aot_gate_passes(capsys):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "sm_80" in proc.stdout and "sm_90" in proc.stdout
     for kernel in ("token_stats_fwd_kernel", "token_stats_bwd_kernel", "linear_stats_fwd_kernel",
-                   "linear_stats_bwd_kernel", "linear_stats_finish_kernel", "policy_loss_fwd_kernel"):
+                   "linear_stats_bwd_kernel", "linear_stats_finish_kernel", "policy_loss_fwd_kernel",
+                   "divergence_rows_kernel"):
         assert kernel in proc.stdout, kernel
 
 

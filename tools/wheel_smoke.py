@@ -60,6 +60,18 @@ def _():
     assert torch.isfinite(w.grad).all()
 
 
+@op("linear_divergence_loss")
+def _():
+    h = torch.randn(B, T, H, requires_grad=True)
+    w = torch.randn(V, H, requires_grad=True)
+    ht, wt = torch.randn(B, T, H + 4), torch.randn(V, H + 4)
+    loss, metrics = fa.linear_divergence_loss(h, w, ht, wt, beta=0.5, response_mask=mask)
+    loss.backward()
+    want, _ = ref.divergence.linear_divergence_loss(h.detach(), w.detach(), ht, wt, beta=0.5, response_mask=mask)
+    close(loss, want, "linear_divergence_loss")
+    assert torch.isfinite(w.grad).all() and torch.isfinite(h.grad).all()
+
+
 lp = (torch.randn(B, T) - 2).requires_grad_()
 old, refl = lp.detach() + 0.1 * torch.randn(B, T), lp.detach() + 0.1 * torch.randn(B, T)
 adv = torch.randn(B, 1).expand(B, T)

@@ -27,6 +27,7 @@ import sys
 OPS = (
     ("token_logprobs", "token_stats"),
     ("linear_logprobs", "linear_stats"),
+    ("linear_divergence_loss", "divergence_rows"),
     ("policy_loss", "policy_loss_rows"),
     ("policy_loss (clip_cov/kl_cov selection)", "cov_select"),
     ("PolicyLoss", "policy_loss_rows"),

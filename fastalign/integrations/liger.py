@@ -6,7 +6,8 @@ hidden states and the lm_head weight (never the ``[N, V]`` logits). A user swaps
 
 Modules: :class:`LigerFusedLinearGRPOLoss`, :class:`LigerFusedLinearDPOLoss`,
 :class:`LigerFusedLinearCPOLoss`, :class:`LigerFusedLinearORPOLoss`,
-:class:`LigerFusedLinearSimPOLoss`, :class:`LigerFusedLinearKTOLoss`. Log-probs come from the head
+:class:`LigerFusedLinearSimPOLoss`, :class:`LigerFusedLinearKTOLoss`, and the distillation loss
+:class:`LigerFusedLinearJSDLoss` (:mod:`fastalign.integrations.liger_distillation`). Log-probs come from the head
 in one pass with the loss when gradients are needed (GRPO: the single pass of
 :class:`fastalign.LinearPolicyLoss`; the preference losses: :func:`fastalign.linear_step.separable_step`
 over blocks of whole pairs, or KTO's responses; ORPO with ``nll_target`` and the rest: the two passes
@@ -85,7 +86,7 @@ from fastalign.policy_config import PolicyConfig
 from fastalign.preference import preference_loss, unpaired_preference_loss
 
 __all__ = ["LigerFusedLinearGRPOLoss", "LigerFusedLinearDPOLoss", "LigerFusedLinearCPOLoss",
-           "LigerFusedLinearORPOLoss", "LigerFusedLinearSimPOLoss", "LigerFusedLinearKTOLoss"]
+           "LigerFusedLinearORPOLoss", "LigerFusedLinearSimPOLoss", "LigerFusedLinearKTOLoss", "LigerFusedLinearJSDLoss"]
 
 _GRPO_IGNORE_INDEX = -100
 
@@ -519,3 +520,7 @@ class LigerFusedLinearKTOLoss(_LigerPreference):
             x = logps.detach().float()
         return loss, ((x * good).sum(), (x * (1 - good)).sum(), (lsum * good).sum(), (lsum * (1 - good)).sum(),
                       (rewards * good).sum(), (rewards * (1 - good)).sum())
+
+
+# the distillation loss lives in its own module (it shares nothing with the log-prob losses above)
+from fastalign.integrations.liger_distillation import LigerFusedLinearJSDLoss  # noqa: E402

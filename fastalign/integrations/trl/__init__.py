@@ -9,6 +9,7 @@ Drop-in trainers, subclasses of TRL's with the same constructor and config class
 
     from fastalign.integrations.trl import SFTTrainer, GRPOTrainer, RLOOTrainer, DPOTrainer, KTOTrainer   # was: from trl import ...
     from fastalign.integrations.trl import CPOTrainer, ORPOTrainer   # was: from trl.experimental.cpo / .orpo
+    from fastalign.integrations.trl import DistillationTrainer   # was: from trl import DistillationTrainer
 
 They are loaded on first access, so importing this package does not import ``trl``.
 """
@@ -22,7 +23,7 @@ from fastalign.integrations.trl.rloo import *  # noqa: F401,F403
 #: Drop-in trainer -> the module that defines it (imported on first access: it imports trl).
 _TRAINERS = {"SFTTrainer": "sft_trainer", "GRPOTrainer": "grpo_trainer", "RLOOTrainer": "rloo_trainer",
              "DPOTrainer": "dpo_trainer", "KTOTrainer": "kto_trainer", "CPOTrainer": "cpo_trainer",
-             "ORPOTrainer": "orpo_trainer"}
+             "ORPOTrainer": "orpo_trainer", "DistillationTrainer": "distillation_trainer"}
 
 
 def __getattr__(name):

@@ -1,0 +1,175 @@
+// The distillation divergence of rows of student and teacher logits (docs/math.md#distillation-divergence),
+// on the CPU: per row, the generalized JSD D (common/divergence_math.h), the student's entropy at the
+// temperature, optionally the student's NLL of a label at temperature 1 (Liger's hard loss), and, when
+// gradients are asked for, d loss / d z_s = g_soft d D / d z_s + g_hard d NLL / d z_s written over the
+// student row in place. Rows are fp32 (the blocks of the fused head), spread over threads by
+// cpu/parallel.h; each row is computed by one thread, so results do not depend on the thread count.
+//
+// Per row, x = z / T: pass 1 the maxima (student, teacher, and the student at T = 1 for the NLL);
+// pass 2 the sums s, t of the student (entropy), s of the teacher and of the NLL; pass 3 D and K
+// (the KL the gradient subtracts); pass 4 the gradient. A row whose mask is 0 gives zeros (and a zero
+// gradient row) without reading its logits; a label of ignore_index gives NLL 0 and no hard gradient;
+// a label outside [0, V) a NaN NLL. A NaN logit makes the row's outputs (and gradient) NaN.
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "common/divergence_math.h"
+#include "common/softmax_stats.h"
+#include "cpu/isa_dispatch.h"
+#include "cpu/parallel.h"
+#include "cpu/vec_math.h"
+#include "registry.h"
+
+namespace fastalign {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+struct Maxima {
+  float s, t, one;  // student and teacher at the temperature, student at T = 1
+};
+
+template <bool HARD>
+FASTALIGN_KERNEL_BODY Maxima row_maxima(const float* zs, const float* zt, int64_t V, float inv_t) {
+  float ms = -kInf, mt = -kInf, m1 = -kInf;
+#pragma omp simd reduction(max : ms, mt, m1)
+  for (int64_t j = 0; j < V; ++j) {
+    const float xs = zs[j] * inv_t, xt = zt[j] * inv_t;
+    ms = xs > ms ? xs : ms;
+    mt = xt > mt ? xt : mt;
+    if (HARD) m1 = zs[j] > m1 ? zs[j] : m1;
+  }
+  return {ms, mt, m1};
+}
+
+struct Sums {
+  float ss, ts, st, s1;
+};
+
+// refs: the maxima, 0 for a row of only -inf
+template <bool HARD>
+FASTALIGN_KERNEL_BODY Sums row_sums(const float* zs, const float* zt, int64_t V, float inv_t, float rs, float rt,
+                                    float r1) {
+  float ss = 0.f, ts = 0.f, st = 0.f, s1 = 0.f;
+#pragma omp simd reduction(+ : ss, ts, st, s1)
+  for (int64_t j = 0; j < V; ++j) {
+    const float ds = zs[j] * inv_t - rs;
+    const float es = exp_f32(ds);
+    ss += es;
+    ts += es > 0.f ? es * ds : 0.f;
+    st += exp_f32(zt[j] * inv_t - rt);
+    if (HARD) s1 += exp_f32(zs[j] - r1);
+  }
+  return {ss, ts, st, s1};
+}
+
+struct Row {
+  float lse_s, lse_t, log_1mb, log_b, beta;
+  int mode;
+};
+
+// pass 3: (D, K) of the row
+FASTALIGN_KERNEL_BODY void row_divergence(const float* zs, const float* zt, int64_t V, float inv_t, Row R, float* d_out,
+                                          float* k_out) {
+  float d = 0.f, k = 0.f;
+  for (int64_t j = 0; j < V; ++j) {
+    const float lps = softmax::log_p(zs[j] * inv_t, R.lse_s, 0.f), lpt = softmax::log_p(zt[j] * inv_t, R.lse_t, 0.f);
+    const float ps = exp_f32(lps), pt = exp_f32(lpt);
+    const float lm = R.mode == divergence::kJSD ? divergence::log_mix(lps, lpt, R.log_1mb, R.log_b) : 0.f;
+    d += divergence::term(R.mode, R.beta, ps, pt, lps, lpt, lm);
+    k += divergence::k_term(R.mode, ps, lps, lpt, lm);
+  }
+  *d_out = d;
+  *k_out = k;
+}
+
+// pass 4: the gradient over zs in place (each element read before it is written)
+FASTALIGN_KERNEL_BODY void row_gradient(float* zs, const float* zt, int64_t V, float inv_t, Row R, float K,
+                                        float g_soft, float g_hard, float lse1) {
+  for (int64_t j = 0; j < V; ++j) {
+    const float z = zs[j];
+    const float lps = softmax::log_p(z * inv_t, R.lse_s, 0.f), lpt = softmax::log_p(zt[j] * inv_t, R.lse_t, 0.f);
+    const float ps = exp_f32(lps), pt = exp_f32(lpt);
+    const float lm = R.mode == divergence::kJSD ? divergence::log_mix(lps, lpt, R.log_1mb, R.log_b) : 0.f;
+    float g = g_soft * inv_t * divergence::grad(R.mode, R.beta, ps, pt, lps, lpt, lm, K);
+    if (g_hard != 0.f) g += g_hard * exp_f32(softmax::log_p(z, lse1, 0.f));
+    zs[j] = g;
+  }
+}
+
+void rows(uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_stride, int64_t t_stride, double inv_t_d,
+          double beta_d, const float* mask, const int64_t* labels, int64_t ignore_index, const float* g_soft,
+          const float* g_hard, float* div, float* ent, float* nll) {
+  float* zs_base = reinterpret_cast<float*>(student);
+  const float* zt_base = reinterpret_cast<const float*>(teacher);
+  const float inv_t = float(inv_t_d), beta = float(beta_d);
+  const int mode = divergence::mode_of(beta);
+  const bool hard = labels != nullptr;
+  const auto max_fn = hard ? isa::best<row_maxima<true>>() : isa::best<row_maxima<false>>();
+  const auto sum_fn = hard ? isa::best<row_sums<true>>() : isa::best<row_sums<false>>();
+  const auto div_fn = isa::best<row_divergence>();
+  const auto grad_fn = isa::best<row_gradient>();
+  const float log_1mb = mode == divergence::kJSD ? std::log(1.f - beta) : 0.f;
+  const float log_b = mode == divergence::kJSD ? std::log(beta) : 0.f;
+  parallel_for(N, threads_for(N * V * 4), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* zs = zs_base + r * s_stride;
+      const float* zt = zt_base + r * t_stride;
+      if (mask && mask[r] == 0.f) {
+        div[r] = 0.f;
+        ent[r] = 0.f;
+        if (nll) nll[r] = 0.f;
+        if (g_soft)
+          for (int64_t j = 0; j < V; ++j) zs[j] = 0.f;
+        continue;
+      }
+      const Maxima m = max_fn(zs, zt, V, inv_t);
+      const float rs = m.s == -kInf ? 0.f : m.s, rt = m.t == -kInf ? 0.f : m.t, r1 = m.one == -kInf ? 0.f : m.one;
+      const Sums s = sum_fn(zs, zt, V, inv_t, rs, rt, r1);
+      const float log_ss = std::log(s.ss);
+      const Row R{softmax::log_sum_exp(rs, log_ss), softmax::log_sum_exp(rt, std::log(s.st)), log_1mb, log_b, beta,
+                  mode};
+      ent[r] = softmax::entropy(log_ss, s.ts, s.ss);
+      float D, K;
+      div_fn(zs, zt, V, inv_t, R, &D, &K);
+      div[r] = D;
+      const int64_t y = hard ? labels[r] : ignore_index;
+      const bool labelled = hard && y != ignore_index;
+      const float log_s1 = hard ? std::log(s.s1) : 0.f;
+      const float lse1 = softmax::log_sum_exp(r1, log_s1);
+      if (nll) nll[r] = !labelled ? 0.f : (y >= 0 && y < V ? -softmax::logprob(zs[y], r1, log_s1) : kNaN);
+      if (g_soft) {
+        const float gh = labelled && g_hard ? g_hard[r] : 0.f;
+        grad_fn(zs, zt, V, inv_t, R, K, g_soft[r], gh, lse1);
+        if (gh != 0.f) {
+          if (y >= 0 && y < V) zs[y] -= gh;
+          else
+            for (int64_t j = 0; j < V; ++j) zs[j] = kNaN;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+FASTALIGN_BINDINGS(divergence) {
+  namespace py = pybind11;
+  m.def(
+      "divergence_rows_cpu",
+      [](uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_stride, int64_t t_stride, double inv_t,
+         double beta, uintptr_t mask, uintptr_t labels, int64_t ignore_index, uintptr_t g_soft, uintptr_t g_hard,
+         uintptr_t div, uintptr_t ent, uintptr_t nll) {
+        rows(student, teacher, N, V, s_stride, t_stride, inv_t, beta, ptr<const float>(mask), ptr<const int64_t>(labels),
+             ignore_index, ptr<const float>(g_soft), ptr<const float>(g_hard), ptr<float>(div), ptr<float>(ent),
+             ptr<float>(nll));
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "Distillation divergence of fp32 rows: (student, teacher, N, V, s_stride, t_stride, inv_t, beta, mask, labels, "
+      "ignore_index, g_soft, g_hard, div, ent, nll); with g_soft the weighted d loss / d z_s overwrites the student "
+      "rows; null pointers (0) skip the mask, the labels (no NLL), the gradient and the NLL output.");
+}
+
+}  // namespace fastalign

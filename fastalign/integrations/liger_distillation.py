@@ -1,0 +1,71 @@
+"""Liger-Kernel 0.8's ``LigerFusedLinearJSDLoss`` (``liger_kernel.chunked_loss``), computed by
+:func:`fastalign.linear_divergence_loss` from both models' hidden states and heads (never the ``[N, V]``
+logits). Same constructor, ``forward`` signature and outputs; re-exported by
+:mod:`fastalign.integrations.liger`::
+
+    from fastalign.integrations.liger import LigerFusedLinearJSDLoss   # was: from liger_kernel.chunked_loss import ...
+
+With ``n`` the count of targets other than ``ignore_index`` (at least 1), as Liger:
+
+    soft = sum_{y_t != ignore} D_t / n          (generalized JSD at ``temperature``; beta 0 forward KL, 1 reverse KL)
+    hard = sum_{y_t != ignore} -log softmax(z_s,t)_{y_t} / n     (temperature 1)
+    loss = weight_hard_loss * hard + weight_soft_loss * soft
+
+``forward`` returns ``loss``, or ``(loss, soft, hard)`` with ``return_soft_hard_loss`` (``soft`` and ``hard``
+detached; ``hard`` is 0 when ``weight_hard_loss`` is 0 and it is not asked for, as Liger). Gradients flow to the
+student's input, weight and bias; the teacher's get none. ``compiled`` and ``chunk_size`` choose how Liger runs,
+not what it computes: they are checked and do not change the result. Where fastalign is stricter than Liger:
+a temperature must be > 0, ``beta`` in [0, 1], and both heads must have the same vocabulary (Liger pads a
+smaller student vocabulary with zero logits) — each a ``ValueError`` naming the argument.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from fastalign import _validate
+from fastalign.linear_divergence import linear_divergence_loss
+
+__all__ = ["LigerFusedLinearJSDLoss"]
+
+
+class LigerFusedLinearJSDLoss(nn.Module):
+    """Liger's fused linear JSD distillation loss (see the module doc)."""
+
+    def __init__(self, weight_hard_loss: float = 0.5, weight_soft_loss: float = 0.5, beta: float = 0.5,
+                 ignore_index: int = -100, temperature: float = 1.0, compiled: bool = True, chunk_size: int = 1024,
+                 return_soft_hard_loss: bool = False):
+        super().__init__()
+        _validate.finite(weight_hard_loss=weight_hard_loss, weight_soft_loss=weight_soft_loss)
+        beta_value = _validate._number("beta", beta)
+        if not 0.0 <= beta_value <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}")
+        _validate.index_value("ignore_index", ignore_index)
+        _validate.positive("temperature", temperature)
+        if not isinstance(compiled, bool):
+            raise TypeError(f"compiled must be a bool, got {compiled!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        if not isinstance(return_soft_hard_loss, bool):
+            raise TypeError(f"return_soft_hard_loss must be a bool, got {return_soft_hard_loss!r}")
+        self.weight_hard_loss = weight_hard_loss
+        self.weight_soft_loss = weight_soft_loss
+        self.ignore_index = ignore_index
+        self.temperature = temperature
+        self.compiled = compiled
+        self.beta = beta
+        self.chunk_size = chunk_size
+        self.return_soft_hard_loss = return_soft_hard_loss
+
+    def forward(self, student_input: Tensor, student_weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor,
+                true_labels: Tensor, student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None):
+        hard = self.weight_hard_loss != 0 or self.return_soft_hard_loss
+        loss, metrics = linear_divergence_loss(
+            student_input, student_weight, teacher_input, teacher_weight, beta=self.beta, temperature=self.temperature,
+            bias=student_bias, teacher_bias=teacher_bias, labels=true_labels, ignore_index=self.ignore_index,
+            soft_weight=self.weight_soft_loss, hard_weight=self.weight_hard_loss if hard else 0.0)
+        if not self.return_soft_hard_loss:
+            return loss
+        n = metrics["num_tokens"].clamp(min=1)
+        return loss, metrics["divergence_sum"] / n, metrics["nll_sum"] / n

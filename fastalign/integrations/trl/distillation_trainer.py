@@ -1,0 +1,99 @@
+"""``DistillationTrainer``: TRL 1.16's ``trl.DistillationTrainer`` with its divergence computed by fastalign.
+
+Same constructor, same ``trl.DistillationConfig``; a TRL user changes one import::
+
+    from fastalign.integrations.trl import DistillationTrainer   # was: from trl import DistillationTrainer
+
+TRL's ``_compute_loss`` is replaced, nothing else: the student's and teacher's last hidden states come from
+TRL's own ``_get_last_hidden_state`` (the teacher under ``no_grad``, through its wrapper), and the loss is
+:func:`fastalign.linear_divergence_loss` over the completion tokens (``completion_mask``, times
+``tool_mask`` when present), with ``beta`` and ``temperature`` from the config and each model's logit scale
+and softcap read from its config as TRL reads them (``logit_scale``, ``output_multiplier``,
+``lm_head_multiplier``, ``logits_scaling``; ``final_logit_softcapping``). The generalized JSD over the
+valid tokens is divided by ``num_items_in_batch`` when ``compute_loss`` passes it (the completion-token
+count of the step over the process count, as TRL), else by the local valid-token count; TRL's
+``compute_loss`` then logs the mean student entropy at the temperature under ``entropy``. The logits of
+neither model are built; with gradients, one pass over blocks of tokens (four matrix products per token
+instead of TRL's recomputing backward).
+"""
+from __future__ import annotations
+
+import torch
+import trl
+
+from fastalign.linear_divergence import linear_divergence_loss
+
+__all__ = ["DistillationTrainer", "config_logit_scale"]
+
+
+def config_logit_scale(config) -> float:
+    """The multiplier a model applies to its logits before any softcap, read as TRL 1.16 reads it."""
+    scale = getattr(config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(config, "lm_head_multiplier", None)
+    if scale is None and getattr(config, "logits_scaling", None) is not None:
+        # Granite and MiniCPM3 divide by logits_scaling; HyperCLOVA X multiplies by it
+        s = config.logits_scaling
+        scale = s if getattr(config, "model_type", None) == "hyperclovax" else 1 / s
+    return 1.0 if scale is None else float(scale)
+
+
+class DistillationTrainer(trl.DistillationTrainer):
+    """``trl.DistillationTrainer`` whose generalized JSD goes through fastalign (see the module doc)."""
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        completion_mask = inputs["completion_mask"]
+        loss_mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        logits_to_keep = inputs["completion_ids"].size(1)
+        multimodal = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask",
+                                             "spatial_shapes", "image_sizes", "token_type_ids", "mm_token_type_ids",
+                                             "image_position_ids") if k in inputs}
+        student_hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, logits_to_keep,
+                                                     **multimodal)
+        self.teacher_model.eval()
+        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            teacher_hidden = self._forward_redirection(self.teacher_model, unwrapped_teacher,
+                                                       self._get_last_hidden_state, unwrapped_teacher, input_ids,
+                                                       attention_mask, logits_to_keep, **multimodal)
+        student_head = unwrapped_student.get_output_embeddings()
+        teacher_head = unwrapped_teacher.get_output_embeddings()
+        if student_head.weight.device != teacher_head.weight.device:
+            raise ValueError(f"The student `lm_head` is on {student_head.weight.device} but the teacher `lm_head` is "
+                             f"on {teacher_head.weight.device}. Place both on the same device in their `device_map`.")
+        device = student_head.weight.device
+        student_config = unwrapped_student.config.get_text_config()
+        teacher_config = unwrapped_teacher.config.get_text_config()
+        weight, teacher_weight = _full(student_head.weight), _full(teacher_head.weight)
+        student_hidden = student_hidden.to(device)
+        teacher_hidden = teacher_hidden.to(device)
+        # the head runs in the hidden states' dtype (a mixed-precision master copy is cast once)
+        weight = weight.to(student_hidden.dtype)
+        teacher_weight = teacher_weight.to(teacher_hidden.dtype)
+        normalizer = None
+        if num_items_in_batch is not None:
+            normalizer = torch.as_tensor(num_items_in_batch, device=device).float().reshape(())
+        loss, metrics = linear_divergence_loss(
+            student_hidden, weight, teacher_hidden, teacher_weight, beta=self.beta, temperature=self.temperature,
+            bias=_full(student_head.bias), teacher_bias=_full(teacher_head.bias),
+            logit_scale=config_logit_scale(student_config),
+            softcap=getattr(student_config, "final_logit_softcapping", None),
+            teacher_logit_scale=config_logit_scale(teacher_config),
+            teacher_softcap=getattr(teacher_config, "final_logit_softcapping", None),
+            response_mask=loss_mask.to(device), normalizer=normalizer)
+        return loss, metrics["entropy_sum"], metrics["num_tokens"].long()
+
+
+def _full(t):
+    """A DTensor (FSDP2) gathered to the full tensor; others as they are."""
+    if t is None:
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return t
+    return t.full_tensor() if isinstance(t, DTensor) else t

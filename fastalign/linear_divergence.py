@@ -1,0 +1,173 @@
+r"""Distillation loss from hidden states: the generalized Jensen-Shannon divergence between a student's and
+a teacher's next-token distributions (docs/math.md#distillation-divergence), neither ``[tokens x V]``
+logits ever built.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastalign import _backend, _validate
+from fastalign._options import check_choice
+from fastalign.linear import check_logit_options
+from fastalign.ops._launch import eager
+from fastalign.ops.linear_divergence import DivergenceOptions, DivergencePass, Head
+
+__all__ = ["linear_divergence_loss"]
+
+_MODES = ("auto", True, False)
+
+
+def _head(prefix: str, hidden, weight, bias, rows_shape=None):
+    _validate.floating(f"{prefix}hidden", hidden, min_dim=1)
+    _validate.floating(f"{prefix}weight", weight, dim=2)
+    if bias is not None:
+        _validate.floating(f"{prefix}bias", bias, dim=1)
+    H = hidden.shape[-1]
+    if weight.shape[1] != H:
+        raise ValueError(f"{prefix}weight must have shape (V, {H}) ({prefix}hidden.shape[-1] = {H}), got "
+                         f"{tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{prefix}weight must have the dtype of {prefix}hidden ({hidden.dtype}), got {weight.dtype}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{prefix}weight must have a non-empty vocabulary (first) dimension")
+    _validate.nonempty(f"{prefix}hidden", hidden, -1, "hidden-size (last)")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{prefix}bias must have shape ({weight.shape[0]},) ({prefix}weight.shape[0]), got "
+                         f"{tuple(bias.shape)}")
+    if rows_shape is not None and tuple(hidden.shape[:-1]) != tuple(rows_shape):
+        raise ValueError(f"{prefix}hidden must have shape {(*rows_shape, H)} (hidden.shape[:-1] + (H_teacher,)), "
+                         f"got {tuple(hidden.shape)}")
+
+
+def linear_divergence_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: Optional[float] = None,
+    response_mask: Optional[Tensor] = None,
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    normalizer=None,
+    single_pass="auto",
+    backend: Optional[str] = None,
+) -> tuple[Tensor, dict]:
+    r"""``(loss, metrics)``: the distillation loss of a student's head against a teacher's, from hidden states.
+
+    Each side's logits ``z = softcap(scale * (h W^T + b))`` (``softcap(u) = c tanh(u / c)``, off when None),
+    ``p = softmax(z / temperature)``; per token the generalized JSD
+
+    .. math::
+
+        D = \begin{cases} KL(p_t \| p_s) & \beta = 0 \\ KL(p_s \| p_t) & \beta = 1 \\
+            \beta\,KL(p_t \| m) + (1-\beta)\,KL(p_s \| m),\ m = (1-\beta) p_s + \beta p_t & \text{else}\end{cases}
+
+    and the loss over the scored tokens ``S``
+
+    .. math::
+
+        \text{loss} = \frac{1}{n} \sum_{t \in S} \left(w_{soft} D_t + w_{hard}\,\text{NLL}_t\right),
+        \quad \text{NLL}_t = -\log \mathrm{softmax}(z_{s,t})_{y_t}\ \text{(temperature 1)}
+
+    with ``n`` = ``normalizer`` (default: ``max(|S|, 1)``). Only the scored tokens go through the vocabulary.
+    When gradients are needed, each block of tokens takes four matrix products (both heads' logits, then
+    d(hidden) and d(weight) of the student; the backward only scales them), without: two.
+
+    Args:
+        hidden: the student's hidden states ``[..., H_s]`` (float32, bfloat16 or float16).
+        weight: the student's lm_head ``[V, H_s]``, in ``hidden``'s dtype. ``bias``: optional ``[V]``.
+        teacher_hidden: ``[..., H_t]``, the same leading shape as ``hidden`` (``H_t`` may differ from ``H_s``).
+        teacher_weight: ``[V, H_t]``: the same vocabulary as ``weight``. ``teacher_bias``: optional ``[V]``.
+            The teacher's tensors get no gradient (they are read as constants).
+        beta: in ``[0, 1]``; 0 the forward KL, 1 the reverse KL (TRL's and Liger's convention).
+        temperature: > 0, divides both sides' logits (after scale and softcap) for D and the entropy.
+        logit_scale, softcap, teacher_logit_scale, teacher_softcap: each side's logit pipeline.
+        response_mask: ``hidden.shape[:-1]``; tokens with a nonzero entry are scored (weight 1 each). Without
+            it, the tokens whose ``labels`` are not ``ignore_index``, or every token.
+        labels: integer ``hidden.shape[:-1]``: the targets of the hard loss (and the mask, see above).
+        soft_weight, hard_weight: ``w_soft`` and ``w_hard`` (Liger's ``weight_soft_loss`` /
+            ``weight_hard_loss``); ``hard_weight != 0`` needs ``labels``.
+        normalizer: a number > 0 or a one-element tensor (TRL's ``num_items_in_batch``; not read on the host).
+        single_pass: ``"auto"`` (the gradients in the forward when they are needed and the call is eager),
+            True, or False (the backward runs the blocks again).
+        backend: ``"cpp"``, ``"triton"`` or ``"cuda"`` (CUDA tensors run the Triton kernel); default from
+            :func:`fastalign.use_backend`.
+
+    Returns:
+        ``loss`` (0-dim fp32) and ``metrics``, detached: ``divergence`` and ``entropy`` (the student's at the
+        temperature) as means over the scored tokens, ``divergence_sum``, ``entropy_sum``, ``num_tokens``, and
+        with ``labels`` ``nll`` / ``nll_sum`` (0 at tokens whose label is ``ignore_index``).
+    """
+    _head("", hidden, weight, bias)
+    _head("teacher_", teacher_hidden, teacher_weight, teacher_bias, rows_shape=hidden.shape[:-1])
+    _validate.same_device(hidden=hidden, weight=weight, bias=bias, teacher_hidden=teacher_hidden,
+                          teacher_weight=teacher_weight, teacher_bias=teacher_bias, response_mask=response_mask,
+                          labels=labels, normalizer=normalizer if isinstance(normalizer, Tensor) else None)
+    if teacher_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"teacher_weight must have the student's vocabulary ({weight.shape[0]} rows, weight.shape[0]), "
+                         f"got {tuple(teacher_weight.shape)}")
+    b = _validate._number("beta", beta)
+    if not 0.0 <= b <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    inv_t, cap, scale = check_logit_options(temperature, softcap, logit_scale, ignore_index)
+    t_cap = 0.0 if teacher_softcap is None else _validate.positive("teacher_softcap", teacher_softcap)
+    _validate.finite(teacher_logit_scale=teacher_logit_scale)
+    t_scale = float(teacher_logit_scale)
+    _validate.finite(soft_weight=soft_weight, hard_weight=hard_weight)
+    check_choice("single_pass", single_pass, _MODES)
+    lead = hidden.shape[:-1]
+    if response_mask is not None:
+        _validate.real("response_mask", response_mask)
+        _validate.shape("response_mask", response_mask, lead, "hidden.shape[:-1]")
+    if labels is not None:
+        _validate.integer("labels", labels)
+        _validate.shape("labels", labels, lead, "hidden.shape[:-1]")
+    elif hard_weight != 0:
+        raise ValueError("hard_weight needs labels (the targets of the hard loss)")
+    _validate.count("normalizer", normalizer)
+    name = _backend.backend_for("divergence_rows", hidden.device, backend)
+    is_eager = eager(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias)
+    if single_pass is True and not is_eager:
+        raise ValueError("single_pass=True does not apply under torch.compile (or to fake tensors)")
+
+    H, Ht = hidden.shape[-1], teacher_hidden.shape[-1]
+    h2 = hidden.reshape(-1, H)
+    ht2 = teacher_hidden.detach().reshape(-1, Ht)
+    dev = hidden.device
+    if response_mask is not None:
+        mask = (response_mask.reshape(-1) != 0).float()
+    elif labels is not None:
+        mask = (labels.reshape(-1) != ignore_index).float()
+    else:
+        mask = torch.ones(h2.shape[0], dtype=torch.float32, device=dev)
+    y = None if labels is None else labels.reshape(-1).to(torch.int64)
+    count = mask.sum()
+    norm = count.clamp(min=1) if normalizer is None else torch.as_tensor(normalizer, device=dev).float().reshape(())
+    g_soft = mask * (float(soft_weight) / norm)
+    g_hard = None if y is None else mask * (float(hard_weight) / norm)
+    teacher = Head(ht2, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), t_scale, t_cap)
+    opts = DivergenceOptions(inv_t, b, int(ignore_index), y is not None, name)
+    out: dict = {}
+    state = (scale, cap, teacher, mask, y, g_soft, g_hard, opts, single_pass is not False and is_eager, out)
+    with torch.autocast(dev.type, enabled=False):
+        loss = DivergencePass.apply(h2, weight, bias, state)
+    div, ent, nll = out["rows"]
+    n = count.clamp(min=1)
+    metrics = {"divergence": div.sum() / n, "divergence_sum": div.sum(), "entropy": ent.sum() / n,
+               "entropy_sum": ent.sum(), "num_tokens": count}
+    if y is not None:
+        metrics["nll"], metrics["nll_sum"] = nll.sum() / n, nll.sum()
+    return loss, {k: v.detach() for k, v in metrics.items()}

@@ -1,0 +1,60 @@
+"""``fastalign::divergence_rows``: the distillation divergence of rows of student and teacher logits.
+
+One custom op (``kernel_op``: outputs declared once, the fake from them) over a block of ``[n, V]``
+student and teacher logits (after scale and softcap, before the temperature): per row the generalized
+JSD, the student entropy at the temperature and, with labels, the student NLL at temperature 1; with
+``grad_soft`` it overwrites the student logits with ``grad_soft * dD/dz_s + grad_hard * dNLL/dz_s``
+(docs/math.md#distillation-divergence). Kernels: ``csrc/cpu/divergence.cpp`` (fp32 rows) and
+``kernels/divergence.py``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastalign import _backend
+from fastalign._backend import backend_for
+from fastalign.ops._launch import kernel_op, ptr, runs_directly, triton_kernels
+
+
+def _outputs(student: Tensor, nll: bool):
+    f32 = dict(device=student.device, dtype=torch.float32)
+    n = student.shape[0]
+    return torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n if nll else 0, **f32)
+
+
+@kernel_op("divergence_rows", _outputs, mutates_args=("student",))
+def divergence_rows(
+    student: Tensor, teacher: Tensor, mask: Optional[Tensor], labels: Optional[Tensor], grad_soft: Optional[Tensor],
+    grad_hard: Optional[Tensor], inv_temperature: float, beta: float, ignore_index: int, nll: bool, backend: str,
+    out: tuple[Tensor, Tensor, Tensor],
+) -> None:
+    """Returns (divergence, entropy, nll) per row (nll empty unless asked, with ``labels``); ``mask`` (fp32,
+    0: the row gives zeros), ``labels`` (int64), ``grad_soft`` / ``grad_hard`` (fp32 per-row weights of the
+    gradient written over ``student``) may be None."""
+    div, ent, nll_out = out
+    n, V = student.shape
+    labels = labels if nll or grad_hard is not None else None
+    backend = backend_for("divergence_rows", student.device, backend)
+    if backend == "triton":
+        triton_kernels("divergence").divergence_rows(
+            student, teacher, inv_temperature, beta, mask, labels, ignore_index, grad_soft, grad_hard, div, ent,
+            nll_out if nll_out.numel() else None)
+        return
+    if student.dtype != torch.float32 or teacher.dtype != torch.float32:
+        raise TypeError("the C++ divergence kernel takes fp32 logits")
+    _backend.compiled().divergence_rows_cpu(
+        student.data_ptr(), teacher.data_ptr(), n, V, student.stride(0), teacher.stride(0), inv_temperature, beta,
+        ptr(mask), ptr(labels), ignore_index, ptr(grad_soft), ptr(grad_hard), ptr(div), ptr(ent), ptr(nll_out))
+
+
+def divergence_rows_call(student, teacher, mask, labels, grad_soft, grad_hard, inv_temperature, beta, ignore_index,
+                         nll, backend):
+    """:func:`divergence_rows`, without the dispatcher where :func:`~fastalign.ops._launch.runs_directly` allows."""
+    args = (student, teacher, mask, labels, grad_soft, grad_hard, float(inv_temperature), float(beta),
+            int(ignore_index), bool(nll), backend)
+    if runs_directly(backend, student, teacher, mask, labels, grad_soft, grad_hard):
+        return divergence_rows.direct(*args)
+    return divergence_rows(*args)

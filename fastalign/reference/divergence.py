@@ -1,0 +1,88 @@
+"""Reference for docs/math.md#distillation-divergence: the generalized Jensen-Shannon divergence between a
+student's and a teacher's next-token distributions, from logits or from hidden states."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastalign.reference.linear import linear_logits
+
+
+def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, *, beta: float = 0.5, temperature: float = 1.0,
+                    dtype: torch.dtype = torch.float64) -> Tensor:
+    r"""Per-row divergence ``D [...]`` of ``p_s = softmax(z_s / T)`` from ``p_t = softmax(z_t / T)``:
+
+    * ``beta = 0``: :math:`KL(p_t \| p_s)`;  ``beta = 1``: :math:`KL(p_s \| p_t)`;
+    * else, with :math:`m = (1 - \beta) p_s + \beta p_t`:
+      :math:`\beta\,KL(p_t \| m) + (1 - \beta)\,KL(p_s \| m)`.
+
+    Terms with a zero probability contribute 0 (``0 log 0 = 0``)."""
+    lps = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    lpt = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+
+    def kl(lp, lq):  # KL(p || q) summed over the vocabulary
+        p = lp.exp()
+        return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
+
+    if beta == 0:
+        return kl(lpt, lps)
+    if beta == 1:
+        return kl(lps, lpt)
+    lm = torch.logaddexp(lps + math.log(1 - beta), lpt + math.log(beta))
+    return beta * kl(lpt, lm) + (1 - beta) * kl(lps, lm)
+
+
+def entropy(logits: Tensor, *, temperature: float = 1.0, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Per-row entropy of ``softmax(z / T)``."""
+    lp = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+    p = lp.exp()
+    return -torch.where(p > 0, p * lp, torch.zeros_like(p)).sum(-1)
+
+
+def divergence_loss(student_logits: Tensor, teacher_logits: Tensor, *, beta: float = 0.5, temperature: float = 1.0,
+                    response_mask: Optional[Tensor] = None, normalizer=None, labels: Optional[Tensor] = None,
+                    ignore_index: int = -100, hard_weight: float = 0.0, soft_weight: float = 1.0,
+                    dtype: torch.dtype = torch.float64):
+    """``(loss, metrics)`` of :func:`fastalign.linear_divergence_loss` from logits ``[..., V]``:
+
+        loss = (soft_weight * sum_t m_t D_t + hard_weight * sum_t m_t NLL_t) / normalizer
+
+    ``m`` the mask (``response_mask``, or ``labels != ignore_index``), ``normalizer`` by default
+    ``max(sum m, 1)``, ``NLL_t = -log softmax(z_s)_{y_t}`` at temperature 1 (Liger's hard loss).
+    ``metrics``: ``divergence_sum``, ``entropy_sum`` (student entropy at the temperature), ``nll_sum``
+    and ``num_tokens``, over the scored rows."""
+    d = generalized_jsd(student_logits, teacher_logits, beta=beta, temperature=temperature, dtype=dtype)
+    ent = entropy(student_logits, temperature=temperature, dtype=dtype)
+    if response_mask is not None:
+        m = (response_mask != 0).to(dtype)
+    elif labels is not None:
+        m = (labels != ignore_index).to(dtype)
+    else:
+        m = torch.ones(d.shape, dtype=dtype, device=d.device)
+    scored = m != 0
+    nll = torch.zeros_like(d)
+    if labels is not None:
+        lp = torch.log_softmax(student_logits.to(dtype), dim=-1)
+        labelled = labels != ignore_index
+        safe = torch.where(labelled, labels, torch.zeros_like(labels)).long()
+        nll = torch.where(labelled & scored, -lp.gather(-1, safe.unsqueeze(-1)).squeeze(-1), torch.zeros_like(d))
+    d = torch.where(scored, d, torch.zeros_like(d))
+    ent = torch.where(scored, ent, torch.zeros_like(ent))
+    count = m.sum()
+    norm = count.clamp(min=1) if normalizer is None else torch.as_tensor(normalizer, dtype=dtype)
+    loss = (soft_weight * d.sum() + hard_weight * nll.sum()) / norm
+    return loss, {"divergence_sum": d.sum(), "entropy_sum": ent.sum(), "nll_sum": nll.sum(), "num_tokens": count}
+
+
+def linear_divergence_loss(hidden: Tensor, weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor, *,
+                           bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
+                           logit_scale: float = 1.0, softcap: Optional[float] = None, teacher_logit_scale: float = 1.0,
+                           teacher_softcap: Optional[float] = None, dtype: torch.dtype = torch.float64, **kw):
+    """:func:`divergence_loss` of the materialised logits of both heads (``kw``: its options)."""
+    zs = linear_logits(hidden, weight, bias=bias, softcap=softcap, logit_scale=logit_scale, dtype=dtype)
+    zt = linear_logits(teacher_hidden, teacher_weight, bias=teacher_bias, softcap=teacher_softcap,
+                       logit_scale=teacher_logit_scale, dtype=dtype)
+    return divergence_loss(zs, zt, dtype=dtype, **kw)

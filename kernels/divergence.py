@@ -1,0 +1,174 @@
+"""The distillation divergence of rows of student and teacher logits (docs/math.md#distillation-divergence).
+
+One program per row of fp32 (or input-dtype) logits z_s, z_t; x = z / T. Three sweeps over the row in
+tiles of BLOCK_V columns:
+
+1. the online softmax states (softmax_math.add_block) of the student (with t, for its entropy), of the
+   teacher and, with labels, of the student at temperature 1 (the NLL of Liger's hard loss);
+2. D and K with lps = (x_s - lse_s), lpt = (x_t - lse_t) floored at -1e30 (a zero probability adds 0,
+   a NaN propagates):
+
+       beta = 0: D = sum p_t (lpt - lps);        beta = 1: D = K = sum p_s (lps - lpt)
+       else:     lm = log((1 - beta) p_s + beta p_t),
+                 D = sum beta p_t (lpt - lm) + (1 - beta) p_s (lps - lm),   K = sum p_s (lps - lm)
+
+3. with gradients, dz_s = g_soft / T * dD/dx_s + g_hard (softmax(z_s) - 1[j = y]) written over the
+   student row, with dD/dx_s = p_s - p_t, p_s (lps - lpt - K) or (1 - beta) p_s (lps - lm - K).
+
+A row whose mask is 0 writes zeros (and a zero gradient row) without reading its logits; a label equal
+to ignore_index gives NLL 0 and no hard gradient, one outside [0, V) a NaN NLL (and gradient).
+"""
+import math
+
+import triton
+import triton.language as tl
+
+from fastalign.kernels.softmax_math import NEG_INF, add_block, exp
+
+FLOOR: tl.constexpr = tl.constexpr(-1e30)
+
+
+@triton.jit
+def _floor(x):
+    """max(x, -1e30) that keeps a NaN (tl.maximum may drop it)."""
+    return tl.where(x < FLOOR, FLOOR, x)
+
+
+@triton.jit
+def _column(xs, xt, lse_s, lse_t, log_1mb, log_b, MODE: tl.constexpr):
+    """(lps, lpt, ps, pt, lm) of a tile of columns."""
+    lps = _floor(xs - lse_s)
+    lpt = _floor(xt - lse_t)
+    ps = exp(lps)
+    pt = exp(lpt)
+    if MODE == 2:
+        a = lps + log_1mb
+        b = lpt + log_b
+        hi = tl.maximum(a, b)
+        lm = _floor(hi + tl.log(1.0 + exp(tl.minimum(a, b) - hi)) + (a - a) + (b - b))
+    else:
+        lm = lps
+    return lps, lpt, ps, pt, lm
+
+
+@triton.jit
+def divergence_rows_kernel(
+    zs_ptr, s_stride, zt_ptr, t_stride, mask_ptr, labels_ptr, g_soft_ptr, g_hard_ptr,
+    div_ptr, ent_ptr, nll_ptr,
+    V, inv_t, beta, log_1mb, log_b, ignore_index,
+    MODE: tl.constexpr, HAS_MASK: tl.constexpr, HARD: tl.constexpr, GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    zs_row = zs_ptr + r * s_stride
+    zt_row = zt_ptr + r * t_stride
+    cols = tl.arange(0, BLOCK_V)
+    scored = (tl.load(mask_ptr + r) != 0.0) if HAS_MASK else True
+    end = tl.where(scored, V, 0)
+
+    m_s = tl.full((), NEG_INF, tl.float32)
+    s_s = tl.zeros((), tl.float32)
+    t_s = tl.zeros((), tl.float32)
+    m_t = tl.full((), NEG_INF, tl.float32)
+    s_t = tl.zeros((), tl.float32)
+    m_1 = tl.full((), NEG_INF, tl.float32)
+    s_1 = tl.zeros((), tl.float32)
+    for start in range(0, end, BLOCK_V):
+        c = start + cols
+        z = tl.load(zs_row + c, mask=c < V, other=float("-inf")).to(tl.float32)
+        zt = tl.load(zt_row + c, mask=c < V, other=float("-inf")).to(tl.float32)
+        m_s, s_s, t_s, _q = add_block(m_s, s_s, t_s, s_s, z * inv_t, 0, True, False)
+        m_t, s_t, _t, _q = add_block(m_t, s_t, s_t, s_t, zt * inv_t, 0, False, False)
+        if HARD:
+            m_1, s_1, _t, _q = add_block(m_1, s_1, s_1, s_1, z, 0, False, False)
+    log_ss = tl.log(s_s)
+    lse_s = m_s + log_ss
+    lse_t = m_t + tl.log(s_t)
+    ent = log_ss - t_s / s_s
+
+    d_acc = tl.zeros([BLOCK_V], tl.float32)
+    k_acc = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, end, BLOCK_V):
+        c = start + cols
+        inside = c < V
+        xs = tl.load(zs_row + c, mask=inside, other=0.0).to(tl.float32) * inv_t
+        xt = tl.load(zt_row + c, mask=inside, other=0.0).to(tl.float32) * inv_t
+        lps, lpt, ps, pt, lm = _column(xs, xt, lse_s, lse_t, log_1mb, log_b, MODE)
+        if MODE == 0:
+            d = pt * (lpt - lps)
+            k = tl.zeros([BLOCK_V], tl.float32)
+        elif MODE == 1:
+            d = ps * (lps - lpt)
+            k = d
+        else:
+            k = ps * (lps - lm)
+            d = beta * (pt * (lpt - lm)) + (1.0 - beta) * k
+        d_acc += tl.where(inside, d, 0.0)
+        k_acc += tl.where(inside, k, 0.0)
+    D = tl.sum(d_acc, 0)
+    K = tl.sum(k_acc, 0)
+    tl.store(div_ptr + r, tl.where(scored, D, 0.0))
+    tl.store(ent_ptr + r, tl.where(scored, ent, 0.0))
+
+    if HARD:
+        y = tl.load(labels_ptr + r)
+        labelled = scored & (y != ignore_index)
+        valid = (y >= 0) & (y < V)
+        z_y = tl.load(zs_row + tl.where(valid & labelled, y, 0)).to(tl.float32)
+        lse_1 = m_1 + tl.log(s_1)
+        nll = tl.where(valid, lse_1 - z_y, float("nan"))
+        tl.store(nll_ptr + r, tl.where(labelled, nll, 0.0))
+    if GRAD:
+        g_soft = tl.load(g_soft_ptr + r) * inv_t
+        g_hard = 0.0
+        if HARD:
+            g_hard = tl.where(labelled, tl.load(g_hard_ptr + r), 0.0)
+            g_hard = tl.where(labelled & ~valid, float("nan"), g_hard)
+        for start in range(0, V, BLOCK_V):
+            c = start + cols
+            inside = c < V
+            read = c < end
+            z = tl.load(zs_row + c, mask=read, other=0.0).to(tl.float32)
+            xt = tl.load(zt_row + c, mask=read, other=0.0).to(tl.float32) * inv_t
+            lps, lpt, ps, pt, lm = _column(z * inv_t, xt, lse_s, lse_t, log_1mb, log_b, MODE)
+            if MODE == 0:
+                g = ps - pt
+            elif MODE == 1:
+                g = ps * (lps - lpt - K)
+            else:
+                g = (1.0 - beta) * ps * (lps - lm - K)
+            g = g_soft * g
+            if HARD:
+                p1 = exp(_floor(z - lse_1))
+                g += g_hard * (p1 - tl.where(c == y, 1.0, 0.0))
+            g = tl.where(read, g, 0.0)
+            tl.store(zs_row + c, g.to(zs_ptr.dtype.element_ty), mask=inside)
+
+
+def _block(V):
+    return min(triton.next_power_of_2(max(V, 1)), 2048)
+
+
+def mode_of(beta: float) -> int:
+    """0: forward KL (beta = 0), 1: reverse KL (beta = 1), 2: the generalized JSD."""
+    return 0 if beta == 0 else (1 if beta == 1 else 2)
+
+
+def divergence_rows(zs, zt, inv_t, beta, mask, labels, ignore_index, g_soft, g_hard, div, ent, nll):
+    """zs, zt: [n, V] (last dim contiguous); zs is overwritten with the gradient when ``g_soft`` is given.
+    ``mask``, ``labels``, ``g_hard``, ``nll``: None to skip."""
+    n, V = zs.shape
+    if n == 0:
+        return
+    mode = mode_of(beta)
+    block = _block(V)
+    log_1mb = math.log(1 - beta) if mode == 2 else 0.0
+    log_b = math.log(beta) if mode == 2 else 0.0
+    dummy = div
+    divergence_rows_kernel[(n,)](
+        zs, zs.stride(0), zt, zt.stride(0), mask if mask is not None else dummy,
+        labels if labels is not None else dummy, g_soft if g_soft is not None else dummy,
+        g_hard if g_hard is not None else dummy, div, ent, nll if nll is not None else dummy,
+        V, inv_t, beta, log_1mb, log_b, ignore_index,
+        MODE=mode, HAS_MASK=mask is not None, HARD=labels is not None, GRAD=g_soft is not None,
+        BLOCK_V=block, num_warps=8 if block >= 1024 else 4,
+    )

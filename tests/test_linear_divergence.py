@@ -1,0 +1,190 @@
+"""linear_divergence_loss and the divergence_rows op against the float64 reference: values, gradients of the
+student's hidden states, weight and bias, every divergence (beta 0, 1, 0.5, 0.1), temperature, softcap and scale,
+masks, the hard loss, bf16, different hidden sizes, many blocks, both kernel families, NaN rows, bad inputs."""
+import math
+
+import pytest
+import torch
+
+import fastalign
+from fastalign.ops.divergence import divergence_rows
+from fastalign.reference import divergence as R
+from conftest import CPU_BACKENDS
+from helpers import assert_close
+
+V = 43
+
+
+def _batch(seed, B=3, T=5, H=16, Ht=12, dtype=torch.float32, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, H, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(V, H, generator=g) * 0.4).to(dtype).requires_grad_()
+    b = (torch.randn(V, generator=g) * 0.3).to(dtype).requires_grad_() if bias else None
+    ht = torch.randn(B, T, Ht, generator=g).to(dtype)
+    wt = (torch.randn(V, Ht, generator=g) * 0.5).to(dtype)
+    bt = (torch.randn(V, generator=g) * 0.3).to(dtype) if bias else None
+    y = torch.randint(0, V, (B, T), generator=g)
+    return h, w, b, ht, wt, bt, y
+
+
+def _check(h, w, b, ht, wt, bt, atol=2e-5, grad_atol=2e-5, **kw):
+    loss, m = fastalign.linear_divergence_loss(h, w, ht, wt, bias=b, teacher_bias=bt, **kw)
+    inputs = [t for t in (h, w, b) if t is not None]
+    grads = torch.autograd.grad(loss, inputs)
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    kw.pop("backend", None)
+    kw.pop("single_pass", None)
+    rl, rm = R.linear_divergence_loss(ref_in[0], ref_in[1], ht, wt, bias=ref_in[2] if b is not None else None,
+                                      teacher_bias=bt, **kw)
+    rg = torch.autograd.grad(rl, ref_in)
+    assert_close(loss, rl, atol=atol, rtol=atol, what="loss")
+    for name in ("divergence_sum", "entropy_sum", "num_tokens"):
+        assert_close(m[name], rm[name], atol=atol * 10, rtol=atol, what=name)
+    if "labels" in kw:
+        assert_close(m["nll_sum"], rm["nll_sum"], atol=atol * 10, rtol=atol, what="nll_sum")
+    for name, g, r in zip(("hidden", "weight", "bias"), grads, rg):
+        assert g.dtype == h.dtype
+        assert_close(g, r, atol=grad_atol, rtol=grad_atol * 10, what=f"d{name}")
+    return loss, m
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5, 0.1])
+def test_values_and_gradients(backend, beta):
+    h, w, b, ht, wt, bt, y = _batch(1)
+    mask = torch.ones(3, 5)
+    mask[0, :2] = 0
+    mask[2, 4] = 0
+    _check(h, w, b, ht, wt, bt, beta=beta, response_mask=mask, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
+def test_temperature_softcap_scale_and_hard_loss(backend, beta):
+    h, w, b, ht, wt, bt, y = _batch(2)
+    y[1, 1] = -100
+    _check(h, w, b, ht, wt, bt, beta=beta, temperature=0.7, softcap=3.0, logit_scale=1.3, teacher_logit_scale=0.8,
+           teacher_softcap=4.0, labels=y, soft_weight=0.6, hard_weight=0.4, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_many_blocks_and_normalizer(backend, monkeypatch):
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", str(3 * V * 4 / (1 << 20)))  # 3 rows of logits: 1 row per block pair
+    h, w, b, ht, wt, bt, y = _batch(3)
+    _check(h, w, b, ht, wt, bt, beta=0.3, normalizer=7.0, backend=backend)
+    _check(h, w, b, ht, wt, bt, beta=0.3, normalizer=torch.tensor(11.0), labels=y, hard_weight=0.5, backend=backend)
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_two_pass_mode_matches(single_pass):
+    h, w, b, ht, wt, bt, y = _batch(4)
+    _check(h, w, b, ht, wt, bt, beta=0.5, single_pass=single_pass, labels=y, hard_weight=0.2)
+
+
+def test_backward_scales_by_the_incoming_gradient():
+    h, w, b, ht, wt, bt, y = _batch(5)
+    for single_pass in (True, False):
+        loss, _ = fastalign.linear_divergence_loss(h, w, ht, wt, bias=b, teacher_bias=bt, single_pass=single_pass)
+        g1 = torch.autograd.grad(loss, (h, w, b))
+        loss, _ = fastalign.linear_divergence_loss(h, w, ht, wt, bias=b, teacher_bias=bt, single_pass=single_pass)
+        g3 = torch.autograd.grad(3 * loss, (h, w, b))
+        for a, c in zip(g1, g3):
+            assert_close(c, 3 * a, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_all_masked_and_single_token(backend):
+    h, w, b, ht, wt, bt, y = _batch(6)
+    loss, m = fastalign.linear_divergence_loss(h, w, ht, wt, bias=b, response_mask=torch.zeros(3, 5), backend=backend)
+    grads = torch.autograd.grad(loss, (h, w, b))
+    assert loss.item() == 0.0 and m["num_tokens"].item() == 0 and m["divergence"].item() == 0
+    assert all(bool((g == 0).all()) for g in grads)
+    one = torch.zeros(3, 5)
+    one[1, 3] = 1
+    _check(h, w, b, ht, wt, bt, beta=0.5, response_mask=one, backend=backend)
+
+
+def test_bf16_inputs():
+    h, w, b, ht, wt, bt, y = _batch(7, dtype=torch.bfloat16)
+    loss, m = fastalign.linear_divergence_loss(h, w, ht, wt, bias=b, teacher_bias=bt, beta=0.5)
+    grads = torch.autograd.grad(loss, (h, w, b))
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 3
+    ref_in = [t.detach().double().requires_grad_() for t in (h, w, b)]
+    rl, _ = R.linear_divergence_loss(*ref_in[:2], ht, wt, bias=ref_in[2], teacher_bias=bt, beta=0.5)
+    rg = torch.autograd.grad(rl, ref_in)
+    assert_close(loss, rl, atol=1e-4, rtol=1e-4)
+    for g, r in zip(grads, rg):
+        assert_close(g, r, atol=2e-3, rtol=2e-2)
+
+
+def test_kernels_agree_and_rows_without_weight_are_zero():
+    if "triton" not in CPU_BACKENDS:
+        pytest.skip("no triton")
+    g = torch.Generator().manual_seed(8)
+    zs, zt = torch.randn(6, 300, generator=g) * 3, torch.randn(6, 300, generator=g) * 3
+    zs[4, 7] = float("nan")
+    mask = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    y = torch.tensor([3, 5, -100, 299, 1, 0])
+    gs, gh = torch.rand(6, generator=g), torch.rand(6, generator=g)
+    outs = {}
+    for backend in ("cpp", "triton"):
+        for beta in (0.0, 1.0, 0.25):
+            a = zs.clone()
+            d, e, n = divergence_rows(a, zt, mask, y, gs, gh, 1 / 0.9, beta, -100, True, backend)
+            outs[backend, beta] = (d, e, n, a)
+    for beta in (0.0, 1.0, 0.25):
+        for c, t in zip(outs["cpp", beta], outs["triton", beta]):
+            assert_close(t, c, atol=1e-5, rtol=1e-5, what=f"beta={beta}")
+        d, e, n, a = outs["cpp", beta]
+        assert d[1] == 0 and e[1] == 0 and n[1] == 0 and bool((a[1] == 0).all())
+        assert n[2] == 0  # ignored label
+        assert math.isnan(d[4]) and bool(a[4].isnan().all()) and not bool(d[[0, 2, 3, 5]].isnan().any())
+        exp_d = R.generalized_jsd(zs[[0, 2, 3, 5]], zt[[0, 2, 3, 5]], beta=beta, temperature=0.9)
+        assert_close(d[[0, 2, 3, 5]], exp_d, atol=2e-5, rtol=1e-5)
+
+
+def test_no_gradient_forward_only_and_teacher_gets_none():
+    h, w, b, ht, wt, bt, y = _batch(9)
+    wt.requires_grad_()
+    with torch.no_grad():
+        loss, m = fastalign.linear_divergence_loss(h, w, ht, wt, beta=0.5)
+    rl, _ = R.linear_divergence_loss(h.detach(), w.detach(), ht, wt.detach(), beta=0.5)
+    assert_close(loss, rl, atol=2e-5, rtol=2e-5)
+    loss, _ = fastalign.linear_divergence_loss(h, w, ht, wt, beta=0.5)
+    loss.backward()
+    assert wt.grad is None and h.grad is not None
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(beta=1.5), ValueError, "beta"),
+    (dict(beta=-0.1), ValueError, "beta"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(temperature=-1.0), ValueError, "temperature"),
+    (dict(softcap=-1.0), ValueError, "softcap"),
+    (dict(teacher_softcap=0.0), ValueError, "teacher_softcap"),
+    (dict(hard_weight=0.5), ValueError, "labels"),
+    (dict(single_pass="yes"), ValueError, "single_pass"),
+    (dict(response_mask=torch.ones(3, 4)), ValueError, "response_mask"),
+    (dict(labels=torch.zeros(3, 5)), TypeError, "labels"),
+    (dict(normalizer=torch.ones(2)), ValueError, "normalizer"),
+    (dict(normalizer=0.0), ValueError, "normalizer"),
+    (dict(bias=torch.zeros(V + 1)), ValueError, "bias"),
+])
+def test_bad_inputs(kw, err, match):
+    h, w, b, ht, wt, bt, y = _batch(10, bias=False)
+    with pytest.raises(err, match=match):
+        fastalign.linear_divergence_loss(h, w, ht, wt, **kw)
+
+
+def test_bad_tensors():
+    h, w, b, ht, wt, bt, y = _batch(11, bias=False)
+    with pytest.raises(ValueError, match="teacher_weight"):
+        fastalign.linear_divergence_loss(h, w, ht, wt[:-1])
+    with pytest.raises(ValueError, match="teacher_hidden"):
+        fastalign.linear_divergence_loss(h, w, ht[:, :-1], wt)
+    with pytest.raises(TypeError, match="teacher_weight"):
+        fastalign.linear_divergence_loss(h, w, ht, wt.double())
+    with pytest.raises(ValueError, match="weight"):
+        fastalign.linear_divergence_loss(h, w[:, :-1], ht, wt)
+    with pytest.raises(TypeError, match="hidden"):
+        fastalign.linear_divergence_loss(h.long(), w, ht, wt)

@@ -1,0 +1,61 @@
+"""LigerFusedLinearJSDLoss against Liger-Kernel 0.8's own module: loss, soft and hard losses, and the gradients
+of the student's input, weight and bias."""
+import pytest
+import torch
+
+from helpers import assert_close
+
+from fastalign.integrations.liger import LigerFusedLinearJSDLoss
+
+chunked = pytest.importorskip("liger_kernel.chunked_loss", reason="liger_kernel is not installed")
+
+
+def _inputs(seed, N=14, H=16, Ht=20, V=40, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, H, generator=g)
+    w = torch.randn(V, H, generator=g) * 0.3
+    b = torch.randn(V, generator=g) * 0.1 if bias else None
+    xt = torch.randn(N, Ht, generator=g)
+    wt = torch.randn(V, Ht, generator=g) * 0.3
+    bt = torch.randn(V, generator=g) * 0.1 if bias else None
+    y = torch.randint(0, V, (N,), generator=g)
+    y[[2, 9]] = -100
+    return x, w, b, xt, wt, bt, y
+
+
+CASES = [dict(), dict(beta=0.0), dict(beta=1.0), dict(beta=0.1, temperature=0.7),
+         dict(weight_hard_loss=0.0, weight_soft_loss=1.0), dict(weight_hard_loss=0.3, weight_soft_loss=0.9,
+                                                                 temperature=2.0, return_soft_hard_loss=True),
+         dict(return_soft_hard_loss=True, weight_hard_loss=0.0)]
+
+
+@pytest.mark.parametrize("options", CASES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_liger(options, bias):
+    x, w, b, xt, wt, bt, y = _inputs(0, bias=bias)
+    outs, grads = [], []
+    for cls, extra in ((chunked.LigerFusedLinearJSDLoss, dict(compiled=False, chunk_size=4)),
+                       (LigerFusedLinearJSDLoss, {})):
+        leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+        out = cls(**options, **extra)(leaves[0], leaves[1], xt, wt, y, leaves[2], bt)
+        loss = out[0] if isinstance(out, tuple) else out
+        grads.append(torch.autograd.grad(loss * 1.7, [t for t in leaves if t is not None]))
+        outs.append(out if isinstance(out, tuple) else (out,))
+    theirs, ours = outs
+    assert len(theirs) == len(ours)
+    for t, o in zip(theirs, ours):
+        assert_close(o, torch.as_tensor(t), atol=1e-5, rtol=1e-5)
+    for t, o in zip(*grads):
+        assert_close(o, t, atol=1e-5, rtol=1e-4)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="beta"):
+        LigerFusedLinearJSDLoss(beta=2.0)
+    with pytest.raises(ValueError, match="temperature"):
+        LigerFusedLinearJSDLoss(temperature=0.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        LigerFusedLinearJSDLoss(chunk_size=0)
+    x, w, b, xt, wt, bt, y = _inputs(1)
+    with pytest.raises(ValueError, match="teacher_weight"):
+        LigerFusedLinearJSDLoss()(x, w, xt, wt[:-1], y)

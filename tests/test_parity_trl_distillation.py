@@ -1,0 +1,125 @@
+"""The distillation divergence against TRL 1.16's own code: ``_chunked_divergence_loss`` (loss, entropy sum,
+token count and gradients) and a tiny ``DistillationTrainer`` run next to the drop-in (loss, logged metrics
+and parameters after the steps, same seed)."""
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the TRL drop-ins need transformers")
+trl = pytest.importorskip("trl", reason="TRL is not importable")
+datasets = pytest.importorskip("datasets", reason="TRL's trainers need datasets")
+pytest.importorskip("tokenizers", reason="the test tokenizer needs tokenizers")
+
+from trl.trainer.distillation_trainer import _chunked_divergence_loss  # noqa: E402
+
+import fastalign  # noqa: E402
+from helpers import assert_close  # noqa: E402
+
+
+def _inputs(seed, B=2, K=6, H=16, Ht=24, V=50):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(B, K, H, generator=g).requires_grad_()
+    ws = (torch.randn(V, H, generator=g) * 0.3).requires_grad_()
+    bs = (torch.randn(V, generator=g) * 0.1).requires_grad_()
+    ht = torch.randn(B, K, Ht, generator=g)
+    wt = torch.randn(V, Ht, generator=g) * 0.3
+    mask = torch.ones(B, K, dtype=torch.long)
+    mask[0, 4:] = 0
+    return hs, ws, bs, ht, wt, mask
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5, 0.1])
+@pytest.mark.parametrize("options", [dict(), dict(temperature=0.7, num_items_in_batch=9),
+                                     dict(student_logit_scale=1.5, student_final_logit_softcapping=4.0,
+                                          teacher_final_logit_softcapping=3.0, teacher_logit_scale=0.5)])
+def test_matches_trl_chunked_divergence(beta, options):
+    hs, ws, bs, ht, wt, mask = _inputs(0)
+    theirs = _chunked_divergence_loss(hs, ht, ws, wt, mask, beta, student_lm_head_bias=bs, **options)
+    t_grads = torch.autograd.grad(theirs[0], (hs, ws, bs))
+    ours = fastalign.linear_divergence_loss(
+        hs, ws, ht, wt, beta=beta, bias=bs, temperature=options.get("temperature", 1.0),
+        logit_scale=options.get("student_logit_scale", 1.0), softcap=options.get("student_final_logit_softcapping"),
+        teacher_logit_scale=options.get("teacher_logit_scale", 1.0),
+        teacher_softcap=options.get("teacher_final_logit_softcapping"), response_mask=mask,
+        normalizer=options.get("num_items_in_batch"))
+    o_grads = torch.autograd.grad(ours[0], (hs, ws, bs))
+    assert_close(ours[0], theirs[0], atol=1e-5, rtol=1e-5, what="loss")
+    assert_close(ours[1]["entropy_sum"], theirs[1], atol=1e-4, rtol=1e-5, what="entropy_sum")
+    assert int(ours[1]["num_tokens"]) == int(theirs[2])
+    for name, o, t in zip(("hidden", "weight", "bias"), o_grads, t_grads):
+        assert_close(o, t, atol=1e-5, rtol=1e-4, what=name)
+
+
+# ------------------------------------------------------------------------------------------ trainer
+
+WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(60)]
+
+
+def _checkpoint(path, hidden, seed):
+    import tokenizers
+
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(vocab_size=len(WORDS), hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
+                                      eos_token_id=1, bos_token_id=None)
+    model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.3)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
+    model.save_pretrained(path)
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                         unk_token="<unk>", padding_side="left").save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return (_checkpoint(tmp_path_factory.mktemp("student"), 32, 0),
+            _checkpoint(tmp_path_factory.mktemp("teacher"), 48, 1))
+
+
+def _run(cls, models, tmp_path, options):
+    student, teacher = models
+    args = trl.DistillationConfig(**{**dict(
+        output_dir=str(tmp_path), max_steps=2, report_to="none", seed=0, use_cpu=True, logging_steps=1,
+        optim="sgd", learning_rate=0.5, bf16=False, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        per_device_train_batch_size=4, max_completion_length=5), **options})
+    data = datasets.Dataset.from_dict({"prompt": [" ".join(f"w{(3 * i + j) % 50 + 3}" for j in range(2 + i % 3))
+                                                  for i in range(8)]})
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(student)
+    trainer = cls(model=student, teacher_model=teacher, args=args, train_dataset=data, processing_class=tokenizer)
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    trainer.train()
+    logs = [{k: v for k, v in log.items() if "time" not in k and "per_second" not in k}
+            for log in trainer.state.log_history[:-1]]
+    after = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    return logs, before, after
+
+
+@pytest.mark.parametrize("options", [dict(beta=0.5), dict(beta=0.0, temperature=0.8, gradient_accumulation_steps=2),
+                                     dict(beta=1.0)])
+def test_trainer_matches_trl(models, tmp_path, options):
+    from fastalign.integrations.trl import DistillationTrainer
+
+    t_logs, t_before, t_after = _run(trl.DistillationTrainer, models, tmp_path / "trl", options)
+    o_logs, o_before, o_after = _run(DistillationTrainer, models, tmp_path / "ours", options)
+    assert len(o_logs) == len(t_logs) >= 1
+    for t, o in zip(t_logs, o_logs):
+        assert sorted(o) == sorted(t)
+        for k, v in t.items():
+            if isinstance(v, float) and math.isnan(v):
+                assert math.isnan(o[k]), k
+            elif isinstance(v, float):
+                assert o[k] == pytest.approx(v, rel=1e-4, abs=2e-5), k
+    moved = 0
+    for k in t_before:
+        torch.testing.assert_close(o_before[k], t_before[k], rtol=0, atol=0)
+        torch.testing.assert_close(o_after[k] - o_before[k], t_after[k] - t_before[k], rtol=1e-4, atol=2e-5,
+                                   msg=lambda m: f"{k}: {m}")
+        moved += int(not torch.equal(t_after[k], t_before[k]))
+    assert moved > 0
