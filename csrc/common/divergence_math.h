@@ -8,8 +8,6 @@
 //   beta = 0:  p_s - p_t;   beta = 1:  p_s (lps - lpt - K);   else: (1 - beta) p_s (lps - log m - K).
 // Log-probs are floored at -1e30 (common/softmax_stats.h), so a zero probability contributes 0.
 #pragma once
-#include <cmath>
-
 #include "common/host_device.h"
 
 namespace fastalign {
@@ -18,14 +16,6 @@ namespace divergence {
 enum Mode : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
 
 FASTALIGN_HD int mode_of(float beta) { return beta == 0.f ? kForwardKL : (beta == 1.f ? kReverseKL : kJSD); }
-
-// log m = log((1 - beta) e^{lps} + beta e^{lpt}), given log(1 - beta) and log(beta); floored at -1e30.
-FASTALIGN_HD float log_mix(float lps, float lpt, float log_1mb, float log_b) {
-  const float a = lps + log_1mb, b = lpt + log_b;
-  const float hi = a > b ? a : b, lo = a > b ? b : a;
-  const float lm = hi + log1pf(expf(lo - hi));
-  return lm < -1e30f ? -1e30f : lm;
-}
 
 // The row's D term of one column (summed over j gives D). The log-probs come floored, so a zero
 // probability gives 0 * (a finite difference) = 0 with no test, and a NaN propagates.

@@ -66,37 +66,54 @@ FASTALIGN_KERNEL_BODY Sums row_sums(const float* zs, const float* zt, int64_t V,
 }
 
 struct Row {
-  float lse_s, lse_t, log_1mb, log_b, beta;
-  int mode;
+  float lse_s, lse_t, beta;
 };
 
+// log m = log((1 - beta) p_s + beta p_t), from the probabilities (floored at -1e30 where both underflow)
+FASTALIGN_KERNEL_BODY float log_mixture(float ps, float pt, float beta) {
+  return log_f32((1.f - beta) * ps + beta * pt);
+}
+
 // pass 3: (D, K) of the row
+template <int MODE>
 FASTALIGN_KERNEL_BODY void row_divergence(const float* zs, const float* zt, int64_t V, float inv_t, Row R, float* d_out,
                                           float* k_out) {
   float d = 0.f, k = 0.f;
+#pragma omp simd reduction(+ : d, k)
   for (int64_t j = 0; j < V; ++j) {
     const float lps = softmax::log_p(zs[j] * inv_t, R.lse_s, 0.f), lpt = softmax::log_p(zt[j] * inv_t, R.lse_t, 0.f);
     const float ps = exp_f32(lps), pt = exp_f32(lpt);
-    const float lm = R.mode == divergence::kJSD ? divergence::log_mix(lps, lpt, R.log_1mb, R.log_b) : 0.f;
-    d += divergence::term(R.mode, R.beta, ps, pt, lps, lpt, lm);
-    k += divergence::k_term(R.mode, ps, lps, lpt, lm);
+    const float lm = MODE == divergence::kJSD ? log_mixture(ps, pt, R.beta) : 0.f;
+    d += divergence::term(MODE, R.beta, ps, pt, lps, lpt, lm);
+    k += divergence::k_term(MODE, ps, lps, lpt, lm);
   }
   *d_out = d;
   *k_out = k;
 }
 
 // pass 4: the gradient over zs in place (each element read before it is written)
+template <int MODE, bool HARD>
 FASTALIGN_KERNEL_BODY void row_gradient(float* zs, const float* zt, int64_t V, float inv_t, Row R, float K,
                                         float g_soft, float g_hard, float lse1) {
+  const float gs = g_soft * inv_t;
+#pragma omp simd
   for (int64_t j = 0; j < V; ++j) {
     const float z = zs[j];
     const float lps = softmax::log_p(z * inv_t, R.lse_s, 0.f), lpt = softmax::log_p(zt[j] * inv_t, R.lse_t, 0.f);
     const float ps = exp_f32(lps), pt = exp_f32(lpt);
-    const float lm = R.mode == divergence::kJSD ? divergence::log_mix(lps, lpt, R.log_1mb, R.log_b) : 0.f;
-    float g = g_soft * inv_t * divergence::grad(R.mode, R.beta, ps, pt, lps, lpt, lm, K);
-    if (g_hard != 0.f) g += g_hard * exp_f32(softmax::log_p(z, lse1, 0.f));
+    const float lm = MODE == divergence::kJSD ? log_mixture(ps, pt, R.beta) : 0.f;
+    float g = gs * divergence::grad(MODE, R.beta, ps, pt, lps, lpt, lm, K);
+    if (HARD) g += g_hard * exp_f32(softmax::log_p(z, lse1, 0.f));
     zs[j] = g;
   }
+}
+
+using DivergenceFn = void (*)(const float*, const float*, int64_t, float, Row, float*, float*);
+using GradientFn = void (*)(float*, const float*, int64_t, float, Row, float, float, float, float);
+
+template <int MODE>
+GradientFn gradient_variant(bool hard) {
+  return hard ? isa::best<row_gradient<MODE, true>>() : isa::best<row_gradient<MODE, false>>();
 }
 
 void rows(uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_stride, int64_t t_stride, double inv_t_d,
@@ -109,10 +126,15 @@ void rows(uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_
   const bool hard = labels != nullptr;
   const auto max_fn = hard ? isa::best<row_maxima<true>>() : isa::best<row_maxima<false>>();
   const auto sum_fn = hard ? isa::best<row_sums<true>>() : isa::best<row_sums<false>>();
-  const auto div_fn = isa::best<row_divergence>();
-  const auto grad_fn = isa::best<row_gradient>();
-  const float log_1mb = mode == divergence::kJSD ? std::log(1.f - beta) : 0.f;
-  const float log_b = mode == divergence::kJSD ? std::log(beta) : 0.f;
+  const DivergenceFn div_fn = mode == divergence::kForwardKL   ? isa::best<row_divergence<divergence::kForwardKL>>()
+                              : mode == divergence::kReverseKL ? isa::best<row_divergence<divergence::kReverseKL>>()
+                                                                : isa::best<row_divergence<divergence::kJSD>>();
+  const GradientFn grad_hard_fn = mode == divergence::kForwardKL   ? gradient_variant<divergence::kForwardKL>(true)
+                                  : mode == divergence::kReverseKL ? gradient_variant<divergence::kReverseKL>(true)
+                                                                    : gradient_variant<divergence::kJSD>(true);
+  const GradientFn grad_soft_fn = mode == divergence::kForwardKL   ? gradient_variant<divergence::kForwardKL>(false)
+                                  : mode == divergence::kReverseKL ? gradient_variant<divergence::kReverseKL>(false)
+                                                                    : gradient_variant<divergence::kJSD>(false);
   parallel_for(N, threads_for(N * V * 4), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* zs = zs_base + r * s_stride;
@@ -129,8 +151,7 @@ void rows(uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_
       const float rs = m.s == -kInf ? 0.f : m.s, rt = m.t == -kInf ? 0.f : m.t, r1 = m.one == -kInf ? 0.f : m.one;
       const Sums s = sum_fn(zs, zt, V, inv_t, rs, rt, r1);
       const float log_ss = std::log(s.ss);
-      const Row R{softmax::log_sum_exp(rs, log_ss), softmax::log_sum_exp(rt, std::log(s.st)), log_1mb, log_b, beta,
-                  mode};
+      const Row R{softmax::log_sum_exp(rs, log_ss), softmax::log_sum_exp(rt, std::log(s.st)), beta};
       ent[r] = softmax::entropy(log_ss, s.ts, s.ss);
       float D, K;
       div_fn(zs, zt, V, inv_t, R, &D, &K);
@@ -142,7 +163,7 @@ void rows(uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_
       if (nll) nll[r] = !labelled ? 0.f : (y >= 0 && y < V ? -softmax::logprob(zs[y], r1, log_s1) : kNaN);
       if (g_soft) {
         const float gh = labelled && g_hard ? g_hard[r] : 0.f;
-        grad_fn(zs, zt, V, inv_t, R, K, g_soft[r], gh, lse1);
+        (gh != 0.f ? grad_hard_fn : grad_soft_fn)(zs, zt, V, inv_t, R, K, g_soft[r], gh, lse1);
         if (gh != 0.f) {
           if (y >= 0 && y < V) zs[y] -= gh;
           else

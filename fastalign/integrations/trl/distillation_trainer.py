@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import trl
 
+from fastalign.integrations.hf import _full
 from fastalign.linear_divergence import linear_divergence_loss
 
 __all__ = ["DistillationTrainer", "config_logit_scale"]
@@ -87,13 +88,3 @@ class DistillationTrainer(trl.DistillationTrainer):
             response_mask=loss_mask.to(device), normalizer=normalizer)
         return loss, metrics["entropy_sum"], metrics["num_tokens"].long()
 
-
-def _full(t):
-    """A DTensor (FSDP2) gathered to the full tensor; others as they are."""
-    if t is None:
-        return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return t
-    return t.full_tensor() if isinstance(t, DTensor) else t
