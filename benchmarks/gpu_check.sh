@@ -91,6 +91,6 @@ else
   echo "memcheck     skipped: compute-sanitizer not installed" | tee -a "$out/summary.txt"
 fi
 PYTHONPATH="$bench_path" step bench 230 "$PY" -m fastalign.bench --device cuda \
-  --ops token_logprobs,linear_logprobs,linear_cross_entropy,linear_policy_loss --cases 8192x151936,8192x4096x151936,"T=1024 H=4096" --repeats 10 --budget 6 --total-budget 200 --json "$out/bench.json"
+  --ops token_logprobs,linear_logprobs,linear_cross_entropy,linear_policy_loss,linear_divergence --cases 8192x151936,8192x4096x151936,"T=1024 H=4096",8192x4096/6144x151936 --repeats 10 --budget 6 --total-budget 200 --json "$out/bench.json"
 echo "gpu-check: results in $out" | tee -a "$out/summary.txt"
 exit $status

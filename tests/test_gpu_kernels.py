@@ -353,6 +353,36 @@ def test_gpu_separable_step_bf16_at_full_vocabulary(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_gpu_linear_divergence_bf16_at_full_vocabulary(beta, monkeypatch):
+    """The distillation divergence (Triton row kernel, scored rows first on the device, blocks of bf16 logits)
+    with and without its single pass against float64 on the materialised logits, a wider teacher, a third of the
+    tokens unscored, loss and the student's gradients."""
+    from fastalign.reference.divergence import generalized_jsd
+
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "96")  # several blocks
+    N, H, Ht, V = 768, 256, 384, 151936
+    g = torch.Generator(device="cuda").manual_seed(7)
+    h = (torch.randn(N, H, device="cuda", generator=g) * 0.5).bfloat16()
+    w = (torch.randn(V, H, device="cuda", generator=g) * 0.05).bfloat16()
+    ht = (torch.randn(N, Ht, device="cuda", generator=g) * 0.5).bfloat16()
+    wt = (torch.randn(V, Ht, device="cuda", generator=g) * 0.05).bfloat16()
+    mask = (torch.rand(N, device="cuda", generator=g) > 1 / 3).float()
+    hd, wd = h.double().requires_grad_(True), w.double().requires_grad_(True)
+    d64 = generalized_jsd(hd @ wd.T, ht.double() @ wt.double().T, beta=beta)
+    loss64 = (d64 * mask).sum() / mask.sum()
+    loss64.backward()
+    for single_pass in (True, False):
+        hg, wg = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss, _ = fastalign.linear_divergence_loss(hg, wg, ht, wt, beta=beta, response_mask=mask,
+                                                   single_pass=single_pass)
+        loss.backward()
+        assert abs(loss.item() - loss64.item()) < 2e-3 * max(1.0, abs(loss64.item())), (single_pass, loss.item())
+        assert _rel_err(hg.grad, hd.grad) < 1e-2, single_pass
+        assert _rel_err(wg.grad, wd.grad) < 1e-2, single_pass
+
+
+@pytest.mark.gpu
 def test_gpu_linear_low_rank_bf16_at_full_vocabulary():
     """A LoRA lm_head (rank 16, frozen W) through the low-rank term: equals the float64 widened head,
     gradients to a and L with one chunk and with eight."""
