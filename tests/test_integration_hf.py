@@ -294,35 +294,24 @@ def test_head_transform_table_and_refusals():
         causal_lm_logprobs(model, ids, logits_to_keep=1)
 
 
-def test_unknown_architecture_with_stated_head_transform():
-    """An unlisted model_type runs once the caller states its head transform."""
-    model = tiny_model("cohere")
-    input_ids, attention_mask, labels = batch(seed=8)
-    with torch.no_grad():
-        ref_lp, _ = reference(model, input_ids, attention_mask)
-        model.config.model_type = "my_cohere"
-        with pytest.raises(ValueError, match="my_cohere"):
-            causal_lm_logprobs(model, input_ids, attention_mask, labels=labels)
-        stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, logit_scale=0.4, softcap=None)
-    scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
-    check(stats.logprobs, ref_lp, scored, 1e-5)
-
-
-def test_registered_head_transform_is_read_by_every_call(monkeypatch):
-    """register_head_transform states an unlisted model_type's transform once; calls then need no arguments."""
+def test_unknown_architecture_with_stated_head_transform(monkeypatch):
+    """An unlisted model_type runs once the caller states its head transform: per call, or once for every call
+    with register_head_transform."""
     import fastalign.integrations.hf as hf
 
     monkeypatch.setattr(hf, "HEAD_TRANSFORMS", dict(hf.HEAD_TRANSFORMS))
     model = tiny_model("cohere")
     input_ids, attention_mask, labels = batch(seed=8)
+    scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
     with torch.no_grad():
         ref_lp, _ = reference(model, input_ids, attention_mask)
         model.config.model_type = "my_cohere"
-        with pytest.raises(ValueError, match="register_head_transform"):
+        with pytest.raises(ValueError, match="my_cohere.*register_head_transform"):
             causal_lm_logprobs(model, input_ids, attention_mask, labels=labels)
+        stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, logit_scale=0.4, softcap=None)
+        check(stats.logprobs, ref_lp, scored, 1e-5)
         hf.register_head_transform("my_cohere", logit_scale=model.config.logit_scale)
-        stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels)
-    check(stats.logprobs, ref_lp, (labels[:, 1:] != -100) & attention_mask[:, 1:].bool(), 1e-5)
+        check(causal_lm_logprobs(model, input_ids, attention_mask, labels=labels).logprobs, ref_lp, scored, 1e-5)
     with pytest.raises(ValueError, match="already"):
         hf.register_head_transform("llama")
     with pytest.raises(ValueError, match="softcap"):
