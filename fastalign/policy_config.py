@@ -53,6 +53,11 @@ _PPO_ROWS = ("ppo", "gspo", "clip_cov")  # rows with the ppo clip
 _SEQUENCE_LEVEL_ROWS = ("ppo", "cispo", "sapo")  # rows that take importance_sampling_level="sequence"
 _CLIP_ROWS = ("ppo", "gspo", "clip_cov", "gmpo", "cispo", "dppo_tv", "dppo_kl")  # rows that read eps_low / eps_high
 _DELTA_ROWS = ("ppo", "gspo", "dppo_tv", "dppo_kl")  # rows that read delta (the ratio's upper bound)
+# rows whose importance ratio is rho = exp(clamp(l, -log_ratio_cap, log_ratio_cap)) (the KL term's ratio too,
+# with kl_rho); gspo caps its sequence ratio at e^10 itself, the other rows read no ratio
+_RATIO_ROWS = ("ppo", "cispo", "sapo", "dppo_tv", "dppo_kl")
+#: default bound on the importance log-ratio (verl's and OpenRLHF's ppo clamp); ``math.inf``: no clamp (TRL, Liger)
+LOG_RATIO_CAP = 20.0
 # rows whose per-token loss reads that token's log-prob alone (gspo, gmpo and vespo read sequence statistics of
 # the log-probs; clip_cov and kl_cov choose their tokens across the batch)
 _TOKEN_ROWS = ("ppo", "cispo", "sapo", "reinforce", "dppo_tv", "dppo_kl", "dro")
@@ -72,7 +77,10 @@ class PolicyConfig:
     (ppo-clip rows), ``cispo_bounds`` (cispo), ``sapo_tau`` (sapo), ``vespo_k`` /
     ``vespo_lambda`` ((positive, negative) advantage, vespo), ``importance_sampling_level``
     ("token" or "sequence": ``rho = exp(mean_m l)`` per sequence with its full gradient; ppo,
-    cispo, sapo).
+    cispo, sapo), ``log_ratio_cap`` (``c > 0``, default 20: the ratio is ``exp(clamp(l, -c, c))``, the
+    sequence mean clamped at sequence level, no gradient where the clamp binds, as verl and OpenRLHF's
+    ppo; ``math.inf``: no clamp, as TRL and Liger; ppo, cispo, sapo, dppo_tv, dppo_kl, and the KL term's
+    ratio with ``kl_rho``).
 
     Added terms (§3.2): ``kl_type``, ``kl_coef``, ``kl_clamp``, ``kl_rho`` (False; True or
     "detached": times ``sg(rho)``; "grad": times ``rho`` with its gradient), ``entropy_coef``,
@@ -107,6 +115,7 @@ class PolicyConfig:
     dual_clip: Optional[float] = None
     delta: Optional[float] = None
     importance_sampling_level: str = "token"
+    log_ratio_cap: float = LOG_RATIO_CAP
     cispo_bounds: Optional[tuple] = None
     sapo_tau: Optional[tuple] = None
     vespo_k: Optional[tuple] = None
@@ -174,6 +183,11 @@ class PolicyConfig:
                 raise ValueError(f"{name} does not apply to cispo with cispo_bounds")
         if self.clip_eps[0] < 0 or self.clip_eps[1] < 0:
             raise ValueError(f"eps_low and eps_high must be >= 0, got {self.eps_low}, {self.eps_high}")
+        if not self.log_ratio_cap > 0:
+            raise ValueError(f"log_ratio_cap must be > 0 (math.inf: no clamp), got {self.log_ratio_cap}")
+        if self.log_ratio_cap != LOG_RATIO_CAP and self.row not in _RATIO_ROWS and self.kl_rho is False:
+            raise ValueError(f"log_ratio_cap does not apply to loss_type {self.loss_type!r} (only to "
+                             f"{', '.join(_RATIO_ROWS)}, or with kl_rho)")
         self._only("dual_clip", self.dual_clip is not None, ("ppo",))
         if self.dual_clip is not None and not self.dual_clip > 1.0:
             raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
@@ -220,6 +234,7 @@ class PolicyConfig:
     def _check_numbers(self) -> None:
         """Types and ranges of the numeric options (whether they apply is checked by ``_only``)."""
         _validate.finite(**{name: getattr(self, name) for name in _FINITE})
+        _validate._number("log_ratio_cap", self.log_ratio_cap)  # +inf: no clamp
         rmax = _validate._number("rollout_max", self.rollout_max)
         if not rmax >= 0:  # +inf: no upper bound (TRL's default); NaN fails here
             raise ValueError(f"rollout_max must be >= 0 (or +inf), got {self.rollout_max}")
@@ -341,10 +356,16 @@ class PolicyConfig:
             rollout_max=float(self.rollout_max),
             offpolicy_threshold=math.inf if self.offpolicy_threshold is None else float(self.offpolicy_threshold),
             cov_kl_coef=cov_kl, cov_ratio=cov_ratio, cov_lb=cov_lb, cov_ub=cov_ub,
-            dro_beta=float(self.dro_beta or 0.0))
+            dro_beta=float(self.dro_beta or 0.0), log_ratio_cap=float(self.log_ratio_cap))
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(PolicyConfig))
+
+
+def log_ratio_cap_option(loss_type: str, kl_rho: Any, cap: float) -> dict:
+    """``{"log_ratio_cap": cap}`` where a configuration of ``loss_type`` (a row) and ``kl_rho`` reads the
+    importance ratio, else ``{}``: a trainer profile states its cap (``math.inf``: none) without naming the rows."""
+    return {"log_ratio_cap": cap} if loss_type in _RATIO_ROWS or kl_rho is not False else {}
 
 
 @functools.lru_cache(maxsize=256)

@@ -110,7 +110,7 @@ def policy_loss_fwd_kernel(
     row_ptr, dlp_ptr,
     T, eps_low, eps_high, dual_clip, delta, cispo_lo, cispo_hi, tau_pos, tau_neg,
     vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
-    kl_coef, entropy_coef, rollout_min, rollout_max, offpolicy_threshold, cov_kl_coef, dro_beta,
+    kl_coef, entropy_coef, rollout_min, rollout_max, offpolicy_threshold, cov_kl_coef, dro_beta, log_ratio_cap,
     LT: tl.constexpr, SEQ: tl.constexpr, KL_ON: tl.constexpr, KL_TYPE: tl.constexpr,
     KL_STRAIGHT: tl.constexpr, KL_CLAMP: tl.constexpr, KL_RHO: tl.constexpr, KL_RHO_GRAD_ON: tl.constexpr,
     ENT_ON: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_IW: tl.constexpr, HAS_ROLL: tl.constexpr,
@@ -178,8 +178,10 @@ def policy_loss_fwd_kernel(
         m_l = sl * inv_n
         rho_row = tl.exp(tl.where(m_l > 10.0, 10.0, m_l))
         drho_row = tl.where(m_l > 10.0, 0.0, rho_row)  # torch.clamp(max=10): no gradient above the cap
-    if SEQ:
-        rho_row = tl.exp(_clamp(sl * inv_n, -20.0, 20.0))
+    if SEQ:  # no gradient where the cap binds (and none for a NaN mean), as torch.clamp
+        m_l = sl * inv_n
+        rho_row = tl.exp(_clamp(m_l, -log_ratio_cap, log_ratio_cap))
+        drho_row = tl.where((m_l >= -log_ratio_cap) & (m_l <= log_ratio_cap), rho_row, 0.0)
     gmpo_row = tl.zeros([], tl.float32)
     if LT == GMPO:
         geo = tl.full([], 1.0, tl.float32)
@@ -211,8 +213,9 @@ def policy_loss_fwd_kernel(
     for start in range(0, T, BLOCK_T):
         cols, inb, v, x_lp, old, a = _load_tokens(lp_ptr, old_ptr, adv_ptr, mask_ptr, base, start, T, BLOCK_T)
         l = x_lp - old
-        rho_c = tl.exp(_clamp(l, -20.0, 20.0))
-        drho_c = tl.where((l >= -20.0) & (l <= 20.0), rho_c, 0.0)  # 0 for a NaN log-ratio, as torch.clamp
+        rho_c = tl.exp(_clamp(l, -log_ratio_cap, log_ratio_cap))
+        # 0 where the cap binds or for a NaN log-ratio, as torch.clamp
+        drho_c = tl.where((l >= -log_ratio_cap) & (l <= log_ratio_cap), rho_c, 0.0)
         zero = tl.zeros([BLOCK_T], tl.float32)
         if SEQ:  # the row's ratio; its gradient comes in pass 3
             rho_is = zero + rho_row
@@ -393,7 +396,7 @@ def policy_loss_fwd_kernel(
 
     # ---- pass 3 (sequence level): the gradient through s_i, the same for every valid token ----
     if SEQ:
-        add = s_grow * rho_row * inv_n
+        add = s_grow * drho_row * inv_n
         for start in range(0, T, BLOCK_T):
             cols = start + tl.arange(0, BLOCK_T)
             inb = cols < T
@@ -418,7 +421,7 @@ def policy_loss_forward(lp, old, adv, mask, ref, ent, roll, keep, iw, sel, row, 
                         kl_straight, kl_clamp, kl_rho, rollout, eps_low, eps_high, dual_clip, delta, cispo_lo,
                         cispo_hi, tau_pos, tau_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
                         kl_coef, entropy_coef, rollout_min, rollout_max, offpolicy_threshold, cov_kl_coef,
-                        dro_beta=0.0, cov_ratio=None, cov_lb=None, cov_ub=None):
+                        dro_beta, log_ratio_cap, cov_ratio=None, cov_lb=None, cov_ub=None):
     """Launch over rows of contiguous [B, T] inputs (mask/sel uint8); optional ones may be None.
 
     Keywords: the fields of ``fastalign.ops.policy_params.KernelParams`` (``**params._asdict()``);
@@ -438,7 +441,7 @@ def policy_loss_forward(lp, old, adv, mask, ref, ent, roll, keep, iw, sel, row, 
         sel if sel is not None else mask, row, dlp,
         T, eps_low, eps_high, dual_clip, delta, cispo_lo, cispo_hi, tau_pos, tau_neg,
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, kl_coef, entropy_coef, rollout_min,
-        rollout_max, offpolicy_threshold if offpol_on else 0.0, cov_kl_coef, dro_beta,
+        rollout_max, offpolicy_threshold if offpol_on else 0.0, cov_kl_coef, dro_beta, log_ratio_cap,
         LT=loss_type, SEQ=seq, KL_ON=ref is not None, KL_TYPE=kl_type, KL_STRAIGHT=bool(kl_straight),
         KL_CLAMP=bool(kl_clamp), KL_RHO=bool(kl_rho), KL_RHO_GRAD_ON=kl_rho == KL_RHO_GRAD,
         ENT_ON=ent is not None, HAS_KEEP=keep is not None, HAS_IW=iw is not None, HAS_ROLL=roll is not None,

@@ -240,3 +240,18 @@ def test_dpo_loss_output_dtypes_match_openrlhf(orl, dtype):
         want = [t.dtype for t in orl.DPOLoss(**kw)(*x)]
         got = [t.dtype for t in fo.DPOLoss(**kw)(*x)]
         assert got == want, (kw, got, want)
+
+
+@pytest.mark.parametrize("case", ["ppo", "ppo_dual_clip", "gspo", "gspo_vs_rollout"])
+def test_diverged_policy_matches_openrlhf(orl, case):
+    """Log-ratios of +-25: OpenRLHF's ppo clamps the log-ratio to [-20, 20] (no gradient there), its gspo
+    sequence ratio has no clamp; the adapter follows both (``log_ratio_cap`` 20, and inf for gspo)."""
+    lp, old, A, m, roll = _batch(11)
+    A = A.clone()
+    A[0], A[3] = -A[0].abs(), -A[3].abs()  # the unclipped branch, -A rho, on the diverged rows
+    old = old.clone()
+    old[0] -= 25.0
+    old[3, :5] += 25.0
+    roll = roll.clone()
+    roll[0] -= 25.0
+    _compare_policy(orl, POLICY_CASES[case], lp, old, A, m, roll, False, case)

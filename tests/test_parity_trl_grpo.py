@@ -127,10 +127,10 @@ def _call_both(config, d, ga, nproc, training, spg, *, old=True, seq_ratio=False
     return (tl, tg, th, tm), (loss, x.grad, h.grad, met)
 
 
-def _compare(trl, ours):
+def _compare(trl, ours, rtol=1e-6):
     tl, tg, th, tm = trl
     loss, g, gh, met = ours
-    assert_close(loss, tl, atol=1e-6, rtol=1e-6, what="loss")
+    assert_close(loss, tl, atol=1e-6, rtol=rtol, what="loss")
     assert_close(g, tg, atol=1e-6, rtol=1e-5, what="d logprobs")
     zeros = torch.zeros_like(loss.new_empty(g.shape))
     assert_close(zeros if gh is None else gh, zeros if th is None else th, atol=1e-6, rtol=1e-5, what="d entropy")
@@ -282,3 +282,19 @@ def test_ratio_computed_from_sampling_logprobs(mode, lo, hi):
     loss.backward()
     assert_close(loss, trl[0], atol=1e-6, rtol=1e-6, what="loss")
     assert_close(x.grad, trl[1], atol=1e-6, rtol=1e-5, what="d logprobs")
+
+
+@pytest.mark.parametrize("case", ["grpo", "grpo_kl_bias_corrected_delta", "gspo_delta_offpolicy", "cispo_sequence",
+                                  "sapo", "luspo_sequence"])
+def test_diverged_policy_matches_trl(case):
+    """Log-ratios of +-25 (a ratio beyond e^20, on whole sequences): TRL's ratio has no clamp, and the
+    profile passes ``log_ratio_cap=inf``, so loss and gradient still equal TRL's (the default clamp at 20
+    gives another loss and a zero gradient there)."""
+    d = batch(seed=7)
+    d["old"] = d["old"].clone()
+    d["old"][0] -= 25.0
+    d["old"][2, :4] += 25.0
+    trl, ours = _call_both(CASES[case], d, 1, 1, True, 1)
+    if case in ("grpo", "luspo_sequence"):  # no delta, no bounded weight: the ratio's e^25 reaches loss and gradient
+        assert trl[0].abs() > 1e8 and trl[1].abs().max() > 1e8
+    _compare(trl, ours, rtol=1e-5)  # fp32 sums of terms of order e^25

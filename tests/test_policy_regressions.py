@@ -205,3 +205,43 @@ def test_make_skips_the_cache_while_compiling(monkeypatch):
     assert cfg.eps_high == 0.31
     after = policy_config._from_options.cache_info()
     assert (after.hits, after.misses) == (before.hits, before.misses)
+
+
+# ------------------------------------------------------------------ the importance log-ratio clamp
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("cap", [20.0, 3.0, math.inf])
+@pytest.mark.parametrize("opts", [dict(loss_type="ppo"), dict(loss_type="ppo", importance_sampling_level="sequence"),
+                                  dict(loss_type="cispo"), dict(loss_type="sapo", importance_sampling_level="sequence"),
+                                  dict(loss_type="dppo_tv", delta=1e12),
+                                  dict(loss_type="reinforce", kl_coef=0.1, kl_rho="grad")],
+                         ids=["ppo", "ppo_sequence", "cispo", "sapo_sequence", "dppo_tv", "kl_rho"])
+def test_log_ratio_cap(backend, cap, opts):
+    """``log_ratio_cap``: the ratio is exp(clamp(l, -c, c)) (the sequence mean at sequence level), with no
+    gradient where the clamp binds; inf clamps nothing. Rows with |l| (and |mean l|) past 3 and past 20,
+    both signs, against the float64 reference (the sequence-level gradient past the clamp was the row's
+    ratio on both kernels, where torch.clamp passes 0)."""
+    lp, old, A, m, ref = _small()
+    old = old.clone()
+    old[0] -= 25.0  # l ~ +25
+    old[1, :2] += 4.0  # l ~ -4 on two tokens: mean ~ -2, inside cap 3 at sequence level
+    A = -A.abs()  # the unclipped branch, which carries the ratio's gradient
+    kw = dict(opts, log_ratio_cap=cap)
+    if "kl_rho" in kw:
+        kw["ref_logprobs"] = ref
+    got = _fa(backend, lp, old, A, m, **kw)
+    want = _ref(lp, old, A, m, **kw)
+    torch.testing.assert_close(got[0], want[0], rtol=2e-5, atol=1e-5)
+    torch.testing.assert_close(got[2], want[2], rtol=2e-5, atol=1e-5)
+
+
+def test_log_ratio_cap_values_and_rows():
+    for bad in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="log_ratio_cap"):
+            fastalign.PolicyConfig(log_ratio_cap=bad)
+    with pytest.raises(TypeError, match="log_ratio_cap"):
+        fastalign.PolicyConfig(log_ratio_cap="20")
+    for row in ("gspo", "gmpo", "reinforce", "vespo", "clip_cov", "kl_cov"):
+        with pytest.raises(ValueError, match="log_ratio_cap does not apply"):
+            fastalign.PolicyConfig(loss_type=row, log_ratio_cap=math.inf)
+    fastalign.PolicyConfig(loss_type="reinforce", kl_coef=0.1, kl_rho=True, log_ratio_cap=5.0)

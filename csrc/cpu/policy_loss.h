@@ -37,7 +37,7 @@ constexpr int64_t kChunk = 512;
   X(float, vespo_k_pos) X(float, vespo_lambda_pos) X(float, vespo_k_neg) X(float, vespo_lambda_neg)  \
   X(float, kl_coef) X(float, entropy_coef) X(float, rollout_min) X(float, rollout_max)               \
   X(float, offpolicy_threshold) X(float, cov_kl_coef) X(float, cov_ratio) X(float, cov_lb)           \
-  X(float, cov_ub) X(float, dro_beta)
+  X(float, cov_ub) X(float, dro_beta) X(float, log_ratio_cap)
 
 struct PolicyParams {
 #define FA_FIELD(type, name) type name;

@@ -61,7 +61,7 @@ FASTALIGN_KERNEL_BODY uint32_t chunk_body(const Cfg& c, const Row& R, const RowC
   const bool kl_clamp = c.kl_clamp != 0;
   const bool is_k1 = c.kl_type == kK1, is_abs = c.kl_type == kAbs, is_k2 = c.kl_type == kK2, is_k3 = c.kl_type == kK3;
   const bool straight = c.kl_straight != 0;
-  const float w_row = PLAIN ? 1.f : x.w_row, rho_row = x.rho_row;
+  const float w_row = PLAIN ? 1.f : x.w_row, rho_row = x.rho_row, cap = c.log_ratio_cap;
   // 1 where the token's own ratio carries the gradient (0 at sequence level: see row_finish)
   constexpr float w_tok = SEQ ? 0.f : 1.f;
   const bool kl_grad = c.kl_rho == kKLRhoGrad;
@@ -102,8 +102,8 @@ FASTALIGN_KERNEL_BODY uint32_t chunk_body(const Cfg& c, const Row& R, const RowC
     const bool v = vb[t] != 0.f;
     const float x_lp = c_lp[t], a = c_adv[t];
     const float l = x_lp - c_old[t];
-    const float rho_c = exp_f32(clampf(l, -20.f, 20.f));
-    const float drho_c = ((l >= -20.f) & (l <= 20.f)) ? rho_c : 0.f;
+    const float rho_c = exp_f32(clampf(l, -cap, cap));
+    const float drho_c = ((l >= -cap) & (l <= cap)) ? rho_c : 0.f;
     // the importance ratio of the row and its own d/d(lp) (0 at sequence level: see d_row below)
     const float rho_is = SEQ ? rho_row : rho_c;
     const float sbt = SCAN ? 0.f : sb[t];
@@ -182,7 +182,7 @@ FASTALIGN_KERNEL_BODY void row_finish(const Cfg& c, const Row& R, const RowCtx& 
   t[0] += x.gmpo_row;
   t[10] = x.vespo_phi;
   if (c.is_level != 0 && R.dlp != nullptr) {
-    const float add = grow * x.rho_row * x.inv_n;
+    const float add = grow * x.drho_row * x.inv_n;
     const uint8_t* __restrict mask = R.mask;
     float* __restrict dlp = R.dlp;
 #pragma omp simd

@@ -1,9 +1,9 @@
 // The policy-gradient loss table (docs/math.md#policy-losses): one row per loss type, as the
 // per-token term loss_row<LT> and the row-level quantities of pass 1 (row_stats).
 //
-// Per token t (fp32, v = mask), l = lp - old, rho = exp(clamp(l, -20, 20))
-// (importance_sampling_level = sequence: rho = s_i = exp(clamp(mean_v l, -20, 20)) for every
-// token of the row). A loss row gives pg_t and its derivative dpg_t = d_own_t + d_rho_t drho_t/dlp_t
+// Per token t (fp32, v = mask), l = lp - old, rho = exp(clamp(l, -c, c)), c = log_ratio_cap
+// (importance_sampling_level = sequence: rho = s_i = exp(clamp(mean_v l, -c, c)) for every
+// token of the row); no gradient through rho where the clamp binds, as torch.clamp. A loss row gives pg_t and its derivative dpg_t = d_own_t + d_rho_t drho_t/dlp_t
 // (d_rho: derivative in rho), plus the clip metrics. Loss types (LT), r1 = min(rho, delta):
 //   ppo      L1 = -A r1, L2 = -A clip(rho, 1-el, 1+eh), max(L1, L2) (L2 only if strictly
 //            larger), dual clip min(., -cA) for A < 0 (only if strictly larger)
@@ -65,7 +65,7 @@ static inline float vespo_phi(const Cfg& c, bool pos, float logw, float w) {
 // Row-level quantities from pass 1 that the token loop needs.
 struct RowCtx {
   float w_row, rho_row, gmpo_G, gmpo_row, vespo_logw, vespo_w, vespo_phi, inv_n;
-  float drho_row;  // gspo: d rho_row / d(mean l) (0 above the cap)
+  float drho_row;  // d rho_row / d(mean l): gspo and sequence level (0 where the cap binds)
 };
 
 // ---- pass 1: per-row sums (only what the configuration needs) ----
@@ -121,7 +121,11 @@ FASTALIGN_KERNEL_BODY RowCtx row_stats(const Cfg& c, const Row& R) {
     x.rho_row = std::exp(clampf(mean_l, -kHuge, 10.f));  // keeps NaN
     x.drho_row = mean_l > 10.f ? 0.f : x.rho_row;       // torch.clamp(max=10): no gradient above the cap
   }
-  if (c.is_level != 0) x.rho_row = std::exp(clampf(sl * inv_n, -20.f, 20.f));
+  if (c.is_level != 0) {
+    const float mean_l = sl * inv_n, cap = c.log_ratio_cap;
+    x.rho_row = std::exp(clampf(mean_l, -cap, cap));
+    x.drho_row = ((mean_l >= -cap) & (mean_l <= cap)) ? x.rho_row : 0.f;
+  }
   if (LT == kGMPO && n1 > 0.f) {
     const float seq = -std::exp(sc * inv_n) * (sa * inv_n);
     x.gmpo_row = x.w_row * sw * seq * (c.iw_on ? std::exp(sli * inv_n) : 1.f);
@@ -155,7 +159,7 @@ FASTALIGN_KERNEL_BODY LossConsts loss_consts(const Cfg& c, const RowCtx& x) {
                     x.rho_row, x.gmpo_G, x.vespo_logw, x.vespo_w, x.drho_row};
 }
 
-// One token's inputs to a loss row. rho_c = exp(clamp(l, -20, 20)) and drho_c its d/d(lp);
+// One token's inputs to a loss row. rho_c = exp(clamp(l, -c, c)) and drho_c its d/d(lp);
 // rho_is: the importance ratio of the row (rho_c, or s_i at sequence level).
 struct TokenIn {
   float lp, old, a, l, rho_c, drho_c, rho_is;

@@ -40,10 +40,8 @@ Where Liger's behaviour differs from TRL's, this module follows Liger:
 * the clip ratio counts ``rho < 1 - eps_low`` with ``A < 0`` or ``rho > 1 + eps_high`` with ``A > 0``
   (cispo: ``rho > epsilon_high`` with ``A > 0``; sapo, vespo: 0) per token, before ``delta``.
 
-Deviation: fastalign's ratio is ``exp(clamp(l, -20, 20))`` (the sequence ratio ``exp(clamp(mean_m l,
--20, 20))``), with no gradient beyond the clamp; Liger's ``coef_1`` has no clamp. Loss and gradient
-differ only where ``|l| > 20`` (a ratio beyond ``e^20``, a diverged policy); no option of
-:class:`fastalign.PolicyConfig` carries the cap.
+The ratio is ``exp(l)`` (or ``exp(mean_m l)``) with no clamp, as Liger's ``coef_1``
+(``PolicyConfig.log_ratio_cap = inf``).
 
 Preference losses (``lc``, ``lr``: the chosen / rejected log-probs, summed over the tokens whose
 target is not ``ignore_index``, or averaged with ``average_log_prob``; ``lc0``, ``lr0`` the
@@ -82,7 +80,7 @@ from fastalign.linear import linear_logprobs
 from fastalign.linear_policy import policy_step
 from fastalign.linear_step import separable_step
 from fastalign.policy import policy_loss
-from fastalign.policy_config import PolicyConfig
+from fastalign.policy_config import PolicyConfig, log_ratio_cap_option
 from fastalign.preference import preference_loss, unpaired_preference_loss
 
 __all__ = ["LigerFusedLinearGRPOLoss", "LigerFusedLinearDPOLoss", "LigerFusedLinearCPOLoss",
@@ -173,6 +171,7 @@ class LigerFusedLinearGRPOLoss(nn.Module):
         if self.beta != 0.0 and use_ref_model:
             opts.update(kl_coef=self.beta, kl_type="k3", kl_clamp=False,
                         kl_rho="grad" if self.use_bias_correction_kl else False)
+        opts.update(log_ratio_cap_option(row, opts.get("kl_rho", False), math.inf))  # Liger's ratio has no clamp
         self.config = PolicyConfig(**opts)
 
     def forward(self, _input: Tensor, lin_weight: Tensor, selected_token_ids: Tensor, attention_mask: Tensor,

@@ -35,15 +35,14 @@ pairs; returns ``(loss, chosen_rewards, rejected_rewards)``, ``β(pc - rc)`` and
 detached, per pair, in the inputs' dtype as OpenRLHF (bf16 in, bf16 out; computed in fp32, then
 cast). ``label_smoothing`` in ``[0, 1]``, as OpenRLHF; with ``ipo`` it raises (OpenRLHF ignores it).
 
-Deviation: the ppo ratio clamps ``l`` to ``[-20, 20]`` as OpenRLHF does, but the gspo sequence
-ratio is also ``exp(clamp(mean_m l, -20, 20))`` (fastalign's sequence-level clamp), where OpenRLHF
-has no cap: loss and gradient differ once a sequence's mean log-ratio passes ``±20`` (a ratio
-beyond ``e^20``, a diverged policy). No option of :class:`fastalign.PolicyConfig` carries the cap.
+The ppo ratio clamps ``l`` to ``[-20, 20]`` as OpenRLHF does (``PolicyConfig.log_ratio_cap``, no
+gradient where the clamp binds); the gspo sequence ratio ``exp(mean_m l)`` has no clamp, as OpenRLHF's.
 
 Nothing here imports OpenRLHF.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -96,8 +95,8 @@ class PolicyLoss(torch.nn.Module):
         self.is_correction_threshold = (low, high)
         opts = dict(loss_type="ppo", eps_low=self.clip_eps_low, eps_high=self.clip_eps_high,
                     agg="token-mean" if self.token_level_loss else "seq-mean-token-mean")
-        if policy_loss_type == "gspo":
-            opts["importance_sampling_level"] = "sequence"
+        if policy_loss_type == "gspo":  # exp(mean l) with no clamp (ppo clamps l to [-20, 20], the default)
+            opts.update(importance_sampling_level="sequence", log_ratio_cap=math.inf)
         if not self.token_level_loss:
             opts["seq_count"] = "nonempty"
         if dual_clip is not None:

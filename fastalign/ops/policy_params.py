@@ -44,6 +44,7 @@ class KernelParams(NamedTuple):
     cov_lb: float
     cov_ub: float
     dro_beta: float
+    log_ratio_cap: float
 
     @classmethod
     def from_list(cls, values) -> "KernelParams":

@@ -132,7 +132,7 @@ def policy_loss(
     rollout_correction=None, rollout_min=None, rollout_max=2.0, entropy_quantile=None, offpolicy_threshold=None,
     importance_weights=None, cispo_bounds=None, sapo_tau=(1.0, 1.05), vespo_k=(2.0, 3.0),
     vespo_lambda=(3.0, 2.0), cov_selected=None, cov_kl_coef=1.0, seq_count=None, global_tokens=None,
-    global_seqs=None, dp_size=1, max_len=None, dro_beta=None, entropy_threshold=None,
+    global_seqs=None, dp_size=1, max_len=None, dro_beta=None, entropy_threshold=None, log_ratio_cap=20.0,
 ):
     """(loss, metrics) of docs/math.md#policy-losses with the added terms and the aggregation.
 
@@ -141,7 +141,8 @@ def policy_loss(
     the fraction of kept tokens it truncates;
     ``cov_selected`` (bool [B, T]) are the Clip-Cov / KL-Cov picks (see :func:`cov_selection`).
     ``importance_sampling_level="sequence"``: the ratio is ``exp(mean_m l)`` per sequence, with
-    its gradient through every token of the sequence.
+    its gradient through every token of the sequence. The ratio's log (the token's, or the sequence mean)
+    is clamped to ``[-log_ratio_cap, log_ratio_cap]`` (``math.inf``: not clamped).
     """
     m = m.to(lp.dtype)
     A = A.to(lp.dtype)
@@ -159,9 +160,9 @@ def policy_loss(
     row_n = m.sum(-1)
     seq_level = importance_sampling_level == "sequence"
     if seq_level:
-        rho_is = torch.exp(torch.clamp(_row_mean(l, m), -20.0, 20.0))[:, None].expand_as(lp)
+        rho_is = torch.exp(torch.clamp(_row_mean(l, m), -log_ratio_cap, log_ratio_cap))[:, None].expand_as(lp)
     else:
-        rho_is = torch.exp(torch.clamp(l, -20.0, 20.0))
+        rho_is = torch.exp(torch.clamp(l, -log_ratio_cap, log_ratio_cap))
     iw = None
     if importance_weights is not None:
         iw = importance_weights.to(lp.dtype).detach()

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from fastalign.policy import entropy_quantile, policy_loss
-from fastalign.policy_config import PolicyConfig
+from fastalign.policy_config import PolicyConfig, log_ratio_cap_option
 
 __all__ = ["GRPOLoss", "entropy_threshold", "grpo_policy_config"]
 
@@ -129,6 +129,8 @@ def grpo_policy_config(args: Any, *, sampling_correction: bool = False) -> Polic
     q = float(_read(args, "top_entropy_quantile"))
     if q < 1.0:
         opts["entropy_quantile"] = q
+    # TRL's ratio is exp(l) (or exp(mean l)) with no clamp
+    opts.update(log_ratio_cap_option(row, opts.get("kl_rho", False), math.inf))
     if _read(args, "off_policy_mask_threshold") is not None:
         opts["offpolicy_threshold"] = float(_read(args, "off_policy_mask_threshold"))
     coef = float(_read(args, "entropy_coef"))
