@@ -3,7 +3,8 @@
 Every loss module (``PolicyLoss``, ``LinearPolicyLoss``, ``PreferenceLoss``, ``LinearPreferenceLoss``)
 checks its whole configuration at construction, and the functions check theirs at the call, with these
 helpers: a misspelled option name is a ``TypeError`` naming it with the closest valid name; a value
-outside its choices is a ``ValueError`` naming the option, with the closest valid value.
+outside its choices is a ``ValueError`` naming the option, with the closest valid value; an option set
+for a loss that does not read it is a ``ValueError`` naming the option and the losses that read it.
 """
 from __future__ import annotations
 
@@ -34,3 +35,11 @@ def check_choice(name: str, value, choices: Iterable, what: str = "") -> None:
     choices = tuple(choices)
     if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
         raise ValueError(f"{name} must be one of {choices}{what}, got {value!r}{did_you_mean(value, choices)}")
+
+
+def check_read(option: str, given: bool, loss_type, rows: Iterable[str], readers: Iterable[str]) -> None:
+    """``ValueError`` when ``option`` is ``given`` (set off its default) and none of ``rows`` (the loss rows of
+    ``loss_type``, as the caller named it) is one of ``readers``, the rows that read it."""
+    readers = tuple(readers)
+    if given and not any(r in readers for r in rows):
+        raise ValueError(f"{option} does not apply to loss_type {loss_type!r} (only {', '.join(readers)} read it)")

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from fastalign import _validate
-from fastalign._options import check_choice, check_names
+from fastalign._options import check_choice, check_names, check_read
 from fastalign.aggregate import check_agg
 from fastalign.kl import canonical_kl
 from fastalign.ops.policy_params import KernelParams
@@ -185,9 +185,7 @@ class PolicyConfig:
             raise ValueError(f"eps_low and eps_high must be >= 0, got {self.eps_low}, {self.eps_high}")
         if not self.log_ratio_cap > 0:
             raise ValueError(f"log_ratio_cap must be > 0 (math.inf: no clamp), got {self.log_ratio_cap}")
-        if self.log_ratio_cap != LOG_RATIO_CAP and self.row not in _RATIO_ROWS and self.kl_rho is False:
-            raise ValueError(f"log_ratio_cap does not apply to loss_type {self.loss_type!r} (only to "
-                             f"{', '.join(_RATIO_ROWS)}, or with kl_rho)")
+        self._only("log_ratio_cap", self.log_ratio_cap != LOG_RATIO_CAP and self.kl_rho is False, _RATIO_ROWS)
         self._only("dual_clip", self.dual_clip is not None, ("ppo",))
         if self.dual_clip is not None and not self.dual_clip > 1.0:
             raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
@@ -265,8 +263,7 @@ class PolicyConfig:
         return tuple(out)
 
     def _only(self, name: str, given: bool, rows: tuple) -> None:
-        if given and self.row not in rows:
-            raise ValueError(f"{name} does not apply to loss_type {self.loss_type!r} (only to {', '.join(rows)})")
+        check_read(name, given, self.loss_type, (self.row,), rows)
 
     # ------------------------------------------------------------------ resolved values
     @property

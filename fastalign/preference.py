@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from fastalign import _validate
 from fastalign._deprecate import renamed
-from fastalign._options import check_choice, check_names, did_you_mean
+from fastalign._options import check_choice, check_names, check_read, did_you_mean
 from fastalign.sequence import _floating, sequence_logprobs
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -267,12 +267,9 @@ ROW_OPTIONS: Dict[str, Tuple[Tuple[str, ...], object]] = {
 def _check_rows_read(types, given: dict) -> None:
     for name, value in given.items():
         rows, default = ROW_OPTIONS[name]
-        if any(t in rows for t in types):
-            continue
         unchanged = value is None if default is None else (not isinstance(value, Tensor) and value == default)
-        if not unchanged:
-            shown = "a tensor" if isinstance(value, Tensor) else repr(value)
-            raise ValueError(f"{name}={shown} does not apply to loss_type {list(types)}: only {list(rows)} read it")
+        shown = "a tensor" if isinstance(value, Tensor) else repr(value)
+        check_read(f"{name}={shown}", not unchanged, list(types), types, rows)
 
 
 def _check_options(types, beta, label_smoothing, smoothed_losses, f_divergence, f_alpha, f_length_average,
