@@ -19,6 +19,24 @@ def check_agg(agg: str) -> str:
     return agg
 
 
+def counts_read(agg: str, global_tokens: Count = None, global_seqs: Count = None) -> dict:
+    """The global counts ``agg`` divides by, of those given: ``global_tokens`` for token-mean,
+    ``global_seqs`` for the seq-mean modes, none for token-sum (a trainer that always has both
+    passes them through this)."""
+    given = {"global_tokens": global_tokens if agg == "token-mean" else None,
+             "global_seqs": global_seqs if agg.startswith("seq-mean") else None}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def check_counts(agg: str, global_tokens: Count = None, global_seqs: Count = None) -> None:
+    """``ValueError`` naming a global count given to an aggregation that does not divide by it."""
+    read = counts_read(agg, global_tokens, global_seqs)
+    for name, value in (("global_tokens", global_tokens), ("global_seqs", global_seqs)):
+        if value is not None and name not in read:
+            raise ValueError(f"{name} does not apply to agg={agg!r} (token-mean divides by global_tokens, "
+                             f"the seq-mean modes by global_seqs, token-sum by neither)")
+
+
 def _count(x: Count, like: Tensor) -> Tensor:
     if isinstance(x, Tensor):
         return x.to(device=like.device, dtype=torch.float32)
@@ -71,13 +89,15 @@ def aggregate_loss(per_token_loss: Tensor, response_mask: Tensor, agg: str = "to
     ``N_glob`` (``global_tokens``) and ``B_glob`` (``global_seqs``, non-empty sequences) are the
     counts over the whole optimizer step and all data-parallel ranks (ints or device tensors);
     without them the local counts are used. With them, averaging the gradients of ``dp_size``
-    ranks gives exactly the gradient of the global mean.
+    ranks gives exactly the gradient of the global mean. A count the aggregation does not divide by
+    raises ``ValueError`` (:func:`counts_read` keeps those it does).
     """
     _validate.floating("per_token_loss", per_token_loss, dim=2)
     _validate.real("response_mask", response_mask, dim=2)
     _validate.shape("response_mask", response_mask, per_token_loss.shape, "per_token_loss.shape")
     _validate.same_device(per_token_loss=per_token_loss, response_mask=response_mask)
     check_agg(agg)
+    check_counts(agg, global_tokens, global_seqs)
     _validate.counts(global_tokens=global_tokens, global_seqs=global_seqs, dp_size=dp_size, max_len=max_len)
     m = response_mask.to(torch.float32)
     L = torch.where(m > 0, per_token_loss.float(), torch.zeros((), device=m.device))

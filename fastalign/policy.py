@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from fastalign import _backend, _validate
-from fastalign.aggregate import aggregate_rows
+from fastalign.aggregate import aggregate_rows, check_counts
 from fastalign.ops import policy_loss as _ops
 from fastalign.policy_config import FIELDS, LOSS_TYPES, PRESETS, ROLLOUT_MODES, PolicyConfig  # noqa: F401
 
@@ -115,7 +115,8 @@ def policy_loss(
     ``entropy_quantile``.
 
     ``global_tokens`` / ``global_seqs`` are the step-wide counts of docs/math.md#aggregation (ints or device
-    tensors; with ``dp_size`` they make micro-batching and data parallelism exact);
+    tensors; with ``dp_size`` they make micro-batching and data parallelism exact): ``global_tokens`` for
+    ``token-mean``, ``global_seqs`` for the seq-mean modes; a count the aggregation does not read raises);
     ``generator`` seeds the Clip-Cov choice. Inputs are ``[B, T]`` (advantages may be ``[B]``),
     fp32/bf16/fp16; math is fp32.
 
@@ -148,6 +149,7 @@ def policy_loss(
     _validate.shape("advantages", advantages, shape, "logprobs.shape (or [B])")
     _validate.real("response_mask", response_mask, dim=2)
     _validate.shape("response_mask", response_mask, shape, "logprobs.shape")
+    check_counts(cfg.resolved_agg, global_tokens, global_seqs)
     _validate.counts(global_tokens=global_tokens, global_seqs=global_seqs, dp_size=cfg.dp_size, max_len=cfg.max_len)
     for name, t in (("ref_logprobs", ref_logprobs), ("entropy", entropy), ("rollout_logprobs", rollout_logprobs)):
         if t is not None:

@@ -29,6 +29,7 @@ CONFIGS = {
     "rollout_correction+offpolicy": dict(loss_type="ppo", rollout_correction="token_truncate",
                                          offpolicy_threshold=0.05),
     "global_counts": dict(loss_type="ppo", agg="seq-mean-token-mean", dp_size=2),
+    "global_token_count": dict(loss_type="ppo", agg="token-mean", dp_size=2),
     "sequence_ratio": dict(loss_type="ppo", importance_sampling_level="sequence", eps_low=3e-4, eps_high=4e-4),
     "dppo_tv+reinforce_kl": dict(loss_type="dppo_tv", kl_coef=0.1, kl_type="k2"),
     "gpg": dict(loss_type="gpg", entropy_coef=0.01),
@@ -83,10 +84,13 @@ def block_mib(request, monkeypatch):
     monkeypatch.setenv("FASTALIGN_BLOCK_MIB", request.param)
 
 
+GLOBAL_COUNTS = {"global_counts": {"global_seqs": 7}, "global_token_count": {"global_tokens": torch.tensor(40.0)}}
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_single_pass_equals_two_passes(name, block_mib):
     d = make(seed=1)
-    call = {"global_tokens": torch.tensor(40.0), "global_seqs": 7} if name == "global_counts" else {}
+    call = GLOBAL_COUNTS.get(name, {})
     check_same(run(d, CONFIGS[name], True, **call), run(d, CONFIGS[name], False, **call))
 
 
@@ -132,7 +136,7 @@ def test_token_separable_losses_take_blocks_of_tokens(name, monkeypatch):
     monkeypatch.setattr(linear_policy, "_single_pass", lambda *a: calls.append(a[5].shape) or orig(*a))
     monkeypatch.setenv("FASTALIGN_BLOCK_MIB", str(3 * V * 4 / 2**20))
     d = make(seed=4)
-    call = {"global_tokens": torch.tensor(40.0), "global_seqs": 7} if name == "global_counts" else {}
+    call = GLOBAL_COUNTS.get(name, {})
     auto = run(d, CONFIGS[name], "auto", **call)
     separable = fastalign.PolicyConfig(**CONFIGS[name]).token_separable
     assert calls == ([(B * T, 1)] if separable else [])  # the labels, one token per item

@@ -9,6 +9,7 @@ import torch
 
 import fastalign
 from fastalign import reference
+from fastalign.aggregate import counts_read
 from fastalign.ops import policy_loss as ops
 from helpers import assert_close, rank_body
 
@@ -188,8 +189,22 @@ def test_kl_estimators_are_unbiased_and_have_their_gradients():
 def test_aggregations(cpu_backend, agg, globals_):
     batch = make_batch(seed=8)
     batch["m"][2] = False  # an empty row
-    kw = dict(global_tokens=300, global_seqs=11, dp_size=4) if globals_ else {}
+    kw = dict(counts_read(agg, global_tokens=300, global_seqs=11), dp_size=4) if globals_ else {}
     check(*run(batch, cpu_backend, agg=agg, kl_coef=0.1, entropy_coef=0.01, **kw))
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_a_count_the_aggregation_does_not_read_raises(agg):
+    """token-mean divides by global_tokens, the seq-mean modes by global_seqs, token-sum by neither: the
+    other count would be silently ignored, so it raises, in policy_loss and aggregate_loss alike."""
+    batch = make_batch(seed=3)
+    unread = [k for k in ("global_tokens", "global_seqs") if k not in counts_read(agg, 300, 11)]
+    assert unread
+    for name in unread:
+        with pytest.raises(ValueError, match=f"{name} does not apply to agg"):
+            fastalign.policy_loss(batch["lp"], batch["old"], batch["A"], batch["m"], agg=agg, **{name: 5})
+        with pytest.raises(ValueError, match=f"{name} does not apply to agg"):
+            fastalign.aggregate_loss(batch["lp"], batch["m"], agg, **{name: 5})
 
 
 def test_clip_boundaries_exact(cpu_backend):
@@ -386,7 +401,7 @@ def test_kl_penalty_public(kind):
 def test_aggregate_loss_public(agg):
     d = make_batch(seed=18)
     L = torch.randn(d["lp"].shape)
-    for kw in ({}, dict(global_tokens=torch.tensor(123), global_seqs=9, dp_size=3)):
+    for kw in ({}, dict(counts_read(agg, global_tokens=torch.tensor(123), global_seqs=9), dp_size=3)):
         got = fastalign.aggregate_loss(L, d["m"], agg, **kw)
         exp = reference.aggregate_loss(L.double(), d["m"], agg, **{k: (v.item() if torch.is_tensor(v) else v)
                                                                    for k, v in kw.items()})
@@ -501,8 +516,8 @@ def _dp_worker(rank, world, init_file, q):
         for agg in ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]:
             x = d["lp"][rows].clone().requires_grad_(True)
             loss, _ = fastalign.policy_loss(x, d["old"][rows], d["A"][rows], d["m"][rows], agg=agg,
-                                            ref_logprobs=d["ref"][rows], kl_coef=0.1, global_tokens=n_glob,
-                                            global_seqs=b_glob, dp_size=world)
+                                            ref_logprobs=d["ref"][rows], kl_coef=0.1, dp_size=world,
+                                            **counts_read(agg, global_tokens=n_glob, global_seqs=b_glob))
             loss.backward()
             res[agg] = x.grad.tolist()  # plain lists: tensors would be shared through fds
         # KL-Cov with covariance means all-reduced over the group

@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastalign as fa
+from fastalign.aggregate import counts_read
 from fastalign.reference import advantages as ref_adv
 from fastalign.reference import linear as ref_lin
 from fastalign.reference import logprobs as ref_lp
@@ -243,8 +244,8 @@ def test_aggregate_loss(B, T, dtype, agg, mask_dtype, junk, counts, dp_size, see
     kw = {}
     if counts is not None:
         n_tok, n_seq = int(m.sum()) + 3, int((m.sum(-1) > 0).sum()) + 1
-        kw = (dict(global_tokens=n_tok, global_seqs=n_seq) if counts == "int"
-              else dict(global_tokens=torch.tensor(float(n_tok)), global_seqs=torch.tensor(n_seq)))
+        kw = counts_read(agg, **(dict(global_tokens=n_tok, global_seqs=n_seq) if counts == "int"
+                                 else dict(global_tokens=torch.tensor(float(n_tok)), global_seqs=torch.tensor(n_seq))))
         kw["dp_size"] = dp_size
     Lj = torch.where(m, L, torch.tensor(math.nan if junk else 0.0, dtype=dtype))  # masked slots never count
     x = Lj.clone().requires_grad_()

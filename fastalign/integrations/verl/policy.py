@@ -43,7 +43,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
-from fastalign.aggregate import aggregate_loss
+from fastalign.aggregate import aggregate_loss, counts_read
 from fastalign.kl import kl_penalty
 from fastalign.policy import policy_loss
 from fastalign.policy_config import PolicyConfig
@@ -168,14 +168,14 @@ class VerlPolicyLoss:
                  rollout_is_weights: Optional[Tensor] = None, dp_size: int = 1, batch_num_tokens=None,
                  global_batch_size=None) -> tuple[Tensor, dict]:
         cfg = self.config
-        pg_counts = dict(global_tokens=batch_num_tokens, global_seqs=global_batch_size)
-        if self.mode == "geo_mean":
-            pg_counts = {}
-        elif dp_size != 1:
+        # verl passes both counts; each aggregation reads its own
+        own_agg = _OWN_AGG.get(self.mode, self.loss_agg_mode)
+        pg_counts = {} if self.mode == "geo_mean" else counts_read(own_agg, batch_num_tokens, global_batch_size)
+        if self.mode != "geo_mean" and dp_size != 1:
             cfg = PolicyConfig.make(cfg, dp_size=int(dp_size))
         # the aggregations verl's agg_loss runs: the policy term's (geo_mean: a plain local mean, no counts)
         # and, for the KL and entropy terms, loss_agg_mode
-        aggs = [] if self.mode == "geo_mean" else [_OWN_AGG.get(self.mode, self.loss_agg_mode)]
+        aggs = [] if self.mode == "geo_mean" else [own_agg]
         if self.use_kl or (entropy is not None and self.entropy_coeff != 0.0):
             aggs.append(self.loss_agg_mode)
         _check_global_counts(aggs, int(dp_size), batch_num_tokens, global_batch_size)
@@ -193,7 +193,7 @@ class VerlPolicyLoss:
                 - self.kl_coef * terms.get("kl_loss", 0.0)
         else:
             pg = loss.detach()
-            kw = dict(global_tokens=batch_num_tokens, global_seqs=global_batch_size, dp_size=int(dp_size))
+            kw = dict(counts_read(self.loss_agg_mode, batch_num_tokens, global_batch_size), dp_size=int(dp_size))
             if self.loss_agg_mode == "seq-mean-token-sum-norm":
                 lsf = _get(self.actor, "loss_scale_factor")
                 kw["max_len"] = None if lsf is None else int(lsf)
