@@ -84,30 +84,40 @@ def logit_pipeline(device: torch.device, options: dict) -> LogitPipeline:
                          backend=_backend.resolve(device, options.get("backend")))
 
 
+def check_head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None, prefix: str = "") -> None:
+    """Check hidden states ``[..., H]``, an lm_head weight ``[V, H]`` and its bias ``[V]`` against each other (a
+    ``ValueError`` / ``TypeError`` naming the bad one): float dtypes, the weight's dtype that of the hidden states,
+    the shapes, a non-empty vocabulary and hidden size. ``prefix`` starts every name in the messages
+    (``"teacher_"``: ``teacher_hidden``, ``teacher_weight``, ``teacher_bias``)."""
+    _validate.floating(f"{prefix}hidden", hidden, min_dim=1)
+    _validate.floating(f"{prefix}weight", weight, dim=2)
+    if bias is not None:
+        _validate.floating(f"{prefix}bias", bias, dim=1)
+    H = hidden.shape[-1]
+    V = weight.shape[0]
+    if weight.shape[1] != H:
+        raise ValueError(f"{prefix}weight must have shape (V, {H}) ({prefix}hidden.shape[-1] = {H}), got "
+                         f"{tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{prefix}weight must have the dtype of {prefix}hidden ({hidden.dtype}), got {weight.dtype}")
+    if bias is not None and tuple(bias.shape) != (V,):
+        raise ValueError(f"{prefix}bias must have shape ({V},) ({prefix}weight.shape[0]), got {tuple(bias.shape)}")
+    if V == 0:
+        raise ValueError(f"{prefix}weight must have a non-empty vocabulary (first) dimension")
+    _validate.nonempty(f"{prefix}hidden", hidden, -1, "hidden-size (last)")
+
+
 def check_head_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
                       low_rank=None) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """Check hidden states, lm_head weight (bias, low-rank term) and labels against each other (a
     ``ValueError`` / ``TypeError`` naming the bad one): dtypes, devices and shapes as
-    :func:`linear_logprobs` takes them. Returns the low-rank term's ``(a, L)``, or ``(None, None)``."""
-    _validate.floating("hidden", hidden, min_dim=1)
-    _validate.floating("weight", weight, dim=2)
+    :func:`linear_logprobs` takes them (:func:`check_head`, then the labels and devices). Returns the
+    low-rank term's ``(a, L)``, or ``(None, None)``."""
+    check_head(hidden, weight, bias)
     _validate.integer("labels", labels)
-    if bias is not None:
-        _validate.floating("bias", bias, dim=1)
     _validate.same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
-    H = hidden.shape[-1]
-    V = weight.shape[0]
-    if weight.shape[1] != H:
-        raise ValueError(f"weight must have shape (V, {H}) (hidden.shape[-1] = {H}), got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
-    if bias is not None and tuple(bias.shape) != (V,):
-        raise ValueError(f"bias must have shape ({V},) (weight.shape[0]), got {tuple(bias.shape)}")
     _validate.shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
-    if V == 0:
-        raise ValueError("weight must have a non-empty vocabulary (first) dimension")
-    _validate.nonempty("hidden", hidden, -1, "hidden-size (last)")
-    return _low_rank(low_rank, hidden, V)
+    return _low_rank(low_rank, hidden, weight.shape[0])
 
 
 def _low_rank(low_rank, hidden: Tensor, V: int) -> tuple[Optional[Tensor], Optional[Tensor]]:

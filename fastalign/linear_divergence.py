@@ -11,35 +11,13 @@ from torch import Tensor
 
 from fastalign import _backend, _validate
 from fastalign._options import check_choice
-from fastalign.linear import check_logit_options
+from fastalign.linear import check_head, check_logit_options
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_divergence import DivergenceOptions, DivergencePass, Head
 
 __all__ = ["linear_divergence_loss"]
 
 _MODES = ("auto", True, False)
-
-
-def _head(prefix: str, hidden, weight, bias, rows_shape=None):
-    _validate.floating(f"{prefix}hidden", hidden, min_dim=1)
-    _validate.floating(f"{prefix}weight", weight, dim=2)
-    if bias is not None:
-        _validate.floating(f"{prefix}bias", bias, dim=1)
-    H = hidden.shape[-1]
-    if weight.shape[1] != H:
-        raise ValueError(f"{prefix}weight must have shape (V, {H}) ({prefix}hidden.shape[-1] = {H}), got "
-                         f"{tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{prefix}weight must have the dtype of {prefix}hidden ({hidden.dtype}), got {weight.dtype}")
-    if weight.shape[0] == 0:
-        raise ValueError(f"{prefix}weight must have a non-empty vocabulary (first) dimension")
-    _validate.nonempty(f"{prefix}hidden", hidden, -1, "hidden-size (last)")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{prefix}bias must have shape ({weight.shape[0]},) ({prefix}weight.shape[0]), got "
-                         f"{tuple(bias.shape)}")
-    if rows_shape is not None and tuple(hidden.shape[:-1]) != tuple(rows_shape):
-        raise ValueError(f"{prefix}hidden must have shape {(*rows_shape, H)} (hidden.shape[:-1] + (H_teacher,)), "
-                         f"got {tuple(hidden.shape)}")
 
 
 def linear_divergence_loss(
@@ -111,8 +89,11 @@ def linear_divergence_loss(
         temperature) as means over the scored tokens, ``divergence_sum``, ``entropy_sum``, ``num_tokens``, and
         with ``labels`` ``nll`` / ``nll_sum`` (0 at tokens whose label is ``ignore_index``).
     """
-    _head("", hidden, weight, bias)
-    _head("teacher_", teacher_hidden, teacher_weight, teacher_bias, rows_shape=hidden.shape[:-1])
+    check_head(hidden, weight, bias)
+    check_head(teacher_hidden, teacher_weight, teacher_bias, prefix="teacher_")
+    if tuple(teacher_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"teacher_hidden must have shape {(*hidden.shape[:-1], teacher_hidden.shape[-1])} "
+                         f"(hidden.shape[:-1] + (H_teacher,)), got {tuple(teacher_hidden.shape)}")
     _validate.same_device(hidden=hidden, weight=weight, bias=bias, teacher_hidden=teacher_hidden,
                           teacher_weight=teacher_weight, teacher_bias=teacher_bias, response_mask=response_mask,
                           labels=labels, normalizer=normalizer if isinstance(normalizer, Tensor) else None)
@@ -160,11 +141,9 @@ def linear_divergence_loss(
     g_hard = None if y is None else mask * (float(hard_weight) / norm)
     teacher = Head(ht2, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), t_scale, t_cap)
     opts = DivergenceOptions(inv_t, b, int(ignore_index), y is not None, name)
-    out: dict = {}
-    state = (scale, cap, teacher, mask, y, g_soft, g_hard, opts, single_pass is not False and is_eager, out)
+    state = (scale, cap, teacher, mask, y, g_soft, g_hard, opts, single_pass is not False and is_eager)
     with torch.autocast(dev.type, enabled=False):
-        loss = DivergencePass.apply(h2, weight, bias, state)
-    div, ent, nll = out["rows"]
+        loss, div, ent, nll = DivergencePass.apply(h2, weight, bias, state)
     n = count.clamp(min=1)
     metrics = {"divergence": div.sum() / n, "divergence_sum": div.sum(), "entropy": ent.sum() / n,
                "entropy_sum": ent.sum(), "num_tokens": count}

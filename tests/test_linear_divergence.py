@@ -188,3 +188,43 @@ def test_bad_tensors():
         fastalign.linear_divergence_loss(h, w[:, :-1], ht, wt)
     with pytest.raises(TypeError, match="hidden"):
         fastalign.linear_divergence_loss(h.long(), w, ht, wt)
+
+
+def test_teacher_head_checks_name_the_teacher():
+    h, w, b, ht, wt, bt, y = _batch(12)
+    with pytest.raises(ValueError, match=r"teacher_bias must have shape \(43,\) \(teacher_weight.shape\[0\]\)"):
+        fastalign.linear_divergence_loss(h, w, ht, wt, teacher_bias=bt[:-1])
+    with pytest.raises(ValueError, match=r"teacher_weight must have shape \(V, 12\) \(teacher_hidden.shape\[-1\]"):
+        fastalign.linear_divergence_loss(h, w, ht, wt[:, :-1])
+    with pytest.raises(TypeError, match="teacher_weight must have the dtype of teacher_hidden"):
+        fastalign.linear_divergence_loss(h, w, ht, wt.bfloat16())
+    with pytest.raises(ValueError, match="teacher_weight must have a non-empty vocabulary"):
+        fastalign.linear_divergence_loss(h, w, ht, wt[:0])
+    with pytest.raises(ValueError, match="teacher_hidden must have a non-empty hidden-size"):
+        fastalign.linear_divergence_loss(h, w, ht[..., :0], wt[:, :0])
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_per_row_statistics_are_outputs_without_gradient(single_pass):
+    from fastalign.ops.linear_divergence import DivergenceOptions, DivergencePass, Head
+
+    h, w, b, ht, wt, bt, y = _batch(13)
+    h2, ht2, y2 = h.reshape(-1, h.shape[-1]), ht.reshape(-1, ht.shape[-1]), y.reshape(-1)
+    mask = torch.ones(y2.shape)
+    mask[3] = 0
+    g_soft, g_hard = mask * 0.25, mask * 0.5
+    teacher = Head(ht2, wt, bt, 1.0, 0.0)
+    opts = DivergenceOptions(1.0, 0.5, -100, True, "cpp")
+    state = (1.0, 0.0, teacher, mask, y2, g_soft, g_hard, opts, single_pass)
+    loss, div, ent, nll = DivergencePass.apply(h2, w, b, state)
+    assert loss.requires_grad and not any(t.requires_grad for t in (div, ent, nll))
+    assert div.shape == ent.shape == nll.shape == mask.shape and div[3] == ent[3] == nll[3] == 0
+    assert_close(loss, (g_soft * div + g_hard * nll).sum(), atol=1e-6, rtol=1e-6)
+    ref, m = fastalign.linear_divergence_loss(h, w, ht, wt, bias=b, teacher_bias=bt, response_mask=mask.reshape(3, 5),
+                                              labels=y, soft_weight=0.25 * 14, hard_weight=0.5 * 14)
+    assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+    assert_close(div.sum(), m["divergence_sum"], atol=1e-6, rtol=1e-6)
+    grads = torch.autograd.grad(loss, (h, w, b))
+    ref_grads = torch.autograd.grad(ref, (h, w, b))
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r, atol=1e-6, rtol=1e-5)

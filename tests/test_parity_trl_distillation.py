@@ -83,7 +83,7 @@ def models(tmp_path_factory):
             _checkpoint(tmp_path_factory.mktemp("teacher"), 48, 1))
 
 
-def _run(cls, models, tmp_path, options):
+def _trainer(cls, models, tmp_path, options):
     student, teacher = models
     args = trl.DistillationConfig(**{**dict(
         output_dir=str(tmp_path), max_steps=2, report_to="none", seed=0, use_cpu=True, logging_steps=1,
@@ -92,7 +92,11 @@ def _run(cls, models, tmp_path, options):
     data = datasets.Dataset.from_dict({"prompt": [" ".join(f"w{(3 * i + j) % 50 + 3}" for j in range(2 + i % 3))
                                                   for i in range(8)]})
     tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(student)
-    trainer = cls(model=student, teacher_model=teacher, args=args, train_dataset=data, processing_class=tokenizer)
+    return cls(model=student, teacher_model=teacher, args=args, train_dataset=data, processing_class=tokenizer)
+
+
+def _run(cls, models, tmp_path, options):
+    trainer = _trainer(cls, models, tmp_path, options)
     before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
     trainer.train()
     logs = [{k: v for k, v in log.items() if "time" not in k and "per_second" not in k}
@@ -123,3 +127,29 @@ def test_trainer_matches_trl(models, tmp_path, options):
                                    msg=lambda m: f"{k}: {m}")
         moved += int(not torch.equal(t_after[k], t_before[k]))
     assert moved > 0
+
+
+def test_registered_head_transform_reaches_the_teacher(models, tmp_path, monkeypatch):
+    """A teacher whose architecture is stated with register_head_transform (its config holds no logit scale or
+    softcap) gets that transform: the drop-in's loss equals TRL's on the same teacher whose config states it."""
+    import fastalign.integrations.hf as hf
+    from fastalign.integrations.trl import DistillationTrainer
+
+    monkeypatch.setattr(hf, "HEAD_TRANSFORMS", dict(hf.HEAD_TRANSFORMS))
+    trainer = _trainer(DistillationTrainer, models, tmp_path, dict(beta=0.5))
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    teacher_config = trainer.accelerator.unwrap_model(trainer.teacher_model).config
+    g = torch.Generator().manual_seed(3)
+    inputs = dict(prompt_ids=torch.randint(3, len(WORDS), (2, 3), generator=g),
+                  prompt_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]),
+                  completion_ids=torch.randint(3, len(WORDS), (2, 4), generator=g),
+                  completion_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]))
+    with torch.no_grad():
+        plain = trl.DistillationTrainer._compute_loss(trainer, student, inputs, None)[0]
+        monkeypatch.setattr(teacher_config, "model_type", "qwen2_scaled")
+        hf.register_head_transform("qwen2_scaled", logit_scale=0.5, softcap=3.0)
+        ours = trainer._compute_loss(student, inputs, None)[0]
+        teacher_config.logit_scale, teacher_config.final_logit_softcapping = 0.5, 3.0
+        theirs = trl.DistillationTrainer._compute_loss(trainer, student, inputs, None)[0]
+    assert_close(ours, theirs, atol=1e-6, rtol=1e-5, what="loss")
+    assert abs(float(ours) - float(plain)) > 1e-3

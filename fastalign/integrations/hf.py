@@ -75,17 +75,24 @@ HEAD_TRANSFORMS = {
 _UNSET = object()
 
 
+def known_head_transform(config) -> Optional[tuple[float, Optional[float]]]:
+    """``(logit_scale, softcap)`` of :data:`HEAD_TRANSFORMS` (registered architectures included) for this
+    ``config``'s ``model_type``, or None for an architecture missing from it."""
+    rule = HEAD_TRANSFORMS.get(getattr(config, "model_type", None))
+    return None if rule is None else rule(config)
+
+
 def head_transform(config) -> tuple[float, Optional[float]]:
     """``(logit_scale, softcap)`` the model of this ``config`` applies between its lm_head and its logits."""
-    model_type = getattr(config, "model_type", None)
-    rule = HEAD_TRANSFORMS.get(model_type)
-    if rule is None:
+    transform = known_head_transform(config)
+    if transform is None:
+        model_type = getattr(config, "model_type", None)
         raise ValueError(
             f"model: config.model_type {model_type!r} has no known head transform; supported: "
             f"{sorted(HEAD_TRANSFORMS)}. State what its forward applies between the last hidden state and the "
             "logits: causal_lm_logprobs takes logit_scale= and softcap=; for the trainers, "
             f"fastalign.integrations.hf.register_head_transform({model_type!r}, logit_scale=..., softcap=...)")
-    return rule(config)
+    return transform
 
 
 def register_head_transform(model_type: str, *, logit_scale: float = 1.0, softcap: Optional[float] = None) -> None:

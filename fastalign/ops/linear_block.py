@@ -15,7 +15,7 @@ backward. The price is the block's logits in memory: the caller sizes the block.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -90,6 +90,37 @@ def block_rows(vocab: int, like: Tensor, budget_bytes: float) -> int:
     return max(1, int(budget_bytes // max(vocab * elem, 1)))
 
 
+class RowBlock(NamedTuple):
+    """Positions ``start .. stop-1`` of a scan over the rows of ``[N, ...]`` tensors: those rows (``index``
+    None: a slice), or the rows ``index`` (the scan's order at these positions, e.g. the scored rows
+    only, or first), gathered with ``index_select`` and put back with ``index_copy_``."""
+
+    start: int
+    stop: int
+    index: Optional[Tensor] = None
+
+    def take(self, t: Optional[Tensor]) -> Optional[Tensor]:
+        """The block's rows of ``t``; None and empty tensors (an absent per-row input) stay as they are."""
+        if t is None or t.numel() == 0:
+            return t
+        return t[self.start:self.stop] if self.index is None else t.index_select(0, self.index)
+
+    def put(self, into: Tensor, rows: Tensor) -> None:
+        """Write the block's ``rows`` into ``into`` at their places."""
+        if self.index is None:
+            into[self.start:self.stop] = rows
+        else:
+            into.index_copy_(0, self.index, rows)
+
+
+def row_blocks(n: int, rows: int, order: Optional[Tensor] = None) -> Iterator[RowBlock]:
+    """The blocks of ``rows`` consecutive positions (the last one shorter) of a scan over ``n`` rows: the
+    rows ``0 .. n-1`` in place, or the rows ``order[0 .. n-1]`` (int64 indices)."""
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        yield RowBlock(start, stop, None if order is None else order[start:stop])
+
+
 def block_logprobs(h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *, rows: int, scale: float,
                    softcap: float, inv_t: float, ignore_index: int, backend: str) -> Tensor:
     """fp32 log-probs of the rows of ``h [n, H]``, ``rows`` at a time (no gradient): one
@@ -97,10 +128,9 @@ def block_logprobs(h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Te
     n = h.shape[0]
     out = torch.empty(n, dtype=torch.float32, device=h.device)
     buf = block_buffer(min(rows, max(n, 1)), weight.shape[0], h)
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        _z, _d, lp, _extra, _lse = block_forward(buf, h[r0:r1], weight, bias, labels[r0:r1], scale=scale,
+    for block in row_blocks(n, rows):
+        _z, _d, lp, _extra, _lse = block_forward(buf, block.take(h), weight, bias, block.take(labels), scale=scale,
                                                  softcap=softcap, inv_t=inv_t, ignore_index=ignore_index,
                                                  backend=backend)
-        out[r0:r1] = lp
+        block.put(out, lp)
     return out

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from fastalign.ops.device_compaction import compact
 from fastalign.ops.divergence import divergence_rows_call
-from fastalign.ops.linear_block import _operands, block_buffer
+from fastalign.ops.linear_block import _operands, block_buffer, row_blocks
 from fastalign.ops.linear_cpu import chunk_grad_to_inputs, chunk_logits, softcap_derivative
 from fastalign.ops.single_pass import block_budget_rows
 
@@ -80,76 +80,68 @@ def run_blocks(student: Head, teacher: Head, mask: Tensor, labels: Optional[Tens
     buf_t = block_buffer(k, V, student.hidden)
     dh, dw, db = grads if grads is not None else (None, None, None)
     with torch.no_grad():
-        for r0 in range(0, n, k):
-            r1 = min(n, r0 + k)
-            idx = None if order is None else order[r0:r1]
-
-            def rows(t):
-                if t is None or t.numel() == 0:
-                    return t
-                return t[r0:r1] if idx is None else t.index_select(0, idx)
-
-            live = None if cmp is None else cmp.live_in(r0, r1)
-            hs, ws, bs = _operands(buf_s, rows(student.hidden), student.weight, student.bias)
-            ht, wt, bt = _operands(buf_t, rows(teacher.hidden), teacher.weight, teacher.bias)
+        for block in row_blocks(n, k, order):
+            live = None if cmp is None else cmp.live_in(block.start, block.stop)
+            hs, ws, bs = _operands(buf_s, block.take(student.hidden), student.weight, student.bias)
+            ht, wt, bt = _operands(buf_t, block.take(teacher.hidden), teacher.weight, teacher.bias)
             zs = chunk_logits(buf_s, hs, ws, bs, student.scale, student.softcap, live=live)
             deriv = (softcap_derivative(zs, student.softcap, student.scale)
                      if g_soft is not None and student.softcap > 0 else None)
             zt = chunk_logits(buf_t, ht, wt, bt, teacher.scale, teacher.softcap, live=live)
             d_b, e_b, n_b = divergence_rows_call(
-                zs, zt, rows(mask).float().contiguous(), None if labels is None else rows(labels).contiguous(),
-                None if g_soft is None else rows(g_soft).float().contiguous(),
-                None if g_hard is None else rows(g_hard).float().contiguous(),
+                zs, zt, block.take(mask).float().contiguous(),
+                None if labels is None else block.take(labels).contiguous(),
+                None if g_soft is None else block.take(g_soft).float().contiguous(),
+                None if g_hard is None else block.take(g_hard).float().contiguous(),
                 opts.inv_t, opts.beta, opts.ignore_index, opts.nll, opts.backend)
             for full, part in ((div, d_b), (ent, e_b), (nll, n_b)):
                 if full.numel():
-                    if idx is None:
-                        full[r0:r1] = part
-                    else:
-                        full.index_copy_(0, idx, part)
+                    block.put(full, part)
             if g_soft is not None:
                 dh_b = None if dh is None else torch.empty(hs.shape, dtype=zs.dtype, device=dev)
                 chunk_grad_to_inputs(zs, deriv, student.scale, student.softcap, hs, ws, dh_b, dw, db,
                                      accumulate=False, live=live)
                 if dh is not None:
-                    if idx is None:
-                        dh[r0:r1] = dh_b.to(dh.dtype)
-                    else:
-                        dh.index_copy_(0, idx, dh_b.to(dh.dtype))
+                    block.put(dh, dh_b.to(dh.dtype))
     return div, ent, nll
 
 
+def _zero_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], need) -> tuple:
+    """``(dh, dw, db)`` for :func:`run_blocks` to fill: zeros for the inputs in ``need`` (``ctx.needs_input_grad``),
+    d(hidden) in its dtype, d(weight) and d(bias) in fp32; None for the others."""
+    return (torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need[0] else None,
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None,
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+            if bias is not None and need[2] else None)
+
+
 class DivergencePass(torch.autograd.Function):
-    """``loss = sum_r g_soft_r D_r + g_hard_r NLL_r`` with gradients to the student's hidden states, weight and
-    bias. ``state = (student scale, softcap, teacher Head, mask, labels, g_soft, g_hard, opts, single_pass, out)``;
-    ``out`` receives the per-row ``(divergence, entropy, nll)``."""
+    """``(loss, divergence, entropy, nll)``: ``loss = sum_r g_soft_r D_r + g_hard_r NLL_r`` with gradients to the
+    student's hidden states, weight and bias, and the per-row ``D``, ``H`` and ``NLL`` of :func:`run_blocks`
+    (not differentiable). ``state = (student scale, softcap, teacher Head, mask, labels, g_soft, g_hard, opts,
+    single_pass)``."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, state):
-        scale, cap, teacher, mask, labels, g_soft, g_hard, opts, single_pass, out = state
+        scale, cap, teacher, mask, labels, g_soft, g_hard, opts, single_pass = state
         student = Head(hidden, weight, bias, scale, cap)
         need = ctx.needs_input_grad
-        grads = None
-        if single_pass and any(need[:3]):
-            grads = (torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need[0] else None,
-                     torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None,
-                     torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
-                     if bias is not None and need[2] else None)
+        grads = _zero_grads(hidden, weight, bias, need) if single_pass and any(need[:3]) else None
         div, ent, nll = run_blocks(student, teacher, mask, labels, g_soft if grads is not None else None,
                                    g_hard if grads is not None else None, opts, grads)
         loss = (g_soft * div).sum()
         if g_hard is not None and nll.numel():
             loss = loss + (g_hard * nll).sum()
-        out["rows"] = (div, ent, nll)
+        ctx.mark_non_differentiable(div, ent, nll)
         ctx.grads = grads
         ctx.single_pass = single_pass
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         if not single_pass:
             ctx.state = (student, teacher, mask, labels, g_soft, g_hard, opts)
-        return loss
+        return loss, div, ent, nll
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, _g_div, _g_ent, _g_nll):
         need = ctx.needs_input_grad
         if ctx.single_pass:
             if ctx.grads is None:
@@ -158,11 +150,7 @@ class DivergencePass(torch.autograd.Function):
             grads, ctx.grads = ctx.grads, None
         else:
             student, teacher, mask, labels, g_soft, g_hard, opts = ctx.state
-            hidden, weight, bias = student.hidden, student.weight, student.bias
-            grads = (torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need[0] else None,
-                     torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None,
-                     torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
-                     if bias is not None and need[2] else None)
+            grads = _zero_grads(student.hidden, student.weight, student.bias, need)
             gf = g.float()
             run_blocks(student, teacher, mask, labels, g_soft * gf, None if g_hard is None else g_hard * gf, opts,
                        grads)

@@ -8,8 +8,10 @@ TRL's ``_compute_loss`` is replaced, nothing else: the student's and teacher's l
 TRL's own ``_get_last_hidden_state`` (the teacher under ``no_grad``, through its wrapper), and the loss is
 :func:`fastalign.linear_divergence_loss` over the completion tokens (``completion_mask``, times
 ``tool_mask`` when present), with ``beta`` and ``temperature`` from the config and each model's logit scale
-and softcap read from its config as TRL reads them (``logit_scale``, ``output_multiplier``,
-``lm_head_multiplier``, ``logits_scaling``; ``final_logit_softcapping``). The generalized JSD over the
+and softcap from :data:`fastalign.integrations.hf.HEAD_TRANSFORMS` (an architecture stated with
+:func:`~fastalign.integrations.hf.register_head_transform` included), or, for an architecture missing from it,
+read from its config as TRL reads them (``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``,
+``logits_scaling``; ``final_logit_softcapping``). The generalized JSD over the
 valid tokens is divided by ``num_items_in_batch`` when ``compute_loss`` passes it (the completion-token
 count of the step over the process count, as TRL), else by the local valid-token count; TRL's
 ``compute_loss`` then logs the mean student entropy at the temperature under ``entropy``. The logits of
@@ -18,16 +20,18 @@ instead of TRL's recomputing backward).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import trl
 
-from fastalign.integrations.hf import _full
+from fastalign.integrations.hf import _full, known_head_transform
 from fastalign.linear_divergence import linear_divergence_loss
 
-__all__ = ["DistillationTrainer", "config_logit_scale"]
+__all__ = ["DistillationTrainer", "config_head_transform"]
 
 
-def config_logit_scale(config) -> float:
+def _trl_logit_scale(config) -> float:
     """The multiplier a model applies to its logits before any softcap, read as TRL 1.16 reads it."""
     scale = getattr(config, "logit_scale", None)
     if scale is None:
@@ -39,6 +43,17 @@ def config_logit_scale(config) -> float:
         s = config.logits_scaling
         scale = s if getattr(config, "model_type", None) == "hyperclovax" else 1 / s
     return 1.0 if scale is None else float(scale)
+
+
+def config_head_transform(config) -> tuple[float, Optional[float]]:
+    """``(logit_scale, softcap)`` of a model's head, ``logits = softcap * tanh(logit_scale * lm_head(h) / softcap)``:
+    :func:`~fastalign.integrations.hf.known_head_transform` for an architecture in
+    :data:`~fastalign.integrations.hf.HEAD_TRANSFORMS` (or registered), else as TRL 1.16 reads the config
+    (:func:`_trl_logit_scale`, ``final_logit_softcapping``)."""
+    known = known_head_transform(config)
+    if known is not None:
+        return known
+    return _trl_logit_scale(config), getattr(config, "final_logit_softcapping", None)
 
 
 class DistillationTrainer(trl.DistillationTrainer):
@@ -78,13 +93,12 @@ class DistillationTrainer(trl.DistillationTrainer):
         normalizer = None
         if num_items_in_batch is not None:
             normalizer = torch.as_tensor(num_items_in_batch, device=device).float().reshape(())
+        scale, softcap = config_head_transform(student_config)
+        teacher_scale, teacher_softcap = config_head_transform(teacher_config)
         loss, metrics = linear_divergence_loss(
             student_hidden, weight, teacher_hidden, teacher_weight, beta=self.beta, temperature=self.temperature,
-            bias=_full(student_head.bias), teacher_bias=_full(teacher_head.bias),
-            logit_scale=config_logit_scale(student_config),
-            softcap=getattr(student_config, "final_logit_softcapping", None),
-            teacher_logit_scale=config_logit_scale(teacher_config),
-            teacher_softcap=getattr(teacher_config, "final_logit_softcapping", None),
-            response_mask=loss_mask.to(device), normalizer=normalizer)
+            bias=_full(student_head.bias), teacher_bias=_full(teacher_head.bias), logit_scale=scale, softcap=softcap,
+            teacher_logit_scale=teacher_scale, teacher_softcap=teacher_softcap, response_mask=loss_mask.to(device),
+            normalizer=normalizer)
         return loss, metrics["entropy_sum"], metrics["num_tokens"].long()
 
