@@ -6,8 +6,10 @@ Every error names the argument: ``"<arg> must ..., got ..."``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers as _numbers
+import re
 from typing import Optional
 
 import torch
@@ -125,6 +127,14 @@ def finite(**values) -> None:
             raise ValueError(f"{name} must be finite, got {value}")
 
 
+def finite_number(name: str, value) -> float:
+    """A finite real number (None, a string or a bool is a ``TypeError``), as a float."""
+    v = _number(name, value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return v
+
+
 def positive(name: str, value) -> float:
     """A finite real number > 0, as a float."""
     v = _number(name, value)
@@ -193,3 +203,18 @@ def offsets(name: str, cu: torch.Tensor, total: int, device=None) -> Optional[to
         raise ValueError(f"{name} must start at 0, never decrease and end at most at the {total} packed tokens, "
                          f"got first={first}, last={last}{', decreasing' if decreasing else ''}")
     return None
+
+
+@contextlib.contextmanager
+def argument_names(names: dict):
+    """Re-raise a ``ValueError`` / ``TypeError`` from the block with the argument names of ``names`` (the callee's
+    name -> the caller's) replaced in its message: an adapter with another signature names its own arguments."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        pattern = r"\b(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")\b"
+        message = re.sub(pattern, lambda m: names[m.group(1)], str(e))
+        if message == str(e):
+            raise
+        raise type(e)(message) from e
+

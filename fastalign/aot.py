@@ -206,7 +206,8 @@ def extra_cases(dtype):
 
 def divergence_cases(dtype):
     """The distillation divergence rows: a GPU block of student and teacher logits in the input dtype, each
-    divergence (forward KL, reverse KL, generalized JSD), with and without gradients and the hard loss."""
+    divergence (forward KL, reverse KL, generalized JSD), without gradients, and with them and the labels, with
+    and without the hard loss."""
     import torch
 
     from fastalign.kernels import divergence as K
@@ -216,11 +217,11 @@ def divergence_cases(dtype):
     f = lambda: _meta(rows, dtype=torch.float32)  # noqa: E731
     y = _meta(rows, dtype=torch.int64)
     for beta, kind in ((0.0, "fkl"), (1.0, "rkl"), (0.5, "jsd")):
-        for full in (False, True):
-            name = kind + ("+grad+hard+mask" if full else "")
-            yield name, lambda beta=beta, full=full: K.divergence_rows(
-                zs, zt, 1.0, beta, f() if full else None, y if full else None, -100, f() if full else None,
-                f() if full else None, f(), f(), f() if full else None)
+        yield kind, lambda beta=beta: K.divergence_rows(zs, zt, 1.0, beta, None, None, -100, None, None, f(), f(), None)
+        for hard in (False, True):  # labels as the mask and the nll metric only, or the weighted hard loss too
+            name = kind + ("+grad+hard+mask" if hard else "+grad+labels+mask")
+            yield name, lambda beta=beta, hard=hard: K.divergence_rows(
+                zs, zt, 1.0, beta, f(), y, -100, f(), f() if hard else None, f(), f(), f())
 
 
 def live_matmul_cases(dtype):

@@ -5,7 +5,6 @@ The ``[tokens x vocabulary]`` logits are never materialised: for 32k tokens and 
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
@@ -54,9 +53,7 @@ def check_logit_options(temperature: float = 1.0, softcap: Optional[float] = Non
     _validate.index_value("ignore_index", ignore_index)
     inv_t = 1.0 / _validate.positive("temperature", temperature)
     cap = 0.0 if softcap is None else _validate.positive("softcap", softcap)
-    scale = float(logit_scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"logit_scale must be finite, got {logit_scale}")
+    scale = _validate.finite_number("logit_scale", logit_scale)
     if not grad_skip_threshold >= 0:
         raise ValueError(f"grad_skip_threshold must be >= 0, got {grad_skip_threshold}")
     if chunk is not None and (len(chunk) != 2 or min(int(chunk[0]), int(chunk[1])) < 1):

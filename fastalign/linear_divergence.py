@@ -94,6 +94,10 @@ def linear_divergence_loss(
     if tuple(teacher_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
         raise ValueError(f"teacher_hidden must have shape {(*hidden.shape[:-1], teacher_hidden.shape[-1])} "
                          f"(hidden.shape[:-1] + (H_teacher,)), got {tuple(teacher_hidden.shape)}")
+    if response_mask is not None:
+        _validate.real("response_mask", response_mask)
+    if labels is not None:
+        _validate.integer("labels", labels)
     _validate.same_device(hidden=hidden, weight=weight, bias=bias, teacher_hidden=teacher_hidden,
                           teacher_weight=teacher_weight, teacher_bias=teacher_bias, response_mask=response_mask,
                           labels=labels, normalizer=normalizer if isinstance(normalizer, Tensor) else None)
@@ -105,18 +109,16 @@ def linear_divergence_loss(
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     inv_t, cap, scale = check_logit_options(temperature, softcap, logit_scale, ignore_index)
     t_cap = 0.0 if teacher_softcap is None else _validate.positive("teacher_softcap", teacher_softcap)
-    _validate.finite(teacher_logit_scale=teacher_logit_scale)
-    t_scale = float(teacher_logit_scale)
-    _validate.finite(soft_weight=soft_weight, hard_weight=hard_weight)
+    t_scale = _validate.finite_number("teacher_logit_scale", teacher_logit_scale)
+    w_soft = _validate.finite_number("soft_weight", soft_weight)
+    w_hard = _validate.finite_number("hard_weight", hard_weight)
     check_choice("single_pass", single_pass, _MODES)
     lead = hidden.shape[:-1]
     if response_mask is not None:
-        _validate.real("response_mask", response_mask)
         _validate.shape("response_mask", response_mask, lead, "hidden.shape[:-1]")
     if labels is not None:
-        _validate.integer("labels", labels)
         _validate.shape("labels", labels, lead, "hidden.shape[:-1]")
-    elif hard_weight != 0:
+    elif w_hard != 0:
         raise ValueError("hard_weight needs labels (the targets of the hard loss)")
     _validate.count("normalizer", normalizer)
     name = _backend.backend_for("divergence_rows", hidden.device, backend)
@@ -137,8 +139,10 @@ def linear_divergence_loss(
     y = None if labels is None else labels.reshape(-1).to(torch.int64)
     count = mask.sum()
     norm = count.clamp(min=1) if normalizer is None else torch.as_tensor(normalizer, device=dev).float().reshape(())
-    g_soft = mask * (float(soft_weight) / norm)
-    g_hard = None if y is None else mask * (float(hard_weight) / norm)
+    g_soft = mask * (w_soft / norm)
+    # no hard term at weight 0: the labels are then the mask and the nll metric only (an invalid label gives a NaN
+    # nll, not a NaN loss)
+    g_hard = None if y is None or w_hard == 0.0 else mask * (w_hard / norm)
     teacher = Head(ht2, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), t_scale, t_cap)
     opts = DivergenceOptions(inv_t, b, int(ignore_index), y is not None, name)
     state = (scale, cap, teacher, mask, y, g_soft, g_hard, opts, single_pass is not False and is_eager)

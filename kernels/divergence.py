@@ -56,8 +56,10 @@ def divergence_rows_kernel(
     zs_ptr, s_stride, zt_ptr, t_stride, mask_ptr, labels_ptr, g_soft_ptr, g_hard_ptr,
     div_ptr, ent_ptr, nll_ptr,
     V, inv_t, beta, log_1mb, log_b, ignore_index,
-    MODE: tl.constexpr, HAS_MASK: tl.constexpr, HARD: tl.constexpr, GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    MODE: tl.constexpr, HAS_MASK: tl.constexpr, HARD: tl.constexpr, HARD_GRAD: tl.constexpr, GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
+    # HARD: labels given (the NLL is computed); HARD_GRAD: the NLL has a weight in the gradient (g_hard)
     r = tl.program_id(0).to(tl.int64)
     zs_row = zs_ptr + r * s_stride
     zt_row = zt_ptr + r * t_stride
@@ -120,9 +122,9 @@ def divergence_rows_kernel(
     if GRAD:
         g_soft = tl.load(g_soft_ptr + r) * inv_t
         g_hard = 0.0
-        if HARD:
+        if HARD_GRAD:
             g_hard = tl.where(labelled, tl.load(g_hard_ptr + r), 0.0)
-            g_hard = tl.where(labelled & ~valid, float("nan"), g_hard)
+            g_hard = tl.where(labelled & ~valid & (g_hard != 0.0), float("nan"), g_hard)  # a weighted invalid label
         for start in range(0, V, BLOCK_V):
             c = start + cols
             inside = c < V
@@ -137,7 +139,7 @@ def divergence_rows_kernel(
             else:
                 g = (1.0 - beta) * ps * (lps - lm - K)
             g = g_soft * g
-            if HARD:
+            if HARD_GRAD:
                 p1 = exp(_floor(z - lse_1))
                 g += g_hard * (p1 - tl.where(c == y, 1.0, 0.0))
             g = tl.where(read, g, 0.0)
@@ -169,6 +171,7 @@ def divergence_rows(zs, zt, inv_t, beta, mask, labels, ignore_index, g_soft, g_h
         labels if labels is not None else dummy, g_soft if g_soft is not None else dummy,
         g_hard if g_hard is not None else dummy, div, ent, nll if nll is not None else dummy,
         V, inv_t, beta, log_1mb, log_b, ignore_index,
-        MODE=mode, HAS_MASK=mask is not None, HARD=labels is not None, GRAD=g_soft is not None,
+        MODE=mode, HAS_MASK=mask is not None, HARD=labels is not None,
+        HARD_GRAD=labels is not None and g_hard is not None, GRAD=g_soft is not None,
         BLOCK_V=block, num_warps=8 if block >= 1024 else 4,
     )

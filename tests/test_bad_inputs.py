@@ -131,6 +131,18 @@ FNS = [
         "labels": ("int", ("other_device", "rank_up", "rank_down", "mismatch")),
         "bias": ("float", ("other_device", "rank_up", "rank_down", "mismatch"))},
        backends=True),
+    Fn("linear_divergence_loss",
+       lambda: dict(hidden=_f(B, T, H), weight=_f(V, H), teacher_hidden=_f(B, T, H + 2), teacher_weight=_f(V, H + 2),
+                    bias=_f(V), teacher_bias=_f(V), response_mask=_mask(B, T), labels=_lab(B, T)),
+       lambda a: fa.linear_divergence_loss(**a, hard_weight=0.5),
+       {"hidden": ("float", ("mismatch",)), "weight": ("float", ("other_device", "rank_up", "rank_down", "mismatch")),
+        "teacher_hidden": ("float", ("other_device", "rank_down", "mismatch")),
+        "teacher_weight": ("float", ("other_device", "rank_up", "rank_down", "mismatch")),
+        "bias": ("float", ("other_device", "rank_up", "mismatch")),
+        "teacher_bias": ("float", ("other_device", "rank_up", "mismatch")),
+        "response_mask": ("real", ("other_device", "rank_up", "mismatch")),
+        "labels": ("int", ("other_device", "rank_up", "mismatch"))},
+       backends=True),
     Fn("policy_loss", _policy_good,
        lambda a: fa.policy_loss(**a, kl_coef=0.1, entropy_coef=0.01, rollout_correction="token_truncate"),
        {"logprobs": ("float", ("rank_up", "rank_down")),
@@ -579,10 +591,11 @@ def test_fake_tensors_still_trace():
         loss, _ = fa.policy_loss(torch.randn(2, 3), torch.randn(2, 3), torch.randn(2), torch.ones(2, 3))
         adv = fa.group_advantages(torch.randn(4), group_size=2)
         st2 = fa.linear_logprobs(torch.randn(3, H), torch.randn(V, H), torch.zeros(3, dtype=torch.long))
+        div, _ = fa.linear_divergence_loss(torch.randn(3, H), torch.randn(V, H), torch.randn(3, 2), torch.randn(V, 2))
         # a fake CUDA tensor stands for a CUDA tensor: accepted (the Triton path's fake implementation)
         cu = fa.token_logprobs(torch.randn(2, V, device="cuda"), torch.zeros(2, dtype=torch.long, device="cuda"))
     assert st.logprobs.shape == (2, 3) and st.entropy.shape == (2, 3)
-    assert loss.shape == () and adv.shape == (4,) and st2.logprobs.shape == (3,)
+    assert loss.shape == () and adv.shape == (4,) and st2.logprobs.shape == (3,) and div.shape == ()
     assert cu.logprobs.device.type == "cuda"
 
 

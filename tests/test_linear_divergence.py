@@ -169,6 +169,14 @@ def test_no_gradient_forward_only_and_teacher_gets_none():
     (dict(normalizer=torch.ones(2)), ValueError, "normalizer"),
     (dict(normalizer=0.0), ValueError, "normalizer"),
     (dict(bias=torch.zeros(V + 1)), ValueError, "bias"),
+    (dict(soft_weight=None), TypeError, "soft_weight"),
+    (dict(hard_weight=None), TypeError, "hard_weight"),
+    (dict(soft_weight=math.nan), ValueError, "soft_weight"),
+    (dict(logit_scale=None), TypeError, "logit_scale"),
+    (dict(logit_scale="2"), TypeError, "logit_scale"),
+    (dict(logit_scale=True), TypeError, "logit_scale"),
+    (dict(teacher_logit_scale=None), TypeError, "teacher_logit_scale"),
+    (dict(teacher_logit_scale=math.inf), ValueError, "teacher_logit_scale"),
 ])
 def test_bad_inputs(kw, err, match):
     h, w, b, ht, wt, bt, y = _batch(10, bias=False)
@@ -228,3 +236,54 @@ def test_per_row_statistics_are_outputs_without_gradient(single_pass):
     ref_grads = torch.autograd.grad(ref, (h, w, b))
     for g, r in zip(grads, ref_grads):
         assert_close(g, r, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_label_out_of_the_vocabulary_weighs_only_in_the_hard_loss(backend):
+    """labels as the mask with hard_weight=0: a label outside [0, V) (not ignore_index) gives a NaN nll metric but
+    the soft loss and finite gradients (it gave a NaN loss, and a NaN gradient row on Triton); with a hard weight
+    the loss and that row's gradient are NaN on both backends."""
+    h, w, b, ht, wt, bt, y = _batch(14)
+    y[1, 2] = -1
+    mask = torch.ones(y.shape)
+    loss, met = fastalign.linear_divergence_loss(h, w, ht, wt, bias=b, teacher_bias=bt, labels=y, backend=backend)
+    want, _ = fastalign.linear_divergence_loss(h, w, ht, wt, bias=b, teacher_bias=bt, response_mask=mask,
+                                               backend=backend)
+    assert_close(loss, want, atol=1e-6, rtol=1e-6, what="soft loss")
+    assert math.isnan(float(met["nll"]))
+    dh, = torch.autograd.grad(loss, [h])
+    assert torch.isfinite(dh).all()
+    loss, _ = fastalign.linear_divergence_loss(h, w, ht, wt, bias=b, teacher_bias=bt, labels=y, hard_weight=0.5,
+                                               backend=backend)
+    dh, = torch.autograd.grad(loss, [h])
+    assert math.isnan(float(loss)) and dh[1, 2].isnan().all() and torch.isfinite(dh[0]).all()
+
+
+def test_traces_on_fake_tensors_and_compiles_whole():
+    """Fake tensors give the output shapes (no value read: every row goes through the blocks), and
+    torch.compile(fullgraph=True) of the loss and its gradient equals the eager call."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    h, w, b, ht, wt, bt, y = _batch(15)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (h, w, ht, wt, y)]
+        loss, met = fastalign.linear_divergence_loss(*fake[:4], labels=fake[4], hard_weight=0.3)
+        assert loss.shape == () and met["nll"].shape == ()
+
+    def step(h, w, b, ht, wt, y):
+        loss, met = fastalign.linear_divergence_loss(h, w, ht, wt, bias=b, teacher_bias=bt, labels=y, hard_weight=0.3,
+                                                     beta=0.5)
+        return loss, met["entropy"]
+
+    def run(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (h, w, b)]
+        loss, entropy = fn(*leaves, ht, wt, y)
+        return (loss, entropy, *torch.autograd.grad(loss, leaves))
+
+    torch._dynamo.reset()
+    try:
+        got = run(torch.compile(step, fullgraph=True, backend="aot_eager"))
+    finally:
+        torch._dynamo.reset()
+    for g, e in zip(got, run(step)):
+        assert_close(g, e, atol=1e-6, rtol=1e-5, what="compiled against eager")

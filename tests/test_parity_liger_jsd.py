@@ -32,7 +32,18 @@ CASES = [dict(), dict(beta=0.0), dict(beta=1.0), dict(beta=0.1, temperature=0.7)
 @pytest.mark.parametrize("options", CASES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_liger(options, bias):
-    x, w, b, xt, wt, bt, y = _inputs(0, bias=bias)
+    _compare(options, *_inputs(0, bias=bias))
+
+
+def test_a_label_out_of_the_vocabulary_without_the_hard_loss_matches_liger():
+    """weight_hard_loss=0: the labels are only the mask; a label outside [0, V) (not ignore_index) scores the token
+    and gives Liger a finite loss (it never reads the label), so it does here (it gave NaN: 0 * NaN)."""
+    x, w, b, xt, wt, bt, y = _inputs(3)
+    y[4] = -1
+    _compare(dict(weight_hard_loss=0.0, weight_soft_loss=1.0), x, w, b, xt, wt, bt, y)
+
+
+def _compare(options, x, w, b, xt, wt, bt, y):
     outs, grads = [], []
     for cls, extra in ((chunked.LigerFusedLinearJSDLoss, dict(compiled=False, chunk_size=4)),
                        (LigerFusedLinearJSDLoss, {})):
@@ -59,3 +70,18 @@ def test_bad_options():
     x, w, b, xt, wt, bt, y = _inputs(1)
     with pytest.raises(ValueError, match="teacher_weight"):
         LigerFusedLinearJSDLoss()(x, w, xt, wt[:-1], y)
+
+
+def test_errors_name_liger_arguments():
+    x, w, b, xt, wt, bt, y = _inputs(2)
+    loss = LigerFusedLinearJSDLoss()
+    for call, err, match in (
+            (lambda: loss(x, w, xt, wt, y[:-1], b, bt), ValueError, r"true_labels must have shape .*student_input"),
+            (lambda: loss(x.double(), w, xt, wt, y, b, bt), TypeError, "student_input must be"),
+            (lambda: loss(x, w, xt[:-1], wt, y, b, bt), ValueError, "teacher_input must have shape"),
+            (lambda: loss(x, w, xt, wt, y, b[:-1], bt), ValueError, r"student_bias must have shape .*student_weight")):
+        with pytest.raises(err, match=match):
+            call()
+    for name in ("weight_hard_loss", "weight_soft_loss"):
+        with pytest.raises(TypeError, match=name):
+            LigerFusedLinearJSDLoss(**{name: None})

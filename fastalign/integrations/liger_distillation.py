@@ -29,6 +29,10 @@ from fastalign.linear_divergence import linear_divergence_loss
 
 __all__ = ["LigerFusedLinearJSDLoss"]
 
+# linear_divergence_loss's argument names -> Liger's, for the error messages
+_ARGUMENTS = {"hidden": "student_input", "weight": "student_weight", "bias": "student_bias",
+              "teacher_hidden": "teacher_input", "labels": "true_labels"}
+
 
 class LigerFusedLinearJSDLoss(nn.Module):
     """Liger's fused linear JSD distillation loss (see the module doc)."""
@@ -37,7 +41,8 @@ class LigerFusedLinearJSDLoss(nn.Module):
                  ignore_index: int = -100, temperature: float = 1.0, compiled: bool = True, chunk_size: int = 1024,
                  return_soft_hard_loss: bool = False):
         super().__init__()
-        _validate.finite(weight_hard_loss=weight_hard_loss, weight_soft_loss=weight_soft_loss)
+        _validate.finite_number("weight_hard_loss", weight_hard_loss)
+        _validate.finite_number("weight_soft_loss", weight_soft_loss)
         beta_value = _validate._number("beta", beta)
         if not 0.0 <= beta_value <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
@@ -61,10 +66,12 @@ class LigerFusedLinearJSDLoss(nn.Module):
     def forward(self, student_input: Tensor, student_weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor,
                 true_labels: Tensor, student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None):
         hard = self.weight_hard_loss != 0 or self.return_soft_hard_loss
-        loss, metrics = linear_divergence_loss(
-            student_input, student_weight, teacher_input, teacher_weight, beta=self.beta, temperature=self.temperature,
-            bias=student_bias, teacher_bias=teacher_bias, labels=true_labels, ignore_index=self.ignore_index,
-            soft_weight=self.weight_soft_loss, hard_weight=self.weight_hard_loss if hard else 0.0)
+        with _validate.argument_names(_ARGUMENTS):
+            loss, metrics = linear_divergence_loss(
+                student_input, student_weight, teacher_input, teacher_weight, beta=self.beta,
+                temperature=self.temperature, bias=student_bias, teacher_bias=teacher_bias, labels=true_labels,
+                ignore_index=self.ignore_index, soft_weight=self.weight_soft_loss,
+                hard_weight=self.weight_hard_loss if hard else 0.0)
         if not self.return_soft_hard_loss:
             return loss
         n = metrics["num_tokens"].clamp(min=1)

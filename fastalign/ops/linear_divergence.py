@@ -22,6 +22,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from fastalign.ops._launch import eager
 from fastalign.ops.device_compaction import compact
 from fastalign.ops.divergence import divergence_rows_call
 from fastalign.ops.linear_block import _operands, block_buffer, row_blocks
@@ -51,7 +52,10 @@ def _scored_order(mask: Tensor):
     """(row indices in block order or None for every row, live count per block helper or None).
 
     CPU: the scored rows, found on the host. GPU: every row, the scored ones first, and their count on
-    the device (no host sync); None when device compaction is off."""
+    the device (no host sync); None when device compaction is off. Traced (torch.compile, fake tensors):
+    every row in place (the kernels give unscored rows 0), no value read."""
+    if not eager(mask):
+        return None, None
     if mask.device.type == "cpu":
         keep = mask != 0
         return (None if bool(keep.all()) else keep.nonzero().squeeze(1)), None
