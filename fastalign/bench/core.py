@@ -54,6 +54,15 @@ class Case:
         return f"{self.op}/{self.label}"
 
 
+def random_head(g: torch.Generator, rows: tuple, H: int, V: int, dtype: torch.dtype) -> tuple:
+    """``(hidden [*rows, H], weight [V, H])`` drawn from ``g`` in ``dtype``: unit hidden states and a weight of
+    scale ``H^-1/2``, so the logits have unit scale as a trained head's do."""
+    device = g.device
+    hidden = torch.randn(*rows, H, device=device, dtype=dtype, generator=g)
+    weight = (torch.randn(V, H, device=device, generator=g) * H ** -0.5).to(dtype)
+    return hidden, weight
+
+
 def grad_step(fn: Optional[Callable], leaves, backward: bool, loss: Optional[Callable] = None) -> Optional[Step]:
     """A step running ``fn(*leaves)`` on fresh leaf copies; with ``backward`` also differentiates
     ``loss(output)`` (the output itself by default) with respect to them. None when ``fn`` is."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import fastalign
-from fastalign.bench.core import Case, grad_step
+from fastalign.bench.core import Case, grad_step, random_head
 from fastalign.bench.optional import optional_impl
 from fastalign.linear_step import separable_step
 
@@ -24,8 +24,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def _make_build(N, H, V, dtype):
     def build(device, mode):
         g = torch.Generator(device=device).manual_seed(0)
-        hidden = torch.randn(N, H, device=device, dtype=dtype, generator=g)
-        weight = (torch.randn(V, H, device=device, generator=g) * H ** -0.5).to(dtype)
+        hidden, weight = random_head(g, (N,), H, V, dtype)
         labels = torch.randint(0, V, (N,), device=device, generator=g)
         labels[: N // 4] = -100
         count = (labels != -100).sum()

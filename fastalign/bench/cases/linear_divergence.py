@@ -15,7 +15,7 @@ import math
 import torch
 
 import fastalign
-from fastalign.bench.core import Case, grad_step
+from fastalign.bench.core import Case, grad_step, random_head
 from fastalign.bench.optional import optional_impl
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -33,10 +33,8 @@ def _eager(h, w, ht, wt, mask):
 def _make_build(N, H, Ht, V, dtype):
     def build(device, mode):
         g = torch.Generator(device=device).manual_seed(0)
-        hidden = torch.randn(N, H, device=device, dtype=dtype, generator=g)
-        weight = (torch.randn(V, H, device=device, generator=g) * H ** -0.5).to(dtype)
-        teacher_hidden = torch.randn(N, Ht, device=device, dtype=dtype, generator=g)
-        teacher_weight = (torch.randn(V, Ht, device=device, generator=g) * Ht ** -0.5).to(dtype)
+        hidden, weight = random_head(g, (N,), H, V, dtype)
+        teacher_hidden, teacher_weight = random_head(g, (N,), Ht, V, dtype)
         mask = torch.ones(N, device=device)
         mask[: N // 8] = 0
         labels = torch.where(mask != 0, 0, -100).long()

@@ -5,7 +5,7 @@ import torch
 
 import fastalign
 from fastalign import reference
-from fastalign.bench.core import Case, grad_step, with_env
+from fastalign.bench.core import Case, grad_step, random_head, with_env
 from fastalign.bench.optional import optional_impl
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -14,8 +14,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def _make_build(N, H, V, dtype, prompt_share=0.0):
     def build(device, mode):
         g = torch.Generator(device=device).manual_seed(0)
-        hidden = torch.randn(N, H, device=device, dtype=dtype, generator=g)
-        weight = (torch.randn(V, H, device=device, generator=g) * H ** -0.5).to(dtype)
+        hidden, weight = random_head(g, (N,), H, V, dtype)
         labels = torch.randint(0, V, (N,), device=device, generator=g)
         if prompt_share:  # sequences of 1024 tokens, each starting with its unscored prompt
             labels.view(-1, 1024)[:, :int(1024 * prompt_share)] = -100
@@ -58,8 +57,7 @@ def _make_lora_build(N, H, V, r, dtype):
     gradient); ``eager`` builds the logits ``h W^T + a L^T``."""
     def build(device, mode):
         g = torch.Generator(device=device).manual_seed(0)
-        hidden = torch.randn(N, H, device=device, dtype=dtype, generator=g)
-        weight = (torch.randn(V, H, device=device, generator=g) * H ** -0.5).to(dtype)
+        hidden, weight = random_head(g, (N,), H, V, dtype)
         a = torch.randn(N, r, device=device, dtype=dtype, generator=g)
         lw = (torch.randn(V, r, device=device, generator=g) * r ** -0.5).to(dtype)
         labels = torch.randint(0, V, (N,), device=device, generator=g)

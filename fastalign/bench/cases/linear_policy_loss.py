@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 import fastalign
-from fastalign.bench.core import Case, grad_step, with_env
+from fastalign.bench.core import Case, grad_step, random_head, with_env
 from fastalign.bench.optional import optional_impl
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -37,8 +37,7 @@ def _eager(h, w, labels, mask, advantages, ref, old):
 def _make_build(B, T, H, V, dtype, prompt_share=0.0):
     def build(device, mode):
         g = torch.Generator(device=device).manual_seed(0)
-        hidden = torch.randn(B, T, H, device=device, dtype=dtype, generator=g)
-        weight = (torch.randn(V, H, device=device, generator=g) * H ** -0.5).to(dtype)
+        hidden, weight = random_head(g, (B, T), H, V, dtype)
         labels = torch.randint(0, V, (B, T), device=device, generator=g)
         lengths = torch.randint(T // 2, T + 1, (B, 1), device=device, generator=g)
         position = torch.arange(T, device=device)[None, :]
