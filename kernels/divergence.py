@@ -5,7 +5,8 @@ tiles of BLOCK_V columns:
 
 1. the online softmax states (softmax_math.add_block) of the student (with t, for its entropy), of the
    teacher and, with labels, of the student at temperature 1 (the NLL of Liger's hard loss);
-2. D and K with lps = (x_s - lse_s), lpt = (x_t - lse_t) floored at -1e30 (a zero probability adds 0,
+2. D and K with lps = (x_s - m_s) - log s_s, lpt = (x_t - m_t) - log s_t (x - m first: the error is the
+   log-prob's own rounding at any logit scale, not that of |lse|) floored at -1e30 (a zero probability adds 0,
    a NaN propagates):
 
        beta = 0: D = sum p_t (lpt - lps);        beta = 1: D = K = sum p_s (lps - lpt)
@@ -35,10 +36,10 @@ def _floor(x):
 
 
 @triton.jit
-def _column(xs, xt, lse_s, lse_t, log_1mb, log_b, MODE: tl.constexpr):
-    """(lps, lpt, ps, pt, lm) of a tile of columns."""
-    lps = _floor(xs - lse_s)
-    lpt = _floor(xt - lse_t)
+def _column(xs, xt, m_s, log_ss, m_t, log_st, log_1mb, log_b, MODE: tl.constexpr):
+    """(lps, lpt, ps, pt, lm) of a tile of columns, from each side's max and log-sum."""
+    lps = _floor((xs - m_s) - log_ss)
+    lpt = _floor((xt - m_t) - log_st)
     ps = exp(lps)
     pt = exp(lpt)
     if MODE == 2:
@@ -83,8 +84,7 @@ def divergence_rows_kernel(
         if HARD:
             m_1, s_1, _t, _q = add_block(m_1, s_1, s_1, s_1, z, 0, False, False)
     log_ss = tl.log(s_s)
-    lse_s = m_s + log_ss
-    lse_t = m_t + tl.log(s_t)
+    log_st = tl.log(s_t)
     ent = log_ss - t_s / s_s
 
     d_acc = tl.zeros([BLOCK_V], tl.float32)
@@ -94,7 +94,7 @@ def divergence_rows_kernel(
         inside = c < V
         xs = tl.load(zs_row + c, mask=inside, other=0.0).to(tl.float32) * inv_t
         xt = tl.load(zt_row + c, mask=inside, other=0.0).to(tl.float32) * inv_t
-        lps, lpt, ps, pt, lm = _column(xs, xt, lse_s, lse_t, log_1mb, log_b, MODE)
+        lps, lpt, ps, pt, lm = _column(xs, xt, m_s, log_ss, m_t, log_st, log_1mb, log_b, MODE)
         if MODE == 0:
             d = pt * (lpt - lps)
             k = tl.zeros([BLOCK_V], tl.float32)
@@ -116,8 +116,8 @@ def divergence_rows_kernel(
         labelled = scored & (y != ignore_index)
         valid = (y >= 0) & (y < V)
         z_y = tl.load(zs_row + tl.where(valid & labelled, y, 0)).to(tl.float32)
-        lse_1 = m_1 + tl.log(s_1)
-        nll = tl.where(valid, lse_1 - z_y, float("nan"))
+        log_s1 = tl.log(s_1)
+        nll = tl.where(valid, log_s1 - (z_y - m_1), float("nan"))
         tl.store(nll_ptr + r, tl.where(labelled, nll, 0.0))
     if GRAD:
         g_soft = tl.load(g_soft_ptr + r) * inv_t
@@ -131,7 +131,7 @@ def divergence_rows_kernel(
             read = c < end
             z = tl.load(zs_row + c, mask=read, other=0.0).to(tl.float32)
             xt = tl.load(zt_row + c, mask=read, other=0.0).to(tl.float32) * inv_t
-            lps, lpt, ps, pt, lm = _column(z * inv_t, xt, lse_s, lse_t, log_1mb, log_b, MODE)
+            lps, lpt, ps, pt, lm = _column(z * inv_t, xt, m_s, log_ss, m_t, log_st, log_1mb, log_b, MODE)
             if MODE == 0:
                 g = ps - pt
             elif MODE == 1:
@@ -140,7 +140,7 @@ def divergence_rows_kernel(
                 g = (1.0 - beta) * ps * (lps - lm - K)
             g = g_soft * g
             if HARD_GRAD:
-                p1 = exp(_floor(z - lse_1))
+                p1 = exp(_floor((z - m_1) - log_s1))
                 g += g_hard * (p1 - tl.where(c == y, 1.0, 0.0))
             g = tl.where(read, g, 0.0)
             tl.store(zs_row + c, g.to(zs_ptr.dtype.element_ty), mask=inside)

@@ -287,3 +287,26 @@ def test_traces_on_fake_tensors_and_compiles_whole():
         torch._dynamo.reset()
     for g, e in zip(got, run(step)):
         assert_close(g, e, atol=1e-6, rtol=1e-5, what="compiled against eager")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_a_large_logit_offset_keeps_the_divergence_precise(backend, beta):
+    """Logits near 700 (|lse| ~ 700, ulp 6e-5) and a teacher close to the student (D ~ 1e-3): the log-probs are
+    formed as (x - max) - log s, so D keeps a relative error ~1e-5 (as x - lse it was 7e-4)."""
+    g = torch.Generator().manual_seed(16)
+    N, H, Vb = 64, 32, 2000
+    h = torch.randn(N, H, generator=g)
+    w = torch.randn(Vb, H, generator=g) * 0.3
+    wt = w + 0.01 * torch.randn(Vb, H, generator=g)
+    b = torch.full((Vb,), 700.0)
+    hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, _ = fastalign.linear_divergence_loss(hg, wg, h, wt, bias=b, teacher_bias=b, beta=beta, backend=backend)
+    loss.backward()
+    hd, wd = h.double().requires_grad_(), w.double().requires_grad_()
+    ref, _ = R.linear_divergence_loss(hd, wd, h.double(), wt.double(), bias=b.double(), teacher_bias=b.double(),
+                                      beta=beta)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-4 * ref.item(), (loss.item(), ref.item())
+    assert_close(hg.grad.double(), hd.grad, atol=1e-3 * float(hd.grad.abs().max()), rtol=0, what="d hidden")
+    assert_close(wg.grad.double(), wd.grad, atol=1e-3 * float(wd.grad.abs().max()), rtol=0, what="d weight")

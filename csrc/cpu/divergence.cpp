@@ -65,8 +65,10 @@ FASTALIGN_KERNEL_BODY Sums row_sums(const float* zs, const float* zt, int64_t V,
   return {ss, ts, st, s1};
 }
 
+// The row's softmax states: x_j - m_s - log s_s is the student's log-prob (x_j - m first, so its error is its
+// own rounding at any logit scale, not that of |lse|; common/softmax_stats.h), the same for the teacher.
 struct Row {
-  float lse_s, lse_t, beta;
+  float m_s, log_ss, m_t, log_st, beta;
 };
 
 // log m = log((1 - beta) p_s + beta p_t), from the probabilities (floored at -1e30 where both underflow)
@@ -81,7 +83,8 @@ FASTALIGN_KERNEL_BODY void row_divergence(const float* zs, const float* zt, int6
   float d = 0.f, k = 0.f;
 #pragma omp simd reduction(+ : d, k)
   for (int64_t j = 0; j < V; ++j) {
-    const float lps = softmax::log_p(zs[j] * inv_t, R.lse_s, 0.f), lpt = softmax::log_p(zt[j] * inv_t, R.lse_t, 0.f);
+    const float lps = softmax::log_p(zs[j] * inv_t - R.m_s, R.log_ss, 0.f);
+    const float lpt = softmax::log_p(zt[j] * inv_t - R.m_t, R.log_st, 0.f);
     const float ps = exp_f32(lps), pt = exp_f32(lpt);
     const float lm = MODE == divergence::kJSD ? log_mixture(ps, pt, R.beta) : 0.f;
     d += divergence::term(MODE, R.beta, ps, pt, lps, lpt, lm);
@@ -94,22 +97,23 @@ FASTALIGN_KERNEL_BODY void row_divergence(const float* zs, const float* zt, int6
 // pass 4: the gradient over zs in place (each element read before it is written)
 template <int MODE, bool HARD>
 FASTALIGN_KERNEL_BODY void row_gradient(float* zs, const float* zt, int64_t V, float inv_t, Row R, float K,
-                                        float g_soft, float g_hard, float lse1) {
+                                        float g_soft, float g_hard, float m1, float log_s1) {
   const float gs = g_soft * inv_t;
 #pragma omp simd
   for (int64_t j = 0; j < V; ++j) {
     const float z = zs[j];
-    const float lps = softmax::log_p(z * inv_t, R.lse_s, 0.f), lpt = softmax::log_p(zt[j] * inv_t, R.lse_t, 0.f);
+    const float lps = softmax::log_p(z * inv_t - R.m_s, R.log_ss, 0.f);
+    const float lpt = softmax::log_p(zt[j] * inv_t - R.m_t, R.log_st, 0.f);
     const float ps = exp_f32(lps), pt = exp_f32(lpt);
     const float lm = MODE == divergence::kJSD ? log_mixture(ps, pt, R.beta) : 0.f;
     float g = gs * divergence::grad(MODE, R.beta, ps, pt, lps, lpt, lm, K);
-    if (HARD) g += g_hard * exp_f32(softmax::log_p(z, lse1, 0.f));
+    if (HARD) g += g_hard * exp_f32(softmax::log_p(z - m1, log_s1, 0.f));
     zs[j] = g;
   }
 }
 
 using DivergenceFn = void (*)(const float*, const float*, int64_t, float, Row, float*, float*);
-using GradientFn = void (*)(float*, const float*, int64_t, float, Row, float, float, float, float);
+using GradientFn = void (*)(float*, const float*, int64_t, float, Row, float, float, float, float, float);
 
 template <int MODE>
 GradientFn gradient_variant(bool hard) {
@@ -151,7 +155,7 @@ void rows(uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_
       const float rs = m.s == -kInf ? 0.f : m.s, rt = m.t == -kInf ? 0.f : m.t, r1 = m.one == -kInf ? 0.f : m.one;
       const Sums s = sum_fn(zs, zt, V, inv_t, rs, rt, r1);
       const float log_ss = std::log(s.ss);
-      const Row R{softmax::log_sum_exp(rs, log_ss), softmax::log_sum_exp(rt, std::log(s.st)), beta};
+      const Row R{rs, log_ss, rt, std::log(s.st), beta};
       ent[r] = softmax::entropy(log_ss, s.ts, s.ss);
       float D, K;
       div_fn(zs, zt, V, inv_t, R, &D, &K);
@@ -159,11 +163,10 @@ void rows(uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_
       const int64_t y = hard ? labels[r] : ignore_index;
       const bool labelled = hard && y != ignore_index;
       const float log_s1 = hard ? std::log(s.s1) : 0.f;
-      const float lse1 = softmax::log_sum_exp(r1, log_s1);
       if (nll) nll[r] = !labelled ? 0.f : (y >= 0 && y < V ? -softmax::logprob(zs[y], r1, log_s1) : kNaN);
       if (g_soft) {
         const float gh = labelled && g_hard ? g_hard[r] : 0.f;
-        (gh != 0.f ? grad_hard_fn : grad_soft_fn)(zs, zt, V, inv_t, R, K, g_soft[r], gh, lse1);
+        (gh != 0.f ? grad_hard_fn : grad_soft_fn)(zs, zt, V, inv_t, R, K, g_soft[r], gh, r1, log_s1);
         if (gh != 0.f) {
           if (y >= 0 && y < V) zs[y] -= gh;
           else
