@@ -310,3 +310,30 @@ def test_a_large_logit_offset_keeps_the_divergence_precise(backend, beta):
     assert abs(loss.item() - ref.item()) < 1e-4 * ref.item(), (loss.item(), ref.item())
     assert_close(hg.grad.double(), hd.grad, atol=1e-3 * float(hd.grad.abs().max()), rtol=0, what="d hidden")
     assert_close(wg.grad.double(), wd.grad, atol=1e-3 * float(wd.grad.abs().max()), rtol=0, what="d weight")
+
+
+def test_a_non_finite_unscored_row_adds_nothing_when_traced():
+    """Traced, every row goes through the blocks: an unscored row whose hidden state is NaN must still add
+    nothing to d(weight) (0 * NaN), as in the eager call, which skips it."""
+    h, w, b, ht, wt, bt, y = _batch(17, bias=False)
+    h = h.detach().clone()
+    mask = torch.ones(h.shape[:-1])
+    mask[1, 2] = 0
+    h[1, 2, 0] = math.nan
+
+    def step(h, w):
+        return fastalign.linear_divergence_loss(h, w, ht, wt, response_mask=mask)[0]
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        results = []
+        for fn in (step, compiled):
+            hx, wx = h.clone().requires_grad_(), w.detach().clone().requires_grad_()
+            loss = fn(hx, wx)
+            results.append((loss, *torch.autograd.grad(loss, [hx, wx])))
+    finally:
+        torch._dynamo.reset()
+    assert all(torch.isfinite(t).all() for t in results[1])
+    for a, e in zip(results[1], results[0]):
+        assert_close(a, e, atol=1e-6, rtol=1e-5, what="compiled against eager")

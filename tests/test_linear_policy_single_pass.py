@@ -245,3 +245,31 @@ def test_bad_head_inputs_are_named():
         mod(h, d["weight"], d["labels"], d["old"], d["A"], d["mask"], bias=d["bias"][:-1])
     with pytest.raises(ValueError, match="single_pass must be one of"):
         fastalign.LinearPolicyLoss(single_pass="yes")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_a_non_finite_ignored_row_adds_nothing_to_the_weight_gradient(backend):
+    """NaN and inf hidden states at ignored positions (prompt, padding: label -100) with the rows kept in the
+    block (compact=False): the single pass gives the two-pass loss and gradients, all finite (d(weight) took
+    0 * NaN from those rows on the C++ path), for the preference loss and the policy loss."""
+    g = torch.Generator().manual_seed(21)
+    h = torch.randn(4, 6, H, generator=g)
+    w = torch.randn(V, H, generator=g) * 0.3
+    y = torch.randint(0, V, (4, 6), generator=g)
+    y[:, :2] = -100
+    h[0, 0, 3], h[3, 1, 0] = float("nan"), float("inf")
+    results = []
+    for single_pass in (True, False):
+        hx, wx = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss, _ = fastalign.LinearPreferenceLoss(beta=0.1, backend=backend, single_pass=single_pass,
+                                                 compact=False)(hx, wx, y)
+        results.append((loss, *torch.autograd.grad(loss, [hx, wx])))
+    assert all(torch.isfinite(t).all() for t in results[0])
+    for a, b in zip(*results):
+        assert_close(a, b, atol=1e-6, rtol=1e-5, what="single pass against two passes")
+    mask = (y != -100).float()
+    old, adv = torch.randn(4, 6, generator=g) - 3.0, torch.randn(4, generator=g)
+    hx, wx = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, _ = fastalign.LinearPolicyLoss(loss_type="grpo", backend=backend, single_pass=True)(
+        hx, wx, y.clamp(min=0), old, adv, mask)
+    assert torch.isfinite(loss) and all(torch.isfinite(t).all() for t in torch.autograd.grad(loss, [wx]))

@@ -71,7 +71,11 @@ def block_backward(z: Tensor, deriv: Optional[Tensor], g_lp: Tensor, h: Tensor, 
     """Turn the kept logits ``z`` into d(logits) in place for token gradients ``g_lp`` (and ``g_ent`` of
     the entropies ``ent``); accumulate ``dw``/``db`` (and ``dl`` for ``low_rank = (a, L)``) and return
     ``(dh [n, H], da [n, r] or None)`` (fp32 on the CPU, the input dtype on a GPU). ``live``: as in
-    :func:`block_forward` (``dh`` and ``da`` are 0 past it)."""
+    :func:`block_forward` (``dh`` and ``da`` are 0 past it). Rows whose label is ``ignore_index`` add nothing
+    to ``dw`` and ``dl``, even where their ``h`` (or ``a``) is not finite (their d(logits) is 0, and 0 * NaN is
+    not)."""
+    if live is None:
+        h, low_rank = _labelled_rows_only(h, labels, ignore_index, low_rank)
     empty = lse.new_empty(0)
     z3 = z.unsqueeze(0)
     backward_into(z3, g_lp, g_ent, None, z3, labels, lse, empty if ent is None else ent, empty, inv_t, ignore_index,
@@ -82,6 +86,16 @@ def block_backward(z: Tensor, deriv: Optional[Tensor], g_lp: Tensor, h: Tensor, 
     chunk_grad_to_inputs(z, deriv, scale, softcap, h, weight, dh, dw, db, accumulate=False, low_rank=low_rank,
                          low_rank_grads=(da, dl), live=live)
     return dh, da
+
+
+def _labelled_rows_only(h: Tensor, labels: Tensor, ignore_index: int, low_rank):
+    """``h`` (and the low-rank term's ``a``) with the rows whose label is ``ignore_index`` set to 0."""
+    keep = (labels != ignore_index)[:, None]
+    h = torch.where(keep, h, torch.zeros((), dtype=h.dtype, device=h.device))
+    if low_rank is not None:
+        a, lw = low_rank
+        low_rank = (torch.where(keep, a, torch.zeros((), dtype=a.dtype, device=a.device)), lw)
+    return h, low_rank
 
 
 def block_rows(vocab: int, like: Tensor, budget_bytes: float) -> int:

@@ -102,6 +102,8 @@ def run_blocks(student: Head, teacher: Head, mask: Tensor, labels: Optional[Tens
                 if full.numel():
                     block.put(full, part)
             if g_soft is not None:
+                if order is None and cmp is None:  # unscored rows in the block: they add nothing, even if not finite
+                    hs = torch.where(block.take(mask)[:, None] != 0, hs, torch.zeros((), dtype=hs.dtype, device=dev))
                 dh_b = None if dh is None else torch.empty(hs.shape, dtype=zs.dtype, device=dev)
                 chunk_grad_to_inputs(zs, deriv, student.scale, student.softcap, hs, ws, dh_b, dw, db,
                                      accumulate=False, live=live)
