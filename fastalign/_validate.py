@@ -6,6 +6,7 @@ Every error names the argument: ``"<arg> must ..., got ..."``.
 """
 from __future__ import annotations
 
+import collections.abc as _abc
 import contextlib
 import math
 import numbers as _numbers
@@ -143,6 +144,20 @@ def positive(name: str, value) -> float:
     return v
 
 
+def boolean(name: str, value) -> bool:
+    """A Python bool (a switch: ``"no"`` or ``1`` is a ``TypeError``, not a truthy value)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def finite_numbers(name: str, values) -> tuple:
+    """A sequence (list, tuple, ...) of finite real numbers, as a tuple of floats; ``name[i]`` names a bad entry."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, _abc.Sequence):
+        raise TypeError(f"{name} must be a sequence of numbers, got {type(values).__name__}")
+    return tuple(finite_number(f"{name}[{i}]", v) for i, v in enumerate(values))
+
+
 def index_value(name: str, value) -> int:
     """A Python integer (a label value such as ``ignore_index``)."""
     if isinstance(value, bool) or not isinstance(value, _numbers.Integral):
@@ -202,6 +217,27 @@ def offsets(name: str, cu: torch.Tensor, total: int, device=None) -> Optional[to
         decreasing = bool((cu[1:] < cu[:-1]).any())
         raise ValueError(f"{name} must start at 0, never decrease and end at most at the {total} packed tokens, "
                          f"got first={first}, last={last}{', decreasing' if decreasing else ''}")
+    return None
+
+
+def position_starts(name: str, position_ids: torch.Tensor, count_name: str, count: int) -> Optional[torch.Tensor]:
+    """Packed ``position_ids [N]`` that start ``count`` sequences: the first token at position 0, and ``count``
+    positions 0 in all (a sequence starts where the position is 0, so none is empty).
+
+    Eager CPU tensors are checked here (free) and raise, naming ``name`` or ``count_name``. Other tensors
+    are not read on the host: the result is then a 0-dim bool device tensor, True when they do not match,
+    for the caller to turn the outputs into NaN without a synchronisation (as :func:`offsets`)."""
+    pos = position_ids.reshape(-1)
+    starts = (pos == 0).sum()
+    first_off = (pos[:1] != 0).any()
+    bad = first_off | (starts != count)
+    if pos.device.type != "cpu" or not eager(pos):
+        return bad
+    if bool(first_off):
+        raise ValueError(f"{name} must start at 0 (the first packed token starts a sequence), got {int(pos[0])} "
+                         "at the first token")
+    if bool(bad):
+        raise ValueError(f"{count_name}={count} but {name} describes {int(starts)} sequences (one per position 0)")
     return None
 
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from fastalign import _backend, _validate
 from fastalign._deprecate import renamed
 from fastalign._options import check_choice
-from fastalign.linear import check_logit_options, linear_logprobs, logit_pipeline
+from fastalign.linear import check_head, check_logit_options, linear_logprobs, logit_pipeline
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_cpu import labelled_rows, scatter_labelled
 from fastalign.ops.single_pass import (DEFAULT_BLOCK_MIB, LogitPipeline, Side, block_logprobs_of, by_default,
@@ -45,6 +45,8 @@ DEFAULT_PAIR_BLOCK_MIB = DEFAULT_BLOCK_MIB
 __all__ = ["DEFAULT_PAIR_BLOCK_MIB", "LinearPreferenceLoss", "PathPolicy", "coupling"]
 
 _COUPLED = ("aot", "aot_unpaired")  # sorted across the batch
+#: the head's argument names in the reference pass -> this module's
+_REF_NAMES = {"hidden": "ref_hidden", "weight": "ref_weight", "bias": "ref_bias"}
 _MODES = ("auto", True, False)
 #: the keywords of LinearPreferenceLoss besides the preference_loss options
 _OWN_OPTIONS = ("ignore_index", "temperature", "softcap", "logit_scale", "ld_alpha", "use_weighting", "wpo_cap",
@@ -152,7 +154,8 @@ class LinearPreferenceLoss(nn.Module):
     The reference is either hidden states (``ref_hidden`` with ``ref_weight``/``ref_bias``,
     defaulting to the policy head) evaluated under ``torch.no_grad`` — never
     differentiated — or precomputed ``ref_chosen_logprobs``/``ref_rejected_logprobs``; without
-    either the loss is reference-free. ``use_weighting=True`` asks the kernel for
+    either the loss is reference-free (``ref_weight``/``ref_bias`` without ``ref_hidden`` are an
+    error). ``use_weighting=True`` (a bool) asks the kernel for
     :math:`\sum_j p_j^2` and applies WPO pair weights, capped at ``wpo_cap`` (1 by default;
     ``None`` leaves them uncapped, as TRL 1.16). The chosen NLL (sft, cpo, orpo,
     ``rpo_alpha``) is the token mean over the chosen responses.
@@ -185,6 +188,7 @@ class LinearPreferenceLoss(nn.Module):
         self.loss_types = check_config("LinearPreferenceLoss", loss_type, beta, label_smoothing, options,
                                        own=_OWN_OPTIONS)
         check_logit_options(temperature, softcap, logit_scale, ignore_index, backend=backend)
+        _validate.boolean("use_weighting", use_weighting)
         _validate.finite(ld_alpha=ld_alpha)
         if wpo_cap is not None:
             _validate.positive("wpo_cap", wpo_cap)
@@ -193,7 +197,7 @@ class LinearPreferenceLoss(nn.Module):
         self.config = dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, **options)
         self.ignore_index = int(ignore_index)
         self.ld_alpha = ld_alpha
-        self.use_weighting = bool(use_weighting)
+        self.use_weighting = use_weighting
         self.wpo_cap = wpo_cap
         self.kernel_options = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale,
                                    ignore_index=self.ignore_index, vocab_group=vocab_group, backend=backend)
@@ -267,6 +271,21 @@ class LinearPreferenceLoss(nn.Module):
             raise ValueError(f"{name} has hidden size {hidden.shape[-1]} but weight is {tuple(weight.shape)} "
                              "([V, H])")
 
+    @staticmethod
+    def _check_ref(name, ref, like, like_name, weight, bias, ref_weight, ref_bias) -> None:
+        """Reference hidden states ``name`` against the policy's ``like`` (same shape) and against the reference
+        head: ``ref_weight`` / ``ref_bias``, or the policy's ``weight`` / ``bias`` when ``ref_weight`` is None."""
+        _validate.floating(name, ref, min_dim=2)
+        _validate.shape(name, ref, like.shape, f"like {like_name}")
+        _validate.same_device(**{like_name: like, name: ref})
+        own = ref_weight is not None
+        head_w, head_b = (ref_weight, ref_bias) if own else (weight, bias if ref_bias is None else ref_bias)
+        names = {"hidden": name, "weight": "ref_weight" if own else "weight",
+                 "bias": "ref_bias" if ref_bias is not None else "bias"}
+        with _validate.argument_names(names):
+            check_head(ref, head_w, head_b)
+            _validate.same_device(hidden=ref, weight=head_w, bias=head_b)
+
     # ------------------------------------------------------------------------------------ forward
 
     @renamed(ref_chosen_logps="ref_chosen_logprobs", ref_rejected_logps="ref_rejected_logprobs")
@@ -282,6 +301,9 @@ class LinearPreferenceLoss(nn.Module):
         if ref_hidden is not None and (ref_chosen_logprobs is not None or ref_rejected_logprobs is not None):
             raise ValueError("give the reference as ref_hidden or as ref_chosen_logprobs/ref_rejected_logprobs, "
                              "not both")
+        if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
+            raise ValueError("ref_weight / ref_bias apply to ref_hidden: give ref_hidden or leave them None")
+        ref_head = (weight, bias, ref_weight, ref_bias)  # as given, for the reference checks
         if ref_weight is None:
             ref_weight = weight
             ref_bias = bias if ref_bias is None else ref_bias
@@ -294,8 +316,7 @@ class LinearPreferenceLoss(nn.Module):
         if split is None:
             self._check("hidden", hidden, labels, weight)
             if ref_hidden is not None:
-                self._check("ref_hidden", ref_hidden, labels, ref_weight)
-                _validate.shape("ref_hidden", ref_hidden, hidden.shape, "like hidden")
+                self._check_ref("ref_hidden", ref_hidden, hidden, "hidden", *ref_head)
             if cu_seqlens is not None:
                 _validate.integer("cu_seqlens", cu_seqlens, dim=1)
                 if hidden.dim() != 2 or (cu_seqlens.shape[0] - 1) % 2:
@@ -326,14 +347,18 @@ class LinearPreferenceLoss(nn.Module):
                     raise ValueError("with separate hidden, token_weights must be a (chosen, rejected) pair")
                 twc, twr = pair
             rhc, rhr = _pair("ref_hidden", ref_hidden) if ref_hidden is not None else (None, None)
+            if rhc is not None:
+                self._check_ref("chosen ref_hidden", rhc, hc, "chosen hidden", *ref_head)
+                self._check_ref("rejected ref_hidden", rhr, hr, "rejected hidden", *ref_head)
         single = self.paths.single_passes(kto_kl, weight, hc, hr, bias)
         rows_c, rows_r = self._rows(hc, yc, single), self._rows(hr, yr, single)
         both = (hidden, labels) if split is None else None
         if rhc is not None:
             with torch.no_grad():
                 ref_both = None if both is None else (ref_hidden, labels)
-                (rc, _), (rr, _) = self._both_logprobs(rhc, rhr, yc, yr, ref_weight, ref_bias, False, rows_c,
-                                                       rows_r, ref_both, blocks=single)
+                with _validate.argument_names(_REF_NAMES):
+                    (rc, _), (rr, _) = self._both_logprobs(rhc, rhr, yc, yr, ref_weight, ref_bias, False, rows_c,
+                                                           rows_r, ref_both, blocks=single)
                 sc, sr = self._sums(rc, rr, yc, yr, twc, twr)
             ref_chosen_logprobs, ref_rejected_logprobs = sc.sum, sr.sum
         refs = (ref_chosen_logprobs, ref_rejected_logprobs)
@@ -373,7 +398,7 @@ class LinearPreferenceLoss(nn.Module):
         if token_weights is not None or self.ld_alpha is not None:
             plain = sequence_logprobs(lp, labels=labels, cu_seqlens=cu_seqlens, ignore_index=self.ignore_index).sum
         if ref_hidden is not None:
-            with torch.no_grad():
+            with torch.no_grad(), _validate.argument_names(_REF_NAMES):
                 rlp, _ = self._token_logprobs(ref_hidden, ref_weight, labels, ref_bias, False, rows)
                 ref = sequence_logprobs(rlp, labels=labels, token_weights=token_weights, **seq_kw)
             ref_c, ref_r = ref.sum[:B], ref.sum[B:]

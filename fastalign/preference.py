@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from fastalign import _validate
 from fastalign._deprecate import renamed
 from fastalign._options import check_choice, check_names, check_read, did_you_mean
-from fastalign.sequence import _floating, sequence_logprobs
+from fastalign.sequence import _floating
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 #: Where the length average of ipo / sigmoid_norm sits relative to the f-divergence score:
@@ -226,16 +226,30 @@ def wpo_weights(chosen_wpo: Tensor, rejected_wpo: Tensor, cap: Optional[float] =
     log-weights ``w = mean_t(lp_t - log sum_p2_t)`` (:attr:`SequenceLogprobs.wpo`).
 
     ``cap=None`` leaves them uncapped (TRL 1.16); a weight can exceed 1 when the labels are
-    the likeliest tokens (``p_t > sum_j p_j^2``)."""
+    the likeliest tokens (``p_t > sum_j p_j^2``); a cap must be > 0 and finite."""
+    if cap is not None:
+        cap = _validate.positive("cap", cap)
     _validate.any_float("chosen_wpo", chosen_wpo)
     _validate.like(tuple(chosen_wpo.shape), "like chosen_wpo", device=chosen_wpo.device, device_of="chosen_wpo",
                    rejected_wpo=rejected_wpo)
     w = torch.exp(chosen_wpo.detach() + rejected_wpo.detach())
-    return w if cap is None else w.clamp(max=float(cap))
+    return w if cap is None else w.clamp(max=cap)
+
+
+def _names(name: str, value) -> Tuple[str, ...]:
+    """A loss name or a sequence of them, as a tuple (a ``TypeError`` naming ``name`` otherwise)."""
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a loss name or a sequence of them, got {type(value).__name__}")
+    for t in value:
+        if not isinstance(t, str):
+            raise TypeError(f"{name} must hold loss names (str), got {type(t).__name__} {t!r}")
+    return tuple(value)
 
 
 def _loss_list(loss_type, loss_weights) -> Tuple[Tuple[str, ...], Tuple[float, ...]]:
-    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    types = _names("loss_type", loss_type)
     if not types:
         raise ValueError("loss_type must name at least one loss")
     for t in types:
@@ -244,14 +258,15 @@ def _loss_list(loss_type, loss_weights) -> Tuple[Tuple[str, ...], Tuple[float, .
     if loss_weights is None:
         weights = (1.0,) * len(types)
     else:
-        weights = tuple(float(w) for w in loss_weights)
+        weights = _validate.finite_numbers("loss_weights", loss_weights)
         if len(weights) != len(types):
             raise ValueError(f"loss_weights has {len(weights)} entries but loss_type names {len(types)} losses")
     return types, weights
 
 
 #: The options only some loss rows read: name -> (those rows, the default). A value other than the default
-#: for a loss list with none of those rows raises, as label_smoothing and f_divergence do.
+#: for a loss list with none of those rows raises, as label_smoothing and f_divergence do
+#: (``f_length_average``: the rows that average an f-divergence score over the response).
 ROW_OPTIONS: Dict[str, Tuple[Tuple[str, ...], object]] = {
     "cpo_alpha": (("cpo",), 1.0),
     "simpo_gamma": (("simpo", "alphapo"), 0.5),
@@ -261,6 +276,7 @@ ROW_OPTIONS: Dict[str, Tuple[Tuple[str, ...], object]] = {
     "desirable_weight": (("kto",), 1.0),
     "undesirable_weight": (("kto",), 1.0),
     "kto_kl": (("kto",), None),
+    "f_length_average": (("ipo", "sigmoid_norm"), "log_ratio"),
 }
 
 
@@ -279,8 +295,13 @@ def _check_options(types, beta, label_smoothing, smoothed_losses, f_divergence, 
     :data:`ROW_OPTIONS` given): ``(beta, label_smoothing, the smoothed losses)``."""
     beta = _validate.positive("beta", beta)
     _validate.finite(**coefficients)
-    _check_rows_read(types, dict(row_options or {}, discopop_tau=discopop_tau))
-    eps = float(label_smoothing)
+    bco_delta = (row_options or {}).get("bco_delta", 0.0)
+    if not isinstance(bco_delta, Tensor):  # a tensor is checked against the batch at the call
+        _validate.finite_number("bco_delta", bco_delta)
+    f_alpha = _validate.finite_number("f_alpha", f_alpha)
+    check_choice("f_length_average", f_length_average, F_LENGTH_AVERAGES)
+    _check_rows_read(types, dict(row_options or {}, discopop_tau=discopop_tau, f_length_average=f_length_average))
+    eps = _validate.finite_number("label_smoothing", label_smoothing)
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
     smoothed = _smoothed_set(types, smoothed_losses, eps)
@@ -293,12 +314,9 @@ def _check_options(types, beta, label_smoothing, smoothed_losses, f_divergence, 
         if bad:
             raise ValueError(f"f_divergence={f_divergence!r} does not apply to loss_type {bad[0]!r}: only the losses "
                              f"of d = dc - dr take it ({[t for t in LOSS_TYPES if LOSSES[t].f_score]})")
-    if f_divergence == "alpha_divergence" and not math.isfinite(f_alpha):
-        raise ValueError(f"f_alpha must be finite, got {f_alpha}")
     if f_divergence != "alpha_divergence" and f_alpha != 1.0:
         raise ValueError(f"f_alpha={f_alpha!r} applies with f_divergence='alpha_divergence' only, got "
                          f"f_divergence={f_divergence!r}")
-    check_choice("f_length_average", f_length_average, F_LENGTH_AVERAGES)
     _validate.positive("discopop_tau", discopop_tau)
     return beta, eps, smoothed
 
@@ -313,7 +331,8 @@ def check_config(owner: str, loss_type, beta, label_smoothing, options: dict,
     _check_options(types, beta, label_smoothing, options.get("smoothed_losses"),
                    options.get("f_divergence", "reverse_kl"), options.get("f_alpha", 1.0),
                    options.get("f_length_average", "log_ratio"), options.get("discopop_tau", 0.05),
-                   {k: options[k] for k in ROW_OPTIONS if k in options and k != "discopop_tau"},
+                   {k: options[k] for k in ROW_OPTIONS if k in options and k not in ("discopop_tau",
+                                                                                      "f_length_average")},
                    **{k: options[k] for k in _COEFFICIENTS if k in options})
     return types
 
@@ -384,7 +403,7 @@ def preference_loss(
         chosen_logprobs, rejected_logprobs: ``[B]`` summed policy log-probs (differentiable).
         ref_chosen_logprobs, ref_rejected_logprobs: ``[B]`` reference log-probs (both or neither;
             without them the reference log-probs are 0 — reference-free).
-        loss_type: a name or a list of names (summed with ``loss_weights``).
+        loss_type: a name or a list of names (summed with ``loss_weights``, finite numbers, one per name).
         chosen_lengths, rejected_lengths: ``[B]`` response lengths; needed by ipo,
             sigmoid_norm, simpo, alphapo, orpo, and for the default NLL.
         chosen_nll: 0-dim chosen NLL; default ``-Σ lc / Σ |yc|`` (token mean over the batch,
@@ -392,8 +411,8 @@ def preference_loss(
         label_smoothing: ``eps``, for the rows that take it (sigmoid, robust, exo_pair, aot,
             aot_unpaired, sigmoid_norm, simpo, cpo, alphapo); an error when no listed row does.
         smoothed_losses: the listed loss types that ``label_smoothing`` applies to (default: every
-            listed row that takes it). TRL 1.16's DPOTrainer smooths only robust, exo_pair, aot and
-            aot_unpaired: its profile passes those.
+            listed row that takes it); naming one with ``label_smoothing = 0`` is an error. TRL 1.16's
+            DPOTrainer smooths only robust, exo_pair, aot and aot_unpaired: its profile passes those.
         f_divergence: the score ``f'(u)`` of the log-ratio ``x = log u``: ``reverse_kl`` (``x``) |
             ``forward_kl`` (``1 - e^{-x}``) | ``js_divergence`` (``log 2 + log σ(x)``) |
             ``alpha_divergence`` (``(1 - e^{-αx})/α``, α = ``f_alpha``, any real, 0 gives ``x``;
@@ -404,12 +423,17 @@ def preference_loss(
             reference (``lc0 = 0``) the alpha score is AlphaPO's reward ``(1 - p^{-α})/α``.
         f_length_average: for ipo and sigmoid_norm: ``"log_ratio"`` (default) scores the
             length-averaged log-ratio ``dc̄ = f(x/|y|)``; ``"score"`` averages the score of the
-            summed one, ``dc̄ = f(x)/|y|`` (TRL 1.16). The two agree for reverse KL.
+            summed one, ``dc̄ = f(x)/|y|`` (TRL 1.16). The two agree for reverse KL. ``"score"``
+            with neither row listed is an error.
+        bco_delta: δ of bco_pair, a finite number or a real tensor of shape ``()`` or ``[B]``.
+        kto_kl: KTO's KL estimate (any shape, averaged; at least one value when ``B > 0``).
 
     Returns:
         ``loss`` 0-dim and ``metrics``: rewards/chosen = mean β(lc - lc0), rewards/rejected,
         rewards/accuracies, rewards/margins, logps/chosen, logps/rejected and nll
-        (when it is known), all detached 0-dim tensors.
+        (when it is known), all detached 0-dim tensors. The rewards are the raw log-ratios,
+        whatever ``f_divergence`` is: margins = mean β((lc - lc0) - (lr - lr0)), accuracies the
+        share of pairs with a larger chosen reward.
     """
     types, loss_w = _loss_list(loss_type, loss_weights)
     _floating("chosen_logprobs", chosen_logprobs, dim=1)
@@ -431,6 +455,12 @@ def preference_loss(
         named["chosen_nll"] = chosen_nll
     if kto_kl is not None:
         named["kto_kl"] = _validate.real("kto_kl", kto_kl)
+        _estimate("kto_kl", kto_kl, B)
+    if isinstance(bco_delta, Tensor):
+        named["bco_delta"] = _validate.real("bco_delta", bco_delta)
+        if tuple(bco_delta.shape) not in ((), (B,)):
+            raise ValueError(f"bco_delta must be a number, a 0-dim tensor or one value per pair ({B},), got shape "
+                             f"{tuple(bco_delta.shape)}")
     _validate.same_device(**named)
     if (chosen_lengths is None) != (rejected_lengths is None):
         raise ValueError("give both chosen_lengths and rejected_lengths, or neither")
@@ -476,7 +506,8 @@ def preference_loss(
     elif has_len:
         nll = -lc.sum() / chosen_lengths.to(acc).sum().clamp(min=1.0)
     opt = dict(cpo_alpha=float(cpo_alpha), simpo_gamma=float(simpo_gamma), alphapo_alpha=float(alphapo_alpha),
-               discopop_tau=float(discopop_tau), bco_delta=bco_delta, kto_kl=kto_kl,
+               discopop_tau=float(discopop_tau),
+               bco_delta=bco_delta.to(acc) if isinstance(bco_delta, Tensor) else float(bco_delta), kto_kl=kto_kl,
                desirable_weight=float(desirable_weight), undesirable_weight=float(undesirable_weight))
     q = PairQuantities(lc, lr, lc0, lr0, dc, dr, dc - dr, dc_bar, dr_bar, lc_bar, lr_bar, nll, beta, eps, opt)
 
@@ -531,9 +562,11 @@ def unpaired_preference_loss(
     apo_zero_unpaired  desirable ``w_d (1 - σ(βx))``, undesirable ``w_u σ(βx)`` (no KL baseline)
     =================  ==========================================================
 
-    ``loss = mean_i L_i`` over the ``N`` responses (a class-weighted mean, as TRL's KTOTrainer).
+    ``loss = mean_i L_i`` over the ``N`` responses (a class-weighted mean, as TRL's KTOTrainer; 0 for
+    an empty batch, as :func:`preference_loss`).
     ``kl``: KTO's KL estimate, e.g. ``lp - lp0`` of mismatched (prompt, completion) pairs, averaged
-    here; default the batch's own mean log-ratio. No host synchronisation: the classes are masks.
+    here (at least one value when the batch is not empty); default the batch's own mean log-ratio.
+    No host synchronisation: the classes are masks.
 
     Metrics: ``kl`` (``z0``; 0 for apo_zero_unpaired), ``rewards/chosen`` = mean of ``βx`` over the
     desirable responses, ``rewards/rejected`` over the undesirable ones, ``rewards/margins`` their
@@ -558,9 +591,11 @@ def unpaired_preference_loss(
         if not takes_kl:
             raise ValueError(f"kl does not apply to loss_type {loss_type!r} (it has no KL baseline)")
         _floating("kl", kl)
+        _estimate("kl", kl, N)
         named["kl"] = kl
     _validate.same_device(**named)
     beta = _validate.positive("beta", beta)
+    _validate.finite(desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
 
     acc = torch.promote_types(logprobs.dtype, torch.float32)
     lp = logprobs.to(acc)
@@ -571,7 +606,7 @@ def unpaired_preference_loss(
         z0 = torch.zeros((), dtype=acc, device=lp.device)
     good, bad = terms(x, z0, beta)
     per = torch.where(desirable, float(desirable_weight) * good, float(undesirable_weight) * bad)
-    loss = per.mean()
+    loss = per.sum() / max(N, 1)  # an empty batch gives 0 (and zero gradients), like preference_loss
 
     with torch.no_grad():
         r, lpd = beta * x.detach(), lp.detach()
@@ -591,13 +626,19 @@ def unpaired_preference_loss(
     return loss, metrics
 
 
+def _estimate(name: str, kl: Tensor, n: int) -> None:
+    """A KL estimate to average: at least one value when the batch (``n`` items) is not empty (the shape only)."""
+    if kl.numel() == 0 and n:
+        raise ValueError(f"{name} must hold at least one value (a KL estimate, averaged), got shape {tuple(kl.shape)}")
+
+
 def _smoothed_set(types: Tuple[str, ...], smoothed_losses, eps: float) -> Tuple[str, ...]:
     """The listed loss types that label smoothing applies to (checked against what each row takes)."""
     takes = tuple(t for t in types if LOSSES[t].smoothing)
     if smoothed_losses is None:
         chosen = takes
     else:
-        chosen = (smoothed_losses,) if isinstance(smoothed_losses, str) else tuple(smoothed_losses)
+        chosen = _names("smoothed_losses", smoothed_losses)
         for t in chosen:
             if t not in types:
                 raise ValueError(f"smoothed_losses names {t!r}, which is not in loss_type {list(types)}")
@@ -607,6 +648,8 @@ def _smoothed_set(types: Tuple[str, ...], smoothed_losses, eps: float) -> Tuple[
     if eps and not chosen:
         raise ValueError(f"label_smoothing={eps} does not apply to loss_type {list(types)}"
                          + ("" if smoothed_losses is None else f" with smoothed_losses={list(chosen)}"))
+    if not eps and smoothed_losses is not None and chosen:
+        raise ValueError(f"smoothed_losses={list(chosen)} applies with label_smoothing > 0, got label_smoothing=0")
     return chosen
 
 

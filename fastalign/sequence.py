@@ -69,6 +69,11 @@ def sequence_logprobs(
       (a sequence starts where the position is 0; pass ``num_sequences`` — the count of
       sequences is needed as a shape and is never read from the device).
 
+    Malformed offsets (``cu_seqlens`` not starting at 0, decreasing or past the tokens;
+    ``position_ids`` not starting at 0 or with another count of 0s than ``num_sequences``)
+    raise a ``ValueError`` for eager CPU tensors; elsewhere they are not read on the host and
+    every sum is NaN.
+
     Per sequence ``i``: ``sum_i = sum_t w_t m_t lp_t``, ``count_i = sum_t m_t``,
     ``mean_i = sum_i / max(count_i, 1)``.
 
@@ -131,6 +136,7 @@ def sequence_logprobs(
             if num_sequences is None:
                 raise ValueError("num_sequences is required with position_ids (the count of sequences is a shape)")
             S = int(num_sequences)
+            malformed = _validate.position_starts("position_ids", position_ids, "num_sequences", S)
         seg = segment_ids(n, lp.device, cu_seqlens, position_ids)
         # tokens outside every sequence (trailing padding of the packed buffer) count nowhere
         m = torch.where((seg >= 0) & (seg < S), m, torch.zeros_like(m))
@@ -171,7 +177,7 @@ def sequence_logprobs(
             lim = public.unsqueeze(-1)
         w = w * torch.where(rank <= lim, torch.ones_like(rank), torch.full_like(rank, float(ld_alpha)))
     total = reduce(torch.where(m != 0, w * lp, torch.zeros_like(lp)))  # masked slots may hold junk
-    if packed and malformed is not None:  # cu_seqlens not read on the host: NaN sums, never wrong ones
+    if packed and malformed is not None:  # offsets not read on the host: NaN sums, never wrong ones
         total = torch.where(malformed, float("nan"), total)
     denom = count.clamp(min=1.0)
     wpo = None

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from fastalign._options import did_you_mean
 from fastalign.linear_preference import LinearPreferenceLoss
-from fastalign.preference import PreferenceLoss, preference_loss, unpaired_preference_loss, wpo_weights
+from fastalign.preference import ROW_OPTIONS, PreferenceLoss, preference_loss, unpaired_preference_loss, wpo_weights
 from fastalign.sequence import sequence_logprobs
 
 __all__ = [
@@ -134,7 +134,11 @@ def _dpo(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         raise ValueError("DPOConfig: use_weighting does not apply to 'aot' / 'aot_unpaired' (they sort the batch)")
     f, coef = c["f_divergence_type"], float(c["f_alpha_divergence_coef"])
     opts: Dict[str, Any] = dict(loss_type=types, beta=float(c["beta"]), loss_weights=c["loss_weights"],
-                                label_smoothing=eps, smoothed_losses=smoothed, f_length_average="score")
+                                label_smoothing=eps)
+    if eps:  # TRL's rows only
+        opts["smoothed_losses"] = smoothed
+    if any(t in ROW_OPTIONS["f_length_average"][0] for t in types):  # ipo / sigmoid_norm: f(x)/|y|
+        opts["f_length_average"] = "score"
     if "discopop" in types:  # TRL reads it there only
         opts["discopop_tau"] = float(c["discopop_tau"])
     if f == "alpha_divergence" and abs(coef - 1.0) < 1e-6:  # TRL's limit case: reverse KL

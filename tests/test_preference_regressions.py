@@ -1,0 +1,302 @@
+"""Regressions of the preference losses found by user testing: option values checked by name (loss_weights,
+bco_delta, the unpaired class weights, wpo_weights' cap, empty KL estimates, label_smoothing, loss_type, f_alpha,
+use_weighting), a reference head given without reference hidden states, the reference pass's errors naming the
+reference arguments, position_ids that do not match num_sequences, f_length_average and smoothed_losses where
+nothing reads them, and the empty unpaired batch. Oracles: float64 formulas written here."""
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close
+
+import fastalign as fa
+from fastalign.integrations.trl import preference as trl_profiles
+from fastalign.preference import unpaired_preference_loss
+
+D = torch.float64
+NAN, INF = math.nan, math.inf
+
+
+def _pairs(B=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lc = torch.randn(B, generator=g, dtype=D) - 20.0
+    lr = torch.randn(B, generator=g, dtype=D) - 22.0
+    lc0 = lc + torch.randn(B, generator=g, dtype=D)
+    lr0 = lr + torch.randn(B, generator=g, dtype=D)
+    return lc, lr, lc0, lr0
+
+
+def _raises(exc, name, fn):
+    with pytest.raises(exc, match=re.escape(name)):
+        fn()
+
+
+# ------------------------------------------------------------------ option values are checked by name
+
+_LC, _LR = torch.tensor([-3.0, -4.0]), torch.tensor([-5.0, -4.5])
+_DES = torch.tensor([True, False])
+_P, _U = fa.preference_loss, unpaired_preference_loss
+
+BAD_OPTIONS = {
+    "loss_weights=[nan]": (ValueError, "loss_weights", lambda: _P(_LC, _LR, loss_weights=[NAN])),
+    "loss_weights=[inf]": (ValueError, "loss_weights", lambda: _P(_LC, _LR, loss_weights=[INF])),
+    "loss_weights=['a']": (TypeError, "loss_weights", lambda: _P(_LC, _LR, loss_weights=["a"])),
+    "loss_weights=1.0": (TypeError, "loss_weights", lambda: _P(_LC, _LR, loss_weights=1.0)),
+    "PreferenceLoss(loss_weights=[nan])": (ValueError, "loss_weights", lambda: fa.PreferenceLoss(loss_weights=[NAN])),
+    "bco_delta=nan": (ValueError, "bco_delta", lambda: _P(_LC, _LR, _LC, _LR, loss_type="bco_pair", bco_delta=NAN)),
+    "bco_delta=inf": (ValueError, "bco_delta", lambda: _P(_LC, _LR, _LC, _LR, loss_type="bco_pair", bco_delta=INF)),
+    "bco_delta='0.1'": (TypeError, "bco_delta",
+                        lambda: _P(_LC, _LR, _LC, _LR, loss_type="bco_pair", bco_delta="0.1")),
+    "bco_delta=None": (TypeError, "bco_delta", lambda: _P(_LC, _LR, _LC, _LR, loss_type="bco_pair", bco_delta=None)),
+    "bco_delta of shape (5,)": (ValueError, "bco_delta",
+                                lambda: _P(_LC, _LR, _LC, _LR, loss_type="bco_pair", bco_delta=torch.ones(5))),
+    "bco_delta complex": (TypeError, "bco_delta",
+                          lambda: _P(_LC, _LR, _LC, _LR, loss_type="bco_pair", bco_delta=torch.tensor(1j))),
+    "PreferenceLoss(bco_delta=nan)": (ValueError, "bco_delta",
+                                      lambda: fa.PreferenceLoss(loss_type="bco_pair", bco_delta=NAN)),
+    "unpaired desirable_weight=nan": (ValueError, "desirable_weight", lambda: _U(_LC, _LR, _DES, desirable_weight=NAN)),
+    "unpaired undesirable_weight=inf": (ValueError, "undesirable_weight",
+                                        lambda: _U(_LC, _LR, _DES, undesirable_weight=INF)),
+    "unpaired desirable_weight='x'": (TypeError, "desirable_weight", lambda: _U(_LC, _LR, _DES, desirable_weight="x")),
+    "wpo_weights cap=-1": (ValueError, "cap", lambda: fa.wpo_weights(_LC, _LR, cap=-1)),
+    "wpo_weights cap=0": (ValueError, "cap", lambda: fa.wpo_weights(_LC, _LR, cap=0)),
+    "wpo_weights cap=nan": (ValueError, "cap", lambda: fa.wpo_weights(_LC, _LR, cap=NAN)),
+    "wpo_weights cap='a'": (TypeError, "cap", lambda: fa.wpo_weights(_LC, _LR, cap="a")),
+    "kto_kl empty": (ValueError, "kto_kl", lambda: _P(_LC, _LR, _LC, _LR, loss_type="kto", kto_kl=torch.empty(0))),
+    "unpaired kl empty": (ValueError, "kl", lambda: _U(_LC, _LR, _DES, kl=torch.empty(0))),
+    "label_smoothing='a'": (TypeError, "label_smoothing", lambda: _P(_LC, _LR, label_smoothing="a")),
+    "label_smoothing=None": (TypeError, "label_smoothing", lambda: _P(_LC, _LR, label_smoothing=None)),
+    "loss_type=None": (TypeError, "loss_type", lambda: _P(_LC, _LR, loss_type=None)),
+    "loss_type=3": (TypeError, "loss_type", lambda: _P(_LC, _LR, loss_type=3)),
+    "loss_type=[['sigmoid']]": (TypeError, "loss_type", lambda: _P(_LC, _LR, loss_type=[["sigmoid"]])),
+    "smoothed_losses=3": (TypeError, "smoothed_losses",
+                          lambda: _P(_LC, _LR, loss_type="robust", label_smoothing=0.1, smoothed_losses=3)),
+    "f_alpha='x'": (TypeError, "f_alpha", lambda: _P(_LC, _LR, f_divergence="alpha_divergence", f_alpha="x")),
+    "use_weighting='no'": (TypeError, "use_weighting", lambda: fa.LinearPreferenceLoss(use_weighting="no")),
+    "use_weighting=1": (TypeError, "use_weighting", lambda: fa.LinearPreferenceLoss(use_weighting=1)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OPTIONS))
+def test_bad_option_values_raise_naming_them(case):
+    """A NaN / inf / negative result or an error that does not name the option, before: now a ValueError /
+    TypeError whose message names it (the sibling options were checked already)."""
+    exc, name, fn = BAD_OPTIONS[case]
+    _raises(exc, name, fn)
+
+
+def test_bco_delta_numbers_and_tensors_match_the_formula():
+    """bco_delta as a number, a 0-dim tensor, one value per pair or an integer tensor: the float64 formula
+    ``-log σ(β dc - δ) - log σ(-(β dr - δ))``; NaN is refused by name."""
+    lc, lr, lc0, lr0 = _pairs()
+    beta = 0.3
+    for delta in (0.25, torch.tensor(0.25, dtype=D), torch.tensor([0.1, -0.2, 0.3, 0.0], dtype=D),
+                  torch.tensor([1, 0, -1, 2])):
+        loss, _ = fa.preference_loss(lc, lr, lc0, lr0, loss_type="bco_pair", beta=beta, bco_delta=delta)
+        d = torch.as_tensor(delta, dtype=D)
+        want = (-F.logsigmoid(beta * (lc - lc0) - d) - F.logsigmoid(-(beta * (lr - lr0) - d))).mean()
+        assert_close(loss, want, atol=1e-12, what=f"bco_pair, bco_delta={delta}")
+    _raises(ValueError, "bco_delta", lambda: fa.preference_loss(lc, lr, lc0, lr0, loss_type="bco_pair",
+                                                                 bco_delta=NAN))
+
+
+def test_wpo_weights_cap():
+    """A cap > 0 clamps ``exp(w_c + w_r)`` (float64 formula); 0, a negative or NaN cap raises (it gave zero,
+    negative or NaN pair weights)."""
+    c, r = torch.tensor([-0.1, 0.5], dtype=D), torch.tensor([0.2, 0.4], dtype=D)
+    assert_close(fa.wpo_weights(c, r, cap=1.5), torch.exp(c + r).clamp(max=1.5), atol=0, what="capped")
+    assert_close(fa.wpo_weights(c, r, cap=None), torch.exp(c + r), atol=0, what="uncapped")
+    for cap in (0, -1.0, NAN):
+        _raises(ValueError, "cap", lambda: fa.wpo_weights(c, r, cap=cap))
+
+
+def test_empty_kl_estimate_raises_for_a_batch_and_not_for_an_empty_batch():
+    """An empty KL estimate made the KTO loss NaN; it raises now, naming it. An empty batch still gives 0."""
+    lc, lr, lc0, lr0 = _pairs()
+    _raises(ValueError, "kto_kl", lambda: fa.preference_loss(lc, lr, lc0, lr0, loss_type="kto", kto_kl=torch.empty(0)))
+    des = torch.tensor([True, False, True, False])
+    _raises(ValueError, "kl", lambda: unpaired_preference_loss(lc, lc0, des, kl=torch.empty(0)))
+    e = torch.empty(0, dtype=D)
+    assert fa.preference_loss(e, e, e, e, loss_type="kto", kto_kl=e)[0].item() == 0.0
+    assert unpaired_preference_loss(e, e, torch.empty(0, dtype=torch.bool), kl=e)[0].item() == 0.0
+
+
+# ------------------------------------------------------------------ the unpaired loss of an empty batch
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_unpaired_loss_of_an_empty_batch_is_zero(loss_type):
+    """``unpaired_preference_loss`` of no responses: loss 0 and an empty gradient, as ``preference_loss`` (it was
+    NaN, the mean of nothing); a batch still gives the float64 class-weighted mean."""
+    x = torch.empty(0, dtype=D, requires_grad=True)
+    loss, _ = unpaired_preference_loss(x, torch.empty(0, dtype=D), torch.empty(0, dtype=torch.bool),
+                                       loss_type=loss_type)
+    (g,) = torch.autograd.grad(loss, x)
+    assert loss.item() == 0.0 and g.shape == (0,)
+    lp, lp0 = torch.tensor([-3.0, -4.0, -2.5], dtype=D), torch.tensor([-3.5, -3.0, -2.0], dtype=D)
+    des = torch.tensor([True, False, False])
+    loss, _ = unpaired_preference_loss(lp, lp0, des, loss_type=loss_type, beta=0.4, desirable_weight=1.3,
+                                       undesirable_weight=0.6)
+    x = lp - lp0
+    z0 = x.mean().clamp(min=0) if loss_type == "kto" else torch.zeros((), dtype=D)
+    good, bad = 1 - torch.sigmoid(0.4 * (x - z0)), 1 - torch.sigmoid(0.4 * (z0 - x))
+    assert_close(loss, torch.where(des, 1.3 * good, 0.6 * bad).mean(), atol=1e-12, what="class-weighted mean")
+
+
+# ------------------------------------------------------------------ f_length_average and smoothed_losses
+
+def test_f_length_average_off_its_default_needs_ipo_or_sigmoid_norm():
+    """f_length_average changed nothing on the other rows and was accepted; it raises now, naming it (function and
+    modules), and stays accepted at its default. On ipo it is the float64 ``f(x)/|y|`` (forward KL)."""
+    lc, lr, lc0, lr0 = _pairs()
+    lc0, lr0 = lc + (lc0 - lc) / 4, lr + (lr0 - lr) / 4
+    n = torch.tensor([3.0, 5.0, 4.0, 7.0], dtype=D)
+    kw = dict(f_divergence="forward_kl", chosen_lengths=n, rejected_lengths=n)
+    for types in ("sigmoid", ["sigmoid", "hinge"], "discopop"):
+        _raises(ValueError, "f_length_average", lambda: fa.preference_loss(lc, lr, lc0, lr0, loss_type=types,
+                                                                          f_length_average="score", **kw))
+        fa.preference_loss(lc, lr, lc0, lr0, loss_type=types, f_length_average="log_ratio", **kw)
+    _raises(ValueError, "f_length_average", lambda: fa.PreferenceLoss("sigmoid", f_length_average="score"))
+    _raises(ValueError, "f_length_average", lambda: fa.LinearPreferenceLoss("hinge", f_length_average="score"))
+    beta = 0.2
+    loss, _ = fa.preference_loss(lc, lr, lc0, lr0, loss_type=["sigmoid", "ipo"], beta=beta, f_length_average="score",
+                                 **kw)
+    f = lambda x: 1.0 - torch.exp(-x)  # noqa: E731
+    dc, dr = f(lc - lc0), f(lr - lr0)
+    want = (-F.logsigmoid(beta * (dc - dr)) + (dc / n - dr / n - 1 / (2 * beta)) ** 2).mean()
+    assert_close(loss, want, atol=1e-12, what="sigmoid + ipo with f(x)/|y|")
+
+
+def test_smoothed_losses_with_no_label_smoothing_raises():
+    """smoothed_losses naming a loss while label_smoothing is 0 was accepted without effect; it raises now.
+    With label smoothing it is the float64 smoothed sigmoid on the named row only."""
+    lc, lr, lc0, lr0 = _pairs()
+    _raises(ValueError, "smoothed_losses", lambda: fa.preference_loss(lc, lr, lc0, lr0, loss_type=["sigmoid", "robust"],
+                                                                      smoothed_losses=["robust"]))
+    _raises(ValueError, "smoothed_losses", lambda: fa.PreferenceLoss(["sigmoid", "robust"], smoothed_losses="robust"))
+    beta, eps = 0.1, 0.2
+    loss, _ = fa.preference_loss(lc, lr, lc0, lr0, loss_type=["sigmoid", "robust"], beta=beta, label_smoothing=eps,
+                                 smoothed_losses=["robust"])
+    x = beta * ((lc - lc0) - (lr - lr0))
+    robust = (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)
+    assert_close(loss, (-F.logsigmoid(x) + robust).mean(), atol=1e-12, what="sigmoid plain + robust smoothed")
+
+
+@pytest.mark.parametrize("config,score,smoothed", [
+    (dict(loss_type=["sigmoid"], f_divergence_type="forward_kl"), False, False),
+    (dict(loss_type=["hinge", "robust"], f_divergence_type="js_divergence"), False, False),
+    (dict(loss_type=["sigmoid", "ipo"], f_divergence_type="forward_kl"), True, False),
+    (dict(loss_type=["sigmoid_norm"]), True, False),
+    (dict(loss_type=["robust", "sigmoid"], label_smoothing=0.1), False, True),
+])
+def test_dpo_profile_passes_only_the_options_its_rows_read(config, score, smoothed):
+    """The DPOTrainer profile passed f_length_average="score" and smoothed_losses to every loss list; it passes them
+    where a row reads them (ipo / sigmoid_norm; label smoothing > 0), so every profile builds a PreferenceLoss."""
+    opts = trl_profiles.dpo_options(config)
+    assert ("f_length_average" in opts) == score and ("smoothed_losses" in opts) == smoothed, opts
+    if score:
+        assert opts["f_length_average"] == "score"
+    fa.PreferenceLoss(**opts)
+    trl_profiles.dpo_preference_loss(config)
+
+
+# ------------------------------------------------------------------ position_ids against num_sequences
+
+def test_position_ids_that_do_not_match_num_sequences_raise():
+    """position_ids describing 3 sequences with num_sequences 2 dropped the third, with 5 invented two empty ones,
+    and position_ids not starting at 0 dropped the first tokens; each raises now on eager CPU tensors, naming
+    num_sequences / position_ids. Matching ones give the cu_seqlens sums."""
+    lp = -torch.arange(1.0, 8.0, dtype=D)
+    pid = torch.tensor([0, 1, 2, 0, 1, 0, 1])
+    want = fa.sequence_logprobs(lp, cu_seqlens=torch.tensor([0, 3, 5, 7])).sum
+    assert_close(want, torch.tensor([-6.0, -9.0, -13.0], dtype=D), atol=0, what="cu_seqlens sums")
+    assert_close(fa.sequence_logprobs(lp, position_ids=pid, num_sequences=3).sum, want, atol=0, what="position_ids")
+    assert_close(fa.sequence_logprobs(lp[None], position_ids=pid[None], num_sequences=3).sum, want, atol=0,
+                 what="position_ids [1, N]")
+    for S in (2, 5):
+        _raises(ValueError, "num_sequences", lambda: fa.sequence_logprobs(lp, position_ids=pid, num_sequences=S))
+    _raises(ValueError, "position_ids", lambda: fa.sequence_logprobs(lp, position_ids=torch.tensor([4, 5, 6, 0, 1, 0, 1]),
+                                                                      num_sequences=2))
+
+
+def test_position_ids_that_do_not_match_give_nan_when_not_read_on_the_host():
+    """Under tracing (and on a GPU) position_ids are not read on the host: a mismatch gives NaN sums, never
+    plausible wrong ones (as a malformed cu_seqlens)."""
+    seq = torch.compile(lambda x, p: fa.sequence_logprobs(x, position_ids=p, num_sequences=2).sum, fullgraph=True,
+                        backend="aot_eager")
+    good = seq(torch.ones(6), torch.tensor([0, 1, 0, 1, 2, 3]))
+    assert torch.equal(good, torch.tensor([2.0, 4.0]))
+    assert torch.isnan(seq(torch.ones(6), torch.tensor([0, 1, 0, 1, 0, 1]))).all()  # 3 sequences
+    assert torch.isnan(seq(torch.ones(6), torch.tensor([2, 3, 0, 1, 0, 1]))).all()  # not starting at 0
+
+
+@pytest.mark.gpu
+def test_cuda_position_ids_are_checked_without_host_sync():
+    dev = "cuda"
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        good = fa.sequence_logprobs(torch.ones(6, device=dev), position_ids=torch.tensor([0, 1, 0, 1, 2, 3], device=dev),
+                                    num_sequences=2).sum
+        bad = fa.sequence_logprobs(torch.ones(6, device=dev), position_ids=torch.tensor([0, 1, 0, 1, 0, 1], device=dev),
+                                   num_sequences=2).sum
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert good.tolist() == [2.0, 4.0] and torch.isnan(bad).all()
+
+
+# ------------------------------------------------------------------ LinearPreferenceLoss: the reference head
+
+B, T, H, V = 2, 5, 8, 13
+
+
+def _linear_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(2 * B, T, H, generator=g)
+    w = torch.randn(V, H, generator=g) * 0.5
+    y = torch.randint(0, V, (2 * B, T), generator=g)
+    y[:, 0] = -100
+    return g, h, w, y
+
+
+def _seq_logprobs64(h, w, b, y):
+    logits = h.double() @ w.double().T + (0.0 if b is None else b.double())
+    lp = torch.log_softmax(logits, -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+    return torch.where(y != -100, lp, torch.zeros_like(lp)).sum(-1)
+
+
+def test_reference_head_without_reference_hidden_states_raises():
+    """ref_weight / ref_bias without ref_hidden were ignored (a reference-free loss); they raise now. With
+    ref_hidden they make the reference: the float64 DPO loss of the two heads' log-probs."""
+    g, h, w, y = _linear_batch()
+    mod = fa.LinearPreferenceLoss(beta=0.1)
+    rw, rb = torch.randn(V, H, generator=g) * 0.5, torch.randn(V, generator=g)
+    for kw in (dict(ref_weight=rw), dict(ref_bias=rb),
+               dict(ref_weight=rw, ref_chosen_logprobs=torch.zeros(B), ref_rejected_logprobs=torch.zeros(B))):
+        _raises(ValueError, "ref_weight / ref_bias apply to ref_hidden", lambda: mod(h, w, y, **kw))
+    rh = h + 0.1 * torch.randn(h.shape, generator=g)
+    loss, _ = mod(h, w, y, ref_hidden=rh, ref_weight=rw, ref_bias=rb)
+    pol, ref = _seq_logprobs64(h, w, None, y), _seq_logprobs64(rh, rw, rb, y)
+    want = -F.logsigmoid(0.1 * ((pol[:B] - ref[:B]) - (pol[B:] - ref[B:]))).mean()
+    assert_close(loss, want, atol=1e-5, rtol=1e-5, what="DPO with a reference head")
+
+
+def test_reference_pass_errors_name_the_reference_arguments():
+    """Errors from the reference pass named weight / bias / labels (the head's own names); they name ref_weight,
+    ref_bias and ref_hidden now, or the policy's weight / bias where the reference uses them."""
+    g, h, w, y = _linear_batch()
+    mod = fa.LinearPreferenceLoss()
+    sep_h, sep_y = (h[:B], h[B:]), (y[:B], y[B:])
+    cases = [
+        (ValueError, "ref_bias", lambda: mod(h, w, y, ref_hidden=h, ref_bias=torch.ones(V + 2))),
+        (ValueError, "ref_bias", lambda: mod(h, w, y, ref_hidden=h, ref_weight=w, ref_bias=torch.ones(V + 2))),
+        (TypeError, "ref_weight", lambda: mod(h, w, y, ref_hidden=h, ref_weight=w.long())),
+        (ValueError, "ref_weight", lambda: mod(h, w, y, ref_hidden=h, ref_weight=torch.randn(V, H + 1))),
+        (TypeError, "ref_hidden", lambda: mod(h, w, y, ref_hidden=h.bfloat16())),
+        (TypeError, "ref_hidden", lambda: mod(h, w, y, ref_hidden=h.bfloat16(), ref_weight=w)),
+        (ValueError, "ref_hidden", lambda: mod(h, w, y, ref_hidden=h[:, :3])),
+        (ValueError, "ref_hidden", lambda: mod(sep_h, w, sep_y, ref_hidden=(h[:B, :3], h[B:]))),
+        (ValueError, "ref_hidden", lambda: mod(sep_h, w, sep_y, ref_hidden=(h[:B], h[B:, :, :4]))),
+    ]
+    for exc, name, fn in cases:
+        _raises(exc, name, fn)
