@@ -78,7 +78,7 @@ wheel-check: release-tools
 .PHONY: aot gpu-check gpu-peers compat
 
 # Ahead-of-time compile gate (no GPU needed): every Triton kernel through its launcher
-# at realistic shapes for sm_80 and sm_90, and csrc/cuda/*.cu with nvcc -Xptxas -v.
+# at realistic shapes for sm_80, sm_90 and sm_100, and csrc/cuda/*.cu with nvcc -Xptxas -v.
 aot: install
 	$(VPY) -m fastalign.aot --sass
 

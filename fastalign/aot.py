@@ -1,6 +1,6 @@
 """Ahead-of-time compile gate for the GPU kernels; needs no GPU.
 
-    python -m fastalign.aot [--arch 80,90] [--no-nvcc] [--sass]
+    python -m fastalign.aot [--arch 80,90,100] [--no-nvcc] [--sass] [--only NAME]
 
 Every Triton kernel is compiled through its real launcher: the launchers run on
 ``meta`` tensors at realistic shapes (N = 8192 tokens, V = 151936, H = 4096 in
@@ -442,15 +442,18 @@ def _short(name: str):
     return kernel, dtype
 
 
-def run_nvcc(archs, root: Path, sass: bool) -> tuple[list[Result], str]:
-    """Device code of each csrc/cuda/*.cu compiled to a cubin per architecture (no host compile),
-    ptxas -v parsed per kernel, SASS counted per kernel with ``sass``."""
+def run_nvcc(archs, root: Path, sass: bool, only=None) -> tuple[list[Result], str]:
+    """Device code of each csrc/cuda/*.cu (with ``only``: those whose file name contains it) compiled to a
+    cubin per architecture (no host compile), ptxas -v parsed per kernel, SASS counted per kernel with ``sass``."""
     nvcc = shutil.which("nvcc")
     sources = sorted((root / "csrc" / "cuda").glob("*.cu"))
     if nvcc is None:
         return [], "nvcc not found: the CUDA C++ kernels were not compiled (install the CUDA toolkit to check them)"
     if not sources:
         return [], "no csrc/cuda/*.cu sources found next to the package (installed from a wheel?)"
+    sources = [src for src in sources if not only or only in src.name]
+    if not sources:
+        return [], f"no csrc/cuda/*.cu source has {only!r} in its name: nvcc compiled nothing"
     import pybind11
 
     inc = ["-I", str(root / "csrc"), "-I", pybind11.get_include(), "-I", sysconfig.get_paths()["include"]]
@@ -562,17 +565,31 @@ def nvcc_archs(requested):
     return [a for a in requested if f"compute_{a}" in listed] or requested
 
 
+def _archs(text: str) -> list:
+    """``--arch``: comma-separated compute capabilities, e.g. ``80,90,100``."""
+    items = [a.strip() for a in text.split(",") if a.strip()]
+    if not items or not all(a.isdigit() for a in items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated compute capabilities such as 80,90,100, "
+                                         f"got {text!r}")
+    return list(dict.fromkeys(int(a) for a in items))
+
+
 def main(argv=None) -> int:
+    # set before any kernel compiles (the architecture probe included): Triton warns when it is unset
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     p = argparse.ArgumentParser(prog="python -m fastalign.aot", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="80,90,100",
+    p.add_argument("--arch", default=_archs("80,90,100"), type=_archs,
                    help="comma-separated compute capabilities (default 80,90,100; those the installed Triton's "
                         "ptxas cannot target are left out with a note)")
     p.add_argument("--no-nvcc", action="store_true", help="skip the csrc/cuda/*.cu compile")
     p.add_argument("--no-triton", action="store_true", help="skip the Triton kernels")
     p.add_argument("--sass", action="store_true", help="count SASS instructions and barriers (cuobjdump)")
-    p.add_argument("--only", default=None, help="only kernel families whose name contains this")
+    p.add_argument("--only", default=None, metavar="NAME",
+                   help="only the Triton kernel families and the csrc/cuda/*.cu files whose name contains NAME")
     args = p.parse_args(argv)
-    requested = [int(a) for a in args.arch.split(",") if a]
+    if args.no_triton and args.no_nvcc:
+        p.error("--no-triton and --no-nvcc together leave nothing to compile")
+    requested = args.arch
     t0 = time.time()
     results, notes = [], []
     archs = supported_archs(requested) if not args.no_triton else requested
@@ -582,7 +599,7 @@ def main(argv=None) -> int:
         results += run_triton(archs, args.sass, args.only)
     if not args.no_nvcc:
         root = Path(__file__).resolve().parent.parent
-        nv, note = run_nvcc(nvcc_archs(requested), root, args.sass)
+        nv, note = run_nvcc(nvcc_archs(requested), root, args.sass, args.only)
         results += nv
         if note:
             notes.append(note)
@@ -592,9 +609,14 @@ def main(argv=None) -> int:
     for n in notes:
         print("note:", n)
     bad = [r for r in results if r.problems]
+    if not results:
+        why = (f"no Triton kernel family ({', '.join(f for f, _, _ in FAMILIES)}) or csrc/cuda/*.cu file name "
+               f"contains --only {args.only!r}" if args.only else "no kernel was compiled (see the notes above)")
+        print(f"\nAOT gate: {why}; failing")
+        return 1
     print(f"\nAOT gate: {len(results)} kernel compilations for sm_{', sm_'.join(map(str, archs))} "
           f"in {time.time() - t0:.0f} s; {len(bad)} failing")
-    return 1 if bad or not results else 0
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The ahead-of-time compile gate (``python -m fastalign.aot``) passes: every Triton kernel compiles
-through its launcher at realistic shapes for sm_80 and sm_90 without bf16/fp16 register spills or
+through its launcher at realistic shapes for sm_80, sm_90 and sm_100 (the default ``--arch``; one the installed
+Triton cannot target is left out with a note) without bf16/fp16 register spills or
 shared memory over the limit, and csrc/cuda/*.cu compile with nvcc (when present). Needs no GPU.
 The table is printed into the test log."""
 import os
@@ -27,6 +28,17 @@ def test_aot_gate_passes(capsys):
                    "linear_stats_bwd_kernel", "linear_stats_finish_kernel", "policy_loss_fwd_kernel",
                    "divergence_rows_kernel"):
         assert kernel in proc.stdout, kernel
+
+
+def test_command_line_errors_say_why():
+    """A malformed --arch is a usage error; an --only that matches no kernel family and no csrc/cuda file
+    compiles nothing (nvcc included) and fails saying so."""
+    proc = _run("--arch", "9x", "--no-nvcc", timeout=120)
+    assert proc.returncode == 2 and "--arch" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _run("--only", "no_such_family", "--arch", "90", timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "--only 'no_such_family'" in proc.stdout and ".cu:" not in proc.stdout
+    assert "TRITON_DEFAULT_FP_FUSION" not in proc.stderr
 
 
 def test_aot_gate_reports_a_spill_as_failure():

@@ -1,6 +1,8 @@
-"""Scheduling and statistics of the benchmark runner, driven by a fake clock (no real timings)."""
+"""Scheduling and statistics of the benchmark runner, driven by a fake clock (no real timings), and its
+command line on fake runs and tiny cases."""
 import json
 import logging
+import re
 import statistics
 import warnings
 
@@ -278,3 +280,299 @@ def test_linear_cross_entropy_case_implementations_agree():
         assert {"fastalign", "fastalign-two-pass", "eager"} <= set(losses)
         for impl, value in losses.items():
             torch.testing.assert_close(value, losses["eager"], rtol=1e-5, atol=1e-6, msg=lambda m: f"{impl}: {m}")
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def _usage_error(capsys, argv) -> str:
+    from fastalign.bench.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--modes", "fwd_bwd"], ["--modes", "fwd_bwd", "fwd+bwd"]),
+    (["--quick", "--ops", "group_advantages", "--modes", "fwd+bwd"], ["--modes", "fwd+bwd"]),  # its cases: fwd only
+    (["--quick", "--ops", "group_advantages", "--cases", "B=65536 groups of 61"], ["--cases", "B=65536 groups of 61"]),
+    (["--ops", "policy_loss", "--cases", "clip_cov,no_such_case"], ["--cases", "no_such_case"]),
+    (["--ops", "policy_loss, no_such_op"], ["--ops", "no_such_op"]),
+    (["--device", "gpu"], ["--device", "gpu"]),
+    (["--repeats", "-3"], ["--repeats"]),
+    (["--repeats", "0"], ["--repeats"]),
+    (["--budget", "-1"], ["--budget"]),
+    (["--budget", "0"], ["--budget"]),
+    (["--total-budget", "-5"], ["--total-budget"]),
+    (["--cases", " , "], ["--cases"]),
+])
+def test_cli_refuses_values_that_select_nothing_or_make_no_sense(capsys, argv, names):
+    err = _usage_error(capsys, argv)
+    for name in names:
+        assert name in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")
+def test_cli_refuses_cuda_without_a_device(capsys):
+    assert "--device" in _usage_error(capsys, ["--device", "cuda"])
+
+
+def test_cli_strips_list_items_and_keeps_zero_total_budget():
+    from fastalign.bench.__main__ import parse_args, selected_cases
+
+    args = parse_args(["--ops", "policy_loss, token_logprobs", "--cases", "clip_cov, 4096x32000", "--modes",
+                       "fwd, fwd+bwd", "--total-budget", "0", "--device", "cpu"])
+    assert args.ops == ["policy_loss", "token_logprobs"] and args.cases == ["clip_cov", "4096x32000"]
+    assert args.modes == ["fwd", "fwd+bwd"] and args.total_budget == 0.0 and args.device_type == "cpu"
+    assert {c.op for c in selected_cases(args, "cpu")} == {"policy_loss", "token_logprobs"}
+
+
+def test_list_shows_what_a_run_would_select(capsys):
+    from fastalign.bench.__main__ import main
+
+    assert main(["--list", "--ops", "group_advantages", "--quick"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(ln.startswith("group_advantages") and " quick " in ln for ln in lines)
+    assert main(["--list", "--ops", "policy_loss", "--device", "cuda"]) == 0  # listing needs no device
+    out = capsys.readouterr().out
+    assert "clip_cov" in out and "beside a busy core" not in out  # those cases are CPU-only
+    assert main(["--list", "--ops", "policy_loss", "--device", "cpu", "--cases", "busy"]) == 0
+    assert all("beside a busy core" in ln for ln in capsys.readouterr().out.splitlines())
+
+
+def _args(**kw):
+    import argparse
+
+    return argparse.Namespace(**{"quick": False, "ops": None, "cases": None, "modes": ["fwd", "fwd+bwd"],
+                                 "record": "out", **kw})
+
+
+def test_record_stem_names_every_selection():
+    from fastalign.bench.__main__ import MAX_CASES_NAME, record_stem
+
+    env = {"device": "CPU AMD EPYC, 2 cores", "date": "2026-12-01T10:00:00+00:00"}
+    assert record_stem(_args(quick=True), env) == "out/cpu-amd-epyc-2-cores-2026-12-01-quick"
+    assert record_stem(_args(ops=["token_logprobs", "policy_loss"]), env).endswith(
+        "-2026-12-01-full-policy_loss-token_logprobs")
+    one = record_stem(_args(ops=["policy_loss"], cases=["clip_cov"]), env)
+    other = record_stem(_args(ops=["policy_loss"], cases=["ppo"]), env)
+    assert one.endswith("-full-policy_loss-cases-clip_cov") and other.endswith("-cases-ppo")
+    assert record_stem(_args(cases=["B=8 T=256", "LoRA"]), env) == record_stem(_args(cases=["LoRA", "B=8 T=256"]), env)
+    assert record_stem(_args(modes=["fwd+bwd"]), env).endswith("-full-fwd+bwd")
+    long = [f"4096x1024x{v} fp32 LoRA" for v in (32000, 152064, 151936)]
+    name = record_stem(_args(cases=long), env).split("-cases-")[1]
+    assert len(name) <= MAX_CASES_NAME and name != record_stem(_args(cases=long[:2]), env).split("-cases-")[1]
+
+
+def _fake_run(timed: bool, peak=0):
+    row = {"op": "policy_loss", "case": "clip_cov B=256 T=1024", "mode": "fwd", "impl": "fastalign",
+           "baseline": "eager"}
+    if timed:
+        row.update(median_ms=1.0, iqr_ms=0.1, runs=3, peak_extra_bytes=peak)
+    else:
+        row["skipped"] = core.OUT_OF_TIME
+    return lambda args, env: {"environment": env, "device_limits": {}, "results": [dict(row)]}
+
+
+def test_record_never_overwrites_and_cites_the_json_it_writes(tmp_path, monkeypatch, capsys):
+    import os
+
+    from fastalign.bench import __main__ as bench
+
+    env = {"device": "CPU Test", "date": "2026-12-01T10:00:00+00:00", "torch": "t", "triton": None,
+           "fastalign": "f", "python": "p", "command": "fastalign-bench"}
+    monkeypatch.setattr(core, "environment", lambda device: dict(env))
+    monkeypatch.setattr(bench, "run", _fake_run(True))
+    rec, mine = tmp_path / "rec", tmp_path / "mine.json"
+    argv = ["--ops", "policy_loss", "--cases", "clip_cov", "--record", str(rec)]
+    assert bench.main(argv + ["--json", str(mine)]) == 0
+    stem = rec / "cpu-test-2026-12-01-full-policy_loss-cases-clip_cov"
+    assert all(os.path.exists(f"{stem}{ext}") for ext in (".json", ".md", ".png")) and mine.exists()
+    cited = re.search(r"file `([^`]+)`", open(f"{stem}.md").read()).group(1)
+    assert (rec / cited).exists()  # relative to the markdown's directory
+    before = open(f"{stem}.json").read()
+    with pytest.raises(SystemExit) as e:  # the same selection on the same day
+        bench.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--record" in err and "--overwrite" in err and open(f"{stem}.json").read() == before
+    assert bench.main(argv + ["--overwrite"]) == 0
+    assert bench.main(["--ops", "policy_loss", "--cases", "ppo", "--record", str(rec)]) == 0
+    assert (rec / "cpu-test-2026-12-01-full-policy_loss-cases-ppo.json").exists()
+    # a run that timed nothing records nothing, and no plot is attempted
+    monkeypatch.setattr(bench, "run", _fake_run(False))
+    capsys.readouterr()
+    assert bench.main(["--ops", "policy_loss", "--record", str(rec), "--plot", str(tmp_path / "x.png")]) == 1
+    assert "no row was timed" in capsys.readouterr().err
+    assert not list(rec.glob("cpu-test-2026-12-01-full-policy_loss.*")) and not (tmp_path / "x.png").exists()
+
+
+def test_plot_of_no_timed_row_writes_nothing_and_keeps_a_zero_peak(tmp_path):
+    env = {"device": "CPU", "date": "d"}
+    assert report.plot({"environment": env, "results": _fake_run(False)(None, env)["results"]},
+                       str(tmp_path / "none.png")) is False
+    assert not (tmp_path / "none.png").exists()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = {}
+    save = plt.Figure.savefig
+
+    def savefig(fig, path, **kw):  # the memory panel draws the 0-byte point
+        shown["memory"] = [list(line.get_ydata()) for line in fig.axes[1].get_lines()]
+        shown["scale"] = fig.axes[1].get_yscale()
+        return save(fig, path, **kw)
+
+    try:
+        plt.Figure.savefig = savefig
+        assert report.plot(_fake_run(True, peak=0)(None, env), str(tmp_path / "zero.png")) is True
+    finally:
+        plt.Figure.savefig = save
+    assert (tmp_path / "zero.png").exists() and shown == {"memory": [[0.0]], "scale": "symlog"}
+
+
+def test_recorded_command_reruns_as_written(monkeypatch):
+    import shlex
+
+    monkeypatch.setattr("sys.argv", ["fastalign-bench", "--ops", "policy_loss", "--cases", "clip_cov B=256"])
+    command = core.environment(CPU)["command"]
+    assert shlex.split(command) == ["fastalign-bench", "--ops", "policy_loss", "--cases", "clip_cov B=256"]
+
+
+def _tiny_case(log):
+    """A case whose steps (and their warm-ups) log their calls."""
+    def build(device, mode):
+        return {impl: (lambda impl=impl: log.append(impl)) for impl in ("fastalign", "liger", "torch.compile")}
+
+    def warmup(device, mode):
+        return {impl: (lambda impl=impl: log.append(f"warm {impl}")) for impl in ("fastalign", "liger",
+                                                                                  "torch.compile")}
+    return core.Case(op="x", label="tiny", params={}, build=build, warmup=warmup,
+                     impls=("fastalign", "liger", "torch.compile"))
+
+
+def test_memory_probe_measures_a_compiled_step_after_it_compiled(monkeypatch):
+    """A compiling implementation runs once at the measured shape before the measurement (its first call there
+    compiles); other implementations are measured at their first call, as before."""
+    from fastalign.bench import _memprobe
+
+    assert isinstance(_memprobe.frames_compiled(), int)
+    log = []
+    case = _tiny_case(log)
+    monkeypatch.setattr(_memprobe, "find_case", lambda key: case)
+    # the liger warm-up compiles a frame (a library compiling its own code); fastalign's does not
+    monkeypatch.setattr(_memprobe, "frames_compiled", lambda: sum(e == "warm liger" for e in log))
+
+    def measure(step):
+        calls_before = list(log)
+        step()
+        return calls_before
+
+    for impl, runs_before in (("fastalign", 0), ("liger", 1), ("torch.compile", 1)):
+        log.clear()
+        seen = _memprobe.peak_bytes({"case": "x/tiny", "mode": "fwd", "impl": impl}, measure)
+        assert seen == [f"warm {impl}"] + [impl] * runs_before, (impl, seen)
+
+
+def test_memory_probe_follows_no_compile(monkeypatch):
+    from fastalign.bench import _memprobe, optional
+
+    specs = []
+
+    def fake_run(cmd, **kw):
+        specs.append(json.loads(cmd[-1]))
+        return type("Done", (), {"returncode": 0, "stdout": "123\n", "stderr": ""})()
+
+    monkeypatch.setattr(core.subprocess, "run", fake_run)
+    monkeypatch.setitem(optional.COMPILE, "enabled", False)
+    case = _tiny_case([])
+    assert core.measure_cpu_memory_subprocess(case, "fwd", "liger") == 123
+    assert specs == [{"case": "x/tiny", "mode": "fwd", "impl": "liger", "compile": False}]
+    # the probe process switches its compiled baselines as the spec says before building the case
+    monkeypatch.setattr(_memprobe, "find_case", lambda key: (specs.append(optional.COMPILE["enabled"]), case)[1])
+    monkeypatch.setitem(optional.COMPILE, "enabled", True)
+    _memprobe.peak_bytes(specs[0], measure=lambda step: 0)
+    assert specs[-1] is False
+
+
+def test_step_hooks_run_outside_the_timed_region():
+    clock = FakeClock()
+    step = clock.step("S", [0.01])
+    step.before = lambda: (clock.calls.append("before"), setattr(clock, "now", clock.now + 1.0))
+    step.after = lambda: (clock.calls.append("after"), setattr(clock, "now", clock.now + 1.0))
+    out = core.time_steps({"S": step}, CPU, repeats=3, budget_s=100.0, clock=clock)
+    assert out["S"]["median_ms"] == pytest.approx(10.0)  # the hooks' 2 s per call are not timed
+    assert clock.calls[:6] == ["before", "S", "after"] * 2
+    calls = []
+    measured = lambda: calls.append("step")  # noqa: E731
+    measured.before, measured.after = (lambda: calls.append("before")), (lambda: calls.append("after"))
+    core.measure_cpu_memory_here(measured)
+    assert calls == ["before", "step", "after"]
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _wait_state(pid: int, stopped: bool) -> bool:
+    import time
+
+    for _ in range(200):
+        if (_state(pid) == "T") == stopped:
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def test_busy_core_steps_resume_a_started_spinner_outside_the_timed_call():
+    """The load of the "beside a busy core" cases starts once per case, when it builds its steps; the
+    steps' hooks resume and pause it around each call, and the timed call starts no process."""
+    from fastalign.bench.cases import under_load
+
+    ran = []
+    steps = under_load._make(lambda: {"fastalign": (lambda x: ran.append(1) or x.sum(), (torch.zeros(1),))},
+                             (), "fastalign")(CPU, "fwd+bwd")
+    spinner = under_load._spinner
+    try:
+        pid = spinner.proc.pid
+        assert _wait_state(pid, stopped=True)  # started, then paused until a busy-core step
+        busy, alone = steps["busy core"], steps["alone"]
+        busy.before()
+        assert _wait_state(pid, stopped=False)
+        busy()
+        busy.after()
+        assert _wait_state(pid, stopped=True)
+        busy()  # called without its hooks, the step still runs beside the load
+        assert _wait_state(pid, stopped=False)
+        alone()
+        assert _wait_state(pid, stopped=True)
+        out = core.time_steps(steps, CPU, repeats=3, budget_s=0.2)
+        assert all("median_ms" in r for r in out.values()) and len(ran) >= 8
+        assert spinner.proc.pid == pid and _wait_state(pid, stopped=True)  # the same process, paused
+    finally:
+        spinner.stop()
+
+
+def test_each_stage_of_a_case_is_announced():
+    from fastalign.bench.__main__ import measure_case
+
+    notes = []
+    case = core.Case(op="x", label="tiny", params={}, build=lambda device, mode: {"a": lambda: None, "b": None},
+                     impls=("a", "b"))
+    rows = measure_case(case, "fwd", CPU, repeats=2, budget=0.05, memory=False, note=notes.append)
+    assert [r["impl"] for r in rows] == ["a", "b"] and "median_ms" in rows[0] and "skipped" in rows[1]
+    assert notes[0] == "building inputs" and "timing" in notes[1]
+
+
+def test_summary_of_a_file_that_is_not_a_run(tmp_path, capsys):
+    from fastalign.bench import summary
+
+    other = tmp_path / "other.json"
+    other.write_text('{"trainer": "grpo", "peak_rss": 1}')
+    assert summary.main([str(other)]) == 1
+    assert "not a fastalign-bench run" in capsys.readouterr().err

@@ -122,3 +122,25 @@ def test_old_driver_falls_back_to_triton(monkeypatch):
     monkeypatch.setattr(_backend, "_cuda_usable", {})
     with pytest.warns(RuntimeWarning, match="driver .*12.2.* cannot run kernels built with CUDA 13.0"):
         assert _backend.cuda_kernels_usable(torch.device("cuda", 3)) is False
+
+
+def test_a_bad_backend_setting_is_reported_not_raised(monkeypatch):
+    """The diagnostic report names an unknown FASTALIGN_BACKEND value rather than dying on it."""
+    monkeypatch.setenv("FASTALIGN_BACKEND", "tritn")
+    r = fastalign.info()
+    assert r["backend_setting"].startswith("invalid") and "tritn" in r["backend_setting"]
+    assert all(v == "torch" or "invalid backend setting" in v for v in r["cpu_ops"].values())
+    assert any(line.startswith("backend") and "tritn" in line for line in format_report(r).splitlines())
+
+
+def test_command_line_options(capsys):
+    import json
+
+    from fastalign.info import main
+
+    assert main(["--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["fastalign"] == fastalign.__version__ and set(r["cpu_ops"]) == {name for name, _ in OPS}
+    with pytest.raises(SystemExit) as e:
+        main(["--no-such-option"])
+    assert e.value.code == 2 and "--no-such-option" in capsys.readouterr().err

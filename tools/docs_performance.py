@@ -5,9 +5,12 @@
 
 Each recorded run's markdown summary (written by ``fastalign-bench --record``)
 already names the device, date, versions and the command that made it; this
-page puts them together, newest first, under one explanation.
+page puts them together, newest first, under one explanation, each command
+quoted for a shell.
 """
 import pathlib
+import re
+import shlex
 import sys
 
 import generated_page
@@ -31,7 +34,10 @@ implementation must return. "% limit" (in runs recorded since it was measured on
 the CPU too) is the least time the measured copy bandwidth and matmul rate allow
 for the step's bytes and FLOPs, over its time. The baseline is eager PyTorch
 unless a row names another. Third-party implementations (Liger-Kernel, TRL, verl) run when they are
-installed and otherwise show as "not installed".
+installed and otherwise show as "not installed". In the runs recorded up to
+2026-12-01, the CPU peak memory of the `torch.compile` rows (and of Liger's
+compiled preference loss) includes torch.compile compiling the step: the note in
+`benchmarks/results/README.md` names the files.
 
 No GPU run is recorded yet: the tables are CPU runs of the C++ kernels.
 
@@ -48,6 +54,29 @@ python tools/docs_performance.py                               # then refresh th
 """
 
 
+def runnable(command: str) -> str:
+    """A recorded ``fastalign-bench`` command, quoted for a shell. Commands recorded unquoted (their arguments
+    joined with spaces) are split again: every option of fastalign-bench takes at most one value, so the words
+    up to the next ``--option`` are one value."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return command
+    argv, value_next, in_value = [], False, False
+    for i, word in enumerate(words):
+        if i == 0 or word.startswith("--"):
+            argv.append(word)
+            value_next, in_value = i > 0, False
+        elif value_next:
+            argv.append(word)
+            value_next, in_value = False, True
+        elif in_value:
+            argv[-1] += " " + word
+        else:
+            argv.append(word)
+    return shlex.join(argv)
+
+
 def render() -> str:
     runs = sorted(RESULTS.glob("*.md"), key=lambda p: p.name, reverse=True)
     parts = [HEADER]
@@ -57,6 +86,7 @@ def render() -> str:
         text = run.read_text().strip()
         if text.startswith("# "):  # one page title only: demote a run's own title
             text = "#" + text
+        text = re.sub(r"^Command: `(.*)`$", lambda m: f"Command: `{runnable(m.group(1))}`", text, flags=re.M)
         parts.append(text + "\n\n")
     return "".join(parts).rstrip() + "\n"
 

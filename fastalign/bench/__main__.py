@@ -6,33 +6,83 @@ of them alike; the table gives the median and the interquartile range.
     fastalign-bench --quick                     # CPU, ~3 minutes on 2 cores (make bench)
     fastalign-bench --device cuda --json out.json --plot out.png
     fastalign-bench --ops token_logprobs,policy_loss --no-memory
+    fastalign-bench --list --ops policy_loss --quick   # the cases a run would time
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import re
 import sys
-import time
 
 import torch
 
 from fastalign.bench import core, optional, report
 from fastalign.bench.cases import all_cases
 
+MODES = ("fwd", "fwd+bwd")
 
-def parse_args(argv=None):
+
+def _items(text: str) -> list:
+    """The non-empty items of a comma-separated option value, spaces around them removed."""
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _list_of(what: str):
+    def parse(text: str) -> list:
+        items = _items(text)
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+        return list(dict.fromkeys(items))
+    return parse
+
+
+def _modes(text: str) -> list:
+    items = _list_of("modes")(text)
+    bad = [m for m in items if m not in MODES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"invalid mode {bad[0]!r} (choose from {', '.join(MODES)})")
+    return items
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def _seconds_or_none(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or positive, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastalign-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the small CPU-friendly set of cases (default of make bench)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--ops", default=None, help="comma-separated op names (default: all)")
-    p.add_argument("--cases", default=None, help="comma-separated substrings of case labels (e.g. 2048x152064)")
-    p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated: fwd, fwd+bwd")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per step (default 5 quick, 20 full)")
-    p.add_argument("--budget", type=float, default=None,
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--ops", default=None, type=_list_of("op names"), help="comma-separated op names (default: all)")
+    p.add_argument("--cases", default=None, type=_list_of("substrings"),
+                   help="comma-separated substrings of case labels (e.g. 2048x152064); each must match a case")
+    p.add_argument("--modes", default=",".join(MODES), type=_modes, help="comma-separated: fwd, fwd+bwd")
+    p.add_argument("--repeats", type=_positive(int), default=None, help="timed runs per step (default 5 quick, 20 full)")
+    p.add_argument("--budget", type=_positive(float), default=None,
                    help="seconds of timed rounds per case and mode, all implementations together, before "
                         "stopping early (default 4 quick, 20 full)")
-    p.add_argument("--total-budget", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--total-budget", type=_seconds_or_none, default=None, metavar="SECONDS",
                    help="end the whole run within this time: each case's timed rounds get a share of what "
                         "is left, and warm-ups and memory probes that would start after it are skipped "
                         "(default 240 with --quick, none otherwise; 0 for none)")
@@ -41,9 +91,47 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, metavar="OUT", help="write every figure with device/date/versions")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="plot time and memory per case")
     p.add_argument("--record", default=None, metavar="DIR",
-                   help="write DIR/<device>-<date>.json, .md and .png (e.g. benchmarks/results)")
-    p.add_argument("--list", action="store_true", help="list the cases and exit")
-    return p.parse_args(argv)
+                   help="write DIR/<device>-<UTC date>-<quick|full>[-<ops>][-cases-<cases>][-<mode>].json, .md "
+                        "and .png (e.g. benchmarks/results); refuses a name that exists (see --overwrite) and "
+                        "a run with no timed row")
+    p.add_argument("--overwrite", action="store_true", help="let --record replace a run recorded under the same name")
+    p.add_argument("--list", action="store_true",
+                   help="list the cases that --ops, --cases, --modes, --quick and --device select, and exit")
+    return p
+
+
+def _device(p: argparse.ArgumentParser, args) -> str:
+    """The device type the run uses ("cpu" or "cuda"); None for ``--list`` without ``--device``. A usage error
+    for a device that is not one, or (except for ``--list``) a CUDA device torch cannot use here."""
+    if args.device is None:
+        return None if args.list else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        p.error(f"argument --device: invalid device {args.device!r} (cpu, cuda or cuda:N)")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"argument --device: no benchmark case runs on {device.type!r} (cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not args.list:
+        if not torch.cuda.is_available():
+            why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            p.error(f"argument --device: {args.device!r} is not available here ({why}; torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            p.error(f"argument --device: {args.device!r} is not available here "
+                    f"({torch.cuda.device_count()} CUDA device(s) visible)")
+    return device.type
+
+
+def parse_args(argv=None):
+    """The parsed options, each checked: a value that selects nothing, or a device that cannot run here, is a
+    usage error rather than an empty run. ``args.device_type`` is the device type the cases are selected for."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    args.device_type = _device(p, args)
+    try:
+        selected_cases(args, args.device_type)
+    except ValueError as e:
+        p.error(str(e))
+    return args
 
 
 #: --quick's default --total-budget: no warm-up or memory probe starts after it, so the whole run,
@@ -51,15 +139,35 @@ def parse_args(argv=None):
 QUICK_TOTAL_S = 240.0
 
 
-def selected_cases(args, device_type: str):
-    ops = set(args.ops.split(",")) if args.ops else None
-    labels = args.cases.split(",") if args.cases else None
-    out = [c for c in all_cases() if (ops is None or c.op in ops) and (c.quick or not args.quick)
-           and device_type in c.devices and (labels is None or any(s in c.label for s in labels))]
-    if ops:
-        unknown = ops - {c.op for c in all_cases()}
-        if unknown:
-            raise SystemExit(f"unknown op(s): {', '.join(sorted(unknown))}")
+def _split(value) -> list:
+    """A list option as parsed, or a comma-separated string (a Namespace built by hand)."""
+    if value is None:
+        return None
+    return _items(value) if isinstance(value, str) else list(value)
+
+
+def selected_cases(args, device_type) -> list:
+    """The cases ``args`` select on ``device_type`` (every device when None) that run in at least one selected
+    mode. ValueError naming the option when an op is unknown, a ``--cases`` substring matches no case, or nothing
+    is left to run."""
+    ops, labels, modes = _split(args.ops), _split(args.cases), _split(args.modes) or list(MODES)
+    known = {c.op for c in all_cases()}
+    unknown = sorted(set(ops or ()) - known)
+    if unknown:
+        raise ValueError(f"argument --ops: unknown op(s) {', '.join(unknown)} (choose from {', '.join(sorted(known))})")
+    pool = [c for c in all_cases() if (ops is None or c.op in ops) and (c.quick or not args.quick)
+            and (device_type is None or device_type in c.devices)]
+    where = " ".join(filter(None, [f"--ops {','.join(ops)}" if ops else "", "--quick" if args.quick else "",
+                                    f"--device {device_type}" if device_type else ""]))
+    for s in labels or ():
+        if not any(s in c.label for c in pool):
+            raise ValueError(f"argument --cases: {s!r} is in no case label{' of ' + where if where else ''} "
+                             f"(`fastalign-bench --list{' ' + where if where else ''}` lists them)")
+    out = [c for c in pool if (labels is None or any(s in c.label for s in labels))
+           and any(m in modes for m in c.modes)]
+    if not out:
+        raise ValueError(f"argument --modes: no selected case runs in {', '.join(modes)} "
+                         f"(their modes: {', '.join(sorted({m for c in pool for m in c.modes}))})")
     return out
 
 
@@ -81,13 +189,16 @@ MEMORY_OUT_OF_TIME = "the run's time budget was spent"
 
 
 def measure_case(case, mode: str, device, repeats: int, budget: float, memory: bool = True,
-                 deadline: core.Deadline = core.Deadline(None), reserve_s: float = 0.0) -> list:
+                 deadline: core.Deadline = core.Deadline(None), reserve_s: float = 0.0, note=None) -> list:
     """Rows of one (case, mode): every implementation timed with interleaved repetitions, then
     its peak memory measured, each only while ``deadline`` leaves time for it (for the memory
-    probes: ``reserve_s`` seconds more, kept for the cases after this one)."""
+    probes: ``reserve_s`` seconds more, kept for the cases after this one). ``note(text)``, when
+    given, is told each stage as it starts (building, timing, each memory probe)."""
+    note = note or (lambda text: None)
     if deadline.passed():  # not even its inputs are built
         return [{"op": case.op, "case": case.label, "mode": mode, "impl": impl, "baseline": case.baseline,
                  **case.params, "skipped": core.OUT_OF_TIME} for impl in case.impls]
+    note("building inputs")
     impls = case.build(device, mode)
     rows, steps = {}, {}
     for impl, step in impls.items():
@@ -97,6 +208,7 @@ def measure_case(case, mode: str, device, repeats: int, budget: float, memory: b
             rows[impl]["skipped"] = "not installed, disabled, or not for this device"
         else:
             steps[impl] = step
+    note(f"warm-up and timing of {len(steps)} implementation(s)")
     for impl, timing in core.time_steps(steps, device, repeats, budget, deadline=deadline).items():
         row = rows[impl]
         row.update(timing)
@@ -106,6 +218,7 @@ def measure_case(case, mode: str, device, repeats: int, budget: float, memory: b
         if left is not None and left - reserve_s < MIN_PROBE_S:
             row["memory_skipped"] = MEMORY_OUT_OF_TIME
             continue
+        note(f"peak memory of {impl}")
         try:
             if device.type == "cuda":
                 row["peak_extra_bytes"] = core.measure_cuda_memory(steps[impl], device)
@@ -130,14 +243,20 @@ def measure_case(case, mode: str, device, repeats: int, budget: float, memory: b
     return list(rows.values())
 
 
-def run(args) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def _run_device(args) -> torch.device:
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def run(args, env: dict = None) -> dict:
+    """Every selected (case, mode) measured; ``env`` is :func:`fastalign.bench.core.environment` of the run's
+    device when already taken."""
+    device = _run_device(args)
     optional.COMPILE["enabled"] = not args.no_compile
     repeats = args.repeats or (5 if args.quick else 20)
     budget = args.budget or (4.0 if args.quick else 20.0)
-    modes = args.modes.split(",")
+    modes = _split(args.modes) or list(MODES)
     cases = selected_cases(args, device.type)
-    env = core.environment(device)
+    env = env or core.environment(device)
     total = args.total_budget if args.total_budget is not None else (QUICK_TOTAL_S if args.quick else 0.0)
     deadline = core.Deadline(total)
     limits = core.device_limits(device, {c.params.get("dtype", "fp32") for c in cases if c.flops})
@@ -148,14 +267,21 @@ def run(args) -> dict:
         desc = f"{case.op} {case.label} {mode}"
         if bar is not None:
             bar.set_description(desc)
+
+            def note(text):
+                bar.set_postfix_str(text)
         else:
             print(f"[{i + 1}/{len(todo)}] {desc}", file=sys.stderr, flush=True)
+
+            def note(text):
+                print(f"    {text}", file=sys.stderr, flush=True)
         with core.quiet_third_party():
             results += measure_case(case, mode, device, repeats,
                                     core.case_budget(budget, deadline.left(), len(todo) - i),
                                     memory=not args.no_memory, deadline=deadline,
-                                    reserve_s=RESERVE_PER_CASE_S * (len(todo) - i - 1))
+                                    reserve_s=RESERVE_PER_CASE_S * (len(todo) - i - 1), note=note)
         if bar is not None:
+            bar.set_postfix_str("")
             bar.update(1)
     if bar is not None:
         bar.close()
@@ -165,40 +291,86 @@ def run(args) -> dict:
     return {"environment": env, "device_limits": limits, "results": results}
 
 
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_+]+", "-", text).strip("-")
+
+
+#: a longer --cases part of a recorded name is cut and followed by a hash of the option's value
+MAX_CASES_NAME = 40
+
+
+def record_stem(args, env: dict) -> str:
+    """``DIR/<device>-<UTC date>-<quick|full>[-<ops>][-cases-<cases>][-<mode>]`` (without extension) for
+    ``--record DIR``: every option that selects what runs is in the name, so two different selections recorded
+    on one day get different files (the modes only when one of the two is left out)."""
+    parts = [_slug(env["device"]).lower(), env["date"][:10], "quick" if args.quick else "full"]
+    ops = _split(args.ops)
+    if ops:
+        parts.append("-".join(sorted(ops)))
+    labels = _split(args.cases)
+    if labels:
+        name = _slug("-".join(sorted(labels)))
+        if len(name) > MAX_CASES_NAME:
+            digest = hashlib.sha1(",".join(sorted(labels)).encode()).hexdigest()[:8]
+            name = name[:MAX_CASES_NAME - 9].rstrip("-") + "-" + digest
+        parts.append("cases-" + name)
+    modes = _split(args.modes) or list(MODES)
+    if set(modes) != set(MODES):
+        parts += modes
+    return os.path.join(args.record, "-".join(parts))
+
+
+def list_cases(args) -> None:
+    modes = _split(args.modes) or list(MODES)
+    for c in selected_cases(args, args.device_type):
+        print(f"{c.op:20s} {c.label:40s} {'quick' if c.quick else 'full':5s} {'/'.join(c.devices):9s} "
+              f"{'/'.join(m for m in c.modes if m in modes):11s} vs {c.baseline}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list:
-        for c in all_cases():
-            print(f"{c.op:20s} {c.label:40s} {'quick' if c.quick else 'full':5s} {'/'.join(c.devices):9s} "
-                  f"vs {c.baseline}")
+        list_cases(args)
         return 0
-    data = run(args)
+    env = core.environment(_run_device(args))
+    stem = None
+    if args.record:
+        stem = record_stem(args, env)
+        if os.path.exists(stem + ".json") and not args.overwrite:
+            build_parser().error(f"argument --record: {stem}.json exists (a run of the same device, date and "
+                                 f"selection); pass --overwrite to replace it, or record into another directory")
+    data = run(args, env)
     print(report.table(data))
     for line in core.spread_warnings(data["results"]):
         print(line)
-    if args.record:
-        import os
-        import re
-
+    timed = any("median_ms" in r for r in data["results"])
+    if stem is not None and not timed:
+        print(f"fastalign-bench: --record: no row was timed (every implementation was skipped or failed); "
+              f"nothing recorded under {stem}", file=sys.stderr)
+    elif stem is not None:
         from fastalign.bench import summary
 
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", data["environment"]["device"]).strip("-").lower()
-        kind = "quick" if args.quick else "full"
-        if args.ops:  # a partial run gets its own files
-            kind += "-" + "-".join(sorted(args.ops.split(",")))
-        stem = os.path.join(args.record, f"{slug}-{data['environment']['date'][:10]}-{kind}")
         os.makedirs(args.record, exist_ok=True)
-        args.json, args.plot = args.json or stem + ".json", args.plot or stem + ".png"
-        with open(stem + ".md", "w") as f:
-            f.write(summary.markdown(data, os.path.relpath(stem + ".json")))
+        with open(stem + ".json", "w") as f:
+            json.dump(data, f, indent=1)
+        print(f"wrote {stem}.json")
+        with open(stem + ".md", "w") as f:  # it sits beside the JSON it cites
+            f.write(summary.markdown(data, os.path.basename(stem + ".json")))
         print(f"wrote {stem}.md")
-    if args.json:
+        report.plot(data, stem + ".png")
+        print(f"wrote {stem}.png")
+    recorded = (stem + ".json", stem + ".png") if stem is not None and timed else ()
+    if args.json and os.path.abspath(args.json) not in map(os.path.abspath, recorded):
         with open(args.json, "w") as f:
             json.dump(data, f, indent=1)
         print(f"wrote {args.json}")
-    if args.plot:
-        report.plot(data, args.plot)
-        print(f"wrote {args.plot}")
+    if args.plot and os.path.abspath(args.plot) not in map(os.path.abspath, recorded):
+        if report.plot(data, args.plot):
+            print(f"wrote {args.plot}")
+        else:
+            print(f"nothing to plot: no row was timed ({args.plot} not written)")
+    if stem is not None and not timed:
+        return 1
     return 0
 
 

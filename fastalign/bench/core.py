@@ -5,7 +5,14 @@ a zero-argument step (one forward, or one forward+backward). Every step is
 timed in the same process after warm-up, the candidates' repetitions interleaved
 (median and interquartile range of repeats); peak extra
 memory is the CUDA allocator's peak on GPU and, on CPU, the peak resident set
-of a fresh subprocess that builds the inputs and runs the step once.
+of a fresh subprocess that builds the inputs and runs the step once. A step that
+compiles (torch.compile, or a library compiling its own code) is measured at a
+call after its first one at the measured shape, as it is timed: the peak is the
+step's, never the compiler's (see :mod:`fastalign.bench._memprobe`).
+
+A step may carry ``before`` / ``after`` attributes: callables run around each of
+its calls (warm-up, timed runs, memory measurement), outside what is timed or
+measured, e.g. to switch load beside it on and off (:func:`hooks`).
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import gc
 import json
 import logging
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -24,6 +32,8 @@ from typing import Callable, Dict, Optional
 from unittest import mock
 
 import torch
+
+from fastalign.bench import optional
 
 Step = Callable[[], object]
 BASELINE = "eager"
@@ -88,6 +98,12 @@ def with_env(step: Optional[Step], **env: str) -> Optional[Step]:
         with mock.patch.dict(os.environ, env):
             return step()
     return run
+
+
+def hooks(step: Step):
+    """``(before, after)`` of a step: its callables run around each of its calls, outside the timed region
+    (no-ops when the step has none)."""
+    return getattr(step, "before", None) or (lambda: None), getattr(step, "after", None) or (lambda: None)
 
 
 def sync(device: torch.device) -> None:
@@ -160,7 +176,8 @@ def time_steps(steps: Dict[str, Step], device: torch.device, repeats: int, budge
     candidates alike rather than on whichever was being timed. Rounds continue until at least
     ``repeats`` rounds are done and a second has passed (at most 1000 rounds), or until ``budget_s``
     seconds of rounds are spent (so one round only when it alone outlasts the budget; a slow
-    warm-up, such as torch.compile compiling, does not count). A step whose warm-up would start
+    warm-up, such as torch.compile compiling, does not count). A step's :func:`hooks` run around
+    each of its calls, outside the timed region. A step whose warm-up would start
     after ``deadline`` is skipped. Returns, per name, :func:`spread` of its times in ms,
     ``{"error": ...}`` for a step that raised (dropped from later rounds) or ``{"skipped": ...}``.
     """
@@ -170,9 +187,14 @@ def time_steps(steps: Dict[str, Step], device: torch.device, repeats: int, budge
         if deadline is not None and deadline.passed():
             out[name] = {"skipped": OUT_OF_TIME}
             continue
+        before, after = hooks(step)
         try:
-            step()
-            sync(device)
+            before()
+            try:
+                step()
+                sync(device)
+            finally:
+                after()
             live.append(name)
         except Exception as e:  # one candidate failing must not stop the others
             out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
@@ -181,11 +203,16 @@ def time_steps(steps: Dict[str, Step], device: torch.device, repeats: int, budge
     rounds = 0
     while live:
         for name in list(live):
+            before, after = hooks(steps[name])
             try:
-                t0 = clock()
-                steps[name]()
-                sync(device)
-                times[name].append((clock() - t0) * 1e3)
+                before()
+                try:
+                    t0 = clock()
+                    steps[name]()
+                    sync(device)
+                    times[name].append((clock() - t0) * 1e3)
+                finally:
+                    after()
             except Exception as e:
                 out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
                 live.remove(name)
@@ -264,24 +291,35 @@ def measure_cpu_memory_here(step: Step) -> int:
     """Peak RSS growth (bytes) while running `step` once, in this process.
 
     Resets the kernel's high-water mark (``echo 5 > /proc/self/clear_refs``) so
-    input construction does not count; only meaningful in a fresh process.
+    input construction does not count; only meaningful in a fresh process. The step's
+    :func:`hooks` run before the reset and after the measurement.
     """
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_kib("VmRSS")
-    step()
-    return max(_status_kib("VmHWM") - base, 0) * 1024
+    before, after = hooks(step)
+    before()
+    try:
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status_kib("VmRSS")
+        step()
+        return max(_status_kib("VmHWM") - base, 0) * 1024
+    finally:
+        after()
 
 
 def measure_cuda_memory(step: Step, device: torch.device) -> int:
-    gc.collect()
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    step()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
+    before, after = hooks(step)
+    before()
+    try:
+        gc.collect()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    finally:
+        after()
 
 
 #: glibc keeps freed blocks below a moving threshold mapped; a fixed threshold returns every block
@@ -294,8 +332,9 @@ def measure_cpu_memory_subprocess(case: Case, mode: str, impl: str, timeout: flo
     """Run one step of (case, mode, impl) in a fresh interpreter and return its peak extra bytes
     (None when the probe fails or outlasts ``timeout`` seconds).
 
-    The interpreter first runs the case's tiny-shape ``warmup`` step when the case has one."""
-    spec = json.dumps({"case": case.key, "mode": mode, "impl": impl})
+    The interpreter first runs the case's tiny-shape ``warmup`` step when the case has one, with
+    compiled baselines switched on or off as in this process (``--no-compile``)."""
+    spec = json.dumps({"case": case.key, "mode": mode, "impl": impl, "compile": optional.COMPILE["enabled"]})
     env = {**os.environ, **MALLOC_ENV}
     try:
         out = subprocess.run([sys.executable, "-m", "fastalign.bench._memprobe", spec], capture_output=True,
@@ -328,7 +367,7 @@ def device_limits(device: torch.device, dtypes=("bf16",), budget_s: float = 2.0)
     src = torch.ones(n, device=device)
     dst = torch.empty_like(src)
     copy_ms = time_step(lambda: dst.copy_(src), device, 10, budget_s)["min_ms"]
-    del src, dst
+    src = dst = None  # freed before the matmul operands are made
     side = MATMUL_SIDE.get(device.type, MATMUL_SIDE["cpu"])
     rates = {}
     tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -377,7 +416,7 @@ def environment(device: torch.device) -> dict:
 
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["fastalign-bench"] + sys.argv[1:]),
+        "command": shlex.join(["fastalign-bench", *sys.argv[1:]]),  # quoted: it reruns as written
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),

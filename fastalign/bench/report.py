@@ -104,15 +104,23 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(data: dict, path: str) -> None:
-    """Time and peak extra memory per case (x: tokens x vocab), one line per implementation."""
+#: peak extra memory (MiB) below which the memory axis is linear: a step that needs no memory beyond its
+#: inputs (0 bytes) is drawn at the bottom rather than dropped from a logarithmic axis
+MEMORY_LINEAR_MIB = 0.1
+
+
+def plot(data: dict, path: str) -> bool:
+    """Time and peak extra memory per case (x: tokens x vocab), one line per implementation. False, writing
+    nothing, when no row was timed."""
+    rows = [r for r in data["results"] if "median_ms" in r]
+    panels = sorted({(r["op"], r["mode"]) for r in rows})
+    if not panels:
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in data["results"] if "median_ms" in r]
-    panels = sorted({(r["op"], r["mode"]) for r in rows})
     fig, axes = plt.subplots(len(panels), 2, figsize=(12, 3.2 * max(len(panels), 1)), squeeze=False)
     for (op, mode), (ax_t, ax_m) in zip(panels, axes):
         sub = [r for r in rows if r["op"] == op and r["mode"] == mode]
@@ -125,13 +133,16 @@ def plot(data: dict, path: str) -> None:
             mem = [(i, m / 2**20) for i, m in mem if m is not None]
             if mem:
                 ax_m.plot([i for i, _ in mem], [m for _, m in mem], marker="o", label=impl)
+        ax_t.set_yscale("log")
+        ax_m.set_yscale("symlog", linthresh=MEMORY_LINEAR_MIB)
         for ax, what in ((ax_t, "median ms"), (ax_m, "peak extra MiB")):
             ax.set_xticks(range(len(labels)))
             ax.set_xticklabels(labels, fontsize=7)
-            ax.set_yscale("log")
             ax.set_title(f"{op} {mode}: {what}", fontsize=9)
             ax.grid(alpha=0.3)
         ax_t.legend(fontsize=7)
     fig.suptitle(f"{data['environment']['device']} — {data['environment']['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

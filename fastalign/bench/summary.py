@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import sys
 
 from fastalign.bench.core import BASELINE, describe_limits, relative_spread
 from fastalign.bench.report import limit_fraction, memory_ratio, speedup, work_model
@@ -105,10 +106,17 @@ def main(argv=None) -> int:
     if args.readme:
         update_readme(args.readme, sorted(args.files))
         return 0
+    status = 0
     for path in args.files:
         with open(path) as f:
-            print(markdown(json.load(f), os.path.relpath(path)))
-    return 0
+            data = json.load(f)
+        if not isinstance(data, dict) or "results" not in data or "environment" not in data:
+            print(f"{p.prog}: {path} is not a fastalign-bench run (no \"environment\" and \"results\"); skipped",
+                  file=sys.stderr)
+            status = 1
+            continue
+        print(markdown(data, os.path.relpath(path)))
+    return status
 
 
 if __name__ == "__main__":

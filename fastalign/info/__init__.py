@@ -1,7 +1,7 @@
 """What this fastalign install carries and what runs on this machine.
 
-``python -m fastalign.info`` prints it; ``fastalign.info()`` returns it as a dict
-(and prints it with ``fastalign.info(print_report=True)``):
+``python -m fastalign.info`` prints it (``--json``: the dict as JSON); ``fastalign.info()`` returns it as a
+dict (and prints it with ``fastalign.info(print_report=True)``):
 
 * the fastalign, torch and triton versions;
 * how the compiled core was built: compiler, CPU instruction sets, glibc target,
@@ -17,8 +17,10 @@
 """
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import importlib.util
+import json
 import platform
 import sys
 
@@ -51,13 +53,27 @@ OPS = (
 )
 
 
+def _setting() -> str:
+    """The backend setting in force, or ``invalid: <why>`` (an unknown FASTALIGN_BACKEND value)."""
+    from fastalign import _backend
+
+    try:
+        return _backend.current()
+    except ValueError as e:
+        return f"invalid: {e}"
+
+
 def _families(device) -> dict:
     """The kernel family each public op runs for tensors on ``device`` under the backend setting in force."""
     from fastalign import _backend
 
+    invalid = _setting().startswith("invalid")
+
     def family(op):
         if op is None:
             return "torch"
+        if invalid:  # every op with kernels raises the setting's ValueError
+            return "none (invalid backend setting)"
         try:
             return _backend.backend_for(op, device)
         except ValueError as e:
@@ -119,7 +135,6 @@ def info(print_report: bool = False) -> dict:
     import torch
 
     import fastalign
-    from fastalign import _backend
 
     report = {
         "fastalign": fastalign.__version__,
@@ -128,7 +143,7 @@ def info(print_report: bool = False) -> dict:
         "torch": torch.__version__,
         "triton": _version("triton", "triton"),
         "compiled": _compiled_core(),
-        "backend_setting": _backend.current(),
+        "backend_setting": _setting(),
         "cpu_ops": _families(torch.device("cpu")),
         "cuda": _gpu_backends(),
         "integrations": {name: _version(name, module) for name, module in INTEGRATIONS},
@@ -188,8 +203,14 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    info(print_report=True)
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastalign.info", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", action="store_true", help="print the report as JSON (the dict fastalign.info() returns)")
+    args = p.parse_args(argv)
+    if args.json:
+        print(json.dumps(info(), indent=1, default=str))
+    else:
+        info(print_report=True)
     return 0
 
 

@@ -5,10 +5,18 @@ whose threads wait on a peer that the OS has descheduled stalls for a scheduler 
 the slowdown beside a busy core, not the time alone, is what a user sees. Each case times
 ``alone`` (the baseline) and ``busy core`` (a spinning subprocess running); the speed-up column
 is then 1 / slowdown. The same pairs for eager PyTorch show what the machine itself allows.
+
+The spinning process is started once, when a case builds its steps, and then only paused (SIGSTOP)
+and resumed (SIGCONT): a ``busy core`` step resumes it before its call and pauses it after, in the
+step's ``before`` / ``after`` hooks, which run outside the timed region (see
+:func:`fastalign.bench.core.hooks`). The timed call holds the measured work alone, and the core
+spins for the whole of it. A caller that ignores the hooks still gets the load: the step resumes
+a paused spinner itself (one signal) and ``alone`` pauses a running one.
 """
 from __future__ import annotations
 
 import atexit
+import signal
 import subprocess
 import sys
 
@@ -18,31 +26,70 @@ import fastalign
 from fastalign.bench.core import Case, grad_step
 from fastalign.reference import policy as ref
 
-_SPIN = "import os, time\nparent = os.getppid()\nwhile os.getppid() == parent:\n    t = time.time() + 0.05\n" \
-        "    while time.time() < t:\n        pass\n"
-_spinner: list = []
+#: spins until its parent ends (and, on Linux, is killed with it even while paused); says "ready" once spinning
+_SPIN = ("import os, time\n"
+         "try:\n"
+         "    import ctypes\n"
+         "    ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL\n"
+         "except Exception:\n"
+         "    pass\n"
+         "parent = os.getppid()\n"
+         "print('ready', flush=True)\n"
+         "while os.getppid() == parent:\n"
+         "    t = time.time() + 0.05\n"
+         "    while time.time() < t:\n"
+         "        pass\n")
 
 
-def _busy(on: bool) -> None:
-    """Start (or stop) one subprocess that keeps a core busy until stopped or this process exits."""
-    if on and not _spinner:
-        _spinner.append(subprocess.Popen([sys.executable, "-c", _SPIN]))
-    elif not on and _spinner:
-        p = _spinner.pop()
-        p.kill()
-        p.wait()
+class Spinner:
+    """One subprocess keeping a core busy: started once, then paused or resumed by a signal."""
+
+    def __init__(self):
+        self.proc = None
+        self.running = False
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        """Start the process if it is not running yet, and leave it paused."""
+        if not self.alive():
+            self.proc = subprocess.Popen([sys.executable, "-c", _SPIN], stdout=subprocess.PIPE, text=True)
+            self.proc.stdout.readline()  # its interpreter has started and it spins
+            self.running = True
+        self.set(False)
+
+    def set(self, on: bool) -> None:
+        """Resume (``on``) or pause the spinning; nothing when it already is so."""
+        if on and not self.alive():
+            self.start()
+        if self.alive() and on != self.running:
+            self.proc.send_signal(signal.SIGCONT if on else signal.SIGSTOP)
+            self.running = on
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc.stdout.close()
+        self.proc, self.running = None, False
 
 
-atexit.register(_busy, False)
+_spinner = Spinner()
+atexit.register(_spinner.stop)
 
 
 def _with_load(step, on: bool):
+    """``step`` with the spinner resumed (``on``) or paused around it: by its hooks, outside the timed region,
+    and checked again in the call (a flag test when the hooks ran)."""
     if step is None:
         return None
 
     def run():
-        _busy(on)
+        _spinner.set(on)
         return step()
+    run.before = lambda: _spinner.set(on)
+    run.after = lambda: _spinner.set(False)
     return run
 
 
@@ -79,6 +126,7 @@ def _make(make_steps, shape, impl):
     def build(device, mode):
         fn, leaves = make_steps(*shape)[impl]
         step = grad_step(fn, leaves, mode == "fwd+bwd")
+        _spinner.start()  # once per case, outside every timed step; paused until a "busy core" step
         return {"alone": _with_load(step, False), "busy core": _with_load(step, True)}
     return build
 
