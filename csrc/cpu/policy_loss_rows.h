@@ -43,6 +43,11 @@ struct ScanOut {
   uint32_t* hit;      // [kChunk] 1 = candidate with order key <= bound_hi
 };
 
+// x where mask is all ones, exactly 0 where it is 0 (whatever x is, NaN and inf included): a loop-invariant
+// choice as a bitwise and, which keeps the token loop straight-line SIMD code (see chunk_body).
+static inline float keep_if(float x, uint32_t mask) { return bits_to_float(float_to_bits(x) & mask); }
+static inline uint32_t mask_of(bool chosen) { return chosen ? 0xffffffffu : 0u; }
+
 // ---- pass 2 on tokens [t0, t0 + n) of a row: per-token loss, gradients and the chunk's metric
 // sums part[0..kRowCols) (without the row-level gmpo term and vespo phi) plus, in part[kRowCols],
 // the sequence-level gradient sum sum_v (w d_rho + kl_coef K [kl_rho = grad]).
@@ -61,6 +66,10 @@ FASTALIGN_KERNEL_BODY uint32_t chunk_body(const Cfg& c, const Row& R, const RowC
   const bool kl_clamp = c.kl_clamp != 0;
   const bool is_k1 = c.kl_type == kK1, is_abs = c.kl_type == kAbs, is_k2 = c.kl_type == kK2, is_k3 = c.kl_type == kK3;
   const bool straight = c.kl_straight != 0;
+  // The KL estimator is chosen by bit masks (a select or a ternary chain on kl_type is loop-invariant control
+  // flow, which keeps the token loop scalar; 0/1 weights would make 0 * inf = NaN of an unused term at |d| = inf).
+  const uint32_t m_k1 = mask_of(is_k1), m_abs = mask_of(is_abs), m_k2 = mask_of(is_k2), m_k3 = mask_of(is_k3);
+  const uint32_t m_st = mask_of(straight), m_own = mask_of(!straight);
   const float w_row = PLAIN ? 1.f : x.w_row, rho_row = x.rho_row, cap = c.log_ratio_cap;
   // 1 where the token's own ratio carries the gradient (0 at sequence level: see row_finish)
   constexpr float w_tok = SEQ ? 0.f : 1.f;
@@ -139,12 +148,9 @@ FASTALIGN_KERNEL_BODY uint32_t chunk_body(const Cfg& c, const Row& R, const RowC
       const bool k3_live = (xk >= xlo) & (xk <= xhi) & (k3 >= klo) & (k3 <= khi);
       const float dk3 = k3_live ? -(e - 1.f) : 0.f;
       const float sgn = d > 0.f ? 1.f : (d < 0.f ? -1.f : 0.f);
-      // one select per estimator, summed (a ternary chain on kl_type would become a switch and stop
-      // SIMD). Selects, not 0/1 weights: an unused term may be inf (|d| = inf), and 0 * inf is NaN.
-      const float kv = (is_k1 ? d : 0.f) + (is_abs ? std::fabs(d) : 0.f) + (is_k2 ? 0.5f * d * d : 0.f) +
-                       (is_k3 ? k3c : 0.f);
-      const float dkl_own = (is_k1 ? 1.f : 0.f) + (is_abs ? sgn : 0.f) + (is_k2 ? d : 0.f) + (is_k3 ? dk3 : 0.f);
-      const float dkl = straight ? d : dkl_own;
+      const float kv = keep_if(d, m_k1) + keep_if(std::fabs(d), m_abs) + keep_if(0.5f * d * d, m_k2) + keep_if(k3c, m_k3);
+      const float dkl_own = keep_if(1.f, m_k1) + keep_if(sgn, m_abs) + keep_if(d, m_k2) + keep_if(dk3, m_k3);
+      const float dkl = keep_if(d, m_st) + keep_if(dkl_own, m_own);
       if (KLRHO) {  // K = KL * rho: d/dlp = rho dKL + [grad] KL drho (at sequence level through d_row)
         klv = rho_is * kv;
         g += kl_coef * (rho_is * dkl + (kl_grad ? w_tok * drho_c * kv : 0.f));
