@@ -7,10 +7,8 @@ Every error names the argument: ``"<arg> must ..., got ..."``.
 from __future__ import annotations
 
 import collections.abc as _abc
-import contextlib
 import math
 import numbers as _numbers
-import re
 from typing import Optional
 
 import torch
@@ -196,61 +194,44 @@ def counts(*, global_tokens=None, global_seqs=None, dp_size=1, max_len: Optional
         at_least("max_len", max_len, 1)
 
 
+def _flag_or_raise(bad: torch.Tensor, x: torch.Tensor, message) -> Optional[torch.Tensor]:
+    """A malformed-input flag ``bad`` (0-dim bool, computed from ``x``): on an eager CPU tensor it is read here
+    (free) and a True flag raises ``ValueError(message())``; other tensors (CUDA, fake) are not read on the host,
+    and the flag is returned for the caller to turn its outputs into NaN without a synchronisation."""
+    if x.device.type != "cpu" or not eager(x):
+        return bad
+    if bool(bad):
+        raise ValueError(message())
+    return None
+
+
 def offsets(name: str, cu: torch.Tensor, total: int, device=None) -> Optional[torch.Tensor]:
     """Cumulative sequence offsets ``cu [S+1]`` into ``total`` packed tokens: start at 0,
-    never decrease, end at most at ``total``.
-
-    Eager CPU tensors are checked here (free) and raise. Other tensors (CUDA, fake) are not
-    read on the host: the result is then a 0-dim bool device tensor, True when ``cu`` is
-    malformed, for the caller to turn the outputs into NaN without a synchronisation.
-    """
+    never decrease, end at most at ``total``. Returns None, raises, or the device flag
+    (:func:`_flag_or_raise`)."""
     integer(name, cu, dim=1)
     if device is not None and cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but the tokens are on {device}; use one device")
     if cu.shape[0] < 2:
         raise ValueError(f"{name} must have at least 2 entries ([S+1], starting at 0), got shape {tuple(cu.shape)}")
-    bad = (cu[0] != 0) | (cu[1:] < cu[:-1]).any() | (cu[-1] > total)
-    if cu.device.type != "cpu" or not eager(cu):
-        return bad
-    if bool(bad):
-        first, last = int(cu[0]), int(cu[-1])
-        decreasing = bool((cu[1:] < cu[:-1]).any())
-        raise ValueError(f"{name} must start at 0, never decrease and end at most at the {total} packed tokens, "
-                         f"got first={first}, last={last}{', decreasing' if decreasing else ''}")
-    return None
+    decreasing = (cu[1:] < cu[:-1]).any()
+    return _flag_or_raise(
+        (cu[0] != 0) | decreasing | (cu[-1] > total), cu,
+        lambda: (f"{name} must start at 0, never decrease and end at most at the {total} packed tokens, got "
+                 f"first={int(cu[0])}, last={int(cu[-1])}{', decreasing' if bool(decreasing) else ''}"))
 
 
 def position_starts(name: str, position_ids: torch.Tensor, count_name: str, count: int) -> Optional[torch.Tensor]:
     """Packed ``position_ids [N]`` that start ``count`` sequences: the first token at position 0, and ``count``
-    positions 0 in all (a sequence starts where the position is 0, so none is empty).
-
-    Eager CPU tensors are checked here (free) and raise, naming ``name`` or ``count_name``. Other tensors
-    are not read on the host: the result is then a 0-dim bool device tensor, True when they do not match,
-    for the caller to turn the outputs into NaN without a synchronisation (as :func:`offsets`)."""
+    positions 0 in all (a sequence starts where the position is 0, so none is empty). Returns None, raises
+    (naming ``name`` or ``count_name``), or the device flag (:func:`_flag_or_raise`)."""
     pos = position_ids.reshape(-1)
     starts = (pos == 0).sum()
     first_off = (pos[:1] != 0).any()
-    bad = first_off | (starts != count)
-    if pos.device.type != "cpu" or not eager(pos):
-        return bad
-    if bool(first_off):
-        raise ValueError(f"{name} must start at 0 (the first packed token starts a sequence), got {int(pos[0])} "
-                         "at the first token")
-    if bool(bad):
-        raise ValueError(f"{count_name}={count} but {name} describes {int(starts)} sequences (one per position 0)")
-    return None
 
-
-@contextlib.contextmanager
-def argument_names(names: dict):
-    """Re-raise a ``ValueError`` / ``TypeError`` from the block with the argument names of ``names`` (the callee's
-    name -> the caller's) replaced in its message: an adapter with another signature names its own arguments."""
-    try:
-        yield
-    except (ValueError, TypeError) as e:
-        pattern = r"\b(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")\b"
-        message = re.sub(pattern, lambda m: names[m.group(1)], str(e))
-        if message == str(e):
-            raise
-        raise type(e)(message) from e
-
+    def message() -> str:
+        if bool(first_off):
+            return (f"{name} must start at 0 (the first packed token starts a sequence), got {int(pos[0])} at the "
+                    "first token")
+        return f"{count_name}={count} but {name} describes {int(starts)} sequences (one per position 0)"
+    return _flag_or_raise(first_off | (starts != count), pos, message)

@@ -81,27 +81,28 @@ def logit_pipeline(device: torch.device, options: dict) -> LogitPipeline:
                          backend=_backend.resolve(device, options.get("backend")))
 
 
-def check_head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None, prefix: str = "") -> None:
+def check_head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+               names: tuple[str, str, str] = ("hidden", "weight", "bias")) -> None:
     """Check hidden states ``[..., H]``, an lm_head weight ``[V, H]`` and its bias ``[V]`` against each other (a
     ``ValueError`` / ``TypeError`` naming the bad one): float dtypes, the weight's dtype that of the hidden states,
-    the shapes, a non-empty vocabulary and hidden size. ``prefix`` starts every name in the messages
-    (``"teacher_"``: ``teacher_hidden``, ``teacher_weight``, ``teacher_bias``)."""
-    _validate.floating(f"{prefix}hidden", hidden, min_dim=1)
-    _validate.floating(f"{prefix}weight", weight, dim=2)
+    the shapes, a non-empty vocabulary and hidden size. ``names``: the caller's names of the three arguments
+    (``("teacher_hidden", "teacher_weight", "teacher_bias")``, an adapter's own), used in the messages."""
+    h_name, w_name, b_name = names
+    _validate.floating(h_name, hidden, min_dim=1)
+    _validate.floating(w_name, weight, dim=2)
     if bias is not None:
-        _validate.floating(f"{prefix}bias", bias, dim=1)
+        _validate.floating(b_name, bias, dim=1)
     H = hidden.shape[-1]
     V = weight.shape[0]
     if weight.shape[1] != H:
-        raise ValueError(f"{prefix}weight must have shape (V, {H}) ({prefix}hidden.shape[-1] = {H}), got "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(f"{w_name} must have shape (V, {H}) ({h_name}.shape[-1] = {H}), got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"{prefix}weight must have the dtype of {prefix}hidden ({hidden.dtype}), got {weight.dtype}")
+        raise TypeError(f"{w_name} must have the dtype of {h_name} ({hidden.dtype}), got {weight.dtype}")
     if bias is not None and tuple(bias.shape) != (V,):
-        raise ValueError(f"{prefix}bias must have shape ({V},) ({prefix}weight.shape[0]), got {tuple(bias.shape)}")
+        raise ValueError(f"{b_name} must have shape ({V},) ({w_name}.shape[0]), got {tuple(bias.shape)}")
     if V == 0:
-        raise ValueError(f"{prefix}weight must have a non-empty vocabulary (first) dimension")
-    _validate.nonempty(f"{prefix}hidden", hidden, -1, "hidden-size (last)")
+        raise ValueError(f"{w_name} must have a non-empty vocabulary (first) dimension")
+    _validate.nonempty(h_name, hidden, -1, "hidden-size (last)")
 
 
 def check_head_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,

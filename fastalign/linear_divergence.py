@@ -19,6 +19,40 @@ __all__ = ["linear_divergence_loss"]
 
 _MODES = ("auto", True, False)
 
+# each tensor argument's name in the messages of check_tensors (an adapter passes its own)
+ARGUMENT_NAMES = {name: name for name in ("hidden", "weight", "bias", "teacher_hidden", "teacher_weight",
+                                          "teacher_bias", "response_mask", "labels", "normalizer")}
+
+
+def check_tensors(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_hidden: Tensor,
+                  teacher_weight: Tensor, teacher_bias: Optional[Tensor], response_mask: Optional[Tensor] = None,
+                  labels: Optional[Tensor] = None, normalizer=None, names: dict = ARGUMENT_NAMES) -> None:
+    """The tensor arguments of :func:`linear_divergence_loss` against each other (a ``ValueError`` /
+    ``TypeError`` naming the bad one by ``names[argument]``): both heads, the shared leading shape and
+    vocabulary, the mask and labels, one device."""
+    n = names
+    check_head(hidden, weight, bias, names=(n["hidden"], n["weight"], n["bias"]))
+    check_head(teacher_hidden, teacher_weight, teacher_bias,
+               names=(n["teacher_hidden"], n["teacher_weight"], n["teacher_bias"]))
+    lead = tuple(hidden.shape[:-1])
+    if tuple(teacher_hidden.shape[:-1]) != lead:
+        raise ValueError(f"{n['teacher_hidden']} must have shape {(*lead, teacher_hidden.shape[-1])} "
+                         f"({n['hidden']}.shape[:-1] + (H_teacher,)), got {tuple(teacher_hidden.shape)}")
+    if teacher_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"{n['teacher_weight']} must have the student's vocabulary ({weight.shape[0]} rows, "
+                         f"{n['weight']}.shape[0]), got {tuple(teacher_weight.shape)}")
+    if response_mask is not None:
+        _validate.real(n["response_mask"], response_mask)
+        _validate.shape(n["response_mask"], response_mask, lead, f"{n['hidden']}.shape[:-1]")
+    if labels is not None:
+        _validate.integer(n["labels"], labels)
+        _validate.shape(n["labels"], labels, lead, f"{n['hidden']}.shape[:-1]")
+    _validate.same_device(**{n["hidden"]: hidden, n["weight"]: weight, n["bias"]: bias,
+                             n["teacher_hidden"]: teacher_hidden, n["teacher_weight"]: teacher_weight,
+                             n["teacher_bias"]: teacher_bias, n["response_mask"]: response_mask,
+                             n["labels"]: labels,
+                             n["normalizer"]: normalizer if isinstance(normalizer, Tensor) else None})
+
 
 def linear_divergence_loss(
     hidden: Tensor,
@@ -89,21 +123,8 @@ def linear_divergence_loss(
         temperature) as means over the scored tokens, ``divergence_sum``, ``entropy_sum``, ``num_tokens``, and
         with ``labels`` ``nll`` / ``nll_sum`` (0 at tokens whose label is ``ignore_index``).
     """
-    check_head(hidden, weight, bias)
-    check_head(teacher_hidden, teacher_weight, teacher_bias, prefix="teacher_")
-    if tuple(teacher_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"teacher_hidden must have shape {(*hidden.shape[:-1], teacher_hidden.shape[-1])} "
-                         f"(hidden.shape[:-1] + (H_teacher,)), got {tuple(teacher_hidden.shape)}")
-    if response_mask is not None:
-        _validate.real("response_mask", response_mask)
-    if labels is not None:
-        _validate.integer("labels", labels)
-    _validate.same_device(hidden=hidden, weight=weight, bias=bias, teacher_hidden=teacher_hidden,
-                          teacher_weight=teacher_weight, teacher_bias=teacher_bias, response_mask=response_mask,
-                          labels=labels, normalizer=normalizer if isinstance(normalizer, Tensor) else None)
-    if teacher_weight.shape[0] != weight.shape[0]:
-        raise ValueError(f"teacher_weight must have the student's vocabulary ({weight.shape[0]} rows, weight.shape[0]), "
-                         f"got {tuple(teacher_weight.shape)}")
+    check_tensors(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, response_mask, labels,
+                  normalizer)
     b = _validate._number("beta", beta)
     if not 0.0 <= b <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
@@ -113,12 +134,7 @@ def linear_divergence_loss(
     w_soft = _validate.finite_number("soft_weight", soft_weight)
     w_hard = _validate.finite_number("hard_weight", hard_weight)
     check_choice("single_pass", single_pass, _MODES)
-    lead = hidden.shape[:-1]
-    if response_mask is not None:
-        _validate.shape("response_mask", response_mask, lead, "hidden.shape[:-1]")
-    if labels is not None:
-        _validate.shape("labels", labels, lead, "hidden.shape[:-1]")
-    elif w_hard != 0:
+    if labels is None and w_hard != 0:
         raise ValueError("hard_weight needs labels (the targets of the hard loss)")
     _validate.count("normalizer", normalizer)
     name = _backend.backend_for("divergence_rows", hidden.device, backend)

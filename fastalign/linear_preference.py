@@ -45,8 +45,6 @@ DEFAULT_PAIR_BLOCK_MIB = DEFAULT_BLOCK_MIB
 __all__ = ["DEFAULT_PAIR_BLOCK_MIB", "LinearPreferenceLoss", "PathPolicy", "coupling"]
 
 _COUPLED = ("aot", "aot_unpaired")  # sorted across the batch
-#: the head's argument names in the reference pass -> this module's
-_REF_NAMES = {"hidden": "ref_hidden", "weight": "ref_weight", "bias": "ref_bias"}
 _MODES = ("auto", True, False)
 #: the keywords of LinearPreferenceLoss besides the preference_loss options
 _OWN_OPTIONS = ("ignore_index", "temperature", "softcap", "logit_scale", "ld_alpha", "use_weighting", "wpo_cap",
@@ -280,11 +278,9 @@ class LinearPreferenceLoss(nn.Module):
         _validate.same_device(**{like_name: like, name: ref})
         own = ref_weight is not None
         head_w, head_b = (ref_weight, ref_bias) if own else (weight, bias if ref_bias is None else ref_bias)
-        names = {"hidden": name, "weight": "ref_weight" if own else "weight",
-                 "bias": "ref_bias" if ref_bias is not None else "bias"}
-        with _validate.argument_names(names):
-            check_head(ref, head_w, head_b)
-            _validate.same_device(hidden=ref, weight=head_w, bias=head_b)
+        names = (name, "ref_weight" if own else "weight", "ref_bias" if ref_bias is not None else "bias")
+        check_head(ref, head_w, head_b, names=names)
+        _validate.same_device(**dict(zip(names, (ref, head_w, head_b))))
 
     # ------------------------------------------------------------------------------------ forward
 
@@ -356,9 +352,8 @@ class LinearPreferenceLoss(nn.Module):
         if rhc is not None:
             with torch.no_grad():
                 ref_both = None if both is None else (ref_hidden, labels)
-                with _validate.argument_names(_REF_NAMES):
-                    (rc, _), (rr, _) = self._both_logprobs(rhc, rhr, yc, yr, ref_weight, ref_bias, False, rows_c,
-                                                           rows_r, ref_both, blocks=single)
+                (rc, _), (rr, _) = self._both_logprobs(rhc, rhr, yc, yr, ref_weight, ref_bias, False, rows_c,
+                                                       rows_r, ref_both, blocks=single)
                 sc, sr = self._sums(rc, rr, yc, yr, twc, twr)
             ref_chosen_logprobs, ref_rejected_logprobs = sc.sum, sr.sum
         refs = (ref_chosen_logprobs, ref_rejected_logprobs)
@@ -398,7 +393,7 @@ class LinearPreferenceLoss(nn.Module):
         if token_weights is not None or self.ld_alpha is not None:
             plain = sequence_logprobs(lp, labels=labels, cu_seqlens=cu_seqlens, ignore_index=self.ignore_index).sum
         if ref_hidden is not None:
-            with torch.no_grad(), _validate.argument_names(_REF_NAMES):
+            with torch.no_grad():
                 rlp, _ = self._token_logprobs(ref_hidden, ref_weight, labels, ref_bias, False, rows)
                 ref = sequence_logprobs(rlp, labels=labels, token_weights=token_weights, **seq_kw)
             ref_c, ref_r = ref.sum[:B], ref.sum[B:]

@@ -79,7 +79,10 @@ def test_errors_name_liger_arguments():
             (lambda: loss(x, w, xt, wt, y[:-1], b, bt), ValueError, r"true_labels must have shape .*student_input"),
             (lambda: loss(x.double(), w, xt, wt, y, b, bt), TypeError, "student_input must be"),
             (lambda: loss(x, w, xt[:-1], wt, y, b, bt), ValueError, "teacher_input must have shape"),
-            (lambda: loss(x, w, xt, wt, y, b[:-1], bt), ValueError, r"student_bias must have shape .*student_weight")):
+            (lambda: loss(x, w, xt, wt, y, b[:-1], bt), ValueError, r"student_bias must have shape .*student_weight"),
+            # names only, not words: "hidden-size" stays a hidden size
+            (lambda: loss(x[..., :0], w[:, :0], xt, wt, y, b, bt), ValueError,
+             r"^student_input must have a non-empty hidden-size \(last\) dimension")):
         with pytest.raises(err, match=match):
             call()
     for name in ("weight_hard_loss", "weight_soft_loss"):

@@ -25,12 +25,12 @@ from typing import Optional
 from torch import Tensor, nn
 
 from fastalign import _validate
-from fastalign.linear_divergence import linear_divergence_loss
+from fastalign.linear_divergence import ARGUMENT_NAMES, check_tensors, linear_divergence_loss
 
 __all__ = ["LigerFusedLinearJSDLoss"]
 
 # linear_divergence_loss's argument names -> Liger's, for the error messages
-_ARGUMENTS = {"hidden": "student_input", "weight": "student_weight", "bias": "student_bias",
+_ARGUMENTS = {**ARGUMENT_NAMES, "hidden": "student_input", "weight": "student_weight", "bias": "student_bias",
               "teacher_hidden": "teacher_input", "labels": "true_labels"}
 
 
@@ -66,12 +66,13 @@ class LigerFusedLinearJSDLoss(nn.Module):
     def forward(self, student_input: Tensor, student_weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor,
                 true_labels: Tensor, student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None):
         hard = self.weight_hard_loss != 0 or self.return_soft_hard_loss
-        with _validate.argument_names(_ARGUMENTS):
-            loss, metrics = linear_divergence_loss(
-                student_input, student_weight, teacher_input, teacher_weight, beta=self.beta,
-                temperature=self.temperature, bias=student_bias, teacher_bias=teacher_bias, labels=true_labels,
-                ignore_index=self.ignore_index, soft_weight=self.weight_soft_loss,
-                hard_weight=self.weight_hard_loss if hard else 0.0)
+        check_tensors(student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias,
+                      labels=true_labels, names=_ARGUMENTS)
+        loss, metrics = linear_divergence_loss(
+            student_input, student_weight, teacher_input, teacher_weight, beta=self.beta,
+            temperature=self.temperature, bias=student_bias, teacher_bias=teacher_bias, labels=true_labels,
+            ignore_index=self.ignore_index, soft_weight=self.weight_soft_loss,
+            hard_weight=self.weight_hard_loss if hard else 0.0)
         if not self.return_soft_hard_loss:
             return loss
         n = metrics["num_tokens"].clamp(min=1)
