@@ -20,6 +20,7 @@ from typing import Iterator, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from fastalign.ops._launch import eager
 from fastalign.ops.linear_cpu import chunk_grad_to_inputs, chunk_logits, softcap_derivative
 from fastalign.ops.token_stats import backward_into, token_stats
 
@@ -75,7 +76,9 @@ def block_backward(z: Tensor, deriv: Optional[Tensor], g_lp: Tensor, h: Tensor, 
     to ``dw`` and ``dl``, even where their ``h`` (or ``a``) is not finite (their d(logits) is 0, and 0 * NaN is
     not)."""
     if live is None:
-        h, low_rank = _labelled_rows_only(h, labels, ignore_index, low_rank)
+        keep = labels != ignore_index
+        h = kept_rows(h, keep)
+        low_rank = None if low_rank is None else (kept_rows(low_rank[0], keep), low_rank[1])
     empty = lse.new_empty(0)
     z3 = z.unsqueeze(0)
     backward_into(z3, g_lp, g_ent, None, z3, labels, lse, empty if ent is None else ent, empty, inv_t, ignore_index,
@@ -88,14 +91,13 @@ def block_backward(z: Tensor, deriv: Optional[Tensor], g_lp: Tensor, h: Tensor, 
     return dh, da
 
 
-def _labelled_rows_only(h: Tensor, labels: Tensor, ignore_index: int, low_rank):
-    """``h`` (and the low-rank term's ``a``) with the rows whose label is ``ignore_index`` set to 0."""
-    keep = (labels != ignore_index)[:, None]
-    h = torch.where(keep, h, torch.zeros((), dtype=h.dtype, device=h.device))
-    if low_rank is not None:
-        a, lw = low_rank
-        low_rank = (torch.where(keep, a, torch.zeros((), dtype=a.dtype, device=a.device)), lw)
-    return h, low_rank
+def kept_rows(x: Tensor, keep: Tensor) -> Tensor:
+    """``x [n, ...]`` with the rows where ``keep [n]`` is False set to 0, so that they add nothing to a product
+    even where they are not finite (their d(logits) is 0, and 0 * NaN is not). An eager CPU ``keep`` that is
+    all True (read for free there) returns ``x`` itself, without a copy."""
+    if keep.device.type == "cpu" and eager(keep) and bool(keep.all()):
+        return x
+    return torch.where(keep[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def block_rows(vocab: int, like: Tensor, budget_bytes: float) -> int:

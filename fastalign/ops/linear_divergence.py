@@ -25,7 +25,7 @@ from torch import Tensor
 from fastalign.ops._launch import eager
 from fastalign.ops.device_compaction import compact
 from fastalign.ops.divergence import divergence_rows_call
-from fastalign.ops.linear_block import _operands, block_buffer, row_blocks
+from fastalign.ops.linear_block import _operands, block_buffer, kept_rows, row_blocks
 from fastalign.ops.linear_cpu import chunk_grad_to_inputs, chunk_logits, softcap_derivative
 from fastalign.ops.single_pass import block_budget_rows
 
@@ -103,7 +103,7 @@ def run_blocks(student: Head, teacher: Head, mask: Tensor, labels: Optional[Tens
                     block.put(full, part)
             if g_soft is not None:
                 if order is None and cmp is None:  # unscored rows in the block: they add nothing, even if not finite
-                    hs = torch.where(block.take(mask)[:, None] != 0, hs, torch.zeros((), dtype=hs.dtype, device=dev))
+                    hs = kept_rows(hs, block.take(mask) != 0)
                 dh_b = None if dh is None else torch.empty(hs.shape, dtype=zs.dtype, device=dev)
                 chunk_grad_to_inputs(zs, deriv, student.scale, student.softcap, hs, ws, dh_b, dw, db,
                                      accumulate=False, live=live)
