@@ -37,9 +37,13 @@ def check_choice(name: str, value, choices: Iterable, what: str = "") -> None:
         raise ValueError(f"{name} must be one of {choices}{what}, got {value!r}{did_you_mean(value, choices)}")
 
 
-def check_read(option: str, given: bool, loss_type, rows: Iterable[str], readers: Iterable[str]) -> None:
+def check_read(option: str, given: bool, loss_type, rows: Iterable[str], readers: Iterable[str],
+               also: str = "") -> None:
     """``ValueError`` when ``option`` is ``given`` (set off its default) and none of ``rows`` (the loss rows of
-    ``loss_type``, as the caller named it) is one of ``readers``, the rows that read it."""
+    ``loss_type``, as the caller named it) is one of ``readers``, the rows that read it. ``also``: what else
+    makes a row read it, for the message (``"kl_rho"``)."""
     readers = tuple(readers)
     if given and not any(r in readers for r in rows):
-        raise ValueError(f"{option} does not apply to loss_type {loss_type!r} (only {', '.join(readers)} read it)")
+        extra = f", and any loss_type with {also}" if also else ""
+        raise ValueError(f"{option} does not apply to loss_type {loss_type!r} (only {', '.join(readers)} read it"
+                         f"{extra})")

@@ -185,7 +185,8 @@ class PolicyConfig:
             raise ValueError(f"eps_low and eps_high must be >= 0, got {self.eps_low}, {self.eps_high}")
         if not self.log_ratio_cap > 0:
             raise ValueError(f"log_ratio_cap must be > 0 (math.inf: no clamp), got {self.log_ratio_cap}")
-        self._only("log_ratio_cap", self.log_ratio_cap != LOG_RATIO_CAP and self.kl_rho is False, _RATIO_ROWS)
+        check_read("log_ratio_cap", self.log_ratio_cap != LOG_RATIO_CAP and self.kl_rho is False, self.loss_type,
+                   (self.row,), _RATIO_ROWS, also="kl_rho")
         self._only("dual_clip", self.dual_clip is not None, ("ppo",))
         if self.dual_clip is not None and not self.dual_clip > 1.0:
             raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
