@@ -175,6 +175,12 @@ def _cuda_bf16(g, scale, *shape):
     return (torch.randn(*shape, device="cuda", generator=g) * scale).bfloat16()
 
 
+def _bf16_head(g, lead: tuple, H: int, V: int):
+    """Rows ``[*lead, H]`` (0.5 N(0, 1)) and a head ``[V, H]`` (0.05 N(0, 1)) in bf16 on the GPU, drawn from ``g`` in
+    that order: hidden states and an lm_head, or a low-rank term's ``(a, L)``."""
+    return _cuda_bf16(g, 0.5, *lead, H), _cuda_bf16(g, 0.05, V, H)
+
+
 def _rel_err(a, ref):
     return float((a.detach().double() - ref.detach()).norm() / ref.detach().norm())
 
@@ -256,8 +262,7 @@ def _gpu():
 def test_gpu_linear_backward_bf16_at_full_vocabulary():
     N, H, V = 1024, 256, 151936
     g = torch.Generator(device="cuda").manual_seed(0)
-    h = _cuda_bf16(g, 0.5, N, H)
-    w = _cuda_bf16(g, 0.05, V, H)
+    h, w = _bf16_head(g, (N,), H, V)
     y = torch.randint(0, V, (N,), device="cuda", generator=g)
     hg, wg = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
     for chunk in (None, (128, V)):  # one chunk, and eight
@@ -287,8 +292,7 @@ def test_gpu_linear_policy_single_pass_bf16_at_full_vocabulary(monkeypatch):
     monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "64")  # 220 rows of 151936 bf16 logits: under one sequence (256)
     B, T, H, V = 8, 256, 256, 151936
     g = torch.Generator(device="cuda").manual_seed(3)
-    h = _cuda_bf16(g, 0.5, B, T, H)
-    w = _cuda_bf16(g, 0.05, V, H)
+    h, w = _bf16_head(g, (B, T), H, V)
     y = torch.randint(0, V, (B, T), device="cuda", generator=g)
     y[:, :64] = -100  # prompts
     mask = torch.ones(B, T, dtype=torch.bool, device="cuda")
@@ -325,8 +329,7 @@ def test_gpu_separable_step_bf16_at_full_vocabulary(monkeypatch):
     monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "160")  # 2 x 256 rows of 151936 bf16 logits: one pair per block
     B, T, H, V = 4, 256, 256, 151936
     g = torch.Generator(device="cuda").manual_seed(5)
-    h = _cuda_bf16(g, 0.5, 2 * B, T, H)
-    w = _cuda_bf16(g, 0.05, V, H)
+    h, w = _bf16_head(g, (2 * B, T), H, V)
     y = torch.randint(0, V, (2 * B, T), device="cuda", generator=g)
     y[:, :64] = -100  # prompts
     ref = torch.randn(2 * B, device="cuda", generator=g, dtype=torch.float64) * 5
@@ -368,10 +371,8 @@ def test_gpu_linear_divergence_bf16_at_full_vocabulary(beta, monkeypatch):
     monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "96")  # several blocks
     N, H, Ht, V = 768, 256, 384, 151936
     g = torch.Generator(device="cuda").manual_seed(7)
-    h = _cuda_bf16(g, 0.5, N, H)
-    w = _cuda_bf16(g, 0.05, V, H)
-    ht = _cuda_bf16(g, 0.5, N, Ht)
-    wt = _cuda_bf16(g, 0.05, V, Ht)
+    h, w = _bf16_head(g, (N,), H, V)
+    ht, wt = _bf16_head(g, (N,), Ht, V)
     mask = (torch.rand(N, device="cuda", generator=g) > 1 / 3).float()
     hd, wd = h.double().requires_grad_(True), w.double().requires_grad_(True)
     d64 = generalized_jsd(hd @ wd.T, ht.double() @ wt.double().T, beta=beta)
@@ -393,10 +394,8 @@ def test_gpu_linear_low_rank_bf16_at_full_vocabulary():
     gradients to a and L with one chunk and with eight."""
     N, H, V, R = 1024, 256, 151936, 16
     g = torch.Generator(device="cuda").manual_seed(2)
-    h = _cuda_bf16(g, 0.5, N, H)
-    w = _cuda_bf16(g, 0.05, V, H)
-    a = _cuda_bf16(g, 0.5, N, R)
-    lw = _cuda_bf16(g, 0.05, V, R)
+    h, w = _bf16_head(g, (N,), H, V)
+    a, lw = _bf16_head(g, (N,), R, V)
     y = torch.randint(0, V, (N,), device="cuda", generator=g)
     y[: N // 4] = -100
     ag, lg = a.clone().requires_grad_(True), lw.clone().requires_grad_(True)
@@ -437,8 +436,7 @@ def test_gpu_device_compaction_bf16_at_full_vocabulary(monkeypatch):
     batch with those rows zeroed."""
     B, T, H, V = 4, 256, 256, 151936
     g = torch.Generator(device="cuda").manual_seed(4)
-    h = _cuda_bf16(g, 0.5, B, T, H)
-    w = _cuda_bf16(g, 0.05, V, H)
+    h, w = _bf16_head(g, (B, T), H, V)
     y = torch.randint(0, V, (B, T), device="cuda", generator=g)
     y[:, : T // 2] = -100
     prompt = (y == -100)[..., None]
