@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastalign import _backend, _validate
+from fastalign import _backend, _dtensor, _validate
 from fastalign._options import check_choice
 from fastalign.logprobs import TokenStats, shaped_stats
 from fastalign.ops.linear_stats import linear_stats
@@ -180,8 +180,10 @@ def linear_logprobs(
     Args:
         hidden: ``[..., H]`` float32/bfloat16/float16.
         weight: ``[V, H]`` (the lm_head; may be tied to the input embedding), same dtype
-            as ``hidden``. With ``vocab_group`` it is this rank's shard: rows
-            ``[rank * V_r, (rank + 1) * V_r)`` of the full vocabulary.
+            as ``hidden``. With ``vocab_group`` it is this rank's shard: the rows that follow
+            the lower ranks' shards (shards may differ in size, as ``torch.chunk`` makes them).
+            A DTensor (FSDP2, tensor parallel) is gathered (differentiably); with
+            ``vocab_group``, a ``Shard(0)`` DTensor over that group is used as its local shard.
         labels: integer tensor shaped like ``hidden.shape[:-1]`` (global ids).
         bias: optional ``[V]`` (this rank's shard with ``vocab_group``).
         low_rank: optional ``(a, L)``, ``a [..., r]`` shaped like ``hidden`` but for its last
@@ -211,6 +213,7 @@ def linear_logprobs(
     Returns:
         :class:`TokenStats` with fp32 tensors shaped like ``labels`` (argmax int64).
     """
+    hidden, weight, bias, low_rank = _dtensor.head(hidden, weight, bias, low_rank, vocab_group)
     low_rank_hidden, low_rank_weight = check_head_inputs(hidden, weight, labels, bias, low_rank)
     H = hidden.shape[-1]
     V = weight.shape[0]
@@ -244,10 +247,7 @@ def linear_logprobs(
 
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("vocab_group needs torch.distributed to be initialized")
-        rank = dist.get_rank(vocab_group)
-        world = dist.get_world_size(vocab_group)
         lp, ent, sp2, amax = VocabParallelStats.apply(
-            h2, w2, b2, low_rank_hidden, low_rank_weight, flat_labels, vocab_group, rank * V, world * V, scale, cap,
-            inv_t, int(ignore_index), bool(entropy), bool(sum_p2), bool(argmax), name, nc, vc,
-            float(grad_skip_threshold))
+            h2, w2, b2, low_rank_hidden, low_rank_weight, flat_labels, vocab_group, scale, cap, inv_t,
+            int(ignore_index), bool(entropy), bool(sum_p2), bool(argmax), name, nc, vc, float(grad_skip_threshold))
     return shaped_stats(labels.shape, lp, ent, sp2, amax, entropy, sum_p2, argmax)

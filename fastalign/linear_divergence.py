@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastalign import _backend, _validate
+from fastalign import _backend, _dtensor, _validate
 from fastalign._options import check_choice
 from fastalign.linear import check_head, check_logit_options
 from fastalign.ops._launch import eager
@@ -123,6 +123,8 @@ def linear_divergence_loss(
         temperature) as means over the scored tokens, ``divergence_sum``, ``entropy_sum``, ``num_tokens``, and
         with ``labels`` ``nll`` / ``nll_sum`` (0 at tokens whose label is ``ignore_index``).
     """
+    hidden, weight, bias, _ = _dtensor.head(hidden, weight, bias)
+    teacher_hidden, teacher_weight, teacher_bias, _ = _dtensor.head(teacher_hidden, teacher_weight, teacher_bias)
     check_tensors(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, response_mask, labels,
                   normalizer)
     b = _validate._number("beta", beta)

@@ -26,7 +26,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from fastalign import _validate
+from fastalign import _dtensor, _validate
 from fastalign._options import check_choice, check_names
 from fastalign.linear import check_head_inputs, check_logit_options, linear_logprobs, logit_pipeline
 from fastalign.ops._launch import eager
@@ -181,6 +181,7 @@ def policy_step(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Op
     ``token_separable``: the loss is separable over tokens too (:attr:`fastalign.PolicyConfig.token_separable`),
     so the single pass takes blocks of any tokens, sized by the block budget alone: a sequence longer than
     the budget still takes it."""
+    hidden, weight, bias, low_rank = _dtensor.head(hidden, weight, bias, low_rank, logit.get("vocab_group"))
     a, lw = check_head_inputs(hidden, weight, labels, bias, low_rank)
     if single_pass is True and not eager(hidden, weight, bias, a, lw):
         raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two passes run")

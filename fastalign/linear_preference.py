@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastalign import _backend, _validate
+from fastalign import _backend, _dtensor, _validate
 from fastalign._deprecate import renamed
 from fastalign._options import check_choice
 from fastalign.linear import check_head, check_logit_options, linear_logprobs, logit_pipeline
@@ -289,6 +289,9 @@ class LinearPreferenceLoss(nn.Module):
                 ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
                 ref_chosen_logprobs: Optional[Tensor] = None, ref_rejected_logprobs: Optional[Tensor] = None,
                 token_weights=None, cu_seqlens: Optional[Tensor] = None, kto_kl: Optional[Tensor] = None):
+        group = self.kernel_options["vocab_group"]
+        _, weight, bias, _ = _dtensor.head(None, weight, bias, vocab_group=group)
+        _, ref_weight, ref_bias, _ = _dtensor.head(None, ref_weight, ref_bias, vocab_group=group)
         _validate.floating("weight", weight, dim=2)
         _validate.like(None, "", device=weight.device, device_of="weight", kind="real",
                        ref_chosen_logprobs=ref_chosen_logprobs, ref_rejected_logprobs=ref_rejected_logprobs,

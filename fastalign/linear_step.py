@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from fastalign import _dtensor
 from fastalign._options import check_choice
 from fastalign.linear import check_head_inputs, linear_logprobs, logit_pipeline
 from fastalign.ops._launch import eager
@@ -65,6 +66,7 @@ def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLos
     unscored position holds 0 (``sum_p2``: 1, ``argmax``: -1)."""
     logit = dict(logit or {})
     check_choice("items", items, ITEMS)
+    hidden, weight, bias, low_rank = _dtensor.head(hidden, weight, bias, low_rank, logit.get("vocab_group"))
     a, lw = check_head_inputs(hidden, weight, labels, bias, low_rank)
     paired = items == "pairs"
     if hidden.dim() != 3 or (paired and hidden.shape[0] % 2):

@@ -5,9 +5,12 @@
   gradients over the ranks (what DDP / FSDP do) gives the single-process step on the
   concatenated batch: ``LinearPolicyLoss`` from hidden states, and ``causal_lm_logprobs``
   of a tiny Qwen2 into ``policy_loss``. Gradients and the parameters after an SGD step match.
-* Vocabulary parallel: each rank holds half of the lm_head rows (``vocab_group``); the
-  log-probs, entropy, sum p^2 and argmax equal the single-rank result, and so do the
-  gradients of the hidden states and of each weight / bias shard.
+* Vocabulary parallel: each rank holds a shard of the lm_head rows (``vocab_group``), of an odd
+  vocabulary split as ``torch.chunk`` splits it (shards of unequal size); the log-probs, entropy,
+  sum p^2 and argmax equal the single-rank result, and so do the gradients of the hidden states
+  and of each weight / bias shard. The same with the shards as one FSDP2-style DTensor
+  (``Shard(0)``) over the group; and without ``vocab_group`` a DTensor head is gathered, with the
+  gradients of plain PyTorch on the gathered head.
 
 CPU runs use ``gloo`` with two spawned processes meeting at a ``FileStore``; the GPU-marked
 versions use ``nccl`` with one GPU per rank, or ``gloo`` with both ranks on one GPU (what a
@@ -44,6 +47,7 @@ WORLD = 2
 HANG_LIMIT_S = 600  # for the whole spawn; collectives time out after COLLECTIVE_TIMEOUT
 COLLECTIVE_TIMEOUT = timedelta(seconds=300)
 B, T, F, H, V = 4, 7, 6, 16, 40  # rows, tokens, input features, hidden size, vocabulary
+V_ODD = 41  # the vocabulary of the vocabulary-parallel cases: shards of 21 and 20 rows
 LR = 0.5
 
 
@@ -143,28 +147,59 @@ VOCAB_OPTIONS = dict(temperature=0.7, softcap=4.0, logit_scale=1.3)
 def vocab_data():
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(2, 5, H, generator=g)
-    weight = torch.randn(V, H, generator=g)
-    bias = 0.5 * torch.randn(V, generator=g)
-    labels = torch.randint(0, V, (2, 5), generator=g)
-    labels[0, :3] = torch.tensor([1, V // 2, V - 1])  # first and second shard, both ends
+    weight = torch.randn(V_ODD, H, generator=g)
+    bias = 0.5 * torch.randn(V_ODD, generator=g)
+    labels = torch.randint(0, V_ODD, (2, 5), generator=g)
+    labels[0, :4] = torch.tensor([1, V_ODD // 2, V_ODD // 2 + 1, V_ODD - 1])  # both ends of both shards
     labels[1, 2] = -100
     # upstream gradients of the three statistics
     g_lp, g_ent, g_sp2 = torch.randn(3, 2, 5, generator=g)
     return dict(hidden=hidden, weight=weight, bias=bias, labels=labels, g_lp=g_lp, g_ent=g_ent, g_sp2=g_sp2)
 
 
+def _backward(st, d):
+    ((st.logprobs * d["g_lp"]).sum() + (st.entropy * d["g_ent"]).sum() + (st.sum_p2 * d["g_sp2"]).sum()).backward()
+
+
 def vocab_stats(data, backend, rank=0, world=1, group=None, device="cpu"):
-    """Statistics and gradients of this rank's shard (rows [rank V/world, (rank+1) V/world))."""
+    """Statistics and gradients of this rank's shard (its ``torch.chunk`` of the vocabulary)."""
     d = {k: v.to(device) for k, v in data.items()}
-    shard = slice(rank * V // world, (rank + 1) * V // world)
     hidden = d["hidden"].clone().requires_grad_(True)
-    weight = d["weight"][shard].clone().requires_grad_(True)
-    bias = d["bias"][shard].clone().requires_grad_(True)
+    weight = d["weight"].chunk(world)[rank].clone().requires_grad_(True)
+    bias = d["bias"].chunk(world)[rank].clone().requires_grad_(True)
     st = fastalign.linear_logprobs(hidden, weight, d["labels"], bias=bias, entropy=True, sum_p2=True, argmax=True,
                                    vocab_group=group, backend=backend, **VOCAB_OPTIONS)
-    ((st.logprobs * d["g_lp"]).sum() + (st.entropy * d["g_ent"]).sum() + (st.sum_p2 * d["g_sp2"]).sum()).backward()
+    _backward(st, d)
     return dict(logprobs=st.logprobs.detach(), entropy=st.entropy.detach(), sum_p2=st.sum_p2.detach(),
                 argmax=st.argmax, d_hidden=hidden.grad, d_weight=weight.grad, d_bias=bias.grad)
+
+
+def dtensor_stats(data, backend, world):
+    """The head as DTensors sharded over the rows on a 1-D CPU mesh (an FSDP2 parameter): with ``vocab_group``
+    its local shards (as :func:`vocab_stats`); without, the gathered head, with gradients against plain
+    PyTorch's on the same DTensors (``full_tensor()`` into ``log_softmax``)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    for name, group in (("sharded", mesh.get_group()), ("gathered", None)):
+        hidden = data["hidden"].clone().requires_grad_(True)
+        weight, bias = (distribute_tensor(data[k], mesh, [Shard(0)]).requires_grad_(True) for k in ("weight", "bias"))
+        st = fastalign.linear_logprobs(hidden, weight, data["labels"], bias=bias, entropy=True, sum_p2=True,
+                                       vocab_group=group, backend=backend, **VOCAB_OPTIONS)
+        _backward(st, data)
+        out[name] = dict(logprobs=st.logprobs.detach(), entropy=st.entropy.detach(), sum_p2=st.sum_p2.detach(),
+                         d_hidden=hidden.grad, d_weight=weight.grad.to_local(), d_bias=bias.grad.to_local())
+    # plain PyTorch on the gathered DTensor head: the gradients a DTensor head gets
+    hidden = data["hidden"].clone().requires_grad_(True)
+    weight, bias = (distribute_tensor(data[k], mesh, [Shard(0)]).requires_grad_(True) for k in ("weight", "bias"))
+    lp, ent, sp2, _amax = reference_linear_logprobs(hidden, weight.full_tensor(), data["labels"],
+                                                    bias=bias.full_tensor(), **VOCAB_OPTIONS)
+    ((lp * data["g_lp"]).sum() + (ent * data["g_ent"]).sum() + (sp2 * data["g_sp2"]).sum()).backward()
+    out["torch"] = dict(logprobs=lp.detach(), entropy=ent.detach(), sum_p2=sp2.detach(), d_hidden=hidden.grad,
+                        d_weight=weight.grad.to_local(), d_bias=bias.grad.to_local())
+    return out
 
 
 # ----------------------------------------------------------------------------- the workers
@@ -206,6 +241,8 @@ def _worker(rank, world, pg_backend, store_path, out_dir, scenarios, backend, cu
                 out["hf"] = hf_step(data, rows, world, global_tokens=local, group=group, device=device)
         if "vocab" in scenarios:
             out["vocab"] = vocab_stats(vocab_data(), backend, rank, world, group, device)
+        if "dtensor" in scenarios:
+            out["dtensor"] = dtensor_stats(vocab_data(), backend, world)
         torch.save(_cpu(out), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -266,7 +303,7 @@ def check_single_against_reference(single, data):
 def gloo_run(request, tmp_path_factory):
     """All CPU scenarios in one 2-rank gloo run per kernel backend (spawning costs more than the work)."""
     backend = request.param
-    scenarios = ("policy", "vocab") + (("hf",) if HAS_TRANSFORMERS else ())
+    scenarios = ("policy", "vocab", "dtensor") + (("hf",) if HAS_TRANSFORMERS else ())
     return backend, spawn(tmp_path_factory.mktemp(f"gloo-{backend}"), scenarios, backend)
 
 
@@ -292,6 +329,24 @@ def test_gloo_vocab_parallel_equals_single_rank(gloo_run):
     single = vocab_stats(data, backend)
     check_single_against_reference(single, data)
     check_vocab_parallel([r["vocab"] for r in ranks], single)
+
+
+def test_gloo_dtensor_head(gloo_run):
+    """An FSDP2-style DTensor head: with vocab_group its local shards, as plain shards; without, gathered, with
+    the gradients of plain PyTorch on the same DTensor."""
+    backend, ranks = gloo_run
+    single = vocab_stats(vocab_data(), backend)
+    stats = ("logprobs", "entropy", "sum_p2", "d_hidden")
+    for r, got in enumerate(ranks):
+        for k in stats:
+            torch.testing.assert_close(got["dtensor"]["sharded"][k], single[k], atol=1e-5, rtol=1e-5,
+                                       msg=f"{k}, rank {r}")
+        for k in (*stats, "d_weight", "d_bias"):
+            torch.testing.assert_close(got["dtensor"]["gathered"][k], got["dtensor"]["torch"][k].float(), atol=1e-5,
+                                       rtol=1e-5, msg=f"gathered {k}, rank {r}")
+    for k in ("d_weight", "d_bias"):
+        torch.testing.assert_close(torch.cat([got["dtensor"]["sharded"][k] for got in ranks]), single[k], atol=1e-5,
+                                   rtol=1e-5, msg=f"sharded {k}")
 
 
 # ----------------------------------------------------------------------------- GPU (NCCL on 2 devices, gloo on 1)

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastalign import _validate
+from fastalign import _dtensor, _validate
 from fastalign.linear import linear_logprobs
 from fastalign.logprobs import TokenStats
 from fastalign.sequence import segment_ids
@@ -123,17 +123,6 @@ def _body(model):
     return body
 
 
-def _full(t: Optional[Tensor]) -> Optional[Tensor]:
-    """A DTensor (FSDP2 / tensor parallel) gathered to the full tensor (differentiable); others as they are."""
-    if t is None:
-        return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return t
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
 def _lora_low_rank(head, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
     r"""``(bias, low_rank)`` of a PEFT LoRA layer on the head, whose forward is
     ``h W^T + b + Σ_a s_a B_a(A_a(dropout_a(h)))``: the low-rank term ``(a, L)`` of
@@ -177,7 +166,7 @@ def _head(model, hidden: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[tup
         raise TypeError(f"model: {type(model).__name__}.get_output_embeddings() has no weight")
     lora = hasattr(head, "lora_A") and hasattr(head, "get_base_layer")
     base = head.get_base_layer() if lora else head
-    weight, bias = _full(base.weight), _full(getattr(base, "bias", None))
+    weight, bias = _dtensor.full(base.weight), _dtensor.full(getattr(base, "bias", None))
     if weight.dim() != 2 or weight.numel() == 0:
         raise ValueError(
             f"model: the output head weight has shape {tuple(weight.shape)}; a partitioned parameter "

@@ -1,6 +1,8 @@
 """Vocabulary parallelism: ``fastalign::linear_stats`` on one shard of the vocabulary per rank.
 
-Each rank holds rows ``[start, start + V_r)`` of the weight; labels are global ids. The shards are
+Each rank holds rows ``[start, start + V_r)`` of the weight; labels are global ids. Shards may differ in
+size (``torch.chunk`` and FSDP2 give the last ranks fewer rows): one all-reduce of the sizes gives each
+rank its ``start`` and the whole vocabulary, as device tensors (no host read). The shards are
 vocabulary pieces, merged across ranks by :func:`~fastalign.ops.vocab_pieces.merge_pieces` with
 all-reduces as the reductions; backward needs only the merged per-token statistics, so the local
 backward op runs unchanged and d(hidden) is summed over ranks (hidden is replicated). A low-rank term
@@ -39,6 +41,17 @@ class AcrossRanks:
         return tuple(packed.unbind(0))
 
 
+def shard_range(v_local: int, group, device) -> tuple[Tensor, Tensor]:
+    """This rank's first vocabulary id and the whole vocabulary's size (0-dim int64 tensors on ``device``),
+    from every rank's shard size ``v_local``, summed in one all-reduce (rank r writes its size at r)."""
+    import torch.distributed as dist
+
+    sizes = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=device)
+    sizes[dist.get_rank(group)] = v_local
+    dist.all_reduce(sizes, op=dist.ReduceOp.SUM, group=group)
+    return sizes[:dist.get_rank(group)].sum(), sizes.sum()
+
+
 def row_mass(hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t, ignore_index, backend, nc,
              vc) -> Tensor:
     """``c = sum_j exp(z_j / T - lse)`` over this rank's shard for the rows backward renormalises
@@ -60,11 +73,12 @@ class VocabParallelStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, low_rank_hidden, low_rank_weight, labels, group, start, v_total, scale,
-                softcap, inv_t, ignore_index, want_ent, want_sp2, want_amax, backend, nc, vc, skip):
+    def forward(ctx, hidden, weight, bias, low_rank_hidden, low_rank_weight, labels, group, scale, softcap, inv_t,
+                ignore_index, want_ent, want_sp2, want_amax, backend, nc, vc, skip):
         import torch.distributed as dist
 
         V_r = weight.shape[0]
+        start, v_total = shard_range(V_r, group, hidden.device)
         yl = local_labels(labels, start, start + V_r, ignore_index)
         lp, ent, sp2, amax, amax_val, lse = linear_stats(
             hidden, weight, bias, low_rank_hidden, low_rank_weight, yl, scale, softcap, inv_t, PIECE_IGNORE, want_ent,
@@ -86,7 +100,7 @@ class VocabParallelStats(torch.autograd.Function):
         if want_amax:
             best = amax_val.clone()
             dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
-            cand = torch.where(amax_val == best, amax + start, torch.full_like(amax, v_total))
+            cand = torch.where(amax_val == best, amax + start, v_total.to(amax.dtype).expand_as(amax))
             dist.all_reduce(cand, op=dist.ReduceOp.MIN, group=group)
             g_amax = cand
         ctx.save_for_backward(hidden, weight, bias, low_rank_hidden, low_rank_weight, yl, g_lse, g_ent, g_sp2)
@@ -104,7 +118,7 @@ class VocabParallelStats(torch.autograd.Function):
         low_rank = None if a is None else (a, lw)
         need = ctx.needs_input_grad
         if g_lp is None and g_ent is None and g_sp2 is None:
-            return (None,) * 20
+            return (None,) * 18
         scale, softcap, inv_t, ignore, backend, nc, vc, _skip = ctx.args
         # rows with |lse| >= RENORMALISE_ABOVE: their mass over the whole vocabulary, summed over the shards
         c = row_mass(hidden, weight, bias, low_rank, yl, lse, scale, softcap, inv_t, ignore, backend, nc, vc)
@@ -118,4 +132,4 @@ class VocabParallelStats(torch.autograd.Function):
             dist.all_reduce(da, op=dist.ReduceOp.SUM, group=ctx.group)
         present = (True, True, bias is not None, low_rank is not None, low_rank is not None)
         return (*(g if n and p else None for g, n, p in zip((dh, dw, db, da, dl), need, present)),
-                *((None,) * 15))
+                *((None,) * 13))

@@ -37,21 +37,13 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from fastalign import _dtensor
 from fastalign.linear import linear_logprobs
 
 __all__ = ["BACKEND", "FusedLinearForPPO", "enable"]
 
 #: the value of ``fused_kernel_options.impl_backend`` that selects fastalign.
 BACKEND = "fastalign"
-
-
-def _full(t: Tensor) -> Tensor:
-    """A DTensor (FSDP2) gathered to the full tensor, differentiably; other tensors as they are."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed
-        return t
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 class FusedLinearForPPO(torch.nn.Module):
@@ -76,7 +68,7 @@ class FusedLinearForPPO(torch.nn.Module):
         if input_ids.shape != hidden_states.shape[:-1]:
             raise ValueError(f"input_ids shape {tuple(input_ids.shape)} must match hidden_states shape "
                              f"{tuple(hidden_states.shape[:-1])}")
-        stats = linear_logprobs(hidden_states, _full(vocab_weights), input_ids.to(torch.int64),
+        stats = linear_logprobs(hidden_states, _dtensor.full(vocab_weights), input_ids.to(torch.int64),
                                 temperature=float(temperature), entropy=True)
         return stats.logprobs, stats.entropy.to(hidden_states.dtype)
 

@@ -1,0 +1,58 @@
+"""DTensor arguments (FSDP2, tensor parallel) as the plain tensors the kernels take.
+
+An FSDP2 model's parameters are DTensors sharded over their first dimension outside its forward (the
+lm_head weight that a loss is handed is one). Without a vocabulary group the head is gathered, through
+``full_tensor`` (differentiable: the gradient goes back to the shards). With ``vocab_group``, a
+``Shard(0)`` DTensor over that group *is* a vocabulary shard: its local rows are used as they are.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+__all__ = ["full", "head"]
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return None
+    return DTensor
+
+
+def full(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A DTensor gathered to the full tensor (differentiably); other tensors, and None, as they are."""
+    DTensor = _dtensor_type()
+    return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def _vocab_shard(name: str, t: Optional[Tensor], group) -> Optional[Tensor]:
+    """``t``'s local rows when it is a DTensor sharded over its first dimension across exactly ``group``;
+    a plain tensor as it is (already this rank's shard); else a ``TypeError`` naming ``name``."""
+    DTensor = _dtensor_type()
+    if DTensor is None or not isinstance(t, DTensor):
+        return t
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    mesh = t.device_mesh
+    if (mesh.ndim == 1 and tuple(t.placements) == (Shard(0),)
+            and dist.get_process_group_ranks(mesh.get_group()) == dist.get_process_group_ranks(group)):
+        return t.to_local()
+    raise TypeError(f"{name} is a DTensor with placements {tuple(t.placements)} on a {mesh.ndim}-D mesh; with "
+                    "vocab_group it must be sharded over its first dimension (Shard(0)) across exactly that group, "
+                    "or a plain tensor holding this rank's rows")
+
+
+def head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None, low_rank=None, vocab_group=None):
+    """``(hidden, weight, bias, low_rank)`` as plain tensors: the rows (``hidden``, the low-rank term's ``a``)
+    gathered; the head (``weight``, ``bias``, ``L``) gathered too, or without a copy its local vocabulary shard
+    when ``vocab_group`` is given."""
+    def of_head(name: str, t):
+        return full(t) if vocab_group is None else _vocab_shard(name, t, vocab_group)
+
+    if low_rank is not None and isinstance(low_rank, (tuple, list)) and len(low_rank) == 2:
+        low_rank = (full(low_rank[0]), of_head("low_rank[1]", low_rank[1]))
+    return full(hidden), of_head("weight", weight), of_head("bias", bias), low_rank
