@@ -47,14 +47,22 @@ def preference_pairs(n: int, prompt_len: int, completion_len: int, generator: to
     return torch.cat([prompts, chosen], 1), torch.cat([prompts, other[1]], 1)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count of steps, prompts, tokens)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=positive_int, default=30)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pairs", type=int, default=64, help="pairs in the data set")
-    parser.add_argument("--batch", type=int, default=8, help="pairs per step")
-    parser.add_argument("--prompt-len", type=int, default=4)
-    parser.add_argument("--completion-len", type=int, default=8)
+    parser.add_argument("--pairs", type=positive_int, default=64, help="pairs in the data set")
+    parser.add_argument("--batch", type=positive_int, default=8, help="pairs per step")
+    parser.add_argument("--prompt-len", type=positive_int, default=4)
+    parser.add_argument("--completion-len", type=positive_int, default=8)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--lr", type=float, default=5e-3)
     args = parser.parse_args(argv)

@@ -53,16 +53,24 @@ def reward(completions: torch.Tensor) -> torch.Tensor:
     return (completions == TARGET).float().mean(1)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count of steps, prompts, tokens)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=positive_int, default=40)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
-    parser.add_argument("--group", type=int, default=8, help="completions sampled per prompt")
-    parser.add_argument("--prompt-len", type=int, default=4)
-    parser.add_argument("--completion-len", type=int, default=8)
+    parser.add_argument("--prompts", type=positive_int, default=4, help="prompts per step")
+    parser.add_argument("--group", type=positive_int, default=8, help="completions sampled per prompt")
+    parser.add_argument("--prompt-len", type=positive_int, default=4)
+    parser.add_argument("--completion-len", type=positive_int, default=8)
     parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--updates", type=int, default=2, help="optimizer steps per sampled batch")
+    parser.add_argument("--updates", type=positive_int, default=2, help="optimizer steps per sampled batch")
     args = parser.parse_args(argv)
 
     model = tiny_qwen2(args.seed)

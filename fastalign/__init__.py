@@ -36,7 +36,7 @@ from fastalign.sequence import SequenceLogprobs, sequence_logprobs
 from fastalign.info import info
 
 __all__ = [
-    "TokenStats", "linear_logprobs", "token_logprobs", "use_backend",
+    "TokenStats", "info", "linear_logprobs", "token_logprobs", "use_backend",
     "gae_advantages", "group_advantages", "implicit_process_advantages", "masked_whiten",
     "optimal_token_baseline_advantages", "reinforce_pp_advantages", "remax_advantages", "token_advantages",
     "POLICY_LOSS_TYPES", "PolicyConfig", "PolicyLoss", "aggregate_loss", "kl_penalty", "policy_loss",

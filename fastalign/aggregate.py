@@ -28,13 +28,17 @@ def counts_read(agg: str, global_tokens: Count = None, global_seqs: Count = None
     return {k: v for k, v in given.items() if v is not None}
 
 
-def check_counts(agg: str, global_tokens: Count = None, global_seqs: Count = None) -> None:
-    """``ValueError`` naming a global count given to an aggregation that does not divide by it."""
+def check_counts(agg: str, global_tokens: Count = None, global_seqs: Count = None,
+                 max_len: Optional[int] = None) -> None:
+    """``ValueError`` naming a global count given to an aggregation that does not divide by it, or a
+    ``max_len`` given to one other than ``seq-mean-token-sum-norm``."""
     read = counts_read(agg, global_tokens, global_seqs)
     for name, value in (("global_tokens", global_tokens), ("global_seqs", global_seqs)):
         if value is not None and name not in read:
             raise ValueError(f"{name} does not apply to agg={agg!r} (token-mean divides by global_tokens, "
                              f"the seq-mean modes by global_seqs, token-sum by neither)")
+    if max_len is not None and agg != "seq-mean-token-sum-norm":
+        raise ValueError(f"max_len applies to agg='seq-mean-token-sum-norm', not to {agg!r}")
 
 
 def _count(x: Count, like: Tensor) -> Tensor:
@@ -78,6 +82,8 @@ def aggregate_loss(per_token_loss: Tensor, response_mask: Tensor, agg: str = "to
                    global_tokens: Count = None, global_seqs: Count = None, dp_size: int = 1, *,
                    max_len: Optional[int] = None) -> Tensor:
     r"""Reduce a per-token loss ``L [B, T]`` under ``response_mask`` ``m`` (docs/math.md#aggregation), fp32 0-dim.
+    A fractional ``m`` weighs each token (as verl's ``agg_loss`` and :func:`fastalign.sequence_logprobs`); a
+    masked token's ``L`` (``m = 0``) never reaches the result, even when it is not finite.
 
     * ``token-mean``: ``sum(m L) / N_glob * dp``
     * ``token-sum``: ``sum(m L) * dp``
@@ -97,9 +103,9 @@ def aggregate_loss(per_token_loss: Tensor, response_mask: Tensor, agg: str = "to
     _validate.shape("response_mask", response_mask, per_token_loss.shape, "per_token_loss.shape")
     _validate.same_device(per_token_loss=per_token_loss, response_mask=response_mask)
     check_agg(agg)
-    check_counts(agg, global_tokens, global_seqs)
+    check_counts(agg, global_tokens, global_seqs, max_len)
     _validate.counts(global_tokens=global_tokens, global_seqs=global_seqs, dp_size=dp_size, max_len=max_len)
     m = response_mask.to(torch.float32)
-    L = torch.where(m > 0, per_token_loss.float(), torch.zeros((), device=m.device))
-    return aggregate_rows(L.sum(-1), m.sum(-1), agg, per_token_loss.shape[1], global_tokens, global_seqs,
-                          dp_size, max_len)
+    mL = torch.where(m != 0, m * per_token_loss.float(), torch.zeros((), device=m.device))
+    return aggregate_rows(mL.sum(-1), m.sum(-1), agg, per_token_loss.shape[1], global_tokens, global_seqs, dp_size,
+                          max_len)

@@ -25,14 +25,17 @@ def canonical_kl(kind: str, name: str = "kl_type") -> tuple[str, bool]:
 
 @renamed(kind="kl_type")
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kl_type: str = "k3", *, clamp: bool = True) -> Tensor:
-    r"""Per-token KL estimate, fp32, with ``x = ref - lp``:
+    r"""Per-token KL estimate of the policy ``lp`` from the reference ``ref``, fp32 (``kl_type`` below).
+
+    With ``x = ref - lp``:
 
     * ``k1`` / ``kl``: ``lp - ref``
     * ``abs``: ``|lp - ref|``
     * ``k2`` / ``mse``: ``0.5 (lp - ref)^2``
     * ``k3`` / ``low_var_kl``: ``exp(x) - x - 1`` with x clamped to [-20, 20] and the result to
       [-10, 10] (``clamp=False`` drops both clamps)
-    * ``NAME+``: the value of NAME with the gradient of k2 (straight-through).
+    * ``NAME+``: the value of NAME with the gradient of k2 (straight-through); at an infinite
+      ``lp - ref`` the value of NAME and a zero gradient.
 
     Differentiable in ``logprobs`` (the reference is treated as a constant). ``kl_type`` is the
     name :func:`fastalign.policy_loss` uses for the same choice; ``kind`` is its former name here,
@@ -43,6 +46,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kl_type: str = "k3", *, c
     _validate.same_device(logprobs=logprobs, ref_logprobs=ref_logprobs)
     _validate.shape("ref_logprobs", ref_logprobs, logprobs.shape, "logprobs.shape")
     base, straight = canonical_kl(kl_type, "kl_type")
+    _validate.boolean("clamp", clamp)
     lp = logprobs.float()
     d = lp - ref_logprobs.detach().float()
     if base == "k1":
@@ -58,7 +62,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kl_type: str = "k3", *, c
         v = torch.exp(x) - x - 1.0
         if clamp:
             v = v.clamp(-10.0, 10.0)
-    if straight:
-        k2 = 0.5 * d * d
+    if straight:  # the value of base, the gradient of k2 (d); 0 where d is not finite (no inf - inf, no 0 * inf)
+        d_finite = torch.where(torch.isfinite(d), d, torch.zeros((), device=d.device))
+        k2 = 0.5 * d_finite * d_finite
         v = k2 - k2.detach() + v.detach()
     return v

@@ -54,10 +54,13 @@ def check_logit_options(temperature: float = 1.0, softcap: Optional[float] = Non
     inv_t = 1.0 / _validate.positive("temperature", temperature)
     cap = 0.0 if softcap is None else _validate.positive("softcap", softcap)
     scale = _validate.finite_number("logit_scale", logit_scale)
-    if not grad_skip_threshold >= 0:
+    if not _validate._number("grad_skip_threshold", grad_skip_threshold) >= 0:
         raise ValueError(f"grad_skip_threshold must be >= 0, got {grad_skip_threshold}")
-    if chunk is not None and (len(chunk) != 2 or min(int(chunk[0]), int(chunk[1])) < 1):
-        raise ValueError(f"chunk must be (tokens, vocab) with both >= 1, got {chunk}")
+    if chunk is not None:
+        if not isinstance(chunk, (tuple, list)) or len(chunk) != 2:
+            raise ValueError(f"chunk must be a pair (tokens, vocab), got {chunk!r}")
+        for size in chunk:
+            _validate.at_least("chunk", size, 1)
     if backend is not None:
         check_choice("backend", backend, _backend.BACKENDS)
     return inv_t, cap, scale

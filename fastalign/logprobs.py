@@ -107,6 +107,9 @@ def token_logprobs(
         raise ValueError("logits must have a non-empty vocabulary (last) dimension")
     inv_t = 1.0 / _validate.positive("temperature", temperature)
     _validate.index_value("ignore_index", ignore_index)
+    for name, switch in (("entropy", entropy), ("sum_p2", sum_p2), ("argmax", argmax), ("check", check),
+                         ("inplace_backward", inplace_backward)):
+        _validate.boolean(name, switch)
     V = logits.shape[-1]
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     if check:

@@ -108,6 +108,9 @@ def sequence_logprobs(
             _validate.shape(name, t, token_logprobs.shape, "token_logprobs.shape")
             _validate.same_device(token_logprobs=token_logprobs, **{name: t})
     _validate.finite(ld_alpha=ld_alpha)
+    if ld_lengths is not None and ld_alpha is None:
+        raise ValueError("ld_lengths applies with ld_alpha (the LD-DPO weight past each length); give ld_alpha or "
+                         "leave ld_lengths None")
     if num_sequences is not None:
         _validate.at_least("num_sequences", num_sequences, 1)
     if labels is not None:
@@ -147,14 +150,16 @@ def sequence_logprobs(
     else:
         S = lp.shape[0]
         seg = None
+        if num_sequences is not None and int(num_sequences) != S:
+            raise ValueError(f"num_sequences={num_sequences} but the padded batch holds {S} sequences (its rows)")
 
         def reduce(x: Tensor) -> Tensor:
             return x.sum(-1)
 
     count = reduce(m)
     w = m
-    if token_weights is not None:
-        w = w * token_weights.reshape(m.shape).to(acc)
+    if token_weights is not None:  # 0 in masked slots before any product: a junk weight there has no gradient either
+        w = torch.where(m != 0, w * token_weights.reshape(m.shape).to(acc), torch.zeros_like(m))
     if ld_alpha is not None:
         if ld_lengths is None:
             if S % 2:

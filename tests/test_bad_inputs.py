@@ -371,7 +371,10 @@ OPTIONS = [
     (_ll, "logit_scale", (INF, NAN), ValueError),
     (_ll, "ignore_index", (2.5,), TypeError),
     (_ll, "grad_skip_threshold", (-1.0, NAN), ValueError),
-    (_ll, "chunk", ((0, 4), (4, 0), (1,)), ValueError),
+    (_ll, "grad_skip_threshold", ("x", None), TypeError),
+    (_ll, "chunk", ((0, 4), (4, 0), (1,), 5, "ab"), ValueError),
+    (_ll, "chunk", ((2.5, 3), (True, 3), (None, 4), ("a", "b")), TypeError),
+    (_tl, "ignore_index", (2 ** 70,), ValueError),
     (_ll, "backend", ("tpu",), ValueError),
     (_tl, "backend", ("tpu", "cuda"), ValueError),
     (_pl, "dp_size", (0, -1), ValueError),
@@ -657,6 +660,37 @@ def test_bool_int_and_float_masks_agree(backend):
     assert torch.equal(fa.gae_advantages(r, r, m.float())[0], want)
 
 
+def test_a_fractional_mask_weighs_its_tokens():
+    """aggregate_loss summed L over the nonzero entries but divided by the mask's sum (a mask of 0.5 doubled the
+    loss); it is sum(m L) / sum(m) now, as verl's agg_loss and the float64 formula, and a masked NaN stays out."""
+    from verl.trainer.ppo.core_algos import agg_loss
+
+    g = torch.Generator().manual_seed(0)
+    L = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    m = torch.rand(3, 5, generator=g, dtype=torch.float64) * (torch.rand(3, 5, generator=g) > 0.3)
+    m[1] = 0.0  # an empty row
+    L_nan = torch.where(m != 0, L, float("nan"))
+    row_sum = (m * L).sum(-1)
+    want = {"token-mean": row_sum.sum() / m.sum(), "token-sum": row_sum.sum(),
+            "seq-mean-token-sum": row_sum.sum() / 2,  # the two non-empty rows
+            "seq-mean-token-mean": (row_sum / m.sum(-1).clamp(min=1.0)).sum() / 2,
+            "seq-mean-token-sum-norm": row_sum.sum() / (3 * 5)}
+    for agg, value in want.items():
+        got = fa.aggregate_loss(L_nan.float(), m.float(), agg)
+        torch.testing.assert_close(got.double(), value, rtol=1e-5, atol=1e-6, msg=agg)
+        if agg in ("token-mean", "seq-mean-token-mean"):
+            theirs = agg_loss(L.float(), m.float(), agg)
+            torch.testing.assert_close(got, theirs, rtol=1e-5, atol=1e-6, msg=f"verl {agg}")
+
+
+def test_aggregate_loss_refuses_max_len_where_it_does_not_apply():
+    L, m = torch.randn(2, 4), torch.ones(2, 4)
+    for agg in ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean"):
+        with pytest.raises(ValueError, match="max_len applies to agg='seq-mean-token-sum-norm'"):
+            fa.aggregate_loss(L, m, agg, max_len=8)
+    fa.aggregate_loss(L, m, "seq-mean-token-sum-norm", max_len=8)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_inplace_backward_refuses_shared_memory(backend):
     """inplace_backward writes d(logits) over the logits: an expanded or overlapping view would
@@ -735,3 +769,56 @@ def test_same_results_from_four_threads():
     for w, g in zip(want, got):
         for a, b in zip(w, g):
             assert torch.equal(a, b)
+
+
+def test_a_junk_token_weight_in_a_masked_slot_has_no_gradient():
+    """sequence_logprobs multiplied the weights into the masked slots before masking: an inf weight there left the
+    sums finite but made d(logits) NaN. Against float64 with the masked weights set to 0."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 11, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 11, (2, 4), generator=g)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 1]])
+    weights = torch.tensor([[math.inf, 1.0, 0.5, 2.0], [1.5, 0.5, math.nan, 1.0]], dtype=torch.float64)
+    x = logits.float().requires_grad_(True)
+    out = fa.sequence_logprobs(fa.token_logprobs(x, labels).logprobs, mask, token_weights=weights.float())
+    out.sum.sum().backward()
+    x64 = logits.clone().requires_grad_(True)
+    lp64 = torch.log_softmax(x64, -1).gather(-1, labels[..., None])[..., 0]
+    ref = (torch.where(mask != 0, weights, 0.0) * lp64).sum(-1)
+    ref.sum().backward()
+    torch.testing.assert_close(out.sum.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_sequence_logprobs_refuses_options_it_would_drop():
+    lp, m = torch.randn(4, 3), torch.ones(4, 3)
+    with pytest.raises(ValueError, match="ld_lengths applies with ld_alpha"):
+        fa.sequence_logprobs(lp, m, ld_lengths=torch.full((4,), 2.0))
+    with pytest.raises(ValueError, match="num_sequences=7 but the padded batch holds 4"):
+        fa.sequence_logprobs(lp, m, num_sequences=7)
+    assert fa.sequence_logprobs(lp, m, num_sequences=4).sum.shape == (4,)
+
+
+@pytest.mark.parametrize("kl_type", ["k1+", "abs+", "k2+", "k3+"])
+def test_straight_through_kl_at_an_infinite_logprob(kl_type):
+    """NAME+ is NAME's value with k2's gradient; at lp = -inf it was NaN (inf - inf). Now NAME's value, a gradient of
+    0 there and d = lp - ref at the finite tokens (float64)."""
+    lp = torch.tensor([[-math.inf, -1.0, -2.5]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.2, -0.5]])
+    v = fa.kl_penalty(lp, ref, kl_type)
+    torch.testing.assert_close(v, fa.kl_penalty(lp.detach(), ref, kl_type[:-1]))
+    (g,) = torch.autograd.grad(v.sum(), lp)
+    want = torch.tensor([[0.0, -1.0 + 1.2, -2.5 + 0.5]], dtype=torch.float64)
+    torch.testing.assert_close(g.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_switches_are_bools():
+    """token_logprobs' switches and kl_penalty's clamp went through bool(): "no" turned a statistic on."""
+    logits, labels = torch.randn(2, 5), torch.tensor([1, 2])
+    for name in ("entropy", "sum_p2", "argmax", "check", "inplace_backward"):
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            fa.token_logprobs(logits, labels, **{name: "no"})
+    with pytest.raises(TypeError, match="clamp must be a bool"):
+        fa.kl_penalty(torch.zeros(2), torch.zeros(2), clamp="False")
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        fa.token_logprobs(logits, labels, ignore_index=2 ** 70)

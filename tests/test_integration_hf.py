@@ -100,6 +100,19 @@ def test_response_mask_temperature_and_head_bias():
     check(stats.entropy, ref_ent, scored, 1e-5)
 
 
+def test_sum_p2_and_argmax_of_unscored_entries():
+    """Unscored entries are 0 for every statistic and -1 for argmax (it was the padding position's own argmax);
+    scored entries are the model's own sum p^2 and argmax."""
+    model = tiny_model("qwen2")
+    input_ids, attention_mask, labels = batch(seed=4)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].double()
+        stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, sum_p2=True, argmax=True)
+    scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
+    check(stats.sum_p2, torch.softmax(logits, -1).pow(2).sum(-1), scored, 1e-5)
+    assert torch.equal(stats.argmax, torch.where(scored, logits.argmax(-1), -1))
+
+
 def test_no_mask_scores_every_position():
     model = tiny_model("llama")
     input_ids = torch.randint(1, V, (2, 7), generator=torch.Generator().manual_seed(5))

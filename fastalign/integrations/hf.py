@@ -300,7 +300,7 @@ def causal_lm_logprobs(
     Entry ``t`` is scored when ``y_{t+1} != ignore_index``, ``response_mask[:, t+1]`` (if
     given), ``attention_mask[:, t+1]`` (if given) and, for packed rows, ``position_ids[:, t+1]
     != 0`` (the next token starts another sequence). Unscored entries are 0 for every
-    statistic and get no gradient. The selection is a mask on device: no host sync.
+    statistic (-1 for ``argmax``) and get no gradient. The selection is a mask on device: no host sync.
 
     Args:
         model: a ``transformers`` ``*ForCausalLM`` (``get_output_embeddings()``, tied or
@@ -412,6 +412,8 @@ def causal_lm_logprobs(
                                 softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index,
                                 entropy=entropy, sum_p2=sum_p2, argmax=argmax,
                                 low_rank=None if low_rank is None else (low_rank[0][:, :-1], low_rank[1]))
+    if argmax:  # linear_logprobs gives every row's argmax: -1 where unscored, as the other statistics are 0
+        stats = stats._replace(argmax=torch.where(targets != ignore_index, stats.argmax, -1))
     if malformed is not None:  # offsets not read on the host: NaN statistics, never wrong ones
         stats = TokenStats(*(t if t is None or not t.is_floating_point() else torch.where(malformed, float("nan"), t)
                              for t in stats))

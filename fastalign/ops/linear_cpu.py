@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend
-from fastalign.ops._launch import DTYPE_CODE, opt, ptr
+from fastalign.ops._launch import DTYPE_CODE, eager, opt, ptr
 from fastalign.ops.device_compaction import matmul_live
 from fastalign.ops.vocab_pieces import PIECE_IGNORE, far_rows, local_labels, log_mass, merge_pieces
 
@@ -180,9 +180,10 @@ def write_stats(rows, y, V, ignore_index, m_lp, m_lse, m_ent, m_sp2, best_idx, b
 def chunk_row_mass(buf, h_c, weight, bias, low_rank, a_c, y, lse_c, scale, softcap, inv_t, ignore_index, vc):
     """``c = sum_j exp(z_j / T - lse)`` over this weight's vocabulary for the rows of a token chunk that
     :func:`far_rows` selects (0 elsewhere), or None when there are none: one more sweep of logit
-    chunks, only for rows of large logits or low temperature."""
+    chunks, only for rows of large logits or low temperature. Traced (torch.compile), the sweep always runs
+    (whether a row is far is not read on the host)."""
     far = far_rows(lse_c, y, ignore_index)
-    if not bool(far.any()):
+    if eager(far) and not bool(far.any()):
         return None
     V = weight.shape[0]
     c = torch.zeros_like(lse_c)
