@@ -16,7 +16,10 @@ there never reaches a valid token):
               out_t = A_t m_t,  out2_t = (A_t + V_t) m_t
 
 A map s -> c s + d composed after a is (c_b c_a, c_b d_a + d_b); the GAE maps are
-upper-triangular 2 x 2 plus an offset and compose the same way.
+upper-triangular 2 x 2 plus an offset and compose the same way. ``return`` maps also carry
+``z`` = "holds a masked token": such a map sends every state to its ``d`` by selection, so an
+infinite return after a masked token does not become ``0 * inf = NaN`` (the C++ scan resets to 0).
+Masked outputs are stored as 0 by selection for the same reason.
 """
 import triton
 import triton.language as tl
@@ -28,6 +31,14 @@ RETURN, TO_GO, GAE = 0, 1, 2
 def _then(c_a, d_a, c_b, d_b):
     # apply (c_a, d_a), then (c_b, d_b)
     return c_b * c_a, c_b * d_a + d_b
+
+
+@triton.jit
+def _then_reset(c_a, d_a, z_a, c_b, d_b, z_b):
+    # apply (c_a, d_a), then (c_b, d_b); z: the map resets (its c is 0 by a masked token, not by gamma = 0)
+    c = tl.where(z_a + z_b > 0, 0.0, c_b * c_a)
+    d = tl.where(z_b > 0, d_b, c_b * d_a + d_b)
+    return c, d, tl.maximum(z_a, z_b)
 
 
 @triton.jit
@@ -66,21 +77,25 @@ def reverse_scan_kernel(x_ptr, v_ptr, m_ptr, out_ptr, out2_ptr, T, gamma, lam,
             al, be, de, e, f = tl.associative_scan((al, be, de, e, f), 0, _then2)
             a = al * carry_a + be * carry_v + e
             nv = de * carry_v + f
-            tl.store(out_ptr + base + t, (a * m).to(out_ptr.dtype.element_ty), mask=ok)
-            tl.store(out2_ptr + base + t, ((a + v) * m).to(out2_ptr.dtype.element_ty), mask=ok)
+            tl.store(out_ptr + base + t, tl.where(m != 0.0, a * m, 0.0).to(out_ptr.dtype.element_ty), mask=ok)
+            tl.store(out2_ptr + base + t, tl.where(m != 0.0, (a + v) * m, 0.0).to(out2_ptr.dtype.element_ty),
+                     mask=ok)
             carry_a = _last(a, j, BLOCK_T)
             carry_v = _last(nv, j, BLOCK_T)
         else:
             if MODE == 0:
                 c = tl.where(ok, gamma * m, 1.0)
                 d = x * m * m
+                z = tl.where(ok & (m == 0.0), 1.0, 0.0)
+                c, d, z = tl.associative_scan((c, d, z), 0, _then_reset)
+                s = tl.where(z > 0, d, c * carry_a + d)
             else:
                 c = tl.where(ok, gamma + 0.0 * m, 1.0)
                 d = x * m
-            c, d = tl.associative_scan((c, d), 0, _then)
-            s = c * carry_a + d
+                c, d = tl.associative_scan((c, d), 0, _then)
+                s = c * carry_a + d
             out = s if MODE == 0 else s * m
-            tl.store(out_ptr + base + t, out.to(out_ptr.dtype.element_ty), mask=ok)
+            tl.store(out_ptr + base + t, tl.where(m != 0.0, out, 0.0).to(out_ptr.dtype.element_ty), mask=ok)
             carry_a = _last(s, j, BLOCK_T)
 
 

@@ -314,6 +314,37 @@ def test_registry_grpo_batch_std_equals_reference():
             **_trainer_kwargs("grpo", AlgoConfig(adv_estimator="x", norm_adv_by_std_in_grpo=False), d))
 
 
+@pytest.mark.parametrize("est", ["grpo_vectorized", "gdpo"])
+def test_norm_flag_in_config_that_verl_ignores_is_refused(est):
+    """verl's trainer hands norm_adv_by_std_in_grpo to its own grpo only; grpo_vectorized and gdpo never
+    read it from config. A False there makes fastalign_<est> raise compute_advantage's ValueError (not
+    Dr. GRPO numbers verl would not give); as an argument, verl's grpo_vectorized applies it, and so does
+    fastalign_grpo_vectorized (fastalign_gdpo refuses it)."""
+    from fastalign.integrations.verl import compute_advantage
+
+    d = _adv_batch(seed=6)
+    cfg = AlgoConfig(adv_estimator=est, norm_adv_by_std_in_grpo=False)
+    with pytest.raises(ValueError) as expected:
+        compute_advantage(cfg, d["r"], d["mask"], d["uid"])
+    fn = core_algos.get_adv_estimator_fn(plugin.PREFIX + est)
+    with pytest.raises(ValueError) as got:
+        fn(**_trainer_kwargs(est, cfg, d))
+    assert str(got.value) == str(expected.value)
+    kw = dict(token_level_rewards=d["r"].clone(), response_mask=d["mask"], index=d["uid"], config=cfg)
+    on, _ = fn(**kw, norm_adv_by_std_in_grpo=True)  # the argument decides, as in verl's function
+    v_on, _ = core_algos.get_adv_estimator_fn(est)(**{**kw, "token_level_rewards": d["r"].clone()},
+                                                   norm_adv_by_std_in_grpo=True)
+    assert_close(_valid(on, d["mask"]), _valid(v_on, d["mask"]), atol=1e-6, rtol=1e-6, what=f"{est} flag True")
+    if est == "gdpo":
+        with pytest.raises(ValueError, match="norm_adv_by_std_in_grpo"):
+            fn(**kw, norm_adv_by_std_in_grpo=False)
+    else:
+        off, _ = fn(**kw, norm_adv_by_std_in_grpo=False)
+        v_off, _ = core_algos.get_adv_estimator_fn(est)(**{**kw, "token_level_rewards": d["r"].clone()},
+                                                        norm_adv_by_std_in_grpo=False)
+        assert_close(_valid(off, d["mask"]), _valid(v_off, d["mask"]), atol=1e-6, rtol=1e-6, what=f"{est} flag False")
+
+
 def test_norm_flag_from_argument_or_config():
     d = _adv_batch(seed=1)
     fn = core_algos.get_adv_estimator_fn("fastalign_grpo")

@@ -326,3 +326,14 @@ def test_grpo_passk_group_of_one_raises_as_verl(uid):
         _verl(cfg, r, mask, index.numpy() if torch.is_tensor(index) else index)
     with pytest.raises(ValueError, match="index"):
         fverl.compute_advantage(cfg, r, mask, index)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "opo", "gpg"])
+def test_uid_as_a_list_of_tensors_equals_verl(estimator):
+    """``list(uid_tensor)`` (0-d tensors, which hash by identity) groups by value, as verl groups the ids."""
+    r, _, mask, _, _ = _batch(seed=8)
+    ids = torch.from_numpy(UIDS["int-ndarray"])
+    cfg = AlgoConfig(adv_estimator=estimator)
+    adv_v, _ = _verl(cfg, r, mask, UIDS["int-ndarray"])
+    adv_f, _ = fverl.compute_advantage(cfg, r, mask, list(ids))
+    _close(adv_f, adv_v, f"{estimator} with a list of tensors")

@@ -135,7 +135,8 @@ struct AdvParams {
 //   group of one (n < 2) -> x (singleton "raw": mean 0, std 1) or 0 ("zero")
 //   center  (x - mean) * s        rloo  (x - mean) * n/(n-1) * s       opo  (x - wmean) * s
 //   passk   x == max ? (max - second) * s : 0
-// with s = scale [/ (std + eps)].
+// with s = scale [/ (std + eps)]; std + eps = 0 (eps 0, a group of equal scores) divides by 1, not 0:
+// every x - mean (and max - second) is exactly 0 there, and 0 * (1 / 0) would be NaN.
 enum CoefKind : int { kAffine = 0, kBest = 1, kRaw = 2, kZero = 3 };
 
 struct Coef {
@@ -143,9 +144,15 @@ struct Coef {
   int kind;
 };
 
+FASTALIGN_HD double std_mul(double sd, const AdvParams& p) {
+  if (!p.div_std) return p.scale;
+  const double d = sd + p.eps;
+  return d == 0.0 ? p.scale : p.scale / d;
+}
+
 FASTALIGN_HD Coef make_coef(const GroupStats& s, const AdvParams& p) {
   if (s.n < 2.0) return Coef{0.0, 1.0, 0.0, p.singleton_zero ? kZero : kRaw};
-  double mul = p.div_std ? p.scale / (s.sd + p.eps) : p.scale;
+  double mul = std_mul(s.sd, p);
   switch (p.mode) {
     case kRloo: return Coef{s.mean, mul * (s.n / (s.n - 1.0)), 0.0, kAffine};
     case kOpo: return Coef{s.wmean, mul, 0.0, kAffine};
@@ -193,8 +200,13 @@ FASTALIGN_HD void scan_segment(const S* x, const S* v, const S* m, S* out, S* ou
       const double vt = double(v[t]);
       const double delta = double(x[t]) + gamma * next_v - vt;
       const double a = delta + gamma * lam * run;
-      next_v = vt * mt + (1.0 - mt) * next_v;
-      run = a * mt + (1.0 - mt) * run;
+      if (mt == 1.0) {  // a valid token takes the new state: the blend below would give 0 * inf = NaN
+        next_v = vt;    // for an infinite old state, where A_t = delta_t + gamma lam A_{t+1} gives inf
+        run = a;
+      } else {  // a fractional mask blends the new state with the carried one
+        next_v = vt * mt + (1.0 - mt) * next_v;
+        run = a * mt + (1.0 - mt) * run;
+      }
       out[t] = S(run * mt);
       out2[t] = S((run + vt) * mt);
     } else {

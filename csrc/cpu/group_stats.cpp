@@ -234,12 +234,12 @@ inline AffineCoef affine_coef(const ShiftAcc& a, const AdvParams& p, int e = 0) 
   const double d1 = a.s1 * inv_n;  // mean - f
   double mean = a.f + d1;
   double m2 = a.s2 - a.s1 * d1;
-  if (!(m2 > 0.0)) m2 = 0.0;
+  if (m2 < 0.0) m2 = 0.0;  // round-off only: a NaN stays NaN
   double mul = p.scale;
   if (p.div_std) {
     double sd = std::sqrt(m2 * inv_n1);
     if (__builtin_expect(e != 0, 0)) sd = std::ldexp(sd, e);
-    mul = p.scale / (sd + p.eps);
+    mul = std_mul(sd, p);
   }
   if (__builtin_expect(e != 0, 0)) mean = std::ldexp(mean, e);
   if (p.mode == kRloo) mul *= n * inv_n1;
@@ -411,9 +411,10 @@ void keyed_accumulate(const S* r, int64_t B, const int64_t* index, int32_t* pos,
 // the first non-NaN score: exactly the sums of a NaN-aware first pass (and of block_sums). A group
 // whose sums still overflow while its scores are all finite is summed once more as scores times
 // 2^-e (e of its largest |x|), where no sum can overflow; exp[u] = e for redo[u] (affine_coef
-// scales back), 0 for the others.
+// scales back), 0 for the others. Returns false when a group holds an infinite score: shifted sums
+// around an infinite f are NaN, so the caller computes the batch with the two-pass formula instead.
 template <typename S>
-void resum_groups(const S* r, int64_t B, const int32_t* pos, SlotTable<S>& t, std::vector<int32_t> redo,
+bool resum_groups(const S* r, int64_t B, const int32_t* pos, SlotTable<S>& t, std::vector<int32_t> redo,
                   std::vector<int32_t>& slots, std::vector<int>& exp) {
   std::vector<int32_t> which(size_t(t.cap) + 1, -1);
   std::vector<double> sigma;
@@ -442,7 +443,7 @@ void resum_groups(const S* r, int64_t B, const int32_t* pos, SlotTable<S>& t, st
   std::vector<int32_t> big;  // positions in `slots` of the groups that overflowed
   for (size_t u = 0; u < redo.size(); ++u)
     if (!is_finite(t.acc[redo[u]].s2)) big.push_back(int32_t(u));
-  if (big.empty()) return;
+  if (big.empty()) return true;
   std::vector<double> max_abs(big.size(), 0.0);
   for (size_t k = 0; k < big.size(); ++k) which[redo[big[k]]] = int32_t(k);
   for (int64_t i = 0; i < B; ++i) {
@@ -454,13 +455,14 @@ void resum_groups(const S* r, int64_t B, const int32_t* pos, SlotTable<S>& t, st
   redo.clear();
   sigma.clear();
   for (size_t k = 0; k < big.size(); ++k) {
-    if (!is_finite(max_abs[k])) continue;  // an infinite score: the unscaled sums stand
+    if (!is_finite(max_abs[k])) return false;  // an infinite score
     const int e = scale_exponent(max_abs[k]);
     exp[big[k]] = e;
     redo.push_back(slots[big[k]]);
     sigma.push_back(std::ldexp(1.0, -e));
   }
   resum();
+  return true;
 }
 
 // Shifted sums of the block [begin, end) around its first non-NaN score f, scores times sigma.
@@ -481,9 +483,11 @@ ShiftAcc block_sums(const S* r, int64_t begin, int64_t end, double sigma) {
   return a;
 }
 
+// Returns false, having written nothing, when a keyed group holds an infinite score: the caller then
+// runs group_advantage (stats_one's two-pass mean and m2, as the torch kernel and the reference).
 template <typename S>
-void affine_advantage(const S* r, int64_t B, const int64_t* index, int64_t group_size, const AdvParams& p, S* out) {
-  if (B == 0) return;
+bool affine_advantage(const S* r, int64_t B, const int64_t* index, int64_t group_size, const AdvParams& p, S* out) {
+  if (B == 0) return true;
   if (index) {
     int64_t max_cap = 4096;
     while (max_cap < kFastLoad * B) max_cap <<= 1;
@@ -509,7 +513,7 @@ void affine_advantage(const S* r, int64_t B, const int64_t* index, int64_t group
     if (!redo.empty()) {
       std::vector<int32_t> slots;
       std::vector<int> exp;
-      resum_groups<S>(r, B, pos, t, redo, slots, exp);
+      if (!resum_groups<S>(r, B, pos, t, redo, slots, exp)) return false;
       for (size_t u = 0; u < slots.size(); ++u) set_coef(t.acc[slots[u]], exp[u]);
     }
     const SlotAcc<S>* acc = t.acc;
@@ -519,7 +523,7 @@ void affine_advantage(const S* r, int64_t B, const int64_t* index, int64_t group
         out[i] = apply_affine<S>(r[i], AffineCoef{a.s1, a.s2});
       }
     });
-    return;
+    return true;
   }
   const int64_t G = (B + group_size - 1) / group_size;
   parallel_for(G, B >= kParallelScores ? threads_for(B, kParallelScores / 2) : 1, [&](int64_t g0, int64_t g1) {
@@ -531,15 +535,19 @@ void affine_advantage(const S* r, int64_t B, const int64_t* index, int64_t group
         double max_abs = 0.0;
         for (int64_t i = begin; i < end; ++i)
           if (!is_nan(double(r[i]))) max_abs = std::max(max_abs, std::fabs(double(r[i])));
-        if (is_finite(max_abs)) {
-          e = scale_exponent(max_abs);
-          a = block_sums<S>(r, begin, end, std::ldexp(1.0, -e));
+        if (!is_finite(max_abs)) {  // an infinite score: shifted sums would be NaN; the two-pass formula
+          const Coef cf = make_coef(stats_one<S>(r, nullptr, nullptr, begin, end), p);
+          for (int64_t i = begin; i < end; ++i) out[i] = S(apply_coef(double(r[i]), cf));
+          continue;
         }
+        e = scale_exponent(max_abs);
+        a = block_sums<S>(r, begin, end, std::ldexp(1.0, -e));
       }
       const AffineCoef c = affine_coef(a, p, e);
       for (int64_t i = begin; i < end; ++i) out[i] = apply_affine<S>(r[i], c);
     }
   });
+  return true;
 }
 
 
@@ -586,11 +594,12 @@ FASTALIGN_BINDINGS(group_stats) {
         check_groups(index, group_size);
         const AdvParams p{mode, div_std, eps, singleton_zero, scale ? ptr<const double>(scale)[0] : 1.0};
         if (mode == kCenter || mode == kRloo) {  // count / mean / std only: the one-pass affine path
+          bool done = false;
           with_score_type(f64, [&](auto tag) {
             using S = decltype(tag);
-            affine_advantage<S>(ptr<const S>(scores), B, ptr<const int64_t>(index), group_size, p, ptr<S>(out));
+            done = affine_advantage<S>(ptr<const S>(scores), B, ptr<const int64_t>(index), group_size, p, ptr<S>(out));
           });
-          return;
+          if (done) return;  // else an infinite score in a keyed group: the generic path below
         }
         int64_t cap;
         int64_t* work = csr_work(B, index, cap);

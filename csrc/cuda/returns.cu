@@ -7,7 +7,10 @@
 // Each thread takes a contiguous segment of the row and (1) composes its tokens' maps,
 // (2) the block turns the segments' maps into each segment's incoming state (one thread,
 // kThreads steps, fixed order), (3) each thread walks its segment again from that state
-// with adv::scan_segment and writes the outputs.
+// with adv::scan_segment and writes the outputs. In (1) and (2) a zero coefficient (1 - m at a valid
+// token, gamma m at a masked one) times an infinite carried V_next gives NaN only where the formula
+// is NaN already (an infinite V makes every earlier A NaN); an infinite A is carried by al = gamma lam
+// at a valid token, never by a 0 blend weight (that was scan_segment's 0 * inf, fixed there).
 #include <cuda_runtime.h>
 
 #include <cstdint>

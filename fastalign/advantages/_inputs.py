@@ -10,11 +10,24 @@ from fastalign import _validate
 WHITEN_EPS = 1e-8
 
 
+def _host_key(k):
+    """A list entry as a hashable Python value. A 0-d tensor hashes by identity, so two equal ids
+    (``list(prompt_ids)``) would never meet in one group; it and numpy scalars give their value."""
+    if isinstance(k, Tensor):
+        if k.numel() != 1:
+            raise TypeError(f"entries must be single ids, got a tensor of shape {tuple(k.shape)}")
+        return k.item()
+    if type(k).__module__ == "numpy" and getattr(k, "ndim", None) == 0:  # np.int64(3), np.str_("a"), np.array(3)
+        return k.item()
+    return k
+
+
 def as_index(name: str, ids, B: int, device: torch.device) -> Tensor:
     """int64 [B] group keys on ``device``. Integer tensors pass through (on the
     device, no copy to the host). Strings (lists, tuples, numpy arrays of str
     or object) are mapped to 0, 1, ... in order of first appearance on the
-    host — a host step, for trainers that keep prompt ids as text."""
+    host — a host step, for trainers that keep prompt ids as text. List entries that are 0-d
+    tensors or numpy scalars count by value (``list(ids)`` groups as ``ids``)."""
     if isinstance(ids, Tensor):
         _validate.tensor(name, ids)
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
@@ -42,9 +55,9 @@ def as_index(name: str, ids, B: int, device: torch.device) -> Tensor:
         raise ValueError(f"{name} must have {B} entries (one group key per score), got {len(ids)}")
     table: dict = {}
     try:
-        keys = [table.setdefault(k, len(table)) for k in ids]
+        keys = [table.setdefault(_host_key(k), len(table)) for k in ids]
     except TypeError as e:
-        raise TypeError(f"{name} entries must be hashable ids (str or int)") from e
+        raise TypeError(f"{name} entries must be hashable ids (str or int): {e}") from e
     return torch.tensor(keys, dtype=torch.int64, device=device)
 
 

@@ -61,10 +61,14 @@ def _whole_batch(r: Tensor) -> _Groups:
 
 
 def _batch_inv_std(r: Tensor, c: _Ctx) -> Tensor:
-    """``1 / (std + eps)`` over the non-NaN scores of the batch, as a float64 [1] device tensor."""
+    """``1 / (std + eps)`` over the non-NaN scores of the batch, as a float64 [1] device tensor.
+
+    ``std + eps = 0`` (eps 0, every score equal) gives 1: each ``r - mean_g`` is exactly 0 then,
+    and ``0 * (1 / 0)`` would be NaN."""
     g = _whole_batch(r)
     _, stats, _ = group_stats(r, g.index, r.new_empty(0, dtype=torch.float64), g.size, c.backend)
-    return 1.0 / (stats[:1, 2] + c.eps)  # empty for an empty batch (no scale)
+    d = stats[:1, 2] + c.eps
+    return torch.where(d == 0, 1.0, 1.0 / d)  # empty for an empty batch (no scale)
 
 
 def _unit_std_singletons(adv: Tensor, r: Tensor, g: _Groups, c: _Ctx, alone_value: Tensor) -> Tensor:
@@ -145,7 +149,7 @@ def _gdpo(r, g, c):
     their valid tokens, length-weighted, ``(x - mean) * rsqrt(var + 1e-8)`` (``"token"``, verl).
 
     A NaN reward only leaves its own column; rows with every reward NaN get 0."""
-    K = r.shape[1]
+    K = r.shape[1]  # >= 1 (checked)
     w = c.weights if c.weights is not None else [1.0] * K
     total = None
     for k in range(K):  # K reward columns: a static Python int
@@ -248,9 +252,11 @@ def group_advantages(
             other floats are computed in fp32. Statistics accumulate in fp64.
         index: group key per score: an integer tensor on the scores' device
             (any order, any values, e.g. hashed prompt ids), or a list / numpy
-            array of ids such as strings, mapped to integers on the host.
+            array of ids such as strings, mapped to integers on the host (entries that
+            are 0-d tensors or numpy scalars count by their value).
         group_size: instead of ``index``: consecutive blocks of this size.
-        eps: added to the std.
+        eps: added to the std (>= 0). With ``eps=0`` a group whose std is 0 (equal
+            scores) still gets exactly 0.
         std: ``"group"``, ``"batch"`` or ``"none"`` (grpo, grpo_passk, gdpo's columns).
         singleton: what a group of one gets: ``"raw"`` its score, ``"zero"`` 0, or
             ``"unit_std"`` its estimator's formula with mean 0 and std 1 (verl): grpo and
@@ -259,8 +265,8 @@ def group_advantages(
         batch_normalization: gdpo's last step: ``"sequence"`` over the responses or
             ``"token"`` over their valid tokens (verl; needs the mask or lengths).
         response_mask: ``[B, T]`` mask, for the token counts of
-            reinforce_pp_baseline and opo (or give ``lengths`` ``[B]``).
-        reward_weights: gdpo weights, one per reward column (default 1).
+            reinforce_pp_baseline and opo (or give ``lengths`` ``[B]``, finite and >= 0).
+        reward_weights: gdpo weights, one finite number per reward column (default 1).
         step_index, step_scores, omega: GiGPO step groups.
         backend: a kernel family (docs/backends.md); default by device.
 
@@ -280,34 +286,51 @@ def group_advantages(
         raise ValueError(f"std={std!r} does not apply to estimator {estimator!r}: only {STD_ESTIMATORS} divide by a std")
     if singleton not in SINGLETON:
         raise ValueError(f"singleton must be one of {SINGLETON}, got {singleton!r}")
-    if not eps >= 0:
+    eps = _validate.finite_number("eps", eps)  # the type first: eps="a" is a TypeError naming eps
+    if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    _validate.finite(eps=eps, omega=omega)
+    omega = _validate.finite_number("omega", omega)
     g = _groups("index", index, group_size, B, device)
     lens = None
+    bad = []  # malformed-input flags not read on the host (CUDA, tracing): they make the output NaN
     if lengths is not None:
         _validate.real("lengths", lengths, dim=1)
         _validate.shape("lengths", lengths, (B,), "one length per response")
         _validate.same_device(scores=r, lengths=lengths)
         lens = lengths.to(torch.float64).contiguous()
+        bad.append(_validate._flag_or_raise(
+            ~(torch.isfinite(lens) & (lens >= 0)).all(), lens,
+            lambda: f"lengths must be finite and >= 0 (token counts), got {lengths.tolist()}"))
     elif response_mask is not None:
         lens = response_mask_rows("response_mask", response_mask, B, torch.float64, device).sum(dim=1)
     if estimator == "gdpo":
         K = r.shape[1]
+        if K == 0:
+            raise ValueError(f"scores must have at least one reward column for gdpo, got shape {tuple(r.shape)}")
         if reward_weights is not None:
-            n_w = reward_weights.numel() if isinstance(reward_weights, Tensor) else len(reward_weights)
-            if n_w != K:
-                raise ValueError(f"reward_weights must have {K} entries (one per reward column), got {n_w}")
             if isinstance(reward_weights, Tensor):
                 _validate.real("reward_weights", reward_weights)
+                if reward_weights.numel() != K:
+                    raise ValueError(f"reward_weights must have {K} entries (one per reward column), "
+                                     f"got {reward_weights.numel()}")
                 reward_weights = reward_weights.to(device=device, dtype=r.dtype).reshape(K)
+                bad.append(_validate._flag_or_raise(
+                    ~torch.isfinite(reward_weights).all(), reward_weights,
+                    lambda: f"reward_weights must be finite, got {reward_weights.tolist()}"))
+            else:  # a NaN or inf weight would turn every advantage into 0 or NaN
+                if hasattr(reward_weights, "tolist") and not isinstance(reward_weights, (list, tuple)):
+                    reward_weights = reward_weights.tolist()  # a numpy array
+                reward_weights = _validate.finite_numbers("reward_weights", reward_weights)
+                if len(reward_weights) != K:
+                    raise ValueError(f"reward_weights must have {K} entries (one per reward column), "
+                                     f"got {len(reward_weights)}")
     elif reward_weights is not None:
         raise ValueError("reward_weights is for estimator='gdpo' (scores [B, K])")
     if batch_normalization not in BATCH_NORMALIZATIONS:
         raise ValueError(f"batch_normalization must be one of {BATCH_NORMALIZATIONS}, got {batch_normalization!r}")
     if batch_normalization != "sequence" and estimator != "gdpo":
         raise ValueError(f"batch_normalization is gdpo's last step; it does not apply to estimator {estimator!r}")
-    c = _Ctx(float(eps), std, singleton == "zero", lens, reward_weights, _backend.resolve(device, backend),
+    c = _Ctx(eps, std, singleton == "zero", lens, reward_weights, _backend.resolve(device, backend),
              singleton == "unit_std", batch_normalization)
     row = ESTIMATORS[estimator]
     adv = row(r, g, c)
@@ -317,7 +340,10 @@ def group_advantages(
             raise ValueError(f"step_scores must have shape {tuple(r.shape)}, got {tuple(sr.shape)}")
         _validate.same_device(scores=r, step_scores=sr)
         sg = _groups("step_index", step_index, None, B, device)
-        adv = adv + float(omega) * row(sr.to(r.dtype), sg, c)
+        adv = adv + omega * row(sr.to(r.dtype), sg, c)
     elif step_scores is not None:
         raise ValueError("step_scores needs step_index (the step groups)")
+    for flag in bad:
+        if flag is not None:
+            adv = torch.where(flag, float("nan"), adv)
     return adv

@@ -25,23 +25,38 @@ def token_advantages(adv: Tensor, response_mask: Tensor) -> Tensor:
     return adv.unsqueeze(-1) * m
 
 
+def _eps(eps) -> float:
+    eps = _validate.finite_number("eps", eps)
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return eps
+
+
 @renamed(mask="response_mask")
-def masked_whiten(x: Tensor, response_mask: Tensor, eps: float = WHITEN_EPS) -> Tensor:
+def masked_whiten(x: Tensor, response_mask: Tensor, eps: float = WHITEN_EPS, *, unbiased: bool = True) -> Tensor:
     """``(x - mean) * rsqrt(var + eps) * m`` with mean and unbiased var over the tokens of ``response_mask`` ``m``.
 
+    With ``N = sum m``: ``mean = sum m x / N``; ``unbiased=True`` (verl's ``masked_whiten``):
+    ``var = sum m (x - mean)^2 / (N - 1)`` and ``rsqrt(var + eps)``; ``unbiased=False``
+    (OpenRLHF's advantage whitening): ``var = sum m (x - mean)^2 / N`` and ``rsqrt(max(var, eps))``.
     Tokens where ``m == 0`` are left out by selection (not multiplied by 0): a NaN or inf there
     changes nothing, and their output is exactly 0."""
     _validate.any_float("x", x)
     _validate.like(tuple(x.shape), "x.shape", device=x.device, device_of="x", kind="real",
                    response_mask=response_mask)
-    _validate.finite(eps=eps)
+    eps = _eps(eps)
+    _validate.boolean("unbiased", unbiased)
     m = response_mask.to(torch.float64)
     valid = m != 0
     x64 = torch.where(valid, x.to(torch.float64), 0.0)
     n = m.sum()
     mean = (x64 * m).sum() / n.clamp_min(1.0)
-    var = torch.where(valid, m * (x64 - mean) ** 2, 0.0).sum() / (n - 1.0).clamp_min(1.0)
-    return torch.where(valid, (x64 - mean) * torch.rsqrt(var + eps) * m, 0.0).to(x.dtype)
+    sq = torch.where(valid, m * (x64 - mean) ** 2, 0.0).sum()
+    if unbiased:  # verl: the unbiased variance plus eps
+        inv_std = torch.rsqrt(sq / (n - 1.0).clamp_min(1.0) + eps)
+    else:  # OpenRLHF: the biased variance, floored at eps
+        inv_std = torch.rsqrt((sq / n.clamp_min(1.0)).clamp_min(eps))
+    return torch.where(valid, (x64 - mean) * inv_std * m, 0.0).to(x.dtype)
 
 
 def _token_inputs(name: str, x, response_mask, others=()):
@@ -62,17 +77,18 @@ def _token_inputs(name: str, x, response_mask, others=()):
 
 
 def reinforce_pp_advantages(token_rewards: Tensor, response_mask: Tensor, *, gamma: float = 1.0,
-                            whiten: bool = True, backend: Optional[str] = None) -> Tensor:
+                            whiten: bool = True, unbiased: bool = True, backend: Optional[str] = None) -> Tensor:
     """REINFORCE++: ``G_t = r_t + gamma G_{t+1}`` (reset after each masked token), whitened over valid tokens.
 
-    Returns ``[B, T]`` (``G m`` whitened, times m). In this and the other token-level estimators a
-    masked token (``response_mask == 0``) is skipped by selection: whatever it holds (NaN, inf) never reaches
-    a valid token or the whitening statistics, and its output is exactly 0."""
-    _validate.finite(gamma=gamma)
+    Returns ``[B, T]`` (``G m`` whitened, times m). ``unbiased``: the whitening's variance
+    (:func:`masked_whiten`): ``True`` as verl, ``False`` as OpenRLHF. In this and the other token-level
+    estimators a masked token (``response_mask == 0``) is skipped by selection: whatever it holds (NaN, inf)
+    never reaches a valid token or the whitening statistics, and its output is exactly 0."""
+    gamma = _validate.finite_number("gamma", gamma)
+    _validate.boolean("unbiased", unbiased)
     x, m, _ = _token_inputs("token_rewards", token_rewards, response_mask)
-    g, _ = reverse_scan(x, x.new_empty(0), m, float(gamma), 0.0, SCANS["return"],
-                        _backend.resolve(x.device, backend))
-    return masked_whiten(g, m) if whiten else g
+    g, _ = reverse_scan(x, x.new_empty(0), m, gamma, 0.0, SCANS["return"], _backend.resolve(x.device, backend))
+    return masked_whiten(g, m, unbiased=unbiased) if whiten else g
 
 
 def remax_advantages(token_rewards: Tensor, response_mask: Tensor, baseline: Tensor, *,
@@ -87,14 +103,17 @@ def remax_advantages(token_rewards: Tensor, response_mask: Tensor, baseline: Ten
 
 
 def gae_advantages(token_rewards: Tensor, values: Tensor, response_mask: Tensor, *, gamma: float = 1.0,
-                   lam: float = 1.0, whiten: bool = True, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+                   lam: float = 1.0, whiten: bool = True, unbiased: bool = True,
+                   backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """GAE: ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}`` (masked
     tokens are skipped: they carry V and A through). Returns ``(A [B, T], returns = (A + V) m)``,
-    A whitened over valid tokens unless ``whiten=False``."""
-    _validate.finite(gamma=gamma, lam=lam)
+    A whitened over valid tokens unless ``whiten=False`` (``unbiased``: as in :func:`masked_whiten`)."""
+    gamma = _validate.finite_number("gamma", gamma)
+    lam = _validate.finite_number("lam", lam)
+    _validate.boolean("unbiased", unbiased)
     x, m, (v,) = _token_inputs("token_rewards", token_rewards, response_mask, [("values", values)])
-    a, ret = reverse_scan(x, v, m, float(gamma), float(lam), SCANS["gae"], _backend.resolve(x.device, backend))
-    return (masked_whiten(a, m) if whiten else a), ret
+    a, ret = reverse_scan(x, v, m, gamma, lam, SCANS["gae"], _backend.resolve(x.device, backend))
+    return (masked_whiten(a, m, unbiased=unbiased) if whiten else a), ret
 
 
 def implicit_process_advantages(logprobs: Tensor, ref_logprobs: Tensor, response_mask: Tensor,
@@ -103,12 +122,13 @@ def implicit_process_advantages(logprobs: Tensor, ref_logprobs: Tensor, response
     """PRIME implicit process rewards: token reward ``beta (lp - ref)``, returns
     ``R_t = sum_{s>=t} gamma^{s-t} beta (lp_s - ref_s) m_s`` (reset after masked tokens),
     plus the outcome advantage of the sequence: ``(R_t + A_i) m_t``."""
-    _validate.finite(beta=beta, gamma=gamma)
+    beta = _validate.finite_number("beta", beta)
+    gamma = _validate.finite_number("gamma", gamma)
     lp, m, (ref,) = _token_inputs("logprobs", logprobs, response_mask, [("ref_logprobs", ref_logprobs)])
     _validate.like((lp.shape[0],), "one advantage per response", device=lp.device, device_of="logprobs",
                    outcome_advantages=outcome_advantages)
-    x = (lp - ref) * float(beta)
-    r, _ = reverse_scan(x, x.new_empty(0), m, float(gamma), 0.0, SCANS["return"],
+    x = (lp - ref) * beta
+    r, _ = reverse_scan(x, x.new_empty(0), m, gamma, 0.0, SCANS["return"],
                         _backend.resolve(x.device, backend))
     if outcome_advantages is not None:
         _validate.tensor("outcome_advantages", outcome_advantages, dim=1)
@@ -157,6 +177,7 @@ def optimal_token_baseline_advantages(
     r, m, (old, p2, *iw) = _token_inputs("token_rewards", token_rewards, response_mask, extra)
     B, T = r.shape
     _validate.finite(eps=eps)
+    _validate.boolean("zero_tail", zero_tail)
     if align not in ("position", "response"):
         raise ValueError(f"align must be 'position' or 'response', got {align!r}")
     with torch.no_grad():

@@ -12,7 +12,7 @@ and the advantage of a score x in a group (NaN score: 0; group of one: x, or 0 w
 
     center (x - mean) s,  rloo (x - mean) n / (n - 1) s,  opo (x - wmean) s,  passk x == max ? (max - second) s : 0
 
-with s = scale [/ (std + eps)]. Sums and squares run on x / 2^e per group (2^e about the group's
+with s = scale [/ (std + eps)] (/ 1 where std + eps = 0: equal scores, eps 0). Sums and squares run on x / 2^e per group (2^e about the group's
 largest magnitude), which is exact scaling, so finite scores near the double range never overflow.
 """
 from __future__ import annotations
@@ -92,7 +92,9 @@ def group_advantage(scores: Tensor, index: Tensor, lengths: Tensor, scale: Tenso
         return torch.empty_like(scores)
     _gid, order, seg, x, (n, mean, sd, mx, second, wmean), _ng = _stats(scores, index, lengths, group_size)
     s = scale.double().reshape(-1)[0] if scale.numel() else torch.ones((), dtype=torch.float64, device=x.device)
-    mul = s / (sd + eps) if div_std else s.expand_as(sd)
+    # std + eps = 0 (eps 0, equal scores): every x - mean is exactly 0, so divide by 1, not 0 (0 * inf = NaN)
+    d = sd + eps
+    mul = torch.where(d == 0, s, s / d) if div_std else s.expand_as(sd)
     if mode == RLOO:
         adv = (x - mean[seg]) * (mul * n / torch.clamp(n - 1.0, min=1.0))[seg]
     elif mode == OPO:

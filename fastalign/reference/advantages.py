@@ -17,7 +17,9 @@ def _isnan(x: float) -> bool:
 def _keys(index, group_size, B):
     """Group keys as hashable Python values (a tensor's elements would hash by identity)."""
     if index is not None:
-        return index.tolist() if isinstance(index, torch.Tensor) else list(index)
+        if isinstance(index, torch.Tensor):
+            return index.tolist()
+        return [k.item() if hasattr(k, "item") and getattr(k, "ndim", None) == 0 else k for k in index]
     return [i // group_size for i in range(B)]
 
 
@@ -61,6 +63,11 @@ def _per_score(r, keys, st, fn, singleton):
     return out
 
 
+def _over(num, den):
+    """``num / den``; ``den = std + eps = 0`` (eps 0, equal scores) divides by 1: ``num`` is exactly 0 there."""
+    return num if den == 0 else num / den
+
+
 def _batch_std(r):
     vals = [x for x in r if not _isnan(x)]
     n = len(vals)
@@ -100,7 +107,7 @@ def _one(r, keys, estimator, eps, std, singleton, lengths, reward_weights, B, ba
     if estimator == "grpo":
         bs = _batch_std(r)
         div = {"group": lambda s: s["std"] + eps, "batch": lambda s: bs + eps, "none": lambda s: 1.0}[std]
-        out = _per_score(r, keys, st, lambda x, s: (x - s["mean"]) / div(s), singleton)
+        out = _per_score(r, keys, st, lambda x, s: _over(x - s["mean"], div(s)), singleton)
         if singleton == "unit_std" and std == "group":  # a group of one: mean 0, std 1
             out = [x / (1.0 + eps) if not _isnan(x) and st[k]["count"] == 1 else o for x, k, o in zip(r, keys, out)]
         return out
@@ -119,7 +126,7 @@ def _one(r, keys, estimator, eps, std, singleton, lengths, reward_weights, B, ba
         div = {"group": lambda s: s["std"] + eps, "batch": lambda s: bs + eps, "none": lambda s: 1.0}[std]
 
         def passk(x, s):
-            return (s["max"] - s["second"]) / div(s) if x == s["max"] else 0.0
+            return _over(s["max"] - s["second"], div(s)) if x == s["max"] else 0.0
         return _per_score(r, keys, st, passk, singleton)
     if estimator == "reinforce_pp_baseline":
         a = _per_score(r, keys, st, lambda x, s: x - s["mean"], singleton)
@@ -144,12 +151,17 @@ def group_advantages(scores, index=None, *, group_size=None, estimator="grpo", e
 
 
 # ---------------------------------------------------------------- token level
-def masked_whiten(x, mask, eps=1e-8):
+def masked_whiten(x, mask, eps=1e-8, unbiased=True):
+    """0/1 masks: unbiased (verl) ``/ sqrt(var + eps)``; biased (OpenRLHF) ``/ sqrt(max(var, eps))``."""
     vals = [v for v, m in zip(x.flatten().tolist(), mask.flatten().tolist()) if m]
     n = len(vals)
     mean = sum(vals) / n if n else 0.0
-    var = sum((v - mean) ** 2 for v in vals) / (n - 1) if n > 1 else 0.0
-    return torch.where(mask != 0, (x - mean) / math.sqrt(var + eps) * mask, 0.0)
+    sq = sum((v - mean) ** 2 for v in vals)
+    if unbiased:
+        std = math.sqrt((sq / (n - 1) if n > 1 else 0.0) + eps)
+    else:
+        std = math.sqrt(max(sq / n if n else 0.0, eps))
+    return torch.where(mask != 0, (x - mean) / std * mask, 0.0)
 
 
 def discounted_returns(x, mask, gamma, reset=True):
@@ -168,10 +180,10 @@ def discounted_returns(x, mask, gamma, reset=True):
     return out
 
 
-def reinforce_pp_advantages(rewards, mask, gamma=1.0, whiten=True):
+def reinforce_pp_advantages(rewards, mask, gamma=1.0, whiten=True, unbiased=True):
     mask = mask.double()
     g = discounted_returns(rewards.double(), mask, gamma)
-    return masked_whiten(g, mask) if whiten else g
+    return masked_whiten(g, mask, unbiased=unbiased) if whiten else g
 
 
 def remax_advantages(rewards, mask, baseline):

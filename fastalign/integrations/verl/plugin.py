@@ -18,6 +18,11 @@ Each estimator ``e`` of :mod:`fastalign.integrations.verl.advantages` is registe
 ``fastalign_e`` with the keyword arguments verl's estimator ``e`` takes, returning
 ``(advantages, returns)``. ``norm_adv_by_std_in_grpo`` is read from the argument or, when that is
 not given, from ``config`` (verl's trainer passes only ``config`` to registered estimators).
+verl's ``grpo_vectorized`` and ``gdpo`` never read the flag from ``config`` (its trainer passes
+the argument to its own ``grpo`` only), so ``fastalign_grpo_vectorized`` and ``fastalign_gdpo``
+refuse a ``False`` there with :func:`~fastalign.integrations.verl.advantages.compute_advantage`'s
+``ValueError`` rather than compute other numbers than verl's. Given as the argument, ``False`` makes
+``fastalign_grpo_vectorized`` Dr. GRPO, as verl's function; ``fastalign_gdpo`` refuses it.
 
 fastalign estimators verl has no name for are registered when they need only what verl's trainer
 passes to a registered estimator (``token_level_rewards``, ``response_mask``, ``index``,
@@ -113,9 +118,6 @@ _TRAINER_OWN_INPUTS = ("optimal_token_baseline", "tir_optimal_token_baseline")
 
 
 def _advantage_fn(estimator: str) -> Callable:
-    # grpo_vectorized is grpo computed at once; fastalign's grpo is vectorised already
-    profile = "grpo" if estimator == "grpo_vectorized" else estimator
-
     def advantage_fn(token_level_rewards: Tensor, response_mask: Optional[Tensor] = None, index=None,
                      epsilon: Optional[float] = None, norm_adv_by_std_in_grpo: Optional[bool] = None,
                      config: Any = None, *, values: Optional[Tensor] = None,
@@ -126,7 +128,13 @@ def _advantage_fn(estimator: str) -> Callable:
                      handle_zero_tail: bool = True, **unused) -> tuple[Tensor, Tensor]:
         if response_mask is None:
             raise ValueError(f"{PREFIX + estimator}: response_mask is required")
-        opts = _algo(config, profile, norm_adv_by_std_in_grpo)
+        if estimator == "gdpo" and norm_adv_by_std_in_grpo is not None and not norm_adv_by_std_in_grpo:
+            raise ValueError(f"norm_adv_by_std_in_grpo=False is not supported by {PREFIX}gdpo (verl's gdpo would "
+                             "center each reward column without dividing by its std)")
+        # verl's grpo_vectorized is grpo computed at once, with the flag from its argument only: given, it is
+        # fastalign's grpo with that flag; otherwise the profile of grpo_vectorized, which refuses a False in config
+        vectorized_flag = estimator == "grpo_vectorized" and norm_adv_by_std_in_grpo is not None
+        opts = _algo(config, "grpo" if vectorized_flag else estimator, norm_adv_by_std_in_grpo)
         if gamma is not None:
             opts["gamma"] = float(gamma)
         if lam is not None:
