@@ -245,3 +245,22 @@ def test_log_ratio_cap_values_and_rows():
         with pytest.raises(ValueError, match="log_ratio_cap does not apply.*any loss_type with kl_rho"):
             fastalign.PolicyConfig(loss_type=row, log_ratio_cap=math.inf)
     fastalign.PolicyConfig(loss_type="reinforce", kl_coef=0.1, kl_rho=True, log_ratio_cap=5.0)
+
+
+@pytest.mark.parametrize("bad", [-math.inf, math.nan])
+def test_unclamped_k3_at_a_non_finite_reference(cpu_backend, bad):
+    """kl_clamp=False: the C++ kernel still clamped x = ref - lp at +-FLT_MAX, so ref = -inf gave a finite loss
+    (5.7e36) and no KL gradient, and ref = NaN a finite gradient. Against float64: k3 = e^x - x - 1 (+inf or NaN)
+    and d k3 / d lp = 1 - e^x (1 or NaN), with a ppo term of ratio 1."""
+    lp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    ref = torch.tensor([[bad, -2.1, -0.4]])
+    cfg = fastalign.PolicyConfig(loss_type="ppo", kl_coef=0.1, kl_type="k3", kl_clamp=False, backend=cpu_backend)
+    loss, _ = fastalign.policy_loss(lp, lp.detach(), torch.tensor([1.0]), torch.ones(1, 3), ref_logprobs=ref,
+                                    config=cfg)
+    loss.backward()
+    lp64 = lp.detach().double().requires_grad_(True)
+    x = ref.double() - lp64
+    want = (-torch.exp(lp64 - lp64.detach()) + 0.1 * (torch.exp(x) - x - 1.0)).mean()
+    want.backward()
+    torch.testing.assert_close(loss.double(), want.detach(), equal_nan=True)
+    torch.testing.assert_close(lp.grad.double(), lp64.grad, rtol=1e-6, atol=1e-7, equal_nan=True)

@@ -74,10 +74,12 @@ FASTALIGN_KERNEL_BODY uint32_t chunk_body(const Cfg& c, const Row& R, const RowC
   // 1 where the token's own ratio carries the gradient (0 at sequence level: see row_finish)
   constexpr float w_tok = SEQ ? 0.f : 1.f;
   const bool kl_grad = c.kl_rho == kKLRhoGrad;
-  // Options off become bounds that never bind (no runtime branches in the loop, so it vectorises).
-  constexpr float kBig = std::numeric_limits<float>::max();
-  const float xlo = kl_clamp ? -20.f : -kBig, xhi = kl_clamp ? 20.f : kBig;
-  const float klo = kl_clamp ? -10.f : -kBig, khi = kl_clamp ? 10.f : kBig;
+  // Options off become bounds that never bind (no runtime branches in the loop, so it vectorises): without
+  // kl_clamp the k3 bounds are +-inf, and every k3 passes its gradient (an infinite or NaN x included).
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const float xlo = kl_clamp ? -20.f : -kInf, xhi = kl_clamp ? 20.f : kInf;
+  const float klo = kl_clamp ? -10.f : -kInf, khi = kl_clamp ? 10.f : kInf;
+  const bool k3_open = !kl_clamp;
   const bool trunc = rollout == kTokTrunc;
   CovParams P{};
   uint32_t bound_hi = 0;
@@ -145,7 +147,7 @@ FASTALIGN_KERNEL_BODY uint32_t chunk_body(const Cfg& c, const Row& R, const RowC
       const float e = exp_f32(xc);
       const float k3 = e - xc - 1.f;
       const float k3c = clampf(k3, klo, khi);
-      const bool k3_live = (xk >= xlo) & (xk <= xhi) & (k3 >= klo) & (k3 <= khi);
+      const bool k3_live = k3_open | ((xk >= xlo) & (xk <= xhi) & (k3 >= klo) & (k3 <= khi));
       const float dk3 = k3_live ? -(e - 1.f) : 0.f;
       const float sgn = d > 0.f ? 1.f : (d < 0.f ? -1.f : 0.f);
       const float kv = keep_if(d, m_k1) + keep_if(std::fabs(d), m_abs) + keep_if(0.5f * d * d, m_k2) + keep_if(k3c, m_k3);
