@@ -263,6 +263,60 @@ def test_grpo_call_errors():
                                                                  d["adv"], num_items_in_batch=10)
 
 
+def test_grpo_errors_name_liger_arguments():
+    """Bad shapes crashed inside torch (attention_mask, selected_token_ids), gave a NaN loss (a reference head of
+    another vocabulary) or named fastalign's arguments (old_logprobs, kl_coef, max_len); they name Liger's now."""
+    d = _grpo_batch(2)
+    B, T = d["ids"].shape
+    h, w, ids, mask, adv = d["hidden"], d["weight"], d["ids"], d["mask"], d["adv"]
+    loss = fl.LigerFusedLinearGRPOLoss(beta=0.1)
+    for call, match in (
+            (lambda: loss(h, w, ids, mask[:, :-1], adv, ref_per_token_logps=d["ref"]), r"^attention_mask must have"),
+            (lambda: loss(h, w, ids[:, :-1], mask, adv, ref_per_token_logps=d["ref"]), r"^selected_token_ids must"),
+            (lambda: loss(h, w, ids, mask, adv, old_per_token_logps=d["old"][:, :-1], ref_per_token_logps=d["ref"]),
+             r"^old_per_token_logps must have shape"),
+            (lambda: loss(h, w, ids, mask, adv, ref_per_token_logps=d["ref"][:, :-1]),
+             r"^ref_per_token_logps must have shape"),
+            (lambda: loss(h, w, ids, mask, adv[:-1], ref_per_token_logps=d["ref"]), r"^advantages must have shape"),
+            (lambda: loss(h, w, ids, mask, adv, ref_per_token_logps=d["ref"], vllm_is_ratio=torch.ones(B, T - 1)),
+             r"^vllm_is_ratio must have shape"),
+            (lambda: loss(h, w, ids, mask, adv, ref_input=d["ref_hidden"], ref_weight=d["ref_weight"][:-3]),
+             r"^ref_weight must have lin_weight's vocabulary")):
+        with pytest.raises(ValueError, match=match):
+            call()
+    for opts, match in ((dict(epsilon_high=-0.1), "epsilon_high"), (dict(beta=float("nan")), "beta"),
+                        (dict(loss_type="dr_grpo", max_completion_length=0), "max_completion_length")):
+        with pytest.raises(ValueError, match=match):
+            fl.LigerFusedLinearGRPOLoss(**opts)
+
+
+def test_vespo_small_is_ratio_clamps_the_sequence_weight_as_liger():
+    """Liger clamps the sum of the sequence's log-ratio and its IS log-weights; fastalign folded the IS part into one
+    token's weight, which its own clamp cut at log 1e-8 first: 20x Liger's loss here (hidden by an absolute
+    tolerance: both are ~1e-14). Compared relatively."""
+    d = _grpo_batch(5, B=2, T=3)
+    d["mask"] = torch.ones_like(d["mask"])
+    d["ids"] = d["ids"].clamp(min=0)
+    old = d["old"].clone()
+    old[0] = d["ref"][0] - 0.5  # a positive sequence log-ratio beside a tiny IS weight
+    fa, lg = _grpo_pair(dict(loss_type="vespo", beta=0.0, use_ref_model=False))
+    ratio = torch.full(d["ids"].shape, 1e-4)
+    outs = [m(d["hidden"], d["weight"], d["ids"], d["mask"], d["adv"].abs(), old_per_token_logps=old,
+              vllm_is_ratio=ratio)[0] for m in (fa, lg)]
+    assert_close(outs[0], outs[1], rtol=1e-4, atol=0.0, what="vespo loss")
+
+
+def test_grpo_float64_per_token_inputs_as_liger():
+    """Liger casts old / ref log-probs (and takes float64 advantages and IS ratios); they were refused."""
+    d = _grpo_batch(3)
+    fa, lg = _grpo_pair(dict(beta=0.1))
+    kw = dict(old_per_token_logps=d["old"].double(), ref_per_token_logps=d["ref"].double(),
+              vllm_is_ratio=torch.full((d["adv"].shape[0], 1), 0.9, dtype=torch.float64))
+    out_fa = fa(d["hidden"], d["weight"], d["ids"], d["mask"], d["adv"].double(), bias=d["bias"], **kw)
+    out_lg = lg(d["hidden"], d["weight"], _liger_ids(d), d["mask"], d["adv"].double(), bias=d["bias"], **kw)
+    assert_close(out_fa[0], out_lg[0], rtol=1e-4, atol=1e-5, what="loss")
+
+
 # ----------------------------------------------------------------------------------------------------- preference
 def _pref_batch(seed, B=3, T=6, dtype=torch.float32, bias=True):
     g = torch.Generator().manual_seed(seed)
@@ -382,6 +436,27 @@ def test_dpo_options_that_do_not_apply_raise(opts, word):
 
 
 # ------------------------------------------------------------------------------------------------------------ KTO
+def test_preference_errors_name_liger_arguments():
+    """A reference head of another vocabulary gave a NaN loss, a KTO kl of the wrong length crashed in torch, and
+    label_smoothing="a" raised a comparison error naming nothing."""
+    d = _pref_batch(4)
+    h, w, y = d["hidden"], d["weight"], d["target"]
+    N = y.shape[0]
+    dpo, kto = fl.LigerFusedLinearDPOLoss(), fl.LigerFusedLinearKTOLoss()
+    good = torch.arange(N) % 2 == 0
+    for call, match in (
+            (lambda: dpo(w, h, y, ref_input=d["ref_hidden"], ref_weight=d["ref_weight"][:-3]),
+             r"^ref_weight must have lin_weight's vocabulary"),
+            (lambda: dpo(w, h, y[:, :-1], ref_input=d["ref_hidden"], ref_weight=d["ref_weight"]),
+             r"^target must have shape"),
+            (lambda: kto(h, w, y, preference_labels=good, kl=torch.zeros(N - 1)), r"^kl must have shape"),
+            (lambda: kto(h, w, y, preference_labels=good[:-1]), r"^preference_labels must have shape")):
+        with pytest.raises(ValueError, match=match):
+            call()
+    with pytest.raises(TypeError, match="label_smoothing"):
+        fl.LigerFusedLinearDPOLoss(loss_type="robust", label_smoothing="a")
+
+
 KTO_CASES = {
     "default": dict(),
     "ref_model": dict(use_ref_model=True, beta=0.3),

@@ -75,8 +75,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from fastalign import _validate
 from fastalign.integrations.trl.grpo import GRPO_LOSSES  # Liger's GRPO loss types are TRL's
-from fastalign.linear import linear_logprobs
+from fastalign.linear import check_head, linear_logprobs
 from fastalign.linear_policy import policy_step
 from fastalign.linear_step import separable_step
 from fastalign.policy import policy_loss
@@ -94,6 +95,34 @@ def _execution_options(compiled, chunk_size) -> None:
         raise TypeError(f"compiled must be a bool, got {compiled!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+
+
+def _check_heads(_input: Tensor, lin_weight: Tensor, bias: Optional[Tensor], labels_name: str, labels: Tensor,
+                 ref_input: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
+                 ref_bias: Optional[Tensor] = None) -> None:
+    """The policy head and its labels, and the reference head (when given) against it, named as Liger names them
+    (a ``ValueError`` / ``TypeError``): hidden ``[..., H]`` with labels ``[...]``, the reference's hidden states of
+    the same leading shape and its weight of the same vocabulary."""
+    check_head(_input, lin_weight, bias, names=("_input", "lin_weight", "bias"))
+    _validate.integer(labels_name, labels)
+    lead = tuple(_input.shape[:-1])
+    _validate.shape(labels_name, labels, lead, "_input.shape[:-1]")
+    _validate.same_device(_input=_input, lin_weight=lin_weight, bias=bias, **{labels_name: labels})
+    if ref_input is None or ref_weight is None:
+        return
+    check_head(ref_input, ref_weight, ref_bias, names=("ref_input", "ref_weight", "ref_bias"))
+    if tuple(ref_input.shape[:-1]) != lead:
+        raise ValueError(f"ref_input must have shape {(*lead, ref_input.shape[-1])} (_input.shape[:-1] + (H_ref,)), "
+                         f"got {tuple(ref_input.shape)}")
+    if ref_weight.shape[0] != lin_weight.shape[0]:
+        raise ValueError(f"ref_weight must have lin_weight's vocabulary ({lin_weight.shape[0]} rows), got "
+                         f"{tuple(ref_weight.shape)}")
+    _validate.same_device(_input=_input, ref_input=ref_input, ref_weight=ref_weight, ref_bias=ref_bias)
+
+
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A float64 tensor as float32, as Liger casts its per-token inputs; others as they are."""
+    return t.float() if t is not None and t.dtype == torch.float64 else t
 
 
 def _not_default(owner: str, loss_type: str, **given) -> None:
@@ -115,11 +144,19 @@ class LigerFusedLinearGRPOLoss(nn.Module):
                  vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0):
         super().__init__()
         _execution_options(compiled, chunk_size)
+        _validate.finite(beta=beta)
+        for name, eps in (("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high)):
+            if not _validate.finite_number(name, eps) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {eps}")
+        _validate.positive("temperature", temperature)
+        _validate.positive("sapo_temperature_pos", sapo_temperature_pos)
+        _validate.positive("sapo_temperature_neg", sapo_temperature_neg)
+        if max_completion_length is not None:
+            _validate.at_least("max_completion_length", max_completion_length, 1)
+        if delta is not None:
+            _validate.positive("delta", delta)
         if loss_type not in GRPO_LOSSES:
             raise ValueError(f"loss_type must be one of {tuple(GRPO_LOSSES)}, got {loss_type!r}")
-        if sapo_temperature_pos <= 0 or sapo_temperature_neg <= 0:
-            raise ValueError(f"sapo_temperature_pos and sapo_temperature_neg must be > 0, got "
-                             f"{sapo_temperature_pos}, {sapo_temperature_neg}")
         row, agg, seq_count, self._per_token_count = GRPO_LOSSES[loss_type]
         _not_default("GRPO", loss_type, **({} if row == "sapo" else dict(
             sapo_temperature_pos=(sapo_temperature_pos, 1.0), sapo_temperature_neg=(sapo_temperature_neg, 1.05))))
@@ -139,10 +176,6 @@ class LigerFusedLinearGRPOLoss(nn.Module):
         if loss_type == "luspo" and (importance_sampling_level != "sequence" or beta != 0.0):
             raise ValueError("loss_type 'luspo' is supported with importance_sampling_level='sequence' and beta=0 "
                              "(Liger's luspo otherwise sums the padding positions too)")
-        if delta is not None and not delta > 0:
-            raise ValueError(f"delta must be > 0, got {delta}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.beta, self.compiled, self.use_ref_model, self.chunk_size = float(beta), compiled, use_ref_model, chunk_size
         self.epsilon_low, self.epsilon_high = float(epsilon_low), float(epsilon_high)
         self.loss_type, self.max_completion_length = loss_type, max_completion_length
@@ -180,6 +213,18 @@ class LigerFusedLinearGRPOLoss(nn.Module):
                 ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
                 vllm_is_ratio: Optional[Tensor] = None, num_items_in_batch=None):
         """``(loss, (kl, clip_ratio))`` with ``beta != 0``, else ``(loss, (clip_ratio,))``."""
+        _check_heads(_input, lin_weight, bias, "selected_token_ids", selected_token_ids, ref_input, ref_weight, ref_bias)
+        B, T = selected_token_ids.shape if selected_token_ids.dim() == 2 else (None, None)
+        if B is None:
+            raise ValueError(f"selected_token_ids must be [B, T], got shape {tuple(selected_token_ids.shape)}")
+        dev = dict(device=_input.device, device_of="_input")
+        _validate.like((B, T), "selected_token_ids.shape", kind="real", **dev, attention_mask=attention_mask)
+        _validate.like((B, T), "selected_token_ids.shape", **dev, old_per_token_logps=old_per_token_logps,
+                       ref_per_token_logps=ref_per_token_logps)
+        _validate.like((B,), "one per sequence", **dev, advantages=advantages)
+        _validate.like([(B,), (B, 1), (B, T)], "one per sequence or per token", **dev, vllm_is_ratio=vllm_is_ratio)
+        old_per_token_logps, ref_per_token_logps = _f32(old_per_token_logps), _f32(ref_per_token_logps)
+        advantages, vllm_is_ratio = _f32(advantages), _f32(vllm_is_ratio)
         if self.use_ref_model:
             if ref_per_token_logps is None and (ref_input is None or ref_weight is None):
                 raise ValueError("use_ref_model=True needs ref_per_token_logps, or ref_input and ref_weight")
@@ -220,14 +265,16 @@ class LigerFusedLinearGRPOLoss(nn.Module):
 
     def _is_weights(self, ratio: Tensor, mask: Tensor) -> Tensor:
         """The importance weights of ``vllm_is_ratio``. vespo: Liger adds ``sum_t clamp(log r_t, log 1e-8, 20)`` over
-        every position of its ``[B, T]`` or ``[B, 1]`` ratio, padding included, to the sequence's log-weight: that
-        sum goes on the first scored token (fastalign sums the log-weights of the scored tokens)."""
+        every position of its ``[B, T]`` or ``[B, 1]`` ratio, padding included, to the sequence's log-weight, then
+        clamps the sum. fastalign sums the log-weights of the scored tokens, each clamped to ``[log 1e-8, 20]``: the
+        sum is spread evenly over them, so that no share binds unless the sum exceeds that range ``n`` times over
+        (the sequence's own clamp would then hold it at the bound anyway)."""
         if self.row != "vespo":
             return ratio
         with torch.no_grad():
             log_sum = ratio.float().reshape(ratio.shape[0], -1).log().clamp(math.log(1e-8), 20.0).sum(-1, keepdim=True)
-            first = mask & (mask.cumsum(-1) == 1)
-            return torch.where(first, log_sum.exp(), torch.ones((), device=ratio.device))
+            n = mask.sum(-1, keepdim=True).clamp(min=1).to(torch.float32)
+            return torch.where(mask, (log_sum / n).exp(), torch.ones((), device=ratio.device))
 
     @staticmethod
     def _token_count(mask: Tensor, num_items_in_batch):
@@ -291,6 +338,9 @@ class _LigerPreference(nn.Module):
     def _shared_options(self, ignore_index, beta, alpha, compute_nll_loss, compiled, chunk_size) -> None:
         """The options every Liger preference loss takes, checked and kept."""
         _execution_options(compiled, chunk_size)
+        _validate.index_value("ignore_index", ignore_index)
+        _validate.finite(beta=beta, alpha=alpha)
+        _validate.boolean("compute_nll_loss", compute_nll_loss)
         if not compute_nll_loss and alpha != 1.0:
             raise ValueError("alpha applies only with compute_nll_loss=True")
         self.ignore_index, self.beta, self.alpha = ignore_index, float(beta), float(alpha)
@@ -356,9 +406,13 @@ class _LigerPreference(nn.Module):
                nll_target=None):
         """``(value, logps, nll, logits_means, aux, ref)`` of ``loss(logps, count, nll, ref) -> (value, aux)`` on
         the pairs (chosen rows first), through :meth:`_step`."""
-        if hidden.dim() != 3 or target.dim() != 2 or hidden.shape[0] % 2:
+        _check_heads(hidden, weight, bias, "target", target, ref_input, ref_weight, ref_bias)
+        if hidden.dim() != 3 or hidden.shape[0] % 2:
             raise ValueError(f"_input must be (2B, T, H) with target (2B, T): chosen rows then rejected rows, got "
                              f"{tuple(hidden.shape)} and {tuple(target.shape)}")
+        if nll_target is not None:
+            _validate.integer("nll_target", nll_target)
+            _validate.shape("nll_target", nll_target, tuple(target.shape), "target.shape")
         B = target.shape[0] // 2
         ref = self._reference(ref_input, ref_weight, ref_bias, target)
         value, logps, _, nll, aux = self._step(hidden, weight, target, bias,
@@ -389,6 +443,7 @@ class LigerFusedLinearDPOLoss(_LigerPreference):
         super().__init__()
         if loss_type not in self.LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {self.LOSS_TYPES}, got {loss_type!r}")
+        _validate.finite(label_smoothing=label_smoothing, discopop_tau=discopop_tau)
         if loss_type == "exo_pair" and not label_smoothing > 0.0:
             raise ValueError("label_smoothing must be > 0 for loss_type='exo_pair'")
         if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
@@ -426,6 +481,7 @@ class LigerFusedLinearCPOLoss(_LigerPreference):
                  chunk_size: int = 1):
         super().__init__()
         self._shared_options(ignore_index, beta, alpha, compute_nll_loss, compiled, chunk_size)
+        _validate.finite(label_smoothing=label_smoothing)
         self.label_smoothing, self.average_log_prob = float(label_smoothing), bool(average_log_prob)
 
     def forward(self, lin_weight, _input, target, bias=None):
@@ -448,6 +504,7 @@ class LigerFusedLinearSimPOLoss(_LigerPreference):
                  compute_nll_loss: bool = True, compiled: bool = True, gamma: float = 0.5, chunk_size: int = 1):
         super().__init__()
         self._shared_options(ignore_index, beta, alpha, compute_nll_loss, compiled, chunk_size)
+        _validate.finite(label_smoothing=label_smoothing, gamma=gamma)
         self.label_smoothing, self.gamma = float(label_smoothing), float(gamma)
 
     def forward(self, lin_weight, _input, target, bias=None):
@@ -501,6 +558,16 @@ class LigerFusedLinearKTOLoss(_LigerPreference):
                 ref_bias=None, kl=None):
         if preference_labels is None:
             raise ValueError("preference_labels (bool, one per response) is required")
+        _check_heads(_input, lin_weight, bias, "target", target, ref_input, ref_weight, ref_bias)
+        N = target.shape[0]
+        _validate.tensor("preference_labels", preference_labels, dim=1)
+        if preference_labels.dtype != torch.bool:
+            raise TypeError(f"preference_labels must be a bool tensor, got {preference_labels.dtype}")
+        dev = dict(device=_input.device, device_of="_input")
+        _validate.like((N,), "one per response (target.shape[0])", kind="real", **dev,
+                       preference_labels=preference_labels)
+        if isinstance(kl, Tensor):
+            _validate.like([(), (1,), (N,)], "a scalar or one per response", **dev, kl=kl)
         ref = self._reference(ref_input, ref_weight, ref_bias, target)
         if ref is None:
             ref = torch.zeros(target.shape[0], dtype=torch.float32, device=target.device)
