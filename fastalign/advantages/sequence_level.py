@@ -300,7 +300,8 @@ def group_advantages(
         lens = lengths.to(torch.float64).contiguous()
         bad.append(_validate._flag_or_raise(
             ~(torch.isfinite(lens) & (lens >= 0)).all(), lens,
-            lambda: f"lengths must be finite and >= 0 (token counts), got {lengths.tolist()}"))
+            lambda: "lengths must be finite and >= 0 (token counts), got "
+                    f"{int((~(torch.isfinite(lens) & (lens >= 0))).sum())} entries that are not"))
     elif response_mask is not None:
         lens = response_mask_rows("response_mask", response_mask, B, torch.float64, device).sum(dim=1)
     if estimator == "gdpo":
