@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from helpers import assert_close, policy_batch
 
+import fastalign
 from fastalign.integrations import openrlhf as fo
 
 
@@ -255,3 +256,52 @@ def test_diverged_policy_matches_openrlhf(orl, case):
     roll = roll.clone()
     roll[0] -= 25.0
     _compare_policy(orl, POLICY_CASES[case], lp, old, A, m, roll, False, case)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_gspo_overflowing_token_ratio_matches_openrlhf(orl, cpu_backend, sign):
+    """gspo has no cap on its sequence ratio: a token log-ratio of 94 (exp overflows fp32) beside -94 gave the C++
+    kernel a NaN gradient (0 * inf) where OpenRLHF and the Triton kernel give a finite one; a whole row at mean
+    log-ratio 100 (A < 0: the unclipped branch) gave NaN where they give inf."""
+    lp = -torch.rand(2, 3, generator=torch.Generator().manual_seed(0)) - 0.5
+    old = lp.clone()
+    old[0] -= torch.tensor([94.0, -94.0, -0.1])
+    old[1] -= 100.0
+    A = torch.tensor([[0.5], [sign]]).expand(2, 3).contiguous()
+    m = torch.ones(2, 3, dtype=torch.bool)
+    kw = dict(policy_loss_type="gspo")
+    (want, *_), want_grad = _run_policy(orl.PolicyLoss, kw, lp, old, A, m, old, torch.float32, {})
+    with fastalign.use_backend(cpu_backend):
+        (got, *_), grad = _run_policy(fo.PolicyLoss, kw, lp, old, A, m, old, torch.float32, {})
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)  # inf equals inf
+    assert torch.equal(torch.isnan(grad), torch.isnan(want_grad)) and torch.equal(torch.isinf(grad),
+                                                                                  torch.isinf(want_grad))
+    finite = torch.isfinite(want_grad)
+    assert_close(grad[finite], want_grad[finite], atol=1e-6, rtol=1e-5, what="finite d log_probs")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_policy_loss_broadcasts_advantages_and_keeps_dtypes_as_openrlhf(orl, dtype):
+    """OpenRLHF broadcasts the advantages against log_probs ([B, 1] per sequence; [T] per position) and returns
+    the loss and KLs in the inputs' dtype; the adapter refused [B, 1] and float64, read [T] per sequence when
+    B == T, and returned fp32."""
+    lp, old, _, m, roll = _batch(13, B=5, T=5)
+    g = torch.Generator().manual_seed(1)
+    kw = dict(is_correction_level="token", is_correction_threshold=(0.5, 2.0))
+    for A in (torch.randn(5, 1, generator=g), torch.randn(5, generator=g)):
+        x = [t.to(dtype) for t in (lp, old, A, roll)]
+        want = orl.PolicyLoss(**kw)(x[0], x[1], x[2], m, rollout_log_probs=x[3])
+        got = fo.PolicyLoss(**kw)(x[0], x[1], x[2], m, rollout_log_probs=x[3])
+        assert [t.dtype for t in got] == [t.dtype for t in want], (A.shape, dtype)
+        if dtype != torch.bfloat16:  # OpenRLHF computes in bf16 there, the adapter in fp32
+            for name, f, v in zip(("loss", "clip_ratio", "ppo_kl", "vllm_kl", "is_filter_ratio"), got, want):
+                assert_close(f, v, atol=1e-6, rtol=1e-5, what=f"{name} {tuple(A.shape)}")
+    with pytest.raises(ValueError, match="advantages of shape"):
+        fo.PolicyLoss()(lp, old, torch.randn(3), m)
+
+
+def test_dpo_rewards_are_detached(orl):
+    """The rewards kept a graph to reference log-probs that required grad (OpenRLHF detaches them)."""
+    pc, pr, rc, rr = (t.clone().requires_grad_(True) for t in _dpo_inputs(3))
+    _, chosen, rejected = fo.DPOLoss(beta=0.1)(pc, pr, rc, rr)
+    assert not chosen.requires_grad and not rejected.requires_grad

@@ -71,8 +71,6 @@ FASTALIGN_KERNEL_BODY uint32_t chunk_body(const Cfg& c, const Row& R, const RowC
   const uint32_t m_k1 = mask_of(is_k1), m_abs = mask_of(is_abs), m_k2 = mask_of(is_k2), m_k3 = mask_of(is_k3);
   const uint32_t m_st = mask_of(straight), m_own = mask_of(!straight);
   const float w_row = PLAIN ? 1.f : x.w_row, rho_row = x.rho_row, cap = c.log_ratio_cap;
-  // 1 where the token's own ratio carries the gradient (0 at sequence level: see row_finish)
-  constexpr float w_tok = SEQ ? 0.f : 1.f;
   const bool kl_grad = c.kl_rho == kKLRhoGrad;
   // Options off become bounds that never bind (no runtime branches in the loop, so it vectorises): without
   // kl_clamp the k3 bounds are +-inf, and every k3 passes its gradient (an infinite or NaN x included).
@@ -155,7 +153,8 @@ FASTALIGN_KERNEL_BODY uint32_t chunk_body(const Cfg& c, const Row& R, const RowC
       const float dkl = keep_if(d, m_st) + keep_if(dkl_own, m_own);
       if (KLRHO) {  // K = KL * rho: d/dlp = rho dKL + [grad] KL drho (at sequence level through d_row)
         klv = rho_is * kv;
-        g += kl_coef * (rho_is * dkl + (kl_grad ? w_tok * drho_c * kv : 0.f));
+        // the token's own ratio carries the gradient at token level only (sequence level: see row_finish)
+        g += kl_coef * (rho_is * dkl + ((kl_grad && !SEQ) ? drho_c * kv : 0.f));
         grow += kl_grad ? kl_coef * kv : 0.f;
       } else {
         klv = kv;

@@ -150,12 +150,14 @@ struct LossConsts {
 
 template <int LT>
 FASTALIGN_KERNEL_BODY LossConsts loss_consts(const Cfg& c, const RowCtx& x) {
-  constexpr float kBig = std::numeric_limits<float>::max();
+  // an option that is off is an infinite bound (FLT_MAX would bind on an overflowed ratio: rho = inf > FLT_MAX,
+  // a finite loss and no gradient where the formula gives inf)
+  constexpr float kOff = std::numeric_limits<float>::infinity();
   const bool has_delta = LT == kPPO || LT == kGSPO || LT == kDPPOTV || LT == kDPPOKL;
   return LossConsts{c, c.eps_low, c.eps_high, 1.f - c.eps_low, 1.f + c.eps_high, c.cispo_lo, c.cispo_hi,
                     c.tau_pos, c.tau_neg, c.cov_kl_coef, c.dro_beta,
-                    (has_delta && c.delta > 0.f) ? c.delta : kBig,
-                    (LT == kPPO && c.dual_clip > 0.f) ? c.dual_clip : kBig,
+                    (has_delta && c.delta > 0.f) ? c.delta : kOff,
+                    (LT == kPPO && c.dual_clip > 0.f) ? c.dual_clip : kOff,
                     x.rho_row, x.gmpo_G, x.vespo_logw, x.vespo_w, x.drho_row};
 }
 
@@ -177,12 +179,14 @@ struct LossTerm {
 template <int LT, bool SEQ>
 FASTALIGN_KERNEL_BODY LossTerm loss_row(const LossConsts& k, const TokenIn& x) {
   constexpr bool PPO_ROW = LT == kPPO || LT == kGSPO || LT == kCLIPCOV;
-  constexpr float w_tok = SEQ ? 0.f : 1.f;
+  // at sequence level the token's own ratio passes no gradient: selected, not multiplied by 0 (0 * inf = NaN
+  // where a token's log-ratio overflows an uncapped exp)
+  const float drho_tok = SEQ ? 0.f : x.drho_c;
   const float a = x.a, l = x.l;
   LossTerm o{0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   if (PPO_ROW) {
     float rho = x.rho_is;
-    o.drho = w_tok * x.drho_c;
+    o.drho = drho_tok;
     if (LT == kGSPO) { rho = k.rho_row; o.drho = k.drho_row; }
     if (LT == kCLIPCOV) { rho = exp_f32(l); o.drho = rho; }
     const float r1 = rho > k.delta_b ? k.delta_b : rho;
@@ -223,7 +227,7 @@ FASTALIGN_KERNEL_BODY LossTerm loss_row(const LossConsts& k, const TokenIn& x) {
     const float s = 1.f / (1.f + exp_f32(-tau * (x.rho_is - 1.f)));
     o.pg = -(4.f / tau) * s * a;
     o.d_rho = -4.f * s * (1.f - s) * a;
-    o.drho = w_tok * x.drho_c;
+    o.drho = drho_tok;
   } else if (LT == kREINFORCE) {
     o.pg = -a * x.lp;
     o.d_own = -a;

@@ -15,7 +15,10 @@ old_log_probs``, ``A`` the advantages and ``m`` the action mask:
 aggregated as ``sum_m pg / batch_num_tokens * dp_size`` (``token_level_loss``; the local token
 mean without ``batch_num_tokens``) or ``sum_i mean_m(pg_i) / global_batch_size * dp_size`` over
 the non-empty sequences. ``forward`` returns ``(loss, clip_ratio, ppo_kl, vllm_kl,
-is_filter_ratio)``: ``clip_ratio = mean_m[clipped surrogate < unclipped]``, ``ppo_kl = mean_m(-l)``.
+is_filter_ratio)``: ``clip_ratio = mean_m[clipped surrogate < unclipped]``, ``ppo_kl = mean_m(-l)``;
+``loss``, ``ppo_kl`` and ``vllm_kl`` in the inputs' dtype as OpenRLHF (computed in fp32), the two ratios fp32. ``advantages`` broadcast against ``log_probs``
+as in OpenRLHF (``[B, T]``, ``[B, 1]`` per sequence; a ``[T]`` per position). A micro-batch with no
+valid token gives 0 (loss, ``clip_ratio``, ``ppo_kl``) where OpenRLHF divides 0 by 0 (NaN).
 
 Train/rollout correction (ppo, ``is_correction_level`` ``"token"`` or ``"seq"``) with
 ``r = exp(old_log_probs - rollout_log_probs)`` per token and ``[low, high] =
@@ -34,6 +37,7 @@ takes the sequence ratio against ``rollout_log_probs`` and no weight, as OpenRLH
 pairs; returns ``(loss, chosen_rewards, rejected_rewards)``, ``β(pc - rc)`` and ``β(pr - rr)``
 detached, per pair, in the inputs' dtype as OpenRLHF (bf16 in, bf16 out; computed in fp32, then
 cast). ``label_smoothing`` in ``[0, 1]``, as OpenRLHF; with ``ipo`` it raises (OpenRLHF ignores it).
+The reference log-probs get no gradient (OpenRLHF computes them without one).
 
 The ppo ratio clamps ``l`` to ``[-20, 20]`` as OpenRLHF does (``PolicyConfig.log_ratio_cap``, no
 gradient where the clamp binds); the gspo sequence ratio ``exp(mean_m l)`` has no clamp, as OpenRLHF's.
@@ -53,6 +57,19 @@ from fastalign.policy_config import PolicyConfig
 from fastalign.preference import preference_loss
 
 __all__ = ["PolicyLoss", "DPOLoss"]
+
+
+def _result_dtype(*tensors: Tensor) -> torch.dtype:
+    """OpenRLHF's result dtype: its inputs' promoted dtype (bf16 in: bf16 out; float64 in: float64 out)."""
+    out = tensors[0].dtype
+    for t in tensors[1:]:
+        out = torch.promote_types(out, t.dtype)
+    return out
+
+
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    """float64 as float32 (the kernels' widest input); other tensors as they are."""
+    return t.float() if t is not None and t.dtype == torch.float64 else t
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -139,6 +156,13 @@ class PolicyLoss(torch.nn.Module):
         """``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``; the last two are None without
         the train/rollout correction."""
         mask = torch.ones_like(log_probs, dtype=torch.bool) if action_mask is None else action_mask
+        out = _result_dtype(log_probs, old_log_probs, advantages)
+        log_probs, old_log_probs, rollout_log_probs = _f32(log_probs), _f32(old_log_probs), _f32(rollout_log_probs)
+        try:  # OpenRLHF's broadcasting: [B, T], [B, 1] (per sequence) or [T] (per position)
+            advantages = torch.broadcast_to(_f32(advantages), log_probs.shape)
+        except RuntimeError as e:
+            raise ValueError(f"advantages of shape {tuple(advantages.shape)} do not broadcast against log_probs "
+                             f"{tuple(log_probs.shape)}") from e
         corrected = self.is_correction_level != "off"
         if corrected and rollout_log_probs is None:
             raise ValueError("rollout_log_probs is required with is_correction_level != 'off'")
@@ -155,7 +179,8 @@ class PolicyLoss(torch.nn.Module):
         loss, met = policy_loss(log_probs, rollout_log_probs if gspo_vs_rollout else old_log_probs, advantages, mask,
                                 importance_weights=weight, config=cfg, **counts)
         ppo_kl = _masked_mean(old_log_probs - log_probs.detach(), mask) if gspo_vs_rollout else met["approx_kl"]
-        return loss, met["clipfrac"], ppo_kl, vllm_kl, is_filter_ratio
+        cast = (lambda t: None if t is None else t.to(out))  # the ratios of counts stay fp32, as OpenRLHF's
+        return cast(loss), met["clipfrac"], cast(ppo_kl), cast(vllm_kl), is_filter_ratio
 
 
 class DPOLoss(torch.nn.Module):
@@ -182,10 +207,9 @@ class DPOLoss(torch.nn.Module):
             kw.update(loss_type="sigmoid", label_smoothing=self.label_smoothing)
         inputs = (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
         loss, _ = preference_loss(*inputs, **kw)
-        out = policy_chosen_logps.dtype  # OpenRLHF's dtype (bf16 in: bf16 out)
-        for t in inputs[1:]:
-            out = torch.promote_types(out, t.dtype)
+        out = _result_dtype(*inputs)
         acc = torch.promote_types(out, torch.float32)  # computed in fp32, returned in the inputs' dtype
-        chosen_rewards = self.beta * (policy_chosen_logps.detach().to(acc) - reference_chosen_logps.to(acc))
-        rejected_rewards = self.beta * (policy_rejected_logps.detach().to(acc) - reference_rejected_logps.to(acc))
+        with torch.no_grad():
+            chosen_rewards = self.beta * (policy_chosen_logps.to(acc) - reference_chosen_logps.to(acc))
+            rejected_rewards = self.beta * (policy_rejected_logps.to(acc) - reference_rejected_logps.to(acc))
         return loss.to(out), chosen_rewards.to(out), rejected_rewards.to(out)
