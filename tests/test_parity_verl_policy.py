@@ -223,3 +223,40 @@ def test_dp_without_global_counts_as_verl(mode, agg):
     loss.backward()
     assert_close(loss, vl, atol=1e-6, rtol=1e-6, what="loss")
     assert_close(x.grad, vg, atol=1e-6, rtol=1e-5, what="d log_prob")
+
+
+@pytest.mark.parametrize("mode,agg", [("vanilla", "token-mean"), ("gspo", "token-mean"), ("geo_mean", "token-mean"),
+                                      ("sapo", "token-mean"), ("sapo", "seq-mean-token-mean")])
+def test_entropy_coeff_without_entropy_leaves_the_term_out_as_verl(mode, agg):
+    """verl's loss skips the entropy term when no entropy is given; the fused modes raised instead and the others
+    skipped it, by mode. Every mode now equals verl's own loss without the term."""
+    d = batch(seed=3)
+    actor = make_actor(mode, entropy_coeff=0.01, loss_agg_mode=agg)
+    want, want_grad, _, _ = verl_loss(actor, d["lp"], d["old"], d["A"], d["m"])
+    lp = d["lp"].clone().requires_grad_(True)
+    loss, _ = VerlPolicyLoss(actor)(lp, d["old"], d["A"], d["m"])
+    loss.backward()
+    assert_close(loss.double(), want, rtol=1e-5, atol=1e-6, what=f"{mode} loss")
+    assert_close(lp.grad.double(), want_grad, rtol=1e-5, atol=1e-6, what=f"{mode} grad")
+
+
+def test_errors_name_verl_keys():
+    """Bad verl values raised errors naming fastalign's fields (dual_clip, max_len, sapo_tau, cov_ratio, kl_coef,
+    global_seqs); they name verl's keys now, and a missing ref_log_prob is one ValueError in every mode."""
+    d = batch(seed=4)
+    args = (d["lp"], d["old"], d["A"], d["m"])
+    for actor, match in ((lambda: make_actor(clip_ratio_c=1.0), "^clip_ratio_c must be > 1"),
+                         (lambda: make_actor(loss_agg_mode="seq-mean-token-sum-norm", loss_scale_factor=0),
+                          "^loss_scale_factor must be"),
+                         (lambda: make_actor("sapo", tau_pos=0.0), "^tau_pos must be > 0"),
+                         (lambda: make_actor("kl_cov", dict(kl_cov_ratio=0.0)), r"^policy_loss\.kl_cov_ratio must"),
+                         (lambda: make_actor("clip_cov", dict(clip_cov_lb=5.0, clip_cov_ub=1.0)),
+                          r"^policy_loss\.clip_cov_lb must be < policy_loss\.clip_cov_ub"),
+                         (lambda: make_actor(use_kl_loss=True, kl_loss_coef=float("nan")), "^kl_loss_coef must be")):
+        with pytest.raises(ValueError, match=match):
+            VerlPolicyLoss(actor())(*args, ref_log_prob=d["lp"])
+    with pytest.raises(ValueError, match="^global_batch_size must be"):
+        VerlPolicyLoss(make_actor(loss_agg_mode="seq-mean-token-mean"))(*args, global_batch_size=0)
+    for mode in ("vanilla", "geo_mean", "sapo"):
+        with pytest.raises(ValueError, match="use_kl_loss=True needs ref_log_prob"):
+            VerlPolicyLoss(make_actor(mode, use_kl_loss=True))(*args)

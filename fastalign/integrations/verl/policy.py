@@ -43,6 +43,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
+from fastalign import _validate
 from fastalign.aggregate import aggregate_loss, counts_read
 from fastalign.kl import kl_penalty
 from fastalign.policy import policy_loss
@@ -86,9 +87,22 @@ def _get(cfg: Any, name: str, default=None):
     return default if v is None else v
 
 
+def _number(cfg: Any, key: str, default: float, *, above: Optional[float] = None, at_least: Optional[float] = None,
+            path: str = "") -> float:
+    """The finite number at verl's ``key`` (``default`` when unset), checked under verl's name (``path`` + ``key``):
+    ``> above`` and ``>= at_least`` when given."""
+    name = path + key
+    value = _validate.finite_number(name, _get(cfg, key, default))
+    if above is not None and not value > above:
+        raise ValueError(f"{name} must be > {above}, got {value}")
+    if at_least is not None and not value >= at_least:
+        raise ValueError(f"{name} must be >= {at_least}, got {value}")
+    return value
+
+
 def _clip_bounds(cfg: Any) -> tuple[float, float]:
-    ratio = float(_get(cfg, "clip_ratio", 0.2))
-    return float(_get(cfg, "clip_ratio_low", ratio)), float(_get(cfg, "clip_ratio_high", ratio))
+    ratio = _number(cfg, "clip_ratio", 0.2, at_least=0.0)
+    return (_number(cfg, "clip_ratio_low", ratio, at_least=0.0), _number(cfg, "clip_ratio_high", ratio, at_least=0.0))
 
 
 def verl_policy_config(actor: Any, *, fuse_terms: bool = True, loss_mode: Optional[str] = None,
@@ -113,29 +127,33 @@ def verl_policy_config(actor: Any, *, fuse_terms: bool = True, loss_mode: Option
     if agg.startswith("seq-mean"):
         opts["seq_count"] = "all" if row == "gmpo" else "nonempty"
     if agg == "seq-mean-token-sum-norm" and _get(actor, "loss_scale_factor") is not None:
-        opts["max_len"] = int(_get(actor, "loss_scale_factor"))
+        opts["max_len"] = _validate.at_least("loss_scale_factor", _get(actor, "loss_scale_factor"), 1)
     if row == "ppo":
-        opts["dual_clip"] = float(_get(actor, "clip_ratio_c", 3.0))
+        opts["dual_clip"] = _number(actor, "clip_ratio_c", 3.0, above=1.0)
     if row in ("dppo_tv", "dppo_kl"):  # clip_ratio_* are divergence bounds; clip_ratio_c truncates the ratio
-        opts["delta"] = float(_get(actor, "clip_ratio_c", 20.0))
+        opts["delta"] = _number(actor, "clip_ratio_c", 20.0, above=0.0)
     if row == "dro":
         beta = _get(pl, "dro_beta")
         if beta is None or not float(beta) > 0:
             raise ValueError(f"policy_loss.dro_beta must be > 0 for loss_mode 'dro', got {beta!r}")
         opts["dro_beta"] = float(beta)
     if row == "sapo":
-        opts["sapo_tau"] = (float(_get(actor, "tau_pos", 1.0)), float(_get(actor, "tau_neg", 1.05)))
+        opts["sapo_tau"] = (_number(actor, "tau_pos", 1.0, above=0.0), _number(actor, "tau_neg", 1.05, above=0.0))
+    pl_number = (lambda key, default, **kw: _number(pl, key, default, path="policy_loss.", **kw))
     if row == "clip_cov":
-        opts.update(cov_ratio=float(_get(pl, "clip_cov_ratio", 2e-4)), cov_lb=float(_get(pl, "clip_cov_lb", 1.0)),
-                    cov_ub=float(_get(pl, "clip_cov_ub", 5.0)))
+        lb, ub = pl_number("clip_cov_lb", 1.0), pl_number("clip_cov_ub", 5.0)
+        if not lb < ub:
+            raise ValueError(f"policy_loss.clip_cov_lb must be < policy_loss.clip_cov_ub, got {lb} and {ub}")
+        opts.update(cov_ratio=pl_number("clip_cov_ratio", 2e-4, above=0.0), cov_lb=lb, cov_ub=ub)
     if row == "kl_cov":
-        opts.update(cov_ratio=float(_get(pl, "kl_cov_ratio", 2e-4)), cov_kl_coef=float(_get(pl, "ppo_kl_coef", 1.0)))
+        opts.update(cov_ratio=pl_number("kl_cov_ratio", 2e-4, above=0.0),
+                    cov_kl_coef=pl_number("ppo_kl_coef", 1.0))
     if fuse_terms:
         if _get(actor, "use_kl_loss", False):
-            opts.update(kl_coef=float(_get(actor, "kl_loss_coef", 0.001)),
+            opts.update(kl_coef=_number(actor, "kl_loss_coef", 0.001),
                         kl_type=str(_get(actor, "kl_loss_type", "low_var_kl")))
-        if float(_get(actor, "entropy_coeff", 0.0)) != 0.0:
-            opts["entropy_coef"] = float(_get(actor, "entropy_coeff"))
+        if _number(actor, "entropy_coeff", 0.0) != 0.0:
+            opts["entropy_coef"] = _number(actor, "entropy_coeff", 0.0)
     return PolicyConfig(**opts)
 
 
@@ -154,9 +172,9 @@ class VerlPolicyLoss:
         self.loss_agg_mode = loss_agg_mode if loss_agg_mode is not None else _get(actor, "loss_agg_mode", "token-mean")
         # policy_term_only: the loss function verl's registry holds, without the KL and entropy terms
         self.use_kl = not policy_term_only and bool(_get(actor, "use_kl_loss", False))
-        self.kl_coef = float(_get(actor, "kl_loss_coef", 0.001))
+        self.kl_coef = _number(actor, "kl_loss_coef", 0.001)
         self.kl_type = str(_get(actor, "kl_loss_type", "low_var_kl"))
-        self.entropy_coeff = 0.0 if policy_term_only else float(_get(actor, "entropy_coeff", 0.0))
+        self.entropy_coeff = 0.0 if policy_term_only else _number(actor, "entropy_coeff", 0.0)
         # sapo and geo_mean aggregate their policy term on their own (geo_mean: a plain mean over the
         # local sequences, without the global counts): KL and entropy then run apart
         self.fused = self.mode == "sapo" and self.loss_agg_mode == _OWN_AGG["sapo"] or self.mode not in _OWN_AGG
@@ -168,6 +186,12 @@ class VerlPolicyLoss:
                  rollout_is_weights: Optional[Tensor] = None, dp_size: int = 1, batch_num_tokens=None,
                  global_batch_size=None) -> tuple[Tensor, dict]:
         cfg = self.config
+        if self.use_kl and ref_log_prob is None:
+            raise ValueError("use_kl_loss=True needs ref_log_prob (the reference policy's log-probs)")
+        if entropy is None and cfg.entropy_coef != 0.0:  # verl leaves the entropy term out without entropy
+            cfg = PolicyConfig.make(cfg, entropy_coef=0.0)
+        _validate.count("batch_num_tokens", batch_num_tokens)
+        _validate.count("global_batch_size", global_batch_size)
         # verl passes both counts; each aggregation reads its own
         own_agg = _OWN_AGG.get(self.mode, self.loss_agg_mode)
         pg_counts = {} if self.mode == "geo_mean" else counts_read(own_agg, batch_num_tokens, global_batch_size)
