@@ -108,6 +108,22 @@ def check_head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     _validate.nonempty(h_name, hidden, -1, "hidden-size (last)")
 
 
+def check_second_head(hidden: Tensor, weight: Tensor, other_hidden: Tensor, other_weight: Tensor,
+                      other_bias: Optional[Tensor], names: tuple[str, str], other_names: tuple[str, str, str]) -> None:
+    """A second head (a teacher's, a reference model's) against the first: :func:`check_head` of its own, the
+    leading shape of ``hidden`` (its hidden size may differ) and the vocabulary of ``weight``. ``names``: the
+    caller's names of ``hidden`` and ``weight``; ``other_names`` of the second head's three arguments."""
+    check_head(other_hidden, other_weight, other_bias, names=other_names)
+    (h_name, w_name), (oh_name, ow_name, _) = names, other_names
+    lead = tuple(hidden.shape[:-1])
+    if tuple(other_hidden.shape[:-1]) != lead:
+        raise ValueError(f"{oh_name} must have shape {(*lead, other_hidden.shape[-1])} ({h_name}.shape[:-1] + its "
+                         f"own hidden size), got {tuple(other_hidden.shape)}")
+    if other_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"{ow_name} must have {w_name}'s vocabulary ({weight.shape[0]} rows), got "
+                         f"{tuple(other_weight.shape)}")
+
+
 def check_head_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
                       low_rank=None) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """Check hidden states, lm_head weight (bias, low-rank term) and labels against each other (a

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from fastalign import _backend, _dtensor, _validate
 from fastalign._options import check_choice
-from fastalign.linear import check_head, check_logit_options
+from fastalign.linear import check_head, check_logit_options, check_second_head
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_divergence import DivergenceOptions, DivergencePass, Head
 
@@ -32,15 +32,9 @@ def check_tensors(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teache
     vocabulary, the mask and labels, one device."""
     n = names
     check_head(hidden, weight, bias, names=(n["hidden"], n["weight"], n["bias"]))
-    check_head(teacher_hidden, teacher_weight, teacher_bias,
-               names=(n["teacher_hidden"], n["teacher_weight"], n["teacher_bias"]))
+    check_second_head(hidden, weight, teacher_hidden, teacher_weight, teacher_bias, (n["hidden"], n["weight"]),
+                      (n["teacher_hidden"], n["teacher_weight"], n["teacher_bias"]))
     lead = tuple(hidden.shape[:-1])
-    if tuple(teacher_hidden.shape[:-1]) != lead:
-        raise ValueError(f"{n['teacher_hidden']} must have shape {(*lead, teacher_hidden.shape[-1])} "
-                         f"({n['hidden']}.shape[:-1] + (H_teacher,)), got {tuple(teacher_hidden.shape)}")
-    if teacher_weight.shape[0] != weight.shape[0]:
-        raise ValueError(f"{n['teacher_weight']} must have the student's vocabulary ({weight.shape[0]} rows, "
-                         f"{n['weight']}.shape[0]), got {tuple(teacher_weight.shape)}")
     if response_mask is not None:
         _validate.real(n["response_mask"], response_mask)
         _validate.shape(n["response_mask"], response_mask, lead, f"{n['hidden']}.shape[:-1]")

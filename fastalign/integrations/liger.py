@@ -77,7 +77,7 @@ from torch import Tensor, nn
 
 from fastalign import _validate
 from fastalign.integrations.trl.grpo import GRPO_LOSSES  # Liger's GRPO loss types are TRL's
-from fastalign.linear import check_head, linear_logprobs
+from fastalign.linear import check_head, check_second_head, linear_logprobs
 from fastalign.linear_policy import policy_step
 from fastalign.linear_step import separable_step
 from fastalign.policy import policy_loss
@@ -110,13 +110,8 @@ def _check_heads(_input: Tensor, lin_weight: Tensor, bias: Optional[Tensor], lab
     _validate.same_device(_input=_input, lin_weight=lin_weight, bias=bias, **{labels_name: labels})
     if ref_input is None or ref_weight is None:
         return
-    check_head(ref_input, ref_weight, ref_bias, names=("ref_input", "ref_weight", "ref_bias"))
-    if tuple(ref_input.shape[:-1]) != lead:
-        raise ValueError(f"ref_input must have shape {(*lead, ref_input.shape[-1])} (_input.shape[:-1] + (H_ref,)), "
-                         f"got {tuple(ref_input.shape)}")
-    if ref_weight.shape[0] != lin_weight.shape[0]:
-        raise ValueError(f"ref_weight must have lin_weight's vocabulary ({lin_weight.shape[0]} rows), got "
-                         f"{tuple(ref_weight.shape)}")
+    check_second_head(_input, lin_weight, ref_input, ref_weight, ref_bias, ("_input", "lin_weight"),
+                      ("ref_input", "ref_weight", "ref_bias"))
     _validate.same_device(_input=_input, ref_input=ref_input, ref_weight=ref_weight, ref_bias=ref_bias)
 
 
