@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 import trl
 
-from fastalign.integrations.hf import _full, known_head_transform
+from fastalign import _dtensor
+from fastalign.integrations.hf import known_head_transform
 from fastalign.linear_divergence import linear_divergence_loss
 
 __all__ = ["DistillationTrainer", "config_head_transform"]
@@ -84,7 +85,7 @@ class DistillationTrainer(trl.DistillationTrainer):
         device = student_head.weight.device
         student_config = unwrapped_student.config.get_text_config()
         teacher_config = unwrapped_teacher.config.get_text_config()
-        weight, teacher_weight = _full(student_head.weight), _full(teacher_head.weight)
+        weight, teacher_weight = _dtensor.full(student_head.weight), _dtensor.full(teacher_head.weight)
         student_hidden = student_hidden.to(device)
         teacher_hidden = teacher_hidden.to(device)
         # the head runs in the hidden states' dtype (a mixed-precision master copy is cast once)
@@ -97,7 +98,7 @@ class DistillationTrainer(trl.DistillationTrainer):
         teacher_scale, teacher_softcap = config_head_transform(teacher_config)
         loss, metrics = linear_divergence_loss(
             student_hidden, weight, teacher_hidden, teacher_weight, beta=self.beta, temperature=self.temperature,
-            bias=_full(student_head.bias), teacher_bias=_full(teacher_head.bias), logit_scale=scale, softcap=softcap,
+            bias=_dtensor.full(student_head.bias), teacher_bias=_dtensor.full(teacher_head.bias), logit_scale=scale, softcap=softcap,
             teacher_logit_scale=teacher_scale, teacher_softcap=teacher_softcap, response_mask=loss_mask.to(device),
             normalizer=normalizer)
         return loss, metrics["entropy_sum"], metrics["num_tokens"].long()
