@@ -53,6 +53,6 @@ def head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None, low_rank
     def of_head(name: str, t):
         return full(t) if vocab_group is None else _vocab_shard(name, t, vocab_group)
 
-    if low_rank is not None and isinstance(low_rank, (tuple, list)) and len(low_rank) == 2:
+    if isinstance(low_rank, (tuple, list)) and len(low_rank) == 2:  # else check_head_inputs names the mistake
         low_rank = (full(low_rank[0]), of_head("low_rank[1]", low_rank[1]))
     return full(hidden), of_head("weight", weight), of_head("bias", bias), low_rank

@@ -76,6 +76,7 @@ import torch
 from torch import Tensor, nn
 
 from fastalign import _validate
+from fastalign.integrations._dtypes import float64_as_float32
 from fastalign.integrations.trl.grpo import GRPO_LOSSES  # Liger's GRPO loss types are TRL's
 from fastalign.linear import check_head, check_second_head, linear_logprobs
 from fastalign.linear_policy import policy_step
@@ -113,11 +114,6 @@ def _check_heads(_input: Tensor, lin_weight: Tensor, bias: Optional[Tensor], lab
     check_second_head(_input, lin_weight, ref_input, ref_weight, ref_bias, ("_input", "lin_weight"),
                       ("ref_input", "ref_weight", "ref_bias"))
     _validate.same_device(_input=_input, ref_input=ref_input, ref_weight=ref_weight, ref_bias=ref_bias)
-
-
-def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
-    """A float64 tensor as float32, as Liger casts its per-token inputs; others as they are."""
-    return t.float() if t is not None and t.dtype == torch.float64 else t
 
 
 def _not_default(owner: str, loss_type: str, **given) -> None:
@@ -208,18 +204,19 @@ class LigerFusedLinearGRPOLoss(nn.Module):
                 ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
                 vllm_is_ratio: Optional[Tensor] = None, num_items_in_batch=None):
         """``(loss, (kl, clip_ratio))`` with ``beta != 0``, else ``(loss, (clip_ratio,))``."""
-        _check_heads(_input, lin_weight, bias, "selected_token_ids", selected_token_ids, ref_input, ref_weight, ref_bias)
-        B, T = selected_token_ids.shape if selected_token_ids.dim() == 2 else (None, None)
-        if B is None:
+        _check_heads(_input, lin_weight, bias, "selected_token_ids", selected_token_ids, ref_input, ref_weight,
+                     ref_bias)
+        if selected_token_ids.dim() != 2:
             raise ValueError(f"selected_token_ids must be [B, T], got shape {tuple(selected_token_ids.shape)}")
+        B, T = selected_token_ids.shape
         dev = dict(device=_input.device, device_of="_input")
         _validate.like((B, T), "selected_token_ids.shape", kind="real", **dev, attention_mask=attention_mask)
         _validate.like((B, T), "selected_token_ids.shape", **dev, old_per_token_logps=old_per_token_logps,
                        ref_per_token_logps=ref_per_token_logps)
         _validate.like((B,), "one per sequence", **dev, advantages=advantages)
         _validate.like([(B,), (B, 1), (B, T)], "one per sequence or per token", **dev, vllm_is_ratio=vllm_is_ratio)
-        old_per_token_logps, ref_per_token_logps = _f32(old_per_token_logps), _f32(ref_per_token_logps)
-        advantages, vllm_is_ratio = _f32(advantages), _f32(vllm_is_ratio)
+        old_per_token_logps, ref_per_token_logps, advantages, vllm_is_ratio = map(
+            float64_as_float32, (old_per_token_logps, ref_per_token_logps, advantages, vllm_is_ratio))
         if self.use_ref_model:
             if ref_per_token_logps is None and (ref_input is None or ref_weight is None):
                 raise ValueError("use_ref_model=True needs ref_per_token_logps, or ref_input and ref_weight")

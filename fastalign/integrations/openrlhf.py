@@ -16,7 +16,8 @@ aggregated as ``sum_m pg / batch_num_tokens * dp_size`` (``token_level_loss``; t
 mean without ``batch_num_tokens``) or ``sum_i mean_m(pg_i) / global_batch_size * dp_size`` over
 the non-empty sequences. ``forward`` returns ``(loss, clip_ratio, ppo_kl, vllm_kl,
 is_filter_ratio)``: ``clip_ratio = mean_m[clipped surrogate < unclipped]``, ``ppo_kl = mean_m(-l)``;
-``loss``, ``ppo_kl`` and ``vllm_kl`` in the inputs' dtype as OpenRLHF (computed in fp32), the two ratios fp32. ``advantages`` broadcast against ``log_probs``
+``loss``, ``ppo_kl`` and ``vllm_kl`` in the inputs' dtype as OpenRLHF (computed in fp32), the two ratios
+fp32. ``advantages`` broadcast against ``log_probs``
 as in OpenRLHF (``[B, T]``, ``[B, 1]`` per sequence; a ``[T]`` per position). A micro-batch with no
 valid token gives 0 (loss, ``clip_ratio``, ``ppo_kl``) where OpenRLHF divides 0 by 0 (NaN).
 
@@ -52,6 +53,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from fastalign.integrations._dtypes import float64_as_float32
 from fastalign.policy import policy_loss
 from fastalign.policy_config import PolicyConfig
 from fastalign.preference import preference_loss
@@ -65,11 +67,6 @@ def _result_dtype(*tensors: Tensor) -> torch.dtype:
     for t in tensors[1:]:
         out = torch.promote_types(out, t.dtype)
     return out
-
-
-def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
-    """float64 as float32 (the kernels' widest input); other tensors as they are."""
-    return t.float() if t is not None and t.dtype == torch.float64 else t
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -157,9 +154,10 @@ class PolicyLoss(torch.nn.Module):
         the train/rollout correction."""
         mask = torch.ones_like(log_probs, dtype=torch.bool) if action_mask is None else action_mask
         out = _result_dtype(log_probs, old_log_probs, advantages)
-        log_probs, old_log_probs, rollout_log_probs = _f32(log_probs), _f32(old_log_probs), _f32(rollout_log_probs)
+        log_probs, old_log_probs, rollout_log_probs = map(float64_as_float32,
+                                                          (log_probs, old_log_probs, rollout_log_probs))
         try:  # OpenRLHF's broadcasting: [B, T], [B, 1] (per sequence) or [T] (per position)
-            advantages = torch.broadcast_to(_f32(advantages), log_probs.shape)
+            advantages = torch.broadcast_to(float64_as_float32(advantages), log_probs.shape)
         except RuntimeError as e:
             raise ValueError(f"advantages of shape {tuple(advantages.shape)} do not broadcast against log_probs "
                              f"{tuple(log_probs.shape)}") from e

@@ -46,10 +46,11 @@ def shard_range(v_local: int, group, device) -> tuple[Tensor, Tensor]:
     from every rank's shard size ``v_local``, summed in one all-reduce (rank r writes its size at r)."""
     import torch.distributed as dist
 
+    rank = dist.get_rank(group)
     sizes = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=device)
-    sizes[dist.get_rank(group)] = v_local
+    sizes[rank] = v_local
     dist.all_reduce(sizes, op=dist.ReduceOp.SUM, group=group)
-    return sizes[:dist.get_rank(group)].sum(), sizes.sum()
+    return sizes[:rank].sum(), sizes.sum()
 
 
 def row_mass(hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t, ignore_index, backend, nc,
