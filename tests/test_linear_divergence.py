@@ -312,6 +312,26 @@ def test_a_large_logit_offset_keeps_the_divergence_precise(backend, beta):
     assert_close(wg.grad.double(), wd.grad, atol=1e-3 * float(wd.grad.abs().max()), rtol=0, what="d weight")
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("beta", [1 - 1e-9, 1 - 1e-7, 1e-50, 1e-9])
+def test_a_beta_within_fp32_rounding_of_0_or_1_stays_the_jsd(backend, beta):
+    """The C++ kernel rounded beta to fp32 before choosing the divergence: beta = 1 - 1e-9 gave the whole reverse
+    KL (6.07 here, not ~6e-9) and beta = 1e-50 the forward KL. The mode and 1 - beta come from the double now."""
+    h, w, b, ht, wt, bt, _ = _batch(2)
+    loss, _ = fastalign.linear_divergence_loss(h, w, ht, wt, bias=b, teacher_bias=bt, beta=beta, backend=backend)
+    ref, _ = R.linear_divergence_loss(h.detach().double(), w.detach().double(), ht.double(), wt.double(),
+                                      bias=b.detach().double(), teacher_bias=bt.double(), beta=beta)
+    assert abs(loss.item() - ref.item()) < 1e-6 + 1e-4 * abs(ref.item()), (loss.item(), ref.item())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_small_temperature_keeps_the_divergence_precise(backend):
+    """At T = 0.01 the C++ offsets z / T - max were fused into an FMA that kept the rounding of the max; they
+    are (z - max z) / T now."""
+    h, w, b, ht, wt, bt, _ = _batch(3)
+    _check(h, w, b, ht, wt, bt, beta=0.5, temperature=0.01, backend=backend, atol=2e-4, grad_atol=2e-4)
+
+
 def test_a_non_finite_unscored_row_adds_nothing_when_traced():
     """Traced, every row goes through the blocks: an unscored row whose hidden state is NaN must still add
     nothing to d(weight) (0 * NaN), as in the eager call, which skips it."""

@@ -5,11 +5,13 @@
 // student row in place. Rows are fp32 (the blocks of the fused head), spread over threads by
 // cpu/parallel.h; each row is computed by one thread, so results do not depend on the thread count.
 //
-// Per row, x = z / T: pass 1 the maxima (student, teacher, and the student at T = 1 for the NLL);
+// Per row, x = z / T: pass 1 the maxima of z (student, teacher; T > 0, so x's are at the same j);
 // pass 2 the sums s, t of the student (entropy), s of the teacher and of the NLL; pass 3 D and K
 // (the KL the gradient subtracts); pass 4 the gradient. A row whose mask is 0 gives zeros (and a zero
 // gradient row) without reading its logits; a label of ignore_index gives NLL 0 and no hard gradient;
 // a label outside [0, V) a NaN NLL. A NaN logit makes the row's outputs (and gradient) NaN.
+// Offsets from the max are formed as (z_j - max z) / T (token_stats.cpp says why), and beta's mode
+// and 1 - beta come from the double, so a beta within fp32 rounding of 0 or 1 stays the JSD.
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -28,52 +30,49 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 struct Maxima {
-  float s, t, one;  // student and teacher at the temperature, student at T = 1
+  float s, t;  // of the student's and the teacher's logits (also the student's at T = 1)
 };
 
-template <bool HARD>
 FASTALIGN_KERNEL_BODY Maxima row_maxima(const float* zs, const float* zt, int64_t V, float inv_t) {
-  float ms = -kInf, mt = -kInf, m1 = -kInf;
-#pragma omp simd reduction(max : ms, mt, m1)
+  float ms = -kInf, mt = -kInf;
+#pragma omp simd reduction(max : ms, mt)
   for (int64_t j = 0; j < V; ++j) {
-    const float xs = zs[j] * inv_t, xt = zt[j] * inv_t;
-    ms = xs > ms ? xs : ms;
-    mt = xt > mt ? xt : mt;
-    if (HARD) m1 = zs[j] > m1 ? zs[j] : m1;
+    ms = zs[j] > ms ? zs[j] : ms;
+    mt = zt[j] > mt ? zt[j] : mt;
   }
-  return {ms, mt, m1};
+  return {ms, mt};
 }
 
 struct Sums {
   float ss, ts, st, s1;
 };
 
-// refs: the maxima, 0 for a row of only -inf
+// rs, rt: the maxima, 0 for a row of only -inf
 template <bool HARD>
-FASTALIGN_KERNEL_BODY Sums row_sums(const float* zs, const float* zt, int64_t V, float inv_t, float rs, float rt,
-                                    float r1) {
+FASTALIGN_KERNEL_BODY Sums row_sums(const float* zs, const float* zt, int64_t V, float inv_t, float rs, float rt) {
   float ss = 0.f, ts = 0.f, st = 0.f, s1 = 0.f;
 #pragma omp simd reduction(+ : ss, ts, st, s1)
   for (int64_t j = 0; j < V; ++j) {
-    const float ds = zs[j] * inv_t - rs;
+    const float ds = (zs[j] - rs) * inv_t;
     const float es = exp_f32(ds);
     ss += es;
     ts += es > 0.f ? es * ds : 0.f;
-    st += exp_f32(zt[j] * inv_t - rt);
-    if (HARD) s1 += exp_f32(zs[j] - r1);
+    st += exp_f32((zt[j] - rt) * inv_t);
+    if (HARD) s1 += exp_f32(zs[j] - rs);
   }
   return {ss, ts, st, s1};
 }
 
-// The row's softmax states: x_j - m_s - log s_s is the student's log-prob (x_j - m first, so its error is its
-// own rounding at any logit scale, not that of |lse|; common/softmax_stats.h), the same for the teacher.
+// The row's softmax states: (z_j - zmax_s) / T - log s_s is the student's log-prob (the offset first, so its
+// error is its own rounding at any logit scale, not that of |lse|; common/softmax_stats.h), the same for the
+// teacher; beta and 1 - beta (omb) of the JSD.
 struct Row {
-  float m_s, log_ss, m_t, log_st, beta;
+  float zmax_s, log_ss, zmax_t, log_st, beta, omb;
 };
 
 // log m = log((1 - beta) p_s + beta p_t), from the probabilities (floored at -1e30 where both underflow)
-FASTALIGN_KERNEL_BODY float log_mixture(float ps, float pt, float beta) {
-  return log_f32((1.f - beta) * ps + beta * pt);
+FASTALIGN_KERNEL_BODY float log_mixture(float ps, float pt, const Row& R) {
+  return log_f32(R.omb * ps + R.beta * pt);
 }
 
 // pass 3: (D, K) of the row
@@ -83,11 +82,11 @@ FASTALIGN_KERNEL_BODY void row_divergence(const float* zs, const float* zt, int6
   float d = 0.f, k = 0.f;
 #pragma omp simd reduction(+ : d, k)
   for (int64_t j = 0; j < V; ++j) {
-    const float lps = softmax::log_p(zs[j] * inv_t - R.m_s, R.log_ss, 0.f);
-    const float lpt = softmax::log_p(zt[j] * inv_t - R.m_t, R.log_st, 0.f);
+    const float lps = softmax::log_p((zs[j] - R.zmax_s) * inv_t, R.log_ss, 0.f);
+    const float lpt = softmax::log_p((zt[j] - R.zmax_t) * inv_t, R.log_st, 0.f);
     const float ps = exp_f32(lps), pt = exp_f32(lpt);
-    const float lm = MODE == divergence::kJSD ? log_mixture(ps, pt, R.beta) : 0.f;
-    d += divergence::term(MODE, R.beta, ps, pt, lps, lpt, lm);
+    const float lm = MODE == divergence::kJSD ? log_mixture(ps, pt, R) : 0.f;
+    d += divergence::term(MODE, R.beta, R.omb, ps, pt, lps, lpt, lm);
     k += divergence::k_term(MODE, ps, lps, lpt, lm);
   }
   *d_out = d;
@@ -97,23 +96,23 @@ FASTALIGN_KERNEL_BODY void row_divergence(const float* zs, const float* zt, int6
 // pass 4: the gradient over zs in place (each element read before it is written)
 template <int MODE, bool HARD>
 FASTALIGN_KERNEL_BODY void row_gradient(float* zs, const float* zt, int64_t V, float inv_t, Row R, float K,
-                                        float g_soft, float g_hard, float m1, float log_s1) {
+                                        float g_soft, float g_hard, float log_s1) {
   const float gs = g_soft * inv_t;
 #pragma omp simd
   for (int64_t j = 0; j < V; ++j) {
     const float z = zs[j];
-    const float lps = softmax::log_p(z * inv_t - R.m_s, R.log_ss, 0.f);
-    const float lpt = softmax::log_p(zt[j] * inv_t - R.m_t, R.log_st, 0.f);
+    const float lps = softmax::log_p((z - R.zmax_s) * inv_t, R.log_ss, 0.f);
+    const float lpt = softmax::log_p((zt[j] - R.zmax_t) * inv_t, R.log_st, 0.f);
     const float ps = exp_f32(lps), pt = exp_f32(lpt);
-    const float lm = MODE == divergence::kJSD ? log_mixture(ps, pt, R.beta) : 0.f;
-    float g = gs * divergence::grad(MODE, R.beta, ps, pt, lps, lpt, lm, K);
-    if (HARD) g += g_hard * exp_f32(softmax::log_p(z - m1, log_s1, 0.f));
+    const float lm = MODE == divergence::kJSD ? log_mixture(ps, pt, R) : 0.f;
+    float g = gs * divergence::grad(MODE, R.omb, ps, pt, lps, lpt, lm, K);
+    if (HARD) g += g_hard * exp_f32(softmax::log_p(z - R.zmax_s, log_s1, 0.f));
     zs[j] = g;
   }
 }
 
 using DivergenceFn = void (*)(const float*, const float*, int64_t, float, Row, float*, float*);
-using GradientFn = void (*)(float*, const float*, int64_t, float, Row, float, float, float, float, float);
+using GradientFn = void (*)(float*, const float*, int64_t, float, Row, float, float, float, float);
 
 template <int MODE>
 GradientFn gradient_variant(bool hard) {
@@ -125,10 +124,10 @@ void rows(uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_
           const float* g_hard, float* div, float* ent, float* nll) {
   float* zs_base = reinterpret_cast<float*>(student);
   const float* zt_base = reinterpret_cast<const float*>(teacher);
-  const float inv_t = float(inv_t_d), beta = float(beta_d);
-  const int mode = divergence::mode_of(beta);
+  const float inv_t = float(inv_t_d), beta = float(beta_d), omb = float(1.0 - beta_d);
+  const int mode = divergence::mode_of(beta_d);
   const bool hard = labels != nullptr;
-  const auto max_fn = hard ? isa::best<row_maxima<true>>() : isa::best<row_maxima<false>>();
+  const auto max_fn = isa::best<row_maxima>();
   const auto sum_fn = hard ? isa::best<row_sums<true>>() : isa::best<row_sums<false>>();
   const DivergenceFn div_fn = mode == divergence::kForwardKL   ? isa::best<row_divergence<divergence::kForwardKL>>()
                               : mode == divergence::kReverseKL ? isa::best<row_divergence<divergence::kReverseKL>>()
@@ -152,10 +151,10 @@ void rows(uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_
         continue;
       }
       const Maxima m = max_fn(zs, zt, V, inv_t);
-      const float rs = m.s == -kInf ? 0.f : m.s, rt = m.t == -kInf ? 0.f : m.t, r1 = m.one == -kInf ? 0.f : m.one;
-      const Sums s = sum_fn(zs, zt, V, inv_t, rs, rt, r1);
+      const float rs = m.s == -kInf ? 0.f : m.s, rt = m.t == -kInf ? 0.f : m.t;
+      const Sums s = sum_fn(zs, zt, V, inv_t, rs, rt);
       const float log_ss = std::log(s.ss);
-      const Row R{rs, log_ss, rt, std::log(s.st), beta};
+      const Row R{rs, log_ss, rt, std::log(s.st), beta, omb};
       ent[r] = softmax::entropy(log_ss, s.ts, s.ss);
       float D, K;
       div_fn(zs, zt, V, inv_t, R, &D, &K);
@@ -163,10 +162,10 @@ void rows(uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_
       const int64_t y = hard ? labels[r] : ignore_index;
       const bool labelled = hard && y != ignore_index;
       const float log_s1 = hard ? std::log(s.s1) : 0.f;
-      if (nll) nll[r] = !labelled ? 0.f : (y >= 0 && y < V ? -softmax::logprob(zs[y], r1, log_s1) : kNaN);
+      if (nll) nll[r] = !labelled ? 0.f : (y >= 0 && y < V ? -softmax::logprob(zs[y], rs, log_s1) : kNaN);
       if (g_soft) {
         const float gh = labelled && g_hard ? g_hard[r] : 0.f;
-        (gh != 0.f ? grad_hard_fn : grad_soft_fn)(zs, zt, V, inv_t, R, K, g_soft[r], gh, r1, log_s1);
+        (gh != 0.f ? grad_hard_fn : grad_soft_fn)(zs, zt, V, inv_t, R, K, g_soft[r], gh, log_s1);
         if (gh != 0.f) {
           if (y >= 0 && y < V) zs[y] -= gh;
           else

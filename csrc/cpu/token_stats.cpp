@@ -1,8 +1,10 @@
 // Per-token statistics of a logits row, fused (docs/math.md#token-statistics), on the CPU.
 //
 // Forward, one row z[0..V) at a time (rows spread over threads by cpu/parallel.h), x = z / T:
-// pass 1 the row max m, pass 2 s, t (and q) relative to it; common/softmax_stats.h finishes
-// lse, log-prob, entropy and sum p^2. A row of only -inf has no mass: lse = -inf and the other
+// pass 1 the row max, pass 2 s, t (and q) relative to it; common/softmax_stats.h finishes
+// lse, log-prob, entropy and sum p^2. The offsets x_j - m are formed as (z_j - max z) / T, a
+// product after the difference: exactly 0 at the max at any temperature, where z_j / T - m would
+// be fused into one FMA that keeps the rounding of m (a log-prob off by 1e-2 at T = 1e-6). A row of only -inf has no mass: lse = -inf and the other
 // statistics NaN (as log_softmax); as a vocabulary piece it merges with weight 0.
 //
 // Backward (common/softmax_stats.h for the gradient): one pass over the row, plus one before it
@@ -29,15 +31,16 @@ using softmax::RowLayout;
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 struct RowStats {
-  float m, ref, s, t, q;  // ref: m, or 0 for a row of only -inf (then s = t = q = 0)
+  float m, z_max, z_ref, s, t, q;  // m = max x; z_ref = max z, or 0 for a row of only -inf (then s = t = q = 0)
 };
 
+// max_j z_j (T > 0, so x's max is at the same j)
 template <int D>
-FASTALIGN_KERNEL_BODY float row_max(const typename Storage<D>::T* z, int64_t V, float inv_t) {
+FASTALIGN_KERNEL_BODY float row_max(const typename Storage<D>::T* z, int64_t V) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < V; ++j) {
-    const float x = Storage<D>::load(z[j]) * inv_t;
+    const float x = Storage<D>::load(z[j]);
     m = x > m ? x : m;
   }
   return m;
@@ -46,24 +49,24 @@ FASTALIGN_KERNEL_BODY float row_max(const typename Storage<D>::T* z, int64_t V, 
 // WANT_Q: also q (sum p^2 is asked for).
 template <int D, bool WANT_Q>
 FASTALIGN_KERNEL_BODY RowStats row_stats(const typename Storage<D>::T* z, int64_t V, float inv_t) {
-  const float m = row_max<D>(z, V, inv_t);
-  const float ref = m == -std::numeric_limits<float>::infinity() ? 0.f : m;
+  const float z_max = row_max<D>(z, V);
+  const float z_ref = z_max == -std::numeric_limits<float>::infinity() ? 0.f : z_max;
   float s = 0.f, t = 0.f, q = 0.f;
 #pragma omp simd reduction(+ : s, t, q)
   for (int64_t j = 0; j < V; ++j) {
-    const float d = Storage<D>::load(z[j]) * inv_t - ref;
+    const float d = (Storage<D>::load(z[j]) - z_ref) * inv_t;  // x_j - m
     const float e = exp_f32(d);
     s += e;
     t += e > 0.f ? e * d : 0.f;
     if (WANT_Q) q += e * e;
   }
-  return {m, ref, s, t, q};
+  return {z_max * inv_t, z_max, z_ref, s, t, q};
 }
 
 template <int D>
-int64_t row_argmax(const typename Storage<D>::T* z, int64_t V, float inv_t, float m) {
+int64_t row_argmax(const typename Storage<D>::T* z, int64_t V, float z_max) {
   for (int64_t j = 0; j < V; ++j)
-    if (Storage<D>::load(z[j]) * inv_t == m) return j;
+    if (Storage<D>::load(z[j]) == z_max) return j;
   return 0;  // only for rows of NaN
 }
 
@@ -94,19 +97,20 @@ void forward(uintptr_t logits, RowLayout L, int64_t N, int64_t V, const int64_t*
         if (o.lse) o.lse[r] = 0.f;
         if (o.log_sum) o.log_sum[r] = 0.f;
         if (o.amax || o.row_max) {
-          const float m = max_fn(z, V, inv_t);
-          if (o.row_max) o.row_max[r] = m;
-          if (o.amax) o.amax[r] = row_argmax<D>(z, V, inv_t, m);
+          const float z_max = max_fn(z, V);
+          if (o.row_max) o.row_max[r] = z_max * inv_t;
+          if (o.amax) o.amax[r] = row_argmax<D>(z, V, z_max);
         }
         continue;
       }
       const RowStats st = stats_fn(z, V, inv_t);
       const float log_s = std::log(st.s);
-      if (o.amax) o.amax[r] = row_argmax<D>(z, V, inv_t, st.m);
+      if (o.amax) o.amax[r] = row_argmax<D>(z, V, st.z_max);
       if (o.lse) o.lse[r] = softmax::log_sum_exp(st.m, log_s);
       if (o.row_max) o.row_max[r] = st.m;
       if (o.log_sum) o.log_sum[r] = log_s;
-      if (o.lp) o.lp[r] = (y >= 0 && y < V) ? softmax::logprob(Storage<D>::load(z[y]) * inv_t, st.ref, log_s) : kNaN;
+      // logprob(x_y, m, log s) with x_y - m as the offsets above: (z_y - max z) / T, and m = 0
+      if (o.lp) o.lp[r] = (y >= 0 && y < V) ? softmax::logprob((Storage<D>::load(z[y]) - st.z_ref) * inv_t, 0.f, log_s) : kNaN;
       if (o.ent) o.ent[r] = softmax::entropy(log_s, st.t, st.s);
       if (o.sp2) o.sp2[r] = softmax::sum_p2(st.q, st.s);
     }

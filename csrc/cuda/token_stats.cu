@@ -49,12 +49,17 @@ template <> __device__ __forceinline__ float from_f32<float>(float v) { return v
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half(v); }
 
+// x = z / T as a rounded product that is never fused into an FMA with a later subtraction: the row
+// max m is one of these x, so x - m is exactly 0 at the max at any temperature (fused, it would keep
+// the rounding of m: a log-prob off by 1e-2 at T = 1e-6), and log c sums the same x as the backward.
+template <typename T> __device__ __forceinline__ float scaled(T z, float inv_t) { return __fmul_rn(to_f32(z), inv_t); }
+
 template <typename T>
 struct Pack {  // one 16-byte vector of T
   static constexpr int N = 16 / sizeof(T);
   uint4 raw;
-  __device__ __forceinline__ float get(int k, float scale) const {
-    return to_f32(reinterpret_cast<const T*>(&raw)[k]) * scale;
+  __device__ __forceinline__ float get(int k, float inv_t) const {
+    return scaled(reinterpret_cast<const T*>(&raw)[k], inv_t);
   }
   __device__ __forceinline__ void set(int k, float v) { reinterpret_cast<T*>(&raw)[k] = from_f32<T>(v); }
 };
@@ -193,7 +198,7 @@ __global__ void __launch_bounds__(kThreads) token_stats_fwd_kernel(
       add<FULL>(st, x, i * P::N);
     }
     for (int64_t j = nvec * P::N + threadIdx.x; j < V; j += kThreads) {
-      const float x[1] = {to_f32(z[j]) * inv_t};
+      const float x[1] = {scaled(z[j], inv_t)};
       add<FULL>(st, x, j);
     }
   }
@@ -209,7 +214,7 @@ __global__ void __launch_bounds__(kThreads) token_stats_fwd_kernel(
   }
   const float log_s = logf(st.s);
   lse_out[r] = softmax::log_sum_exp(st.m, log_s);
-  lp[r] = (y >= 0 && y < V) ? softmax::logprob(to_f32(z[y]) * inv_t, st.m, log_s) : NAN;
+  lp[r] = (y >= 0 && y < V) ? softmax::logprob(scaled(z[y], inv_t), st.m, log_s) : NAN;
   if (ent) ent[r] = softmax::entropy(log_s, st.t, st.s);
   if (sp2) sp2[r] = softmax::sum_p2(st.q, st.s);
 }
@@ -244,7 +249,7 @@ __global__ void __launch_bounds__(kThreads) token_stats_bwd_kernel(
   float log_c = 0.f;
   if (keep && fabsf(row_lse) >= softmax::kRenormaliseAbove) {  // the same for the whole block
     float c = 0.f;
-    for (int64_t j = threadIdx.x; j < V; j += kThreads) c += __expf(to_f32(z[j]) * inv_t - row_lse);
+    for (int64_t j = threadIdx.x; j < V; j += kThreads) c += __expf(scaled(z[j], inv_t) - row_lse);
     log_c = logf(block_sum(c));  // its barriers: every read of z here precedes any write of dz
   }
   const RowGrad<FULL> f{(keep && g_lp) ? g_lp[r] : 0.f, (keep && g_h && ent) ? g_h[r] : 0.f,
@@ -277,7 +282,7 @@ __global__ void __launch_bounds__(kThreads) token_stats_bwd_kernel(
     dv[i] = pk.raw;
   }
   for (int64_t j = nvec * P::N + threadIdx.x; j < V; j += kThreads)
-    dz[j] = from_f32<T>(keep ? f(to_f32(z[j]) * inv_t, int(j)) : 0.f);
+    dz[j] = from_f32<T>(keep ? f(scaled(z[j], inv_t), int(j)) : 0.f);
 }
 
 
