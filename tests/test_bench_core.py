@@ -269,6 +269,32 @@ def test_readme_table_shows_the_newest_run_of_a_case(tmp_path):
     assert "| 2.00 |" in table and "| 1.00 |" not in table and "| 3.00 |" in table
 
 
+def test_linear_logprobs_peers_run_on_cuda_only(monkeypatch):
+    """Liger's fused cross-entropy and cut-cross-entropy are Triton GPU kernels: off CUDA they are skipped, never
+    built and timed into an error row (as if installed here: a stand-in is importable)."""
+    from fastalign.bench.cases import linear_logprobs
+
+    class Peer:
+        def __init__(self, **kw):
+            pass
+
+    monkeypatch.setattr(linear_logprobs, "optional_impl", lambda module, *names: (Peer,))
+    impls = linear_logprobs._make_build(8, 16, 64, torch.float32)(CPU, "fwd")
+    assert impls["liger (CE)"] is None and impls["cut-cross-entropy"] is None and impls["fastalign"] is not None
+    peers = linear_logprobs._peers(torch.device("cuda"))
+    assert isinstance(peers["liger (CE)"], Peer) and peers["cut-cross-entropy"] is Peer
+
+
+def test_repeats_is_a_floor_and_its_help_says_so():
+    from fastalign.bench.__main__ import build_parser
+
+    clock = FakeClock()
+    out = core.time_steps({"A": clock.step("A", [0.01])}, CPU, repeats=3, budget_s=100.0, clock=clock)
+    assert out["A"]["runs"] > 3  # fast steps run until a second has passed
+    text = " ".join(build_parser().format_help().split())
+    assert "--repeats REPEATS timed runs per step: at least this many" in text
+
+
 def test_linear_cross_entropy_case_implementations_agree():
     """The SFT-loss case's implementations compute one loss, forward and with their backward (its tiny warmup
     shape on the CPU; the gradients of both fastalign paths are tested against float64 elsewhere)."""
@@ -306,12 +332,58 @@ def _usage_error(capsys, argv) -> str:
     (["--budget", "-1"], ["--budget"]),
     (["--budget", "0"], ["--budget"]),
     (["--total-budget", "-5"], ["--total-budget"]),
+    (["--total-budget", "inf"], ["--total-budget", "finite"]),  # was taken, then every row an OverflowError
+    (["--total-budget", "nan"], ["--total-budget"]),
+    (["--budget", "inf"], ["--budget", "finite"]),
     (["--cases", " , "], ["--cases"]),
 ])
 def test_cli_refuses_values_that_select_nothing_or_make_no_sense(capsys, argv, names):
     err = _usage_error(capsys, argv)
     for name in names:
         assert name in err, err
+
+
+@pytest.mark.parametrize("option, where", [("--json", "missing/x.json"), ("--plot", "missing/x.png"),
+                                           ("--json", "."), ("--record", "a_file"), ("--record", "a_file/sub")])
+def test_cli_refuses_output_paths_before_the_run(tmp_path, monkeypatch, capsys, option, where):
+    """An output the run could not write at its end is a usage error before anything is measured."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    err = _usage_error(capsys, ["--ops", "group_advantages", option, where])
+    assert f"argument {option}: cannot write" in err and where in err, err
+
+
+def test_a_late_write_error_loses_no_result(tmp_path, monkeypatch, capsys):
+    """An output that cannot be written when the run ends (its directory removed meanwhile) is reported, not
+    raised: the other outputs are written, and JSON results with nowhere to go are kept in a temporary file."""
+    import os
+    import shutil
+
+    from fastalign.bench import __main__ as bench
+
+    env = {"device": "CPU Test", "date": "2026-12-01T10:00:00+00:00", "torch": "t", "triton": None,
+           "fastalign": "f", "python": "p", "command": "fastalign-bench"}
+    monkeypatch.setattr(core, "environment", lambda device: dict(env))
+    gone = tmp_path / "gone"
+
+    def run_then_lose_the_directory(args, env):
+        shutil.rmtree(gone)
+        return _fake_run(True)(args, env)
+
+    monkeypatch.setattr(bench, "run", run_then_lose_the_directory)
+    rec = tmp_path / "rec"
+    gone.mkdir()
+    assert bench.main(["--ops", "policy_loss", "--record", str(rec), "--json", str(gone / "x.json")]) == 1
+    out = capsys.readouterr()
+    assert "argument --json: cannot write" in out.err and "Traceback" not in out.err
+    assert len(list(rec.glob("*.json"))) == 1 and len(list(rec.glob("*.md"))) == 1
+    gone.mkdir()
+    assert bench.main(["--ops", "policy_loss", "--json", str(gone / "x.json")]) == 1
+    kept = re.search(r"the results are in (\S+) instead", capsys.readouterr().err).group(1)
+    try:
+        assert json.load(open(kept))["results"][0]["median_ms"] == 1.0
+    finally:
+        os.remove(kept)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")
@@ -576,3 +648,22 @@ def test_summary_of_a_file_that_is_not_a_run(tmp_path, capsys):
     other.write_text('{"trainer": "grpo", "peak_rss": 1}')
     assert summary.main([str(other)]) == 1
     assert "not a fastalign-bench run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, readme", [(None, False), ("not json", False), ("[1, 2]", False), ("5", True)])
+def test_summary_refuses_a_file_it_cannot_read(tmp_path, capsys, content, readme):
+    """A missing file, one that is not JSON or one holding a JSON value other than an object is a usage error
+    (exit status 2, one error line, no traceback), found before the README is rewritten."""
+    from fastalign.bench import summary
+
+    path = tmp_path / "run.json"
+    if content is not None:
+        path.write_text(content)
+    readme_path = tmp_path / "README.md"
+    readme_path.write_text("# x\n")
+    with pytest.raises(SystemExit) as e:
+        summary.main((["--readme", str(readme_path)] if readme else []) + [str(path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("python -m fastalign.bench.summary: error: argument files: ")
+    assert str(path) in err and readme_path.read_text() == "# x\n"

@@ -144,3 +144,32 @@ def test_command_line_options(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--no-such-option"])
     assert e.value.code == 2 and "--no-such-option" in capsys.readouterr().err
+
+
+def test_info_reports_what_runs_under_a_forced_backend(monkeypatch):
+    """Under FASTALIGN_BACKEND=triton on CPU tensors: without the interpreter, the ops info lists as "none"
+    refuse to run; with it, the Clip-Cov / KL-Cov selection runs the family info names (plain torch, the same
+    picks as the C++ kernels of ``auto``)."""
+    from fastalign.ops import cov_fallback, policy_loss as ops
+
+    row = "policy_loss (clip_cov/kl_cov selection)"
+    g = torch.Generator().manual_seed(0)
+    x, m8 = torch.randn(3, 5, generator=g), (torch.rand(3, 5, generator=g) > 0.3).to(torch.uint8)
+    monkeypatch.setenv("FASTALIGN_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cpu_ops = fastalign.info()["cpu_ops"]
+    for name, call in ((row, lambda: fastalign.policy_loss(x, x, x, m8.float(), loss_type="clip_cov")),
+                       ("group_advantages", lambda: fastalign.group_advantages(x[0], torch.arange(5) // 3))):
+        assert cpu_ops[name].startswith("none") and "TRITON_INTERPRET" in cpu_ops[name], (name, cpu_ops[name])
+        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+            call()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fastalign.info()["cpu_ops"][row] == "torch"
+    ran, real = [], cov_fallback.cov_select
+    monkeypatch.setattr(cov_fallback, "cov_select", lambda *a: ran.append("torch") or real(*a))
+    sums = ops.cov_sums(x, x, m8)
+    args = (x, x, x, m8, sums, sums[2:3].clone(), torch.tensor([3]), 1, 0.2, -1.0, 5.0, 0.2, 0.28)
+    picked = ops.cov_select(*args)
+    assert ran == ["torch"]
+    with fastalign.use_backend("auto"):
+        assert torch.equal(ops.cov_select(*args), picked) and ran == ["torch"]

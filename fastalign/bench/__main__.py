@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import sys
+import tempfile
 
 import torch
 
@@ -48,24 +50,26 @@ def _modes(text: str) -> list:
 
 
 def _positive(kind):
+    """A parser of a positive, finite number of type ``kind``."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be positive and finite, got {text}")
         return value
     return parse
 
 
 def _seconds_or_none(text: str) -> float:
+    """Seconds of a time limit: 0 (no limit) or a positive, finite number."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or positive, got {text}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or positive and finite, got {text}")
     return value
 
 
@@ -78,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", default=None, type=_list_of("substrings"),
                    help="comma-separated substrings of case labels (e.g. 2048x152064); each must match a case")
     p.add_argument("--modes", default=",".join(MODES), type=_modes, help="comma-separated: fwd, fwd+bwd")
-    p.add_argument("--repeats", type=_positive(int), default=None, help="timed runs per step (default 5 quick, 20 full)")
+    p.add_argument("--repeats", type=_positive(int), default=None,
+                   help="timed runs per step: at least this many (more until the rounds have taken a second, at "
+                        "most 1000), unless --budget runs out first (default 5 quick, 20 full)")
     p.add_argument("--budget", type=_positive(float), default=None,
                    help="seconds of timed rounds per case and mode, all implementations together, before "
                         "stopping early (default 4 quick, 20 full)")
@@ -121,12 +127,39 @@ def _device(p: argparse.ArgumentParser, args) -> str:
     return device.type
 
 
+def _unwritable(path: str, directory: bool = False):
+    """Why the run could not write ``path`` when it ends (None when it can): a file needs an existing, writable
+    directory and must not be a directory; a ``directory`` (--record) must be one, or be creatable in the
+    nearest existing directory above it."""
+    path = os.path.abspath(path)
+    if directory and os.path.exists(path) and not os.path.isdir(path):
+        return f"{path} exists and is not a directory"
+    if not directory and os.path.isdir(path):
+        return f"{path} is a directory"
+    parent = path if directory else os.path.dirname(path)
+    while directory and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is not a directory" if os.path.exists(parent) else f"directory {parent} does not exist"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"directory {parent} is not writable"
+    if not directory and os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"{path} is not writable"
+    return None
+
+
 def parse_args(argv=None):
-    """The parsed options, each checked: a value that selects nothing, or a device that cannot run here, is a
-    usage error rather than an empty run. ``args.device_type`` is the device type the cases are selected for."""
+    """The parsed options, each checked: a value that selects nothing, a device that cannot run here, or an
+    output path the run could not write at its end, is a usage error rather than an empty or lost run.
+    ``args.device_type`` is the device type the cases are selected for."""
     p = build_parser()
     args = p.parse_args(argv)
     args.device_type = _device(p, args)
+    for option, path, directory in (("--json", args.json, False), ("--plot", args.plot, False),
+                                    ("--record", args.record, True)):
+        why = path and _unwritable(path, directory)
+        if why:
+            p.error(f"argument {option}: cannot write {path!r}: {why}")
     try:
         selected_cases(args, args.device_type)
     except ValueError as e:
@@ -327,6 +360,27 @@ def list_cases(args) -> None:
               f"{'/'.join(m for m in c.modes if m in modes):11s} vs {c.baseline}")
 
 
+def _text_writer(text: str):
+    """A writer of ``text`` for :func:`_save`."""
+    def write(path: str) -> None:
+        with open(path, "w") as f:
+            f.write(text)
+    return write
+
+
+def _save(option: str, path: str, write) -> bool:
+    """``write(path)``, then "wrote PATH"; whether it was written. An OSError (a disk filled, a directory
+    removed during the run) is reported on stderr, naming ``option``, instead of raised: it loses none of the
+    run's other outputs."""
+    try:
+        write(path)
+    except OSError as e:
+        print(f"fastalign-bench: argument {option}: cannot write {path}: {e.strerror or e}", file=sys.stderr)
+        return False
+    print(f"wrote {path}")
+    return True
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list:
@@ -347,29 +401,35 @@ def main(argv=None) -> int:
     if stem is not None and not timed:
         print(f"fastalign-bench: --record: no row was timed (every implementation was skipped or failed); "
               f"nothing recorded under {stem}", file=sys.stderr)
-    elif stem is not None:
+    results = json.dumps(data, indent=1)
+    json_saved = []  # per JSON file of the results asked for: whether it was written
+    saved = []
+    if stem is not None and timed:
         from fastalign.bench import summary
 
-        os.makedirs(args.record, exist_ok=True)
-        with open(stem + ".json", "w") as f:
-            json.dump(data, f, indent=1)
-        print(f"wrote {stem}.json")
-        with open(stem + ".md", "w") as f:  # it sits beside the JSON it cites
-            f.write(summary.markdown(data, os.path.basename(stem + ".json")))
-        print(f"wrote {stem}.md")
-        report.plot(data, stem + ".png")
-        print(f"wrote {stem}.png")
+        def record_json(path):
+            os.makedirs(args.record, exist_ok=True)
+            _text_writer(results)(path)
+
+        json_saved.append(_save("--record", stem + ".json", record_json))
+        # the markdown sits beside the JSON it cites
+        saved.append(_save("--record", stem + ".md", _text_writer(summary.markdown(data, os.path.basename(
+            stem + ".json")))))
+        saved.append(_save("--record", stem + ".png", lambda path: report.plot(data, path)))
     recorded = (stem + ".json", stem + ".png") if stem is not None and timed else ()
     if args.json and os.path.abspath(args.json) not in map(os.path.abspath, recorded):
-        with open(args.json, "w") as f:
-            json.dump(data, f, indent=1)
-        print(f"wrote {args.json}")
+        json_saved.append(_save("--json", args.json, _text_writer(results)))
     if args.plot and os.path.abspath(args.plot) not in map(os.path.abspath, recorded):
-        if report.plot(data, args.plot):
-            print(f"wrote {args.plot}")
+        if timed:
+            saved.append(_save("--plot", args.plot, lambda path: report.plot(data, path)))
         else:
             print(f"nothing to plot: no row was timed ({args.plot} not written)")
-    if stem is not None and not timed:
+    if json_saved and not any(json_saved):  # the results are kept somewhere all the same
+        fd, path = tempfile.mkstemp(prefix="fastalign-bench-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            f.write(results)
+        print(f"fastalign-bench: the results are in {path} instead", file=sys.stderr)
+    if (stem is not None and not timed) or not all(json_saved + saved):
         return 1
     return 0
 

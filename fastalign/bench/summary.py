@@ -68,7 +68,7 @@ def readme_table(files) -> str:
     for path in files:
         with open(path) as f:
             data = json.load(f)
-        if "results" not in data:  # not a fastalign-bench run (e.g. a single-case script's record)
+        if not isinstance(data, dict) or "results" not in data:  # not a run (a single-case script's record)
             continue
         env = data["environment"]
         cite = f"{env['device']}, {env['date'][:10]} (`{os.path.basename(path)}`)"
@@ -97,20 +97,43 @@ def update_readme(readme: str, files) -> None:
         f.write(text)
 
 
+#: what a JSON value that is not an object is, by its Python type
+JSON_KINDS = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number",
+              type(None): "null"}
+
+
+def _load(p: argparse.ArgumentParser, path: str) -> dict:
+    """The JSON object in ``path``; a usage error (exit status 2) when the file cannot be read, is not JSON
+    or holds another JSON value."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        p.error(f"argument files: cannot read {path}: {e.strerror or e}")
+    except ValueError as e:
+        p.error(f"argument files: {path} is not JSON ({e})")
+    if not isinstance(data, dict):
+        p.error(f"argument files: {path} is not a fastalign-bench run (it holds {JSON_KINDS[type(data)]}, "
+                f"not a JSON object)")
+    return data
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastalign.bench.summary", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+")
     p.add_argument("--readme", default=None, help="rewrite the performance table in this README")
     args = p.parse_args(argv)
+    runs = {path: _load(p, path) for path in args.files}  # every file checked before anything is written
     if args.readme:
-        update_readme(args.readme, sorted(args.files))
+        try:
+            update_readme(args.readme, sorted(args.files))
+        except OSError as e:
+            p.error(f"argument --readme: cannot rewrite {args.readme}: {e.strerror or e}")
         return 0
     status = 0
-    for path in args.files:
-        with open(path) as f:
-            data = json.load(f)
-        if not isinstance(data, dict) or "results" not in data or "environment" not in data:
+    for path, data in runs.items():
+        if "results" not in data or "environment" not in data:
             print(f"{p.prog}: {path} is not a fastalign-bench run (no \"environment\" and \"results\"); skipped",
                   file=sys.stderr)
             status = 1

@@ -75,6 +75,9 @@ def _families(device) -> dict:
         if invalid:  # every op with kernels raises the setting's ValueError
             return "none (invalid backend setting)"
         try:
+            # each public op first checks the request for its tensors' device (by _backend.resolve, or by
+            # backend_for of its main kernel, which refuses the same requests), then runs its op's family
+            _backend.resolve(device)
             return _backend.backend_for(op, device)
         except ValueError as e:
             return f"none ({e})"

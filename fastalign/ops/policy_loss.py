@@ -238,6 +238,16 @@ def cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, params: Kernel
 # Clip-Cov / KL-Cov selection
 # ---------------------------------------------------------------------------------------------
 
+def _cov_backend(op: str, device) -> str:
+    """The family that runs the selection op ``op``: the one the backend setting in force picks (what
+    ``fastalign.info`` reports), or ``auto``'s where the setting cannot run on ``device`` (only a public
+    call whose ``backend=`` argument overrides the setting gets here then)."""
+    try:
+        return backend_for(op, device)
+    except ValueError:
+        return backend_for(op, device, "auto")
+
+
 def _sums_outputs(lp: Tensor):
     return torch.empty(3, device=lp.device, dtype=torch.float32)
 
@@ -246,7 +256,7 @@ def _sums_outputs(lp: Tensor):
 def cov_sums(lp: Tensor, adv: Tensor, mask: Tensor, out: Tensor) -> None:
     """[sum_m A, sum_m lp, n_valid] (fp32, deterministic order) of contiguous fp32 [B, T] rows."""
     B, T = lp.shape
-    backend = backend_for("cov_sums", lp.device, "auto")
+    backend = _cov_backend("cov_sums", lp.device)
     if backend == "torch":
         out.copy_(cov_fallback.cov_sums(lp, adv, mask))
     elif backend == "cuda":
@@ -271,7 +281,7 @@ def cov_select(
     ``sums`` = [sum_m A, sum_m lp, n] for the covariance means (possibly all-reduced),
     ``n_local`` = [n_valid] for k, ``seed`` = int64 [1]; all read on the device.
     """
-    backend = backend_for("cov_select", lp.device, "auto")
+    backend = _cov_backend("cov_select", lp.device)
     if backend == "torch":
         out.copy_(cov_fallback.cov_select(lp, old, adv, mask, sums, n_local, seed, mode, ratio, lb, ub, eps_low,
                                           eps_high))

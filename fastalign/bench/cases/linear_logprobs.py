@@ -36,7 +36,7 @@ def _make_build(N, H, V, dtype, prompt_share=0.0):
         impls = {"fastalign": wrap(fused), "eager": wrap(eager)}
         if prompt_share and device.type == "cuda":  # the Triton path with every row through the products
             impls["fastalign-all-rows"] = with_env(wrap(fused), FASTALIGN_DEVICE_COMPACTION="0")
-        peers = _peers(N, H, V, dtype)
+        peers = _peers(device)
         liger, cce = peers["liger (CE)"], peers["cut-cross-entropy"]
         # the peers return -log p of the labels (no entropy): timed on the log-probs alone
         impls["liger (CE)"] = None if liger is None else grad_step(
@@ -96,14 +96,15 @@ def flop_model(N: int, H: int, V: int) -> dict:
                       f"time) / measured dense bf16 matmul rate")}
 
 
-def _peers(N, H, V, dtype):
-    """Installed third-party fused linear + log-prob implementations (skipped when absent)."""
-    impls = {}
-    liger = optional_impl("liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss")
-    impls["liger (CE)"] = None if liger is None else liger[0](reduction="none")
-    cce = optional_impl("cut_cross_entropy", "linear_cross_entropy")
-    impls["cut-cross-entropy"] = None if cce is None else cce[0]
-    return impls
+def _peers(device):
+    """Installed third-party fused linear + log-prob implementations for tensors on ``device``: None when
+    absent or, off CUDA, always (Liger's fused cross-entropy and cut-cross-entropy's default kernel are
+    Triton GPU kernels)."""
+    gpu = device.type == "cuda"
+    liger = optional_impl("liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss") if gpu else None
+    cce = optional_impl("cut_cross_entropy", "linear_cross_entropy") if gpu else None
+    return {"liger (CE)": None if liger is None else liger[0](reduction="none"),
+            "cut-cross-entropy": None if cce is None else cce[0]}
 
 
 def cases():
