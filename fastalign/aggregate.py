@@ -42,8 +42,10 @@ def check_counts(agg: str, global_tokens: Count = None, global_seqs: Count = Non
 
 
 def _count(x: Count, like: Tensor) -> Tensor:
+    """A global count as a 0-dim fp32 tensor on ``like``'s device (a one-element tensor of any shape, such as
+    an all-reduced ``[1]``, keeps the loss 0-dim)."""
     if isinstance(x, Tensor):
-        return x.to(device=like.device, dtype=torch.float32)
+        return x.to(device=like.device, dtype=torch.float32).reshape(())
     return torch.tensor(float(x), device=like.device, dtype=torch.float32)
 
 

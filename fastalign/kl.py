@@ -35,7 +35,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kl_type: str = "k3", *, c
     * ``k3`` / ``low_var_kl``: ``exp(x) - x - 1`` with x clamped to [-20, 20] and the result to
       [-10, 10] (``clamp=False`` drops both clamps)
     * ``NAME+``: the value of NAME with the gradient of k2 (straight-through); at an infinite
-      ``lp - ref`` the value of NAME and a zero gradient.
+      ``lp - ref`` the value of NAME and a zero gradient (as in :func:`fastalign.policy_loss`).
 
     Differentiable in ``logprobs`` (the reference is treated as a constant). ``kl_type`` is the
     name :func:`fastalign.policy_loss` uses for the same choice; ``kind`` is its former name here,
@@ -62,8 +62,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kl_type: str = "k3", *, c
         v = torch.exp(x) - x - 1.0
         if clamp:
             v = v.clamp(-10.0, 10.0)
-    if straight:  # the value of base, the gradient of k2 (d); 0 where d is not finite (no inf - inf, no 0 * inf)
-        d_finite = torch.where(torch.isfinite(d), d, torch.zeros((), device=d.device))
+    if straight:  # the value of base, the gradient of k2 (d); 0 where d is infinite (no inf - inf), NaN stays NaN
+        d_finite = torch.where(torch.isinf(d), torch.zeros((), device=d.device), d)
         k2 = 0.5 * d_finite * d_finite
         v = k2 - k2.detach() + v.detach()
     return v

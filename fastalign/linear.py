@@ -238,6 +238,8 @@ def linear_logprobs(
     V = weight.shape[0]
     inv_t, cap, scale = check_logit_options(temperature, softcap, logit_scale, ignore_index, grad_skip_threshold,
                                             chunk)
+    for switch, value in (("entropy", entropy), ("sum_p2", sum_p2), ("argmax", argmax)):
+        _validate.boolean(switch, value)
     name = _backend.backend_for("linear_stats", hidden.device, backend)
 
     h2 = hidden.reshape(-1, H)

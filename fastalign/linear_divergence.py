@@ -108,7 +108,9 @@ def linear_divergence_loss(
             ``weight_hard_loss``); ``hard_weight != 0`` needs ``labels``.
         normalizer: a number > 0 or a one-element tensor (TRL's ``num_items_in_batch``; not read on the host).
         single_pass: ``"auto"`` (the gradients in the forward when they are needed and the call is eager),
-            True, or False (the backward runs the blocks again).
+            True, or False (the backward runs the blocks again). The single pass's loss can be differentiated
+            once per forward (its gradients are scaled in place, holding no second copy of d(weight)); a
+            second backward through a retained graph needs ``single_pass=False``.
         backend: ``"cpp"``, ``"triton"`` or ``"cuda"`` (CUDA tensors run the Triton kernel); default from
             :func:`fastalign.use_backend`.
 

@@ -53,8 +53,11 @@ def _single_pass_blocker(config: dict, *, entropy_threshold=None, per_call: bool
         return "grad_skip_threshold applies to the two-pass backward"
     if config.get("chunk") is not None:
         return "chunk sets the two-pass path's chunks"
-    if per_call and config.get("entropy_quantile") is not None and entropy_threshold is None:
-        return "entropy_quantile takes the batch's quantile unless entropy_threshold is given"
+    if config.get("entropy_quantile") is not None:
+        if per_call and entropy_threshold is None:
+            return "entropy_quantile takes the batch's quantile unless entropy_threshold is given"
+        if config.get("entropy_agg") == "token-mean":
+            return "entropy_agg='token-mean' with entropy_quantile divides the bonus by the batch's kept tokens"
     return None
 
 
@@ -88,7 +91,8 @@ class LinearPolicyLoss(nn.Module):
     ``"auto"`` takes it in eager mode for a loss separable over sequences, on a GPU or with an fp32
     head on the CPU, within the block budget (not under ``torch.compile``, which gets the two-pass
     custom ops), True raises where it does not apply.
-    Its gradients are computed in the forward, so the loss can be differentiated once per forward.
+    Its gradients are computed in the forward, so the loss can be differentiated once per forward
+    (``single_pass=False`` for a second backward through a retained graph).
     """
 
     def __init__(self, *, entropy_metric: bool = False, single_pass="auto", **config):

@@ -36,7 +36,7 @@ from fastalign.ops._launch import eager
 from fastalign.ops.linear_cpu import labelled_rows, scatter_labelled
 from fastalign.ops.single_pass import (DEFAULT_BLOCK_MIB, LogitPipeline, Side, block_logprobs_of, by_default,
                                        single_pass_loss)
-from fastalign.preference import LOSSES, check_config, preference_loss, wpo_weights
+from fastalign.preference import LOSSES, check_config, check_pair_weights, preference_loss, wpo_weights
 from fastalign.sequence import SequenceLogprobs, sequence_logprobs
 
 #: The block budget of the single pass, in MiB (its former name).
@@ -190,6 +190,8 @@ class LinearPreferenceLoss(nn.Module):
         _validate.finite(ld_alpha=ld_alpha)
         if wpo_cap is not None:
             _validate.positive("wpo_cap", wpo_cap)
+        if use_weighting:
+            check_pair_weights(self.loss_types)
         if wpo_cap != 1.0 and not use_weighting:
             raise ValueError("wpo_cap applies to the WPO weights: set use_weighting=True or leave wpo_cap at 1")
         self.config = dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, **options)
@@ -245,20 +247,25 @@ class LinearPreferenceLoss(nn.Module):
         return (sequence_logprobs(lpc, labels=yc, token_weights=twc, sum_p2=spc, **kw),
                 sequence_logprobs(lpr, labels=yr, token_weights=twr, sum_p2=spr, **kw))
 
-    def _pair_loss(self, lpc, lpr, spc, spr, yc, yr, twc, twr, ref_c, ref_r, kto_kl, nll_count=None):
+    def _pair_loss(self, lpc, lpr, spc, spr, yc, yr, twc, twr, ref_c, ref_r, kto_kl, nll_count=None, pairs=None):
         """preference_loss of the pairs whose token log-probs are ``lpc [b, Tc]``, ``lpr [b, Tr]``."""
         sc, sr = self._sums(lpc, lpr, yc, yr, twc, twr, spc, spr)
         plain = sc.sum if twc is None and self.ld_alpha is None else \
             sequence_logprobs(lpc, labels=yc, ignore_index=self.ignore_index).sum
-        return self._loss(sc, sr, plain, ref_c, ref_r, kto_kl, nll_count)
+        return self._loss(sc, sr, plain, ref_c, ref_r, kto_kl, nll_count, pairs)
 
-    def _loss(self, sc, sr, plain_c, ref_c, ref_r, kto_kl, nll_count=None):
+    def _loss(self, sc, sr, plain_c, ref_c, ref_r, kto_kl, nll_count=None, pairs: Optional[slice] = None):
         """preference_loss from per-sequence sums of both sides; the chosen NLL is
-        ``-Σ plain_c / nll_count`` (default: these chosen responses' token count)."""
+        ``-Σ plain_c / nll_count`` (default: these chosen responses' token count). ``pairs``: the batch's
+        pairs these are (a per-pair ``bco_delta`` is sliced to them), all of them when None."""
         count = sc.count.sum().clamp(min=1.0) if nll_count is None else nll_count
         weights = wpo_weights(sc.wpo, sr.wpo, self.wpo_cap) if self.use_weighting else None
+        config = self.config
+        delta = config.get("bco_delta")
+        if pairs is not None and isinstance(delta, Tensor) and delta.dim() == 1:
+            config = dict(config, bco_delta=delta[pairs])
         return preference_loss(sc.sum, sr.sum, ref_c, ref_r, chosen_lengths=sc.count, rejected_lengths=sr.count,
-                               chosen_nll=-plain_c.sum() / count, weights=weights, kto_kl=kto_kl, **self.config)
+                               chosen_nll=-plain_c.sum() / count, weights=weights, kto_kl=kto_kl, **config)
 
     def _check(self, name, hidden, labels, weight):
         _validate.floating(name, hidden, min_dim=2)
@@ -417,7 +424,8 @@ class LinearPreferenceLoss(nn.Module):
         def share(lps, sps, pairs: slice):
             frac = (pairs.stop - pairs.start) / B
             part, _ = self._pair_loss(*lps, *sps, yc[pairs], yr[pairs], pick(twc, pairs), pick(twr, pairs),
-                                      pick(ref_c, pairs), pick(ref_r, pairs), kto_kl, nll_count=nll_count * frac)
+                                      pick(ref_c, pairs), pick(ref_r, pairs), kto_kl, nll_count=nll_count * frac,
+                                      pairs=pairs)
             return part * frac
 
         def total(lps, sps):

@@ -53,12 +53,14 @@ def _expand_weights(w: Tensor, shape: tuple) -> Tensor:
     return w
 
 
-def _clip_metrics(rd: Tensor, row_n: Tensor, per: tuple, sequence_level: bool) -> dict:
+def _clip_metrics(rd: Tensor, row_n: Tensor, per: tuple, per_sequence: bool) -> dict:
     """clip_low / clip_high / clip_region means and the per-sequence clip_low_min / clip_high_max.
 
     Token level: means over valid tokens (``per``: the column means), min / max over non-empty
-    sequences (NaN if none). Sequence level: one value per sequence, every sequence counts."""
-    if sequence_level:
+    sequences (NaN if none). ``per_sequence`` (the sequence ratio with one advantage per sequence, so one
+    flag per sequence): one value per sequence, every sequence counts. With ``[B, T]`` advantages a
+    token's flag reads its own advantage: token level, as TRL."""
+    if per_sequence:
         frac = rd[:, 8:10] / row_n.clamp(min=1.0)[:, None]
         lo_mean, hi_mean = (frac.sum(0) / max(rd.shape[0], 1)).unbind(0)
         counted = torch.ones_like(row_n, dtype=torch.bool)
@@ -143,6 +145,7 @@ def policy_loss(
     _validate.floating("old_logprobs", old_logprobs, dim=2)
     _validate.shape("old_logprobs", old_logprobs, shape, "logprobs.shape")
     _validate.floating("advantages", advantages)
+    per_sequence_advantages = advantages.dim() == 1
     if advantages.dim() == 1:
         _validate.shape("advantages", advantages, shape[:1], "[B] or logprobs.shape")
         advantages = advantages[:, None].expand(shape)
@@ -261,7 +264,7 @@ def policy_loss(
     per = (tot / tot[1].clamp(min=1.0)).unbind(0)  # every column over the valid count, one division
     metrics = {"clipfrac": per[2], "clipfrac_lower": per[3], "approx_kl": per[4]}
     if loss_type in ("ppo", "gspo", "clip_cov", "cispo", "gmpo"):
-        metrics.update(_clip_metrics(rd, row_n, per, cfg.sequence_level))
+        metrics.update(_clip_metrics(rd, row_n, per, cfg.sequence_level and per_sequence_advantages))
     if ref_logprobs is not None:
         metrics["kl"] = per[5]
         metrics["kl_term"] = terms[0]

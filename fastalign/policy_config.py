@@ -316,10 +316,13 @@ class PolicyConfig:
     def token_separable(self) -> bool:
         """Whether ``d loss / d lp_t`` (and ``d loss / d H_t``) depends on token ``t``'s own statistics alone,
         every normaliser coming from the mask: a row that reads one token's log-ratio, at the token level,
-        without the off-policy mask (it reads each sequence's mean log-ratio) or an entropy quantile (the
-        batch's). The single pass through the head may then take blocks of any tokens, not whole sequences."""
+        without the off-policy mask (it reads each sequence's mean log-ratio), a sequence rollout correction
+        (each sequence's summed log-ratio to the rollout, the policy's own log-probs when old_logprobs is
+        None) or an entropy quantile (the batch's). The single pass through the head may then take blocks
+        of any tokens, not whole sequences."""
+        sequence_rollout = self.rollout_correction in ("sequence_truncate", "sequence_mask")
         return (self.row in _TOKEN_ROWS and not self.sequence_level and self.offpolicy_threshold is None
-                and self.entropy_quantile is None)
+                and not sequence_rollout and self.entropy_quantile is None)
 
     def kernel_params(self, *, entropy_in_kernel: bool) -> KernelParams:
         """The numeric record for the kernels. ``entropy_in_kernel``: the per-token entropy term

@@ -159,6 +159,7 @@ class Loss(NamedTuple):
     reference: bool = True  # compares against a reference model
     smoothing: bool = False  # takes label smoothing
     f_score: bool = False  # a function of d = dc - dr (or, sft, of no score): an f-divergence applies
+    sorts: bool = False  # sorts the batch's margins: per-pair weights could not follow their pairs
 
 
 LOSSES: Dict[str, Loss] = {
@@ -173,8 +174,8 @@ LOSSES: Dict[str, Loss] = {
     "bco_pair": Loss(lambda q: -F.logsigmoid(q.beta * q.dc - q.opt["bco_delta"])
                      - F.logsigmoid(-(q.beta * q.dr - q.opt["bco_delta"]))),
     "sppo_hard": Loss(lambda q: (q.dc - 0.5 / q.beta) ** 2 + (q.dr + 0.5 / q.beta) ** 2),
-    "aot": Loss(_aot, smoothing=True),
-    "aot_unpaired": Loss(_aot_unpaired, smoothing=True),
+    "aot": Loss(_aot, smoothing=True, sorts=True),
+    "aot_unpaired": Loss(_aot_unpaired, smoothing=True, sorts=True),
     "apo_zero": Loss(lambda q: 1.0 - torch.sigmoid(q.beta * q.dc) + torch.sigmoid(q.beta * q.dr)),
     "apo_down": Loss(lambda q: torch.sigmoid(q.beta * q.dc) + 1.0 - torch.sigmoid(q.beta * q.d)),
     "discopop": Loss(_discopop, f_score=True),
@@ -314,11 +315,22 @@ def _check_options(types, beta, label_smoothing, smoothed_losses, f_divergence, 
         if bad:
             raise ValueError(f"f_divergence={f_divergence!r} does not apply to loss_type {bad[0]!r}: only the losses "
                              f"of d = dc - dr take it ({[t for t in LOSS_TYPES if LOSSES[t].f_score]})")
+        if set(types) == {"sft"}:
+            raise ValueError(f"f_divergence={f_divergence!r} does not apply to loss_type 'sft' alone: it reads no "
+                             "score (sft takes it beside a loss of d = dc - dr)")
     if f_divergence != "alpha_divergence" and f_alpha != 1.0:
         raise ValueError(f"f_alpha={f_alpha!r} applies with f_divergence='alpha_divergence' only, got "
                          f"f_divergence={f_divergence!r}")
     _validate.positive("discopop_tau", discopop_tau)
     return beta, eps, smoothed
+
+
+def check_pair_weights(types: Tuple[str, ...]) -> None:
+    """Per-pair weights (WPO's) apply to every loss type but those that sort the batch's margins."""
+    bad = [t for t in types if LOSSES[t].sorts]
+    if bad:
+        raise ValueError(f"per-pair weights do not apply to loss_type {bad[0]!r}: it sorts the batch's margins, so "
+                         "a pair's weight would not stay with its pair")
 
 
 def check_config(owner: str, loss_type, beta, label_smoothing, options: dict,
@@ -473,6 +485,8 @@ def preference_loss(
                                          rpo_alpha=rpo_alpha, cpo_alpha=cpo_alpha,
                                          simpo_gamma=simpo_gamma, alphapo_alpha=alphapo_alpha,
                                          desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+    if weights is not None:
+        check_pair_weights(types)
     has_len = chosen_lengths is not None
     need_nll = any(LOSSES[t].nll for t in types) or rpo_alpha is not None
     for t in types:
@@ -507,7 +521,7 @@ def preference_loss(
         nll = -lc.sum() / chosen_lengths.to(acc).sum().clamp(min=1.0)
     opt = dict(cpo_alpha=float(cpo_alpha), simpo_gamma=float(simpo_gamma), alphapo_alpha=float(alphapo_alpha),
                discopop_tau=float(discopop_tau),
-               bco_delta=bco_delta.to(acc) if isinstance(bco_delta, Tensor) else float(bco_delta), kto_kl=kto_kl,
+               bco_delta=bco_delta.detach().to(acc) if isinstance(bco_delta, Tensor) else float(bco_delta), kto_kl=kto_kl,
                desirable_weight=float(desirable_weight), undesirable_weight=float(undesirable_weight))
     q = PairQuantities(lc, lr, lc0, lr0, dc, dr, dc - dr, dc_bar, dr_bar, lc_bar, lr_bar, nll, beta, eps, opt)
 

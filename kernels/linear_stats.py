@@ -121,7 +121,8 @@ def linear_stats_fwd_kernel(
         if WANT_AMAX:
             block_max = tl.max(x, 1)
             better = block_max > best_val
-            best_idx = tl.where(better, v0 + tl.argmax(x, 1).to(tl.int64), best_idx)
+            # a NaN logit is passed over (the row's other logits decide, as on the CPU)
+            best_idx = tl.where(better, v0 + tl.argmax(tl.where(x == x, x, float("-inf")), 1).to(tl.int64), best_idx)
             best_val = tl.where(better, block_max, best_val)
         m, s, t, q = add_block(m, s, t, q, x, 1, WANT_ENT, WANT_SP2)
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), 1)

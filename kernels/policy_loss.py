@@ -169,9 +169,16 @@ def policy_loss_fwd_kernel(
     w_row = tl.full([], 1.0, tl.float32)
     if SEQ_ROLL:
         w_row = _rollout_weight(tl.exp(_clamp(slr, -20.0, 20.0)), rollout_min, rollout_max, TRUNC)
+    # off-policy mask: a row whose mean KL exceeds the threshold drops its tokens of negative advantage
+    # (gmpo, one loss per row: the whole row when its mean advantage is negative)
+    w_row_neg = w_row
     if OFFPOL_ON:
-        drop = ((sa * inv_n) < 0) & ((skd * inv_n) > offpolicy_threshold)
-        w_row = tl.where(drop, 0.0, w_row)
+        far = (skd * inv_n) > offpolicy_threshold
+        if LT == GMPO:
+            w_row = tl.where(far & ((sa * inv_n) < 0), 0.0, w_row)
+            w_row_neg = w_row
+        else:
+            w_row_neg = tl.where(far, 0.0, w_row)
     rho_row = tl.zeros([], tl.float32)
     drho_row = tl.zeros([], tl.float32)
     if LT == GSPO:
@@ -323,7 +330,7 @@ def policy_loss_fwd_kernel(
             clo = (out & (a < 0)).to(tl.float32)
             chi = (out & (a > 0)).to(tl.float32)
 
-        w = zero + w_row
+        w = tl.where(a < 0, w_row_neg, w_row)
         if HAS_KEEP:
             w = w * tl.load(keep_ptr + base + cols, mask=inb, other=0.0)
         if TOK_ROLL:
@@ -364,8 +371,8 @@ def policy_loss_fwd_kernel(
                     e = tl.exp(x)
                     kv = e - x - 1.0
                     dkl = -(e - 1.0)
-            if KL_STRAIGHT:
-                dkl = d
+            if KL_STRAIGHT:  # k2's gradient, 0 at an infinite lp - ref (kl_penalty's NAME+)
+                dkl = tl.where((d == float("inf")) | (d == -float("inf")), 0.0, d)
             if KL_RHO:
                 klv = rho_is * kv
                 g += kl_coef * rho_is * dkl

@@ -820,5 +820,14 @@ def test_switches_are_bools():
             fa.token_logprobs(logits, labels, **{name: "no"})
     with pytest.raises(TypeError, match="clamp must be a bool"):
         fa.kl_penalty(torch.zeros(2), torch.zeros(2), clamp="False")
+    hidden, weight = torch.randn(2, 4), torch.randn(5, 4)
+    for name in ("entropy", "sum_p2", "argmax"):  # linear_logprobs computed them for "no"
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            fa.linear_logprobs(hidden, weight, labels, **{name: "no"})
+    r, m = torch.randn(2, 3), torch.ones(2, 3)
+    with pytest.raises(TypeError, match="whiten must be a bool"):  # "false" whitened
+        fa.reinforce_pp_advantages(r, m, whiten="false")
+    with pytest.raises(TypeError, match="whiten must be a bool"):
+        fa.gae_advantages(r, torch.zeros(2, 3), m, whiten="false")
     with pytest.raises(ValueError, match="ignore_index must fit in int64"):
         fa.token_logprobs(logits, labels, ignore_index=2 ** 70)

@@ -206,6 +206,18 @@ def test_nan_and_massless_rows_are_nan_rows(path):
         assert torch.isnan(t).all()
 
 
+def test_argmax_passes_over_a_nan_row(path):
+    """argmax=True with a NaN hidden row (even an ignored prompt row) made the Triton kernel's argmax fail on an
+    all-NaN tile; the NaN row's argmax is 0 and every other row's is unchanged, on every backend."""
+    backend, chunk = path
+    hidden, weight, bias, labels = make_inputs()
+    labels[0] = -100
+    hidden[0] = float("nan")
+    st = fastalign.linear_logprobs(hidden, weight, labels, bias=bias, argmax=True, backend=backend, chunk=chunk)
+    z = hidden[1:].double() @ weight.double().T + bias.double()
+    assert st.argmax[0].item() == 0 and torch.equal(st.argmax[1:], z.argmax(-1))
+
+
 def test_extreme_logits(path):
     """Huge logits (scale 1e3) stay finite: every running value is relative to the running max."""
     hidden, weight, bias, labels = make_inputs(seed=7)

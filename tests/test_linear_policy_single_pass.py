@@ -273,3 +273,29 @@ def test_a_non_finite_ignored_row_adds_nothing_to_the_weight_gradient(backend):
     loss, _ = fastalign.LinearPolicyLoss(loss_type="grpo", backend=backend, single_pass=True)(
         hx, wx, y.clamp(min=0), old, adv, mask)
     assert torch.isfinite(loss) and all(torch.isfinite(t).all() for t in torch.autograd.grad(loss, [wx]))
+
+
+def test_a_token_mean_entropy_bonus_over_a_quantile_takes_the_two_passes(monkeypatch):
+    """With entropy_quantile, entropy_agg="token-mean" divides the bonus by the batch's kept tokens, which a block
+    of sequences does not know: the single pass gave wrong d(hidden) / d(weight) over several blocks. It is
+    refused with single_pass=True, and "auto" takes the two passes."""
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "1e-9")
+    d = make(seed=6)
+    cfg = dict(loss_type="ppo", entropy_quantile=0.5, entropy_coef=0.05, entropy_agg="token-mean")
+    threshold = torch.tensor([1.5])
+    with pytest.raises(ValueError, match="token-mean"):
+        run(d, cfg, True, entropy_threshold=threshold)
+    check_same(run(d, cfg, "auto", entropy_threshold=threshold), run(d, cfg, False, entropy_threshold=threshold))
+
+
+@pytest.mark.parametrize("mode", ["sequence_truncate", "sequence_mask"])
+def test_an_on_policy_sequence_rollout_correction_is_not_token_separable(mode, monkeypatch):
+    """The sequence rollout weight reads the whole sequence's old log-probs, the policy's own when old_logprobs
+    is None: blocks of tokens held the others at 0 and gave wrong gradients. Such a loss is not separable over
+    tokens, and "auto" with a block under one sequence equals the two passes."""
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", str(3 * V * 4 / 2**20))
+    cfg = dict(loss_type="dapo", rollout_correction=mode)
+    assert not fastalign.PolicyConfig(**cfg).token_separable
+    d = make(seed=7)
+    d["old"] = None
+    check_same(run(d, cfg, "auto"), run(d, cfg, False))

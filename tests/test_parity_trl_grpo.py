@@ -298,3 +298,19 @@ def test_diverged_policy_matches_trl(case):
     if case in ("grpo", "luspo_sequence"):  # no delta, no bounded weight: the ratio's e^25 reaches loss and gradient
         assert trl[0].abs() > 1e8 and trl[1].abs().max() > 1e8
     _compare(trl, ours, rtol=1e-5)  # fp32 sums of terms of order e^25
+
+
+@pytest.mark.parametrize("case", ["dapo_offpolicy", "grpo_sequence", "cispo_sequence", "luspo_sequence_offpolicy"])
+def test_per_token_advantages_match_trl(case):
+    """TRL's loss takes [B, T] advantages too (its subclasses' per-token credit). There the off-policy mask
+    drops a far sequence's tokens of negative advantage, one by one, and the clip metrics at sequence level
+    are token means over the mask; fastalign dropped whole sequences by their mean advantage and averaged
+    the clip flags per sequence."""
+    config = {"dapo_offpolicy": dict(loss_type="dapo", off_policy_mask_threshold=0.0),
+              "grpo_sequence": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=0.05),
+              "cispo_sequence": dict(loss_type="cispo", importance_sampling_level="sequence", epsilon_high=1.02),
+              "luspo_sequence_offpolicy": dict(loss_type="luspo", importance_sampling_level="sequence",
+                                               off_policy_mask_threshold=0.0)}[case]
+    d = batch(seed=11)
+    d["A"] = torch.randn(d["lp"].shape, generator=torch.Generator().manual_seed(12))
+    _compare(*_call_both(config, d, 1, 1, True, 1))

@@ -579,3 +579,26 @@ def test_dpo_random_option_mixes(seed):
     if set(types) & set(P.DPO_SMOOTHED):
         kw["label_smoothing"] = rng.choice([0.0, 0.05, 0.2]) if "exo_pair" not in types else 0.05
     _run_dpo(kw, seed=seed)
+
+
+def test_online_profiles_refuse_misspelt_dict_keys():
+    """The GRPO and RLOO profiles read a dict's known keys only: a misspelt key left its field at TRL's default
+    (``epsilon_hgh`` gave eps_high 0.2, ``betta`` no KL term). They raise naming it, as the DPO profile does; the
+    config classes' other fields are still accepted."""
+    from fastalign.integrations import trl as T
+    rewards = torch.rand(4, 1)
+    cases = [
+        (lambda: T.GRPOLoss({"loss_type": "grpo", "epsilon_hgh": 0.28}), "GRPOConfig has no field 'epsilon_hgh'",
+         "epsilon_high"),
+        (lambda: T.grpo_policy_config({"betta": 0.04}), "GRPOConfig has no field 'betta'", "beta"),
+        (lambda: T.grpo_advantages({"num_generations": 2, "scale_reward": "none"}, rewards),
+         "GRPOConfig has no field 'scale_reward'", "scale_rewards"),
+        (lambda: T.RLOOLoss({"epsilon_hgh": 0.3}), "RLOOConfig has no field 'epsilon_hgh'", "epsilon_high"),
+        (lambda: T.rloo_advantages({"num_generations": 2, "normalise_advantages": True}, rewards),
+         "RLOOConfig has no field 'normalise_advantages'", "normalize_advantages"),
+    ]
+    for fn, message, meant in cases:
+        with pytest.raises(ValueError, match=f"{message}; did you mean '{meant}'"):
+            fn()
+    T.grpo_policy_config({"loss_type": "grpo", "beta": 0.04, "learning_rate": 1e-6})
+    T.rloo_advantages({"num_generations": 2, "beta": 0.0, "logging_steps": 5}, rewards)

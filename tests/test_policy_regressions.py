@@ -264,3 +264,84 @@ def test_unclamped_k3_at_a_non_finite_reference(cpu_backend, bad):
     want.backward()
     torch.testing.assert_close(loss.double(), want.detach(), equal_nan=True)
     torch.testing.assert_close(lp.grad.double(), lp64.grad, rtol=1e-6, atol=1e-7, equal_nan=True)
+
+
+# ------------------------------------------------------------------ user-found: infinities, counts, ties
+
+@pytest.mark.parametrize("kl_type", ["k1+", "abs+", "k3+"])
+@pytest.mark.parametrize("lp0,ref0", [(-math.inf, -1.0), (-1.0, -math.inf)])
+def test_straight_through_kl_at_an_infinite_log_ratio_passes_no_gradient(cpu_backend, kl_type, lp0, ref0):
+    """kl_penalty's NAME+ gives NAME's value and a zero gradient at an infinite lp - ref; policy_loss's KL term
+    with the same kl_type gave an infinite gradient there (both kernels). They agree now."""
+    lp = torch.tensor([[lp0, -1.0]])
+    ref = torch.tensor([[ref0, -1.2]])
+    want = fastalign.kl_penalty(lp, ref, kl_type)
+    x = lp.clone().requires_grad_(True)
+    loss, met = fastalign.policy_loss(x, lp, torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), ref_logprobs=ref,
+                                      kl_coef=1.0, kl_type=kl_type, backend=cpu_backend)
+    loss.backward()
+    assert met["kl"].item() == want[0, 0].item()
+    assert x.grad[0, 0].item() == 0.0
+
+
+def test_a_one_element_count_keeps_the_loss_0_dim(cpu_backend):
+    """An all-reduced [1] global_tokens / global_seqs made the loss [1] (a [1, 1] count [[x]]); the loss is 0-dim
+    and equal to the one of a number."""
+    lp, old, A, m, _ = _small()
+    for kw in (dict(global_tokens=torch.tensor([7.0])), dict(agg="seq-mean-token-mean",
+                                                             global_seqs=torch.tensor([[2.0]]))):
+        number = {k: float(v.reshape(())) for k, v in kw.items() if k.startswith("global")}
+        loss, _ = fastalign.policy_loss(lp, old, A, m, backend=cpu_backend, **kw)
+        want, _ = fastalign.policy_loss(lp, old, A, m, backend=cpu_backend, **{**kw, **number})
+        assert loss.shape == () and loss.item() == want.item()
+    agg = fastalign.aggregate_loss(lp, m, "token-mean", global_tokens=torch.tensor([5.0]))
+    assert agg.shape == ()
+
+
+@pytest.mark.parametrize("a0", [math.inf, 3e38])
+def test_clip_high_counts_a_token_whose_loss_overflows(cpu_backend, a0):
+    """A * ratio overflowing to inf on both sides of the clip: the C++ kernel did not count the token in
+    clip_high / clip_region (Triton and the reference did); every backend counts it now."""
+    lp = torch.tensor([[-1.0, -1.2, -0.8]])
+    old = torch.tensor([[-1.5, -1.0, -1.0]])  # ratios e^.5 (above 1.2), e^-.2, e^.2
+    A = torch.tensor([[a0, 1.0, 1.0]])
+    m = torch.ones(1, 3, dtype=torch.bool)
+    _, met = fastalign.policy_loss(lp, old, A, m, backend=cpu_backend)
+    _, want = reference_policy_loss(lp.double(), old.double(), A.double(), m)
+    for name in ("clip_high", "clip_region", "clip_high_max"):
+        assert met[name].item() == pytest.approx(want[name].item()), name
+
+
+def test_kl_cov_ties_between_signed_zeros_go_by_index(cpu_backend):
+    """With every advantage 0 (groups of equal rewards) each cov_t is +0 or -0; the selection ordered -0 below
+    +0, so a later token was picked over an earlier one. Equal covariances tie, lower index first."""
+    from fastalign.reference.policy import cov_selection
+    lp = torch.tensor([[-3.0, -2.0, -1.0, -0.5]])  # lp_0 below the mean: cov_0 = -0.0; lp_3: +0.0
+    old, A, m = lp - 0.1, torch.zeros(1, 4), torch.ones(1, 4)
+    want = cov_selection(lp, old, A, m, loss_type="kl_cov", eps_low=0.2, eps_high=0.2, ratio=0.25, lb=1.0, ub=5.0)
+    x = lp.clone().requires_grad_(True)
+    loss, _ = fastalign.policy_loss(x, old, A, m, loss_type="kl_cov", cov_ratio=0.25, cov_kl_coef=1.0,
+                                    backend=cpu_backend)
+    loss.backward()
+    assert want.int().tolist() == [[1, 0, 0, 0]]
+    assert (x.grad != 0).int().tolist() == want.int().tolist()
+
+
+def test_off_policy_mask_drops_the_far_rows_tokens_of_negative_advantage(cpu_backend):
+    """With [B, T] advantages the off-policy mask dropped a far sequence whole when its mean advantage was
+    negative; it drops that sequence's tokens with A_t < 0 (TRL's rule; the same for one advantage per row)."""
+    lp = torch.tensor([[-1.0, -1.2, -0.8, -0.5], [-0.4, -1.0, -2.0, -0.9]])
+    old = lp + 0.05
+    roll = lp + torch.tensor([[0.5], [0.0]])  # row 0 far (mean KL 0.5), row 1 near
+    A = torch.tensor([[1.0, -2.0, 0.5, -0.1], [-1.0, 0.3, 0.2, -0.4]])
+    m = torch.ones(2, 4)
+    kw = dict(loss_type="reinforce", offpolicy_threshold=0.1, rollout_logprobs=roll)
+    x = lp.clone().requires_grad_(True)
+    loss, _ = fastalign.policy_loss(x, old, A, m, backend=cpu_backend, **kw)
+    loss.backward()
+    kept = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    assert_close = torch.testing.assert_close
+    assert_close(x.grad, -A * kept / 8)
+    assert_close(loss, (-A * lp * kept).sum() / 8)
+    want, _ = reference_policy_loss(lp.double(), old.double(), A.double(), m, **kw)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)

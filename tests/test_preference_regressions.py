@@ -300,3 +300,65 @@ def test_reference_pass_errors_name_the_reference_arguments():
     ]
     for exc, name, fn in cases:
         _raises(exc, name, fn)
+
+
+# ------------------------------------------------------------------ per-pair options and sorted losses
+
+def test_a_per_pair_bco_delta_follows_its_pairs_through_the_blocks(monkeypatch):
+    """A [B] bco_delta went whole into every block of the single pass (a ValueError once the logits took more
+    than one block); each block takes its pairs' deltas now: the float64 formula, on one block and on
+    blocks of one pair. The delta is a constant: no gradient reaches it."""
+    g, h, w, y = _linear_batch()
+    rh = h + 0.1 * torch.randn(h.shape, generator=g)
+    delta = torch.tensor([0.1, -0.2, 0.3, 0.5][:B], dtype=torch.float32, requires_grad=True)
+    pol, ref = _seq_logprobs64(h, w, None, y), _seq_logprobs64(rh, w, None, y)
+    dc, dr = pol[:B] - ref[:B], pol[B:] - ref[B:]
+    d64 = delta.detach().double()
+    want = (-F.logsigmoid(0.1 * dc - d64) - F.logsigmoid(-(0.1 * dr - d64))).mean()
+    for mib in ("64", "1e-6"):  # one block; one pair per block
+        monkeypatch.setenv("FASTALIGN_BLOCK_MIB", mib)
+        mod = fa.LinearPreferenceLoss(loss_type="bco_pair", bco_delta=delta, single_pass=True)
+        loss, _ = mod(h, w.clone().requires_grad_(), y, ref_hidden=rh)
+        assert_close(loss, want, atol=1e-5, rtol=1e-5, what=f"bco_pair with a [B] delta, FASTALIGN_BLOCK_MIB={mib}")
+    loss, _ = fa.preference_loss(pol[:B], pol[B:], ref[:B], ref[B:], loss_type="bco_pair", bco_delta=delta)
+    assert not loss.requires_grad
+
+
+@pytest.mark.parametrize("loss_type", ["aot", "aot_unpaired", ["sigmoid", "aot"]])
+def test_pair_weights_are_refused_by_the_sorted_losses(loss_type):
+    """aot / aot_unpaired sort the batch's margins, so pair i's weight multiplied another pair's term (the loss
+    changed when the batch was reordered); per-pair weights raise for them now, at the call and at
+    construction (use_weighting), as TRL's DPOTrainer refuses them."""
+    lc, lr, lc0, lr0 = _pairs()
+    _raises(ValueError, "per-pair weights do not apply to loss_type 'aot", lambda: fa.preference_loss(
+        lc, lr, lc0, lr0, loss_type=loss_type, weights=torch.ones(4, dtype=D)))
+    _raises(ValueError, "per-pair weights do not apply", lambda: fa.LinearPreferenceLoss(
+        loss_type=loss_type, use_weighting=True))
+
+
+def test_f_divergence_with_sft_alone_raises():
+    """sft reads no score: with sft alone, f_divergence / f_alpha changed nothing and were accepted; they raise
+    now (beside a row that reads the score they still apply)."""
+    lc, lr, lc0, lr0 = _pairs()
+    n = torch.full((4,), 3.0, dtype=D)
+    kw = dict(chosen_lengths=n, rejected_lengths=n)
+    _raises(ValueError, "f_divergence='forward_kl' does not apply to loss_type 'sft'", lambda: fa.preference_loss(
+        lc, lr, lc0, lr0, loss_type="sft", f_divergence="forward_kl", **kw))
+    _raises(ValueError, "f_divergence", lambda: fa.PreferenceLoss(loss_type="sft", f_divergence="alpha_divergence",
+                                                                   f_alpha=0.3))
+    fa.preference_loss(lc, lr, lc0, lr0, loss_type=["sigmoid", "sft"], f_divergence="forward_kl", **kw)
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm", "simpo", "alphapo", "sft"])
+def test_a_response_with_no_scored_token_counts_one_token_in_the_reference(loss_type):
+    """The float64 reference divided by a zero length (NaN) where the loss, like TRL, counts it as one token;
+    both agree on a batch with an empty chosen and an empty rejected response now."""
+    from fastalign.reference import preference as ref
+    lc, lr, lc0, lr0 = _pairs()
+    lc[1], lc0[1], lr[2], lr0[2] = 0.0, 0.0, 0.0, 0.0  # empty responses sum to 0
+    nc = torch.tensor([3.0, 0.0, 5.0, 2.0], dtype=D)
+    nr = torch.tensor([4.0, 2.0, 0.0, 1.0], dtype=D)
+    got, _ = fa.preference_loss(lc, lr, lc0, lr0, loss_type=loss_type, chosen_lengths=nc, rejected_lengths=nr)
+    want, _ = ref.preference_loss(lc, lr, lc0, lr0, loss_types=(loss_type,), nc=nc, nr=nr)
+    assert torch.isfinite(want)
+    assert_close(got, want, atol=1e-12, what=loss_type)

@@ -65,6 +65,7 @@ FASTALIGN_HD uint32_t hash32(uint32_t x) {
 }
 
 FASTALIGN_HD uint32_t float_order_bits(float f) {  // monotone: a < b  <=>  bits(a) < bits(b)
+  f = f == 0.f ? 0.f : f;  // -0 and +0 are equal: one key, so their ties go by index
   uint32_t u;
   memcpy(&u, &f, 4);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);

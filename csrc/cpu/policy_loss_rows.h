@@ -2,7 +2,7 @@
 // one row (sequence) at a time, its tokens in chunks of kChunk. Per token t (fp32, v = mask):
 //   pg_t, dpg_t = d_own_t + d_rho_t drho_t/dlp_t   the loss-type row (policy_loss_table.h)
 //   w_t = w_tok_t * w_row  detached weights: rollout correction, entropy-quantile keep mask times
-//                          importance weights, sequence off-policy mask
+//                          importance weights, the off-policy mask (tokens with A_t < 0 of a far row)
 //   K_t = KL_t * (rho if kl_rho else 1)
 //   L_t  = w_t pg_t + kl_coef K_t - ent_coef H_t
 //   dlp_t = v (w_t dpg_t + kl_coef dK_t/dlp_t)
@@ -70,7 +70,8 @@ FASTALIGN_KERNEL_BODY uint32_t chunk_body(const Cfg& c, const Row& R, const RowC
   // flow, which keeps the token loop scalar; 0/1 weights would make 0 * inf = NaN of an unused term at |d| = inf).
   const uint32_t m_k1 = mask_of(is_k1), m_abs = mask_of(is_abs), m_k2 = mask_of(is_k2), m_k3 = mask_of(is_k3);
   const uint32_t m_st = mask_of(straight), m_own = mask_of(!straight);
-  const float w_row = PLAIN ? 1.f : x.w_row, rho_row = x.rho_row, cap = c.log_ratio_cap;
+  const float w_row = PLAIN ? 1.f : x.w_row, w_row_neg = PLAIN ? 1.f : x.w_row_neg;
+  const float rho_row = x.rho_row, cap = c.log_ratio_cap;
   const bool kl_grad = c.kl_rho == kKLRhoGrad;
   // Options off become bounds that never bind (no runtime branches in the loop, so it vectorises): without
   // kl_clamp the k3 bounds are +-inf, and every k3 passes its gradient (an infinite or NaN x included).
@@ -127,7 +128,7 @@ FASTALIGN_KERNEL_BODY uint32_t chunk_body(const Cfg& c, const Row& R, const RowC
     }
     const LossTerm lt = loss_row<LT, SEQ>(lc, TokenIn{x_lp, c_old[t], a, l, rho_c, drho_c, rho_is, sbt != 0.f});
     // detached weights
-    float w = PLAIN ? 1.f : c_keep[t] * w_row;
+    float w = PLAIN ? 1.f : c_keep[t] * (a < 0.f ? w_row_neg : w_row);
     if (TOKROLL) {
       const float r = exp_f32(clampf(rollout_log_ratio(c_old[t], c_roll[t]), -20.f, 20.f));
       w *= rollout_weight(r, trunc, r_min, r_max);
@@ -150,7 +151,8 @@ FASTALIGN_KERNEL_BODY uint32_t chunk_body(const Cfg& c, const Row& R, const RowC
       const float sgn = d > 0.f ? 1.f : (d < 0.f ? -1.f : 0.f);
       const float kv = keep_if(d, m_k1) + keep_if(std::fabs(d), m_abs) + keep_if(0.5f * d * d, m_k2) + keep_if(k3c, m_k3);
       const float dkl_own = keep_if(1.f, m_k1) + keep_if(sgn, m_abs) + keep_if(d, m_k2) + keep_if(dk3, m_k3);
-      const float dkl = keep_if(d, m_st) + keep_if(dkl_own, m_own);
+      // straight-through (NAME+): k2's gradient d, 0 at an infinite d (as kl_penalty)
+      const float dkl = keep_if(std::isinf(d) ? 0.f : d, m_st) + keep_if(dkl_own, m_own);
       if (KLRHO) {  // K = KL * rho: d/dlp = rho dKL + [grad] KL drho (at sequence level through d_row)
         klv = rho_is * kv;
         // the token's own ratio carries the gradient at token level only (sequence level: see row_finish)

@@ -28,7 +28,7 @@
 // Clip metrics: clip_low = A < 0 and r1 < lo, clip_high = A > 0 and r1 > hi (ppo rows; cispo
 // with its bounds; gmpo: l outside [-el, eh] by the sign of A).
 // Sequence-level quantities (gspo's s_i, gmpo's means, vespo's weight, sequence rollout weights,
-// the off-policy mask) come from pass 1 over the row (row_stats).
+// the off-policy mask's mean KL) come from pass 1 over the row (row_stats).
 // A NaN rollout log-prob is a log-ratio of 0 (an unscorable token); any other NaN propagates.
 #pragma once
 #include <cmath>
@@ -65,7 +65,8 @@ static inline float vespo_phi(const Cfg& c, bool pos, float logw, float w) {
 // Row-level quantities from pass 1 that the token loop needs.
 struct RowCtx {
   float w_row, rho_row, gmpo_G, gmpo_row, vespo_logw, vespo_w, vespo_phi, inv_n;
-  float drho_row;  // d rho_row / d(mean l): gspo and sequence level (0 where the cap binds)
+  float drho_row;   // d rho_row / d(mean l): gspo and sequence level (0 where the cap binds)
+  float w_row_neg;  // w_row of the tokens with A_t < 0: 0 when the off-policy mask drops them
 };
 
 // ---- pass 1: per-row sums (only what the configuration needs) ----
@@ -113,9 +114,13 @@ FASTALIGN_KERNEL_BODY RowCtx row_stats(const Cfg& c, const Row& R) {
     }
   }
   const float inv_n = 1.f / (n1 > 1.f ? n1 : 1.f);
-  RowCtx x{1.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, inv_n, 0.f};
+  RowCtx x{1.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, inv_n, 0.f, 1.f};
   if (seq_roll) x.w_row = rollout_weight(std::exp(clampf(slr, -20.f, 20.f)), roll_trunc, r_min, r_max);
-  if (offpol && sa * inv_n < 0.f && skd * inv_n > c.offpolicy_threshold) x.w_row = 0.f;
+  // off-policy mask: a row whose mean KL exceeds the threshold drops its tokens of negative advantage
+  // (gmpo, one loss per row: the whole row when its mean advantage is negative)
+  const bool far = offpol && skd * inv_n > c.offpolicy_threshold;
+  if (LT == kGMPO && far && sa * inv_n < 0.f) x.w_row = 0.f;
+  x.w_row_neg = (far && LT != kGMPO) ? 0.f : x.w_row;
   if (LT == kGSPO) {
     const float mean_l = sl * inv_n;
     x.rho_row = std::exp(clampf(mean_l, -kHuge, 10.f));  // keeps NaN
@@ -199,7 +204,7 @@ FASTALIGN_KERNEL_BODY LossTerm loss_row(const LossConsts& k, const TokenIn& x) {
     o.d_rho = is_clip ? dL2 : -a * dr1;
     o.clip = is_clip ? 1.f : 0.f;
     o.clo = ((a < 0.f) & (r1 < k.lo)) ? 1.f : 0.f;
-    o.chi = a > 0.f ? o.clip : 0.f;  // for A > 0, L2 > L1 exactly when r1 > hi
+    o.chi = ((a > 0.f) & (r1 > k.hi)) ? 1.f : 0.f;  // not L2 > L1: A r1 may overflow to inf on both sides
     if (LT == kPPO) {
       const float L3 = -k.dual_b * a;
       const bool is_low = (a < 0.f) & (o.pg > L3);

@@ -85,6 +85,7 @@ def reinforce_pp_advantages(token_rewards: Tensor, response_mask: Tensor, *, gam
     estimators a masked token (``response_mask == 0``) is skipped by selection: whatever it holds (NaN, inf)
     never reaches a valid token or the whitening statistics, and its output is exactly 0."""
     gamma = _validate.finite_number("gamma", gamma)
+    _validate.boolean("whiten", whiten)
     _validate.boolean("unbiased", unbiased)
     x, m, _ = _token_inputs("token_rewards", token_rewards, response_mask)
     g, _ = reverse_scan(x, x.new_empty(0), m, gamma, 0.0, SCANS["return"], _backend.resolve(x.device, backend))
@@ -110,6 +111,7 @@ def gae_advantages(token_rewards: Tensor, values: Tensor, response_mask: Tensor,
     A whitened over valid tokens unless ``whiten=False`` (``unbiased``: as in :func:`masked_whiten`)."""
     gamma = _validate.finite_number("gamma", gamma)
     lam = _validate.finite_number("lam", lam)
+    _validate.boolean("whiten", whiten)
     _validate.boolean("unbiased", unbiased)
     x, m, (v,) = _token_inputs("token_rewards", token_rewards, response_mask, [("values", values)])
     a, ret = reverse_scan(x, v, m, gamma, lam, SCANS["gae"], _backend.resolve(x.device, backend))

@@ -16,7 +16,10 @@ detached; ``hard`` is 0 when ``weight_hard_loss`` is 0 and it is not asked for, 
 student's input, weight and bias; the teacher's get none. ``compiled`` and ``chunk_size`` choose how Liger runs,
 not what it computes: they are checked and do not change the result. Where fastalign is stricter than Liger:
 a temperature must be > 0, ``beta`` in [0, 1], and both heads must have the same vocabulary (Liger pads a
-smaller student vocabulary with zero logits) — each a ``ValueError`` naming the argument.
+smaller student vocabulary with zero logits) — each a ``ValueError`` naming the argument. The loss can be
+differentiated once per forward (its gradients are computed in the forward and scaled in place, without a second
+copy of d(weight)); a second backward through a retained graph, which Liger allows, raises a ``RuntimeError``:
+call :func:`fastalign.linear_divergence_loss` with ``single_pass=False`` for that.
 """
 from __future__ import annotations
 

@@ -46,7 +46,8 @@ def hash32(x: Tensor) -> Tensor:
 
 
 def float_order_bits(f: Tensor) -> Tensor:
-    """Monotone uint32 image of fp32 values (a < b <=> bits(a) < bits(b)), in int64."""
+    """Monotone uint32 image of fp32 values (a < b <=> bits(a) < bits(b)), in int64; -0 and +0 share a key."""
+    f = torch.where(f == 0, 0.0, f)
     u = f.contiguous().view(torch.int32).to(torch.int64) & _M32
     return torch.where((u & 0x80000000) != 0, (~u) & _M32, u | 0x80000000)
 

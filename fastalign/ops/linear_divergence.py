@@ -152,7 +152,8 @@ class DivergencePass(torch.autograd.Function):
         if ctx.single_pass:
             if ctx.grads is None:
                 raise RuntimeError("the single pass of the divergence can be differentiated once per forward "
-                                   "(its gradients are computed in the forward); run the forward again")
+                                   "(its gradients are computed in the forward); run the forward again, or pass "
+                                   "single_pass=False to differentiate a retained graph more than once")
             grads, ctx.grads = ctx.grads, None
         else:
             student, teacher, mask, labels, g_soft, g_hard, opts = ctx.state

@@ -146,6 +146,7 @@ def policy_loss(
     """
     m = m.to(lp.dtype)
     A = A.to(lp.dtype)
+    per_sequence_advantages = A.dim() == 1
     if A.dim() == 1:
         A = A[:, None].expand_as(lp)
     old = old.to(lp.dtype)
@@ -277,8 +278,10 @@ def policy_loss(
     if offpolicy_threshold is not None:
         sampling = old if rollout_logprobs is None else rollout_logprobs.to(lp.dtype)
         kd = torch.nan_to_num(sampling - lp.detach(), nan=0.0)
-        drop = (_row_mean(A, m) < 0) & (_row_mean(kd, m) > offpolicy_threshold)
-        w = w * (~drop).to(lp.dtype)[:, None]
+        far = (_row_mean(kd, m) > offpolicy_threshold)[:, None]
+        # a far row drops its tokens of negative advantage; gmpo (one loss per row) the row, by its mean advantage
+        negative = (_row_mean(A, m) < 0)[:, None] if loss_type == "gmpo" else A < 0
+        w = w * (~(far & negative)).to(lp.dtype)
     L = pg * w
 
     if ref_logprobs is not None:
@@ -310,7 +313,7 @@ def policy_loss(
     metrics["clipfrac_lower"] = _masked_mean(lower, m) if has_lower else zero
     metrics["approx_kl"] = _masked_mean((-l).detach(), m)
     if loss_type in ("ppo", "gspo", "clip_cov", "cispo", "gmpo"):
-        if seq_level:  # one flag per sequence (its first token's), every sequence counts
+        if seq_level and per_sequence_advantages:  # one flag per sequence (its first token's), every one counts
             lo_row, hi_row = clip_low[:, 0], clip_high[:, 0]
             metrics["clip_low"], metrics["clip_high"] = lo_row.mean(), hi_row.mean()
             metrics["clip_low_min"], metrics["clip_high_max"] = lo_row.min(), hi_row.max()

@@ -144,8 +144,9 @@ def preference_loss(lc, lr, lc0=None, lr0=None, *, loss_types=("sigmoid",), loss
     if lc0 is None:
         lc0 = torch.zeros_like(lc)
         lr0 = torch.zeros_like(lr)
-    if nll is None and nc is not None:
-        nll = -lc.sum() / nc.sum()
+    if nc is not None:  # a response with no scored token counts as one token long
+        nll = -lc.sum() / nc.sum().clamp(min=1) if nll is None else nll
+        nc, nr = nc.clamp(min=1), nr.clamp(min=1)
     loss_weights = loss_weights or [1.0] * len(loss_types)
     per = sum(w * one_loss(t, lc, lr, lc0, lr0, beta=beta, eps=eps if smoothed is None or t in smoothed else 0.0,
                            nc=nc, nr=nr, nll=nll, **kw)

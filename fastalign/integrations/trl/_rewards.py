@@ -2,20 +2,10 @@
 config fields with TRL's defaults, and the reward columns."""
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
-
-
-def read_fields(config, defaults: Dict[str, Any]) -> Dict[str, Any]:
-    """The fields of ``defaults`` from a TRL config object or dict (None: every default), TRL's defaults
-    for the missing ones."""
-    if config is None:
-        return dict(defaults)
-    if isinstance(config, dict):
-        return {k: config.get(k, v) for k, v in defaults.items()}
-    return {k: getattr(config, k, v) for k, v in defaults.items()}
 
 
 class RewardColumns(NamedTuple):

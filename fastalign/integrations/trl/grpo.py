@@ -50,6 +50,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
+from fastalign.integrations.trl._config import check_keys
 from fastalign.policy import entropy_quantile, policy_loss
 from fastalign.policy_config import PolicyConfig, log_ratio_cap_option
 
@@ -91,6 +92,7 @@ def grpo_policy_config(args: Any, *, sampling_correction: bool = False) -> Polic
     ``sampling_correction``: the importance ratio to the inference engine is computed from
     sampling log-probs in the kernel (``rollout_correction``) rather than passed precomputed.
     """
+    check_keys(args, _DEFAULTS, "GRPOConfig")
     loss_type = _read(args, "loss_type")
     if loss_type not in GRPO_LOSSES:
         raise ValueError(f"GRPOConfig.loss_type must be one of {tuple(GRPO_LOSSES)}, got {loss_type!r}")

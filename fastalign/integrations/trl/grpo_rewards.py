@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from fastalign.advantages import group_advantages
-from fastalign.integrations.trl._rewards import read_fields, reward_columns
+from fastalign.integrations.trl._config import read_fields
+from fastalign.integrations.trl._rewards import reward_columns
 
 __all__ = ["GRPO_ADVANTAGE_DEFAULTS", "grpo_advantages"]
 
@@ -52,7 +53,7 @@ def grpo_advantages(config, rewards_per_func: Tensor, *, training: bool = True) 
             consecutive). Slice the result for this process's rows, as TRL does.
         training: whether the batch is a training batch (else the evaluation group size).
     """
-    c = read_fields(config, GRPO_ADVANTAGE_DEFAULTS)
+    c = read_fields(config, GRPO_ADVANTAGE_DEFAULTS, "GRPOConfig")
     G = int(c["num_generations"] if training or c["num_generations_eval"] is None else c["num_generations_eval"])
     scale = _SCALES.get(c["scale_rewards"])
     if scale is None:

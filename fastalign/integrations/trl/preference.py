@@ -33,7 +33,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from fastalign._options import did_you_mean
+from fastalign.integrations.trl._config import read_fields
 from fastalign.linear_preference import LinearPreferenceLoss
 from fastalign.preference import ROW_OPTIONS, PreferenceLoss, preference_loss, unpaired_preference_loss, wpo_weights
 from fastalign.sequence import sequence_logprobs
@@ -55,36 +55,6 @@ KTO_DEFAULTS: Dict[str, Any] = dict(loss_type="kto", beta=0.1, desirable_weight=
 
 #: The DPO loss types TRL 1.16 applies label smoothing to.
 DPO_SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")
-_CONFIG_CLASSES = {"DPOConfig": ("trl", "DPOConfig"), "CPOConfig": ("trl.experimental.cpo", "CPOConfig"),
-                   "ORPOConfig": ("trl.experimental.orpo", "ORPOConfig"), "KTOConfig": ("trl", "KTOConfig")}
-
-
-def _config_fields(name: str) -> Optional[set]:
-    """Field names of TRL's config class, or None when TRL is not importable."""
-    import dataclasses
-    import importlib
-
-    module, cls = _CONFIG_CLASSES[name]
-    try:
-        return {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), cls))}
-    except Exception:  # TRL absent or laid out differently: the loss keys are still read
-        return None
-
-
-def _read(config, defaults: Dict[str, Any], name: str) -> Dict[str, Any]:
-    """The loss fields of a TRL config object or dict, TRL's defaults for the missing ones."""
-    if isinstance(config, dict):
-        fields = _config_fields(name)
-        known = set(defaults) | (fields or set())
-        for k in config:
-            if k not in known:
-                raise ValueError(f"{name} has no field {k!r}{did_you_mean(k, sorted(known))}")
-        return {k: config.get(k, v) for k, v in defaults.items()}
-    if config is None:
-        return dict(defaults)
-    return {k: getattr(config, k, v) for k, v in defaults.items()}
-
-
 def _check_rows(name: str, x: Tensor, mask: Tensor) -> None:
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"{name} must be a [rows, T] tensor of per-token log-probs")
@@ -121,7 +91,7 @@ def dpo_options(config=None) -> Dict[str, Any]:
 
 def _dpo(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """(preference_loss options, token-level options ``ld_alpha`` / ``use_weighting``)."""
-    c = _read(config, DPO_DEFAULTS, "DPOConfig")
+    c = read_fields(config, DPO_DEFAULTS, "DPOConfig")
     types = [c["loss_type"]] if isinstance(c["loss_type"], str) else list(c["loss_type"])
     eps = float(c["label_smoothing"])
     smoothed = [t for t in types if t in DPO_SMOOTHED]
@@ -141,8 +111,8 @@ def _dpo(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         opts["f_length_average"] = "score"
     if "discopop" in types:  # TRL reads it there only
         opts["discopop_tau"] = float(c["discopop_tau"])
-    if f == "alpha_divergence" and abs(coef - 1.0) < 1e-6:  # TRL's limit case: reverse KL
-        f = "reverse_kl"
+    if (f == "alpha_divergence" and abs(coef - 1.0) < 1e-6) or set(types) == {"sft"}:
+        f = "reverse_kl"  # TRL's limit case: reverse KL; sft alone reads no score (TRL accepts any)
     opts["f_divergence"] = f
     if f == "alpha_divergence":
         opts["f_alpha"] = 1.0 - coef
@@ -238,7 +208,7 @@ def cpo_options(config=None) -> Dict[str, Any]:
 
 def _cpo(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """(preference_loss options, the log-probs CPO's metrics use: averaged?, AlphaPO alpha)."""
-    c = _read(config, CPO_DEFAULTS, "CPOConfig")
+    c = read_fields(config, CPO_DEFAULTS, "CPOConfig")
     t, cpo_alpha, alpha = c["loss_type"], float(c["cpo_alpha"]), float(c["alpha"])
     if t == "alphapo":  # CPOConfig.__post_init__'s sugar
         t, cpo_alpha = "simpo", 0.0
@@ -291,7 +261,7 @@ class CPOLoss(nn.Module):
 
 def orpo_options(config=None) -> Dict[str, Any]:
     """:func:`fastalign.preference_loss` options that give ``ORPOTrainer``'s loss (TRL 1.16)."""
-    c = _read(config, ORPO_DEFAULTS, "ORPOConfig")
+    c = read_fields(config, ORPO_DEFAULTS, "ORPOConfig")
     return dict(loss_type="orpo", beta=float(c["beta"]))
 
 
@@ -330,7 +300,7 @@ class ORPOLoss(nn.Module):
 def kto_options(config=None) -> Dict[str, Any]:
     """:func:`fastalign.preference.unpaired_preference_loss` options that give ``KTOTrainer``'s
     loss (TRL 1.16): ``kto`` (with the KL baseline) or ``apo_zero_unpaired``."""
-    c = _read(config, KTO_DEFAULTS, "KTOConfig")
+    c = read_fields(config, KTO_DEFAULTS, "KTOConfig")
     if c["loss_type"] not in ("kto", "apo_zero_unpaired"):
         raise ValueError(f"KTOConfig: loss_type must be 'kto' or 'apo_zero_unpaired', got {c['loss_type']!r}")
     return dict(loss_type=c["loss_type"], beta=float(c["beta"]), desirable_weight=float(c["desirable_weight"]),

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from fastalign.advantages import group_advantages
-from fastalign.integrations.trl._rewards import read_fields, reward_columns
+from fastalign.integrations.trl._config import read_fields
+from fastalign.integrations.trl._rewards import reward_columns
 from fastalign.policy import policy_loss
 from fastalign.sequence import sequence_logprobs
 
@@ -50,7 +51,7 @@ def rloo_advantages(config, rewards_per_func: Tensor, kl: Optional[Tensor] = Non
             consecutive).
         kl: ``[B]`` per-sequence KL, ``sum_t m_t (old_t - ref_t)``; required when ``beta != 0``.
     """
-    c = read_fields(config, RLOO_DEFAULTS)
+    c = read_fields(config, RLOO_DEFAULTS, "RLOOConfig")
     G = int(c["num_generations"])
     cols = reward_columns(rewards_per_func, c["reward_weights"], G)
     B = cols.values.shape[0]
@@ -89,7 +90,7 @@ class RLOOLoss:
 
     def __init__(self, args: Any = None):
         self.args = args
-        c = read_fields(args, RLOO_LOSS_DEFAULTS)
+        c = read_fields(args, RLOO_LOSS_DEFAULTS, "RLOOConfig")
         eps_low = float(c["epsilon"])
         self.eps_low, self.eps_high = eps_low, eps_low if c["epsilon_high"] is None else float(c["epsilon_high"])
 
