@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 BACKENDS = ("auto", "triton", "cpp", "cuda")
 
-_forced: str | None = None
+# use_backend's setting, per thread: a block in one thread neither leaks into another thread nor, exiting
+# out of order with it, leaves a setting behind (torch.compile reads it and guards on it like a global)
+_forced = threading.local()
 
 
 def _check_name(name: str) -> str:
@@ -25,20 +28,21 @@ def _check_name(name: str) -> str:
 
 def current() -> str:
     """The backend in force: ``use_backend`` first, then FASTALIGN_BACKEND, else auto."""
-    if _forced is not None:
-        return _forced
+    name = getattr(_forced, "name", None)
+    if name is not None:
+        return name
     return _check_name(os.environ.get("FASTALIGN_BACKEND", "auto") or "auto")
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Force a backend inside a ``with`` block: ``with fastalign.use_backend("cpp"): ...``."""
-    global _forced
-    previous, _forced = _forced, _check_name(name)
+    """Force a backend inside a ``with`` block, in this thread: ``with fastalign.use_backend("cpp"): ...``."""
+    previous = getattr(_forced, "name", None)
+    _forced.name = _check_name(name)
     try:
         yield
     finally:
-        _forced = previous
+        _forced.name = previous
 
 
 #: The kernel families of each custom op in ``fastalign/ops``, in the order ``auto`` prefers them:

@@ -184,7 +184,7 @@ def policy_loss_fwd_kernel(
     if LT == GSPO:
         m_l = sl * inv_n
         rho_row = tl.exp(tl.where(m_l > 10.0, 10.0, m_l))
-        drho_row = tl.where(m_l > 10.0, 0.0, rho_row)  # torch.clamp(max=10): no gradient above the cap
+        drho_row = tl.where(m_l <= 10.0, rho_row, 0.0)  # torch.clamp(max=10): none above the cap (or at NaN)
     if SEQ:  # no gradient where the cap binds (and none for a NaN mean), as torch.clamp
         m_l = sl * inv_n
         rho_row = tl.exp(_clamp(m_l, -log_ratio_cap, log_ratio_cap))
@@ -403,7 +403,7 @@ def policy_loss_fwd_kernel(
 
     # ---- pass 3 (sequence level): the gradient through s_i, the same for every valid token ----
     if SEQ:
-        add = s_grow * drho_row * inv_n
+        add = tl.where(drho_row != 0.0, s_grow * drho_row * inv_n, 0.0)  # a ratio that passes no gradient
         for start in range(0, T, BLOCK_T):
             cols = start + tl.arange(0, BLOCK_T)
             inb = cols < T

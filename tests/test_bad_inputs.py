@@ -740,7 +740,7 @@ def test_out_of_range_labels_give_nan_rows_and_check_raises(backend):
 
 def test_same_results_from_four_threads():
     """The C++ kernels from 4 Python threads at once. (The Triton interpreter used for CPU tests
-    is not thread-safe; ``use_backend`` is process-wide, so each call names its backend.)"""
+    is not thread-safe, so each call names its backend.)"""
     backend = "cpp"
     torch.manual_seed(0)
     inputs = [(torch.randn(6, 33), torch.randint(0, 33, (6,)), torch.randn(3, 17), torch.randn(3, 17),
@@ -831,3 +831,29 @@ def test_switches_are_bools():
         fa.gae_advantages(r, torch.zeros(2, 3), m, whiten="false")
     with pytest.raises(ValueError, match="ignore_index must fit in int64"):
         fa.token_logprobs(logits, labels, ignore_index=2 ** 70)
+
+
+def test_use_backend_is_per_thread():
+    """use_backend was one process-wide value: a thread that never entered a block ran another thread's
+    backend, and two blocks exiting out of order left a backend forced after both had ended. Each thread has
+    its own setting now, and it is restored exactly."""
+    from fastalign import _backend
+    inside, seen, done = threading.Event(), [], threading.Event()
+
+    def forcing(name, wait):
+        with fa.use_backend(name):
+            inside.set()
+            wait.wait(5)
+
+    release = threading.Event()
+    t = threading.Thread(target=forcing, args=("triton", release))
+    t.start()
+    inside.wait(5)
+    other = threading.Thread(target=lambda: (seen.append(_backend.current()), done.set()))
+    other.start()
+    other.join()
+    with fa.use_backend("cpp"):
+        release.set()
+        t.join()
+        assert _backend.current() == "cpp"
+    assert seen == ["auto"] and _backend.current() == "auto"

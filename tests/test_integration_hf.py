@@ -192,6 +192,9 @@ def test_cu_seqlens_packed_row_equals_separate_sequences():
     (dict(cu_seqlens=torch.tensor([0, 7])), ValueError, "end at most at the 6"),
     (dict(cu_seqlens=torch.tensor([0.0, 6.0])), TypeError, "cu_seqlens"),
     (dict(cu_seqlens=torch.tensor([0, 6]), position_ids=torch.arange(6)[None]), ValueError, "not both"),
+    # a 2-D mask let the packed sequences attend to each other
+    (dict(cu_seqlens=torch.tensor([0, 4]), attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0]])), ValueError,
+     "cu_seqlens or attention_mask, not both"),
 ])
 def test_cu_seqlens_refusals(kw, err, match):
     model = tiny_model("qwen2")

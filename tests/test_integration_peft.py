@@ -147,6 +147,63 @@ def test_lora_head_variant_raises():
         causal_lm_logprobs(model, ids, attention, labels=labels)
 
 
+def _tiny_base(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return transformers.Qwen2ForCausalLM(config)
+
+
+@pytest.mark.parametrize("tuner", ["LoHa", "LoKr", "IA3", "AdaLoRA"])
+def test_other_tuners_on_the_head_raise(tuner):
+    """Non-LoRA adapters on the head were dropped (the base head scored: off by up to 3.4 in log-prob) and
+    AdaLoRA crashed; they raise now, and scored once merged into the head."""
+    kw = dict(target_modules=["lm_head"], init_weights=False) if tuner in ("LoHa", "LoKr") else \
+        dict(target_modules=["lm_head"], feedforward_modules=[]) if tuner == "IA3" else \
+        dict(target_modules=["lm_head"], total_step=10, init_r=4)
+    config_cls = {"AdaLoRA": "AdaLoraConfig"}.get(tuner, f"{tuner}Config")
+    model = peft.get_peft_model(_tiny_base(), getattr(peft, config_cls)(**kw)).eval()
+    ids, attention, labels = _batch()
+    with pytest.raises(ValueError, match="fused head cannot express"):
+        causal_lm_logprobs(model, ids, attention, labels=labels)
+    if tuner == "AdaLoRA":
+        return
+    model.merge_adapter()
+    want, _ = _reference(model, ids, attention, labels, 1.0)
+    got = causal_lm_logprobs(model, ids, attention, labels=labels).logprobs
+    torch.testing.assert_close(got.double(), want.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_learning_and_per_row_adapters_raise():
+    """Prompt tuning was scored without its virtual tokens, and adapter_names (one adapter per row) was passed
+    to the body, which dropped it: each row got the active adapter. Both raise now."""
+    ids, attention, labels = _batch()
+    prompt = peft.get_peft_model(_tiny_base(), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with pytest.raises(ValueError, match="prompt learning"):
+        causal_lm_logprobs(prompt, ids, attention, labels=labels)
+    lora = peft_model("lora_head_with_bias")
+    with pytest.raises(ValueError, match="adapter_names"):
+        causal_lm_logprobs(lora, ids, attention, labels=labels, adapter_names=["default"] * ids.shape[0])
+
+
+def test_head_dtype_runs_the_lora_head_in_it_under_autocast():
+    """head_dtype=float32 under a bf16 autocast ran the LoRA head's A(h) in bf16 (off by 0.036); the whole head
+    runs in fp32 on the body's hidden states now."""
+    model = peft_model("lora_head_with_bias")
+    ids, attention, labels = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = causal_lm_logprobs(model, ids, attention, labels=labels, head_dtype=torch.float32).logprobs
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=attention).last_hidden_state
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        h = hidden.double()
+        z = head.get_base_layer()(h.float()).double() + sum(
+            head.scaling[a] * head.lora_B[a](head.lora_A[a](h.float())).double() for a in head.active_adapters)
+    logp = torch.log_softmax(z[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    want = torch.where(labels[:, 1:] != -100, logp, 0.0)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------ TRL drop-ins
 
 trl = pytest.importorskip("trl", reason="TRL is not importable")

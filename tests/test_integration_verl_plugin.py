@@ -452,3 +452,45 @@ def test_fused_backend_switch_through_verl_monkey_patch():
                 delattr(model, attr)
     for name, a, b in zip(("log_probs", "entropy", "d lm_head", "d embed"), out["fastalign"], out["torch"]):
         assert_close(a, b, atol=1e-5, rtol=1e-5, what=f"patched model {name}")
+
+
+def test_grpo_passk_reads_its_flag_from_config_as_verl():
+    """verl's grpo_passk reads norm_adv_by_std_in_grpo from config and ignores its argument; fastalign_grpo_passk
+    let the argument win (a different advantage for config True, argument False). It follows verl now."""
+    d = _adv_batch(seed=5)
+    d["uid"] = np.array(["a", "b", "c"] * 4, dtype=object)
+    cfg = AlgoConfig(adv_estimator="fastalign_grpo_passk", norm_adv_by_std_in_grpo=True)
+    kw = _trainer_kwargs("grpo_passk", cfg, d)
+    v_adv, _ = core_algos.get_adv_estimator_fn("grpo_passk")(norm_adv_by_std_in_grpo=False, **kw)
+    f_adv, _ = core_algos.get_adv_estimator_fn("fastalign_grpo_passk")(norm_adv_by_std_in_grpo=False, **kw)
+    assert_close(_valid(f_adv, d["mask"]), _valid(v_adv, d["mask"]), atol=1e-6, rtol=1e-6, what="grpo_passk")
+
+
+def test_the_direct_api_takes_the_registered_names():
+    """The config that selects a registered entry (adv_estimator="fastalign_grpo", loss_mode="fastalign_vanilla")
+    raised in the direct API; the prefixed and plain names give one profile."""
+    from fastalign.integrations.verl import VerlPolicyLoss, algo_options, verl_policy_config
+    assert algo_options(AlgoConfig(adv_estimator="fastalign_grpo"))["adv_estimator"] == "grpo"
+    prefixed, plain = _actor("fastalign_vanilla"), _actor("vanilla")
+    assert verl_policy_config(prefixed) == verl_policy_config(plain)
+    assert VerlPolicyLoss(prefixed).mode == "vanilla"
+
+
+def test_gspo_passes_no_gradient_through_a_nan_sequence_ratio():
+    """A NaN log-prob makes the sequence ratio NaN; verl's torch.clamp(max=10) passes no gradient through it (the
+    row's gradient is 0), where fastalign_gspo gave the whole row a NaN gradient."""
+    lp = torch.tensor([[-0.5, -1.0, -0.3], [-0.7, float("nan"), -0.2]])
+    old = torch.tensor([[-0.6, -0.9, -0.4], [-0.8, -1.1, -0.3]])
+    A = torch.tensor([[1.0] * 3, [-0.5] * 3])
+    m = torch.ones(2, 3, dtype=torch.bool)
+    actor = _actor("gspo", loss_agg_mode="seq-mean-token-mean")
+    _set_global(actor, False, m)
+    grads = []
+    for name in ("gspo", "fastalign_gspo"):
+        x = lp.clone().requires_grad_(True)
+        loss, _ = core_algos.get_policy_loss_fn(name)(old_log_prob=old, log_prob=x, advantages=A, response_mask=m,
+                                                       loss_agg_mode="seq-mean-token-mean", config=actor)
+        loss.backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0][1], torch.zeros(3))
+    torch.testing.assert_close(grads[1], grads[0], equal_nan=True)

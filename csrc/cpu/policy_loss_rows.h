@@ -191,7 +191,7 @@ FASTALIGN_KERNEL_BODY void row_finish(const Cfg& c, const Row& R, const RowCtx& 
   t[0] += x.gmpo_row;
   t[10] = x.vespo_phi;
   if (c.is_level != 0 && R.dlp != nullptr) {
-    const float add = grow * x.drho_row * x.inv_n;
+    const float add = x.drho_row != 0.f ? grow * x.drho_row * x.inv_n : 0.f;  // a ratio that passes no gradient
     const uint8_t* __restrict mask = R.mask;
     float* __restrict dlp = R.dlp;
 #pragma omp simd

@@ -124,7 +124,7 @@ FASTALIGN_KERNEL_BODY RowCtx row_stats(const Cfg& c, const Row& R) {
   if (LT == kGSPO) {
     const float mean_l = sl * inv_n;
     x.rho_row = std::exp(clampf(mean_l, -kHuge, 10.f));  // keeps NaN
-    x.drho_row = mean_l > 10.f ? 0.f : x.rho_row;       // torch.clamp(max=10): no gradient above the cap
+    x.drho_row = mean_l <= 10.f ? x.rho_row : 0.f;      // torch.clamp(max=10): none above the cap (or at NaN)
   }
   if (c.is_level != 0) {
     const float mean_l = sl * inv_n, cap = c.log_ratio_cap;

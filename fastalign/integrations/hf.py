@@ -123,13 +123,14 @@ def _body(model):
     return body
 
 
-def _lora_low_rank(head, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+def _lora_low_rank(head, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: Optional[torch.dtype]):
     r"""``(bias, low_rank)`` of a PEFT LoRA layer on the head, whose forward is
     ``h W^T + b + Σ_a s_a B_a(A_a(dropout_a(h)))``: the low-rank term ``(a, L)`` of
     :func:`fastalign.linear_logprobs` with ``a = [s_a A_a(dropout_a(h)), ...]`` and ``L = [B_a, ...]``
     (``Σ_a r_a`` columns; gradients reach A and B), and ``b + Σ_a s_a b_{B_a}``. The dropout draws
     are PEFT's own (its dropout modules, in its order, on an input of the same shape). Disabled
-    adapters give the base head; merged ones are in its weight already (PEFT's own rules)."""
+    adapters give the base head; merged ones are in its weight already (PEFT's own rules). ``dtype``
+    (``head_dtype``): ``A_a`` runs in it, outside any autocast."""
     if head.disable_adapters:
         if head.merged:
             raise ValueError("model: the output head's LoRA adapters are merged into its weight while adapters are "
@@ -146,7 +147,12 @@ def _lora_low_rank(head, hidden: Tensor, weight: Tensor, bias: Optional[Tensor])
                              "(DoRA and other variants, fan_in_fan_out), which the fused head cannot express")
         lora_a, lora_b, scaling = head.lora_A[name], head.lora_B[name], head.scaling[name]
         x = head.lora_dropout[name](hidden.to(lora_a.weight.dtype))  # PEFT casts, then drops out
-        downs.append((lora_a(x) * scaling).to(hidden.dtype))
+        if dtype is None:
+            down = lora_a(x)
+        else:
+            with torch.autocast(hidden.device.type, enabled=False):
+                down = torch.nn.functional.linear(x.to(dtype), lora_a.weight.to(dtype))
+        downs.append((down * scaling).to(dtype or hidden.dtype))
         ups.append(lora_b.weight.to(weight.dtype))
         if lora_b.bias is not None:
             extra = (lora_b.bias * scaling).to(weight.dtype)
@@ -156,15 +162,30 @@ def _lora_low_rank(head, hidden: Tensor, weight: Tensor, bias: Optional[Tensor])
     return bias, (torch.cat(downs, dim=-1), torch.cat(ups, dim=1))
 
 
-def _head(model, hidden: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[tuple[Tensor, Tensor]]]:
+def _peft_tuner(head) -> Optional[str]:
+    """The PEFT tuner of a head layer ("lora", "adalora", "ia3", ...), None for a plain module (or a
+    ``modules_to_save`` copy)."""
+    module = type(head).__module__
+    return module.split(".")[2] if module.startswith("peft.tuners.") and module.count(".") >= 2 else None
+
+
+def _head(model, hidden: Tensor, dtype: Optional[torch.dtype] = None
+          ) -> tuple[Tensor, Optional[Tensor], Optional[tuple[Tensor, Tensor]]]:
     """``(weight, bias, low_rank)`` of the model's output head applied to ``hidden``: the head's own
     weight and bias (gathered if DTensors) and, under a PEFT LoRA head, its adapters as the low-rank term
     of :func:`fastalign.linear_logprobs` (:func:`_lora_low_rank`; a ``modules_to_save`` head resolves
-    to its active copy itself)."""
+    to its active copy itself). Another PEFT tuner's active, unmerged adapters on the head (LoHa, LoKr,
+    IA3, OFT, VeRA, AdaLoRA, ...) raise: the fused head cannot express them."""
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise TypeError(f"model: {type(model).__name__}.get_output_embeddings() has no weight")
-    lora = hasattr(head, "lora_A") and hasattr(head, "get_base_layer")
+    tuner = _peft_tuner(head)
+    if (tuner not in (None, "lora") and not getattr(head, "disable_adapters", False)
+            and not getattr(head, "merged", False)):
+        raise ValueError(f"model: the output head carries PEFT {tuner} adapters ({type(head).__name__}), which the "
+                         "fused head cannot express (plain LoRA only); merge them (merge_adapter()) or leave the "
+                         "head out of target_modules")
+    lora = tuner == "lora" and hasattr(head, "lora_A") and hasattr(head, "get_base_layer")
     base = head.get_base_layer() if lora else head
     weight, bias = _dtensor.full(base.weight), _dtensor.full(getattr(base, "bias", None))
     if weight.dim() != 2 or weight.numel() == 0:
@@ -173,7 +194,7 @@ def _head(model, hidden: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[tup
             "(DeepSpeed ZeRO-3) must be gathered around the call, e.g. with "
             "deepspeed.zero.GatheredParameters([lm_head.weight, lm_head.bias])")
     if lora:
-        bias, low_rank = _lora_low_rank(head, hidden, weight, bias)
+        bias, low_rank = _lora_low_rank(head, hidden, weight, bias, dtype)
         return weight, bias, low_rank
     return weight, bias, None
 
@@ -203,13 +224,20 @@ def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = N
     ``hidden @ weight.T + a @ L.T + bias`` are the head's logits before its transform
     (:data:`HEAD_TRANSFORMS`). ``on_body`` is called with the body's outputs (e.g. a MoE body's
     ``router_logits`` for :func:`router_aux_loss`)."""
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and getattr(config, "is_prompt_learning", False):
+        raise ValueError(f"model: PEFT prompt learning ({type(config).__name__}) adds virtual tokens that the body "
+                         "alone does not see; it is not supported (LoRA and merged adapters are)")
+    if "adapter_names" in model_kwargs:
+        raise ValueError("adapter_names (one PEFT adapter per row) is not supported: set the active adapter "
+                         "(model.set_adapter) and score each adapter's rows in their own call")
     # No KV cache: transformers builds its per-sequence (packed) attention mask only without one.
     model_kwargs.setdefault("use_cache", False)
     outputs = _body(model)(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **model_kwargs)
     if on_body is not None:
         on_body(outputs)
     hidden = outputs.last_hidden_state
-    weight, bias, low_rank = _head(model, hidden)
+    weight, bias, low_rank = _head(model, hidden, head_dtype)
     device_type = hidden.device.type
     dtype = head_dtype
     if dtype is None and torch.is_autocast_enabled(device_type):
@@ -387,6 +415,9 @@ def causal_lm_logprobs(
     if cu_seqlens is not None:
         if position_ids is not None:
             raise ValueError("give cu_seqlens or position_ids, not both")
+        if attention_mask is not None:  # a 2-D mask would let the packed sequences attend to each other
+            raise ValueError("give cu_seqlens or attention_mask, not both: cu_seqlens declares the sequences (tokens "
+                             "past cu_seqlens[-1] are padding, unscored)")
         if shape[0] != 1:
             raise ValueError(f"cu_seqlens describes one packed row: input_ids must be [1, total], got {tuple(shape)}")
         malformed = _validate.offsets("cu_seqlens", cu_seqlens, shape[1], device=input_ids.device)

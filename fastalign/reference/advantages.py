@@ -166,7 +166,8 @@ def masked_whiten(x, mask, eps=1e-8, unbiased=True):
 
 def discounted_returns(x, mask, gamma, reset=True):
     """Per row, from the last token: run = x_t m_t + gamma run; out_t = run m_t; run *= m_t if reset.
-    A masked token (m_t = 0) is skipped: its x_t is never read."""
+    A masked token (m_t = 0) is skipped: its x_t is never read, its output is 0 and (reset) the run restarts
+    there, so a NaN or inf after it never reaches the tokens before it."""
     B, T = x.shape
     out = torch.zeros(B, T, dtype=torch.float64)
     for b in range(B):
@@ -174,9 +175,9 @@ def discounted_returns(x, mask, gamma, reset=True):
         for t in reversed(range(T)):
             m = float(mask[b, t])
             run = (float(x[b, t]) * m if m != 0 else 0.0) + gamma * run
-            out[b, t] = run * m
+            out[b, t] = run * m if m != 0 else 0.0
             if reset:
-                run *= m
+                run = run * m if m != 0 else 0.0
     return out
 
 

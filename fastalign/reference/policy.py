@@ -36,8 +36,9 @@ def kl_penalty(lp, ref, kind="k3", clamp=True):
             v = torch.clamp(v, -10.0, 10.0)
     else:
         raise ValueError(kind)
-    if straight:
-        k2 = 0.5 * d * d
+    if straight:  # k2's gradient; none at an infinite d (the value stays NAME's)
+        d_grad = torch.where(torch.isinf(d), 0.0, d)
+        k2 = 0.5 * d_grad * d_grad
         v = k2 - k2.detach() + v.detach()
     return v
 

@@ -33,6 +33,7 @@ from torch import Tensor
 from fastalign.advantages import (gae_advantages, group_advantages, optimal_token_baseline_advantages,
                                   remax_advantages, token_advantages)
 from fastalign.advantages._inputs import as_index
+from fastalign.integrations.verl._names import unprefixed
 
 __all__ = ["ALGO_DEFAULTS", "ESTIMATORS", "algo_options", "compute_advantage"]
 
@@ -65,7 +66,7 @@ def algo_options(config=None) -> Dict[str, Any]:
         return dict(ALGO_DEFAULTS)
     get = config.get if hasattr(config, "get") else (lambda k, d: getattr(config, k, d))
     out = {k: get(k, v) for k, v in ALGO_DEFAULTS.items()}
-    est = str(getattr(out["adv_estimator"], "value", out["adv_estimator"]))
+    est = unprefixed(str(getattr(out["adv_estimator"], "value", out["adv_estimator"])))
     if est not in ESTIMATORS:
         raise ValueError(f"algorithm.adv_estimator {est!r} is not covered: fastalign reproduces {list(ESTIMATORS)}")
     if not out["norm_adv_by_std_in_grpo"] and est in ("grpo_vectorized", "gdpo"):

@@ -61,12 +61,12 @@ import torch
 from torch import Tensor
 
 from fastalign.advantages import group_advantages, token_advantages
+from fastalign.integrations.verl._names import PREFIX
 from fastalign.integrations.verl.advantages import ESTIMATORS, algo_options, compute_advantage
 from fastalign.integrations.verl.policy import _MODES, VerlPolicyLoss, _get
 
 __all__ = ["PREFIX", "POLICY_LOSSES", "ADVANTAGE_ESTIMATORS", "register"]
 
-PREFIX = "fastalign_"
 
 
 def _policy_loss_fn(mode: str) -> Callable:
@@ -134,7 +134,9 @@ def _advantage_fn(estimator: str) -> Callable:
         # verl's grpo_vectorized is grpo computed at once, with the flag from its argument only: given, it is
         # fastalign's grpo with that flag; otherwise the profile of grpo_vectorized, which refuses a False in config
         vectorized_flag = estimator == "grpo_vectorized" and norm_adv_by_std_in_grpo is not None
-        opts = _algo(config, "grpo" if vectorized_flag else estimator, norm_adv_by_std_in_grpo)
+        # verl's grpo_passk reads the flag from config only (its argument is ignored)
+        flag = None if estimator == "grpo_passk" else norm_adv_by_std_in_grpo
+        opts = _algo(config, "grpo" if vectorized_flag else estimator, flag)
         if gamma is not None:
             opts["gamma"] = float(gamma)
         if lam is not None:

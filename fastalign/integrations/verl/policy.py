@@ -45,6 +45,7 @@ from torch import Tensor
 
 from fastalign import _validate
 from fastalign.aggregate import aggregate_loss, counts_read
+from fastalign.integrations.verl._names import unprefixed
 from fastalign.kl import kl_penalty
 from fastalign.policy import policy_loss
 from fastalign.policy_config import PolicyConfig
@@ -113,7 +114,7 @@ def verl_policy_config(actor: Any, *, fuse_terms: bool = True, loss_mode: Option
     aggregate like the policy term). ``loss_mode`` / ``loss_agg_mode``: used instead of the
     config's ``policy_loss.loss_mode`` / ``loss_agg_mode`` when given."""
     pl = _get(actor, "policy_loss", {})
-    mode = loss_mode if loss_mode is not None else _get(pl, "loss_mode", "vanilla")
+    mode = unprefixed(loss_mode if loss_mode is not None else _get(pl, "loss_mode", "vanilla"))
     if mode not in _MODES:
         raise ValueError(f"policy_loss.loss_mode {mode!r} has no fastalign profile; supported: {tuple(_MODES)}")
     row = _MODES[mode]
@@ -168,7 +169,8 @@ class VerlPolicyLoss:
     def __init__(self, actor: Any, *, loss_mode: Optional[str] = None, loss_agg_mode: Optional[str] = None,
                  policy_term_only: bool = False):
         self.actor = actor
-        self.mode = loss_mode if loss_mode is not None else _get(_get(actor, "policy_loss", {}), "loss_mode", "vanilla")
+        self.mode = unprefixed(loss_mode if loss_mode is not None
+                               else _get(_get(actor, "policy_loss", {}), "loss_mode", "vanilla"))
         self.loss_agg_mode = loss_agg_mode if loss_agg_mode is not None else _get(actor, "loss_agg_mode", "token-mean")
         # policy_term_only: the loss function verl's registry holds, without the KL and entropy terms
         self.use_kl = not policy_term_only and bool(_get(actor, "use_kl_loss", False))
