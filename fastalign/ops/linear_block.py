@@ -31,14 +31,19 @@ def block_buffer(rows: int, vocab: int, like: Tensor) -> Tensor:
     return torch.empty(rows * vocab, dtype=dtype, device=like.device)
 
 
+def _as_operand(t, dtype: torch.dtype):
+    """``t`` (a tensor, None or a tuple of them) as it is when of ``dtype``, else in fp32."""
+    if isinstance(t, tuple):
+        return tuple(_as_operand(x, dtype) for x in t)
+    return t if t is None or t.dtype == dtype else t.float()
+
+
 def _operands(like: Tensor, *tensors):
     """``tensors`` as the block's products take them: as they are when ``like`` (the buffer) has their
-    dtype, else in fp32 (None and pairs kept)."""
-    def cast(t):
-        if isinstance(t, tuple):
-            return tuple(cast(x) for x in t)
-        return t if t is None or t.dtype == like.dtype else t.float()
-    return [cast(t) for t in tensors]
+    dtype, else in fp32 (None and pairs kept). A module-level function, not a closure that calls itself:
+    that closure was a reference cycle holding ``like``, the block's ``[rows, V]`` logits, until the cyclic GC
+    ran."""
+    return [_as_operand(t, like.dtype) for t in tensors]
 
 
 #: The statistics a block can give beside the log-prob.
