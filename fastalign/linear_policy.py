@@ -31,7 +31,7 @@ from fastalign._options import check_choice, check_names
 from fastalign.linear import check_head_inputs, check_logit_options, linear_logprobs, logit_pipeline
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_cpu import labelled_rows
-from fastalign.ops.single_pass import Side, by_default, single_pass_loss, token_items
+from fastalign.ops.single_pass import Side, by_default, differentiated, single_pass_loss, token_items
 from fastalign.policy import policy_loss
 from fastalign.policy_config import FIELDS, PolicyConfig
 
@@ -192,7 +192,8 @@ def policy_step(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Op
     tokens = token_separable and hidden.dim() == 3
     item_rows = 1 if tokens else hidden.shape[-2] if hidden.dim() > 2 else hidden.shape[0]  # one item's positions
     auto = single_pass == "auto" and by_default(weight, hidden, bias, a, lw, item_rows=item_rows)
-    if (single_pass is True or auto) and tokens:  # every token its own item: [B * T, 1, ...]
+    single = auto or (single_pass is True and differentiated(weight, hidden, bias, a, lw))
+    if single and tokens:  # every token its own item: [B * T, 1, ...]
         shape = labels.shape
 
         def per_token(lp, old, ent):
@@ -202,7 +203,7 @@ def policy_step(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Op
                                                token_items(labels), token_items(old_logprobs), per_token, entropy,
                                                logit, backend)
         return value, metrics, lp.view(shape), None if ent is None else ent.view(shape)
-    if single_pass is True or auto:
+    if single:
         return _single_pass(hidden, weight, bias, a, lw, labels, old_logprobs, loss, entropy, logit, backend)
     stats = linear_logprobs(hidden, weight, labels, bias=bias, low_rank=low_rank, entropy=entropy, backend=backend,
                             **logit)

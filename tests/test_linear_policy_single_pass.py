@@ -326,3 +326,20 @@ def test_a_single_pass_step_leaves_no_tensor_in_a_reference_cycle(module):
         gc.garbage.clear()
         gc.enable()
     assert cycled == []
+
+
+def test_single_pass_true_under_inference_mode_runs_the_forward():
+    """single_pass=True under torch.inference_mode() crashed inside autograd (the single pass computes gradients
+    in the forward); without gradients to compute the forward alone runs: the loss of the two passes."""
+    d = make(seed=9)
+    pol = fastalign.LinearPolicyLoss(loss_type="grpo", single_pass=True)
+    pref = fastalign.LinearPreferenceLoss(single_pass=True)
+    with torch.inference_mode():
+        got = (pol(d["hidden"], d["weight"], d["labels"], d["old"], d["A"], d["mask"])[0],
+               pref(d["hidden"], d["weight"], d["labels"])[0])
+    with torch.no_grad():
+        want = (fastalign.LinearPolicyLoss(loss_type="grpo", single_pass=False)(
+                    d["hidden"], d["weight"], d["labels"], d["old"], d["A"], d["mask"])[0],
+                fastalign.LinearPreferenceLoss(single_pass=False)(d["hidden"], d["weight"], d["labels"])[0])
+    for g, w in zip(got, want):
+        assert_close(g, w, atol=1e-6, rtol=1e-6, what="loss under inference_mode")

@@ -51,6 +51,12 @@ def block_budget_rows(vocab: int, like: Tensor) -> int:
     return block_rows(vocab, like, float(mib) * (1 << 20))
 
 
+def differentiated(*tensors) -> bool:
+    """Whether autograd may ask for the gradient of one of ``tensors`` (grad mode on, one requires it): the
+    single pass runs only then (True included: without gradients the forward pass is all there is to do)."""
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
 def by_default(weight: Tensor, *inputs, item_rows: int = 1) -> bool:
     """Whether ``single_pass="auto"`` takes the single pass: gradients are needed (of ``weight`` or one of
     ``inputs``), the call is eager (:func:`~fastalign.ops._launch.eager`: under tracing the two-pass custom
@@ -59,9 +65,8 @@ def by_default(weight: Tensor, *inputs, item_rows: int = 1) -> bool:
     passes stay within their chunks), and it pays off: on a GPU (its blocks keep the input dtype), and on
     the CPU for an fp32 head (a bf16/fp16 one would be converted to fp32 whole, for every block)."""
     tensors = (weight, *inputs)
-    differentiated = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
     fits = item_rows <= block_budget_rows(weight.shape[0], inputs[0] if inputs else weight)
-    return (differentiated and fits and (weight.is_cuda or weight.dtype == torch.float32)
+    return (differentiated(*tensors) and fits and (weight.is_cuda or weight.dtype == torch.float32)
             and eager(*tensors))
 
 
