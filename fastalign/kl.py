@@ -63,7 +63,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kl_type: str = "k3", *, c
         if clamp:
             v = v.clamp(-10.0, 10.0)
     if straight:  # the value of base, the gradient of k2 (d); 0 where d is infinite (no inf - inf), NaN stays NaN
-        d_finite = torch.where(torch.isinf(d), torch.zeros((), device=d.device), d)
-        k2 = 0.5 * d_finite * d_finite
+        d_grad = torch.where(torch.isinf(d), torch.zeros((), device=d.device), d)
+        k2 = 0.5 * d_grad * d_grad
         v = k2 - k2.detach() + v.detach()
     return v

@@ -521,7 +521,8 @@ def preference_loss(
         nll = -lc.sum() / chosen_lengths.to(acc).sum().clamp(min=1.0)
     opt = dict(cpo_alpha=float(cpo_alpha), simpo_gamma=float(simpo_gamma), alphapo_alpha=float(alphapo_alpha),
                discopop_tau=float(discopop_tau),
-               bco_delta=bco_delta.detach().to(acc) if isinstance(bco_delta, Tensor) else float(bco_delta), kto_kl=kto_kl,
+               bco_delta=bco_delta.detach().to(acc) if isinstance(bco_delta, Tensor) else float(bco_delta),
+               kto_kl=kto_kl,
                desirable_weight=float(desirable_weight), undesirable_weight=float(undesirable_weight))
     q = PairQuantities(lc, lr, lc0, lr0, dc, dr, dc - dr, dc_bar, dr_bar, lc_bar, lr_bar, nll, beta, eps, opt)
 

@@ -98,7 +98,8 @@ class DistillationTrainer(trl.DistillationTrainer):
         teacher_scale, teacher_softcap = config_head_transform(teacher_config)
         loss, metrics = linear_divergence_loss(
             student_hidden, weight, teacher_hidden, teacher_weight, beta=self.beta, temperature=self.temperature,
-            bias=_dtensor.full(student_head.bias), teacher_bias=_dtensor.full(teacher_head.bias), logit_scale=scale, softcap=softcap,
+            bias=_dtensor.full(student_head.bias), teacher_bias=_dtensor.full(teacher_head.bias), logit_scale=scale,
+            softcap=softcap,
             teacher_logit_scale=teacher_scale, teacher_softcap=teacher_softcap, response_mask=loss_mask.to(device),
             normalizer=normalizer)
         return loss, metrics["entropy_sum"], metrics["num_tokens"].long()
