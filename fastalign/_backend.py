@@ -122,6 +122,15 @@ def resolve(device, backend: str | None = None) -> str:
     return _choose("this op", ALL_KERNELS, device, backend)
 
 
+def request(device, backend: str | None = None) -> str:
+    """The backend request in force for tensors on ``device`` (``backend``, else :func:`current`), checked as
+    :func:`resolve` checks it: what public functions pass down to ops whose kernel families differ from
+    ``ALL_KERNELS`` (group advantages, reverse scans, Clip-Cov / KL-Cov selection), so that each op applies
+    ``auto`` (or a named backend's ``SUBSTITUTES``) to its own families, as ``fastalign.info`` reports."""
+    resolve(device, backend)
+    return _check_name(backend) if backend is not None else current()
+
+
 def compiled():
     """The compiled core ``fastalign._C`` (C++ CPU kernels, CUDA kernels when built with them)."""
     try:

@@ -221,12 +221,13 @@ def policy_loss(
         seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=logprobs.device, dtype=torch.int64)
         f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
         cov = sums = n_local = None
+        cov_backend = _backend.request(logprobs.device, cfg.backend)
         if cfg.cov_global or name != "cpp":
             lp_d, adv_d = f32(logprobs), f32(advantages)
         if cfg.cov_global:
             import torch.distributed as dist
 
-            sums = _ops.cov_sums(lp_d, adv_d, mask)
+            sums = _ops.cov_sums(lp_d, adv_d, mask, cov_backend)
             n_local = sums[2:3].clone()
             sums = sums.clone()
             dist.all_reduce(sums, group=cfg.cov_group)
@@ -239,11 +240,11 @@ def policy_loss(
         sel = None
         if is_cov:
             if sums is None:
-                sums = _ops.cov_sums(lp_d, adv_d, mask)
+                sums = _ops.cov_sums(lp_d, adv_d, mask, cov_backend)
                 n_local = sums[2:3].clone()
             sel = _ops.cov_select(lp_d, f32(old_logprobs), adv_d, mask, sums, n_local, seed,
                                   0 if loss_type == "clip_cov" else 1, cov_ratio, cov_lb, cov_ub,
-                                  *cfg.clip_eps)
+                                  *cfg.clip_eps, cov_backend)
         row, _dlp = _ops.rows(lp, old, adv, mask, ref, ent, roll, keep, iw, sel, params, name)
 
     # ---------------- aggregation and metrics on [B] rows (device only) ----------------

@@ -110,6 +110,46 @@ def test_resolve_is_the_request_check_of_the_public_functions(monkeypatch):
     assert _backend.resolve(CUDA, "cuda") == "triton"
 
 
+def test_request_keeps_auto_for_the_ops_own_families(monkeypatch):
+    """Ops whose families differ from ALL_KERNELS get the request, not resolve's family: under ``auto`` on
+    CUDA tensors the group, scan and selection ops run their CUDA kernels, as docs/backends.md says."""
+    _cuda_usable(monkeypatch, True)
+    assert _backend.request(CUDA) == "auto" and _backend.request(CPU, "cpp") == "cpp"
+    for op in ("group_stats", "group_advantage", "reverse_scan", "cov_sums", "cov_select"):
+        assert _backend.backend_for(op, CUDA, _backend.request(CUDA)) == "cuda", op
+        assert _backend.backend_for(op, CUDA, _backend.resolve(CUDA)) != "cuda", op  # why request exists
+    with pytest.raises(ValueError, match="backend 'cuda' needs CUDA tensors"):
+        _backend.request(CPU, "cuda")
+
+
+def _record_requests(monkeypatch, seen, module, *names):
+    for name in names:
+        op = getattr(module, name)
+
+        def recording(*args, _op=op):
+            seen.append(args[-1])
+            return _op(*args)
+        monkeypatch.setattr(module, name, recording)
+
+
+def test_public_functions_pass_the_request(monkeypatch):
+    """group_advantages, the reverse scans and Clip-Cov / KL-Cov pass the call's request (``backend=``, else
+    the setting in force) down to their ops."""
+    from fastalign.advantages import sequence_level, token_level
+
+    seen = []
+    _record_requests(monkeypatch, seen, sequence_level, "call_group_advantage")
+    _record_requests(monkeypatch, seen, token_level, "reverse_scan")
+    _record_requests(monkeypatch, seen, policy_loss, "cov_sums", "cov_select")
+    x, m = torch.randn(2, 4), torch.ones(2, 4)
+    fastalign.group_advantages(torch.randn(4), torch.tensor([0, 0, 1, 1]))
+    fastalign.reinforce_pp_advantages(x, m, gamma=0.9, backend="cpp")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with fastalign.use_backend("cpp"):
+        fastalign.policy_loss(x, x, torch.randn(2), m, loss_type="clip_cov", backend="triton")
+    assert seen == ["auto", "cpp", "triton", "triton"]
+
+
 def test_ops_refuse_a_backend_they_cannot_run():
     x = torch.randn(2, 3)
     with pytest.raises(ValueError, match="backend 'cuda' needs CUDA tensors"):
@@ -133,7 +173,7 @@ def _op_cases():
     m8 = m.to(torch.uint8)
     params = list(fastalign.PolicyConfig(kl_coef=0.1).kernel_params(entropy_in_kernel=True))
     cov_params = list(fastalign.PolicyConfig(loss_type="kl_cov").kernel_params(entropy_in_kernel=True))
-    sums = policy_loss.cov_sums(x, x, m8)
+    sums = policy_loss.cov_sums(x, x, m8, "cpp")
     scores, index = torch.randn(6, generator=g), torch.tensor([0, 0, 1, 1, 2, 2])
     f64 = torch.empty(0, dtype=torch.float64)
     seed = torch.tensor([3])
@@ -154,9 +194,9 @@ def _op_cases():
         "policy_loss_grads": (policy_loss.policy_loss_grads, (x, torch.randn(B, 11), m8, 0.01, True, False, "cpp")),
         "policy_loss_cov_rows": (policy_loss.policy_loss_cov_rows,
                                  (x, x, x, m8, None, None, None, None, None, seed, cov_params, True)),
-        "cov_sums": (policy_loss.cov_sums, (x, x, m8)),
+        "cov_sums": (policy_loss.cov_sums, (x, x, m8, "cpp")),
         "cov_select": (policy_loss.cov_select, (x, x, x, m8, sums, sums[2:3].clone(), seed, 1, 0.2, -1.0, 5.0, 0.2,
-                                                0.28)),
+                                                0.28, "cpp")),
         "group_stats": (group_stats.group_stats, (scores, index, f64, 1, "cpp")),
         "group_advantage": (group_stats.group_advantage, (scores, index, f64, f64, 1, 0, True, 1e-6, False, "cpp")),
         "reverse_scan": (returns.reverse_scan, (x, x, m.float(), 0.9, 0.95, returns.SCANS["gae"], "cpp")),

@@ -525,7 +525,7 @@ def test_gpu_fallback_ops_match_cuda_kernels():
     for mode in (0, 1):
         args = (lp, old, adv, mask8, sums, sums[2:3].clone(), seed, mode, 0.01, -1.0, 5.0, 0.2, 0.28)
         got = cov_fallback.cov_select(*args)
-        exp = ops.cov_select(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in args))
+        exp = ops.cov_select(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in args), "cpp")
         assert torch.equal(got.cpu(), exp), f"cov selection mode {mode}"
 
 
@@ -581,14 +581,14 @@ def test_cov_select_torch_path_matches_cpp_kernel(mode):
     mask = (torch.rand(B, T, generator=g) > 0.2).to(torch.uint8)
     adv[0, 5] = float("nan")  # in a masked slot: never enters the sums or the selection
     mask[0, 5] = 0
-    sums = ops.cov_sums(lp, adv, mask)
+    sums = ops.cov_sums(lp, adv, mask, "cpp")
     assert_close(cov_fallback.cov_sums(lp, adv, mask), sums, atol=1e-3, rtol=1e-6, what="sums")
     n_local = sums[2:3].clone()
     for seed in (0, 12345, 2 ** 61 + 7):
         s = torch.tensor([seed], dtype=torch.int64)
         args = (lp, old, adv, mask, sums, n_local, s, mode, 0.05, -1.0, 5.0, 0.2, 0.28)
         got = cov_fallback.cov_select(*args)
-        exp = ops.cov_select(*args)
+        exp = ops.cov_select(*args, "cpp")
         assert got.dtype == torch.uint8 and torch.equal(got, exp), (seed, int((got != exp).sum()))
     assert int(got.sum()) == (int(0.05 * float(n_local)) if mode == 1 else int(got.sum()))
     if mode == 1:

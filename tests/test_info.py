@@ -150,7 +150,7 @@ def test_info_reports_what_runs_under_a_forced_backend(monkeypatch):
     """Under FASTALIGN_BACKEND=triton on CPU tensors: without the interpreter, the ops info lists as "none"
     refuse to run; with it, the Clip-Cov / KL-Cov selection runs the family info names (plain torch, the same
     picks as the C++ kernels of ``auto``)."""
-    from fastalign.ops import cov_fallback, policy_loss as ops
+    from fastalign.ops import cov_fallback
 
     row = "policy_loss (clip_cov/kl_cov selection)"
     g = torch.Generator().manual_seed(0)
@@ -167,9 +167,9 @@ def test_info_reports_what_runs_under_a_forced_backend(monkeypatch):
     assert fastalign.info()["cpu_ops"][row] == "torch"
     ran, real = [], cov_fallback.cov_select
     monkeypatch.setattr(cov_fallback, "cov_select", lambda *a: ran.append("torch") or real(*a))
-    sums = ops.cov_sums(x, x, m8)
-    args = (x, x, x, m8, sums, sums[2:3].clone(), torch.tensor([3]), 1, 0.2, -1.0, 5.0, 0.2, 0.28)
-    picked = ops.cov_select(*args)
+    adv = torch.randn(3, generator=g)
+    loss = fastalign.policy_loss(x, x - 0.1, adv, m8.float(), loss_type="kl_cov", cov_ratio=0.5)[0]
     assert ran == ["torch"]
     with fastalign.use_backend("auto"):
-        assert torch.equal(ops.cov_select(*args), picked) and ran == ["torch"]
+        again = fastalign.policy_loss(x, x - 0.1, adv, m8.float(), loss_type="kl_cov", cov_ratio=0.5)[0]
+        assert torch.equal(again, loss) and ran == ["torch"]

@@ -291,9 +291,9 @@ def test_clip_cov_every_candidate_picked():
     assert sel.sum() > 5
     frac, _, _ = _select(lp, old, A, m, "clip_cov", 1.0)
     assert_close(frac, sel.sum() / m.sum(), atol=0, what="selected fraction")
-    sums = ops.cov_sums(lp, A, m.view(torch.uint8))
+    sums = ops.cov_sums(lp, A, m.view(torch.uint8), "cpp")
     ours = ops.cov_select(lp, old, A, m.view(torch.uint8), sums, sums[2:3].clone(), torch.tensor([7]), 0, 1.0, 1.0,
-                          5.0, 0.2, 0.2)
+                          5.0, 0.2, 0.2, "cpp")
     assert torch.equal(ours.bool(), sel)
 
 
@@ -306,11 +306,11 @@ def test_clip_cov_random_choice_is_seeded():
     k = max(int(math.floor(ratio * n_valid)), 1)
     assert cand.sum() > k
     mu = m.view(torch.uint8)
-    sums = ops.cov_sums(lp, A, mu)
+    sums = ops.cov_sums(lp, A, mu, "cpp")
 
     def pick(seed):
         return ops.cov_select(lp, old, A, mu, sums, sums[2:3].clone(), torch.tensor([seed]), 0, ratio, 1.0, 5.0, 0.2,
-                              0.2).bool()
+                              0.2, "cpp").bool()
 
     s1, s2, s3 = pick(1), pick(1), pick(2)
     assert int(s1.sum()) == k and torch.equal(s1, s2) and not torch.equal(s1, s3)
@@ -333,8 +333,9 @@ def test_kl_cov_top_k_ties_by_lower_index():
         sel = reference.policy.cov_selection(lp, old, A, m, loss_type="kl_cov", eps_low=0.2, eps_high=0.2, ratio=ratio,
                                              lb=1.0, ub=5.0)
         mu = m.view(torch.uint8)
-        sums = ops.cov_sums(lp, A, mu)
-        ours = ops.cov_select(lp, old, A, mu, sums, sums[2:3].clone(), torch.tensor([0]), 1, ratio, 1.0, 5.0, 0.2, 0.2)
+        sums = ops.cov_sums(lp, A, mu, "cpp")
+        ours = ops.cov_select(lp, old, A, mu, sums, sums[2:3].clone(), torch.tensor([0]), 1, ratio, 1.0, 5.0, 0.2, 0.2,
+                              "cpp")
         assert torch.equal(ours.bool(), sel), ratio
         k = max(int(ratio * B * T), 1)
         assert int(sel.sum()) == k
@@ -470,10 +471,10 @@ def test_opcheck():
             if want[1]:
                 assert torch.equal(ge, torch.where(d["m"], -0.01 * g_row[:, :1], torch.zeros(())))
             torch.library.opcheck(ops.policy_loss_grads, (d["lp"], g_row, mu, 0.01, *want, backend))
-    sums = ops.cov_sums(d["lp"], d["A"], mu)
-    torch.library.opcheck(ops.cov_sums, (d["lp"], d["A"], mu))
+    sums = ops.cov_sums(d["lp"], d["A"], mu, "cpp")
+    torch.library.opcheck(ops.cov_sums, (d["lp"], d["A"], mu, "cpp"))
     torch.library.opcheck(ops.cov_select, (d["lp"], d["old"], d["A"], mu, sums, sums[2:3].clone(), torch.tensor([3]),
-                                           1, 0.2, 1.0, 5.0, 0.2, 0.2))
+                                           1, 0.2, 1.0, 5.0, 0.2, 0.2, "cpp"))
 
 
 @pytest.mark.parametrize("loss_type", ["ppo", "kl_cov"])
@@ -528,10 +529,10 @@ def _dp_worker(rank, world, init_file, q):
         sel = reference.policy.cov_selection(lp, old, A, m, loss_type="kl_cov", eps_low=0.2, eps_high=0.2, ratio=0.2,
                                              lb=1.0, ub=5.0, means=means)
         mu = m.view(torch.uint8)
-        sums = ops.cov_sums(lp, A, mu)
+        sums = ops.cov_sums(lp, A, mu, "cpp")
         nloc = sums[2:3].clone()
         dist.all_reduce(sums)
-        ours = ops.cov_select(lp, old, A, mu, sums, nloc, torch.tensor([0]), 1, 0.2, 1.0, 5.0, 0.2, 0.2)
+        ours = ops.cov_select(lp, old, A, mu, sums, nloc, torch.tensor([0]), 1, 0.2, 1.0, 5.0, 0.2, 0.2, "cpp")
         res["kl_cov_ok"] = bool(torch.equal(ours.bool(), sel)) and float(met["cov_selected_frac"]) > 0
         q.put((rank, res))
         q.close()

@@ -331,7 +331,7 @@ def group_advantages(
         raise ValueError(f"batch_normalization must be one of {BATCH_NORMALIZATIONS}, got {batch_normalization!r}")
     if batch_normalization != "sequence" and estimator != "gdpo":
         raise ValueError(f"batch_normalization is gdpo's last step; it does not apply to estimator {estimator!r}")
-    c = _Ctx(eps, std, singleton == "zero", lens, reward_weights, _backend.resolve(device, backend),
+    c = _Ctx(eps, std, singleton == "zero", lens, reward_weights, _backend.request(device, backend),
              singleton == "unit_std", batch_normalization)
     row = ESTIMATORS[estimator]
     adv = row(r, g, c)

@@ -88,7 +88,7 @@ def reinforce_pp_advantages(token_rewards: Tensor, response_mask: Tensor, *, gam
     _validate.boolean("whiten", whiten)
     _validate.boolean("unbiased", unbiased)
     x, m, _ = _token_inputs("token_rewards", token_rewards, response_mask)
-    g, _ = reverse_scan(x, x.new_empty(0), m, gamma, 0.0, SCANS["return"], _backend.resolve(x.device, backend))
+    g, _ = reverse_scan(x, x.new_empty(0), m, gamma, 0.0, SCANS["return"], _backend.request(x.device, backend))
     return masked_whiten(g, m, unbiased=unbiased) if whiten else g
 
 
@@ -99,7 +99,7 @@ def remax_advantages(token_rewards: Tensor, response_mask: Tensor, baseline: Ten
     _validate.real("baseline", baseline, dim=1)
     _validate.shape("baseline", baseline, (x.shape[0],), "one score per response")
     _validate.same_device(token_rewards=x, baseline=baseline)
-    g, _ = reverse_scan(x, x.new_empty(0), m, 1.0, 0.0, SCANS["to_go"], _backend.resolve(x.device, backend))
+    g, _ = reverse_scan(x, x.new_empty(0), m, 1.0, 0.0, SCANS["to_go"], _backend.request(x.device, backend))
     return torch.where(m != 0, g - baseline.to(x.dtype).unsqueeze(-1) * m, 0.0)
 
 
@@ -114,7 +114,7 @@ def gae_advantages(token_rewards: Tensor, values: Tensor, response_mask: Tensor,
     _validate.boolean("whiten", whiten)
     _validate.boolean("unbiased", unbiased)
     x, m, (v,) = _token_inputs("token_rewards", token_rewards, response_mask, [("values", values)])
-    a, ret = reverse_scan(x, v, m, gamma, lam, SCANS["gae"], _backend.resolve(x.device, backend))
+    a, ret = reverse_scan(x, v, m, gamma, lam, SCANS["gae"], _backend.request(x.device, backend))
     return (masked_whiten(a, m, unbiased=unbiased) if whiten else a), ret
 
 
@@ -131,7 +131,7 @@ def implicit_process_advantages(logprobs: Tensor, ref_logprobs: Tensor, response
                    outcome_advantages=outcome_advantages)
     x = (lp - ref) * beta
     r, _ = reverse_scan(x, x.new_empty(0), m, gamma, 0.0, SCANS["return"],
-                        _backend.resolve(x.device, backend))
+                        _backend.request(x.device, backend))
     if outcome_advantages is not None:
         _validate.tensor("outcome_advantages", outcome_advantages, dim=1)
         _validate.shape("outcome_advantages", outcome_advantages, (x.shape[0],), "one advantage per response")

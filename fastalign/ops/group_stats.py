@@ -129,6 +129,6 @@ def call_group_advantage(scores: Tensor, index: Tensor, lengths: Tensor, scale: 
     that is otherwise ~0.1 ms at 64K scores) and run the op's implementation directly
     (:func:`~fastalign.ops._launch.runs_directly`)."""
     args = (scores, index, lengths, scale, group_size, mode, div_std, eps, singleton_zero, backend)
-    if runs_directly(backend, scores, index, lengths, scale):
+    if runs_directly(backend_for("group_advantage", scores.device, backend), scores, index, lengths, scale):
         return group_advantage.direct(*args)
     return group_advantage(*args)

@@ -238,25 +238,15 @@ def cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, params: Kernel
 # Clip-Cov / KL-Cov selection
 # ---------------------------------------------------------------------------------------------
 
-def _cov_backend(op: str, device) -> str:
-    """The family that runs the selection op ``op``: the one the backend setting in force picks (what
-    ``fastalign.info`` reports), or ``auto``'s where the setting cannot run on ``device`` (only a public
-    call whose ``backend=`` argument overrides the setting gets here then)."""
-    try:
-        return backend_for(op, device)
-    except ValueError:
-        return backend_for(op, device, "auto")
-
-
 def _sums_outputs(lp: Tensor):
     return torch.empty(3, device=lp.device, dtype=torch.float32)
 
 
 @kernel_op("cov_sums", _sums_outputs)
-def cov_sums(lp: Tensor, adv: Tensor, mask: Tensor, out: Tensor) -> None:
+def cov_sums(lp: Tensor, adv: Tensor, mask: Tensor, backend: str, out: Tensor) -> None:
     """[sum_m A, sum_m lp, n_valid] (fp32, deterministic order) of contiguous fp32 [B, T] rows."""
     B, T = lp.shape
-    backend = _cov_backend("cov_sums", lp.device)
+    backend = backend_for("cov_sums", lp.device, backend)
     if backend == "torch":
         out.copy_(cov_fallback.cov_sums(lp, adv, mask))
     elif backend == "cuda":
@@ -274,14 +264,14 @@ def _select_outputs(lp: Tensor):
 @kernel_op("cov_select", _select_outputs)
 def cov_select(
     lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, sums: Tensor, n_local: Tensor, seed: Tensor, mode: int,
-    ratio: float, lb: float, ub: float, eps_low: float, eps_high: float, out: Tensor,
+    ratio: float, lb: float, ub: float, eps_low: float, eps_high: float, backend: str, out: Tensor,
 ) -> None:
     """uint8 [B, T]: tokens picked by Clip-Cov (mode 0) or KL-Cov (mode 1).
 
     ``sums`` = [sum_m A, sum_m lp, n] for the covariance means (possibly all-reduced),
     ``n_local`` = [n_valid] for k, ``seed`` = int64 [1]; all read on the device.
     """
-    backend = _cov_backend("cov_select", lp.device)
+    backend = backend_for("cov_select", lp.device, backend)
     if backend == "torch":
         out.copy_(cov_fallback.cov_select(lp, old, adv, mask, sums, n_local, seed, mode, ratio, lb, ub, eps_low,
                                           eps_high))
