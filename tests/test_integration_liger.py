@@ -539,3 +539,41 @@ def test_diverged_policy_matches_liger(name):
     # both fp32: the weight gradient sums terms of order e^25 of both signs, in different orders
     _compare(out_fa, out_lg, leaves_fa, leaves_lg, rtol=1e-5, atol=2e-6, what=f"{name} diverged",
              grad_atol_scale=1e-5)
+
+
+ASSIGNMENTS = [("GRPO", dict(beta=0.5, epsilon_high=0.0)), ("GRPO", dict(loss_type="grpo", temperature=0.7)),
+               ("GRPO", dict(use_bias_correction_kl=True)), ("DPO", dict(beta=1.0)),
+               ("DPO", dict(loss_type="robust", label_smoothing=0.2)), ("CPO", dict(beta=0.5, alpha=0.3))]
+
+
+@pytest.mark.parametrize("kind, assigned", ASSIGNMENTS, ids=[f"{k}-{'-'.join(a)}" for k, a in ASSIGNMENTS])
+def test_option_assignment_takes_effect_as_liger(kind, assigned):
+    """Liger reads its options at each call, so a schedule that assigns ``loss_fn.beta`` changes the loss; the
+    adapters built their configuration once, so the loss kept the old value while the metrics or rewards took
+    the new one."""
+    fa = getattr(fl, f"LigerFusedLinear{kind}Loss")(compiled=False)
+    lg = getattr(chunked, f"LigerFusedLinear{kind}Loss")(compiled=False)
+    for module in (fa, lg):
+        for name, value in assigned.items():
+            setattr(module, name, value)
+    d = _grpo_batch(31) if kind == "GRPO" else _pref_batch(31)
+    leaves_fa, leaves_lg = _leaves(d["hidden"], d["weight"], d["bias"]), _leaves(d["hidden"], d["weight"], d["bias"])
+    if kind == "GRPO":
+        out_fa = _run_grpo(fa, d, leaves_fa, ref_mode="logps")
+        out_lg = _run_grpo(lg, {**d, "ids": _liger_ids(d)}, leaves_lg, ref_mode="logps")
+    else:
+        out_fa, out_lg = _run_pref(fa, d, leaves_fa), _run_pref(lg, d, leaves_lg)
+    _compare(out_fa, out_lg, leaves_fa, leaves_lg, rtol=1e-5, atol=2e-6, what=f"{kind} {assigned}")
+
+
+def test_invalid_option_assignment_raises_and_keeps_the_module():
+    grpo, dpo = fl.LigerFusedLinearGRPOLoss(compiled=False), fl.LigerFusedLinearDPOLoss(compiled=False)
+    for module, name, value in ((grpo, "epsilon_low", -1.0), (grpo, "loss_type", "ppo"), (grpo, "delta", 0.0),
+                                (grpo, "sapo_temperature_pos", 2.0), (dpo, "loss_type", "ipo"),
+                                (dpo, "label_smoothing", 0.1)):
+        before = getattr(module, name)
+        with pytest.raises(ValueError, match=name):
+            setattr(module, name, value)
+        assert getattr(module, name) == before
+    assert grpo.config == fl.LigerFusedLinearGRPOLoss(compiled=False).config
+    assert dpo._options == fl.LigerFusedLinearDPOLoss(compiled=False)._options

@@ -305,3 +305,96 @@ def test_dpo_rewards_are_detached(orl):
     pc, pr, rc, rr = (t.clone().requires_grad_(True) for t in _dpo_inputs(3))
     _, chosen, rejected = fo.DPOLoss(beta=0.1)(pc, pr, rc, rr)
     assert not chosen.requires_grad and not rejected.requires_grad
+
+
+MUTATIONS = [("clip_eps_low", 0.05), ("clip_eps_high", 0.4), ("dual_clip", 1.5), ("token_level_loss", False),
+             ("is_correction_threshold", (0.9, 1.1)), ("is_correction_mode", "clip")]
+
+
+@pytest.mark.parametrize("name,value", MUTATIONS, ids=[m[0] for m in MUTATIONS])
+def test_option_assignment_takes_effect_as_openrlhf(orl, name, value):
+    """OpenRLHF reads its options at each call, so assigning one between steps changes the loss; the adapter
+    built its configuration once and kept the old value (or mixed old and new)."""
+    lp, old, A, m, roll = _batch(21)
+    kw = dict(is_correction_level="token", is_correction_threshold=(0.5, 2.0))
+    theirs, ours = orl.PolicyLoss(**kw), fo.PolicyLoss(**kw)
+    setattr(theirs, name, value)
+    setattr(ours, name, value)
+    fresh = fo.PolicyLoss(**{**kw, name: value})
+    args = (lp.double(), old.double(), A.double(), m)
+    want = theirs(*args, rollout_log_probs=roll.double())
+    for module in (ours, fresh):
+        got = module(lp, old, A, m, rollout_log_probs=roll)
+        for what, f, v in zip(("loss", "clip_ratio", "ppo_kl", "vllm_kl", "is_filter_ratio"), got, want):
+            assert_close(f, v, atol=1e-6, rtol=1e-5, what=f"{name} {what}")
+
+
+def test_invalid_option_assignment_raises_and_keeps_the_module():
+    lp, old, A, m, _ = _batch(22)
+    loss_fn = fo.PolicyLoss(clip_eps_high=0.28)
+    before = loss_fn(lp, old, A, m)[0]
+    for name, value, err in (("dual_clip", 0.5, ValueError), ("is_correction_threshold", (0.5, 1.0, 2.0), ValueError),
+                             ("clip_eps_low", float("nan"), ValueError), ("policy_loss_type", "grpo", ValueError),
+                             ("token_level_loss", "yes", TypeError)):
+        with pytest.raises(err, match=name):
+            setattr(loss_fn, name, value)
+    assert loss_fn.dual_clip is None and loss_fn.is_correction_threshold == (0.5, 5.0)
+    assert torch.equal(loss_fn(lp, old, A, m)[0], before)
+
+
+DTYPE_CASES = {
+    "sample_level": (dict(token_level_loss=False), {}),
+    "gspo": (dict(policy_loss_type="gspo"), {}),
+    "fp32_rollout": (dict(is_correction_level="token", is_correction_threshold=(0.5, 2.0)), dict(rollout=True)),
+    "float_mask": (dict(is_correction_level="token", is_correction_threshold=(0.5, 2.0)),
+                   dict(rollout=True, float_mask=True)),
+    "int_mask": (dict(), dict(int_mask=True)),
+    "fp32_count": (dict(), dict(count=True)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DTYPE_CASES))
+def test_result_dtypes_follow_openrlhf(orl, case):
+    """With bf16 log-probs OpenRLHF's arithmetic returns float32 where an operand is float32 (the sample-level
+    mean, a float mask, vLLM's fp32 rollout log-probs, a float32 token count); the adapter returned bf16."""
+    kw, how = DTYPE_CASES[case]
+    lp, old, A, m, roll = _batch(23)
+    bf = [t.to(torch.bfloat16) for t in (lp, old, A)]
+    mask = m.float() if how.get("float_mask") else m.long() if how.get("int_mask") else m
+    extra = dict(rollout_log_probs=roll) if how.get("rollout") else {}
+    if how.get("count"):
+        extra["batch_num_tokens"] = m.sum().float()
+    want = orl.PolicyLoss(**kw)(*bf, mask, **extra)
+    got = fo.PolicyLoss(**kw)(*bf, mask, **extra)
+    assert [None if t is None else t.dtype for t in got] == [None if t is None else t.dtype for t in want]
+
+
+def test_errors_name_openrlhf_arguments():
+    lp, old, A, m, roll = _batch(24)
+    loss_fn = fo.PolicyLoss(is_correction_level="token", is_correction_threshold=(0.5, 2.0))
+    for call, err, match in (
+            (lambda: loss_fn(lp, old, A, m, rollout_log_probs=roll[:, :3]), ValueError, "rollout_log_probs"),
+            (lambda: loss_fn(lp, old[:, :3], A, m, rollout_log_probs=roll), ValueError, "old_log_probs"),
+            (lambda: loss_fn(lp, old, A, m[:, :3], rollout_log_probs=roll), ValueError, "action_mask"),
+            (lambda: loss_fn(lp.long(), old, A, m, rollout_log_probs=roll), TypeError, "log_probs"),
+            (lambda: loss_fn(lp, old, A, m, rollout_log_probs=roll, batch_num_tokens=-3), ValueError,
+             "batch_num_tokens"),
+            (lambda: fo.PolicyLoss(is_correction_threshold=(0.5, 1.0, 2.0)), ValueError, "is_correction_threshold"),
+            (lambda: fo.PolicyLoss(clip_eps_low=float("nan")), ValueError, "clip_eps_low"),
+            (lambda: fo.DPOLoss(beta=0.1)(*_dpo_inputs(3)[:1], torch.zeros(2), *_dpo_inputs(3)[2:]), ValueError,
+             "policy_rejected_logps"),
+            (lambda: fo.DPOLoss(beta=0.0), ValueError, "beta")):
+        with pytest.raises(err, match=match):
+            call()
+
+
+@pytest.mark.parametrize("kw", [dict(policy_loss_type="gspo", is_correction_level="token"),
+                                dict(is_correction_level="token", is_correction_threshold=(0.5, 2.0))],
+                         ids=["gspo_vs_rollout", "ppo_correction"])
+def test_empty_micro_batch_gives_zero_metrics(kw):
+    """No valid token: 0 for the loss and every token mean, with every option (gspo against the rollout gave a NaN
+    ppo_kl, the correction a NaN vllm_kl and is_filter_ratio)."""
+    lp, old, A, m, roll = _batch(25)
+    out = fo.PolicyLoss(**kw)(lp, old, A, torch.zeros_like(m), rollout_log_probs=roll)
+    for what, t in zip(("loss", "clip_ratio", "ppo_kl", "vllm_kl", "is_filter_ratio"), out):
+        assert t is None or float(t) == 0.0, (what, t)

@@ -77,6 +77,7 @@ from torch import Tensor, nn
 
 from fastalign import _validate
 from fastalign.integrations._dtypes import float64_as_float32
+from fastalign.integrations._live_options import LiveOptions
 from fastalign.integrations.trl.grpo import GRPO_LOSSES  # Liger's GRPO loss types are TRL's
 from fastalign.linear import check_head, check_second_head, linear_logprobs
 from fastalign.linear_policy import policy_step
@@ -123,9 +124,15 @@ def _not_default(owner: str, loss_type: str, **given) -> None:
             raise ValueError(f"{name} does not apply to {owner} loss_type {loss_type!r}")
 
 
-class LigerFusedLinearGRPOLoss(nn.Module):
+class LigerFusedLinearGRPOLoss(LiveOptions, nn.Module):
     """Liger's ``LigerFusedLinearGRPOLoss`` computed by :func:`fastalign.linear_logprobs` and
-    :func:`fastalign.policy_loss` (formulas in the module docstring and docs/integrations.md)."""
+    :func:`fastalign.policy_loss` (formulas in the module docstring and docs/integrations.md). Its options are
+    attributes, read at each call as Liger reads them (an assignment takes effect at the next call)."""
+
+    OPTIONS = ("beta", "compiled", "use_ref_model", "chunk_size", "epsilon_low", "epsilon_high", "loss_type",
+               "max_completion_length", "importance_sampling_level", "sapo_temperature_pos", "sapo_temperature_neg",
+               "temperature", "delta", "use_bias_correction_kl", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+               "vespo_lambda_neg")
 
     def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True, chunk_size: int = 1,
                  epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_type: str = "dapo",
@@ -134,68 +141,74 @@ class LigerFusedLinearGRPOLoss(nn.Module):
                  delta: Optional[float] = None, use_bias_correction_kl: bool = False, vespo_k_pos: float = 2.0,
                  vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0):
         super().__init__()
-        _execution_options(compiled, chunk_size)
-        _validate.finite(beta=beta)
-        for name, eps in (("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high)):
-            if not _validate.finite_number(name, eps) >= 0:
+        self.beta, self.compiled, self.use_ref_model, self.chunk_size = beta, compiled, use_ref_model, chunk_size
+        self.epsilon_low, self.epsilon_high = epsilon_low, epsilon_high
+        self.loss_type, self.max_completion_length = loss_type, max_completion_length
+        self.importance_sampling_level, self.temperature = importance_sampling_level, temperature
+        self.sapo_temperature_pos, self.sapo_temperature_neg = sapo_temperature_pos, sapo_temperature_neg
+        self.delta, self.use_bias_correction_kl = delta, use_bias_correction_kl
+        self.vespo_k_pos, self.vespo_lambda_pos = vespo_k_pos, vespo_lambda_pos
+        self.vespo_k_neg, self.vespo_lambda_neg = vespo_k_neg, vespo_lambda_neg
+        self._configure_options()
+
+    def _configure(self) -> None:
+        """Check the options and build the :class:`~fastalign.PolicyConfig` of the call."""
+        _execution_options(self.compiled, self.chunk_size)
+        beta = _validate.finite_number("beta", self.beta)
+        eps_low, eps_high = (_validate.finite_number(name, getattr(self, name))
+                             for name in ("epsilon_low", "epsilon_high"))
+        for name, eps in (("epsilon_low", eps_low), ("epsilon_high", eps_high)):
+            if not eps >= 0:
                 raise ValueError(f"{name} must be >= 0, got {eps}")
-        _validate.positive("temperature", temperature)
-        _validate.positive("sapo_temperature_pos", sapo_temperature_pos)
-        _validate.positive("sapo_temperature_neg", sapo_temperature_neg)
-        if max_completion_length is not None:
-            _validate.at_least("max_completion_length", max_completion_length, 1)
+        for name in ("temperature", "sapo_temperature_pos", "sapo_temperature_neg"):
+            _validate.positive(name, getattr(self, name))
+        _validate.boolean("use_bias_correction_kl", self.use_bias_correction_kl)
+        loss_type, level, delta = self.loss_type, self.importance_sampling_level, self.delta
+        if self.max_completion_length is not None:
+            _validate.at_least("max_completion_length", self.max_completion_length, 1)
         if delta is not None:
             _validate.positive("delta", delta)
         if loss_type not in GRPO_LOSSES:
             raise ValueError(f"loss_type must be one of {tuple(GRPO_LOSSES)}, got {loss_type!r}")
-        row, agg, seq_count, self._per_token_count = GRPO_LOSSES[loss_type]
+        row, agg, seq_count, per_token_count = GRPO_LOSSES[loss_type]
+        sapo_tau = (self.sapo_temperature_pos, self.sapo_temperature_neg)
+        vespo = (self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg)
         _not_default("GRPO", loss_type, **({} if row == "sapo" else dict(
-            sapo_temperature_pos=(sapo_temperature_pos, 1.0), sapo_temperature_neg=(sapo_temperature_neg, 1.05))))
+            sapo_temperature_pos=(sapo_tau[0], 1.0), sapo_temperature_neg=(sapo_tau[1], 1.05))))
         _not_default("GRPO", loss_type, **({} if row == "vespo" else dict(
-            vespo_k_pos=(vespo_k_pos, 2.0), vespo_lambda_pos=(vespo_lambda_pos, 3.0), vespo_k_neg=(vespo_k_neg, 3.0),
-            vespo_lambda_neg=(vespo_lambda_neg, 2.0))))
+            vespo_k_pos=(vespo[0], 2.0), vespo_lambda_pos=(vespo[1], 3.0), vespo_k_neg=(vespo[2], 3.0),
+            vespo_lambda_neg=(vespo[3], 2.0))))
         _not_default("GRPO", loss_type, **({} if row == "ppo" else dict(delta=(delta, None))))
-        _not_default("GRPO", loss_type, **({} if row in ("ppo", "cispo") else dict(epsilon_high=(epsilon_high, 0.2))))
-        _not_default("GRPO", loss_type, **({} if row == "ppo" else dict(epsilon_low=(epsilon_low, 0.2))))
-        if importance_sampling_level not in ("token", "sequence"):
-            raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got "
-                             f"{importance_sampling_level!r}")
-        if importance_sampling_level == "sequence" and row != "ppo":
+        _not_default("GRPO", loss_type, **({} if row in ("ppo", "cispo") else dict(epsilon_high=(eps_high, 0.2))))
+        _not_default("GRPO", loss_type, **({} if row == "ppo" else dict(epsilon_low=(eps_low, 0.2))))
+        if level not in ("token", "sequence"):
+            raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {level!r}")
+        if level == "sequence" and row != "ppo":
             raise ValueError(f"importance_sampling_level='sequence' is not supported for loss_type {loss_type!r}")
-        if loss_type == "dr_grpo" and max_completion_length is None:
+        if loss_type == "dr_grpo" and self.max_completion_length is None:
             raise ValueError("max_completion_length must be given for loss_type 'dr_grpo'")
-        if loss_type == "luspo" and (importance_sampling_level != "sequence" or beta != 0.0):
+        if loss_type == "luspo" and (level != "sequence" or beta != 0.0):
             raise ValueError("loss_type 'luspo' is supported with importance_sampling_level='sequence' and beta=0 "
                              "(Liger's luspo otherwise sums the padding positions too)")
-        self.beta, self.compiled, self.use_ref_model, self.chunk_size = float(beta), compiled, use_ref_model, chunk_size
-        self.epsilon_low, self.epsilon_high = float(epsilon_low), float(epsilon_high)
-        self.loss_type, self.max_completion_length = loss_type, max_completion_length
-        self.importance_sampling_level, self.temperature = importance_sampling_level, float(temperature)
-        self.sapo_temperature_pos, self.sapo_temperature_neg = sapo_temperature_pos, sapo_temperature_neg
-        self.delta, self.use_bias_correction_kl = delta, bool(use_bias_correction_kl)
-        self.vespo_k_pos, self.vespo_lambda_pos = vespo_k_pos, vespo_lambda_pos
-        self.vespo_k_neg, self.vespo_lambda_neg = vespo_k_neg, vespo_lambda_neg
-        self.row = row
-        opts: dict = dict(loss_type=row, agg=agg, seq_count=seq_count,
-                          importance_sampling_level=importance_sampling_level)
+        opts: dict = dict(loss_type=row, agg=agg, seq_count=seq_count, importance_sampling_level=level)
         if row == "ppo":
-            opts.update(eps_low=self.epsilon_low, eps_high=self.epsilon_high)
+            opts.update(eps_low=eps_low, eps_high=eps_high)
             if delta is not None:
                 opts["delta"] = float(delta)
         if loss_type == "dr_grpo":
-            opts["max_len"] = int(max_completion_length)
+            opts["max_len"] = int(self.max_completion_length)
         if row == "cispo":
-            opts["cispo_bounds"] = (0.0, self.epsilon_high)  # an absolute cap, no lower bound
+            opts["cispo_bounds"] = (0.0, eps_high)  # an absolute cap, no lower bound
         if row == "sapo":
-            opts["sapo_tau"] = (float(sapo_temperature_pos), float(sapo_temperature_neg))
+            opts["sapo_tau"] = tuple(float(t) for t in sapo_tau)
         if row == "vespo":
-            opts.update(vespo_k=(float(vespo_k_pos), float(vespo_k_neg)),
-                        vespo_lambda=(float(vespo_lambda_pos), float(vespo_lambda_neg)))
+            opts.update(vespo_k=(float(vespo[0]), float(vespo[2])), vespo_lambda=(float(vespo[1]), float(vespo[3])))
         # without a reference model Liger's KL is against lp itself: 0, with a zero gradient
-        if self.beta != 0.0 and use_ref_model:
-            opts.update(kl_coef=self.beta, kl_type="k3", kl_clamp=False,
+        if beta != 0.0 and self.use_ref_model:
+            opts.update(kl_coef=beta, kl_type="k3", kl_clamp=False,
                         kl_rho="grad" if self.use_bias_correction_kl else False)
         opts.update(log_ratio_cap_option(row, opts.get("kl_rho", False), math.inf))  # Liger's ratio has no clamp
+        self.row, self._per_token_count = row, per_token_count
         self.config = PolicyConfig(**opts)
 
     def forward(self, _input: Tensor, lin_weight: Tensor, selected_token_ids: Tensor, attention_mask: Tensor,
@@ -421,36 +434,44 @@ class _LigerPreference(nn.Module):
         return loss, (logps[:B].detach(), logps[B:].detach(), *logits_means, nll.detach(), r[:B], r[B:], *aux)
 
 
-class LigerFusedLinearDPOLoss(_LigerPreference):
+class LigerFusedLinearDPOLoss(LiveOptions, _LigerPreference):
     """Liger's ``LigerFusedLinearDPOLoss``: :func:`fastalign.preference_loss` on log-probs from
-    :func:`fastalign.linear_logprobs`, plus ``alpha`` times the chosen NLL."""
+    :func:`fastalign.linear_logprobs`, plus ``alpha`` times the chosen NLL. ``beta``, ``loss_type``,
+    ``label_smoothing`` and ``discopop_tau`` are read at each call, as Liger reads them."""
 
     LOSS_TYPES = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero",
                   "apo_down", "discopop")
+    OPTIONS = ("beta", "loss_type", "label_smoothing", "discopop_tau")
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, compute_nll_loss: bool = False,
                  compiled: bool = True, use_ref_model: bool = True, average_log_prob: bool = False,
                  chunk_size: int = 1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  discopop_tau: float = 0.05):
         super().__init__()
+        self._shared_options(ignore_index, beta, alpha, compute_nll_loss, compiled, chunk_size)
+        self.use_ref_model, self.average_log_prob, self.loss_type = use_ref_model, bool(average_log_prob), loss_type
+        self.label_smoothing, self.discopop_tau = label_smoothing, discopop_tau
+        self._configure_options()
+
+    def _configure(self) -> None:
+        """Check the loss options and build the keywords of :func:`fastalign.preference_loss`."""
+        loss_type, label_smoothing = self.loss_type, self.label_smoothing
         if loss_type not in self.LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {self.LOSS_TYPES}, got {loss_type!r}")
-        _validate.finite(label_smoothing=label_smoothing, discopop_tau=discopop_tau)
+        _validate.finite(beta=self.beta, label_smoothing=label_smoothing, discopop_tau=self.discopop_tau)
         if loss_type == "exo_pair" and not label_smoothing > 0.0:
             raise ValueError("label_smoothing must be > 0 for loss_type='exo_pair'")
         if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust', got {label_smoothing}")
         _not_default("DPO", loss_type, **({} if loss_type in ("robust", "exo_pair") else dict(
             label_smoothing=(label_smoothing, 0.0))))
-        _not_default("DPO", loss_type, **({} if loss_type == "discopop" else dict(discopop_tau=(discopop_tau, 0.05))))
-        self._shared_options(ignore_index, beta, alpha, compute_nll_loss, compiled, chunk_size)
-        self.use_ref_model, self.average_log_prob, self.loss_type = use_ref_model, bool(average_log_prob), loss_type
-        self.label_smoothing, self.discopop_tau = float(label_smoothing), float(discopop_tau)
-        self._options = dict(loss_type=loss_type, beta=self.beta)
+        _not_default("DPO", loss_type, **({} if loss_type == "discopop" else dict(
+            discopop_tau=(self.discopop_tau, 0.05))))
+        self._options = dict(loss_type=loss_type, beta=float(self.beta))
         if loss_type in ("robust", "exo_pair"):
-            self._options["label_smoothing"] = self.label_smoothing
+            self._options["label_smoothing"] = float(label_smoothing)
         if loss_type == "discopop":
-            self._options["discopop_tau"] = self.discopop_tau
+            self._options["discopop_tau"] = float(self.discopop_tau)
 
     def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None):
         def dpo(logps, _count, nll, ref):

@@ -16,10 +16,13 @@ aggregated as ``sum_m pg / batch_num_tokens * dp_size`` (``token_level_loss``; t
 mean without ``batch_num_tokens``) or ``sum_i mean_m(pg_i) / global_batch_size * dp_size`` over
 the non-empty sequences. ``forward`` returns ``(loss, clip_ratio, ppo_kl, vllm_kl,
 is_filter_ratio)``: ``clip_ratio = mean_m[clipped surrogate < unclipped]``, ``ppo_kl = mean_m(-l)``;
-``loss``, ``ppo_kl`` and ``vllm_kl`` in the inputs' dtype as OpenRLHF (computed in fp32), the two ratios
-fp32. ``advantages`` broadcast against ``log_probs``
-as in OpenRLHF (``[B, T]``, ``[B, 1]`` per sequence; a ``[T]`` per position). A micro-batch with no
-valid token gives 0 (loss, ``clip_ratio``, ``ppo_kl``) where OpenRLHF divides 0 by 0 (NaN).
+``loss``, ``ppo_kl`` and ``vllm_kl`` in OpenRLHF's dtypes (computed in fp32, then cast to the dtype its
+arithmetic promotes their operands to: bf16 in gives bf16, a float32 mask or the sample-level mean float32),
+the two ratios fp32. ``advantages`` broadcast against ``log_probs`` as in OpenRLHF (``[B, T]``, ``[B, 1]``
+per sequence; a ``[T]`` per position). A micro-batch with no valid token gives 0 (loss, ``clip_ratio``,
+``ppo_kl``, ``vllm_kl``, a token-level ``is_filter_ratio``) where OpenRLHF divides 0 by 0 (NaN).
+``old_log_probs`` and ``rollout_log_probs`` are constants: no gradient reaches or passes through them
+(OpenRLHF's trainer detaches them). The options are attributes, read at each call.
 
 Train/rollout correction (ppo, ``is_correction_level`` ``"token"`` or ``"seq"``) with
 ``r = exp(old_log_probs - rollout_log_probs)`` per token and ``[low, high] =
@@ -53,7 +56,9 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from fastalign import _validate
 from fastalign.integrations._dtypes import float64_as_float32
+from fastalign.integrations._live_options import LiveOptions
 from fastalign.policy import policy_loss
 from fastalign.policy_config import PolicyConfig
 from fastalign.preference import preference_loss
@@ -61,66 +66,80 @@ from fastalign.preference import preference_loss
 __all__ = ["PolicyLoss", "DPOLoss"]
 
 
-def _result_dtype(*tensors: Tensor) -> torch.dtype:
-    """OpenRLHF's result dtype: its inputs' promoted dtype (bf16 in: bf16 out; float64 in: float64 out)."""
-    out = tensors[0].dtype
-    for t in tensors[1:]:
-        out = torch.promote_types(out, t.dtype)
+def _result_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """The dtype OpenRLHF's arithmetic gives these operands: their promoted dtype (bf16 in: bf16 out; a float32
+    mask or rollout log-probs with bf16 log-probs: float32; an integer or bool mask changes nothing)."""
+    out = None
+    for t in tensors:
+        if isinstance(t, Tensor):
+            out = t.dtype if out is None else torch.promote_types(out, t.dtype)
     return out
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """The mean of ``x`` over the valid tokens; 0 with none (where OpenRLHF divides 0 by 0)."""
     m = mask.to(torch.float32)
-    return (x.float() * m).sum() / m.sum()
+    return (x.float() * m).sum() / m.sum().clamp(min=1.0)
 
 
-class PolicyLoss(torch.nn.Module):
-    """OpenRLHF's ``PolicyLoss`` (PPO / GSPO actor loss) computed by :func:`fastalign.policy_loss`."""
+class PolicyLoss(LiveOptions, torch.nn.Module):
+    """OpenRLHF's ``PolicyLoss`` (PPO / GSPO actor loss) computed by :func:`fastalign.policy_loss`. Its options are
+    attributes, read at each call as OpenRLHF reads them (an assignment takes effect at the next call)."""
+
+    OPTIONS = ("clip_eps_low", "clip_eps_high", "dual_clip", "token_level_loss", "policy_loss_type",
+               "is_correction_level", "is_correction_mode", "is_correction_gating", "is_correction_threshold")
 
     def __init__(self, clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, dual_clip: Optional[float] = None,
                  token_level_loss: bool = True, policy_loss_type: str = "ppo", is_correction_level: str = "off",
                  is_correction_mode: str = "mask", is_correction_gating: str = "ratio",
                  is_correction_threshold: Sequence[float] = (0.5, 5.0)) -> None:
         super().__init__()
-        if policy_loss_type not in ("ppo", "gspo"):
-            raise ValueError(f"policy_loss_type must be 'ppo' or 'gspo', got {policy_loss_type!r}")
-        if is_correction_level not in ("off", "token", "seq"):
-            raise ValueError(f"is_correction_level must be off/token/seq, got {is_correction_level!r}")
-        if is_correction_mode not in ("mask", "clip"):
-            raise ValueError(f"is_correction_mode must be mask/clip, got {is_correction_mode!r}")
-        if is_correction_gating not in ("ratio", "binary_kl", "tv"):
-            raise ValueError(f"is_correction_gating must be ratio/binary_kl/tv, got {is_correction_gating!r}")
-        if is_correction_mode == "clip" and (is_correction_level == "seq" or is_correction_gating != "ratio"):
+        self.clip_eps_low, self.clip_eps_high, self.dual_clip = clip_eps_low, clip_eps_high, dual_clip
+        self.policy_loss_type = policy_loss_type
+        self.token_level_loss = token_level_loss and policy_loss_type != "gspo"  # gspo: per-sample mean
+        self.is_correction_level, self.is_correction_mode = is_correction_level, is_correction_mode
+        self.is_correction_gating, self.is_correction_threshold = is_correction_gating, is_correction_threshold
+        self._configure_options()
+
+    def _configure(self) -> None:
+        """Check the options and build the :class:`~fastalign.PolicyConfig` of the call."""
+        level, mode, gating = self.is_correction_level, self.is_correction_mode, self.is_correction_gating
+        if self.policy_loss_type not in ("ppo", "gspo"):
+            raise ValueError(f"policy_loss_type must be 'ppo' or 'gspo', got {self.policy_loss_type!r}")
+        if level not in ("off", "token", "seq"):
+            raise ValueError(f"is_correction_level must be off/token/seq, got {level!r}")
+        if mode not in ("mask", "clip"):
+            raise ValueError(f"is_correction_mode must be mask/clip, got {mode!r}")
+        if gating not in ("ratio", "binary_kl", "tv"):
+            raise ValueError(f"is_correction_gating must be ratio/binary_kl/tv, got {gating!r}")
+        if mode == "clip" and (level == "seq" or gating != "ratio"):
             raise ValueError("is_correction_mode='clip' needs is_correction_level='token' and "
                              "is_correction_gating='ratio' (only the per-token ratio is a weight to clamp)")
-        low, high = (float(t) for t in is_correction_threshold)
-        if is_correction_gating != "ratio" and is_correction_level != "off" and low > 0:
-            raise ValueError(f"is_correction_gating={is_correction_gating!r} takes an upper bound only: "
-                             f"is_correction_threshold must be (0, delta), got {tuple(is_correction_threshold)}")
-        if dual_clip is not None and not dual_clip > 1.0:
-            raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
-        self.clip_eps_low, self.clip_eps_high = float(clip_eps_low), float(clip_eps_high)
-        self.dual_clip = dual_clip
-        self.policy_loss_type = policy_loss_type
-        self.token_level_loss = bool(token_level_loss) and policy_loss_type != "gspo"  # gspo: per-sample mean
-        self.is_correction_level = is_correction_level
-        self.is_correction_mode = is_correction_mode
-        self.is_correction_gating = is_correction_gating
-        self.is_correction_threshold = (low, high)
-        opts = dict(loss_type="ppo", eps_low=self.clip_eps_low, eps_high=self.clip_eps_high,
+        threshold = _validate.finite_numbers("is_correction_threshold", self.is_correction_threshold)
+        if len(threshold) != 2:
+            raise ValueError(f"is_correction_threshold must be a pair (low, high), got {self.is_correction_threshold}")
+        if gating != "ratio" and level != "off" and threshold[0] > 0:
+            raise ValueError(f"is_correction_gating={gating!r} takes an upper bound only: "
+                             f"is_correction_threshold must be (0, delta), got {tuple(threshold)}")
+        if self.dual_clip is not None and not _validate.finite_number("dual_clip", self.dual_clip) > 1.0:
+            raise ValueError(f"dual_clip must be > 1.0, got {self.dual_clip}")
+        _validate.boolean("token_level_loss", self.token_level_loss)
+        opts = dict(loss_type="ppo", eps_low=_validate.finite_number("clip_eps_low", self.clip_eps_low),
+                    eps_high=_validate.finite_number("clip_eps_high", self.clip_eps_high),
                     agg="token-mean" if self.token_level_loss else "seq-mean-token-mean")
-        if policy_loss_type == "gspo":  # exp(mean l) with no clamp (ppo clamps l to [-20, 20], the default)
+        if self.policy_loss_type == "gspo":  # exp(mean l) with no clamp (ppo clamps l to [-20, 20], the default)
             opts.update(importance_sampling_level="sequence", log_ratio_cap=math.inf)
         if not self.token_level_loss:
             opts["seq_count"] = "nonempty"
-        if dual_clip is not None:
-            opts["dual_clip"] = float(dual_clip)
-        self.weights_rollout = is_correction_level != "off" and policy_loss_type == "ppo"
-        self.config = PolicyConfig.make(**opts)
+        if self.dual_clip is not None:
+            opts["dual_clip"] = float(self.dual_clip)
+        self._threshold = threshold
+        self._weights_rollout = level != "off" and self.policy_loss_type == "ppo"
+        self._config = PolicyConfig.make(**opts)
 
     def _correction(self, old_log_probs: Tensor, rollout_log_probs: Tensor, mask: Tensor):
         """``(weight, vllm_kl, is_filter_ratio)`` of the train/rollout correction (see the module doc)."""
-        low, high = self.is_correction_threshold
+        low, high = self._threshold
         seq = self.is_correction_level == "seq"
         m = mask.to(torch.float32)
         old, rollout = old_log_probs.detach().float(), rollout_log_probs.detach().float()
@@ -152,8 +171,27 @@ class PolicyLoss(torch.nn.Module):
                 batch_num_tokens=None, global_batch_size=None):
         """``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``; the last two are None without
         the train/rollout correction."""
+        _validate.any_float("log_probs", log_probs, dim=2)
+        _validate.like(tuple(log_probs.shape), "log_probs.shape", device=log_probs.device, device_of="log_probs",
+                       old_log_probs=old_log_probs, rollout_log_probs=rollout_log_probs)
+        _validate.like(tuple(log_probs.shape), "log_probs.shape", device=log_probs.device, device_of="log_probs",
+                       kind="real", action_mask=action_mask)
+        _validate.any_float("advantages", advantages)
+        _validate.count("batch_num_tokens", batch_num_tokens)
+        _validate.count("global_batch_size", global_batch_size)
+        _validate.at_least("dp_size", dp_size, 1)
+        corrected = self.is_correction_level != "off"
+        if corrected and rollout_log_probs is None:
+            raise ValueError("rollout_log_probs is required with is_correction_level != 'off'")
+        gspo_vs_rollout = corrected and self.policy_loss_type == "gspo"
         mask = torch.ones_like(log_probs, dtype=torch.bool) if action_mask is None else action_mask
-        out = _result_dtype(log_probs, old_log_probs, advantages)
+        # the dtypes of OpenRLHF's results: its arithmetic promotes every operand of each
+        count = batch_num_tokens if self.token_level_loss else global_batch_size
+        loss_dtype = _result_dtype(log_probs, rollout_log_probs if gspo_vs_rollout else old_log_probs, advantages,
+                                   action_mask, count, *(() if self.token_level_loss else (torch.ones(()),)),
+                                   *((old_log_probs, rollout_log_probs) if self._weights_rollout else ()))
+        kl_dtype = _result_dtype(log_probs, old_log_probs, action_mask)
+        vllm_kl_dtype = _result_dtype(rollout_log_probs, old_log_probs, action_mask)
         log_probs, old_log_probs, rollout_log_probs = map(float64_as_float32,
                                                           (log_probs, old_log_probs, rollout_log_probs))
         try:  # OpenRLHF's broadcasting: [B, T], [B, 1] (per sequence) or [T] (per position)
@@ -161,24 +199,20 @@ class PolicyLoss(torch.nn.Module):
         except RuntimeError as e:
             raise ValueError(f"advantages of shape {tuple(advantages.shape)} do not broadcast against log_probs "
                              f"{tuple(log_probs.shape)}") from e
-        corrected = self.is_correction_level != "off"
-        if corrected and rollout_log_probs is None:
-            raise ValueError("rollout_log_probs is required with is_correction_level != 'off'")
         # OpenRLHF applies dp_size only with the global count of its aggregation
-        count = batch_num_tokens if self.token_level_loss else global_batch_size
-        cfg = self.config if count is None or dp_size == 1 else PolicyConfig.make(self.config, dp_size=int(dp_size))
+        cfg = self._config if count is None or dp_size == 1 else PolicyConfig.make(self._config, dp_size=int(dp_size))
         counts = dict(global_tokens=batch_num_tokens) if self.token_level_loss else dict(global_seqs=global_batch_size)
         if count is None:
             counts = {}
         weight = vllm_kl = is_filter_ratio = None
-        if self.weights_rollout:
+        if self._weights_rollout:
             weight, vllm_kl, is_filter_ratio = self._correction(old_log_probs, rollout_log_probs, mask)
-        gspo_vs_rollout = corrected and self.policy_loss_type == "gspo"
         loss, met = policy_loss(log_probs, rollout_log_probs if gspo_vs_rollout else old_log_probs, advantages, mask,
                                 importance_weights=weight, config=cfg, **counts)
         ppo_kl = _masked_mean(old_log_probs - log_probs.detach(), mask) if gspo_vs_rollout else met["approx_kl"]
-        cast = (lambda t: None if t is None else t.to(out))  # the ratios of counts stay fp32, as OpenRLHF's
-        return cast(loss), met["clipfrac"], cast(ppo_kl), cast(vllm_kl), is_filter_ratio
+        # the ratios of counts stay fp32, as OpenRLHF's
+        return (loss.to(loss_dtype), met["clipfrac"], ppo_kl.to(kl_dtype),
+                None if vllm_kl is None else vllm_kl.to(vllm_kl_dtype), is_filter_ratio)
 
 
 class DPOLoss(torch.nn.Module):
@@ -189,14 +223,20 @@ class DPOLoss(torch.nn.Module):
         super().__init__()
         if ipo and label_smoothing != 0.0:
             raise ValueError("label_smoothing does not apply with ipo=True")
-        if not 0.0 <= float(label_smoothing) <= 1.0:
+        if not 0.0 <= _validate.finite_number("label_smoothing", label_smoothing) <= 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+        _validate.positive("beta", beta)
         self.beta = beta
         self.label_smoothing = label_smoothing
         self.ipo = ipo
 
     def forward(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
                 reference_rejected_logps: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        _validate.any_float("policy_chosen_logps", policy_chosen_logps, dim=1)
+        _validate.like(tuple(policy_chosen_logps.shape), "policy_chosen_logps.shape",
+                       device=policy_chosen_logps.device, device_of="policy_chosen_logps",
+                       policy_rejected_logps=policy_rejected_logps, reference_chosen_logps=reference_chosen_logps,
+                       reference_rejected_logps=reference_rejected_logps)
         kw = dict(beta=self.beta)
         if self.ipo:  # OpenRLHF's IPO takes the log-probs as given: lengths of 1 keep them so
             one = torch.ones_like(policy_chosen_logps)

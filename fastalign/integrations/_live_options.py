@@ -1,0 +1,36 @@
+"""Option attributes that take effect when assigned, as in the trainers' own loss modules.
+
+OpenRLHF's and Liger's loss modules read ``self.beta``, ``self.clip_eps_low`` and the like at every call,
+so a schedule that assigns ``loss_fn.beta = ...`` between steps changes the loss. An adapter that
+builds its fastalign configuration once keeps it in step with its attributes through
+:class:`LiveOptions`: assigning one of ``OPTIONS`` checks the options again and rebuilds what depends on
+them (``_configure``); an invalid value raises there, naming the option, and leaves the module as it was.
+"""
+from __future__ import annotations
+
+
+class LiveOptions:
+    """Mixin for an ``nn.Module`` adapter: ``OPTIONS`` names its option attributes, ``_configure()`` checks
+    them and builds what the forward reads from them. ``__init__`` sets the options, then calls
+    :meth:`_configure_options` once."""
+
+    OPTIONS: tuple[str, ...] = ()
+
+    def _configure(self) -> None:  # pragma: no cover - every adapter defines its own
+        raise NotImplementedError
+
+    def _configure_options(self) -> None:
+        self._configure()
+        object.__setattr__(self, "_options_live", True)
+
+    def __setattr__(self, name, value):
+        if name not in self.OPTIONS or not self.__dict__.get("_options_live"):
+            return super().__setattr__(name, value)
+        previous = getattr(self, name)
+        super().__setattr__(name, value)
+        try:
+            self._configure()
+        except Exception:
+            super().__setattr__(name, previous)
+            self._configure()
+            raise
