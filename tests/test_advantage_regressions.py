@@ -247,3 +247,172 @@ def test_small_validation_gaps_name_the_argument():
     for bad in ("no", 1):
         with pytest.raises(TypeError, match="zero_tail"):
             fa.optimal_token_baseline_advantages(r, m, [0, 0], r, r, zero_tail=bad)
+
+
+# ---------------------------------------------------------------- 9. no autograd graph on the outputs
+def _grad_inputs(B=4, T=6):
+    g = torch.Generator().manual_seed(11)
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 0]],
+                        dtype=torch.float32)
+    leaf = lambda *shape: torch.randn(*shape, generator=g).requires_grad_(True)  # noqa: E731
+    return mask, leaf
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_outputs_never_require_grad(backend):
+    """Inputs that require grad (critic values, the policy's own log-probs, a baseline with a graph):
+    every estimator's output carries no graph on every kernel, has the values of the detached call,
+    and a hand-written loss ``-(adv * ratio)`` backpropagates into the ratio alone."""
+    mask, leaf = _grad_inputs()
+    r, v, lp, ref_lp, base, out_adv = leaf(4, 6), leaf(4, 6), leaf(4, 6), leaf(4, 6), leaf(4), leaf(4)
+    old, p2 = -torch.rand(4, 6), torch.rand(4, 6) * 0.3
+    s, s2 = leaf(6), leaf(6, 2)
+    idx, step = torch.tensor([0, 0, 0, 1, 1, 2]), torch.tensor([5, 5, 6, 6, 7, 7])
+    calls = {
+        "gae": lambda t: fa.gae_advantages(t["r"], t["v"], mask, gamma=0.9, lam=0.95, backend=backend),
+        "reinforce_pp": lambda t: fa.reinforce_pp_advantages(t["r"], mask, gamma=0.9, backend=backend),
+        "reinforce_pp carry": lambda t: fa.reinforce_pp_advantages(t["r"], mask, gamma=0.9, reset_at_masked=False,
+                                                                 backend=backend),
+        "remax": lambda t: fa.remax_advantages(t["r"], mask, t["base"], backend=backend),
+        "prime": lambda t: fa.implicit_process_advantages(t["lp"], t["ref"], mask, t["out"], gamma=0.9,
+                                                          backend=backend),
+        "otb": lambda t: fa.optimal_token_baseline_advantages(t["r"], mask, [0, 0, 1, 1], old, p2),
+        **{f"group {e}": (lambda e: lambda t: fa.group_advantages(
+            t["s"], idx, estimator=e, lengths=torch.full((6,), 3.0), backend=backend))(e)
+           for e in ("grpo", "rloo", "opo", "gpg", "grpo_passk", "reinforce_pp_baseline")},
+        "group grpo unit_std": lambda t: fa.group_advantages(t["s"], idx, singleton="unit_std", backend=backend),
+        "group gpg unit_std": lambda t: fa.group_advantages(t["s"], idx, estimator="gpg", singleton="unit_std",
+                                                            backend=backend),
+        "group grpo batch std": lambda t: fa.group_advantages(t["s"], idx, std="batch", backend=backend),
+        "group gigpo": lambda t: fa.group_advantages(t["s"], idx, step_index=step, backend=backend),
+        "group gdpo": lambda t: fa.group_advantages(t["s2"], idx, estimator="gdpo", singleton="unit_std",
+                                                    batch_normalization="token", lengths=torch.full((6,), 2.0),
+                                                    backend=backend),
+    }
+    graph = dict(r=r, v=v, lp=lp, ref=ref_lp, base=base, out=out_adv, s=s, s2=s2)
+    detached = {k: t.detach() for k, t in graph.items()}
+    for name, call in calls.items():
+        got, want = call(graph), call(detached)
+        got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+        for a, b in zip(got, want):
+            assert not a.requires_grad and a.grad_fn is None, name
+            assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(), b.nan_to_num()), name
+        adv = got[0]
+        ratio = torch.ones_like(adv, requires_grad=True)
+        (-(adv * ratio)).sum().backward()
+        assert torch.equal(ratio.grad, -adv), name
+
+
+# ---------------------------------------------------------------- 10. OpenRLHF's REINFORCE++ and GAE
+def _openrlhf_method(name):
+    """``RemoteExperienceMaker.<name>`` of the installed OpenRLHF 0.11.2, executed from its source file.
+
+    ``experience_maker.py`` imports Ray actors, DeepSpeed and vLLM at the top; the two methods use
+    only torch, so their source is taken from the installed file as written and executed alone."""
+    import ast
+    import importlib.util
+    import os
+    import textwrap
+    from typing import Tuple
+
+    spec = importlib.util.find_spec("openrlhf")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("openrlhf is not installed: `pip install --no-deps openrlhf==0.11.2` (see the Makefile)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "trainer", "ppo_utils", "experience_maker.py")
+    src = open(path).read()
+    cls = next(n for n in ast.parse(src).body if isinstance(n, ast.ClassDef) and n.name == "RemoteExperienceMaker")
+    fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    namespace = {"torch": torch, "Tuple": Tuple}
+    exec(textwrap.dedent(ast.get_source_segment(src, fn)), namespace)  # the method itself (its decorator aside)
+    method = namespace[name]
+    return lambda *args: method(None, *args)
+
+
+def _openrlhf_whiten(adv, mask):
+    """OpenRLHF's advantage normalisation (``make_experience_batch``): mean and biased var over the action
+    tokens, ``(adv - mean) * rsqrt(max(var, 1e-8))`` (fastalign gives 0 on the masked tokens)."""
+    n = mask.sum()
+    mean = (adv * mask).sum() / n
+    var = ((adv - mean).pow(2) * mask).sum() / n
+    return (adv - mean) * var.clamp(min=1e-8).rsqrt() * mask
+
+
+MULTI_TURN = torch.tensor([[1, 1, 0, 0, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1], [1, 0, 1, 0, 1, 0, 0],
+                           [0, 0, 1, 1, 0, 1, 1], [1, 1, 1, 0, 0, 0, 0]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("gamma", [1.0, 0.9, 0.0])
+def test_reinforce_pp_carried_through_masked_tokens_is_openrlhf(backend, gamma):
+    """``reset_at_masked=False, unbiased=False`` against OpenRLHF's ``get_cumulative_returns`` plus its
+    whitening, on action masks with interior observation spans; the default (reset) differs there and
+    agrees on one contiguous span per row."""
+    cumulative_returns = _openrlhf_method("get_cumulative_returns")
+    g = torch.Generator().manual_seed(int(gamma * 10))
+    for mask in (MULTI_TURN, (torch.arange(7)[None, :] < torch.tensor([7, 3, 5, 1, 6])[:, None]).double()):
+        r = torch.randn(5, 7, generator=g, dtype=torch.float64)
+        r[:, -1] += 2.0  # an outcome reward on the last position
+        returns = cumulative_returns(r, mask, gamma)
+        want = _openrlhf_whiten(returns, mask)
+        got = fa.reinforce_pp_advantages(r, mask, gamma=gamma, unbiased=False, reset_at_masked=False, backend=backend)
+        _same(got, want, tol=1e-9, what=f"carried, gamma={gamma}")
+        raw = fa.reinforce_pp_advantages(r, mask, gamma=gamma, whiten=False, reset_at_masked=False, backend=backend)
+        _same(raw, returns * mask, tol=1e-9, what="returns")
+        reset = fa.reinforce_pp_advantages(r, mask, gamma=gamma, unbiased=False, backend=backend)
+        if mask is MULTI_TURN and gamma != 0.0:
+            assert not torch.allclose(reset, want)
+        elif mask is not MULTI_TURN:
+            _same(reset, want, tol=1e-9, what="contiguous spans: reset or not")
+    with pytest.raises(TypeError, match="reset_at_masked"):
+        fa.reinforce_pp_advantages(r, mask, reset_at_masked="no")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gae_is_openrlhf_on_contiguous_masks(backend):
+    """docs/integrations.md: ``gae_advantages(unbiased=False)`` is OpenRLHF's GAE (``get_advantages_and_returns``
+    plus its whitening) when each row's valid tokens form one contiguous span, left or right padded."""
+    gae = _openrlhf_method("get_advantages_and_returns")
+    g = torch.Generator().manual_seed(3)
+    start, end = torch.tensor([0, 0, 2, 1, 0]), torch.tensor([7, 3, 7, 5, 1])
+    t = torch.arange(7)[None, :]
+    mask = ((t >= start[:, None]) & (t < end[:, None])).double()
+    r, v = torch.randn(5, 7, generator=g, dtype=torch.float64), torch.randn(5, 7, generator=g, dtype=torch.float64)
+    adv, ret = gae(v, r, mask, 0.9, 0.8)
+    got, got_ret = fa.gae_advantages(r, v, mask, gamma=0.9, lam=0.8, unbiased=False, backend=backend)
+    _same(got, _openrlhf_whiten(adv, mask), tol=1e-9, what="gae advantages")
+    _same(got_ret, ret * mask, tol=1e-9, what="gae returns")
+
+
+# ---------------------------------------------------------------- 11. ranges and types of the options
+def test_token_level_ranges_and_types_are_checked():
+    r, m = torch.randn(2, 3), torch.ones(2, 3)
+    for bad in (-0.5, -1.0):
+        with pytest.raises(ValueError, match="gamma"):
+            fa.gae_advantages(r, r, m, gamma=bad)
+        with pytest.raises(ValueError, match="gamma"):
+            fa.reinforce_pp_advantages(r, m, gamma=bad)
+        with pytest.raises(ValueError, match="gamma"):
+            fa.implicit_process_advantages(r, r, m, gamma=bad)
+    for bad in (-0.1, 1.5, 2.0):
+        with pytest.raises(ValueError, match="lam"):
+            fa.gae_advantages(r, r, m, lam=bad)
+    for gamma, lam in ((0.0, 0.0), (1.0, 1.0), (1.5, 0.5)):  # the ends of the ranges; gamma > 1 is a choice
+        fa.gae_advantages(r, r, m, gamma=gamma, lam=lam)
+    for eps in (-1.0, -1e-12):
+        with pytest.raises(ValueError, match="eps"):
+            fa.optimal_token_baseline_advantages(r, m, [0, 0], -torch.rand(2, 3), torch.rand(2, 3), eps=eps)
+    with pytest.raises(TypeError, match="eps"):
+        fa.optimal_token_baseline_advantages(r, m, [0, 0], -torch.rand(2, 3), torch.rand(2, 3), eps="a")
+    for base in (torch.tensor([1, 0]), torch.tensor([True, False])):
+        with pytest.raises(TypeError, match="baseline"):
+            fa.remax_advantages(r, m, base)
+    # group_size: a numpy integer is an int; lengths and response_mask: one or the other
+    s = torch.tensor([1.0, 2.0, 4.0, 0.0, 3.0, 5.0])
+    want = _plain_group(s, [0, 0, 0, 1, 1, 1], "grpo")
+    for size in (np.int64(3), np.int32(3), np.uint8(3)):
+        _same(fa.group_advantages(s, group_size=size), want, what=f"group_size={size!r}")
+    for size in (np.float64(3.0), 3.0, True):
+        with pytest.raises(ValueError, match="group_size"):
+            fa.group_advantages(s, group_size=size)
+    with pytest.raises(ValueError, match="response_mask or lengths"):
+        fa.group_advantages(s, group_size=3, estimator="opo", lengths=torch.ones(6), response_mask=torch.ones(6, 4))

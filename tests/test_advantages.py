@@ -414,3 +414,42 @@ def test_cuda_matches_cpu_without_host_sync(layout):
     for c, g in zip(cpu, gpu):
         assert_close(g.cpu(), c, atol=2e-5, rtol=2e-5, what="cuda vs cpu")
     assert torch.equal(again, gpu[0])
+
+
+@pytest.mark.parametrize("batch_normalization", ["sequence", "token"])
+def test_step_term_uses_the_same_options_as_the_episode_term(batch_normalization):
+    """GiGPO (docs/math.md): the step term is the same estimator with the same options, gdpo's
+    ``batch_normalization`` included: the float64 reference's two terms, combined by hand, and the library."""
+    g = torch.Generator().manual_seed(12)
+    B = 24
+    scores = torch.randn(B, 2, generator=g, dtype=torch.float64)
+    index = torch.randint(0, 4, (B,), generator=g)
+    step_index = torch.randint(0, 6, (B,), generator=g)
+    lengths = torch.randint(1, 9, (B,), generator=g)
+    kw = dict(estimator="gdpo", batch_normalization=batch_normalization, lengths=lengths, singleton="unit_std",
+              reward_weights=[1.0, 0.5])
+    episode = ref.group_advantages(scores, index, **kw)
+    step = ref.group_advantages(scores, step_index, **kw)
+    want = episode + 0.7 * step
+    assert_close(ref.group_advantages(scores, index, step_index=step_index, omega=0.7, **kw), want, atol=1e-12,
+                 what="reference")
+    got = fastalign.group_advantages(scores, index, step_index=step_index, omega=0.7, **kw)
+    check(got, want, torch.float64, f"gigpo gdpo {batch_normalization}")
+
+
+def test_gdpo_infinite_reward_gives_nan_as_the_reference():
+    """An infinite reward makes its group's column NaN, and the batch normalisation spreads it; a row whose
+    rewards are all NaN is still left out (0) when no reward is infinite."""
+    s = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, float("inf")], [1.0, 0.5], [0.0, 2.0], [3.0, 1.0]],
+                     dtype=torch.float64)
+    lengths = torch.tensor([2, 3, 1, 4, 2, 2])
+    for bn in ("sequence", "token"):
+        kw = dict(estimator="gdpo", group_size=3, batch_normalization=bn, lengths=lengths)
+        want = ref.group_advantages(s, **kw)
+        assert torch.isnan(want).all()
+        got = fastalign.group_advantages(s, **kw)
+        assert torch.isnan(got).all(), (bn, got)
+        missing = s.clone()
+        missing[2] = float("nan")
+        check(fastalign.group_advantages(missing, **kw), ref.group_advantages(missing, **kw), torch.float64,
+              f"gdpo missing row {bn}")

@@ -286,6 +286,58 @@ def test_registry_gdpo_equals_verl(weights):
     assert torch.equal(f_adv, f_ret)
 
 
+def _positional_args(est, d):
+    """Arguments for every named parameter of verl's ``est``, in verl's order."""
+    cfg = AlgoConfig(adv_estimator=est, gamma=0.9, norm_adv_by_std_in_grpo=True)
+    grouped = (d["r"], d["mask"], d["uid"], 1e-2)
+    if est in ("grpo", "grpo_vectorized", "grpo_passk"):
+        return grouped + (False, cfg)  # the flag as the argument: Dr. GRPO (grpo_passk reads config only)
+    if est == "gdpo":
+        B = d["mask"].shape[0]
+        g = torch.Generator().manual_seed(9)
+        comps = {"fmt": (torch.rand(B, generator=g) > 0.5).float().numpy(), "acc": torch.randn(B, generator=g).numpy()}
+        attn = torch.cat([torch.ones(B, 3), d["mask"]], dim=1).long()
+        attn[4, 3] = 1  # verl reads the last valid position, even of an empty response
+        cfg = AlgoConfig(adv_estimator=est, gdpo_reward_keys=["fmt", "acc"], gdpo_reward_weights=[1.0, 0.5])
+        return grouped + (True, cfg, dict(comps, uid=d["uid"]),
+                          dict(prompts=torch.zeros(B, 3, dtype=torch.long), attention_mask=attn))
+    if est == "gpg":
+        return grouped + (2.0, 1.0, cfg)  # f_norm, alpha
+    if est in ("rloo", "rloo_vectorized", "opo", "reinforce_plus_plus_baseline"):
+        return grouped + (cfg,)
+    if est == "gae":
+        return (d["token_r"], d["values"], d["mask"], 0.9, 0.8)
+    if est == "reinforce_plus_plus":
+        return (d["token_r"], d["mask"], cfg)
+    if est == "remax":
+        return (d["token_r"], d["baselines"], d["mask"], cfg)
+    return (d["token_r"], d["mask"], d["uid"], d["old"], d["p2"], d["iw"], True, 1e-3)  # optimal token baselines
+
+
+@pytest.mark.parametrize("est", sorted(set(ESTIMATORS) - FASTALIGN_ONLY))
+def test_registry_estimator_positional_call_binds_as_verl(est):
+    """``fastalign_<est>`` takes the named parameters of verl's ``<est>`` in verl's order, so the same
+    positional call gives verl's results (``gpg``'s ``f_norm``, ``gae``'s ``values``, ``remax``'s baselines)."""
+    import inspect
+
+    verl_fn, fa_fn = core_algos.get_adv_estimator_fn(est), core_algos.get_adv_estimator_fn(plugin.PREFIX + est)
+    named = lambda fn: [p.name for p in inspect.signature(fn).parameters.values()  # noqa: E731
+                        if p.kind == p.POSITIONAL_OR_KEYWORD]
+    assert named(fa_fn) == named(verl_fn)
+    d = _adv_batch(seed=ESTIMATORS.index(est) + 40)
+    if est == "grpo_passk":  # pass@k needs groups of two or more
+        d["uid"] = np.array(["a", "b", "c"] * 4, dtype=object)
+    args = _positional_args(est, d)
+    assert len(args) == len(named(verl_fn))
+    v = verl_fn(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+    f = fa_fn(*args)
+    m = d["mask"]
+    for a, b, what in zip(f, v, ("advantages", "returns")):
+        assert_close(_valid(a, m), _valid(b, m), atol=1e-5, rtol=1e-5, what=f"{est} {what}")
+    with pytest.raises(TypeError):  # more positional arguments than verl's function takes
+        fa_fn(*args, *([None] * (9 - len(args))))
+
+
 def test_inputs_verl_trainer_does_not_pass_raise():
     """verl 0.9.1's trainer passes these inputs only under its own estimator names."""
     d = _adv_batch(seed=2)

@@ -95,6 +95,21 @@ def test_normalize_then_sum(case):
     _compare(_config(**kw), r)
 
 
+@pytest.mark.parametrize("inf", [float("inf"), -float("inf")])
+@pytest.mark.parametrize("aggregation, scale", [("sum_then_normalize", s) for s in ("group", "batch", "none", True)]
+                         + [("normalize_then_sum", "group")])
+def test_infinite_reward_ends_with_trls_nan_to_num(aggregation, scale, inf):
+    """An infinite reward: TRL's last step ``torch.nan_to_num(advantages, nan=0.0)`` turns the NaN it
+    leaves into 0 (±inf into the largest float); ``normalize_then_sum`` drops the column's NaN from its
+    ``nansum`` and keeps the other columns of those rows."""
+    r = random_rewards(12, 2, seed=4, unscorable=(7,), partial=(9,))
+    r[1, 1] = inf
+    args = _config(num_generations=4, per_device_train_batch_size=12, scale_rewards=scale,
+                   multi_objective_aggregation=aggregation)
+    got = _compare(args, r)
+    assert torch.isfinite(got).all()
+
+
 @pytest.mark.parametrize("aggregation", ["sum_then_normalize", "normalize_then_sum"])
 def test_evaluation_groups_of_one(aggregation):
     """num_generations_eval=1 in evaluation: no group statistics, every advantage 0."""

@@ -81,6 +81,20 @@ def test_rloo_advantages(case, G, normalize):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("inf", [float("inf"), -float("inf")])
+def test_rloo_infinite_reward_ends_with_trls_nan_to_num(inf, normalize):
+    """An infinite reward: TRL's last step ``torch.nan_to_num(advantages, nan=0.0)`` maps the NaN it
+    leaves to 0 and ±inf to the largest finite float, never NaN."""
+    rpf = random_rewards(8, 2, seed=5, unscorable=(6,))
+    rpf[1, 0] = inf
+    args = _config(num_generations=4, normalize_advantages=normalize, beta=0.0)
+    want = _trl_rloo(args, rpf)
+    got = rloo_advantages(args, rpf)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
 def test_rloo_defaults_and_bad_inputs():
     import dataclasses
     fields = {f.name: f for f in dataclasses.fields(RLOOConfig)}

@@ -337,3 +337,22 @@ def test_uid_as_a_list_of_tensors_equals_verl(estimator):
     adv_v, _ = _verl(cfg, r, mask, UIDS["int-ndarray"])
     adv_f, _ = fverl.compute_advantage(cfg, r, mask, list(ids))
     _close(adv_f, adv_v, f"{estimator} with a list of tensors")
+
+
+@pytest.mark.parametrize("uid", ["one-group", "two-groups"])
+@pytest.mark.parametrize("inf", [float("inf"), -float("inf")])
+def test_gdpo_infinite_reward_is_nan_as_verl(uid, inf):
+    """An infinite reward: verl's gdpo (group-normalised column, then ``masked_whiten`` over the batch)
+    gives NaN, and so does fastalign, in ``group_advantages`` and the verl profile (not 0)."""
+    index = np.array(["a"] * 6 if uid == "one-group" else ["a", "b"] * 3, dtype=object)
+    mask = torch.ones(6, 3, dtype=D)
+    mask[1, 2] = 0
+    r = torch.zeros(6, 3, dtype=D)
+    r[:, 1] = torch.tensor([1.0, 0.0, inf, 2.0, 0.5, 1.0], dtype=D)
+    cfg = AlgoConfig(adv_estimator="gdpo")
+    v, _ = _verl(cfg, r, mask, index)
+    f, _ = fverl.compute_advantage(cfg, r, mask, index)
+    g = fa.group_advantages(r.sum(-1, keepdim=True), index, estimator="gdpo", response_mask=mask)
+    valid = mask > 0
+    assert torch.isnan(v[valid]).all()
+    assert torch.isnan(f[valid]).all() and torch.isnan(g).all(), (f, g)

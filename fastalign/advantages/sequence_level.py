@@ -5,10 +5,12 @@ Each estimator of :func:`group_advantages` is one row of ``ESTIMATORS`` (a small
 from two kernels: segmented group statistics and a per-score normaliser. Groups are an integer
 index (any order, any values such as hashed prompt ids; the same results as consecutive blocks)
 or a fixed ``group_size``. Nothing on the CUDA path synchronises with the host. Advantages are
-targets: no autograd. The token-level estimators are in :mod:`fastalign.advantages.token_level`.
+targets: no autograd (:func:`group_advantages` runs under ``torch.no_grad()``, so its output never
+requires grad, on every backend). The token-level estimators are in :mod:`fastalign.advantages.token_level`.
 """
 from __future__ import annotations
 
+import operator
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -148,17 +150,25 @@ def _gdpo(r, g, c):
     over the responses, ``(x - mean) / (std + eps)`` (``batch_normalization="sequence"``), or over
     their valid tokens, length-weighted, ``(x - mean) * rsqrt(var + 1e-8)`` (``"token"``, verl).
 
-    A NaN reward only leaves its own column; rows with every reward NaN get 0."""
+    A NaN reward only leaves its own column; rows with every reward NaN get 0. An infinite reward
+    follows IEEE arithmetic: its group's column is NaN (as grpo's), and the batch normalisation
+    spreads that NaN to every response (as verl's gdpo, and the batch statistics of
+    ``reinforce_pp_baseline``)."""
     K = r.shape[1]  # >= 1 (checked)
     w = c.weights if c.weights is not None else [1.0] * K
     total = None
     for k in range(K):  # K reward columns: a static Python int
         a = _grpo(r[:, k].contiguous(), g, c) * w[k]
         total = a if total is None else total + a
-    total = torch.where(torch.isnan(r).all(dim=1), float("nan"), total)
+    missing = torch.isnan(r).all(dim=1)
+    # a non-finite sum of a scored row comes from an infinite reward: it reaches the batch statistics
+    poisoned = (~torch.isfinite(total) & ~missing).any()
+    total = torch.where(missing, float("nan"), total)
     if c.batch_normalization == "token":
-        return _length_weighted_whiten(torch.nan_to_num(total), total, c, "gdpo")
-    return _normalize(total, _whole_batch(total), c, "center", True)
+        out = _length_weighted_whiten(torch.nan_to_num(total), total, c, "gdpo")
+    else:
+        out = _normalize(total, _whole_batch(total), c, "center", True)
+    return torch.where(poisoned, float("nan"), out)
 
 
 ESTIMATORS: dict[str, Callable[[Tensor, _Groups, _Ctx], Tensor]] = {
@@ -179,7 +189,13 @@ def _groups(name: str, index, group_size, B: int, device) -> _Groups:
     if index is None:
         if group_size is None:
             raise ValueError(f"group_advantages needs {name} (a group key per score) or group_size")
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        if isinstance(group_size, bool):
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        try:  # a Python or numpy integer
+            group_size = operator.index(group_size)
+        except TypeError:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}") from None
+        if group_size <= 0:
             raise ValueError(f"group_size must be a positive int, got {group_size!r}")
         if B % group_size:
             raise ValueError(f"group_size={group_size} must divide the number of scores {B}")
@@ -200,6 +216,7 @@ def _scores(name: str, x, dim: int) -> Tensor:
 
 
 # ---------------------------------------------------------------- public API
+@torch.no_grad()
 def group_advantages(
     scores: Tensor,
     index=None,
@@ -254,7 +271,7 @@ def group_advantages(
             (any order, any values, e.g. hashed prompt ids), or a list / numpy
             array of ids such as strings, mapped to integers on the host (entries that
             are 0-d tensors or numpy scalars count by their value).
-        group_size: instead of ``index``: consecutive blocks of this size.
+        group_size: instead of ``index``: consecutive blocks of this size (a Python or numpy integer).
         eps: added to the std (>= 0). With ``eps=0`` a group whose std is 0 (equal
             scores) still gets exactly 0.
         std: ``"group"``, ``"batch"`` or ``"none"`` (grpo, grpo_passk, gdpo's columns).
@@ -264,8 +281,9 @@ def group_advantages(
             elsewhere.
         batch_normalization: gdpo's last step: ``"sequence"`` over the responses or
             ``"token"`` over their valid tokens (verl; needs the mask or lengths).
-        response_mask: ``[B, T]`` mask, for the token counts of
-            reinforce_pp_baseline and opo (or give ``lengths`` ``[B]``, finite and >= 0).
+        response_mask: ``[B, T]`` mask, for the token counts of reinforce_pp_baseline,
+            opo and gdpo's ``"token"`` normalisation; or give ``lengths`` ``[B]`` (finite and
+            >= 0) instead, not both.
         reward_weights: gdpo weights, one finite number per reward column (default 1).
         step_index, step_scores, omega: GiGPO step groups.
         backend: a kernel family (docs/backends.md); default by device.
@@ -291,6 +309,8 @@ def group_advantages(
         raise ValueError(f"eps must be >= 0, got {eps}")
     omega = _validate.finite_number("omega", omega)
     g = _groups("index", index, group_size, B, device)
+    if lengths is not None and response_mask is not None:
+        raise ValueError("give either response_mask or lengths (the token counts), not both")
     lens = None
     bad = []  # malformed-input flags not read on the host (CUDA, tracing): they make the output NaN
     if lengths is not None:

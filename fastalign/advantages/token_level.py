@@ -1,7 +1,9 @@
 r"""Token-level advantages (docs/math.md#advantages): ``[B, T]`` token rewards (values, log-probs)
 and the response mask in, ``[B, T]`` advantages out; the returns are reverse scans over time on
 the C++ CPU kernels or the CUDA kernels. :func:`token_advantages` spreads sequence-level
-advantages (:mod:`fastalign.advantages.sequence_level`) over the response tokens. No autograd.
+advantages (:mod:`fastalign.advantages.sequence_level`) over the response tokens. No autograd: the
+estimators run under ``torch.no_grad()``, so their outputs never require grad, whatever the inputs do
+(critic values, the policy's own log-probs).
 """
 from __future__ import annotations
 
@@ -59,6 +61,14 @@ def masked_whiten(x: Tensor, response_mask: Tensor, eps: float = WHITEN_EPS, *, 
     return torch.where(valid, (x64 - mean) * inv_std * m, 0.0).to(x.dtype)
 
 
+def _discount(gamma) -> float:
+    """``gamma`` in ``[0, inf)``: a negative discount flips the sign of every other step."""
+    gamma = _validate.finite_number("gamma", gamma)
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    return gamma
+
+
 def _token_inputs(name: str, x, response_mask, others=()):
     """``x`` (float32 or float64), the response mask in its dtype, and the ``others`` shaped like ``x``."""
     _validate.real(name, x, dim=2)
@@ -76,41 +86,55 @@ def _token_inputs(name: str, x, response_mask, others=()):
     return x, m, out
 
 
+@torch.no_grad()
 def reinforce_pp_advantages(token_rewards: Tensor, response_mask: Tensor, *, gamma: float = 1.0,
-                            whiten: bool = True, unbiased: bool = True, backend: Optional[str] = None) -> Tensor:
-    """REINFORCE++: ``G_t = r_t + gamma G_{t+1}`` (reset after each masked token), whitened over valid tokens.
+                            whiten: bool = True, unbiased: bool = True, reset_at_masked: bool = True,
+                            backend: Optional[str] = None) -> Tensor:
+    """REINFORCE++: ``G_t = r_t m_t + gamma G_{t+1}``, whitened over valid tokens.
 
-    Returns ``[B, T]`` (``G m`` whitened, times m). ``unbiased``: the whitening's variance
-    (:func:`masked_whiten`): ``True`` as verl, ``False`` as OpenRLHF. In this and the other token-level
-    estimators a masked token (``response_mask == 0``) is skipped by selection: whatever it holds (NaN, inf)
-    never reaches a valid token or the whitening statistics, and its output is exactly 0."""
-    gamma = _validate.finite_number("gamma", gamma)
+    Returns ``[B, T]`` (``G m`` whitened, times m). ``reset_at_masked``: ``True`` restarts the return
+    after each masked token, so the return of a turn holds the rewards of that turn only;
+    ``False`` carries it through masked tokens (multi-turn observation spans), decayed by ``gamma``
+    at each of them, ``G_t = sum_{s>=t} gamma^{s-t} r_s m_s`` (OpenRLHF's ``get_cumulative_returns``).
+    With one contiguous span of valid tokens per row the two agree. ``unbiased``: the whitening's
+    variance (:func:`masked_whiten`): ``True`` as verl, ``False`` as OpenRLHF. In this and the other
+    token-level estimators a masked token (``response_mask == 0``) is skipped by selection: whatever
+    it holds (NaN, inf) never reaches a valid token or the whitening statistics, and its output is
+    exactly 0."""
+    gamma = _discount(gamma)
     _validate.boolean("whiten", whiten)
     _validate.boolean("unbiased", unbiased)
+    _validate.boolean("reset_at_masked", reset_at_masked)
     x, m, _ = _token_inputs("token_rewards", token_rewards, response_mask)
-    g, _ = reverse_scan(x, x.new_empty(0), m, gamma, 0.0, SCANS["return"], _backend.request(x.device, backend))
+    mode = SCANS["return"] if reset_at_masked else SCANS["to_go"]
+    g, _ = reverse_scan(x, x.new_empty(0), m, gamma, 0.0, mode, _backend.request(x.device, backend))
     return masked_whiten(g, m, unbiased=unbiased) if whiten else g
 
 
+@torch.no_grad()
 def remax_advantages(token_rewards: Tensor, response_mask: Tensor, baseline: Tensor, *,
                      backend: Optional[str] = None) -> Tensor:
     """ReMax: ``A_t = (sum_{s>=t} r_s m_s - b) m_t`` with ``b [B]`` the greedy rollout's score."""
     x, m, _ = _token_inputs("token_rewards", token_rewards, response_mask)
-    _validate.real("baseline", baseline, dim=1)
+    _validate.any_float("baseline", baseline, dim=1)
     _validate.shape("baseline", baseline, (x.shape[0],), "one score per response")
     _validate.same_device(token_rewards=x, baseline=baseline)
     g, _ = reverse_scan(x, x.new_empty(0), m, 1.0, 0.0, SCANS["to_go"], _backend.request(x.device, backend))
     return torch.where(m != 0, g - baseline.to(x.dtype).unsqueeze(-1) * m, 0.0)
 
 
+@torch.no_grad()
 def gae_advantages(token_rewards: Tensor, values: Tensor, response_mask: Tensor, *, gamma: float = 1.0,
                    lam: float = 1.0, whiten: bool = True, unbiased: bool = True,
                    backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """GAE: ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}`` (masked
     tokens are skipped: they carry V and A through). Returns ``(A [B, T], returns = (A + V) m)``,
-    A whitened over valid tokens unless ``whiten=False`` (``unbiased``: as in :func:`masked_whiten`)."""
-    gamma = _validate.finite_number("gamma", gamma)
+    A whitened over valid tokens unless ``whiten=False`` (``unbiased``: as in :func:`masked_whiten`).
+    ``gamma >= 0`` and ``lam`` in ``[0, 1]``."""
+    gamma = _discount(gamma)
     lam = _validate.finite_number("lam", lam)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
     _validate.boolean("whiten", whiten)
     _validate.boolean("unbiased", unbiased)
     x, m, (v,) = _token_inputs("token_rewards", token_rewards, response_mask, [("values", values)])
@@ -118,6 +142,7 @@ def gae_advantages(token_rewards: Tensor, values: Tensor, response_mask: Tensor,
     return (masked_whiten(a, m, unbiased=unbiased) if whiten else a), ret
 
 
+@torch.no_grad()
 def implicit_process_advantages(logprobs: Tensor, ref_logprobs: Tensor, response_mask: Tensor,
                                 outcome_advantages: Optional[Tensor] = None, *, beta: float = 0.05,
                                 gamma: float = 1.0, backend: Optional[str] = None) -> Tensor:
@@ -125,7 +150,7 @@ def implicit_process_advantages(logprobs: Tensor, ref_logprobs: Tensor, response
     ``R_t = sum_{s>=t} gamma^{s-t} beta (lp_s - ref_s) m_s`` (reset after masked tokens),
     plus the outcome advantage of the sequence: ``(R_t + A_i) m_t``."""
     beta = _validate.finite_number("beta", beta)
-    gamma = _validate.finite_number("gamma", gamma)
+    gamma = _discount(gamma)
     lp, m, (ref,) = _token_inputs("logprobs", logprobs, response_mask, [("ref_logprobs", ref_logprobs)])
     _validate.like((lp.shape[0],), "one advantage per response", device=lp.device, device_of="logprobs",
                    outcome_advantages=outcome_advantages)
@@ -178,7 +203,7 @@ def optimal_token_baseline_advantages(
         extra.append(("importance_weights", importance_weights))
     r, m, (old, p2, *iw) = _token_inputs("token_rewards", token_rewards, response_mask, extra)
     B, T = r.shape
-    _validate.finite(eps=eps)
+    eps = _eps(eps)
     _validate.boolean("zero_tail", zero_tail)
     if align not in ("position", "response"):
         raise ValueError(f"align must be 'position' or 'response', got {align!r}")

@@ -98,7 +98,10 @@ def _one(r, keys, estimator, eps, std, singleton, lengths, reward_weights, B, ba
             col = [row[k] for row in r]
             a = _one(col, keys, "grpo", eps, std, singleton, lengths, None, B)
             total = [t + w[k] * v for t, v in zip(total, a)]
-        total = [math.nan if all(_isnan(v) for v in row) else t for row, t in zip(r, total)]
+        missing = [all(_isnan(v) for v in row) for row in r]
+        if any(not m and not math.isfinite(t) for m, t in zip(missing, total)):  # an infinite reward
+            return [math.nan] * B  # IEEE arithmetic: the batch mean and std are NaN
+        total = [math.nan if m else t for m, t in zip(missing, total)]
         if batch_normalization == "token":
             return _token_whiten(total, total, lengths, B)
         return _one(total, [0] * B, "grpo", eps, "group", "raw" if singleton == "unit_std" else singleton, None,
@@ -145,7 +148,8 @@ def group_advantages(scores, index=None, *, group_size=None, estimator="grpo", e
     adv = _one(r, keys, estimator, eps, std, singleton, lengths, reward_weights, B, batch_normalization)
     if step_index is not None:
         sr = r if step_scores is None else step_scores.double().tolist()
-        step = _one(sr, _keys(step_index, None, B), estimator, eps, std, singleton, lengths, reward_weights, B)
+        step = _one(sr, _keys(step_index, None, B), estimator, eps, std, singleton, lengths, reward_weights, B,
+                    batch_normalization)  # the step term: the same estimator with the same options
         adv = [a + omega * s for a, s in zip(adv, step)]
     return torch.tensor(adv, dtype=torch.float64)
 
@@ -181,9 +185,9 @@ def discounted_returns(x, mask, gamma, reset=True):
     return out
 
 
-def reinforce_pp_advantages(rewards, mask, gamma=1.0, whiten=True, unbiased=True):
+def reinforce_pp_advantages(rewards, mask, gamma=1.0, whiten=True, unbiased=True, reset_at_masked=True):
     mask = mask.double()
-    g = discounted_returns(rewards.double(), mask, gamma)
+    g = discounted_returns(rewards.double(), mask, gamma, reset=reset_at_masked)
     return masked_whiten(g, mask, unbiased=unbiased) if whiten else g
 
 

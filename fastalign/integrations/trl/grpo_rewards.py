@@ -13,10 +13,14 @@ entries skipped), then with ``mean``/``std`` (unbiased) over the scorable rows o
     scale_rewards="none":   A =  r - mean_group                        (Dr. GRPO)
 
 ``"normalize_then_sum"`` (GDPO): each reward column is normalised in its group as ``"group"``
-above, the columns are summed with the weights, and the sum is normalised over the batch. TRL
+above, the columns are summed with the weights (NaN entries skipped, TRL's ``nansum``: a column
+that an infinite reward makes NaN in its group drops out of the sum there), and the sum is
+normalised over the batch. TRL
 ignores ``scale_rewards`` there; the profile raises unless it is the default ``"group"``.
 
-A group with a single scorable row gives it 0 (TRL's NaN std, then ``nan_to_num``). Statistics
+A group with a single scorable row gives it 0 (TRL's NaN std, then ``nan_to_num``). The result
+ends with TRL's ``torch.nan_to_num(advantages, nan=0.0)``: a NaN that an infinite reward leaves
+becomes 0, ±inf the largest finite float. Statistics
 accumulate in float64, so a group of equal rewards gets exactly 0 (TRL's float32 mean can leave
 ``~1e-7 / 1e-4`` there).
 """
@@ -40,6 +44,19 @@ GRPO_ADVANTAGE_DEFAULTS: Dict[str, Any] = dict(num_generations=8, num_generation
 SCALE_EPS = 1e-4  # GRPOTrainer's std offset
 _AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 _SCALES = {True: "group", False: "none", "group": "group", "batch": "batch", "none": "none"}
+
+
+def _normalize_then_sum(cols, G: int) -> Tensor:
+    """TRL's GDPO: each column normalised in its groups, ``nansum`` of the weighted columns, then
+    normalised over the scorable rows of the batch. A column entry that is NaN drops out of the sum
+    (a missing reward, or an infinite reward's group, whose column TRL's arithmetic makes NaN)."""
+    total = None
+    for k in range(cols.values.shape[1]):  # F reward columns: a static Python int
+        a = group_advantages(cols.values[:, k], group_size=G, estimator="grpo", eps=SCALE_EPS, singleton="zero")
+        a = torch.where(torch.isnan(a), 0.0, a * cols.weights[k])
+        total = a if total is None else total + a
+    total = torch.where(cols.unscorable, float("nan"), total)
+    return group_advantages(total, group_size=total.shape[0], estimator="grpo", eps=SCALE_EPS, singleton="zero")
 
 
 def grpo_advantages(config, rewards_per_func: Tensor, *, training: bool = True) -> Tensor:
@@ -67,8 +84,8 @@ def grpo_advantages(config, rewards_per_func: Tensor, *, training: bool = True) 
                          "batch std whatever it is)")
     cols = reward_columns(rewards_per_func, c["reward_weights"], G)
     if aggregation == "normalize_then_sum":
-        x = torch.where(cols.unscorable[:, None], float("nan"), cols.values)
-        return group_advantages(x, group_size=G, estimator="gdpo", reward_weights=cols.weights, eps=SCALE_EPS,
-                                singleton="zero")
-    return group_advantages(cols.weighted_sum(), group_size=G, estimator="grpo", std=scale, eps=SCALE_EPS,
-                            singleton="zero")
+        adv = _normalize_then_sum(cols, G)
+    else:
+        adv = group_advantages(cols.weighted_sum(), group_size=G, estimator="grpo", std=scale, eps=SCALE_EPS,
+                               singleton="zero")
+    return torch.nan_to_num(adv, nan=0.0)  # TRL's last step: NaN (from an infinite reward) to 0, ±inf to ±max

@@ -6,7 +6,9 @@ is unscorable), ``reward_clip_range``, the sequence KL penalty ``- beta * KL`` w
 the leave-one-out baseline over the scorable completions of each prompt's ``num_generations``
 consecutive rows, then, with ``normalize_advantages``, ``(A - mean) / (std + 1e-4)`` over the
 scorable completions of the batch. Unscorable completions, and a completion alone in its group,
-get 0 (and stay out of the normalisation), as in TRL.
+get 0 (and stay out of the normalisation), as in TRL. The result ends with TRL's
+``torch.nan_to_num(advantages, nan=0.0)``: a NaN that an infinite reward leaves becomes 0, ±inf the
+largest finite float.
 
 :class:`RLOOLoss` is ``RLOOTrainer._compute_loss``: a PPO clip on the *sequence* ratio of summed
 log-probs, averaged over the completions (empty ones included)::
@@ -69,13 +71,13 @@ def rloo_advantages(config, rewards_per_func: Tensor, kl: Optional[Tensor] = Non
     if G == 1:  # TRL: no baseline without siblings
         return torch.zeros_like(rewards)
     adv = group_advantages(rewards, group_size=G, estimator="rloo", singleton="zero")
-    if not c["normalize_advantages"]:
-        return adv
-    # scorable completions with a scorable sibling take part in the batch statistics
-    scorable = ~torch.isnan(rewards)
-    siblings = scorable.view(-1, G).sum(dim=1, keepdim=True).expand(-1, G).reshape(-1)
-    kept = torch.where(scorable & (siblings > 1), adv, float("nan"))
-    return group_advantages(kept, group_size=B, estimator="grpo", eps=NORMALIZE_EPS, singleton="zero")
+    if c["normalize_advantages"]:
+        # scorable completions with a scorable sibling take part in the batch statistics
+        scorable = ~torch.isnan(rewards)
+        siblings = scorable.view(-1, G).sum(dim=1, keepdim=True).expand(-1, G).reshape(-1)
+        kept = torch.where(scorable & (siblings > 1), adv, float("nan"))
+        adv = group_advantages(kept, group_size=B, estimator="grpo", eps=NORMALIZE_EPS, singleton="zero")
+    return torch.nan_to_num(adv, nan=0.0)  # TRL's last step: NaN (from an infinite reward) to 0, ±inf to ±max
 
 
 class RLOOLoss:

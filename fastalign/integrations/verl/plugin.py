@@ -15,7 +15,10 @@ verl's own mode returns: a dict of Python floats (verl's actor wraps them in ``M
 aggregation). They are read from the device in one transfer, where verl's modes read each.
 
 Each estimator ``e`` of :mod:`fastalign.integrations.verl.advantages` is registered as
-``fastalign_e`` with the keyword arguments verl's estimator ``e`` takes, returning
+``fastalign_e`` with the parameters of verl's estimator function ``e`` in verl's order (so a
+positional call binds as verl's: ``fastalign_gae(rewards, values, mask, gamma, lam)``,
+``fastalign_remax(rewards, baselines, mask)``, ``fastalign_gpg(rewards, mask, index, epsilon, f_norm)``),
+followed by keyword-only parameters for what the other estimators take, returning
 ``(advantages, returns)``. ``norm_adv_by_std_in_grpo`` is read from the argument or, when that is
 not given, from ``config`` (verl's trainer passes only ``config`` to registered estimators).
 verl's ``grpo_vectorized`` and ``gdpo`` never read the flag from ``config`` (its trainer passes
@@ -36,9 +39,9 @@ estimator names (``ray_trainer.compute_advantage``) and to no registered one:
   rollout is generated for ``adv_estimator=remax`` only); ``optimal_token_baseline`` /
   ``tir_optimal_token_baseline``: ``old_log_probs`` and ``sum_pi_squared``; ``gdpo``: the reward
   components of ``gdpo_reward_keys`` (without keys it normalises the summed reward).
-  These are registered too, for direct calls with verl's keywords; selected by
-  ``algorithm.adv_estimator`` they raise ``ValueError`` on the missing input rather than compute
-  something else. Use verl's own name for them.
+  These are registered too, for direct calls (with verl's keywords, or positionally in verl's
+  order); selected by ``algorithm.adv_estimator`` they raise ``ValueError`` on the missing input
+  rather than compute something else. Use verl's own name for them.
 * GiGPO step groups (``group_advantages(step_index=...)``): the environment-state ids are not
   passed; PRIME implicit process rewards (``implicit_process_advantages``): the policy and
   reference log-probs are not passed. Not registered.
@@ -55,7 +58,8 @@ calls it.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+import inspect
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -116,66 +120,110 @@ def _gdpo_scores(config: Any, non_tensor_batch, like: Tensor) -> Optional[Tensor
 #: estimators whose inputs verl 0.9.1's trainer passes only under its own names
 _TRAINER_OWN_INPUTS = ("optimal_token_baseline", "tir_optimal_token_baseline")
 
+_GROUPED_PARAMS = ("token_level_rewards", "response_mask", "index", "epsilon", "config")
+_GRPO_PARAMS = ("token_level_rewards", "response_mask", "index", "epsilon", "norm_adv_by_std_in_grpo", "config")
+_OTB_PARAMS = ("token_level_rewards", "response_mask", "index", "old_log_probs", "sum_pi_squared",
+               "rollout_is_weights", "handle_zero_tail", "epsilon")
+#: the named parameters of verl 0.9.1's estimator function ``e``, in its order: ``fastalign_e`` takes
+#: them in that order (positional or keyword), the rest of :data:`_ADVANTAGE_DEFAULTS` keyword-only.
+_VERL_PARAMETERS: Dict[str, Tuple[str, ...]] = {
+    **dict.fromkeys(("grpo", "grpo_vectorized", "grpo_passk"), _GRPO_PARAMS),
+    "gdpo": _GRPO_PARAMS + ("non_tensor_batch", "batch"),
+    **dict.fromkeys(("rloo", "rloo_vectorized", "opo", "reinforce_plus_plus_baseline"), _GROUPED_PARAMS),
+    "gpg": ("token_level_rewards", "response_mask", "index", "epsilon", "f_norm", "alpha", "config"),
+    "gae": ("token_level_rewards", "values", "response_mask", "gamma", "lam"),
+    "reinforce_plus_plus": ("token_level_rewards", "response_mask", "config"),
+    "remax": ("token_level_rewards", "reward_baselines", "response_mask", "config"),
+    **dict.fromkeys(_TRAINER_OWN_INPUTS, _OTB_PARAMS),
+}
+#: every input a ``fastalign_<estimator>`` reads besides ``token_level_rewards``, with its default
+#: (None: the profile's default, or the value in ``config``).
+_ADVANTAGE_DEFAULTS: Dict[str, Any] = dict(
+    response_mask=None, index=None, epsilon=None, norm_adv_by_std_in_grpo=None, config=None, values=None,
+    reward_baselines=None, old_log_probs=None, sum_pi_squared=None, rollout_is_weights=None, non_tensor_batch=None,
+    batch=None, gamma=None, lam=None, f_norm=1.0, alpha=1.0, handle_zero_tail=True)
+
+
+def _verl_signature(estimator: str) -> inspect.Signature:
+    """verl's parameters of ``estimator`` in its order, then the other inputs keyword-only, then ``**unused``."""
+    P = inspect.Parameter
+    own = _VERL_PARAMETERS[estimator]
+    params = [P("token_level_rewards", P.POSITIONAL_OR_KEYWORD)]
+    params += [P(n, P.POSITIONAL_OR_KEYWORD, default=_ADVANTAGE_DEFAULTS[n]) for n in own[1:]]
+    params += [P(n, P.KEYWORD_ONLY, default=v) for n, v in _ADVANTAGE_DEFAULTS.items() if n not in own]
+    return inspect.Signature(params + [P("unused", P.VAR_KEYWORD)])
+
 
 def _advantage_fn(estimator: str) -> Callable:
-    def advantage_fn(token_level_rewards: Tensor, response_mask: Optional[Tensor] = None, index=None,
-                     epsilon: Optional[float] = None, norm_adv_by_std_in_grpo: Optional[bool] = None,
-                     config: Any = None, *, values: Optional[Tensor] = None,
-                     reward_baselines: Optional[Tensor] = None, old_log_probs: Optional[Tensor] = None,
-                     sum_pi_squared: Optional[Tensor] = None, rollout_is_weights: Optional[Tensor] = None,
-                     non_tensor_batch=None, batch=None, gamma: Optional[float] = None,
-                     lam: Optional[float] = None, f_norm: float = 1.0, alpha: float = 1.0,
-                     handle_zero_tail: bool = True, **unused) -> tuple[Tensor, Tensor]:
-        if response_mask is None:
-            raise ValueError(f"{PREFIX + estimator}: response_mask is required")
-        if estimator == "gdpo" and norm_adv_by_std_in_grpo is not None and not norm_adv_by_std_in_grpo:
-            raise ValueError(f"norm_adv_by_std_in_grpo=False is not supported by {PREFIX}gdpo (verl's gdpo would "
-                             "center each reward column without dividing by its std)")
-        # verl's grpo_vectorized is grpo computed at once, with the flag from its argument only: given, it is
-        # fastalign's grpo with that flag; otherwise the profile of grpo_vectorized, which refuses a False in config
-        vectorized_flag = estimator == "grpo_vectorized" and norm_adv_by_std_in_grpo is not None
-        # verl's grpo_passk reads the flag from config only (its argument is ignored)
-        flag = None if estimator == "grpo_passk" else norm_adv_by_std_in_grpo
-        opts = _algo(config, "grpo" if vectorized_flag else estimator, flag)
-        if gamma is not None:
-            opts["gamma"] = float(gamma)
-        if lam is not None:
-            opts["lam"] = float(lam)
-        if estimator == "gae" and values is None:
-            raise ValueError(f"{PREFIX}gae needs values [B, T]; verl 0.9.1's trainer passes them only to its own 'gae' "
-                             "(use algorithm.adv_estimator=gae there)")
-        if estimator in _TRAINER_OWN_INPUTS and old_log_probs is None and sum_pi_squared is None:
-            raise ValueError(f"{PREFIX + estimator} needs old_log_probs and sum_pi_squared [B, T]; verl 0.9.1's trainer "
-                             f"passes them only to its own {estimator!r} (use algorithm.adv_estimator={estimator} there)")
-        if estimator == "gdpo" and _get(config, "gdpo_reward_keys") and non_tensor_batch is None:
-            raise ValueError(f"{PREFIX}gdpo: algorithm.gdpo_reward_keys is set but non_tensor_batch was not passed; "
-                             "verl 0.9.1's trainer passes the reward components only to its own 'gdpo' (use "
-                             "algorithm.adv_estimator=gdpo there)")
-        if estimator == "gpg" and alpha != 1.0:
-            raise ValueError(f"alpha does not apply to {PREFIX}gpg: it is B / count_nonzero(scores), as in verl")
-        if estimator in ("optimal_token_baseline", "tir_optimal_token_baseline") and not handle_zero_tail:
-            raise ValueError(f"handle_zero_tail=False is not supported by {PREFIX + estimator}")
-        reward_scores = None
-        if estimator == "gdpo":
-            if config is not None and non_tensor_batch is not None and batch is not None:
-                reward_scores = _gdpo_scores(config, non_tensor_batch, token_level_rewards)
-            else:  # verl then normalises the summed reward alone and applies no weights
-                opts["gdpo_reward_weights"] = None
-        else:
-            opts["gdpo_reward_weights"] = None
-        adv, returns = compute_advantage(opts, token_level_rewards, response_mask, index, values=values,
-                                         reward_baselines=reward_baselines, reward_scores=reward_scores,
-                                         old_log_probs=old_log_probs, sum_pi_squared=sum_pi_squared,
-                                         rollout_is_weights=rollout_is_weights, epsilon=epsilon)
-        if estimator == "gpg" and f_norm != 1.0:
-            adv = adv / f_norm
-            returns = adv
-        return adv, returns
+    signature = _verl_signature(estimator)
 
+    def advantage_fn(*args, **kwargs) -> tuple[Tensor, Tensor]:
+        bound = signature.bind(*args, **kwargs)  # a TypeError for what verl's function would refuse to bind
+        bound.apply_defaults()
+        kw = dict(bound.arguments)
+        kw.pop("unused")  # other keywords are ignored, as verl's **kwargs
+        return _advantage(estimator, **kw)
+
+    advantage_fn.__signature__ = signature
     advantage_fn.__name__ = advantage_fn.__qualname__ = f"{PREFIX}{estimator}_advantage"
     advantage_fn.__doc__ = (f"verl advantage estimator {estimator!r} computed by fastalign, returning "
-                            "(advantages, returns): see fastalign.integrations.verl.plugin.")
+                            "(advantages, returns), with the parameters of verl's function in its order: "
+                            "see fastalign.integrations.verl.plugin.")
     return advantage_fn
+
+
+def _advantage(estimator: str, token_level_rewards: Tensor, response_mask: Optional[Tensor], index,
+               epsilon: Optional[float], norm_adv_by_std_in_grpo: Optional[bool], config: Any,
+               values: Optional[Tensor], reward_baselines: Optional[Tensor], old_log_probs: Optional[Tensor],
+               sum_pi_squared: Optional[Tensor], rollout_is_weights: Optional[Tensor], non_tensor_batch, batch,
+               gamma: Optional[float], lam: Optional[float], f_norm: float, alpha: float,
+               handle_zero_tail: bool) -> tuple[Tensor, Tensor]:
+    """``fastalign_<estimator>`` once its arguments are bound."""
+    if response_mask is None:
+        raise ValueError(f"{PREFIX + estimator}: response_mask is required")
+    if estimator == "gdpo" and norm_adv_by_std_in_grpo is not None and not norm_adv_by_std_in_grpo:
+        raise ValueError(f"norm_adv_by_std_in_grpo=False is not supported by {PREFIX}gdpo (verl's gdpo would "
+                         "center each reward column without dividing by its std)")
+    # verl's grpo_vectorized is grpo computed at once, with the flag from its argument only: given, it is
+    # fastalign's grpo with that flag; otherwise the profile of grpo_vectorized, which refuses a False in config
+    vectorized_flag = estimator == "grpo_vectorized" and norm_adv_by_std_in_grpo is not None
+    # verl's grpo_passk reads the flag from config only (its argument is ignored)
+    flag = None if estimator == "grpo_passk" else norm_adv_by_std_in_grpo
+    opts = _algo(config, "grpo" if vectorized_flag else estimator, flag)
+    if gamma is not None:
+        opts["gamma"] = float(gamma)
+    if lam is not None:
+        opts["lam"] = float(lam)
+    if estimator == "gae" and values is None:
+        raise ValueError(f"{PREFIX}gae needs values [B, T]; verl 0.9.1's trainer passes them only to its own 'gae' "
+                         "(use algorithm.adv_estimator=gae there)")
+    if estimator in _TRAINER_OWN_INPUTS and old_log_probs is None and sum_pi_squared is None:
+        raise ValueError(f"{PREFIX + estimator} needs old_log_probs and sum_pi_squared [B, T]; verl 0.9.1's trainer "
+                         f"passes them only to its own {estimator!r} (use algorithm.adv_estimator={estimator} there)")
+    if estimator == "gdpo" and _get(config, "gdpo_reward_keys") and non_tensor_batch is None:
+        raise ValueError(f"{PREFIX}gdpo: algorithm.gdpo_reward_keys is set but non_tensor_batch was not passed; "
+                         "verl 0.9.1's trainer passes the reward components only to its own 'gdpo' (use "
+                         "algorithm.adv_estimator=gdpo there)")
+    if estimator == "gpg" and alpha != 1.0:
+        raise ValueError(f"alpha does not apply to {PREFIX}gpg: it is B / count_nonzero(scores), as in verl")
+    if estimator in ("optimal_token_baseline", "tir_optimal_token_baseline") and not handle_zero_tail:
+        raise ValueError(f"handle_zero_tail=False is not supported by {PREFIX + estimator}")
+    reward_scores = None
+    if estimator == "gdpo":
+        if config is not None and non_tensor_batch is not None and batch is not None:
+            reward_scores = _gdpo_scores(config, non_tensor_batch, token_level_rewards)
+        else:  # verl then normalises the summed reward alone and applies no weights
+            opts["gdpo_reward_weights"] = None
+    else:
+        opts["gdpo_reward_weights"] = None
+    adv, returns = compute_advantage(opts, token_level_rewards, response_mask, index, values=values,
+                                     reward_baselines=reward_baselines, reward_scores=reward_scores,
+                                     old_log_probs=old_log_probs, sum_pi_squared=sum_pi_squared,
+                                     rollout_is_weights=rollout_is_weights, epsilon=epsilon)
+    if estimator == "gpg" and f_norm != 1.0:
+        adv = adv / f_norm
+        returns = adv
+    return adv, returns
 
 
 def _grpo_batch_std_advantage(token_level_rewards: Tensor, response_mask: Optional[Tensor] = None, index=None,
