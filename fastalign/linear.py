@@ -85,11 +85,13 @@ def logit_pipeline(device: torch.device, options: dict) -> LogitPipeline:
 
 
 def check_head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-               names: tuple[str, str, str] = ("hidden", "weight", "bias")) -> None:
+               names: tuple[str, str, str] = ("hidden", "weight", "bias"), vocab_shard: bool = False) -> None:
     """Check hidden states ``[..., H]``, an lm_head weight ``[V, H]`` and its bias ``[V]`` against each other (a
     ``ValueError`` / ``TypeError`` naming the bad one): float dtypes, the weight's dtype that of the hidden states,
     the shapes, a non-empty vocabulary and hidden size. ``names``: the caller's names of the three arguments
-    (``("teacher_hidden", "teacher_weight", "teacher_bias")``, an adapter's own), used in the messages."""
+    (``("teacher_hidden", "teacher_weight", "teacher_bias")``, an adapter's own), used in the messages.
+    ``vocab_shard``: the weight is one rank's shard of a vocabulary split over ranks, which may be empty (a
+    vocabulary smaller than the group, split by ``torch.tensor_split`` or FSDP2's ``Shard(0)``)."""
     h_name, w_name, b_name = names
     _validate.floating(h_name, hidden, min_dim=1)
     _validate.floating(w_name, weight, dim=2)
@@ -103,7 +105,7 @@ def check_head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         raise TypeError(f"{w_name} must have the dtype of {h_name} ({hidden.dtype}), got {weight.dtype}")
     if bias is not None and tuple(bias.shape) != (V,):
         raise ValueError(f"{b_name} must have shape ({V},) ({w_name}.shape[0]), got {tuple(bias.shape)}")
-    if V == 0:
+    if V == 0 and not vocab_shard:
         raise ValueError(f"{w_name} must have a non-empty vocabulary (first) dimension")
     _validate.nonempty(h_name, hidden, -1, "hidden-size (last)")
 
@@ -125,12 +127,12 @@ def check_second_head(hidden: Tensor, weight: Tensor, other_hidden: Tensor, othe
 
 
 def check_head_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
-                      low_rank=None) -> tuple[Optional[Tensor], Optional[Tensor]]:
+                      low_rank=None, vocab_shard: bool = False) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """Check hidden states, lm_head weight (bias, low-rank term) and labels against each other (a
     ``ValueError`` / ``TypeError`` naming the bad one): dtypes, devices and shapes as
     :func:`linear_logprobs` takes them (:func:`check_head`, then the labels and devices). Returns the
     low-rank term's ``(a, L)``, or ``(None, None)``."""
-    check_head(hidden, weight, bias)
+    check_head(hidden, weight, bias, vocab_shard=vocab_shard)
     _validate.integer("labels", labels)
     _validate.same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
     _validate.shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
@@ -233,7 +235,8 @@ def linear_logprobs(
         :class:`TokenStats` with fp32 tensors shaped like ``labels`` (argmax int64).
     """
     hidden, weight, bias, low_rank = _dtensor.head(hidden, weight, bias, low_rank, vocab_group)
-    low_rank_hidden, low_rank_weight = check_head_inputs(hidden, weight, labels, bias, low_rank)
+    low_rank_hidden, low_rank_weight = check_head_inputs(hidden, weight, labels, bias, low_rank,
+                                                         vocab_shard=vocab_group is not None)
     H = hidden.shape[-1]
     V = weight.shape[0]
     inv_t, cap, scale = check_logit_options(temperature, softcap, logit_scale, ignore_index, grad_skip_threshold,

@@ -161,13 +161,14 @@ def _backward(st, d):
     ((st.logprobs * d["g_lp"]).sum() + (st.entropy * d["g_ent"]).sum() + (st.sum_p2 * d["g_sp2"]).sum()).backward()
 
 
-def vocab_stats(data, backend, rank=0, world=1, group=None, device="cpu", compiled=False):
-    """Statistics and gradients of this rank's shard (its ``torch.chunk`` of the vocabulary); ``compiled``:
-    through ``torch.compile(fullgraph=True)`` (no graph break, backward included)."""
+def vocab_stats(data, backend, rank=0, world=1, group=None, device="cpu", compiled=False, sizes=None):
+    """Statistics and gradients of this rank's shard (its ``torch.chunk`` of the vocabulary, or its rows of
+    ``split(sizes)``); ``compiled``: through ``torch.compile(fullgraph=True)`` (no graph break, backward
+    included)."""
     d = {k: v.to(device) for k, v in data.items()}
     hidden = d["hidden"].clone().requires_grad_(True)
-    weight = d["weight"].chunk(world)[rank].clone().requires_grad_(True)
-    bias = d["bias"].chunk(world)[rank].clone().requires_grad_(True)
+    weight, bias = (d[k].chunk(world)[rank] if sizes is None else d[k].split(sizes)[rank] for k in ("weight", "bias"))
+    weight, bias = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
 
     def stats(hidden, weight, bias):
         return fastalign.linear_logprobs(hidden, weight, d["labels"], bias=bias, entropy=True, sum_p2=True,
@@ -245,6 +246,9 @@ def _worker(rank, world, pg_backend, store_path, out_dir, scenarios, backend, cu
                 out["hf"] = hf_step(data, rows, world, global_tokens=local, group=group, device=device)
         if "vocab" in scenarios:
             out["vocab"] = vocab_stats(vocab_data(), backend, rank, world, group, device)
+        if "vocab_empty_shard" in scenarios:  # every row on rank 0: rank 1 holds an empty shard
+            out["vocab_empty_shard"] = vocab_stats(vocab_data(), backend, rank, world, group, device,
+                                                   sizes=[V_ODD] + [0] * (world - 1))
         if "vocab_compiled" in scenarios:
             out["vocab_compiled"] = vocab_stats(vocab_data(), backend, rank, world, group, device, compiled=True)
         if "dtensor" in scenarios:
@@ -309,7 +313,7 @@ def check_single_against_reference(single, data):
 def gloo_run(request, tmp_path_factory):
     """All CPU scenarios in one 2-rank gloo run per kernel backend (spawning costs more than the work)."""
     backend = request.param
-    scenarios = (("policy", "vocab", "dtensor") + (("hf",) if HAS_TRANSFORMERS else ())
+    scenarios = (("policy", "vocab", "vocab_empty_shard", "dtensor") + (("hf",) if HAS_TRANSFORMERS else ())
                  + (("vocab_compiled",) if backend == "cpp" else ()))  # the interpreter is not compiled
     return backend, spawn(tmp_path_factory.mktemp(f"gloo-{backend}"), scenarios, backend)
 
@@ -336,6 +340,15 @@ def test_gloo_vocab_parallel_equals_single_rank(gloo_run):
     single = vocab_stats(data, backend)
     check_single_against_reference(single, data)
     check_vocab_parallel([r["vocab"] for r in ranks], single)
+
+
+def test_gloo_vocab_parallel_with_an_empty_shard(gloo_run):
+    """A vocabulary smaller than the group leaves a rank an empty shard (torch.tensor_split, FSDP2's Shard(0)):
+    it is a piece with no mass. That rank refused it before the first collective, so the others failed (gloo) or
+    hung (NCCL) in the all-reduce."""
+    backend, ranks = gloo_run
+    single = vocab_stats(vocab_data(), backend)
+    check_vocab_parallel([r["vocab_empty_shard"] for r in ranks], single)
 
 
 def test_gloo_vocab_parallel_compiles_without_graph_breaks(gloo_run):

@@ -584,3 +584,37 @@ def test_gradients_renormalised_at_large_lse(path, offset, temperature):
     assert_close(bias.grad, dz.sum(0), atol=tol, rtol=1e-5, what="d bias")
     assert_close(hidden.grad, dz @ weight.detach().double(), atol=tol, rtol=1e-5, what="d hidden")
     assert_close(weight.grad, dz.T @ hidden.detach().double(), atol=tol, rtol=1e-5, what="d weight")
+
+
+@pytest.mark.parametrize("temperature", [0.7, 0.05, 1e-3])
+def test_small_temperature_gradients_keep_fp32_precision(cpu_backend, temperature):
+    """The C++ backward formed the far rows' mass from a rounded z / T and the row kernel from an unrounded one,
+    so the renormalisation did not cancel the rounding of the saved lse: d(hidden) off by 1.7e-3 (relative) at
+    T = 1e-3, 2.9e-5 at T = 0.05."""
+    g = torch.Generator().manual_seed(0)
+    N, H, V = 8, 16, 101
+    h, w = torch.randn(N, H, generator=g) * 3, torch.randn(V, H, generator=g)
+    y = torch.randint(0, V, (N,), generator=g)
+    hr = h.double().requires_grad_(True)
+    torch.log_softmax((hr @ w.double().T) / temperature, -1).gather(-1, y[:, None]).sum().backward()
+    hv = h.clone().requires_grad_(True)
+    # C++: vocabulary pieces of 32 (the far rows' mass formed per piece); Triton: its own tiles, the same in the
+    # forward and the backward (at T = 1e-3 the logits' fp32 rounding is scaled by 1e3: tiles that change between
+    # the passes would change z / T by more than the tolerance)
+    chunk = (4, 32) if cpu_backend == "cpp" else None
+    fastalign.linear_logprobs(hv, w, y, temperature=temperature, backend=cpu_backend,
+                              chunk=chunk).logprobs.sum().backward()
+    err = float((hv.grad.double() - hr.grad).abs().max() / hr.grad.abs().max())
+    assert err < 5e-6, err
+
+
+def test_large_softcap_keeps_fp32_precision(cpu_backend):
+    """Triton formed tanh as 1 - 2 / (e^{2v} + 1), which cancels for small v: every logit off by cap * 6e-8
+    (6.8e-4 in the log-probs at cap = 1e4)."""
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(6, 8, generator=g), torch.randn(29, 8, generator=g)
+    y = torch.randint(0, 29, (6,), generator=g)
+    for cap in (30.0, 1e4, 1e6):
+        got = fastalign.linear_logprobs(h, w, y, softcap=cap, backend=cpu_backend).logprobs
+        ref = reference.linear_logprobs(h.double(), w.double(), y, dtype=torch.float64, softcap=cap)[0]
+        assert_close(got, ref, atol=3e-6, rtol=1e-6, what=f"softcap {cap}")

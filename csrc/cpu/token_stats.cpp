@@ -117,12 +117,17 @@ void forward(uintptr_t logits, RowLayout L, int64_t N, int64_t V, const int64_t*
   });
 }
 
+// x_j - lse with the product z_j / T kept exact (one rounding, by std::fma, whatever the compiler contracts): the
+// offset log_mass, row_backward and the vocabulary-piece mass of linear_cpu.chunk_row_mass (formed in float64) all
+// read, so log c cancels the rounding of the saved lse at any temperature.
+static inline float offset_from_lse(float z, float inv_t, float lse) { return std::fma(z, inv_t, -lse); }
+
 // log sum_j e^{x_j - lse}: 0 up to the rounding of a saved fp32 lse.
 template <int D>
 FASTALIGN_KERNEL_BODY float log_mass(const typename Storage<D>::T* z, int64_t V, float inv_t, float lse) {
   float c = 0.f;
 #pragma omp simd reduction(+ : c)
-  for (int64_t j = 0; j < V; ++j) c += exp_f32(Storage<D>::load(z[j]) * inv_t - lse);
+  for (int64_t j = 0; j < V; ++j) c += exp_f32(offset_from_lse(Storage<D>::load(z[j]), inv_t, lse));
   return std::log(c);
 }
 
@@ -133,7 +138,7 @@ FASTALIGN_KERNEL_BODY void row_backward(const typename Storage<D>::T* z, typenam
   // dz may alias z (in-place backward): each element is read before it is written.
 #pragma omp simd
   for (int64_t j = 0; j < V; ++j) {
-    const float logp = softmax::log_p(Storage<D>::load(z[j]) * inv_t, lse, log_c);
+    const float logp = softmax::log_p(offset_from_lse(Storage<D>::load(z[j]), inv_t, lse), 0.f, log_c);
     const float p = exp_f32(logp);
     dz[j] = Storage<D>::store(softmax::logit_grad(p, logp, g_lp, g_h, h, g_q, sp2) * inv_t);
   }

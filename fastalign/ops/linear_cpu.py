@@ -191,7 +191,9 @@ def chunk_row_mass(buf, h_c, weight, bias, low_rank, a_c, y, lse_c, scale, softc
         v1 = min(V, v0 + vc)
         z = chunk_logits(buf, h_c, _f32(weight[v0:v1]), _f32(None if bias is None else bias[v0:v1]), scale, softcap,
                          _piece(a_c, low_rank, v0, v1))
-        c += torch.exp(z * inv_t - lse_c.unsqueeze(1)).sum(1)
+        # z_j / T - lse as the C++ backward forms it (csrc/cpu/token_stats.cpp offset_from_lse): the product
+        # exact (float64 holds it), one rounding to fp32 after the difference
+        c += torch.exp((z.double() * inv_t - lse_c.double().unsqueeze(1)).float()).sum(1)
     return torch.where(far, c, 0.0)
 
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from fastalign._backend import backend_for
 from fastalign.ops import linear_cpu, linear_triton
+from fastalign.ops._launch import stat_outputs
 from fastalign.ops.linear_stats import linear_stats, linear_stats_backward
 from fastalign.ops.vocab_pieces import PIECE_IGNORE, local_labels, log_mass, merge_pieces
 
@@ -64,6 +65,15 @@ def row_mass(hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t,
     return linear_triton.row_mass(hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t, ignore_index)
 
 
+def _empty_shard_stats(n: int, device, want_ent: bool, want_sp2: bool, want_amax: bool) -> tuple[Tensor, ...]:
+    """The local statistics of an empty shard, a piece with no mass (``lse = -inf``) that the merge weighs 0, as
+    :func:`~fastalign.ops.linear_stats.linear_stats` returns them for ``n`` rows."""
+    lp, ent, sp2, amax, amax_val, lse = stat_outputs(n, device, want_ent, want_sp2, want_amax, argmax_value=True)
+    for t in (lp, ent, sp2, amax):
+        t.zero_()
+    return lp, ent, sp2, amax, amax_val.fill_(float("-inf")), lse.fill_(float("-inf"))
+
+
 class VocabParallelStats(torch.autograd.Function):
     """Statistics of hidden states against a vocabulary sharded over ``group`` (module docstring).
 
@@ -81,9 +91,13 @@ class VocabParallelStats(torch.autograd.Function):
         V_r = weight.shape[0]
         start, v_total = shard_range(V_r, group, hidden.device)
         yl = local_labels(labels, start, start + V_r, ignore_index)
-        lp, ent, sp2, amax, amax_val, lse = linear_stats(
-            hidden, weight, bias, low_rank_hidden, low_rank_weight, yl, scale, softcap, inv_t, PIECE_IGNORE, want_ent,
-            want_sp2, want_amax, backend, nc, vc, skip)
+        if V_r == 0:
+            lp, ent, sp2, amax, amax_val, lse = _empty_shard_stats(hidden.shape[0], hidden.device, want_ent, want_sp2,
+                                                                   want_amax)
+        else:
+            lp, ent, sp2, amax, amax_val, lse = linear_stats(
+                hidden, weight, bias, low_rank_hidden, low_rank_weight, yl, scale, softcap, inv_t, PIECE_IGNORE,
+                want_ent, want_sp2, want_amax, backend, nc, vc, skip)
         ignored = labels == ignore_index
         inside = (labels >= start) & (labels < start + V_r) & ~ignored
         label_logit = torch.where(inside, lp + lse, 0.0)
@@ -121,13 +135,18 @@ class VocabParallelStats(torch.autograd.Function):
         if g_lp is None and g_ent is None and g_sp2 is None:
             return (None,) * 18
         scale, softcap, inv_t, ignore, backend, nc, vc, _skip = ctx.args
+        empty = weight.shape[0] == 0
         # rows with |lse| >= RENORMALISE_ABOVE: their mass over the whole vocabulary, summed over the shards
-        c = row_mass(hidden, weight, bias, low_rank, yl, lse, scale, softcap, inv_t, ignore, backend, nc, vc)
+        c = torch.zeros_like(lse) if empty else row_mass(hidden, weight, bias, low_rank, yl, lse, scale, softcap,
+                                                          inv_t, ignore, backend, nc, vc)
         dist.all_reduce(c, op=dist.ReduceOp.SUM, group=ctx.group)
         # every rank takes part in the all-reduce of d(hidden) (and d(a)): both are computed on every rank
-        dh, dw, db, da, dl = linear_stats_backward(
-            g_lp, g_ent, g_sp2, hidden, weight, bias, a, lw, yl, lse, ent, sp2, *ctx.args, True, bool(need[1]),
-            bool(bias is not None and need[2]), low_rank is not None, log_mass(c, lse, yl, ignore))
+        if empty:  # an empty shard adds nothing to d(hidden) and d(a)
+            dh, dw, db, da, dl = (None if t is None else torch.zeros_like(t) for t in (hidden, weight, bias, a, lw))
+        else:
+            dh, dw, db, da, dl = linear_stats_backward(
+                g_lp, g_ent, g_sp2, hidden, weight, bias, a, lw, yl, lse, ent, sp2, *ctx.args, True, bool(need[1]),
+                bool(bias is not None and need[2]), low_rank is not None, log_mass(c, lse, yl, ignore))
         dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.group)
         if low_rank is not None:
             dist.all_reduce(da, op=dist.ReduceOp.SUM, group=ctx.group)
