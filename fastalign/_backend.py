@@ -68,6 +68,8 @@ OP_BACKENDS = {
     "group_advantage": ("cpp", "cuda", "torch"),
     "reverse_scan": ("cpp", "cuda", "triton"),
     "divergence_rows": ("cpp", "triton"),
+    "linear_divergence": ("cpp", "triton"),
+    "linear_divergence_backward": ("cpp", "triton"),
 }
 
 #: What runs when a backend is requested, best first; an op runs the first of these it has that can run on the

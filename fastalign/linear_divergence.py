@@ -13,7 +13,7 @@ from fastalign import _backend, _dtensor, _validate
 from fastalign._options import check_choice
 from fastalign.linear import check_head, check_logit_options, check_second_head
 from fastalign.ops._launch import eager
-from fastalign.ops.linear_divergence import DivergenceOptions, DivergencePass, Head
+from fastalign.ops.linear_divergence import DivergenceOptions, Head, divergence_loss
 
 __all__ = ["linear_divergence_loss"]
 
@@ -110,7 +110,9 @@ def linear_divergence_loss(
         single_pass: ``"auto"`` (the gradients in the forward when they are needed and the call is eager),
             True, or False (the backward runs the blocks again). The single pass's loss can be differentiated
             once per forward (its gradients are scaled in place, holding no second copy of d(weight)); a
-            second backward through a retained graph needs ``single_pass=False``.
+            second backward through a retained graph needs ``single_pass=False``. Neither mode has a second
+            derivative: differentiating the gradient again (``create_graph=True``) raises a RuntimeError. Under
+            torch.compile the blocks run inside custom ops: one graph for every token count.
         backend: ``"cpp"``, ``"triton"`` or ``"cuda"`` (CUDA tensors run the Triton kernel); default from
             :func:`fastalign.use_backend`.
 
@@ -161,7 +163,7 @@ def linear_divergence_loss(
     opts = DivergenceOptions(inv_t, b, int(ignore_index), y is not None, name)
     state = (scale, cap, teacher, mask, y, g_soft, g_hard, opts, single_pass is not False and is_eager)
     with torch.autocast(dev.type, enabled=False):
-        loss, div, ent, nll = DivergencePass.apply(h2, weight, bias, state)
+        loss, div, ent, nll = divergence_loss(h2, weight, bias, state)
     n = count.clamp(min=1)
     metrics = {"divergence": div.sum() / n, "divergence_sum": div.sum(), "entropy": ent.sum() / n,
                "entropy_sum": ent.sum(), "num_tokens": count}

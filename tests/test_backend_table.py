@@ -7,11 +7,11 @@ import torch
 
 import fastalign
 from fastalign import _backend
-from fastalign.ops import divergence, group_stats, linear_stats, policy_loss, returns, token_stats
+from fastalign.ops import divergence, group_stats, linear_divergence, linear_stats, policy_loss, returns, token_stats
 from fastalign.ops._launch import runs_directly
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
-MODULES = (divergence, group_stats, linear_stats, policy_loss, returns, token_stats)
+MODULES = (divergence, group_stats, linear_divergence, linear_stats, policy_loss, returns, token_stats)
 DOC = Path(__file__).resolve().parent.parent / "docs" / "backends.md"
 
 
@@ -177,6 +177,8 @@ def _op_cases():
     scores, index = torch.randn(6, generator=g), torch.tensor([0, 0, 1, 1, 2, 2])
     f64 = torch.empty(0, dtype=torch.float64)
     seed = torch.tensor([3])
+    th, tw = torch.randn(B, 5, generator=g), torch.randn(V, 5, generator=g)
+    div_args = (h, w, None, th, tw, None, torch.ones(B), labels, 1.0, 0.0, 1.0, 0.0, 1.0, 0.5, -100)
     return {
         "token_stats": (token_stats.token_stats, (logits, labels, 1.0, -100, True, True, True, "cpp", False)),
         "token_stats_backward": (token_stats.token_stats_backward,
@@ -200,6 +202,9 @@ def _op_cases():
         "group_stats": (group_stats.group_stats, (scores, index, f64, 1, "cpp")),
         "group_advantage": (group_stats.group_advantage, (scores, index, f64, f64, 1, 0, True, 1e-6, False, "cpp")),
         "reverse_scan": (returns.reverse_scan, (x, x, m.float(), 0.9, 0.95, returns.SCANS["gae"], "cpp")),
+        "linear_divergence": (linear_divergence.linear_divergence, (*div_args, True, "cpp")),
+        "linear_divergence_backward": (linear_divergence.linear_divergence_backward,
+                                       (torch.ones(B), torch.ones(B), *div_args, "cpp", True, True, False)),
         "divergence_rows": (divergence.divergence_rows,
                             (logits[0].clone(), torch.randn(B, V, generator=g), torch.ones(B), labels, torch.ones(B),
                              torch.ones(B), 1.0, 0.5, -100, True, "cpp")),

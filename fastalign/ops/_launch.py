@@ -123,3 +123,29 @@ def runs_directly(backend: str, *tensors: Optional[torch.Tensor]) -> bool:
     Function over it) then runs without the dispatcher's per-call cost; same kernels, same results.
     Everything else (torch.compile, fake tensors and other subclasses, modes, GPU) calls the op."""
     return backend == "cpp" and eager(*tensors)
+
+
+def refuse_second_derivative(loss: str) -> None:
+    """Raise a RuntimeError when autograd is asked for a graph of a fused backward's gradients.
+
+    A fused loss computes its gradients with kernels (in its forward, or in a backward without graph) and
+    returns them as constants: a second derivative through them (``create_graph=True``, a Hessian, a
+    gradient penalty) would be silently zero. Autograd runs a backward with grad mode on exactly when
+    ``create_graph=True``; the custom ops' backward ops raise when differentiated, as this does."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"fastalign's fused {loss} has no second derivative: its gradients are computed by kernels, with no "
+            "graph of them, so differentiating them again (create_graph=True, double backward, Hessians, gradient "
+            "penalties) is not supported")
+
+
+def check_rows(name: str, t: torch.Tensor, rows, dtype: torch.dtype) -> None:
+    """A per-row input that a kernel reads by raw pointer as ``rows`` contiguous elements of ``dtype``
+    (e.g. ``labels``, int64): a TypeError (dtype) or ValueError (size, layout) naming ``name`` instead of
+    a kernel reading other bytes, or past the end. Metadata only: no value is read."""
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype} (the kernels read it by pointer), got {t.dtype}")
+    if t.numel() != rows:
+        raise ValueError(f"{name} must have {rows} elements (one per row), got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (the kernels read it by pointer), got strides {t.stride()}")

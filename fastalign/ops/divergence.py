@@ -16,12 +16,18 @@ from torch import Tensor
 
 from fastalign import _backend
 from fastalign._backend import backend_for
-from fastalign.ops._launch import kernel_op, ptr, runs_directly, triton_kernels
+from fastalign.ops._launch import check_rows, kernel_op, ptr, runs_directly, triton_kernels
 
 
-def _outputs(student: Tensor, nll: bool):
+def _outputs(student: Tensor, mask: Optional[Tensor], labels: Optional[Tensor], grad_soft: Optional[Tensor],
+             grad_hard: Optional[Tensor], nll: bool):
+    """Per-row (divergence, entropy, nll); the per-row inputs checked first (the kernels read them by pointer)."""
     f32 = dict(device=student.device, dtype=torch.float32)
     n = student.shape[0]
+    for name, t, dtype in (("mask", mask, torch.float32), ("labels", labels, torch.int64),
+                           ("grad_soft", grad_soft, torch.float32), ("grad_hard", grad_hard, torch.float32)):
+        if t is not None:
+            check_rows(name, t, n, dtype)
     return torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n if nll else 0, **f32)
 
 

@@ -14,6 +14,10 @@ incoming gradient folded into the weights (two products more per token, nothing 
 Only scored rows go through the vocabulary: found on the host for CPU tensors, put first on the device
 (:mod:`~fastalign.ops.device_compaction`) on a GPU. The blocks are sized by the single pass's budget
 (``FASTALIGN_BLOCK_MIB``, :func:`~fastalign.ops.single_pass.block_budget_rows`; two logit tiles per block).
+
+Eager calls run :class:`DivergencePass`; traced ones (torch.compile, fake tensors) the custom ops
+``fastalign::linear_divergence`` and ``fastalign::linear_divergence_backward`` (the two passes), whose fakes
+declare the outputs only: the blocks loop over the tokens at run time, so a new token count needs no new graph.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from fastalign.ops._launch import eager
+from fastalign.ops._launch import check_rows, eager, kernel_op, refuse_second_derivative
 from fastalign.ops.device_compaction import compact
 from fastalign.ops.divergence import divergence_rows_call
 from fastalign.ops.linear_block import _operands, block_buffer, kept_rows, row_blocks
@@ -63,17 +67,22 @@ def _scored_order(mask: Tensor):
     return (None, None) if cmp is None else (cmp.order, cmp)
 
 
+def _row_outputs(hidden: Tensor, nll: bool):
+    """Per-row ``(divergence, entropy, nll)``: fp32 ``[N]`` (nll ``[0]`` unless asked)."""
+    n = hidden.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    return torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n if nll else 0, **f32)
+
+
 def run_blocks(student: Head, teacher: Head, mask: Tensor, labels: Optional[Tensor], g_soft: Optional[Tensor],
-               g_hard: Optional[Tensor], opts: DivergenceOptions, grads=None):
+               g_hard: Optional[Tensor], opts: DivergenceOptions, grads=None, out=None):
     """Per-row ``(divergence, entropy, nll)`` (fp32 ``[N]``, 0 on unscored rows; nll empty without
-    ``opts.nll``). With ``g_soft`` (per-row weights of D, and ``g_hard`` of the NLL), ``grads = (dh, dw, db)``
-    receive d(sum_r g_soft D_r + g_hard NLL_r) with respect to the student's hidden states (written), weight and
-    bias (fp32, accumulated); None entries are skipped."""
+    ``opts.nll``), written into ``out`` when given. With ``g_soft`` (per-row weights of D, and ``g_hard`` of the
+    NLL), ``grads = (dh, dw, db)`` receive d(sum_r g_soft D_r + g_hard NLL_r) with respect to the student's hidden
+    states (written), weight and bias (fp32, accumulated); None entries are skipped."""
     N, V = student.hidden.shape[0], student.weight.shape[0]
     dev = student.hidden.device
-    div = torch.zeros(N, dtype=torch.float32, device=dev)
-    ent = torch.zeros(N, dtype=torch.float32, device=dev)
-    nll = torch.zeros(N if opts.nll else 0, dtype=torch.float32, device=dev)
+    div, ent, nll = (t.zero_() for t in (out or _row_outputs(student.hidden, opts.nll)))
     order, cmp = _scored_order(mask)
     n = N if order is None else order.numel()
     if n == 0:
@@ -148,6 +157,7 @@ class DivergencePass(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _g_div, _g_ent, _g_nll):
+        refuse_second_derivative("divergence loss")
         need = ctx.needs_input_grad
         if ctx.single_pass:
             if ctx.grads is None:
@@ -169,3 +179,110 @@ class DivergencePass(torch.autograd.Function):
         dw = None if dw is None or not need[1] else dw.to(ctx.dtypes[0])
         db = None if db is None or not need[2] else db.to(ctx.dtypes[1])
         return (dh if need[0] else None), dw, db, None
+
+
+def divergence_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], state):
+    """``(loss, divergence, entropy, nll)`` of :class:`DivergencePass` (same ``state``): that autograd function in
+    an eager call (:func:`~fastalign.ops._launch.eager`), else the custom ops (the two passes; ``g_soft`` and
+    ``g_hard`` are constants either way). The per-row outputs come back without gradient."""
+    scale, cap, teacher, mask, labels, g_soft, g_hard, opts, _single_pass = state
+    if eager(hidden, weight, bias, teacher.hidden, teacher.weight, teacher.bias, mask, labels, g_soft, g_hard):
+        return DivergencePass.apply(hidden, weight, bias, state)
+    div, ent, nll = linear_divergence(hidden, weight, bias, teacher.hidden, teacher.weight, teacher.bias, mask,
+                                      labels, scale, cap, teacher.scale, teacher.softcap, opts.inv_t, opts.beta,
+                                      opts.ignore_index, opts.nll, opts.backend)
+    loss = (g_soft.detach() * div).sum()
+    if g_hard is not None:
+        loss = loss + (g_hard.detach() * nll).sum()
+    return loss, div.detach(), ent, nll.detach()
+
+
+def _heads(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, scale, softcap, teacher_scale,
+           teacher_softcap):
+    return (Head(hidden, weight, bias, scale, softcap),
+            Head(teacher_hidden, teacher_weight, teacher_bias, teacher_scale, teacher_softcap))
+
+
+def _op_outputs(hidden: Tensor, mask: Tensor, labels: Optional[Tensor], nll: bool):
+    """The per-row outputs; the per-row inputs checked first (the kernels read them by pointer)."""
+    check_rows("mask", mask, hidden.shape[0], torch.float32)
+    if labels is not None:
+        check_rows("labels", labels, hidden.shape[0], torch.int64)
+    if nll and labels is None:
+        raise ValueError("nll needs labels")
+    return _row_outputs(hidden, nll)
+
+
+@kernel_op("linear_divergence", _op_outputs)
+def linear_divergence(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_hidden: Tensor, teacher_weight: Tensor,
+    teacher_bias: Optional[Tensor], mask: Tensor, labels: Optional[Tensor], scale: float, softcap: float,
+    teacher_scale: float, teacher_softcap: float, inv_temperature: float, beta: float, ignore_index: int, nll: bool,
+    backend: str, out: tuple[Tensor, Tensor, Tensor],
+) -> None:
+    """Per-row ``(divergence, entropy, nll)`` of the student's rows ``hidden [N, H]`` against the teacher's
+    (:func:`run_blocks`; fp32 mask ``[N]``, 0 for an unscored row, int64 labels ``[N]``); nll empty unless asked.
+    Differentiable in divergence and nll (:func:`linear_divergence_backward`) with respect to the student's
+    ``hidden``, ``weight`` and ``bias``; the entropy and the teacher's inputs get no gradient."""
+    student, teacher = _heads(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, scale, softcap,
+                              teacher_scale, teacher_softcap)
+    opts = DivergenceOptions(inv_temperature, beta, ignore_index, nll, backend)
+    run_blocks(student, teacher, mask, labels, None, None, opts, out=out)
+
+
+def _grad_outputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], need_hidden: bool, need_weight: bool,
+                  need_bias: bool):
+    """(d hidden, d weight, d bias) in the input dtypes; one not needed is empty."""
+    def grad(t: Optional[Tensor], need: bool) -> Tensor:
+        return t.new_empty(t.shape) if t is not None and need else weight.new_empty((0,))
+
+    return grad(hidden, need_hidden), grad(weight, need_weight), grad(bias, need_bias)
+
+
+@kernel_op("linear_divergence_backward", _grad_outputs)
+def linear_divergence_backward(
+    grad_divergence: Optional[Tensor], grad_nll: Optional[Tensor], hidden: Tensor, weight: Tensor,
+    bias: Optional[Tensor], teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
+    mask: Tensor, labels: Optional[Tensor], scale: float, softcap: float, teacher_scale: float,
+    teacher_softcap: float, inv_temperature: float, beta: float, ignore_index: int, backend: str, need_hidden: bool,
+    need_weight: bool, need_bias: bool, out: tuple[Tensor, Tensor, Tensor],
+) -> None:
+    """(d hidden, d weight, d bias) of ``sum_r grad_divergence_r D_r + grad_nll_r NLL_r`` (None: 0), the blocks of
+    :func:`linear_divergence` run again; a gradient not needed is empty. d(weight) and d(bias) are summed in fp32."""
+    student, teacher = _heads(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, scale, softcap,
+                              teacher_scale, teacher_softcap)
+    opts = DivergenceOptions(inv_temperature, beta, ignore_index, False, backend)
+    grads = _zero_grads(hidden, weight, bias, (need_hidden, need_weight, need_bias))
+    g_soft = torch.zeros_like(mask) if grad_divergence is None else grad_divergence.float().contiguous()
+    g_hard = None if grad_nll is None else grad_nll.float().contiguous()
+    run_blocks(student, teacher, mask, labels, g_soft, g_hard, opts, grads)
+    for result, acc in zip(out, grads):
+        if acc is not None:
+            result.copy_(acc)
+
+
+_OTHER_INPUTS = 14  # the op's inputs after (hidden, weight, bias): none differentiable (the teacher is constant)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, th, tw, tb, mask, labels, *args = inputs
+    ctx.save_for_backward(hidden, weight, bias, th, tw, tb, mask, labels)
+    ctx.args = tuple(args[:-2])  # scale .. ignore_index (nll is not needed)
+    ctx.backend = args[-1]
+    ctx.mark_non_differentiable(output[1])  # the entropy: a metric
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, g_div, _g_ent, g_nll):
+    need = [bool(n) for n in ctx.needs_input_grad[:3]]
+    hidden, weight, bias, th, tw, tb, mask, labels = ctx.saved_tensors
+    need[2] = need[2] and bias is not None
+    if not any(need) or (g_div is None and g_nll is None):
+        return (None,) * (3 + _OTHER_INPUTS)
+    g_nll = g_nll if labels is not None and g_nll is not None and g_nll.numel() else None
+    grads = linear_divergence_backward(g_div, g_nll, hidden, weight, bias, th, tw, tb, mask, labels, *ctx.args,
+                                       ctx.backend, *need)
+    return (*(g if n else None for g, n in zip(grads, need)), *((None,) * _OTHER_INPUTS))
+
+
+linear_divergence.register_autograd(_backward, setup_context=_setup_context)

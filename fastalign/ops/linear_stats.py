@@ -18,10 +18,12 @@ from torch import Tensor
 
 from fastalign._backend import backend_for
 from fastalign.ops import linear_cpu, linear_triton
-from fastalign.ops._launch import kernel_op, stat_outputs
+from fastalign.ops._launch import check_rows, kernel_op, stat_outputs
 
 
-def _outputs(hidden: Tensor, entropy: bool, sum_p2: bool, argmax: bool):
+def _outputs(hidden: Tensor, labels: Tensor, entropy: bool, sum_p2: bool, argmax: bool):
+    """The statistics of the rows of ``hidden``; ``labels`` checked first (the kernels read them by pointer)."""
+    check_rows("labels", labels, hidden.shape[0], torch.int64)
     return stat_outputs(hidden.shape[0], hidden.device, entropy, sum_p2, argmax, argmax_value=True)
 
 
@@ -56,10 +58,11 @@ def _pair(low_rank_hidden: Optional[Tensor], low_rank_weight: Optional[Tensor]):
 
 
 def _grad_outputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], low_rank_hidden: Optional[Tensor],
-                  low_rank_weight: Optional[Tensor], need_hidden: bool, need_weight: bool, need_bias: bool,
-                  need_low_rank: bool):
+                  low_rank_weight: Optional[Tensor], labels: Tensor, need_hidden: bool, need_weight: bool,
+                  need_bias: bool, need_low_rank: bool):
     """(d hidden, d weight, d bias, d low_rank_hidden, d low_rank_weight) in the input dtypes; a gradient not
-    needed is an empty tensor."""
+    needed is an empty tensor. ``labels`` checked first (the kernels read them by pointer)."""
+    check_rows("labels", labels, hidden.shape[0], torch.int64)
     def grad(t: Optional[Tensor], need: bool) -> Tensor:
         if t is None or not need:
             return weight.new_empty((0,), dtype=weight.dtype if t is None else t.dtype)

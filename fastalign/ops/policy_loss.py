@@ -20,7 +20,7 @@ from torch import Tensor
 from fastalign import _backend
 from fastalign._backend import backend_for
 from fastalign.ops import cov_fallback
-from fastalign.ops._launch import kernel_op, ptr, runs_directly, triton_kernels
+from fastalign.ops._launch import kernel_op, ptr, refuse_second_derivative, runs_directly, triton_kernels
 from fastalign.ops.policy_params import KernelParams
 
 ROW_COLS = ("loss", "n", "clipped", "clipped_lower", "neg_log_ratio", "kl", "entropy", "selected", "clip_low",
@@ -127,7 +127,8 @@ policy_loss_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _RowsEager(torch.autograd.Function):
-    """``policy_loss_rows`` on the C++ kernels without the custom-op dispatch layers (eager CPU)."""
+    """``policy_loss_rows`` on the C++ kernels without the custom-op dispatch layers (eager CPU). Like the op,
+    differentiable once: its backward scales the kernel's d(row loss)/d(lp), which has no graph."""
 
     @staticmethod
     def forward(ctx, *inputs):
@@ -139,6 +140,7 @@ class _RowsEager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_row, g_dlp):
+        refuse_second_derivative("policy loss")
         return _backward(ctx, g_row, g_dlp)
 
 
@@ -210,7 +212,8 @@ policy_loss_cov_rows.register_autograd(_cov_backward, setup_context=_cov_setup_c
 
 class _CovRowsEager(torch.autograd.Function):
     """``policy_loss_cov_rows`` without the custom-op dispatch layers, for eager CPU calls (the
-    op's Python-side dispatch costs more than the kernel's fix-up on a 1M-token batch)."""
+    op's Python-side dispatch costs more than the kernel's fix-up on a 1M-token batch). Differentiable once,
+    like the op."""
 
     @staticmethod
     def forward(ctx, lp, old, adv, mask, ref, ent, roll, keep, cov, seed, params, want_dlp):
@@ -221,6 +224,7 @@ class _CovRowsEager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_row, _g_dlp):
+        refuse_second_derivative("policy loss")
         return _cov_backward(ctx, g_row, _g_dlp, direct=True)
 
 

@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from fastalign.ops._launch import eager
+from fastalign.ops._launch import eager, refuse_second_derivative
 from fastalign.ops.device_compaction import compact
 from fastalign.ops.linear_block import (BLOCK_STATS, block_backward, block_buffer, block_forward, block_logprobs,
                                         block_rows)
@@ -153,7 +153,8 @@ def _side_rows(labels: Tensor, rows: Optional[Tensor], p0: int, p1: int) -> Tens
 
 class _SinglePass(torch.autograd.Function):
     """Loss value from the whole batch; d(hidden) of every side, d(weight), d(bias) (and the low-rank
-    term's) summed block by block in the forward and scaled by the incoming gradient in the backward."""
+    term's) summed block by block in the forward and scaled by the incoming gradient in the backward: once per
+    forward, and without a second derivative (the gradients are constants to autograd)."""
 
     @staticmethod
     def forward(ctx, weight, bias, low_rank_weight, state, *row_inputs):
@@ -253,6 +254,7 @@ class _SinglePass(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        refuse_second_derivative("single-pass loss")
         if ctx.grads is None:
             raise RuntimeError("the single pass of a loss can be differentiated once per forward "
                                "(its gradients are computed in the forward); run the forward again, or pass "

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fastalign import _backend
 from fastalign._backend import backend_for
-from fastalign.ops._launch import DTYPE_CODE, kernel_op, opt, ptr, stat_outputs, triton_kernels
+from fastalign.ops._launch import DTYPE_CODE, check_rows, kernel_op, opt, ptr, stat_outputs, triton_kernels
 
 
 def _shares_memory(t: Tensor) -> bool:
@@ -41,9 +41,24 @@ def check_inplace_backward(logits: Tensor) -> None:
             "inplace_backward=False or logits.contiguous()")
 
 
-def _outputs(logits: Tensor, entropy: bool, sum_p2: bool, argmax: bool, inplace_backward: bool):
-    """(logprobs, entropy, sum_p2, argmax, lse) of the ``[outer, inner, V]`` logits; refuses, with
-    ``inplace_backward``, logits whose backward could not be written over them."""
+def check_inputs(logits: Tensor, labels: Tensor) -> None:
+    """The kernels read ``[outer, inner, V]`` logits of a kernel dtype (fp32, bf16, fp16) whose rows are
+    contiguous, and ``labels`` as ``outer * inner`` contiguous int64, by pointer: a TypeError / ValueError naming
+    the argument otherwise. Metadata only."""
+    if logits.dtype not in DTYPE_CODE:
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [outer, inner, V], got shape {tuple(logits.shape)}")
+    if logits.shape[2] > 1 and logits.stride(2) != 1:
+        raise ValueError(f"logits must have contiguous rows (last stride 1), got strides {logits.stride()}")
+    check_rows("labels", labels, logits.shape[0] * logits.shape[1], torch.int64)
+
+
+def _outputs(logits: Tensor, labels: Tensor, entropy: bool, sum_p2: bool, argmax: bool, inplace_backward: bool):
+    """(logprobs, entropy, sum_p2, argmax, lse) of the ``[outer, inner, V]`` logits; refuses inputs the
+    kernels cannot read (:func:`check_inputs`) and, with ``inplace_backward``, logits whose backward could not
+    be written over them."""
+    check_inputs(logits, labels)
     if inplace_backward:
         check_inplace_backward(logits)
     return stat_outputs(logits.shape[0] * logits.shape[1], logits.device, entropy, sum_p2, argmax)
@@ -94,7 +109,8 @@ def backward_into(grad: Tensor, g_lp, g_ent, g_sp2, logits, labels, lse, ent, sp
         _backend.compiled().token_stats_bwd_cpu(*args)
 
 
-def _grad_outputs(logits: Tensor):
+def _grad_outputs(logits: Tensor, labels: Tensor):
+    check_inputs(logits, labels)
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
@@ -109,7 +125,8 @@ def token_stats_backward(
                   inv_temperature, ignore_index, backend)
 
 
-def _no_outputs():
+def _no_outputs(logits: Tensor, labels: Tensor):
+    check_inputs(logits, labels)
     return None
 
 
