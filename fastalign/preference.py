@@ -147,7 +147,12 @@ def _orpo(q: PairQuantities) -> Tensor:
     ratio = F.logsigmoid(log_odds)
     q.extra["log_odds_ratio"] = ratio.detach().mean()
     q.extra["log_odds_chosen"] = log_odds.detach().mean()
-    return _broadcast(q.nll, q.lc) - q.beta * ratio
+    # A NaN odds ratio (mean log-probs of 0 on both sides: inf - inf, e.g. a pair of empty responses, which the
+    # length clamp counts as one token of log-prob 0) has a NaN gradient w.r.t. lc and lr, but an empty response
+    # has no token to carry it back. The NLL, which the chosen tokens feed, carries it too (a factor NaN where
+    # the ratio is NaN, exactly 1 elsewhere), so a NaN loss never comes with a finite gradient.
+    carry = torch.ones_like(ratio).masked_fill(ratio.detach().isnan(), math.nan)
+    return _broadcast(q.nll, q.lc) * carry - q.beta * ratio
 
 
 class Loss(NamedTuple):

@@ -251,6 +251,28 @@ def test_sft_trainer_matches_trl(checkpoint, tmp_path, case, monkeypatch, item_p
     _compare(theirs, ours)
 
 
+@pytest.fixture(scope="module")
+def dropout_checkpoint(checkpoint, tmp_path_factory):
+    """The tiny Qwen2 with attention dropout 0.3: every training forward draws from the random stream."""
+    path = tmp_path_factory.mktemp("tiny-qwen2-dropout")
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    model.config.attention_dropout = 0.3
+    model.save_pretrained(path)
+    _tokenizer(checkpoint).save_pretrained(path)
+    return str(path)
+
+
+def test_sft_label_smoothing_with_dropout_matches_trl(dropout_checkpoint, tmp_path):
+    """With label smoothing TRL logs entropy and mean_token_accuracy from a second forward without gradients;
+    the drop-in runs it in training mode too, so with dropout the metrics come from the same draw and the
+    second step's masks, loss and update equal TRL's."""
+    options = dict(label_smoothing_factor=0.1, max_steps=2)
+    theirs = _run(_sft(trl.SFTTrainer, dropout_checkpoint, tmp_path / "trl", options, "text"))
+    ours = _run(_sft(fa_trl.SFTTrainer, dropout_checkpoint, tmp_path / "fa", options, "text"))
+    assert {"loss@1", "entropy@0", "entropy@1"} <= set(ours[0])
+    _compare(theirs, ours)
+
+
 @pytest.mark.parametrize("options", [dict(label_smoothing_factor=0.1, loss_type="dft"), dict(use_liger_kernel=True)],
                          ids=["label_smoothing_with_dft", "use_liger_kernel"])
 def test_sft_unsupported_option_raises(checkpoint, tmp_path, options):
@@ -463,6 +485,16 @@ def test_grpo_trainer_matches_trl(checkpoint, tmp_path, case, sequence_passes):
     assert all((length == 1) == tokens for length in sequence_passes)
 
 
+def test_sft_moe_label_smoothing_matches_trl(moe_checkpoint, tmp_path):
+    """With label smoothing TRL logs a MoE model's load-balancing loss (from its metrics forward) without adding it
+    to the loss; the drop-in does the same: loss, aux_loss and the update (router weights included) equal TRL's."""
+    options = dict(label_smoothing_factor=0.1)
+    theirs = _run(_sft(trl.SFTTrainer, moe_checkpoint, tmp_path / "trl", options, "text"))
+    ours = _run(_sft(fa_trl.SFTTrainer, moe_checkpoint, tmp_path / "fa", options, "text"))
+    assert ours[0]["aux_loss@0"] > 0
+    _compare(theirs, ours)
+
+
 # ------------------------------------------------------------------------------------------ DPO
 
 def _dpo_dataset():
@@ -527,6 +559,26 @@ def test_dpo_trainer_matches_trl(checkpoint, reference_checkpoint, tmp_path, cas
     assert ours[0]["rewards/margins@0"] != 0.0  # the reference differs from the policy
     _compare(theirs, ours)
     assert len(item_passes) == (0 if case == "aot_coupled" else 1)
+
+
+@pytest.mark.parametrize("case", ["empty_prompt-ipo", "empty_prompt-sigmoid_norm", "keep_end-ipo"])
+def test_dpo_completion_at_position_zero_matches_trl(checkpoint, reference_checkpoint, tmp_path, case):
+    """A completion token at position 0 (an empty prompt; keep_end truncation cutting the prompt away): ipo and
+    sigmoid_norm divide by TRL's unshifted completion count, one more than the scored tokens."""
+    where, loss_type = case.split("-")
+    options = dict(loss_type=[loss_type], beta=0.5)
+    data = _dpo_dataset()
+    if where == "keep_end":
+        options.update(max_length=3, truncation_mode="keep_end")
+    else:
+        data = data.map(lambda row: {"prompt": ""})
+
+    def build(cls, out):
+        args = trl.DPOConfig(**_common(out, per_device_train_batch_size=4, **options))
+        return cls(model=checkpoint, ref_model=transformers.AutoModelForCausalLM.from_pretrained(reference_checkpoint),
+                   args=args, train_dataset=data, processing_class=_tokenizer(checkpoint))
+
+    _compare(_run(build(trl.DPOTrainer, tmp_path / "trl")), _run(build(fa_trl.DPOTrainer, tmp_path / "fa")))
 
 
 # ------------------------------------------------------------------------------------------ KTO
@@ -605,6 +657,32 @@ def test_orpo_trainer_matches_trl(checkpoint, tmp_path, item_passes):
     assert {"log_odds_ratio@0", "log_odds_chosen@0", "logits/chosen@0", "nll_loss@0"} <= set(ours[0])
     _compare(theirs, ours)
     assert len(item_passes) == 1
+
+
+@pytest.mark.parametrize("trainer, options", [("CPO", dict(loss_type="simpo")), ("CPO", dict(loss_type="ipo")),
+                                              ("ORPO", {}), ("CPO", dict(loss_type="sigmoid"))],
+                         ids=["cpo-simpo", "cpo-ipo", "orpo", "cpo-sigmoid"])
+def test_paired_prompt_filling_max_length(checkpoint, tmp_path, trainer, options):
+    """A prompt that fills max_length leaves its pair no completion token. The length-averaged losses are 0/0
+    there: TRL's step gives NaN metrics and gradients (and NaN weights); the drop-in raises a ValueError naming
+    max_length instead. CPO's sigmoid sums the empty completion to 0 and matches TRL."""
+    config_cls = _config_class(trainer)
+    trl_cls = getattr(importlib.import_module(config_cls.__module__.rsplit(".", 1)[0]), f"{trainer}Trainer")
+    data = _dpo_dataset().map(lambda row, i: {"prompt": " ".join(f"w{j + 3}" for j in range(10))} if i == 1 else {},
+                              with_indices=True)
+
+    def build(cls, out):
+        args = config_cls(**_common(out, per_device_train_batch_size=4, max_length=8, **options))
+        return cls(model=checkpoint, args=args, train_dataset=data, processing_class=_tokenizer(checkpoint))
+
+    theirs = _run(build(trl_cls, tmp_path / "trl"))
+    ours = build(getattr(fa_trl, f"{trainer}Trainer"), tmp_path / "fa")
+    if options.get("loss_type") == "sigmoid":
+        _compare(theirs, _run(ours))
+        return
+    assert math.isnan(theirs[0]["grad_norm@0"]) and math.isnan(theirs[0]["logps/chosen@0"])
+    with pytest.raises(ValueError, match=f"{trainer}Config.max_length"):
+        ours.train()
 
 
 # ------------------------------------------------------------------------------------------ two processes
@@ -719,6 +797,14 @@ def test_rloo_unsupported_option_raises(checkpoint, tmp_path, field):
 
 
 # ------------------------------------------------------------------------------------------ options
+
+def test_grpo_vespo_at_sequence_level_names_grpo_loss_types():
+    """The refusal of vespo with importance_sampling_level="sequence" lists GRPOConfig.loss_type values."""
+    with pytest.raises(ValueError, match=r"GRPOConfig\.importance_sampling_level='sequence' applies to loss_type "
+                                         r"\('grpo', .*'sapo'\), not to 'vespo'") as error:
+        fa_trl.GRPOLoss(dict(loss_type="vespo", importance_sampling_level="sequence"))
+    assert "'ppo'" not in str(error.value)
+
 
 @pytest.mark.parametrize("field, value", [("use_liger_kernel", True), ("loss_type", "not_a_loss")])
 def test_grpo_unsupported_option_raises(checkpoint, tmp_path, field, value):

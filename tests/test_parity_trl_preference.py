@@ -163,6 +163,40 @@ def test_dpo_each_loss_type(loss_type):
     _run_dpo(kw)
 
 
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm", ["sigmoid", "ipo"]])
+def test_dpo_lengths_count_a_completion_token_at_position_zero_as_trl(loss_type):
+    """An empty prompt or keep_end truncation puts a completion token at position 0: ipo and sigmoid_norm
+    divide by DPOTrainer's unshifted completion_mask.sum(1), one more than the scored tokens there."""
+    args = _config(DPOConfig, loss_type=loss_type, beta=0.4)
+    lp, ref, mask, lssp = _dpo_batch(seed=3)
+    rows, T = mask.shape
+    first = torch.tensor([1, 0, 1, 1, 0, 1, 1, 0])  # the rows whose completion starts at position 0
+    model = _FusedHead(lp, mask)
+    trainer = SimpleNamespace(
+        model=model, ref_model=_FusedHead(ref, mask), accelerator=LocalAccelerator(), args=args,
+        aux_loss_enabled=False, precompute_ref_logps=False, beta=args.beta, loss_types=args.loss_type,
+        loss_weights=args.loss_weights or [1.0] * len(args.loss_type), ld_alpha=None,
+        f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef,
+        label_smoothing=0.0, use_weighting=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+    completion_mask = torch.cat([first.unsqueeze(1), mask.long()], 1)
+    inputs = {"input_ids": torch.zeros(rows, T + 1, dtype=torch.long), "attention_mask": torch.ones(rows, T + 1),
+              "completion_mask": completion_mask}
+    a = lp.clone().requires_grad_()
+    model.out.log_probs = a * mask
+    loss_t = DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+    (g_t,) = torch.autograd.grad(loss_t, a)
+
+    b = lp.clone().requires_grad_()
+    loss_f, m_f = P.DPOLoss(args)(b, mask, ref, lengths=completion_mask.sum(1))
+    (g_f,) = torch.autograd.grad(loss_f, b)
+    _close(loss_f, loss_t, "loss")
+    _close(g_f, g_t, "d loss / d per-token log-probs")
+    _compare_metrics(m_f, {k: v[-1] for k, v in trainer._metrics["train"].items()}, DPO_METRICS)
+    with pytest.raises(ValueError, match="lengths"):
+        P.DPOLoss(args)(b, mask, ref, lengths=completion_mask.sum(1)[:-1])
+
+
 @pytest.mark.parametrize("loss_type", ["robust", "exo_pair", "aot", "aot_unpaired"])
 def test_dpo_label_smoothing_where_trl_applies_it(loss_type):
     _run_dpo(dict(loss_type=loss_type, label_smoothing=0.2))
@@ -367,13 +401,15 @@ class _LogitsModel:
         return SimpleNamespace(logits=self.logits)
 
 
-def _paired_token_batch(B=3, P=2, C=6, V=7, seed=0):
-    """Chosen / rejected rows sharing a prompt of P tokens, completions up to C tokens (right padding)."""
+def _paired_token_batch(B=3, P=2, C=6, V=7, seed=0, empty=()):
+    """Chosen / rejected rows sharing a prompt of P tokens, completions up to C tokens (right padding);
+    the rows in ``empty`` have no completion token (a prompt that fills max_length)."""
     g = torch.Generator().manual_seed(seed)
     L = P + C
     ids = torch.randint(1, V, (2 * B, L), generator=g)
     lengths = torch.randint(1, C + 1, (2 * B,), generator=g)
     lengths[0] = C
+    lengths[list(empty)] = 0
     pos = torch.arange(L).unsqueeze(0)
     attention = (pos < (P + lengths).unsqueeze(1)).long()
     completion = attention.bool() & (pos >= P)
@@ -396,10 +432,32 @@ def _token_logps(logits, ids):
 CPO_METRICS = DPO_METRICS + ("nll_loss",)
 
 
-def _run_cpo(cfg_kw, seed=0):
+def _close_nan(a, b, what):
+    """``_close`` where a NaN must sit where the other side has one."""
+    a, b = torch.as_tensor(a, dtype=D), torch.as_tensor(b, dtype=D)
+    torch.testing.assert_close(a, b, **TOL, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def _close_nan_rows(got, trl_grad, what, nll_rows=None):
+    """Gradients ``[rows, T, V]`` with NaN rows: the same rows hold a NaN, and the entries finite on both sides
+    agree. (TRL's masked products also put NaN on the masked positions of an empty pair's other row, which no
+    scored token reads.) ``nll_rows``: rows that a NaN ORPO loss also reaches through the NLL (fastalign's
+    rule: a NaN loss never has a finite gradient); without them every NaN here is one in TRL's."""
+    nan_g, nan_t = torch.isnan(got), torch.isnan(trl_grad)
+    want = nan_t.flatten(1).any(1)
+    if nll_rows is None:
+        assert not (nan_g & ~nan_t).any(), what
+    else:
+        want = want | nll_rows
+    assert torch.equal(nan_g.flatten(1).any(1), want), what
+    both = ~nan_g & ~nan_t
+    _close(got[both], trl_grad[both], what)
+
+
+def _run_cpo(cfg_kw, seed=0, empty=()):
     from trl.experimental.cpo import CPOConfig, CPOTrainer
     args = _config(CPOConfig, **cfg_kw)
-    batch, logits, ids, attention, completion = _paired_token_batch(seed=seed)
+    batch, logits, ids, attention, completion = _paired_token_batch(seed=seed, empty=empty)
     a = logits.clone().requires_grad_()
     trainer = _stand_in(CPOTrainer, ["concatenated_inputs", "concatenated_forward", "get_batch_logps", "cpo_loss",
                                      "get_batch_loss_metrics"],
@@ -412,10 +470,13 @@ def _run_cpo(cfg_kw, seed=0):
     b = logits.clone().requires_grad_()
     loss_f, m_f = P.CPOLoss(args)(_token_logps(b, ids), completion[:, 1:].to(D))
     (g_f,) = torch.autograd.grad(loss_f, b)
-    _close(loss_f, loss_t, "loss")
-    _close(g_f, g_t, "d loss / d logits")
-    _compare_metrics(m_f, m_t, CPO_METRICS)
+    close = _close_nan if empty else _close
+    close(loss_f, loss_t, "loss")
+    (_close_nan_rows if empty else _close)(g_f, g_t, "d loss / d logits")
+    for k in CPO_METRICS:
+        close(m_f[k], m_t[k], k)
     assert set(m_f) == set(CPO_METRICS)
+    return loss_f, g_f
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "simpo", "alphapo"])
@@ -430,6 +491,18 @@ def test_cpo_label_smoothing_gamma_and_bc_weight(loss_type):
     _run_cpo(dict(loss_type=loss_type, cpo_alpha=0.0), seed=1)
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo", "alphapo"])
+def test_cpo_row_with_no_completion_token_as_trl(loss_type):
+    """A chosen row with no completion token (its prompt fills max_length): the length-averaged losses give
+    TRL's NaN loss and metrics, and a NaN gradient on that pair's rows only (never a finite step on a NaN
+    loss); sigmoid sums the empty row to 0, finite, as TRL."""
+    loss, grad = _run_cpo(dict(loss_type=loss_type, beta=0.3, cpo_alpha=0.5), seed=2, empty=(1,))
+    averaged = loss_type != "sigmoid"
+    assert bool(torch.isnan(loss)) == averaged
+    rows = torch.isnan(grad).flatten(1).any(1)
+    assert rows.tolist() == ([False, True, False, False, True, False] if averaged else [False] * 6)
+
+
 def test_cpo_refuses_what_trl_ignores():
     from trl.experimental.cpo import CPOConfig
     with pytest.raises(ValueError, match="label_smoothing"):
@@ -439,11 +512,14 @@ def test_cpo_refuses_what_trl_ignores():
 ORPO_METRICS = DPO_METRICS + ("nll_loss", "log_odds_ratio", "log_odds_chosen")
 
 
-@pytest.mark.parametrize("beta", [0.1, 0.7])
-def test_orpo(beta):
+@pytest.mark.parametrize("beta, empty", [(0.1, ()), (0.7, ()), (0.4, (4,)), (0.4, (1, 4))],
+                         ids=["0.1", "0.7", "empty-rejected", "empty-pair"])
+def test_orpo(beta, empty):
+    """Loss, gradient and metrics equal TRL's; a row with no completion token gives TRL's NaN loss and
+    metrics with a NaN gradient on that pair's rows, never a NaN loss with a finite gradient."""
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
     args = _config(ORPOConfig, beta=beta)
-    batch, logits, ids, attention, completion = _paired_token_batch(seed=int(beta * 10))
+    batch, logits, ids, attention, completion = _paired_token_batch(seed=int(beta * 10), empty=empty)
     a = logits.clone().requires_grad_()
     trainer = _stand_in(ORPOTrainer, ["concatenated_inputs", "concatenated_forward", "get_batch_logps",
                                       "odds_ratio_loss", "get_batch_loss_metrics"], padding_value=0, beta=args.beta)
@@ -454,10 +530,16 @@ def test_orpo(beta):
     loss_f, m_f = P.ORPOLoss(args)(_token_logps(b, ids), completion[:, 1:].to(D), attention[:, 1:].to(D))
     (g_f,) = torch.autograd.grad(loss_f, b)
     # ORPOTrainer casts the log-probs to float32 for the odds ratio
-    _close(loss_f, loss_t, "loss")
-    _close(g_f, g_t, "d loss / d logits")
-    _compare_metrics(m_f, m_t, ORPO_METRICS)
+    close = _close_nan if empty else _close
+    close(loss_f, loss_t, "loss")
+    if empty:  # the NaN also reaches every chosen row through the NLL
+        _close_nan_rows(g_f, g_t, "d loss / d logits", nll_rows=torch.arange(6) < 3)
+    else:
+        _close(g_f, g_t, "d loss / d logits")
+    for k in ORPO_METRICS:
+        close(m_f[k], m_t[k], k)
     assert set(m_f) == set(ORPO_METRICS)
+    assert bool(torch.isnan(loss_f)) == bool(empty)
 
 
 # ------------------------------------------------------------------------------------------ KTO

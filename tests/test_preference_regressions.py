@@ -362,3 +362,37 @@ def test_a_response_with_no_scored_token_counts_one_token_in_the_reference(loss_
     want, _ = ref.preference_loss(lc, lr, lc0, lr0, loss_types=(loss_type,), nc=nc, nr=nr)
     assert torch.isfinite(want)
     assert_close(got, want, atol=1e-12, what=loss_type)
+
+
+def test_orpo_nan_loss_never_comes_with_a_finite_gradient():
+    """A pair of empty responses counts one token of log-prob 0 on each side: ORPO's odds are inf/inf and its
+    loss NaN. The response rows have no token to carry the NaN gradient back, so it went nowhere and the step
+    was finite; the NLL now carries it to the chosen tokens, from sequence log-probs and from hidden states.
+    Without the empty pair the loss and gradient stay finite and equal the float64 formula."""
+    g = torch.Generator().manual_seed(0)
+    lp = (-torch.rand(4, 5, generator=g, dtype=D) * 3).requires_grad_()
+    mask = torch.ones(4, 5, dtype=D)
+    mask[1], mask[3] = 0, 0  # pair 1: no chosen and no rejected token
+    s = fa.sequence_logprobs(lp, mask)
+    loss, _ = fa.preference_loss(s.sum[:2], s.sum[2:], loss_type="orpo", beta=0.2, chosen_lengths=s.count[:2],
+                                 rejected_lengths=s.count[2:])
+    (grad,) = torch.autograd.grad(loss, lp)
+    assert torch.isnan(loss) and torch.isnan(grad[0]).all()
+
+    h = torch.randn(4, 5, 8, generator=g, dtype=torch.float32, requires_grad=True)
+    w = torch.randn(11, 8, generator=g, dtype=torch.float32, requires_grad=True)
+    y = torch.randint(0, 11, (4, 5), generator=g)
+    y[1], y[3] = -100, -100
+    loss, _ = fa.LinearPreferenceLoss(loss_type="orpo", beta=0.2)(h, w, y)
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    assert torch.isnan(loss) and torch.isnan(dh).any() and torch.isnan(dw).any()
+
+    kept = lp.detach()[[0, 2]].requires_grad_()  # the finite pair alone: the formula, in float64
+    loss, _ = fa.preference_loss(kept[:1].sum(1), kept[1:].sum(1), loss_type="orpo", beta=0.2,
+                                 chosen_lengths=torch.full((1,), 5.0, dtype=D),
+                                 rejected_lengths=torch.full((1,), 5.0, dtype=D))
+    (grad,) = torch.autograd.grad(loss, kept)
+    c, r = kept.detach().mean(1)
+    log_odds = (c - r) - (torch.log1p(-torch.exp(c)) - torch.log1p(-torch.exp(r)))
+    assert_close(loss, -kept.detach()[0].mean() - 0.2 * F.logsigmoid(log_odds), atol=1e-12, what="orpo")
+    assert torch.isfinite(grad).all()

@@ -100,9 +100,15 @@ def add_aux_loss(trainer, loss: Tensor, aux: Optional[Tensor], mode: Optional[st
     ``loss`` otherwise."""
     if not trainer.aux_loss_enabled:
         return loss
-    if mode is not None:
-        trainer._metrics[mode]["aux_loss"].append(trainer.accelerator.gather_for_metrics(aux).mean().item())
+    log_aux_loss(trainer, aux, mode)
     return loss + (trainer.router_aux_loss_coef if coef is None else coef) * aux / scale
+
+
+def log_aux_loss(trainer, aux: Optional[Tensor], mode: Optional[str]) -> None:
+    """Log TRL's ``aux_loss`` metric (the mean of every process's ``aux``) under ``mode`` when the trainer adds a
+    MoE body's load-balancing loss; nothing otherwise (or with ``mode`` None)."""
+    if trainer.aux_loss_enabled and mode is not None:
+        trainer._metrics[mode]["aux_loss"].append(trainer.accelerator.gather_for_metrics(aux).mean().item())
 
 
 def head_policy_loss(trainer, model, ids: Tensor, attention: Tensor, completion_ids: Tensor, completion_mask: Tensor,
@@ -311,7 +317,13 @@ class ConcatenatedPairsMixin:
     ``mean_{b,t,j} z_{b,t,j}`` of each half, from one ``H``-vector (absent for a softcapped head);
     the per-pair metrics (``rewards/*``, ``logps/*``) are averaged over every process's pairs and
     the per-batch ones (``nll_loss``, ``logits/*``, ORPO's ``log_odds_*``) over processes, as TRL
-    gathers them."""
+    gathers them.
+
+    A length-averaged loss (ORPO; CPO's ipo, simpo, alphapo) on a batch holding a row with no
+    completion token (its prompt fills ``max_length``, so truncation leaves nothing to score) raises a
+    ValueError naming ``max_length``: the average is 0/0 there, which TRL turns into a NaN loss and NaN
+    weights after the step. The check gathers one flag per batch, after the metrics are read back, so
+    every process raises together."""
 
     config_name = ""
     nll_over_prompt = False
@@ -340,6 +352,11 @@ class ConcatenatedPairsMixin:
 
     def _padding_value(self) -> int:
         return self.padding_value if hasattr(self, "padding_value") else self.pad_token_id
+
+    def _empty_completion(self, completion_mask) -> bool:
+        """Whether a row of any process's batch has no completion token (every process raises together)."""
+        empty = (completion_mask.sum(1) == 0).any().reshape(1).to(torch.int32)
+        return bool(self.accelerator.gather(empty).any())
 
     def get_batch_loss_metrics(self, model, batch, train_eval="train"):
         cat = self.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=self._padding_value(),
@@ -372,4 +389,9 @@ class ConcatenatedPairsMixin:
                 position_means = position_means[:, :-1]
             for name, half in (("logits/chosen", position_means[:pairs]), ("logits/rejected", position_means[pairs:])):
                 logged[prefix + name] = self.accelerator.gather_for_metrics(half.mean()).mean().item()
+        if self.fastalign_loss.averaged and self._empty_completion(completion_mask):
+            raise ValueError(f"{self.config_name}.max_length: a pair has a row with no completion token (its prompt "
+                             f"fills max_length={self.max_length}, so truncation leaves an empty completion); the "
+                             f"length-averaged log-probs of this loss are 0/0 there (TRL gives a NaN loss and NaN "
+                             f"weights after the step). Increase max_length or filter out the long prompts")
         return loss, logged

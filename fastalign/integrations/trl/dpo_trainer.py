@@ -88,9 +88,14 @@ class DPOTrainer(trl.DPOTrainer):
             ref["ref_chosen_logps"], ref["ref_rejected_logps"] = self.compute_ref_log_probs(
                 self.ref_model if self.ref_model is not None else self.model, inputs)
 
+        # ipo and sigmoid_norm divide by TRL's unshifted completion count (one more than the scored tokens
+        # when a completion starts at position 0: an empty prompt, keep_end truncation)
+        lengths = inputs["completion_mask"].sum(1)
+
         def dpo(per_token_logps, sum_p2):
             log_sum_sq = None if sum_p2 is None else sum_p2.clamp(min=1e-38).log()
-            return self.fastalign_loss(per_token_logps, shift_mask, **ref, log_sum_sq_probs=log_sum_sq)
+            return self.fastalign_loss(per_token_logps, shift_mask, **ref, log_sum_sq_probs=log_sum_sq,
+                                       lengths=lengths)
 
         unwrapped = self.accelerator.unwrap_model(self.model)
         loss, metrics, stats = head_separable_loss(

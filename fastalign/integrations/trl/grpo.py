@@ -52,6 +52,7 @@ from torch import Tensor
 
 from fastalign.integrations.trl._config import check_keys
 from fastalign.policy import entropy_quantile, policy_loss
+from fastalign.policy_config import _SEQUENCE_LEVEL_ROWS as SEQUENCE_LEVEL_ROWS
 from fastalign.policy_config import PolicyConfig, log_ratio_cap_option
 
 __all__ = ["GRPOLoss", "entropy_threshold", "grpo_policy_config"]
@@ -102,6 +103,10 @@ def grpo_policy_config(args: Any, *, sampling_correction: bool = False) -> Polic
             and mode not in ("token_truncate", "token_mask")):  # as GRPOTrainer refuses it
         raise ValueError("loss_type 'vespo' with vLLM importance sampling needs vllm_importance_sampling_mode "
                          f"'token_truncate' or 'token_mask', got {mode!r}")
+    if _read(args, "importance_sampling_level") == "sequence" and row not in SEQUENCE_LEVEL_ROWS:
+        takes = tuple(t for t, spec in GRPO_LOSSES.items() if spec[0] in SEQUENCE_LEVEL_ROWS)
+        raise ValueError(f"GRPOConfig.importance_sampling_level='sequence' applies to loss_type {takes}, not to "
+                         f"{loss_type!r} (TRL ignores it there, with a warning); set it to 'token'")
     eps_low = float(_read(args, "epsilon"))
     eps_high = _read(args, "epsilon_high")
     eps_high = eps_low if eps_high is None else float(eps_high)

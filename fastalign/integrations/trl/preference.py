@@ -77,6 +77,17 @@ def _reward_metrics(beta: float, chosen: Tensor, rejected: Tensor, logps_c: Tens
                 "logps/chosen": logps_c.detach().mean(), "logps/rejected": logps_r.detach().mean()}
 
 
+def _averaged_sums(per_token_logps: Tensor, s) -> Tensor:
+    """The summed log-probs ``s.sum`` for a length-averaged loss, NaN for a row with no completion token.
+
+    TRL averages ``Σ lp / |y|``, 0/0 = NaN for such a row (a prompt that fills ``max_length``): its loss
+    and metrics are NaN. Here too, and the NaN also reaches the gradient of every position of that row
+    (``Σ_t lp_t · NaN``), so a NaN loss never comes with a finite gradient; the other rows are unchanged."""
+    full = s.count > 0
+    nan_rows = per_token_logps.sum(1) * torch.where(full, 0.0, float("nan"))  # no gradient to the other rows
+    return torch.where(full, s.sum, nan_rows)
+
+
 # ------------------------------------------------------------------------------------------ DPO
 
 def dpo_options(config=None) -> Dict[str, Any]:
@@ -123,11 +134,17 @@ class DPOLoss(nn.Module):
     """``DPOTrainer``'s loss and metrics (TRL 1.16) from per-token log-probs.
 
     ``forward(per_token_logps, completion_mask, ref_per_token_logps=None, *, ref_chosen_logps=None,
-    ref_rejected_logps=None, log_sum_sq_probs=None) -> (loss, metrics)``: ``per_token_logps``
+    ref_rejected_logps=None, log_sum_sq_probs=None, lengths=None) -> (loss, metrics)``: ``per_token_logps``
     ``[2B, T]`` (chosen rows first) and the completion mask aligned with them; the reference
     either per token (summed the same way, LD-DPO included) or precomputed per sequence.
     ``log_sum_sq_probs`` (``log Σ_j p_j²`` per token) is required with ``use_weighting``.
     The sft term is the token mean of the chosen NLL, unweighted by LD-DPO, as in TRL.
+
+    ``lengths`` ``[2B]``: the per-row lengths that ipo and sigmoid_norm divide their scores by
+    (clamped at 1); the other rows do not read them. Default: the count of ``completion_mask``.
+    ``DPOTrainer`` divides by its unshifted ``completion_mask.sum(1)``, one more than the scored
+    tokens when a completion starts at position 0 (an empty prompt, ``truncation_mode="keep_end"``):
+    pass that count for its numbers (the drop-in trainer does).
     """
 
     def __init__(self, config=None):
@@ -139,9 +156,11 @@ class DPOLoss(nn.Module):
 
     def forward(self, per_token_logps: Tensor, completion_mask: Tensor, ref_per_token_logps: Optional[Tensor] = None,
                 *, ref_chosen_logps: Optional[Tensor] = None, ref_rejected_logps: Optional[Tensor] = None,
-                log_sum_sq_probs: Optional[Tensor] = None):
+                log_sum_sq_probs: Optional[Tensor] = None, lengths: Optional[Tensor] = None):
         _check_rows("per_token_logps", per_token_logps, completion_mask)
         B = _pair_rows(per_token_logps, "per_token_logps")
+        if lengths is not None and (not isinstance(lengths, Tensor) or tuple(lengths.shape) != (2 * B,)):
+            raise ValueError(f"lengths must be a [{2 * B}] tensor, one length per row of per_token_logps")
         if self.use_weighting and log_sum_sq_probs is None:
             raise ValueError("use_weighting (WPO) needs log_sum_sq_probs, the per-token log Σ_j p_j²")
         if not self.use_weighting and log_sum_sq_probs is not None:
@@ -163,9 +182,9 @@ class DPOLoss(nn.Module):
             kw["chosen_nll"] = -plain[:B].sum() / s.count[:B].sum()
         if self.use_weighting:
             kw["weights"] = wpo_weights(s.wpo[:B], s.wpo[B:], cap=None)
+        n = s.count if lengths is None else lengths
         loss, metrics = preference_loss(s.sum[:B], s.sum[B:], ref_chosen_logps, ref_rejected_logps,
-                                        chosen_lengths=s.count[:B], rejected_lengths=s.count[B:], **kw,
-                                        **self.options)
+                                        chosen_lengths=n[:B], rejected_lengths=n[B:], **kw, **self.options)
         metrics.pop("nll", None)  # DPOTrainer does not log it
         return loss, metrics
 
@@ -237,7 +256,11 @@ class CPOLoss(nn.Module):
 
     Metrics: ``rewards/*`` = β times the (AlphaPO-transformed) log-probs the loss compares,
     ``logps/*`` those log-probs (length-averaged for ipo and simpo), ``nll_loss`` (0 when
-    ``cpo_alpha = 0``)."""
+    ``cpo_alpha = 0``).
+
+    A pair with no completion token in a row (ipo, simpo, alphapo: the length average is 0/0) gives
+    TRL's NaN loss and NaN ``rewards/*`` / ``logps/*``, with a NaN gradient on that pair's rows;
+    sigmoid and hinge sum an empty row to 0, as TRL."""
 
     def __init__(self, config=None):
         super().__init__()
@@ -248,9 +271,11 @@ class CPOLoss(nn.Module):
         _check_rows("per_token_logps", per_token_logps, completion_mask)
         B = _pair_rows(per_token_logps, "per_token_logps")
         s = sequence_logprobs(per_token_logps, completion_mask)
-        loss, core = preference_loss(s.sum[:B], s.sum[B:], chosen_lengths=s.count[:B], rejected_lengths=s.count[B:],
-                                     **self.options)
-        logps = s.mean if self.averaged else s.sum
+        sums = _averaged_sums(per_token_logps, s) if self.averaged else s.sum
+        nll = -s.sum[:B].sum() / s.count[:B].sum().clamp(min=1.0)  # the token mean over the chosen rows
+        loss, core = preference_loss(sums[:B], sums[B:], chosen_lengths=s.count[:B], rejected_lengths=s.count[B:],
+                                     chosen_nll=nll, **self.options)
+        logps = sums / s.count.clamp(min=1.0) if self.averaged else s.sum
         score = logps if self.alpha == 0.0 else (1.0 - torch.exp(-self.alpha * logps)) / self.alpha
         metrics = _reward_metrics(self.options["beta"], score[:B], score[B:], logps[:B], logps[B:])
         metrics["nll_loss"] = core["nll"] if self.options["rpo_alpha"] is not None else torch.zeros_like(loss).detach()
@@ -274,7 +299,13 @@ class ORPOLoss(nn.Module):
     token of the chosen rows, prompt included (the shifted attention mask).
 
     Metrics: ``rewards/*`` = β times the length-averaged log-probs, ``logps/*`` those,
-    ``nll_loss``, ``log_odds_ratio`` = mean log σ(log odds), ``log_odds_chosen`` = mean log odds."""
+    ``nll_loss``, ``log_odds_ratio`` = mean log σ(log odds), ``log_odds_chosen`` = mean log odds.
+
+    A pair with no completion token in a row (its length average is 0/0) gives TRL's NaN loss and
+    NaN ``rewards/*``, ``logps/*`` and ``log_odds_*``, with a NaN gradient on that pair's rows (and,
+    through the NLL, on the chosen rows: :func:`fastalign.preference_loss`'s orpo row)."""
+
+    averaged = True  # the odds ratio reads length-averaged log-probs (as CPOLoss.averaged)
 
     def __init__(self, config=None):
         super().__init__()
@@ -287,9 +318,11 @@ class ORPOLoss(nn.Module):
         s = sequence_logprobs(per_token_logps, completion_mask)
         full = sequence_logprobs(per_token_logps[:B], nll_mask[:B])
         nll = -full.sum.sum() / full.count.sum()
-        loss, core = preference_loss(s.sum[:B], s.sum[B:], chosen_lengths=s.count[:B], rejected_lengths=s.count[B:],
+        sums = _averaged_sums(per_token_logps, s)
+        loss, core = preference_loss(sums[:B], sums[B:], chosen_lengths=s.count[:B], rejected_lengths=s.count[B:],
                                      chosen_nll=nll, **self.options)
-        metrics = _reward_metrics(self.options["beta"], s.mean[:B], s.mean[B:], s.mean[:B], s.mean[B:])
+        mean = sums / s.count.clamp(min=1.0)
+        metrics = _reward_metrics(self.options["beta"], mean[:B], mean[B:], mean[:B], mean[B:])
         metrics.update({"nll_loss": core["nll"], "log_odds_ratio": core["log_odds_ratio"],
                         "log_odds_chosen": core["log_odds_chosen"]})
         return loss, metrics

@@ -19,7 +19,14 @@ as TRL scores them (the collator's -100 labels).
 
 ``label_smoothing_factor`` ε (``loss_type="nll"``) adds TRL's smoothing term without the logits:
 ``(1-ε) NLL + ε mean_t (-(1/V) Σ_j log p_tj) = NLL + ε mean_t (z_ty - mean_j z_tj)``, the margin
-linear in the hidden states (one head row per token; not for a softcapped head).
+linear in the hidden states (one head row per token; not for a softcapped head). There TRL runs a
+second forward, without gradients, for the ``entropy``, ``mean_token_accuracy`` and ``aux_loss``
+metrics, and leaves a MoE model's load-balancing loss out of the loss (logged, not added). In
+training mode the drop-in runs that forward too, so the metrics come from the same dropout draw as
+TRL's and every later draw (dropout, LoRA dropout) matches. It costs one more body forward and
+vocabulary pass without gradients per micro-batch (about a third more compute per step), as in TRL;
+in evaluation (no dropout: the second forward would repeat the first) the metrics come from the
+loss's own pass.
 
 Options the drop-in cannot honour raise a ValueError naming them at construction:
 ``compute_loss_func`` (it needs the full logits),
@@ -37,7 +44,7 @@ import trl
 from fastalign.integrations.hf import head_transform, next_token_targets
 from fastalign.integrations.trl._head import (add_aux_loss, check_config, check_model, has_mean_logits,
                                                head_separable_loss, init_checked, install_head, label_margin,
-                                               policy_operands)
+                                               log_aux_loss, policy_operands)
 
 __all__ = ["SFTTrainer"]
 
@@ -86,14 +93,19 @@ class SFTTrainer(trl.SFTTrainer):
         loss, _, stats = head_separable_loss(policy.operands, unwrapped.config, targets, sft, items="tokens",
                                              extras=("entropy", "argmax"))
         eps = self.args.label_smoothing_factor
+        aux = policy.aux_loss
         if eps > 0:  # (1 - eps) NLL + eps mean_t (lse_t - mean_j z_tj) = NLL + eps mean_t (z_ty - mean_j z_tj)
             margin = label_margin(policy.operands, targets, head_transform(unwrapped.config)[0])
             loss = loss + eps * margin.sum() / num_tokens
+            if self.model.training:  # TRL's second forward: its dropout draws, the metrics from it
+                stats, aux = self._metrics_forward(model, model_inputs, targets)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        # the MoE load-balancing loss, averaged over the accumulation steps as TRL's
-        loss = add_aux_loss(self, loss, policy.aux_loss, mode,
-                            scale=self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1)
+        if eps > 0:  # TRL logs the MoE load-balancing loss without adding it to the loss
+            log_aux_loss(self, aux, mode)
+        else:  # added, averaged over the accumulation steps as TRL's
+            loss = add_aux_loss(self, loss, aux, mode,
+                                scale=self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1)
         self._log_metrics(mode, inputs, stats, targets)
         if return_outputs:
             warnings.warn("return_outputs=True computes the logits with an extra forward pass (the fused head "
@@ -103,9 +115,21 @@ class SFTTrainer(trl.SFTTrainer):
             return loss, outputs
         return loss
 
+    def _metrics_forward(self, model, model_inputs, targets):
+        """``(stats, aux_loss)`` of a second forward without gradients: what TRL's label-smoothing path logs
+        ``entropy``, ``mean_token_accuracy`` and ``aux_loss`` from (``model(**inputs, fused_lm_head=True)``
+        under ``no_grad``, after the loss's forward). With dropout active its draws differ from the loss's,
+        and it advances the random stream as TRL's does, so the next step's masks match TRL's too."""
+        with torch.no_grad():
+            second = policy_operands(self, model, **model_inputs)
+            _, _, stats = head_separable_loss(second.operands, self.accelerator.unwrap_model(self.model).config,
+                                              targets, lambda lp, _sum_p2: (lp.sum(), {}), items="tokens",
+                                              extras=("entropy", "argmax"))
+        return stats, second.aux_loss
+
     def _log_metrics(self, mode, inputs, stats, targets) -> None:
         """TRL's ``entropy``, ``mean_token_accuracy`` (over every process's scored tokens) and ``num_tokens``,
-        from the statistics of the loss's own pass."""
+        from ``stats``: the loss's own pass, or with label smoothing in training TRL's metrics forward."""
         gather = self.accelerator.gather_for_metrics
         log = self._metrics[mode]
         num_valid = gather((targets != -100).sum()).sum()
