@@ -10,14 +10,11 @@ from __future__ import annotations
 
 
 class LiveOptions:
-    """Mixin for an ``nn.Module`` adapter: ``OPTIONS`` names its option attributes, ``_configure()`` checks
-    them and builds what the forward reads from them. ``__init__`` sets the options, then calls
-    :meth:`_configure_options` once."""
+    """Mixin for an ``nn.Module`` adapter: ``OPTIONS`` names its option attributes, and the adapter's own
+    ``_configure()`` checks them and builds what the forward reads from them. ``__init__`` sets the
+    options, then calls :meth:`_configure_options` once."""
 
     OPTIONS: tuple[str, ...] = ()
-
-    def _configure(self) -> None:  # pragma: no cover - every adapter defines its own
-        raise NotImplementedError
 
     def _configure_options(self) -> None:
         self._configure()
