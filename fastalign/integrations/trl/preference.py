@@ -33,6 +33,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from fastalign import _validate
 from fastalign.integrations.trl._config import read_fields
 from fastalign.linear_preference import LinearPreferenceLoss
 from fastalign.preference import ROW_OPTIONS, PreferenceLoss, preference_loss, unpaired_preference_loss, wpo_weights
@@ -159,8 +160,8 @@ class DPOLoss(nn.Module):
                 log_sum_sq_probs: Optional[Tensor] = None, lengths: Optional[Tensor] = None):
         _check_rows("per_token_logps", per_token_logps, completion_mask)
         B = _pair_rows(per_token_logps, "per_token_logps")
-        if lengths is not None and (not isinstance(lengths, Tensor) or tuple(lengths.shape) != (2 * B,)):
-            raise ValueError(f"lengths must be a [{2 * B}] tensor, one length per row of per_token_logps")
+        _validate.like((2 * B,), "one length per row of per_token_logps", kind="real", device=per_token_logps.device,
+                       device_of="per_token_logps", lengths=lengths)
         if self.use_weighting and log_sum_sq_probs is None:
             raise ValueError("use_weighting (WPO) needs log_sum_sq_probs, the per-token log Σ_j p_j²")
         if not self.use_weighting and log_sum_sq_probs is not None:
