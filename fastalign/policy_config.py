@@ -203,7 +203,10 @@ class PolicyConfig:
         for name in ("cov_ratio", "cov_lb", "cov_ub"):
             self._only(name, getattr(self, name) is not None, ("clip_cov", "kl_cov"))
         self._only("cov_kl_coef", self.cov_kl_coef is not None, ("kl_cov",))
-        self._only("cov_global", bool(self.cov_global), ("clip_cov", "kl_cov"))
+        self._only("cov_global", self.cov_global, ("clip_cov", "kl_cov"))
+        if self.cov_group is not None and not self.cov_global:
+            raise ValueError("cov_group applies only with cov_global=True (the group the token statistics are "
+                             "summed over)")
         if row in ("clip_cov", "kl_cov") and not self.cov_params[0] > 0:
             raise ValueError(f"cov_ratio must be > 0, got {self.cov_ratio}")
         if row == "clip_cov" and not self.cov_params[1] < self.cov_params[2]:
@@ -225,8 +228,7 @@ class PolicyConfig:
             raise ValueError(f"rollout_min must lie in [0, rollout_max], got {self.rollout_min}")
         if self.entropy_quantile is not None and not 0.0 <= self.entropy_quantile <= 1.0:
             raise ValueError(f"entropy_quantile must lie in [0, 1], got {self.entropy_quantile}")
-        if not (isinstance(self.dp_size, int) and self.dp_size >= 1):
-            raise ValueError(f"dp_size must be an int >= 1, got {self.dp_size!r}")
+        object.__setattr__(self, "dp_size", _validate.at_least("dp_size", self.dp_size))
         if self.max_len is not None and agg != "seq-mean-token-sum-norm":
             raise ValueError(f"max_len applies to agg='seq-mean-token-sum-norm', not to {agg!r}")
 
@@ -248,8 +250,8 @@ class PolicyConfig:
             raise ValueError(f"cispo_bounds must be (lo, hi) with lo <= hi, got {tuple(self.cispo_bounds)}")
         if self.sapo_tau is not None and not (self.sapo_tau[0] > 0 and self.sapo_tau[1] > 0):
             raise ValueError(f"sapo_tau must be two temperatures > 0, got {tuple(self.sapo_tau)}")
-        if not isinstance(self.kl_clamp, bool):
-            raise TypeError(f"kl_clamp must be a bool, got {type(self.kl_clamp).__name__}")
+        _validate.boolean("kl_clamp", self.kl_clamp)
+        _validate.boolean("cov_global", self.cov_global)
 
     @property
     def kl_options_set(self) -> tuple:

@@ -378,7 +378,7 @@ OPTIONS = [
     (_ll, "backend", ("tpu",), ValueError),
     (_tl, "backend", ("tpu", "cuda"), ValueError),
     (_pl, "dp_size", (0, -1), ValueError),
-    (_pl, "dp_size", (1.5,), (TypeError, ValueError)),
+    (_pl, "dp_size", (1.5, 2.0, True), TypeError),
     (_pl, "global_tokens", (0, -3, NAN, INF), ValueError),
     (_pl, "global_tokens", (torch.ones(2), torch.ones(1, 2)), ValueError),
     (_pl, "global_tokens", ("8", torch.ones(1, dtype=torch.complex64)), TypeError),

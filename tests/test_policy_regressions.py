@@ -3,6 +3,7 @@ KL term, gspo's cap of 10, option values, seq-mean-token-sum-norm with dp_size, 
 compiling. Oracles: the float64 reference (fastalign.reference) or a float64 formula written here."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,6 +144,10 @@ def test_gspo_cap_passes_no_gradient(cpu_backend):
     (dict(kl_coef="0.1"), "kl_coef", TypeError),
     (dict(eps_high="0.28"), "eps_high", TypeError),
     (dict(kl_clamp="no"), "kl_clamp", TypeError),
+    (dict(loss_type="kl_cov", cov_global="no"), "cov_global", TypeError),
+    (dict(loss_type="kl_cov", cov_global=1), "cov_global", TypeError),
+    (dict(loss_type="ppo", cov_group=object()), "cov_group", ValueError),
+    (dict(loss_type="kl_cov", cov_group=object()), "cov_group", ValueError),
 ])
 def test_bad_option_values_raise_naming_them(kw, name, exc):
     with pytest.raises(exc, match=name):
@@ -173,6 +178,16 @@ def test_kl_options_without_the_kl_term_raise(kw, name):
     _close(met["kl"].double(), rmet["kl"], "kl metric")
 
 
+def test_dp_size_takes_any_python_or_numpy_integer():
+    """dp_size is read as aggregate_loss reads it: numpy integers count, as every other size option."""
+    lp, old, A, m, _ = _small()
+    kw = dict(loss_type="reinforce", agg="seq-mean-token-sum-norm", global_seqs=3)
+    a, _ = fastalign.policy_loss(lp, old, A, m, dp_size=np.int64(2), **kw)
+    b, _ = fastalign.policy_loss(lp, old, A, m, dp_size=2, **kw)
+    assert fastalign.PolicyConfig(dp_size=np.int32(2)).dp_size == 2
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------ seq-mean-token-sum-norm with dp_size
 
 @pytest.mark.parametrize("seq_count", ["all", "nonempty"])
@@ -191,6 +206,10 @@ def test_sum_norm_without_global_seqs_has_no_dp_factor(cpu_backend, seq_count, d
     r.backward()
     torch.testing.assert_close(loss, r.detach(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(g, x.grad, atol=1e-6, rtol=1e-6)
+    rloss, _, rg = _ref(lp, old, A, m, loss_type="reinforce", agg="seq-mean-token-sum-norm", seq_count=seq_count,
+                        dp_size=dp_size)  # the float64 reference reads the same rule
+    _close(rloss, r.detach(), "reference loss")
+    _close(rg, x.grad, "reference gradient")
 
 
 # ------------------------------------------------------------------ PolicyConfig.make while compiling

@@ -63,7 +63,7 @@ def aggregate_loss(L, m, agg="token-mean", global_tokens=None, global_seqs=None,
         lmax = L.shape[-1] if max_len is None else max_len
         if global_seqs is None:
             return (m * L).sum() / max(L.shape[0] * lmax, 1)
-        return (m * L).sum() / (float(global_seqs) * lmax) * dp_size
+        return (m * L).sum() / max(float(global_seqs) * lmax, 1.0) * dp_size
     raise ValueError(agg)
 
 
@@ -304,7 +304,7 @@ def policy_loss(
     if seq_count == "all" and global_seqs is None and agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
         global_seqs = B
     if seq_count == "nonempty" and global_seqs is None and agg == "seq-mean-token-sum-norm":
-        global_seqs = int((row_n > 0).sum())
+        global_seqs, dp_size = int((row_n > 0).sum()), 1  # local rows: no dp factor, as without global_seqs
     loss = aggregate_loss(L, m, agg, global_tokens, global_seqs, dp_size, max_len)
     if entropy is not None and entropy_agg == "token-mean":
         kept = m if keep is None else m * keep
