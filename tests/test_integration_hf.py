@@ -404,3 +404,115 @@ def test_triton_backend_forward_and_gradient():
     torch.testing.assert_close(stats.entropy, expected.entropy, atol=1e-5, rtol=0)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+
+
+def _auto_model(arch, seed=0, **extra):
+    """A tiny model of any listed architecture from its AutoConfig (the sizes of _SMALL where it has them)."""
+    config = transformers.AutoConfig.for_model(arch)
+    for k, v in {**_SMALL, **extra}.items():
+        if hasattr(config, k) or k in extra:
+            setattr(config, k, v)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0, 1.0)
+    return model
+
+
+#: Bodies that do not split packed rows: opt and gpt_oss build their causal mask without the position ids, bloom
+#: and mpt take none, granitemoehybrid also carries its Mamba state from one sequence into the next.
+UNSPLIT_ARCHS = {
+    "opt": {}, "gpt_oss": {}, "bloom": {}, "mpt": {},
+    "granitemoehybrid": dict(layer_types=["full_attention", "linear_attention"], mamba_n_heads=4, mamba_d_head=16,
+                             mamba_d_state=16, mamba_chunk_size=8, shared_intermediate_size=16, use_cache=False),
+}
+
+
+def _packed_row(lengths, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(1, V, (1, n), generator=g) for n in lengths]
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    return seqs, torch.cat(seqs, 1), position_ids
+
+
+def _separately(model, seqs):
+    """log p of each sequence run on its own, laid out as its packed row ([1, total-1], 0 at each boundary)."""
+    parts = []
+    for s in seqs:
+        parts += [reference(model, s)[0], torch.zeros(1, 1, dtype=torch.float64)]
+    return torch.cat(parts[:-1], 1)
+
+
+@pytest.mark.parametrize("arch", list(UNSPLIT_ARCHS))
+def test_packed_rows_refused_where_the_body_does_not_split_them(arch):
+    """These bodies let each packed sequence attend to the ones before it (the model's own forward does too): the
+    packed log-probs differed from the sequences scored alone by up to 0.13. Packed rows (cu_seqlens, or
+    position_ids that restart, without an attention mask) raise now, before the body runs; position ids that
+    do not restart, and padded rows, are scored as before."""
+    model = _auto_model(arch, **UNSPLIT_ARCHS[arch])
+    seqs, input_ids, position_ids = _packed_row([4, 5, 3])
+    with torch.no_grad():
+        assert not torch.allclose(reference(model, input_ids, position_ids=position_ids)[0][:, 4:8],
+                                  _separately(model, seqs)[:, 4:8], atol=1e-4)  # the model's forward leaks
+        with pytest.raises(ValueError, match=f"cu_seqlens: .*model_type '{arch}'"):
+            causal_lm_logprobs(model, input_ids, cu_seqlens=torch.tensor([0, 4, 9, 12]))
+        with pytest.raises(ValueError, match=f"position_ids restart .*model_type '{arch}'"):
+            causal_lm_logprobs(model, input_ids, position_ids=position_ids)
+        ids = seqs[1]
+        ref_lp, _ = reference(model, ids)
+        got = causal_lm_logprobs(model, ids, position_ids=torch.arange(ids.shape[1])[None]).logprobs
+        torch.testing.assert_close(got.double(), ref_lp, atol=1e-4, rtol=0)
+        input_ids, attention_mask, labels = batch(seed=3)
+        ref_lp, _ = reference(model, input_ids, attention_mask)
+        got = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels).logprobs
+    check(got, ref_lp, (labels[:, 1:] != -100) & attention_mask[:, 1:].bool(), 1e-4)
+
+
+def test_packed_rows_refused_on_device_give_nan(monkeypatch):
+    """Position ids not read on the host (a GPU tensor) are not refused with an error: every statistic is NaN."""
+    import fastalign._validate as validate
+
+    monkeypatch.setattr(validate, "eager", lambda x: False)  # take the device path
+    model = _auto_model("opt")
+    _, input_ids, position_ids = _packed_row([4, 5, 3])
+    with torch.no_grad():
+        stats = causal_lm_logprobs(model, input_ids, position_ids=position_ids)
+        plain = causal_lm_logprobs(model, input_ids, position_ids=torch.arange(12)[None])
+    assert torch.isnan(stats.logprobs[position_ids[:, 1:] != 0]).all()
+    assert torch.isfinite(plain.logprobs).all()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_packed_rows_of_other_bodies_equal_separate_sequences(arch):
+    """Bodies that do split packed rows (beside the llama-like ones) are not refused and score each sequence as
+    its own run."""
+    model = _auto_model(arch)
+    seqs, input_ids, position_ids = _packed_row([4, 5, 3])
+    with torch.no_grad():
+        expected = _separately(model, seqs)
+        by_pos = causal_lm_logprobs(model, input_ids, position_ids=position_ids).logprobs
+        by_cu = causal_lm_logprobs(model, input_ids, cu_seqlens=torch.tensor([0, 4, 9, 12])).logprobs
+    torch.testing.assert_close(by_pos.double(), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(by_cu.double(), expected, atol=1e-5, rtol=0)
+
+
+def test_stated_transform_dtype_and_return_dict_refusals():
+    """logit_scale=0 per call gave uniform log-probs while register_head_transform refused it; a float64 model
+    raised about an argument named `hidden`; return_dict=False raised a long duplicate-keyword TypeError."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, V, (2, 6), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match="logit_scale must be finite and non-zero"):
+        causal_lm_logprobs(model, ids, logit_scale=0.0, softcap=None)
+    with pytest.raises(ValueError, match="softcap"):
+        causal_lm_logprobs(model, ids, logit_scale=1.0, softcap=0.0)
+    with pytest.raises(ValueError, match="return_dict does not apply"):
+        causal_lm_logprobs(model, ids, return_dict=False)
+    with pytest.raises(TypeError, match="head_dtype must be"):
+        causal_lm_logprobs(model, ids, head_dtype=torch.float64)
+    model64 = tiny_model("llama").double()
+    with torch.no_grad():
+        with pytest.raises(TypeError, match="model: its dtype is torch.float64.*head_dtype=torch.float32"):
+            causal_lm_logprobs(model64, ids)
+        ref_lp, _ = reference(model64, ids)
+        got = causal_lm_logprobs(model64, ids, head_dtype=torch.float32).logprobs
+    torch.testing.assert_close(got.double(), ref_lp, atol=1e-4, rtol=0)

@@ -109,6 +109,32 @@ def test_disabled_adapters_score_the_base_model(case):
     torch.testing.assert_close(expected, base_lp, rtol=0, atol=0)
 
 
+def test_merged_lora_head_under_disabled_adapters_is_unmerged_as_peft_does():
+    """Adapters merged (the head's included), then disabled: PEFT's forward unmerges each layer and scores the base
+    model. The merged head raised after the body had run, whose LoRA layers had unmerged themselves, so the model
+    was left half merged. The head is unmerged too now (as PEFT's forward does) and the base model scored."""
+    model = peft_model("lora_attention_and_head", model_type="cohere")
+    ids, attention, labels = _batch(seed=4)
+    layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "merged")]
+    head = model.get_output_embeddings()
+    assert head in layers and len(layers) > 1
+    with torch.no_grad():
+        base_lp, _ = _reference(model.get_base_model(), ids, attention, labels, 1.0)  # not merged yet: LoRA on
+        model.merge_adapter()
+        with model.disable_adapter():
+            expected, _ = _reference(model, ids, attention, labels, 1.0)  # PEFT's forward: unmerges every layer
+        assert not any(m.merged for m in layers)
+        model.merge_adapter()
+        assert all(m.merged for m in layers)
+        with model.disable_adapter():
+            got = causal_lm_logprobs(model, ids, attention, labels=labels).logprobs
+        assert not any(m.merged for m in layers)  # the state PEFT's own forward leaves
+        adapted = causal_lm_logprobs(model, ids, attention, labels=labels).logprobs
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(adapted.double(), base_lp, rtol=1e-5, atol=1e-5)  # the adapters are intact
+    assert not torch.allclose(got, adapted, atol=1e-3)
+
+
 def test_lora_head_dropout_draws_are_peft_own():
     """lora_dropout > 0 on a LoRA lm_head in training mode: from the same random state the fused head
     draws PEFT's dropout masks (its modules, its order, the same shape), so the log-probs equal the

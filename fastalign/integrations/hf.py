@@ -24,7 +24,8 @@ Any other architecture raises unless the caller states its head transform with
 """
 from __future__ import annotations
 
-import math
+import functools
+import inspect
 from typing import Optional
 
 import torch
@@ -74,6 +75,11 @@ HEAD_TRANSFORMS = {
 
 _UNSET = object()
 
+#: ``model_type``\ s whose ``transformers`` body takes ``position_ids`` but builds its causal mask without them:
+#: it never splits a packed row, so each packed sequence attends to the ones before it. Packed rows of these
+#: (and of any body that takes no ``position_ids`` or carries a recurrent state, :func:`_unsplit_packing`) raise.
+_UNSPLIT_PACKED = ("opt", "gpt_oss")
+
 
 def known_head_transform(config) -> Optional[tuple[float, Optional[float]]]:
     """``(logit_scale, softcap)`` of :data:`HEAD_TRANSFORMS` (registered architectures included) for this
@@ -95,6 +101,15 @@ def head_transform(config) -> tuple[float, Optional[float]]:
     return transform
 
 
+def _stated_transform(logit_scale, softcap) -> tuple[float, Optional[float]]:
+    """A head transform stated by the caller, as floats: ``logit_scale`` finite and non-zero (0 would make every
+    logit 0), ``softcap`` None or finite and > 0."""
+    scale = _validate.finite_number("logit_scale", logit_scale)
+    if scale == 0.0:
+        raise ValueError(f"logit_scale must be finite and non-zero, got {logit_scale}")
+    return scale, None if softcap is None else _validate.positive("softcap", softcap)
+
+
 def register_head_transform(model_type: str, *, logit_scale: float = 1.0, softcap: Optional[float] = None) -> None:
     """State the head transform of a ``model_type`` missing from :data:`HEAD_TRANSFORMS` (a custom or new
     architecture): its forward computes ``logits = softcap * tanh(logit_scale * lm_head(h) / softcap)`` (no
@@ -104,12 +119,7 @@ def register_head_transform(model_type: str, *, logit_scale: float = 1.0, softca
         raise TypeError(f"model_type must be a non-empty string, got {model_type!r}")
     if model_type in HEAD_TRANSFORMS:
         raise ValueError(f"model_type {model_type!r} already has a head transform (read from its config)")
-    scale = float(logit_scale)
-    if not math.isfinite(scale) or scale == 0.0:
-        raise ValueError(f"logit_scale must be finite and non-zero, got {logit_scale}")
-    if softcap is not None and not (math.isfinite(float(softcap)) and float(softcap) > 0.0):
-        raise ValueError(f"softcap must be None or finite and > 0, got {softcap}")
-    cap = None if softcap is None else float(softcap)
+    scale, cap = _stated_transform(logit_scale, softcap)
     HEAD_TRANSFORMS[model_type] = lambda config: (scale, cap)
 
 
@@ -123,20 +133,54 @@ def _body(model):
     return body
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_position_ids(body_cls) -> bool:
+    """Whether a body class's ``forward`` has a ``position_ids`` parameter (not only ``**kwargs``)."""
+    return "position_ids" in inspect.signature(body_cls.forward).parameters
+
+
+def _unsplit_packing(model) -> Optional[str]:
+    """Why the model's body would let the sequences of a packed row see each other (None if it splits them, as
+    ``transformers`` does from position ids that restart, without an attention mask): a recurrent (state-space)
+    body, ``_is_stateful``, carries its state from one sequence into the next; a body that takes no
+    ``position_ids``, or one of :data:`_UNSPLIT_PACKED`, builds its causal mask without them."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    body = _body(model)
+    if getattr(body, "_is_stateful", False):
+        return (f"the body of model_type {model_type!r} carries its recurrent (state-space) state from one packed "
+                "sequence into the next")
+    if model_type in _UNSPLIT_PACKED or not _takes_position_ids(type(body)):
+        return (f"the transformers body of model_type {model_type!r} builds its causal mask without the position "
+                "ids, so each packed sequence would attend to the ones before it")
+    return None
+
+
+def _packed_rows_flag(model, attention_mask: Optional[Tensor], position_ids) -> Optional[Tensor]:
+    """Refuses packed rows (``position_ids`` that do not step by 1 within a row, ``transformers``' rule, with no
+    ``attention_mask``) for a body that would not split them (:func:`_unsplit_packing`): a ``ValueError`` for
+    CPU position ids; on a GPU they are not read on the host, and the returned flag makes the hidden states NaN
+    (:func:`fastalign._validate._flag_or_raise`). None when nothing is to refuse."""
+    if not isinstance(position_ids, Tensor) or attention_mask is not None or position_ids.dim() != 2:
+        return None
+    unsplit = _unsplit_packing(model)
+    if unsplit is None:
+        return None
+    return _validate._flag_or_raise(
+        (position_ids[:, 1:] - position_ids[:, :-1] != 1).any(), position_ids,
+        lambda: (f"position_ids restart within a row (packed sequences), but {unsplit}; score each sequence in its "
+                 "own row (padded, with attention_mask) instead"))
+
+
 def _lora_low_rank(head, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: Optional[torch.dtype]):
     r"""``(bias, low_rank)`` of a PEFT LoRA layer on the head, whose forward is
     ``h W^T + b + Σ_a s_a B_a(A_a(dropout_a(h)))``: the low-rank term ``(a, L)`` of
     :func:`fastalign.linear_logprobs` with ``a = [s_a A_a(dropout_a(h)), ...]`` and ``L = [B_a, ...]``
     (``Σ_a r_a`` columns; gradients reach A and B), and ``b + Σ_a s_a b_{B_a}``. The dropout draws
     are PEFT's own (its dropout modules, in its order, on an input of the same shape). Disabled
-    adapters give the base head; merged ones are in its weight already (PEFT's own rules). ``dtype``
+    adapters give the base head (:func:`_head` unmerges merged ones first, as PEFT's forward does);
+    merged ones are in its weight already (PEFT's own rules). ``dtype``
     (``head_dtype``): ``A_a`` runs in it, outside any autocast."""
-    if head.disable_adapters:
-        if head.merged:
-            raise ValueError("model: the output head's LoRA adapters are merged into its weight while adapters are "
-                             "disabled; unmerge them (model.unmerge_adapter()) first")
-        return bias, None
-    if head.merged:
+    if head.disable_adapters or head.merged:
         return bias, None
     downs, ups = [], []
     for name in head.active_adapters:
@@ -174,8 +218,10 @@ def _head(model, hidden: Tensor, dtype: Optional[torch.dtype] = None
     """``(weight, bias, low_rank)`` of the model's output head applied to ``hidden``: the head's own
     weight and bias (gathered if DTensors) and, under a PEFT LoRA head, its adapters as the low-rank term
     of :func:`fastalign.linear_logprobs` (:func:`_lora_low_rank`; a ``modules_to_save`` head resolves
-    to its active copy itself). Another PEFT tuner's active, unmerged adapters on the head (LoHa, LoKr,
-    IA3, OFT, VeRA, AdaLoRA, ...) raise: the fused head cannot express them."""
+    to its active copy itself). A LoRA head merged while its adapters are disabled is unmerged first
+    (``head.unmerge()``), as PEFT's own forward does, and its base weight used. Another PEFT tuner's
+    active, unmerged adapters on the head (LoHa, LoKr, IA3, OFT, VeRA, AdaLoRA, ...) raise: the fused
+    head cannot express them."""
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise TypeError(f"model: {type(model).__name__}.get_output_embeddings() has no weight")
@@ -186,6 +232,8 @@ def _head(model, hidden: Tensor, dtype: Optional[torch.dtype] = None
                          "fused head cannot express (plain LoRA only); merge them (merge_adapter()) or leave the "
                          "head out of target_modules")
     lora = tuner == "lora" and hasattr(head, "lora_A") and hasattr(head, "get_base_layer")
+    if lora and head.disable_adapters and head.merged:  # PEFT's forward rule: disabled adapters leave the weight
+        head.unmerge()
     base = head.get_base_layer() if lora else head
     weight, bias = _dtensor.full(base.weight), _dtensor.full(getattr(base, "bias", None))
     if weight.dim() != 2 or weight.numel() == 0:
@@ -231,12 +279,19 @@ def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = N
     if "adapter_names" in model_kwargs:
         raise ValueError("adapter_names (one PEFT adapter per row) is not supported: set the active adapter "
                          "(model.set_adapter) and score each adapter's rows in their own call")
+    if head_dtype is not None and head_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"head_dtype must be torch.float32, torch.bfloat16 or torch.float16, got {head_dtype}")
+    if "return_dict" in model_kwargs:
+        raise ValueError("return_dict does not apply: the body's outputs are read by name (leave it out)")
+    packed = _packed_rows_flag(model, attention_mask, model_kwargs.get("position_ids"))
     # No KV cache: transformers builds its per-sequence (packed) attention mask only without one.
     model_kwargs.setdefault("use_cache", False)
     outputs = _body(model)(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **model_kwargs)
     if on_body is not None:
         on_body(outputs)
     hidden = outputs.last_hidden_state
+    if packed is not None:  # packed rows the body did not split, not read on the host: NaN, never wrong numbers
+        hidden = torch.where(packed, float("nan"), hidden)
     weight, bias, low_rank = _head(model, hidden, head_dtype)
     device_type = hidden.device.type
     dtype = head_dtype
@@ -249,6 +304,10 @@ def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = N
     elif weight.dtype != hidden.dtype:
         raise TypeError(f"model: the output head weight is {weight.dtype} but the hidden states are "
                         f"{hidden.dtype}; run under torch.autocast or give the head the body's dtype")
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"model: its dtype is {hidden.dtype} (hidden states and output head); the head runs in "
+                        "float32, bfloat16 or float16: cast the model (e.g. model.float()) or pass "
+                        "head_dtype=torch.float32")
     return hidden, weight, bias, low_rank
 
 
@@ -342,28 +401,36 @@ def causal_lm_logprobs(
             exclusive with ``labels``.
         position_ids: ``[B, T]`` passed to the model; a packed row restarts at 0 at each
             sequence; with ``attention_mask=None`` ``transformers`` then attends within each
-            sequence only (with an attention mask it does not split packed rows).
+            sequence only (with an attention mask it does not split packed rows). A body that
+            does not split packed rows (one of ``_UNSPLIT_PACKED``: opt, gpt_oss; one that takes no
+            ``position_ids``: bloom, mpt; a recurrent one, ``_is_stateful``: granitemoehybrid)
+            refuses them: a ValueError for CPU position ids; on a GPU (not read on the host)
+            the hidden states are NaN, so is every scored statistic.
         cu_seqlens: ``[S+1]`` cumulative sequence lengths (starting at 0) of one packed row
             ``input_ids [1, total]``, instead of ``position_ids`` (which are then made from it
             on device). Tokens past ``cu_seqlens[-1]`` are padding, unscored. Malformed offsets
             raise for CPU tensors; on a GPU they are not read on the host and make every
             statistic NaN. With a model loaded with ``attn_implementation="flash_attention_2"``
             ``transformers`` runs flash-attn's variable-length kernel on these packed rows.
+            A body that does not split packed rows (as for ``position_ids``) raises a ValueError.
         temperature: the logits are divided by it (after the head transform).
         entropy: compute the entropy too.
         sum_p2, argmax: compute :math:`\sum_j p_j^2` and the argmax too (as
             :func:`fastalign.linear_logprobs`).
         ignore_index: label value of unscored tokens.
         logit_scale, softcap: the head transform, for an architecture not in
-            :data:`HEAD_TRANSFORMS` (both must be given; ``softcap=None`` is off).
+            :data:`HEAD_TRANSFORMS` (both must be given; ``logit_scale`` finite and non-zero,
+            ``softcap`` None (off) or > 0), as :func:`register_head_transform` takes it.
         on_head: called with the head's operands ``(hidden [B, T, H], weight, bias, low_rank)`` of
             every position (after the autocast cast; ``low_rank`` as :func:`head_operands`) before the
             vocabulary pass, for statistics derived from the hidden states beside the log-probs (the
             TRL drop-ins take their mean logit ``h · mean_j W_j`` from it) without running the body twice.
         head_dtype: run the head in this dtype, whatever the body's and the autocast's: the hidden
             states and the head are cast to it (``torch.float32``: TRL's ``cast_lm_head_to_fp32``).
+            The head runs in float32, bfloat16 or float16: a float64 model raises a TypeError
+            unless ``head_dtype`` is one of them.
         **model_kwargs: passed to the body; ``use_cache`` defaults to False (``transformers``
-            attends within packed sequences only without a cache).
+            attends within packed sequences only without a cache); ``return_dict`` raises.
 
     Distributed weights:
         * FSDP2 / tensor parallel: a ``DTensor`` head weight (and bias) is gathered with
@@ -393,7 +460,8 @@ def causal_lm_logprobs(
     and ``B`` only, none is formed for a frozen ``W``). Its dropout runs on the hidden states of
     every position, as PEFT's forward without ``logits_to_keep`` does, so with ``lora_dropout > 0``
     the draws are PEFT's own for the same random state. Under ``disable_adapter()`` the base
-    model is scored. DoRA and other LoRA variants on the head raise a ValueError.
+    model is scored (merged adapters are unmerged, the head's included, as PEFT's forward does).
+    DoRA and other LoRA variants on the head raise a ValueError.
 
     Returns:
         :class:`fastalign.TokenStats` with ``[B, T-1]`` fp32 ``logprobs`` (and ``entropy``).
@@ -421,6 +489,10 @@ def causal_lm_logprobs(
         if shape[0] != 1:
             raise ValueError(f"cu_seqlens describes one packed row: input_ids must be [1, total], got {tuple(shape)}")
         malformed = _validate.offsets("cu_seqlens", cu_seqlens, shape[1], device=input_ids.device)
+        unsplit = _unsplit_packing(model)
+        if unsplit is not None:
+            raise ValueError(f"cu_seqlens: {unsplit}; score each sequence in its own row (padded, with "
+                             "attention_mask) instead")
         position_ids, past_end = packed_position_ids(cu_seqlens, shape[1])
     if "logits_to_keep" in model_kwargs or "num_logits_to_keep" in model_kwargs:
         raise ValueError("logits_to_keep does not apply: no logits are computed")
@@ -428,6 +500,8 @@ def causal_lm_logprobs(
         raise ValueError("logit_scale and softcap override the head transform together: pass both or neither")
     if logit_scale is _UNSET:
         logit_scale, softcap = head_transform(model.config)
+    else:
+        logit_scale, softcap = _stated_transform(logit_scale, softcap)
 
     targets = next_token_targets(input_ids, labels=labels, response_mask=response_mask,
                                  attention_mask=attention_mask, position_ids=position_ids, past_end=past_end,
