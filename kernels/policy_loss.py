@@ -270,8 +270,9 @@ def policy_loss_fwd_kernel(
                 d_rho = tl.where(is_low, 0.0, d_rho)
                 low = is_low.to(tl.float32)
             if LT == CLIPCOV:
-                pg = tl.where(picked, 0.0, pg)
+                pg = tl.where(picked, 0.0, pg)  # a picked token passes no gradient, even where exp(l) overflows
                 d_rho = tl.where(picked, 0.0, d_rho)
+                drho = tl.where(picked, 0.0, drho)
         elif LT == KLCOV:
             rho = tl.exp(l)
             sgn = tl.where(l > 0, 1.0, tl.where(l < 0, -1.0, 0.0))

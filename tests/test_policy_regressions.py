@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastalign
-from fastalign.reference.policy import policy_loss as reference_policy_loss
+from fastalign.reference.policy import cov_selection, policy_loss as reference_policy_loss
 
 
 def _small():
@@ -364,3 +364,37 @@ def test_off_policy_mask_drops_the_far_rows_tokens_of_negative_advantage(cpu_bac
     assert_close(loss, (-A * lp * kept).sum() / 8)
     want, _ = reference_policy_loss(lp.double(), old.double(), A.double(), m, **kw)
     assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------ Clip-Cov / KL-Cov selection size and picked tokens
+
+@pytest.mark.parametrize("ratio,n", [(0.7, 40), (2e-4, 10000)])
+def test_cov_selection_picks_floor_of_the_float64_product(cpu_backend, ratio, n):
+    """k = max(floor(cov_ratio * n), 1) in float64, as verl's int(ratio * n): 28 of 40 at 0.7 and 2 of
+    10,000 at verl's default 2e-4 (a float32 ratio gives one fewer)."""
+    torch.manual_seed(0)
+    lp = -torch.rand(1, n)
+    A = torch.randn(1, n)
+    m = torch.ones(1, n)
+    _, met = fastalign.policy_loss(lp, lp.detach() + 0.01, A, m, loss_type="kl_cov", cov_ratio=ratio,
+                                   backend=cpu_backend)
+    k = max(math.floor(ratio * n), 1)
+    assert float(met["cov_selected_frac"]) * n == pytest.approx(k, abs=1e-3)
+
+
+def test_clip_cov_picked_token_with_an_infinite_ratio_passes_no_gradient(cpu_backend):
+    """A picked token's pg is 0 with no gradient (docs/math.md), also where exp(lp - old) overflows."""
+    lp = torch.tensor([[-0.5, -1.0, -0.2, -0.7], [-0.3, -0.9, -1.2, -0.4]])
+    old = lp + 0.05
+    old[0, 0] = -math.inf
+    A = torch.tensor([[-1.0], [0.5]]).expand(2, 4).contiguous()
+    m = torch.ones(2, 4)
+    kw = dict(loss_type="clip_cov", cov_ratio=1.0, cov_lb=-100.0, cov_ub=100.0)
+    loss, met, g = _fa(cpu_backend, lp, old, A, m, **kw)
+    sel = cov_selection(lp, old, A, m, loss_type="clip_cov", eps_low=0.2, eps_high=0.2, ratio=1.0, lb=-100.0,
+                        ub=100.0)
+    assert bool(sel[0, 0]), "the infinite-ratio token is a candidate, and every candidate is picked"
+    rloss, _, rg = _ref(lp, old, A, m, loss_type="clip_cov", cov_selected=sel)
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    _close(loss, rloss, "loss")
+    _close(g, rg, "d loss / d lp")

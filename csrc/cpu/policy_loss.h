@@ -29,14 +29,15 @@ constexpr int kPartCols = kRowCols + 1;  // a chunk's sums plus its sequence-lev
 constexpr int64_t kChunk = 512;
 
 // The launch parameters, in the order of fastalign.policy_config.KernelParams (the Python side
-// checks the names against policy_loss_param_names() once). Codes are carried as exact floats.
+// checks the names against policy_loss_param_names() once). Codes are carried as exact floats;
+// cov_ratio stays a double, so floor(cov_ratio * n) picks as many tokens as the float64 product does.
 #define FASTALIGN_POLICY_PARAMS(X)                                                                   \
   X(int, loss_type) X(int, is_level) X(int, kl_type) X(int, kl_straight) X(int, kl_clamp)           \
   X(int, kl_rho) X(int, rollout) X(float, eps_low) X(float, eps_high) X(float, dual_clip)            \
   X(float, delta) X(float, cispo_lo) X(float, cispo_hi) X(float, tau_pos) X(float, tau_neg)          \
   X(float, vespo_k_pos) X(float, vespo_lambda_pos) X(float, vespo_k_neg) X(float, vespo_lambda_neg)  \
   X(float, kl_coef) X(float, entropy_coef) X(float, rollout_min) X(float, rollout_max)               \
-  X(float, offpolicy_threshold) X(float, cov_kl_coef) X(float, cov_ratio) X(float, cov_lb)           \
+  X(float, offpolicy_threshold) X(float, cov_kl_coef) X(double, cov_ratio) X(float, cov_lb)           \
   X(float, cov_ub) X(float, dro_beta) X(float, log_ratio_cap)
 
 struct PolicyParams {

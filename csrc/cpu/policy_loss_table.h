@@ -213,8 +213,9 @@ FASTALIGN_KERNEL_BODY LossTerm loss_row(const LossConsts& k, const TokenIn& x) {
       o.low = is_low ? 1.f : 0.f;
     }
     if (LT == kCLIPCOV) {
-      o.pg = x.picked ? 0.f : o.pg;
+      o.pg = x.picked ? 0.f : o.pg;  // a picked token passes no gradient, even where exp(l) overflows
       o.d_rho = x.picked ? 0.f : o.d_rho;
+      o.drho = x.picked ? 0.f : o.drho;
     }
   } else if (LT == kKLCOV) {
     const float rho = exp_f32(l);

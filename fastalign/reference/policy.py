@@ -178,8 +178,11 @@ def policy_loss(
             rho = torch.exp(torch.clamp(lp - lp.detach() + log_s[:, None], max=10.0))  # no gradient past the cap
         elif loss_type == "ppo":
             rho = rho_is
-        else:
+        elif cov_selected is None:
             rho = torch.exp(l)
+        else:  # a picked token passes no gradient, even where exp(l) overflows (0 * inf)
+            picked = cov_selected.to(torch.bool)
+            rho = torch.where(picked, torch.exp(l.detach()), torch.exp(l.masked_fill(picked, 0.0)))
         rho_1 = torch.where(rho > delta, torch.full_like(rho, delta), rho) if delta is not None else rho
         L1 = -A * rho_1
         L2 = -A * torch.clamp(rho, 1 - eps_low, 1 + eps_high)
@@ -192,7 +195,7 @@ def policy_loss(
             lower = ((A < 0) & (pg > L3)).to(lp.dtype)
             pg = torch.where((A < 0) & (pg > L3), L3, pg)
         if loss_type == "clip_cov" and cov_selected is not None:
-            pg = pg * (~cov_selected).to(lp.dtype)
+            pg = torch.where(cov_selected.to(torch.bool), zero, pg)
     elif loss_type == "kl_cov":
         rho = torch.exp(l)
         pg = -A * rho
