@@ -32,7 +32,9 @@ F_LENGTH_AVERAGES = ("log_ratio", "score")
 
 @dataclass
 class PairQuantities:
-    """What a loss row sees. ``[B]`` tensors in fp32 (fp64 stays fp64).
+    """What a loss row sees. ``[B]`` tensors in fp32 (fp64 stays fp64); ``dc, dr, d, dc_bar, dr_bar``
+    in fp64 under a score that exponentiates the log-ratio (:func:`_exp_score_dtype`), so a row's
+    loss may be fp64: :func:`preference_loss` rounds the loss to the working dtype at the end.
 
     ``lc, lr`` policy log-probs (summed), ``lc0, lr0`` reference ones (0 without a
     reference), ``dc, dr`` the log-ratios after the f-divergence score,
@@ -68,9 +70,17 @@ def _smoothed(x: Tensor, eps: float) -> Tensor:
     return out
 
 
-def _capped_exp(x: Tensor) -> Tensor:
-    """exp with the exponent capped where the dtype would overflow."""
-    return torch.exp(x.clamp(max=math.log(torch.finfo(x.dtype).max) - 1.0))
+def _exp_score_dtype(kind: str, alpha: float, acc: torch.dtype) -> torch.dtype:
+    """The dtype the f-divergence scores are taken in: float64 for those that exponentiate the log-ratio
+    (forward KL, the α-divergence with ``α ≠ 0``), else ``acc``.
+
+    ``e^{-αx}`` overflows float32 at ``|αx| ≈ 88.7`` and float64 only at 709.8. The scores, and the
+    rows that read them, run in float64 and the loss is rounded to ``acc`` once at the end: the loss and
+    its gradient are the float64 formula's, ``inf`` where that overflows ``acc`` (never a finite value
+    from a capped exponent, whose gradient would be 0)."""
+    if kind == "forward_kl" or (kind == "alpha_divergence" and alpha != 0.0):
+        return torch.float64
+    return acc
 
 
 def _log1mexp(x: Tensor) -> Tensor:
@@ -79,10 +89,13 @@ def _log1mexp(x: Tensor) -> Tensor:
 
 
 def _alphapo_reward(lbar: Tensor, alpha: float) -> Tensor:
-    """``(1 - p^(-alpha)) / alpha`` with ``p = exp(lbar)``; ``alpha = 0`` is its limit ``lbar``."""
+    """``(1 - p^(-alpha)) / alpha`` with ``p = exp(lbar)``; ``alpha = 0`` is its limit ``lbar``.
+
+    In float64, as the α-divergence score (:func:`_exp_score_dtype`): the loss of a row that reads it is the
+    float64 formula's, rounded to the working dtype at the end."""
     if alpha == 0.0:
         return lbar
-    return (1.0 - _capped_exp(-alpha * lbar)) / alpha
+    return -torch.expm1(-alpha * lbar.to(torch.float64)) / alpha
 
 
 def _broadcast(x: Tensor, like: Tensor) -> Tensor:
@@ -110,9 +123,15 @@ def _exo(q: PairQuantities) -> Tensor:
 
 
 def _discopop(q: PairQuantities) -> Tensor:
-    x = q.beta * q.d
-    w = torch.sigmoid(x / q.opt["discopop_tau"])
-    return (1.0 - w) * (-F.logsigmoid(x)) + w * _capped_exp(-x)
+    """``(1-w)(-log σ(x)) + w e^{-x}``, ``w = σ(x/τ)``, ``x = βd``; ``w e^{-x}`` as ``exp(log σ(x/τ) - x)``:
+    exact wherever it is finite (it tends to 0 as ``x → -∞`` for ``τ < 1``, where the product ``σ · exp``
+    gives ``0 · inf = NaN``), with its exact gradient. In float64, as the scores that exponentiate
+    (:func:`_exp_score_dtype`): where the term overflows float32 (``τ > 1``) the loss is ``inf`` and the
+    gradient the float64 one, rounded (``-inf``)."""
+    tau = q.opt["discopop_tau"]
+    x = q.beta * q.d.to(torch.float64)
+    w = torch.sigmoid(x / tau)
+    return (1.0 - w) * (-F.logsigmoid(x)) + torch.exp(F.logsigmoid(x / tau) - x)
 
 
 def _simpo_like(q: PairQuantities, c: Tensor, r: Tensor) -> Tensor:
@@ -217,14 +236,15 @@ def _f_score(x: Tensor, kind: str, alpha: float) -> Tensor:
     """f-divergence score ``f'(u)`` of a log-ratio ``x = log u`` (reverse KL: ``x`` itself).
 
     forward KL ``1 - e^{-x}``, Jensen-Shannon ``log 2 + log σ(x)``, alpha divergence
-    ``(1 - e^{-αx})/α`` (``α = 0``: its limit ``x``)."""
+    ``(1 - e^{-αx})/α`` (``α = 0``: its limit ``x``). The exponent is not capped: ``x`` comes in the
+    dtype of :func:`_exp_score_dtype`, and a score that overflows it is infinite."""
     if kind == "reverse_kl" or (kind == "alpha_divergence" and alpha == 0.0):
         return x
     if kind == "forward_kl":
-        return 1.0 - _capped_exp(-x)
+        return -torch.expm1(-x)
     if kind == "js_divergence":
         return math.log(2.0) + F.logsigmoid(x)
-    return (1.0 - _capped_exp(-alpha * x)) / alpha
+    return -torch.expm1(-alpha * x) / alpha
 
 
 def wpo_weights(chosen_wpo: Tensor, rejected_wpo: Tensor, cap: Optional[float] = 1.0) -> Tensor:
@@ -402,7 +422,8 @@ def preference_loss(
     aot_unpaired  smoothed sigmoid on ``sort(lc - lc0) - sort(lr - lr0)``
     apo_zero      ``1 - σ(βdc) + σ(βdr)``
     apo_down      ``σ(βdc) + 1 - σ(βd)``
-    discopop      ``(1-w)(-log σ(βd)) + w exp(-βd)``, ``w = σ(βd/τ)``
+    discopop      ``(1-w)(-log σ(βd)) + w exp(-βd)``, ``w = σ(βd/τ)`` (``w exp(-βd)`` taken as
+                  ``exp(log σ(βd/τ) - βd)``: its exact value, 0 in the limit ``βd → -∞`` for ``τ < 1``)
     sigmoid_norm  smoothed sigmoid on ``β(dc̄ - dr̄)`` (length-averaged scores, as ipo)
     sft           chosen NLL
     simpo         smoothed sigmoid on ``β(l̄c - l̄r) - γ`` (no reference)
@@ -438,6 +459,10 @@ def preference_loss(
             sigmoid_norm, and sft alongside them): elsewhere the partition term of the f-DPO
             reparameterisation does not cancel, and a non-default value is an error. Without a
             reference (``lc0 = 0``) the alpha score is AlphaPO's reward ``(1 - p^{-α})/α``.
+            Forward KL and the α-divergence (and the alphapo row's reward) are taken in float64 and the
+            loss is rounded to the working dtype at the end: loss and gradient are the float64 formula's,
+            ``inf`` where that overflows float32 (a log-ratio below about ``-88.7/α``), never a capped
+            finite value.
         f_length_average: for ipo and sigmoid_norm: ``"log_ratio"`` (default) scores the
             length-averaged log-ratio ``dc̄ = f(x/|y|)``; ``"score"`` averages the score of the
             summed one, ``dc̄ = f(x)/|y|`` (TRL 1.16). The two agree for reverse KL. ``"score"``
@@ -508,7 +533,9 @@ def preference_loss(
         lc0 = ref_chosen_logprobs.detach().to(acc)
         lr0 = ref_rejected_logprobs.detach().to(acc)
     dc_raw, dr_raw = lc - lc0, lr - lr0
-    dc, dr = _f_score(dc_raw, f_divergence, f_alpha), _f_score(dr_raw, f_divergence, f_alpha)
+    score = _exp_score_dtype(f_divergence, f_alpha, acc)  # float64 for the scores that exponentiate
+    xc, xr = (dc_raw, dr_raw) if score == acc else (lc.to(score) - lc0.to(score), lr.to(score) - lr0.to(score))
+    dc, dr = _f_score(xc, f_divergence, f_alpha), _f_score(xr, f_divergence, f_alpha)
     dc_bar = dr_bar = lc_bar = lr_bar = None
     if has_len:
         nc = chosen_lengths.to(acc).clamp(min=1.0)
@@ -517,8 +544,8 @@ def preference_loss(
         if f_length_average == "score":
             dc_bar, dr_bar = dc / nc, dr / nr
         else:
-            dc_bar = _f_score(dc_raw / nc, f_divergence, f_alpha)
-            dr_bar = _f_score(dr_raw / nr, f_divergence, f_alpha)
+            dc_bar = _f_score(xc / nc, f_divergence, f_alpha)
+            dr_bar = _f_score(xr / nr, f_divergence, f_alpha)
     nll = None
     if chosen_nll is not None:
         nll = chosen_nll.to(acc)
@@ -542,6 +569,7 @@ def preference_loss(
     loss = per_pair.sum() / max(B, 1)  # an empty batch gives 0 (and zero gradients), like policy_loss
     if rpo_alpha is not None:
         loss = loss + float(rpo_alpha) * nll
+    loss = loss.to(acc)  # the rows in float64 (discopop, alphapo, a score that exponentiates): rounded once, here
 
     with torch.no_grad():
         rc, rr = beta * dc_raw.detach(), beta * dr_raw.detach()

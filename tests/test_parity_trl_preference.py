@@ -230,11 +230,37 @@ def test_dpo_f_divergences(loss_type, fdiv):
     _run_dpo(kw, dtype=torch.float32 if name == "alpha_divergence" else D)
 
 
+@pytest.fixture(scope="module")
+def tiny_dpo_parts(tmp_path_factory):
+    """(model, tokenizer, dataset) for building a real ``DPOTrainer`` (a tiny random Qwen2)."""
+    pytest.importorskip("datasets", reason="DPOTrainer needs datasets")
+    pytest.importorskip("tokenizers", reason="the test tokenizer needs tokenizers")
+    import datasets
+    import transformers
+    from test_integration_trl_trainers import _tokenizer, tiny_checkpoint
+    checkpoint = tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2-dpo-config"))
+    dataset = datasets.Dataset.from_dict({"prompt": ["w3 w4"], "chosen": ["w5"], "rejected": ["w6"]})
+    return transformers.AutoModelForCausalLM.from_pretrained(checkpoint), _tokenizer(checkpoint), dataset
+
+
+@pytest.mark.parametrize("fdiv", [("forward_kl", 0.5), ("alpha_divergence", 0.5), ("alpha_divergence", 1.0)])
 @pytest.mark.parametrize("loss_type", ["nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
                                        "apo_down"])
-def test_dpo_f_divergence_on_other_losses_is_refused_like_trl(loss_type):
-    with pytest.raises(ValueError, match="f_divergence"):
-        P.DPOLoss(_config(DPOConfig, loss_type=loss_type, f_divergence_type="forward_kl"))
+def test_dpo_f_divergence_on_other_losses_is_refused_like_trl(loss_type, fdiv, tiny_dpo_parts):
+    """DPOTrainer refuses any f_divergence_type but reverse_kl on these losses, also the α-divergence with
+    f_alpha_divergence_coef = 1 (its reverse-KL limit): the refusal comes before the coefficient is read. The
+    profile turned that α-divergence into reverse KL first and accepted it; it refuses it as TRL now."""
+    name, coef = fdiv
+    args = _config(DPOConfig, loss_type=[loss_type], f_divergence_type=name, f_alpha_divergence_coef=coef)
+    model, tokenizer, dataset = tiny_dpo_parts
+    with pytest.raises(ValueError, match=f"f_divergence_type='{name}'"):
+        DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    as_dict = dict(loss_type=[loss_type], f_divergence_type=name, f_alpha_divergence_coef=coef)
+    for build in (P.dpo_options, P.DPOLoss, P.dpo_preference_loss, P.dpo_linear_loss):
+        for config in (args, as_dict):
+            with pytest.raises(ValueError, match=f"f_divergence_type='{name}' does not apply to loss_type "
+                                                 f"'{loss_type}'"):
+                build(config)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "apo_zero", ["robust", "ipo"], "discopop"])

@@ -2,7 +2,9 @@
 bco_delta, the unpaired class weights, wpo_weights' cap, empty KL estimates, label_smoothing, loss_type, f_alpha,
 use_weighting), a reference head given without reference hidden states, the reference pass's errors naming the
 reference arguments, position_ids that do not match num_sequences, f_length_average and smoothed_losses where
-nothing reads them, and the empty unpaired batch. Oracles: float64 formulas written here."""
+nothing reads them, the empty unpaired batch, exponentials past float32's range (forward KL, the α-divergence,
+discopop, alphapo: no capped exponent), and the TRL profiles' own argument checks (KTO's KL completions and labels,
+errors that name the profile's arguments). Oracles: float64 formulas written here."""
 import math
 import re
 
@@ -396,3 +398,236 @@ def test_orpo_nan_loss_never_comes_with_a_finite_gradient():
     log_odds = (c - r) - (torch.log1p(-torch.exp(c)) - torch.log1p(-torch.exp(r)))
     assert_close(loss, -kept.detach()[0].mean() - 0.2 * F.logsigmoid(log_odds), atol=1e-12, what="orpo")
     assert torch.isfinite(grad).all()
+
+
+# ------------------------------------------------------------------ scores that exponentiate: no capped exponent
+
+F32 = torch.float32
+
+
+def _f64(x, kind, alpha):
+    """The f-divergence score, in float64 (docs/math.md#preference-losses)."""
+    return 1 - torch.exp(-x) if kind == "forward_kl" else (1 - torch.exp(-alpha * x)) / alpha
+
+
+def _row64(loss_type, beta, dc, dr):
+    d = dc - dr
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(beta * d)
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * d)
+    if loss_type == "robust":  # label smoothing 0.1
+        return (-(0.9) * F.logsigmoid(beta * d) + 0.1 * F.logsigmoid(-beta * d)) / 0.8
+    return (dc - dr - 1 / (2 * beta)) ** 2  # ipo, one-token responses
+
+
+def _expect_rounded(got, want64, what):
+    """``got`` (float32) is the float64 value rounded to float32: inf where that overflows, never a finite
+    stand-in."""
+    want = want64.detach().to(F32)
+    torch.testing.assert_close(got.detach(), want, rtol=2e-6, atol=1e-6, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+# (policy - reference) log-ratios per case, chosen then rejected; |α x| beyond 88.7 overflows float32
+EXP_CASES = {
+    "chosen overflows": ([-120.0, -0.5], [0.3, -1.0]),
+    "rejected overflows": ([0.2, -0.5], [-120.0, -1.0]),
+    "both overflow, chosen lower": ([-100.5, 0.1], [-100.0, 0.2]),
+    "both overflow, rejected lower": ([-100.0, 0.1], [-100.5, 0.2]),
+    "no overflow": ([-2.0, 0.5], [1.0, -0.7]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXP_CASES))
+@pytest.mark.parametrize("fdiv", [("forward_kl", 1.0), ("alpha_divergence", 0.5), ("alpha_divergence", -1.5)])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "robust", "ipo"])
+def test_exponentiating_f_divergence_follows_the_float64_formula(case, fdiv, loss_type):
+    """forward KL and the α-divergence capped e^{-αx} at log(max float) - 1: a chosen log-ratio of -120 gave a
+    finite 6e36 loss where the formula gives 6.5e50 (inf in float32), and no gradient at all on that row;
+    two overflowing sides gave the same capped score (d = 0, log 2, zero gradient) where the formula's d is
+    ±1.7e43. The loss and gradient are the float64 formula's rounded to float32 now."""
+    kind, alpha = fdiv
+    xc, xr = EXP_CASES[case]
+    scale = 1.0 / abs(alpha) if kind == "alpha_divergence" else 1.0  # the same exponents for every α
+    sign = -1.0 if alpha < 0 else 1.0  # α < 0 overflows for a large positive log-ratio
+    g = torch.Generator().manual_seed(1)
+    lc0 = -5.0 - torch.rand(2, generator=g)
+    lr0 = -5.0 - torch.rand(2, generator=g)
+    lc = (lc0 + sign * scale * torch.tensor(xc)).requires_grad_()
+    lr = (lr0 + sign * scale * torch.tensor(xr)).requires_grad_()
+    kw = dict(loss_type=loss_type, beta=0.1, f_divergence=kind, f_alpha=alpha)
+    n = torch.ones(2)
+    if loss_type == "robust":
+        kw["label_smoothing"] = 0.1
+    if loss_type == "ipo":
+        kw.update(chosen_lengths=n, rejected_lengths=n)
+    loss, _ = fa.preference_loss(lc, lr, lc0, lr0, **kw)
+    assert loss.dtype == F32
+    gc, gr = torch.autograd.grad(loss, (lc, lr))
+
+    c64, r64 = lc.detach().double().requires_grad_(), lr.detach().double().requires_grad_()
+    dc, dr = _f64(c64 - lc0.double(), kind, alpha), _f64(r64 - lr0.double(), kind, alpha)
+    want = _row64(loss_type, 0.1, dc, dr).mean()
+    wc, wr = torch.autograd.grad(want, (c64, r64))
+    assert torch.isfinite(want) and torch.isfinite(wc).all() and torch.isfinite(wr).all()  # float64 holds it
+    _expect_rounded(loss, want, "loss")
+    _expect_rounded(gc, wc, "d loss / d chosen")
+    _expect_rounded(gr, wr, "d loss / d rejected")
+
+
+@pytest.mark.parametrize("tau,x", [(0.05, -120.0), (1.0, -100.0), (2.0, -200.0), (2.0, -50.0), (0.05, 3.0)])
+def test_discopop_exponential_term_is_exact(tau, x):
+    """discopop's w e^{-x} capped e^{-x}: with τ = 1 at x = -100 it gave about 4e-6 for a term that is 1, with τ = 2
+    at x = -200 a finite 4e-6 for one that overflows float32 (2.7e43), both with no gradient. exp(log σ(x/τ) - x)
+    is the float64 formula's value and gradient rounded to float32 now, and at τ = 0.05, x = -120 the exact
+    limit 0 of the term, where float32's σ · exp gives 0 · inf."""
+    beta = 1.0
+    lc = torch.tensor([x, 0.3], requires_grad=True)
+    lr = torch.zeros(2)
+    loss, _ = fa.preference_loss(lc, lr, torch.zeros(2), torch.zeros(2), loss_type="discopop", beta=beta,
+                                 discopop_tau=tau)
+    (g,) = torch.autograd.grad(loss, lc)
+    c64 = lc.detach().double().requires_grad_()
+    d = beta * c64
+    w = torch.sigmoid(d / tau)
+    want = ((1 - w) * (-F.logsigmoid(d)) + w * torch.exp(-d)).mean()
+    (wg,) = torch.autograd.grad(want, c64)
+    assert torch.isfinite(want)
+    _expect_rounded(loss, want, "loss")
+    _expect_rounded(g, wg, "gradient")
+
+
+def test_alphapo_reward_is_not_capped():
+    """alphapo's reward (1 - e^{-α l̄})/α capped the exponent too: two mean log-probs past -88.7/α got the same
+    reward (loss log σ(-γ)-like, zero gradient) where the formula separates them by ~e^{102}. Float64 now."""
+    lc = torch.tensor([-20.0, -1.0], requires_grad=True)
+    lr = torch.tensor([-20.5, -1.2], requires_grad=True)
+    n = torch.ones(2)
+    kw = dict(loss_type="alphapo", beta=0.5, alphapo_alpha=5.0, simpo_gamma=0.5, chosen_lengths=n,
+              rejected_lengths=n)
+    loss, _ = fa.preference_loss(lc, lr, **kw)
+    gc, gr = torch.autograd.grad(loss, (lc, lr))
+    c64, r64 = lc.detach().double().requires_grad_(), lr.detach().double().requires_grad_()
+    reward = lambda lbar: (1 - torch.exp(-5.0 * lbar)) / 5.0  # noqa: E731
+    want = (-F.logsigmoid(0.5 * (reward(c64) - reward(r64)) - 0.5)).mean()
+    wc, wr = torch.autograd.grad(want, (c64, r64))
+    _expect_rounded(loss, want, "loss")
+    _expect_rounded(gc, wc, "d loss / d chosen")
+    _expect_rounded(gr, wr, "d loss / d rejected")
+
+
+def test_dpo_profile_forward_kl_overflow_is_inf_with_its_gradient():
+    """DPOLoss (forward_kl, float32 per-token log-probs) with a chosen log-ratio of -120 gave a finite 6e36 loss and
+    an exactly zero gradient on that row; the float64 formula is 6.5e50 with gradient -6.5e50 per token: inf and
+    -inf in float32 now. The other rows keep the formula's finite gradient."""
+    mask = torch.ones(4, 3)
+    lp = torch.full((4, 3), -1.0)
+    lp[0] = -41.0  # chosen pair 0: log-ratio 3 × -40
+    ref = torch.full((4, 3), -1.0)
+    a = lp.clone().requires_grad_()
+    loss, _ = trl_profiles.DPOLoss(dict(loss_type=["sigmoid"], f_divergence_type="forward_kl"))(a, mask, ref)
+    (g,) = torch.autograd.grad(loss, a)
+    b = lp.double().requires_grad_()
+    x = b.sum(1) - ref.double().sum(1)
+    f = 1 - torch.exp(-x)
+    want = -F.logsigmoid(0.1 * (f[:2] - f[2:])).mean()
+    (wg,) = torch.autograd.grad(want, b)
+    _expect_rounded(loss, want, "loss")
+    _expect_rounded(g, wg, "gradient")
+    assert torch.isinf(loss) and (g[0] == -math.inf).all() and torch.isfinite(g[1:]).all()
+
+
+# ------------------------------------------------------------------ the TRL profiles check their own arguments
+
+def _kto(loss_type="kto"):
+    return trl_profiles.KTOLoss(dict(loss_type=loss_type, beta=0.5))
+
+
+def test_kto_profile_checks_the_kl_completions_shapes():
+    """kl_logps [4] against ref_kl_logps [1] broadcast to a wrong KL baseline, [4, 1] against [4] to a [4, 4] outer
+    difference, [3] against [4] failed inside torch: each is a ValueError naming the argument now. The KL
+    completions may number other than the responses (every process's)."""
+    lp, mask = -torch.rand(4, 5), torch.ones(4, 5)
+    label, ref = torch.tensor([True, False, True, True]), -torch.rand(4) * 5
+    kl = torch.tensor([-3.0, -4.0, -5.0, -6.0])
+    kto = _kto()
+    for exc, name, kw in [
+        (ValueError, "ref_kl_logps must have shape (4,)", dict(kl_logps=kl, ref_kl_logps=torch.tensor([-6.0]))),
+        (ValueError, "kl_logps must have 1 dimension", dict(kl_logps=kl[:, None], ref_kl_logps=kl - 1)),
+        (ValueError, "ref_kl_logps must have shape (3,)", dict(kl_logps=kl[:3], ref_kl_logps=kl)),
+        (ValueError, "kl_logps must hold at least one value", dict(kl_logps=kl[:0], ref_kl_logps=kl[:0])),
+        (TypeError, "kl_logps must be a floating tensor", dict(kl_logps=kl.long(), ref_kl_logps=kl)),
+        (TypeError, "ref_kl_logps must be a floating tensor", dict(kl_logps=kl, ref_kl_logps=kl.long())),
+    ]:
+        _raises(exc, name, lambda: kto(lp, mask, label, ref, **kw))
+    # eight KL completions (two processes' worth) for four responses: their mean difference, clamped at 0
+    kl8, ref8 = torch.linspace(-6, -2, 8), torch.linspace(-7, -2.5, 8)
+    _, metrics = kto(lp, mask, label, ref, kl8, ref8)
+    assert_close(metrics["kl"], (kl8.double() - ref8.double()).mean().clamp(min=0), atol=1e-6, what="kl")
+
+
+def test_kto_profile_labels_are_bool_or_zero_one():
+    """A label of 2 counted as desirable though the docstring says bool or 0/1; it raises a ValueError naming label
+    where the values are on the host (a list, a CPU tensor). 0/1 integers give the bool labels' loss."""
+    lp, mask, ref = -torch.rand(4, 5), torch.ones(4, 5), -torch.rand(4) * 5
+    kto = _kto("apo_zero_unpaired")
+    for label in ([2, 0, 1, 0], torch.tensor([2, 0, 1, 0]), torch.tensor([0, -1, 1, 0], dtype=torch.int32)):
+        _raises(ValueError, "label must be bool (or 0/1 integers)", lambda: kto(lp, mask, label, ref))
+    _raises(TypeError, "label must be bool", lambda: kto(lp, mask, torch.tensor([1.0, 0.0, 1.0, 0.0]), ref))
+    _raises(ValueError, "label must have shape (4,)", lambda: kto(lp, mask, torch.tensor([True, False]), ref))
+    want, _ = kto(lp, mask, torch.tensor([True, False, True, False]), ref)
+    for label in ([1, 0, 1, 0], torch.tensor([1, 0, 1, 0], dtype=torch.uint8)):
+        got, _ = kto(lp, mask, label, ref)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_kto_profile_reads_no_cuda_label_on_the_host():
+    """A CUDA label is not read on the host (its values would synchronise): no sync, and a nonzero integer counts
+    as desirable, as KTOTrainer's cast to bool."""
+    dev = "cuda"
+    lp, mask, ref = -torch.rand(4, 5, device=dev), torch.ones(4, 5, device=dev), -torch.rand(4, device=dev)
+    kto = _kto("apo_zero_unpaired")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got, _ = kto(lp, mask, torch.tensor([2, 0, 1, 0], device=dev), ref)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want, _ = kto(lp, mask, torch.tensor([True, False, True, False], device=dev), ref)
+    assert torch.equal(got, want)
+
+
+def test_profile_errors_name_the_profiles_own_arguments():
+    """The profiles' errors named internal arguments (sum_p2, token_logprobs, ref_chosen_logprobs, ref_logprobs,
+    logprobs, desirable) or blamed the mask for a mis-shaped ref_per_token_logps; they name the argument the caller
+    passed now."""
+    lp, m, ref = -torch.rand(4, 5), torch.ones(4, 5), -torch.rand(4, 5)
+    dpo, wpo = trl_profiles.DPOLoss(), trl_profiles.DPOLoss(dict(use_weighting=True))
+    kto = _kto("apo_zero_unpaired")
+    label = torch.tensor([True, False, True, True])
+    cases = [
+        (ValueError, "log_sum_sq_probs must have shape (4, 5)", lambda: wpo(lp, m, ref, log_sum_sq_probs=lp[:, :4])),
+        (TypeError, "log_sum_sq_probs must be a floating tensor",
+         lambda: wpo(lp, m, ref, log_sum_sq_probs=lp.long())),
+        (ValueError, "ref_per_token_logps must have shape (4, 5)", lambda: dpo(lp, m, ref[:, :4])),
+        (TypeError, "ref_per_token_logps must be a floating tensor", lambda: dpo(lp, m, ref.long())),
+        (ValueError, "completion_mask must have shape (4, 5)", lambda: dpo(lp, m[:, :4], ref)),
+        (TypeError, "per_token_logps must be a floating tensor", lambda: dpo(lp.long(), m, ref)),
+        (ValueError, "per_token_logps must have 2 dimension", lambda: dpo(lp[0], m, ref)),
+        (ValueError, "ref_chosen_logps must have shape (2,)",
+         lambda: dpo(lp, m, ref_chosen_logps=torch.zeros(3), ref_rejected_logps=torch.zeros(2))),
+        (ValueError, "ref_rejected_logps must have shape (2,)",
+         lambda: dpo(lp, m, ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(2, 1))),
+        (ValueError, "give both ref_chosen_logps and ref_rejected_logps",
+         lambda: dpo(lp, m, ref_chosen_logps=torch.zeros(2))),
+        (ValueError, "ref_logps must have shape (4,)", lambda: kto(lp, m, label, torch.zeros(3))),
+        (TypeError, "ref_logps must be a floating tensor", lambda: kto(lp, m, label, torch.zeros(4).long())),
+        (TypeError, "per_token_logps must be a floating tensor", lambda: kto(lp.long(), m, label, torch.zeros(4))),
+        (ValueError, "completion_mask must have shape (4, 5)",
+         lambda: trl_profiles.CPOLoss()(lp, m[:, :4])),
+        (ValueError, "nll_mask must have shape (4, 5)", lambda: trl_profiles.ORPOLoss()(lp, m, m[:3])),
+    ]
+    for exc, message, fn in cases:
+        _raises(exc, message, fn)

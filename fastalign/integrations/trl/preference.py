@@ -36,7 +36,9 @@ from torch import Tensor, nn
 from fastalign import _validate
 from fastalign.integrations.trl._config import read_fields
 from fastalign.linear_preference import LinearPreferenceLoss
-from fastalign.preference import ROW_OPTIONS, PreferenceLoss, preference_loss, unpaired_preference_loss, wpo_weights
+from fastalign.ops._launch import eager
+from fastalign.preference import (LOSSES, ROW_OPTIONS, PreferenceLoss, preference_loss, unpaired_preference_loss,
+                                  wpo_weights)
 from fastalign.sequence import sequence_logprobs
 
 __all__ = [
@@ -56,11 +58,19 @@ KTO_DEFAULTS: Dict[str, Any] = dict(loss_type="kto", beta=0.1, desirable_weight=
 
 #: The DPO loss types TRL 1.16 applies label smoothing to.
 DPO_SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")
-def _check_rows(name: str, x: Tensor, mask: Tensor) -> None:
-    if not isinstance(x, Tensor) or x.dim() != 2:
-        raise ValueError(f"{name} must be a [rows, T] tensor of per-token log-probs")
-    if not isinstance(mask, Tensor) or mask.shape != x.shape:
-        raise ValueError(f"the mask must have the shape of {name} {tuple(x.shape)}")
+#: The DPO loss types TRL 1.16 takes an f-divergence with (``DPOTrainer`` refuses any other with one).
+DPO_F_DIVERGENCE = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+
+
+def _check_rows(per_token_logps: Tensor, **like) -> None:
+    """``per_token_logps``: a floating ``[rows, T]`` tensor; each tensor in ``like`` (a mask, the
+    reference's per-token log-probs: ``name=tensor``) has its shape and device. Errors name the argument."""
+    _validate.any_float("per_token_logps", per_token_logps, dim=2)
+    masks = {k: v for k, v in like.items() if k.endswith("mask")}
+    others = {k: v for k, v in like.items() if not k.endswith("mask")}
+    for kind, tensors in (("real", masks), ("any_float", others)):
+        _validate.like(tuple(per_token_logps.shape), "like per_token_logps", kind=kind,
+                       device=per_token_logps.device, device_of="per_token_logps", **tensors)
 
 
 def _pair_rows(x: Tensor, name: str) -> int:
@@ -115,6 +125,11 @@ def _dpo(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     if c["use_weighting"] and any(t in ("aot", "aot_unpaired") for t in types):
         raise ValueError("DPOConfig: use_weighting does not apply to 'aot' / 'aot_unpaired' (they sort the batch)")
     f, coef = c["f_divergence_type"], float(c["f_alpha_divergence_coef"])
+    if f != "reverse_kl":  # DPOTrainer refuses it here, whatever the coefficient (before its c = 1 shortcut)
+        bad = [t for t in types if isinstance(t, str) and t in LOSSES and t not in DPO_F_DIVERGENCE]
+        if bad:
+            raise ValueError(f"DPOConfig: f_divergence_type={f!r} does not apply to loss_type {bad[0]!r}: TRL 1.16 "
+                             f"takes it with {list(DPO_F_DIVERGENCE)} only")
     opts: Dict[str, Any] = dict(loss_type=types, beta=float(c["beta"]), loss_weights=c["loss_weights"],
                                 label_smoothing=eps)
     if eps:  # TRL's rows only
@@ -158,10 +173,11 @@ class DPOLoss(nn.Module):
     def forward(self, per_token_logps: Tensor, completion_mask: Tensor, ref_per_token_logps: Optional[Tensor] = None,
                 *, ref_chosen_logps: Optional[Tensor] = None, ref_rejected_logps: Optional[Tensor] = None,
                 log_sum_sq_probs: Optional[Tensor] = None, lengths: Optional[Tensor] = None):
-        _check_rows("per_token_logps", per_token_logps, completion_mask)
+        _check_rows(per_token_logps, completion_mask=completion_mask, ref_per_token_logps=ref_per_token_logps,
+                    log_sum_sq_probs=log_sum_sq_probs)
         B = _pair_rows(per_token_logps, "per_token_logps")
-        _validate.like((2 * B,), "one length per row of per_token_logps", kind="real", device=per_token_logps.device,
-                       device_of="per_token_logps", lengths=lengths)
+        device = dict(device=per_token_logps.device, device_of="per_token_logps")
+        _validate.like((2 * B,), "one length per row of per_token_logps", kind="real", **device, lengths=lengths)
         if self.use_weighting and log_sum_sq_probs is None:
             raise ValueError("use_weighting (WPO) needs log_sum_sq_probs, the per-token log Σ_j p_j²")
         if not self.use_weighting and log_sum_sq_probs is not None:
@@ -169,14 +185,15 @@ class DPOLoss(nn.Module):
         if (ref_per_token_logps is None) == (ref_chosen_logps is None):
             raise ValueError("give the reference per token (ref_per_token_logps) or per sequence "
                              "(ref_chosen_logps and ref_rejected_logps), one of the two")
+        if ref_per_token_logps is None and ref_rejected_logps is None:
+            raise ValueError("give both ref_chosen_logps and ref_rejected_logps")
+        _validate.like((B,), "one per pair: per_token_logps holds the chosen rows, then the rejected rows",
+                       kind="real", **device, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
         sum_p2 = None if log_sum_sq_probs is None else torch.exp(log_sum_sq_probs.detach())
         s = sequence_logprobs(per_token_logps, completion_mask, ld_alpha=self.ld_alpha, sum_p2=sum_p2)
         if ref_per_token_logps is not None:
-            _check_rows("ref_per_token_logps", ref_per_token_logps, completion_mask)
             r = sequence_logprobs(ref_per_token_logps.detach(), completion_mask, ld_alpha=self.ld_alpha).sum
             ref_chosen_logps, ref_rejected_logps = r[:B], r[B:]
-        elif ref_rejected_logps is None:
-            raise ValueError("give both ref_chosen_logps and ref_rejected_logps")
         kw = {}
         if "sft" in self.options["loss_type"]:
             plain = s.sum if self.ld_alpha is None else sequence_logprobs(per_token_logps, completion_mask).sum
@@ -269,7 +286,7 @@ class CPOLoss(nn.Module):
         self.averaged, self.alpha = token["averaged"], token["alpha"]
 
     def forward(self, per_token_logps: Tensor, completion_mask: Tensor):
-        _check_rows("per_token_logps", per_token_logps, completion_mask)
+        _check_rows(per_token_logps, completion_mask=completion_mask)
         B = _pair_rows(per_token_logps, "per_token_logps")
         s = sequence_logprobs(per_token_logps, completion_mask)
         sums = _averaged_sums(per_token_logps, s) if self.averaged else s.sum
@@ -313,8 +330,7 @@ class ORPOLoss(nn.Module):
         self.options = orpo_options(config)
 
     def forward(self, per_token_logps: Tensor, completion_mask: Tensor, nll_mask: Tensor):
-        _check_rows("per_token_logps", per_token_logps, completion_mask)
-        _check_rows("per_token_logps", per_token_logps, nll_mask)
+        _check_rows(per_token_logps, completion_mask=completion_mask, nll_mask=nll_mask)
         B = _pair_rows(per_token_logps, "per_token_logps")
         s = sequence_logprobs(per_token_logps, completion_mask)
         full = sequence_logprobs(per_token_logps[:B], nll_mask[:B])
@@ -345,10 +361,15 @@ class KTOLoss(nn.Module):
     """``KTOTrainer``'s loss and metrics (TRL 1.16) on an unpaired batch.
 
     ``forward(per_token_logps, completion_mask, label, ref_logps, kl_logps=None, ref_kl_logps=None)``:
-    per-token log-probs ``[N, T]`` of N responses in any order and mix, ``label`` bool ``[N]``
-    (True: desirable), ``ref_logps`` ``[N]`` the reference's summed log-probs, and for ``kto``
+    per-token log-probs ``[N, T]`` of N responses in any order and mix, ``label`` ``[N]`` bool (or 0/1
+    integers; True: desirable), ``ref_logps`` ``[N]`` the reference's summed log-probs, and for ``kto``
     the summed log-probs of the mismatched KL completions under the policy and the reference
-    (``[N]`` each; KL = their mean difference, clamped at 0, detached).
+    (``[M]`` each, the same shape, at least one value; ``M = N``, or the KL completions of every
+    process; KL = their mean difference, clamped at 0, detached).
+
+    An integer ``label`` other than 0/1 raises a ``ValueError`` when it is read on the host for free (a
+    list, a CPU tensor); on a GPU its values are not read (that would synchronise) and a nonzero value
+    counts as desirable, as ``KTOTrainer``'s cast to bool does.
 
     Metrics: ``kl``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
     ``logps/chosen``, ``logps/rejected`` (NaN where TRL logs nothing: a class absent from the
@@ -360,17 +381,41 @@ class KTOLoss(nn.Module):
 
     def forward(self, per_token_logps: Tensor, completion_mask: Tensor, label: Tensor, ref_logps: Tensor,
                 kl_logps: Optional[Tensor] = None, ref_kl_logps: Optional[Tensor] = None):
-        _check_rows("per_token_logps", per_token_logps, completion_mask)
+        _check_rows(per_token_logps, completion_mask=completion_mask)
+        N = per_token_logps.shape[0]
+        device = dict(device=per_token_logps.device, device_of="per_token_logps")
         kto = self.options["loss_type"] == "kto"
         if kto and (kl_logps is None or ref_kl_logps is None):
             raise ValueError("loss_type 'kto' needs kl_logps and ref_kl_logps (the KL completions' summed log-probs)")
         if not kto and (kl_logps is not None or ref_kl_logps is not None):
             raise ValueError("kl_logps / ref_kl_logps do not apply to loss_type 'apo_zero_unpaired' (no KL term)")
+        _validate.like((N,), "one per row of per_token_logps", **device, ref_logps=ref_logps)
+        if kto:
+            _validate.any_float("kl_logps", kl_logps, dim=1)
+            _validate.like(tuple(kl_logps.shape), "like kl_logps", **device, kl_logps=kl_logps,
+                           ref_kl_logps=ref_kl_logps)
+            if N and kl_logps.shape[0] == 0:
+                raise ValueError("kl_logps must hold at least one value (the KL completions' summed log-probs), got "
+                                 "shape (0,)")
+        label = _label(label, N)
         s = sequence_logprobs(per_token_logps, completion_mask)
         kl = (kl_logps.detach() - ref_kl_logps.detach()) if kto else None
-        label = torch.as_tensor(label, device=per_token_logps.device)
-        if label.dtype.is_floating_point or label.dtype.is_complex:
-            raise TypeError(f"label must be bool (or 0/1 integers) per response, True for a desirable one; "
-                            f"got {label.dtype}")
-        return unpaired_preference_loss(s.sum, ref_logps, label != 0, kl=kl, **self.options)
+        return unpaired_preference_loss(s.sum, ref_logps, label.to(per_token_logps.device) != 0, kl=kl,
+                                        **self.options)
+
+
+def _label(label, n: int) -> Tensor:
+    """``KTOLoss``'s ``label``: a bool or integer ``[n]`` tensor (or a list of them). Integers other than 0/1
+    raise where the values are on the host (a list, an eager CPU tensor: free to read); a GPU tensor's are
+    not read."""
+    label = torch.as_tensor(label)
+    if label.dtype.is_floating_point or label.dtype.is_complex:
+        raise TypeError(f"label must be bool (or 0/1 integers) per response, True for a desirable one; "
+                        f"got {label.dtype}")
+    _validate.shape("label", label, (n,), "one per row of per_token_logps")
+    if label.dtype != torch.bool and label.device.type == "cpu" and eager(label):
+        if bool(((label != 0) & (label != 1)).any()):
+            raise ValueError(f"label must be bool (or 0/1 integers) per response, True for a desirable one; got the "
+                             f"values {sorted(set(label.tolist()) - {0, 1})[:3]}")
+    return label
 
