@@ -134,6 +134,10 @@ def test_registry_policy_loss_equals_verl(mode, agg, weighted, dp):
     seed = sorted(POLICY_CASES).index(mode) * 10 + AGG.index(agg)
     lp, old, A, m, w = _policy_batch(seed)
     w = w if weighted else None
+    if mode == "kl_cov":  # ties in the covariance are broken differently from verl's torch.topk
+        v = m.bool()
+        cov = (A[v].double() - A[v].double().mean()) * (lp[v].double() - lp[v].double().mean())
+        assert torch.unique(cov).numel() == cov.numel(), "tied covariances in the kl_cov data"
     out = []
     for name in (mode, plugin.PREFIX + mode):
         actor = _actor(plugin.PREFIX + mode, pl, loss_agg_mode=agg, **opts, **lsf)
@@ -546,3 +550,81 @@ def test_gspo_passes_no_gradient_through_a_nan_sequence_ratio():
         grads.append(x.grad)
     assert torch.equal(grads[0][1], torch.zeros(3))
     torch.testing.assert_close(grads[1], grads[0], equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# verl's defaults and edge values through the registry
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_default_loss_agg_mode_is_verls(mode):
+    """``fastalign_<mode>`` defaults ``loss_agg_mode`` as verl's own function for the mode does (gspo, sapo:
+    seq-mean-token-mean), so a call that leaves it out gives verl's loss."""
+    import inspect
+
+    verl_fn, fa_fn = core_algos.get_policy_loss_fn(mode), core_algos.get_policy_loss_fn(plugin.PREFIX + mode)
+    default = inspect.signature(verl_fn).parameters["loss_agg_mode"].default
+    assert inspect.signature(fa_fn).parameters["loss_agg_mode"].default == default
+    opts, pl = POLICY_CASES[mode]
+    lp, old, A, m, _ = _policy_batch(60 + MODES.index(mode))
+    actor = _actor(plugin.PREFIX + mode, pl, **opts)
+    _set_global(actor, False, m)
+    (vl, vm), (fl, fm) = (fn(old_log_prob=old, log_prob=lp, advantages=A, response_mask=m, config=actor)
+                          for fn in (verl_fn, fa_fn))
+    assert_close(fl, vl, atol=1e-6, rtol=1e-5, what=f"{mode} loss with the default loss_agg_mode")
+    for k, v in vm.items():
+        assert_close(torch.tensor(fm[k]), torch.tensor(v), atol=1e-6, rtol=1e-5, what=f"{mode} metric {k}")
+
+
+NAN_RATIO_CASES = {  # mode -> policy_loss options (clip_cov: every candidate picked, or at most k)
+    **{m: {} for m in sorted(POLICY_CASES) if m not in ("clip_cov", "dro")},
+    "dro": dict(dro_beta=0.5),
+    "clip_cov": dict(clip_cov_ratio=1.0, clip_cov_lb=-100.0, clip_cov_ub=100.0),
+}
+# verl counts a NaN log-ratio as clipped (cispo: ratio != clamp(ratio); geo_mean: ne(l, clamp(l))) or as a
+# Clip-Cov candidate; fastalign counts it nowhere (docs/parity-policy.md "Not covered")
+NAN_CLIPFRAC_DIFFERS = ("cispo", "geo_mean", "clip_cov")
+
+
+@pytest.mark.parametrize("where", ["old_log_prob", "log_prob"])
+@pytest.mark.parametrize("case", sorted(NAN_RATIO_CASES))
+def test_nan_log_ratio_metrics_equal_verl(case, where):
+    """A NaN log-ratio on valid tokens: the loss (NaN in most modes) and the metrics are verl's, but for the clip
+    fractions of NAN_CLIPFRAC_DIFFERS."""
+    mode = case
+    lp = torch.tensor([[-0.5, -1.0, -0.2, -0.7, -0.4], [-0.3, -0.9, -1.2, -0.4, -2.0]])
+    old = lp + torch.tensor([[0.05, -0.1, 0.02, 0.1, -0.03], [0.04, 0.01, -0.06, 0.08, -0.02]])
+    A = torch.tensor([[1.0], [-0.5]]).expand(2, 5).contiguous()
+    m = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    bad = old if where == "old_log_prob" else lp
+    bad[0, 1] = bad[1, 2] = float("nan")  # one token with A > 0, one with A < 0
+    actor = _actor(plugin.PREFIX + mode, NAN_RATIO_CASES[case])
+    _set_global(actor, False, m)
+    out = [core_algos.get_policy_loss_fn(name)(old, lp, A, m, "token-mean", actor, None)
+           for name in (mode, plugin.PREFIX + mode)]
+    (vl, vm), (fl, fm) = out
+    torch.testing.assert_close(fl, vl, atol=1e-6, rtol=1e-5, equal_nan=True)
+    assert set(fm) == set(vm)
+    for k, v in vm.items():
+        if mode in NAN_CLIPFRAC_DIFFERS and k.startswith("actor/pg_clipfrac"):
+            continue
+        assert_close(torch.tensor(fm[k]), torch.tensor(v), atol=1e-6, rtol=1e-5, what=f"{case} metric {k}")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("est", sorted(["grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "opo", "gpg",
+                                        "grpo_passk", "reinforce_plus_plus_baseline", "gdpo"]))
+def test_registry_estimator_with_a_non_finite_score_equals_verl(est, bad):
+    """A NaN (a failed reward function) or ±inf sequence score through the registry, with the keywords of verl's
+    trainer: ``fastalign_<est>`` gives verl's NaN groups (or NaN batch) and verl's numbers elsewhere."""
+    r = torch.zeros(7, 2)
+    r[:, -1] = torch.tensor([1.0, 0.0, bad, 1.0, 0.5, 0.0, bad])
+    m = torch.ones(7, 2)
+    m[5, 1] = 0
+    uid = np.array(["a", "a", "a", "b", "b", "b", "c" if est != "grpo_passk" else "b"], dtype=object)
+    cfg = AlgoConfig(adv_estimator=plugin.PREFIX + est)
+    kw = dict(response_mask=m, index=uid, config=cfg)
+    v_adv, v_ret = core_algos.get_adv_estimator_fn(est)(token_level_rewards=r.clone(), **kw)
+    f_adv, f_ret = core_algos.get_adv_estimator_fn(plugin.PREFIX + est)(token_level_rewards=r.clone(), **kw)
+    torch.testing.assert_close(f_adv, v_adv, atol=2e-6, rtol=2e-6, equal_nan=True)
+    torch.testing.assert_close(f_ret, v_ret, atol=2e-6, rtol=2e-6, equal_nan=True)

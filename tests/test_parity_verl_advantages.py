@@ -356,3 +356,87 @@ def test_gdpo_infinite_reward_is_nan_as_verl(uid, inf):
     valid = mask > 0
     assert torch.isnan(v[valid]).all()
     assert torch.isnan(f[valid]).all() and torch.isnan(g).all(), (f, g)
+
+
+# ------------------------------------------------------------------ NaN and infinite scores, as verl computes them
+
+def _bad_scores_batch(bad, dtype=D):
+    """Outcome rewards on the last valid token; groups "a" (two bad scores, one of them on an empty
+    response, i.e. on a masked slot), "b" (finite), "c" (one bad score), "d" and "e" (groups of one,
+    "d" bad). ``bad`` None: every score finite."""
+    uid = np.array(["a", "b", "a", "c", "b", "a", "c", "d", "b", "e", "c", "a"], dtype=object)
+    B, T = len(uid), 5
+    g = torch.Generator().manual_seed(12)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    lengths[5] = 0  # an empty response: verl's reward lands on its last (masked) slot
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).to(dtype)
+    scores = torch.randn(B, generator=g, dtype=D).to(dtype)
+    scores[1] = 0.0  # a zero score: gpg's count_nonzero
+    if bad is not None:
+        scores[[0, 5, 3, 7]] = torch.tensor(bad, dtype=dtype)
+    r = torch.zeros(B, T, dtype=dtype)
+    r[torch.arange(B), (lengths - 1) % T] = scores
+    return r, mask, uid
+
+
+BAD_SCORES = {  # scores of rows 0 and 5 (group a), 3 (group c) and 7 (group d, alone)
+    "nan": [float("nan")] * 4,
+    "nan_and_inf": [float("nan"), float("inf"), -float("inf"), float("nan")],
+    "inf": [float("inf"), -float("inf"), float("inf"), -float("inf")],
+    "one_nan": [float("nan"), 0.5, 1.0, 2.0],
+}
+
+
+@pytest.mark.parametrize("dtype", [D, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("bad", list(BAD_SCORES))
+@pytest.mark.parametrize("estimator,norm", [(e, True) for e in GROUPED] + [("grpo", False), ("grpo_passk", False)])
+def test_non_finite_scores_give_verls_advantages(estimator, norm, bad, dtype):
+    """NaN and ±inf sequence scores: verl's NaN groups (grpo, rloo, opo, gpg with its NaN-counting alpha, ...),
+    grpo_passk's NaN best response, the all-NaN batch of reinforce_plus_plus_baseline and gdpo, on every
+    position of the row, as verl's own function computes them (fastalign's ``group_advantages`` itself
+    leaves a NaN score out: docs/math.md)."""
+    r, mask, uid = _bad_scores_batch(BAD_SCORES[bad], dtype)
+    if estimator == "grpo_passk":
+        uid = np.where(np.isin(uid, ["d", "e"]), "b", uid)  # pass@k: groups of two or more
+        if bad in ("nan", "nan_and_inf"):  # one NaN per group: topk's order among several NaN is unspecified
+            r[5] = r[5].nan_to_num(nan=-3.0)
+    cfg = AlgoConfig(adv_estimator=estimator, norm_adv_by_std_in_grpo=norm)
+    adv_v, ret_v = _verl(cfg, r, mask, uid)
+    for index in (uid, torch.from_numpy(np.unique(uid, return_inverse=True)[1])):
+        adv_f, ret_f = fverl.compute_advantage(cfg, r, mask, index)
+        assert adv_f.dtype == dtype
+        for got, want in ((adv_f, adv_v), (ret_f, ret_v)):
+            torch.testing.assert_close(got.to(D), want.to(D), atol=2e-6, rtol=2e-6, equal_nan=True)
+    if bad != "inf":
+        assert torch.isnan(adv_v).any()
+    finite = _bad_scores_batch(None, dtype)[0]  # no bad score: the profile's numbers are group_advantages'
+    adv_f, _ = fverl.compute_advantage(cfg, finite, mask, uid)
+    torch.testing.assert_close(adv_f.to(D), _verl(cfg, finite, mask, uid)[0].to(D), atol=2e-6, rtol=2e-6)
+
+
+def test_gpg_alpha_counts_a_nan_score_in_other_groups():
+    """verl's gpg: alpha = B / count_nonzero(scores) counts a NaN, so a group without one changes too."""
+    r, mask, uid = _bad_scores_batch([float("nan"), 0.5, 1.0, 2.0])
+    cfg = AlgoConfig(adv_estimator="gpg")
+    adv_v, _ = _verl(cfg, r, mask, uid)
+    adv_f, _ = fverl.compute_advantage(cfg, r, mask, uid)
+    b = torch.from_numpy(uid == "b")
+    core = fa.group_advantages(r.sum(-1), uid, estimator="gpg", singleton="unit_std")
+    assert not torch.allclose(core[b], adv_v[b, 0])  # the core leaves the NaN out of the count
+    _close(adv_f[b], adv_v[b], "gpg group b")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_reward_on_a_valid_token_of_the_token_level_estimators(bad):
+    """A NaN or ±inf reward on a valid token: remax, and the advantages of gae and reinforce_plus_plus
+    (whitened over the batch: all NaN), are verl's on the valid tokens; so are their returns for a NaN reward."""
+    _, token_r, mask, values, baselines = _batch(seed=13)
+    token_r[2, 0] = bad
+    valid = mask.bool()
+    for est in ("gae", "reinforce_plus_plus", "remax"):
+        cfg = AlgoConfig(adv_estimator=est, gamma=0.9, lam=0.95)
+        adv_v, ret_v = _verl(cfg, token_r, mask, values=values, baselines=baselines)
+        adv_f, ret_f = fverl.compute_advantage(cfg, token_r, mask, values=values, reward_baselines=baselines)
+        torch.testing.assert_close(adv_f[valid], adv_v[valid], **TOL, equal_nan=True)
+        if est == "remax" or bad != bad:
+            torch.testing.assert_close(ret_f[valid], ret_v[valid], **TOL, equal_nan=True)

@@ -96,9 +96,20 @@ CASES = {
 }
 
 
+def assert_tie_free_cov(lp, A, m):
+    """KL-Cov's top-k breaks ties differently from verl's ``torch.topk`` (docs/parity-policy.md "Not covered"):
+    the parity data must hold distinct covariances ``(A - mean A)(lp - mean lp)`` over the valid tokens."""
+    v = m.bool()
+    a, x = A[v].double(), lp[v].double()
+    cov = (a - a.mean()) * (x - x.mean())
+    assert torch.unique(cov).numel() == cov.numel(), "tied covariances: KL-Cov's choice among them is not verl's"
+
+
 def _run(case, d, dp):
     kw = dict(CASES[case])
     is_w = d["w"] if kw.pop("is_weights", False) else None
+    if kw.get("loss_mode") == "kl_cov":
+        assert_tie_free_cov(d["lp"], d["A"], d["m"])
     actor = make_actor(**kw)
     n_tok, n_seq = int(d["m"].sum()), int((d["m"].sum(-1) > 0).sum())
     glob = dict(dp_size=2, batch_num_tokens=2 * n_tok + 3, global_batch_size=2 * n_seq + 1) if dp else {}

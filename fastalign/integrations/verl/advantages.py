@@ -19,6 +19,21 @@ Where fastalign's own defaults differ, the profile selects verl's behaviour:
 * verl's trainer passes ``norm_adv_by_std_in_grpo`` to grpo and grpo_passk only; with
   grpo_vectorized or gdpo a ``False`` would be ignored by verl, so it is refused here.
 
+NaN scores (a failed reward, the row sum of ``token_level_rewards``): fastalign's
+``group_advantages`` leaves a NaN score out of its group and gives it 0; the profile gives verl's
+numbers instead, from device tensor operations (no host read):
+
+* grpo, grpo_vectorized, rloo, rloo_vectorized, opo, gpg: every response of a group holding a NaN
+  score gets NaN (on every position of its row, as verl's ``A * mask``); gpg's
+  ``alpha = B / count_nonzero(r)`` counts the NaN score, which rescales every other group as in verl.
+* grpo_passk: in a group holding a NaN score the NaN response gets NaN and the others 0 (verl's
+  ``torch.topk`` ranks NaN first). With several NaN scores in one group, which of them ``topk``
+  returns first is not specified; the profile gives NaN to the first in batch order.
+* reinforce_plus_plus_baseline, gdpo: a NaN or infinite score anywhere in the batch makes every
+  advantage NaN (verl's batch whitening multiplies by the mask, so ``NaN * 0`` reaches its statistics,
+  empty responses included).
+* rloo_vectorized: a group of one with an infinite score gets NaN (verl's ``(inf - inf) * 0``).
+
 Values on masked positions: fastalign gives 0 there; verl leaves whatever its scan holds
 (gae's whitened advantages and returns, remax's returns on interior masked tokens). Every verl
 loss masks them out; the parity tests compare the valid tokens of those two estimators.
@@ -30,10 +45,12 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from fastalign import _backend
 from fastalign.advantages import (gae_advantages, group_advantages, optimal_token_baseline_advantages,
                                   remax_advantages, token_advantages)
 from fastalign.advantages._inputs import as_index
 from fastalign.integrations.verl._names import unprefixed
+from fastalign.ops.group_stats import group_stats
 
 __all__ = ["ALGO_DEFAULTS", "ESTIMATORS", "algo_options", "compute_advantage"]
 
@@ -92,6 +109,38 @@ def _check_passk_groups(index, B: int, device) -> None:
         uid = uid.item() if hasattr(uid, "item") else uid
         raise ValueError(f"index: grpo_passk (pass@k) requires at least 2 responses per group, got "
                          f"{int(counts[inverse[i]])} for group {uid!r}")
+
+
+def _as_verl_on_non_finite(est: str, adv: Tensor, scores: Tensor, keys: Tensor) -> Tensor:
+    """The ``[B]`` advantages ``adv`` of ``group_advantages`` (groups: the int64 ``keys``) with verl's values
+    where ``scores`` hold NaN (and, for the batch-whitened estimators and rloo_vectorized's groups of one,
+    ±inf): see the module docstring. Device tensor operations only; with finite scores ``adv`` comes back
+    unchanged."""
+    nan = torch.full_like(adv, float("nan"))
+    if est in ("reinforce_plus_plus_baseline", "gdpo"):  # verl whitens over the batch: NaN * 0 reaches it
+        return torch.where(torch.isfinite(scores).all(), adv, nan)
+    B = scores.shape[0]
+    if B == 0:
+        return adv
+    s = scores if scores.dtype == torch.float64 else scores.to(torch.float32)
+    gid = group_stats(s, keys, s.new_empty(0, dtype=torch.float64), 1, _backend.request(s.device))[0]  # ids < B
+    row = torch.arange(B, device=s.device)
+
+    def over_group(x: Tensor, reduce: str = "sum") -> Tensor:  # x reduced over each row's group
+        return torch.zeros_like(x).scatter_reduce(0, gid, x, reduce, include_self=False)[gid]
+
+    is_nan = torch.isnan(s)
+    group_nan = over_group(is_nan.to(torch.int64)) > 0
+    if est == "gpg":  # verl's alpha = B / count_nonzero(r) counts the NaN scores (NaN != 0)
+        kept = ((s != 0) & ~is_nan).sum().to(torch.float64)
+        adv = adv * (kept.clamp_min(1.0) / (kept + is_nan.sum()).clamp_min(1.0)).to(adv.dtype)
+    if est == "grpo_passk":  # topk ranks NaN first: the group's (first) NaN response gets NaN, the others 0
+        first = over_group(torch.where(is_nan, row, B), "amin")
+        return torch.where(group_nan, torch.where(row == first, nan, torch.zeros_like(adv)), adv)
+    if est == "rloo_vectorized":  # (c r - sum) / max(c - 1, 1) * (c > 1): a lone ±inf gives (inf - inf) * 0
+        alone = over_group(torch.ones_like(row)) == 1
+        group_nan = group_nan | (alone & ~torch.isfinite(s))
+    return torch.where(group_nan, nan, adv)
 
 
 def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor, index=None, *,
@@ -157,9 +206,11 @@ def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor
     if est in ("opo", "reinforce_plus_plus_baseline", "gdpo"):
         kw["response_mask"] = mask
     scores = token_level_rewards.sum(dim=-1)
+    keys = as_index("index", index, scores.shape[0], scores.device)  # strings are mapped once, on the host
     if est == "gdpo":
         scores = scores.unsqueeze(-1) if reward_scores is None else reward_scores
         if opts["gdpo_reward_weights"] is not None:
             kw["reward_weights"] = list(opts["gdpo_reward_weights"])
-    adv = token_advantages(group_advantages(scores, index, **kw), mask)
+    adv = _as_verl_on_non_finite(est, group_advantages(scores, keys, **kw), scores, keys)
+    adv = token_advantages(adv, mask)
     return adv, adv

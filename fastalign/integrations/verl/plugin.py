@@ -9,18 +9,27 @@ module, so after ``pip install fastalign`` a verl run selects them by config alo
 Each verl loss mode ``m`` that :mod:`fastalign.integrations.verl.policy` covers is registered as
 ``fastalign_m`` with the signature of verl's policy-loss functions,
 ``fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
--> (pg_loss, pg_metrics)``: the policy term only, aggregated with ``config.global_batch_info``
-(verl's actor adds the entropy and KL terms itself). ``pg_metrics`` has the keys and the types
-verl's own mode returns: a dict of Python floats (verl's actor wraps them in ``Metric`` with mean
-aggregation). They are read from the device in one transfer, where verl's modes read each.
+-> (pg_loss, pg_metrics)``, with the default ``loss_agg_mode`` of verl's function for that mode (gspo
+and sapo: ``"seq-mean-token-mean"``, the others ``"token-mean"``): the policy term only, aggregated
+with ``config.global_batch_info`` (verl's actor adds the entropy and KL terms itself). ``pg_metrics``
+has the keys and the types verl's own mode returns: a dict of Python floats (verl's actor wraps them
+in ``Metric`` with mean aggregation). They are read from the device in one transfer, where verl's modes read each.
+
+Known differences of the losses (docs/parity-policy.md "Not covered"): KL-Cov breaks ties in the
+covariance at the top-k cut by the lower index, verl's ``torch.topk`` in an unspecified order, so with
+tied covariances (one advantage per sequence and equal log-probs) the penalised tokens can differ;
+Clip-Cov picks its tokens with a seeded device choice where verl calls ``torch.randperm``; a Clip-Cov
+token picked with an infinite ratio gets a 0 gradient and stays out of the loss, where verl's loss is
+NaN.
 
 Each estimator ``e`` of :mod:`fastalign.integrations.verl.advantages` is registered as
 ``fastalign_e`` with the parameters of verl's estimator function ``e`` in verl's order (so a
 positional call binds as verl's: ``fastalign_gae(rewards, values, mask, gamma, lam)``,
 ``fastalign_remax(rewards, baselines, mask)``, ``fastalign_gpg(rewards, mask, index, epsilon, f_norm)``),
 followed by keyword-only parameters for what the other estimators take, returning
-``(advantages, returns)``. ``norm_adv_by_std_in_grpo`` is read from the argument or, when that is
-not given, from ``config`` (verl's trainer passes only ``config`` to registered estimators).
+``(advantages, returns)``, with verl's values for NaN scores (NaN groups, verl's gpg ``alpha``; see
+:mod:`fastalign.integrations.verl.advantages`). ``norm_adv_by_std_in_grpo`` is read from the argument
+or, when that is not given, from ``config`` (verl's trainer passes only ``config`` to registered estimators).
 verl's ``grpo_vectorized`` and ``gdpo`` never read the flag from ``config`` (its trainer passes
 the argument to its own ``grpo`` only), so ``fastalign_grpo_vectorized`` and ``fastalign_gdpo``
 refuse a ``False`` there with :func:`~fastalign.integrations.verl.advantages.compute_advantage`'s
@@ -73,9 +82,22 @@ __all__ = ["PREFIX", "POLICY_LOSSES", "ADVANTAGE_ESTIMATORS", "register"]
 
 
 
+def _verl_default_agg(mode: str) -> str:
+    """The default ``loss_agg_mode`` of verl's own function for loss mode ``mode`` (gspo and sapo:
+    ``"seq-mean-token-mean"``, the others ``"token-mean"``), read from its signature."""
+    from verl.trainer.ppo import core_algos
+
+    param = inspect.signature(core_algos.get_policy_loss_fn(mode)).parameters.get("loss_agg_mode")
+    if param is None or param.default is inspect.Parameter.empty:
+        raise TypeError(f"verl's loss mode {mode!r} has no default loss_agg_mode to take")
+    return param.default
+
+
 def _policy_loss_fn(mode: str) -> Callable:
+    default_agg = _verl_default_agg(mode)
+
     def policy_loss_fn(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-                       loss_agg_mode: str = "token-mean", config: Any = None,
+                       loss_agg_mode: str = default_agg, config: Any = None,
                        rollout_is_weights: Optional[Tensor] = None) -> tuple[Tensor, Dict[str, Tensor]]:
         if config is None:
             raise ValueError(f"config (the actor config) is required by loss mode {PREFIX + mode!r}")
