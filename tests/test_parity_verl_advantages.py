@@ -440,3 +440,24 @@ def test_non_finite_reward_on_a_valid_token_of_the_token_level_estimators(bad):
         torch.testing.assert_close(adv_f[valid], adv_v[valid], **TOL, equal_nan=True)
         if est == "remax" or bad != bad:
             torch.testing.assert_close(ret_f[valid], ret_v[valid], **TOL, equal_nan=True)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("estimator", OTB)
+def test_optimal_token_baseline_non_finite_reward_stays_in_its_group(estimator, bad):
+    """A non-finite reward on a valid token reaches only its own group, position by position, as verl's per-group
+    sums: the other groups' advantages are unchanged and finite."""
+    r, mask, old, p2, _ = _otb_inputs(seed=31)
+    index = UIDS["str-interleaved"]
+    row = 2
+    r[row, int(mask[row].nonzero()[1])] = bad
+    cfg = AlgoConfig(adv_estimator=estimator)
+    adv_v, ret_v = core_algos.get_adv_estimator_fn(estimator)(
+        token_level_rewards=r.clone(), response_mask=mask, config=cfg, index=index, old_log_probs=old,
+        sum_pi_squared=p2)
+    adv_f, ret_f = fverl.compute_advantage(cfg, r, mask, index, old_log_probs=old, sum_pi_squared=p2)
+    valid = mask.bool()
+    torch.testing.assert_close(adv_f[valid], adv_v[valid], **TOL, equal_nan=True)
+    torch.testing.assert_close(ret_f[valid], ret_v[valid], **TOL, equal_nan=True)
+    others = torch.tensor([u != index[row] for u in index])
+    assert torch.isfinite(adv_f[others]).all()

@@ -7,6 +7,8 @@ estimators run under ``torch.no_grad()``, so their outputs never require grad, w
 """
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import torch
@@ -165,6 +167,20 @@ def implicit_process_advantages(logprobs: Tensor, ref_logprobs: Tensor, response
 
 
 # ---------------------------------------------------------------- optimal token baseline
+def _group_sums(same: Tensor, x: Tensor) -> Tensor:
+    """``sum_j same[i, j] x[j]`` for each row ``i`` of ``x`` ``[B, C]``, in float64 (exact member counts, no
+    reduced-precision matmul), with IEEE sums inside each group only: the matrix product takes the finite values,
+    and two more columns per entry count the ``+inf`` and ``-inf`` members (a NaN counts as both), so a
+    non-finite member never reaches another group (a product ``0 * inf`` would make it NaN)."""
+    finite = torch.isfinite(x)
+    pos, neg = ~finite & ~(x < 0), ~finite & ~(x > 0)  # NaN: both
+    same = same.to(torch.float64)
+    total, n_pos, n_neg = (same @ torch.cat([torch.where(finite, x, 0.0), pos, neg], 1).to(torch.float64)).split(
+        x.shape[1], 1)
+    inf = torch.where(n_pos > 0, math.inf, -math.inf)
+    return torch.where((n_pos > 0) & (n_neg > 0), math.nan, torch.where((n_pos > 0) | (n_neg > 0), inf, total))
+
+
 def optimal_token_baseline_advantages(
     token_rewards: Tensor,
     response_mask: Tensor,
@@ -223,9 +239,8 @@ def optimal_token_baseline_advantages(
             same = same * (lengths > 0).to(r.dtype)[None, :]
             GW = torch.zeros_like(GW).scatter_add_(1, rank, GW)
             Wm = torch.zeros_like(Wm).scatter_add_(1, rank, Wm)
-        same64 = same.to(torch.float64)  # float64 group sums: exact member counts, no reduced-precision matmul
-        num = (same64 @ GW.to(torch.float64)).to(r.dtype)
-        den = (same64 @ Wm.to(torch.float64)).to(r.dtype) + eps
+        num, den = _group_sums(same, torch.cat([GW, Wm], 1)).to(r.dtype).split(GW.shape[1], 1)
+        den = den + eps
         baseline = torch.where(same.sum(-1, keepdim=True) > 1, num / den, 0.0)
         if zero_tail:
             in_group = same > 0
