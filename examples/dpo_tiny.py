@@ -55,6 +55,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (a learning rate, a temperature)."""
+    value = float(text)
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=positive_int, default=30)
@@ -63,8 +71,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=positive_int, default=8, help="pairs per step")
     parser.add_argument("--prompt-len", type=positive_int, default=4)
     parser.add_argument("--completion-len", type=positive_int, default=8)
-    parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--beta", type=positive_float, default=0.1)
+    parser.add_argument("--lr", type=positive_float, default=5e-3)
     args = parser.parse_args(argv)
 
     policy = tiny_qwen2(args.seed)

@@ -61,6 +61,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (a learning rate, a temperature)."""
+    value = float(text)
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=positive_int, default=40)
@@ -69,7 +77,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--group", type=positive_int, default=8, help="completions sampled per prompt")
     parser.add_argument("--prompt-len", type=positive_int, default=4)
     parser.add_argument("--completion-len", type=positive_int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--lr", type=positive_float, default=1e-2)
     parser.add_argument("--updates", type=positive_int, default=2, help="optimizer steps per sampled batch")
     args = parser.parse_args(argv)
 

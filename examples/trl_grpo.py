@@ -45,9 +45,17 @@ def target_share(completions, **kwargs):
     return [c.split().count(TARGET) / max(len(c.split()), 1) for c in completions]
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count of steps)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps")
+    parser.add_argument("--steps", type=positive_int, default=20, help="optimizer steps")
     parser.add_argument("--loss-type", default="dapo", help="GRPOConfig.loss_type")
     parser.add_argument("--seed", type=int, default=0)
     opts = parser.parse_args()

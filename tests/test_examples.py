@@ -44,3 +44,12 @@ def test_dpo_tiny_margin_rises():
     # the margin starts near 0 (policy = reference) and passes 1.3 within 10 steps over seeds 0-4
     assert last > first + 0.6, (first, last)
     assert last > 0.8, last
+
+
+@pytest.mark.parametrize("name,args", [("grpo_tiny.py", ("--lr", "nan")), ("dpo_tiny.py", ("--beta", "0")),
+                                       ("trl_grpo.py", ("--steps", "-1"))])
+def test_bad_command_line_values_are_usage_errors(name, args):
+    """A bad value is an argparse usage error naming the option, not a traceback from inside the run."""
+    proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True,
+                          timeout=HANG_LIMIT_S)
+    assert proc.returncode == 2 and args[0] in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -3,7 +3,7 @@ against its baselines, measured in the same run with the implementations'
 repetitions interleaved, so load from elsewhere on the machine falls on all
 of them alike; the table gives the median and the interquartile range.
 
-    fastalign-bench --quick                     # CPU, ~3 minutes on 2 cores (make bench)
+    fastalign-bench --quick                     # CPU, within about 5 minutes (make bench)
     fastalign-bench --device cuda --json out.json --plot out.png
     fastalign-bench --ops token_logprobs,policy_loss --no-memory
     fastalign-bench --list --ops policy_loss --quick   # the cases a run would time
