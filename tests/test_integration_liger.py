@@ -543,7 +543,21 @@ def test_diverged_policy_matches_liger(name):
 
 ASSIGNMENTS = [("GRPO", dict(beta=0.5, epsilon_high=0.0)), ("GRPO", dict(loss_type="grpo", temperature=0.7)),
                ("GRPO", dict(use_bias_correction_kl=True)), ("DPO", dict(beta=1.0)),
-               ("DPO", dict(loss_type="robust", label_smoothing=0.2)), ("CPO", dict(beta=0.5, alpha=0.3))]
+               ("DPO", dict(loss_type="robust", label_smoothing=0.2)),
+               ("DPO", dict(compute_nll_loss=True, alpha=0.5, average_log_prob=True)),
+               ("DPO", dict(use_ref_model=False)),
+               ("CPO", dict(beta=0.5, alpha=0.3)), ("CPO", dict(compute_nll_loss=False, label_smoothing=0.1)),
+               ("CPO", dict(average_log_prob=True)), ("SimPO", dict(gamma=0.9, alpha=0.3, label_smoothing=0.1)),
+               ("SimPO", dict(compute_nll_loss=False, beta=2.0)), ("ORPO", dict(beta=0.5, compute_nll_loss=False)),
+               ("KTO", dict(beta=0.4, average_log_prob=True)), ("KTO", dict(use_ref_model=True))]
+KTO_LABELS = torch.tensor([True, False, True, True, False, False])
+
+
+def _run_kto(module, d, leaves):
+    kw = dict(preference_labels=KTO_LABELS, kl=torch.tensor(0.2))
+    if module.use_ref_model:
+        kw.update(ref_input=d["ref_hidden"], ref_weight=d["ref_weight"])
+    return module(leaves[0], leaves[1], d["target"], leaves[2], **kw)
 
 
 @pytest.mark.parametrize("kind, assigned", ASSIGNMENTS, ids=[f"{k}-{'-'.join(a)}" for k, a in ASSIGNMENTS])
@@ -561,6 +575,8 @@ def test_option_assignment_takes_effect_as_liger(kind, assigned):
     if kind == "GRPO":
         out_fa = _run_grpo(fa, d, leaves_fa, ref_mode="logps")
         out_lg = _run_grpo(lg, {**d, "ids": _liger_ids(d)}, leaves_lg, ref_mode="logps")
+    elif kind == "KTO":
+        out_fa, out_lg = _run_kto(fa, d, leaves_fa), _run_kto(lg, d, leaves_lg)
     else:
         out_fa, out_lg = _run_pref(fa, d, leaves_fa), _run_pref(lg, d, leaves_lg)
     _compare(out_fa, out_lg, leaves_fa, leaves_lg, rtol=1e-5, atol=2e-6, what=f"{kind} {assigned}")
@@ -577,3 +593,36 @@ def test_invalid_option_assignment_raises_and_keeps_the_module():
         assert getattr(module, name) == before
     assert grpo.config == fl.LigerFusedLinearGRPOLoss(compiled=False).config
     assert dpo._options == fl.LigerFusedLinearDPOLoss(compiled=False)._options
+
+
+INVALID_ASSIGNMENTS = [
+    ("GRPO", {}, "use_ref_model", "yes", TypeError),
+    ("DPO", {}, "alpha", 0.5, ValueError), ("DPO", {}, "compute_nll_loss", "no", TypeError),
+    ("DPO", {}, "average_log_prob", 1, TypeError), ("DPO", {}, "use_ref_model", None, TypeError),
+    ("DPO", {}, "chunk_size", 0, ValueError), ("DPO", {}, "ignore_index", 1.5, TypeError),
+    ("CPO", dict(alpha=0.5), "compute_nll_loss", False, ValueError), ("CPO", {}, "compute_nll_loss", "no", TypeError),
+    ("CPO", {}, "label_smoothing", float("nan"), ValueError), ("CPO", {}, "beta", float("inf"), ValueError),
+    ("SimPO", {}, "alpha", float("nan"), ValueError), ("SimPO", {}, "gamma", "a", TypeError),
+    ("SimPO", dict(alpha=0.5), "compute_nll_loss", False, ValueError),
+    ("ORPO", {}, "beta", float("nan"), ValueError), ("ORPO", {}, "compute_nll_loss", "no", TypeError),
+    ("KTO", {}, "ignore_index", "a", TypeError), ("KTO", {}, "use_ref_model", "yes", TypeError),
+    ("KTO", {}, "average_log_prob", None, TypeError), ("KTO", {}, "compiled", 1, TypeError),
+]
+
+
+@pytest.mark.parametrize("kind, opts, name, value, err", INVALID_ASSIGNMENTS,
+                         ids=[f"{k}-{n}={v!r}" for k, _, n, v, _ in INVALID_ASSIGNMENTS])
+def test_invalid_shared_option_assignment_raises_and_keeps_the_loss(kind, opts, name, value, err):
+    """Each module runs its constructor's checks at each assignment: CPO's compute_nll_loss=False set after alpha=0.5
+    left alpha silently unused, SimPO's alpha=nan gave a NaN loss, a non-bool switch was read as truthy and KTO's
+    ignore_index="a" failed at the next call with a message naming nothing."""
+    module = getattr(fl, f"LigerFusedLinear{kind}Loss")(compiled=False, **opts)
+    d = _grpo_batch(32) if kind == "GRPO" else _pref_batch(32)
+    run = {"GRPO": lambda: _run_grpo(module, d, (d["hidden"], d["weight"], d["bias"]), ref_mode="logps"),
+           "KTO": lambda: _run_kto(module, d, (d["hidden"], d["weight"], d["bias"]))}.get(
+        kind, lambda: _run_pref(module, d, (d["hidden"], d["weight"], d["bias"])))
+    before, kept = run()[0], getattr(module, name)
+    with pytest.raises(err, match=name):
+        setattr(module, name, value)
+    assert getattr(module, name) == kept
+    assert torch.equal(run()[0], before)

@@ -342,6 +342,37 @@ def test_invalid_option_assignment_raises_and_keeps_the_module():
     assert torch.equal(loss_fn(lp, old, A, m)[0], before)
 
 
+DPO_MUTATIONS = [dict(beta=0.5), dict(label_smoothing=0.3), dict(ipo=True), dict(beta=0.2, ipo=True)]
+
+
+@pytest.mark.parametrize("assigned", DPO_MUTATIONS, ids=["-".join(a) for a in DPO_MUTATIONS])
+def test_dpo_option_assignment_takes_effect_as_openrlhf(orl, assigned):
+    """OpenRLHF's DPOLoss reads beta, label_smoothing and ipo at each call; so does the adapter."""
+    pc, pr, rc, rr = _dpo_inputs(26)
+    theirs, ours = orl.DPOLoss(beta=0.1), fo.DPOLoss(beta=0.1)
+    for module in (theirs, ours):
+        for name, value in assigned.items():
+            setattr(module, name, value)
+    want = theirs(pc.double(), pr.double(), rc.double(), rr.double())
+    for what, f, v in zip(("loss", "chosen_rewards", "rejected_rewards"), ours(pc, pr, rc, rr), want):
+        assert_close(f, v, atol=1e-5, rtol=1e-5, what=f"{assigned} {what}")
+
+
+def test_dpo_invalid_option_assignment_raises_and_keeps_the_module():
+    """The constructor's checks run at each assignment: ipo=True set after label_smoothing=0.2 gave IPO with the
+    smoothing silently dropped, and a negative beta or a NaN label_smoothing raised only at the next call."""
+    x = _dpo_inputs(27)
+    loss_fn = fo.DPOLoss(beta=0.1, label_smoothing=0.2)
+    before = loss_fn(*x)[0]
+    for name, value, err in (("ipo", True, ValueError), ("beta", -1.0, ValueError), ("beta", 0.0, ValueError),
+                             ("label_smoothing", float("nan"), ValueError), ("label_smoothing", 1.5, ValueError),
+                             ("ipo", "yes", TypeError), ("beta", None, TypeError)):
+        with pytest.raises(err, match=name):
+            setattr(loss_fn, name, value)
+    assert (loss_fn.beta, loss_fn.label_smoothing, loss_fn.ipo) == (0.1, 0.2, False)
+    assert torch.equal(loss_fn(*x)[0], before)
+
+
 DTYPE_CASES = {
     "sample_level": (dict(token_level_loss=False), {}),
     "gspo": (dict(policy_loss_type="gspo"), {}),

@@ -43,12 +43,16 @@ def test_a_label_out_of_the_vocabulary_without_the_hard_loss_matches_liger():
     _compare(dict(weight_hard_loss=0.0, weight_soft_loss=1.0), x, w, b, xt, wt, bt, y)
 
 
-def _compare(options, x, w, b, xt, wt, bt, y):
+def _compare(options, x, w, b, xt, wt, bt, y, assigned=()):
+    """Both modules built with ``options``, then the ``assigned`` options set on them as attributes."""
     outs, grads = [], []
     for cls, extra in ((chunked.LigerFusedLinearJSDLoss, dict(compiled=False, chunk_size=4)),
                        (LigerFusedLinearJSDLoss, {})):
         leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, w, b)]
-        out = cls(**options, **extra)(leaves[0], leaves[1], xt, wt, y, leaves[2], bt)
+        module = cls(**options, **extra)
+        for name, value in dict(assigned).items():
+            setattr(module, name, value)
+        out = module(leaves[0], leaves[1], xt, wt, y, leaves[2], bt)
         loss = out[0] if isinstance(out, tuple) else out
         grads.append(torch.autograd.grad(loss * 1.7, [t for t in leaves if t is not None]))
         outs.append(out if isinstance(out, tuple) else (out,))
@@ -58,6 +62,33 @@ def _compare(options, x, w, b, xt, wt, bt, y):
         assert_close(o, torch.as_tensor(t), atol=1e-5, rtol=1e-5)
     for t, o in zip(*grads):
         assert_close(o, t, atol=1e-5, rtol=1e-4)
+
+
+ASSIGNMENTS = [dict(beta=0.1, temperature=0.7), dict(weight_hard_loss=0.0, weight_soft_loss=1.0),
+               dict(return_soft_hard_loss=True, weight_hard_loss=0.3), dict(beta=1.0, weight_soft_loss=0.2)]
+
+
+@pytest.mark.parametrize("assigned", ASSIGNMENTS, ids=["-".join(a) for a in ASSIGNMENTS])
+def test_option_assignment_takes_effect_as_liger(assigned):
+    """Liger reads its options at each call: an option assigned after construction changes the loss as Liger's."""
+    _compare({}, *_inputs(4), assigned=assigned)
+
+
+def test_invalid_option_assignment_raises_and_keeps_the_module():
+    """The constructor's checks run at each assignment (a beta of 2 or a NaN weight raised at the next call, a
+    non-bool return_soft_hard_loss was read as truthy)."""
+    x, w, b, xt, wt, bt, y = _inputs(5)
+    loss = LigerFusedLinearJSDLoss()
+    before = loss(x, w, xt, wt, y, b, bt)
+    for name, value, err in (("beta", 2.0, ValueError), ("temperature", 0.0, ValueError),
+                             ("weight_hard_loss", float("nan"), ValueError), ("weight_soft_loss", None, TypeError),
+                             ("ignore_index", "a", TypeError), ("chunk_size", 0, ValueError),
+                             ("compiled", "no", TypeError), ("return_soft_hard_loss", "yes", TypeError)):
+        kept = getattr(loss, name)
+        with pytest.raises(err, match=name):
+            setattr(loss, name, value)
+        assert getattr(loss, name) == kept
+    assert torch.equal(loss(x, w, xt, wt, y, b, bt), before)
 
 
 def test_bad_options():

@@ -163,6 +163,7 @@ class LigerFusedLinearGRPOLoss(LiveOptions, nn.Module):
         for name in ("temperature", "sapo_temperature_pos", "sapo_temperature_neg"):
             _validate.positive(name, getattr(self, name))
         _validate.boolean("use_bias_correction_kl", self.use_bias_correction_kl)
+        _validate.boolean("use_ref_model", self.use_ref_model)
         loss_type, level, delta = self.loss_type, self.importance_sampling_level, self.delta
         if self.max_completion_length is not None:
             _validate.at_least("max_completion_length", self.max_completion_length, 1)
@@ -332,24 +333,25 @@ def _logits_sum(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tenso
     return s
 
 
-class _LigerPreference(nn.Module):
+class _LigerPreference(LiveOptions, nn.Module):
     """What Liger's preference losses share: response log-probs from the hidden states, the chosen NLL and the
-    logits means."""
+    logits means. ``OPTIONS`` are the constructor's arguments: attributes read at each call, as Liger reads them,
+    checked again when one is assigned. An option a loss does not take keeps the class default below."""
 
     average_log_prob = False
     alpha = 1.0
     compute_nll_loss = True
+    use_ref_model = False
 
-    def _shared_options(self, ignore_index, beta, alpha, compute_nll_loss, compiled, chunk_size) -> None:
-        """The options every Liger preference loss takes, checked and kept."""
-        _execution_options(compiled, chunk_size)
-        _validate.index_value("ignore_index", ignore_index)
-        _validate.finite(beta=beta, alpha=alpha)
-        _validate.boolean("compute_nll_loss", compute_nll_loss)
-        if not compute_nll_loss and alpha != 1.0:
+    def _configure(self) -> None:
+        """Check the options every Liger preference loss reads."""
+        _execution_options(self.compiled, self.chunk_size)
+        _validate.index_value("ignore_index", self.ignore_index)
+        _validate.finite(beta=self.beta, alpha=self.alpha)
+        for name in ("compute_nll_loss", "average_log_prob", "use_ref_model"):
+            _validate.boolean(name, getattr(self, name))
+        if not self.compute_nll_loss and self.alpha != 1.0:
             raise ValueError("alpha applies only with compute_nll_loss=True")
-        self.ignore_index, self.beta, self.alpha = ignore_index, float(beta), float(alpha)
-        self.compute_nll_loss, self.compiled, self.chunk_size = bool(compute_nll_loss), compiled, chunk_size
 
     def _summed(self, tok: Tensor, target: Tensor):
         """Per response: (summed or averaged log-prob, token count) of the token log-probs ``tok``."""
@@ -399,7 +401,7 @@ class _LigerPreference(nn.Module):
 
     def _reference(self, ref_input, ref_weight, ref_bias, target) -> Optional[Tensor]:
         """The reference model's response log-probs with ``use_ref_model``, else None."""
-        if getattr(self, "use_ref_model", False):
+        if self.use_ref_model:
             if ref_input is None or ref_weight is None:
                 raise ValueError("use_ref_model=True needs ref_input and ref_weight")
             return self._response_logprobs(ref_input, ref_weight, target, ref_bias)
@@ -434,27 +436,30 @@ class _LigerPreference(nn.Module):
         return loss, (logps[:B].detach(), logps[B:].detach(), *logits_means, nll.detach(), r[:B], r[B:], *aux)
 
 
-class LigerFusedLinearDPOLoss(LiveOptions, _LigerPreference):
+class LigerFusedLinearDPOLoss(_LigerPreference):
     """Liger's ``LigerFusedLinearDPOLoss``: :func:`fastalign.preference_loss` on log-probs from
-    :func:`fastalign.linear_logprobs`, plus ``alpha`` times the chosen NLL. ``beta``, ``loss_type``,
-    ``label_smoothing`` and ``discopop_tau`` are read at each call, as Liger reads them."""
+    :func:`fastalign.linear_logprobs`, plus ``alpha`` times the chosen NLL. Its options are attributes, read at each
+    call as Liger reads them (an assignment takes effect at the next call)."""
 
     LOSS_TYPES = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero",
                   "apo_down", "discopop")
-    OPTIONS = ("beta", "loss_type", "label_smoothing", "discopop_tau")
+    OPTIONS = ("ignore_index", "beta", "alpha", "compute_nll_loss", "compiled", "use_ref_model", "average_log_prob",
+               "chunk_size", "loss_type", "label_smoothing", "discopop_tau")
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, compute_nll_loss: bool = False,
                  compiled: bool = True, use_ref_model: bool = True, average_log_prob: bool = False,
                  chunk_size: int = 1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  discopop_tau: float = 0.05):
         super().__init__()
-        self._shared_options(ignore_index, beta, alpha, compute_nll_loss, compiled, chunk_size)
-        self.use_ref_model, self.average_log_prob, self.loss_type = use_ref_model, bool(average_log_prob), loss_type
+        self.ignore_index, self.beta, self.alpha, self.compute_nll_loss = ignore_index, beta, alpha, compute_nll_loss
+        self.compiled, self.use_ref_model, self.average_log_prob = compiled, use_ref_model, average_log_prob
+        self.chunk_size, self.loss_type = chunk_size, loss_type
         self.label_smoothing, self.discopop_tau = label_smoothing, discopop_tau
         self._configure_options()
 
     def _configure(self) -> None:
-        """Check the loss options and build the keywords of :func:`fastalign.preference_loss`."""
+        """Check the options and build the keywords of :func:`fastalign.preference_loss`."""
+        super()._configure()
         loss_type, label_smoothing = self.loss_type, self.label_smoothing
         if loss_type not in self.LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {self.LOSS_TYPES}, got {loss_type!r}")
@@ -487,15 +492,24 @@ class LigerFusedLinearDPOLoss(LiveOptions, _LigerPreference):
 
 class LigerFusedLinearCPOLoss(_LigerPreference):
     """Liger's ``LigerFusedLinearCPOLoss``: fastalign's ``cpo`` row, ``-(1-eps) log σ(β(lc - lr)) - eps log σ(-β(lc
-    - lr)) + alpha NLL``."""
+    - lr)) + alpha NLL``. Its options are attributes, read at each call as Liger reads them."""
+
+    OPTIONS = ("ignore_index", "beta", "alpha", "label_smoothing", "compute_nll_loss", "compiled", "average_log_prob",
+               "chunk_size")
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0,
                  compute_nll_loss: bool = True, compiled: bool = True, average_log_prob: bool = False,
                  chunk_size: int = 1):
         super().__init__()
-        self._shared_options(ignore_index, beta, alpha, compute_nll_loss, compiled, chunk_size)
-        _validate.finite(label_smoothing=label_smoothing)
-        self.label_smoothing, self.average_log_prob = float(label_smoothing), bool(average_log_prob)
+        self.ignore_index, self.beta, self.alpha, self.label_smoothing = ignore_index, beta, alpha, label_smoothing
+        self.compute_nll_loss, self.compiled, self.average_log_prob = compute_nll_loss, compiled, average_log_prob
+        self.chunk_size = chunk_size
+        self._configure_options()
+
+    def _configure(self) -> None:
+        """Check the options (``label_smoothing`` finite)."""
+        super()._configure()
+        _validate.finite(label_smoothing=self.label_smoothing)
 
     def forward(self, lin_weight, _input, target, bias=None):
         def cpo(logps, _count, nll, _ref):
@@ -509,16 +523,25 @@ class LigerFusedLinearCPOLoss(_LigerPreference):
 
 class LigerFusedLinearSimPOLoss(_LigerPreference):
     """Liger's ``LigerFusedLinearSimPOLoss``: fastalign's ``simpo`` row (``simpo_gamma = gamma``) on the
-    token-averaged log-probs, plus ``alpha`` times the chosen NLL."""
+    token-averaged log-probs, plus ``alpha`` times the chosen NLL. Its options are attributes, read at each call as
+    Liger reads them."""
 
     average_log_prob = True
+    OPTIONS = ("ignore_index", "beta", "alpha", "label_smoothing", "compute_nll_loss", "compiled", "gamma",
+               "chunk_size")
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0,
                  compute_nll_loss: bool = True, compiled: bool = True, gamma: float = 0.5, chunk_size: int = 1):
         super().__init__()
-        self._shared_options(ignore_index, beta, alpha, compute_nll_loss, compiled, chunk_size)
-        _validate.finite(label_smoothing=label_smoothing, gamma=gamma)
-        self.label_smoothing, self.gamma = float(label_smoothing), float(gamma)
+        self.ignore_index, self.beta, self.alpha, self.label_smoothing = ignore_index, beta, alpha, label_smoothing
+        self.compute_nll_loss, self.compiled, self.gamma = compute_nll_loss, compiled, gamma
+        self.chunk_size = chunk_size
+        self._configure_options()
+
+    def _configure(self) -> None:
+        """Check the options (``label_smoothing`` and ``gamma`` finite)."""
+        super()._configure()
+        _validate.finite(label_smoothing=self.label_smoothing, gamma=self.gamma)
 
     def forward(self, lin_weight, _input, target, bias=None):
         def simpo(logps, count, nll, _ref):
@@ -535,14 +558,18 @@ class LigerFusedLinearSimPOLoss(_LigerPreference):
 
 class LigerFusedLinearORPOLoss(_LigerPreference):
     """Liger's ``LigerFusedLinearORPOLoss``: fastalign's ``orpo`` row, ``NLL - β log σ((l̄c - l̄r) - (log(1 -
-    e^{l̄c}) - log(1 - e^{l̄r})))`` on the token-averaged log-probs."""
+    e^{l̄c}) - log(1 - e^{l̄r})))`` on the token-averaged log-probs. Its options are attributes, read at each call as
+    Liger reads them."""
 
     average_log_prob = True
+    OPTIONS = ("ignore_index", "beta", "compute_nll_loss", "compiled", "chunk_size")
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, compute_nll_loss: bool = True,
                  compiled: bool = True, chunk_size: int = 1):
         super().__init__()
-        self._shared_options(ignore_index, beta, 1.0, compute_nll_loss, compiled, chunk_size)
+        self.ignore_index, self.beta, self.compute_nll_loss = ignore_index, beta, compute_nll_loss
+        self.compiled, self.chunk_size = compiled, chunk_size
+        self._configure_options()
 
     def forward(self, lin_weight, _input, target, bias=None, nll_target=None):
         def orpo(logps, count, nll, _ref):
@@ -559,13 +586,18 @@ class LigerFusedLinearORPOLoss(_LigerPreference):
 
 class LigerFusedLinearKTOLoss(_LigerPreference):
     """Liger's ``LigerFusedLinearKTOLoss``: :func:`fastalign.preference.unpaired_preference_loss` (kto) with
-    Liger's ``kl`` used as given (moved into the reference log-probs, so no clamp applies)."""
+    Liger's ``kl`` used as given (moved into the reference log-probs, so no clamp applies). Its options are
+    attributes, read at each call as Liger reads them."""
+
+    compute_nll_loss = False
+    OPTIONS = ("ignore_index", "beta", "compiled", "use_ref_model", "average_log_prob", "chunk_size")
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, compiled: bool = True,
                  use_ref_model: bool = False, average_log_prob: bool = False, chunk_size: int = 1):
         super().__init__()
-        self._shared_options(ignore_index, beta, 1.0, False, compiled, chunk_size)
-        self.use_ref_model, self.average_log_prob = use_ref_model, bool(average_log_prob)
+        self.ignore_index, self.beta, self.compiled = ignore_index, beta, compiled
+        self.use_ref_model, self.average_log_prob, self.chunk_size = use_ref_model, average_log_prob, chunk_size
+        self._configure_options()
 
     def forward(self, _input, lin_weight, target, bias=None, preference_labels=None, ref_input=None, ref_weight=None,
                 ref_bias=None, kl=None):

@@ -28,6 +28,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from fastalign import _validate
+from fastalign.integrations._live_options import LiveOptions
 from fastalign.linear_divergence import ARGUMENT_NAMES, check_tensors, linear_divergence_loss
 
 __all__ = ["LigerFusedLinearJSDLoss"]
@@ -37,26 +38,17 @@ _ARGUMENTS = {**ARGUMENT_NAMES, "hidden": "student_input", "weight": "student_we
               "teacher_hidden": "teacher_input", "labels": "true_labels"}
 
 
-class LigerFusedLinearJSDLoss(nn.Module):
-    """Liger's fused linear JSD distillation loss (see the module doc)."""
+class LigerFusedLinearJSDLoss(LiveOptions, nn.Module):
+    """Liger's fused linear JSD distillation loss (see the module doc). Its options are attributes, read at each
+    call as Liger reads them (an assignment takes effect at the next call)."""
+
+    OPTIONS = ("weight_hard_loss", "weight_soft_loss", "beta", "ignore_index", "temperature", "compiled",
+               "chunk_size", "return_soft_hard_loss")
 
     def __init__(self, weight_hard_loss: float = 0.5, weight_soft_loss: float = 0.5, beta: float = 0.5,
                  ignore_index: int = -100, temperature: float = 1.0, compiled: bool = True, chunk_size: int = 1024,
                  return_soft_hard_loss: bool = False):
         super().__init__()
-        _validate.finite_number("weight_hard_loss", weight_hard_loss)
-        _validate.finite_number("weight_soft_loss", weight_soft_loss)
-        beta_value = _validate._number("beta", beta)
-        if not 0.0 <= beta_value <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {beta}")
-        _validate.index_value("ignore_index", ignore_index)
-        _validate.positive("temperature", temperature)
-        if not isinstance(compiled, bool):
-            raise TypeError(f"compiled must be a bool, got {compiled!r}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-        if not isinstance(return_soft_hard_loss, bool):
-            raise TypeError(f"return_soft_hard_loss must be a bool, got {return_soft_hard_loss!r}")
         self.weight_hard_loss = weight_hard_loss
         self.weight_soft_loss = weight_soft_loss
         self.ignore_index = ignore_index
@@ -65,6 +57,20 @@ class LigerFusedLinearJSDLoss(nn.Module):
         self.beta = beta
         self.chunk_size = chunk_size
         self.return_soft_hard_loss = return_soft_hard_loss
+        self._configure_options()
+
+    def _configure(self) -> None:
+        """Check the options: finite loss weights, ``beta`` in [0, 1], ``temperature > 0``."""
+        _validate.finite_number("weight_hard_loss", self.weight_hard_loss)
+        _validate.finite_number("weight_soft_loss", self.weight_soft_loss)
+        if not 0.0 <= _validate._number("beta", self.beta) <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+        _validate.index_value("ignore_index", self.ignore_index)
+        _validate.positive("temperature", self.temperature)
+        _validate.boolean("compiled", self.compiled)
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be an int >= 1, got {self.chunk_size!r}")
+        _validate.boolean("return_soft_hard_loss", self.return_soft_hard_loss)
 
     def forward(self, student_input: Tensor, student_weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor,
                 true_labels: Tensor, student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None):

@@ -215,20 +215,25 @@ class PolicyLoss(LiveOptions, torch.nn.Module):
                 None if vllm_kl is None else vllm_kl.to(vllm_kl_dtype), is_filter_ratio)
 
 
-class DPOLoss(torch.nn.Module):
+class DPOLoss(LiveOptions, torch.nn.Module):
     """OpenRLHF's ``DPOLoss`` (DPO, conservative DPO with ``label_smoothing``, IPO) computed by
-    :func:`fastalign.preference_loss`."""
+    :func:`fastalign.preference_loss`. Its options are attributes, read at each call as OpenRLHF reads them (an
+    assignment takes effect at the next call)."""
+
+    OPTIONS = ("beta", "label_smoothing", "ipo")
 
     def __init__(self, beta: float, label_smoothing: float = 0.0, ipo: bool = False) -> None:
         super().__init__()
-        if ipo and label_smoothing != 0.0:
+        self.beta, self.label_smoothing, self.ipo = beta, label_smoothing, ipo
+        self._configure_options()
+
+    def _configure(self) -> None:
+        """Check the options: ``beta > 0``, ``label_smoothing`` in ``[0, 1]`` and 0 with ``ipo``."""
+        _validate.positive("beta", self.beta)
+        if not 0.0 <= _validate.finite_number("label_smoothing", self.label_smoothing) <= 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1], got {self.label_smoothing}")
+        if _validate.boolean("ipo", self.ipo) and self.label_smoothing != 0.0:
             raise ValueError("label_smoothing does not apply with ipo=True")
-        if not 0.0 <= _validate.finite_number("label_smoothing", label_smoothing) <= 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
-        _validate.positive("beta", beta)
-        self.beta = beta
-        self.label_smoothing = label_smoothing
-        self.ipo = ipo
 
     def forward(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
                 reference_rejected_logps: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
