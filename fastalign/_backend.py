@@ -20,18 +20,22 @@ BACKENDS = ("auto", "triton", "cpp", "cuda")
 _forced = threading.local()
 
 
-def _check_name(name: str) -> str:
+def _check_name(name: str, source: str = "") -> str:
+    """``name`` when it is one of :data:`BACKENDS`, else ``ValueError`` (``source``: where the value came
+    from, added to the message)."""
     if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}{source}")
     return name
 
 
 def current() -> str:
-    """The backend in force: ``use_backend`` first, then FASTALIGN_BACKEND, else auto."""
+    """The backend in force: ``use_backend`` first, then FASTALIGN_BACKEND (empty: auto), else auto; an
+    unknown FASTALIGN_BACKEND value raises ``ValueError`` naming the variable."""
     name = getattr(_forced, "name", None)
     if name is not None:
         return name
-    return _check_name(os.environ.get("FASTALIGN_BACKEND", "auto") or "auto")
+    return _check_name(os.environ.get("FASTALIGN_BACKEND", "auto") or "auto",
+                       " (from the FASTALIGN_BACKEND environment variable)")
 
 
 @contextlib.contextmanager

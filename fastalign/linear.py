@@ -5,7 +5,6 @@ The ``[tokens x vocabulary]`` logits are never materialised: for 32k tokens and 
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -16,7 +15,7 @@ from fastalign._options import check_choice
 from fastalign.logprobs import TokenStats, shaped_stats
 from fastalign.ops.linear_stats import linear_stats
 from fastalign.ops.linear_triton import gpu_chunk_tokens
-from fastalign.ops.single_pass import LogitPipeline
+from fastalign.ops.single_pass import LogitPipeline, env_mib
 from fastalign.ops.vocab_parallel import VocabParallelStats
 
 #: Default bound on one chunk of fp32 logits, in MiB (``FASTALIGN_LINEAR_CHUNK_MIB`` overrides).
@@ -25,14 +24,15 @@ _MAX_VOCAB_CHUNK = 16384
 
 
 def chunk_shape(n: int, v: int, backend: str, chunk_mib: Optional[float] = None) -> tuple[int, int]:
-    """(tokens, vocabulary) of one chunk of logits holding at most ``chunk_mib`` MiB of fp32.
+    """(tokens, vocabulary) of one chunk of logits holding at most ``chunk_mib`` MiB of fp32 (by default
+    ``FASTALIGN_LINEAR_CHUNK_MIB``, a finite number > 0, else 32).
 
     The C++ path splits the vocabulary in near-equal pieces of at most 16384 ids;
     the Triton path tiles the vocabulary inside its kernels and chunks tokens only
     (its backward buffer of d(logits) is ``tokens x V``).
     """
     if chunk_mib is None:
-        chunk_mib = float(os.environ.get("FASTALIGN_LINEAR_CHUNK_MIB", DEFAULT_CHUNK_MIB))
+        chunk_mib = env_mib("FASTALIGN_LINEAR_CHUNK_MIB", DEFAULT_CHUNK_MIB)
     elems = max(1, int(chunk_mib * (1 << 20) / 4))
     v = max(v, 1)
     if backend == "cpp":

@@ -90,8 +90,8 @@ class PolicyConfig:
     only when given), ``entropy_quantile`` (in [0, 1]; 0 keeps the top token),
     ``offpolicy_threshold``.
 
-    Clip-Cov / KL-Cov (§3.1): ``cov_ratio``, ``cov_lb``, ``cov_ub``, ``cov_kl_coef``,
-    ``cov_global``, ``cov_group``.
+    Clip-Cov / KL-Cov (§3.1): ``cov_ratio``, ``cov_lb`` / ``cov_ub`` (clip_cov only),
+    ``cov_kl_coef`` (kl_cov only), ``cov_global``, ``cov_group``.
 
     Aggregation (§4): ``agg`` (gmpo: always seq-mean-token-mean; gspo: seq-mean-token-mean unless
     given), ``seq_count`` ("nonempty": sequence means over non-empty rows;
@@ -200,8 +200,9 @@ class PolicyConfig:
         self._only("dro_beta", self.dro_beta is not None, ("dro",))
         if row == "dro" and not (self.dro_beta is not None and self.dro_beta > 0):
             raise ValueError(f"dro_beta must be > 0 for loss_type 'dro', got {self.dro_beta!r}")
-        for name in ("cov_ratio", "cov_lb", "cov_ub"):
-            self._only(name, getattr(self, name) is not None, ("clip_cov", "kl_cov"))
+        self._only("cov_ratio", self.cov_ratio is not None, ("clip_cov", "kl_cov"))
+        for name in ("cov_lb", "cov_ub"):  # kl_cov takes the top k by covariance, with no bounds
+            self._only(name, getattr(self, name) is not None, ("clip_cov",))
         self._only("cov_kl_coef", self.cov_kl_coef is not None, ("kl_cov",))
         self._only("cov_global", self.cov_global, ("clip_cov", "kl_cov"))
         if self.cov_group is not None and not self.cov_global:

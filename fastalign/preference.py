@@ -708,10 +708,15 @@ _CONFIG_KEYS = ("loss_type", "beta", "label_smoothing", "loss_weights", "rpo_alp
                 "f_divergence", "f_alpha", "f_length_average", "smoothed_losses")
 
 
+#: The per-batch tensors of :func:`preference_loss`: the keywords of ``PreferenceLoss.forward``.
+_BATCH_KEYS = ("chosen_lengths", "rejected_lengths", "chosen_nll", "weights", "kto_kl")
+
+
 class PreferenceLoss(nn.Module):
     """:func:`preference_loss` as a module: the options are fixed at construction,
-    ``forward(chosen_logprobs, rejected_logprobs, ref_chosen_logprobs=None, ref_rejected_logprobs=None,
-    **per_batch)`` takes the tensors (lengths, chosen_nll, weights, kto_kl)."""
+    ``forward(chosen_logprobs, rejected_logprobs, ref_chosen_logprobs=None, ref_rejected_logprobs=None, *,
+    chosen_lengths=None, rejected_lengths=None, chosen_nll=None, weights=None, kto_kl=None)`` takes the
+    tensors of one batch; an option given to ``forward`` raises ``TypeError`` (set it at construction)."""
 
     def __init__(self, loss_type="sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, **options):
         super().__init__()
@@ -719,10 +724,16 @@ class PreferenceLoss(nn.Module):
         self.config = dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, **options)
 
     @renamed(**PAIR_RENAMES)
-    def forward(self, chosen_logprobs, rejected_logprobs, ref_chosen_logprobs=None, ref_rejected_logprobs=None,
-                **per_batch):
+    def forward(self, chosen_logprobs, rejected_logprobs, ref_chosen_logprobs=None, ref_rejected_logprobs=None, *,
+                chosen_lengths=None, rejected_lengths=None, chosen_nll=None, weights=None, kto_kl=None, **options):
+        for name in options:
+            if name in _CONFIG_KEYS:
+                raise TypeError(f"PreferenceLoss.forward got the option {name!r}: the options are fixed at "
+                                f"construction, PreferenceLoss({name}=...)")
+        check_names("PreferenceLoss.forward", options, _BATCH_KEYS)
         return preference_loss(chosen_logprobs, rejected_logprobs, ref_chosen_logprobs, ref_rejected_logprobs,
-                               **self.config, **per_batch)
+                               chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                               chosen_nll=chosen_nll, weights=weights, kto_kl=kto_kl, **self.config)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.items())

@@ -268,3 +268,22 @@ def test_one_rule_for_skipping_the_dispatcher():
         pass
 
     assert not runs_directly("cpp", x.as_subclass(Wrapped))
+
+
+def test_an_unknown_backend_from_the_environment_names_the_variable(monkeypatch):
+    monkeypatch.setenv("FASTALIGN_BACKEND", "bogus")
+    msg = r"^backend must be one of .*, got 'bogus' \(from the FASTALIGN_BACKEND environment variable\)$"
+    with pytest.raises(ValueError, match=msg):
+        _backend.current()
+    with pytest.raises(ValueError, match=msg):  # a public op with no backend argument reads the setting
+        fastalign.token_logprobs(torch.randn(1, 2, 5), torch.zeros(1, 2, dtype=torch.long))
+    # an argument (or use_backend) beats the variable, and its own bad value is not blamed on the variable
+    with fastalign.use_backend("cpp"):
+        assert _backend.current() == "cpp"
+    with pytest.raises(ValueError, match=r"^backend must be one of .*, got 'gpu'$"):
+        _backend.backend_for("token_stats", CPU, "gpu")
+    with pytest.raises(ValueError, match=r"^backend must be one of .*, got 'gpu'$"):
+        with fastalign.use_backend("gpu"):
+            pass
+    monkeypatch.setenv("FASTALIGN_BACKEND", "")  # empty: auto
+    assert _backend.current() == "auto"

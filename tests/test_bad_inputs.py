@@ -857,3 +857,55 @@ def test_use_backend_is_per_thread():
         t.join()
         assert _backend.current() == "cpp"
     assert seen == ["auto"] and _backend.current() == "auto"
+
+
+# ------------------------------------------------------------------ tuning environment variables
+
+def _linear_case():
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(1, 3, H, generator=g, requires_grad=True)
+    w = torch.randn(V, H, generator=g)
+    lab = torch.randint(0, V, (1, 3), generator=g)
+    return h, w, lab
+
+
+def _block_budget_read():  # the single pass of the linear losses reads FASTALIGN_BLOCK_MIB
+    h, w, lab = _linear_case()
+    zeros, ones = torch.zeros(1, 3), torch.ones(1, 3)
+    loss, _ = fa.LinearPolicyLoss(loss_type="reinforce", single_pass=True)(h, w, lab, zeros, ones, ones)
+    loss.backward()
+    return h.grad
+
+
+def _chunk_budget_read():  # linear_logprobs's chunks read FASTALIGN_LINEAR_CHUNK_MIB
+    h, w, lab = _linear_case()
+    return fa.linear_logprobs(h[0].detach(), w, lab[0], backend="cpp").logprobs
+
+
+@pytest.mark.parametrize("var,read", [("FASTALIGN_BLOCK_MIB", _block_budget_read),
+                                      ("FASTALIGN_PAIR_BLOCK_MIB", _block_budget_read),
+                                      ("FASTALIGN_LINEAR_CHUNK_MIB", _chunk_budget_read)])
+@pytest.mark.parametrize("value", ["abc", "", "inf", "-inf", "nan", "0", "-5", "1e400"])
+def test_bad_memory_budget_variables_raise_naming_them(monkeypatch, var, read, value):
+    for name in ("FASTALIGN_BLOCK_MIB", "FASTALIGN_PAIR_BLOCK_MIB", "FASTALIGN_LINEAR_CHUNK_MIB"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError, match=rf"^{var} must be a positive number of MiB, got {re.escape(repr(value))}$"):
+        read()
+
+
+@pytest.mark.parametrize("var,read", [("FASTALIGN_BLOCK_MIB", _block_budget_read),
+                                      ("FASTALIGN_LINEAR_CHUNK_MIB", _chunk_budget_read)])
+@pytest.mark.parametrize("value", ["1e-9", "0.5", " 64 ", "1e300"])
+def test_good_memory_budget_variables_are_taken(monkeypatch, var, read, value):
+    monkeypatch.setenv(var, value)
+    got = read()
+    h, w, lab = _linear_case()
+    if read is _chunk_budget_read:  # float64 log-softmax
+        want = torch.log_softmax(h[0].detach().double() @ w.double().T, -1).gather(-1, lab[0, :, None])[:, 0]
+        assert_close(got.double(), want, atol=1e-5, rtol=1e-5, what=f"{var}={value!r}")
+    else:  # reinforce, A = 1: d token-mean(-lp) / dh from the float64 log-softmax
+        x = h.detach().double().requires_grad_(True)
+        lp = torch.log_softmax(x @ w.double().T, -1).gather(-1, lab[..., None])[..., 0]
+        (-lp.mean()).backward()
+        assert_close(got.double(), x.grad, atol=1e-5, rtol=1e-5, what=f"{var}={value!r}")

@@ -1,6 +1,8 @@
 """Regressions of policy_loss / PolicyConfig found by user testing: infinite and NaN log-probs through the
-KL term, gspo's cap of 10, option values, seq-mean-token-sum-norm with dp_size, PolicyConfig.make while
-compiling. Oracles: the float64 reference (fastalign.reference) or a float64 formula written here."""
+KL term, gspo's cap of 10, option values (the Clip-Cov bounds with kl_cov), seq-mean-token-sum-norm with dp_size,
+PolicyConfig.make while compiling, gmpo's count of sequences (verl's geo_mean), the metrics documented in
+docs/math.md. Oracles: the float64 reference (fastalign.reference), verl's installed code, or a float64 formula
+written here."""
 import math
 
 import numpy as np
@@ -398,3 +400,81 @@ def test_clip_cov_picked_token_with_an_infinite_ratio_passes_no_gradient(cpu_bac
     assert torch.isfinite(loss) and torch.isfinite(g).all()
     _close(loss, rloss, "loss")
     _close(g, rg, "d loss / d lp")
+
+
+@pytest.mark.parametrize("name", ["cov_lb", "cov_ub"])
+def test_cov_bounds_apply_to_clip_cov_only(name):
+    # kl_cov takes the top k tokens by covariance (verl's kl_cov reads kl_cov_ratio and ppo_kl_coef only)
+    with pytest.raises(ValueError, match=rf"^{name} does not apply to loss_type 'kl_cov' \(only clip_cov read it\)"):
+        fastalign.PolicyConfig(loss_type="kl_cov", cov_ratio=0.3, **{name: 100.0})
+    lp, old, A, m, _ = _small()
+    with pytest.raises(ValueError, match=name):
+        fastalign.policy_loss(lp, old, A, m, loss_type="kl_cov", **{name: -5.0})
+    with pytest.raises(ValueError, match=rf"^{name} does not apply to loss_type 'ppo' \(only clip_cov read it\)"):
+        fastalign.PolicyConfig(loss_type="ppo", **{name: 2.0})
+    fastalign.PolicyConfig(loss_type="clip_cov", **{name: 0.5 if name == "cov_lb" else 6.0})
+    with pytest.raises(ValueError, match=r"^cov_ratio does not apply to loss_type 'ppo' \(only clip_cov, kl_cov read"):
+        fastalign.PolicyConfig(loss_type="ppo", cov_ratio=0.1)
+
+
+def test_verl_kl_cov_profile_leaves_out_the_clip_cov_bounds():
+    # verl's policy_loss config always carries clip_cov_lb / clip_cov_ub; its kl_cov never reads them
+    from fastalign.integrations.verl.policy import verl_policy_config
+
+    pl = dict(loss_mode="kl_cov", kl_cov_ratio=0.1, ppo_kl_coef=0.1, clip_cov_ratio=0.5, clip_cov_lb=1.0,
+              clip_cov_ub=5.0)
+    cfg = verl_policy_config(dict(policy_loss=pl))
+    assert (cfg.loss_type, cfg.cov_ratio, cfg.cov_kl_coef, cfg.cov_lb, cfg.cov_ub) == ("kl_cov", 0.1, 0.1, None, None)
+
+
+# ------------------------------------------------------------------ gmpo's count of sequences (docs/math.md)
+
+def _gmpo_with_an_empty_row():
+    g = torch.Generator().manual_seed(0)
+    lp = -torch.rand(4, 5, generator=g)
+    old = lp + 0.3 * torch.randn(4, 5, generator=g)
+    A = torch.randn(4, generator=g)[:, None].expand(4, 5).contiguous()
+    m = torch.ones(4, 5)
+    m[3] = 0
+    m[1, 3:] = 0
+    return lp, old, A, m
+
+
+def test_gmpo_divides_by_every_row_as_verl_geo_mean(cpu_backend):
+    core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not importable")
+    actor_config = pytest.importorskip("verl.workers.config.actor", reason="verl is not importable")
+    lp, old, A, m = _gmpo_with_an_empty_row()
+    actor = actor_config.ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1,
+                                     policy_loss=actor_config.PolicyLossConfig(loss_mode="geo_mean"))
+    x = lp.double().requires_grad_(True)
+    want, _ = core_algos.compute_policy_loss_geo_mean(old.double(), x, A.double(), m.bool(), config=actor)
+    want.backward()
+    loss, _, grad = _fa(cpu_backend, lp, old, A, m, loss_type="gmpo")
+    _close(loss, want.detach(), "gmpo loss (every row)")
+    _close(grad, x.grad, "gmpo grad (every row)")
+    # seq_count="nonempty": the same sum over the 3 non-empty rows
+    loss_ne, _, grad_ne = _fa(cpu_backend, lp, old, A, m, loss_type="gmpo", seq_count="nonempty")
+    _close(loss_ne, want.detach() * 4 / 3, "gmpo loss (non-empty rows)")
+    _close(grad_ne, x.grad * 4 / 3, "gmpo grad (non-empty rows)")
+
+
+# ------------------------------------------------------------------ every metric is documented in docs/math.md
+
+def test_every_policy_metric_is_in_the_math_table():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "math.md").read_text()
+    table = text[text.index("### Metrics {#policy-metrics}"):text.index("### Clip-Cov and KL-Cov")]
+    documented = {line.split("`")[1] for line in table.splitlines() if line.startswith("| `")}
+    lp, old, A, m, ref = _small()
+    H = torch.rand(2, 4)
+    returned = set()
+    for kw in (dict(loss_type="ppo", dual_clip=3.0), dict(loss_type="gspo"), dict(loss_type="cispo"),
+               dict(loss_type="gmpo"), dict(loss_type="clip_cov", cov_ratio=0.5), dict(loss_type="kl_cov"),
+               dict(loss_type="vespo"), dict(loss_type="dppo_tv"), dict(loss_type="sapo"),
+               dict(loss_type="grpo", entropy_coef=0.1, entropy_agg="token-mean")):
+        _, met = fastalign.policy_loss(lp, old, A, m, ref_logprobs=ref, entropy=H, **kw)
+        returned |= set(met)
+    assert {"clip_low", "clip_high", "clip_region", "clip_low_min", "clip_high_max", "kl_term", "entropy_term",
+            "policy_term", "cov_selected_frac", "phi_mean"} <= returned
+    assert returned <= documented, sorted(returned - documented)

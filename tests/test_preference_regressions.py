@@ -4,7 +4,8 @@ use_weighting), a reference head given without reference hidden states, the refe
 reference arguments, position_ids that do not match num_sequences, f_length_average and smoothed_losses where
 nothing reads them, the empty unpaired batch, exponentials past float32's range (forward KL, the α-divergence,
 discopop, alphapo: no capped exponent), and the TRL profiles' own argument checks (KTO's KL completions and labels,
-errors that name the profile's arguments). Oracles: float64 formulas written here."""
+errors that name the profile's arguments), PreferenceLoss.forward refusing options. Oracles: float64 formulas
+written here."""
 import math
 import re
 
@@ -631,3 +632,28 @@ def test_profile_errors_name_the_profiles_own_arguments():
     ]
     for exc, message, fn in cases:
         _raises(exc, message, fn)
+
+
+# ------------------------------------------------------------------ PreferenceLoss.forward: the batch's tensors
+
+def test_preference_loss_module_forward_takes_the_batch_tensors_only():
+    lc, lr, lc0, lr0 = _pairs(seed=7)
+    nc, nr = torch.tensor([3.0, 5.0, 2.0, 4.0], dtype=D), torch.tensor([4.0, 2.0, 6.0, 3.0], dtype=D)
+    w = torch.tensor([0.5, 1.0, 2.0, 0.25], dtype=D)
+    beta = 0.3
+    mod = fa.PreferenceLoss("ipo", beta=beta)
+    loss, _ = mod(lc, lr, lc0, lr0, chosen_lengths=nc, rejected_lengths=nr, weights=w)
+    want = (w * ((lc - lc0) / nc - (lr - lr0) / nr - 1 / (2 * beta)) ** 2).mean()
+    assert_close(loss, want, atol=1e-10, rtol=1e-10, what="ipo with per-batch lengths and weights")
+    kl = torch.tensor([0.4, -0.1, 0.3], dtype=D)  # kto: z0 = sg(max(mean KL, 0)), here 0.2
+    loss, _ = fa.PreferenceLoss("kto", beta=beta)(lc, lr, lc0, lr0, kto_kl=kl)
+    z0 = kl.mean().clamp(min=0)
+    want = (0.5 * ((1 - torch.sigmoid(beta * (lc - lc0 - z0))) + (1 - torch.sigmoid(beta * (z0 - (lr - lr0)))))).mean()
+    assert_close(loss, want, atol=1e-10, rtol=1e-10, what="kto with a per-batch KL")
+    # an option, set at construction or not, is not a per-call argument
+    for name, value in (("beta", 0.5), ("f_divergence", "forward_kl"), ("label_smoothing", 0.1),
+                        ("loss_type", "sigmoid")):
+        with pytest.raises(TypeError, match=rf"^PreferenceLoss\.forward got the option '{name}': the options are "
+                                            rf"fixed at construction"):
+            mod(lc, lr, lc0, lr0, chosen_lengths=nc, rejected_lengths=nr, **{name: value})
+    _raises(TypeError, "did you mean 'chosen_lengths'", lambda: mod(lc, lr, lc0, lr0, chosen_length=nc))

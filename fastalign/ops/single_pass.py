@@ -22,6 +22,7 @@ knows items, rows and the logit pipeline, not the loss.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
@@ -43,12 +44,32 @@ DEFAULT_CPU_BLOCK_MIB = 64.0
 AUX_STATS = (None, "sum_p2", "entropy")
 
 
+def env_mib(name: str, default: float, *former: str) -> float:
+    """The memory budget, in MiB, set by the environment variable ``name`` (or by its former names
+    ``former``, in order), else ``default``. A set value must be a finite number > 0: anything else
+    raises ``ValueError`` naming the variable and its value."""
+    for var in (name, *former):
+        value = os.environ.get(var)
+        if value is not None:
+            break
+    else:
+        return default
+    try:
+        mib = float(value)
+    except ValueError:
+        mib = math.nan
+    if not (math.isfinite(mib) and mib > 0):
+        raise ValueError(f"{var} must be a positive number of MiB, got {value!r}")
+    return mib
+
+
 def block_budget_rows(vocab: int, like: Tensor) -> int:
     """Rows of kept logits per block: the ``FASTALIGN_BLOCK_MIB`` budget (by default 1024 MiB on a GPU,
-    64 MiB on the CPU) over one row of ``vocab`` logits in the block buffer's dtype (at least one row)."""
+    64 MiB on the CPU; a finite number > 0, see :func:`env_mib`) over one row of ``vocab`` logits in the
+    block buffer's dtype (at least one row)."""
     default = DEFAULT_BLOCK_MIB if like.is_cuda else DEFAULT_CPU_BLOCK_MIB
-    mib = os.environ.get("FASTALIGN_BLOCK_MIB", os.environ.get("FASTALIGN_PAIR_BLOCK_MIB", default))
-    return block_rows(vocab, like, float(mib) * (1 << 20))
+    mib = env_mib("FASTALIGN_BLOCK_MIB", default, "FASTALIGN_PAIR_BLOCK_MIB")
+    return block_rows(vocab, like, mib * (1 << 20))
 
 
 def differentiated(*tensors) -> bool:
