@@ -1,8 +1,8 @@
 """DTensor arguments (FSDP2, tensor parallel) as the plain tensors the kernels take.
 
 An FSDP2 model's parameters are DTensors sharded over their first dimension outside its forward (the
-lm_head weight that a loss is handed is one). Without a vocabulary group the head is gathered, through
-``full_tensor`` (differentiable: the gradient goes back to the shards). With ``vocab_group``, a
+lm_head weight that a loss is handed is one). Without a vocabulary group the head is gathered
+(differentiable: the ranks' gradients are averaged back onto the shards, as FSDP2 does). With ``vocab_group``, a
 ``Shard(0)`` DTensor over that group *is* a vocabulary shard: its local rows are used as they are.
 """
 from __future__ import annotations
@@ -23,9 +23,19 @@ def _dtensor_type():
 
 
 def full(t: Optional[Tensor]) -> Optional[Tensor]:
-    """A DTensor gathered to the full tensor (differentiably); other tensors, and None, as they are."""
+    """A DTensor gathered to the full tensor (differentiably); other tensors, and None, as they are.
+
+    Each rank's gradient of the gathered tensor is taken as a partial one, averaged over the mesh on its way
+    back to the shards (a reduce-scatter), as FSDP2 averages the gradients of the parameters it gathers: under
+    data parallelism each rank scores its own batch, so the gradients differ. Where every rank computes the
+    same gradient (tensor parallelism, replicated data) the average is that gradient."""
     DTensor = _dtensor_type()
-    return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t
+    if DTensor is None or not isinstance(t, DTensor):
+        return t
+    from torch.distributed.tensor import Partial, Replicate
+
+    n = t.device_mesh.ndim
+    return t.redistribute(placements=[Replicate()] * n).to_local(grad_placements=[Partial("avg")] * n)
 
 
 def _vocab_shard(name: str, t: Optional[Tensor], group) -> Optional[Tensor]:
