@@ -14,6 +14,7 @@ from fastalign._options import check_choice
 from fastalign.linear import check_head, check_logit_options, check_second_head
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_divergence import DivergenceOptions, Head, divergence_loss
+from fastalign.ops.single_pass import differentiated
 
 __all__ = ["linear_divergence_loss"]
 
@@ -108,11 +109,13 @@ def linear_divergence_loss(
             ``weight_hard_loss``); ``hard_weight != 0`` needs ``labels``.
         normalizer: a number > 0 or a one-element tensor (TRL's ``num_items_in_batch``; not read on the host).
         single_pass: ``"auto"`` (the gradients in the forward when they are needed and the call is eager),
-            True, or False (the backward runs the blocks again). The single pass's loss can be differentiated
-            once per forward (its gradients are scaled in place, holding no second copy of d(weight)); a
-            second backward through a retained graph needs ``single_pass=False``. Neither mode has a second
-            derivative: differentiating the gradient again (``create_graph=True``) raises a RuntimeError. Under
-            torch.compile the blocks run inside custom ops: one graph for every token count.
+            True (the same; it raises under torch.compile), or False (the backward runs the blocks again).
+            Gradients are needed when grad mode is on and ``hidden``, ``weight`` or ``bias`` requires grad: under
+            ``torch.no_grad()`` every mode runs the forward's two products only. The single pass's loss can be
+            differentiated once per forward (its gradients are scaled in place, holding no second copy of
+            d(weight)); a second backward through a retained graph needs ``single_pass=False``. Neither mode has a
+            second derivative: differentiating the gradient again (``create_graph=True``) raises a RuntimeError.
+            Under torch.compile the blocks run inside custom ops: one graph for every token count.
         backend: ``"cpp"``, ``"triton"`` or ``"cuda"`` (CUDA tensors run the Triton kernel); default from
             :func:`fastalign.use_backend`.
 
@@ -161,7 +164,9 @@ def linear_divergence_loss(
     g_hard = None if y is None or w_hard == 0.0 else mask * (w_hard / norm)
     teacher = Head(ht2, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), t_scale, t_cap)
     opts = DivergenceOptions(inv_t, b, int(ignore_index), y is not None, name)
-    state = (scale, cap, teacher, mask, y, g_soft, g_hard, opts, single_pass is not False and is_eager)
+    # the gradients in the forward only when autograd may ask for them (grad mode on, a student tensor requires it)
+    single = single_pass is not False and is_eager and differentiated(hidden, weight, bias)
+    state = (scale, cap, teacher, mask, y, g_soft, g_hard, opts, single)
     with torch.autocast(dev.type, enabled=False):
         loss, div, ent, nll = divergence_loss(h2, weight, bias, state)
     n = count.clamp(min=1)

@@ -155,6 +155,92 @@ def test_no_gradient_forward_only_and_teacher_gets_none():
     assert wt.grad is None and h.grad is not None
 
 
+@pytest.mark.parametrize("op", [divergence_rows.direct, torch.ops.fastalign.divergence_rows],
+                         ids=["direct", "registered"])
+def test_divergence_rows_checks_the_logits(op):
+    """The op reads both logits as [n, V] rows by pointer: a teacher of another shape (read past its end), dtype or
+    device, a non-2-D student, and rows that are not contiguous (read as other elements) raise, naming the
+    argument; a row-strided (sliced) pair is read correctly."""
+    def call(student, teacher):
+        return op(student, teacher, None, None, None, None, 1.0, 0.5, -100, False, "cpp")
+
+    g = torch.Generator().manual_seed(17)
+    zs, zt = torch.randn(4, 50, generator=g), torch.randn(4, 50, generator=g)
+    for student, teacher, err, match in (
+            (zs, zt[:, :30].contiguous(), ValueError, r"^teacher must have the shape of student \(4, 50\)"),
+            (zs, zt[:2].contiguous(), ValueError, r"^teacher must have the shape of student"),
+            (zs, zt.reshape(4, 5, 10), ValueError, r"^teacher must have the shape of student"),
+            (zs, zt.double(), TypeError, r"^teacher must have the dtype of student"),
+            (zs, zt.bfloat16(), TypeError, r"^teacher must have the dtype of student"),
+            (zs, zt.to("meta"), ValueError, r"^teacher must be on the device of student"),
+            (zs.double(), zt.double(), TypeError, r"^student must be float32, bfloat16 or float16"),
+            (zs.reshape(-1), zt.reshape(-1), ValueError, r"^student must be \[n, V\]"),
+            (zs, zt.T.contiguous().T, ValueError, r"^teacher must have contiguous rows"),
+            (zs.T.contiguous().T, zt, ValueError, r"^student must have contiguous rows")):
+        with pytest.raises(err, match=match):
+            call(student, teacher)
+    wide_s, wide_t = torch.randn(4, 80, generator=g), torch.randn(4, 70, generator=g)
+    zs, zt = wide_s[:, 10:60], wide_t[:, 5:55]
+    assert_close(call(zs, zt)[0], R.generalized_jsd(zs, zt, beta=0.5, temperature=1.0), atol=2e-6, rtol=1e-5)
+
+
+def _spy_gradient_work(monkeypatch):
+    """Counts the gradient buffers and the gradient products (d hidden, d weight) of the blocks."""
+    import fastalign.ops.linear_divergence as LD
+
+    calls = {"buffers": 0, "products": 0}
+    zero_grads, grad_to_inputs = LD._zero_grads, LD.chunk_grad_to_inputs
+
+    def buffers(*args):
+        out = zero_grads(*args)
+        calls["buffers"] += sum(t is not None for t in out)
+        return out
+
+    def products(*args, **kw):
+        calls["products"] += 1
+        return grad_to_inputs(*args, **kw)
+
+    monkeypatch.setattr(LD, "_zero_grads", buffers)
+    monkeypatch.setattr(LD, "chunk_grad_to_inputs", products)
+    return calls
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("single_pass", ["auto", True, False])
+def test_no_grad_runs_no_gradient_work(monkeypatch, backend, single_pass):
+    """Under torch.no_grad() (an evaluation loop: the parameters still require grad) the forward takes its two
+    products only: no gradient buffer, no gradient product, and the values of the forward with gradients."""
+    h, w, b, ht, wt, bt, y = _batch(15)
+    kw = dict(bias=b, teacher_bias=bt, beta=0.3, labels=y, hard_weight=0.4, backend=backend, single_pass=single_pass)
+    want, want_m = fastalign.linear_divergence_loss(h, w, ht, wt, **kw)
+    calls = _spy_gradient_work(monkeypatch)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            loss, m = fastalign.linear_divergence_loss(h, w, ht, wt, **kw)
+        assert calls == {"buffers": 0, "products": 0}, context
+        assert not loss.requires_grad
+        assert_close(loss, want, atol=0, rtol=0, what="loss")
+        for name, value in want_m.items():
+            assert_close(m[name], value, atol=0, rtol=0, what=name)
+
+
+def test_only_a_teacher_requiring_grad_runs_no_gradient_work(monkeypatch):
+    """The teacher's tensors are constants: their requires_grad alone asks for no gradient work, and with the
+    student's requiring grad the teacher's still get none."""
+    h, w, b, ht, wt, bt, y = _batch(16)
+    h, w, b = h.detach(), w.detach(), b.detach()
+    ht.requires_grad_(), wt.requires_grad_(), bt.requires_grad_()
+    calls = _spy_gradient_work(monkeypatch)
+    for single_pass in ("auto", True, False):
+        loss, _ = fastalign.linear_divergence_loss(h, w, ht, wt, bias=b, teacher_bias=bt, single_pass=single_pass)
+        assert not loss.requires_grad and calls == {"buffers": 0, "products": 0}
+    w.requires_grad_()
+    loss, _ = fastalign.linear_divergence_loss(h, w, ht, wt, bias=b, teacher_bias=bt)
+    loss.backward()
+    assert calls == {"buffers": 1, "products": 1}  # d(weight) alone, in the forward's single pass
+    assert w.grad is not None and all(t.grad is None for t in (h, b, ht, wt, bt))
+
+
 @pytest.mark.parametrize("kw, err, match", [
     (dict(beta=1.5), ValueError, "beta"),
     (dict(beta=-0.1), ValueError, "beta"),

@@ -119,3 +119,20 @@ def test_errors_name_liger_arguments():
     for name in ("weight_hard_loss", "weight_soft_loss"):
         with pytest.raises(TypeError, match=name):
             LigerFusedLinearJSDLoss(**{name: None})
+
+
+LABELS_NONE_OPTIONS = [dict(), dict(weight_hard_loss=0.0), dict(weight_hard_loss=0.0, weight_soft_loss=1.0),
+                       dict(weight_hard_loss=0.0, return_soft_hard_loss=True),
+                       dict(weight_hard_loss=0.5, return_soft_hard_loss=True)]
+
+
+@pytest.mark.parametrize("options", LABELS_NONE_OPTIONS)
+def test_labels_none_raises_as_liger(options):
+    """true_labels=None: Liger raises a TypeError with every option (it reads the labels even without the hard
+    loss); so does this module, naming true_labels (it named fastalign's hard_weight, raised a KeyError with
+    return_soft_hard_loss, or scored every token with weight_hard_loss=0)."""
+    x, w, b, xt, wt, bt, y = _inputs(6)
+    with pytest.raises(TypeError):
+        chunked.LigerFusedLinearJSDLoss(**options, compiled=False, chunk_size=4)(x, w, xt, wt, None, b, bt)
+    with pytest.raises(TypeError, match="^true_labels must be a torch.Tensor, got NoneType"):
+        LigerFusedLinearJSDLoss(**options)(x, w, xt, wt, None, b, bt)

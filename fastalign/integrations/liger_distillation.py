@@ -13,8 +13,9 @@ With ``n`` the count of targets other than ``ignore_index`` (at least 1), as Lig
 
 ``forward`` returns ``loss``, or ``(loss, soft, hard)`` with ``return_soft_hard_loss`` (``soft`` and ``hard``
 detached; ``hard`` is 0 when ``weight_hard_loss`` is 0 and it is not asked for, as Liger). Gradients flow to the
-student's input, weight and bias; the teacher's get none. ``compiled`` and ``chunk_size`` choose how Liger runs,
-not what it computes: they are checked and do not change the result. Where fastalign is stricter than Liger:
+student's input, weight and bias; the teacher's get none. ``true_labels`` are needed with every option, as in
+Liger (they are the mask of the soft loss too): None is a ``TypeError`` naming them. ``compiled`` and
+``chunk_size`` choose how Liger runs, not what it computes: they are checked and do not change the result. Where fastalign is stricter than Liger:
 a temperature must be > 0, ``beta`` in [0, 1], and both heads must have the same vocabulary (Liger pads a
 smaller student vocabulary with zero logits) — each a ``ValueError`` naming the argument. The loss can be
 differentiated once per forward (its gradients are computed in the forward and scaled in place, without a second
@@ -77,6 +78,8 @@ class LigerFusedLinearJSDLoss(LiveOptions, nn.Module):
         hard = self.weight_hard_loss != 0 or self.return_soft_hard_loss
         check_tensors(student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias,
                       labels=true_labels, names=_ARGUMENTS)
+        # Liger reads the labels in every mode (the mask of the soft loss too): None is a TypeError there as here
+        _validate.integer(_ARGUMENTS["labels"], true_labels)
         loss, metrics = linear_divergence_loss(
             student_input, student_weight, teacher_input, teacher_weight, beta=self.beta,
             temperature=self.temperature, bias=student_bias, teacher_bias=teacher_bias, labels=true_labels,

@@ -134,7 +134,10 @@ class DivergencePass(torch.autograd.Function):
     """``(loss, divergence, entropy, nll)``: ``loss = sum_r g_soft_r D_r + g_hard_r NLL_r`` with gradients to the
     student's hidden states, weight and bias, and the per-row ``D``, ``H`` and ``NLL`` of :func:`run_blocks`
     (not differentiable). ``state = (student scale, softcap, teacher Head, mask, labels, g_soft, g_hard, opts,
-    single_pass)``."""
+    single_pass)``; ``single_pass``: the gradients in the forward, of the inputs in ``ctx.needs_input_grad``. That
+    flag is set from the inputs' ``requires_grad`` even under ``torch.no_grad()``, and the forward runs without
+    grad mode, so the caller passes ``single_pass`` only when autograd may ask for a gradient
+    (:func:`~fastalign.ops.single_pass.differentiated`): otherwise a forward would fill gradients nobody reads."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, state):
