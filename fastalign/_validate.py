@@ -149,6 +149,17 @@ def boolean(name: str, value) -> bool:
     return value
 
 
+def process_group(name: str, group) -> None:
+    """None or a ``torch.distributed`` process group (``dist.group.WORLD``, ``dist.new_group(...)``, a device
+    mesh's ``mesh.get_group()``); anything else (a name such as ``"world"``, a bool, a mesh) is a ``TypeError``."""
+    if group is None:
+        return
+    dist = torch.distributed
+    if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError(f"{name} must be a torch.distributed ProcessGroup (dist.group.WORLD, dist.new_group(...), "
+                        f"mesh.get_group()) or None, got {type(group).__name__} {group!r}")
+
+
 def finite_numbers(name: str, values) -> tuple:
     """A sequence (list, tuple, ...) of finite real numbers, as a tuple of floats; ``name[i]`` names a bad entry."""
     if isinstance(values, (str, bytes)) or not isinstance(values, _abc.Sequence):

@@ -223,7 +223,11 @@ def linear_logprobs(
         vocab_group: a ``torch.distributed`` process group over which the vocabulary
             is sharded (tensor parallel); every rank passes the same ``hidden`` and
             ``labels`` and gets the full-vocabulary statistics. d(hidden) is summed
-            over the group in backward.
+            over the group in backward. The all-reduce that places the shards also
+            compares the ranks' numbers of rows, hidden sizes and low-rank ranks: for
+            CPU tensors a mismatch raises a ``ValueError`` on every rank, instead of a
+            hang or a crash in a later collective (a GPU's sizes are not read on the
+            host, which would synchronise: there the ranks must agree).
         backend: ``"triton"``, ``"cpp"`` or ``"cuda"`` (CUDA tensors run the Triton
             kernels for ``"cuda"``); default from :func:`fastalign.use_backend`.
         chunk: ``(tokens, vocab)`` of one chunk of logits, overriding the memory budget.
@@ -234,6 +238,7 @@ def linear_logprobs(
     Returns:
         :class:`TokenStats` with fp32 tensors shaped like ``labels`` (argmax int64).
     """
+    _validate.process_group("vocab_group", vocab_group)
     hidden, weight, bias, low_rank = _dtensor.head(hidden, weight, bias, low_rank, vocab_group)
     low_rank_hidden, low_rank_weight = check_head_inputs(hidden, weight, labels, bias, low_rank,
                                                          vocab_shard=vocab_group is not None)

@@ -106,6 +106,7 @@ class LinearPolicyLoss(nn.Module):
         check_names("LinearPolicyLoss", config, FIELDS + _LOGIT_OPTIONS)
         logit = {k: v for k, v in config.items() if k in _LOGIT_OPTIONS and k != "vocab_group"}
         check_logit_options(**logit, backend=config.get("backend"))
+        _validate.process_group("vocab_group", config.get("vocab_group"))
         PolicyConfig(**{k: v for k, v in config.items() if k not in _LOGIT_OPTIONS})
         self.config = dict(config)
         why = _single_pass_blocker(config, per_call=False) if single_pass is True else None
@@ -185,8 +186,10 @@ def policy_step(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Op
     ``token_separable``: the loss is separable over tokens too (:attr:`fastalign.PolicyConfig.token_separable`),
     so the single pass takes blocks of any tokens, sized by the block budget alone: a sequence longer than
     the budget still takes it."""
-    hidden, weight, bias, low_rank = _dtensor.head(hidden, weight, bias, low_rank, logit.get("vocab_group"))
-    a, lw = check_head_inputs(hidden, weight, labels, bias, low_rank)
+    group = logit.get("vocab_group")
+    _validate.process_group("vocab_group", group)
+    hidden, weight, bias, low_rank = _dtensor.head(hidden, weight, bias, low_rank, group)
+    a, lw = check_head_inputs(hidden, weight, labels, bias, low_rank, vocab_shard=group is not None)
     if single_pass is True and not eager(hidden, weight, bias, a, lw):
         raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two passes run")
     tokens = token_separable and hidden.dim() == 3

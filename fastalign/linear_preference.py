@@ -186,6 +186,7 @@ class LinearPreferenceLoss(nn.Module):
         self.loss_types = check_config("LinearPreferenceLoss", loss_type, beta, label_smoothing, options,
                                        own=_OWN_OPTIONS)
         check_logit_options(temperature, softcap, logit_scale, ignore_index, backend=backend)
+        _validate.process_group("vocab_group", vocab_group)
         _validate.boolean("use_weighting", use_weighting)
         _validate.finite(ld_alpha=ld_alpha)
         if wpo_cap is not None:
@@ -277,16 +278,17 @@ class LinearPreferenceLoss(nn.Module):
                              "([V, H])")
 
     @staticmethod
-    def _check_ref(name, ref, like, like_name, weight, bias, ref_weight, ref_bias) -> None:
+    def _check_ref(name, ref, like, like_name, weight, bias, ref_weight, ref_bias, vocab_shard: bool) -> None:
         """Reference hidden states ``name`` against the policy's ``like`` (same shape) and against the reference
-        head: ``ref_weight`` / ``ref_bias``, or the policy's ``weight`` / ``bias`` when ``ref_weight`` is None."""
+        head: ``ref_weight`` / ``ref_bias``, or the policy's ``weight`` / ``bias`` when ``ref_weight`` is None.
+        ``vocab_shard``: the heads are this rank's shards of a vocabulary split over ``vocab_group`` (maybe empty)."""
         _validate.floating(name, ref, min_dim=2)
         _validate.shape(name, ref, like.shape, f"like {like_name}")
         _validate.same_device(**{like_name: like, name: ref})
         own = ref_weight is not None
         head_w, head_b = (ref_weight, ref_bias) if own else (weight, bias if ref_bias is None else ref_bias)
         names = (name, "ref_weight" if own else "weight", "ref_bias" if ref_bias is not None else "bias")
-        check_head(ref, head_w, head_b, names=names)
+        check_head(ref, head_w, head_b, names=names, vocab_shard=vocab_shard)
         _validate.same_device(**dict(zip(names, (ref, head_w, head_b))))
 
     # ------------------------------------------------------------------------------------ forward
@@ -309,7 +311,7 @@ class LinearPreferenceLoss(nn.Module):
                              "not both")
         if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
             raise ValueError("ref_weight / ref_bias apply to ref_hidden: give ref_hidden or leave them None")
-        ref_head = (weight, bias, ref_weight, ref_bias)  # as given, for the reference checks
+        ref_head = (weight, bias, ref_weight, ref_bias, group is not None)  # as given, for the reference checks
         if ref_weight is None:
             ref_weight = weight
             ref_bias = bias if ref_bias is None else ref_bias

@@ -22,9 +22,9 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from fastalign import _dtensor
+from fastalign import _dtensor, _validate
 from fastalign._options import check_choice
-from fastalign.linear import check_head_inputs, linear_logprobs, logit_pipeline
+from fastalign.linear import _TWO_PASS_OPTIONS, check_head_inputs, linear_logprobs, logit_pipeline
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_cpu import labelled_rows, scatter_labelled
 from fastalign.ops.single_pass import UNLABELLED, Side, by_default, single_pass_loss, token_items
@@ -59,15 +59,18 @@ def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLos
     :func:`fastalign.linear_preference.coupling` says which preference losses are not. Then the
     single pass takes blocks of whole items through the head once (module docstring).
     ``single_pass``: ``"auto"`` takes it where :func:`~fastalign.ops.single_pass.by_default` says so
-    (an item's logits within the block budget among the conditions), True asks for it, False never.
+    (an item's logits within the block budget among the conditions) and no option of the two passes only
+    (``vocab_group``, ``chunk``, ``grad_skip_threshold``) is set, True asks for it, False never.
 
     ``stats``: name -> detached ``[N, T]`` tensor of ``"logprobs"``, ``"sum_p2"`` (when asked) and the
     ``extras`` (``"entropy"``, ``"argmax"``; for metrics, no gradient), all from the same pass; an
     unscored position holds 0 (``sum_p2``: 1, ``argmax``: -1)."""
     logit = dict(logit or {})
     check_choice("items", items, ITEMS)
-    hidden, weight, bias, low_rank = _dtensor.head(hidden, weight, bias, low_rank, logit.get("vocab_group"))
-    a, lw = check_head_inputs(hidden, weight, labels, bias, low_rank)
+    group = logit.get("vocab_group")
+    _validate.process_group("vocab_group", group)
+    hidden, weight, bias, low_rank = _dtensor.head(hidden, weight, bias, low_rank, group)
+    a, lw = check_head_inputs(hidden, weight, labels, bias, low_rank, vocab_shard=group is not None)
     paired = items == "pairs"
     if hidden.dim() != 3 or (paired and hidden.shape[0] % 2):
         raise ValueError(f"hidden must be [N, T, H]{' with N even (chosen rows first)' if paired else ''}, got "
@@ -76,6 +79,8 @@ def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLos
     if unknown:
         raise ValueError(f"extras must be among ('entropy', 'argmax'), got {sorted(unknown)}")
     check_choice("single_pass", single_pass, _MODES)
+    if single_pass == "auto" and any(logit.get(k, unset) != unset for k, unset in _TWO_PASS_OPTIONS.items()):
+        single_pass = False  # a vocabulary split over ranks, the two-pass chunks or tile skipping
     if single_pass is True and not eager(hidden, weight, bias, a, lw):
         raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two passes run")
     with torch.autocast(hidden.device.type, enabled=False):  # the head runs in its operands' dtype

@@ -208,6 +208,7 @@ class PolicyConfig:
         if self.cov_group is not None and not self.cov_global:
             raise ValueError("cov_group applies only with cov_global=True (the group the token statistics are "
                              "summed over)")
+        _validate.process_group("cov_group", self.cov_group)
         if row in ("clip_cov", "kl_cov") and not self.cov_params[0] > 0:
             raise ValueError(f"cov_ratio must be > 0, got {self.cov_ratio}")
         if row == "clip_cov" and not self.cov_params[1] < self.cov_params[2]:

@@ -376,6 +376,7 @@ OPTIONS = [
     (_ll, "chunk", ((2.5, 3), (True, 3), (None, 4), ("a", "b")), TypeError),
     (_tl, "ignore_index", (2 ** 70,), ValueError),
     (_ll, "backend", ("tpu",), ValueError),
+    (_ll, "vocab_group", ("world", True, 0), TypeError),
     (_tl, "backend", ("tpu", "cuda"), ValueError),
     (_pl, "dp_size", (0, -1), ValueError),
     (_pl, "dp_size", (1.5, 2.0, True), TypeError),
@@ -421,6 +422,33 @@ def test_bad_option_value(fn, arg, value, err):
     with pytest.raises(err) as info:
         fn(**{arg: value})
     assert _names(str(info.value), arg), f"does not name {arg!r}: {info.value}"
+
+
+def _sep(**kw):
+    from fastalign.linear_step import separable_step
+
+    return separable_step(_f(B, T, H), _f(V, H), _lab(B, T), lambda lp, sp2: (lp.sum(), {}), logit=kw)
+
+
+@pytest.mark.parametrize("group", ["world", True, object()], ids=["name", "bool", "object"])
+@pytest.mark.parametrize("make, name", [
+    (lambda g: fa.LinearPolicyLoss(vocab_group=g), "vocab_group"),
+    (lambda g: fa.LinearPolicyLoss()(_f(B, T, H), _f(V, H), _lab(B, T), _f(B, T), _f(B), _mask(B, T), vocab_group=g),
+     "vocab_group"),
+    (lambda g: fa.LinearPreferenceLoss(vocab_group=g), "vocab_group"),
+    (lambda g: _sep(vocab_group=g), "vocab_group"),
+    (lambda g: fa.PolicyConfig(loss_type="kl_cov", cov_global=True, cov_group=g), "cov_group"),
+    (lambda g: fa.policy_loss(_f(B, T), _f(B, T), _f(B, T), _mask(B, T), loss_type="kl_cov", cov_global=True,
+                              cov_group=g), "cov_group"),
+], ids=["LinearPolicyLoss", "LinearPolicyLoss-call", "LinearPreferenceLoss", "separable_step", "PolicyConfig",
+        "policy_loss"])
+def test_a_process_group_option_that_is_not_a_group_names_it(make, name, group):
+    """vocab_group / cov_group given as something other than a torch.distributed ProcessGroup (a name such as
+    "world", a bool): a TypeError naming the option, at construction where there is one (torch's own error named
+    neither, and PolicyConfig took cov_group="world")."""
+    with pytest.raises(TypeError) as info:
+        make(group)
+    assert _names(str(info.value), name) and "ProcessGroup" in str(info.value), str(info.value)
 
 
 CU_SEQLENS = [

@@ -10,7 +10,9 @@
   sum p^2 and argmax equal the single-rank result, and so do the gradients of the hidden states
   and of each weight / bias shard. The same with the shards as one FSDP2-style DTensor
   (``Shard(0)``) over the group; and without ``vocab_group`` a DTensor head is gathered, with the
-  gradients of plain PyTorch on the gathered head.
+  gradients of plain PyTorch on the gathered head. The loss modules on a vocabulary that leaves either
+  rank an empty shard equal the single rank too; ranks that disagree on the rows (hidden size, low-rank
+  term) all raise the same ``ValueError`` instead of crashing or hanging.
 
 CPU runs use ``gloo`` with two spawned processes meeting at a ``FileStore``; the GPU-marked
 versions use ``nccl`` with one GPU per rank, or ``gloo`` with both ranks on one GPU (what a
@@ -179,7 +181,7 @@ def vocab_stats(data, backend, rank=0, world=1, group=None, device="cpu", compil
                 argmax=st.argmax, d_hidden=hidden.grad, d_weight=weight.grad, d_bias=bias.grad)
 
 
-def dtensor_stats(data, backend, world):
+def dtensor_stats(data, backend, rank, world):
     """The head as DTensors sharded over the rows on a 1-D CPU mesh (an FSDP2 parameter): with ``vocab_group``
     its local shards (as :func:`vocab_stats`); without, the gathered head, with gradients against plain
     PyTorch's on the same DTensors (``full_tensor()`` into ``log_softmax``)."""
@@ -196,6 +198,16 @@ def dtensor_stats(data, backend, world):
         _backward(st, data)
         out[name] = dict(logprobs=st.logprobs.detach(), entropy=st.entropy.detach(), sum_p2=st.sum_p2.detach(),
                          d_hidden=hidden.grad, d_weight=weight.grad.to_local(), d_bias=bias.grad.to_local())
+    # data parallel (FSDP2): rank r scores its own row, its loss scaled by the world size as a dp_size-scaled
+    # mean; the head's gradient is averaged over the ranks, so each shard holds the whole batch's gradient
+    rows = slice(rank, rank + 1)
+    weight, bias = (distribute_tensor(data[k], mesh, [Shard(0)]).requires_grad_(True) for k in ("weight", "bias"))
+    st = fastalign.linear_logprobs(data["hidden"][rows], weight, data["labels"][rows], bias=bias, entropy=True,
+                                   sum_p2=True, backend=backend, **VOCAB_OPTIONS)
+    mine = {k: data[k][rows] for k in ("g_lp", "g_ent", "g_sp2")}
+    (world * ((st.logprobs * mine["g_lp"]).sum() + (st.entropy * mine["g_ent"]).sum()
+              + (st.sum_p2 * mine["g_sp2"]).sum())).backward()
+    out["data_parallel"] = dict(d_weight=weight.grad.to_local(), d_bias=bias.grad.to_local())
     # plain PyTorch on the gathered DTensor head: the gradients a DTensor head gets
     hidden = data["hidden"].clone().requires_grad_(True)
     weight, bias = (distribute_tensor(data[k], mesh, [Shard(0)]).requires_grad_(True) for k in ("weight", "bias"))
@@ -205,6 +217,48 @@ def dtensor_stats(data, backend, world):
     out["torch"] = dict(logprobs=lp.detach(), entropy=ent.detach(), sum_p2=sp2.detach(), d_hidden=hidden.grad,
                         d_weight=weight.grad.to_local(), d_bias=bias.grad.to_local())
     return out
+
+
+#: vocabulary splits that leave one rank an empty shard: the last rank's, the first rank's
+EMPTY_SPLITS = {"empty_last": [V_ODD, 0], "empty_first": [0, V_ODD]}
+SHARD_LOSSES = ("LinearPolicyLoss", "separable_step", "LinearPreferenceLoss")
+
+
+def shard_loss(name, backend, rank=0, group=None, sizes=None):
+    """The loss ``name`` of :data:`SHARD_LOSSES` on the :func:`vocab_data` head, its metrics and the gradients of
+    the hidden states and of this rank's weight / bias rows (``split(sizes)``; the whole head without ``group``):
+    LinearPolicyLoss (grpo with KL and entropy terms), separable_step (log-probs with sum p^2, entropy and argmax)
+    and LinearPreferenceLoss (sigmoid, the reference as ``ref_hidden`` through the same head)."""
+    d = vocab_data()
+    g = torch.Generator().manual_seed(4)
+    hidden = d["hidden"].clone().requires_grad_(True)
+    weight, bias = (d[k] if sizes is None else d[k].split(sizes)[rank] for k in ("weight", "bias"))
+    weight, bias = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    labels, (n, t) = d["labels"], d["labels"].shape
+    stats = {}
+    if name == "LinearPolicyLoss":
+        mask = torch.ones(n, t)
+        mask[0, 0] = 0
+        old, ref = (-3.5 - torch.rand(n, t, generator=g) for _ in range(2))
+        fn = fastalign.LinearPolicyLoss(loss_type="grpo", kl_coef=0.05, entropy_coef=0.02, entropy_metric=True,
+                                        vocab_group=group, backend=backend, **VOCAB_OPTIONS)
+        value, metrics = fn(hidden, weight, labels, old, torch.randn(n, generator=g), mask, bias=bias,
+                            ref_logprobs=ref)
+    elif name == "separable_step":
+        from fastalign.linear_step import separable_step
+
+        def loss(lp, sp2):
+            return (lp * d["g_lp"]).sum(), {"sum_p2": sp2.sum()}
+        value, metrics, stats = separable_step(hidden, weight, labels, loss, bias=bias, sum_p2=True,
+                                               extras=("entropy", "argmax"),
+                                               logit=dict(vocab_group=group, backend=backend, **VOCAB_OPTIONS))
+    else:
+        ref_hidden = d["hidden"] + 0.3 * torch.randn(d["hidden"].shape, generator=g)
+        fn = fastalign.LinearPreferenceLoss("sigmoid", beta=0.1, vocab_group=group, backend=backend, **VOCAB_OPTIONS)
+        value, metrics = fn(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden)
+    value.backward()
+    return dict(value=value.detach(), metrics={k: v.detach() for k, v in metrics.items()}, stats=stats,
+                d_hidden=hidden.grad, d_weight=weight.grad, d_bias=bias.grad)
 
 
 # ----------------------------------------------------------------------------- the workers
@@ -219,14 +273,53 @@ def _cpu(x):
     return x.cpu() if isinstance(x, torch.Tensor) else x
 
 
-def _worker(rank, world, pg_backend, store_path, out_dir, scenarios, backend, cuda):
+def mismatched_rows():
+    """Hidden states [6, H] and labels [6] of :func:`mismatched_calls` (the same on every rank)."""
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(6, H, generator=g), torch.randint(0, V_ODD, (6,), generator=g)
+
+
+def mismatched_calls(rank, group, backend):
+    """Calls with vocab_group whose ranks disagree on a size every rank must share (the rows, the hidden size, the
+    low-rank term), then one that agrees: the error each raised on this rank (its type and message), and the good
+    call's log-probs. Each raised at the first collective and left the group usable."""
+    weight = vocab_data()["weight"].chunk(WORLD)[rank]
+    hidden, labels = mismatched_rows()
+    n = 6 - rank  # rows of this rank in the mismatched calls; the others take 5 rows on every rank
+    g = torch.Generator().manual_seed(6 + rank)  # the ranks' own shapes
+    wide = torch.randn(weight.shape[0], H + 8 * rank, generator=g)  # a hidden size of its own on each rank
+    a, lora = torch.randn(5, 3, generator=g), torch.randn(weight.shape[0], 3, generator=g)
+    T = 4 - rank
+    policy = fastalign.LinearPolicyLoss(loss_type="grpo", vocab_group=group, backend=backend)
+    calls = {
+        "rows": lambda: fastalign.linear_logprobs(hidden[:n], weight, labels[:n], vocab_group=group, backend=backend),
+        "policy_tokens": lambda: policy(torch.randn(2, T, H, generator=g), weight, torch.zeros(2, T, dtype=torch.long),
+                                        torch.zeros(2, T), torch.ones(2), torch.ones(2, T)),
+        "hidden_size": lambda: fastalign.linear_logprobs(torch.randn(5, wide.shape[1], generator=g), wide,
+                                                         labels[:5], vocab_group=group, backend=backend),
+        "low_rank": lambda: fastalign.linear_logprobs(hidden[:5], weight, labels[:5], vocab_group=group,
+                                                      low_rank=(a, lora) if rank == 0 else None, backend=backend),
+    }
+    out = {}
+    for case, call in calls.items():
+        try:
+            call()
+            out[case] = "no error"
+        except Exception as e:  # noqa: BLE001 - the test reads the type and message
+            out[case] = f"{type(e).__name__}: {e}"
+    out["good"] = fastalign.linear_logprobs(hidden[:5], weight, labels[:5], vocab_group=group,
+                                            backend=backend).logprobs
+    return out
+
+
+def _worker(rank, world, pg_backend, store_path, out_dir, scenarios, backend, cuda, timeout=COLLECTIVE_TIMEOUT):
     device = "cpu"
     if cuda:  # nccl: a GPU per rank; gloo: every rank on the first GPU
         device = f"cuda:{rank if pg_backend == 'nccl' else 0}"
         torch.cuda.set_device(device)
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world)
-    dist.init_process_group(pg_backend, store=store, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(pg_backend, store=store, rank=rank, world_size=world, timeout=timeout)
     with rank_body():
         group = dist.group.WORLD
         out = {}
@@ -249,23 +342,30 @@ def _worker(rank, world, pg_backend, store_path, out_dir, scenarios, backend, cu
         if "vocab_empty_shard" in scenarios:  # every row on rank 0: rank 1 holds an empty shard
             out["vocab_empty_shard"] = vocab_stats(vocab_data(), backend, rank, world, group, device,
                                                    sizes=[V_ODD] + [0] * (world - 1))
+        if "shard_losses" in scenarios:  # the loss modules with an empty shard on one rank
+            out["shard_losses"] = {(name, split): shard_loss(name, backend, rank, group, sizes)
+                                   for split, sizes in EMPTY_SPLITS.items() for name in SHARD_LOSSES}
         if "vocab_compiled" in scenarios:
             out["vocab_compiled"] = vocab_stats(vocab_data(), backend, rank, world, group, device, compiled=True)
         if "dtensor" in scenarios:
-            out["dtensor"] = dtensor_stats(vocab_data(), backend, world)
+            out["dtensor"] = dtensor_stats(vocab_data(), backend, rank, world)
+        if "mismatched" in scenarios:
+            out["mismatched"] = mismatched_calls(rank, group, backend)
         torch.save(_cpu(out), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def spawn(tmp_path, scenarios, backend, pg_backend="gloo", cuda=False):
-    """Run the scenarios on WORLD spawned ranks; their results, one dict per rank."""
+def spawn(tmp_path, scenarios, backend, pg_backend="gloo", cuda=False, timeout=COLLECTIVE_TIMEOUT,
+          hang_limit_s=HANG_LIMIT_S):
+    """Run the scenarios on WORLD spawned ranks; their results, one dict per rank. ``timeout``: of each
+    collective; ``hang_limit_s``: of the whole run."""
     ctx = mp.start_processes(_worker, args=(WORLD, pg_backend, str(tmp_path / "store"), str(tmp_path),
-                                            tuple(scenarios), backend, cuda),
+                                            tuple(scenarios), backend, cuda, timeout),
                              nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + HANG_LIMIT_S
+    deadline = time.monotonic() + hang_limit_s
     try:
         while not ctx.join(timeout=2):  # raises if a rank failed, with its traceback
             if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD} ranks did not finish within {HANG_LIMIT_S} s (a hang)")
+                pytest.fail(f"the {WORLD} ranks did not finish within {hang_limit_s} s (a hang)")
     finally:
         for p in ctx.processes:
             if p.is_alive():
@@ -313,7 +413,8 @@ def check_single_against_reference(single, data):
 def gloo_run(request, tmp_path_factory):
     """All CPU scenarios in one 2-rank gloo run per kernel backend (spawning costs more than the work)."""
     backend = request.param
-    scenarios = (("policy", "vocab", "vocab_empty_shard", "dtensor") + (("hf",) if HAS_TRANSFORMERS else ())
+    scenarios = (("policy", "vocab", "vocab_empty_shard", "shard_losses", "dtensor")
+                 + (("hf",) if HAS_TRANSFORMERS else ())
                  + (("vocab_compiled",) if backend == "cpp" else ()))  # the interpreter is not compiled
     return backend, spawn(tmp_path_factory.mktemp(f"gloo-{backend}"), scenarios, backend)
 
@@ -351,6 +452,28 @@ def test_gloo_vocab_parallel_with_an_empty_shard(gloo_run):
     check_vocab_parallel([r["vocab_empty_shard"] for r in ranks], single)
 
 
+@pytest.mark.parametrize("name", SHARD_LOSSES)
+def test_gloo_loss_modules_with_an_empty_shard(gloo_run, name):
+    """LinearPolicyLoss, separable_step and LinearPreferenceLoss(ref_hidden=...) on a vocabulary split that leaves
+    a rank an empty shard (either rank) equal the single rank: loss, metrics, statistics and gradients. The empty
+    rank refused its shard before the first collective (linear_logprobs took it), so its peer failed (gloo) or
+    hung (NCCL) in the all-reduce."""
+    backend, ranks = gloo_run
+    single = shard_loss(name, backend)
+    for split in EMPTY_SPLITS:
+        for r, rank in enumerate(ranks):
+            got, where = rank["shard_losses"][(name, split)], f"{name}, {split}, rank {r}"
+            for k in ("value", "d_hidden"):
+                torch.testing.assert_close(got[k], single[k], atol=1e-5, rtol=1e-5, msg=f"{k}, {where}")
+            for group in ("metrics", "stats"):
+                assert got[group].keys() == single[group].keys(), where
+                for k, want in single[group].items():
+                    torch.testing.assert_close(got[group][k], want, atol=1e-5, rtol=1e-5, msg=f"{k}, {where}")
+        for k in ("d_weight", "d_bias"):  # each rank holds the gradient of its own rows
+            torch.testing.assert_close(torch.cat([rank["shard_losses"][(name, split)][k] for rank in ranks]),
+                                       single[k], atol=1e-5, rtol=1e-5, msg=f"{k}, {name}, {split}")
+
+
 def test_gloo_vocab_parallel_compiles_without_graph_breaks(gloo_run):
     """torch.compile(fullgraph=True) of the vocabulary-parallel statistics, backward included, equals eager (the
     backward read on the host whether a row needed renormalising: a graph break)."""
@@ -364,7 +487,8 @@ def test_gloo_vocab_parallel_compiles_without_graph_breaks(gloo_run):
 
 def test_gloo_dtensor_head(gloo_run):
     """An FSDP2-style DTensor head: with vocab_group its local shards, as plain shards; without, gathered, with
-    the gradients of plain PyTorch on the same DTensor."""
+    the gradients of plain PyTorch on the same DTensor; under data parallelism (each rank its own rows) the head's
+    gradient is the ranks' average, as FSDP2 averages its parameters' gradients."""
     backend, ranks = gloo_run
     single = vocab_stats(vocab_data(), backend)
     stats = ("logprobs", "entropy", "sum_p2", "d_hidden")
@@ -378,6 +502,28 @@ def test_gloo_dtensor_head(gloo_run):
     for k in ("d_weight", "d_bias"):
         torch.testing.assert_close(torch.cat([got["dtensor"]["sharded"][k] for got in ranks]), single[k], atol=1e-5,
                                    rtol=1e-5, msg=f"sharded {k}")
+        torch.testing.assert_close(torch.cat([got["dtensor"]["data_parallel"][k] for got in ranks]), single[k],
+                                   atol=1e-5, rtol=1e-5, msg=f"data-parallel {k} (the ranks' average)")
+
+
+def test_gloo_ranks_that_disagree_on_a_size_raise_on_every_rank(tmp_path):
+    """With vocab_group every rank must pass the same rows (and hidden size, and low-rank term): a rank with other
+    rows crashed the process in gloo (SIGABRT, a size mismatch in a later all-reduce) or left every rank waiting
+    out the collective timeout; NCCL hangs or reads garbage. The first all-reduce carries the sizes now: every rank
+    raises the same ValueError, and the group stays usable. Short timeouts: a regression fails, it does not hang."""
+    ranks = spawn(tmp_path, ("mismatched",), "cpp", timeout=timedelta(seconds=60), hang_limit_s=180)
+    expected = {"rows": "number of rows", "policy_tokens": "number of rows", "hidden_size": "hidden size",
+                "low_rank": "low_rank"}
+    for r, rank in enumerate(ranks):
+        got = rank["mismatched"]
+        for case, words in expected.items():
+            assert got[case].startswith("ValueError: ") and words in got[case] and "vocab_group" in got[case], \
+                f"{case}, rank {r}: {got[case]}"
+            assert got[case] == ranks[0]["mismatched"][case], f"{case}: the ranks raised different errors"
+    hidden, labels = mismatched_rows()
+    want = fastalign.linear_logprobs(hidden[:5], vocab_data()["weight"], labels[:5], backend="cpp").logprobs
+    for r, rank in enumerate(ranks):
+        torch.testing.assert_close(rank["mismatched"]["good"], want, atol=1e-5, rtol=1e-5, msg=f"rank {r}")
 
 
 # ----------------------------------------------------------------------------- GPU (NCCL on 2 devices, gloo on 1)

@@ -290,6 +290,32 @@ def test_grpo_errors_name_liger_arguments():
             fl.LigerFusedLinearGRPOLoss(**opts)
 
 
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo", "vespo"])
+@pytest.mark.parametrize("world, num_items", [(2, None), (4, None), (2, 1), (4, 3), (4, 0)])
+def test_grpo_fewer_tokens_than_processes_match_liger(monkeypatch, loss_type, world, num_items):
+    """One process of ``world`` in a step that scores fewer tokens than there are processes (one token here, none on
+    the other processes: their all-reduce adds nothing; or ``num_items_in_batch`` below ``world``). Liger divides by
+    ``clamp(tokens / world, min=1)``; fastalign divided by ``clamp(tokens, min=1) / world``: world / tokens times
+    Liger's loss."""
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: world)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: None)  # the other processes score nothing
+    opts = dict(loss_type=loss_type, beta=0.0, use_ref_model=False)
+    if loss_type == "cispo":
+        opts["epsilon_high"] = 1.2
+    fa, lg = _grpo_pair(opts)
+    d = _grpo_batch(17)
+    d["mask"] = torch.zeros_like(d["mask"])
+    d["mask"][0, 3] = 1  # one scored token
+    extra = {} if num_items is None else dict(num_items_in_batch=num_items)
+    leaves_fa, leaves_lg = _leaves(d["hidden"], d["weight"], d["bias"]), _leaves(d["hidden"], d["weight"], d["bias"])
+    out_fa = _run_grpo(fa, d, leaves_fa, ref_mode="none", **extra)
+    out_lg = _run_grpo(lg, {**d, "ids": _liger_ids(d)}, leaves_lg, ref_mode="none", **extra)
+    assert float(out_lg[0].detach()) != 0.0
+    _compare(out_fa, out_lg, leaves_fa, leaves_lg, rtol=1e-5, atol=2e-6, what=f"{loss_type} world={world}")
+
+
 def test_vespo_small_is_ratio_clamps_the_sequence_weight_as_liger():
     """Liger clamps the sum of the sequence's log-ratio and its IS log-weights; fastalign folded the IS part into one
     token's weight, which its own clamp cut at log 1e-8 first: 20x Liger's loss here (hidden by an absolute

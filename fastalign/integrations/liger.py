@@ -284,17 +284,20 @@ class LigerFusedLinearGRPOLoss(LiveOptions, nn.Module):
 
     @staticmethod
     def _token_count(mask: Tensor, num_items_in_batch):
-        """(tokens of the whole batch, processes): ``num_items_in_batch`` or the mask summed over the processes."""
+        """(tokens of the whole batch, processes): ``num_items_in_batch`` or the mask summed over the processes,
+        at least the number of processes. The loss is ``sum * processes / count``: Liger's ``sum / clamp(count /
+        processes, min=1)``, also when the step scores fewer tokens than there are processes."""
         world = 1
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized():
             world = dist.get_world_size()
         if num_items_in_batch is not None:
-            return torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=mask.device), world
-        n = mask.sum().to(torch.float32)
-        if world != 1:
-            dist.all_reduce(n)
-        return n, world
+            n = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=mask.device)
+        else:
+            n = mask.sum().to(torch.float32)
+            if world != 1:
+                dist.all_reduce(n)
+        return n.clamp(min=world), world
 
     @torch.no_grad()
     def _metrics(self, lp: Tensor, old: Tensor, ref: Optional[Tensor], advantages: Tensor, mask: Tensor) -> tuple:

@@ -2,7 +2,8 @@
 
 Each rank holds rows ``[start, start + V_r)`` of the weight; labels are global ids. Shards may differ in
 size (``torch.chunk`` and FSDP2 give the last ranks fewer rows): one all-reduce of the sizes gives each
-rank its ``start`` and the whole vocabulary, as device tensors (no host read). The shards are
+rank its ``start`` and the whole vocabulary, as device tensors; it also carries the sizes every rank must
+share (rows, hidden size, low-rank rank), compared on the host for CPU tensors (:func:`shard_range`). The shards are
 vocabulary pieces, merged across ranks by :func:`~fastalign.ops.vocab_pieces.merge_pieces` with
 all-reduces as the reductions; backward needs only the merged per-token statistics, so the local
 backward op runs unchanged and d(hidden) is summed over ranks (hidden is replicated). A low-rank term
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from fastalign._backend import backend_for
 from fastalign.ops import linear_cpu, linear_triton
-from fastalign.ops._launch import stat_outputs
+from fastalign.ops._launch import eager, stat_outputs
 from fastalign.ops.linear_stats import linear_stats, linear_stats_backward
 from fastalign.ops.vocab_pieces import PIECE_IGNORE, local_labels, log_mass, merge_pieces
 
@@ -42,16 +43,34 @@ class AcrossRanks:
         return tuple(packed.unbind(0))
 
 
-def shard_range(v_local: int, group, device) -> tuple[Tensor, Tensor]:
+#: what :func:`shard_range` compares across the ranks, with the message of a mismatch
+_SAME_ON_EVERY_RANK = (
+    "hidden/labels must have the same number of rows on every rank of vocab_group",
+    "hidden must have the same hidden size on every rank of vocab_group",
+    "low_rank must be given on every rank of vocab_group or on none, with the same rank r (0: not given)",
+)
+
+
+def shard_range(v_local: int, group, device, same: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
     """This rank's first vocabulary id and the whole vocabulary's size (0-dim int64 tensors on ``device``),
-    from every rank's shard size ``v_local``, summed in one all-reduce (rank r writes its size at r)."""
+    from every rank's shard size ``v_local``, summed in one all-reduce (rank r writes its size at column r).
+
+    The same all-reduce carries ``same``: this rank's rows, hidden size and low-rank rank, which every rank must
+    share (each later collective is sized by them; a mismatch crashes or hangs there). On the CPU (gloo), in
+    eager mode, the sizes are read (free) and a mismatch raises a ``ValueError`` on every rank alike; a GPU's are
+    not read (that would synchronise with the host), nor traced ones (``torch.compile``, fake tensors)."""
     import torch.distributed as dist
 
     rank = dist.get_rank(group)
-    sizes = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=device)
-    sizes[rank] = v_local
+    sizes = torch.zeros(1 + len(same), dist.get_world_size(group), dtype=torch.int64, device=device)
+    for i, n in enumerate((v_local, *same)):
+        sizes[i, rank] = n
     dist.all_reduce(sizes, op=dist.ReduceOp.SUM, group=group)
-    return sizes[:rank].sum(), sizes.sum()
+    if sizes.device.type == "cpu" and eager(sizes):  # a GPU's sizes are not read: that would synchronise
+        for message, row in zip(_SAME_ON_EVERY_RANK, sizes[1:].tolist()):
+            if any(n != row[0] for n in row):
+                raise ValueError(f"{message}, got {row} (one per rank)")
+    return sizes[0, :rank].sum(), sizes[0].sum()
 
 
 def row_mass(hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t, ignore_index, backend, nc,
@@ -89,7 +108,8 @@ class VocabParallelStats(torch.autograd.Function):
         import torch.distributed as dist
 
         V_r = weight.shape[0]
-        start, v_total = shard_range(V_r, group, hidden.device)
+        rank_r = 0 if low_rank_hidden is None else low_rank_hidden.shape[-1]
+        start, v_total = shard_range(V_r, group, hidden.device, (hidden.shape[0], hidden.shape[-1], rank_r))
         yl = local_labels(labels, start, start + V_r, ignore_index)
         if V_r == 0:
             lp, ent, sp2, amax, amax_val, lse = _empty_shard_stats(hidden.shape[0], hidden.device, want_ent, want_sp2,
