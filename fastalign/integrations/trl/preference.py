@@ -36,7 +36,6 @@ from torch import Tensor, nn
 from fastalign import _validate
 from fastalign.integrations.trl._config import read_fields
 from fastalign.linear_preference import LinearPreferenceLoss
-from fastalign.ops._launch import eager
 from fastalign.preference import (LOSSES, ROW_OPTIONS, PreferenceLoss, preference_loss, unpaired_preference_loss,
                                   wpo_weights)
 from fastalign.sequence import sequence_logprobs
@@ -413,9 +412,9 @@ def _label(label, n: int) -> Tensor:
         raise TypeError(f"label must be bool (or 0/1 integers) per response, True for a desirable one; "
                         f"got {label.dtype}")
     _validate.shape("label", label, (n,), "one per row of per_token_logps")
-    if label.dtype != torch.bool and label.device.type == "cpu" and eager(label):
-        if bool(((label != 0) & (label != 1)).any()):
-            raise ValueError(f"label must be bool (or 0/1 integers) per response, True for a desirable one; got the "
-                             f"values {sorted(set(label.tolist()) - {0, 1})[:3]}")
+    if label.dtype != torch.bool:  # raises for a CPU tensor; a GPU's values are not read (the flag is dropped)
+        _validate._flag_or_raise(((label != 0) & (label != 1)).any(), label, lambda: (
+            f"label must be bool (or 0/1 integers) per response, True for a desirable one; got the values "
+            f"{sorted(set(label.tolist()) - {0, 1})[:3]}"))
     return label
 

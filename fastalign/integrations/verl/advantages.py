@@ -45,12 +45,10 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastalign import _backend
 from fastalign.advantages import (gae_advantages, group_advantages, optimal_token_baseline_advantages,
                                   remax_advantages, token_advantages)
 from fastalign.advantages._inputs import as_index
 from fastalign.integrations.verl._names import unprefixed
-from fastalign.ops.group_stats import group_stats
 
 __all__ = ["ALGO_DEFAULTS", "ESTIMATORS", "algo_options", "compute_advantage"]
 
@@ -122,8 +120,12 @@ def _as_verl_on_non_finite(est: str, adv: Tensor, scores: Tensor, keys: Tensor) 
     B = scores.shape[0]
     if B == 0:
         return adv
-    s = scores if scores.dtype == torch.float64 else scores.to(torch.float32)
-    gid = group_stats(s, keys, s.new_empty(0, dtype=torch.float64), 1, _backend.request(s.device))[0]  # ids < B
+    s = scores
+    # dense group ids < B from the sorted keys (no host read): a new id where the sorted key changes
+    sorted_keys, order = keys.sort(stable=True)
+    starts = torch.ones_like(sorted_keys, dtype=torch.int64)
+    starts[1:] = (sorted_keys[1:] != sorted_keys[:-1]).to(torch.int64)
+    gid = torch.empty_like(order).scatter_(0, order, starts.cumsum(0) - 1)
     row = torch.arange(B, device=s.device)
 
     def over_group(x: Tensor, reduce: str = "sum") -> Tensor:  # x reduced over each row's group
