@@ -11,6 +11,8 @@ from typing import Optional
 
 from torch import Tensor
 
+from . import _validate
+
 __all__ = ["full", "head"]
 
 
@@ -59,7 +61,9 @@ def _vocab_shard(name: str, t: Optional[Tensor], group) -> Optional[Tensor]:
 def head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None, low_rank=None, vocab_group=None):
     """``(hidden, weight, bias, low_rank)`` as plain tensors: the rows (``hidden``, the low-rank term's ``a``)
     gathered; the head (``weight``, ``bias``, ``L``) gathered too, or without a copy its local vocabulary shard
-    when ``vocab_group`` is given."""
+    when ``vocab_group`` is given (which must be a process group)."""
+    _validate.process_group("vocab_group", vocab_group)
+
     def of_head(name: str, t):
         return full(t) if vocab_group is None else _vocab_shard(name, t, vocab_group)
 

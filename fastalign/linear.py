@@ -66,17 +66,27 @@ def check_logit_options(temperature: float = 1.0, softcap: Optional[float] = Non
     return inv_t, cap, scale
 
 
-#: linear_logprobs options that only the two passes have, at their unset values
-_TWO_PASS_OPTIONS = {"chunk": None, "vocab_group": None, "grad_skip_threshold": 0.0}
+#: linear_logprobs options that only the two passes have: name -> (its unset value, why it rules out the single pass)
+_TWO_PASS_OPTIONS = {"chunk": (None, "chunk sets the two-pass path's chunks"),
+                     "vocab_group": (None, "the vocabulary is split over a process group"),
+                     "grad_skip_threshold": (0.0, "grad_skip_threshold applies to the two-pass backward")}
+
+
+def two_pass_only(options: dict) -> Optional[str]:
+    """Why :func:`linear_logprobs` keywords ``options`` rule out the single pass through the head: one of the
+    options only the two passes have (``chunk``, ``vocab_group``, ``grad_skip_threshold``) is set. None when
+    none is."""
+    return next((why for name, (unset, why) in _TWO_PASS_OPTIONS.items() if options.get(name, unset) != unset),
+                None)
 
 
 def logit_pipeline(device: torch.device, options: dict) -> LogitPipeline:
     """The single pass's :class:`~fastalign.ops.single_pass.LogitPipeline` from :func:`linear_logprobs`
     keywords (``temperature``, ``softcap``, ``logit_scale``, ``ignore_index``, ``backend``; checked). The
-    options only the two passes have (``chunk``, ``vocab_group``, ``grad_skip_threshold``) must be unset."""
-    for name, unset in _TWO_PASS_OPTIONS.items():
-        if options.get(name, unset) != unset:
-            raise ValueError(f"{name} does not apply to the single pass through the head")
+    options only the two passes have (:func:`two_pass_only`) must be unset."""
+    why = two_pass_only(options)
+    if why:
+        raise ValueError(f"the single pass through the head does not apply: {why}")
     ignore_index = options.get("ignore_index", -100)
     inv_t, cap, scale = check_logit_options(options.get("temperature", 1.0), options.get("softcap"),
                                             options.get("logit_scale", 1.0), ignore_index)
@@ -238,7 +248,6 @@ def linear_logprobs(
     Returns:
         :class:`TokenStats` with fp32 tensors shaped like ``labels`` (argmax int64).
     """
-    _validate.process_group("vocab_group", vocab_group)
     hidden, weight, bias, low_rank = _dtensor.head(hidden, weight, bias, low_rank, vocab_group)
     low_rank_hidden, low_rank_weight = check_head_inputs(hidden, weight, labels, bias, low_rank,
                                                          vocab_shard=vocab_group is not None)

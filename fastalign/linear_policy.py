@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from fastalign import _dtensor, _validate
 from fastalign._options import check_choice, check_names
-from fastalign.linear import check_head_inputs, check_logit_options, linear_logprobs, logit_pipeline
+from fastalign.linear import check_head_inputs, check_logit_options, linear_logprobs, logit_pipeline, two_pass_only
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_cpu import labelled_rows
 from fastalign.ops.single_pass import Side, by_default, differentiated, single_pass_loss, token_items
@@ -47,12 +47,9 @@ def _single_pass_blocker(config: dict, *, entropy_threshold=None, per_call: bool
     ``per_call``: include what depends on the call's own arguments."""
     if config.get("loss_type") in _COUPLED:
         return f"loss_type {config['loss_type']!r} chooses its tokens across the batch"
-    if config.get("vocab_group") is not None:
-        return "the vocabulary is split over a process group"
-    if config.get("grad_skip_threshold", 0.0):
-        return "grad_skip_threshold applies to the two-pass backward"
-    if config.get("chunk") is not None:
-        return "chunk sets the two-pass path's chunks"
+    why = two_pass_only(config)
+    if why:
+        return why
     if config.get("entropy_quantile") is not None:
         if per_call and entropy_threshold is None:
             return "entropy_quantile takes the batch's quantile unless entropy_threshold is given"
@@ -187,7 +184,6 @@ def policy_step(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Op
     so the single pass takes blocks of any tokens, sized by the block budget alone: a sequence longer than
     the budget still takes it."""
     group = logit.get("vocab_group")
-    _validate.process_group("vocab_group", group)
     hidden, weight, bias, low_rank = _dtensor.head(hidden, weight, bias, low_rank, group)
     a, lw = check_head_inputs(hidden, weight, labels, bias, low_rank, vocab_shard=group is not None)
     if single_pass is True and not eager(hidden, weight, bias, a, lw):

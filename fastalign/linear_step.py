@@ -22,9 +22,9 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from fastalign import _dtensor, _validate
+from fastalign import _dtensor
 from fastalign._options import check_choice
-from fastalign.linear import _TWO_PASS_OPTIONS, check_head_inputs, linear_logprobs, logit_pipeline
+from fastalign.linear import check_head_inputs, linear_logprobs, logit_pipeline, two_pass_only
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_cpu import labelled_rows, scatter_labelled
 from fastalign.ops.single_pass import UNLABELLED, Side, by_default, single_pass_loss, token_items
@@ -68,7 +68,6 @@ def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLos
     logit = dict(logit or {})
     check_choice("items", items, ITEMS)
     group = logit.get("vocab_group")
-    _validate.process_group("vocab_group", group)
     hidden, weight, bias, low_rank = _dtensor.head(hidden, weight, bias, low_rank, group)
     a, lw = check_head_inputs(hidden, weight, labels, bias, low_rank, vocab_shard=group is not None)
     paired = items == "pairs"
@@ -79,7 +78,7 @@ def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLos
     if unknown:
         raise ValueError(f"extras must be among ('entropy', 'argmax'), got {sorted(unknown)}")
     check_choice("single_pass", single_pass, _MODES)
-    if single_pass == "auto" and any(logit.get(k, unset) != unset for k, unset in _TWO_PASS_OPTIONS.items()):
+    if single_pass == "auto" and two_pass_only(logit):
         single_pass = False  # a vocabulary split over ranks, the two-pass chunks or tile skipping
     if single_pass is True and not eager(hidden, weight, bias, a, lw):
         raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two passes run")

@@ -12,11 +12,15 @@ from __future__ import annotations
 class LiveOptions:
     """Mixin for an ``nn.Module`` adapter: ``OPTIONS`` names its option attributes, and the adapter's own
     ``_configure()`` checks them and builds what the forward reads from them. ``__init__`` sets the
-    options, then calls :meth:`_configure_options` once."""
+    options with one call of :meth:`_configure_options`."""
 
     OPTIONS: tuple[str, ...] = ()
 
-    def _configure_options(self) -> None:
+    def _configure_options(self, values: dict) -> None:
+        """Set each of ``OPTIONS`` from ``values`` (the constructor's ``locals()``), check them together
+        (``_configure``) and make later assignments live."""
+        for name in self.OPTIONS:
+            setattr(self, name, values[name])
         self._configure()
         object.__setattr__(self, "_options_live", True)
 

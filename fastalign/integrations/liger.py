@@ -141,15 +141,7 @@ class LigerFusedLinearGRPOLoss(LiveOptions, nn.Module):
                  delta: Optional[float] = None, use_bias_correction_kl: bool = False, vespo_k_pos: float = 2.0,
                  vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0):
         super().__init__()
-        self.beta, self.compiled, self.use_ref_model, self.chunk_size = beta, compiled, use_ref_model, chunk_size
-        self.epsilon_low, self.epsilon_high = epsilon_low, epsilon_high
-        self.loss_type, self.max_completion_length = loss_type, max_completion_length
-        self.importance_sampling_level, self.temperature = importance_sampling_level, temperature
-        self.sapo_temperature_pos, self.sapo_temperature_neg = sapo_temperature_pos, sapo_temperature_neg
-        self.delta, self.use_bias_correction_kl = delta, use_bias_correction_kl
-        self.vespo_k_pos, self.vespo_lambda_pos = vespo_k_pos, vespo_lambda_pos
-        self.vespo_k_neg, self.vespo_lambda_neg = vespo_k_neg, vespo_lambda_neg
-        self._configure_options()
+        self._configure_options(locals())
 
     def _configure(self) -> None:
         """Check the options and build the :class:`~fastalign.PolicyConfig` of the call."""
@@ -454,11 +446,7 @@ class LigerFusedLinearDPOLoss(_LigerPreference):
                  chunk_size: int = 1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  discopop_tau: float = 0.05):
         super().__init__()
-        self.ignore_index, self.beta, self.alpha, self.compute_nll_loss = ignore_index, beta, alpha, compute_nll_loss
-        self.compiled, self.use_ref_model, self.average_log_prob = compiled, use_ref_model, average_log_prob
-        self.chunk_size, self.loss_type = chunk_size, loss_type
-        self.label_smoothing, self.discopop_tau = label_smoothing, discopop_tau
-        self._configure_options()
+        self._configure_options(locals())
 
     def _configure(self) -> None:
         """Check the options and build the keywords of :func:`fastalign.preference_loss`."""
@@ -504,10 +492,7 @@ class LigerFusedLinearCPOLoss(_LigerPreference):
                  compute_nll_loss: bool = True, compiled: bool = True, average_log_prob: bool = False,
                  chunk_size: int = 1):
         super().__init__()
-        self.ignore_index, self.beta, self.alpha, self.label_smoothing = ignore_index, beta, alpha, label_smoothing
-        self.compute_nll_loss, self.compiled, self.average_log_prob = compute_nll_loss, compiled, average_log_prob
-        self.chunk_size = chunk_size
-        self._configure_options()
+        self._configure_options(locals())
 
     def _configure(self) -> None:
         """Check the options (``label_smoothing`` finite)."""
@@ -536,10 +521,7 @@ class LigerFusedLinearSimPOLoss(_LigerPreference):
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0,
                  compute_nll_loss: bool = True, compiled: bool = True, gamma: float = 0.5, chunk_size: int = 1):
         super().__init__()
-        self.ignore_index, self.beta, self.alpha, self.label_smoothing = ignore_index, beta, alpha, label_smoothing
-        self.compute_nll_loss, self.compiled, self.gamma = compute_nll_loss, compiled, gamma
-        self.chunk_size = chunk_size
-        self._configure_options()
+        self._configure_options(locals())
 
     def _configure(self) -> None:
         """Check the options (``label_smoothing`` and ``gamma`` finite)."""
@@ -570,9 +552,7 @@ class LigerFusedLinearORPOLoss(_LigerPreference):
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, compute_nll_loss: bool = True,
                  compiled: bool = True, chunk_size: int = 1):
         super().__init__()
-        self.ignore_index, self.beta, self.compute_nll_loss = ignore_index, beta, compute_nll_loss
-        self.compiled, self.chunk_size = compiled, chunk_size
-        self._configure_options()
+        self._configure_options(locals())
 
     def forward(self, lin_weight, _input, target, bias=None, nll_target=None):
         def orpo(logps, count, nll, _ref):
@@ -598,9 +578,7 @@ class LigerFusedLinearKTOLoss(_LigerPreference):
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, compiled: bool = True,
                  use_ref_model: bool = False, average_log_prob: bool = False, chunk_size: int = 1):
         super().__init__()
-        self.ignore_index, self.beta, self.compiled = ignore_index, beta, compiled
-        self.use_ref_model, self.average_log_prob, self.chunk_size = use_ref_model, average_log_prob, chunk_size
-        self._configure_options()
+        self._configure_options(locals())
 
     def forward(self, _input, lin_weight, target, bias=None, preference_labels=None, ref_input=None, ref_weight=None,
                 ref_bias=None, kl=None):

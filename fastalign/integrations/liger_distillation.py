@@ -50,15 +50,7 @@ class LigerFusedLinearJSDLoss(LiveOptions, nn.Module):
                  ignore_index: int = -100, temperature: float = 1.0, compiled: bool = True, chunk_size: int = 1024,
                  return_soft_hard_loss: bool = False):
         super().__init__()
-        self.weight_hard_loss = weight_hard_loss
-        self.weight_soft_loss = weight_soft_loss
-        self.ignore_index = ignore_index
-        self.temperature = temperature
-        self.compiled = compiled
-        self.beta = beta
-        self.chunk_size = chunk_size
-        self.return_soft_hard_loss = return_soft_hard_loss
-        self._configure_options()
+        self._configure_options(locals())
 
     def _configure(self) -> None:
         """Check the options: finite loss weights, ``beta`` in [0, 1], ``temperature > 0``."""

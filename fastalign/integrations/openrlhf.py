@@ -94,12 +94,8 @@ class PolicyLoss(LiveOptions, torch.nn.Module):
                  is_correction_mode: str = "mask", is_correction_gating: str = "ratio",
                  is_correction_threshold: Sequence[float] = (0.5, 5.0)) -> None:
         super().__init__()
-        self.clip_eps_low, self.clip_eps_high, self.dual_clip = clip_eps_low, clip_eps_high, dual_clip
-        self.policy_loss_type = policy_loss_type
-        self.token_level_loss = token_level_loss and policy_loss_type != "gspo"  # gspo: per-sample mean
-        self.is_correction_level, self.is_correction_mode = is_correction_level, is_correction_mode
-        self.is_correction_gating, self.is_correction_threshold = is_correction_gating, is_correction_threshold
-        self._configure_options()
+        token_level_loss = token_level_loss and policy_loss_type != "gspo"  # gspo: per-sample mean
+        self._configure_options(locals())
 
     def _configure(self) -> None:
         """Check the options and build the :class:`~fastalign.PolicyConfig` of the call."""
@@ -224,8 +220,7 @@ class DPOLoss(LiveOptions, torch.nn.Module):
 
     def __init__(self, beta: float, label_smoothing: float = 0.0, ipo: bool = False) -> None:
         super().__init__()
-        self.beta, self.label_smoothing, self.ipo = beta, label_smoothing, ipo
-        self._configure_options()
+        self._configure_options(locals())
 
     def _configure(self) -> None:
         """Check the options: ``beta > 0``, ``label_smoothing`` in ``[0, 1]`` and 0 with ``ipo``."""
