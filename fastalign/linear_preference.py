@@ -23,6 +23,7 @@ chosen NLL is linear in the token log-probs, so each block adds its share.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -205,7 +206,12 @@ class LinearPreferenceLoss(nn.Module):
         self.paths = PathPolicy(compact, single_pass, self.loss_types, vocab_group, self.use_weighting)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+        """The loss configuration, then every other constructor option that is not at its default."""
+        defaults = {k: p.default for k, p in inspect.signature(LinearPreferenceLoss.__init__).parameters.items()}
+        others = dict(self.kernel_options, ld_alpha=self.ld_alpha, use_weighting=self.use_weighting,
+                      wpo_cap=self.wpo_cap, compact=self.paths.compact, single_pass=self.paths.single_pass)
+        items = dict(self.config, **{k: v for k, v in others.items() if v != defaults[k]})
+        return ", ".join(f"{k}={v!r}" for k, v in items.items())
 
     # ------------------------------------------------------------------------------------ pieces
 

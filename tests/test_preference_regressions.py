@@ -657,3 +657,15 @@ def test_preference_loss_module_forward_takes_the_batch_tensors_only():
                                             rf"fixed at construction"):
             mod(lc, lr, lc0, lr0, chosen_lengths=nc, rejected_lengths=nr, **{name: value})
     _raises(TypeError, "did you mean 'chosen_lengths'", lambda: mod(lc, lr, lc0, lr0, chosen_length=nc))
+
+
+def test_linear_preference_loss_repr_shows_every_option_set():
+    """Two differently configured modules print differently: every option away from its default is shown."""
+    plain = fa.LinearPreferenceLoss("sigmoid", beta=0.1)
+    assert repr(plain) == "LinearPreferenceLoss(loss_type='sigmoid', beta=0.1, label_smoothing=0.0)"
+    tuned = fa.LinearPreferenceLoss("sigmoid", beta=0.1, temperature=0.7, softcap=30.0, ignore_index=-1,
+                                    single_pass=False, compact=True, ld_alpha=0.5)
+    for shown in ("temperature=0.7", "softcap=30.0", "ignore_index=-1", "single_pass=False", "compact=True",
+                  "ld_alpha=0.5"):
+        assert shown in repr(tuned), (shown, repr(tuned))
+    assert "logit_scale" not in repr(tuned) and "backend" not in repr(tuned)

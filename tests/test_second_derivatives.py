@@ -222,3 +222,22 @@ def test_divergence_rows_op_refuses_per_row_inputs_it_cannot_read():
         divergence.divergence_rows(student, teacher, ones.bool(), None, None, None, 1.0, 0.5, -100, False, "cpp")
     with pytest.raises(ValueError, match="grad_soft must have 4 elements"):
         divergence.divergence_rows(student, teacher, ones, None, ones[:3], None, 1.0, 0.5, -100, False, "cpp")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_function_transforms_raise_and_vmap_runs(backend):
+    """``torch.func.grad`` (a functorch transform of the backward) raises a RuntimeError through the fused
+    ops, as docs/bad-inputs.md says, instead of returning a gradient; a forward ``vmap`` runs and equals the
+    loop over the mapped dimension."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 4, V, generator=g)
+    labels = torch.randint(0, V, (3, 4), generator=g)
+
+    def total(x):
+        return fastalign.token_logprobs(x, labels, backend=backend).logprobs.sum()
+
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.grad(total)(logits)
+    mapped = torch.vmap(lambda x, y: fastalign.token_logprobs(x, y, backend=backend).logprobs)(logits, labels)
+    looped = torch.stack([fastalign.token_logprobs(logits[i], labels[i], backend=backend).logprobs for i in range(3)])
+    assert_close(mapped, looped, atol=0, rtol=0, what="vmap of token_logprobs")
