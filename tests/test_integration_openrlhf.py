@@ -63,6 +63,19 @@ def orl():
     return _load_openrlhf_loss()
 
 
+@pytest.fixture(scope="module")
+def orl_loss_utils():
+    """OpenRLHF's ``openrlhf/utils/loss_utils.py`` (the trainer's loss normalisers; it imports only torch)."""
+    spec = importlib.util.find_spec("openrlhf")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("openrlhf is not installed: `pip install --no-deps openrlhf==0.11.2` (see the Makefile)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "utils", "loss_utils.py")
+    s = importlib.util.spec_from_file_location("openrlhf_loss_utils_under_test", path)
+    mod = importlib.util.module_from_spec(s)
+    s.loader.exec_module(mod)
+    return mod
+
+
 def _batch(seed, B=6, T=9, with_rollout=False):
     g = torch.Generator().manual_seed(seed)
     lp, old, A, m = policy_batch(g, B, T)
@@ -189,6 +202,55 @@ def test_policy_loss_option_combinations_match_openrlhf(orl, loss_type, eps, dua
     _compare_policy(orl, kw, lp, old, A, m, roll, dp, kw)
 
 
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["number", "tensor"])
+@pytest.mark.parametrize("count", [0.75, 0.5, 0.25, 2.5])
+@pytest.mark.parametrize("token_level", [True, False], ids=["token", "sample"])
+def test_fractional_counts_match_openrlhf(orl, token_level, count, as_tensor):
+    """OpenRLHF's trainer passes ``batch_num_tokens`` / ``global_batch_size`` divided by the accumulation steps, so
+    below 1 in ordinary runs; OpenRLHF divides by them as given, where the adapter clamped them to 1."""
+    lp, old, A, m, roll = _batch(31)
+    c = torch.tensor(count) if as_tensor else count
+    for dp in (1, 2):
+        glob = dict(dp_size=dp, **{"batch_num_tokens" if token_level else "global_batch_size": c})
+        for kw in (dict(token_level_loss=token_level),
+                   dict(token_level_loss=token_level, is_correction_level="token", is_correction_threshold=(0.5, 2.0))):
+            (vl, *_), vg = _run_policy(orl.PolicyLoss, kw, lp, old, A, m, roll, torch.float64, glob)
+            (fl, *_), fg = _run_policy(fo.PolicyLoss, kw, lp, old, A, m, roll, torch.float32, glob)
+            assert_close(fl, vl, atol=1e-5, rtol=1e-5, what=f"{kw} {glob} loss")
+            assert_close(fg, vg, atol=1e-6, rtol=1e-5, what=f"{kw} {glob} d log_probs")
+
+
+@pytest.mark.parametrize("token_level", [True, False], ids=["token", "sample"])
+def test_trainer_counts_below_one_match_openrlhf(orl, orl_loss_utils, token_level):
+    """A window of 3 micro-batches of one sequence (one empty) with 4 accumulation steps: OpenRLHF's own normaliser
+    gives ``global_batch_size`` 0.5, and the loss of each micro-batch is OpenRLHF's."""
+    g = torch.Generator().manual_seed(32)
+    masks = [torch.ones(1, 6, dtype=torch.bool) for _ in range(3)]
+    masks[1][0, 4:] = False
+    masks[2][:] = False
+    info = orl_loss_utils._optimizer_step_loss_norm(masks, None, 1, 4)
+    assert float(info["global_batch_size"]) == 0.5 and float(info["batch_num_tokens"]) == 2.5
+    kw = dict(token_level_loss=token_level)
+    for mask in masks:
+        lp = -torch.rand(1, 6, generator=g) - 0.1
+        old, A = lp + 0.3 * torch.randn(1, 6, generator=g), torch.full((1, 6), 0.7)
+        (vl, *_), vg = _run_policy(orl.PolicyLoss, kw, lp, old, A, mask, old, torch.float64, info)
+        (fl, *_), fg = _run_policy(fo.PolicyLoss, kw, lp, old, A, mask, old, torch.float32, info)
+        assert_close(fl, vl, atol=1e-6, rtol=1e-5, what=f"{kw} loss")
+        assert_close(fg, vg, atol=1e-6, rtol=1e-5, what=f"{kw} d log_probs")
+
+
+@pytest.mark.parametrize("loss_type", ["ppo", "gspo"])
+@pytest.mark.parametrize("value", ["no", 1, [0], 0, None])
+def test_token_level_loss_must_be_a_bool(loss_type, value):
+    """A truthy non-bool was replaced by True (so ``"no"`` gave token-level aggregation), a falsy one refused."""
+    with pytest.raises(TypeError, match="token_level_loss"):
+        fo.PolicyLoss(token_level_loss=value, policy_loss_type=loss_type)
+    loss_fn = fo.PolicyLoss(policy_loss_type=loss_type)
+    with pytest.raises(TypeError, match="token_level_loss"):
+        loss_fn.token_level_loss = value
+
+
 def test_policy_loss_needs_rollout_log_probs_for_correction():
     lp, old, A, m, _ = _batch(1)
     with pytest.raises(ValueError, match="rollout_log_probs"):
@@ -226,6 +288,27 @@ def test_dpo_loss_matches_openrlhf(orl, case, dtype):
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for name, f, v in zip(("loss", "chosen_rewards", "rejected_rewards", "d chosen", "d rejected"), *out[::-1]):
         assert_close(f, v, **tol, what=f"{case} {name}")
+
+
+@pytest.mark.parametrize("missing", [(2,), (3,), (2, 3), (0,)],
+                         ids=["ref_chosen", "ref_rejected", "both_refs", "policy"])
+def test_dpo_none_log_probs_raise_as_openrlhf(orl, missing):
+    """OpenRLHF's DPOLoss needs all four tensors (a None is a TypeError there); the adapter ran reference-free and
+    then failed with an AttributeError, or named fastalign.preference_loss's arguments."""
+    names = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps")
+    x = [None if i in missing else t for i, t in enumerate(_dpo_inputs(4))]
+    with pytest.raises(TypeError):
+        orl.DPOLoss(beta=0.1)(*x)
+    with pytest.raises(TypeError, match=f"{names[missing[0]]} must be a torch.Tensor"):
+        fo.DPOLoss(beta=0.1)(*x)
+
+
+def test_dpo_empty_batch_gives_zero(orl):
+    """The documented difference: an empty batch gives 0 where OpenRLHF's mean of nothing is NaN."""
+    e = torch.zeros(0)
+    assert torch.isnan(orl.DPOLoss(beta=0.1)(e, e, e, e)[0])
+    loss, chosen, rejected = fo.DPOLoss(beta=0.1)(e, e, e, e)
+    assert float(loss) == 0.0 and chosen.shape == rejected.shape == (0,)
 
 
 def test_dpo_label_smoothing_with_ipo_raises():
@@ -381,6 +464,8 @@ DTYPE_CASES = {
                    dict(rollout=True, float_mask=True)),
     "int_mask": (dict(), dict(int_mask=True)),
     "fp32_count": (dict(), dict(count=True)),
+    "scalar_fp32_advantages": (dict(), dict(scalar_advantages=True)),
+    "scalar_fp32_advantages_sample_level": (dict(token_level_loss=False), dict(scalar_advantages=True)),
 }
 
 
@@ -395,6 +480,8 @@ def test_result_dtypes_follow_openrlhf(orl, case):
     extra = dict(rollout_log_probs=roll) if how.get("rollout") else {}
     if how.get("count"):
         extra["batch_num_tokens"] = m.sum().float()
+    if how.get("scalar_advantages"):  # a 0-dim operand does not promote: the loss stays bf16 in OpenRLHF
+        bf[2] = torch.tensor(0.5)
     want = orl.PolicyLoss(**kw)(*bf, mask, **extra)
     got = fo.PolicyLoss(**kw)(*bf, mask, **extra)
     assert [None if t is None else t.dtype for t in got] == [None if t is None else t.dtype for t in want]
@@ -412,6 +499,9 @@ def test_errors_name_openrlhf_arguments():
              "batch_num_tokens"),
             (lambda: fo.PolicyLoss(is_correction_threshold=(0.5, 1.0, 2.0)), ValueError, "is_correction_threshold"),
             (lambda: fo.PolicyLoss(clip_eps_low=float("nan")), ValueError, "clip_eps_low"),
+            (lambda: fo.PolicyLoss(clip_eps_low=-0.1), ValueError, "clip_eps_low must be >= 0"),
+            (lambda: fo.PolicyLoss(clip_eps_high=-0.2), ValueError, "clip_eps_high must be >= 0"),
+            (lambda: setattr(fo.PolicyLoss(), "clip_eps_high", -0.2), ValueError, "clip_eps_high must be >= 0"),
             (lambda: fo.DPOLoss(beta=0.1)(*_dpo_inputs(3)[:1], torch.zeros(2), *_dpo_inputs(3)[2:]), ValueError,
              "policy_rejected_logps"),
             (lambda: fo.DPOLoss(beta=0.0), ValueError, "beta")):

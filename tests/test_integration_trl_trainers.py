@@ -685,6 +685,31 @@ def test_paired_prompt_filling_max_length(checkpoint, tmp_path, trainer, options
         ours.train()
 
 
+@pytest.mark.parametrize("loss_type, nan_filter", [("sigmoid", True), ("hinge", False)])
+def test_cpo_micro_batch_without_chosen_tokens_matches_trl(checkpoint, tmp_path, loss_type, nan_filter,
+                                                          item_passes):
+    """With cpo_alpha > 0, a micro-batch none of whose chosen rows has a completion token (its prompt fills
+    max_length): TRL's NLL is a token mean over zero tokens, 0/0, so that micro-batch's loss and nll_loss are
+    NaN (Trainer's logging_nan_inf_filter leaves the NaN loss out of the logged one), while the NLL passes no
+    gradient: the update is the other micro-batch's. The drop-in gives the same loss, metrics and update."""
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    data = datasets.Dataset.from_dict({"prompt": [" ".join(f"w{j + 3}" for j in range(10)), "w3 w4"],
+                                       "chosen": ["w10 w11", "w20 w21"], "rejected": ["w12 w13 w14", "w30"]})
+
+    def build(cls, out):
+        args = CPOConfig(**_common(out, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_length=8,
+                                   loss_type=loss_type, cpo_alpha=0.7, logging_nan_inf_filter=nan_filter))
+        return cls(model=checkpoint, args=args, train_dataset=data, processing_class=_tokenizer(checkpoint))
+
+    theirs = _run(build(CPOTrainer, tmp_path / "trl"))
+    ours = _run(build(fa_trl.CPOTrainer, tmp_path / "fa"))
+    assert math.isnan(theirs[0]["nll_loss@0"]) and math.isnan(theirs[0]["loss@0"]) != nan_filter
+    assert math.isfinite(theirs[0]["grad_norm@0"])
+    _compare(theirs, ours)
+    assert len(item_passes) == 2  # one per micro-batch
+
+
 # ------------------------------------------------------------------------------------------ two processes
 
 def _kto_two_process(cls, checkpoint, out):

@@ -14,15 +14,18 @@ old_log_probs``, ``A`` the advantages and ``m`` the action mask:
 
 aggregated as ``sum_m pg / batch_num_tokens * dp_size`` (``token_level_loss``; the local token
 mean without ``batch_num_tokens``) or ``sum_i mean_m(pg_i) / global_batch_size * dp_size`` over
-the non-empty sequences. ``forward`` returns ``(loss, clip_ratio, ppo_kl, vllm_kl,
-is_filter_ratio)``: ``clip_ratio = mean_m[clipped surrogate < unclipped]``, ``ppo_kl = mean_m(-l)``;
-``loss``, ``ppo_kl`` and ``vllm_kl`` in OpenRLHF's dtypes (computed in fp32, then cast to the dtype its
-arithmetic promotes their operands to: bf16 in gives bf16, a float32 mask or the sample-level mean float32),
-the two ratios fp32. ``advantages`` broadcast against ``log_probs`` as in OpenRLHF (``[B, T]``, ``[B, 1]``
-per sequence; a ``[T]`` per position). A micro-batch with no valid token gives 0 (loss, ``clip_ratio``,
-``ppo_kl``, ``vllm_kl``, a token-level ``is_filter_ratio``) where OpenRLHF divides 0 by 0 (NaN).
-``old_log_probs`` and ``rollout_log_probs`` are constants: no gradient reaches or passes through them
-(OpenRLHF's trainer detaches them). The options are attributes, read at each call.
+the non-empty sequences, dividing by the count as given, on the device (not clamped to 1: OpenRLHF's
+trainer passes its counts per accumulation step, often below 1). ``forward`` returns ``(loss,
+clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``: ``clip_ratio = mean_m[clipped surrogate < unclipped]``,
+``ppo_kl = mean_m(-l)``; ``loss``, ``ppo_kl`` and ``vllm_kl`` in OpenRLHF's dtypes (computed in fp32, then
+cast to the dtype its arithmetic promotes their operands to: bf16 in gives bf16, a float32 mask or the
+sample-level mean float32, 0-dim advantages nothing), the two ratios fp32. ``advantages`` broadcast
+against ``log_probs`` as in OpenRLHF (``[B, T]``, ``[B, 1]`` per sequence; a ``[T]`` per position).
+A micro-batch with no valid token gives 0 (loss, ``clip_ratio``, ``ppo_kl``, ``vllm_kl``, a
+token-level ``is_filter_ratio``) where OpenRLHF divides 0 by 0 (NaN); so does an empty batch of
+:class:`DPOLoss` (OpenRLHF: the mean of nothing, NaN). ``old_log_probs`` and ``rollout_log_probs``
+are constants: no gradient reaches or passes through them (OpenRLHF's trainer detaches them). The
+options are attributes, read at each call.
 
 Train/rollout correction (ppo, ``is_correction_level`` ``"token"`` or ``"seq"``) with
 ``r = exp(old_log_probs - rollout_log_probs)`` per token and ``[low, high] =
@@ -41,6 +44,7 @@ takes the sequence ratio against ``rollout_log_probs`` and no weight, as OpenRLH
 pairs; returns ``(loss, chosen_rewards, rejected_rewards)``, ``β(pc - rc)`` and ``β(pr - rr)``
 detached, per pair, in the inputs' dtype as OpenRLHF (bf16 in, bf16 out; computed in fp32, then
 cast). ``label_smoothing`` in ``[0, 1]``, as OpenRLHF; with ``ipo`` it raises (OpenRLHF ignores it).
+All four log-probs are required tensors, as OpenRLHF's (a None raises ``TypeError`` naming it).
 The reference log-probs get no gradient (OpenRLHF computes them without one).
 
 The ppo ratio clamps ``l`` to ``[-20, 20]`` as OpenRLHF does (``PolicyConfig.log_ratio_cap``, no
@@ -57,6 +61,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _validate
+from fastalign.aggregate import _count
 from fastalign.integrations._dtypes import float64_as_float32
 from fastalign.integrations._live_options import LiveOptions
 from fastalign.policy import policy_loss
@@ -94,6 +99,7 @@ class PolicyLoss(LiveOptions, torch.nn.Module):
                  is_correction_mode: str = "mask", is_correction_gating: str = "ratio",
                  is_correction_threshold: Sequence[float] = (0.5, 5.0)) -> None:
         super().__init__()
+        _validate.boolean("token_level_loss", token_level_loss)
         token_level_loss = token_level_loss and policy_loss_type != "gspo"  # gspo: per-sample mean
         self._configure_options(locals())
 
@@ -120,8 +126,11 @@ class PolicyLoss(LiveOptions, torch.nn.Module):
         if self.dual_clip is not None and not _validate.finite_number("dual_clip", self.dual_clip) > 1.0:
             raise ValueError(f"dual_clip must be > 1.0, got {self.dual_clip}")
         _validate.boolean("token_level_loss", self.token_level_loss)
-        opts = dict(loss_type="ppo", eps_low=_validate.finite_number("clip_eps_low", self.clip_eps_low),
-                    eps_high=_validate.finite_number("clip_eps_high", self.clip_eps_high),
+        eps = {name: _validate.finite_number(name, getattr(self, name)) for name in ("clip_eps_low", "clip_eps_high")}
+        for name, value in eps.items():
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        opts = dict(loss_type="ppo", eps_low=eps["clip_eps_low"], eps_high=eps["clip_eps_high"],
                     agg="token-mean" if self.token_level_loss else "seq-mean-token-mean")
         if self.policy_loss_type == "gspo":  # exp(mean l) with no clamp (ppo clamps l to [-20, 20], the default)
             opts.update(importance_sampling_level="sequence", log_ratio_cap=math.inf)
@@ -183,7 +192,8 @@ class PolicyLoss(LiveOptions, torch.nn.Module):
         mask = torch.ones_like(log_probs, dtype=torch.bool) if action_mask is None else action_mask
         # the dtypes of OpenRLHF's results: its arithmetic promotes every operand of each
         count = batch_num_tokens if self.token_level_loss else global_batch_size
-        loss_dtype = _result_dtype(log_probs, rollout_log_probs if gspo_vs_rollout else old_log_probs, advantages,
+        loss_dtype = _result_dtype(log_probs, rollout_log_probs if gspo_vs_rollout else old_log_probs,
+                                   advantages if advantages.dim() else None,  # a 0-dim operand does not promote
                                    action_mask, count, *(() if self.token_level_loss else (torch.ones(()),)),
                                    *((old_log_probs, rollout_log_probs) if self._weights_rollout else ()))
         kl_dtype = _result_dtype(log_probs, old_log_probs, action_mask)
@@ -195,16 +205,18 @@ class PolicyLoss(LiveOptions, torch.nn.Module):
         except RuntimeError as e:
             raise ValueError(f"advantages of shape {tuple(advantages.shape)} do not broadcast against log_probs "
                              f"{tuple(log_probs.shape)}") from e
-        # OpenRLHF applies dp_size only with the global count of its aggregation
+        # OpenRLHF applies dp_size only with the global count of its aggregation, and divides by that count as
+        # given (its trainer's are per accumulation step, often below 1, which fastalign's count would clamp to 1):
+        # aggregated with a count of 1 here, divided by the count on the device after
         cfg = self._config if count is None or dp_size == 1 else PolicyConfig.make(self._config, dp_size=int(dp_size))
-        counts = dict(global_tokens=batch_num_tokens) if self.token_level_loss else dict(global_seqs=global_batch_size)
-        if count is None:
-            counts = {}
+        counts = {} if count is None else {"global_tokens" if self.token_level_loss else "global_seqs": 1}
         weight = vllm_kl = is_filter_ratio = None
         if self._weights_rollout:
             weight, vllm_kl, is_filter_ratio = self._correction(old_log_probs, rollout_log_probs, mask)
         loss, met = policy_loss(log_probs, rollout_log_probs if gspo_vs_rollout else old_log_probs, advantages, mask,
                                 importance_weights=weight, config=cfg, **counts)
+        if count is not None:
+            loss = loss / _count(count, loss)
         ppo_kl = _masked_mean(old_log_probs - log_probs.detach(), mask) if gspo_vs_rollout else met["approx_kl"]
         # the ratios of counts stay fp32, as OpenRLHF's
         return (loss.to(loss_dtype), met["clipfrac"], ppo_kl.to(kl_dtype),
@@ -232,7 +244,10 @@ class DPOLoss(LiveOptions, torch.nn.Module):
 
     def forward(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
                 reference_rejected_logps: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        _validate.any_float("policy_chosen_logps", policy_chosen_logps, dim=1)
+        inputs = (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+        for name, t in zip(("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps",
+                            "reference_rejected_logps"), inputs):  # all four required, as OpenRLHF's
+            _validate.any_float(name, t, dim=1)
         _validate.like(tuple(policy_chosen_logps.shape), "policy_chosen_logps.shape",
                        device=policy_chosen_logps.device, device_of="policy_chosen_logps",
                        policy_rejected_logps=policy_rejected_logps, reference_chosen_logps=reference_chosen_logps,
@@ -243,7 +258,6 @@ class DPOLoss(LiveOptions, torch.nn.Module):
             kw.update(loss_type="ipo", chosen_lengths=one, rejected_lengths=one)
         else:
             kw.update(loss_type="sigmoid", label_smoothing=self.label_smoothing)
-        inputs = (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
         loss, _ = preference_loss(*inputs, **kw)
         out = _result_dtype(*inputs)
         acc = torch.promote_types(out, torch.float32)  # computed in fp32, returned in the inputs' dtype

@@ -277,7 +277,10 @@ class CPOLoss(nn.Module):
 
     A pair with no completion token in a row (ipo, simpo, alphapo: the length average is 0/0) gives
     TRL's NaN loss and NaN ``rewards/*`` / ``logps/*``, with a NaN gradient on that pair's rows;
-    sigmoid and hinge sum an empty row to 0, as TRL."""
+    sigmoid and hinge sum an empty row to 0, as TRL. With ``cpo_alpha ≠ 0``, a batch none of whose
+    chosen rows has a completion token has TRL's NLL, a token mean over zero tokens: 0/0, so
+    ``nll_loss`` and the loss are NaN while the gradient stays TRL's (the NLL passes none: it has no
+    token to reach)."""
 
     def __init__(self, config=None):
         super().__init__()
@@ -289,7 +292,8 @@ class CPOLoss(nn.Module):
         B = _pair_rows(per_token_logps, "per_token_logps")
         s = sequence_logprobs(per_token_logps, completion_mask)
         sums = _averaged_sums(per_token_logps, s) if self.averaged else s.sum
-        nll = -s.sum[:B].sum() / s.count[:B].sum().clamp(min=1.0)  # the token mean over the chosen rows
+        # the token mean over the chosen rows; 0/0 = NaN (no gradient) when none has a token, as TRL's
+        nll = -s.sum[:B].sum() / s.count[:B].sum()
         loss, core = preference_loss(sums[:B], sums[B:], chosen_lengths=s.count[:B], rejected_lengths=s.count[B:],
                                      chosen_nll=nll, **self.options)
         logps = sums / s.count.clamp(min=1.0) if self.averaged else s.sum
