@@ -49,6 +49,13 @@ def _count(x: Count, like: Tensor) -> Tensor:
     return torch.tensor(float(x), device=like.device, dtype=torch.float32)
 
 
+def divisor(n: Tensor) -> Tensor:
+    """A count as the divisor of a mean: a zero count (whose sum is 0 too) divides as 1, so the mean of
+    nothing is 0; a positive one as it is, also below 1 (a fractional mask, a count divided by the
+    gradient-accumulation steps), as verl's and OpenRLHF's aggregations divide."""
+    return torch.where(n > 0, n, torch.ones_like(n))
+
+
 def aggregate_rows(row_loss: Tensor, row_n: Tensor, agg: str, T: int, global_tokens: Count = None,
                    global_seqs: Count = None, dp_size: int = 1, max_len: Optional[int] = None) -> Tensor:
     """Aggregate per-row sums ``row_loss[i] = sum_t m L`` with per-row valid counts ``row_n``.
@@ -60,7 +67,7 @@ def aggregate_rows(row_loss: Tensor, row_n: Tensor, agg: str, T: int, global_tok
     n_rows = row_loss.shape[0]
     if agg == "token-mean":
         n = row_n.sum() if global_tokens is None else _count(global_tokens, row_n)
-        loss = row_loss.sum(0) / n.clamp(min=1.0)
+        loss = row_loss.sum(0) / divisor(n)
         return loss * dp_size if dp_size != 1 else loss
     if agg == "token-sum":
         return row_loss.sum(0) * dp_size if dp_size != 1 else row_loss.sum(0)
@@ -68,12 +75,12 @@ def aggregate_rows(row_loss: Tensor, row_n: Tensor, agg: str, T: int, global_tok
         lmax = T if max_len is None else int(max_len)
         if global_seqs is None:
             return row_loss.sum(0) / float(max(n_rows * lmax, 1))
-        return row_loss.sum(0) / (_count(global_seqs, row_n) * lmax).clamp(min=1.0) * dp_size
+        return row_loss.sum(0) / divisor(_count(global_seqs, row_n) * lmax) * dp_size
     nseq = (row_n > 0).sum().float() if global_seqs is None else _count(global_seqs, row_n)
-    nseq = nseq.clamp(min=1.0)
+    nseq = divisor(nseq)
     if agg == "seq-mean-token-sum":
         return row_loss.sum(0) / nseq * dp_size
-    per_row = row_n.clamp(min=1.0)
+    per_row = divisor(row_n)
     if row_loss.dim() == 2:
         per_row = per_row[:, None]
     return (row_loss / per_row).sum(0) / nseq * dp_size

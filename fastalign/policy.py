@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from fastalign import _backend, _validate
-from fastalign.aggregate import aggregate_rows, check_counts
+from fastalign.aggregate import aggregate_rows, check_counts, divisor
 from fastalign.ops import policy_loss as _ops
 from fastalign.policy_config import FIELDS, LOSS_TYPES, PRESETS, ROLLOUT_MODES, PolicyConfig  # noqa: F401
 
@@ -61,11 +61,11 @@ def _clip_metrics(rd: Tensor, row_n: Tensor, per: tuple, per_sequence: bool) -> 
     flag per sequence): one value per sequence, every sequence counts. With ``[B, T]`` advantages a
     token's flag reads its own advantage: token level, as TRL."""
     if per_sequence:
-        frac = rd[:, 8:10] / row_n.clamp(min=1.0)[:, None]
+        frac = rd[:, 8:10] / divisor(row_n)[:, None]
         lo_mean, hi_mean = (frac.sum(0) / max(rd.shape[0], 1)).unbind(0)
         counted = torch.ones_like(row_n, dtype=torch.bool)
     else:
-        frac = rd[:, 8:10] / row_n.clamp(min=1.0)[:, None]
+        frac = rd[:, 8:10] / divisor(row_n)[:, None]
         lo_mean, hi_mean = per[8], per[9]
         counted = row_n > 0
     lo_min = torch.where(counted, frac[:, 0], math.inf).amin() if rd.shape[0] else rd.new_full((), math.inf)
@@ -262,7 +262,7 @@ def policy_loss(
     if ref_logprobs is not None or entropy is not None:  # KL and entropy aggregated like the loss
         terms = aggregate_rows(rd[:, 5:7], row_n, agg, shape[1], global_tokens, seqs, dp, cfg.max_len)
     tot = rd.sum(0)
-    per = (tot / tot[1].clamp(min=1.0)).unbind(0)  # every column over the valid count, one division
+    per = (tot / divisor(tot[1])).unbind(0)  # every column over the valid count, one division
     metrics = {"clipfrac": per[2], "clipfrac_lower": per[3], "approx_kl": per[4]}
     if loss_type in ("ppo", "gspo", "clip_cov", "cispo", "gmpo"):
         metrics.update(_clip_metrics(rd, row_n, per, cfg.sequence_level and per_sequence_advantages))
@@ -282,7 +282,7 @@ def policy_loss(
         metrics["policy_term"] = loss.detach()
         kept = mask.to(torch.float32) if ent_keep is None else mask.to(torch.float32) * ent_keep
         h = torch.where(kept > 0, entropy.float(), torch.zeros((), device=kept.device))
-        loss = loss - cfg.entropy_coef * (h * kept).sum() / kept.sum().clamp(min=1.0)
+        loss = loss - cfg.entropy_coef * (h * kept).sum() / divisor(kept.sum())
     return loss, metrics
 
 

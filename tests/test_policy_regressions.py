@@ -478,3 +478,25 @@ def test_every_policy_metric_is_in_the_math_table():
     assert {"clip_low", "clip_high", "clip_region", "clip_low_min", "clip_high_max", "kl_term", "entropy_term",
             "policy_term", "cov_selected_frac", "phi_mean"} <= returned
     assert returned <= documented, sorted(returned - documented)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+                                 "seq-mean-token-sum-norm"])
+def test_counts_below_one_divide_as_verl_agg_loss(agg):
+    """A fractional mask whose rows (and whole) sum below 1, and a global count below 1 (a count divided by
+    the accumulation steps), are divided by as they are, as verl's agg_loss does; a count of 0 gives 0."""
+    core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not importable")
+    g = torch.Generator().manual_seed(11)
+    L = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    m = torch.tensor([[0.2, 0.1, 0.0, 0.0], [0.3, 0.0, 0.05, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    if agg != "seq-mean-token-sum-norm":  # its local count is every row (docs/math.md), verl's the non-empty
+        got = fastalign.aggregate_loss(L.float(), m.float(), agg)
+        want = core_algos.agg_loss(L, m, agg)
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-7), (agg, got, want)
+    ours, verls = {"token-mean": (dict(global_tokens=0.5), dict(batch_num_tokens=0.5)),
+                   "token-sum": ({}, {})}.get(agg, (dict(global_seqs=0.75), dict(global_batch_size=0.75)))
+    got = fastalign.aggregate_loss(L.float(), m.float(), agg, dp_size=2, **ours)
+    want = core_algos.agg_loss(L, m, agg, dp_size=2, **verls)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-7), (agg, got, want)
+    empty = fastalign.aggregate_loss(L.float(), torch.zeros_like(m, dtype=torch.float32), agg)
+    assert empty.item() == 0.0

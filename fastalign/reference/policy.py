@@ -43,36 +43,41 @@ def kl_penalty(lp, ref, kind="k3", clamp=True):
     return v
 
 
+def _divisor(n):
+    """A zero count divides as 1 (the mean of nothing is 0), any positive one as it is."""
+    return torch.where(n > 0, n, torch.ones_like(n))
+
+
 def aggregate_loss(L, m, agg="token-mean", global_tokens=None, global_seqs=None, dp_size=1, max_len=None):
     """docs/math.md#aggregation aggregations."""
     m = m.to(L.dtype)
     if agg == "token-mean":
         n = m.sum() if global_tokens is None else torch.as_tensor(global_tokens, dtype=L.dtype)
-        return (m * L).sum() / torch.clamp(n, min=1) * dp_size
+        return (m * L).sum() / _divisor(n) * dp_size
     if agg == "token-sum":
         return (m * L).sum() * dp_size
     row_n = m.sum(-1)
     nseq = (row_n > 0).sum().to(L.dtype) if global_seqs is None else torch.as_tensor(global_seqs, dtype=L.dtype)
-    nseq = torch.clamp(nseq, min=1)
+    nseq = _divisor(nseq)
     if agg == "seq-mean-token-sum":
         return (m * L).sum(-1).sum() / nseq * dp_size
     if agg == "seq-mean-token-mean":
-        per = (m * L).sum(-1) / torch.clamp(row_n, min=1)
+        per = (m * L).sum(-1) / _divisor(row_n)
         return per.sum() / nseq * dp_size
     if agg == "seq-mean-token-sum-norm":
         lmax = L.shape[-1] if max_len is None else max_len
         if global_seqs is None:
             return (m * L).sum() / max(L.shape[0] * lmax, 1)
-        return (m * L).sum() / max(float(global_seqs) * lmax, 1.0) * dp_size
+        return (m * L).sum() / _divisor(torch.as_tensor(float(global_seqs) * lmax, dtype=L.dtype)) * dp_size
     raise ValueError(agg)
 
 
 def _masked_mean(x, m):
-    return (x * m).sum() / torch.clamp(m.sum(), min=1)
+    return (x * m).sum() / _divisor(m.sum())
 
 
 def _row_mean(x, m):
-    return (x * m).sum(-1) / torch.clamp(m.sum(-1), min=1)
+    return (x * m).sum(-1) / _divisor(m.sum(-1))
 
 
 def entropy_quantile_mask(H, m, q, threshold=None):
