@@ -652,3 +652,186 @@ def test_invalid_shared_option_assignment_raises_and_keeps_the_loss(kind, opts, 
         setattr(module, name, value)
     assert getattr(module, name) == kept
     assert torch.equal(run()[0], before)
+
+
+# ------------------------------------------------------------------------------------- option values, forward types
+BAD_OPTION_VALUES = [
+    ("CPO", "alpha", None, TypeError), ("SimPO", "alpha", None, TypeError), ("SimPO", "gamma", None, TypeError),
+    ("CPO", "beta", None, TypeError), ("KTO", "beta", None, TypeError), ("DPO", "beta", None, TypeError),
+    ("ORPO", "beta", "a", TypeError), ("DPO", "label_smoothing", None, TypeError),
+    ("DPO", "discopop_tau", None, TypeError), ("CPO", "label_smoothing", None, TypeError),
+    ("GRPO", "vespo_k_pos", "a", TypeError), ("GRPO", "vespo_lambda_neg", None, TypeError),
+    ("GRPO", "vespo_k_neg", float("nan"), ValueError), ("GRPO", "vespo_lambda_pos", float("inf"), ValueError),
+]
+
+
+@pytest.mark.parametrize("kind, name, value, err", BAD_OPTION_VALUES,
+                         ids=[f"{k}-{n}={v!r}" for k, n, v, _ in BAD_OPTION_VALUES])
+def test_bad_option_values_raise_naming_the_option(kind, name, value, err):
+    """None where a number is needed, a string or NaN raises at construction and at assignment, naming the option
+    as Liger names it: a None passed both (the forward then failed naming nothing), DPO's label_smoothing=None
+    raised that it "does not apply", and the vespo options were named vespo_k[1] or not at all."""
+    opts = dict(loss_type="vespo") if kind == "GRPO" else dict(loss_type="discopop") if name == "discopop_tau" else {}
+    cls = getattr(fl, f"LigerFusedLinear{kind}Loss")
+    with pytest.raises(err, match=f"^{name} "):
+        cls(compiled=False, **opts, **{name: value})
+    module = cls(compiled=False, **opts)
+    kept = getattr(module, name)
+    with pytest.raises(err, match=f"^{name} "):
+        setattr(module, name, value)
+    assert getattr(module, name) == kept
+
+
+BETA_ZERO = [("DPO", dict()), ("DPO", dict(loss_type="robust", label_smoothing=0.1)),
+             ("DPO", dict(loss_type="discopop", use_ref_model=False, compute_nll_loss=True)),
+             ("DPO", dict(loss_type="nca_pair")), ("DPO", dict(loss_type="apo_down")),
+             ("CPO", dict()), ("CPO", dict(label_smoothing=0.3, compute_nll_loss=False)),
+             ("SimPO", dict(gamma=0.8)), ("ORPO", dict()), ("ORPO", dict(compute_nll_loss=False)),
+             ("KTO", dict()), ("KTO", dict(use_ref_model=True))]
+
+
+@pytest.mark.parametrize("kind, opts", BETA_ZERO, ids=[f"{k}-{'-'.join(map(str, o.values()))}" for k, o in BETA_ZERO])
+@pytest.mark.parametrize("assigned", [False, True])
+def test_beta_zero_matches_liger(kind, opts, assigned):
+    """beta=0 passed the constructor, then every forward raised; Liger computes it (ORPO: the NLL alone; the
+    others: the pair term at a zero margin, with no gradient, plus the NLL)."""
+    fa = getattr(fl, f"LigerFusedLinear{kind}Loss")(compiled=False, **opts, **({} if assigned else dict(beta=0.0)))
+    lg = getattr(chunked, f"LigerFusedLinear{kind}Loss")(compiled=False, **opts, beta=0.0)
+    if assigned:
+        fa.beta = 0.0
+    d = _pref_batch(41)
+    leaves_fa, leaves_lg = _leaves(d["hidden"], d["weight"], d["bias"]), _leaves(d["hidden"], d["weight"], d["bias"])
+    run = _run_kto if kind == "KTO" else _run_pref
+    _compare(run(fa, d, leaves_fa), run(lg, d, leaves_lg), leaves_fa, leaves_lg, rtol=1e-5, atol=2e-6,
+             what=f"{kind} beta=0 {opts}")
+
+
+REFUSED = [("DPO", {}, "beta", -0.1), ("CPO", {}, "beta", -1.0), ("KTO", {}, "beta", -0.5),
+           ("ORPO", {}, "beta", -0.1), ("DPO", dict(loss_type="sppo_hard"), "beta", 0.0),
+           ("CPO", {}, "label_smoothing", 1.5), ("CPO", {}, "label_smoothing", -0.1),
+           ("SimPO", {}, "label_smoothing", 2.0), ("DPO", dict(loss_type="discopop"), "discopop_tau", 0.0),
+           ("DPO", dict(loss_type="discopop"), "discopop_tau", -0.05),
+           ("DPO", dict(loss_type="exo_pair", label_smoothing=0.1), "label_smoothing", 1.0)]
+
+
+@pytest.mark.parametrize("kind, opts, name, value", REFUSED, ids=[f"{k}-{n}={v}" for k, _, n, v in REFUSED])
+def test_values_fastalign_refuses_raise_at_construction_and_assignment(kind, opts, name, value):
+    """A value that fastalign's loss refuses (docs/parity-preference.md) raises where it is set, naming it: it
+    passed the constructor and the assignment, then every forward raised."""
+    cls = getattr(fl, f"LigerFusedLinear{kind}Loss")
+    with pytest.raises(ValueError, match=f"^{name} "):
+        cls(compiled=False, **{**opts, name: value})
+    module = cls(compiled=False, **opts)
+    with pytest.raises(ValueError, match=f"^{name} "):
+        setattr(module, name, value)
+
+
+def test_forward_arguments_of_a_wrong_type_raise_naming_them():
+    """GRPO's num_items_in_batch and KTO's kl: a string or a list failed inside torch, naming nothing."""
+    d = _grpo_batch(43)
+    grpo = fl.LigerFusedLinearGRPOLoss(compiled=False)
+    for value in ("10", [10], True):
+        with pytest.raises(TypeError, match="^num_items_in_batch must be a real number or a tensor"):
+            _run_grpo(grpo, d, (d["hidden"], d["weight"], d["bias"]), ref_mode="logps", num_items_in_batch=value)
+    p = _pref_batch(43)
+    kto = fl.LigerFusedLinearKTOLoss(compiled=False)
+    for value in ("0.1", [0.1], True):
+        with pytest.raises(TypeError, match="^kl must be a real number or a tensor"):
+            kto(p["hidden"], p["weight"], p["target"], preference_labels=KTO_LABELS, kl=value)
+
+
+@pytest.mark.parametrize("num_items", [9, 9.0, torch.tensor(9), torch.tensor(9.0)])
+def test_num_items_in_batch_number_or_tensor_matches_liger(num_items):
+    fa, lg = _grpo_pair(dict(loss_type="dapo"))
+    d = _grpo_batch(44)
+    kw = dict(bias=d["bias"], old_per_token_logps=d["old"], ref_per_token_logps=d["ref"], num_items_in_batch=num_items)
+    out_fa = fa(d["hidden"], d["weight"], d["ids"], d["mask"], d["adv"], **kw)
+    out_lg = lg(d["hidden"], d["weight"], _liger_ids(d), d["mask"], d["adv"], **kw)
+    assert_close(out_fa[0], out_lg[0].reshape(()), rtol=1e-5, atol=2e-6, what=f"num_items_in_batch={num_items!r}")
+
+
+def test_kto_kl_as_a_number_matches_liger():
+    fa, lg = fl.LigerFusedLinearKTOLoss(compiled=False), chunked.LigerFusedLinearKTOLoss(compiled=False)
+    d = _pref_batch(45)
+    outs = [m(d["hidden"], d["weight"], d["target"], d["bias"], preference_labels=KTO_LABELS, kl=0.25)
+            for m in (fa, lg)]
+    assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=2e-6, what="kto kl=0.25")
+
+
+# ----------------------------------------------------------------------------------------- GRPO attention_mask
+@pytest.mark.parametrize("loss_type", ["bnpo", "grpo", "dapo"])
+def test_grpo_fractional_attention_mask_raises(loss_type):
+    """Liger weighs each token by a fractional attention_mask (its loss is not the binarised mask's); fastalign's
+    policy loss counts a token or not, so the drop-in refuses such a mask, naming it (it binarised it silently).
+    A 0/1 mask of any dtype still matches Liger."""
+    d = _grpo_batch(46)
+    opts = dict(loss_type=loss_type, beta=0.1)
+    fa, lg = _grpo_pair(opts)
+    frac = d["mask"].float()
+    frac[0, :3] = torch.tensor([0.5, 0.25, 0.75])
+    kw = dict(bias=d["bias"], old_per_token_logps=d["old"], ref_per_token_logps=d["ref"])
+    liger = lambda mask: lg(d["hidden"], d["weight"], _liger_ids(d), mask, d["adv"], **kw)[0]  # noqa: E731
+    assert not torch.allclose(liger(frac), liger(d["mask"].float()))  # Liger's number is a weighted one
+    for mask in (frac, d["mask"] * 2):
+        with pytest.raises(ValueError, match="^attention_mask must hold 0 and 1 only"):
+            fa(d["hidden"], d["weight"], d["ids"], mask, d["adv"], **kw)
+    for mask in (d["mask"].float(), d["mask"].bool(), d["mask"].int()):
+        assert_close(fa(d["hidden"], d["weight"], d["ids"], mask, d["adv"], **kw)[0], liger(mask.float()), rtol=1e-5,
+                     atol=2e-6, what=f"{mask.dtype} mask")
+
+
+def test_grpo_fractional_attention_mask_unread_gives_nan(monkeypatch):
+    """Where the mask's values are not read on the host (a GPU tensor), a fractional mask makes the loss NaN."""
+    from fastalign import _validate
+
+    monkeypatch.setattr(_validate, "_flag_or_raise", lambda bad, x, message: bad)
+    d = _grpo_batch(47)
+    fa = fl.LigerFusedLinearGRPOLoss(compiled=False, loss_type="bnpo")
+    kw = dict(bias=d["bias"], old_per_token_logps=d["old"], ref_per_token_logps=d["ref"])
+    frac = d["mask"].float()
+    frac[0, 0] = 0.5
+    assert torch.isnan(fa(d["hidden"], d["weight"], d["ids"], frac, d["adv"], **kw)[0])
+    assert torch.isfinite(fa(d["hidden"], d["weight"], d["ids"], d["mask"].float(), d["adv"], **kw)[0])
+
+
+# ------------------------------------------------------------------------------------- a second backward
+@pytest.mark.parametrize("kind", ["GRPO", "DPO", "ORPO", "KTO"])
+def test_second_backward_with_single_pass_false_matches_liger(kind):
+    """Liger allows a second backward through a retained graph; the drop-in's single pass computes its gradients
+    in the forward, so it raises, advising single_pass=False, which the drop-in did not take. Its single_pass
+    attribute (not one of Liger's options) takes the two passes, whose gradients then match Liger's."""
+    fa = getattr(fl, f"LigerFusedLinear{kind}Loss")(compiled=False)
+    lg = getattr(chunked, f"LigerFusedLinear{kind}Loss")(compiled=False)
+    d = _grpo_batch(48) if kind == "GRPO" else _pref_batch(48)
+
+    def loss_of(module, leaves):
+        if kind == "GRPO":
+            dd = d if module is fa else {**d, "ids": _liger_ids(d)}
+            return _run_grpo(module, dd, leaves, ref_mode="logps")[0]
+        return (_run_kto if kind == "KTO" else _run_pref)(module, d, leaves)[0]
+
+    leaves = _leaves(d["hidden"], d["weight"], d["bias"])
+    loss = loss_of(fa, leaves)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="single_pass=False"):
+        loss.backward()
+    fa.single_pass = False
+    grads = []
+    for module in (fa, lg):
+        leaves = _leaves(d["hidden"], d["weight"], d["bias"])
+        loss = loss_of(module, leaves)
+        loss.backward(retain_graph=True)
+        loss.backward()
+        grads.append([t.grad for t in leaves])
+    for name, a, b in zip(("hidden", "weight", "bias"), *grads):
+        assert_close(a, b, rtol=1e-5, atol=4e-6, what=f"{kind} d{name} after two backwards")
+
+
+def test_single_pass_attribute_is_checked():
+    module = fl.LigerFusedLinearDPOLoss(compiled=False)
+    for value in ("no", 0, None):
+        with pytest.raises(ValueError, match="^single_pass must be 'auto', True or False"):
+            module.single_pass = value
+    assert module.single_pass == "auto"
+    module.single_pass = False
+    assert module.single_pass is False and fl.LigerFusedLinearDPOLoss().single_pass == "auto"

@@ -136,3 +136,27 @@ def test_labels_none_raises_as_liger(options):
         chunked.LigerFusedLinearJSDLoss(**options, compiled=False, chunk_size=4)(x, w, xt, wt, None, b, bt)
     with pytest.raises(TypeError, match="^true_labels must be a torch.Tensor, got NoneType"):
         LigerFusedLinearJSDLoss(**options)(x, w, xt, wt, None, b, bt)
+
+
+def test_second_backward_with_single_pass_false_matches_liger():
+    """A second backward through a retained graph: Liger allows it; the module's single pass raises, advising
+    single_pass=False, which its single_pass attribute now passes on (its gradients then match Liger's)."""
+    x, w, b, xt, wt, bt, y = _inputs(7)
+    module = LigerFusedLinearJSDLoss()
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    loss = module(leaves[0], leaves[1], xt, wt, y, leaves[2], bt)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="single_pass=False"):
+        loss.backward()
+    with pytest.raises(ValueError, match="^single_pass must be"):
+        module.single_pass = "never"
+    module.single_pass = False
+    grads = []
+    for m in (chunked.LigerFusedLinearJSDLoss(compiled=False, chunk_size=4), module):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        loss = m(leaves[0], leaves[1], xt, wt, y, leaves[2], bt)
+        loss.backward(retain_graph=True)
+        loss.backward()
+        grads.append([t.grad for t in leaves])
+    for name, a, b_ in zip(("student_input", "student_weight", "student_bias"), *grads):
+        assert_close(b_, a, rtol=1e-5, atol=2e-6, what=f"d{name} after two backwards")

@@ -35,3 +35,23 @@ class LiveOptions:
             super().__setattr__(name, previous)
             self._configure()
             raise
+
+
+class SinglePassAttribute:
+    """The ``single_pass`` attribute of the Liger adapters (beside Liger's options, not in its constructors):
+    ``"auto"`` (default) computes the gradients in the forward, in one pass through the head, where fastalign's
+    loss would; such a loss can be differentiated once per forward. ``False`` takes the two passes, whose graph
+    can be differentiated again (``backward(retain_graph=True)`` then a second ``backward``, as Liger allows);
+    ``True`` asks for the single pass. Anything else raises ``ValueError`` at the assignment."""
+
+    _single_pass = "auto"
+
+    @property
+    def single_pass(self):
+        return self._single_pass
+
+    @single_pass.setter
+    def single_pass(self, value) -> None:
+        if not (isinstance(value, bool) or (isinstance(value, str) and value == "auto")):
+            raise ValueError(f"single_pass must be 'auto', True or False, got {value!r}")
+        object.__setattr__(self, "_single_pass", value)

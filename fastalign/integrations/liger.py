@@ -63,13 +63,19 @@ rejected_rewards_sum))``.
 ``compiled`` and ``chunk_size`` choose how Liger runs, not what it computes: they are accepted
 and do not change the result. A target equal to ``ignore_index`` (-100 for GRPO) under the GRPO
 attention mask is dropped from the mask (Liger would score it as a log-prob of ``-logsumexp``).
-An option that does not apply to the chosen loss raises ``ValueError`` naming it.
+An option that does not apply to the chosen loss raises ``ValueError`` naming it; every option is checked at
+construction and at each assignment, so a value that fastalign's loss refuses (a negative ``beta``, CPO /
+SimPO ``label_smoothing`` outside [0, 1], ...) raises there, naming it. ``beta = 0`` is computed as Liger
+computes it (:class:`_LigerPreference`). A GRPO ``attention_mask`` with values other than 0 and 1 (Liger weighs
+the tokens by it) raises ``ValueError`` naming it. ``loss_fn.single_pass = False`` takes the two passes through
+the head, whose graph can be differentiated again after ``backward(retain_graph=True)``, as Liger's.
 
 The option table and what raises: docs/integrations.md#liger-kernel. Nothing here imports Liger-Kernel.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -77,14 +83,14 @@ from torch import Tensor, nn
 
 from fastalign import _validate
 from fastalign.integrations._dtypes import float64_as_float32
-from fastalign.integrations._live_options import LiveOptions
+from fastalign.integrations._live_options import LiveOptions, SinglePassAttribute
 from fastalign.integrations.trl.grpo import GRPO_LOSSES  # Liger's GRPO loss types are TRL's
 from fastalign.linear import check_head, check_second_head, linear_logprobs
 from fastalign.linear_policy import policy_step
 from fastalign.linear_step import separable_step
 from fastalign.policy import policy_loss
 from fastalign.policy_config import PolicyConfig, log_ratio_cap_option
-from fastalign.preference import preference_loss, unpaired_preference_loss
+from fastalign.preference import check_config, preference_loss, unpaired_preference_loss
 
 __all__ = ["LigerFusedLinearGRPOLoss", "LigerFusedLinearDPOLoss", "LigerFusedLinearCPOLoss",
            "LigerFusedLinearORPOLoss", "LigerFusedLinearSimPOLoss", "LigerFusedLinearKTOLoss", "LigerFusedLinearJSDLoss"]
@@ -117,6 +123,30 @@ def _check_heads(_input: Tensor, lin_weight: Tensor, bias: Optional[Tensor], lab
     _validate.same_device(_input=_input, ref_input=ref_input, ref_weight=ref_weight, ref_bias=ref_bias)
 
 
+def _number_or_tensor(name: str, value, *, shapes, what: str, device=None, kind: str = "real") -> None:
+    """A forward argument that Liger takes as a real number (not a bool) or a tensor (``kind``, a key of
+    ``fastalign._validate.KINDS``) of one of ``shapes`` (on ``device``, when given: the device of ``_input``);
+    anything else is a ``TypeError`` naming it."""
+    if isinstance(value, Tensor):
+        _validate.like(shapes, what, device=device, device_of="_input", kind=kind, **{name: value})
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number or a tensor, got {type(value).__name__}")
+
+
+def _binary_mask(attention_mask: Tensor) -> Optional[Tensor]:
+    """Liger multiplies each token's terms by ``attention_mask`` and divides by its sum, so a fractional mask
+    weighs the tokens; fastalign's policy loss counts a token or not. A mask with values other than 0 and 1 is a
+    ``ValueError`` naming it where the values are on the host (an eager CPU tensor); elsewhere they are not read
+    and the returned flag makes the loss NaN (:func:`fastalign._validate._flag_or_raise`)."""
+    if attention_mask.dtype == torch.bool:
+        return None
+    return _validate._flag_or_raise(
+        ((attention_mask != 0) & (attention_mask != 1)).any(), attention_mask,
+        lambda: ("attention_mask must hold 0 and 1 only (Liger would weigh the tokens by a fractional mask; "
+                 "fastalign counts a token or not), got values such as "
+                 f"{attention_mask[(attention_mask != 0) & (attention_mask != 1)][:3].tolist()}"))
+
+
 def _not_default(owner: str, loss_type: str, **given) -> None:
     """Options given a non-default value that ``loss_type`` does not read: ``name=(value, default)``."""
     for name, (value, default) in given.items():
@@ -124,10 +154,11 @@ def _not_default(owner: str, loss_type: str, **given) -> None:
             raise ValueError(f"{name} does not apply to {owner} loss_type {loss_type!r}")
 
 
-class LigerFusedLinearGRPOLoss(LiveOptions, nn.Module):
+class LigerFusedLinearGRPOLoss(SinglePassAttribute, LiveOptions, nn.Module):
     """Liger's ``LigerFusedLinearGRPOLoss`` computed by :func:`fastalign.linear_logprobs` and
     :func:`fastalign.policy_loss` (formulas in the module docstring and docs/integrations.md). Its options are
-    attributes, read at each call as Liger reads them (an assignment takes effect at the next call)."""
+    attributes, read at each call as Liger reads them (an assignment takes effect at the next call);
+    ``single_pass``: :class:`~fastalign.integrations._live_options.SinglePassAttribute`."""
 
     OPTIONS = ("beta", "compiled", "use_ref_model", "chunk_size", "epsilon_low", "epsilon_high", "loss_type",
                "max_completion_length", "importance_sampling_level", "sapo_temperature_pos", "sapo_temperature_neg",
@@ -154,6 +185,8 @@ class LigerFusedLinearGRPOLoss(LiveOptions, nn.Module):
                 raise ValueError(f"{name} must be >= 0, got {eps}")
         for name in ("temperature", "sapo_temperature_pos", "sapo_temperature_neg"):
             _validate.positive(name, getattr(self, name))
+        vespo = tuple(_validate.finite_number(name, getattr(self, name))
+                      for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"))
         _validate.boolean("use_bias_correction_kl", self.use_bias_correction_kl)
         _validate.boolean("use_ref_model", self.use_ref_model)
         loss_type, level, delta = self.loss_type, self.importance_sampling_level, self.delta
@@ -165,7 +198,6 @@ class LigerFusedLinearGRPOLoss(LiveOptions, nn.Module):
             raise ValueError(f"loss_type must be one of {tuple(GRPO_LOSSES)}, got {loss_type!r}")
         row, agg, seq_count, per_token_count = GRPO_LOSSES[loss_type]
         sapo_tau = (self.sapo_temperature_pos, self.sapo_temperature_neg)
-        vespo = (self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg)
         _not_default("GRPO", loss_type, **({} if row == "sapo" else dict(
             sapo_temperature_pos=(sapo_tau[0], 1.0), sapo_temperature_neg=(sapo_tau[1], 1.05))))
         _not_default("GRPO", loss_type, **({} if row == "vespo" else dict(
@@ -195,7 +227,7 @@ class LigerFusedLinearGRPOLoss(LiveOptions, nn.Module):
         if row == "sapo":
             opts["sapo_tau"] = tuple(float(t) for t in sapo_tau)
         if row == "vespo":
-            opts.update(vespo_k=(float(vespo[0]), float(vespo[2])), vespo_lambda=(float(vespo[1]), float(vespo[3])))
+            opts.update(vespo_k=(vespo[0], vespo[2]), vespo_lambda=(vespo[1], vespo[3]))
         # without a reference model Liger's KL is against lp itself: 0, with a zero gradient
         if beta != 0.0 and self.use_ref_model:
             opts.update(kl_coef=beta, kl_type="k3", kl_clamp=False,
@@ -231,8 +263,11 @@ class LigerFusedLinearGRPOLoss(LiveOptions, nn.Module):
         if vllm_is_ratio is not None and self.loss_type == "luspo" and vllm_is_ratio.dim() == 2 \
                 and vllm_is_ratio.shape[1] != 1:
             raise ValueError("a per-token vllm_is_ratio is not supported with loss_type 'luspo'")
-        if num_items_in_batch is not None and not self._per_token_count:
-            raise ValueError(f"num_items_in_batch does not apply to loss_type {self.loss_type!r}")
+        if num_items_in_batch is not None:
+            _number_or_tensor("num_items_in_batch", num_items_in_batch, shapes=[(), (1,)], what="a count")
+            if not self._per_token_count:
+                raise ValueError(f"num_items_in_batch does not apply to loss_type {self.loss_type!r}")
+        fractional = _binary_mask(attention_mask)
         labels = selected_token_ids
         mask = attention_mask.bool() & (labels != _GRPO_IGNORE_INDEX)
         scored = labels.masked_fill(~mask, _GRPO_IGNORE_INDEX)  # unscored positions skip the vocabulary
@@ -257,7 +292,10 @@ class LigerFusedLinearGRPOLoss(LiveOptions, nn.Module):
             return policy_loss(lp, old, advantages, mask, ref_logprobs=ref, config=cfg, **kw)
 
         loss, _, lp, _ = policy_step(_input, lin_weight, scored, old_per_token_logps, grpo, bias=bias,
-                                     token_separable=cfg.token_separable, logit=dict(temperature=self.temperature))
+                                     single_pass=self.single_pass, token_separable=cfg.token_separable,
+                                     logit=dict(temperature=self.temperature))
+        if fractional is not None:  # a fractional mask whose values were not read: a NaN loss, not a binarised one
+            loss = torch.where(fractional, torch.full_like(loss, math.nan), loss)
         old = lp if old_per_token_logps is None else old_per_token_logps
         return loss, self._metrics(lp, old, ref, advantages, mask)
 
@@ -328,10 +366,17 @@ def _logits_sum(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tenso
     return s
 
 
-class _LigerPreference(LiveOptions, nn.Module):
+class _LigerPreference(SinglePassAttribute, LiveOptions, nn.Module):
     """What Liger's preference losses share: response log-probs from the hidden states, the chosen NLL and the
     logits means. ``OPTIONS`` are the constructor's arguments: attributes read at each call, as Liger reads them,
-    checked again when one is assigned. An option a loss does not take keeps the class default below."""
+    checked again when one is assigned (every value that fastalign's loss refuses raises there, naming the
+    option). An option a loss does not take keeps the class default below. ``single_pass``:
+    :class:`~fastalign.integrations._live_options.SinglePassAttribute`.
+
+    ``beta = 0``: Liger's pair terms read the log-probs only as ``beta`` times them (``β(lc - lr)``, ``β(lc -
+    lc0)``, ``β(x - kl)``), so each is its value at zero log-probs, with no gradient: fastalign's loss with
+    ``beta`` 1 on zeros (:meth:`_margins`); ORPO's ``-β log σ(log-odds)`` is 0 (the NLL alone). A negative
+    ``beta`` raises ``ValueError``."""
 
     average_log_prob = False
     alpha = 1.0
@@ -342,11 +387,31 @@ class _LigerPreference(LiveOptions, nn.Module):
         """Check the options every Liger preference loss reads."""
         _execution_options(self.compiled, self.chunk_size)
         _validate.index_value("ignore_index", self.ignore_index)
-        _validate.finite(beta=self.beta, alpha=self.alpha)
+        if not _validate.finite_number("beta", self.beta) >= 0.0:
+            raise ValueError(f"beta must be >= 0, got {self.beta} (Liger's loss with a negative beta prefers the "
+                             "rejected responses; fastalign's preference losses take beta >= 0)")
+        _validate.finite_number("alpha", self.alpha)
         for name in ("compute_nll_loss", "average_log_prob", "use_ref_model"):
             _validate.boolean(name, getattr(self, name))
         if not self.compute_nll_loss and self.alpha != 1.0:
             raise ValueError("alpha applies only with compute_nll_loss=True")
+
+    def _checked(self, **options) -> dict:
+        """The keywords of :func:`fastalign.preference_loss` for ``options`` (``loss_type``, ``label_smoothing``
+        and the row's own), with ``beta`` (1 at ``beta = 0``: :meth:`_margins`), checked as that function checks
+        them: a value it refuses raises here, at construction or assignment, not at the call."""
+        options["beta"] = float(self.beta) or 1.0
+        rest = dict(options)
+        check_config(type(self).__name__, rest.pop("loss_type"), rest.pop("beta"), rest.pop("label_smoothing", 0.0),
+                     rest)
+        return options
+
+    def _margins(self, *logps):
+        """The log-probs the pair loss reads: as given, or zeros (no gradient) at ``beta = 0``, where fastalign's
+        loss runs with ``beta`` 1 (the class docstring)."""
+        if self.beta != 0.0:
+            return logps
+        return tuple(None if x is None else x * 0.0 for x in logps)
 
     def _summed(self, tok: Tensor, target: Tensor):
         """Per response: (summed or averaged log-prob, token count) of the token log-probs ``tok``."""
@@ -391,7 +456,7 @@ class _LigerPreference(LiveOptions, nn.Module):
             return value, {"logps": logps.detach(), "count": count, "nll": nll, "aux": aux}
 
         value, out, _ = separable_step(hidden, weight, target, response_loss, bias=bias, items=items,
-                                       logit=dict(ignore_index=self.ignore_index))
+                                       single_pass=self.single_pass, logit=dict(ignore_index=self.ignore_index))
         return value, out["logps"], out["count"], out["nll"], out["aux"]
 
     def _reference(self, ref_input, ref_weight, ref_bias, target) -> Optional[Tensor]:
@@ -451,10 +516,13 @@ class LigerFusedLinearDPOLoss(_LigerPreference):
     def _configure(self) -> None:
         """Check the options and build the keywords of :func:`fastalign.preference_loss`."""
         super()._configure()
-        loss_type, label_smoothing = self.loss_type, self.label_smoothing
+        loss_type = self.loss_type
         if loss_type not in self.LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {self.LOSS_TYPES}, got {loss_type!r}")
-        _validate.finite(beta=self.beta, label_smoothing=label_smoothing, discopop_tau=self.discopop_tau)
+        label_smoothing = _validate.finite_number("label_smoothing", self.label_smoothing)
+        discopop_tau = _validate.finite_number("discopop_tau", self.discopop_tau)
+        if loss_type == "sppo_hard" and self.beta == 0.0:
+            raise ValueError("beta must be > 0 for loss_type 'sppo_hard' (its loss reads 0.5 / beta)")
         if loss_type == "exo_pair" and not label_smoothing > 0.0:
             raise ValueError("label_smoothing must be > 0 for loss_type='exo_pair'")
         if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
@@ -462,16 +530,18 @@ class LigerFusedLinearDPOLoss(_LigerPreference):
         _not_default("DPO", loss_type, **({} if loss_type in ("robust", "exo_pair") else dict(
             label_smoothing=(label_smoothing, 0.0))))
         _not_default("DPO", loss_type, **({} if loss_type == "discopop" else dict(
-            discopop_tau=(self.discopop_tau, 0.05))))
-        self._options = dict(loss_type=loss_type, beta=float(self.beta))
+            discopop_tau=(discopop_tau, 0.05))))
+        options = dict(loss_type=loss_type)
         if loss_type in ("robust", "exo_pair"):
-            self._options["label_smoothing"] = float(label_smoothing)
+            options["label_smoothing"] = label_smoothing
         if loss_type == "discopop":
-            self._options["discopop_tau"] = float(self.discopop_tau)
+            options["discopop_tau"] = discopop_tau
+        self._options = self._checked(**options)
 
     def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None):
         def dpo(logps, _count, nll, ref):
             B = logps.shape[0] // 2
+            logps, ref = self._margins(logps, ref)
             ref_c, ref_r = (None, None) if ref is None else (ref[:B], ref[B:])
             pair, _ = preference_loss(logps[:B], logps[B:], ref_c, ref_r, **self._options)
             return pair + self.alpha * nll, ()
@@ -495,15 +565,17 @@ class LigerFusedLinearCPOLoss(_LigerPreference):
         self._configure_options(locals())
 
     def _configure(self) -> None:
-        """Check the options (``label_smoothing`` finite)."""
+        """Check the options (``label_smoothing`` in [0, 1]) and build the keywords of
+        :func:`fastalign.preference_loss`."""
         super()._configure()
-        _validate.finite(label_smoothing=self.label_smoothing)
+        self._options = self._checked(loss_type="cpo", cpo_alpha=float(self.alpha), label_smoothing=(
+            _validate.finite_number("label_smoothing", self.label_smoothing)))
 
     def forward(self, lin_weight, _input, target, bias=None):
         def cpo(logps, _count, nll, _ref):
             B = logps.shape[0] // 2
-            return preference_loss(logps[:B], logps[B:], loss_type="cpo", beta=self.beta,
-                                   label_smoothing=self.label_smoothing, chosen_nll=nll, cpo_alpha=self.alpha)[0], ()
+            (logps,) = self._margins(logps)
+            return preference_loss(logps[:B], logps[B:], chosen_nll=nll, **self._options)[0], ()
 
         loss, logps, nll, logits_means, _, _ = self._pairs(lin_weight, _input, target, bias, cpo)
         return self._out(loss, logps, logits_means, nll)
@@ -524,17 +596,19 @@ class LigerFusedLinearSimPOLoss(_LigerPreference):
         self._configure_options(locals())
 
     def _configure(self) -> None:
-        """Check the options (``label_smoothing`` and ``gamma`` finite)."""
+        """Check the options (``label_smoothing`` in [0, 1], ``gamma`` finite) and build the keywords of
+        :func:`fastalign.preference_loss`."""
         super()._configure()
-        _validate.finite(label_smoothing=self.label_smoothing, gamma=self.gamma)
+        self._options = self._checked(
+            loss_type="simpo", label_smoothing=_validate.finite_number("label_smoothing", self.label_smoothing),
+            simpo_gamma=_validate.finite_number("gamma", self.gamma))
 
     def forward(self, lin_weight, _input, target, bias=None):
         def simpo(logps, count, nll, _ref):
             B = logps.shape[0] // 2
-            total = logps * count  # the summed log-probs, with their lengths: the row averages them again
-            pair, _ = preference_loss(total[:B], total[B:], loss_type="simpo", beta=self.beta,
-                                      label_smoothing=self.label_smoothing, simpo_gamma=self.gamma,
-                                      chosen_lengths=count[:B], rejected_lengths=count[B:])
+            (total,) = self._margins(logps * count)  # the summed log-probs, with their lengths: the row averages
+            pair, _ = preference_loss(total[:B], total[B:], chosen_lengths=count[:B], rejected_lengths=count[B:],
+                                      **self._options)
             return pair + self.alpha * nll, ()
 
         loss, logps, nll, logits_means, _, _ = self._pairs(lin_weight, _input, target, bias, simpo)
@@ -554,12 +628,19 @@ class LigerFusedLinearORPOLoss(_LigerPreference):
         super().__init__()
         self._configure_options(locals())
 
+    def _configure(self) -> None:
+        """Check the options and build the keywords of :func:`fastalign.preference_loss`."""
+        super()._configure()
+        self._options = self._checked(loss_type="orpo")
+
     def forward(self, lin_weight, _input, target, bias=None, nll_target=None):
         def orpo(logps, count, nll, _ref):
             B = logps.shape[0] // 2
             total = logps * count
-            loss, met = preference_loss(total[:B], total[B:], loss_type="orpo", beta=self.beta, chosen_nll=nll,
-                                        chosen_lengths=count[:B], rejected_lengths=count[B:])
+            loss, met = preference_loss(total[:B], total[B:], chosen_nll=nll, chosen_lengths=count[:B],
+                                        rejected_lengths=count[B:], **self._options)
+            if self.beta == 0.0:  # Liger's NLL - 0 * sum(log σ(log-odds)) / B: the loss at beta 1, times 0, keeps
+                loss = nll + 0.0 * loss  # its NaN where that sum is not finite, and the graph
             return loss, (met["log_odds_ratio"], met["log_odds_chosen"])
 
         loss, logps, nll, logits_means, odds, _ = self._pairs(lin_weight, _input, target, bias, orpo,
@@ -592,8 +673,9 @@ class LigerFusedLinearKTOLoss(_LigerPreference):
         dev = dict(device=_input.device, device_of="_input")
         _validate.like((N,), "one per response (target.shape[0])", kind="real", **dev,
                        preference_labels=preference_labels)
-        if isinstance(kl, Tensor):
-            _validate.like([(), (1,), (N,)], "a scalar or one per response", **dev, kl=kl)
+        if kl is not None:
+            _number_or_tensor("kl", kl, shapes=[(), (1,), (N,)], what="a scalar or one per response",
+                              device=_input.device, kind="any_float")
         ref = self._reference(ref_input, ref_weight, ref_bias, target)
         if ref is None:
             ref = torch.zeros(target.shape[0], dtype=torch.float32, device=target.device)
@@ -601,8 +683,9 @@ class LigerFusedLinearKTOLoss(_LigerPreference):
         shifted = ref if kl is None else ref + kl
 
         def kto(logps, _count, _nll):
-            return unpaired_preference_loss(logps, shifted, preference_labels, loss_type="kto", beta=self.beta,
-                                            kl=torch.zeros(1, device=logps.device))[0], ()
+            logps, baseline = self._margins(logps, shifted)
+            return unpaired_preference_loss(logps, baseline, preference_labels, loss_type="kto",
+                                            beta=float(self.beta) or 1.0, kl=torch.zeros(1, device=logps.device))[0], ()
 
         loss, logps, _, _, _ = self._step(_input, lin_weight, target, bias, kto, items="rows")
         good = preference_labels.to(torch.float32)

@@ -20,7 +20,7 @@ a temperature must be > 0, ``beta`` in [0, 1], and both heads must have the same
 smaller student vocabulary with zero logits) — each a ``ValueError`` naming the argument. The loss can be
 differentiated once per forward (its gradients are computed in the forward and scaled in place, without a second
 copy of d(weight)); a second backward through a retained graph, which Liger allows, raises a ``RuntimeError``:
-call :func:`fastalign.linear_divergence_loss` with ``single_pass=False`` for that.
+set ``loss_fn.single_pass = False`` (an attribute beside Liger's options, default ``"auto"``) for that.
 """
 from __future__ import annotations
 
@@ -29,19 +29,21 @@ from typing import Optional
 from torch import Tensor, nn
 
 from fastalign import _validate
-from fastalign.integrations._live_options import LiveOptions
+from fastalign.integrations._live_options import LiveOptions, SinglePassAttribute
 from fastalign.linear_divergence import ARGUMENT_NAMES, check_tensors, linear_divergence_loss
 
 __all__ = ["LigerFusedLinearJSDLoss"]
+
 
 # linear_divergence_loss's argument names -> Liger's, for the error messages
 _ARGUMENTS = {**ARGUMENT_NAMES, "hidden": "student_input", "weight": "student_weight", "bias": "student_bias",
               "teacher_hidden": "teacher_input", "labels": "true_labels"}
 
 
-class LigerFusedLinearJSDLoss(LiveOptions, nn.Module):
+class LigerFusedLinearJSDLoss(SinglePassAttribute, LiveOptions, nn.Module):
     """Liger's fused linear JSD distillation loss (see the module doc). Its options are attributes, read at each
-    call as Liger reads them (an assignment takes effect at the next call)."""
+    call as Liger reads them (an assignment takes effect at the next call); ``single_pass``:
+    :class:`~fastalign.integrations._live_options.SinglePassAttribute`."""
 
     OPTIONS = ("weight_hard_loss", "weight_soft_loss", "beta", "ignore_index", "temperature", "compiled",
                "chunk_size", "return_soft_hard_loss")
@@ -76,7 +78,7 @@ class LigerFusedLinearJSDLoss(LiveOptions, nn.Module):
             student_input, student_weight, teacher_input, teacher_weight, beta=self.beta,
             temperature=self.temperature, bias=student_bias, teacher_bias=teacher_bias, labels=true_labels,
             ignore_index=self.ignore_index, soft_weight=self.weight_soft_loss,
-            hard_weight=self.weight_hard_loss if hard else 0.0)
+            hard_weight=self.weight_hard_loss if hard else 0.0, single_pass=self.single_pass)
         if not self.return_soft_hard_loss:
             return loss
         n = metrics["num_tokens"].clamp(min=1)

@@ -278,8 +278,9 @@ class _SinglePass(torch.autograd.Function):
         refuse_second_derivative("single-pass loss")
         if ctx.grads is None:
             raise RuntimeError("the single pass of a loss can be differentiated once per forward "
-                               "(its gradients are computed in the forward); run the forward again, or pass "
-                               "single_pass=False to differentiate a retained graph more than once")
+                               "(its gradients are computed in the forward); run the forward again, or set "
+                               "single_pass=False (an argument of fastalign's losses, an attribute of the Liger "
+                               "drop-ins) to differentiate a retained graph more than once")
         grads, ctx.grads = ctx.grads, None
         n_rows = len(grads) - 3
         dtypes = (*ctx.dtypes, *([None] * n_rows))  # the per-row gradients are already in their inputs' dtypes
