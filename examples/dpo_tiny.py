@@ -74,6 +74,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--beta", type=positive_float, default=0.1)
     parser.add_argument("--lr", type=positive_float, default=5e-3)
     args = parser.parse_args(argv)
+    if args.batch > args.pairs:
+        parser.error(f"argument --batch: {args.batch} pairs per step is more than the {args.pairs} --pairs")
 
     policy = tiny_qwen2(args.seed)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)

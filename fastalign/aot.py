@@ -192,16 +192,11 @@ def policy_loss_cases(dtype):
     yield "ppo+kl3+ent+roll+seq", launch(full, True)
 
 
-def extra_cases(dtype):
-    """Kernels of the ops that also have CUDA C++ kernels (group stats, scans, selection)."""
-    import importlib
+def scan_cases(dtype):
+    """The reverse scan of returns and GAE (the ops with a CUDA C++ kernel too)."""
+    from fastalign.kernels import reverse_scan as K
 
-    for module in ("group_stats", "reverse_scan", "cov_select"):
-        try:
-            K = importlib.import_module(f"fastalign.kernels.{module}")
-        except ModuleNotFoundError:
-            continue
-        yield from K.aot_cases(dtype)
+    yield from K.aot_cases(dtype)
 
 
 def divergence_cases(dtype):
@@ -238,7 +233,7 @@ FAMILIES = [
     ("live_matmul", live_matmul_cases, ("bf16", "fp16", "fp32")),
     ("divergence", divergence_cases, ("bf16", "fp16", "fp32")),
     ("policy_loss", policy_loss_cases, ("fp32",)),
-    ("scans/groups", extra_cases, ("fp32", "fp64")),
+    ("reverse_scan", scan_cases, ("fp32", "fp64")),
 ]
 
 

@@ -145,6 +145,16 @@ def test_table_shows_the_spread():
     assert line.split()[4:7] == ["2.00", "5", "5.00x"]
 
 
+def test_table_columns_line_up_with_a_long_op_name():
+    rows = [_row("eager", 10.0, 2.0), dict(_row("fastalign", 2.0, 0.1), op="linear_cross_entropy")]
+    data = {"environment": {"device": "CPU", "torch": "t", "date": "d"}, "device_limits": {}, "results": rows}
+    report.add_ratios(data["results"], {})
+    lines = report.table(data).splitlines()
+    head = next(ln for ln in lines if ln.startswith("op "))
+    for row in (ln for ln in lines if ln.startswith(("policy_loss", "linear_cross_entropy"))):
+        assert row.index(" 4x8 ") == head.index(" case "), (head, row)
+
+
 def test_quiet_third_party_keeps_fastalign_warnings_and_errors():
     logger = logging.getLogger("torch._dynamo")
     before = logger.level
@@ -326,6 +336,7 @@ def _usage_error(capsys, argv) -> str:
     (["--quick", "--ops", "group_advantages", "--cases", "B=65536 groups of 61"], ["--cases", "B=65536 groups of 61"]),
     (["--ops", "policy_loss", "--cases", "clip_cov,no_such_case"], ["--cases", "no_such_case"]),
     (["--ops", "policy_loss, no_such_op"], ["--ops", "no_such_op"]),
+    (["--quick", "--ops", "linear_policy_loss,policy_loss"], ["--ops", "linear_policy_loss", "--quick"]),
     (["--device", "gpu"], ["--device", "gpu"]),
     (["--repeats", "-3"], ["--repeats"]),
     (["--repeats", "0"], ["--repeats"]),

@@ -47,6 +47,7 @@ def test_dpo_tiny_margin_rises():
 
 
 @pytest.mark.parametrize("name,args", [("grpo_tiny.py", ("--lr", "nan")), ("dpo_tiny.py", ("--beta", "0")),
+                                       ("dpo_tiny.py", ("--batch", "16", "--pairs", "4")),
                                        ("trl_grpo.py", ("--steps", "-1"))])
 def test_bad_command_line_values_are_usage_errors(name, args):
     """A bad value is an argparse usage error naming the option, not a traceback from inside the run."""

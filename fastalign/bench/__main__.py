@@ -192,6 +192,10 @@ def selected_cases(args, device_type) -> list:
             and (device_type is None or device_type in c.devices)]
     where = " ".join(filter(None, [f"--ops {','.join(ops)}" if ops else "", "--quick" if args.quick else "",
                                     f"--device {device_type}" if device_type else ""]))
+    for op in ops or ():
+        if not any(c.op == op for c in pool):
+            raise ValueError(f"argument --ops: {op!r} has no case{' of ' + where if where else ''} "
+                             f"(`fastalign-bench --list --ops {op}` lists its cases)")
     for s in labels or ():
         if not any(s in c.label for c in pool):
             raise ValueError(f"argument --cases: {s!r} is in no case label{' of ' + where if where else ''} "

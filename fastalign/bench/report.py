@@ -75,14 +75,15 @@ def table(data: dict) -> str:
         lines.append(describe_limits(limits))
     cw = max([22] + [len(r["case"]) for r in data["results"]])
     iw = max([14] + [len(r["impl"]) for r in data["results"]])
-    head = f"{'op':18s} {'case':{cw}s} {'mode':8s} {'impl':{iw}s} {'median ms':>10s} {'IQR %':>6s} {'speedup':>9s} " \
+    ow = max([18] + [len(r["op"]) for r in data["results"]])
+    head = f"{'op':{ow}s} {'case':{cw}s} {'mode':8s} {'impl':{iw}s} {'median ms':>10s} {'IQR %':>6s} {'speedup':>9s} " \
            f"{'extra MiB':>10s} {'mem ratio':>9s} {'% limit':>8s}  baseline"
     lines += [head, "-" * len(head)]
     foot = "IQR %: interquartile range of the timed runs / median; speedup: baseline time / time; extra MiB: peak memory beyond the inputs; mem ratio: to the " \
            "baseline's, after removing the gradients every implementation returns; % limit: the least time " \
            "the measured copy bandwidth and matmul rate allow for the step's bytes and FLOPs / its time"
     for r in data["results"]:
-        prefix = f"{r['op']:18s} {r['case']:{cw}s} {r['mode']:8s} {r['impl']:{iw}s}"
+        prefix = f"{r['op']:{ow}s} {r['case']:{cw}s} {r['mode']:8s} {r['impl']:{iw}s}"
         if "skipped" in r or "error" in r:
             lines.append(f"{prefix} {'skipped: ' + r['skipped'] if 'skipped' in r else 'error: ' + r['error']}")
             continue
