@@ -195,6 +195,58 @@ def test_policy_loss_needs_config():
         core_algos.get_policy_loss_fn("fastalign_dro")(old, lp, A, m, "token-mean", actor)
 
 
+#: (config kind, loss_scale_factor attribute, global_batch_info entries): the divisor of seq-mean-token-sum-norm
+#: comes from global_batch_info alone in verl's modes (agg_loss(**config.global_batch_info)), whatever the attribute
+LSF_SOURCES = {
+    "distillation_config": ("distillation", None, dict(loss_scale_factor=64)),  # no loss_scale_factor field
+    "info_only": ("actor", None, dict(loss_scale_factor=64)),
+    "info_wins_over_attribute": ("actor", 16, dict(loss_scale_factor=64)),
+    "attribute_without_info": ("actor", 16, {}),  # verl divides by the padded length
+    "info_none": ("actor", 16, dict(loss_scale_factor=None)),
+}
+
+
+@pytest.mark.parametrize("dp", [False, True], ids=["local", "dp2"])
+@pytest.mark.parametrize("mode, source", [(mode, source) for source in sorted(LSF_SOURCES)
+                                          for mode in ("vanilla", "gspo", "dppo_kl", "cispo")
+                                          # verl's distillation loss runs vanilla only
+                                          if LSF_SOURCES[source][0] == "actor" or mode == "vanilla"])
+def test_registry_loss_scale_factor_from_global_batch_info_as_verl(mode, source, dp):
+    """``fastalign_<mode>`` with seq-mean-token-sum-norm reads ``loss_scale_factor`` where verl's mode reads it,
+    ``config.global_batch_info`` (verl's distillation loss hands its modes a config with no such attribute)."""
+    from verl.workers.config.distillation import DistillationLossConfig
+
+    kind, attribute, info = LSF_SOURCES[source]
+    agg = "seq-mean-token-sum-norm"
+    opts, pl = POLICY_CASES[mode]
+    lp, old, A, m, w = _policy_batch(90 + sorted(LSF_SOURCES).index(source))
+    n_seq = int((m.sum(-1) > 0).sum())
+    counts = dict(dp_size=2, batch_num_tokens=2 * int(m.sum()) + 3, global_batch_size=2 * n_seq + 1) if dp else {}
+    out = []
+    for name in (mode, plugin.PREFIX + mode):
+        if kind == "distillation":
+            config = DistillationLossConfig()
+        else:
+            config = _actor(plugin.PREFIX + mode, pl, loss_agg_mode=agg, loss_scale_factor=attribute, **opts)
+        config.global_batch_info.update(counts, **info)
+        out.append(_dispatch(name, config, lp, old, A, m, w, agg))
+    (vl, vg, vm), (fl, fg, fm) = out
+    assert_close(fl, vl, atol=1e-6, rtol=1e-5, what=f"{mode} loss")
+    assert_close(fg, vg, atol=1e-6, rtol=1e-5, what=f"{mode} d log_prob")
+    for k, v in vm.items():
+        assert_close(torch.tensor(fm[k]), torch.tensor(v), atol=1e-6, rtol=1e-5, what=f"{mode} metric {k}")
+
+
+def test_registry_bad_loss_agg_mode_names_verls_key():
+    """A bad ``loss_agg_mode`` argument is reported under verl's name (verl's own mode: ``Invalid loss_agg_mode``)."""
+    lp, old, A, m, _ = _policy_batch(1)
+    actor = _actor("fastalign_vanilla")
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        core_algos.get_policy_loss_fn("vanilla")(old, lp, A, m, "token_mean", actor)
+    with pytest.raises(ValueError, match="^loss_agg_mode must be one of .*got 'token_mean'"):
+        core_algos.get_policy_loss_fn("fastalign_vanilla")(old, lp, A, m, "token_mean", actor)
+
+
 # ---------------------------------------------------------------------------------------------
 # advantage estimators
 

@@ -15,7 +15,7 @@ from helpers import assert_close
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not importable")
 actor_config = pytest.importorskip("verl.workers.config.actor", reason="verl is not importable")
 
-from fastalign.integrations.verl import VerlPolicyLoss  # noqa: E402
+from fastalign.integrations.verl import VerlPolicyLoss, verl_policy_config  # noqa: E402
 
 
 def make_actor(loss_mode="vanilla", policy_loss=None, **kw):
@@ -251,6 +251,78 @@ def test_entropy_coeff_without_entropy_leaves_the_term_out_as_verl(mode, agg):
     assert_close(lp.grad.double(), want_grad, rtol=1e-5, atol=1e-6, what=f"{mode} grad")
 
 
+#: case -> (CASES key, global counts): the counts (and loss_scale_factor) in the config's global_batch_info
+INFO_CASES = {
+    "vanilla_dp2": ("vanilla", True),
+    "vanilla_local_counts": ("vanilla", False),
+    "seq_mean_token_mean_dp2": ("vanilla_seq_mean_token_mean", True),
+    "token_sum_norm_dp2": ("vanilla_token_sum_norm", True),
+    "token_sum_norm_local": ("vanilla_token_sum_norm", False),
+    "sapo_dp2": ("sapo_token_mean_terms", True),
+    "geo_mean_dp2": ("geo_mean_seq_terms", True),
+    "dppo_kl_token_sum_norm_dp2": ("dppo_kl_token_sum_norm", True),
+}
+
+
+def _info_counts(d, dp):
+    n_tok, n_seq = int(d["m"].sum()), int((d["m"].sum(-1) > 0).sum())
+    if dp:
+        return dict(dp_size=2, batch_num_tokens=2 * n_tok + 3, global_batch_size=2 * n_seq + 1)
+    return dict(dp_size=1, batch_num_tokens=n_tok + 2, global_batch_size=n_seq + 1)
+
+
+def _direct(actor, d, kw, is_w, **counts):
+    x = d["lp"].clone().requires_grad_(True)
+    loss, met = VerlPolicyLoss(actor)(x, d["old"], d["A"], d["m"], entropy=d["H"], ref_log_prob=d["ref"],
+                                      rollout_is_weights=is_w, **counts)
+    loss.backward()
+    return loss.detach(), x.grad, met
+
+
+def _assert_equals_verl(got, want, what):
+    (loss, grad, met), (vl, vg, _, vm) = got, want
+    assert_close(loss, vl, atol=1e-6, rtol=1e-6, what=f"{what} loss")
+    assert_close(grad, vg, atol=1e-6, rtol=1e-5, what=f"{what} d log_prob")
+    assert set(met) == set(vm), (sorted(met), sorted(vm))
+    for k, v in vm.items():
+        assert_close(met[k], torch.tensor(float(v), dtype=torch.float64), atol=1e-6, rtol=1e-6, what=f"{what} {k}")
+
+
+@pytest.mark.parametrize("case", sorted(INFO_CASES))
+def test_counts_from_global_batch_info_as_verl(case):
+    """A call without counts reads the config's ``global_batch_info`` (dp_size, batch_num_tokens,
+    global_batch_size, loss_scale_factor), where verl's loss reads them; counts given to the call win, as verl's
+    actor loss writes the batch's counts there before its loss mode reads them."""
+    key, dp = INFO_CASES[case]
+    d = batch(seed=60 + sorted(INFO_CASES).index(case))
+    kw = dict(CASES[key])
+    is_w = d["w"] if kw.pop("is_weights", False) else None
+    counts = _info_counts(d, dp)
+    actor = make_actor(**kw)
+    want = verl_loss(actor, d["lp"], d["old"], d["A"], d["m"], H=d["H"], ref=d["ref"], is_w=is_w, **counts)
+    info = dict(actor.global_batch_info)  # what verl's loss read, loss_scale_factor included
+    _assert_equals_verl(_direct(actor, d, kw, is_w), want, "counts from the config")
+    # loss_scale_factor only in global_batch_info (the attribute unset): verl's loss reads it there
+    if kw.get("loss_scale_factor") is not None:
+        bare = make_actor(**{**kw, "loss_scale_factor": None})
+        bare.global_batch_info.update(info)
+        _assert_equals_verl(_direct(bare, d, kw, is_w), want, "loss_scale_factor from global_batch_info")
+    # stale counts in the config, the batch's given to the call: the call's, as verl's actor loss
+    stale = make_actor(**kw)
+    stale.global_batch_info.update(info, dp_size=4, batch_num_tokens=1000, global_batch_size=99)
+    _assert_equals_verl(_direct(stale, d, kw, is_w, **counts), want, "counts given to the call")
+
+
+def test_loss_scale_factor_disagreeing_with_global_batch_info_raises():
+    """The config's ``loss_scale_factor`` and ``global_batch_info["loss_scale_factor"]`` set and different: verl's
+    actor loss would overwrite one with the other; the profile names both rather than pick one."""
+    d = batch(seed=5)
+    actor = make_actor(loss_agg_mode="seq-mean-token-sum-norm", loss_scale_factor=16)
+    actor.global_batch_info.update(loss_scale_factor=64)
+    with pytest.raises(ValueError, match=r"loss_scale_factor=16 .*global_batch_info\['loss_scale_factor'\]=64"):
+        VerlPolicyLoss(actor)(d["lp"], d["old"], d["A"], d["m"])
+
+
 def test_errors_name_verl_keys():
     """Bad verl values raised errors naming fastalign's fields (dual_clip, max_len, sapo_tau, cov_ratio, kl_coef,
     global_seqs); they name verl's keys now, and a missing ref_log_prob is one ValueError in every mode."""
@@ -266,6 +338,17 @@ def test_errors_name_verl_keys():
                          (lambda: make_actor(use_kl_loss=True, kl_loss_coef=float("nan")), "^kl_loss_coef must be")):
         with pytest.raises(ValueError, match=match):
             VerlPolicyLoss(actor())(*args, ref_log_prob=d["lp"])
+    for actor, match in ((make_actor(use_kl_loss=True, kl_loss_type="k4"), "^kl_loss_type must be one of"),
+                         (dict(use_kl_loss=True, kl_loss_type="k4"), "^kl_loss_type must be one of"),
+                         (dict(loss_agg_mode="token_mean"), "^loss_agg_mode must be one of"),
+                         (dict(policy_loss=dict(loss_mode="gspo"), loss_agg_mode="seq_mean"),
+                          "^loss_agg_mode must be one of")):
+        with pytest.raises(ValueError, match=match):
+            VerlPolicyLoss(actor)(*args, ref_log_prob=d["lp"])
+    with pytest.raises(ValueError, match="^loss_agg_mode must be one of"):
+        VerlPolicyLoss(make_actor(), loss_agg_mode="token_mean")
+    with pytest.raises(ValueError, match="^kl_loss_type must be one of"):
+        verl_policy_config(dict(use_kl_loss=True, kl_loss_type="k4"))
     with pytest.raises(ValueError, match="^global_batch_size must be"):
         VerlPolicyLoss(make_actor(loss_agg_mode="seq-mean-token-mean"))(*args, global_batch_size=0)
     for mode in ("vanilla", "geo_mean", "sapo"):

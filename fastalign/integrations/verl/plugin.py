@@ -11,9 +11,10 @@ Each verl loss mode ``m`` that :mod:`fastalign.integrations.verl.policy` covers 
 ``fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
 -> (pg_loss, pg_metrics)``, with the default ``loss_agg_mode`` of verl's function for that mode (gspo
 and sapo: ``"seq-mean-token-mean"``, the others ``"token-mean"``): the policy term only, aggregated
-with ``config.global_batch_info`` (verl's actor adds the entropy and KL terms itself). ``pg_metrics``
-has the keys and the types verl's own mode returns: a dict of Python floats (verl's actor wraps them
-in ``Metric`` with mean aggregation). They are read from the device in one transfer, where verl's modes read each.
+with ``config.global_batch_info`` (``dp_size``, ``batch_num_tokens``, ``global_batch_size`` and
+``loss_scale_factor``, read from there alone as verl's modes read them; verl's actor adds the entropy
+and KL terms itself). ``pg_metrics`` has the keys and the types verl's own mode returns: a dict of
+Python floats (verl's actor wraps them in ``Metric`` with mean aggregation). They are read from the device in one transfer, where verl's modes read each.
 
 Known differences of the losses (docs/parity-policy.md "Not covered"): KL-Cov breaks ties in the
 covariance at the top-k cut by the lower index, verl's ``torch.topk`` in an unspecified order, so with
@@ -101,12 +102,10 @@ def _policy_loss_fn(mode: str) -> Callable:
                        rollout_is_weights: Optional[Tensor] = None) -> tuple[Tensor, Dict[str, Tensor]]:
         if config is None:
             raise ValueError(f"config (the actor config) is required by loss mode {PREFIX + mode!r}")
-        info = _get(config, "global_batch_info", {}) or {}
+        # the counts and loss_scale_factor come from config.global_batch_info, as verl's modes read them
         loss_fn = VerlPolicyLoss(config, loss_mode=mode, loss_agg_mode=loss_agg_mode, policy_term_only=True)
         loss, metrics = loss_fn(log_prob, old_log_prob, advantages, response_mask,
-                                rollout_is_weights=rollout_is_weights, dp_size=int(info.get("dp_size") or 1),
-                                batch_num_tokens=info.get("batch_num_tokens"),
-                                global_batch_size=info.get("global_batch_size"))
+                                rollout_is_weights=rollout_is_weights)
         metrics.pop("actor/pg_loss")
         names = list(metrics)  # Python floats, as verl's own modes return them: one host read for all
         values = torch.stack([metrics[k].float() for k in names]).tolist() if names else []

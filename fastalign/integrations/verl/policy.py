@@ -28,7 +28,13 @@ Where verl's behaviour differs from fastalign's defaults, the profile follows ve
   clamps the log-ratio there), ``mean_m(-l)`` in the other modes.
 
 Global normalisers: ``dp_size``, ``batch_num_tokens``, ``global_batch_size`` as in verl's
-``global_batch_info``; as verl's ``agg_loss``, ``dp_size > 1`` without the count of an aggregation
+``global_batch_info``: the call's arguments, else the config's ``global_batch_info`` (verl's actor loss
+writes the batch's counts there before its loss mode reads them, so a count given to the call wins).
+``loss_scale_factor`` (seq-mean-token-sum-norm): the loss function verl's registry holds
+(``policy_term_only``) reads ``global_batch_info["loss_scale_factor"]`` alone, as verl's loss modes do
+(absent or None: the padded length); the actor loss reads the config's ``loss_scale_factor``, else
+``global_batch_info["loss_scale_factor"]``, and raises ``ValueError`` when the two are set and differ.
+As verl's ``agg_loss``, ``dp_size > 1`` without the count of an aggregation
 raises ``ValueError`` naming it (token-mean: ``batch_num_tokens``; the seq-mean modes and sapo's
 policy term: ``global_batch_size``; geo_mean's policy term reads no count). Metrics (0-dim device
 tensors), as verl's actor loss logs them:
@@ -44,9 +50,9 @@ import torch
 from torch import Tensor
 
 from fastalign import _validate
-from fastalign.aggregate import aggregate_loss, counts_read
+from fastalign.aggregate import AGGS, aggregate_loss, counts_read
 from fastalign.integrations.verl._names import unprefixed
-from fastalign.kl import kl_penalty
+from fastalign.kl import canonical_kl, kl_penalty
 from fastalign.policy import policy_loss
 from fastalign.policy_config import PolicyConfig
 
@@ -101,6 +107,20 @@ def _number(cfg: Any, key: str, default: float, *, above: Optional[float] = None
     return value
 
 
+def _loss_agg_mode(value: Any) -> str:
+    """verl's ``loss_agg_mode``, checked under its name against the modes verl's ``ActorConfig`` accepts."""
+    if not isinstance(value, str) or value not in AGGS:
+        raise ValueError(f"loss_agg_mode must be one of {AGGS}, got {value!r}")
+    return value
+
+
+def _kl_loss_type(actor: Any) -> str:
+    """verl's ``kl_loss_type`` (default ``"low_var_kl"``), checked under its name."""
+    kind = _get(actor, "kl_loss_type", "low_var_kl")
+    canonical_kl(kind, "kl_loss_type")
+    return kind
+
+
 def _clip_bounds(cfg: Any) -> tuple[float, float]:
     ratio = _number(cfg, "clip_ratio", 0.2, at_least=0.0)
     return (_number(cfg, "clip_ratio_low", ratio, at_least=0.0), _number(cfg, "clip_ratio_high", ratio, at_least=0.0))
@@ -119,7 +139,8 @@ def verl_policy_config(actor: Any, *, fuse_terms: bool = True, loss_mode: Option
         raise ValueError(f"policy_loss.loss_mode {mode!r} has no fastalign profile; supported: {tuple(_MODES)}")
     row = _MODES[mode]
     el, eh = _clip_bounds(actor)
-    agg = _OWN_AGG.get(mode, loss_agg_mode if loss_agg_mode is not None else _get(actor, "loss_agg_mode", "token-mean"))
+    agg = _OWN_AGG.get(mode) or _loss_agg_mode(loss_agg_mode if loss_agg_mode is not None
+                                               else _get(actor, "loss_agg_mode", "token-mean"))
     opts: dict = dict(loss_type=row)
     if row in ("ppo", "gspo", "clip_cov", "gmpo", "cispo", "dppo_tv", "dppo_kl"):
         opts.update(eps_low=el, eps_high=eh)
@@ -151,8 +172,7 @@ def verl_policy_config(actor: Any, *, fuse_terms: bool = True, loss_mode: Option
                     cov_kl_coef=pl_number("ppo_kl_coef", 1.0))
     if fuse_terms:
         if _get(actor, "use_kl_loss", False):
-            opts.update(kl_coef=_number(actor, "kl_loss_coef", 0.001),
-                        kl_type=str(_get(actor, "kl_loss_type", "low_var_kl")))
+            opts.update(kl_coef=_number(actor, "kl_loss_coef", 0.001), kl_type=_kl_loss_type(actor))
         if _number(actor, "entropy_coeff", 0.0) != 0.0:
             opts["entropy_coef"] = _number(actor, "entropy_coeff", 0.0)
     return PolicyConfig(**opts)
@@ -162,8 +182,15 @@ class VerlPolicyLoss:
     """verl's actor loss from its ``ActorConfig``: ``VerlPolicyLoss(actor_config)(log_prob, ...)``.
 
     ``__call__(log_prob, old_log_prob, advantages, response_mask, *, entropy=None,
-    ref_log_prob=None, rollout_is_weights=None, dp_size=1, batch_num_tokens=None,
-    global_batch_size=None)`` returns ``(loss, metrics)`` with verl's metric names.
+    ref_log_prob=None, rollout_is_weights=None, dp_size=None, batch_num_tokens=None,
+    global_batch_size=None)`` returns ``(loss, metrics)`` with verl's metric names. A count not
+    given is read from ``actor.global_batch_info`` at each call (``dp_size``: else 1); a count given
+    wins, as in verl's actor loss, which writes the batch's counts there before its loss mode reads them.
+
+    ``loss_scale_factor`` (seq-mean-token-sum-norm): ``actor.loss_scale_factor``, else
+    ``actor.global_batch_info["loss_scale_factor"]`` (the two set and different: ``ValueError``);
+    with ``policy_term_only`` (the loss function verl's registry holds) the latter alone, as verl's
+    loss modes read it (absent or None: the padded length).
     """
 
     def __init__(self, actor: Any, *, loss_mode: Optional[str] = None, loss_agg_mode: Optional[str] = None,
@@ -173,25 +200,51 @@ class VerlPolicyLoss:
                                else _get(_get(actor, "policy_loss", {}), "loss_mode", "vanilla"))
         self.loss_agg_mode = loss_agg_mode if loss_agg_mode is not None else _get(actor, "loss_agg_mode", "token-mean")
         # policy_term_only: the loss function verl's registry holds, without the KL and entropy terms
+        self.policy_term_only = policy_term_only
+        if not (policy_term_only and self.mode in _OWN_AGG):  # else verl's loss mode never reads it
+            _loss_agg_mode(self.loss_agg_mode)
         self.use_kl = not policy_term_only and bool(_get(actor, "use_kl_loss", False))
         self.kl_coef = _number(actor, "kl_loss_coef", 0.001)
-        self.kl_type = str(_get(actor, "kl_loss_type", "low_var_kl"))
+        self.kl_type = _kl_loss_type(actor) if self.use_kl else str(_get(actor, "kl_loss_type", "low_var_kl"))
         self.entropy_coeff = 0.0 if policy_term_only else _number(actor, "entropy_coeff", 0.0)
         # sapo and geo_mean aggregate their policy term on their own (geo_mean: a plain mean over the
         # local sequences, without the global counts): KL and entropy then run apart
         self.fused = self.mode == "sapo" and self.loss_agg_mode == _OWN_AGG["sapo"] or self.mode not in _OWN_AGG
+        # max_len (loss_scale_factor) is set at each call: global_batch_info changes between calls
         self.config = verl_policy_config(actor, fuse_terms=self.fused and not policy_term_only, loss_mode=self.mode,
                                          loss_agg_mode=self.loss_agg_mode)
 
+    def _loss_scale_factor(self, info: Any) -> Optional[int]:
+        """seq-mean-token-sum-norm's divisor per sequence (None: the padded length): verl's loss modes read
+        ``global_batch_info["loss_scale_factor"]``; its actor loss writes ``loss_scale_factor`` there first."""
+        given = _get(info, "loss_scale_factor")
+        name = "global_batch_info['loss_scale_factor']"
+        if not self.policy_term_only:
+            own = _get(self.actor, "loss_scale_factor")
+            if own is not None and given is not None and own != given:
+                raise ValueError(f"loss_scale_factor={own!r} differs from {name}={given!r}")
+            if own is not None:
+                given, name = own, "loss_scale_factor"
+        return None if given is None else _validate.at_least(name, given, 1)
+
     def __call__(self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, response_mask: Tensor, *,
                  entropy: Optional[Tensor] = None, ref_log_prob: Optional[Tensor] = None,
-                 rollout_is_weights: Optional[Tensor] = None, dp_size: int = 1, batch_num_tokens=None,
+                 rollout_is_weights: Optional[Tensor] = None, dp_size: Optional[int] = None, batch_num_tokens=None,
                  global_batch_size=None) -> tuple[Tensor, dict]:
         cfg = self.config
         if self.use_kl and ref_log_prob is None:
             raise ValueError("use_kl_loss=True needs ref_log_prob (the reference policy's log-probs)")
         if entropy is None and cfg.entropy_coef != 0.0:  # verl leaves the entropy term out without entropy
             cfg = PolicyConfig.make(cfg, entropy_coef=0.0)
+        info = _get(self.actor, "global_batch_info", {})
+        dp_size = dp_size if dp_size is not None else _get(info, "dp_size", 1)
+        batch_num_tokens = batch_num_tokens if batch_num_tokens is not None else _get(info, "batch_num_tokens")
+        global_batch_size = global_batch_size if global_batch_size is not None else _get(info, "global_batch_size")
+        # the KL and entropy terms (the actor loss only) aggregate with loss_agg_mode
+        terms_norm = not self.policy_term_only and self.loss_agg_mode == "seq-mean-token-sum-norm"
+        lsf = self._loss_scale_factor(info) if terms_norm or cfg.agg == "seq-mean-token-sum-norm" else None
+        if cfg.agg == "seq-mean-token-sum-norm" and cfg.max_len != lsf:
+            cfg = PolicyConfig.make(cfg, max_len=lsf)
         _validate.count("batch_num_tokens", batch_num_tokens)
         _validate.count("global_batch_size", global_batch_size)
         # verl passes both counts; each aggregation reads its own
@@ -220,9 +273,8 @@ class VerlPolicyLoss:
         else:
             pg = loss.detach()
             kw = dict(counts_read(self.loss_agg_mode, batch_num_tokens, global_batch_size), dp_size=int(dp_size))
-            if self.loss_agg_mode == "seq-mean-token-sum-norm":
-                lsf = _get(self.actor, "loss_scale_factor")
-                kw["max_len"] = None if lsf is None else int(lsf)
+            if terms_norm:
+                kw["max_len"] = lsf
                 if global_batch_size is None:
                     kw["global_seqs"] = (response_mask.sum(-1) > 0).sum()
             if entropy is not None:
