@@ -41,7 +41,7 @@ def check_counts(agg: str, global_tokens: Count = None, global_seqs: Count = Non
         raise ValueError(f"max_len applies to agg='seq-mean-token-sum-norm', not to {agg!r}")
 
 
-def _count(x: Count, like: Tensor) -> Tensor:
+def count_tensor(x: Count, like: Tensor) -> Tensor:
     """A global count as a 0-dim fp32 tensor on ``like``'s device (a one-element tensor of any shape, such as
     an all-reduced ``[1]``, keeps the loss 0-dim)."""
     if isinstance(x, Tensor):
@@ -66,7 +66,7 @@ def aggregate_rows(row_loss: Tensor, row_n: Tensor, agg: str, T: int, global_tok
     """
     n_rows = row_loss.shape[0]
     if agg == "token-mean":
-        n = row_n.sum() if global_tokens is None else _count(global_tokens, row_n)
+        n = row_n.sum() if global_tokens is None else count_tensor(global_tokens, row_n)
         loss = row_loss.sum(0) / divisor(n)
         return loss * dp_size if dp_size != 1 else loss
     if agg == "token-sum":
@@ -75,8 +75,8 @@ def aggregate_rows(row_loss: Tensor, row_n: Tensor, agg: str, T: int, global_tok
         lmax = T if max_len is None else int(max_len)
         if global_seqs is None:
             return row_loss.sum(0) / float(max(n_rows * lmax, 1))
-        return row_loss.sum(0) / divisor(_count(global_seqs, row_n) * lmax) * dp_size
-    nseq = (row_n > 0).sum().float() if global_seqs is None else _count(global_seqs, row_n)
+        return row_loss.sum(0) / divisor(count_tensor(global_seqs, row_n) * lmax) * dp_size
+    nseq = (row_n > 0).sum().float() if global_seqs is None else count_tensor(global_seqs, row_n)
     nseq = divisor(nseq)
     if agg == "seq-mean-token-sum":
         return row_loss.sum(0) / nseq * dp_size

@@ -14,8 +14,8 @@ old_log_probs``, ``A`` the advantages and ``m`` the action mask:
 
 aggregated as ``sum_m pg / batch_num_tokens * dp_size`` (``token_level_loss``; the local token
 mean without ``batch_num_tokens``) or ``sum_i mean_m(pg_i) / global_batch_size * dp_size`` over
-the non-empty sequences, dividing by the count as given, on the device (not clamped to 1: OpenRLHF's
-trainer passes its counts per accumulation step, often below 1). ``forward`` returns ``(loss,
+the non-empty sequences, dividing by a positive count as given, on the device, also below 1 (OpenRLHF's
+trainer passes its counts per accumulation step). ``forward`` returns ``(loss,
 clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``: ``clip_ratio = mean_m[clipped surrogate < unclipped]``,
 ``ppo_kl = mean_m(-l)``; ``loss``, ``ppo_kl`` and ``vllm_kl`` in OpenRLHF's dtypes (computed in fp32, then
 cast to the dtype its arithmetic promotes their operands to: bf16 in gives bf16, a float32 mask or the
@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _validate
-from fastalign.aggregate import _count
+from fastalign.aggregate import divisor
 from fastalign.integrations._dtypes import float64_as_float32
 from fastalign.integrations._live_options import LiveOptions
 from fastalign.policy import policy_loss
@@ -82,9 +82,10 @@ def _result_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """The mean of ``x`` over the valid tokens; 0 with none (where OpenRLHF divides 0 by 0)."""
+    """The mean of ``x`` over the valid tokens, weighted by a fractional mask as OpenRLHF's; 0 with none (where
+    OpenRLHF divides 0 by 0)."""
     m = mask.to(torch.float32)
-    return (x.float() * m).sum() / m.sum().clamp(min=1.0)
+    return (x.float() * m).sum() / divisor(m.sum())
 
 
 class PolicyLoss(LiveOptions, torch.nn.Module):
@@ -205,18 +206,14 @@ class PolicyLoss(LiveOptions, torch.nn.Module):
         except RuntimeError as e:
             raise ValueError(f"advantages of shape {tuple(advantages.shape)} do not broadcast against log_probs "
                              f"{tuple(log_probs.shape)}") from e
-        # OpenRLHF applies dp_size only with the global count of its aggregation, and divides by that count as
-        # given (its trainer's are per accumulation step, often below 1, which fastalign's count would clamp to 1):
-        # aggregated with a count of 1 here, divided by the count on the device after
+        # OpenRLHF applies dp_size only with the global count of its aggregation
         cfg = self._config if count is None or dp_size == 1 else PolicyConfig.make(self._config, dp_size=int(dp_size))
-        counts = {} if count is None else {"global_tokens" if self.token_level_loss else "global_seqs": 1}
+        counts = {} if count is None else {"global_tokens" if self.token_level_loss else "global_seqs": count}
         weight = vllm_kl = is_filter_ratio = None
         if self._weights_rollout:
             weight, vllm_kl, is_filter_ratio = self._correction(old_log_probs, rollout_log_probs, mask)
         loss, met = policy_loss(log_probs, rollout_log_probs if gspo_vs_rollout else old_log_probs, advantages, mask,
                                 importance_weights=weight, config=cfg, **counts)
-        if count is not None:
-            loss = loss / _count(count, loss)
         ppo_kl = _masked_mean(old_log_probs - log_probs.detach(), mask) if gspo_vs_rollout else met["approx_kl"]
         # the ratios of counts stay fp32, as OpenRLHF's
         return (loss.to(loss_dtype), met["clipfrac"], ppo_kl.to(kl_dtype),

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _validate
-from fastalign.aggregate import AGGS, aggregate_loss, counts_read
+from fastalign.aggregate import AGGS, aggregate_loss, counts_read, divisor
 from fastalign.integrations.verl._names import unprefixed
 from fastalign.kl import canonical_kl, kl_penalty
 from fastalign.policy import policy_loss
@@ -68,8 +68,9 @@ _CLAMPED_KL_MODES = ("vanilla", "cispo", "sapo", "dppo_tv", "dppo_kl")
 
 
 def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
-    """``sum_m x / max(sum m, 1)`` on the device (one fused reduction; NaN in masked slots never reaches it)."""
-    return torch.where(m > 0, x * m, 0.0).sum() / m.sum().clamp(min=1.0)
+    """``sum_m x / sum m`` on the device (one fused reduction; NaN in masked slots never reaches it; a mask
+    summing to 0 gives 0, :func:`fastalign.aggregate.divisor`), as verl's ``masked_mean``."""
+    return torch.where(m > 0, x * m, 0.0).sum() / divisor(m.sum())
 
 
 def _check_global_counts(aggs, dp_size: int, batch_num_tokens, global_batch_size) -> None:
