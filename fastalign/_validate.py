@@ -143,10 +143,15 @@ def positive(name: str, value) -> float:
 
 
 def boolean(name: str, value) -> bool:
-    """A Python bool (a switch: ``"no"`` or ``1`` is a ``TypeError``, not a truthy value)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
+    """A switch, as a Python bool: a bool or a numpy ``bool_`` (a value read from a config array). Anything
+    else (``"no"``, ``1``, a tensor) is a ``TypeError`` naming its qualified type, not a truthy value."""
+    if isinstance(value, bool):
+        return value
+    kind = type(value)
+    if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):  # numpy.bool_ (named bool in numpy 2)
+        return bool(value)
+    qualified = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    raise TypeError(f"{name} must be a bool, got {qualified}")
 
 
 def process_group(name: str, group) -> None:
@@ -187,7 +192,7 @@ def at_least(name: str, value, minimum: int = 1) -> int:
 def count(name: str, value) -> None:
     """A global count (``global_tokens``, ``global_seqs``): None, a finite number > 0, or a
     real tensor with one element. A tensor's value is not read (that would synchronise with a
-    GPU); the aggregation clamps it to at least 1 on the device."""
+    GPU); on the device a count of 0 divides as 1, a positive one as it is."""
     if value is None:
         return
     if isinstance(value, torch.Tensor):

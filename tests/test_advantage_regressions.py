@@ -278,7 +278,8 @@ def test_outputs_never_require_grad(backend):
                                                           backend=backend),
         "otb": lambda t: fa.optimal_token_baseline_advantages(t["r"], mask, [0, 0, 1, 1], old, p2),
         **{f"group {e}": (lambda e: lambda t: fa.group_advantages(
-            t["s"], idx, estimator=e, lengths=torch.full((6,), 3.0), backend=backend))(e)
+            t["s"], idx, estimator=e, backend=backend,
+            **(dict(lengths=torch.full((6,), 3.0)) if e in ("opo", "reinforce_pp_baseline") else {})))(e)
            for e in ("grpo", "rloo", "opo", "gpg", "grpo_passk", "reinforce_pp_baseline")},
         "group grpo unit_std": lambda t: fa.group_advantages(t["s"], idx, singleton="unit_std", backend=backend),
         "group gpg unit_std": lambda t: fa.group_advantages(t["s"], idx, estimator="gpg", singleton="unit_std",
@@ -416,3 +417,105 @@ def test_token_level_ranges_and_types_are_checked():
             fa.group_advantages(s, group_size=size)
     with pytest.raises(ValueError, match="response_mask or lengths"):
         fa.group_advantages(s, group_size=3, estimator="opo", lengths=torch.ones(6), response_mask=torch.ones(6, 4))
+
+
+# ---------------------------------------------------------------- 12. the optimal token baseline of an empty batch
+@pytest.mark.parametrize("shape", [(0, 3), (2, 0), (0, 0)])
+@pytest.mark.parametrize("zero_tail", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_optimal_token_baseline_with_no_sequences_or_no_tokens(shape, zero_tail, dtype):
+    """B = 0 or T = 0: empty ``(advantages, returns)`` of the input shape and dtype, as verl's own
+    estimators give (the group sums and the longest-response search crashed on the empty sizes), also
+    through the verl profile; a wrong-length index is still refused."""
+    core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
+    from verl.trainer.config import AlgoConfig
+    from fastalign.integrations.verl import compute_advantage
+
+    B, T = shape
+    r, m = torch.zeros(shape, dtype=dtype), torch.ones(shape)
+    old, p2 = torch.zeros(shape), torch.zeros(shape)
+    uid = np.array([f"p{i // 2}" for i in range(B)], dtype=object)
+    for est, align, verl_fn in (
+            ("optimal_token_baseline", "position", core_algos.compute_optimal_token_baseline_advantage),
+            ("tir_optimal_token_baseline", "response", core_algos.compute_multi_turn_optimal_token_baseline_advantage)):
+        want = verl_fn(r, m, uid, old, p2, handle_zero_tail=zero_tail)
+        got = fa.optimal_token_baseline_advantages(r, m, list(uid), old, p2, zero_tail=zero_tail, align=align)
+        for a, w in zip(got, want):
+            assert a.shape == w.shape == shape and a.dtype == w.dtype == dtype, (est, a.shape, w.shape)
+        profile = compute_advantage(AlgoConfig(adv_estimator=est), r, m, uid, old_log_probs=old, sum_pi_squared=p2)
+        for a, w in zip(profile, want):
+            assert a.shape == w.shape and a.dtype == w.dtype, est
+        with pytest.raises(ValueError, match="index"):
+            fa.optimal_token_baseline_advantages(r, m, list(uid) + ["extra"], old, p2, align=align)
+
+
+# ---------------------------------------------------------------- 13. token counts where no estimator reads them
+def _reads_token_counts(estimator, batch_normalization):
+    return estimator in ("opo", "reinforce_pp_baseline") or (estimator == "gdpo" and batch_normalization == "token")
+
+
+@pytest.mark.parametrize("estimator,batch_normalization",
+                         [(e, "sequence") for e in sorted(fa.advantages.ESTIMATORS)] + [("gdpo", "token")])
+def test_token_counts_only_where_the_estimator_reads_them(estimator, batch_normalization):
+    """``response_mask`` / ``lengths``: opo, reinforce_pp_baseline and gdpo with ``batch_normalization="token"``
+    weigh by them (the float64 reference, the same for the mask and its row sums); every other estimator
+    (and gdpo with ``"sequence"``) refuses them naming the argument, as ``std`` where it does not apply,
+    instead of ignoring them; so do the GiGPO step groups, which run the same estimator."""
+    from fastalign.reference import advantages as R
+
+    g = torch.Generator().manual_seed(5)
+    B = 8
+    scores = torch.randn(B, 2, generator=g, dtype=torch.float64) if estimator == "gdpo" else \
+        torch.randn(B, generator=g, dtype=torch.float64)
+    index = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    lengths = torch.tensor([3, 1, 4, 2, 0, 4, 2, 1])
+    mask = (torch.arange(4)[None, :] < lengths[:, None]).to(torch.float32)
+    kw = dict(estimator=estimator)
+    if estimator == "gdpo":
+        kw["batch_normalization"] = batch_normalization
+    if _reads_token_counts(estimator, batch_normalization):
+        want = R.group_advantages(scores, index.tolist(), lengths=lengths.double(), **kw)
+        _same(fa.group_advantages(scores, index, response_mask=mask, **kw), want, tol=1e-12, what="response_mask")
+        _same(fa.group_advantages(scores, index, lengths=lengths, **kw), want, tol=1e-12, what="lengths")
+        return
+    for given in (dict(response_mask=mask), dict(lengths=lengths)):
+        name = next(iter(given))
+        with pytest.raises(ValueError, match=f"{name} does not apply to estimator '{estimator}'"):
+            fa.group_advantages(scores, index, **given, **kw)
+        with pytest.raises(ValueError, match=name):
+            fa.group_advantages(scores, index, step_index=index.flip(0), **given, **kw)
+        with pytest.raises(ValueError, match=name):
+            fa.group_advantages(scores, group_size=2, **given, **kw)
+    with pytest.raises(ValueError, match="response_mask and lengths do not apply"):
+        fa.group_advantages(scores, index, response_mask=mask, lengths=lengths, **kw)
+    # without them: the reference
+    _same(fa.group_advantages(scores, index, **kw), R.group_advantages(scores, index.tolist(), **kw), tol=1e-12)
+
+
+# ---------------------------------------------------------------- 14. numpy booleans as switches
+def test_switches_take_numpy_bools():
+    """A numpy ``bool_`` (read from a config array) is a switch as the Python bool of its value, as numpy
+    integers and floats are numbers; anything else is refused with its qualified type, never the
+    contradiction "must be a bool, got bool" (numpy 2 names ``numpy.bool_`` ``bool``)."""
+    g = torch.Generator().manual_seed(2)
+    r, v = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g, dtype=torch.float64)
+    m = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.float64)
+    old, p2 = -torch.rand(3, 5, generator=g), torch.rand(3, 5, generator=g) * 0.3
+    lp = torch.randn(3, 5, generator=g) * 30
+    calls = {
+        "unbiased": lambda b: fa.masked_whiten(r, m, unbiased=b),
+        "whiten": lambda b: fa.reinforce_pp_advantages(r, m, whiten=b),
+        "reset_at_masked": lambda b: fa.reinforce_pp_advantages(r, m, reset_at_masked=b, whiten=False),
+        "zero_tail": lambda b: fa.optimal_token_baseline_advantages(r, m, [0, 0, 0], old, p2, zero_tail=b)[0],
+        "clamp": lambda b: fa.kl_penalty(lp, torch.zeros(3, 5), clamp=b),
+    }
+    for name, call in calls.items():
+        assert not torch.equal(call(True), call(False)), name  # the switch changes the result here
+        for flag in (True, False):
+            assert torch.equal(call(np.bool_(flag)), call(flag)), (name, flag)
+        for bad, kind in ((np.int64(1), "numpy.int64"), (np.array(True), "numpy.ndarray"), ("no", "str"),
+                          (1, "int"), (torch.tensor(True), "torch.Tensor")):
+            with pytest.raises(TypeError, match=f"^{name} must be a bool, got {kind}$"):
+                call(bad)
+    a, _ = fa.gae_advantages(r, v, m, whiten=np.bool_(False), unbiased=np.False_)
+    assert torch.equal(a, fa.gae_advantages(r, v, m, whiten=False, unbiased=False)[0])

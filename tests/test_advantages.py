@@ -69,6 +69,8 @@ def test_group_stats_match_reference(dtype, layout):
 
 
 # ------------------------------------------------------------------ group estimators
+#: the estimators that read the token counts (response_mask / lengths); the others refuse them
+READS_COUNTS = ("opo", "reinforce_pp_baseline")
 CASES = [
     ("grpo", dict(std="group")), ("grpo", dict(std="batch")), ("grpo", dict(std="none")),
     ("rloo", {}), ("opo", {}), ("gpg", {}),
@@ -84,8 +86,8 @@ def test_estimators_match_reference(estimator, kw, dtype, singleton):
     for seed, ties in ((0, False), (1, True)):
         scores, index, lengths = make_batch(dtype=dtype, seed=seed, ties=ties)
         mask = mask_from_lengths(lengths)
-        adv = fastalign.group_advantages(scores, index, estimator=estimator, singleton=singleton,
-                                         response_mask=mask, **kw)
+        counts = dict(response_mask=mask) if estimator in READS_COUNTS else {}  # the others refuse them
+        adv = fastalign.group_advantages(scores, index, estimator=estimator, singleton=singleton, **counts, **kw)
         want = ref.group_advantages(scores, index, estimator=estimator, singleton=singleton, lengths=lengths, **kw)
         check(adv, want, dtype, f"{estimator} {kw} seed={seed}")
         assert torch.all(adv[torch.isnan(scores)] == 0)
@@ -102,7 +104,8 @@ def test_edge_cases_by_hand():
     assert torch.all(adv[3:6] == 0)  # equal scores: exactly 0, not 0/eps noise
     eq = torch.full((6,), 0.1)
     for est in ("grpo", "rloo", "opo", "gpg", "grpo_passk"):
-        out = fastalign.group_advantages(eq, group_size=3, estimator=est, lengths=torch.tensor([1, 2, 4, 3, 5, 7]))
+        counts = dict(lengths=torch.tensor([1, 2, 4, 3, 5, 7])) if est in READS_COUNTS else {}
+        out = fastalign.group_advantages(eq, group_size=3, estimator=est, **counts)
         assert torch.all(out == 0), est
     zero = fastalign.group_advantages(scores, index, singleton="zero")
     assert zero[6] == 0 and zero[8] == 0  # a group of one, also one valid score next to a NaN
@@ -119,9 +122,9 @@ def test_index_and_group_size_give_identical_results(estimator):
     scores, _, lengths = make_batch(B=48, dtype=torch.float32, seed=3)
     keys = torch.randint(-2**40, 2**40, (12,), generator=torch.Generator().manual_seed(0))
     index = keys.repeat_interleave(4)
-    mask = mask_from_lengths(lengths)
-    a = fastalign.group_advantages(scores, index, estimator=estimator, response_mask=mask)
-    b = fastalign.group_advantages(scores, group_size=4, estimator=estimator, response_mask=mask)
+    counts = dict(response_mask=mask_from_lengths(lengths)) if estimator in READS_COUNTS else {}
+    a = fastalign.group_advantages(scores, index, estimator=estimator, **counts)
+    b = fastalign.group_advantages(scores, group_size=4, estimator=estimator, **counts)
     assert torch.equal(a, b)
 
 
@@ -398,14 +401,16 @@ def test_cuda_matches_cpu_without_host_sync(layout):
     mask = mask_from_lengths(lengths)
     kw = dict(index=index) if layout == "index" else dict(group_size=8)
     r, v, tmask = token_batch(torch.float32)
-    cpu = [fastalign.group_advantages(scores, estimator=e, response_mask=mask, **kw)
+    cpu = [fastalign.group_advantages(scores, estimator=e, **(dict(response_mask=mask) if e in READS_COUNTS else {}),
+                                      **kw)
            for e in ("grpo", "rloo", "opo", "grpo_passk", "gpg", "reinforce_pp_baseline")]
     cpu.append(fastalign.gae_advantages(r, v, tmask, gamma=0.9, lam=0.95)[0])
     dev = "cuda"
     kw = {k: (x.to(dev) if isinstance(x, torch.Tensor) else x) for k, x in kw.items()}
     torch.cuda.set_sync_debug_mode("error")
     try:
-        gpu = [fastalign.group_advantages(scores.to(dev), estimator=e, response_mask=mask.to(dev), **kw)
+        gpu = [fastalign.group_advantages(scores.to(dev), estimator=e,
+                                          **(dict(response_mask=mask.to(dev)) if e in READS_COUNTS else {}), **kw)
                for e in ("grpo", "rloo", "opo", "grpo_passk", "gpg", "reinforce_pp_baseline")]
         gpu.append(fastalign.gae_advantages(r.to(dev), v.to(dev), tmask.to(dev), gamma=0.9, lam=0.95)[0])
         again = fastalign.group_advantages(scores.to(dev), estimator="grpo", **kw)
@@ -426,8 +431,10 @@ def test_step_term_uses_the_same_options_as_the_episode_term(batch_normalization
     index = torch.randint(0, 4, (B,), generator=g)
     step_index = torch.randint(0, 6, (B,), generator=g)
     lengths = torch.randint(1, 9, (B,), generator=g)
-    kw = dict(estimator="gdpo", batch_normalization=batch_normalization, lengths=lengths, singleton="unit_std",
+    kw = dict(estimator="gdpo", batch_normalization=batch_normalization, singleton="unit_std",
               reward_weights=[1.0, 0.5])
+    if batch_normalization == "token":  # the token counts: gdpo reads them there only
+        kw["lengths"] = lengths
     episode = ref.group_advantages(scores, index, **kw)
     step = ref.group_advantages(scores, step_index, **kw)
     want = episode + 0.7 * step
@@ -444,7 +451,9 @@ def test_gdpo_infinite_reward_gives_nan_as_the_reference():
                      dtype=torch.float64)
     lengths = torch.tensor([2, 3, 1, 4, 2, 2])
     for bn in ("sequence", "token"):
-        kw = dict(estimator="gdpo", group_size=3, batch_normalization=bn, lengths=lengths)
+        kw = dict(estimator="gdpo", group_size=3, batch_normalization=bn)
+        if bn == "token":  # the token counts: gdpo reads them there only
+            kw["lengths"] = lengths
         want = ref.group_advantages(s, **kw)
         assert torch.isnan(want).all()
         got = fastalign.group_advantages(s, **kw)

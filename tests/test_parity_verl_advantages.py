@@ -352,7 +352,8 @@ def test_gdpo_infinite_reward_is_nan_as_verl(uid, inf):
     cfg = AlgoConfig(adv_estimator="gdpo")
     v, _ = _verl(cfg, r, mask, index)
     f, _ = fverl.compute_advantage(cfg, r, mask, index)
-    g = fa.group_advantages(r.sum(-1, keepdim=True), index, estimator="gdpo", response_mask=mask)
+    g = fa.group_advantages(r.sum(-1, keepdim=True), index, estimator="gdpo", batch_normalization="token",
+                            response_mask=mask)
     valid = mask > 0
     assert torch.isnan(v[valid]).all()
     assert torch.isnan(f[valid]).all() and torch.isnan(g).all(), (f, g)

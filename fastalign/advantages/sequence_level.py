@@ -23,6 +23,9 @@ from fastalign.ops.group_stats import MODES, call_group_advantage, group_stats
 STD_MODES = ("group", "batch", "none")
 #: the estimators that read ``std`` (the others take no std, and refuse one other than the default)
 STD_ESTIMATORS = ("grpo", "grpo_passk", "gdpo")
+#: the estimators that read the token counts (``response_mask`` or ``lengths``); gdpo reads them for its
+#: ``batch_normalization="token"`` only, and the others refuse them
+LENGTH_ESTIMATORS = ("opo", "reinforce_pp_baseline")
 SINGLETON = ("raw", "zero", "unit_std")
 BATCH_NORMALIZATIONS = ("sequence", "token")
 TOKEN_LEVEL = {
@@ -203,6 +206,19 @@ def _groups(name: str, index, group_size, B: int, device) -> _Groups:
     return _Groups(as_index(name, index, B, device), 1)
 
 
+def _check_token_counts_apply(estimator: str, batch_normalization: str, response_mask, lengths) -> None:
+    """``response_mask`` / ``lengths`` only for the estimators that read them (``LENGTH_ESTIMATORS``, gdpo with
+    ``batch_normalization="token"``): elsewhere they would be ignored, as ``std`` or ``reward_weights``."""
+    if estimator in LENGTH_ESTIMATORS or (estimator == "gdpo" and batch_normalization == "token"):
+        return
+    given = [name for name, v in (("response_mask", response_mask), ("lengths", lengths)) if v is not None]
+    if given:
+        where = f"estimator {estimator!r}" + (" with batch_normalization='sequence'" if estimator == "gdpo" else "")
+        verb = "do" if len(given) > 1 else "does"
+        raise ValueError(f"{' and '.join(given)} {verb} not apply to {where}: only {LENGTH_ESTIMATORS} and gdpo "
+                         "with batch_normalization='token' read the token counts")
+
+
 def _scores(name: str, x, dim: int) -> Tensor:
     _validate.tensor(name, x)
     if x.dim() != dim:
@@ -283,7 +299,8 @@ def group_advantages(
             ``"token"`` over their valid tokens (verl; needs the mask or lengths).
         response_mask: ``[B, T]`` mask, for the token counts of reinforce_pp_baseline,
             opo and gdpo's ``"token"`` normalisation; or give ``lengths`` ``[B]`` (finite and
-            >= 0) instead, not both.
+            >= 0) instead, not both. The other estimators refuse both (``ValueError``), as
+            ``std`` where it does not apply.
         reward_weights: gdpo weights, one finite number per reward column (default 1).
         step_index, step_scores, omega: GiGPO step groups.
         backend: a kernel family (docs/backends.md); default by device.
@@ -309,6 +326,11 @@ def group_advantages(
         raise ValueError(f"eps must be >= 0, got {eps}")
     omega = _validate.finite_number("omega", omega)
     g = _groups("index", index, group_size, B, device)
+    if batch_normalization not in BATCH_NORMALIZATIONS:
+        raise ValueError(f"batch_normalization must be one of {BATCH_NORMALIZATIONS}, got {batch_normalization!r}")
+    if batch_normalization != "sequence" and estimator != "gdpo":
+        raise ValueError(f"batch_normalization is gdpo's last step; it does not apply to estimator {estimator!r}")
+    _check_token_counts_apply(estimator, batch_normalization, response_mask, lengths)
     if lengths is not None and response_mask is not None:
         raise ValueError("give either response_mask or lengths (the token counts), not both")
     lens = None
@@ -347,10 +369,6 @@ def group_advantages(
                                      f"got {len(reward_weights)}")
     elif reward_weights is not None:
         raise ValueError("reward_weights is for estimator='gdpo' (scores [B, K])")
-    if batch_normalization not in BATCH_NORMALIZATIONS:
-        raise ValueError(f"batch_normalization must be one of {BATCH_NORMALIZATIONS}, got {batch_normalization!r}")
-    if batch_normalization != "sequence" and estimator != "gdpo":
-        raise ValueError(f"batch_normalization is gdpo's last step; it does not apply to estimator {estimator!r}")
     c = _Ctx(eps, std, singleton == "zero", lens, reward_weights, _backend.request(device, backend),
              singleton == "unit_std", batch_normalization)
     row = ESTIMATORS[estimator]

@@ -209,10 +209,10 @@ def optimal_token_baseline_advantages(
     only non-empty responses (positions of ``zero_tail`` are ranks then). ``sum_p2`` is ``sum_v p_v^2``
     of the old policy (``TokenStats`` / ``SequenceLogprobs`` provide it).
 
-    Returns ``(advantages, returns)`` ``[B, T]`` in the rewards' dtype (float32 or float64).
-    Plain tensor operations on the inputs' device, group sums as a ``[B, B]`` same-group matrix
-    product in float64: no host synchronisation (string ids are mapped on the host, as in
-    :func:`group_advantages`). No autograd.
+    Returns ``(advantages, returns)`` ``[B, T]`` in the rewards' dtype (float32 or float64); empty
+    ones for an empty batch (``B = 0`` or ``T = 0``). Plain tensor operations on the inputs' device,
+    group sums as a ``[B, B]`` same-group matrix product in float64: no host synchronisation (string
+    ids are mapped on the host, as in :func:`group_advantages`). No autograd.
     """
     extra = [("old_logprobs", old_logprobs), ("sum_p2", sum_p2)]
     if importance_weights is not None:
@@ -225,6 +225,8 @@ def optimal_token_baseline_advantages(
         raise ValueError(f"align must be 'position' or 'response', got {align!r}")
     with torch.no_grad():
         keys = as_index("index", index, B, r.device)
+        if B == 0 or T == 0:  # no responses or no tokens: nothing to sum over (as the other estimators)
+            return torch.zeros_like(r), torch.zeros_like(r)
         valid = m != 0  # selection, not a product: a masked slot's NaN or inf never reaches a valid token
         returns = torch.where(valid, r * m, 0.0).flip(-1).cumsum(-1).flip(-1)
         w = 1.0 - 2.0 * torch.exp(old) + p2
