@@ -13,6 +13,7 @@ from torch import Tensor
 
 from fastalign import _validate
 from fastalign._deprecate import renamed
+from fastalign.aggregate import divisor
 
 
 _floating = _validate.any_float  # float64 is accepted too (sequence-level math, fp64 oracles)
@@ -75,7 +76,8 @@ def sequence_logprobs(
     every sum is NaN.
 
     Per sequence ``i``: ``sum_i = sum_t w_t m_t lp_t``, ``count_i = sum_t m_t``,
-    ``mean_i = sum_i / max(count_i, 1)``.
+    ``mean_i = sum_i / count_i`` (0 for a sequence with ``count_i = 0``; a fractional mask's count below 1
+    as it is).
 
     ``token_weights`` (TGDPO / SparsePO style) multiply each token log-prob before the sum.
     Apply the same weights to the reference log-probs, so that the weighted log-ratio is
@@ -88,7 +90,8 @@ def sequence_logprobs(
     ``ℓ = min(|y_chosen|, |y_rejected|)`` for both members of a pair.
 
     ``sum_p2`` (per-token :math:`\sum_j p_j^2`, e.g. ``TokenStats.sum_p2``) adds the detached
-    WPO log-weight ``wpo_i = mean_t(lp_t - log sum_p2_t)`` over the valid tokens.
+    WPO log-weight ``wpo_i = sum_t m_t (lp_t - log sum_p2_t) / count_i`` (the mean over the valid tokens,
+    weighted as the sums by a fractional mask).
     """
     _floating("token_logprobs", token_logprobs, min_dim=1)
     packed = cu_seqlens is not None or position_ids is not None
@@ -184,10 +187,10 @@ def sequence_logprobs(
     total = reduce(torch.where(m != 0, w * lp, torch.zeros_like(lp)))  # masked slots may hold junk
     if packed and malformed is not None:  # offsets not read on the host: NaN sums, never wrong ones
         total = torch.where(malformed, float("nan"), total)
-    denom = count.clamp(min=1.0)
+    denom = divisor(count)
     wpo = None
     if sum_p2 is not None:
         adj = lp.detach() - torch.log(sum_p2.reshape(lp.shape).to(acc).detach().clamp(min=1e-30))
-        adj = torch.where(m != 0, adj, torch.zeros_like(adj))
+        adj = torch.where(m != 0, m * adj, torch.zeros_like(adj))  # weighted as the sums, by a fractional mask
         wpo = reduce(adj) / denom
     return SequenceLogprobs(total, total / denom, count, wpo)

@@ -669,3 +669,18 @@ def test_linear_preference_loss_repr_shows_every_option_set():
                   "ld_alpha=0.5"):
         assert shown in repr(tuned), (shown, repr(tuned))
     assert "logit_scale" not in repr(tuned) and "backend" not in repr(tuned)
+
+
+def test_sequence_logprobs_weighs_by_a_fractional_mask():
+    """A fractional response_mask weighs every per-sequence quantity: the mean divides the weighted sum by the
+    weighted count (also below 1) and the WPO log-weight is the same weighted mean of lp - log sum p^2, as TRL's
+    (per_token_logps_adjusted * completion_mask).sum(-1) / completion_mask.sum(-1)."""
+    g = torch.Generator().manual_seed(5)
+    lp = -torch.rand(3, 4, generator=g, dtype=torch.float64) * 3
+    sum_p2 = torch.rand(3, 4, generator=g, dtype=torch.float64) * 0.5 + 0.1
+    m = torch.tensor([[0.5, 0.5, 0.5, 0.0], [0.2, 0.1, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    out = fa.sequence_logprobs(lp.float(), m.float(), sum_p2=sum_p2.float())
+    count = m.sum(-1)
+    safe = torch.where(count > 0, count, torch.ones_like(count))
+    assert_close(out.mean, (m * lp).sum(-1) / safe, atol=1e-6, rtol=1e-6, what="weighted mean")
+    assert_close(out.wpo, (m * (lp - sum_p2.log())).sum(-1) / safe, atol=1e-6, rtol=1e-6, what="weighted wpo")

@@ -34,7 +34,7 @@ def sequence_logprobs(lp: Tensor, mask: Tensor, token_weights=None, ld_alpha=Non
                     if k > public[i]:
                         w[i, t] = w[i, t] * ld_alpha
     s = (torch.where(m > 0, lp, torch.zeros_like(lp)) * w).sum(-1)
-    return s, s / count.clamp(min=1), count
+    return s, s / torch.where(count > 0, count, torch.ones_like(count)), count
 
 
 def packed_to_padded(x: Tensor, cu_seqlens, T: int):
