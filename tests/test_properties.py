@@ -139,6 +139,21 @@ def test_token_logprobs_large_logits(backend, dtype, N, V):
     _token_case(backend, logits.to(dtype), torch.randint(0, V, (N,), generator=g), 1.0, -100)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_token_logprobs_large_logits_at_a_temperature(backend):
+    """Rows around +-1e3 at T = 0.7 (docs/bad-inputs.md): the C++ kernels subtract the row max before dividing
+    by T (fp32 rounding of the log-prob itself); the Triton kernels divide first, as the trainers' logits / T,
+    within a few ulp of max |z| / T."""
+    g = _gen(17)
+    logits = torch.randn(6, 37, generator=g) + torch.where(torch.rand(6, 1, generator=g) < 0.5, -1e3, 1e3)
+    labels = torch.randint(0, 37, (6,), generator=g)
+    got = fa.token_logprobs(logits, labels, temperature=0.7, backend=backend).logprobs
+    want = ref_lp.token_logprobs(logits.to(F64), labels, temperature=0.7, ignore_index=-100, dtype=F64)[0]
+    ulp = 2.0 ** (math.floor(math.log2(logits.abs().max().item() / 0.7)) - 23)
+    tol = 4 * ulp if backend == "triton" else 2e-5
+    check("logprobs", got, want, atol=tol, rtol=0)
+
+
 # ----------------------------------------------------------------------------- linear_logprobs
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @given(N=ROWS, V=VOCAB, H=st.sampled_from([1, 2, 5]), dtype=st.sampled_from(LOW),
