@@ -241,9 +241,16 @@ def linear_logprobs(
         backend: ``"triton"``, ``"cpp"`` or ``"cuda"`` (CUDA tensors run the Triton
             kernels for ``"cuda"``); default from :func:`fastalign.use_backend`.
         chunk: ``(tokens, vocab)`` of one chunk of logits, overriding the memory budget.
-        grad_skip_threshold: Triton backward only: logit tiles whose every
-            d(logit) is below this magnitude are left at zero (the softmax gradient
-            is sparse). 0 (default) keeps every tile exactly.
+        grad_skip_threshold: logit tiles whose every d(logit) is below this
+            magnitude are left at zero in backward (the softmax gradient is sparse).
+            0 (default) keeps every tile exactly. It applies where the backward runs
+            the Triton kernels: every CUDA tensor (``"cuda"`` gives way to ``"triton"``
+            for this op), and CPU tensors with ``backend="triton"`` under
+            ``TRITON_INTERPRET=1``. The ``"cpp"`` backward (CPU tensors by default)
+            keeps every tile: there the value is checked (>= 0) and has no effect,
+            so one configuration runs on both devices (docs/backends.md). Set, it
+            rules out the single pass through the head (:class:`LinearPolicyLoss`,
+            :func:`separable_step`), on every backend.
 
     Returns:
         :class:`TokenStats` with fp32 tensors shaped like ``labels`` (argmax int64).

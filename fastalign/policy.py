@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from fastalign import _backend, _validate
+from fastalign._options import check_read
 from fastalign.aggregate import aggregate_rows, check_counts, divisor
 from fastalign.ops import policy_loss as _ops
 from fastalign.policy_config import FIELDS, LOSS_TYPES, PRESETS, ROLLOUT_MODES, PolicyConfig  # noqa: F401
@@ -119,8 +120,9 @@ def policy_loss(
     ``global_tokens`` / ``global_seqs`` are the step-wide counts of docs/math.md#aggregation (ints or device
     tensors; with ``dp_size`` they make micro-batching and data parallelism exact): ``global_tokens`` for
     ``token-mean``, ``global_seqs`` for the seq-mean modes; a count the aggregation does not read raises);
-    ``generator`` seeds the Clip-Cov choice. Inputs are ``[B, T]`` (advantages may be ``[B]``),
-    fp32/bf16/fp16; math is fp32.
+    ``generator`` seeds the Clip-Cov choice (the default: torch's global generator); the other loss types draw
+    nothing at random (kl_cov takes the top covariances) and refuse one (``ValueError``). Inputs are ``[B, T]``
+    (advantages may be ``[B]``), fp32/bf16/fp16; math is fp32.
 
     Returns:
         ``(loss, metrics)``: a 0-dim fp32 loss and a dict of 0-dim fp32 device tensors:
@@ -164,6 +166,7 @@ def policy_loss(
     _validate.same_device(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages,
                           response_mask=response_mask, ref_logprobs=ref_logprobs, entropy=entropy,
                           rollout_logprobs=rollout_logprobs, importance_weights=importance_weights)
+    check_read("generator", generator is not None, cfg.loss_type, (loss_type,), ("clip_cov",))
     if cfg.kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("kl_coef != 0 needs ref_logprobs")
     if ref_logprobs is None and cfg.kl_options_set:
@@ -218,7 +221,10 @@ def policy_loss(
     is_cov = loss_type in ("clip_cov", "kl_cov")
     cov_ratio, cov_lb, cov_ub, _ = cfg.cov_params
     if is_cov:
-        seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=logprobs.device, dtype=torch.int64)
+        if loss_type == "clip_cov":
+            seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=logprobs.device, dtype=torch.int64)
+        else:  # kl_cov's choice is deterministic: it leaves the global generator alone
+            seed = torch.zeros(1, device=logprobs.device, dtype=torch.int64)
         f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
         cov = sums = n_local = None
         cov_backend = _backend.request(logprobs.device, cfg.backend)

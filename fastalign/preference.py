@@ -180,7 +180,7 @@ class Loss(NamedTuple):
     fn: Callable[[PairQuantities], Tensor]
     lengths: bool = False  # averages over the response: needs chosen_lengths / rejected_lengths
     nll: bool = False  # uses the chosen NLL
-    reference: bool = True  # compares against a reference model
+    reference: bool = True  # reads the reference log-probs (False: given ones reach the rewards/* metrics only)
     smoothing: bool = False  # takes label smoothing
     f_score: bool = False  # a function of d = dc - dr (or, sft, of no score): an f-divergence applies
     sorts: bool = False  # sorts the batch's margins: per-pair weights could not follow their pairs
@@ -440,7 +440,11 @@ def preference_loss(
     Args:
         chosen_logprobs, rejected_logprobs: ``[B]`` summed policy log-probs (differentiable).
         ref_chosen_logprobs, ref_rejected_logprobs: ``[B]`` reference log-probs (both or neither;
-            without them the reference log-probs are 0 — reference-free).
+            without them the reference log-probs are 0 — reference-free). The reference-free
+            rows (sft, simpo, cpo, orpo, alphapo) never read them: given with only those rows,
+            the loss and its gradient are the same as without, and they change the
+            ``rewards/*`` metrics only (β(lc - lc0) instead of β lc), as TRL's DPOTrainer logs its
+            sft rewards against the reference model.
         loss_type: a name or a list of names (summed with ``loss_weights``, finite numbers, one per name).
         chosen_lengths, rejected_lengths: ``[B]`` response lengths; needed by ipo,
             sigmoid_norm, simpo, alphapo, orpo, and for the default NLL.
@@ -471,7 +475,8 @@ def preference_loss(
         kto_kl: KTO's KL estimate (any shape, averaged; at least one value when ``B > 0``).
 
     Returns:
-        ``loss`` 0-dim and ``metrics``: rewards/chosen = mean β(lc - lc0), rewards/rejected,
+        ``loss`` 0-dim and ``metrics``: rewards/chosen = mean β(lc - lc0) (``lc0 = 0`` without a
+        reference, whatever the loss type), rewards/rejected,
         rewards/accuracies, rewards/margins, logps/chosen, logps/rejected and nll
         (when it is known), all detached 0-dim tensors. The rewards are the raw log-ratios,
         whatever ``f_divergence`` is: margins = mean β((lc - lc0) - (lr - lr0)), accuracies the

@@ -64,7 +64,8 @@ def sequence_logprobs(
     Layouts:
 
     * **padded** — ``token_logprobs`` ``[S, T]``; ``response_mask`` ``[S, T]`` (bool or 0/1 float), or
-      ``labels`` with ``ignore_index`` (mask = labels != ignore_index), or nothing (all valid).
+      ``labels`` with ``ignore_index`` (mask = labels != ignore_index; an ``ignore_index`` other than
+      -100 without ``labels`` raises ``ValueError``), or nothing (all valid).
     * **packed** — ``token_logprobs`` ``[N]`` (or ``[1, N]``) holding the sequences back to back,
       with ``cu_seqlens`` ``[S+1]`` (cumulative lengths, starts at 0) or ``position_ids``
       (a sequence starts where the position is 0; pass ``num_sequences`` — the count of
@@ -119,6 +120,9 @@ def sequence_logprobs(
     if labels is not None:
         _validate.integer("labels", labels)
         response_mask = labels != _validate.index_value("ignore_index", ignore_index)
+    elif ignore_index != -100:
+        raise ValueError(f"ignore_index applies with labels (mask = labels != ignore_index), got "
+                         f"ignore_index={ignore_index!r} without labels; give labels or leave ignore_index -100")
     if token_weights is not None:
         _floating("token_weights", token_weights)
     if sum_p2 is not None:

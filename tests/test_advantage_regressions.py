@@ -519,3 +519,93 @@ def test_switches_take_numpy_bools():
                 call(bad)
     a, _ = fa.gae_advantages(r, v, m, whiten=np.bool_(False), unbiased=np.False_)
     assert torch.equal(a, fa.gae_advantages(r, v, m, whiten=False, unbiased=False)[0])
+
+
+# ---------------------------------------------------------------- 15. eps and omega only where they are read
+_NO_STD = [("rloo", {}), ("gpg", {}), ("opo", dict(lengths=True)), ("reinforce_pp_baseline", dict(lengths=True)),
+           ("grpo", dict(std="none")), ("grpo_passk", dict(std="none")),
+           ("gdpo", dict(std="none", batch_normalization="token", lengths=True))]
+_STD = [("grpo", {}), ("grpo", dict(std="batch")), ("grpo_passk", {}), ("grpo_passk", dict(std="batch")),
+        ("gdpo", {}), ("gdpo", dict(std="none")), ("gdpo", dict(batch_normalization="token", lengths=True))]
+
+
+def _eps_case(estimator, kw):
+    g = torch.Generator().manual_seed(3)
+    B = 8
+    scores = torch.randn(B, 2, generator=g, dtype=torch.float64) if estimator == "gdpo" else \
+        torch.randn(B, generator=g, dtype=torch.float64)
+    kw = dict(kw, estimator=estimator)
+    if kw.pop("lengths", False):
+        kw["lengths"] = torch.tensor([3.0, 1.0, 4.0, 2.0, 5.0, 4.0, 2.0, 1.0])
+    return scores, torch.tensor([0, 0, 0, 1, 1, 2, 2, 2]), kw
+
+
+@pytest.mark.parametrize("estimator,kw", _NO_STD, ids=[f"{e}-{'-'.join(map(str, k.values()))}" for e, k in _NO_STD])
+def test_eps_is_refused_where_no_std_divides(estimator, kw):
+    """rloo, gpg, opo, reinforce_pp_baseline, and grpo / grpo_passk with std="none" (gdpo with it and the token
+    whitening, which adds 1e-8 to the variance) divide by no std: an ``eps`` other than the default raised
+    nothing and changed nothing. It raises naming ``eps`` now, as ``std`` where it does not apply."""
+    scores, index, kw = _eps_case(estimator, kw)
+    for eps in (0.5, 0.0):
+        with pytest.raises(ValueError, match="eps=.* does not apply to estimator"):
+            fa.group_advantages(scores, index, eps=eps, **kw)
+    fa.group_advantages(scores, index, eps=1e-6, **kw)  # the default, given: accepted
+    assert not fa.advantages.sequence_level.reads_eps(estimator, kw.get("std", "group"),
+                                                      kw.get("batch_normalization", "sequence"))
+
+
+@pytest.mark.parametrize("estimator,kw", _STD, ids=[f"{e}-{'-'.join(map(str, k.values()))}" for e, k in _STD])
+def test_eps_is_taken_where_a_std_divides(estimator, kw):
+    """Where a std divides, ``eps`` is read: it changes the result, as the float64 reference says."""
+    from fastalign.reference import advantages as R
+
+    scores, index, kw = _eps_case(estimator, kw)
+    got = fa.group_advantages(scores, index, eps=0.5, **kw)
+    _same(got, R.group_advantages(scores, index.tolist(), eps=0.5, **kw), tol=1e-12, what="eps=0.5")
+    assert not torch.allclose(got, fa.group_advantages(scores, index, **kw))
+    assert fa.advantages.sequence_level.reads_eps(estimator, kw.get("std", "group"),
+                                                  kw.get("batch_normalization", "sequence"))
+
+
+def test_omega_needs_step_index():
+    """``omega`` weighs the step groups' term: without ``step_index`` it raised nothing and changed nothing (as
+    ``step_scores`` there, which raises). With it, ``A_episode + omega * A_step`` (float64 plain torch)."""
+    s = torch.tensor([1.0, 2.0, 3.0, 5.0, 0.5, -1.0], dtype=torch.float64)
+    index, step = [0, 0, 0, 1, 1, 1], [4, 5, 4, 5, 4, 5]
+    for omega in (0.5, 0.0, -1.0):
+        with pytest.raises(ValueError, match="omega=.* needs step_index"):
+            fa.group_advantages(s, torch.tensor(index), omega=omega)
+    fa.group_advantages(s, torch.tensor(index), omega=1.0)  # the default, given: accepted
+    got = fa.group_advantages(s, torch.tensor(index), step_index=torch.tensor(step), omega=0.5)
+    _same(got, _plain_group(s, index, "grpo") + 0.5 * _plain_group(s, step, "grpo"), tol=1e-12)
+
+
+# norm_adv_by_std_in_grpo=False is refused for grpo_vectorized and gdpo (it does not reach them in verl)
+@pytest.mark.parametrize("estimator, norm", [
+    (est, norm) for est in ("grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "opo", "gpg", "grpo_passk",
+                            "reinforce_plus_plus_baseline", "gdpo")
+    for norm in (True, False) if norm or est not in ("grpo_vectorized", "gdpo")])
+def test_verl_profile_passes_epsilon_where_it_is_read(estimator, norm):
+    """verl passes ``epsilon`` to every grouped estimator, and those that divide by no std ignore it: the profile
+    (the registered ``fastalign_<estimator>`` too) takes it and passes it on only where ``group_advantages``
+    reads it, with verl's numbers either way."""
+    core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not importable")
+    from verl.trainer.config import AlgoConfig
+
+    from fastalign.integrations.verl import compute_advantage
+    from fastalign.integrations.verl.plugin import ADVANTAGE_ESTIMATORS
+
+    g = torch.Generator().manual_seed(4)
+    B, T = 8, 5
+    mask = (torch.arange(T)[None, :] < torch.tensor([5, 2, 4, 1, 3, 5, 2, 4])[:, None]).double()
+    r = torch.randn(B, T, generator=g, dtype=torch.float64) * mask
+    uid = np.array(["a", "b", "a", "b", "a", "c", "c", "b"], dtype=object)
+    cfg = AlgoConfig(adv_estimator=estimator, norm_adv_by_std_in_grpo=norm)
+    verl_kw = dict(token_level_rewards=r.clone(), response_mask=mask, index=uid, epsilon=0.25, config=cfg)
+    if estimator == "grpo":
+        verl_kw["norm_adv_by_std_in_grpo"] = norm
+    want, _ = core_algos.get_adv_estimator_fn(estimator)(**verl_kw)
+    got, _ = compute_advantage(cfg, r, mask, uid, epsilon=0.25)
+    torch.testing.assert_close(got, want.to(got.dtype), atol=1e-6, rtol=1e-6)
+    reg, _ = ADVANTAGE_ESTIMATORS[f"fastalign_{estimator}"](r, mask, uid, 0.25, config=cfg)
+    torch.testing.assert_close(reg, want.to(reg.dtype), atol=1e-6, rtol=1e-6)

@@ -500,3 +500,63 @@ def test_counts_below_one_divide_as_verl_agg_loss(agg):
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-7), (agg, got, want)
     empty = fastalign.aggregate_loss(L.float(), torch.zeros_like(m, dtype=torch.float32), agg)
     assert empty.item() == 0.0
+
+
+# ------------------------------------------------------------------ options that the loss type does not read
+
+@pytest.mark.parametrize("loss_type", [t for t in fastalign.POLICY_LOSS_TYPES if t != "clip_cov"])
+def test_generator_applies_to_clip_cov_only(loss_type):
+    """``generator`` seeds Clip-Cov's random choice of tokens; every other loss type (kl_cov takes the top
+    covariances) drew nothing from it and took it silently. It raises naming ``generator`` now."""
+    lp, old, A, m, _ = _small()
+    kw = dict(loss_type=loss_type, **(dict(dro_beta=0.1) if loss_type == "dro" else {}))
+    with pytest.raises(ValueError, match=f"generator does not apply to loss_type '{loss_type}'"):
+        fastalign.policy_loss(lp, old, A, m, generator=torch.Generator(), **kw)
+    with pytest.raises(ValueError, match="generator"):
+        fastalign.PolicyLoss(**kw)(lp, old, A, m, generator=torch.Generator())
+    fastalign.policy_loss(lp, old, A, m, **kw)
+
+
+def test_clip_cov_takes_a_generator_and_kl_cov_draws_nothing(cpu_backend):
+    """clip_cov: a generator with the same seed gives the same choice (loss and gradient). kl_cov's choice is
+    deterministic (the float64 reference's top covariances): it leaves torch's global generator as it was."""
+    from fastalign.reference.policy import cov_selection
+    g = torch.Generator().manual_seed(0)
+    lp = -torch.rand(4, 16, generator=g) * 2.0
+    old = lp + 0.3 * torch.randn(4, 16, generator=g)
+    A, m = torch.randn(4, 1, generator=g).expand(4, 16), torch.ones(4, 16)
+    runs = []
+    for _ in range(2):
+        x = lp.clone().requires_grad_(True)
+        loss, _ = fastalign.policy_loss(x, old, A, m, loss_type="clip_cov", cov_ratio=0.2, cov_lb=-10.0,
+                                        cov_ub=10.0, generator=torch.Generator().manual_seed(7), backend=cpu_backend)
+        loss.backward()
+        runs.append((loss.detach(), x.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    state = torch.get_rng_state()
+    x = lp.clone().requires_grad_(True)
+    loss, _ = fastalign.policy_loss(x, old, A, m, loss_type="kl_cov", cov_ratio=0.1, backend=cpu_backend)
+    loss.backward()
+    assert torch.equal(torch.get_rng_state(), state), "kl_cov drew from the global generator"
+    want = cov_selection(lp, old, A, m, loss_type="kl_cov", eps_low=0.2, eps_high=0.2, ratio=0.1, lb=1.0, ub=5.0)
+    plain = -(A * torch.exp(lp - old)) / m.sum()
+    got = (x.grad - plain).abs() > 1e-4  # a selected token's gradient carries the |l| term's sign(l) / N
+    assert torch.equal(got, want.bool())
+
+
+def test_grad_skip_threshold_has_no_effect_on_the_cpp_backward():
+    """As documented (docs/backends.md): ``grad_skip_threshold`` applies to the Triton backward; the cpp backward
+    keeps every logit tile, so a threshold there gives the gradient of 0 exactly (not refused, so one
+    configuration runs on both devices). The gradient is the float64 softmax's."""
+    g = torch.Generator().manual_seed(1)
+    h, W, y = torch.randn(6, 16, generator=g), torch.randn(40, 16, generator=g) * 0.4, torch.randint(0, 40, (6,),
+                                                                                                    generator=g)
+    grads = []
+    for threshold in (0.0, 10.0):
+        x = h.clone().requires_grad_(True)
+        fastalign.linear_logprobs(x, W, y, backend="cpp", grad_skip_threshold=threshold).logprobs.sum().backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
+    x = h.double().requires_grad_(True)
+    torch.log_softmax(x @ W.double().T, -1).gather(1, y[:, None]).sum().backward()
+    torch.testing.assert_close(grads[1].double(), x.grad, atol=1e-5, rtol=1e-5)

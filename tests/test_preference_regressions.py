@@ -684,3 +684,41 @@ def test_sequence_logprobs_weighs_by_a_fractional_mask():
     safe = torch.where(count > 0, count, torch.ones_like(count))
     assert_close(out.mean, (m * lp).sum(-1) / safe, atol=1e-6, rtol=1e-6, what="weighted mean")
     assert_close(out.wpo, (m * (lp - sum_p2.log())).sum(-1) / safe, atol=1e-6, rtol=1e-6, what="weighted wpo")
+
+
+def test_sequence_logprobs_ignore_index_needs_labels():
+    """``ignore_index`` builds the mask from ``labels``: given without them (a mask or no mask) it was ignored
+    without a word. It raises naming ``ignore_index`` now; with labels it masks (float64 plain sums)."""
+    lp = -torch.rand(2, 5, generator=torch.Generator().manual_seed(2), dtype=D)
+    labels = torch.tensor([[-1, 3, 4, -1, 2], [5, -1, -1, 1, 0]])
+    for mask in (torch.ones(2, 5), None):
+        with pytest.raises(ValueError, match="ignore_index applies with labels"):
+            fa.sequence_logprobs(lp.float(), mask, ignore_index=-1)
+        fa.sequence_logprobs(lp.float(), mask, ignore_index=-100)  # the default, given: accepted
+    got = fa.sequence_logprobs(lp.float(), labels=labels, ignore_index=-1)
+    assert_close(got.sum, (lp * (labels != -1)).sum(-1), atol=1e-6, what="labels with ignore_index")
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "cpo", "orpo", "alphapo", "sft", ["simpo", "sft"]])
+def test_reference_free_rows_take_the_reference_for_the_metrics_only(loss_type):
+    """The reference-free rows read no reference log-probs: given (as TRL's DPOTrainer gives them with sft),
+    the loss and its gradient are those without them, and only ``rewards/*`` change, to β(l - l0) (float64
+    plain torch), as documented."""
+    lc, lr, lc0, lr0 = _pairs()
+    n = torch.tensor([3.0, 5.0, 2.0, 4.0], dtype=D)
+    kw = dict(loss_type=loss_type, beta=0.3, chosen_lengths=n, rejected_lengths=n)
+    out = []
+    for refs in ((), (lc0, lr0)):
+        c, r = lc.clone().requires_grad_(True), lr.clone().requires_grad_(True)
+        loss, met = fa.preference_loss(c, r, *refs, **kw)
+        grads = torch.autograd.grad(loss, (c, r), allow_unused=True)  # sft reads no rejected log-prob
+        out.append((loss, [torch.zeros_like(lc) if x is None else x for x in grads], met))
+    (l0, g0, m0), (l1, g1, m1) = out
+    assert torch.equal(l0, l1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+    rc, rr = 0.3 * (lc - lc0), 0.3 * (lr - lr0)
+    for name, want in (("rewards/chosen", rc.mean()), ("rewards/rejected", rr.mean()),
+                       ("rewards/margins", (rc - rr).mean()), ("rewards/accuracies", (rc > rr).to(D).mean())):
+        assert_close(m1[name], want, atol=1e-12, what=name)
+    assert_close(m0["rewards/chosen"], 0.3 * lc.mean(), atol=1e-12, what="rewards/chosen without a reference")
+    for name in ("logps/chosen", "logps/rejected"):
+        assert torch.equal(m0[name], m1[name])

@@ -27,6 +27,8 @@ STD_ESTIMATORS = ("grpo", "grpo_passk", "gdpo")
 #: ``batch_normalization="token"`` only, and the others refuse them
 LENGTH_ESTIMATORS = ("opo", "reinforce_pp_baseline")
 SINGLETON = ("raw", "zero", "unit_std")
+#: ``eps``'s default: an ``eps`` other than this is refused where the estimator divides by no std (:func:`reads_eps`)
+DEFAULT_EPS = 1e-6
 BATCH_NORMALIZATIONS = ("sequence", "token")
 TOKEN_LEVEL = {
     "reinforce_pp": "reinforce_pp_advantages",
@@ -186,6 +188,18 @@ ESTIMATORS: dict[str, Callable[[Tensor, _Groups, _Ctx], Tensor]] = {
 
 
 # ---------------------------------------------------------------- host-side checks
+def reads_eps(estimator: str, std: str = "group", batch_normalization: str = "sequence") -> bool:
+    """Whether ``group_advantages`` reads ``eps`` for these options: only where it divides by a std, that
+    is grpo and grpo_passk with ``std`` "group" or "batch", and gdpo unless ``std="none"`` with
+    ``batch_normalization="token"`` (its columns then divide by no std, and the token whitening adds 1e-8
+    to the variance instead). rloo, opo, gpg and reinforce_pp_baseline never read it."""
+    if estimator in ("grpo", "grpo_passk"):
+        return std != "none"
+    if estimator == "gdpo":
+        return std != "none" or batch_normalization == "sequence"
+    return False
+
+
 def _groups(name: str, index, group_size, B: int, device) -> _Groups:
     if index is not None and group_size is not None:
         raise ValueError(f"give either {name} or group_size, not both")
@@ -239,7 +253,7 @@ def group_advantages(
     *,
     group_size: Optional[int] = None,
     estimator: str = "grpo",
-    eps: float = 1e-6,
+    eps: float = DEFAULT_EPS,
     std: str = "group",
     singleton: str = "raw",
     batch_normalization: str = "sequence",
@@ -289,7 +303,11 @@ def group_advantages(
             are 0-d tensors or numpy scalars count by their value).
         group_size: instead of ``index``: consecutive blocks of this size (a Python or numpy integer).
         eps: added to the std (>= 0). With ``eps=0`` a group whose std is 0 (equal
-            scores) still gets exactly 0.
+            scores) still gets exactly 0. Read only where a std divides: grpo and
+            grpo_passk with ``std`` "group" or "batch", gdpo unless ``std="none"`` with
+            ``batch_normalization="token"``; elsewhere (rloo, opo, gpg,
+            reinforce_pp_baseline, ``std="none"``) a value other than the default raises
+            ``ValueError``, as ``std`` where it does not apply.
         std: ``"group"``, ``"batch"`` or ``"none"`` (grpo, grpo_passk, gdpo's columns).
         singleton: what a group of one gets: ``"raw"`` its score, ``"zero"`` 0, or
             ``"unit_std"`` its estimator's formula with mean 0 and std 1 (verl): grpo and
@@ -302,7 +320,8 @@ def group_advantages(
             >= 0) instead, not both. The other estimators refuse both (``ValueError``), as
             ``std`` where it does not apply.
         reward_weights: gdpo weights, one finite number per reward column (default 1).
-        step_index, step_scores, omega: GiGPO step groups.
+        step_index, step_scores, omega: GiGPO step groups; ``step_scores`` and an
+            ``omega`` other than 1 without ``step_index`` raise ``ValueError``.
         backend: a kernel family (docs/backends.md); default by device.
 
     Returns:
@@ -325,11 +344,18 @@ def group_advantages(
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     omega = _validate.finite_number("omega", omega)
+    if omega != 1.0 and step_index is None:
+        raise ValueError(f"omega={omega} needs step_index: it weights the step groups' term")
     g = _groups("index", index, group_size, B, device)
     if batch_normalization not in BATCH_NORMALIZATIONS:
         raise ValueError(f"batch_normalization must be one of {BATCH_NORMALIZATIONS}, got {batch_normalization!r}")
     if batch_normalization != "sequence" and estimator != "gdpo":
         raise ValueError(f"batch_normalization is gdpo's last step; it does not apply to estimator {estimator!r}")
+    if eps != DEFAULT_EPS and not reads_eps(estimator, std, batch_normalization):
+        where = f"estimator {estimator!r}" + (f" with std={std!r}" if estimator in STD_ESTIMATORS else "")
+        if estimator == "gdpo":
+            where += f" and batch_normalization={batch_normalization!r}"
+        raise ValueError(f"eps={eps} does not apply to {where}: it divides by no std, so eps is never read")
     _check_token_counts_apply(estimator, batch_normalization, response_mask, lengths)
     if lengths is not None and response_mask is not None:
         raise ValueError("give either response_mask or lengths (the token counts), not both")

@@ -72,7 +72,8 @@ def _make_cov(B, T, loss_type):
             return grad_step(fn and (lambda x: fn(x, old, A, m)), (lp0,), backward)
 
         def fused(x, old, A, m):
-            return fastalign.policy_loss(x, old, A, m, loss_type=loss_type, cov_ratio=COV_RATIO, generator=g)[0]
+            return fastalign.policy_loss(x, old, A, m, loss_type=loss_type, cov_ratio=COV_RATIO,
+                                         generator=g if loss_type == "clip_cov" else None)[0]
 
         def eager(x, old, A, m):
             return ref.eager_cov_loss(x, old, A, m, loss_type=loss_type, ratio=COV_RATIO, generator=g)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from fastalign.advantages import group_advantages
+from fastalign.advantages.sequence_level import reads_eps
 from fastalign.integrations.trl._config import read_fields
 from fastalign.integrations.trl._rewards import reward_columns
 
@@ -86,6 +87,7 @@ def grpo_advantages(config, rewards_per_func: Tensor, *, training: bool = True) 
     if aggregation == "normalize_then_sum":
         adv = _normalize_then_sum(cols, G)
     else:
-        adv = group_advantages(cols.weighted_sum(), group_size=G, estimator="grpo", std=scale, eps=SCALE_EPS,
-                               singleton="zero")
+        eps = {"eps": SCALE_EPS} if reads_eps("grpo", scale) else {}  # scale_rewards="none" divides by nothing
+        adv = group_advantages(cols.weighted_sum(), group_size=G, estimator="grpo", std=scale, singleton="zero",
+                               **eps)
     return torch.nan_to_num(adv, nan=0.0)  # TRL's last step: NaN (from an infinite reward) to 0, ±inf to ±max

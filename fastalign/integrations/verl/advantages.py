@@ -48,6 +48,7 @@ from torch import Tensor
 from fastalign.advantages import (gae_advantages, group_advantages, optimal_token_baseline_advantages,
                                   remax_advantages, token_advantages)
 from fastalign.advantages._inputs import as_index
+from fastalign.advantages.sequence_level import reads_eps
 from fastalign.integrations.verl._names import unprefixed
 
 __all__ = ["ALGO_DEFAULTS", "ESTIMATORS", "algo_options", "compute_advantage"]
@@ -165,7 +166,10 @@ def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor
             tir_optimal_token_baseline); rollout_is_weights: ``[B, T]`` or None (they scale the
             path variance by their square).
         epsilon: verl's ``epsilon`` argument (default 1e-6 for the grouped estimators, 1e-8 for the
-            optimal-token-baseline ones); gae, reinforce_plus_plus and remax have none.
+            optimal-token-baseline ones); gae, reinforce_plus_plus and remax have none. The grouped
+            estimators that divide by no std (rloo, rloo_vectorized, opo, gpg,
+            reinforce_plus_plus_baseline, grpo and grpo_passk with ``norm_adv_by_std_in_grpo=False``)
+            take it and ignore it, as verl's.
     """
     opts = algo_options(config)
     est = opts["adv_estimator"]
@@ -202,9 +206,11 @@ def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor
                                                  align=_OPTIMAL_BASELINE[est], **eps)
     if est == "grpo_passk":
         _check_passk_groups(index, token_level_rewards.shape[0], token_level_rewards.device)
-    kw = dict(_GROUPED[est], **eps)
+    kw = dict(_GROUPED[est])
     if est in _STD_FROM_CONFIG:
         kw["std"] = "group" if opts["norm_adv_by_std_in_grpo"] else "none"
+    if reads_eps(kw["estimator"], kw.get("std", "group"), kw.get("batch_normalization", "sequence")):
+        kw.update(eps)  # elsewhere verl's estimator ignores epsilon, and group_advantages refuses an eps
     if est in ("opo", "reinforce_plus_plus_baseline", "gdpo"):
         kw["response_mask"] = mask
     scores = token_level_rewards.sum(dim=-1)
