@@ -56,8 +56,8 @@ def _batch(seed=1, B=3, T=10):
     return ids, attention, labels
 
 
-def _reference(model, ids, attention, labels, temperature):
-    z = model(input_ids=ids, attention_mask=attention).logits[:, :-1].double() / temperature
+def _reference(model, ids, attention, labels, temperature, **model_kwargs):
+    z = model(input_ids=ids, attention_mask=attention, **model_kwargs).logits[:, :-1].double() / temperature
     logp = torch.log_softmax(z, -1)
     y, scored = labels[:, 1:], labels[:, 1:] != -100
     lp = logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
@@ -230,6 +230,123 @@ def test_head_dtype_runs_the_lora_head_in_it_under_autocast():
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tuner", ["XLoRA", "Shadow"])
+def test_whole_model_tuners_raise(tuner, tmp_path):
+    """X-LoRA (its scalings come from a pass of the whole model) and ShadowPEFT (its state is seeded by a hook on
+    the whole model's forward) were scored through the body alone: the base model's numbers, or a stale state's
+    from the previous forward. They raise now."""
+    if tuner == "XLoRA":
+        adapters = {}
+        for k in range(2):
+            lora = peft.LoraConfig(r=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"],
+                                   task_type="CAUSAL_LM")
+            lora = peft.get_peft_model(_tiny_base(), lora)
+            lora.save_pretrained(tmp_path / f"a{k}")
+            adapters[str(k)] = str(tmp_path / f"a{k}")
+        config = peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=32, adapters=adapters, xlora_depth=1)
+    else:
+        config = peft.ShadowConfig(task_type="CAUSAL_LM", init_weights=False)
+    base = _tiny_base()
+    base.config.use_cache = False
+    model = peft.get_peft_model(base, config).eval()
+    ids, attention, labels = _batch()
+    with pytest.raises(ValueError, match=f"PEFT {type(config).__name__} adapters are set up by hooks"):
+        causal_lm_logprobs(model, ids, attention, labels=labels)
+
+
+INVOCATION = (5, 6)  # the aLoRA invocation sequence of the tests
+
+
+def _alora_model(seed=0):
+    """aLoRA (``alora_invocation_tokens``) on the attention, random weights: PEFT's forward finds the invocation
+    sequence in input_ids and the adapters act from it on, each row at its own offset."""
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                      attn_implementation="eager")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"],
+                           alora_invocation_tokens=list(INVOCATION), task_type="CAUSAL_LM")
+    model = peft.get_peft_model(transformers.Qwen2ForCausalLM(config), lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+def _alora_batch():
+    """Rows invoking the adapter at different positions, and one without the invocation (scored as the base)."""
+    ids, attention, labels = _batch(seed=6, B=4)
+    ids = ids.masked_fill((ids == INVOCATION[0]) | (ids == INVOCATION[1]), 7)
+    for row, start in ((0, 2), (1, 5), (3, 3)):
+        ids[row, start:start + 2] = torch.tensor(INVOCATION)
+    return ids, attention, labels
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_alora_adapters_score_as_peft_forward(checkpointing):
+    """aLoRA adapters were scored as the base model, with no gradient: PeftModelForCausalLM.forward computes
+    the invocation offsets from input_ids and injects them into the LoRA layers through its forward hooks,
+    which the body alone does not run. The body runs inside the same hooks now (with gradient checkpointing
+    too, whose recomputation PEFT hooks as well)."""
+    model = _alora_model()
+    model64 = copy.deepcopy(model).double()
+    ids, attention, labels = _alora_batch()
+    g = torch.randn(ids.shape[0], ids.shape[1] - 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # no dropout in this model: the same function as in eval mode
+    stats = causal_lm_logprobs(model, ids, attention, labels=labels, entropy=True)
+    ours = _grads(model, stats.logprobs, stats.entropy, g)
+    ref_lp, ref_ent = _reference(model64, ids, attention, labels, 1.0)
+    theirs = _grads(model64, ref_lp, ref_ent, g)
+    torch.testing.assert_close(stats.logprobs.double(), ref_lp.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.entropy.double(), ref_ent.detach(), rtol=1e-5, atol=1e-5)
+    assert set(ours) == set(theirs) and sum("lora_B" in n for n in theirs) == 4
+    for name in theirs:
+        scale = theirs[name].abs().max().item()
+        assert scale > 0  # the adapters are trained
+        torch.testing.assert_close(ours[name].double(), theirs[name], rtol=1e-4, atol=5e-4 * scale,
+                                   msg=lambda m: f"{name}: {m}")
+    with torch.no_grad(), model.disable_adapter():
+        base = causal_lm_logprobs(model, ids, attention, labels=labels).logprobs
+    assert not torch.allclose(base[:2], stats.logprobs[:2].detach(), atol=1e-3)  # the invoked rows are adapted
+    torch.testing.assert_close(base[2], stats.logprobs[2].detach(), rtol=1e-5, atol=1e-5)  # no invocation: base
+
+
+def test_poly_adapters_take_task_ids_as_peft_forward():
+    """Poly adapters raised PEFT's "task_ids should not be None" although task_ids= was passed: PEFT's forward
+    hands them to the Poly layers through pre-hooks, the body alone dropped them. The body runs inside
+    the Poly model's hooks now; without task_ids it raises as the model's own forward does."""
+    torch.manual_seed(0)
+    poly = peft.PolyConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], n_tasks=3, n_skills=2, r=4)
+    model = peft.get_peft_model(_tiny_base(), poly).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)  # B starts at 0: the adapters would not change the logits
+    ids, attention, labels = _batch()
+    task_ids = torch.tensor([0, 2, 1])
+    g = torch.randn(ids.shape[0], ids.shape[1] - 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    stats = causal_lm_logprobs(model, ids, attention, labels=labels, entropy=True, task_ids=task_ids)
+    ours = _grads(model, stats.logprobs, stats.entropy, g)
+    model64 = copy.deepcopy(model).double()
+    ref_lp, ref_ent = _reference(model64, ids, attention, labels, 1.0, task_ids=task_ids)
+    theirs = _grads(model64, ref_lp, ref_ent, g)
+    torch.testing.assert_close(stats.logprobs.double(), ref_lp.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.entropy.double(), ref_ent.detach(), rtol=1e-5, atol=1e-5)
+    assert set(ours) == set(theirs) and any("poly_lora_B" in n for n in ours)
+    for name in theirs:
+        scale = theirs[name].abs().max().item()
+        torch.testing.assert_close(ours[name].double(), theirs[name], rtol=1e-4, atol=5e-4 * scale,
+                                   msg=lambda m: f"{name}: {m}")
+    with torch.no_grad():
+        other = causal_lm_logprobs(model, ids, attention, labels=labels, task_ids=torch.tensor([1, 0, 2])).logprobs
+    assert not torch.allclose(other, stats.logprobs.detach(), atol=1e-3)  # each row's task reaches the layers
+    with pytest.raises(ValueError, match="task_ids"):
+        causal_lm_logprobs(model, ids, attention, labels=labels)
+
+
 # ------------------------------------------------------------------------------------------ TRL drop-ins
 
 trl = pytest.importorskip("trl", reason="TRL is not importable")
@@ -282,6 +399,34 @@ def test_sft_trainer_with_peft_matches_trl(checkpoint, tmp_path):
     theirs = _run(_seeded(lambda: build(trl.SFTTrainer, tmp_path / "trl")))
     ours = _run(_seeded(lambda: build(fa_trl.SFTTrainer, tmp_path / "fa")))
     assert any("lm_head.modules_to_save" in k for k in ours[1]) and any("lora_B" in k for k in ours[1])
+    _compare(theirs, ours)
+
+
+def _invoked_sft_dataset():
+    """SFT rows invoking the aLoRA adapter (word w60, token 63) at different positions, and rows without."""
+    import datasets
+
+    rows = [[f"w{(3 * i + 2 * j) % 55 + 3}" for j in range(4 + i % 5)] for i in range(8)]
+    return datasets.Dataset.from_dict({"text": [" ".join(r[:1 + i % 3] + ["w60"] * (i % 4 != 3) + r[1 + i % 3:])
+                                                for i, r in enumerate(rows)]})
+
+
+@pytest.mark.parametrize("case", ["lora", "alora"])
+def test_sft_trainer_with_causal_lm_peft_config_matches_trl(checkpoint, tmp_path, case):
+    """A peft_config with task_type="CAUSAL_LM" wraps the model in PeftModelForCausalLM, whose forward passes
+    return_dict=None on to the fused head, which raised; aLoRA adapters (their offsets set by that forward)
+    are scored and trained as TRL's own forward does."""
+    extra = dict(alora_invocation_tokens=[63]) if case == "alora" else dict(modules_to_save=["lm_head"])
+
+    def build(cls, out):
+        return cls(model=checkpoint, args=trl.SFTConfig(**_common(out, per_device_train_batch_size=4)),
+                   train_dataset=_invoked_sft_dataset(), processing_class=_tokenizer(checkpoint),
+                   peft_config=_lora(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", **extra))
+
+    theirs = _run(_seeded(lambda: build(trl.SFTTrainer, tmp_path / "trl")))
+    ours = _run(_seeded(lambda: build(fa_trl.SFTTrainer, tmp_path / "fa")))
+    moved = [k for k in ours[1] if "lora_B" in k and not torch.equal(ours[1][k], ours[2][k])]
+    assert len(moved) == 4  # every adapter is trained
     _compare(theirs, ours)
 
 

@@ -24,6 +24,7 @@ Any other architecture raises unless the caller states its head transform with
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from typing import Optional
@@ -263,6 +264,42 @@ def router_aux_loss(model, router_logits, attention_mask: Optional[Tensor] = Non
     return loss_fn(router_logits, base.num_experts, base.num_experts_per_tok, attention_mask)
 
 
+#: PEFT tuners (``peft_type``) whose forward hooks the whole model (``get_base_model()``), not only its body:
+#: X-LoRA computes its adapters' scalings in a pass of the whole model, ShadowPEFT seeds its shadow state from
+#: the model's inputs. The body alone would run without them, so :func:`head_operands` refuses them.
+_WHOLE_MODEL_TUNERS = ("XLORA", "SHADOW")
+
+
+@contextlib.contextmanager
+def _peft_forward(model, input_ids: Tensor, model_kwargs: dict):
+    """Runs the body in what ``PeftModelForCausalLM.forward`` sets up around its base model (LoRA and the other
+    non-prompt-learning tuners), yielding the body's keyword arguments; a plain ``transformers`` model passes
+    ``model_kwargs`` through unchanged. For a ``PeftModel``: aLoRA adapters (``alora_invocation_tokens``) act
+    from their invocation sequence on, at ``alora_offsets`` found in ``input_ids`` by PEFT's own
+    ``get_alora_offsets_for_forward`` (read on the host, as PEFT's forward does) unless given, injected into
+    the LoRA layers by the model's ``_enable_peft_forward_hooks``; ``task_ids`` goes to a Poly tuner's layers
+    (its ``_manage_pre_hooks``, as its forward does) and is dropped otherwise, as PEFT's forward drops it."""
+    if not hasattr(model, "special_peft_forward_args"):  # not a PeftModel: a Poly tuner passed itself, or none
+        manage = getattr(model, "_manage_pre_hooks", None)
+        if manage is None:
+            yield model_kwargs
+            return
+        kwargs = dict(model_kwargs)
+        with manage(kwargs.pop("task_ids", None)):
+            yield kwargs
+        return
+    kwargs = dict(model_kwargs)
+    task_ids = kwargs.pop("task_ids", None)
+    if getattr(model.active_peft_config, "alora_invocation_tokens", None):
+        from peft.tuners.lora.variants import get_alora_offsets_for_forward
+
+        kwargs = get_alora_offsets_for_forward(model, input_ids, None, **kwargs)
+    manage = getattr(model.base_model, "_manage_pre_hooks", None)
+    with model._enable_peft_forward_hooks(**kwargs), \
+            (contextlib.nullcontext() if manage is None else manage(task_ids)):
+        yield {k: v for k, v in kwargs.items() if k not in model.special_peft_forward_args}
+
+
 def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *,
                   head_dtype: Optional[torch.dtype] = None, on_body=None, **model_kwargs):
     """``(hidden [B, T, H], weight, bias, low_rank)``: the model's body run on ``input_ids`` (no KV cache)
@@ -276,17 +313,22 @@ def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = N
     if config is not None and getattr(config, "is_prompt_learning", False):
         raise ValueError(f"model: PEFT prompt learning ({type(config).__name__}) adds virtual tokens that the body "
                          "alone does not see; it is not supported (LoRA and merged adapters are)")
+    if config is not None and getattr(config, "peft_type", None) in _WHOLE_MODEL_TUNERS:
+        raise ValueError(f"model: PEFT {type(config).__name__} adapters are set up by hooks on the whole model's "
+                         "forward, which the body alone does not run (the base model, or a stale state, would be "
+                         "scored); it is not supported (LoRA, aLoRA, Poly and merged adapters are)")
     if "adapter_names" in model_kwargs:
         raise ValueError("adapter_names (one PEFT adapter per row) is not supported: set the active adapter "
                          "(model.set_adapter) and score each adapter's rows in their own call")
     if head_dtype is not None and head_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"head_dtype must be torch.float32, torch.bfloat16 or torch.float16, got {head_dtype}")
-    if "return_dict" in model_kwargs:
+    if model_kwargs.pop("return_dict", None) is not None:  # None: unset, as PEFT's forward passes it on
         raise ValueError("return_dict does not apply: the body's outputs are read by name (leave it out)")
     packed = _packed_rows_flag(model, attention_mask, model_kwargs.get("position_ids"))
     # No KV cache: transformers builds its per-sequence (packed) attention mask only without one.
     model_kwargs.setdefault("use_cache", False)
-    outputs = _body(model)(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **model_kwargs)
+    with _peft_forward(model, input_ids, model_kwargs) as body_kwargs:
+        outputs = _body(model)(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **body_kwargs)
     if on_body is not None:
         on_body(outputs)
     hidden = outputs.last_hidden_state
@@ -430,7 +472,8 @@ def causal_lm_logprobs(
             The head runs in float32, bfloat16 or float16: a float64 model raises a TypeError
             unless ``head_dtype`` is one of them.
         **model_kwargs: passed to the body; ``use_cache`` defaults to False (``transformers``
-            attends within packed sequences only without a cache); ``return_dict`` raises.
+            attends within packed sequences only without a cache); ``return_dict`` raises (None,
+            what ``PeftModelForCausalLM.forward`` passes on, is dropped).
 
     Distributed weights:
         * FSDP2 / tensor parallel: a ``DTensor`` head weight (and bias) is gathered with
@@ -461,7 +504,10 @@ def causal_lm_logprobs(
     every position, as PEFT's forward without ``logits_to_keep`` does, so with ``lora_dropout > 0``
     the draws are PEFT's own for the same random state. Under ``disable_adapter()`` the base
     model is scored (merged adapters are unmerged, the head's included, as PEFT's forward does).
-    DoRA and other LoRA variants on the head raise a ValueError.
+    DoRA and other LoRA variants on the head raise a ValueError. The body runs inside what PEFT's
+    forward sets up: aLoRA adapters (``alora_invocation_tokens``) act from their invocation sequence on,
+    at the offsets PEFT finds in ``input_ids`` (on the host, as its forward does); Poly adapters take
+    ``task_ids=``. Prompt learning, X-LoRA and ShadowPEFT (set up outside the body) raise a ValueError.
 
     Returns:
         :class:`fastalign.TokenStats` with ``[B, T-1]`` fp32 ``logprobs`` (and ``entropy``).
