@@ -206,7 +206,8 @@ def linear_logprobs(
     ``hidden``, ``weight`` and ``bias`` through the whole pipeline; backward
     recomputes the logits chunk by chunk, so peak extra memory is one chunk of
     logits (``FASTALIGN_LINEAR_CHUNK_MIB``, default 32 MiB) plus fp32 gradient
-    accumulators, never ``tokens x V``.
+    accumulators, never ``tokens x V``. On the CPU a bf16/fp16 head is multiplied
+    through an fp32 copy (``V x H`` fp32 beside the chunk, whatever the token count).
 
     Args:
         hidden: ``[..., H]`` float32/bfloat16/float16.
