@@ -10,6 +10,8 @@ CUDA kernels for the group, scan and Clip-Cov / KL-Cov selection ops). Triton on
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import os
 import threading
 
@@ -85,13 +87,22 @@ SUBSTITUTES = {"cpp": ("cpp",), "cuda": ("cuda", "triton", "torch"), "triton": (
 ALL_KERNELS = ("cpp", "triton", "cuda")
 
 
+@functools.lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    """Whether the ``triton`` package can be imported (looked up, not imported)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except ImportError:  # a finder that refuses it
+        return False
+
+
 def _runs(family: str, kind: str, device) -> bool:
     """Whether kernels of ``family`` can run on tensors on ``device`` (of type ``kind``)."""
     if family == "cpp":
         return kind == "cpu"
     if family == "cuda":
         return kind == "cuda" and cuda_kernels_usable(device)  # warned once per device when not
-    return kind in ("cpu", "cuda")
+    return kind in ("cpu", "cuda") and triton_installed()
 
 
 def _choose(what: str, families: tuple, device, backend: str | None) -> str:
@@ -101,11 +112,14 @@ def _choose(what: str, families: tuple, device, backend: str | None) -> str:
         raise ValueError("backend 'cpp' runs on CPU tensors only; got CUDA tensors")
     if name == "cuda" and kind != "cuda":
         raise ValueError("backend 'cuda' needs CUDA tensors; got tensors on " + str(device))
+    if name == "triton" and not triton_installed():
+        raise ValueError("backend 'triton' needs the triton package, which is not installed (pip install triton)")
     for family in families if name == "auto" else SUBSTITUTES[name]:
         if family in families and _runs(family, kind, device):
             break
     else:
-        raise ValueError(f"{what} has no kernels for tensors on {device} (it has: {', '.join(families)})")
+        missing = "; triton is not installed" if "triton" in families and not triton_installed() else ""
+        raise ValueError(f"{what} has no kernels for tensors on {device} (it has: {', '.join(families)}{missing})")
     if family == "triton" and kind != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)")
     return family

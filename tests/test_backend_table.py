@@ -287,3 +287,21 @@ def test_an_unknown_backend_from_the_environment_names_the_variable(monkeypatch)
             pass
     monkeypatch.setenv("FASTALIGN_BACKEND", "")  # empty: auto
     assert _backend.current() == "auto"
+
+
+def test_without_triton_a_triton_request_raises_and_auto_runs_the_rest(monkeypatch):
+    """docs/backends.md: where the triton package is not installed, backend="triton" is a ValueError naming
+    it (not an ImportError from inside the op), ``auto`` runs the C++ kernels on CPU tensors, and an op whose
+    only CUDA kernels are Triton's says so."""
+    monkeypatch.setattr(_backend, "triton_installed", lambda: False)
+    x, y = torch.randn(3, 11), torch.randint(0, 11, (3,))
+    for call in (lambda: fastalign.token_logprobs(x, y, backend="triton"),
+                 lambda: fastalign.group_advantages(torch.randn(4), group_size=2, backend="triton")):
+        with pytest.raises(ValueError, match="backend 'triton' needs the triton package"):
+            call()
+    want = torch.log_softmax(x.double(), -1).gather(-1, y[:, None])[:, 0]
+    assert torch.allclose(fastalign.token_logprobs(x, y).logprobs.double(), want, atol=1e-6)
+    assert _backend.backend_for("token_stats", CPU, "auto") == "cpp"
+    _cuda_usable(monkeypatch, False)
+    with pytest.raises(ValueError, match="triton is not installed"):
+        _backend.backend_for("linear_stats", CUDA, "auto")
