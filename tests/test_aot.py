@@ -39,7 +39,7 @@ def test_command_line_errors_say_why():
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "--only 'no_such_family'" in proc.stdout and ".cu:" not in proc.stdout
     assert "TRITON_DEFAULT_FP_FUSION" not in proc.stderr
-    proc = _run("--only", "scans", "--arch", "999", "--no-nvcc", timeout=300)  # --only matches; no arch can run
+    proc = _run("--only", "reverse_scan", "--arch", "999", "--no-nvcc", timeout=300)  # --only matches; no arch can run
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "no kernel was compiled" in proc.stdout and "contains --only" not in proc.stdout
 
