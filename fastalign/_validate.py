@@ -223,6 +223,16 @@ def _flag_or_raise(bad: torch.Tensor, x: torch.Tensor, message) -> Optional[torc
     return None
 
 
+def zero_one(name: str, x: torch.Tensor, rule: str) -> Optional[torch.Tensor]:
+    """Flags: a bool tensor, or numbers that are 0 or 1. Another value is a ``ValueError`` (``"{name} must
+    {rule}; got values such as [...]"``) where the values are on the host; else the device flag
+    (:func:`_flag_or_raise`). None for a bool tensor."""
+    if x.dtype == torch.bool:
+        return None
+    bad = (x != 0) & (x != 1)
+    return _flag_or_raise(bad.any(), x, lambda: f"{name} must {rule}; got values such as {x[bad][:3].tolist()}")
+
+
 def offsets(name: str, cu: torch.Tensor, total: int, device=None) -> Optional[torch.Tensor]:
     """Cumulative sequence offsets ``cu [S+1]`` into ``total`` packed tokens: start at 0,
     never decrease, end at most at ``total``. Returns None, raises, or the device flag

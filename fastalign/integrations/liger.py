@@ -137,14 +137,9 @@ def _binary_mask(attention_mask: Tensor) -> Optional[Tensor]:
     """Liger multiplies each token's terms by ``attention_mask`` and divides by its sum, so a fractional mask
     weighs the tokens; fastalign's policy loss counts a token or not. A mask with values other than 0 and 1 is a
     ``ValueError`` naming it where the values are on the host (an eager CPU tensor); elsewhere they are not read
-    and the returned flag makes the loss NaN (:func:`fastalign._validate._flag_or_raise`)."""
-    if attention_mask.dtype == torch.bool:
-        return None
-    return _validate._flag_or_raise(
-        ((attention_mask != 0) & (attention_mask != 1)).any(), attention_mask,
-        lambda: ("attention_mask must hold 0 and 1 only (Liger would weigh the tokens by a fractional mask; "
-                 "fastalign counts a token or not), got values such as "
-                 f"{attention_mask[(attention_mask != 0) & (attention_mask != 1)][:3].tolist()}"))
+    and the returned flag makes the loss NaN (:func:`fastalign._validate.zero_one`)."""
+    return _validate.zero_one("attention_mask", attention_mask, "hold 0 and 1 only (Liger would weigh the tokens "
+                              "by a fractional mask; fastalign counts a token or not)")
 
 
 def _not_default(owner: str, loss_type: str, **given) -> None:

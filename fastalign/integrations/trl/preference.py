@@ -416,9 +416,7 @@ def _label(label, n: int) -> Tensor:
         raise TypeError(f"label must be bool (or 0/1 integers) per response, True for a desirable one; "
                         f"got {label.dtype}")
     _validate.shape("label", label, (n,), "one per row of per_token_logps")
-    if label.dtype != torch.bool:  # raises for a CPU tensor; a GPU's values are not read (the flag is dropped)
-        _validate._flag_or_raise(((label != 0) & (label != 1)).any(), label, lambda: (
-            f"label must be bool (or 0/1 integers) per response, True for a desirable one; got the values "
-            f"{sorted(set(label.tolist()) - {0, 1})[:3]}"))
+    # raises for a CPU tensor; a GPU's values are not read (the flag is dropped)
+    _validate.zero_one("label", label, "be bool (or 0/1 integers) per response, True for a desirable one")
     return label
 
