@@ -113,7 +113,8 @@ def nonempty(name: str, x: torch.Tensor, dim: int, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------- numbers
-def _number(name: str, value) -> float:
+def number(name: str, value) -> float:
+    """``value`` as a float: a real number (not a bool), else a ``TypeError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, _numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
@@ -122,13 +123,13 @@ def _number(name: str, value) -> float:
 def finite(**values) -> None:
     """Every value given is a finite real number (not NaN, not +-inf); None is skipped."""
     for name, value in values.items():
-        if value is not None and not math.isfinite(_number(name, value)):
+        if value is not None and not math.isfinite(number(name, value)):
             raise ValueError(f"{name} must be finite, got {value}")
 
 
 def finite_number(name: str, value) -> float:
     """A finite real number (None, a string or a bool is a ``TypeError``), as a float."""
-    v = _number(name, value)
+    v = number(name, value)
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {value}")
     return v
@@ -136,7 +137,7 @@ def finite_number(name: str, value) -> float:
 
 def positive(name: str, value) -> float:
     """A finite real number > 0, as a float."""
-    v = _number(name, value)
+    v = number(name, value)
     if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{name} must be > 0 and finite, got {value}")
     return v
@@ -212,7 +213,7 @@ def counts(*, global_tokens=None, global_seqs=None, dp_size=1, max_len: Optional
         at_least("max_len", max_len, 1)
 
 
-def _flag_or_raise(bad: torch.Tensor, x: torch.Tensor, message) -> Optional[torch.Tensor]:
+def flag_or_raise(bad: torch.Tensor, x: torch.Tensor, message) -> Optional[torch.Tensor]:
     """A malformed-input flag ``bad`` (0-dim bool, computed from ``x``): on an eager CPU tensor it is read here
     (free) and a True flag raises ``ValueError(message())``; other tensors (CUDA, fake) are not read on the host,
     and the flag is returned for the caller to turn its outputs into NaN without a synchronisation."""
@@ -226,24 +227,24 @@ def _flag_or_raise(bad: torch.Tensor, x: torch.Tensor, message) -> Optional[torc
 def zero_one(name: str, x: torch.Tensor, rule: str) -> Optional[torch.Tensor]:
     """Flags: a bool tensor, or numbers that are 0 or 1. Another value is a ``ValueError`` (``"{name} must
     {rule}; got values such as [...]"``) where the values are on the host; else the device flag
-    (:func:`_flag_or_raise`). None for a bool tensor."""
+    (:func:`flag_or_raise`). None for a bool tensor."""
     if x.dtype == torch.bool:
         return None
     bad = (x != 0) & (x != 1)
-    return _flag_or_raise(bad.any(), x, lambda: f"{name} must {rule}; got values such as {x[bad][:3].tolist()}")
+    return flag_or_raise(bad.any(), x, lambda: f"{name} must {rule}; got values such as {x[bad][:3].tolist()}")
 
 
 def offsets(name: str, cu: torch.Tensor, total: int, device=None) -> Optional[torch.Tensor]:
     """Cumulative sequence offsets ``cu [S+1]`` into ``total`` packed tokens: start at 0,
     never decrease, end at most at ``total``. Returns None, raises, or the device flag
-    (:func:`_flag_or_raise`)."""
+    (:func:`flag_or_raise`)."""
     integer(name, cu, dim=1)
     if device is not None and cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but the tokens are on {device}; use one device")
     if cu.shape[0] < 2:
         raise ValueError(f"{name} must have at least 2 entries ([S+1], starting at 0), got shape {tuple(cu.shape)}")
     decreasing = (cu[1:] < cu[:-1]).any()
-    return _flag_or_raise(
+    return flag_or_raise(
         (cu[0] != 0) | decreasing | (cu[-1] > total), cu,
         lambda: (f"{name} must start at 0, never decrease and end at most at the {total} packed tokens, got "
                  f"first={int(cu[0])}, last={int(cu[-1])}{', decreasing' if bool(decreasing) else ''}"))
@@ -252,7 +253,7 @@ def offsets(name: str, cu: torch.Tensor, total: int, device=None) -> Optional[to
 def position_starts(name: str, position_ids: torch.Tensor, count_name: str, count: int) -> Optional[torch.Tensor]:
     """Packed ``position_ids [N]`` that start ``count`` sequences: the first token at position 0, and ``count``
     positions 0 in all (a sequence starts where the position is 0, so none is empty). Returns None, raises
-    (naming ``name`` or ``count_name``), or the device flag (:func:`_flag_or_raise`)."""
+    (naming ``name`` or ``count_name``), or the device flag (:func:`flag_or_raise`)."""
     pos = position_ids.reshape(-1)
     starts = (pos == 0).sum()
     first_off = (pos[:1] != 0).any()
@@ -262,4 +263,4 @@ def position_starts(name: str, position_ids: torch.Tensor, count_name: str, coun
             return (f"{name} must start at 0 (the first packed token starts a sequence), got {int(pos[0])} at the "
                     "first token")
         return f"{count_name}={count} but {name} describes {int(starts)} sequences (one per position 0)"
-    return _flag_or_raise(first_off | (starts != count), pos, message)
+    return flag_or_raise(first_off | (starts != count), pos, message)

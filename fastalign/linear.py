@@ -54,7 +54,7 @@ def check_logit_options(temperature: float = 1.0, softcap: Optional[float] = Non
     inv_t = 1.0 / _validate.positive("temperature", temperature)
     cap = 0.0 if softcap is None else _validate.positive("softcap", softcap)
     scale = _validate.finite_number("logit_scale", logit_scale)
-    if not _validate._number("grad_skip_threshold", grad_skip_threshold) >= 0:
+    if not _validate.number("grad_skip_threshold", grad_skip_threshold) >= 0:
         raise ValueError(f"grad_skip_threshold must be >= 0, got {grad_skip_threshold}")
     if chunk is not None:
         if not isinstance(chunk, (tuple, list)) or len(chunk) != 2:

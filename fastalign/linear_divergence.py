@@ -128,7 +128,7 @@ def linear_divergence_loss(
     teacher_hidden, teacher_weight, teacher_bias, _ = _dtensor.head(teacher_hidden, teacher_weight, teacher_bias)
     check_tensors(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, response_mask, labels,
                   normalizer)
-    b = _validate._number("beta", beta)
+    b = _validate.number("beta", beta)
     if not 0.0 <= b <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     inv_t, cap, scale = check_logit_options(temperature, softcap, logit_scale, ignore_index)

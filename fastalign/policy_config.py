@@ -237,8 +237,8 @@ class PolicyConfig:
     def _check_numbers(self) -> None:
         """Types and ranges of the numeric options (whether they apply is checked by ``_only``)."""
         _validate.finite(**{name: getattr(self, name) for name in _FINITE})
-        _validate._number("log_ratio_cap", self.log_ratio_cap)  # +inf: no clamp
-        rmax = _validate._number("rollout_max", self.rollout_max)
+        _validate.number("log_ratio_cap", self.log_ratio_cap)  # +inf: no clamp
+        rmax = _validate.number("rollout_max", self.rollout_max)
         if not rmax >= 0:  # +inf: no upper bound (TRL's default); NaN fails here
             raise ValueError(f"rollout_max must be >= 0 (or +inf), got {self.rollout_max}")
         for name in _PAIRS:

@@ -784,7 +784,7 @@ def test_grpo_fractional_attention_mask_unread_gives_nan(monkeypatch):
     """Where the mask's values are not read on the host (a GPU tensor), a fractional mask makes the loss NaN."""
     from fastalign import _validate
 
-    monkeypatch.setattr(_validate, "_flag_or_raise", lambda bad, x, message: bad)
+    monkeypatch.setattr(_validate, "flag_or_raise", lambda bad, x, message: bad)
     d = _grpo_batch(47)
     fa = fl.LigerFusedLinearGRPOLoss(compiled=False, loss_type="bnpo")
     kw = dict(bias=d["bias"], old_per_token_logps=d["old"], ref_per_token_logps=d["ref"])

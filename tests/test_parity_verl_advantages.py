@@ -430,9 +430,12 @@ def test_gpg_alpha_counts_a_nan_score_in_other_groups():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_reward_on_a_valid_token_of_the_token_level_estimators(bad):
     """A NaN or ±inf reward on a valid token: remax, and the advantages of gae and reinforce_plus_plus
-    (whitened over the batch: all NaN), are verl's on the valid tokens; so are their returns for a NaN reward."""
+    (whitened over the batch: all NaN), are verl's on the valid tokens; so are their returns for a NaN reward.
+    For ±inf, the returns of the other rows are verl's, and the row's are the discounted sum: ±inf at that token
+    and every earlier one (verl's are NaN at earlier tokens, docs/parity-policy.md)."""
     _, token_r, mask, values, baselines = _batch(seed=13)
-    token_r[2, 0] = bad
+    mask[2] = 1.0
+    token_r[2, 3] = bad
     valid = mask.bool()
     for est in ("gae", "reinforce_plus_plus", "remax"):
         cfg = AlgoConfig(adv_estimator=est, gamma=0.9, lam=0.95)
@@ -441,6 +444,11 @@ def test_non_finite_reward_on_a_valid_token_of_the_token_level_estimators(bad):
         torch.testing.assert_close(adv_f[valid], adv_v[valid], **TOL, equal_nan=True)
         if est == "remax" or bad != bad:
             torch.testing.assert_close(ret_f[valid], ret_v[valid], **TOL, equal_nan=True)
+        else:
+            other = valid.clone()
+            other[2] = False
+            torch.testing.assert_close(ret_f[other], ret_v[other], **TOL)
+            assert (ret_f[2, :4] == bad).all()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

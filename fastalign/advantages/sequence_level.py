@@ -366,7 +366,7 @@ def group_advantages(
         _validate.shape("lengths", lengths, (B,), "one length per response")
         _validate.same_device(scores=r, lengths=lengths)
         lens = lengths.to(torch.float64).contiguous()
-        bad.append(_validate._flag_or_raise(
+        bad.append(_validate.flag_or_raise(
             ~(torch.isfinite(lens) & (lens >= 0)).all(), lens,
             lambda: "lengths must be finite and >= 0 (token counts), got "
                     f"{int((~(torch.isfinite(lens) & (lens >= 0))).sum())} entries that are not"))
@@ -383,7 +383,7 @@ def group_advantages(
                     raise ValueError(f"reward_weights must have {K} entries (one per reward column), "
                                      f"got {reward_weights.numel()}")
                 reward_weights = reward_weights.to(device=device, dtype=r.dtype).reshape(K)
-                bad.append(_validate._flag_or_raise(
+                bad.append(_validate.flag_or_raise(
                     ~torch.isfinite(reward_weights).all(), reward_weights,
                     lambda: f"reward_weights must be finite, got {reward_weights.tolist()}"))
             else:  # a NaN or inf weight would turn every advantage into 0 or NaN

@@ -160,13 +160,13 @@ def _packed_rows_flag(model, attention_mask: Optional[Tensor], position_ids) -> 
     """Refuses packed rows (``position_ids`` that do not step by 1 within a row, ``transformers``' rule, with no
     ``attention_mask``) for a body that would not split them (:func:`_unsplit_packing`): a ``ValueError`` for
     CPU position ids; on a GPU they are not read on the host, and the returned flag makes the hidden states NaN
-    (:func:`fastalign._validate._flag_or_raise`). None when nothing is to refuse."""
+    (:func:`fastalign._validate.flag_or_raise`). None when nothing is to refuse."""
     if not isinstance(position_ids, Tensor) or attention_mask is not None or position_ids.dim() != 2:
         return None
     unsplit = _unsplit_packing(model)
     if unsplit is None:
         return None
-    return _validate._flag_or_raise(
+    return _validate.flag_or_raise(
         (position_ids[:, 1:] - position_ids[:, :-1] != 1).any(), position_ids,
         lambda: (f"position_ids restart within a row (packed sequences), but {unsplit}; score each sequence in its "
                  "own row (padded, with attention_mask) instead"))

@@ -58,7 +58,7 @@ class LigerFusedLinearJSDLoss(SinglePassAttribute, LiveOptions, nn.Module):
         """Check the options: finite loss weights, ``beta`` in [0, 1], ``temperature > 0``."""
         _validate.finite_number("weight_hard_loss", self.weight_hard_loss)
         _validate.finite_number("weight_soft_loss", self.weight_soft_loss)
-        if not 0.0 <= _validate._number("beta", self.beta) <= 1.0:
+        if not 0.0 <= _validate.number("beta", self.beta) <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {self.beta}")
         _validate.index_value("ignore_index", self.ignore_index)
         _validate.positive("temperature", self.temperature)
