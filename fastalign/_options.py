@@ -11,6 +11,10 @@ from __future__ import annotations
 import difflib
 from typing import Iterable
 
+AUTO_OR_BOOL = ("auto", True, False)
+"""The choices of a pass option (``single_pass``, ``compact``): ``"auto"`` picks where it pays, or ``True`` /
+``False`` forces it."""
+
 
 def did_you_mean(name, choices: Iterable) -> str:
     """``"; did you mean 'x'?"`` for the closest string in ``choices``, or ``""``."""

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend, _dtensor, _validate
-from fastalign._options import check_choice
+from fastalign._options import AUTO_OR_BOOL, check_choice
 from fastalign.linear import check_head, check_logit_options, check_second_head
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_divergence import DivergenceOptions, Head, divergence_loss
@@ -18,7 +18,6 @@ from fastalign.ops.single_pass import differentiated
 
 __all__ = ["linear_divergence_loss"]
 
-_MODES = ("auto", True, False)
 
 # each tensor argument's name in the messages of check_tensors (an adapter passes its own)
 ARGUMENT_NAMES = {name: name for name in ("hidden", "weight", "bias", "teacher_hidden", "teacher_weight",
@@ -136,7 +135,7 @@ def linear_divergence_loss(
     t_scale = _validate.finite_number("teacher_logit_scale", teacher_logit_scale)
     w_soft = _validate.finite_number("soft_weight", soft_weight)
     w_hard = _validate.finite_number("hard_weight", hard_weight)
-    check_choice("single_pass", single_pass, _MODES)
+    check_choice("single_pass", single_pass, AUTO_OR_BOOL)
     if labels is None and w_hard != 0:
         raise ValueError("hard_weight needs labels (the targets of the hard loss)")
     _validate.count("normalizer", normalizer)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from fastalign import _dtensor, _validate
-from fastalign._options import check_choice, check_names
+from fastalign._options import AUTO_OR_BOOL, check_choice, check_names
 from fastalign.linear import check_head_inputs, check_logit_options, linear_logprobs, logit_pipeline, two_pass_only
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_cpu import labelled_rows
@@ -38,7 +38,6 @@ from fastalign.policy_config import FIELDS, PolicyConfig
 # keywords that belong to the logit pipeline (linear_logprobs), not to policy_loss
 _LOGIT_OPTIONS = ("temperature", "softcap", "logit_scale", "ignore_index", "chunk", "vocab_group",
                   "grad_skip_threshold")
-_MODES = ("auto", True, False)
 _COUPLED = ("clip_cov", "kl_cov")  # loss types whose tokens are chosen across the batch
 
 
@@ -95,7 +94,7 @@ class LinearPolicyLoss(nn.Module):
     def __init__(self, *, entropy_metric: bool = False, single_pass="auto", **config):
         super().__init__()
         self.entropy_metric = bool(entropy_metric)
-        check_choice("single_pass", single_pass, _MODES)
+        check_choice("single_pass", single_pass, AUTO_OR_BOOL)
         self.single_pass = single_pass
         if "entropy" in config:
             raise ValueError("LinearPolicyLoss computes the entropy itself; pass entropy_coef / entropy_metric")
@@ -119,7 +118,7 @@ class LinearPolicyLoss(nn.Module):
         cfg = {**self.config, **kwargs}
         entropy_metric = bool(cfg.pop("entropy_metric", self.entropy_metric))
         single_pass = cfg.pop("single_pass", self.single_pass)
-        check_choice("single_pass", single_pass, _MODES)
+        check_choice("single_pass", single_pass, AUTO_OR_BOOL)
         why = _single_pass_blocker(cfg, entropy_threshold=cfg.get("entropy_threshold"))
         if single_pass is True and why:
             raise ValueError(f"single_pass=True does not apply: {why}")

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from fastalign import _backend, _dtensor, _validate
 from fastalign._deprecate import renamed
-from fastalign._options import check_choice
+from fastalign._options import AUTO_OR_BOOL, check_choice
 from fastalign.linear import check_head, check_logit_options, linear_logprobs, logit_pipeline
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_cpu import labelled_rows, scatter_labelled
@@ -46,7 +46,6 @@ DEFAULT_PAIR_BLOCK_MIB = DEFAULT_BLOCK_MIB
 __all__ = ["DEFAULT_PAIR_BLOCK_MIB", "LinearPreferenceLoss", "PathPolicy", "coupling"]
 
 _COUPLED = ("aot", "aot_unpaired")  # sorted across the batch
-_MODES = ("auto", True, False)
 #: the keywords of LinearPreferenceLoss besides the preference_loss options
 _OWN_OPTIONS = ("ignore_index", "temperature", "softcap", "logit_scale", "ld_alpha", "use_weighting", "wpo_cap",
                 "vocab_group", "backend", "compact", "single_pass")
@@ -84,8 +83,8 @@ class PathPolicy:
     :class:`LinearPreferenceLoss`: ``"auto"``, True or False)."""
 
     def __init__(self, compact, single_pass, loss_types, vocab_group, use_weighting: bool):
-        check_choice("compact", compact, _MODES)
-        check_choice("single_pass", single_pass, _MODES)
+        check_choice("compact", compact, AUTO_OR_BOOL)
+        check_choice("single_pass", single_pass, AUTO_OR_BOOL)
         self.compact, self.single_pass = compact, single_pass
         self.loss_types, self.vocab_group, self.use_weighting = tuple(loss_types), vocab_group, use_weighting
         if single_pass is True:

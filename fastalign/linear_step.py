@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _dtensor
-from fastalign._options import check_choice
+from fastalign._options import AUTO_OR_BOOL, check_choice
 from fastalign.linear import check_head_inputs, linear_logprobs, logit_pipeline, two_pass_only
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_cpu import labelled_rows, scatter_labelled
@@ -31,7 +31,6 @@ from fastalign.ops.single_pass import UNLABELLED, Side, by_default, single_pass_
 
 __all__ = ["ITEMS", "StepLoss", "separable_step"]
 
-_MODES = ("auto", True, False)
 #: What an item of :func:`separable_step` is: a row, a pair of rows (chosen first), or a token.
 ITEMS = ("rows", "pairs", "tokens")
 
@@ -77,7 +76,7 @@ def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLos
     unknown = set(extras) - {"entropy", "argmax"}
     if unknown:
         raise ValueError(f"extras must be among ('entropy', 'argmax'), got {sorted(unknown)}")
-    check_choice("single_pass", single_pass, _MODES)
+    check_choice("single_pass", single_pass, AUTO_OR_BOOL)
     if single_pass == "auto" and two_pass_only(logit):
         single_pass = False  # a vocabulary split over ranks, the two-pass chunks or tile skipping
     if single_pass is True and not eager(hidden, weight, bias, a, lw):

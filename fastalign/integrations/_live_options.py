@@ -8,6 +8,8 @@ them (``_configure``); an invalid value raises there, naming the option, and lea
 """
 from __future__ import annotations
 
+from fastalign._options import AUTO_OR_BOOL, check_choice
+
 
 class LiveOptions:
     """Mixin for an ``nn.Module`` adapter: ``OPTIONS`` names its option attributes, and the adapter's own
@@ -52,6 +54,5 @@ class SinglePassAttribute:
 
     @single_pass.setter
     def single_pass(self, value) -> None:
-        if not (isinstance(value, bool) or (isinstance(value, str) and value == "auto")):
-            raise ValueError(f"single_pass must be 'auto', True or False, got {value!r}")
+        check_choice("single_pass", value, AUTO_OR_BOOL)
         object.__setattr__(self, "_single_pass", value)
