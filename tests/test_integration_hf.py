@@ -496,6 +496,57 @@ def test_packed_rows_of_other_bodies_equal_separate_sequences(arch):
     torch.testing.assert_close(by_cu.double(), expected, atol=1e-5, rtol=0)
 
 
+def test_packed_rows_of_an_unlisted_architecture_need_packed_rows_stated(monkeypatch):
+    """xglm's body takes position_ids but lets each packed sequence see the ones before it (the packed log-probs
+    differ from the sequences scored alone): an architecture outside the checked table has its packed rows
+    refused, with a stated transform or a registered one, unless registered with packed_rows=True."""
+    import fastalign.integrations.hf as hf
+
+    monkeypatch.setattr(hf, "HEAD_TRANSFORMS", dict(hf.HEAD_TRANSFORMS))
+    monkeypatch.setattr(hf, "_PACKED_ROWS_STATED", set())
+    seqs, input_ids, position_ids = _packed_row([4, 5, 3])
+    cu = torch.tensor([0, 4, 9, 12])
+    leaky = _auto_model("xglm", d_model=32, attention_heads=4, num_layers=2)
+    with torch.no_grad():
+        assert not torch.allclose(reference(leaky, input_ids, position_ids=position_ids)[0][:, 4:8],
+                                  _separately(leaky, seqs)[:, 4:8], atol=1e-4)
+        with pytest.raises(ValueError, match="position_ids restart .*'xglm' is not among .*packed_rows=True"):
+            causal_lm_logprobs(leaky, input_ids, position_ids=position_ids, logit_scale=1.0, softcap=None)
+        hf.register_head_transform("xglm")
+        with pytest.raises(ValueError, match="cu_seqlens: model_type 'xglm' is not among"):
+            causal_lm_logprobs(leaky, input_ids, cu_seqlens=cu)
+
+    model = tiny_model("qwen2")
+    model.config.model_type = "my_qwen2"
+    with torch.no_grad():
+        expected = _separately(model, seqs)
+        hf.register_head_transform("my_qwen2")
+        with pytest.raises(ValueError, match="'my_qwen2' is not among"):
+            causal_lm_logprobs(model, input_ids, cu_seqlens=cu)
+        del hf.HEAD_TRANSFORMS["my_qwen2"]
+        hf.register_head_transform("my_qwen2", packed_rows=True)
+        got = causal_lm_logprobs(model, input_ids, cu_seqlens=cu).logprobs
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
+    with pytest.raises(TypeError, match="packed_rows"):
+        hf.register_head_transform("other", packed_rows="yes")
+
+
+def test_body_found_past_get_decoder():
+    """Llama4ForCausalLM's get_decoder() is the model itself and its body sits at .model (not at its
+    base_model_prefix): found there, its plain head scores as its own logits. ModernBERT-decoder's get_decoder()
+    is its output head: a ValueError saying so (it was a TypeError from Linear.forward)."""
+    llama4 = _auto_model("llama4_text", intermediate_size_mlp=64, num_local_experts=2)
+    input_ids, attention_mask, labels = batch(seed=3)
+    with torch.no_grad():
+        ref_lp, _ = reference(llama4, input_ids, attention_mask)
+        got = causal_lm_logprobs(llama4, input_ids, attention_mask, labels=labels, logit_scale=1.0,
+                                 softcap=None).logprobs
+    check(got, ref_lp, (labels[:, 1:] != -100) & attention_mask[:, 1:].bool(), 1e-4)
+    modernbert = _auto_model("modernbert-decoder", sep_token_id=3, cls_token_id=4, bos_token_id=1, eos_token_id=2)
+    with pytest.raises(ValueError, match="get_decoder.. of ModernBertDecoderForCausalLM returns its output head"):
+        causal_lm_logprobs(modernbert, input_ids, logit_scale=1.0, softcap=None)
+
+
 def test_stated_transform_dtype_and_return_dict_refusals():
     """logit_scale=0 per call gave uniform log-probs while register_head_transform refused it; a float64 model
     raised about an argument named `hidden`; return_dict=False raised a long duplicate-keyword TypeError."""

@@ -74,6 +74,11 @@ HEAD_TRANSFORMS = {
     "granitemoehybrid": _granite_scaling,
 }
 
+#: The architectures listed above, each checked for packed rows (:func:`_unsplit_packing`).
+_LISTED = frozenset(HEAD_TRANSFORMS)
+#: Registered architectures whose caller states that their body splits packed rows (``packed_rows=True``).
+_PACKED_ROWS_STATED: set = set()
+
 _UNSET = object()
 
 #: ``model_type``\ s whose ``transformers`` body takes ``position_ids`` but builds its causal mask without them:
@@ -111,27 +116,42 @@ def _stated_transform(logit_scale, softcap) -> tuple[float, Optional[float]]:
     return scale, None if softcap is None else _validate.positive("softcap", softcap)
 
 
-def register_head_transform(model_type: str, *, logit_scale: float = 1.0, softcap: Optional[float] = None) -> None:
+def register_head_transform(model_type: str, *, logit_scale: float = 1.0, softcap: Optional[float] = None,
+                            packed_rows: bool = False) -> None:
     """State the head transform of a ``model_type`` missing from :data:`HEAD_TRANSFORMS` (a custom or new
     architecture): its forward computes ``logits = softcap * tanh(logit_scale * lm_head(h) / softcap)`` (no
     ``tanh`` with ``softcap=None``) from the last hidden states ``h``. Every call through this module, the TRL
-    drop-ins included, then reads it. A ``model_type`` already in the table raises (its rule reads the config)."""
+    drop-ins included, then reads it. A ``model_type`` already in the table raises (its rule reads the config).
+
+    ``packed_rows=True`` states that the architecture's body splits packed rows (position ids that restart, or
+    ``cu_seqlens``) into independent sequences; without it, packed rows of this ``model_type`` raise, since a
+    body may build its causal mask without the position ids and let each sequence see the ones before it."""
     if not isinstance(model_type, str) or not model_type:
         raise TypeError(f"model_type must be a non-empty string, got {model_type!r}")
     if model_type in HEAD_TRANSFORMS:
         raise ValueError(f"model_type {model_type!r} already has a head transform (read from its config)")
+    _validate.boolean("packed_rows", packed_rows)
     scale, cap = _stated_transform(logit_scale, softcap)
     HEAD_TRANSFORMS[model_type] = lambda config: (scale, cap)
+    if packed_rows:
+        _PACKED_ROWS_STATED.add(model_type)
 
 
 def _body(model):
-    """The module that maps input_ids to the last hidden states (the model without its head)."""
-    body = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if body is None or body is model:
-        body = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    if body is None or body is model:
-        raise TypeError(f"model: cannot find the body of {type(model).__name__} (get_decoder() / base_model_prefix)")
-    return body
+    """The module that maps input_ids to the last hidden states (the model without its head): ``get_decoder()``,
+    else the ``base_model_prefix`` attribute, else ``model.model``. A ``get_decoder()`` that returns the output
+    head itself (ModernBERT-decoder) raises: such a head reads more than the body's last hidden states."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is not None and decoder is head:
+        raise ValueError(f"model: get_decoder() of {type(model).__name__} returns its output head, not the body "
+                         "whose last hidden states the head reads; fastalign cannot score it from hidden states")
+    for body in (decoder, getattr(model, getattr(model, "base_model_prefix", "model"), None),
+                 getattr(model, "model", None)):
+        if isinstance(body, torch.nn.Module) and body is not model and body is not head:
+            return body
+    raise TypeError(f"model: cannot find the body of {type(model).__name__} (get_decoder(), base_model_prefix, "
+                    ".model)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,8 +164,13 @@ def _unsplit_packing(model) -> Optional[str]:
     """Why the model's body would let the sequences of a packed row see each other (None if it splits them, as
     ``transformers`` does from position ids that restart, without an attention mask): a recurrent (state-space)
     body, ``_is_stateful``, carries its state from one sequence into the next; a body that takes no
-    ``position_ids``, or one of :data:`_UNSPLIT_PACKED`, builds its causal mask without them."""
+    ``position_ids``, or one of :data:`_UNSPLIT_PACKED`, builds its causal mask without them. An architecture
+    outside the checked table is refused unless registered with ``packed_rows=True``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _LISTED and model_type not in _PACKED_ROWS_STATED:
+        return (f"model_type {model_type!r} is not among the architectures checked for packed rows; state that its "
+                f"body splits them with fastalign.integrations.hf.register_head_transform({model_type!r}, ..., "
+                "packed_rows=True)")
     body = _body(model)
     if getattr(body, "_is_stateful", False):
         return (f"the body of model_type {model_type!r} carries its recurrent (state-space) state from one packed "
