@@ -92,8 +92,10 @@ class PathPolicy:
             if why:
                 raise ValueError(f"single_pass=True does not apply: {why}")
 
-    def blocker(self, kto_kl=None, per_call: bool = True) -> Optional[str]:
-        """Why the single pass cannot run (None when it can); ``per_call``: include what depends on the call."""
+    def blocker(self, kto_kl=None, per_call: bool = True, token_weights=()) -> Optional[str]:
+        """Why the single pass cannot run (None when it can); ``per_call``: include what depends on the call.
+        ``token_weights``: each side's token weights (or None); the single pass reads them as constants, so
+        it does not run when autograd may ask for their gradient."""
         why = coupling(self.loss_types, self.use_weighting)
         if why:
             return why
@@ -101,15 +103,19 @@ class PathPolicy:
             return "the vocabulary is split over a process group"
         if per_call and "kto" in self.loss_types and kto_kl is None:
             return "kto takes the batch's mean KL unless kto_kl is given"
+        if per_call and differentiated(*token_weights):
+            return "token_weights require grad (the single pass differentiates the hidden states and the head only)"
         return None
 
-    def single_passes(self, kto_kl, weight: Tensor, chosen: Tensor, rejected: Tensor, *inputs) -> bool:
+    def single_passes(self, kto_kl, weight: Tensor, chosen: Tensor, rejected: Tensor, *inputs,
+                      token_weights=()) -> bool:
         """``"auto"``: where :func:`~fastalign.ops.single_pass.by_default` says so (gradients of ``weight``
         or the inputs needed, eager, a pair's logits within the block budget, paying off), when the loss is
-        pair-separable. ``chosen``, ``rejected``: the hidden states of each side ``[B, T_s, H]``."""
+        pair-separable and no ``token_weights`` (each side's, or None) need a gradient. ``chosen``,
+        ``rejected``: the hidden states of each side ``[B, T_s, H]``."""
         if self.single_pass is False:
             return False
-        why = self.blocker(kto_kl)
+        why = self.blocker(kto_kl, token_weights=token_weights)
         if self.single_pass is True:
             if why:
                 raise ValueError(f"single_pass=True does not apply: {why}")
@@ -140,7 +146,7 @@ class LinearPreferenceLoss(nn.Module):
       ``B..2B-1`` rejected;
     * separate — ``hidden=(chosen [B, Tc, H], rejected [B, Tr, H])``, ``labels`` likewise;
     * packed — ``hidden`` ``[N, H]``, ``labels`` ``[N]``, ``cu_seqlens`` ``[2B+1]``: the first
-      B sequences chosen.
+      B sequences chosen (``cu_seqlens = [0]``: no pairs, a loss of 0 as in the other layouts).
 
     ``labels`` are aligned with the hidden positions (no shift inside): the label at
     position ``t`` is the token whose log-prob ``hidden[t]`` predicts; ``ignore_index``
@@ -170,9 +176,10 @@ class LinearPreferenceLoss(nn.Module):
 
     ``single_pass``: gradients computed while a block of whole pairs' logits is in memory
     (see the module docstring). ``"auto"`` (default) uses it in eager mode when gradients are
-    needed, on a GPU or with an fp32 head on the CPU, when the loss is pair-separable and the
-    batch is padded (not packed, no ``vocab_group``); ``True`` asks for it (an error where it
-    does not apply); ``False`` never.
+    needed, on a GPU or with an fp32 head on the CPU, when the loss is pair-separable, the
+    batch is padded (not packed, no ``vocab_group``) and ``token_weights`` need no gradient (the
+    single pass differentiates the hidden states and the head only; learned token weights take
+    the two passes); ``True`` asks for it (an error where it does not apply); ``False`` never.
     """
 
     def __init__(self, loss_type="sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, *,
@@ -363,7 +370,7 @@ class LinearPreferenceLoss(nn.Module):
             if rhc is not None:
                 self._check_ref("chosen ref_hidden", rhc, hc, "chosen hidden", *ref_head)
                 self._check_ref("rejected ref_hidden", rhr, hr, "rejected hidden", *ref_head)
-        single = self.paths.single_passes(kto_kl, weight, hc, hr, bias)
+        single = self.paths.single_passes(kto_kl, weight, hc, hr, bias, token_weights=(twc, twr))
         rows_c, rows_r = self._rows(hc, yc, single), self._rows(hr, yr, single)
         both = (hidden, labels) if split is None else None
         if rhc is not None:
@@ -401,21 +408,38 @@ class LinearPreferenceLoss(nn.Module):
     def _packed(self, hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ref_c, ref_r,
                 token_weights, cu_seqlens, kto_kl):
         """Packed ``[N, H]`` batch: one pass of every sequence, sums by segment."""
-        seq_kw = dict(ignore_index=self.ignore_index, ld_alpha=self.ld_alpha, cu_seqlens=cu_seqlens)
         rows = self._rows(hidden, labels, single=False)
         lp, sp2 = self._token_logprobs(hidden, weight, labels, bias, self.use_weighting, rows)
-        seq = sequence_logprobs(lp, labels=labels, token_weights=token_weights, sum_p2=sp2, **seq_kw)
+        seq = self._packed_sums(lp, labels, cu_seqlens, token_weights, sp2)
         B = seq.sum.shape[0] // 2
         plain = seq.sum
         if token_weights is not None or self.ld_alpha is not None:
-            plain = sequence_logprobs(lp, labels=labels, cu_seqlens=cu_seqlens, ignore_index=self.ignore_index).sum
+            plain = self._packed_sums(lp, labels, cu_seqlens, plain=True).sum
         if ref_hidden is not None:
             with torch.no_grad():
                 rlp, _ = self._token_logprobs(ref_hidden, ref_weight, labels, ref_bias, False, rows)
-                ref = sequence_logprobs(rlp, labels=labels, token_weights=token_weights, **seq_kw)
+                ref = self._packed_sums(rlp, labels, cu_seqlens, token_weights)
             ref_c, ref_r = ref.sum[:B], ref.sum[B:]
         return self._loss(_sequences(seq, slice(0, B)), _sequences(seq, slice(B, None)), plain[:B], ref_c, ref_r,
                           kto_kl)
+
+    def _packed_sums(self, lp, labels, cu_seqlens, token_weights=None, sum_p2=None, plain: bool = False):
+        """:func:`sequence_logprobs` of the packed token log-probs ``lp [N]`` (``plain``: without token weights
+        and LD-DPO). ``cu_seqlens [1]`` holds no sequence (a batch of no pairs): the empty sums of a padded batch
+        ``[0, 1]``, a view of ``lp`` (so its gradient, 0, still reaches the head); ``cu_seqlens`` must then be
+        ``[0]`` (a ``ValueError`` otherwise where it is read on the host: an eager CPU tensor)."""
+        ld_alpha, token_weights = (None, None) if plain else (self.ld_alpha, token_weights)
+        if cu_seqlens.shape[0] > 1:
+            return sequence_logprobs(lp, labels=labels, cu_seqlens=cu_seqlens, ignore_index=self.ignore_index,
+                                     ld_alpha=ld_alpha, token_weights=token_weights, sum_p2=sum_p2)
+        _validate.flag_or_raise(cu_seqlens[0] != 0, cu_seqlens,
+                                lambda: f"cu_seqlens must start at 0, got [{int(cu_seqlens[0])}]")
+
+        def no_rows(t):
+            return None if t is None else t[:0].view(0, 1)
+
+        return sequence_logprobs(no_rows(lp), labels=no_rows(labels), ignore_index=self.ignore_index,
+                                 ld_alpha=ld_alpha, token_weights=no_rows(token_weights), sum_p2=no_rows(sum_p2))
 
     def _single_pass(self, hc, hr, yc, yr, weight, bias, twc, twr, rows_c, rows_r, refs, kto_kl):
         """The single pass (:mod:`fastalign.ops.single_pass`) with this module's loss as its callbacks:

@@ -5,7 +5,8 @@ The LM-head products of a block or chunk of token rows whose labelled (scored) r
 device knows. cuBLAS takes its sizes from the host, so these products are Triton kernels that
 load ``live`` and leave the rest of the work undone:
 
-    LIVE_DIM = 0 (rows):  C[m, :] = A[m, :] @ B        for m < live,  0 (or unchanged) for m >= live
+    LIVE_DIM = 0 (rows):  C[m, :] = A[m, :] @ B        for m < live,  0 (or unchanged) for m >= live,
+                                                       also where B holds a NaN or an inf
     LIVE_DIM = 1 (inner): C      (+)= A[:, :live] @ B[:live, :]
 
 Rows are the logits ``z = h @ W.T`` and ``dh = dz @ W``; the inner dimension is the token one of
@@ -60,6 +61,9 @@ def live_matmul_kernel(
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
+    # the dead rows of a tile with live ones multiplied B by A's 0s (NaN where B holds a NaN or an inf):
+    # 0 instead, so that they end 0, or unchanged when accumulating, whatever B holds
+    acc = tl.where(m_ok[:, None], acc, 0.0)
     c = c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn
     c_ok = (rm < M)[:, None] & n_ok[None, :]
     if ACCUMULATE:

@@ -224,3 +224,60 @@ def test_preference_single_pass_skips_unscored_rows():
     for name, x, y in zip(("loss", "d hidden", "d weight"), got, want):
         y = y.masked_fill(unscored, 0.0) if name == "d hidden" else y
         assert_close(x, y, atol=2e-5, rtol=2e-5, what=name)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_dead_rows_stay_clean_when_b_is_not_finite(value, accumulate):
+    """live_dim 0 with a NaN or an inf in ``b``: the dead rows that share a tile with live ones multiplied
+    it by A's zeros (0 * NaN, 0 * inf: NaN) and stored that; they stay 0 (or unchanged when accumulating)
+    now, while the live rows hold the float64 product, non-finite values included."""
+    live = 5  # rows 5..15 share the first 16-row tile with the live ones
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(M, K, generator=g)
+    b = torch.randn(K, N, generator=g)
+    b[3, 7] = value
+    before = torch.randn(M, N, generator=g)
+    out = before.clone()
+    matmul_live(out, a, b, torch.tensor([live]), 0, accumulate)
+    expected = a[:live].double() @ b.double() + (before[:live].double() if accumulate else 0.0)
+    torch.testing.assert_close(out[:live].double(), expected, atol=1e-5, rtol=1e-5, equal_nan=True)
+    assert torch.equal(out[live:], before[live:] if accumulate else torch.zeros(M - live, N))
+
+
+def _non_finite_head_grads(backend, call):
+    """d hidden of a tiny batch whose head holds one NaN, by ``call``; with the unscored positions."""
+    g = torch.Generator().manual_seed(12)
+    B, T, H, V = 2, 4, 8, 19
+    hidden = torch.randn(2 * B, T, H, generator=g).requires_grad_(True)
+    weight = torch.randn(V, H, generator=g) * 0.5
+    weight[3, 0] = float("nan")
+    weight.requires_grad_(True)
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    labels[:, 0] = -100
+    if call == "linear_logprobs":
+        st = fastalign.linear_logprobs(hidden, weight, labels, backend=backend)
+        st.logprobs.sum().backward()
+    elif call == "LinearPolicyLoss":
+        mask = labels != -100
+        loss_fn = fastalign.LinearPolicyLoss(loss_type="grpo", backend=backend)
+        loss, _ = loss_fn(hidden, weight, labels.clamp(min=0), torch.full(labels.shape, -3.0),
+                          torch.randn(2 * B, generator=g), mask)
+        loss.backward()
+    else:
+        loss_fn = fastalign.LinearPreferenceLoss(loss_type="sigmoid", backend=backend, compact=False)
+        loss, _ = loss_fn(hidden, weight, labels)
+        loss.backward()
+    return hidden.grad, labels == -100
+
+
+@pytest.mark.parametrize("call", ["linear_logprobs", "LinearPolicyLoss", "LinearPreferenceLoss"])
+def test_non_finite_head_reaches_no_unscored_row(call):
+    """A NaN in the LM head: the gradient of the hidden states at unscored positions (ignore_index, or
+    outside the policy's response mask) is 0 on the Triton kernels as on the C++ ones, and the NaNs of the
+    scored rows are the same on both (docs/backends.md)."""
+    got, unscored = _non_finite_head_grads("triton", call)
+    want, _ = _non_finite_head_grads("cpp", call)
+    assert torch.equal(got[unscored], torch.zeros_like(got[unscored]))
+    assert torch.equal(got.isnan(), want.isnan())
+    assert_close(got, want, atol=1e-5, rtol=1e-5, what="d hidden")

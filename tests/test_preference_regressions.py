@@ -722,3 +722,88 @@ def test_reference_free_rows_take_the_reference_for_the_metrics_only(loss_type):
     assert_close(m0["rewards/chosen"], 0.3 * lc.mean(), atol=1e-12, what="rewards/chosen without a reference")
     for name in ("logps/chosen", "logps/rejected"):
         assert torch.equal(m0[name], m1[name])
+
+
+# ------------------------------------------------------------------ learned token weights; the empty packed batch
+
+def _weighted_dpo64(h, w, y, tw, beta=0.1):
+    """float64 reference-free sigmoid DPO of ``sum_t tw_t lp_t`` per sequence (rows 0..B-1 chosen)."""
+    lp = torch.log_softmax(h.double() @ w.double().T, -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+    s = (torch.where(y != -100, lp, torch.zeros_like(lp)) * tw).sum(-1)
+    n = s.shape[0] // 2
+    return -F.logsigmoid(beta * (s[:n] - s[n:])).mean()
+
+
+def _layout(layout, h, y, tw):
+    """(hidden, labels, keywords) of the concatenated batch ``h [2B, T, H]`` in ``layout``."""
+    if layout == "separate":
+        return (h[:B], h[B:]), (y[:B], y[B:]), dict(token_weights=(tw[:B], tw[B:]))
+    if layout == "packed":
+        cu = torch.arange(2 * B + 1) * T
+        return h.reshape(-1, H), y.reshape(-1), dict(token_weights=tw.reshape(-1), cu_seqlens=cu)
+    return h, y, dict(token_weights=tw)
+
+
+@pytest.mark.parametrize("single_pass", ["auto", False])
+@pytest.mark.parametrize("layout", ["concatenated", "separate", "packed"])
+def test_learned_token_weights_get_their_gradient(layout, single_pass):
+    """token_weights that require grad (SparsePO's learned weights) got no gradient from the single pass,
+    which "auto" takes for an fp32 head on the CPU, and which reads them as constants: "auto" takes the two
+    passes for them now. Loss, d token_weights and d hidden are the float64 formula's on every layout."""
+    g, h, w, y = _linear_batch()
+    tw = torch.rand(2 * B, T, generator=g) + 0.5
+    h64, tw64 = h.double().requires_grad_(True), tw.double().requires_grad_(True)
+    want = _weighted_dpo64(h64, w, y, tw64)
+    want_dh, want_dtw = torch.autograd.grad(want, (h64, tw64))
+    hl, twl = h.clone().requires_grad_(True), tw.clone().requires_grad_(True)
+    hidden, labels, kw = _layout(layout, hl, y, twl)
+    loss, _ = fa.LinearPreferenceLoss(beta=0.1, single_pass=single_pass)(hidden, w, labels, **kw)
+    dh, dtw = torch.autograd.grad(loss, (hl, twl))
+    assert_close(loss, want, atol=1e-5, rtol=1e-5, what=f"{layout} loss")
+    assert_close(dtw, want_dtw, atol=1e-5, rtol=1e-5, what=f"{layout} d token_weights")
+    assert_close(dh, want_dh, atol=1e-5, rtol=1e-5, what=f"{layout} d hidden")
+
+
+def test_single_pass_is_refused_for_learned_token_weights_and_kept_for_fixed_ones():
+    """single_pass=True raises naming token_weights when they require grad (under grad mode); fixed token
+    weights, or any under no_grad, leave the single pass to run as before."""
+    g, h, w, y = _linear_batch()
+    tw = torch.rand(2 * B, T, generator=g) + 0.5
+    mod = fa.LinearPreferenceLoss(beta=0.1, single_pass=True)
+    hl = h.clone().requires_grad_(True)
+    _raises(ValueError, "single_pass=True does not apply: token_weights",
+            lambda: mod(hl, w, y, token_weights=tw.clone().requires_grad_(True)))
+    _raises(ValueError, "token_weights", lambda: mod((hl[:B], hl[B:]), w, (y[:B], y[B:]),
+                                                     token_weights=(tw[:B], tw[B:].clone().requires_grad_(True))))
+    loss, _ = mod(hl, w, y, token_weights=tw)
+    assert type(loss.grad_fn).__name__ == "_SinglePassBackward"
+    paths = fa.LinearPreferenceLoss(beta=0.1).paths
+    learned = tw.clone().requires_grad_(True)
+    assert paths.single_passes(None, w, hl[:B], hl[B:], token_weights=(tw[:B], tw[B:]))
+    assert not paths.single_passes(None, w, hl[:B], hl[B:], token_weights=(learned[:B], learned[B:]))
+    with torch.no_grad():
+        assert not mod(h, w, y, token_weights=learned)[0].requires_grad
+
+
+@pytest.mark.parametrize("options", [{}, dict(ld_alpha=0.5, use_weighting=True), dict(loss_type="ipo")],
+                         ids=["sigmoid", "ld-wpo", "ipo"])
+def test_packed_batch_of_no_pairs_gives_loss_zero(options):
+    """cu_seqlens = [0] ([2B+1] with B = 0) raised from sequence_logprobs; it gives loss 0 and zero gradients,
+    as the concatenated and separate layouts of an empty batch (docs/bad-inputs.md), with token weights, a
+    reference and packed padding past the last (here: no) sequence. Its first offset must still be 0."""
+    g = torch.Generator().manual_seed(3)
+    mod = fa.LinearPreferenceLoss(**options)
+    for n in (0, 3):  # no token; three tokens of padding outside every sequence
+        h = torch.randn(n, H, generator=g).requires_grad_(True)
+        w = torch.randn(V, H, generator=g).requires_grad_(True)
+        b = torch.randn(V, generator=g).requires_grad_(True)
+        y = torch.randint(0, V, (n,), generator=g)
+        tw = torch.rand(n, generator=g).requires_grad_(True)
+        cu = torch.zeros(1, dtype=torch.long)
+        for kw in (dict(), dict(token_weights=tw), dict(ref_hidden=torch.randn(n, H, generator=g))):
+            loss, _ = mod(h, w, y, bias=b, cu_seqlens=cu, **kw)
+            want, _ = mod(h[:0].view(0, 1, H), w, y[:0].view(0, 1), bias=b)  # the concatenated empty batch
+            assert loss.item() == 0.0 and torch.equal(loss, want)
+            grads = torch.autograd.grad(loss, (h, w, b))
+            assert all(torch.equal(d, torch.zeros_like(d)) for d in grads)
+        _raises(ValueError, "cu_seqlens must start at 0", lambda: mod(h, w, y, cu_seqlens=torch.tensor([2])))

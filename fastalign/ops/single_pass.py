@@ -32,7 +32,7 @@ from torch import Tensor
 from fastalign.ops._launch import eager, refuse_second_derivative
 from fastalign.ops.device_compaction import compact
 from fastalign.ops.linear_block import (BLOCK_STATS, block_backward, block_buffer, block_forward, block_logprobs,
-                                        block_rows)
+                                        block_rows, kept_rows)
 
 #: Memory for the kept logits of one block, in MiB, on a GPU (bf16/fp16 logits: thousands of rows, so the
 #: products run at full size) and on the CPU (fp32 logits of a few sequences; each block adds once to the fp32
@@ -260,6 +260,9 @@ class _SinglePass(torch.autograd.Function):
             d_blocks = block_backward(z, deriv, rows_of(g[:len(grids)]), h_blk, weight, y_blk, lse, g_ent=g_ent,
                                       ent=aux_blk if aux == "entropy" else None, dw=dw, db=db, low_rank=low_rank,
                                       dl=dl, live=live, **kw)
+            if live is None:  # every row went through the head: an unlabelled row's d(logits) is 0, but 0 times a
+                # NaN or inf of the head is NaN; its gradient is 0 (its statistics are constants), as past ``live``
+                d_blocks = tuple(None if d is None else kept_rows(d, labelled) for d in d_blocks)
             for d_blk, d_sides in zip(d_blocks, d_rows):  # (dh, da) of the block, back to their sides
                 for d_side, ids, part in zip(d_sides, idx, in_order(d_blk).split(sizes)):
                     if d_side is not None:
