@@ -92,6 +92,23 @@ def test_nan_logprob_propagates_the_same_on_both_backends(loss_type):
     _close(out["cpp"][2], rg, "d lp against the reference")
 
 
+@pytest.mark.parametrize("kl_rho", [True, "grad"])
+def test_nan_logprob_with_the_ratio_weighted_kl_is_nan_on_both_backends(kl_rho):
+    """With the ratio-weighted KL, a NaN log-prob's token gets a NaN gradient on both kernels (the ratio that
+    weighs its KL is NaN; docs/bad-inputs.md), the other tokens the float64 reference's gradient."""
+    lp, old, A, m, ref = _small()
+    lp[1, 2] = math.nan
+    kw = dict(loss_type="ppo", ref_logprobs=ref, kl_coef=0.1, kl_rho=kl_rho)
+    out = {b: _fa(b, lp, old, A, m, **kw) for b in ("cpp", "triton")}
+    _, _, rg = _ref(lp, old, A, m, **kw)
+    other = torch.ones_like(m, dtype=torch.bool)
+    other[1, 2] = False
+    for b, (loss, _, g) in out.items():
+        assert torch.isnan(loss), b
+        assert torch.isnan(g[1, 2]), b
+        _close(g[other], rg[other], f"{b} d lp of the other tokens against the reference")
+
+
 # ------------------------------------------------------------------ gspo: the cap of 10 passes no gradient
 
 def _gspo_f64(lp, old, A, m, eps=0.2):
