@@ -192,14 +192,18 @@ def at_least(name: str, value, minimum: int = 1) -> int:
 
 def count(name: str, value) -> None:
     """A global count (``global_tokens``, ``global_seqs``): None, a finite number > 0, or a
-    real tensor with one element. A tensor's value is not read (that would synchronise with a
-    GPU); on the device a count of 0 divides as 1, a positive one as it is."""
+    real tensor with one element, finite and >= 0 (the aggregation divides a count of 0 as 1:
+    :func:`fastalign.aggregate.count_divisor`). A tensor's value is read on the host only for an
+    eager CPU tensor (:func:`flag_or_raise`: a negative, NaN or infinite one raises); elsewhere it is
+    not read (that would synchronise with a GPU) and the aggregation makes the loss NaN for it."""
     if value is None:
         return
     if isinstance(value, torch.Tensor):
         real(name, value)
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        v = value.detach().reshape(())
+        flag_or_raise(~(torch.isfinite(v) & (v >= 0)), v, lambda: f"{name} must be >= 0 and finite, got {v.item()}")
         return
     positive(name, value)
 

@@ -1,6 +1,7 @@
 """Loss aggregation over tokens and sequences with global counts (docs/math.md#aggregation)."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -56,6 +57,14 @@ def divisor(n: Tensor) -> Tensor:
     return torch.where(n > 0, n, torch.ones_like(n))
 
 
+def count_divisor(n: Tensor) -> Tensor:
+    """A global count (:func:`count_tensor`) as the divisor of a mean: as :func:`divisor` (0 divides as 1, a
+    positive count as it is, also below 1), and NaN for a negative, NaN or infinite count, so the loss is NaN,
+    never the sum or 0, where the count is not read on the host (an eager CPU one raises first:
+    :func:`fastalign._validate.count`). Mask sums keep :func:`divisor`."""
+    return torch.where(torch.isfinite(n) & (n >= 0), divisor(n), math.nan)
+
+
 def aggregate_rows(row_loss: Tensor, row_n: Tensor, agg: str, T: int, global_tokens: Count = None,
                    global_seqs: Count = None, dp_size: int = 1, max_len: Optional[int] = None) -> Tensor:
     """Aggregate per-row sums ``row_loss[i] = sum_t m L`` with per-row valid counts ``row_n``.
@@ -66,8 +75,8 @@ def aggregate_rows(row_loss: Tensor, row_n: Tensor, agg: str, T: int, global_tok
     """
     n_rows = row_loss.shape[0]
     if agg == "token-mean":
-        n = row_n.sum() if global_tokens is None else count_tensor(global_tokens, row_n)
-        loss = row_loss.sum(0) / divisor(n)
+        n = divisor(row_n.sum()) if global_tokens is None else count_divisor(count_tensor(global_tokens, row_n))
+        loss = row_loss.sum(0) / n
         return loss * dp_size if dp_size != 1 else loss
     if agg == "token-sum":
         return row_loss.sum(0) * dp_size if dp_size != 1 else row_loss.sum(0)
@@ -75,9 +84,11 @@ def aggregate_rows(row_loss: Tensor, row_n: Tensor, agg: str, T: int, global_tok
         lmax = T if max_len is None else int(max_len)
         if global_seqs is None:
             return row_loss.sum(0) / float(max(n_rows * lmax, 1))
-        return row_loss.sum(0) / divisor(count_tensor(global_seqs, row_n) * lmax) * dp_size
-    nseq = (row_n > 0).sum().float() if global_seqs is None else count_tensor(global_seqs, row_n)
-    nseq = divisor(nseq)
+        return row_loss.sum(0) / count_divisor(count_tensor(global_seqs, row_n) * lmax) * dp_size
+    if global_seqs is None:
+        nseq = divisor((row_n > 0).sum().float())
+    else:
+        nseq = count_divisor(count_tensor(global_seqs, row_n))
     if agg == "seq-mean-token-sum":
         return row_loss.sum(0) / nseq * dp_size
     per_row = divisor(row_n)

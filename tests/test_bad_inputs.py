@@ -19,6 +19,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastalign as fa
+from fastalign import reference
 from conftest import CPU_BACKENDS
 from helpers import assert_close
 
@@ -324,6 +325,14 @@ def _agg(**kw):
     return fa.aggregate_loss(_f(B, T), _mask(B, T), **kw)
 
 
+def _pl_seq(**kw):  # an aggregation that divides by global_seqs
+    return _pl(agg="seq-mean-token-mean", **kw)
+
+
+def _agg_seq(**kw):
+    return _agg(agg="seq-mean-token-sum", **kw)
+
+
 def _seq_pos(**kw):
     return fa.sequence_logprobs(_f(6), position_ids=torch.tensor([0, 1, 0, 1, 2, 3]), **kw)
 
@@ -381,16 +390,20 @@ OPTIONS = [
     (_pl, "dp_size", (0, -1), ValueError),
     (_pl, "dp_size", (1.5, 2.0, True), TypeError),
     (_pl, "global_tokens", (0, -3, NAN, INF), ValueError),
+    (_pl, "global_tokens", (torch.tensor(NAN), torch.tensor(-3.0), torch.tensor(-1), torch.tensor([INF])), ValueError),
     (_pl, "global_tokens", (torch.ones(2), torch.ones(1, 2)), ValueError),
     (_pl, "global_tokens", ("8", torch.ones(1, dtype=torch.complex64)), TypeError),
-    (_pl, "global_seqs", (0, -1, NAN, INF), ValueError),
+    (_pl_seq, "global_seqs", (0, -1, NAN, INF), ValueError),
+    (_pl_seq, "global_seqs", (torch.tensor(NAN), torch.tensor(-1.0), torch.tensor([-INF])), ValueError),
     (_pl, "max_len", (0, -4), ValueError),
     (_pl, "backend", ("tpu",), ValueError),
     (_agg, "dp_size", (0, -2), ValueError),
     (_agg, "dp_size", (2.0, True), TypeError),
     (_agg, "global_tokens", (0, -1, NAN, INF, 0.0), ValueError),
     (_agg, "global_tokens", (torch.ones(3),), ValueError),
-    (_agg, "global_seqs", (0, -1, NAN, INF), ValueError),
+    (_agg, "global_tokens", (torch.tensor(NAN), torch.tensor(-0.5), torch.tensor([[INF]])), ValueError),
+    (_agg_seq, "global_seqs", (0, -1, NAN, INF), ValueError),
+    (_agg_seq, "global_seqs", (torch.tensor(NAN), torch.tensor(-2), torch.tensor(INF)), ValueError),
     (_agg, "max_len", (0, -1), ValueError),
     (_agg, "agg", ("mean", None), ValueError),
     (_seq_pos, "num_sequences", (0, -1), ValueError),
@@ -501,6 +514,54 @@ def test_use_backend_names_the_backend():
     with pytest.raises(ValueError, match="backend"):
         with fa.use_backend("tpu"):
             pass
+
+
+COUNT_AGGS = [("token-mean", "global_tokens"), ("seq-mean-token-sum", "global_seqs"),
+              ("seq-mean-token-mean", "global_seqs"), ("seq-mean-token-sum-norm", "global_seqs")]
+
+
+@pytest.mark.parametrize("on_host", [True, False], ids=["eager-cpu", "device"])
+@pytest.mark.parametrize("agg, name", COUNT_AGGS, ids=[a for a, _ in COUNT_AGGS])
+def test_a_global_count_tensor(agg, name, on_host, monkeypatch):
+    """A global count given as a tensor: 0 divides as 1 and a positive count as it is, also below 1 (the
+    float64 reference); a negative, NaN or infinite one raises naming it where it is read on the host (an
+    eager CPU tensor) and makes the loss NaN, never the sum or 0, where it is not (a GPU or tracing: the
+    device path, taken here by a CPU tensor)."""
+    if not on_host:
+        monkeypatch.setattr("fastalign._validate.eager", lambda *t: False)
+    g = torch.Generator().manual_seed(11)
+    L = torch.randn(B, T, generator=g)
+    lp = -torch.rand(B, T, generator=g)
+    old, A = lp + 0.3 * torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    m = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+
+    def losses(count):
+        kw = {name: count}
+        return fa.aggregate_loss(L, m, agg, **kw), fa.policy_loss(lp, old, A, m, agg=agg, **kw)[0]
+
+    for c in (0.0, 0.5, 7.0):
+        got_agg, got_pl = losses(torch.tensor(c))
+        want_agg = reference.aggregate_loss(L.double(), m, agg, **{name: c})
+        want_pl, _ = reference.policy_loss(lp.double(), old.double(), A.double(), m, agg=agg, **{name: c})
+        assert_close(got_agg, want_agg, atol=1e-6, rtol=1e-6, what=f"aggregate_loss, {name}={c}")
+        assert_close(got_pl, want_pl, atol=1e-6, rtol=1e-6, what=f"policy_loss, {name}={c}")
+    for c in (torch.tensor(NAN), torch.tensor(-1.0), torch.tensor(-0.5), torch.tensor([INF]), torch.tensor(-3)):
+        if on_host:
+            with pytest.raises(ValueError, match=f"^{name} must be >= 0 and finite"):
+                fa.aggregate_loss(L, m, agg, **{name: c})
+            with pytest.raises(ValueError, match=f"^{name} must be >= 0 and finite"):
+                fa.policy_loss(lp, old, A, m, agg=agg, **{name: c})
+        else:
+            assert all(torch.isnan(x) for x in losses(c)), c
+
+
+def test_a_bad_global_count_tensor_gives_nan_under_tracing():
+    """Under torch.compile the count is not read on the host: a NaN or negative one makes the loss NaN."""
+    m = _mask(B, T)
+    agg = torch.compile(lambda L, n: fa.aggregate_loss(L, m, global_tokens=n), fullgraph=True, backend="aot_eager")
+    L = torch.randn(B, T)
+    assert_close(agg(L, torch.tensor(4.0)), L.double().sum() / 4, atol=1e-6, rtol=1e-6, what="a good count")
+    assert torch.isnan(agg(L, torch.tensor(NAN))) and torch.isnan(agg(L, torch.tensor(-6.0)))
 
 
 # ----------------------------------------------------------------------------- zero-size dimensions
