@@ -4,6 +4,8 @@ logits ever built.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import torch
@@ -106,7 +108,8 @@ def linear_divergence_loss(
         labels: integer ``hidden.shape[:-1]``: the targets of the hard loss (and the mask, see above).
         soft_weight, hard_weight: ``w_soft`` and ``w_hard`` (Liger's ``weight_soft_loss`` /
             ``weight_hard_loss``); ``hard_weight != 0`` needs ``labels``.
-        normalizer: a number > 0 or a one-element tensor (TRL's ``num_items_in_batch``; not read on the host).
+        normalizer: a number > 0 or a one-element tensor (TRL's ``num_items_in_batch``), >= 0 and finite: an eager
+            CPU tensor is checked (``ValueError``), another is not read on the host and a bad value makes the loss NaN.
         single_pass: ``"auto"`` (the gradients in the forward when they are needed and the call is eager),
             True (the same; it raises under torch.compile), or False (the backward runs the blocks again).
             Gradients are needed when grad mode is on and ``hidden``, ``weight`` or ``bias`` requires grad: under
@@ -156,7 +159,11 @@ def linear_divergence_loss(
         mask = torch.ones(h2.shape[0], dtype=torch.float32, device=dev)
     y = None if labels is None else labels.reshape(-1).to(torch.int64)
     count = mask.sum()
-    norm = count.clamp(min=1) if normalizer is None else torch.as_tensor(normalizer, device=dev).float().reshape(())
+    if normalizer is None:
+        norm = count.clamp(min=1)
+    else:  # a tensor not read on the host (a GPU one): negative, NaN or infinite makes the loss NaN
+        norm = torch.as_tensor(normalizer, device=dev).float().reshape(())
+        norm = torch.where(torch.isfinite(norm) & (norm >= 0), norm, math.nan)
     g_soft = mask * (w_soft / norm)
     # no hard term at weight 0: the labels are then the mask and the nll metric only (an invalid label gives a NaN
     # nll, not a NaN loss)

@@ -733,6 +733,9 @@ def test_forward_arguments_of_a_wrong_type_raise_naming_them():
     for value in ("10", [10], True):
         with pytest.raises(TypeError, match="^num_items_in_batch must be a real number or a tensor"):
             _run_grpo(grpo, d, (d["hidden"], d["weight"], d["bias"]), ref_mode="logps", num_items_in_batch=value)
+    for value in (float("nan"), torch.tensor(float("inf"))):  # named as num_items_in_batch (it was global_tokens)
+        with pytest.raises(ValueError, match="^num_items_in_batch must be finite"):
+            _run_grpo(grpo, d, (d["hidden"], d["weight"], d["bias"]), ref_mode="logps", num_items_in_batch=value)
     p = _pref_batch(43)
     kto = fl.LigerFusedLinearKTOLoss(compiled=False)
     for value in ("0.1", [0.1], True):

@@ -270,6 +270,20 @@ def test_bad_inputs(kw, err, match):
         fastalign.linear_divergence_loss(h, w, ht, wt, **kw)
 
 
+@pytest.mark.parametrize("bad", [-2.0, math.nan, math.inf])
+def test_bad_normalizer_tensor(bad, monkeypatch):
+    """A negative, NaN or infinite normalizer tensor raises where it is read (an eager CPU tensor) and makes the
+    loss NaN where it is not (a GPU tensor: it gave a loss of 0 or a negative loss)."""
+    from fastalign import _validate
+
+    h, w, b, ht, wt, bt, y = _batch(10, bias=False)
+    with pytest.raises(ValueError, match="normalizer must be >= 0 and finite"):
+        fastalign.linear_divergence_loss(h, w, ht, wt, normalizer=torch.tensor(bad))
+    monkeypatch.setattr(_validate, "eager", lambda x: False)
+    loss, _ = fastalign.linear_divergence_loss(h, w, ht, wt, normalizer=torch.tensor(bad))
+    assert torch.isnan(loss)
+
+
 def test_bad_tensors():
     h, w, b, ht, wt, bt, y = _batch(11, bias=False)
     with pytest.raises(ValueError, match="teacher_weight"):

@@ -260,6 +260,9 @@ class LigerFusedLinearGRPOLoss(SinglePassAttribute, LiveOptions, nn.Module):
             raise ValueError("a per-token vllm_is_ratio is not supported with loss_type 'luspo'")
         if num_items_in_batch is not None:
             _number_or_tensor("num_items_in_batch", num_items_in_batch, shapes=[(), (1,)], what="a count")
+            n = torch.as_tensor(num_items_in_batch).detach()
+            _validate.flag_or_raise(~torch.isfinite(n).all(), n,
+                                    lambda: f"num_items_in_batch must be finite, got {n.reshape(-1).tolist()}")
             if not self._per_token_count:
                 raise ValueError(f"num_items_in_batch does not apply to loss_type {self.loss_type!r}")
         fractional = _binary_mask(attention_mask)
