@@ -314,3 +314,141 @@ def test_per_token_advantages_match_trl(case):
     d = batch(seed=11)
     d["A"] = torch.randn(d["lp"].shape, generator=torch.Generator().manual_seed(12))
     _compare(*_call_both(config, d, 1, 1, True, 1))
+
+
+#: dicts whose loss needs what ``GRPOConfig.__post_init__`` derives or defaults: dr_grpo's default
+#: max_completion_length (512), steps_per_generation from generation_batch_size, the deprecated
+#: vllm_importance_sampling_cap (-> vllm_importance_sampling_clip_max)
+DERIVED = {
+    "dr_grpo_default_length": dict(loss_type="dr_grpo"),
+    "dapo_generation_batch": dict(loss_type="dapo", per_device_train_batch_size=2, generation_batch_size=8),
+    "cispo_generation_batch_accum": dict(loss_type="cispo", epsilon_high=1.05, per_device_train_batch_size=3,
+                                         generation_batch_size=24, gradient_accumulation_steps=2),
+    "vespo_generation_batch": dict(loss_type="vespo", per_device_train_batch_size=4, generation_batch_size=8),
+    "dapo_default_steps": dict(loss_type="dapo", gradient_accumulation_steps=3),
+    "bnpo_vllm_cap": dict(loss_type="bnpo", use_vllm=True, vllm_importance_sampling_mode="token_truncate",
+                          vllm_importance_sampling_cap=1.2),
+}
+
+
+@pytest.mark.filterwarnings("ignore:The `vllm_importance_sampling_cap` argument is deprecated:FutureWarning")
+@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("case", sorted(DERIVED))
+def test_dict_config_gives_the_grpo_config_loss(case, nproc, monkeypatch):
+    """A dict gives the loss of the ``GRPOConfig`` with the same fields: TRL's ``_compute_loss`` on the
+    fields that config resolves in ``__post_init__`` (its world size set to ``nproc``)."""
+    monkeypatch.setattr(GRPOConfig, "world_size", property(lambda self: nproc))
+    fields = DERIVED[case]
+    args = GRPOConfig(output_dir="/tmp/fastalign-grpo", report_to=[], use_cpu=True, **fields)
+    resolved = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
+    d = batch(seed=13)
+    ratio = None
+    if args.use_vllm:  # TRL's token_truncate ratio, computed at generation with the resolved clip bounds
+        ratio = _ratio_from_logprobs(d["old"], d["sampling"], d["m"], args.vllm_importance_sampling_mode,
+                                     args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max)
+    num_items = int(d["m"].sum()) * 3
+    ga = args.gradient_accumulation_steps
+    trl = trl_loss(resolved, d["lp"], d["old"], d["A"], d["m"], d["H"], sampling=d["sampling"] if ratio is not None
+                   else None, is_ratio=ratio, num_items=num_items, ga=ga, nproc=nproc)
+    for config in (fields, args):
+        x = d["lp"].clone().requires_grad_(True)
+        h = d["H"].clone().requires_grad_(True)
+        loss, met = GRPOLoss(config)(x, d["old"], d["A"], d["m"], entropy=h, num_items_in_batch=num_items,
+                                     num_processes=nproc, gradient_accumulation_steps=ga,
+                                     sampling_logprobs=d["sampling"] if ratio is not None else None)
+        loss.backward()
+        _compare(trl, (loss, x.grad, h.grad, met))
+
+
+def test_dict_config_errors_of_grpo_config():
+    """The dict path raises where ``GRPOConfig.__post_init__`` does, and for a generation batch that does
+    not split over the processes."""
+    with pytest.raises(ValueError, match="generation_batch_size and GRPOConfig.steps_per_generation"):
+        GRPOLoss(dict(generation_batch_size=8, steps_per_generation=2))
+    with pytest.raises(ValueError, match="vllm_importance_sampling_clip_min"):
+        GRPOLoss(dict(use_vllm=True, vllm_importance_sampling_clip_min=1.5, vllm_importance_sampling_cap=1.2))
+    with pytest.raises(ValueError, match="vllm_importance_sampling_mode"):
+        GRPOLoss(dict(vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=None))
+    d = batch(seed=14)
+    loss = GRPOLoss(dict(loss_type="dapo", per_device_train_batch_size=4, generation_batch_size=12))
+    with pytest.raises(ValueError, match="generation_batch_size"):  # 12 = 3 steps of 4 rows on 1 process, not on 2
+        loss(d["lp"], d["old"], d["A"], d["m"], entropy=d["H"], num_items_in_batch=30, num_processes=2)
+
+
+def test_entropy_is_required():
+    d = batch(seed=15)
+    for entropy in (None, d["H"][:, :-1]):
+        with pytest.raises(ValueError, match="^entropy must be"):
+            GRPOLoss(dict(loss_type="grpo"))(d["lp"], d["old"], d["A"], d["m"], entropy=entropy)
+
+
+@pytest.mark.parametrize("config, call, field", [
+    (dict(loss_type="dapo", steps_per_generation=0), {}, "GRPOConfig.steps_per_generation"),
+    (dict(loss_type="dapo", gradient_accumulation_steps=0), {}, "GRPOConfig.gradient_accumulation_steps"),
+    (dict(loss_type="grpo"), dict(gradient_accumulation_steps=0), "gradient_accumulation_steps"),
+    (dict(loss_type="dapo", generation_batch_size=0), {}, "GRPOConfig.generation_batch_size"),
+    (dict(loss_type="dr_grpo", max_completion_length=0), {}, "GRPOConfig.max_completion_length"),
+    (dict(loss_type="dr_grpo", max_completion_length=None), {}, "GRPOConfig.max_completion_length"),
+])
+def test_counts_must_be_at_least_one(config, call, field):
+    """Counts of 0 gave a zero (steps_per_generation) or infinite (gradient_accumulation_steps) loss, or
+    were replaced by 1; they raise, naming the field or argument."""
+    d = batch(seed=16)
+    with pytest.raises(ValueError, match=f"^{field} must be an int >= 1"):
+        GRPOLoss(config)(d["lp"], d["old"], d["A"], d["m"], entropy=d["H"], num_items_in_batch=30, **call)
+
+
+@pytest.mark.parametrize("num_items", [math.nan, torch.tensor(math.nan), torch.tensor([math.nan])])
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo", "vespo"])
+def test_nan_num_items_in_batch_raises_on_the_host(loss_type, num_items):
+    """TRL divides by ``num_items_in_batch.clamp(min=1)``, NaN for a NaN count; the profile divided by 1
+    (a plausible finite loss). A NaN count on the host (a number, a CPU tensor) raises; on the device it
+    gives TRL's NaN (:func:`test_nan_num_items_in_batch_unread_gives_trls_nan`)."""
+    d = batch(seed=17)
+    config = dict(loss_type=loss_type, entropy_coef=0.01, steps_per_generation=1)
+    tl, _, _, tm = trl_loss(config, d["lp"], d["old"], d["A"], d["m"], d["H"], num_items=math.nan)
+    assert torch.isnan(tl) and math.isnan(tm["policy_loss"])
+    with pytest.raises(ValueError, match="^num_items_in_batch must not be NaN"):
+        GRPOLoss(config)(d["lp"], d["old"], d["A"], d["m"], entropy=d["H"], num_items_in_batch=num_items)
+
+
+def _nan_count_gives_trls_nan(loss_type, device):
+    d = {k: v.to(device) for k, v in batch(seed=17).items()}
+    config = dict(loss_type=loss_type, entropy_coef=0.01, steps_per_generation=1)
+    tl, tg, _, _ = trl_loss(config, *(d[k].cpu() for k in ("lp", "old", "A", "m", "H")), num_items=math.nan)
+    x = d["lp"].clone().requires_grad_(True)
+    loss, met = GRPOLoss(config)(x, d["old"], d["A"], d["m"], entropy=d["H"],
+                                 num_items_in_batch=torch.tensor(math.nan, device=device))
+    loss.backward()
+    assert torch.isnan(tl) and torch.isnan(loss) and torch.isnan(met["policy_loss"])
+    assert torch.isnan(tg).any() and torch.isnan(x.grad).all()
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo", "vespo"])
+def test_nan_num_items_in_batch_unread_gives_trls_nan(loss_type, monkeypatch):
+    """Where the count is not read on the host (a GPU tensor: no synchronisation), a NaN count gives TRL's
+    NaN loss and ``policy_loss``, and a NaN gradient (TRL's is NaN except where its clamp passes none).
+    On the CPU, with the host check made to leave the flag to the device arithmetic as on a GPU."""
+    import fastalign._validate
+
+    monkeypatch.setattr(fastalign._validate, "flag_or_raise", lambda bad, x, message: bad)
+    _nan_count_gives_trls_nan(loss_type, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo", "vespo"])
+def test_gpu_nan_num_items_in_batch_gives_trls_nan(loss_type):
+    """A NaN count on the GPU (a device tensor, as TRL's trainer passes it) gives TRL's NaN loss."""
+    _nan_count_gives_trls_nan(loss_type, "cuda")
+
+
+@pytest.mark.parametrize("config, field", [
+    (dict(loss_type="sapo", sapo_temperature_pos=0.0), "sapo_temperature_pos"),
+    (dict(loss_type="vespo", vespo_k_neg=math.inf), "vespo_k_neg"),
+    (dict(loss_type="grpo", epsilon_high=-0.1), "epsilon_high"),
+    (dict(loss_type="grpo", beta=math.nan), "beta"),
+    (dict(loss_type="grpo", top_entropy_quantile=1.5 - 2.0), "top_entropy_quantile"),
+])
+def test_errors_name_grpo_config_fields(config, field):
+    with pytest.raises(ValueError, match=f"^GRPOConfig.*{field}"):
+        GRPOLoss(config)

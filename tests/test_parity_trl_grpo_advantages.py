@@ -119,6 +119,15 @@ def test_evaluation_groups_of_one(aggregation):
     assert torch.all(got == 0)
 
 
+def test_evaluation_num_generations_eval_zero_is_unset():
+    """GRPOTrainer takes ``num_generations_eval or num_generations``: 0 groups by num_generations, as None."""
+    args = _config(num_generations=2, per_device_train_batch_size=4, num_generations_eval=0)
+    rewards = random_rewards(6, 2, seed=2)
+    _compare(args, rewards, training=False)
+    got = grpo_advantages(dict(num_generations=2, num_generations_eval=0), rewards, training=False)
+    torch.testing.assert_close(got, _trl_grpo(args, rewards, training=False), atol=1e-6, rtol=1e-6)
+
+
 @settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(G=st.sampled_from([2, 4]), groups=st.integers(1, 3), F=st.integers(1, 3),
        aggregation=st.sampled_from(["sum_then_normalize", "normalize_then_sum"]),

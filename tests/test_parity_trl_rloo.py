@@ -29,9 +29,9 @@ from fastalign.integrations.trl import RLOO_DEFAULTS, rloo_advantages  # noqa: E
 D = torch.float64
 
 
-def _trl_rloo(args, rewards_per_func, kl=None, T=3):
+def _trl_rloo(args, rewards_per_func, kl=None, T=3, training=True):
     B, n_funcs = rewards_per_func.shape
-    model = SimpleNamespace(training=True, is_gradient_checkpointing=False)
+    model = SimpleNamespace(training=training, is_gradient_checkpointing=False)
 
     def logps(trainer, m, ids, attention, keep, batch_size=None, **kw):
         out = torch.zeros(B, keep, dtype=D)
@@ -42,10 +42,12 @@ def _trl_rloo(args, rewards_per_func, kl=None, T=3):
     trainer = SimpleNamespace(
         accelerator=LocalAccelerator(), model=model, ref_model=object() if args.beta else None, args=args,
         _tokenizer=SimpleNamespace(pad_token_id=0), pad_to_multiple_of=None, mask_truncated_completions=False,
-        beta=args.beta, num_generations=args.num_generations, num_generations_eval=args.num_generations,
+        beta=args.beta, num_generations=args.num_generations,
+        num_generations_eval=args.num_generations_eval or args.num_generations,  # as RLOOTrainer.__init__ sets it
         reward_weights=torch.tensor(args.reward_weights or [1.0] * n_funcs, dtype=torch.float32),
         reward_clip_range=args.reward_clip_range, normalize_advantages=args.normalize_advantages,
-        reward_func_names=[f"f{i}" for i in range(n_funcs)], _metrics={"train": defaultdict(list)},
+        reward_func_names=[f"f{i}" for i in range(n_funcs)],
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _logs={"prompt": [], "completion": [], "rewards": defaultdict(list), "advantages": [],
                "extra": defaultdict(list)},
         _pending_extra_logs={}, _pending_metrics={}, log_multimodal=False)
@@ -93,6 +95,20 @@ def test_rloo_infinite_reward_ends_with_trls_nan_to_num(inf, normalize):
     got = rloo_advantages(args, rpf)
     assert not torch.isnan(got).any()
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("G_eval", [None, 1, 2])
+def test_rloo_eval_advantages_group_by_num_generations_eval(G_eval, normalize):
+    """An evaluation batch (``training=False``) is grouped by ``num_generations_eval or num_generations``,
+    as ``RLOOTrainer`` groups it; a training batch by ``num_generations``."""
+    rpf = random_rewards(8, 2, seed=21, unscorable=(5,), partial=(2,))
+    fields = dict(num_generations=4, num_generations_eval=G_eval, normalize_advantages=normalize, beta=0.0)
+    args = _config(**fields)
+    want = _trl_rloo(args, rpf, training=False)
+    for config in (args, fields):
+        torch.testing.assert_close(rloo_advantages(config, rpf, training=False), want, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(rloo_advantages(config, rpf), _trl_rloo(args, rpf), atol=1e-6, rtol=1e-6)
 
 
 def test_rloo_defaults_and_bad_inputs():

@@ -2,7 +2,11 @@
 
 :class:`GRPOLoss` reads a ``GRPOConfig`` (or a dict with its field names) once and maps it onto
 a :class:`fastalign.PolicyConfig`; calling it on the per-token tensors of one micro-batch
-returns ``(loss, metrics)`` equal to ``GRPOTrainer._compute_loss`` and the metrics it logs.
+returns ``(loss, metrics)`` equal to ``GRPOTrainer._compute_loss`` and the metrics it logs. A dict
+gives the loss of the ``GRPOConfig`` with the same fields: TRL's defaults fill the fields it does not
+give, and the values ``GRPOConfig.__post_init__`` derives (``steps_per_generation`` from
+``generation_batch_size``, ``vllm_importance_sampling_clip_max`` from the deprecated
+``vllm_importance_sampling_cap``) are derived the same way, without TRL installed too.
 
 Where TRL's behaviour differs from fastalign's defaults, the profile follows TRL:
 
@@ -45,11 +49,13 @@ controller that lives in the trainer: each call takes its current coefficient as
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+import numbers
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import Tensor
 
+from fastalign import _validate
 from fastalign.integrations.trl._config import check_keys
 from fastalign.policy import entropy_quantile, policy_loss
 from fastalign.policy_config import _SEQUENCE_LEVEL_ROWS as SEQUENCE_LEVEL_ROWS
@@ -74,17 +80,66 @@ _DEFAULTS = {
     "use_bias_correction_kl": True, "importance_sampling_level": "token", "top_entropy_quantile": 1.0,
     "off_policy_mask_threshold": None, "entropy_coef": 0.0, "use_adaptive_entropy": False,
     "sapo_temperature_pos": 1.0, "sapo_temperature_neg": 1.05, "vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0,
-    "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0, "max_completion_length": None, "steps_per_generation": None,
-    "gradient_accumulation_steps": 1, "use_vllm": False, "vllm_importance_sampling_correction": True,
+    "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0, "max_completion_length": 512, "steps_per_generation": None,
+    "generation_batch_size": None, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+    "use_vllm": False, "vllm_importance_sampling_correction": True,
     "vllm_importance_sampling_mode": "sequence_mask", "vllm_importance_sampling_clip_min": None,
-    "vllm_importance_sampling_clip_max": 3.0,
+    "vllm_importance_sampling_clip_max": 3.0, "vllm_importance_sampling_cap": None,
+}
+#: the ``GRPOConfig`` fields behind each :class:`fastalign.PolicyConfig` option (an option's error names them)
+_OPTION_FIELDS = {
+    "eps_low": "epsilon / epsilon_high", "eps_high": "epsilon / epsilon_high", "cispo_bounds": "epsilon_high",
+    "max_len": "max_completion_length", "delta": "delta",
+    "sapo_tau": "sapo_temperature_pos / sapo_temperature_neg", "vespo_k": "vespo_k_pos / vespo_k_neg",
+    "vespo_lambda": "vespo_lambda_pos / vespo_lambda_neg", "kl_coef": "beta",
+    "entropy_quantile": "top_entropy_quantile", "offpolicy_threshold": "off_policy_mask_threshold",
+    "entropy_coef": "entropy_coef", "rollout_min": "vllm_importance_sampling_clip_min",
+    "rollout_max": "vllm_importance_sampling_clip_max",
 }
 
 
-def _read(args: Any, name: str):
-    if isinstance(args, Mapping):
-        return args.get(name, _DEFAULTS[name])
-    return getattr(args, name, _DEFAULTS[name])
+def _count(value: Any, name: str) -> int:
+    """A count: an int >= 1, else a ``ValueError`` naming it (``name``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def _fields(args: Any) -> Dict[str, Any]:
+    """The ``GRPOConfig`` fields the profile reads (those of ``_DEFAULTS``), as ``GRPOTrainer`` sees them.
+
+    A config object is read as it is (a ``GRPOConfig`` has run its ``__post_init__``); a field it lacks
+    takes TRL's default. A dict's keys are checked (:func:`~fastalign.integrations.trl._config.check_keys`),
+    the fields it does not give take TRL 1.16's defaults (``max_completion_length=512`` among them), and
+    ``GRPOConfig.__post_init__``'s rules for the fields read follow, with its errors (``ValueError``):
+
+    * the deprecated ``vllm_importance_sampling_cap``, when set, replaces ``vllm_importance_sampling_clip_max``;
+    * ``generation_batch_size`` and ``steps_per_generation`` cannot both be set. With neither,
+      ``steps_per_generation = gradient_accumulation_steps``; with ``generation_batch_size`` alone it is
+      ``generation_batch_size // (per_device_train_batch_size * world_size)``. :class:`GRPOLoss` derives
+      it (the latter per call, with ``world_size = num_processes``); here it stays None;
+    * ``vllm_importance_sampling_clip_min < vllm_importance_sampling_clip_max``, and a ``*_truncate`` mode
+      with ``vllm_importance_sampling_correction`` needs one of the two.
+    """
+    check_keys(args, _DEFAULTS, "GRPOConfig")
+    if not isinstance(args, Mapping):
+        return {k: getattr(args, k, v) for k, v in _DEFAULTS.items()}
+    c = {k: args.get(k, v) for k, v in _DEFAULTS.items()}
+    if c["vllm_importance_sampling_cap"] is not None:  # deprecated in TRL, which copies it so
+        c["vllm_importance_sampling_clip_max"] = c["vllm_importance_sampling_cap"]
+    if c["generation_batch_size"] is not None and c["steps_per_generation"] is not None:
+        raise ValueError("GRPOConfig.generation_batch_size and GRPOConfig.steps_per_generation cannot both be set "
+                         "(TRL derives each from the other)")
+    lo, hi = c["vllm_importance_sampling_clip_min"], c["vllm_importance_sampling_clip_max"]
+    if lo is not None and hi is not None and lo >= hi:
+        raise ValueError(f"GRPOConfig.vllm_importance_sampling_clip_min ({lo}) must be less than "
+                         f"GRPOConfig.vllm_importance_sampling_clip_max ({hi})")
+    if (c["vllm_importance_sampling_correction"] and lo is None and hi is None
+            and c["vllm_importance_sampling_mode"] in ("token_truncate", "sequence_truncate")):
+        raise ValueError("GRPOConfig.vllm_importance_sampling_mode "
+                         f"{c['vllm_importance_sampling_mode']!r} needs vllm_importance_sampling_clip_min or "
+                         "vllm_importance_sampling_clip_max")
+    return c
 
 
 def grpo_policy_config(args: Any, *, sampling_correction: bool = False) -> PolicyConfig:
@@ -93,62 +148,66 @@ def grpo_policy_config(args: Any, *, sampling_correction: bool = False) -> Polic
     ``sampling_correction``: the importance ratio to the inference engine is computed from
     sampling log-probs in the kernel (``rollout_correction``) rather than passed precomputed.
     """
-    check_keys(args, _DEFAULTS, "GRPOConfig")
-    loss_type = _read(args, "loss_type")
+    c = _fields(args)
+    loss_type = c["loss_type"]
     if loss_type not in GRPO_LOSSES:
         raise ValueError(f"GRPOConfig.loss_type must be one of {tuple(GRPO_LOSSES)}, got {loss_type!r}")
     row, agg, seq_count, _ = GRPO_LOSSES[loss_type]
-    mode = _read(args, "vllm_importance_sampling_mode")
-    if (row == "vespo" and _read(args, "use_vllm") and _read(args, "vllm_importance_sampling_correction")
+    mode = c["vllm_importance_sampling_mode"]
+    if (row == "vespo" and c["use_vllm"] and c["vllm_importance_sampling_correction"]
             and mode not in ("token_truncate", "token_mask")):  # as GRPOTrainer refuses it
         raise ValueError("loss_type 'vespo' with vLLM importance sampling needs vllm_importance_sampling_mode "
                          f"'token_truncate' or 'token_mask', got {mode!r}")
-    if _read(args, "importance_sampling_level") == "sequence" and row not in SEQUENCE_LEVEL_ROWS:
+    if c["importance_sampling_level"] == "sequence" and row not in SEQUENCE_LEVEL_ROWS:
         takes = tuple(t for t, spec in GRPO_LOSSES.items() if spec[0] in SEQUENCE_LEVEL_ROWS)
         raise ValueError(f"GRPOConfig.importance_sampling_level='sequence' applies to loss_type {takes}, not to "
                          f"{loss_type!r} (TRL ignores it there, with a warning); set it to 'token'")
-    eps_low = float(_read(args, "epsilon"))
-    eps_high = _read(args, "epsilon_high")
+    eps_low = float(c["epsilon"])
+    eps_high = c["epsilon_high"]
     eps_high = eps_low if eps_high is None else float(eps_high)
     opts: dict = dict(loss_type=row, agg=agg, seq_count=seq_count,
-                      importance_sampling_level=_read(args, "importance_sampling_level"))
+                      importance_sampling_level=c["importance_sampling_level"])
     if row == "ppo":
         opts.update(eps_low=eps_low, eps_high=eps_high)
     if row in ("gspo", "gmpo"):
         opts.pop("agg")
-    if loss_type == "dr_grpo":
-        max_len = _read(args, "max_completion_length")
-        if max_len is not None:
-            opts["max_len"] = int(max_len)
-    if row == "ppo" and _read(args, "delta") is not None:
-        opts["delta"] = float(_read(args, "delta"))
+    if loss_type == "dr_grpo":  # TRL divides by B * max_completion_length
+        opts["max_len"] = _count(c["max_completion_length"], "GRPOConfig.max_completion_length")
+    if row == "ppo" and c["delta"] is not None:
+        opts["delta"] = float(c["delta"])
     if row == "cispo":
         opts["cispo_bounds"] = (0.0, eps_high)
     if row == "sapo":
-        opts["sapo_tau"] = (float(_read(args, "sapo_temperature_pos")), float(_read(args, "sapo_temperature_neg")))
+        opts["sapo_tau"] = (float(c["sapo_temperature_pos"]), float(c["sapo_temperature_neg"]))
     if row == "vespo":
-        opts["vespo_k"] = (float(_read(args, "vespo_k_pos")), float(_read(args, "vespo_k_neg")))
-        opts["vespo_lambda"] = (float(_read(args, "vespo_lambda_pos")), float(_read(args, "vespo_lambda_neg")))
-    beta = float(_read(args, "beta"))
+        opts["vespo_k"] = (float(c["vespo_k_pos"]), float(c["vespo_k_neg"]))
+        opts["vespo_lambda"] = (float(c["vespo_lambda_pos"]), float(c["vespo_lambda_neg"]))
+    beta = float(c["beta"])
     if beta != 0.0:
         opts.update(kl_coef=beta, kl_type="k3", kl_clamp=False,
-                    kl_rho="grad" if _read(args, "use_bias_correction_kl") else False)
-    q = float(_read(args, "top_entropy_quantile"))
+                    kl_rho="grad" if c["use_bias_correction_kl"] else False)
+    q = float(c["top_entropy_quantile"])
     if q < 1.0:
         opts["entropy_quantile"] = q
     # TRL's ratio is exp(l) (or exp(mean l)) with no clamp
     opts.update(log_ratio_cap_option(row, opts.get("kl_rho", False), math.inf))
-    if _read(args, "off_policy_mask_threshold") is not None:
-        opts["offpolicy_threshold"] = float(_read(args, "off_policy_mask_threshold"))
-    coef = float(_read(args, "entropy_coef"))
+    if c["off_policy_mask_threshold"] is not None:
+        opts["offpolicy_threshold"] = float(c["off_policy_mask_threshold"])
+    coef = float(c["entropy_coef"])
     if coef != 0.0:
         opts.update(entropy_coef=coef, entropy_agg="token-mean")
     if sampling_correction:
-        lo = _read(args, "vllm_importance_sampling_clip_min")
-        hi = _read(args, "vllm_importance_sampling_clip_max")
+        lo = c["vllm_importance_sampling_clip_min"]
+        hi = c["vllm_importance_sampling_clip_max"]
         opts.update(rollout_correction=mode, rollout_min=0.0 if lo is None else float(lo),
                     rollout_max=float("inf") if hi is None else float(hi))
-    return PolicyConfig(**opts)
+    try:
+        return PolicyConfig(**opts)
+    except ValueError as e:  # name the GRPOConfig fields behind the option
+        option = str(e).split(" ", 1)[0].split("[", 1)[0]
+        if option not in _OPTION_FIELDS:
+            raise
+        raise ValueError(f"GRPOConfig.{_OPTION_FIELDS[option]}: {e}") from e
 
 
 def entropy_threshold(entropy: Tensor, mask: Tensor, top_quantile: float, accelerator=None) -> Tensor:
@@ -175,26 +234,53 @@ class GRPOLoss:
     sampling_logprobs=None, importance_sampling_ratio=None, num_items_in_batch=None,
     num_processes=1, training=True)`` takes the tensors of ``_compute_loss`` (``completion_mask``
     times the tool mask when there is one; ``old_logprobs=None`` means on-policy,
-    ``logprobs.detach()``) and returns ``(loss, metrics)`` under TRL's names. ``entropy`` is
-    required as in TRL (it is logged); ``num_items_in_batch`` (the generation batch's token
-    count) is required for dapo / cispo / vespo. With ``top_entropy_quantile < 1``,
-    ``entropy_threshold`` (:func:`entropy_threshold` over every process) replaces this micro-batch's
-    own entropy quantile. With ``use_adaptive_entropy`` each call takes the controller's coefficient
-    for this step as ``entropy_coef`` (0 while the entropy is above ``entropy_target``); the bonus is
-    then on even at 0, as in TRL (``policy_loss`` and ``entropy_coef`` logged).
+    ``logprobs.detach()``) and returns ``(loss, metrics)`` under TRL's names. ``entropy`` (``[B, T]``)
+    is required as in TRL (it is logged); ``num_items_in_batch`` (the generation batch's token
+    count) is required for dapo / cispo / vespo, clamped to >= 1 as TRL does; a NaN count raises
+    where it is on the host (a number, a CPU tensor) and gives TRL's NaN loss on the device.
+    ``gradient_accumulation_steps`` (this window's, default the config's) and the config's
+    ``steps_per_generation`` are ints >= 1; a dict that gives ``generation_batch_size`` instead
+    takes ``steps_per_generation = generation_batch_size // (per_device_train_batch_size *
+    num_processes)``, as ``GRPOConfig`` derives it with its world size. With
+    ``top_entropy_quantile < 1``, ``entropy_threshold`` (:func:`entropy_threshold` over every
+    process) replaces this micro-batch's own entropy quantile. With ``use_adaptive_entropy`` each
+    call takes the controller's coefficient for this step as ``entropy_coef`` (0 while the entropy
+    is above ``entropy_target``); the bonus is then on even at 0, as in TRL (``policy_loss`` and
+    ``entropy_coef`` logged).
     """
 
     def __init__(self, args: Any):
         self.args = args
-        self.loss_type = _read(args, "loss_type")
+        c = _fields(args)
+        self.loss_type = c["loss_type"]
         self.config = grpo_policy_config(args)
         self._normalised = GRPO_LOSSES[self.loss_type][3]
-        self.grad_accum = int(_read(args, "gradient_accumulation_steps") or 1)
-        spg = _read(args, "steps_per_generation")
-        self.steps_per_generation = self.grad_accum if spg is None else int(spg)
-        self.is_correction = bool(_read(args, "use_vllm")) and bool(_read(args, "vllm_importance_sampling_correction"))
+        ga = c["gradient_accumulation_steps"]
+        self.grad_accum = 1 if ga is None else _count(ga, "GRPOConfig.gradient_accumulation_steps")
+        spg = c["steps_per_generation"]
+        if spg is None and c["generation_batch_size"] is None:
+            spg = self.grad_accum
+        #: None: ``generation_batch_size // (per_device_train_batch_size * num_processes)`` at each call
+        self.steps_per_generation = None if spg is None else _count(spg, "GRPOConfig.steps_per_generation")
+        if spg is None:
+            self._generation_batch = (
+                _count(c["generation_batch_size"], "GRPOConfig.generation_batch_size"),
+                _count(c["per_device_train_batch_size"], "GRPOConfig.per_device_train_batch_size"))
+        self.is_correction = bool(c["use_vllm"]) and bool(c["vllm_importance_sampling_correction"])
         self.correction_config = grpo_policy_config(args, sampling_correction=True) if self.is_correction else None
-        self.adaptive_entropy = bool(_read(args, "use_adaptive_entropy"))
+        self.adaptive_entropy = bool(c["use_adaptive_entropy"])
+
+    def _steps_per_generation(self, num_processes: int) -> int:
+        """``steps_per_generation``, or ``GRPOConfig.__post_init__``'s ``generation_batch_size //
+        (per_device_train_batch_size * world_size)`` with ``world_size = num_processes``."""
+        if self.steps_per_generation is not None:
+            return self.steps_per_generation
+        generation, per_device = self._generation_batch
+        global_batch = per_device * _validate.at_least("num_processes", num_processes)
+        if generation % global_batch:
+            raise ValueError(f"GRPOConfig.generation_batch_size ({generation}) must be divisible by the global batch "
+                             f"size per_device_train_batch_size * num_processes ({global_batch})")
+        return generation // global_batch
 
     def __call__(self, logprobs: Tensor, old_logprobs: Optional[Tensor], advantages: Tensor,
                  completion_mask: Tensor, *, entropy: Tensor, ref_logprobs: Optional[Tensor] = None,
@@ -204,6 +290,8 @@ class GRPOLoss:
                  entropy_threshold: Optional[Tensor] = None,
                  entropy_coef: Optional[float] = None) -> tuple[Tensor, dict]:
         cfg = self.config
+        if not isinstance(entropy, Tensor) or entropy.shape != getattr(logprobs, "shape", entropy.shape):
+            raise ValueError("entropy must be a [B, T] tensor like logprobs (TRL logs its token mean)")
         if self.adaptive_entropy != (entropy_coef is not None):
             raise ValueError("entropy_coef is the adaptive controller's coefficient of this step: pass it exactly when "
                              "use_adaptive_entropy=True")
@@ -212,7 +300,9 @@ class GRPOLoss:
             cfg = PolicyConfig.make(cfg, entropy_coef=coef, entropy_agg="token-mean" if coef else "loss")
         if old_logprobs is None:
             old_logprobs = logprobs.detach()
-        ga = self.grad_accum if gradient_accumulation_steps is None else int(gradient_accumulation_steps)
+        ga = self.grad_accum
+        if gradient_accumulation_steps is not None:
+            ga = _count(gradient_accumulation_steps, "gradient_accumulation_steps")
         kw: dict = dict(entropy=entropy, ref_logprobs=ref_logprobs if cfg.kl_coef != 0.0 else None)
         if entropy_threshold is not None:
             kw["entropy_threshold"] = entropy_threshold
@@ -232,8 +322,13 @@ class GRPOLoss:
         if self._normalised:
             if num_items_in_batch is None:
                 raise ValueError(f"loss_type {self.loss_type!r} needs num_items_in_batch")
-            n = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=logprobs.device).clamp(min=1.0)
-            kw["global_tokens"] = n / self.steps_per_generation if training else n
+            # a NaN count raises on the host; on the device it stays NaN through the clamp and the division by
+            # the global count: a NaN loss, as TRL's sum / NaN
+            n = torch.as_tensor(num_items_in_batch, dtype=torch.float32)  # a host number: a CPU tensor
+            _validate.flag_or_raise(torch.isnan(n).any(), n, lambda: "num_items_in_batch must not be NaN (TRL's loss "
+                                    "would be NaN)")
+            n = n.to(logprobs.device).clamp(min=1.0)
+            kw["global_tokens"] = n / self._steps_per_generation(num_processes) if training else n
             cfg = PolicyConfig.make(cfg, dp_size=int(num_processes))
         loss, met = policy_loss(logprobs, old_logprobs, advantages, completion_mask, config=cfg, **kw)
         if self.adaptive_entropy:  # the bonus stays on at a coefficient of 0: TRL logs policy_loss then too

@@ -72,7 +72,7 @@ def grpo_advantages(config, rewards_per_func: Tensor, *, training: bool = True) 
         training: whether the batch is a training batch (else the evaluation group size).
     """
     c = read_fields(config, GRPO_ADVANTAGE_DEFAULTS, "GRPOConfig")
-    G = int(c["num_generations"] if training or c["num_generations_eval"] is None else c["num_generations_eval"])
+    G = int(c["num_generations"] if training else c["num_generations_eval"] or c["num_generations"])
     scale = _SCALES.get(c["scale_rewards"])
     if scale is None:
         raise ValueError(f"scale_rewards must be one of 'group', 'batch', 'none' (or a bool), got {c['scale_rewards']!r}")

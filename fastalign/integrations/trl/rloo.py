@@ -4,9 +4,10 @@
 advantages: weighted sum of the reward columns (a row where every function returned None — NaN —
 is unscorable), ``reward_clip_range``, the sequence KL penalty ``- beta * KL`` when ``beta != 0``,
 the leave-one-out baseline over the scorable completions of each prompt's ``num_generations``
-consecutive rows, then, with ``normalize_advantages``, ``(A - mean) / (std + 1e-4)`` over the
-scorable completions of the batch. Unscorable completions, and a completion alone in its group,
-get 0 (and stay out of the normalisation), as in TRL. The result ends with TRL's
+consecutive rows (``num_generations_eval``, when set, for an evaluation batch), then, with
+``normalize_advantages``, ``(A - mean) / (std + 1e-4)`` over the scorable completions of the batch.
+Unscorable completions, and a completion alone in its group, get 0 (and stay out of the
+normalisation), as in TRL. The result ends with TRL's
 ``torch.nan_to_num(advantages, nan=0.0)``: a NaN that an infinite reward leaves becomes 0, ±inf the
 largest finite float.
 
@@ -35,26 +36,29 @@ from fastalign.sequence import sequence_logprobs
 __all__ = ["RLOO_DEFAULTS", "RLOO_LOSS_DEFAULTS", "RLOOLoss", "rloo_advantages"]
 
 #: TRL 1.16's ``RLOOConfig`` defaults for the fields the advantages read.
-RLOO_DEFAULTS: Dict[str, Any] = dict(num_generations=2, beta=0.05, reward_weights=None, normalize_advantages=False,
-                                     reward_clip_range=None)
+RLOO_DEFAULTS: Dict[str, Any] = dict(num_generations=2, num_generations_eval=None, beta=0.05, reward_weights=None,
+                                     normalize_advantages=False, reward_clip_range=None)
 NORMALIZE_EPS = 1e-4  # RLOOTrainer's std offset
 #: TRL 1.16's ``RLOOConfig`` defaults for the fields the loss reads.
 RLOO_LOSS_DEFAULTS: Dict[str, Any] = dict(epsilon=0.2, epsilon_high=None)
 
 
-def rloo_advantages(config, rewards_per_func: Tensor, kl: Optional[Tensor] = None) -> Tensor:
+def rloo_advantages(config, rewards_per_func: Tensor, kl: Optional[Tensor] = None, *,
+                    training: bool = True) -> Tensor:
     """``[B]`` advantages of ``RLOOTrainer`` (TRL 1.16) for one generation batch.
 
     Args:
-        config: ``RLOOConfig`` or a dict: ``num_generations``, ``beta``, ``reward_weights``,
-            ``normalize_advantages``, ``reward_clip_range``.
+        config: ``RLOOConfig`` or a dict: ``num_generations`` (when not training,
+            ``num_generations_eval or num_generations``, as ``RLOOTrainer`` takes it), ``beta``,
+            ``reward_weights``, ``normalize_advantages``, ``reward_clip_range``.
         rewards_per_func: ``[B, F]`` rewards of the F reward functions (NaN where a function
-            returned None), ``B`` a multiple of ``num_generations`` (each prompt's completions
+            returned None), ``B`` a multiple of the group size (each prompt's completions
             consecutive).
         kl: ``[B]`` per-sequence KL, ``sum_t m_t (old_t - ref_t)``; required when ``beta != 0``.
+        training: whether the batch is a training batch (else the evaluation group size).
     """
     c = read_fields(config, RLOO_DEFAULTS, "RLOOConfig")
-    G = int(c["num_generations"])
+    G = int(c["num_generations"] if training else c["num_generations_eval"] or c["num_generations"])
     cols = reward_columns(rewards_per_func, c["reward_weights"], G)
     B = cols.values.shape[0]
     beta = float(c["beta"])
