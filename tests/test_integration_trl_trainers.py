@@ -821,6 +821,175 @@ def test_rloo_unsupported_option_raises(checkpoint, tmp_path, field):
                            processing_class=_tokenizer(checkpoint))
 
 
+# ------------------------------------------------------------------------------------------ assigned options
+
+def _assigned(trainer, options: dict):
+    """``trainer`` with ``options`` assigned as attributes after construction (a schedule or a callback would)."""
+    for name, value in options.items():
+        setattr(trainer, name, value)
+    return trainer
+
+
+DPO_ASSIGNED = {
+    "beta": dict(beta=0.5),
+    # LD-DPO reaches the reference's log-probs and the policy's alike
+    "ld_alpha": dict(ld_alpha=0.3),
+    "loss_types_and_weights": dict(loss_types=["sigmoid", "sft"], loss_weights=[3.0, 0.5]),
+    "label_smoothing": dict(loss_types=["robust"], label_smoothing=0.2),
+    "f_divergence": dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
+}
+
+
+@pytest.mark.parametrize("case", list(DPO_ASSIGNED))
+def test_dpo_options_assigned_on_the_trainer_match_trl(checkpoint, reference_checkpoint, tmp_path, case):
+    """TRL's DPOTrainer reads beta, loss_types, loss_weights, ld_alpha, label_smoothing and the f-divergence from
+    its attributes at every step: assigned after construction, they change the loss. The drop-in's loss, metrics
+    and update equal TRL's."""
+    options = DPO_ASSIGNED[case]
+    theirs = _run(_assigned(_dpo(trl.DPOTrainer, checkpoint, reference_checkpoint, tmp_path / "trl", {}), options))
+    ours = _run(_assigned(_dpo(fa_trl.DPOTrainer, checkpoint, reference_checkpoint, tmp_path / "fa", {}), options))
+    _compare(theirs, ours)
+
+
+def test_dpo_beta_schedule_takes_effect_at_the_next_step(checkpoint, reference_checkpoint, tmp_path, monkeypatch):
+    """A callback that assigns trainer.beta at the end of each step: the next step's loss and update use it, in TRL
+    and in the drop-in; the drop-in rebuilds its loss once per change, not at every step."""
+    from fastalign.integrations.trl._head import LiveLoss
+
+    builds, build = [], LiveLoss._build
+    monkeypatch.setattr(LiveLoss, "_build", lambda self, *a: builds.append(1) or build(self, *a))
+
+    class Schedule(transformers.TrainerCallback):
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                self.trainer.beta = 0.6
+
+    def run(cls, out):
+        trainer = _dpo(cls, checkpoint, reference_checkpoint, out, dict(max_steps=3))
+        trainer.add_callback(Schedule(trainer))
+        return _run(trainer)
+
+    theirs = run(trl.DPOTrainer, tmp_path / "trl")
+    ours = run(fa_trl.DPOTrainer, tmp_path / "fa")
+    assert len(builds) == 2  # at construction, then once for the new beta
+    _compare(theirs, ours)
+
+
+GRPO_ASSIGNED = {
+    # the second step's policy differs from the reference: a KL term and its gradient
+    "beta": (dict(loss_type="grpo", beta=0.04, max_steps=2), dict(beta=0.2)),
+    # cispo caps the ratio at epsilon_high (0.5 < 1 scales the on-policy loss) and sums over the tokens
+    "loss_type_and_epsilon": (dict(loss_type="grpo"), dict(loss_type="cispo", epsilon_high=0.5)),
+    "entropy_bonus_and_mask": (dict(loss_type="dapo", entropy_coef=0.01), dict(entropy_coef=0.05,
+                                                                               top_entropy_quantile=0.5)),
+    # TRL applies no bonus when its constructor had none (entropy_coef 0): the assignment changes nothing
+    "entropy_coef_without_bonus": (dict(loss_type="grpo"), dict(entropy_coef=0.05)),
+    # the sampling temperature: TRL's fused head keeps the one it was built with for the log-probs
+    "temperature": (dict(loss_type="grpo", beta=0.04), dict(temperature=0.6)),
+}
+
+
+@pytest.mark.parametrize("case", list(GRPO_ASSIGNED))
+def test_grpo_options_assigned_on_the_trainer_match_trl(checkpoint, tmp_path, case):
+    """TRL's GRPOTrainer reads beta, loss_type, the clip epsilons, the entropy bonus and mask (and the vLLM
+    importance-sampling options) from its attributes at every step; the drop-in's loss, metrics and update
+    equal TRL's after such assignments."""
+    config, options = GRPO_ASSIGNED[case]
+    theirs = _run(_assigned(_grpo(trl.GRPOTrainer, checkpoint, tmp_path / "trl", config), options))
+    ours = _run(_assigned(_grpo(fa_trl.GRPOTrainer, checkpoint, tmp_path / "fa", config), options))
+    _compare(theirs, ours)
+
+
+@pytest.mark.parametrize("trainer, options", [("KTO", dict(beta=0.5, desirable_weight=2.0, undesirable_weight=0.5)),
+                                              ("CPO", dict(beta=0.5, cpo_alpha=0.2, label_smoothing=0.1)),
+                                              ("ORPO", dict(beta=0.7))], ids=["KTO", "CPO", "ORPO"])
+def test_preference_options_assigned_on_the_trainer_match_trl(checkpoint, tmp_path, trainer, options):
+    """KTO's beta and class weights, CPO's beta, BC weight and label smoothing, ORPO's beta: read from the trainer
+    at every step by TRL, and by the drop-in; loss, metrics and update equal TRL's."""
+    config_cls = _config_class(trainer)
+    trl_cls = getattr(importlib.import_module(config_cls.__module__.rsplit(".", 1)[0]), f"{trainer}Trainer")
+
+    def build(cls, out):
+        args = config_cls(**_common(out, per_device_train_batch_size=4))
+        extra = dict(ref_model=_sharper(checkpoint, 3.0)) if trainer == "KTO" else {}
+        return _assigned(cls(model=checkpoint, args=args, train_dataset=_kto_dataset() if trainer == "KTO"
+                             else _dpo_dataset(), processing_class=_tokenizer(checkpoint), **extra), options)
+
+    _compare(_run(build(trl_cls, tmp_path / "trl")), _run(build(getattr(fa_trl, f"{trainer}Trainer"), tmp_path / "fa")))
+
+
+@pytest.mark.parametrize("trainer, options, error, message", [
+    ("DPO", dict(beta="0.5"), TypeError, r"DPOTrainer.beta='0.5': DPOConfig.beta must be a real number"),
+    ("DPO", dict(use_weighting="false"), TypeError, r"DPOTrainer.use_weighting='false': .*must be a bool"),
+    ("DPO", dict(beta=-1.0), ValueError, r"DPOTrainer.beta=-1.0: "),
+    ("DPO", dict(loss_types=["sigmoid", "sft"]), ValueError, r"DPOTrainer.loss_types=\['sigmoid', 'sft'\]: "),
+    ("KTO", dict(loss_type="apo_zero_unpaired"), ValueError, r"KTOTrainer.loss_type='apo_zero_unpaired': .*"
+                                                             r"construction only"),
+    ("CPO", dict(loss_type="hinge"), ValueError, r"CPOTrainer.loss_type='hinge': .*label_smoothing"),
+    ("ORPO", dict(beta=float("nan")), ValueError, r"ORPOTrainer.beta=nan: ORPOConfig.beta must be finite"),
+], ids=["dpo-beta-str", "dpo-use_weighting-str", "dpo-beta-negative", "dpo-loss_types-without-weights",
+        "kto-loss_type", "cpo-hinge-with-smoothing", "orpo-beta-nan"])
+def test_refused_assigned_option_names_the_attribute(checkpoint, tmp_path, trainer, options, error, message):
+    """An option assigned on the trainer that the loss refuses raises at the next step, naming the attribute and
+    its value, before any model work; the trainer keeps its last good options."""
+    config = dict(label_smoothing=0.1) if trainer == "CPO" else {}
+    args = _config_class(trainer)(**_common(tmp_path, per_device_train_batch_size=4, **config))
+    built = getattr(fa_trl, f"{trainer}Trainer")(model=checkpoint, args=args, processing_class=_tokenizer(checkpoint),
+                                                 train_dataset=_kto_dataset() if trainer == "KTO" else _dpo_dataset())
+    loss = built.fastalign_loss
+    _assigned(built, options)
+    with pytest.raises(error, match=message):
+        built.train()
+    assert built.state.global_step == 0
+    with pytest.raises(error, match=message):  # still refused; the loss stays the last good one
+        built.fastalign_loss
+    for name in options:
+        setattr(built, name, getattr(args, {"loss_types": "loss_type"}.get(name, name)))
+    if trainer == "DPO" and "loss_types" in options:
+        built.loss_weights = [1.0]
+    assert built.fastalign_loss is loss  # the constructed options again: no rebuild
+
+
+# ------------------------------------------------------------------------------------------ float64 models
+
+def _float64(checkpoint):
+    return transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("trainer", ["SFT", "GRPO", "RLOO", "DPO", "KTO", "CPO", "ORPO", "Distillation"])
+def test_float64_model_is_refused_at_construction(checkpoint, tmp_path, trainer):
+    """TRL's trainers train a float64 model; the fused head runs in float32, bfloat16 or float16, so each drop-in
+    refuses it when built (not at the first step), telling the user to cast the model."""
+    config_cls = _config_class(trainer)
+    options = dict(num_generations=4, max_completion_length=6) if trainer in ("GRPO", "RLOO") else {}
+    extra = {"GRPO": dict(reward_funcs=_reward), "RLOO": dict(reward_funcs=_reward),
+             "Distillation": dict(teacher_model=checkpoint)}.get(trainer, {})
+    data = {"SFT": lambda: _sft_dataset("text"), "KTO": _kto_dataset, "GRPO": _grpo_dataset, "RLOO": _grpo_dataset,
+            "Distillation": _grpo_dataset}.get(trainer, _dpo_dataset)
+    args = config_cls(**_common(tmp_path, per_device_train_batch_size=4, **options))
+    with pytest.raises(TypeError, match=r"^model: its dtype is torch.float64, .*cast the model to float32, "
+                                        r"bfloat16 or float16"):
+        getattr(fa_trl, f"{trainer}Trainer")(model=_float64(checkpoint), args=args, train_dataset=data(),
+                                             processing_class=_tokenizer(checkpoint), **extra)
+
+
+@pytest.mark.parametrize("precompute", [False, True], ids=["live", "precomputed"])
+def test_float64_reference_is_refused_at_construction(checkpoint, tmp_path, precompute):
+    """A float64 reference next to a float32 policy names ref_model, also when the reference log-probs are
+    precomputed inside the constructor. Under bf16 mixed precision the head runs in bf16 (autocast) and a float64
+    model is accepted, as it trains there."""
+    args = trl.DPOConfig(**_common(tmp_path, per_device_train_batch_size=4, precompute_ref_log_probs=precompute))
+    with pytest.raises(TypeError, match=r"^ref_model: its dtype is torch.float64"):
+        fa_trl.DPOTrainer(model=checkpoint, ref_model=_float64(checkpoint), args=args, train_dataset=_dpo_dataset(),
+                          processing_class=_tokenizer(checkpoint))
+    mixed = trl.DPOConfig(**_common(tmp_path, per_device_train_batch_size=4, bf16=True))
+    fa_trl.DPOTrainer(model=_float64(checkpoint), ref_model=_float64(checkpoint), args=mixed,
+                      train_dataset=_dpo_dataset(), processing_class=_tokenizer(checkpoint))
+
+
 # ------------------------------------------------------------------------------------------ options
 
 def test_grpo_vespo_at_sequence_level_names_grpo_loss_types():

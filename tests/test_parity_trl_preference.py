@@ -710,3 +710,42 @@ def test_online_profiles_refuse_misspelt_dict_keys():
             fn()
     T.grpo_policy_config({"loss_type": "grpo", "beta": 0.04, "learning_rate": 1e-6})
     T.rloo_advantages({"num_generations": 2, "beta": 0.0, "logging_steps": 5}, rewards)
+
+
+@pytest.mark.parametrize("make, config, error, field", [
+    (P.dpo_linear_loss, {"use_weighting": "false"}, TypeError, "DPOConfig.use_weighting"),
+    (P.DPOLoss, {"use_weighting": 1}, TypeError, "DPOConfig.use_weighting"),
+    (P.DPOLoss, {"beta": "0.1"}, TypeError, "DPOConfig.beta"),
+    (P.dpo_options, {"ld_alpha": "0.5"}, TypeError, "DPOConfig.ld_alpha"),
+    (P.dpo_preference_loss, {"loss_type": ["robust"], "label_smoothing": float("nan")}, ValueError,
+     "DPOConfig.label_smoothing"),
+    (P.dpo_options, {"loss_type": ["discopop"], "discopop_tau": "0.05"}, TypeError, "DPOConfig.discopop_tau"),
+    (P.dpo_options, {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": True}, TypeError,
+     "DPOConfig.f_alpha_divergence_coef"),
+    (P.CPOLoss, {"cpo_alpha": "1.0"}, TypeError, "CPOConfig.cpo_alpha"),
+    (P.cpo_options, {"loss_type": "simpo", "simpo_gamma": "0.5"}, TypeError, "CPOConfig.simpo_gamma"),
+    (P.cpo_options, {"alpha": float("inf")}, ValueError, "CPOConfig.alpha"),
+    (P.ORPOLoss, {"beta": "0.1"}, TypeError, "ORPOConfig.beta"),
+    (P.KTOLoss, {"desirable_weight": "2"}, TypeError, "KTOConfig.desirable_weight"),
+    (P.kto_options, {"beta": True}, TypeError, "KTOConfig.beta"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_profiles_check_dict_values_naming_the_field(make, config, error, field):
+    """A dict config's values are checked, not coerced: the string "false" (text read from YAML or a command
+    line) no longer turns WPO on through bool(), nor "0.1" passes for beta through float(); a bool, NaN or inf
+    for a number raises too. Each error names the config field."""
+    with pytest.raises(error, match=field):
+        make(config)
+
+
+def test_profiles_take_number_and_switch_types_as_trl_does():
+    """Integers, numpy scalars and numpy bools are real numbers and switches: the options equal the float and
+    bool ones (TRL's configs hold whatever the user passed). Fields a loss type does not read are not checked,
+    as TRL does not read them (discopop_tau without discopop, simpo_gamma without simpo)."""
+    import numpy as np
+    plain = P.dpo_options({"loss_type": ["sigmoid"], "beta": 1.0})
+    assert P.dpo_options({"loss_type": ["sigmoid"], "beta": np.float32(1.0)}) == plain
+    assert P.dpo_options({"loss_type": ["sigmoid"], "beta": 1}) == plain
+    assert P.DPOLoss({"use_weighting": np.bool_(True)}).use_weighting is True
+    assert P.dpo_options({"loss_type": ["sigmoid"], "discopop_tau": None}) == P.dpo_options({"loss_type": ["sigmoid"]})
+    assert P.cpo_options({"loss_type": "sigmoid", "simpo_gamma": None}) == P.cpo_options({"loss_type": "sigmoid"})
+    assert P.kto_options({"desirable_weight": 2})["desirable_weight"] == 2.0

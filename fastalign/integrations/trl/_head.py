@@ -9,11 +9,12 @@ previous forward, at that trainer's temperature and head dtype. Going through ``
 """
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import types
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -132,7 +133,7 @@ def head_policy_loss(trainer, model, ids: Tensor, attention: Tensor, completion_
         hidden[:, positions], weight, completion_ids.masked_fill(completion_mask == 0, -100), old, loss,
         bias=bias, low_rank=None if low_rank is None else (low_rank[0][:, positions], low_rank[1]), entropy=True,
         token_separable=token_separable,
-        logit=dict(temperature=trainer.temperature, logit_scale=scale, softcap=softcap))
+        logit=dict(temperature=head_temperature(trainer), logit_scale=scale, softcap=softcap))
     return value, metrics, entropies, out.aux_loss
 
 
@@ -214,6 +215,12 @@ def head_call(trainer, fields: Sequence[str]) -> dict:
     return {"fastalign_head": tuple(fields), "fastalign_options": getattr(trainer, "fastalign_head_options", {})}
 
 
+def head_temperature(trainer) -> float:
+    """The temperature the trainer's head scores at: the one it was built with (:func:`install_heads`), as TRL's
+    fused head keeps the temperature it was added with (a later ``trainer.temperature`` reaches generation only)."""
+    return getattr(trainer, "fastalign_head_options", {}).get("temperature", 1.0)
+
+
 def check_config(args, name: str) -> None:
     """Raise on the fields of a TRL config that the drop-in trainers cannot honour."""
     if getattr(args, "use_liger_kernel", False):
@@ -221,14 +228,34 @@ def check_config(args, name: str) -> None:
                          "would patch; set it to False")
 
 
-def check_model(trainer, name: str) -> None:
-    """Raise on a model the fastalign head cannot score like TRL's fused head."""
+def check_model(trainer, name: str, *, head_dtype: Optional[torch.dtype] = None) -> None:
+    """Raise on a model the fastalign head cannot score like TRL's fused head: a vision-language model, an
+    architecture without a known head transform, and a policy or reference whose head would run in float64
+    (:func:`check_head_dtype`; ``head_dtype``: the dtype the trainer runs its head in, None: the model's)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if base.config.get_text_config() is not base.config:
         raise ValueError(f"model: {type(base).__name__} is a vision-language model; the fastalign trainers take "
                          "text-only causal LMs (vision inputs are not supported)")
     head_transform(base.config)  # raises for an architecture without a known head transform
+    check_head_dtype(trainer, trainer.model, "model", head_dtype=head_dtype)
+    if getattr(trainer, "ref_model", None) is not None:
+        check_head_dtype(trainer, trainer.ref_model, "ref_model", head_dtype=head_dtype)
+
+
+def check_head_dtype(trainer, model, name: str, *, head_dtype: Optional[torch.dtype] = None,
+                     autocast: bool = True) -> None:
+    """A ``TypeError`` naming ``name`` for a float64 ``model`` whose head would run in float64: the fused head runs
+    in float32, bfloat16 or float16. It runs in ``head_dtype`` when given, else (``autocast``: a head that runs
+    under the trainer's autocast) in the trainer's mixed precision (bf16 / fp16) when on, else in the model's dtype."""
+    if head_dtype is not None or (autocast and trainer.accelerator.mixed_precision in ("bf16", "fp16")):
+        return
+    model = trainer.accelerator.unwrap_model(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.dtype == torch.float64:
+        raise TypeError(f"{name}: its dtype is torch.float64, which the fastalign trainers' fused LM head does not "
+                        f"run in: cast the model to float32, bfloat16 or float16 (e.g. {name}.float(), or "
+                        f"dtype=torch.float32 when loading it) before passing it to the trainer")
 
 
 def init_checked(trainer, init, args, kwargs, check) -> None:
@@ -240,6 +267,89 @@ def init_checked(trainer, init, args, kwargs, check) -> None:
         check(config)
     init(trainer, *args, **kwargs)
     check(trainer.args)
+
+
+#: How a TRL attribute reaches the profile: the config field it stands for; ``(field, read)`` with
+#: ``read(trainer)`` its value as TRL uses it; None: read at construction only (another value raises).
+LiveOption = Union[str, tuple, None]
+
+
+class LiveLoss:
+    """A drop-in trainer's ``fastalign_loss``: the profile loss of its config, kept in step with the option
+    attributes TRL's own trainer reads at every step (``trainer.beta = 0.5`` between steps changes TRL's loss).
+
+    ``LiveLoss(profile, options)`` is a class attribute; ``options`` maps each such TRL attribute to the config
+    field it stands for (:data:`LiveOption`). Reading ``trainer.fastalign_loss`` compares the attributes' values
+    (and types) with those the loss was built from, and builds ``profile(config)`` again, the trainer's config
+    with those fields replaced, only when one changed: no cost at a step where none did. A value the profile
+    refuses raises its ``ValueError`` / ``TypeError`` there, at the next step, naming the attribute
+    (``DPOTrainer.beta=...``); the loss and its values stay the last good ones. An attribute the trainer does
+    not set (CPO's ``simpo_gamma`` without simpo) reads its config field."""
+
+    def __init__(self, profile: Callable, options: dict):
+        self.profile, self.options = profile, dict(options)
+
+    def __set_name__(self, owner, name) -> None:
+        self.slot = f"_{name}_live"
+
+    def _values(self, trainer) -> tuple:
+        def value(attr, option):
+            if isinstance(option, tuple):
+                return option[1](trainer)
+            return getattr(trainer, attr) if option is None else getattr(trainer, attr, getattr(trainer.args, option))
+
+        return tuple(value(attr, option) for attr, option in self.options.items())
+
+    def __get__(self, trainer, owner=None):
+        if trainer is None:
+            return self
+        values = self._values(trainer)
+        key = tuple((type(v), v) for v in values)  # with the types: 0 for False, "0.5" for 0.5 are changes too
+        state = trainer.__dict__.get(self.slot)
+        if state is None or key != state[0]:
+            state = (copy.deepcopy(key), self._build(trainer, values, state))  # a copy: in-place edits are changes
+            trainer.__dict__[self.slot] = state
+        return state[1]
+
+    def __set__(self, trainer, value) -> None:
+        raise AttributeError(f"{type(trainer).__name__}.fastalign_loss follows the trainer's option attributes "
+                             f"({', '.join(self.options)}); assign those")
+
+    def _build(self, trainer, values, state):
+        changed = [(attr, value) for i, (attr, value) in enumerate(zip(self.options, values))
+                   if state is None or (type(value), value) != state[0][i]]
+        fields = {}
+        for (attr, option), value in zip(self.options.items(), values):
+            if option is None:
+                if state is not None and any(attr == a for a, _ in changed):
+                    raise ValueError(f"{type(trainer).__name__}.{attr}={value!r}: the fastalign trainer reads "
+                                     f"{attr} at construction only; build a new trainer to change it")
+            else:
+                fields[option[0] if isinstance(option, tuple) else option] = value
+        try:
+            return self.profile(_ConfigView(trainer.args, fields))
+        except (ValueError, TypeError) as error:
+            if state is None:
+                raise
+            named = ", ".join(f"{type(trainer).__name__}.{attr}={value!r}" for attr, value in changed)
+            raise type(error)(f"{named}: {error}") from error
+
+
+def build_loss(trainer) -> None:
+    """Build the trainer's ``fastalign_loss`` (:class:`LiveLoss`) from its option attributes as TRL's constructor
+    set them: a later assignment is a change, checked and named at the next step."""
+    type(trainer).fastalign_loss.__get__(trainer)
+
+
+class _ConfigView:
+    """A trainer's config with some fields replaced, read as a config object (attribute access)."""
+
+    def __init__(self, args, fields: dict):
+        self.__dict__.update(_args=args, _fields=fields)
+
+    def __getattr__(self, name):
+        fields = self.__dict__["_fields"]
+        return fields[name] if name in fields else getattr(self.__dict__["_args"], name)
 
 
 def install_heads(trainer, **options) -> None:
@@ -311,12 +421,12 @@ class ConcatenatedPairsMixin:
     (``fastalign_loss``) of the scored tokens' log-probs through the head itself (:func:`head_separable_loss`:
     one pass over blocks of whole pairs when gradients are needed) and TRL's metrics.
 
-    A subclass sets ``config_name``, ``nll_over_prompt`` (ORPO: the NLL runs over every attended
-    token, so the prompt is scored too) and ``logits_last_position`` (CPO's ``logits/*`` average
-    every position, ORPO's drop the last). ``logits/*`` is TRL's mean logit
-    ``mean_{b,t,j} z_{b,t,j}`` of each half, from one ``H``-vector (absent for a softcapped head);
-    the per-pair metrics (``rewards/*``, ``logps/*``) are averaged over every process's pairs and
-    the per-batch ones (``nll_loss``, ``logits/*``, ORPO's ``log_odds_*``) over processes, as TRL
+    A subclass sets ``fastalign_loss`` (a :class:`LiveLoss` of its profile), ``config_name``,
+    ``nll_over_prompt`` (ORPO: the NLL runs over every attended token, so the prompt is scored too)
+    and ``logits_last_position`` (CPO's ``logits/*`` average every position, ORPO's drop the last).
+    ``logits/*`` is TRL's mean logit ``mean_{b,t,j} z_{b,t,j}`` of each half, from one ``H``-vector
+    (absent for a softcapped head); the per-pair metrics (``rewards/*``, ``logps/*``) are averaged over
+    every process's pairs and the per-batch ones (``nll_loss``, ``logits/*``, ORPO's ``log_odds_*``) over processes, as TRL
     gathers them.
 
     A length-averaged loss (ORPO; CPO's ipo, simpo, alphapo) on a batch holding a row with no
@@ -329,7 +439,7 @@ class ConcatenatedPairsMixin:
     nll_over_prompt = False
     logits_last_position = True
 
-    def _setup_pairs(self, loss) -> None:
+    def _setup_pairs(self) -> None:
         check_model(self, self.config_name)
         if self.is_encoder_decoder:
             raise ValueError(f"{self.config_name}.is_encoder_decoder: the fastalign trainers take decoder-only causal "
@@ -337,7 +447,7 @@ class ConcatenatedPairsMixin:
         self._mean_logits = has_mean_logits(self.accelerator.unwrap_model(self.model))
         if self.eval_dataset is not None and self.compute_metrics is not None:
             self._check_predicts_loss_only(self.args.prediction_loss_only)
-        self.fastalign_loss = loss
+        build_loss(self)
         install_head(self.accelerator.unwrap_model(self.model))
 
     def _check_predicts_loss_only(self, prediction_loss_only: bool) -> None:
@@ -359,6 +469,7 @@ class ConcatenatedPairsMixin:
         return bool(self.accelerator.gather(empty).any())
 
     def get_batch_loss_metrics(self, model, batch, train_eval="train"):
+        pair_loss = self.fastalign_loss  # the options assigned since the last step, checked
         cat = self.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=self._padding_value(),
                                        device=self.accelerator.device)
         ids, attention = cat["concatenated_input_ids"], cat["concatenated_attention_mask"]
@@ -371,7 +482,7 @@ class ConcatenatedPairsMixin:
         policy = policy_operands(self, model, input_ids=ids, attention_mask=attention, use_cache=False)
         loss, metrics, stats = head_separable_loss(
             policy.operands, self.accelerator.unwrap_model(self.model).config, targets,
-            lambda per_token_logps, _sum_p2: self.fastalign_loss(per_token_logps, completion_mask, *extra),
+            lambda per_token_logps, _sum_p2: pair_loss(per_token_logps, completion_mask, *extra),
             position_means=self._mean_logits)
         # the MoE load-balancing loss of the same forward, with the config's coefficient, not logged (as TRL)
         loss = add_aux_loss(self, loss, policy.aux_loss, None, coef=self.aux_loss_coef)
@@ -389,7 +500,7 @@ class ConcatenatedPairsMixin:
                 position_means = position_means[:, :-1]
             for name, half in (("logits/chosen", position_means[:pairs]), ("logits/rejected", position_means[pairs:])):
                 logged[prefix + name] = self.accelerator.gather_for_metrics(half.mean()).mean().item()
-        if self.fastalign_loss.averaged and self._empty_completion(completion_mask):
+        if pair_loss.averaged and self._empty_completion(completion_mask):
             raise ValueError(f"{self.config_name}.max_length: a pair has a row with no completion token (its prompt "
                              f"fills max_length={self.max_length}, so truncation leaves an empty completion); the "
                              f"length-averaged log-probs of this loss are 0/0 there (TRL gives a NaN loss and NaN "

@@ -17,7 +17,10 @@ Options the drop-in cannot honour raise a ValueError naming the config field at 
 and, on a softcapped head, evaluation that predicts logits (``compute_metrics`` with
 ``prediction_loss_only=False``; at construction when an evaluation set is given, else at ``evaluate``). A MoE model's
 load-balancing loss (the config's ``output_router_logits`` and ``router_aux_loss_coef``) comes from
-the router logits of the same body forward, as TRL adds it.
+the router logits of the same body forward, as TRL adds it. A float64 model raises a TypeError at
+construction (the fused head runs in float32, bfloat16 or float16, or in the bf16 / fp16 of mixed
+precision). ``beta``, ``label_smoothing``, ``loss_type``, ``cpo_alpha``, ``simpo_gamma`` and ``alpha``
+assigned on the trainer take effect at the next step, as in TRL.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import functools
 
 from trl.experimental.cpo import CPOTrainer as _TRLCPOTrainer
 
-from fastalign.integrations.trl._head import ConcatenatedPairsMixin, check_config, init_checked
+from fastalign.integrations.trl._head import ConcatenatedPairsMixin, LiveLoss, check_config, init_checked
 from fastalign.integrations.trl.preference import CPOLoss
 
 __all__ = ["CPOTrainer"]
@@ -35,11 +38,15 @@ class CPOTrainer(ConcatenatedPairsMixin, _TRLCPOTrainer):
     """``trl.experimental.cpo.CPOTrainer`` with fastalign's fused log-probs and loss (see the module doc)."""
 
     config_name = "CPOConfig"
+    #: the options TRL's ``cpo_loss`` and ``concatenated_forward`` read from the trainer at every step -> their
+    #: ``CPOConfig`` fields
+    fastalign_loss = LiveLoss(CPOLoss, {"beta": "beta", "label_smoothing": "label_smoothing", "loss_type": "loss_type",
+                                        "cpo_alpha": "cpo_alpha", "simpo_gamma": "simpo_gamma", "alpha": "alpha"})
 
     @functools.wraps(_TRLCPOTrainer.__init__)
     def __init__(self, *args, **kwargs):
         init_checked(self, _TRLCPOTrainer.__init__, args, kwargs, self._check_config)
-        self._setup_pairs(CPOLoss(self.args))
+        self._setup_pairs()
 
     @staticmethod
     def _check_config(args) -> None:

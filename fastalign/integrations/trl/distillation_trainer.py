@@ -4,11 +4,12 @@ Same constructor, same ``trl.DistillationConfig``; a TRL user changes one import
 
     from fastalign.integrations.trl import DistillationTrainer   # was: from trl import DistillationTrainer
 
-TRL's ``_compute_loss`` is replaced, nothing else: the student's and teacher's last hidden states come from
-TRL's own ``_get_last_hidden_state`` (the teacher under ``no_grad``, through its wrapper), and the loss is
-:func:`fastalign.linear_divergence_loss` over the completion tokens (``completion_mask``, times
-``tool_mask`` when present), with ``beta`` and ``temperature`` from the config and each model's logit scale
-and softcap from :data:`fastalign.integrations.hf.HEAD_TRANSFORMS` (an architecture stated with
+TRL's ``_compute_loss`` is replaced, nothing else (the constructor also checks the models' dtype): the
+student's and teacher's last hidden states come from TRL's own ``_get_last_hidden_state`` (the teacher
+under ``no_grad``, through its wrapper), and the loss is :func:`fastalign.linear_divergence_loss` over the
+completion tokens (``completion_mask``, times ``tool_mask`` when present), with the trainer's ``beta``
+and ``temperature`` (read at every step, as TRL reads them) and each model's logit scale and softcap from
+:data:`fastalign.integrations.hf.HEAD_TRANSFORMS` (an architecture stated with
 :func:`~fastalign.integrations.hf.register_head_transform` included), or, for an architecture missing from it,
 read from its config as TRL reads them (``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``,
 ``logits_scaling``; ``final_logit_softcapping``). The generalized JSD over the
@@ -16,10 +17,12 @@ valid tokens is divided by ``num_items_in_batch`` when ``compute_loss`` passes i
 count of the step over the process count, as TRL), else by the local valid-token count; TRL's
 ``compute_loss`` then logs the mean student entropy at the temperature under ``entropy``. The logits of
 neither model are built; with gradients, one pass over blocks of tokens (four matrix products per token
-instead of TRL's recomputing backward).
+instead of TRL's recomputing backward). A float64 student or teacher raises a TypeError at construction:
+the heads run in the hidden states' dtype, which must be float32, bfloat16 or float16.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -27,6 +30,7 @@ import trl
 
 from fastalign import _dtensor
 from fastalign.integrations.hf import known_head_transform
+from fastalign.integrations.trl._head import check_head_dtype
 from fastalign.linear_divergence import linear_divergence_loss
 
 __all__ = ["DistillationTrainer", "config_head_transform"]
@@ -59,6 +63,14 @@ def config_head_transform(config) -> tuple[float, Optional[float]]:
 
 class DistillationTrainer(trl.DistillationTrainer):
     """``trl.DistillationTrainer`` whose generalized JSD goes through fastalign (see the module doc)."""
+
+    @functools.wraps(trl.DistillationTrainer.__init__)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # the heads run in the hidden states' dtype, under autocast too (a float64 body's last norm gives float64)
+        for name in ("model", "teacher_model"):
+            if getattr(self, name, None) is not None:
+                check_head_dtype(self, getattr(self, name), name, autocast=False)
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)

@@ -18,8 +18,14 @@ logged for a softcapped head) and ``mean_token_accuracy`` from the same pass.
 A MoE model's load-balancing loss (``router_aux_loss_coef`` with ``output_router_logits``) comes
 from the router logits of the policy's body forward, as TRL adds it. Options the drop-in cannot
 honour raise a ValueError naming the config field at construction: ``use_liger_kernel`` and
-vision-language models. With several processes every metric is over the pairs (or tokens) of every process, as
-TRL gathers them.
+vision-language models; a float64 policy or reference raises a TypeError there (the fused head runs in
+float32, bfloat16 or float16, or in the bf16 / fp16 of mixed precision). With several processes every metric
+is over the pairs (or tokens) of every process, as TRL gathers them.
+
+The loss options TRL's trainer reads from its attributes at every step (``beta``, ``loss_types``,
+``loss_weights``, ``label_smoothing``, ``f_divergence_type``, ``f_alpha_divergence_coef``, ``ld_alpha``,
+``use_weighting``) are read here too: ``trainer.beta = 0.5`` between steps (a schedule, a callback) changes the
+loss from the next step, as in TRL, and a value the loss refuses raises there, naming the attribute.
 """
 from __future__ import annotations
 
@@ -31,9 +37,10 @@ import trl
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from fastalign.integrations.trl._head import (add_aux_loss, check_config, check_model, gathered_mean,
-                                               has_mean_logits, head_call, head_separable_loss, init_checked,
-                                               install_head, install_heads, policy_operands)
+from fastalign.integrations.trl._head import (LiveLoss, add_aux_loss, build_loss, check_config, check_head_dtype,
+                                               check_model, gathered_mean, has_mean_logits, head_call,
+                                               head_separable_loss, init_checked, install_head, install_heads,
+                                               policy_operands)
 from fastalign.integrations.trl.preference import DPOLoss
 from fastalign.linear_preference import coupling
 from fastalign.sequence import sequence_logprobs
@@ -46,11 +53,17 @@ _NOT_MODEL_INPUTS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps"
 class DPOTrainer(trl.DPOTrainer):
     """``trl.DPOTrainer`` with fastalign's fused log-probs and loss (see the module doc)."""
 
+    #: the options TRL's ``_compute_loss`` reads from the trainer at every step -> their ``DPOConfig`` fields
+    fastalign_loss = LiveLoss(DPOLoss, {"beta": "beta", "loss_types": "loss_type", "loss_weights": "loss_weights",
+                                        "label_smoothing": "label_smoothing", "f_divergence_type": "f_divergence_type",
+                                        "f_alpha_divergence_coef": "f_alpha_divergence_coef",
+                                        "ld_alpha": "ld_alpha", "use_weighting": "use_weighting"})
+
     @functools.wraps(trl.DPOTrainer.__init__)
     def __init__(self, *args, **kwargs):
         init_checked(self, trl.DPOTrainer.__init__, args, kwargs, self._check_config)
         check_model(self, "DPOConfig")
-        self.fastalign_loss = DPOLoss(self.args)
+        build_loss(self)
         install_heads(self)
 
     @staticmethod
@@ -61,6 +74,7 @@ class DPOTrainer(trl.DPOTrainer):
     def compute_ref_log_probs(self, model, inputs):
         """The reference's summed (LD-DPO weighted) completion log-probs: ``(chosen [B], rejected [B])``."""
         install_head(self.accelerator.unwrap_model(model))  # the precomputed reference runs inside __init__
+        check_head_dtype(self, model, "model" if model is self.model else "ref_model")
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         shift_mask = inputs["completion_mask"][..., 1:]
@@ -76,6 +90,7 @@ class DPOTrainer(trl.DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
+        dpo_loss = self.fastalign_loss  # first: the options assigned since the last step, checked
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
         shift_mask = inputs["completion_mask"][..., 1:]
         targets = inputs["input_ids"][:, 1:].masked_fill(shift_mask == 0, -100)
@@ -94,13 +109,13 @@ class DPOTrainer(trl.DPOTrainer):
 
         def dpo(per_token_logps, sum_p2):
             log_sum_sq = None if sum_p2 is None else sum_p2.clamp(min=1e-38).log()
-            return self.fastalign_loss(per_token_logps, shift_mask, **ref, log_sum_sq_probs=log_sum_sq,
-                                       lengths=lengths)
+            return dpo_loss(per_token_logps, shift_mask, **ref, log_sum_sq_probs=log_sum_sq, lengths=lengths)
 
         unwrapped = self.accelerator.unwrap_model(self.model)
+        weighted = dpo_loss.use_weighting
         loss, metrics, stats = head_separable_loss(
-            policy.operands, unwrapped.config, targets, dpo, sum_p2=self.use_weighting, extras=("entropy", "argmax"),
-            separable=coupling(self.fastalign_loss.options["loss_type"], self.use_weighting) is None,
+            policy.operands, unwrapped.config, targets, dpo, sum_p2=weighted, extras=("entropy", "argmax"),
+            separable=coupling(dpo_loss.options["loss_type"], weighted) is None,
             position_means=has_mean_logits(unwrapped))
         loss = add_aux_loss(self, loss, policy.aux_loss, mode)
         self._log_head_metrics(mode, stats, targets, inputs["attention_mask"])

@@ -19,7 +19,13 @@ trainer runs its own; ``use_adaptive_entropy`` runs TRL's controller of ``entrop
 entropies of the loss's own pass; a MoE model's load-balancing loss (``router_aux_loss_coef`` with
 ``output_router_logits``) comes from the router logits of the same body forward, as TRL adds it.
 Options the drop-in cannot honour raise a ValueError naming the config field at construction:
-``use_liger_kernel`` and vision-language models.
+``use_liger_kernel`` and vision-language models; a float64 policy or reference raises a TypeError there
+unless ``cast_lm_head_to_fp32`` or mixed precision runs the head in another dtype. The options TRL reads
+from the trainer at every step (``beta``, ``loss_type``, ``epsilon_low`` / ``epsilon_high``,
+``importance_sampling_level``, ``top_entropy_quantile``, ``off_policy_mask_threshold``, ``entropy_coef``,
+``max_completion_length``, the vLLM importance-sampling ones) are read here too, so an assignment on the
+trainer takes effect at the next step; ``temperature`` reaches generation only, as TRL's fused head keeps
+the one it was built with.
 With several processes the token-mean metrics (``entropy``, ``kl``, ``clip_ratio/*_mean``, ...)
 weight every process's tokens as TRL does, and ``top_entropy_quantile < 1`` keeps the tokens at or
 above the entropy quantile over every process's valid tokens (gathered here, as TRL gathers them;
@@ -33,9 +39,9 @@ import torch
 import trl
 from trl.trainer.utils import nanmax, nanmin
 
-from fastalign.integrations.trl._head import (VISION_INPUTS, add_aux_loss, check_config, check_model,
-                                               fused_logps_and_entropies, gathered_mean, head_policy_loss,
-                                               init_checked, install_heads)
+from fastalign.integrations.trl._head import (VISION_INPUTS, LiveLoss, add_aux_loss, build_loss, check_config,
+                                               check_model, fused_logps_and_entropies, gathered_mean,
+                                               head_policy_loss, init_checked, install_heads)
 from fastalign.integrations.trl.grpo import GRPOLoss, entropy_threshold, grpo_policy_config
 
 __all__ = ["GRPOTrainer"]
@@ -45,17 +51,39 @@ _PER_PROCESS = {"policy_loss": torch.nanmean, "clip_ratio/low_min": nanmin, "cli
 #: Means of a per-ratio quantity: one value per row under ``importance_sampling_level="sequence"``.
 _RATIO_MEANS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio")
 
+
+def _entropy_coef(trainer) -> float:
+    """TRL's entropy bonus coefficient: 0 unless its constructor enabled the bonus (``_entropy_bonus_enabled``);
+    under ``use_adaptive_entropy`` the controller's coefficient is passed at each call (the config's stays)."""
+    if not trainer._entropy_bonus_enabled:
+        return 0.0
+    return trainer.args.entropy_coef if trainer.use_adaptive_entropy else trainer.entropy_coef
+
+
 class GRPOTrainer(trl.GRPOTrainer):
     """``trl.GRPOTrainer`` with fastalign's fused log-probs, entropies and loss (see the module doc)."""
+
+    #: the options TRL's ``_compute_loss`` reads from the trainer at every step -> their ``GRPOConfig`` fields
+    fastalign_loss = LiveLoss(GRPOLoss, {
+        "loss_type": "loss_type", "beta": "beta", "epsilon_low": "epsilon", "epsilon_high": "epsilon_high",
+        "importance_sampling_level": "importance_sampling_level", "top_entropy_quantile": "top_entropy_quantile",
+        "off_policy_mask_threshold": "off_policy_mask_threshold", "max_completion_length": "max_completion_length",
+        "use_vllm": "use_vllm", "vllm_importance_sampling_correction": "vllm_importance_sampling_correction",
+        "vllm_importance_sampling_mode": "vllm_importance_sampling_mode",
+        "vllm_importance_sampling_clip_min": "vllm_importance_sampling_clip_min",
+        "vllm_importance_sampling_clip_max": "vllm_importance_sampling_clip_max",
+        "entropy_coef": ("entropy_coef", _entropy_coef),
+        "use_adaptive_entropy": ("use_adaptive_entropy", lambda t: t.use_adaptive_entropy and t._entropy_bonus_enabled),
+    })
 
     @functools.wraps(trl.GRPOTrainer.__init__)
     def __init__(self, *args, **kwargs):
         init_checked(self, trl.GRPOTrainer.__init__, args, kwargs, self._check_config)
-        check_model(self, "GRPOConfig")
-        self.fastalign_loss = GRPOLoss(self.args)
         # cast_lm_head_to_fp32: TRL made the head fp32; the fused head runs in fp32 too, hidden states cast up
-        install_heads(self, temperature=self.temperature,
-                      head_dtype=torch.float32 if self.args.cast_lm_head_to_fp32 else None)
+        head_dtype = torch.float32 if self.args.cast_lm_head_to_fp32 else None
+        check_model(self, "GRPOConfig", head_dtype=head_dtype)
+        build_loss(self)
+        install_heads(self, temperature=self.temperature, head_dtype=head_dtype)
 
     @staticmethod
     def _check_config(args) -> None:
@@ -99,15 +127,16 @@ class GRPOTrainer(trl.GRPOTrainer):
         vision = {k: inputs.get(k) for k in ("num_images", *VISION_INPUTS)}
         old = inputs.get("old_per_token_logps")
         mode = "train" if self.model.training else "eval"
+        grpo_loss = self.fastalign_loss  # the options assigned since the last step, checked
         coef = None  # the adaptive controller's coefficient from the last optimizer step, applied at or below target
-        if self.use_adaptive_entropy:
+        if grpo_loss.adaptive_entropy:
             coef = self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
 
         def grpo(per_token_logps, old_logps, entropies, threshold=None):
             sampling = inputs.get("sampling_per_token_logps")
             if sampling is None and self.off_policy_mask_threshold is not None:
                 sampling = old_logps.detach()
-            return self.fastalign_loss(
+            return grpo_loss(
                 per_token_logps, old_logps, inputs["advantages"], mask, entropy=entropies,
                 ref_logprobs=inputs.get("ref_per_token_logps"), sampling_logprobs=sampling,
                 importance_sampling_ratio=inputs.get("importance_sampling_ratio"),
@@ -126,9 +155,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         else:
             loss, metrics, entropies, aux_loss = head_policy_loss(
                 self, model, ids, attention, completion_ids, completion_mask, old, grpo, vision,
-                token_separable=self.fastalign_loss.config.token_separable)
+                token_separable=grpo_loss.config.token_separable)
             bonus_mask = mask
-        if self.use_adaptive_entropy and mode == "train":
+        if grpo_loss.adaptive_entropy and mode == "train":
             self._adapt_entropy_coef(entropies, bonus_mask)
         log = self._metrics[mode]
         # the MoE load-balancing loss, scaled for gradient accumulation as TRL's

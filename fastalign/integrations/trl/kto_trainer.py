@@ -16,7 +16,10 @@ absent from the batch logs nothing, as in TRL).
 
 A MoE model's load-balancing loss comes from the router logits of the policy's body forward, as TRL
 adds it. Options the drop-in cannot honour raise a ValueError naming the config field at
-construction, as for the other drop-ins. With several processes the KL baseline is the mean of every process's
+construction, as for the other drop-ins (a float64 policy or reference: a TypeError). ``beta``,
+``desirable_weight`` and ``undesirable_weight`` assigned on the trainer take effect at the next step, as in
+TRL; ``loss_type`` is read at construction only (TRL prepares the KL completions for it then), and another
+value raises at the next step. With several processes the KL baseline is the mean of every process's
 estimate and ``rewards/*`` / ``logps/*`` average every process's responses of each class, as in TRL.
 """
 from __future__ import annotations
@@ -30,9 +33,10 @@ import trl
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from fastalign.integrations.trl._head import (add_aux_loss, check_config, check_model, gathered_mean,
-                                               has_mean_logits, head_call, head_separable_loss, init_checked,
-                                               install_head, install_heads, policy_operands)
+from fastalign.integrations.trl._head import (LiveLoss, add_aux_loss, build_loss, check_config, check_head_dtype,
+                                               check_model, gathered_mean, has_mean_logits, head_call,
+                                               head_separable_loss, init_checked, install_head, install_heads,
+                                               policy_operands)
 from fastalign.integrations.trl.preference import KTOLoss
 
 __all__ = ["KTOTrainer"]
@@ -44,11 +48,17 @@ _NOT_MODEL_INPUTS = ("completion_mask", "KL_input_ids", "KL_attention_mask", "KL
 class KTOTrainer(trl.KTOTrainer):
     """``trl.KTOTrainer`` with fastalign's fused log-probs and loss (see the module doc)."""
 
+    #: the options TRL's ``_compute_loss`` reads from the trainer at every step -> their ``KTOConfig`` fields;
+    #: ``loss_type`` at construction only (TRL's collator and ``calculate_KL`` keep the KL completions of the
+    #: constructed loss type)
+    fastalign_loss = LiveLoss(KTOLoss, {"beta": "beta", "desirable_weight": "desirable_weight",
+                                        "undesirable_weight": "undesirable_weight", "loss_type": None})
+
     @functools.wraps(trl.KTOTrainer.__init__)
     def __init__(self, *args, **kwargs):
         init_checked(self, trl.KTOTrainer.__init__, args, kwargs, self._check_config)
         check_model(self, "KTOConfig")
-        self.fastalign_loss = KTOLoss(self.args)
+        build_loss(self)
         install_heads(self)
 
     @staticmethod
@@ -59,6 +69,7 @@ class KTOTrainer(trl.KTOTrainer):
     def _summed(self, model, input_ids, attention_mask, completion_mask, **model_kwargs):
         """Summed completion log-probs ``[N]`` of ``model`` (a no-grad caller wraps it)."""
         install_head(self.accelerator.unwrap_model(model))  # the precomputed reference runs inside __init__
+        check_head_dtype(self, model, "model" if model is self.model else "ref_model")
         labels = input_ids.masked_fill(completion_mask == 0, -100)
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                     **head_call(self, ("log_probs",)), **model_kwargs)
@@ -87,6 +98,7 @@ class KTOTrainer(trl.KTOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
+        kto_loss = self.fastalign_loss  # the options assigned since the last step, checked
         batch = {k: (v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         model_kwargs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
         shift_mask = batch["completion_mask"][:, 1:]
@@ -104,7 +116,7 @@ class KTOTrainer(trl.KTOTrainer):
             kl_logps, ref_kl_logps = self.accelerator.gather((kl_logps.detach(), ref_kl_logps.detach()))
 
         def kto(per_token_logps, _sum_p2):
-            return self.fastalign_loss(per_token_logps, shift_mask, label, ref_logps, kl_logps, ref_kl_logps)
+            return kto_loss(per_token_logps, shift_mask, label, ref_logps, kl_logps, ref_kl_logps)
 
         unwrapped = self.accelerator.unwrap_model(self.model)
         loss, metrics, stats = head_separable_loss(policy.operands, unwrapped.config, targets, kto, items="rows",

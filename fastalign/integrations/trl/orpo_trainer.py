@@ -13,7 +13,8 @@ Metrics keep TRL's names and values: ``rewards/*``, ``logps/*``, ``nll_loss``, `
 but the last, from one ``H``-vector; not logged for a softcapped head).
 
 Options the drop-in cannot honour raise a ValueError naming the config field at construction, as
-for :class:`fastalign.integrations.trl.CPOTrainer`.
+for :class:`fastalign.integrations.trl.CPOTrainer` (a float64 model: a TypeError); ``beta`` assigned on the
+trainer takes effect at the next step, as in TRL.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import functools
 
 from trl.experimental.orpo import ORPOTrainer as _TRLORPOTrainer
 
-from fastalign.integrations.trl._head import ConcatenatedPairsMixin, check_config, init_checked
+from fastalign.integrations.trl._head import ConcatenatedPairsMixin, LiveLoss, check_config, init_checked
 from fastalign.integrations.trl.preference import ORPOLoss
 
 __all__ = ["ORPOTrainer"]
@@ -33,8 +34,10 @@ class ORPOTrainer(ConcatenatedPairsMixin, _TRLORPOTrainer):
     config_name = "ORPOConfig"
     nll_over_prompt = True
     logits_last_position = False
+    #: the option TRL's ``odds_ratio_loss`` reads from the trainer at every step -> its ``ORPOConfig`` field
+    fastalign_loss = LiveLoss(ORPOLoss, {"beta": "beta"})
 
     @functools.wraps(_TRLORPOTrainer.__init__)
     def __init__(self, *args, **kwargs):
         init_checked(self, _TRLORPOTrainer.__init__, args, kwargs, lambda config: check_config(config, "ORPOConfig"))
-        self._setup_pairs(ORPOLoss(self.args))
+        self._setup_pairs()

@@ -110,11 +110,25 @@ def dpo_options(config=None) -> Dict[str, Any]:
     return _dpo(config)[0]
 
 
+def _numbers(c: Dict[str, Any], name: str, fields: Tuple[str, ...], optional: Tuple[str, ...] = ()) -> None:
+    """Check the number fields of ``c`` (read from config ``name``) in place: each of ``fields`` a finite real
+    number, each of ``optional`` one or None, as a float; anything else (a string such as ``"0.1"``, a bool,
+    NaN) raises naming ``name.field``."""
+    for field in fields + optional:
+        if not (field in optional and c[field] is None):
+            c[field] = _validate.finite_number(f"{name}.{field}", c[field])
+
+
 def _dpo(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """(preference_loss options, token-level options ``ld_alpha`` / ``use_weighting``)."""
     c = read_fields(config, DPO_DEFAULTS, "DPOConfig")
     types = [c["loss_type"]] if isinstance(c["loss_type"], str) else list(c["loss_type"])
-    eps = float(c["label_smoothing"])
+    read = ("discopop_tau",) if "discopop" in types else ()  # as TRL: read there only
+    if c["f_divergence_type"] == "alpha_divergence":
+        read += ("f_alpha_divergence_coef",)
+    _numbers(c, "DPOConfig", ("beta", "label_smoothing") + read, ("ld_alpha",))
+    c["use_weighting"] = _validate.boolean("DPOConfig.use_weighting", c["use_weighting"])
+    eps = c["label_smoothing"]
     smoothed = [t for t in types if t in DPO_SMOOTHED]
     if "exo_pair" in types and eps == 0.0:
         raise ValueError("DPOConfig: loss_type 'exo_pair' needs label_smoothing > 0 (TRL 1.16 refuses 0)")
@@ -123,26 +137,26 @@ def _dpo(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
                          f"only in {list(DPO_SMOOTHED)}")
     if c["use_weighting"] and any(t in ("aot", "aot_unpaired") for t in types):
         raise ValueError("DPOConfig: use_weighting does not apply to 'aot' / 'aot_unpaired' (they sort the batch)")
-    f, coef = c["f_divergence_type"], float(c["f_alpha_divergence_coef"])
+    f, coef = c["f_divergence_type"], c["f_alpha_divergence_coef"]
     if f != "reverse_kl":  # DPOTrainer refuses it here, whatever the coefficient (before its c = 1 shortcut)
         bad = [t for t in types if isinstance(t, str) and t in LOSSES and t not in DPO_F_DIVERGENCE]
         if bad:
             raise ValueError(f"DPOConfig: f_divergence_type={f!r} does not apply to loss_type {bad[0]!r}: TRL 1.16 "
                              f"takes it with {list(DPO_F_DIVERGENCE)} only")
-    opts: Dict[str, Any] = dict(loss_type=types, beta=float(c["beta"]), loss_weights=c["loss_weights"],
+    opts: Dict[str, Any] = dict(loss_type=types, beta=c["beta"], loss_weights=c["loss_weights"],
                                 label_smoothing=eps)
     if eps:  # TRL's rows only
         opts["smoothed_losses"] = smoothed
     if any(t in ROW_OPTIONS["f_length_average"][0] for t in types):  # ipo / sigmoid_norm: f(x)/|y|
         opts["f_length_average"] = "score"
     if "discopop" in types:  # TRL reads it there only
-        opts["discopop_tau"] = float(c["discopop_tau"])
+        opts["discopop_tau"] = c["discopop_tau"]
     if (f == "alpha_divergence" and abs(coef - 1.0) < 1e-6) or set(types) == {"sft"}:
         f = "reverse_kl"  # TRL's limit case: reverse KL; sft alone reads no score (TRL accepts any)
     opts["f_divergence"] = f
     if f == "alpha_divergence":
         opts["f_alpha"] = 1.0 - coef
-    return opts, dict(ld_alpha=c["ld_alpha"], use_weighting=bool(c["use_weighting"]))
+    return opts, dict(ld_alpha=c["ld_alpha"], use_weighting=c["use_weighting"])
 
 
 class DPOLoss(nn.Module):
@@ -245,19 +259,21 @@ def cpo_options(config=None) -> Dict[str, Any]:
 def _cpo(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """(preference_loss options, the log-probs CPO's metrics use: averaged?, AlphaPO alpha)."""
     c = read_fields(config, CPO_DEFAULTS, "CPOConfig")
-    t, cpo_alpha, alpha = c["loss_type"], float(c["cpo_alpha"]), float(c["alpha"])
+    _numbers(c, "CPOConfig", ("beta", "label_smoothing", "cpo_alpha", "alpha")
+             + (("simpo_gamma",) if c["loss_type"] in ("simpo", "alphapo") else ()))
+    t, cpo_alpha, alpha = c["loss_type"], c["cpo_alpha"], c["alpha"]
     if t == "alphapo":  # CPOConfig.__post_init__'s sugar
         t, cpo_alpha = "simpo", 0.0
     if t not in ("sigmoid", "hinge", "ipo", "simpo"):
         raise ValueError(f"CPOConfig: loss_type must be one of ['sigmoid', 'hinge', 'ipo', 'simpo', 'alphapo'], "
                          f"got {t!r}")
-    eps = float(c["label_smoothing"])
+    eps = c["label_smoothing"]
     if eps and t in ("hinge", "ipo"):
         raise ValueError(f"CPOConfig: label_smoothing={eps} does not apply to loss_type {t!r} (TRL ignores it)")
-    opts: Dict[str, Any] = dict(beta=float(c["beta"]), label_smoothing=eps,
+    opts: Dict[str, Any] = dict(beta=c["beta"], label_smoothing=eps,
                                 rpo_alpha=cpo_alpha if cpo_alpha else None)
     if t == "simpo":
-        opts.update(loss_type="alphapo" if alpha else "simpo", simpo_gamma=float(c["simpo_gamma"]))
+        opts.update(loss_type="alphapo" if alpha else "simpo", simpo_gamma=c["simpo_gamma"])
         if alpha:
             opts["alphapo_alpha"] = alpha
     else:
@@ -308,7 +324,8 @@ class CPOLoss(nn.Module):
 def orpo_options(config=None) -> Dict[str, Any]:
     """:func:`fastalign.preference_loss` options that give ``ORPOTrainer``'s loss (TRL 1.16)."""
     c = read_fields(config, ORPO_DEFAULTS, "ORPOConfig")
-    return dict(loss_type="orpo", beta=float(c["beta"]))
+    _numbers(c, "ORPOConfig", ("beta",))
+    return dict(loss_type="orpo", beta=c["beta"])
 
 
 class ORPOLoss(nn.Module):
@@ -356,8 +373,9 @@ def kto_options(config=None) -> Dict[str, Any]:
     c = read_fields(config, KTO_DEFAULTS, "KTOConfig")
     if c["loss_type"] not in ("kto", "apo_zero_unpaired"):
         raise ValueError(f"KTOConfig: loss_type must be 'kto' or 'apo_zero_unpaired', got {c['loss_type']!r}")
-    return dict(loss_type=c["loss_type"], beta=float(c["beta"]), desirable_weight=float(c["desirable_weight"]),
-                undesirable_weight=float(c["undesirable_weight"]))
+    _numbers(c, "KTOConfig", ("beta", "desirable_weight", "undesirable_weight"))
+    return dict(loss_type=c["loss_type"], beta=c["beta"], desirable_weight=c["desirable_weight"],
+                undesirable_weight=c["undesirable_weight"])
 
 
 class KTOLoss(nn.Module):

@@ -14,7 +14,10 @@ tokens, ``clip_ratio/*`` over every process's completions, as TRL gathers them).
 rewards and advantages are TRL's.
 
 Options the drop-in cannot honour raise a ValueError naming the config field at construction:
-``use_liger_kernel`` and vision-language models. A MoE model's load-balancing loss
+``use_liger_kernel`` and vision-language models; a float64 policy or reference raises a TypeError there
+(the fused head runs in float32, bfloat16 or float16, or in the bf16 / fp16 of mixed precision). The clip
+range TRL reads from the trainer at every step (``epsilon_low``, ``epsilon_high``) is read here too, so an
+assignment takes effect at the next step. A MoE model's load-balancing loss
 (``router_aux_loss_coef`` with ``output_router_logits``) comes from the router logits of the same
 body forward, as TRL adds it.
 """
@@ -25,9 +28,9 @@ import functools
 import torch
 import trl
 
-from fastalign.integrations.trl._head import (VISION_INPUTS, add_aux_loss, check_config, check_model,
-                                               fused_logps_and_entropies, gathered_mean, head_policy_loss,
-                                               init_checked, install_heads)
+from fastalign.integrations.trl._head import (VISION_INPUTS, LiveLoss, add_aux_loss, build_loss, check_config,
+                                               check_model, fused_logps_and_entropies, gathered_mean,
+                                               head_policy_loss, init_checked, install_heads)
 from fastalign.integrations.trl.rloo import RLOOLoss
 
 __all__ = ["RLOOTrainer"]
@@ -39,11 +42,14 @@ _EXTREMES = {"clip_ratio/low_min": torch.amin, "clip_ratio/high_max": torch.amax
 class RLOOTrainer(trl.RLOOTrainer):
     """``trl.RLOOTrainer`` with fastalign's fused log-probs, entropies and loss (see the module doc)."""
 
+    #: the options TRL's ``_compute_loss`` reads from the trainer at every step -> their ``RLOOConfig`` fields
+    fastalign_loss = LiveLoss(RLOOLoss, {"epsilon_low": "epsilon", "epsilon_high": "epsilon_high"})
+
     @functools.wraps(trl.RLOOTrainer.__init__)
     def __init__(self, *args, **kwargs):
         init_checked(self, trl.RLOOTrainer.__init__, args, kwargs, lambda config: check_config(config, "RLOOConfig"))
         check_model(self, "RLOOConfig")
-        self.fastalign_loss = RLOOLoss(self.args)
+        build_loss(self)
         install_heads(self, temperature=self.temperature)
 
     _get_per_token_logps_and_entropies = fused_logps_and_entropies
@@ -54,10 +60,11 @@ class RLOOTrainer(trl.RLOOTrainer):
         ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
         vision = {k: inputs.get(k) for k in ("num_images", *VISION_INPUTS)}
+        rloo_loss = self.fastalign_loss  # the options assigned since the last step, checked
 
         def rloo(per_token_logps, _old, entropies):  # the old policy's log-probs are per completion: inputs'
-            return self.fastalign_loss(per_token_logps, inputs["old_logps"], inputs["advantages"], completion_mask,
-                                       entropy=entropies)
+            return rloo_loss(per_token_logps, inputs["old_logps"], inputs["advantages"], completion_mask,
+                             entropy=entropies)
 
         loss, metrics, _, aux_loss = head_policy_loss(self, model, ids, attention, completion_ids, completion_mask,
                                                       None, rloo, vision)
