@@ -443,6 +443,16 @@ def test_gpu_nan_num_items_in_batch_gives_trls_nan(loss_type):
 
 
 @pytest.mark.parametrize("config, field", [
+    (dict(beta="0.1"), "beta"), (dict(epsilon=None), "epsilon"), (dict(delta="2"), "delta"),
+    (dict(use_vllm="no"), "use_vllm"), (dict(use_bias_correction_kl=1), "use_bias_correction_kl"),
+])
+def test_config_values_are_checked_not_coerced(config, field):
+    """A string number or a non-bool switch (from YAML or CLI text) raised nowhere: float("0.1") / bool("no")."""
+    with pytest.raises(TypeError, match=f"^GRPOConfig.{field} must be a"):
+        GRPOLoss(config)
+
+
+@pytest.mark.parametrize("config, field", [
     (dict(loss_type="sapo", sapo_temperature_pos=0.0), "sapo_temperature_pos"),
     (dict(loss_type="vespo", vespo_k_neg=math.inf), "vespo_k_neg"),
     (dict(loss_type="grpo", epsilon_high=-0.1), "epsilon_high"),

@@ -197,3 +197,13 @@ def test_rloo_loss_from_a_dict_and_bad_inputs():
         RLOOLoss()(lp, old, A[:3], m, entropy=H)
     with pytest.raises(ValueError, match="entropy"):
         RLOOLoss()(lp, old, A, m, entropy=H[:, :3])
+
+
+def test_rloo_config_values_are_checked_not_coerced():
+    """A string number (from YAML or CLI text) was converted with float()."""
+    from fastalign.integrations.trl import RLOOLoss, rloo_advantages
+
+    with pytest.raises(TypeError, match="^RLOOConfig.epsilon must be a"):
+        RLOOLoss({"epsilon": "0.2"})
+    with pytest.raises(TypeError, match="^RLOOConfig.beta must be a"):
+        rloo_advantages({"beta": "0.05", "num_generations": 2}, torch.zeros(4, 1))

@@ -105,6 +105,25 @@ def _count(value: Any, name: str) -> int:
     return int(value)
 
 
+#: the number and switch fields among ``_DEFAULTS``; the optional numbers may be None (unset in TRL)
+_NUMBER_FIELDS = ("epsilon", "beta", "top_entropy_quantile", "entropy_coef", "sapo_temperature_pos",
+                  "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
+_OPTIONAL_NUMBER_FIELDS = ("epsilon_high", "delta", "off_policy_mask_threshold", "vllm_importance_sampling_clip_min",
+                           "vllm_importance_sampling_clip_max", "vllm_importance_sampling_cap")
+_SWITCH_FIELDS = ("use_bias_correction_kl", "use_adaptive_entropy", "use_vllm", "vllm_importance_sampling_correction")
+
+
+def _checked(c: Dict[str, Any]) -> Dict[str, Any]:
+    """``c`` with its number fields checked as real numbers (or None) and its switches as bools, naming the field
+    (``GRPOConfig.beta``): a string such as ``"0.1"`` raises, not converted."""
+    for field in _NUMBER_FIELDS + _OPTIONAL_NUMBER_FIELDS:
+        if c[field] is not None or field in _NUMBER_FIELDS:
+            _validate.number(f"GRPOConfig.{field}", c[field])
+    for field in _SWITCH_FIELDS:
+        c[field] = _validate.boolean(f"GRPOConfig.{field}", c[field])
+    return c
+
+
 def _fields(args: Any) -> Dict[str, Any]:
     """The ``GRPOConfig`` fields the profile reads (those of ``_DEFAULTS``), as ``GRPOTrainer`` sees them.
 
@@ -123,8 +142,8 @@ def _fields(args: Any) -> Dict[str, Any]:
     """
     check_keys(args, _DEFAULTS, "GRPOConfig")
     if not isinstance(args, Mapping):
-        return {k: getattr(args, k, v) for k, v in _DEFAULTS.items()}
-    c = {k: args.get(k, v) for k, v in _DEFAULTS.items()}
+        return _checked({k: getattr(args, k, v) for k, v in _DEFAULTS.items()})
+    c = _checked({k: args.get(k, v) for k, v in _DEFAULTS.items()})
     if c["vllm_importance_sampling_cap"] is not None:  # deprecated in TRL, which copies it so
         c["vllm_importance_sampling_clip_max"] = c["vllm_importance_sampling_cap"]
     if c["generation_batch_size"] is not None and c["steps_per_generation"] is not None:

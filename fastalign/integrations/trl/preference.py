@@ -236,7 +236,8 @@ def dpo_preference_loss(config=None) -> PreferenceLoss:
 def dpo_linear_loss(config=None, **kernel_options) -> LinearPreferenceLoss:
     """:class:`fastalign.LinearPreferenceLoss` with ``DPOTrainer``'s loss (TRL 1.16): from hidden
     states and the LM head, never the logits. ``kernel_options``: ``ignore_index``,
-    ``temperature``, ``backend``, ... Its metrics carry TRL's names (no ``nll`` with sft)."""
+    ``temperature``, ``backend``, ... Its metrics carry TRL's names, plus ``nll`` (the chosen responses'
+    NLL, which ``DPOTrainer`` does not log; :class:`DPOLoss` leaves it out)."""
     opts, token = _dpo(config)
     return LinearPreferenceLoss(ld_alpha=token["ld_alpha"], use_weighting=token["use_weighting"],
                                 wpo_cap=None if token["use_weighting"] else 1.0, **opts, **kernel_options)

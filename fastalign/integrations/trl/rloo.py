@@ -27,6 +27,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor
 
+from fastalign import _validate
 from fastalign.advantages import group_advantages
 from fastalign.integrations.trl._config import read_fields
 from fastalign.integrations.trl._rewards import reward_columns
@@ -61,7 +62,7 @@ def rloo_advantages(config, rewards_per_func: Tensor, kl: Optional[Tensor] = Non
     G = int(c["num_generations"] if training else c["num_generations_eval"] or c["num_generations"])
     cols = reward_columns(rewards_per_func, c["reward_weights"], G)
     B = cols.values.shape[0]
-    beta = float(c["beta"])
+    beta = _validate.finite_number("RLOOConfig.beta", c["beta"])
     if beta != 0.0 and kl is None:
         raise ValueError("beta != 0 subtracts beta * KL from the rewards: give kl [B]")
     if beta == 0.0 and kl is not None:
@@ -97,8 +98,10 @@ class RLOOLoss:
     def __init__(self, args: Any = None):
         self.args = args
         c = read_fields(args, RLOO_LOSS_DEFAULTS, "RLOOConfig")
-        eps_low = float(c["epsilon"])
-        self.eps_low, self.eps_high = eps_low, eps_low if c["epsilon_high"] is None else float(c["epsilon_high"])
+        eps_low = _validate.finite_number("RLOOConfig.epsilon", c["epsilon"])
+        self.eps_low, self.eps_high = eps_low, (eps_low if c["epsilon_high"] is None
+                                                else _validate.finite_number("RLOOConfig.epsilon_high",
+                                                                             c["epsilon_high"]))
 
     def __call__(self, logprobs: Tensor, old_logps: Tensor, advantages: Tensor, completion_mask: Tensor, *,
                  entropy: Tensor) -> tuple[Tensor, dict]:
