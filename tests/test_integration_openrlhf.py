@@ -12,6 +12,7 @@ Compared: loss, d(loss)/d(log_probs) (d(loss)/d(policy log-probs) for DPO) and e
 value, OpenRLHF in float64, fastalign in float32.
 """
 import importlib.util
+import math
 import os
 import sys
 import types
@@ -441,19 +442,27 @@ def test_dpo_option_assignment_takes_effect_as_openrlhf(orl, assigned):
         assert_close(f, v, atol=1e-5, rtol=1e-5, what=f"{assigned} {what}")
 
 
-def test_dpo_invalid_option_assignment_raises_and_keeps_the_module():
-    """The constructor's checks run at each assignment: ipo=True set after label_smoothing=0.2 gave IPO with the
-    smoothing silently dropped, and a negative beta or a NaN label_smoothing raised only at the next call."""
+def test_dpo_invalid_option_assignment_raises_and_keeps_the_module(orl):
+    """An option's own value is checked at its assignment: a negative beta or a NaN label_smoothing raised only at
+    the next call. How the options combine is checked at the next call: ipo=True set after label_smoothing=0.2
+    gave IPO with the smoothing silently dropped; it raises there, naming both, until the combination is valid."""
     x = _dpo_inputs(27)
     loss_fn = fo.DPOLoss(beta=0.1, label_smoothing=0.2)
     before = loss_fn(*x)[0]
-    for name, value, err in (("ipo", True, ValueError), ("beta", -1.0, ValueError), ("beta", 0.0, ValueError),
-                             ("label_smoothing", float("nan"), ValueError), ("label_smoothing", 1.5, ValueError),
-                             ("ipo", "yes", TypeError), ("beta", None, TypeError)):
+    for name, value, err in (("beta", -1.0, ValueError), ("label_smoothing", float("nan"), ValueError),
+                             ("label_smoothing", 1.5, ValueError), ("ipo", "yes", TypeError),
+                             ("beta", None, TypeError)):
         with pytest.raises(err, match=name):
             setattr(loss_fn, name, value)
     assert (loss_fn.beta, loss_fn.label_smoothing, loss_fn.ipo) == (0.1, 0.2, False)
     assert torch.equal(loss_fn(*x)[0], before)
+    loss_fn.ipo = True
+    with pytest.raises(ValueError, match="label_smoothing does not apply with ipo=True"):
+        loss_fn(*x)
+    loss_fn.label_smoothing = 0.0  # the combination is valid again: IPO, as OpenRLHF's after the same assignments
+    theirs = orl.DPOLoss(beta=0.1, label_smoothing=0.2)
+    theirs.ipo, theirs.label_smoothing = True, 0.0
+    assert_close(loss_fn(*x)[0], theirs(*(t.double() for t in x))[0], atol=1e-5, rtol=1e-5, what="ipo")
 
 
 DTYPE_CASES = {
@@ -504,7 +513,8 @@ def test_errors_name_openrlhf_arguments():
             (lambda: setattr(fo.PolicyLoss(), "clip_eps_high", -0.2), ValueError, "clip_eps_high must be >= 0"),
             (lambda: fo.DPOLoss(beta=0.1)(*_dpo_inputs(3)[:1], torch.zeros(2), *_dpo_inputs(3)[2:]), ValueError,
              "policy_rejected_logps"),
-            (lambda: fo.DPOLoss(beta=0.0), ValueError, "beta")):
+            (lambda: fo.DPOLoss(beta=-0.1), ValueError, "beta must be >= 0"),
+            (lambda: fo.DPOLoss(beta=0.0, ipo=True), ValueError, "ipo=True needs beta > 0")):
         with pytest.raises(err, match=match):
             call()
 
@@ -519,3 +529,167 @@ def test_empty_micro_batch_gives_zero_metrics(kw):
     out = fo.PolicyLoss(**kw)(lp, old, A, torch.zeros_like(m), rollout_log_probs=roll)
     for what, t in zip(("loss", "clip_ratio", "ppo_kl", "vllm_kl", "is_filter_ratio"), out):
         assert t is None or float(t) == 0.0, (what, t)
+
+
+def _all_outputs_equal(got, want, what, atol=1e-6, rtol=1e-5):
+    """Every returned value (None where OpenRLHF's is None) with OpenRLHF's shape and value."""
+    names = ("loss", "clip_ratio", "ppo_kl", "vllm_kl", "is_filter_ratio")
+    for name, f, v in zip(names, got, want):
+        assert (f is None) == (v is None), (what, name, f, v)
+        if v is not None:
+            assert f.shape == v.shape, (what, name, f.shape, v.shape)
+            assert_close(f, v, atol=atol, rtol=rtol, what=f"{what} {name}")
+
+
+NUMBER_CASES = ["ppo", "ppo_dual_clip", "ppo_sample_level", "gspo", "tis_mask", "gspo_vs_rollout"]
+
+
+def _openrlhf_number(orl, kw, value):
+    """The advantage ``value`` as OpenRLHF's PolicyLoss takes it: the number, or with the dual clip (whose
+    ``torch.max(clip1, dual_clip * advantages)`` refuses a number) the same value as a 0-dim tensor."""
+    if kw.get("dual_clip") is None:
+        return value
+    lp = torch.zeros(1, 2)
+    with pytest.raises(TypeError):
+        orl.PolicyLoss(**kw)(lp, lp, value, torch.ones(1, 2), rollout_log_probs=lp)
+    return torch.tensor(float(value))
+
+
+@pytest.mark.parametrize("value", [0.5, -0.75, 1], ids=["float", "negative", "int"])
+@pytest.mark.parametrize("case", NUMBER_CASES)
+def test_policy_loss_takes_number_advantages_as_openrlhf(orl, case, value):
+    """OpenRLHF multiplies the ratio by the advantages, so a Python number (one advantage for every token) works
+    there; the adapter raised a TypeError. Loss, every output, d log_probs and the result dtypes equal OpenRLHF's.
+    (OpenRLHF's dual clip, ``torch.max(clip1, dual_clip * advantages)``, needs a tensor: it gets the number as a
+    0-dim tensor there.)"""
+    lp, old, _, m, roll = _batch(30 + NUMBER_CASES.index(case))
+    kw = POLICY_CASES[case]
+    theirs = _openrlhf_number(orl, kw, value)
+    out = []
+    for cls, dt, v in ((orl.PolicyLoss, torch.float64, theirs), (fo.PolicyLoss, torch.float32, value)):
+        x = lp.to(dt).clone().requires_grad_(True)
+        res = cls(**kw)(x, old.to(dt), v, m, rollout_log_probs=roll.to(dt))
+        res[0].backward()
+        out.append((res, x.grad))
+    (want, want_grad), (got, grad) = out
+    _all_outputs_equal(got, want, f"{case} {value!r}")
+    assert_close(grad, want_grad, atol=1e-6, rtol=1e-5, what=f"{case} {value!r} d log_probs")
+    bf = [t.to(torch.bfloat16) for t in (lp, old, roll)]  # a number promotes no dtype: bf16 stays bf16
+    want = orl.PolicyLoss(**kw)(bf[0], bf[1], theirs, m, rollout_log_probs=bf[2])
+    got = fo.PolicyLoss(**kw)(bf[0], bf[1], value, m, rollout_log_probs=bf[2])
+    assert [None if t is None else t.dtype for t in got] == [None if t is None else t.dtype for t in want]
+
+
+@pytest.mark.parametrize("adv", ["tokens", "one", "scalar", "number"])
+@pytest.mark.parametrize("case", sorted(POLICY_CASES))
+def test_policy_loss_takes_one_sequence_as_openrlhf(orl, case, adv):
+    """OpenRLHF's arithmetic computes a single sequence ``[T]`` (log-probs, mask and rollout log-probs 1-D) as a
+    batch of one; the adapter refused it. Every output (its shape, 0-dim, included), d log_probs, with global
+    counts too, equal OpenRLHF's, for advantages ``[T]``, ``[1]``, 0-dim and a number."""
+    lp, old, A, m, roll = _batch(40 + sorted(POLICY_CASES).index(case), B=4, T=7)
+    row = int(m.sum(-1).argmax())
+    lp, old, A, m, roll = lp[row], old[row], A[row], m[row].clone(), roll[row]
+    m[1] = False  # a hole
+    a = {"tokens": A + torch.linspace(-0.5, 0.5, 7), "one": A[:1], "scalar": A[0], "number": float(A[0])}[adv]
+    kw = POLICY_CASES[case]
+    theirs = _openrlhf_number(orl, kw, a) if adv == "number" else a
+    for glob in ({}, dict(dp_size=2, batch_num_tokens=2.0 * float(m.sum()) + 1, global_batch_size=3.0)):
+        out = []
+        for cls, dt, v in ((orl.PolicyLoss, torch.float64, theirs), (fo.PolicyLoss, torch.float32, a)):
+            x = lp.to(dt).clone().requires_grad_(True)
+            v = v.to(dt) if isinstance(v, torch.Tensor) else v
+            res = cls(**kw)(x, old.to(dt), v, m, rollout_log_probs=roll.to(dt), **glob)
+            res[0].backward()
+            out.append((res, x.grad))
+        (want, want_grad), (got, grad) = out
+        _all_outputs_equal(got, want, f"{case} {adv} {glob}")
+        assert grad.shape == want_grad.shape == lp.shape
+        assert_close(grad, want_grad, atol=1e-6, rtol=1e-5, what=f"{case} {adv} {glob} d log_probs")
+    with pytest.raises(ValueError, match="log_probs must be"):
+        fo.PolicyLoss()(lp[None, None], old[None, None], A[None, None], m[None, None])
+
+
+@pytest.mark.parametrize("shape", [(8, 1), (2, 4), (1,)], ids=["B1", "B4", "one"])
+@pytest.mark.parametrize("case", sorted(DPO_CASES))
+def test_dpo_loss_takes_any_shape_as_openrlhf(orl, case, shape):
+    """OpenRLHF's DPOLoss computes on any shape (``[B, 1]`` log-probs: the mean over every element, the rewards
+    shaped as the inputs); the adapter refused all but ``[B]``."""
+    kw = DPO_CASES[case]
+    n = math.prod(shape)
+    x = [t[:n].reshape(shape) for t in _dpo_inputs(50 + sorted(DPO_CASES).index(case))]
+    out = []
+    for cls, dt in ((orl.DPOLoss, torch.float64), (fo.DPOLoss, torch.float32)):
+        c, r = x[0].to(dt).requires_grad_(True), x[1].to(dt).requires_grad_(True)
+        loss, cr, rjr = cls(**kw)(c, r, x[2].to(dt), x[3].to(dt))
+        loss.backward()
+        out.append((loss, cr, rjr, c.grad, r.grad))
+    for name, f, v in zip(("loss", "chosen_rewards", "rejected_rewards", "d chosen", "d rejected"), *out[::-1]):
+        assert f.shape == v.shape, (case, name, f.shape, v.shape)
+        assert_close(f, v, atol=1e-5, rtol=1e-5, what=f"{case} {shape} {name}")
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("live", [False, True], ids=["built", "assigned"])
+def test_dpo_beta_zero_as_openrlhf(orl, label_smoothing, live):
+    """beta = 0: OpenRLHF's loss is log 2 per pair (its terms read beta * d = 0), with a zero gradient and zero
+    rewards; the adapter refused beta = 0. Built so or assigned later, loss, rewards and gradients equal
+    OpenRLHF's (a gradient of zeros, not None). IPO divides by beta: it raises there (ZeroDivisionError), a
+    ValueError naming beta here."""
+    x = _dpo_inputs(60)
+    out = []
+    for cls, dt in ((orl.DPOLoss, torch.float64), (fo.DPOLoss, torch.float32)):
+        module = cls(beta=0.1 if live else 0.0, label_smoothing=label_smoothing)
+        module.beta = 0.0
+        c, r = x[0].to(dt).requires_grad_(True), x[1].to(dt).requires_grad_(True)
+        loss, cr, rjr = module(c, r, x[2].to(dt), x[3].to(dt))
+        loss.backward()
+        out.append((loss, cr, rjr, c.grad, r.grad))
+    for name, f, v in zip(("loss", "chosen_rewards", "rejected_rewards", "d chosen", "d rejected"), *out[::-1]):
+        assert_close(f, v, atol=1e-6, rtol=1e-6, what=f"beta 0 {name}")
+    assert_close(out[1][0], torch.tensor(math.log(2.0)), atol=1e-6, rtol=1e-6, what="log 2")
+    with pytest.raises(ZeroDivisionError):
+        orl.DPOLoss(beta=0.0, ipo=True)(*x)
+    with pytest.raises(ValueError, match="beta"):
+        fo.DPOLoss(beta=0.0, ipo=True)
+
+
+#: (option assignments from PolicyLoss(**start) to a valid configuration, start, k): every order of the
+#: assignments must reach it; the first k assignments, in the order listed, give an invalid combination
+ORDER_CASES = {
+    "tv_gate": ((("is_correction_level", "token"), ("is_correction_gating", "tv"),
+                 ("is_correction_threshold", (0.0, 0.05))), {}, 2),
+    "clip_to_seq_mask": ((("is_correction_level", "seq"), ("is_correction_mode", "mask")),
+                         dict(is_correction_level="token", is_correction_mode="clip",
+                              is_correction_threshold=(0.8, 1.25)), 1),
+    "ratio_to_binary_kl": ((("is_correction_gating", "binary_kl"), ("is_correction_threshold", (0.0, 0.02))),
+                           dict(is_correction_level="seq", is_correction_threshold=(0.8, 1.25)), 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ORDER_CASES))
+def test_option_assignments_in_any_order_as_openrlhf(orl, case):
+    """OpenRLHF accepts option assignments in any order; the adapter checked the whole combination at each one,
+    so a valid final configuration raised when an intermediate state was invalid (a tv gate assigned before its
+    threshold). Each order now reaches OpenRLHF's numbers; an invalid combination at the call raises ValueError
+    naming the options, and assigning the rest makes the next call work."""
+    import itertools
+
+    steps, start, k = ORDER_CASES[case]
+    lp, old, A, m, roll = _batch(70 + sorted(ORDER_CASES).index(case))
+    theirs = orl.PolicyLoss(**start)
+    for name, value in steps:
+        setattr(theirs, name, value)
+    want = theirs(lp.double(), old.double(), A.double(), m, rollout_log_probs=roll.double())
+    for order in itertools.permutations(steps):
+        ours = fo.PolicyLoss(**start)
+        for name, value in order:
+            setattr(ours, name, value)
+        _all_outputs_equal(ours(lp, old, A, m, rollout_log_probs=roll), want, f"{case} {order}")
+    ours = fo.PolicyLoss(**start)  # the first k assignments: an invalid combination, reported at the call
+    for name, value in steps[:k]:
+        setattr(ours, name, value)
+    with pytest.raises(ValueError, match="is_correction_"):
+        ours(lp, old, A, m, rollout_log_probs=roll)
+    for name, value in steps[k:]:
+        setattr(ours, name, value)
+    _all_outputs_equal(ours(lp, old, A, m, rollout_log_probs=roll), want, f"{case} fixed")

@@ -680,3 +680,27 @@ def test_registry_estimator_with_a_non_finite_score_equals_verl(est, bad):
     f_adv, f_ret = core_algos.get_adv_estimator_fn(plugin.PREFIX + est)(token_level_rewards=r.clone(), **kw)
     torch.testing.assert_close(f_adv, v_adv, atol=2e-6, rtol=2e-6, equal_nan=True)
     torch.testing.assert_close(f_ret, v_ret, atol=2e-6, rtol=2e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("mode", sorted(POLICY_CASES))
+def test_registry_policy_loss_takes_float64_as_verl(mode):
+    """verl's loss modes take float64 log-probs and return a float64 loss; ``fastalign_<mode>`` raised a TypeError.
+    It computes in float32 and returns verl's dtype: loss, d(loss)/d(log_prob) and the metrics equal verl's."""
+    opts, pl = POLICY_CASES[mode]
+    lp, old, A, m, w = (t.double() for t in _policy_batch(100 + sorted(POLICY_CASES).index(mode)))
+    if mode == "kl_cov":
+        v = m.bool()
+        cov = (A[v] - A[v].mean()) * (lp[v] - lp[v].mean())
+        assert torch.unique(cov).numel() == cov.numel(), "tied covariances in the kl_cov data"
+    out = []
+    for name in (mode, plugin.PREFIX + mode):
+        actor = _actor(plugin.PREFIX + mode, pl, **opts)
+        _set_global(actor, False, m)
+        out.append(_dispatch(name, actor, lp, old, A, m, w, "token-mean"))
+    (vl, vg, vm), (fl, fg, fm) = out
+    assert fl.dtype == vl.dtype == torch.float64 and fg.dtype == vg.dtype == torch.float64
+    assert_close(fl, vl, atol=1e-6, rtol=1e-5, what=f"{mode} loss")
+    assert_close(fg, vg, atol=1e-6, rtol=1e-5, what=f"{mode} d log_prob")
+    assert set(fm) == set(vm), (sorted(fm), sorted(vm))
+    for k, v in vm.items():
+        assert_close(torch.tensor(fm[k]), torch.tensor(v), atol=1e-6, rtol=1e-5, what=f"{mode} metric {k}")

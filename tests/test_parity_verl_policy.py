@@ -354,3 +354,111 @@ def test_errors_name_verl_keys():
     for mode in ("vanilla", "geo_mean", "sapo"):
         with pytest.raises(ValueError, match="use_kl_loss=True needs ref_log_prob"):
             VerlPolicyLoss(make_actor(mode, use_kl_loss=True))(*args)
+
+
+def _dataclass_defaults(cls) -> dict:
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def test_dict_defaults_are_verls_dataclass_defaults():
+    """Every default the profile gives a key a dict config lacks is verl's own, read from its ActorConfig and
+    PolicyLossConfig dataclasses (the profile reads every default from these tables)."""
+    from fastalign.integrations.verl import policy
+
+    for table, cls in ((policy._ACTOR_DEFAULTS, actor_config.ActorConfig),
+                       (policy._POLICY_LOSS_DEFAULTS, actor_config.PolicyLossConfig)):
+        verl = _dataclass_defaults(cls)
+        for key, value in table.items():
+            assert key in verl, (cls.__name__, key)
+            assert value == verl[key], (cls.__name__, key, value, verl[key])
+
+
+#: per mode, the policy_loss keys a run must set (dro_beta), or that make the data exercise a default
+#: (clip_cov / kl_cov: a ratio that selects tokens, so that the default bounds and ppo_kl_coef apply)
+DICT_MODES = {"vanilla": {}, "gspo": {}, "sapo": {}, "gpg": {}, "clip_cov": dict(clip_cov_ratio=1.0),
+              "kl_cov": dict(kl_cov_ratio=0.1), "geo_mean": {}, "cispo": {}, "dppo_tv": {}, "dppo_kl": {},
+              "dro": dict(dro_beta=0.5)}
+
+
+def _dict_defaults_batch(mode):
+    d = batch(seed=70 + sorted(DICT_MODES).index(mode))
+    lp, old = d["lp"].clone(), d["old"].clone()
+    lp[0, :3] = torch.tensor([-5.0, -5.1, -5.2])  # ratio e^1.5 > clip_ratio_c 3 at tiny probabilities (dppo keeps them)
+    old[0, :3] = lp[0, :3] - 1.5
+    d.update(lp=lp, old=old)
+    if mode == "clip_cov":  # covariances inside clip_cov's default bounds (1, 5)
+        d["A"] = d["A"] * 3.0
+    return d
+
+
+@pytest.mark.parametrize("mode", sorted(DICT_MODES))
+def test_dict_config_without_keys_takes_verls_defaults(mode):
+    """A dict config holding only some keys equals verl's loss with the ActorConfig built from the same keys:
+    the keys it lacks take verl's dataclass defaults (clip_ratio_low / clip_ratio_high 0.2 whatever
+    clip_ratio, clip_ratio_c 3.0 in dppo, ppo_kl_coef 0.1), where they fell back to clip_ratio, 20.0 and 1.0."""
+    from fastalign.integrations.verl.policy import _MODES
+
+    assert set(DICT_MODES) == set(_MODES)
+    d = _dict_defaults_batch(mode)
+    if mode == "kl_cov":
+        assert_tie_free_cov(d["lp"], d["A"], d["m"])
+    keys = dict(clip_ratio=0.3, use_kl_loss=True)
+    want = verl_loss(make_actor(mode, DICT_MODES[mode], **keys), d["lp"], d["old"], d["A"], d["m"], H=d["H"],
+                     ref=d["ref"])
+    as_dict = {**keys, "policy_loss": {"loss_mode": mode, **DICT_MODES[mode]}}
+    _assert_equals_verl(_direct(as_dict, d, None, None), want, f"{mode} dict")
+    if mode in ("dppo_tv", "dppo_kl"):  # the data exercise clip_ratio_c
+        assert want[3]["actor/pg_clipfrac_lower"] > 0
+    if mode == "clip_cov":  # and the default clip_cov_lb / clip_cov_ub select some tokens, not all
+        assert 0 < want[3]["actor/pg_clipfrac"] < 1
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["ActorConfig", "dict"])
+def test_keys_set_to_none_take_verls_fallbacks(as_dict):
+    """verl's loss modes take clip_ratio for a clip_ratio_low / clip_ratio_high of None, and kl_cov 1.0 for a
+    ppo_kl_coef of None; the profile does the same, for an ActorConfig and for a dict."""
+    d = batch(seed=80)
+    assert_tie_free_cov(d["lp"], d["A"], d["m"])
+    for mode, pl, keys in (("vanilla", {}, dict(clip_ratio=0.3, clip_ratio_low=None, clip_ratio_high=None)),
+                           ("kl_cov", dict(kl_cov_ratio=0.1, ppo_kl_coef=None), {})):
+        want = verl_loss(make_actor(mode, pl, **keys), d["lp"], d["old"], d["A"], d["m"], H=d["H"])
+        cfg = {**keys, "policy_loss": {"loss_mode": mode, **pl}} if as_dict else make_actor(mode, pl, **keys)
+        _assert_equals_verl(_direct(cfg, d, None, None), want, f"{mode} None")
+
+
+@pytest.mark.parametrize("case", ["vanilla", "gspo", "sapo_token_mean_terms", "geo_mean", "dppo_kl", "dro",
+                                  "vanilla_token_sum_norm"])
+def test_float64_inputs_as_verl(case):
+    """verl's loss takes float64 log-probs (its modes compute in the inputs' dtype) and returns a float64 loss; the
+    profile refused float64 with a TypeError. It computes in float32 and returns the loss in float64; a single
+    float64 operand (the advantages) promotes verl's loss to float64 too."""
+    d = batch(seed=90 + sorted(CASES).index(case))
+    kw = dict(CASES[case])
+    is_w = d["w"] if kw.pop("is_weights", False) else None
+    vl, vg, _, vm = verl_loss(make_actor(**kw), d["lp"], d["old"], d["A"], d["m"], H=d["H"], ref=d["ref"],
+                              is_w=is_w)
+    x = d["lp"].double().requires_grad_(True)
+    loss, met = VerlPolicyLoss(make_actor(**kw))(
+        x, d["old"].double(), d["A"].double(), d["m"], entropy=d["H"].double(), ref_log_prob=d["ref"].double(),
+        rollout_is_weights=None if is_w is None else is_w.double())
+    loss.backward()
+    assert loss.dtype == vl.dtype == torch.float64 and x.grad.dtype == torch.float64
+    _assert_equals_verl((loss.detach(), x.grad, met), (vl, vg, None, vm), f"{case} float64")
+    # float32 log-probs, float64 advantages: verl's arithmetic promotes the loss to float64
+    actor = make_actor(**kw)
+    actor.global_batch_info.update(dp_size=1, batch_num_tokens=None, global_batch_size=None,
+                                   loss_scale_factor=actor.loss_scale_factor)
+    theirs, _ = core_algos.get_policy_loss_fn(actor.policy_loss.loss_mode)(
+        old_log_prob=d["old"], log_prob=d["lp"], advantages=d["A"].double(), response_mask=d["m"],
+        loss_agg_mode=actor.loss_agg_mode, config=actor)
+    ours, _ = VerlPolicyLoss(actor, policy_term_only=True)(d["lp"], d["old"], d["A"].double(), d["m"])
+    assert ours.dtype == theirs.dtype == torch.float64
+    assert_close(ours, theirs, atol=1e-6, rtol=1e-6, what=f"{case} float64 advantages")

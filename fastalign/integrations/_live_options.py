@@ -5,6 +5,8 @@ so a schedule that assigns ``loss_fn.beta = ...`` between steps changes the loss
 builds its fastalign configuration once keeps it in step with its attributes through
 :class:`LiveOptions`: assigning one of ``OPTIONS`` checks the options again and rebuilds what depends on
 them (``_configure``); an invalid value raises there, naming the option, and leaves the module as it was.
+An adapter whose trainer accepts assignments in any order (OpenRLHF's) checks there only the value assigned,
+and how the options combine at its next call, so that no valid configuration depends on the order.
 """
 from __future__ import annotations
 

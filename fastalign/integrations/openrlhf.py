@@ -20,12 +20,19 @@ clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``: ``clip_ratio = mean_m[clipped s
 ``ppo_kl = mean_m(-l)``; ``loss``, ``ppo_kl`` and ``vllm_kl`` in OpenRLHF's dtypes (computed in fp32, then
 cast to the dtype its arithmetic promotes their operands to: bf16 in gives bf16, a float32 mask or the
 sample-level mean float32, 0-dim advantages nothing), the two ratios fp32. ``advantages`` broadcast
-against ``log_probs`` as in OpenRLHF (``[B, T]``, ``[B, 1]`` per sequence; a ``[T]`` per position).
+against ``log_probs`` as in OpenRLHF (``[B, T]``, ``[B, 1]`` per sequence; a ``[T]`` per position; a
+Python number for every token). ``log_probs`` is ``[B, T]`` or one sequence ``[T]`` (a batch of one, as
+OpenRLHF's arithmetic computes it; the results are 0-dim either way).
 A micro-batch with no valid token gives 0 (loss, ``clip_ratio``, ``ppo_kl``, ``vllm_kl``, a
 token-level ``is_filter_ratio``) where OpenRLHF divides 0 by 0 (NaN); so does an empty batch of
 :class:`DPOLoss` (OpenRLHF: the mean of nothing, NaN). ``old_log_probs`` and ``rollout_log_probs``
 are constants: no gradient reaches or passes through them (OpenRLHF's trainer detaches them). The
-options are attributes, read at each call.
+options are attributes, read at each call: an assignment checks the value it sets (an invalid one
+raises there and leaves the old value); how the options combine (``is_correction_mode="clip"`` with a
+sequence level or a divergence gate, a divergence gate with a lower threshold > 0; ``ipo`` with
+``label_smoothing`` or ``beta = 0``) is checked when the module is built and at the next call, which
+raises ``ValueError`` naming the options, so that assignments reach a valid configuration in any order,
+as OpenRLHF's.
 
 Train/rollout correction (ppo, ``is_correction_level`` ``"token"`` or ``"seq"``) with
 ``r = exp(old_log_probs - rollout_log_probs)`` per token and ``[low, high] =
@@ -43,7 +50,11 @@ takes the sequence ratio against ``rollout_log_probs`` and no weight, as OpenRLH
 ``-(1 - eps) log σ(βd) - eps log σ(-βd)`` or, with ``ipo``, ``(d - 1/(2β))²``, averaged over
 pairs; returns ``(loss, chosen_rewards, rejected_rewards)``, ``β(pc - rc)`` and ``β(pr - rr)``
 detached, per pair, in the inputs' dtype as OpenRLHF (bf16 in, bf16 out; computed in fp32, then
-cast). ``label_smoothing`` in ``[0, 1]``, as OpenRLHF; with ``ipo`` it raises (OpenRLHF ignores it).
+cast). The four log-probs share any shape (``[B]``, ``[B, 1]``): the loss averages every element and the
+rewards keep the shape, as OpenRLHF's. ``beta = 0`` gives OpenRLHF's numbers: ``log 2`` per pair (the
+loss at ``βd = 0``) with no gradient, zero rewards; a negative ``beta`` raises, and so does ``beta = 0``
+with ``ipo`` (OpenRLHF divides by zero). ``label_smoothing`` in ``[0, 1]``, as OpenRLHF; with ``ipo`` it
+raises (OpenRLHF ignores it).
 All four log-probs are required tensors, as OpenRLHF's (a None raises ``TypeError`` naming it).
 The reference log-probs get no gradient (OpenRLHF computes them without one).
 
@@ -55,6 +66,7 @@ Nothing here imports OpenRLHF.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -88,7 +100,25 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x.float() * m).sum() / divisor(m.sum())
 
 
-class PolicyLoss(LiveOptions, torch.nn.Module):
+class _Options(LiveOptions):
+    """The options of an OpenRLHF adapter: an assignment checks the value it sets (``_check_values``: an invalid one
+    raises there, naming the option, and leaves the old value); how the options combine is checked, and what the
+    forward reads built (``_combine``), when the module is built and at the first call after an assignment
+    (:meth:`_ready`), so that assignments reach a valid configuration in any order, as OpenRLHF's."""
+
+    def _configure(self) -> None:
+        self._check_values()
+        self._combined = False
+
+    def _ready(self) -> None:
+        """Check the options' combination (``ValueError`` naming them) and build what the forward reads, once
+        after an assignment."""
+        if not self._combined:
+            self._combine()
+            self._combined = True
+
+
+class PolicyLoss(_Options, torch.nn.Module):
     """OpenRLHF's ``PolicyLoss`` (PPO / GSPO actor loss) computed by :func:`fastalign.policy_loss`. Its options are
     attributes, read at each call as OpenRLHF reads them (an assignment takes effect at the next call)."""
 
@@ -103,35 +133,41 @@ class PolicyLoss(LiveOptions, torch.nn.Module):
         _validate.boolean("token_level_loss", token_level_loss)
         token_level_loss = token_level_loss and policy_loss_type != "gspo"  # gspo: per-sample mean
         self._configure_options(locals())
+        self._ready()  # OpenRLHF's constructor refuses an invalid combination
 
-    def _configure(self) -> None:
-        """Check the options and build the :class:`~fastalign.PolicyConfig` of the call."""
-        level, mode, gating = self.is_correction_level, self.is_correction_mode, self.is_correction_gating
+    def _check_values(self) -> None:
+        """Check each option's own value."""
         if self.policy_loss_type not in ("ppo", "gspo"):
             raise ValueError(f"policy_loss_type must be 'ppo' or 'gspo', got {self.policy_loss_type!r}")
-        if level not in ("off", "token", "seq"):
-            raise ValueError(f"is_correction_level must be off/token/seq, got {level!r}")
-        if mode not in ("mask", "clip"):
-            raise ValueError(f"is_correction_mode must be mask/clip, got {mode!r}")
-        if gating not in ("ratio", "binary_kl", "tv"):
-            raise ValueError(f"is_correction_gating must be ratio/binary_kl/tv, got {gating!r}")
-        if mode == "clip" and (level == "seq" or gating != "ratio"):
-            raise ValueError("is_correction_mode='clip' needs is_correction_level='token' and "
-                             "is_correction_gating='ratio' (only the per-token ratio is a weight to clamp)")
+        if self.is_correction_level not in ("off", "token", "seq"):
+            raise ValueError(f"is_correction_level must be off/token/seq, got {self.is_correction_level!r}")
+        if self.is_correction_mode not in ("mask", "clip"):
+            raise ValueError(f"is_correction_mode must be mask/clip, got {self.is_correction_mode!r}")
+        if self.is_correction_gating not in ("ratio", "binary_kl", "tv"):
+            raise ValueError(f"is_correction_gating must be ratio/binary_kl/tv, got {self.is_correction_gating!r}")
         threshold = _validate.finite_numbers("is_correction_threshold", self.is_correction_threshold)
         if len(threshold) != 2:
             raise ValueError(f"is_correction_threshold must be a pair (low, high), got {self.is_correction_threshold}")
-        if gating != "ratio" and level != "off" and threshold[0] > 0:
-            raise ValueError(f"is_correction_gating={gating!r} takes an upper bound only: "
-                             f"is_correction_threshold must be (0, delta), got {tuple(threshold)}")
         if self.dual_clip is not None and not _validate.finite_number("dual_clip", self.dual_clip) > 1.0:
             raise ValueError(f"dual_clip must be > 1.0, got {self.dual_clip}")
         _validate.boolean("token_level_loss", self.token_level_loss)
-        eps = {name: _validate.finite_number(name, getattr(self, name)) for name in ("clip_eps_low", "clip_eps_high")}
-        for name, value in eps.items():
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
-        opts = dict(loss_type="ppo", eps_low=eps["clip_eps_low"], eps_high=eps["clip_eps_high"],
+        for name in ("clip_eps_low", "clip_eps_high"):
+            if _validate.finite_number(name, getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def _combine(self) -> None:
+        """Check how the correction options combine, as OpenRLHF's constructor, and build the
+        :class:`~fastalign.PolicyConfig` of the call."""
+        level, mode, gating = self.is_correction_level, self.is_correction_mode, self.is_correction_gating
+        if mode == "clip" and (level == "seq" or gating != "ratio"):
+            raise ValueError(f"is_correction_mode='clip' needs is_correction_level='token' and "
+                             f"is_correction_gating='ratio' (only the per-token ratio is a weight to clamp), got "
+                             f"is_correction_level={level!r} and is_correction_gating={gating!r}")
+        threshold = tuple(float(x) for x in self.is_correction_threshold)
+        if gating != "ratio" and level != "off" and threshold[0] > 0:
+            raise ValueError(f"is_correction_gating={gating!r} takes an upper bound only: "
+                             f"is_correction_threshold must be (0, delta), got {threshold}")
+        opts = dict(loss_type="ppo", eps_low=float(self.clip_eps_low), eps_high=float(self.clip_eps_high),
                     agg="token-mean" if self.token_level_loss else "seq-mean-token-mean")
         if self.policy_loss_type == "gspo":  # exp(mean l) with no clamp (ppo clamps l to [-20, 20], the default)
             opts.update(importance_sampling_level="sequence", log_ratio_cap=math.inf)
@@ -177,11 +213,16 @@ class PolicyLoss(LiveOptions, torch.nn.Module):
                 batch_num_tokens=None, global_batch_size=None):
         """``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``; the last two are None without
         the train/rollout correction."""
-        _validate.any_float("log_probs", log_probs, dim=2)
+        self._ready()
+        _validate.any_float("log_probs", log_probs)
+        if log_probs.dim() not in (1, 2):
+            raise ValueError(f"log_probs must be [B, T] or one sequence [T], got shape {tuple(log_probs.shape)}")
         _validate.like(tuple(log_probs.shape), "log_probs.shape", device=log_probs.device, device_of="log_probs",
                        old_log_probs=old_log_probs, rollout_log_probs=rollout_log_probs)
         _validate.like(tuple(log_probs.shape), "log_probs.shape", device=log_probs.device, device_of="log_probs",
                        kind="real", action_mask=action_mask)
+        if isinstance(advantages, numbers.Real) and not isinstance(advantages, bool):  # OpenRLHF multiplies by it
+            advantages = torch.tensor(float(advantages), device=log_probs.device)  # 0-dim: promotes no dtype
         _validate.any_float("advantages", advantages)
         _validate.count("batch_num_tokens", batch_num_tokens)
         _validate.count("global_batch_size", global_batch_size)
@@ -206,6 +247,10 @@ class PolicyLoss(LiveOptions, torch.nn.Module):
         except RuntimeError as e:
             raise ValueError(f"advantages of shape {tuple(advantages.shape)} do not broadcast against log_probs "
                              f"{tuple(log_probs.shape)}") from e
+        if log_probs.dim() == 1:  # one sequence: a batch of one (OpenRLHF's results are 0-dim either way)
+            log_probs, old_log_probs, rollout_log_probs, advantages, mask = (
+                None if t is None else t.unsqueeze(0)
+                for t in (log_probs, old_log_probs, rollout_log_probs, advantages, mask))
         # OpenRLHF applies dp_size only with the global count of its aggregation
         cfg = self._config if count is None or dp_size == 1 else PolicyConfig.make(self._config, dp_size=int(dp_size))
         counts = {} if count is None else {"global_tokens" if self.token_level_loss else "global_seqs": count}
@@ -220,7 +265,7 @@ class PolicyLoss(LiveOptions, torch.nn.Module):
                 None if vllm_kl is None else vllm_kl.to(vllm_kl_dtype), is_filter_ratio)
 
 
-class DPOLoss(LiveOptions, torch.nn.Module):
+class DPOLoss(_Options, torch.nn.Module):
     """OpenRLHF's ``DPOLoss`` (DPO, conservative DPO with ``label_smoothing``, IPO) computed by
     :func:`fastalign.preference_loss`. Its options are attributes, read at each call as OpenRLHF reads them (an
     assignment takes effect at the next call)."""
@@ -230,32 +275,46 @@ class DPOLoss(LiveOptions, torch.nn.Module):
     def __init__(self, beta: float, label_smoothing: float = 0.0, ipo: bool = False) -> None:
         super().__init__()
         self._configure_options(locals())
+        self._ready()
 
-    def _configure(self) -> None:
-        """Check the options: ``beta > 0``, ``label_smoothing`` in ``[0, 1]`` and 0 with ``ipo``."""
-        _validate.positive("beta", self.beta)
+    def _check_values(self) -> None:
+        """Check each option's own value: ``beta >= 0``, ``label_smoothing`` in ``[0, 1]``, ``ipo`` a bool."""
+        if not _validate.finite_number("beta", self.beta) >= 0.0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
         if not 0.0 <= _validate.finite_number("label_smoothing", self.label_smoothing) <= 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1], got {self.label_smoothing}")
-        if _validate.boolean("ipo", self.ipo) and self.label_smoothing != 0.0:
-            raise ValueError("label_smoothing does not apply with ipo=True")
+        _validate.boolean("ipo", self.ipo)
+
+    def _combine(self) -> None:
+        """With ``ipo``: ``label_smoothing`` 0 (OpenRLHF ignores it) and ``beta > 0`` (IPO's target ``1/(2β)``)."""
+        if self.ipo and self.label_smoothing != 0.0:
+            raise ValueError(f"label_smoothing does not apply with ipo=True, got label_smoothing="
+                             f"{self.label_smoothing}")
+        if self.ipo and self.beta == 0.0:
+            raise ValueError("ipo=True needs beta > 0 (its target margin is 1 / (2 beta)), got beta=0")
 
     def forward(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
                 reference_rejected_logps: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        self._ready()
         inputs = (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
         for name, t in zip(("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps",
                             "reference_rejected_logps"), inputs):  # all four required, as OpenRLHF's
-            _validate.any_float(name, t, dim=1)
+            _validate.any_float(name, t)
         _validate.like(tuple(policy_chosen_logps.shape), "policy_chosen_logps.shape",
                        device=policy_chosen_logps.device, device_of="policy_chosen_logps",
                        policy_rejected_logps=policy_rejected_logps, reference_chosen_logps=reference_chosen_logps,
                        reference_rejected_logps=reference_rejected_logps)
-        kw = dict(beta=self.beta)
+        pairs = tuple(t.reshape(-1) for t in inputs)  # any shape: OpenRLHF's loss averages every element
+        beta = float(self.beta)
+        if beta == 0.0:  # OpenRLHF's terms read the margin d as 0 * d: the loss at d = 0 (beta 1), no gradient
+            pairs = tuple(t * 0.0 for t in pairs)
+        kw = dict(beta=beta or 1.0)
         if self.ipo:  # OpenRLHF's IPO takes the log-probs as given: lengths of 1 keep them so
-            one = torch.ones_like(policy_chosen_logps)
+            one = torch.ones_like(pairs[0])
             kw.update(loss_type="ipo", chosen_lengths=one, rejected_lengths=one)
         else:
             kw.update(loss_type="sigmoid", label_smoothing=self.label_smoothing)
-        loss, _ = preference_loss(*inputs, **kw)
+        loss, _ = preference_loss(*pairs, **kw)
         out = _result_dtype(*inputs)
         acc = torch.promote_types(out, torch.float32)  # computed in fp32, returned in the inputs' dtype
         with torch.no_grad():

@@ -8,6 +8,14 @@ once — ``policy_loss.loss_mode``, ``clip_ratio`` / ``clip_ratio_low`` / ``clip
 ``get_policy_loss_fn(loss_mode)`` plus its KL and entropy terms:
 ``pg_loss - entropy_coeff * agg(H) + kl_loss_coef * agg(KL)``.
 
+A key absent from the config (a dict, or an object without the attribute) takes verl's default, the value
+of its ``ActorConfig`` / ``PolicyLossConfig`` dataclasses (and ``actor.yaml``): a dict gives what the same
+config built as verl's dataclass gives (``clip_ratio_low`` / ``clip_ratio_high`` 0.2 whatever
+``clip_ratio``; ``clip_ratio_c`` 3.0, dppo_tv / dppo_kl included; ``policy_loss.ppo_kl_coef`` 0.1). A key set to
+None takes what verl's loss modes take for None: ``clip_ratio`` for ``clip_ratio_low`` / ``clip_ratio_high``,
+1.0 for ``ppo_kl_coef``, else the default. float64 inputs are computed in float32; the loss is then float64,
+as verl's arithmetic returns it (the metrics stay float32).
+
 Where verl's behaviour differs from fastalign's defaults, the profile follows verl:
 
 * vanilla always applies the dual clip (``clip_ratio_c``, default 3.0).
@@ -51,6 +59,7 @@ from torch import Tensor
 
 from fastalign import _validate
 from fastalign.aggregate import AGGS, aggregate_loss, counts_read, divisor
+from fastalign.integrations._dtypes import float64_as_float32
 from fastalign.integrations.verl._names import unprefixed
 from fastalign.kl import canonical_kl, kl_penalty
 from fastalign.policy import policy_loss
@@ -85,22 +94,49 @@ def _check_global_counts(aggs, dp_size: int, batch_num_tokens, global_batch_size
             raise ValueError("global_batch_size is required when dp_size > 1")
 
 
-def _get(cfg: Any, name: str, default=None):
+#: verl 0.9.1's defaults of the ``ActorConfig`` keys read here (its dataclass and ``actor.yaml``): what a key
+#: absent from the config takes
+_ACTOR_DEFAULTS: Mapping[str, Any] = dict(
+    clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0, loss_agg_mode="token-mean",
+    loss_scale_factor=None, entropy_coeff=0.0, tau_pos=1.0, tau_neg=1.05, use_kl_loss=False, kl_loss_coef=0.001,
+    kl_loss_type="low_var_kl")
+#: the same for the ``PolicyLossConfig`` keys (``actor.policy_loss``)
+_POLICY_LOSS_DEFAULTS: Mapping[str, Any] = dict(
+    loss_mode="vanilla", clip_cov_ratio=0.0002, clip_cov_lb=1.0, clip_cov_ub=5.0, kl_cov_ratio=0.0002,
+    ppo_kl_coef=0.1, dro_beta=None)
+
+
+def _lookup(cfg: Any, name: str, default=None):
+    """``cfg``'s value at ``name`` (a mapping's key or an object's attribute), None included; ``default`` when
+    ``cfg`` lacks it."""
     if cfg is None:
         return default
     if isinstance(cfg, Mapping):
-        v = cfg.get(name, default)
-    else:
-        v = getattr(cfg, name, default)
+        return cfg.get(name, default)
+    return getattr(cfg, name, default)
+
+
+def _get(cfg: Any, name: str, default=None):
+    """``cfg``'s value at ``name``; ``default`` when ``cfg`` lacks it or holds None."""
+    v = _lookup(cfg, name, default)
     return default if v is None else v
 
 
-def _number(cfg: Any, key: str, default: float, *, above: Optional[float] = None, at_least: Optional[float] = None,
-            path: str = "") -> float:
-    """The finite number at verl's ``key`` (``default`` when unset), checked under verl's name (``path`` + ``key``):
-    ``> above`` and ``>= at_least`` when given."""
+def _setting(cfg: Any, key: str, defaults: Mapping[str, Any] = _ACTOR_DEFAULTS):
+    """verl's ``key`` in ``cfg``: absent or None, verl's default ``defaults[key]``."""
+    return _get(cfg, key, defaults[key])
+
+
+def _number(cfg: Any, key: str, *, defaults: Mapping[str, Any] = _ACTOR_DEFAULTS, none: Optional[float] = None,
+            above: Optional[float] = None, at_least: Optional[float] = None, path: str = "") -> float:
+    """The finite number at verl's ``key``, checked under verl's name (``path`` + ``key``): ``> above`` and
+    ``>= at_least`` when given. Absent: verl's default ``defaults[key]``; None: ``none`` when given (the value
+    verl's loss modes take for None), else the default."""
     name = path + key
-    value = _validate.finite_number(name, _get(cfg, key, default))
+    value = _lookup(cfg, key, defaults[key])
+    if value is None:
+        value = defaults[key] if none is None else none
+    value = _validate.finite_number(name, value)
     if above is not None and not value > above:
         raise ValueError(f"{name} must be > {above}, got {value}")
     if at_least is not None and not value >= at_least:
@@ -117,14 +153,17 @@ def _loss_agg_mode(value: Any) -> str:
 
 def _kl_loss_type(actor: Any) -> str:
     """verl's ``kl_loss_type`` (default ``"low_var_kl"``), checked under its name."""
-    kind = _get(actor, "kl_loss_type", "low_var_kl")
+    kind = _setting(actor, "kl_loss_type")
     canonical_kl(kind, "kl_loss_type")
     return kind
 
 
 def _clip_bounds(cfg: Any) -> tuple[float, float]:
-    ratio = _number(cfg, "clip_ratio", 0.2, at_least=0.0)
-    return (_number(cfg, "clip_ratio_low", ratio, at_least=0.0), _number(cfg, "clip_ratio_high", ratio, at_least=0.0))
+    """verl's ``(clip_ratio_low, clip_ratio_high)``: absent, verl's default 0.2 (whatever ``clip_ratio``); None,
+    ``clip_ratio``, as verl's loss modes read them."""
+    ratio = _number(cfg, "clip_ratio", at_least=0.0)
+    return (_number(cfg, "clip_ratio_low", none=ratio, at_least=0.0),
+            _number(cfg, "clip_ratio_high", none=ratio, at_least=0.0))
 
 
 def verl_policy_config(actor: Any, *, fuse_terms: bool = True, loss_mode: Optional[str] = None,
@@ -135,13 +174,13 @@ def verl_policy_config(actor: Any, *, fuse_terms: bool = True, loss_mode: Option
     aggregate like the policy term). ``loss_mode`` / ``loss_agg_mode``: used instead of the
     config's ``policy_loss.loss_mode`` / ``loss_agg_mode`` when given."""
     pl = _get(actor, "policy_loss", {})
-    mode = unprefixed(loss_mode if loss_mode is not None else _get(pl, "loss_mode", "vanilla"))
+    mode = unprefixed(loss_mode if loss_mode is not None else _setting(pl, "loss_mode", _POLICY_LOSS_DEFAULTS))
     if mode not in _MODES:
         raise ValueError(f"policy_loss.loss_mode {mode!r} has no fastalign profile; supported: {tuple(_MODES)}")
     row = _MODES[mode]
     el, eh = _clip_bounds(actor)
     agg = _OWN_AGG.get(mode) or _loss_agg_mode(loss_agg_mode if loss_agg_mode is not None
-                                               else _get(actor, "loss_agg_mode", "token-mean"))
+                                               else _setting(actor, "loss_agg_mode"))
     opts: dict = dict(loss_type=row)
     if row in ("ppo", "gspo", "clip_cov", "gmpo", "cispo", "dppo_tv", "dppo_kl"):
         opts.update(eps_low=el, eps_high=eh)
@@ -149,33 +188,32 @@ def verl_policy_config(actor: Any, *, fuse_terms: bool = True, loss_mode: Option
         opts["agg"] = agg
     if agg.startswith("seq-mean"):
         opts["seq_count"] = "all" if row == "gmpo" else "nonempty"
-    if agg == "seq-mean-token-sum-norm" and _get(actor, "loss_scale_factor") is not None:
-        opts["max_len"] = _validate.at_least("loss_scale_factor", _get(actor, "loss_scale_factor"), 1)
+    if agg == "seq-mean-token-sum-norm" and _setting(actor, "loss_scale_factor") is not None:
+        opts["max_len"] = _validate.at_least("loss_scale_factor", _setting(actor, "loss_scale_factor"), 1)
     if row == "ppo":
-        opts["dual_clip"] = _number(actor, "clip_ratio_c", 3.0, above=1.0)
+        opts["dual_clip"] = _number(actor, "clip_ratio_c", above=1.0)
     if row in ("dppo_tv", "dppo_kl"):  # clip_ratio_* are divergence bounds; clip_ratio_c truncates the ratio
-        opts["delta"] = _number(actor, "clip_ratio_c", 20.0, above=0.0)
+        opts["delta"] = _number(actor, "clip_ratio_c", above=0.0)
     if row == "dro":
-        beta = _get(pl, "dro_beta")
+        beta = _setting(pl, "dro_beta", _POLICY_LOSS_DEFAULTS)
         if beta is None or not float(beta) > 0:
             raise ValueError(f"policy_loss.dro_beta must be > 0 for loss_mode 'dro', got {beta!r}")
         opts["dro_beta"] = float(beta)
     if row == "sapo":
-        opts["sapo_tau"] = (_number(actor, "tau_pos", 1.0, above=0.0), _number(actor, "tau_neg", 1.05, above=0.0))
-    pl_number = (lambda key, default, **kw: _number(pl, key, default, path="policy_loss.", **kw))
+        opts["sapo_tau"] = (_number(actor, "tau_pos", above=0.0), _number(actor, "tau_neg", above=0.0))
+    pl_number = (lambda key, **kw: _number(pl, key, defaults=_POLICY_LOSS_DEFAULTS, path="policy_loss.", **kw))
     if row == "clip_cov":
-        lb, ub = pl_number("clip_cov_lb", 1.0), pl_number("clip_cov_ub", 5.0)
+        lb, ub = pl_number("clip_cov_lb"), pl_number("clip_cov_ub")
         if not lb < ub:
             raise ValueError(f"policy_loss.clip_cov_lb must be < policy_loss.clip_cov_ub, got {lb} and {ub}")
-        opts.update(cov_ratio=pl_number("clip_cov_ratio", 2e-4, above=0.0), cov_lb=lb, cov_ub=ub)
-    if row == "kl_cov":
-        opts.update(cov_ratio=pl_number("kl_cov_ratio", 2e-4, above=0.0),
-                    cov_kl_coef=pl_number("ppo_kl_coef", 1.0))
+        opts.update(cov_ratio=pl_number("clip_cov_ratio", above=0.0), cov_lb=lb, cov_ub=ub)
+    if row == "kl_cov":  # verl's kl_cov takes 1.0 for a ppo_kl_coef of None
+        opts.update(cov_ratio=pl_number("kl_cov_ratio", above=0.0), cov_kl_coef=pl_number("ppo_kl_coef", none=1.0))
     if fuse_terms:
-        if _get(actor, "use_kl_loss", False):
-            opts.update(kl_coef=_number(actor, "kl_loss_coef", 0.001), kl_type=_kl_loss_type(actor))
-        if _number(actor, "entropy_coeff", 0.0) != 0.0:
-            opts["entropy_coef"] = _number(actor, "entropy_coeff", 0.0)
+        if _setting(actor, "use_kl_loss"):
+            opts.update(kl_coef=_number(actor, "kl_loss_coef"), kl_type=_kl_loss_type(actor))
+        if _number(actor, "entropy_coeff") != 0.0:
+            opts["entropy_coef"] = _number(actor, "entropy_coeff")
     return PolicyConfig(**opts)
 
 
@@ -192,22 +230,25 @@ class VerlPolicyLoss:
     ``actor.global_batch_info["loss_scale_factor"]`` (the two set and different: ``ValueError``);
     with ``policy_term_only`` (the loss function verl's registry holds) the latter alone, as verl's
     loss modes read it (absent or None: the padded length).
+
+    float64 inputs are computed in float32 and give a float64 loss, as verl's arithmetic does (the metrics
+    stay float32).
     """
 
     def __init__(self, actor: Any, *, loss_mode: Optional[str] = None, loss_agg_mode: Optional[str] = None,
                  policy_term_only: bool = False):
         self.actor = actor
         self.mode = unprefixed(loss_mode if loss_mode is not None
-                               else _get(_get(actor, "policy_loss", {}), "loss_mode", "vanilla"))
-        self.loss_agg_mode = loss_agg_mode if loss_agg_mode is not None else _get(actor, "loss_agg_mode", "token-mean")
+                               else _setting(_get(actor, "policy_loss", {}), "loss_mode", _POLICY_LOSS_DEFAULTS))
+        self.loss_agg_mode = loss_agg_mode if loss_agg_mode is not None else _setting(actor, "loss_agg_mode")
         # policy_term_only: the loss function verl's registry holds, without the KL and entropy terms
         self.policy_term_only = policy_term_only
         if not (policy_term_only and self.mode in _OWN_AGG):  # else verl's loss mode never reads it
             _loss_agg_mode(self.loss_agg_mode)
-        self.use_kl = not policy_term_only and bool(_get(actor, "use_kl_loss", False))
-        self.kl_coef = _number(actor, "kl_loss_coef", 0.001)
-        self.kl_type = _kl_loss_type(actor) if self.use_kl else str(_get(actor, "kl_loss_type", "low_var_kl"))
-        self.entropy_coeff = 0.0 if policy_term_only else _number(actor, "entropy_coeff", 0.0)
+        self.use_kl = not policy_term_only and bool(_setting(actor, "use_kl_loss"))
+        self.kl_coef = _number(actor, "kl_loss_coef")
+        self.kl_type = _kl_loss_type(actor) if self.use_kl else str(_setting(actor, "kl_loss_type"))
+        self.entropy_coeff = 0.0 if policy_term_only else _number(actor, "entropy_coeff")
         # sapo and geo_mean aggregate their policy term on their own (geo_mean: a plain mean over the
         # local sequences, without the global counts): KL and entropy then run apart
         self.fused = self.mode == "sapo" and self.loss_agg_mode == _OWN_AGG["sapo"] or self.mode not in _OWN_AGG
@@ -221,7 +262,7 @@ class VerlPolicyLoss:
         given = _get(info, "loss_scale_factor")
         name = "global_batch_info['loss_scale_factor']"
         if not self.policy_term_only:
-            own = _get(self.actor, "loss_scale_factor")
+            own = _setting(self.actor, "loss_scale_factor")
             if own is not None and given is not None and own != given:
                 raise ValueError(f"loss_scale_factor={own!r} differs from {name}={given!r}")
             if own is not None:
@@ -232,6 +273,21 @@ class VerlPolicyLoss:
                  entropy: Optional[Tensor] = None, ref_log_prob: Optional[Tensor] = None,
                  rollout_is_weights: Optional[Tensor] = None, dp_size: Optional[int] = None, batch_num_tokens=None,
                  global_batch_size=None) -> tuple[Tensor, dict]:
+        # verl's arithmetic returns float64 when an operand of the loss is float64; fastalign computes those
+        # inputs in float32 (its kernels' widest) and returns the loss in float64
+        operands = (log_prob, old_log_prob, advantages, response_mask, rollout_is_weights,
+                    None if self.policy_term_only else entropy, ref_log_prob if self.use_kl else None)
+        wide = any(isinstance(t, Tensor) and t.dtype == torch.float64 for t in operands)
+        log_prob, old_log_prob, advantages, entropy, ref_log_prob, rollout_is_weights = map(
+            float64_as_float32, (log_prob, old_log_prob, advantages, entropy, ref_log_prob, rollout_is_weights))
+        loss, metrics = self._loss(log_prob, old_log_prob, advantages, response_mask, entropy, ref_log_prob,
+                                   rollout_is_weights, dp_size, batch_num_tokens, global_batch_size)
+        return (loss.to(torch.float64) if wide else loss), metrics
+
+    def _loss(self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+              entropy: Optional[Tensor], ref_log_prob: Optional[Tensor], rollout_is_weights: Optional[Tensor],
+              dp_size: Optional[int], batch_num_tokens, global_batch_size) -> tuple[Tensor, dict]:
+        """:meth:`__call__` on inputs of the kernels' dtypes."""
         cfg = self.config
         if self.use_kl and ref_log_prob is None:
             raise ValueError("use_kl_loss=True needs ref_log_prob (the reference policy's log-probs)")
