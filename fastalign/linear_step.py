@@ -99,9 +99,10 @@ def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLos
 
 def _two_passes(hidden, weight, bias, a, lw, labels, loss: StepLoss, sum_p2: bool, extras, logit: dict):
     """:func:`separable_step` by :func:`fastalign.linear_logprobs` (its backward recomputes the logits); on
-    the CPU only the scored rows go through the vocabulary (their argmax included)."""
+    the CPU, in eager mode, only the scored rows go through the vocabulary (their argmax included; traced, every
+    row: the count of scored rows is not read on the host)."""
     ignore_index = int(logit.get("ignore_index", -100))
-    rows = labelled_rows(labels.reshape(-1), ignore_index) if hidden.device.type == "cpu" else None
+    rows = labelled_rows(labels.reshape(-1), ignore_index) if hidden.device.type == "cpu" and eager(labels) else None
     h, y, low = hidden, labels, None if a is None else (a, lw)
     if rows is not None:
         h, y = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), labels.reshape(-1).index_select(0, rows)
