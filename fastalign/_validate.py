@@ -120,17 +120,22 @@ def number(name: str, value) -> float:
     return float(value)
 
 
+def _finite(v: float) -> bool:
+    """``math.isfinite(v)`` in a form torch.compile also traces on the symbolic floats of ``dynamic=True``."""
+    return v == v and abs(v) != math.inf
+
+
 def finite(**values) -> None:
     """Every value given is a finite real number (not NaN, not +-inf); None is skipped."""
     for name, value in values.items():
-        if value is not None and not math.isfinite(number(name, value)):
+        if value is not None and not _finite(number(name, value)):
             raise ValueError(f"{name} must be finite, got {value}")
 
 
 def finite_number(name: str, value) -> float:
     """A finite real number (None, a string or a bool is a ``TypeError``), as a float."""
     v = number(name, value)
-    if not math.isfinite(v):
+    if not _finite(v):
         raise ValueError(f"{name} must be finite, got {value}")
     return v
 
@@ -138,7 +143,7 @@ def finite_number(name: str, value) -> float:
 def positive(name: str, value) -> float:
     """A finite real number > 0, as a float."""
     v = number(name, value)
-    if not (math.isfinite(v) and v > 0):
+    if not (_finite(v) and v > 0):
         raise ValueError(f"{name} must be > 0 and finite, got {value}")
     return v
 

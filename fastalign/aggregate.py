@@ -112,7 +112,8 @@ def aggregate_loss(per_token_loss: Tensor, response_mask: Tensor, agg: str = "to
     * ``seq-mean-token-sum-norm`` (Dr. GRPO): ``sum(m L) / (B * L_max)``, ``L_max`` = ``max_len``
       or the padded length; with ``global_seqs`` it is ``sum(m L) / (B_glob L_max) * dp``.
 
-    ``N_glob`` (``global_tokens``) and ``B_glob`` (``global_seqs``, non-empty sequences) are the
+    ``N_glob`` (``global_tokens``) and ``B_glob`` (``global_seqs``: non-empty sequences; every row, empty ones
+    included, for ``seq-mean-token-sum-norm``, as its local ``B``) are the
     counts over the whole optimizer step and all data-parallel ranks (ints or device tensors);
     without them the local counts are used. With them, averaging the gradients of ``dp_size``
     ranks gives exactly the gradient of the global mean. A count the aggregation does not divide by

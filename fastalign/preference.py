@@ -310,8 +310,10 @@ def _check_rows_read(types, given: dict) -> None:
     for name, value in given.items():
         rows, default = ROW_OPTIONS[name]
         unchanged = value is None if default is None else (not isinstance(value, Tensor) and value == default)
-        shown = "a tensor" if isinstance(value, Tensor) else repr(value)
-        check_read(f"{name}={shown}", not unchanged, list(types), types, rows)
+        if unchanged:
+            continue
+        check_read(f"{name}={'a tensor' if isinstance(value, Tensor) else repr(value)}", True, list(types), types,
+                   rows)
 
 
 def _check_options(types, beta, label_smoothing, smoothed_losses, f_divergence, f_alpha, f_length_average,

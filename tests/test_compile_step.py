@@ -159,3 +159,26 @@ def test_compiled_divergence_compiles_once_for_every_token_count(backend):
             for a, c in zip(*results):
                 torch.testing.assert_close(c, a, atol=1e-5, rtol=1e-5)
     assert counter.frame_count <= 2
+
+
+_DYNAMIC_CASES = {
+    "token_logprobs": lambda x, y, lp: fastalign.token_logprobs(x, y, temperature=0.7).logprobs,
+    "linear_logprobs": lambda x, y, lp: fastalign.linear_logprobs(x[..., :16], x[0, :5, :16].repeat(8, 1)[:37], y,
+                                                           temperature=0.7).logprobs,
+    "preference_loss": lambda x, y, lp: fastalign.preference_loss(lp[:, 0], lp[:, 1], lp[:, 2], lp[:, 3], beta=0.2)[0],
+    "group_advantages": lambda x, y, lp: fastalign.group_advantages(lp[:, 0], group_size=2, eps=1e-5),
+    "policy_loss": lambda x, y, lp: fastalign.policy_loss(lp, lp - 0.1, torch.ones(4), torch.ones(4, 6), ref_logprobs=lp - 0.2,
+                                                   loss_type="grpo", kl_coef=0.1)[0],
+}
+
+
+@pytest.mark.parametrize("name", list(_DYNAMIC_CASES))
+def test_ops_compile_with_dynamic_shapes(name):
+    """torch.compile(fullgraph=True, dynamic=True) traces the float options as symbolic floats: their checks
+    (finite, > 0, read by a loss row) compile (math.isfinite and repr of a symbolic float did not)."""
+    torch.manual_seed(0)
+    x, y, lp = torch.randn(3, 7, 37), torch.randint(0, 37, (3, 7)), -2 + 0.3 * torch.randn(4, 6)
+    fn = _DYNAMIC_CASES[name]
+    torch._dynamo.reset()
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=True)(x, y, lp)
+    torch.testing.assert_close(got, fn(x, y, lp))
