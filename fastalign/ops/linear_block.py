@@ -52,17 +52,22 @@ BLOCK_STATS = ("entropy", "sum_p2", "argmax")
 
 def block_forward(buf: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *,
                   scale: float, softcap: float, inv_t: float, ignore_index: int, stats=(), backend: str,
-                  low_rank: Optional[tuple[Tensor, Tensor]] = None, live: Optional[Tensor] = None):
+                  low_rank: Optional[tuple[Tensor, Tensor]] = None, live: Optional[Tensor] = None,
+                  deriv_buf: Optional[Tensor] = None):
     """Logits of the rows ``h [n, H]`` into ``buf`` and their statistics.
 
     Returns ``(z, deriv, lp, extra, lse)``: ``z`` the kept logits, ``deriv`` the softcap
-    derivative (None without softcap), ``extra`` a dict of the ``stats`` asked (names of
+    derivative (None without softcap; written into ``deriv_buf``, a flat buffer like ``buf``, when given,
+    so that a loop over blocks holds one), ``extra`` a dict of the ``stats`` asked (names of
     :data:`BLOCK_STATS`) per row. ``low_rank = (a [n, r], L [V, r])`` adds ``a @ L.T`` to the logits.
     ``live``: the labelled rows come first and only those ``live`` rows are multiplied
     (:mod:`~fastalign.ops.device_compaction`)."""
     h, weight, bias, low_rank = _operands(buf, h, weight, bias, low_rank)
     z = chunk_logits(buf, h, weight, bias, scale, softcap, low_rank=low_rank, live=live)
-    deriv = softcap_derivative(z, softcap, scale) if softcap > 0 else None
+    deriv = None
+    if softcap > 0:
+        out = None if deriv_buf is None else deriv_buf[:z.numel()].view(z.shape)
+        deriv = softcap_derivative(z, softcap, scale, out=out)
     lp, ent, sp2, amax, lse = token_stats(z.unsqueeze(0), labels, inv_t, ignore_index, "entropy" in stats,
                                           "sum_p2" in stats, "argmax" in stats, backend, True)
     extra = {"entropy": ent, "sum_p2": sp2, "argmax": amax}

@@ -13,7 +13,8 @@ forward by the incoming gradient (``single_pass``), or, without it, runs the blo
 incoming gradient folded into the weights (two products more per token, nothing kept between).
 Only scored rows go through the vocabulary: found on the host for CPU tensors, put first on the device
 (:mod:`~fastalign.ops.device_compaction`) on a GPU. The blocks are sized by the single pass's budget
-(``FASTALIGN_BLOCK_MIB``, :func:`~fastalign.ops.single_pass.block_budget_rows`; two logit tiles per block).
+(``FASTALIGN_BLOCK_MIB``, :func:`~fastalign.ops.single_pass.block_budget_rows`; two logit tiles per block, three with the
+student's softcap derivative).
 
 Eager calls run :class:`DivergencePass`; traced ones (torch.compile, fake tensors) the custom ops
 ``fastalign::linear_divergence`` and ``fastalign::linear_divergence_backward`` (the two passes), whose fakes
@@ -87,10 +88,11 @@ def run_blocks(student: Head, teacher: Head, mask: Tensor, labels: Optional[Tens
     n = N if order is None else order.numel()
     if n == 0:
         return div, ent, nll
-    k = max(1, block_budget_rows(V, student.hidden) // 2)  # two logit tiles per block
-    k = min(k, n)
+    with_deriv = g_soft is not None and student.softcap > 0  # the student's softcap derivative
+    k = min(block_budget_rows(V, student.hidden, tiles=3 if with_deriv else 2), n)  # logit tiles per block
     buf_s = block_buffer(k, V, student.hidden)
     buf_t = block_buffer(k, V, student.hidden)
+    buf_d = block_buffer(k, V, student.hidden) if with_deriv else None
     dh, dw, db = grads if grads is not None else (None, None, None)
     with torch.no_grad():
         for block in row_blocks(n, k, order):
@@ -98,8 +100,8 @@ def run_blocks(student: Head, teacher: Head, mask: Tensor, labels: Optional[Tens
             hs, ws, bs = _operands(buf_s, block.take(student.hidden), student.weight, student.bias)
             ht, wt, bt = _operands(buf_t, block.take(teacher.hidden), teacher.weight, teacher.bias)
             zs = chunk_logits(buf_s, hs, ws, bs, student.scale, student.softcap, live=live)
-            deriv = (softcap_derivative(zs, student.softcap, student.scale)
-                     if g_soft is not None and student.softcap > 0 else None)
+            deriv = (softcap_derivative(zs, student.softcap, student.scale, out=buf_d[:zs.numel()].view(zs.shape))
+                     if with_deriv else None)
             zt = chunk_logits(buf_t, ht, wt, bt, teacher.scale, teacher.softcap, live=live)
             d_b, e_b, n_b = divergence_rows_call(
                 zs, zt, block.take(mask).float().contiguous(),

@@ -63,13 +63,14 @@ def env_mib(name: str, default: float, *former: str) -> float:
     return mib
 
 
-def block_budget_rows(vocab: int, like: Tensor) -> int:
+def block_budget_rows(vocab: int, like: Tensor, tiles: int = 1) -> int:
     """Rows of kept logits per block: the ``FASTALIGN_BLOCK_MIB`` budget (by default 1024 MiB on a GPU,
-    64 MiB on the CPU; a finite number > 0, see :func:`env_mib`) over one row of ``vocab`` logits in the
-    block buffer's dtype (at least one row)."""
+    64 MiB on the CPU; a finite number > 0, see :func:`env_mib`) over ``tiles`` rows of ``vocab`` logits in
+    the block buffer's dtype (``tiles``: the ``[rows, V]`` buffers a block holds, e.g. 2 with the softcap
+    derivative beside the logits; at least one row)."""
     default = DEFAULT_BLOCK_MIB if like.is_cuda else DEFAULT_CPU_BLOCK_MIB
     mib = env_mib("FASTALIGN_BLOCK_MIB", default, "FASTALIGN_PAIR_BLOCK_MIB")
-    return block_rows(vocab, like, mib * (1 << 20))
+    return block_rows(vocab, like, mib * (1 << 20) / tiles)
 
 
 def differentiated(*tensors) -> bool:
@@ -209,7 +210,8 @@ class _SinglePass(torch.autograd.Function):
             per_item = sum(y.shape[1:].numel() for y, _rows in side_labels)
         else:
             per_item = -(-sum(y.numel() if rows is None else rows.numel() for y, rows in side_labels) // max(B, 1))
-        k = max(1, min(B, block_budget_rows(V, hiddens[0]) // max(per_item, 1)))
+        tiles = 2 if pipe.softcap > 0 else 1  # the logits, and the softcap derivative beside them
+        k = max(1, min(B, block_budget_rows(V, hiddens[0], tiles) // max(per_item, 1)))
         # rows not found on the host: the Triton paths put a block's labelled rows first on the device and
         # multiply only those (ops/device_compaction.py)
         on_device = pipe.backend != "cpp" and all(rows is None for _y, rows in side_labels)
@@ -226,12 +228,13 @@ class _SinglePass(torch.autograd.Function):
             h_blk = blocks[0]
             low_rank = None if low_rank_weight is None else (blocks[1], low_rank_weight)
             if buf is None or buf.numel() < h_blk.shape[0] * V:
-                buf = None  # free the smaller buffer before the larger one is allocated
+                buf = deriv_buf = None  # free the smaller buffers before the larger ones are allocated
                 buf = block_buffer(max(h_blk.shape[0], k * per_item), V, hiddens[0])
+                deriv_buf = torch.empty_like(buf) if pipe.softcap > 0 else None
             live = None if cmp is None else cmp.live
             with torch.no_grad():
                 z, deriv, lp, extra, lse = block_forward(buf, h_blk, weight, bias, y_blk, stats=names,
-                                                         low_rank=low_rank, live=live, **kw)
+                                                         low_rank=low_rank, live=live, deriv_buf=deriv_buf, **kw)
             aux_blk = extra.get(aux)
             in_order = (lambda t: t) if cmp is None else (lambda t: None if t is None else cmp.scatter(t))
             labelled = y_blk != pipe.ignore_index
