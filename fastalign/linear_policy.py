@@ -32,7 +32,7 @@ from fastalign.linear import check_head_inputs, check_logit_options, linear_logp
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_cpu import labelled_rows
 from fastalign.ops.single_pass import Side, by_default, differentiated, single_pass_loss, token_items
-from fastalign.policy import policy_loss
+from fastalign.policy import _policy_loss
 from fastalign.policy_config import FIELDS, PolicyConfig
 
 # keywords that belong to the logit pipeline (linear_logprobs), not to policy_loss
@@ -80,7 +80,9 @@ class LinearPolicyLoss(nn.Module):
     ``weight``, ``bias`` and the low-rank term ``(a [B, T, r], L [V, r])`` of a LoRA lm_head
     (see :func:`fastalign.linear_logprobs`). Tokens labelled ``ignore_index`` are dropped from the mask.
     Per-call keywords override the configuration. Returns ``(loss, metrics)`` like
-    :func:`fastalign.policy_loss`.
+    :func:`fastalign.policy_loss`. With ``vocab_group`` every rank holds the same tokens, so Clip-Cov's
+    random choice takes the seed of the group's first rank on every rank (drawn from its ``generator``;
+    one all-reduce on the device).
 
     ``single_pass`` (``"auto"``, True, False): the single pass over blocks of whole sequences, or of
     any tokens for a loss separable over tokens (module docstring), when gradients are needed;
@@ -143,8 +145,10 @@ class LinearPolicyLoss(nn.Module):
         scored = labels.masked_fill(~mask, ignore_index)
         inputs = dict(ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, **cfg)
 
+        seed_group = logit.get("vocab_group")  # its ranks hold the same tokens: one Clip-Cov seed for all
+
         def loss(lp, old, ent):
-            return policy_loss(lp, old, advantages, mask, entropy=ent, **inputs)
+            return _policy_loss(lp, old, advantages, mask, entropy=ent, seed_group=seed_group, **inputs)
 
         per_token = PolicyConfig.make(None, "LinearPolicyLoss",
                                       **{k: v for k, v in cfg.items() if k in FIELDS}).token_separable

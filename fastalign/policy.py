@@ -120,8 +120,11 @@ def policy_loss(
     ``global_tokens`` / ``global_seqs`` are the step-wide counts of docs/math.md#aggregation (ints or device
     tensors; with ``dp_size`` they make micro-batching and data parallelism exact): ``global_tokens`` for
     ``token-mean``, ``global_seqs`` for the seq-mean modes; a count the aggregation does not read raises);
-    ``generator`` seeds the Clip-Cov choice (the default: torch's global generator); the other loss types draw
-    nothing at random (kl_cov takes the top covariances) and refuse one (``ValueError``). Inputs are ``[B, T]``
+    ``generator`` seeds the Clip-Cov choice (the default: torch's global generator; ranks holding the same
+    tokens, e.g. log-probs of a vocabulary split over a group, need generators seeded alike:
+    :class:`fastalign.LinearPolicyLoss` with ``vocab_group`` gives every rank its group's first rank's seed itself);
+    the other loss types draw nothing at random (kl_cov takes the top covariances) and refuse one
+    (``ValueError``). Inputs are ``[B, T]``
     (advantages may be ``[B]``), fp32/bf16/fp16; math is fp32.
 
     Returns:
@@ -138,6 +141,47 @@ def policy_loss(
         ``entropy_agg="token-mean"``, ``policy_term`` (the loss before the entropy bonus). Nothing
         synchronises with the host.
     """
+    return _policy_loss(logprobs, old_logprobs, advantages, response_mask, ref_logprobs=ref_logprobs, entropy=entropy,
+                        rollout_logprobs=rollout_logprobs, importance_weights=importance_weights,
+                        entropy_threshold=entropy_threshold, global_tokens=global_tokens, global_seqs=global_seqs,
+                        generator=generator, config=config, **options)
+
+
+def _clip_cov_seed(generator: Optional[torch.Generator], device: torch.device, seed_group=None) -> Tensor:
+    """The Clip-Cov seed, ``[1]`` int64 on ``device``: drawn from ``generator`` (torch's global generator when
+    None). With ``seed_group`` (a process group whose ranks hold the same tokens, e.g. a vocabulary split over
+    it), every rank gets the draw of the group's first rank: the others contribute 0 to one all-reduce (sum)
+    of the seed, on the device (no host synchronisation; traceable by ``torch.compile``)."""
+    seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=device, dtype=torch.int64)
+    if seed_group is not None:
+        import torch.distributed as dist
+
+        if dist.get_rank(seed_group) != 0:
+            seed = torch.zeros_like(seed)
+        dist.all_reduce(seed, group=seed_group)
+    return seed
+
+
+def _policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    ref_logprobs: Optional[Tensor] = None,
+    entropy: Optional[Tensor] = None,
+    rollout_logprobs: Optional[Tensor] = None,
+    importance_weights: Optional[Tensor] = None,
+    entropy_threshold: Optional[Tensor] = None,
+    global_tokens=None,
+    global_seqs=None,
+    generator: Optional[torch.Generator] = None,
+    config: Optional[PolicyConfig] = None,
+    seed_group=None,
+    **options,
+) -> tuple[Tensor, dict]:
+    """:func:`policy_loss`; ``seed_group``: the process group whose ranks must draw the same Clip-Cov seed
+    (:func:`_clip_cov_seed`), the ``vocab_group`` of a vocabulary-parallel head."""
     cfg = PolicyConfig.make(config, **options)
     loss_type = cfg.row
     agg = cfg.resolved_agg
@@ -222,7 +266,7 @@ def policy_loss(
     cov_ratio, cov_lb, cov_ub, _ = cfg.cov_params
     if is_cov:
         if loss_type == "clip_cov":
-            seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=logprobs.device, dtype=torch.int64)
+            seed = _clip_cov_seed(generator, logprobs.device, seed_group)
         else:  # kl_cov's choice is deterministic: it leaves the global generator alone
             seed = torch.zeros(1, device=logprobs.device, dtype=torch.int64)
         f32 = lambda t: t.detach().float().contiguous()  # noqa: E731

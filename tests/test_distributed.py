@@ -261,6 +261,32 @@ def shard_loss(name, backend, rank=0, group=None, sizes=None):
                 d_hidden=hidden.grad, d_weight=weight.grad, d_bias=bias.grad)
 
 
+#: Clip-Cov seeds: a generator per rank seeded apart (rank r: CLIP_COV_SEED + r), and the global generator
+CLIP_COV_SEED, CLIP_COV_GLOBAL_SEED = 7, 100
+
+
+def clip_cov_loss(backend, rank=0, world=1, group=None, generator=None):
+    """``LinearPolicyLoss(loss_type="clip_cov")`` on the :func:`vocab_data` head (this rank's ``torch.chunk`` of
+    the rows with ``group``), the Clip-Cov bounds wide enough that the random choice decides which candidates
+    lose their gradient: the loss, the selected fraction and the gradients of the hidden states and of this rank's
+    weight / bias rows. ``generator``: passed to the loss (None: torch's global generator)."""
+    d = vocab_data()
+    g = torch.Generator().manual_seed(8)
+    hidden = d["hidden"].clone().requires_grad_(True)
+    weight, bias = (d[k].chunk(world)[rank].clone().requires_grad_(True) for k in ("weight", "bias"))
+    n, t = d["labels"].shape
+    fn = fastalign.LinearPolicyLoss(loss_type="clip_cov", cov_ratio=0.4, cov_lb=-100.0, cov_ub=100.0,
+                                    vocab_group=group, backend=backend, **VOCAB_OPTIONS)
+    kw = {} if generator is None else {"generator": generator}
+    lp = reference_linear_logprobs(d["hidden"], d["weight"], d["labels"], bias=d["bias"], **VOCAB_OPTIONS)[0]
+    old = lp.detach() + 0.05 * torch.randn(n, t, generator=g)  # ratios inside the clip: candidates
+    value, metrics = fn(hidden, weight, d["labels"], old, torch.randn(n, generator=g), torch.ones(n, t), bias=bias,
+                        **kw)
+    value.backward()
+    return dict(value=value.detach(), selected=metrics["cov_selected_frac"], d_hidden=hidden.grad,
+                d_weight=weight.grad, d_bias=bias.grad)
+
+
 # ----------------------------------------------------------------------------- the workers
 
 def half(rank: int, world: int) -> slice:
@@ -351,6 +377,11 @@ def _worker(rank, world, pg_backend, store_path, out_dir, scenarios, backend, cu
             out["dtensor"] = dtensor_stats(vocab_data(), backend, rank, world)
         if "mismatched" in scenarios:
             out["mismatched"] = mismatched_calls(rank, group, backend)
+        if "clip_cov" in scenarios:  # the ranks' generators, and their global ones, seeded apart
+            out["clip_cov"] = {"generator": clip_cov_loss(backend, rank, world, group,
+                                                          torch.Generator().manual_seed(CLIP_COV_SEED + rank))}
+            torch.manual_seed(CLIP_COV_GLOBAL_SEED + rank)
+            out["clip_cov"]["global"] = clip_cov_loss(backend, rank, world, group)
         torch.save(_cpu(out), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -413,7 +444,7 @@ def check_single_against_reference(single, data):
 def gloo_run(request, tmp_path_factory):
     """All CPU scenarios in one 2-rank gloo run per kernel backend (spawning costs more than the work)."""
     backend = request.param
-    scenarios = (("policy", "vocab", "vocab_empty_shard", "shard_losses", "dtensor")
+    scenarios = (("policy", "vocab", "vocab_empty_shard", "shard_losses", "dtensor", "clip_cov")
                  + (("hf",) if HAS_TRANSFORMERS else ())
                  + (("vocab_compiled",) if backend == "cpp" else ()))  # the interpreter is not compiled
     return backend, spawn(tmp_path_factory.mktemp(f"gloo-{backend}"), scenarios, backend)
@@ -504,6 +535,26 @@ def test_gloo_dtensor_head(gloo_run):
                                    rtol=1e-5, msg=f"sharded {k}")
         torch.testing.assert_close(torch.cat([got["dtensor"]["data_parallel"][k] for got in ranks]), single[k],
                                    atol=1e-5, rtol=1e-5, msg=f"data-parallel {k} (the ranks' average)")
+
+
+def test_gloo_clip_cov_ranks_take_the_first_ranks_seed(gloo_run):
+    """Clip-Cov with vocab_group: every rank holds the same tokens, so every rank must pick the same ones. Each
+    drew the seed from its own generator, so ranks whose generators differ (spawned processes, unless seeded
+    alike) dropped different tokens: losses that differ and gradients of no single process. Every rank takes
+    the seed of the group's first rank now: loss, selection and gradients equal the single process with that
+    rank's generator, on every rank (an explicit generator or the global one)."""
+    backend, ranks = gloo_run
+    for case, seed in (("generator", CLIP_COV_SEED), ("global", CLIP_COV_GLOBAL_SEED)):
+        single = clip_cov_loss(backend, generator=torch.Generator().manual_seed(seed))
+        own = clip_cov_loss(backend, generator=torch.Generator().manual_seed(seed + 1))  # the second rank's seed
+        assert not torch.allclose(single["d_hidden"], own["d_hidden"]), "the seed must decide the selection"
+        for r, rank in enumerate(ranks):
+            got = rank["clip_cov"][case]
+            for k in ("value", "selected", "d_hidden"):
+                torch.testing.assert_close(got[k], single[k], atol=1e-5, rtol=1e-5, msg=f"{k}, {case}, rank {r}")
+        for k in ("d_weight", "d_bias"):  # each rank holds the gradient of its own rows
+            torch.testing.assert_close(torch.cat([rank["clip_cov"][case][k] for rank in ranks]), single[k],
+                                       atol=1e-5, rtol=1e-5, msg=f"{k}, {case}")
 
 
 def test_gloo_ranks_that_disagree_on_a_size_raise_on_every_rank(tmp_path):
