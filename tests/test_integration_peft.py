@@ -354,8 +354,8 @@ pytest.importorskip("datasets", reason="TRL's trainers need datasets")
 pytest.importorskip("tokenizers", reason="the test tokenizer needs tokenizers")
 
 import fastalign.integrations.trl as fa_trl  # noqa: E402
-from test_integration_trl_trainers import (_common, _compare, _dpo_dataset, _grpo_dataset, _kto_dataset,  # noqa: E402
-                                           _reward, _run, _sft_dataset, _tokenizer,
+from test_integration_trl_trainers import (_common, _compare, _config_class, _dpo_dataset,  # noqa: E402
+                                           _grpo_dataset, _kto_dataset, _reward, _run, _sft_dataset, _tokenizer,
                                            checkpoint)  # noqa: F401  (checkpoint: a fixture)
 
 
@@ -510,3 +510,37 @@ def test_paired_trainers_with_peft_match_trl(checkpoint, tmp_path, trainer, case
     assert any(head in k for k in ours[1]) and any("q_proj.lora_B" in k for k in ours[1])
     assert {"rewards/margins@0", "logits/chosen@0", "nll_loss@0"} <= set(ours[0])
     _compare(theirs, ours)
+
+
+PROMPT_LEARNING = {"prompt_tuning": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+                   "prefix_tuning": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)}
+
+
+@pytest.mark.parametrize("trainer, case", [(t, "prompt_tuning") for t in ("SFT", "GRPO", "RLOO", "DPO", "KTO", "CPO",
+                                                                          "ORPO")] + [("SFT", "prefix_tuning")])
+def test_prompt_learning_is_refused_by_the_trainers_at_construction(checkpoint, tmp_path, trainer, case):
+    """PEFT prompt learning (its virtual tokens reach the body as inputs_embeds) was accepted by the drop-ins,
+    whose first step died with KeyError 'input_ids'; each drop-in refuses it when built, naming the config type.
+    TRL's own trainers take it, and train it."""
+    options = dict(num_generations=4, max_completion_length=6) if trainer in ("GRPO", "RLOO") else {}
+    extra = dict(reward_funcs=_reward) if trainer in ("GRPO", "RLOO") else {}
+    data = {"SFT": lambda: _sft_dataset("text"), "KTO": _kto_dataset, "GRPO": _grpo_dataset,
+            "RLOO": _grpo_dataset}.get(trainer, _dpo_dataset)
+    args = _config_class(trainer)(**_common(tmp_path, per_device_train_batch_size=4, **options))
+    name = type(PROMPT_LEARNING[case]()).__name__
+    with pytest.raises(ValueError, match=rf"^model: PEFT prompt learning \({name}\)"):
+        getattr(fa_trl, f"{trainer}Trainer")(model=checkpoint, args=args, train_dataset=data(),
+                                             processing_class=_tokenizer(checkpoint), **extra,
+                                             peft_config=PROMPT_LEARNING[case]())
+
+
+def test_fused_head_called_with_inputs_embeds_raises_value_error():
+    """A prompt-learning PeftModel's forward hands the base model inputs_embeds (virtual tokens prepended), no
+    input_ids: the fused head's forward raised KeyError 'input_ids'; it raises a ValueError saying so."""
+    from fastalign.integrations.trl._head import install_head
+
+    ids, attention, labels = _batch()
+    model = peft.get_peft_model(_tiny_base(), PROMPT_LEARNING["prompt_tuning"]())
+    install_head(model)
+    with pytest.raises(ValueError, match="inputs_embeds without input_ids.*prompt learning"):
+        model(input_ids=ids, attention_mask=attention, labels=labels, fastalign_head=("log_probs",))

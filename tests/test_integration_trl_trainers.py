@@ -251,6 +251,43 @@ def test_sft_trainer_matches_trl(checkpoint, tmp_path, case, monkeypatch, item_p
     _compare(theirs, ours)
 
 
+def _labels_on_padding_collator(examples):
+    """The plain Hugging Face convention: ``labels = input_ids`` with the padding (``<eos>``, attention 0) left
+    scored, and a first token at -100; TRL's collators would write -100 on the padding."""
+    length = max(len(e["input_ids"]) for e in examples)
+    ids = torch.tensor([e["input_ids"] + [1] * (length - len(e["input_ids"])) for e in examples])
+    attention = torch.tensor([[1] * len(e["input_ids"]) + [0] * (length - len(e["input_ids"])) for e in examples])
+    labels = ids.clone()
+    labels[:, 0] = -100
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+@pytest.mark.parametrize("options", [dict(), dict(loss_type="dft"), dict(label_smoothing_factor=0.2)],
+                         ids=["nll", "dft", "label_smoothing"])
+def test_sft_collator_labels_on_padding_match_trl(checkpoint, tmp_path, options):
+    """A data_collator whose labels keep the padded positions: TRL scores every label that is not -100 (as the
+    model's own loss does); the drop-in also dropped the positions with attention_mask 0, so its loss, metrics
+    and update differed. They equal TRL's now."""
+    data = datasets.Dataset.from_dict({"input_ids": [[3 + (3 * i + 2 * j) % 55 for j in range(3 + i % 5)]
+                                                     for i in range(4)]})
+
+    def build(cls, out):
+        args = trl.SFTConfig(**_common(out, per_device_train_batch_size=4, remove_unused_columns=False,
+                                       dataset_kwargs={"skip_prepare_dataset": True}, **options))
+        return cls(model=checkpoint, args=args, train_dataset=data, processing_class=_tokenizer(checkpoint),
+                   data_collator=_labels_on_padding_collator)
+
+    batch = _labels_on_padding_collator([data[i] for i in range(4)])
+    assert ((batch["attention_mask"][:, 1:] == 0) & (batch["labels"][:, 1:] != -100)).any()  # padding is scored
+    theirs = _run(build(trl.SFTTrainer, tmp_path / "trl"))
+    ours = _run(build(fa_trl.SFTTrainer, tmp_path / "fa"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    if not options:  # TRL's loss is the model's own loss on the batch
+        with torch.no_grad():
+            assert theirs[0]["loss@0"] == pytest.approx(model(**batch).loss.item(), rel=RTOL)
+    _compare(theirs, ours)
+
+
 @pytest.fixture(scope="module")
 def dropout_checkpoint(checkpoint, tmp_path_factory):
     """The tiny Qwen2 with attention dropout 0.3: every training forward draws from the random stream."""

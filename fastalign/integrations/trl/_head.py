@@ -19,8 +19,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from fastalign.integrations.hf import (causal_lm_logprobs, head_operands, head_transform, next_token_targets,
-                                       router_aux_loss)
+from fastalign.integrations.hf import (_WHOLE_MODEL_TUNERS, causal_lm_logprobs, head_operands, head_transform,
+                                       next_token_targets, router_aux_loss)
 from fastalign.linear_policy import policy_step
 from fastalign.linear_step import separable_step
 
@@ -202,6 +202,10 @@ def install_head(model) -> None:
             return previous(*args, **kwargs)
         if args:
             raise TypeError("fastalign_head: pass input_ids and attention_mask by keyword")
+        if kwargs.get("input_ids") is None:  # PEFT prompt learning passes inputs_embeds with virtual tokens
+            given = "inputs_embeds without input_ids" if kwargs.get("inputs_embeds") is not None else "no input_ids"
+            raise ValueError(f"fastalign_head: {given}; the fused head scores input_ids (PEFT prompt learning, "
+                             "which passes its virtual tokens as inputs_embeds, is not supported)")
         labels = kwargs.pop("labels", None)
         return head_outputs(self, kwargs.pop("input_ids"), kwargs.pop("attention_mask", None), labels,
                             tuple(fastalign_head), **(fastalign_options or {}), **kwargs)
@@ -230,9 +234,13 @@ def check_config(args, name: str) -> None:
 
 def check_model(trainer, name: str, *, head_dtype: Optional[torch.dtype] = None) -> None:
     """Raise on a model the fastalign head cannot score like TRL's fused head: a vision-language model, an
-    architecture without a known head transform, and a policy or reference whose head would run in float64
+    architecture without a known head transform, a policy or reference with a PEFT adapter set up outside
+    the body (:func:`check_peft`), and a policy or reference whose head would run in float64
     (:func:`check_head_dtype`; ``head_dtype``: the dtype the trainer runs its head in, None: the model's)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
+    check_peft(model, "model")
+    if getattr(trainer, "ref_model", None) is not None:
+        check_peft(trainer.accelerator.unwrap_model(trainer.ref_model), "ref_model")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if base.config.get_text_config() is not base.config:
         raise ValueError(f"model: {type(base).__name__} is a vision-language model; the fastalign trainers take "
@@ -241,6 +249,24 @@ def check_model(trainer, name: str, *, head_dtype: Optional[torch.dtype] = None)
     check_head_dtype(trainer, trainer.model, "model", head_dtype=head_dtype)
     if getattr(trainer, "ref_model", None) is not None:
         check_head_dtype(trainer, trainer.ref_model, "ref_model", head_dtype=head_dtype)
+
+
+def check_peft(model, name: str) -> None:
+    """A ``ValueError`` naming ``name`` and the PEFT config type for a PEFT model whose active adapter the fused
+    head cannot score (:func:`fastalign.integrations.hf.head_operands` refuses it at every call): prompt learning
+    (``PromptTuningConfig``, ``PrefixTuningConfig``, ``PromptEncoderConfig``, ...: its virtual tokens reach the
+    body as ``inputs_embeds``), X-LoRA and ShadowPEFT (set up by hooks on the whole model's forward)."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None:
+        return
+    if getattr(config, "is_prompt_learning", False):
+        raise ValueError(f"{name}: PEFT prompt learning ({type(config).__name__}) adds virtual tokens that the "
+                         "fastalign trainers' fused head does not see; it is not supported (LoRA and merged "
+                         "adapters are)")
+    if getattr(config, "peft_type", None) in _WHOLE_MODEL_TUNERS:
+        raise ValueError(f"{name}: PEFT {type(config).__name__} adapters are set up by hooks on the whole model's "
+                         "forward, which the fastalign trainers' fused head does not run; they are not supported "
+                         "(LoRA, aLoRA, Poly and merged adapters are)")
 
 
 def check_head_dtype(trainer, model, name: str, *, head_dtype: Optional[torch.dtype] = None,

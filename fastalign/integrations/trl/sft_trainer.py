@@ -15,7 +15,8 @@ are never built), the training loss in one pass through the head over blocks of 
 process count with ``average_tokens_across_devices``), as TRL's ``compute_loss``. ``entropy``,
 ``mean_token_accuracy`` and ``num_tokens`` are logged under TRL's names, over every process's
 tokens. Padded, packed (``padding_free``, ``position_ids``) and completion-only batches are scored
-as TRL scores them (the collator's -100 labels).
+as TRL scores them: every position whose next-token label is not -100 (the collator's labels alone,
+as the model's own loss: a collator that keeps labels on its padding has them scored).
 
 ``label_smoothing_factor`` ε (``loss_type="nll"``) adds TRL's smoothing term without the logits:
 ``(1-ε) NLL + ε mean_t (-(1/V) Σ_j log p_tj) = NLL + ε mean_t (z_ty - mean_j z_tj)``, the margin
@@ -30,7 +31,8 @@ loss's own pass.
 
 Options the drop-in cannot honour raise a ValueError naming them at construction:
 ``compute_loss_func`` (it needs the full logits),
-``use_liger_kernel``, sequence parallelism and vision-language models. A MoE model's load-balancing
+``use_liger_kernel``, sequence parallelism, vision-language models and PEFT prompt learning (its
+virtual tokens reach the body as ``inputs_embeds``; X-LoRA and ShadowPEFT too). A MoE model's load-balancing
 loss comes from the router logits of the same body forward, as TRL adds it.
 """
 from __future__ import annotations
@@ -77,9 +79,9 @@ class SFTTrainer(trl.SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "use_cache")}
-        targets = next_token_targets(inputs["input_ids"], labels=inputs["labels"],
-                                     attention_mask=inputs.get("attention_mask"),
-                                     position_ids=inputs.get("position_ids"))
+        # TRL's label_mask: every label that is not -100 is scored, as the model's own loss scores it (TRL's
+        # collators write -100 at padding and packed boundaries; a collator's labels on padding are scored)
+        targets = next_token_targets(inputs["input_ids"], labels=inputs["labels"])
         scored = targets != -100
         num_tokens = torch.as_tensor(scored.sum() if num_items_in_batch is None else num_items_in_batch).clamp(min=1)
         dft = self.args.loss_type == "dft"
