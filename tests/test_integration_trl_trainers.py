@@ -924,6 +924,8 @@ GRPO_ASSIGNED = {
                                                                                top_entropy_quantile=0.5)),
     # TRL applies no bonus when its constructor had none (entropy_coef 0): the assignment changes nothing
     "entropy_coef_without_bonus": (dict(loss_type="grpo"), dict(entropy_coef=0.05)),
+    # a bonus on at construction stays on at 0: TRL still logs policy_loss and entropy_coef
+    "entropy_coef_to_zero": (dict(loss_type="dapo", entropy_coef=0.01), dict(entropy_coef=0.0)),
     # the sampling temperature: TRL's fused head keeps the one it was built with for the log-probs
     "temperature": (dict(loss_type="grpo", beta=0.04), dict(temperature=0.6)),
 }

@@ -356,11 +356,11 @@ class LigerFusedLinearGRPOLoss(SinglePassAttribute, LiveOptions, nn.Module):
 
 # ---------------------------------------------------------------------------------------------- preference losses
 def _logits_sum(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``sum_{t, v} (hidden @ W.T + b)`` per row of ``hidden [R, T, H]``, as ``h · sum_v W_v`` (no logits)."""
-    h = hidden.detach().float()
-    s = h.sum(1) @ weight.detach().float().sum(0)
+    """``sum_{t, v} (hidden @ W.T + b)`` per row of ``hidden [R, T, H]``, as ``h · sum_v W_v`` (no logits). The
+    sums accumulate in fp32 inside the reductions (no fp32 copy of the head or of the hidden states)."""
+    s = hidden.detach().sum(1, dtype=torch.float32) @ weight.detach().sum(0, dtype=torch.float32)
     if bias is not None:
-        s = s + hidden.shape[1] * bias.detach().float().sum()
+        s = s + hidden.shape[1] * bias.detach().sum(dtype=torch.float32)
     return s
 
 

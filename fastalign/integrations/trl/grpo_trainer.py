@@ -53,11 +53,16 @@ _RATIO_MEANS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/regio
 
 
 def _entropy_coef(trainer) -> float:
-    """TRL's entropy bonus coefficient: 0 unless its constructor enabled the bonus (``_entropy_bonus_enabled``);
-    under ``use_adaptive_entropy`` the controller's coefficient is passed at each call (the config's stays)."""
-    if not trainer._entropy_bonus_enabled:
-        return 0.0
-    return trainer.args.entropy_coef if trainer.use_adaptive_entropy else trainer.entropy_coef
+    """TRL's entropy bonus coefficient in the config: 0 unless its constructor enabled the bonus
+    (``_entropy_bonus_enabled``); then the config's, and each call passes the step's coefficient (the adaptive
+    controller's, or the ``entropy_coef`` attribute, 0 included: the bonus stays on, :func:`_coefficient_per_call`)."""
+    return trainer.args.entropy_coef if trainer._entropy_bonus_enabled else 0.0
+
+
+def _coefficient_per_call(trainer) -> bool:
+    """Whether each call passes the entropy bonus coefficient (``GRPOLoss``'s ``use_adaptive_entropy``): wherever
+    TRL's bonus is on, which then logs ``policy_loss`` and ``entropy_coef`` at every step, also at 0."""
+    return trainer._entropy_bonus_enabled
 
 
 class GRPOTrainer(trl.GRPOTrainer):
@@ -73,7 +78,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         "vllm_importance_sampling_clip_min": "vllm_importance_sampling_clip_min",
         "vllm_importance_sampling_clip_max": "vllm_importance_sampling_clip_max",
         "entropy_coef": ("entropy_coef", _entropy_coef),
-        "use_adaptive_entropy": ("use_adaptive_entropy", lambda t: t.use_adaptive_entropy and t._entropy_bonus_enabled),
+        "use_adaptive_entropy": ("use_adaptive_entropy", _coefficient_per_call),
     })
 
     @functools.wraps(trl.GRPOTrainer.__init__)
@@ -128,9 +133,11 @@ class GRPOTrainer(trl.GRPOTrainer):
         old = inputs.get("old_per_token_logps")
         mode = "train" if self.model.training else "eval"
         grpo_loss = self.fastalign_loss  # the options assigned since the last step, checked
-        coef = None  # the adaptive controller's coefficient from the last optimizer step, applied at or below target
-        if grpo_loss.adaptive_entropy:
-            coef = self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
+        coef = None  # the step's bonus coefficient: the attribute, or the adaptive controller's from the last
+        if grpo_loss.adaptive_entropy:  # optimizer step, applied at or below the target
+            coef = self.entropy_coef
+            if self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target:
+                coef = 0.0
 
         def grpo(per_token_logps, old_logps, entropies, threshold=None):
             sampling = inputs.get("sampling_per_token_logps")
@@ -157,7 +164,7 @@ class GRPOTrainer(trl.GRPOTrainer):
                 self, model, ids, attention, completion_ids, completion_mask, old, grpo, vision,
                 token_separable=grpo_loss.config.token_separable)
             bonus_mask = mask
-        if grpo_loss.adaptive_entropy and mode == "train":
+        if self.use_adaptive_entropy and grpo_loss.adaptive_entropy and mode == "train":
             self._adapt_entropy_coef(entropies, bonus_mask)
         log = self._metrics[mode]
         # the MoE load-balancing loss, scaled for gradient accumulation as TRL's
