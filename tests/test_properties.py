@@ -154,6 +154,21 @@ def test_token_logprobs_large_logits_at_a_temperature(backend):
     check("logprobs", got, want, atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("vocab_chunk", [None, 5], ids=["one-piece", "pieces"])
+def test_linear_logprobs_cpp_large_logits_at_a_temperature(vocab_chunk):
+    """linear_logprobs on the C++ kernels subtracts the row max before dividing by T, as token_logprobs does: on
+    exact fp32 logits around 1e5 at T = 0.7 the log-prob is within fp32 rounding of itself, in one vocabulary
+    piece or merged from several (it divided first: an error of ulp(max |z| / T), about 0.009 here)."""
+    g = _gen(18)
+    V = 37
+    logits = 1e5 + torch.randint(-40, 41, (4, V), generator=g).float() / 8  # exact in fp32
+    labels = torch.randint(0, V, (4,), generator=g)
+    got = fa.linear_logprobs(logits, torch.eye(V), labels, temperature=0.7, backend="cpp",
+                             **({} if vocab_chunk is None else dict(chunk=(4, vocab_chunk)))).logprobs
+    want = torch.log_softmax(logits.to(F64) / 0.7, -1).gather(-1, labels[:, None])[:, 0]
+    check("logprobs", got, want, atol=2e-5, rtol=0)
+
+
 # ----------------------------------------------------------------------------- linear_logprobs
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @given(N=ROWS, V=VOCAB, H=st.sampled_from([1, 2, 5]), dtype=st.sampled_from(LOW),

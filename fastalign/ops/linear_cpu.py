@@ -116,7 +116,10 @@ def _rows_of(low_rank, rows: Tensor):
 def forward(hidden, weight, bias, low_rank, labels, scale, softcap, inv_t, ignore_index, out, nc, vc):
     """Per token chunk: each vocabulary piece's (max, log s, entropy, sum p^2, argmax) from the C++
     row kernel, the label logit gathered from its piece, then :func:`merge_pieces` and
-    ``logprob = (z_y - M) - log S``."""
+    ``logprob = (z_y - z_max) / T - log S``. The pieces merge from their raw maxima ``z_max_k``, shifted by the
+    row's before dividing by ``T`` (``(z_max_k - z_max) / T``), as the row kernel forms ``(z_j - z_max) / T``:
+    the log-prob is within fp32 rounding of itself at any ``|z| / T``, not of ``|z| / T`` (``lse`` is then
+    rounded once, ``z_max / T + log S``)."""
     lp, ent, sp2, amax, amax_val, lse = out
     N, V = hidden.shape[0], weight.shape[0]
     C = _backend.compiled()
@@ -128,7 +131,7 @@ def forward(hidden, weight, bias, low_rank, labels, scale, softcap, inv_t, ignor
         h_c = _f32(hidden[n0:n1])
         a_c = None if low_rank is None else _f32(low_rank[0][n0:n1])
         y = labels[n0:n1]
-        m_k, log_s_k = torch.empty(K, n), torch.empty(K, n)
+        m_k, log_s_k, z_max_k = torch.empty(K, n), torch.empty(K, n), torch.empty(K, n)
         ent_k = torch.empty(K, n) if ent.numel() else None
         sp2_k = torch.empty(K, n) if sp2.numel() else None
         zy = torch.zeros(n)
@@ -144,20 +147,22 @@ def forward(hidden, weight, bias, low_rank, labels, scale, softcap, inv_t, ignor
                 z.data_ptr(), DTYPE_CODE[torch.float32], n, v1 - v0, n, 0, v1 - v0, yl.data_ptr(), inv_t,
                 PIECE_IGNORE, ptr(None if ent_k is None else ent_k[k]), ptr(None if sp2_k is None else sp2_k[k]),
                 ptr(amax_k), m_k[k].data_ptr(), log_s_k[k].data_ptr())
+            torch.amax(z, 1, out=z_max_k[k])
             inside = yl >= 0
-            zy_k = z.gather(1, yl.clamp_min(0).unsqueeze(1)).squeeze(1) * inv_t
-            zy = torch.where(inside, zy_k, zy)
+            zy = torch.where(inside, z.gather(1, yl.clamp_min(0).unsqueeze(1)).squeeze(1), zy)
             if amax_k is not None:
                 better = m_k[k] > best_val
                 best_val = torch.where(better, m_k[k], best_val)
                 best_idx = torch.where(better, amax_k + v0, best_idx)
+        z_max = z_max_k.amax(0)
+        z_ref = torch.where(torch.isfinite(z_max), z_max, torch.zeros_like(z_max))  # a row of only -inf: 0
         if K == 1:
-            M, log_S, m_ent, m_sp2 = m_k[0], log_s_k[0], opt(None if ent_k is None else ent_k[0]), \
+            log_S, m_ent, m_sp2 = log_s_k[0], opt(None if ent_k is None else ent_k[0]), \
                 opt(None if sp2_k is None else sp2_k[0])
-        else:
-            M, log_S, m_ent, m_sp2, _ = merge_pieces(m_k, log_s_k, ent_k, sp2_k)
-        write_stats(slice(n0, n1), y, V, ignore_index, (zy - M) - log_S, M + log_S, m_ent, m_sp2, best_idx,
-                     best_val, out)
+        else:  # each piece's max relative to the row's: (z_max_k - z_max) / T
+            _, log_S, m_ent, m_sp2, _ = merge_pieces((z_max_k - z_ref) * inv_t, log_s_k, ent_k, sp2_k)
+        write_stats(slice(n0, n1), y, V, ignore_index, (zy - z_ref) * inv_t - log_S, z_ref * inv_t + log_S, m_ent,
+                    m_sp2, best_idx, best_val, out)
 
 
 def write_stats(rows, y, V, ignore_index, m_lp, m_lse, m_ent, m_sp2, best_idx, best_val, out):
