@@ -32,7 +32,7 @@ from fastalign.linear import check_head_inputs, check_logit_options, linear_logp
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_cpu import labelled_rows
 from fastalign.ops.single_pass import Side, by_default, differentiated, single_pass_loss, token_items
-from fastalign.policy import _policy_loss
+from fastalign.policy import SharedSeed, policy_loss
 from fastalign.policy_config import FIELDS, PolicyConfig
 
 # keywords that belong to the logit pipeline (linear_logprobs), not to policy_loss
@@ -144,14 +144,14 @@ class LinearPolicyLoss(nn.Module):
         # unscored tokens (prompt, tool output) are ignored rows: they skip the vocabulary on every backend
         scored = labels.masked_fill(~mask, ignore_index)
         inputs = dict(ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, **cfg)
-
-        seed_group = logit.get("vocab_group")  # its ranks hold the same tokens: one Clip-Cov seed for all
+        config = PolicyConfig.make(None, "LinearPolicyLoss", **{k: v for k, v in cfg.items() if k in FIELDS})
+        if logit.get("vocab_group") is not None and config.row == "clip_cov":  # its ranks hold the same tokens
+            inputs["generator"] = SharedSeed(inputs.get("generator"), logit["vocab_group"])
 
         def loss(lp, old, ent):
-            return _policy_loss(lp, old, advantages, mask, entropy=ent, seed_group=seed_group, **inputs)
+            return policy_loss(lp, old, advantages, mask, entropy=ent, **inputs)
 
-        per_token = PolicyConfig.make(None, "LinearPolicyLoss",
-                                      **{k: v for k, v in cfg.items() if k in FIELDS}).token_separable
+        per_token = config.token_separable
         value, metrics, _lp, _ent = policy_step(hidden, weight, scored, old_logprobs, loss, bias=bias,
                                                 low_rank=low_rank, entropy=want_ent,
                                                 single_pass=single_pass if why is None else False,

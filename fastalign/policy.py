@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -76,6 +76,32 @@ def _clip_metrics(rd: Tensor, row_n: Tensor, per: tuple, per_sequence: bool) -> 
             "clip_low_min": torch.where(none, math.nan, lo_min), "clip_high_max": torch.where(none, math.nan, hi_max)}
 
 
+class SharedSeed(NamedTuple):
+    """A Clip-Cov seed shared by the ranks of ``group`` (ranks holding the same tokens, e.g. a vocabulary split
+    over it), passed as ``policy_loss(generator=...)``: the draw from ``generator`` (torch's global generator
+    when None) on the group's first rank goes to every rank."""
+    generator: Optional[torch.Generator]
+    group: Any
+
+
+def _clip_cov_seed(generator, device: torch.device) -> Tensor:
+    """The Clip-Cov seed, ``[1]`` int64 on ``device``, drawn from ``generator`` (torch's global generator when
+    None). A :class:`SharedSeed` gives every rank of its group the draw of the group's first rank: the others
+    contribute 0 to one all-reduce (sum) of the seed, on the device (no host synchronisation; traceable by
+    ``torch.compile``)."""
+    group = None
+    if isinstance(generator, SharedSeed):
+        generator, group = generator
+    seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=device, dtype=torch.int64)
+    if group is not None:
+        import torch.distributed as dist
+
+        if dist.get_rank(group) != 0:
+            seed = torch.zeros_like(seed)
+        dist.all_reduce(seed, group=group)
+    return seed
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -89,7 +115,7 @@ def policy_loss(
     entropy_threshold: Optional[Tensor] = None,
     global_tokens=None,
     global_seqs=None,
-    generator: Optional[torch.Generator] = None,
+    generator: Optional[Union[torch.Generator, SharedSeed]] = None,
     config: Optional[PolicyConfig] = None,
     **options,
 ) -> tuple[Tensor, dict]:
@@ -121,8 +147,8 @@ def policy_loss(
     tensors; with ``dp_size`` they make micro-batching and data parallelism exact): ``global_tokens`` for
     ``token-mean``, ``global_seqs`` for the seq-mean modes; a count the aggregation does not read raises);
     ``generator`` seeds the Clip-Cov choice (the default: torch's global generator; ranks holding the same
-    tokens, e.g. log-probs of a vocabulary split over a group, need generators seeded alike:
-    :class:`fastalign.LinearPolicyLoss` with ``vocab_group`` gives every rank its group's first rank's seed itself);
+    tokens, e.g. log-probs of a vocabulary split over a group, need generators seeded alike, or a
+    :class:`SharedSeed` of the group: :class:`fastalign.LinearPolicyLoss` with ``vocab_group`` passes one itself);
     the other loss types draw nothing at random (kl_cov takes the top covariances) and refuse one
     (``ValueError``). Inputs are ``[B, T]``
     (advantages may be ``[B]``), fp32/bf16/fp16; math is fp32.
@@ -141,47 +167,6 @@ def policy_loss(
         ``entropy_agg="token-mean"``, ``policy_term`` (the loss before the entropy bonus). Nothing
         synchronises with the host.
     """
-    return _policy_loss(logprobs, old_logprobs, advantages, response_mask, ref_logprobs=ref_logprobs, entropy=entropy,
-                        rollout_logprobs=rollout_logprobs, importance_weights=importance_weights,
-                        entropy_threshold=entropy_threshold, global_tokens=global_tokens, global_seqs=global_seqs,
-                        generator=generator, config=config, **options)
-
-
-def _clip_cov_seed(generator: Optional[torch.Generator], device: torch.device, seed_group=None) -> Tensor:
-    """The Clip-Cov seed, ``[1]`` int64 on ``device``: drawn from ``generator`` (torch's global generator when
-    None). With ``seed_group`` (a process group whose ranks hold the same tokens, e.g. a vocabulary split over
-    it), every rank gets the draw of the group's first rank: the others contribute 0 to one all-reduce (sum)
-    of the seed, on the device (no host synchronisation; traceable by ``torch.compile``)."""
-    seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=device, dtype=torch.int64)
-    if seed_group is not None:
-        import torch.distributed as dist
-
-        if dist.get_rank(seed_group) != 0:
-            seed = torch.zeros_like(seed)
-        dist.all_reduce(seed, group=seed_group)
-    return seed
-
-
-def _policy_loss(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    response_mask: Tensor,
-    *,
-    ref_logprobs: Optional[Tensor] = None,
-    entropy: Optional[Tensor] = None,
-    rollout_logprobs: Optional[Tensor] = None,
-    importance_weights: Optional[Tensor] = None,
-    entropy_threshold: Optional[Tensor] = None,
-    global_tokens=None,
-    global_seqs=None,
-    generator: Optional[torch.Generator] = None,
-    config: Optional[PolicyConfig] = None,
-    seed_group=None,
-    **options,
-) -> tuple[Tensor, dict]:
-    """:func:`policy_loss`; ``seed_group``: the process group whose ranks must draw the same Clip-Cov seed
-    (:func:`_clip_cov_seed`), the ``vocab_group`` of a vocabulary-parallel head."""
     cfg = PolicyConfig.make(config, **options)
     loss_type = cfg.row
     agg = cfg.resolved_agg
@@ -266,7 +251,7 @@ def _policy_loss(
     cov_ratio, cov_lb, cov_ub, _ = cfg.cov_params
     if is_cov:
         if loss_type == "clip_cov":
-            seed = _clip_cov_seed(generator, logprobs.device, seed_group)
+            seed = _clip_cov_seed(generator, logprobs.device)
         else:  # kl_cov's choice is deterministic: it leaves the global generator alone
             seed = torch.zeros(1, device=logprobs.device, dtype=torch.int64)
         f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
