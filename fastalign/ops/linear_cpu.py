@@ -192,13 +192,15 @@ def chunk_row_mass(buf, h_c, weight, bias, low_rank, a_c, y, lse_c, scale, softc
         return None
     V = weight.shape[0]
     c = torch.zeros_like(lse_c)
+    inv_t32 = lse_c.new_full((), inv_t).double()  # 1 / T rounded to fp32, as the C++ kernels take it
     for v0 in range(0, V, vc):
         v1 = min(V, v0 + vc)
         z = chunk_logits(buf, h_c, _f32(weight[v0:v1]), _f32(None if bias is None else bias[v0:v1]), scale, softcap,
                          _piece(a_c, low_rank, v0, v1))
-        # z_j / T - lse as the C++ backward forms it (csrc/cpu/token_stats.cpp offset_from_lse): the product
-        # exact (float64 holds it), one rounding to fp32 after the difference
-        c += torch.exp((z.double() * inv_t - lse_c.double().unsqueeze(1)).float()).sum(1)
+        # z_j / T - lse as the C++ backward forms it (csrc/cpu/token_stats.cpp offset_from_lse): the product of two
+        # fp32 numbers exact (float64 holds it), one rounding to fp32 after the difference. With the float64 1 / T
+        # the two differ by |z| / T * 2^-24 at every j, and p = exp(offset - log c) keeps that relative error
+        c += torch.exp((z.double() * inv_t32 - lse_c.double().unsqueeze(1)).float()).sum(1)
     return torch.where(far, c, 0.0)
 
 

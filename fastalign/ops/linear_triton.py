@@ -84,7 +84,8 @@ def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, en
 def _chunks(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent, sp2, scale, softcap, inv_t,
             ignore_index, nc, skip_threshold, dh, dw, db, low_rank_grads, log_c, cmp):
     """:func:`backward` chunk by chunk; ``cmp``: the rows are in compacted order, the products of a chunk
-    stop at its last labelled row."""
+    stop at its last labelled row. Without it every row goes through the products and the unlabelled rows'
+    d(hidden) (and d a) is set to 0 after them."""
     N, V = hidden.shape[0], weight.shape[0]
     K = triton_kernels("linear_stats")
     nc = max(1, min(nc, N))
@@ -112,6 +113,12 @@ def _chunks(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent
             matmul_into(dw_acc, du.t(), hidden[sl], accumulate=i > 0, **tokens)
         if da is not None:
             matmul_into(da[sl], du, lw, accumulate=False, **rows)
+        if cmp is None:  # every row went through the products: an unlabelled row's d(logits) is 0, but 0 times a
+            # NaN or inf of the head is NaN; its d(hidden) (and d a) is 0, as past ``live``
+            unscored = (labels[sl] == ignore_index)[:, None]
+            for d in (dh, da):
+                if d is not None:
+                    d[sl].masked_fill_(unscored, 0.0)
         if dl_acc is not None:
             matmul_into(dl_acc, du.t(), a[sl], accumulate=i > 0, **tokens)
         if db is not None:
