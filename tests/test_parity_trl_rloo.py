@@ -180,6 +180,27 @@ def test_rloo_loss(eps, spread):
         assert tm["clip_ratio/region_mean"] > 0
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_rloo_loss_of_a_diverged_policy_matches_trl(sign):
+    """Summed log-ratios of +-25 (0.05 nats a token over 500 tokens): TRL's ratio exp(l) has no clamp, so
+    loss and gradient still equal TRL's (the default cap of 20 gave another loss and a zero gradient)."""
+    from fastalign.integrations.trl import RLOOLoss
+
+    args = _config()
+    lp, old, A, m, H = _loss_batch(seed=5)
+    old = old.clone()
+    old[0] -= 25.0
+    old[1] += 25.0
+    A = A.abs() * sign
+    tl, tg, _, _ = _trl_rloo_loss(args, lp, old, A, m, H)
+    x = lp.float().requires_grad_(True)
+    loss, _ = RLOOLoss(args)(x, old.float(), A.float(), m, entropy=H.float())
+    loss.backward()
+    assert tl.abs() > 1e8 if sign < 0 else True
+    torch.testing.assert_close(loss.double(), tl, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), tg, rtol=1e-5, atol=1e-6)
+
+
 def test_rloo_loss_from_a_dict_and_bad_inputs():
     from fastalign.integrations.trl import RLOO_LOSS_DEFAULTS, RLOOLoss
 

@@ -22,6 +22,7 @@ with ``old_i`` the old policy's summed log-probs, and TRL's metrics ``entropy`` 
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional
 
 import torch
@@ -115,10 +116,12 @@ class RLOOLoss:
             raise ValueError("entropy must be a [B, T] tensor like logprobs (TRL logs its token mean)")
         mask = completion_mask.bool()
         logps = sequence_logprobs(logprobs, mask).sum  # Σ_t m_t lp_t, differentiable
-        # one "token" per completion: the ppo row on the sequence ratio, averaged over every completion
+        # one "token" per completion: the ppo row on the sequence ratio, averaged over every completion; TRL's
+        # ratio exp(l) has no clamp (a sum over the completion drifts past the default cap of 20 quickly)
         loss, met = policy_loss(logps[:, None], old_logps.to(logps.dtype)[:, None], advantages,
                                 torch.ones(B, 1, dtype=torch.bool, device=logps.device), loss_type="ppo",
-                                agg="token-mean", eps_low=self.eps_low, eps_high=self.eps_high)
+                                agg="token-mean", eps_low=self.eps_low, eps_high=self.eps_high,
+                                log_ratio_cap=math.inf)
         with torch.no_grad():
             m = mask.to(torch.float32)
             ent = (entropy.float() * m).sum() / m.sum().clamp(min=1.0)
