@@ -9,6 +9,7 @@ Adding an option is one field here, one in that record, and its use in the kerne
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -67,6 +68,29 @@ _FINITE = ("eps_low", "eps_high", "dual_clip", "delta", "dro_beta", "kl_coef", "
 _PAIRS = ("cispo_bounds", "sapo_tau", "vespo_k", "vespo_lambda")  # (a, b) options, finite numbers
 
 
+class OptionError(ValueError):
+    """The ``ValueError`` of a :class:`PolicyConfig` option's value; ``option`` names the option (``"eps_low"``),
+    so a trainer profile can name its own config fields behind it without reading the message."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+    def __reduce__(self):
+        return type(self), (self.option, str(self))
+
+
+@contextlib.contextmanager
+def _option(name: str):
+    """A ``ValueError`` of the checks inside, raised again as an :class:`OptionError` of ``name`` (same message)."""
+    try:
+        yield
+    except OptionError:
+        raise
+    except ValueError as e:
+        raise OptionError(name, str(e)) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class PolicyConfig:
     r"""Every option of :func:`fastalign.policy_loss` (docs/math.md#policy-losses), validated at construction.
@@ -105,6 +129,7 @@ class PolicyConfig:
     numeric options are real numbers (not strings or bools: ``TypeError``), finite (``rollout_max``
     may be ``+inf``, no upper bound) and in range (``ValueError`` naming the option):
     ``rollout_max >= 0``, ``sapo_tau > 0``, ``cispo_bounds`` a pair ``lo <= hi``, ``cov_lb < cov_ub``.
+    Every such ``ValueError`` is an :class:`OptionError`, whose ``option`` is the option's name.
     ``kl_type`` / ``kl_clamp`` / ``kl_rho`` other than their defaults need the KL term
     (``ref_logprobs`` at the call).
     """
@@ -161,97 +186,112 @@ class PolicyConfig:
         return dataclasses.replace(config, **options) if options else config
 
     def __post_init__(self):
-        check_choice("loss_type", self.loss_type, POLICY_LOSS_TYPES)
+        with _option("loss_type"):
+            check_choice("loss_type", self.loss_type, POLICY_LOSS_TYPES)
         row, agg = self.row, self.resolved_agg
-        check_agg(agg)
+        with _option("agg"):
+            check_agg(agg)
         self._check_numbers()
         if self.agg not in (None, "seq-mean-token-mean") and row == "gmpo":  # it would be ignored
-            raise ValueError(f"agg does not apply to loss_type {self.loss_type!r} (gmpo always aggregates "
-                             f"seq-mean-token-mean), got {self.agg!r}")
+            raise OptionError("agg", f"agg does not apply to loss_type {self.loss_type!r} (gmpo always aggregates "
+                              f"seq-mean-token-mean), got {self.agg!r}")
         if self.seq_count is not None:
-            check_choice("seq_count", self.seq_count, SEQ_COUNTS)
+            with _option("seq_count"):
+                check_choice("seq_count", self.seq_count, SEQ_COUNTS)
         if self.importance_sampling_level not in IS_LEVELS:
-            raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', "
-                             f"got {self.importance_sampling_level!r}")
+            raise OptionError("importance_sampling_level", f"importance_sampling_level must be 'token' or 'sequence', "
+                              f"got {self.importance_sampling_level!r}")
         if self.importance_sampling_level == "sequence" and row not in _SEQUENCE_LEVEL_ROWS:
-            raise ValueError(f"importance_sampling_level='sequence' applies to {_SEQUENCE_LEVEL_ROWS}, "
-                             f"not to loss_type {self.loss_type!r}")
+            raise OptionError("importance_sampling_level", f"importance_sampling_level='sequence' applies to "
+                              f"{_SEQUENCE_LEVEL_ROWS}, not to loss_type {self.loss_type!r}")
         for name in ("eps_low", "eps_high"):
             given = getattr(self, name) is not None
             self._only(name, given, _CLIP_ROWS)
             if given and row == "cispo" and self.cispo_bounds is not None:
-                raise ValueError(f"{name} does not apply to cispo with cispo_bounds")
+                raise OptionError(name, f"{name} does not apply to cispo with cispo_bounds")
         if self.clip_eps[0] < 0 or self.clip_eps[1] < 0:
-            raise ValueError(f"eps_low and eps_high must be >= 0, got {self.eps_low}, {self.eps_high}")
+            raise OptionError("eps_low" if self.clip_eps[0] < 0 else "eps_high",
+                              f"eps_low and eps_high must be >= 0, got {self.eps_low}, {self.eps_high}")
         if not self.log_ratio_cap > 0:
-            raise ValueError(f"log_ratio_cap must be > 0 (math.inf: no clamp), got {self.log_ratio_cap}")
-        check_read("log_ratio_cap", self.log_ratio_cap != LOG_RATIO_CAP and self.kl_rho is False, self.loss_type,
-                   (self.row,), _RATIO_ROWS, also="kl_rho")
+            raise OptionError("log_ratio_cap", f"log_ratio_cap must be > 0 (math.inf: no clamp), got "
+                              f"{self.log_ratio_cap}")
+        with _option("log_ratio_cap"):
+            check_read("log_ratio_cap", self.log_ratio_cap != LOG_RATIO_CAP and self.kl_rho is False,
+                       self.loss_type, (self.row,), _RATIO_ROWS, also="kl_rho")
         self._only("dual_clip", self.dual_clip is not None, ("ppo",))
         if self.dual_clip is not None and not self.dual_clip > 1.0:
-            raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
+            raise OptionError("dual_clip", f"dual_clip must be > 1, got {self.dual_clip}")
         self._only("delta", self.delta is not None, _DELTA_ROWS)
         if self.delta is not None and not self.delta > 0:
-            raise ValueError(f"delta must be > 0, got {self.delta}")
+            raise OptionError("delta", f"delta must be > 0, got {self.delta}")
         self._only("cispo_bounds", self.cispo_bounds is not None, ("cispo",))
         self._only("sapo_tau", self.sapo_tau is not None, ("sapo",))
         self._only("vespo_k", self.vespo_k is not None, ("vespo",))
         self._only("vespo_lambda", self.vespo_lambda is not None, ("vespo",))
         self._only("dro_beta", self.dro_beta is not None, ("dro",))
         if row == "dro" and not (self.dro_beta is not None and self.dro_beta > 0):
-            raise ValueError(f"dro_beta must be > 0 for loss_type 'dro', got {self.dro_beta!r}")
+            raise OptionError("dro_beta", f"dro_beta must be > 0 for loss_type 'dro', got {self.dro_beta!r}")
         self._only("cov_ratio", self.cov_ratio is not None, ("clip_cov", "kl_cov"))
         for name in ("cov_lb", "cov_ub"):  # kl_cov takes the top k by covariance, with no bounds
             self._only(name, getattr(self, name) is not None, ("clip_cov",))
         self._only("cov_kl_coef", self.cov_kl_coef is not None, ("kl_cov",))
         self._only("cov_global", self.cov_global, ("clip_cov", "kl_cov"))
         if self.cov_group is not None and not self.cov_global:
-            raise ValueError("cov_group applies only with cov_global=True (the group the token statistics are "
-                             "summed over)")
+            raise OptionError("cov_group", "cov_group applies only with cov_global=True (the group the token "
+                              "statistics are summed over)")
         _validate.process_group("cov_group", self.cov_group)
         if row in ("clip_cov", "kl_cov") and not self.cov_params[0] > 0:
-            raise ValueError(f"cov_ratio must be > 0, got {self.cov_ratio}")
+            raise OptionError("cov_ratio", f"cov_ratio must be > 0, got {self.cov_ratio}")
         if row == "clip_cov" and not self.cov_params[1] < self.cov_params[2]:
-            raise ValueError(f"cov_lb must be < cov_ub, got cov_lb={self.cov_params[1]}, cov_ub={self.cov_params[2]}")
+            raise OptionError("cov_lb", f"cov_lb must be < cov_ub, got cov_lb={self.cov_params[1]}, "
+                              f"cov_ub={self.cov_params[2]}")
         if self.seq_count is not None and not agg.startswith("seq-mean"):
-            raise ValueError(f"seq_count applies to the seq-mean aggregations, not to agg={agg!r}")
-        canonical_kl(self.kl_type)
+            raise OptionError("seq_count", f"seq_count applies to the seq-mean aggregations, not to agg={agg!r}")
+        with _option("kl_type"):
+            canonical_kl(self.kl_type)
         if self.kl_rho not in KL_RHO_CODES or isinstance(self.kl_rho, (int, float)) and \
                 not isinstance(self.kl_rho, bool):
-            raise ValueError(f"kl_rho must be False, True, 'detached' or 'grad', got {self.kl_rho!r}")
-        check_choice("entropy_agg", self.entropy_agg, ENTROPY_AGGS)
+            raise OptionError("kl_rho", f"kl_rho must be False, True, 'detached' or 'grad', got {self.kl_rho!r}")
+        with _option("entropy_agg"):
+            check_choice("entropy_agg", self.entropy_agg, ENTROPY_AGGS)
         if self.entropy_agg != "loss" and self.entropy_coef == 0.0:
-            raise ValueError("entropy_agg applies only with entropy_coef != 0")
-        check_choice("rollout_correction", self.rollout_correction, (None,) + ROLLOUT_MODES)
+            raise OptionError("entropy_agg", "entropy_agg applies only with entropy_coef != 0")
+        with _option("rollout_correction"):
+            check_choice("rollout_correction", self.rollout_correction, (None,) + ROLLOUT_MODES)
         if self.rollout_correction is None and (self.rollout_min is not None or self.rollout_max != 2.0):
             name = "rollout_min" if self.rollout_min is not None else "rollout_max"
-            raise ValueError(f"{name} applies only with rollout_correction")
+            raise OptionError(name, f"{name} applies only with rollout_correction")
         if self.rollout_min is not None and not 0 <= self.rollout_min <= self.rollout_max:
-            raise ValueError(f"rollout_min must lie in [0, rollout_max], got {self.rollout_min}")
+            raise OptionError("rollout_min", f"rollout_min must lie in [0, rollout_max], got {self.rollout_min}")
         if self.entropy_quantile is not None and not 0.0 <= self.entropy_quantile <= 1.0:
-            raise ValueError(f"entropy_quantile must lie in [0, 1], got {self.entropy_quantile}")
-        object.__setattr__(self, "dp_size", _validate.at_least("dp_size", self.dp_size))
+            raise OptionError("entropy_quantile", f"entropy_quantile must lie in [0, 1], got {self.entropy_quantile}")
+        with _option("dp_size"):
+            object.__setattr__(self, "dp_size", _validate.at_least("dp_size", self.dp_size))
         if self.max_len is not None and agg != "seq-mean-token-sum-norm":
-            raise ValueError(f"max_len applies to agg='seq-mean-token-sum-norm', not to {agg!r}")
+            raise OptionError("max_len", f"max_len applies to agg='seq-mean-token-sum-norm', not to {agg!r}")
 
     def _check_numbers(self) -> None:
         """Types and ranges of the numeric options (whether they apply is checked by ``_only``)."""
-        _validate.finite(**{name: getattr(self, name) for name in _FINITE})
+        for name in _FINITE:
+            with _option(name):
+                _validate.finite(**{name: getattr(self, name)})
         _validate.number("log_ratio_cap", self.log_ratio_cap)  # +inf: no clamp
         rmax = _validate.number("rollout_max", self.rollout_max)
         if not rmax >= 0:  # +inf: no upper bound (TRL's default); NaN fails here
-            raise ValueError(f"rollout_max must be >= 0 (or +inf), got {self.rollout_max}")
+            raise OptionError("rollout_max", f"rollout_max must be >= 0 (or +inf), got {self.rollout_max}")
         for name in _PAIRS:
             v = getattr(self, name)
             if v is None:
                 continue
             if isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or len(v) != 2:
-                raise ValueError(f"{name} must be a pair of numbers, got {v!r}")
-            _validate.finite(**{f"{name}[0]": v[0], f"{name}[1]": v[1]})
+                raise OptionError(name, f"{name} must be a pair of numbers, got {v!r}")
+            with _option(name):
+                _validate.finite(**{f"{name}[0]": v[0], f"{name}[1]": v[1]})
         if self.cispo_bounds is not None and not self.cispo_bounds[0] <= self.cispo_bounds[1]:
-            raise ValueError(f"cispo_bounds must be (lo, hi) with lo <= hi, got {tuple(self.cispo_bounds)}")
+            raise OptionError("cispo_bounds", f"cispo_bounds must be (lo, hi) with lo <= hi, got "
+                              f"{tuple(self.cispo_bounds)}")
         if self.sapo_tau is not None and not (self.sapo_tau[0] > 0 and self.sapo_tau[1] > 0):
-            raise ValueError(f"sapo_tau must be two temperatures > 0, got {tuple(self.sapo_tau)}")
+            raise OptionError("sapo_tau", f"sapo_tau must be two temperatures > 0, got {tuple(self.sapo_tau)}")
         _validate.boolean("kl_clamp", self.kl_clamp)
         _validate.boolean("cov_global", self.cov_global)
 
@@ -268,7 +308,8 @@ class PolicyConfig:
         return tuple(out)
 
     def _only(self, name: str, given: bool, rows: tuple) -> None:
-        check_read(name, given, self.loss_type, (self.row,), rows)
+        with _option(name):
+            check_read(name, given, self.loss_type, (self.row,), rows)
 
     # ------------------------------------------------------------------ resolved values
     @property

@@ -1029,6 +1029,29 @@ def test_float64_reference_is_refused_at_construction(checkpoint, tmp_path, prec
                       train_dataset=_dpo_dataset(), processing_class=_tokenizer(checkpoint))
 
 
+@pytest.mark.parametrize("case", ["prompt_learning", "float64"])
+@pytest.mark.parametrize("trainer", ["DPO", "KTO"])
+def test_refused_model_raises_before_the_reference_is_precomputed(checkpoint, tmp_path, monkeypatch, trainer, case):
+    """With precompute_ref_log_probs=True TRL runs the reference over the whole dataset inside the constructor.
+    The drop-ins refused a PEFT prompt-learning policy only after that pass, and a float64 one at its first batch;
+    the model checks run before it: no reference batch is computed."""
+    cls = getattr(fa_trl, f"{trainer}Trainer")
+    batches = []
+    compute = cls.compute_ref_log_probs
+    monkeypatch.setattr(cls, "compute_ref_log_probs", lambda self, *a: batches.append(1) or compute(self, *a))
+    args = _config_class(trainer)(**_common(tmp_path, per_device_train_batch_size=4, precompute_ref_log_probs=True))
+    if case == "float64":
+        model, extra, error, message = _float64(checkpoint), {}, TypeError, r"^model: its dtype is torch.float64"
+    else:
+        peft = pytest.importorskip("peft")
+        model, error, message = checkpoint, ValueError, r"^model: PEFT prompt learning \(PromptTuningConfig\)"
+        extra = dict(peft_config=peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with pytest.raises(error, match=message):
+        cls(model=model, args=args, train_dataset=_kto_dataset() if trainer == "KTO" else _dpo_dataset(),
+            processing_class=_tokenizer(checkpoint), **extra)
+    assert batches == []
+
+
 # ------------------------------------------------------------------------------------------ options
 
 def test_grpo_vespo_at_sequence_level_names_grpo_loss_types():

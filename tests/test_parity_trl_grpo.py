@@ -388,7 +388,6 @@ def test_entropy_is_required():
     (dict(loss_type="grpo"), dict(gradient_accumulation_steps=0), "gradient_accumulation_steps"),
     (dict(loss_type="dapo", generation_batch_size=0), {}, "GRPOConfig.generation_batch_size"),
     (dict(loss_type="dr_grpo", max_completion_length=0), {}, "GRPOConfig.max_completion_length"),
-    (dict(loss_type="dr_grpo", max_completion_length=None), {}, "GRPOConfig.max_completion_length"),
 ])
 def test_counts_must_be_at_least_one(config, call, field):
     """Counts of 0 gave a zero (steps_per_generation) or infinite (gradient_accumulation_steps) loss, or
@@ -396,6 +395,50 @@ def test_counts_must_be_at_least_one(config, call, field):
     d = batch(seed=16)
     with pytest.raises(ValueError, match=f"^{field} must be an int >= 1"):
         GRPOLoss(config)(d["lp"], d["old"], d["A"], d["m"], entropy=d["H"], num_items_in_batch=30, **call)
+
+
+_COUNT_FIELDS = [  # (config, call, name): "*" is the value under test
+    (dict(loss_type="dapo", steps_per_generation="*"), {}, "GRPOConfig.steps_per_generation"),
+    (dict(loss_type="dapo", gradient_accumulation_steps="*"), {}, "GRPOConfig.gradient_accumulation_steps"),
+    (dict(loss_type="grpo"), dict(gradient_accumulation_steps="*"), "gradient_accumulation_steps"),
+    (dict(loss_type="dapo", generation_batch_size="*"), {}, "GRPOConfig.generation_batch_size"),
+    (dict(loss_type="dapo", generation_batch_size=8, per_device_train_batch_size="*"), {},
+     "GRPOConfig.per_device_train_batch_size"),
+    (dict(loss_type="dr_grpo", max_completion_length="*"), {}, "GRPOConfig.max_completion_length"),
+]
+
+
+@pytest.mark.parametrize("config, call, field, value", [
+    case + (value,) for case in _COUNT_FIELDS for value in (2.0, "4", True)] + [_COUNT_FIELDS[-1] + (None,)])
+def test_counts_of_the_wrong_type_raise_type_error(config, call, field, value):
+    """A count that is not an int (a float, a string, a bool; None where TRL has no default to derive) raised a
+    ValueError, or was taken (2.0); it is a TypeError naming the field or argument, as everywhere in the library
+    (a ValueError is for an int < 1)."""
+    d = batch(seed=16)
+    config, call = ({k: value if v == "*" else v for k, v in given.items()} for given in (config, call))
+    with pytest.raises(TypeError, match=f"^{field} must be an int, got {type(value).__name__}"):
+        GRPOLoss(config)(d["lp"], d["old"], d["A"], d["m"], entropy=d["H"], num_items_in_batch=30, **call)
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(loss_type="grpo", epsilon=-0.1), r"GRPOConfig\.epsilon / epsilon_high: eps_low and eps_high must be >= 0"),
+    (dict(loss_type="cispo", epsilon_high=-1.0), r"GRPOConfig\.epsilon_high: cispo_bounds must be \(lo, hi\)"),
+    (dict(loss_type="grpo", delta=0.0), r"GRPOConfig\.delta: delta must be > 0"),
+    (dict(loss_type="sapo", sapo_temperature_neg=math.nan),
+     r"GRPOConfig\.sapo_temperature_pos / sapo_temperature_neg: sapo_tau\[1\] must be finite"),
+    (dict(loss_type="grpo", beta=math.inf), r"GRPOConfig\.beta: kl_coef must be finite"),
+    (dict(loss_type="grpo", top_entropy_quantile=-0.5),
+     r"GRPOConfig\.top_entropy_quantile: entropy_quantile must lie in \[0, 1\]"),
+    (dict(loss_type="grpo", off_policy_mask_threshold=math.inf),
+     r"GRPOConfig\.off_policy_mask_threshold: offpolicy_threshold must be finite"),
+    (dict(loss_type="grpo", use_vllm=True, vllm_importance_sampling_mode="token_truncate",
+          vllm_importance_sampling_clip_min=-1.0),
+     r"GRPOConfig\.vllm_importance_sampling_clip_min: rollout_min must lie in \[0, rollout_max\]"),
+])
+def test_policy_config_errors_name_the_grpo_config_fields(config, message):
+    """A value PolicyConfig refuses is named by the GRPOConfig fields behind the option (``OptionError.option``)."""
+    with pytest.raises(ValueError, match=f"^{message}"):
+        GRPOLoss(config)
 
 
 @pytest.mark.parametrize("num_items", [math.nan, torch.tensor(math.nan), torch.tensor([math.nan])])

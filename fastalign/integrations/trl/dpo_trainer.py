@@ -37,10 +37,9 @@ import trl
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from fastalign.integrations.trl._head import (LiveLoss, add_aux_loss, build_loss, check_config, check_head_dtype,
-                                               check_model, gathered_mean, has_mean_logits, head_call,
-                                               head_separable_loss, init_checked, install_head, install_heads,
-                                               policy_operands)
+from fastalign.integrations.trl._head import (LiveLoss, add_aux_loss, build_loss, check_config, check_model,
+                                              gathered_mean, has_mean_logits, head_call, head_separable_loss,
+                                              init_checked, install_head, install_heads, policy_operands)
 from fastalign.integrations.trl.preference import DPOLoss
 from fastalign.linear_preference import coupling
 from fastalign.sequence import sequence_logprobs
@@ -71,10 +70,15 @@ class DPOTrainer(trl.DPOTrainer):
         check_config(args, "DPOConfig")
         DPOLoss(args)  # raises on an option mix the profile does not map
 
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's pass of the reference over ``dataset`` (``precompute_ref_log_probs``, inside ``__init__``), after
+        the model checks: a refused model raises before the pass, not after it."""
+        check_model(self, "DPOConfig")
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
     def compute_ref_log_probs(self, model, inputs):
         """The reference's summed (LD-DPO weighted) completion log-probs: ``(chosen [B], rejected [B])``."""
         install_head(self.accelerator.unwrap_model(model))  # the precomputed reference runs inside __init__
-        check_head_dtype(self, model, "model" if model is self.model else "ref_model")
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         shift_mask = inputs["completion_mask"][..., 1:]

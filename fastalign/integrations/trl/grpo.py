@@ -49,7 +49,6 @@ controller that lives in the trainer: each call takes its current coefficient as
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Dict, Mapping, Optional
 
 import torch
@@ -59,7 +58,7 @@ from fastalign import _validate
 from fastalign.integrations.trl._config import check_keys
 from fastalign.policy import entropy_quantile, policy_loss
 from fastalign.policy_config import _SEQUENCE_LEVEL_ROWS as SEQUENCE_LEVEL_ROWS
-from fastalign.policy_config import PolicyConfig, log_ratio_cap_option
+from fastalign.policy_config import OptionError, PolicyConfig, log_ratio_cap_option
 
 __all__ = ["GRPOLoss", "entropy_threshold", "grpo_policy_config"]
 
@@ -96,13 +95,6 @@ _OPTION_FIELDS = {
     "entropy_coef": "entropy_coef", "rollout_min": "vllm_importance_sampling_clip_min",
     "rollout_max": "vllm_importance_sampling_clip_max",
 }
-
-
-def _count(value: Any, name: str) -> int:
-    """A count: an int >= 1, else a ``ValueError`` naming it (``name``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return int(value)
 
 
 #: the number and switch fields among ``_DEFAULTS``; the optional numbers may be None (unset in TRL)
@@ -191,7 +183,7 @@ def grpo_policy_config(args: Any, *, sampling_correction: bool = False) -> Polic
     if row in ("gspo", "gmpo"):
         opts.pop("agg")
     if loss_type == "dr_grpo":  # TRL divides by B * max_completion_length
-        opts["max_len"] = _count(c["max_completion_length"], "GRPOConfig.max_completion_length")
+        opts["max_len"] = _validate.at_least("GRPOConfig.max_completion_length", c["max_completion_length"])
     if row == "ppo" and c["delta"] is not None:
         opts["delta"] = float(c["delta"])
     if row == "cispo":
@@ -222,11 +214,10 @@ def grpo_policy_config(args: Any, *, sampling_correction: bool = False) -> Polic
                     rollout_max=float("inf") if hi is None else float(hi))
     try:
         return PolicyConfig(**opts)
-    except ValueError as e:  # name the GRPOConfig fields behind the option
-        option = str(e).split(" ", 1)[0].split("[", 1)[0]
-        if option not in _OPTION_FIELDS:
+    except OptionError as e:  # name the GRPOConfig fields behind the option
+        if e.option not in _OPTION_FIELDS:
             raise
-        raise ValueError(f"GRPOConfig.{_OPTION_FIELDS[option]}: {e}") from e
+        raise ValueError(f"GRPOConfig.{_OPTION_FIELDS[e.option]}: {e}") from e
 
 
 def entropy_threshold(entropy: Tensor, mask: Tensor, top_quantile: float, accelerator=None) -> Tensor:
@@ -275,16 +266,16 @@ class GRPOLoss:
         self.config = grpo_policy_config(args)
         self._normalised = GRPO_LOSSES[self.loss_type][3]
         ga = c["gradient_accumulation_steps"]
-        self.grad_accum = 1 if ga is None else _count(ga, "GRPOConfig.gradient_accumulation_steps")
+        self.grad_accum = 1 if ga is None else _validate.at_least("GRPOConfig.gradient_accumulation_steps", ga)
         spg = c["steps_per_generation"]
         if spg is None and c["generation_batch_size"] is None:
             spg = self.grad_accum
         #: None: ``generation_batch_size // (per_device_train_batch_size * num_processes)`` at each call
-        self.steps_per_generation = None if spg is None else _count(spg, "GRPOConfig.steps_per_generation")
+        self.steps_per_generation = None if spg is None else _validate.at_least("GRPOConfig.steps_per_generation", spg)
         if spg is None:
             self._generation_batch = (
-                _count(c["generation_batch_size"], "GRPOConfig.generation_batch_size"),
-                _count(c["per_device_train_batch_size"], "GRPOConfig.per_device_train_batch_size"))
+                _validate.at_least("GRPOConfig.generation_batch_size", c["generation_batch_size"]),
+                _validate.at_least("GRPOConfig.per_device_train_batch_size", c["per_device_train_batch_size"]))
         self.is_correction = bool(c["use_vllm"]) and bool(c["vllm_importance_sampling_correction"])
         self.correction_config = grpo_policy_config(args, sampling_correction=True) if self.is_correction else None
         self.adaptive_entropy = bool(c["use_adaptive_entropy"])
@@ -321,7 +312,7 @@ class GRPOLoss:
             old_logprobs = logprobs.detach()
         ga = self.grad_accum
         if gradient_accumulation_steps is not None:
-            ga = _count(gradient_accumulation_steps, "gradient_accumulation_steps")
+            ga = _validate.at_least("gradient_accumulation_steps", gradient_accumulation_steps)
         kw: dict = dict(entropy=entropy, ref_logprobs=ref_logprobs if cfg.kl_coef != 0.0 else None)
         if entropy_threshold is not None:
             kw["entropy_threshold"] = entropy_threshold

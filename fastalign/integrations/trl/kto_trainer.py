@@ -33,10 +33,9 @@ import trl
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from fastalign.integrations.trl._head import (LiveLoss, add_aux_loss, build_loss, check_config, check_head_dtype,
-                                               check_model, gathered_mean, has_mean_logits, head_call,
-                                               head_separable_loss, init_checked, install_head, install_heads,
-                                               policy_operands)
+from fastalign.integrations.trl._head import (LiveLoss, add_aux_loss, build_loss, check_config, check_model,
+                                              gathered_mean, has_mean_logits, head_call, head_separable_loss,
+                                              init_checked, install_head, install_heads, policy_operands)
 from fastalign.integrations.trl.preference import KTOLoss
 
 __all__ = ["KTOTrainer"]
@@ -66,10 +65,15 @@ class KTOTrainer(trl.KTOTrainer):
         check_config(args, "KTOConfig")
         KTOLoss(args)  # raises on a loss_type the profile does not map
 
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's pass of the reference over ``dataset`` (``precompute_ref_log_probs``, inside ``__init__``), after
+        the model checks: a refused model raises before the pass, not after it."""
+        check_model(self, "KTOConfig")
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
     def _summed(self, model, input_ids, attention_mask, completion_mask, **model_kwargs):
         """Summed completion log-probs ``[N]`` of ``model`` (a no-grad caller wraps it)."""
         install_head(self.accelerator.unwrap_model(model))  # the precomputed reference runs inside __init__
-        check_head_dtype(self, model, "model" if model is self.model else "ref_model")
         labels = input_ids.masked_fill(completion_mask == 0, -100)
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                     **head_call(self, ("log_probs",)), **model_kwargs)

@@ -1,0 +1,64 @@
+"""``PolicyConfig``'s value errors carry the option they are about (``OptionError.option``), so a trainer profile
+names its own config fields behind an option without reading the message."""
+import math
+import pickle
+
+import pytest
+
+from fastalign import PolicyConfig
+from fastalign.policy_config import OptionError
+
+# (options, the option named); every check of PolicyConfig.__post_init__ that raises a ValueError
+CASES = [
+    (dict(loss_type="nope"), "loss_type"), (dict(agg="x"), "agg"), (dict(loss_type="gmpo", agg="token-mean"), "agg"),
+    (dict(seq_count="x"), "seq_count"), (dict(agg="token-mean", seq_count="all"), "seq_count"),
+    (dict(importance_sampling_level="x"), "importance_sampling_level"),
+    (dict(loss_type="gspo", importance_sampling_level="sequence"), "importance_sampling_level"),
+    (dict(loss_type="reinforce", eps_low=0.1), "eps_low"),
+    (dict(loss_type="cispo", cispo_bounds=(0, 1), eps_high=0.1), "eps_high"),
+    (dict(eps_low=-1), "eps_low"), (dict(eps_high=-1), "eps_high"), (dict(eps_low=math.nan), "eps_low"),
+    (dict(log_ratio_cap=0), "log_ratio_cap"), (dict(loss_type="reinforce", log_ratio_cap=5.0), "log_ratio_cap"),
+    (dict(dual_clip=0.5), "dual_clip"), (dict(loss_type="gspo", dual_clip=3), "dual_clip"),
+    (dict(delta=-1), "delta"), (dict(loss_type="sapo", delta=2), "delta"),
+    (dict(cispo_bounds=(0, 1)), "cispo_bounds"), (dict(loss_type="cispo", cispo_bounds=(1,)), "cispo_bounds"),
+    (dict(loss_type="cispo", cispo_bounds=(2, 1)), "cispo_bounds"),
+    (dict(loss_type="cispo", cispo_bounds=(0, math.inf)), "cispo_bounds"),
+    (dict(sapo_tau=(1, 1)), "sapo_tau"), (dict(loss_type="sapo", sapo_tau=(1, -1)), "sapo_tau"),
+    (dict(loss_type="sapo", sapo_tau=(1, math.nan)), "sapo_tau"),
+    (dict(vespo_k=(1, 1)), "vespo_k"), (dict(vespo_lambda=(1, 1)), "vespo_lambda"),
+    (dict(dro_beta=1), "dro_beta"), (dict(loss_type="dro"), "dro_beta"),
+    (dict(cov_ratio=1), "cov_ratio"), (dict(loss_type="clip_cov", cov_ratio=-1), "cov_ratio"),
+    (dict(cov_lb=1), "cov_lb"), (dict(loss_type="kl_cov", cov_ub=1), "cov_ub"),
+    (dict(loss_type="clip_cov", cov_lb=5, cov_ub=1), "cov_lb"), (dict(cov_kl_coef=1), "cov_kl_coef"),
+    (dict(cov_global=True), "cov_global"), (dict(cov_group=object()), "cov_group"),
+    (dict(kl_type="zz"), "kl_type"), (dict(kl_rho=1), "kl_rho"), (dict(kl_coef=math.inf), "kl_coef"),
+    (dict(entropy_agg="x"), "entropy_agg"), (dict(entropy_agg="token-mean"), "entropy_agg"),
+    (dict(rollout_correction="x"), "rollout_correction"), (dict(rollout_min=0.1), "rollout_min"),
+    (dict(rollout_max=3.0), "rollout_max"), (dict(rollout_max=-1.0), "rollout_max"),
+    (dict(rollout_correction="token_mask", rollout_min=5.0), "rollout_min"),
+    (dict(entropy_quantile=2.0), "entropy_quantile"), (dict(dp_size=0), "dp_size"), (dict(max_len=4), "max_len"),
+]
+
+
+@pytest.mark.parametrize("options, option", CASES, ids=[f"{o}-{i}" for i, (_, o) in enumerate(CASES)])
+def test_value_errors_name_their_option(options, option):
+    """A trainer profile found the option by parsing the message's first word; each value error is an
+    ``OptionError`` (a ``ValueError``) with the option as an attribute, its message naming the option."""
+    with pytest.raises(OptionError) as error:
+        PolicyConfig(**options)
+    assert isinstance(error.value, ValueError)
+    assert error.value.option == option and option in str(error.value)
+
+
+def test_option_error_pickles():
+    """Errors cross process boundaries (multiprocessing, distributed launchers) with their option."""
+    with pytest.raises(OptionError) as error:
+        PolicyConfig(eps_low=-1)
+    copy = pickle.loads(pickle.dumps(error.value))
+    assert (type(copy), copy.option, str(copy)) == (OptionError, "eps_low", str(error.value))
+
+
+@pytest.mark.parametrize("options", [dict(eps_low="0.1"), dict(kl_clamp="x"), dict(dp_size=1.5)])
+def test_type_errors_stay_type_errors(options):
+    with pytest.raises(TypeError):
+        PolicyConfig(**options)
