@@ -942,6 +942,49 @@ def test_grpo_options_assigned_on_the_trainer_match_trl(checkpoint, tmp_path, ca
     _compare(theirs, ours)
 
 
+class _ArgsSchedule(transformers.TrainerCallback):
+    """Sets config fields on the ``args`` a callback receives, at the start of the second step."""
+
+    def __init__(self, fields: dict):
+        self.fields = fields
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            for name, value in self.fields.items():
+                setattr(args, name, value)
+
+
+ARGS_CHANGED = {
+    # GRPO's loss reads args.delta at every step: on-policy the ratio is 1, above 0.8, so the clamp binds
+    "grpo_delta": ("GRPO", dict(loss_type="grpo"), dict(delta=0.8)),
+    # Trainer builds its label_smoother from label_smoothing_factor at construction: TRL keeps its epsilon
+    "sft_label_smoothing_factor": ("SFT", dict(label_smoothing_factor=0.1), dict(label_smoothing_factor=0.3)),
+    # TRL's smoothing applies while args.loss_type is "nll", read at every step
+    "sft_loss_type": ("SFT", dict(label_smoothing_factor=0.1), dict(loss_type="dft")),
+}
+
+
+@pytest.mark.parametrize("case", list(ARGS_CHANGED))
+def test_config_fields_changed_by_a_callback_match_trl(checkpoint, tmp_path, case):
+    """A TrainerCallback that changes config fields on ``args`` before the second step: the drop-in's loss follows
+    the fields TRL reads from ``self.args`` at every step (GRPO's delta: it kept the constructed one) and keeps
+    what TRL's constructor fixed (SFT's label smoother: it read label_smoothing_factor at every step); the logged
+    values and updates of both steps equal TRL's."""
+    trainer, config, fields = ARGS_CHANGED[case]
+
+    def run(cls, out):
+        if trainer == "GRPO":
+            built = _grpo(cls, checkpoint, out, {**config, "max_steps": 2})
+        else:
+            built = _sft(cls, checkpoint, out, {**config, "max_steps": 2}, "prompt_completion")
+        built.add_callback(_ArgsSchedule(fields))
+        return _run(built)
+
+    theirs = run(getattr(trl, f"{trainer}Trainer"), tmp_path / "trl")
+    ours = run(getattr(fa_trl, f"{trainer}Trainer"), tmp_path / "fa")
+    _compare(theirs, ours)
+
+
 @pytest.mark.parametrize("trainer, options", [("KTO", dict(beta=0.5, desirable_weight=2.0, undesirable_weight=0.5)),
                                               ("CPO", dict(beta=0.5, cpo_alpha=0.2, label_smoothing=0.1)),
                                               ("ORPO", dict(beta=0.7))], ids=["KTO", "CPO", "ORPO"])

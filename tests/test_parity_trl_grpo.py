@@ -6,7 +6,9 @@ per-token log-probs and entropies instead of running a model. Loss, d(loss)/d(lo
 d(loss)/d(entropy) and every metric TRL logs are compared (TRL in float64, fastalign in fp32).
 """
 import dataclasses
+import inspect
 import math
+import re
 import types
 from collections import defaultdict
 
@@ -107,7 +109,7 @@ SETUPS = {  # (gradient accumulation, processes, training, steps_per_generation)
 }
 
 
-def _call_both(config, d, ga, nproc, training, spg, *, old=True, seq_ratio=False):
+def _call_both(config, d, ga, nproc, training, spg, *, old=True, seq_ratio=False, grpo_loss=None):
     config = {**config, "steps_per_generation": spg, "gradient_accumulation_steps": ga}
     ratio = d["ratio"][:, :1] if seq_ratio else d["ratio"]
     use_vllm = config.get("use_vllm", False)
@@ -120,7 +122,8 @@ def _call_both(config, d, ga, nproc, training, spg, *, old=True, seq_ratio=False
                               training=training, **kw)
     x = d["lp"].clone().requires_grad_(True)
     h = d["H"].clone().requires_grad_(True)
-    loss, met = GRPOLoss(config)(x, d["old"] if old else None, d["A"], d["m"], entropy=h, ref_logprobs=kw["ref"],
+    grpo_loss = GRPOLoss(config) if grpo_loss is None else grpo_loss
+    loss, met = grpo_loss(x, d["old"] if old else None, d["A"], d["m"], entropy=h, ref_logprobs=kw["ref"],
                                  sampling_logprobs=kw["sampling"], importance_sampling_ratio=kw["is_ratio"],
                                  num_items_in_batch=num_items, num_processes=nproc, training=training)
     loss.backward()
@@ -378,7 +381,7 @@ def test_dict_config_errors_of_grpo_config():
 def test_entropy_is_required():
     d = batch(seed=15)
     for entropy in (None, d["H"][:, :-1]):
-        with pytest.raises(ValueError, match="^entropy must be"):
+        with pytest.raises(ValueError, match="^entropy must (be a|have shape)"):
             GRPOLoss(dict(loss_type="grpo"))(d["lp"], d["old"], d["A"], d["m"], entropy=entropy)
 
 
@@ -505,3 +508,148 @@ def test_config_values_are_checked_not_coerced(config, field):
 def test_errors_name_grpo_config_fields(config, field):
     with pytest.raises(ValueError, match=f"^GRPOConfig.*{field}"):
         GRPOLoss(config)
+
+
+# ------------------------------------------------------------------------------------------ config fields read live
+
+#: each config field GRPOTrainer._compute_loss reads from ``self.args`` at every step: (config, value set later)
+LIVE_ARGS = {
+    "delta": (dict(loss_type="grpo", delta=1.5), 1.05),
+    "use_bias_correction_kl": (dict(loss_type="bnpo", beta=0.1), False),
+    "sapo_temperature_pos": (dict(loss_type="sapo"), 0.5),
+    "sapo_temperature_neg": (dict(loss_type="sapo"), 2.0),
+    "vespo_k_pos": (dict(loss_type="vespo"), 1.0),
+    "vespo_lambda_pos": (dict(loss_type="vespo"), 1.5),
+    "vespo_k_neg": (dict(loss_type="vespo"), 1.5),
+    "vespo_lambda_neg": (dict(loss_type="vespo"), 3.5),
+    "steps_per_generation": (dict(loss_type="dapo"), 4),
+}
+#: read by TRL's adaptive entropy controller, which the drop-in runs on the trainer's own args
+_CONTROLLER_ARGS = {"entropy_target", "entropy_coef_delta", "entropy_coef_max", "entropy_coef_min"}
+
+
+def _drop_in_loss():
+    from fastalign.integrations.trl.grpo_trainer import GRPOTrainer as DropIn
+    return DropIn.fastalign_loss
+
+
+def test_drop_in_follows_every_config_field_trl_reads_at_every_step():
+    """The drop-in's table of config fields read at every step is the set of ``self.args`` fields in TRL's
+    ``_compute_loss`` (less those of the entropy controller, read by the drop-in's own), and each is tested."""
+    read = set(re.findall(r"self\.args\.(\w+)", inspect.getsource(GRPOTrainer._compute_loss)))
+    followed = {name[len("args."):] for name in _drop_in_loss().options if name.startswith("args.")}
+    assert followed == read - _CONTROLLER_ARGS
+    assert set(LIVE_ARGS) == followed
+
+
+@pytest.mark.parametrize("field", list(LIVE_ARGS))
+def test_config_field_changed_between_steps_matches_trl(field):
+    """A config field that TRL's loss reads from ``self.args`` at every step, changed between steps (a
+    TrainerCallback receives ``args``): the drop-in's loss (``trainer.fastalign_loss``) follows it, as TRL's does.
+    It kept the constructed value (``args.delta = 1.05`` gave the loss of ``delta=1.5``)."""
+    config, value = LIVE_ARGS[field]
+    ga, nproc, spg = 2, 1, 2
+    args = types.SimpleNamespace(**{**DEFAULTS, **config, "steps_per_generation": spg,
+                                    "gradient_accumulation_steps": ga})
+    live = _drop_in_loss()
+    trainer = types.SimpleNamespace(args=args, _entropy_bonus_enabled=False, epsilon_high=args.epsilon)
+    for attr, option in live.options.items():  # the attributes as GRPOTrainer.__init__ sets them from args
+        if isinstance(option, str) and option != "epsilon_high":
+            setattr(trainer, attr, getattr(args, option))
+    constructed = live.__get__(trainer)
+    setattr(args, field, value)  # what a callback's on_step_end(args, ...) may do
+    changed = live.__get__(trainer)
+    assert changed is not constructed and live.__get__(trainer) is changed  # rebuilt once
+    d = batch(seed=21)
+    after = value if field == "steps_per_generation" else spg
+    trl, ours = _call_both({**config, field: value}, d, ga, nproc, True, after, grpo_loss=changed)
+    _compare(trl, ours)
+    before, _ = _call_both(config, d, ga, nproc, True, spg)
+    assert not (torch.allclose(before[0], trl[0]) and torch.allclose(before[1], trl[1])), "the change has no effect"
+
+
+# ------------------------------------------------------------------------------------------ TRL's other GRPO configs
+
+def test_experimental_grpo_config_subclasses_raise():
+    """TRL's experimental ``GMPOConfig`` (the one ``GRPOConfig`` subclass in trl.experimental) configures
+    GMPOTrainer, whose ``_compute_loss`` is a geometric mean of log-clipped ratios; the profile computed DAPO from
+    it. The profile and the drop-in refuse it; a user's own subclass is still a GRPOConfig."""
+    from trl.experimental.gmpo import GMPOConfig
+
+    from fastalign.integrations.trl import grpo_policy_config
+    config = GMPOConfig(output_dir="/tmp/fastalign-gmpo", report_to=[], use_cpu=True)
+    for build in (GRPOLoss, grpo_policy_config):
+        with pytest.raises(ValueError, match="^GMPOConfig .*another trainer's loss than GRPOTrainer's"):
+            build(config)
+
+    @dataclasses.dataclass
+    class MyConfig(GRPOConfig):
+        note: str = ""
+
+    mine = MyConfig(output_dir="/tmp/fastalign-gmpo", report_to=[], use_cpu=True, loss_type="bnpo")
+    assert GRPOLoss(mine).config == GRPOLoss(dict(loss_type="bnpo")).config
+
+
+# ------------------------------------------------------------------------------------------ argument checks
+
+def test_entropy_threshold_checks_its_arguments():
+    """``entropy_threshold`` took a broadcastable mask of another shape (another threshold), returned +inf for a
+    negative quantile, failed inside for one above 1 or NaN, took integer and complex entropies and gave an
+    AttributeError for a None mask; each is a TypeError / ValueError naming the argument."""
+    from fastalign.integrations.trl import entropy_threshold
+    H = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])
+    mask = torch.tensor([[True, True, True], [False, False, False]])
+    assert_close(entropy_threshold(H, mask, 0.5), torch.tensor(0.2), atol=1e-7, rtol=0, what="threshold")
+    for bad in (torch.tensor([[True], [False]]), torch.tensor([True, False, False]), mask[:, :2]):
+        with pytest.raises(ValueError, match=r"^mask must have shape \(2, 3\) \(the shape of entropy\)"):
+            entropy_threshold(H, bad, 0.5)
+    for q in (-0.05, 1.05):
+        with pytest.raises(ValueError, match=r"^top_quantile must lie in \[0, 1\]"):
+            entropy_threshold(H, mask, q)
+    with pytest.raises(ValueError, match="^top_quantile must be finite"):
+        entropy_threshold(H, mask, math.nan)
+    with pytest.raises(TypeError, match="^top_quantile must be a real number"):
+        entropy_threshold(H, mask, "0.5")
+    for bad in (H.mul(10).long(), H.to(torch.complex64)):
+        with pytest.raises(TypeError, match="^entropy must be a floating tensor"):
+            entropy_threshold(bad, mask, 0.5)
+    with pytest.raises(TypeError, match="^entropy must be a torch.Tensor"):
+        entropy_threshold(H.tolist(), mask, 0.5)
+    with pytest.raises(TypeError, match="^mask must be a torch.Tensor, got NoneType"):
+        entropy_threshold(H, None, 0.5)
+    with pytest.raises(TypeError, match="^mask must hold real numbers"):
+        entropy_threshold(H, mask.to(torch.complex64), 0.5)
+
+
+_GRPO_BAD_CALLS = {  # argument -> (replacement, error, message): each names the caller's (TRL's) argument
+    "logprobs": (lambda d: d["lp"].tolist(), TypeError, "^logprobs must be a torch.Tensor, got list"),
+    "completion_mask": (lambda d: torch.ones(6, 10), ValueError,
+                        r"^completion_mask must have shape \(6, 9\) \(logprobs.shape\), got \(6, 10\)"),
+    "completion_mask ": (lambda d: None, TypeError, "^completion_mask must be a torch.Tensor, got NoneType"),
+    "num_items_in_batch": (lambda d: "6", TypeError, "^num_items_in_batch must be a real number, got str"),
+    "num_items_in_batch ": (lambda d: torch.ones(2), ValueError, "^num_items_in_batch must be a number or a one-"),
+    "sampling_logprobs": (lambda d: d["sampling"][:, :-1], ValueError,
+                          r"^sampling_logprobs must have shape \(6, 9\)"),
+    "importance_sampling_ratio": (lambda d: d["ratio"][:, :2], ValueError,
+                                  r"^importance_sampling_ratio must have shape \(6,\) or \(6, 1\) or \(6, 9\)"),
+    "old_logprobs": (lambda d: d["old"].long(), TypeError, "^old_logprobs must be float32"),
+    "advantages": (lambda d: d["A"].tolist(), TypeError, "^advantages must be a torch.Tensor"),
+    "entropy": (lambda d: d["H"].to(torch.complex64), TypeError, "^entropy must be float32"),
+    "num_processes": (lambda d: "2", TypeError, "^num_processes must be an int"),
+    "training": (lambda d: "yes", TypeError, "^training must be a bool"),
+}
+
+
+@pytest.mark.parametrize("argument", list(_GRPO_BAD_CALLS))
+def test_grpo_loss_errors_name_trls_arguments(argument):
+    """``GRPOLoss`` checks its tensors under its own (TRL's) names before reading them: a list gave an
+    AttributeError on ``.device``, a string count ``TypeError: new(): invalid data type 'str'``, and a bad
+    ``completion_mask`` or ``sampling_logprobs`` was named ``response_mask`` / ``rollout_logprobs``."""
+    d = batch(seed=22)
+    replace, error, message = _GRPO_BAD_CALLS[argument]
+    call = dict(logprobs=d["lp"], old_logprobs=d["old"], advantages=d["A"], completion_mask=d["m"], entropy=d["H"],
+                sampling_logprobs=d["sampling"], importance_sampling_ratio=d["ratio"], num_items_in_batch=30)
+    call[argument.strip()] = replace(d)
+    loss = GRPOLoss(dict(loss_type="dapo", use_vllm=True, off_policy_mask_threshold=0.5))
+    with pytest.raises(error, match=message):
+        loss(**call)

@@ -310,10 +310,15 @@ class LiveLoss:
     with those fields replaced, only when one changed: no cost at a step where none did. A value the profile
     refuses raises its ``ValueError`` / ``TypeError`` there, at the next step, naming the attribute
     (``DPOTrainer.beta=...``); the loss and its values stay the last good ones. An attribute the trainer does
-    not set (CPO's ``simpo_gamma`` without simpo) reads its config field."""
+    not set (CPO's ``simpo_gamma`` without simpo) reads its config field.
 
-    def __init__(self, profile: Callable, options: dict):
+    ``args``: the config fields TRL's loss reads from ``self.args`` itself at every step (GRPO's ``delta``, DPO's
+    ``discopop_tau``), followed the same way (a callback that changes ``args.delta``), named
+    ``GRPOTrainer.args.delta=...`` in an error."""
+
+    def __init__(self, profile: Callable, options: dict, args: Sequence[str] = ()):
         self.profile, self.options = profile, dict(options)
+        self.options.update({f"args.{field}": (field, functools.partial(_args_field, field)) for field in args})
 
     def __set_name__(self, owner, name) -> None:
         self.slot = f"_{name}_live"
@@ -359,6 +364,11 @@ class LiveLoss:
                 raise
             named = ", ".join(f"{type(trainer).__name__}.{attr}={value!r}" for attr, value in changed)
             raise type(error)(f"{named}: {error}") from error
+
+
+def _args_field(field: str, trainer):
+    """The trainer's config field ``field`` (``trainer.args.<field>``), as TRL's loss reads it at every step."""
+    return getattr(trainer.args, field)
 
 
 def build_loss(trainer) -> None:

@@ -25,7 +25,8 @@ is over the pairs (or tokens) of every process, as TRL gathers them.
 The loss options TRL's trainer reads from its attributes at every step (``beta``, ``loss_types``,
 ``loss_weights``, ``label_smoothing``, ``f_divergence_type``, ``f_alpha_divergence_coef``, ``ld_alpha``,
 ``use_weighting``) are read here too: ``trainer.beta = 0.5`` between steps (a schedule, a callback) changes the
-loss from the next step, as in TRL, and a value the loss refuses raises there, naming the attribute.
+loss from the next step, as in TRL, and a value the loss refuses raises there, naming the attribute. So does
+``args.discopop_tau``, which TRL's loss reads from its config at every step.
 """
 from __future__ import annotations
 
@@ -52,11 +53,13 @@ _NOT_MODEL_INPUTS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps"
 class DPOTrainer(trl.DPOTrainer):
     """``trl.DPOTrainer`` with fastalign's fused log-probs and loss (see the module doc)."""
 
-    #: the options TRL's ``_compute_loss`` reads from the trainer at every step -> their ``DPOConfig`` fields
+    #: the options TRL's ``_compute_loss`` reads from the trainer at every step -> their ``DPOConfig`` fields, and
+    #: (``args``) the config fields it reads from ``self.args`` at every step
     fastalign_loss = LiveLoss(DPOLoss, {"beta": "beta", "loss_types": "loss_type", "loss_weights": "loss_weights",
                                         "label_smoothing": "label_smoothing", "f_divergence_type": "f_divergence_type",
                                         "f_alpha_divergence_coef": "f_alpha_divergence_coef",
-                                        "ld_alpha": "ld_alpha", "use_weighting": "use_weighting"})
+                                        "ld_alpha": "ld_alpha", "use_weighting": "use_weighting"},
+                              args=("discopop_tau",))
 
     @functools.wraps(trl.DPOTrainer.__init__)
     def __init__(self, *args, **kwargs):

@@ -116,6 +116,18 @@ def _checked(c: Dict[str, Any]) -> Dict[str, Any]:
     return c
 
 
+def _check_not_experimental(args: Any) -> None:
+    """A ``ValueError`` for a config of one of TRL's experimental ``GRPOConfig`` subclasses (``trl.experimental``:
+    ``GMPOConfig``), whose trainer replaces ``GRPOTrainer``'s loss with its own: the profile maps ``GRPOTrainer``'s
+    loss only, and would give another one under the same fields. A user's own subclass is read as a ``GRPOConfig``."""
+    cls = type(args)
+    if cls.__module__.startswith("trl.experimental") and any(
+            base.__name__ == "GRPOConfig" and base.__module__.startswith("trl.") for base in cls.__mro__[1:]):
+        raise ValueError(f"{cls.__name__} ({cls.__module__}) configures another trainer's loss than GRPOTrainer's "
+                         f"(its trainer overrides _compute_loss); fastalign has no profile for it. Pass a "
+                         f"GRPOConfig for GRPOTrainer's loss, or use fastalign.policy_loss with the loss_type it needs")
+
+
 def _fields(args: Any) -> Dict[str, Any]:
     """The ``GRPOConfig`` fields the profile reads (those of ``_DEFAULTS``), as ``GRPOTrainer`` sees them.
 
@@ -133,6 +145,7 @@ def _fields(args: Any) -> Dict[str, Any]:
       with ``vllm_importance_sampling_correction`` needs one of the two.
     """
     check_keys(args, _DEFAULTS, "GRPOConfig")
+    _check_not_experimental(args)
     if not isinstance(args, Mapping):
         return _checked({k: getattr(args, k, v) for k, v in _DEFAULTS.items()})
     c = _checked({k: args.get(k, v) for k, v in _DEFAULTS.items()})
@@ -229,12 +242,19 @@ def entropy_threshold(entropy: Tensor, mask: Tensor, top_quantile: float, accele
     no process holds a valid token, or when a valid entropy is NaN (both keep no token).
     ``accelerator`` (an ``accelerate.Accelerator``) gathers every process's entropies, padded to
     one length, as TRL's ``get_high_entropy_mask`` does; without it the quantile is this batch's.
+    ``entropy`` is a floating tensor, ``mask`` a real tensor of its shape, ``top_quantile`` a number in [0, 1].
     """
+    _validate.any_float("entropy", entropy)
+    _validate.like(tuple(entropy.shape), "the shape of entropy", kind="real", device=entropy.device,
+                   device_of="entropy", mask=_validate.tensor("mask", mask))
+    q = _validate.finite_number("top_quantile", top_quantile)
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"top_quantile must lie in [0, 1], got {top_quantile}")
     h = torch.where(mask.bool(), entropy.detach().float(), math.inf).flatten()
     if accelerator is not None and accelerator.num_processes > 1:
         h = accelerator.gather(accelerator.pad_across_processes(h, dim=0, pad_index=math.inf))
     counted = h != math.inf  # no valid token anywhere, or a NaN among them: NaN, as torch.quantile gives
-    return torch.where(counted.any() & ~torch.isnan(h).any(), entropy_quantile(h, top_quantile), math.nan)
+    return torch.where(counted.any() & ~torch.isnan(h).any(), entropy_quantile(h, q), math.nan)
 
 
 class GRPOLoss:
@@ -300,13 +320,15 @@ class GRPOLoss:
                  entropy_threshold: Optional[Tensor] = None,
                  entropy_coef: Optional[float] = None) -> tuple[Tensor, dict]:
         cfg = self.config
-        if not isinstance(entropy, Tensor) or entropy.shape != getattr(logprobs, "shape", entropy.shape):
-            raise ValueError("entropy must be a [B, T] tensor like logprobs (TRL logs its token mean)")
+        _check_inputs(logprobs, old_logprobs, advantages, completion_mask, entropy, ref_logprobs, sampling_logprobs,
+                      importance_sampling_ratio, num_items_in_batch)
+        _validate.at_least("num_processes", num_processes)
+        _validate.boolean("training", training)
         if self.adaptive_entropy != (entropy_coef is not None):
             raise ValueError("entropy_coef is the adaptive controller's coefficient of this step: pass it exactly when "
                              "use_adaptive_entropy=True")
         if entropy_coef is not None:
-            coef = float(entropy_coef)
+            coef = _validate.finite_number("entropy_coef", entropy_coef)
             cfg = PolicyConfig.make(cfg, entropy_coef=coef, entropy_agg="token-mean" if coef else "loss")
         if old_logprobs is None:
             old_logprobs = logprobs.detach()
@@ -363,6 +385,33 @@ class GRPOLoss:
         elif cfg.row == "vespo":
             out["vespo/phi_seq_mean"] = met["phi_mean"]
         return loss, out
+
+
+def _check_inputs(logprobs, old_logprobs, advantages, completion_mask, entropy, ref_logprobs, sampling_logprobs,
+                  importance_sampling_ratio, num_items_in_batch) -> None:
+    """:class:`GRPOLoss`'s tensors checked under its own (TRL's) names, before any is read: a ``TypeError`` /
+    ``ValueError`` naming ``completion_mask`` or ``sampling_logprobs``, not the core loss's ``response_mask`` or
+    ``rollout_logprobs``. ``entropy`` is required (TRL logs its token mean)."""
+    _validate.floating("logprobs", logprobs, dim=2)
+    shape, device = tuple(logprobs.shape), logprobs.device
+    if entropy is None:
+        raise ValueError("entropy must be a [B, T] tensor like logprobs (TRL logs its token mean), got None")
+    per_token = dict(device=device, device_of="logprobs")
+    _validate.like(shape, "logprobs.shape", kind="float", **per_token, old_logprobs=old_logprobs,
+                   entropy=entropy, ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs)
+    _validate.like(shape, "logprobs.shape", kind="real", **per_token,
+                   completion_mask=_validate.tensor("completion_mask", completion_mask))
+    _validate.like([shape[:1], shape], "[B] or logprobs.shape", kind="float", **per_token,
+                   advantages=_validate.tensor("advantages", advantages))
+    _validate.like([shape[:1], (shape[0], 1), shape], "[B], [B, 1] or logprobs.shape", kind="float", **per_token,
+                   importance_sampling_ratio=importance_sampling_ratio)
+    if isinstance(num_items_in_batch, Tensor):
+        _validate.real("num_items_in_batch", num_items_in_batch)
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got shape "
+                             f"{tuple(num_items_in_batch.shape)}")
+    elif num_items_in_batch is not None:
+        _validate.number("num_items_in_batch", num_items_in_batch)
 
 
 def _empty_rows_clipped(cfg: PolicyConfig, advantages: Tensor, mask: Tensor) -> Tensor:

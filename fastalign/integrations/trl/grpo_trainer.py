@@ -24,7 +24,9 @@ unless ``cast_lm_head_to_fp32`` or mixed precision runs the head in another dtyp
 from the trainer at every step (``beta``, ``loss_type``, ``epsilon_low`` / ``epsilon_high``,
 ``importance_sampling_level``, ``top_entropy_quantile``, ``off_policy_mask_threshold``, ``entropy_coef``,
 ``max_completion_length``, the vLLM importance-sampling ones) are read here too, so an assignment on the
-trainer takes effect at the next step; ``temperature`` reaches generation only, as TRL's fused head keeps
+trainer takes effect at the next step, and so are the config fields TRL's loss reads from ``self.args`` at every
+step (``delta``, ``use_bias_correction_kl``, ``sapo_temperature_pos`` / ``_neg``, ``vespo_*``,
+``steps_per_generation``: a callback that changes ``args.delta``); ``temperature`` reaches generation only, as TRL's fused head keeps
 the one it was built with.
 With several processes the token-mean metrics (``entropy``, ``kl``, ``clip_ratio/*_mean``, ...)
 weight every process's tokens as TRL does, and ``top_entropy_quantile < 1`` keeps the tokens at or
@@ -68,7 +70,8 @@ def _coefficient_per_call(trainer) -> bool:
 class GRPOTrainer(trl.GRPOTrainer):
     """``trl.GRPOTrainer`` with fastalign's fused log-probs, entropies and loss (see the module doc)."""
 
-    #: the options TRL's ``_compute_loss`` reads from the trainer at every step -> their ``GRPOConfig`` fields
+    #: the options TRL's ``_compute_loss`` reads from the trainer at every step -> their ``GRPOConfig`` fields, and
+    #: (``args``) the config fields it reads from ``self.args`` at every step
     fastalign_loss = LiveLoss(GRPOLoss, {
         "loss_type": "loss_type", "beta": "beta", "epsilon_low": "epsilon", "epsilon_high": "epsilon_high",
         "importance_sampling_level": "importance_sampling_level", "top_entropy_quantile": "top_entropy_quantile",
@@ -79,7 +82,8 @@ class GRPOTrainer(trl.GRPOTrainer):
         "vllm_importance_sampling_clip_max": "vllm_importance_sampling_clip_max",
         "entropy_coef": ("entropy_coef", _entropy_coef),
         "use_adaptive_entropy": ("use_adaptive_entropy", _coefficient_per_call),
-    })
+    }, args=("delta", "use_bias_correction_kl", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos",
+             "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "steps_per_generation"))
 
     @functools.wraps(trl.GRPOTrainer.__init__)
     def __init__(self, *args, **kwargs):

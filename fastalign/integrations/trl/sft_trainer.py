@@ -20,7 +20,8 @@ as the model's own loss: a collator that keeps labels on its padding has them sc
 
 ``label_smoothing_factor`` ε (``loss_type="nll"``) adds TRL's smoothing term without the logits:
 ``(1-ε) NLL + ε mean_t (-(1/V) Σ_j log p_tj) = NLL + ε mean_t (z_ty - mean_j z_tj)``, the margin
-linear in the hidden states (one head row per token; not for a softcapped head). There TRL runs a
+linear in the hidden states (one head row per token; not for a softcapped head). As in TRL, ε is the one
+``Trainer``'s constructor put in ``label_smoother``, applied while ``args.loss_type`` is ``"nll"``. With it TRL runs a
 second forward, without gradients, for the ``entropy``, ``mean_token_accuracy`` and ``aux_loss``
 metrics, and leaves a MoE model's load-balancing loss out of the loss (logged, not added). In
 training mode the drop-in runs that forward too, so the metrics come from the same dropout draw as
@@ -42,6 +43,7 @@ import warnings
 
 import torch
 import trl
+from transformers.trainer_pt_utils import LabelSmoother
 
 from fastalign.integrations.hf import head_transform, next_token_targets
 from fastalign.integrations.trl._head import (add_aux_loss, check_config, check_model, has_mean_logits,
@@ -64,7 +66,7 @@ class SFTTrainer(trl.SFTTrainer):
         parallelism = self.accelerator.parallelism_config
         if parallelism is not None and getattr(parallelism, "sp_enabled", False):
             raise ValueError("sequence parallelism is not supported by the fastalign SFTTrainer")
-        if self.args.label_smoothing_factor > 0 and not has_mean_logits(self.accelerator.unwrap_model(self.model)):
+        if self.label_smoother is not None and not has_mean_logits(self.accelerator.unwrap_model(self.model)):
             raise ValueError("SFTConfig.label_smoothing_factor: a softcapped head (final_logit_softcapping) has no "
                              "mean logit without the full logits; set it to 0")
         install_head(self.accelerator.unwrap_model(self.model))
@@ -94,7 +96,7 @@ class SFTTrainer(trl.SFTTrainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         loss, _, stats = head_separable_loss(policy.operands, unwrapped.config, targets, sft, items="tokens",
                                              extras=("entropy", "argmax"))
-        eps = self.args.label_smoothing_factor
+        eps = self._smoothing()
         aux = policy.aux_loss
         if eps > 0:  # (1 - eps) NLL + eps mean_t (lse_t - mean_j z_tj) = NLL + eps mean_t (z_ty - mean_j z_tj)
             margin = label_margin(policy.operands, targets, head_transform(unwrapped.config)[0])
@@ -116,6 +118,18 @@ class SFTTrainer(trl.SFTTrainer):
                 outputs = model(**model_inputs)
             return loss, outputs
         return loss
+
+    def _smoothing(self) -> float:
+        """The label-smoothing ε of this step, read as TRL reads it: the ``label_smoother`` that ``Trainer``'s
+        constructor built from ``label_smoothing_factor`` (a later change of ``args.label_smoothing_factor`` leaves
+        it as it is), applied while ``args.loss_type`` is ``"nll"``; 0 otherwise."""
+        smoother = self.label_smoother
+        if smoother is None or self.args.loss_type != "nll":
+            return 0.0
+        if not isinstance(smoother, LabelSmoother):
+            raise ValueError(f"SFTTrainer.label_smoother: {type(smoother).__name__} takes the logits, which the fused "
+                             "head never builds; the fastalign SFTTrainer applies transformers' LabelSmoother only")
+        return smoother.epsilon
 
     def _metrics_forward(self, model, model_inputs, targets):
         """``(stats, aux_loss)`` of a second forward without gradients: what TRL's label-smoothing path logs

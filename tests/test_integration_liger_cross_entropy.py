@@ -1,0 +1,339 @@
+"""``LigerFusedLinearCrossEntropyLoss`` (fastalign.integrations.liger_cross_entropy) against Liger-Kernel 0.8's own
+module and a float64 reference.
+
+Liger's module is a Triton kernel. Without a GPU it runs here on CPU tensors in the Triton interpreter
+(``TRITON_INTERPRET=1``, set by conftest.py before Triton is imported), with two stand-ins for what the
+interpreter lacks (:func:`liger_interpreter`): a float kernel argument becomes an fp32 scalar, as the compiled
+kernel receives it (the interpreter passes a Python float, on which Liger calls ``.to``), and ``tanh``, a
+libdevice call the interpreter cannot run, is computed from ``exp``. With a GPU both run on CUDA tensors, unpatched.
+The float64 reference (:func:`_reference`) materialises the logits and follows Liger's kernel
+(ops/cross_entropy.py, ops/fused_linear_cross_entropy.py) formula by formula. Each case compares the loss, every
+returned metric and the gradients of the hidden states, the weight and the bias (with a random upstream gradient
+for ``reduction="none"``).
+"""
+import inspect
+import math
+import os
+
+import pytest
+import torch
+
+from helpers import assert_close
+
+from fastalign.integrations.liger_cross_entropy import CrossEntropyOutput, LigerFusedLinearCrossEntropyLoss
+
+liger_flce = pytest.importorskip("liger_kernel.transformers.fused_linear_cross_entropy",
+                                 reason="liger_kernel is not installed: `pip install liger-kernel==0.8.*`")
+
+# Liger's kernel under the interpreter multiplies -inf by 0 in its masked lanes (unused values)
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+N, H, V = 9, 8, 13
+IGNORED = (1, 4)
+FIELDS = ("loss", "z_loss", "token_accuracy", "predicted_tokens")
+
+
+@pytest.fixture(autouse=True)
+def ieee_fp32_matmul(monkeypatch):
+    """fp32 products in IEEE precision on a GPU too (fastalign's default there is TF32; Liger's is IEEE)."""
+    monkeypatch.setenv("FASTALIGN_FP32_MATMUL", "ieee")
+
+
+@pytest.fixture
+def liger_interpreter(monkeypatch):
+    """Liger's kernel runnable in the Triton interpreter (the module docstring); nothing to do on a GPU."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy as np
+    from liger_kernel.ops import cross_entropy
+    from triton.runtime import interpreter
+
+    convert = interpreter._implicit_cvt
+
+    def fp32_scalars(arg):
+        if isinstance(arg, float):
+            return tl.tensor(interpreter.TensorHandle(np.array([arg], dtype=np.float32), tl.float32), tl.float32)
+        return convert(arg)
+
+    monkeypatch.setattr(interpreter, "_implicit_cvt", fp32_scalars)
+    monkeypatch.setattr(cross_entropy, "tanh", _interpreted_tanh)
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _interpreted_tanh(x):
+        e = tl.exp(-2.0 * tl.abs(x))
+        t = (1.0 - e) / (1.0 + e)
+        return tl.where(x >= 0, t, -t)
+
+
+def _class_weights():
+    return torch.rand(V, generator=torch.Generator().manual_seed(5), dtype=torch.float32).add(0.5).to(DEVICE)
+
+
+def _batch(seed, dtype=torch.float32, bias=True, ignored=IGNORED):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 0.6
+    b = torch.randn(V, generator=g) * 0.3 if bias else None
+    target = torch.randint(0, V, (N,), generator=g)
+    target[0] = int((hidden[0] @ weight.T).argmax())  # at least one argmax hit
+    target[list(ignored)] = -100
+    return [None if t is None else t.to(device=DEVICE, dtype=dtype) for t in (hidden, weight, b)], target.to(DEVICE)
+
+
+def _outputs(out) -> dict:
+    if isinstance(out, (torch.Tensor, dict)):
+        return out if isinstance(out, dict) else {"loss": out}
+    return {k: getattr(out, k) for k in FIELDS if getattr(out, k) is not None}
+
+
+def _run(call, leaves, target, *, dtype=None, seed=0):
+    """(outputs, gradients) of ``call(weight, hidden, target, bias)`` on fresh copies of ``leaves`` (cast to
+    ``dtype`` when given), backward with an upstream gradient of 1 (a random one for a per-token loss)."""
+    h, w, b = [None if t is None else t.detach().to(dtype or t.dtype).clone().requires_grad_(True) for t in leaves]
+    out = _outputs(call(w, h, target, b))
+    loss = out["loss"]
+    up = torch.ones_like(loss) if loss.dim() == 0 else torch.randn(
+        loss.shape, generator=torch.Generator().manual_seed(seed)).to(loss)
+    loss.backward(up)
+    return out, [None if t is None else t.grad for t in (h, w, b)]
+
+
+def _reference(weight, hidden, target, bias=None, *, ce_weight=None, ignore_index=-100, lse_square_scale=0.0,
+               label_smoothing=0.0, reduction="mean", softcap=None, return_z_loss=False, use_token_scaling=False,
+               return_token_accuracy=False, return_predicted_tokens=False, accum_dtype=None):
+    """Liger's loss in float64 from the materialised logits, as its kernel computes it."""
+    x = hidden.double() @ weight.double().T
+    if bias is not None:
+        x = x + bias.double()
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    keep = target != ignore_index
+    y = torch.where(keep, target, 0)
+    n = keep.sum()
+    lse = torch.logsumexp(x, -1)
+    loss = lse - x.gather(-1, y[:, None])[:, 0]
+    c = torch.ones(V, dtype=torch.float64, device=x.device) if ce_weight is None else ce_weight.double()
+    if ce_weight is not None:
+        loss = c[y] * loss
+    if label_smoothing > 0:
+        eps = label_smoothing / V
+        loss = loss * (1 - label_smoothing) - eps * (x * c).sum(-1) + eps * lse * c.sum()
+    z = lse_square_scale * lse * lse
+    if reduction == "mean":
+        loss = loss / (n if ce_weight is None else c[y][keep].sum())
+        z = z / n
+    loss = loss + z
+    if use_token_scaling:
+        p_y = torch.softmax(x, -1).gather(-1, y[:, None])[:, 0].detach()
+        loss, z = loss * p_y, z * p_y
+    loss, z = (torch.where(keep, t, torch.zeros_like(t)) for t in (loss, z))
+    hit = (keep & (x.argmax(-1) == target)).double()
+    out = {"loss": loss if reduction == "none" else loss.sum()}
+    if return_z_loss:
+        out["z_loss"] = z if reduction == "none" else z.sum()
+    if return_token_accuracy:
+        out["token_accuracy"] = hit if reduction == "none" else hit.sum() / n
+    if return_predicted_tokens:
+        out["predicted_tokens"] = torch.where(keep, x.argmax(-1), -1)
+    return out
+
+
+def _reference_module(opts):
+    return lambda w, h, t, b: _reference(w, h, t, b, **opts)
+
+
+def _compare(got, want, *, atol, rtol, what, grad_scale=0.0, dtypes=True):
+    """Outputs (their dtypes too, with ``dtypes``) and gradients; a gradient also passes within ``grad_scale``
+    times its largest entry (bf16)."""
+    out_a, grads_a = got
+    out_b, grads_b = want
+    assert sorted(out_a) == sorted(out_b), f"{what}: outputs {sorted(out_a)} != {sorted(out_b)}"
+    for k in out_b:
+        assert out_a[k].shape == out_b[k].shape, f"{what} {k}: shape {out_a[k].shape} != {out_b[k].shape}"
+        assert not dtypes or out_a[k].dtype == out_b[k].dtype, f"{what} {k}: {out_a[k].dtype} != {out_b[k].dtype}"
+        assert k == "loss" or not out_a[k].requires_grad, f"{what} {k} is not detached"
+        assert_close(out_a[k], out_b[k], atol=atol, rtol=rtol, what=f"{what} {k}")
+    for name, a, b in zip(("_input", "lin_weight", "bias"), grads_a, grads_b):
+        assert (a is None) == (b is None), f"{what}: d{name} given on one side only"
+        if a is not None:
+            assert not dtypes or a.dtype == b.dtype, f"{what}: d{name} dtype {a.dtype} != {b.dtype}"
+            tol = max(atol, grad_scale * float(b.abs().max()))
+            assert_close(a, b, atol=tol, rtol=rtol, what=f"{what} d{name}")
+
+
+CASES = {
+    "mean": dict(),
+    "sum": dict(reduction="sum"),
+    "none": dict(reduction="none"),
+    "label_smoothing": dict(label_smoothing=0.2),
+    "label_smoothing_none": dict(label_smoothing=0.3, reduction="none"),
+    "z_loss": dict(lse_square_scale=0.1, return_z_loss=True),
+    "z_loss_sum_scaled": dict(lse_square_scale=0.05, return_z_loss=True, reduction="sum", use_token_scaling=True),
+    "z_loss_reported_at_zero_scale": dict(return_z_loss=True, reduction="none"),
+    "softcap": dict(softcap=2.5, lse_square_scale=0.02, return_z_loss=True),
+    "token_scaling": dict(use_token_scaling=True),
+    "ce_weight": dict(ce_weight="w"),
+    "ce_weight_smoothing_z": dict(ce_weight="w", label_smoothing=0.3, lse_square_scale=0.05, return_z_loss=True),
+    "ce_weight_softcap_none": dict(ce_weight="w", softcap=3.0, reduction="none"),
+    "accuracy_predicted": dict(return_token_accuracy=True, return_predicted_tokens=True),
+    "accuracy_none": dict(return_token_accuracy=True, reduction="none", label_smoothing=0.1),
+    "everything": dict(label_smoothing=0.1, lse_square_scale=0.01, return_z_loss=True, use_token_scaling=True,
+                       return_token_accuracy=True, return_predicted_tokens=True, reduction="sum"),
+    "ignore_index_a_class": dict(ignore_index=3),
+    "accum_dtype": dict(accum_dtype=torch.float32, label_smoothing=0.1),
+}
+
+
+def _opts(case):
+    opts = dict(CASES[case])
+    if opts.get("ce_weight") == "w":
+        opts["ce_weight"] = _class_weights()
+    return opts
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_liger_and_float64_reference(case, bias, liger_interpreter):
+    opts = _opts(case)
+    leaves, target = _batch(1, bias=bias)
+    if opts.get("ignore_index") == 3:
+        target[target == -100] = 3
+    fa = _run(LigerFusedLinearCrossEntropyLoss(**opts), leaves, target)
+    lg = _run(liger_flce.LigerFusedLinearCrossEntropyLoss(**opts), leaves, target)
+    ref = _run(_reference_module(opts), leaves, target, dtype=torch.float64)
+    _compare(fa, lg, atol=2e-6, rtol=1e-5, what=f"{case} vs Liger")
+    _compare(fa, ref, atol=2e-6, rtol=1e-5, what=f"{case} vs float64", dtypes=False)
+
+
+@pytest.mark.parametrize("case", ["mean", "none", "label_smoothing", "z_loss", "softcap", "ce_weight_smoothing_z",
+                                  "everything"])
+def test_bf16_matches_liger(case, liger_interpreter):
+    """bf16 hidden states and head: Liger rounds the logits to bf16 before its fp32 softmax (fastalign keeps them
+    in fp32) and keeps bf16 gradients; the float64 reference runs on the same bf16 values widened."""
+    opts = _opts(case)
+    opts.pop("return_predicted_tokens", None)  # an argmax may flip between bf16-rounded and fp32 logits
+    opts.pop("return_token_accuracy", None)
+    leaves, target = _batch(2, dtype=torch.bfloat16)
+    fa = _run(LigerFusedLinearCrossEntropyLoss(**opts), leaves, target)
+    lg = _run(liger_flce.LigerFusedLinearCrossEntropyLoss(**opts), leaves, target)
+    ref = _run(_reference_module(opts), leaves, target, dtype=torch.float64)
+    _compare(fa, lg, atol=1e-3, rtol=8e-3, grad_scale=2e-2, what=f"bf16 {case} vs Liger")
+    # against float64 on the same bf16 inputs (the z-loss and the gradients rounded to bf16 once)
+    _compare(fa, ref, atol=1e-4, rtol=4e-3, grad_scale=1e-2, what=f"bf16 {case} vs float64", dtypes=False)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_target_ignored_matches_liger(reduction, liger_interpreter):
+    """A loss of 0 and no gradient; the token accuracy 0 / 0 = NaN (per target: 0), as Liger."""
+    opts = dict(reduction=reduction, lse_square_scale=0.1, return_z_loss=True, return_token_accuracy=True,
+                ce_weight=_class_weights(), label_smoothing=0.1)
+    leaves, target = _batch(3, ignored=range(N))
+    fa = _run(LigerFusedLinearCrossEntropyLoss(**opts), leaves, target)
+    lg = _run(liger_flce.LigerFusedLinearCrossEntropyLoss(**opts), leaves, target)
+    _compare(fa, lg, atol=0.0, rtol=0.0, what=f"all ignored {reduction}")
+    assert (fa[0]["loss"] == 0).all() and all((g == 0).all() for g in fa[1])
+    if reduction != "none":
+        assert math.isnan(float(fa[0]["token_accuracy"]))
+
+
+def test_signature_matches_liger():
+    for meth in ("__init__", "forward"):
+        a = inspect.signature(getattr(LigerFusedLinearCrossEntropyLoss, meth)).parameters
+        b = inspect.signature(getattr(liger_flce.LigerFusedLinearCrossEntropyLoss, meth)).parameters
+        assert [(p.name, p.default) for p in a.values()] == [(p.name, p.default) for p in b.values()], meth
+
+
+def test_return_type_follows_the_flags():
+    leaves, target = _batch(4)
+    h, w, b = leaves
+    assert isinstance(LigerFusedLinearCrossEntropyLoss()(w, h, target, b), torch.Tensor)
+    for flag in ("return_z_loss", "return_token_accuracy", "return_predicted_tokens"):
+        out = LigerFusedLinearCrossEntropyLoss(**{flag: True})(w, h, target, b)
+        assert isinstance(out, CrossEntropyOutput), flag
+        given = [k for k in FIELDS if getattr(out, k) is not None]
+        assert given == ["loss", flag.removeprefix("return_")], (flag, given)
+
+
+def test_option_assignment_takes_effect_as_liger(liger_interpreter):
+    leaves, target = _batch(5)
+    fa_mod, lg_mod = LigerFusedLinearCrossEntropyLoss(), liger_flce.LigerFusedLinearCrossEntropyLoss()
+    for name, value in (("reduction", "sum"), ("label_smoothing", 0.25), ("lse_square_scale", 0.1),
+                        ("return_z_loss", True), ("ce_weight", _class_weights())):
+        setattr(fa_mod, name, value)
+        setattr(lg_mod, name, value)
+        _compare(_run(fa_mod, leaves, target), _run(lg_mod, leaves, target), atol=2e-6, rtol=1e-5,
+                 what=f"after {name} = {value!r}")
+
+
+def test_second_backward_through_a_retained_graph():
+    leaves, target = _batch(6)
+    h, w, b = [t.detach().clone().requires_grad_(True) for t in leaves]
+    loss = LigerFusedLinearCrossEntropyLoss(label_smoothing=0.1, lse_square_scale=0.1)(w, h, target, b)
+    loss.backward(retain_graph=True)
+    first = [t.grad.clone() for t in (h, w, b)]
+    loss.backward()
+    for a, t in zip(first, (h, w, b)):
+        assert_close(t.grad, 2 * a, atol=1e-6, rtol=1e-6, what="second backward")
+
+
+@pytest.mark.parametrize("opts, err, word", [
+    (dict(label_smoothing=0.1, softcap=2.0), ValueError, "label_smoothing"),
+    (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+    (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(softcap=0.0), ValueError, "softcap"),
+    (dict(softcap=-1.0), ValueError, "softcap"),
+    (dict(lse_square_scale=float("nan")), ValueError, "lse_square_scale"),
+    (dict(return_z_loss=1), TypeError, "return_z_loss"),
+    (dict(use_token_scaling="yes"), TypeError, "use_token_scaling"),
+    (dict(return_token_accuracy=None), TypeError, "return_token_accuracy"),
+    (dict(return_predicted_tokens=0), TypeError, "return_predicted_tokens"),
+    (dict(accum_dtype=torch.int32), TypeError, "accum_dtype"),
+    (dict(accum_dtype="float32"), TypeError, "accum_dtype"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index"),
+    (dict(ce_weight=torch.ones(V, 2)), ValueError, "ce_weight"),
+    (dict(ce_weight=torch.ones(V, dtype=torch.int64)), TypeError, "ce_weight"),
+])
+def test_refused_options_raise_at_construction_and_assignment(opts, err, word):
+    with pytest.raises(err, match=word):
+        LigerFusedLinearCrossEntropyLoss(**opts)
+    base = {k: v for k, v in opts.items() if len(opts) > 1 and k == "softcap"}  # the pair: softcap first
+    module = LigerFusedLinearCrossEntropyLoss(**base)
+    before = {k: getattr(module, k) for k in module.OPTIONS}
+    name, value = next((k, v) for k, v in opts.items() if k not in base)
+    with pytest.raises(err, match=word):
+        setattr(module, name, value)
+    assert {k: getattr(module, k) for k in module.OPTIONS} == before, "a refused assignment changed the module"
+
+
+def test_softcap_assigned_to_a_smoothed_loss_raises():
+    module = LigerFusedLinearCrossEntropyLoss(label_smoothing=0.1)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        module.softcap = 2.0
+    assert module.softcap is None
+
+
+def test_call_errors_name_liger_arguments():
+    leaves, target = _batch(7)
+    h, w, b = leaves
+    loss = LigerFusedLinearCrossEntropyLoss()
+    with pytest.raises(ValueError, match="_input"):
+        loss(w, h[None], target[None], b)
+    with pytest.raises(ValueError, match="target"):
+        loss(w, h, target[:-1], b)
+    with pytest.raises(TypeError, match="target"):
+        loss(w, h, target.float(), b)
+    with pytest.raises(ValueError, match="lin_weight"):
+        loss(w[:, :-1], h, target, b)
+    with pytest.raises(TypeError, match="lin_weight"):
+        loss(w.double(), h, target, b)
+    with pytest.raises(ValueError, match="bias"):
+        loss(w, h, target, b[:-1])
+    with pytest.raises(ValueError, match="ce_weight"):
+        LigerFusedLinearCrossEntropyLoss(ce_weight=torch.ones(V + 1))(w, h, target, b)
