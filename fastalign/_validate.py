@@ -180,7 +180,7 @@ def finite_numbers(name: str, values) -> tuple:
 
 def index_value(name: str, value) -> int:
     """A Python integer that fits int64 (a label value such as ``ignore_index``)."""
-    if isinstance(value, bool) or not isinstance(value, _numbers.Integral):
+    if type(value) is not int and (isinstance(value, bool) or not isinstance(value, _numbers.Integral)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if not -2 ** 63 <= int(value) < 2 ** 63:
         raise ValueError(f"{name} must fit in int64, got {value}")

@@ -33,9 +33,8 @@ def check_counts(agg: str, global_tokens: Count = None, global_seqs: Count = Non
                  max_len: Optional[int] = None) -> None:
     """``ValueError`` naming a global count given to an aggregation that does not divide by it, or a
     ``max_len`` given to one other than ``seq-mean-token-sum-norm``."""
-    read = counts_read(agg, global_tokens, global_seqs)
     for name, value in (("global_tokens", global_tokens), ("global_seqs", global_seqs)):
-        if value is not None and name not in read:
+        if value is not None and name not in counts_read(agg, global_tokens, global_seqs):
             raise ValueError(f"{name} does not apply to agg={agg!r} (token-mean divides by global_tokens, "
                              f"the seq-mean modes by global_seqs, token-sum by neither)")
     if max_len is not None and agg != "seq-mean-token-sum-norm":
@@ -57,6 +56,12 @@ def divisor(n: Tensor) -> Tensor:
     return torch.where(n > 0, n, torch.ones_like(n))
 
 
+def whole_divisor(n: Tensor) -> Tensor:
+    """:func:`divisor` of counts that are whole numbers >= 0 (of a bool mask, of sequences): the same values,
+    in one op."""
+    return n.clamp_min(1)
+
+
 def count_divisor(n: Tensor) -> Tensor:
     """A global count (:func:`count_tensor`) as the divisor of a mean: as :func:`divisor` (0 divides as 1, a
     positive count as it is, also below 1), and NaN for a negative, NaN or infinite count, so the loss is NaN,
@@ -65,36 +70,61 @@ def count_divisor(n: Tensor) -> Tensor:
     return torch.where(torch.isfinite(n) & (n >= 0), divisor(n), math.nan)
 
 
+class RowAggregation:
+    """:func:`aggregate_rows` for per-row valid counts ``row_n``: ``RowAggregation(row_n, agg, T, ...)(row_loss)``
+    is ``aggregate_rows(row_loss, row_n, agg, T, ...)``, and the divisors read from the counts are computed once
+    for every quantity of the same rows aggregated with it (a loss and its metric terms). ``whole_counts``:
+    ``row_n`` holds whole numbers (the counts of a bool mask), divided by :func:`whole_divisor`."""
+
+    def __init__(self, row_n: Tensor, agg: str, T: int, global_tokens: Count = None, global_seqs: Count = None,
+                 dp_size: int = 1, max_len: Optional[int] = None, *, whole_counts: bool = False):
+        # aggregate(x) = (x / per_row).sum(0) / den * dp_size, each step where it applies
+        count_div = whole_divisor if whole_counts else divisor
+        self.per_row = self.den = None
+        if agg == "token-mean":
+            self.den = count_div(row_n.sum()) if global_tokens is None else _global_divisor(global_tokens, row_n)
+        elif agg == "seq-mean-token-sum-norm":
+            lmax = T if max_len is None else int(max_len)
+            if global_seqs is None:  # the local count takes no dp factor
+                self.den, dp_size = float(max(row_n.shape[0] * lmax, 1)), 1
+            else:
+                self.den = count_divisor(count_tensor(global_seqs, row_n) * lmax)
+        elif agg != "token-sum":
+            if global_seqs is None:
+                self.den = whole_divisor((row_n > 0).sum().float())
+            else:
+                self.den = _global_divisor(global_seqs, row_n)
+            if agg != "seq-mean-token-sum":  # seq-mean-token-mean
+                self.per_row = count_div(row_n)
+        self.dp_size = dp_size
+
+    def __call__(self, row_loss: Tensor) -> Tensor:
+        """``row_loss`` ``[B]``, or ``[B, k]`` (k quantities aggregated the same way; the result is ``[k]``)."""
+        if self.per_row is not None:
+            row_loss = row_loss / (self.per_row[:, None] if row_loss.dim() == 2 else self.per_row)
+        out = row_loss.sum(0)
+        if self.den is not None:
+            out = out / self.den
+        return out * self.dp_size if self.dp_size != 1 else out
+
+
+def _global_divisor(x: Count, like: Tensor) -> Tensor:
+    """``count_divisor(count_tensor(x, like))``; for a Python int count (>= 0, finite in fp32) the divisor is
+    known on the host, and made as one tensor."""
+    if isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 2 ** 127:
+        return torch.tensor(float(x) if x > 0 else 1.0, device=like.device, dtype=torch.float32)
+    return count_divisor(count_tensor(x, like))
+
+
 def aggregate_rows(row_loss: Tensor, row_n: Tensor, agg: str, T: int, global_tokens: Count = None,
                    global_seqs: Count = None, dp_size: int = 1, max_len: Optional[int] = None) -> Tensor:
     """Aggregate per-row sums ``row_loss[i] = sum_t m L`` with per-row valid counts ``row_n``.
 
     ``row_loss`` is ``[B]`` or ``[B, k]`` (k quantities aggregated the same way in one pass; the
     result is then ``[k]``). Everything stays on the device: the counts are tensors, nothing is
-    read on the host.
+    read on the host. Several quantities of the same rows: :class:`RowAggregation`.
     """
-    n_rows = row_loss.shape[0]
-    if agg == "token-mean":
-        n = divisor(row_n.sum()) if global_tokens is None else count_divisor(count_tensor(global_tokens, row_n))
-        loss = row_loss.sum(0) / n
-        return loss * dp_size if dp_size != 1 else loss
-    if agg == "token-sum":
-        return row_loss.sum(0) * dp_size if dp_size != 1 else row_loss.sum(0)
-    if agg == "seq-mean-token-sum-norm":
-        lmax = T if max_len is None else int(max_len)
-        if global_seqs is None:
-            return row_loss.sum(0) / float(max(n_rows * lmax, 1))
-        return row_loss.sum(0) / count_divisor(count_tensor(global_seqs, row_n) * lmax) * dp_size
-    if global_seqs is None:
-        nseq = divisor((row_n > 0).sum().float())
-    else:
-        nseq = count_divisor(count_tensor(global_seqs, row_n))
-    if agg == "seq-mean-token-sum":
-        return row_loss.sum(0) / nseq * dp_size
-    per_row = divisor(row_n)
-    if row_loss.dim() == 2:
-        per_row = per_row[:, None]
-    return (row_loss / per_row).sum(0) / nseq * dp_size
+    return RowAggregation(row_n, agg, T, global_tokens, global_seqs, dp_size, max_len)(row_loss)
 
 
 @renamed(mask="response_mask")

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend, _validate
-from fastalign.ops.token_stats import token_stats
+from fastalign.ops.token_stats import token_stats_call
 
 
 class TokenStats(NamedTuple):
@@ -118,7 +118,7 @@ def token_logprobs(
             raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}")
     rows = _as_rows(logits)
     name = _backend.resolve(logits.device, backend)
-    lp, ent, sp2, amax, _lse = token_stats(
+    lp, ent, sp2, amax, _lse = token_stats_call(
         rows, flat_labels, inv_t, int(ignore_index), bool(entropy), bool(sum_p2), bool(argmax), name,
         bool(inplace_backward))
     return shaped_stats(labels.shape, lp, ent, sp2, amax, entropy, sum_p2, argmax)

@@ -9,13 +9,13 @@ from torch import Tensor, nn
 
 from fastalign import _backend, _validate
 from fastalign._options import check_read
-from fastalign.aggregate import aggregate_rows, check_counts, divisor
+from fastalign.aggregate import RowAggregation, check_counts, divisor, whole_divisor
 from fastalign.ops import policy_loss as _ops
 from fastalign.policy_config import FIELDS, LOSS_TYPES, PRESETS, ROLLOUT_MODES, PolicyConfig  # noqa: F401
 
 
 def _mask_u8(mask: Tensor) -> Tensor:
-    as_bool = mask if mask.dtype == torch.bool else mask != 0
+    as_bool = mask.bool()  # nonzero (NaN too) is True
     if torch.compiler.is_compiling():  # a fused cast in the graph (inductor cannot lower every bool view)
         return as_bool.to(torch.uint8)
     return as_bool.contiguous().view(torch.uint8)  # no copy
@@ -61,19 +61,53 @@ def _clip_metrics(rd: Tensor, row_n: Tensor, per: tuple, per_sequence: bool) -> 
     sequences (NaN if none). ``per_sequence`` (the sequence ratio with one advantage per sequence, so one
     flag per sequence): one value per sequence, every sequence counts. With ``[B, T]`` advantages a
     token's flag reads its own advantage: token level, as TRL."""
+    frac = rd[:, 8:10] / whole_divisor(rd[:, 1:2])  # the counts of a bool mask are whole numbers
+    lo, hi = frac.unbind(1)
     if per_sequence:
-        frac = rd[:, 8:10] / divisor(row_n)[:, None]
         lo_mean, hi_mean = (frac.sum(0) / max(rd.shape[0], 1)).unbind(0)
-        counted = torch.ones_like(row_n, dtype=torch.bool)
     else:
-        frac = rd[:, 8:10] / divisor(row_n)[:, None]
         lo_mean, hi_mean = per[8], per[9]
         counted = row_n > 0
-    lo_min = torch.where(counted, frac[:, 0], math.inf).amin() if rd.shape[0] else rd.new_full((), math.inf)
-    hi_max = torch.where(counted, frac[:, 1], -math.inf).amax() if rd.shape[0] else rd.new_full((), -math.inf)
-    none = torch.isinf(lo_min)  # no sequence counted
+        lo, hi = torch.where(counted, lo, math.inf), torch.where(counted, hi, -math.inf)
+    if rd.shape[0] == 0:
+        ext = rd.new_full((2,), math.nan)
+    else:
+        ext = torch.stack((lo.amin(), hi.amax()))
+        if not per_sequence:  # NaN where no sequence counted (a counted sequence's fractions are finite)
+            ext = torch.where(counted.any(), ext, math.nan)
+    lo_min, hi_max = ext.unbind(0)
     return {"clip_low": lo_mean, "clip_high": hi_mean, "clip_region": lo_mean + hi_mean,
-            "clip_low_min": torch.where(none, math.nan, lo_min), "clip_high_max": torch.where(none, math.nan, hi_max)}
+            "clip_low_min": lo_min, "clip_high_max": hi_max}
+
+
+class _Plan(NamedTuple):
+    """What :func:`policy_loss` reads from its configuration alone, built once per :class:`PolicyConfig`."""
+
+    row: str  # the kernel row of the loss type
+    agg: str
+    seq_count: str
+    kl_options_set: tuple
+    entropy_in_kernel: bool  # the entropy term is part of the kernel's loss (entropy_agg="loss")
+    params: list  # the KernelParams as the flat float list the ops carry
+    cov_params: tuple
+    clip_metrics: bool  # the row reports clip_low / clip_high
+
+
+def _make_plan(cfg: PolicyConfig) -> _Plan:
+    entropy_in_kernel = cfg.entropy_agg == "loss"
+    return _Plan(cfg.row, cfg.resolved_agg, cfg.resolved_seq_count, cfg.kl_options_set, entropy_in_kernel,
+                 [float(x) for x in cfg.kernel_params(entropy_in_kernel=entropy_in_kernel)], cfg.cov_params,
+                 cfg.row in ("ppo", "gspo", "clip_cov", "cispo", "gmpo"))
+
+
+def _plan(cfg: PolicyConfig) -> _Plan:
+    """The :class:`_Plan` of ``cfg``, kept on the (immutable) configuration for its next eager call."""
+    if torch.compiler.is_compiling():  # traced once per graph; the cache is an eager-mode saving
+        return _make_plan(cfg)
+    plan = cfg.__dict__.get("_policy_plan")
+    if plan is None:
+        plan = cfg.__dict__["_policy_plan"] = _make_plan(cfg)
+    return plan
 
 
 class SharedSeed(NamedTuple):
@@ -168,8 +202,8 @@ def policy_loss(
         synchronises with the host.
     """
     cfg = PolicyConfig.make(config, **options)
-    loss_type = cfg.row
-    agg = cfg.resolved_agg
+    plan = _plan(cfg)
+    loss_type, agg = plan.row, plan.agg
     # ---------------- host-side validation (shapes, dtypes, options only) ----------------
     _validate.floating("logprobs", logprobs, dim=2)
     shape = tuple(logprobs.shape)
@@ -183,7 +217,7 @@ def policy_loss(
     _validate.shape("advantages", advantages, shape, "logprobs.shape (or [B])")
     _validate.real("response_mask", response_mask, dim=2)
     _validate.shape("response_mask", response_mask, shape, "logprobs.shape")
-    check_counts(cfg.resolved_agg, global_tokens, global_seqs)
+    check_counts(agg, global_tokens, global_seqs)
     _validate.counts(global_tokens=global_tokens, global_seqs=global_seqs, dp_size=cfg.dp_size, max_len=cfg.max_len)
     for name, t in (("ref_logprobs", ref_logprobs), ("entropy", entropy), ("rollout_logprobs", rollout_logprobs)):
         if t is not None:
@@ -198,9 +232,9 @@ def policy_loss(
     check_read("generator", generator is not None, cfg.loss_type, (loss_type,), ("clip_cov",))
     if cfg.kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("kl_coef != 0 needs ref_logprobs")
-    if ref_logprobs is None and cfg.kl_options_set:
-        raise ValueError(f"{cfg.kl_options_set[0]} applies only with the KL term (ref_logprobs), "
-                         f"got {cfg.kl_options_set[0]}={getattr(cfg, cfg.kl_options_set[0])!r}")
+    if ref_logprobs is None and plan.kl_options_set:
+        raise ValueError(f"{plan.kl_options_set[0]} applies only with the KL term (ref_logprobs), "
+                         f"got {plan.kl_options_set[0]}={getattr(cfg, plan.kl_options_set[0])!r}")
     if cfg.entropy_coef != 0.0 and entropy is None:
         raise ValueError("entropy_coef != 0 needs entropy")
     if cfg.rollout_correction is not None and rollout_logprobs is None:
@@ -245,10 +279,9 @@ def policy_loss(
         else:  # multiply the policy term like the keep mask
             keep = (w if keep is None else keep * w).contiguous()
 
-    entropy_in_kernel = cfg.entropy_agg == "loss"
-    params = cfg.kernel_params(entropy_in_kernel=entropy_in_kernel)
+    entropy_in_kernel, params = plan.entropy_in_kernel, plan.params
     is_cov = loss_type in ("clip_cov", "kl_cov")
-    cov_ratio, cov_lb, cov_ub, _ = cfg.cov_params
+    cov_ratio, cov_lb, cov_ub, _ = plan.cov_params
     if is_cov:
         if loss_type == "clip_cov":
             seed = _clip_cov_seed(generator, logprobs.device)
@@ -283,23 +316,25 @@ def policy_loss(
         row, _dlp = _ops.rows(lp, old, adv, mask, ref, ent, roll, keep, iw, sel, params, name)
 
     # ---------------- aggregation and metrics on [B] rows (device only) ----------------
-    row_n = row[:, 1].detach()
+    rd = row.detach()
+    row_n = rd[:, 1]
     seqs = global_seqs
     if seqs is None and agg.startswith("seq-mean"):
-        if cfg.resolved_seq_count == "all" and agg != "seq-mean-token-sum-norm":
+        if plan.seq_count == "all" and agg != "seq-mean-token-sum-norm":
             seqs = shape[0]
-        elif cfg.resolved_seq_count == "nonempty" and agg == "seq-mean-token-sum-norm":
+        elif plan.seq_count == "nonempty" and agg == "seq-mean-token-sum-norm":
             seqs = (row_n > 0).sum()
     # seq-mean-token-sum-norm takes the dp factor with global_seqs only (the local count above has none)
     dp = 1 if agg == "seq-mean-token-sum-norm" and global_seqs is None else cfg.dp_size
-    loss = aggregate_rows(row[:, 0], row_n, agg, shape[1], global_tokens, seqs, dp, cfg.max_len)
-    rd = row.detach()
+    # the token counts of a bool mask are whole numbers
+    aggregate = RowAggregation(row_n, agg, shape[1], global_tokens, seqs, dp, cfg.max_len, whole_counts=True)
+    loss = aggregate(row[:, 0])
     if ref_logprobs is not None or entropy is not None:  # KL and entropy aggregated like the loss
-        terms = aggregate_rows(rd[:, 5:7], row_n, agg, shape[1], global_tokens, seqs, dp, cfg.max_len)
+        terms = aggregate(rd[:, 5:7])
     tot = rd.sum(0)
-    per = (tot / divisor(tot[1])).unbind(0)  # every column over the valid count, one division
+    per = (tot / whole_divisor(tot[1])).unbind(0)  # every column over the valid count, one division
     metrics = {"clipfrac": per[2], "clipfrac_lower": per[3], "approx_kl": per[4]}
-    if loss_type in ("ppo", "gspo", "clip_cov", "cispo", "gmpo"):
+    if plan.clip_metrics:
         metrics.update(_clip_metrics(rd, row_n, per, cfg.sequence_level and per_sequence_advantages))
     if ref_logprobs is not None:
         metrics["kl"] = per[5]

@@ -57,9 +57,10 @@ def unrunnable(t: torch.Tensor) -> Optional[tuple[type, str]]:
         return TypeError, f"a tensor with layout {t.layout}"
     if t.is_quantized:
         return TypeError, f"a quantized tensor ({t.dtype})"
-    if t.device.type == "meta":
+    kind = t.device.type
+    if kind == "meta":
         return ValueError, "a meta tensor (it has no data; trace with torch.compile or FakeTensorMode instead)"
-    if t.device.type not in KERNEL_DEVICES:
+    if kind not in KERNEL_DEVICES:
         return ValueError, f"a tensor on {t.device} (the kernels run on CPU and CUDA tensors)"
     return None
 
@@ -110,10 +111,12 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def eager(*tensors: Optional[torch.Tensor]) -> bool:
     """True for a plain eager call: every tensor a plain ``torch.Tensor`` or ``nn.Parameter`` (no fake,
-    DTensor or other subclass), nothing tracing (torch.compile, jit) and no dispatch or function mode
-    active. Only then may the host read a tensor's values or call a kernel without the custom op."""
+    DTensor or other subclass), nothing tracing (torch.compile, jit), no functorch transform (vmap,
+    torch.func.grad: their wrapped tensors pass as plain ones) and no dispatch or function mode active.
+    Only then may the host read a tensor's values or call a kernel without the custom op."""
     return (all(t is None or type(t) in _PLAIN for t in tensors)
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not torch._C._are_functorch_transforms_active()
             and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled())
 
 

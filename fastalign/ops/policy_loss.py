@@ -61,7 +61,7 @@ def policy_loss_rows(
         _check_param_names()
         _backend.compiled().policy_loss_fwd_cpu(
             B, T, lp.data_ptr(), old.data_ptr(), adv.data_ptr(), mask.data_ptr(), ptr(ref), ptr(ent), ptr(roll),
-            ptr(keep), ptr(iw), ptr(sel), row.data_ptr(), dlp.data_ptr(), [float(x) for x in params])
+            ptr(keep), ptr(iw), ptr(sel), row.data_ptr(), dlp.data_ptr(), params)
     else:
         triton_kernels("policy_loss").policy_loss_forward(
             lp, old, adv, mask, ref, ent, roll, keep, iw, sel, row, dlp, **KernelParams.from_list(params)._asdict())
@@ -144,12 +144,15 @@ class _RowsEager(torch.autograd.Function):
         return _backward(ctx, g_row, g_dlp)
 
 
-def rows(lp, old, adv, mask, ref, ent, roll, keep, iw, sel, params: KernelParams, backend):
+def rows(lp, old, adv, mask, ref, ent, roll, keep, iw, sel, params: list[float], backend):
     """``policy_loss_rows``: the custom op under tracing or off the C++ path, a plain autograd
-    function over the same kernels where :func:`~fastalign.ops._launch.runs_directly`. Same results."""
-    args = (lp, old, adv, mask, ref, ent, roll, keep, iw, sel, [float(x) for x in params], backend)
+    function over the same kernels where :func:`~fastalign.ops._launch.runs_directly`. Same results.
+    ``params``: a KernelParams as the flat float list the op carries."""
+    args = (lp, old, adv, mask, ref, ent, roll, keep, iw, sel, params, backend)
     if runs_directly(backend, lp, old, adv, mask, ref, ent, roll, keep, iw, sel):
-        return _RowsEager.apply(*args)
+        if torch.is_grad_enabled() and (lp.requires_grad or (ent is not None and ent.requires_grad)):
+            return _RowsEager.apply(*args)
+        return policy_loss_rows.direct(*args)  # nothing to differentiate
     return policy_loss_rows(*args)
 
 
@@ -186,7 +189,7 @@ def policy_loss_cov_rows(
     _check_param_names()
     _backend.compiled().policy_loss_cov_fwd_cpu(
         B, T, lp.data_ptr(), old.data_ptr(), adv.data_ptr(), mask.data_ptr(), ptr(ref), ptr(ent), ptr(roll),
-        ptr(keep), ptr(cov), seed.data_ptr(), row.data_ptr(), ptr(dlp), [float(x) for x in params])
+        ptr(keep), ptr(cov), seed.data_ptr(), row.data_ptr(), ptr(dlp), params)
 
 
 def _cov_save(ctx, lp, mask, ent, params, dlp):
@@ -228,11 +231,11 @@ class _CovRowsEager(torch.autograd.Function):
         return _cov_backward(ctx, g_row, _g_dlp, direct=True)
 
 
-def cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, params: KernelParams, want_dlp: bool):
+def cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, params: list[float], want_dlp: bool):
     """``policy_loss_cov_rows``: the custom op under tracing (torch.compile, fake tensors), a plain
     autograd function over the same C++ kernels where :func:`~fastalign.ops._launch.runs_directly`.
-    Same results either way."""
-    args = (lp, old, adv, mask, ref, ent, roll, keep, cov, seed, [float(x) for x in params], bool(want_dlp))
+    Same results either way. ``params``: a KernelParams as a flat float list."""
+    args = (lp, old, adv, mask, ref, ent, roll, keep, cov, seed, params, bool(want_dlp))
     if runs_directly("cpp", lp, old, adv, mask, ref, ent, roll, keep, cov, seed):
         return _CovRowsEager.apply(*args)
     return policy_loss_cov_rows(*args)

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from fastalign import _backend
 from fastalign._backend import backend_for
-from fastalign.ops._launch import DTYPE_CODE, check_rows, kernel_op, opt, ptr, stat_outputs, triton_kernels
+from fastalign.ops._launch import (DTYPE_CODE, check_rows, kernel_op, opt, ptr, refuse_second_derivative, runs_directly,
+                                   stat_outputs, triton_kernels)
 
 
 def _shares_memory(t: Tensor) -> bool:
@@ -150,7 +151,9 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, g_lp, g_ent, g_sp2, _g_amax, _g_lse):
+def _backward(ctx, g_lp, g_ent, g_sp2, _g_amax, _g_lse, direct: bool = False):
+    """d(logits); ``direct``: the non-in-place backward without the custom-op dispatch (the in-place one keeps
+    the op, which records the write over the logits)."""
     logits, labels, lse, ent, sp2 = ctx.saved_tensors
     g_ent = g_ent if ent.numel() else None
     g_sp2 = g_sp2 if sp2.numel() else None
@@ -159,7 +162,36 @@ def _backward(ctx, g_lp, g_ent, g_sp2, _g_amax, _g_lse):
         token_stats_backward_(*args)
         grad = logits
     else:
-        grad = token_stats_backward(*args)
+        grad = token_stats_backward.direct(*args) if direct else token_stats_backward(*args)
     return grad, None, None, None, None, None, None, None, None
 
 token_stats.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _TokenStatsEager(torch.autograd.Function):
+    """``token_stats`` on the C++ kernels without the custom-op dispatch layers (eager CPU calls). Like the op,
+    differentiable once: its backward is a kernel, with no graph."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = token_stats.direct(*inputs)
+        _setup_context(ctx, inputs, out)
+        ctx.mark_non_differentiable(out[3])  # argmax
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        refuse_second_derivative("token statistics")
+        return _backward(ctx, *grads, direct=True)
+
+
+def token_stats_call(logits: Tensor, labels: Tensor, inv_temperature: float, ignore_index: int, entropy: bool,
+                     sum_p2: bool, argmax: bool, backend: str, inplace_backward: bool):
+    """``token_stats``: the custom op under tracing or off the C++ path, a plain autograd function over the same
+    kernels where :func:`~fastalign.ops._launch.runs_directly` allows. Same results."""
+    args = (logits, labels, inv_temperature, ignore_index, entropy, sum_p2, argmax, backend, inplace_backward)
+    if runs_directly(backend, logits, labels):
+        if torch.is_grad_enabled() and logits.requires_grad:
+            return _TokenStatsEager.apply(*args)
+        return token_stats.direct(*args)  # nothing to differentiate
+    return token_stats(*args)
