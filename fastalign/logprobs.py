@@ -92,7 +92,8 @@ def token_logprobs(
             so it is off by default; without it such a row gets a NaN log-prob
             and the logits are never indexed with the bad label.
         inplace_backward: backward overwrites the logits buffer with d(logits)
-            instead of allocating a new one. Only for logits nothing else reads afterwards.
+            instead of allocating a new one. Only for logits nothing else reads afterwards
+            (not a leaf tensor that requires grad, nor a view of one: ``ValueError``).
         backend: ``"triton"``, ``"cpp"`` or ``"cuda"``; default from
             :func:`fastalign.use_backend` / ``FASTALIGN_BACKEND``.
 
@@ -110,6 +111,12 @@ def token_logprobs(
     for name, switch in (("entropy", entropy), ("sum_p2", sum_p2), ("argmax", argmax), ("check", check),
                          ("inplace_backward", inplace_backward)):
         _validate.boolean(name, switch)
+    if inplace_backward and logits.requires_grad and (logits.is_leaf or logits._base is not None and
+                                                      logits._base.is_leaf):
+        # backward would write d(logits) over the values of a tensor that is its own gradient's target
+        raise ValueError("inplace_backward=True overwrites the logits in backward; logits is a leaf that requires "
+                         "grad (or a view of one), whose values would become its own .grad: pass logits from "
+                         "the model's forward, or inplace_backward=False")
     V = logits.shape[-1]
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     if check:

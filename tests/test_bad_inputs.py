@@ -781,6 +781,20 @@ def test_aggregate_loss_refuses_max_len_where_it_does_not_apply():
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_inplace_backward_refuses_a_leaf_that_requires_grad(backend):
+    """Backward would write d(logits) over a leaf's own values and hand that storage back as its .grad (PyTorch
+    refuses an in-place write to such a leaf); a computed tensor, or a leaf without grad, is fine."""
+    y = _lab(4)
+    leaf = torch.randn(4, V, requires_grad=True)
+    for x in (leaf, leaf[:, :]):
+        with pytest.raises(ValueError, match="inplace_backward=True .* leaf"):
+            fa.token_logprobs(x, y, inplace_backward=True, backend=backend)
+    fa.token_logprobs(leaf * 1.0, y, inplace_backward=True, backend=backend).logprobs.sum().backward()
+    assert leaf.grad.data_ptr() != leaf.data_ptr()
+    fa.token_logprobs(torch.randn(4, V), y, inplace_backward=True, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_inplace_backward_refuses_shared_memory(backend):
     """inplace_backward writes d(logits) over the logits: an expanded or overlapping view would
     overwrite one element with the gradient of another."""

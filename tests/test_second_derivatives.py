@@ -241,3 +241,27 @@ def test_function_transforms_raise_and_vmap_runs(backend):
     mapped = torch.vmap(lambda x, y: fastalign.token_logprobs(x, y, backend=backend).logprobs)(logits, labels)
     looped = torch.stack([fastalign.token_logprobs(logits[i], labels[i], backend=backend).logprobs for i in range(3)])
     assert_close(mapped, looped, atol=0, rtol=0, what="vmap of token_logprobs")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_vmap_of_the_fused_losses_is_the_loop(backend):
+    """A forward ``vmap`` of the losses (docs/bad-inputs.md) equals the loop: on the C++ path the mapped inputs
+    pass for plain tensors, and the call must take the custom op, not the eager shortcut."""
+    g = torch.Generator().manual_seed(5)
+    K, B, T, H, Vs = 3, 2, 4, 4, 9
+    lp = torch.randn(K, B, T, generator=g) - 1
+    old = lp + 0.1 * torch.randn(K, B, T, generator=g)
+    adv = torch.randn(K, B, T, generator=g)
+    mask = torch.ones(K, B, T, dtype=torch.bool)
+    h = torch.randn(K, B, T, H, generator=g)
+    W = torch.randn(Vs, H, generator=g)
+    y = torch.randint(0, Vs, (K, B, T), generator=g)
+    cases = [
+        (lambda a, b, c, d: fastalign.PolicyLoss(loss_type="grpo", backend=backend)(a, b, c, d)[0], (lp, old, adv, mask)),
+        (lambda a, b, c, d, e: fastalign.LinearPolicyLoss(backend=backend)(a, W, b, c, d, e)[0], (h, y, old, adv, mask)),
+        (lambda a: fastalign.linear_divergence_loss(a, W, a * 0.3, W * 0.5, backend=backend)[0], (h,)),
+    ]
+    for f, args in cases:
+        mapped = torch.vmap(f)(*args)
+        looped = torch.stack([f(*(a[i] for a in args)) for i in range(K)])
+        assert_close(mapped, looped, atol=1e-6, rtol=1e-6, what="vmap of a fused loss")
