@@ -204,6 +204,42 @@ def test_cu_seqlens_refusals(kw, err, match):
         causal_lm_logprobs(model, torch.ones(2, 6, dtype=torch.long), cu_seqlens=torch.tensor([0, 6]))
 
 
+_IDS = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]])
+
+
+@pytest.mark.parametrize("kw, error, name", [
+    (dict(labels=_IDS.float()), TypeError, "labels"),  # float / bool labels gave float / bool targets
+    (dict(labels=_IDS > 4), TypeError, "labels"),
+    (dict(labels=_IDS[0]), ValueError, "labels"),  # [T] labels: IndexError
+    (dict(ignore_index=-99.5), TypeError, "ignore_index"),  # ignored nothing
+    (dict(response_mask=torch.ones(2, 3)), ValueError, "response_mask"),
+    (dict(attention_mask=torch.ones(2, 4, dtype=torch.complex64)), TypeError, "attention_mask"),
+    (dict(input_ids=_IDS.float()), TypeError, "input_ids"),
+    (dict(input_ids=_IDS.tolist()), TypeError, "input_ids"),
+])
+def test_next_token_targets_refuses_a_bad_argument_by_name(kw, error, name):
+    from fastalign.integrations.hf import next_token_targets
+
+    kw = dict(dict(input_ids=_IDS, labels=_IDS), **kw)
+    with pytest.raises(error, match=f"^{name} "):
+        next_token_targets(kw.pop("input_ids"), **kw)
+
+
+@pytest.mark.parametrize("cu_seqlens, total, error, name", [
+    ([0, 2, 5], 6, TypeError, "cu_seqlens"),  # a list: AttributeError
+    (torch.tensor([], dtype=torch.long), 6, ValueError, "cu_seqlens"),  # IndexError
+    (torch.tensor([0.0, 2.0, 5.0]), 6, TypeError, "cu_seqlens"),
+    (torch.tensor([[0, 2, 5]]), 6, ValueError, "cu_seqlens"),
+    (torch.tensor([0, 2, 5]), 6.0, TypeError, "total"),
+    (torch.tensor([0, 2, 5]), -1, ValueError, "total"),
+])
+def test_packed_position_ids_refuses_a_bad_argument_by_name(cu_seqlens, total, error, name):
+    from fastalign.integrations.hf import packed_position_ids
+
+    with pytest.raises(error, match=f"^{name} "):
+        packed_position_ids(cu_seqlens, total)
+
+
 @pytest.mark.parametrize("arch,tied,head_bias", [("gemma2", False, True), ("cohere", True, False),
                                                  ("qwen2", False, False)])
 def test_gradients_match_loss_through_model_logits(arch, tied, head_bias):

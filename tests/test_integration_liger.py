@@ -263,6 +263,13 @@ def test_grpo_call_errors():
                                                                  d["adv"], num_items_in_batch=10)
 
 
+def test_grpo_attention_mask_none_is_named():
+    """attention_mask=None reached the 0/1 check of the mask (AttributeError): a TypeError naming it now."""
+    d = _grpo_batch(1)
+    with pytest.raises(TypeError, match="^attention_mask must be a torch.Tensor"):
+        fl.LigerFusedLinearGRPOLoss(use_ref_model=False)(d["hidden"], d["weight"], d["ids"], None, d["adv"])
+
+
 def test_grpo_errors_name_liger_arguments():
     """Bad shapes crashed inside torch (attention_mask, selected_token_ids), gave a NaN loss (a reference head of
     another vocabulary) or named fastalign's arguments (old_logprobs, kl_coef, max_len); they name Liger's now."""

@@ -258,6 +258,15 @@ def test_policy_loss_needs_rollout_log_probs_for_correction():
         fo.PolicyLoss(is_correction_level="token")(lp, old, A, m)
 
 
+@pytest.mark.parametrize("loss_type", ["ppo", "gspo"])
+@pytest.mark.parametrize("shape", [(2, 3), (3,)])
+def test_policy_loss_missing_old_log_probs_is_named_as_openrlhf_names_it(loss_type, shape):
+    """``old_log_probs=None`` was refused by fastalign's loss under its own name, ``old_logprobs``."""
+    lp = torch.full(shape, -1.0)
+    with pytest.raises(TypeError, match="^old_log_probs must be a torch.Tensor"):
+        fo.PolicyLoss(policy_loss_type=loss_type)(lp, None, torch.ones(shape), torch.ones(shape))
+
+
 DPO_CASES = {
     "dpo": dict(beta=0.1),
     "dpo_beta_0.5": dict(beta=0.5),

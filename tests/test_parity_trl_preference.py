@@ -659,6 +659,23 @@ def test_kto_unpaired_unbalanced(loss_type, labels):
         P.KTOLoss(args)(lp, mask, torch.tensor(labels, dtype=D), (ref * mask).sum(-1), **kw)
 
 
+@pytest.mark.parametrize("arg, bad, error", [
+    ("label", "yes", TypeError),  # torch.as_tensor's "new(): invalid data type 'str'", naming nothing
+    ("label", ["yes", "no", "yes", "no"], TypeError),
+    ("label", [[1, 0], [1], [0], [1]], TypeError),
+    ("label", torch.tensor([True, False, True, False]).to("meta"), ValueError),
+    ("label", torch.tensor([True, False, True, False]).to_sparse(), TypeError),
+    ("ref_logps", None, TypeError),  # taken as a zero reference
+])
+def test_kto_bad_argument_is_named(arg, bad, error):
+    lp = torch.full((4, 3), -1.0)
+    kw = dict(per_token_logps=lp, completion_mask=torch.ones(4, 3), label=torch.tensor([True, False, True, False]),
+              ref_logps=torch.full((4,), -3.0), kl_logps=torch.full((4,), -3.0), ref_kl_logps=torch.full((4,), -3.0))
+    kw[arg] = bad
+    with pytest.raises(error, match=f"^{arg} "):
+        P.KTOLoss({"beta": 0.1})(*kw.values())
+
+
 def test_options_feed_preference_loss_directly():
     """dpo_options / cpo_options / orpo_options are plain preference_loss keyword sets."""
     from fastalign import preference_loss

@@ -228,3 +228,42 @@ def test_rloo_config_values_are_checked_not_coerced():
         RLOOLoss({"epsilon": "0.2"})
     with pytest.raises(TypeError, match="^RLOOConfig.beta must be a"):
         rloo_advantages({"beta": "0.05", "num_generations": 2}, torch.zeros(4, 1))
+
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+# Each bad argument raises a TypeError / ValueError whose message starts with the name the caller gave it
+# (TRL's, never fastalign's internal token_logprobs / old_logprobs), before any arithmetic.
+_BAD = {"None": lambda t: None, "list": lambda t: t.tolist(), "int64": lambda t: t.long(),
+        "complex": lambda t: t.to(torch.complex64), "sparse": lambda t: t.to_sparse(), "meta": lambda t: t.to("meta"),
+        "0-dim": lambda t: t[0], "[1]": lambda t: t[:1], "[B, 1]": lambda t: t[:, None], "[B, T-1]": lambda t: t[:, 1:]}
+
+
+@pytest.mark.parametrize("arg, bad, error", [
+    ("logprobs", "int64", TypeError), ("logprobs", "list", TypeError),
+    ("old_logps", "complex", TypeError), ("old_logps", "int64", TypeError), ("old_logps", "sparse", TypeError),
+    ("old_logps", "None", TypeError), ("advantages", "list", TypeError),
+    ("completion_mask", "None", TypeError), ("completion_mask", "[B, T-1]", ValueError),
+    ("entropy", "complex", TypeError), ("entropy", "sparse", TypeError), ("entropy", "meta", ValueError),
+])
+def test_rloo_loss_refuses_a_bad_argument_under_its_own_name(arg, bad, error):
+    from fastalign.integrations.trl import RLOOLoss
+
+    lp = torch.full((2, 3), -1.0)
+    kw = dict(logprobs=lp, old_logps=lp.sum(1), advantages=torch.ones(2),
+              completion_mask=torch.ones(2, 3, dtype=torch.bool), entropy=lp.abs())
+    kw[arg] = _BAD[bad](kw[arg])
+    entropy = kw.pop("entropy")
+    with pytest.raises(error, match=rf"^{arg} "):
+        RLOOLoss({})(*kw.values(), entropy=entropy)
+
+
+@pytest.mark.parametrize("bad, error", [
+    ("0-dim", ValueError), ("[1]", ValueError), ("[B, 1]", ValueError),  # the same KL for every completion
+    ("complex", TypeError), ("int64", TypeError), ("sparse", TypeError), ("list", TypeError),
+])
+def test_rloo_advantages_refuse_a_kl_that_is_not_one_float_per_completion(bad, error):
+    """A KL subtracted alike from every reward cancels within each group: beta would silently do nothing."""
+    kl = torch.tensor([0.0, 3.0, 0.0, 3.0])
+    with pytest.raises(error, match="^kl "):
+        rloo_advantages({"num_generations": 2, "beta": 0.5}, torch.randn(4, 1), _BAD[bad](kl))

@@ -470,3 +470,28 @@ def test_optimal_token_baseline_non_finite_reward_stays_in_its_group(estimator, 
     torch.testing.assert_close(ret_f[valid], ret_v[valid], **TOL, equal_nan=True)
     others = torch.tensor([u != index[row] for u in index])
     assert torch.isfinite(adv_f[others]).all()
+
+
+@pytest.mark.parametrize("estimator, kw, error, name", [
+    ("grpo", dict(token_level_rewards=None), TypeError, "token_level_rewards"),  # AttributeError
+    ("grpo", dict(token_level_rewards=torch.ones(4)), ValueError, "token_level_rewards"),  # IndexError
+    ("grpo", dict(token_level_rewards=[[1.0, 0.0]] * 4), TypeError, "token_level_rewards"),
+    ("grpo", dict(epsilon="1e-6"), TypeError, "epsilon"),
+    ("gae", dict(values=torch.zeros(4, 3), gamma="0.9"), TypeError, "gamma"),  # float() took the string
+    ("remax", dict(reward_baselines=torch.zeros(4, 1)), ValueError, "reward_baselines"),  # named baseline
+    ("gdpo", dict(reward_scores=torch.zeros(5, 2)), ValueError, "reward_scores"),
+    ("optimal_token_baseline", dict(old_log_probs=torch.zeros(4, 3, dtype=torch.long)), TypeError, "old_log_probs"),
+    ("optimal_token_baseline", dict(sum_pi_squared=torch.zeros(4, 2)), ValueError, "sum_pi_squared"),
+    ("optimal_token_baseline", dict(rollout_is_weights=torch.ones(4)), ValueError, "rollout_is_weights"),
+])
+def test_compute_advantage_names_verls_argument(estimator, kw, error, name):
+    """A bad argument is a TypeError / ValueError naming it as verl does, not as fastalign's estimators do
+    (token_rewards, baseline, scores, old_logprobs, sum_p2, importance_weights)."""
+    gamma = kw.pop("gamma", 1.0)
+    args = dict(token_level_rewards=torch.randn(4, 3), response_mask=torch.ones(4, 3), index=[0, 0, 1, 1])
+    if estimator == "optimal_token_baseline":
+        args.update(old_log_probs=-torch.rand(4, 3), sum_pi_squared=torch.rand(4, 3))
+    args.update(kw)
+    rewards, mask, index = (args.pop(k) for k in ("token_level_rewards", "response_mask", "index"))
+    with pytest.raises(error, match=f"^{name} "):
+        fverl.compute_advantage({"adv_estimator": estimator, "gamma": gamma}, rewards, mask, index, **args)

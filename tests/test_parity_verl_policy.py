@@ -462,3 +462,31 @@ def test_float64_inputs_as_verl(case):
     ours, _ = VerlPolicyLoss(actor, policy_term_only=True)(d["lp"], d["old"], d["A"].double(), d["m"])
     assert ours.dtype == theirs.dtype == torch.float64
     assert_close(ours, theirs, atol=1e-6, rtol=1e-6, what=f"{case} float64 advantages")
+
+
+_BAD = {"None": lambda t: None, "list": lambda t: t.tolist(), "int64": lambda t: t.long(),
+        "complex": lambda t: t.to(torch.complex64), "[B, T+1]": lambda t: torch.cat([t, t[:, :1]], 1)}
+
+
+@pytest.mark.parametrize("arg, bad, error", [
+    ("log_prob", "list", TypeError),  # a list reached float64_as_float32: AttributeError
+    ("log_prob", "int64", TypeError),
+    ("old_log_prob", "[B, T+1]", ValueError),
+    ("old_log_prob", "None", TypeError),
+    ("advantages", "list", TypeError),
+    ("entropy", "list", TypeError),
+    ("ref_log_prob", "int64", TypeError),
+    ("ref_log_prob", "[B, T+1]", ValueError),
+    ("rollout_is_weights", "complex", TypeError),
+])
+def test_bad_argument_raises_under_verls_name(arg, bad, error):
+    """Named as verl names it (log_prob, old_log_prob, ref_log_prob, rollout_is_weights), never as fastalign's
+    policy_loss does (logprobs, old_logprobs, ref_logprobs, importance_weights)."""
+    x = torch.full((2, 3), -1.0)
+    kw = dict(log_prob=x, old_log_prob=x, advantages=torch.ones(2, 3), response_mask=torch.ones(2, 3, dtype=torch.bool),
+              entropy=x.abs(), ref_log_prob=x, rollout_is_weights=torch.ones(2, 3))
+    kw[arg] = _BAD[bad](kw[arg])
+    loss = VerlPolicyLoss({"use_kl_loss": True, "kl_loss_coef": 0.01, "entropy_coeff": 0.01})
+    args = [kw.pop(k) for k in ("log_prob", "old_log_prob", "advantages", "response_mask")]
+    with pytest.raises(error, match=f"^{arg} "):
+        loss(*args, **kw)

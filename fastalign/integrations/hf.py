@@ -393,6 +393,11 @@ def packed_position_ids(cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor]
     ``[1, total]`` bool mask of the tokens past ``cu_seqlens[-1]`` (padding after the last
     sequence). On device, without a host sync: token ``t`` is in sequence
     ``s = #{k >= 1 : cu[k] <= t}`` at position ``t - cu[s]``."""
+    _validate.integer("cu_seqlens", cu_seqlens, dim=1)
+    if cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must have at least 2 entries ([S+1], starting at 0), got shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    total = _validate.at_least("total", total, 0)
     t = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
     seq = segment_ids(total, cu_seqlens.device, cu_seqlens, None)
     past_end = seq >= cu_seqlens.shape[0] - 1
@@ -408,6 +413,12 @@ def next_token_targets(input_ids: Tensor, *, labels: Optional[Tensor] = None, re
     ``y_{t+1}`` is ``ignore_index``, or ``response_mask[:, t+1]`` / ``attention_mask[:, t+1]`` is 0, or
     ``position_ids[:, t+1] == 0`` (the next token starts another packed sequence), or ``past_end[:, t+1]``
     (padding after the last packed sequence). On device, no host sync."""
+    _validate.integer("input_ids", input_ids, dim=2)
+    ignore_index = _validate.index_value("ignore_index", ignore_index)
+    shape, dev = tuple(input_ids.shape), dict(device=input_ids.device, device_of="input_ids")
+    _validate.like(shape, "input_ids.shape", kind="integer", **dev, labels=labels)
+    _validate.like(shape, "input_ids.shape", kind="real", **dev, response_mask=response_mask,
+                   attention_mask=attention_mask, position_ids=position_ids, past_end=past_end)
     targets = (input_ids if labels is None else labels)[:, 1:]
     scored = targets != ignore_index
     for mask in (response_mask, attention_mask):

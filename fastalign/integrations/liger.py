@@ -6,8 +6,10 @@ hidden states and the lm_head weight (never the ``[N, V]`` logits). A user swaps
 
 Modules: :class:`LigerFusedLinearGRPOLoss`, :class:`LigerFusedLinearDPOLoss`,
 :class:`LigerFusedLinearCPOLoss`, :class:`LigerFusedLinearORPOLoss`,
-:class:`LigerFusedLinearSimPOLoss`, :class:`LigerFusedLinearKTOLoss`, and the distillation loss
-:class:`LigerFusedLinearJSDLoss` (:mod:`fastalign.integrations.liger_distillation`). Log-probs come from the head
+:class:`LigerFusedLinearSimPOLoss`, :class:`LigerFusedLinearKTOLoss`, the distillation loss
+:class:`LigerFusedLinearJSDLoss` (:mod:`fastalign.integrations.liger_distillation`) and the fused linear
+cross-entropy :class:`LigerFusedLinearCrossEntropyLoss` (:mod:`fastalign.integrations.liger_cross_entropy`).
+Log-probs come from the head
 in one pass with the loss when gradients are needed (GRPO: the single pass of
 :class:`fastalign.LinearPolicyLoss`; the preference losses: :func:`fastalign.linear_step.separable_step`
 over blocks of whole pairs, or KTO's responses; ORPO with ``nll_target`` and the rest: the two passes
@@ -82,7 +84,7 @@ import torch
 from torch import Tensor, nn
 
 from fastalign import _validate
-from fastalign.integrations._dtypes import float64_as_float32
+from fastalign.integrations._dtypes import float64_as_float32, required_like
 from fastalign.integrations._live_options import LiveOptions, SinglePassAttribute
 from fastalign.integrations.trl.grpo import GRPO_LOSSES  # Liger's GRPO loss types are TRL's
 from fastalign.linear import check_head, check_second_head, linear_logprobs
@@ -93,7 +95,8 @@ from fastalign.policy_config import PolicyConfig, log_ratio_cap_option
 from fastalign.preference import check_config, preference_loss, unpaired_preference_loss
 
 __all__ = ["LigerFusedLinearGRPOLoss", "LigerFusedLinearDPOLoss", "LigerFusedLinearCPOLoss",
-           "LigerFusedLinearORPOLoss", "LigerFusedLinearSimPOLoss", "LigerFusedLinearKTOLoss", "LigerFusedLinearJSDLoss"]
+           "LigerFusedLinearORPOLoss", "LigerFusedLinearSimPOLoss", "LigerFusedLinearKTOLoss", "LigerFusedLinearJSDLoss",
+           "LigerFusedLinearCrossEntropyLoss"]
 
 _GRPO_IGNORE_INDEX = -100
 
@@ -243,10 +246,10 @@ class LigerFusedLinearGRPOLoss(SinglePassAttribute, LiveOptions, nn.Module):
             raise ValueError(f"selected_token_ids must be [B, T], got shape {tuple(selected_token_ids.shape)}")
         B, T = selected_token_ids.shape
         dev = dict(device=_input.device, device_of="_input")
-        _validate.like((B, T), "selected_token_ids.shape", kind="real", **dev, attention_mask=attention_mask)
+        required_like((B, T), "selected_token_ids.shape", kind="real", **dev, attention_mask=attention_mask)
         _validate.like((B, T), "selected_token_ids.shape", **dev, old_per_token_logps=old_per_token_logps,
                        ref_per_token_logps=ref_per_token_logps)
-        _validate.like((B,), "one per sequence", **dev, advantages=advantages)
+        required_like((B,), "one per sequence", **dev, advantages=advantages)
         _validate.like([(B,), (B, 1), (B, T)], "one per sequence or per token", **dev, vllm_is_ratio=vllm_is_ratio)
         old_per_token_logps, ref_per_token_logps, advantages, vllm_is_ratio = map(
             float64_as_float32, (old_per_token_logps, ref_per_token_logps, advantages, vllm_is_ratio))
@@ -695,5 +698,6 @@ class LigerFusedLinearKTOLoss(_LigerPreference):
                       (rewards * good).sum(), (rewards * (1 - good)).sum())
 
 
-# the distillation loss lives in its own module (it shares nothing with the log-prob losses above)
+# the distillation and cross-entropy losses live in their own modules (they share nothing with the losses above)
+from fastalign.integrations.liger_cross_entropy import LigerFusedLinearCrossEntropyLoss  # noqa: E402
 from fastalign.integrations.liger_distillation import LigerFusedLinearJSDLoss  # noqa: E402

@@ -2,7 +2,7 @@
 :func:`fastalign.linear_logprobs` from the hidden states and the lm_head weight (never the ``[N, V]`` logits).
 Same constructor, ``forward(lin_weight, _input, target, bias=None)`` and outputs; a user swaps the import::
 
-    from fastalign.integrations.liger_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    from fastalign.integrations.liger import LigerFusedLinearCrossEntropyLoss
     # was: from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
 With ``z = h W^T + b`` (``softcap``: ``z = cap tanh(z / cap)``), ``lp_y = log softmax(z)_y``, ``lse =

@@ -74,7 +74,7 @@ from torch import Tensor
 
 from fastalign import _validate
 from fastalign.aggregate import divisor
-from fastalign.integrations._dtypes import float64_as_float32
+from fastalign.integrations._dtypes import float64_as_float32, required_like
 from fastalign.integrations._live_options import LiveOptions
 from fastalign.policy import policy_loss
 from fastalign.policy_config import PolicyConfig
@@ -217,8 +217,10 @@ class PolicyLoss(_Options, torch.nn.Module):
         _validate.any_float("log_probs", log_probs)
         if log_probs.dim() not in (1, 2):
             raise ValueError(f"log_probs must be [B, T] or one sequence [T], got shape {tuple(log_probs.shape)}")
+        required_like(tuple(log_probs.shape), "log_probs.shape", device=log_probs.device, device_of="log_probs",
+                      old_log_probs=old_log_probs)
         _validate.like(tuple(log_probs.shape), "log_probs.shape", device=log_probs.device, device_of="log_probs",
-                       old_log_probs=old_log_probs, rollout_log_probs=rollout_log_probs)
+                       rollout_log_probs=rollout_log_probs)
         _validate.like(tuple(log_probs.shape), "log_probs.shape", device=log_probs.device, device_of="log_probs",
                        kind="real", action_mask=action_mask)
         if isinstance(advantages, numbers.Real) and not isinstance(advantages, bool):  # OpenRLHF multiplies by it

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from fastalign import _validate
+from fastalign.integrations._dtypes import required_like
 from fastalign.integrations.trl._config import read_fields
 from fastalign.linear_preference import LinearPreferenceLoss
 from fastalign.preference import (LOSSES, ROW_OPTIONS, PreferenceLoss, preference_loss, unpaired_preference_loss,
@@ -411,7 +412,7 @@ class KTOLoss(nn.Module):
             raise ValueError("loss_type 'kto' needs kl_logps and ref_kl_logps (the KL completions' summed log-probs)")
         if not kto and (kl_logps is not None or ref_kl_logps is not None):
             raise ValueError("kl_logps / ref_kl_logps do not apply to loss_type 'apo_zero_unpaired' (no KL term)")
-        _validate.like((N,), "one per row of per_token_logps", **device, ref_logps=ref_logps)
+        required_like((N,), "one per row of per_token_logps", **device, ref_logps=ref_logps)
         if kto:
             _validate.any_float("kl_logps", kl_logps, dim=1)
             _validate.like(tuple(kl_logps.shape), "like kl_logps", **device, kl_logps=kl_logps,
@@ -430,7 +431,13 @@ def _label(label, n: int) -> Tensor:
     """``KTOLoss``'s ``label``: a bool or integer ``[n]`` tensor (or a list of them). Integers other than 0/1
     raise where the values are on the host (a list, an eager CPU tensor: free to read); a GPU tensor's are
     not read."""
-    label = torch.as_tensor(label)
+    if not isinstance(label, Tensor):
+        try:
+            label = torch.as_tensor(label)
+        except (TypeError, ValueError, RuntimeError) as e:  # a string, ragged lists, ...
+            raise TypeError(f"label must be a bool tensor (or a list of bools / 0-1 integers), one per response, "
+                            f"got {type(label).__name__} {label!r:.40}") from e
+    _validate.tensor("label", label)
     if label.dtype.is_floating_point or label.dtype.is_complex:
         raise TypeError(f"label must be bool (or 0/1 integers) per response, True for a desirable one; "
                         f"got {label.dtype}")

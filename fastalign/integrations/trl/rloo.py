@@ -30,6 +30,7 @@ from torch import Tensor
 
 from fastalign import _validate
 from fastalign.advantages import group_advantages
+from fastalign.integrations._dtypes import required_like
 from fastalign.integrations.trl._config import read_fields
 from fastalign.integrations.trl._rewards import reward_columns
 from fastalign.policy import policy_loss
@@ -64,6 +65,8 @@ def rloo_advantages(config, rewards_per_func: Tensor, kl: Optional[Tensor] = Non
     cols = reward_columns(rewards_per_func, c["reward_weights"], G)
     B = cols.values.shape[0]
     beta = _validate.finite_number("RLOOConfig.beta", c["beta"])
+    if kl is not None:  # a scalar KL would cancel within each group: the penalty would silently vanish
+        _validate.like((B,), "one per completion", device=cols.values.device, device_of="rewards_per_func", kl=kl)
     if beta != 0.0 and kl is None:
         raise ValueError("beta != 0 subtracts beta * KL from the rewards: give kl [B]")
     if beta == 0.0 and kl is not None:
@@ -106,14 +109,14 @@ class RLOOLoss:
 
     def __call__(self, logprobs: Tensor, old_logps: Tensor, advantages: Tensor, completion_mask: Tensor, *,
                  entropy: Tensor) -> tuple[Tensor, dict]:
-        if not isinstance(logprobs, Tensor) or logprobs.dim() != 2:
-            raise ValueError("logprobs must be a [B, T] tensor of per-token log-probs")
+        # checked under TRL's names before fastalign's ops read them under theirs
+        _validate.floating("logprobs", logprobs, dim=2)
         B = logprobs.shape[0]
-        for name, t in (("old_logps", old_logps), ("advantages", advantages)):
-            if not isinstance(t, Tensor) or t.shape != (B,):
-                raise ValueError(f"{name} must be a [B] tensor (one value per completion), B = {B}")
-        if not isinstance(entropy, Tensor) or entropy.shape != logprobs.shape:
-            raise ValueError("entropy must be a [B, T] tensor like logprobs (TRL logs its token mean)")
+        dev = dict(device=logprobs.device, device_of="logprobs")
+        required_like((B,), "one per completion", **dev, old_logps=old_logps)
+        required_like((B,), "one per completion", kind="float", **dev, advantages=advantages)
+        required_like(tuple(logprobs.shape), "logprobs.shape", kind="real", **dev, completion_mask=completion_mask)
+        required_like(tuple(logprobs.shape), "logprobs.shape: TRL logs its token mean", **dev, entropy=entropy)
         mask = completion_mask.bool()
         logps = sequence_logprobs(logprobs, mask).sum  # Σ_t m_t lp_t, differentiable
         # one "token" per completion: the ppo row on the sequence ratio, averaged over every completion; TRL's

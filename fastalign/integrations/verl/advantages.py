@@ -45,10 +45,12 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from fastalign import _validate
 from fastalign.advantages import (gae_advantages, group_advantages, optimal_token_baseline_advantages,
                                   remax_advantages, token_advantages)
 from fastalign.advantages._inputs import as_index
 from fastalign.advantages.sequence_level import reads_eps
+from fastalign.integrations._dtypes import required_like
 from fastalign.integrations.verl._names import unprefixed
 
 __all__ = ["ALGO_DEFAULTS", "ESTIMATORS", "algo_options", "compute_advantage"]
@@ -92,6 +94,24 @@ def algo_options(config=None) -> Dict[str, Any]:
         raise ValueError(f"gdpo_reward_weights does not apply to adv_estimator {est!r}")
     out["adv_estimator"] = est
     return out
+
+
+def _check_inputs(token_level_rewards, response_mask, *, values, reward_baselines, reward_scores, old_log_probs,
+                  sum_pi_squared, rollout_is_weights) -> None:
+    """The batch's tensors under verl's names (fastalign's estimators would name their own arguments):
+    floating ``token_level_rewards [B, T]``, a real ``response_mask``, ``values`` / ``old_log_probs`` /
+    ``sum_pi_squared`` / ``rollout_is_weights`` ``[B, T]``, ``reward_baselines [B]``, ``reward_scores [B, K]``,
+    all on one device."""
+    _validate.any_float("token_level_rewards", token_level_rewards, dim=2)
+    shape = tuple(token_level_rewards.shape)
+    dev = dict(device=token_level_rewards.device, device_of="token_level_rewards")
+    required_like(shape, "token_level_rewards.shape", kind="real", **dev, response_mask=response_mask)
+    _validate.like(shape, "token_level_rewards.shape", **dev, values=values, old_log_probs=old_log_probs,
+                   sum_pi_squared=sum_pi_squared, rollout_is_weights=rollout_is_weights)
+    _validate.like(shape[:1], "one per response", **dev, reward_baselines=reward_baselines)
+    if reward_scores is not None:
+        _validate.any_float("reward_scores", reward_scores, dim=2)
+        _validate.like((shape[0], reward_scores.shape[1]), "one row per response", **dev, reward_scores=reward_scores)
 
 
 def _check_passk_groups(index, B: int, device) -> None:
@@ -171,6 +191,9 @@ def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor
             reinforce_plus_plus_baseline, grpo and grpo_passk with ``norm_adv_by_std_in_grpo=False``)
             take it and ignore it, as verl's.
     """
+    _check_inputs(token_level_rewards, response_mask, values=values, reward_baselines=reward_baselines,
+                  reward_scores=reward_scores, old_log_probs=old_log_probs, sum_pi_squared=sum_pi_squared,
+                  rollout_is_weights=rollout_is_weights)
     opts = algo_options(config)
     est = opts["adv_estimator"]
     mask = response_mask
@@ -180,15 +203,15 @@ def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor
                          f"estimators, not to adv_estimator {est!r}")
     if epsilon is not None and est in _TOKEN_LEVEL:
         raise ValueError(f"epsilon does not apply to adv_estimator {est!r}")
-    eps = {} if epsilon is None else {"eps": float(epsilon)}
+    eps = {} if epsilon is None else {"eps": _validate.finite_number("epsilon", epsilon)}
     if est == "gae":
         if values is None:
             raise ValueError("adv_estimator 'gae' needs values [B, T]")
-        return gae_advantages(token_level_rewards, values, mask, gamma=float(opts["gamma"]), lam=float(opts["lam"]))
+        return gae_advantages(token_level_rewards, values, mask, gamma=opts["gamma"], lam=opts["lam"])
     if est == "reinforce_plus_plus":
         # verl carries the running return through masked tokens: GAE's scan with V = 0, lam = 1
         adv, returns = gae_advantages(token_level_rewards, torch.zeros_like(token_level_rewards), mask,
-                                      gamma=float(opts["gamma"]), lam=1.0)
+                                      gamma=opts["gamma"], lam=1.0)
         return adv, returns
     if est == "remax":
         if reward_baselines is None:

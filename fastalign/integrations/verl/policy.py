@@ -59,7 +59,7 @@ from torch import Tensor
 
 from fastalign import _validate
 from fastalign.aggregate import AGGS, aggregate_loss, counts_read, divisor
-from fastalign.integrations._dtypes import float64_as_float32
+from fastalign.integrations._dtypes import float64_as_float32, required_like
 from fastalign.integrations.verl._names import unprefixed
 from fastalign.kl import canonical_kl, kl_penalty
 from fastalign.policy import policy_loss
@@ -92,6 +92,22 @@ def _check_global_counts(aggs, dp_size: int, batch_num_tokens, global_batch_size
             raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
         if agg.startswith("seq-mean") and global_batch_size is None:
             raise ValueError("global_batch_size is required when dp_size > 1")
+
+
+def _check_inputs(log_prob, old_log_prob, advantages, response_mask, entropy, ref_log_prob,
+                  rollout_is_weights) -> None:
+    """The actor loss's tensors under verl's names (fastalign's loss would name its own arguments): floating
+    ``[B, T]`` log-probs (float64 too: computed in float32), ``advantages`` ``[B, T]`` (or ``[B]``), a real
+    ``response_mask`` ``[B, T]``, ``rollout_is_weights`` ``[B, T]``, ``[B, 1]`` or ``[B]``, all on one device."""
+    _validate.any_float("log_prob", log_prob, dim=2)
+    shape = tuple(log_prob.shape)
+    dev = dict(device=log_prob.device, device_of="log_prob")
+    required_like(shape, "log_prob.shape", **dev, old_log_prob=old_log_prob)
+    required_like([shape, shape[:1]], "log_prob.shape, or one per sequence", **dev, advantages=advantages)
+    required_like(shape, "log_prob.shape", kind="real", **dev, response_mask=response_mask)
+    _validate.like(shape, "log_prob.shape", **dev, entropy=entropy, ref_log_prob=ref_log_prob)
+    _validate.like([shape, (shape[0], 1), shape[:1]], "per token or per sequence", **dev,
+                   rollout_is_weights=rollout_is_weights)
 
 
 #: verl 0.9.1's defaults of the ``ActorConfig`` keys read here (its dataclass and ``actor.yaml``): what a key
@@ -273,6 +289,7 @@ class VerlPolicyLoss:
                  entropy: Optional[Tensor] = None, ref_log_prob: Optional[Tensor] = None,
                  rollout_is_weights: Optional[Tensor] = None, dp_size: Optional[int] = None, batch_num_tokens=None,
                  global_batch_size=None) -> tuple[Tensor, dict]:
+        _check_inputs(log_prob, old_log_prob, advantages, response_mask, entropy, ref_log_prob, rollout_is_weights)
         # verl's arithmetic returns float64 when an operand of the loss is float64; fastalign computes those
         # inputs in float32 (its kernels' widest) and returns the loss in float64
         operands = (log_prob, old_log_prob, advantages, response_mask, rollout_is_weights,
