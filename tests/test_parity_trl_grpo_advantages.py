@@ -162,6 +162,9 @@ def test_defaults_and_bad_inputs():
         grpo_advantages({"num_generations": 2, "reward_weights": [1.0]}, torch.zeros(4, 2))
     with pytest.raises(ValueError, match="rewards_per_func"):
         grpo_advantages({"num_generations": 2}, torch.zeros(4))
+    for bad in ([[0.0], [1.0]], torch.zeros(2, 1, dtype=torch.complex64), torch.zeros(2, 1).to_sparse()):
+        with pytest.raises(TypeError, match="^rewards_per_func must"):  # was an error from inside for sparse
+            grpo_advantages({"num_generations": 2}, bad)
     with pytest.raises(ValueError, match="scale_rewards"):
         grpo_advantages({"num_generations": 2, "scale_rewards": "sequence"}, torch.zeros(4, 1))
     with pytest.raises(ValueError, match="scale_rewards"):  # TRL ignores it there

@@ -7,6 +7,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from fastalign import _validate
+
 
 class RewardColumns(NamedTuple):
     """``values [B, F]`` (float32, or float64 when given so), ``weights [F]`` and ``unscorable [B]``: the
@@ -24,7 +26,8 @@ class RewardColumns(NamedTuple):
 def reward_columns(rewards_per_func: Tensor, reward_weights, group_size: int) -> RewardColumns:
     """Check ``rewards_per_func [B, F]`` (``B`` a multiple of ``group_size``) and ``reward_weights``
     (None: 1 each) and return them as :class:`RewardColumns`."""
-    if not isinstance(rewards_per_func, Tensor) or rewards_per_func.dim() != 2:
+    _validate.real("rewards_per_func", rewards_per_func)  # a dense tensor of real numbers (TRL's is float32)
+    if rewards_per_func.dim() != 2:
         raise ValueError("rewards_per_func must be a [B, F] tensor (one column per reward function)")
     B, F_ = rewards_per_func.shape
     if group_size < 1 or B % group_size:
