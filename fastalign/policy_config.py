@@ -63,8 +63,9 @@ LOG_RATIO_CAP = 20.0
 # the log-probs; clip_cov and kl_cov choose their tokens across the batch)
 _TOKEN_ROWS = ("ppo", "cispo", "sapo", "reinforce", "dppo_tv", "dppo_kl", "dro")
 # scalar options that must be finite real numbers when given (None: the option is off or at its default)
-_FINITE = ("eps_low", "eps_high", "dual_clip", "delta", "dro_beta", "kl_coef", "entropy_coef", "rollout_min",
+_FINITE = ("eps_low", "eps_high", "dual_clip", "delta", "dro_beta", "rollout_min",
            "entropy_quantile", "offpolicy_threshold", "cov_ratio", "cov_lb", "cov_ub", "cov_kl_coef")
+_COEFS = ("kl_coef", "entropy_coef")  # finite real numbers, never None (0: the term is off)
 _PAIRS = ("cispo_bounds", "sapo_tau", "vespo_k", "vespo_lambda")  # (a, b) options, finite numbers
 
 
@@ -128,7 +129,8 @@ class PolicyConfig:
     seq-mean-token-mean with gmpo). Values: the
     numeric options are real numbers (not strings or bools: ``TypeError``), finite (``rollout_max``
     may be ``+inf``, no upper bound) and in range (``ValueError`` naming the option):
-    ``rollout_max >= 0``, ``sapo_tau > 0``, ``cispo_bounds`` a pair ``lo <= hi``, ``cov_lb < cov_ub``.
+    ``rollout_max >= 0``, ``sapo_tau > 0``, ``cispo_bounds`` a pair ``lo <= hi``, ``0 < cov_ratio <= 1``,
+    ``cov_lb < cov_ub``. The pair options are kept as tuples of floats.
     Every such ``ValueError`` is an :class:`OptionError`, whose ``option`` is the option's name.
     ``kl_type`` / ``kl_clamp`` / ``kl_rho`` other than their defaults need the KL term
     (``ref_logprobs`` at the call).
@@ -240,8 +242,8 @@ class PolicyConfig:
             raise OptionError("cov_group", "cov_group applies only with cov_global=True (the group the token "
                               "statistics are summed over)")
         _validate.process_group("cov_group", self.cov_group)
-        if row in ("clip_cov", "kl_cov") and not self.cov_params[0] > 0:
-            raise OptionError("cov_ratio", f"cov_ratio must be > 0, got {self.cov_ratio}")
+        if row in ("clip_cov", "kl_cov") and not 0 < self.cov_params[0] <= 1:  # a fraction of the tokens
+            raise OptionError("cov_ratio", f"cov_ratio must lie in (0, 1], got {self.cov_ratio}")
         if row == "clip_cov" and not self.cov_params[1] < self.cov_params[2]:
             raise OptionError("cov_lb", f"cov_lb must be < cov_ub, got cov_lb={self.cov_params[1]}, "
                               f"cov_ub={self.cov_params[2]}")
@@ -275,6 +277,9 @@ class PolicyConfig:
         for name in _FINITE:
             with _option(name):
                 _validate.finite(**{name: getattr(self, name)})
+        for name in _COEFS:
+            with _option(name):
+                _validate.finite_number(name, getattr(self, name))
         _validate.number("log_ratio_cap", self.log_ratio_cap)  # +inf: no clamp
         rmax = _validate.number("rollout_max", self.rollout_max)
         if not rmax >= 0:  # +inf: no upper bound (TRL's default); NaN fails here
@@ -285,8 +290,9 @@ class PolicyConfig:
                 continue
             if isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or len(v) != 2:
                 raise OptionError(name, f"{name} must be a pair of numbers, got {v!r}")
-            with _option(name):
-                _validate.finite(**{f"{name}[0]": v[0], f"{name}[1]": v[1]})
+            with _option(name):  # kept as a tuple: a list would make the frozen config unhashable
+                object.__setattr__(self, name, tuple(_validate.finite_number(f"{name}[{i}]", x)
+                                                     for i, x in enumerate(v)))
         if self.cispo_bounds is not None and not self.cispo_bounds[0] <= self.cispo_bounds[1]:
             raise OptionError("cispo_bounds", f"cispo_bounds must be (lo, hi) with lo <= hi, got "
                               f"{tuple(self.cispo_bounds)}")

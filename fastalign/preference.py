@@ -256,6 +256,7 @@ def wpo_weights(chosen_wpo: Tensor, rejected_wpo: Tensor, cap: Optional[float] =
     if cap is not None:
         cap = _validate.positive("cap", cap)
     _validate.any_float("chosen_wpo", chosen_wpo)
+    _validate.any_float("rejected_wpo", rejected_wpo)  # required: like() skips None
     _validate.like(tuple(chosen_wpo.shape), "like chosen_wpo", device=chosen_wpo.device, device_of="chosen_wpo",
                    rejected_wpo=rejected_wpo)
     w = torch.exp(chosen_wpo.detach() + rejected_wpo.detach())
@@ -319,10 +320,12 @@ def _check_rows_read(types, given: dict) -> None:
 def _check_options(types, beta, label_smoothing, smoothed_losses, f_divergence, f_alpha, f_length_average,
                    discopop_tau, row_options: Optional[dict] = None, **coefficients):
     """The option checks of :func:`preference_loss` that need no tensor (the modules run them at
-    construction; ``coefficients``: the real-valued options, each finite or None; ``row_options``: the
-    :data:`ROW_OPTIONS` given): ``(beta, label_smoothing, the smoothed losses)``."""
+    construction; ``coefficients``: the real-valued options, each finite (``rpo_alpha`` may be None: no NLL
+    term); ``row_options``: the :data:`ROW_OPTIONS` given): ``(beta, label_smoothing, the smoothed losses)``."""
     beta = _validate.positive("beta", beta)
-    _validate.finite(**coefficients)
+    _validate.finite(rpo_alpha=coefficients.pop("rpo_alpha", None))
+    for name, value in dict(coefficients, discopop_tau=discopop_tau).items():  # never None
+        _validate.finite_number(name, value)
     bco_delta = (row_options or {}).get("bco_delta", 0.0)
     if not isinstance(bco_delta, Tensor):  # a tensor is checked against the batch at the call
         _validate.finite_number("bco_delta", bco_delta)
@@ -650,7 +653,8 @@ def unpaired_preference_loss(
         named["kl"] = kl
     _validate.same_device(**named)
     beta = _validate.positive("beta", beta)
-    _validate.finite(desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+    desirable_weight = _validate.finite_number("desirable_weight", desirable_weight)
+    undesirable_weight = _validate.finite_number("undesirable_weight", undesirable_weight)
 
     acc = torch.promote_types(logprobs.dtype, torch.float32)
     lp = logprobs.to(acc)
@@ -660,7 +664,7 @@ def unpaired_preference_loss(
     else:
         z0 = torch.zeros((), dtype=acc, device=lp.device)
     good, bad = terms(x, z0, beta)
-    per = torch.where(desirable, float(desirable_weight) * good, float(undesirable_weight) * bad)
+    per = torch.where(desirable, desirable_weight * good, undesirable_weight * bad)
     loss = per.sum() / max(N, 1)  # an empty batch gives 0 (and zero gradients), like preference_loss
 
     with torch.no_grad():

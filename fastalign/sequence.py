@@ -86,8 +86,8 @@ def sequence_logprobs(
 
     LD-DPO (``ld_alpha``): with ``r_t`` the 1-based rank of token ``t`` among the valid tokens
     of its sequence and ``ℓ_i`` the public length, token ``t`` gets weight 1 if ``r_t <= ℓ_i``
-    else ``ld_alpha``. ``ld_lengths`` gives ``ℓ`` per sequence; by default the sequences are
-    paired — the first half chosen, the second half rejected — and
+    else ``ld_alpha`` (in ``[0, 1]``). ``ld_lengths`` (finite, ``>= 0``) gives ``ℓ`` per sequence; by
+    default the sequences are paired — the first half chosen, the second half rejected — and
     ``ℓ = min(|y_chosen|, |y_rejected|)`` for both members of a pair.
 
     ``sum_p2`` (per-token :math:`\sum_j p_j^2`, e.g. ``TokenStats.sum_p2``) adds the detached
@@ -111,7 +111,8 @@ def sequence_logprobs(
             _validate.real(name, t)
             _validate.shape(name, t, token_logprobs.shape, "token_logprobs.shape")
             _validate.same_device(token_logprobs=token_logprobs, **{name: t})
-    _validate.finite(ld_alpha=ld_alpha)
+    if ld_alpha is not None and not 0.0 <= _validate.finite_number("ld_alpha", ld_alpha) <= 1.0:
+        raise ValueError(f"ld_alpha must lie in [0, 1] (the LD-DPO weight past the shared length), got {ld_alpha}")
     if ld_lengths is not None and ld_alpha is None:
         raise ValueError("ld_lengths applies with ld_alpha (the LD-DPO weight past each length); give ld_alpha or "
                          "leave ld_lengths None")
@@ -156,7 +157,7 @@ def sequence_logprobs(
             return torch.zeros(S, dtype=x.dtype, device=x.device).index_add_(0, seg, x)
     else:
         S = lp.shape[0]
-        seg = None
+        seg = malformed = None
         if num_sequences is not None and int(num_sequences) != S:
             raise ValueError(f"num_sequences={num_sequences} but the padded batch holds {S} sequences (its rows)")
 
@@ -177,6 +178,12 @@ def sequence_logprobs(
             _validate.real("ld_lengths", ld_lengths, dim=1)
             _validate.shape("ld_lengths", ld_lengths, (S,), "one length per sequence")
             public = ld_lengths.to(acc)
+            bad = _validate.flag_or_raise(  # NaN sums off the host, never plausible ones
+                ~(torch.isfinite(public) & (public >= 0)).all(), public,
+                lambda: "ld_lengths must be finite and >= 0 (token counts), got "
+                        f"{int((~(torch.isfinite(public) & (public >= 0))).sum())} entries that are not")
+            if bad is not None:
+                malformed = bad if malformed is None else malformed | bad
         # 1-based rank of each valid token inside its own sequence
         if packed:
             incl = torch.cumsum(m, 0)
@@ -189,7 +196,7 @@ def sequence_logprobs(
             lim = public.unsqueeze(-1)
         w = w * torch.where(rank <= lim, torch.ones_like(rank), torch.full_like(rank, float(ld_alpha)))
     total = reduce(torch.where(m != 0, w * lp, torch.zeros_like(lp)))  # masked slots may hold junk
-    if packed and malformed is not None:  # offsets not read on the host: NaN sums, never wrong ones
+    if malformed is not None:  # offsets or lengths not read on the host: NaN sums, never wrong ones
         total = torch.where(malformed, float("nan"), total)
     denom = divisor(count)
     wpo = None

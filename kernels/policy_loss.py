@@ -7,7 +7,7 @@ importance_sampling_level = sequence, rho = s_i = exp(clamp(mean_v l, -20, 20)) 
     dpg_t = d_own_t + d_rho_t drho_t/dlp_t   (d_rho: derivative of pg in rho)
     w_t                 detached weights: rollout correction x keep mask x row weight
     K_t = KL_t (x rho under kl_rho)
-    L_t  = w_t pg_t + kl_coef K_t - ent_coef H_t
+    L_t  = w_t pg_t + kl_coef K_t - ent_coef H_t   (a term whose coefficient is 0 left out)
     dlp_t = v (w_t dpg_t + kl_coef dK_t/dlp_t)
 
 Token level: drho_t/dlp_t = rho_t. Sequence level: ds_i/dlp_t = s_i v_t / n_i, so a third loop
@@ -374,20 +374,22 @@ def policy_loss_fwd_kernel(
                     dkl = -(e - 1.0)
             if KL_STRAIGHT:  # k2's gradient, 0 at an infinite lp - ref (kl_penalty's NAME+)
                 dkl = tl.where((d == float("inf")) | (d == -float("inf")), 0.0, d)
+            # a coefficient of 0 leaves the term out (exactly 0 at an infinite or NaN KL); the metric keeps it
+            kl_on = kl_coef != 0.0
             if KL_RHO:
                 klv = rho_is * kv
-                g += kl_coef * rho_is * dkl
+                g += tl.where(kl_on, kl_coef * rho_is * dkl, 0.0)
                 if KL_RHO_GRAD_ON:
-                    g += kl_coef * drho_is * kv
-                    grow += kl_coef * kv
+                    g += tl.where(kl_on, kl_coef * drho_is * kv, 0.0)
+                    grow += tl.where(kl_on, kl_coef * kv, 0.0)
             else:
                 klv = kv
-                g += kl_coef * dkl
-            L += kl_coef * klv
+                g += tl.where(kl_on, kl_coef * dkl, 0.0)
+            L += tl.where(kl_on, kl_coef * klv, 0.0)
         h = zero
         if ENT_ON:
             h = tl.load(ent_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
-            L -= entropy_coef * h
+            L -= tl.where(entropy_coef != 0.0, entropy_coef * h, 0.0)
         tl.store(dlp_ptr + base + cols, tl.where(v, g, 0.0), mask=inb)
         s_loss += tl.sum(tl.where(v, L, 0.0), 0)
         s_n += tl.sum(v.to(tl.float32), 0)

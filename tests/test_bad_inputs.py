@@ -65,6 +65,7 @@ CLASSES: dict[str, tuple[Callable, type]] = {
     "rank_up": (lambda t: t.unsqueeze(0), ValueError),
     "rank_down": (lambda t: t[0], ValueError),
     "mismatch": (lambda t: torch.cat([t, t[..., :1]], -1), ValueError),
+    "none": (lambda t: None, TypeError),  # a required argument given None
 }
 
 COMMON = ("not_tensor", "meta", "sparse", "quantized", "xpu", "complex")
@@ -208,7 +209,8 @@ FNS = [
         "ref_rejected_logprobs": ("real", ("other_device", "mismatch"))}),
     Fn("wpo_weights", lambda: dict(chosen_wpo=_f(B), rejected_wpo=_f(B)),
        lambda a: fa.wpo_weights(a["chosen_wpo"], a["rejected_wpo"]),
-       {"chosen_wpo": ("any_float", ()), "rejected_wpo": ("any_float", ("other_device", "rank_up", "mismatch"))}),
+       {"chosen_wpo": ("any_float", ("none",)),
+        "rejected_wpo": ("any_float", ("other_device", "rank_up", "mismatch", "none"))}),
     Fn("LinearPreferenceLoss", _lin_pref_good, _call_lin_pref,
        {"hidden": ("float", ("rank_down", "mismatch")),
         "weight": ("float", ("other_device", "rank_up", "rank_down", "mismatch")),
@@ -240,7 +242,8 @@ FNS = [
         "response_mask": ("real", ("other_device", "rank_up", "rank_down"))}),
     Fn("masked_whiten", lambda: dict(x=_f(B, T), response_mask=_mask(B, T)),
        lambda a: fa.masked_whiten(a["x"], a["response_mask"]),
-       {"x": ("any_float", ()), "response_mask": ("real", ("other_device", "rank_up", "rank_down", "mismatch"))}),
+       {"x": ("any_float", ("none",)),
+        "response_mask": ("real", ("other_device", "rank_up", "rank_down", "mismatch", "none"))}),
     Fn("reinforce_pp_advantages", lambda: dict(token_rewards=_f(B, T), response_mask=_mask(B, T)),
        lambda a: fa.reinforce_pp_advantages(a["token_rewards"], a["response_mask"], gamma=0.9),
        {"token_rewards": ("any_float", ("rank_up", "rank_down")),
@@ -353,6 +356,32 @@ def _gdpo(**kw):
     return fa.group_advantages(_f(4, 2), group_size=2, estimator="gdpo", **kw)
 
 
+def _seq_ld(**kw):
+    return fa.sequence_logprobs(_f(B, T), _mask(B, T), **{"ld_alpha": 0.5, "ld_lengths": torch.tensor([2.0, 1.0]),
+                                                         **kw})
+
+
+def _pl_kl_cov(**kw):
+    return _pl(loss_type="kl_cov", **kw)
+
+
+def _pl_clip_cov(**kw):
+    return _pl(loss_type="clip_cov", **kw)
+
+
+def _simpo(**kw):
+    return fa.preference_loss(_f(B), _f(B), loss_type="simpo", chosen_lengths=torch.ones(B),
+                              rejected_lengths=torch.ones(B), **kw)
+
+
+def _simpo_module(**kw):  # validated at construction
+    return fa.PreferenceLoss("simpo", **kw)
+
+
+def _kto(**kw):
+    return fa.unpaired_preference_loss(_f(B), _f(B), torch.tensor([True, False]), **kw)
+
+
 def _gs(group_size):
     return fa.group_advantages(_f(4), group_size=group_size)
 
@@ -418,7 +447,21 @@ OPTIONS = [
     (_kl, "kl_type", ("k4", "", "k3++"), ValueError),
     (_kl, "kl_type", (3, None), TypeError),
     (_gdpo, "reward_weights", ([1.0], torch.ones(3)), ValueError),
-    (_gdpo, "reward_weights", (torch.ones(2, device="meta"),), ValueError),
+    (_gdpo, "reward_weights", (torch.ones(2, device="meta"), torch.ones(1, 2), torch.ones(2, 1)), ValueError),
+    (_seq_ld, "ld_alpha", (-1.0, 1.5, NAN, INF), ValueError),
+    (_seq_ld, "ld_alpha", ("0.5", True), TypeError),
+    (_seq_ld, "ld_lengths", (torch.tensor([NAN, 1.0]), torch.tensor([-3.0, 1.0]), torch.tensor([INF, 1.0])),
+     ValueError),
+    (_pl, "kl_coef", (None,), TypeError),
+    (_pl, "entropy_coef", (None,), TypeError),
+    (_pl_kl_cov, "cov_ratio", (1.5, 40.0, 0.0), ValueError),
+    (_pl_clip_cov, "cov_ratio", (1.5,), ValueError),
+    (_simpo, "simpo_gamma", (None,), TypeError),
+    (_simpo, "simpo_gamma", (NAN,), ValueError),
+    (_simpo_module, "simpo_gamma", (None,), TypeError),
+    (_simpo_module, "cpo_alpha", (None,), TypeError),
+    (_kto, "desirable_weight", (None, "1"), TypeError),
+    (_kto, "undesirable_weight", (None,), TypeError),
     (_rpp, "gamma", (NAN, INF, -INF), ValueError),
     (_gae, "gamma", (NAN, INF), ValueError),
     (_gae, "lam", (NAN, -INF), ValueError),
@@ -486,6 +529,17 @@ def test_malformed_cu_seqlens_give_nan_when_not_read_on_the_host():
     good = seq(torch.ones(6), torch.tensor([0, 2, 6]))
     assert torch.equal(good, torch.tensor([2.0, 4.0]))
     assert torch.isnan(seq(torch.ones(6), torch.tensor([0, 4, 2]))).all()
+
+
+def test_bad_ld_lengths_give_nan_when_not_read_on_the_host():
+    """Under tracing (and on a GPU) ld_lengths is not read on the host: a NaN or negative length makes the sums
+    NaN, never the plausible sums of every token weighted ld_alpha."""
+    seq = torch.compile(lambda x, n: fa.sequence_logprobs(x, ld_alpha=0.5, ld_lengths=n).sum, fullgraph=True,
+                        backend="aot_eager")
+    x = -torch.ones(2, 3)
+    assert torch.equal(seq(x, torch.tensor([2.0, 1.0])), torch.tensor([-2.5, -2.0]))
+    assert torch.isnan(seq(x, torch.tensor([math.nan, 1.0]))).all()
+    assert torch.isnan(seq(x, torch.tensor([-3.0, 1.0]))).all()
 
 
 @pytest.mark.gpu

@@ -2,10 +2,12 @@
 names its own config fields behind an option without reading the message."""
 import math
 import pickle
+import re
 
+import numpy as np
 import pytest
 
-from fastalign import PolicyConfig
+from fastalign import PolicyConfig, PolicyLoss
 from fastalign.policy_config import OptionError
 
 # (options, the option named); every check of PolicyConfig.__post_init__ that raises a ValueError
@@ -28,6 +30,7 @@ CASES = [
     (dict(vespo_k=(1, 1)), "vespo_k"), (dict(vespo_lambda=(1, 1)), "vespo_lambda"),
     (dict(dro_beta=1), "dro_beta"), (dict(loss_type="dro"), "dro_beta"),
     (dict(cov_ratio=1), "cov_ratio"), (dict(loss_type="clip_cov", cov_ratio=-1), "cov_ratio"),
+    (dict(loss_type="kl_cov", cov_ratio=1.5), "cov_ratio"), (dict(loss_type="clip_cov", cov_ratio=40), "cov_ratio"),
     (dict(cov_lb=1), "cov_lb"), (dict(loss_type="kl_cov", cov_ub=1), "cov_ub"),
     (dict(loss_type="clip_cov", cov_lb=5, cov_ub=1), "cov_lb"), (dict(cov_kl_coef=1), "cov_kl_coef"),
     (dict(cov_global=True), "cov_global"), (dict(cov_group=object()), "cov_group"),
@@ -62,3 +65,29 @@ def test_option_error_pickles():
 def test_type_errors_stay_type_errors(options):
     with pytest.raises(TypeError):
         PolicyConfig(**options)
+
+
+@pytest.mark.parametrize("options, option", [
+    (dict(kl_coef=None), "kl_coef"), (dict(entropy_coef=None), "entropy_coef"),
+    (dict(loss_type="cispo", cispo_bounds=(None, 1.28)), "cispo_bounds[0]"),
+    (dict(loss_type="sapo", sapo_tau=[1.0, None]), "sapo_tau[1]")])
+def test_none_for_a_number_is_a_type_error_at_construction(options, option):
+    """kl_coef / entropy_coef are not Optional: None is refused when the config (or a PolicyLoss) is built,
+    naming the option, not by a bare float() at the first call; so is None inside a pair."""
+    with pytest.raises(TypeError, match=re.escape(option)):
+        PolicyConfig(**options)
+    with pytest.raises(TypeError, match=re.escape(option)):
+        PolicyLoss(**options)
+
+
+@pytest.mark.parametrize("name, loss_type, value", [
+    ("cispo_bounds", "cispo", [0, 1.28]), ("sapo_tau", "sapo", [1.0, 1.05]), ("vespo_k", "vespo", [2, 3]),
+    ("vespo_lambda", "vespo", np.array([3.0, 2.0]))])
+def test_pair_options_are_kept_as_tuples(name, loss_type, value):
+    """A pair given as a list (or an array) is stored as a tuple of floats: the frozen config stays hashable and
+    equal to the one built from a tuple."""
+    given = PolicyConfig(loss_type=loss_type, **{name: value})
+    as_tuple = PolicyConfig(loss_type=loss_type, **{name: tuple(float(v) for v in value)})
+    assert type(getattr(given, name)) is tuple
+    assert given == as_tuple and hash(given) == hash(as_tuple)
+    assert PolicyLoss(loss_type=loss_type, **{name: value}).config == as_tuple

@@ -109,6 +109,63 @@ def test_nan_logprob_with_the_ratio_weighted_kl_is_nan_on_both_backends(kl_rho):
         _close(g[other], rg[other], f"{b} d lp of the other tokens against the reference")
 
 
+# ------------------------------------------------------------------ a term whose coefficient is 0 is left out
+
+def _run(backend, lp, old, A, m, **kw):
+    """(loss, metrics, d lp) in float64 from a kernel or from the float64 reference."""
+    return _ref(lp, old, A, m, **kw) if backend == "reference" else _fa(backend, lp, old, A, m, **kw)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+@pytest.mark.parametrize("bad", [-math.inf, math.nan])
+@pytest.mark.parametrize("kl_type", ["k1", "k2", "abs", "k3", "k1+"])
+@pytest.mark.parametrize("kl_rho, level", [(False, "token"), ("grad", "token"), ("grad", "sequence")])
+def test_kl_coef_0_leaves_the_kl_term_out(backend, bad, kl_type, kl_rho, level):
+    """ref_logprobs given for the kl metric only (kl_coef=0, the default), with an infinite or NaN reference
+    log-prob on a valid token: the loss and d lp are those without ref_logprobs (TRL adds the KL term only when
+    beta != 0, verl only under use_kl_loss), not the NaN of 0 * inf; the kl metric still reports the value."""
+    lp, old, A, m, ref = _small()
+    ref[0, 1] = bad
+    plain = _run(backend, lp, old, A, m, importance_sampling_level=level)
+    loss, met, g = _run(backend, lp, old, A, m, importance_sampling_level=level, ref_logprobs=ref, kl_type=kl_type,
+                        kl_rho=kl_rho)
+    _close(loss, plain[0], "loss")
+    _close(g, plain[2], "d lp")
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    assert not math.isfinite(met["kl"]) or (kl_type == "k3" and bad == -math.inf)  # k3 is clamped
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("kl_type", ["k1", "k2", "abs"])
+def test_a_non_zero_kl_coef_still_propagates_a_nan_reference(backend, kl_type):
+    """With kl_coef != 0 a NaN reference log-prob still makes the loss NaN, and d lp is the float64 reference's
+    (NaN at that token for k2, whose gradient is lp - ref)."""
+    lp, old, A, m, ref = _small()
+    ref[0, 1] = math.nan
+    kw = dict(ref_logprobs=ref, kl_type=kl_type, kl_coef=0.1)
+    loss, _, g = _fa(backend, lp, old, A, m, **kw)
+    rloss, _, rg = _ref(lp, old, A, m, **kw)
+    assert torch.isnan(loss) and torch.isnan(rloss)
+    _close(g, rg, "d lp")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_entropy_coef_0_leaves_the_entropy_term_out(backend, bad):
+    """entropy given for the metric only (entropy_coef=0, the default; TRL's GRPOLoss logs it): a NaN or infinite
+    entropy leaves the loss and d lp those without entropy (TRL and verl add the bonus only when its coefficient
+    is not 0); the entropy metric still reports it, and a non-zero entropy_coef still makes the loss non-finite."""
+    lp, old, A, m, _ = _small()
+    H = torch.rand(2, 4, generator=torch.Generator().manual_seed(0))
+    H[1, 2] = bad
+    plain = _run(backend, lp, old, A, m)
+    loss, met, g = _run(backend, lp, old, A, m, entropy=H)
+    _close(loss, plain[0], "loss")
+    _close(g, plain[2], "d lp")
+    assert torch.isfinite(loss) and not math.isfinite(met["entropy"])
+    assert not torch.isfinite(_run(backend, lp, old, A, m, entropy=H, entropy_coef=0.01)[0])
+
+
 # ------------------------------------------------------------------ gspo: the cap of 10 passes no gradient
 
 def _gspo_f64(lp, old, A, m, eps=0.2):

@@ -6,6 +6,8 @@
 //   K_t = KL_t * (rho if kl_rho else 1)
 //   L_t  = w_t pg_t + kl_coef K_t - ent_coef H_t
 //   dlp_t = v (w_t dpg_t + kl_coef dK_t/dlp_t)
+// A term whose coefficient is 0 is left out (exactly 0, even where K_t or H_t is infinite or NaN); the
+// metrics still sum K_t and H_t.
 // Token level: drho_t/dlp_t = rho_t. Sequence level: ds_i/dlp_t = s_i v_t / n_i, so every valid
 // token of the row also gets  s_i / n_i * sum_u v_u (w_u d_rho_u + kl_coef KL_u [kl_rho = grad]).
 // Outputs per row (fixed-order sums, so bitwise deterministic): row[i, :] (policy_loss.h) and the
@@ -70,6 +72,7 @@ FASTALIGN_KERNEL_BODY uint32_t chunk_body(const Cfg& c, const Row& R, const RowC
   // flow, which keeps the token loop scalar; 0/1 weights would make 0 * inf = NaN of an unused term at |d| = inf).
   const uint32_t m_k1 = mask_of(is_k1), m_abs = mask_of(is_abs), m_k2 = mask_of(is_k2), m_k3 = mask_of(is_k3);
   const uint32_t m_st = mask_of(straight), m_own = mask_of(!straight);
+  const uint32_t m_klc = mask_of(kl_coef != 0.f), m_ent = mask_of(ent_coef != 0.f);  // terms switched on
   const float w_row = PLAIN ? 1.f : x.w_row, w_row_neg = PLAIN ? 1.f : x.w_row_neg;
   const float rho_row = x.rho_row, cap = c.log_ratio_cap;
   const bool kl_grad = c.kl_rho == kKLRhoGrad;
@@ -156,16 +159,16 @@ FASTALIGN_KERNEL_BODY uint32_t chunk_body(const Cfg& c, const Row& R, const RowC
       if (KLRHO) {  // K = KL * rho: d/dlp = rho dKL + [grad] KL drho (at sequence level through d_row)
         klv = rho_is * kv;
         // the token's own ratio carries the gradient at token level only (sequence level: see row_finish)
-        g += kl_coef * (rho_is * dkl + ((kl_grad && !SEQ) ? drho_c * kv : 0.f));
-        grow += kl_grad ? kl_coef * kv : 0.f;
+        g += keep_if(kl_coef * (rho_is * dkl + ((kl_grad && !SEQ) ? drho_c * kv : 0.f)), m_klc);
+        grow += keep_if(kl_grad ? kl_coef * kv : 0.f, m_klc);
       } else {
         klv = kv;
-        g += kl_coef * dkl;
+        g += keep_if(kl_coef * dkl, m_klc);
       }
-      L += kl_coef * klv;
+      L += keep_if(kl_coef * klv, m_klc);
     }
     const float h = PLAIN ? 0.f : c_ent[t];  // a row of zeros when no entropy is given
-    L -= ent_coef * h;
+    L -= keep_if(ent_coef * h, m_ent);
     c_dlp[t] = v ? g : 0.f;
     s_loss += v ? L : 0.f;
     s_n += v ? 1.f : 0.f;

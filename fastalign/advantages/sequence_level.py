@@ -378,11 +378,9 @@ def group_advantages(
             raise ValueError(f"scores must have at least one reward column for gdpo, got shape {tuple(r.shape)}")
         if reward_weights is not None:
             if isinstance(reward_weights, Tensor):
-                _validate.real("reward_weights", reward_weights)
-                if reward_weights.numel() != K:
-                    raise ValueError(f"reward_weights must have {K} entries (one per reward column), "
-                                     f"got {reward_weights.numel()}")
-                reward_weights = reward_weights.to(device=device, dtype=r.dtype).reshape(K)
+                _validate.real("reward_weights", reward_weights, dim=1)  # [K]: not [1, K] or [K, 1]
+                _validate.shape("reward_weights", reward_weights, (K,), "one weight per reward column")
+                reward_weights = reward_weights.to(device=device, dtype=r.dtype)
                 bad.append(_validate.flag_or_raise(
                     ~torch.isfinite(reward_weights).all(), reward_weights,
                     lambda: f"reward_weights must be finite, got {reward_weights.tolist()}"))

@@ -298,10 +298,11 @@ def policy_loss(
         if kl_rho:
             kl = kl * (rho_is if kl_rho == "grad" else rho_is.detach())
         metrics["kl"] = _masked_mean(kl.detach(), m)
-        L = L + kl_coef * kl
+        if kl_coef != 0:  # a term whose coefficient is 0 is left out (no 0 * inf)
+            L = L + kl_coef * kl
     if entropy is not None:
         metrics["entropy"] = _masked_mean(entropy.detach().to(lp.dtype), m)
-        if entropy_agg == "loss":
+        if entropy_agg == "loss" and entropy_coef != 0:
             L = L - entropy_coef * entropy.to(lp.dtype)
 
     if loss_type == "gmpo" or (loss_type == "gspo" and agg is None):
@@ -314,7 +315,7 @@ def policy_loss(
     if seq_count == "nonempty" and global_seqs is None and agg == "seq-mean-token-sum-norm":
         global_seqs, dp_size = int((row_n > 0).sum()), 1  # local rows: no dp factor, as without global_seqs
     loss = aggregate_loss(L, m, agg, global_tokens, global_seqs, dp_size, max_len)
-    if entropy is not None and entropy_agg == "token-mean":
+    if entropy is not None and entropy_agg == "token-mean" and entropy_coef != 0:
         kept = m if keep is None else m * keep
         loss = loss - entropy_coef * (entropy.to(lp.dtype) * kept).sum() / torch.clamp(kept.sum(), min=1)
     metrics["clipfrac"] = _masked_mean(clipped, m)
