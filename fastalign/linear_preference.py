@@ -38,7 +38,7 @@ from fastalign.ops.linear_cpu import labelled_rows, scatter_labelled
 from fastalign.ops.single_pass import (DEFAULT_BLOCK_MIB, LogitPipeline, Side, block_logprobs_of, by_default,
                                        differentiated, single_pass_loss)
 from fastalign.preference import LOSSES, check_config, check_pair_weights, preference_loss, wpo_weights
-from fastalign.sequence import SequenceLogprobs, sequence_logprobs
+from fastalign.sequence import SequenceLogprobs, check_ld_alpha, sequence_logprobs
 
 #: The block budget of the single pass, in MiB (its former name).
 DEFAULT_PAIR_BLOCK_MIB = DEFAULT_BLOCK_MIB
@@ -195,7 +195,7 @@ class LinearPreferenceLoss(nn.Module):
         check_logit_options(temperature, softcap, logit_scale, ignore_index, backend=backend)
         _validate.process_group("vocab_group", vocab_group)
         _validate.boolean("use_weighting", use_weighting)
-        _validate.finite(ld_alpha=ld_alpha)
+        check_ld_alpha(ld_alpha)
         if wpo_cap is not None:
             _validate.positive("wpo_cap", wpo_cap)
         if use_weighting:

@@ -44,6 +44,12 @@ def segment_ids(n: int, device, cu_seqlens: Optional[Tensor], position_ids: Opti
     return torch.cumsum(starts, 0) - 1
 
 
+def check_ld_alpha(ld_alpha: Optional[float]) -> None:
+    """LD-DPO's ``ld_alpha``: None (off) or a number in ``[0, 1]`` (TRL's ``DPOConfig.ld_alpha`` range)."""
+    if ld_alpha is not None and not 0.0 <= _validate.finite_number("ld_alpha", ld_alpha) <= 1.0:
+        raise ValueError(f"ld_alpha must lie in [0, 1] (the LD-DPO weight past the shared length), got {ld_alpha}")
+
+
 @renamed(token_logps="token_logprobs", mask="response_mask")
 def sequence_logprobs(
     token_logprobs: Tensor,
@@ -111,8 +117,7 @@ def sequence_logprobs(
             _validate.real(name, t)
             _validate.shape(name, t, token_logprobs.shape, "token_logprobs.shape")
             _validate.same_device(token_logprobs=token_logprobs, **{name: t})
-    if ld_alpha is not None and not 0.0 <= _validate.finite_number("ld_alpha", ld_alpha) <= 1.0:
-        raise ValueError(f"ld_alpha must lie in [0, 1] (the LD-DPO weight past the shared length), got {ld_alpha}")
+    check_ld_alpha(ld_alpha)
     if ld_lengths is not None and ld_alpha is None:
         raise ValueError("ld_lengths applies with ld_alpha (the LD-DPO weight past each length); give ld_alpha or "
                          "leave ld_lengths None")

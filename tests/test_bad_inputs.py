@@ -450,6 +450,7 @@ OPTIONS = [
     (_gdpo, "reward_weights", (torch.ones(2, device="meta"), torch.ones(1, 2), torch.ones(2, 1)), ValueError),
     (_seq_ld, "ld_alpha", (-1.0, 1.5, NAN, INF), ValueError),
     (_seq_ld, "ld_alpha", ("0.5", True), TypeError),
+    (lambda **kw: fa.LinearPreferenceLoss("sigmoid", **kw), "ld_alpha", (-1.0, 1.5, NAN), ValueError),
     (_seq_ld, "ld_lengths", (torch.tensor([NAN, 1.0]), torch.tensor([-3.0, 1.0]), torch.tensor([INF, 1.0])),
      ValueError),
     (_pl, "kl_coef", (None,), TypeError),
