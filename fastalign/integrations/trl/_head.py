@@ -189,17 +189,27 @@ def install_head(model) -> None:
     :func:`head_outputs` of ``labels``, with ``fastalign_options`` (``temperature``, ``head_dtype``: the
     calling trainer's, :func:`head_call`) as its keywords; without, the previous forward runs as before.
     It goes on the ``PreTrainedModel`` (the base model under PEFT), after TRL's own fused head; once per
-    model, and holds no trainer's options, so every trainer sharing the model scores with its own."""
+    model, and holds no trainer's options, so every trainer sharing the model scores with its own; again when
+    ``model.forward`` is not (or no longer: a pickled or ``torch.save``-loaded model) this wrapper.
+
+    The wrapper calls the forwards it wraps as methods of the model, which ``copy.deepcopy`` binds to the copy;
+    a call without a fused head skips TRL's wrappers under it, which hold the original model's forward in
+    their closure and pass such a call on unchanged. So a deep copy computes with its own weights. What
+    remains TRL's: a copy taken while a TRL head is the outermost wrapper (TRL's trainer built on the model
+    after this head) runs the original's weights, until a fastalign trainer patches the copy."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(model, "_fastalign_head", False):
+    if _installed(model):
         return
-    model._fastalign_head = True
     previous = model.forward
 
     @functools.wraps(type(model).forward)
     def forward(self, *args, fastalign_head=None, fastalign_options=None, **kwargs):
         if fastalign_head is None:
-            return previous(*args, **kwargs)
+            if kwargs.get("fused_lm_head"):  # TRL's fused head, under this one
+                return self._fastalign_forwards[0](*args, **kwargs)
+            kwargs = {k: v for k, v in kwargs.items() if not (k in _TRL_HEAD_KEYWORDS and v is None)}
+            kwargs.pop("fused_lm_head", None)
+            return self._fastalign_forwards[1](*args, **kwargs)
         if args:
             raise TypeError("fastalign_head: pass input_ids and attention_mask by keyword")
         if kwargs.get("input_ids") is None:  # PEFT prompt learning passes inputs_embeds with virtual tokens
@@ -210,7 +220,52 @@ def install_head(model) -> None:
         return head_outputs(self, kwargs.pop("input_ids"), kwargs.pop("attention_mask", None), labels,
                             tuple(fastalign_head), **(fastalign_options or {}), **kwargs)
 
+    # generate() and the Trainer read the class forward's signature; without __wrapped__, accelerate's
+    # unwrap_model(keep_fp32_wrapper=False) stops at this wrapper instead of the class forward
+    del forward.__wrapped__
+    forward.__signature__ = inspect.signature(type(model).forward)
+    forward._fastalign_head = forward
+    # bound methods of the model, which copy.deepcopy binds to the copy (a closure would keep the original)
+    model._fastalign_forwards = (previous, _plain_forward(model, previous))
     model.forward = types.MethodType(forward, model)
+
+
+#: The keywords TRL's fused-head wrapper drops when None before its previous forward (with ``fused_lm_head``).
+_TRL_HEAD_KEYWORDS = ("labels", "shift_labels", "num_items_in_batch")
+
+
+def _is_head(func) -> bool:
+    """Whether ``func`` is :func:`install_head`'s wrapper (a ``functools.wraps`` of it copies its mark, which
+    names the wrapper itself)."""
+    return getattr(func, "_fastalign_head", None) is func
+
+
+def _installed(model) -> bool:
+    """Whether ``model.forward`` is :func:`install_head`'s wrapper bound to ``model`` (accelerate's autocast
+    wrappers around it included)."""
+    forward = model.forward
+    func = forward.__func__ if getattr(forward, "__self__", None) is model else None
+    while func is not None and not _is_head(func):
+        func = getattr(func, "__wrapped__", None)
+    return func is not None
+
+
+def _plain_forward(model, forward):
+    """The forward of ``model`` that a call without any fused head reaches from ``forward``: past this head's
+    wrappers and TRL's ``add_fused_lm_head`` ones (whose closure holds the forward they wrap) bound to ``model``."""
+    while getattr(forward, "__self__", None) is model:
+        func = forward.__func__
+        if _is_head(func):
+            return model._fastalign_forwards[1]
+        code = getattr(func, "__code__", None)
+        if (code is None or code.co_name != "_fused_forward" or "original_forward" not in code.co_freevars
+                or not func.__globals__.get("__name__", "").startswith("trl.")):
+            break
+        inner = func.__closure__[code.co_freevars.index("original_forward")].cell_contents
+        if getattr(inner, "__self__", None) is not model:
+            break
+        forward = inner
+    return forward
 
 
 def head_call(trainer, fields: Sequence[str]) -> dict:
