@@ -12,6 +12,7 @@ Compared: loss, d(loss)/d(log_probs) (d(loss)/d(policy log-probs) for DPO) and e
 value, OpenRLHF in float64, fastalign in float32.
 """
 import importlib.util
+import inspect
 import math
 import os
 import sys
@@ -702,3 +703,333 @@ def test_option_assignments_in_any_order_as_openrlhf(orl, case):
     for name, value in steps[k:]:
         setattr(ours, name, value)
     _all_outputs_equal(ours(lp, old, A, m, rollout_log_probs=roll), want, f"{case} fixed")
+
+
+# ------------------------------------------------- GPTLMLoss, SFTLoss, ValueLoss, PairWiseLoss, LogExpLoss
+ALL_CLASSES = ("PolicyLoss", "DPOLoss", "GPTLMLoss", "SFTLoss", "ValueLoss", "PairWiseLoss", "LogExpLoss")
+FP32_TOL = dict(atol=1e-6, rtol=1e-5)
+BF16_TOL = dict(atol=2e-3, rtol=1e-2)  # the adapter computes in fp32 and returns bf16: one bf16 rounding
+
+
+def _tol(dtype):
+    return FP32_TOL if dtype == torch.float32 else BF16_TOL
+
+
+def _params(fn):
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+def test_every_loss_of_openrlhf_has_an_adapter(orl):
+    """Every ``nn.Module`` of OpenRLHF's loss.py has an adapter of the same name, exported."""
+    theirs = {n for n, v in vars(orl).items()
+              if isinstance(v, type) and issubclass(v, torch.nn.Module) and v.__module__ == orl.__name__}
+    assert theirs == set(ALL_CLASSES) == set(fo.__all__)
+
+
+@pytest.mark.parametrize("name", ALL_CLASSES)
+def test_signatures_are_openrlhf(orl, name):
+    """Constructor and forward take OpenRLHF's arguments: the same names, kinds and defaults, in order."""
+    for method in ("__init__", "forward"):
+        ours, theirs = getattr(getattr(fo, name), method), getattr(getattr(orl, name), method)
+        assert _params(ours) == _params(theirs), (name, method)
+
+
+def _grads(cls, kw, args, wrt, dtype, **call):
+    """``cls(**kw)(*args, **call)`` with the floating tensors of ``args`` in ``dtype``; the result and the
+    gradients of the arguments at the indices ``wrt``."""
+    x = [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args]
+    for i in wrt:
+        x[i] = x[i].clone().requires_grad_(True)
+    out = cls(**kw)(*x, **call)
+    out.backward()
+    return out, [x[i].grad for i in wrt]
+
+
+def _compare(orl, name, kw, args, wrt, dtype, what, **call):
+    """The adapter on ``args`` in ``dtype`` against OpenRLHF's class in float64 on the same values: the result,
+    the gradients; and the result's dtype against OpenRLHF's on ``dtype``."""
+    args = [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args]
+    want, want_grads = _grads(getattr(orl, name), kw, args, wrt, torch.float64, **call)
+    got, grads = _grads(getattr(fo, name), kw, args, wrt, dtype, **call)
+    assert got.shape == want.shape == (), (what, got.shape)
+    assert_close(got, want, **_tol(dtype), what=f"{what} loss")
+    for i, g, w in zip(wrt, grads, want_grads):
+        assert (g is None) == (w is None), (what, i)  # old_values without clip_eps: read by neither
+        if w is not None:
+            assert_close(g, w, **_tol(dtype), what=f"{what} d arg {i}")
+    same = [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args]
+    assert got.dtype == getattr(orl, name)(**kw)(*same, **call).dtype, what
+
+
+def _lm_inputs(seed, shape=(3, 7), V=13):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, V, shape, generator=g)
+    labels[torch.rand(shape, generator=g) < 0.3] = -100
+    return torch.randn(*shape, V, generator=g) * 3, labels
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (2, 3, 5)], ids=["BT", "extra_dim"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpt_lm_loss_matches_openrlhf(orl, dtype, shape):
+    """GPTLMLoss: the shifted cross-entropy over the labels other than -100, and d logits (fastalign reads the
+    logits in place: no shifted copy, no [N, V] log-softmax); bf16 logits give a bf16 loss, as OpenRLHF's."""
+    logits, labels = _lm_inputs(80 + len(shape), shape)
+    _compare(orl, "GPTLMLoss", {}, [logits, labels], [0], dtype, f"GPTLMLoss {shape}")
+
+
+def test_gpt_lm_loss_no_valid_label_gives_zero(orl):
+    """No label to score: 0 with a zero gradient, where OpenRLHF's cross-entropy divides 0 by 0."""
+    logits, labels = _lm_inputs(83)
+    labels[:, 1:] = -100
+    assert torch.isnan(orl.GPTLMLoss()(logits.double(), labels))
+    loss, (grad,) = _grads(fo.GPTLMLoss, {}, [logits, labels], [0], torch.float32)
+    assert float(loss.detach()) == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A real gloo process group of this process alone."""
+    dist = torch.distributed
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed with no process group initialised")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield dist.new_group([0])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore:c10d::allreduce_")  # OpenRLHF's backward through its all-reduce
+@pytest.mark.parametrize("empty", [False, True], ids=["scored", "no_valid_label"])
+def test_gpt_lm_loss_ring_group_of_one_matches_openrlhf(orl, one_rank_group, empty):
+    """With a real ring_attn_group (one rank): the all-reduced loss and d logits are OpenRLHF's; a chunk with no
+    valid label gives 0 in both."""
+    logits, labels = _lm_inputs(84)
+    if empty:
+        labels[:] = -100
+    kw = dict(ring_attn_group=one_rank_group)
+    _compare(orl, "GPTLMLoss", kw, [logits, labels], [0], torch.float32, f"ring of one, empty={empty}")
+    if empty:
+        assert float(fo.GPTLMLoss(**kw)(logits, labels)) == 0.0
+
+
+@pytest.mark.parametrize("how", ["built", "assigned"])
+@pytest.mark.parametrize("world, rank, empty", [(2, 0, False), (2, 1, False), (3, 0, False), (3, 2, False),
+                                                (2, 1, True)])
+def test_gpt_lm_loss_ring_chunks_match_openrlhf(orl, one_rank_group, monkeypatch, world, rank, empty, how):
+    """Rank ``r`` of ``W`` in ring_attn_group: the labels ``[B, T]`` are cut to its chunk (``T // W`` each, a
+    remainder dropped, as OpenRLHF's), shifted within it against its logits; the loss is the sum over the
+    ranks / W, the gradient the local loss's / W. The group's rank, size and all-reduce are stand-ins here (the
+    other ranks' sum a constant), applied to OpenRLHF's class and the adapter alike; built with the group or
+    assigned it later, the adapter reads the rank and size as OpenRLHF's constructor does."""
+    dist, others, calls = torch.distributed, 0.75, []
+
+    def all_reduce(t, op=None, group=None, async_op=False):
+        calls.append((op, group))
+        t.add_(others)
+
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: rank)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: world)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    T, V = 10, 11
+    chunk = T // world
+    logits, labels = _lm_inputs(85 + rank, (2, T), V)
+    logits = logits[:, :chunk].contiguous()
+    if empty:
+        labels[:, rank * chunk + 1:(rank + 1) * chunk] = -100
+    want, (want_grad,) = _grads(orl.GPTLMLoss, dict(ring_attn_group=one_rank_group), [logits, labels], [0],
+                                torch.float64)
+    if how == "built":
+        ours = fo.GPTLMLoss(ring_attn_group=one_rank_group)
+    else:
+        ours = fo.GPTLMLoss()
+        ours.ring_attn_group = one_rank_group
+    x = logits.clone().requires_grad_(True)
+    got = ours(x, labels)
+    got.backward()
+    assert_close(got, want, **FP32_TOL, what="ring loss")
+    assert_close(x.grad, want_grad, **FP32_TOL, what="ring d logits")
+    assert calls == [(dist.ReduceOp.SUM, one_rank_group)] * 2
+    assert (float(want.detach()) == others / world) == empty
+    with pytest.raises(ValueError, match="labels must have shape"):
+        ours(logits[:, :-1], labels)
+
+
+def test_gpt_lm_loss_checks_its_arguments(one_rank_group, monkeypatch):
+    logits, labels = _lm_inputs(86)
+    for call, err, match in (
+            (lambda: fo.GPTLMLoss()(logits, labels[:, :-1]), ValueError, "labels must have shape"),
+            (lambda: fo.GPTLMLoss()(logits, labels.float()), TypeError, "labels"),
+            (lambda: fo.GPTLMLoss()(logits.long(), labels), TypeError, "logits"),
+            (lambda: fo.GPTLMLoss()(logits[0, 0], labels[0, :1]), ValueError, "logits"),
+            (lambda: fo.GPTLMLoss(ring_attn_group="world"), TypeError, "ring_attn_group"),
+            (lambda: setattr(fo.GPTLMLoss(), "ring_attn_group", True), TypeError, "ring_attn_group")):
+        with pytest.raises(err, match=match):
+            call()
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: -1)
+    with pytest.raises(ValueError, match="ring_attn_group must contain this process"):
+        fo.GPTLMLoss(ring_attn_group=one_rank_group)
+
+
+def _counts(kind, m):
+    """OpenRLHF's aggregation arguments: none, dp_size alone (read only with a count), the global counts of two
+    ranks (tensors), or counts per accumulation step below 1 (numbers), as its trainer passes them."""
+    n_tok, n_seq = float(m.float().sum()), float((m.float().sum(-1) > 0).sum())
+    return {"local": {}, "dp_only": dict(dp_size=2),
+            "dp2": dict(dp_size=2, batch_num_tokens=torch.tensor(2 * n_tok + 3), global_batch_size=torch.tensor(
+                2 * n_seq + 1)),
+            "below_one": dict(dp_size=2, batch_num_tokens=0.75, global_batch_size=0.5)}[kind]
+
+
+def _mask(kind, m, seed):
+    if kind == "bool":
+        return m
+    weights = 0.25 + 0.75 * torch.rand(m.shape, generator=torch.Generator().manual_seed(seed))
+    return m.float() * weights  # a fractional float mask (OpenRLHF weighs each token by it)
+
+
+@pytest.mark.parametrize("counts", ["local", "dp_only", "dp2", "below_one"])
+@pytest.mark.parametrize("mask", ["bool", "float"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("token_level", [True, False], ids=["token", "sample"])
+def test_sft_loss_matches_openrlhf(orl, token_level, dtype, mask, counts):
+    """SFTLoss: -per_token_logps aggregated per token or per sample (an empty sequence in the batch), locally or
+    with OpenRLHF's global counts and dp_size; loss, d per_token_logps and the result dtype."""
+    lp, _, _, m, _ = _batch(90)
+    m = _mask(mask, m, 91)
+    _compare(orl, "SFTLoss", dict(token_level_loss=token_level), [lp, m], [0], dtype,
+             f"SFTLoss {token_level} {mask} {counts}", **_counts(counts, m))
+
+
+VALUE_CLIPS = [None, 0.2, 0.0]
+
+
+@pytest.mark.parametrize("counts", ["local", "dp_only", "dp2", "below_one"])
+@pytest.mark.parametrize("mask", ["bool", "float"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("token_level", [True, False], ids=["token", "sample"])
+@pytest.mark.parametrize("clip_eps", VALUE_CLIPS, ids=["no_clip", "clip0.2", "clip0"])
+def test_value_loss_matches_openrlhf(orl, clip_eps, token_level, dtype, mask, counts):
+    """ValueLoss: the (clipped) squared error, halved, aggregated as OpenRLHF's; values moved past the clip on
+    some tokens and inside it on others; loss, d values, d old_values and the result dtype."""
+    g = torch.Generator().manual_seed(92)
+    _, _, _, m, _ = _batch(92)
+    values = torch.randn(m.shape, generator=g)
+    old_values = values + 0.4 * torch.randn(m.shape, generator=g)
+    returns = values + torch.randn(m.shape, generator=g)
+    m = _mask(mask, m, 93)
+    _compare(orl, "ValueLoss", dict(clip_eps=clip_eps, token_level_loss=token_level), [values, old_values, returns, m],
+             [0, 1], dtype, f"ValueLoss {clip_eps} {token_level} {mask} {counts}", **_counts(counts, m))
+
+
+@pytest.mark.parametrize("token_level", [True, False], ids=["token", "sample"])
+def test_sft_and_value_loss_take_one_sequence_as_openrlhf(orl, token_level):
+    """One sequence ``[T]`` (OpenRLHF's arithmetic: a batch of one); no mask (OpenRLHF: the plain mean, token
+    level, local)."""
+    lp, old, A, m, _ = _batch(94)
+    row = int(m.sum(-1).argmax())
+    kw = dict(token_level_loss=token_level)
+    _compare(orl, "SFTLoss", kw, [lp[row], m[row]], [0], torch.float32, "SFTLoss [T]")
+    _compare(orl, "ValueLoss", dict(kw, clip_eps=0.1), [lp[row], old[row], A[row], m[row]], [0], torch.float32,
+             "ValueLoss [T]", global_batch_size=2.0, batch_num_tokens=9.0)
+    _compare(orl, "SFTLoss", {}, [lp, None], [0], torch.float32, "SFTLoss no mask")
+    _compare(orl, "ValueLoss", {}, [lp, None, A], [0], torch.float32, "ValueLoss no mask, no old_values")
+
+
+def _pairs(seed, shape):
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.randn(shape, generator=g) * 2
+    return chosen, chosen + torch.randn(shape, generator=g), torch.rand(shape, generator=g)
+
+
+@pytest.mark.parametrize("margin", [None, "per_pair", "number", "0-dim"])
+@pytest.mark.parametrize("shape", [(8,), (8, 1)], ids=["B", "B1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_pairwise_loss_matches_openrlhf(orl, dtype, shape, margin):
+    """PairWiseLoss: -log σ(c - r - margin) averaged over the pairs; loss, d chosen, d rejected and the dtype (an
+    fp32 margin per pair, as OpenRLHF's trainer builds it, makes bf16 rewards' loss fp32; a number or a 0-dim
+    margin does not)."""
+    c, r, mg = _pairs(95, shape)
+    mg = {None: None, "per_pair": mg, "number": 0.5, "0-dim": torch.tensor(0.5)}[margin]
+    _compare(orl, "PairWiseLoss", {}, [c, r], [0, 1], dtype, f"PairWiseLoss {margin}", margin=mg)
+
+
+@pytest.mark.parametrize("shape", [(8,), (8, 1)], ids=["B", "B1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_logexp_loss_matches_openrlhf(orl, dtype, shape):
+    c, r, _ = _pairs(96, shape)
+    _compare(orl, "LogExpLoss", {}, [c, r], [0, 1], dtype, "LogExpLoss")
+
+
+def test_logexp_loss_is_finite_where_openrlhf_overflows(orl):
+    """log(1 + exp(r - c)) overflows fp32 past r - c = 88 (OpenRLHF: inf, NaN gradient); the adapter's softplus
+    gives OpenRLHF's float64 numbers."""
+    c, r = torch.zeros(2), torch.tensor([100.0, 0.0])
+    assert torch.isinf(orl.LogExpLoss()(c, r))
+    _compare(orl, "LogExpLoss", {}, [c, r], [0, 1], torch.float32, "LogExpLoss overflow")
+
+
+def test_logexp_loss_refuses_a_margin(orl):
+    """OpenRLHF's LogExpLoss ignores a margin (its trainer passes one with margin_loss): a silently dropped margin
+    raises here, naming it."""
+    c, r, mg = _pairs(97, (4,))
+    assert_close(orl.LogExpLoss()(c, r, mg), orl.LogExpLoss()(c, r), atol=0, what="OpenRLHF ignores the margin")
+    with pytest.raises(ValueError, match="margin does not apply to LogExpLoss"):
+        fo.LogExpLoss()(c, r, mg)
+
+
+def test_empty_batches_give_zero(orl):
+    """Nothing to average: 0 where OpenRLHF divides 0 by 0 (NaN)."""
+    e, m = torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bool)
+    for name, args in (("SFTLoss", (e, m)), ("ValueLoss", (e, e, e, m)), ("PairWiseLoss", (e[0, :0], e[0, :0])),
+                       ("LogExpLoss", (e[0, :0], e[0, :0]))):
+        assert torch.isnan(getattr(orl, name)()(*args)), name
+        assert float(getattr(fo, name)()(*args)) == 0.0, name
+
+
+def test_value_and_sft_options_are_live_as_openrlhf(orl):
+    """Assigned options take effect at the next call, as OpenRLHF's; an invalid value raises at the assignment,
+    naming it, and leaves the old one."""
+    lp, old, A, m, _ = _batch(98)
+    args = (lp, old, A, m)
+    theirs, ours = orl.ValueLoss(clip_eps=0.2), fo.ValueLoss(clip_eps=0.2)
+    for name, value in (("clip_eps", 0.05), ("token_level_loss", False), ("clip_eps", None)):
+        setattr(theirs, name, value)
+        setattr(ours, name, value)
+        assert_close(ours(*args), theirs(*(t.double() for t in args[:3]), m), **FP32_TOL, what=f"{name}={value}")
+    sft = fo.SFTLoss()
+    for module, name, value, err in ((ours, "clip_eps", -0.1, ValueError), (ours, "clip_eps", float("nan"), ValueError),
+                                     (ours, "clip_eps", "0.2", TypeError), (ours, "token_level_loss", 1, TypeError),
+                                     (sft, "token_level_loss", "no", TypeError)):
+        with pytest.raises(err, match=name):
+            setattr(module, name, value)
+    assert ours.clip_eps is None and ours.token_level_loss is False and sft.token_level_loss is True
+    with pytest.raises(ValueError, match="clip_eps must be >= 0"):
+        fo.ValueLoss(clip_eps=-0.2)
+    with pytest.raises(TypeError, match="token_level_loss"):
+        fo.SFTLoss(token_level_loss="yes")
+
+
+def test_new_losses_name_openrlhf_arguments():
+    lp, old, A, m, _ = _batch(99)
+    c, r, mg = _pairs(99, (6,))
+    value = fo.ValueLoss(clip_eps=0.2)
+    for call, err, match in (
+            (lambda: fo.SFTLoss()(lp.long(), m), TypeError, "per_token_logps"),
+            (lambda: fo.SFTLoss()(lp, m[:, :3]), ValueError, "loss_mask"),
+            (lambda: fo.SFTLoss()(lp[None], m[None]), ValueError, "per_token_logps must be"),
+            (lambda: fo.SFTLoss()(lp, m, batch_num_tokens=-3), ValueError, "batch_num_tokens"),
+            (lambda: fo.SFTLoss()(lp, m, global_batch_size="4"), TypeError, "global_batch_size"),
+            (lambda: fo.SFTLoss()(lp, m, dp_size=0), ValueError, "dp_size"),
+            (lambda: value(lp, old, A[:, :3], m), ValueError, "returns"),
+            (lambda: value(lp, None, A, m), TypeError, "old_values"),
+            (lambda: value(lp, old[:, :3], A, m), ValueError, "old_values"),
+            (lambda: value(lp, old, A, m[:, :3]), ValueError, "action_mask"),
+            (lambda: value(lp, old, None, m), TypeError, "returns"),
+            (lambda: fo.PairWiseLoss()(c, r[:3]), ValueError, "reject_reward"),
+            (lambda: fo.PairWiseLoss()(c.long(), r), TypeError, "chosen_reward"),
+            (lambda: fo.PairWiseLoss()(c, r, mg[:, None]), ValueError, "margin must broadcast"),
+            (lambda: fo.PairWiseLoss()(c, r, "0.5"), TypeError, "margin"),
+            (lambda: fo.LogExpLoss()(c, None), TypeError, "reject_reward")):
+        with pytest.raises(err, match=match):
+            call()

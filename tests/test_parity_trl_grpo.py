@@ -570,17 +570,18 @@ def test_config_field_changed_between_steps_matches_trl(field):
 
 # ------------------------------------------------------------------------------------------ TRL's other GRPO configs
 
-def test_experimental_grpo_config_subclasses_raise():
+def test_experimental_grpo_config_subclasses_take_their_trainers_loss():
     """TRL's experimental ``GMPOConfig`` (the one ``GRPOConfig`` subclass in trl.experimental) configures
     GMPOTrainer, whose ``_compute_loss`` is a geometric mean of log-clipped ratios; the profile computed DAPO from
-    it. The profile and the drop-in refuse it; a user's own subclass is still a GRPOConfig."""
+    it. ``GRPOLoss`` gives GMPOTrainer's loss for it (tests/test_parity_trl_gmpo.py); ``grpo_policy_config`` (one
+    PolicyConfig, which GMPO's loss is not) refuses it. A user's own subclass is still a GRPOConfig."""
     from trl.experimental.gmpo import GMPOConfig
 
-    from fastalign.integrations.trl import grpo_policy_config
+    from fastalign.integrations.trl import GMPOLoss, grpo_policy_config
     config = GMPOConfig(output_dir="/tmp/fastalign-gmpo", report_to=[], use_cpu=True)
-    for build in (GRPOLoss, grpo_policy_config):
-        with pytest.raises(ValueError, match="^GMPOConfig .*another trainer's loss than GRPOTrainer's"):
-            build(config)
+    assert isinstance(GRPOLoss(config), GMPOLoss)
+    with pytest.raises(ValueError, match="^GMPOConfig configures GMPOTrainer.*GMPOLoss"):
+        grpo_policy_config(config)
 
     @dataclasses.dataclass
     class MyConfig(GRPOConfig):

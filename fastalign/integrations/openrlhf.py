@@ -1,7 +1,8 @@
-"""OpenRLHF 0.11.2 adapters: ``PolicyLoss`` and ``DPOLoss`` with OpenRLHF's constructor, ``forward``
-and return values (``openrlhf/models/loss.py``), computed by fastalign. A user swaps the import::
+"""OpenRLHF 0.11.2 adapters: every loss of ``openrlhf/models/loss.py`` (``PolicyLoss``, ``DPOLoss``,
+``GPTLMLoss``, ``SFTLoss``, ``ValueLoss``, ``PairWiseLoss``, ``LogExpLoss``) with OpenRLHF's constructor,
+``forward`` and return values, computed by fastalign. A user swaps the import::
 
-    from fastalign.integrations.openrlhf import PolicyLoss, DPOLoss
+    from fastalign.integrations.openrlhf import PolicyLoss, DPOLoss, GPTLMLoss, SFTLoss, ValueLoss
 
 :class:`PolicyLoss` (``policy_loss_type`` ``"ppo"`` or ``"gspo"``), with ``l = log_probs -
 old_log_probs``, ``A`` the advantages and ``m`` the action mask:
@@ -61,6 +62,25 @@ The reference log-probs get no gradient (OpenRLHF computes them without one).
 The ppo ratio clamps ``l`` to ``[-20, 20]`` as OpenRLHF does (``PolicyConfig.log_ratio_cap``, no
 gradient where the clamp binds); the gspo sequence ratio ``exp(mean_m l)`` has no clamp, as OpenRLHF's.
 
+The other losses (:mod:`fastalign.integrations.openrlhf_losses`), with ``agg`` OpenRLHF's ``aggregate_loss``
+by :func:`fastalign.aggregate_loss` (``token_level_loss``: ``sum_m L / batch_num_tokens * dp_size``, the local
+token mean without the count; else ``sum_i mean_m(L_i) / global_batch_size * dp_size`` over the non-empty
+sequences, the local mean over them without the count; a fractional mask weighs each token):
+
+    GPTLMLoss:    -sum_t lp_t / N over the labels other than -100, lp_t the log-softmax of logits[..., t, :] at
+                  labels[..., t + 1] (:func:`fastalign.token_logprobs`: no shifted copy of the logits, no
+                  [N, V] log-softmax); ring_attn_group: this rank's chunk of the labels, the ranks' mean
+    SFTLoss:      agg(-per_token_logps) under loss_mask
+    ValueLoss:    0.5 agg((v - R)^2), with clip_eps 0.5 agg(max((v_old + clip(v - v_old, ±clip_eps) - R)^2,
+                  (v - R)^2)) under action_mask
+    PairWiseLoss: mean(-log σ(c - r - margin)) over the pairs
+    LogExpLoss:   mean(log(1 + exp(r - c))) (softplus: finite where OpenRLHF's exp overflows); a margin, which
+                  OpenRLHF ignores, raises ``ValueError``
+
+computed in fp32 and returned in OpenRLHF's dtype (bf16 in, bf16 out; a float32 mask, margin or tensor count,
+or the sample-level mean, float32). ``[B, T]`` inputs or one sequence ``[T]``; a mask of None counts every
+token. Nothing to average gives 0 where OpenRLHF divides 0 by 0 (NaN).
+
 Nothing here imports OpenRLHF.
 """
 from __future__ import annotations
@@ -73,49 +93,14 @@ import torch
 from torch import Tensor
 
 from fastalign import _validate
-from fastalign.aggregate import divisor
 from fastalign.integrations._dtypes import float64_as_float32, required_like
-from fastalign.integrations._live_options import LiveOptions
+from fastalign.integrations.openrlhf_losses import (GPTLMLoss, LogExpLoss, PairWiseLoss, SFTLoss, ValueLoss,
+                                                    _check_counts, _masked_mean, _Options, _result_dtype)
 from fastalign.policy import policy_loss
 from fastalign.policy_config import PolicyConfig
 from fastalign.preference import preference_loss
 
-__all__ = ["PolicyLoss", "DPOLoss"]
-
-
-def _result_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
-    """The dtype OpenRLHF's arithmetic gives these operands: their promoted dtype (bf16 in: bf16 out; a float32
-    mask or rollout log-probs with bf16 log-probs: float32; an integer or bool mask changes nothing)."""
-    out = None
-    for t in tensors:
-        if isinstance(t, Tensor):
-            out = t.dtype if out is None else torch.promote_types(out, t.dtype)
-    return out
-
-
-def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """The mean of ``x`` over the valid tokens, weighted by a fractional mask as OpenRLHF's; 0 with none (where
-    OpenRLHF divides 0 by 0)."""
-    m = mask.to(torch.float32)
-    return (x.float() * m).sum() / divisor(m.sum())
-
-
-class _Options(LiveOptions):
-    """The options of an OpenRLHF adapter: an assignment checks the value it sets (``_check_values``: an invalid one
-    raises there, naming the option, and leaves the old value); how the options combine is checked, and what the
-    forward reads built (``_combine``), when the module is built and at the first call after an assignment
-    (:meth:`_ready`), so that assignments reach a valid configuration in any order, as OpenRLHF's."""
-
-    def _configure(self) -> None:
-        self._check_values()
-        self._combined = False
-
-    def _ready(self) -> None:
-        """Check the options' combination (``ValueError`` naming them) and build what the forward reads, once
-        after an assignment."""
-        if not self._combined:
-            self._combine()
-            self._combined = True
+__all__ = ["PolicyLoss", "DPOLoss", "GPTLMLoss", "SFTLoss", "ValueLoss", "PairWiseLoss", "LogExpLoss"]
 
 
 class PolicyLoss(_Options, torch.nn.Module):
@@ -226,9 +211,7 @@ class PolicyLoss(_Options, torch.nn.Module):
         if isinstance(advantages, numbers.Real) and not isinstance(advantages, bool):  # OpenRLHF multiplies by it
             advantages = torch.tensor(float(advantages), device=log_probs.device)  # 0-dim: promotes no dtype
         _validate.any_float("advantages", advantages)
-        _validate.count("batch_num_tokens", batch_num_tokens)
-        _validate.count("global_batch_size", global_batch_size)
-        _validate.at_least("dp_size", dp_size, 1)
+        _check_counts(dp_size, batch_num_tokens, global_batch_size)
         corrected = self.is_correction_level != "off"
         if corrected and rollout_log_probs is None:
             raise ValueError("rollout_log_probs is required with is_correction_level != 'off'")

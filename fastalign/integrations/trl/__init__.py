@@ -1,20 +1,22 @@
 """TRL 1.16 integration: trainer profiles and drop-in trainers.
 
 Profiles build fastalign losses from TRL's own config objects: ``grpo`` (the policy loss of
-``GRPOTrainer``), ``preference`` (the losses of ``DPOTrainer``, ``CPOTrainer``, ``ORPOTrainer``
-and ``KTOTrainer``), ``grpo_rewards`` (``GRPOTrainer``'s advantages) and ``rloo`` (``RLOOTrainer``'s advantages and
+``GRPOTrainer``), ``gmpo`` (the loss of the experimental ``GMPOTrainer``), ``preference`` (the losses of
+``DPOTrainer``, ``CPOTrainer``, ``ORPOTrainer`` and ``KTOTrainer``), ``grpo_rewards`` (``GRPOTrainer``'s advantages) and ``rloo`` (``RLOOTrainer``'s advantages and
 loss). Metrics come back under TRL's names.
 
 Drop-in trainers, subclasses of TRL's with the same constructor and config classes::
 
     from fastalign.integrations.trl import SFTTrainer, GRPOTrainer, RLOOTrainer, DPOTrainer, KTOTrainer   # was: from trl import ...
     from fastalign.integrations.trl import CPOTrainer, ORPOTrainer   # was: from trl.experimental.cpo / .orpo
+    from fastalign.integrations.trl import GMPOTrainer   # was: from trl.experimental.gmpo import GMPOTrainer
     from fastalign.integrations.trl import DistillationTrainer   # was: from trl import DistillationTrainer
 
 They are loaded on first access, so importing this package does not import ``trl``.
 """
 import importlib
 
+from fastalign.integrations.trl.gmpo import *  # noqa: F401,F403
 from fastalign.integrations.trl.grpo import *  # noqa: F401,F403
 from fastalign.integrations.trl.grpo_rewards import *  # noqa: F401,F403
 from fastalign.integrations.trl.preference import *  # noqa: F401,F403
@@ -23,7 +25,8 @@ from fastalign.integrations.trl.rloo import *  # noqa: F401,F403
 #: Drop-in trainer -> the module that defines it (imported on first access: it imports trl).
 _TRAINERS = {"SFTTrainer": "sft_trainer", "GRPOTrainer": "grpo_trainer", "RLOOTrainer": "rloo_trainer",
              "DPOTrainer": "dpo_trainer", "KTOTrainer": "kto_trainer", "CPOTrainer": "cpo_trainer",
-             "ORPOTrainer": "orpo_trainer", "DistillationTrainer": "distillation_trainer"}
+             "ORPOTrainer": "orpo_trainer", "DistillationTrainer": "distillation_trainer",
+             "GMPOTrainer": "gmpo_trainer"}
 
 
 def __getattr__(name):

@@ -6,7 +6,9 @@ returns ``(loss, metrics)`` equal to ``GRPOTrainer._compute_loss`` and the metri
 gives the loss of the ``GRPOConfig`` with the same fields: TRL's defaults fill the fields it does not
 give, and the values ``GRPOConfig.__post_init__`` derives (``steps_per_generation`` from
 ``generation_batch_size``, ``vllm_importance_sampling_clip_max`` from the deprecated
-``vllm_importance_sampling_cap``) are derived the same way, without TRL installed too.
+``vllm_importance_sampling_cap``) are derived the same way, without TRL installed too. A TRL
+``GMPOConfig`` (``trl.experimental.gmpo``) gives ``GMPOTrainer``'s loss instead: ``GRPOLoss``
+returns a :class:`~fastalign.integrations.trl.GMPOLoss` for it (:mod:`.gmpo`).
 
 Where TRL's behaviour differs from fastalign's defaults, the profile follows TRL:
 
@@ -117,10 +119,18 @@ def _checked(c: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _check_not_experimental(args: Any) -> None:
-    """A ``ValueError`` for a config of one of TRL's experimental ``GRPOConfig`` subclasses (``trl.experimental``:
-    ``GMPOConfig``), whose trainer replaces ``GRPOTrainer``'s loss with its own: the profile maps ``GRPOTrainer``'s
-    loss only, and would give another one under the same fields. A user's own subclass is read as a ``GRPOConfig``."""
+    """A ``ValueError`` for a config of one of TRL's experimental ``GRPOConfig`` subclasses (``trl.experimental``),
+    whose trainer replaces ``GRPOTrainer``'s loss with its own: ``GMPOConfig`` has its own profile
+    (:class:`~fastalign.integrations.trl.GMPOLoss`, which ``GRPOLoss`` returns for it); the profile maps
+    ``GRPOTrainer``'s loss only, and would give another one under the same fields. A user's own subclass is read as
+    a ``GRPOConfig``."""
+    from fastalign.integrations.trl.gmpo import is_gmpo_config
+
     cls = type(args)
+    if is_gmpo_config(args):
+        raise ValueError(f"{cls.__name__} configures GMPOTrainer, whose loss (a geometric mean of log-clipped "
+                         "ratios, its KL over every completion token) is not one PolicyConfig; use "
+                         "fastalign.integrations.trl.GMPOLoss (GRPOLoss(config) returns it) or the drop-in GMPOTrainer")
     if cls.__module__.startswith("trl.experimental") and any(
             base.__name__ == "GRPOConfig" and base.__module__.startswith("trl.") for base in cls.__mro__[1:]):
         raise ValueError(f"{cls.__name__} ({cls.__module__}) configures another trainer's loss than GRPOTrainer's "
@@ -277,7 +287,18 @@ class GRPOLoss:
     call takes the controller's coefficient for this step as ``entropy_coef`` (0 while the entropy
     is above ``entropy_target``); the bonus is then on even at 0, as in TRL (``policy_loss`` and
     ``entropy_coef`` logged).
+
+    ``GRPOLoss(gmpo_config)`` for TRL's experimental ``GMPOConfig`` returns a
+    :class:`~fastalign.integrations.trl.GMPOLoss`, ``GMPOTrainer``'s loss (a dict is read as a ``GRPOConfig``:
+    pass it to ``GMPOLoss`` for GMPO's).
     """
+
+    def __new__(cls, args: Any):
+        from fastalign.integrations.trl.gmpo import GMPOLoss, is_gmpo_config
+
+        if cls is GRPOLoss and is_gmpo_config(args):
+            return GMPOLoss(args)
+        return super().__new__(cls)
 
     def __init__(self, args: Any):
         self.args = args
