@@ -4,8 +4,6 @@ logits ever built.
 """
 from __future__ import annotations
 
-import math
-
 from typing import Optional
 
 import torch
@@ -13,6 +11,7 @@ from torch import Tensor
 
 from fastalign import _backend, _dtensor, _validate
 from fastalign._options import AUTO_OR_BOOL, check_choice
+from fastalign.aggregate import count_divisor
 from fastalign.linear import check_head, check_logit_options, check_second_head
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_divergence import DivergenceOptions, Head, divergence_loss
@@ -108,8 +107,10 @@ def linear_divergence_loss(
         labels: integer ``hidden.shape[:-1]``: the targets of the hard loss (and the mask, see above).
         soft_weight, hard_weight: ``w_soft`` and ``w_hard`` (Liger's ``weight_soft_loss`` /
             ``weight_hard_loss``); ``hard_weight != 0`` needs ``labels``.
-        normalizer: a number > 0 or a one-element tensor (TRL's ``num_items_in_batch``), >= 0 and finite: an eager
-            CPU tensor is checked (``ValueError``), another is not read on the host and a bad value makes the loss NaN.
+        normalizer: a number > 0 or a one-element tensor (TRL's ``num_items_in_batch``), >= 0 and finite, as the
+            global counts of :func:`fastalign.policy_loss`: a tensor 0 divides as 1 (a loss of 0 when no token
+            is scored), a number 0 raises ``ValueError``; an eager CPU tensor is checked (``ValueError``),
+            another is not read on the host and a negative, NaN or infinite value makes the loss NaN.
         single_pass: ``"auto"`` (the gradients in the forward when they are needed and the call is eager),
             True (the same; it raises under torch.compile), or False (the backward runs the blocks again).
             Gradients are needed when grad mode is on and ``hidden``, ``weight`` or ``bias`` requires grad: under
@@ -161,9 +162,8 @@ def linear_divergence_loss(
     count = mask.sum()
     if normalizer is None:
         norm = count.clamp(min=1)
-    else:  # a tensor not read on the host (a GPU one): negative, NaN or infinite makes the loss NaN
-        norm = torch.as_tensor(normalizer, device=dev).float().reshape(())
-        norm = torch.where(torch.isfinite(norm) & (norm >= 0), norm, math.nan)
+    else:  # a count of 0 divides as 1; a tensor not read on the host (a GPU one) negative, NaN or infinite: NaN
+        norm = count_divisor(torch.as_tensor(normalizer, device=dev).float().reshape(()))
     g_soft = mask * (w_soft / norm)
     # no hard term at weight 0: the labels are then the mask and the nll metric only (an invalid label gives a NaN
     # nll, not a NaN loss)

@@ -41,27 +41,39 @@ _LOGIT_OPTIONS = ("temperature", "softcap", "logit_scale", "ignore_index", "chun
 _COUPLED = ("clip_cov", "kl_cov")  # loss types whose tokens are chosen across the batch
 
 
-def _single_pass_blocker(config: dict, *, entropy_threshold=None, per_call: bool = True) -> Optional[str]:
-    """Why a :class:`LinearPolicyLoss` configuration cannot take the single pass (None when it can).
-    ``per_call``: include what depends on the call's own arguments."""
-    if config.get("loss_type") in _COUPLED:
-        return f"loss_type {config['loss_type']!r} chooses its tokens across the batch"
-    why = two_pass_only(config)
+def _single_pass_blocker(config: PolicyConfig, logit: dict, *, entropy_threshold=None,
+                         per_call: bool = True) -> Optional[str]:
+    """Why a :class:`LinearPolicyLoss` configuration (``logit``: its :func:`fastalign.linear_logprobs`
+    options) cannot take the single pass (None when it can). ``per_call``: include what depends on the
+    call's own arguments."""
+    if config.row in _COUPLED:
+        return f"loss_type {config.loss_type!r} chooses its tokens across the batch"
+    why = two_pass_only(logit)
     if why:
         return why
-    if config.get("entropy_quantile") is not None:
+    if config.entropy_quantile is not None:
         if per_call and entropy_threshold is None:
             return "entropy_quantile takes the batch's quantile unless entropy_threshold is given"
-        if config.get("entropy_agg") == "token-mean":
+        if config.entropy_agg == "token-mean":
             return "entropy_agg='token-mean' with entropy_quantile divides the bonus by the batch's kept tokens"
     return None
+
+
+def _policy_config(options: dict) -> PolicyConfig:
+    """The :class:`PolicyConfig` of :class:`LinearPolicyLoss` keywords, as :func:`fastalign.policy_loss` resolves
+    them: ``config`` (None: the defaults) with the fields given as keywords replaced."""
+    config = options.get("config")
+    if config is not None and not isinstance(config, PolicyConfig):
+        raise TypeError(f"config must be a fastalign.PolicyConfig, got {type(config).__name__}")
+    return PolicyConfig.make(config, "LinearPolicyLoss", **{k: v for k, v in options.items() if k in FIELDS})
 
 
 class LinearPolicyLoss(nn.Module):
     r"""Policy loss straight from the last hidden states and the lm_head weight.
 
     ``LinearPolicyLoss(loss_type="grpo", eps_high=0.28, temperature=0.7, entropy_coef=0.01)``
-    takes the configuration of :class:`fastalign.PolicyLoss` plus the logit options of
+    takes the configuration of :class:`fastalign.PolicyLoss` (the fields as keywords and/or
+    ``config=PolicyConfig(...)``, whose fields the keywords replace) plus the logit options of
     :func:`fastalign.linear_logprobs` (``temperature``, ``softcap``, ``logit_scale``,
     ``ignore_index``, ``chunk``, ``vocab_group``, ``grad_skip_threshold``) and ``backend``.
 
@@ -71,15 +83,17 @@ class LinearPolicyLoss(nn.Module):
 
     .. code-block:: text
 
-        lp, H = linear_logprobs(hidden, weight, labels, bias=bias, low_rank=low_rank)   # no [B*T, V] tensor
-        loss, metrics = policy_loss(lp, old_logprobs, advantages, response_mask & (labels != ignore_index),
-                                    entropy=H, ...)
+        mask = response_mask & (labels != ignore_index)
+        lp, H = linear_logprobs(hidden, weight, labels.masked_fill(~mask, ignore_index), bias=bias,
+                                low_rank=low_rank)   # no [B*T, V] tensor
+        loss, metrics = policy_loss(lp, old_logprobs, advantages, mask, entropy=H, ...)
 
     The entropy is computed only when it is used: ``entropy_coef != 0``, ``entropy_quantile``
     set, or ``entropy_metric=True`` (adds ``metrics["entropy"]``). Gradients flow to ``hidden``,
     ``weight``, ``bias`` and the low-rank term ``(a [B, T, r], L [V, r])`` of a LoRA lm_head
     (see :func:`fastalign.linear_logprobs`). Tokens labelled ``ignore_index`` are dropped from the mask.
-    Per-call keywords override the configuration. Returns ``(loss, metrics)`` like
+    Per-call keywords override the configuration (a per-call ``config`` takes the place of the module's; the
+    field keywords, the module's and the call's, replace its fields). Returns ``(loss, metrics)`` like
     :func:`fastalign.policy_loss`. With ``vocab_group`` every rank holds the same tokens, so Clip-Cov's
     random choice takes the seed of the group's first rank on every rank (drawn from its ``generator``;
     one all-reduce on the device).
@@ -93,21 +107,22 @@ class LinearPolicyLoss(nn.Module):
     (``single_pass=False`` for a second backward through a retained graph).
     """
 
-    def __init__(self, *, entropy_metric: bool = False, single_pass="auto", **config):
+    def __init__(self, *, config: Optional[PolicyConfig] = None, entropy_metric: bool = False,
+                 single_pass="auto", **options):
         super().__init__()
         self.entropy_metric = bool(entropy_metric)
         check_choice("single_pass", single_pass, AUTO_OR_BOOL)
         self.single_pass = single_pass
-        if "entropy" in config:
+        if "entropy" in options:
             raise ValueError("LinearPolicyLoss computes the entropy itself; pass entropy_coef / entropy_metric")
         # validated now (unknown names, bad values, options that do not apply), not at the first call
-        check_names("LinearPolicyLoss", config, FIELDS + _LOGIT_OPTIONS)
-        logit = {k: v for k, v in config.items() if k in _LOGIT_OPTIONS and k != "vocab_group"}
-        check_logit_options(**logit, backend=config.get("backend"))
-        _validate.process_group("vocab_group", config.get("vocab_group"))
-        PolicyConfig(**{k: v for k, v in config.items() if k not in _LOGIT_OPTIONS})
-        self.config = dict(config)
-        why = _single_pass_blocker(config, per_call=False) if single_pass is True else None
+        check_names("LinearPolicyLoss", options, FIELDS + _LOGIT_OPTIONS)
+        self.config = dict(options) if config is None else dict(config=config, **options)
+        policy = _policy_config(self.config)
+        logit = {k: v for k, v in options.items() if k in _LOGIT_OPTIONS}
+        check_logit_options(**{k: v for k, v in logit.items() if k != "vocab_group"}, backend=policy.backend)
+        _validate.process_group("vocab_group", options.get("vocab_group"))
+        why = _single_pass_blocker(policy, logit, per_call=False) if single_pass is True else None
         if why:
             raise ValueError(f"single_pass=True does not apply: {why}")
 
@@ -121,11 +136,13 @@ class LinearPolicyLoss(nn.Module):
         entropy_metric = bool(cfg.pop("entropy_metric", self.entropy_metric))
         single_pass = cfg.pop("single_pass", self.single_pass)
         check_choice("single_pass", single_pass, AUTO_OR_BOOL)
-        why = _single_pass_blocker(cfg, entropy_threshold=cfg.get("entropy_threshold"))
+        # the configuration the loss takes decides the path too (a per-call config included)
+        config = _policy_config(cfg)
+        logit = {k: cfg.pop(k) for k in _LOGIT_OPTIONS if k in cfg}
+        why = _single_pass_blocker(config, logit, entropy_threshold=cfg.get("entropy_threshold"))
         if single_pass is True and why:
             raise ValueError(f"single_pass=True does not apply: {why}")
-        logit = {k: cfg.pop(k) for k in _LOGIT_OPTIONS if k in cfg}
-        backend = cfg.get("backend")
+        backend = config.backend
         _validate.integer("labels", labels, dim=2)
         _validate.floating("hidden", hidden, dim=3)
         _validate.like(tuple(labels.shape), "labels.shape", device=labels.device, device_of="labels", kind="float",
@@ -137,14 +154,13 @@ class LinearPolicyLoss(nn.Module):
         if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(labels.shape):
             raise ValueError(f"hidden must have shape (B, T, H) with (B, T) = labels.shape {tuple(labels.shape)}, "
                              f"got {tuple(hidden.shape)}")
-        want_ent = (cfg.get("entropy_coef", 0.0) != 0.0 or cfg.get("entropy_quantile") is not None
-                    or entropy_metric)
+        want_ent = config.entropy_coef != 0.0 or config.entropy_quantile is not None or entropy_metric
         ignore_index = int(logit.get("ignore_index", -100))
         mask = response_mask.bool() & (labels != ignore_index)
         # unscored tokens (prompt, tool output) are ignored rows: they skip the vocabulary on every backend
         scored = labels.masked_fill(~mask, ignore_index)
-        inputs = dict(ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, **cfg)
-        config = PolicyConfig.make(None, "LinearPolicyLoss", **{k: v for k, v in cfg.items() if k in FIELDS})
+        inputs = dict(ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, config=config,
+                      **{k: v for k, v in cfg.items() if k not in FIELDS and k != "config"})
         if logit.get("vocab_group") is not None and config.row == "clip_cov":  # its ranks hold the same tokens
             inputs["generator"] = SharedSeed(inputs.get("generator"), logit["vocab_group"])
 

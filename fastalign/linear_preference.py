@@ -464,7 +464,8 @@ class LinearPreferenceLoss(nn.Module):
 
         loss, metrics, _stats = single_pass_loss([Side(hc, yc, rows_c), Side(hr, yr, rows_r)], weight, bias, share,
                                                  total, pipe=self._pipeline(hc.device),
-                                                 aux="sum_p2" if self.use_weighting else None)
+                                                 aux="sum_p2" if self.use_weighting else None,
+                                                 nan_gradients="orpo" in self.loss_types)
         return loss, metrics
 
 

@@ -284,6 +284,30 @@ def test_bad_normalizer_tensor(bad, monkeypatch):
     assert torch.isnan(loss)
 
 
+@pytest.mark.parametrize("read_on_host", [True, False], ids=["cpu", "not-read"])
+def test_a_zero_normalizer_tensor_divides_as_one(read_on_host, monkeypatch):
+    """A normalizer tensor of 0 (TRL's num_items_in_batch of a micro-batch with no scored token) divides as 1,
+    as policy_loss's global counts (it gave a NaN loss, or inf without a mask): the loss and gradients of a
+    normalizer of 1, a loss of 0 with zero gradients when no token is scored; a number 0 still raises."""
+    from fastalign import _validate
+
+    if not read_on_host:
+        monkeypatch.setattr(_validate, "eager", lambda x: False)
+    h, w, b, ht, wt, bt, y = _batch(12)
+    mask = torch.ones(y.shape)
+    mask[0, 1:] = 0
+    for m in (mask, None, torch.zeros(y.shape)):
+        got = fastalign.linear_divergence_loss(h, w, ht, wt, bias=b, teacher_bias=bt, response_mask=m,
+                                               normalizer=torch.tensor([0.0]))[0]
+        want = fastalign.linear_divergence_loss(h, w, ht, wt, bias=b, teacher_bias=bt, response_mask=m,
+                                                normalizer=1.0)[0]
+        for g, r in zip((got, *torch.autograd.grad(got, (h, w, b))), (want, *torch.autograd.grad(want, (h, w, b)))):
+            assert torch.isfinite(g).all()
+            assert_close(g, r, atol=0.0, what="normalizer tensor 0 against 1")
+    with pytest.raises(ValueError, match="normalizer must be > 0 and finite"):
+        fastalign.linear_divergence_loss(h, w, ht, wt, normalizer=0)
+
+
 def test_bad_tensors():
     h, w, b, ht, wt, bt, y = _batch(11, bias=False)
     with pytest.raises(ValueError, match="teacher_weight"):

@@ -140,14 +140,17 @@ UNLABELLED = {"logprobs": 0.0, "entropy": 0.0, "sum_p2": 1.0, "argmax": -1}
 
 def single_pass_loss(sides: Sequence[Side], weight: Tensor, bias: Optional[Tensor], share: BlockShare,
                      total: BatchLoss, *, pipe: LogitPipeline, aux: Optional[str] = None, extras: Sequence[str] = (),
-                     low_rank_weight: Optional[Tensor] = None) -> Tuple[Tensor, dict, dict]:
+                     low_rank_weight: Optional[Tensor] = None,
+                     nan_gradients: bool = False) -> Tuple[Tensor, dict, dict]:
     """``(loss, metrics, stats)`` of items spread over ``sides``; the gradients of every side's hidden
     states, ``weight`` and ``bias`` (and of the low-rank term: every side's ``low_rank_hidden`` and
     ``low_rank_weight [V, r]``) are computed here, block by block. ``aux``: one of :data:`AUX_STATS`,
     passed to the callbacks. ``stats``: name -> one detached tensor per side, shaped like its labels, of
     ``"logprobs"``, ``aux`` and the ``extras`` (statistics of :data:`~fastalign.ops.linear_block.BLOCK_STATS`
     kept for the caller, e.g. entropies and argmax for metrics, with no gradient); an unlabelled position
-    holds :data:`UNLABELLED`."""
+    holds :data:`UNLABELLED`. ``nan_gradients``: a NaN loss makes the gradients of the head and of every labelled
+    row NaN (an unlabelled row's stay 0), on the device: for a loss whose two passes carry a NaN of one item to
+    every item's gradient (ORPO's NLL), which a block's share cannot see in another block."""
     if aux not in AUX_STATS:
         raise ValueError(f"aux must be one of {AUX_STATS}, got {aux!r}")
     unknown = set(extras) - set(BLOCK_STATS)
@@ -158,7 +161,7 @@ def single_pass_loss(sides: Sequence[Side], weight: Tensor, bias: Optional[Tenso
         raise ValueError("low_rank_weight and every side's low_rank_hidden go together")
     out: dict = {}
     names = tuple(dict.fromkeys(([aux] if aux else []) + list(extras)))
-    state = ([(s.labels, s.rows) for s in sides], share, total, pipe, aux, names, out)
+    state = ([(s.labels, s.rows) for s in sides], share, total, pipe, aux, names, nan_gradients, out)
     loss = _SinglePass.apply(weight, bias, low_rank_weight, state, *(s.hidden for s in sides),
                              *(a for a in low if a is not None))
     return loss, out["metrics"], out["stats"]
@@ -180,7 +183,7 @@ class _SinglePass(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, bias, low_rank_weight, state, *row_inputs):
-        side_labels, share, total, pipe, aux, names, out = state
+        side_labels, share, total, pipe, aux, names, nan_gradients, out = state
         kw = pipe._asdict()
         n = len(side_labels)
         # the per-row inputs, kind by kind: hidden states, then the low-rank term's inputs (if any)
@@ -273,6 +276,15 @@ class _SinglePass(torch.autograd.Function):
         del buf
         with torch.no_grad():
             loss, metrics = total(lp_all, aux_all)
+        if nan_gradients:  # without a host sync: the flag stays on the device
+            nan = loss.isnan()
+            for d in (dw, db, dl):
+                if d is not None:
+                    d.masked_fill_(nan, math.nan)
+            for d_sides in d_rows:
+                for d, (y, _rows) in zip(d_sides, side_labels):
+                    if d is not None:
+                        d.masked_fill_(((y != pipe.ignore_index) & nan).unsqueeze(-1), math.nan)
         # kept as attributes, not saved tensors: backward scales them in place (no second [V, H])
         ctx.grads = (dw, db, dl, *(d for d_sides in d_rows for d in d_sides))
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (weight, bias, low_rank_weight))
