@@ -24,6 +24,8 @@ from fastalign.integrations.liger_cross_entropy import CrossEntropyOutput, Liger
 
 liger_flce = pytest.importorskip("liger_kernel.transformers.fused_linear_cross_entropy",
                                  reason="liger_kernel is not installed: `pip install liger-kernel==0.8.*`")
+from liger_kernel.transformers.model import loss_utils  # noqa: E402
+from liger_kernel.transformers.model.loss_utils import unpack_cross_entropy_result  # noqa: E402
 
 # Liger's kernel under the interpreter multiplies -inf by 0 in its masked lanes (unused values)
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
@@ -258,6 +260,47 @@ def test_return_type_follows_the_flags():
         assert isinstance(out, CrossEntropyOutput), flag
         given = [k for k in FIELDS if getattr(out, k) is not None]
         assert given == ["loss", flag.removeprefix("return_")], (flag, given)
+        # Liger's model patches read a result by position (Liger's own class aside)
+        unpacked = unpack_cross_entropy_result(out)
+        assert all(a is getattr(out, k) for a, k in zip(unpacked, FIELDS, strict=True)), flag
+
+
+def _fastalign_functional(input, weight, target, bias=None, chunk_mem_const=1, **options):
+    """Liger's ``liger_fused_linear_cross_entropy`` computed by the drop-in module."""
+    return LigerFusedLinearCrossEntropyLoss(**options)(weight, input, target, bias)
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, 5])
+def test_liger_causal_lm_loss_through_the_drop_in_matches_liger(num_items_in_batch, liger_interpreter, monkeypatch):
+    """Liger's ``LigerForCausalLMLoss`` (what its model patches call) with the token accuracy and the predicted
+    tokens, its fused cross entropy replaced by the drop-in: the loss, the metrics and the gradients of Liger's own
+    (``num_items_in_batch``: its ``reduction="sum"`` path, the loss divided by the count)."""
+    leaves, _ = _batch(8, bias=False)
+    labels = torch.randint(0, V, (3, 3), generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    labels[1, 0] = -100
+    flags = dict(return_token_accuracy=True, return_predicted_tokens=True, num_items_in_batch=num_items_in_batch)
+
+    def causal_lm(w, h, t, b):
+        return loss_utils.LigerForCausalLMLoss(h.view(3, 3, H), w, t, hidden_size=H, **flags)
+
+    lg = _run(causal_lm, leaves, labels)
+    monkeypatch.setattr(loss_utils.F, "liger_fused_linear_cross_entropy", _fastalign_functional)
+    fa = _run(causal_lm, leaves, labels)
+    assert sorted(fa[0]) == ["loss", "predicted_tokens", "token_accuracy"]
+    _compare(fa, lg, atol=2e-6, rtol=1e-5, what=f"LigerForCausalLMLoss, num_items_in_batch={num_items_in_batch}")
+
+
+@pytest.mark.parametrize("case", ["mean", "none", "z_loss", "ce_weight_smoothing_z", "everything"])
+def test_float64_matches_liger(case, liger_interpreter):
+    """float64 hidden states and head, which Liger takes: computed in fp32, with Liger's dtypes (an fp32 loss and
+    metrics, a float64 z-loss and float64 gradients)."""
+    opts = _opts(case)
+    leaves, target = _batch(9, dtype=torch.float64)
+    fa = _run(LigerFusedLinearCrossEntropyLoss(**opts), leaves, target)
+    lg = _run(liger_flce.LigerFusedLinearCrossEntropyLoss(**opts), leaves, target)
+    ref = _run(_reference_module(opts), leaves, target)
+    _compare(fa, lg, atol=2e-6, rtol=1e-5, what=f"float64 {case} vs Liger")
+    _compare(fa, ref, atol=2e-6, rtol=1e-5, what=f"float64 {case} vs float64", dtypes=False)
 
 
 def test_option_assignment_takes_effect_as_liger(liger_interpreter):
@@ -333,6 +376,8 @@ def test_call_errors_name_liger_arguments():
         loss(w[:, :-1], h, target, b)
     with pytest.raises(TypeError, match="lin_weight"):
         loss(w.double(), h, target, b)
+    with pytest.raises(TypeError, match="_input"):
+        loss(w, h.double(), target, b)
     with pytest.raises(ValueError, match="bias"):
         loss(w, h, target, b[:-1])
     with pytest.raises(ValueError, match="ce_weight"):

@@ -36,7 +36,8 @@ def trl_loss(config, lp, old, A, m, H, *, ref=None, ga=1, nproc=1, training=True
         _get_per_token_logps_and_entropies=lambda *a, **k: (lp, H.double(), None))
     trainer.get_high_entropy_mask = types.MethodType(GRPOTrainer.get_high_entropy_mask, trainer)
     inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
-              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": m.long(),
+              "completion_ids": torch.zeros(B, T, dtype=torch.long),
+              "completion_mask": m if m.is_floating_point() else m.long(),
               "advantages": A.double(), "old_per_token_logps": None if old is None else old.double()}
     if ref is not None:
         inputs["ref_per_token_logps"] = ref.double()
@@ -171,6 +172,35 @@ def test_entropy_threshold_of_every_process_replaces_the_batch_quantile():
     want, want_g, _ = trl_loss(dict(), d["lp"], d["old"], d["A"], keep, d["H"])  # TRL with the kept tokens as mask
     assert_close(loss, want, atol=1e-6, rtol=1e-6, what="loss")
     assert_close(x.grad, want_g, atol=1e-6, rtol=1e-5, what="d logprobs")
+
+
+def test_fractional_completion_mask_raises():
+    """TRL weighs each token by a fractional completion mask (dividing a row by its sum clamped at 1); fastalign's
+    gmpo row counts a token or not, so GMPOLoss refuses such a mask, naming it (it gave the binarised mask's
+    number, or for a row summing below 1 TRL's unclamped one). A 0/1 mask of any dtype still matches TRL."""
+    d = batch(seed=12)
+    frac = d["m"].float()
+    frac[0, :3] = torch.tensor([0.5, 0.25, 0.75])
+    frac[2] = frac[2] * 0.1  # a row whose sum is below 1
+    trl = lambda m: trl_loss(dict(), d["lp"], d["old"], d["A"], m, d["H"])[0]  # noqa: E731
+    assert not torch.allclose(trl(frac), trl(d["m"].double()))  # TRL's number is a weighted one
+    for mask in (frac, d["m"] * 2):
+        with pytest.raises(ValueError, match="^completion_mask must hold 0 and 1 only"):
+            GMPOLoss({})(d["lp"], d["old"], d["A"], mask, entropy=d["H"])
+    for mask in (d["m"].float(), d["m"].int()):
+        _compare(*_call_both(dict(beta=0.02), {**d, "m": mask}, 1, 1, True))
+
+
+def test_fractional_completion_mask_unread_gives_nan(monkeypatch):
+    """Where the mask's values are not read on the host (a GPU tensor), a fractional mask makes the loss NaN."""
+    from fastalign import _validate
+
+    monkeypatch.setattr(_validate, "flag_or_raise", lambda bad, x, message: bad)
+    d = batch(seed=13)
+    frac = d["m"].float()
+    frac[0, 0] = 0.5
+    assert torch.isnan(GMPOLoss({})(d["lp"], d["old"], d["A"], frac, entropy=d["H"])[0])
+    assert torch.isfinite(GMPOLoss({})(d["lp"], d["old"], d["A"], d["m"].float(), entropy=d["H"])[0])
 
 
 def test_gmpo_loss_checks_its_arguments():

@@ -27,25 +27,28 @@ with gradients to the hidden states, the weight and the bias, and
 op gives it without the logits, so ``label_smoothing > 0`` with ``softcap`` raises ``ValueError``).
 
 ``forward`` returns the loss, or, with ``return_z_loss``, ``return_token_accuracy`` or
-``return_predicted_tokens``, a :class:`CrossEntropyOutput` (Liger's fields: ``loss``; ``z_loss``, the ``z / n``
-terms summed as the loss is, in the dtype of ``_input``; ``token_accuracy``, the share of targets not ignored
-whose argmax is the target, per target with ``"none"``, NaN when every target is ignored; ``predicted_tokens``,
-the argmax of each row, -1 where ignored), the metrics detached. The loss is fp32; the gradients have the inputs'
-dtypes. ``accum_dtype`` chooses the dtype of Liger's gradient accumulators: fastalign accumulates in fp32 (Liger's
-``accum_dtype=torch.float32``), so it is checked (None or a floating dtype) and does not change the result.
+``return_predicted_tokens``, a :class:`CrossEntropyOutput` (Liger's fields, in its order: ``loss``; ``z_loss``,
+the ``z / n`` terms summed as the loss is, in the dtype of ``_input``; ``token_accuracy``, the share of targets
+not ignored whose argmax is the target, per target with ``"none"``, NaN when every target is ignored;
+``predicted_tokens``, the argmax of each row, -1 where ignored), the metrics detached. It is a named tuple, so
+Liger's model patches read it as they read Liger's own (``unpack_cross_entropy_result``: by position). The loss
+is fp32; the gradients have the inputs' dtypes. A float64 ``_input`` and ``lin_weight`` (and ``bias``) are
+computed in fp32, the z-loss and the gradients float64, as Liger's. ``accum_dtype`` chooses the dtype of Liger's
+gradient accumulators: fastalign accumulates in fp32 (Liger's ``accum_dtype=torch.float32``), so it is checked
+(None or a floating dtype) and does not change the result.
 ``ce_weight`` takes no gradient, as in Liger. The option table: docs/integrations.md#liger-kernel. Nothing here
 imports Liger-Kernel.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastalign import _validate
+from fastalign.integrations._dtypes import float64_as_float32
 from fastalign.integrations._live_options import LiveOptions
 from fastalign.linear import check_head, linear_logprobs
 
@@ -55,9 +58,9 @@ _REDUCTIONS = ("mean", "sum", "none")
 _CHUNK_ELEMENTS = 1 << 23  # rows of the head widened to fp32 at a time in the class-weighted sum (32 MiB)
 
 
-@dataclasses.dataclass
-class CrossEntropyOutput:
-    """Liger's ``CrossEntropyOutput``: the loss and the metrics asked for (None otherwise)."""
+class CrossEntropyOutput(NamedTuple):
+    """Liger's ``CrossEntropyOutput``: the loss and the metrics asked for (None otherwise). A tuple in Liger's field
+    order, which Liger's ``unpack_cross_entropy_result`` reads by position (it knows no other class)."""
 
     loss: Tensor
     z_loss: Optional[Tensor] = None
@@ -119,6 +122,9 @@ class LigerFusedLinearCrossEntropyLoss(LiveOptions, nn.Module):
             raise TypeError(f"accum_dtype must be None or a floating torch.dtype, got {dtype!r}")
 
     def forward(self, lin_weight, _input, target, bias=None):
+        out_dtype = getattr(_input, "dtype", None)  # the z-loss's (Liger keeps it in _input's dtype)
+        if out_dtype == torch.float64 == getattr(lin_weight, "dtype", None):  # in fp32 (Liger's loss is fp32)
+            _input, lin_weight, bias = map(float64_as_float32, (_input, lin_weight, bias))
         check_head(_input, lin_weight, bias, names=("_input", "lin_weight", "bias"))
         if _input.dim() != 2:
             raise ValueError(f"_input must be (BT, H), got shape {tuple(_input.shape)}")
@@ -175,13 +181,13 @@ class LigerFusedLinearCrossEntropyLoss(LiveOptions, nn.Module):
             loss = loss.sum()
         if not (self.return_z_loss or want_argmax):
             return loss
-        out = CrossEntropyOutput(loss=loss)
+        z_loss = accuracy = predicted = None
         if self.return_z_loss:
-            z = torch.where(keep, z.detach(), zero).to(_input.dtype)  # Liger keeps the z-loss in _input's dtype
-            out.z_loss = z if self.reduction == "none" else z.sum()
+            z = torch.where(keep, z.detach(), zero).to(out_dtype)
+            z_loss = z if self.reduction == "none" else z.sum()
         if self.return_token_accuracy:
             hit = (keep & (stats.argmax == target)).float()
-            out.token_accuracy = hit if self.reduction == "none" else hit.sum() / n
+            accuracy = hit if self.reduction == "none" else hit.sum() / n
         if self.return_predicted_tokens:
-            out.predicted_tokens = torch.where(keep, stats.argmax, -1)
-        return out
+            predicted = torch.where(keep, stats.argmax, -1)
+        return CrossEntropyOutput(loss, z_loss, accuracy, predicted)

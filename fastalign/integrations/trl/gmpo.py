@@ -12,6 +12,9 @@ as its response mask, and adds what the row leaves out:
 
 * a completion with no token in ``M`` (empty, or every token dropped by the entropy mask) has ratio
   ``exp(0 / 1) = 1``: it adds the constant ``-A_i`` (no gradient) and counts in the mean;
+* ``m`` holds 0 and 1 only, as TRL's trainer builds it: TRL weighs the tokens by a fractional mask (and divides a
+  row by its sum clamped at 1), the ``gmpo`` row counts a token or not, so another value is a ``ValueError`` naming
+  ``completion_mask`` where its values are on the host (an eager CPU tensor), and a NaN loss elsewhere;
 * the KL term (``beta``) is k3 without clamps or bias correction, averaged over ``m`` (the entropy mask does not
   apply to it), per completion;
 * the metrics: ``kl`` (with ``beta``), ``entropy``, ``clip_ratio/low_mean`` (``l < -eps_low`` with ``A < 0``),
@@ -134,6 +137,8 @@ class GMPOLoss:
             raise ValueError("entropy_threshold applies with top_entropy_quantile < 1 only")
         if old_logprobs is None:
             old_logprobs = logprobs.detach()
+        fractional = _validate.zero_one("completion_mask", completion_mask, "hold 0 and 1 only (TRL's GMPO weighs "
+                                        "the tokens by a fractional mask; fastalign's gmpo row counts a token or not)")
 
         m = completion_mask.float()
         kept = m  # the tokens of the geometric mean
@@ -151,6 +156,8 @@ class GMPOLoss:
             loss = loss + self.beta * ((kl * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
         if training and ga != 1:
             loss = loss / ga
+        if fractional is not None:  # a fractional mask whose values were not read: a NaN loss, not a binarised one
+            loss = torch.where(fractional, math.nan, loss)
         return loss, self._metrics(logprobs, old_logprobs, A, m, entropy, kl)
 
     def _metrics(self, logprobs, old_logprobs, A, m, entropy, kl) -> dict:
