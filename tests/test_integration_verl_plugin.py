@@ -517,8 +517,11 @@ def test_fused_backend_equals_verl_torch_backend(dtype, temperature, cpu_backend
 def test_fused_backend_rejects_what_it_cannot_honour():
     from fastalign.integrations.verl import fused
 
-    with pytest.raises(ValueError, match="chunk_size"):
-        fused.FusedLinearForPPO(chunk_size=256)
+    for bad in (0, -4):
+        with pytest.raises(ValueError, match="chunk_size"):
+            fused.FusedLinearForPPO(chunk_size=bad)
+    with pytest.raises(TypeError, match="chunk_size"):
+        fused.FusedLinearForPPO(chunk_size=2.5)
     with pytest.raises(ValueError, match="impl_backend"):
         fused.FusedLinearForPPO(impl_backend="torch")
     h, w, ids, _, _ = _fused_inputs(torch.float32)
@@ -560,6 +563,105 @@ def test_fused_backend_switch_through_verl_monkey_patch():
                 delattr(model, attr)
     for name, a, b in zip(("log_probs", "entropy", "d lm_head", "d embed"), out["fastalign"], out["torch"]):
         assert_close(a, b, atol=1e-5, rtol=1e-5, what=f"patched model {name}")
+
+
+def _tiny_causal_lm(kind):
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=37, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=32)
+    if kind == "gemma2":
+        cfg, cls = transformers.Gemma2Config(head_dim=8, final_logit_softcapping=5.0, **common), \
+            transformers.Gemma2ForCausalLM
+    elif kind == "cohere":
+        cfg, cls = transformers.CohereConfig(logit_scale=0.25, **common), transformers.CohereForCausalLM
+    else:
+        cfg, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = cls(cfg).float()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # logits large enough for the softcap / scale to matter
+    return model
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "cohere"])
+def test_fused_backend_applies_the_models_head_transform(kind):
+    """Gemma 2's final_logit_softcapping and Cohere's logit_scale: through verl's patched forward with
+    impl_backend=fastalign, log-probs and entropy are those of the model's own logits (verl's non-fused path)."""
+    from verl.models.transformers import monkey_patch
+
+    model = _tiny_causal_lm(kind)
+    ids = torch.randint(0, 37, (2, 6), generator=torch.Generator().manual_seed(1))
+    attn, temperature = torch.ones_like(ids), 0.8
+    cls = type(model)
+    original_forward = cls.forward
+    try:
+        with torch.no_grad():
+            z = model(input_ids=ids, attention_mask=attn).logits.double() / temperature
+            monkey_patch.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="fastalign")
+            res = model(input_ids=ids, attention_mask=attn, return_dict=True, temperature=temperature)
+    finally:
+        cls.forward = original_forward
+    logp = torch.log_softmax(z, dim=-1)
+    ref_lp = logp.gather(-1, torch.roll(ids, -1, dims=-1).unsqueeze(-1)).squeeze(-1)
+    ref_ent = -(logp.exp() * logp).sum(-1)
+    assert_close(res.log_probs.double(), ref_lp, atol=1e-5, rtol=1e-5, what=f"{kind} fused log_probs")
+    assert_close(res.entropy.double(), ref_ent, atol=1e-5, rtol=1e-5, what=f"{kind} fused entropy")
+
+
+def test_fused_backend_refuses_an_architecture_without_a_known_head_transform():
+    from verl.models.transformers import monkey_patch
+
+    model = _tiny_causal_lm("qwen2")
+    model.config.model_type = "qwen2_custom"  # not in fastalign.integrations.hf.HEAD_TRANSFORMS
+    cls = type(model)
+    original_forward = cls.forward
+    try:
+        with pytest.raises(ValueError, match="qwen2_custom.*register_head_transform"):
+            monkey_patch.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="fastalign")
+        assert cls.forward is original_forward and not hasattr(model, "_verl_fused_kernels_backend")
+    finally:
+        cls.forward = original_forward
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe",
+                                        "qwen3_5", "qwen3_5_moe", "gemma3"])
+def test_fused_backend_scores_verls_multimodal_models_with_their_plain_head(model_type):
+    """verl gives these their own fused forward; their transformers forward is ``lm_head(hidden)`` alone (read in
+    its source here), so the fastalign backend takes them with no transform instead of refusing them."""
+    import inspect
+
+    import transformers
+
+    from fastalign.integrations.verl import fused
+
+    config = transformers.AutoConfig.for_model(model_type)
+    assert fused._model_head_transform(config) == (1.0, None)
+    model_class = transformers.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
+    source = inspect.getsource(model_class.forward)
+    assert "logits = self.lm_head(hidden_states)" in source
+    assert not any(word in source for word in ("softcap", "logit_scale", "logits_scaling"))
+
+
+def test_verls_fused_linear_stays_a_class():
+    from verl.utils.experimental import torch_functional as vtf
+
+    from fastalign.integrations.verl import fused
+
+    verl_class = vtf.FusedLinearForPPO.verl_class
+    assert isinstance(vtf.FusedLinearForPPO, type) and issubclass(vtf.FusedLinearForPPO, verl_class)
+    theirs = vtf.FusedLinearForPPO(chunk_size=64, impl_backend="torch")
+    assert isinstance(theirs, vtf.FusedLinearForPPO) and theirs.chunk_size == 64
+
+    class Sub(vtf.FusedLinearForPPO):
+        pass
+
+    assert isinstance(Sub(), verl_class)
+    ours = vtf.FusedLinearForPPO(chunk_size=4, impl_backend="fastalign")  # chunking does not change the result
+    assert isinstance(ours, fused.FusedLinearForPPO) and ours.chunk_size == 4
+    h, w, ids, _, _ = _fused_inputs(torch.float32)
+    for a, b in zip(ours(h, w, ids), fused.FusedLinearForPPO()(h, w, ids)):
+        assert torch.equal(a, b)
 
 
 def test_grpo_passk_reads_its_flag_from_config_as_verl():

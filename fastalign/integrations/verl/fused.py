@@ -11,9 +11,11 @@ takes another path). This module adds the value ``fastalign``::
 
 :class:`FusedLinearForPPO` has verl's constructor and ``forward(hidden_states, vocab_weights,
 input_ids, temperature=1.0) -> (log_probs, entropy)`` and computes them with
-:func:`fastalign.linear_logprobs`:
+:func:`fastalign.linear_logprobs`, with the head transform of the model's architecture
+(:func:`fastalign.integrations.hf.head_transform`: Gemma 2/3's softcap, Cohere's and Granite's logit
+scale), so the log-probs are those of the model's own logits, as verl's non-fused path computes them:
 
-    z = hidden_states @ vocab_weights.T / temperature
+    z = softcap * tanh(logit_scale * hidden_states @ vocab_weights.T / softcap) / temperature  (no tanh without softcap)
     log_probs = z[input_ids] - logsumexp(z)           (float32)
     entropy   = logsumexp(z) - sum_j softmax(z)_j z_j (the dtype of hidden_states, as verl)
 
@@ -23,21 +25,24 @@ with fp32 accumulation and without the ``[tokens, V]`` logits (chunks of at most
 
 :func:`enable` (called by the ``verl.plugins`` entry point, so by ``import verl``) teaches verl's
 two switch points the new value: ``monkey_patch.patch_forward_with_backends`` installs verl's own
-fused forward for ``fastalign`` (as for ``torch``) and marks the model, and
-``verl.utils.experimental.torch_functional.FusedLinearForPPO`` returns this module for
-``impl_backend="fastalign"`` and verl's own class otherwise. ``monkey_patch`` imports
+fused forward for ``fastalign`` (as for ``torch``) and marks the model with its head transform (an
+architecture missing from :data:`fastalign.integrations.hf.HEAD_TRANSFORMS` raises ``ValueError``
+until stated with :func:`~fastalign.integrations.hf.register_head_transform`), and
+``verl.utils.experimental.torch_functional.FusedLinearForPPO`` becomes a subclass of verl's class
+that builds this module for ``impl_backend="fastalign"``. ``monkey_patch`` imports
 ``transformers``, so its patch is applied when verl imports it, not before. Idempotent.
 """
 from __future__ import annotations
 
 import importlib.abc
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from fastalign import _dtensor
+from fastalign import _dtensor, _validate
+from fastalign.integrations.hf import head_transform, known_head_transform
 from fastalign.linear import linear_logprobs
 
 __all__ = ["BACKEND", "FusedLinearForPPO", "enable"]
@@ -49,19 +54,22 @@ BACKEND = "fastalign"
 class FusedLinearForPPO(torch.nn.Module):
     """verl's ``FusedLinearForPPO`` computed by :func:`fastalign.linear_logprobs`.
 
-    ``chunk_size``: verl chunks by a token count; fastalign sizes its chunks by a memory
-    budget (``FASTALIGN_LINEAR_CHUNK_MIB``), so only ``None`` is accepted (verl's factory passes
-    none). ``impl_backend`` must be ``"fastalign"``.
+    ``chunk_size``: ``None`` or a positive token count, accepted as verl's class takes it; chunking
+    does not change the result, and fastalign sizes its chunks by a memory budget
+    (``FASTALIGN_LINEAR_CHUNK_MIB``) instead. ``impl_backend`` must be ``"fastalign"``.
+    ``logit_scale`` / ``softcap``: the model's head transform (those of :func:`fastalign.linear_logprobs`);
+    verl's patched forward passes its model's, read by :func:`fastalign.integrations.hf.head_transform`.
     """
 
-    def __init__(self, chunk_size: Optional[int] = None, impl_backend: str = BACKEND):
+    def __init__(self, chunk_size: Optional[int] = None, impl_backend: str = BACKEND, *,
+                 logit_scale: float = 1.0, softcap: Optional[float] = None):
         super().__init__()
         if impl_backend != BACKEND:
             raise ValueError(f"impl_backend must be {BACKEND!r} for fastalign's FusedLinearForPPO, got {impl_backend!r}")
         if chunk_size is not None:
-            raise ValueError("chunk_size does not apply to fastalign's FusedLinearForPPO: it chunks by "
-                             "FASTALIGN_LINEAR_CHUNK_MIB")
-        self.impl_backend = impl_backend
+            _validate.at_least("chunk_size", chunk_size)
+        self.chunk_size, self.impl_backend = chunk_size, BACKEND
+        self.logit_scale, self.softcap = logit_scale, softcap
 
     def forward(self, hidden_states: Tensor, vocab_weights: Tensor, input_ids: Tensor,
                 temperature: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -69,27 +77,59 @@ class FusedLinearForPPO(torch.nn.Module):
             raise ValueError(f"input_ids shape {tuple(input_ids.shape)} must match hidden_states shape "
                              f"{tuple(hidden_states.shape[:-1])}")
         stats = linear_logprobs(hidden_states, _dtensor.full(vocab_weights), input_ids.to(torch.int64),
-                                temperature=float(temperature), entropy=True)
+                                temperature=float(temperature), logit_scale=self.logit_scale, softcap=self.softcap,
+                                entropy=True)
         return stats.logprobs, stats.entropy.to(hidden_states.dtype)
 
 
-def _fused_linear_factory(verl_class: type) -> Callable:
-    """verl's ``FusedLinearForPPO(chunk_size, impl_backend)``, with ``impl_backend="fastalign"`` added."""
+#: The multimodal architectures verl gives a fused forward of its own (``monkey_patch``), whose ``transformers``
+#: forward computes the logits as ``lm_head(hidden)`` alone (``gemma3``: its ``ForConditionalGeneration``).
+_PLAIN_MULTIMODAL_HEADS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "qwen3_5",
+                           "qwen3_5_moe", "gemma3")
 
-    def fused_linear_for_ppo(chunk_size: int = 512, impl_backend: str = "torch"):
-        if impl_backend == BACKEND:
-            return FusedLinearForPPO()
-        return verl_class(chunk_size=chunk_size, impl_backend=impl_backend)
 
-    fused_linear_for_ppo.verl_class = verl_class
-    fused_linear_for_ppo.__doc__ = verl_class.__doc__
-    return fused_linear_for_ppo
+def _model_head_transform(config) -> tuple[float, Optional[float]]:
+    """``(logit_scale, softcap)`` of the model: a registered or listed architecture's
+    (:func:`~fastalign.integrations.hf.head_transform`, which raises for another), or none for verl's plain-headed
+    multimodal ones."""
+    known = known_head_transform(config)
+    if known is None and getattr(config, "model_type", None) in _PLAIN_MULTIMODAL_HEADS:
+        return 1.0, None
+    return known if known is not None else head_transform(config)
+
+
+class _Backend(str):
+    """``"fastalign"`` carrying the model's head transform: verl's fused forward builds its
+    ``FusedLinearForPPO(impl_backend=model._verl_fused_kernels_backend)`` from this value alone."""
+
+    def __new__(cls, logit_scale: float, softcap: Optional[float]):
+        self = super().__new__(cls, BACKEND)
+        self.logit_scale, self.softcap = logit_scale, softcap
+        return self
+
+
+def _fused_linear_switch(verl_class: type) -> type:
+    """A subclass of verl's ``FusedLinearForPPO`` whose ``impl_backend="fastalign"`` builds fastalign's module."""
+
+    class Switch(verl_class):
+        __doc__ = verl_class.__doc__
+
+        def __new__(cls, chunk_size: int = 512, impl_backend: str = "torch"):
+            if impl_backend == BACKEND:
+                return FusedLinearForPPO(chunk_size, BACKEND, logit_scale=getattr(impl_backend, "logit_scale", 1.0),
+                                         softcap=getattr(impl_backend, "softcap", None))
+            return super().__new__(cls)
+
+    Switch.verl_class = verl_class
+    Switch.__name__ = Switch.__qualname__ = verl_class.__name__
+    Switch.__module__ = verl_class.__module__
+    return Switch
 
 
 def _patch_torch_functional(module) -> None:
     current = module.FusedLinearForPPO
     if getattr(current, "verl_class", None) is None:
-        module.FusedLinearForPPO = _fused_linear_factory(current)
+        module.FusedLinearForPPO = _fused_linear_switch(current)
 
 
 def _patch_monkey_patch(module) -> None:
@@ -99,10 +139,12 @@ def _patch_monkey_patch(module) -> None:
 
     def patch_forward_with_backends(model, use_fused_kernels: bool = False, fused_kernels_backend: str = None):
         if use_fused_kernels and fused_kernels_backend == BACKEND:
+            # the model's logits are its head transform of hidden @ lm_head.T; unlisted architectures raise
+            backend = _Backend(*_model_head_transform(model.config))
             # verl's fused forward (the one its torch backend uses) asks FusedLinearForPPO for this backend
             original(model, use_fused_kernels=True, fused_kernels_backend="torch")
             if getattr(model, "_verl_fused_kernels_backend", None) == "torch":
-                model._verl_fused_kernels_backend = BACKEND
+                model._verl_fused_kernels_backend = backend
             return
         original(model, use_fused_kernels=use_fused_kernels, fused_kernels_backend=fused_kernels_backend)
 
