@@ -382,3 +382,28 @@ def test_call_errors_name_liger_arguments():
         loss(w, h, target, b[:-1])
     with pytest.raises(ValueError, match="ce_weight"):
         LigerFusedLinearCrossEntropyLoss(ce_weight=torch.ones(V + 1))(w, h, target, b)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_target_out_of_range_is_refused(reduction, monkeypatch):
+    """Liger's kernel reads out of bounds for a target outside [0, V) (not ignore_index); the fused op gives it a
+    NaN log-prob with a finite gradient, so the adapter refuses it: a ValueError naming ``target`` where the
+    targets are an eager CPU tensor, elsewhere (not read on the host) a NaN loss and NaN gradients."""
+    from fastalign import _validate
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 8, generator=g, requires_grad=True)
+    weight = torch.randn(20, 8, generator=g, requires_grad=True)
+    target = torch.tensor([1, 2, -100, 20, 4, 5])  # 20 = V
+    loss_fn = LigerFusedLinearCrossEntropyLoss(reduction=reduction)
+    with pytest.raises(ValueError, match=r"^target must lie in \[0, 20\) or equal -100"):
+        loss_fn(weight, hidden, target)
+    monkeypatch.setattr(_validate, "eager", lambda *tensors: False)
+    loss = loss_fn(weight, hidden, target)
+    loss.sum().backward()
+    scored = target != -100  # an ignored row's d(hidden) stays 0, as documented for the fused ops
+    assert loss.isnan().all() and hidden.grad[scored].isnan().all() and weight.grad.isnan().all()
+    assert (hidden.grad[~scored] == 0).all()
+    hidden.grad = weight.grad = None
+    loss_fn(weight, hidden, target.clamp(max=19)).sum().backward()  # in range: finite, as before
+    assert hidden.grad.isfinite().all() and weight.grad.isfinite().all()

@@ -1033,3 +1033,24 @@ def test_new_losses_name_openrlhf_arguments():
             (lambda: fo.LogExpLoss()(c, None), TypeError, "reject_reward")):
         with pytest.raises(err, match=match):
             call()
+
+
+def test_gpt_lm_loss_refuses_a_label_out_of_range(monkeypatch):
+    """OpenRLHF's GPTLMLoss raises IndexError for a label outside [0, V) other than -100 (a pad id of -1); the
+    fused op gives it a NaN log-prob with a finite gradient, so the adapter refuses it: a ValueError naming
+    ``labels`` where they are an eager CPU tensor, elsewhere (not read on the host) a NaN loss and NaN gradient."""
+    from fastalign import _validate
+
+    orl = _load_openrlhf_loss()
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    labels = torch.tensor([[0, 3, -1, 4, -100], [1, 2, 3, 4, 5]])
+    with pytest.raises(IndexError):
+        orl.GPTLMLoss()(logits, labels)
+    with pytest.raises(ValueError, match=r"^labels must lie in \[0, 11\) or equal -100"):
+        fo.GPTLMLoss()(logits, labels)
+    monkeypatch.setattr(_validate, "eager", lambda *tensors: False)
+    loss = fo.GPTLMLoss()(logits, labels)
+    loss.backward()
+    scored = labels[:, 1:] != -100  # position t scores labels[t + 1]; the others' gradient stays 0
+    assert loss.isnan() and logits.grad[:, :-1][scored].isnan().all()
+    assert (logits.grad[:, :-1][~scored] == 0).all() and (logits.grad[:, -1] == 0).all()

@@ -2,6 +2,7 @@
 and widened or narrowed to match the trainer's own handling."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -24,3 +25,13 @@ def float64_as_float32(t: Optional[Tensor]) -> Optional[Tensor]:
     """A float64 tensor as float32 (the kernels' widest input, as Liger casts its per-token inputs); other tensors,
     and None, as they are."""
     return t.float() if isinstance(t, Tensor) and t.dtype == torch.float64 else t
+
+
+def refuse_out_of_range(loss: Tensor, labels: Tensor, vocab: int, ignore_index: int, name: str) -> Tensor:
+    """``loss``, refused when a label of ``labels`` (named ``name``) lies outside ``[0, vocab)`` and is not
+    ``ignore_index``, as the trainers' own losses fail on it (an ``IndexError`` or an out-of-bounds read): a
+    ``ValueError`` where the labels are an eager CPU tensor (read on the host for free), elsewhere the loss times
+    NaN, so its gradients are NaN too (the fused ops give such a label a NaN log-prob with a finite gradient)."""
+    bad = ((labels != ignore_index) & ((labels < 0) | (labels >= vocab))).any()
+    flag = _validate.flag_or_raise(bad, labels, lambda: f"{name} must lie in [0, {vocab}) or equal {ignore_index}")
+    return loss if flag is None else loss * torch.where(flag, math.nan, 1.0)

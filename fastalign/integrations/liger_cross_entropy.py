@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastalign import _validate
-from fastalign.integrations._dtypes import float64_as_float32
+from fastalign.integrations._dtypes import float64_as_float32, refuse_out_of_range
 from fastalign.integrations._live_options import LiveOptions
 from fastalign.linear import check_head, linear_logprobs
 
@@ -176,7 +176,7 @@ class LigerFusedLinearCrossEntropyLoss(LiveOptions, nn.Module):
             loss = loss * p_y
             z = None if z is None else z * p_y
         zero = torch.zeros((), dtype=torch.float32, device=lp.device)
-        loss = torch.where(keep, loss, zero)
+        loss = refuse_out_of_range(torch.where(keep, loss, zero), target, V, self.ignore_index, "target")
         if self.reduction != "none":
             loss = loss.sum()
         if not (self.return_z_loss or want_argmax):

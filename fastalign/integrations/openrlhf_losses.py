@@ -15,7 +15,7 @@ from torch import Tensor
 
 from fastalign import _validate
 from fastalign.aggregate import aggregate_loss, divisor, whole_divisor
-from fastalign.integrations._dtypes import float64_as_float32, required_like
+from fastalign.integrations._dtypes import float64_as_float32, refuse_out_of_range, required_like
 from fastalign.integrations._live_options import LiveOptions
 from fastalign.logprobs import token_logprobs
 
@@ -145,6 +145,7 @@ class GPTLMLoss(_Options, torch.nn.Module):
         shift_labels = labels[..., 1:]
         lp = token_logprobs(float64_as_float32(logits)[..., :-1, :], shift_labels, ignore_index=self.IGNORE_INDEX)
         loss = -lp.logprobs.sum() / whole_divisor((shift_labels != self.IGNORE_INDEX).sum())
+        loss = refuse_out_of_range(loss, shift_labels, logits.shape[-1], self.IGNORE_INDEX, "labels")
         if ring:  # the ranks' mean; the gradient of the local loss, as OpenRLHF's (its all-reduce has none)
             total = loss.detach().clone()
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.ring_attn_group)
