@@ -72,12 +72,12 @@ KINDS = {"tensor": tensor, "real": real, "float": floating, "any_float": any_flo
 
 
 def like(expected, what: str, *, device=None, device_of: str = "the other inputs", kind: str = "any_float",
-         **tensors) -> None:
-    """Each tensor given (None skipped) passes the check ``kind`` (a key of ``KINDS``), has shape
-    ``expected`` (a tuple, a list of allowed tuples, or None for any; ``what`` says why) and sits
-    on ``device`` (when given: the device of the argument ``device_of``)."""
+         required: bool = False, **tensors) -> None:
+    """Each tensor given (None skipped, unless ``required``: then None is a ``TypeError`` naming it) passes the
+    check ``kind`` (a key of ``KINDS``), has shape ``expected`` (a tuple, a list of allowed tuples, or None for
+    any; ``what`` says why) and sits on ``device`` (when given: the device of the argument ``device_of``)."""
     for name, t in tensors.items():
-        if t is None:
+        if t is None and not required:
             continue
         KINDS[kind](name, t)
         if isinstance(expected, list):

@@ -256,9 +256,8 @@ def wpo_weights(chosen_wpo: Tensor, rejected_wpo: Tensor, cap: Optional[float] =
     if cap is not None:
         cap = _validate.positive("cap", cap)
     _validate.any_float("chosen_wpo", chosen_wpo)
-    _validate.any_float("rejected_wpo", rejected_wpo)  # required: like() skips None
-    _validate.like(tuple(chosen_wpo.shape), "like chosen_wpo", device=chosen_wpo.device, device_of="chosen_wpo",
-                   rejected_wpo=rejected_wpo)
+    _validate.like(tuple(chosen_wpo.shape), "like chosen_wpo", required=True, device=chosen_wpo.device,
+                   device_of="chosen_wpo", rejected_wpo=rejected_wpo)
     w = torch.exp(chosen_wpo.detach() + rejected_wpo.detach())
     return w if cap is None else w.clamp(max=cap)
 

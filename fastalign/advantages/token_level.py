@@ -46,8 +46,7 @@ def masked_whiten(x: Tensor, response_mask: Tensor, eps: float = WHITEN_EPS, *, 
     Tokens where ``m == 0`` are left out by selection (not multiplied by 0): a NaN or inf there
     changes nothing, and their output is exactly 0."""
     _validate.any_float("x", x)
-    _validate.real("response_mask", response_mask)  # required: like() skips None
-    _validate.like(tuple(x.shape), "x.shape", device=x.device, device_of="x", kind="real",
+    _validate.like(tuple(x.shape), "x.shape", required=True, device=x.device, device_of="x", kind="real",
                    response_mask=response_mask)
     eps = _eps(eps)
     _validate.boolean("unbiased", unbiased)

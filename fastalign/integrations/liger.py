@@ -84,7 +84,7 @@ import torch
 from torch import Tensor, nn
 
 from fastalign import _validate
-from fastalign.integrations._dtypes import float64_as_float32, required_like
+from fastalign.integrations._dtypes import float64_as_float32
 from fastalign.integrations._live_options import LiveOptions, SinglePassAttribute
 from fastalign.integrations.trl.grpo import GRPO_LOSSES  # Liger's GRPO loss types are TRL's
 from fastalign.linear import check_head, check_second_head, linear_logprobs
@@ -246,10 +246,10 @@ class LigerFusedLinearGRPOLoss(SinglePassAttribute, LiveOptions, nn.Module):
             raise ValueError(f"selected_token_ids must be [B, T], got shape {tuple(selected_token_ids.shape)}")
         B, T = selected_token_ids.shape
         dev = dict(device=_input.device, device_of="_input")
-        required_like((B, T), "selected_token_ids.shape", kind="real", **dev, attention_mask=attention_mask)
+        _validate.like((B, T), "selected_token_ids.shape", required=True, kind="real", **dev, attention_mask=attention_mask)
         _validate.like((B, T), "selected_token_ids.shape", **dev, old_per_token_logps=old_per_token_logps,
                        ref_per_token_logps=ref_per_token_logps)
-        required_like((B,), "one per sequence", **dev, advantages=advantages)
+        _validate.like((B,), "one per sequence", required=True, **dev, advantages=advantages)
         _validate.like([(B,), (B, 1), (B, T)], "one per sequence or per token", **dev, vllm_is_ratio=vllm_is_ratio)
         old_per_token_logps, ref_per_token_logps, advantages, vllm_is_ratio = map(
             float64_as_float32, (old_per_token_logps, ref_per_token_logps, advantages, vllm_is_ratio))

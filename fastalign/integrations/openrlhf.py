@@ -93,7 +93,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _validate
-from fastalign.integrations._dtypes import float64_as_float32, required_like
+from fastalign.integrations._dtypes import float64_as_float32
 from fastalign.integrations.openrlhf_losses import (GPTLMLoss, LogExpLoss, PairWiseLoss, SFTLoss, ValueLoss,
                                                     _check_counts, _masked_mean, _Options, _result_dtype)
 from fastalign.policy import policy_loss
@@ -202,7 +202,7 @@ class PolicyLoss(_Options, torch.nn.Module):
         _validate.any_float("log_probs", log_probs)
         if log_probs.dim() not in (1, 2):
             raise ValueError(f"log_probs must be [B, T] or one sequence [T], got shape {tuple(log_probs.shape)}")
-        required_like(tuple(log_probs.shape), "log_probs.shape", device=log_probs.device, device_of="log_probs",
+        _validate.like(tuple(log_probs.shape), "log_probs.shape", required=True, device=log_probs.device, device_of="log_probs",
                       old_log_probs=old_log_probs)
         _validate.like(tuple(log_probs.shape), "log_probs.shape", device=log_probs.device, device_of="log_probs",
                        rollout_log_probs=rollout_log_probs)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from fastalign import _validate
 from fastalign.aggregate import aggregate_loss, divisor, whole_divisor
-from fastalign.integrations._dtypes import float64_as_float32, refuse_out_of_range, required_like
+from fastalign.integrations._dtypes import float64_as_float32, refuse_out_of_range
 from fastalign.integrations._live_options import LiveOptions
 from fastalign.logprobs import token_logprobs
 
@@ -205,7 +205,7 @@ class ValueLoss(_Options, torch.nn.Module):
         clipped = self.clip_eps is not None
         _check_tokens("values", values, action_mask=action_mask)
         shape = tuple(values.shape)
-        required_like(shape, "values.shape", device=values.device, device_of="values", returns=returns,
+        _validate.like(shape, "values.shape", required=True, device=values.device, device_of="values", returns=returns,
                       **({"old_values": old_values} if clipped else {}))
         _validate.like(shape, "values.shape", device=values.device, device_of="values", old_values=old_values)
         _check_counts(dp_size, batch_num_tokens, global_batch_size)
@@ -224,7 +224,7 @@ def _check_pairs(chosen_reward: Tensor, reject_reward: Tensor, margin=None) -> O
     it (returned as a tensor: a number as a 0-dim one, which promotes no dtype)."""
     _validate.any_float("chosen_reward", chosen_reward)
     shape = tuple(chosen_reward.shape)
-    required_like(shape, "chosen_reward.shape", device=chosen_reward.device, device_of="chosen_reward",
+    _validate.like(shape, "chosen_reward.shape", required=True, device=chosen_reward.device, device_of="chosen_reward",
                   reject_reward=reject_reward)
     if margin is None:
         return None

@@ -34,7 +34,6 @@ import torch
 from torch import Tensor, nn
 
 from fastalign import _validate
-from fastalign.integrations._dtypes import required_like
 from fastalign.integrations.trl._config import read_fields
 from fastalign.linear_preference import LinearPreferenceLoss
 from fastalign.preference import (LOSSES, ROW_OPTIONS, PreferenceLoss, preference_loss, unpaired_preference_loss,
@@ -412,7 +411,7 @@ class KTOLoss(nn.Module):
             raise ValueError("loss_type 'kto' needs kl_logps and ref_kl_logps (the KL completions' summed log-probs)")
         if not kto and (kl_logps is not None or ref_kl_logps is not None):
             raise ValueError("kl_logps / ref_kl_logps do not apply to loss_type 'apo_zero_unpaired' (no KL term)")
-        required_like((N,), "one per row of per_token_logps", **device, ref_logps=ref_logps)
+        _validate.like((N,), "one per row of per_token_logps", required=True, **device, ref_logps=ref_logps)
         if kto:
             _validate.any_float("kl_logps", kl_logps, dim=1)
             _validate.like(tuple(kl_logps.shape), "like kl_logps", **device, kl_logps=kl_logps,

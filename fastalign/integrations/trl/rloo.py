@@ -30,7 +30,6 @@ from torch import Tensor
 
 from fastalign import _validate
 from fastalign.advantages import group_advantages
-from fastalign.integrations._dtypes import required_like
 from fastalign.integrations.trl._config import read_fields
 from fastalign.integrations.trl._rewards import reward_columns
 from fastalign.policy import policy_loss
@@ -113,10 +112,10 @@ class RLOOLoss:
         _validate.floating("logprobs", logprobs, dim=2)
         B = logprobs.shape[0]
         dev = dict(device=logprobs.device, device_of="logprobs")
-        required_like((B,), "one per completion", **dev, old_logps=old_logps)
-        required_like((B,), "one per completion", kind="float", **dev, advantages=advantages)
-        required_like(tuple(logprobs.shape), "logprobs.shape", kind="real", **dev, completion_mask=completion_mask)
-        required_like(tuple(logprobs.shape), "logprobs.shape: TRL logs its token mean", **dev, entropy=entropy)
+        _validate.like((B,), "one per completion", required=True, **dev, old_logps=old_logps)
+        _validate.like((B,), "one per completion", required=True, kind="float", **dev, advantages=advantages)
+        _validate.like(tuple(logprobs.shape), "logprobs.shape", required=True, kind="real", **dev, completion_mask=completion_mask)
+        _validate.like(tuple(logprobs.shape), "logprobs.shape: TRL logs its token mean", required=True, **dev, entropy=entropy)
         mask = completion_mask.bool()
         logps = sequence_logprobs(logprobs, mask).sum  # Σ_t m_t lp_t, differentiable
         # one "token" per completion: the ppo row on the sequence ratio, averaged over every completion; TRL's

@@ -50,7 +50,6 @@ from fastalign.advantages import (gae_advantages, group_advantages, optimal_toke
                                   remax_advantages, token_advantages)
 from fastalign.advantages._inputs import as_index
 from fastalign.advantages.sequence_level import reads_eps
-from fastalign.integrations._dtypes import required_like
 from fastalign.integrations.verl._names import unprefixed
 
 __all__ = ["ALGO_DEFAULTS", "ESTIMATORS", "algo_options", "compute_advantage"]
@@ -105,7 +104,7 @@ def _check_inputs(token_level_rewards, response_mask, *, values, reward_baseline
     _validate.any_float("token_level_rewards", token_level_rewards, dim=2)
     shape = tuple(token_level_rewards.shape)
     dev = dict(device=token_level_rewards.device, device_of="token_level_rewards")
-    required_like(shape, "token_level_rewards.shape", kind="real", **dev, response_mask=response_mask)
+    _validate.like(shape, "token_level_rewards.shape", required=True, kind="real", **dev, response_mask=response_mask)
     _validate.like(shape, "token_level_rewards.shape", **dev, values=values, old_log_probs=old_log_probs,
                    sum_pi_squared=sum_pi_squared, rollout_is_weights=rollout_is_weights)
     _validate.like(shape[:1], "one per response", **dev, reward_baselines=reward_baselines)

@@ -59,7 +59,7 @@ from torch import Tensor
 
 from fastalign import _validate
 from fastalign.aggregate import AGGS, aggregate_loss, counts_read, divisor
-from fastalign.integrations._dtypes import float64_as_float32, required_like
+from fastalign.integrations._dtypes import float64_as_float32
 from fastalign.integrations.verl._names import unprefixed
 from fastalign.kl import canonical_kl, kl_penalty
 from fastalign.policy import policy_loss
@@ -102,9 +102,9 @@ def _check_inputs(log_prob, old_log_prob, advantages, response_mask, entropy, re
     _validate.any_float("log_prob", log_prob, dim=2)
     shape = tuple(log_prob.shape)
     dev = dict(device=log_prob.device, device_of="log_prob")
-    required_like(shape, "log_prob.shape", **dev, old_log_prob=old_log_prob)
-    required_like([shape, shape[:1]], "log_prob.shape, or one per sequence", **dev, advantages=advantages)
-    required_like(shape, "log_prob.shape", kind="real", **dev, response_mask=response_mask)
+    _validate.like(shape, "log_prob.shape", required=True, **dev, old_log_prob=old_log_prob)
+    _validate.like([shape, shape[:1]], "log_prob.shape, or one per sequence", required=True, **dev, advantages=advantages)
+    _validate.like(shape, "log_prob.shape", required=True, kind="real", **dev, response_mask=response_mask)
     _validate.like(shape, "log_prob.shape", **dev, entropy=entropy, ref_log_prob=ref_log_prob)
     _validate.like([shape, (shape[0], 1), shape[:1]], "per token or per sequence", **dev,
                    rollout_is_weights=rollout_is_weights)
