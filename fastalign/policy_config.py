@@ -81,6 +81,11 @@ class OptionError(ValueError):
         return type(self), (self.option, str(self))
 
 
+def _refused(option: str, reason: str) -> OptionError:
+    """The :class:`OptionError` "<option> <reason>"."""
+    return OptionError(option, f"{option} {reason}")
+
+
 @contextlib.contextmanager
 def _option(name: str):
     """A ``ValueError`` of the checks inside, raised again as an :class:`OptionError` of ``name`` (same message)."""
@@ -195,13 +200,13 @@ class PolicyConfig:
             check_agg(agg)
         self._check_numbers()
         if self.agg not in (None, "seq-mean-token-mean") and row == "gmpo":  # it would be ignored
-            raise OptionError("agg", f"agg does not apply to loss_type {self.loss_type!r} (gmpo always aggregates "
+            raise _refused("agg", f"does not apply to loss_type {self.loss_type!r} (gmpo always aggregates "
                               f"seq-mean-token-mean), got {self.agg!r}")
         if self.seq_count is not None:
             with _option("seq_count"):
                 check_choice("seq_count", self.seq_count, SEQ_COUNTS)
         if self.importance_sampling_level not in IS_LEVELS:
-            raise OptionError("importance_sampling_level", f"importance_sampling_level must be 'token' or 'sequence', "
+            raise _refused("importance_sampling_level", f"must be 'token' or 'sequence', "
                               f"got {self.importance_sampling_level!r}")
         if self.importance_sampling_level == "sequence" and row not in _SEQUENCE_LEVEL_ROWS:
             raise OptionError("importance_sampling_level", f"importance_sampling_level='sequence' applies to "
@@ -210,67 +215,67 @@ class PolicyConfig:
             given = getattr(self, name) is not None
             self._only(name, given, _CLIP_ROWS)
             if given and row == "cispo" and self.cispo_bounds is not None:
-                raise OptionError(name, f"{name} does not apply to cispo with cispo_bounds")
+                raise _refused(name, "does not apply to cispo with cispo_bounds")
         if self.clip_eps[0] < 0 or self.clip_eps[1] < 0:
             raise OptionError("eps_low" if self.clip_eps[0] < 0 else "eps_high",
                               f"eps_low and eps_high must be >= 0, got {self.eps_low}, {self.eps_high}")
         if not self.log_ratio_cap > 0:
-            raise OptionError("log_ratio_cap", f"log_ratio_cap must be > 0 (math.inf: no clamp), got "
+            raise _refused("log_ratio_cap", f"must be > 0 (math.inf: no clamp), got "
                               f"{self.log_ratio_cap}")
         with _option("log_ratio_cap"):
             check_read("log_ratio_cap", self.log_ratio_cap != LOG_RATIO_CAP and self.kl_rho is False,
                        self.loss_type, (self.row,), _RATIO_ROWS, also="kl_rho")
         self._only("dual_clip", self.dual_clip is not None, ("ppo",))
         if self.dual_clip is not None and not self.dual_clip > 1.0:
-            raise OptionError("dual_clip", f"dual_clip must be > 1, got {self.dual_clip}")
+            raise _refused("dual_clip", f"must be > 1, got {self.dual_clip}")
         self._only("delta", self.delta is not None, _DELTA_ROWS)
         if self.delta is not None and not self.delta > 0:
-            raise OptionError("delta", f"delta must be > 0, got {self.delta}")
+            raise _refused("delta", f"must be > 0, got {self.delta}")
         self._only("cispo_bounds", self.cispo_bounds is not None, ("cispo",))
         self._only("sapo_tau", self.sapo_tau is not None, ("sapo",))
         self._only("vespo_k", self.vespo_k is not None, ("vespo",))
         self._only("vespo_lambda", self.vespo_lambda is not None, ("vespo",))
         self._only("dro_beta", self.dro_beta is not None, ("dro",))
         if row == "dro" and not (self.dro_beta is not None and self.dro_beta > 0):
-            raise OptionError("dro_beta", f"dro_beta must be > 0 for loss_type 'dro', got {self.dro_beta!r}")
+            raise _refused("dro_beta", f"must be > 0 for loss_type 'dro', got {self.dro_beta!r}")
         self._only("cov_ratio", self.cov_ratio is not None, ("clip_cov", "kl_cov"))
         for name in ("cov_lb", "cov_ub"):  # kl_cov takes the top k by covariance, with no bounds
             self._only(name, getattr(self, name) is not None, ("clip_cov",))
         self._only("cov_kl_coef", self.cov_kl_coef is not None, ("kl_cov",))
         self._only("cov_global", self.cov_global, ("clip_cov", "kl_cov"))
         if self.cov_group is not None and not self.cov_global:
-            raise OptionError("cov_group", "cov_group applies only with cov_global=True (the group the token "
+            raise _refused("cov_group", "applies only with cov_global=True (the group the token "
                               "statistics are summed over)")
         _validate.process_group("cov_group", self.cov_group)
         if row in ("clip_cov", "kl_cov") and not 0 < self.cov_params[0] <= 1:  # a fraction of the tokens
-            raise OptionError("cov_ratio", f"cov_ratio must lie in (0, 1], got {self.cov_ratio}")
+            raise _refused("cov_ratio", f"must lie in (0, 1], got {self.cov_ratio}")
         if row == "clip_cov" and not self.cov_params[1] < self.cov_params[2]:
-            raise OptionError("cov_lb", f"cov_lb must be < cov_ub, got cov_lb={self.cov_params[1]}, "
+            raise _refused("cov_lb", f"must be < cov_ub, got cov_lb={self.cov_params[1]}, "
                               f"cov_ub={self.cov_params[2]}")
         if self.seq_count is not None and not agg.startswith("seq-mean"):
-            raise OptionError("seq_count", f"seq_count applies to the seq-mean aggregations, not to agg={agg!r}")
+            raise _refused("seq_count", f"applies to the seq-mean aggregations, not to agg={agg!r}")
         with _option("kl_type"):
             canonical_kl(self.kl_type)
         if self.kl_rho not in KL_RHO_CODES or isinstance(self.kl_rho, (int, float)) and \
                 not isinstance(self.kl_rho, bool):
-            raise OptionError("kl_rho", f"kl_rho must be False, True, 'detached' or 'grad', got {self.kl_rho!r}")
+            raise _refused("kl_rho", f"must be False, True, 'detached' or 'grad', got {self.kl_rho!r}")
         with _option("entropy_agg"):
             check_choice("entropy_agg", self.entropy_agg, ENTROPY_AGGS)
         if self.entropy_agg != "loss" and self.entropy_coef == 0.0:
-            raise OptionError("entropy_agg", "entropy_agg applies only with entropy_coef != 0")
+            raise _refused("entropy_agg", "applies only with entropy_coef != 0")
         with _option("rollout_correction"):
             check_choice("rollout_correction", self.rollout_correction, (None,) + ROLLOUT_MODES)
         if self.rollout_correction is None and (self.rollout_min is not None or self.rollout_max != 2.0):
             name = "rollout_min" if self.rollout_min is not None else "rollout_max"
-            raise OptionError(name, f"{name} applies only with rollout_correction")
+            raise _refused(name, "applies only with rollout_correction")
         if self.rollout_min is not None and not 0 <= self.rollout_min <= self.rollout_max:
-            raise OptionError("rollout_min", f"rollout_min must lie in [0, rollout_max], got {self.rollout_min}")
+            raise _refused("rollout_min", f"must lie in [0, rollout_max], got {self.rollout_min}")
         if self.entropy_quantile is not None and not 0.0 <= self.entropy_quantile <= 1.0:
-            raise OptionError("entropy_quantile", f"entropy_quantile must lie in [0, 1], got {self.entropy_quantile}")
+            raise _refused("entropy_quantile", f"must lie in [0, 1], got {self.entropy_quantile}")
         with _option("dp_size"):
             object.__setattr__(self, "dp_size", _validate.at_least("dp_size", self.dp_size))
         if self.max_len is not None and agg != "seq-mean-token-sum-norm":
-            raise OptionError("max_len", f"max_len applies to agg='seq-mean-token-sum-norm', not to {agg!r}")
+            raise _refused("max_len", f"applies to agg='seq-mean-token-sum-norm', not to {agg!r}")
 
     def _check_numbers(self) -> None:
         """Types and ranges of the numeric options (whether they apply is checked by ``_only``)."""
@@ -283,21 +288,21 @@ class PolicyConfig:
         _validate.number("log_ratio_cap", self.log_ratio_cap)  # +inf: no clamp
         rmax = _validate.number("rollout_max", self.rollout_max)
         if not rmax >= 0:  # +inf: no upper bound (TRL's default); NaN fails here
-            raise OptionError("rollout_max", f"rollout_max must be >= 0 (or +inf), got {self.rollout_max}")
+            raise _refused("rollout_max", f"must be >= 0 (or +inf), got {self.rollout_max}")
         for name in _PAIRS:
             v = getattr(self, name)
             if v is None:
                 continue
             if isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or len(v) != 2:
-                raise OptionError(name, f"{name} must be a pair of numbers, got {v!r}")
+                raise _refused(name, f"must be a pair of numbers, got {v!r}")
             with _option(name):  # kept as a tuple: a list would make the frozen config unhashable
                 object.__setattr__(self, name, tuple(_validate.finite_number(f"{name}[{i}]", x)
                                                      for i, x in enumerate(v)))
         if self.cispo_bounds is not None and not self.cispo_bounds[0] <= self.cispo_bounds[1]:
-            raise OptionError("cispo_bounds", f"cispo_bounds must be (lo, hi) with lo <= hi, got "
+            raise _refused("cispo_bounds", f"must be (lo, hi) with lo <= hi, got "
                               f"{tuple(self.cispo_bounds)}")
         if self.sapo_tau is not None and not (self.sapo_tau[0] > 0 and self.sapo_tau[1] > 0):
-            raise OptionError("sapo_tau", f"sapo_tau must be two temperatures > 0, got {tuple(self.sapo_tau)}")
+            raise _refused("sapo_tau", f"must be two temperatures > 0, got {tuple(self.sapo_tau)}")
         _validate.boolean("kl_clamp", self.kl_clamp)
         _validate.boolean("cov_global", self.cov_global)
 
