@@ -198,7 +198,7 @@ def at_least(name: str, value, minimum: int = 1) -> int:
 def count(name: str, value) -> None:
     """A global count (``global_tokens``, ``global_seqs``): None, a finite number > 0, or a
     real tensor with one element, finite and >= 0 (the aggregation divides a count of 0 as 1:
-    :func:`fastalign.aggregate.count_divisor`). A tensor's value is read on the host only for an
+    :func:`fastalign.aggregate.global_divisor`). A tensor's value is read on the host only for an
     eager CPU tensor (:func:`flag_or_raise`: a negative, NaN or infinite one raises); elsewhere it is
     not read (that would synchronise with a GPU) and the aggregation makes the loss NaN for it."""
     if value is None:

@@ -41,12 +41,17 @@ def check_counts(agg: str, global_tokens: Count = None, global_seqs: Count = Non
         raise ValueError(f"max_len applies to agg='seq-mean-token-sum-norm', not to {agg!r}")
 
 
-def count_tensor(x: Count, like: Tensor) -> Tensor:
-    """A global count as a 0-dim fp32 tensor on ``like``'s device (a one-element tensor of any shape, such as
-    an all-reduced ``[1]``, keeps the loss 0-dim)."""
-    if isinstance(x, Tensor):
-        return x.to(device=like.device, dtype=torch.float32).reshape(())
-    return torch.tensor(float(x), device=like.device, dtype=torch.float32)
+def global_divisor(x: Count, like: Tensor, scale: int = 1) -> Tensor:
+    """A global count ``x`` (a number, or a one-element tensor of any shape such as an all-reduced ``[1]``) times
+    ``scale`` as the 0-dim fp32 divisor of a mean on ``like``'s device: as :func:`divisor` (0 divides as 1, a
+    positive count as it is, also below 1), and NaN for a negative, NaN or infinite count, so the loss is NaN,
+    never the sum or 0, where the count is not read on the host (an eager CPU one raises first:
+    :func:`fastalign._validate.count`). An int's divisor is known on the host and made as one tensor."""
+    if isinstance(x, int) and not isinstance(x, bool) and 0 <= x * scale <= 2 ** 127:  # finite in fp32
+        return torch.tensor(float(max(x * scale, 1)), device=like.device, dtype=torch.float32)
+    n = (x if isinstance(x, Tensor) else torch.tensor(float(x)))
+    n = n.to(device=like.device, dtype=torch.float32).reshape(()) * scale
+    return torch.where(torch.isfinite(n) & (n >= 0), divisor(n), math.nan)
 
 
 def divisor(n: Tensor) -> Tensor:
@@ -62,14 +67,6 @@ def whole_divisor(n: Tensor) -> Tensor:
     return n.clamp_min(1)
 
 
-def count_divisor(n: Tensor) -> Tensor:
-    """A global count (:func:`count_tensor`) as the divisor of a mean: as :func:`divisor` (0 divides as 1, a
-    positive count as it is, also below 1), and NaN for a negative, NaN or infinite count, so the loss is NaN,
-    never the sum or 0, where the count is not read on the host (an eager CPU one raises first:
-    :func:`fastalign._validate.count`). Mask sums keep :func:`divisor`."""
-    return torch.where(torch.isfinite(n) & (n >= 0), divisor(n), math.nan)
-
-
 class RowAggregation:
     """:func:`aggregate_rows` for per-row valid counts ``row_n``: ``RowAggregation(row_n, agg, T, ...)(row_loss)``
     is ``aggregate_rows(row_loss, row_n, agg, T, ...)``, and the divisors read from the counts are computed once
@@ -82,18 +79,18 @@ class RowAggregation:
         count_div = whole_divisor if whole_counts else divisor
         self.per_row = self.den = None
         if agg == "token-mean":
-            self.den = count_div(row_n.sum()) if global_tokens is None else _global_divisor(global_tokens, row_n)
+            self.den = count_div(row_n.sum()) if global_tokens is None else global_divisor(global_tokens, row_n)
         elif agg == "seq-mean-token-sum-norm":
             lmax = T if max_len is None else int(max_len)
             if global_seqs is None:  # the local count takes no dp factor
                 self.den, dp_size = float(max(row_n.shape[0] * lmax, 1)), 1
             else:
-                self.den = count_divisor(count_tensor(global_seqs, row_n) * lmax)
+                self.den = global_divisor(global_seqs, row_n, lmax)
         elif agg != "token-sum":
             if global_seqs is None:
                 self.den = whole_divisor((row_n > 0).sum().float())
             else:
-                self.den = _global_divisor(global_seqs, row_n)
+                self.den = global_divisor(global_seqs, row_n)
             if agg != "seq-mean-token-sum":  # seq-mean-token-mean
                 self.per_row = count_div(row_n)
         self.dp_size = dp_size
@@ -106,14 +103,6 @@ class RowAggregation:
         if self.den is not None:
             out = out / self.den
         return out * self.dp_size if self.dp_size != 1 else out
-
-
-def _global_divisor(x: Count, like: Tensor) -> Tensor:
-    """``count_divisor(count_tensor(x, like))``; for a Python int count (>= 0, finite in fp32) the divisor is
-    known on the host, and made as one tensor."""
-    if isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 2 ** 127:
-        return torch.tensor(float(x) if x > 0 else 1.0, device=like.device, dtype=torch.float32)
-    return count_divisor(count_tensor(x, like))
 
 
 def aggregate_rows(row_loss: Tensor, row_n: Tensor, agg: str, T: int, global_tokens: Count = None,

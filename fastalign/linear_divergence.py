@@ -11,7 +11,7 @@ from torch import Tensor
 
 from fastalign import _backend, _dtensor, _validate
 from fastalign._options import AUTO_OR_BOOL, check_choice
-from fastalign.aggregate import count_divisor
+from fastalign.aggregate import global_divisor
 from fastalign.linear import check_head, check_logit_options, check_second_head
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_divergence import DivergenceOptions, Head, divergence_loss
@@ -163,7 +163,7 @@ def linear_divergence_loss(
     if normalizer is None:
         norm = count.clamp(min=1)
     else:  # a count of 0 divides as 1; a tensor not read on the host (a GPU one) negative, NaN or infinite: NaN
-        norm = count_divisor(torch.as_tensor(normalizer, device=dev).float().reshape(()))
+        norm = global_divisor(normalizer, h2)
     g_soft = mask * (w_soft / norm)
     # no hard term at weight 0: the labels are then the mask and the nll metric only (an invalid label gives a NaN
     # nll, not a NaN loss)
