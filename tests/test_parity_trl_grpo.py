@@ -165,9 +165,12 @@ OPTION_SPACE = dict(
 
 def _refused(config) -> bool:
     """The vespo settings the profile refuses: TRL's trainer refuses vLLM importance sampling in a sequence
-    mode, and ignores ``importance_sampling_level="sequence"`` (with a warning)."""
+    mode, and weighs only its bias-corrected KL by the sequence ratio under ``importance_sampling_level=
+    "sequence"`` (without that KL term TRL ignores the level, and so does the profile)."""
     corrected = config["use_vllm"] and config["vllm_importance_sampling_correction"]
-    return config["loss_type"] == "vespo" and (config["importance_sampling_level"] == "sequence" or (
+    sequence_kl = config["importance_sampling_level"] == "sequence" and config["beta"] != 0.0 and \
+        config["use_bias_correction_kl"]
+    return config["loss_type"] == "vespo" and (sequence_kl or (
         corrected and not config["vllm_importance_sampling_mode"].startswith("token")))
 
 
@@ -184,6 +187,19 @@ def test_option_combinations_match_trl(config, setup, on_policy, seed):
     d = batch(seed=seed)
     _compare(*_call_both(config, d, *SETUPS[setup], old=not on_policy,
                          seq_ratio=config["vllm_importance_sampling_mode"].startswith("sequence")))
+
+
+@pytest.mark.parametrize("kl", [dict(beta=0.0), dict(beta=0.04, use_bias_correction_kl=False)])
+def test_vespo_ignores_a_sequence_level_that_trl_ignores(kl):
+    """Without TRL's bias-corrected KL, vespo's loss does not read importance_sampling_level: equal to TRL."""
+    config = dict(loss_type="vespo", importance_sampling_level="sequence", **kl)
+    _compare(*_call_both(config, batch(seed=5), 1, 1, True, 1))
+
+
+def test_vespo_refuses_a_sequence_weighted_kl():
+    """TRL multiplies its bias-corrected KL by the sequence ratio there; the profile names the field."""
+    with pytest.raises(ValueError, match="importance_sampling_level.*bias-corrected KL"):
+        GRPOLoss(dict(loss_type="vespo", importance_sampling_level="sequence", beta=0.04))
 
 
 def test_cispo_clip_ratio_counts_empty_rows_at_sequence_level():

@@ -37,8 +37,9 @@ Where TRL's behaviour differs from fastalign's defaults, the profile follows TRL
   counts an empty completion (ratio ``exp(0) = 1``) with a positive advantage as clipped when
   ``epsilon_high < 1``, as TRL does.
 * vespo: like TRL's trainer the profile refuses vLLM importance sampling in a ``sequence_*``
-  mode; TRL ignores ``importance_sampling_level="sequence"`` for vespo (with a warning), the
-  profile refuses it.
+  mode. Under ``importance_sampling_level="sequence"`` TRL's vespo weighs only its bias-corrected
+  KL (``beta != 0``, ``use_bias_correction_kl``) by the sequence ratio: the profile refuses that
+  combination, and otherwise ignores the level, as TRL does (with a warning).
 
 Metrics come back under TRL's names: ``kl``, ``entropy``, ``policy_loss`` and ``entropy_coef``
 (with an entropy bonus), ``clip_ratio/low_mean``,
@@ -192,15 +193,21 @@ def grpo_policy_config(args: Any, *, sampling_correction: bool = False) -> Polic
             and mode not in ("token_truncate", "token_mask")):  # as GRPOTrainer refuses it
         raise ValueError("loss_type 'vespo' with vLLM importance sampling needs vllm_importance_sampling_mode "
                          f"'token_truncate' or 'token_mask', got {mode!r}")
-    if c["importance_sampling_level"] == "sequence" and row not in SEQUENCE_LEVEL_ROWS:
-        takes = tuple(t for t, spec in GRPO_LOSSES.items() if spec[0] in SEQUENCE_LEVEL_ROWS)
-        raise ValueError(f"GRPOConfig.importance_sampling_level='sequence' applies to loss_type {takes}, not to "
-                         f"{loss_type!r} (TRL ignores it there, with a warning); set it to 'token'")
+    level = c["importance_sampling_level"]
+    if level == "sequence" and row not in SEQUENCE_LEVEL_ROWS:
+        # vespo: TRL's loss reads the level only where the bias-corrected KL multiplies by the ratio
+        if float(c["beta"]) != 0.0 and c["use_bias_correction_kl"]:
+            takes = tuple(t for t, spec in GRPO_LOSSES.items() if spec[0] in SEQUENCE_LEVEL_ROWS)
+            raise ValueError(f"GRPOConfig.importance_sampling_level='sequence' applies to loss_type {takes}, not "
+                             f"to {loss_type!r}: TRL then weighs only its bias-corrected KL (beta != 0, "
+                             f"use_bias_correction_kl) by the sequence ratio, which the profile does not map; set "
+                             f"it to 'token', beta=0 or use_bias_correction_kl=False")
+        level = "token"  # TRL ignores it there (with a warning): the same numbers
     eps_low = float(c["epsilon"])
     eps_high = c["epsilon_high"]
     eps_high = eps_low if eps_high is None else float(eps_high)
     opts: dict = dict(loss_type=row, agg=agg, seq_count=seq_count,
-                      importance_sampling_level=c["importance_sampling_level"])
+                      importance_sampling_level=level)
     if row == "ppo":
         opts.update(eps_low=eps_low, eps_high=eps_high)
     if row in ("gspo", "gmpo"):
