@@ -310,6 +310,33 @@ def test_whitening_a_constant_batch_gives_zero():
     assert 0 < adv_v.abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("estimator", ["gae", "reinforce_plus_plus", "reinforce_plus_plus_baseline"])
+def test_whitening_fewer_than_two_tokens_is_nan_where_verl_raises(estimator):
+    """verl's batch whitening refuses a batch of one valid token (its unbiased variance divides by N - 1 = 0);
+    the profile's advantages are NaN on that token (never a silent 0) and 0 on the other, empty, rows."""
+    r, token_r, mask, values, _ = _batch(seed=2)
+    mask = torch.zeros_like(mask)
+    mask[1, 0] = 1.0
+    rewards = token_r * mask if estimator in ("gae", "reinforce_plus_plus") else r
+    uid = None if estimator in ("gae", "reinforce_plus_plus") else UIDS["str-with-singletons"]
+    extra = dict(values=values) if estimator == "gae" else {}
+    cfg = AlgoConfig(adv_estimator=estimator)
+    with pytest.raises(ValueError, match="sum of the mask is one"):
+        _verl(cfg, rewards, mask, uid, **extra)
+    adv, _ = fverl.compute_advantage(cfg, rewards, mask, uid, **extra)
+    others = torch.cat((adv[:1], adv[2:]))
+    assert torch.isnan(adv[1, 0]) and torch.equal(others, torch.zeros_like(others))
+
+
+def test_masked_whiten_of_a_fractional_count_divides_by_n_minus_1():
+    """A fractional mask of total weight 1 < N < 2 divides by N - 1, as verl's Bessel factor N / (N - 1)."""
+    from verl.utils.torch_functional import masked_whiten as verl_whiten
+
+    x = torch.tensor([[0.3, -1.2, 2.0, 0.7]], dtype=D)
+    m = torch.tensor([[0.5, 0.25, 0.5, 0.0]], dtype=D)
+    torch.testing.assert_close(fa.masked_whiten(x, m), verl_whiten(x, m) * m, **TOL)
+
+
 @pytest.mark.parametrize("uid", ["str-with-singletons", "int-ndarray-singleton", "tensor-singleton"])
 def test_grpo_passk_group_of_one_raises_as_verl(uid):
     """verl's grpo_passk refuses a group of fewer than 2 responses; the profile raises ValueError naming index."""

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend, _validate
-from fastalign.advantages._inputs import WHITEN_EPS, as_index, response_mask_rows
+from fastalign.advantages._inputs import as_index, response_mask_rows
+from fastalign.advantages.token_level import weighted_whiten
 from fastalign.ops.group_stats import MODES, call_group_advantage, group_stats
 
 STD_MODES = ("group", "batch", "none")
@@ -87,16 +88,11 @@ def _unit_std_singletons(adv: Tensor, r: Tensor, g: _Groups, c: _Ctx, alone_valu
 
 
 def _length_weighted_whiten(a: Tensor, r: Tensor, c: _Ctx, name: str) -> Tensor:
-    """Whitening of per-sequence values spread over their valid tokens: mean = sum L a / N,
-    var = sum L (a - mean)^2 / (N - 1), N = sum L, ``(a - mean) * rsqrt(var + 1e-8)``;
-    NaN scores and empty responses are left out and get 0."""
-    w = torch.where(torch.isnan(r), 0.0, _need_lengths(c, name))
-    a64 = a.to(torch.float64)
-    n = w.sum()
-    mean = (w * a64).sum() / n.clamp_min(1.0)
-    var = (w * (a64 - mean) ** 2).sum() / (n - 1.0).clamp_min(1.0)
-    out = (a64 - mean) * torch.rsqrt(var + WHITEN_EPS)
-    return torch.where(w > 0, out, 0.0).to(r.dtype)
+    """Whitening of per-sequence values spread over their valid tokens (:func:`weighted_whiten` with the
+    lengths ``L`` as weights: mean = sum L a / N, var = sum L (a - mean)^2 / (N - 1), N = sum L,
+    ``(a - mean) * rsqrt(var + 1e-8)``); NaN scores and empty responses are left out and get 0."""
+    w = torch.where(torch.isnan(r), 0.0, _need_lengths(c, name)).to(torch.float64)
+    return weighted_whiten(a, w).to(r.dtype)
 
 
 def _need_lengths(c: _Ctx, name: str) -> Tensor:

@@ -36,13 +36,32 @@ def _eps(eps) -> float:
     return eps
 
 
+def weighted_whiten(x: Tensor, w: Tensor, eps: float = WHITEN_EPS, unbiased: bool = True) -> Tensor:
+    """``(x - mean) * inv_std`` in float64 over the weights ``w`` (float64; 0: left out by selection, so a NaN
+    there changes nothing, and its output is 0). ``N = sum w``, ``mean = sum w x / N``; ``unbiased``:
+    ``rsqrt(sum w (x - mean)^2 / (N - 1) + eps)``, NaN where ``0 < N <= 1`` (the unbiased variance of less
+    than two tokens is undefined; verl refuses such a batch); otherwise ``rsqrt(max(sum w (x - mean)^2 / N,
+    eps))``."""
+    valid = w != 0
+    x64 = torch.where(valid, x.to(torch.float64), 0.0)
+    n = w.sum()
+    mean = (w * x64).sum() / n.clamp_min(1.0)
+    sq = torch.where(valid, w * (x64 - mean) ** 2, 0.0).sum()
+    if unbiased:  # verl: the unbiased variance plus eps
+        inv_std = torch.rsqrt(sq / torch.where(n > 1.0, n - 1.0, math.nan) + eps)
+    else:  # OpenRLHF: the biased variance, floored at eps
+        inv_std = torch.rsqrt((sq / n.clamp_min(1.0)).clamp_min(eps))
+    return torch.where(valid, (x64 - mean) * inv_std, 0.0)
+
+
 @renamed(mask="response_mask")
 def masked_whiten(x: Tensor, response_mask: Tensor, eps: float = WHITEN_EPS, *, unbiased: bool = True) -> Tensor:
     """``(x - mean) * rsqrt(var + eps) * m`` with mean and unbiased var over the tokens of ``response_mask`` ``m``.
 
     With ``N = sum m``: ``mean = sum m x / N``; ``unbiased=True`` (verl's ``masked_whiten``):
-    ``var = sum m (x - mean)^2 / (N - 1)`` and ``rsqrt(var + eps)``; ``unbiased=False``
-    (OpenRLHF's advantage whitening): ``var = sum m (x - mean)^2 / N`` and ``rsqrt(max(var, eps))``.
+    ``var = sum m (x - mean)^2 / (N - 1)`` and ``rsqrt(var + eps)``, NaN on the valid tokens where
+    ``0 < N <= 1`` (verl refuses such a batch); ``unbiased=False`` (OpenRLHF's advantage whitening):
+    ``var = sum m (x - mean)^2 / N`` and ``rsqrt(max(var, eps))``.
     Tokens where ``m == 0`` are left out by selection (not multiplied by 0): a NaN or inf there
     changes nothing, and their output is exactly 0."""
     _validate.any_float("x", x)
@@ -51,16 +70,7 @@ def masked_whiten(x: Tensor, response_mask: Tensor, eps: float = WHITEN_EPS, *, 
     eps = _eps(eps)
     _validate.boolean("unbiased", unbiased)
     m = response_mask.to(torch.float64)
-    valid = m != 0
-    x64 = torch.where(valid, x.to(torch.float64), 0.0)
-    n = m.sum()
-    mean = (x64 * m).sum() / n.clamp_min(1.0)
-    sq = torch.where(valid, m * (x64 - mean) ** 2, 0.0).sum()
-    if unbiased:  # verl: the unbiased variance plus eps
-        inv_std = torch.rsqrt(sq / (n - 1.0).clamp_min(1.0) + eps)
-    else:  # OpenRLHF: the biased variance, floored at eps
-        inv_std = torch.rsqrt((sq / n.clamp_min(1.0)).clamp_min(eps))
-    return torch.where(valid, (x64 - mean) * inv_std * m, 0.0).to(x.dtype)
+    return (weighted_whiten(x, m, eps, unbiased) * m).to(x.dtype)
 
 
 def _discount(gamma) -> float:

@@ -33,6 +33,9 @@ numbers instead, from device tensor operations (no host read):
   advantage NaN (verl's batch whitening multiplies by the mask, so ``NaN * 0`` reaches its statistics,
   empty responses included).
 * rloo_vectorized: a group of one with an infinite score gets NaN (verl's ``(inf - inf) * 0``).
+* gae, reinforce_plus_plus, reinforce_plus_plus_baseline, gdpo: a batch of fewer than two valid tokens
+  (mask sum ``0 < N <= 1``), which verl's unbiased whitening refuses (``ValueError``), gets NaN advantages
+  on its valid tokens (on their rows for the sequence estimators), never a silent 0.
 
 Values on masked positions: fastalign gives 0 there; verl leaves whatever its scan holds
 (gae's whitened advantages and returns, remax's returns on interior masked tokens). Every verl
