@@ -157,10 +157,11 @@ def linear_stats_cases(dtype):
         chunk = K.gpu_chunk_tokens(N_TOKENS, VOCAB, h.element_size())
         du = _meta(chunk, VOCAB, dtype=dtype)
         chunk_low_rank = None if low_rank is None else (low_rank[0][:chunk], low_rank[1])
-        yield name, lambda full=full, bias=bias, low_rank=chunk_low_rank, cap=cap: K.linear_stats_backward(
+        db = _meta(VOCAB, dtype=torch.float32) if full else None  # the bias gradient's column sums
+        yield name, lambda full=full, bias=bias, low_rank=chunk_low_rank, cap=cap, db=db: K.linear_stats_backward(
             h[:chunk], w, bias, low_rank, y[:chunk], f()[:chunk], f()[:chunk] if full else None,
             f()[:chunk] if full else None, f()[:chunk], f()[:chunk] if full else None, f()[:chunk] if full else None,
-            1.0, cap, 1.0, -100, 1e-6 if full else 0.0, du, f()[:chunk])
+            1.0, cap, 1.0, -100, 1e-6 if full else 0.0, du, f()[:chunk], db)
 
 
 def policy_loss_cases(dtype):

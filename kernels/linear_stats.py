@@ -34,12 +34,18 @@ backwards. For a vocabulary shard the caller sums c across the shards first.
 
 The result is written to a [chunk, V] buffer in the input dtype; d(hidden) = du @ W and
 d(weight) += du.T @ h (and d(a) = du @ L, d(L) += du.T @ a) are matrix products on that
-buffer (ops/linear_triton.py).
+buffer (ops/linear_triton.py). d(bias) is a plain sum, so it comes from the fp32 tile, not that
+buffer: with BIAS_GRAD each program also writes its tile's fp32 column sums
+
+    db_part[token block, j] = sum over the block's rows r of du_rj      (d bias_j = sum over blocks)
+
+into a [token blocks, V] fp32 buffer that the launcher sums over the blocks (fixed order, no atomics).
 With SKIP, a tile whose every |du| is below the threshold is written as zeros
 (the softmax gradient is concentrated on few ids).
 """
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -191,11 +197,11 @@ def linear_stats_finish_kernel(
 @triton.jit
 def linear_stats_bwd_kernel(
     h_ptr, w_ptr, b_ptr, a_ptr, l_ptr, labels_ptr, lse_ptr, logc_ptr, ent_ptr, sp2_ptr, g_lp_ptr, g_ent_ptr,
-    g_sp2_ptr, du_ptr, N, V, H, R, s_h, s_w, s_a, s_l, s_du, scale, cap, inv_t, ignore_index, threshold,
+    g_sp2_ptr, du_ptr, db_ptr, N, V, H, R, s_h, s_w, s_a, s_l, s_du, scale, cap, inv_t, ignore_index, threshold,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, LOW_RANK: tl.constexpr,
     HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_SP2: tl.constexpr, SKIP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -228,6 +234,8 @@ def linear_stats_bwd_kernel(
         du = tl.where(tl.max(tl.abs(du), axis=None) >= threshold, du, 0.0)  # the tile's largest |du|
     tl.store(du_ptr + rows[:, None] * s_du + cols[None, :], du.to(du_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
+    if BIAS_GRAD:  # db_part[token block, cols] = sum_r du[r, cols] in fp32, before du's rounding
+        tl.store(db_ptr + tl.program_id(0).to(tl.int64) * V + cols, tl.sum(du, 0), mask=col_ok)
 
 
 def on_gpu(t) -> bool:
@@ -354,22 +362,27 @@ def linear_row_mass(hidden, weight, bias, low_rank, labels, lse, scale, cap, inv
 
 
 def linear_stats_backward(hidden, weight, bias, low_rank, labels, lse, ent, sp2, g_lp, g_ent, g_sp2,
-                          scale, cap, inv_t, ignore_index, threshold, du, log_c):
+                          scale, cap, inv_t, ignore_index, threshold, du, log_c, db=None):
     """Writes d(loss)/d(h @ W.T + b) for the token rows of ``hidden`` into ``du`` ([n, V]); ``log_c``
-    [n] corrects each row's log p (0: none)."""
+    [n] corrects each row's log p (0: none). With ``db`` ([V]), adds the column sums of the fp32 d(logits)
+    to it (per token block in the kernel, then over the blocks)."""
     N, H = hidden.shape
     V = weight.shape[0]
     blocks, launch = _config(hidden, backward=True)
+    grid = (triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(V, blocks["BLOCK_V"]))
     dummy = lse
+    db_part = None if db is None else torch.empty(grid[0], V, dtype=torch.float32, device=du.device)
     a, lw, R, s_a, s_l = _low_rank_args(hidden, low_rank)
-    linear_stats_bwd_kernel[(triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(V, blocks["BLOCK_V"]))](
+    linear_stats_bwd_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, a, lw, labels, lse, log_c,
         ent if ent is not None else dummy, sp2 if sp2 is not None else dummy,
         g_lp if g_lp is not None else dummy, g_ent if g_ent is not None else dummy,
-        g_sp2 if g_sp2 is not None else dummy, du,
+        g_sp2 if g_sp2 is not None else dummy, du, db_part if db is not None else dummy,
         N, V, H, R, hidden.stride(0), weight.stride(0), s_a, s_l, du.stride(0), scale, cap if cap > 0 else 1.0,
         inv_t, ignore_index, threshold,
         HAS_BIAS=bias is not None, SOFTCAP=cap > 0, LOW_RANK=low_rank is not None, HAS_G_LP=g_lp is not None,
         HAS_G_ENT=g_ent is not None and ent is not None, HAS_G_SP2=g_sp2 is not None and sp2 is not None,
-        SKIP=threshold > 0, PRECISION=matmul_precision(hidden), **blocks, **launch,
+        SKIP=threshold > 0, BIAS_GRAD=db is not None, PRECISION=matmul_precision(hidden), **blocks, **launch,
     )
+    if db is not None:
+        db += db_part.sum(0).to(db.dtype)

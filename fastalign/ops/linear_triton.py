@@ -56,7 +56,8 @@ def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, en
     """Token chunks of ``nc`` rows: the Triton kernel writes the chunk's d(logits) in the input dtype,
     then ``dh[chunk] = du @ W`` (one product, fp32 accumulation, one rounding) and ``dW += du.T @ h``
     summed over chunks in fp32 (an fp32 buffer when ``dw`` is bf16/fp16 and there are several chunks;
-    the caller casts once); likewise ``d a = du @ L`` and ``d L += du.T @ a`` for ``low_rank = (a, L)``
+    the caller casts once); ``db`` gets the kernel's fp32 column sums of d(logits), before their rounding to
+    the input dtype; likewise ``d a = du @ L`` and ``d L += du.T @ a`` for ``low_rank = (a, L)``
     into ``low_rank_grads``. Rows with ``|lse| >= RENORMALISE_ABOVE`` are renormalised by ``log_c``
     (given for a vocabulary shard, else one forward-like pass over the blocks that hold such rows).
 
@@ -104,7 +105,7 @@ def _chunks(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent
             opt(ent[sl] if ent.numel() else None), opt(sp2[sl] if sp2.numel() else None),
             None if g_lp is None else g_lp[sl], None if g_ent is None else g_ent[sl],
             None if g_sp2 is None else g_sp2[sl],
-            scale, softcap, inv_t, ignore_index, skip_threshold, du, log_c[sl])
+            scale, softcap, inv_t, ignore_index, skip_threshold, du, log_c[sl], db)
         live = None if cmp is None else cmp.live_in(n0, n1)
         rows, tokens = dict(live=live, live_dim=0), dict(live=live, live_dim=1)
         if dh is not None:
@@ -121,8 +122,6 @@ def _chunks(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent
                     d[sl].masked_fill_(unscored, 0.0)
         if dl_acc is not None:
             matmul_into(dl_acc, du.t(), a[sl], accumulate=i > 0, **tokens)
-        if db is not None:
-            db += du.sum(0, dtype=torch.float32).to(db.dtype)
     for result, acc in ((dw, dw_acc), (dl, dl_acc)):
         if acc is not result:
             result.copy_(acc)
