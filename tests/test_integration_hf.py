@@ -603,3 +603,15 @@ def test_stated_transform_dtype_and_return_dict_refusals():
         ref_lp, _ = reference(model64, ids)
         got = causal_lm_logprobs(model64, ids, head_dtype=torch.float32).logprobs
     torch.testing.assert_close(got.double(), ref_lp, atol=1e-4, rtol=0)
+
+
+def test_packed_rows_refused_on_a_transformers_that_does_not_split_them(monkeypatch):
+    """A transformers older than 4.54 builds the causal mask without splitting packed rows (its log-probs of a
+    packed row differed by 0.075 from the sequences scored alone): packed rows raise there, naming the version."""
+    import fastalign.integrations.hf as hf
+
+    monkeypatch.setattr(hf, "_masks_split_packed_rows", lambda: False)
+    model = _auto_model("llama")
+    _, input_ids, position_ids = _packed_row([4, 5, 3])
+    with torch.no_grad(), pytest.raises(ValueError, match=r"position_ids restart .*transformers .* without splitting"):
+        causal_lm_logprobs(model, input_ids, position_ids=position_ids)

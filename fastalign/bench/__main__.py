@@ -155,6 +155,8 @@ def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     args.device_type = _device(p, args)
+    if args.overwrite and not args.record:
+        p.error("argument --overwrite: applies only with --record (it lets a recorded run be replaced)")
     for option, path, directory in (("--json", args.json, False), ("--plot", args.plot, False),
                                     ("--record", args.record, True)):
         why = path and _unwritable(path, directory)

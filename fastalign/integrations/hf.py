@@ -160,6 +160,15 @@ def _takes_position_ids(body_cls) -> bool:
     return "position_ids" in inspect.signature(body_cls.forward).parameters
 
 
+def _masks_split_packed_rows() -> bool:
+    """Whether the installed ``transformers`` splits a packed row's attention at restarting position ids."""
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _unsplit_packing(model) -> Optional[str]:
     """Why the model's body would let the sequences of a packed row see each other (None if it splits them, as
     ``transformers`` does from position ids that restart, without an attention mask): a recurrent (state-space)
@@ -171,6 +180,11 @@ def _unsplit_packing(model) -> Optional[str]:
         return (f"model_type {model_type!r} is not among the architectures checked for packed rows; state that its "
                 f"body splits them with fastalign.integrations.hf.register_head_transform({model_type!r}, ..., "
                 "packed_rows=True)")
+    if not _masks_split_packed_rows():
+        import transformers
+
+        return (f"transformers {transformers.__version__} builds the causal mask without splitting packed rows "
+                "(transformers 4.54 and later split them at restarting position ids)")
     body = _body(model)
     if getattr(body, "_is_stateful", False):
         return (f"the body of model_type {model_type!r} carries its recurrent (state-space) state from one packed "
