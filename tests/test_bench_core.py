@@ -347,6 +347,7 @@ def _usage_error(capsys, argv) -> str:
     (["--total-budget", "nan"], ["--total-budget"]),
     (["--budget", "inf"], ["--budget", "finite"]),
     (["--cases", " , "], ["--cases"]),
+    (["--overwrite"], ["--overwrite", "--record"]),  # was ignored
 ])
 def test_cli_refuses_values_that_select_nothing_or_make_no_sense(capsys, argv, names):
     err = _usage_error(capsys, argv)
