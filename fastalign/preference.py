@@ -479,7 +479,9 @@ def preference_loss(
         kto_kl: KTO's KL estimate (any shape, averaged; at least one value when ``B > 0``).
 
     Returns:
-        ``loss`` 0-dim and ``metrics``: rewards/chosen = mean β(lc - lc0) (``lc0 = 0`` without a
+        ``loss`` 0-dim, in the working dtype (the four log-prob inputs given, promoted together as torch's
+        arithmetic would, and at least float32; the gradients come back in each input's dtype), and
+        ``metrics``: rewards/chosen = mean β(lc - lc0) (``lc0 = 0`` without a
         reference, whatever the loss type), rewards/rejected,
         rewards/accuracies, rewards/margins, logps/chosen, logps/rejected and nll
         (when it is known), all detached 0-dim tensors. The rewards are the raw log-ratios,
@@ -534,7 +536,7 @@ def preference_loss(
     if need_nll and chosen_nll is None and not has_len:
         raise ValueError("this loss needs the chosen NLL: give chosen_nll, or chosen_lengths and rejected_lengths")
 
-    acc = torch.promote_types(chosen_logprobs.dtype, torch.float32)
+    acc = _working_dtype(chosen_logprobs, rejected_logprobs, ref_chosen_logprobs, ref_rejected_logprobs)
     lc, lr = chosen_logprobs.to(acc), rejected_logprobs.to(acc)
     if ref_chosen_logprobs is None:
         lc0 = lr0 = torch.zeros_like(lc)
@@ -623,7 +625,8 @@ def unpaired_preference_loss(
     an empty batch, as :func:`preference_loss`).
     ``kl``: KTO's KL estimate, e.g. ``lp - lp0`` of mismatched (prompt, completion) pairs, averaged
     here (at least one value when the batch is not empty); default the batch's own mean log-ratio.
-    No host synchronisation: the classes are masks.
+    No host synchronisation: the classes are masks. The loss is computed in ``logprobs`` and ``ref_logprobs``
+    promoted together, at least float32.
 
     Metrics: ``kl`` (``z0``; 0 for apo_zero_unpaired), ``rewards/chosen`` = mean of ``βx`` over the
     desirable responses, ``rewards/rejected`` over the undesirable ones, ``rewards/margins`` their
@@ -655,7 +658,7 @@ def unpaired_preference_loss(
     desirable_weight = _validate.finite_number("desirable_weight", desirable_weight)
     undesirable_weight = _validate.finite_number("undesirable_weight", undesirable_weight)
 
-    acc = torch.promote_types(logprobs.dtype, torch.float32)
+    acc = _working_dtype(logprobs, ref_logprobs)
     lp = logprobs.to(acc)
     x = lp if ref_logprobs is None else lp - ref_logprobs.detach().to(acc)
     if takes_kl:
@@ -682,6 +685,16 @@ def unpaired_preference_loss(
             "logps/rejected": torch.where(desirable, zero, lpd).sum() / n_u,
         }
     return loss, metrics
+
+
+def _working_dtype(*logprobs: Optional[Tensor]) -> torch.dtype:
+    """The dtype the losses compute and return in: the log-prob inputs given promoted together, as torch's
+    arithmetic on them would (a float64 one on either side keeps float64), and at least float32."""
+    acc = torch.float32
+    for t in logprobs:
+        if t is not None:
+            acc = torch.promote_types(acc, t.dtype)
+    return acc
 
 
 def _estimate(name: str, kl: Tensor, n: int) -> None:

@@ -11,6 +11,19 @@ from torch import Tensor
 from fastalign import _validate
 
 
+def result_dtype(*operands) -> Optional[torch.dtype]:
+    """The dtype a trainer's torch arithmetic gives its result from these operands: their promoted dtype
+    (``torch.promote_types``). An operand is a tensor or a dtype (a constant dtype of the trainer's arithmetic,
+    such as a ``.float()`` mask); anything else (None, a Python number) changes nothing, as a Python number
+    changes no tensor's dtype. None when no operand has a dtype."""
+    out = None
+    for t in operands:
+        d = t.dtype if isinstance(t, Tensor) else t if isinstance(t, torch.dtype) else None
+        if d is not None:
+            out = d if out is None else torch.promote_types(out, d)
+    return out
+
+
 def float64_as_float32(t: Optional[Tensor]) -> Optional[Tensor]:
     """A float64 tensor as float32 (the kernels' widest input, as Liger casts its per-token inputs); other tensors,
     and None, as they are."""

@@ -13,8 +13,15 @@ of its ``ActorConfig`` / ``PolicyLossConfig`` dataclasses (and ``actor.yaml``): 
 config built as verl's dataclass gives (``clip_ratio_low`` / ``clip_ratio_high`` 0.2 whatever
 ``clip_ratio``; ``clip_ratio_c`` 3.0, dppo_tv / dppo_kl included; ``policy_loss.ppo_kl_coef`` 0.1). A key set to
 None takes what verl's loss modes take for None: ``clip_ratio`` for ``clip_ratio_low`` / ``clip_ratio_high``,
-1.0 for ``ppo_kl_coef``, else the default. float64 inputs are computed in float32; the loss is then float64,
-as verl's arithmetic returns it (the metrics stay float32).
+1.0 for ``ppo_kl_coef``, else the default.
+
+The loss is computed in float32 (float64 inputs too) and returned in the dtype verl's arithmetic gives it: the
+promoted dtype of the tensors that reach verl's loss (bf16 in, bf16 out in token-mean and token-sum; a float
+mask, float64 advantages or weights, or a floating tensor count promote it), at least float32 where verl
+mixes in a float32 tensor (the seq-mean aggregations, sapo's policy term, dppo_tv / dppo_kl, and geo_mean with
+a bool or integer mask). The actor loss (not ``policy_term_only``) has the dtype of its policy term over a
+bool mask, as verl's casts ``response_mask`` to bool and adds the entropy and KL terms in place. The metrics
+stay float32.
 
 Where verl's behaviour differs from fastalign's defaults, the profile follows verl:
 
@@ -59,7 +66,7 @@ from torch import Tensor
 
 from fastalign import _validate
 from fastalign.aggregate import AGGS, aggregate_loss, counts_read, divisor
-from fastalign.integrations._dtypes import float64_as_float32
+from fastalign.integrations._dtypes import float64_as_float32, result_dtype
 from fastalign.integrations.verl._names import unprefixed
 from fastalign.kl import canonical_kl, kl_penalty
 from fastalign.policy import policy_loss
@@ -80,6 +87,27 @@ def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
     """``sum_m x / sum m`` on the device (one fused reduction; NaN in masked slots never reaches it; a mask
     summing to 0 gives 0, :func:`fastalign.aggregate.divisor`), as verl's ``masked_mean``."""
     return torch.where(m > 0, x * m, 0.0).sum() / divisor(m.sum())
+
+
+def _loss_dtype(mode: str, agg: str, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor,
+                response_mask: Optional[Tensor], rollout_is_weights: Optional[Tensor], dp_size, batch_num_tokens,
+                global_batch_size) -> torch.dtype:
+    """The dtype of the loss verl 0.9.1's mode ``mode`` returns: its arithmetic promotes the tensors that reach it
+    (gpg reads no ``old_log_prob``), dppo's float32 ``valid_mask``, the float32 sequence mask of the seq-mean
+    aggregations (``.float()``) and of geo_mean's mean over a bool or integer mask (``mask.sum(-1) + 1e-8``),
+    and the tensor counts ``agg_loss`` applies (``dp_size``; ``batch_num_tokens`` in token-mean,
+    ``global_batch_size`` in the seq-mean modes; a Python number changes nothing). ``response_mask`` None: a bool
+    mask."""
+    ops = [log_prob, advantages, response_mask, rollout_is_weights, None if mode == "gpg" else old_log_prob]
+    if mode in ("dppo_tv", "dppo_kl"):
+        ops.append(torch.float32)
+    if mode == "geo_mean":  # a plain mean over the sequences: no agg_loss, no count
+        float_mask = response_mask is not None and response_mask.is_floating_point()
+        return result_dtype(*ops, None if float_mask else torch.float32)
+    agg = _OWN_AGG.get(mode, agg)
+    seq = agg.startswith("seq-mean")
+    return result_dtype(*ops, torch.float32 if seq else None, dp_size,
+                        global_batch_size if seq else batch_num_tokens if agg == "token-mean" else None)
 
 
 def _check_global_counts(aggs, dp_size: int, batch_num_tokens, global_batch_size) -> None:
@@ -247,8 +275,8 @@ class VerlPolicyLoss:
     with ``policy_term_only`` (the loss function verl's registry holds) the latter alone, as verl's
     loss modes read it (absent or None: the padded length).
 
-    float64 inputs are computed in float32 and give a float64 loss, as verl's arithmetic does (the metrics
-    stay float32).
+    The loss is computed in float32 and returned in verl's dtype (the module's docstring says which; bf16 in,
+    bf16 out in token-mean); the metrics stay float32.
     """
 
     def __init__(self, actor: Any, *, loss_mode: Optional[str] = None, loss_agg_mode: Optional[str] = None,
@@ -290,30 +318,32 @@ class VerlPolicyLoss:
                  rollout_is_weights: Optional[Tensor] = None, dp_size: Optional[int] = None, batch_num_tokens=None,
                  global_batch_size=None) -> tuple[Tensor, dict]:
         _check_inputs(log_prob, old_log_prob, advantages, response_mask, entropy, ref_log_prob, rollout_is_weights)
-        # verl's arithmetic returns float64 when an operand of the loss is float64; fastalign computes those
-        # inputs in float32 (its kernels' widest) and returns the loss in float64
-        operands = (log_prob, old_log_prob, advantages, response_mask, rollout_is_weights,
-                    None if self.policy_term_only else entropy, ref_log_prob if self.use_kl else None)
-        wide = any(isinstance(t, Tensor) and t.dtype == torch.float64 for t in operands)
+        info = _get(self.actor, "global_batch_info", {})
+        dp_size = dp_size if dp_size is not None else _get(info, "dp_size", 1)
+        batch_num_tokens = batch_num_tokens if batch_num_tokens is not None else _get(info, "batch_num_tokens")
+        global_batch_size = global_batch_size if global_batch_size is not None else _get(info, "global_batch_size")
+        # the loss is returned in the dtype verl's arithmetic gives (computed in fp32, float64 inputs included:
+        # the kernels' widest). verl's actor loss casts response_mask to bool and adds the entropy and KL terms
+        # to its mode's loss in place: the dtype of the policy term alone
+        dtype = _loss_dtype(self.mode, self.loss_agg_mode, log_prob, old_log_prob, advantages,
+                            response_mask if self.policy_term_only else None, rollout_is_weights, dp_size,
+                            batch_num_tokens, global_batch_size)
         log_prob, old_log_prob, advantages, entropy, ref_log_prob, rollout_is_weights = map(
             float64_as_float32, (log_prob, old_log_prob, advantages, entropy, ref_log_prob, rollout_is_weights))
         loss, metrics = self._loss(log_prob, old_log_prob, advantages, response_mask, entropy, ref_log_prob,
                                    rollout_is_weights, dp_size, batch_num_tokens, global_batch_size)
-        return (loss.to(torch.float64) if wide else loss), metrics
+        return loss.to(dtype), metrics
 
     def _loss(self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
               entropy: Optional[Tensor], ref_log_prob: Optional[Tensor], rollout_is_weights: Optional[Tensor],
               dp_size: Optional[int], batch_num_tokens, global_batch_size) -> tuple[Tensor, dict]:
-        """:meth:`__call__` on inputs of the kernels' dtypes."""
+        """:meth:`__call__` on inputs of the kernels' dtypes, with the counts resolved."""
         cfg = self.config
         if self.use_kl and ref_log_prob is None:
             raise ValueError("use_kl_loss=True needs ref_log_prob (the reference policy's log-probs)")
         if entropy is None and cfg.entropy_coef != 0.0:  # verl leaves the entropy term out without entropy
             cfg = PolicyConfig.make(cfg, entropy_coef=0.0)
         info = _get(self.actor, "global_batch_info", {})
-        dp_size = dp_size if dp_size is not None else _get(info, "dp_size", 1)
-        batch_num_tokens = batch_num_tokens if batch_num_tokens is not None else _get(info, "batch_num_tokens")
-        global_batch_size = global_batch_size if global_batch_size is not None else _get(info, "global_batch_size")
         # the KL and entropy terms (the actor loss only) aggregate with loss_agg_mode
         terms_norm = not self.policy_term_only and self.loss_agg_mode == "seq-mean-token-sum-norm"
         lsf = self._loss_scale_factor(info) if terms_norm or cfg.agg == "seq-mean-token-sum-norm" else None
