@@ -243,6 +243,24 @@ def zero_one(name: str, x: torch.Tensor, rule: str) -> Optional[torch.Tensor]:
     return flag_or_raise(bad.any(), x, lambda: f"{name} must {rule}; got values such as {x[bad][:3].tolist()}")
 
 
+#: why the policy losses refuse a mask value other than 0 and 1
+BINARY_MASK_RULE = ("hold 0 and 1 only (the policy loss counts a token or not, where a trainer would weigh it by a "
+                    "fractional mask; weigh tokens with importance_weights)")
+
+
+def binary_mask(name: str, mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """:func:`zero_one` of a policy loss's token mask (:data:`BINARY_MASK_RULE`): a ``ValueError`` naming ``name``
+    on the host, else the device flag that makes the loss NaN."""
+    return zero_one(name, mask, BINARY_MASK_RULE)
+
+
+def host_binary_mask(name: str, mask: torch.Tensor) -> None:
+    """:func:`binary_mask` where the values are on the host (an eager CPU tensor), so an adapter names its own
+    argument; elsewhere nothing is computed (the policy loss's own flag makes its loss NaN)."""
+    if mask.device.type == "cpu" and eager(mask):
+        binary_mask(name, mask)
+
+
 def offsets(name: str, cu: torch.Tensor, total: int, device=None) -> Optional[torch.Tensor]:
     """Cumulative sequence offsets ``cu [S+1]`` into ``total`` packed tokens: start at 0,
     never decrease, end at most at ``total``. Returns None, raises, or the device flag

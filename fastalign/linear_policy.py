@@ -21,6 +21,7 @@ batch) and ``entropy_quantile`` without ``entropy_threshold`` (the batch's quant
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -151,6 +152,7 @@ class LinearPolicyLoss(nn.Module):
                        device_of="labels", kind="float", advantages=advantages)
         _validate.real("response_mask", response_mask, dim=2)
         _validate.shape("response_mask", response_mask, tuple(labels.shape), "labels.shape")
+        fractional = _validate.binary_mask("response_mask", response_mask)
         if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(labels.shape):
             raise ValueError(f"hidden must have shape (B, T, H) with (B, T) = labels.shape {tuple(labels.shape)}, "
                              f"got {tuple(hidden.shape)}")
@@ -172,6 +174,8 @@ class LinearPolicyLoss(nn.Module):
                                                 low_rank=low_rank, entropy=want_ent,
                                                 single_pass=single_pass if why is None else False,
                                                 token_separable=per_token, logit=logit, backend=backend)
+        if fractional is not None:  # a fractional mask whose values were not read: a NaN loss, not a binarised one
+            value = torch.where(fractional, math.nan, value)
         return value, metrics
 
     def extra_repr(self) -> str:

@@ -217,6 +217,7 @@ def policy_loss(
     _validate.shape("advantages", advantages, shape, "logprobs.shape (or [B])")
     _validate.real("response_mask", response_mask, dim=2)
     _validate.shape("response_mask", response_mask, shape, "logprobs.shape")
+    fractional = _validate.binary_mask("response_mask", response_mask)
     check_counts(agg, global_tokens, global_seqs)
     _validate.counts(global_tokens=global_tokens, global_seqs=global_seqs, dp_size=cfg.dp_size, max_len=cfg.max_len)
     for name, t in (("ref_logprobs", ref_logprobs), ("entropy", entropy), ("rollout_logprobs", rollout_logprobs)):
@@ -353,6 +354,8 @@ def policy_loss(
         kept = mask.to(torch.float32) if ent_keep is None else mask.to(torch.float32) * ent_keep
         h = torch.where(kept > 0, entropy.float(), torch.zeros((), device=kept.device))
         loss = loss - cfg.entropy_coef * (h * kept).sum() / divisor(kept.sum())
+    if fractional is not None:  # a fractional mask whose values were not read: a NaN loss, not a binarised one
+        loss = torch.where(fractional, math.nan, loss)
     return loss, metrics
 
 

@@ -827,6 +827,49 @@ def test_a_fractional_mask_weighs_its_tokens():
             torch.testing.assert_close(got, theirs, rtol=1e-5, atol=1e-6, msg=f"verl {agg}")
 
 
+def _fractional_policy_batch():
+    g = torch.Generator().manual_seed(1)
+    lp = -torch.rand(3, 5, generator=g)
+    old, A = lp + 0.1 * torch.randn(3, 5, generator=g), torch.randn(3, generator=g)
+    m = torch.ones(3, 5)
+    m[0, 1] = 0.5  # a weight verl, TRL and OpenRLHF would apply; the policy kernels count a token or not
+    return lp, old, A, m
+
+
+def test_a_fractional_mask_is_refused_by_the_policy_losses():
+    """policy_loss took any nonzero entry as 1: a mask of 0.5 gave the loss of a mask of 1 (where the trainers
+    weigh the token). It is a ValueError naming the caller's argument now, on every policy entry point."""
+    from fastalign.integrations import openrlhf, verl
+    from fastalign.integrations.trl import GRPOLoss
+
+    lp, old, A, m = _fractional_policy_batch()
+    with pytest.raises(ValueError, match=r"response_mask must hold 0 and 1 only .*got values such as \[0\.5\]"):
+        fa.policy_loss(lp, old, A, m)
+    with pytest.raises(ValueError, match="completion_mask must hold 0 and 1 only"):
+        GRPOLoss(dict(loss_type="grpo"))(lp, old, A, m, entropy=torch.rand(3, 5), num_items_in_batch=15)
+    with pytest.raises(ValueError, match="action_mask must hold 0 and 1 only"):
+        openrlhf.PolicyLoss()(lp, old, A[:, None].expand(3, 5), action_mask=m)
+    with pytest.raises(ValueError, match="response_mask must hold 0 and 1 only"):
+        verl.VerlPolicyLoss({})(lp, old, A[:, None].expand(3, 5), m)
+    h, w = torch.randn(3, 5, 8), torch.randn(11, 8)
+    labels = torch.randint(0, 11, (3, 5))
+    with pytest.raises(ValueError, match="response_mask must hold 0 and 1 only"):
+        fa.LinearPolicyLoss(loss_type="grpo")(h, w, labels, old, A, m)
+    assert torch.isfinite(fa.policy_loss(lp, old, A, (m != 0).to(torch.int64))[0])  # 0/1 integers are fine
+
+
+def test_a_fractional_mask_not_read_on_the_host_gives_nan(monkeypatch):
+    """Where the mask's values are not read (a GPU tensor, here the device path forced), the loss is NaN."""
+    import fastalign._validate as validate
+
+    lp, old, A, m = _fractional_policy_batch()
+    monkeypatch.setattr(validate, "eager", lambda x: False)
+    assert torch.isnan(fa.policy_loss(lp, old, A, m)[0])
+    h, w = torch.randn(3, 5, 8), torch.randn(11, 8)
+    assert torch.isnan(fa.LinearPolicyLoss(loss_type="grpo")(h, w, torch.randint(0, 11, (3, 5)), old, A, m)[0])
+    assert torch.isfinite(fa.policy_loss(lp, old, A, m.ceil())[0])
+
+
 def test_aggregate_loss_refuses_max_len_where_it_does_not_apply():
     L, m = torch.randn(2, 4), torch.ones(2, 4)
     for agg in ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean"):

@@ -1098,10 +1098,11 @@ def test_refused_model_raises_before_the_reference_is_precomputed(checkpoint, tm
 # ------------------------------------------------------------------------------------------ options
 
 def test_grpo_vespo_at_sequence_level_names_grpo_loss_types():
-    """The refusal of vespo with importance_sampling_level="sequence" lists GRPOConfig.loss_type values."""
+    """The refusal of vespo with importance_sampling_level="sequence" (with TRL's bias-corrected KL, which it
+    weighs by the sequence ratio) lists GRPOConfig.loss_type values."""
     with pytest.raises(ValueError, match=r"GRPOConfig\.importance_sampling_level='sequence' applies to loss_type "
                                          r"\('grpo', .*'sapo'\), not to 'vespo'") as error:
-        fa_trl.GRPOLoss(dict(loss_type="vespo", importance_sampling_level="sequence"))
+        fa_trl.GRPOLoss(dict(loss_type="vespo", importance_sampling_level="sequence", beta=0.04))
     assert "'ppo'" not in str(error.value)
 
 

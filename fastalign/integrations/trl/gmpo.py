@@ -137,8 +137,7 @@ class GMPOLoss:
             raise ValueError("entropy_threshold applies with top_entropy_quantile < 1 only")
         if old_logprobs is None:
             old_logprobs = logprobs.detach()
-        fractional = _validate.zero_one("completion_mask", completion_mask, "hold 0 and 1 only (TRL's GMPO weighs "
-                                        "the tokens by a fractional mask; fastalign's gmpo row counts a token or not)")
+        _validate.host_binary_mask("completion_mask", completion_mask)  # elsewhere policy_loss's NaN
 
         m = completion_mask.float()
         kept = m  # the tokens of the geometric mean
@@ -156,8 +155,6 @@ class GMPOLoss:
             loss = loss + self.beta * ((kl * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
         if training and ga != 1:
             loss = loss / ga
-        if fractional is not None:  # a fractional mask whose values were not read: a NaN loss, not a binarised one
-            loss = torch.where(fractional, math.nan, loss)
         return loss, self._metrics(logprobs, old_logprobs, A, m, entropy, kl)
 
     def _metrics(self, logprobs, old_logprobs, A, m, entropy, kl) -> dict:

@@ -429,6 +429,7 @@ def _check_inputs(logprobs, old_logprobs, advantages, completion_mask, entropy, 
                    entropy=entropy, ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs)
     _validate.like(shape, "logprobs.shape", kind="real", **per_token,
                    completion_mask=_validate.tensor("completion_mask", completion_mask))
+    _validate.host_binary_mask("completion_mask", completion_mask)  # TRL would weigh a fractional one
     _validate.like([shape[:1], shape], "[B] or logprobs.shape", kind="float", **per_token,
                    advantages=_validate.tensor("advantages", advantages))
     _validate.like([shape[:1], (shape[0], 1), shape], "[B], [B, 1] or logprobs.shape", kind="float", **per_token,
