@@ -615,3 +615,32 @@ def test_packed_rows_refused_on_a_transformers_that_does_not_split_them(monkeypa
     _, input_ids, position_ids = _packed_row([4, 5, 3])
     with torch.no_grad(), pytest.raises(ValueError, match=r"position_ids restart .*transformers .* without splitting"):
         causal_lm_logprobs(model, input_ids, position_ids=position_ids)
+
+
+@pytest.mark.parametrize("cache", [dict(use_cache=True), dict(past_key_values="cache")])
+def test_packed_rows_with_a_kv_cache_raise(cache):
+    """transformers splits packed rows only without a KV cache: use_cache=True let each packed sequence attend to
+    the ones before it (log-probs off by up to 7 nats, no error). Position ids without an attention mask (and
+    cu_seqlens) refuse a cache now."""
+    model = tiny_model("qwen2")
+    _, input_ids, position_ids = _packed_row([4, 5, 3])
+    if "past_key_values" in cache:
+        cache = dict(past_key_values=transformers.DynamicCache())
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="KV cache"):
+            causal_lm_logprobs(model, input_ids, position_ids=position_ids, **cache)
+        with pytest.raises(ValueError, match="KV cache"):
+            causal_lm_logprobs(model, input_ids, cu_seqlens=torch.tensor([0, 4, 9, 12]), **cache)
+
+
+def test_a_stated_transform_must_equal_a_listed_architectures_own():
+    """logit_scale / softcap are for architectures outside the table; for gemma2 a stated (1.0, None) silently
+    replaced its config's softcap of 3 (31.9 nats off its own logits). A different one raises; the same is taken."""
+    model = tiny_model("gemma2")
+    input_ids, attention_mask, labels = batch()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="differ from the head transform .*'gemma2'"):
+            causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, logit_scale=1.0, softcap=None)
+        same = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, logit_scale=1.0, softcap=3.0)
+        auto = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels)
+    assert torch.equal(same.logprobs, auto.logprobs)

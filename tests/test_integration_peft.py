@@ -180,6 +180,29 @@ def _tiny_base(seed=0):
     return transformers.Qwen2ForCausalLM(config)
 
 
+def test_head_dtype_keeps_a_bf16_models_fp32_lora_head_in_fp32():
+    """On a bf16 model (PEFT keeps the adapter in fp32), head_dtype=float32 rounded lora_B and its bias to the base
+    head's bf16 first: log-probs off by 0.043 from the fp32 head. The adapter is cast to head_dtype directly now."""
+    base = _tiny_base().to(torch.bfloat16)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["lm_head"], lora_bias=True)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    head = model.get_output_embeddings()
+    a, b = head.lora_A["default"], head.lora_B["default"]
+    assert b.weight.dtype == torch.float32 and head.get_base_layer().weight.dtype == torch.bfloat16
+    ids, attention, labels = _batch()
+    got = causal_lm_logprobs(model, ids, attention, labels=labels, head_dtype=torch.float32).logprobs
+    with torch.no_grad():
+        h = model.get_decoder()(input_ids=ids, attention_mask=attention).last_hidden_state.double()
+        z = h @ head.get_base_layer().weight.double().T + head.scaling["default"] * (
+            (h @ a.weight.double().T) @ b.weight.double().T + b.bias.double())
+    logp = torch.log_softmax(z[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    want = torch.where(labels[:, 1:] != -100, logp, 0.0)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("tuner", ["LoHa", "LoKr", "IA3", "AdaLoRA"])
 def test_other_tuners_on_the_head_raise(tuner):
     """Non-LoRA adapters on the head were dropped (the base head scored: off by up to 3.4 in log-prob) and

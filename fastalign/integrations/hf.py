@@ -237,9 +237,9 @@ def _lora_low_rank(head, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
             with torch.autocast(hidden.device.type, enabled=False):
                 down = torch.nn.functional.linear(x.to(dtype), lora_a.weight.to(dtype))
         downs.append((down * scaling).to(dtype or hidden.dtype))
-        ups.append(lora_b.weight.to(weight.dtype))
+        ups.append(lora_b.weight.to(dtype or weight.dtype))  # head_dtype: no rounding to the base head's first
         if lora_b.bias is not None:
-            extra = (lora_b.bias * scaling).to(weight.dtype)
+            extra = (lora_b.bias * scaling).to(dtype or weight.dtype)
             bias = extra if bias is None else bias + extra
     if not downs:
         return bias, None
@@ -365,6 +365,10 @@ def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = N
         raise ValueError("return_dict does not apply: the body's outputs are read by name (leave it out)")
     packed = _packed_rows_flag(model, attention_mask, model_kwargs.get("position_ids"))
     # No KV cache: transformers builds its per-sequence (packed) attention mask only without one.
+    if attention_mask is None and model_kwargs.get("position_ids") is not None and (
+            model_kwargs.get("use_cache") or model_kwargs.get("past_key_values") is not None):
+        raise ValueError("use_cache=True / past_key_values do not apply to rows given by position_ids without an "
+                         "attention_mask: transformers splits packed sequences only without a KV cache")
     model_kwargs.setdefault("use_cache", False)
     with _peft_forward(model, input_ids, model_kwargs) as body_kwargs:
         outputs = _body(model)(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **body_kwargs)
@@ -512,7 +516,8 @@ def causal_lm_logprobs(
         ignore_index: label value of unscored tokens.
         logit_scale, softcap: the head transform, for an architecture not in
             :data:`HEAD_TRANSFORMS` (both must be given; ``logit_scale`` finite and non-zero,
-            ``softcap`` None (off) or > 0), as :func:`register_head_transform` takes it.
+            ``softcap`` None (off) or > 0), as :func:`register_head_transform` takes it. For an
+            architecture in the table they must equal the transform its config gives (else ValueError).
         on_head: called with the head's operands ``(hidden [B, T, H], weight, bias, low_rank)`` of
             every position (after the autocast cast; ``low_rank`` as :func:`head_operands`) before the
             vocabulary pass, for statistics derived from the hidden states beside the log-probs (the
@@ -598,6 +603,11 @@ def causal_lm_logprobs(
         logit_scale, softcap = head_transform(model.config)
     else:
         logit_scale, softcap = _stated_transform(logit_scale, softcap)
+        known = known_head_transform(model.config)
+        if known is not None and known != (logit_scale, softcap):  # the model's own forward applies `known`
+            raise ValueError(f"logit_scale={logit_scale}, softcap={softcap} differ from the head transform "
+                             f"{known} that model_type {model.config.model_type!r} applies (read from its "
+                             "config); leave them out")
 
     targets = next_token_targets(input_ids, labels=labels, response_mask=response_mask,
                                  attention_mask=attention_mask, position_ids=position_ids, past_end=past_end,
