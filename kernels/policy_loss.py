@@ -70,6 +70,23 @@ def _clamp(x, lo, hi):
 
 
 @triton.jit
+def _k3(x):
+    """(exp(x) - x - 1, expm1(x)) without the cancellation of exp(x) against 1 + x near 0: for |x| < 0.5 the
+    series x^2 (1/2! + x/3! + ... + x^7/9!), elsewhere (+-inf and NaN included) from exp(x) (csrc/cpu/vec_math.h)."""
+    e = tl.exp(x)
+    p = x * 2.7557319e-6 + 2.4801587e-5
+    p = p * x + 1.9841270e-4
+    p = p * x + 1.3888889e-3
+    p = p * x + 8.3333333e-3
+    p = p * x + 4.1666667e-2
+    p = p * x + 1.6666667e-1
+    p = p * x + 0.5
+    s = x * x * p
+    small = (x > -0.5) & (x < 0.5)
+    return tl.where(small, s, e - x - 1.0), tl.where(small, x + s, e - 1.0)
+
+
+@triton.jit
 def _rollout_weight(r, r_min, r_max, TRUNC: tl.constexpr):
     if TRUNC:
         return _clamp(r, r_min, r_max)
@@ -243,8 +260,8 @@ def policy_loss_fwd_kernel(
         if PPO_ROW:
             rho = rho_is
             drho = drho_is
-            if LT == GSPO:
-                rho = zero + rho_row
+            if LT == GSPO:  # the token's ratio exp(lp - sg(lp) + sg(log s_i)): NaN at a non-finite lp
+                rho = rho_row + (x_lp - x_lp)
                 drho = zero + drho_row
             if LT == CLIPCOV:
                 rho = tl.exp(l)
@@ -362,16 +379,13 @@ def policy_loss_fwd_kernel(
             else:
                 x = -d
                 if KL_CLAMP:
-                    xc = _clamp(x, -20.0, 20.0)
-                    e = tl.exp(xc)
-                    k3 = e - xc - 1.0
+                    k3, em1 = _k3(_clamp(x, -20.0, 20.0))
                     kv = _clamp(k3, -10.0, 10.0)
                     live = (x >= -20.0) & (x <= 20.0) & (k3 >= -10.0) & (k3 <= 10.0)
-                    dkl = tl.where(live, -(e - 1.0), 0.0)
+                    dkl = tl.where(live, -em1, 0.0)
                 else:
-                    e = tl.exp(x)
-                    kv = e - x - 1.0
-                    dkl = -(e - 1.0)
+                    kv, em1 = _k3(x)
+                    dkl = -em1
             if KL_STRAIGHT:  # k2's gradient, 0 at an infinite lp - ref (kl_penalty's NAME+)
                 dkl = tl.where((d == float("inf")) | (d == -float("inf")), 0.0, d)
             # a coefficient of 0 leaves the term out (exactly 0 at an infinite or NaN KL); the metric keeps it

@@ -139,7 +139,7 @@ def _compare(trl, ours, rtol=1e-6):
     assert_close(zeros if gh is None else gh, zeros if th is None else th, atol=1e-6, rtol=1e-5, what="d entropy")
     assert set(met) == set(tm), (sorted(met), sorted(tm))
     for k, v in tm.items():
-        assert_close(met[k], torch.tensor(v, dtype=torch.float64), atol=1e-6, rtol=1e-6, what=f"metric {k}")
+        assert_close(met[k], torch.tensor(v, dtype=torch.float64), atol=1e-6, rtol=rtol, what=f"metric {k}")
 
 
 @pytest.mark.parametrize("setup", sorted(SETUPS))

@@ -146,11 +146,10 @@ FASTALIGN_KERNEL_BODY uint32_t chunk_body(const Cfg& c, const Row& R, const RowC
       const float d = x_lp - c_ref[t];
       const float xk = -d;
       const float xc = clampf(xk, xlo, xhi);
-      const float e = exp_f32(xc);
-      const float k3 = e - xc - 1.f;
-      const float k3c = clampf(k3, klo, khi);
-      const bool k3_live = k3_open | ((xk >= xlo) & (xk <= xhi) & (k3 >= klo) & (k3 <= khi));
-      const float dk3 = k3_live ? -(e - 1.f) : 0.f;
+      const K3 k3 = k3_f32(xc);  // exp(xc) - xc - 1 and expm1(xc), accurate near 0 (vec_math.h)
+      const float k3c = clampf(k3.v, klo, khi);
+      const bool k3_live = k3_open | ((xk >= xlo) & (xk <= xhi) & (k3.v >= klo) & (k3.v <= khi));
+      const float dk3 = k3_live ? -k3.expm1 : 0.f;
       const float sgn = d > 0.f ? 1.f : (d < 0.f ? -1.f : 0.f);
       const float kv = keep_if(d, m_k1) + keep_if(std::fabs(d), m_abs) + keep_if(0.5f * d * d, m_k2) + keep_if(k3c, m_k3);
       const float dkl_own = keep_if(1.f, m_k1) + keep_if(sgn, m_abs) + keep_if(d, m_k2) + keep_if(dk3, m_k3);

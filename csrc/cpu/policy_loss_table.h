@@ -8,7 +8,8 @@
 //   ppo      L1 = -A r1, L2 = -A clip(rho, 1-el, 1+eh), max(L1, L2) (L2 only if strictly
 //            larger), dual clip min(., -cA) for A < 0 (only if strictly larger)
 //   gspo     rho = exp(min(mean_v l, 10)) per row, ppo clip; gradient d rho/d lp_t = rho, and 0
-//            where mean_v l > 10 (the cap passes no gradient, as torch.clamp in verl)
+//            where mean_v l > 10 (the cap passes no gradient, as torch.clamp in verl); the token's
+//            ratio exp(lp - sg(lp) + ...) is NaN where lp is not finite (+ (lp - lp))
 //   cispo    -sg(clip(rho, lo, hi)) A lp
 //   sapo     -(4/tau) sigma(tau (rho - 1)) A, tau = tau_pos if A > 0 else tau_neg
 //   reinforce -A lp
@@ -192,7 +193,8 @@ FASTALIGN_KERNEL_BODY LossTerm loss_row(const LossConsts& k, const TokenIn& x) {
   if (PPO_ROW) {
     float rho = x.rho_is;
     o.drho = drho_tok;
-    if (LT == kGSPO) { rho = k.rho_row; o.drho = k.drho_row; }
+    // gspo: the token's ratio exp(lp - sg(lp) + sg(log s_i)), NaN at a non-finite lp (lp - lp), as the definition
+    if (LT == kGSPO) { rho = k.rho_row + (x.lp - x.lp); o.drho = k.drho_row; }
     if (LT == kCLIPCOV) { rho = exp_f32(l); o.drho = rho; }
     const float r1 = rho > k.delta_b ? k.delta_b : rho;
     const float dr1 = rho > k.delta_b ? 0.f : 1.f;

@@ -87,6 +87,7 @@ from fastalign import _validate
 from fastalign.integrations._dtypes import float64_as_float32
 from fastalign.integrations._live_options import LiveOptions, SinglePassAttribute
 from fastalign.integrations.trl.grpo import GRPO_LOSSES  # Liger's GRPO loss types are TRL's
+from fastalign.kl import kl_penalty
 from fastalign.linear import check_head, check_second_head, linear_logprobs
 from fastalign.linear_policy import policy_step
 from fastalign.linear_step import separable_step
@@ -341,8 +342,7 @@ class LigerFusedLinearGRPOLoss(SinglePassAttribute, LiveOptions, nn.Module):
         rho = log_ratio.exp()
         out = []
         if self.beta != 0.0:
-            x = (ref.float() - lp) if ref is not None else torch.zeros_like(lp)
-            kl = x.exp() - x - 1.0
+            kl = kl_penalty(lp, ref.float(), "k3", clamp=False) if ref is not None else torch.zeros_like(lp)
             if self.use_bias_correction_kl:
                 kl = kl * rho
             out.append((kl * m).sum() / n)
