@@ -53,6 +53,7 @@ from fastalign.advantages import (gae_advantages, group_advantages, optimal_toke
                                   remax_advantages, token_advantages)
 from fastalign.advantages._inputs import as_index
 from fastalign.advantages.sequence_level import reads_eps
+from fastalign.integrations.verl._keys import ALGO, check_keys
 from fastalign.integrations.verl._names import unprefixed
 
 __all__ = ["ALGO_DEFAULTS", "ESTIMATORS", "algo_options", "compute_advantage"]
@@ -81,9 +82,12 @@ _STD_FROM_CONFIG = ("grpo", "grpo_passk")  # what verl's trainer passes norm_adv
 
 
 def algo_options(config=None) -> Dict[str, Any]:
-    """The advantage fields of verl's ``AlgoConfig`` (object or dict), verl's defaults for the rest."""
+    """The advantage fields of verl's ``AlgoConfig`` (object or dict), verl's defaults for the rest. A dict key
+    that is not a field of ``AlgoConfig`` (or of its nested ``kl_ctrl``, ``pf_ppo``, ``filter_groups``,
+    ``rollout_correction``) raises ``ValueError`` naming it."""
     if config is None:
         return dict(ALGO_DEFAULTS)
+    check_keys(config, ALGO, "algorithm")
     get = config.get if hasattr(config, "get") else (lambda k, d: getattr(config, k, d))
     out = {k: get(k, v) for k, v in ALGO_DEFAULTS.items()}
     est = unprefixed(str(getattr(out["adv_estimator"], "value", out["adv_estimator"])))
@@ -177,7 +181,8 @@ def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor
 
     Args:
         config: verl's ``AlgoConfig`` (or ``algorithm`` dict): ``adv_estimator``, ``gamma``, ``lam``,
-            ``norm_adv_by_std_in_grpo``, ``gdpo_reward_weights``.
+            ``norm_adv_by_std_in_grpo``, ``gdpo_reward_weights``; a dict key that is not a field of
+            ``AlgoConfig`` raises ``ValueError``.
         token_level_rewards: ``[B, T]``; the sequence-level estimators use its row sums.
         response_mask: ``[B, T]``.
         index: the ``uid`` of each response (its prompt group) for the grouped estimators.

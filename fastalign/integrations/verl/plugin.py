@@ -75,6 +75,7 @@ import torch
 from torch import Tensor
 
 from fastalign.advantages import group_advantages, token_advantages
+from fastalign.integrations.verl._keys import ALGO, check_keys
 from fastalign.integrations.verl._names import PREFIX
 from fastalign.integrations.verl.advantages import ESTIMATORS, algo_options, compute_advantage
 from fastalign.integrations.verl.policy import _MODES, VerlPolicyLoss, _get
@@ -118,7 +119,9 @@ def _policy_loss_fn(mode: str) -> Callable:
 
 
 def _algo(config: Any, estimator: str, norm_adv_by_std_in_grpo: Optional[bool]) -> Dict[str, Any]:
-    """verl's ``AlgoConfig`` fields for ``estimator``; the std flag from the argument, else the config."""
+    """verl's ``AlgoConfig`` fields for ``estimator``; the std flag from the argument, else the config (a dict
+    config's unknown key raises ``ValueError``)."""
+    check_keys(config, ALGO, "algorithm")
     opts = {k: _get(config, k, v) for k, v in algo_options().items()}
     opts["adv_estimator"] = estimator
     if norm_adv_by_std_in_grpo is not None:
@@ -254,6 +257,7 @@ def _grpo_batch_std_advantage(token_level_rewards: Tensor, response_mask: Option
     grpo with ``std="batch"``; a group of one gets 0); ``r`` the row sums of the token rewards."""
     if response_mask is None or index is None:
         raise ValueError(f"{PREFIX}grpo_batch_std needs response_mask and index (the uid of each response)")
+    check_keys(config, ALGO, "algorithm")
     flag = norm_adv_by_std_in_grpo if norm_adv_by_std_in_grpo is not None else _get(config, "norm_adv_by_std_in_grpo",
                                                                                    True)
     if not flag:

@@ -13,7 +13,9 @@ of its ``ActorConfig`` / ``PolicyLossConfig`` dataclasses (and ``actor.yaml``): 
 config built as verl's dataclass gives (``clip_ratio_low`` / ``clip_ratio_high`` 0.2 whatever
 ``clip_ratio``; ``clip_ratio_c`` 3.0, dppo_tv / dppo_kl included; ``policy_loss.ppo_kl_coef`` 0.1). A key set to
 None takes what verl's loss modes take for None: ``clip_ratio`` for ``clip_ratio_low`` / ``clip_ratio_high``,
-1.0 for ``ppo_kl_coef``, else the default.
+1.0 for ``ppo_kl_coef``, else the default. A dict key that is not a field of verl's ``ActorConfig`` (or of its
+FSDP / Megatron / VeOmni / TorchTitan subclasses; ``policy_loss``: ``PolicyLossConfig``; ``global_batch_info``:
+the keywords of verl's ``agg_loss``) raises ``ValueError`` naming it, as verl's dataclasses refuse it.
 
 The loss is computed in float32 (float64 inputs too) and returned in the dtype verl's arithmetic gives it: the
 promoted dtype of the tensors that reach verl's loss (bf16 in, bf16 out in token-mean and token-sum; a float
@@ -67,6 +69,7 @@ from torch import Tensor
 from fastalign import _validate
 from fastalign.aggregate import AGGS, aggregate_loss, counts_read, divisor
 from fastalign.integrations._dtypes import float64_as_float32, result_dtype
+from fastalign.integrations.verl._keys import ACTOR, GLOBAL_BATCH_INFO, check_keys
 from fastalign.integrations.verl._names import unprefixed
 from fastalign.kl import canonical_kl, kl_penalty
 from fastalign.policy import policy_loss
@@ -216,7 +219,9 @@ def verl_policy_config(actor: Any, *, fuse_terms: bool = True, loss_mode: Option
 
     ``fuse_terms``: the KL and entropy terms go into the fused kernel (possible whenever they
     aggregate like the policy term). ``loss_mode`` / ``loss_agg_mode``: used instead of the
-    config's ``policy_loss.loss_mode`` / ``loss_agg_mode`` when given."""
+    config's ``policy_loss.loss_mode`` / ``loss_agg_mode`` when given. A dict key that is not one of
+    verl's fields raises ``ValueError``."""
+    check_keys(actor, ACTOR, "actor")
     pl = _get(actor, "policy_loss", {})
     mode = unprefixed(loss_mode if loss_mode is not None else _setting(pl, "loss_mode", _POLICY_LOSS_DEFAULTS))
     if mode not in _MODES:
@@ -281,6 +286,7 @@ class VerlPolicyLoss:
 
     def __init__(self, actor: Any, *, loss_mode: Optional[str] = None, loss_agg_mode: Optional[str] = None,
                  policy_term_only: bool = False):
+        check_keys(actor, ACTOR, "actor")
         self.actor = actor
         self.mode = unprefixed(loss_mode if loss_mode is not None
                                else _setting(_get(actor, "policy_loss", {}), "loss_mode", _POLICY_LOSS_DEFAULTS))
@@ -319,6 +325,7 @@ class VerlPolicyLoss:
                  global_batch_size=None) -> tuple[Tensor, dict]:
         _check_inputs(log_prob, old_log_prob, advantages, response_mask, entropy, ref_log_prob, rollout_is_weights)
         info = _get(self.actor, "global_batch_info", {})
+        check_keys(info, GLOBAL_BATCH_INFO, "actor.global_batch_info")  # verl's agg_loss takes these keywords
         dp_size = dp_size if dp_size is not None else _get(info, "dp_size", 1)
         batch_num_tokens = batch_num_tokens if batch_num_tokens is not None else _get(info, "batch_num_tokens")
         global_batch_size = global_batch_size if global_batch_size is not None else _get(info, "global_batch_size")
