@@ -11,6 +11,8 @@ from __future__ import annotations
 import difflib
 from typing import Iterable
 
+import torch
+
 AUTO_OR_BOOL = ("auto", True, False)
 """The choices of a pass option (``single_pass``, ``compact``): ``"auto"`` picks where it pays, or ``True`` /
 ``False`` forces it."""
@@ -18,7 +20,7 @@ AUTO_OR_BOOL = ("auto", True, False)
 
 def did_you_mean(name, choices: Iterable) -> str:
     """``"; did you mean 'x'?"`` for the closest string in ``choices``, or ``""``."""
-    if not isinstance(name, str):
+    if not isinstance(name, str) or torch.compiler.is_compiling():  # difflib does not trace
         return ""
     close = difflib.get_close_matches(name, [c for c in choices if isinstance(c, str)], n=1)
     return f"; did you mean {close[0]!r}?" if close else ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections.abc as _abc
 import math
+import sys
 import numbers as _numbers
 from typing import Optional
 
@@ -121,22 +122,26 @@ def number(name: str, value) -> float:
 
 
 def _finite(v: float) -> bool:
-    """``math.isfinite(v)`` in a form torch.compile also traces on the symbolic floats of ``dynamic=True``."""
-    return v == v and abs(v) != math.inf
+    """``math.isfinite(v)`` in a form torch.compile guards on for the symbolic floats of ``dynamic=True`` (it
+    takes a symbolic float for a finite one, so ``abs(v) != inf`` would pass an infinite value)."""
+    return v == v and -_FLOAT_MAX <= v <= _FLOAT_MAX
+
+
+_FLOAT_MAX = sys.float_info.max
 
 
 def finite(**values) -> None:
     """Every value given is a finite real number (not NaN, not +-inf); None is skipped."""
     for name, value in values.items():
         if value is not None and not _finite(number(name, value)):
-            raise ValueError(f"{name} must be finite, got {value}")
+            raise ValueError(f"{name} must be finite, got {float(value)}")
 
 
 def finite_number(name: str, value) -> float:
     """A finite real number (None, a string or a bool is a ``TypeError``), as a float."""
     v = number(name, value)
     if not _finite(v):
-        raise ValueError(f"{name} must be finite, got {value}")
+        raise ValueError(f"{name} must be finite, got {float(value)}")
     return v
 
 
@@ -144,7 +149,7 @@ def positive(name: str, value) -> float:
     """A finite real number > 0, as a float."""
     v = number(name, value)
     if not (_finite(v) and v > 0):
-        raise ValueError(f"{name} must be > 0 and finite, got {value}")
+        raise ValueError(f"{name} must be > 0 and finite, got {float(value)}")
     return v
 
 

@@ -34,13 +34,18 @@ class _K3(torch.autograd.Function):
     expm1(x) - x elsewhere (+-inf and NaN included); the backward is written in differentiable ops (second
     derivatives work)."""
 
+    generate_vmap_rule = True  # torch.func transforms (vmap, grad, jacrev) apply it as they apply its ops
+
     @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
+    def forward(x):
         p = torch.full_like(x, _K3_SERIES[0])
         for c in _K3_SERIES[1:]:
             p = p * x + c
         return torch.where(x.abs() < 0.5, x * x * p, torch.expm1(x) - x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx, g):

@@ -71,19 +71,30 @@ _PAIRS = ("cispo_bounds", "sapo_tau", "vespo_k", "vespo_lambda")  # (a, b) optio
 
 class OptionError(ValueError):
     """The ``ValueError`` of a :class:`PolicyConfig` option's value; ``option`` names the option (``"eps_low"``),
-    so a trainer profile can name its own config fields behind it without reading the message."""
+    so a trainer profile can name its own config fields behind it without reading the message. Made by
+    :func:`option_error` (no ``__init__`` of its own: torch.compile traces the raise only without one)."""
 
-    def __init__(self, option: str, message: str):
-        super().__init__(message)
-        self.option = option
+    option: str = ""
 
-    def __reduce__(self):
-        return type(self), (self.option, str(self))
+
+def option_error(option: str, message: str) -> OptionError:
+    """The :class:`OptionError` of ``option`` with ``message``."""
+    error = OptionError(message)
+    error.option = option
+    return error
+
+
+def _constant(v):
+    """A symbolic number of torch.compile (automatic dynamic) as the Python number it holds (a guard on its
+    value); anything else as it is."""
+    if isinstance(v, torch.SymFloat):
+        return float(v)
+    return int(v) if isinstance(v, torch.SymInt) else v
 
 
 def _refused(option: str, reason: str) -> OptionError:
     """The :class:`OptionError` "<option> <reason>"."""
-    return OptionError(option, f"{option} {reason}")
+    return option_error(option, f"{option} {reason}")
 
 
 @contextlib.contextmanager
@@ -94,7 +105,7 @@ def _option(name: str):
     except OptionError:
         raise
     except ValueError as e:
-        raise OptionError(name, str(e)) from None
+        raise option_error(name, str(e)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +194,8 @@ class PolicyConfig:
         """``config`` (or the defaults) with ``options`` replaced; unknown names raise ``TypeError``
         (``owner``: the function or module named in the message)."""
         check_names(owner, options, FIELDS)
+        if torch.compiler.is_compiling():  # the kernels take the options as constants: a new value recompiles
+            options = {k: _constant(v) for k, v in options.items()}
         if config is None:
             if torch.compiler.is_compiling():  # traced once per graph; Dynamo would trace the lru_cache
                 return cls(**options)
@@ -209,16 +222,16 @@ class PolicyConfig:
             raise _refused("importance_sampling_level", f"must be 'token' or 'sequence', "
                               f"got {self.importance_sampling_level!r}")
         if self.importance_sampling_level == "sequence" and row not in _SEQUENCE_LEVEL_ROWS:
-            raise OptionError("importance_sampling_level", f"importance_sampling_level='sequence' applies to "
-                              f"{_SEQUENCE_LEVEL_ROWS}, not to loss_type {self.loss_type!r}")
+            raise option_error("importance_sampling_level", f"importance_sampling_level='sequence' applies to "
+                               f"{_SEQUENCE_LEVEL_ROWS}, not to loss_type {self.loss_type!r}")
         for name in ("eps_low", "eps_high"):
             given = getattr(self, name) is not None
             self._only(name, given, _CLIP_ROWS)
             if given and row == "cispo" and self.cispo_bounds is not None:
                 raise _refused(name, "does not apply to cispo with cispo_bounds")
         if self.clip_eps[0] < 0 or self.clip_eps[1] < 0:
-            raise OptionError("eps_low" if self.clip_eps[0] < 0 else "eps_high",
-                              f"eps_low and eps_high must be >= 0, got {self.eps_low}, {self.eps_high}")
+            raise option_error("eps_low" if self.clip_eps[0] < 0 else "eps_high",
+                               f"eps_low and eps_high must be >= 0, got {self.eps_low}, {self.eps_high}")
         if not self.log_ratio_cap > 0:
             raise _refused("log_ratio_cap", f"must be > 0 (math.inf: no clamp), got "
                               f"{self.log_ratio_cap}")

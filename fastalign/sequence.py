@@ -47,7 +47,7 @@ def segment_ids(n: int, device, cu_seqlens: Optional[Tensor], position_ids: Opti
 def check_ld_alpha(ld_alpha: Optional[float]) -> None:
     """LD-DPO's ``ld_alpha``: None (off) or a number in ``[0, 1]`` (TRL's ``DPOConfig.ld_alpha`` range)."""
     if ld_alpha is not None and not 0.0 <= _validate.finite_number("ld_alpha", ld_alpha) <= 1.0:
-        raise ValueError(f"ld_alpha must lie in [0, 1] (the LD-DPO weight past the shared length), got {ld_alpha}")
+        raise ValueError(f"ld_alpha must lie in [0, 1] (the LD-DPO weight past the shared length), got {float(ld_alpha)}")
 
 
 @renamed(token_logps="token_logprobs", mask="response_mask")
@@ -159,7 +159,7 @@ def sequence_logprobs(
         seg = seg.clamp(0, S - 1)
 
         def reduce(x: Tensor) -> Tensor:
-            return torch.zeros(S, dtype=x.dtype, device=x.device).index_add_(0, seg, x)
+            return torch.zeros(S, dtype=x.dtype, device=x.device).index_add(0, seg, x)  # out of place: vmap takes it
     else:
         S = lp.shape[0]
         seg = malformed = None
@@ -192,7 +192,7 @@ def sequence_logprobs(
         # 1-based rank of each valid token inside its own sequence
         if packed:
             incl = torch.cumsum(m, 0)
-            before = torch.zeros(S, dtype=acc, device=m.device).index_add_(0, seg, m)
+            before = torch.zeros(S, dtype=acc, device=m.device).index_add(0, seg, m)
             start = torch.cumsum(before, 0) - before  # valid tokens before each sequence
             rank = incl - start[seg]
             lim = public[seg]
