@@ -196,7 +196,9 @@ def policy_loss(
         bounds), ``clip_region`` and the per-sequence ``clip_low_min`` / ``clip_high_max`` (token
         means over non-empty sequences; at sequence level one value per sequence, means over
         every sequence); ``kl`` (the KL term before ``kl_coef``), ``entropy``,
-        ``cov_selected_frac``, ``phi_mean`` (vespo) when computed; ``kl_term`` / ``entropy_term``: the
+        ``cov_selected_frac``, ``phi_mean`` (vespo: with ``[B]`` advantages the mean over sequences of the
+        sequence's ``phi``, with ``[B, T]`` advantages the mean over valid tokens of ``phi_t``, ``(k, lambda)``
+        by the sign of ``A_t``, 0 when no token is valid) when computed; ``kl_term`` / ``entropy_term``: the
         KL and entropy aggregated like the loss (before their coefficients); with
         ``entropy_agg="token-mean"``, ``policy_term`` (the loss before the entropy bonus). Nothing
         synchronises with the host.
@@ -346,8 +348,8 @@ def policy_loss(
             metrics["entropy_term"] = terms[1]
     if is_cov:
         metrics["cov_selected_frac"] = per[7]
-    if loss_type == "vespo":
-        metrics["phi_mean"] = rd[:, 10].sum() / max(shape[0], 1)
+    if loss_type == "vespo":  # [B] advantages: the mean over sequences of phi; [B, T]: over valid tokens of phi_t
+        metrics["phi_mean"] = rd[:, 10].sum() / max(shape[0], 1) if per_sequence_advantages else per[7]
     if cfg.entropy_coef != 0.0 and not entropy_in_kernel:
         # coef * token-mean(H) over the kept tokens, independent of the loss aggregation
         metrics["policy_term"] = loss.detach()

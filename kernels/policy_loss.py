@@ -16,8 +16,11 @@ Sequence quantities (gspo's and the sequence ratio, gmpo's means, vespo's weight
 rollout weights, the off-policy mask) come from a first loop over the row (constexpr NEED1).
 Each program writes its row sums (fixed order, no atomics)
 
-    row[i] = [sum v L, n, #clipped, #dual-clipped, sum v(-l), sum v K, sum v H, #selected,
-              #clip_low, #clip_high, vespo phi]
+    row[i] = [sum v L, n, #clipped, #dual-clipped, sum v(-l), sum v K, sum v H, selected or phi,
+              #clip_low, #clip_high, vespo phi of the row]
+
+(column 7: the number of tokens Clip-Cov / KL-Cov picked, or vespo's sum v phi_t with (k, lambda) by the
+sign of A_t; column 10 picks them by the sign of the row's mean advantage)
 
 and the per-token d(row loss)/d(lp); the caller aggregates rows. Clamps are written with
 ``tl.where`` so that a NaN passes through them (``tl.minimum`` / ``tl.maximum`` drop it); a NaN
@@ -55,10 +58,10 @@ COL_DUAL = tl.constexpr(3)
 COL_NEG_LOG_RATIO = tl.constexpr(4)
 COL_KL = tl.constexpr(5)
 COL_ENTROPY = tl.constexpr(6)
-COL_SELECTED = tl.constexpr(7)
+COL_SELECTED_OR_PHI = tl.constexpr(7)
 COL_CLIP_LOW = tl.constexpr(8)
 COL_CLIP_HIGH = tl.constexpr(9)
-COL_PHI = tl.constexpr(10)
+COL_PHI_ROW = tl.constexpr(10)
 ROW_COLS = tl.constexpr(11)
 LOG_1E8 = tl.constexpr(math.log(1e-8))
 
@@ -230,7 +233,7 @@ def policy_loss_fwd_kernel(
     s_negl = tl.zeros([], tl.float32)
     s_kl = tl.zeros([], tl.float32)
     s_h = tl.zeros([], tl.float32)
-    s_sel = tl.zeros([], tl.float32)
+    s_sel_phi = tl.zeros([], tl.float32)
     s_clo = tl.zeros([], tl.float32)
     s_chi = tl.zeros([], tl.float32)
     s_grow = tl.zeros([], tl.float32)
@@ -250,6 +253,7 @@ def policy_loss_fwd_kernel(
         picked = tl.zeros([BLOCK_T], tl.int1)
         if HAS_SEL:
             picked = tl.load(sel_ptr + base + cols, mask=inb, other=0) != 0
+        sel_phi = picked.to(tl.float32)  # the per-token metric of column 7 (vespo: phi_t)
         clip = zero
         low = zero
         clo = zero
@@ -316,6 +320,7 @@ def policy_loss_fwd_kernel(
                              vespo_lambda_neg)
             pg = -phi * a * x_lp
             d_own = -phi * a
+            sel_phi = phi
         elif (LT == DPPOTV) or (LT == DPPOKL):
             # keep k: the token's probability moved within the divergence bound; weight sg(min(rho, delta) k)
             p = tl.exp(x_lp)
@@ -412,7 +417,7 @@ def policy_loss_fwd_kernel(
         s_negl += tl.sum(tl.where(v, -l, 0.0), 0)
         s_kl += tl.sum(tl.where(v, klv, 0.0), 0)
         s_h += tl.sum(tl.where(v, h, 0.0), 0)
-        s_sel += tl.sum((v & picked).to(tl.float32), 0)
+        s_sel_phi += tl.sum(tl.where(v, sel_phi, 0.0), 0)
         s_clo += tl.sum(tl.where(v, clo, 0.0), 0)
         s_chi += tl.sum(tl.where(v, chi, 0.0), 0)
         if SEQ:
@@ -435,10 +440,10 @@ def policy_loss_fwd_kernel(
     tl.store(out + COL_NEG_LOG_RATIO, s_negl)
     tl.store(out + COL_KL, s_kl)
     tl.store(out + COL_ENTROPY, s_h)
-    tl.store(out + COL_SELECTED, s_sel)
+    tl.store(out + COL_SELECTED_OR_PHI, s_sel_phi)
     tl.store(out + COL_CLIP_LOW, s_clo)
     tl.store(out + COL_CLIP_HIGH, s_chi)
-    tl.store(out + COL_PHI, phi_row)
+    tl.store(out + COL_PHI_ROW, phi_row)
 
 
 def policy_loss_forward(lp, old, adv, mask, ref, ent, roll, keep, iw, sel, row, dlp, *, loss_type, is_level, kl_type,

@@ -319,20 +319,49 @@ def test_diverged_policy_matches_trl(case):
     _compare(trl, ours, rtol=1e-5)  # fp32 sums of terms of order e^25
 
 
-@pytest.mark.parametrize("case", ["dapo_offpolicy", "grpo_sequence", "cispo_sequence", "luspo_sequence_offpolicy"])
+PER_TOKEN_CASES = {
+    "dapo_offpolicy": dict(loss_type="dapo", off_policy_mask_threshold=0.0),
+    "grpo_sequence": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=0.05),
+    "cispo_sequence": dict(loss_type="cispo", importance_sampling_level="sequence", epsilon_high=1.02),
+    "luspo_sequence_offpolicy": dict(loss_type="luspo", importance_sampling_level="sequence",
+                                     off_policy_mask_threshold=0.0),
+    "vespo": CASES["vespo"], "vespo_plain": CASES["vespo_plain"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(PER_TOKEN_CASES))
 def test_per_token_advantages_match_trl(case):
     """TRL's loss takes [B, T] advantages too (its subclasses' per-token credit). There the off-policy mask
     drops a far sequence's tokens of negative advantage, one by one, and the clip metrics at sequence level
     are token means over the mask; fastalign dropped whole sequences by their mean advantage and averaged
-    the clip flags per sequence."""
-    config = {"dapo_offpolicy": dict(loss_type="dapo", off_policy_mask_threshold=0.0),
-              "grpo_sequence": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=0.05),
-              "cispo_sequence": dict(loss_type="cispo", importance_sampling_level="sequence", epsilon_high=1.02),
-              "luspo_sequence_offpolicy": dict(loss_type="luspo", importance_sampling_level="sequence",
-                                               off_policy_mask_threshold=0.0)}[case]
+    the clip flags per sequence. vespo's ``vespo/phi_seq_mean`` is then TRL's masked token mean of phi_t
+    ((k, lambda) by the sign of A_t); fastalign logged the mean over rows of the row's phi."""
     d = batch(seed=11)
     d["A"] = torch.randn(d["lp"].shape, generator=torch.Generator().manual_seed(12))
-    _compare(*_call_both(config, d, 1, 1, True, 1))
+    _compare(*_call_both(PER_TOKEN_CASES[case], d, 1, 1, True, 1))
+
+
+@pytest.mark.parametrize("advantages", ["per_token", "expanded", "per_sequence"])
+@pytest.mark.parametrize("empty", [False, True])
+def test_vespo_phi_seq_mean_matches_trl(advantages, empty):
+    """``vespo/phi_seq_mean``: TRL's masked token mean with [B, T] advantages (rows weighted by their length
+    even when the advantage is one per row, only expanded; 0 for a batch without a valid token), its row mean
+    with [B] advantages (an empty row's phi is 1)."""
+    d = batch(seed=21)
+    d["old"] = d["lp"] + torch.randn(d["lp"].shape, generator=torch.Generator().manual_seed(22)) * 0.4
+    if advantages == "per_token":
+        d["A"] = torch.randn(d["lp"].shape, generator=torch.Generator().manual_seed(23))
+    elif advantages == "expanded":
+        d["A"] = d["A"][:, None].expand(d["lp"].shape).contiguous()
+    if empty:
+        d["m"] = torch.zeros_like(d["m"])
+    trl, ours = _call_both(dict(loss_type="vespo"), d, 1, 1, True, 1)
+    _compare(trl, ours)
+    if empty and advantages != "per_sequence":
+        assert trl[3]["vespo/phi_seq_mean"] == 0.0
+    if not empty and advantages == "expanded":  # rows weighted by their length: not the row mean of [B]
+        row_mean, _ = _call_both(dict(loss_type="vespo"), {**d, "A": d["A"][:, 0].contiguous()}, 1, 1, True, 1)
+        assert abs(row_mean[3]["vespo/phi_seq_mean"] - trl[3]["vespo/phi_seq_mean"]) > 1e-3
 
 
 #: dicts whose loss needs what ``GRPOConfig.__post_init__`` derives or defaults: dr_grpo's default

@@ -19,8 +19,10 @@ enum KLType : int { kK1 = 0, kAbs, kK2, kK3 };
 enum Rollout : int { kRollNone = 0, kTokTrunc, kTokMask, kSeqTrunc, kSeqMask };
 enum KLRho : int { kKLRhoOff = 0, kKLRhoDetached, kKLRhoGrad };
 
-// Per-row outputs: [sum v L, n, #clipped, #dual-clipped, sum v(-l), sum v K, sum v H, #selected,
+// Per-row outputs: [sum v L, n, #clipped, #dual-clipped, sum v(-l), sum v K, sum v H, selected or phi,
 //                   #clip_low, #clip_high, vespo phi of the row]
+// Column 7 holds the per-token metric of the loss row: the number of tokens Clip-Cov / KL-Cov picked,
+// or vespo's sum v phi_t (phi_t with (k, lambda) by the sign of A_t; column 10 picks by the row's mean A).
 constexpr int kRowCols = 11;
 constexpr int kPartCols = kRowCols + 1;  // a chunk's sums plus its sequence-level gradient sum
 

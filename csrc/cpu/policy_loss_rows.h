@@ -51,7 +51,7 @@ static inline float keep_if(float x, uint32_t mask) { return bits_to_float(float
 static inline uint32_t mask_of(bool chosen) { return chosen ? 0xffffffffu : 0u; }
 
 // ---- pass 2 on tokens [t0, t0 + n) of a row: per-token loss, gradients and the chunk's metric
-// sums part[0..kRowCols) (without the row-level gmpo term and vespo phi) plus, in part[kRowCols],
+// sums part[0..kRowCols) (without the row-level gmpo term and vespo's row phi) plus, in part[kRowCols],
 // the sequence-level gradient sum sum_v (w d_rho + kl_coef K [kl_rho = grad]).
 // d(row loss)/d(lp) goes to c_dlp[0..n). Returns the number of hits in scan modes.
 template <int LT, int FL, int SM>
@@ -107,10 +107,10 @@ FASTALIGN_KERNEL_BODY uint32_t chunk_body(const Cfg& c, const Row& R, const RowC
   const float* __restrict c_ent = R.ent + t0;
   const float* __restrict c_roll = R.roll + t0;
   const float* __restrict c_keep = R.keep + t0;
-  float s_loss = 0.f, s_n = 0.f, s_clip = 0.f, s_low = 0.f, s_negl = 0.f, s_kl = 0.f, s_H = 0.f, s_sel = 0.f;
+  float s_loss = 0.f, s_n = 0.f, s_clip = 0.f, s_low = 0.f, s_negl = 0.f, s_kl = 0.f, s_H = 0.f, s_sel_phi = 0.f;
   float s_clo = 0.f, s_chi = 0.f, s_grow = 0.f;
   uint32_t hits = 0;
-#pragma omp simd reduction(+ : s_loss, s_n, s_clip, s_low, s_negl, s_kl, s_H, s_sel, s_clo, s_chi, s_grow, hits)
+#pragma omp simd reduction(+ : s_loss, s_n, s_clip, s_low, s_negl, s_kl, s_H, s_sel_phi, s_clo, s_chi, s_grow, hits)
   for (int64_t t = 0; t < n; ++t) {
     const bool v = vb[t] != 0.f;
     const float x_lp = c_lp[t], a = c_adv[t];
@@ -176,13 +176,13 @@ FASTALIGN_KERNEL_BODY uint32_t chunk_body(const Cfg& c, const Row& R, const RowC
     s_negl += v ? -l : 0.f;
     s_kl += v ? klv : 0.f;
     s_H += v ? h : 0.f;
-    s_sel += v ? sbt : 0.f;
+    s_sel_phi += v ? lt.sel_phi : 0.f;
     s_clo += v ? lt.clo : 0.f;
     s_chi += v ? lt.chi : 0.f;
     if (SEQ) s_grow += v ? grow : 0.f;
   }
   part[0] = s_loss; part[1] = s_n; part[2] = s_clip; part[3] = s_low;
-  part[4] = s_negl; part[5] = s_kl; part[6] = s_H; part[7] = s_sel;
+  part[4] = s_negl; part[5] = s_kl; part[6] = s_H; part[7] = s_sel_phi;
   part[8] = s_clo; part[9] = s_chi; part[10] = 0.f; part[kRowCols] = s_grow;
   return hits;
 }

@@ -175,9 +175,10 @@ struct TokenIn {
 };
 
 // pg: the loss-type row; d_own: d pg / d lp through lp itself; d_rho: d pg / d rho and drho the
-// ratio's own d/d(lp); clip, low (dual clip), clo, chi: the clip metrics.
+// ratio's own d/d(lp); clip, low (dual clip), clo, chi: the clip metrics; sel_phi: the per-token metric
+// of row column 7 (1 for a token Clip-Cov / KL-Cov picked, vespo's phi_t).
 struct LossTerm {
-  float pg, d_own, d_rho, drho, clip, low, clo, chi;
+  float pg, d_own, d_rho, drho, clip, low, clo, chi, sel_phi;
 };
 
 // SEQ: importance_sampling_level = sequence, where the token's own ratio carries no gradient
@@ -189,7 +190,7 @@ FASTALIGN_KERNEL_BODY LossTerm loss_row(const LossConsts& k, const TokenIn& x) {
   // where a token's log-ratio overflows an uncapped exp)
   const float drho_tok = SEQ ? 0.f : x.drho_c;
   const float a = x.a, l = x.l;
-  LossTerm o{0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  LossTerm o{0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   if (PPO_ROW) {
     float rho = x.rho_is;
     o.drho = drho_tok;
@@ -215,6 +216,7 @@ FASTALIGN_KERNEL_BODY LossTerm loss_row(const LossConsts& k, const TokenIn& x) {
       o.low = is_low ? 1.f : 0.f;
     }
     if (LT == kCLIPCOV) {
+      o.sel_phi = x.picked ? 1.f : 0.f;
       o.pg = x.picked ? 0.f : o.pg;  // a picked token passes no gradient, even where exp(l) overflows
       o.d_rho = x.picked ? 0.f : o.d_rho;
       o.drho = x.picked ? 0.f : o.drho;
@@ -223,6 +225,7 @@ FASTALIGN_KERNEL_BODY LossTerm loss_row(const LossConsts& k, const TokenIn& x) {
     const float rho = exp_f32(l);
     o.pg = -a * rho + (x.picked ? k.cov_kl * std::fabs(l) : 0.f);
     o.d_own = -a * rho + (x.picked ? k.cov_kl * (l > 0.f ? 1.f : (l < 0.f ? -1.f : 0.f)) : 0.f);
+    o.sel_phi = x.picked ? 1.f : 0.f;
   } else if (LT == kCISPO) {
     const float w = clampf(x.rho_is, k.cis_lo, k.cis_hi);
     o.pg = -w * a * x.lp;
@@ -243,6 +246,7 @@ FASTALIGN_KERNEL_BODY LossTerm loss_row(const LossConsts& k, const TokenIn& x) {
     const float phi = vespo_phi(k.c, a >= 0.f, k.vespo_logw, k.vespo_w);
     o.pg = -phi * a * x.lp;
     o.d_own = -phi * a;
+    o.sel_phi = phi;
   } else if (LT == kDPPOTV || LT == kDPPOKL) {
     const float p = exp_f32(x.lp), p_old = exp_f32(x.old);
     bool ok_pos, ok_neg;

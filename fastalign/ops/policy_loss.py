@@ -23,8 +23,10 @@ from fastalign.ops import cov_fallback
 from fastalign.ops._launch import kernel_op, ptr, refuse_second_derivative, runs_directly, triton_kernels
 from fastalign.ops.policy_params import KernelParams
 
-ROW_COLS = ("loss", "n", "clipped", "clipped_lower", "neg_log_ratio", "kl", "entropy", "selected", "clip_low",
-            "clip_high", "phi")
+#: column 7: the Clip-Cov / KL-Cov pick count, or vespo's sum_m phi_t ((k, lambda) by the sign of A_t);
+#: column 10: vespo's phi of the row ((k, lambda) by the sign of the row's mean advantage)
+ROW_COLS = ("loss", "n", "clipped", "clipped_lower", "neg_log_ratio", "kl", "entropy", "selected_or_phi",
+            "clip_low", "clip_high", "phi_row")
 _ENT_COEF = KernelParams._fields.index("entropy_coef")
 _names_checked = False
 

@@ -334,8 +334,8 @@ def policy_loss(
         metrics["clip_region"] = metrics["clip_low"] + metrics["clip_high"]
     if cov_selected is not None:
         metrics["cov_selected_frac"] = _masked_mean(cov_selected.to(lp.dtype), m)
-    if phi_row is not None:
-        metrics["phi_mean"] = phi_row.mean()
+    if phi_row is not None:  # [B] advantages: over sequences; [B, T]: over valid tokens of phi_t
+        metrics["phi_mean"] = phi_row.mean() if per_sequence_advantages else _masked_mean(phi, m)
     return loss, {k: v.detach() for k, v in metrics.items()}
 
 
