@@ -21,6 +21,7 @@ test compares; a hang fails the test after ``HANG_LIMIT_S`` instead of blocking 
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from datetime import timedelta
@@ -144,6 +145,7 @@ def hf_step(data, rows, dp_size, global_tokens=None, group=None, device="cpu"):
 
 
 VOCAB_OPTIONS = dict(temperature=0.7, softcap=4.0, logit_scale=1.3)
+BANNED_OPTIONS = dict(temperature=0.7, logit_scale=1.3)
 
 
 def vocab_data():
@@ -159,11 +161,21 @@ def vocab_data():
     return dict(hidden=hidden, weight=weight, bias=bias, labels=labels, g_lp=g_lp, g_ent=g_ent, g_sp2=g_sp2)
 
 
+def banned_shard_data():
+    """:func:`vocab_data` with the second half of the vocabulary banned (a -inf bias: every logit of rank 1's
+    shard) and labels inside it; scored without a softcap (which would bound the -inf logits)."""
+    d = vocab_data()
+    d["bias"][V_ODD // 2:] = -math.inf
+    d["labels"][1, :2] = torch.tensor([V_ODD // 2, V_ODD - 1])
+    return d
+
+
 def _backward(st, d):
     ((st.logprobs * d["g_lp"]).sum() + (st.entropy * d["g_ent"]).sum() + (st.sum_p2 * d["g_sp2"]).sum()).backward()
 
 
-def vocab_stats(data, backend, rank=0, world=1, group=None, device="cpu", compiled=False, sizes=None):
+def vocab_stats(data, backend, rank=0, world=1, group=None, device="cpu", compiled=False, sizes=None,
+                options=VOCAB_OPTIONS):
     """Statistics and gradients of this rank's shard (its ``torch.chunk`` of the vocabulary, or its rows of
     ``split(sizes)``); ``compiled``: through ``torch.compile(fullgraph=True)`` (no graph break, backward
     included)."""
@@ -174,7 +186,7 @@ def vocab_stats(data, backend, rank=0, world=1, group=None, device="cpu", compil
 
     def stats(hidden, weight, bias):
         return fastalign.linear_logprobs(hidden, weight, d["labels"], bias=bias, entropy=True, sum_p2=True,
-                                         argmax=True, vocab_group=group, backend=backend, **VOCAB_OPTIONS)
+                                         argmax=True, vocab_group=group, backend=backend, **options)
     st = (torch.compile(stats, fullgraph=True) if compiled else stats)(hidden, weight, bias)
     _backward(st, d)
     return dict(logprobs=st.logprobs.detach(), entropy=st.entropy.detach(), sum_p2=st.sum_p2.detach(),
@@ -368,6 +380,9 @@ def _worker(rank, world, pg_backend, store_path, out_dir, scenarios, backend, cu
         if "vocab_empty_shard" in scenarios:  # every row on rank 0: rank 1 holds an empty shard
             out["vocab_empty_shard"] = vocab_stats(vocab_data(), backend, rank, world, group, device,
                                                    sizes=[V_ODD] + [0] * (world - 1))
+        if "vocab_banned_shard" in scenarios:  # every logit of rank 1's shard is -inf
+            out["vocab_banned_shard"] = vocab_stats(banned_shard_data(), backend, rank, world, group, device,
+                                                    sizes=[V_ODD // 2, V_ODD - V_ODD // 2], options=BANNED_OPTIONS)
         if "shard_losses" in scenarios:  # the loss modules with an empty shard on one rank
             out["shard_losses"] = {(name, split): shard_loss(name, backend, rank, group, sizes)
                                    for split, sizes in EMPTY_SPLITS.items() for name in SHARD_LOSSES}
@@ -444,7 +459,7 @@ def check_single_against_reference(single, data):
 def gloo_run(request, tmp_path_factory):
     """All CPU scenarios in one 2-rank gloo run per kernel backend (spawning costs more than the work)."""
     backend = request.param
-    scenarios = (("policy", "vocab", "vocab_empty_shard", "shard_losses", "dtensor", "clip_cov")
+    scenarios = (("policy", "vocab", "vocab_empty_shard", "vocab_banned_shard", "shard_losses", "dtensor", "clip_cov")
                  + (("hf",) if HAS_TRANSFORMERS else ())
                  + (("vocab_compiled",) if backend == "cpp" else ()))  # the interpreter is not compiled
     return backend, spawn(tmp_path_factory.mktemp(f"gloo-{backend}"), scenarios, backend)
@@ -481,6 +496,16 @@ def test_gloo_vocab_parallel_with_an_empty_shard(gloo_run):
     backend, ranks = gloo_run
     single = vocab_stats(vocab_data(), backend)
     check_vocab_parallel([r["vocab_empty_shard"] for r in ranks], single)
+
+
+def test_gloo_vocab_parallel_label_in_a_shard_of_minus_inf_logits(gloo_run):
+    """A label whose shard holds only -inf logits (a banned half of the vocabulary) has log-prob -inf, as on one
+    rank; the shard's lp + lse was -inf - (-inf) = NaN."""
+    backend, ranks = gloo_run
+    data = banned_shard_data()
+    single = vocab_stats(data, backend, sizes=[V_ODD], options=BANNED_OPTIONS)
+    assert torch.isneginf(single["logprobs"][1, :2]).all()
+    check_vocab_parallel([r["vocab_banned_shard"] for r in ranks], single)
 
 
 @pytest.mark.parametrize("name", SHARD_LOSSES)

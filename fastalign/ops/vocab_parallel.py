@@ -11,6 +11,8 @@ backward op runs unchanged and d(hidden) is summed over ranks (hidden is replica
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -120,7 +122,8 @@ class VocabParallelStats(torch.autograd.Function):
                 want_ent, want_sp2, want_amax, backend, nc, vc, skip)
         ignored = labels == ignore_index
         inside = (labels >= start) & (labels < start + V_r) & ~ignored
-        label_logit = torch.where(inside, lp + lse, 0.0)
+        # the label's logit lp + lse; -inf where every logit of the shard is -inf (lp = -inf - -inf would be NaN)
+        label_logit = torch.where(inside, torch.where(lse == -math.inf, lse, lp + lse), 0.0)
         M, log_S, m_ent, m_sp2, (m_label_logit,) = merge_pieces(
             lse, torch.zeros_like(lse), ent if want_ent else None, sp2 if want_sp2 else None,
             extra=(label_logit,), over=AcrossRanks(group))
