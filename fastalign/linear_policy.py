@@ -174,8 +174,8 @@ class LinearPolicyLoss(nn.Module):
                                                 low_rank=low_rank, entropy=want_ent,
                                                 single_pass=single_pass if why is None else False,
                                                 token_separable=per_token, logit=logit, backend=backend)
-        if fractional is not None:  # a fractional mask whose values were not read: a NaN loss, not a binarised one
-            value = torch.where(fractional, math.nan, value)
+        if fractional is not None:  # a fractional mask whose values were not read: NaN loss and gradients, not a
+            value = value * torch.where(fractional, math.nan, 1.0)  # binarised mask's
         return value, metrics
 
     def extra_repr(self) -> str:

@@ -122,10 +122,13 @@ def _clip_cov_seed(generator, device: torch.device) -> Tensor:
     """The Clip-Cov seed, ``[1]`` int64 on ``device``, drawn from ``generator`` (torch's global generator when
     None). A :class:`SharedSeed` gives every rank of its group the draw of the group's first rank: the others
     contribute 0 to one all-reduce (sum) of the seed, on the device (no host synchronisation; traceable by
-    ``torch.compile``)."""
+    ``torch.compile`` with the global generator)."""
     group = None
     if isinstance(generator, SharedSeed):
         generator, group = generator
+    if generator is not None and torch.compiler.is_compiling():
+        raise ValueError("generator: torch.compile cannot trace a draw from a torch.Generator; inside a compiled "
+                         "step leave it None (torch's global generator, seeded by torch.manual_seed)")
     seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=device, dtype=torch.int64)
     if group is not None:
         import torch.distributed as dist
@@ -184,7 +187,9 @@ def policy_loss(
     tokens, e.g. log-probs of a vocabulary split over a group, need generators seeded alike, or a
     :class:`SharedSeed` of the group: :class:`fastalign.LinearPolicyLoss` with ``vocab_group`` passes one itself);
     the other loss types draw nothing at random (kl_cov takes the top covariances) and refuse one
-    (``ValueError``). Inputs are ``[B, T]``
+    (``ValueError``); under ``torch.compile`` only the global generator traces (a ``torch.Generator`` raises).
+    Under ``torch.compile`` the options are constants of the graph: a new value of a float option (a
+    ``kl_coef`` schedule) compiles the step again. Inputs are ``[B, T]``
     (advantages may be ``[B]``), fp32/bf16/fp16; math is fp32.
 
     Returns:
@@ -356,8 +361,8 @@ def policy_loss(
         kept = mask.to(torch.float32) if ent_keep is None else mask.to(torch.float32) * ent_keep
         h = torch.where(kept > 0, entropy.float(), torch.zeros((), device=kept.device))
         loss = loss - cfg.entropy_coef * (h * kept).sum() / divisor(kept.sum())
-    if fractional is not None:  # a fractional mask whose values were not read: a NaN loss, not a binarised one
-        loss = torch.where(fractional, math.nan, loss)
+    if fractional is not None:  # a fractional mask whose values were not read: NaN loss and gradients, not a
+        loss = loss * torch.where(fractional, math.nan, 1.0)  # binarised mask's
     return loss, metrics
 
 

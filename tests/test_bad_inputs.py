@@ -864,9 +864,14 @@ def test_a_fractional_mask_not_read_on_the_host_gives_nan(monkeypatch):
 
     lp, old, A, m = _fractional_policy_batch()
     monkeypatch.setattr(validate, "eager", lambda x: False)
-    assert torch.isnan(fa.policy_loss(lp, old, A, m)[0])
-    h, w = torch.randn(3, 5, 8), torch.randn(11, 8)
-    assert torch.isnan(fa.LinearPolicyLoss(loss_type="grpo")(h, w, torch.randint(0, 11, (3, 5)), old, A, m)[0])
+    lp.requires_grad_(True)
+    loss = fa.policy_loss(lp, old, A, m)[0]
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(lp.grad).all()  # NaN gradients too: an optimizer step sees them
+    h, w = torch.randn(3, 5, 8, requires_grad=True), torch.randn(11, 8)
+    loss = fa.LinearPolicyLoss(loss_type="grpo")(h, w, torch.randint(0, 11, (3, 5)), old, A, m)[0]
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(h.grad).all()
     assert torch.isfinite(fa.policy_loss(lp, old, A, m.ceil())[0])
 
 

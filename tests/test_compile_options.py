@@ -72,3 +72,17 @@ def test_k3_and_packed_sequence_sums_run_under_functorch():
     cu = torch.tensor([0, 2, 6])
     mapped = torch.vmap(lambda t: fa.sequence_logprobs(t, cu_seqlens=cu).sum)(x)
     torch.testing.assert_close(mapped, torch.stack([fa.sequence_logprobs(t, cu_seqlens=cu).sum for t in x]))
+
+
+def test_clip_cov_with_a_generator_names_it_under_compile():
+    """A draw from a torch.Generator does not trace: the compiled step failed inside Dynamo; it names the
+    argument now, and the global generator compiles."""
+    torch._dynamo.reset()
+    lp, old, adv, m = torch.randn(2, 4), torch.randn(2, 4), torch.randn(2), torch.ones(2, 4)
+    gen = torch.Generator().manual_seed(0)
+    step = torch.compile(lambda lp: fa.policy_loss(lp, old, adv, m, loss_type="clip_cov", generator=gen)[0],
+                         fullgraph=True, backend="eager")
+    assert "generator: torch.compile cannot trace" in _compiled_error(step, lp)
+    plain = torch.compile(lambda lp: fa.policy_loss(lp, old, adv, m, loss_type="clip_cov")[0], fullgraph=True,
+                          backend="eager")
+    assert torch.isfinite(plain(lp))
