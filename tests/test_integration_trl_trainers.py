@@ -1011,9 +1011,11 @@ def test_preference_options_assigned_on_the_trainer_match_trl(checkpoint, tmp_pa
     ("KTO", dict(loss_type="apo_zero_unpaired"), ValueError, r"KTOTrainer.loss_type='apo_zero_unpaired': .*"
                                                              r"construction only"),
     ("CPO", dict(loss_type="hinge"), ValueError, r"CPOTrainer.loss_type='hinge': .*label_smoothing"),
-    ("ORPO", dict(beta=float("nan")), ValueError, r"ORPOTrainer.beta=nan: ORPOConfig.beta must be finite"),
+    ("ORPO", dict(beta=float("nan")), ValueError, r"ORPOTrainer.beta=nan: ORPOConfig.beta must be"),
+    ("CPO", dict(beta=-1.0), ValueError, r"CPOTrainer.beta=-1.0: CPOConfig.beta must be > 0"),
+    ("CPO", dict(loss_type="alphapo"), ValueError, r"CPOTrainer.loss_type='alphapo': .*shorthand"),
 ], ids=["dpo-beta-str", "dpo-use_weighting-str", "dpo-beta-negative", "dpo-loss_types-without-weights",
-        "kto-loss_type", "cpo-hinge-with-smoothing", "orpo-beta-nan"])
+        "kto-loss_type", "cpo-hinge-with-smoothing", "orpo-beta-nan", "cpo-beta-negative", "cpo-alphapo"])
 def test_refused_assigned_option_names_the_attribute(checkpoint, tmp_path, trainer, options, error, message):
     """An option assigned on the trainer that the loss refuses raises at the next step, naming the attribute and
     its value, before any model work; the trainer keeps its last good options."""
@@ -1033,6 +1035,21 @@ def test_refused_assigned_option_names_the_attribute(checkpoint, tmp_path, train
     if trainer == "DPO" and "loss_types" in options:
         built.loss_weights = [1.0]
     assert built.fastalign_loss is loss  # the constructed options again: no rebuild
+
+
+@pytest.mark.parametrize("trainer, config, message", [
+    ("CPO", dict(beta=0.0), r"CPOConfig.beta must be > 0"),
+    ("CPO", dict(label_smoothing=1.5), r"CPOConfig.label_smoothing must lie in \[0, 1\]"),
+    ("ORPO", dict(beta=-0.1), r"ORPOConfig.beta must be > 0"),
+    ("KTO", dict(beta=0.0), r"KTOConfig.beta must be > 0"),
+])
+def test_a_refused_beta_raises_when_the_trainer_is_built(checkpoint, tmp_path, trainer, config, message):
+    """CPO, ORPO and KTO took a beta (or CPO label smoothing) their loss refuses, and raised a bare 'beta must be
+    > 0' inside the first step, after the model's forward; the config field is named at construction now."""
+    args = _config_class(trainer)(**_common(tmp_path, per_device_train_batch_size=4, **config))
+    with pytest.raises(ValueError, match=message):
+        getattr(fa_trl, f"{trainer}Trainer")(model=checkpoint, args=args, processing_class=_tokenizer(checkpoint),
+                                             train_dataset=_kto_dataset() if trainer == "KTO" else _dpo_dataset())
 
 
 # ------------------------------------------------------------------------------------------ float64 models

@@ -39,5 +39,10 @@ class ORPOTrainer(ConcatenatedPairsMixin, _TRLORPOTrainer):
 
     @functools.wraps(_TRLORPOTrainer.__init__)
     def __init__(self, *args, **kwargs):
-        init_checked(self, _TRLORPOTrainer.__init__, args, kwargs, lambda config: check_config(config, "ORPOConfig"))
+        init_checked(self, _TRLORPOTrainer.__init__, args, kwargs, self._check_config)
         self._setup_pairs()
+
+    @staticmethod
+    def _check_config(args) -> None:
+        check_config(args, "ORPOConfig")
+        ORPOLoss(args)  # raises on a value the loss refuses (beta <= 0), before the model is loaded

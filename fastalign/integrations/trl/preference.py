@@ -28,6 +28,7 @@ against the config's fields.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -113,10 +114,12 @@ def dpo_options(config=None) -> Dict[str, Any]:
 def _numbers(c: Dict[str, Any], name: str, fields: Tuple[str, ...], optional: Tuple[str, ...] = ()) -> None:
     """Check the number fields of ``c`` (read from config ``name``) in place: each of ``fields`` a finite real
     number, each of ``optional`` one or None, as a float; anything else (a string such as ``"0.1"``, a bool,
-    NaN) raises naming ``name.field``."""
+    NaN) raises naming ``name.field``. ``beta`` must be > 0 (the preference losses refuse another), so a config
+    (or a value assigned on the trainer) is refused when the loss is built, not at the first step."""
     for field in fields + optional:
         if not (field in optional and c[field] is None):
-            c[field] = _validate.finite_number(f"{name}.{field}", c[field])
+            check = _validate.positive if field == "beta" else _validate.finite_number
+            c[field] = check(f"{name}.{field}", c[field])
 
 
 def _dpo(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -263,12 +266,18 @@ def _cpo(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     _numbers(c, "CPOConfig", ("beta", "label_smoothing", "cpo_alpha", "alpha")
              + (("simpo_gamma",) if c["loss_type"] in ("simpo", "alphapo") else ()))
     t, cpo_alpha, alpha = c["loss_type"], c["cpo_alpha"], c["alpha"]
-    if t == "alphapo":  # CPOConfig.__post_init__'s sugar
+    if t == "alphapo":  # CPOConfig.__post_init__'s sugar, applied once to the config (not to a trainer's loss_type)
+        if config is not None and not isinstance(config, Mapping):  # a CPOConfig never holds it after __init__
+            raise ValueError("loss_type='alphapo' is CPOConfig's shorthand for loss_type='simpo' with cpo_alpha=0, "
+                             "applied when the config is built; TRL's trainer refuses it as a loss type (a value "
+                             "assigned later): set loss_type='simpo' and cpo_alpha=0.0")
         t, cpo_alpha = "simpo", 0.0
     if t not in ("sigmoid", "hinge", "ipo", "simpo"):
         raise ValueError(f"CPOConfig: loss_type must be one of ['sigmoid', 'hinge', 'ipo', 'simpo', 'alphapo'], "
                          f"got {t!r}")
     eps = c["label_smoothing"]
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"CPOConfig.label_smoothing must lie in [0, 1], got {eps}")
     if eps and t in ("hinge", "ipo"):
         raise ValueError(f"CPOConfig: label_smoothing={eps} does not apply to loss_type {t!r} (TRL ignores it)")
     opts: Dict[str, Any] = dict(beta=c["beta"], label_smoothing=eps,
