@@ -261,6 +261,42 @@ def test_grpo_call_errors():
     with pytest.raises(ValueError, match="num_items_in_batch"):
         fl.LigerFusedLinearGRPOLoss(loss_type="grpo", use_ref_model=False)(d["hidden"], d["weight"], d["ids"], d["mask"],
                                                                  d["adv"], num_items_in_batch=10)
+    for name in ("ref_weight", "ref_bias"):  # were ignored (ref_input in the same place raised)
+        with pytest.raises(ValueError, match="use_ref_model=False"):
+            off(d["hidden"], d["weight"], d["ids"], d["mask"], d["adv"], **{name: d["weight"][:, 0]
+                                                                            if name == "ref_bias" else d["weight"]})
+
+
+def test_preference_arguments_that_are_not_read_raise():
+    """ref_weight / ref_bias with use_ref_model=False and ORPO's nll_target without compute_nll_loss were ignored."""
+    d = _pref_batch(2)
+    w, h, y = d["weight"], d["hidden"], d["target"]
+    with pytest.raises(ValueError, match="use_ref_model=False"):
+        fl.LigerFusedLinearDPOLoss(use_ref_model=False)(w, h, y, ref_weight=w)
+    with pytest.raises(ValueError, match="use_ref_model=False"):
+        fl.LigerFusedLinearDPOLoss(use_ref_model=False)(w, h, y, ref_bias=w[:, 0])
+    with pytest.raises(ValueError, match="nll_target applies only with compute_nll_loss=True"):
+        fl.LigerFusedLinearORPOLoss(compute_nll_loss=False)(w, h, y, nll_target=y)
+
+
+@pytest.mark.parametrize("name", ["KTO", "DPO", "SimPO"])
+def test_an_empty_averaged_response_gives_nan_gradients_as_liger(name):
+    """With average_log_prob a response of no scored token averages 0 / 0: the loss was NaN (as Liger's) with
+    finite gradients for KTO (the pass skips that response's tokens). Every gradient is NaN now, as Liger's."""
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 2, 4, 8, 16
+    hidden, weight = torch.randn(2 * B, T, H, generator=g), torch.randn(V, H, generator=g) * 0.3
+    target = torch.randint(0, V, (2 * B, T), generator=g)
+    target[1] = -100
+    opts = dict(KTO=dict(average_log_prob=True), DPO=dict(average_log_prob=True, use_ref_model=False), SimPO={})[name]
+    module = getattr(fl, f"LigerFusedLinear{name}Loss")(**opts)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    if name == "KTO":
+        loss, _ = module(h, w, target, preference_labels=torch.tensor([True, True, False, False]))
+    else:
+        loss, _ = module(w, h, target)
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(h.grad).all() and torch.isnan(w.grad).all()
 
 
 def test_grpo_attention_mask_none_is_named():

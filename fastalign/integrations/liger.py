@@ -257,8 +257,9 @@ class LigerFusedLinearGRPOLoss(SinglePassAttribute, LiveOptions, nn.Module):
         if self.use_ref_model:
             if ref_per_token_logps is None and (ref_input is None or ref_weight is None):
                 raise ValueError("use_ref_model=True needs ref_per_token_logps, or ref_input and ref_weight")
-        elif ref_per_token_logps is not None or ref_input is not None:
-            raise ValueError("ref_per_token_logps / ref_input are not used with use_ref_model=False")
+        elif any(t is not None for t in (ref_per_token_logps, ref_input, ref_weight, ref_bias)):
+            raise ValueError("ref_per_token_logps / ref_input / ref_weight / ref_bias are not used with "
+                             "use_ref_model=False")
         if vllm_is_ratio is not None and self.loss_type == "luspo" and vllm_is_ratio.dim() == 2 \
                 and vllm_is_ratio.shape[1] != 1:
             raise ValueError("a per-token vllm_is_ratio is not supported with loss_type 'luspo'")
@@ -296,8 +297,8 @@ class LigerFusedLinearGRPOLoss(SinglePassAttribute, LiveOptions, nn.Module):
         loss, _, lp, _ = policy_step(_input, lin_weight, scored, old_per_token_logps, grpo, bias=bias,
                                      single_pass=self.single_pass, token_separable=cfg.token_separable,
                                      logit=dict(temperature=self.temperature))
-        if fractional is not None:  # a fractional mask whose values were not read: a NaN loss, not a binarised one
-            loss = torch.where(fractional, torch.full_like(loss, math.nan), loss)
+        if fractional is not None:  # a fractional mask whose values were not read: NaN loss and gradients, not a
+            loss = loss * torch.where(fractional, math.nan, 1.0)  # binarised mask's
         old = lp if old_per_token_logps is None else old_per_token_logps
         return loss, self._metrics(lp, old, ref, advantages, mask)
 
@@ -305,8 +306,9 @@ class LigerFusedLinearGRPOLoss(SinglePassAttribute, LiveOptions, nn.Module):
         """The importance weights of ``vllm_is_ratio``. vespo: Liger adds ``sum_t clamp(log r_t, log 1e-8, 20)`` over
         every position of its ``[B, T]`` or ``[B, 1]`` ratio, padding included, to the sequence's log-weight, then
         clamps the sum. fastalign sums the log-weights of the scored tokens, each clamped to ``[log 1e-8, 20]``: the
-        sum is spread evenly over them, so that no share binds unless the sum exceeds that range ``n`` times over
-        (the sequence's own clamp would then hold it at the bound anyway)."""
+        sum is spread evenly over them, so that no share binds unless the sum exceeds that range ``n`` times over.
+        Where a share binds (``|sum| / n > 18.4``) and the policy's log-ratio sum has the other sign, the two
+        differ (Liger clamps only the total)."""
         if self.row != "vespo":
             return ratio
         with torch.no_grad():
@@ -458,6 +460,10 @@ class _LigerPreference(SinglePassAttribute, LiveOptions, nn.Module):
 
         value, out, _ = separable_step(hidden, weight, target, response_loss, bias=bias, items=items,
                                        single_pass=self.single_pass, logit=dict(ignore_index=self.ignore_index))
+        if self.average_log_prob:
+            # a response with no scored token averages 0 / 0: its NaN loss comes with NaN gradients, as Liger's (the
+            # pass skips that response's tokens, ignored rows, where the NaN would reach the gradients)
+            value = value * torch.where((out["count"] == 0).any(), math.nan, 1.0)
         return value, out["logps"], out["count"], out["nll"], out["aux"]
 
     def _reference(self, ref_input, ref_weight, ref_bias, target) -> Optional[Tensor]:
@@ -466,8 +472,8 @@ class _LigerPreference(SinglePassAttribute, LiveOptions, nn.Module):
             if ref_input is None or ref_weight is None:
                 raise ValueError("use_ref_model=True needs ref_input and ref_weight")
             return self._response_logprobs(ref_input, ref_weight, target, ref_bias)
-        if ref_input is not None:
-            raise ValueError("ref_input is not used with use_ref_model=False")
+        if ref_input is not None or ref_weight is not None or ref_bias is not None:
+            raise ValueError("ref_input / ref_weight / ref_bias are not used with use_ref_model=False")
         return None
 
     def _pairs(self, weight, hidden, target, bias, loss, ref_input=None, ref_weight=None, ref_bias=None,
@@ -635,6 +641,9 @@ class LigerFusedLinearORPOLoss(_LigerPreference):
         self._options = self._checked(loss_type="orpo")
 
     def forward(self, lin_weight, _input, target, bias=None, nll_target=None):
+        if nll_target is not None and not self.compute_nll_loss:  # Liger scores no NLL then: it would be ignored
+            raise ValueError("nll_target applies only with compute_nll_loss=True (the labels of the chosen NLL)")
+
         def orpo(logps, count, nll, _ref):
             B = logps.shape[0] // 2
             total = logps * count
