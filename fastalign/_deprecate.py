@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import warnings
 from typing import Callable, List, Tuple
 
@@ -22,7 +23,13 @@ RENAMED: List[Tuple[str, str, str]] = []
 
 
 def warn(message: str, stacklevel: int = 3) -> None:
-    """Emit ``message`` as a :class:`RenamedWarning` (``stacklevel`` from the caller of this helper's caller)."""
+    """Emit ``message`` as a :class:`RenamedWarning` at the user's line: ``stacklevel`` from the caller of this
+    helper's caller, past the frames of torch and fastalign between them (``nn.Module.__call__`` before a
+    module's ``forward``), so that Python's default filters show it."""
+    frame = sys._getframe(stacklevel - 1)
+    while frame is not None and frame.f_back is not None and \
+            str(frame.f_globals.get("__name__", "")).startswith(("torch.", "fastalign.")):
+        frame, stacklevel = frame.f_back, stacklevel + 1
     warnings.warn(message, RenamedWarning, stacklevel=stacklevel)
 
 

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 
 from fastalign import _validate
+from fastalign._backend import BACKENDS
 from fastalign._options import check_choice, check_names, check_read
 from fastalign.aggregate import check_agg
 from fastalign.kl import canonical_kl
@@ -287,6 +288,9 @@ class PolicyConfig:
             raise _refused("entropy_quantile", f"must lie in [0, 1], got {self.entropy_quantile}")
         with _option("dp_size"):
             object.__setattr__(self, "dp_size", _validate.at_least("dp_size", self.dp_size))
+        if self.backend is not None:
+            with _option("backend"):
+                check_choice("backend", self.backend, BACKENDS)
         if self.max_len is not None and agg != "seq-mean-token-sum-norm":
             raise _refused("max_len", f"applies to agg='seq-mean-token-sum-norm', not to {agg!r}")
 

@@ -173,3 +173,12 @@ def test_info_reports_what_runs_under_a_forced_backend(monkeypatch):
     with fastalign.use_backend("auto"):
         again = fastalign.policy_loss(x, x - 0.1, adv, m8.float(), loss_type="kl_cov", cov_ratio=0.5)[0]
         assert torch.equal(again, loss) and ran == ["torch"]
+
+
+def test_a_missing_core_is_reported_for_the_ops_it_runs():
+    """Without fastalign._C the report still listed cpp for every op on CPU tensors, each of which raised."""
+    code = ("import sys; sys.modules['fastalign._C'] = None\n"
+            "import fastalign; ops = fastalign.info()['cpu_ops']\n"
+            "assert ops['token_logprobs'] == 'none (fastalign._C is missing)', ops\n"
+            "assert ops['kl_penalty'] == 'torch', ops\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -40,6 +40,7 @@ CASES = [
     (dict(rollout_max=3.0), "rollout_max"), (dict(rollout_max=-1.0), "rollout_max"),
     (dict(rollout_correction="token_mask", rollout_min=5.0), "rollout_min"),
     (dict(entropy_quantile=2.0), "entropy_quantile"), (dict(dp_size=0), "dp_size"), (dict(max_len=4), "max_len"),
+    (dict(backend="gpu"), "backend"),  # was accepted, refused at the first forward only
 ]
 
 

@@ -181,3 +181,13 @@ def test_linear_policy_loss_index_option_type():
         fa.LinearPolicyLoss(ignore_index=1.5)
     with pytest.raises(TypeError, match="ignore_index"):
         fa.LinearPreferenceLoss(ignore_index="x")
+
+
+def test_a_module_forward_warns_at_the_callers_line():
+    """A former name passed to a module's forward warned from inside torch's module.py, where Python's default
+    filters hide a DeprecationWarning; the warning is attributed to the caller's line now."""
+    lc, lr = -torch.rand(3), -torch.rand(3)
+    with pytest.warns(_deprecate.RenamedWarning) as record:
+        fa.PreferenceLoss()(chosen_logps=lc, rejected_logps=lr, ref_chosen_logprobs=lc - 0.1,
+                            ref_rejected_logprobs=lr - 0.1)
+    assert record[0].filename == __file__

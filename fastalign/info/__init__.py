@@ -68,6 +68,7 @@ def _families(device) -> dict:
     from fastalign import _backend
 
     invalid = _setting().startswith("invalid")
+    core_missing = "error" in _compiled_core()  # the C++ and CUDA kernels live in fastalign._C
 
     def family(op):
         if op is None:
@@ -78,7 +79,8 @@ def _families(device) -> dict:
             # each public op first checks the request for its tensors' device (by _backend.resolve, or by
             # backend_for of its main kernel, which refuses the same requests), then runs its op's family
             _backend.resolve(device)
-            return _backend.backend_for(op, device)
+            name = _backend.backend_for(op, device)
+            return "none (fastalign._C is missing)" if core_missing and name in ("cpp", "cuda") else name
         except ValueError as e:
             return f"none ({e})"
 

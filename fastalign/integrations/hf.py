@@ -527,7 +527,9 @@ def causal_lm_logprobs(
             The head runs in float32, bfloat16 or float16: a float64 model raises a TypeError
             unless ``head_dtype`` is one of them.
         **model_kwargs: passed to the body; ``use_cache`` defaults to False (``transformers``
-            attends within packed sequences only without a cache); ``return_dict`` raises (None,
+            attends within packed sequences only without a cache: ``use_cache=True`` or
+            ``past_key_values`` with ``position_ids`` and no ``attention_mask``, or with ``cu_seqlens``,
+            raise a ValueError); ``return_dict`` raises (None,
             what ``PeftModelForCausalLM.forward`` passes on, is dropped).
 
     Distributed weights:
