@@ -121,13 +121,13 @@ def number(name: str, value) -> float:
     return float(value)
 
 
+_FLOAT_MAX = sys.float_info.max
+
+
 def _finite(v: float) -> bool:
     """``math.isfinite(v)`` in a form torch.compile guards on for the symbolic floats of ``dynamic=True`` (it
     takes a symbolic float for a finite one, so ``abs(v) != inf`` would pass an infinite value)."""
     return v == v and -_FLOAT_MAX <= v <= _FLOAT_MAX
-
-
-_FLOAT_MAX = sys.float_info.max
 
 
 def finite(**values) -> None:
@@ -236,6 +236,25 @@ def flag_or_raise(bad: torch.Tensor, x: torch.Tensor, message) -> Optional[torch
     if bool(bad):
         raise ValueError(message())
     return None
+
+
+def nan_if(flag: Optional[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+    """``loss``, NaN where the device flag ``flag`` (of :func:`flag_or_raise`; None: nothing to refuse) is set,
+    with NaN gradients too: a product, not a selection (whose gradient would be 0 and pass a finiteness check)."""
+    return loss if flag is None else loss * torch.where(flag, math.nan, 1.0)
+
+
+def result_dtype(*operands) -> Optional[torch.dtype]:
+    """The dtype torch's arithmetic gives a result from these operands: their promoted dtype
+    (``torch.promote_types``). An operand is a tensor or a dtype (a constant dtype of the arithmetic, such as a
+    ``.float()`` mask); anything else (None, a Python number) changes nothing, as a Python number changes no
+    tensor's dtype. None when no operand has a dtype."""
+    out = None
+    for t in operands:
+        d = t.dtype if isinstance(t, torch.Tensor) else t if isinstance(t, torch.dtype) else None
+        if d is not None:
+            out = d if out is None else torch.promote_types(out, d)
+    return out
 
 
 def zero_one(name: str, x: torch.Tensor, rule: str) -> Optional[torch.Tensor]:

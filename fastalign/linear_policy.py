@@ -21,7 +21,6 @@ batch) and ``entropy_quantile`` without ``entropy_threshold`` (the batch's quant
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -174,9 +173,8 @@ class LinearPolicyLoss(nn.Module):
                                                 low_rank=low_rank, entropy=want_ent,
                                                 single_pass=single_pass if why is None else False,
                                                 token_separable=per_token, logit=logit, backend=backend)
-        if fractional is not None:  # a fractional mask whose values were not read: NaN loss and gradients, not a
-            value = value * torch.where(fractional, math.nan, 1.0)  # binarised mask's
-        return value, metrics
+        # a fractional mask whose values were not read: NaN loss and gradients, not a binarised mask's
+        return _validate.nan_if(fractional, value), metrics
 
     def extra_repr(self) -> str:
         items = dict(self.config)

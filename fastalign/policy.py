@@ -361,9 +361,8 @@ def policy_loss(
         kept = mask.to(torch.float32) if ent_keep is None else mask.to(torch.float32) * ent_keep
         h = torch.where(kept > 0, entropy.float(), torch.zeros((), device=kept.device))
         loss = loss - cfg.entropy_coef * (h * kept).sum() / divisor(kept.sum())
-    if fractional is not None:  # a fractional mask whose values were not read: NaN loss and gradients, not a
-        loss = loss * torch.where(fractional, math.nan, 1.0)  # binarised mask's
-    return loss, metrics
+    # a fractional mask whose values were not read: NaN loss and gradients, not a binarised mask's
+    return _validate.nan_if(fractional, loss), metrics
 
 
 class PolicyLoss(nn.Module):

@@ -85,14 +85,6 @@ def option_error(option: str, message: str) -> OptionError:
     return error
 
 
-def _constant(v):
-    """A symbolic number of torch.compile (automatic dynamic) as the Python number it holds (a guard on its
-    value); anything else as it is."""
-    if isinstance(v, torch.SymFloat):
-        return float(v)
-    return int(v) if isinstance(v, torch.SymInt) else v
-
-
 def _refused(option: str, reason: str) -> OptionError:
     """The :class:`OptionError` "<option> <reason>"."""
     return option_error(option, f"{option} {reason}")
@@ -195,8 +187,6 @@ class PolicyConfig:
         """``config`` (or the defaults) with ``options`` replaced; unknown names raise ``TypeError``
         (``owner``: the function or module named in the message)."""
         check_names(owner, options, FIELDS)
-        if torch.compiler.is_compiling():  # the kernels take the options as constants: a new value recompiles
-            options = {k: _constant(v) for k, v in options.items()}
         if config is None:
             if torch.compiler.is_compiling():  # traced once per graph; Dynamo would trace the lru_cache
                 return cls(**options)

@@ -536,7 +536,8 @@ def preference_loss(
     if need_nll and chosen_nll is None and not has_len:
         raise ValueError("this loss needs the chosen NLL: give chosen_nll, or chosen_lengths and rejected_lengths")
 
-    acc = _working_dtype(chosen_logprobs, rejected_logprobs, ref_chosen_logprobs, ref_rejected_logprobs)
+    acc = _validate.result_dtype(torch.float32, chosen_logprobs, rejected_logprobs, ref_chosen_logprobs,
+                                 ref_rejected_logprobs)  # the log-probs promoted together, at least fp32
     lc, lr = chosen_logprobs.to(acc), rejected_logprobs.to(acc)
     if ref_chosen_logprobs is None:
         lc0 = lr0 = torch.zeros_like(lc)
@@ -658,7 +659,7 @@ def unpaired_preference_loss(
     desirable_weight = _validate.finite_number("desirable_weight", desirable_weight)
     undesirable_weight = _validate.finite_number("undesirable_weight", undesirable_weight)
 
-    acc = _working_dtype(logprobs, ref_logprobs)
+    acc = _validate.result_dtype(torch.float32, logprobs, ref_logprobs)
     lp = logprobs.to(acc)
     x = lp if ref_logprobs is None else lp - ref_logprobs.detach().to(acc)
     if takes_kl:
@@ -685,16 +686,6 @@ def unpaired_preference_loss(
             "logps/rejected": torch.where(desirable, zero, lpd).sum() / n_u,
         }
     return loss, metrics
-
-
-def _working_dtype(*logprobs: Optional[Tensor]) -> torch.dtype:
-    """The dtype the losses compute and return in: the log-prob inputs given promoted together, as torch's
-    arithmetic on them would (a float64 one on either side keeps float64), and at least float32."""
-    acc = torch.float32
-    for t in logprobs:
-        if t is not None:
-            acc = torch.promote_types(acc, t.dtype)
-    return acc
 
 
 def _estimate(name: str, kl: Tensor, n: int) -> None:

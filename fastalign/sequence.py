@@ -47,7 +47,8 @@ def segment_ids(n: int, device, cu_seqlens: Optional[Tensor], position_ids: Opti
 def check_ld_alpha(ld_alpha: Optional[float]) -> None:
     """LD-DPO's ``ld_alpha``: None (off) or a number in ``[0, 1]`` (TRL's ``DPOConfig.ld_alpha`` range)."""
     if ld_alpha is not None and not 0.0 <= _validate.finite_number("ld_alpha", ld_alpha) <= 1.0:
-        raise ValueError(f"ld_alpha must lie in [0, 1] (the LD-DPO weight past the shared length), got {float(ld_alpha)}")
+        raise ValueError(f"ld_alpha must lie in [0, 1] (the LD-DPO weight past the shared length), "
+                         f"got {float(ld_alpha)}")
 
 
 @renamed(token_logps="token_logprobs", mask="response_mask")

@@ -2,26 +2,12 @@
 and widened or narrowed to match the trainer's own handling."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from fastalign import _validate
-
-
-def result_dtype(*operands) -> Optional[torch.dtype]:
-    """The dtype a trainer's torch arithmetic gives its result from these operands: their promoted dtype
-    (``torch.promote_types``). An operand is a tensor or a dtype (a constant dtype of the trainer's arithmetic,
-    such as a ``.float()`` mask); anything else (None, a Python number) changes nothing, as a Python number
-    changes no tensor's dtype. None when no operand has a dtype."""
-    out = None
-    for t in operands:
-        d = t.dtype if isinstance(t, Tensor) else t if isinstance(t, torch.dtype) else None
-        if d is not None:
-            out = d if out is None else torch.promote_types(out, d)
-    return out
 
 
 def float64_as_float32(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -37,4 +23,4 @@ def refuse_out_of_range(loss: Tensor, labels: Tensor, vocab: int, ignore_index: 
     NaN, so its gradients are NaN too (the fused ops give such a label a NaN log-prob with a finite gradient)."""
     bad = ((labels != ignore_index) & ((labels < 0) | (labels >= vocab))).any()
     flag = _validate.flag_or_raise(bad, labels, lambda: f"{name} must lie in [0, {vocab}) or equal {ignore_index}")
-    return loss if flag is None else loss * torch.where(flag, math.nan, 1.0)
+    return _validate.nan_if(flag, loss)

@@ -247,7 +247,8 @@ class LigerFusedLinearGRPOLoss(SinglePassAttribute, LiveOptions, nn.Module):
             raise ValueError(f"selected_token_ids must be [B, T], got shape {tuple(selected_token_ids.shape)}")
         B, T = selected_token_ids.shape
         dev = dict(device=_input.device, device_of="_input")
-        _validate.like((B, T), "selected_token_ids.shape", required=True, kind="real", **dev, attention_mask=attention_mask)
+        _validate.like((B, T), "selected_token_ids.shape", required=True,
+                       kind="real", **dev, attention_mask=attention_mask)
         _validate.like((B, T), "selected_token_ids.shape", **dev, old_per_token_logps=old_per_token_logps,
                        ref_per_token_logps=ref_per_token_logps)
         _validate.like((B,), "one per sequence", required=True, **dev, advantages=advantages)
@@ -297,8 +298,7 @@ class LigerFusedLinearGRPOLoss(SinglePassAttribute, LiveOptions, nn.Module):
         loss, _, lp, _ = policy_step(_input, lin_weight, scored, old_per_token_logps, grpo, bias=bias,
                                      single_pass=self.single_pass, token_separable=cfg.token_separable,
                                      logit=dict(temperature=self.temperature))
-        if fractional is not None:  # a fractional mask whose values were not read: NaN loss and gradients, not a
-            loss = loss * torch.where(fractional, math.nan, 1.0)  # binarised mask's
+        loss = _validate.nan_if(fractional, loss)  # a fractional mask not read: NaN, not a binarised mask's loss
         old = lp if old_per_token_logps is None else old_per_token_logps
         return loss, self._metrics(lp, old, ref, advantages, mask)
 
@@ -463,7 +463,7 @@ class _LigerPreference(SinglePassAttribute, LiveOptions, nn.Module):
         if self.average_log_prob:
             # a response with no scored token averages 0 / 0: its NaN loss comes with NaN gradients, as Liger's (the
             # pass skips that response's tokens, ignored rows, where the NaN would reach the gradients)
-            value = value * torch.where((out["count"] == 0).any(), math.nan, 1.0)
+            value = _validate.nan_if((out["count"] == 0).any(), value)
         return value, out["logps"], out["count"], out["nll"], out["aux"]
 
     def _reference(self, ref_input, ref_weight, ref_bias, target) -> Optional[Tensor]:

@@ -93,7 +93,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _validate
-from fastalign.integrations._dtypes import float64_as_float32, result_dtype
+from fastalign.integrations._dtypes import float64_as_float32
 from fastalign.integrations.openrlhf_losses import (GPTLMLoss, LogExpLoss, PairWiseLoss, SFTLoss, ValueLoss,
                                                     _check_counts, _masked_mean, _Options)
 from fastalign.policy import policy_loss
@@ -202,8 +202,8 @@ class PolicyLoss(_Options, torch.nn.Module):
         _validate.any_float("log_probs", log_probs)
         if log_probs.dim() not in (1, 2):
             raise ValueError(f"log_probs must be [B, T] or one sequence [T], got shape {tuple(log_probs.shape)}")
-        _validate.like(tuple(log_probs.shape), "log_probs.shape", required=True, device=log_probs.device, device_of="log_probs",
-                      old_log_probs=old_log_probs)
+        _validate.like(tuple(log_probs.shape), "log_probs.shape", required=True, device=log_probs.device,
+                       device_of="log_probs", old_log_probs=old_log_probs)
         _validate.like(tuple(log_probs.shape), "log_probs.shape", device=log_probs.device, device_of="log_probs",
                        rollout_log_probs=rollout_log_probs)
         _validate.like(tuple(log_probs.shape), "log_probs.shape", device=log_probs.device, device_of="log_probs",
@@ -221,12 +221,13 @@ class PolicyLoss(_Options, torch.nn.Module):
         mask = torch.ones_like(log_probs, dtype=torch.bool) if action_mask is None else action_mask
         # the dtypes of OpenRLHF's results: its arithmetic promotes every operand of each
         count = batch_num_tokens if self.token_level_loss else global_batch_size
-        loss_dtype = result_dtype(log_probs, rollout_log_probs if gspo_vs_rollout else old_log_probs,
-                                   advantages if advantages.dim() else None,  # a 0-dim operand does not promote
-                                   action_mask, count, *(() if self.token_level_loss else (torch.ones(()),)),
-                                   *((old_log_probs, rollout_log_probs) if self._weights_rollout else ()))
-        kl_dtype = result_dtype(log_probs, old_log_probs, action_mask)
-        vllm_kl_dtype = result_dtype(rollout_log_probs, old_log_probs, action_mask)
+        loss_dtype = _validate.result_dtype(
+            log_probs, rollout_log_probs if gspo_vs_rollout else old_log_probs,
+            advantages if advantages.dim() else None,  # a 0-dim operand does not promote
+            action_mask, count, *(() if self.token_level_loss else (torch.ones(()),)),
+            *((old_log_probs, rollout_log_probs) if self._weights_rollout else ()))
+        kl_dtype = _validate.result_dtype(log_probs, old_log_probs, action_mask)
+        vllm_kl_dtype = _validate.result_dtype(rollout_log_probs, old_log_probs, action_mask)
         log_probs, old_log_probs, rollout_log_probs = map(float64_as_float32,
                                                           (log_probs, old_log_probs, rollout_log_probs))
         try:  # OpenRLHF's broadcasting: [B, T], [B, 1] (per sequence) or [T] (per position)
@@ -302,7 +303,7 @@ class DPOLoss(_Options, torch.nn.Module):
         else:
             kw.update(loss_type="sigmoid", label_smoothing=self.label_smoothing)
         loss, _ = preference_loss(*pairs, **kw)
-        out = result_dtype(*inputs)
+        out = _validate.result_dtype(*inputs)
         acc = torch.promote_types(out, torch.float32)  # computed in fp32, returned in the inputs' dtype
         with torch.no_grad():
             chosen_rewards = self.beta * (policy_chosen_logps.to(acc) - reference_chosen_logps.to(acc))

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from fastalign import _validate
 from fastalign.aggregate import aggregate_loss, divisor, whole_divisor
-from fastalign.integrations._dtypes import float64_as_float32, refuse_out_of_range, result_dtype
+from fastalign.integrations._dtypes import float64_as_float32, refuse_out_of_range
 from fastalign.integrations._live_options import LiveOptions
 from fastalign.logprobs import token_logprobs
 
@@ -23,10 +23,10 @@ __all__ = ["GPTLMLoss", "SFTLoss", "ValueLoss", "PairWiseLoss", "LogExpLoss"]
 
 
 def _operand_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
-    """:func:`result_dtype` of floating operands as one elementwise expression promotes them: a 0-dim tensor
-    counts only when every operand is 0-dim."""
+    """:func:`fastalign._validate.result_dtype` of floating operands as one elementwise expression promotes them:
+    a 0-dim tensor counts only when every operand is 0-dim."""
     given = [t for t in tensors if isinstance(t, Tensor)]
-    return result_dtype(*([t for t in given if t.dim()] or given))
+    return _validate.result_dtype(*([t for t in given if t.dim()] or given))
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -57,7 +57,8 @@ def _aggregate(loss: Tensor, mask: Optional[Tensor], token_level_loss: bool, dp_
     in the dtype OpenRLHF's arithmetic gives ``operands`` (the loss's inputs), the mask and the count. A mask of
     None: every token valid."""
     count = batch_num_tokens if token_level_loss else global_batch_size
-    out = result_dtype(*operands, mask, count, *(() if token_level_loss else (torch.ones(()),)))  # seq: fp32 mask
+    # the seq-mean modes add a float32 mask (ones)
+    out = _validate.result_dtype(*operands, mask, count, *(() if token_level_loss else (torch.ones(()),)))
     if loss.dim() == 1:  # one sequence: a batch of one (OpenRLHF's results are 0-dim either way)
         loss, mask = loss.unsqueeze(0), None if mask is None else mask.unsqueeze(0)
     if mask is None:

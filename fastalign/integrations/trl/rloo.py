@@ -114,8 +114,10 @@ class RLOOLoss:
         dev = dict(device=logprobs.device, device_of="logprobs")
         _validate.like((B,), "one per completion", required=True, **dev, old_logps=old_logps)
         _validate.like((B,), "one per completion", required=True, kind="float", **dev, advantages=advantages)
-        _validate.like(tuple(logprobs.shape), "logprobs.shape", required=True, kind="real", **dev, completion_mask=completion_mask)
-        _validate.like(tuple(logprobs.shape), "logprobs.shape: TRL logs its token mean", required=True, **dev, entropy=entropy)
+        _validate.like(tuple(logprobs.shape), "logprobs.shape", required=True,
+                       kind="real", **dev, completion_mask=completion_mask)
+        _validate.like(tuple(logprobs.shape), "logprobs.shape: TRL logs its token mean", required=True,
+                       **dev, entropy=entropy)
         mask = completion_mask.bool()
         logps = sequence_logprobs(logprobs, mask).sum  # Σ_t m_t lp_t, differentiable
         # one "token" per completion: the ppo row on the sequence ratio, averaged over every completion; TRL's

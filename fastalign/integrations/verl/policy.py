@@ -68,7 +68,7 @@ from torch import Tensor
 
 from fastalign import _validate
 from fastalign.aggregate import AGGS, aggregate_loss, counts_read, divisor
-from fastalign.integrations._dtypes import float64_as_float32, result_dtype
+from fastalign.integrations._dtypes import float64_as_float32
 from fastalign.integrations.verl._keys import ACTOR, GLOBAL_BATCH_INFO, check_keys
 from fastalign.integrations.verl._names import unprefixed
 from fastalign.kl import canonical_kl, kl_penalty
@@ -106,11 +106,11 @@ def _loss_dtype(mode: str, agg: str, log_prob: Tensor, old_log_prob: Tensor, adv
         ops.append(torch.float32)
     if mode == "geo_mean":  # a plain mean over the sequences: no agg_loss, no count
         float_mask = response_mask is not None and response_mask.is_floating_point()
-        return result_dtype(*ops, None if float_mask else torch.float32)
+        return _validate.result_dtype(*ops, None if float_mask else torch.float32)
     agg = _OWN_AGG.get(mode, agg)
     seq = agg.startswith("seq-mean")
-    return result_dtype(*ops, torch.float32 if seq else None, dp_size,
-                        global_batch_size if seq else batch_num_tokens if agg == "token-mean" else None)
+    return _validate.result_dtype(*ops, torch.float32 if seq else None, dp_size,
+                                  global_batch_size if seq else batch_num_tokens if agg == "token-mean" else None)
 
 
 def _check_global_counts(aggs, dp_size: int, batch_num_tokens, global_batch_size) -> None:
@@ -134,7 +134,8 @@ def _check_inputs(log_prob, old_log_prob, advantages, response_mask, entropy, re
     shape = tuple(log_prob.shape)
     dev = dict(device=log_prob.device, device_of="log_prob")
     _validate.like(shape, "log_prob.shape", required=True, **dev, old_log_prob=old_log_prob)
-    _validate.like([shape, shape[:1]], "log_prob.shape, or one per sequence", required=True, **dev, advantages=advantages)
+    _validate.like([shape, shape[:1]], "log_prob.shape, or one per sequence", required=True,
+                   **dev, advantages=advantages)
     _validate.like(shape, "log_prob.shape", required=True, kind="real", **dev, response_mask=response_mask)
     _validate.like(shape, "log_prob.shape", **dev, entropy=entropy, ref_log_prob=ref_log_prob)
     _validate.like([shape, (shape[0], 1), shape[:1]], "per token or per sequence", **dev,
