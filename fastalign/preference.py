@@ -600,7 +600,7 @@ def preference_loss(
     return loss, metrics
 
 
-@renamed(logps="logprobs", ref_logps="ref_logprobs")
+@renamed(logps="logprobs", ref_logps="ref_logprobs", kl="kto_kl")
 def unpaired_preference_loss(
     logprobs: Tensor,
     ref_logprobs: Optional[Tensor],
@@ -610,7 +610,7 @@ def unpaired_preference_loss(
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
-    kl: Optional[Tensor] = None,
+    kto_kl: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     r"""Unpaired preference loss (KTO) from one log-prob per response → ``(loss, metrics)``.
 
@@ -624,8 +624,9 @@ def unpaired_preference_loss(
 
     ``loss = mean_i L_i`` over the ``N`` responses (a class-weighted mean, as TRL's KTOTrainer; 0 for
     an empty batch, as :func:`preference_loss`).
-    ``kl``: KTO's KL estimate, e.g. ``lp - lp0`` of mismatched (prompt, completion) pairs, averaged
-    here (at least one value when the batch is not empty); default the batch's own mean log-ratio.
+    ``kto_kl``: KTO's KL estimate (as :func:`preference_loss`'s), e.g. ``lp - lp0`` of mismatched
+    (prompt, completion) pairs, averaged here (at least one value when the batch is not empty); default
+    the batch's own mean log-ratio. Formerly ``kl=`` (still accepted, with a deprecation warning).
     No host synchronisation: the classes are masks. The loss is computed in ``logprobs`` and ``ref_logprobs``
     promoted together, at least float32.
 
@@ -648,12 +649,12 @@ def unpaired_preference_loss(
         raise TypeError(f"desirable must be a bool tensor (True for a desirable response), got {desirable.dtype}")
     _validate.shape("desirable", desirable, (N,), "one flag per response")
     named["desirable"] = desirable
-    if kl is not None:
+    if kto_kl is not None:
         if not takes_kl:
-            raise ValueError(f"kl does not apply to loss_type {loss_type!r} (it has no KL baseline)")
-        _floating("kl", kl)
-        _estimate("kl", kl, N)
-        named["kl"] = kl
+            raise ValueError(f"kto_kl does not apply to loss_type {loss_type!r} (it has no KL baseline)")
+        _floating("kto_kl", kto_kl)
+        _estimate("kto_kl", kto_kl, N)
+        named["kto_kl"] = kto_kl
     _validate.same_device(**named)
     beta = _validate.positive("beta", beta)
     desirable_weight = _validate.finite_number("desirable_weight", desirable_weight)
@@ -663,7 +664,7 @@ def unpaired_preference_loss(
     lp = logprobs.to(acc)
     x = lp if ref_logprobs is None else lp - ref_logprobs.detach().to(acc)
     if takes_kl:
-        z0 = (x.mean() if kl is None else kl.to(acc).mean()).clamp(min=0.0).detach()
+        z0 = (x.mean() if kto_kl is None else kto_kl.to(acc).mean()).clamp(min=0.0).detach()
     else:
         z0 = torch.zeros((), dtype=acc, device=lp.device)
     good, bad = terms(x, z0, beta)

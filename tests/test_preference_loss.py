@@ -150,7 +150,7 @@ def test_unpaired_matches_reference(loss_type, split):
     for kl_given in ((None, kl) if kl is not None else (None,)):
         a, b = lp.clone().requires_grad_(), lp.clone().requires_grad_()
         loss, m = unpaired_preference_loss(a, lp0, des, loss_type=loss_type, beta=0.3, desirable_weight=1.3,
-                                           undesirable_weight=0.7, kl=kl_given)
+                                           undesirable_weight=0.7, kto_kl=kl_given)
         loss_r, mr = R.unpaired_loss(b, lp0, des, loss_type=loss_type, beta=0.3, wd=1.3, wu=0.7, kl=kl_given)
         assert_close(loss, loss_r, atol=1e-12, what="loss")
         assert set(m) == set(mr)
@@ -168,14 +168,14 @@ def test_unpaired_balanced_kto_equals_the_paired_row_and_bad_inputs_raise():
     kl = torch.tensor([0.4, 0.9], dtype=D)
     paired, _ = fa.preference_loss(lc, lr, lc0, lr0, loss_type="kto", kto_kl=kl, desirable_weight=2.0)
     des = torch.tensor([True] * 6 + [False] * 6)
-    unpaired, _ = unpaired_preference_loss(torch.cat([lc, lr]), torch.cat([lc0, lr0]), des, kl=kl,
+    unpaired, _ = unpaired_preference_loss(torch.cat([lc, lr]), torch.cat([lc0, lr0]), des, kto_kl=kl,
                                            desirable_weight=2.0)
     assert_close(paired, unpaired, atol=1e-12, what="balanced kto")
     x = torch.cat([lc, lr])
     with pytest.raises(TypeError, match="desirable"):
         unpaired_preference_loss(x, None, des.long())
-    with pytest.raises(ValueError, match="kl"):
-        unpaired_preference_loss(x, None, des, loss_type="apo_zero_unpaired", kl=kl)
+    with pytest.raises(ValueError, match="kto_kl"):
+        unpaired_preference_loss(x, None, des, loss_type="apo_zero_unpaired", kto_kl=kl)
     with pytest.raises(ValueError, match="loss_type"):
         unpaired_preference_loss(x, None, des, loss_type="sigmoid")
     with pytest.raises(ValueError, match="desirable"):

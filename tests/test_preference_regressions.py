@@ -68,7 +68,7 @@ BAD_OPTIONS = {
     "wpo_weights cap=nan": (ValueError, "cap", lambda: fa.wpo_weights(_LC, _LR, cap=NAN)),
     "wpo_weights cap='a'": (TypeError, "cap", lambda: fa.wpo_weights(_LC, _LR, cap="a")),
     "kto_kl empty": (ValueError, "kto_kl", lambda: _P(_LC, _LR, _LC, _LR, loss_type="kto", kto_kl=torch.empty(0))),
-    "unpaired kl empty": (ValueError, "kl", lambda: _U(_LC, _LR, _DES, kl=torch.empty(0))),
+    "unpaired kto_kl empty": (ValueError, "kto_kl", lambda: _U(_LC, _LR, _DES, kto_kl=torch.empty(0))),
     "label_smoothing='a'": (TypeError, "label_smoothing", lambda: _P(_LC, _LR, label_smoothing="a")),
     "label_smoothing=None": (TypeError, "label_smoothing", lambda: _P(_LC, _LR, label_smoothing=None)),
     "loss_type=None": (TypeError, "loss_type", lambda: _P(_LC, _LR, loss_type=None)),
@@ -120,10 +120,10 @@ def test_empty_kl_estimate_raises_for_a_batch_and_not_for_an_empty_batch():
     lc, lr, lc0, lr0 = _pairs()
     _raises(ValueError, "kto_kl", lambda: fa.preference_loss(lc, lr, lc0, lr0, loss_type="kto", kto_kl=torch.empty(0)))
     des = torch.tensor([True, False, True, False])
-    _raises(ValueError, "kl", lambda: unpaired_preference_loss(lc, lc0, des, kl=torch.empty(0)))
+    _raises(ValueError, "kto_kl", lambda: unpaired_preference_loss(lc, lc0, des, kto_kl=torch.empty(0)))
     e = torch.empty(0, dtype=D)
     assert fa.preference_loss(e, e, e, e, loss_type="kto", kto_kl=e)[0].item() == 0.0
-    assert unpaired_preference_loss(e, e, torch.empty(0, dtype=torch.bool), kl=e)[0].item() == 0.0
+    assert unpaired_preference_loss(e, e, torch.empty(0, dtype=torch.bool), kto_kl=e)[0].item() == 0.0
 
 
 # ------------------------------------------------------------------ the unpaired loss of an empty batch

@@ -50,7 +50,7 @@ def test_public_signatures_use_one_name_per_idea(name, fn):
 def test_every_rename_points_at_an_argument():
     assert len(_deprecate.RENAMED) >= 12
     for owner, old, new in _deprecate.RENAMED:
-        assert old != new and ("mask" in new or "logprobs" in new or new == "kl_type"), (owner, old, new)
+        assert old != new and ("mask" in new or "logprobs" in new or new in ("kl_type", "kto_kl")), (owner, old, new)
 
 
 def _warns_same(old_call, new_call, match):
@@ -111,6 +111,9 @@ def test_unpaired_preference_loss_logps_are_logprobs():
     desirable = torch.tensor([True, False, True, True, False, False])
     _warns_same(lambda: unpaired_preference_loss(logps=lp, ref_logps=ref, desirable=desirable),
                 lambda: unpaired_preference_loss(logprobs=lp, ref_logprobs=ref, desirable=desirable), "logprobs")
+    kl = torch.tensor([0.3, -0.1])
+    _warns_same(lambda: unpaired_preference_loss(lp, ref, desirable, kl=kl),
+                lambda: unpaired_preference_loss(lp, ref, desirable, kto_kl=kl), "use kto_kl=")
 
 
 def test_linear_preference_reference_logps_are_logprobs():

@@ -431,7 +431,7 @@ class KTOLoss(nn.Module):
         label = _label(label, N)
         s = sequence_logprobs(per_token_logps, completion_mask)
         kl = (kl_logps.detach() - ref_kl_logps.detach()) if kto else None
-        return unpaired_preference_loss(s.sum, ref_logps, label.to(per_token_logps.device) != 0, kl=kl,
+        return unpaired_preference_loss(s.sum, ref_logps, label.to(per_token_logps.device) != 0, kto_kl=kl,
                                         **self.options)
 
 
