@@ -203,7 +203,7 @@ def sequence_logprobs(
         w = w * torch.where(rank <= lim, torch.ones_like(rank), torch.full_like(rank, float(ld_alpha)))
     total = reduce(torch.where(m != 0, w * lp, torch.zeros_like(lp)))  # masked slots may hold junk
     if malformed is not None:  # offsets or lengths not read on the host: NaN sums, never wrong ones
-        total = torch.where(malformed, float("nan"), total)
+        total = _validate.nan_if(malformed, total)
     denom = divisor(count)
     wpo = None
     if sum_p2 is not None:

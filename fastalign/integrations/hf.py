@@ -376,7 +376,7 @@ def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = N
         on_body(outputs)
     hidden = outputs.last_hidden_state
     if packed is not None:  # packed rows the body did not split, not read on the host: NaN, never wrong numbers
-        hidden = torch.where(packed, float("nan"), hidden)
+        hidden = _validate.nan_if(packed, hidden)
     weight, bias, low_rank = _head(model, hidden, head_dtype)
     device_type = hidden.device.type
     dtype = head_dtype
@@ -628,6 +628,6 @@ def causal_lm_logprobs(
     if argmax:  # linear_logprobs gives every row's argmax: -1 where unscored, as the other statistics are 0
         stats = stats._replace(argmax=torch.where(targets != ignore_index, stats.argmax, -1))
     if malformed is not None:  # offsets not read on the host: NaN statistics, never wrong ones
-        stats = TokenStats(*(t if t is None or not t.is_floating_point() else torch.where(malformed, float("nan"), t)
+        stats = TokenStats(*(t if t is None or not t.is_floating_point() else _validate.nan_if(malformed, t)
                              for t in stats))
     return stats

@@ -13,7 +13,7 @@ and the advantage of a score x in a group (NaN score: 0; group of one: x, or 0 w
     center (x - mean) s,  rloo (x - mean) n / (n - 1) s,  opo (x - wmean) s,  passk x == max ? (max - second) s : 0
 
 with s = scale [/ (std + eps)] (/ 1 where std + eps = 0: equal scores, eps 0). Sums and squares run on x / 2^e per group (2^e about the group's
-largest magnitude), which is exact scaling, so finite scores near the double range never overflow.
+largest magnitude, at least 1), which is exact scaling, so finite scores near the double range never overflow.
 """
 from __future__ import annotations
 
@@ -56,9 +56,11 @@ def _stats(scores: Tensor, index: Tensor, lengths_in: Tensor, group_size: int):
     mx = _reduce(torch.where(valid, x, -inf), "max", lengths, -inf)
     mn = _reduce(torch.where(valid, x, inf), "min", lengths, inf)
     # Sums run on x / 2^e, 2^e the group's largest magnitude rounded down to a power of two: exact
-    # scaling (the same numbers, bitwise), and no overflow of sums or squares for finite scores.
+    # scaling (the same numbers, bitwise), and no overflow of sums or squares for finite scores. Never
+    # scaled up (2^e >= 1): tiny scores are summed as they are, as the C++/CUDA kernels do (a scaled-up std
+    # of subnormal scores would be nonzero, and scale / std infinite).
     big = torch.maximum(mx.abs(), mn.abs())
-    unit = torch.where(torch.isfinite(big) & (big > 0), torch.ldexp(torch.ones_like(big), torch.frexp(big)[1] - 1), 1.0)
+    unit = torch.where(torch.isfinite(big) & (big >= 1), torch.ldexp(torch.ones_like(big), torch.frexp(big)[1] - 1), 1.0)
     xs = x / unit[seg]
     total = _reduce(torch.where(valid, xs, 0.0), "sum", lengths, 0.0)  # in units of 2^e, as the rest
     lsum = _reduce(torch.where(valid, L, 0.0), "sum", lengths, 0.0)

@@ -11,6 +11,7 @@ ignore_index, found on the host: CPU tensors only) go through these chunks; the 
 """
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import torch
@@ -54,7 +55,8 @@ def softcap_derivative(z: Tensor, softcap: float, scale: float, out: Optional[Te
 def matmul_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool, live: Optional[Tensor] = None,
                 live_dim: int = 0) -> None:
     """``out (+)= a @ b`` with fp32 accumulation inside the product; ``out`` may be fp32 while the
-    operands are bf16/fp16 (on CUDA one cuBLAS call with ``out_dtype``; elsewhere via fp32 copies).
+    operands are bf16/fp16 (on CUDA with torch >= 2.10 one cuBLAS call with ``out_dtype``; elsewhere via fp32
+    copies).
     ``live``: over the first ``live`` rows of ``a`` (``live_dim`` 0) or of the shared dimension
     (``live_dim`` 1) only, counted on the device (:func:`~fastalign.ops.device_compaction.matmul_live`)."""
     if live is not None:
@@ -64,12 +66,36 @@ def matmul_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool, live: Optio
             out.addmm_(a, b)
         else:
             torch.mm(a, b, out=out)
-    elif out.is_cuda:
+    elif out.is_cuda and ADDMM_OUT_DTYPE:
         torch.addmm(out, a, b, beta=1.0 if accumulate else 0.0, out_dtype=out.dtype, out=out)
+    elif out.is_cuda:
+        upcast_matmul_into(out, a, b, accumulate)
     elif accumulate:
         out.addmm_(a.to(out.dtype), b.to(out.dtype))
     else:
         torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
+
+
+def out_dtype_addmm_supported(version: str) -> bool:
+    """Whether this torch version's CUDA ``addmm(..., out_dtype=)`` takes ``self`` in the output's precision
+    (fp32 ``self`` and ``out`` from bf16/fp16 operands): torch 2.10 and later."""
+    return tuple(int(p) for p in re.findall(r"\d+", version)[:2]) >= (2, 10)
+
+
+ADDMM_OUT_DTYPE = out_dtype_addmm_supported(torch.__version__)
+
+#: Elements of the fp32 operand copies :func:`upcast_matmul_into` holds at a time.
+UPCAST_ELEMS = 1 << 24
+
+
+def upcast_matmul_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    """``out (+)= a @ b`` in ``out``'s precision from operands of another dtype: fp32 copies of a bounded slice
+    of the shared dimension at a time (at most :data:`UPCAST_ELEMS` elements, one column at least)."""
+    if not accumulate:
+        out.zero_()
+    step = max(1, UPCAST_ELEMS // max(a.shape[0] + b.shape[1], 1))
+    for k in range(0, a.shape[1], step):
+        out.addmm_(a[:, k:k + step].to(out.dtype), b[k:k + step].to(out.dtype))
 
 
 def chunk_grad_to_inputs(dz: Tensor, deriv: Optional[Tensor], scale: float, softcap: float, h_c: Tensor,

@@ -89,10 +89,12 @@ def run_blocks(student: Head, teacher: Head, mask: Tensor, labels: Optional[Tens
     if n == 0:
         return div, ent, nll
     with_deriv = g_soft is not None and student.softcap > 0  # the student's softcap derivative
-    k = min(block_budget_rows(V, student.hidden, tiles=3 if with_deriv else 2), n)  # logit tiles per block
-    buf_s = block_buffer(k, V, student.hidden)
-    buf_t = block_buffer(k, V, student.hidden)
-    buf_d = block_buffer(k, V, student.hidden) if with_deriv else None
+    # One buffer dtype for both heads' logits (divergence_rows takes one), wide enough for either head's.
+    like = student.hidden.new_empty(0, dtype=torch.promote_types(student.hidden.dtype, teacher.hidden.dtype))
+    k = min(block_budget_rows(V, like, tiles=3 if with_deriv else 2), n)  # logit tiles per block
+    buf_s = block_buffer(k, V, like)
+    buf_t = block_buffer(k, V, like)
+    buf_d = block_buffer(k, V, like) if with_deriv else None
     dh, dw, db = grads if grads is not None else (None, None, None)
     with torch.no_grad():
         for block in row_blocks(n, k, order):
