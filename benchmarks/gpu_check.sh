@@ -17,32 +17,77 @@
 # written as its step ends, so a run cut short still leaves what it did. Exit status: 0 when every
 # step passed, 1 when one failed, 2 when no CUDA device is visible (nothing is run).
 #
-# Third-party peers for the benchmark (Liger-Kernel, cut-cross-entropy, TRL) are used when importable;
-# on a machine without network, `make gpu-peers` downloads their wheels into .whl/ beforehand and
-# this script installs them from there (into a separate folder, without touching the environment).
+# On a machine without network, `make gpu-peers` downloads beforehand into .whl/ the wheels of the build
+# tools (scikit-build-core, pybind11, cmake, ninja), the test tools (pytest, pytest-benchmark, hypothesis)
+# and the benchmark's third-party peers (Liger-Kernel, cut-cross-entropy, TRL); this script installs them
+# from there (pip --no-index --find-links .whl, into a separate folder on PYTHONPATH for every step,
+# without touching the environment), then names what is still missing (env.txt, summary.txt).
+# torch (a CUDA build) and triton are the machine's own. `--deps-only` does only that (no GPU needed):
+# exit 0 when everything the steps need is importable, 1 otherwise.
 # The CUDA kernels are built for this device's architecture only unless FASTALIGN_CUDA_ARCHS is set.
 # GPU_CHECK_COMMIT names the commit where the copy being checked has no git history.
 set -u
 PY=${PY:-python3}
 cd "$(dirname "$0")/.."
+deps_only=0
+[ "${1:-}" = --deps-only ] && deps_only=1
 
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  echo "gpu-check: no CUDA device visible to torch under $PY; nothing was run." >&2
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "gpu-check: torch is not installed under $PY (install a CUDA build of torch); nothing was run." >&2
   exit 2
+fi
+if [ $deps_only = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu-check: no CUDA device visible to torch $("$PY" -c "import torch; print(torch.__version__)") under $PY;" \
+    "nothing was run." >&2
+  exit 2
+fi
+
+# the wheels of .whl/ (make gpu-peers) in a folder of their own, first on every step's import path
+tools="pytest pytest-benchmark hypothesis scikit-build-core pybind11 cmake ninja"
+peers_dir=${TMPDIR:-/tmp}/fastalign-peers
+if ls .whl/*.whl >/dev/null 2>&1; then
+  rm -rf "$peers_dir"
+  # each tool with its dependencies, then each peer alone, so one that does not fit loses only itself
+  for t in $tools; do
+    "$PY" -m pip install -q --no-index --find-links .whl --no-compile --target "$peers_dir" "$t" 2>/dev/null \
+      || echo "gpu-check: $t does not install from .whl/ here (make gpu-peers fetches it for Python 3.12)" >&2
+  done
+  for w in .whl/*.whl; do
+    case $(basename "$w") in liger_kernel-*|cut_cross_entropy-*|trl-*|datasets-*|dill-*|multiprocess-*)
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$peers_dir" "$w" 2>/dev/null \
+        || echo "gpu-check: $(basename "$w") does not install here; the benchmark goes without it" >&2 ;;
+    esac
+  done
+  export PYTHONPATH="$peers_dir${PYTHONPATH:+:$PYTHONPATH}"
+  export PATH="$peers_dir/bin:$PATH"
+fi
+# what the steps need and this machine still lacks
+missing=$("$PY" - <<'EOF'
+import importlib.util, shutil
+need = {"triton": "triton (the GPU tests and benchmark)", "pytest": "pytest", "pytest_benchmark": "pytest-benchmark",
+        "hypothesis": "hypothesis", "scikit_build_core": "scikit-build-core (the build)",
+        "pybind11": "pybind11 (the build)"}
+gone = [what for mod, what in need.items() if importlib.util.find_spec(mod) is None]
+gone += [f"{tool} (the build)" for tool in ("cmake", "ninja") if shutil.which(tool) is None]
+print(", ".join(gone))
+EOF
+)
+if [ -n "$missing" ]; then
+  echo "gpu-check: missing under $PY: $missing (make gpu-peers on a machine with network, then copy .whl/ here)" >&2
+fi
+if [ $deps_only = 1 ]; then
+  [ -z "$missing" ] && echo "gpu-check: everything the steps need is importable"
+  [ -z "$missing" ]
+  exit
 fi
 
 device=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))" | tr -c 'A-Za-z0-9\n' '-' | tr 'A-Z' 'a-z')
 out=${GPU_CHECK_OUT:-"benchmarks/results/gpu-check-${device}-$(date -u +%Y%m%dT%H%M%SZ)"}
 mkdir -p "$out"
+[ -z "$missing" ] || echo "missing      $missing" >>"$out/summary.txt"
 if [ -z "${FASTALIGN_CUDA_ARCHS:-}" ]; then
   FASTALIGN_CUDA_ARCHS=$("$PY" -c "import torch; a, b = torch.cuda.get_device_capability(0); print(f'{a}{b}-real')")
   export FASTALIGN_CUDA_ARCHS
-fi
-bench_path=${PYTHONPATH:-}  # the benchmark's import path: the peers' wheels (make gpu-peers) first
-if ls .whl/*.whl >/dev/null 2>&1; then
-  peers=${TMPDIR:-/tmp}/fastalign-peers
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$peers" .whl/*.whl \
-    && bench_path="$peers${bench_path:+:$bench_path}"
 fi
 status=0
 step() {  # step NAME SECONDS CMD...: run with a time limit, log to $out/NAME.log, record the outcome
@@ -61,7 +106,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $out/NAME.lo
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "commit: ${GPU_CHECK_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null
-  PYTHONPATH="$bench_path" "$PY" - <<'EOF'
+  "$PY" - <<'EOF'
 import platform, torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| torch CUDA", torch.version.cuda)
 print("device", torch.cuda.get_device_name(0), "| capability", torch.cuda.get_device_capability(0),
@@ -74,15 +119,20 @@ for mod in ("triton", "numpy", "liger_kernel", "cut_cross_entropy", "flash_attn"
         print(mod, "not installed")
 EOF
   nvcc --version 2>/dev/null | tail -1
+  echo "missing: ${missing:-nothing}"
 } >"$out/env.txt" 2>&1
 cat "$out/env.txt"
 
 echo "CUDA architectures built: $FASTALIGN_CUDA_ARCHS" >>"$out/env.txt"
 
-step build 120 "$PY" -m pip install --no-build-isolation -e . || echo "build failed: see $out/build.log" >&2
+# a failed build still runs the steps: the Triton kernels need no fastalign._C (the tests of the C++/CUDA
+# ones then fail or skip, which the summary shows)
+step build 120 "$PY" -m pip install --no-build-isolation -e . \
+  || echo "build failed: see $out/build.log; the later steps run from the source tree" | tee -a "$out/summary.txt" >&2
 "$PY" -c "import fastalign._backend as b; print('CUDA kernels compiled:', b.cuda_kernels_available())" 2>&1 \
   | tee -a "$out/summary.txt"
-step pytest-gpu 140 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs tests/
+# a test file that cannot be imported fails the step without stopping the other files' GPU tests
+step pytest-gpu 140 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs --continue-on-collection-errors tests/
 if command -v compute-sanitizer >/dev/null 2>&1; then
   # without the caching allocator every tensor is its own allocation, so an overrun is caught
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 80 compute-sanitizer --tool memcheck --error-exitcode 1 \
@@ -90,7 +140,7 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
 else
   echo "memcheck     skipped: compute-sanitizer not installed" | tee -a "$out/summary.txt"
 fi
-PYTHONPATH="$bench_path" step bench 230 "$PY" -m fastalign.bench --device cuda \
+step bench 230 "$PY" -m fastalign.bench --device cuda \
   --ops token_logprobs,linear_logprobs,linear_cross_entropy,linear_policy_loss,linear_divergence --cases 8192x151936,8192x4096x151936,"T=1024 H=4096",8192x4096/6144x151936 --repeats 10 --budget 6 --total-budget 200 --json "$out/bench.json"
 echo "gpu-check: results in $out" | tee -a "$out/summary.txt"
 exit $status

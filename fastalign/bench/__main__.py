@@ -1,7 +1,10 @@
 """``fastalign-bench`` / ``python -m fastalign.bench``: time and memory of every op
 against its baselines, measured in the same run with the implementations'
-repetitions interleaved, so load from elsewhere on the machine falls on all
-of them alike; the table gives the median and the interquartile range.
+repetitions interleaved, so a burst of load from elsewhere on the machine falls
+on all of them alike; the table gives the median and the interquartile range.
+Sustained load does not fall alike: on an oversubscribed CPU (load average
+above the idle cores) a many-op step stalls far more than a fused one, so
+speedups are inflated; the run records the load average and warns.
 
     fastalign-bench --quick                     # CPU, within about 5 minutes (make bench)
     fastalign-bench --device cuda --json out.json --plot out.png
@@ -327,6 +330,7 @@ def run(args, env: dict = None) -> dict:
     if results and not deadline.passed():  # a peak is the best seen: load from elsewhere only lowers a rate
         limits = core.best_limits(limits, core.device_limits(device, limits.get("matmul_TFLOPs", {})))
     report.add_ratios(results, limits)
+    env["load_avg_after"] = core.load_average()
     return {"environment": env, "device_limits": limits, "results": results}
 
 
@@ -401,7 +405,8 @@ def main(argv=None) -> int:
                                  f"selection); pass --overwrite to replace it, or record into another directory")
     data = run(args, env)
     print(report.table(data))
-    for line in core.spread_warnings(data["results"]):
+    for line in (core.load_warnings(data["environment"]) + core.spread_warnings(data["results"])
+                 + core.timed_once_warnings(data["results"])):
         print(line)
     timed = any("median_ms" in r for r in data["results"])
     if stem is not None and not timed:

@@ -135,6 +135,16 @@ def relative_spread(row: dict) -> Optional[float]:
     return row["iqr_ms"] / row["median_ms"]
 
 
+def timed_once_warnings(results: list) -> list:
+    """A line when rows were timed once: their spread is unknown, not narrow (:func:`spread_warnings`
+    cannot see them)."""
+    once = sum(r.get("runs") == 1 for r in results)
+    if not once:
+        return []
+    return [f"warning: {once} of {sum('median_ms' in r for r in results)} timed rows were timed once "
+            f"(IQR '1 run'): their spread is unknown; rerun with --total-budget 0 or a larger --budget"]
+
+
 def spread_warnings(results: list, threshold: float = WIDE_SPREAD) -> list:
     """One line per timed row whose IQR / median exceeds ``threshold``."""
     lines = []
@@ -173,7 +183,9 @@ def time_steps(steps: Dict[str, Step], device: torch.device, repeats: int, budge
 
     Each step runs once as warm-up (in order), then rounds run every remaining step once each
     (A, B, C, A, B, C, ...), so a burst of load from elsewhere on the machine falls on all
-    candidates alike rather than on whichever was being timed. Rounds continue until at least
+    candidates alike rather than on whichever was being timed. Sustained oversubscription (more
+    busy threads than cores) does not: it stalls a step of many small ops far more than one fused
+    kernel, which inflates speedups (:func:`load_warnings`). Rounds continue until at least
     ``repeats`` rounds are done and a second has passed (at most 1000 rounds), or until ``budget_s``
     seconds of rounds are spent (so one round only when it alone outlasts the budget; a slow
     warm-up, such as torch.compile compiling, does not count). A step's :func:`hooks` run around
@@ -410,6 +422,31 @@ def describe_limits(limits: dict) -> str:
     return f"device limits: copy {limits['copy_GBps']:.1f} GB/s" + (f", {rates}" if rates else "")
 
 
+def load_average() -> Optional[float]:
+    """The 1-minute load average (runnable threads), or None where the system does not report it."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def load_warnings(env: dict) -> list:
+    """A line when the CPU was oversubscribed during a CPU run of :func:`environment` ``env``: the load
+    average before the run above the cores its torch threads leave idle, or after it (the run's own threads
+    included) above the cores. Then a many-op step stalls far more than a fused one and speedups are
+    inflated."""
+    cores, threads = env.get("cpu_cores"), env.get("cpu_threads")
+    if not cores or not threads:
+        return []
+    for key, when, own in (("load_avg", "before the run", 0), ("load_avg_after", "after the run", threads)):
+        load = env.get(key)
+        if load is not None and load - own > cores - threads:
+            return [f"warning: the CPU was oversubscribed: load average {load:.2f} {when}, {cores} cores, "
+                    f"{threads} torch threads; times and speedups are unreliable (a step of many small ops "
+                    f"stalls more than a fused one): rerun on a quieter machine"]
+    return []
+
+
 def environment(device: torch.device) -> dict:
     import datetime
     import platform
@@ -437,4 +474,6 @@ def environment(device: torch.device) -> dict:
                      platform.processor())
         info["device"] = f"CPU {model}, {os.cpu_count()} cores"
         info["cpu_threads"] = torch.get_num_threads()
+        info["cpu_cores"] = os.cpu_count()
+    info["load_avg"] = load_average()
     return info

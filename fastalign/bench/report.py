@@ -1,7 +1,7 @@
 """Ratios, the plain-text table and the plot of benchmark results."""
 from __future__ import annotations
 
-from fastalign.bench.core import BASELINE, describe_limits, relative_spread, roofline_ms
+from fastalign.bench.core import BASELINE, OUT_OF_TIME, describe_limits, relative_spread, roofline_ms
 
 
 def speedup(r: dict):
@@ -71,6 +71,11 @@ def _fmt(v, spec):
 def table(data: dict) -> str:
     env, limits = data["environment"], data["device_limits"]
     lines = [f"fastalign-bench  {env['device']}  torch {env['torch']}  triton {env.get('triton')}  {env['date']}"]
+    if env.get("load_avg") is not None:
+        after = env.get("load_avg_after")
+        lines.append(f"load average {env['load_avg']:.2f} before the run"
+                     + ("" if after is None else f", {after:.2f} after")
+                     + (f"; {env['cpu_cores']} cores, {env['cpu_threads']} torch threads" if env.get("cpu_cores") else ""))
     if limits:
         lines.append(describe_limits(limits))
     cw = max([22] + [len(r["case"]) for r in data["results"]])
@@ -79,7 +84,7 @@ def table(data: dict) -> str:
     head = f"{'op':{ow}s} {'case':{cw}s} {'mode':8s} {'impl':{iw}s} {'median ms':>10s} {'IQR %':>6s} {'speedup':>9s} " \
            f"{'extra MiB':>10s} {'mem ratio':>9s} {'% limit':>8s}  baseline"
     lines += [head, "-" * len(head)]
-    foot = "IQR %: interquartile range of the timed runs / median; speedup: baseline time / time; extra MiB: peak memory beyond the inputs; mem ratio: to the " \
+    foot = "IQR %: interquartile range of the timed runs / median ('1 run': timed once, spread unknown); speedup: baseline time / time; extra MiB: peak memory beyond the inputs; mem ratio: to the " \
            "baseline's, after removing the gradients every implementation returns; % limit: the least time " \
            "the measured copy bandwidth and matmul rate allow for the step's bytes and FLOPs / its time"
     for r in data["results"]:
@@ -90,13 +95,18 @@ def table(data: dict) -> str:
         mem = r.get("peak_extra_bytes")
         frac = limit_fraction(r)
         rel = relative_spread(r)  # None in files recorded before the spread was kept
+        iqr = "1 run" if r.get("runs") == 1 else _fmt(None if rel is None else 100 * rel, '6.0f')
         lines.append(
-            f"{prefix} {r['median_ms']:10.2f} {_fmt(None if rel is None else 100 * rel, '6.0f'):>6s} "
+            f"{prefix} {r['median_ms']:10.2f} {iqr:>6s} "
             f"{'-' if speedup(r) is None else format(speedup(r), '8.2f') + 'x':>9s} "
             f"{_fmt(None if mem is None else mem / 2**20, '10.1f'):>10s} "
             f"{_fmt(memory_ratio(r), '9.3f'):>9s} {_fmt(None if frac is None else 100 * frac, '7.1f'):>8s}  "
             f"{r.get('baseline', BASELINE)}")
     lines += ["-" * len(head), foot]
+    out_of_time = sum(r.get("skipped") == OUT_OF_TIME for r in data["results"])
+    if out_of_time:
+        lines.append(f"{out_of_time} of {len(data['results'])} rows skipped for time: the run's time budget was "
+                     f"spent (rerun with --total-budget 0, or those ops alone)")
     unmeasured = sum("memory_skipped" in r for r in data["results"])
     if unmeasured:
         lines.append(f"peak memory not measured for {unmeasured} rows: the run's time budget was spent (rerun "

@@ -15,7 +15,7 @@ import os
 import re
 import sys
 
-from fastalign.bench.core import BASELINE, describe_limits, relative_spread
+from fastalign.bench.core import BASELINE, describe_limits, load_warnings, relative_spread, timed_once_warnings
 from fastalign.bench.report import limit_fraction, memory_ratio, speedup, work_model
 
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
@@ -35,6 +35,12 @@ def markdown(data: dict, source: str = "") -> str:
              f"torch {env['torch']}, triton {env.get('triton')}, fastalign {env['fastalign']}, "
              f"python {env['python']}" + (f"; file `{source}`" if source else ""), "",
              f"Command: `{env['command']}`", ""]
+    if env.get("load_avg") is not None:
+        lines += [f"Load average {env['load_avg']:.2f} before the run"
+                  + ("" if env.get("load_avg_after") is None else f", {env['load_avg_after']:.2f} after") + ".", ""]
+    lines += [f"**{w.removeprefix('warning: ')}**" for w in load_warnings(env) + timed_once_warnings(data["results"])]
+    if lines[-1].startswith("**"):
+        lines.append("")
     if data.get("device_limits"):
         lines += ["Measured " + describe_limits(data["device_limits"]), ""]
     lines += ["| op | case | mode | impl | median ms | IQR % | speedup | peak extra MiB | memory ratio (beyond returned "
@@ -48,7 +54,7 @@ def markdown(data: dict, source: str = "") -> str:
         mem_ratio = memory_ratio(r)
         rel = relative_spread(r)  # None in files recorded before the spread was kept
         lines.append(f"| {r['op']} | {r['case']} | {r['mode']} | {r['impl']} | {r['median_ms']:.2f} | "
-                     f"{'-' if rel is None else f'{100 * rel:.0f}'} | {_x(speedup(r))} | {_mib(r.get('peak_extra_bytes'))} | "
+                     f"{'1 run' if r.get('runs') == 1 else '-' if rel is None else f'{100 * rel:.0f}'} | {_x(speedup(r))} | {_mib(r.get('peak_extra_bytes'))} | "
                      f"{'-' if mem_ratio is None else f'{mem_ratio:.3f}'} | "
                      f"{'-' if limit_fraction(r) is None else f'{100 * limit_fraction(r):.1f}'} | "
                      f"{r.get('baseline', BASELINE)} |")

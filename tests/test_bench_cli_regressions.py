@@ -1,0 +1,93 @@
+"""fastalign-bench's warnings about numbers it cannot vouch for, and `make gpu-check`'s offline setup."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastalign.bench import __main__ as cli
+from fastalign.bench import core, report, summary
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _row(impl, median, runs, **extra):
+    times = [median] * runs
+    return {"op": "policy_loss", "case": "B=4 T=16", "mode": "fwd", "impl": impl, **core.spread(times), **extra}
+
+
+def _data(results, **env):
+    base = {"device": "CPU test, 2 cores", "torch": "x", "date": "d"}
+    return {"environment": {**base, **env}, "device_limits": {}, "results": results}
+
+
+def test_rows_timed_once_are_flagged_not_shown_as_an_unknown_spread():
+    rows = [_row("fastalign", 1.0, 1), _row("eager", 3.0, 5)]
+    assert "1 of 2 timed rows were timed once" in core.timed_once_warnings(rows)[0]
+    line = next(ln for ln in report.table(_data(rows)).splitlines() if ln.startswith("policy_loss") and "fastalign" in ln)
+    assert "1 run" in line
+    assert core.timed_once_warnings([_row("eager", 3.0, 5)]) == []
+
+
+def test_table_counts_the_rows_skipped_for_time():
+    rows = [_row("eager", 3.0, 5), {"op": "clip_cov", "case": "c", "mode": "fwd", "impl": "fastalign",
+                                    "skipped": core.OUT_OF_TIME},
+            {"op": "clip_cov", "case": "c", "mode": "fwd", "impl": "liger", "skipped": "not installed"}]
+    assert "1 of 3 rows skipped for time" in report.table(_data(rows))
+
+
+def test_load_average_is_recorded_shown_and_oversubscription_warned(monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 1.0, 1.0))
+    env = core.environment(core.torch.device("cpu"))
+    assert env["load_avg"] == 3.5 and env["cpu_cores"] == os.cpu_count()
+    busy = {"cpu_cores": 2, "cpu_threads": 2, "load_avg": 0.5, "load_avg_after": 2.1}
+    assert core.load_warnings({**busy, "load_avg": 0.5, "load_avg_after": 3.5})  # after: 3.5 - 2 own > 0 idle
+    assert core.load_warnings({**busy, "load_avg": 0.5, "load_avg_after": None})  # before: 0.5 > 0 idle cores
+    assert not core.load_warnings({"cpu_cores": 16, "cpu_threads": 4, "load_avg": 2.0, "load_avg_after": 5.0})
+    assert not core.load_warnings({"device": "cuda", "load_avg": 50.0})  # GPU runs: no CPU threads recorded
+    assert "load average 0.50 before the run, 2.10 after" in report.table(_data([], **busy))
+
+
+def test_help_no_longer_claims_sustained_load_falls_on_all_alike():
+    doc = cli.__doc__ + core.time_steps.__doc__
+    assert "oversubscri" in doc and "load average" in cli.__doc__
+
+
+def _gpu_check(*args, py, tmp_path):
+    env = {**os.environ, "PY": str(py), "TMPDIR": str(tmp_path)}
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_gpu_check_says_torch_is_missing(tmp_path):
+    py = tmp_path / "python-without-site"
+    py.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')  # no site-packages: no torch
+    py.chmod(0o755)
+    res = _gpu_check(py=py, tmp_path=tmp_path)
+    assert res.returncode == 2 and "torch is not installed" in res.stderr
+
+
+def test_gpu_check_deps_only_runs_without_a_gpu(tmp_path):
+    res = _gpu_check("--deps-only", py=sys.executable, tmp_path=tmp_path)
+    # this environment has the test and build tools: nothing missing, nothing else run
+    assert res.returncode == 0, res.stderr
+    assert "everything the steps need is importable" in res.stdout
+    assert not list((ROOT / "benchmarks" / "results").glob("gpu-check-*"))
+
+
+def test_gpu_peers_downloads_the_build_and_test_tools():
+    res = subprocess.run(["make", "-n", "gpu-peers"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    for name in ("hypothesis", "pytest==", "pytest-benchmark", "scikit-build-core", "pybind11", "ninja", "cmake",
+                 "--python-version 3.12", "manylinux"):
+        assert name in res.stdout, name
+
+
+def test_recorded_markdown_shows_the_load_and_the_rows_timed_once():
+    data = _data([_row("fastalign", 1.0, 1), _row("eager", 3.0, 5)], fastalign="0", python="3", command="c",
+                 cpu_cores=2, cpu_threads=2, load_avg=1.5, load_avg_after=3.0)
+    text = summary.markdown(data)
+    assert "Load average 1.50 before the run, 3.00 after." in text
+    assert "the CPU was oversubscribed" in text and "1 of 2 timed rows were timed once" in text
+    assert "| 1.00 | 1 run |" in text
