@@ -27,8 +27,9 @@ numbers instead, from device tensor operations (no host read):
   score gets NaN (on every position of its row, as verl's ``A * mask``); gpg's
   ``alpha = B / count_nonzero(r)`` counts the NaN score, which rescales every other group as in verl.
 * grpo_passk: in a group holding a NaN score the NaN response gets NaN and the others 0 (verl's
-  ``torch.topk`` ranks NaN first). With several NaN scores in one group, which of them ``topk``
-  returns first is not specified; the profile gives NaN to the first in batch order.
+  ``torch.topk`` ranks NaN first). With several NaN scores in one group, or a non-finite advantage
+  shared by responses tied at an infinite top score, which of them ``topk`` returns first is not
+  specified; the profile gives NaN to the first in batch order and 0 to the others.
 * reinforce_plus_plus_baseline, gdpo: a NaN or infinite score anywhere in the batch makes every
   advantage NaN (verl's batch whitening multiplies by the mask, so ``NaN * 0`` reaches its statistics,
   empty responses included).
@@ -37,9 +38,27 @@ numbers instead, from device tensor operations (no host read):
   (mask sum ``0 < N <= 1``), which verl's unbiased whitening refuses (``ValueError``), gets NaN advantages
   on its valid tokens (on their rows for the sequence estimators), never a silent 0.
 
+``response_mask`` with values other than 0 and 1: grpo, grpo_vectorized, rloo, rloo_vectorized, opo, gpg and
+grpo_passk give verl's numbers (the mask scales each response's advantage). verl's other estimators weigh a
+token by its mask inside their scans and whitening, where fastalign counts any nonzero entry as valid, so
+they refuse such a mask: ``ValueError`` naming ``response_mask`` where the mask is on the host (an eager CPU
+tensor), otherwise NaN advantages and returns (no host read).
+
+grpo_passk's check that every group has at least 2 responses reads the group sizes on the host when
+``index`` is a host object (verl's numpy array of uids, a list); with a device tensor ``index`` the
+advantages are NaN instead (no synchronisation), with an eager CPU tensor it raises.
+
 Values on masked positions: fastalign gives 0 there; verl leaves whatever its scan holds
-(gae's whitened advantages and returns, remax's returns on interior masked tokens). Every verl
-loss masks them out; the parity tests compare the valid tokens of those two estimators.
+(gae's whitened advantages and returns, remax's returns and advantages on interior masked tokens).
+Every verl loss masks them out; the parity tests compare the valid tokens of those two estimators.
+
+Known differences (docs/parity-policy.md):
+
+* ``epsilon=0`` and a group of equal scores: verl divides ``0 / (0 + 0)`` (NaN; gdpo's batch whitening
+  spreads it to the batch); fastalign gives that group 0 (a zero denominator divides by 1).
+* opo with a group whose responses are all empty (length sum 0): verl's ``0 / 0`` gives NaN, fastalign 0.
+* dtype: the advantages and returns are float32 (float64 for float64 rewards); verl returns
+  ``token_level_rewards``' dtype (bf16 / fp16 rewards: verl's values rounded to that dtype).
 """
 from __future__ import annotations
 
@@ -79,6 +98,8 @@ _TOKEN_LEVEL = ("gae", "reinforce_plus_plus", "remax")
 _OPTIMAL_BASELINE = {"optimal_token_baseline": "position", "tir_optimal_token_baseline": "response"}
 ESTIMATORS = tuple(_GROUPED) + _TOKEN_LEVEL + tuple(_OPTIMAL_BASELINE)
 _STD_FROM_CONFIG = ("grpo", "grpo_passk")  # what verl's trainer passes norm_adv_by_std_in_grpo to
+#: the estimators that give verl's numbers with a fractional ``response_mask`` (the others refuse it)
+_FRACTIONAL_MASK_AS_VERL = ("grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "opo", "gpg", "grpo_passk")
 
 
 def algo_options(config=None) -> Dict[str, Any]:
@@ -120,20 +141,32 @@ def _check_inputs(token_level_rewards, response_mask, *, values, reward_baseline
         _validate.like((shape[0], reward_scores.shape[1]), "one row per response", **dev, reward_scores=reward_scores)
 
 
-def _check_passk_groups(index, B: int, device) -> None:
-    """verl's grpo_passk refuses a group of fewer than 2 responses (a host read of the group sizes, as verl's
-    own loop over the groups)."""
-    keys = as_index("index", index, B, device)
-    if B == 0:
-        return
-    _, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
-    small = counts[inverse] < 2
-    if bool(small.any()):
-        i = int(small.nonzero()[0, 0])
+def _dense_groups(keys: Tensor) -> Tensor:
+    """Dense group ids ``< B`` of the int64 ``keys [B]``, from the sorted keys (device operations, no host read):
+    a new id where the sorted key changes."""
+    sorted_keys, order = keys.sort(stable=True)
+    starts = torch.ones_like(sorted_keys, dtype=torch.int64)
+    starts[1:] = (sorted_keys[1:] != sorted_keys[:-1]).to(torch.int64)
+    return torch.empty_like(order).scatter_(0, order, starts.cumsum(0) - 1)
+
+
+def _passk_groups_flag(index, keys: Tensor) -> Optional[Tensor]:
+    """verl's grpo_passk refuses a group of fewer than 2 responses: ``ValueError`` naming ``index`` where the
+    group keys are on the host (a numpy array or list ``index``, whose ``keys`` are built on the CPU, or an eager
+    CPU tensor); otherwise the device flag that makes the advantages NaN (no host read)."""
+    if keys.shape[0] == 0:
+        return None
+    gid = _dense_groups(keys)
+    size = torch.zeros_like(gid).scatter_add_(0, gid, torch.ones_like(gid))[gid]
+
+    def message() -> str:
+        i = int((size < 2).nonzero()[0, 0])
         uid = index[i]
         uid = uid.item() if hasattr(uid, "item") else uid
-        raise ValueError(f"index: grpo_passk (pass@k) requires at least 2 responses per group, got "
-                         f"{int(counts[inverse[i]])} for group {uid!r}")
+        return (f"index: grpo_passk (pass@k) requires at least 2 responses per group, got {int(size[i])} for "
+                f"group {uid!r}")
+
+    return _validate.flag_or_raise((size < 2).any(), keys, message)
 
 
 def _as_verl_on_non_finite(est: str, adv: Tensor, scores: Tensor, keys: Tensor) -> Tensor:
@@ -148,11 +181,7 @@ def _as_verl_on_non_finite(est: str, adv: Tensor, scores: Tensor, keys: Tensor) 
     if B == 0:
         return adv
     s = scores
-    # dense group ids < B from the sorted keys (no host read): a new id where the sorted key changes
-    sorted_keys, order = keys.sort(stable=True)
-    starts = torch.ones_like(sorted_keys, dtype=torch.int64)
-    starts[1:] = (sorted_keys[1:] != sorted_keys[:-1]).to(torch.int64)
-    gid = torch.empty_like(order).scatter_(0, order, starts.cumsum(0) - 1)
+    gid = _dense_groups(keys)
     row = torch.arange(B, device=s.device)
 
     def over_group(x: Tensor, reduce: str = "sum") -> Tensor:  # x reduced over each row's group
@@ -163,9 +192,11 @@ def _as_verl_on_non_finite(est: str, adv: Tensor, scores: Tensor, keys: Tensor) 
     if est == "gpg":  # verl's alpha = B / count_nonzero(r) counts the NaN scores (NaN != 0)
         kept = ((s != 0) & ~is_nan).sum().to(torch.float64)
         adv = adv * (kept.clamp_min(1.0) / (kept + is_nan.sum()).clamp_min(1.0)).to(adv.dtype)
-    if est == "grpo_passk":  # topk ranks NaN first: the group's (first) NaN response gets NaN, the others 0
-        first = over_group(torch.where(is_nan, row, B), "amin")
-        return torch.where(group_nan, torch.where(row == first, nan, torch.zeros_like(adv)), adv)
+    if est == "grpo_passk":  # topk ranks NaN first and picks one of tied top scores: one response per group
+        adv = torch.where(group_nan, torch.where(is_nan, nan, torch.zeros_like(adv)), adv)
+        bad = ~torch.isfinite(adv)  # NaN scores, or ties at an infinite top
+        first = over_group(torch.where(bad, row, B), "amin")
+        return torch.where(bad & (row != first), torch.zeros_like(adv), adv)
     if est == "rloo_vectorized":  # (c r - sum) / max(c - 1, 1) * (c > 1): a lone ±inf gives (inf - inf) * 0
         alone = over_group(torch.ones_like(row)) == 1
         group_nan = group_nan | (alone & ~torch.isfinite(s))
@@ -211,6 +242,19 @@ def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor
     if epsilon is not None and est in _TOKEN_LEVEL:
         raise ValueError(f"epsilon does not apply to adv_estimator {est!r}")
     eps = {} if epsilon is None else {"eps": _validate.finite_number("epsilon", epsilon)}
+    # verl weighs a token by a fractional mask in the others; fastalign's estimators count it as valid
+    flag = None if est in _FRACTIONAL_MASK_AS_VERL else _validate.zero_one(
+        "response_mask", mask, f"hold 0 and 1 only for adv_estimator {est!r} (verl weighs a token by a fractional "
+        f"mask inside it, fastalign counts the token or not)")
+    adv, returns = _estimate(est, opts, token_level_rewards, mask, index, values, reward_baselines, reward_scores,
+                             old_log_probs, sum_pi_squared, rollout_is_weights, eps)
+    return _validate.nan_if(flag, adv), _validate.nan_if(flag, returns)
+
+
+def _estimate(est: str, opts: Dict[str, Any], token_level_rewards: Tensor, mask: Tensor, index, values,
+              reward_baselines, reward_scores, old_log_probs, sum_pi_squared, rollout_is_weights,
+              eps: Dict[str, float]) -> Tuple[Tensor, Tensor]:
+    """:func:`compute_advantage` once its inputs are checked."""
     if est == "gae":
         if values is None:
             raise ValueError("adv_estimator 'gae' needs values [B, T]")
@@ -234,8 +278,6 @@ def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor
         return optimal_token_baseline_advantages(token_level_rewards, mask, index, old_log_probs, sum_pi_squared,
                                                  importance_weights=rollout_is_weights,
                                                  align=_OPTIMAL_BASELINE[est], **eps)
-    if est == "grpo_passk":
-        _check_passk_groups(index, token_level_rewards.shape[0], token_level_rewards.device)
     kw = dict(_GROUPED[est])
     if est in _STD_FROM_CONFIG:
         kw["std"] = "group" if opts["norm_adv_by_std_in_grpo"] else "none"
@@ -244,11 +286,14 @@ def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor
     if est in ("opo", "reinforce_plus_plus_baseline", "gdpo"):
         kw["response_mask"] = mask
     scores = token_level_rewards.sum(dim=-1)
-    keys = as_index("index", index, scores.shape[0], scores.device)  # strings are mapped once, on the host
+    host = not isinstance(index, Tensor)  # strings are mapped once, on the host
+    keys = as_index("index", index, scores.shape[0], torch.device("cpu") if host else scores.device)
+    small = _passk_groups_flag(index, keys) if est == "grpo_passk" else None
+    keys = keys.to(scores.device)
     if est == "gdpo":
         scores = scores.unsqueeze(-1) if reward_scores is None else reward_scores
         if opts["gdpo_reward_weights"] is not None:
             kw["reward_weights"] = list(opts["gdpo_reward_weights"])
     adv = _as_verl_on_non_finite(est, group_advantages(scores, keys, **kw), scores, keys)
-    adv = token_advantages(adv, mask)
+    adv = token_advantages(_validate.nan_if(small, adv), mask)
     return adv, adv

@@ -27,7 +27,10 @@ Each estimator ``e`` of :mod:`fastalign.integrations.verl.advantages` is registe
 ``fastalign_e`` with the parameters of verl's estimator function ``e`` in verl's order (so a
 positional call binds as verl's: ``fastalign_gae(rewards, values, mask, gamma, lam)``,
 ``fastalign_remax(rewards, baselines, mask)``, ``fastalign_gpg(rewards, mask, index, epsilon, f_norm)``),
-followed by keyword-only parameters for what the other estimators take, returning
+followed by keyword-only parameters for what the other estimators take and ``**unused`` (ignored, as
+verl's ``**kwargs``); ``gamma`` and ``lam`` apply to ``fastalign_gae`` only (elsewhere verl ignores them, so
+they raise ``ValueError``). For verl's ``grpo`` and ``grpo_vectorized``, which have no ``**kwargs``,
+the signature is exactly verl's: another keyword is a ``TypeError``, as verl's. Returning
 ``(advantages, returns)``, with verl's values for NaN scores (NaN groups, verl's gpg ``alpha``; see
 :mod:`fastalign.integrations.verl.advantages`). ``norm_adv_by_std_in_grpo`` is read from the argument
 or, when that is not given, from ``config`` (verl's trainer passes only ``config`` to registered estimators).
@@ -71,6 +74,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -137,7 +141,12 @@ def _gdpo_scores(config: Any, non_tensor_batch, like: Tensor) -> Optional[Tensor
     missing = [k for k in keys if k not in non_tensor_batch]
     if missing:
         raise ValueError(f"gdpo_reward_keys {missing} are not in non_tensor_batch (keys: {list(non_tensor_batch)})")
-    cols = [torch.as_tensor(non_tensor_batch[k], dtype=torch.float32).to(like.device) for k in keys]
+    cols = []
+    for k in keys:  # np.float32 as verl reads them: DataProto's dtype=object arrays, a None is NaN
+        try:
+            cols.append(torch.as_tensor(np.asarray(non_tensor_batch[k], dtype=np.float32)).to(like.device))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"gdpo_reward_keys: non_tensor_batch[{k!r}] is not an array of numbers ({e})") from None
     return torch.stack(cols, dim=-1)
 
 
@@ -168,12 +177,20 @@ _ADVANTAGE_DEFAULTS: Dict[str, Any] = dict(
     batch=None, gamma=None, lam=None, f_norm=1.0, alpha=1.0, handle_zero_tail=True)
 
 
+#: verl 0.9.1's estimator functions without ``**kwargs`` that verl's trainer may select by name: ``fastalign_e``
+#: takes exactly their parameters (``fastalign_gae`` keeps the others, to name the ``values`` the trainer lacks)
+_NO_KWARGS = ("grpo", "grpo_vectorized")
+
+
 def _verl_signature(estimator: str) -> inspect.Signature:
-    """verl's parameters of ``estimator`` in its order, then the other inputs keyword-only, then ``**unused``."""
+    """verl's parameters of ``estimator`` in its order; unless verl's function has none (:data:`_NO_KWARGS`), then
+    the other inputs keyword-only and ``**unused``."""
     P = inspect.Parameter
     own = _VERL_PARAMETERS[estimator]
     params = [P("token_level_rewards", P.POSITIONAL_OR_KEYWORD)]
     params += [P(n, P.POSITIONAL_OR_KEYWORD, default=_ADVANTAGE_DEFAULTS[n]) for n in own[1:]]
+    if estimator in _NO_KWARGS:
+        return inspect.Signature(params)
     params += [P(n, P.KEYWORD_ONLY, default=v) for n, v in _ADVANTAGE_DEFAULTS.items() if n not in own]
     return inspect.Signature(params + [P("unused", P.VAR_KEYWORD)])
 
@@ -184,8 +201,8 @@ def _advantage_fn(estimator: str) -> Callable:
     def advantage_fn(*args, **kwargs) -> tuple[Tensor, Tensor]:
         bound = signature.bind(*args, **kwargs)  # a TypeError for what verl's function would refuse to bind
         bound.apply_defaults()
-        kw = dict(bound.arguments)
-        kw.pop("unused")  # other keywords are ignored, as verl's **kwargs
+        kw = {**_ADVANTAGE_DEFAULTS, **bound.arguments}
+        kw.pop("unused", None)  # other keywords are ignored, as verl's **kwargs
         return _advantage(estimator, **kw)
 
     advantage_fn.__signature__ = signature
@@ -214,10 +231,12 @@ def _advantage(estimator: str, token_level_rewards: Tensor, response_mask: Optio
     # verl's grpo_passk reads the flag from config only (its argument is ignored)
     flag = None if estimator == "grpo_passk" else norm_adv_by_std_in_grpo
     opts = _algo(config, "grpo" if vectorized_flag else estimator, flag)
-    if gamma is not None:
-        opts["gamma"] = float(gamma)
-    if lam is not None:
-        opts["lam"] = float(lam)
+    for name, value in (("gamma", gamma), ("lam", lam)):
+        if value is not None and estimator != "gae":  # verl's function would ignore it (its **kwargs)
+            raise ValueError(f"{name} does not apply to {PREFIX + estimator}: verl's function ignores it "
+                             f"(set algorithm.{name} in config)")
+        if value is not None:
+            opts[name] = float(value)
     if estimator == "gae" and values is None:
         raise ValueError(f"{PREFIX}gae needs values [B, T]; verl 0.9.1's trainer passes them only to its own 'gae' "
                          "(use algorithm.adv_estimator=gae there)")
