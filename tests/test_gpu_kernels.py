@@ -491,8 +491,9 @@ def test_gpu_token_logprobs_matches_reference(dtype, backend):
 
 
 @pytest.mark.gpu
-def test_gpu_fallback_ops_match_cuda_kernels():
-    """The Triton/torch paths of group advantages, returns/GAE and Clip-Cov/KL-Cov selection."""
+def test_gpu_paths_of_scan_group_cov_ops_match_the_cpu_kernels():
+    """The Triton/torch (and, where compiled, CUDA) paths of returns/GAE, group advantages and Clip-Cov/KL-Cov
+    selection on the GPU against the C++ CPU kernels on the same inputs."""
     from fastalign.ops import returns
 
     B, T = 64, 1000
