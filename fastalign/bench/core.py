@@ -422,6 +422,15 @@ def describe_limits(limits: dict) -> str:
     return f"device limits: copy {limits['copy_GBps']:.1f} GB/s" + (f", {rates}" if rates else "")
 
 
+def describe_load(env: dict) -> Optional[str]:
+    """The run's load average before (and after) it; None when the environment has no load average (another
+    system, or a file recorded before it was kept)."""
+    if env.get("load_avg") is None:
+        return None
+    after = env.get("load_avg_after")
+    return f"load average {env['load_avg']:.2f} before the run" + ("" if after is None else f", {after:.2f} after")
+
+
 def load_average() -> Optional[float]:
     """The 1-minute load average (runnable threads), or None where the system does not report it."""
     try:

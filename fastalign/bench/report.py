@@ -1,7 +1,7 @@
 """Ratios, the plain-text table and the plot of benchmark results."""
 from __future__ import annotations
 
-from fastalign.bench.core import BASELINE, OUT_OF_TIME, describe_limits, relative_spread, roofline_ms
+from fastalign.bench.core import BASELINE, OUT_OF_TIME, describe_limits, describe_load, relative_spread, roofline_ms
 
 
 def speedup(r: dict):
@@ -71,11 +71,9 @@ def _fmt(v, spec):
 def table(data: dict) -> str:
     env, limits = data["environment"], data["device_limits"]
     lines = [f"fastalign-bench  {env['device']}  torch {env['torch']}  triton {env.get('triton')}  {env['date']}"]
-    if env.get("load_avg") is not None:
-        after = env.get("load_avg_after")
-        lines.append(f"load average {env['load_avg']:.2f} before the run"
-                     + ("" if after is None else f", {after:.2f} after")
-                     + (f"; {env['cpu_cores']} cores, {env['cpu_threads']} torch threads" if env.get("cpu_cores") else ""))
+    if describe_load(env):
+        cores = f"; {env['cpu_cores']} cores, {env['cpu_threads']} torch threads" if env.get("cpu_cores") else ""
+        lines.append(describe_load(env) + cores)
     if limits:
         lines.append(describe_limits(limits))
     cw = max([22] + [len(r["case"]) for r in data["results"]])

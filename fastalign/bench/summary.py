@@ -15,7 +15,8 @@ import os
 import re
 import sys
 
-from fastalign.bench.core import BASELINE, describe_limits, load_warnings, relative_spread, timed_once_warnings
+from fastalign.bench.core import (BASELINE, describe_limits, describe_load, load_warnings, relative_spread,
+                                  timed_once_warnings)
 from fastalign.bench.report import limit_fraction, memory_ratio, speedup, work_model
 
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
@@ -35,12 +36,12 @@ def markdown(data: dict, source: str = "") -> str:
              f"torch {env['torch']}, triton {env.get('triton')}, fastalign {env['fastalign']}, "
              f"python {env['python']}" + (f"; file `{source}`" if source else ""), "",
              f"Command: `{env['command']}`", ""]
-    if env.get("load_avg") is not None:
-        lines += [f"Load average {env['load_avg']:.2f} before the run"
-                  + ("" if env.get("load_avg_after") is None else f", {env['load_avg_after']:.2f} after") + ".", ""]
-    lines += [f"**{w.removeprefix('warning: ')}**" for w in load_warnings(env) + timed_once_warnings(data["results"])]
-    if lines[-1].startswith("**"):
-        lines.append("")
+    load = describe_load(env)
+    if load:
+        lines += [load[0].upper() + load[1:] + ".", ""]
+    warnings = load_warnings(env) + timed_once_warnings(data["results"])
+    if warnings:
+        lines += [f"**{w.removeprefix('warning: ')}**" for w in warnings] + [""]
     if data.get("device_limits"):
         lines += ["Measured " + describe_limits(data["device_limits"]), ""]
     lines += ["| op | case | mode | impl | median ms | IQR % | speedup | peak extra MiB | memory ratio (beyond returned "

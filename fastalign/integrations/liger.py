@@ -695,7 +695,8 @@ class LigerFusedLinearKTOLoss(_LigerPreference):
         def kto(logps, _count, _nll):
             logps, baseline = self._margins(logps, shifted)
             return unpaired_preference_loss(logps, baseline, preference_labels, loss_type="kto",
-                                            beta=float(self.beta) or 1.0, kto_kl=torch.zeros(1, device=logps.device))[0], ()
+                                            beta=float(self.beta) or 1.0,
+                                            kto_kl=torch.zeros(1, device=logps.device))[0], ()
 
         loss, logps, _, _, _ = self._step(_input, lin_weight, target, bias, kto, items="rows")
         good = preference_labels.to(torch.float32)

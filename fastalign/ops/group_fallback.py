@@ -60,7 +60,8 @@ def _stats(scores: Tensor, index: Tensor, lengths_in: Tensor, group_size: int):
     # scaled up (2^e >= 1): tiny scores are summed as they are, as the C++/CUDA kernels do (a scaled-up std
     # of subnormal scores would be nonzero, and scale / std infinite).
     big = torch.maximum(mx.abs(), mn.abs())
-    unit = torch.where(torch.isfinite(big) & (big >= 1), torch.ldexp(torch.ones_like(big), torch.frexp(big)[1] - 1), 1.0)
+    unit = torch.where(torch.isfinite(big) & (big >= 1),
+                       torch.ldexp(torch.ones_like(big), torch.frexp(big)[1] - 1), 1.0)
     xs = x / unit[seg]
     total = _reduce(torch.where(valid, xs, 0.0), "sum", lengths, 0.0)  # in units of 2^e, as the rest
     lsum = _reduce(torch.where(valid, L, 0.0), "sum", lengths, 0.0)
