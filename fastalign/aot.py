@@ -17,7 +17,8 @@ runs the ptxas that ships with Triton. Each compiled kernel is checked:
 Then each ``csrc/cuda/*.cu`` is compiled by nvcc with ``-Xptxas -v`` for the
 same architectures and checked the same way (skipped, with a message, when nvcc
 is absent). A table (kernel, variant, arch, registers, spills, shared memory,
-SASS instructions, barriers) is printed. Nothing is cached across runs: Triton's
+SASS instructions, barriers) is printed, one row per distinct specialisation (several cases may launch
+the same one: it is listed under the first). Nothing is cached across runs: Triton's
 cache goes to a fresh temporary directory and every kernel is compiled again.
 Exit status 0 when every check passes, 1 otherwise.
 """
@@ -119,24 +120,43 @@ def _variant(**flags) -> str:
 
 
 def token_stats_cases(dtype):
+    """The statistics the ops request: a forward with (entropy, sum_p2, argmax), a backward with the
+    gradients (g_lp, g_ent, g_sp2) of those outputs that take part in the loss."""
     import torch
 
     from fastalign.kernels import token_stats as K
 
     z = _meta(1, N_TOKENS, VOCAB, dtype=dtype)
     y = _meta(N_TOKENS, dtype=torch.int64)
-    f = lambda: _meta(N_TOKENS, dtype=torch.float32)  # noqa: E731
-    for full in (False, True):
-        name = _variant(entropy=full, sum_p2=full, argmax=full)
-        yield name, lambda full=full: K.token_stats_forward(
-            z, y, 1.0, -100, f(), f() if full else None, f() if full else None,
-            _meta(N_TOKENS, dtype=torch.int64) if full else None, f())
-        yield name, lambda full=full: K.token_stats_backward(
-            z, y, 1.0, -100, f(), f() if full else None, f() if full else None, f(),
-            f() if full else None, f() if full else None, torch.empty_like(z))
+    f = lambda on=True: _meta(N_TOKENS, dtype=torch.float32) if on else None  # noqa: E731
+    for ent, sp2, amax in ((False, False, False), (True, False, False), (True, True, True)):
+        yield _variant(entropy=ent, sum_p2=sp2, argmax=amax), lambda ent=ent, sp2=sp2, amax=amax: \
+            K.token_stats_forward(z, y, 1.0, -100, f(), f(ent), f(sp2),
+                                  _meta(N_TOKENS, dtype=torch.int64) if amax else None, f())
+    for g_lp, g_ent, g_sp2 in ((True, False, False), (True, True, False), (False, True, False), (True, True, True)):
+        yield _variant(g_lp=g_lp, g_ent=g_ent, g_sp2=g_sp2), lambda g_lp=g_lp, g_ent=g_ent, g_sp2=g_sp2: \
+            K.token_stats_backward(z, y, 1.0, -100, f(), f(g_ent), f(g_sp2), f(g_lp), f(g_ent), f(g_sp2),
+                                   torch.empty_like(z))
+
+
+@contextlib.contextmanager
+def _fp32_matmul(choice: str):
+    """The launchers' fp32 product precision option, ``FASTALIGN_FP32_MATMUL``, set to ``choice`` during a launch."""
+    previous = os.environ.get("FASTALIGN_FP32_MATMUL")
+    os.environ["FASTALIGN_FP32_MATMUL"] = choice
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["FASTALIGN_FP32_MATMUL"]
+        else:
+            os.environ["FASTALIGN_FP32_MATMUL"] = previous
 
 
 def linear_stats_cases(dtype):
+    """The flag combinations the ops launch: a forward per requested statistic and head extra (bias, softcap,
+    a LoRA adapter), the backward's row-mass pass (the forward kernel with no statistic), and backward chunks per
+    set of output gradients; fp32 heads with TF32 and with full fp32 (``ieee``) products."""
     import torch
 
     from fastalign.kernels import linear_stats as K
@@ -145,23 +165,40 @@ def linear_stats_cases(dtype):
     h = _meta(N_TOKENS, HIDDEN, dtype=dtype)
     w = _meta(VOCAB, HIDDEN, dtype=dtype)
     y = _meta(N_TOKENS, dtype=torch.int64)
-    f = lambda: _meta(N_TOKENS, dtype=torch.float32)  # noqa: E731
-    for full in (False, True):
-        bias = _meta(VOCAB, dtype=dtype) if full else None
-        low_rank = (_meta(N_TOKENS, LORA_RANK, dtype=dtype), _meta(VOCAB, LORA_RANK, dtype=dtype)) if full else None
-        cap = 30.0 if full else 0.0
-        name = _variant(bias=full, softcap=full, stats=full, low_rank=full)
-        out = stat_outputs(N_TOKENS, "meta", full, full, full, argmax_value=True)
-        yield name, lambda full=full, bias=bias, low_rank=low_rank, cap=cap, out=out: K.linear_stats_forward(
-            h, w, bias, low_rank, y, 1.0, cap, 1.0, -100, out)
-        chunk = K.gpu_chunk_tokens(N_TOKENS, VOCAB, h.element_size())
-        du = _meta(chunk, VOCAB, dtype=dtype)
-        chunk_low_rank = None if low_rank is None else (low_rank[0][:chunk], low_rank[1])
-        db = _meta(VOCAB, dtype=torch.float32) if full else None  # the bias gradient's column sums
-        yield name, lambda full=full, bias=bias, low_rank=chunk_low_rank, cap=cap, db=db: K.linear_stats_backward(
-            h[:chunk], w, bias, low_rank, y[:chunk], f()[:chunk], f()[:chunk] if full else None,
-            f()[:chunk] if full else None, f()[:chunk], f()[:chunk] if full else None, f()[:chunk] if full else None,
-            1.0, cap, 1.0, -100, 1e-6 if full else 0.0, du, f()[:chunk], db)
+    b = _meta(VOCAB, dtype=dtype)
+    lora = (_meta(N_TOKENS, LORA_RANK, dtype=dtype), _meta(VOCAB, LORA_RANK, dtype=dtype))
+    chunk = K.gpu_chunk_tokens(N_TOKENS, VOCAB, h.element_size())
+    f = lambda on=True, n=N_TOKENS: _meta(n, dtype=torch.float32) if on else None  # noqa: E731
+    head = dict(bias=True, softcap=True, low_rank=True)
+
+    def forward(entropy=False, sum_p2=False, argmax=False, bias=False, softcap=False, low_rank=False, ieee=False):
+        out = stat_outputs(N_TOKENS, "meta", entropy, sum_p2, argmax, argmax_value=True)
+        with _fp32_matmul("ieee" if ieee else "tf32"):
+            K.linear_stats_forward(h, w, b if bias else None, lora if low_rank else None, y, 1.0,
+                                   30.0 if softcap else 0.0, 1.0, -100, out)
+
+    def backward(g_lp=False, g_ent=False, g_sp2=False, bias=False, softcap=False, low_rank=False, skip=False,
+                 bias_grad=False, ieee=False):
+        c = lambda on=True: f(on, chunk)  # noqa: E731
+        with _fp32_matmul("ieee" if ieee else "tf32"):
+            K.linear_stats_backward(
+                h[:chunk], w, b if bias else None, (lora[0][:chunk], lora[1]) if low_rank else None, y[:chunk], c(),
+                c(g_ent), c(g_sp2), c(g_lp), c(g_ent), c(g_sp2), 1.0, 30.0 if softcap else 0.0, 1.0, -100,
+                1e-6 if skip else 0.0, _meta(chunk, VOCAB, dtype=dtype), c(),
+                _meta(VOCAB, dtype=torch.float32) if bias_grad else None)
+
+    forwards = [{}, dict(entropy=True), dict(sum_p2=True), dict(argmax=True), dict(bias=True), dict(low_rank=True),
+                dict(entropy=True, sum_p2=True, argmax=True, **head)]
+    backwards = [dict(g_lp=True), dict(g_lp=True, g_ent=True), dict(g_ent=True),
+                 dict(g_lp=True, g_ent=True, g_sp2=True, skip=True, bias_grad=True, **head)]
+    if dtype == torch.float32:
+        forwards.append(dict(ieee=True))
+        backwards.append(dict(g_lp=True, ieee=True))
+    for flags in forwards:
+        yield _variant(**flags), lambda flags=flags: forward(**flags)
+    yield "row_mass+bias+softcap", lambda: K.linear_row_mass(h, w, b, None, y, f(), 1.0, 30.0, 1.0, -100, 1e-6)
+    for flags in backwards:
+        yield _variant(**flags), lambda flags=flags: backward(**flags)
 
 
 def policy_loss_cases(dtype):
@@ -202,8 +239,8 @@ def scan_cases(dtype):
 
 def divergence_cases(dtype):
     """The distillation divergence rows: a GPU block of student and teacher logits in the input dtype, each
-    divergence (forward KL, reverse KL, generalized JSD), without gradients, and with them and the labels, with
-    and without the hard loss."""
+    divergence (forward KL, reverse KL, generalized JSD), without gradients, and with them: without labels,
+    with labels, and with the hard loss."""
     import torch
 
     from fastalign.kernels import divergence as K
@@ -214,10 +251,12 @@ def divergence_cases(dtype):
     y = _meta(rows, dtype=torch.int64)
     for beta, kind in ((0.0, "fkl"), (1.0, "rkl"), (0.5, "jsd")):
         yield kind, lambda beta=beta: K.divergence_rows(zs, zt, 1.0, beta, None, None, -100, None, None, f(), f(), None)
-        for hard in (False, True):  # labels as the mask and the nll metric only, or the weighted hard loss too
-            name = kind + ("+grad+hard+mask" if hard else "+grad+labels+mask")
-            yield name, lambda beta=beta, hard=hard: K.divergence_rows(
-                zs, zt, 1.0, beta, f(), y, -100, f(), f() if hard else None, f(), f(), f())
+        # no labels (plain distillation), labels as the nll metric only, or the weighted hard loss too
+        for labels, hard in ((False, False), (True, False), (True, True)):
+            name = kind + "+grad" + ("+hard" if hard else "+labels" if labels else "") + "+mask"
+            yield name, lambda beta=beta, labels=labels, hard=hard: K.divergence_rows(
+                zs, zt, 1.0, beta, f(), y if labels else None, -100, f(), f() if hard else None, f(), f(),
+                f() if labels else None)
 
 
 def live_matmul_cases(dtype):
@@ -380,6 +419,7 @@ def run_triton(archs, sass, only=None) -> list[Result]:
     triton.knobs.compilation.always_compile = True
     tool = _cuobjdump()
     results = []
+    seen = set()  # a specialisation that several cases launch is compiled (and listed) once, for the first
     tmp = Path(tempfile.mkdtemp(prefix="fastalign-aot-"))
     try:
         for arch in archs:
@@ -397,6 +437,10 @@ def run_triton(archs, sass, only=None) -> list[Result]:
                                 results.append(Result(family, variant, arch, dname, error=f"launcher: {e!r}"))
                                 continue
                         for fn, signature, constexprs, attrs, options in calls:
+                            key = (fn, dname, repr(signature), repr(constexprs), repr(attrs), repr(options))
+                            if key in seen:
+                                continue
+                            seen.add(key)
                             r = Result(fn.__name__, variant, arch, dname)
                             try:
                                 r.registers, r.spill_bytes, r.smem, r.sass = compile_triton(

@@ -266,7 +266,8 @@ def _config(hidden, backward=False):
     if not on_gpu(hidden):
         return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32, UPCAST=True), {}
     block_h = 64 if hidden.element_size() == 2 else 32
-    if backward or target_arch() != 90:  # 128 x 128 forward tiles spill on sm_80 and sm_100
+    # 128 x 128 forward tiles spill on sm_80 and sm_100, and with full-fp32 ("ieee") products on sm_90
+    if backward or target_arch() != 90 or matmul_precision(hidden) == "ieee":
         return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=block_h, UPCAST=False), dict(num_warps=8, num_stages=3)
     return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=block_h, UPCAST=False), dict(num_warps=8, num_stages=3)
 

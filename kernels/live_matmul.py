@@ -96,15 +96,27 @@ def live_matmul(out, a, b, live, live_dim: int, accumulate: bool):
 
 
 def aot_cases(dtype):
-    """The three LM-head products of a backward chunk / single-pass block at 8192 x 4096 x 151936."""
+    """The LM-head products of a backward chunk / single-pass block at 8192 x 4096 x 151936, with a LoRA
+    adapter of rank 16 on the head: (out, a, b, LIVE_DIM, ACCUMULATE) as the ops launch them."""
     import torch
 
     def meta(*shape, dt=dtype):
         return torch.empty(*shape, dtype=dt, device="meta")
 
-    rows, H, V = 4096, 4096, 151936
+    rows, H, V, R = 4096, 4096, 151936, 16
     h, w, z = meta(rows, H), meta(V, H), meta(rows, V)
+    a, lw = meta(rows, R), meta(V, R)  # the adapter: logits += a @ lw.T
     live = meta(1, dt=torch.int64)
-    yield "logits rows", lambda: live_matmul(z, h, w.t(), live, 0, False)
-    yield "dh rows", lambda: live_matmul(meta(rows, H), z, w, live, 0, False)
-    yield "dW inner", lambda: live_matmul(meta(V, H, dt=torch.float32), z.t(), h, live, 1, True)
+    products = (
+        ("logits rows", z, h, w.t(), 0, False),
+        ("logits += lora rows", z, a, lw.t(), 0, True),
+        ("dh rows", meta(rows, H), z, w, 0, False),
+        ("d lora-a rows", meta(rows, R), z, lw, 0, False),
+        ("dW first chunk", meta(V, H, dt=torch.float32), z.t(), h, 1, False),
+        ("dW inner", meta(V, H, dt=torch.float32), z.t(), h, 1, True),
+        ("d lora-W first chunk", meta(V, R, dt=torch.float32), z.t(), a, 1, False),
+        ("d lora-W inner", meta(V, R, dt=torch.float32), z.t(), a, 1, True),
+    )
+    for name, out, x, y, live_dim, accumulate in products:
+        yield name, lambda out=out, x=x, y=y, live_dim=live_dim, accumulate=accumulate: live_matmul(
+            out, x, y, live, live_dim, accumulate)

@@ -28,6 +28,10 @@ def test_aot_gate_passes(capsys):
                    "linear_stats_bwd_kernel", "linear_stats_finish_kernel", "policy_loss_fwd_kernel",
                    "divergence_rows_kernel"):
         assert kernel in proc.stdout, kernel
+    # the fp32 linear products (TF32 and full fp32 "ieee") do not spill either: their tiles are sized for it
+    fp32_spills = [line for line in proc.stdout.splitlines() if line.startswith(("linear_stats", "live_matmul"))
+                   and "spills" in line]
+    assert not fp32_spills, fp32_spills
 
 
 def test_command_line_errors_say_why():
@@ -74,3 +78,60 @@ def test_nvcc_output_parsing():
         "token_stats_fwd_kernel", "bf16")
     assert _short("void fastalign::(anonymous namespace)::token_stats_bwd_kernel<__half, false>(const T1 *)") == (
         "token_stats_bwd_kernel", "fp16")
+
+
+_SPECIALISATIONS = """
+import json
+from fastalign import aot
+out = []
+for family, cases, dtypes in aot.FAMILIES:
+    for dname in dtypes:
+        for variant, launch in cases(aot._torch_dtype(dname)):
+            with aot.capturing(90) as calls:
+                launch()
+            for fn, signature, constexprs, attrs, options in calls:
+                flags = {fn.arg_names[k[0]]: v for k, v in constexprs.items() if fn.arg_names[k[0]].isupper()}
+                out.append([dname, fn.__name__, flags])
+print(json.dumps(out))
+"""
+
+#: (kernel, flags, dtypes): flag combinations the ops launch, each of which the gate must compile
+_LAUNCHED = [
+    ("token_stats_fwd_kernel", dict(WANT_ENT=True, WANT_SP2=False, WANT_AMAX=False), ("bf16", "fp32")),
+    ("token_stats_bwd_kernel", dict(HAS_G_LP=True, HAS_G_ENT=True, HAS_G_SP2=False), ("bf16", "fp32")),
+    ("token_stats_bwd_kernel", dict(HAS_G_LP=False, HAS_G_ENT=True, HAS_G_SP2=False), ("bf16", "fp32")),
+    *[("linear_stats_fwd_kernel", dict(WANT_ENT=e, WANT_SP2=s, WANT_AMAX=a, HAS_BIAS=False, SOFTCAP=False,
+                                       LOW_RANK=False), ("bf16", "fp32"))
+      for e, s, a in ((True, False, False), (False, True, False), (False, False, True))],
+    *[("linear_stats_finish_kernel", dict(WANT_ENT=e, WANT_SP2=s, WANT_AMAX=a), ("bf16", "fp32"))
+      for e, s, a in ((True, False, False), (False, True, False), (False, False, True))],
+    *[("linear_stats_fwd_kernel", dict(WANT_ENT=False, WANT_SP2=False, WANT_AMAX=False, HAS_BIAS=b, SOFTCAP=c,
+                                       LOW_RANK=r, PRECISION="tf32"), ("bf16", "fp32"))
+      for b, c, r in ((True, False, False), (False, False, True), (True, True, False))],
+    ("linear_stats_fwd_kernel", dict(WANT_ENT=False, HAS_BIAS=False, LOW_RANK=False, PRECISION="ieee"), ("fp32",)),
+    ("linear_stats_bwd_kernel", dict(HAS_G_LP=True, HAS_BIAS=False, PRECISION="ieee"), ("fp32",)),
+    *[("linear_stats_bwd_kernel", dict(HAS_G_LP=lp, HAS_G_ENT=True, HAS_G_SP2=False, HAS_BIAS=False, SOFTCAP=False,
+                                       LOW_RANK=False, SKIP=False, BIAS_GRAD=False), ("bf16", "fp32"))
+      for lp in (True, False)],
+    *[("divergence_rows_kernel", dict(MODE=mode, GRAD=True, HARD=False, HAS_MASK=True), ("bf16", "fp32"))
+      for mode in (0, 1, 2)],
+    ("live_matmul_kernel", dict(LIVE_DIM=1, ACCUMULATE=False), ("bf16", "fp32")),  # dW of the first chunk
+    ("live_matmul_kernel", dict(LIVE_DIM=0, ACCUMULATE=True), ("bf16", "fp32")),  # logits += a @ L.T (LoRA)
+]
+
+
+def test_gate_compiles_the_flag_combinations_the_ops_launch():
+    """Each flag combination of a realistic launch (one statistic, a bias or an adapter alone, the gradient of
+    the entropy, full fp32 products, distillation without labels, the first chunk's dW, the LoRA products)
+    is among the specialisations the gate compiles (captured on sm_90, no compile)."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _SPECIALISATIONS], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    compiled = json.loads(proc.stdout)
+    missing = [(kernel, flags, dname) for kernel, flags, dtypes in _LAUNCHED for dname in dtypes
+               if not any(d == dname and k == kernel and flags.items() <= got.items() for d, k, got in compiled)]
+    assert not missing, missing
