@@ -257,13 +257,14 @@ def result_dtype(*operands) -> Optional[torch.dtype]:
     return out
 
 
-def zero_one(name: str, x: torch.Tensor, rule: str) -> Optional[torch.Tensor]:
+def zero_one(name: str, x: torch.Tensor, rule: str, as_bool: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """Flags: a bool tensor, or numbers that are 0 or 1. Another value is a ``ValueError`` (``"{name} must
     {rule}; got values such as [...]"``) where the values are on the host; else the device flag
-    (:func:`flag_or_raise`). None for a bool tensor."""
+    (:func:`flag_or_raise`). None for a bool tensor. ``as_bool``: ``x.bool()`` when the caller has it (one
+    comparison: a value other than 0 and 1, NaN too, differs from its bool)."""
     if x.dtype == torch.bool:
         return None
-    bad = (x != 0) & (x != 1)
+    bad = (x != 0) & (x != 1) if as_bool is None else x != as_bool
     return flag_or_raise(bad.any(), x, lambda: f"{name} must {rule}; got values such as {x[bad][:3].tolist()}")
 
 
@@ -272,10 +273,10 @@ BINARY_MASK_RULE = ("hold 0 and 1 only (the policy loss counts a token or not, w
                     "fractional mask; weigh tokens with importance_weights)")
 
 
-def binary_mask(name: str, mask: torch.Tensor) -> Optional[torch.Tensor]:
+def binary_mask(name: str, mask: torch.Tensor, as_bool: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """:func:`zero_one` of a policy loss's token mask (:data:`BINARY_MASK_RULE`): a ``ValueError`` naming ``name``
     on the host, else the device flag that makes the loss NaN."""
-    return zero_one(name, mask, BINARY_MASK_RULE)
+    return zero_one(name, mask, BINARY_MASK_RULE, as_bool)
 
 
 def host_binary_mask(name: str, mask: torch.Tensor) -> None:

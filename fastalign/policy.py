@@ -14,11 +14,19 @@ from fastalign.ops import policy_loss as _ops
 from fastalign.policy_config import FIELDS, LOSS_TYPES, PRESETS, ROLLOUT_MODES, PolicyConfig  # noqa: F401
 
 
-def _mask_u8(mask: Tensor) -> Tensor:
-    as_bool = mask.bool()  # nonzero (NaN too) is True
+def _mask_u8(mask: Tensor) -> tuple:
+    """(``mask`` as uint8, nonzero (NaN too) being 1; :func:`fastalign._validate.binary_mask`'s flag of a value
+    other than 0 and 1, read from the same bool tensor)."""
+    as_bool = mask.bool()
+    fractional = _validate.binary_mask("response_mask", mask, as_bool)
     if torch.compiler.is_compiling():  # a fused cast in the graph (inductor cannot lower every bool view)
-        return as_bool.to(torch.uint8)
-    return as_bool.contiguous().view(torch.uint8)  # no copy
+        return as_bool.to(torch.uint8), fractional
+    return as_bool.contiguous().view(torch.uint8), fractional  # no copy
+
+
+def _detached(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t`` cut from the graph (None stays None); a tensor without a graph is returned as it is."""
+    return t.detach() if t is not None and t.requires_grad else t
 
 
 def entropy_quantile(h: Tensor, q: float) -> Tensor:
@@ -54,27 +62,20 @@ def _expand_weights(w: Tensor, shape: tuple) -> Tensor:
     return w
 
 
-def _clip_metrics(rd: Tensor, row_n: Tensor, per: tuple, per_sequence: bool) -> dict:
+def _clip_metrics(rd: Tensor, ext: Tensor, per: tuple, per_sequence: bool) -> dict:
     """clip_low / clip_high / clip_region means and the per-sequence clip_low_min / clip_high_max.
 
     Token level: means over valid tokens (``per``: the column means), min / max over non-empty
-    sequences (NaN if none). ``per_sequence`` (the sequence ratio with one advantage per sequence, so one
-    flag per sequence): one value per sequence, every sequence counts. With ``[B, T]`` advantages a
-    token's flag reads its own advantage: token level, as TRL."""
-    frac = rd[:, 8:10] / whole_divisor(rd[:, 1:2])  # the counts of a bool mask are whole numbers
-    lo, hi = frac.unbind(1)
+    sequences (NaN if none): ``ext``, the kernel's :func:`~fastalign.ops.policy_loss.clip_extremes`.
+    ``per_sequence`` (the sequence ratio with one advantage per sequence, so one flag per sequence): one
+    value per sequence, every sequence counts. With ``[B, T]`` advantages a token's flag reads its own
+    advantage: token level, as TRL."""
     if per_sequence:
+        frac = rd[:, 8:10] / whole_divisor(rd[:, 1:2])  # the counts of a bool mask are whole numbers
         lo_mean, hi_mean = (frac.sum(0) / max(rd.shape[0], 1)).unbind(0)
+        ext = torch.stack((frac[:, 0].amin(), frac[:, 1].amax())) if rd.shape[0] else rd.new_full((2,), math.nan)
     else:
         lo_mean, hi_mean = per[8], per[9]
-        counted = row_n > 0
-        lo, hi = torch.where(counted, lo, math.inf), torch.where(counted, hi, -math.inf)
-    if rd.shape[0] == 0:
-        ext = rd.new_full((2,), math.nan)
-    else:
-        ext = torch.stack((lo.amin(), hi.amax()))
-        if not per_sequence:  # NaN where no sequence counted (a counted sequence's fractions are finite)
-            ext = torch.where(counted.any(), ext, math.nan)
     lo_min, hi_max = ext.unbind(0)
     return {"clip_low": lo_mean, "clip_high": hi_mean, "clip_region": lo_mean + hi_mean,
             "clip_low_min": lo_min, "clip_high_max": hi_max}
@@ -224,7 +225,7 @@ def policy_loss(
     _validate.shape("advantages", advantages, shape, "logprobs.shape (or [B])")
     _validate.real("response_mask", response_mask, dim=2)
     _validate.shape("response_mask", response_mask, shape, "logprobs.shape")
-    fractional = _validate.binary_mask("response_mask", response_mask)
+    mask, fractional = _mask_u8(response_mask)
     check_counts(agg, global_tokens, global_seqs)
     _validate.counts(global_tokens=global_tokens, global_seqs=global_seqs, dp_size=cfg.dp_size, max_len=cfg.max_len)
     for name, t in (("ref_logprobs", ref_logprobs), ("entropy", entropy), ("rollout_logprobs", rollout_logprobs)):
@@ -269,13 +270,12 @@ def policy_loss(
             t = t.float()
         return t.contiguous()
 
-    mask = _mask_u8(response_mask)
     lp = prep(logprobs)
-    old = prep(old_logprobs.detach())
-    adv = prep(advantages.detach())
-    ref = prep(None if ref_logprobs is None else ref_logprobs.detach())
+    old = prep(_detached(old_logprobs))
+    adv = prep(_detached(advantages))
+    ref = prep(_detached(ref_logprobs))
     ent = prep(entropy)
-    roll = prep(None if rollout_logprobs is None else rollout_logprobs.detach())
+    roll = prep(_detached(rollout_logprobs))
     keep = ent_keep = None
     if cfg.entropy_quantile is not None and logprobs.numel() > 0:
         keep = ent_keep = _entropy_keep(entropy, mask.bool(), float(cfg.entropy_quantile), entropy_threshold)
@@ -311,7 +311,7 @@ def policy_loss(
     if is_cov and name == "cpp":
         # covariance sums, selection and loss in one compiled call (no selection mask, no key pass)
         want_dlp = torch.is_grad_enabled() and (logprobs.requires_grad or (ent is not None and ent.requires_grad))
-        row, _dlp = _ops.cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, params, want_dlp)
+        row, _dlp, ext = _ops.cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, params, want_dlp)
     else:
         sel = None
         if is_cov:
@@ -321,7 +321,7 @@ def policy_loss(
             sel = _ops.cov_select(lp_d, f32(old_logprobs), adv_d, mask, sums, n_local, seed,
                                   0 if loss_type == "clip_cov" else 1, cov_ratio, cov_lb, cov_ub,
                                   *cfg.clip_eps, cov_backend)
-        row, _dlp = _ops.rows(lp, old, adv, mask, ref, ent, roll, keep, iw, sel, params, name)
+        row, _dlp, ext = _ops.rows(lp, old, adv, mask, ref, ent, roll, keep, iw, sel, params, name)
 
     # ---------------- aggregation and metrics on [B] rows (device only) ----------------
     rd = row.detach()
@@ -343,7 +343,7 @@ def policy_loss(
     per = (tot / whole_divisor(tot[1])).unbind(0)  # every column over the valid count, one division
     metrics = {"clipfrac": per[2], "clipfrac_lower": per[3], "approx_kl": per[4]}
     if plan.clip_metrics:
-        metrics.update(_clip_metrics(rd, row_n, per, cfg.sequence_level and per_sequence_advantages))
+        metrics.update(_clip_metrics(rd, ext, per, cfg.sequence_level and per_sequence_advantages))
     if ref_logprobs is not None:
         metrics["kl"] = per[5]
         metrics["kl_term"] = terms[0]

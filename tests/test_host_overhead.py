@@ -62,12 +62,15 @@ def test_eager_token_logprobs_skip_the_dispatcher_with_the_ops_results():
     assert torch.equal(_bits(g_eager), _bits(g_op))
 
 
-@pytest.mark.parametrize("loss_type, budget", [("ppo", 32), ("grpo", 36)])
-def test_policy_loss_reads_its_metrics_with_few_ops(loss_type, budget):
+@pytest.mark.parametrize("loss_type, mask_dtype, budget", [("ppo", torch.bool, 17), ("grpo", torch.bool, 21),
+                                                        ("ppo", torch.float32, 21)])
+def test_policy_loss_reads_its_metrics_with_few_ops(loss_type, mask_dtype, budget):
     """One eager CPU call: the kernel, then its loss and metrics in at most ``budget`` top-level tensor ops
-    (the clip metrics and divisors took 39 and 46)."""
+    (the clip metrics and divisors took 39 and 46, then 32 and 36 and 38 with a float mask: the kernel now
+    writes the clip extremes, the mask is checked from its bool and tensors without a graph are not detached)."""
     lp, old, adv, mask = _policy_batch()
     lp.requires_grad_(True)
+    mask = mask.to(mask_dtype)
     n = _top_level_ops(lambda: fastalign.policy_loss(lp, old, adv, mask, loss_type=loss_type))
     assert n <= budget, n
 
@@ -124,3 +127,53 @@ def test_token_stats_op_still_serves_direct_callers():
     lp, *_rest = token_stats(logits, labels, 1.0, -100, False, False, False, "cpp", False)
     s = fastalign.token_logprobs(logits[0], labels)
     assert torch.equal(lp, s.logprobs)
+
+
+def _rows_with_counts(B, seed):
+    """Row sums [B, 11] whose counts are those of a bool mask: n in 0..5, #clip_low + #clip_high <= n."""
+    g = torch.Generator().manual_seed(seed)
+    row = torch.randn(B, 11, generator=g)
+    n = torch.randint(0, 6, (B,), generator=g).float()
+    lo = torch.floor(torch.rand(B, generator=g) * (n + 1))
+    row[:, 1], row[:, 8], row[:, 9] = n, lo, torch.floor(torch.rand(B, generator=g) * (n - lo + 1))
+    return row
+
+
+@pytest.mark.parametrize("B", [0, 1, 5, 40])
+def test_clip_extremes_in_torch_are_the_float64_extremes(B):
+    """The clip extremes of the rows (the Triton path computes them in torch): min #clip_low / n and max
+    #clip_high / n over the rows with n > 0, NaN when there is none."""
+    from fastalign.ops.policy_loss import clip_extremes
+
+    for row in (_rows_with_counts(B, B), torch.zeros(B, 11)):
+        ext = clip_extremes(row)
+        r = row.double()
+        counted = r[:, 1] > 0
+        if not counted.any():
+            assert ext.dtype == torch.float32 and ext.shape == (2,) and ext.isnan().all()
+            continue
+        want = torch.stack(((r[counted, 8] / r[counted, 1]).min(), (r[counted, 9] / r[counted, 1]).max()))
+        assert torch.equal(ext, want.float())  # quotients of small whole numbers: one rounding
+
+
+@pytest.mark.parametrize("loss_type", ["ppo", "clip_cov"])
+@pytest.mark.parametrize("empty", [False, True])
+def test_kernels_write_the_clip_extremes_of_their_rows(loss_type, empty):
+    """The C++ kernels write the clip extremes after their rows (the policy loss reads its clip_low_min /
+    clip_high_max there, with no tensor op): bit for bit the torch computation from the same rows."""
+    from fastalign.ops import policy_loss as ops
+
+    lp, old, adv, mask = _policy_batch(B=6, T=40, seed=4)
+    if empty:
+        mask[:] = False
+    m8 = mask.view(torch.uint8)
+    params = list(fastalign.PolicyConfig(loss_type=loss_type).kernel_params(entropy_in_kernel=True))
+    if loss_type == "ppo":
+        outs = ops.policy_loss_rows(lp, old, adv, m8, None, None, None, None, None, None, params, "cpp")
+    else:
+        outs = ops.policy_loss_cov_rows(lp, old, adv, m8, None, None, None, None, None, torch.tensor([3]), params,
+                                        True)
+    row, _dlp, ext = outs
+    assert (row[:, 8] > 0).any() or empty  # something was clipped
+    assert torch.equal(_bits(ext), _bits(ops.clip_extremes(row)))
+    assert ext.isnan().all() == empty

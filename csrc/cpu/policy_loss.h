@@ -7,6 +7,7 @@
 // policy_loss_bindings.cpp (the Python entry points).
 #pragma once
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -125,17 +126,36 @@ inline Cfg make_cfg(const std::vector<double>& params, const char* who, int64_t 
   return c;
 }
 
-// params: fastalign.policy_config.KernelParams. Optional inputs are 0 pointers.
+// The per-sequence clip metrics from the row sums, written after them by each forward:
+// ext = [min_i #clip_low_i / n_i, max_i #clip_high_i / n_i] over the rows with n_i > 0, NaN when
+// there is none (the fp32 quotients of the Python side; NaN propagates).
+inline void clip_extremes(int64_t B, const float* row, float* ext) {
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  bool any = false;
+  for (int64_t i = 0; i < B; ++i) {
+    const float* r = row + i * kRowCols;
+    if (!(r[1] > 0.f)) continue;
+    const float flo = r[8] / r[1], fhi = r[9] / r[1];
+    lo = (flo < lo || flo != flo) && lo == lo ? flo : lo;
+    hi = (fhi > hi || fhi != fhi) && hi == hi ? fhi : hi;
+    any = true;
+  }
+  ext[0] = any ? lo : std::numeric_limits<float>::quiet_NaN();
+  ext[1] = any ? hi : std::numeric_limits<float>::quiet_NaN();
+}
+
+// params: fastalign.policy_config.KernelParams. Optional inputs are 0 pointers; ext: fp32 [2]
+// (clip_extremes).
 void policy_loss_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_t adv, uintptr_t mask, uintptr_t ref,
                      uintptr_t ent, uintptr_t roll, uintptr_t keep, uintptr_t iw, uintptr_t sel, uintptr_t row,
-                     uintptr_t dlp, const std::vector<double>& params);
+                     uintptr_t dlp, uintptr_t ext, const std::vector<double>& params);
 
 // params: fastalign.policy_config.KernelParams (loss_type clip_cov | kl_cov).
 // cov: fp32 [sum_v A, sum_v lp, n (for the means), n_local (for k)] or 0 (computed here);
-// seed: int64 [1]. dlp may be 0 (forward only: the gradient is not written).
+// seed: int64 [1]. dlp may be 0 (forward only: the gradient is not written); ext: fp32 [2] (clip_extremes).
 void policy_loss_cov_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_t adv, uintptr_t mask,
                          uintptr_t ref, uintptr_t ent, uintptr_t roll, uintptr_t keep, uintptr_t cov, uintptr_t seed,
-                         uintptr_t row, uintptr_t dlp, const std::vector<double>& params);
+                         uintptr_t row, uintptr_t dlp, uintptr_t ext, const std::vector<double>& params);
 
 // gl[i, t] = dlp[i, t] g_i and ge[i, t] = -ent_coef m[i, t] g_i (g_i = grow[i * gstride]); either
 // output may be absent (0).

@@ -124,15 +124,11 @@ CovFns cov_fns_for(int flags) {
   }
 }
 
-}  // namespace
-
-void policy_loss_cov_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_t adv, uintptr_t mask,
-                         uintptr_t ref, uintptr_t ent, uintptr_t roll, uintptr_t keep, uintptr_t cov, uintptr_t seed,
-                         uintptr_t row, uintptr_t dlp, const std::vector<double>& params) {
-  const Cfg c = make_cfg(params, "policy_loss_cov_fwd_cpu", B, T, false);
+// The row sums of policy_loss_cov_fwd (steps 1-4 above).
+void cov_fwd_rows(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_t adv, uintptr_t mask, uintptr_t ref,
+                  uintptr_t ent, uintptr_t roll, uintptr_t keep, uintptr_t cov, uintptr_t seed, uintptr_t row,
+                  uintptr_t dlp, const Cfg& c) {
   const int loss_type = c.loss_type, rollout = c.rollout;
-  if (loss_type != kCLIPCOV && loss_type != kKLCOV)
-    throw std::invalid_argument("policy_loss_cov_fwd_cpu: loss type must be clip_cov or kl_cov");
   if (B == 0) return;
   const NeutralRows neutral(T);
   const Inputs in{T, ptr<const float>(lp), ptr<const float>(old), ptr<const float>(adv), ptr<const float>(ref),
@@ -212,6 +208,18 @@ void policy_loss_cov_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uint
     float* out = in.row + i * kRowCols;
     for (int j = 0; j < kRowCols; ++j) out[j] = t[j];
   }
+}
+
+}  // namespace
+
+void policy_loss_cov_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_t adv, uintptr_t mask,
+                         uintptr_t ref, uintptr_t ent, uintptr_t roll, uintptr_t keep, uintptr_t cov, uintptr_t seed,
+                         uintptr_t row, uintptr_t dlp, uintptr_t ext, const std::vector<double>& params) {
+  const Cfg c = make_cfg(params, "policy_loss_cov_fwd_cpu", B, T, false);
+  if (c.loss_type != kCLIPCOV && c.loss_type != kKLCOV)
+    throw std::invalid_argument("policy_loss_cov_fwd_cpu: loss type must be clip_cov or kl_cov");
+  cov_fwd_rows(B, T, lp, old, adv, mask, ref, ent, roll, keep, cov, seed, row, dlp, c);
+  clip_extremes(B, ptr<const float>(row), ptr<float>(ext));
 }
 
 }  // namespace policy

@@ -64,11 +64,11 @@ RowFn row_kernel_for(int loss_type, int flags) {
 
 void policy_loss_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_t adv, uintptr_t mask, uintptr_t ref,
                      uintptr_t ent, uintptr_t roll, uintptr_t keep, uintptr_t iw, uintptr_t sel, uintptr_t row,
-                     uintptr_t dlp, const std::vector<double>& params) {
+                     uintptr_t dlp, uintptr_t ext, const std::vector<double>& params) {
   const Cfg c = make_cfg(params, "policy_loss_fwd_cpu", B, T, iw != 0);
   const int flags = (ref ? kFlagKL : 0) | ((c.rollout == kTokTrunc || c.rollout == kTokMask) ? kFlagTokRoll : 0) |
                     (c.is_level != 0 ? kFlagSeq : 0) | ((ref && c.kl_rho != kKLRhoOff) ? kFlagKLRho : 0);
-  if (B == 0) return;
+  if (B == 0) return clip_extremes(0, nullptr, ptr<float>(ext));
   const RowFn fn = row_kernel_for(c.loss_type, flags);
   const NeutralRows neutral(T);
   const Inputs in{T, ptr<const float>(lp), ptr<const float>(old), ptr<const float>(adv), ptr<const float>(ref),
@@ -77,6 +77,7 @@ void policy_loss_fwd(int64_t B, int64_t T, uintptr_t lp, uintptr_t old, uintptr_
                   neutral.zeros.data(), neutral.ones.data(), neutral.no_sel.data()};
 #pragma omp parallel for schedule(static) num_threads(threads_for(B * T))
   for (int64_t i = 0; i < B; ++i) fn(c, in.at(i));
+  clip_extremes(B, in.row, ptr<float>(ext));
 }
 
 }  // namespace policy

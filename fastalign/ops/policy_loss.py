@@ -3,7 +3,8 @@
 
 ``policy_loss_rows`` returns per-row sums ``[B, 11]`` (column 0 is the row's loss
 ``sum_t m L_t``, the rest are metric partial sums, see ``ROW_COLS``) together with
-the per-token d(row loss)/d(logprobs) computed in the same pass. Its autograd backward
+the per-token d(row loss)/d(logprobs) computed in the same pass and the per-sequence clip
+extremes ``[2]`` read from the row sums (:func:`clip_extremes`). Its autograd backward
 only scales those by the upstream gradient of each row; d(row loss)/d(entropy) is
 ``-entropy_coef * mask``, rebuilt in backward. The launch parameters travel as one
 :class:`~fastalign.ops.policy_params.KernelParams` record (a flat float list in the custom op).
@@ -12,6 +13,7 @@ Triton), the mask and the selection ``uint8``.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -42,36 +44,50 @@ def _check_param_names() -> None:
         _names_checked = True
 
 
+def clip_extremes(row: Tensor) -> Tensor:
+    """fp32 ``[2]``: the min over the rows with a valid token of ``#clip_low / n`` and the max of ``#clip_high / n``
+    (NaN when no row has one), from the row sums ``[B, 11]``. The C++ kernels write it after their rows; this is
+    the same computation in torch (the Triton path), fp32 quotients and all."""
+    n = row[:, 1:2]
+    frac = row[:, 8:10] / n.clamp_min(1)
+    counted = n > 0
+    ext = torch.where(counted, frac, frac.new_tensor([math.inf, -math.inf]))
+    ext = torch.stack((ext[:, 0].amin(), ext[:, 1].amax())) if row.shape[0] else frac.new_full((2,), math.nan)
+    return torch.where(counted.any(), ext, math.nan)
+
+
 def _outputs(lp: Tensor):
     B, T = lp.shape
     f32 = dict(device=lp.device, dtype=torch.float32)
-    return torch.empty(B, len(ROW_COLS), **f32), torch.empty(B, T, **f32)
+    return torch.empty(B, len(ROW_COLS), **f32), torch.empty(B, T, **f32), torch.empty(2, **f32)
 
 
 @kernel_op("policy_loss_rows", _outputs)
 def policy_loss_rows(
     lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, ref: Optional[Tensor], ent: Optional[Tensor],
     roll: Optional[Tensor], keep: Optional[Tensor], iw: Optional[Tensor], sel: Optional[Tensor], params: list[float],
-    backend: str, out: tuple[Tensor, Tensor],
+    backend: str, out: tuple[Tensor, Tensor, Tensor],
 ) -> None:
-    """(row sums [B, 11], d(row loss)/d(lp) [B, T]). ``params``: a KernelParams as floats."""
-    row, dlp = out
+    """(row sums [B, 11], d(row loss)/d(lp) [B, T], :func:`clip_extremes` [2]). ``params``: a KernelParams as
+    floats."""
+    row, dlp, ext = out
     B, T = lp.shape
-    if B == 0:
-        return
     if backend_for("policy_loss_rows", lp.device, backend) == "cpp":
         _check_param_names()
         _backend.compiled().policy_loss_fwd_cpu(
             B, T, lp.data_ptr(), old.data_ptr(), adv.data_ptr(), mask.data_ptr(), ptr(ref), ptr(ent), ptr(roll),
-            ptr(keep), ptr(iw), ptr(sel), row.data_ptr(), dlp.data_ptr(), params)
+            ptr(keep), ptr(iw), ptr(sel), ptr(row), ptr(dlp), ext.data_ptr(), params)
     else:
-        triton_kernels("policy_loss").policy_loss_forward(
-            lp, old, adv, mask, ref, ent, roll, keep, iw, sel, row, dlp, **KernelParams.from_list(params)._asdict())
+        if B > 0:
+            triton_kernels("policy_loss").policy_loss_forward(
+                lp, old, adv, mask, ref, ent, roll, keep, iw, sel, row, dlp,
+                **KernelParams.from_list(params)._asdict())
+        ext.copy_(clip_extremes(row))
 
 
 def _setup_context(ctx, inputs, output):
     lp, mask, ent, params = inputs[0], inputs[3], inputs[5], inputs[10]
-    _row, dlp = output
+    dlp = output[1]
     ctx.save_for_backward(dlp, mask)
     ctx.lp_dtype = lp.dtype
     ctx.ent_dtype = None if ent is None else ent.dtype
@@ -104,7 +120,7 @@ def policy_loss_grads(dlp: Tensor, g_row: Tensor, mask: Tensor, ent_coef: float,
             torch.where(mask != 0, g * -ent_coef, torch.zeros((), device=dlp.device, dtype=torch.float32), out=ge)
 
 
-def _backward(ctx, g_row, _g_dlp):
+def _backward(ctx, g_row, _g_dlp, _g_ext):
     dlp, mask = ctx.saved_tensors
     grad_lp, grad_ent = _input_grads(ctx, dlp, g_row, mask, getattr(ctx, "direct", False), ctx.backend)
     return (grad_lp, None, None, None, None, grad_ent) + (None,) * 6
@@ -137,13 +153,13 @@ class _RowsEager(torch.autograd.Function):
         out = policy_loss_rows.direct(*inputs)
         _setup_context(ctx, inputs, out)
         ctx.direct = True
-        ctx.mark_non_differentiable(out[1])
+        ctx.mark_non_differentiable(out[1], out[2])
         return out
 
     @staticmethod
-    def backward(ctx, g_row, g_dlp):
+    def backward(ctx, g_row, g_dlp, g_ext):
         refuse_second_derivative("policy loss")
-        return _backward(ctx, g_row, g_dlp)
+        return _backward(ctx, g_row, g_dlp, g_ext)
 
 
 def rows(lp, old, adv, mask, ref, ent, roll, keep, iw, sel, params: list[float], backend):
@@ -165,16 +181,17 @@ def rows(lp, old, adv, mask, ref, ent, roll, keep, iw, sel, params: list[float],
 def _cov_outputs(lp: Tensor, want_dlp: bool):
     B, T = lp.shape
     f32 = dict(device=lp.device, dtype=torch.float32)
-    return torch.empty(B, len(ROW_COLS), **f32), torch.empty((B, T) if want_dlp else (0,), **f32)
+    return torch.empty(B, len(ROW_COLS), **f32), torch.empty((B, T) if want_dlp else (0,), **f32), torch.empty(2, **f32)
 
 
 @kernel_op("policy_loss_cov_rows", _cov_outputs)
 def policy_loss_cov_rows(
     lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, ref: Optional[Tensor], ent: Optional[Tensor],
     roll: Optional[Tensor], keep: Optional[Tensor], cov: Optional[Tensor], seed: Tensor, params: list[float],
-    want_dlp: bool, out: tuple[Tensor, Tensor],
+    want_dlp: bool, out: tuple[Tensor, Tensor, Tensor],
 ) -> None:
-    """Clip-Cov / KL-Cov: (row sums [B, 11], d(row loss)/d(lp) [B, T] or empty), C++ on the CPU.
+    """Clip-Cov / KL-Cov: (row sums [B, 11], d(row loss)/d(lp) [B, T] or empty, :func:`clip_extremes` [2]), C++
+    on the CPU.
 
     Covariance sums, selection and loss in one call: the loss and gradient are computed with
     nothing picked while the selection candidates are collected in the same pass, then the few
@@ -183,15 +200,13 @@ def policy_loss_cov_rows(
     ``n_local`` sets k) or None (local, computed here); ``seed`` = int64 [1]. Inputs: contiguous
     fp32 [B, T], uint8 mask.
     """
-    row, dlp = out
+    row, dlp, ext = out
     B, T = lp.shape
-    if B == 0:
-        return
     backend_for("policy_loss_cov_rows", lp.device, "auto")  # refuses tensors the C++ kernel cannot read
     _check_param_names()
     _backend.compiled().policy_loss_cov_fwd_cpu(
         B, T, lp.data_ptr(), old.data_ptr(), adv.data_ptr(), mask.data_ptr(), ptr(ref), ptr(ent), ptr(roll),
-        ptr(keep), ptr(cov), seed.data_ptr(), row.data_ptr(), ptr(dlp), params)
+        ptr(keep), ptr(cov), seed.data_ptr(), ptr(row), ptr(dlp), ext.data_ptr(), params)
 
 
 def _cov_save(ctx, lp, mask, ent, params, dlp):
@@ -206,7 +221,7 @@ def _cov_setup_context(ctx, inputs, output):
     _cov_save(ctx, inputs[0], inputs[3], inputs[5], inputs[10], output[1])
 
 
-def _cov_backward(ctx, g_row, _g_dlp, direct=False):
+def _cov_backward(ctx, g_row, _g_dlp, _g_ext, direct=False):
     dlp, mask = ctx.saved_tensors
     grad_lp, grad_ent = _input_grads(ctx, dlp, g_row, mask, direct, "cpp")
     return (grad_lp, None, None, None, None, grad_ent) + (None,) * 6
@@ -222,15 +237,16 @@ class _CovRowsEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lp, old, adv, mask, ref, ent, roll, keep, cov, seed, params, want_dlp):
-        row, dlp = policy_loss_cov_rows.direct(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, params, want_dlp)
+        row, dlp, ext = policy_loss_cov_rows.direct(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, params,
+                                                    want_dlp)
         _cov_save(ctx, lp, mask, ent, params, dlp)
-        ctx.mark_non_differentiable(dlp)
-        return row, dlp
+        ctx.mark_non_differentiable(dlp, ext)
+        return row, dlp, ext
 
     @staticmethod
-    def backward(ctx, g_row, _g_dlp):
+    def backward(ctx, g_row, _g_dlp, _g_ext):
         refuse_second_derivative("policy loss")
-        return _cov_backward(ctx, g_row, _g_dlp, direct=True)
+        return _cov_backward(ctx, g_row, _g_dlp, _g_ext, direct=True)
 
 
 def cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, params: list[float], want_dlp: bool):
