@@ -31,7 +31,7 @@ from fastalign._options import AUTO_OR_BOOL, check_choice, check_names
 from fastalign.linear import check_head_inputs, check_logit_options, linear_logprobs, logit_pipeline, two_pass_only
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_cpu import labelled_rows
-from fastalign.ops.single_pass import Side, by_default, differentiated, single_pass_loss, token_items
+from fastalign.ops.single_pass import Side, differentiated, pays_off, single_pass_loss, token_items
 from fastalign.policy import SharedSeed, policy_loss
 from fastalign.policy_config import FIELDS, PolicyConfig
 
@@ -204,32 +204,76 @@ def policy_step(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Op
     ``token_separable``: the loss is separable over tokens too (:attr:`fastalign.PolicyConfig.token_separable`),
     so the single pass takes blocks of any tokens, sized by the block budget alone: a sequence longer than
     the budget still takes it."""
-    group = logit.get("vocab_group")
-    hidden, weight, bias, low_rank = _dtensor.head(hidden, weight, bias, low_rank, group)
-    a, lw = check_head_inputs(hidden, weight, labels, bias, low_rank, vocab_shard=group is not None)
-    if single_pass is True and not eager(hidden, weight, bias, a, lw):
-        raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two passes run")
-    tokens = token_separable and hidden.dim() == 3
-    item_rows = 1 if tokens else hidden.shape[-2] if hidden.dim() > 2 else hidden.shape[0]  # one item's positions
-    auto = single_pass == "auto" and by_default(weight, hidden, bias, a, lw, item_rows=item_rows)
-    single = auto or (single_pass is True and differentiated(weight, hidden, bias, a, lw))
-    if single and tokens:  # every token its own item: [B * T, 1, ...]
-        shape = labels.shape
-
-        def per_token(lp, old, ent):
-            return loss(lp.view(shape), old.view(shape), None if ent is None else ent.view(shape))
-
-        value, metrics, lp, ent = _single_pass(token_items(hidden), weight, bias, token_items(a), lw,
-                                               token_items(labels), token_items(old_logprobs), per_token, entropy,
-                                               logit, backend)
-        return value, metrics, lp.view(shape), None if ent is None else ent.view(shape)
-    if single:
-        return _single_pass(hidden, weight, bias, a, lw, labels, old_logprobs, loss, entropy, logit, backend)
+    hidden, weight, bias, low_rank, a, lw, single = _route(hidden, weight, labels, bias, low_rank, single_pass,
+                                                           token_separable, logit)
+    if single and differentiated(weight, hidden, bias, a, lw):
+        return _single_pass_step(token_separable, hidden, weight, bias, a, lw, labels, old_logprobs, loss, entropy,
+                                 logit, backend)
     stats = linear_logprobs(hidden, weight, labels, bias=bias, low_rank=low_rank, entropy=entropy, backend=backend,
                             **logit)
     lp = stats.logprobs
     value, metrics = loss(lp, lp.detach() if old_logprobs is None else old_logprobs, stats.entropy)
     return value, metrics, lp.detach(), stats.entropy
+
+
+def policy_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None, low_rank=None,
+                    entropy: bool = False, single_pass="auto", token_separable: bool = False, logit: dict,
+                    backend: Optional[str] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(logprobs, entropy)``, detached, that :func:`policy_step` with the same arguments computes when gradients
+    are needed, here without gradients: the same path (single pass or two passes) over the same blocks, so the same
+    numbers bit for bit. For the old policy's log-probs of an on-policy step, whose ratio to the step's own is then
+    exactly 1 (the two paths agree to rounding only, which a sum over a long completion accumulates). ``entropy``:
+    as the step asks it (the blocks compute it beside the log-probs); None unless asked. Without gradients the
+    single pass does no derivative work: one matrix product per block, as the two passes' forward."""
+    detached = [None if t is None else t.detach() for t in (hidden, weight, bias)]
+    low_rank = None if low_rank is None else tuple(t.detach() for t in low_rank)
+    with torch.no_grad():
+        hidden, weight, bias, low_rank, a, lw, single = _route(*detached[:2], labels, detached[2], low_rank,
+                                                               single_pass, token_separable, logit)
+        if single:
+            return _single_pass_step(token_separable, hidden, weight, bias, a, lw, labels, None, _no_loss, entropy,
+                                     logit, backend)[2:]
+        stats = linear_logprobs(hidden, weight, labels, bias=bias, low_rank=low_rank, entropy=entropy,
+                                backend=backend, **logit)
+        return stats.logprobs, stats.entropy
+
+
+def _route(hidden, weight, labels, bias, low_rank, single_pass, token_separable: bool, logit: dict):
+    """The head's operands as :func:`policy_step` takes them, ``(hidden, weight, bias, low_rank, a, lw)``, and
+    whether it takes the single pass when gradients are needed: ``single_pass`` True, or ``"auto"`` where
+    :func:`~fastalign.ops.single_pass.by_default` says so (``token_separable``: items of one token)."""
+    group = logit.get("vocab_group")
+    hidden, weight, bias, low_rank = _dtensor.head(hidden, weight, bias, low_rank, group)
+    a, lw = check_head_inputs(hidden, weight, labels, bias, low_rank, vocab_shard=group is not None)
+    if single_pass is True and not eager(hidden, weight, bias, a, lw):
+        raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two passes run")
+    single = single_pass is True
+    if single_pass == "auto":
+        tokens = token_separable and hidden.dim() == 3
+        item_rows = 1 if tokens else hidden.shape[-2] if hidden.dim() > 2 else hidden.shape[0]  # one item's positions
+        single = pays_off(weight, hidden, bias, a, lw, item_rows=item_rows)
+    return hidden, weight, bias, low_rank, a, lw, single
+
+
+def _no_loss(lp: Tensor, _old: Tensor, _ent: Optional[Tensor]) -> Tuple[Tensor, dict]:
+    """A loss of no consequence, for :func:`policy_logprobs`' pass (its statistics are what it keeps)."""
+    return lp.sum() * 0.0, {}
+
+
+def _single_pass_step(token_separable: bool, hidden, weight, bias, a, lw, labels, old_logprobs, loss: SequenceLoss,
+                      entropy: bool, logit: dict, backend):
+    """:func:`policy_step` by the single pass: blocks of whole sequences, or of any tokens (every token its own
+    item, ``[B * T, 1, ...]``) for a loss separable over tokens."""
+    if not (token_separable and hidden.dim() == 3):
+        return _single_pass(hidden, weight, bias, a, lw, labels, old_logprobs, loss, entropy, logit, backend)
+    shape = labels.shape
+
+    def per_token(lp, old, ent):
+        return loss(lp.view(shape), old.view(shape), None if ent is None else ent.view(shape))
+
+    value, metrics, lp, ent = _single_pass(token_items(hidden), weight, bias, token_items(a), lw, token_items(labels),
+                                           token_items(old_logprobs), per_token, entropy, logit, backend)
+    return value, metrics, lp.view(shape), None if ent is None else ent.view(shape)
 
 
 def _single_pass(hidden, weight, bias, a, lw, labels, old_logprobs, loss: SequenceLoss, want_ent: bool,

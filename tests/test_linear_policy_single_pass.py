@@ -372,3 +372,33 @@ def test_single_pass_true_under_inference_mode_runs_the_forward():
                 fastalign.LinearPreferenceLoss(single_pass=False)(d["hidden"], d["weight"], d["labels"])[0])
     for g, w in zip(got, want):
         assert_close(g, w, atol=1e-6, rtol=1e-6, what="loss under inference_mode")
+
+
+@pytest.mark.parametrize("token_separable", [False, True])
+def test_policy_logprobs_are_the_steps_bit_for_bit_without_derivative_work(token_separable, monkeypatch):
+    """``policy_logprobs`` (the old policy's log-probs of an on-policy step) equals, bit for bit, the log-probs
+    and entropies ``policy_step`` computes with gradients (the same blocks of the single pass: their ratio is
+    exactly 1), in several blocks, and runs no block backward."""
+    import fastalign.ops.single_pass as single_pass_ops
+
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", str(2 * T * V * 4 / 2**20))  # two sequences a block
+    d = make(seed=11)
+    leaves = [d[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
+    logit = dict(temperature=0.7)
+    cfg = fastalign.PolicyConfig(loss_type="grpo")
+
+    def loss(lp, old, ent):
+        return fastalign.policy_loss(lp, old, d["A"], d["mask"], config=cfg, entropy=ent)
+
+    backwards = []
+    orig = single_pass_ops.block_backward
+    monkeypatch.setattr(single_pass_ops, "block_backward", lambda *a, **k: backwards.append(1) or orig(*a, **k))
+    _, _, lp, ent = linear_policy.policy_step(*leaves[:2], d["labels"], None, loss, bias=leaves[2], entropy=True,
+                                              single_pass="auto", token_separable=token_separable, logit=logit)
+    assert len(backwards) > 1  # the step took the single pass, in several blocks
+    backwards.clear()
+    got_lp, got_ent = linear_policy.policy_logprobs(*leaves[:2], d["labels"], bias=leaves[2], entropy=True,
+                                                    token_separable=token_separable, logit=logit)
+    assert backwards == []
+    assert torch.equal(got_lp, lp) and torch.equal(got_ent, ent)
+    assert not got_lp.requires_grad

@@ -364,6 +364,25 @@ def test_vespo_phi_seq_mean_matches_trl(advantages, empty):
         assert abs(row_mean[3]["vespo/phi_seq_mean"] - trl[3]["vespo/phi_seq_mean"]) > 1e-3
 
 
+@pytest.mark.parametrize("rows", ["some_masked", "all_masked"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_one_token_completions_average_metrics_over_every_row(case, rows):
+    """Completions one token long (T == 1) with masked rows (``mask_truncated_completions``, a tool mask): TRL
+    reads each [B, 1] tensor as one value per sequence, so ``kl``, ``entropy``, the clip ratios and
+    ``cispo_clip_ratio`` are means over every row, masked ones included, and ``clip_ratio/low_min`` /
+    ``high_max`` take every row's value (not NaN when all are masked). fastalign gave masked means."""
+    d = {k: v[:, :1].contiguous() if v.dim() == 2 else v for k, v in batch(seed=31).items()}
+    d["old"] = d["lp"] + torch.randn(d["lp"].shape, generator=torch.Generator().manual_seed(32)) * 0.4
+    d["m"][3:] = False
+    if rows == "all_masked":
+        d["m"][:] = False
+    d["ratio"] = torch.where(d["m"], d["ratio"], 1.0)  # TRL's ratio of a masked token: exp(0)
+    trl, ours = _call_both(CASES[case], d, 1, 1, True, 1)
+    _compare(trl, ours)
+    if rows == "some_masked" and case in ("grpo_kl_bias_corrected_delta", "cispo"):  # the masked rows count
+        assert abs(trl[3]["entropy"] - float(d["H"][d["m"]].mean())) > 1e-3
+
+
 #: dicts whose loss needs what ``GRPOConfig.__post_init__`` derives or defaults: dr_grpo's default
 #: max_completion_length (512), steps_per_generation from generation_batch_size, the deprecated
 #: vllm_importance_sampling_cap (-> vllm_importance_sampling_clip_max)
@@ -699,3 +718,84 @@ def test_grpo_loss_errors_name_trls_arguments(argument):
     loss = GRPOLoss(dict(loss_type="dapo", use_vllm=True, off_policy_mask_threshold=0.5))
     with pytest.raises(error, match=message):
         loss(**call)
+
+
+# ------------------------------------------------------------------------------------------ drop-in GRPOTrainer
+
+@pytest.mark.parametrize("options", [dict(loss_type="grpo", beta=0.04),
+                                     dict(loss_type="luspo", importance_sampling_level="sequence"),
+                                     dict(loss_type="dapo", top_entropy_quantile=0.5)],
+                         ids=["token-blocks", "sequence-blocks", "entropy-quantile"])
+def test_grpo_trainer_on_policy_ratio_is_exactly_one(tmp_path, monkeypatch, options):
+    """With ``num_iterations=2`` TRL keeps the old policy's log-probs, taken without gradients at generation; they
+    are those of the loss's own pass through the head (blocks of tokens or of whole completions; the two passes
+    with ``top_entropy_quantile < 1``), bit for bit: every ratio of the on-policy step is exactly 1, its logged
+    loss exactly TRL's (which computes both with one function) and the KL to the unchanged reference 0. The two
+    passes split the vocabulary in pieces here (``FASTALIGN_LINEAR_CHUNK_MIB``, as they do past 16384 ids),
+    whose rounding is not the single pass's."""
+    pytest.importorskip("datasets", reason="TRL's trainers need datasets")
+    pytest.importorskip("tokenizers", reason="the test tokenizer needs tokenizers")
+    import test_integration_trl_trainers as tiny
+
+    import fastalign.integrations.trl as fa_trl
+
+    monkeypatch.setenv("FASTALIGN_LINEAR_CHUNK_MIB", "0.001")
+    checkpoint = tiny.tiny_checkpoint(tmp_path / "tiny-qwen2")
+    log_ratios, call = [], GRPOLoss.__call__
+
+    def recorded(self, logprobs, old_logprobs, *args, **kwargs):
+        log_ratios.append((logprobs - old_logprobs).detach())  # every block's, the others held at the old ones
+        return call(self, logprobs, old_logprobs, *args, **kwargs)
+
+    monkeypatch.setattr(GRPOLoss, "__call__", recorded)
+    options = dict(options, num_iterations=2)
+    theirs = tiny._run(tiny._grpo(GRPOTrainer, checkpoint, tmp_path / "trl", options))
+    ours = tiny._run(tiny._grpo(fa_trl.GRPOTrainer, checkpoint, tmp_path / "fa", options))
+    assert log_ratios
+    for log_ratio in log_ratios:
+        assert torch.equal(log_ratio, torch.zeros_like(log_ratio)), log_ratio
+    assert ours[0]["loss@0"] == theirs[0]["loss@0"]
+    if options.get("beta"):
+        assert ours[0]["kl@0"] == theirs[0]["kl@0"] == 0.0
+    tiny._compare(theirs, ours)
+
+
+@pytest.mark.parametrize("masked", ["every_other", "every"])
+@pytest.mark.parametrize("options", [dict(beta=0.05), dict(loss_type="cispo", epsilon_high=0.1)])
+def test_grpo_trainer_one_token_completions_log_trls_metrics(tmp_path, monkeypatch, options, masked):
+    """The drop-in with one-token completions, some or all masked (as ``mask_truncated_completions`` or a tool
+    mask would): it gathers the metrics over every row, as TRL (which reads its [B, 1] tensors as one value per
+    row), not over the valid completions (where none is valid it logged 0 for TRL's KL of 2.45)."""
+    pytest.importorskip("datasets", reason="TRL's trainers need datasets")
+    pytest.importorskip("tokenizers", reason="the test tokenizer needs tokenizers")
+    import test_integration_trl_trainers as tiny
+    import trl
+
+    import fastalign.integrations.trl as fa_trl
+
+    checkpoint = tiny.tiny_checkpoint(tmp_path / "tiny-qwen2")
+    generate = trl.GRPOTrainer._generate_and_score_completions
+
+    def with_masked_rows(self, inputs):
+        out = generate(self, inputs)
+        out["completion_mask"][::2 if masked == "every_other" else 1] = 0
+        return out
+
+    monkeypatch.setattr(trl.GRPOTrainer, "_generate_and_score_completions", with_masked_rows)
+
+    def build(cls, out):
+        args = trl.GRPOConfig(**tiny._common(out, per_device_train_batch_size=4, num_generations=4,
+                                             max_completion_length=1, temperature=1.0, **options))
+        return cls(model=checkpoint, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
+                   args=args, train_dataset=tiny._grpo_dataset(), processing_class=tiny._tokenizer(checkpoint))
+
+    theirs = tiny._run(build(trl.GRPOTrainer, tmp_path / "trl"))
+    ours = tiny._run(build(fa_trl.GRPOTrainer, tmp_path / "fa"))
+    assert theirs[0]["completions/max_length@0"] == 1.0
+    if masked == "every_other":  # loss, metrics and update
+        tiny._compare(theirs, ours)
+    else:  # no token to train on: the metrics alone
+        assert ours[0].keys() == theirs[0].keys()
+        for k, v in theirs[0].items():
+            assert ours[0][k] == pytest.approx(v, rel=tiny.RTOL, abs=tiny.ATOL), k
+        assert theirs[0]["kl@0" if "kl@0" in theirs[0] else "cispo_clip_ratio@0"] > 0

@@ -271,3 +271,42 @@ def test_rloo_advantages_refuse_a_kl_that_is_not_one_float_per_completion(bad, e
     kl = torch.tensor([0.0, 3.0, 0.0, 3.0])
     with pytest.raises(error, match="^kl "):
         rloo_advantages({"num_generations": 2, "beta": 0.5}, torch.randn(4, 1), _BAD[bad](kl))
+
+
+# ------------------------------------------------------------------------------------------ drop-in RLOOTrainer
+
+@pytest.mark.parametrize("options", [dict(beta=0.0), dict(beta=0.05, eval_strategy="steps", eval_steps=1,
+                                                          per_device_eval_batch_size=4)], ids=["plain", "kl-eval"])
+def test_rloo_trainer_on_policy_ratio_is_exactly_one(tmp_path, monkeypatch, options):
+    """The old policy's (and the reference's) log-probs, taken without gradients at generation, are those of the
+    loss's own pass through the head, bit for bit: the sequence ratio of the on-policy step (and of the evaluation)
+    is exactly 1, the step's logged loss exactly TRL's (which computes both with one function) and its KL to the
+    unchanged reference 0. The two passes
+    split the vocabulary in pieces here (``FASTALIGN_LINEAR_CHUNK_MIB``, as they do past 16384 ids), whose rounding
+    is not the single pass's."""
+    pytest.importorskip("datasets", reason="TRL's trainers need datasets")
+    pytest.importorskip("tokenizers", reason="the test tokenizer needs tokenizers")
+    import test_integration_trl_trainers as tiny
+
+    import fastalign.integrations.trl as fa_trl
+    from fastalign.integrations.trl.rloo import RLOOLoss
+
+    monkeypatch.setenv("FASTALIGN_LINEAR_CHUNK_MIB", "0.001")
+    checkpoint = tiny.tiny_checkpoint(tmp_path / "tiny-qwen2")
+    log_ratios, call = [], RLOOLoss.__call__
+
+    def recorded(self, logprobs, old_logps, advantages, completion_mask, *, entropy):
+        if not torch.is_grad_enabled():  # the batch's loss (the single pass also calls it per block, for gradients)
+            log_ratios.append(((logprobs * completion_mask).sum(1) - old_logps).detach())  # TRL's sums
+        return call(self, logprobs, old_logps, advantages, completion_mask, entropy=entropy)
+
+    monkeypatch.setattr(RLOOLoss, "__call__", recorded)
+    theirs = tiny._run(tiny._rloo(RLOOTrainer, checkpoint, tmp_path / "trl", options))
+    ours = tiny._run(tiny._rloo(fa_trl.RLOOTrainer, checkpoint, tmp_path / "fa", options))
+    assert len(log_ratios) > ("eval_strategy" in options)  # the step's batch, and the evaluation's
+    for log_ratio in log_ratios:
+        assert torch.equal(log_ratio, torch.zeros_like(log_ratio)), log_ratio
+    assert ours[0]["loss@0"] == theirs[0]["loss@0"]  # the evaluation's advantages hold the KL, TRL's to rounding
+    if options["beta"]:
+        assert ours[0]["kl@0"] == theirs[0]["kl@0"] == 0.0  # the reference is the policy before the step
+    tiny._compare(theirs, ours)

@@ -81,15 +81,20 @@ def differentiated(*tensors) -> bool:
 
 def by_default(weight: Tensor, *inputs, item_rows: int = 1) -> bool:
     """Whether ``single_pass="auto"`` takes the single pass: gradients are needed (of ``weight`` or one of
-    ``inputs``), the call is eager (:func:`~fastalign.ops._launch.eager`: under tracing the two-pass custom
-    ops run), one item's logits (``item_rows`` rows, its padded length over every side) fit the block
-    budget (:func:`block_budget_rows`: a longer item would be one block above the budget, where the two
-    passes stay within their chunks), and it pays off: on a GPU (its blocks keep the input dtype), and on
-    the CPU for an fp32 head (a bf16/fp16 one would be converted to fp32 whole, for every block)."""
+    ``inputs``) and it :func:`pays_off`."""
+    return differentiated(weight, *inputs) and pays_off(weight, *inputs, item_rows=item_rows)
+
+
+def pays_off(weight: Tensor, *inputs, item_rows: int = 1) -> bool:
+    """Whether the single pass pays off where gradients are needed: the call is eager
+    (:func:`~fastalign.ops._launch.eager`: under tracing the two-pass custom ops run), one item's logits
+    (``item_rows`` rows, its padded length over every side) fit the block budget (:func:`block_budget_rows`: a
+    longer item would be one block above the budget, where the two passes stay within their chunks), and it
+    is faster: on a GPU (its blocks keep the input dtype), and on the CPU for an fp32 head (a bf16/fp16 one
+    would be converted to fp32 whole, for every block)."""
     tensors = (weight, *inputs)
     fits = item_rows <= block_budget_rows(weight.shape[0], inputs[0] if inputs else weight)
-    return (differentiated(*tensors) and fits and (weight.is_cuda or weight.dtype == torch.float32)
-            and eager(*tensors))
+    return fits and (weight.is_cuda or weight.dtype == torch.float32) and eager(*tensors)
 
 
 class LogitPipeline(NamedTuple):
@@ -245,11 +250,14 @@ class _SinglePass(torch.autograd.Function):
                 part = torch.where(labelled, extra[name], UNLABELLED[name])
                 for side, (ids, piece) in enumerate(zip(idx, in_order(part).split(sizes))):
                     every[name][side].view(-1).index_copy_(0, ids, piece)
+            for side, (ids, part) in enumerate(zip(idx, in_order(lp).split(sizes))):
+                lp_all[side].view(-1).index_copy_(0, ids, part)
+            if not any(need):  # no gradient is asked for (the statistics alone): no derivative work
+                continue
             # d (block's share of the loss) / d (lp, aux), on [b, T] grids of these items
             with torch.enable_grad():
                 grids, aux_grids = [], []
-                for side, (ids, part) in enumerate(zip(idx, in_order(lp).split(sizes))):
-                    lp_all[side].view(-1).index_copy_(0, ids, part)
+                for side in range(n):
                     grids.append(lp_all[side][p0:p1].detach().requires_grad_())
                     aux_grids.append(None if aux is None else aux_all[side][p0:p1].detach().requires_grad_(
                         aux == "entropy"))

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from fastalign.integrations.hf import (_WHOLE_MODEL_TUNERS, causal_lm_logprobs, head_operands, head_transform,
                                        next_token_targets, router_aux_loss)
-from fastalign.linear_policy import policy_step
+from fastalign.linear_policy import policy_logprobs, policy_step
 from fastalign.linear_step import separable_step
 
 #: The per-token fields :func:`head_outputs` can compute (TRL's ``FusedCausalLMOutput`` names), and
@@ -121,20 +121,34 @@ def head_policy_loss(trainer, model, ids: Tensor, attention: Tensor, completion_
     log-probs, detached; the temperature is ``trainer.temperature``. ``loss`` must be separable over
     completions; ``token_separable``: over tokens too (blocks of any tokens, so long completions take the
     pass as well; :attr:`fastalign.PolicyConfig.token_separable`); ``aux``: the MoE body's load-balancing
-    loss when the trainer adds one (:func:`policy_operands`), else None."""
+    loss when the trainer adds one (:func:`policy_operands`), else None. Without gradients (evaluation) the
+    log-probs are still those of the pass with gradients (:func:`fastalign.linear_policy.policy_logprobs`), as
+    the old policy's of :func:`fused_logps_and_entropies`."""
     text_only(vision)
     with trainer.accelerator.autocast():
         out = policy_operands(trainer, model, input_ids=ids, attention_mask=attention)
-    hidden, weight, bias, low_rank = out.operands
-    k = completion_ids.size(1)
-    positions = slice(hidden.size(1) - k - 1, hidden.size(1) - 1)  # those that predict the completion
+    args, options = _policy_head(trainer, model, out.operands,
+                                 completion_ids.masked_fill(completion_mask == 0, -100), token_separable)
+    if torch.is_grad_enabled():
+        value, metrics, _lp, entropies = policy_step(*args, old, loss, **options)
+    else:
+        lp, entropies = policy_logprobs(*args, **options)
+        value, metrics = loss(lp, lp if old is None else old, entropies)
+    return value, metrics, entropies, out.aux_loss
+
+
+def _policy_head(trainer, model, operands, targets: Tensor, token_separable: bool):
+    """The arguments ``(hidden, weight, labels)`` and keywords of :func:`fastalign.linear_policy.policy_step` (and
+    :func:`~fastalign.linear_policy.policy_logprobs`) for the last ``targets.size(1)`` tokens of the rows whose
+    head ``operands`` (of ``model``) are given, at the trainer's temperature (``targets``: -100 where unscored)."""
+    hidden, weight, bias, low_rank = operands
+    k = targets.size(1)
+    positions = slice(hidden.size(1) - k - 1, hidden.size(1) - 1)  # those that predict the last k tokens
     scale, softcap = head_transform(trainer.accelerator.unwrap_model(model).config)
-    value, metrics, _lp, entropies = policy_step(
-        hidden[:, positions], weight, completion_ids.masked_fill(completion_mask == 0, -100), old, loss,
+    return (hidden[:, positions], weight, targets), dict(
         bias=bias, low_rank=None if low_rank is None else (low_rank[0][:, positions], low_rank[1]), entropy=True,
         token_separable=token_separable,
         logit=dict(temperature=head_temperature(trainer), logit_scale=scale, softcap=softcap))
-    return value, metrics, entropies, out.aux_loss
 
 
 def head_separable_loss(operands, config, targets: Tensor, loss, *, items: str = "pairs", sum_p2: bool = False,
@@ -485,9 +499,19 @@ def fused_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_
     from the hidden states (``H_t = -Σ_j p_j log p_j`` at temperature ``self.temperature``);
     padding (``attention_mask == 0``) gives 0; ``aux``: with ``compute_aux_loss`` the MoE body's
     load-balancing loss, the mean over the chunks as TRL's, else None. Text only; chunked by
-    ``batch_size`` rows like TRL."""
+    ``batch_size`` rows like TRL.
+
+    Without gradients, for a trainer whose loss goes through the head itself (its ``_policy_pass()``: the
+    ``token_separable`` of its :func:`head_policy_loss`, None when its loss takes these log-probs instead), the
+    statistics are those of that loss's pass (:func:`fastalign.linear_policy.policy_logprobs`), bit for bit: the
+    old policy's log-probs of an on-policy step give a ratio of exactly 1 (and an unchanged reference a KL of 0),
+    as TRL's, which computes both with one function."""
     text_only(vision_inputs)
+    policy_pass = getattr(self, "_policy_pass", None)
+    token_separable = policy_pass() if policy_pass is not None and not torch.is_grad_enabled() else None
     fields = ("log_probs", "entropy") if compute_entropy else ("log_probs",)
+    if token_separable is not None:  # the head's operands, for the loss's own pass
+        fields = ("operands",)
     router = {"output_router_logits": True} if compute_aux_loss else {}
     batch_size = batch_size or input_ids.size(0)
     logps, entropies, aux = [], [], []
@@ -497,9 +521,13 @@ def fused_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_
         labels[:, :-logits_to_keep] = -100
         with self.accelerator.autocast():
             out = model(input_ids=ids, attention_mask=att, labels=labels, **head_call(self, fields), **router)
-        logps.append(out.log_probs[:, -logits_to_keep:])
+        lp, entropy = out.log_probs, out.entropy
+        if token_separable is not None:  # the pass of the loss, on the completion positions only
+            args, options = _policy_head(self, model, out.operands, labels[:, -logits_to_keep:], token_separable)
+            lp, entropy = policy_logprobs(*args, **options)
+        logps.append(lp[:, -logits_to_keep:])
         if compute_entropy:
-            entropies.append(out.entropy[:, -logits_to_keep:])
+            entropies.append(entropy[:, -logits_to_keep:])
         if compute_aux_loss:
             aux.append(out.aux_loss)
     return (torch.cat(logps), torch.cat(entropies) if compute_entropy else None,

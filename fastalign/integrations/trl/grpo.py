@@ -36,6 +36,9 @@ Where TRL's behaviour differs from fastalign's defaults, the profile follows TRL
 * ``cispo_clip_ratio`` under ``importance_sampling_level="sequence"`` averages over every row, and
   counts an empty completion (ratio ``exp(0) = 1``) with a positive advantage as clipped when
   ``epsilon_high < 1``, as TRL does.
+* completions one token long (``T == 1``): TRL reads its ``[B, 1]`` tensors as one value per
+  sequence, so ``kl``, ``entropy`` and the clip ratios average over every row, masked ones
+  included; the profile logs the same.
 * vespo: like TRL's trainer the profile refuses vLLM importance sampling in a ``sequence_*``
   mode. Under ``importance_sampling_level="sequence"`` TRL's vespo weighs only its bias-corrected
   KL (``beta != 0``, ``use_bias_correction_kl``) by the sequence ratio: the profile refuses that
@@ -391,6 +394,11 @@ class GRPOLoss:
             kw["global_tokens"] = n / self._steps_per_generation(num_processes) if training else n
             cfg = PolicyConfig.make(cfg, dp_size=int(num_processes))
         loss, met = policy_loss(logprobs, old_logprobs, advantages, completion_mask, config=cfg, **kw)
+        metric_mask = completion_mask
+        if logprobs.shape[1] == 1:  # TRL reads [B, 1] tensors as one value per row: means over every row
+            metric_mask = torch.ones_like(completion_mask)
+            met.update(_every_row_metrics(self.config, logprobs, old_logprobs, advantages, completion_mask, entropy,
+                                          ref_logprobs))
         if self.adaptive_entropy:  # the bonus stays on at a coefficient of 0: TRL logs policy_loss then too
             met.setdefault("policy_term", loss.detach())
         scale = ga if training else 1
@@ -409,7 +417,7 @@ class GRPOLoss:
                         "clip_ratio/region_mean": met["clip_region"], "clip_ratio/low_min": met["clip_low_min"],
                         "clip_ratio/high_max": met["clip_high_max"]})
         elif cfg.row == "cispo":
-            out["cispo_clip_ratio"] = met["clip_high"] + _empty_rows_clipped(cfg, advantages, completion_mask)
+            out["cispo_clip_ratio"] = met["clip_high"] + _empty_rows_clipped(cfg, advantages, metric_mask)
         elif cfg.row == "vespo":
             out["vespo/phi_seq_mean"] = met["phi_mean"]
         return loss, out
@@ -441,6 +449,23 @@ def _check_inputs(logprobs, old_logprobs, advantages, completion_mask, entropy, 
                              f"{tuple(num_items_in_batch.shape)}")
     elif num_items_in_batch is not None:
         _validate.number("num_items_in_batch", num_items_in_batch)
+
+
+def _every_row_metrics(cfg: PolicyConfig, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                       entropy: Tensor, ref_logprobs: Optional[Tensor]) -> dict:
+    """The metrics TRL logs when the completions are one token long (``T == 1``): its ``[B, 1]`` tensors then
+    read as one value per sequence, so ``kl``, ``entropy`` and the clip ratios are means over every row, masked
+    ones included, and ``clip_ratio/low_min`` / ``high_max`` take every row's value. They are the metrics of
+    an all-ones mask, with a masked row's log-ratio 0 under ``importance_sampling_level="sequence"``
+    (``sum_m l / max(sum_m 1, 1)``). vespo's ``phi_mean`` (one value per row already) is not among them."""
+    lp, old = logprobs.detach(), old_logprobs.detach()
+    if cfg.importance_sampling_level == "sequence":
+        old = lp - (lp - old) * mask  # l * m, as TRL's masked sum (a NaN log-ratio stays NaN)
+    cfg = PolicyConfig.make(cfg, entropy_coef=0.0, entropy_agg="loss", entropy_quantile=None,
+                            offpolicy_threshold=None)
+    _, met = policy_loss(lp, old, advantages, torch.ones_like(mask), config=cfg, entropy=entropy.detach(),
+                         ref_logprobs=ref_logprobs if cfg.kl_coef != 0.0 else None)
+    return {k: v for k, v in met.items() if k in ("kl", "entropy") or k.startswith("clip_")}
 
 
 def _empty_rows_clipped(cfg: PolicyConfig, advantages: Tensor, mask: Tensor) -> Tensor:

@@ -5,8 +5,9 @@ Same constructor, same ``trl.GRPOConfig``; a TRL user changes one import::
     from fastalign.integrations.trl import GRPOTrainer   # was: from trl import GRPOTrainer
 
 Per-token log-probs and entropies of the policy (and of the reference and old policy) come from
-the last hidden states and the model's own output head through
-:func:`fastalign.integrations.hf.causal_lm_logprobs`, so the ``[B, T, V]`` logits are never built;
+the last hidden states and the model's own output head, so the ``[B, T, V]`` logits are never built; the
+old policy's and the reference's, without gradients, through the training loss's own pass
+(:func:`fastalign.linear_policy.policy_logprobs`), so an on-policy ratio is exactly 1 as in TRL;
 the loss is :class:`fastalign.integrations.trl.GRPOLoss` of the trainer's config, and the metrics
 go through TRL's own ``_metrics`` under TRL's names. The training loss goes through the head
 itself (:func:`fastalign.linear_policy.policy_step`): one pass over blocks of whole completions,
@@ -101,6 +102,12 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     _get_per_token_logps_and_entropies = fused_logps_and_entropies
 
+    def _policy_pass(self):
+        """The loss's pass through the head (its ``token_separable``), which the old policy's and the reference's
+        log-probs take too, so an on-policy ratio is exactly 1 (:func:`fused_logps_and_entropies`); None with
+        ``top_entropy_quantile < 1``, whose loss takes the log-probs of ``_get_per_token_logps_and_entropies``."""
+        return None if self.top_entropy_quantile < 1.0 else self.fastalign_loss.config.token_separable
+
     def _adapt_entropy_coef(self, entropies, bonus_mask) -> None:
         """TRL's adaptive entropy controller (``use_adaptive_entropy``): the token-weighted entropy of the
         optimizer step's micro-batches over every process; at the step's end ``entropy_coef`` moves up by
@@ -182,8 +189,10 @@ class GRPOTrainer(trl.GRPOTrainer):
             elif name in _PER_PROCESS:
                 gathered = self.accelerator.gather(value.detach().float().reshape(1))
                 log[name].append(_PER_PROCESS[name](gathered).item())
-            else:  # a mean over every process's tokens (rows, for a sequence-level ratio), as TRL reduces it
-                per_row = name == "vespo/phi_seq_mean" or (sequence_ratio and name in _RATIO_MEANS)
+            else:  # a mean over every process's tokens (rows, for a sequence-level ratio), as TRL reduces it;
+                # completions of one token: every row (TRL reads its [B, 1] tensors as one value per row)
+                per_row = (mask.size(1) == 1 or name == "vespo/phi_seq_mean"
+                           or (sequence_ratio and name in _RATIO_MEANS))
                 count = mask.size(0) if per_row else mask.sum()
                 log[name].append(gathered_mean(self.accelerator, value, count, empty=0.0))
         return loss

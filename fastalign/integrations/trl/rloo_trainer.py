@@ -5,8 +5,9 @@ Same constructor, same ``trl.RLOOConfig``; a TRL user changes one import::
     from fastalign.integrations.trl import RLOOTrainer   # was: from trl import RLOOTrainer
 
 Per-token log-probs and entropies of the policy (and of the reference and old policy) come from
-the last hidden states and the model's own output head through
-:func:`fastalign.integrations.hf.causal_lm_logprobs`, so the ``[B, T, V]`` logits are never built;
+the last hidden states and the model's own output head, so the ``[B, T, V]`` logits are never built; the
+old policy's and the reference's, without gradients, through the training loss's own pass
+(:func:`fastalign.linear_policy.policy_logprobs`), so an on-policy ratio is exactly 1 as in TRL;
 the training loss goes through the head itself (:func:`fastalign.linear_policy.policy_step`: one
 pass over blocks of whole completions, three matrix products instead of four); the loss is :class:`fastalign.integrations.trl.RLOOLoss` of the trainer's config, and the metrics
 go through TRL's own ``_metrics`` under TRL's names (``entropy`` weighted by every process's
@@ -53,6 +54,11 @@ class RLOOTrainer(trl.RLOOTrainer):
         install_heads(self, temperature=self.temperature)
 
     _get_per_token_logps_and_entropies = fused_logps_and_entropies
+
+    def _policy_pass(self) -> bool:
+        """The loss's pass through the head (its ``token_separable``: False, the ratio is per completion), which the
+        old policy's log-probs take too, so an on-policy ratio is exactly 1 (:func:`fused_logps_and_entropies`)."""
+        return False
 
     def _compute_loss(self, model, inputs):
         """TRL's ``_compute_loss`` contract: the micro-batch loss; the metrics go to ``self._metrics``."""
