@@ -12,7 +12,8 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the Hugging Face integration needs transformers")
 
 from conftest import HAS_TRITON  # noqa: E402
-from fastalign.integrations.hf import HEAD_TRANSFORMS, causal_lm_logprobs, head_transform  # noqa: E402
+from fastalign.integrations.hf import (  # noqa: E402
+    HEAD_TRANSFORMS, causal_lm_logprobs, head_transform, known_head_transform)
 
 V = 300
 TINY = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -398,6 +399,35 @@ def test_plain_head_architectures_match_their_own_logits(arch):
     scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
     check(stats.logprobs, ref_lp, scored, 1e-4)
     check(stats.entropy, ref_ent, scored, 1e-4)
+
+
+def test_mpt_logit_scale_is_read_as_its_model_applies_it():
+    """``MptConfig`` documents ``logit_scale`` ("scale the logits by this value"), which transformers'
+    ``MptForCausalLM`` ignores (its logits are ``lm_head(h)``): with it set the log-probs still equal that model's
+    own logits. MosaicML's original MPT code (``trust_remote_code``: its own config class, the same model_type)
+    multiplies its logits by it: such a config with ``logit_scale`` set was scored as a plain head; it raises,
+    naming the field (the caller states the scale)."""
+    config = transformers.MptConfig(vocab_size=V, d_model=32, n_heads=4, n_layers=2, max_seq_len=64, logit_scale=0.25)
+    torch.manual_seed(0)
+    model = transformers.MptForCausalLM(config).float().eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 1.0)  # logits of several units: a scale of 0.25 would show
+    input_ids, attention_mask, labels = batch(seed=4)
+    scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
+    with torch.no_grad():
+        ref_lp, _ = reference(model, input_ids, attention_mask)
+        check(causal_lm_logprobs(model, input_ids, attention_mask, labels=labels).logprobs, ref_lp, scored, 1e-5)
+        scaled = torch.log_softmax(0.25 * model(input_ids).logits[:, :-1].double(), -1)
+        assert (scaled.gather(-1, input_ids[:, 1:, None])[..., 0] - ref_lp)[scored].abs().max() > 1.0
+
+    class MPTConfig(transformers.PretrainedConfig):  # as MosaicML's configuration_mpt.MPTConfig
+        model_type = "mpt"
+
+    assert head_transform(MPTConfig()) == (1.0, None)  # no logit_scale: a plain head in either code
+    remote = MPTConfig(logit_scale="inv_sqrt_d_model", d_model=32)
+    assert known_head_transform(remote) is None
+    with pytest.raises(ValueError, match=r"MPTConfig of model_type 'mpt'.*logit_scale='inv_sqrt_d_model'.*softcap="):
+        head_transform(remote)
 
 
 def test_dtensor_head_weight_is_gathered(tmp_path):

@@ -6,6 +6,8 @@ lm_head weight (and bias) and labels, and compares the loss, every returned metr
 gradients with respect to the hidden states, the weight and the bias. fp32 on both sides; a few
 bf16 cases. The C++ backend (the default on CPU tensors) runs fastalign.
 """
+import math
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -373,6 +375,29 @@ def test_vespo_small_is_ratio_clamps_the_sequence_weight_as_liger():
     outs = [m(d["hidden"], d["weight"], d["ids"], d["mask"], d["adv"].abs(), old_per_token_logps=old,
               vllm_is_ratio=ratio)[0] for m in (fa, lg)]
     assert_close(outs[0], outs[1], rtol=1e-4, atol=0.0, what="vespo loss")
+
+
+@pytest.mark.parametrize("shift, ratio_value, beta", [(30.0, 1e-5, 0.0), (-40.0, math.exp(7.0), 0.0),
+                                                       (30.0, 1e-4, 0.05)])
+def test_vespo_is_log_sum_beyond_a_token_bound_is_clamped_once_as_liger(shift, ratio_value, beta):
+    """A per-token ``vllm_is_ratio`` far from 1 at every position, padding included, beside a policy log-ratio of the
+    other sign: Liger adds the IS log-sum to the sequence's log-ratio sum and clamps the total once, to [log 1e-8,
+    20]. fastalign spread the log-sum over the scored tokens and clamped each share to that range first, so a share
+    beyond it (|sum| / n > 18.4) gave another weight: phi ~1 against Liger's ~0 (a loss of 3.7 against 7e-15)."""
+    d = _grpo_batch(9, B=2, T=6)
+    d["mask"] = torch.zeros_like(d["mask"])
+    d["mask"][:, :2] = 1  # 2 scored tokens, 4 padding positions
+    d["ids"] = d["ids"].clamp(min=0)
+    with torch.no_grad():
+        lp = torch.log_softmax(d["hidden"] @ d["weight"].T + d["bias"], -1).gather(-1, d["ids"][..., None])[..., 0]
+    d["old"] = lp - shift / 2  # the policy's log-ratio sum over the scored tokens: shift
+    ratio = torch.full(d["ids"].shape, ratio_value)
+    fa, lg = _grpo_pair(dict(loss_type="vespo", beta=beta, use_ref_model=beta != 0.0))
+    leaves_fa, leaves_lg = _leaves(d["hidden"], d["weight"], d["bias"]), _leaves(d["hidden"], d["weight"], d["bias"])
+    out_fa = _run_grpo(fa, d, leaves_fa, ref_mode="logps", vllm_is_ratio=ratio, num_items_in_batch=4)
+    out_lg = _run_grpo(lg, d, leaves_lg, ref_mode="logps", vllm_is_ratio=ratio, num_items_in_batch=4)
+    _compare(out_fa, out_lg, leaves_fa, leaves_lg, rtol=1e-5, atol=1e-12, grad_atol_scale=1e-5,
+             what=f"vespo shift={shift}")
 
 
 def test_grpo_float64_per_token_inputs_as_liger():

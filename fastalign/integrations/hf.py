@@ -41,7 +41,7 @@ _PLAIN_HEAD = (
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma", "olmo2",
     "starcoder2", "deepseek_v3", "gpt2", "gpt_neox", "opt", "phi", "phimoe", "olmo", "olmo3", "olmoe", "smollm3",
     "gpt_oss", "stablelm", "glm", "glm4", "exaone4", "seed_oss", "nemotron", "ministral", "helium", "internlm3",
-    "persimmon", "jetmoe", "mpt", "bloom",
+    "persimmon", "jetmoe", "bloom",
 )
 
 
@@ -61,6 +61,17 @@ def _granite_scaling(config) -> tuple[float, Optional[float]]:
     return 1.0 / float(config.logits_scaling), None
 
 
+def _mpt(config) -> Optional[tuple[float, Optional[float]]]:
+    """transformers' ``MptForCausalLM`` ignores ``config.logit_scale`` (its logits are ``lm_head(h)``): a plain
+    head for its ``MptConfig``, whatever that field says. MosaicML's original MPT code (``trust_remote_code``:
+    the same ``model_type``, its own config class) multiplies its logits by it: not known (None) there."""
+    if getattr(config, "logit_scale", None) is None:
+        return 1.0, None
+    from transformers import MptConfig
+
+    return (1.0, None) if isinstance(config, MptConfig) else None
+
+
 #: ``model_type`` -> ``config -> (logit_scale, softcap)``: what the model's forward applies after its lm_head.
 HEAD_TRANSFORMS = {
     **{name: _plain for name in _PLAIN_HEAD},
@@ -72,6 +83,7 @@ HEAD_TRANSFORMS = {
     "granitemoe": _granite_scaling,
     "granitemoeshared": _granite_scaling,
     "granitemoehybrid": _granite_scaling,
+    "mpt": _mpt,
 }
 
 #: The architectures listed above, each checked for packed rows (:func:`_unsplit_packing`).
@@ -97,8 +109,14 @@ def known_head_transform(config) -> Optional[tuple[float, Optional[float]]]:
 def head_transform(config) -> tuple[float, Optional[float]]:
     """``(logit_scale, softcap)`` the model of this ``config`` applies between its lm_head and its logits."""
     transform = known_head_transform(config)
+    model_type = getattr(config, "model_type", None)
+    if transform is None and model_type in HEAD_TRANSFORMS:  # a listed type whose rule cannot tell (mpt)
+        raise ValueError(
+            f"model: a {type(config).__name__} of model_type {model_type!r} that is not transformers' own config "
+            f"sets config.logit_scale={getattr(config, 'logit_scale', None)!r}, which that model's forward may apply "
+            "to its logits (transformers' own class ignores it): pass causal_lm_logprobs the logit_scale= and "
+            "softcap= it applies")
     if transform is None:
-        model_type = getattr(config, "model_type", None)
         raise ValueError(
             f"model: config.model_type {model_type!r} has no known head transform; supported: "
             f"{sorted(HEAD_TRANSFORMS)}. State what its forward applies between the last hidden state and the "

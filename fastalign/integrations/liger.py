@@ -100,6 +100,7 @@ __all__ = ["LigerFusedLinearGRPOLoss", "LigerFusedLinearDPOLoss", "LigerFusedLin
            "LigerFusedLinearCrossEntropyLoss"]
 
 _GRPO_IGNORE_INDEX = -100
+_VESPO_LOG_MIN = math.log(1e-8)  # Liger's lower bound on vespo's log-weights
 
 
 def _execution_options(compiled, chunk_size) -> None:
@@ -289,32 +290,39 @@ class LigerFusedLinearGRPOLoss(SinglePassAttribute, LiveOptions, nn.Module):
             kw["global_tokens"], world = self._token_count(mask, num_items_in_batch)
             if world != 1:
                 cfg = PolicyConfig.make(cfg, dp_size=world)
-        if vllm_is_ratio is not None:
-            kw["importance_weights"] = self._is_weights(vllm_is_ratio, mask)
+        token_separable, is_log_sum = cfg.token_separable, None
+        if vllm_is_ratio is not None and self.row == "vespo":  # the ratio enters the sequence weight phi
+            with torch.no_grad():  # Liger's sum_t clamp(log r_t, log 1e-8, 20) over every position, padding included
+                is_log_sum = vllm_is_ratio.float().reshape(B, -1).log().clamp(_VESPO_LOG_MIN, 20.0).sum(-1, True)
+            cfg = PolicyConfig.make(cfg, loss_type="reinforce", vespo_k=None, vespo_lambda=None)
+        elif vllm_is_ratio is not None:
+            kw["importance_weights"] = vllm_is_ratio
+
         # the single pass through the head when gradients are needed (every Liger GRPO loss is separable)
         def grpo(lp, old, _entropy):
-            return policy_loss(lp, old, advantages, mask, ref_logprobs=ref, config=cfg, **kw)
+            phi = {} if is_log_sum is None else dict(  # vespo as -phi A lp: the reinforce row weighed by Liger's phi
+                importance_weights=self._vespo_weight(lp, old, advantages, mask, is_log_sum))
+            return policy_loss(lp, old, advantages, mask, ref_logprobs=ref, config=cfg, **kw, **phi)
 
         loss, _, lp, _ = policy_step(_input, lin_weight, scored, old_per_token_logps, grpo, bias=bias,
-                                     single_pass=self.single_pass, token_separable=cfg.token_separable,
+                                     single_pass=self.single_pass, token_separable=token_separable,
                                      logit=dict(temperature=self.temperature))
         loss = _validate.nan_if(fractional, loss)  # a fractional mask not read: NaN, not a binarised mask's loss
         old = lp if old_per_token_logps is None else old_per_token_logps
         return loss, self._metrics(lp, old, ref, advantages, mask)
 
-    def _is_weights(self, ratio: Tensor, mask: Tensor) -> Tensor:
-        """The importance weights of ``vllm_is_ratio``. vespo: Liger adds ``sum_t clamp(log r_t, log 1e-8, 20)`` over
-        every position of its ``[B, T]`` or ``[B, 1]`` ratio, padding included, to the sequence's log-weight, then
-        clamps the sum. fastalign sums the log-weights of the scored tokens, each clamped to ``[log 1e-8, 20]``: the
-        sum is spread evenly over them, so that no share binds unless the sum exceeds that range ``n`` times over.
-        Where a share binds (``|sum| / n > 18.4``) and the policy's log-ratio sum has the other sign, the two
-        differ (Liger clamps only the total)."""
-        if self.row != "vespo":
-            return ratio
-        with torch.no_grad():
-            log_sum = ratio.float().reshape(ratio.shape[0], -1).log().clamp(math.log(1e-8), 20.0).sum(-1, keepdim=True)
-            n = mask.sum(-1, keepdim=True).clamp(min=1).to(torch.float32)
-            return torch.where(mask, (log_sum / n).exp(), torch.ones((), device=ratio.device))
+    @torch.no_grad()
+    def _vespo_weight(self, lp: Tensor, old: Tensor, advantages: Tensor, mask: Tensor, is_log_sum: Tensor) -> Tensor:
+        """Liger's vespo weight ``phi(w) = exp(lambda + k log w - lambda w)`` per sequence, ``[B, 1]`` (its
+        ``get_gamma_weights``): ``log w = clamp(sum_m clamp(l, -20, 20) + is_log_sum, log 1e-8, 20)``, the
+        ``vllm_is_ratio`` term added before the one clamp of the sum; ``(k, lambda)`` by the sign of ``A``."""
+        l = (lp.float() - old.float()).clamp(-20.0, 20.0)
+        log_w = ((l * mask).sum(-1, keepdim=True) + is_log_sum).clamp(_VESPO_LOG_MIN, 20.0)
+        positive = advantages.reshape(-1, 1) >= 0
+        (k_pos, k_neg), (lambda_pos, lambda_neg) = self.config.vespo_k, self.config.vespo_lambda
+        k = torch.where(positive, k_pos, k_neg)
+        lam = torch.where(positive, lambda_pos, lambda_neg).clamp(min=1e-4)
+        return torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
     @staticmethod
     def _token_count(mask: Tensor, num_items_in_batch):
