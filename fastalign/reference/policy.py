@@ -6,7 +6,9 @@ Written straight from the formulas, one tensor op at a time, dtype-preserving
 
 Tie rules (where two branches are equal the fused kernels pick the same one):
 ``max(L1, L2)`` takes L1 unless ``L2 > L1``; the dual clip takes ``-c A`` only when
-``L > -c A``. Clamps pass the gradient at their boundaries (as ``torch.clamp``).
+``L > -c A``. Clamps pass the gradient at their boundaries (as ``torch.clamp``). The kernels' ratio
+``exp(l)`` may differ by one ulp between backends, so a ratio within one ulp of a clip bound may fall on
+either side of it (docs/math.md#policy-losses).
 """
 from __future__ import annotations
 
