@@ -124,6 +124,20 @@ def test_small_temperatures_keep_fp32_accuracy(cpu_backend, temperature):
     assert_close(st.entropy, ent, atol=1e-5, rtol=1e-4, what="entropy")
 
 
+@pytest.mark.parametrize("scale, temperature", [(1e9, 0.7), (1e10, 1.0), (1e20, 0.7), (1.0, 1e-10)])
+def test_gradients_at_huge_scaled_logits(cpu_backend, scale, temperature):
+    """Where ``|z / T|`` passes 2^30 the saved fp32 lse's rounding (half its ulp: 64 and more) is past the range
+    of exp: the C++ backward's row mass overflowed or underflowed there and every gradient of the row was NaN.
+    The gradients of the three statistics equal float64 autograd, on every backend."""
+    logits = make_logits((4, 50), torch.float32, scale=scale)
+    labels = torch.tensor([3, 6, 2, 40])
+    w = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    st, grad, ref, ref_grad = run_both(logits, labels, cpu_backend, w, temperature=temperature)
+    assert_close(st.logprobs, ref[0], atol=1e-6, rtol=1e-6, what="logprobs")
+    assert torch.isfinite(grad).all()
+    assert_close(grad, ref_grad, atol=1e-5, rtol=1e-6, what="d logits")  # d / dz carries 1 / T
+
+
 def test_masked_vocabulary_minus_inf(cpu_backend):
     logits = make_logits((5, 70), torch.float32)
     logits[:, 60:] = float("-inf")

@@ -122,13 +122,21 @@ void forward(uintptr_t logits, RowLayout L, int64_t N, int64_t V, const int64_t*
 // read, so log c cancels the rounding of the saved lse at any temperature.
 static inline float offset_from_lse(float z, float inv_t, float lse) { return std::fma(z, inv_t, -lse); }
 
-// log sum_j e^{x_j - lse}: 0 up to the rounding of a saved fp32 lse.
+// log sum_j e^{x_j - lse}: 0 up to the rounding of a saved fp32 lse, which is up to ulp(lse) / 2. From |lse| =
+// 2^30 that is 64 and more, past the range of e^.: there the sum is taken relative to the largest offset m.
 template <int D>
 FASTALIGN_KERNEL_BODY float log_mass(const typename Storage<D>::T* z, int64_t V, float inv_t, float lse) {
+  float m = 0.f;
+  if (std::fabs(lse) >= 0x1p30f) {
+    m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < V; ++j) m = std::max(m, offset_from_lse(Storage<D>::load(z[j]), inv_t, lse));
+    if (!std::isfinite(m)) m = 0.f;  // a NaN or infinite row: its sum carries it, as without the shift
+  }
   float c = 0.f;
 #pragma omp simd reduction(+ : c)
-  for (int64_t j = 0; j < V; ++j) c += exp_f32(offset_from_lse(Storage<D>::load(z[j]), inv_t, lse));
-  return std::log(c);
+  for (int64_t j = 0; j < V; ++j) c += exp_f32(offset_from_lse(Storage<D>::load(z[j]), inv_t, lse) - m);
+  return m + std::log(c);
 }
 
 template <int D>
