@@ -383,6 +383,26 @@ def test_one_token_completions_average_metrics_over_every_row(case, rows):
         assert abs(trl[3]["entropy"] - float(d["H"][d["m"]].mean())) > 1e-3
 
 
+@pytest.mark.parametrize("rows", ["some_masked", "all_masked"])
+@pytest.mark.parametrize("case", ["vespo", "vespo_plain"])
+def test_one_token_completions_vespo_phi_mean_over_every_row_with_per_token_advantages(case, rows):
+    """T == 1 with per-token advantages ``[B, 1]``: TRL's ``phi_seq`` has the advantages' shape, ``[B, 1]``, so
+    ``vespo/phi_seq_mean`` averages over every row, a masked row's ``phi`` being that of its vLLM ratio alone
+    (its log-ratio is summed under the mask), while the KL term's ratio stays the unmasked one. fastalign took
+    the masked mean (0 with every row masked, TRL 1)."""
+    d = {k: v[:, :1].contiguous() if v.dim() == 2 else v for k, v in batch(seed=41).items()}
+    g = torch.Generator().manual_seed(42)
+    d["old"] = d["lp"] + torch.randn(d["lp"].shape, generator=g) * 0.4
+    d["A"] = torch.randn(d["lp"].shape, generator=g)
+    d["m"][3:] = False
+    if rows == "all_masked":
+        d["m"][:] = False
+    trl, ours = _call_both(CASES[case], d, 1, 1, True, 1)
+    _compare(trl, ours)
+    if rows == "all_masked" and case == "vespo_plain":
+        assert trl[3]["vespo/phi_seq_mean"] == 1.0  # phi(1): the masked mean would be 0
+
+
 #: dicts whose loss needs what ``GRPOConfig.__post_init__`` derives or defaults: dr_grpo's default
 #: max_completion_length (512), steps_per_generation from generation_batch_size, the deprecated
 #: vllm_importance_sampling_cap (-> vllm_importance_sampling_clip_max)

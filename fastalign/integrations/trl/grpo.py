@@ -398,7 +398,7 @@ class GRPOLoss:
         if logprobs.shape[1] == 1:  # TRL reads [B, 1] tensors as one value per row: means over every row
             metric_mask = torch.ones_like(completion_mask)
             met.update(_every_row_metrics(self.config, logprobs, old_logprobs, advantages, completion_mask, entropy,
-                                          ref_logprobs))
+                                          ref_logprobs, kw.get("importance_weights")))
         if self.adaptive_entropy:  # the bonus stays on at a coefficient of 0: TRL logs policy_loss then too
             met.setdefault("policy_term", loss.detach())
         scale = ga if training else 1
@@ -452,20 +452,29 @@ def _check_inputs(logprobs, old_logprobs, advantages, completion_mask, entropy, 
 
 
 def _every_row_metrics(cfg: PolicyConfig, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                       entropy: Tensor, ref_logprobs: Optional[Tensor]) -> dict:
+                       entropy: Tensor, ref_logprobs: Optional[Tensor], importance_weights: Optional[Tensor]) -> dict:
     """The metrics TRL logs when the completions are one token long (``T == 1``): its ``[B, 1]`` tensors then
-    read as one value per sequence, so ``kl``, ``entropy`` and the clip ratios are means over every row, masked
-    ones included, and ``clip_ratio/low_min`` / ``high_max`` take every row's value. They are the metrics of
-    an all-ones mask, with a masked row's log-ratio 0 under ``importance_sampling_level="sequence"``
-    (``sum_m l / max(sum_m 1, 1)``). vespo's ``phi_mean`` (one value per row already) is not among them."""
-    lp, old = logprobs.detach(), old_logprobs.detach()
-    if cfg.importance_sampling_level == "sequence":
-        old = lp - (lp - old) * mask  # l * m, as TRL's masked sum (a NaN log-ratio stays NaN)
-    cfg = PolicyConfig.make(cfg, entropy_coef=0.0, entropy_agg="loss", entropy_quantile=None,
-                            offpolicy_threshold=None)
-    _, met = policy_loss(lp, old, advantages, torch.ones_like(mask), config=cfg, entropy=entropy.detach(),
+    read as one value per sequence, so ``kl``, ``entropy``, the clip ratios and (with ``[B, 1]`` advantages)
+    vespo's ``phi_mean`` are means over every row, masked ones included, and ``clip_ratio/low_min`` /
+    ``high_max`` take every row's value. They are the metrics of an all-ones mask, with a masked row's
+    log-ratio 0 where TRL sums it under the mask (``importance_sampling_level="sequence"``: ``sum_m l /
+    max(sum_m 1, 1)``; vespo's ``log w = sum_m l + sum log(is_ratio)``, the vLLM ratio over every
+    position). With ``[B]`` advantages ``phi_mean`` is one value per row already and is left as it is."""
+    lp, old, ones = logprobs.detach(), old_logprobs.detach(), torch.ones_like(mask)
+    masked_old = lp - (lp - old) * mask  # l * m, as TRL's masked sum (a NaN log-ratio stays NaN)
+    metrics_cfg = PolicyConfig.make(cfg, entropy_coef=0.0, entropy_agg="loss", entropy_quantile=None,
+                                    offpolicy_threshold=None)
+    # the KL term's ratio (use_bias_correction_kl) is the unmasked exp(l) at token level
+    _, met = policy_loss(lp, masked_old if cfg.importance_sampling_level == "sequence" else old, advantages, ones,
+                         config=metrics_cfg, entropy=entropy.detach(),
                          ref_logprobs=ref_logprobs if cfg.kl_coef != 0.0 else None)
-    return {k: v for k, v in met.items() if k in ("kl", "entropy") or k.startswith("clip_")}
+    out = {k: v for k, v in met.items() if k in ("kl", "entropy") or k.startswith("clip_")}
+    if cfg.row == "vespo" and advantages.dim() == 2:
+        vespo_cfg = PolicyConfig.make(loss_type="vespo", vespo_k=cfg.vespo_k, vespo_lambda=cfg.vespo_lambda,
+                                      backend=cfg.backend)  # phi reads these alone
+        kw = {} if importance_weights is None else dict(importance_weights=importance_weights)
+        out["phi_mean"] = policy_loss(lp, masked_old, advantages, ones, config=vespo_cfg, **kw)[1]["phi_mean"]
+    return out
 
 
 def _empty_rows_clipped(cfg: PolicyConfig, advantages: Tensor, mask: Tensor) -> Tensor:
