@@ -426,8 +426,52 @@ def test_mpt_logit_scale_is_read_as_its_model_applies_it():
     assert head_transform(MPTConfig()) == (1.0, None)  # no logit_scale: a plain head in either code
     remote = MPTConfig(logit_scale="inv_sqrt_d_model", d_model=32)
     assert known_head_transform(remote) is None
-    with pytest.raises(ValueError, match=r"MPTConfig of model_type 'mpt'.*logit_scale='inv_sqrt_d_model'.*softcap="):
+    with pytest.raises(ValueError, match=r"MPTConfig of model_type 'mpt'.*logit_scale='inv_sqrt_d_model'.*softcap=.*"
+                                         r"register_head_transform\('mpt'"):
         head_transform(remote)
+
+
+def test_remote_code_mpt_runs_once_its_transform_is_registered(monkeypatch):
+    """A model_type "mpt" model from MosaicML's remote code (its own config class, logits times
+    ``config.logit_scale``) raised with no way forward for the trainers, which take no per-call transform:
+    ``register_head_transform("mpt", ...)`` refused a listed type. It now states the transform of those configs
+    alone: such a model scores as its own logits, transformers' ``MptConfig`` keeps its plain head, and a second
+    registration or ``packed_rows`` raises."""
+    import fastalign.integrations.hf as hf
+
+    monkeypatch.setattr(hf, "_UNDECIDED_STATED", {})
+    config = transformers.MptConfig(vocab_size=V, d_model=32, n_heads=4, n_layers=2, max_seq_len=64, logit_scale=0.25)
+
+    class MPTConfig(transformers.PretrainedConfig):  # as MosaicML's configuration_mpt.MPTConfig
+        model_type = "mpt"
+
+    class RemoteMPT(transformers.MptForCausalLM):  # as MosaicML's MPTForCausalLM: logits times logit_scale
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * self.config.logit_scale
+            return out
+
+    torch.manual_seed(0)
+    model = RemoteMPT(config).float().eval()
+    remote = MPTConfig.__new__(MPTConfig)  # the same fields in a config class of its own
+    remote.__dict__.update(config.__dict__)
+    model.config = model.transformer.config = remote
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 1.0)  # logits of several units: a scale of 0.25 shows
+    input_ids, attention_mask, labels = batch(seed=4)
+    scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
+    with pytest.raises(ValueError, match=r"register_head_transform\('mpt'"):
+        causal_lm_logprobs(model, input_ids, attention_mask, labels=labels)
+    with pytest.raises(ValueError, match="packed_rows"):
+        hf.register_head_transform("mpt", logit_scale=0.25, packed_rows=True)
+    hf.register_head_transform("mpt", logit_scale=0.25)
+    assert head_transform(remote) == (0.25, None)
+    assert head_transform(config) == (1.0, None)  # transformers' own MptForCausalLM ignores logit_scale
+    with torch.no_grad():
+        ref_lp, _ = reference(model, input_ids, attention_mask)
+        check(causal_lm_logprobs(model, input_ids, attention_mask, labels=labels).logprobs, ref_lp, scored, 1e-5)
+    with pytest.raises(ValueError, match="'mpt' already has a head transform"):
+        hf.register_head_transform("mpt", logit_scale=0.5)
 
 
 def test_dtensor_head_weight_is_gathered(tmp_path):

@@ -88,6 +88,10 @@ HEAD_TRANSFORMS = {
 
 #: The architectures listed above, each checked for packed rows (:func:`_unsplit_packing`).
 _LISTED = frozenset(HEAD_TRANSFORMS)
+#: Listed ``model_type``\ s whose rule cannot tell every config (it returns None: MPT's remote-code config with
+#: ``logit_scale``) -> the transform the caller stated for those configs (:func:`register_head_transform`).
+_UNDECIDED_STATED: dict = {}
+_UNDECIDED = frozenset({"mpt"})
 #: Registered architectures whose caller states that their body splits packed rows (``packed_rows=True``).
 _PACKED_ROWS_STATED: set = set()
 
@@ -102,8 +106,10 @@ _UNSPLIT_PACKED = ("opt", "gpt_oss")
 def known_head_transform(config) -> Optional[tuple[float, Optional[float]]]:
     """``(logit_scale, softcap)`` of :data:`HEAD_TRANSFORMS` (registered architectures included) for this
     ``config``'s ``model_type``, or None for an architecture missing from it."""
-    rule = HEAD_TRANSFORMS.get(getattr(config, "model_type", None))
-    return None if rule is None else rule(config)
+    model_type = getattr(config, "model_type", None)
+    rule = HEAD_TRANSFORMS.get(model_type)
+    transform = None if rule is None else rule(config)
+    return _UNDECIDED_STATED.get(model_type) if transform is None else transform
 
 
 def head_transform(config) -> tuple[float, Optional[float]]:
@@ -114,8 +120,9 @@ def head_transform(config) -> tuple[float, Optional[float]]:
         raise ValueError(
             f"model: a {type(config).__name__} of model_type {model_type!r} that is not transformers' own config "
             f"sets config.logit_scale={getattr(config, 'logit_scale', None)!r}, which that model's forward may apply "
-            "to its logits (transformers' own class ignores it): pass causal_lm_logprobs the logit_scale= and "
-            "softcap= it applies")
+            "to its logits (transformers' own class ignores it): state what it applies, per call with "
+            "causal_lm_logprobs(..., logit_scale=..., softcap=...), or once for every call, the trainers included, "
+            f"with fastalign.integrations.hf.register_head_transform({model_type!r}, logit_scale=..., softcap=...)")
     if transform is None:
         raise ValueError(
             f"model: config.model_type {model_type!r} has no known head transform; supported: "
@@ -139,17 +146,28 @@ def register_head_transform(model_type: str, *, logit_scale: float = 1.0, softca
     """State the head transform of a ``model_type`` missing from :data:`HEAD_TRANSFORMS` (a custom or new
     architecture): its forward computes ``logits = softcap * tanh(logit_scale * lm_head(h) / softcap)`` (no
     ``tanh`` with ``softcap=None``) from the last hidden states ``h``. Every call through this module, the TRL
-    drop-ins included, then reads it. A ``model_type`` already in the table raises (its rule reads the config).
+    drop-ins included, then reads it. A ``model_type`` already in the table raises (its rule reads the config),
+    except ``"mpt"``, whose rule cannot tell a config of another class than transformers' ``MptConfig`` with
+    ``logit_scale`` set (MosaicML's remote code): the stated transform applies to those configs alone, and
+    transformers' own ``MptForCausalLM`` (which ignores ``logit_scale``) keeps its plain head.
 
     ``packed_rows=True`` states that the architecture's body splits packed rows (position ids that restart, or
     ``cu_seqlens``) into independent sequences; without it, packed rows of this ``model_type`` raise, since a
     body may build its causal mask without the position ids and let each sequence see the ones before it."""
     if not isinstance(model_type, str) or not model_type:
         raise TypeError(f"model_type must be a non-empty string, got {model_type!r}")
-    if model_type in HEAD_TRANSFORMS:
-        raise ValueError(f"model_type {model_type!r} already has a head transform (read from its config)")
+    undecided = model_type in _UNDECIDED and model_type not in _UNDECIDED_STATED
+    if model_type in HEAD_TRANSFORMS and not undecided:
+        raise ValueError(f"model_type {model_type!r} already has a head transform "
+                         f"({'stated' if model_type in _UNDECIDED_STATED else 'read from its config'})")
     _validate.boolean("packed_rows", packed_rows)
     scale, cap = _stated_transform(logit_scale, softcap)
+    if undecided:
+        if packed_rows:
+            raise ValueError(f"packed_rows applies to a model_type missing from HEAD_TRANSFORMS; {model_type!r} "
+                             "is listed and its packed rows are checked")
+        _UNDECIDED_STATED[model_type] = (scale, cap)
+        return
     HEAD_TRANSFORMS[model_type] = lambda config: (scale, cap)
     if packed_rows:
         _PACKED_ROWS_STATED.add(model_type)
