@@ -292,8 +292,9 @@ class LigerFusedLinearGRPOLoss(SinglePassAttribute, LiveOptions, nn.Module):
                 cfg = PolicyConfig.make(cfg, dp_size=world)
         token_separable, is_log_sum = cfg.token_separable, None
         if vllm_is_ratio is not None and self.row == "vespo":  # the ratio enters the sequence weight phi
-            with torch.no_grad():  # Liger's sum_t clamp(log r_t, log 1e-8, 20) over every position, padding included
-                is_log_sum = vllm_is_ratio.float().reshape(B, -1).log().clamp(_VESPO_LOG_MIN, 20.0).sum(-1, True)
+            # Liger's sum_t clamp(log r_t, log 1e-8, 20) over every position, padding included, in the ratio's dtype
+            with torch.no_grad():
+                is_log_sum = vllm_is_ratio.reshape(B, -1).log().clamp(_VESPO_LOG_MIN, 20.0).sum(-1, True).float()
             cfg = PolicyConfig.make(cfg, loss_type="reinforce", vespo_k=None, vespo_lambda=None)
         elif vllm_is_ratio is not None:
             kw["importance_weights"] = vllm_is_ratio
