@@ -90,17 +90,16 @@ gpu-check:
 # The wheels a GPU machine without network needs, in .whl/ (gpu-check installs them from there with
 # pip --no-index --find-links .whl, into a separate folder, without touching the environment), all for
 # the GPU machine's Python 3.12 on manylinux x86_64:
-# - GPU_TOOLS, with their dependencies: the build (pyproject's build-system: scikit-build-core, pybind11,
-#   and the cmake and ninja it runs) and the GPU tests (pytest, pytest-benchmark, hypothesis);
-# - GPU_PEERS, the benchmark's third-party peers, without theirs (torch, transformers: the machine's own).
-GPU_TOOLS ?= pytest==9.2.0 pytest-benchmark==5.3.1 hypothesis==6.170.17 scikit-build-core==1.1.2 pybind11==3.1.0 \
-  cmake==4.4.5 ninja==1.13.2
-GPU_PEERS ?= liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0 datasets==4.8.5 dill==0.4.1 multiprocess==0.70.19
+# - benchmarks/gpu_tools.txt, with their dependencies: the build (pyproject's build-system: scikit-build-core,
+#   pybind11, and the cmake and ninja it runs) and the GPU tests (pytest, pytest-benchmark, hypothesis);
+# - benchmarks/gpu_peers.txt, the benchmark's third-party peers, without theirs (torch, transformers: the
+#   machine's own).
+# gpu_check.sh reads the same two lists.
 GPU_WHEEL_TARGET := --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 gpu-peers:
-	$(PY) -m pip download -q $(GPU_WHEEL_TARGET) -d .whl $(GPU_TOOLS)
-	$(PY) -m pip download -q --no-deps $(GPU_WHEEL_TARGET) -d .whl $(GPU_PEERS)
+	$(PY) -m pip download -q $(GPU_WHEEL_TARGET) -d .whl -r benchmarks/gpu_tools.txt
+	$(PY) -m pip download -q --no-deps $(GPU_WHEEL_TARGET) -d .whl -r benchmarks/gpu_peers.txt
 
 # The whole suite on the torch and Triton that GPU machines carry (CUDA builds, run here on the CPU;
 # about 5 GB in .venv-compat). NumPy stays below 2.4, which the Triton 3.6 interpreter cannot use.

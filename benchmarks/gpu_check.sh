@@ -43,20 +43,23 @@ if [ $deps_only = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda
 fi
 
 # the wheels of .whl/ (make gpu-peers) in a folder of their own, first on every step's import path
-tools="pytest pytest-benchmark hypothesis scikit-build-core pybind11 cmake ninja"
+# (the lists of `make gpu-peers`: benchmarks/gpu_tools.txt and gpu_peers.txt, one requirement a line)
+requirements() { sed -e 's/#.*//' -e 's/[[:space:]]//g' "benchmarks/$1" | grep -v '^$'; }
 peers_dir=${TMPDIR:-/tmp}/fastalign-peers
 if ls .whl/*.whl >/dev/null 2>&1; then
   rm -rf "$peers_dir"
   # each tool with its dependencies, then each peer alone, so one that does not fit loses only itself
-  for t in $tools; do
+  for t in $(requirements gpu_tools.txt); do
     "$PY" -m pip install -q --no-index --find-links .whl --no-compile --target "$peers_dir" "$t" 2>/dev/null \
       || echo "gpu-check: $t does not install from .whl/ here (make gpu-peers fetches it for Python 3.12)" >&2
   done
-  for w in .whl/*.whl; do
-    case $(basename "$w") in liger_kernel-*|cut_cross_entropy-*|trl-*|datasets-*|dill-*|multiprocess-*)
+  for p in $(requirements gpu_peers.txt); do
+    name=$(printf '%s' "${p%%[=<>!~]*}" | tr 'A-Z.-' 'a-z__')  # a wheel's file name: lower case, "_" for "-"
+    for w in .whl/"$name"-*.whl; do
+      [ -e "$w" ] || continue
       "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$peers_dir" "$w" 2>/dev/null \
-        || echo "gpu-check: $(basename "$w") does not install here; the benchmark goes without it" >&2 ;;
-    esac
+        || echo "gpu-check: $(basename "$w") does not install here; the benchmark goes without it" >&2
+    done
   done
   export PYTHONPATH="$peers_dir${PYTHONPATH:+:$PYTHONPATH}"
   export PATH="$peers_dir/bin:$PATH"

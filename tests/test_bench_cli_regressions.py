@@ -77,11 +77,21 @@ def test_gpu_check_deps_only_runs_without_a_gpu(tmp_path):
 
 
 def test_gpu_peers_downloads_the_build_and_test_tools():
+    """``make gpu-peers`` and gpu_check.sh read the same two lists of wheels."""
     res = subprocess.run(["make", "-n", "gpu-peers"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    for name in ("hypothesis", "pytest==", "pytest-benchmark", "scikit-build-core", "pybind11", "ninja", "cmake",
-                 "--python-version 3.12", "manylinux"):
-        assert name in res.stdout, name
+    for arg in ("-r benchmarks/gpu_tools.txt", "--no-deps", "-r benchmarks/gpu_peers.txt", "--python-version 3.12",
+                "manylinux"):
+        assert arg in res.stdout, arg
+    tools = (ROOT / "benchmarks" / "gpu_tools.txt").read_text()
+    for name in ("hypothesis==", "pytest==", "pytest-benchmark==", "scikit-build-core==", "pybind11==", "ninja==",
+                 "cmake=="):
+        assert f"\n{name}" in tools, name
+    peers = (ROOT / "benchmarks" / "gpu_peers.txt").read_text()
+    for name in ("liger-kernel==", "cut-cross-entropy==", "trl=="):
+        assert f"\n{name}" in peers, name
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    assert "requirements gpu_tools.txt" in script and "requirements gpu_peers.txt" in script
 
 
 def test_recorded_markdown_shows_the_load_and_the_rows_timed_once():
