@@ -241,6 +241,17 @@ def test_from_a_dict_config():
         fverl.compute_advantage({"adv_estimator": "grpo", "gdpo_reward_weights": [1.0]}, r, mask, index)
 
 
+def test_pf_ppo_resampling_after_gae_is_refused():
+    """verl's ``compute_advantage`` resamples the batch after gae when ``use_pf_ppo`` is set (its other estimators
+    ignore the flag); fastalign's returns the advantages of the batch as given: the flag raises with gae only."""
+    _, token_r, mask, values, _ = _batch(seed=8)
+    for config in (AlgoConfig(adv_estimator="gae", use_pf_ppo=True), {"adv_estimator": "gae", "use_pf_ppo": True}):
+        with pytest.raises(ValueError, match="use_pf_ppo.*compute_pf_ppo_reweight_data"):
+            fverl.compute_advantage(config, token_r, mask, values=values)
+    cfg = AlgoConfig(adv_estimator="reinforce_plus_plus", use_pf_ppo=True)
+    _close(fverl.compute_advantage(cfg, token_r, mask)[0], _verl(cfg, token_r, mask)[0], "reinforce_plus_plus")
+
+
 # ------------------------------------------------------------------ the options behind the profile, vs the reference
 
 @pytest.mark.parametrize("dtype", [torch.float32, D])

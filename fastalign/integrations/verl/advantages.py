@@ -79,7 +79,7 @@ __all__ = ["ALGO_DEFAULTS", "ESTIMATORS", "algo_options", "compute_advantage"]
 
 #: verl 0.9.1's ``AlgoConfig`` defaults for the fields the advantages read.
 ALGO_DEFAULTS: Dict[str, Any] = dict(adv_estimator="gae", gamma=1.0, lam=1.0, norm_adv_by_std_in_grpo=True,
-                                     gdpo_reward_weights=None)
+                                     gdpo_reward_weights=None, use_pf_ppo=False)
 
 #: verl's sequence-level estimators → ``group_advantages`` options (grpo's std comes from the config).
 _GROUPED: Dict[str, Dict[str, Any]] = {
@@ -119,6 +119,10 @@ def algo_options(config=None) -> Dict[str, Any]:
                          "(its trainer passes it to grpo and grpo_passk only)")
     if out["gdpo_reward_weights"] is not None and est != "gdpo":
         raise ValueError(f"gdpo_reward_weights does not apply to adv_estimator {est!r}")
+    if out["use_pf_ppo"] and est == "gae":
+        raise ValueError("use_pf_ppo=True does not apply here: after gae, verl's compute_advantage resamples the "
+                         "batch by its scores (core_algos.compute_pf_ppo_reweight_data), a step on the batch; these "
+                         "are the advantages of the batch as given (resample it with that function)")
     out["adv_estimator"] = est
     return out
 
@@ -213,7 +217,8 @@ def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor
     Args:
         config: verl's ``AlgoConfig`` (or ``algorithm`` dict): ``adv_estimator``, ``gamma``, ``lam``,
             ``norm_adv_by_std_in_grpo``, ``gdpo_reward_weights``; a dict key that is not a field of
-            ``AlgoConfig`` raises ``ValueError``.
+            ``AlgoConfig`` raises ``ValueError``, and so does ``use_pf_ppo=True`` with gae (verl then
+            resamples the batch, which is not part of the advantages).
         token_level_rewards: ``[B, T]``; the sequence-level estimators use its row sums.
         response_mask: ``[B, T]``.
         index: the ``uid`` of each response (its prompt group) for the grouped estimators.
