@@ -202,15 +202,44 @@ def test_vespo_refuses_a_sequence_weighted_kl():
         GRPOLoss(dict(loss_type="vespo", importance_sampling_level="sequence", beta=0.04))
 
 
-def test_cispo_clip_ratio_counts_empty_rows_at_sequence_level():
+@pytest.mark.parametrize("empty_advantage", [1.0, 0.0, -1.0])
+@pytest.mark.parametrize("epsilon_high", [0.2, 1.0])
+def test_cispo_clip_ratio_counts_empty_rows_at_sequence_level(epsilon_high, empty_advantage):
     """TRL's cispo_clip_ratio under importance_sampling_level="sequence" averages over every row, and an
-    empty completion (ratio exp(0) = 1 > epsilon_high) with a positive advantage counts as clipped."""
+    empty completion (ratio exp(0) = 1) counts as clipped when ``1 > epsilon_high`` and its advantage is
+    positive (``A > 0``: a zero advantage, common in GRPO groups of equal rewards, does not count)."""
     d = batch(seed=3)
-    d["A"][1] = 1.0  # row 1 is the empty completion
-    trl, ours = _call_both(dict(loss_type="cispo", importance_sampling_level="sequence", epsilon_high=0.2), d,
-                           1, 1, True, 1)
+    d["A"][1] = empty_advantage  # row 1 is the empty completion
+    config = dict(loss_type="cispo", importance_sampling_level="sequence", epsilon_high=epsilon_high)
+    trl, ours = _call_both(config, d, 1, 1, True, 1)
     _compare(trl, ours)
-    assert trl[3]["cispo_clip_ratio"] >= 1 / 6
+    d["A"][1] = -1.0  # the empty row not clipped
+    unclipped = _call_both(config, d, 1, 1, True, 1)[0][3]["cispo_clip_ratio"]
+    counted = epsilon_high < 1.0 and empty_advantage > 0
+    assert trl[3]["cispo_clip_ratio"] == pytest.approx(unclipped + (1 / 6 if counted else 0.0))
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "bnpo", "cispo", "vespo"])
+def test_micro_batch_of_masked_completions_gives_trls_zero_loss(loss_type):
+    """Every completion of the step masked (``mask_truncated_completions`` on a batch of truncated ones):
+    ``num_items_in_batch`` is 0 and TRL clamps the normaliser at 1, a loss of 0, not 0 / 0."""
+    d = batch(seed=16)
+    d["m"][:] = False
+    trl, ours = _call_both(dict(loss_type=loss_type), d, 2, 1, True, 2)
+    _compare(trl, ours)
+    assert trl[0] == 0.0
+
+
+@pytest.mark.parametrize("quantile", [0.995, 0.5])
+def test_top_entropy_quantile_close_to_one_drops_the_lowest_entropy_token(quantile):
+    """``top_entropy_quantile`` just below 1 already leaves out the lowest-entropy token (TRL's threshold is
+    the interpolated ``1 - q`` quantile of the entropies)."""
+    d = batch(seed=17)
+    config = dict(loss_type="grpo", top_entropy_quantile=quantile)
+    trl, ours = _call_both(config, d, 1, 1, True, 1)
+    _compare(trl, ours)
+    every_token = _call_both(dict(loss_type="grpo"), d, 1, 1, True, 1)[0]
+    assert abs(float(trl[0]) - float(every_token[0])) > 1e-6
 
 
 def test_importance_sampling_ratio_without_correction_raises():
@@ -289,9 +318,15 @@ def _ratio_from_logprobs(old, sampling, m, mode, lo, hi):
 
 
 @pytest.mark.parametrize("mode,lo,hi", [("token_truncate", 0.9, 1.1), ("token_mask", None, 1.2),
-                                        ("sequence_truncate", None, 1.3), ("sequence_mask", 0.5, 1.5)])
+                                        ("sequence_truncate", None, 1.3), ("sequence_mask", 0.5, 1.5),
+                                        ("token_truncate", 0.5, None), ("sequence_mask", 0.5, None)])
 def test_ratio_computed_from_sampling_logprobs(mode, lo, hi):
+    """The vLLM ratio from ``sampling_logprobs``; ``vllm_importance_sampling_clip_max=None`` is TRL's ratio
+    with no upper bound (here ratios of ~5, past the default bound 3)."""
     d = batch(seed=12)
+    if hi is None:
+        d["sampling"][2:] -= 1.6 / (1 if mode.startswith("token") else d["m"][2:].sum(-1, keepdim=True).clamp(min=1))
+        assert _ratio_from_logprobs(d["old"], d["sampling"], d["m"], mode, lo, hi).max() > 4.0
     config = dict(loss_type="bnpo", use_vllm=True, vllm_importance_sampling_mode=mode,
                   vllm_importance_sampling_clip_min=lo, vllm_importance_sampling_clip_max=hi)
     ratio = _ratio_from_logprobs(d["old"], d["sampling"], d["m"], mode, lo, hi)
@@ -447,15 +482,34 @@ def test_dict_config_gives_the_grpo_config_loss(case, nproc, monkeypatch):
         _compare(trl, (loss, x.grad, h.grad, met))
 
 
-def test_dict_config_errors_of_grpo_config():
-    """The dict path raises where ``GRPOConfig.__post_init__`` does, and for a generation batch that does
-    not split over the processes."""
-    with pytest.raises(ValueError, match="generation_batch_size and GRPOConfig.steps_per_generation"):
-        GRPOLoss(dict(generation_batch_size=8, steps_per_generation=2))
-    with pytest.raises(ValueError, match="vllm_importance_sampling_clip_min"):
-        GRPOLoss(dict(use_vllm=True, vllm_importance_sampling_clip_min=1.5, vllm_importance_sampling_cap=1.2))
-    with pytest.raises(ValueError, match="vllm_importance_sampling_mode"):
-        GRPOLoss(dict(vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=None))
+def test_dict_defaults_are_grpo_configs():
+    """A field a dict config leaves out takes ``GRPOConfig``'s default (the vLLM ratio's upper bound 3.0, the
+    sapo / vespo shapes, ...)."""
+    from fastalign.integrations.trl.grpo import _DEFAULTS
+
+    for k, v in _DEFAULTS.items():
+        assert DEFAULTS[k] == v, k
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(generation_batch_size=8, steps_per_generation=2), "generation_batch_size and GRPOConfig.steps_per_generation"),
+    (dict(use_vllm=True, vllm_importance_sampling_clip_min=1.5, vllm_importance_sampling_cap=1.2),
+     "vllm_importance_sampling_clip_min"),
+    (dict(use_vllm=True, vllm_importance_sampling_clip_min=2.0, vllm_importance_sampling_clip_max=2.0),
+     "vllm_importance_sampling_clip_min"),
+    (dict(vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=None),
+     "vllm_importance_sampling_mode"),
+])
+@pytest.mark.filterwarnings("ignore:The `vllm_importance_sampling_cap` argument is deprecated:FutureWarning")
+def test_dict_config_errors_of_grpo_config(fields, match):
+    """The dict path raises where ``GRPOConfig.__post_init__`` does."""
+    with pytest.raises(ValueError):
+        GRPOConfig(output_dir="/tmp/fastalign-grpo", report_to=[], use_cpu=True, **fields)
+    with pytest.raises(ValueError, match=match):
+        GRPOLoss(fields)
+
+
+def test_generation_batch_that_does_not_split_over_the_processes_raises():
     d = batch(seed=14)
     loss = GRPOLoss(dict(loss_type="dapo", per_device_train_batch_size=4, generation_batch_size=12))
     with pytest.raises(ValueError, match="generation_batch_size"):  # 12 = 3 steps of 4 rows on 1 process, not on 2
