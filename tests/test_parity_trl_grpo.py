@@ -242,6 +242,16 @@ def test_top_entropy_quantile_close_to_one_drops_the_lowest_entropy_token(quanti
     assert abs(float(trl[0]) - float(every_token[0])) > 1e-6
 
 
+def test_adaptive_entropy_logs_the_coefficient_of_the_step():
+    """With ``use_adaptive_entropy`` the caller passes the controller's coefficient of the step: the bonus and
+    the logged ``entropy_coef`` are that one, not the config's starting ``entropy_coef``."""
+    d = batch(seed=18)
+    loss = GRPOLoss(dict(loss_type="dapo", use_adaptive_entropy=True, entropy_coef=0.01))
+    for coef in (0.05, 0.0):
+        _, met = loss(d["lp"], d["old"], d["A"], d["m"], entropy=d["H"], num_items_in_batch=30, entropy_coef=coef)
+        assert float(met["entropy_coef"]) == pytest.approx(coef)
+
+
 def test_importance_sampling_ratio_without_correction_raises():
     d = batch(seed=4)
     loss = GRPOLoss(dict(loss_type="grpo", use_vllm=True, vllm_importance_sampling_correction=False))

@@ -83,6 +83,11 @@ CASES = {
     "kl_cov": dict(loss_mode="kl_cov", policy_loss=dict(kl_cov_ratio=0.1, ppo_kl_coef=0.1), **KL),
     "geo_mean": dict(loss_mode="geo_mean", clip_ratio_low=0.1, clip_ratio_high=0.15, is_weights=True, **KL),
     "geo_mean_seq_terms": dict(loss_mode="geo_mean", loss_agg_mode="seq-mean-token-mean", entropy_coeff=0.01),
+    # the terms apart from a policy term that aggregates itself, over the non-empty sequences (an empty one here)
+    "geo_mean_token_sum_norm_terms": dict(loss_mode="geo_mean", loss_agg_mode="seq-mean-token-sum-norm",
+                                          loss_scale_factor=16, entropy_coeff=0.01, **KL),
+    "sapo_token_sum_norm_terms": dict(loss_mode="sapo", loss_agg_mode="seq-mean-token-sum-norm", entropy_coeff=0.01,
+                                      **KL),
     "cispo": dict(loss_mode="cispo", clip_ratio_low=0.1, clip_ratio_high=0.1, entropy_coeff=0.01),
     "dppo_tv": dict(loss_mode="dppo_tv", clip_ratio_low=0.05, clip_ratio_high=0.03, clip_ratio_c=1.1,
                     entropy_coeff=0.01, **KL),
