@@ -130,9 +130,11 @@ def test_profile_defaults_are_trls():
             assert trl_default == v, (cls.__name__, k, trl_default, v)
 
 
-def _run_dpo(cfg_kw, dtype=D, seed=0, ref_per_sequence=False):
+def _run_dpo(cfg_kw, dtype=D, seed=0, ref_per_sequence=False, ref_is_policy=False):
     args = _config(DPOConfig, **cfg_kw)
     lp, ref, mask, lssp = _dpo_batch(seed=seed, dtype=dtype)
+    if ref_is_policy:
+        ref = lp.clone()
     a = lp.clone().requires_grad_()
     loss_t, m_t = _trl_dpo(args, a, ref, mask, lssp)
     (g_t,) = torch.autograd.grad(loss_t, a)
@@ -153,6 +155,25 @@ def _run_dpo(cfg_kw, dtype=D, seed=0, ref_per_sequence=False):
     _compare_metrics(m_f, m_t, DPO_METRICS)
     assert set(m_f) == set(DPO_METRICS)
     return loss_f
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_first_step_with_the_policy_as_reference_counts_no_accurate_pair(loss_type):
+    """At the first step the policy is the reference: every reward is 0, and TRL's ``rewards/accuracies``
+    (``chosen > rejected``, strictly) is 0, not 1."""
+    _run_dpo(dict(loss_type=loss_type, beta=0.1), ref_is_policy=True)
+    args = _config(DPOConfig, loss_type=loss_type, beta=0.1)
+    lp, _, mask, _ = _dpo_batch()
+    assert float(P.DPOLoss(args)(lp, mask, lp.clone())[1]["rewards/accuracies"]) == 0.0
+
+
+@pytest.mark.parametrize("field", ["beta"])
+@pytest.mark.parametrize("value", [0.0, -0.1])
+def test_dpo_beta_must_be_positive(field, value):
+    """TRL computes with ``beta <= 0``; fastalign's preference losses take ``beta > 0`` only, so the profile refuses
+    it when built (docs/parity-policy.md), naming the config field."""
+    with pytest.raises(ValueError, match=f"DPOConfig.{field}"):
+        P.DPOLoss(dict(loss_type=["sigmoid"], **{field: value}))
 
 
 @pytest.mark.parametrize("loss_type", DPO_TYPES)

@@ -45,9 +45,10 @@ def test_phi_mean_per_token_advantages_is_the_masked_token_mean(cpu_backend):
 
 def test_phi_mean_expanded_row_advantages_weights_rows_by_length(cpu_backend):
     """One advantage per row, given as [B, T]: a token mean (rows weighted by their length); as [B]: a row
-    mean over every row (an empty one's phi is exp(lam - lam) = 1)."""
+    mean over every row (an empty one's phi is exp(lam - lam) = 1). A zero advantage takes the (k, lambda) of
+    ``A >= 0``."""
     lp, old, _, m = _batch(seed=1)
-    a_row = torch.tensor([0.7, -1.2, 0.4, -0.3])
+    a_row = torch.tensor([0.0, -1.2, 0.4, -0.3])
     pos = (a_row >= 0)[:, None]
     phi = _phi64(lp, old, m, pos)
     cases = {"token": (a_row[:, None].expand(m.shape).contiguous(), (phi * m).sum() / m.sum()),
