@@ -526,6 +526,13 @@ def _run_cpo(cfg_kw, seed=0, empty=()):
     return loss_f, g_f
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
+def test_cpo_tied_pair_is_not_counted_accurate(loss_type):
+    """A pair whose chosen and rejected completions are both empty has equal rewards (0): TRL's
+    ``rewards/accuracies`` counts ``chosen > rejected`` strictly, so the tie is not accurate."""
+    _run_cpo(dict(loss_type=loss_type, beta=0.2), empty=(1, 4))
+
+
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "simpo", "alphapo"])
 @pytest.mark.parametrize("alpha", [0.0, 0.1, -0.2])
 def test_cpo_each_loss_type_and_alphapo_reward(loss_type, alpha):
