@@ -405,15 +405,37 @@ def moe_checkpoint(checkpoint, tmp_path_factory):
 
 
 @pytest.mark.parametrize("options", [dict(loss_type="grpo", beta=0.04),
-                                     dict(loss_type="dapo", top_entropy_quantile=0.5, entropy_coef=0.02)],
-                         ids=["single-pass", "entropy-quantile"])
+                                     dict(loss_type="dapo", top_entropy_quantile=0.5, entropy_coef=0.02),
+                                     dict(loss_type="grpo", beta=0.04, gradient_accumulation_steps=2, steps_per_generation=1)],
+                         ids=["single-pass", "entropy-quantile", "accumulated"])
 def test_grpo_moe_load_balancing_loss_matches_trl(moe_checkpoint, tmp_path, options):
     """A MoE model's load-balancing loss from the router logits of the same body forward: loss, aux_loss and the
-    update (router weights included) equal TRL's."""
+    update (router weights included) equal TRL's (accumulated: each micro-batch's share of it divided by the
+    accumulation steps, as TRL's)."""
     theirs = _run(_grpo(trl.GRPOTrainer, moe_checkpoint, tmp_path / "trl", options))
     ours = _run(_grpo(fa_trl.GRPOTrainer, moe_checkpoint, tmp_path / "fa", options))
     assert ours[0]["aux_loss@0"] > 0
     _compare(theirs, ours)
+
+
+def test_grpo_moe_load_balancing_loss_of_row_chunks_matches_trl(moe_checkpoint, tmp_path):
+    """_get_per_token_logps_and_entropies over chunks of rows (batch_size) with compute_aux_loss: the log-probs,
+    entropies and load-balancing loss (the mean of the chunks') equal TRL's own method."""
+    def build(cls, out):
+        return _grpo(cls, moe_checkpoint, out, dict(loss_type="grpo"))
+
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9], [9, 3, 8, 4, 7, 5, 6], [5, 5, 6, 6, 7, 7, 1], [4, 3, 9, 8, 1, 0, 0]])
+    attention = (ids != 0).long()
+    results = []
+    for cls, out in ((trl.GRPOTrainer, tmp_path / "trl"), (fa_trl.GRPOTrainer, tmp_path / "fa")):
+        trainer = build(cls, out)
+        results.append(trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention, 4, batch_size=1,
+                                                                   compute_entropy=True, compute_aux_loss=True))
+    (t_lp, t_entropy, t_aux), (o_lp, o_entropy, o_aux) = results
+    torch.testing.assert_close(o_lp, t_lp, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(o_entropy, t_entropy, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(o_aux, t_aux, rtol=RTOL, atol=ATOL)
+    assert t_aux.requires_grad and o_aux.requires_grad
 
 
 def test_dpo_moe_load_balancing_loss_matches_trl(moe_checkpoint, tmp_path, item_passes):
