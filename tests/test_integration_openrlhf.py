@@ -204,6 +204,23 @@ def test_policy_loss_option_combinations_match_openrlhf(orl, loss_type, eps, dua
     _compare_policy(orl, kw, lp, old, A, m, roll, dp, kw)
 
 
+@pytest.mark.parametrize("gate", [("token", "ratio", "mask", (1.0, 2.0)), ("token", "ratio", "mask", (0.5, 1.0)),
+                                  ("token", "ratio", "clip", (1.0, 2.0)), ("seq", "ratio", "mask", (1.0, 2.0)),
+                                  ("token", "tv", "mask", (0.0, 0.05)), ("token", "binary_kl", "mask", (0.0, 0.02))],
+                         ids=["ratio-low", "ratio-high", "ratio-clip-low", "seq-low", "tv-zero", "binary-kl-zero"])
+def test_correction_statistic_on_a_bound_is_kept_as_openrlhf(orl, gate):
+    """A statistic exactly on a bound of is_correction_threshold is inside the band (OpenRLHF keeps
+    ``low <= stat <= high`` and filters only past it): rollout log-probs equal to the old policy's on half
+    the rows give a ratio of exactly 1 and a divergence of exactly 0."""
+    lp, old, A, m, roll = _batch(41)
+    roll = torch.where(torch.arange(roll.shape[0])[:, None] % 2 == 0, old, roll)
+    kw = dict(is_correction_level=gate[0], is_correction_gating=gate[1], is_correction_mode=gate[2],
+              is_correction_threshold=gate[3])
+    (_, *_, filt), _ = _run_policy(orl.PolicyLoss, kw, lp, old, A, m, roll, torch.float64, {})
+    assert 0 < filt < 1  # rows on the bound kept, others filtered
+    _compare_policy(orl, kw, lp, old, A, m, roll, False, kw)
+
+
 @pytest.mark.parametrize("as_tensor", [False, True], ids=["number", "tensor"])
 @pytest.mark.parametrize("count", [0.75, 0.5, 0.25, 2.5])
 @pytest.mark.parametrize("token_level", [True, False], ids=["token", "sample"])
