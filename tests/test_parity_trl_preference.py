@@ -395,12 +395,27 @@ def test_dpo_from_a_dict_and_unknown_keys():
 def test_dpo_linear_loss_matches_trl_on_hidden_states(cfg):
     """dpo_linear_loss (hidden states x LM head, float32 kernels) against DPOTrainer on the float64
     log-probs of the same logits: float32 accumulation, so 2e-5 here instead of 1e-6."""
+    _dpo_linear_vs_trl(cfg)
+
+
+def test_dpo_linear_loss_wpo_weights_above_one_match_trl():
+    """Labels that are the likeliest tokens (p_t > sum_j p_j^2): WPO weights above 1, uncapped as TRL's."""
+    lssp, lp, mask = _dpo_linear_vs_trl(dict(loss_type="sigmoid", use_weighting=True), likeliest=True)
+    wpo = ((lp - lssp) * mask).sum(1) / mask.sum(1)
+    assert (wpo[:2] + wpo[2:]).exp().max() > 1.5
+
+
+def _dpo_linear_vs_trl(cfg, likeliest=False):
+    """Compare; ``likeliest``: the labels are the argmax tokens of the policy's logits. Returns TRL's
+    ``(log sum_j p_j^2, log p_t, mask)``."""
     g = torch.Generator().manual_seed(5)
     B, T, H, V = 2, 5, 8, 11
     args = _config(DPOConfig, **cfg)
     hidden = torch.randn(2 * B, T, H, generator=g)
     weight = torch.randn(V, H, generator=g) * 0.5
     labels = torch.randint(0, V, (2 * B, T), generator=g)
+    if likeliest:
+        labels = (hidden @ weight.T).argmax(-1)
     labels[1, 3:] = -100
     labels[B + 1, 1:] = -100
     mask = (labels != -100).to(D)
@@ -424,6 +439,7 @@ def test_dpo_linear_loss_matches_trl_on_hidden_states(cfg):
     torch.testing.assert_close(g_f.to(D), g_t.to(D), **tol)
     for k in DPO_METRICS:
         torch.testing.assert_close(m_f[k].to(D), torch.as_tensor(m_t[k], dtype=D), **tol, msg=k)
+    return lssp.detach(), lp.detach(), mask
 
 
 # ------------------------------------------------------------------------------------------ CPO / ORPO
