@@ -378,12 +378,13 @@ def test_vespo_small_is_ratio_clamps_the_sequence_weight_as_liger():
 
 
 @pytest.mark.parametrize("shift, ratio_value, beta", [(30.0, 1e-5, 0.0), (-40.0, math.exp(7.0), 0.0),
-                                                       (30.0, 1e-4, 0.05)])
+                                                       (30.0, 1e-4, 0.05), (-0.5, (math.exp(25.0), math.exp(-4.0)), 0.0)])
 def test_vespo_is_log_sum_beyond_a_token_bound_is_clamped_once_as_liger(shift, ratio_value, beta):
     """A per-token ``vllm_is_ratio`` far from 1 at every position, padding included, beside a policy log-ratio of the
     other sign: Liger adds the IS log-sum to the sequence's log-ratio sum and clamps the total once, to [log 1e-8,
     20]. fastalign spread the log-sum over the scored tokens and clamped each share to that range first, so a share
-    beyond it (|sum| / n > 18.4) gave another weight: phi ~1 against Liger's ~0 (a loss of 3.7 against 7e-15)."""
+    beyond it (|sum| / n > 18.4) gave another weight: phi ~1 against Liger's ~0 (a loss of 3.7 against 7e-15).
+    ``(first, rest)``: the first position's ratio, past e^20, is clamped to 20 within the log-sum (0 here, not 5)."""
     d = _grpo_batch(9, B=2, T=6)
     d["mask"] = torch.zeros_like(d["mask"])
     d["mask"][:, :2] = 1  # 2 scored tokens, 4 padding positions
@@ -391,7 +392,9 @@ def test_vespo_is_log_sum_beyond_a_token_bound_is_clamped_once_as_liger(shift, r
     with torch.no_grad():
         lp = torch.log_softmax(d["hidden"] @ d["weight"].T + d["bias"], -1).gather(-1, d["ids"][..., None])[..., 0]
     d["old"] = lp - shift / 2  # the policy's log-ratio sum over the scored tokens: shift
-    ratio = torch.full(d["ids"].shape, ratio_value)
+    first, rest = ratio_value if isinstance(ratio_value, tuple) else (ratio_value, ratio_value)
+    ratio = torch.full(d["ids"].shape, rest)
+    ratio[:, 0] = first
     fa, lg = _grpo_pair(dict(loss_type="vespo", beta=beta, use_ref_model=beta != 0.0))
     leaves_fa, leaves_lg = _leaves(d["hidden"], d["weight"], d["bias"]), _leaves(d["hidden"], d["weight"], d["bias"])
     out_fa = _run_grpo(fa, d, leaves_fa, ref_mode="logps", vllm_is_ratio=ratio, num_items_in_batch=4)
