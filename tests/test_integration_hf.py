@@ -298,6 +298,34 @@ def test_fp32_head_with_bf16_autocast():
     check(stats.logprobs, ref, scored, 0.15)
 
 
+def test_fp32_model_under_bf16_autocast_rounds_the_head_operands_to_bf16():
+    """An fp32 model under a bf16 autocast: its nn.Linear head multiplies the hidden states and the weight rounded
+    to bf16 (accumulating in fp32), so the log-probs equal float64 log-softmax of those rounded operands, not of
+    the fp32 ones (which differ by up to ~0.05 nats here)."""
+    model = tiny_model("qwen2")
+    input_ids, attention_mask, labels = batch(seed=6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels)
+    h, w = hidden[:, :-1].to(torch.bfloat16).double(), model.lm_head.weight.to(torch.bfloat16).double()
+    ref = torch.log_softmax(h @ w.T, -1).gather(-1, input_ids[:, 1:, None])[..., 0]
+    unrounded = torch.log_softmax(hidden[:, :-1].double() @ model.lm_head.weight.double().T, -1)
+    scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
+    assert (unrounded.gather(-1, input_ids[:, 1:, None])[..., 0] - ref)[scored].abs().max() > 1e-2
+    check(stats.logprobs, ref, scored, 1e-4)
+
+
+def test_head_and_body_dtypes_differing_outside_autocast_raise_naming_the_model():
+    """A bf16 body with an fp32 head, outside autocast and without head_dtype: a TypeError naming the model's head
+    and hidden states (not the internal arguments of the vocabulary pass), with the two ways out."""
+    model = tiny_model("qwen2").to(torch.bfloat16)
+    model.lm_head.float()
+    ids = torch.randint(1, V, (2, 6), generator=torch.Generator().manual_seed(4))
+    message = r"^model: the output head weight is torch.float32 but the hidden states are torch.bfloat16; run under"
+    with torch.no_grad(), pytest.raises(TypeError, match=message):
+        causal_lm_logprobs(model, ids)
+
+
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16-model", "bf16-autocast"])
 def test_head_dtype_fp32_runs_the_head_in_fp32(autocast):
     """head_dtype=torch.float32 (TRL's cast_lm_head_to_fp32): the hidden states and the head cast up, whatever the
@@ -575,6 +603,21 @@ def test_packed_rows_refused_where_the_body_does_not_split_them(arch):
         input_ids, attention_mask, labels = batch(seed=3)
         ref_lp, _ = reference(model, input_ids, attention_mask)
         got = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels).logprobs
+    check(got, ref_lp, (labels[:, 1:] != -100) & attention_mask[:, 1:].bool(), 1e-4)
+
+
+@pytest.mark.parametrize("arch", ["opt", "gpt_oss"])
+def test_padded_rows_with_position_ids_of_an_unsplit_body_are_scored(arch):
+    """Only packed rows without an attention mask are refused for a body that does not split them: left- and
+    right-padded rows with an attention mask and the position ids a trainer builds from it (``cumsum - 1``, which
+    repeat over the padding) score as the model's own logits on the same inputs."""
+    model = _auto_model(arch, **UNSPLIT_ARCHS[arch])
+    input_ids, attention_mask, labels = batch(seed=3)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    assert (position_ids[:, 1:] - position_ids[:, :-1] != 1).any()
+    with torch.no_grad():
+        ref_lp, _ = reference(model, input_ids, attention_mask, position_ids=position_ids)
+        got = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, position_ids=position_ids).logprobs
     check(got, ref_lp, (labels[:, 1:] != -100) & attention_mask[:, 1:].bool(), 1e-4)
 
 

@@ -175,6 +175,7 @@ CASES = {
     "none": dict(reduction="none"),
     "label_smoothing": dict(label_smoothing=0.2),
     "label_smoothing_none": dict(label_smoothing=0.3, reduction="none"),
+    "label_smoothing_one": dict(label_smoothing=1.0),  # the bound Liger accepts: the loss is the smoothing alone
     "z_loss": dict(lse_square_scale=0.1, return_z_loss=True),
     "z_loss_sum_scaled": dict(lse_square_scale=0.05, return_z_loss=True, reduction="sum", use_token_scaling=True),
     "z_loss_reported_at_zero_scale": dict(return_z_loss=True, reduction="none"),
@@ -242,6 +243,53 @@ def test_every_target_ignored_matches_liger(reduction, liger_interpreter):
     assert (fa[0]["loss"] == 0).all() and all((g == 0).all() for g in fa[1])
     if reduction != "none":
         assert math.isnan(float(fa[0]["token_accuracy"]))
+
+
+def test_token_accuracy_with_ignore_index_a_class_matches_liger(liger_interpreter):
+    """ignore_index set to a class that is the argmax of an ignored row: that row is no hit (Liger's kernel leaves
+    ignored rows before counting), the accuracy is over the targets not ignored, and its predicted token is -1."""
+    leaves, target = _batch(10)
+    h, w, b = leaves
+    klass = int((h[IGNORED[0]] @ w.T + b).argmax())
+    target = torch.where(target == klass, (klass + 1) % V, target)  # only the ignored rows carry the class
+    target[list(IGNORED)] = klass
+    opts = dict(ignore_index=klass, return_token_accuracy=True, return_predicted_tokens=True)
+    fa = _run(LigerFusedLinearCrossEntropyLoss(**opts), leaves, target)
+    lg = _run(liger_flce.LigerFusedLinearCrossEntropyLoss(**opts), leaves, target)
+    ref = _run(_reference_module(opts), leaves, target, dtype=torch.float64)
+    _compare(fa, lg, atol=2e-6, rtol=1e-5, what="ignore_index a class vs Liger")
+    _compare(fa, ref, atol=2e-6, rtol=1e-5, what="ignore_index a class vs float64", dtypes=False)
+    assert float(fa[0]["token_accuracy"]) < 1.0 and (fa[0]["predicted_tokens"][list(IGNORED)] == -1).all()
+
+
+def test_ce_weight_takes_no_gradient_as_liger(liger_interpreter):
+    """Class weights that require a gradient (a learnable rescaling) get none from the loss, as from Liger's; the
+    loss and the other gradients are Liger's."""
+    opts = dict(label_smoothing=0.2, lse_square_scale=0.05)
+    leaves, target = _batch(11)
+    got, grads = [], []
+    for cls in (LigerFusedLinearCrossEntropyLoss, liger_flce.LigerFusedLinearCrossEntropyLoss):
+        c = _class_weights().requires_grad_(True)
+        out = _run(cls(ce_weight=c, **opts), leaves, target)
+        got.append(out)
+        grads.append(c.grad)
+    assert grads == [None, None]
+    _compare(got[0], got[1], atol=2e-6, rtol=1e-5, what="ce_weight requiring a gradient vs Liger")
+
+
+def test_label_smoothing_class_sums_over_several_blocks_match_liger(liger_interpreter, monkeypatch):
+    """The class-weighted sum of the head rows for label smoothing is formed a block of rows at a time: with
+    blocks of 3 rows (5 blocks of a 13-row head) the loss and the gradients are Liger's."""
+    from fastalign.integrations import liger_cross_entropy
+
+    monkeypatch.setattr(liger_cross_entropy, "_CHUNK_ELEMENTS", 3 * H)
+    opts = dict(ce_weight=_class_weights(), label_smoothing=0.3, reduction="sum")
+    leaves, target = _batch(12)
+    fa = _run(LigerFusedLinearCrossEntropyLoss(**opts), leaves, target)
+    lg = _run(liger_flce.LigerFusedLinearCrossEntropyLoss(**opts), leaves, target)
+    ref = _run(_reference_module(opts), leaves, target, dtype=torch.float64)
+    _compare(fa, lg, atol=2e-6, rtol=1e-5, what="blocked class sums vs Liger")
+    _compare(fa, ref, atol=2e-6, rtol=1e-5, what="blocked class sums vs float64", dtypes=False)
 
 
 def test_signature_matches_liger():
@@ -382,6 +430,29 @@ def test_call_errors_name_liger_arguments():
         loss(w, h, target, b[:-1])
     with pytest.raises(ValueError, match="ce_weight"):
         LigerFusedLinearCrossEntropyLoss(ce_weight=torch.ones(V + 1))(w, h, target, b)
+
+
+@pytest.mark.parametrize("opts", [dict(lse_square_scale=0.1, return_z_loss=True), dict(label_smoothing=0.2),
+                                  dict(ce_weight="w")], ids=["z_loss", "label_smoothing", "ce_weight"])
+def test_a_target_out_of_range_off_the_host_gives_nan_with_every_option(opts, monkeypatch):
+    """Where the targets are not read on the host, a target outside [0, V) gives a NaN loss and NaN gradients with
+    the options that read its row of the head or its class weight too (the row gather of the z-loss and the
+    smoothing, the class weight): no out-of-bounds index (an IndexError here, a device-side assert on a GPU)."""
+    from fastalign import _validate
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(6, 8, generator=g, requires_grad=True)
+    weight = torch.randn(V, 8, generator=g, requires_grad=True)
+    target = torch.tensor([1, 2, -100, V, 4, 5])
+    opts = dict(opts, ce_weight=_class_weights().cpu()) if opts.get("ce_weight") == "w" else opts
+    loss_fn = LigerFusedLinearCrossEntropyLoss(**opts)
+    with pytest.raises(ValueError, match=rf"^target must lie in \[0, {V}\) or equal -100"):
+        loss_fn(weight, hidden, target)
+    monkeypatch.setattr(_validate, "eager", lambda *tensors: False)
+    out = loss_fn(weight, hidden, target)
+    loss = out.loss if isinstance(out, CrossEntropyOutput) else out
+    loss.backward()
+    assert loss.isnan() and hidden.grad[target != -100].isnan().all() and weight.grad.isnan().all()
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -803,6 +803,17 @@ def test_gpt_lm_loss_no_valid_label_gives_zero(orl):
     assert float(loss.detach()) == 0.0 and torch.equal(grad, torch.zeros_like(grad))
 
 
+def test_gpt_lm_loss_takes_float64_logits_as_openrlhf(orl):
+    """float64 logits, which OpenRLHF's cross-entropy takes: computed in fp32 (the fused op's widest input), the
+    loss returned in float64 with a float64 d logits, OpenRLHF's numbers."""
+    logits, labels = _lm_inputs(87)
+    want, (want_grad,) = _grads(orl.GPTLMLoss, {}, [logits, labels], [0], torch.float64)
+    got, (grad,) = _grads(fo.GPTLMLoss, {}, [logits, labels], [0], torch.float64)
+    assert got.dtype == want.dtype == torch.float64 and grad.dtype == torch.float64
+    assert_close(got, want, **FP32_TOL, what="float64 GPTLMLoss")
+    assert_close(grad, want_grad, **FP32_TOL, what="float64 GPTLMLoss d logits")
+
+
 @pytest.fixture
 def one_rank_group(tmp_path):
     """A real gloo process group of this process alone."""
@@ -832,10 +843,11 @@ def test_gpt_lm_loss_ring_group_of_one_matches_openrlhf(orl, one_rank_group, emp
 
 @pytest.mark.parametrize("how", ["built", "assigned"])
 @pytest.mark.parametrize("world, rank, empty", [(2, 0, False), (2, 1, False), (3, 0, False), (3, 2, False),
-                                                (2, 1, True)])
+                                                (4, 3, False), (2, 1, True)])
 def test_gpt_lm_loss_ring_chunks_match_openrlhf(orl, one_rank_group, monkeypatch, world, rank, empty, how):
     """Rank ``r`` of ``W`` in ring_attn_group: the labels ``[B, T]`` are cut to its chunk (``T // W`` each, a
-    remainder dropped, as OpenRLHF's), shifted within it against its logits; the loss is the sum over the
+    remainder dropped, as OpenRLHF's: rank 3 of 4 on T = 10 starts at 6, not at 10 * 3 // 4 = 7), shifted within it
+    against its logits; the loss is the sum over the
     ranks / W, the gradient the local loss's / W. The group's rank, size and all-reduce are stand-ins here (the
     other ranks' sum a constant), applied to OpenRLHF's class and the adapter alike; built with the group or
     assigned it later, the adapter reads the rank and size as OpenRLHF's constructor does."""
@@ -937,6 +949,21 @@ def test_value_loss_matches_openrlhf(orl, clip_eps, token_level, dtype, mask, co
     m = _mask(mask, m, 93)
     _compare(orl, "ValueLoss", dict(clip_eps=clip_eps, token_level_loss=token_level), [values, old_values, returns, m],
              [0, 1], dtype, f"ValueLoss {clip_eps} {token_level} {mask} {counts}", **_counts(counts, m))
+
+
+def test_value_loss_dtype_ignores_unread_old_values_as_openrlhf(orl):
+    """Without clip_eps OpenRLHF's ValueLoss never reads old_values: bf16 values and returns give a bf16 loss, as
+    its, even beside fp32 old_values; with clip_eps they take part and the loss is fp32, as its."""
+    _, _, _, m, _ = _batch(92)
+    g = torch.Generator().manual_seed(93)
+    values, returns = (torch.randn(m.shape, generator=g).to(torch.bfloat16) for _ in range(2))
+    old_values = values.float() + 0.1 * torch.randn(m.shape, generator=g)
+    for clip_eps in (None, 0.2):
+        want = orl.ValueLoss(clip_eps=clip_eps)(values, old_values, returns, m)
+        want64 = orl.ValueLoss(clip_eps=clip_eps)(values.double(), old_values.double(), returns.double(), m)
+        got = fo.ValueLoss(clip_eps=clip_eps)(values, old_values, returns, m)
+        assert got.dtype == want.dtype == (torch.bfloat16 if clip_eps is None else torch.float32), clip_eps
+        assert_close(got, want64, **BF16_TOL, what=f"ValueLoss clip_eps={clip_eps}")
 
 
 @pytest.mark.parametrize("token_level", [True, False], ids=["token", "sample"])

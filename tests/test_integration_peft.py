@@ -135,6 +135,40 @@ def test_merged_lora_head_under_disabled_adapters_is_unmerged_as_peft_does():
     assert not torch.allclose(got, adapted, atol=1e-3)
 
 
+def test_merged_lora_head_is_scored_once():
+    """Adapters merged (merge_adapter(), the head's included) and left enabled: the merged head weight holds
+    ``W + s B A`` already, so the low-rank term is not added again; the log-probs equal the model's own logits
+    (which merging leaves as they were)."""
+    model = peft_model("lora_attention_and_head")
+    ids, attention, labels = _batch(seed=5)
+    with torch.no_grad():
+        unmerged, _ = _reference(model, ids, attention, labels, 1.0)
+        model.merge_adapter()
+        assert model.get_output_embeddings().merged
+        expected, _ = _reference(model, ids, attention, labels, 1.0)
+        got = causal_lm_logprobs(model, ids, attention, labels=labels).logprobs
+    torch.testing.assert_close(expected, unmerged, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_active_adapter_absent_from_the_head_leaves_the_base_head():
+    """Two adapters, one on the attention and the head, one on the attention alone: with the second one active the
+    head's LoRA layer holds no weights for it, and PEFT's forward skips it there (the base head) as the fused head
+    does; the log-probs equal the model's own logits."""
+    model = peft_model("lora_attention_and_head")
+    model.add_adapter("attention_only", peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                        target_modules=["q_proj", "v_proj"]))
+    model.set_adapter("attention_only")
+    model.eval()
+    head = model.get_output_embeddings()
+    assert head.active_adapters == ["attention_only"] and "attention_only" not in head.lora_A
+    ids, attention, labels = _batch(seed=6)
+    with torch.no_grad():
+        expected, _ = _reference(model, ids, attention, labels, 1.0)
+        got = causal_lm_logprobs(model, ids, attention, labels=labels).logprobs
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_lora_head_dropout_draws_are_peft_own():
     """lora_dropout > 0 on a LoRA lm_head in training mode: from the same random state the fused head
     draws PEFT's dropout masks (its modules, its order, the same shape), so the log-probs equal the
@@ -201,6 +235,36 @@ def test_head_dtype_keeps_a_bf16_models_fp32_lora_head_in_fp32():
     logp = torch.log_softmax(z[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
     want = torch.where(labels[:, 1:] != -100, logp, 0.0)
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_model_with_an_fp32_lora_head_outside_autocast():
+    """A bf16 model whose LoRA head adapter PEFT keeps in fp32, scored without head_dtype or autocast: the hidden
+    states are cast to the adapter's dtype before A, as PEFT's forward does (a bf16 input to the fp32 A raised),
+    and the log-probs equal float64 ones of the same operands within bf16 rounding, the adapter's part included."""
+    base = _tiny_base().to(torch.bfloat16)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    head = model.get_output_embeddings()
+    a, b = head.lora_A["default"], head.lora_B["default"]
+    assert a.weight.dtype == torch.float32 and head.get_base_layer().weight.dtype == torch.bfloat16
+    ids, attention, labels = _batch()
+    with torch.no_grad():
+        got = causal_lm_logprobs(model, ids, attention, labels=labels).logprobs
+        h = model.get_decoder()(input_ids=ids, attention_mask=attention).last_hidden_state.double()
+    zb = h @ head.get_base_layer().weight.double().T
+    z = zb + head.scaling["default"] * ((h @ a.weight.double().T) @ b.weight.double().T)
+    scored = labels[:, 1:] != -100
+
+    def logp(z):
+        lp = torch.log_softmax(z[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+        return torch.where(scored, lp, 0.0)
+
+    assert (logp(zb) - logp(z)).abs().max() > 1.0  # the adapter's part shows
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), logp(z), atol=0.1, rtol=0)
 
 
 @pytest.mark.parametrize("tuner", ["LoHa", "LoKr", "IA3", "AdaLoRA"])

@@ -43,6 +43,16 @@ def test_a_label_out_of_the_vocabulary_without_the_hard_loss_matches_liger():
     _compare(dict(weight_hard_loss=0.0, weight_soft_loss=1.0), x, w, b, xt, wt, bt, y)
 
 
+@pytest.mark.parametrize("options", [dict(return_soft_hard_loss=True),
+                                     dict(return_soft_hard_loss=True, weight_hard_loss=0.0, weight_soft_loss=1.0)])
+def test_every_label_ignored_matches_liger(options):
+    """No label to score: Liger divides by a token count clamped to 1, so the loss and the returned soft and hard
+    losses are 0 (not 0 / 0), and the gradients are Liger's; so they are here."""
+    x, w, b, xt, wt, bt, y = _inputs(8)
+    y[:] = -100
+    _compare(options, x, w, b, xt, wt, bt, y)
+
+
 def _compare(options, x, w, b, xt, wt, bt, y, assigned=()):
     """Both modules built with ``options``, then the ``assigned`` options set on them as attributes."""
     outs, grads = [], []
