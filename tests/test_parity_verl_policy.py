@@ -141,6 +141,15 @@ def test_actor_loss_matches_verl(case, dp):
     _run(case, batch(seed=sorted(CASES).index(case)), dp)
 
 
+@pytest.mark.parametrize("case", ["vanilla_is_weights", "gspo_seq_mean", "geo_mean", "dppo_tv_is_weights", "dro"])
+def test_per_sequence_is_weights_as_verl(case):
+    """``rollout_is_weights`` of shape ``[B, 1]`` (one weight per sequence) broadcast over the tokens in verl's
+    ``pg_losses * rollout_is_weights``; the profile takes them and gives verl's loss, gradient and metrics."""
+    d = batch(seed=50 + sorted(CASES).index(case))
+    d["w"] = d["w"][:, :1].contiguous()
+    _run(case, d, False)
+
+
 def test_clip_metrics_are_exercised():
     d = batch(seed=40)
     vm = _run("vanilla", d, False)
@@ -228,9 +237,33 @@ def test_ppo_kl_metric_is_clamped_as_verl(case):
     assert (abs(vm["actor/ppo_kl"] - float(raw)) > 0.1) == (case != "gspo")  # the data exercise the clamp
 
 
+@pytest.mark.parametrize("mode", ["vanilla", "cispo", "dppo_tv", "dppo_kl", "kl_cov"])
+def test_ppo_kl_metric_leaves_nan_in_masked_slots_out_as_verl(mode):
+    """A NaN old log-prob on masked positions (padding) never reaches verl's ``masked_mean`` (its ``masked_sum``
+    selects the valid tokens with ``torch.where``): ``actor/ppo_kl`` and the loss stay verl's finite values."""
+    d = batch(seed=48)
+    old = d["old"].clone()
+    old[~d["m"]] = float("nan")
+    actor = make_actor(mode, dict(kl_cov_ratio=0.1) if mode == "kl_cov" else None)
+    if mode == "kl_cov":
+        assert_tie_free_cov(d["lp"], d["A"], d["m"])
+    actor.global_batch_info.update(dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None)
+    theirs, vm = core_algos.get_policy_loss_fn(mode)(
+        old_log_prob=old.double(), log_prob=d["lp"].double(), advantages=d["A"].double(), response_mask=d["m"],
+        loss_agg_mode=actor.loss_agg_mode, config=actor)
+    ours, met = VerlPolicyLoss(actor, policy_term_only=True)(d["lp"], old, d["A"], d["m"])
+    assert torch.isfinite(theirs) and torch.isfinite(torch.tensor(vm["actor/ppo_kl"]))
+    assert_close(ours, theirs, atol=1e-6, rtol=1e-6, what=f"{mode} loss")
+    assert set(met) - {"actor/pg_loss"} == set(vm), (sorted(met), sorted(vm))
+    for k, v in vm.items():
+        assert_close(met[k], torch.tensor(float(v), dtype=torch.float64), atol=1e-6, rtol=1e-6, what=f"{mode} {k}")
+
+
 @pytest.mark.parametrize("mode,agg", [("vanilla", "seq-mean-token-mean"), ("vanilla", "seq-mean-token-sum"),
                                       ("vanilla", "seq-mean-token-sum-norm"), ("sapo", "token-sum"),
                                       ("vanilla", "token-mean"), ("geo_mean", "token-mean"), ("vanilla", "token-sum")])
+
+
 def test_dp_without_global_counts_as_verl(mode, agg):
     """dp_size > 1 without the count of the aggregation: verl's agg_loss raises naming it; where verl
     computes (geo_mean's plain mean, token-sum), the profile computes the same."""
@@ -250,8 +283,36 @@ def test_dp_without_global_counts_as_verl(mode, agg):
     assert_close(x.grad, vg, atol=1e-6, rtol=1e-5, what="d log_prob")
 
 
+@pytest.mark.parametrize("given", [False, True], ids=["no_entropy", "entropy"])
+@pytest.mark.parametrize("coeff", [0.0, 0.01])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_dp_without_global_counts_entropy_as_verl(agg, coeff, given):
+    """geo_mean's policy term reads no count, so with ``dp_size > 1`` only the entropy aggregation can need one.
+    verl's actor aggregates the entropy whenever it is given (for ``actor/entropy_loss``, whatever
+    ``entropy_coeff``) and skips it without one: it raises naming the count in the first case and computes in
+    the second; the profile does the same."""
+    d = batch(seed=49)
+    kw = dict(loss_mode="geo_mean", loss_agg_mode=agg, entropy_coeff=coeff)
+    H = d["H"] if given else None
+    try:
+        vl, vg, _, vm = verl_loss(make_actor(**kw), d["lp"], d["old"], d["A"], d["m"], H=H, dp_size=2)
+    except ValueError as e:
+        name = "global_batch_size" if "global_batch_size" in str(e) else "batch_num_tokens"
+        with pytest.raises(ValueError, match=name):
+            VerlPolicyLoss(make_actor(**kw))(d["lp"], d["old"], d["A"], d["m"], entropy=H, dp_size=2)
+        return
+    x = d["lp"].clone().requires_grad_(True)
+    loss, met = VerlPolicyLoss(make_actor(**kw))(x, d["old"], d["A"], d["m"], entropy=H, dp_size=2)
+    loss.backward()
+    assert_close(loss, vl, atol=1e-6, rtol=1e-6, what="loss")
+    assert_close(x.grad, vg, atol=1e-6, rtol=1e-5, what="d log_prob")
+    assert set(met) == set(vm), (sorted(met), sorted(vm))
+
+
 @pytest.mark.parametrize("mode,agg", [("vanilla", "token-mean"), ("gspo", "token-mean"), ("geo_mean", "token-mean"),
                                       ("sapo", "token-mean"), ("sapo", "seq-mean-token-mean")])
+
+
 def test_entropy_coeff_without_entropy_leaves_the_term_out_as_verl(mode, agg):
     """verl's loss skips the entropy term when no entropy is given; the fused modes raised instead and the others
     skipped it, by mode. Every mode now equals verl's own loss without the term."""
@@ -370,6 +431,28 @@ def test_errors_name_verl_keys():
             VerlPolicyLoss(make_actor(mode, use_kl_loss=True))(*args)
 
 
+def test_out_of_range_values_raise_under_verls_names():
+    """Values the profile refuses (dppo's ratio truncation ``clip_ratio_c <= 0``, a sapo temperature ``<= 0``,
+    ``dro_beta <= 0`` as verl's dro refuses it, ``clip_cov_lb >= clip_cov_ub``, a ``loss_scale_factor`` of 0 in
+    ``global_batch_info``): the ``ValueError`` names verl's key, never fastalign's field (delta, sapo_tau, loss_type,
+    cov_lb, max_len)."""
+    d = batch(seed=4)
+    args = (d["lp"], d["old"], d["A"], d["m"])
+    with pytest.raises(ValueError, match="dro_beta"):  # verl's own dro refuses it
+        verl_loss(make_actor("dro", dict(dro_beta=0.0)), *args)
+    lsf0 = make_actor(loss_agg_mode="seq-mean-token-sum-norm")
+    lsf0.global_batch_info.update(loss_scale_factor=0)
+    for actor, match in ((make_actor("dppo_tv", clip_ratio_c=0.0), "^clip_ratio_c must be > 0"),
+                         (make_actor("dppo_kl", clip_ratio_c=-1.0), "^clip_ratio_c must be > 0"),
+                         (make_actor("sapo", tau_neg=0.0), "^tau_neg must be > 0"),
+                         (make_actor("dro", dict(dro_beta=0.0)), r"^policy_loss\.dro_beta must be > 0"),
+                         (make_actor("clip_cov", dict(clip_cov_lb=2.0, clip_cov_ub=2.0)),
+                          r"^policy_loss\.clip_cov_lb must be < policy_loss\.clip_cov_ub"),
+                         (lsf0, r"^global_batch_info\['loss_scale_factor'\] must be")):
+        with pytest.raises(ValueError, match=match):
+            VerlPolicyLoss(actor)(*args)
+
+
 def _dataclass_defaults(cls) -> dict:
     import dataclasses
 
@@ -450,6 +533,8 @@ def test_keys_set_to_none_take_verls_fallbacks(as_dict):
 
 @pytest.mark.parametrize("case", ["vanilla", "gspo", "sapo_token_mean_terms", "geo_mean", "dppo_kl", "dro",
                                   "vanilla_token_sum_norm"])
+
+
 def test_float64_inputs_as_verl(case):
     """verl's loss takes float64 log-probs (its modes compute in the inputs' dtype) and returns a float64 loss; the
     profile refused float64 with a TypeError. It computes in float32 and returns the loss in float64; a single
@@ -493,6 +578,8 @@ _BAD = {"None": lambda t: None, "list": lambda t: t.tolist(), "int64": lambda t:
     ("ref_log_prob", "[B, T+1]", ValueError),
     ("rollout_is_weights", "complex", TypeError),
 ])
+
+
 def test_bad_argument_raises_under_verls_name(arg, bad, error):
     """Named as verl names it (log_prob, old_log_prob, ref_log_prob, rollout_is_weights), never as fastalign's
     policy_loss does (logprobs, old_logprobs, ref_logprobs, importance_weights)."""
@@ -504,3 +591,15 @@ def test_bad_argument_raises_under_verls_name(arg, bad, error):
     args = [kw.pop(k) for k in ("log_prob", "old_log_prob", "advantages", "response_mask")]
     with pytest.raises(error, match=f"^{arg} "):
         loss(*args, **kw)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "geo_mean", "sapo"])
+@pytest.mark.parametrize("bad", ["list", "int64", "[B, T+1]"])
+def test_bad_entropy_raises_under_verls_name_in_every_mode(mode, bad):
+    """geo_mean and sapo over token-mean aggregate the entropy apart from the policy term: a bad ``entropy`` is
+    named ``entropy`` there too, as in the fused modes, never after the aggregation's own argument."""
+    x = torch.full((2, 3), -1.0)
+    loss = VerlPolicyLoss({"policy_loss": {"loss_mode": mode}, "entropy_coeff": 0.01})
+    error = ValueError if bad == "[B, T+1]" else TypeError
+    with pytest.raises(error, match="^entropy "):
+        loss(x, x, torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool), entropy=_BAD[bad](x.abs()))

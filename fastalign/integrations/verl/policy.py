@@ -365,9 +365,10 @@ class VerlPolicyLoss:
         if self.mode != "geo_mean" and dp_size != 1:
             cfg = PolicyConfig.make(cfg, dp_size=int(dp_size))
         # the aggregations verl's agg_loss runs: the policy term's (geo_mean: a plain local mean, no counts)
-        # and, for the KL and entropy terms, loss_agg_mode
+        # and, for the KL and entropy terms, loss_agg_mode (verl aggregates a given entropy for its metric
+        # whatever entropy_coeff)
         aggs = [] if self.mode == "geo_mean" else [own_agg]
-        if self.use_kl or (entropy is not None and self.entropy_coeff != 0.0):
+        if self.use_kl or entropy is not None:
             aggs.append(self.loss_agg_mode)
         _check_global_counts(aggs, int(dp_size), batch_num_tokens, global_batch_size)
         loss, met = policy_loss(
