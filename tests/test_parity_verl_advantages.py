@@ -510,6 +510,31 @@ def test_optimal_token_baseline_non_finite_reward_stays_in_its_group(estimator, 
     assert torch.isfinite(adv_f[others]).all()
 
 
+@pytest.mark.parametrize("estimator", ["gae", "reinforce_plus_plus", "remax"])
+def test_epsilon_is_refused_by_the_token_level_estimators(estimator):
+    """verl's gae takes no ``epsilon`` (a ``TypeError``) and its reinforce_plus_plus and remax ignore one (their
+    ``**kwargs``): no epsilon reaches these estimators in verl, so ``compute_advantage`` refuses it with a
+    ``ValueError`` naming it rather than drop it."""
+    r, token_r, mask, values, baselines = _batch(seed=8)
+    cfg = AlgoConfig(adv_estimator=estimator)
+    kw = dict(values=values) if estimator == "gae" else dict(reward_baselines=baselines) if estimator == "remax" else {}
+    if estimator == "gae":
+        with pytest.raises(TypeError, match="epsilon"):
+            core_algos.compute_gae_advantage_return(token_level_rewards=token_r, values=values, response_mask=mask,
+                                                    gamma=1.0, lam=1.0, epsilon=1e-3)
+    else:
+        want = _verl(cfg, token_r, mask, baselines=kw.get("reward_baselines"))
+        fn = core_algos.get_adv_estimator_fn(estimator)
+        vkw = dict(token_level_rewards=token_r.clone(), response_mask=mask, config=cfg, epsilon=1e-3)
+        if estimator == "remax":
+            vkw["reward_baselines"] = baselines
+        got = fn(**vkw)
+        _close(got[0], want[0], f"verl {estimator} with epsilon")
+    fverl.compute_advantage(cfg, token_r, mask, **kw)  # without epsilon: computes
+    with pytest.raises(ValueError, match="epsilon"):
+        fverl.compute_advantage(cfg, token_r, mask, epsilon=1e-3, **kw)
+
+
 @pytest.mark.parametrize("estimator, kw, error, name", [
     ("grpo", dict(token_level_rewards=None), TypeError, "token_level_rewards"),  # AttributeError
     ("grpo", dict(token_level_rewards=torch.ones(4)), ValueError, "token_level_rewards"),  # IndexError
@@ -522,6 +547,8 @@ def test_optimal_token_baseline_non_finite_reward_stays_in_its_group(estimator, 
     ("optimal_token_baseline", dict(sum_pi_squared=torch.zeros(4, 2)), ValueError, "sum_pi_squared"),
     ("optimal_token_baseline", dict(rollout_is_weights=torch.ones(4)), ValueError, "rollout_is_weights"),
 ])
+
+
 def test_compute_advantage_names_verls_argument(estimator, kw, error, name):
     """A bad argument is a TypeError / ValueError naming it as verl does, not as fastalign's estimators do
     (token_rewards, baseline, scores, old_logprobs, sum_p2, importance_weights)."""
