@@ -190,6 +190,17 @@ def test_wpo_weights_cap():
     assert fa.wpo_weights(wc, wr, cap=None).max() > 1.0
 
 
+def test_wpo_weights_are_detached():
+    """The WPO pair weights are constants of the step (``sg`` in WPO): differentiable per-sequence
+    log-weights give weights that carry no gradient, whatever the cap."""
+    wc = torch.tensor([0.3, -0.2, -2.0], dtype=D, requires_grad=True)
+    wr = torch.tensor([0.4, 0.1, -1.0], dtype=D, requires_grad=True)
+    for cap in (1.0, None):
+        w = fa.wpo_weights(wc * 1.0, wr * 1.0, cap=cap)
+        assert not w.requires_grad, cap
+        assert_close(w, torch.exp(wc.detach() + wr.detach()).clamp(max=cap or float("inf")), atol=0, what=f"cap {cap}")
+
+
 def test_reverse_kl_is_plain_dpo_and_js_matches_trl_form():
     lc, lr, lc0, lr0, nc, nr = _pairs(seed=4)
     a, _ = fa.preference_loss(lc, lr, lc0, lr0, f_divergence="reverse_kl")
@@ -211,6 +222,18 @@ def test_loss_list_weights_rpo_and_pair_weights():
                    nc=nc, nr=nr), lc, lr, lc0, lr0)
 
 
+def test_pair_weights_get_no_gradient():
+    """Per-pair ``weights`` are detached (the formula's ``ω_i``, e.g. WPO's): weights that require grad get
+    none, and the log-prob gradients are the float64 reference's."""
+    lc, lr, lc0, lr0, nc, nr = _pairs(seed=13)
+    w = (torch.rand(lc.shape[0], dtype=D) + 0.5).requires_grad_(True)
+    a, b = lc.clone().requires_grad_(True), lr.clone().requires_grad_(True)
+    loss, _ = fa.preference_loss(a, b, lc0, lr0, loss_type="sigmoid", beta=0.3, weights=w)
+    want, _ = R.preference_loss(lc, lr, lc0, lr0, beta=0.3, weights=w.detach())
+    assert_close(loss, want, atol=1e-12, what="weighted loss")
+    assert torch.autograd.grad(loss, w, retain_graph=True, allow_unused=True)[0] is None
+
+
 def test_options_kto_kl_class_weights_cpo_alpha_gamma():
     lc, lr, lc0, lr0, nc, nr = _pairs(seed=6)
     kl = torch.randn(9, dtype=D) + 0.5
@@ -224,6 +247,17 @@ def test_options_kto_kl_class_weights_cpo_alpha_gamma():
     _run_both(dict(loss_type="cpo", cpo_alpha=0.3, chosen_nll=nll), dict(loss_types=("cpo",), cpo_alpha=0.3, nll=nll),
               lc, lr, lc0, lr0, False)
     _run_both(dict(loss_type="discopop", discopop_tau=0.5), dict(loss_types=("discopop",), tau=0.5),
+              lc, lr, lc0, lr0)
+
+
+def test_kto_batch_kl_baseline_is_a_constant_of_the_gradient():
+    """KTO without ``kto_kl``: ``z0 = sg(max(mean KL, 0))`` from the batch's own log-ratios. With the policy above
+    the reference the mean is positive (the clamp passes it through) and ``z0`` still carries no gradient:
+    loss and gradient against the float64 reference."""
+    lc, lr, lc0, lr0, nc, nr = _pairs(seed=12)
+    lc0, lr0 = lc0 - 3.0, lr0 - 3.0
+    assert float(torch.cat([lc - lc0, lr - lr0]).mean()) > 0.5
+    _run_both(dict(loss_type="kto", beta=0.3, desirable_weight=1.5), dict(loss_types=("kto",), beta=0.3, wd=1.5),
               lc, lr, lc0, lr0)
 
 
@@ -541,6 +575,34 @@ def test_linear_packed_matches_padded():
     assert_close(mc["nll"], ma["nll"], atol=1e-6, rtol=1e-5, what="nll")
 
 
+def test_linear_packed_reference_takes_the_token_weights():
+    """A packed batch with ``token_weights`` and ``ref_hidden``: the policy and the reference sums are both
+    weighted, ``sum_t w_t (lp_t - ref_t)``, as in the padded layouts; loss and gradient against the float64
+    logits path."""
+    h, w, b, labels, rh = _hidden_batch(seed=4, prompt=1)
+    B = h.shape[0] // 2
+    tw = torch.rand(labels.shape, generator=torch.Generator().manual_seed(4)) + 0.5
+    lens = [int(((row != -100) | (torch.arange(labels.shape[1]) < 1)).sum()) for row in labels]
+
+    def packed(x):
+        return torch.cat([x[i, :n] for i, n in enumerate(lens)])
+
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)))
+    hx = packed(h).requires_grad_(True)
+    loss, _ = fa.LinearPreferenceLoss(beta=0.5)(hx, w, packed(labels), bias=b, ref_hidden=packed(rh),
+                                                token_weights=packed(tw), cu_seqlens=cu)
+    hr = h.double().requires_grad_(True)
+    lp, valid = R.token_logps_from_hidden(hr, w.double(), labels, b.double(), dtype=D)
+    rlp, _ = R.token_logps_from_hidden(rh.double(), w.double(), labels, b.double(), dtype=D)
+    s, _, _ = R.sequence_logprobs(lp, valid, tw.double())
+    r, _, _ = R.sequence_logprobs(rlp, valid, tw.double())
+    want, _ = R.preference_loss(s[:B], s[B:], r[:B], r[B:], beta=0.5)
+    assert_close(loss, want, atol=2e-5, rtol=1e-4, what="packed, weighted reference")
+    (g,) = torch.autograd.grad(loss, hx)
+    (gr,) = torch.autograd.grad(want, hr)
+    assert_close(g, packed(gr).float(), atol=2e-5, rtol=1e-3, what="d hidden")
+
+
 def test_linear_wpo_token_weights_ld_against_logits_path():
     h, w, b, labels, rh = _hidden_batch(seed=3)
     B = h.shape[0] // 2
@@ -733,6 +795,27 @@ def test_single_pass_kto_with_given_kl_and_reference_logps(one_pair_blocks):
 
     two, one = _both_paths(dict(loss_type="kto"), call)
     _assert_same(two, one, "kto")
+
+
+@pytest.mark.parametrize("single_pass", [False, True])
+def test_linear_nll_of_a_batch_with_no_chosen_token(single_pass):
+    """Every chosen response empty (all its labels ``ignore_index``): the chosen NLL is ``-0 / max(0, 1) = 0``,
+    not ``0 / 0``, on both paths; loss, metrics and gradient against the float64 logits path (which counts
+    the batch's chosen tokens at least once too)."""
+    h, w, b, labels, rh = _hidden_batch(seed=10)
+    B = h.shape[0] // 2
+    labels[:B] = -100
+    hx = h.clone().requires_grad_(True)
+    mod = fa.LinearPreferenceLoss(loss_type=["sigmoid", "sft"], beta=0.2, rpo_alpha=0.5, single_pass=single_pass)
+    loss, m = mod(hx, w, labels, bias=b, ref_hidden=rh)
+    hr = h.double().requires_grad_(True)
+    want, mr = R.linear_preference_loss(hr, w.double(), labels, bias=b.double(), ref_hidden=rh.double(),
+                                        loss_types=("sigmoid", "sft"), beta=0.2, rpo_alpha=0.5, dtype=D)
+    assert float(mr["nll"]) == 0.0
+    assert_close(loss, want, atol=2e-5, rtol=1e-4, what="loss")
+    assert_close(m["nll"], mr["nll"], atol=0, what="nll")
+    assert_close(torch.autograd.grad(loss, hx)[0], torch.autograd.grad(want, hr)[0], atol=2e-5, rtol=1e-3,
+                 what="d hidden")
 
 
 def test_single_pass_bf16(one_pair_blocks):

@@ -367,6 +367,30 @@ def test_a_response_with_no_scored_token_counts_one_token_in_the_reference(loss_
     assert_close(got, want, atol=1e-12, what=loss_type)
 
 
+@pytest.mark.parametrize("loss_type", [["sigmoid"], ["sft"], ["cpo"], ["sigmoid", "sft"]])
+def test_default_nll_of_a_batch_with_no_chosen_token(loss_type):
+    """The default chosen NLL ``-Σ lc / Σ |yc|`` counts the batch's chosen tokens at least once: every chosen
+    response empty (lengths 0, log-probs 0) gives an NLL of 0, not ``0 / 0``; loss, nll metric and gradient
+    against the float64 reference."""
+    from fastalign.reference import preference as ref
+    lc, lr, lc0, lr0 = _pairs()
+    lc, lc0 = torch.zeros_like(lc), torch.zeros_like(lc0)
+    nc = torch.zeros(4, dtype=D)
+    nr = torch.tensor([4.0, 2.0, 3.0, 1.0], dtype=D)
+    a, b = lc.clone().requires_grad_(True), lr.clone().requires_grad_(True)
+    got, m = fa.preference_loss(a, b, lc0, lr0, loss_type=loss_type, rpo_alpha=0.5, chosen_lengths=nc,
+                                rejected_lengths=nr)
+    x, y = lc.clone().requires_grad_(True), lr.clone().requires_grad_(True)
+    want, mr = ref.preference_loss(x, y, lc0, lr0, loss_types=tuple(loss_type), rpo_alpha=0.5, nc=nc, nr=nr)
+    assert float(mr["nll"]) == 0.0
+    assert_close(got, want, atol=1e-12, what=f"{loss_type} loss")
+    assert_close(m["nll"], mr["nll"], atol=0, what="nll")
+    for g, gr in zip(torch.autograd.grad(got, (a, b), allow_unused=True),
+                     torch.autograd.grad(want, (x, y), allow_unused=True)):
+        zero = torch.zeros_like(lc)
+        assert_close(zero if g is None else g, zero if gr is None else gr, atol=1e-12, what=f"{loss_type} gradient")
+
+
 def test_orpo_nan_loss_never_comes_with_a_finite_gradient():
     """A pair of empty responses counts one token of log-prob 0 on each side: ORPO's odds are inf/inf and its
     loss NaN. The response rows have no token to carry the NaN gradient back, so it went nowhere and the step
@@ -399,6 +423,29 @@ def test_orpo_nan_loss_never_comes_with_a_finite_gradient():
     log_odds = (c - r) - (torch.log1p(-torch.exp(c)) - torch.log1p(-torch.exp(r)))
     assert_close(loss, -kept.detach()[0].mean() - 0.2 * F.logsigmoid(log_odds), atol=1e-12, what="orpo")
     assert torch.isfinite(grad).all()
+
+
+def test_orpo_odds_of_a_confident_policy_keep_float32_precision():
+    """ORPO's ``log(1 - e^{l̄})`` for a mean log-prob just below 0 (a policy that is nearly sure of a response):
+    taken as ``log(-expm1(l̄))`` there, it keeps float32's relative precision, where ``log1p(-exp(l̄))`` rounds
+    ``e^{l̄}`` to float32's spacing near 1 (a few percent of ``1 - e^{l̄}`` at ``l̄ = -2e-6``). Loss, log-odds
+    metrics and gradient of float32 inputs against the float64 formula."""
+    lc = torch.tensor([-2e-5, -0.3, -3.0, -1e-6], dtype=torch.float32)
+    lr = torch.tensor([-5e-5, -4e-6, -40.0, -2.0], dtype=torch.float32)
+    nc = torch.tensor([10.0, 3.0, 4.0, 1.0])
+    nr = torch.tensor([10.0, 2.0, 5.0, 3.0])
+    a, b = lc.clone().requires_grad_(True), lr.clone().requires_grad_(True)
+    loss, m = fa.preference_loss(a, b, loss_type="orpo", beta=0.5, chosen_lengths=nc, rejected_lengths=nr)
+    x, y = lc.double().requires_grad_(True), lr.double().requires_grad_(True)
+    c, r = x / nc.double(), y / nr.double()
+    log_odds = (c - r) - (torch.log(-torch.expm1(c)) - torch.log(-torch.expm1(r)))
+    want = (-x.sum() / nc.double().sum() - 0.5 * F.logsigmoid(log_odds)).mean()
+    assert_close(loss, want, atol=1e-6, rtol=1e-5, what="orpo loss")
+    assert_close(m["log_odds_chosen"], log_odds.detach().mean(), atol=1e-5, rtol=1e-5, what="log_odds_chosen")
+    assert_close(m["log_odds_ratio"], F.logsigmoid(log_odds).detach().mean(), atol=1e-6, rtol=1e-5,
+                 what="log_odds_ratio")
+    for g, gr, what in zip(torch.autograd.grad(loss, (a, b)), torch.autograd.grad(want, (x, y)), ("d lc", "d lr")):
+        assert_close(g, gr, atol=1e-6, rtol=1e-4, what=what)
 
 
 # ------------------------------------------------------------------ scores that exponentiate: no capped exponent
