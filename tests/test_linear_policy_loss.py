@@ -97,6 +97,16 @@ def test_logit_options_and_ignore_index(cpu_backend, single_pass):
     compare(fused(d, {**cfg, **opts}, cpu_backend, single_pass=single_pass), explicit(d, cfg, **opts))
 
 
+@PATHS
+def test_custom_ignore_index_drops_its_tokens_from_the_mask(cpu_backend, single_pass):
+    """``ignore_index=-1``: tokens labelled -1 leave the mask (counts, loss, metrics, gradients) exactly as
+    tokens labelled -100 do under the default."""
+    d = make(seed=5, ignore=True)
+    cfg = dict(loss_type="ppo", kl_coef=0.1, entropy_coef=0.02, agg="token-mean")
+    relabelled = dict(d, labels=d["labels"].masked_fill(d["labels"] == -100, -1))
+    compare(fused(relabelled, {**cfg, "ignore_index": -1}, cpu_backend, single_pass=single_pass), explicit(d, cfg))
+
+
 def test_low_rank_head_equals_widened_head(cpu_backend):
     """A LoRA lm_head as the low-rank term (a, L): the loss, metrics and gradients of a and L equal the
     oracle on the widened head [h, a] [W, L]^T."""

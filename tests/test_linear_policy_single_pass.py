@@ -402,3 +402,28 @@ def test_policy_logprobs_are_the_steps_bit_for_bit_without_derivative_work(token
     assert backwards == []
     assert torch.equal(got_lp, lp) and torch.equal(got_ent, ent)
     assert not got_lp.requires_grad
+
+
+@pytest.mark.parametrize("single_pass", [False, True], ids=["two-pass", "single-pass"])
+def test_policy_step_without_old_logprobs_holds_them_constant(single_pass):
+    """``policy_step(old_logprobs=None)``: the loss gets the policy's own log-probs, detached, as the old ones
+    (a ratio of exactly 1 with no gradient through the old side). A loss that reads the ratio itself,
+    ``sum(m A exp(lp - old))``, then has the gradient of ``sum(m A lp)``: checked against float64 autograd
+    through materialised logits."""
+    d = make(seed=12)
+    leaves = [d[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
+    A, m = d["A"][:, None], d["mask"].float()
+
+    def loss(lp, old, ent):
+        return (m * A * torch.exp(lp - old)).sum(), {}
+
+    value, _, _, _ = linear_policy.policy_step(*leaves[:2], d["labels"], None, loss, bias=leaves[2],
+                                               single_pass=single_pass, logit={})
+    value.backward()
+    h, w, b = (d[k].double().requires_grad_(True) for k in ("hidden", "weight", "bias"))
+    lp = torch.log_softmax(h @ w.T + b, -1).gather(-1, d["labels"].clamp(min=0)[..., None])[..., 0]
+    (m.double() * A.double() * torch.where(d["labels"] != -100, lp, 0.0)).sum().backward()
+    assert_close(value, (m * A).sum(), atol=1e-5, rtol=1e-5, what="loss")  # every ratio is 1
+    for got, want, what in ((leaves[0].grad, h.grad, "d hidden"), (leaves[1].grad, w.grad, "d weight"),
+                            (leaves[2].grad, b.grad, "d bias")):
+        assert_close(got, want, atol=1e-5, rtol=1e-4, what=what)

@@ -349,11 +349,12 @@ def test_ratio_computed_from_sampling_logprobs(mode, lo, hi):
 
 
 @pytest.mark.parametrize("case", ["grpo", "grpo_kl_bias_corrected_delta", "gspo_delta_offpolicy", "cispo_sequence",
-                                  "sapo", "luspo_sequence"])
+                                  "sapo", "luspo_sequence", "vespo"])
 def test_diverged_policy_matches_trl(case):
     """Log-ratios of +-25 (a ratio beyond e^20, on whole sequences): TRL's ratio has no clamp, and the
     profile passes ``log_ratio_cap=inf``, so loss and gradient still equal TRL's (the default clamp at 20
-    gives another loss and a zero gradient there)."""
+    gives another loss and a zero gradient there). vespo reads no ratio in its own row, but its bias-corrected
+    KL (beta != 0) is weighed by TRL's unclamped ratio: the cap is passed for the KL term's ratio too."""
     d = batch(seed=7)
     d["old"] = d["old"].clone()
     d["old"][0] -= 25.0

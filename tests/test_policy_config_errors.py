@@ -20,8 +20,9 @@ CASES = [
     (dict(loss_type="cispo", cispo_bounds=(0, 1), eps_high=0.1), "eps_high"),
     (dict(eps_low=-1), "eps_low"), (dict(eps_high=-1), "eps_high"), (dict(eps_low=math.nan), "eps_low"),
     (dict(log_ratio_cap=0), "log_ratio_cap"), (dict(loss_type="reinforce", log_ratio_cap=5.0), "log_ratio_cap"),
-    (dict(dual_clip=0.5), "dual_clip"), (dict(loss_type="gspo", dual_clip=3), "dual_clip"),
-    (dict(delta=-1), "delta"), (dict(loss_type="sapo", delta=2), "delta"),
+    (dict(dual_clip=0.5), "dual_clip"), (dict(dual_clip=1.0), "dual_clip"),  # c > 1, as verl's clip_ratio_c
+    (dict(loss_type="gspo", dual_clip=3), "dual_clip"),
+    (dict(delta=-1), "delta"), (dict(delta=0), "delta"), (dict(loss_type="sapo", delta=2), "delta"),
     (dict(cispo_bounds=(0, 1)), "cispo_bounds"), (dict(loss_type="cispo", cispo_bounds=(1,)), "cispo_bounds"),
     (dict(loss_type="cispo", cispo_bounds=(2, 1)), "cispo_bounds"),
     (dict(loss_type="cispo", cispo_bounds=(0, math.inf)), "cispo_bounds"),
@@ -32,7 +33,9 @@ CASES = [
     (dict(cov_ratio=1), "cov_ratio"), (dict(loss_type="clip_cov", cov_ratio=-1), "cov_ratio"),
     (dict(loss_type="kl_cov", cov_ratio=1.5), "cov_ratio"), (dict(loss_type="clip_cov", cov_ratio=40), "cov_ratio"),
     (dict(cov_lb=1), "cov_lb"), (dict(loss_type="kl_cov", cov_ub=1), "cov_ub"),
-    (dict(loss_type="clip_cov", cov_lb=5, cov_ub=1), "cov_lb"), (dict(cov_kl_coef=1), "cov_kl_coef"),
+    (dict(loss_type="clip_cov", cov_lb=5, cov_ub=1), "cov_lb"),
+    (dict(loss_type="clip_cov", cov_lb=2, cov_ub=2), "cov_lb"),  # an empty band (cov_lb < cov_ub)
+    (dict(cov_kl_coef=1), "cov_kl_coef"),
     (dict(cov_global=True), "cov_global"), (dict(cov_group=object()), "cov_group"),
     (dict(kl_type="zz"), "kl_type"), (dict(kl_rho=1), "kl_rho"), (dict(kl_coef=math.inf), "kl_coef"),
     (dict(entropy_agg="x"), "entropy_agg"), (dict(entropy_agg="token-mean"), "entropy_agg"),

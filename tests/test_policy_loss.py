@@ -409,6 +409,18 @@ def test_aggregate_loss_public(agg):
         assert_close(got, exp, atol=1e-6, rtol=1e-6, what=agg)
 
 
+@pytest.mark.parametrize("agg", ["token-sum", "seq-mean-token-sum-norm"])
+def test_aggregate_loss_dp_size_without_a_global_count(agg):
+    """dp_size with the local counts: token-sum takes the factor; seq-mean-token-sum-norm divides by the local
+    ``B * L_max`` and takes no dp factor (only ``global_seqs`` brings it), as the float64 reference."""
+    d = make_batch(seed=19)
+    L = torch.randn(d["lp"].shape)
+    for kw in (dict(dp_size=4), dict(dp_size=4, max_len=30)) if agg != "token-sum" else (dict(dp_size=4),):
+        got = fastalign.aggregate_loss(L, d["m"], agg, **kw)
+        exp = reference.aggregate_loss(L.double(), d["m"], agg, **kw)
+        assert_close(got, exp, atol=1e-6, rtol=1e-6, what=f"{agg} {kw}")
+
+
 def test_policy_loss_module():
     d = make_batch(seed=19)
     mod = fastalign.PolicyLoss(loss_type="grpo", eps_high=0.28, kl_coef=0.1)
@@ -709,6 +721,10 @@ OPTION_CASES = {
     "dppo_tv_untruncated": dict(loss_type="dppo_tv", agg="seq-mean-token-sum"),
     "dppo_kl": dict(loss_type="dppo_kl", eps_low=0.01, eps_high=0.02, delta=1.2, agg="seq-mean-token-mean"),
     "dro": dict(loss_type="dro", dro_beta=0.5, kl_coef=0.1, agg="seq-mean-token-sum-norm"),
+    # the closed ends of the documented ranges: entropy_quantile in [0, 1] (1 keeps every valid token, TRL's
+    # default top_entropy_quantile) and cispo_bounds lo <= hi (equal bounds: a weight of that value everywhere)
+    "keep_every_entropy": dict(entropy_quantile=1.0, entropy_coef=0.05),
+    "cispo_equal_bounds": dict(loss_type="cispo", cispo_bounds=(1.0, 1.0), kl_coef=0.1),
 }
 
 
@@ -731,6 +747,20 @@ def test_options_match_reference(cpu_backend, case):
     check(out, ref)
 
 
+@pytest.mark.parametrize("loss_type", ["ppo", "cispo"])
+def test_sequence_level_clip_metrics_with_per_sequence_advantages(cpu_backend, loss_type):
+    """importance_sampling_level="sequence" with [B] advantages: one clip flag per sequence, and clip_low /
+    clip_high average over every sequence, the empty one included (its ratio is 1: never clipped), as the
+    float64 reference; loss, gradient and the other metrics too."""
+    batch = _with_empty_row(make_batch(seed=38, spread=0.6))
+    batch["A"] = batch["A"][:, 0].contiguous()  # [B]
+    kw = dict(cispo_bounds=(0.9, 1.1)) if loss_type == "cispo" else {}
+    out, ref = run(batch, cpu_backend, loss_type=loss_type, importance_sampling_level="sequence", with_ref=False,
+                   **kw)
+    check(out, ref)
+    assert 0 < float(out[1]["clip_region"]) < 1  # the data clip some sequences, not all
+
+
 @pytest.mark.parametrize("loss_type", ["ppo", "gmpo", "vespo", "cispo", "dppo_kl", "dro"])
 def test_importance_weights(cpu_backend, loss_type):
     batch = make_batch(seed=34)
@@ -740,6 +770,9 @@ def test_importance_weights(cpu_backend, loss_type):
     out, ref = run(batch, cpu_backend, loss_type=loss_type, importance_weights=w, with_ref=False, **kw)
     check(out, ref)
     out, ref = run(batch, cpu_backend, loss_type=loss_type, importance_weights=w[:, 0], with_ref=False, **kw)
+    check(out, ref)
+    # [B, 1] (TRL's sequence-level importance_sampling_ratio): one weight per sequence, as [B]
+    out, ref = run(batch, cpu_backend, loss_type=loss_type, importance_weights=w[:, :1], with_ref=False, **kw)
     check(out, ref)
 
 
