@@ -214,26 +214,40 @@ def _tiny_base(seed=0):
     return transformers.Qwen2ForCausalLM(config)
 
 
-def test_head_dtype_keeps_a_bf16_models_fp32_lora_head_in_fp32():
-    """On a bf16 model (PEFT keeps the adapter in fp32), head_dtype=float32 rounded lora_B and its bias to the base
-    head's bf16 first: log-probs off by 0.043 from the fp32 head. The adapter is cast to head_dtype directly now."""
+def _bf16_model_with_an_fp32_lora_head(**lora):
+    """A bf16 model with a LoRA adapter on its head (PEFT keeps the adapter in fp32), random adapter weights."""
     base = _tiny_base().to(torch.bfloat16)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["lm_head"], lora_bias=True)).eval()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["lm_head"], **lora)).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.5)
     head = model.get_output_embeddings()
+    assert head.lora_B["default"].weight.dtype == torch.float32
+    assert head.get_base_layer().weight.dtype == torch.bfloat16
+    return model, head
+
+
+def _lora_head_logps(model, head, ids, attention, labels, *, adapter=True):
+    """float64 log-probs of the labels through the bf16 base head plus (``adapter``) the fp32 LoRA term."""
     a, b = head.lora_A["default"], head.lora_B["default"]
-    assert b.weight.dtype == torch.float32 and head.get_base_layer().weight.dtype == torch.bfloat16
-    ids, attention, labels = _batch()
-    got = causal_lm_logprobs(model, ids, attention, labels=labels, head_dtype=torch.float32).logprobs
     with torch.no_grad():
         h = model.get_decoder()(input_ids=ids, attention_mask=attention).last_hidden_state.double()
-        z = h @ head.get_base_layer().weight.double().T + head.scaling["default"] * (
-            (h @ a.weight.double().T) @ b.weight.double().T + b.bias.double())
+        z = h @ head.get_base_layer().weight.double().T
+        if adapter:
+            low_rank = (h @ a.weight.double().T) @ b.weight.double().T
+            z = z + head.scaling["default"] * (low_rank if b.bias is None else low_rank + b.bias.double())
     logp = torch.log_softmax(z[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
-    want = torch.where(labels[:, 1:] != -100, logp, 0.0)
+    return torch.where(labels[:, 1:] != -100, logp, 0.0)
+
+
+def test_head_dtype_keeps_a_bf16_models_fp32_lora_head_in_fp32():
+    """On a bf16 model (PEFT keeps the adapter in fp32), head_dtype=float32 rounded lora_B and its bias to the base
+    head's bf16 first: log-probs off by 0.043 from the fp32 head. The adapter is cast to head_dtype directly now."""
+    model, head = _bf16_model_with_an_fp32_lora_head(lora_bias=True)
+    ids, attention, labels = _batch()
+    got = causal_lm_logprobs(model, ids, attention, labels=labels, head_dtype=torch.float32).logprobs
+    want = _lora_head_logps(model, head, ids, attention, labels)
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
@@ -241,30 +255,15 @@ def test_bf16_model_with_an_fp32_lora_head_outside_autocast():
     """A bf16 model whose LoRA head adapter PEFT keeps in fp32, scored without head_dtype or autocast: the hidden
     states are cast to the adapter's dtype before A, as PEFT's forward does (a bf16 input to the fp32 A raised),
     and the log-probs equal float64 ones of the same operands within bf16 rounding, the adapter's part included."""
-    base = _tiny_base().to(torch.bfloat16)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.5)
-    head = model.get_output_embeddings()
-    a, b = head.lora_A["default"], head.lora_B["default"]
-    assert a.weight.dtype == torch.float32 and head.get_base_layer().weight.dtype == torch.bfloat16
+    model, head = _bf16_model_with_an_fp32_lora_head(init_lora_weights=False)
     ids, attention, labels = _batch()
     with torch.no_grad():
         got = causal_lm_logprobs(model, ids, attention, labels=labels).logprobs
-        h = model.get_decoder()(input_ids=ids, attention_mask=attention).last_hidden_state.double()
-    zb = h @ head.get_base_layer().weight.double().T
-    z = zb + head.scaling["default"] * ((h @ a.weight.double().T) @ b.weight.double().T)
-    scored = labels[:, 1:] != -100
-
-    def logp(z):
-        lp = torch.log_softmax(z[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
-        return torch.where(scored, lp, 0.0)
-
-    assert (logp(zb) - logp(z)).abs().max() > 1.0  # the adapter's part shows
+    want = _lora_head_logps(model, head, ids, attention, labels)
+    base_only = _lora_head_logps(model, head, ids, attention, labels, adapter=False)
+    assert (base_only - want).abs().max() > 1.0  # the adapter's part shows
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), logp(z), atol=0.1, rtol=0)
+    torch.testing.assert_close(got.double(), want, atol=0.1, rtol=0)
 
 
 @pytest.mark.parametrize("tuner", ["LoHa", "LoKr", "IA3", "AdaLoRA"])
