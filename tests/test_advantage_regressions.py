@@ -58,6 +58,17 @@ def test_index_list_of_tensors_groups_by_value():
     _same(step, whole + expected, what="step_index list of tensors")
 
 
+def test_index_list_of_zero_dim_numpy_arrays_groups_by_value():
+    """0-d numpy arrays (``list(np.array(ids))`` of an object array, ``np.array(3)``) are unhashable: as list
+    entries they count by their value, as the 0-d tensors and numpy scalars do."""
+    s = torch.tensor([1.0, 2.0, 3.0, 5.0])
+    expected = _plain_group(s, [0, 0, 1, 1], "grpo")
+    index = [np.array(7), np.array(7), np.array(3), np.array(3)]
+    _same(fa.group_advantages(s, index), expected, what="index of 0-d numpy arrays")
+    _same(fa.group_advantages(s, [np.array("a"), np.array("a"), np.array("b"), np.array("b")]), expected,
+          what="index of 0-d numpy string arrays")
+
+
 def test_optimal_token_baseline_index_list_of_tensors():
     """B_t = sum_g G W m / (sum_g W m + eps) over the group, in float64 plain torch."""
     r = torch.zeros(4, 3)
@@ -202,6 +213,33 @@ def test_masked_whiten_biased_floor():
     var = ((x - x.mean()) ** 2).mean()
     want = (x - x.mean()) * var.clamp(min=1e-8).rsqrt()
     _same(fa.masked_whiten(x, m, unbiased=False), want, tol=1e-12)
+
+
+def test_masked_whiten_eps_zero_is_taken():
+    """``eps=0`` (>= 0) is a valid epsilon: the plain ``(x - mean) / std`` with the unbiased std, in float64."""
+    x = torch.tensor([[0.3, -1.2, 2.0, 0.7]], dtype=torch.float64)
+    m = torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    v = x[0, :3]
+    want = torch.cat([(v - v.mean()) / v.std(), torch.zeros(1, dtype=torch.float64)])[None]
+    _same(fa.masked_whiten(x, m, eps=0.0), want, tol=1e-12)
+    _same(fa.masked_whiten(x, m, eps=0.0, unbiased=False), torch.cat(
+        [(v - v.mean()) / v.std(unbiased=False), torch.zeros(1, dtype=torch.float64)])[None], tol=1e-12)
+
+
+@pytest.mark.parametrize("m", [[0.5, 0.25, 1.0, 0.75], [0.5, 0.25, 0.0, 0.0]], ids=["total-above-1", "total-below-1"])
+@pytest.mark.parametrize("x", [[0.3, -1.2, 2.0, 0.7], [0.7, 0.7, 0.7, 0.7]], ids=["spread", "constant"])
+def test_masked_whiten_biased_with_a_fractional_mask(m, x):
+    """``unbiased=False`` as documented and as OpenRLHF's whitening (``compute_advantages_and_returns``):
+    ``N = sum m``, ``mean = sum m x / N``, ``var = sum m (x - mean)^2 / N``, ``(x - mean) * rsqrt(max(var,
+    1e-8))`` on the valid tokens, in float64, for a fractional mask of total weight above and below 1 (a
+    constant row whitens to 0)."""
+    x = torch.tensor([x], dtype=torch.float64)
+    mask = torch.tensor([m], dtype=torch.float64)
+    n = mask.sum()
+    mean = (x * mask).sum() / n
+    var = ((x - mean) ** 2 * mask).sum() / n
+    want = torch.where(mask != 0, (x - mean) * var.clamp(min=1e-8).rsqrt() * mask, 0.0)
+    _same(fa.masked_whiten(x, mask, unbiased=False), want, tol=1e-9)
 
 
 # ---------------------------------------------------------------- 7, 8. argument checks

@@ -45,12 +45,13 @@ def weighted_whiten(x: Tensor, w: Tensor, eps: float = WHITEN_EPS, unbiased: boo
     valid = w != 0
     x64 = torch.where(valid, x.to(torch.float64), 0.0)
     n = w.sum()
-    mean = (w * x64).sum() / n.clamp_min(1.0)
+    n_or_one = torch.where(n > 0, n, 1.0)  # N = 0: every token left out, so no output reads the statistics
+    mean = (w * x64).sum() / n_or_one
     sq = torch.where(valid, w * (x64 - mean) ** 2, 0.0).sum()
     if unbiased:  # verl: the unbiased variance plus eps
         inv_std = torch.rsqrt(sq / torch.where(n > 1.0, n - 1.0, math.nan) + eps)
     else:  # OpenRLHF: the biased variance, floored at eps
-        inv_std = torch.rsqrt((sq / n.clamp_min(1.0)).clamp_min(eps))
+        inv_std = torch.rsqrt((sq / n_or_one).clamp_min(eps))
     return torch.where(valid, (x64 - mean) * inv_std, 0.0)
 
 
