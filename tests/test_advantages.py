@@ -93,6 +93,22 @@ def test_estimators_match_reference(estimator, kw, dtype, singleton):
         assert torch.all(adv[torch.isnan(scores)] == 0)
 
 
+@pytest.mark.parametrize("std,eps", [("batch", 0.1), ("none", 1e-6)])
+def test_unit_std_singletons_only_divide_with_the_group_std(std, eps):
+    """``singleton="unit_std"`` gives a group of one ``r / (1 + eps)`` with ``std="group"`` only: with the batch
+    std or none its score passes through, as ``"raw"`` (float64 reference; groups of one and NaN scores)."""
+    scores, index, _ = make_batch(dtype=torch.float64, seed=3)
+    for estimator in ("grpo", "grpo_passk"):
+        adv = fastalign.group_advantages(scores, index, estimator=estimator, std=std, eps=eps, singleton="unit_std")
+        want = ref.group_advantages(scores, index, estimator=estimator, std=std, eps=eps, singleton="unit_std")
+        check(adv, want, torch.float64, f"{estimator} std={std}")
+    sc = torch.randn(8, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    idx = torch.tensor([0, 0, 0, 1, 2, 2, 3, 3])
+    adv = fastalign.group_advantages(sc, idx, estimator="gdpo", std=std, eps=eps, singleton="unit_std")
+    check(adv, ref.group_advantages(sc, idx, estimator="gdpo", std=std, eps=eps, singleton="unit_std"),
+          torch.float64, f"gdpo std={std}")
+
+
 def test_edge_cases_by_hand():
     nan = float("nan")
     scores = torch.tensor([1.0, 3.0, 5.0, 2.0, 2.0, 2.0, 7.0, nan, 4.0, nan, nan])
@@ -275,6 +291,22 @@ def test_token_level_estimators_match_reference(dtype, gamma):
     assert_close(got, want, atol=tol, rtol=tol, what="prime")
     for out in (got, a, ret):
         assert out.dtype == dtype and torch.all(out[mask == 0] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_token_level_estimators_with_a_fractional_mask_match_reference(dtype):
+    """A fractional response mask weights the token rewards and the outcome term: remax subtracts ``b m_t`` and
+    PRIME adds ``A m_t`` (not ``b`` / ``A``) on every valid token."""
+    r, v, mask = token_batch(dtype)
+    mask = mask * torch.linspace(0.2, 1.0, mask.shape[1], dtype=dtype)
+    tol = TOL[dtype] * 10
+    b = torch.randn(6, dtype=dtype)
+    assert_close(fastalign.remax_advantages(r, mask, b), ref.remax_advantages(r, mask, b), atol=tol, rtol=tol,
+                 what="remax")
+    outcome = torch.randn(6, dtype=dtype)
+    got = fastalign.implicit_process_advantages(r, v, mask, outcome, beta=0.05, gamma=0.9)
+    assert_close(got, ref.implicit_process_advantages(r, v, mask, outcome, 0.05, 0.9), atol=tol, rtol=tol,
+                 what="prime")
 
 
 def test_reinforce_pp_baseline_is_token_whitening():

@@ -75,6 +75,21 @@ def test_many_blocks_and_normalizer(backend, monkeypatch):
     _check(h, w, b, ht, wt, bt, beta=0.3, normalizer=torch.tensor(11.0), labels=y, hard_weight=0.5, backend=backend)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fractional_mask_scores_tokens_once_and_metric_means_are_per_token(backend):
+    """A response mask of weights 0.5 and 2 scores each nonzero token with weight 1 (as the float64 reference),
+    and the metrics' means divide the sums by the scored-token count, not by ``normalizer``."""
+    h, w, b, ht, wt, bt, y = _batch(5)
+    mask = torch.tensor([[0.5, 2.0, 0.0, 1.0, 0.25], [0.0, 0.0, 3.0, 0.5, 1.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    kw = dict(beta=0.4, response_mask=mask, labels=y, hard_weight=0.3, normalizer=7.0)
+    _, m = _check(h, w, b, ht, wt, bt, backend=backend, **kw)
+    _, rm = R.linear_divergence_loss(h.detach().double(), w.detach().double(), ht, wt, bias=b.detach().double(),
+                                     teacher_bias=bt, **kw)
+    assert rm["num_tokens"] == 8
+    for name in ("divergence", "entropy", "nll"):
+        assert_close(m[name], rm[f"{name}_sum"] / rm["num_tokens"], atol=1e-5, rtol=1e-5, what=name)
+
+
 @pytest.mark.parametrize("single_pass", [True, False])
 def test_two_pass_mode_matches(single_pass):
     h, w, b, ht, wt, bt, y = _batch(4)

@@ -296,6 +296,22 @@ def test_chunk_shape_bounds_memory():
     assert vc == 131072 and nc * vc * 4 <= 64 * 2 ** 20
 
 
+def test_a_tiny_chunk_budget_keeps_vocabulary_pieces_of_16(monkeypatch):
+    """A budget below 16 x 16 fp32 logits: the C++ path still splits the vocabulary in near-equal pieces of at
+    least 16 ids (never an empty piece) and one token per chunk, and the statistics match the float64 reference."""
+    from fastalign.linear import chunk_shape
+
+    for mib in (1e-5, 1e-4):
+        nc, vc = chunk_shape(N, V, "cpp", mib)
+        pieces = -(-V // vc)
+        assert nc == 1 and 16 <= vc <= V and pieces * vc - V < pieces, (mib, nc, vc)
+    monkeypatch.setenv("FASTALIGN_LINEAR_CHUNK_MIB", "1e-5")
+    hidden, weight, bias, labels = make_inputs()
+    w = torch.randn(3, N, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    st, grads, ref, ref_grads = run_both(hidden, weight, bias, labels, ("cpp", None), w)
+    check(st, grads, ref, ref_grads, tol=2e-5, gtol=2e-5)
+
+
 def _op_args(backend, chunk=(5, 37), low_rank=False):
     hidden, weight, bias, labels = make_inputs()
     a, lw = (torch.randn(N, 3), torch.randn(V, 3) * 0.3) if low_rank else (None, None)

@@ -213,6 +213,16 @@ def test_single_pass_true_raises_where_it_does_not_apply(config, call, match):
         fastalign.LinearPolicyLoss(single_pass=True, **config)
 
 
+@pytest.mark.parametrize("unset", [dict(grad_skip_threshold=0), dict(grad_skip_threshold=float("0")),
+                                   dict(chunk=None, vocab_group=None)], ids=["int-0", "float-0", "none"])
+def test_single_pass_true_takes_the_two_pass_options_at_their_unset_values(unset):
+    """``grad_skip_threshold`` 0 (as an int or any float 0) and ``chunk`` / ``vocab_group`` None are the options
+    left unset: they do not rule out the single pass, which equals the two passes."""
+    d = make(seed=7)
+    cfg = dict(CONFIGS["grpo+k3+entropy"], **unset)
+    check_same(run(d, cfg, True), run(d, cfg, False))
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("config", ["grpo+k3+entropy", "seq-mean-token-sum+entropy_agg"])
 def test_low_rank_head(backend, config, block_mib):

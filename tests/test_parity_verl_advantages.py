@@ -135,6 +135,38 @@ def test_optimal_token_baseline_zero_tail_binds(estimator):
     _close(with_tail, adv_v, "zero tail")
 
 
+@pytest.mark.parametrize("estimator", OTB)
+def test_optimal_token_baseline_epsilon_is_verls(estimator):
+    """A large ``epsilon`` in the baseline's denominator ``sum W m + eps``: verl's estimator given the same
+    ``epsilon`` (``eps`` of fastalign) agrees."""
+    r, mask, old, p2, iw = _otb_inputs(seed=33)
+    index = UIDS["str-with-singletons"]
+    adv_v, ret_v = core_algos.get_adv_estimator_fn(estimator)(
+        token_level_rewards=r.clone(), response_mask=mask, index=index, old_log_probs=old, sum_pi_squared=p2,
+        rollout_is_weights=iw, epsilon=0.7)
+    align = "response" if estimator.startswith("tir") else "position"
+    adv_f, ret_f = fa.advantages.optimal_token_baseline_advantages(r, mask, index, old, p2, importance_weights=iw,
+                                                                   align=align, eps=0.7)
+    _close(adv_f, adv_v, f"{estimator} advantages")
+    _close(ret_f, ret_v, f"{estimator} returns")
+
+
+def test_multi_turn_optimal_token_baseline_group_of_one_non_empty_response():
+    """verl's multi-turn baseline leaves empty responses out of their group: a response whose only partner is
+    empty is a group of one (baseline 0, its advantage its return). Without the zero tail, which would hide it."""
+    r, mask, old, p2, _ = _otb_inputs(seed=32)
+    assert mask[5].sum() == 0 and mask[4].sum() > 0
+    index = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])  # row 4's only partner is the empty row 5
+    adv_v, ret_v = core_algos.compute_multi_turn_optimal_token_baseline_advantage(
+        token_level_rewards=r.clone(), response_mask=mask, index=index, old_log_probs=old, sum_pi_squared=p2,
+        handle_zero_tail=False)
+    adv_f, ret_f = fa.advantages.optimal_token_baseline_advantages(r, mask, index, old, p2, align="response",
+                                                                   zero_tail=False)
+    _close(adv_f, adv_v, "advantages")
+    _close(ret_f, ret_v, "returns")
+    _close(adv_f[4], ret_v[4] * mask[4], "a group of one non-empty response")
+
+
 def test_optimal_token_baseline_float32_and_bad_inputs():
     r, mask, old, p2, iw = _otb_inputs(seed=31, dtype=torch.float32)
     index = UIDS["str-interleaved"]
@@ -346,6 +378,19 @@ def test_masked_whiten_of_a_fractional_count_divides_by_n_minus_1():
     x = torch.tensor([[0.3, -1.2, 2.0, 0.7]], dtype=D)
     m = torch.tensor([[0.5, 0.25, 0.5, 0.0]], dtype=D)
     torch.testing.assert_close(fa.masked_whiten(x, m), verl_whiten(x, m) * m, **TOL)
+
+
+def test_masked_whiten_of_a_fractional_count_of_one_is_nan_where_verl_raises():
+    """Two half-weight tokens: N = 1, where verl's Bessel factor N / (N - 1) divides by 0 (it raises). The
+    unbiased whitening is NaN on those tokens (not a finite 0 from an infinite variance), 0 on the others."""
+    from verl.utils.torch_functional import masked_whiten as verl_whiten
+
+    x = torch.tensor([[0.3, -1.2, 2.0, 0.7]], dtype=D)
+    m = torch.tensor([[0.5, 0.0, 0.5, 0.0]], dtype=D)
+    with pytest.raises(ValueError, match="sum of the mask is one"):
+        verl_whiten(x, m)
+    out = fa.masked_whiten(x, m)
+    assert torch.isnan(out[0, [0, 2]]).all() and torch.equal(out[0, [1, 3]], torch.zeros(2, dtype=D))
 
 
 @pytest.mark.parametrize("uid", ["str-with-singletons", "int-ndarray-singleton", "tensor-singleton"])

@@ -183,6 +183,21 @@ def test_out_of_range_labels_give_nan_or_raise(cpu_backend):
         fastalign.token_logprobs(logits, labels, check=True, backend=cpu_backend)
 
 
+def test_check_accepts_every_in_range_label_and_ignore_index(cpu_backend):
+    """``check=True`` refuses exactly the labels outside ``[0, V)`` that are not ``ignore_index``: the edges
+    0 and V - 1 and the ignored rows pass (with the same statistics as without the check), V is refused."""
+    logits = make_logits((5, 20), torch.float32)
+    labels = torch.tensor([0, 19, -100, 7, -100])
+    want = fastalign.token_logprobs(logits, labels, backend=cpu_backend).logprobs
+    got = fastalign.token_logprobs(logits, labels, check=True, backend=cpu_backend).logprobs
+    assert torch.equal(got, want) and torch.equal(got[[2, 4]], torch.zeros(2))
+    custom = torch.tensor([0, 19, 5, 7, 5])
+    st = fastalign.token_logprobs(logits, custom, ignore_index=5, check=True, backend=cpu_backend)
+    assert torch.equal(st.logprobs[[2, 4]], torch.zeros(2))
+    with pytest.raises(ValueError, match="labels must lie in"):
+        fastalign.token_logprobs(logits, torch.tensor([0, 20, -100, 7, 3]), check=True, backend=cpu_backend)
+
+
 def test_empty_batch(cpu_backend):
     x = torch.zeros(0, 10, requires_grad=True)
     st = fastalign.token_logprobs(x, torch.zeros(0, dtype=torch.long), entropy=True, backend=cpu_backend)
