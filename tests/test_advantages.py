@@ -293,6 +293,19 @@ def test_token_level_estimators_match_reference(dtype, gamma):
         assert out.dtype == dtype and torch.all(out[mask == 0] == 0)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0)])
+def test_token_level_estimators_on_empty_batches(shape, backend):
+    """No responses, or responses of no tokens: every token-level estimator returns empty [B, T] outputs
+    (GAE's returns included) instead of launching a scan over nothing."""
+    r = torch.zeros(shape, dtype=torch.float64)
+    mask = torch.ones(shape)
+    a, ret = fastalign.gae_advantages(r, r.clone(), mask, gamma=0.9, lam=0.95, whiten=False, backend=backend)
+    got = [a, ret, fastalign.reinforce_pp_advantages(r, mask, whiten=False, backend=backend),
+           fastalign.remax_advantages(r, mask, torch.zeros(shape[0], dtype=torch.float64), backend=backend)]
+    assert all(t.shape == shape and t.dtype == torch.float64 for t in got), [t.shape for t in got]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_token_level_estimators_with_a_fractional_mask_match_reference(dtype):
     """A fractional response mask weights the token rewards and the outcome term: remax subtracts ``b m_t`` and

@@ -600,6 +600,42 @@ def test_cov_select_torch_path_matches_cpp_kernel(mode):
         assert int((ref.to(torch.uint8) != got).sum()) == 0
 
 
+def _cov_select_both(lp, old, adv, mask, mode, ratio, lb=-1.0, ub=5.0):
+    """The torch path's and the C++ kernel's selections with global means 0 (cov_t = A_t lp_t)."""
+    from fastalign.ops import cov_fallback, policy_loss as ops
+
+    sums = torch.tensor([0.0, 0.0, float(mask.sum())])
+    args = (lp, old, adv, mask, sums, sums[2:3].clone(), torch.tensor([7]), mode, ratio, lb, ub, 0.2, 0.28)
+    return cov_fallback.cov_select(*args), ops.cov_select(*args, "cpp")
+
+
+def test_cov_select_torch_path_edge_keys():
+    """Edge keys of the on-device selection, against the float64 reference and the C++ kernel: Clip-Cov's
+    bounds are strict (cov = lb or ub is no candidate), k is at least 1 when ratio * n < 1, KL-Cov ranks
+    -0 and +0 as equal (the lower index first), and a token whose cov is NaN is never picked."""
+    ref = lambda *a, **kw: reference.policy.cov_selection(  # noqa: E731
+        *a, eps_low=0.2, eps_high=0.28, lb=-1.0, ub=5.0, means=(0.0, 0.0), **kw).to(torch.uint8)
+    mask = torch.ones(1, 4, dtype=torch.uint8)
+    # clip_cov, rho = 1 everywhere: covs -1 (= lb), 5 (= ub), -0.5 and 2; every candidate picked (ratio 1)
+    lp = torch.tensor([[-1.0, -1.0, -0.5, -1.0]])
+    adv = torch.tensor([[1.0, -5.0, 1.0, -2.0]])
+    got, cpp = _cov_select_both(lp, lp, adv, mask, 0, 1.0)
+    want = ref(lp, lp, adv, mask, loss_type="clip_cov", ratio=1.0)
+    assert want.tolist() == [[0, 0, 1, 1]] and torch.equal(got, want) and torch.equal(cpp, want)
+    # kl_cov: covs -0, +0, -1, -1; ratio * n = 0.2 still picks one token: the -0 at the lower index
+    lp = torch.tensor([[-1.0, 1.0, -1.0, -1.0]])
+    adv = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    got, cpp = _cov_select_both(lp, lp, adv, mask, 1, 0.05)
+    want = ref(lp, lp, adv, mask, loss_type="kl_cov", ratio=0.05)
+    assert want.tolist() == [[1, 0, 0, 0]] and torch.equal(got, want) and torch.equal(cpp, want)
+    # kl_cov with a NaN cov (A = 0 at lp = -inf, a token the policy cannot produce): the largest real cov wins
+    lp = torch.tensor([[float("-inf"), -1.0, -2.0, -3.0]])
+    adv = torch.tensor([[0.0, -1.0, -1.0, -1.0]])
+    for ratio, want in ((0.25, [[0, 0, 0, 1]]), (1.0, [[0, 1, 1, 1]])):
+        got, cpp = _cov_select_both(lp, lp, adv, mask, 1, ratio)
+        assert got.tolist() == want and torch.equal(cpp, got), ratio
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("use_index", [False, True])
 def test_group_ops_torch_path_matches_cpp(dtype, use_index):
@@ -649,6 +685,30 @@ def test_group_fallback_near_the_double_range(magnitude, use_index):
         got, want = group_advantage(*args, "triton"), group_advantage(*args, "cpp")
         assert torch.isfinite(got).all(), mode
         assert_close(got, want, atol=1e-12, rtol=1e-12, what=f"mode {mode}")
+
+
+def test_group_fallback_pairs_and_equal_scores():
+    """The on-device path on two edge groups, against float64 formulas written here: a group of two
+    distinct scores has the unbiased std |a - b| / sqrt(2) (n - 1 = 1, not 0), and OPO of equal scores
+    is exactly 0 whatever the lengths (the length-weighted mean of equal scores is the score itself,
+    not a sum rounded to a neighbour of it)."""
+    from fastalign.ops.group_stats import MODES, group_advantage
+
+    no_scale = torch.empty(0, dtype=torch.float64)
+    scores = torch.tensor([1.0, 4.0, -2.0, 0.5], dtype=torch.float64)
+    index = torch.tensor([3, 3, 8, 8])
+    ones = torch.ones(4, dtype=torch.float64)
+    x = scores.view(2, 2)
+    mean, std = x.mean(1, keepdim=True), (x[:, :1] - x[:, 1:]).abs() / math.sqrt(2.0)
+    want = ((x - mean) / (std + 1e-6)).reshape(-1)
+    got = group_advantage(scores, index, ones, no_scale, 2, MODES["center"], True, 1e-6, False, "triton")
+    assert_close(got, want, atol=1e-12, rtol=1e-12, what="groups of two")
+
+    equal = torch.full((4,), 0.1, dtype=torch.float64)
+    lengths = torch.tensor([1.0, 2.0, 3.0, 7.0], dtype=torch.float64)
+    got = group_advantage(equal, torch.empty(0, dtype=torch.int64), lengths, no_scale, 4, MODES["opo"], True, 1e-6,
+                          False, "triton")
+    assert torch.equal(got, torch.zeros_like(got)), got.tolist()
 
 
 def test_cuda_kernels_available_reports_the_build(monkeypatch):

@@ -287,6 +287,19 @@ def test_merge_stats_matches_full_row():
     assert_close(sp2, (p * p).sum(1), atol=1e-12, what="sum_p2")
 
 
+def test_merge_stats_of_a_row_with_no_mass():
+    """A row whose pieces all have no mass (every logit -inf) merges to lse = -inf, as the full row's
+    logsumexp, not NaN; a row beside it with one massless piece keeps its exact lse."""
+    z = torch.randn(2, 12, dtype=torch.float64)
+    z[0] = float("-inf")
+    z[1, :5] = float("-inf")
+    lse_k = torch.stack([torch.logsumexp(p, 1) for p in z.split([5, 7], dim=1)])
+    lse, _, _ = merge_stats(lse_k, None, None)
+    want = torch.logsumexp(z, 1)
+    assert want[0] == float("-inf") and lse[0] == float("-inf"), lse.tolist()
+    assert_close(lse[1:], want[1:], atol=1e-12, what="lse")
+
+
 def test_chunk_shape_bounds_memory():
     from fastalign.linear import chunk_shape
 
@@ -600,6 +613,27 @@ def test_gradients_renormalised_at_large_lse(path, offset, temperature):
     assert_close(bias.grad, dz.sum(0), atol=tol, rtol=1e-5, what="d bias")
     assert_close(hidden.grad, dz @ weight.detach().double(), atol=tol, rtol=1e-5, what="d hidden")
     assert_close(weight.grad, dz.T @ hidden.detach().double(), atol=tol, rtol=1e-5, what="d weight")
+
+
+def test_gradients_renormalised_from_lse_32(path):
+    """Renormalisation starts at |lse| = 32, where the saved fp32 lse is already off by up to 2^-20: with lse
+    about 45-55 (an ulp of 3.8e-6) the gradients stay at their own fp32 rounding (~8e-7 here), where the
+    unrenormalised rows would be off by 2-5e-6. Integer hidden states and weights: float64 on the fp32
+    logits is the exact answer."""
+    backend, chunk = path
+    g = torch.Generator().manual_seed(12)
+    n, h_dim, v = 24, 4, 80
+    hidden = torch.randint(-2, 3, (n, h_dim), generator=g).float().requires_grad_()
+    weight = torch.randint(-2, 3, (v, h_dim), generator=g).float().requires_grad_()
+    bias = (40.0 + torch.randn(v, generator=g) * 2.0).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=g)
+    fastalign.linear_logprobs(hidden, weight, labels, bias=bias, backend=backend, chunk=chunk).logprobs.sum().backward()
+    z = torch.addmm(bias.detach(), hidden.detach(), weight.detach().T).double().requires_grad_()
+    torch.log_softmax(z, -1).gather(-1, labels[:, None]).sum().backward()
+    dz = z.grad
+    assert_close(bias.grad, dz.sum(0), atol=2e-6, rtol=0, what="d bias")
+    assert_close(hidden.grad, dz @ weight.detach().double(), atol=2e-6, rtol=0, what="d hidden")
+    assert_close(weight.grad, dz.T @ hidden.detach().double(), atol=2e-6, rtol=0, what="d weight")
 
 
 @pytest.mark.parametrize("temperature", [0.7, 0.05, 1e-3])
