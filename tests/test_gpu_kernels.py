@@ -388,6 +388,41 @@ def test_gpu_linear_divergence_bf16_at_full_vocabulary(beta, monkeypatch):
         assert _rel_err(wg.grad, wd.grad) < 1e-2, single_pass
 
 
+def _fp32_teacher_divergence_errors(device: str):
+    """Relative errors, against float64, of ``linear_divergence_loss`` with a bf16 student and an fp32 teacher
+    whose logits lie in [16, 32) (bf16 spacing 0.125 there), and of the float64 loss with the teacher's logits
+    rounded to bf16: the error a logit buffer in the student's dtype would add."""
+    from fastalign.reference.divergence import generalized_jsd
+
+    N, H, V = 256, 64, 4096
+    g = torch.Generator(device=device).manual_seed(11)
+    h = (torch.randn(N, H, device=device, generator=g) * 0.5).bfloat16()
+    w = (torch.randn(V, H, device=device, generator=g) * 0.05).bfloat16()
+    ht = torch.randn(N, H, device=device, generator=g) * 0.5
+    wt = torch.randn(V, H, device=device, generator=g) * 0.05
+    bt = 20 + 0.5 * torch.rand(V, device=device, generator=g)
+    zt = ht.double() @ wt.double().T + bt.double()
+    loss64 = generalized_jsd(h.double() @ w.double().T, zt, beta=0.5).mean()
+    rounded64 = generalized_jsd(h.double() @ w.double().T, zt.bfloat16().double(), beta=0.5).mean()
+    loss, _ = fastalign.linear_divergence_loss(h, w, ht, wt, teacher_bias=bt, beta=0.5)
+    rel = lambda x: abs(float(x) - float(loss64)) / abs(float(loss64))
+    return rel(loss), rel(rounded64)
+
+
+def test_fp32_teacher_beside_a_bf16_student_keeps_its_precision():
+    """The teacher's logits are not rounded to the student's dtype (CPU blocks are fp32; the GPU case below)."""
+    err, rounded = _fp32_teacher_divergence_errors("cpu")
+    assert rounded > 5e-3 and err < rounded / 20, (err, rounded)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_teacher_beside_a_bf16_student_keeps_its_precision():
+    """On a GPU the logit blocks take the wider of the two heads' dtypes: an fp32 teacher's logits are not
+    rounded to the bf16 student's (that rounding alone moves this loss by more than 20x the allowed error)."""
+    err, rounded = _fp32_teacher_divergence_errors("cuda")
+    assert rounded > 5e-3 and err < rounded / 20, (err, rounded)
+
+
 @pytest.mark.gpu
 def test_gpu_linear_low_rank_bf16_at_full_vocabulary():
     """A LoRA lm_head (rank 16, frozen W) through the low-rank term: equals the float64 widened head,
