@@ -138,6 +138,27 @@ def _batch(g, B, T, spread=0.3):
     return lp, old, A, m
 
 
+def test_linear_gradient_of_the_entropy_alone(cpu_backend):
+    """Only the entropy (and sum p^2) take a gradient, the log-probs none: the backward runs without an upstream
+    log-prob gradient (not a zero one), and d(hidden), d(weight), d(bias) are float64 autograd's."""
+    g = torch.Generator().manual_seed(21)
+    h, w = torch.randn(9, 12, generator=g) * 0.5, torch.randn(37, 12, generator=g) * 0.5
+    b, y = torch.randn(37, generator=g) * 0.3, torch.randint(0, 37, (9,), generator=g)
+    y[4] = -100
+    hg, wg, bg = (t.clone().requires_grad_(True) for t in (h, w, b))
+    st = fastalign.linear_logprobs(hg, wg, y, bias=bg, temperature=0.8, entropy=True, sum_p2=True,
+                                   backend=cpu_backend)
+    (st.entropy.sum() - 2 * st.sum_p2.sum()).backward()
+    hd, wd, bd = (t.double().requires_grad_(True) for t in (h, w, b))
+    logp = torch.log_softmax((hd @ wd.T + bd) / 0.8, -1)
+    scored = (y != -100).double()
+    ent = -(logp.exp() * logp).sum(-1) * scored
+    sp2 = (logp.exp() ** 2).sum(-1) * scored
+    (ent.sum() - 2 * sp2.sum()).backward()
+    for got, want, what in ((hg.grad, hd.grad, "d hidden"), (wg.grad, wd.grad, "d weight"), (bg.grad, bd.grad, "d bias")):
+        assert_close(got, want, atol=1e-5, rtol=1e-4, what=what)
+
+
 @pytest.mark.parametrize("kw", [dict(loss_type="gspo"), dict(loss_type="vespo"),
                                 dict(importance_sampling_level="sequence", kl_coef=0.1, kl_rho="grad"),
                                 dict(loss_type="gmpo", offpolicy_threshold=0.01)],
