@@ -104,14 +104,6 @@ def add_block(m, s, t, q, x, AXIS: tl.constexpr, WANT_T: tl.constexpr, WANT_Q: t
 
 
 @triton.jit
-def reduce_lanes(m, s, t, q, AXIS: tl.constexpr):
-    """One state from a tile of per-lane states (reduced along AXIS), in a fixed order."""
-    M = tl.max(m, AXIS)
-    sl, tl_, ql = rescale(m, s, t, q, tl.expand_dims(M, AXIS))
-    return M, tl.sum(sl, AXIS), tl.sum(tl_, AXIS), tl.sum(ql, AXIS)
-
-
-@triton.jit
 def finish(m, s, t, q, x_y):
     """(lse, logprob, entropy, sum p^2) of a state; x_y is the label's logit (/ T)."""
     log_s = tl.log(s)
