@@ -108,14 +108,15 @@ def test_linear_stats_argmax_logit(cpu_backend, softcap, temperature):
 # ----------------------------------------------------------------------------- policy loss
 
 
-def _policy(batch, backend, **kw):
-    """(loss, metrics, d lp) from fastalign and the float64 reference."""
+def _policy(batch, backend, ref_kw=None, **kw):
+    """(loss, metrics, d lp) from fastalign and the float64 reference (``ref_kw``: the reference's alone)."""
     lp, old, A, m = batch
     x = lp.clone().requires_grad_(True)
     loss, met = fastalign.policy_loss(x, old, A, m, backend=backend, **kw)
     loss.backward()
     xr = lp.double().requires_grad_(True)
-    rkw = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    rkw = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items() if not k.startswith("cov_")}
+    rkw.update(ref_kw or {})
     rloss, rmet = reference.policy_loss(xr, old.double(), A.double(), m, **rkw)
     rloss.backward()
     return (loss, met, x.grad), (rloss, rmet, xr.grad)
@@ -174,6 +175,36 @@ def test_policy_rows_longer_than_one_block(kw):
     if "kl_coef" in kw:
         kw = dict(kw, ref_logprobs=ref)
     _check_policy(*_policy((lp, old, A, m), TRITON, **kw))
+
+
+LOSS_TYPES = ("ppo", "gspo", "cispo", "sapo", "reinforce", "gmpo", "clip_cov", "kl_cov", "vespo", "dppo_tv", "dppo_kl",
+              "dro")
+
+
+@pytest.mark.parametrize("rollout, kl_rho", [("token_mask", "grad"), ("sequence_truncate", True)])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_every_loss_type_with_every_added_term(cpu_backend, loss_type, rollout, kl_rho):
+    """Each loss type with all the added terms at once: the KL term times rho (with or without its gradient),
+    the entropy bonus, the entropy-quantile keep mask, a token or sequence rollout correction and the off-policy
+    mask; loss, metrics and d(logprobs) as the float64 reference's (kernel branches no single-term test reaches)."""
+    g = torch.Generator().manual_seed(31)
+    lp, old, A, m = _batch(g, 4, 9)
+    kw = dict(loss_type=loss_type, kl_coef=0.05, kl_rho=kl_rho, entropy_coef=0.01, entropy_quantile=0.6,
+              rollout_correction=rollout, rollout_min=0.5, rollout_max=1.5, offpolicy_threshold=0.02,
+              ref_logprobs=lp + 0.2 * torch.randn(4, 9, generator=g), entropy=torch.rand(4, 9, generator=g) * 3,
+              rollout_logprobs=old + 0.3 * torch.randn(4, 9, generator=g))
+    ref_kw = {}
+    if loss_type == "dro":
+        kw["dro_beta"] = 0.1
+    elif loss_type in ("clip_cov", "kl_cov"):  # every clip_cov candidate (no random choice), a quarter for kl_cov
+        ratio, lb, ub = (1.0, -100.0, 100.0) if loss_type == "clip_cov" else (0.25, 1.0, 5.0)
+        kw.update(cov_ratio=ratio, **(dict(cov_lb=lb, cov_ub=ub) if loss_type == "clip_cov" else {}))
+        ref_kw["cov_selected"] = reference.policy.cov_selection(lp, old, A, m, loss_type=loss_type, eps_low=0.2,
+                                                                eps_high=0.2, ratio=ratio, lb=lb, ub=ub)
+        assert ref_kw["cov_selected"].any()
+    out, ref = _policy((lp, old, A, m), cpu_backend, ref_kw=ref_kw, **kw)
+    _check_policy(out, ref)
+    assert float(ref[1]["kl"]) != 0 and float(ref[1]["entropy"]) != 0
 
 
 @pytest.mark.parametrize("lam", [0.0, 5e-5])
