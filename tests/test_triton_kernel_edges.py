@@ -156,7 +156,8 @@ def test_linear_gradient_of_the_entropy_alone(cpu_backend):
     ent = -(logp.exp() * logp).sum(-1) * scored
     sp2 = (logp.exp() ** 2).sum(-1) * scored
     (ent.sum() - 2 * sp2.sum()).backward()
-    for got, want, what in ((hg.grad, hd.grad, "d hidden"), (wg.grad, wd.grad, "d weight"), (bg.grad, bd.grad, "d bias")):
+    for got, want, what in ((hg.grad, hd.grad, "d hidden"), (wg.grad, wd.grad, "d weight"),
+                            (bg.grad, bd.grad, "d bias")):
         assert_close(got, want, atol=1e-5, rtol=1e-4, what=what)
 
 
