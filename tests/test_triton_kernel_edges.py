@@ -186,14 +186,15 @@ LOSS_TYPES = ("ppo", "gspo", "cispo", "sapo", "reinforce", "gmpo", "clip_cov", "
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_every_loss_type_with_every_added_term(cpu_backend, loss_type, rollout, kl_rho):
     """Each loss type with all the added terms at once: the KL term times rho (with or without its gradient),
-    the entropy bonus, the entropy-quantile keep mask, a token or sequence rollout correction and the off-policy
-    mask; loss, metrics and d(logprobs) as the float64 reference's (kernel branches no single-term test reaches)."""
+    the entropy bonus, the entropy-quantile keep mask, a token or sequence rollout correction, precomputed importance
+    weights and the off-policy mask; loss, metrics and d(logprobs) as the float64 reference's (kernel branches no single-term test reaches)."""
     g = torch.Generator().manual_seed(31)
     lp, old, A, m = _batch(g, 4, 9)
     kw = dict(loss_type=loss_type, kl_coef=0.05, kl_rho=kl_rho, entropy_coef=0.01, entropy_quantile=0.6,
               rollout_correction=rollout, rollout_min=0.5, rollout_max=1.5, offpolicy_threshold=0.02,
               ref_logprobs=lp + 0.2 * torch.randn(4, 9, generator=g), entropy=torch.rand(4, 9, generator=g) * 3,
-              rollout_logprobs=old + 0.3 * torch.randn(4, 9, generator=g))
+              rollout_logprobs=old + 0.3 * torch.randn(4, 9, generator=g),
+              importance_weights=0.5 + torch.rand(4, 9, generator=g))
     ref_kw = {}
     if loss_type == "dro":
         kw["dro_beta"] = 0.1
