@@ -1,0 +1,90 @@
+"""Edges of the backend setting and of the lm_head arguments: nested ``use_backend`` blocks restore the outer
+setting, a CUDA device given without an index is the current device, a preference option is accepted when any
+of several combined loss types reads it, and with ``vocab_group`` a DTensor head that is not a ``Shard(0)``
+vocabulary shard is refused with a ``TypeError`` naming the argument."""
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import fastalign
+from fastalign import _backend
+
+
+def test_nested_use_backend_restores_the_outer_setting(monkeypatch):
+    """Leaving an inner ``use_backend`` block puts back the outer block's backend, not the default; leaving the
+    outer one puts back the environment's setting."""
+    monkeypatch.setenv("FASTALIGN_BACKEND", "cpp")
+    with fastalign.use_backend("auto"):
+        with fastalign.use_backend("triton"):
+            assert _backend.current() == "triton"
+        assert _backend.current() == "auto"
+        with fastalign.use_backend("cuda"):
+            assert _backend.current() == "cuda"
+        assert _backend.current() == "auto"
+    assert _backend.current() == "cpp"
+
+
+def test_a_cuda_device_without_index_is_the_current_device(monkeypatch):
+    """``cuda_kernels_usable(torch.device("cuda"))`` answers for the current CUDA device: the fallback warning
+    names that device and its answer is the one remembered for it."""
+    fake = type("FakeCore", (), {"cuda_compiled": False})
+    monkeypatch.setitem(sys.modules, "fastalign._C", fake)
+    monkeypatch.setattr(fastalign, "_C", fake, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    cache = {}
+    monkeypatch.setattr(_backend, "_cuda_usable", cache)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _backend.cuda_kernels_usable(torch.device("cuda")) is False
+    assert len(caught) == 1 and "cuda:2 runs the Triton kernels instead" in str(caught[0].message)
+    assert cache == {2: False}
+
+
+def _pairs():
+    g = torch.Generator().manual_seed(0)
+    return [-torch.rand(4, generator=g) * 3 for _ in range(4)]
+
+
+def test_an_option_read_by_one_of_the_combined_loss_types_is_accepted():
+    """A loss option (``cpo_alpha``) set for a combination of loss types is accepted when one of them reads it
+    (``cpo``), and refused when none does."""
+    lc, lr, lc0, lr0 = _pairs()
+    out = fastalign.preference_loss(lc, lr, lc0, lr0, loss_type=["sigmoid", "cpo"], cpo_alpha=0.5,
+                                   chosen_nll=-lc.mean())
+    loss = out[0] if isinstance(out, tuple) else out
+    assert torch.isfinite(loss).all()
+    with pytest.raises(ValueError, match="cpo_alpha"):
+        fastalign.preference_loss(lc, lr, lc0, lr0, loss_type=["sigmoid", "hinge"], cpo_alpha=0.5)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_group_takes_a_shard0_dtensor_head_and_refuses_a_replicated_one(one_rank_group):
+    """With ``vocab_group`` a ``Shard(0)`` DTensor head over that group is this rank's vocabulary rows (here,
+    one rank: all of them, so the log-probs are the plain head's, in float64); a replicated DTensor head is not
+    a vocabulary shard and is refused with a TypeError naming ``weight``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(5, 8, generator=g), torch.randn(11, 8, generator=g)
+    labels = torch.randint(0, 11, (5,), generator=g)
+    expected = torch.log_softmax(hidden.double() @ weight.double().T, -1).gather(1, labels[:, None])[:, 0]
+    mesh = init_device_mesh("cpu", (1,))
+    sharded = distribute_tensor(weight, mesh, [Shard(0)])
+    got = fastalign.linear_logprobs(hidden, sharded, labels, vocab_group=one_rank_group)
+    got = got[0] if isinstance(got, tuple) else got
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    replicated = distribute_tensor(weight, mesh, [Replicate()])
+    with pytest.raises(TypeError, match="weight is a DTensor with placements"):
+        fastalign.linear_logprobs(hidden, replicated, labels, vocab_group=one_rank_group)
