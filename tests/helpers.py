@@ -34,6 +34,25 @@ def policy_batch(g: torch.Generator, B: int, T: int):
     return lp, old, A, m
 
 
+def policy_and_reference(batch, backend, ref_kw=None, **kw):
+    """``((loss, metrics, d lp), (the same))`` of ``fastalign.policy_loss`` on ``backend`` (fp32) and of the float64
+    reference, with the options ``kw``; the ``cov_*`` options go to fastalign alone, ``ref_kw`` (e.g. the
+    reference's ``cov_selected``) to the reference alone."""
+    import fastalign
+    from fastalign import reference
+
+    lp, old, A, m = batch
+    x = lp.clone().requires_grad_(True)
+    loss, met = fastalign.policy_loss(x, old, A, m, backend=backend, **kw)
+    loss.backward()
+    xr = lp.double().requires_grad_(True)
+    rkw = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()
+           if not k.startswith("cov_")}
+    rloss, rmet = reference.policy_loss(xr, old.double(), A.double(), m, **rkw, **(ref_kw or {}))
+    rloss.backward()
+    return (loss, met, x.grad), (rloss, rmet, xr.grad)
+
+
 @contextlib.contextmanager
 def rank_body():
     """The work of one spawned ``torch.distributed`` rank, after ``init_process_group``.

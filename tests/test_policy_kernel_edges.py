@@ -4,22 +4,8 @@ floored at 1e-4, and tokens whose covariance is exactly one of Clip-Cov's bounds
 import pytest
 import torch
 
-import fastalign
 from fastalign import reference
-from helpers import assert_close
-
-def _both(backend, lp, old, A, m, ref_kw=None, cov=None, **kw):
-    """(loss, metrics, d lp) of the backend's kernel in fp32 (``cov``: its Clip-Cov / KL-Cov options) and of the float64
-    reference (``ref_kw``: the reference's selection)."""
-    x = lp.clone().requires_grad_(True)
-    loss, met = fastalign.policy_loss(x, old, A, m, backend=backend, **kw, **(cov or {}))
-    loss.backward()
-    xr = lp.double().requires_grad_(True)
-    rkw = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
-    rloss, rmet = reference.policy_loss(xr, old.double(), A.double(), m, **rkw, **(ref_kw or {}))
-    rloss.backward()
-    return (loss, met, x.grad), (rloss, rmet, xr.grad)
-
+from helpers import assert_close, policy_and_reference
 
 def _batch(B=4, T=8, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -42,8 +28,8 @@ def test_rollout_mask_keeps_a_ratio_equal_to_its_upper_bound(cpu_backend, mode):
     roll = old.clone()
     roll[0] += 0.3  # r < 1 (in [rollout_min, 1]): kept
     roll[2, ::2] -= 0.4  # r > 1 on some tokens (and on the sequence): dropped
-    ours, ref = _both(cpu_backend, lp, old, A, m, rollout_logprobs=roll, rollout_correction=mode, rollout_min=0.01,
-                      rollout_max=1.0)
+    ours, ref = policy_and_reference((lp, old, A, m), cpu_backend, rollout_logprobs=roll, rollout_correction=mode,
+                                     rollout_min=0.01, rollout_max=1.0)
     assert ref[0].abs() > 1e-3
     assert_close(ours[0], ref[0], atol=1e-6, rtol=1e-5, what="loss")
     assert_close(ours[2], ref[2], atol=1e-7, rtol=1e-5, what="d lp")
@@ -60,7 +46,8 @@ def test_vespo_small_lambda_is_floored_at_1e_4(cpu_backend):
     old[2] = lp[2] - 5.0 / 8
     A = A.clone()
     A[0], A[2] = 0.7, -0.6
-    ours, ref = _both(cpu_backend, lp, old, A, m, loss_type="vespo", vespo_k=(1.0, 1.5), vespo_lambda=(0.0, 1e-5))
+    ours, ref = policy_and_reference((lp, old, A, m), cpu_backend, loss_type="vespo", vespo_k=(1.0, 1.5),
+                                     vespo_lambda=(0.0, 1e-5))
     assert_close(ours[0], ref[0], atol=1e-6, rtol=1e-5, what="loss")
     assert_close(ours[2], ref[2], atol=1e-7, rtol=1e-5, what="d lp")
 
@@ -79,9 +66,8 @@ def test_clip_cov_bounds_are_strict(cpu_backend):
     sel = reference.policy.cov_selection(lp.double(), old.double(), A.double(), m, ratio=0.5, lb=-0.5, ub=0.5,
                                          eps_low=0.2, eps_high=0.2, loss_type="clip_cov")
     assert not sel.any()
-    ours, ref = _both(cpu_backend, lp, old, A, m, ref_kw=dict(cov_selected=sel),
-                      cov=dict(cov_ratio=0.5, cov_lb=-0.5, cov_ub=0.5),
-                      loss_type="clip_cov")
+    ours, ref = policy_and_reference((lp, old, A, m), cpu_backend, ref_kw=dict(cov_selected=sel),
+                                     cov_ratio=0.5, cov_lb=-0.5, cov_ub=0.5, loss_type="clip_cov")
     assert float(ours[1]["cov_selected_frac"]) == 0.0
     assert_close(ours[0], ref[0], atol=1e-7, what="loss")
     assert_close(ours[2], ref[2], atol=1e-7, what="d lp")

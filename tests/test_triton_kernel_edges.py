@@ -23,7 +23,7 @@ from fastalign.ops.linear_stats import linear_stats
 from fastalign.ops.returns import SCANS, reverse_scan
 from fastalign.reference import divergence as R
 from fastalign.reference.advantages import discounted_returns, gae_advantages
-from helpers import assert_close
+from helpers import assert_close, policy_and_reference
 
 pytest.importorskip("triton")
 TRITON = "triton"
@@ -108,20 +108,6 @@ def test_linear_stats_argmax_logit(cpu_backend, softcap, temperature):
 # ----------------------------------------------------------------------------- policy loss
 
 
-def _policy(batch, backend, ref_kw=None, **kw):
-    """(loss, metrics, d lp) from fastalign and the float64 reference (``ref_kw``: the reference's alone)."""
-    lp, old, A, m = batch
-    x = lp.clone().requires_grad_(True)
-    loss, met = fastalign.policy_loss(x, old, A, m, backend=backend, **kw)
-    loss.backward()
-    xr = lp.double().requires_grad_(True)
-    rkw = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items() if not k.startswith("cov_")}
-    rkw.update(ref_kw or {})
-    rloss, rmet = reference.policy_loss(xr, old.double(), A.double(), m, **rkw)
-    rloss.backward()
-    return (loss, met, x.grad), (rloss, rmet, xr.grad)
-
-
 def _check_policy(out, ref, tol=1e-5):
     loss, met, g = out
     rloss, rmet, rg = ref
@@ -175,7 +161,7 @@ def test_policy_rows_longer_than_one_block(kw):
     ref = lp + torch.randn(3, 1100, generator=g) * 0.3
     if "kl_coef" in kw:
         kw = dict(kw, ref_logprobs=ref)
-    _check_policy(*_policy((lp, old, A, m), TRITON, **kw))
+    _check_policy(*policy_and_reference((lp, old, A, m), TRITON, **kw))
 
 
 LOSS_TYPES = ("ppo", "gspo", "cispo", "sapo", "reinforce", "gmpo", "clip_cov", "kl_cov", "vespo", "dppo_tv", "dppo_kl",
@@ -187,7 +173,8 @@ LOSS_TYPES = ("ppo", "gspo", "cispo", "sapo", "reinforce", "gmpo", "clip_cov", "
 def test_every_loss_type_with_every_added_term(cpu_backend, loss_type, rollout, kl_rho):
     """Each loss type with all the added terms at once: the KL term times rho (with or without its gradient),
     the entropy bonus, the entropy-quantile keep mask, a token or sequence rollout correction, precomputed importance
-    weights and the off-policy mask; loss, metrics and d(logprobs) as the float64 reference's (kernel branches no single-term test reaches)."""
+    weights and the off-policy mask; loss, metrics and d(logprobs) as the float64 reference's (kernel branches no
+    single-term test reaches)."""
     g = torch.Generator().manual_seed(31)
     lp, old, A, m = _batch(g, 4, 9)
     kw = dict(loss_type=loss_type, kl_coef=0.05, kl_rho=kl_rho, entropy_coef=0.01, entropy_quantile=0.6,
@@ -204,7 +191,7 @@ def test_every_loss_type_with_every_added_term(cpu_backend, loss_type, rollout, 
         ref_kw["cov_selected"] = reference.policy.cov_selection(lp, old, A, m, loss_type=loss_type, eps_low=0.2,
                                                                 eps_high=0.2, ratio=ratio, lb=lb, ub=ub)
         assert ref_kw["cov_selected"].any()
-    out, ref = _policy((lp, old, A, m), cpu_backend, ref_kw=ref_kw, **kw)
+    out, ref = policy_and_reference((lp, old, A, m), cpu_backend, ref_kw=ref_kw, **kw)
     _check_policy(out, ref)
     assert float(ref[1]["kl"]) != 0 and float(ref[1]["entropy"]) != 0
 
@@ -215,7 +202,8 @@ def test_vespo_lambda_below_the_floor(cpu_backend, lam):
     reference): lambda = 0 or 5e-5 give lambda = 1e-4's loss, metrics and gradient."""
     g = torch.Generator().manual_seed(15)
     batch = _batch(g, 4, 9, spread=0.1)
-    _check_policy(*_policy(batch, cpu_backend, loss_type="vespo", vespo_lambda=(lam, lam), vespo_k=(2.0, 1.5)))
+    _check_policy(*policy_and_reference(batch, cpu_backend, loss_type="vespo", vespo_lambda=(lam, lam),
+                                        vespo_k=(2.0, 1.5)))
 
 
 @pytest.mark.parametrize("bounds", [(1.0, 2.0), (0.5, 1.0)], ids=["at-min", "at-max"])
@@ -226,8 +214,8 @@ def test_rollout_token_mask_keeps_ratios_on_its_bounds(cpu_backend, bounds):
     lp, old, A, m = _batch(g, 4, 11)
     roll = old + torch.randn(4, 11, generator=g) * 0.3
     roll[:, ::2] = old[:, ::2]  # r = 1
-    out, ref = _policy((lp, old, A, m), cpu_backend, rollout_correction="token_mask", rollout_logprobs=roll,
-                       rollout_min=bounds[0], rollout_max=bounds[1])
+    out, ref = policy_and_reference((lp, old, A, m), cpu_backend, rollout_correction="token_mask",
+                                    rollout_logprobs=roll, rollout_min=bounds[0], rollout_max=bounds[1])
     _check_policy(out, ref)
     assert bool((out[2][:, ::2][m[:, ::2]] != 0).any())  # the tokens at r = 1 pass a gradient
 
@@ -238,7 +226,7 @@ def test_offpolicy_threshold_is_exclusive(cpu_backend):
     g = torch.Generator().manual_seed(17)
     lp, old, A, m = _batch(g, 4, 10)
     old[:2] = lp[:2]  # mean KL exactly 0
-    out, ref = _policy((lp, old, A, m), cpu_backend, offpolicy_threshold=0.0)
+    out, ref = policy_and_reference((lp, old, A, m), cpu_backend, offpolicy_threshold=0.0)
     _check_policy(out, ref)
 
 
