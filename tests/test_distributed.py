@@ -210,6 +210,15 @@ def dtensor_stats(data, backend, rank, world):
         _backward(st, data)
         out[name] = dict(logprobs=st.logprobs.detach(), entropy=st.entropy.detach(), sum_p2=st.sum_p2.detach(),
                          d_hidden=hidden.grad, d_weight=weight.grad.to_local(), d_bias=bias.grad.to_local())
+    # a vocab_group that is not the mesh's group (one rank of the two): the shard is not this group's shard
+    one_rank_groups = [dist.new_group([r]) for r in range(world)]  # collective: every rank makes every group
+    weight = distribute_tensor(data["weight"], mesh, [Shard(0)])
+    try:
+        fastalign.linear_logprobs(data["hidden"], weight, data["labels"], vocab_group=one_rank_groups[rank],
+                                  backend=backend)
+        out["other_group"] = None
+    except TypeError as e:
+        out["other_group"] = str(e)
     # data parallel (FSDP2): rank r scores its own row, its loss scaled by the world size as a dp_size-scaled
     # mean; the head's gradient is averaged over the ranks, so each shard holds the whole batch's gradient
     rows = slice(rank, rank + 1)
@@ -544,7 +553,8 @@ def test_gloo_vocab_parallel_compiles_without_graph_breaks(gloo_run):
 def test_gloo_dtensor_head(gloo_run):
     """An FSDP2-style DTensor head: with vocab_group its local shards, as plain shards; without, gathered, with
     the gradients of plain PyTorch on the same DTensor; under data parallelism (each rank its own rows) the head's
-    gradient is the ranks' average, as FSDP2 averages its parameters' gradients."""
+    gradient is the ranks' average, as FSDP2 averages its parameters' gradients. A vocab_group other than the
+    mesh's group (one rank of the mesh's two) is refused on every rank."""
     backend, ranks = gloo_run
     single = vocab_stats(vocab_data(), backend)
     stats = ("logprobs", "entropy", "sum_p2", "d_hidden")
@@ -555,6 +565,9 @@ def test_gloo_dtensor_head(gloo_run):
         for k in (*stats, "d_weight", "d_bias"):
             torch.testing.assert_close(got["dtensor"]["gathered"][k], got["dtensor"]["torch"][k].float(), atol=1e-5,
                                        rtol=1e-5, msg=f"gathered {k}, rank {r}")
+        assert got["dtensor"]["other_group"] is not None, f"rank {r}: a one-rank vocab_group took a 2-rank shard"
+        assert "weight is a DTensor" in got["dtensor"]["other_group"] and "exactly that group" in \
+            got["dtensor"]["other_group"], got["dtensor"]["other_group"]
     for k in ("d_weight", "d_bias"):
         torch.testing.assert_close(torch.cat([got["dtensor"]["sharded"][k] for got in ranks]), single[k], atol=1e-5,
                                    rtol=1e-5, msg=f"sharded {k}")
