@@ -1,8 +1,8 @@
 """Edge cases of the C++ CPU kernels (fastalign._C), against float64 formulas, the float64 reference and the
 trainers' own code: vocabulary rows of every vector-tail length, ties of the row maximum, group sizes past the
 small-count reciprocal table, tied best scores and zero-length groups in the group statistics, fractional
-masks in GAE, the reward-to-go through masked tokens, and policy rows longer than one token chunk (sums and
-the sequence-level gradient carried across chunks, Clip-Cov / KL-Cov means over long rows)."""
+masks in GAE and the reward-to-go through masked tokens. The policy-loss kernels' edges (rows longer than one
+token chunk among them) are in test_policy_kernel_edges.py."""
 import pytest
 import torch
 
@@ -141,52 +141,3 @@ def test_reward_to_go_decays_through_masked_tokens(dtype):
         want[:, t] = (rd[:, t:] * md[:, t:] * w).sum(-1) * md[:, t]
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     assert_close(got, want, atol=tol, rtol=tol, what="reward-to-go")
-
-
-# ---------------------------------------------------------------- policy loss: rows longer than a chunk
-def _long_batch(B=3, T=1100, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lp = -torch.rand(B, T, generator=g) * 2.0
-    old = lp + torch.randn(B, T, generator=g) * 0.05
-    A = torch.randn(B, 1, generator=g).expand(B, T).contiguous()
-    m = torch.rand(B, T, generator=g) > 0.1
-    return lp, old, A, m
-
-
-@pytest.mark.parametrize("level", ["token", "sequence"])
-def test_policy_loss_rows_longer_than_a_chunk(level):
-    """Rows of 1100 tokens (three chunks of the token loop): the row sums, the clip metrics and, at sequence
-    level, the gradient through the sequence ratio summed over every chunk, against the float64 reference."""
-    lp, old, A, m = _long_batch()
-    kw = dict(loss_type="ppo", importance_sampling_level=level, agg="seq-mean-token-mean")
-    x = lp.clone().requires_grad_(True)
-    loss, met = fastalign.policy_loss(x, old, A, m, backend=CPP, **kw)
-    loss.backward()
-    xr = lp.double().requires_grad_(True)
-    rloss, rmet = reference.policy_loss(xr, old.double(), A.double(), m, **kw)
-    rloss.backward()
-    assert_close(loss, rloss, atol=1e-5, rtol=1e-5, what="loss")
-    assert_close(met["clipfrac"], rmet["clipfrac"], atol=1e-6, what="clipfrac")
-    assert_close(met["approx_kl"], rmet["approx_kl"], atol=1e-6, rtol=1e-5, what="approx_kl")
-    assert_close(x.grad, xr.grad, atol=1e-8, rtol=1e-4, what="d lp")
-
-
-def test_kl_cov_selection_means_over_rows_longer_than_a_chunk():
-    """KL-Cov centres the covariance on the means over every valid token: rows of 1100 tokens span several
-    chunks of those sums, and the picks, the loss and its gradient match the float64 reference's selection."""
-    loss_type = "kl_cov"
-    lp, old, _, m = _long_batch(B=2, seed=1)
-    g = torch.Generator().manual_seed(2)
-    A = torch.randn(lp.shape, generator=g) + torch.linspace(-3.0, 3.0, lp.shape[1])  # the mean moves along the row
-    kw = dict(loss_type=loss_type)
-    x = lp.clone().requires_grad_(True)
-    loss, met = fastalign.policy_loss(x, old, A, m, backend=CPP, cov_ratio=0.01, **kw)
-    loss.backward()
-    sel = reference.policy.cov_selection(lp.double(), old.double(), A.double(), m, ratio=0.01, lb=-1e9, ub=1e9,
-                                         eps_low=0.2, eps_high=0.2, **kw)
-    xr = lp.double().requires_grad_(True)
-    rloss, rmet = reference.policy_loss(xr, old.double(), A.double(), m, cov_selected=sel, **kw)
-    rloss.backward()
-    assert_close(met["cov_selected_frac"], rmet["cov_selected_frac"], atol=1e-7, what="selected")
-    assert_close(loss, rloss, atol=1e-5, rtol=1e-5, what="loss")
-    assert_close(x.grad, xr.grad, atol=1e-8, rtol=1e-4, what="d lp")

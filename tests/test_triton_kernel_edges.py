@@ -1,17 +1,16 @@
 """The Triton kernels at the edges of their tiling and masking, in the interpreter, against float64 references:
 
 * rows longer than one tile: token statistics over a vocabulary of several [4, 2048] forward tiles and 4096-wide
-  backward blocks (argmax ties across tiles), policy-loss rows of more than one 1024-token block (row sums and the
-  sequence-level gradient), reverse scans whose carried state crosses a fully masked block, divergence rows
-  wider than one 2048-column block;
+  backward blocks (argmax ties across tiles), reverse scans whose carried state crosses a fully masked block,
+  divergence rows wider than one 2048-column block;
 * ignored and masked entries: an ``ignore_index`` that is also a vocabulary id, NaN upstream gradients of ignored
   rows, NaN / inf values in masked scan slots, an infinite return before a reset, zero-probability (-inf) columns
   of the distillation divergence;
-* bounds that are inclusive or exclusive as in the reference: the rollout mask at its bounds, the off-policy
-  threshold at equality, vespo's floor on lambda;
-* the ``argmax_logit`` output of the linear statistics op (``max z / T``, softcapped to fp32 rounding).
+* the linear statistics op: its ``argmax_logit`` output (``max z / T``, softcapped to fp32 rounding), and its
+  gradient when only the entropy and sum p^2 take one.
+
+The policy-loss kernels' edges are in test_policy_kernel_edges.py.
 """
-import math
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from fastalign.ops.linear_stats import linear_stats
 from fastalign.ops.returns import SCANS, reverse_scan
 from fastalign.reference import divergence as R
 from fastalign.reference.advantages import discounted_returns, gae_advantages
-from helpers import assert_close, policy_and_reference
+from helpers import assert_close
 
 pytest.importorskip("triton")
 TRITON = "triton"
@@ -105,26 +104,6 @@ def test_linear_stats_argmax_logit(cpu_backend, softcap, temperature):
     assert_close(out[4], x.amax(1), atol=0.0, rtol=1.5e-7, what="argmax logit")
 
 
-# ----------------------------------------------------------------------------- policy loss
-
-
-def _check_policy(out, ref, tol=1e-5):
-    loss, met, g = out
-    rloss, rmet, rg = ref
-    assert_close(loss, rloss, atol=tol, rtol=tol, what="loss")
-    for k, v in rmet.items():
-        assert_close(met[k], v, atol=tol, rtol=tol, what=f"metric {k}")
-    assert_close(g, rg, atol=1e-7, rtol=1e-4, what="d logprobs")
-
-
-def _batch(g, B, T, spread=0.3):
-    lp = -torch.rand(B, T, generator=g) * 2.0
-    old = lp + torch.randn(B, T, generator=g) * spread
-    A = torch.randn(B, T, generator=g)
-    m = torch.rand(B, T, generator=g) > 0.2
-    return lp, old, A, m
-
-
 def test_linear_gradient_of_the_entropy_alone(cpu_backend):
     """Only the entropy (and sum p^2) take a gradient, the log-probs none: the backward runs without an upstream
     log-prob gradient (not a zero one), and d(hidden), d(weight), d(bias) are float64 autograd's."""
@@ -145,89 +124,6 @@ def test_linear_gradient_of_the_entropy_alone(cpu_backend):
     for got, want, what in ((hg.grad, hd.grad, "d hidden"), (wg.grad, wd.grad, "d weight"),
                             (bg.grad, bd.grad, "d bias")):
         assert_close(got, want, atol=1e-5, rtol=1e-4, what=what)
-
-
-@pytest.mark.parametrize("kw", [dict(loss_type="gspo"), dict(loss_type="vespo"),
-                                dict(importance_sampling_level="sequence", kl_coef=0.1, kl_rho="grad"),
-                                dict(loss_type="gmpo", offpolicy_threshold=0.01)],
-                         ids=["gspo", "vespo", "ppo-sequence", "gmpo-offpolicy"])
-def test_policy_rows_longer_than_one_block(kw):
-    """T = 1100: the Triton kernel takes each row in two 1024-token blocks; the row sums of the first pass
-    (token count, mean log-ratio, the gmpo and vespo sums) and the sequence-level gradient added to every valid
-    token in the third pass cover both blocks, as in float64 (a row's valid tokens mostly in the second block)."""
-    g = torch.Generator().manual_seed(14)
-    lp, old, A, m = _batch(g, 3, 1100, spread=0.05)
-    m[1, :1050] = False  # 50 valid tokens, all in the second block
-    ref = lp + torch.randn(3, 1100, generator=g) * 0.3
-    if "kl_coef" in kw:
-        kw = dict(kw, ref_logprobs=ref)
-    _check_policy(*policy_and_reference((lp, old, A, m), TRITON, **kw))
-
-
-LOSS_TYPES = ("ppo", "gspo", "cispo", "sapo", "reinforce", "gmpo", "clip_cov", "kl_cov", "vespo", "dppo_tv", "dppo_kl",
-              "dro")
-
-
-@pytest.mark.parametrize("rollout, kl_rho", [("token_mask", "grad"), ("sequence_truncate", True)])
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_every_loss_type_with_every_added_term(cpu_backend, loss_type, rollout, kl_rho):
-    """Each loss type with all the added terms at once: the KL term times rho (with or without its gradient),
-    the entropy bonus, the entropy-quantile keep mask, a token or sequence rollout correction, precomputed importance
-    weights and the off-policy mask; loss, metrics and d(logprobs) as the float64 reference's (kernel branches no
-    single-term test reaches)."""
-    g = torch.Generator().manual_seed(31)
-    lp, old, A, m = _batch(g, 4, 9)
-    kw = dict(loss_type=loss_type, kl_coef=0.05, kl_rho=kl_rho, entropy_coef=0.01, entropy_quantile=0.6,
-              rollout_correction=rollout, rollout_min=0.5, rollout_max=1.5, offpolicy_threshold=0.02,
-              ref_logprobs=lp + 0.2 * torch.randn(4, 9, generator=g), entropy=torch.rand(4, 9, generator=g) * 3,
-              rollout_logprobs=old + 0.3 * torch.randn(4, 9, generator=g),
-              importance_weights=0.5 + torch.rand(4, 9, generator=g))
-    ref_kw = {}
-    if loss_type == "dro":
-        kw["dro_beta"] = 0.1
-    elif loss_type in ("clip_cov", "kl_cov"):  # every clip_cov candidate (no random choice), a quarter for kl_cov
-        ratio, lb, ub = (1.0, -100.0, 100.0) if loss_type == "clip_cov" else (0.25, 1.0, 5.0)
-        kw.update(cov_ratio=ratio, **(dict(cov_lb=lb, cov_ub=ub) if loss_type == "clip_cov" else {}))
-        ref_kw["cov_selected"] = reference.policy.cov_selection(lp, old, A, m, loss_type=loss_type, eps_low=0.2,
-                                                                eps_high=0.2, ratio=ratio, lb=lb, ub=ub)
-        assert ref_kw["cov_selected"].any()
-    out, ref = policy_and_reference((lp, old, A, m), cpu_backend, ref_kw=ref_kw, **kw)
-    _check_policy(out, ref)
-    assert float(ref[1]["kl"]) != 0 and float(ref[1]["entropy"]) != 0
-
-
-@pytest.mark.parametrize("lam", [0.0, 5e-5])
-def test_vespo_lambda_below_the_floor(cpu_backend, lam):
-    """vespo's lambda is floored at 1e-4 in phi = e^{lambda + k log w - lambda w} (TRL clamps it there, as the
-    reference): lambda = 0 or 5e-5 give lambda = 1e-4's loss, metrics and gradient."""
-    g = torch.Generator().manual_seed(15)
-    batch = _batch(g, 4, 9, spread=0.1)
-    _check_policy(*policy_and_reference(batch, cpu_backend, loss_type="vespo", vespo_lambda=(lam, lam),
-                                        vespo_k=(2.0, 1.5)))
-
-
-@pytest.mark.parametrize("bounds", [(1.0, 2.0), (0.5, 1.0)], ids=["at-min", "at-max"])
-def test_rollout_token_mask_keeps_ratios_on_its_bounds(cpu_backend, bounds):
-    """token_mask keeps a train/rollout ratio r with rollout_min <= r <= rollout_max: tokens scored alike by the
-    trainer and the rollout engine (r = 1 exactly) are kept with 1 as a bound, as in the reference."""
-    g = torch.Generator().manual_seed(16)
-    lp, old, A, m = _batch(g, 4, 11)
-    roll = old + torch.randn(4, 11, generator=g) * 0.3
-    roll[:, ::2] = old[:, ::2]  # r = 1
-    out, ref = policy_and_reference((lp, old, A, m), cpu_backend, rollout_correction="token_mask",
-                                    rollout_logprobs=roll, rollout_min=bounds[0], rollout_max=bounds[1])
-    _check_policy(out, ref)
-    assert bool((out[2][:, ::2][m[:, ::2]] != 0).any())  # the tokens at r = 1 pass a gradient
-
-
-def test_offpolicy_threshold_is_exclusive(cpu_backend):
-    """A row is far from the policy when its mean KL is above ``offpolicy_threshold``: on-policy rows (lp = old,
-    mean KL 0) keep their negative-advantage tokens with a threshold of 0, as in the reference."""
-    g = torch.Generator().manual_seed(17)
-    lp, old, A, m = _batch(g, 4, 10)
-    old[:2] = lp[:2]  # mean KL exactly 0
-    out, ref = policy_and_reference((lp, old, A, m), cpu_backend, offpolicy_threshold=0.0)
-    _check_policy(out, ref)
 
 
 # ----------------------------------------------------------------------------- reverse scans
