@@ -1,6 +1,6 @@
 r"""Distillation loss from hidden states: the generalized Jensen-Shannon divergence between a student's and
-a teacher's next-token distributions (docs/math.md#distillation-divergence), neither ``[tokens x V]``
-logits ever built.
+a teacher's next-token distributions, or the cosine distance of their logits (docs/math.md#distillation-divergence),
+neither ``[tokens x V]`` logits ever built.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from fastalign._options import AUTO_OR_BOOL, check_choice
 from fastalign.aggregate import global_divisor
 from fastalign.linear import check_head, check_logit_options, check_second_head
 from fastalign.ops._launch import eager
+from fastalign.ops.divergence import DIVERGENCES
 from fastalign.ops.linear_divergence import DivergenceOptions, Head, divergence_loss
 from fastalign.ops.single_pass import differentiated
 
@@ -55,7 +56,8 @@ def linear_divergence_loss(
     teacher_hidden: Tensor,
     teacher_weight: Tensor,
     *,
-    beta: float = 0.5,
+    divergence: str = "jsd",
+    beta: Optional[float] = None,
     temperature: float = 1.0,
     bias: Optional[Tensor] = None,
     teacher_bias: Optional[Tensor] = None,
@@ -75,12 +77,16 @@ def linear_divergence_loss(
     r"""``(loss, metrics)``: the distillation loss of a student's head against a teacher's, from hidden states.
 
     Each side's logits ``z = softcap(scale * (h W^T + b))`` (``softcap(u) = c tanh(u / c)``, off when None),
-    ``p = softmax(z / temperature)``; per token the generalized JSD
+    ``p = softmax(z / temperature)``; per token the generalized JSD (``divergence="jsd"``)
 
     .. math::
 
         D = \begin{cases} KL(p_t \| p_s) & \beta = 0 \\ KL(p_s \| p_t) & \beta = 1 \\
             \beta\,KL(p_t \| m) + (1-\beta)\,KL(p_s \| m),\ m = (1-\beta) p_s + \beta p_t & \text{else}\end{cases}
+
+    or the cosine distance of the logits (``divergence="cosine"``, Liger's cosine-similarity loss)
+    ``D = 1 - z_s . z_t / (max(|z_s|, 1e-12) max(|z_t|, 1e-12))`` (the norms floored as ``F.normalize``;
+    a temperature scales both sides alike and leaves it unchanged)
 
     and the loss over the scored tokens ``S``
 
@@ -99,7 +105,9 @@ def linear_divergence_loss(
         teacher_hidden: ``[..., H_t]``, the same leading shape as ``hidden`` (``H_t`` may differ from ``H_s``).
         teacher_weight: ``[V, H_t]``: the same vocabulary as ``weight``. ``teacher_bias``: optional ``[V]``.
             The teacher's tensors get no gradient (they are read as constants).
-        beta: in ``[0, 1]``; 0 the forward KL, 1 the reverse KL (TRL's and Liger's convention).
+        divergence: ``"jsd"`` (default) or ``"cosine"``.
+        beta: the JSD's, in ``[0, 1]`` (default 0.5); 0 the forward KL, 1 the reverse KL (TRL's and Liger's
+            convention). The cosine distance has none: a ``beta`` with it raises ``ValueError``.
         temperature: > 0, divides both sides' logits (after scale and softcap) for D and the entropy.
         logit_scale, softcap, teacher_logit_scale, teacher_softcap: each side's logit pipeline.
         response_mask: ``hidden.shape[:-1]``; tokens with a nonzero entry are scored (weight 1 each). Without
@@ -131,7 +139,10 @@ def linear_divergence_loss(
     teacher_hidden, teacher_weight, teacher_bias, _ = _dtensor.head(teacher_hidden, teacher_weight, teacher_bias)
     check_tensors(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, response_mask, labels,
                   normalizer)
-    b = _validate.number("beta", beta)
+    check_choice("divergence", divergence, DIVERGENCES)
+    if divergence == "cosine" and beta is not None:
+        raise ValueError(f"beta applies to the jsd only, not to divergence='cosine' (got beta={beta!r})")
+    b = 0.5 if beta is None else _validate.number("beta", beta)
     if not 0.0 <= b <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     inv_t, cap, scale = check_logit_options(temperature, softcap, logit_scale, ignore_index)
@@ -169,7 +180,7 @@ def linear_divergence_loss(
     # nll, not a NaN loss)
     g_hard = None if y is None or w_hard == 0.0 else mask * (w_hard / norm)
     teacher = Head(ht2, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), t_scale, t_cap)
-    opts = DivergenceOptions(inv_t, b, int(ignore_index), y is not None, name)
+    opts = DivergenceOptions(inv_t, divergence, b, int(ignore_index), y is not None, name)
     # the gradients in the forward only when autograd may ask for them (grad mode on, a student tensor requires it)
     single = single_pass is not False and is_eager and differentiated(hidden, weight, bias)
     state = (scale, cap, teacher, mask, y, g_soft, g_hard, opts, single)

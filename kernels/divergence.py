@@ -13,8 +13,11 @@ tiles of BLOCK_V columns:
        else:     lm = log((1 - beta) p_s + beta p_t),
                  D = sum beta p_t (lpt - lm) + (1 - beta) p_s (lps - lm),   K = sum p_s (lps - lm)
 
+   or, for the cosine distance (MODE 3), its sums dot = x_s . x_t, ss = |x_s|^2, tt = |x_t|^2 and
+   D = 1 - cos, cos = dot / (max(|x_s|, 1e-12) max(|x_t|, 1e-12)) (the norms floored as torch's F.normalize);
 3. with gradients, dz_s = g_soft / T * dD/dx_s + g_hard (softmax(z_s) - 1[j = y]) written over the
-   student row, with dD/dx_s = p_s - p_t, p_s (lps - lpt - K) or (1 - beta) p_s (lps - lm - K).
+   student row, with dD/dx_s = p_s - p_t, p_s (lps - lpt - K) or (1 - beta) p_s (lps - lm - K); cosine:
+   (cos x_s / |x_s| - x_t / |x_t|) / |x_s| (without the cos term where |x_s| is at its floor).
 
 A row whose mask is 0 writes zeros (and a zero gradient row) without reading its logits; a label equal
 to ignore_index gives NLL 0 and no hard gradient, one outside [0, V) a NaN NLL (and gradient).
@@ -89,25 +92,41 @@ def divergence_rows_kernel(
 
     d_acc = tl.zeros([BLOCK_V], tl.float32)
     k_acc = tl.zeros([BLOCK_V], tl.float32)
+    t_acc = tl.zeros([BLOCK_V], tl.float32)  # cosine: |x_t|^2 (d_acc: x_s . x_t, k_acc: |x_s|^2)
     for start in range(0, end, BLOCK_V):
         c = start + cols
         inside = c < V
         xs = tl.load(zs_row + c, mask=inside, other=0.0).to(tl.float32) * inv_t
         xt = tl.load(zt_row + c, mask=inside, other=0.0).to(tl.float32) * inv_t
-        lps, lpt, ps, pt, lm = _column(xs, xt, m_s, log_ss, m_t, log_st, log_1mb, log_b, MODE)
-        if MODE == 0:
-            d = pt * (lpt - lps)
-            k = tl.zeros([BLOCK_V], tl.float32)
-        elif MODE == 1:
-            d = ps * (lps - lpt)
-            k = d
+        if MODE == 3:
+            d_acc += xs * xt
+            k_acc += xs * xs
+            t_acc += xt * xt
         else:
-            k = ps * (lps - lm)
-            d = beta * (pt * (lpt - lm)) + (1.0 - beta) * k
-        d_acc += tl.where(inside, d, 0.0)
-        k_acc += tl.where(inside, k, 0.0)
-    D = tl.sum(d_acc, 0)
-    K = tl.sum(k_acc, 0)
+            lps, lpt, ps, pt, lm = _column(xs, xt, m_s, log_ss, m_t, log_st, log_1mb, log_b, MODE)
+            if MODE == 0:
+                d = pt * (lpt - lps)
+                k = tl.zeros([BLOCK_V], tl.float32)
+            elif MODE == 1:
+                d = ps * (lps - lpt)
+                k = d
+            else:
+                k = ps * (lps - lm)
+                d = beta * (pt * (lpt - lm)) + (1.0 - beta) * k
+            d_acc += tl.where(inside, d, 0.0)
+            k_acc += tl.where(inside, k, 0.0)
+    if MODE == 3:
+        n_s = tl.sqrt(tl.sum(k_acc, 0))
+        n_t = tl.sqrt(tl.sum(t_acc, 0))
+        inv_ns = 1.0 / tl.where(n_s > 1e-12, n_s, 1e-12)
+        inv_nt = 1.0 / tl.where(n_t > 1e-12, n_t, 1e-12)
+        cos = tl.sum(d_acc, 0) * inv_ns * inv_nt
+        cos_s = tl.where(n_s <= 1e-12, 0.0, cos)  # a NaN norm keeps the NaN
+        D = 1.0 - cos
+        K = 0.0
+    else:
+        D = tl.sum(d_acc, 0)
+        K = tl.sum(k_acc, 0)
     tl.store(div_ptr + r, tl.where(scored, D, 0.0))
     tl.store(ent_ptr + r, tl.where(scored, ent, 0.0))
 
@@ -131,13 +150,16 @@ def divergence_rows_kernel(
             read = c < end
             z = tl.load(zs_row + c, mask=read, other=0.0).to(tl.float32)
             xt = tl.load(zt_row + c, mask=read, other=0.0).to(tl.float32) * inv_t
-            lps, lpt, ps, pt, lm = _column(z * inv_t, xt, m_s, log_ss, m_t, log_st, log_1mb, log_b, MODE)
-            if MODE == 0:
-                g = ps - pt
-            elif MODE == 1:
-                g = ps * (lps - lpt - K)
+            if MODE == 3:
+                g = inv_ns * (cos_s * (z * inv_t) * inv_ns - xt * inv_nt)
             else:
-                g = (1.0 - beta) * ps * (lps - lm - K)
+                lps, lpt, ps, pt, lm = _column(z * inv_t, xt, m_s, log_ss, m_t, log_st, log_1mb, log_b, MODE)
+                if MODE == 0:
+                    g = ps - pt
+                elif MODE == 1:
+                    g = ps * (lps - lpt - K)
+                else:
+                    g = (1.0 - beta) * ps * (lps - lm - K)
             g = g_soft * g
             if HARD_GRAD:
                 p1 = exp(_floor((z - m_1) - log_s1))
@@ -150,18 +172,13 @@ def _block(V):
     return min(triton.next_power_of_2(max(V, 1)), 2048)
 
 
-def mode_of(beta: float) -> int:
-    """0: forward KL (beta = 0), 1: reverse KL (beta = 1), 2: the generalized JSD."""
-    return 0 if beta == 0 else (1 if beta == 1 else 2)
-
-
-def divergence_rows(zs, zt, inv_t, beta, mask, labels, ignore_index, g_soft, g_hard, div, ent, nll):
+def divergence_rows(zs, zt, inv_t, mode, beta, mask, labels, ignore_index, g_soft, g_hard, div, ent, nll):
     """zs, zt: [n, V] (last dim contiguous); zs is overwritten with the gradient when ``g_soft`` is given.
+    ``mode``: 0 forward KL, 1 reverse KL, 2 the generalized JSD at ``beta``, 3 the cosine distance.
     ``mask``, ``labels``, ``g_hard``, ``nll``: None to skip."""
     n, V = zs.shape
     if n == 0:
         return
-    mode = mode_of(beta)
     block = _block(V)
     log_1mb = math.log(1 - beta) if mode == 2 else 0.0
     log_b = math.log(beta) if mode == 2 else 0.0

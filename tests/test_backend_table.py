@@ -178,7 +178,7 @@ def _op_cases():
     f64 = torch.empty(0, dtype=torch.float64)
     seed = torch.tensor([3])
     th, tw = torch.randn(B, 5, generator=g), torch.randn(V, 5, generator=g)
-    div_args = (h, w, None, th, tw, None, torch.ones(B), labels, 1.0, 0.0, 1.0, 0.0, 1.0, 0.5, -100)
+    div_args = (h, w, None, th, tw, None, torch.ones(B), labels, 1.0, 0.0, 1.0, 0.0, 1.0, "jsd", 0.5, -100)
     return {
         "token_stats": (token_stats.token_stats, (logits, labels, 1.0, -100, True, True, True, "cpp", False)),
         "token_stats_backward": (token_stats.token_stats_backward,
@@ -207,7 +207,7 @@ def _op_cases():
                                        (torch.ones(B), torch.ones(B), *div_args, "cpp", True, True, False)),
         "divergence_rows": (divergence.divergence_rows,
                             (logits[0].clone(), torch.randn(B, V, generator=g), torch.ones(B), labels, torch.ones(B),
-                             torch.ones(B), 1.0, 0.5, -100, True, "cpp")),
+                             torch.ones(B), 1.0, "jsd", 0.5, -100, True, "cpp")),
     }
 
 

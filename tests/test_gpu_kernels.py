@@ -361,12 +361,13 @@ def test_gpu_separable_step_bf16_at_full_vocabulary(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_gpu_linear_divergence_bf16_at_full_vocabulary(beta, monkeypatch):
+@pytest.mark.parametrize("divergence", [dict(beta=0.0), dict(beta=0.5), dict(beta=1.0), dict(divergence="cosine")],
+                         ids=["fkl", "jsd", "rkl", "cosine"])
+def test_gpu_linear_divergence_bf16_at_full_vocabulary(divergence, monkeypatch):
     """The distillation divergence (Triton row kernel, scored rows first on the device, blocks of bf16 logits)
     with and without its single pass against float64 on the materialised logits, a wider teacher, a third of the
     tokens unscored, loss and the student's gradients."""
-    from fastalign.reference.divergence import generalized_jsd
+    from fastalign.reference.divergence import cosine_distance, generalized_jsd
 
     monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "96")  # several blocks
     N, H, Ht, V = 768, 256, 384, 151936
@@ -375,12 +376,13 @@ def test_gpu_linear_divergence_bf16_at_full_vocabulary(beta, monkeypatch):
     ht, wt = _bf16_head(g, (N,), Ht, V)
     mask = (torch.rand(N, device="cuda", generator=g) > 1 / 3).float()
     hd, wd = h.double().requires_grad_(True), w.double().requires_grad_(True)
-    d64 = generalized_jsd(hd @ wd.T, ht.double() @ wt.double().T, beta=beta)
+    zs64, zt64 = hd @ wd.T, ht.double() @ wt.double().T
+    d64 = cosine_distance(zs64, zt64) if "divergence" in divergence else generalized_jsd(zs64, zt64, **divergence)
     loss64 = (d64 * mask).sum() / mask.sum()
     loss64.backward()
     for single_pass in (True, False):
         hg, wg = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        loss, _ = fastalign.linear_divergence_loss(hg, wg, ht, wt, beta=beta, response_mask=mask,
+        loss, _ = fastalign.linear_divergence_loss(hg, wg, ht, wt, **divergence, response_mask=mask,
                                                    single_pass=single_pass)
         loss.backward()
         assert abs(loss.item() - loss64.item()) < 2e-3 * max(1.0, abs(loss64.item())), (single_pass, loss.item())

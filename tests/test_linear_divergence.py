@@ -1,6 +1,7 @@
 """linear_divergence_loss and the divergence_rows op against the float64 reference: values, gradients of the
-student's hidden states, weight and bias, every divergence (beta 0, 1, 0.5, 0.1), temperature, softcap and scale,
-masks, the hard loss, bf16, different hidden sizes, many blocks, both kernel families, NaN rows, bad inputs."""
+student's hidden states, weight and bias, every JSD (beta 0, 1, 0.5, 0.1), temperature, softcap and scale, masks,
+the hard loss, bf16, different hidden sizes, many blocks, both kernel families, NaN rows, bad inputs. The cosine
+distance: test_linear_divergence_cosine.py."""
 import math
 
 import pytest
@@ -145,7 +146,7 @@ def test_kernels_agree_and_rows_without_weight_are_zero():
     for backend in ("cpp", "triton"):
         for beta in (0.0, 1.0, 0.25):
             a = zs.clone()
-            d, e, n = divergence_rows(a, zt, mask, y, gs, gh, 1 / 0.9, beta, -100, True, backend)
+            d, e, n = divergence_rows(a, zt, mask, y, gs, gh, 1 / 0.9, "jsd", beta, -100, True, backend)
             outs[backend, beta] = (d, e, n, a)
     for beta in (0.0, 1.0, 0.25):
         for c, t in zip(outs["cpp", beta], outs["triton", beta]):
@@ -177,7 +178,7 @@ def test_divergence_rows_checks_the_logits(op):
     device, a non-2-D student, and rows that are not contiguous (read as other elements) raise, naming the
     argument; a row-strided (sliced) pair is read correctly."""
     def call(student, teacher):
-        return op(student, teacher, None, None, None, None, 1.0, 0.5, -100, False, "cpp")
+        return op(student, teacher, None, None, None, None, 1.0, "jsd", 0.5, -100, False, "cpp")
 
     g = torch.Generator().manual_seed(17)
     zs, zt = torch.randn(4, 50, generator=g), torch.randn(4, 50, generator=g)
@@ -361,7 +362,7 @@ def test_per_row_statistics_are_outputs_without_gradient(single_pass):
     mask[3] = 0
     g_soft, g_hard = mask * 0.25, mask * 0.5
     teacher = Head(ht2, wt, bt, 1.0, 0.0)
-    opts = DivergenceOptions(1.0, 0.5, -100, True, "cpp")
+    opts = DivergenceOptions(1.0, "jsd", 0.5, -100, True, "cpp")
     state = (1.0, 0.0, teacher, mask, y2, g_soft, g_hard, opts, single_pass)
     loss, div, ent, nll = DivergencePass.apply(h2, w, b, state)
     assert loss.requires_grad and not any(t.requires_grad for t in (div, ent, nll))
@@ -398,7 +399,8 @@ def test_a_label_out_of_the_vocabulary_weighs_only_in_the_hard_loss(backend):
     assert math.isnan(float(loss)) and dh[1, 2].isnan().all() and torch.isfinite(dh[0]).all()
 
 
-def test_traces_on_fake_tensors_and_compiles_whole():
+@pytest.mark.parametrize("divergence", [dict(beta=0.5), dict(divergence="cosine")], ids=["jsd", "cosine"])
+def test_traces_on_fake_tensors_and_compiles_whole(divergence):
     """Fake tensors give the output shapes (no value read: every row goes through the blocks), and
     torch.compile(fullgraph=True) of the loss and its gradient equals the eager call."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -411,7 +413,7 @@ def test_traces_on_fake_tensors_and_compiles_whole():
 
     def step(h, w, b, ht, wt, y):
         loss, met = fastalign.linear_divergence_loss(h, w, ht, wt, bias=b, teacher_bias=bt, labels=y, hard_weight=0.3,
-                                                     beta=0.5)
+                                                     **divergence)
         return loss, met["entropy"]
 
     def run(fn):

@@ -217,11 +217,11 @@ def test_divergence_rows_op_refuses_per_row_inputs_it_cannot_read():
     student, teacher = torch.randn(4, V), torch.randn(4, V)
     ones = torch.ones(4)
     with pytest.raises(TypeError, match="labels must be torch.int64"):
-        divergence.divergence_rows(student, teacher, ones, LABELS.int(), None, None, 1.0, 0.5, -100, True, "cpp")
+        divergence.divergence_rows(student, teacher, ones, LABELS.int(), None, None, 1.0, "jsd", 0.5, -100, True, "cpp")
     with pytest.raises(TypeError, match="mask must be torch.float32"):
-        divergence.divergence_rows(student, teacher, ones.bool(), None, None, None, 1.0, 0.5, -100, False, "cpp")
+        divergence.divergence_rows(student, teacher, ones.bool(), None, None, None, 1.0, "jsd", 0.5, -100, False, "cpp")
     with pytest.raises(ValueError, match="grad_soft must have 4 elements"):
-        divergence.divergence_rows(student, teacher, ones, None, ones[:3], None, 1.0, 0.5, -100, False, "cpp")
+        divergence.divergence_rows(student, teacher, ones, None, ones[:3], None, 1.0, "jsd", 0.5, -100, False, "cpp")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

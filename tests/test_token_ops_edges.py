@@ -110,7 +110,7 @@ def test_hard_loss_gradient_scales_by_the_incoming_gradient(single_pass):
 
 
 def _op_args(h, w, b, ht, wt, mask, labels, nll):
-    return (h, w, b, ht, wt, None, mask, labels, 1.0, 0.0, 1.0, 0.0, 1.0, 0.5, -100, nll, "cpp")
+    return (h, w, b, ht, wt, None, mask, labels, 1.0, 0.0, 1.0, 0.0, 1.0, "jsd", 0.5, -100, nll, "cpp")
 
 
 def test_linear_divergence_op_entropy_has_no_gradient():

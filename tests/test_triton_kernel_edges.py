@@ -196,7 +196,7 @@ def test_divergence_rows_wider_than_a_block_with_zero_probabilities(cpu_backend,
     zs[:, dead], zt[:, dead] = float("-inf"), float("-inf")
     gs = torch.tensor([1.0, 0.5, 2.0])
     grad = zs.clone()
-    d, e, _ = divergence_rows(grad, zt, torch.ones(n), None, gs, None, 1 / 0.9, beta, -100, False, cpu_backend)
+    d, e, _ = divergence_rows(grad, zt, torch.ones(n), None, gs, None, 1 / 0.9, "jsd", beta, -100, False, cpu_backend)
     live = zs[:, ~dead].double().requires_grad_(True)
     rd = R.generalized_jsd(live, zt[:, ~dead], beta=beta, temperature=0.9)
     rg, = torch.autograd.grad(rd, live, gs.double())

@@ -4,19 +4,22 @@
 //   beta = 0:  D = KL(p_t || p_s) = sum_j p_t (lpt - lps)
 //   beta = 1:  D = KL(p_s || p_t) = sum_j p_s (lps - lpt)
 //   else:      m = (1 - beta) p_s + beta p_t,  D = beta KL(p_t || m) + (1 - beta) KL(p_s || m)
-// (the mode and omb = 1 - beta from the double beta: within fp32 rounding of 0 or 1 it stays the JSD)
+// (omb = 1 - beta from the double beta: within fp32 rounding of 0 or 1 it stays the JSD)
 // and d D / d x_j (K: the row's KL(p_s || p_t) for beta = 1, KL(p_s || m) otherwise):
 //   beta = 0:  p_s - p_t;   beta = 1:  p_s (lps - lpt - K);   else: (1 - beta) p_s (lps - log m - K).
 // Log-probs are floored at -1e30 (common/softmax_stats.h), so a zero probability contributes 0.
+// kCosine, the cosine distance of the two logit rows (Liger's cosine-similarity loss), D = 1 - cos(x_s, x_t),
+// has no per-column log-prob terms: its row value and gradient are cos_of / cos_grad below.
 #pragma once
+#include <cmath>
+
 #include "common/host_device.h"
 
 namespace fastalign {
 namespace divergence {
 
-enum Mode : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
-
-FASTALIGN_HD int mode_of(double beta) { return beta == 0.0 ? kForwardKL : (beta == 1.0 ? kReverseKL : kJSD); }
+// The kernels' mode argument (the Python side picks it: ops/divergence.py divergence_mode).
+enum Mode : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2, kCosine = 3 };
 
 // The row's D term of one column (summed over j gives D). The log-probs come floored, so a zero
 // probability gives 0 * (a finite difference) = 0 with no test, and a NaN propagates.
@@ -37,6 +40,25 @@ FASTALIGN_HD float grad(int mode, float omb, float ps, float pt, float lps, floa
   if (mode == kForwardKL) return ps - pt;
   if (mode == kReverseKL) return ps * (lps - lpt - K);
   return omb * ps * (lps - lm - K);
+}
+
+// Cosine distance D = 1 - dot / (max(|x_s|, 1e-12) max(|x_t|, 1e-12)) from the row sums dot = sum x_s x_t,
+// ss = sum x_s^2, tt = sum x_t^2 (the norms floored as torch's F.normalize: a zero row has cosine 0, D = 1).
+struct Cosine {
+  float inv_ns, inv_nt, cos;
+  float cos_s;  // cos where |x_s| is above the floor, else 0 (there the floored norm is a constant)
+};
+
+FASTALIGN_HD Cosine cos_of(float dot, float ss, float tt) {
+  const float ns = sqrtf(ss), nt = sqrtf(tt);
+  const float inv_ns = 1.f / (ns > 1e-12f ? ns : 1e-12f), inv_nt = 1.f / (nt > 1e-12f ? nt : 1e-12f);
+  const float cos = dot * inv_ns * inv_nt;
+  return {inv_ns, inv_nt, cos, ns <= 1e-12f ? 0.f : cos};  // a NaN norm keeps the NaN
+}
+
+// d D / d x_s,j = -(x_t,j / (|x_s| |x_t|) - cos x_s,j / |x_s|^2)
+FASTALIGN_HD float cos_grad(const Cosine& c, float xs, float xt) {
+  return c.inv_ns * (c.cos_s * xs * c.inv_ns - xt * c.inv_nt);
 }
 
 }  // namespace divergence

@@ -7,14 +7,16 @@
 //
 // Per row, x = z / T: pass 1 the maxima of z (student, teacher; T > 0, so x's are at the same j);
 // pass 2 the sums s, t of the student (entropy), s of the teacher and of the NLL; pass 3 D and K
-// (the KL the gradient subtracts); pass 4 the gradient. A row whose mask is 0 gives zeros (and a zero
-// gradient row) without reading its logits; a label of ignore_index gives NLL 0 and no hard gradient;
-// a label outside [0, V) a NaN NLL. A NaN logit makes the row's outputs (and gradient) NaN.
-// Offsets from the max are formed as (z_j - max z) / T (token_stats.cpp says why), and beta's mode
-// and 1 - beta come from the double, so a beta within fp32 rounding of 0 or 1 stays the JSD.
+// (the KL the gradient subtracts), or for the cosine distance its sums x_s . x_t, |x_s|^2, |x_t|^2;
+// pass 4 the gradient. The mode (forward KL, reverse KL, JSD at beta, cosine) is the caller's.
+// A row whose mask is 0 gives zeros (and a zero gradient row) without reading its logits; a label of
+// ignore_index gives NLL 0 and no hard gradient; a label outside [0, V) a NaN NLL. A NaN logit makes the row's outputs (and gradient) NaN.
+// Offsets from the max are formed as (z_j - max z) / T (token_stats.cpp says why), and 1 - beta comes
+// from the double, so a beta within fp32 rounding of 0 or 1 stays the JSD.
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <stdexcept>
 
 #include "common/divergence_math.h"
 #include "common/softmax_stats.h"
@@ -111,8 +113,36 @@ FASTALIGN_KERNEL_BODY void row_gradient(float* zs, const float* zt, int64_t V, f
   }
 }
 
+// the cosine distance's row sums: sum x_s x_t, sum x_s^2, sum x_t^2
+FASTALIGN_KERNEL_BODY divergence::Cosine row_cosine(const float* zs, const float* zt, int64_t V, float inv_t) {
+  float dot = 0.f, ss = 0.f, tt = 0.f;
+#pragma omp simd reduction(+ : dot, ss, tt)
+  for (int64_t j = 0; j < V; ++j) {
+    const float xs = zs[j] * inv_t, xt = zt[j] * inv_t;
+    dot += xs * xt;
+    ss += xs * xs;
+    tt += xt * xt;
+  }
+  return divergence::cos_of(dot, ss, tt);
+}
+
+// the cosine distance's gradient over zs in place
+template <bool HARD>
+FASTALIGN_KERNEL_BODY void row_cosine_gradient(float* zs, const float* zt, int64_t V, float inv_t, Row R,
+                                               divergence::Cosine c, float g_soft, float g_hard, float log_s1) {
+  const float gs = g_soft * inv_t;
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) {
+    const float z = zs[j];
+    float g = gs * divergence::cos_grad(c, z * inv_t, zt[j] * inv_t);
+    if (HARD) g += g_hard * exp_f32(softmax::log_p(z - R.zmax_s, log_s1, 0.f));
+    zs[j] = g;
+  }
+}
+
 using DivergenceFn = void (*)(const float*, const float*, int64_t, float, Row, float*, float*);
 using GradientFn = void (*)(float*, const float*, int64_t, float, Row, float, float, float, float);
+using CosineGradientFn = void (*)(float*, const float*, int64_t, float, Row, divergence::Cosine, float, float, float);
 
 template <int MODE>
 GradientFn gradient_variant(bool hard) {
@@ -120,13 +150,13 @@ GradientFn gradient_variant(bool hard) {
 }
 
 void rows(uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_stride, int64_t t_stride, double inv_t_d,
-          double beta_d, const float* mask, const int64_t* labels, int64_t ignore_index, const float* g_soft,
-          const float* g_hard, float* div, float* ent, float* nll) {
+          int mode, double beta_d, const float* mask, const int64_t* labels, int64_t ignore_index,
+          const float* g_soft, const float* g_hard, float* div, float* ent, float* nll) {
   float* zs_base = reinterpret_cast<float*>(student);
   const float* zt_base = reinterpret_cast<const float*>(teacher);
   const float inv_t = float(inv_t_d), beta = float(beta_d), omb = float(1.0 - beta_d);
-  const int mode = divergence::mode_of(beta_d);
   const bool hard = labels != nullptr;
+  const bool cosine = mode == divergence::kCosine;
   const auto max_fn = isa::best<row_maxima>();
   const auto sum_fn = hard ? isa::best<row_sums<true>>() : isa::best<row_sums<false>>();
   const DivergenceFn div_fn = mode == divergence::kForwardKL   ? isa::best<row_divergence<divergence::kForwardKL>>()
@@ -138,6 +168,9 @@ void rows(uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_
   const GradientFn grad_soft_fn = mode == divergence::kForwardKL   ? gradient_variant<divergence::kForwardKL>(false)
                                   : mode == divergence::kReverseKL ? gradient_variant<divergence::kReverseKL>(false)
                                                                     : gradient_variant<divergence::kJSD>(false);
+  const auto cos_fn = isa::best<row_cosine>();
+  const CosineGradientFn cos_grad_fn =
+      hard ? isa::best<row_cosine_gradient<true>>() : isa::best<row_cosine_gradient<false>>();
   parallel_for(N, threads_for(N * V * 4), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* zs = zs_base + r * s_stride;
@@ -156,8 +189,14 @@ void rows(uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_
       const float log_ss = std::log(s.ss);
       const Row R{rs, log_ss, rt, std::log(s.st), beta, omb};
       ent[r] = softmax::entropy(log_ss, s.ts, s.ss);
-      float D, K;
-      div_fn(zs, zt, V, inv_t, R, &D, &K);
+      float D, K = 0.f;
+      divergence::Cosine c{};
+      if (cosine) {
+        c = cos_fn(zs, zt, V, inv_t);
+        D = 1.f - c.cos;
+      } else {
+        div_fn(zs, zt, V, inv_t, R, &D, &K);
+      }
       div[r] = D;
       const int64_t y = hard ? labels[r] : ignore_index;
       const bool labelled = hard && y != ignore_index;
@@ -165,7 +204,8 @@ void rows(uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_
       if (nll) nll[r] = !labelled ? 0.f : (y >= 0 && y < V ? -softmax::logprob(zs[y], rs, log_s1) : kNaN);
       if (g_soft) {
         const float gh = labelled && g_hard ? g_hard[r] : 0.f;
-        (gh != 0.f ? grad_hard_fn : grad_soft_fn)(zs, zt, V, inv_t, R, K, g_soft[r], gh, log_s1);
+        if (cosine) cos_grad_fn(zs, zt, V, inv_t, R, c, g_soft[r], gh, log_s1);
+        else (gh != 0.f ? grad_hard_fn : grad_soft_fn)(zs, zt, V, inv_t, R, K, g_soft[r], gh, log_s1);
         if (gh != 0.f) {
           if (y >= 0 && y < V) zs[y] -= gh;
           else
@@ -183,16 +223,19 @@ FASTALIGN_BINDINGS(divergence) {
   m.def(
       "divergence_rows_cpu",
       [](uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_stride, int64_t t_stride, double inv_t,
-         double beta, uintptr_t mask, uintptr_t labels, int64_t ignore_index, uintptr_t g_soft, uintptr_t g_hard,
-         uintptr_t div, uintptr_t ent, uintptr_t nll) {
-        rows(student, teacher, N, V, s_stride, t_stride, inv_t, beta, ptr<const float>(mask), ptr<const int64_t>(labels),
+         int mode, double beta, uintptr_t mask, uintptr_t labels, int64_t ignore_index, uintptr_t g_soft,
+         uintptr_t g_hard, uintptr_t div, uintptr_t ent, uintptr_t nll) {
+        if (mode < divergence::kForwardKL || mode > divergence::kCosine) throw std::invalid_argument("mode");
+        rows(student, teacher, N, V, s_stride, t_stride, inv_t, mode, beta, ptr<const float>(mask),
+             ptr<const int64_t>(labels),
              ignore_index, ptr<const float>(g_soft), ptr<const float>(g_hard), ptr<float>(div), ptr<float>(ent),
              ptr<float>(nll));
       },
       py::call_guard<py::gil_scoped_release>(),
-      "Distillation divergence of fp32 rows: (student, teacher, N, V, s_stride, t_stride, inv_t, beta, mask, labels, "
-      "ignore_index, g_soft, g_hard, div, ent, nll); with g_soft the weighted d loss / d z_s overwrites the student "
-      "rows; null pointers (0) skip the mask, the labels (no NLL), the gradient and the NLL output.");
+      "Distillation divergence of fp32 rows: (student, teacher, N, V, s_stride, t_stride, inv_t, mode, beta, mask, "
+      "labels, ignore_index, g_soft, g_hard, div, ent, nll); mode 0 forward KL, 1 reverse KL, 2 the generalized JSD "
+      "at beta, 3 the cosine distance; with g_soft the weighted d loss / d z_s overwrites the student rows; null "
+      "pointers (0) skip the mask, the labels (no NLL), the gradient and the NLL output.");
 }
 
 }  // namespace fastalign

@@ -6,8 +6,9 @@ hidden states and the lm_head weight (never the ``[N, V]`` logits). A user swaps
 
 Modules: :class:`LigerFusedLinearGRPOLoss`, :class:`LigerFusedLinearDPOLoss`,
 :class:`LigerFusedLinearCPOLoss`, :class:`LigerFusedLinearORPOLoss`,
-:class:`LigerFusedLinearSimPOLoss`, :class:`LigerFusedLinearKTOLoss`, the distillation loss
-:class:`LigerFusedLinearJSDLoss` (:mod:`fastalign.integrations.liger_distillation`) and the fused linear
+:class:`LigerFusedLinearSimPOLoss`, :class:`LigerFusedLinearKTOLoss`, the distillation losses
+:class:`LigerFusedLinearJSDLoss` and :class:`LigerFusedLinearCosineSimilarityLoss`
+(:mod:`fastalign.integrations.liger_distillation`) and the fused linear
 cross-entropy :class:`LigerFusedLinearCrossEntropyLoss` (:mod:`fastalign.integrations.liger_cross_entropy`).
 Log-probs come from the head
 in one pass with the loss when gradients are needed (GRPO: the single pass of
@@ -97,7 +98,7 @@ from fastalign.preference import check_config, preference_loss, unpaired_prefere
 
 __all__ = ["LigerFusedLinearGRPOLoss", "LigerFusedLinearDPOLoss", "LigerFusedLinearCPOLoss",
            "LigerFusedLinearORPOLoss", "LigerFusedLinearSimPOLoss", "LigerFusedLinearKTOLoss", "LigerFusedLinearJSDLoss",
-           "LigerFusedLinearCrossEntropyLoss"]
+           "LigerFusedLinearCosineSimilarityLoss", "LigerFusedLinearCrossEntropyLoss"]
 
 _GRPO_IGNORE_INDEX = -100
 _VESPO_LOG_MIN = math.log(1e-8)  # Liger's lower bound on vespo's log-weights
@@ -719,4 +720,5 @@ class LigerFusedLinearKTOLoss(_LigerPreference):
 
 # the distillation and cross-entropy losses live in their own modules (they share nothing with the losses above)
 from fastalign.integrations.liger_cross_entropy import LigerFusedLinearCrossEntropyLoss  # noqa: E402
-from fastalign.integrations.liger_distillation import LigerFusedLinearJSDLoss  # noqa: E402
+from fastalign.integrations.liger_distillation import (  # noqa: E402
+    LigerFusedLinearCosineSimilarityLoss, LigerFusedLinearJSDLoss)

@@ -1,13 +1,16 @@
-"""Liger-Kernel 0.8's ``LigerFusedLinearJSDLoss`` (``liger_kernel.chunked_loss``), computed by
+"""Liger-Kernel 0.8's fused linear distillation losses (``liger_kernel.chunked_loss``),
+``LigerFusedLinearJSDLoss`` and ``LigerFusedLinearCosineSimilarityLoss``, computed by
 :func:`fastalign.linear_divergence_loss` from both models' hidden states and heads (never the ``[N, V]``
-logits). Same constructor, ``forward`` signature and outputs; re-exported by
+logits). Same constructors, ``forward`` signature and outputs; re-exported by
 :mod:`fastalign.integrations.liger`::
 
     from fastalign.integrations.liger import LigerFusedLinearJSDLoss   # was: from liger_kernel.chunked_loss import ...
 
 With ``n`` the count of targets other than ``ignore_index`` (at least 1), as Liger:
 
-    soft = sum_{y_t != ignore} D_t / n          (generalized JSD at ``temperature``; beta 0 forward KL, 1 reverse KL)
+    soft = sum_{y_t != ignore} D_t / n
+        JSD:    D_t the generalized JSD at ``temperature`` (beta 0 forward KL, 1 reverse KL)
+        cosine: D_t = beta * (1 - cos(z_s,t, z_t,t)), the cosine of the two logit rows (``beta`` a weight)
     hard = sum_{y_t != ignore} -log softmax(z_s,t)_{y_t} / n     (temperature 1)
     loss = weight_hard_loss * hard + weight_soft_loss * soft
 
@@ -15,12 +18,13 @@ With ``n`` the count of targets other than ``ignore_index`` (at least 1), as Lig
 detached; ``hard`` is 0 when ``weight_hard_loss`` is 0 and it is not asked for, as Liger). Gradients flow to the
 student's input, weight and bias; the teacher's get none. ``true_labels`` are needed with every option, as in
 Liger (they are the mask of the soft loss too): None is a ``TypeError`` naming them. ``compiled`` and
-``chunk_size`` choose how Liger runs, not what it computes: they are checked and do not change the result. Where fastalign is stricter than Liger:
-a temperature must be > 0, ``beta`` in [0, 1], and both heads must have the same vocabulary (Liger pads a
-smaller student vocabulary with zero logits) — each a ``ValueError`` naming the argument. The loss can be
-differentiated once per forward (its gradients are computed in the forward and scaled in place, without a second
-copy of d(weight)); a second backward through a retained graph, which Liger allows, raises a ``RuntimeError``:
-set ``loss_fn.single_pass = False`` (an attribute beside Liger's options, default ``"auto"``) for that.
+``chunk_size`` choose how Liger runs, not what it computes: they are checked and do not change the result. Where
+fastalign is stricter than Liger: a temperature must be > 0, the JSD's ``beta`` in [0, 1] (the cosine's finite),
+and both heads must have the same vocabulary (Liger pads a smaller student vocabulary with zero logits) — each a
+``ValueError`` naming the argument. The loss can be differentiated once per forward (its gradients are computed
+in the forward and scaled in place, without a second copy of d(weight)); a second backward through a retained
+graph, which Liger allows, raises a ``RuntimeError``: set ``loss_fn.single_pass = False`` (an attribute beside
+Liger's options, default ``"auto"``) for that.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from fastalign import _validate
 from fastalign.integrations._live_options import LiveOptions, SinglePassAttribute
 from fastalign.linear_divergence import ARGUMENT_NAMES, check_tensors, linear_divergence_loss
 
-__all__ = ["LigerFusedLinearJSDLoss"]
+__all__ = ["LigerFusedLinearJSDLoss", "LigerFusedLinearCosineSimilarityLoss"]
 
 
 # linear_divergence_loss's argument names -> Liger's, for the error messages
@@ -40,10 +44,10 @@ _ARGUMENTS = {**ARGUMENT_NAMES, "hidden": "student_input", "weight": "student_we
               "teacher_hidden": "teacher_input", "labels": "true_labels"}
 
 
-class LigerFusedLinearJSDLoss(SinglePassAttribute, LiveOptions, nn.Module):
-    """Liger's fused linear JSD distillation loss (see the module doc). Its options are attributes, read at each
-    call as Liger reads them (an assignment takes effect at the next call); ``single_pass``:
-    :class:`~fastalign.integrations._live_options.SinglePassAttribute`."""
+class _FusedLinearDistillation(SinglePassAttribute, LiveOptions, nn.Module):
+    """Liger's fused linear distillation loss of :meth:`_divergence` (see the module doc). Its options are
+    attributes, read at each call as Liger reads them (an assignment takes effect at the next call);
+    ``single_pass``: :class:`~fastalign.integrations._live_options.SinglePassAttribute`."""
 
     OPTIONS = ("weight_hard_loss", "weight_soft_loss", "beta", "ignore_index", "temperature", "compiled",
                "chunk_size", "return_soft_hard_loss")
@@ -55,17 +59,25 @@ class LigerFusedLinearJSDLoss(SinglePassAttribute, LiveOptions, nn.Module):
         self._configure_options(locals())
 
     def _configure(self) -> None:
-        """Check the options: finite loss weights, ``beta`` in [0, 1], ``temperature > 0``."""
+        """Check the options: finite loss weights, ``beta`` (:meth:`_check_beta`), ``temperature > 0``."""
         _validate.finite_number("weight_hard_loss", self.weight_hard_loss)
         _validate.finite_number("weight_soft_loss", self.weight_soft_loss)
-        if not 0.0 <= _validate.number("beta", self.beta) <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+        self._check_beta()
         _validate.index_value("ignore_index", self.ignore_index)
         _validate.positive("temperature", self.temperature)
         _validate.boolean("compiled", self.compiled)
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {self.chunk_size!r}")
         _validate.boolean("return_soft_hard_loss", self.return_soft_hard_loss)
+
+    def _check_beta(self) -> None:
+        """The JSD's ``beta``: in [0, 1]."""
+        if not 0.0 <= _validate.number("beta", self.beta) <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+
+    def _divergence(self) -> tuple[dict, float]:
+        """(linear_divergence_loss's divergence options, the factor of D in the soft loss)."""
+        return dict(divergence="jsd", beta=self.beta), 1.0
 
     def forward(self, student_input: Tensor, student_weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor,
                 true_labels: Tensor, student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None):
@@ -74,12 +86,31 @@ class LigerFusedLinearJSDLoss(SinglePassAttribute, LiveOptions, nn.Module):
                       labels=true_labels, names=_ARGUMENTS)
         # Liger reads the labels in every mode (the mask of the soft loss too): None is a TypeError there as here
         _validate.integer(_ARGUMENTS["labels"], true_labels)
+        divergence, factor = self._divergence()
         loss, metrics = linear_divergence_loss(
-            student_input, student_weight, teacher_input, teacher_weight, beta=self.beta,
+            student_input, student_weight, teacher_input, teacher_weight, **divergence,
             temperature=self.temperature, bias=student_bias, teacher_bias=teacher_bias, labels=true_labels,
-            ignore_index=self.ignore_index, soft_weight=self.weight_soft_loss,
+            ignore_index=self.ignore_index, soft_weight=self.weight_soft_loss * factor,
             hard_weight=self.weight_hard_loss if hard else 0.0, single_pass=self.single_pass)
         if not self.return_soft_hard_loss:
             return loss
         n = metrics["num_tokens"].clamp(min=1)
-        return loss, metrics["divergence_sum"] / n, metrics["nll_sum"] / n
+        return loss, factor * metrics["divergence_sum"] / n, metrics["nll_sum"] / n
+
+
+class LigerFusedLinearJSDLoss(_FusedLinearDistillation):
+    """Liger's fused linear JSD distillation loss: the generalized JSD at ``beta`` (0 forward KL, 1 reverse KL)
+    of the two heads' distributions at ``temperature`` (see the module doc)."""
+
+
+class LigerFusedLinearCosineSimilarityLoss(_FusedLinearDistillation):
+    """Liger's fused linear cosine-similarity distillation loss: ``beta * (1 - cos(z_s, z_t))`` per token, the
+    cosine of the two heads' logit rows (``temperature`` scales both alike and changes only Liger's rounding;
+    see the module doc)."""
+
+    def _check_beta(self) -> None:
+        """The cosine's ``beta`` weighs the distance: any finite number."""
+        _validate.finite_number("beta", self.beta)
+
+    def _divergence(self) -> tuple[dict, float]:
+        return dict(divergence="cosine"), float(self.beta)

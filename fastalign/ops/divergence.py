@@ -1,8 +1,9 @@
 """``fastalign::divergence_rows``: the distillation divergence of rows of student and teacher logits.
 
 One custom op (``kernel_op``: outputs declared once, the fake from them) over a block of ``[n, V]``
-student and teacher logits (after scale and softcap, before the temperature): per row the generalized
-JSD, the student entropy at the temperature and, with labels, the student NLL at temperature 1; with
+student and teacher logits (after scale and softcap, before the temperature): per row the divergence (the
+generalized JSD at ``beta``, or the cosine distance), the student entropy at the temperature and, with labels,
+the student NLL at temperature 1; with
 ``grad_soft`` it overwrites the student logits with ``grad_soft * dD/dz_s + grad_hard * dNLL/dz_s``
 (docs/math.md#distillation-divergence). Kernels: ``csrc/cpu/divergence.cpp`` (fp32 rows) and
 ``kernels/divergence.py``.
@@ -17,6 +18,20 @@ from torch import Tensor
 from fastalign import _backend
 from fastalign._backend import backend_for
 from fastalign.ops._launch import DTYPE_CODE, check_rows, kernel_op, ptr, runs_directly, triton_kernels
+
+
+#: the divergences between the two rows: the generalized JSD (its mode by beta) and the cosine distance
+DIVERGENCES = ("jsd", "cosine")
+
+
+def divergence_mode(divergence: str, beta: float) -> int:
+    """The kernels' mode: 0 forward KL (jsd at beta 0), 1 reverse KL (jsd at beta 1), 2 the generalized JSD,
+    3 the cosine distance (``csrc/common/divergence_math.h``)."""
+    if divergence == "cosine":
+        return 3
+    if divergence != "jsd":
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    return 0 if beta == 0 else (1 if beta == 1 else 2)
 
 
 def check_logits(student: Tensor, teacher: Tensor) -> None:
@@ -56,33 +71,35 @@ def _outputs(student: Tensor, teacher: Tensor, mask: Optional[Tensor], labels: O
 @kernel_op("divergence_rows", _outputs, mutates_args=("student",))
 def divergence_rows(
     student: Tensor, teacher: Tensor, mask: Optional[Tensor], labels: Optional[Tensor], grad_soft: Optional[Tensor],
-    grad_hard: Optional[Tensor], inv_temperature: float, beta: float, ignore_index: int, nll: bool, backend: str,
-    out: tuple[Tensor, Tensor, Tensor],
+    grad_hard: Optional[Tensor], inv_temperature: float, divergence: str, beta: float, ignore_index: int, nll: bool,
+    backend: str, out: tuple[Tensor, Tensor, Tensor],
 ) -> None:
-    """Returns (divergence, entropy, nll) per row (nll empty unless asked, with ``labels``); ``mask`` (fp32,
-    0: the row gives zeros), ``labels`` (int64), ``grad_soft`` / ``grad_hard`` (fp32 per-row weights of the
-    gradient written over ``student``) may be None."""
+    """Returns (divergence, entropy, nll) per row (nll empty unless asked, with ``labels``); ``divergence`` one
+    of :data:`DIVERGENCES` (``beta`` read by the jsd only); ``mask`` (fp32, 0: the row gives zeros), ``labels``
+    (int64), ``grad_soft`` / ``grad_hard`` (fp32 per-row weights of the gradient written over ``student``) may
+    be None."""
     div, ent, nll_out = out
     n, V = student.shape
+    mode = divergence_mode(divergence, beta)
     labels = labels if nll or grad_hard is not None else None
     backend = backend_for("divergence_rows", student.device, backend)
     if backend == "triton":
         triton_kernels("divergence").divergence_rows(
-            student, teacher, inv_temperature, beta, mask, labels, ignore_index, grad_soft, grad_hard, div, ent,
-            nll_out if nll_out.numel() else None)
+            student, teacher, inv_temperature, mode, beta, mask, labels, ignore_index, grad_soft, grad_hard, div,
+            ent, nll_out if nll_out.numel() else None)
         return
     if student.dtype != torch.float32 or teacher.dtype != torch.float32:
         raise TypeError("the C++ divergence kernel takes fp32 logits")
     _backend.compiled().divergence_rows_cpu(
-        student.data_ptr(), teacher.data_ptr(), n, V, student.stride(0), teacher.stride(0), inv_temperature, beta,
-        ptr(mask), ptr(labels), ignore_index, ptr(grad_soft), ptr(grad_hard), ptr(div), ptr(ent), ptr(nll_out))
+        student.data_ptr(), teacher.data_ptr(), n, V, student.stride(0), teacher.stride(0), inv_temperature, mode,
+        beta, ptr(mask), ptr(labels), ignore_index, ptr(grad_soft), ptr(grad_hard), ptr(div), ptr(ent), ptr(nll_out))
 
 
-def divergence_rows_call(student, teacher, mask, labels, grad_soft, grad_hard, inv_temperature, beta, ignore_index,
-                         nll, backend):
+def divergence_rows_call(student, teacher, mask, labels, grad_soft, grad_hard, inv_temperature, divergence, beta,
+                         ignore_index, nll, backend):
     """:func:`divergence_rows`, without the dispatcher where :func:`~fastalign.ops._launch.runs_directly` allows."""
-    args = (student, teacher, mask, labels, grad_soft, grad_hard, float(inv_temperature), float(beta),
-            int(ignore_index), bool(nll), backend)
+    args = (student, teacher, mask, labels, grad_soft, grad_hard, float(inv_temperature), str(divergence),
+            float(beta), int(ignore_index), bool(nll), backend)
     if runs_directly(backend, student, teacher, mask, labels, grad_soft, grad_hard):
         return divergence_rows.direct(*args)
     return divergence_rows(*args)

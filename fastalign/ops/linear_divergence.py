@@ -47,6 +47,7 @@ class Head(NamedTuple):
 
 class DivergenceOptions(NamedTuple):
     inv_t: float
+    divergence: str  # ops.divergence.DIVERGENCES
     beta: float
     ignore_index: int
     nll: bool  # the student NLL of the labels (the hard loss)
@@ -110,7 +111,7 @@ def run_blocks(student: Head, teacher: Head, mask: Tensor, labels: Optional[Tens
                 None if labels is None else block.take(labels).contiguous(),
                 None if g_soft is None else block.take(g_soft).float().contiguous(),
                 None if g_hard is None else block.take(g_hard).float().contiguous(),
-                opts.inv_t, opts.beta, opts.ignore_index, opts.nll, opts.backend)
+                opts.inv_t, opts.divergence, opts.beta, opts.ignore_index, opts.nll, opts.backend)
             for full, part in ((div, d_b), (ent, e_b), (nll, n_b)):
                 if full.numel():
                     block.put(full, part)
@@ -196,8 +197,8 @@ def divergence_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], stat
     if eager(hidden, weight, bias, teacher.hidden, teacher.weight, teacher.bias, mask, labels, g_soft, g_hard):
         return DivergencePass.apply(hidden, weight, bias, state)
     div, ent, nll = linear_divergence(hidden, weight, bias, teacher.hidden, teacher.weight, teacher.bias, mask,
-                                      labels, scale, cap, teacher.scale, teacher.softcap, opts.inv_t, opts.beta,
-                                      opts.ignore_index, opts.nll, opts.backend)
+                                      labels, scale, cap, teacher.scale, teacher.softcap, opts.inv_t,
+                                      opts.divergence, opts.beta, opts.ignore_index, opts.nll, opts.backend)
     loss = (g_soft.detach() * div).sum()
     if g_hard is not None:
         loss = loss + (g_hard.detach() * nll).sum()
@@ -224,8 +225,8 @@ def _op_outputs(hidden: Tensor, mask: Tensor, labels: Optional[Tensor], nll: boo
 def linear_divergence(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_hidden: Tensor, teacher_weight: Tensor,
     teacher_bias: Optional[Tensor], mask: Tensor, labels: Optional[Tensor], scale: float, softcap: float,
-    teacher_scale: float, teacher_softcap: float, inv_temperature: float, beta: float, ignore_index: int, nll: bool,
-    backend: str, out: tuple[Tensor, Tensor, Tensor],
+    teacher_scale: float, teacher_softcap: float, inv_temperature: float, divergence: str, beta: float,
+    ignore_index: int, nll: bool, backend: str, out: tuple[Tensor, Tensor, Tensor],
 ) -> None:
     """Per-row ``(divergence, entropy, nll)`` of the student's rows ``hidden [N, H]`` against the teacher's
     (:func:`run_blocks`; fp32 mask ``[N]``, 0 for an unscored row, int64 labels ``[N]``); nll empty unless asked.
@@ -233,7 +234,7 @@ def linear_divergence(
     ``hidden``, ``weight`` and ``bias``; the entropy and the teacher's inputs get no gradient."""
     student, teacher = _heads(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, scale, softcap,
                               teacher_scale, teacher_softcap)
-    opts = DivergenceOptions(inv_temperature, beta, ignore_index, nll, backend)
+    opts = DivergenceOptions(inv_temperature, divergence, beta, ignore_index, nll, backend)
     run_blocks(student, teacher, mask, labels, None, None, opts, out=out)
 
 
@@ -251,14 +252,14 @@ def linear_divergence_backward(
     grad_divergence: Optional[Tensor], grad_nll: Optional[Tensor], hidden: Tensor, weight: Tensor,
     bias: Optional[Tensor], teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
     mask: Tensor, labels: Optional[Tensor], scale: float, softcap: float, teacher_scale: float,
-    teacher_softcap: float, inv_temperature: float, beta: float, ignore_index: int, backend: str, need_hidden: bool,
-    need_weight: bool, need_bias: bool, out: tuple[Tensor, Tensor, Tensor],
+    teacher_softcap: float, inv_temperature: float, divergence: str, beta: float, ignore_index: int, backend: str,
+    need_hidden: bool, need_weight: bool, need_bias: bool, out: tuple[Tensor, Tensor, Tensor],
 ) -> None:
     """(d hidden, d weight, d bias) of ``sum_r grad_divergence_r D_r + grad_nll_r NLL_r`` (None: 0), the blocks of
     :func:`linear_divergence` run again; a gradient not needed is empty. d(weight) and d(bias) are summed in fp32."""
     student, teacher = _heads(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, scale, softcap,
                               teacher_scale, teacher_softcap)
-    opts = DivergenceOptions(inv_temperature, beta, ignore_index, False, backend)
+    opts = DivergenceOptions(inv_temperature, divergence, beta, ignore_index, False, backend)
     grads = _zero_grads(hidden, weight, bias, (need_hidden, need_weight, need_bias))
     g_soft = torch.zeros_like(mask) if grad_divergence is None else grad_divergence.float().contiguous()
     g_hard = None if grad_nll is None else grad_nll.float().contiguous()
@@ -268,7 +269,7 @@ def linear_divergence_backward(
             result.copy_(acc)
 
 
-_OTHER_INPUTS = 14  # the op's inputs after (hidden, weight, bias): none differentiable (the teacher is constant)
+_OTHER_INPUTS = 15  # the op's inputs after (hidden, weight, bias): none differentiable (the teacher is constant)
 
 
 def _setup_context(ctx, inputs, output):

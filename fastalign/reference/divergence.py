@@ -1,5 +1,6 @@
 """Reference for docs/math.md#distillation-divergence: the generalized Jensen-Shannon divergence between a
-student's and a teacher's next-token distributions, from logits or from hidden states."""
+student's and a teacher's next-token distributions, or the cosine distance of their logits, from logits or from
+hidden states."""
 from __future__ import annotations
 
 import math
@@ -35,6 +36,14 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, *, beta: flo
     return beta * kl(lpt, lm) + (1 - beta) * kl(lps, lm)
 
 
+def cosine_distance(student_logits: Tensor, teacher_logits: Tensor, *, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Per-row ``1 - cos(z_s, z_t)``, each row scaled to unit length with its norm floored at 1e-12 (torch's
+    ``F.normalize``; a zero row has cosine 0). A temperature scales both rows alike and does not change it."""
+    a = torch.nn.functional.normalize(student_logits.to(dtype), dim=-1, eps=1e-12)
+    b = torch.nn.functional.normalize(teacher_logits.to(dtype), dim=-1, eps=1e-12)
+    return 1 - (a * b).sum(-1)
+
+
 def entropy(logits: Tensor, *, temperature: float = 1.0, dtype: torch.dtype = torch.float64) -> Tensor:
     """Per-row entropy of ``softmax(z / T)``."""
     lp = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
@@ -42,19 +51,24 @@ def entropy(logits: Tensor, *, temperature: float = 1.0, dtype: torch.dtype = to
     return -torch.where(p > 0, p * lp, torch.zeros_like(p)).sum(-1)
 
 
-def divergence_loss(student_logits: Tensor, teacher_logits: Tensor, *, beta: float = 0.5, temperature: float = 1.0,
-                    response_mask: Optional[Tensor] = None, normalizer=None, labels: Optional[Tensor] = None,
-                    ignore_index: int = -100, hard_weight: float = 0.0, soft_weight: float = 1.0,
-                    dtype: torch.dtype = torch.float64):
+def divergence_loss(student_logits: Tensor, teacher_logits: Tensor, *, divergence: str = "jsd",
+                    beta: Optional[float] = None, temperature: float = 1.0, response_mask: Optional[Tensor] = None,
+                    normalizer=None, labels: Optional[Tensor] = None, ignore_index: int = -100,
+                    hard_weight: float = 0.0, soft_weight: float = 1.0, dtype: torch.dtype = torch.float64):
     """``(loss, metrics)`` of :func:`fastalign.linear_divergence_loss` from logits ``[..., V]``:
 
         loss = (soft_weight * sum_t m_t D_t + hard_weight * sum_t m_t NLL_t) / normalizer
 
-    ``m`` the mask (``response_mask``, or ``labels != ignore_index``), ``normalizer`` by default
-    ``max(sum m, 1)``, ``NLL_t = -log softmax(z_s)_{y_t}`` at temperature 1 (Liger's hard loss).
+    ``D`` the generalized JSD (:func:`generalized_jsd`, ``beta`` 0.5 when None) or with ``divergence="cosine"``
+    :func:`cosine_distance`, ``m`` the mask (``response_mask``, or ``labels != ignore_index``), ``normalizer``
+    by default ``max(sum m, 1)``, ``NLL_t = -log softmax(z_s)_{y_t}`` at temperature 1 (Liger's hard loss).
     ``metrics``: ``divergence_sum``, ``entropy_sum`` (student entropy at the temperature), ``nll_sum``
     and ``num_tokens``, over the scored rows."""
-    d = generalized_jsd(student_logits, teacher_logits, beta=beta, temperature=temperature, dtype=dtype)
+    if divergence == "cosine":
+        d = cosine_distance(student_logits, teacher_logits, dtype=dtype)
+    else:
+        d = generalized_jsd(student_logits, teacher_logits, beta=0.5 if beta is None else beta,
+                            temperature=temperature, dtype=dtype)
     ent = entropy(student_logits, temperature=temperature, dtype=dtype)
     if response_mask is not None:
         m = (response_mask != 0).to(dtype)

@@ -1,13 +1,17 @@
-"""LigerFusedLinearJSDLoss against Liger-Kernel 0.8's own module: loss, soft and hard losses, and the gradients
-of the student's input, weight and bias."""
+"""The fused linear distillation losses (LigerFusedLinearJSDLoss, LigerFusedLinearCosineSimilarityLoss) against
+Liger-Kernel 0.8's own modules: loss, soft and hard losses, and the gradients of the student's input, weight and
+bias."""
 import pytest
 import torch
 
 from helpers import assert_close
 
-from fastalign.integrations.liger import LigerFusedLinearJSDLoss
+from fastalign.integrations.liger import LigerFusedLinearCosineSimilarityLoss, LigerFusedLinearJSDLoss
 
 chunked = pytest.importorskip("liger_kernel.chunked_loss", reason="liger_kernel is not installed")
+#: (Liger's module, fastalign's)
+JSD = (chunked.LigerFusedLinearJSDLoss, LigerFusedLinearJSDLoss)
+COSINE = (chunked.LigerFusedLinearCosineSimilarityLoss, LigerFusedLinearCosineSimilarityLoss)
 
 
 def _inputs(seed, N=14, H=16, Ht=20, V=40, bias=True):
@@ -35,6 +39,29 @@ def test_matches_liger(options, bias):
     _compare(options, *_inputs(0, bias=bias))
 
 
+COSINE_CASES = [dict(), dict(beta=1.0), dict(beta=0.3, temperature=0.7),
+                dict(weight_hard_loss=0.0, weight_soft_loss=1.0),
+                dict(weight_hard_loss=0.3, weight_soft_loss=0.9, temperature=2.0, return_soft_hard_loss=True),
+                dict(beta=2.5, return_soft_hard_loss=True, weight_hard_loss=0.0)]
+
+
+@pytest.mark.parametrize("options", COSINE_CASES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_cosine_similarity_matches_liger(options, bias):
+    """beta * (1 - cos(z_s, z_t)) per token, beta a weight (2.5 too), the temperature scaling both rows alike."""
+    _compare(options, *_inputs(10, bias=bias), pair=COSINE)
+
+
+def test_cosine_similarity_of_a_teacher_pointing_with_or_against_the_student_matches_liger():
+    """Teacher logits a positive multiple of the student's (cosine 1: no soft loss, no soft gradient) and a
+    negative one (cosine -1), on some tokens each."""
+    x, w, b, xt, wt, bt, y = _inputs(11, Ht=16)
+    xt = x.clone()
+    xt[1::2] *= -1.0
+    _compare(dict(weight_hard_loss=0.0, weight_soft_loss=1.0, return_soft_hard_loss=True), x, w, None, xt, 3 * w,
+             None, y, pair=COSINE)
+
+
 def test_a_label_out_of_the_vocabulary_without_the_hard_loss_matches_liger():
     """weight_hard_loss=0: the labels are only the mask; a label outside [0, V) (not ignore_index) scores the token
     and gives Liger a finite loss (it never reads the label), so it does here (it gave NaN: 0 * NaN)."""
@@ -53,11 +80,10 @@ def test_every_label_ignored_matches_liger(options):
     _compare(options, x, w, b, xt, wt, bt, y)
 
 
-def _compare(options, x, w, b, xt, wt, bt, y, assigned=()):
-    """Both modules built with ``options``, then the ``assigned`` options set on them as attributes."""
+def _compare(options, x, w, b, xt, wt, bt, y, assigned=(), pair=JSD):
+    """Both modules of ``pair`` built with ``options``, then the ``assigned`` options set on them as attributes."""
     outs, grads = [], []
-    for cls, extra in ((chunked.LigerFusedLinearJSDLoss, dict(compiled=False, chunk_size=4)),
-                       (LigerFusedLinearJSDLoss, {})):
+    for cls, extra in ((pair[0], dict(compiled=False, chunk_size=4)), (pair[1], {})):
         leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, w, b)]
         module = cls(**options, **extra)
         for name, value in dict(assigned).items():
@@ -78,10 +104,11 @@ ASSIGNMENTS = [dict(beta=0.1, temperature=0.7), dict(weight_hard_loss=0.0, weigh
                dict(return_soft_hard_loss=True, weight_hard_loss=0.3), dict(beta=1.0, weight_soft_loss=0.2)]
 
 
+@pytest.mark.parametrize("pair", [JSD, COSINE], ids=["jsd", "cosine"])
 @pytest.mark.parametrize("assigned", ASSIGNMENTS, ids=["-".join(a) for a in ASSIGNMENTS])
-def test_option_assignment_takes_effect_as_liger(assigned):
+def test_option_assignment_takes_effect_as_liger(assigned, pair):
     """Liger reads its options at each call: an option assigned after construction changes the loss as Liger's."""
-    _compare({}, *_inputs(4), assigned=assigned)
+    _compare({}, *_inputs(4), assigned=assigned, pair=pair)
 
 
 def test_invalid_option_assignment_raises_and_keeps_the_module():
@@ -104,6 +131,11 @@ def test_invalid_option_assignment_raises_and_keeps_the_module():
 def test_bad_options():
     with pytest.raises(ValueError, match="beta"):
         LigerFusedLinearJSDLoss(beta=2.0)
+    for beta, err in ((float("nan"), ValueError), (float("inf"), ValueError), (None, TypeError)):
+        with pytest.raises(err, match="beta"):
+            LigerFusedLinearCosineSimilarityLoss(beta=beta)
+    with pytest.raises(ValueError, match="temperature"):
+        LigerFusedLinearCosineSimilarityLoss(temperature=-1.0)
     with pytest.raises(ValueError, match="temperature"):
         LigerFusedLinearJSDLoss(temperature=0.0)
     with pytest.raises(ValueError, match="chunk_size"):
@@ -136,16 +168,17 @@ LABELS_NONE_OPTIONS = [dict(), dict(weight_hard_loss=0.0), dict(weight_hard_loss
                        dict(weight_hard_loss=0.5, return_soft_hard_loss=True)]
 
 
+@pytest.mark.parametrize("pair", [JSD, COSINE], ids=["jsd", "cosine"])
 @pytest.mark.parametrize("options", LABELS_NONE_OPTIONS)
-def test_labels_none_raises_as_liger(options):
+def test_labels_none_raises_as_liger(options, pair):
     """true_labels=None: Liger raises a TypeError with every option (it reads the labels even without the hard
     loss); so does this module, naming true_labels (it named fastalign's hard_weight, raised a KeyError with
     return_soft_hard_loss, or scored every token with weight_hard_loss=0)."""
     x, w, b, xt, wt, bt, y = _inputs(6)
     with pytest.raises(TypeError):
-        chunked.LigerFusedLinearJSDLoss(**options, compiled=False, chunk_size=4)(x, w, xt, wt, None, b, bt)
+        pair[0](**options, compiled=False, chunk_size=4)(x, w, xt, wt, None, b, bt)
     with pytest.raises(TypeError, match="^true_labels must be a torch.Tensor, got NoneType"):
-        LigerFusedLinearJSDLoss(**options)(x, w, xt, wt, None, b, bt)
+        pair[1](**options)(x, w, xt, wt, None, b, bt)
 
 
 def test_second_backward_with_single_pass_false_matches_liger():
