@@ -13,8 +13,8 @@ Public API (see docs/math.md for every formula):
 * :func:`group_advantages`, :func:`token_advantages` — GRPO-family advantages (docs/math.md#advantages);
   token-level :func:`reinforce_pp_advantages`, :func:`remax_advantages`,
   :func:`gae_advantages`, :func:`implicit_process_advantages`, :func:`optimal_token_baseline_advantages`.
-* :func:`linear_divergence_loss` — the distillation loss (generalized JSD, or cosine distance, between a student
-  and a teacher) from both models' hidden states and heads (docs/math.md#distillation-divergence).
+* :func:`linear_divergence_loss` — the distillation loss (generalized JSD, total variation or cosine distance
+  between a student and a teacher) from both models' hidden states and heads (docs/math.md#distillation-divergence).
 * :func:`use_backend` — force the Triton, C++ or CUDA kernels.
 """
 from fastalign._backend import use_backend

@@ -1,6 +1,6 @@
-r"""Distillation loss from hidden states: the generalized Jensen-Shannon divergence between a student's and
-a teacher's next-token distributions, or the cosine distance of their logits (docs/math.md#distillation-divergence),
-neither ``[tokens x V]`` logits ever built.
+r"""Distillation loss from hidden states: the generalized Jensen-Shannon divergence or the total variation
+distance between a student's and a teacher's next-token distributions, or the cosine distance of their logits
+(docs/math.md#distillation-divergence), neither ``[tokens x V]`` logits ever built.
 """
 from __future__ import annotations
 
@@ -84,6 +84,7 @@ def linear_divergence_loss(
         D = \begin{cases} KL(p_t \| p_s) & \beta = 0 \\ KL(p_s \| p_t) & \beta = 1 \\
             \beta\,KL(p_t \| m) + (1-\beta)\,KL(p_s \| m),\ m = (1-\beta) p_s + \beta p_t & \text{else}\end{cases}
 
+    the total variation distance (``divergence="tvd"``, Liger's TVD loss) ``D = 1/2 sum_j |p_s,j - p_t,j|``,
     or the cosine distance of the logits (``divergence="cosine"``, Liger's cosine-similarity loss)
     ``D = 1 - z_s . z_t / (max(|z_s|, 1e-12) max(|z_t|, 1e-12))`` (the norms floored as ``F.normalize``;
     a temperature scales both sides alike and leaves it unchanged)
@@ -105,9 +106,9 @@ def linear_divergence_loss(
         teacher_hidden: ``[..., H_t]``, the same leading shape as ``hidden`` (``H_t`` may differ from ``H_s``).
         teacher_weight: ``[V, H_t]``: the same vocabulary as ``weight``. ``teacher_bias``: optional ``[V]``.
             The teacher's tensors get no gradient (they are read as constants).
-        divergence: ``"jsd"`` (default) or ``"cosine"``.
+        divergence: ``"jsd"`` (default), ``"tvd"`` or ``"cosine"``.
         beta: the JSD's, in ``[0, 1]`` (default 0.5); 0 the forward KL, 1 the reverse KL (TRL's and Liger's
-            convention). The cosine distance has none: a ``beta`` with it raises ``ValueError``.
+            convention). The other divergences have none: a ``beta`` with them raises ``ValueError``.
         temperature: > 0, divides both sides' logits (after scale and softcap) for D and the entropy.
         logit_scale, softcap, teacher_logit_scale, teacher_softcap: each side's logit pipeline.
         response_mask: ``hidden.shape[:-1]``; tokens with a nonzero entry are scored (weight 1 each). Without
@@ -140,8 +141,8 @@ def linear_divergence_loss(
     check_tensors(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, response_mask, labels,
                   normalizer)
     check_choice("divergence", divergence, DIVERGENCES)
-    if divergence == "cosine" and beta is not None:
-        raise ValueError(f"beta applies to the jsd only, not to divergence='cosine' (got beta={beta!r})")
+    if divergence != "jsd" and beta is not None:
+        raise ValueError(f"beta applies to the jsd only, not to divergence={divergence!r} (got beta={beta!r})")
     b = 0.5 if beta is None else _validate.number("beta", beta)
     if not 0.0 <= b <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")

@@ -12,11 +12,13 @@ tiles of BLOCK_V columns:
        beta = 0: D = sum p_t (lpt - lps);        beta = 1: D = K = sum p_s (lps - lpt)
        else:     lm = log((1 - beta) p_s + beta p_t),
                  D = sum beta p_t (lpt - lm) + (1 - beta) p_s (lps - lm),   K = sum p_s (lps - lm)
+       TVD (MODE 4): D = sum |p_s - p_t| / 2,  K = sum p_s s,  s = sign(p_s - p_t)
 
    or, for the cosine distance (MODE 3), its sums dot = x_s . x_t, ss = |x_s|^2, tt = |x_t|^2 and
    D = 1 - cos, cos = dot / (max(|x_s|, 1e-12) max(|x_t|, 1e-12)) (the norms floored as torch's F.normalize);
 3. with gradients, dz_s = g_soft / T * dD/dx_s + g_hard (softmax(z_s) - 1[j = y]) written over the
-   student row, with dD/dx_s = p_s - p_t, p_s (lps - lpt - K) or (1 - beta) p_s (lps - lm - K); cosine:
+   student row, with dD/dx_s = p_s - p_t, p_s (lps - lpt - K) or (1 - beta) p_s (lps - lm - K); TVD:
+   p_s (s - K) / 2; cosine:
    (cos x_s / |x_s| - x_t / |x_t|) / |x_s| (without the cos term where |x_s| is at its floor).
 
 A row whose mask is 0 writes zeros (and a zero gradient row) without reading its logits; a label equal
@@ -36,6 +38,12 @@ FLOOR: tl.constexpr = tl.constexpr(-1e30)
 def _floor(x):
     """max(x, -1e30) that keeps a NaN (tl.maximum may drop it)."""
     return tl.where(x < FLOOR, FLOOR, x)
+
+
+@triton.jit
+def _sign(d):
+    """-1, 0 or 1 (0 for a NaN: the NaN reaches the gradient through p_s)."""
+    return tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
 
 
 @triton.jit
@@ -110,6 +118,9 @@ def divergence_rows_kernel(
             elif MODE == 1:
                 d = ps * (lps - lpt)
                 k = d
+            elif MODE == 4:
+                d = 0.5 * tl.abs(ps - pt)
+                k = ps * _sign(ps - pt)
             else:
                 k = ps * (lps - lm)
                 d = beta * (pt * (lpt - lm)) + (1.0 - beta) * k
@@ -158,6 +169,8 @@ def divergence_rows_kernel(
                     g = ps - pt
                 elif MODE == 1:
                     g = ps * (lps - lpt - K)
+                elif MODE == 4:
+                    g = 0.5 * ps * (_sign(ps - pt) - K)
                 else:
                     g = (1.0 - beta) * ps * (lps - lm - K)
             g = g_soft * g
@@ -174,7 +187,8 @@ def _block(V):
 
 def divergence_rows(zs, zt, inv_t, mode, beta, mask, labels, ignore_index, g_soft, g_hard, div, ent, nll):
     """zs, zt: [n, V] (last dim contiguous); zs is overwritten with the gradient when ``g_soft`` is given.
-    ``mode``: 0 forward KL, 1 reverse KL, 2 the generalized JSD at ``beta``, 3 the cosine distance.
+    ``mode``: 0 forward KL, 1 reverse KL, 2 the generalized JSD at ``beta``, 3 the cosine distance, 4 the total
+    variation distance.
     ``mask``, ``labels``, ``g_hard``, ``nll``: None to skip."""
     n, V = zs.shape
     if n == 0:

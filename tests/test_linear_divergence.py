@@ -1,7 +1,8 @@
 """linear_divergence_loss and the divergence_rows op against the float64 reference: values, gradients of the
-student's hidden states, weight and bias, every JSD (beta 0, 1, 0.5, 0.1), temperature, softcap and scale, masks,
-the hard loss, bf16, different hidden sizes, many blocks, both kernel families, NaN rows, bad inputs. The cosine
-distance: test_linear_divergence_cosine.py."""
+student's hidden states, weight and bias, every divergence (the JSD at beta 0, 1, 0.5, 0.1, the TVD, the cosine
+distance), temperature, softcap and scale, masks, the hard loss, bf16, different hidden sizes, many blocks, both
+kernel families, NaN rows, bad inputs. The TVD's and the cosine distance's own edges:
+test_linear_divergence_distances.py."""
 import math
 
 import pytest
@@ -49,22 +50,28 @@ def _check(h, w, b, ht, wt, bt, atol=2e-5, grad_atol=2e-5, **kw):
     return loss, m
 
 
+#: every divergence: the JSD at beta 0 (forward KL), 1 (reverse KL) and between, the TVD, the cosine distance
+DIVERGENCES = {"fkl": dict(beta=0.0), "rkl": dict(beta=1.0), "jsd": dict(beta=0.5), "jsd-0.1": dict(beta=0.1),
+               "tvd": dict(divergence="tvd"), "cosine": dict(divergence="cosine")}
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5, 0.1])
-def test_values_and_gradients(backend, beta):
+@pytest.mark.parametrize("divergence", DIVERGENCES.values(), ids=DIVERGENCES.keys())
+def test_values_and_gradients(backend, divergence):
     h, w, b, ht, wt, bt, y = _batch(1)
     mask = torch.ones(3, 5)
     mask[0, :2] = 0
     mask[2, 4] = 0
-    _check(h, w, b, ht, wt, bt, beta=beta, response_mask=mask, backend=backend)
+    _check(h, w, b, ht, wt, bt, **divergence, response_mask=mask, backend=backend)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
-def test_temperature_softcap_scale_and_hard_loss(backend, beta):
+@pytest.mark.parametrize("divergence", [DIVERGENCES[k] for k in ("fkl", "rkl", "jsd", "tvd", "cosine")],
+                         ids=["fkl", "rkl", "jsd", "tvd", "cosine"])
+def test_temperature_softcap_scale_and_hard_loss(backend, divergence):
     h, w, b, ht, wt, bt, y = _batch(2)
     y[1, 1] = -100
-    _check(h, w, b, ht, wt, bt, beta=beta, temperature=0.7, softcap=3.0, logit_scale=1.3, teacher_logit_scale=0.8,
+    _check(h, w, b, ht, wt, bt, **divergence, temperature=0.7, softcap=3.0, logit_scale=1.3, teacher_logit_scale=0.8,
            teacher_softcap=4.0, labels=y, soft_weight=0.6, hard_weight=0.4, backend=backend)
 
 
@@ -399,7 +406,7 @@ def test_a_label_out_of_the_vocabulary_weighs_only_in_the_hard_loss(backend):
     assert math.isnan(float(loss)) and dh[1, 2].isnan().all() and torch.isfinite(dh[0]).all()
 
 
-@pytest.mark.parametrize("divergence", [dict(beta=0.5), dict(divergence="cosine")], ids=["jsd", "cosine"])
+@pytest.mark.parametrize("divergence", [DIVERGENCES[k] for k in ("jsd", "tvd", "cosine")], ids=["jsd", "tvd", "cosine"])
 def test_traces_on_fake_tensors_and_compiles_whole(divergence):
     """Fake tensors give the output shapes (no value read: every row goes through the blocks), and
     torch.compile(fullgraph=True) of the loss and its gradient equals the eager call."""

@@ -8,6 +8,8 @@
 // and d D / d x_j (K: the row's KL(p_s || p_t) for beta = 1, KL(p_s || m) otherwise):
 //   beta = 0:  p_s - p_t;   beta = 1:  p_s (lps - lpt - K);   else: (1 - beta) p_s (lps - log m - K).
 // Log-probs are floored at -1e30 (common/softmax_stats.h), so a zero probability contributes 0.
+// kTVD, the total variation distance D = 1/2 sum_j |p_s - p_t|, with s_j = sign(p_s - p_t) (0 where equal):
+//   K = sum_j p_s s_j,   d D / d x_j = 1/2 p_s (s_j - K).
 // kCosine, the cosine distance of the two logit rows (Liger's cosine-similarity loss), D = 1 - cos(x_s, x_t),
 // has no per-column log-prob terms: its row value and gradient are cos_of / cos_grad below.
 #pragma once
@@ -19,19 +21,24 @@ namespace fastalign {
 namespace divergence {
 
 // The kernels' mode argument (the Python side picks it: ops/divergence.py divergence_mode).
-enum Mode : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2, kCosine = 3 };
+enum Mode : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2, kCosine = 3, kTVD = 4 };
+
+FASTALIGN_HD float sign(float d) { return float(d > 0.f) - float(d < 0.f); }
 
 // The row's D term of one column (summed over j gives D). The log-probs come floored, so a zero
 // probability gives 0 * (a finite difference) = 0 with no test, and a NaN propagates.
 FASTALIGN_HD float term(int mode, float beta, float omb, float ps, float pt, float lps, float lpt, float lm) {
   if (mode == kForwardKL) return pt * (lpt - lps);
   if (mode == kReverseKL) return ps * (lps - lpt);
+  if (mode == kTVD) return 0.5f * fabsf(ps - pt);
   return beta * (pt * (lpt - lm)) + omb * (ps * (lps - lm));
 }
 
-// The column's share of K (see above): reverse KL, KL(p_s || m) for the JSD, 0 for the forward KL.
-FASTALIGN_HD float k_term(int mode, float ps, float lps, float lpt, float lm) {
+// The column's share of K (see above): reverse KL, KL(p_s || m) for the JSD, p_s s_j for the TVD, 0 for
+// the forward KL.
+FASTALIGN_HD float k_term(int mode, float ps, float pt, float lps, float lpt, float lm) {
   if (mode == kForwardKL) return 0.f;
+  if (mode == kTVD) return ps * sign(ps - pt);
   return ps * (lps - (mode == kReverseKL ? lpt : lm));
 }
 
@@ -39,6 +46,7 @@ FASTALIGN_HD float k_term(int mode, float ps, float lps, float lpt, float lm) {
 FASTALIGN_HD float grad(int mode, float omb, float ps, float pt, float lps, float lpt, float lm, float K) {
   if (mode == kForwardKL) return ps - pt;
   if (mode == kReverseKL) return ps * (lps - lpt - K);
+  if (mode == kTVD) return 0.5f * ps * (sign(ps - pt) - K);
   return omb * ps * (lps - lm - K);
 }
 

@@ -7,10 +7,12 @@
 //
 // Per row, x = z / T: pass 1 the maxima of z (student, teacher; T > 0, so x's are at the same j);
 // pass 2 the sums s, t of the student (entropy), s of the teacher and of the NLL; pass 3 D and K
-// (the KL the gradient subtracts), or for the cosine distance its sums x_s . x_t, |x_s|^2, |x_t|^2;
-// pass 4 the gradient. The mode (forward KL, reverse KL, JSD at beta, cosine) is the caller's.
+// (the KL, or the TVD's sum p_s s_j, the gradient subtracts), or for the cosine distance its sums
+// x_s . x_t, |x_s|^2, |x_t|^2; pass 4 the gradient. The mode (forward KL, reverse KL, JSD at beta,
+// cosine, TVD) is the caller's.
 // A row whose mask is 0 gives zeros (and a zero gradient row) without reading its logits; a label of
-// ignore_index gives NLL 0 and no hard gradient; a label outside [0, V) a NaN NLL. A NaN logit makes the row's outputs (and gradient) NaN.
+// ignore_index gives NLL 0 and no hard gradient; a label outside [0, V) a NaN NLL. A NaN logit makes the
+// row's outputs (and gradient) NaN.
 // Offsets from the max are formed as (z_j - max z) / T (token_stats.cpp says why), and 1 - beta comes
 // from the double, so a beta within fp32 rounding of 0 or 1 stays the JSD.
 #include <cmath>
@@ -89,7 +91,7 @@ FASTALIGN_KERNEL_BODY void row_divergence(const float* zs, const float* zt, int6
     const float ps = exp_f32(lps), pt = exp_f32(lpt);
     const float lm = MODE == divergence::kJSD ? log_mixture(ps, pt, R) : 0.f;
     d += divergence::term(MODE, R.beta, R.omb, ps, pt, lps, lpt, lm);
-    k += divergence::k_term(MODE, ps, lps, lpt, lm);
+    k += divergence::k_term(MODE, ps, pt, lps, lpt, lm);
   }
   *d_out = d;
   *k_out = k;
@@ -149,6 +151,25 @@ GradientFn gradient_variant(bool hard) {
   return hard ? isa::best<row_gradient<MODE, true>>() : isa::best<row_gradient<MODE, false>>();
 }
 
+// the (D, K) and gradient passes of a per-column mode (every mode but the cosine's)
+DivergenceFn divergence_fn(int mode) {
+  switch (mode) {
+    case divergence::kForwardKL: return isa::best<row_divergence<divergence::kForwardKL>>();
+    case divergence::kReverseKL: return isa::best<row_divergence<divergence::kReverseKL>>();
+    case divergence::kTVD: return isa::best<row_divergence<divergence::kTVD>>();
+    default: return isa::best<row_divergence<divergence::kJSD>>();
+  }
+}
+
+GradientFn gradient_fn(int mode, bool hard) {
+  switch (mode) {
+    case divergence::kForwardKL: return gradient_variant<divergence::kForwardKL>(hard);
+    case divergence::kReverseKL: return gradient_variant<divergence::kReverseKL>(hard);
+    case divergence::kTVD: return gradient_variant<divergence::kTVD>(hard);
+    default: return gradient_variant<divergence::kJSD>(hard);
+  }
+}
+
 void rows(uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_stride, int64_t t_stride, double inv_t_d,
           int mode, double beta_d, const float* mask, const int64_t* labels, int64_t ignore_index,
           const float* g_soft, const float* g_hard, float* div, float* ent, float* nll) {
@@ -159,15 +180,8 @@ void rows(uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_
   const bool cosine = mode == divergence::kCosine;
   const auto max_fn = isa::best<row_maxima>();
   const auto sum_fn = hard ? isa::best<row_sums<true>>() : isa::best<row_sums<false>>();
-  const DivergenceFn div_fn = mode == divergence::kForwardKL   ? isa::best<row_divergence<divergence::kForwardKL>>()
-                              : mode == divergence::kReverseKL ? isa::best<row_divergence<divergence::kReverseKL>>()
-                                                                : isa::best<row_divergence<divergence::kJSD>>();
-  const GradientFn grad_hard_fn = mode == divergence::kForwardKL   ? gradient_variant<divergence::kForwardKL>(true)
-                                  : mode == divergence::kReverseKL ? gradient_variant<divergence::kReverseKL>(true)
-                                                                    : gradient_variant<divergence::kJSD>(true);
-  const GradientFn grad_soft_fn = mode == divergence::kForwardKL   ? gradient_variant<divergence::kForwardKL>(false)
-                                  : mode == divergence::kReverseKL ? gradient_variant<divergence::kReverseKL>(false)
-                                                                    : gradient_variant<divergence::kJSD>(false);
+  const DivergenceFn div_fn = divergence_fn(mode);
+  const GradientFn grad_hard_fn = gradient_fn(mode, true), grad_soft_fn = gradient_fn(mode, false);
   const auto cos_fn = isa::best<row_cosine>();
   const CosineGradientFn cos_grad_fn =
       hard ? isa::best<row_cosine_gradient<true>>() : isa::best<row_cosine_gradient<false>>();
@@ -225,7 +239,7 @@ FASTALIGN_BINDINGS(divergence) {
       [](uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_stride, int64_t t_stride, double inv_t,
          int mode, double beta, uintptr_t mask, uintptr_t labels, int64_t ignore_index, uintptr_t g_soft,
          uintptr_t g_hard, uintptr_t div, uintptr_t ent, uintptr_t nll) {
-        if (mode < divergence::kForwardKL || mode > divergence::kCosine) throw std::invalid_argument("mode");
+        if (mode < divergence::kForwardKL || mode > divergence::kTVD) throw std::invalid_argument("mode");
         rows(student, teacher, N, V, s_stride, t_stride, inv_t, mode, beta, ptr<const float>(mask),
              ptr<const int64_t>(labels),
              ignore_index, ptr<const float>(g_soft), ptr<const float>(g_hard), ptr<float>(div), ptr<float>(ent),
@@ -234,8 +248,9 @@ FASTALIGN_BINDINGS(divergence) {
       py::call_guard<py::gil_scoped_release>(),
       "Distillation divergence of fp32 rows: (student, teacher, N, V, s_stride, t_stride, inv_t, mode, beta, mask, "
       "labels, ignore_index, g_soft, g_hard, div, ent, nll); mode 0 forward KL, 1 reverse KL, 2 the generalized JSD "
-      "at beta, 3 the cosine distance; with g_soft the weighted d loss / d z_s overwrites the student rows; null "
-      "pointers (0) skip the mask, the labels (no NLL), the gradient and the NLL output.");
+      "at beta, 3 the cosine distance, 4 the total variation distance; with g_soft the weighted d loss / d z_s "
+      "overwrites the student rows; null pointers (0) skip the mask, the labels (no NLL), the gradient and the NLL "
+      "output.");
 }
 
 }  // namespace fastalign

@@ -2,11 +2,10 @@
 
 One custom op (``kernel_op``: outputs declared once, the fake from them) over a block of ``[n, V]``
 student and teacher logits (after scale and softcap, before the temperature): per row the divergence (the
-generalized JSD at ``beta``, or the cosine distance), the student entropy at the temperature and, with labels,
-the student NLL at temperature 1; with
-``grad_soft`` it overwrites the student logits with ``grad_soft * dD/dz_s + grad_hard * dNLL/dz_s``
-(docs/math.md#distillation-divergence). Kernels: ``csrc/cpu/divergence.cpp`` (fp32 rows) and
-``kernels/divergence.py``.
+generalized JSD at ``beta``, the total variation distance, or the cosine distance), the student entropy at the
+temperature and, with labels, the student NLL at temperature 1; with ``grad_soft`` it overwrites the student
+logits with ``grad_soft * dD/dz_s + grad_hard * dNLL/dz_s`` (docs/math.md#distillation-divergence).
+Kernels: ``csrc/cpu/divergence.cpp`` (fp32 rows) and ``kernels/divergence.py``.
 """
 from __future__ import annotations
 
@@ -20,15 +19,18 @@ from fastalign._backend import backend_for
 from fastalign.ops._launch import DTYPE_CODE, check_rows, kernel_op, ptr, runs_directly, triton_kernels
 
 
-#: the divergences between the two rows: the generalized JSD (its mode by beta) and the cosine distance
-DIVERGENCES = ("jsd", "cosine")
+#: the divergences between the two rows: the generalized JSD (its mode by beta), the total variation distance of
+#: the distributions and the cosine distance of the logits
+DIVERGENCES = ("jsd", "tvd", "cosine")
 
 
 def divergence_mode(divergence: str, beta: float) -> int:
     """The kernels' mode: 0 forward KL (jsd at beta 0), 1 reverse KL (jsd at beta 1), 2 the generalized JSD,
-    3 the cosine distance (``csrc/common/divergence_math.h``)."""
+    3 the cosine distance, 4 the total variation distance (``csrc/common/divergence_math.h``)."""
     if divergence == "cosine":
         return 3
+    if divergence == "tvd":
+        return 4
     if divergence != "jsd":
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     return 0 if beta == 0 else (1 if beta == 1 else 2)

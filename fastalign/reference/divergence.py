@@ -1,6 +1,6 @@
-"""Reference for docs/math.md#distillation-divergence: the generalized Jensen-Shannon divergence between a
-student's and a teacher's next-token distributions, or the cosine distance of their logits, from logits or from
-hidden states."""
+"""Reference for docs/math.md#distillation-divergence: the generalized Jensen-Shannon divergence or the total
+variation distance between a student's and a teacher's next-token distributions, or the cosine distance of their
+logits, from logits or from hidden states."""
 from __future__ import annotations
 
 import math
@@ -36,6 +36,14 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, *, beta: flo
     return beta * kl(lpt, lm) + (1 - beta) * kl(lps, lm)
 
 
+def total_variation(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
+                    dtype: torch.dtype = torch.float64) -> Tensor:
+    """Per-row ``1/2 sum_j |p_s,j - p_t,j|`` of ``p = softmax(z / T)`` (the subgradient 0 where they are equal)."""
+    ps = torch.softmax(student_logits.to(dtype) / temperature, dim=-1)
+    pt = torch.softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    return 0.5 * (ps - pt).abs().sum(-1)
+
+
 def cosine_distance(student_logits: Tensor, teacher_logits: Tensor, *, dtype: torch.dtype = torch.float64) -> Tensor:
     """Per-row ``1 - cos(z_s, z_t)``, each row scaled to unit length with its norm floored at 1e-12 (torch's
     ``F.normalize``; a zero row has cosine 0). A temperature scales both rows alike and does not change it."""
@@ -59,13 +67,16 @@ def divergence_loss(student_logits: Tensor, teacher_logits: Tensor, *, divergenc
 
         loss = (soft_weight * sum_t m_t D_t + hard_weight * sum_t m_t NLL_t) / normalizer
 
-    ``D`` the generalized JSD (:func:`generalized_jsd`, ``beta`` 0.5 when None) or with ``divergence="cosine"``
-    :func:`cosine_distance`, ``m`` the mask (``response_mask``, or ``labels != ignore_index``), ``normalizer``
-    by default ``max(sum m, 1)``, ``NLL_t = -log softmax(z_s)_{y_t}`` at temperature 1 (Liger's hard loss).
+    ``D`` the generalized JSD (:func:`generalized_jsd`, ``beta`` 0.5 when None), with ``divergence="tvd"``
+    :func:`total_variation`, with ``divergence="cosine"`` :func:`cosine_distance`, ``m`` the mask
+    (``response_mask``, or ``labels != ignore_index``), ``normalizer`` by default ``max(sum m, 1)``,
+    ``NLL_t = -log softmax(z_s)_{y_t}`` at temperature 1 (Liger's hard loss).
     ``metrics``: ``divergence_sum``, ``entropy_sum`` (student entropy at the temperature), ``nll_sum``
     and ``num_tokens``, over the scored rows."""
     if divergence == "cosine":
         d = cosine_distance(student_logits, teacher_logits, dtype=dtype)
+    elif divergence == "tvd":
+        d = total_variation(student_logits, teacher_logits, temperature=temperature, dtype=dtype)
     else:
         d = generalized_jsd(student_logits, teacher_logits, beta=0.5 if beta is None else beta,
                             temperature=temperature, dtype=dtype)
