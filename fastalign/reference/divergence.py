@@ -46,7 +46,8 @@ def total_variation(student_logits: Tensor, teacher_logits: Tensor, *, temperatu
 
 def cosine_distance(student_logits: Tensor, teacher_logits: Tensor, *, dtype: torch.dtype = torch.float64) -> Tensor:
     """Per-row ``1 - cos(z_s, z_t)``, each row scaled to unit length with its norm floored at 1e-12 (torch's
-    ``F.normalize``; a zero row has cosine 0). A temperature scales both rows alike and does not change it."""
+    ``F.normalize``; a zero row has cosine 0). A temperature scales both rows alike and changes only which rows
+    are below the floor."""
     a = torch.nn.functional.normalize(student_logits.to(dtype), dim=-1, eps=1e-12)
     b = torch.nn.functional.normalize(teacher_logits.to(dtype), dim=-1, eps=1e-12)
     return 1 - (a * b).sum(-1)
@@ -74,7 +75,8 @@ def divergence_loss(student_logits: Tensor, teacher_logits: Tensor, *, divergenc
     ``metrics``: ``divergence_sum``, ``entropy_sum`` (student entropy at the temperature), ``nll_sum``
     and ``num_tokens``, over the scored rows."""
     if divergence == "cosine":
-        d = cosine_distance(student_logits, teacher_logits, dtype=dtype)
+        d = cosine_distance(student_logits.to(dtype) / temperature, teacher_logits.to(dtype) / temperature,
+                            dtype=dtype)
     elif divergence == "tvd":
         d = total_variation(student_logits, teacher_logits, temperature=temperature, dtype=dtype)
     else:
