@@ -126,24 +126,28 @@ def test_bf16_inputs(backend, divergence):
 def test_cosine_rows_of_the_op_zero_teacher_nan_and_unweighted(backend):
     """The op's cosine rows against the reference and its autograd: a long row (several Triton tiles), a teacher
     row of zeros (D = 1, no gradient), a teacher parallel to the student (D = 0) and one opposite (D = 2), a row
-    whose mask is 0 (zeros, without reading it), a NaN logit (NaN D and gradient row), the NLL and its gradient."""
+    whose mask is 0 (zeros, without reading it), a NaN logit (NaN D and gradient row), a student row whose norm
+    is below the 1e-12 floor (the floored norm a constant: no cos term in its gradient), the NLL and its
+    gradient."""
     g = torch.Generator().manual_seed(8)
-    n, Vl = 7, 2500
+    n, Vl = 8, 2500
     zs, zt = torch.randn(n, Vl, generator=g) * 3, torch.randn(n, Vl, generator=g) * 3
     zt[1] = 0.0
     zt[2] = 4.0 * zs[2]
     zt[3] = -0.25 * zs[3]
     zs[5, 7] = math.nan
-    mask = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0])
-    y = torch.tensor([3, 5, -100, 299, 1, 0, 2499])
+    zs[7] = zt[7] * 1e-15 + torch.randn(Vl, generator=g) * 1e-15  # |x_s| ~ 1e-13
+    mask = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    y = torch.tensor([3, 5, -100, 299, 1, 0, 2499, 4])
     gs, gh = torch.rand(n, generator=g), torch.rand(n, generator=g)
     a = zs.clone()
     d, e, nll = divergence_rows(a, zt, mask, y, gs, gh, 1 / 0.9, "cosine", 0.5, -100, True, backend)
     assert d[4] == 0 and e[4] == 0 and nll[4] == 0 and bool((a[4] == 0).all())
     assert math.isnan(d[5]) and bool(a[5].isnan().all())
-    ok = [0, 1, 2, 3, 6]
+    ok = [0, 1, 2, 3, 6, 7]
     x = zs[ok].double().requires_grad_(True)
     ref = R.cosine_distance(x / 0.9, zt[ok].double() / 0.9)
+    assert 0.1 < float(1 - ref[-1]) < 0.9  # the floored norm: a cosine below the true one (about 1)
     labelled = y[ok] != -100
     ce = torch.nn.functional.cross_entropy(x, y[ok].clamp(min=0), reduction="none") * labelled
     (gs[ok].double() * ref + gh[ok].double() * ce).sum().backward()
