@@ -239,17 +239,20 @@ def scan_cases(dtype):
 
 def divergence_cases(dtype):
     """The distillation divergence rows: a GPU block of student and teacher logits in the input dtype, each
-    divergence (forward KL, reverse KL, generalized JSD, cosine, TVD), without gradients, and with them: without labels,
-    with labels, and with the hard loss."""
+    divergence (forward KL, reverse KL, generalized JSD, cosine, TVD; the kernel's mode as the op picks it),
+    without gradients, and with them: without labels, with labels, and with the hard loss."""
     import torch
 
     from fastalign.kernels import divergence as K
+    from fastalign.ops.divergence import divergence_mode
 
     rows = 2048
     zs, zt = _meta(rows, VOCAB, dtype=dtype), _meta(rows, VOCAB, dtype=dtype)
     f = lambda: _meta(rows, dtype=torch.float32)  # noqa: E731
     y = _meta(rows, dtype=torch.int64)
-    for mode, beta, kind in ((0, 0.0, "fkl"), (1, 1.0, "rkl"), (2, 0.5, "jsd"), (3, 0.5, "cosine"), (4, 0.5, "tvd")):
+    for divergence, beta, kind in (("jsd", 0.0, "fkl"), ("jsd", 1.0, "rkl"), ("jsd", 0.5, "jsd"),
+                                   ("cosine", 0.5, "cosine"), ("tvd", 0.5, "tvd")):
+        mode = divergence_mode(divergence, beta)
         yield kind, lambda mode=mode, beta=beta: K.divergence_rows(zs, zt, 1.0, mode, beta, None, None, -100, None,
                                                                    None, f(), f(), None)
         # no labels (plain distillation), labels as the nll metric only, or the weighted hard loss too
