@@ -11,9 +11,10 @@ batch and goes through the head in one of two ways, same loss and gradients:
 * **two passes**: :func:`fastalign.linear_logprobs` (its backward recomputes the logits), then the loss.
 
 An item (``items``) is a row (a sequence, an unpaired response), a pair of rows ``i`` and ``N/2 + i``
-(a chosen and a rejected response) or a token (a loss separable over tokens: blocks of any tokens).
+(a chosen and a rejected response), a triple of rows ``i``, ``N/3 + i`` and ``2N/3 + i`` (a chosen, a
+rejected and a gold response) or a token (a loss separable over tokens: blocks of any tokens).
 Entropies and argmax for the caller's metrics come from the same pass. The TRL drop-ins use it for
-the preference trainers (pairs, KTO's responses) and SFT (tokens).
+the preference trainers (pairs, TPO's triples, KTO's responses) and SFT (tokens).
 """
 from __future__ import annotations
 
@@ -31,8 +32,11 @@ from fastalign.ops.single_pass import UNLABELLED, Side, by_default, single_pass_
 
 __all__ = ["ITEMS", "StepLoss", "separable_step"]
 
-#: What an item of :func:`separable_step` is: a row, a pair of rows (chosen first), or a token.
-ITEMS = ("rows", "pairs", "tokens")
+#: What an item of :func:`separable_step` is: a row, a pair of rows (chosen first), a triple of rows (chosen,
+#: rejected, gold), or a token.
+ITEMS = ("rows", "pairs", "triples", "tokens")
+#: The rows of one item that lie in the batch's successive parts (its sides), per item kind but tokens.
+_SIDES = {"rows": 1, "pairs": 2, "triples": 3}
 
 #: loss(logprobs [N, T], sum_p2 [N, T] or None) -> (loss, metrics) of a batch
 StepLoss = Callable[[Tensor, Optional[Tensor]], Tuple[Tensor, dict]]
@@ -45,7 +49,8 @@ def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLos
     r"""``(loss, metrics, stats)``: ``loss(lp, sum_p2)`` of the token statistics of ``hidden`` through the head.
 
     ``hidden [N, T, H]`` holds N rows; ``items`` (one of :data:`ITEMS`) says what an item is: each row,
-    each pair of rows ``i`` and ``N/2 + i`` (the chosen rows first), or each token. ``labels [N, T]`` are
+    each pair of rows ``i`` and ``N/2 + i`` (the chosen rows first), each triple of rows ``i``, ``N/3 + i``
+    and ``2N/3 + i``, or each token. ``labels [N, T]`` are
     aligned with the
     positions (``ignore_index`` where unscored), ``weight``, ``bias`` and ``low_rank = (a [N, T, r],
     L [V, r])`` the head, ``logit`` the logit options of :func:`fastalign.linear_logprobs`
@@ -69,10 +74,10 @@ def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLos
     group = logit.get("vocab_group")
     hidden, weight, bias, low_rank = _dtensor.head(hidden, weight, bias, low_rank, group)
     a, lw = check_head_inputs(hidden, weight, labels, bias, low_rank, vocab_shard=group is not None)
-    paired = items == "pairs"
-    if hidden.dim() != 3 or (paired and hidden.shape[0] % 2):
-        raise ValueError(f"hidden must be [N, T, H]{' with N even (chosen rows first)' if paired else ''}, got "
-                         f"shape {tuple(hidden.shape)}")
+    n_sides = _SIDES.get(items, 1)
+    if hidden.dim() != 3 or hidden.shape[0] % n_sides:
+        whole = {2: " with N even (chosen rows first)", 3: " with N a multiple of 3 (chosen, rejected, gold rows)"}
+        raise ValueError(f"hidden must be [N, T, H]{whole.get(n_sides, '')}, got shape {tuple(hidden.shape)}")
     unknown = set(extras) - {"entropy", "argmax"}
     if unknown:
         raise ValueError(f"extras must be among ('entropy', 'argmax'), got {sorted(unknown)}")
@@ -82,18 +87,18 @@ def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLos
     if single_pass is True and not eager(hidden, weight, bias, a, lw):
         raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two passes run")
     with torch.autocast(hidden.device.type, enabled=False):  # the head runs in its operands' dtype
-        item_rows = {"rows": hidden.shape[1], "pairs": 2 * hidden.shape[1], "tokens": 1}[items]
+        item_rows = 1 if items == "tokens" else n_sides * hidden.shape[1]
         if not (single_pass is True or (single_pass == "auto" and by_default(weight, hidden, bias, a, lw,
                                                                              item_rows=item_rows))):
             return _two_passes(hidden, weight, bias, a, lw, labels, loss, sum_p2, extras, logit)
         if items != "tokens":
-            return _single_pass(hidden, weight, bias, a, lw, labels, loss, paired, sum_p2, extras, logit)
+            return _single_pass(hidden, weight, bias, a, lw, labels, loss, n_sides, sum_p2, extras, logit)
         shape = labels.shape  # every position its own item: [N * T, 1, ...], the loss on [N, T] grids
 
         def per_token(lp, sp2):
             return loss(lp.view(shape), None if sp2 is None else sp2.view(shape))
         value, metrics, stats = _single_pass(token_items(hidden), weight, bias, token_items(a), lw,
-                                             token_items(labels), per_token, False, sum_p2, extras, logit)
+                                             token_items(labels), per_token, 1, sum_p2, extras, logit)
         return value, metrics, {name: t.view(shape) for name, t in stats.items()}
 
 
@@ -120,14 +125,13 @@ def _two_passes(hidden, weight, bias, a, lw, labels, loss: StepLoss, sum_p2: boo
     return value, metrics, stats
 
 
-def _single_pass(hidden, weight, bias, a, lw, labels, loss: StepLoss, paired: bool, sum_p2: bool, extras,
+def _single_pass(hidden, weight, bias, a, lw, labels, loss: StepLoss, n_sides: int, sum_p2: bool, extras,
                  logit: dict):
-    """:func:`separable_step` by the single pass: the chosen and rejected halves are its two sides (one side
-    when unpaired); a block's share is ``loss`` of the whole batch with the other items' log-probs held at
-    0 and their ``sum_p2`` at 1 (constants, so its gradient with respect to the block's statistics is the
-    loss's)."""
+    """:func:`separable_step` by the single pass over ``n_sides`` sides: the batch's chosen and rejected halves
+    (and gold third) are its sides (one side for rows and tokens); a block's share is ``loss`` of the whole
+    batch with the other items' log-probs held at 0 and their ``sum_p2`` at 1 (constants, so its gradient with
+    respect to the block's statistics is the loss's)."""
     pipe = logit_pipeline(hidden.device, logit)
-    n_sides = 2 if paired else 1
     parts = [t.chunk(n_sides) if t is not None else [None] * n_sides for t in (hidden, labels, a)]
     # the C++ path finds the labelled rows on the host (free on the CPU); the Triton paths on the device
     sides = [Side(h, y, labelled_rows(y.reshape(-1), pipe.ignore_index) if pipe.backend == "cpp" else None, low)

@@ -1,9 +1,9 @@
-"""``separable_step``: a loss separable over items (pairs, or rows), from hidden states and the head, by the
-single pass (blocks of whole items through the head once) and by the two passes. Both equal a float64 plain-PyTorch oracle on
-materialised logits: the loss, its metrics, the gradients of hidden, weight, bias and a low-rank term, and
-the statistics kept for metrics (entropy, argmax, sum p^2) at the scored positions; blocks of one pair
-and of the whole batch; the C++ kernels and the Triton kernels in the interpreter; softcap, logit scale
-and temperature; bf16 operands."""
+"""``separable_step``: a loss separable over items (pairs, triples, rows or tokens), from hidden states and the
+head, by the single pass (blocks of whole items through the head once) and by the two passes. Both equal a
+float64 plain-PyTorch oracle on materialised logits: the loss, its metrics, the gradients of hidden, weight,
+bias and a low-rank term, and the statistics kept for metrics (entropy, argmax, sum p^2) at the scored
+positions; blocks of one item and of the whole batch; the C++ kernels and the Triton kernels in the
+interpreter; softcap, logit scale and temperature; bf16 operands."""
 from __future__ import annotations
 
 import pytest
@@ -62,6 +62,22 @@ def kto_like(labels, ref, beta=0.4):
         desirable = (sign > 0).double()[:, None]
         nll = -(s * desirable[:, 0]).sum() / (mask * desirable).sum()
         value = -F.logsigmoid(sign * beta * (s - ref.double())).mean() + 0.3 * nll
+        return value, {"nll": nll.detach()}
+    return loss
+
+
+def tpo_like(labels, ref, beta=0.6):
+    """Triples (chosen, rejected, gold rows): a reference-free pair loss of length-averaged log-probs and the
+    token-mean NLL of the gold rows (linear in lp with weights the labels fix)."""
+    mask = (labels != -100).to(torch.float64)
+    k = labels.shape[0] // 3
+
+    def loss(lp, sp2):
+        assert sp2 is None
+        s = (lp.double() * mask).sum(-1)
+        avg = s / mask.sum(-1).clamp(min=1)
+        nll = -s[2 * k:].sum() / mask[2 * k:].sum()
+        value = -F.logsigmoid(beta * (avg[:k] - avg[k:2 * k]) - 0.2).mean() + 0.7 * nll
         return value, {"nll": nll.detach()}
     return loss
 
@@ -143,6 +159,15 @@ def test_separable_step_unpaired_matches_float64(block_mib, single_pass):
 
 
 @pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "two-pass"])
+def test_separable_step_triples_matches_float64(block_mib, single_pass):
+    """Triples (TPO's chosen, rejected and gold rows ``i``, ``N/3 + i``, ``2N/3 + i``): each block holds whole
+    triples; the gold rows' NLL couples no triple to another."""
+    d = make(7)
+    got = run(d, single_pass, sum_p2=False, make_loss=tpo_like, items="triples")
+    check(got, oracle(d, False, True, LOGIT, tpo_like), 2e-5, stats=("logprobs", "entropy", "argmax"))
+
+
+@pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "two-pass"])
 def test_separable_step_tokens_matches_float64(block_mib, single_pass):
     """Every token its own item (a loss separable over tokens: the SFT NLL with a sum p^2 weight per token): blocks
     of any tokens, across rows."""
@@ -209,6 +234,8 @@ def test_separable_step_bad_inputs():
     loss = dpo_like(d["labels"], d["ref"])
     with pytest.raises(ValueError, match="N even"):
         separable_step(d["hidden"][:5], d["weight"], d["labels"][:5], loss, items="pairs")
+    with pytest.raises(ValueError, match="multiple of 3"):
+        separable_step(d["hidden"][:4], d["weight"], d["labels"][:4], loss, items="triples")
     separable_step(d["hidden"][:5], d["weight"], d["labels"][:5], kto_like(d["labels"][:5], d["ref"][:5]))  # any N
     with pytest.raises(ValueError, match="extras"):
         separable_step(d["hidden"], d["weight"], d["labels"], loss, extras=("mean",))
