@@ -769,6 +769,106 @@ def test_cpo_micro_batch_without_chosen_tokens_matches_trl(checkpoint, tmp_path,
     assert len(item_passes) == 2  # one per micro-batch
 
 
+# ------------------------------------------------------------------------------------------ TPO
+
+def _tpo_dataset(checkpoint):
+    """Triples: a chosen, a rejected and a gold (``reference``) completion per prompt. The chosen completions are
+    the model's own greedy continuations, so ``mean_token_accuracy`` is not 0 (each completion starts with a
+    space: TRL joins prompt and completion texts as they are)."""
+    data = _dpo_dataset()
+    tokenizer, model = _tokenizer(checkpoint), transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    ids = [tokenizer(p, return_tensors="pt").input_ids for p in data["prompt"]]
+    with torch.no_grad():
+        greedy = [model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=3,
+                                 do_sample=False)[0, x.shape[1]:] for x in ids]
+    chosen = [" " + tokenizer.decode(g, skip_special_tokens=True) for g in greedy]
+    gold = [" " + " ".join(f"w{(13 * i + 2 * j) % 45 + 4}" for j in range(1 + i % 3)) for i in range(len(chosen))]
+    return data.map(lambda row, i: {"chosen": chosen[i], "rejected": " " + row["rejected"], "reference": gold[i]},
+                    with_indices=True)
+
+
+TPO_CASES = {
+    "sigmoid_smoothing": dict(loss_type="sigmoid", label_smoothing=0.1, beta=0.5),
+    "hinge_gold_weight": dict(loss_type="hinge", beta=0.2, tpo_alpha=0.3),
+    "ipo_no_gold_with_eval": dict(loss_type="ipo", beta=0.5, tpo_alpha=0.0, eval_strategy="steps", eval_steps=1,
+                                  per_device_eval_batch_size=4),
+    "tpo_l": dict(loss_type="tpo-l", beta=2.0, tpo_l_gamma=0.8),
+}
+
+
+def _tpo(cls, checkpoint, tmp_path, options, data):
+    from trl.experimental.tpo import TPOConfig
+    args = TPOConfig(**_common(tmp_path, per_device_train_batch_size=4, **options))
+    return cls(model=checkpoint, args=args, train_dataset=data, eval_dataset=_eval_dataset(options, lambda: data),
+               processing_class=_tokenizer(checkpoint))
+
+
+@pytest.fixture(scope="module")
+def tpo_data(checkpoint):
+    return _tpo_dataset(checkpoint)
+
+
+@pytest.mark.parametrize("case", list(TPO_CASES))
+def test_tpo_trainer_matches_trl(checkpoint, tmp_path, case, item_passes, tpo_data):
+    """Loss, metrics and update equal TRL's; the loss goes through the head in one pass over whole triples (whole
+    pairs without the gold NLL, whose rows TRL's batch then leaves out)."""
+    from trl.experimental.tpo import TPOTrainer
+
+    options = TPO_CASES[case]
+    theirs = _run(_tpo(TPOTrainer, checkpoint, tmp_path / "trl", options, tpo_data))
+    ours = _run(_tpo(fa_trl.TPOTrainer, checkpoint, tmp_path / "fa", options, tpo_data))
+    assert {"rewards/margins@0", "logits/chosen@0", "logits/rejected@0", "entropy@0", "num_tokens@0"} <= set(ours[0])
+    assert ours[0]["mean_token_accuracy@0"] > 0.5  # the chosen completions are the model's greedy ones
+    if "eval_strategy" in options:
+        assert {"eval_loss@1", "eval_logits/chosen@1", "eval_rewards/margins@1"} <= set(ours[0])
+    _compare(theirs, ours)
+    assert len(item_passes) == 1  # the training step; evaluation needs no gradient (two passes)
+
+
+def test_tpo_options_assigned_on_the_trainer_match_trl(checkpoint, tmp_path, tpo_data):
+    """TRL's TPOTrainer reads beta, loss_type, label_smoothing, tpo_alpha and tpo_l_gamma from its attributes at
+    every step: assigned after construction, they change the loss, as in TRL. Moving tpo_alpha to 0 would change
+    the batch layout TRL's collator was built for: the drop-in raises naming it."""
+    from trl.experimental.tpo import TPOTrainer
+
+    options = dict(beta=0.7, loss_type="tpo-l", tpo_l_gamma=0.3, tpo_alpha=0.4)
+    theirs = _run(_assigned(_tpo(TPOTrainer, checkpoint, tmp_path / "trl", {}, tpo_data), options))
+    ours = _run(_assigned(_tpo(fa_trl.TPOTrainer, checkpoint, tmp_path / "fa", {}, tpo_data), options))
+    _compare(theirs, ours)
+    trainer = _assigned(_tpo(fa_trl.TPOTrainer, checkpoint, tmp_path / "off", {}, tpo_data), dict(tpo_alpha=0.0))
+    with pytest.raises(ValueError, match="TPOTrainer.tpo_alpha=0.0"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid"])
+def test_tpo_micro_batch_without_gold_tokens_matches_trl(checkpoint, tmp_path, loss_type, item_passes):
+    """A micro-batch whose prompt fills max_length leaves its triple no completion token: TRL's TPO averages the
+    empty chosen and rejected rows over max(|y|, 1) (log-prob 0, finite) and its gold NLL is a token mean over
+    zero tokens, 0/0, so that micro-batch's loss is NaN (left out of the logged loss) while the NLL passes no
+    gradient: the update is the other micro-batch's. The drop-in gives the same loss, metrics and update."""
+    from trl.experimental.tpo import TPOConfig, TPOTrainer
+
+    data = datasets.Dataset.from_dict({"prompt": [" ".join(f"w{j + 3}" for j in range(10)), "w3 w4"],
+                                       "chosen": [" w10 w11", " w20 w21"], "rejected": [" w12 w13 w14", " w30"],
+                                       "reference": [" w40", " w41 w42"]})
+
+    def build(cls, out):
+        args = TPOConfig(**_common(out, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_length=8,
+                                   loss_type=loss_type, beta=0.5))
+        return cls(model=checkpoint, args=args, train_dataset=data, processing_class=_tokenizer(checkpoint))
+
+    theirs = _run(build(TPOTrainer, tmp_path / "trl"))
+    ours = _run(build(fa_trl.TPOTrainer, tmp_path / "fa"))
+    assert math.isfinite(theirs[0]["grad_norm@0"]) and math.isfinite(theirs[0]["loss@0"])
+    _compare(theirs, ours)
+    assert len(item_passes) == 2  # one per micro-batch
+
+
+def test_tpo_unsupported_option_raises(checkpoint, tmp_path, tpo_data):
+    with pytest.raises(ValueError, match="label_smoothing"):
+        _tpo(fa_trl.TPOTrainer, checkpoint, tmp_path, dict(loss_type="hinge", label_smoothing=0.1), tpo_data)
+
+
 # ------------------------------------------------------------------------------------------ two processes
 
 def _kto_two_process(cls, checkpoint, out):
@@ -1080,7 +1180,7 @@ def _float64(checkpoint):
     return transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("trainer", ["SFT", "GRPO", "RLOO", "DPO", "KTO", "CPO", "ORPO", "Distillation"])
+@pytest.mark.parametrize("trainer", ["SFT", "GRPO", "RLOO", "DPO", "KTO", "CPO", "ORPO", "TPO", "Distillation"])
 def test_float64_model_is_refused_at_construction(checkpoint, tmp_path, trainer):
     """TRL's trainers train a float64 model; the fused head runs in float32, bfloat16 or float16, so each drop-in
     refuses it when built (not at the first step), telling the user to cast the model."""
@@ -1089,7 +1189,7 @@ def test_float64_model_is_refused_at_construction(checkpoint, tmp_path, trainer)
     extra = {"GRPO": dict(reward_funcs=_reward), "RLOO": dict(reward_funcs=_reward),
              "Distillation": dict(teacher_model=checkpoint)}.get(trainer, {})
     data = {"SFT": lambda: _sft_dataset("text"), "KTO": _kto_dataset, "GRPO": _grpo_dataset, "RLOO": _grpo_dataset,
-            "Distillation": _grpo_dataset}.get(trainer, _dpo_dataset)
+            "Distillation": _grpo_dataset, "TPO": lambda: _tpo_dataset(checkpoint)}.get(trainer, _dpo_dataset)
     args = config_cls(**_common(tmp_path, per_device_train_batch_size=4, **options))
     with pytest.raises(TypeError, match=r"^model: its dtype is torch.float64, .*cast the model to float32, "
                                         r"bfloat16 or float16"):
@@ -1159,15 +1259,15 @@ def test_grpo_unsupported_option_raises(checkpoint, tmp_path, field, value):
 
 
 def _config_class(trainer):
-    if trainer in ("CPO", "ORPO"):
+    if trainer in ("CPO", "ORPO", "TPO"):
         return getattr(importlib.import_module(f"trl.experimental.{trainer.lower()}"), f"{trainer}Config")
     return getattr(trl, f"{trainer}Config")
 
 
-@pytest.mark.parametrize("trainer", ["DPO", "KTO", "CPO", "ORPO"])
+@pytest.mark.parametrize("trainer", ["DPO", "KTO", "CPO", "ORPO", "TPO"])
 def test_preference_unsupported_option_raises(checkpoint, tmp_path, trainer):
     config = _config_class(trainer)(**_common(tmp_path, per_device_train_batch_size=4, use_liger_kernel=True))
-    dataset = _kto_dataset() if trainer == "KTO" else _dpo_dataset()
+    dataset = {"KTO": _kto_dataset, "TPO": lambda: _tpo_dataset(checkpoint)}.get(trainer, _dpo_dataset)()
     with pytest.raises(ValueError, match=f"{trainer}Config.use_liger_kernel"):
         getattr(fa_trl, f"{trainer}Trainer")(model=checkpoint, args=config, train_dataset=dataset,
                                              processing_class=_tokenizer(checkpoint))

@@ -1,4 +1,4 @@
-"""TRL 1.16 parity: DPOTrainer, CPOTrainer, ORPOTrainer and KTOTrainer's own loss code against the
+"""TRL 1.16 parity: DPOTrainer, CPOTrainer, ORPOTrainer, KTOTrainer and TPOTrainer's own loss code against the
 fastalign profiles of :mod:`fastalign.integrations.trl`, loss, gradient and metrics at 1e-6.
 
 TRL computes these losses inside trainer methods that run the model. The tests call those methods
@@ -9,9 +9,9 @@ the trainer's ``__init__`` sets them, and a stand-in model:
 * DPO / KTO: the model returns what TRL's fused LM head returns — per-token ``log_probs``
   (zero where the label is -100), ``log_sum_sq_probs``, and zero ``entropy`` / ``mean_logits`` /
   ``is_top1`` (metrics fastalign does not reproduce: they need the logits);
-* CPO / ORPO: the model returns ``logits``; TRL's own ``concatenated_forward`` takes the
-  log-softmax, so the gradients are compared w.r.t. the logits, through fastalign's profile on
-  the same log-probs.
+* CPO / ORPO / TPO: the model returns ``logits``; TRL's own ``concatenated_forward`` (TPO: its
+  ``_compute_loss``) takes the log-softmax, so the gradients are compared w.r.t. the logits, through
+  fastalign's profile on the same log-probs.
 
 No model, no download: synthetic log-probs, float64 (float32 where TRL's code casts).
 """
@@ -442,6 +442,79 @@ def _dpo_linear_vs_trl(cfg, likeliest=False):
     return lssp.detach(), lp.detach(), mask
 
 
+# ------------------------------------------------------------------------------------------ TPO
+
+def _run_tpo(cfg_kw, seed=0, empty=()):
+    """TRL's ``TPOTrainer._compute_loss`` on a stand-in (its model returns the logits) against
+    :class:`TPOLoss` on the same log-probs: loss, gradient w.r.t. the logits, metrics (NaN where TRL's is)."""
+    from trl.experimental.tpo import TPOConfig, TPOTrainer
+    args = _config(TPOConfig, **cfg_kw)
+    branches = 3 if args.tpo_alpha != 0.0 else 2
+    _, logits, ids, attention, completion = _paired_token_batch(seed=seed, empty=empty, branches=branches)
+    a = logits.clone().requires_grad_()
+    trainer = _stand_in(TPOTrainer, ["_compute_loss"], model=_LogitsModel(a),
+                        _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1,
+                        beta=args.beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing,
+                        tpo_alpha=args.tpo_alpha, tpo_l_gamma=args.tpo_l_gamma)
+    trainer.model.training = True
+    loss_t = trainer._compute_loss(trainer.model, dict(input_ids=ids, attention_mask=attention,
+                                                       completion_mask=completion.long()), False)
+    (g_t,) = torch.autograd.grad(loss_t, a)
+    m_t = {k: v[0] for k, v in trainer._metrics["train"].items() if k in DPO_METRICS}
+
+    b = logits.clone().requires_grad_()
+    loss_f, m_f = P.TPOLoss(args)(_token_logps(b, ids), completion[:, 1:].to(D))
+    (g_f,) = torch.autograd.grad(loss_f, b)
+    _close_nan(loss_f, loss_t, "loss")
+    _close_nan(g_f, g_t, "d loss / d logits")
+    assert set(m_f) == set(m_t) == set(DPO_METRICS)
+    for k in DPO_METRICS:
+        _close_nan(m_f[k], m_t[k], k)
+    return loss_f, g_f
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "tpo-l"])
+@pytest.mark.parametrize("tpo_alpha", [1.0, 0.3, 0.0])
+def test_tpo_each_loss_type_and_gold_nll_weight(loss_type, tpo_alpha):
+    """Every TPO loss type, with the gold rows' NLL at TRL's default weight, another, and none (TRL's batch then
+    holds no gold rows)."""
+    _run_tpo(dict(loss_type=loss_type, beta=0.4, tpo_alpha=tpo_alpha, tpo_l_gamma=0.7))
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "tpo-l"])
+def test_tpo_label_smoothing(loss_type):
+    _run_tpo(dict(loss_type=loss_type, beta=0.6, label_smoothing=0.15), seed=1)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "tpo-l"])
+def test_tpo_rows_with_no_completion_token_as_trl(loss_type):
+    """An empty chosen or rejected row averages over max(|y|, 1) in TRL's TPO (a log-prob of 0, finite, unlike
+    CPO's NaN); a batch whose gold rows hold no completion token gives TRL's NaN NLL and loss, while the
+    gradient stays finite (the NLL reaches no token)."""
+    loss, grad = _run_tpo(dict(loss_type=loss_type, beta=0.3), seed=2, empty=(1, 3))
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    loss, grad = _run_tpo(dict(loss_type=loss_type, beta=0.3), seed=3, empty=(6, 7, 8))
+    assert torch.isnan(loss) and torch.isfinite(grad).all()
+
+
+def test_tpo_refuses_what_trl_ignores_and_bad_options():
+    from trl.experimental.tpo import TPOConfig
+    for loss_type in ("hinge", "ipo"):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            P.TPOLoss(_config(TPOConfig, loss_type=loss_type, label_smoothing=0.1))
+    with pytest.raises(ValueError, match="did you mean 'tpo-l'"):
+        P.tpo_options({"loss_type": "tpol"})
+    with pytest.raises(TypeError, match="TPOConfig.tpo_alpha"):
+        P.tpo_options({"tpo_alpha": "1"})
+    with pytest.raises(ValueError, match="TPOConfig.beta"):
+        P.tpo_options({"beta": 0.0})
+    with pytest.raises(ValueError, match="TPOConfig has no field 'tpo_gamma'"):
+        P.tpo_options({"tpo_gamma": 0.5})
+    with pytest.raises(ValueError, match="a multiple of 3"):
+        P.TPOLoss()(torch.zeros(4, 3), torch.ones(4, 3))
+    assert P.tpo_options({"tpo_alpha": 0})["rpo_alpha"] is None
+
+
 # ------------------------------------------------------------------------------------------ CPO / ORPO
 
 def _stand_in(trainer_cls, methods, **attrs):
@@ -464,13 +537,13 @@ class _LogitsModel:
         return SimpleNamespace(logits=self.logits)
 
 
-def _paired_token_batch(B=3, P=2, C=6, V=7, seed=0, empty=()):
-    """Chosen / rejected rows sharing a prompt of P tokens, completions up to C tokens (right padding);
-    the rows in ``empty`` have no completion token (a prompt that fills max_length)."""
+def _paired_token_batch(B=3, P=2, C=6, V=7, seed=0, empty=(), branches=2):
+    """Chosen / rejected rows (``branches=3``: then gold rows) sharing a prompt of P tokens, completions up to C
+    tokens (right padding); the rows in ``empty`` have no completion token (a prompt that fills max_length)."""
     g = torch.Generator().manual_seed(seed)
     L = P + C
-    ids = torch.randint(1, V, (2 * B, L), generator=g)
-    lengths = torch.randint(1, C + 1, (2 * B,), generator=g)
+    ids = torch.randint(1, V, (branches * B, L), generator=g)
+    lengths = torch.randint(1, C + 1, (branches * B,), generator=g)
     lengths[0] = C
     lengths[list(empty)] = 0
     pos = torch.arange(L).unsqueeze(0)
@@ -478,7 +551,7 @@ def _paired_token_batch(B=3, P=2, C=6, V=7, seed=0, empty=()):
     completion = attention.bool() & (pos >= P)
     labels = torch.where(completion, ids, torch.full_like(ids, -100))
     ids = torch.where(attention.bool(), ids, torch.zeros_like(ids))
-    logits = torch.randn(2 * B, L, V, generator=g, dtype=D) * 1.5
+    logits = torch.randn(branches * B, L, V, generator=g, dtype=D) * 1.5
     batch = {}
     for side, rows in (("chosen", slice(0, B)), ("rejected", slice(B, 2 * B))):
         batch[f"{side}_input_ids"] = ids[rows]

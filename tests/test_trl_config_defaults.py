@@ -19,6 +19,7 @@ TABLES = {
     "CPO_DEFAULTS": (preference.CPO_DEFAULTS, "CPOConfig"),
     "ORPO_DEFAULTS": (preference.ORPO_DEFAULTS, "ORPOConfig"),
     "KTO_DEFAULTS": (preference.KTO_DEFAULTS, "KTOConfig"),
+    "TPO_DEFAULTS": (preference.TPO_DEFAULTS, "TPOConfig"),
     "RLOO_DEFAULTS": (rloo.RLOO_DEFAULTS, "RLOOConfig"),
     "RLOO_LOSS_DEFAULTS": (rloo.RLOO_LOSS_DEFAULTS, "RLOOConfig"),
     "GRPO_ADVANTAGE_DEFAULTS": (grpo_rewards.GRPO_ADVANTAGE_DEFAULTS, "GRPOConfig"),

@@ -2,7 +2,8 @@
 
 Profiles build fastalign losses from TRL's own config objects: ``grpo`` (the policy loss of
 ``GRPOTrainer``), ``gmpo`` (the loss of the experimental ``GMPOTrainer``), ``preference`` (the losses of
-``DPOTrainer``, ``CPOTrainer``, ``ORPOTrainer`` and ``KTOTrainer``), ``grpo_rewards`` (``GRPOTrainer``'s advantages) and ``rloo`` (``RLOOTrainer``'s advantages and
+``DPOTrainer``, ``CPOTrainer``, ``ORPOTrainer``, ``KTOTrainer`` and the experimental ``TPOTrainer``),
+``grpo_rewards`` (``GRPOTrainer``'s advantages) and ``rloo`` (``RLOOTrainer``'s advantages and
 loss). Metrics come back under TRL's names.
 
 Drop-in trainers, subclasses of TRL's with the same constructor and config classes::
@@ -10,6 +11,7 @@ Drop-in trainers, subclasses of TRL's with the same constructor and config class
     from fastalign.integrations.trl import SFTTrainer, GRPOTrainer, RLOOTrainer, DPOTrainer, KTOTrainer   # was: from trl import ...
     from fastalign.integrations.trl import CPOTrainer, ORPOTrainer   # was: from trl.experimental.cpo / .orpo
     from fastalign.integrations.trl import GMPOTrainer   # was: from trl.experimental.gmpo import GMPOTrainer
+    from fastalign.integrations.trl import TPOTrainer   # was: from trl.experimental.tpo import TPOTrainer
     from fastalign.integrations.trl import DistillationTrainer   # was: from trl import DistillationTrainer
 
 They are loaded on first access, so importing this package does not import ``trl``.
@@ -26,7 +28,7 @@ from fastalign.integrations.trl.rloo import *  # noqa: F401,F403
 _TRAINERS = {"SFTTrainer": "sft_trainer", "GRPOTrainer": "grpo_trainer", "RLOOTrainer": "rloo_trainer",
              "DPOTrainer": "dpo_trainer", "KTOTrainer": "kto_trainer", "CPOTrainer": "cpo_trainer",
              "ORPOTrainer": "orpo_trainer", "DistillationTrainer": "distillation_trainer",
-             "GMPOTrainer": "gmpo_trainer"}
+             "GMPOTrainer": "gmpo_trainer", "TPOTrainer": "tpo_trainer"}
 
 
 def __getattr__(name):

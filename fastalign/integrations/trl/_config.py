@@ -12,7 +12,8 @@ from fastalign._options import did_you_mean
 # the name in error messages -> (module, class) of TRL's config
 CONFIG_CLASSES = {"DPOConfig": ("trl", "DPOConfig"), "CPOConfig": ("trl.experimental.cpo", "CPOConfig"),
                   "ORPOConfig": ("trl.experimental.orpo", "ORPOConfig"), "KTOConfig": ("trl", "KTOConfig"),
-                  "GRPOConfig": ("trl", "GRPOConfig"), "RLOOConfig": ("trl", "RLOOConfig")}
+                  "GRPOConfig": ("trl", "GRPOConfig"), "RLOOConfig": ("trl", "RLOOConfig"),
+                  "TPOConfig": ("trl.experimental.tpo", "TPOConfig")}
 
 
 def config_fields(name: str) -> Optional[set]:

@@ -1,7 +1,7 @@
-"""TRL 1.16 preference profiles: ``DPOTrainer``, ``CPOTrainer``, ``ORPOTrainer``, ``KTOTrainer``.
+"""TRL 1.16 preference profiles: ``DPOTrainer``, ``CPOTrainer``, ``ORPOTrainer``, ``KTOTrainer``, ``TPOTrainer``.
 
 Each profile reads the loss options of TRL's own config (a ``DPOConfig`` / ``CPOConfig`` /
-``ORPOConfig`` / ``KTOConfig`` object, or a dict with the same keys; missing keys take TRL 1.16's
+``ORPOConfig`` / ``KTOConfig`` / ``TPOConfig`` object, or a dict with the same keys; missing keys take TRL 1.16's
 defaults) and gives TRL's loss, gradient and metrics (under TRL's names) from the per-token
 log-probs that TRL's fused LM head returns (``[rows, T]``, aligned with the shifted completion
 mask, chosen rows first for the paired trainers).
@@ -20,6 +20,9 @@ Where fastalign's own defaults differ from TRL 1.16, the profile selects TRL's b
 * ORPO's NLL runs over the prompt and the completion (``nll_mask``); rewards and ``logps/*``
   come from length-averaged log-probs.
 * KTO takes unpaired, unbalanced batches (any mix of desirable and undesirable responses).
+* TPO (``trl.experimental.tpo``) takes triples, a gold response beside each pair: a reference-free pair
+  loss plus ``tpo_alpha`` times the gold responses' NLL; ipo and tpo-l average over
+  ``max(|y|, 1)`` (an empty completion scores 0, not CPO's NaN).
 
 The profiles take log-probs only, so they do not give ``entropy``, ``logits/chosen``,
 ``logits/rejected``, ``mean_token_accuracy``, ``num_tokens`` or ``aux_loss``; the drop-in trainers
@@ -35,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from fastalign import _validate
+from fastalign._options import did_you_mean
 from fastalign.integrations.trl._config import read_fields
 from fastalign.linear_preference import LinearPreferenceLoss
 from fastalign.preference import (LOSSES, ROW_OPTIONS, PreferenceLoss, preference_loss, unpaired_preference_loss,
@@ -42,9 +46,9 @@ from fastalign.preference import (LOSSES, ROW_OPTIONS, PreferenceLoss, preferenc
 from fastalign.sequence import sequence_logprobs
 
 __all__ = [
-    "DPO_DEFAULTS", "CPO_DEFAULTS", "ORPO_DEFAULTS", "KTO_DEFAULTS",
-    "dpo_options", "cpo_options", "orpo_options", "kto_options",
-    "DPOLoss", "CPOLoss", "ORPOLoss", "KTOLoss", "dpo_linear_loss", "dpo_preference_loss",
+    "DPO_DEFAULTS", "CPO_DEFAULTS", "ORPO_DEFAULTS", "KTO_DEFAULTS", "TPO_DEFAULTS",
+    "dpo_options", "cpo_options", "orpo_options", "kto_options", "tpo_options",
+    "DPOLoss", "CPOLoss", "ORPOLoss", "KTOLoss", "TPOLoss", "dpo_linear_loss", "dpo_preference_loss",
 ]
 
 #: TRL 1.16's defaults for the loss fields of each config (the other fields do not touch the loss).
@@ -55,6 +59,8 @@ CPO_DEFAULTS: Dict[str, Any] = dict(loss_type="sigmoid", beta=0.1, label_smoothi
                                     simpo_gamma=0.5, alpha=0.0)
 ORPO_DEFAULTS: Dict[str, Any] = dict(beta=0.1)
 KTO_DEFAULTS: Dict[str, Any] = dict(loss_type="kto", beta=0.1, desirable_weight=1.0, undesirable_weight=1.0)
+TPO_DEFAULTS: Dict[str, Any] = dict(loss_type="sigmoid", beta=0.01, label_smoothing=0.0, tpo_alpha=1.0,
+                                    tpo_l_gamma=0.5)
 
 #: The DPO loss types TRL 1.16 applies label smoothing to.
 DPO_SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")
@@ -73,10 +79,14 @@ def _check_rows(per_token_logps: Tensor, **like) -> None:
                        device=per_token_logps.device, device_of="per_token_logps", **tensors)
 
 
-def _pair_rows(x: Tensor, name: str) -> int:
-    if x.shape[0] % 2:
-        raise ValueError(f"{name} holds the chosen rows then the rejected rows: an even count, got {x.shape[0]}")
-    return x.shape[0] // 2
+def _pair_rows(x: Tensor, name: str, gold: bool = False) -> int:
+    """The pair count B of ``x``'s rows: the chosen rows, then the rejected rows (then, with ``gold``, the gold
+    rows)."""
+    k = 3 if gold else 2
+    if x.shape[0] % k:
+        raise ValueError(f"{name} holds the chosen rows then the rejected rows{' then the gold rows' if gold else ''}: "
+                         f"{'a multiple of 3' if gold else 'an even count'}, got {x.shape[0]}")
+    return x.shape[0] // k
 
 
 def _reward_metrics(beta: float, chosen: Tensor, rejected: Tensor, logps_c: Tensor, logps_r: Tensor) -> Dict:
@@ -373,6 +383,71 @@ class ORPOLoss(nn.Module):
         metrics.update({"nll_loss": core["nll"], "log_odds_ratio": core["log_odds_ratio"],
                         "log_odds_chosen": core["log_odds_chosen"]})
         return loss, metrics
+
+
+# ------------------------------------------------------------------------------------------ TPO
+
+def tpo_options(config=None) -> Dict[str, Any]:
+    """:func:`fastalign.preference_loss` options that give ``TPOTrainer``'s loss (TRL 1.16,
+    ``trl.experimental.tpo``).
+
+    Reference-free, like CPO; TRL's loss types map to fastalign rows: sigmoid → sigmoid, hinge → hinge (summed
+    log-probs), ipo → ipo, tpo-l → simpo with ``simpo_gamma = tpo_l_gamma`` (both on log-probs averaged over
+    ``max(|y|, 1)``: :class:`TPOLoss` passes the clamped lengths). The gold responses' NLL weighted by
+    ``tpo_alpha`` is ``rpo_alpha`` (None when 0: TRL then drops the gold rows from the batch). Label smoothing
+    with hinge or ipo, which TRL ignores, raises."""
+    c = read_fields(config, TPO_DEFAULTS, "TPOConfig")
+    t = c["loss_type"]
+    if t not in ("sigmoid", "hinge", "ipo", "tpo-l"):
+        raise ValueError(f"TPOConfig: loss_type must be one of ['sigmoid', 'hinge', 'ipo', 'tpo-l'], got {t!r}"
+                         f"{did_you_mean(t, ('sigmoid', 'hinge', 'ipo', 'tpo-l')) if isinstance(t, str) else ''}")
+    _numbers(c, "TPOConfig", ("beta", "label_smoothing", "tpo_alpha") + (("tpo_l_gamma",) if t == "tpo-l" else ()))
+    eps = c["label_smoothing"]
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"TPOConfig.label_smoothing must lie in [0, 1], got {eps}")
+    if eps and t in ("hinge", "ipo"):
+        raise ValueError(f"TPOConfig: label_smoothing={eps} does not apply to loss_type {t!r} (TRL ignores it)")
+    opts: Dict[str, Any] = dict(loss_type="simpo" if t == "tpo-l" else t, beta=c["beta"], label_smoothing=eps,
+                                rpo_alpha=c["tpo_alpha"] if c["tpo_alpha"] else None)
+    if t == "tpo-l":
+        opts["simpo_gamma"] = c["tpo_l_gamma"]
+    return opts
+
+
+class TPOLoss(nn.Module):
+    r"""``TPOTrainer``'s loss and metrics (TRL 1.16, ``trl.experimental.tpo``) from per-token log-probs and
+    their completion mask: ``forward(per_token_logps, completion_mask)``, ``[3B, T]`` (the chosen rows, the
+    rejected rows, then the gold rows; ``[2B, T]`` without gold rows when ``tpo_alpha = 0``, TRL's batch then).
+
+    With ``l`` the chosen / rejected log-probs (summed for sigmoid and hinge, averaged over ``max(|y|, 1)`` for
+    ipo and tpo-l) and ``d = l_c - l_r``: sigmoid ``-(1-ε) log σ(βd) - ε log σ(-βd)``, hinge ``relu(1 - βd)``,
+    ipo ``(d - 1/(2β))²``, tpo-l the sigmoid of ``βd - γ``; the loss is their mean over pairs plus
+    ``tpo_alpha · NLL``, the token mean of ``-log p`` over every gold completion token of the batch.
+
+    Metrics: ``rewards/*`` = β times those log-probs, ``logps/*`` the log-probs (TRL's names; TRL logs no
+    separate NLL). A batch without a gold completion token gives TRL's NaN NLL and loss (the NLL passes no
+    gradient: it has no token to reach)."""
+
+    def __init__(self, config=None):
+        super().__init__()
+        self.options = tpo_options(config)
+        self.averaged = self.options["loss_type"] in ("ipo", "simpo")
+
+    @property
+    def gold(self) -> bool:
+        """Whether the batch holds the gold rows (``tpo_alpha ≠ 0``)."""
+        return self.options["rpo_alpha"] is not None
+
+    def forward(self, per_token_logps: Tensor, completion_mask: Tensor):
+        _check_rows(per_token_logps, completion_mask=completion_mask)
+        B = _pair_rows(per_token_logps, "per_token_logps", gold=self.gold)
+        s = sequence_logprobs(per_token_logps, completion_mask)
+        lengths = s.count.clamp(min=1.0)
+        nll = -s.sum[2 * B:].sum() / s.count[2 * B:].sum() if self.gold else None
+        loss, _ = preference_loss(s.sum[:B], s.sum[B:2 * B], chosen_lengths=lengths[:B],
+                                  rejected_lengths=lengths[B:2 * B], chosen_nll=nll, **self.options)
+        logps = s.sum[:2 * B] / lengths[:2 * B] if self.averaged else s.sum[:2 * B]
+        return loss, _reward_metrics(self.options["beta"], logps[:B], logps[B:], logps[:B], logps[B:])
 
 
 # ------------------------------------------------------------------------------------------ KTO
