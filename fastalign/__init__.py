@@ -12,15 +12,16 @@ Public API (see docs/math.md for every formula):
   data; :func:`sequence_logprobs` for padded and packed batches.
 * :func:`group_advantages`, :func:`token_advantages` — GRPO-family advantages (docs/math.md#advantages);
   token-level :func:`reinforce_pp_advantages`, :func:`remax_advantages`,
-  :func:`gae_advantages`, :func:`implicit_process_advantages`, :func:`optimal_token_baseline_advantages`.
+  :func:`gae_advantages`, :func:`implicit_process_advantages`, :func:`optimal_token_baseline_advantages`,
+  :func:`iw_opd_advantages`.
 * :func:`linear_divergence_loss` — the distillation loss (generalized JSD, total variation or cosine distance
   between a student and a teacher) from both models' hidden states and heads (docs/math.md#distillation-divergence).
 * :func:`use_backend` — force the Triton, C++ or CUDA kernels.
 """
 from fastalign._backend import use_backend
-from fastalign.advantages import (gae_advantages, group_advantages, implicit_process_advantages, masked_whiten,
-                                  optimal_token_baseline_advantages, reinforce_pp_advantages, remax_advantages,
-                                  token_advantages)
+from fastalign.advantages import (gae_advantages, group_advantages, implicit_process_advantages, iw_opd_advantages,
+                                  masked_whiten, optimal_token_baseline_advantages, reinforce_pp_advantages,
+                                  remax_advantages, token_advantages)
 from fastalign.aggregate import aggregate_loss
 from fastalign.kl import kl_penalty
 from fastalign.linear import linear_logprobs
@@ -37,7 +38,7 @@ from fastalign.info import info
 
 __all__ = [
     "TokenStats", "info", "linear_logprobs", "token_logprobs", "use_backend",
-    "gae_advantages", "group_advantages", "implicit_process_advantages", "masked_whiten",
+    "gae_advantages", "group_advantages", "implicit_process_advantages", "iw_opd_advantages", "masked_whiten",
     "optimal_token_baseline_advantages", "reinforce_pp_advantages", "remax_advantages", "token_advantages",
     "POLICY_LOSS_TYPES", "PolicyConfig", "PolicyLoss", "aggregate_loss", "kl_penalty", "policy_loss",
     "LinearPolicyLoss", "linear_divergence_loss",

@@ -704,6 +704,7 @@ def test_token_level_estimators_with_no_sequences_or_no_tokens():
         assert fa.reinforce_pp_advantages(r, m).shape == shape
         assert fa.remax_advantages(r, m, torch.zeros(shape[0])).shape == shape
         assert fa.implicit_process_advantages(r, r, m, torch.zeros(shape[0])).shape == shape
+        assert fa.iw_opd_advantages(r, r, m).shape == shape
         assert fa.masked_whiten(r, m).shape == shape
 
 

@@ -177,6 +177,47 @@ def implicit_process_advantages(logprobs: Tensor, ref_logprobs: Tensor, response
     return r
 
 
+def iw_opd_terms(teacher_logprobs: Tensor, rollout_logprobs: Tensor, response_mask: Tensor, gamma: float,
+                 eps: float) -> tuple:
+    """``(a, w)`` of :func:`iw_opd_advantages` (``A = w a``), its inputs checked."""
+    gamma = _validate.finite_number("gamma", gamma)
+    eps = _validate.positive("eps", eps)
+    lt, m, (lr,) = _token_inputs("teacher_logprobs", teacher_logprobs, response_mask,
+                                 [("rollout_logprobs", rollout_logprobs)])
+    valid = m != 0  # selection: a masked slot's NaN or -inf never reaches a valid token
+    with torch.no_grad():
+        a = torch.where(valid, lt.detach() - lr.detach(), 0.0)
+        size = a.abs().to(torch.float64)
+        before = size.cumsum(-1) - size  # sum_{s<t} |a_s|, in float64
+        total = size.sum(-1, keepdim=True).clamp_min(eps)
+        w = (1.0 + gamma * (1.0 - before / total)).to(a.dtype)
+    return a, w
+
+
+@torch.no_grad()
+def iw_opd_advantages(teacher_logprobs: Tensor, rollout_logprobs: Tensor, response_mask: Tensor, *,
+                      gamma: float = 0.5, eps: float = 1e-8) -> Tensor:
+    r"""IW-OPD (importance-weighted on-policy distillation) advantages of the sampled tokens, ``[B, T]``.
+
+    The teacher's log-ratio over the rollout policy at each sampled token, ``a_t = (lt_t - lr_t) m_t``, is
+    weighted by the share of its sequence's total discrepancy that lies at or after ``t``:
+
+    .. math::
+
+        w_t = 1 + \gamma \Bigl(1 - rac{\sum_{s<t} |a_s|}{\max(\sum_s |a_s|, \epsilon)}\Bigr),
+        \qquad A_t = w_t a_t
+
+    so a token whose prefix still agrees with the teacher weighs up to ``1 + gamma`` and the last ones about 1
+    (the position bias of on-policy distillation). Train with ``loss_type="reinforce"`` (``-A lp``), the
+    log-probs at the sampling temperature. ``rollout_logprobs``: the policy's own at rollout (its current
+    log-probs, detached, on-policy). ``gamma`` any real number, ``eps > 0``. A masked token is skipped by
+    selection (a NaN or ``-inf`` there changes nothing; its output is 0); a non-finite teacher log-prob on a
+    valid token makes its row's advantages non-finite. float32 (or float64) out, the prefix sums in float64;
+    no autograd."""
+    a, w = iw_opd_terms(teacher_logprobs, rollout_logprobs, response_mask, gamma, eps)
+    return w * a
+
+
 # ---------------------------------------------------------------- optimal token baseline
 def _group_sums(same: Tensor, x: Tensor) -> Tensor:
     """``sum_j same[i, j] x[j]`` for each row ``i`` of ``x`` ``[B, C]``, in float64 (exact member counts, no

@@ -44,6 +44,7 @@ OPS = (
     ("gae_advantages", "reverse_scan"),
     ("implicit_process_advantages", "reverse_scan"),
     ("optimal_token_baseline_advantages", None),
+    ("iw_opd_advantages", None),
     ("preference_loss", None),
     ("PreferenceLoss", None),
     ("unpaired_preference_loss", None),

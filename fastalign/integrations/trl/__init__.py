@@ -3,8 +3,8 @@
 Profiles build fastalign losses from TRL's own config objects: ``grpo`` (the policy loss of
 ``GRPOTrainer``), ``gmpo`` (the loss of the experimental ``GMPOTrainer``), ``preference`` (the losses of
 ``DPOTrainer``, ``CPOTrainer``, ``ORPOTrainer``, ``KTOTrainer`` and the experimental ``TPOTrainer``),
-``grpo_rewards`` (``GRPOTrainer``'s advantages) and ``rloo`` (``RLOOTrainer``'s advantages and
-loss). Metrics come back under TRL's names.
+``grpo_rewards`` (``GRPOTrainer``'s advantages), ``rloo`` (``RLOOTrainer``'s advantages and
+loss) and ``iw_opd`` (the experimental ``IWOPDTrainer``'s IW-OPD loss). Metrics come back under TRL's names.
 
 Drop-in trainers, subclasses of TRL's with the same constructor and config classes::
 
@@ -21,6 +21,7 @@ import importlib
 from fastalign.integrations.trl.gmpo import *  # noqa: F401,F403
 from fastalign.integrations.trl.grpo import *  # noqa: F401,F403
 from fastalign.integrations.trl.grpo_rewards import *  # noqa: F401,F403
+from fastalign.integrations.trl.iw_opd import *  # noqa: F401,F403
 from fastalign.integrations.trl.preference import *  # noqa: F401,F403
 from fastalign.integrations.trl.rloo import *  # noqa: F401,F403
 

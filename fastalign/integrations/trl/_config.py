@@ -13,7 +13,8 @@ from fastalign._options import did_you_mean
 CONFIG_CLASSES = {"DPOConfig": ("trl", "DPOConfig"), "CPOConfig": ("trl.experimental.cpo", "CPOConfig"),
                   "ORPOConfig": ("trl.experimental.orpo", "ORPOConfig"), "KTOConfig": ("trl", "KTOConfig"),
                   "GRPOConfig": ("trl", "GRPOConfig"), "RLOOConfig": ("trl", "RLOOConfig"),
-                  "TPOConfig": ("trl.experimental.tpo", "TPOConfig")}
+                  "TPOConfig": ("trl.experimental.tpo", "TPOConfig"),
+                  "IWOPDConfig": ("trl.experimental.iw_opd", "IWOPDConfig")}
 
 
 def config_fields(name: str) -> Optional[set]:
