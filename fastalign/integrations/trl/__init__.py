@@ -4,7 +4,8 @@ Profiles build fastalign losses from TRL's own config objects: ``grpo`` (the pol
 ``GRPOTrainer``), ``gmpo`` (the loss of the experimental ``GMPOTrainer``), ``preference`` (the losses of
 ``DPOTrainer``, ``CPOTrainer``, ``ORPOTrainer``, ``KTOTrainer`` and the experimental ``TPOTrainer``),
 ``grpo_rewards`` (``GRPOTrainer``'s advantages), ``rloo`` (``RLOOTrainer``'s advantages and
-loss) and ``iw_opd`` (the experimental ``IWOPDTrainer``'s IW-OPD loss). Metrics come back under TRL's names.
+loss), ``iw_opd`` (the experimental ``IWOPDTrainer``'s IW-OPD loss) and ``a2po`` (the experimental
+``A2POTrainer``'s optimal values and loss). Metrics come back under TRL's names.
 
 Drop-in trainers, subclasses of TRL's with the same constructor and config classes::
 
@@ -18,6 +19,7 @@ They are loaded on first access, so importing this package does not import ``trl
 """
 import importlib
 
+from fastalign.integrations.trl.a2po import *  # noqa: F401,F403
 from fastalign.integrations.trl.gmpo import *  # noqa: F401,F403
 from fastalign.integrations.trl.grpo import *  # noqa: F401,F403
 from fastalign.integrations.trl.grpo_rewards import *  # noqa: F401,F403

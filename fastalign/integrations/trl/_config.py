@@ -14,7 +14,8 @@ CONFIG_CLASSES = {"DPOConfig": ("trl", "DPOConfig"), "CPOConfig": ("trl.experime
                   "ORPOConfig": ("trl.experimental.orpo", "ORPOConfig"), "KTOConfig": ("trl", "KTOConfig"),
                   "GRPOConfig": ("trl", "GRPOConfig"), "RLOOConfig": ("trl", "RLOOConfig"),
                   "TPOConfig": ("trl.experimental.tpo", "TPOConfig"),
-                  "IWOPDConfig": ("trl.experimental.iw_opd", "IWOPDConfig")}
+                  "IWOPDConfig": ("trl.experimental.iw_opd", "IWOPDConfig"),
+                  "A2POConfig": ("trl.experimental.a2po", "A2POConfig")}
 
 
 def config_fields(name: str) -> Optional[set]:
