@@ -6,7 +6,8 @@ import torch
 
 from helpers import assert_close
 
-from fastalign.integrations.liger import LigerFusedLinearCosineSimilarityLoss, LigerFusedLinearJSDLoss
+from fastalign.integrations.liger import (LigerFusedLinearCosineSimilarityLoss, LigerFusedLinearJSD,
+                                          LigerFusedLinearJSDLoss)
 
 chunked = pytest.importorskip("liger_kernel.chunked_loss", reason="liger_kernel is not installed")
 #: (Liger's module, fastalign's)
@@ -203,3 +204,56 @@ def test_second_backward_with_single_pass_false_matches_liger():
         grads.append([t.grad for t in leaves])
     for name, a, b_ in zip(("student_input", "student_weight", "student_bias"), *grads):
         assert_close(b_, a, rtol=1e-5, atol=2e-6, what=f"d{name} after two backwards")
+
+
+# ------------------------------------------------------------------------------------------ LigerFusedLinearJSD
+
+transformers_jsd = pytest.importorskip("liger_kernel.transformers.fused_linear_jsd",
+                                       reason="liger_kernel is not installed")
+# Liger's kernel under the interpreter subtracts -inf from -inf in its masked lanes (unused values)
+jsd_lanes = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+def _fused_jsd_pair(options, labels):
+    """Liger's LigerFusedLinearJSD (its Triton kernel: in the interpreter here) against fastalign's, same inputs:
+    the loss and the gradients of the student's input and weight."""
+    x, w, _, xt, wt, _, y = _inputs(11, bias=False)
+    y = {"labels": y, "none": None, "all-ignored": torch.full_like(y, options.get("ignore_index", -100))}[labels]
+    out = []
+    for cls in (transformers_jsd.LigerFusedLinearJSD, LigerFusedLinearJSD):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = cls(**options)(xs, ws, xt, wt, y)
+        out.append((loss.detach(), *torch.autograd.grad(loss, (xs, ws))))
+    for name, ours, theirs in zip(("loss", "d student_input", "d student_weight"), out[1], out[0]):
+        assert_close(ours, theirs, atol=2e-6, rtol=1e-5, what=name)
+    assert out[1][0].dtype == torch.float32
+    return out[1]
+
+
+@jsd_lanes
+@pytest.mark.parametrize("options", [dict(), dict(jsd_beta=0.0), dict(jsd_beta=1.0),
+                                     dict(jsd_beta=0.3, temperature=1.7),
+                                     dict(ignore_index=7, accum_dtype=torch.float32)])
+@pytest.mark.parametrize("labels", ["labels", "none", "all-ignored"])
+def test_fused_linear_jsd_matches_liger(options, labels):
+    """Every row scored without shift_labels; every row ignored: a loss of 0 and no gradient, as Liger."""
+    loss, dx, _ = _fused_jsd_pair(options, labels)
+    assert (float(loss) == 0.0 and not dx.any()) == (labels == "all-ignored")
+
+
+@jsd_lanes
+def test_fused_linear_jsd_options_are_live_and_checked():
+    loss_fn = LigerFusedLinearJSD()
+    x, w, _, xt, wt, _, y = _inputs(3, bias=False)
+    loss_fn.jsd_beta, loss_fn.temperature = 0.8, 0.6
+    want = transformers_jsd.LigerFusedLinearJSD(jsd_beta=0.8, temperature=0.6)(x, w, xt, wt, y)
+    assert_close(loss_fn(x, w, xt, wt, y), want, atol=2e-6, rtol=1e-5, what="loss")
+    for name, value, error in (("jsd_beta", 1.5, ValueError), ("temperature", 0.0, ValueError),
+                               ("accum_dtype", torch.int32, TypeError), ("ignore_index", 1.5, TypeError)):
+        with pytest.raises(error, match=name):
+            setattr(loss_fn, name, value)
+    assert loss_fn.jsd_beta == 0.8  # a refused assignment keeps the module
+    with pytest.raises(ValueError, match="shift_labels"):
+        loss_fn(x, w, xt, wt, y[:3])
+    with pytest.raises(ValueError, match="teacher_input"):
+        loss_fn(x, w, xt[:3], wt, y)

@@ -1,5 +1,6 @@
 """Liger-Kernel 0.8's fused linear distillation losses (``liger_kernel.chunked_loss``),
-``LigerFusedLinearJSDLoss`` and ``LigerFusedLinearCosineSimilarityLoss``, computed by
+``LigerFusedLinearJSDLoss`` and ``LigerFusedLinearCosineSimilarityLoss``, and its soft-label-only
+``LigerFusedLinearJSD`` (``liger_kernel.transformers``, below), computed by
 :func:`fastalign.linear_divergence_loss` from both models' hidden states and heads (never the ``[N, V]``
 logits). Same constructors, ``forward`` signature and outputs; re-exported by
 :mod:`fastalign.integrations.liger`::
@@ -30,13 +31,14 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from fastalign import _validate
 from fastalign.integrations._live_options import LiveOptions, SinglePassAttribute
 from fastalign.linear_divergence import ARGUMENT_NAMES, check_tensors, linear_divergence_loss
 
-__all__ = ["LigerFusedLinearJSDLoss", "LigerFusedLinearCosineSimilarityLoss"]
+__all__ = ["LigerFusedLinearJSDLoss", "LigerFusedLinearCosineSimilarityLoss", "LigerFusedLinearJSD"]
 
 
 # linear_divergence_loss's argument names -> Liger's, for the error messages
@@ -114,3 +116,42 @@ class LigerFusedLinearCosineSimilarityLoss(_FusedLinearDistillation):
 
     def _divergence(self) -> tuple[dict, float]:
         return dict(divergence="cosine"), float(self.beta)
+
+
+#: LigerFusedLinearJSD's argument names (its forward has no bias and calls the labels shift_labels)
+_JSD_ARGUMENTS = {**_ARGUMENTS, "labels": "shift_labels"}
+
+
+class LigerFusedLinearJSD(SinglePassAttribute, LiveOptions, nn.Module):
+    """Liger's ``liger_kernel.transformers.LigerFusedLinearJSD``: the generalized JSD alone (no hard loss) of
+    two heads from their hidden states, ``forward(student_input [BT, H], student_weight [V, H], teacher_input
+    [BT, H'], teacher_weight [V, H'], shift_labels=None)`` -> ``sum_{y != ignore_index} D_t / n``, ``D_t`` the JSD
+    at ``jsd_beta`` (0 forward KL, 1 reverse KL) of the distributions at ``temperature``, ``n`` the count of rows
+    scored (every row without ``shift_labels``; at least 1). The loss is fp32. Gradients flow to the student's
+    input and weight. ``accum_dtype`` (Liger's gradient-accumulator dtype) is checked (None or a floating dtype)
+    and does not change the result: fastalign accumulates in fp32. The options are attributes, read at each call;
+    ``single_pass`` as the chunked losses' (module doc)."""
+
+    OPTIONS = ("jsd_beta", "ignore_index", "temperature", "accum_dtype")
+
+    def __init__(self, jsd_beta: float = 0.5, ignore_index: int = -100, temperature: float = 1.0,
+                 accum_dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self._configure_options(locals())
+
+    def _configure(self) -> None:
+        if not 0.0 <= _validate.number("jsd_beta", self.jsd_beta) <= 1.0:
+            raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
+        _validate.index_value("ignore_index", self.ignore_index)
+        _validate.positive("temperature", self.temperature)
+        dtype = self.accum_dtype
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"accum_dtype must be None or a floating torch.dtype, got {dtype!r}")
+
+    def forward(self, student_input: Tensor, student_weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor,
+                shift_labels: Optional[Tensor] = None):
+        check_tensors(student_input, student_weight, None, teacher_input, teacher_weight, None, labels=shift_labels,
+                      names=_JSD_ARGUMENTS)
+        return linear_divergence_loss(student_input, student_weight, teacher_input, teacher_weight, beta=self.jsd_beta,
+                                      temperature=self.temperature, labels=shift_labels,
+                                      ignore_index=self.ignore_index, single_pass=self.single_pass)[0]
