@@ -18,17 +18,22 @@ from fastalign.ops.divergence import DIVERGENCES
 from fastalign.ops.linear_divergence import DivergenceOptions, Head, divergence_loss
 from fastalign.ops.single_pass import differentiated
 
-__all__ = ["linear_divergence_loss"]
+__all__ = ["linear_divergence_loss", "DIVERGENCE_AGGS"]
+
+#: the aggregations of :func:`linear_divergence_loss` (``agg``): a mean over the scored tokens, or over the
+#: sequences of the per-sequence token means (rows of ``[B, T, H]`` hidden states)
+DIVERGENCE_AGGS = ("token-mean", "seq-mean-token-mean")
 
 
 # each tensor argument's name in the messages of check_tensors (an adapter passes its own)
 ARGUMENT_NAMES = {name: name for name in ("hidden", "weight", "bias", "teacher_hidden", "teacher_weight",
-                                          "teacher_bias", "response_mask", "labels", "normalizer")}
+                                          "teacher_bias", "response_mask", "labels", "normalizer", "token_weights")}
 
 
 def check_tensors(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_hidden: Tensor,
                   teacher_weight: Tensor, teacher_bias: Optional[Tensor], response_mask: Optional[Tensor] = None,
-                  labels: Optional[Tensor] = None, normalizer=None, names: dict = ARGUMENT_NAMES) -> None:
+                  labels: Optional[Tensor] = None, normalizer=None, names: dict = ARGUMENT_NAMES,
+                  token_weights: Optional[Tensor] = None) -> None:
     """The tensor arguments of :func:`linear_divergence_loss` against each other (a ``ValueError`` /
     ``TypeError`` naming the bad one by ``names[argument]``): both heads, the shared leading shape and
     vocabulary, the mask and labels, one device."""
@@ -43,10 +48,13 @@ def check_tensors(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teache
     if labels is not None:
         _validate.integer(n["labels"], labels)
         _validate.shape(n["labels"], labels, lead, f"{n['hidden']}.shape[:-1]")
+    if token_weights is not None:
+        _validate.any_float(n["token_weights"], token_weights)
+        _validate.shape(n["token_weights"], token_weights, lead, f"{n['hidden']}.shape[:-1]")
     _validate.same_device(**{n["hidden"]: hidden, n["weight"]: weight, n["bias"]: bias,
                              n["teacher_hidden"]: teacher_hidden, n["teacher_weight"]: teacher_weight,
                              n["teacher_bias"]: teacher_bias, n["response_mask"]: response_mask,
-                             n["labels"]: labels,
+                             n["labels"]: labels, n["token_weights"]: token_weights,
                              n["normalizer"]: normalizer if isinstance(normalizer, Tensor) else None})
 
 
@@ -70,6 +78,8 @@ def linear_divergence_loss(
     ignore_index: int = -100,
     soft_weight: float = 1.0,
     hard_weight: float = 0.0,
+    token_weights: Optional[Tensor] = None,
+    agg: str = "token-mean",
     normalizer=None,
     single_pass="auto",
     backend: Optional[str] = None,
@@ -89,14 +99,16 @@ def linear_divergence_loss(
     ``D = 1 - z_s . z_t / (max(|z_s|, 1e-12) max(|z_t|, 1e-12))`` (the norms floored as ``F.normalize``;
     a temperature scales both sides alike and leaves it unchanged)
 
-    and the loss over the scored tokens ``S``
+    and the loss over the scored tokens ``S``, each weighted by ``ω_t`` (``token_weights``, default 1)
 
     .. math::
 
-        \text{loss} = \frac{1}{n} \sum_{t \in S} \left(w_{soft} D_t + w_{hard}\,\text{NLL}_t\right),
+        \text{loss} = \frac{1}{n} \sum_{t \in S} ω_t \left(w_{soft} D_t + w_{hard}\,\text{NLL}_t\right),
         \quad \text{NLL}_t = -\log \mathrm{softmax}(z_{s,t})_{y_t}\ \text{(temperature 1)}
 
-    with ``n`` = ``normalizer`` (default: ``max(|S|, 1)``). Only the scored tokens go through the vocabulary.
+    with ``n`` = ``normalizer`` (default: ``max(|S|, 1)``), or, with ``agg="seq-mean-token-mean"``, the mean over
+    the ``B`` rows of ``[B, T, H]`` hidden states of each row's sum over ``max(|S_b|, 1)`` (an empty row adds 0
+    and counts). Only the scored tokens go through the vocabulary.
     When gradients are needed, each block of tokens takes four matrix products (both heads' logits, then
     d(hidden) and d(weight) of the student; the backward only scales them), without: two.
 
@@ -116,6 +128,10 @@ def linear_divergence_loss(
         labels: integer ``hidden.shape[:-1]``: the targets of the hard loss (and the mask, see above).
         soft_weight, hard_weight: ``w_soft`` and ``w_hard`` (Liger's ``weight_soft_loss`` /
             ``weight_hard_loss``); ``hard_weight != 0`` needs ``labels``.
+        token_weights: ``hidden.shape[:-1]``, constants (no gradient) weighing each scored token's loss, e.g.
+            clipped importance ratios (TRL's self-distillation trainers); an unscored token's is not read.
+        agg: ``"token-mean"`` (default) or ``"seq-mean-token-mean"`` (``hidden`` ``[B, T, H]``; no
+            ``normalizer``).
         normalizer: a number > 0 or a one-element tensor (TRL's ``num_items_in_batch``), >= 0 and finite, as the
             global counts of :func:`fastalign.policy_loss`: a tensor 0 divides as 1 (a loss of 0 when no token
             is scored), a number 0 raises ``ValueError``; an eager CPU tensor is checked (``ValueError``),
@@ -133,14 +149,22 @@ def linear_divergence_loss(
 
     Returns:
         ``loss`` (0-dim fp32) and ``metrics``, detached: ``divergence`` and ``entropy`` (the student's at the
-        temperature) as means over the scored tokens, ``divergence_sum``, ``entropy_sum``, ``num_tokens``, and
-        with ``labels`` ``nll`` / ``nll_sum`` (0 at tokens whose label is ``ignore_index``).
+        temperature) as means over the scored tokens, ``divergence_sum``, ``entropy_sum``, ``num_tokens``,
+        with ``labels`` ``nll`` / ``nll_sum`` (0 at tokens whose label is ``ignore_index``), and with
+        ``token_weights`` ``weighted_divergence``, the scored tokens' mean of ``ω_t D_t``.
     """
     hidden, weight, bias, _ = _dtensor.head(hidden, weight, bias)
     teacher_hidden, teacher_weight, teacher_bias, _ = _dtensor.head(teacher_hidden, teacher_weight, teacher_bias)
     check_tensors(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, response_mask, labels,
-                  normalizer)
+                  normalizer, token_weights=token_weights)
     check_choice("divergence", divergence, DIVERGENCES)
+    check_choice("agg", agg, DIVERGENCE_AGGS)
+    if agg == "seq-mean-token-mean":
+        if normalizer is not None:
+            raise ValueError("normalizer applies to agg='token-mean' only (seq-mean-token-mean divides by the rows)")
+        if hidden.dim() != 3:
+            raise ValueError(f"agg='seq-mean-token-mean' needs hidden [B, T, H] (one row per sequence), got shape "
+                             f"{tuple(hidden.shape)}")
     if divergence != "jsd" and beta is not None:
         raise ValueError(f"beta applies to the jsd only, not to divergence={divergence!r} (got beta={beta!r})")
     b = 0.5 if beta is None else _validate.number("beta", beta)
@@ -172,14 +196,20 @@ def linear_divergence_loss(
         mask = torch.ones(h2.shape[0], dtype=torch.float32, device=dev)
     y = None if labels is None else labels.reshape(-1).to(torch.int64)
     count = mask.sum()
-    if normalizer is None:
+    # each scored token's coefficient c_t: its weight (selected: an unscored token's is not read) over the divisor
+    coef = mask if token_weights is None else torch.where(mask != 0, token_weights.detach().reshape(-1).float(), 0.0)
+    if agg == "seq-mean-token-mean":
+        rows = hidden.shape[0]
+        per_row = mask.view(rows, -1).sum(1).clamp(min=1) * max(rows, 1)
+        norm = per_row.repeat_interleave(mask.shape[0] // max(rows, 1))
+    elif normalizer is None:
         norm = count.clamp(min=1)
     else:  # a count of 0 divides as 1; a tensor not read on the host (a GPU one) negative, NaN or infinite: NaN
         norm = global_divisor(normalizer, h2)
-    g_soft = mask * (w_soft / norm)
+    g_soft = coef * (w_soft / norm)
     # no hard term at weight 0: the labels are then the mask and the nll metric only (an invalid label gives a NaN
     # nll, not a NaN loss)
-    g_hard = None if y is None or w_hard == 0.0 else mask * (w_hard / norm)
+    g_hard = None if y is None or w_hard == 0.0 else coef * (w_hard / norm)
     teacher = Head(ht2, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), t_scale, t_cap)
     opts = DivergenceOptions(inv_t, divergence, b, int(ignore_index), y is not None, name)
     # the gradients in the forward only when autograd may ask for them (grad mode on, a student tensor requires it)
@@ -192,4 +222,6 @@ def linear_divergence_loss(
                "entropy_sum": ent.sum(), "num_tokens": count}
     if y is not None:
         metrics["nll"], metrics["nll_sum"] = nll.sum() / n, nll.sum()
+    if token_weights is not None:
+        metrics["weighted_divergence"] = torch.where(mask != 0, coef * div, 0.0).sum() / n
     return loss, {k: v.detach() for k, v in metrics.items()}

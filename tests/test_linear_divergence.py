@@ -88,6 +88,39 @@ def test_many_blocks_and_normalizer(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "two-pass"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("divergence", divergences("jsd-0.1", "tvd"))
+def test_token_weights_and_sequence_mean(backend, single_pass, agg, divergence, monkeypatch):
+    """Each scored token's loss times its weight (a NaN weight on an unscored token is not read), and the mean over
+    the rows of each row's token mean (an empty row adds 0 and counts), with the hard loss, in blocks of 2 rows."""
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", str(2 * V * 4 / (1 << 20)))
+    h, w, b, ht, wt, bt, y = _batch(7)
+    mask = torch.ones(3, 5)
+    mask[0, 3:] = 0
+    mask[2] = 0  # an empty row
+    weights = torch.rand(3, 5, generator=torch.Generator().manual_seed(8)) * 2
+    weights[0, 4] = math.nan
+    loss, m = _check(h, w, b, ht, wt, bt, **divergence, response_mask=mask, labels=y, hard_weight=0.4,
+                     token_weights=weights, agg=agg, single_pass=single_pass, backend=backend)
+    assert torch.isfinite(loss)
+    _, rm = R.linear_divergence_loss(h.detach().double(), w.detach().double(), ht, wt, bias=b.detach().double(),
+                                     teacher_bias=bt, **divergence, response_mask=mask, token_weights=weights)
+    assert_close(m["weighted_divergence"], rm["weighted_divergence"], atol=2e-5, rtol=2e-5, what="weighted_divergence")
+    if agg == "seq-mean-token-mean":  # not the token mean: the rows weigh alike whatever their lengths
+        token_mean, _ = R.linear_divergence_loss(h.detach().double(), w.detach().double(), ht, wt,
+                                                 bias=b.detach().double(), teacher_bias=bt, **divergence,
+                                                 response_mask=mask, labels=y, hard_weight=0.4, token_weights=weights)
+        assert abs(float(loss) - float(token_mean)) > 1e-3
+
+
+def test_sequence_mean_needs_rows_of_tokens():
+    h, w, b, ht, wt, bt, y = _batch(9)
+    with pytest.raises(ValueError, match=r"agg='seq-mean-token-mean' needs hidden \[B, T, H\]"):
+        fastalign.linear_divergence_loss(h.reshape(15, -1), w, ht.reshape(15, -1), wt, agg="seq-mean-token-mean")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_fractional_mask_scores_tokens_once_and_metric_means_are_per_token(backend):
     """A response mask of weights 0.5 and 2 scores each nonzero token with weight 1 (as the float64 reference),
     and the metrics' means divide the sums by the scored-token count, not by ``normalizer``."""
@@ -290,6 +323,10 @@ def test_only_a_teacher_requiring_grad_runs_no_gradient_work(monkeypatch):
     (dict(logit_scale=True), TypeError, "logit_scale"),
     (dict(teacher_logit_scale=None), TypeError, "teacher_logit_scale"),
     (dict(teacher_logit_scale=math.inf), ValueError, "teacher_logit_scale"),
+    (dict(token_weights=torch.ones(3, 4)), ValueError, "token_weights"),
+    (dict(token_weights=torch.ones(3, 5, dtype=torch.long)), TypeError, "token_weights"),
+    (dict(agg="seq-mean"), ValueError, "agg"),
+    (dict(agg="seq-mean-token-mean", normalizer=4.0), ValueError, "normalizer"),
 ])
 def test_bad_inputs(kw, err, match):
     h, w, b, ht, wt, bt, y = _batch(10, bias=False)
@@ -410,7 +447,8 @@ def test_a_label_out_of_the_vocabulary_weighs_only_in_the_hard_loss(backend):
     assert math.isnan(float(loss)) and dh[1, 2].isnan().all() and torch.isfinite(dh[0]).all()
 
 
-@pytest.mark.parametrize("divergence", divergences("jsd", "tvd", "cosine"))
+@pytest.mark.parametrize("divergence", divergences("jsd", "tvd", "cosine")
+                         + [pytest.param(dict(agg="seq-mean-token-mean"), id="jsd-seq-mean")])
 def test_traces_on_fake_tensors_and_compiles_whole(divergence):
     """Fake tensors give the output shapes (no value read: every row goes through the blocks), and
     torch.compile(fullgraph=True) of the loss and its gradient equals the eager call."""

@@ -63,11 +63,14 @@ def entropy(logits: Tensor, *, temperature: float = 1.0, dtype: torch.dtype = to
 def divergence_loss(student_logits: Tensor, teacher_logits: Tensor, *, divergence: str = "jsd",
                     beta: Optional[float] = None, temperature: float = 1.0, response_mask: Optional[Tensor] = None,
                     normalizer=None, labels: Optional[Tensor] = None, ignore_index: int = -100,
-                    hard_weight: float = 0.0, soft_weight: float = 1.0, dtype: torch.dtype = torch.float64):
+                    hard_weight: float = 0.0, soft_weight: float = 1.0, token_weights: Optional[Tensor] = None,
+                    agg: str = "token-mean", dtype: torch.dtype = torch.float64):
     """``(loss, metrics)`` of :func:`fastalign.linear_divergence_loss` from logits ``[..., V]``:
 
-        loss = (soft_weight * sum_t m_t D_t + hard_weight * sum_t m_t NLL_t) / normalizer
+        loss = sum_t m_t w_t (soft_weight * D_t + hard_weight * NLL_t) / normalizer
 
+    (``w`` the ``token_weights``, 1 without; ``agg="seq-mean-token-mean"``: logits ``[B, T, V]``, each row's sum
+    over its own ``max(sum_t m_t, 1)``, then the mean over the ``B`` rows)
     ``D`` the generalized JSD (:func:`generalized_jsd`, ``beta`` 0.5 when None), with ``divergence="tvd"``
     :func:`total_variation`, with ``divergence="cosine"`` :func:`cosine_distance`, ``m`` the mask
     (``response_mask``, or ``labels != ignore_index``), ``normalizer`` by default ``max(sum m, 1)``,
@@ -99,9 +102,20 @@ def divergence_loss(student_logits: Tensor, teacher_logits: Tensor, *, divergenc
     d = torch.where(scored, d, torch.zeros_like(d))
     ent = torch.where(scored, ent, torch.zeros_like(ent))
     count = m.sum()
-    norm = count.clamp(min=1) if normalizer is None else torch.as_tensor(normalizer, dtype=dtype)
-    loss = (soft_weight * d.sum() + hard_weight * nll.sum()) / norm
-    return loss, {"divergence_sum": d.sum(), "entropy_sum": ent.sum(), "nll_sum": nll.sum(), "num_tokens": count}
+    extra = {}
+    if token_weights is not None:
+        extra["weighted_divergence"] = torch.where(scored, token_weights.to(dtype) * d, torch.zeros_like(d)).sum() / \
+            count.clamp(min=1)
+    per_token = soft_weight * d + hard_weight * nll
+    if token_weights is not None:
+        per_token = torch.where(scored, token_weights.to(dtype) * per_token, torch.zeros_like(per_token))
+    if agg == "seq-mean-token-mean":
+        loss = (per_token.sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    else:
+        norm = count.clamp(min=1) if normalizer is None else torch.as_tensor(normalizer, dtype=dtype)
+        loss = per_token.sum() / norm
+    return loss, {"divergence_sum": d.sum(), "entropy_sum": ent.sum(), "nll_sum": nll.sum(), "num_tokens": count,
+                  **extra}
 
 
 def linear_divergence_loss(hidden: Tensor, weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor, *,
