@@ -10,7 +10,8 @@ import pytest
 
 pytest.importorskip("trl", reason="TRL is not installed: `pip install trl==1.16.*` to run the parity tests")
 
-from fastalign.integrations.trl import a2po, grpo, grpo_rewards, iw_opd, preference, rloo  # noqa: E402
+from fastalign.integrations.trl import (a2po, grpo, grpo_rewards, iw_opd, preference, rloo,  # noqa: E402
+                                        self_distillation)
 from fastalign.integrations.trl._config import CONFIG_CLASSES  # noqa: E402
 
 #: every default table of the TRL profiles -> the TRL config class it reads
@@ -22,6 +23,8 @@ TABLES = {
     "TPO_DEFAULTS": (preference.TPO_DEFAULTS, "TPOConfig"),
     "IW_OPD_DEFAULTS": (iw_opd.IW_OPD_DEFAULTS, "IWOPDConfig"),
     "A2PO_DEFAULTS": (a2po.A2PO_DEFAULTS, "A2POConfig"),
+    "SDPO_DEFAULTS": (self_distillation.SDPO_DEFAULTS, "SDPOConfig"),
+    "SDFT_DEFAULTS": (self_distillation.SDFT_DEFAULTS, "SDFTConfig"),
     "RLOO_DEFAULTS": (rloo.RLOO_DEFAULTS, "RLOOConfig"),
     "RLOO_LOSS_DEFAULTS": (rloo.RLOO_LOSS_DEFAULTS, "RLOOConfig"),
     "GRPO_ADVANTAGE_DEFAULTS": (grpo_rewards.GRPO_ADVANTAGE_DEFAULTS, "GRPOConfig"),
@@ -52,6 +55,6 @@ def test_every_default_is_the_trl_config_default(table):
 def test_every_profile_table_is_checked():
     """A new default table in a TRL profile module is added to TABLES."""
     listed = {id(defaults) for defaults, _ in TABLES.values()}
-    missing = [f"{m.__name__}.{k}" for m in (a2po, grpo, grpo_rewards, iw_opd, preference, rloo) for k, v in vars(m).items()
+    missing = [f"{m.__name__}.{k}" for m in (a2po, grpo, grpo_rewards, iw_opd, preference, rloo, self_distillation) for k, v in vars(m).items()
                if k.endswith("_DEFAULTS") and isinstance(v, dict) and id(v) not in listed]
     assert not missing, missing

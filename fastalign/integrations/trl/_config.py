@@ -15,7 +15,9 @@ CONFIG_CLASSES = {"DPOConfig": ("trl", "DPOConfig"), "CPOConfig": ("trl.experime
                   "GRPOConfig": ("trl", "GRPOConfig"), "RLOOConfig": ("trl", "RLOOConfig"),
                   "TPOConfig": ("trl.experimental.tpo", "TPOConfig"),
                   "IWOPDConfig": ("trl.experimental.iw_opd", "IWOPDConfig"),
-                  "A2POConfig": ("trl.experimental.a2po", "A2POConfig")}
+                  "A2POConfig": ("trl.experimental.a2po", "A2POConfig"),
+                  "SDPOConfig": ("trl.experimental.sdpo", "SDPOConfig"),
+                  "SDFTConfig": ("trl.experimental.sdft", "SDFTConfig")}
 
 
 def config_fields(name: str) -> Optional[set]:
