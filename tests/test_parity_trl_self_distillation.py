@@ -54,21 +54,26 @@ def _trl(trainer_cls, args, h, w, ht, wt, ids, mask, old):
     return loss, stand_in._metrics["train"][METRIC][0], torch.autograd.grad(loss, (hs, ws))
 
 
-@pytest.mark.parametrize("mode, alpha", [("sampled_token", 1.0), ("full_logits", 0.0), ("full_logits", 1.0),
-                                         ("full_logits", 0.3)])
-@pytest.mark.parametrize("clip", [2.0, None], ids=["is-clip", "no-is"])
-@pytest.mark.parametrize("rollout", [True, False], ids=["rollout", "no-rollout"])
-def test_linear_matches_trl(mode, alpha, clip, rollout):
-    args = _config(distillation_mode=mode, distillation_alpha=alpha, distillation_is_clip=clip, temperature=0.8)
-    h, w, ht, wt, ids, mask, old = _batch()
+def _compare_linear(trainer_cls, args, seed=0, rollout=True):
+    """:meth:`SelfDistillationLoss.linear` from the hidden states against TRL's loss from the logits."""
+    h, w, ht, wt, ids, mask, old = _batch(seed)
     old = old if rollout else None
-    loss_t, metric_t, grads_t = _trl(sdpo.SDPOTrainer, args, h, w, ht, wt, ids, mask, old)
+    loss_t, metric_t, grads_t = _trl(trainer_cls, args, h, w, ht, wt, ids, mask, old)
     hs, ws = h.clone().requires_grad_(), w.clone().requires_grad_()
     loss, metrics = SelfDistillationLoss(args).linear(hs, ws, ht, wt, ids, mask, old)
     torch.testing.assert_close(loss, loss_t, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(metrics[METRIC], torch.tensor(metric_t), atol=1e-5, rtol=1e-5)
     for got, want in zip(torch.autograd.grad(loss, (hs, ws)), grads_t):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode, alpha", [("sampled_token", 1.0), ("full_logits", 0.0), ("full_logits", 1.0),
+                                         ("full_logits", 0.3)])
+@pytest.mark.parametrize("clip", [2.0, None], ids=["is-clip", "no-is"])
+@pytest.mark.parametrize("rollout", [True, False], ids=["rollout", "no-rollout"])
+def test_linear_matches_trl(mode, alpha, clip, rollout):
+    args = _config(distillation_mode=mode, distillation_alpha=alpha, distillation_is_clip=clip, temperature=0.8)
+    _compare_linear(sdpo.SDPOTrainer, args, rollout=rollout)
 
 
 def test_sampled_token_from_log_probs_in_float64_matches_trl():
@@ -106,15 +111,7 @@ def test_sdft_config_full_logits_matches_trl_and_its_default_top_k_is_refused():
     the SDFTConfig field."""
     with pytest.raises(ValueError, match="SDFTConfig.distillation_mode='topk_logits'"):
         SelfDistillationLoss(_config(SDFTConfig))
-    args = _config(SDFTConfig, distillation_mode="full_logits", distillation_topk=None)
-    h, w, ht, wt, ids, mask, old = _batch(2)
-    loss_t, metric_t, grads_t = _trl(SDFTTrainer, args, h, w, ht, wt, ids, mask, old)
-    hs, ws = h.clone().requires_grad_(), w.clone().requires_grad_()
-    loss, metrics = SelfDistillationLoss(args).linear(hs, ws, ht, wt, ids, mask, old)
-    torch.testing.assert_close(loss, loss_t, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(metrics[METRIC], torch.tensor(metric_t), atol=1e-5, rtol=1e-5)
-    for got, want in zip(torch.autograd.grad(loss, (hs, ws)), grads_t):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    _compare_linear(SDFTTrainer, _config(SDFTConfig, distillation_mode="full_logits", distillation_topk=None), seed=2)
 
 
 def test_nothing_distilled_gives_zero_as_trl():
