@@ -1,4 +1,4 @@
-"""IW-OPD: :func:`fastalign.iw_opd_advantages` against a float64 plain-PyTorch reference, and
+"""IW-OPD: :func:`fastalign.iw_opd_advantages` against the float64 plain-PyTorch reference, and
 :class:`fastalign.integrations.trl.IWOPDLoss` against TRL 1.16's own ``IWOPDTrainer._compute_iw_opd_loss`` (called
 unbound on a stand-in carrying the attributes it reads): loss, gradient w.r.t. the student's logits and metrics at
 1e-6 in float64, with masks, a cached rollout, ``num_items_in_batch`` and a batch with no completion token."""
@@ -9,24 +9,11 @@ import pytest
 import torch
 
 import fastalign
+from fastalign.reference import advantages as R
 from helpers import LocalAccelerator
 
 D = torch.float64
 TOL = dict(atol=1e-6, rtol=1e-6)
-
-
-def reference_advantages(teacher, rollout, mask, gamma, eps):
-    """float64, a position at a time: a_t = (lt - lr) m_t, w_t = 1 + gamma (1 - prefix_t / max(total, eps))."""
-    B, T = teacher.shape
-    out = torch.zeros(B, T, dtype=D)
-    for i in range(B):
-        a = [float(teacher[i, t] - rollout[i, t]) if mask[i, t] else 0.0 for t in range(T)]
-        total = max(sum(abs(x) for x in a), eps)
-        prefix = 0.0
-        for t in range(T):
-            out[i, t] = (1.0 + gamma * (1.0 - prefix / total)) * a[t]
-            prefix += abs(a[t])
-    return out
 
 
 def _batch(B=3, T=7, seed=0):
@@ -44,7 +31,7 @@ def _batch(B=3, T=7, seed=0):
 @pytest.mark.parametrize("gamma, eps", [(0.5, 1e-8), (2.0, 1e-8), (-0.3, 0.5), (0.0, 1e-8)])
 def test_iw_opd_advantages_match_float64(gamma, eps):
     teacher, rollout, mask = _batch()
-    want = reference_advantages(teacher, rollout, mask, gamma, eps)
+    want = R.iw_opd_advantages(teacher, rollout, mask, gamma, eps)
     got = fastalign.iw_opd_advantages(teacher, rollout, mask, gamma=gamma, eps=eps)
     assert got.dtype == D and not got.requires_grad
     torch.testing.assert_close(got, want, **TOL)

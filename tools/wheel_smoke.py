@@ -185,6 +185,13 @@ def _():
     close(g, wg, "optimal token baseline returns")
 
 
+@op("iw_opd_advantages")
+def _():
+    lt = -torch.rand(B, T) * 3
+    close(fa.iw_opd_advantages(lt, old, mask, gamma=0.7), ref.advantages.iw_opd_advantages(lt, old, mask, 0.7),
+          "iw_opd advantages")
+
+
 chosen, rejected = torch.randn(B, requires_grad=True), torch.randn(B, requires_grad=True)
 ref_c, ref_r = torch.randn(B), torch.randn(B)
 

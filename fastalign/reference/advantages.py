@@ -224,6 +224,21 @@ def implicit_process_advantages(logprobs, ref_logprobs, mask, outcome_advantages
 
 
 # ---------------------------------------------------------------- benchmark baselines
+def iw_opd_advantages(teacher_logprobs, rollout_logprobs, mask, gamma=0.5, eps=1e-8):
+    """IW-OPD in float64, a position at a time: ``a_t = (lt - lr) m_t``,
+    ``A_t = (1 + gamma (1 - sum_{s<t} |a_s| / max(sum_s |a_s|, eps))) a_t``."""
+    B, T = teacher_logprobs.shape
+    out = torch.zeros(B, T, dtype=torch.float64)
+    for i in range(B):
+        a = [float(teacher_logprobs[i, t]) - float(rollout_logprobs[i, t]) if mask[i, t] else 0.0 for t in range(T)]
+        total = max(sum(abs(x) for x in a), eps)
+        prefix = 0.0
+        for t in range(T):
+            out[i, t] = (1.0 + gamma * (1.0 - prefix / total)) * a[t]
+            prefix += abs(a[t])
+    return out
+
+
 def grpo_python_loop(scores, index, eps=1e-6):
     """GRPO the way trainers commonly write it: a dict of lists of per-response
     score tensors, torch.mean / torch.std per group, then a loop over responses."""
