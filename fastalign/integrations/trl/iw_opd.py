@@ -58,7 +58,7 @@ class IWOPDLoss(nn.Module):
 
     def forward(self, logprobs: Tensor, teacher_logprobs: Tensor, completion_mask: Tensor,
                 rollout_logprobs: Optional[Tensor] = None, num_items_in_batch=None):
-        _validate.real("logprobs", logprobs, dim=2)
+        _validate.any_float("logprobs", logprobs, dim=2)
         _validate.like(tuple(logprobs.shape), "like logprobs", device=logprobs.device, device_of="logprobs",
                        required=True, teacher_logprobs=teacher_logprobs)
         valid = completion_mask != 0
@@ -79,7 +79,6 @@ class IWOPDLoss(nn.Module):
                 raise TypeError(f"num_items_in_batch must be a number or a tensor, got "
                                 f"{type(num_items_in_batch).__name__}")
             loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
-        n = valid.sum()
 
         def over_valid(x, reduce, fill):  # NaN without a valid token (TRL logs nothing then)
             value = reduce(torch.where(valid, x, fill).reshape(-1)) if x.numel() else x.new_zeros(())
