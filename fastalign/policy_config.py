@@ -4,7 +4,7 @@
 resolves the trainer presets and the option defaults that depend on the loss type, and emits
 :class:`~fastalign.ops.policy_params.KernelParams`: the numeric record both kernels read (its field
 order is the order of the C++ ``PolicyParams`` struct, ``csrc/cpu/policy_loss.h``, checked by name at
-the first call, and the keyword order of the Triton launcher, ``kernels/policy_loss.py``).
+the first call, and the keyword order of the Triton launcher, ``fastalign/kernels/policy_loss.py``).
 Adding an option is one field here, one in that record, and its use in the kernels.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The layering of ARCHITECTURE.md, checked on the imports: calls go down only.
 
-public API (fastalign/*.py, fastalign/advantages/) -> ops (fastalign/ops/) -> kernels (kernels/, shipped as
-fastalign.kernels). The float64 reference stands apart; the integrations call the public API.
+public API (fastalign/*.py, fastalign/advantages/) -> ops (fastalign/ops/) -> kernels
+(fastalign/kernels/). The float64 reference stands apart; the integrations call the public API.
 """
 import ast
 import pathlib
@@ -32,7 +32,7 @@ PUBLIC = sorted([p for p in (ROOT / "fastalign").glob("*.py") if p.name not in (
 
 # layer: (its files, the fastalign modules it may import)
 LAYERS = {
-    "kernels": (sorted((ROOT / "kernels").glob("*.py")), ("fastalign.kernels",)),
+    "kernels": (sorted((ROOT / "fastalign" / "kernels").glob("*.py")), ("fastalign.kernels",)),
     "ops": (sorted((ROOT / "fastalign" / "ops").glob("*.py")), ("fastalign.ops", "fastalign.kernels",
                                                                  "fastalign._backend")),
     "reference": (sorted((ROOT / "fastalign" / "reference").glob("*.py")), ("fastalign.reference",)),

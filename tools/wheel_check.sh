@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The release check (`make wheel-check`, run by CI):
-#   1. the sdist carries what a source build needs (csrc/, kernels/, CMakeLists.txt);
+#   1. the sdist carries what a source build needs (csrc/, fastalign/kernels/, CMakeLists.txt);
 #   2. a portable wheel, built by pip's isolated build (tools/build_wheels.sh),
 #      repaired by auditwheel, with a manylinux tag no newer than 2_28, carrying the
 #      CUDA kernels (device code checked by tools/build_wheels.sh) when nvcc is found;
@@ -25,7 +25,7 @@ step "sdist"
 "$PY" -m build --sdist -o "$work/sdist" . >"$work/sdist.log" 2>&1 || { cat "$work/sdist.log"; exit 1; }
 sdist=$(ls "$work"/sdist/fastalign-*.tar.gz)
 tar tzf "$sdist" > "$work/sdist.txt"
-for need in CMakeLists.txt pyproject.toml csrc/module.cpp csrc/portable/omp_runtime.cpp kernels/token_stats.py \
+for need in CMakeLists.txt pyproject.toml csrc/module.cpp csrc/portable/omp_runtime.cpp fastalign/kernels/token_stats.py \
             fastalign/__init__.py fastalign/info/__init__.py; do
   grep -q "^fastalign-[^/]*/$need\$" "$work/sdist.txt" || { echo "sdist lacks $need"; exit 1; }
 done

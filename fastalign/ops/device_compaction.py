@@ -7,7 +7,7 @@ stall the stream, so the Triton paths permute the rows instead:
     order = the labelled rows in their order, then the others      (a stable sort of the mask)
     live  = number of labelled rows                                 (a one-element device tensor)
 
-and every LM-head product runs over the first ``live`` rows only (``kernels/live_matmul.py``
+and every LM-head product runs over the first ``live`` rows only (``fastalign/kernels/live_matmul.py``
 reads ``live`` on the device; the Triton logit kernels skip blocks of ignored rows). Outputs are
 put back in place by ``order``. ``FASTALIGN_DEVICE_COMPACTION=0`` turns this off: every row then
 goes through the products (cuBLAS), the ignored ones multiplied by zero gradients.

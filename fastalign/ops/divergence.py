@@ -5,7 +5,7 @@ student and teacher logits (after scale and softcap, before the temperature): pe
 generalized JSD at ``beta``, the total variation distance, or the cosine distance), the student entropy at the
 temperature and, with labels, the student NLL at temperature 1; with ``grad_soft`` it overwrites the student
 logits with ``grad_soft * dD/dz_s + grad_hard * dNLL/dz_s`` (docs/math.md#distillation-divergence).
-Kernels: ``csrc/cpu/divergence.cpp`` (fp32 rows) and ``kernels/divergence.py``.
+Kernels: ``csrc/cpu/divergence.cpp`` (fp32 rows) and ``fastalign/kernels/divergence.py``.
 """
 from __future__ import annotations
 

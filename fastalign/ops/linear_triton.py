@@ -1,6 +1,6 @@
 """The Triton path of ``fastalign::linear_stats`` (CUDA tensors; CPU tensors in the interpreter).
 
-The kernels of ``kernels/linear_stats.py`` tile tokens x vocabulary with ``tl.dot`` and keep online
+The kernels of ``fastalign/kernels/linear_stats.py`` tile tokens x vocabulary with ``tl.dot`` and keep online
 statistics per vocabulary split; a second kernel merges the splits per row (no host math). Backward
 recomputes logit tiles in Triton into a bounded token-chunk buffer of d(logits), then two matrix
 products per chunk.

@@ -1,7 +1,7 @@
 """``fastalign::reverse_scan``: token-level returns and GAE as reverse scans over
 time (docs/math.md#advantages): one sequence per CPU row; on CUDA tensors the CUDA kernels, or, in an
 install built without them (or with ``backend="triton"``), the Triton kernel of
-``kernels/reverse_scan.py``, which scans each row in parallel across time.
+``fastalign/kernels/reverse_scan.py``, which scans each row in parallel across time.
 
 Modes (``m`` the 0/1 mask, all rows contiguous ``[B, T]`` in one float dtype):
 

@@ -1,4 +1,4 @@
-"""Triton kernels of fastalign (installed as ``fastalign.kernels``).
+"""Triton kernels of fastalign (``fastalign.kernels``).
 
 Each module holds the ``@triton.jit`` kernels for one op and a thin launcher
 that takes preallocated tensors: kernels never allocate. Import is lazy so the
