@@ -205,10 +205,25 @@ def _masks_split_packed_rows() -> bool:
     return True
 
 
+#: Layer types (a config's ``layer_types``) whose layers carry a recurrent state from token to token: state-space,
+#: linear-attention and convolution layers, alone or beside attention (transformers' names, old and new).
+_RECURRENT_LAYER_TYPES = ("linear_attention", "mamba", "mamba2", "conv", "hybrid", "hybrid_sliding")
+
+
+def _is_recurrent(model, body) -> bool:
+    """Whether the body carries a recurrent state: marked ``_is_stateful`` (transformers before 5.25), or a layer
+    of its config's ``layer_types`` is recurrent (:data:`_RECURRENT_LAYER_TYPES`)."""
+    if getattr(body, "_is_stateful", False):
+        return True
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return any(t in _RECURRENT_LAYER_TYPES for t in (getattr(text, "layer_types", None) or ()))
+
+
 def _unsplit_packing(model) -> Optional[str]:
     """Why the model's body would let the sequences of a packed row see each other (None if it splits them, as
     ``transformers`` does from position ids that restart, without an attention mask): a recurrent (state-space)
-    body, ``_is_stateful``, carries its state from one sequence into the next; a body that takes no
+    body, :func:`_is_recurrent`, carries its state from one sequence into the next; a body that takes no
     ``position_ids``, or one of :data:`_UNSPLIT_PACKED`, builds its causal mask without them. An architecture
     outside the checked table is refused unless registered with ``packed_rows=True``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -222,7 +237,7 @@ def _unsplit_packing(model) -> Optional[str]:
         return (f"transformers {transformers.__version__} builds the causal mask without splitting packed rows "
                 "(transformers 4.54 and later split them at restarting position ids)")
     body = _body(model)
-    if getattr(body, "_is_stateful", False):
+    if _is_recurrent(model, body):
         return (f"the body of model_type {model_type!r} carries its recurrent (state-space) state from one packed "
                 "sequence into the next")
     if model_type in _UNSPLIT_PACKED or not _takes_position_ids(type(body)):
@@ -535,7 +550,7 @@ def causal_lm_logprobs(
             sequence; with ``attention_mask=None`` ``transformers`` then attends within each
             sequence only (with an attention mask it does not split packed rows). A body that
             does not split packed rows (one of ``_UNSPLIT_PACKED``: opt, gpt_oss; one that takes no
-            ``position_ids``: bloom, mpt; a recurrent one, ``_is_stateful``: granitemoehybrid)
+            ``position_ids``: bloom, mpt; a recurrent one, ``_is_recurrent``: granitemoehybrid)
             refuses them: a ValueError for CPU position ids; on a GPU (not read on the host)
             the hidden states are NaN, so is every scored statistic.
         cu_seqlens: ``[S+1]`` cumulative sequence lengths (starting at 0) of one packed row
