@@ -121,6 +121,14 @@ def number(name: str, value) -> float:
     return float(value)
 
 
+def unit_interval(name: str, value) -> float:
+    """A real number in ``[0, 1]`` (a ``TypeError`` / ``ValueError`` naming ``name``; NaN is outside), as a float."""
+    v = number(name, value)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return v
+
+
 _FLOAT_MAX = sys.float_info.max
 
 

@@ -167,9 +167,7 @@ def linear_divergence_loss(
                              f"{tuple(hidden.shape)}")
     if divergence != "jsd" and beta is not None:
         raise ValueError(f"beta applies to the jsd only, not to divergence={divergence!r} (got beta={beta!r})")
-    b = 0.5 if beta is None else _validate.number("beta", beta)
-    if not 0.0 <= b <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    b = 0.5 if beta is None else _validate.unit_interval("beta", beta)
     inv_t, cap, scale = check_logit_options(temperature, softcap, logit_scale, ignore_index)
     t_cap = 0.0 if teacher_softcap is None else _validate.positive("teacher_softcap", teacher_softcap)
     t_scale = _validate.finite_number("teacher_logit_scale", teacher_logit_scale)
@@ -198,10 +196,9 @@ def linear_divergence_loss(
     count = mask.sum()
     # each scored token's coefficient c_t: its weight (selected: an unscored token's is not read) over the divisor
     coef = mask if token_weights is None else torch.where(mask != 0, token_weights.detach().reshape(-1).float(), 0.0)
-    if agg == "seq-mean-token-mean":
-        rows = hidden.shape[0]
-        per_row = mask.view(rows, -1).sum(1).clamp(min=1) * max(rows, 1)
-        norm = per_row.repeat_interleave(mask.shape[0] // max(rows, 1))
+    if agg == "seq-mean-token-mean":  # each token over its row's scored count times the row count
+        rows = mask.view(hidden.shape[:2])
+        norm = (rows.sum(1, keepdim=True).clamp(min=1) * rows.shape[0]).expand_as(rows).reshape(-1)
     elif normalizer is None:
         norm = count.clamp(min=1)
     else:  # a count of 0 divides as 1; a tensor not read on the host (a GPU one) negative, NaN or infinite: NaN
@@ -223,5 +220,5 @@ def linear_divergence_loss(
     if y is not None:
         metrics["nll"], metrics["nll_sum"] = nll.sum() / n, nll.sum()
     if token_weights is not None:
-        metrics["weighted_divergence"] = torch.where(mask != 0, coef * div, 0.0).sum() / n
+        metrics["weighted_divergence"] = (coef * div).sum() / n  # an unscored row has D = 0 and c = 0
     return loss, {k: v.detach() for k, v in metrics.items()}

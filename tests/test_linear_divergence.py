@@ -118,6 +118,8 @@ def test_sequence_mean_needs_rows_of_tokens():
     h, w, b, ht, wt, bt, y = _batch(9)
     with pytest.raises(ValueError, match=r"agg='seq-mean-token-mean' needs hidden \[B, T, H\]"):
         fastalign.linear_divergence_loss(h.reshape(15, -1), w, ht.reshape(15, -1), wt, agg="seq-mean-token-mean")
+    loss, _ = fastalign.linear_divergence_loss(h[:0], w, ht[:0], wt, agg="seq-mean-token-mean")  # no rows: 0
+    assert float(loss) == 0.0
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -146,27 +146,25 @@ using DivergenceFn = void (*)(const float*, const float*, int64_t, float, Row, f
 using GradientFn = void (*)(float*, const float*, int64_t, float, Row, float, float, float, float);
 using CosineGradientFn = void (*)(float*, const float*, int64_t, float, Row, divergence::Cosine, float, float, float);
 
+// the (D, K) pass and the gradient passes (with and without the hard loss) of a per-column mode (every mode but
+// the cosine's), picked once per call
+struct ColumnPasses {
+  DivergenceFn divergence;
+  GradientFn gradient_hard, gradient_soft;
+};
+
 template <int MODE>
-GradientFn gradient_variant(bool hard) {
-  return hard ? isa::best<row_gradient<MODE, true>>() : isa::best<row_gradient<MODE, false>>();
+ColumnPasses column_passes() {
+  return {isa::best<row_divergence<MODE>>(), isa::best<row_gradient<MODE, true>>(),
+          isa::best<row_gradient<MODE, false>>()};
 }
 
-// the (D, K) and gradient passes of a per-column mode (every mode but the cosine's)
-DivergenceFn divergence_fn(int mode) {
+ColumnPasses column_passes(int mode) {
   switch (mode) {
-    case divergence::kForwardKL: return isa::best<row_divergence<divergence::kForwardKL>>();
-    case divergence::kReverseKL: return isa::best<row_divergence<divergence::kReverseKL>>();
-    case divergence::kTVD: return isa::best<row_divergence<divergence::kTVD>>();
-    default: return isa::best<row_divergence<divergence::kJSD>>();
-  }
-}
-
-GradientFn gradient_fn(int mode, bool hard) {
-  switch (mode) {
-    case divergence::kForwardKL: return gradient_variant<divergence::kForwardKL>(hard);
-    case divergence::kReverseKL: return gradient_variant<divergence::kReverseKL>(hard);
-    case divergence::kTVD: return gradient_variant<divergence::kTVD>(hard);
-    default: return gradient_variant<divergence::kJSD>(hard);
+    case divergence::kForwardKL: return column_passes<divergence::kForwardKL>();
+    case divergence::kReverseKL: return column_passes<divergence::kReverseKL>();
+    case divergence::kTVD: return column_passes<divergence::kTVD>();
+    default: return column_passes<divergence::kJSD>();
   }
 }
 
@@ -180,8 +178,7 @@ void rows(uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_
   const bool cosine = mode == divergence::kCosine;
   const auto max_fn = isa::best<row_maxima>();
   const auto sum_fn = hard ? isa::best<row_sums<true>>() : isa::best<row_sums<false>>();
-  const DivergenceFn div_fn = divergence_fn(mode);
-  const GradientFn grad_hard_fn = gradient_fn(mode, true), grad_soft_fn = gradient_fn(mode, false);
+  const ColumnPasses passes = column_passes(mode);
   const auto cos_fn = isa::best<row_cosine>();
   const CosineGradientFn cos_grad_fn =
       hard ? isa::best<row_cosine_gradient<true>>() : isa::best<row_cosine_gradient<false>>();
@@ -209,7 +206,7 @@ void rows(uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_
         c = cos_fn(zs, zt, V, inv_t);
         D = 1.f - c.cos;
       } else {
-        div_fn(zs, zt, V, inv_t, R, &D, &K);
+        passes.divergence(zs, zt, V, inv_t, R, &D, &K);
       }
       div[r] = D;
       const int64_t y = hard ? labels[r] : ignore_index;
@@ -219,7 +216,7 @@ void rows(uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_
       if (g_soft) {
         const float gh = labelled && g_hard ? g_hard[r] : 0.f;
         if (cosine) cos_grad_fn(zs, zt, V, inv_t, R, c, g_soft[r], gh, log_s1);
-        else (gh != 0.f ? grad_hard_fn : grad_soft_fn)(zs, zt, V, inv_t, R, K, g_soft[r], gh, log_s1);
+        else (gh != 0.f ? passes.gradient_hard : passes.gradient_soft)(zs, zt, V, inv_t, R, K, g_soft[r], gh, log_s1);
         if (gh != 0.f) {
           if (y >= 0 && y < V) zs[y] -= gh;
           else

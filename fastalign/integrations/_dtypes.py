@@ -16,6 +16,13 @@ def float64_as_float32(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.float() if isinstance(t, Tensor) and t.dtype == torch.float64 else t
 
 
+def check_accum_dtype(dtype) -> None:
+    """Liger's ``accum_dtype`` (the dtype of its gradient accumulators): None or a floating ``torch.dtype``, else a
+    ``TypeError``. fastalign accumulates in fp32 whatever it is, so it changes no result."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"accum_dtype must be None or a floating torch.dtype, got {dtype!r}")
+
+
 def refuse_out_of_range(loss: Tensor, labels: Tensor, vocab: int, ignore_index: int, name: str) -> Tensor:
     """``loss``, refused when a label of ``labels`` (named ``name``) lies outside ``[0, vocab)`` and is not
     ``ignore_index``, as the trainers' own losses fail on it (an ``IndexError`` or an out-of-bounds read): a

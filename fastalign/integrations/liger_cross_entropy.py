@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastalign import _validate
-from fastalign.integrations._dtypes import float64_as_float32, refuse_out_of_range
+from fastalign.integrations._dtypes import check_accum_dtype, float64_as_float32, refuse_out_of_range
 from fastalign.integrations._live_options import LiveOptions
 from fastalign.linear import check_head, linear_logprobs
 
@@ -117,9 +117,7 @@ class LigerFusedLinearCrossEntropyLoss(LiveOptions, nn.Module):
                                  "the [N, V] logits")
         for name in ("return_z_loss", "use_token_scaling", "return_token_accuracy", "return_predicted_tokens"):
             _validate.boolean(name, getattr(self, name))
-        dtype = self.accum_dtype
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"accum_dtype must be None or a floating torch.dtype, got {dtype!r}")
+        check_accum_dtype(self.accum_dtype)
 
     def forward(self, lin_weight, _input, target, bias=None):
         out_dtype = getattr(_input, "dtype", None)  # the z-loss's (Liger keeps it in _input's dtype)

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from fastalign import _validate
+from fastalign.integrations._dtypes import check_accum_dtype
 from fastalign.integrations._live_options import LiveOptions, SinglePassAttribute
 from fastalign.linear_divergence import ARGUMENT_NAMES, check_tensors, linear_divergence_loss
 
@@ -74,8 +75,7 @@ class _FusedLinearDistillation(SinglePassAttribute, LiveOptions, nn.Module):
 
     def _check_beta(self) -> None:
         """The JSD's ``beta``: in [0, 1]."""
-        if not 0.0 <= _validate.number("beta", self.beta) <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+        _validate.unit_interval("beta", self.beta)
 
     def _divergence(self) -> tuple[dict, float]:
         """(linear_divergence_loss's divergence options, the factor of D in the soft loss)."""
@@ -140,13 +140,10 @@ class LigerFusedLinearJSD(SinglePassAttribute, LiveOptions, nn.Module):
         self._configure_options(locals())
 
     def _configure(self) -> None:
-        if not 0.0 <= _validate.number("jsd_beta", self.jsd_beta) <= 1.0:
-            raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
+        _validate.unit_interval("jsd_beta", self.jsd_beta)
         _validate.index_value("ignore_index", self.ignore_index)
         _validate.positive("temperature", self.temperature)
-        dtype = self.accum_dtype
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"accum_dtype must be None or a floating torch.dtype, got {dtype!r}")
+        check_accum_dtype(self.accum_dtype)
 
     def forward(self, student_input: Tensor, student_weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor,
                 shift_labels: Optional[Tensor] = None):

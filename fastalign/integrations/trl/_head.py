@@ -466,6 +466,41 @@ def install_heads(trainer, **options) -> None:
             install_head(trainer.accelerator.unwrap_model(model))
 
 
+def token_mean(accelerator, values: Tensor, where: Tensor, empty=0.0):
+    """The mean of ``values`` at the positions ``where`` over every process (sums and counts gathered, as TRL
+    gathers its token metrics); ``empty`` where no process has such a position."""
+    gather = accelerator.gather_for_metrics
+    total, count = gather(values.detach().float()[where].sum()).sum(), gather(where.sum()).sum()
+    return (total / count).item() if count > 0 else empty
+
+
+def log_num_tokens(trainer, mode: str, attention_mask: Tensor) -> None:
+    """TRL's ``num_tokens``: the attended tokens of every process trained on so far (the ranks of a tensor-parallel
+    group hold the same batch: counted once)."""
+    if mode == "train":
+        trainer._total_train_tokens += (trainer.accelerator.gather_for_metrics(attention_mask.sum()).sum().item()
+                                        // trainer._tp_size)
+    trainer._metrics[mode]["num_tokens"] = [trainer._total_train_tokens]
+
+
+def log_pair_metrics(trainer, mode: str, stats: dict, targets: Tensor, parts: int = 2) -> None:
+    """TRL's ``logits/chosen``, ``logits/rejected`` (from ``stats["position_mean_logits"]``, when the head has
+    them) and ``mean_token_accuracy`` (of the chosen rows), token-weighted over every process, for a batch of
+    ``parts`` equal parts (the chosen rows first, then the rejected ones; TPO's gold rows third) from the
+    statistics of the loss's own pass (:func:`head_separable_loss`)."""
+    log = trainer._metrics[mode]
+    scored = (targets != -100).chunk(parts, dim=0)
+
+    def only(i):  # the scored positions of the i-th part
+        return torch.cat([p if j == i else torch.zeros_like(p) for j, p in enumerate(scored)])
+
+    if "position_mean_logits" in stats:
+        mean_logits = stats["position_mean_logits"][:, :-1]
+        log["logits/chosen"].append(token_mean(trainer.accelerator, mean_logits, only(0)))
+        log["logits/rejected"].append(token_mean(trainer.accelerator, mean_logits, only(1)))
+    log["mean_token_accuracy"].append(token_mean(trainer.accelerator, stats["argmax"] == targets, only(0)))
+
+
 def gathered_mean(accelerator, mean: Tensor, count, *, empty: float = float("nan")) -> float:
     """The mean over every process of values each process holds ``count`` of, from each process's
     ``mean``: ``Σ_p count_p mean_p / Σ_p count_p`` (what TRL's gather of the values themselves, or of

@@ -40,7 +40,8 @@ from trl.trainer.utils import use_adapter
 
 from fastalign.integrations.trl._head import (LiveLoss, add_aux_loss, build_loss, check_config, check_model,
                                               gathered_mean, has_mean_logits, head_call, head_separable_loss,
-                                              init_checked, install_head, install_heads, policy_operands)
+                                              init_checked, install_head, install_heads, log_num_tokens,
+                                              log_pair_metrics, policy_operands, token_mean)
 from fastalign.integrations.trl.preference import DPOLoss
 from fastalign.linear_preference import coupling
 from fastalign.sequence import sequence_logprobs
@@ -138,22 +139,6 @@ class DPOTrainer(trl.DPOTrainer):
     def _log_head_metrics(self, mode, stats, targets, attention_mask) -> None:
         """TRL's ``entropy``, ``num_tokens``, ``logits/*`` and ``mean_token_accuracy``: token-weighted over
         every process (sums and counts gathered, as TRL does), from the statistics of the loss's own pass."""
-        gather = self.accelerator.gather_for_metrics
-        log = self._metrics[mode]
-        mask = targets != -100
-        chosen, rejected = mask.chunk(2, dim=0)
-        only_chosen = torch.cat([chosen, torch.zeros_like(rejected)])
-
-        def weighted(values, where):
-            total, count = gather(values.detach().float()[where].sum()).sum(), gather(where.sum()).sum()
-            return (total / count).item() if count > 0 else 0.0
-
-        log["entropy"].append(weighted(stats["entropy"], mask))
-        if mode == "train":
-            self._total_train_tokens += gather(attention_mask.sum()).sum().item() // self._tp_size
-        log["num_tokens"] = [self._total_train_tokens]
-        if "position_mean_logits" in stats:
-            mean_logits = stats["position_mean_logits"][:, :-1]
-            log["logits/chosen"].append(weighted(mean_logits, only_chosen))
-            log["logits/rejected"].append(weighted(mean_logits, torch.cat([torch.zeros_like(chosen), rejected])))
-        log["mean_token_accuracy"].append(weighted(stats["argmax"] == targets, only_chosen))
+        self._metrics[mode]["entropy"].append(token_mean(self.accelerator, stats["entropy"], targets != -100))
+        log_num_tokens(self, mode, attention_mask)
+        log_pair_metrics(self, mode, stats, targets)

@@ -35,7 +35,8 @@ from trl.trainer.utils import use_adapter
 
 from fastalign.integrations.trl._head import (LiveLoss, add_aux_loss, build_loss, check_config, check_model,
                                               gathered_mean, has_mean_logits, head_call, head_separable_loss,
-                                              init_checked, install_head, install_heads, policy_operands)
+                                              init_checked, install_head, install_heads, log_num_tokens,
+                                              policy_operands, token_mean)
 from fastalign.integrations.trl.preference import KTOLoss
 
 __all__ = ["KTOTrainer"]
@@ -145,19 +146,12 @@ class KTOTrainer(trl.KTOTrainer):
     def _log_head_metrics(self, mode, stats, mask, attention_mask, label) -> None:
         """TRL's ``entropy``, ``num_tokens`` and ``logits/*``: token-weighted, sums and counts gathered, from the
         statistics of the loss's own pass."""
-        gather = self.accelerator.gather_for_metrics
         log = self._metrics[mode]
-
-        def weighted(values, where):
-            return gather(values.detach().float()[where].sum()).sum().item(), gather(where.sum()).sum().item()
-
-        total, count = weighted(stats["entropy"], mask)
-        log["entropy"].append(total / count if count > 0 else 0.0)
-        if mode == "train":
-            self._total_train_tokens += gather(attention_mask.sum()).sum().item() // self._tp_size
-        log["num_tokens"] = [self._total_train_tokens]
+        log["entropy"].append(token_mean(self.accelerator, stats["entropy"], mask))
+        log_num_tokens(self, mode, attention_mask)
         if "position_mean_logits" in stats:
             for name, rows in (("logits/chosen", label), ("logits/rejected", ~label)):
-                total, count = weighted(stats["position_mean_logits"][:, :-1], mask & rows[:, None])
-                if count > 0:
-                    log[name].append(total / count)
+                mean = token_mean(self.accelerator, stats["position_mean_logits"][:, :-1], mask & rows[:, None],
+                                  empty=None)
+                if mean is not None:
+                    log[name].append(mean)

@@ -69,9 +69,7 @@ class SelfDistillationLoss(nn.Module):
         if self.mode not in _MODES:
             raise ValueError(f"{name}.distillation_mode must be one of {_MODES + ('topk_logits',)}, got "
                              f"{self.mode!r}")
-        self.alpha = _validate.finite_number(f"{name}.distillation_alpha", c["distillation_alpha"])
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"{name}.distillation_alpha must be in [0, 1], got {self.alpha}")
+        self.alpha = _validate.unit_interval(f"{name}.distillation_alpha", c["distillation_alpha"])
         if self.mode == "sampled_token" and self.alpha != 1.0:
             raise ValueError(f"{name}.distillation_alpha={self.alpha}: distillation_mode='sampled_token' is the "
                              "reverse KL only (alpha = 1), as TRL requires")

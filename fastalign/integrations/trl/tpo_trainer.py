@@ -31,7 +31,7 @@ from trl.experimental.tpo import TPOTrainer as _TRLTPOTrainer
 
 from fastalign.integrations.trl._head import (LiveLoss, build_loss, check_config, check_model, gathered_mean,
                                               has_mean_logits, head_call, head_separable_loss, init_checked,
-                                              install_heads)
+                                              install_heads, log_num_tokens, log_pair_metrics)
 from fastalign.integrations.trl.preference import TPOLoss
 
 __all__ = ["TPOTrainer"]
@@ -88,24 +88,7 @@ class TPOTrainer(_TRLTPOTrainer):
         """TRL's ``entropy`` (each process's mean over its completion tokens, averaged over processes),
         ``num_tokens``, ``logits/*`` and ``mean_token_accuracy`` (token-weighted over every process), from the
         statistics of the loss's own pass."""
-        gather = self.accelerator.gather_for_metrics
-        log = self._metrics[mode]
-        mask = targets != -100
-        parts = mask.chunk(3 if gold else 2, dim=0)
-
-        def only(i):  # the scored positions of the i-th part (chosen, rejected) of the batch
-            return torch.cat([p if j == i else torch.zeros_like(p) for j, p in enumerate(parts)])
-
-        def weighted(values, where):
-            total, count = gather(values.detach().float()[where].sum()).sum(), gather(where.sum()).sum()
-            return (total / count).item() if count > 0 else 0.0
-
-        log["entropy"].append(gather(stats["entropy"][mask].mean()).mean().item())
-        if mode == "train":
-            self._total_train_tokens += gather(attention_mask.sum()).sum().item() // self._tp_size
-        log["num_tokens"] = [self._total_train_tokens]
-        if "position_mean_logits" in stats:
-            mean_logits = stats["position_mean_logits"][:, :-1]
-            log["logits/chosen"].append(weighted(mean_logits, only(0)))
-            log["logits/rejected"].append(weighted(mean_logits, only(1)))
-        log["mean_token_accuracy"].append(weighted(stats["argmax"] == targets, only(0)))
+        entropy = stats["entropy"][targets != -100].mean()
+        self._metrics[mode]["entropy"].append(self.accelerator.gather_for_metrics(entropy).mean().item())
+        log_num_tokens(self, mode, attention_mask)
+        log_pair_metrics(self, mode, stats, targets, parts=3 if gold else 2)
