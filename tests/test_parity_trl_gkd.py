@@ -1,0 +1,187 @@
+"""The GKD drop-in against TRL 1.16's own experimental ``GKDTrainer``: its ``generalized_jsd_loss`` on the
+logits of the same hidden states (loss and gradients), and a tiny trainer run next to the drop-in (logged
+metrics and parameters after the steps, same seed): off-policy, on-policy student generations, sequence-level
+KD from the teacher's generations, gradient accumulation, evaluation and LoRA adapters."""
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the TRL drop-ins need transformers")
+trl = pytest.importorskip("trl", reason="TRL is not importable")
+datasets = pytest.importorskip("datasets", reason="TRL's trainers need datasets")
+pytest.importorskip("tokenizers", reason="the test tokenizer needs tokenizers")
+
+from trl.experimental.gkd import GKDConfig, GKDTrainer as TRLGKDTrainer  # noqa: E402
+
+import fastalign  # noqa: E402
+from helpers import assert_close  # noqa: E402
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5, 0.1])
+@pytest.mark.parametrize("num_items_in_batch", [None, 7, "tensor"])
+def test_loss_matches_generalized_jsd_loss(beta, num_items_in_batch):
+    g = torch.Generator().manual_seed(0)
+    B, T, H, Ht, V = 3, 6, 16, 24, 40
+    hs = torch.randn(B, T, H, generator=g, dtype=torch.float64).requires_grad_()
+    ws = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
+    bs = (torch.randn(V, generator=g, dtype=torch.float64) * 0.1).requires_grad_()
+    ht = torch.randn(B, T, Ht, generator=g, dtype=torch.float64)
+    wt = torch.randn(V, Ht, generator=g, dtype=torch.float64) * 0.3
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :4] = -100  # a prompt
+    labels[2] = -100  # a row without a scored token
+    n = torch.tensor(7) if num_items_in_batch == "tensor" else num_items_in_batch
+    theirs = TRLGKDTrainer.generalized_jsd_loss(hs @ ws.T + bs, ht @ wt.T, labels, beta=beta, num_items_in_batch=n)
+    t_grads = torch.autograd.grad(theirs, (hs, ws, bs))
+    ours, _ = fastalign.linear_divergence_loss(hs.float(), ws.float(), ht.float(), wt.float(), beta=beta,
+                                               bias=bs.float(), response_mask=labels != -100, normalizer=n)
+    o_grads = torch.autograd.grad(ours, (hs, ws, bs))
+    assert_close(ours, theirs, atol=1e-6, rtol=1e-5, what="loss")
+    for name, o, t in zip(("hidden", "weight", "bias"), o_grads, t_grads):
+        assert_close(o, t, atol=1e-6, rtol=1e-4, what=name)
+
+
+def test_no_scored_token_gives_zero_as_trl():
+    g = torch.Generator().manual_seed(1)
+    hs = torch.randn(2, 3, 8, generator=g).requires_grad_()
+    ws, wt = torch.randn(20, 8, generator=g), torch.randn(20, 8, generator=g)
+    labels = torch.full((2, 3), -100)
+    theirs = TRLGKDTrainer.generalized_jsd_loss(hs @ ws.T, hs.detach() @ wt.T, labels)
+    ours, _ = fastalign.linear_divergence_loss(hs, ws, hs.detach(), wt, beta=0.5, response_mask=labels != -100)
+    assert float(theirs) == float(ours) == 0.0
+    ours.backward()
+    assert torch.equal(hs.grad, torch.zeros_like(hs))
+
+
+# ------------------------------------------------------------------------------------------ trainer
+
+WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(60)]
+
+
+def _checkpoint(path, hidden, seed):
+    import tokenizers
+
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(vocab_size=len(WORDS), hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
+                                      eos_token_id=1, bos_token_id=None)
+    model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.3)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
+    model.save_pretrained(path)
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                         unk_token="<unk>", padding_side="left").save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return (_checkpoint(tmp_path_factory.mktemp("student"), 32, 0),
+            _checkpoint(tmp_path_factory.mktemp("teacher"), 48, 1))
+
+
+def _dataset(n):
+    """Pre-tokenized examples (prompt text, ids and completion mask, as TRL's ChatML collator reads them)."""
+    rows = {"prompt": [], "input_ids": [], "completion_mask": []}
+    for i in range(n):
+        prompt = [(3 * i + j) % 50 + 3 for j in range(2 + i % 3)]
+        completion = [(7 * i + 5 * j) % 50 + 3 for j in range(1 + i % 4)] + [1]
+        rows["prompt"].append(" ".join(WORDS[t] for t in prompt))
+        rows["input_ids"].append(prompt + completion)
+        rows["completion_mask"].append([0] * len(prompt) + [1] * len(completion))
+    return datasets.Dataset.from_dict(rows)
+
+
+def _trainer(cls, models, tmp_path, options, **kwargs):
+    student, teacher = models
+    args = GKDConfig(**{**dict(
+        output_dir=str(tmp_path), max_steps=2, report_to="none", seed=0, use_cpu=True, logging_steps=1,
+        optim="sgd", learning_rate=0.5, bf16=False, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        per_device_train_batch_size=4, max_new_tokens=4), **options})
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(student)
+    model = transformers.AutoModelForCausalLM.from_pretrained(student)
+    teacher_model = transformers.AutoModelForCausalLM.from_pretrained(teacher)
+    return cls(model=model, teacher_model=teacher_model, args=args, train_dataset=_dataset(8),
+               processing_class=tokenizer, **kwargs)
+
+
+def _run(cls, models, tmp_path, options, **kwargs):
+    trainer = _trainer(cls, models, tmp_path, options, **kwargs)
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+    trainer.train()
+    logs = [{k: v for k, v in log.items() if "time" not in k and "per_second" not in k}
+            for log in trainer.state.log_history[:-1]]
+    after = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+    return logs, before, after
+
+
+def _assert_same_run(ours, theirs):
+    (o_logs, o_before, o_after), (t_logs, t_before, t_after) = ours, theirs
+    assert len(o_logs) == len(t_logs) >= 2
+    for t, o in zip(t_logs, o_logs):
+        assert sorted(o) == sorted(t)
+        for k, v in t.items():
+            if isinstance(v, float) and math.isnan(v):
+                assert math.isnan(o[k]), k
+            elif isinstance(v, float):
+                assert o[k] == pytest.approx(v, rel=1e-4, abs=2e-5), k
+    assert sorted(o_before) == sorted(t_before)
+    moved = 0
+    for k in t_before:
+        torch.testing.assert_close(o_before[k], t_before[k], rtol=0, atol=0)
+        torch.testing.assert_close(o_after[k] - o_before[k], t_after[k] - t_before[k], rtol=1e-4, atol=2e-5,
+                                   msg=lambda m: f"{k}: {m}")
+        moved += int(not torch.equal(t_after[k], t_before[k]))
+    assert moved > 0
+
+
+@pytest.mark.parametrize("options", [
+    dict(lmbda=0.0, beta=0.5),
+    dict(lmbda=1.0, beta=0.0, gradient_accumulation_steps=2),
+    dict(lmbda=0.0, seq_kd=True, beta=1.0),
+    dict(lmbda=0.5, beta=0.1, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=3),
+])
+def test_trainer_matches_trl(models, tmp_path, options):
+    from fastalign.integrations.trl import GKDTrainer
+
+    extra = {"eval_dataset": _dataset(5)} if "eval_strategy" in options else {}
+    theirs = _run(TRLGKDTrainer, models, tmp_path / "trl", options, **extra)
+    ours = _run(GKDTrainer, models, tmp_path / "ours", options, **extra)
+    if extra:
+        assert any("eval_loss" in log for log in ours[0])
+    _assert_same_run(ours, theirs)
+
+
+def test_lora_matches_trl(models, tmp_path):
+    peft = pytest.importorskip("peft")
+    from fastalign.integrations.trl import GKDTrainer
+
+    def config():  # init_lora_weights=False: B is not 0, so the adapter changes the logits from the first step
+        return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+
+    torch.manual_seed(5)
+    theirs = _run(TRLGKDTrainer, models, tmp_path / "trl", dict(lmbda=0.0), peft_config=config())
+    torch.manual_seed(5)
+    ours = _run(GKDTrainer, models, tmp_path / "ours", dict(lmbda=0.0), peft_config=config())
+    assert sorted(ours[1]) and all("lora_" in k for k in ours[1])
+    _assert_same_run(ours, theirs)
+
+
+def test_refusals(models, tmp_path):
+    from fastalign.integrations.trl import GKDTrainer
+
+    with pytest.raises(ValueError, match="use_liger_kernel"):
+        _trainer(GKDTrainer, models, tmp_path, dict(use_liger_kernel=True))
+    student, teacher = models
+    trainer_args = GKDConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, max_new_tokens=4)
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(student)
+    with pytest.raises(TypeError, match="teacher_model: its dtype is torch.float64"):
+        GKDTrainer(model=transformers.AutoModelForCausalLM.from_pretrained(student),
+                   teacher_model=transformers.AutoModelForCausalLM.from_pretrained(teacher).double(),
+                   args=trainer_args, train_dataset=_dataset(4), processing_class=tokenizer)
