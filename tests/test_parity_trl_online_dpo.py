@@ -1,0 +1,162 @@
+"""The Online DPO drop-in against TRL 1.16's own experimental ``OnlineDPOTrainer``: its ``_forward`` on the same
+completions (log-probs at every completion position, padding included, and their gradients), and a tiny
+trainer run next to the drop-in from the same seed (the logged metrics and the parameters after the steps):
+sigmoid and IPO, beta, the missing-EOS penalty, left truncation to ``max_length``, gradient
+accumulation, and a LoRA adapter on the body and the lm_head (its reference the disabled adapter)."""
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the TRL drop-ins need transformers")
+trl = pytest.importorskip("trl", reason="TRL is not importable")
+datasets = pytest.importorskip("datasets", reason="TRL's trainers need datasets")
+pytest.importorskip("tokenizers", reason="the test tokenizer needs tokenizers")
+
+from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer as TRLOnlineDPOTrainer  # noqa: E402
+
+from helpers import assert_close  # noqa: E402
+
+WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(60)]
+TARGET = WORDS.index("w7")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    import tokenizers
+
+    path = tmp_path_factory.mktemp("policy")
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
+                                      eos_token_id=1, bos_token_id=None)
+    model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.3)
+        model.lm_head.weight[1] += 0.4  # some completions stop early: padding after an EOS
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
+    model.save_pretrained(path)
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                         unk_token="<unk>", padding_side="left").save_pretrained(path)
+    return str(path)
+
+
+def target_share(completion_ids, **_):
+    """The reward: the share of the target token in the completion."""
+    return [sum(t == TARGET for t in ids) / max(len(ids), 1) for ids in completion_ids]
+
+
+def _trainer(cls, checkpoint, tmp_path, options, **kwargs):
+    args = OnlineDPOConfig(**{**dict(
+        output_dir=str(tmp_path), max_steps=2, report_to="none", seed=0, use_cpu=True, logging_steps=1,
+        optim="sgd", learning_rate=0.5, bf16=False, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        per_device_train_batch_size=3, max_new_tokens=5), **options})
+    prompts = [" ".join(f"w{(3 * i + j) % 50}" for j in range(2 + i % 4)) for i in range(8)]
+    return cls(model=transformers.AutoModelForCausalLM.from_pretrained(checkpoint), reward_funcs=target_share,
+               args=args, train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
+               processing_class=transformers.PreTrainedTokenizerFast.from_pretrained(checkpoint), **kwargs)
+
+
+def _run(cls, checkpoint, tmp_path, options, **kwargs):
+    trainer = _trainer(cls, checkpoint, tmp_path, options, **kwargs)
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+    trainer.train()
+    logs = [{k: v for k, v in log.items() if "time" not in k and "per_second" not in k}
+            for log in trainer.state.log_history[:-1]]
+    after = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+    return logs, before, after
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(loss_type="ipo", beta=0.2, per_device_train_batch_size=4),
+    dict(missing_eos_penalty=1.0, max_length=6, gradient_accumulation_steps=2),
+])
+def test_trainer_matches_trl(checkpoint, tmp_path, options):
+    from fastalign.integrations.trl import OnlineDPOTrainer
+
+    (t_logs, t_before, t_after) = _run(TRLOnlineDPOTrainer, checkpoint, tmp_path / "trl", options)
+    (o_logs, o_before, o_after) = _run(OnlineDPOTrainer, checkpoint, tmp_path / "ours", options)
+    assert len(o_logs) == len(t_logs) >= 2
+    for t, o in zip(t_logs, o_logs):
+        assert sorted(o) == sorted(t)
+        for k, v in t.items():
+            if isinstance(v, float) and math.isnan(v):
+                assert math.isnan(o[k]), k
+            elif isinstance(v, float):
+                assert o[k] == pytest.approx(v, rel=1e-4, abs=2e-5), k
+    assert sorted(o_before) == sorted(t_before)
+    moved = 0
+    for k in t_before:
+        torch.testing.assert_close(o_before[k], t_before[k], rtol=0, atol=0)
+        torch.testing.assert_close(o_after[k] - o_before[k], t_after[k] - t_before[k], rtol=1e-4, atol=2e-5,
+                                   msg=lambda m: f"{k}: {m}")
+        moved += int(not torch.equal(t_after[k], t_before[k]))
+    assert moved > 0
+
+
+def _completions(g, B=4, P=3, C=5):
+    prompt_ids = torch.randint(3, len(WORDS), (B, P), generator=g)
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    prompt_mask[0, :2] = 0  # left padding
+    completion_ids = torch.randint(3, len(WORDS), (B, C), generator=g)
+    completion_mask = torch.ones(B, C, dtype=torch.long)
+    completion_ids[1, 2], completion_ids[1, 3:] = 1, 0  # an EOS, then padding (scored as TRL scores it)
+    completion_mask[1, 3:] = 0
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+@pytest.mark.parametrize("lora", [None, ["q_proj", "lm_head"]])
+@pytest.mark.parametrize("max_length", [512, 6])
+def test_forward_matches_trl(checkpoint, tmp_path, lora, max_length):
+    from fastalign.integrations.trl import OnlineDPOTrainer
+
+    kwargs = {}
+    if lora:
+        peft = pytest.importorskip("peft")
+        kwargs["peft_config"] = peft.LoraConfig(r=4, lora_alpha=8, target_modules=lora, init_lora_weights=False)
+    trainer = _trainer(OnlineDPOTrainer, checkpoint, tmp_path, dict(max_length=max_length), **kwargs)
+    inputs = _completions(torch.Generator().manual_seed(3))
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    ours = trainer._forward(trainer.model, *inputs)
+    o_grads = torch.autograd.grad(ours.sum(), params)
+    theirs = TRLOnlineDPOTrainer._forward(trainer, trainer.model, *inputs)
+    t_grads = torch.autograd.grad(theirs.sum(), params)
+    assert ours.shape == theirs.shape == inputs[2].shape
+    assert_close(ours, theirs, atol=1e-5, rtol=1e-5, what="logprobs")
+    for o, t in zip(o_grads, t_grads):
+        assert_close(o, t, atol=1e-5, rtol=1e-4, what="gradient")
+    if lora:  # the reference: the adapter disabled
+        with torch.no_grad(), trainer.model.disable_adapter():
+            ref = trainer._forward(trainer.model, *inputs)
+            t_ref = TRLOnlineDPOTrainer._forward(trainer, trainer.model, *inputs)
+        assert_close(ref, t_ref, atol=1e-5, rtol=1e-5, what="reference")
+        assert (ref - ours).abs().max() > 1e-3
+
+
+def test_beta_per_epoch(checkpoint, tmp_path):
+    """A list beta gives one beta per epoch (TRL 1.16's own property fails to index it with the fractional epoch)."""
+    from fastalign.integrations.trl import OnlineDPOTrainer
+
+    options = dict(beta=[0.2, 0.05], num_train_epochs=3, max_steps=-1, per_device_train_batch_size=4)
+    trainer = _trainer(OnlineDPOTrainer, checkpoint, tmp_path, options)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "beta" in log]
+    assert [(math.ceil(log["epoch"]), log["beta"]) for log in logs] == [(1, 0.2)] * 2 + [(2, 0.05)] * 2 + [(3, 0.05)] * 2
+
+
+def test_refusals(checkpoint, tmp_path):
+    from fastalign.integrations.trl import OnlineDPOTrainer
+
+    with pytest.raises(ValueError, match="use_liger_kernel"):
+        _trainer(OnlineDPOTrainer, checkpoint, tmp_path, dict(use_liger_kernel=True))
+    with pytest.raises(TypeError, match="model: its dtype is torch.float64"):
+        OnlineDPOTrainer(model=transformers.AutoModelForCausalLM.from_pretrained(checkpoint).double(),
+                         reward_funcs=target_share,
+                         args=OnlineDPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False),
+                         train_dataset=datasets.Dataset.from_dict({"prompt": ["w1 w2"]}),
+                         processing_class=transformers.PreTrainedTokenizerFast.from_pretrained(checkpoint))
