@@ -1,4 +1,5 @@
-"""Peak CPU memory (and time) of one SFT, DPO, GRPO or RLOO training step: TRL's trainer against fastalign's drop-in.
+"""Peak CPU memory (and time) of one SFT, DPO, GRPO, RLOO, GKD or Online DPO training step: TRL's trainer against
+fastalign's drop-in.
 
 Each trainer runs in its own subprocess (a fresh allocator and a fresh peak) on the same small
 randomly initialised Qwen2 with a large vocabulary (default V = 131072), the same prompts, seed and
@@ -8,7 +9,12 @@ and their difference, the step's own peak (generation included, the same for bot
 TRL / fastalign. On CPU TRL's fused head scores every position in vocabulary chunks (its Triton
 kernel, which skips unscored positions, runs on GPUs only). Not part of the tests::
 
-    python benchmarks/trl_peak_memory.py --vocab 131072 --completion-length 256 [--trainer sft|dpo|grpo|rloo]
+    python benchmarks/trl_peak_memory.py --vocab 131072 --completion-length 256 \
+        [--trainer sft|dpo|grpo|rloo|gkd|online_dpo]
+
+GKD (TRL's experimental ``GKDTrainer``) distils into the model from a teacher of the same architecture with other
+random weights, off-policy (``lmbda=0``: the dataset's completions, no generation). Online DPO (TRL's
+experimental ``OnlineDPOTrainer``) samples two completions per prompt and scores them with a length reward.
 """
 import argparse
 import json
@@ -52,6 +58,12 @@ def build_checkpoint(path: str, vocab: int, hidden: int) -> None:
                                          unk_token="<unk>").save_pretrained(path)
 
 
+#: --trainer -> (trainer class, TRL module that defines it: trl or one of trl.experimental's)
+TRAINERS = {"sft": ("SFTTrainer", "trl"), "dpo": ("DPOTrainer", "trl"), "grpo": ("GRPOTrainer", "trl"),
+            "rloo": ("RLOOTrainer", "trl"), "gkd": ("GKDTrainer", "gkd"),
+            "online_dpo": ("OnlineDPOTrainer", "online_dpo")}
+
+
 def run_one(which: str, checkpoint: str, opts) -> dict:
     """One optimizer step of ``which`` ("trl" or "fastalign"); returns its memory figures (MiB)."""
     import datasets
@@ -60,8 +72,10 @@ def run_one(which: str, checkpoint: str, opts) -> dict:
 
     import fastalign.integrations.trl as fa_trl
 
-    name = f"{opts.trainer.upper()}Trainer"
-    cls = getattr(trl, name) if which == "trl" else getattr(fa_trl, name)
+    from trl.experimental import gkd, online_dpo
+
+    name, home = TRAINERS[opts.trainer]
+    cls = getattr({"trl": trl, "gkd": gkd, "online_dpo": online_dpo}[home] if which == "trl" else fa_trl, name)
     common = dict(output_dir=os.path.join(os.path.dirname(checkpoint), f"out-{which}"), max_steps=1,
                   per_device_train_batch_size=opts.batch, report_to="none", save_strategy="no", use_cpu=True, seed=0,
                   disable_tqdm=True, logging_steps=1, optim="sgd", bf16=False)
@@ -77,6 +91,24 @@ def run_one(which: str, checkpoint: str, opts) -> dict:
                  for i in range(opts.batch)]
         trainer = cls(model=checkpoint, args=trl.SFTConfig(max_length=opts.completion_length + 8, **common),
                       train_dataset=datasets.Dataset.from_dict({"text": texts}), processing_class=tokenizer)
+    elif opts.trainer == "gkd":  # batch examples: a 16-word prompt and a completion of completion_length words
+        ids = [[(7 * i + j) % 1000 + 3 for j in range(16 + opts.completion_length)] for i in range(opts.batch)]
+        rows = {"prompt": [" ".join(f"w{t - 3}" for t in row[:16]) for row in ids], "input_ids": ids,
+                "completion_mask": [[0] * 16 + [1] * opts.completion_length for _ in ids]}
+        import torch
+
+        torch.manual_seed(1)
+        teacher = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(checkpoint))
+        trainer = cls(model=checkpoint, teacher_model=teacher,
+                      args=gkd.GKDConfig(lmbda=0.0, max_length=opts.completion_length + 24, **common),
+                      train_dataset=datasets.Dataset.from_dict(rows), processing_class=tokenizer)
+    elif opts.trainer == "online_dpo":  # batch prompts, two sampled completions of completion_length tokens each
+        prompts = [" ".join(f"w{(7 * i + j) % 1000 + 3}" for j in range(16)) for i in range(opts.batch)]
+        args = online_dpo.OnlineDPOConfig(max_new_tokens=opts.completion_length, max_length=opts.completion_length + 24,
+                                          **common)
+        trainer = cls(model=checkpoint, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
+                      args=args, train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
+                      processing_class=tokenizer)
     else:
         config = trl.GRPOConfig if opts.trainer == "grpo" else trl.RLOOConfig
         loss = dict(loss_type="dapo") if opts.trainer == "grpo" else {}
@@ -97,10 +129,11 @@ def run_one(which: str, checkpoint: str, opts) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trainer", choices=["sft", "dpo", "grpo", "rloo"], default="grpo")
+    parser.add_argument("--trainer", choices=sorted(TRAINERS), default="grpo")
     parser.add_argument("--vocab", type=int, default=131072)
     parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8, help="completions (SFT: texts, DPO: pairs) per step")
+    parser.add_argument("--batch", type=int, default=8,
+                        help="completions (SFT: texts, DPO: pairs, GKD: examples, Online DPO: prompts) per step")
     parser.add_argument("--completion-length", type=int, default=256)
     parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient (adds a reference model)")
     parser.add_argument("--child", choices=["trl", "fastalign"], help=argparse.SUPPRESS)
@@ -122,9 +155,11 @@ def main():
             env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             results[which] = json.loads(out.strip().splitlines()[-1])
-    per_row = 2 if opts.trainer == "dpo" else 1  # a DPO pair scores its chosen and its rejected completion
+    # a DPO pair scores its chosen and its rejected completion, an Online DPO prompt its two samples
+    per_row = 2 if opts.trainer in ("dpo", "online_dpo") else 1
     tokens = opts.batch * per_row * opts.completion_length
-    rows = f"{opts.batch} pairs x 2" if per_row == 2 else f"{opts.batch} completions"
+    rows = f"{opts.batch} {'pairs' if opts.trainer == 'dpo' else 'prompts'} x 2" if per_row == 2 else \
+        f"{opts.batch} completions"
     print(f"one {opts.trainer.upper()} step, V={opts.vocab}, hidden={opts.hidden}, {rows} x {opts.completion_length} "
           f"tokens ({tokens} scored tokens; full fp32 logits would be {tokens * opts.vocab * 4 / 2**20:.0f} MiB)")
     print(f"{'trainer':<10} {'peak RSS':>10} {'before train':>13} {'step peak':>10} {'train()':>9} {'loss':>12}")
@@ -134,7 +169,7 @@ def main():
     t, f = results["trl"], results["fastalign"]
     print(f"ratio TRL / fastalign: peak RSS {t['peak_rss_mib'] / f['peak_rss_mib']:.2f}, "
           f"step peak {t['step_peak_mib'] / max(f['step_peak_mib'], 1e-9):.2f}, train() time "
-          f"{t['train_s'] / f['train_s']:.2f} (generation included for GRPO and RLOO)")
+          f"{t['train_s'] / f['train_s']:.2f} (generation included for GRPO, RLOO and Online DPO)")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ Drop-in trainers, subclasses of TRL's with the same constructor and config class
     from fastalign.integrations.trl import GMPOTrainer   # was: from trl.experimental.gmpo import GMPOTrainer
     from fastalign.integrations.trl import TPOTrainer   # was: from trl.experimental.tpo import TPOTrainer
     from fastalign.integrations.trl import DistillationTrainer   # was: from trl import DistillationTrainer
+    from fastalign.integrations.trl import GKDTrainer   # was: from trl.experimental.gkd import GKDTrainer
+    from fastalign.integrations.trl import OnlineDPOTrainer   # was: from trl.experimental.online_dpo import ...
 
 They are loaded on first access, so importing this package does not import ``trl``.
 """
@@ -33,7 +35,8 @@ from fastalign.integrations.trl.self_distillation import *  # noqa: F401,F403
 _TRAINERS = {"SFTTrainer": "sft_trainer", "GRPOTrainer": "grpo_trainer", "RLOOTrainer": "rloo_trainer",
              "DPOTrainer": "dpo_trainer", "KTOTrainer": "kto_trainer", "CPOTrainer": "cpo_trainer",
              "ORPOTrainer": "orpo_trainer", "DistillationTrainer": "distillation_trainer",
-             "GMPOTrainer": "gmpo_trainer", "TPOTrainer": "tpo_trainer"}
+             "GMPOTrainer": "gmpo_trainer", "TPOTrainer": "tpo_trainer", "GKDTrainer": "gkd_trainer",
+             "OnlineDPOTrainer": "online_dpo_trainer"}
 
 
 def __getattr__(name):
