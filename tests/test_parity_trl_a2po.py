@@ -111,3 +111,46 @@ def test_a2po_bad_inputs_name_the_field():
         a2po_optimal_values(None, torch.zeros(3, 0))
     with pytest.raises(TypeError, match="rewards"):
         a2po_optimal_values(None, torch.ones(3, 2, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------ trainer
+
+def _binary_reward(completions, **_):
+    """1 when the completion holds one of the words w0 .. w29, else 0 (A*-PO's binary reward)."""
+    return [float(any(w in c.split() for w in [f"w{i}" for i in range(30)])) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    pytest.importorskip("transformers", reason="the TRL drop-ins need transformers")
+    pytest.importorskip("tokenizers", reason="the test tokenizer needs tokenizers")
+    from trl_runs import tiny_checkpoint
+
+    # an EOS bias: some completions stop early, padding after their EOS (not scored)
+    return tiny_checkpoint(tmp_path_factory.mktemp("policy"), eos_bias=1.5)
+
+
+def _trainer(cls, checkpoint, tmp_path, options):
+    import datasets
+    import transformers
+
+    args = trl_a2po.A2POConfig(**{**dict(
+        output_dir=str(tmp_path), max_steps=2, report_to="none", seed=0, use_cpu=True, logging_steps=1, optim="sgd",
+        learning_rate=0.05, bf16=False, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        per_device_train_batch_size=3, max_completion_length=5, num_value_samples=4, beta2=0.5), **options})
+    prompts = [" ".join(f"w{(3 * i + j) % 50}" for j in range(2 + i % 4)) for i in range(6)]
+    return cls(model=transformers.AutoModelForCausalLM.from_pretrained(checkpoint), reward_funcs=_binary_reward,
+               args=args, train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
+               processing_class=transformers.PreTrainedTokenizerFast.from_pretrained(checkpoint))
+
+
+@pytest.mark.parametrize("options", [dict(), dict(beta1=0.05, gradient_accumulation_steps=2, temperature=0.7)])
+def test_trainer_matches_trl(checkpoint, tmp_path, options):
+    """TRL's own ``A2POTrainer`` and the drop-in, two steps from the same seed (stage 1's ``V*`` from the
+    reference's samples, then on-policy regression): the logged metrics and the parameter updates agree."""
+    from fastalign.integrations.trl import A2POTrainer
+    from trl_runs import assert_same_run, run
+
+    theirs = run(_trainer(trl_a2po.A2POTrainer, checkpoint, tmp_path / "trl", options))
+    ours = run(_trainer(A2POTrainer, checkpoint, tmp_path / "ours", options))
+    assert_same_run(ours, theirs)

@@ -1,8 +1,6 @@
 """The distillation divergence against TRL 1.16's own code: ``_chunked_divergence_loss`` (loss, entropy sum,
 token count and gradients) and a tiny ``DistillationTrainer`` run next to the drop-in (loss, logged metrics
 and parameters after the steps, same seed)."""
-import math
-
 import pytest
 import torch
 
@@ -15,6 +13,7 @@ from trl.trainer.distillation_trainer import _chunked_divergence_loss  # noqa: E
 
 import fastalign  # noqa: E402
 from helpers import assert_close  # noqa: E402
+from trl_runs import WORDS, assert_same_run, run, tiny_checkpoint  # noqa: E402
 
 
 def _inputs(seed, B=2, K=6, H=16, Ht=24, V=50):
@@ -53,34 +52,10 @@ def test_matches_trl_chunked_divergence(beta, options):
 
 # ------------------------------------------------------------------------------------------ trainer
 
-WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(60)]
-
-
-def _checkpoint(path, hidden, seed):
-    import tokenizers
-
-    torch.manual_seed(seed)
-    config = transformers.Qwen2Config(vocab_size=len(WORDS), hidden_size=hidden, intermediate_size=2 * hidden,
-                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
-                                      eos_token_id=1, bos_token_id=None)
-    model = transformers.Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.3)
-    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
-    model.save_pretrained(path)
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                         unk_token="<unk>", padding_side="left").save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    return (_checkpoint(tmp_path_factory.mktemp("student"), 32, 0),
-            _checkpoint(tmp_path_factory.mktemp("teacher"), 48, 1))
+    return (tiny_checkpoint(tmp_path_factory.mktemp("student"), hidden=32, seed=0),
+            tiny_checkpoint(tmp_path_factory.mktemp("teacher"), hidden=48, seed=1))
 
 
 def _trainer(cls, models, tmp_path, options):
@@ -95,38 +70,14 @@ def _trainer(cls, models, tmp_path, options):
     return cls(model=student, teacher_model=teacher, args=args, train_dataset=data, processing_class=tokenizer)
 
 
-def _run(cls, models, tmp_path, options):
-    trainer = _trainer(cls, models, tmp_path, options)
-    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
-    trainer.train()
-    logs = [{k: v for k, v in log.items() if "time" not in k and "per_second" not in k}
-            for log in trainer.state.log_history[:-1]]
-    after = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
-    return logs, before, after
-
-
 @pytest.mark.parametrize("options", [dict(beta=0.5), dict(beta=0.0, temperature=0.8, gradient_accumulation_steps=2),
                                      dict(beta=1.0)])
 def test_trainer_matches_trl(models, tmp_path, options):
     from fastalign.integrations.trl import DistillationTrainer
 
-    t_logs, t_before, t_after = _run(trl.DistillationTrainer, models, tmp_path / "trl", options)
-    o_logs, o_before, o_after = _run(DistillationTrainer, models, tmp_path / "ours", options)
-    assert len(o_logs) == len(t_logs) >= 1
-    for t, o in zip(t_logs, o_logs):
-        assert sorted(o) == sorted(t)
-        for k, v in t.items():
-            if isinstance(v, float) and math.isnan(v):
-                assert math.isnan(o[k]), k
-            elif isinstance(v, float):
-                assert o[k] == pytest.approx(v, rel=1e-4, abs=2e-5), k
-    moved = 0
-    for k in t_before:
-        torch.testing.assert_close(o_before[k], t_before[k], rtol=0, atol=0)
-        torch.testing.assert_close(o_after[k] - o_before[k], t_after[k] - t_before[k], rtol=1e-4, atol=2e-5,
-                                   msg=lambda m: f"{k}: {m}")
-        moved += int(not torch.equal(t_after[k], t_before[k]))
-    assert moved > 0
+    theirs = run(_trainer(trl.DistillationTrainer, models, tmp_path / "trl", options))
+    ours = run(_trainer(DistillationTrainer, models, tmp_path / "ours", options))
+    assert_same_run(ours, theirs, min_logs=1)
 
 
 def test_registered_head_transform_reaches_the_teacher(models, tmp_path, monkeypatch):

@@ -2,8 +2,6 @@
 logits of the same hidden states (loss and gradients), and a tiny trainer run next to the drop-in (logged
 metrics and parameters after the steps, same seed): off-policy, on-policy student generations, sequence-level
 KD from the teacher's generations, gradient accumulation, evaluation and LoRA adapters."""
-import math
-
 import pytest
 import torch
 
@@ -16,6 +14,7 @@ from trl.experimental.gkd import GKDConfig, GKDTrainer as TRLGKDTrainer  # noqa:
 
 import fastalign  # noqa: E402
 from helpers import assert_close  # noqa: E402
+from trl_runs import WORDS, assert_same_run, run, tiny_checkpoint  # noqa: E402
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0, 0.5, 0.1])
@@ -56,34 +55,10 @@ def test_no_scored_token_gives_zero_as_trl():
 
 # ------------------------------------------------------------------------------------------ trainer
 
-WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(60)]
-
-
-def _checkpoint(path, hidden, seed):
-    import tokenizers
-
-    torch.manual_seed(seed)
-    config = transformers.Qwen2Config(vocab_size=len(WORDS), hidden_size=hidden, intermediate_size=2 * hidden,
-                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
-                                      eos_token_id=1, bos_token_id=None)
-    model = transformers.Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.3)
-    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
-    model.save_pretrained(path)
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                         unk_token="<unk>", padding_side="left").save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    return (_checkpoint(tmp_path_factory.mktemp("student"), 32, 0),
-            _checkpoint(tmp_path_factory.mktemp("teacher"), 48, 1))
+    return (tiny_checkpoint(tmp_path_factory.mktemp("student"), hidden=32, seed=0),
+            tiny_checkpoint(tmp_path_factory.mktemp("teacher"), hidden=48, seed=1))
 
 
 def _dataset(n):
@@ -112,33 +87,7 @@ def _trainer(cls, models, tmp_path, options, **kwargs):
 
 
 def _run(cls, models, tmp_path, options, **kwargs):
-    trainer = _trainer(cls, models, tmp_path, options, **kwargs)
-    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
-    trainer.train()
-    logs = [{k: v for k, v in log.items() if "time" not in k and "per_second" not in k}
-            for log in trainer.state.log_history[:-1]]
-    after = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
-    return logs, before, after
-
-
-def _assert_same_run(ours, theirs):
-    (o_logs, o_before, o_after), (t_logs, t_before, t_after) = ours, theirs
-    assert len(o_logs) == len(t_logs) >= 2
-    for t, o in zip(t_logs, o_logs):
-        assert sorted(o) == sorted(t)
-        for k, v in t.items():
-            if isinstance(v, float) and math.isnan(v):
-                assert math.isnan(o[k]), k
-            elif isinstance(v, float):
-                assert o[k] == pytest.approx(v, rel=1e-4, abs=2e-5), k
-    assert sorted(o_before) == sorted(t_before)
-    moved = 0
-    for k in t_before:
-        torch.testing.assert_close(o_before[k], t_before[k], rtol=0, atol=0)
-        torch.testing.assert_close(o_after[k] - o_before[k], t_after[k] - t_before[k], rtol=1e-4, atol=2e-5,
-                                   msg=lambda m: f"{k}: {m}")
-        moved += int(not torch.equal(t_after[k], t_before[k]))
-    assert moved > 0
+    return run(_trainer(cls, models, tmp_path, options, **kwargs))
 
 
 @pytest.mark.parametrize("options", [
@@ -155,7 +104,7 @@ def test_trainer_matches_trl(models, tmp_path, options):
     ours = _run(GKDTrainer, models, tmp_path / "ours", options, **extra)
     if extra:
         assert any("eval_loss" in log for log in ours[0])
-    _assert_same_run(ours, theirs)
+    assert_same_run(ours, theirs)
 
 
 def test_lora_matches_trl(models, tmp_path):
@@ -170,7 +119,7 @@ def test_lora_matches_trl(models, tmp_path):
     torch.manual_seed(5)
     ours = _run(GKDTrainer, models, tmp_path / "ours", dict(lmbda=0.0), peft_config=config())
     assert sorted(ours[1]) and all("lora_" in k for k in ours[1])
-    _assert_same_run(ours, theirs)
+    assert_same_run(ours, theirs)
 
 
 def test_refusals(models, tmp_path):
