@@ -165,3 +165,79 @@ def test_iw_opd_from_hidden_states_is_linear_policy_loss_with_its_advantages():
     torch.testing.assert_close(loss, want, atol=1e-6, rtol=1e-5)
     for got, ref in zip(torch.autograd.grad(loss, (hidden, weight)), want_grads):
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ trainer
+
+@pytest.fixture(scope="module")
+def iw_opd_models(tmp_path_factory):
+    pytest.importorskip("transformers", reason="the TRL drop-ins need transformers")
+    pytest.importorskip("tokenizers", reason="the test tokenizer needs tokenizers")
+    from trl_runs import tiny_checkpoint
+
+    # an EOS bias: some sampled completions stop early, padding after their EOS (not scored)
+    return (tiny_checkpoint(tmp_path_factory.mktemp("student"), hidden=32, seed=0, eos_bias=1.0),
+            tiny_checkpoint(tmp_path_factory.mktemp("teacher"), hidden=48, seed=1))
+
+
+def _trainer(cls, models, tmp_path, options, **kwargs):
+    import datasets
+    import transformers
+    from trl.experimental.iw_opd import IWOPDConfig
+
+    student, teacher = models
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(student)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    messages = [[{"role": "user", "content": " ".join(f"w{(3 * i + j) % 50}" for j in range(2 + i % 3))},
+                 {"role": "assistant", "content": " ".join(f"w{(7 * i + 5 * j) % 50}" for j in range(1 + i % 4))}]
+                for i in range(8)]
+    args = IWOPDConfig(**{**dict(
+        output_dir=str(tmp_path), max_steps=2, report_to="none", seed=0, use_cpu=True, logging_steps=1, optim="sgd",
+        learning_rate=0.05, bf16=False, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        per_device_train_batch_size=4, max_completion_length=5), **options})
+    return cls(model=student, teacher_model=teacher, args=args,
+               train_dataset=datasets.Dataset.from_dict({"messages": messages}), processing_class=tokenizer, **kwargs)
+
+
+@pytest.mark.parametrize("options, lora", [
+    (dict(), None),
+    (dict(iw_opd_gamma=1.0, temperature=0.8, gradient_accumulation_steps=2, per_device_train_batch_size=2), None),
+    (dict(distillation_objective="jsd", loss_top_k=0, beta=0.5, lmbda=0.5, gradient_accumulation_steps=2,
+          per_device_train_batch_size=2), None),
+    (dict(distillation_objective="jsd", loss_top_k=0, beta=0.0, temperature=0.7, lmbda=0.0), ["q_proj", "lm_head"]),
+])
+def test_trainer_matches_trl(iw_opd_models, tmp_path, options, lora):
+    """TRL's own ``IWOPDTrainer`` and the drop-in, two steps from the same seed (on-policy generations, a mixed
+    on/off-policy JSD run, gradient accumulation, a LoRA adapter on the lm_head): logs and updates agree."""
+    from trl.experimental.iw_opd import IWOPDTrainer as TRLIWOPDTrainer
+
+    from fastalign.integrations.trl import IWOPDTrainer
+    from trl_runs import assert_same_run, run
+
+    def peft_config():  # init_lora_weights=False: B is not 0, so the adapter changes the logits from the first step
+        import peft
+
+        return {} if lora is None else {"peft_config": peft.LoraConfig(r=4, lora_alpha=8, target_modules=lora,
+                                                                       init_lora_weights=False)}
+
+    if lora is not None:
+        pytest.importorskip("peft")
+    theirs = run(_trainer(TRLIWOPDTrainer, iw_opd_models, tmp_path / "trl", options, **peft_config()))
+    ours = run(_trainer(IWOPDTrainer, iw_opd_models, tmp_path / "ours", options, **peft_config()))
+    if options.get("distillation_objective", "iw_opd") == "iw_opd":
+        assert all("iw_opd/mean_weight" in log for log in ours[0])
+    if lora is not None:
+        assert any("lm_head.lora_A" in k for k in ours[1])
+    assert_same_run(ours, theirs)
+
+
+def test_trainer_refusals(iw_opd_models, tmp_path):
+    from fastalign.integrations.trl import IWOPDTrainer
+
+    with pytest.raises(ValueError, match="use_teacher_server"):
+        _trainer(IWOPDTrainer, iw_opd_models, tmp_path, dict(use_teacher_server=True,
+                                                             teacher_model_server_url="http://127.0.0.1:1"))
+    with pytest.raises(ValueError, match="loss_top_k=1"):
+        _trainer(IWOPDTrainer, iw_opd_models, tmp_path, dict(distillation_objective="jsd", lmbda=0.5))
+    with pytest.raises(ValueError, match="use_liger_kernel"):
+        _trainer(IWOPDTrainer, iw_opd_models, tmp_path, dict(use_liger_kernel=True))

@@ -18,6 +18,7 @@ Drop-in trainers, subclasses of TRL's with the same constructor and config class
     from fastalign.integrations.trl import GKDTrainer   # was: from trl.experimental.gkd import GKDTrainer
     from fastalign.integrations.trl import OnlineDPOTrainer   # was: from trl.experimental.online_dpo import ...
     from fastalign.integrations.trl import A2POTrainer   # was: from trl.experimental.a2po import A2POTrainer
+    from fastalign.integrations.trl import IWOPDTrainer   # was: from trl.experimental.iw_opd import IWOPDTrainer
 
 They are loaded on first access, so importing this package does not import ``trl``.
 """
@@ -37,7 +38,8 @@ _TRAINERS = {"SFTTrainer": "sft_trainer", "GRPOTrainer": "grpo_trainer", "RLOOTr
              "DPOTrainer": "dpo_trainer", "KTOTrainer": "kto_trainer", "CPOTrainer": "cpo_trainer",
              "ORPOTrainer": "orpo_trainer", "DistillationTrainer": "distillation_trainer",
              "GMPOTrainer": "gmpo_trainer", "TPOTrainer": "tpo_trainer", "GKDTrainer": "gkd_trainer",
-             "OnlineDPOTrainer": "online_dpo_trainer", "A2POTrainer": "a2po_trainer"}
+             "OnlineDPOTrainer": "online_dpo_trainer", "A2POTrainer": "a2po_trainer",
+             "IWOPDTrainer": "iw_opd_trainer"}
 
 
 def __getattr__(name):

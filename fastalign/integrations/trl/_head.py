@@ -87,6 +87,20 @@ def mean_logits(operands, scale: float) -> Tensor:
         return mean * scale
 
 
+def predicting_operands(operands) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(hidden [B, T-1, H'], weight [V, H'], bias)``: a model's head operands ``(hidden, weight, bias, low_rank)``
+    at the positions that predict a next token, for a loss that takes one weight (a divergence): a LoRA head's
+    low-rank term ``(a [B, T, r], L [V, r])`` is appended as ``r`` more hidden columns,
+    ``[h, a] [W, L]^T = h W^T + a L^T`` (gradients reach ``a`` and ``L`` through the concatenation)."""
+    hidden, weight, bias, low_rank = operands
+    hidden = hidden[:, :-1]
+    if low_rank is not None:
+        a, lora = low_rank
+        hidden = torch.cat([hidden, a[:, :-1].to(hidden.dtype)], dim=-1)
+        weight = torch.cat([weight, lora.to(weight.dtype)], dim=-1)
+    return hidden, weight, bias
+
+
 def policy_operands(trainer, model, **inputs) -> HeadOutputs:
     """``model(**inputs)`` through the fused head for its operands, with the MoE body's load-balancing loss
     (``aux_loss``) when the trainer adds one (TRL's ``aux_loss_enabled``)."""

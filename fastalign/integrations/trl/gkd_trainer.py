@@ -31,29 +31,15 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Optional
-
 import torch
-from torch import Tensor
 from trl.experimental.gkd import GKDTrainer as _TRLGKDTrainer
 
 from fastalign.integrations.hf import head_transform, next_token_targets
 from fastalign.integrations.trl._head import (check_config, check_head_dtype, check_model, head_call,
-                                               init_checked, install_head)
+                                               init_checked, install_head, predicting_operands)
 from fastalign.linear_divergence import linear_divergence_loss
 
 __all__ = ["GKDTrainer"]
-
-
-def _predicting(operands) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """``(hidden [B, T-1, H], weight, bias)`` of the positions that predict a next token, from a model's head
-    operands ``(hidden, weight, bias, low_rank)``. TRL's ``SFTTrainer`` refuses a PEFT adapter on the
-    ``lm_head``, so a low-rank head term is never expected here; one raises rather than be dropped."""
-    hidden, weight, bias, low_rank = operands
-    if low_rank is not None:
-        raise ValueError("GKDTrainer: a PEFT adapter on the lm_head is not supported (as in TRL's SFTTrainer); "
-                         "remove 'lm_head' from target_modules")
-    return hidden[:, :-1], weight, bias
 
 
 class GKDTrainer(_TRLGKDTrainer):
@@ -75,10 +61,10 @@ class GKDTrainer(_TRLGKDTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, attention = inputs["input_ids"], inputs["attention_mask"]
         call = dict(input_ids=ids, attention_mask=attention, **head_call(self, ("operands",)))
-        hidden, weight, bias = _predicting(model(**call).operands)
+        hidden, weight, bias = predicting_operands(model(**call).operands)
         self.teacher_model.eval()
         with torch.no_grad():
-            t_hidden, t_weight, t_bias = _predicting(self.teacher_model(**call).operands)
+            t_hidden, t_weight, t_bias = predicting_operands(self.teacher_model(**call).operands)
         scored = next_token_targets(ids, labels=inputs["labels"]) != -100
         normalizer = None
         if num_items_in_batch is not None:

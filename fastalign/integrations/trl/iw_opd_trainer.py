@@ -1,0 +1,132 @@
+"""``IWOPDTrainer``: TRL 1.16's experimental ``IWOPDTrainer`` with its loss computed by fastalign from hidden states.
+
+Same constructor, same ``IWOPDConfig``; a TRL user changes one import::
+
+    from fastalign.integrations.trl import IWOPDTrainer   # was: from trl.experimental.iw_opd import IWOPDTrainer
+
+TRL's ``compute_loss`` builds the student's and the local teacher's ``[B, T, V]`` logits; here both models run
+their bodies and the loss comes from their last hidden states and output heads (each head's transform from
+:func:`fastalign.integrations.hf.head_transform`), over the completion tokens (``labels != -100``) from the
+batch's earliest completion start, as TRL:
+
+* ``distillation_objective="iw_opd"``: the student's and the teacher's log-probs of the sampled tokens at
+  ``temperature`` (only those tokens go through the vocabulary), then
+  :class:`~fastalign.integrations.trl.IWOPDLoss` (REINFORCE with :func:`fastalign.iw_opd_advantages`, the
+  rollout log-probs of the batch when cached), its ``iw_opd/*`` metrics logged as TRL logs them;
+* ``distillation_objective="jsd"`` with ``loss_top_k=0``: the generalized JSD at ``beta`` and ``temperature``
+  over the full vocabulary (:func:`fastalign.linear_divergence_loss`), neither model's logits built.
+
+Either is divided by ``num_items_in_batch`` when ``Trainer`` passes it, else by the valid-token count (at
+least 1). Generation (``lmbda``), buffering across gradient accumulation and the completion metrics stay TRL's.
+
+Refused at construction, each naming the field: ``use_teacher_server`` (the server returns per-token log-probs
+for TRL's own path), a JSD objective with ``loss_top_k > 0`` (a top-k support renormalised per row, with a tail
+bucket: no fused form; set ``loss_top_k=0`` for the full vocabulary), ``use_liger_kernel``, vision-language
+models, PEFT prompt learning, an architecture without a known head transform and a float64 student or teacher.
+``compute_loss(..., return_outputs=True)`` runs one more student forward without gradients for the outputs,
+with a warning.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch import Tensor
+from trl.experimental.iw_opd import IWOPDTrainer as _TRLIWOPDTrainer
+
+from fastalign.integrations.hf import head_transform
+from fastalign.integrations.trl._head import (check_config, check_head_dtype, check_model, head_call,
+                                               init_checked, install_head, predicting_operands)
+from fastalign.integrations.trl.iw_opd import IWOPDLoss
+from fastalign.linear_divergence import linear_divergence_loss
+
+__all__ = ["IWOPDTrainer"]
+
+
+def _check_iw_opd_config(args) -> None:
+    check_config(args, "IWOPDConfig")
+    if args.use_teacher_server:
+        raise ValueError("IWOPDConfig.use_teacher_server: the fastalign IWOPDTrainer scores a local teacher_model "
+                         "from its hidden states; the teacher server's top-k log-probs are TRL's own path")
+    if args.distillation_objective == "jsd" and args.loss_top_k > 0:
+        raise ValueError(f"IWOPDConfig.loss_top_k={args.loss_top_k}: a top-k support renormalised per token has no "
+                         "fused form; set loss_top_k=0 (the generalized JSD over the full vocabulary)")
+
+
+class IWOPDTrainer(_TRLIWOPDTrainer):
+    """TRL's experimental ``IWOPDTrainer`` whose loss goes through fastalign (see the module doc)."""
+
+    @functools.wraps(_TRLIWOPDTrainer.__init__)
+    def __init__(self, *args, **kwargs):
+        init_checked(self, _TRLIWOPDTrainer.__init__, args, kwargs, _check_iw_opd_config)
+        check_model(self, "IWOPDConfig")
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        check_head_dtype(self, teacher, "teacher_model")
+        if teacher.config.get_text_config() is not teacher.config:
+            raise ValueError(f"teacher_model: {type(teacher).__name__} is a vision-language model; the fastalign "
+                             "IWOPDTrainer takes text-only causal LMs")
+        head_transform(teacher.config)  # raises for an architecture without a known head transform
+        install_head(self.accelerator.unwrap_model(self.model))
+        install_head(teacher)
+        self._iw_opd_loss = IWOPDLoss(self.args) if self.distillation_objective == "iw_opd" else None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._raise_if_local_teacher_tokenizer_mismatch()
+        ids, attention = inputs["input_ids"], inputs["attention_mask"]
+        prompt_length = self._compute_prompt_length(inputs)
+        labels = inputs["labels"].clone()
+        labels[:, :prompt_length] = -100  # TRL scores the completion from the batch's earliest start
+        if self.distillation_objective == "iw_opd":
+            loss = self._iw_opd(model, ids, attention, labels, prompt_length, inputs.get("rollout_logprobs"),
+                                num_items_in_batch)
+        else:
+            loss = self._jsd(model, ids, attention, labels, num_items_in_batch)
+        if return_outputs:
+            warnings.warn("return_outputs=True computes the student's logits with an extra forward pass (the fused "
+                          "head never builds them)", stacklevel=2)
+            with torch.no_grad():
+                outputs = model(input_ids=ids, attention_mask=attention)
+            return loss, outputs
+        return loss
+
+    def _sampled_logprobs(self, model, ids: Tensor, attention: Tensor, labels: Tensor, start: int) -> Tensor:
+        """``[B, T - start]``: log p(labels[:, t]) at ``temperature`` for the completion columns ``t >= start``
+        (0 where a label is -100), from ``model``'s hidden states."""
+        out = model(input_ids=ids, attention_mask=attention, labels=labels, fastalign_head=("log_probs",),
+                    fastalign_options={"temperature": self.temperature})
+        return out.log_probs[:, start - 1:]  # entry t of [B, T-1] scores labels[:, t+1]
+
+    def _iw_opd(self, model, ids, attention, labels, prompt_length, rollout_logprobs, num_items_in_batch) -> Tensor:
+        logprobs = self._sampled_logprobs(model, ids, attention, labels, prompt_length)
+        self.teacher_model.eval()
+        with torch.no_grad():
+            teacher_logprobs = self._sampled_logprobs(self.teacher_model, ids, attention, labels, prompt_length)
+        if rollout_logprobs is not None:  # cached at full width
+            rollout_logprobs = rollout_logprobs[:, prompt_length:]
+        valid = labels[:, prompt_length:] != -100
+        loss, metrics = self._iw_opd_loss(logprobs, teacher_logprobs, valid, rollout_logprobs, num_items_in_batch)
+        if valid.any():  # TRL logs nothing for a batch without a completion token
+            mode = "train" if self.model.training else "eval"
+            for name, value in metrics.items():
+                self._metrics[mode][name].append(value.item())
+        return loss
+
+    def _jsd(self, model, ids, attention, labels, num_items_in_batch) -> Tensor:
+        call = dict(input_ids=ids, attention_mask=attention, **head_call(self, ("operands",)))
+        hidden, weight, bias = predicting_operands(model(**call).operands)
+        self.teacher_model.eval()
+        with torch.no_grad():
+            t_hidden, t_weight, t_bias = predicting_operands(self.teacher_model(**call).operands)
+        normalizer = None
+        if num_items_in_batch is not None:
+            normalizer = torch.as_tensor(num_items_in_batch, device=hidden.device).float().reshape(())
+        scale, softcap = head_transform(self.accelerator.unwrap_model(self.model).config)
+        t_scale, t_softcap = head_transform(self.accelerator.unwrap_model(self.teacher_model).config)
+        device = hidden.device
+        loss, _ = linear_divergence_loss(
+            hidden, weight, t_hidden.to(device), t_weight.to(device), beta=self.beta,
+            temperature=self.temperature, bias=bias, teacher_bias=None if t_bias is None else t_bias.to(device),
+            logit_scale=scale, softcap=softcap, teacher_logit_scale=t_scale, teacher_softcap=t_softcap,
+            response_mask=labels[:, 1:] != -100, normalizer=normalizer)
+        return loss
