@@ -19,6 +19,7 @@ Drop-in trainers, subclasses of TRL's with the same constructor and config class
     from fastalign.integrations.trl import OnlineDPOTrainer   # was: from trl.experimental.online_dpo import ...
     from fastalign.integrations.trl import A2POTrainer   # was: from trl.experimental.a2po import A2POTrainer
     from fastalign.integrations.trl import IWOPDTrainer   # was: from trl.experimental.iw_opd import IWOPDTrainer
+    from fastalign.integrations.trl import SDPOTrainer, SDFTTrainer   # was: from trl.experimental.sdpo / .sdft
 
 They are loaded on first access, so importing this package does not import ``trl``.
 """
@@ -39,7 +40,8 @@ _TRAINERS = {"SFTTrainer": "sft_trainer", "GRPOTrainer": "grpo_trainer", "RLOOTr
              "ORPOTrainer": "orpo_trainer", "DistillationTrainer": "distillation_trainer",
              "GMPOTrainer": "gmpo_trainer", "TPOTrainer": "tpo_trainer", "GKDTrainer": "gkd_trainer",
              "OnlineDPOTrainer": "online_dpo_trainer", "A2POTrainer": "a2po_trainer",
-             "IWOPDTrainer": "iw_opd_trainer"}
+             "IWOPDTrainer": "iw_opd_trainer", "SDPOTrainer": "self_distillation_trainer",
+             "SDFTTrainer": "self_distillation_trainer"}
 
 
 def __getattr__(name):

@@ -1,0 +1,159 @@
+"""``SDPOTrainer`` / ``SDFTTrainer``: TRL 1.16's experimental self-distillation trainers with their loss computed by
+fastalign from hidden states.
+
+Same constructors, same ``SDPOConfig`` / ``SDFTConfig``; a TRL user changes one import::
+
+    from fastalign.integrations.trl import SDPOTrainer   # was: from trl.experimental.sdpo import SDPOTrainer
+    from fastalign.integrations.trl import SDFTTrainer   # was: from trl.experimental.sdft import SDFTTrainer
+
+TRL's ``compute_loss`` builds the student's logits on its own prompt and completion and the teacher's (the model
+shown a privileged context: ``teacher_input_ids``, under TRL's teacher context, EMA adapter or base weights) on the
+same completion; here both run their bodies and the losses come from the last hidden states at the completion
+positions and each model's head (its transform from :func:`fastalign.integrations.hf.head_transform`; a LoRA
+``lm_head`` as appended hidden columns), at ``temperature``:
+
+* the self-distillation loss: :class:`~fastalign.integrations.trl.SelfDistillationLoss` (``sampled_token``, or
+  ``full_logits`` through :func:`fastalign.linear_divergence_loss`), over ``completion_mask`` times the batch's
+  ``self_distillation_mask``, with TRL's clipped importance ratio to ``old_per_token_logps``;
+* SDPO's policy term (``distillation_weight < 1``): the PPO-clipped loss of its ``loss_type``
+  (grpo / bnpo / dr_grpo / dapo over the local batch, ``importance_sampling_level``) on the completion log-probs,
+  :func:`fastalign.policy_loss` with :func:`~fastalign.integrations.trl.grpo_policy_config`'s rows;
+
+``(1 - distillation_weight) policy + distillation_weight distillation``, divided by the accumulation steps in
+training, as TRL. The metrics keep TRL's names (``self_distillation/distillation_loss``,
+``<trainer>/distillation_loss``, ``self_distillation/policy_loss``). Generation, reprompting, rewards,
+advantages and the teacher's updates stay TRL's.
+
+Refused at construction, each naming the field: ``distillation_mode="topk_logits"`` (SDFT's default: a top-k
+support with a tail bucket, no fused form; set ``"full_logits"`` or ``"sampled_token"``), ``use_teacher_server``
+(the server returns log-probs for TRL's own path), ``use_liger_kernel``, vision-language models, PEFT prompt
+learning, an architecture without a known head transform and a float64 model (the heads run in float32,
+bfloat16 or float16). ``return_outputs=True`` raises, as in TRL.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+from trl.experimental.sdft import SDFTTrainer as _TRLSDFTTrainer
+from trl.experimental.sdpo import SDPOTrainer as _TRLSDPOTrainer
+
+from fastalign.integrations.hf import head_transform
+from fastalign.integrations.trl._head import (check_config, check_model, head_call, init_checked, install_head,
+                                               predicting_operands)
+from fastalign.integrations.trl.grpo import grpo_policy_config
+from fastalign.integrations.trl.self_distillation import SelfDistillationLoss
+from fastalign.linear import linear_logprobs
+from fastalign.policy import policy_loss
+
+__all__ = ["SDFTTrainer", "SDPOTrainer"]
+
+
+def _checker(name: str):
+    def check(args) -> None:
+        check_config(args, name)
+        if args.use_teacher_server:
+            raise ValueError(f"{name}.use_teacher_server: the fastalign trainer scores the local teacher from its "
+                             "hidden states; the teacher server's log-probs are TRL's own path")
+        SelfDistillationLoss(args)  # refuses topk_logits, naming the field
+    return check
+
+
+class _FusedSelfDistillation:
+    """``compute_loss`` of TRL's SDPO / SDFT trainers from hidden states (see the module doc)."""
+
+    _trl_trainer: type
+    _config_name: str
+
+    def _init_fused(self, args, kwargs) -> None:
+        init_checked(self, self._trl_trainer.__init__, args, kwargs, _checker(self._config_name))
+        check_model(self, self._config_name)
+        install_head(self.accelerator.unwrap_model(self.model))
+        install_head(self.accelerator.unwrap_model(self.teacher_model))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError(f"The {type(self).__name__} does not support returning outputs")
+        weight = getattr(self.args, "distillation_weight", 1.0)  # SDFT distils only
+        keep = inputs["completion_ids"].size(1)
+        student = self._completion_operands(model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+                                            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), keep)
+        loss = 0.0
+        if weight != 0.0:
+            with torch.no_grad(), self._get_teacher_context_for_self_distillation():
+                teacher = self._completion_operands(self.teacher_model, inputs["teacher_input_ids"],
+                                                    inputs["teacher_attention_mask"], keep)
+            loss = weight * self._distillation_loss(model, inputs, student, teacher)
+        if weight != 1.0:
+            loss = loss + (1.0 - weight) * self._policy_loss(inputs, student)
+        scale = self.current_gradient_accumulation_steps if self.model.training else 1.0
+        return loss / scale
+
+    def _completion_operands(self, model, ids: Tensor, attention: Tensor, keep: int) -> tuple:
+        """``(hidden [B, keep, H'], weight, bias, logit_scale, softcap)``: ``model``'s head operands at the positions
+        that predict the last ``keep`` tokens (a LoRA head's low-rank term appended, :func:`predicting_operands`)."""
+        operands = model(input_ids=ids, attention_mask=attention, **head_call(self, ("operands",))).operands
+        hidden, weight, bias = predicting_operands(operands)
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        return (hidden[:, -keep:], weight, bias) + head_transform(base.config)
+
+    def _distillation_loss(self, model, inputs, student: tuple, teacher: tuple) -> Tensor:
+        hidden, weight, bias, scale, softcap = student
+        t_hidden, t_weight, t_bias, t_scale, t_softcap = teacher
+        loss_mask = inputs["completion_mask"]
+        if inputs.get("self_distillation_mask") is not None:
+            loss_mask = loss_mask * inputs["self_distillation_mask"].unsqueeze(1)
+        device = hidden.device
+        loss, metrics = SelfDistillationLoss(self.args).linear(
+            hidden, weight, t_hidden.to(device), t_weight.to(device), inputs["completion_ids"], loss_mask,
+            inputs.get("old_per_token_logps"), bias=bias, teacher_bias=None if t_bias is None else t_bias.to(device),
+            logit_scale=scale, softcap=softcap, teacher_logit_scale=t_scale, teacher_softcap=t_softcap)
+        mode = "train" if model.training else "eval"
+        value = next(iter(metrics.values()))
+        self._log_self_distillation_metric(mode, self.accelerator.gather(value.detach()).mean().item())
+        return loss
+
+    def _policy_loss(self, inputs, student: tuple) -> Tensor:
+        """SDPO's policy term: TRL's PPO clip of ``loss_type`` (read from the trainer at each step, as TRL) on the
+        completion log-probs at the temperature, no KL."""
+        hidden, weight, bias, scale, softcap = student
+        mask = inputs["completion_mask"]
+        logprobs = linear_logprobs(hidden, weight, inputs["completion_ids"], bias=bias, logit_scale=scale,
+                                   softcap=softcap, temperature=self.temperature).logprobs
+        old = inputs.get("old_per_token_logps")
+        advantages = inputs["advantages"]
+        config = grpo_policy_config(dict(
+            loss_type=self.loss_type, epsilon=self.epsilon_low, epsilon_high=self.epsilon_high,
+            importance_sampling_level=self.importance_sampling_level,
+            max_completion_length=self.max_completion_length))
+        if advantages.dim() == 2:  # [B, 1] or [B, T], broadcast as TRL's
+            advantages = advantages.expand_as(logprobs)
+        loss, _ = policy_loss(logprobs, logprobs.detach() if old is None else old, advantages, mask, config=config)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["self_distillation/policy_loss"].append(
+            self.accelerator.gather(loss.detach()).mean().item())
+        return loss
+
+
+class SDPOTrainer(_FusedSelfDistillation, _TRLSDPOTrainer):
+    """TRL's experimental ``SDPOTrainer`` whose losses go through fastalign (see the module doc)."""
+
+    _trl_trainer = _TRLSDPOTrainer
+    _config_name = "SDPOConfig"
+
+    @functools.wraps(_TRLSDPOTrainer.__init__)
+    def __init__(self, *args, **kwargs):
+        self._init_fused(args, kwargs)
+
+
+class SDFTTrainer(_FusedSelfDistillation, _TRLSDFTTrainer):
+    """TRL's experimental ``SDFTTrainer`` whose loss goes through fastalign (see the module doc)."""
+
+    _trl_trainer = _TRLSDFTTrainer
+    _config_name = "SDFTConfig"
+
+    @functools.wraps(_TRLSDFTTrainer.__init__)
+    def __init__(self, *args, **kwargs):
+        self._init_fused(args, kwargs)
