@@ -7,7 +7,7 @@ import torch
 from helpers import assert_close
 
 from fastalign.integrations.liger import (LigerFusedLinearCosineSimilarityLoss, LigerFusedLinearJSD,
-                                          LigerFusedLinearJSDLoss)
+                                          LigerFusedLinearJSDLoss, LigerFusedLinearKLDivLoss)
 
 chunked = pytest.importorskip("liger_kernel.chunked_loss", reason="liger_kernel is not installed")
 #: (Liger's module, fastalign's)
@@ -257,3 +257,94 @@ def test_fused_linear_jsd_options_are_live_and_checked():
         loss_fn(x, w, xt, wt, y[:3])
     with pytest.raises(ValueError, match="teacher_input"):
         loss_fn(x, w, xt[:3], wt, y)
+
+
+# ------------------------------------------------------------------------------------------ LigerFusedLinearKLDivLoss
+
+transformers_kl = pytest.importorskip("liger_kernel.transformers.fused_linear_kl_div",
+                                      reason="liger_kernel is not installed")
+
+
+def _kl_inputs(seed, N=12, H=16, V=40, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, H, generator=g).to(dtype)
+    w = (torch.randn(V, H, generator=g) * 0.3).to(dtype)
+    q = torch.softmax(torch.randn(N, V, generator=g) * 2, -1)
+    q[3, :5] = 0.0  # exact zeros: 0 log 0 = 0 through the clamp
+    q[5] *= 0.7  # a row that does not sum to 1
+    y = torch.randint(0, V, (N,), generator=g)
+    y[[2, 9]] = -100
+    return x, w, q, y
+
+
+def _kl_pair(options, x, w, q, y, tol=2e-6):
+    """Liger's LigerFusedLinearKLDivLoss (its Triton kernel: in the interpreter here) against fastalign's: the loss
+    and the gradients of the student's input and weight."""
+    out = []
+    for cls in (transformers_kl.LigerFusedLinearKLDivLoss, LigerFusedLinearKLDivLoss):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = cls(**options)(xs, ws, q, y)
+        out.append((loss.detach(), *torch.autograd.grad(loss, (xs, ws))))
+    for name, ours, theirs in zip(("loss", "d student_input", "d student_weight"), out[1], out[0]):
+        assert_close(ours, theirs, atol=tol, rtol=1e-5, what=name)
+    return out[1]
+
+
+@jsd_lanes
+@pytest.mark.parametrize("options", [dict(), dict(reduction="mean"), dict(reduction="sum", temperature=0.6),
+                                     dict(temperature=2.5, eps=1e-4), dict(ignore_index=7, accum_dtype=torch.float32)])
+@pytest.mark.parametrize("labels", ["labels", "none", "all-ignored"])
+def test_fused_linear_kl_div_matches_liger(options, labels):
+    x, w, q, y = _kl_inputs(0)
+    y = {"labels": y, "none": None, "all-ignored": torch.full_like(y, options.get("ignore_index", -100))}[labels]
+    loss, dx, dw = _kl_pair(options, x, w, q, y)
+    assert loss.dtype == torch.float32
+    assert (float(loss) == 0.0 and not dx.any() and not dw.any()) == (labels == "all-ignored")
+
+
+def test_fused_linear_kl_div_matches_float64():
+    """Against KL(q || softmax(z / T)) in float64 plain PyTorch, and its gradients."""
+    x, w, q, y = _kl_inputs(1)
+    xs, ws = x.double().requires_grad_(), w.double().requires_grad_()
+    m = y != -100
+    qd = q.double()
+    kl = (qd * (qd.clamp(min=1e-10).log() - torch.log_softmax(xs @ ws.T / 0.8, -1))).sum(-1)
+    want = kl[m].sum() / m.sum()
+    xo, wo = x.clone().requires_grad_(), w.clone().requires_grad_()
+    got = LigerFusedLinearKLDivLoss(temperature=0.8)(xo, wo, q, y)
+    assert_close(got, want, atol=2e-6, rtol=1e-5, what="loss")
+    for name, o, t in zip(("dx", "dw"), torch.autograd.grad(got, (xo, wo)), torch.autograd.grad(want, (xs, ws))):
+        assert_close(o, t, atol=2e-6, rtol=1e-4, what=name)
+
+
+@jsd_lanes
+def test_fused_linear_kl_div_bf16_and_ignored_nan_rows():
+    """bf16 inputs against Liger's at bf16 tolerance; a NaN target row under ignore_index is never read (Liger's
+    kernel skips it), so the loss and every gradient stay finite."""
+    x, w, q, y = _kl_inputs(2, dtype=torch.bfloat16)
+    _kl_pair(dict(), x, w, q, y, tol=2e-2)
+    q[2] = float("nan")  # row 2 is ignored
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = LigerFusedLinearKLDivLoss()(xs, ws, q, y)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(xs.grad).all() and torch.isfinite(ws.grad).all()
+
+
+def test_fused_linear_kl_div_options_and_inputs_are_checked():
+    loss_fn = LigerFusedLinearKLDivLoss()
+    x, w, q, y = _kl_inputs(3)
+    loss_fn.reduction, loss_fn.temperature = "sum", 0.5
+    want = transformers_kl.LigerFusedLinearKLDivLoss(reduction="sum", temperature=0.5)(x, w, q, y)
+    assert_close(loss_fn(x, w, q, y), want, atol=1e-5, rtol=1e-5, what="loss")
+    for name, value, error in (("reduction", "none", ValueError), ("temperature", 0.0, ValueError),
+                               ("eps", -1.0, ValueError), ("accum_dtype", torch.int32, TypeError),
+                               ("ignore_index", 1.5, TypeError)):
+        with pytest.raises(error, match=name):
+            setattr(loss_fn, name, value)
+    assert loss_fn.reduction == "sum"
+    with pytest.raises(ValueError, match="target"):
+        loss_fn(x, w, q[:, :5], y)
+    with pytest.raises(ValueError, match="shift_labels"):
+        loss_fn(x, w, q, y[:3])
+    with pytest.raises(TypeError, match="target"):
+        loss_fn(x, w, y[:, None].expand(-1, 40), y)

@@ -37,9 +37,11 @@ from torch import Tensor, nn
 from fastalign import _validate
 from fastalign.integrations._dtypes import check_accum_dtype
 from fastalign.integrations._live_options import LiveOptions, SinglePassAttribute
+from fastalign.linear import check_head, linear_logprobs
 from fastalign.linear_divergence import ARGUMENT_NAMES, check_tensors, linear_divergence_loss
 
-__all__ = ["LigerFusedLinearJSDLoss", "LigerFusedLinearCosineSimilarityLoss", "LigerFusedLinearJSD"]
+__all__ = ["LigerFusedLinearJSDLoss", "LigerFusedLinearCosineSimilarityLoss", "LigerFusedLinearJSD",
+           "LigerFusedLinearKLDivLoss"]
 
 
 # linear_divergence_loss's argument names -> Liger's, for the error messages
@@ -152,3 +154,81 @@ class LigerFusedLinearJSD(SinglePassAttribute, LiveOptions, nn.Module):
         return linear_divergence_loss(student_input, student_weight, teacher_input, teacher_weight, beta=self.jsd_beta,
                                       temperature=self.temperature, labels=shift_labels,
                                       ignore_index=self.ignore_index, single_pass=self.single_pass)[0]
+
+
+#: LigerFusedLinearKLDivLoss's reductions -> the divisor of the summed row losses (n rows scored, V classes)
+_KL_REDUCTIONS = {"batchmean": lambda n, V: n, "mean": lambda n, V: n * V, "sum": lambda n, V: torch.ones_like(n)}
+
+
+class LigerFusedLinearKLDivLoss(LiveOptions, nn.Module):
+    r"""Liger's ``liger_kernel.transformers.LigerFusedLinearKLDivLoss``: the KL divergence of the student's head from
+    a target distribution given as probabilities (cached soft labels), from the hidden states, never the
+    ``[BT, V]`` logits: ``forward(student_input [BT, H], student_weight [V, H], target [BT, V], shift_labels=None)``.
+
+    With ``z = student_input @ student_weight.T``, ``lse = logsumexp(z / T)`` and ``q`` the target row, each row
+    whose label is not ``ignore_index`` (every row without ``shift_labels``) adds
+
+    .. math::
+
+        KL(q \| p) = \sum_j q_j \log\max(q_j, \varepsilon) - \frac{1}{T} \sum_j q_j z_j
+            + \Bigl(\sum_j q_j\Bigr) \mathrm{lse}
+
+    (``0 log 0 = 0`` through the clamp, as Liger; ``q`` need not sum to 1), and the sum is divided by the row count
+    ``n`` (``reduction="batchmean"``), by ``n V`` (``"mean"``) or not at all (``"sum"``); no row scored gives 0. The
+    gradient of a row's logits is ``((sum_j q_j) p - q) / T``. ``lse`` comes from :func:`fastalign.linear_logprobs`
+    (``lse = z_0 / T - log p_0``, one head row gathered), ``sum_j q_j z_j = h . (q W)`` from one product with the
+    target; the loss is fp32 and gradients reach ``student_input`` and ``student_weight`` (the target gets none, as
+    in Liger). With ``shift_labels`` the target's ignored rows are zeroed in a copy first, so they are never read, as
+    Liger's kernel skips them (a NaN there stays out of the gradients). ``accum_dtype`` is checked (None or a
+    floating dtype) and does not change the result. Options are attributes, read at each call; ``reduction="none"``
+    and a ``temperature`` of 0 raise a ``ValueError`` (Liger supports neither), as does a negative one (Liger's
+    kernel runs it; fastalign's temperatures are positive)."""
+
+    OPTIONS = ("reduction", "ignore_index", "temperature", "eps", "accum_dtype")
+
+    def __init__(self, reduction: Optional[str] = "batchmean", ignore_index: int = -100, temperature: float = 1.0,
+                 eps: float = 1e-10, accum_dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self._configure_options(locals())
+
+    def _configure(self) -> None:
+        if self.reduction not in _KL_REDUCTIONS:
+            raise ValueError(f"reduction must be one of {tuple(_KL_REDUCTIONS)} (Liger supports no 'none'), got "
+                             f"{self.reduction!r}")
+        _validate.index_value("ignore_index", self.ignore_index)
+        _validate.positive("temperature", self.temperature)
+        _validate.positive("eps", self.eps)
+        check_accum_dtype(self.accum_dtype)
+
+    def forward(self, student_input: Tensor, student_weight: Tensor, target: Tensor,
+                shift_labels: Optional[Tensor] = None) -> Tensor:
+        check_head(student_input, student_weight, names=("student_input", "student_weight", "bias"))
+        _validate.floating("student_input", student_input, dim=2)
+        N, V = student_input.shape[0], student_weight.shape[0]
+        _validate.floating("target", target)
+        _validate.shape("target", target, (N, V), "[student_input rows, student_weight rows]")
+        if shift_labels is not None:
+            _validate.integer("shift_labels", shift_labels)
+            _validate.shape("shift_labels", shift_labels, (N,), "[student_input rows]")
+        _validate.same_device(student_input=student_input, student_weight=student_weight, target=target,
+                              shift_labels=shift_labels)
+        q = target.detach()
+        scored = torch.ones(N, dtype=torch.bool, device=q.device)
+        if shift_labels is not None:
+            scored = shift_labels != self.ignore_index
+            q = torch.where(scored[:, None], q, 0)  # ignored rows are never read
+        T = float(self.temperature)
+        # lse = z_0 / T - log p_0: one head row, its log-prob from the fused pass (label 0 on every scored row)
+        labels = torch.where(scored, 0, -100)
+        log_p0 = linear_logprobs(student_input, student_weight, labels, temperature=T).logprobs
+        z0 = student_input.float() @ student_weight[0].float()
+        lse = z0 / T - log_p0
+        with torch.no_grad():
+            qf = q.float()
+            q_log_q = (qf * qf.clamp(min=self.eps).log()).sum(-1)
+            q_mass = qf.sum(-1)
+        q_z = (student_input.float() * (q.to(student_weight.dtype) @ student_weight).float()).sum(-1)
+        rows = torch.where(scored, q_log_q + q_mass * lse - q_z / T, 0.0)
+        n = scored.sum().float()
+        divisor = _KL_REDUCTIONS[self.reduction](n, float(V))
+        return torch.where(n > 0, rows.sum() / divisor.clamp(min=1), 0.0)
