@@ -1,5 +1,4 @@
-"""Peak CPU memory (and time) of one SFT, DPO, GRPO, RLOO, GKD or Online DPO training step: TRL's trainer against
-fastalign's drop-in.
+"""Peak CPU memory (and time) of one training step: TRL's trainer against fastalign's drop-in.
 
 Each trainer runs in its own subprocess (a fresh allocator and a fresh peak) on the same small
 randomly initialised Qwen2 with a large vocabulary (default V = 131072), the same prompts, seed and
@@ -10,11 +9,14 @@ TRL / fastalign. On CPU TRL's fused head scores every position in vocabulary chu
 kernel, which skips unscored positions, runs on GPUs only). Not part of the tests::
 
     python benchmarks/trl_peak_memory.py --vocab 131072 --completion-length 256 \
-        [--trainer sft|dpo|grpo|rloo|gkd|online_dpo]
+        [--trainer sft|dpo|grpo|rloo|gkd|online_dpo|a2po|iw_opd|sdpo|sdft]
 
-GKD (TRL's experimental ``GKDTrainer``) distils into the model from a teacher of the same architecture with other
-random weights, off-policy (``lmbda=0``: the dataset's completions, no generation). Online DPO (TRL's
-experimental ``OnlineDPOTrainer``) samples two completions per prompt and scores them with a length reward.
+``--batch`` completions per step: SFT texts, DPO pairs (chosen and rejected), GRPO / RLOO / SDPO / SDFT samples of
+one prompt, Online DPO prompts (two samples each), A*-PO prompts (one sample each; its first stage samples two
+per prompt for the optimal values), IW-OPD prompts (one on-policy sample each), GKD dataset completions
+(``lmbda=0``, no generation). The distillation trainers (GKD, IW-OPD) take a teacher of the same architecture with
+other random weights; SDPO and SDFT distil from the model itself shown a privileged context
+(``distillation_mode="full_logits"``).
 """
 import argparse
 import json
@@ -58,66 +60,140 @@ def build_checkpoint(path: str, vocab: int, hidden: int) -> None:
                                          unk_token="<unk>").save_pretrained(path)
 
 
-#: --trainer -> (trainer class, TRL module that defines it: trl or one of trl.experimental's)
-TRAINERS = {"sft": ("SFTTrainer", "trl"), "dpo": ("DPOTrainer", "trl"), "grpo": ("GRPOTrainer", "trl"),
-            "rloo": ("RLOOTrainer", "trl"), "gkd": ("GKDTrainer", "gkd"),
-            "online_dpo": ("OnlineDPOTrainer", "online_dpo")}
+def _prompts(opts) -> list:
+    """``opts.batch`` prompts of 16 words."""
+    return [" ".join(f"w{(7 * i + j) % 1000 + 3}" for j in range(16)) for i in range(opts.batch)]
+
+
+def _length_reward(completions, **_):
+    return [float(len(c)) for c in completions]
+
+
+def _teacher(checkpoint):
+    """A teacher of the checkpoint's architecture with other random weights."""
+    import torch
+    import transformers
+
+    torch.manual_seed(1)
+    return transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(checkpoint))
+
+
+def _sft(trl, cls, checkpoint, tokenizer, common, opts):  # batch texts of completion_length words, all scored
+    texts = [" ".join(f"w{(7 * i + 3 * j) % 1000 + 3}" for j in range(opts.completion_length))
+             for i in range(opts.batch)]
+    return cls(model=checkpoint, args=trl.SFTConfig(max_length=opts.completion_length + 8, **common),
+               train_dataset=datasets_from({"text": texts}), processing_class=tokenizer)
+
+
+def _dpo(trl, cls, checkpoint, tokenizer, common, opts):  # batch pairs: a prompt, chosen and rejected completions
+    def words(i, k):
+        return " ".join(f"w{(k * i + 3 * j) % 1000 + 3}" for j in range(opts.completion_length))
+    pairs = {"prompt": _prompts(opts), "chosen": [words(i, 5) for i in range(opts.batch)],
+             "rejected": [words(i, 11) for i in range(opts.batch)]}
+    return cls(model=checkpoint, args=trl.DPOConfig(max_length=opts.completion_length + 24, **common),
+               train_dataset=datasets_from(pairs), processing_class=tokenizer)
+
+
+def _grpo_or_rloo(trl, cls, checkpoint, tokenizer, common, opts):  # batch sampled completions of one group
+    config = trl.GRPOConfig if opts.trainer == "grpo" else trl.RLOOConfig
+    loss = dict(loss_type="dapo") if opts.trainer == "grpo" else {}
+    args = config(num_generations=opts.batch, max_completion_length=opts.completion_length, min_p=None,
+                  beta=opts.beta, generation_kwargs={"min_new_tokens": opts.completion_length}, **loss, **common)
+    return cls(model=checkpoint, reward_funcs=_length_reward, args=args,
+               train_dataset=datasets_from({"prompt": _prompts(opts)}), processing_class=tokenizer)
+
+
+def _gkd(trl, cls, checkpoint, tokenizer, common, opts):  # batch dataset completions (lmbda=0: no generation)
+    from trl.experimental.gkd import GKDConfig
+
+    ids = [[(7 * i + j) % 1000 + 3 for j in range(16 + opts.completion_length)] for i in range(opts.batch)]
+    rows = {"prompt": [" ".join(f"w{t - 3}" for t in row[:16]) for row in ids], "input_ids": ids,
+            "completion_mask": [[0] * 16 + [1] * opts.completion_length for _ in ids]}
+    return cls(model=checkpoint, teacher_model=_teacher(checkpoint),
+               args=GKDConfig(lmbda=0.0, max_length=opts.completion_length + 24, **common),
+               train_dataset=datasets_from(rows), processing_class=tokenizer)
+
+
+def _online_dpo(trl, cls, checkpoint, tokenizer, common, opts):  # batch prompts, two samples each
+    from trl.experimental.online_dpo import OnlineDPOConfig
+
+    args = OnlineDPOConfig(max_new_tokens=opts.completion_length, max_length=opts.completion_length + 24, **common)
+    return cls(model=checkpoint, reward_funcs=_length_reward, args=args,
+               train_dataset=datasets_from({"prompt": _prompts(opts)}), processing_class=tokenizer)
+
+
+def _a2po(trl, cls, checkpoint, tokenizer, common, opts):  # batch prompts, one sample each (stage 1: 2 per prompt)
+    from trl.experimental.a2po import A2POConfig
+
+    args = A2POConfig(max_completion_length=opts.completion_length, num_value_samples=2, **common)
+    return cls(model=checkpoint, reward_funcs=lambda completions, **kw: [float(len(c) % 2) for c in completions],
+               args=args, train_dataset=datasets_from({"prompt": _prompts(opts)}), processing_class=tokenizer)
+
+
+def _iw_opd(trl, cls, checkpoint, tokenizer, common, opts):  # batch on-policy samples, IW-OPD from a teacher
+    from trl.experimental.iw_opd import IWOPDConfig
+
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    # a dataset completion of the sampled length: TRL divides by the dataset batch's completion-token count
+    completion = " ".join(f"w{j + 3}" for j in range(opts.completion_length))
+    messages = [[{"role": "user", "content": p}, {"role": "assistant", "content": completion}] for p in _prompts(opts)]
+    args = IWOPDConfig(max_completion_length=opts.completion_length, max_length=opts.completion_length + 24,
+                       **common)
+    return cls(model=checkpoint, teacher_model=_teacher(checkpoint), args=args,
+               train_dataset=datasets_from({"messages": messages}), processing_class=tokenizer)
+
+
+def _sdpo(trl, cls, checkpoint, tokenizer, common, opts):  # batch samples of one prompt, the privileged teacher
+    from trl.experimental.sdpo import SDPOConfig
+
+    args = SDPOConfig(num_generations=opts.batch, max_completion_length=opts.completion_length,
+                      distillation_mode="full_logits", **common)
+    return cls(model=checkpoint, reward_funcs=lambda completions, **kw: [float(i % 2) for i in range(len(completions))],
+               args=args, train_dataset=datasets_from({"prompt": _prompts(opts)}), processing_class=tokenizer)
+
+
+def _sdft(trl, cls, checkpoint, tokenizer, common, opts):  # batch samples of one prompt, the privileged teacher
+    from trl.experimental.sdft import SDFTConfig
+
+    args = SDFTConfig(num_generations=opts.batch, max_completion_length=opts.completion_length,
+                      distillation_mode="full_logits", **common)
+    rows = {"prompt": _prompts(opts), "privileged_context": _prompts(opts)[::-1]}
+    return cls(model=checkpoint, args=args, train_dataset=datasets_from(rows), processing_class=tokenizer)
+
+
+def datasets_from(columns: dict):
+    import datasets
+
+    return datasets.Dataset.from_dict(columns)
+
+
+#: --trainer -> (trainer class, TRL module that defines it, builder of the trainer)
+TRAINERS = {"sft": ("SFTTrainer", "trl", _sft), "dpo": ("DPOTrainer", "trl", _dpo),
+            "grpo": ("GRPOTrainer", "trl", _grpo_or_rloo), "rloo": ("RLOOTrainer", "trl", _grpo_or_rloo),
+            "gkd": ("GKDTrainer", "trl.experimental.gkd", _gkd),
+            "online_dpo": ("OnlineDPOTrainer", "trl.experimental.online_dpo", _online_dpo),
+            "a2po": ("A2POTrainer", "trl.experimental.a2po", _a2po),
+            "iw_opd": ("IWOPDTrainer", "trl.experimental.iw_opd", _iw_opd),
+            "sdpo": ("SDPOTrainer", "trl.experimental.sdpo", _sdpo),
+            "sdft": ("SDFTTrainer", "trl.experimental.sdft", _sdft)}
 
 
 def run_one(which: str, checkpoint: str, opts) -> dict:
     """One optimizer step of ``which`` ("trl" or "fastalign"); returns its memory figures (MiB)."""
-    import datasets
+    import importlib
+
     import transformers
     import trl
 
     import fastalign.integrations.trl as fa_trl
 
-    from trl.experimental import gkd, online_dpo
-
-    name, home = TRAINERS[opts.trainer]
-    cls = getattr({"trl": trl, "gkd": gkd, "online_dpo": online_dpo}[home] if which == "trl" else fa_trl, name)
+    name, home, build = TRAINERS[opts.trainer]
+    cls = getattr(importlib.import_module(home) if which == "trl" else fa_trl, name)
     common = dict(output_dir=os.path.join(os.path.dirname(checkpoint), f"out-{which}"), max_steps=1,
                   per_device_train_batch_size=opts.batch, report_to="none", save_strategy="no", use_cpu=True, seed=0,
                   disable_tqdm=True, logging_steps=1, optim="sgd", bf16=False)
     tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(checkpoint)
-    if opts.trainer == "dpo":  # batch pairs: a 16-word prompt, chosen and rejected of completion_length words
-        words = lambda i, k: " ".join(f"w{(k * i + 3 * j) % 1000 + 3}" for j in range(opts.completion_length))
-        pairs = {"prompt": [" ".join(f"w{(7 * i + j) % 1000 + 3}" for j in range(16)) for i in range(opts.batch)],
-                 "chosen": [words(i, 5) for i in range(opts.batch)], "rejected": [words(i, 11) for i in range(opts.batch)]}
-        trainer = cls(model=checkpoint, args=trl.DPOConfig(max_length=opts.completion_length + 24, **common),
-                      train_dataset=datasets.Dataset.from_dict(pairs), processing_class=tokenizer)
-    elif opts.trainer == "sft":  # batch texts of completion_length words, every token scored
-        texts = [" ".join(f"w{(7 * i + 3 * j) % 1000 + 3}" for j in range(opts.completion_length))
-                 for i in range(opts.batch)]
-        trainer = cls(model=checkpoint, args=trl.SFTConfig(max_length=opts.completion_length + 8, **common),
-                      train_dataset=datasets.Dataset.from_dict({"text": texts}), processing_class=tokenizer)
-    elif opts.trainer == "gkd":  # batch examples: a 16-word prompt and a completion of completion_length words
-        ids = [[(7 * i + j) % 1000 + 3 for j in range(16 + opts.completion_length)] for i in range(opts.batch)]
-        rows = {"prompt": [" ".join(f"w{t - 3}" for t in row[:16]) for row in ids], "input_ids": ids,
-                "completion_mask": [[0] * 16 + [1] * opts.completion_length for _ in ids]}
-        import torch
-
-        torch.manual_seed(1)
-        teacher = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(checkpoint))
-        trainer = cls(model=checkpoint, teacher_model=teacher,
-                      args=gkd.GKDConfig(lmbda=0.0, max_length=opts.completion_length + 24, **common),
-                      train_dataset=datasets.Dataset.from_dict(rows), processing_class=tokenizer)
-    elif opts.trainer == "online_dpo":  # batch prompts, two sampled completions of completion_length tokens each
-        prompts = [" ".join(f"w{(7 * i + j) % 1000 + 3}" for j in range(16)) for i in range(opts.batch)]
-        args = online_dpo.OnlineDPOConfig(max_new_tokens=opts.completion_length, max_length=opts.completion_length + 24,
-                                          **common)
-        trainer = cls(model=checkpoint, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
-                      args=args, train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
-                      processing_class=tokenizer)
-    else:
-        config = trl.GRPOConfig if opts.trainer == "grpo" else trl.RLOOConfig
-        loss = dict(loss_type="dapo") if opts.trainer == "grpo" else {}
-        args = config(num_generations=opts.batch, max_completion_length=opts.completion_length, min_p=None,
-                      beta=opts.beta, generation_kwargs={"min_new_tokens": opts.completion_length}, **loss, **common)
-        prompts = [" ".join(f"w{(7 * i + j) % 1000 + 3}" for j in range(16)) for i in range(opts.batch)]
-        trainer = cls(model=checkpoint, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
-                      args=args, train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
-                      processing_class=tokenizer)
+    trainer = build(trl, cls, checkpoint, tokenizer, common, opts)
     before = _rss_mib()
     start = time.perf_counter()
     trainer.train()
@@ -132,8 +208,7 @@ def main():
     parser.add_argument("--trainer", choices=sorted(TRAINERS), default="grpo")
     parser.add_argument("--vocab", type=int, default=131072)
     parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8,
-                        help="completions (SFT: texts, DPO: pairs, GKD: examples, Online DPO: prompts) per step")
+    parser.add_argument("--batch", type=int, default=8, help="completions per step (see the module doc)")
     parser.add_argument("--completion-length", type=int, default=256)
     parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient (adds a reference model)")
     parser.add_argument("--child", choices=["trl", "fastalign"], help=argparse.SUPPRESS)
@@ -169,7 +244,7 @@ def main():
     t, f = results["trl"], results["fastalign"]
     print(f"ratio TRL / fastalign: peak RSS {t['peak_rss_mib'] / f['peak_rss_mib']:.2f}, "
           f"step peak {t['step_peak_mib'] / max(f['step_peak_mib'], 1e-9):.2f}, train() time "
-          f"{t['train_s'] / f['train_s']:.2f} (generation included for GRPO, RLOO and Online DPO)")
+          f"{t['train_s'] / f['train_s']:.2f} (generation included where the trainer samples)")
 
 
 if __name__ == "__main__":
