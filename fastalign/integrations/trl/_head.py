@@ -21,6 +21,7 @@ from torch import Tensor
 
 from fastalign.integrations.hf import (_WHOLE_MODEL_TUNERS, causal_lm_logprobs, head_operands, head_transform,
                                        next_token_targets, router_aux_loss)
+from fastalign.linear_divergence import linear_divergence_loss
 from fastalign.linear_policy import policy_logprobs, policy_step
 from fastalign.linear_step import separable_step
 
@@ -99,6 +100,51 @@ def predicting_operands(operands) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         hidden = torch.cat([hidden, a[:, :-1].to(hidden.dtype)], dim=-1)
         weight = torch.cat([weight, lora.to(weight.dtype)], dim=-1)
     return hidden, weight, bias
+
+
+def check_teacher(trainer, teacher, name: str = "teacher_model") -> None:
+    """Raise on a teacher the fused head cannot score (a float64 head, a vision-language model, an architecture
+    without a known head transform), naming it; then install the fused head on it."""
+    check_head_dtype(trainer, teacher, name)
+    base = base_model(trainer, teacher)
+    if base.config.get_text_config() is not base.config:
+        raise ValueError(f"{name}: {type(base).__name__} is a vision-language model; the fastalign trainers take "
+                         "text-only causal LMs")
+    head_transform(base.config)  # raises for an architecture without a known head transform
+    install_head(trainer.accelerator.unwrap_model(teacher))
+
+
+def teacher_divergence(trainer, model, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
+                       num_items_in_batch=None, **options) -> Tensor:
+    """:func:`fastalign.linear_divergence_loss` of ``model`` against ``trainer.teacher_model`` (under ``no_grad``,
+    in eval mode) on the same tokens, from both bodies' hidden states at the positions that predict a next token
+    (:func:`predicting_operands`) and each head's transform; ``response_mask [B, T-1]`` the scored positions,
+    divided by ``num_items_in_batch`` when given (else their count, at least 1). ``options``: the divergence's
+    (``beta``, ``temperature``)."""
+    call = dict(input_ids=input_ids, attention_mask=attention_mask, **head_call(trainer, ("operands",)))
+    hidden, weight, bias = predicting_operands(model(**call).operands)
+    teacher = trainer.teacher_model
+    teacher.eval()
+    with torch.no_grad():
+        t_hidden, t_weight, t_bias = predicting_operands(teacher(**call).operands)
+    device = hidden.device
+    normalizer = None
+    if num_items_in_batch is not None:
+        normalizer = torch.as_tensor(num_items_in_batch, device=device).float().reshape(())
+    scale, softcap = head_transform(base_model(trainer, model).config)
+    t_scale, t_softcap = head_transform(base_model(trainer, teacher).config)
+    loss, _ = linear_divergence_loss(
+        hidden, weight, t_hidden.to(device), t_weight.to(device), bias=bias,
+        teacher_bias=None if t_bias is None else t_bias.to(device), logit_scale=scale, softcap=softcap,
+        teacher_logit_scale=t_scale, teacher_softcap=t_softcap, response_mask=response_mask, normalizer=normalizer,
+        **options)
+    return loss
+
+
+def base_model(trainer, model):
+    """The ``PreTrainedModel`` under the trainer's wrappers and a PEFT model."""
+    model = trainer.accelerator.unwrap_model(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def policy_operands(trainer, model, **inputs) -> HeadOutputs:

@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import functools
 import warnings
+
 import torch
 from trl.experimental.gkd import GKDTrainer as _TRLGKDTrainer
 
-from fastalign.integrations.hf import head_transform, next_token_targets
-from fastalign.integrations.trl._head import (check_config, check_head_dtype, check_model, head_call,
-                                               init_checked, install_head, predicting_operands)
-from fastalign.linear_divergence import linear_divergence_loss
+from fastalign.integrations.hf import next_token_targets
+from fastalign.integrations.trl._head import (check_config, check_model, check_teacher, init_checked, install_head,
+                                               teacher_divergence)
 
 __all__ = ["GKDTrainer"]
 
@@ -49,32 +49,13 @@ class GKDTrainer(_TRLGKDTrainer):
     def __init__(self, *args, **kwargs):
         init_checked(self, _TRLGKDTrainer.__init__, args, kwargs, lambda config: check_config(config, "GKDConfig"))
         check_model(self, "GKDConfig")
-        teacher = self.accelerator.unwrap_model(self.teacher_model)
-        check_head_dtype(self, teacher, "teacher_model")
-        if teacher.config.get_text_config() is not teacher.config:
-            raise ValueError(f"teacher_model: {type(teacher).__name__} is a vision-language model; the fastalign "
-                             "GKDTrainer takes text-only causal LMs")
-        head_transform(teacher.config)  # raises for an architecture without a known head transform
         install_head(self.accelerator.unwrap_model(self.model))
-        install_head(teacher)
+        check_teacher(self, self.teacher_model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, attention = inputs["input_ids"], inputs["attention_mask"]
-        call = dict(input_ids=ids, attention_mask=attention, **head_call(self, ("operands",)))
-        hidden, weight, bias = predicting_operands(model(**call).operands)
-        self.teacher_model.eval()
-        with torch.no_grad():
-            t_hidden, t_weight, t_bias = predicting_operands(self.teacher_model(**call).operands)
         scored = next_token_targets(ids, labels=inputs["labels"]) != -100
-        normalizer = None
-        if num_items_in_batch is not None:
-            normalizer = torch.as_tensor(num_items_in_batch, device=hidden.device).float().reshape(())
-        scale, softcap = head_transform(self.accelerator.unwrap_model(self.model).config)
-        t_scale, t_softcap = head_transform(self.accelerator.unwrap_model(self.teacher_model).config)
-        loss, _ = linear_divergence_loss(
-            hidden, weight, t_hidden.to(hidden.device), t_weight.to(hidden.device), beta=self.beta, bias=bias,
-            teacher_bias=None if t_bias is None else t_bias.to(hidden.device), logit_scale=scale, softcap=softcap,
-            teacher_logit_scale=t_scale, teacher_softcap=t_softcap, response_mask=scored, normalizer=normalizer)
+        loss = teacher_divergence(self, model, ids, attention, scored, num_items_in_batch, beta=self.beta)
         if return_outputs:
             warnings.warn("return_outputs=True computes the student's logits with an extra forward pass (the fused "
                           "head never builds them)", stacklevel=2)

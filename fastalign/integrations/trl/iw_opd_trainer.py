@@ -35,11 +35,9 @@ import torch
 from torch import Tensor
 from trl.experimental.iw_opd import IWOPDTrainer as _TRLIWOPDTrainer
 
-from fastalign.integrations.hf import head_transform
-from fastalign.integrations.trl._head import (check_config, check_head_dtype, check_model, head_call,
-                                               init_checked, install_head, predicting_operands)
+from fastalign.integrations.trl._head import (check_config, check_model, check_teacher, init_checked, install_head,
+                                               teacher_divergence)
 from fastalign.integrations.trl.iw_opd import IWOPDLoss
-from fastalign.linear_divergence import linear_divergence_loss
 
 __all__ = ["IWOPDTrainer"]
 
@@ -61,14 +59,8 @@ class IWOPDTrainer(_TRLIWOPDTrainer):
     def __init__(self, *args, **kwargs):
         init_checked(self, _TRLIWOPDTrainer.__init__, args, kwargs, _check_iw_opd_config)
         check_model(self, "IWOPDConfig")
-        teacher = self.accelerator.unwrap_model(self.teacher_model)
-        check_head_dtype(self, teacher, "teacher_model")
-        if teacher.config.get_text_config() is not teacher.config:
-            raise ValueError(f"teacher_model: {type(teacher).__name__} is a vision-language model; the fastalign "
-                             "IWOPDTrainer takes text-only causal LMs")
-        head_transform(teacher.config)  # raises for an architecture without a known head transform
         install_head(self.accelerator.unwrap_model(self.model))
-        install_head(teacher)
+        check_teacher(self, self.teacher_model)
         self._iw_opd_loss = IWOPDLoss(self.args) if self.distillation_objective == "iw_opd" else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -113,20 +105,5 @@ class IWOPDTrainer(_TRLIWOPDTrainer):
         return loss
 
     def _jsd(self, model, ids, attention, labels, num_items_in_batch) -> Tensor:
-        call = dict(input_ids=ids, attention_mask=attention, **head_call(self, ("operands",)))
-        hidden, weight, bias = predicting_operands(model(**call).operands)
-        self.teacher_model.eval()
-        with torch.no_grad():
-            t_hidden, t_weight, t_bias = predicting_operands(self.teacher_model(**call).operands)
-        normalizer = None
-        if num_items_in_batch is not None:
-            normalizer = torch.as_tensor(num_items_in_batch, device=hidden.device).float().reshape(())
-        scale, softcap = head_transform(self.accelerator.unwrap_model(self.model).config)
-        t_scale, t_softcap = head_transform(self.accelerator.unwrap_model(self.teacher_model).config)
-        device = hidden.device
-        loss, _ = linear_divergence_loss(
-            hidden, weight, t_hidden.to(device), t_weight.to(device), beta=self.beta,
-            temperature=self.temperature, bias=bias, teacher_bias=None if t_bias is None else t_bias.to(device),
-            logit_scale=scale, softcap=softcap, teacher_logit_scale=t_scale, teacher_softcap=t_softcap,
-            response_mask=labels[:, 1:] != -100, normalizer=normalizer)
-        return loss
+        return teacher_divergence(self, model, ids, attention, labels[:, 1:] != -100, num_items_in_batch,
+                                  beta=self.beta, temperature=self.temperature)

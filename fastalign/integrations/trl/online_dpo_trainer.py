@@ -30,7 +30,8 @@ from torch import Tensor
 from trl.experimental.online_dpo import OnlineDPOTrainer as _TRLOnlineDPOTrainer
 
 from fastalign.integrations.hf import head_transform
-from fastalign.integrations.trl._head import check_config, check_model, head_call, init_checked, install_head
+from fastalign.integrations.trl._head import (base_model, check_config, check_model, head_call, init_checked,
+                                               install_head)
 from fastalign.linear import linear_logprobs
 
 __all__ = ["OnlineDPOTrainer"]
@@ -74,8 +75,6 @@ class OnlineDPOTrainer(_TRLOnlineDPOTrainer):
         rows = slice(prompt_len - 1, -1) if prompt_len > 0 else slice(0, None)
         if low_rank is not None:
             low_rank = (low_rank[0][:, rows], low_rank[1])
-        base = self.accelerator.unwrap_model(model)
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base
-        scale, softcap = head_transform(base.config)
+        scale, softcap = head_transform(base_model(self, model).config)
         return linear_logprobs(hidden[:, rows], weight, completion_ids, bias=bias, low_rank=low_rank,
                                logit_scale=scale, softcap=softcap).logprobs

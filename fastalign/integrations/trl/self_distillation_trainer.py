@@ -40,8 +40,8 @@ from trl.experimental.sdft import SDFTTrainer as _TRLSDFTTrainer
 from trl.experimental.sdpo import SDPOTrainer as _TRLSDPOTrainer
 
 from fastalign.integrations.hf import head_transform
-from fastalign.integrations.trl._head import (check_config, check_model, head_call, init_checked, install_head,
-                                               predicting_operands)
+from fastalign.integrations.trl._head import (base_model, check_config, check_model, head_call, init_checked,
+                                               install_head, predicting_operands)
 from fastalign.integrations.trl.grpo import grpo_policy_config
 from fastalign.integrations.trl.self_distillation import SelfDistillationLoss
 from fastalign.linear import linear_logprobs
@@ -95,9 +95,7 @@ class _FusedSelfDistillation:
         that predict the last ``keep`` tokens (a LoRA head's low-rank term appended, :func:`predicting_operands`)."""
         operands = model(input_ids=ids, attention_mask=attention, **head_call(self, ("operands",))).operands
         hidden, weight, bias = predicting_operands(operands)
-        base = self.accelerator.unwrap_model(model)
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base
-        return (hidden[:, -keep:], weight, bias) + head_transform(base.config)
+        return (hidden[:, -keep:], weight, bias) + head_transform(base_model(self, model).config)
 
     def _distillation_loss(self, model, inputs, student: tuple, teacher: tuple) -> Tensor:
         hidden, weight, bias, scale, softcap = student
