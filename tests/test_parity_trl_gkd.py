@@ -134,3 +134,17 @@ def test_refusals(models, tmp_path):
         GKDTrainer(model=transformers.AutoModelForCausalLM.from_pretrained(student),
                    teacher_model=transformers.AutoModelForCausalLM.from_pretrained(teacher).double(),
                    args=trainer_args, train_dataset=_dataset(4), processing_class=tokenizer)
+
+
+def test_return_outputs_gives_the_students_logits(models, tmp_path):
+    """compute_loss(return_outputs=True), as an evaluation with compute_metrics asks: TRL's loss and the student's
+    own outputs (one more forward, with a warning)."""
+    from fastalign.integrations.trl import GKDTrainer
+
+    trainer = _trainer(GKDTrainer, models, tmp_path, dict(lmbda=0.0))
+    inputs = trainer.data_collator([_dataset(3)[i] for i in range(3)])
+    with pytest.warns(UserWarning, match="return_outputs=True"):
+        loss, outputs = trainer.compute_loss(trainer.model, inputs, return_outputs=True)
+    t_loss, t_outputs = TRLGKDTrainer.compute_loss(trainer, trainer.model, inputs, return_outputs=True)
+    assert_close(loss, t_loss, atol=1e-6, rtol=1e-5, what="loss")
+    assert_close(outputs.logits, t_outputs.logits, atol=1e-6, rtol=1e-6, what="logits")

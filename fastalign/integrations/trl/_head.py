@@ -13,6 +13,7 @@ import copy
 import functools
 import inspect
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -139,6 +140,18 @@ def teacher_divergence(trainer, model, input_ids: Tensor, attention_mask: Tensor
         teacher_logit_scale=t_scale, teacher_softcap=t_softcap, response_mask=response_mask, normalizer=normalizer,
         **options)
     return loss
+
+
+def loss_and_outputs(loss: Tensor, model, return_outputs: bool, **model_inputs):
+    """A drop-in's ``compute_loss`` result: ``loss``, or with ``return_outputs`` (an evaluation that hands the
+    logits to ``compute_metrics``) ``(loss, model(**model_inputs))`` from one more forward without gradients, with
+    a warning (the fused head never builds the logits)."""
+    if not return_outputs:
+        return loss
+    warnings.warn("return_outputs=True computes the logits with an extra forward pass (the fused head never builds "
+                  "them)", stacklevel=3)
+    with torch.no_grad():
+        return loss, model(**model_inputs)
 
 
 def base_model(trainer, model):

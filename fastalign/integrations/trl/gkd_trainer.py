@@ -30,14 +30,12 @@ extra forward of the student without gradients for them, with a warning, as TRL'
 from __future__ import annotations
 
 import functools
-import warnings
 
-import torch
 from trl.experimental.gkd import GKDTrainer as _TRLGKDTrainer
 
 from fastalign.integrations.hf import next_token_targets
 from fastalign.integrations.trl._head import (check_config, check_model, check_teacher, init_checked, install_head,
-                                               teacher_divergence)
+                                               loss_and_outputs, teacher_divergence)
 
 __all__ = ["GKDTrainer"]
 
@@ -56,10 +54,4 @@ class GKDTrainer(_TRLGKDTrainer):
         ids, attention = inputs["input_ids"], inputs["attention_mask"]
         scored = next_token_targets(ids, labels=inputs["labels"]) != -100
         loss = teacher_divergence(self, model, ids, attention, scored, num_items_in_batch, beta=self.beta)
-        if return_outputs:
-            warnings.warn("return_outputs=True computes the student's logits with an extra forward pass (the fused "
-                          "head never builds them)", stacklevel=2)
-            with torch.no_grad():
-                outputs = model(input_ids=ids, attention_mask=attention)
-            return loss, outputs
-        return loss
+        return loss_and_outputs(loss, model, return_outputs, input_ids=ids, attention_mask=attention)

@@ -29,14 +29,13 @@ with a warning.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 from torch import Tensor
 from trl.experimental.iw_opd import IWOPDTrainer as _TRLIWOPDTrainer
 
 from fastalign.integrations.trl._head import (check_config, check_model, check_teacher, init_checked, install_head,
-                                               teacher_divergence)
+                                               loss_and_outputs, teacher_divergence)
 from fastalign.integrations.trl.iw_opd import IWOPDLoss
 
 __all__ = ["IWOPDTrainer"]
@@ -74,13 +73,7 @@ class IWOPDTrainer(_TRLIWOPDTrainer):
                                 num_items_in_batch)
         else:
             loss = self._jsd(model, ids, attention, labels, num_items_in_batch)
-        if return_outputs:
-            warnings.warn("return_outputs=True computes the student's logits with an extra forward pass (the fused "
-                          "head never builds them)", stacklevel=2)
-            with torch.no_grad():
-                outputs = model(input_ids=ids, attention_mask=attention)
-            return loss, outputs
-        return loss
+        return loss_and_outputs(loss, model, return_outputs, input_ids=ids, attention_mask=attention)
 
     def _sampled_logprobs(self, model, ids: Tensor, attention: Tensor, labels: Tensor, start: int) -> Tensor:
         """``[B, T - start]``: log p(labels[:, t]) at ``temperature`` for the completion columns ``t >= start``

@@ -39,7 +39,6 @@ loss comes from the router logits of the same body forward, as TRL adds it.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 import trl
@@ -48,7 +47,7 @@ from transformers.trainer_pt_utils import LabelSmoother
 from fastalign.integrations.hf import head_transform, next_token_targets
 from fastalign.integrations.trl._head import (add_aux_loss, check_config, check_model, has_mean_logits,
                                                head_separable_loss, init_checked, install_head, label_margin,
-                                               log_aux_loss, policy_operands)
+                                               log_aux_loss, loss_and_outputs, policy_operands)
 
 __all__ = ["SFTTrainer"]
 
@@ -111,13 +110,7 @@ class SFTTrainer(trl.SFTTrainer):
             loss = add_aux_loss(self, loss, aux, mode,
                                 scale=self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1)
         self._log_metrics(mode, inputs, stats, targets)
-        if return_outputs:
-            warnings.warn("return_outputs=True computes the logits with an extra forward pass (the fused head "
-                          "never builds them)", stacklevel=2)
-            with torch.no_grad():
-                outputs = model(**model_inputs)
-            return loss, outputs
-        return loss
+        return loss_and_outputs(loss, model, return_outputs, **model_inputs)
 
     def _smoothing(self) -> float:
         """The label-smoothing ε of this step, read as TRL reads it: the ``label_smoother`` that ``Trainer``'s
