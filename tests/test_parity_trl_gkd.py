@@ -1,7 +1,8 @@
-"""The GKD drop-in against TRL 1.16's own experimental ``GKDTrainer``: its ``generalized_jsd_loss`` on the
-logits of the same hidden states (loss and gradients), and a tiny trainer run next to the drop-in (logged
-metrics and parameters after the steps, same seed): off-policy, on-policy student generations, sequence-level
-KD from the teacher's generations, gradient accumulation, evaluation and LoRA adapters."""
+"""The GKD and GOLD drop-ins against TRL 1.16's own experimental ``GKDTrainer`` and ``GOLDTrainer``: GKD's
+``generalized_jsd_loss`` on the logits of the same hidden states (loss and gradients), and tiny trainer runs next to
+the drop-ins (logged metrics and parameters after the steps, same seed): off-policy, on-policy student
+generations, sequence-level KD from the teacher's generations, gradient accumulation, evaluation, LoRA adapters and
+GOLD's temperature."""
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ datasets = pytest.importorskip("datasets", reason="TRL's trainers need datasets"
 pytest.importorskip("tokenizers", reason="the test tokenizer needs tokenizers")
 
 from trl.experimental.gkd import GKDConfig, GKDTrainer as TRLGKDTrainer  # noqa: E402
+from trl.experimental.gold import GOLDConfig, GOLDTrainer as TRLGOLDTrainer  # noqa: E402
 
 import fastalign  # noqa: E402
 from helpers import assert_close  # noqa: E402
@@ -73,12 +75,13 @@ def _dataset(n):
     return datasets.Dataset.from_dict(rows)
 
 
-def _trainer(cls, models, tmp_path, options, **kwargs):
+def _trainer(cls, models, tmp_path, options, config=None, **kwargs):
     student, teacher = models
-    args = GKDConfig(**{**dict(
+    args = (config or GKDConfig)(**{**dict(
         output_dir=str(tmp_path), max_steps=2, report_to="none", seed=0, use_cpu=True, logging_steps=1,
         optim="sgd", learning_rate=0.5, bf16=False, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-        per_device_train_batch_size=4, max_new_tokens=4), **options})
+        per_device_train_batch_size=4), **{"max_completion_length" if config is GOLDConfig else "max_new_tokens": 4},
+        **options})
     tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(student)
     model = transformers.AutoModelForCausalLM.from_pretrained(student)
     teacher_model = transformers.AutoModelForCausalLM.from_pretrained(teacher)
@@ -148,3 +151,26 @@ def test_return_outputs_gives_the_students_logits(models, tmp_path):
     t_loss, t_outputs = TRLGKDTrainer.compute_loss(trainer, trainer.model, inputs, return_outputs=True)
     assert_close(loss, t_loss, atol=1e-6, rtol=1e-5, what="loss")
     assert_close(outputs.logits, t_outputs.logits, atol=1e-6, rtol=1e-6, what="logits")
+
+
+# ------------------------------------------------------------------------------------------ GOLD (same tokenizer)
+
+@pytest.mark.parametrize("options", [
+    dict(lmbda=0.0, beta=0.5, temperature=0.8),
+    dict(lmbda=1.0, beta=0.0, temperature=1.3, gradient_accumulation_steps=2),
+    dict(lmbda=0.0, seq_kd=True, beta=1.0),
+])
+def test_gold_trainer_matches_trl(models, tmp_path, options):
+    """GOLD's same-tokenizer JSD at its config's temperature (GKD's is 1)."""
+    from fastalign.integrations.trl import GOLDTrainer
+
+    theirs = _run(TRLGOLDTrainer, models, tmp_path / "trl", options, config=GOLDConfig)
+    ours = _run(GOLDTrainer, models, tmp_path / "ours", options, config=GOLDConfig)
+    assert_same_run(ours, theirs)
+
+
+def test_gold_refuses_the_cross_tokenizer_loss(models, tmp_path):
+    from fastalign.integrations.trl import GOLDTrainer
+
+    with pytest.raises(ValueError, match="use_uld_loss"):
+        _trainer(GOLDTrainer, models, tmp_path, dict(use_uld_loss=True), config=GOLDConfig)

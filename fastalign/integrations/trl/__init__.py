@@ -16,6 +16,7 @@ Drop-in trainers, subclasses of TRL's with the same constructor and config class
     from fastalign.integrations.trl import TPOTrainer   # was: from trl.experimental.tpo import TPOTrainer
     from fastalign.integrations.trl import DistillationTrainer   # was: from trl import DistillationTrainer
     from fastalign.integrations.trl import GKDTrainer   # was: from trl.experimental.gkd import GKDTrainer
+    from fastalign.integrations.trl import GOLDTrainer   # was: from trl.experimental.gold import GOLDTrainer
     from fastalign.integrations.trl import OnlineDPOTrainer   # was: from trl.experimental.online_dpo import ...
     from fastalign.integrations.trl import A2POTrainer   # was: from trl.experimental.a2po import A2POTrainer
     from fastalign.integrations.trl import IWOPDTrainer   # was: from trl.experimental.iw_opd import IWOPDTrainer
@@ -39,6 +40,7 @@ _TRAINERS = {"SFTTrainer": "sft_trainer", "GRPOTrainer": "grpo_trainer", "RLOOTr
              "DPOTrainer": "dpo_trainer", "KTOTrainer": "kto_trainer", "CPOTrainer": "cpo_trainer",
              "ORPOTrainer": "orpo_trainer", "DistillationTrainer": "distillation_trainer",
              "GMPOTrainer": "gmpo_trainer", "TPOTrainer": "tpo_trainer", "GKDTrainer": "gkd_trainer",
+             "GOLDTrainer": "gold_trainer",
              "OnlineDPOTrainer": "online_dpo_trainer", "A2POTrainer": "a2po_trainer",
              "IWOPDTrainer": "iw_opd_trainer", "SDPOTrainer": "self_distillation_trainer",
              "SDFTTrainer": "self_distillation_trainer"}

@@ -26,6 +26,7 @@ PEFT prompt learning, an architecture without a known head transform
 (the heads run in float32, bfloat16 or float16) and vocabularies of different sizes (as TRL).
 ``compute_loss(..., return_outputs=True)`` (an evaluation that hands logits to ``compute_metrics``) runs an
 extra forward of the student without gradients for them, with a warning, as TRL's ``SFTTrainer``.
+:class:`SameTokensDistillation` is shared with the GOLD drop-in (:mod:`fastalign.integrations.trl.gold_trainer`).
 """
 from __future__ import annotations
 
@@ -40,18 +41,35 @@ from fastalign.integrations.trl._head import (check_config, check_model, check_t
 __all__ = ["GKDTrainer"]
 
 
-class GKDTrainer(_TRLGKDTrainer):
-    """TRL's experimental ``GKDTrainer`` whose generalized JSD goes through fastalign (see the module doc)."""
+class SameTokensDistillation:
+    """``compute_loss`` of TRL's GKD and GOLD trainers (same tokenizer): the generalized JSD at ``trainer.beta`` and
+    :meth:`_divergence_temperature` of the student against the teacher on the batch's own tokens, over the positions
+    whose next label is not -100, from both models' hidden states (see the module doc)."""
 
-    @functools.wraps(_TRLGKDTrainer.__init__)
-    def __init__(self, *args, **kwargs):
-        init_checked(self, _TRLGKDTrainer.__init__, args, kwargs, lambda config: check_config(config, "GKDConfig"))
-        check_model(self, "GKDConfig")
+    _config_name: str
+
+    def _init_fused(self, init, args, kwargs, check) -> None:
+        init_checked(self, init, args, kwargs, check)
+        check_model(self, self._config_name)
         install_head(self.accelerator.unwrap_model(self.model))
         check_teacher(self, self.teacher_model)
+
+    def _divergence_temperature(self) -> float:
+        return 1.0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, attention = inputs["input_ids"], inputs["attention_mask"]
         scored = next_token_targets(ids, labels=inputs["labels"]) != -100
-        loss = teacher_divergence(self, model, ids, attention, scored, num_items_in_batch, beta=self.beta)
+        loss = teacher_divergence(self, model, ids, attention, scored, num_items_in_batch, beta=self.beta,
+                                  temperature=self._divergence_temperature())
         return loss_and_outputs(loss, model, return_outputs, input_ids=ids, attention_mask=attention)
+
+
+class GKDTrainer(SameTokensDistillation, _TRLGKDTrainer):
+    """TRL's experimental ``GKDTrainer`` whose generalized JSD goes through fastalign (see the module doc)."""
+
+    _config_name = "GKDConfig"
+
+    @functools.wraps(_TRLGKDTrainer.__init__)
+    def __init__(self, *args, **kwargs):
+        self._init_fused(_TRLGKDTrainer.__init__, args, kwargs, lambda config: check_config(config, "GKDConfig"))
