@@ -1013,7 +1013,7 @@ def test_dpo_options_assigned_on_the_trainer_match_trl(checkpoint, reference_che
 def test_dpo_beta_schedule_takes_effect_at_the_next_step(checkpoint, reference_checkpoint, tmp_path, monkeypatch):
     """A callback that assigns trainer.beta at the end of each step: the next step's loss and update use it, in TRL
     and in the drop-in; the drop-in rebuilds its loss once per change, not at every step."""
-    from fastalign.integrations.trl._head import LiveLoss
+    from fastalign.integrations.trl._live_loss import LiveLoss
 
     builds, build = [], LiveLoss._build
     monkeypatch.setattr(LiveLoss, "_build", lambda self, *a: builds.append(1) or build(self, *a))

@@ -1,27 +1,28 @@
 """The fused LM head the TRL drop-in trainers call: a model forward that returns per-token
 statistics from the last hidden states through :func:`fastalign.integrations.hf.causal_lm_logprobs`,
-and the checks that a trainer's config and model are ones this head can serve.
+and the losses that go through the head itself (the checks at construction: :mod:`._checks`; the live profile
+loss: :mod:`._live_loss`; the logged metrics: :mod:`._metrics`; CPO's and ORPO's concatenated pairs:
+:mod:`._pairs`).
 
 :func:`install_head` wraps ``model.forward`` so that ``model(input_ids=..., attention_mask=...,
 labels=labels, **head_call(trainer, fields))`` returns :class:`HeadOutputs` instead of running the
-previous forward, at that trainer's temperature and head dtype. Going through ``model(...)`` keeps every wrapper's forward in the path
-(DDP, FSDP, PEFT); any other call (generation included) reaches the previous forward unchanged.
+previous forward, at that trainer's temperature and head dtype. Going through ``model(...)`` keeps every
+wrapper's forward in the path (DDP, FSDP, PEFT); any other call (generation included) reaches the previous
+forward unchanged.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 import types
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from fastalign.integrations.hf import (_WHOLE_MODEL_TUNERS, causal_lm_logprobs, head_operands, head_transform,
-                                       next_token_targets, router_aux_loss)
+from fastalign.integrations.hf import causal_lm_logprobs, head_operands, head_transform, router_aux_loss
 from fastalign.linear_divergence import linear_divergence_loss
 from fastalign.linear_policy import policy_logprobs, policy_step
 from fastalign.linear_step import separable_step
@@ -101,18 +102,6 @@ def predicting_operands(operands) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         hidden = torch.cat([hidden, a[:, :-1].to(hidden.dtype)], dim=-1)
         weight = torch.cat([weight, lora.to(weight.dtype)], dim=-1)
     return hidden, weight, bias
-
-
-def check_teacher(trainer, teacher, name: str = "teacher_model") -> None:
-    """Raise on a teacher the fused head cannot score (a float64 head, a vision-language model, an architecture
-    without a known head transform), naming it; then install the fused head on it."""
-    check_head_dtype(trainer, teacher, name)
-    base = base_model(trainer, teacher)
-    if base.config.get_text_config() is not base.config:
-        raise ValueError(f"{name}: {type(base).__name__} is a vision-language model; the fastalign trainers take "
-                         "text-only causal LMs")
-    head_transform(base.config)  # raises for an architecture without a known head transform
-    install_head(trainer.accelerator.unwrap_model(teacher))
 
 
 def teacher_divergence(trainer, model, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
@@ -367,169 +356,6 @@ def head_temperature(trainer) -> float:
     return getattr(trainer, "fastalign_head_options", {}).get("temperature", 1.0)
 
 
-def check_config(args, name: str) -> None:
-    """Raise on the fields of a TRL config that the drop-in trainers cannot honour."""
-    if getattr(args, "use_liger_kernel", False):
-        raise ValueError(f"{name}.use_liger_kernel: the fastalign trainers replace the LM head and loss that Liger "
-                         "would patch; set it to False")
-
-
-def check_model(trainer, name: str, *, head_dtype: Optional[torch.dtype] = None) -> None:
-    """Raise on a model the fastalign head cannot score like TRL's fused head: a vision-language model, an
-    architecture without a known head transform, a policy or reference with a PEFT adapter set up outside
-    the body (:func:`check_peft`), and a policy or reference whose head would run in float64
-    (:func:`check_head_dtype`; ``head_dtype``: the dtype the trainer runs its head in, None: the model's)."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    check_peft(model, "model")
-    if getattr(trainer, "ref_model", None) is not None:
-        check_peft(trainer.accelerator.unwrap_model(trainer.ref_model), "ref_model")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if base.config.get_text_config() is not base.config:
-        raise ValueError(f"model: {type(base).__name__} is a vision-language model; the fastalign trainers take "
-                         "text-only causal LMs (vision inputs are not supported)")
-    head_transform(base.config)  # raises for an architecture without a known head transform
-    check_head_dtype(trainer, trainer.model, "model", head_dtype=head_dtype)
-    if getattr(trainer, "ref_model", None) is not None:
-        check_head_dtype(trainer, trainer.ref_model, "ref_model", head_dtype=head_dtype)
-
-
-def check_peft(model, name: str) -> None:
-    """A ``ValueError`` naming ``name`` and the PEFT config type for a PEFT model whose active adapter the fused
-    head cannot score (:func:`fastalign.integrations.hf.head_operands` refuses it at every call): prompt learning
-    (``PromptTuningConfig``, ``PrefixTuningConfig``, ``PromptEncoderConfig``, ...: its virtual tokens reach the
-    body as ``inputs_embeds``), X-LoRA and ShadowPEFT (set up by hooks on the whole model's forward)."""
-    config = getattr(model, "active_peft_config", None)
-    if config is None:
-        return
-    if getattr(config, "is_prompt_learning", False):
-        raise ValueError(f"{name}: PEFT prompt learning ({type(config).__name__}) adds virtual tokens that the "
-                         "fastalign trainers' fused head does not see; it is not supported (LoRA and merged "
-                         "adapters are)")
-    if getattr(config, "peft_type", None) in _WHOLE_MODEL_TUNERS:
-        raise ValueError(f"{name}: PEFT {type(config).__name__} adapters are set up by hooks on the whole model's "
-                         "forward, which the fastalign trainers' fused head does not run; they are not supported "
-                         "(LoRA, aLoRA, Poly and merged adapters are)")
-
-
-def check_head_dtype(trainer, model, name: str, *, head_dtype: Optional[torch.dtype] = None,
-                     autocast: bool = True) -> None:
-    """A ``TypeError`` naming ``name`` for a float64 ``model`` whose head would run in float64: the fused head runs
-    in float32, bfloat16 or float16. It runs in ``head_dtype`` when given, else (``autocast``: a head that runs
-    under the trainer's autocast) in the trainer's mixed precision (bf16 / fp16) when on, else in the model's dtype."""
-    if head_dtype is not None or (autocast and trainer.accelerator.mixed_precision in ("bf16", "fp16")):
-        return
-    model = trainer.accelerator.unwrap_model(model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if base.dtype == torch.float64:
-        raise TypeError(f"{name}: its dtype is torch.float64, which the fastalign trainers' fused LM head does not "
-                        f"run in: cast the model to float32, bfloat16 or float16 (e.g. {name}.float(), or "
-                        f"dtype=torch.float32 when loading it) before passing it to the trainer")
-
-
-def init_checked(trainer, init, args, kwargs, check) -> None:
-    """Run TRL's trainer ``init`` with ``check`` applied to its config: before, when the caller
-    passes one (so a refused option fails before any model work), and after, on the config TRL
-    settled on (a default one when none was passed)."""
-    config = inspect.signature(init).bind_partial(None, *args, **kwargs).arguments.get("args")
-    if config is not None:
-        check(config)
-    init(trainer, *args, **kwargs)
-    check(trainer.args)
-
-
-#: How a TRL attribute reaches the profile: the config field it stands for; ``(field, read)`` with
-#: ``read(trainer)`` its value as TRL uses it; None: read at construction only (another value raises).
-LiveOption = Union[str, tuple, None]
-
-
-class LiveLoss:
-    """A drop-in trainer's ``fastalign_loss``: the profile loss of its config, kept in step with the option
-    attributes TRL's own trainer reads at every step (``trainer.beta = 0.5`` between steps changes TRL's loss).
-
-    ``LiveLoss(profile, options)`` is a class attribute; ``options`` maps each such TRL attribute to the config
-    field it stands for (:data:`LiveOption`). Reading ``trainer.fastalign_loss`` compares the attributes' values
-    (and types) with those the loss was built from, and builds ``profile(config)`` again, the trainer's config
-    with those fields replaced, only when one changed: no cost at a step where none did. A value the profile
-    refuses raises its ``ValueError`` / ``TypeError`` there, at the next step, naming the attribute
-    (``DPOTrainer.beta=...``); the loss and its values stay the last good ones. An attribute the trainer does
-    not set (CPO's ``simpo_gamma`` without simpo) reads its config field.
-
-    ``args``: the config fields TRL's loss reads from ``self.args`` itself at every step (GRPO's ``delta``, DPO's
-    ``discopop_tau``), followed the same way (a callback that changes ``args.delta``), named
-    ``GRPOTrainer.args.delta=...`` in an error."""
-
-    def __init__(self, profile: Callable, options: dict, args: Sequence[str] = ()):
-        self.profile, self.options = profile, dict(options)
-        self.options.update({f"args.{field}": (field, functools.partial(_args_field, field)) for field in args})
-
-    def __set_name__(self, owner, name) -> None:
-        self.slot = f"_{name}_live"
-
-    def _values(self, trainer) -> tuple:
-        def value(attr, option):
-            if isinstance(option, tuple):
-                return option[1](trainer)
-            return getattr(trainer, attr) if option is None else getattr(trainer, attr, getattr(trainer.args, option))
-
-        return tuple(value(attr, option) for attr, option in self.options.items())
-
-    def __get__(self, trainer, owner=None):
-        if trainer is None:
-            return self
-        values = self._values(trainer)
-        key = tuple((type(v), v) for v in values)  # with the types: 0 for False, "0.5" for 0.5 are changes too
-        state = trainer.__dict__.get(self.slot)
-        if state is None or key != state[0]:
-            state = (copy.deepcopy(key), self._build(trainer, values, state))  # a copy: in-place edits are changes
-            trainer.__dict__[self.slot] = state
-        return state[1]
-
-    def __set__(self, trainer, value) -> None:
-        raise AttributeError(f"{type(trainer).__name__}.fastalign_loss follows the trainer's option attributes "
-                             f"({', '.join(self.options)}); assign those")
-
-    def _build(self, trainer, values, state):
-        changed = [(attr, value) for i, (attr, value) in enumerate(zip(self.options, values))
-                   if state is None or (type(value), value) != state[0][i]]
-        fields = {}
-        for (attr, option), value in zip(self.options.items(), values):
-            if option is None:
-                if state is not None and any(attr == a for a, _ in changed):
-                    raise ValueError(f"{type(trainer).__name__}.{attr}={value!r}: the fastalign trainer reads "
-                                     f"{attr} at construction only; build a new trainer to change it")
-            else:
-                fields[option[0] if isinstance(option, tuple) else option] = value
-        try:
-            return self.profile(_ConfigView(trainer.args, fields))
-        except (ValueError, TypeError) as error:
-            if state is None:
-                raise
-            named = ", ".join(f"{type(trainer).__name__}.{attr}={value!r}" for attr, value in changed)
-            raise type(error)(f"{named}: {error}") from error
-
-
-def _args_field(field: str, trainer):
-    """The trainer's config field ``field`` (``trainer.args.<field>``), as TRL's loss reads it at every step."""
-    return getattr(trainer.args, field)
-
-
-def build_loss(trainer) -> None:
-    """Build the trainer's ``fastalign_loss`` (:class:`LiveLoss`) from its option attributes as TRL's constructor
-    set them: a later assignment is a change, checked and named at the next step."""
-    type(trainer).fastalign_loss.__get__(trainer)
-
-
-class _ConfigView:
-    """A trainer's config with some fields replaced, read as a config object (attribute access)."""
-
-    def __init__(self, args, fields: dict):
-        self.__dict__.update(_args=args, _fields=fields)
-
-    def __getattr__(self, name):
-        fields = self.__dict__["_fields"]
-        return fields[name] if name in fields else getattr(self.__dict__["_args"], name)
-
-
 def install_heads(trainer, **options) -> None:
     """:func:`install_head` on the trainer's model and its reference model (when it has one); ``options``
     (``temperature``, ``head_dtype``) are the trainer's own, passed with each of its calls (:func:`head_call`)."""
@@ -537,52 +363,6 @@ def install_heads(trainer, **options) -> None:
     for model in (trainer.model, getattr(trainer, "ref_model", None)):
         if model is not None:
             install_head(trainer.accelerator.unwrap_model(model))
-
-
-def token_mean(accelerator, values: Tensor, where: Tensor, empty=0.0):
-    """The mean of ``values`` at the positions ``where`` over every process (sums and counts gathered, as TRL
-    gathers its token metrics); ``empty`` where no process has such a position."""
-    gather = accelerator.gather_for_metrics
-    total, count = gather(values.detach().float()[where].sum()).sum(), gather(where.sum()).sum()
-    return (total / count).item() if count > 0 else empty
-
-
-def log_num_tokens(trainer, mode: str, attention_mask: Tensor) -> None:
-    """TRL's ``num_tokens``: the attended tokens of every process trained on so far (the ranks of a tensor-parallel
-    group hold the same batch: counted once)."""
-    if mode == "train":
-        trainer._total_train_tokens += (trainer.accelerator.gather_for_metrics(attention_mask.sum()).sum().item()
-                                        // trainer._tp_size)
-    trainer._metrics[mode]["num_tokens"] = [trainer._total_train_tokens]
-
-
-def log_pair_metrics(trainer, mode: str, stats: dict, targets: Tensor, parts: int = 2) -> None:
-    """TRL's ``logits/chosen``, ``logits/rejected`` (from ``stats["position_mean_logits"]``, when the head has
-    them) and ``mean_token_accuracy`` (of the chosen rows), token-weighted over every process, for a batch of
-    ``parts`` equal parts (the chosen rows first, then the rejected ones; TPO's gold rows third) from the
-    statistics of the loss's own pass (:func:`head_separable_loss`)."""
-    log = trainer._metrics[mode]
-    scored = (targets != -100).chunk(parts, dim=0)
-
-    def only(i):  # the scored positions of the i-th part
-        return torch.cat([p if j == i else torch.zeros_like(p) for j, p in enumerate(scored)])
-
-    if "position_mean_logits" in stats:
-        mean_logits = stats["position_mean_logits"][:, :-1]
-        log["logits/chosen"].append(token_mean(trainer.accelerator, mean_logits, only(0)))
-        log["logits/rejected"].append(token_mean(trainer.accelerator, mean_logits, only(1)))
-    log["mean_token_accuracy"].append(token_mean(trainer.accelerator, stats["argmax"] == targets, only(0)))
-
-
-def gathered_mean(accelerator, mean: Tensor, count, *, empty: float = float("nan")) -> float:
-    """The mean over every process of values each process holds ``count`` of, from each process's
-    ``mean``: ``Σ_p count_p mean_p / Σ_p count_p`` (what TRL's gather of the values themselves, or of
-    their sums and counts, gives; with one process it is ``mean``). A process holding none (its
-    mean NaN) adds nothing; ``empty`` where no process holds any."""
-    count = torch.as_tensor(count, dtype=torch.float32, device=mean.device).reshape(())
-    local = torch.where(count > 0, mean.detach().float().reshape(()) * count, 0.0)
-    total, held = accelerator.gather(torch.stack([local, count]).reshape(1, 2)).reshape(-1, 2).sum(0).tolist()
-    return total / held if held > 0 else empty
 
 
 #: The vision-language inputs TRL's log-prob methods take (the fused head refuses them).
@@ -640,96 +420,3 @@ def fused_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_
             aux.append(out.aux_loss)
     return (torch.cat(logps), torch.cat(entropies) if compute_entropy else None,
             torch.stack(aux).mean() if compute_aux_loss else None)
-
-
-class ConcatenatedPairsMixin:
-    r"""``get_batch_loss_metrics`` of TRL's concatenated-pairs trainers (``CPOTrainer``, ``ORPOTrainer``)
-    from the fused head: one forward over the chosen then the rejected rows, the trainer's profile loss
-    (``fastalign_loss``) of the scored tokens' log-probs through the head itself (:func:`head_separable_loss`:
-    one pass over blocks of whole pairs when gradients are needed) and TRL's metrics.
-
-    A subclass sets ``fastalign_loss`` (a :class:`LiveLoss` of its profile), ``config_name``,
-    ``nll_over_prompt`` (ORPO: the NLL runs over every attended token, so the prompt is scored too)
-    and ``logits_last_position`` (CPO's ``logits/*`` average every position, ORPO's drop the last).
-    ``logits/*`` is TRL's mean logit ``mean_{b,t,j} z_{b,t,j}`` of each half, from one ``H``-vector
-    (absent for a softcapped head); the per-pair metrics (``rewards/*``, ``logps/*``) are averaged over
-    every process's pairs and the per-batch ones (``nll_loss``, ``logits/*``, ORPO's ``log_odds_*``) over processes, as TRL
-    gathers them.
-
-    A length-averaged loss (ORPO; CPO's ipo, simpo, alphapo) on a batch holding a row with no
-    completion token (its prompt fills ``max_length``, so truncation leaves nothing to score) raises a
-    ValueError naming ``max_length``: the average is 0/0 there, which TRL turns into a NaN loss and NaN
-    weights after the step. The check gathers one flag per batch, after the metrics are read back, so
-    every process raises together."""
-
-    config_name = ""
-    nll_over_prompt = False
-    logits_last_position = True
-
-    def _setup_pairs(self) -> None:
-        check_model(self, self.config_name)
-        if self.is_encoder_decoder:
-            raise ValueError(f"{self.config_name}.is_encoder_decoder: the fastalign trainers take decoder-only causal "
-                             "LMs")
-        self._mean_logits = has_mean_logits(self.accelerator.unwrap_model(self.model))
-        if self.eval_dataset is not None and self.compute_metrics is not None:
-            self._check_predicts_loss_only(self.args.prediction_loss_only)
-        build_loss(self)
-        install_head(self.accelerator.unwrap_model(self.model))
-
-    def _check_predicts_loss_only(self, prediction_loss_only: bool) -> None:
-        if not self._mean_logits and not prediction_loss_only:
-            raise ValueError(f"{self.config_name}.prediction_loss_only: evaluation with compute_metrics predicts "
-                             "logits/chosen and logits/rejected, which a softcapped head cannot give without the "
-                             "full logits; set it to True")
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        self._check_predicts_loss_only(prediction_loss_only)  # also for a dataset given to evaluate() or predict()
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-
-    def _padding_value(self) -> int:
-        return self.padding_value if hasattr(self, "padding_value") else self.pad_token_id
-
-    def _empty_completion(self, completion_mask) -> bool:
-        """Whether a row of any process's batch has no completion token (every process raises together)."""
-        empty = (completion_mask.sum(1) == 0).any().reshape(1).to(torch.int32)
-        return bool(self.accelerator.gather(empty).any())
-
-    def get_batch_loss_metrics(self, model, batch, train_eval="train"):
-        pair_loss = self.fastalign_loss  # the options assigned since the last step, checked
-        cat = self.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=self._padding_value(),
-                                       device=self.accelerator.device)
-        ids, attention = cat["concatenated_input_ids"], cat["concatenated_attention_mask"]
-        completion_labels = cat["concatenated_labels"]
-        pairs = batch["chosen_labels"].shape[0]
-        labels = ids.masked_fill(attention == 0, -100) if self.nll_over_prompt else completion_labels
-        targets = next_token_targets(ids, labels=labels, attention_mask=attention)
-        completion_mask = (completion_labels[:, 1:] != -100).float()
-        extra = (attention[:, 1:].float(),) if self.nll_over_prompt else ()
-        policy = policy_operands(self, model, input_ids=ids, attention_mask=attention, use_cache=False)
-        loss, metrics, stats = head_separable_loss(
-            policy.operands, self.accelerator.unwrap_model(self.model).config, targets,
-            lambda per_token_logps, _sum_p2: pair_loss(per_token_logps, completion_mask, *extra),
-            position_means=self._mean_logits)
-        # the MoE load-balancing loss of the same forward, with the config's coefficient, not logged (as TRL)
-        loss = add_aux_loss(self, loss, policy.aux_loss, None, coef=self.aux_loss_coef)
-
-        prefix = "eval_" if train_eval == "eval" else ""
-        logged = {}
-        for name, value in metrics.items():
-            if name in ("nll_loss", "log_odds_ratio", "log_odds_chosen"):  # one value per process in TRL
-                logged[prefix + name] = self.accelerator.gather_for_metrics(value.detach().float()).mean().item()
-            else:
-                logged[prefix + name] = gathered_mean(self.accelerator, value, pairs)
-        if self._mean_logits:
-            position_means = stats["position_mean_logits"]
-            if not self.logits_last_position:
-                position_means = position_means[:, :-1]
-            for name, half in (("logits/chosen", position_means[:pairs]), ("logits/rejected", position_means[pairs:])):
-                logged[prefix + name] = self.accelerator.gather_for_metrics(half.mean()).mean().item()
-        if pair_loss.averaged and self._empty_completion(completion_mask):
-            raise ValueError(f"{self.config_name}.max_length: a pair has a row with no completion token (its prompt "
-                             f"fills max_length={self.max_length}, so truncation leaves an empty completion); the "
-                             f"length-averaged log-probs of this loss are 0/0 there (TRL gives a NaN loss and NaN "
-                             f"weights after the step). Increase max_length or filter out the long prompts")
-        return loss, logged

@@ -24,7 +24,8 @@ import functools
 from torch import Tensor
 from trl.experimental.a2po import A2POTrainer as _TRLA2POTrainer
 
-from fastalign.integrations.trl._head import check_config, check_model, head_call, init_checked, install_head
+from fastalign.integrations.trl._checks import check_config, check_model, init_checked
+from fastalign.integrations.trl._head import head_call, install_head
 
 __all__ = ["A2POTrainer"]
 

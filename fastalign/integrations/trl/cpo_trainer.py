@@ -28,7 +28,9 @@ import functools
 
 from trl.experimental.cpo import CPOTrainer as _TRLCPOTrainer
 
-from fastalign.integrations.trl._head import ConcatenatedPairsMixin, LiveLoss, check_config, init_checked
+from fastalign.integrations.trl._checks import check_config, init_checked
+from fastalign.integrations.trl._pairs import ConcatenatedPairsMixin
+from fastalign.integrations.trl._live_loss import LiveLoss
 from fastalign.integrations.trl.preference import CPOLoss
 
 __all__ = ["CPOTrainer"]

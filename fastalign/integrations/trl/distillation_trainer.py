@@ -30,7 +30,7 @@ import trl
 
 from fastalign import _dtensor
 from fastalign.integrations.hf import known_head_transform
-from fastalign.integrations.trl._head import check_head_dtype
+from fastalign.integrations.trl._checks import check_head_dtype
 from fastalign.linear_divergence import linear_divergence_loss
 
 __all__ = ["DistillationTrainer", "config_head_transform"]

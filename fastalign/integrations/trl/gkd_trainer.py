@@ -35,8 +35,8 @@ import functools
 from trl.experimental.gkd import GKDTrainer as _TRLGKDTrainer
 
 from fastalign.integrations.hf import next_token_targets
-from fastalign.integrations.trl._head import (check_config, check_model, check_teacher, init_checked, install_head,
-                                               loss_and_outputs, teacher_divergence)
+from fastalign.integrations.trl._checks import check_config, check_model, check_teacher, init_checked
+from fastalign.integrations.trl._head import install_head, loss_and_outputs, teacher_divergence
 
 __all__ = ["GKDTrainer"]
 

@@ -21,8 +21,10 @@ import torch
 from trl.experimental import gmpo as trl_gmpo
 from trl.trainer.utils import nanmax, nanmin
 
-from fastalign.integrations.trl._head import (VISION_INPUTS, LiveLoss, build_loss, check_config, check_model,
-                                               fused_logps_and_entropies, gathered_mean, init_checked, install_heads)
+from fastalign.integrations.trl._checks import check_config, check_model, init_checked
+from fastalign.integrations.trl._head import VISION_INPUTS, fused_logps_and_entropies, install_heads
+from fastalign.integrations.trl._live_loss import LiveLoss, build_loss
+from fastalign.integrations.trl._metrics import gathered_mean
 from fastalign.integrations.trl.gmpo import GMPOLoss
 from fastalign.integrations.trl.grpo import entropy_threshold
 

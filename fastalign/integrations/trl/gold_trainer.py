@@ -22,7 +22,7 @@ import functools
 
 from trl.experimental.gold import GOLDTrainer as _TRLGOLDTrainer
 
-from fastalign.integrations.trl._head import check_config
+from fastalign.integrations.trl._checks import check_config
 from fastalign.integrations.trl.gkd_trainer import SameTokensDistillation
 
 __all__ = ["GOLDTrainer"]

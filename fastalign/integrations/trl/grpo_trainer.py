@@ -42,9 +42,11 @@ import torch
 import trl
 from trl.trainer.utils import nanmax, nanmin
 
-from fastalign.integrations.trl._head import (VISION_INPUTS, LiveLoss, add_aux_loss, build_loss, check_config,
-                                               check_model, fused_logps_and_entropies, gathered_mean,
-                                               head_policy_loss, init_checked, install_heads)
+from fastalign.integrations.trl._checks import check_config, check_model, init_checked
+from fastalign.integrations.trl._head import (VISION_INPUTS, add_aux_loss, fused_logps_and_entropies, head_policy_loss,
+                                              install_heads)
+from fastalign.integrations.trl._live_loss import LiveLoss, build_loss
+from fastalign.integrations.trl._metrics import gathered_mean
 from fastalign.integrations.trl.grpo import GRPOLoss, entropy_threshold, grpo_policy_config
 
 __all__ = ["GRPOTrainer"]

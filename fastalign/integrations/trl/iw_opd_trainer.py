@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 from trl.experimental.iw_opd import IWOPDTrainer as _TRLIWOPDTrainer
 
-from fastalign.integrations.trl._head import (check_config, check_model, check_teacher, init_checked, install_head,
-                                               loss_and_outputs, teacher_divergence)
+from fastalign.integrations.trl._checks import check_config, check_model, check_teacher, init_checked
+from fastalign.integrations.trl._head import install_head, loss_and_outputs, teacher_divergence
 from fastalign.integrations.trl.iw_opd import IWOPDLoss
 
 __all__ = ["IWOPDTrainer"]

@@ -33,10 +33,11 @@ import trl
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from fastalign.integrations.trl._head import (LiveLoss, add_aux_loss, build_loss, check_config, check_model,
-                                              gathered_mean, has_mean_logits, head_call, head_separable_loss,
-                                              init_checked, install_head, install_heads, log_num_tokens,
-                                              policy_operands, token_mean)
+from fastalign.integrations.trl._checks import check_config, check_model, init_checked
+from fastalign.integrations.trl._head import (add_aux_loss, has_mean_logits, head_call, head_separable_loss,
+                                              install_head, install_heads, policy_operands)
+from fastalign.integrations.trl._live_loss import LiveLoss, build_loss
+from fastalign.integrations.trl._metrics import gathered_mean, log_num_tokens, token_mean
 from fastalign.integrations.trl.preference import KTOLoss
 
 __all__ = ["KTOTrainer"]

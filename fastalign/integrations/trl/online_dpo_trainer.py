@@ -30,8 +30,8 @@ from torch import Tensor
 from trl.experimental.online_dpo import OnlineDPOTrainer as _TRLOnlineDPOTrainer
 
 from fastalign.integrations.hf import head_transform
-from fastalign.integrations.trl._head import (base_model, check_config, check_model, head_call, init_checked,
-                                               install_head)
+from fastalign.integrations.trl._checks import check_config, check_model, init_checked
+from fastalign.integrations.trl._head import base_model, head_call, install_head
 from fastalign.linear import linear_logprobs
 
 __all__ = ["OnlineDPOTrainer"]

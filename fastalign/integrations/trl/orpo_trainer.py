@@ -22,7 +22,9 @@ import functools
 
 from trl.experimental.orpo import ORPOTrainer as _TRLORPOTrainer
 
-from fastalign.integrations.trl._head import ConcatenatedPairsMixin, LiveLoss, check_config, init_checked
+from fastalign.integrations.trl._checks import check_config, init_checked
+from fastalign.integrations.trl._live_loss import LiveLoss
+from fastalign.integrations.trl._pairs import ConcatenatedPairsMixin
 from fastalign.integrations.trl.preference import ORPOLoss
 
 __all__ = ["ORPOTrainer"]

@@ -40,8 +40,8 @@ from trl.experimental.sdft import SDFTTrainer as _TRLSDFTTrainer
 from trl.experimental.sdpo import SDPOTrainer as _TRLSDPOTrainer
 
 from fastalign.integrations.hf import head_transform
-from fastalign.integrations.trl._head import (base_model, check_config, check_model, head_call, init_checked,
-                                               install_head, predicting_operands)
+from fastalign.integrations.trl._checks import check_config, check_model, init_checked
+from fastalign.integrations.trl._head import base_model, head_call, install_head, predicting_operands
 from fastalign.integrations.trl.grpo import grpo_policy_config
 from fastalign.integrations.trl.self_distillation import SelfDistillationLoss
 from fastalign.linear import linear_logprobs

@@ -29,9 +29,10 @@ import functools
 import torch
 from trl.experimental.tpo import TPOTrainer as _TRLTPOTrainer
 
-from fastalign.integrations.trl._head import (LiveLoss, build_loss, check_config, check_model, gathered_mean,
-                                              has_mean_logits, head_call, head_separable_loss, init_checked,
-                                              install_heads, log_num_tokens, log_pair_metrics)
+from fastalign.integrations.trl._checks import check_config, check_model, init_checked
+from fastalign.integrations.trl._head import has_mean_logits, head_call, head_separable_loss, install_heads
+from fastalign.integrations.trl._live_loss import LiveLoss, build_loss
+from fastalign.integrations.trl._metrics import gathered_mean, log_num_tokens, log_pair_metrics
 from fastalign.integrations.trl.preference import TPOLoss
 
 __all__ = ["TPOTrainer"]

@@ -1,0 +1,95 @@
+"""The checks a TRL drop-in trainer runs at construction: its config (:func:`check_config`), its model and
+reference (:func:`check_model`: PEFT, vision-language models, the head transform, a float64 head), a teacher
+(:func:`check_teacher`), and TRL's constructor run with its config checked before and after
+(:func:`init_checked`). Each raises naming the config field or the argument."""
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+
+from fastalign.integrations.hf import _WHOLE_MODEL_TUNERS, head_transform
+from fastalign.integrations.trl._head import base_model, install_head
+
+
+def check_config(args, name: str) -> None:
+    """Raise on the fields of a TRL config that the drop-in trainers cannot honour."""
+    if getattr(args, "use_liger_kernel", False):
+        raise ValueError(f"{name}.use_liger_kernel: the fastalign trainers replace the LM head and loss that Liger "
+                         "would patch; set it to False")
+
+
+def check_model(trainer, name: str, *, head_dtype: Optional[torch.dtype] = None) -> None:
+    """Raise on a model the fastalign head cannot score like TRL's fused head: a vision-language model, an
+    architecture without a known head transform, a policy or reference with a PEFT adapter set up outside
+    the body (:func:`check_peft`), and a policy or reference whose head would run in float64
+    (:func:`check_head_dtype`; ``head_dtype``: the dtype the trainer runs its head in, None: the model's)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    check_peft(model, "model")
+    if getattr(trainer, "ref_model", None) is not None:
+        check_peft(trainer.accelerator.unwrap_model(trainer.ref_model), "ref_model")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config.get_text_config() is not base.config:
+        raise ValueError(f"model: {type(base).__name__} is a vision-language model; the fastalign trainers take "
+                         "text-only causal LMs (vision inputs are not supported)")
+    head_transform(base.config)  # raises for an architecture without a known head transform
+    check_head_dtype(trainer, trainer.model, "model", head_dtype=head_dtype)
+    if getattr(trainer, "ref_model", None) is not None:
+        check_head_dtype(trainer, trainer.ref_model, "ref_model", head_dtype=head_dtype)
+
+
+def check_peft(model, name: str) -> None:
+    """A ``ValueError`` naming ``name`` and the PEFT config type for a PEFT model whose active adapter the fused
+    head cannot score (:func:`fastalign.integrations.hf.head_operands` refuses it at every call): prompt learning
+    (``PromptTuningConfig``, ``PrefixTuningConfig``, ``PromptEncoderConfig``, ...: its virtual tokens reach the
+    body as ``inputs_embeds``), X-LoRA and ShadowPEFT (set up by hooks on the whole model's forward)."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None:
+        return
+    if getattr(config, "is_prompt_learning", False):
+        raise ValueError(f"{name}: PEFT prompt learning ({type(config).__name__}) adds virtual tokens that the "
+                         "fastalign trainers' fused head does not see; it is not supported (LoRA and merged "
+                         "adapters are)")
+    if getattr(config, "peft_type", None) in _WHOLE_MODEL_TUNERS:
+        raise ValueError(f"{name}: PEFT {type(config).__name__} adapters are set up by hooks on the whole model's "
+                         "forward, which the fastalign trainers' fused head does not run; they are not supported "
+                         "(LoRA, aLoRA, Poly and merged adapters are)")
+
+
+def check_head_dtype(trainer, model, name: str, *, head_dtype: Optional[torch.dtype] = None,
+                     autocast: bool = True) -> None:
+    """A ``TypeError`` naming ``name`` for a float64 ``model`` whose head would run in float64: the fused head runs
+    in float32, bfloat16 or float16. It runs in ``head_dtype`` when given, else (``autocast``: a head that runs
+    under the trainer's autocast) in the trainer's mixed precision (bf16 / fp16) when on, else in the model's dtype."""
+    if head_dtype is not None or (autocast and trainer.accelerator.mixed_precision in ("bf16", "fp16")):
+        return
+    model = trainer.accelerator.unwrap_model(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.dtype == torch.float64:
+        raise TypeError(f"{name}: its dtype is torch.float64, which the fastalign trainers' fused LM head does not "
+                        f"run in: cast the model to float32, bfloat16 or float16 (e.g. {name}.float(), or "
+                        f"dtype=torch.float32 when loading it) before passing it to the trainer")
+
+
+def check_teacher(trainer, teacher, name: str = "teacher_model") -> None:
+    """Raise on a teacher the fused head cannot score (a float64 head, a vision-language model, an architecture
+    without a known head transform), naming it; then install the fused head on it."""
+    check_head_dtype(trainer, teacher, name)
+    base = base_model(trainer, teacher)
+    if base.config.get_text_config() is not base.config:
+        raise ValueError(f"{name}: {type(base).__name__} is a vision-language model; the fastalign trainers take "
+                         "text-only causal LMs")
+    head_transform(base.config)  # raises for an architecture without a known head transform
+    install_head(trainer.accelerator.unwrap_model(teacher))
+
+
+def init_checked(trainer, init, args, kwargs, check) -> None:
+    """Run TRL's trainer ``init`` with ``check`` applied to its config: before, when the caller
+    passes one (so a refused option fails before any model work), and after, on the config TRL
+    settled on (a default one when none was passed)."""
+    config = inspect.signature(init).bind_partial(None, *args, **kwargs).arguments.get("args")
+    if config is not None:
+        check(config)
+    init(trainer, *args, **kwargs)
+    check(trainer.args)
