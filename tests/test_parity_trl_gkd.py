@@ -174,3 +174,15 @@ def test_gold_refuses_the_cross_tokenizer_loss(models, tmp_path):
 
     with pytest.raises(ValueError, match="use_uld_loss"):
         _trainer(GOLDTrainer, models, tmp_path, dict(use_uld_loss=True), config=GOLDConfig)
+
+
+def test_bf16_mixed_precision_matches_trl_to_bf16_precision(models, tmp_path):
+    """Under the trainer's bf16 autocast both heads run in bf16 (fp32 accumulation here, bf16 logits in TRL): the
+    loss and the gradient norm of a step agree to bf16 precision."""
+    from fastalign.integrations.trl import GKDTrainer
+
+    options = dict(lmbda=0.0, bf16=True, max_steps=1)
+    (t_log,), _, _ = run(_trainer(TRLGKDTrainer, models, tmp_path / "trl", options))
+    (o_log,), _, _ = run(_trainer(GKDTrainer, models, tmp_path / "ours", options))
+    assert o_log["loss"] == pytest.approx(t_log["loss"], rel=1e-2)
+    assert o_log["grad_norm"] == pytest.approx(t_log["grad_norm"], rel=2e-2)

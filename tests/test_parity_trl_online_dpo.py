@@ -116,3 +116,15 @@ def test_refusals(checkpoint, tmp_path):
                          args=OnlineDPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False),
                          train_dataset=datasets.Dataset.from_dict({"prompt": ["w1 w2"]}),
                          processing_class=transformers.PreTrainedTokenizerFast.from_pretrained(checkpoint))
+
+
+def test_bf16_mixed_precision_matches_trl_to_bf16_precision(checkpoint, tmp_path):
+    """Under the trainer's bf16 autocast the head runs in bf16 (fp32 accumulation here, bf16 logits in TRL): the
+    logged metrics of a step agree to bf16 precision."""
+    from fastalign.integrations.trl import OnlineDPOTrainer
+
+    options = dict(bf16=True, max_steps=1)
+    (t_log,), _, _ = run(_trainer(TRLOnlineDPOTrainer, checkpoint, tmp_path / "trl", options))
+    (o_log,), _, _ = run(_trainer(OnlineDPOTrainer, checkpoint, tmp_path / "ours", options))
+    for key in ("loss", "logps/chosen", "logps/rejected", "objective/kl", "objective/entropy"):
+        assert o_log[key] == pytest.approx(t_log[key], rel=2e-2, abs=2e-2), key
