@@ -118,8 +118,9 @@ class _FusedSelfDistillation:
         completion log-probs at the temperature, no KL."""
         hidden, weight, bias, scale, softcap = student
         mask = inputs["completion_mask"]
-        logprobs = linear_logprobs(hidden, weight, inputs["completion_ids"], bias=bias, logit_scale=scale,
-                                   softcap=softcap, temperature=self.temperature).logprobs
+        labels = inputs["completion_ids"].masked_fill(mask == 0, -100)  # padding: no vocabulary work, masked anyway
+        logprobs = linear_logprobs(hidden, weight, labels, bias=bias, logit_scale=scale, softcap=softcap,
+                                   temperature=self.temperature).logprobs
         old = inputs.get("old_per_token_logps")
         advantages = inputs["advantages"]
         config = grpo_policy_config(dict(
