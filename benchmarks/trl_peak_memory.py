@@ -9,12 +9,12 @@ TRL / fastalign. On CPU TRL's fused head scores every position in vocabulary chu
 kernel, which skips unscored positions, runs on GPUs only). Not part of the tests::
 
     python benchmarks/trl_peak_memory.py --vocab 131072 --completion-length 256 \
-        [--trainer sft|dpo|grpo|rloo|gkd|online_dpo|a2po|iw_opd|sdpo|sdft]
+        [--trainer sft|dpo|grpo|rloo|gkd|gold|online_dpo|a2po|iw_opd|sdpo|sdft]
 
 ``--batch`` completions per step: SFT texts, DPO pairs (chosen and rejected), GRPO / RLOO / SDPO / SDFT samples of
 one prompt, Online DPO prompts (two samples each), A*-PO prompts (one sample each; its first stage samples two
-per prompt for the optimal values), IW-OPD prompts (one on-policy sample each), GKD dataset completions
-(``lmbda=0``, no generation). The distillation trainers (GKD, IW-OPD) take a teacher of the same architecture with
+per prompt for the optimal values), IW-OPD prompts (one on-policy sample each), GKD and GOLD dataset completions
+(``lmbda=0``, no generation). The distillation trainers (GKD, GOLD, IW-OPD) take a teacher of the same architecture with
 other random weights; SDPO and SDFT distil from the model itself shown a privileged context
 (``distillation_mode="full_logits"``).
 """
@@ -103,14 +103,17 @@ def _grpo_or_rloo(trl, cls, checkpoint, tokenizer, common, opts):  # batch sampl
                train_dataset=datasets_from({"prompt": _prompts(opts)}), processing_class=tokenizer)
 
 
-def _gkd(trl, cls, checkpoint, tokenizer, common, opts):  # batch dataset completions (lmbda=0: no generation)
-    from trl.experimental.gkd import GKDConfig
+def _gkd_or_gold(trl, cls, checkpoint, tokenizer, common, opts):  # batch dataset completions (lmbda=0: no sampling)
+    if opts.trainer == "gkd":
+        from trl.experimental.gkd import GKDConfig as config
+    else:
+        from trl.experimental.gold import GOLDConfig as config
 
     ids = [[(7 * i + j) % 1000 + 3 for j in range(16 + opts.completion_length)] for i in range(opts.batch)]
     rows = {"prompt": [" ".join(f"w{t - 3}" for t in row[:16]) for row in ids], "input_ids": ids,
             "completion_mask": [[0] * 16 + [1] * opts.completion_length for _ in ids]}
     return cls(model=checkpoint, teacher_model=_teacher(checkpoint),
-               args=GKDConfig(lmbda=0.0, max_length=opts.completion_length + 24, **common),
+               args=config(lmbda=0.0, max_length=opts.completion_length + 24, **common),
                train_dataset=datasets_from(rows), processing_class=tokenizer)
 
 
@@ -170,7 +173,8 @@ def datasets_from(columns: dict):
 #: --trainer -> (trainer class, TRL module that defines it, builder of the trainer)
 TRAINERS = {"sft": ("SFTTrainer", "trl", _sft), "dpo": ("DPOTrainer", "trl", _dpo),
             "grpo": ("GRPOTrainer", "trl", _grpo_or_rloo), "rloo": ("RLOOTrainer", "trl", _grpo_or_rloo),
-            "gkd": ("GKDTrainer", "trl.experimental.gkd", _gkd),
+            "gkd": ("GKDTrainer", "trl.experimental.gkd", _gkd_or_gold),
+            "gold": ("GOLDTrainer", "trl.experimental.gold", _gkd_or_gold),
             "online_dpo": ("OnlineDPOTrainer", "trl.experimental.online_dpo", _online_dpo),
             "a2po": ("A2POTrainer", "trl.experimental.a2po", _a2po),
             "iw_opd": ("IWOPDTrainer", "trl.experimental.iw_opd", _iw_opd),
