@@ -98,6 +98,7 @@ def _run(cls, models, tmp_path, options, **kwargs):
     dict(lmbda=1.0, beta=0.0, gradient_accumulation_steps=2),
     dict(lmbda=0.0, seq_kd=True, beta=1.0),
     dict(lmbda=0.5, beta=0.1, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=3),
+    dict(lmbda=1.0, gradient_checkpointing=True),
 ])
 def test_trainer_matches_trl(models, tmp_path, options):
     from fastalign.integrations.trl import GKDTrainer

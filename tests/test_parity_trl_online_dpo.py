@@ -94,6 +94,22 @@ def test_forward_matches_trl(checkpoint, tmp_path, lora, max_length):
         assert (ref - ours).abs().max() > 1e-3
 
 
+def test_explicit_reference_model_matches_trl(checkpoint, tmp_path):
+    """A reference model passed by the user (its own fused head installed) gives TRL's numbers too."""
+    from fastalign.integrations.trl import OnlineDPOTrainer
+
+    def trainer(cls, path):
+        torch.manual_seed(7)
+        reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+        with torch.no_grad():
+            reference.lm_head.weight.add_(0.05 * torch.randn_like(reference.lm_head.weight))
+        return _trainer(cls, checkpoint, path, {}, ref_model=reference)
+
+    ours = run(trainer(OnlineDPOTrainer, tmp_path / "ours"))
+    assert_same_run(ours, run(trainer(TRLOnlineDPOTrainer, tmp_path / "trl")))
+    assert all(abs(log["objective/kl"]) > 0 for log in ours[0])  # the reference differs from the policy
+
+
 def test_beta_per_epoch(checkpoint, tmp_path):
     """A list beta gives one beta per epoch (TRL 1.16's own property fails to index it with the fractional epoch)."""
     from fastalign.integrations.trl import OnlineDPOTrainer
@@ -102,7 +118,8 @@ def test_beta_per_epoch(checkpoint, tmp_path):
     trainer = _trainer(OnlineDPOTrainer, checkpoint, tmp_path, options)
     trainer.train()
     logs = [log for log in trainer.state.log_history if "beta" in log]
-    assert [(math.ceil(log["epoch"]), log["beta"]) for log in logs] == [(1, 0.2)] * 2 + [(2, 0.05)] * 2 + [(3, 0.05)] * 2
+    want = [(1, 0.2)] * 2 + [(2, 0.05)] * 2 + [(3, 0.05)] * 2
+    assert [(math.ceil(log["epoch"]), log["beta"]) for log in logs] == want
 
 
 def test_refusals(checkpoint, tmp_path):
