@@ -60,6 +60,12 @@ def build_checkpoint(path: str, vocab: int, hidden: int) -> None:
                                          unk_token="<unk>").save_pretrained(path)
 
 
+def datasets_from(columns: dict):
+    import datasets
+
+    return datasets.Dataset.from_dict(columns)
+
+
 def _prompts(opts) -> list:
     """``opts.batch`` prompts of 16 words."""
     return [" ".join(f"w{(7 * i + j) % 1000 + 3}" for j in range(16)) for i in range(opts.batch)]
@@ -162,12 +168,6 @@ def _sdft(trl, cls, checkpoint, tokenizer, common, opts):  # batch samples of on
                       distillation_mode="full_logits", **common)
     rows = {"prompt": _prompts(opts), "privileged_context": _prompts(opts)[::-1]}
     return cls(model=checkpoint, args=args, train_dataset=datasets_from(rows), processing_class=tokenizer)
-
-
-def datasets_from(columns: dict):
-    import datasets
-
-    return datasets.Dataset.from_dict(columns)
 
 
 #: --trainer -> (trainer class, TRL module that defines it, builder of the trainer)

@@ -221,13 +221,13 @@ class LigerFusedLinearKLDivLoss(LiveOptions, nn.Module):
         # lse = z_0 / T - log p_0: one head row, its log-prob from the fused pass (label 0 on every scored row)
         labels = torch.where(scored, 0, -100)
         log_p0 = linear_logprobs(student_input, student_weight, labels, temperature=T).logprobs
-        z0 = student_input.float() @ student_weight[0].float()
-        lse = z0 / T - log_p0
+        h = student_input.float()  # one fp32 copy of the hidden states for both dot products
+        lse = (h @ student_weight[0].float()) / T - log_p0
         with torch.no_grad():
             qf = q.float()
-            q_log_q = (qf * qf.clamp(min=self.eps).log()).sum(-1)
+            q_log_q = torch.xlogy(qf, qf.clamp(min=self.eps)).sum(-1)  # q log max(q, eps); 0 where q = 0
             q_mass = qf.sum(-1)
-        q_z = (student_input.float() * (q.to(student_weight.dtype) @ student_weight).float()).sum(-1)
+        q_z = (h * (q.to(student_weight.dtype) @ student_weight).float()).sum(-1)
         rows = torch.where(scored, q_log_q + q_mass * lse - q_z / T, 0.0)
         n = scored.sum().float()
         divisor = _KL_REDUCTIONS[self.reduction](n, float(V))

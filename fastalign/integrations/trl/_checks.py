@@ -29,14 +29,19 @@ def check_model(trainer, name: str, *, head_dtype: Optional[torch.dtype] = None)
     check_peft(model, "model")
     if getattr(trainer, "ref_model", None) is not None:
         check_peft(trainer.accelerator.unwrap_model(trainer.ref_model), "ref_model")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if base.config.get_text_config() is not base.config:
-        raise ValueError(f"model: {type(base).__name__} is a vision-language model; the fastalign trainers take "
-                         "text-only causal LMs (vision inputs are not supported)")
-    head_transform(base.config)  # raises for an architecture without a known head transform
+    check_text_head(base_model(trainer, model), "model")
     check_head_dtype(trainer, trainer.model, "model", head_dtype=head_dtype)
     if getattr(trainer, "ref_model", None) is not None:
         check_head_dtype(trainer, trainer.ref_model, "ref_model", head_dtype=head_dtype)
+
+
+def check_text_head(base, name: str) -> None:
+    """Raise, naming ``name``, on a ``PreTrainedModel`` the fused head cannot score: a vision-language model, an
+    architecture without a known head transform."""
+    if base.config.get_text_config() is not base.config:
+        raise ValueError(f"{name}: {type(base).__name__} is a vision-language model; the fastalign trainers take "
+                         "text-only causal LMs (vision inputs are not supported)")
+    head_transform(base.config)  # raises for an architecture without a known head transform
 
 
 def check_peft(model, name: str) -> None:
@@ -64,9 +69,7 @@ def check_head_dtype(trainer, model, name: str, *, head_dtype: Optional[torch.dt
     under the trainer's autocast) in the trainer's mixed precision (bf16 / fp16) when on, else in the model's dtype."""
     if head_dtype is not None or (autocast and trainer.accelerator.mixed_precision in ("bf16", "fp16")):
         return
-    model = trainer.accelerator.unwrap_model(model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if base.dtype == torch.float64:
+    if base_model(trainer, model).dtype == torch.float64:
         raise TypeError(f"{name}: its dtype is torch.float64, which the fastalign trainers' fused LM head does not "
                         f"run in: cast the model to float32, bfloat16 or float16 (e.g. {name}.float(), or "
                         f"dtype=torch.float32 when loading it) before passing it to the trainer")
@@ -76,11 +79,7 @@ def check_teacher(trainer, teacher, name: str = "teacher_model") -> None:
     """Raise on a teacher the fused head cannot score (a float64 head, a vision-language model, an architecture
     without a known head transform), naming it; then install the fused head on it."""
     check_head_dtype(trainer, teacher, name)
-    base = base_model(trainer, teacher)
-    if base.config.get_text_config() is not base.config:
-        raise ValueError(f"{name}: {type(base).__name__} is a vision-language model; the fastalign trainers take "
-                         "text-only causal LMs")
-    head_transform(base.config)  # raises for an architecture without a known head transform
+    check_text_head(base_model(trainer, teacher), name)
     install_head(trainer.accelerator.unwrap_model(teacher))
 
 

@@ -104,31 +104,39 @@ def predicting_operands(operands) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     return hidden, weight, bias
 
 
+def predicting_head(trainer, model, input_ids: Tensor, attention_mask: Tensor) -> tuple:
+    """``(hidden [B, T-1, H'], weight, bias, logit_scale, softcap)``: ``model``'s head at the positions that predict a
+    next token (:func:`predicting_operands` of its body run through the fused head) and its head transform."""
+    operands = model(input_ids=input_ids, attention_mask=attention_mask, **head_call(trainer, ("operands",))).operands
+    return predicting_operands(operands) + head_transform(base_model(trainer, model).config)
+
+
+def head_divergence(student: tuple, teacher: tuple, **options):
+    """:func:`fastalign.linear_divergence_loss` of two :func:`predicting_head` tuples (the teacher's moved to the
+    student's device); ``options``: the loss's own (``beta``, ``temperature``, ``response_mask``, ...)."""
+    hidden, weight, bias, scale, softcap = student
+    t_hidden, t_weight, t_bias, t_scale, t_softcap = teacher
+    device = hidden.device
+    return linear_divergence_loss(
+        hidden, weight, t_hidden.to(device), t_weight.to(device), bias=bias,
+        teacher_bias=None if t_bias is None else t_bias.to(device), logit_scale=scale, softcap=softcap,
+        teacher_logit_scale=t_scale, teacher_softcap=t_softcap, **options)
+
+
 def teacher_divergence(trainer, model, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
                        num_items_in_batch=None, **options) -> Tensor:
     """:func:`fastalign.linear_divergence_loss` of ``model`` against ``trainer.teacher_model`` (under ``no_grad``,
     in eval mode) on the same tokens, from both bodies' hidden states at the positions that predict a next token
-    (:func:`predicting_operands`) and each head's transform; ``response_mask [B, T-1]`` the scored positions,
-    divided by ``num_items_in_batch`` when given (else their count, at least 1). ``options``: the divergence's
-    (``beta``, ``temperature``)."""
-    call = dict(input_ids=input_ids, attention_mask=attention_mask, **head_call(trainer, ("operands",)))
-    hidden, weight, bias = predicting_operands(model(**call).operands)
-    teacher = trainer.teacher_model
-    teacher.eval()
+    (:func:`predicting_head`); ``response_mask [B, T-1]`` the scored positions, divided by ``num_items_in_batch``
+    when given (else their count, at least 1). ``options``: the divergence's (``beta``, ``temperature``)."""
+    student = predicting_head(trainer, model, input_ids, attention_mask)
+    trainer.teacher_model.eval()
     with torch.no_grad():
-        t_hidden, t_weight, t_bias = predicting_operands(teacher(**call).operands)
-    device = hidden.device
+        teacher = predicting_head(trainer, trainer.teacher_model, input_ids, attention_mask)
     normalizer = None
     if num_items_in_batch is not None:
-        normalizer = torch.as_tensor(num_items_in_batch, device=device).float().reshape(())
-    scale, softcap = head_transform(base_model(trainer, model).config)
-    t_scale, t_softcap = head_transform(base_model(trainer, teacher).config)
-    loss, _ = linear_divergence_loss(
-        hidden, weight, t_hidden.to(device), t_weight.to(device), bias=bias,
-        teacher_bias=None if t_bias is None else t_bias.to(device), logit_scale=scale, softcap=softcap,
-        teacher_logit_scale=t_scale, teacher_softcap=t_softcap, response_mask=response_mask, normalizer=normalizer,
-        **options)
-    return loss
+        normalizer = torch.as_tensor(num_items_in_batch, device=student[0].device).float().reshape(())
+    return head_divergence(student, teacher, response_mask=response_mask, normalizer=normalizer, **options)[0]
 
 
 def loss_and_outputs(loss: Tensor, model, return_outputs: bool, **model_inputs):

@@ -91,10 +91,12 @@ class IWOPDTrainer(_TRLIWOPDTrainer):
             rollout_logprobs = rollout_logprobs[:, prompt_length:]
         valid = labels[:, prompt_length:] != -100
         loss, metrics = self._iw_opd_loss(logprobs, teacher_logprobs, valid, rollout_logprobs, num_items_in_batch)
-        if valid.any():  # TRL logs nothing for a batch without a completion token
+        # one read of the host for every metric; TRL logs nothing for a batch without a completion token
+        any_valid, *values = torch.stack([valid.any().float(), *metrics.values()]).tolist()
+        if any_valid:
             mode = "train" if self.model.training else "eval"
-            for name, value in metrics.items():
-                self._metrics[mode][name].append(value.item())
+            for name, value in zip(metrics, values):
+                self._metrics[mode][name].append(value)
         return loss
 
     def _jsd(self, model, ids, attention, labels, num_items_in_batch) -> Tensor:

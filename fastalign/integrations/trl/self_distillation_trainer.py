@@ -39,9 +39,8 @@ from torch import Tensor
 from trl.experimental.sdft import SDFTTrainer as _TRLSDFTTrainer
 from trl.experimental.sdpo import SDPOTrainer as _TRLSDPOTrainer
 
-from fastalign.integrations.hf import head_transform
 from fastalign.integrations.trl._checks import check_config, check_model, init_checked
-from fastalign.integrations.trl._head import base_model, head_call, install_head, predicting_operands
+from fastalign.integrations.trl._head import install_head, predicting_head
 from fastalign.integrations.trl.grpo import grpo_policy_config
 from fastalign.integrations.trl.self_distillation import SelfDistillationLoss
 from fastalign.linear import linear_logprobs
@@ -91,11 +90,9 @@ class _FusedSelfDistillation:
         return loss / scale
 
     def _completion_operands(self, model, ids: Tensor, attention: Tensor, keep: int) -> tuple:
-        """``(hidden [B, keep, H'], weight, bias, logit_scale, softcap)``: ``model``'s head operands at the positions
-        that predict the last ``keep`` tokens (a LoRA head's low-rank term appended, :func:`predicting_operands`)."""
-        operands = model(input_ids=ids, attention_mask=attention, **head_call(self, ("operands",))).operands
-        hidden, weight, bias = predicting_operands(operands)
-        return (hidden[:, -keep:], weight, bias) + head_transform(base_model(self, model).config)
+        """:func:`predicting_head` of ``model`` at the positions that predict the last ``keep`` tokens."""
+        hidden, *head = predicting_head(self, model, ids, attention)
+        return (hidden[:, -keep:], *head)
 
     def _distillation_loss(self, model, inputs, student: tuple, teacher: tuple) -> Tensor:
         hidden, weight, bias, scale, softcap = student
@@ -109,7 +106,7 @@ class _FusedSelfDistillation:
             inputs.get("old_per_token_logps"), bias=bias, teacher_bias=None if t_bias is None else t_bias.to(device),
             logit_scale=scale, softcap=softcap, teacher_logit_scale=t_scale, teacher_softcap=t_softcap)
         mode = "train" if model.training else "eval"
-        value = next(iter(metrics.values()))
+        value = metrics["self_distillation/distillation_loss"]
         self._log_self_distillation_metric(mode, self.accelerator.gather(value.detach()).mean().item())
         return loss
 
