@@ -10,13 +10,14 @@ kernel, which skips unscored positions, runs on GPUs only). Not part of the test
 
     python benchmarks/trl_peak_memory.py --vocab 131072 --completion-length 256 \
         [--trainer sft|dpo|grpo|rloo|gkd|gold|online_dpo|a2po|iw_opd|sdpo|sdft]
+        [--distillation-mode full_logits|topk_logits|sampled_token]   (SDPO, SDFT)
 
 ``--batch`` completions per step: SFT texts, DPO pairs (chosen and rejected), GRPO / RLOO / SDPO / SDFT samples of
 one prompt, Online DPO prompts (two samples each), A*-PO prompts (one sample each; its first stage samples two
 per prompt for the optimal values), IW-OPD prompts (one on-policy sample each), GKD and GOLD dataset completions
 (``lmbda=0``, no generation). The distillation trainers (GKD, GOLD, IW-OPD) take a teacher of the same architecture with
 other random weights; SDPO and SDFT distil from the model itself shown a privileged context
-(``distillation_mode="full_logits"``).
+(``--distillation-mode``, default ``full_logits``; ``topk_logits`` at TRL's ``distillation_topk=100``).
 """
 import argparse
 import json
@@ -152,11 +153,18 @@ def _iw_opd(trl, cls, checkpoint, tokenizer, common, opts):  # batch on-policy s
                train_dataset=datasets_from({"messages": messages}), processing_class=tokenizer)
 
 
+def _distillation(opts) -> dict:
+    """The SDPO / SDFT distillation fields of ``--distillation-mode`` (the reverse KL for ``sampled_token``)."""
+    mode = opts.distillation_mode
+    return dict(distillation_mode=mode, distillation_topk=100 if mode == "topk_logits" else None,
+                **(dict(distillation_alpha=1.0) if mode == "sampled_token" else {}))
+
+
 def _sdpo(trl, cls, checkpoint, tokenizer, common, opts):  # batch samples of one prompt, the privileged teacher
     from trl.experimental.sdpo import SDPOConfig
 
     args = SDPOConfig(num_generations=opts.batch, max_completion_length=opts.completion_length,
-                      distillation_mode="full_logits", **common)
+                      **_distillation(opts), **common)
     return cls(model=checkpoint, reward_funcs=lambda completions, **kw: [float(i % 2) for i in range(len(completions))],
                args=args, train_dataset=datasets_from({"prompt": _prompts(opts)}), processing_class=tokenizer)
 
@@ -165,7 +173,7 @@ def _sdft(trl, cls, checkpoint, tokenizer, common, opts):  # batch samples of on
     from trl.experimental.sdft import SDFTConfig
 
     args = SDFTConfig(num_generations=opts.batch, max_completion_length=opts.completion_length,
-                      distillation_mode="full_logits", **common)
+                      **_distillation(opts), **common)
     rows = {"prompt": _prompts(opts), "privileged_context": _prompts(opts)[::-1]}
     return cls(model=checkpoint, args=args, train_dataset=datasets_from(rows), processing_class=tokenizer)
 
@@ -215,6 +223,8 @@ def main():
     parser.add_argument("--batch", type=int, default=8, help="completions per step (see the module doc)")
     parser.add_argument("--completion-length", type=int, default=256)
     parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient (adds a reference model)")
+    parser.add_argument("--distillation-mode", choices=["full_logits", "topk_logits", "sampled_token"],
+                        default="full_logits", help="SDPO / SDFT: the distillation loss")
     parser.add_argument("--child", choices=["trl", "fastalign"], help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -230,7 +240,7 @@ def main():
             cmd = [sys.executable, __file__, "--child", which, "--checkpoint", checkpoint, "--vocab", str(opts.vocab),
                    "--hidden", str(opts.hidden), "--batch", str(opts.batch),
                    "--completion-length", str(opts.completion_length), "--beta", str(opts.beta),
-                   "--trainer", opts.trainer]
+                   "--trainer", opts.trainer, "--distillation-mode", opts.distillation_mode]
             env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             results[which] = json.loads(out.strip().splitlines()[-1])
@@ -239,7 +249,8 @@ def main():
     tokens = opts.batch * per_row * opts.completion_length
     rows = f"{opts.batch} {'pairs' if opts.trainer == 'dpo' else 'prompts'} x 2" if per_row == 2 else \
         f"{opts.batch} completions"
-    print(f"one {opts.trainer.upper()} step, V={opts.vocab}, hidden={opts.hidden}, {rows} x {opts.completion_length} "
+    mode = f" ({opts.distillation_mode})" if opts.trainer in ("sdpo", "sdft") else ""
+    print(f"one {opts.trainer.upper()} step{mode}, V={opts.vocab}, hidden={opts.hidden}, {rows} x {opts.completion_length} "
           f"tokens ({tokens} scored tokens; full fp32 logits would be {tokens * opts.vocab * 4 / 2**20:.0f} MiB)")
     print(f"{'trainer':<10} {'peak RSS':>10} {'before train':>13} {'step peak':>10} {'train()':>9} {'loss':>12}")
     for which, r in results.items():

@@ -16,6 +16,8 @@ Public API (see docs/math.md for every formula):
   :func:`iw_opd_advantages`.
 * :func:`linear_divergence_loss` — the distillation loss (generalized JSD, total variation or cosine distance
   between a student and a teacher) from both models' hidden states and heads (docs/math.md#distillation-divergence).
+* :func:`linear_topk_logprobs` — the head's log-probs over each token's top-k support (or a support given), from
+  hidden states (docs/math.md#top-k-support).
 * :func:`use_backend` — force the Triton, C++ or CUDA kernels.
 """
 from fastalign._backend import use_backend
@@ -27,6 +29,7 @@ from fastalign.kl import kl_penalty
 from fastalign.linear import linear_logprobs
 from fastalign.linear_divergence import linear_divergence_loss
 from fastalign.linear_policy import LinearPolicyLoss
+from fastalign.linear_topk import TopKSupport, linear_topk_logprobs
 from fastalign.logprobs import TokenStats, token_logprobs
 from fastalign.policy import PolicyLoss, policy_loss
 from fastalign.policy_config import POLICY_LOSS_TYPES, PolicyConfig
@@ -41,7 +44,7 @@ __all__ = [
     "gae_advantages", "group_advantages", "implicit_process_advantages", "iw_opd_advantages", "masked_whiten",
     "optimal_token_baseline_advantages", "reinforce_pp_advantages", "remax_advantages", "token_advantages",
     "POLICY_LOSS_TYPES", "PolicyConfig", "PolicyLoss", "aggregate_loss", "kl_penalty", "policy_loss",
-    "LinearPolicyLoss", "linear_divergence_loss",
+    "LinearPolicyLoss", "linear_divergence_loss", "TopKSupport", "linear_topk_logprobs",
     "PREFERENCE_LOSS_TYPES", "LinearPreferenceLoss", "PreferenceLoss", "SequenceLogprobs", "preference_loss",
     "sequence_logprobs", "unpaired_preference_loss", "wpo_weights",
 ]

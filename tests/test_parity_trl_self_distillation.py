@@ -1,8 +1,8 @@
 """Self-distillation (TRL 1.16's experimental ``SDPOTrainer`` and ``SDFTTrainer``):
 :class:`fastalign.integrations.trl.SelfDistillationLoss` against TRL's own ``_compute_self_distillation_loss``
 (called unbound on a stand-in carrying the attributes it reads, with the logits it would compute: the heads applied
-to the hidden states at the temperature). The sampled-token and full-vocabulary modes, with and without the
-clipped importance ratio: loss, gradients of the student's hidden states and head (through the logits in TRL's,
+to the hidden states at the temperature). The sampled-token, full-vocabulary and top-k modes, with and without
+the clipped importance ratio: loss, gradients of the student's hidden states and head (through the logits in TRL's,
 from the hidden states here) and the ``self_distillation/distillation_loss`` metric."""
 from collections import defaultdict
 from types import SimpleNamespace
@@ -106,12 +106,35 @@ def test_sampled_token_from_log_probs_in_float64_matches_trl():
     assert float(metrics[METRIC]) == pytest.approx(stand_in._metrics["train"][METRIC][0], rel=1e-12)
 
 
-def test_sdft_config_full_logits_matches_trl_and_its_default_top_k_is_refused():
-    """SDFT's loss is SDPO's; its default distillation_mode, topk_logits, has no fused form and raises, naming
-    the SDFTConfig field."""
-    with pytest.raises(ValueError, match="SDFTConfig.distillation_mode='topk_logits'"):
-        SelfDistillationLoss(_config(SDFTConfig))
+def test_sdft_config_full_logits_matches_trl():
     _compare_linear(SDFTTrainer, _config(SDFTConfig, distillation_mode="full_logits", distillation_topk=None), seed=2)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 0.3])
+@pytest.mark.parametrize("tail", [False, True], ids=["renormalised", "tail"])
+@pytest.mark.parametrize("clip", [2.0, None], ids=["is-clip", "no-is"])
+def test_topk_logits_matches_trl(alpha, tail, clip):
+    """SDFT's default mode: the divergence over the student's top-k support, renormalised or with the tail bucket,
+    against TRL's ``compute_topk_self_distillation_loss`` on the full logits."""
+    args = _config(SDFTConfig, distillation_topk=7, distillation_add_tail=tail, distillation_alpha=alpha,
+                   distillation_is_clip=clip, temperature=0.8)
+    _compare_linear(SDFTTrainer, args, seed=2)
+
+
+def test_topk_logits_in_an_sdpo_config_and_a_support_of_the_whole_vocabulary_match_trl():
+    _compare_linear(sdpo.SDPOTrainer, _config(distillation_mode="topk_logits", distillation_topk=3), seed=5)
+    # k = V: the support is every token, so the renormalised divergence is the full one
+    _compare_linear(SDFTTrainer, _config(SDFTConfig, distillation_topk=V, distillation_alpha=0.3), seed=6)
+
+
+def test_topk_logits_needs_a_support_size():
+    with pytest.raises(ValueError, match="SDFTConfig.distillation_topk must be set"):
+        SelfDistillationLoss(_config(SDFTConfig, distillation_topk=None))
+    with pytest.raises(ValueError, match="SDPOConfig.distillation_topk must be an int >= 1"):
+        SelfDistillationLoss(_config(distillation_mode="topk_logits", distillation_topk=0))
+    with pytest.raises(ValueError, match="distillation_mode='topk_logits' compares distributions"):
+        h = torch.zeros(1, 2)
+        SelfDistillationLoss(_config(SDFTConfig))(h, h, h)
 
 
 def test_nothing_distilled_gives_zero_as_trl():

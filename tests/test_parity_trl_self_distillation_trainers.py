@@ -1,6 +1,6 @@
 """The SDPO and SDFT drop-ins against TRL 1.16's own experimental ``SDPOTrainer`` and ``SDFTTrainer``: a tiny
 trainer run next to the drop-in from the same seed (the logged metrics and the parameters after the steps) for
-both distillation modes, SDPO's policy term mixed in, its loss types and sequence-level ratio, gradient
+every distillation mode (the top-k support with and without its tail bucket), SDPO's policy term mixed in, its loss types and sequence-level ratio, gradient
 accumulation (the clipped importance ratio to the rollout's log-probs), a LoRA adapter on the lm_head with the
 base weights as the teacher; and the refusals."""
 import pytest
@@ -70,6 +70,8 @@ def _sdft(cls, checkpoint, tmp_path, options, lora=None):
     (dict(distillation_weight=0.0, loss_type="dr_grpo", importance_sampling_level="sequence", epsilon_high=0.28),
      None),
     (dict(distillation_mode="full_logits", teacher_model_kind="base"), ["q_proj", "lm_head"]),
+    (dict(distillation_mode="topk_logits", distillation_topk=6, distillation_add_tail=True, distillation_alpha=0.0,
+          temperature=0.9), None),
 ])
 def test_sdpo_trainer_matches_trl(checkpoint, tmp_path, options, lora):
     from fastalign.integrations.trl import SDPOTrainer
@@ -83,6 +85,9 @@ def test_sdpo_trainer_matches_trl(checkpoint, tmp_path, options, lora):
 
 
 @pytest.mark.parametrize("options, lora", [
+    (dict(distillation_topk=8), None),  # SDFT's default mode, topk_logits, at a k below the test vocabulary
+    (dict(distillation_topk=5, distillation_add_tail=True, distillation_alpha=1.0, steps_per_generation=2), None),
+    (dict(distillation_topk=12, gradient_accumulation_steps=2, per_device_train_batch_size=2), ["q_proj", "lm_head"]),
     (dict(distillation_mode="sampled_token", distillation_alpha=1.0), None),
     (dict(distillation_mode="full_logits", gradient_accumulation_steps=2, per_device_train_batch_size=2), None),
     (dict(distillation_mode="full_logits", steps_per_generation=2, distillation_is_clip=1.01), None),
@@ -100,8 +105,8 @@ def test_sdft_trainer_matches_trl(checkpoint, tmp_path, options, lora):
 def test_refusals(checkpoint, tmp_path):
     from fastalign.integrations.trl import SDFTTrainer, SDPOTrainer
 
-    with pytest.raises(ValueError, match="SDFTConfig.distillation_mode='topk_logits'"):
-        _sdft(SDFTTrainer, checkpoint, tmp_path, {})
+    with pytest.raises(ValueError, match="SDFTConfig.distillation_topk must be set"):
+        _sdft(SDFTTrainer, checkpoint, tmp_path, dict(distillation_topk=None))
     with pytest.raises(ValueError, match="use_liger_kernel"):
         _sdpo(SDPOTrainer, checkpoint, tmp_path, dict(use_liger_kernel=True))
     with pytest.raises(ValueError, match="does not support returning outputs"):

@@ -27,10 +27,11 @@ def chunk_logits(buf: Tensor, h_c: Tensor, w_v: Tensor, b_v: Optional[Tensor], s
                  low_rank: Optional[tuple[Tensor, Tensor]] = None, live: Optional[Tensor] = None) -> Tensor:
     """``softcap(scale * (h_c @ w_v.T + a_c @ l_v.T + b_v))`` written into the flat buffer ``buf``
     (``low_rank = (a_c, l_v)`` optional). ``live``: only the first ``live`` rows are multiplied (a
-    device count, :mod:`~fastalign.ops.device_compaction`); the others get the logits of ``h = 0``."""
+    device count, :mod:`~fastalign.ops.device_compaction`); the others get the logits of ``h = 0``. The
+    operands may be of a lower precision than ``buf`` (bf16 products into fp32 logits on a GPU)."""
     n, v = h_c.shape[0], w_v.shape[0]
     z = buf[: n * v].view(n, v)
-    if b_v is None or low_rank is not None or live is not None:
+    if b_v is None or low_rank is not None or live is not None or h_c.dtype != buf.dtype:
         matmul_into(z, h_c, w_v.t(), accumulate=False, live=live)
         if low_rank is not None:
             matmul_into(z, low_rank[0], low_rank[1].t(), accumulate=True, live=live)

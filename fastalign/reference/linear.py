@@ -30,6 +30,17 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
     return token_logprobs(z, labels, temperature=temperature, ignore_index=ignore_index, dtype=dtype)
 
 
+def linear_topk_logprobs(hidden: Tensor, weight: Tensor, k: Optional[int] = None, *, ids: Optional[Tensor] = None,
+                         bias: Optional[Tensor] = None, temperature: float = 1.0, softcap: Optional[float] = None,
+                         logit_scale: float = 1.0, dtype: torch.dtype | None = None):
+    """(log-probs ``[..., K]`` at ``ids``, ``ids``) from the materialised logits; ``ids`` the top ``k`` when not
+    given (docs/math.md#top-k-support)."""
+    z = linear_logits(hidden, weight, bias=bias, softcap=softcap, logit_scale=logit_scale, dtype=dtype) / temperature
+    if ids is None:
+        ids = z.topk(k, dim=-1).indices
+    return z.log_softmax(-1).gather(-1, ids), ids
+
+
 def eager_linear_logprobs_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0):
     """The benchmark baseline: logits by matmul, then log_softmax, gather and entropy, as trainers write it."""
     return eager_logprobs_entropy(hidden @ weight.T, labels, temperature)

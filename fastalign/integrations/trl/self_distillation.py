@@ -9,6 +9,10 @@ token:
   ``L_t = sg(lp_t - lt_t) lp_t``, the reverse KL's score-function estimate on the sampled token;
 * ``"full_logits"``: ``L_t`` the generalized JSD at ``alpha = distillation_alpha`` over the vocabulary (0 the
   forward KL, 1 the reverse KL; :func:`fastalign.linear_divergence_loss`'s ``beta``);
+* ``"topk_logits"`` (SDFT's default): the same JSD over the student's ``distillation_topk`` largest logits
+  ``S_t``, both models' log-probs there (:func:`fastalign.linear_topk_logprobs`), renormalised over ``S_t``
+  (``lp_j - logsumexp_{S_t} lp``), or with ``distillation_add_tail`` one more category for the rest of the
+  mass, ``log(1 - exp(min(logsumexp_{S_t} lp, -1e-7)))``;
 
 times the clipped importance ratio ``w_t = sg(min(exp(clamp(lp_t - old_t, -20, 20)), distillation_is_clip))``
 when ``distillation_is_clip`` is set and the rollout's log-probs ``old`` are given, and
@@ -16,16 +20,17 @@ when ``distillation_is_clip`` is set and the rollout's log-probs ``old`` are giv
 .. math:: \text{loss} = \operatorname{mean}_b \frac{\sum_t m_{bt} w_{bt} L_{bt}}{\max(\sum_t m_{bt}, 1)}
 
 (an empty row adds 0 and counts). The metric ``self_distillation/distillation_loss`` is the token mean of
-``m w L``. SDFT's default ``"topk_logits"`` (the divergence over the student's top-k tokens) has no fused
-form here and raises ``ValueError``.
+``m w L``.
 
 :meth:`SelfDistillationLoss.forward` takes per-token log-probs (``sampled_token``);
-:meth:`SelfDistillationLoss.linear` takes both models' hidden states and heads (either mode; the logits of
+:meth:`SelfDistillationLoss.linear` takes both models' hidden states and heads (every mode; the logits of
 neither are built: ``full_logits`` is :func:`fastalign.linear_divergence_loss` with the ratios as
-``token_weights`` and ``agg="seq-mean-token-mean"``).
+``token_weights`` and ``agg="seq-mean-token-mean"``, ``topk_logits`` the divergence above on
+:func:`fastalign.linear_topk_logprobs`'s ``[B, T, k]`` log-probs).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional
 
 import torch
@@ -35,16 +40,36 @@ from fastalign import _validate
 from fastalign.integrations.trl._config import read_fields
 from fastalign.linear import linear_logprobs
 from fastalign.linear_divergence import linear_divergence_loss
+from fastalign.linear_topk import linear_topk_logprobs
 
 __all__ = ["SDPO_DEFAULTS", "SDFT_DEFAULTS", "SelfDistillationLoss"]
 
 #: the ``SDPOConfig`` / ``SDFTConfig`` fields the self-distillation loss reads, with TRL 1.16's defaults
 SDPO_DEFAULTS: Dict[str, Any] = dict(temperature=1.0, distillation_mode="sampled_token", distillation_alpha=1.0,
-                                     distillation_is_clip=2.0)
+                                     distillation_is_clip=2.0, distillation_topk=None, distillation_add_tail=False)
 SDFT_DEFAULTS: Dict[str, Any] = dict(temperature=1.0, distillation_mode="topk_logits", distillation_alpha=0.5,
-                                     distillation_is_clip=2.0)
-_MODES = ("sampled_token", "full_logits")
+                                     distillation_is_clip=2.0, distillation_topk=100, distillation_add_tail=False)
+_MODES = ("sampled_token", "full_logits", "topk_logits")
 _METRIC = "self_distillation/distillation_loss"
+
+
+def _tail_bucket(logprobs: Tensor) -> Tensor:
+    """``[..., K]`` log-probs of a support and one more category for the rest of the mass, as TRL's
+    ``add_tail_bucket``: ``log(1 - exp(min(logsumexp(lp), -1e-7)))``."""
+    captured = torch.logsumexp(logprobs, -1, keepdim=True).clamp(max=-1e-7)
+    return torch.cat([logprobs, torch.log(-torch.expm1(captured))], -1)
+
+
+def support_divergence(student: Tensor, teacher: Tensor, alpha: float) -> Tensor:
+    r"""The generalized JSD over the last dimension of two log-prob tensors ``[..., K]`` (each summing to 1 in
+    probability): ``KL(t || s)`` at ``alpha = 0``, ``KL(s || t)`` at 1, else with ``log m = logsumexp(s + log(1 -
+    alpha), t + log alpha)``, ``(1 - alpha) KL(s || m) + alpha KL(t || m)`` (TRL's ``compute_divergence``)."""
+    if alpha == 0.0:
+        return (teacher.exp() * (teacher - student)).sum(-1)
+    if alpha == 1.0:
+        return (student.exp() * (student - teacher)).sum(-1)
+    mixture = torch.logaddexp(student + math.log1p(-alpha), teacher + math.log(alpha))
+    return ((1.0 - alpha) * student.exp() * (student - mixture) + alpha * teacher.exp() * (teacher - mixture)).sum(-1)
 
 
 def _clipped_ratio(logprobs: Tensor, old_logprobs: Tensor, clip: float) -> Tensor:
@@ -62,13 +87,14 @@ class SelfDistillationLoss(nn.Module):
         name = "SDFTConfig" if type(config).__name__ == "SDFTConfig" else "SDPOConfig"
         c = read_fields(config, SDFT_DEFAULTS if name == "SDFTConfig" else SDPO_DEFAULTS, name)
         self.mode = c["distillation_mode"]
-        if self.mode == "topk_logits":
-            raise ValueError(f"{name}.distillation_mode='topk_logits' (the divergence over the student's top-k "
-                             "tokens) has no fused form in fastalign; use 'full_logits' (the whole vocabulary, "
-                             "from hidden states) or 'sampled_token'")
         if self.mode not in _MODES:
-            raise ValueError(f"{name}.distillation_mode must be one of {_MODES + ('topk_logits',)}, got "
-                             f"{self.mode!r}")
+            raise ValueError(f"{name}.distillation_mode must be one of {_MODES}, got {self.mode!r}")
+        self.topk = None
+        if self.mode == "topk_logits":
+            if c["distillation_topk"] is None:
+                raise ValueError(f"{name}.distillation_topk must be set for distillation_mode='topk_logits'")
+            self.topk = _validate.at_least(f"{name}.distillation_topk", c["distillation_topk"])
+        self.add_tail = _validate.boolean(f"{name}.distillation_add_tail", c["distillation_add_tail"])
         self.alpha = _validate.unit_interval(f"{name}.distillation_alpha", c["distillation_alpha"])
         if self.mode == "sampled_token" and self.alpha != 1.0:
             raise ValueError(f"{name}.distillation_alpha={self.alpha}: distillation_mode='sampled_token' is the "
@@ -90,8 +116,8 @@ class SelfDistillationLoss(nn.Module):
         temperature (differentiable), the teacher's (constants), the loss mask and, for the importance ratio, the
         rollout's log-probs."""
         if self.mode != "sampled_token":
-            raise ValueError("distillation_mode='full_logits' compares whole distributions: use .linear() with "
-                             "both models' hidden states and heads")
+            raise ValueError(f"distillation_mode={self.mode!r} compares distributions: use .linear() with both "
+                             "models' hidden states and heads")
         _validate.any_float("logprobs", logprobs, dim=2)
         _validate.like(tuple(logprobs.shape), "like logprobs", required=True, device=logprobs.device,
                        device_of="logprobs", teacher_logprobs=teacher_logprobs)
@@ -99,12 +125,15 @@ class SelfDistillationLoss(nn.Module):
                        device_of="logprobs", loss_mask=loss_mask)
         lp = logprobs if logprobs.dtype == torch.float64 else logprobs.float()
         per_token = (lp - teacher_logprobs.to(lp.dtype)).detach() * lp
-        w = self._weights(lp, old_logprobs)
-        if w is not None:
-            per_token = per_token * w.to(lp.dtype)
-        m = loss_mask.to(lp.dtype)
-        valid = loss_mask != 0
-        masked = torch.where(valid, per_token, 0.0) * m  # a masked token's NaN or inf adds nothing
+        return self._reduced(per_token, self._weights(lp, old_logprobs), loss_mask)
+
+    @staticmethod
+    def _reduced(per_token: Tensor, weights: Optional[Tensor], loss_mask: Tensor):
+        """``(loss, metrics)`` from ``L [B, T]``: the row means of ``m w L`` over ``max(sum_t m, 1)``, averaged."""
+        if weights is not None:
+            per_token = per_token * weights.to(per_token.dtype)
+        m = loss_mask.to(per_token.dtype)
+        masked = torch.where(loss_mask != 0, per_token, 0.0) * m  # a masked token's NaN or inf adds nothing
         loss = (masked.sum(-1) / m.sum(-1).clamp(min=1.0)).mean() if masked.shape[0] else masked.sum()
         return loss, {_METRIC: masked.detach().sum() / m.sum().clamp(min=1.0)}
 
@@ -132,8 +161,27 @@ class SelfDistillationLoss(nn.Module):
                 lp = linear_logprobs(hidden, weight, labels, bias=bias, temperature=self.temperature,
                                      **student).logprobs
             w = self._weights(lp, old_logprobs)
+        if self.mode == "topk_logits":
+            return self._reduced(self._topk_divergence(hidden, weight, bias, teacher_hidden, teacher_weight,
+                                                       teacher_bias, loss_mask, student, teacher), w, loss_mask)
         loss, metrics = linear_divergence_loss(
             hidden, weight, teacher_hidden, teacher_weight, beta=self.alpha, temperature=self.temperature,
             bias=bias, teacher_bias=teacher_bias, response_mask=loss_mask, token_weights=w,
             agg="seq-mean-token-mean", **head)
         return loss, {_METRIC: metrics["divergence"] if w is None else metrics["weighted_divergence"]}
+
+    def _topk_divergence(self, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, loss_mask,
+                         student: dict, teacher: dict) -> Tensor:
+        """``L [B, T]`` of ``topk_logits``: the divergence over the student's top-k support (module doc)."""
+        pipeline = dict(temperature=self.temperature, response_mask=loss_mask)
+        student = {k: v for k, v in student.items() if k != "backend"}  # the support has one path
+        s = linear_topk_logprobs(hidden, weight, self.topk, bias=bias, **pipeline, **student)
+        with torch.no_grad():
+            t = linear_topk_logprobs(teacher_hidden, teacher_weight, ids=s.ids, bias=teacher_bias, **pipeline,
+                                     **teacher).logprobs
+        if self.add_tail:
+            s_lp, t_lp = _tail_bucket(s.logprobs), _tail_bucket(t)
+        else:
+            s_lp = s.logprobs - torch.logsumexp(s.logprobs, -1, keepdim=True)
+            t_lp = t - torch.logsumexp(t, -1, keepdim=True)
+        return support_divergence(s_lp, t_lp, self.alpha)

@@ -12,8 +12,9 @@ same completion; here both run their bodies and the losses come from the last hi
 positions and each model's head (its transform from :func:`fastalign.integrations.hf.head_transform`; a LoRA
 ``lm_head`` as appended hidden columns), at ``temperature``:
 
-* the self-distillation loss: :class:`~fastalign.integrations.trl.SelfDistillationLoss` (``sampled_token``, or
-  ``full_logits`` through :func:`fastalign.linear_divergence_loss`), over ``completion_mask`` times the batch's
+* the self-distillation loss: :class:`~fastalign.integrations.trl.SelfDistillationLoss` (``sampled_token``;
+  ``full_logits`` through :func:`fastalign.linear_divergence_loss`; ``topk_logits``, SDFT's default, over the
+  student's top-k support from :func:`fastalign.linear_topk_logprobs`), over ``completion_mask`` times the batch's
   ``self_distillation_mask``, with TRL's clipped importance ratio to ``old_per_token_logps``;
 * SDPO's policy term (``distillation_weight < 1``): the PPO-clipped loss of its ``loss_type``
   (grpo / bnpo / dr_grpo / dapo over the local batch, ``importance_sampling_level``) on the completion log-probs,
@@ -24,9 +25,8 @@ training, as TRL. The metrics keep TRL's names (``self_distillation/distillation
 ``<trainer>/distillation_loss``, ``self_distillation/policy_loss``). Generation, reprompting, rewards,
 advantages and the teacher's updates stay TRL's.
 
-Refused at construction, each naming the field: ``distillation_mode="topk_logits"`` (SDFT's default: a top-k
-support with a tail bucket, no fused form; set ``"full_logits"`` or ``"sampled_token"``), ``use_teacher_server``
-(the server returns log-probs for TRL's own path), ``use_liger_kernel``, vision-language models, PEFT prompt
+Refused at construction, each naming the field: ``use_teacher_server`` (the server returns log-probs for TRL's
+own path), ``use_liger_kernel``, vision-language models, PEFT prompt
 learning, an architecture without a known head transform and a float64 model (the heads run in float32,
 bfloat16 or float16). ``return_outputs=True`` raises, as in TRL.
 """
@@ -55,7 +55,7 @@ def _checker(name: str):
         if args.use_teacher_server:
             raise ValueError(f"{name}.use_teacher_server: the fastalign trainer scores the local teacher from its "
                              "hidden states; the teacher server's log-probs are TRL's own path")
-        SelfDistillationLoss(args)  # refuses topk_logits, naming the field
+        SelfDistillationLoss(args)  # checks the distillation fields, naming a bad one
     return check
 
 

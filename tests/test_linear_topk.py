@@ -1,0 +1,215 @@
+"""fastalign.linear_topk_logprobs against the float64 log-softmax of the materialised logits: the top-k ids and
+their log-probs, a support given, the logit pipeline, response_mask, bf16 inputs, many blocks, the gradients of
+hidden, weight and bias, and the bad inputs."""
+import math
+
+import pytest
+import torch
+
+import fastalign
+from fastalign import reference
+from helpers import assert_close
+
+B, T, H, V = 3, 5, 8, 41
+
+
+def _head(seed=0, dtype=torch.float32, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, H, generator=g).to(dtype)
+    w = (torch.randn(V, H, generator=g) * 0.6).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.3).to(dtype) if bias else None
+    return h, w, b
+
+
+def _grads(out, inputs, g):
+    return torch.autograd.grad((out * g).sum(), [x for x in inputs if x is not None])
+
+
+PIPELINES = [dict(), dict(temperature=0.7), dict(softcap=2.5, logit_scale=1.4, temperature=1.3)]
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=["plain", "temperature", "softcap-scale"])
+@pytest.mark.parametrize("k", [1, 6, V])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_topk_matches_the_float64_log_softmax(pipeline, k, bias):
+    h, w, b = _head(bias=bias)
+    ins = [x.clone().requires_grad_() if x is not None else None for x in (h, w, b)]
+    got = fastalign.linear_topk_logprobs(ins[0], ins[1], k, bias=ins[2], **pipeline)
+    ref = [x.double().requires_grad_() if x is not None else None for x in (h, w, b)]
+    lp, ids = reference.linear_topk_logprobs(ref[0], ref[1], k, bias=ref[2], dtype=torch.float64, **pipeline)
+    assert got.logprobs.dtype == torch.float32 and got.ids.dtype == torch.int64
+    assert got.logprobs.shape == got.ids.shape == (B, T, k)
+    assert torch.equal(got.ids, ids)
+    assert_close(got.logprobs, lp, atol=1e-5, rtol=1e-5, what="logprobs")
+    g = torch.randn(B, T, k, generator=torch.Generator().manual_seed(1))
+    for a, e in zip(_grads(got.logprobs, ins, g), _grads(lp, ref, g.double())):
+        assert_close(a, e, atol=1e-5, rtol=1e-4, what="gradient")
+
+
+def test_a_support_given_and_ids_outside_the_vocabulary():
+    h, w, b = _head(seed=2)
+    ids = torch.randint(0, V, (B, T, 4), generator=torch.Generator().manual_seed(3))
+    ids[0, 0, 1] = V  # outside: NaN log-prob, no gradient
+    ids[1, 2, 3] = -1
+    ins = [x.clone().requires_grad_() for x in (h, w, b)]
+    got = fastalign.linear_topk_logprobs(ins[0], ins[1], ids=ids, bias=ins[2], temperature=0.9)
+    assert torch.equal(got.ids, ids)
+    outside = (ids < 0) | (ids >= V)
+    assert torch.isnan(got.logprobs[outside]).all() and not torch.isnan(got.logprobs[~outside]).any()
+    ref = [x.double().requires_grad_() for x in (h, w, b)]
+    lp, _ = reference.linear_topk_logprobs(ref[0], ref[1], ids=ids.clamp(0, V - 1), bias=ref[2], temperature=0.9,
+                                          dtype=torch.float64)
+    lp = torch.where(outside, 0.0, lp)
+    assert_close(got.logprobs[~outside], lp[~outside], atol=1e-5, rtol=1e-5, what="logprobs")
+    g = torch.randn(B, T, 4, generator=torch.Generator().manual_seed(4))
+    got_lp = torch.where(outside, 0.0, got.logprobs)
+    for a, e in zip(_grads(got_lp, ins, g), _grads(lp, ref, g.double())):
+        assert_close(a, e, atol=1e-5, rtol=1e-4, what="gradient")
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_response_mask_rows_cost_nothing_and_a_nan_there_stays_there(mask_dtype):
+    h, w, b = _head(seed=5)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 3:] = False
+    mask[2] = False
+    h[2, 1] = float("nan")  # an unscored row: no NaN anywhere else
+    ins = [x.clone().requires_grad_() for x in (h, w, b)]
+    got = fastalign.linear_topk_logprobs(ins[0], ins[1], 5, bias=ins[2], response_mask=mask.to(mask_dtype))
+    assert (got.logprobs[~mask] == 0).all() and (got.ids[~mask] == 0).all()
+    ref = [torch.where(mask[..., None], h, 0.0).double().requires_grad_(), w.double().requires_grad_(),
+           b.double().requires_grad_()]
+    lp, ids = reference.linear_topk_logprobs(*ref[:2], 5, bias=ref[2], dtype=torch.float64)
+    assert torch.equal(got.ids[mask], ids[mask])
+    assert_close(got.logprobs[mask], lp[mask], atol=1e-5, rtol=1e-5, what="logprobs")
+    g = torch.randn(B, T, 5, generator=torch.Generator().manual_seed(6))
+    grads = _grads(got.logprobs, ins, g)
+    want = _grads(lp * mask[..., None], ref, g.double())
+    assert (grads[0][~mask] == 0).all()
+    for a, e in zip(grads, want):
+        assert torch.isfinite(a).all()
+        assert_close(a, e, atol=1e-5, rtol=1e-4, what="gradient")
+
+
+def test_precision_at_large_logits():
+    """Logits near 2e4 (a bias offset, temperature 0.5) on a grid where they are exact in fp32: the log-probs and
+    gradients carry their own fp32 rounding, not ulp(2e4) ~ 2e-3."""
+    h, w, b = _head(seed=13)
+    h, w, b = (h * 8).round() / 8, (w * 8).round() / 8, (b * 8).round() / 8 + 1e4
+    assert torch.equal((h @ w.T + b).double(), h.double() @ w.double().T + b.double()), "premise: exact logits"
+    ins = [x.clone().requires_grad_() for x in (h, w, b)]
+    got = fastalign.linear_topk_logprobs(ins[0], ins[1], 6, bias=ins[2], temperature=0.5)
+    ref = [x.double().requires_grad_() for x in (h, w, b)]
+    lp, ids = reference.linear_topk_logprobs(ref[0], ref[1], 6, bias=ref[2], temperature=0.5, dtype=torch.float64)
+    assert torch.equal(got.ids, ids)
+    assert_close(got.logprobs, lp, atol=1e-5, rtol=1e-5, what="logprobs")
+    g = torch.randn(B, T, 6, generator=torch.Generator().manual_seed(14))
+    for a, e in zip(_grads(got.logprobs, ins, g), _grads(lp, ref, g.double())):
+        assert_close(a, e, atol=1e-4, rtol=1e-4, what="gradient")
+
+
+def test_nan_in_a_scored_row_propagates_to_that_row():
+    h, w, b = _head(seed=7)
+    h[1, 1, 0] = float("nan")
+    got = fastalign.linear_topk_logprobs(h, w, 3, bias=b)
+    assert torch.isnan(got.logprobs[1, 1]).all()
+    assert not torch.isnan(got.logprobs[0]).any() and not torch.isnan(got.logprobs[2]).any()
+
+
+def test_many_blocks_give_the_one_block_numbers(monkeypatch):
+    h, w, b = _head(seed=8)
+    ins = [x.clone().requires_grad_() for x in (h, w, b)]
+    one = fastalign.linear_topk_logprobs(*ins[:2], 4, bias=ins[2], softcap=3.0)
+    g = torch.randn(B, T, 4, generator=torch.Generator().manual_seed(9))
+    want = _grads(one.logprobs, ins, g)
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", str(2 * V * 4 * 2 / (1 << 20)))  # two rows per block (two tiles)
+    many = fastalign.linear_topk_logprobs(*ins[:2], 4, bias=ins[2], softcap=3.0,
+                                          response_mask=torch.ones(B, T))
+    assert torch.equal(many.ids, one.ids)
+    torch.testing.assert_close(many.logprobs, one.logprobs, atol=1e-6, rtol=1e-6)
+    for a, e in zip(_grads(many.logprobs, ins, g), want):
+        torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_against_float64(dtype):
+    """Products through fp32 copies on the CPU; the gradients come back in the inputs' dtype (one rounding)."""
+    h, w, b = _head(seed=10, dtype=dtype)
+    ins = [x.clone().requires_grad_() for x in (h, w, b)]
+    got = fastalign.linear_topk_logprobs(ins[0], ins[1], 5, bias=ins[2], temperature=0.8)
+    ref = [x.double().requires_grad_() for x in (h, w, b)]
+    lp, ids = reference.linear_topk_logprobs(ref[0], ref[1], 5, bias=ref[2], temperature=0.8, dtype=torch.float64)
+    assert torch.equal(got.ids, ids)
+    assert_close(got.logprobs, lp, atol=1e-5, rtol=1e-5, what="logprobs")
+    g = torch.randn(B, T, 5, generator=torch.Generator().manual_seed(11))
+    for a, e in zip(_grads(got.logprobs, ins, g), _grads(lp, ref, g.double())):
+        assert a.dtype == dtype
+        rel = float((a.double() - e).norm() / e.norm())
+        assert rel < 1e-2, rel
+
+
+def test_rows_of_any_leading_shape_and_none_at_all():
+    h, w, b = _head(seed=12)
+    flat = fastalign.linear_topk_logprobs(h.reshape(-1, H), w, 3, bias=b)
+    nested = fastalign.linear_topk_logprobs(h, w, 3, bias=b)
+    assert torch.equal(nested.ids.reshape(-1, 3), flat.ids)
+    torch.testing.assert_close(nested.logprobs.reshape(-1, 3), flat.logprobs)
+    empty = fastalign.linear_topk_logprobs(h[:0], w, 3)
+    assert empty.logprobs.shape == (0, T, 3)
+    none_scored = fastalign.linear_topk_logprobs(h, w, 3, response_mask=torch.zeros(B, T))
+    assert (none_scored.logprobs == 0).all()
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(), ValueError, "exactly one of k"),
+    (dict(k=2, ids=torch.zeros(B, T, 2, dtype=torch.int64)), ValueError, "exactly one of k"),
+    (dict(k=0), ValueError, "k must be an int >= 1"),
+    (dict(k=V + 1), ValueError, "k must be at most the vocabulary size"),
+    (dict(k=2.5), TypeError, "k"),
+    (dict(ids=torch.zeros(B, T, 2)), TypeError, "ids must be an int64"),
+    (dict(ids=torch.zeros(B, 2, dtype=torch.int64)), ValueError, "ids must have shape"),
+    (dict(ids=torch.zeros(B, T, 0, dtype=torch.int64)), ValueError, "ids must have shape"),
+    (dict(k=2, response_mask=torch.ones(B, T + 1)), ValueError, "response_mask"),
+    (dict(k=2, temperature=0.0), ValueError, "temperature"),
+    (dict(k=2, softcap=-1.0), ValueError, "softcap"),
+])
+def test_bad_inputs_name_the_argument(kwargs, error, match):
+    h, w, _ = _head()
+    with pytest.raises(error, match=match):
+        fastalign.linear_topk_logprobs(h, w, **kwargs)
+
+
+def test_a_weight_of_another_dtype_or_size_is_named():
+    h, w, _ = _head()
+    with pytest.raises(TypeError, match="weight must have the dtype of hidden"):
+        fastalign.linear_topk_logprobs(h, w.bfloat16(), 2)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        fastalign.linear_topk_logprobs(h, w[:, :3], 2)
+
+
+@pytest.mark.gpu
+def test_gpu_topk_bf16_at_full_vocabulary(monkeypatch):
+    """bf16 products into fp32 logits on the GPU, many blocks, against the float64 log-softmax."""
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "64")
+    N, Hg, Vg, k = 512, 256, 151936, 100
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(N, Hg, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(Vg, Hg, device="cuda", generator=g) / math.sqrt(Hg) * 4).bfloat16()
+    b = (torch.randn(Vg, device="cuda", generator=g) * 0.1).bfloat16()
+    ins = [x.clone().requires_grad_() for x in (h, w, b)]
+    mask = torch.rand(N, device="cuda", generator=g) < 0.7
+    got = fastalign.linear_topk_logprobs(ins[0], ins[1], k, bias=ins[2], response_mask=mask, softcap=30.0)
+    ref = [x.double().requires_grad_() for x in (h, w, b)]
+    lp, _ = reference.linear_topk_logprobs(ref[0], ref[1], ids=got.ids, bias=ref[2], softcap=30.0,
+                                          dtype=torch.float64)
+    lp = lp * mask[:, None]
+    assert_close(got.logprobs, lp, atol=1e-4, rtol=1e-4, what="logprobs")
+    top = reference.linear_topk_logprobs(h.double(), w.double(), k, bias=b.double(), softcap=30.0,
+                                         dtype=torch.float64)[0]
+    # the support is the top k up to near-ties: its log-probs are the float64 top k's
+    assert_close(got.logprobs[mask].sort(-1).values, top[mask].sort(-1).values, atol=1e-4, rtol=1e-4,
+                 what="top-k values")
+    gr = torch.randn(N, k, device="cuda", generator=g)
+    for a, e in zip(_grads(got.logprobs, ins, gr), _grads(lp, ref, gr.double())):
+        rel = float((a.double() - e).norm() / e.norm())
+        assert rel < 1e-2, rel
