@@ -205,10 +205,18 @@ def _trainer(cls, models, tmp_path, options, **kwargs):
     (dict(distillation_objective="jsd", loss_top_k=0, beta=0.5, lmbda=0.5, gradient_accumulation_steps=2,
           per_device_train_batch_size=2), None),
     (dict(distillation_objective="jsd", loss_top_k=0, beta=0.0, temperature=0.7, lmbda=0.0), ["q_proj", "lm_head"]),
+    # the JSD's default support: the sampled token's top-1 pair with the tail bucket (beta = 1, loss_top_k = 1)
+    (dict(distillation_objective="jsd", lmbda=0.5), None),
+    (dict(distillation_objective="jsd", beta=0.4, loss_top_k=1, reverse_kl_top_1_mode="argmax",
+          loss_add_tail=False), None),
+    (dict(distillation_objective="jsd", beta=0.4, loss_top_k=4, lmbda=1.0, gradient_accumulation_steps=2,
+          per_device_train_batch_size=2), None),
+    (dict(distillation_objective="jsd", beta=0.0, loss_top_k=3, temperature=0.9), ["q_proj", "lm_head"]),
 ])
 def test_trainer_matches_trl(iw_opd_models, tmp_path, options, lora):
     """TRL's own ``IWOPDTrainer`` and the drop-in, two steps from the same seed (on-policy generations, a mixed
-    on/off-policy JSD run, gradient accumulation, a LoRA adapter on the lm_head): logs and updates agree."""
+    on/off-policy JSD run, the JSD's top-k and top-1 supports, gradient accumulation, a LoRA adapter on the
+    lm_head): logs and updates agree."""
     from trl.experimental.iw_opd import IWOPDTrainer as TRLIWOPDTrainer
 
     from fastalign.integrations.trl import IWOPDTrainer
@@ -237,7 +245,5 @@ def test_trainer_refusals(iw_opd_models, tmp_path):
     with pytest.raises(ValueError, match="use_teacher_server"):
         _trainer(IWOPDTrainer, iw_opd_models, tmp_path, dict(use_teacher_server=True,
                                                              teacher_model_server_url="http://127.0.0.1:1"))
-    with pytest.raises(ValueError, match="loss_top_k=1"):
-        _trainer(IWOPDTrainer, iw_opd_models, tmp_path, dict(distillation_objective="jsd", lmbda=0.5))
     with pytest.raises(ValueError, match="use_liger_kernel"):
         _trainer(IWOPDTrainer, iw_opd_models, tmp_path, dict(use_liger_kernel=True))

@@ -1,8 +1,8 @@
 """The SDPO and SDFT drop-ins against TRL 1.16's own experimental ``SDPOTrainer`` and ``SDFTTrainer``: a tiny
 trainer run next to the drop-in from the same seed (the logged metrics and the parameters after the steps) for
-every distillation mode (the top-k support with and without its tail bucket), SDPO's policy term mixed in, its loss types and sequence-level ratio, gradient
-accumulation (the clipped importance ratio to the rollout's log-probs), a LoRA adapter on the lm_head with the
-base weights as the teacher; and the refusals."""
+every distillation mode (the top-k support with and without its tail bucket), SDPO's policy term mixed in, its
+loss types and sequence-level ratio, gradient accumulation (the clipped importance ratio to the rollout's
+log-probs), a LoRA adapter on the lm_head with the base weights as the teacher; and the refusals."""
 import pytest
 
 transformers = pytest.importorskip("transformers", reason="the TRL drop-ins need transformers")

@@ -4,9 +4,9 @@ Profiles build fastalign losses from TRL's own config objects: ``grpo`` (the pol
 ``GRPOTrainer``), ``gmpo`` (the loss of the experimental ``GMPOTrainer``), ``preference`` (the losses of
 ``DPOTrainer``, ``CPOTrainer``, ``ORPOTrainer``, ``KTOTrainer`` and the experimental ``TPOTrainer``),
 ``grpo_rewards`` (``GRPOTrainer``'s advantages), ``rloo`` (``RLOOTrainer``'s advantages and
-loss), ``iw_opd`` (the experimental ``IWOPDTrainer``'s IW-OPD loss), ``a2po`` (the experimental
-``A2POTrainer``'s optimal values and loss) and ``self_distillation`` (the experimental ``SDPOTrainer``'s and
-``SDFTTrainer``'s self-distillation loss). Metrics come back under TRL's names.
+loss), ``iw_opd`` and ``iw_opd_jsd`` (the experimental ``IWOPDTrainer``'s IW-OPD and JSD objectives),
+``a2po`` (the experimental ``A2POTrainer``'s optimal values and loss) and ``self_distillation`` (the
+experimental ``SDPOTrainer``'s and ``SDFTTrainer``'s self-distillation loss). Metrics come back under TRL's names.
 
 Drop-in trainers, subclasses of TRL's with the same constructor and config classes::
 
@@ -31,6 +31,7 @@ from fastalign.integrations.trl.gmpo import *  # noqa: F401,F403
 from fastalign.integrations.trl.grpo import *  # noqa: F401,F403
 from fastalign.integrations.trl.grpo_rewards import *  # noqa: F401,F403
 from fastalign.integrations.trl.iw_opd import *  # noqa: F401,F403
+from fastalign.integrations.trl.iw_opd_jsd import *  # noqa: F401,F403
 from fastalign.integrations.trl.preference import *  # noqa: F401,F403
 from fastalign.integrations.trl.rloo import *  # noqa: F401,F403
 from fastalign.integrations.trl.self_distillation import *  # noqa: F401,F403

@@ -111,16 +111,22 @@ def predicting_head(trainer, model, input_ids: Tensor, attention_mask: Tensor) -
     return predicting_operands(operands) + head_transform(base_model(trainer, model).config)
 
 
-def head_divergence(student: tuple, teacher: tuple, **options):
-    """:func:`fastalign.linear_divergence_loss` of two :func:`predicting_head` tuples (the teacher's moved to the
-    student's device); ``options``: the loss's own (``beta``, ``temperature``, ``response_mask``, ...)."""
+def head_pair(student: tuple, teacher: tuple) -> dict:
+    """Two :func:`predicting_head` tuples as the keywords of a student-teacher loss (``hidden``, ``weight``,
+    ``teacher_hidden``, ``teacher_weight``, ``bias``, ``teacher_bias`` and each side's ``logit_scale`` and
+    ``softcap``), the teacher's tensors moved to the student's device."""
     hidden, weight, bias, scale, softcap = student
     t_hidden, t_weight, t_bias, t_scale, t_softcap = teacher
     device = hidden.device
-    return linear_divergence_loss(
-        hidden, weight, t_hidden.to(device), t_weight.to(device), bias=bias,
-        teacher_bias=None if t_bias is None else t_bias.to(device), logit_scale=scale, softcap=softcap,
-        teacher_logit_scale=t_scale, teacher_softcap=t_softcap, **options)
+    return dict(hidden=hidden, weight=weight, teacher_hidden=t_hidden.to(device), teacher_weight=t_weight.to(device),
+                bias=bias, teacher_bias=None if t_bias is None else t_bias.to(device), logit_scale=scale,
+                softcap=softcap, teacher_logit_scale=t_scale, teacher_softcap=t_softcap)
+
+
+def head_divergence(student: tuple, teacher: tuple, **options):
+    """:func:`fastalign.linear_divergence_loss` of two :func:`predicting_head` tuples (:func:`head_pair`);
+    ``options``: the loss's own (``beta``, ``temperature``, ``response_mask``, ...)."""
+    return linear_divergence_loss(**head_pair(student, teacher), **options)
 
 
 def teacher_divergence(trainer, model, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,

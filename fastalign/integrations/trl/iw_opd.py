@@ -14,8 +14,8 @@ when given (divided by as it is, as TRL), else the local token count (at least 1
 logits, the same loss is :class:`fastalign.LinearPolicyLoss` with ``loss_type="reinforce"`` and the advantages of
 :func:`fastalign.iw_opd_advantages` (``agg="token-mean"``, ``global_tokens=n``).
 ``gamma`` and ``eps`` are ``IWOPDConfig.iw_opd_gamma`` and ``iw_opd_epsilon``; a config whose
-``distillation_objective`` is not ``"iw_opd"`` (TRL's JSD objectives: :func:`fastalign.linear_divergence_loss`) is
-refused.
+``distillation_objective`` is not ``"iw_opd"`` (TRL's JSD objective:
+:class:`~fastalign.integrations.trl.IWOPDJSDLoss`) is refused.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class IWOPDLoss(nn.Module):
         c = read_fields(config, IW_OPD_DEFAULTS, "IWOPDConfig")
         if c["distillation_objective"] != "iw_opd":
             raise ValueError(f"IWOPDConfig.distillation_objective={c['distillation_objective']!r}: IWOPDLoss is the "
-                             "'iw_opd' objective; the generalized JSD is fastalign.linear_divergence_loss")
+                             "'iw_opd' objective; the 'jsd' one is IWOPDJSDLoss")
         self.gamma = _validate.finite_number("IWOPDConfig.iw_opd_gamma", c["iw_opd_gamma"])
         self.eps = _validate.positive("IWOPDConfig.iw_opd_epsilon", c["iw_opd_epsilon"])
 

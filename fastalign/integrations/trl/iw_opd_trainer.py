@@ -13,18 +13,19 @@ batch's earliest completion start, as TRL:
   ``temperature`` (only those tokens go through the vocabulary), then
   :class:`~fastalign.integrations.trl.IWOPDLoss` (REINFORCE with :func:`fastalign.iw_opd_advantages`, the
   rollout log-probs of the batch when cached), its ``iw_opd/*`` metrics logged as TRL logs them;
-* ``distillation_objective="jsd"`` with ``loss_top_k=0``: the generalized JSD at ``beta`` and ``temperature``
-  over the full vocabulary (:func:`fastalign.linear_divergence_loss`), neither model's logits built.
+* ``distillation_objective="jsd"``: :class:`~fastalign.integrations.trl.IWOPDJSDLoss`, the generalized JSD at
+  ``beta`` and ``temperature`` over the full vocabulary (``loss_top_k=0``, :func:`fastalign.linear_divergence_loss`)
+  or over each token's top-k support (the teacher's, the student's or their union by ``beta``; the top-1 pair with
+  the sampled or the student's argmax token; renormalised or with ``loss_add_tail``'s tail bucket), both models'
+  log-probs there from :func:`fastalign.linear_topk_logprobs`; neither model's logits built.
 
 Either is divided by ``num_items_in_batch`` when ``Trainer`` passes it, else by the valid-token count (at
 least 1). Generation (``lmbda``), buffering across gradient accumulation and the completion metrics stay TRL's.
 
 Refused at construction, each naming the field: ``use_teacher_server`` (the server returns per-token log-probs
-for TRL's own path), a JSD objective with ``loss_top_k > 0`` (a top-k support renormalised per row, with a tail
-bucket: no fused form; set ``loss_top_k=0`` for the full vocabulary), ``use_liger_kernel``, vision-language
-models, PEFT prompt learning, an architecture without a known head transform and a float64 student or teacher.
-``compute_loss(..., return_outputs=True)`` runs one more student forward without gradients for the outputs,
-with a warning.
+for TRL's own path), ``use_liger_kernel``, vision-language models, PEFT prompt learning, an architecture without
+a known head transform and a float64 student or teacher. ``compute_loss(..., return_outputs=True)`` runs one more
+student forward without gradients for the outputs, with a warning.
 """
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ from torch import Tensor
 from trl.experimental.iw_opd import IWOPDTrainer as _TRLIWOPDTrainer
 
 from fastalign.integrations.trl._checks import check_config, check_model, check_teacher, init_checked
-from fastalign.integrations.trl._head import install_head, loss_and_outputs, teacher_divergence
+from fastalign.integrations.trl._head import head_pair, install_head, loss_and_outputs, predicting_head
 from fastalign.integrations.trl.iw_opd import IWOPDLoss
+from fastalign.integrations.trl.iw_opd_jsd import IWOPDJSDLoss
 
 __all__ = ["IWOPDTrainer"]
 
@@ -46,9 +48,6 @@ def _check_iw_opd_config(args) -> None:
     if args.use_teacher_server:
         raise ValueError("IWOPDConfig.use_teacher_server: the fastalign IWOPDTrainer scores a local teacher_model "
                          "from its hidden states; the teacher server's top-k log-probs are TRL's own path")
-    if args.distillation_objective == "jsd" and args.loss_top_k > 0:
-        raise ValueError(f"IWOPDConfig.loss_top_k={args.loss_top_k}: a top-k support renormalised per token has no "
-                         "fused form; set loss_top_k=0 (the generalized JSD over the full vocabulary)")
 
 
 class IWOPDTrainer(_TRLIWOPDTrainer):
@@ -60,7 +59,8 @@ class IWOPDTrainer(_TRLIWOPDTrainer):
         check_model(self, "IWOPDConfig")
         install_head(self.accelerator.unwrap_model(self.model))
         check_teacher(self, self.teacher_model)
-        self._iw_opd_loss = IWOPDLoss(self.args) if self.distillation_objective == "iw_opd" else None
+        jsd = self.distillation_objective == "jsd"
+        self._iw_opd_loss = IWOPDJSDLoss(self.args) if jsd else IWOPDLoss(self.args)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._raise_if_local_teacher_tokenizer_mismatch()
@@ -100,5 +100,9 @@ class IWOPDTrainer(_TRLIWOPDTrainer):
         return loss
 
     def _jsd(self, model, ids, attention, labels, num_items_in_batch) -> Tensor:
-        return teacher_divergence(self, model, ids, attention, labels[:, 1:] != -100, num_items_in_batch,
-                                  beta=self.beta, temperature=self.temperature)
+        student = predicting_head(self, model, ids, attention)
+        self.teacher_model.eval()
+        with torch.no_grad():
+            teacher = predicting_head(self, self.teacher_model, ids, attention)
+        return self._iw_opd_loss.linear(**head_pair(student, teacher), completion_ids=ids[:, 1:],
+                                        loss_mask=labels[:, 1:] != -100, num_items_in_batch=num_items_in_batch)

@@ -30,7 +30,6 @@ neither are built: ``full_logits`` is :func:`fastalign.linear_divergence_loss` w
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Optional
 
 import torch
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 
 from fastalign import _validate
 from fastalign.integrations.trl._config import read_fields
+from fastalign.integrations.trl._support import on_support, support_divergence
 from fastalign.linear import linear_logprobs
 from fastalign.linear_divergence import linear_divergence_loss
 from fastalign.linear_topk import linear_topk_logprobs
@@ -51,25 +51,6 @@ SDFT_DEFAULTS: Dict[str, Any] = dict(temperature=1.0, distillation_mode="topk_lo
                                      distillation_is_clip=2.0, distillation_topk=100, distillation_add_tail=False)
 _MODES = ("sampled_token", "full_logits", "topk_logits")
 _METRIC = "self_distillation/distillation_loss"
-
-
-def _tail_bucket(logprobs: Tensor) -> Tensor:
-    """``[..., K]`` log-probs of a support and one more category for the rest of the mass, as TRL's
-    ``add_tail_bucket``: ``log(1 - exp(min(logsumexp(lp), -1e-7)))``."""
-    captured = torch.logsumexp(logprobs, -1, keepdim=True).clamp(max=-1e-7)
-    return torch.cat([logprobs, torch.log(-torch.expm1(captured))], -1)
-
-
-def support_divergence(student: Tensor, teacher: Tensor, alpha: float) -> Tensor:
-    r"""The generalized JSD over the last dimension of two log-prob tensors ``[..., K]`` (each summing to 1 in
-    probability): ``KL(t || s)`` at ``alpha = 0``, ``KL(s || t)`` at 1, else with ``log m = logsumexp(s + log(1 -
-    alpha), t + log alpha)``, ``(1 - alpha) KL(s || m) + alpha KL(t || m)`` (TRL's ``compute_divergence``)."""
-    if alpha == 0.0:
-        return (teacher.exp() * (teacher - student)).sum(-1)
-    if alpha == 1.0:
-        return (student.exp() * (student - teacher)).sum(-1)
-    mixture = torch.logaddexp(student + math.log1p(-alpha), teacher + math.log(alpha))
-    return ((1.0 - alpha) * student.exp() * (student - mixture) + alpha * teacher.exp() * (teacher - mixture)).sum(-1)
 
 
 def _clipped_ratio(logprobs: Tensor, old_logprobs: Tensor, clip: float) -> Tensor:
@@ -179,9 +160,5 @@ class SelfDistillationLoss(nn.Module):
         with torch.no_grad():
             t = linear_topk_logprobs(teacher_hidden, teacher_weight, ids=s.ids, bias=teacher_bias, **pipeline,
                                      **teacher).logprobs
-        if self.add_tail:
-            s_lp, t_lp = _tail_bucket(s.logprobs), _tail_bucket(t)
-        else:
-            s_lp = s.logprobs - torch.logsumexp(s.logprobs, -1, keepdim=True)
-            t_lp = t - torch.logsumexp(t, -1, keepdim=True)
-        return support_divergence(s_lp, t_lp, self.alpha)
+        return support_divergence(on_support(s.logprobs, None, self.add_tail)[0], on_support(t, None, self.add_tail)[0],
+                                  self.alpha)

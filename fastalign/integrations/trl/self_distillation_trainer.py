@@ -40,7 +40,7 @@ from trl.experimental.sdft import SDFTTrainer as _TRLSDFTTrainer
 from trl.experimental.sdpo import SDPOTrainer as _TRLSDPOTrainer
 
 from fastalign.integrations.trl._checks import check_config, check_model, init_checked
-from fastalign.integrations.trl._head import install_head, predicting_head
+from fastalign.integrations.trl._head import head_pair, install_head, predicting_head
 from fastalign.integrations.trl.grpo import grpo_policy_config
 from fastalign.integrations.trl.self_distillation import SelfDistillationLoss
 from fastalign.linear import linear_logprobs
@@ -95,16 +95,12 @@ class _FusedSelfDistillation:
         return (hidden[:, -keep:], *head)
 
     def _distillation_loss(self, model, inputs, student: tuple, teacher: tuple) -> Tensor:
-        hidden, weight, bias, scale, softcap = student
-        t_hidden, t_weight, t_bias, t_scale, t_softcap = teacher
         loss_mask = inputs["completion_mask"]
         if inputs.get("self_distillation_mask") is not None:
             loss_mask = loss_mask * inputs["self_distillation_mask"].unsqueeze(1)
-        device = hidden.device
         loss, metrics = SelfDistillationLoss(self.args).linear(
-            hidden, weight, t_hidden.to(device), t_weight.to(device), inputs["completion_ids"], loss_mask,
-            inputs.get("old_per_token_logps"), bias=bias, teacher_bias=None if t_bias is None else t_bias.to(device),
-            logit_scale=scale, softcap=softcap, teacher_logit_scale=t_scale, teacher_softcap=t_softcap)
+            **head_pair(student, teacher), completion_ids=inputs["completion_ids"], loss_mask=loss_mask,
+            old_logprobs=inputs.get("old_per_token_logps"))
         mode = "train" if model.training else "eval"
         value = metrics["self_distillation/distillation_loss"]
         self._log_self_distillation_metric(mode, self.accelerator.gather(value.detach()).mean().item())
