@@ -318,6 +318,19 @@ def test_linear_cross_entropy_case_implementations_agree():
             torch.testing.assert_close(value, losses["eager"], rtol=1e-5, atol=1e-6, msg=lambda m: f"{impl}: {m}")
 
 
+def test_linear_topk_case_implementations_agree():
+    """The top-k distillation case's implementations compute one loss, forward and with their backward (a tiny
+    shape; linear_topk_logprobs is tested against float64 and TRL elsewhere)."""
+    from fastalign.bench.cases.linear_topk import _make_build
+
+    for mode in ("fwd", "fwd+bwd"):
+        losses = {impl: step().detach() for impl, step in _make_build(64, 16, 24, 97, torch.float32, k=7)(
+            torch.device("cpu"), mode).items() if step is not None}
+        assert {"fastalign", "eager"} <= set(losses)
+        for impl, value in losses.items():
+            torch.testing.assert_close(value, losses["eager"], rtol=1e-5, atol=1e-6, msg=lambda m: f"{impl}: {m}")
+
+
 # ----------------------------------------------------------------------------- the command line
 
 

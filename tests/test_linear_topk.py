@@ -160,6 +160,16 @@ def test_rows_of_any_leading_shape_and_none_at_all():
     assert (none_scored.logprobs == 0).all()
 
 
+def test_no_second_derivative():
+    """The gradients are computed block by block without a graph: differentiating them again raises."""
+    h, w, b = _head(seed=15)
+    x = h.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        (g,) = torch.autograd.grad(fastalign.linear_topk_logprobs(x, w, 3, bias=b).logprobs.sum(), x,
+                                   create_graph=True)
+        torch.autograd.grad((g * g).sum(), x)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(), ValueError, "exactly one of k"),
     (dict(k=2, ids=torch.zeros(B, T, 2, dtype=torch.int64)), ValueError, "exactly one of k"),

@@ -73,6 +73,41 @@ def random_head(g: torch.Generator, rows: tuple, H: int, V: int, dtype: torch.dt
     return hidden, weight
 
 
+#: (tokens, student hidden, vocabulary, dtype, quick) of the student-teacher cases (the teacher 1.5x wider)
+STUDENT_TEACHER_SHAPES = [(512, 512, 32000, "fp32", True), (2048, 1024, 32000, "fp32", False),
+                          (8192, 4096, 151936, "bf16", False)]
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def student_teacher_cases(op: str, make_build: Callable, impls: tuple, backward_products: int, backward: str,
+                          label: str = "", params: Optional[dict] = None, warmup_options: Optional[dict] = None):
+    """The cases of a loss between a student's head and a wider teacher's over :data:`STUDENT_TEACHER_SHAPES`,
+    an eighth of the tokens unscored: ``make_build(N, H, H_t, V, dtype, **options)`` builds the steps;
+    ``backward_products`` is the backward's ``n x H x V`` products (of two FLOPs each) past the forward's logits,
+    ``backward`` what they are."""
+    out = []
+    for N, H, V, dt, quick in STUDENT_TEACHER_SHAPES:
+        Ht, dtype = H * 3 // 2, _DTYPES[dt]
+        elem = torch.empty((), dtype=dtype).element_size()
+        n = N - N // 8
+        f = 2 * n * (H + Ht) * V  # both heads' logits over the scored tokens
+        out.append(Case(
+            op=op,
+            label=f"{N}x{H}/{Ht}x{V} {dt}{label}",
+            params={"tokens": N, "hidden": H, "teacher_hidden": Ht, "vocab": V, "dtype": dt, **(params or {}),
+                    "model": (f"fwd 2*n*(H+H_t)*V = {f / 1e12:.2f} TFLOP over the n = 7N/8 scored tokens; fwd+bwd "
+                              f"adds {2 * backward_products}*n*H*V ({backward})")},
+            build=make_build(N, H, Ht, V, dtype),
+            quick=quick,
+            warmup=make_build(8, 16, 24, 64, dtype, **(warmup_options or {})),
+            impls=impls,
+            bytes_moved=lambda mode, b=(N * (H + Ht) + V * (H + Ht)) * elem: b if mode == "fwd" else 2 * b,
+            flops=lambda mode, f=f, g=2 * backward_products * n * H * V: f if mode == "fwd" else f + g,
+            required_bytes=lambda mode, b=(N + V) * H * elem: 0 if mode == "fwd" else b,
+        ))
+    return out
+
+
 def grad_step(fn: Optional[Callable], leaves, backward: bool, loss: Optional[Callable] = None) -> Optional[Step]:
     """A step running ``fn(*leaves)`` on fresh leaf copies; with ``backward`` also differentiates
     ``loss(output)`` (the output itself by default) with respect to them. None when ``fn`` is."""

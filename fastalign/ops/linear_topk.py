@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastalign.ops._launch import refuse_second_derivative
 from fastalign.ops.linear_block import row_blocks
 from fastalign.ops.linear_cpu import chunk_grad_to_inputs, chunk_logits, softcap_derivative
 from fastalign.ops.single_pass import block_budget_rows
@@ -84,6 +85,7 @@ class TopKLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp: Tensor, _g_ids):
+        refuse_second_derivative("top-k log-probs")
         hidden, weight, bias, support, shift, lse, rows = ctx.saved_tensors
         scale, softcap, inv_t = ctx.options
         need_h, need_w, need_b = ctx.needs_input_grad[:3]

@@ -15,10 +15,9 @@ import math
 import torch
 
 import fastalign
-from fastalign.bench.core import Case, grad_step, random_head
+from fastalign.bench.core import grad_step, random_head, student_teacher_cases
 from fastalign.bench.optional import optional_impl
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BETA = 0.5
 
 
@@ -62,25 +61,5 @@ def _make_build(N, H, Ht, V, dtype):
 
 
 def cases():
-    out = []
-    for N, H, V, dt, quick in [(512, 512, 32000, "fp32", True), (2048, 1024, 32000, "fp32", False),
-                               (8192, 4096, 151936, "bf16", False)]:
-        Ht = H * 3 // 2
-        elem = torch.empty((), dtype=DTYPES[dt]).element_size()
-        n = N - N // 8
-        f = 2 * n * (H + Ht) * V  # both heads' logits over the scored tokens
-        out.append(Case(
-            op="linear_divergence",
-            label=f"{N}x{H}/{Ht}x{V} {dt}",
-            params={"tokens": N, "hidden": H, "teacher_hidden": Ht, "vocab": V, "dtype": dt,
-                    "model": (f"fwd 2*n*(H+H_t)*V = {f / 1e12:.2f} TFLOP over the n = 7N/8 scored tokens; fwd+bwd "
-                              "adds 4*n*H*V (d hidden, d weight of the student)")},
-            build=_make_build(N, H, Ht, V, DTYPES[dt]),
-            quick=quick,
-            warmup=_make_build(8, 16, 24, 64, DTYPES[dt]),
-            impls=("fastalign", "trl", "liger", "eager"),
-            bytes_moved=lambda mode, b=(N * (H + Ht) + V * (H + Ht)) * elem: b if mode == "fwd" else 2 * b,
-            flops=lambda mode, f=f, g=4 * n * H * V: f if mode == "fwd" else f + g,
-            required_bytes=lambda mode, b=(N + V) * H * elem: 0 if mode == "fwd" else b,
-        ))
-    return out
+    return student_teacher_cases("linear_divergence", _make_build, ("fastalign", "trl", "liger", "eager"), 2,
+                                 "d hidden, d weight of the student")
