@@ -11,6 +11,7 @@ kernel, which skips unscored positions, runs on GPUs only). Not part of the test
     python benchmarks/trl_peak_memory.py --vocab 131072 --completion-length 256 \
         [--trainer sft|dpo|grpo|rloo|gkd|gold|online_dpo|a2po|iw_opd|sdpo|sdft]
         [--distillation-mode full_logits|topk_logits|sampled_token]   (SDPO, SDFT)
+        [--iw-opd-jsd-top-k K]   (IW-OPD: the JSD objective, beta 0.5, over a top-k support; 0 the vocabulary)
 
 ``--batch`` completions per step: SFT texts, DPO pairs (chosen and rejected), GRPO / RLOO / SDPO / SDFT samples of
 one prompt, Online DPO prompts (two samples each), A*-PO prompts (one sample each; its first stage samples two
@@ -147,8 +148,10 @@ def _iw_opd(trl, cls, checkpoint, tokenizer, common, opts):  # batch on-policy s
     # a dataset completion of the sampled length: TRL divides by the dataset batch's completion-token count
     completion = " ".join(f"w{j + 3}" for j in range(opts.completion_length))
     messages = [[{"role": "user", "content": p}, {"role": "assistant", "content": completion}] for p in _prompts(opts)]
+    jsd = {} if opts.iw_opd_jsd_top_k is None else dict(distillation_objective="jsd", beta=0.5,
+                                                        loss_top_k=opts.iw_opd_jsd_top_k)
     args = IWOPDConfig(max_completion_length=opts.completion_length, max_length=opts.completion_length + 24,
-                       **common)
+                       **jsd, **common)
     return cls(model=checkpoint, teacher_model=_teacher(checkpoint), args=args,
                train_dataset=datasets_from({"messages": messages}), processing_class=tokenizer)
 
@@ -225,6 +228,9 @@ def main():
     parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient (adds a reference model)")
     parser.add_argument("--distillation-mode", choices=["full_logits", "topk_logits", "sampled_token"],
                         default="full_logits", help="SDPO / SDFT: the distillation loss")
+    parser.add_argument("--iw-opd-jsd-top-k", type=int, metavar="K",
+                        help="IW-OPD: the JSD objective (beta 0.5) over a top-k support of K (0: the vocabulary); "
+                             "default the IW-OPD objective")
     parser.add_argument("--child", choices=["trl", "fastalign"], help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -241,6 +247,8 @@ def main():
                    "--hidden", str(opts.hidden), "--batch", str(opts.batch),
                    "--completion-length", str(opts.completion_length), "--beta", str(opts.beta),
                    "--trainer", opts.trainer, "--distillation-mode", opts.distillation_mode]
+            if opts.iw_opd_jsd_top_k is not None:
+                cmd += ["--iw-opd-jsd-top-k", str(opts.iw_opd_jsd_top_k)]
             env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             results[which] = json.loads(out.strip().splitlines()[-1])
@@ -250,6 +258,8 @@ def main():
     rows = f"{opts.batch} {'pairs' if opts.trainer == 'dpo' else 'prompts'} x 2" if per_row == 2 else \
         f"{opts.batch} completions"
     mode = f" ({opts.distillation_mode})" if opts.trainer in ("sdpo", "sdft") else ""
+    if opts.trainer == "iw_opd" and opts.iw_opd_jsd_top_k is not None:
+        mode = f" (jsd, loss_top_k={opts.iw_opd_jsd_top_k})"
     print(f"one {opts.trainer.upper()} step{mode}, V={opts.vocab}, hidden={opts.hidden}, {rows} x {opts.completion_length} "
           f"tokens ({tokens} scored tokens; full fp32 logits would be {tokens * opts.vocab * 4 / 2**20:.0f} MiB)")
     print(f"{'trainer':<10} {'peak RSS':>10} {'before train':>13} {'step peak':>10} {'train()':>9} {'loss':>12}")

@@ -50,8 +50,8 @@ def linear_topk_logprobs(hidden: Tensor, weight: Tensor, k: Optional[int] = None
             top-k, say). An id outside the vocabulary gives a NaN log-prob and no gradient.
         bias: optional ``[V]``.
         response_mask: optional, shaped like ``hidden.shape[:-1]``: only its rows go through the vocabulary
-            (found on the host for CPU tensors; on a GPU every row runs, the others' hidden states as 0); the
-            others give log-probs 0, ids 0 (or the ids given) and no gradient.
+            (found on the host for eager CPU tensors; on a GPU and under torch.compile every row runs, the others'
+            hidden states as 0); the others give log-probs 0, ids 0 (or the ids given) and no gradient.
         temperature, softcap, logit_scale: the logit pipeline (``softcap=None`` is off).
 
     Returns:
