@@ -12,10 +12,10 @@ and in backward, the block's logits recomputed, with ``g = d loss / d lp``:
     dh  = dz' @ W,   dW += dz'.T @ h,   db += sum_rows dz'        (dz' = dz through the pipeline)
 
 The selection is a constant of the backward, as ``torch.topk``'s. Only the rows asked for go through the
-vocabulary and no block's logits outlive it (``FASTALIGN_BLOCK_MIB``: two fp32 tiles of ``[rows, V]`` with the
-softcap derivative, one without). The products run in the inputs' dtype on a GPU (fp32 accumulation, fp32
-logits) and through fp32 copies on the CPU, as the two passes of ``linear_logprobs`` do; the top-k and the
-log-sum-exp are ``torch.topk`` and ``torch.logsumexp`` on the block.
+vocabulary and no block's logits outlive it (``FASTALIGN_BLOCK_MIB`` over the block's ``[rows, V]`` tiles: the
+fp32 logits, the softcap derivative, a half-precision copy of d(logits) on a GPU). The products run in the
+inputs' dtype on a GPU (fp32 accumulation, fp32 logits) and through fp32 copies on the CPU, as the two passes of
+``linear_logprobs`` do; the top-k and the log-sum-exp are ``torch.topk`` and ``torch.logsumexp`` on the block.
 """
 from __future__ import annotations
 
@@ -31,7 +31,10 @@ from fastalign.ops.single_pass import block_budget_rows
 
 
 def _block_rows(weight: Tensor, softcap: float) -> int:
-    return block_budget_rows(weight.shape[0], weight.new_empty(0, dtype=torch.float32), tiles=2 if softcap else 1)
+    """Rows per block: the block budget over the fp32 ``[rows, V]`` tiles a block holds (the logits; the softcap
+    derivative; on a GPU, d(logits) in a half-precision head's dtype for the products)."""
+    tiles = 1 + (softcap > 0) + (0.5 if weight.is_cuda and weight.dtype != torch.float32 else 0)
+    return block_budget_rows(weight.shape[0], weight.new_empty(0, dtype=torch.float32), tiles=tiles)
 
 
 def _operand(t: Optional[Tensor]) -> Optional[Tensor]:
