@@ -72,6 +72,19 @@ def _():
     assert torch.isfinite(w.grad).all() and torch.isfinite(h.grad).all()
 
 
+@op("linear_topk_logprobs")
+def _():
+    h = torch.randn(B, T, H, requires_grad=True)
+    w = torch.randn(V, H, requires_grad=True)
+    top = fa.linear_topk_logprobs(h, w, 3, response_mask=mask)
+    top.logprobs.sum().backward()
+    want, ids = ref.linear.linear_topk_logprobs(h.detach(), w.detach(), 3, dtype=torch.float64)
+    keep = mask != 0
+    assert torch.equal(top.ids[keep], ids[keep])
+    close(top.logprobs[keep], want[keep], "linear_topk_logprobs")
+    assert torch.isfinite(w.grad).all() and torch.isfinite(h.grad).all()
+
+
 lp = (torch.randn(B, T) - 2).requires_grad_()
 old, refl = lp.detach() + 0.1 * torch.randn(B, T), lp.detach() + 0.1 * torch.randn(B, T)
 adv = torch.randn(B, 1).expand(B, T)
@@ -249,7 +262,9 @@ def _():
     assert "error" not in report["compiled"], report["compiled"]
 
 
-public = {n for n in fa.__all__ if n not in ("TokenStats", "SequenceLogprobs", "POLICY_LOSS_TYPES", "PREFERENCE_LOSS_TYPES", "use_backend")}
+public = {n for n in fa.__all__
+          if n not in ("TokenStats", "SequenceLogprobs", "TopKSupport", "POLICY_LOSS_TYPES", "PREFERENCE_LOSS_TYPES",
+                       "use_backend")}
 missing = sorted(public - set(ran))
 assert not missing, f"public ops not run: {missing}"
 print(f"ran {len(ran)} public ops from {here}: {', '.join(ran)}")
