@@ -399,27 +399,75 @@ def test_unknown_architecture_with_stated_head_transform(monkeypatch):
         hf.register_head_transform("mine", softcap=0.0)
 
 
-#: Architectures listed with a plain head (logits = lm_head(h)), each checked against its own logits below.
-PLAIN_ARCHS = ["gpt2", "gpt_neox", "opt", "phi", "phimoe", "olmo", "olmo3", "olmoe", "smollm3", "gpt_oss", "stablelm",
-               "glm", "glm4", "exaone4", "seed_oss", "nemotron", "ministral", "helium", "internlm3", "persimmon",
-               "jetmoe", "mpt", "bloom", "olmo2", "starcoder2", "mixtral", "qwen2_moe"]
 _SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, n_embd=32, n_layer=2, n_head=4, d_model=32, ffn_dim=64,
               max_position_embeddings=64, n_positions=64, word_embed_proj_dim=32, pad_token_id=0,
               moe_intermediate_size=16, num_experts=4, num_local_experts=4, num_experts_per_tok=2)
+#: DeepSeek-style latent attention (as many key/value heads as query heads).
+_MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, qk_head_dim=16,
+            n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+            num_key_value_heads=4)
+#: Gated DeltaNet layers beside attention (Qwen3-Next, Qwen3.5).
+_DELTANET = dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], linear_key_head_dim=8,
+                 linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4)
+#: Gemma 3n / 4 layers: one sliding-window and one global.
+_PER_LAYER = dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4, vocab_size_per_layer_input=V,
+                  num_kv_shared_layers=0)
+
+#: Architectures listed with a plain head (logits = lm_head(h)) -> the config fields of a tiny model beside
+#: _SMALL; each checked against its own logits, and for packed rows, below.
+PLAIN_ARCHS = {
+    **{arch: {} for arch in (
+        "mistral", "qwen3", "qwen3_moe", "phi3", "gemma", "gpt2", "gpt_neox", "opt", "phi", "phimoe", "olmo", "olmo3",
+        "olmoe", "smollm3", "gpt_oss", "stablelm", "glm", "glm4", "exaone4", "seed_oss", "nemotron", "ministral",
+        "helium", "internlm3", "persimmon", "jetmoe", "mpt", "bloom", "olmo2", "starcoder2", "mixtral", "qwen2_moe",
+        "deepseek_v4", "glm4_moe", "ministral3", "ernie4_5", "ernie4_5_moe", "exaone_moe", "hunyuan_v1_dense",
+        "hunyuan_v1_moe", "minimax_m2", "mimo_v2_flash", "solar_open", "apertus", "arcee", "bitnet", "cwm", "diffllama",
+        "doge", "flex_olmo", "jais2", "mellum", "gpt_bigcode", "gpt_neo", "mamba", "falcon_mamba", "nemotron_h")},
+    **{arch: _MLA for arch in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa",
+                               "longcat_flash")},
+    **{arch: _DELTANET for arch in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")},
+    "llama4_text": dict(intermediate_size_mlp=64, num_local_experts=2),
+    "lfm2": dict(num_hidden_layers=2, layer_types=["conv", "full_attention"]),
+    "mamba2": dict(num_heads=4, head_dim=16, n_groups=1),
+}
+#: Architectures whose head transforms its logits -> (the config fields of a tiny model, the transform's own field
+#: off its default, and the (logit_scale, softcap) expected).
+TRANSFORM_ARCHS = {
+    "gemma3n_text": (dict(_PER_LAYER, final_logit_softcapping=3.0, hidden_size_per_layer_input=8,
+                          activation_sparsity_pattern=[0.0, 0.0], laurel_rank=4, altup_num_inputs=2), (1.0, 3.0)),
+    "gemma4_text": (dict(_PER_LAYER, final_logit_softcapping=3.0, hidden_size_per_layer_input=0, global_head_dim=8),
+                    (1.0, 3.0)),
+    "vaultgemma": (dict(final_logit_softcapping=3.0), (1.0, 3.0)),
+    "nanochat": (dict(final_logit_softcapping=3.0), (1.0, 3.0)),
+    **{arch: (dict(logit_scale=0.4), (0.4, None)) for arch in ("cohere2", "cohere2_moe")},
+    **{arch: (dict(logits_scaling=2.5), (0.4, None)) for arch in ("granitemoe", "granitemoeshared", "granite_swa",
+                                                                  "granitemoe_swa")},
+    "hyperclovax": (dict(logits_scaling=2.5), (2.5, None)),
+    "falcon_h1": (dict(lm_head_multiplier=0.5), (0.5, None)),
+}
+#: Listed bodies that carry a recurrent state (state-space, linear-attention or convolution layers): their packed
+#: rows raise. Every other listed body splits packed rows at restarting position ids.
+RECURRENT_ARCHS = {"mamba", "mamba2", "falcon_mamba", "nemotron_h", "lfm2", "qwen3_next", "qwen3_5_text",
+                   "qwen3_5_moe_text", "falcon_h1"}
 
 
-@pytest.mark.parametrize("arch", PLAIN_ARCHS)
-def test_plain_head_architectures_match_their_own_logits(arch):
-    assert head_transform(transformers.AutoConfig.for_model(arch)) == (1.0, None)
-    config = transformers.AutoConfig.for_model(arch)
-    for k, v in _SMALL.items():
-        if hasattr(config, k):
-            setattr(config, k, v)
-    torch.manual_seed(0)
+def _auto_model(arch, seed=0, **extra):
+    """A tiny model of any listed architecture from its AutoConfig: the sizes of _SMALL where its config has them,
+    and ``extra``, given to the config's constructor (so the fields derived from them follow)."""
+    fields = transformers.AutoConfig.for_model(arch).to_dict()
+    config = transformers.AutoConfig.for_model(arch, **{**{k: v for k, v in _SMALL.items() if k in fields}, **extra})
+    torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
     with torch.no_grad():
         model.get_output_embeddings().weight.normal_(0, 1.0)
+    return model
+
+
+def _check_own_logits_and_packed_rows(arch, model, transform):
+    """The model's padded rows score as its own logits; its packed rows raise where its body is recurrent (or does
+    not split them) and otherwise score each sequence as its own run."""
+    assert head_transform(model.config) == pytest.approx(transform)
     input_ids, attention_mask, labels = batch(seed=3)
     with torch.no_grad():
         ref_lp, ref_ent = reference(model, input_ids, attention_mask)
@@ -427,6 +475,33 @@ def test_plain_head_architectures_match_their_own_logits(arch):
     scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
     check(stats.logprobs, ref_lp, scored, 1e-4)
     check(stats.entropy, ref_ent, scored, 1e-4)
+    seqs, input_ids, position_ids = _packed_row([4, 5, 3])
+    with torch.no_grad():
+        if arch in RECURRENT_ARCHS or arch in UNSPLIT_ARCHS:
+            with pytest.raises(ValueError, match=f"position_ids restart .*model_type '{arch}'"):
+                causal_lm_logprobs(model, input_ids, position_ids=position_ids)
+            return
+        got = causal_lm_logprobs(model, input_ids, position_ids=position_ids).logprobs
+        torch.testing.assert_close(got.double(), _separately(model, seqs), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", list(PLAIN_ARCHS))
+def test_plain_head_architectures_match_their_own_logits(arch):
+    _check_own_logits_and_packed_rows(arch, _auto_model(arch, **PLAIN_ARCHS[arch]), (1.0, None))
+
+
+@pytest.mark.parametrize("arch", list(TRANSFORM_ARCHS))
+def test_head_transform_architectures_match_their_own_logits(arch):
+    """Each transform's field is set off its default (1.0 or off), so a transform read wrongly, or a plain head
+    assumed, fails."""
+    fields, transform = TRANSFORM_ARCHS[arch]
+    _check_own_logits_and_packed_rows(arch, _auto_model(arch, **fields), transform)
+
+
+def test_every_listed_architecture_is_checked_against_its_own_logits():
+    """A model_type added to the table without a tiny model of it here fails (remote-code configs aside)."""
+    checked = set(PLAIN_ARCHS) | set(TRANSFORM_ARCHS) | set(ARCHS) | set(UNSPLIT_ARCHS)
+    assert set(HEAD_TRANSFORMS) - checked == {"gemma3_text"}  # ARCHS["gemma3"]
 
 
 def test_mpt_logit_scale_is_read_as_its_model_applies_it():
@@ -542,19 +617,6 @@ def test_triton_backend_forward_and_gradient():
     torch.testing.assert_close(stats.entropy, expected.entropy, atol=1e-5, rtol=0)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
-
-
-def _auto_model(arch, seed=0, **extra):
-    """A tiny model of any listed architecture from its AutoConfig (the sizes of _SMALL where it has them)."""
-    config = transformers.AutoConfig.for_model(arch)
-    for k, v in {**_SMALL, **extra}.items():
-        if hasattr(config, k) or k in extra:
-            setattr(config, k, v)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    with torch.no_grad():
-        model.get_output_embeddings().weight.normal_(0, 1.0)
-    return model
 
 
 #: Bodies that do not split packed rows: opt and gpt_oss build their causal mask without the position ids, bloom

@@ -9,15 +9,21 @@ The head transform each supported architecture applies between the last hidden s
 ``h`` and its logits, as ``(logit_scale, softcap)`` of :func:`fastalign.linear_logprobs`
 (``z = softcap * tanh(logit_scale * (h @ W.T + b) / softcap)``):
 
-=========================================================  ==================================
-``config.model_type``                                       head transform
-=========================================================  ==================================
-llama, mistral, mixtral, qwen2, qwen2_moe, qwen3,          none (``logits = lm_head(h)``)
-qwen3_moe, phi3, gemma, olmo2, starcoder2, deepseek_v3
-gemma2, gemma3_text                                        ``softcap = final_logit_softcapping``
-cohere, cohere2                                            ``logit_scale = config.logit_scale``
-granite, granitemoe, granitemoeshared, granitemoehybrid    ``logit_scale = 1 / logits_scaling``
-=========================================================  ==================================
+=============================================================  ===========================================
+``config.model_type``                                           head transform
+=============================================================  ===========================================
+llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe,   none (``logits = lm_head(h)``)
+qwen3_next, qwen3_5_text, qwen3_5_moe_text, phi3, gemma,
+olmo2, starcoder2, deepseek_v2, deepseek_v3, deepseek_v32,
+glm4_moe, llama4_text, ernie4_5, ... (:data:`_PLAIN_HEAD`)
+gemma2, gemma3_text, gemma3n_text, gemma4_text, vaultgemma,    ``softcap = final_logit_softcapping``
+nanochat
+cohere, cohere2, cohere2_moe                                    ``logit_scale = config.logit_scale``
+granite, granitemoe, granitemoeshared, granitemoehybrid,       ``logit_scale = 1 / logits_scaling``
+granite_swa, granitemoe_swa
+hyperclovax                                                     ``logit_scale = logits_scaling``
+falcon_h1                                                       ``logit_scale = lm_head_multiplier``
+=============================================================  ===========================================
 
 Any other architecture raises unless the caller states its head transform with
 ``logit_scale=`` and ``softcap=`` (a wrong transform would be a silently wrong number).
@@ -42,6 +48,11 @@ _PLAIN_HEAD = (
     "starcoder2", "deepseek_v3", "gpt2", "gpt_neox", "opt", "phi", "phimoe", "olmo", "olmo3", "olmoe", "smollm3",
     "gpt_oss", "stablelm", "glm", "glm4", "exaone4", "seed_oss", "nemotron", "ministral", "helium", "internlm3",
     "persimmon", "jetmoe", "bloom",
+    "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "deepseek_v2", "deepseek_v32", "deepseek_v4", "glm4_moe",
+    "glm4_moe_lite", "glm_moe_dsa", "llama4_text", "ministral3", "ernie4_5", "ernie4_5_moe", "exaone_moe",
+    "hunyuan_v1_dense", "hunyuan_v1_moe", "minimax_m2", "mimo_v2_flash", "longcat_flash", "solar_open", "apertus",
+    "arcee", "bitnet", "cwm", "diffllama", "doge", "flex_olmo", "jais2", "mellum", "gpt_bigcode", "gpt_neo",
+    "lfm2", "mamba", "mamba2", "falcon_mamba", "nemotron_h",
 )
 
 
@@ -61,6 +72,14 @@ def _granite_scaling(config) -> tuple[float, Optional[float]]:
     return 1.0 / float(config.logits_scaling), None
 
 
+def _hyperclovax_scaling(config) -> tuple[float, Optional[float]]:
+    return float(config.logits_scaling), None  # multiplies, where Granite divides
+
+
+def _falcon_h1_multiplier(config) -> tuple[float, Optional[float]]:
+    return float(config.lm_head_multiplier), None
+
+
 def _mpt(config) -> Optional[tuple[float, Optional[float]]]:
     """transformers' ``MptForCausalLM`` ignores ``config.logit_scale`` (its logits are ``lm_head(h)``): a plain
     head for its ``MptConfig``, whatever that field says. MosaicML's original MPT code (``trust_remote_code``:
@@ -75,14 +94,13 @@ def _mpt(config) -> Optional[tuple[float, Optional[float]]]:
 #: ``model_type`` -> ``config -> (logit_scale, softcap)``: what the model's forward applies after its lm_head.
 HEAD_TRANSFORMS = {
     **{name: _plain for name in _PLAIN_HEAD},
-    "gemma2": _final_softcap,
-    "gemma3_text": _final_softcap,
-    "cohere": _cohere_scale,
-    "cohere2": _cohere_scale,
-    "granite": _granite_scaling,
-    "granitemoe": _granite_scaling,
-    "granitemoeshared": _granite_scaling,
-    "granitemoehybrid": _granite_scaling,
+    **{name: _final_softcap for name in ("gemma2", "gemma3_text", "gemma3n_text", "gemma4_text", "vaultgemma",
+                                         "nanochat")},
+    **{name: _cohere_scale for name in ("cohere", "cohere2", "cohere2_moe")},
+    **{name: _granite_scaling for name in ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid",
+                                           "granite_swa", "granitemoe_swa")},
+    "hyperclovax": _hyperclovax_scaling,
+    "falcon_h1": _falcon_h1_multiplier,
     "mpt": _mpt,
 }
 
