@@ -97,7 +97,7 @@ def _run(trainer):
 
 def _compare(theirs, ours):
     (t_logs, t_before, t_after), (o_logs, o_before, o_after) = theirs, ours
-    assert sorted(o_logs) == sorted(t_logs)
+    assert sorted(o_logs) == sorted(t_logs), (sorted(set(o_logs) - set(t_logs)), sorted(set(t_logs) - set(o_logs)))
     for k, v in t_logs.items():
         if isinstance(v, float) and math.isnan(v):
             assert math.isnan(o_logs[k]), k
@@ -450,6 +450,65 @@ def test_dpo_moe_load_balancing_loss_matches_trl(moe_checkpoint, tmp_path, item_
     _compare(theirs, ours)
 
 
+#: Current architectures beside Qwen2: Qwen3.5 (Gated DeltaNet layers beside attention) and Gemma 4 (softcapped
+#: logits, sliding-window layers), each as the config fields of a tiny model over WORDS.
+NEWER_ARCHS = {
+    "qwen3_5_text": dict(layer_types=["linear_attention", "full_attention"], linear_key_head_dim=8,
+                         linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4),
+    "gemma4_text": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+                        final_logit_softcapping=3.0, hidden_size_per_layer_input=0, global_head_dim=8,
+                        vocab_size_per_layer_input=len(WORDS), num_kv_shared_layers=0),
+}
+
+
+@pytest.fixture(scope="module", params=list(NEWER_ARCHS))
+def newer_checkpoint(request, checkpoint, tmp_path_factory):
+    """A tiny random model of a NEWER_ARCHS architecture with the word-level tokenizer."""
+    path = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(
+        request.param, vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None, **NEWER_ARCHS[request.param])
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # logits of a few units: the softcap matters, and samples still differ
+        model.get_output_embeddings().weight.normal_(0, 0.3)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
+    model.save_pretrained(path)
+    _tokenizer(checkpoint).save_pretrained(path)
+    return str(path)
+
+
+def _even_share(completions, **kwargs):
+    """Share of even-numbered words in each completion: a reward that varies between a random model's samples."""
+    return [sum(w[1:].isdigit() and int(w[1:]) % 2 == 0 for w in c.split()) / max(len(c.split()), 1)
+            for c in completions]
+
+
+@pytest.mark.parametrize("trainer", ["GRPO", "DPO"])
+def test_newer_architectures_match_trl(newer_checkpoint, tmp_path, trainer):
+    """GRPO (with a KL term) and DPO on Qwen3.5 and Gemma 4 checkpoints: the head transform read from the config,
+    the body's own layers; loss, metrics and update equal TRL's. A softcapped head does not log DPO's
+    logits/chosen and logits/rejected (documented: their mean over the vocabulary needs the full logits)."""
+    if trainer == "GRPO":
+        def build(cls, out):
+            args = trl.GRPOConfig(**_common(out, per_device_train_batch_size=4, num_generations=4,
+                                            max_completion_length=6, temperature=1.0, loss_type="grpo", beta=0.05))
+            return cls(model=newer_checkpoint, reward_funcs=_even_share, args=args, train_dataset=_grpo_dataset(),
+                       processing_class=_tokenizer(newer_checkpoint))
+    else:
+        def build(cls, out):
+            return cls(model=newer_checkpoint, args=trl.DPOConfig(**_common(out, per_device_train_batch_size=4)),
+                       train_dataset=_dpo_dataset(), processing_class=_tokenizer(newer_checkpoint))
+    theirs = _run(build(getattr(trl, f"{trainer}Trainer"), tmp_path / "trl"))
+    ours = _run(build(getattr(fa_trl, f"{trainer}Trainer"), tmp_path / "fa"))
+    if trainer == "DPO" and getattr(transformers.AutoConfig.from_pretrained(newer_checkpoint),
+                                    "final_logit_softcapping", None):
+        assert not {"logits/chosen@0", "logits/rejected@0"} & set(ours[0])
+        theirs[0].pop("logits/chosen@0"), theirs[0].pop("logits/rejected@0")
+    _compare(theirs, ours)
+
+
 @pytest.mark.parametrize("trainer", ["SFT", "KTO", "RLOO", "CPO", "ORPO"])
 def test_moe_load_balancing_loss_matches_trl(moe_checkpoint, tmp_path, trainer):
     """The other drop-ins add a MoE model's load-balancing loss as their TRL trainer does (SFT: over the
@@ -485,7 +544,7 @@ def test_grpo_cast_lm_head_to_fp32_matches_trl(checkpoint, tmp_path, sequence_pa
     ours = _run(build(fa_trl.GRPOTrainer, tmp_path / "fa"))
     assert sequence_passes  # the head's single pass, in fp32
     (t_logs, t_before, t_after), (o_logs, o_before, o_after) = theirs, ours
-    assert sorted(o_logs) == sorted(t_logs)
+    assert sorted(o_logs) == sorted(t_logs), (sorted(set(o_logs) - set(t_logs)), sorted(set(t_logs) - set(o_logs)))
     for k, v in t_logs.items():
         assert o_logs[k] == pytest.approx(v, rel=RTOL, abs=ATOL), k
     assert o_after["lm_head.weight"].dtype == torch.float32
