@@ -423,7 +423,8 @@ PLAIN_ARCHS = {
         "helium", "internlm3", "persimmon", "jetmoe", "mpt", "bloom", "olmo2", "starcoder2", "mixtral", "qwen2_moe",
         "deepseek_v4", "glm4_moe", "ministral3", "ernie4_5", "ernie4_5_moe", "exaone_moe", "hunyuan_v1_dense",
         "hunyuan_v1_moe", "minimax_m2", "mimo_v2_flash", "solar_open", "apertus", "arcee", "bitnet", "cwm", "diffllama",
-        "doge", "flex_olmo", "jais2", "mellum", "gpt_bigcode", "gpt_neo", "mamba", "falcon_mamba", "nemotron_h")},
+        "doge", "flex_olmo", "jais2", "mellum", "gpt_bigcode", "gpt_neo", "mamba", "falcon_mamba", "nemotron_h",
+        "afmoe")},
     **{arch: _MLA for arch in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa",
                                "longcat_flash")},
     **{arch: _DELTANET for arch in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")},
@@ -619,10 +620,10 @@ def test_triton_backend_forward_and_gradient():
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
 
 
-#: Bodies that do not split packed rows: opt and gpt_oss build their causal mask without the position ids, bloom
-#: and mpt take none, granitemoehybrid also carries its Mamba state from one sequence into the next.
+#: Bodies that do not split packed rows: opt, gpt_oss and afmoe build their causal mask without the position ids,
+#: bloom and mpt take none, granitemoehybrid also carries its Mamba state from one sequence into the next.
 UNSPLIT_ARCHS = {
-    "opt": {}, "gpt_oss": {}, "bloom": {}, "mpt": {},
+    "opt": {}, "gpt_oss": {}, "afmoe": {}, "bloom": {}, "mpt": {},
     "granitemoehybrid": dict(layer_types=["full_attention", "linear_attention"], mamba_n_heads=4, mamba_d_head=16,
                              mamba_d_state=16, mamba_chunk_size=8, shared_intermediate_size=16, use_cache=False),
 }
@@ -668,7 +669,7 @@ def test_packed_rows_refused_where_the_body_does_not_split_them(arch):
     check(got, ref_lp, (labels[:, 1:] != -100) & attention_mask[:, 1:].bool(), 1e-4)
 
 
-@pytest.mark.parametrize("arch", ["opt", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["opt", "gpt_oss", "afmoe"])
 def test_padded_rows_with_position_ids_of_an_unsplit_body_are_scored(arch):
     """Only packed rows without an attention mask are refused for a body that does not split them: left- and
     right-padded rows with an attention mask and the position ids a trainer builds from it (``cumsum - 1``, which

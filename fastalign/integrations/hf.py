@@ -52,7 +52,7 @@ _PLAIN_HEAD = (
     "glm4_moe_lite", "glm_moe_dsa", "llama4_text", "ministral3", "ernie4_5", "ernie4_5_moe", "exaone_moe",
     "hunyuan_v1_dense", "hunyuan_v1_moe", "minimax_m2", "mimo_v2_flash", "longcat_flash", "solar_open", "apertus",
     "arcee", "bitnet", "cwm", "diffllama", "doge", "flex_olmo", "jais2", "mellum", "gpt_bigcode", "gpt_neo",
-    "lfm2", "mamba", "mamba2", "falcon_mamba", "nemotron_h",
+    "lfm2", "mamba", "mamba2", "falcon_mamba", "nemotron_h", "afmoe",
 )
 
 
@@ -118,7 +118,7 @@ _UNSET = object()
 #: ``model_type``\ s whose ``transformers`` body takes ``position_ids`` but builds its causal mask without them:
 #: it never splits a packed row, so each packed sequence attends to the ones before it. Packed rows of these
 #: (and of any body that takes no ``position_ids`` or carries a recurrent state, :func:`_unsplit_packing`) raise.
-_UNSPLIT_PACKED = ("opt", "gpt_oss")
+_UNSPLIT_PACKED = ("opt", "gpt_oss", "afmoe")
 
 
 def known_head_transform(config) -> Optional[tuple[float, Optional[float]]]:
