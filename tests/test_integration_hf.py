@@ -444,6 +444,7 @@ TRANSFORM_ARCHS = {
     **{arch: (dict(logit_scale=0.4), (0.4, None)) for arch in ("cohere2", "cohere2_moe")},
     **{arch: (dict(logits_scaling=2.5), (0.4, None)) for arch in ("granitemoe", "granitemoeshared", "granite_swa",
                                                                   "granitemoe_swa")},
+    "minicpm3": (dict(_MLA, dim_model_base=8), (0.25, None)),  # logits_scaling = hidden_size / dim_model_base
     "hyperclovax": (dict(logits_scaling=2.5), (2.5, None)),
     "falcon_h1": (dict(lm_head_multiplier=0.5), (0.5, None)),
 }

@@ -20,7 +20,7 @@ gemma2, gemma3_text, gemma3n_text, gemma4_text, vaultgemma,    ``softcap = final
 nanochat
 cohere, cohere2, cohere2_moe                                    ``logit_scale = config.logit_scale``
 granite, granitemoe, granitemoeshared, granitemoehybrid,       ``logit_scale = 1 / logits_scaling``
-granite_swa, granitemoe_swa
+granite_swa, granitemoe_swa, minicpm3
 hyperclovax                                                     ``logit_scale = logits_scaling``
 falcon_h1                                                       ``logit_scale = lm_head_multiplier``
 =============================================================  ===========================================
@@ -97,8 +97,9 @@ HEAD_TRANSFORMS = {
     **{name: _final_softcap for name in ("gemma2", "gemma3_text", "gemma3n_text", "gemma4_text", "vaultgemma",
                                          "nanochat")},
     **{name: _cohere_scale for name in ("cohere", "cohere2", "cohere2_moe")},
+    # MiniCPM3 divides the hidden states by its logits_scaling (hidden_size / dim_model_base); its head has no bias
     **{name: _granite_scaling for name in ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid",
-                                           "granite_swa", "granitemoe_swa")},
+                                           "granite_swa", "granitemoe_swa", "minicpm3")},
     "hyperclovax": _hyperclovax_scaling,
     "falcon_h1": _falcon_h1_multiplier,
     "mpt": _mpt,
