@@ -12,6 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the Hugging Face integration needs transformers")
 
 from conftest import HAS_TRITON  # noqa: E402
+from tiny_configs import DELTANET, MLA, gemma4, gemma_layers  # noqa: E402
 from fastalign.integrations.hf import (  # noqa: E402
     HEAD_TRANSFORMS, causal_lm_logprobs, head_transform, known_head_transform)
 
@@ -403,17 +404,6 @@ _SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_lay
               num_key_value_heads=2, head_dim=8, n_embd=32, n_layer=2, n_head=4, d_model=32, ffn_dim=64,
               max_position_embeddings=64, n_positions=64, word_embed_proj_dim=32, pad_token_id=0,
               moe_intermediate_size=16, num_experts=4, num_local_experts=4, num_experts_per_tok=2)
-#: DeepSeek-style latent attention (as many key/value heads as query heads).
-_MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, qk_head_dim=16,
-            n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
-            num_key_value_heads=4)
-#: Gated DeltaNet layers beside attention (Qwen3-Next, Qwen3.5).
-_DELTANET = dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], linear_key_head_dim=8,
-                 linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4)
-#: Gemma 3n / 4 layers: one sliding-window and one global.
-_PER_LAYER = dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4, vocab_size_per_layer_input=V,
-                  num_kv_shared_layers=0)
-
 #: Architectures listed with a plain head (logits = lm_head(h)) -> the config fields of a tiny model beside
 #: _SMALL; each checked against its own logits, and for packed rows, below.
 PLAIN_ARCHS = {
@@ -425,9 +415,9 @@ PLAIN_ARCHS = {
         "hunyuan_v1_moe", "minimax_m2", "mimo_v2_flash", "solar_open", "apertus", "arcee", "bitnet", "cwm", "diffllama",
         "doge", "flex_olmo", "jais2", "mellum", "gpt_bigcode", "gpt_neo", "mamba", "falcon_mamba", "nemotron_h",
         "afmoe")},
-    **{arch: _MLA for arch in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa",
+    **{arch: MLA for arch in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa",
                                "longcat_flash")},
-    **{arch: _DELTANET for arch in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")},
+    **{arch: DELTANET for arch in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")},
     "llama4_text": dict(intermediate_size_mlp=64, num_local_experts=2),
     "lfm2": dict(num_hidden_layers=2, layer_types=["conv", "full_attention"]),
     "mamba2": dict(num_heads=4, head_dim=16, n_groups=1),
@@ -435,16 +425,15 @@ PLAIN_ARCHS = {
 #: Architectures whose head transforms its logits -> (the config fields of a tiny model, the transform's own field
 #: off its default, and the (logit_scale, softcap) expected).
 TRANSFORM_ARCHS = {
-    "gemma3n_text": (dict(_PER_LAYER, final_logit_softcapping=3.0, hidden_size_per_layer_input=8,
+    "gemma3n_text": (dict(gemma_layers(V), final_logit_softcapping=3.0, hidden_size_per_layer_input=8,
                           activation_sparsity_pattern=[0.0, 0.0], laurel_rank=4, altup_num_inputs=2), (1.0, 3.0)),
-    "gemma4_text": (dict(_PER_LAYER, final_logit_softcapping=3.0, hidden_size_per_layer_input=0, global_head_dim=8),
-                    (1.0, 3.0)),
+    "gemma4_text": (gemma4(V), (1.0, 3.0)),
     "vaultgemma": (dict(final_logit_softcapping=3.0), (1.0, 3.0)),
     "nanochat": (dict(final_logit_softcapping=3.0), (1.0, 3.0)),
     **{arch: (dict(logit_scale=0.4), (0.4, None)) for arch in ("cohere2", "cohere2_moe")},
     **{arch: (dict(logits_scaling=2.5), (0.4, None)) for arch in ("granitemoe", "granitemoeshared", "granite_swa",
                                                                   "granitemoe_swa")},
-    "minicpm3": (dict(_MLA, dim_model_base=8), (0.25, None)),  # logits_scaling = hidden_size / dim_model_base
+    "minicpm3": (dict(MLA, dim_model_base=8), (0.25, None)),  # logits_scaling = hidden_size / dim_model_base
     "hyperclovax": (dict(logits_scaling=2.5), (2.5, None)),
     "falcon_h1": (dict(lm_head_multiplier=0.5), (0.5, None)),
 }
@@ -502,8 +491,8 @@ def test_head_transform_architectures_match_their_own_logits(arch):
 
 def test_every_listed_architecture_is_checked_against_its_own_logits():
     """A model_type added to the table without a tiny model of it here fails (remote-code configs aside)."""
-    checked = set(PLAIN_ARCHS) | set(TRANSFORM_ARCHS) | set(ARCHS) | set(UNSPLIT_ARCHS)
-    assert set(HEAD_TRANSFORMS) - checked == {"gemma3_text"}  # ARCHS["gemma3"]
+    own = {getattr(transformers, config_cls).model_type for config_cls, _, _ in ARCHS.values()}
+    assert set(HEAD_TRANSFORMS) - set(PLAIN_ARCHS) - set(TRANSFORM_ARCHS) - set(UNSPLIT_ARCHS) - own == set()
 
 
 def test_mpt_logit_scale_is_read_as_its_model_applies_it():

@@ -30,6 +30,7 @@ datasets = pytest.importorskip("datasets", reason="TRL's trainers need datasets"
 tokenizers = pytest.importorskip("tokenizers", reason="the test tokenizer needs tokenizers")
 
 import fastalign.integrations.trl as fa_trl  # noqa: E402
+from tiny_configs import DELTANET, gemma4  # noqa: E402
 
 WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(61)]
 TIMING = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second", "eval_runtime",
@@ -95,9 +96,14 @@ def _run(trainer):
     return logs, before, after
 
 
+def _assert_same_keys(o_logs, t_logs):
+    """The same logged keys; else the ones only ours logs and the ones only TRL logs."""
+    assert sorted(o_logs) == sorted(t_logs), (sorted(set(o_logs) - set(t_logs)), sorted(set(t_logs) - set(o_logs)))
+
+
 def _compare(theirs, ours):
     (t_logs, t_before, t_after), (o_logs, o_before, o_after) = theirs, ours
-    assert sorted(o_logs) == sorted(t_logs), (sorted(set(o_logs) - set(t_logs)), sorted(set(t_logs) - set(o_logs)))
+    _assert_same_keys(o_logs, t_logs)
     for k, v in t_logs.items():
         if isinstance(v, float) and math.isnan(v):
             assert math.isnan(o_logs[k]), k
@@ -386,6 +392,14 @@ def test_grpo_adaptive_entropy_matches_trl(checkpoint, tmp_path, case):
     _compare(theirs, ours)
 
 
+def _save_beside_tokenizer(model, path, checkpoint) -> str:
+    """Save ``model`` (pad 0, EOS 1 for generation) under ``path`` with ``checkpoint``'s word-level tokenizer."""
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
+    model.save_pretrained(path)
+    _tokenizer(checkpoint).save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def moe_checkpoint(checkpoint, tmp_path_factory):
     """A tiny Qwen3-MoE (4 experts, 2 per token) that returns its router logits, with a load-balancing coefficient."""
@@ -397,11 +411,7 @@ def moe_checkpoint(checkpoint, tmp_path_factory):
                                          max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
                                          eos_token_id=1, bos_token_id=None, output_router_logits=True,
                                          router_aux_loss_coef=0.02)
-    model = transformers.Qwen3MoeForCausalLM(config)
-    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
-    model.save_pretrained(path)
-    _tokenizer(checkpoint).save_pretrained(path)
-    return str(path)
+    return _save_beside_tokenizer(transformers.Qwen3MoeForCausalLM(config), path, checkpoint)
 
 
 @pytest.mark.parametrize("options", [dict(loss_type="grpo", beta=0.04),
@@ -452,13 +462,7 @@ def test_dpo_moe_load_balancing_loss_matches_trl(moe_checkpoint, tmp_path, item_
 
 #: Current architectures beside Qwen2: Qwen3.5 (Gated DeltaNet layers beside attention) and Gemma 4 (softcapped
 #: logits, sliding-window layers), each as the config fields of a tiny model over WORDS.
-NEWER_ARCHS = {
-    "qwen3_5_text": dict(layer_types=["linear_attention", "full_attention"], linear_key_head_dim=8,
-                         linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4),
-    "gemma4_text": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4,
-                        final_logit_softcapping=3.0, hidden_size_per_layer_input=0, global_head_dim=8,
-                        vocab_size_per_layer_input=len(WORDS), num_kv_shared_layers=0),
-}
+NEWER_ARCHS = {"qwen3_5_text": DELTANET, "gemma4_text": gemma4(len(WORDS))}
 
 
 @pytest.fixture(scope="module", params=list(NEWER_ARCHS))
@@ -466,17 +470,14 @@ def newer_checkpoint(request, checkpoint, tmp_path_factory):
     """A tiny random model of a NEWER_ARCHS architecture with the word-level tokenizer."""
     path = tmp_path_factory.mktemp(f"tiny-{request.param}")
     torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(
-        request.param, vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None, **NEWER_ARCHS[request.param])
+    config = transformers.AutoConfig.for_model(request.param, **{**dict(
+        vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
+        eos_token_id=1, bos_token_id=None), **NEWER_ARCHS[request.param]})
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # logits of a few units: the softcap matters, and samples still differ
         model.get_output_embeddings().weight.normal_(0, 0.3)
-    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
-    model.save_pretrained(path)
-    _tokenizer(checkpoint).save_pretrained(path)
-    return str(path)
+    return _save_beside_tokenizer(model, path, checkpoint)
 
 
 def _even_share(completions, **kwargs):
@@ -544,7 +545,7 @@ def test_grpo_cast_lm_head_to_fp32_matches_trl(checkpoint, tmp_path, sequence_pa
     ours = _run(build(fa_trl.GRPOTrainer, tmp_path / "fa"))
     assert sequence_passes  # the head's single pass, in fp32
     (t_logs, t_before, t_after), (o_logs, o_before, o_after) = theirs, ours
-    assert sorted(o_logs) == sorted(t_logs), (sorted(set(o_logs) - set(t_logs)), sorted(set(t_logs) - set(o_logs)))
+    _assert_same_keys(o_logs, t_logs)
     for k, v in t_logs.items():
         assert o_logs[k] == pytest.approx(v, rel=RTOL, abs=ATOL), k
     assert o_after["lm_head.weight"].dtype == torch.float32

@@ -15,7 +15,7 @@ The head transform each supported architecture applies between the last hidden s
 llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe,   none (``logits = lm_head(h)``)
 qwen3_next, qwen3_5_text, qwen3_5_moe_text, phi3, gemma,
 olmo2, starcoder2, deepseek_v2, deepseek_v3, deepseek_v32,
-glm4_moe, llama4_text, ernie4_5, ... (:data:`_PLAIN_HEAD`)
+glm4_moe, llama4_text, ernie4_5 and the others listed
 gemma2, gemma3_text, gemma3n_text, gemma4_text, vaultgemma,    ``softcap = final_logit_softcapping``
 nanochat
 cohere, cohere2, cohere2_moe                                    ``logit_scale = config.logit_scale``
@@ -64,20 +64,13 @@ def _final_softcap(config) -> tuple[float, Optional[float]]:
     return 1.0, getattr(config, "final_logit_softcapping", None)
 
 
-def _cohere_scale(config) -> tuple[float, Optional[float]]:
-    return float(config.logit_scale), None
+def _scale_by(field: str, reciprocal: bool = False):
+    """The rule of a head that multiplies its logits by ``config.<field>`` (by its inverse with ``reciprocal``)."""
+    def rule(config) -> tuple[float, Optional[float]]:
+        value = float(getattr(config, field))
+        return (1.0 / value if reciprocal else value), None
 
-
-def _granite_scaling(config) -> tuple[float, Optional[float]]:
-    return 1.0 / float(config.logits_scaling), None
-
-
-def _hyperclovax_scaling(config) -> tuple[float, Optional[float]]:
-    return float(config.logits_scaling), None  # multiplies, where Granite divides
-
-
-def _falcon_h1_multiplier(config) -> tuple[float, Optional[float]]:
-    return float(config.lm_head_multiplier), None
+    return rule
 
 
 def _mpt(config) -> Optional[tuple[float, Optional[float]]]:
@@ -96,12 +89,13 @@ HEAD_TRANSFORMS = {
     **{name: _plain for name in _PLAIN_HEAD},
     **{name: _final_softcap for name in ("gemma2", "gemma3_text", "gemma3n_text", "gemma4_text", "vaultgemma",
                                          "nanochat")},
-    **{name: _cohere_scale for name in ("cohere", "cohere2", "cohere2_moe")},
+    **{name: _scale_by("logit_scale") for name in ("cohere", "cohere2", "cohere2_moe")},
     # MiniCPM3 divides the hidden states by its logits_scaling (hidden_size / dim_model_base); its head has no bias
-    **{name: _granite_scaling for name in ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid",
-                                           "granite_swa", "granitemoe_swa", "minicpm3")},
-    "hyperclovax": _hyperclovax_scaling,
-    "falcon_h1": _falcon_h1_multiplier,
+    **{name: _scale_by("logits_scaling", reciprocal=True)
+       for name in ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granite_swa", "granitemoe_swa",
+                    "minicpm3")},
+    "hyperclovax": _scale_by("logits_scaling"),  # multiplies, where Granite divides
+    "falcon_h1": _scale_by("lm_head_multiplier"),
     "mpt": _mpt,
 }
 

@@ -1,0 +1,21 @@
+"""Config fields of tiny models whose architectures need more than the common size fields: given to the config's
+constructor, beside vocab_size, hidden_size 32, 2 layers, 4 heads and head_dim 8."""
+
+#: DeepSeek-style latent attention (as many key/value heads as query heads).
+MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, qk_head_dim=16,
+           n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+           num_key_value_heads=4)
+#: Gated DeltaNet layers beside attention (Qwen3-Next, Qwen3.5).
+DELTANET = dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], linear_key_head_dim=8,
+                linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4)
+
+
+def gemma_layers(vocab: int) -> dict:
+    """Gemma 3n / 4 layers over a vocabulary of ``vocab``: one sliding-window and one global."""
+    return dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4, vocab_size_per_layer_input=vocab,
+                num_kv_shared_layers=0)
+
+
+def gemma4(vocab: int) -> dict:
+    """A Gemma 4 text model softcapped at 3 (logits of a few units feel it)."""
+    return dict(gemma_layers(vocab), final_logit_softcapping=3.0, hidden_size_per_layer_input=0, global_head_dim=8)
