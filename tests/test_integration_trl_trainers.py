@@ -123,11 +123,12 @@ def _compare(theirs, ours):
 @pytest.mark.parametrize("model_type", ["qwen2", "cohere", "gemma2"])
 def test_head_matches_the_models_own_logits(model_type):
     """The fused head against the model's own logits in float64 (cohere: logit_scale; gemma2: softcapping,
-    which has no mean logit without the logits): head_outputs' fields, the mean logit from the operands, and
-    the statistics of head_separable_loss's pass (items as rows, pairs and tokens; loss and gradient too)."""
+    whose mean logit takes a vocabulary pass): head_outputs' fields, the mean logit from the operands (at every
+    position, and at the scored ones alone), and the statistics of head_separable_loss's pass (items as rows,
+    pairs and tokens; loss and gradient too)."""
     from fastalign.integrations.hf import head_operands
-    from fastalign.integrations.trl._head import (has_mean_logits, head_outputs, head_separable_loss, label_margin,
-                                                   mean_logits)
+    from fastalign.integrations.trl._head import (head_outputs, head_separable_loss, label_margin, mean_logits,
+                                                   softcapped)
 
     extra = {"cohere": dict(logit_scale=0.5), "gemma2": dict(final_logit_softcapping=3.0, head_dim=8)}
     config_cls = {"qwen2": transformers.Qwen2Config, "cohere": transformers.CohereConfig,
@@ -163,10 +164,20 @@ def test_head_matches_the_models_own_logits(model_type):
     for name, got in (("logprobs", out.log_probs), ("entropy", out.entropy)):
         torch.testing.assert_close(got.double(), want[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
     operands = head_operands(model, ids, attention)
-    assert has_mean_logits(model) == (model_type != "gemma2")
-    if has_mean_logits(model):  # every position, the last and the padded ones included
-        scale = 0.5 if model_type == "cohere" else 1.0
-        torch.testing.assert_close(mean_logits(operands, scale).double(), z_every.mean(-1), rtol=1e-5, atol=1e-5)
+    assert softcapped(model) == (model_type == "gemma2")
+    scale, softcap = (0.5 if model_type == "cohere" else 1.0), (3.0 if model_type == "gemma2" else None)
+    # every position, the last and the padded ones included; or the scored ones, the others 0 or exact
+    torch.testing.assert_close(mean_logits(operands, scale, softcap).double(), z_every.mean(-1), rtol=1e-5, atol=1e-5)
+    positions = torch.nn.functional.pad(scored, (0, 1))
+    at_positions = mean_logits(operands, scale, softcap, positions).double()
+    torch.testing.assert_close(at_positions[positions], z_every.mean(-1)[positions], rtol=1e-5, atol=1e-5)
+    if softcap is not None:
+        assert not at_positions[~positions].any()
+        with pytest.MonkeyPatch.context() as env:  # a block of one row at a time: a budget below one row's logits
+            env.setenv("FASTALIGN_BLOCK_MIB", "1e-6")
+            one_row = mean_logits(operands, scale, softcap)
+        torch.testing.assert_close(one_row.double(), z_every.mean(-1), rtol=1e-5, atol=1e-5)
+    if not softcapped(model):
         z = z_every[:, :-1]  # the label-smoothing margin z_y - mean_j z_j at the scored positions
         margin = torch.where(scored, z.gather(-1, y.clamp(min=0)[..., None])[..., 0] - z.mean(-1), zero)
         torch.testing.assert_close(label_margin(operands, y.masked_fill(~scored, -100), scale).double(), margin,
@@ -489,8 +500,8 @@ def _even_share(completions, **kwargs):
 @pytest.mark.parametrize("trainer", ["GRPO", "DPO"])
 def test_newer_architectures_match_trl(newer_checkpoint, tmp_path, trainer):
     """GRPO (with a KL term) and DPO on Qwen3.5 and Gemma 4 checkpoints: the head transform read from the config,
-    the body's own layers; loss, metrics and update equal TRL's. A softcapped head does not log DPO's
-    logits/chosen and logits/rejected (documented: their mean over the vocabulary needs the full logits)."""
+    the body's own layers; loss, metrics and update equal TRL's (a softcapped head's logits/chosen and
+    logits/rejected included)."""
     if trainer == "GRPO":
         def build(cls, out):
             args = trl.GRPOConfig(**_common(out, per_device_train_batch_size=4, num_generations=4,
@@ -503,10 +514,6 @@ def test_newer_architectures_match_trl(newer_checkpoint, tmp_path, trainer):
                        train_dataset=_dpo_dataset(), processing_class=_tokenizer(newer_checkpoint))
     theirs = _run(build(getattr(trl, f"{trainer}Trainer"), tmp_path / "trl"))
     ours = _run(build(getattr(fa_trl, f"{trainer}Trainer"), tmp_path / "fa"))
-    if trainer == "DPO" and getattr(transformers.AutoConfig.from_pretrained(newer_checkpoint),
-                                    "final_logit_softcapping", None):
-        assert not {"logits/chosen@0", "logits/rejected@0"} & set(ours[0])
-        theirs[0].pop("logits/chosen@0"), theirs[0].pop("logits/rejected@0")
     _compare(theirs, ours)
 
 
@@ -1341,33 +1348,43 @@ def test_cpo_refuses_label_smoothing_trl_would_ignore(checkpoint, tmp_path):
                           processing_class=_tokenizer(checkpoint))
 
 
-def test_cpo_softcapped_head_evaluation_needs_prediction_loss_only(checkpoint, tmp_path):
-    """Evaluation with compute_metrics predicts logits/*, which a softcapped head has no mean of without the full
-    logits: refused when the trainer is built with an evaluation set, and when evaluate() is given one later.
-    Without compute_metrics, evaluation predicts only the loss and runs."""
+@pytest.fixture(scope="module")
+def gemma2_checkpoint(checkpoint, tmp_path_factory):
+    """A tiny Gemma 2 (softcapped head, logits of a few units so that the cap bends them) with the tokenizer."""
+    torch.manual_seed(0)
     config = transformers.Gemma2Config(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0,
                                        final_logit_softcapping=3.0)
-    cpo_config = _config_class("CPO")
+    model = transformers.Gemma2ForCausalLM(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0, 0.5)
+    return _save_beside_tokenizer(model, tmp_path_factory.mktemp("tiny-gemma2"), checkpoint)
 
-    def metrics(prediction):
+
+@pytest.mark.parametrize("trainer", ["KTO", "CPO", "ORPO", "TPO"])
+def test_softcapped_head_logits_metrics_match_trl(gemma2_checkpoint, tmp_path, trainer):
+    """A softcapped head's logits/chosen and logits/rejected (its mean logit takes a vocabulary pass): loss,
+    metrics and update equal TRL's, and CPO's evaluation with compute_metrics (which predicts logits/*) too."""
+    config_cls = _config_class(trainer)
+    trl_cls = getattr(importlib.import_module(config_cls.__module__.rsplit(".", 1)[0]), f"{trainer}Trainer")
+    data = {"KTO": _kto_dataset, "TPO": lambda: _tpo_dataset(gemma2_checkpoint)}.get(trainer, _dpo_dataset)
+    evaluation = dict(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4) if trainer == "CPO" else {}
+
+    def metrics(prediction):  # CPO's predictions: the evaluation batches' logits/chosen and logits/rejected
         return {"mean_prediction": float(np.mean(prediction.predictions))}
 
-    def build(eval_dataset=None, compute_metrics=metrics, **options):
-        return fa_trl.CPOTrainer(model=transformers.Gemma2ForCausalLM(config),
-                                 args=cpo_config(**_common(tmp_path, per_device_train_batch_size=4, **options)),
-                                 train_dataset=_dpo_dataset(), eval_dataset=eval_dataset,
-                                 processing_class=_tokenizer(checkpoint), compute_metrics=compute_metrics)
+    def build(cls, out):
+        args = config_cls(**_common(out, per_device_train_batch_size=4, **evaluation))
+        return cls(model=gemma2_checkpoint, args=args, train_dataset=data(),
+                   eval_dataset=data() if evaluation else None, compute_metrics=metrics if evaluation else None,
+                   processing_class=_tokenizer(gemma2_checkpoint))
 
-    with pytest.raises(ValueError, match="CPOConfig.prediction_loss_only"):
-        build(_dpo_dataset())
-    trainer = build(_dpo_dataset(), compute_metrics=None)
-    assert "eval_loss" in trainer.evaluate()
-    trainer.compute_metrics = metrics
-    with pytest.raises(ValueError, match="CPOConfig.prediction_loss_only"):
-        trainer.evaluate(trainer.eval_dataset)
-    logs = _run(build(_dpo_dataset(), prediction_loss_only=True))[0]  # accepted; it trains, without logits/*
-    assert "rewards/chosen@0" in logs and "logits/chosen@0" not in logs
+    theirs = _run(build(trl_cls, tmp_path / "trl"))
+    ours = _run(build(getattr(fa_trl, f"{trainer}Trainer"), tmp_path / "fa"))
+    assert {"logits/chosen@0", "logits/rejected@0"} <= set(ours[0])
+    if evaluation:
+        assert {"eval_logits/chosen@1", "eval_mean_prediction@1"} <= set(ours[0])
+    _compare(theirs, ours)
 
 
 def test_sft_label_smoothing_on_a_softcapped_head_raises(checkpoint, tmp_path):

@@ -22,10 +22,14 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from fastalign import _dtensor
+from fastalign._options import check_choice
 from fastalign.integrations.hf import causal_lm_logprobs, head_operands, head_transform, router_aux_loss
 from fastalign.linear_divergence import linear_divergence_loss
 from fastalign.linear_policy import policy_logprobs, policy_step
 from fastalign.linear_step import separable_step
+from fastalign.ops._launch import eager
+from fastalign.ops.single_pass import block_budget_rows
 
 #: The per-token fields :func:`head_outputs` can compute (TRL's ``FusedCausalLMOutput`` names), and
 #: ``operands``: the head's own operands instead, for a loss that goes through the head itself.
@@ -74,20 +78,47 @@ def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], lab
     return HeadOutputs(log_probs=stats.logprobs, entropy=stats.entropy, aux_loss=aux[0] if aux else None)
 
 
-def mean_logits(operands, scale: float) -> Tensor:
-    r"""The mean logit ``(1/V) Σ_j z_j`` at every position ``[B, T]`` (fp32, no gradient) of a head without
-    softcapping, from its operands ``(hidden, weight, bias, low_rank)``: linear in ``h``,
-    ``scale (h · mean_j W_j + a · mean_j L_j + mean_j b_j)`` (``scale``: logit scale over temperature;
-    ``a @ L.T`` a LoRA head's low-rank term), with no vocabulary pass. A softcapped head has no such form
-    (:func:`has_mean_logits`)."""
+def mean_logits(operands, scale: float, softcap: Optional[float] = None, positions: Optional[Tensor] = None) -> Tensor:
+    r"""The mean logit ``(1/V) Σ_j z_j`` at every position ``[B, T]`` (fp32, no gradient), the last and the padded
+    ones included, from a head's operands ``(hidden, weight, bias, low_rank)`` and transform (``scale``: its logit
+    scale; ``softcap``). Without softcapping it is linear in ``h``,
+    ``scale (h · mean_j W_j + a · mean_j L_j + mean_j b_j)`` (``a @ L.T`` a LoRA head's low-rank term), with no
+    vocabulary pass. A softcapped head, ``z_j = c tanh(scale u_j / c)`` with ``u = h W^T + a L^T + b``, has no
+    such form: its positions go through the vocabulary once more, without gradients, a block of rows of the
+    ``FASTALIGN_BLOCK_MIB`` budget at a time (:func:`fastalign.ops.single_pass.block_budget_rows`); on the CPU
+    only the ``positions [B, T]`` asked for (a bool mask; None: every one), the others 0 (on a GPU every
+    position: counting them would be a host sync)."""
     hidden, weight, bias, low_rank = operands
-    with torch.no_grad():  # the means accumulate in fp32 without an fp32 copy of the [V, H] head
-        mean = hidden.float() @ weight.mean(0, dtype=torch.float32)
-        if low_rank is not None:
-            mean = mean + low_rank[0].float() @ low_rank[1].mean(0, dtype=torch.float32)
-        if bias is not None:
-            mean = mean + bias.mean(dtype=torch.float32)
-        return mean * scale
+    weight, bias = _dtensor.full(weight), _dtensor.full(bias)  # an FSDP2 head, gathered
+    a, lora = (None, None) if low_rank is None else (low_rank[0], _dtensor.full(low_rank[1]))
+    with torch.no_grad():
+        if softcap is None:  # the means accumulate in fp32 without an fp32 copy of the [V, H] head
+            mean = hidden.float() @ weight.mean(0, dtype=torch.float32)
+            if a is not None:
+                mean = mean + a.float() @ lora.mean(0, dtype=torch.float32)
+            if bias is not None:
+                mean = mean + bias.mean(dtype=torch.float32)
+            return mean * scale
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        if a is not None:
+            a, lora_t = a.reshape(-1, a.shape[-1]).float(), lora.float().T
+        picked = None
+        if positions is not None and hidden.device.type == "cpu" and eager(hidden, positions):
+            picked = positions.reshape(-1).nonzero().squeeze(1)
+            rows, a = rows.index_select(0, picked), None if a is None else a.index_select(0, picked)
+        # the head's [rows, V] product in its dtype and its fp32 copy: three fp32 tiles' worth of the budget
+        block = block_budget_rows(weight.shape[0], rows, tiles=3)
+        means = []
+        for start in range(0, rows.shape[0], block):  # blocks fixed by the shapes: no host synchronisation
+            u = torch.nn.functional.linear(rows[start:start + block].to(weight.dtype), weight, bias).float()
+            if a is not None:
+                u += a[start:start + block] @ lora_t
+            means.append(u.mul_(scale / softcap).tanh_().mean(-1) * softcap)
+        mean = torch.cat(means) if means else rows.new_zeros(0, dtype=torch.float32)
+        if picked is not None:
+            mean = torch.zeros(hidden.shape[:-1].numel(), dtype=torch.float32, device=hidden.device).index_copy_(
+                0, picked, mean)
+        return mean.view(hidden.shape[:-1])
 
 
 def predicting_operands(operands) -> tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -228,22 +259,25 @@ def _policy_head(trainer, model, operands, targets: Tensor, token_separable: boo
 
 
 def head_separable_loss(operands, config, targets: Tensor, loss, *, items: str = "pairs", sum_p2: bool = False,
-                        extras: Sequence[str] = (), separable: bool = True, position_means: bool = False):
+                        extras: Sequence[str] = (), separable: bool = True, position_means: Optional[str] = None):
     """``(loss, metrics, stats)`` of ``loss(lp [N, T-1], sum_p2)`` over the rows whose head ``operands`` (of
     ``model(..., **head_call(trainer, ("operands",)))``) are given, through the head itself
     (:func:`fastalign.linear_step.separable_step`: one pass over blocks of whole ``items``, one of
     :data:`fastalign.linear_step.ITEMS`, when gradients are needed and ``separable``), never the logits.
     ``targets [N, T-1]``: the next token at each position, ``-100`` where unscored; ``config``: the
     model's (its head transform). ``stats`` as :func:`~fastalign.linear_step.separable_step`'s, ``[N, T-1]``, plus
-    ``"position_mean_logits" [N, T]`` (:func:`mean_logits`) with ``position_means``."""
+    ``"position_mean_logits" [N, T]`` (:func:`mean_logits`) with ``position_means``: at ``"every"`` position or
+    where it is needed, the ``"scored"`` ones (a softcapped head's vocabulary pass over those alone, on the CPU)."""
     hidden, weight, bias, low_rank = operands
     scale, softcap = head_transform(config)
     value, metrics, stats = separable_step(
         hidden[:, :-1], weight, targets, loss, bias=bias, items=items, sum_p2=sum_p2, extras=extras,
         low_rank=None if low_rank is None else (low_rank[0][:, :-1], low_rank[1]),
         single_pass="auto" if separable else False, logit=dict(logit_scale=scale, softcap=softcap))
-    if position_means:
-        stats["position_mean_logits"] = mean_logits(operands, scale)
+    if position_means is not None:
+        check_choice("position_means", position_means, ("every", "scored"))
+        scored = None if position_means == "every" else torch.nn.functional.pad(targets != -100, (0, 1))
+        stats["position_mean_logits"] = mean_logits(operands, scale, softcap, scored)
     return value, metrics, stats
 
 
@@ -268,10 +302,10 @@ def label_margin(operands, targets: Tensor, scale: float) -> Tensor:
     return torch.where(scored, out * scale, 0.0)
 
 
-def has_mean_logits(model) -> bool:
-    """Whether :func:`mean_logits` applies to ``model``: its head is not softcapped."""
+def softcapped(model) -> bool:
+    """Whether ``model``'s head is softcapped (its logits not linear in the hidden states: no :func:`label_margin`)."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return head_transform(model.config)[1] is None
+    return head_transform(model.config)[1] is not None
 
 
 def install_head(model) -> None:

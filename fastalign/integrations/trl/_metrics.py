@@ -23,8 +23,8 @@ def log_num_tokens(trainer, mode: str, attention_mask: Tensor) -> None:
 
 
 def log_pair_metrics(trainer, mode: str, stats: dict, targets: Tensor, parts: int = 2) -> None:
-    """TRL's ``logits/chosen``, ``logits/rejected`` (from ``stats["position_mean_logits"]``, when the head has
-    them) and ``mean_token_accuracy`` (of the chosen rows), token-weighted over every process, for a batch of
+    """TRL's ``logits/chosen``, ``logits/rejected`` (from ``stats["position_mean_logits"]``) and
+    ``mean_token_accuracy`` (of the chosen rows), token-weighted over every process, for a batch of
     ``parts`` equal parts (the chosen rows first, then the rejected ones; TPO's gold rows third) from the
     statistics of the loss's own pass (:func:`head_separable_loss`)."""
     log = trainer._metrics[mode]
@@ -33,10 +33,9 @@ def log_pair_metrics(trainer, mode: str, stats: dict, targets: Tensor, parts: in
     def only(i):  # the scored positions of the i-th part
         return torch.cat([p if j == i else torch.zeros_like(p) for j, p in enumerate(scored)])
 
-    if "position_mean_logits" in stats:
-        mean_logits = stats["position_mean_logits"][:, :-1]
-        log["logits/chosen"].append(token_mean(trainer.accelerator, mean_logits, only(0)))
-        log["logits/rejected"].append(token_mean(trainer.accelerator, mean_logits, only(1)))
+    mean_logits = stats["position_mean_logits"][:, :-1]
+    log["logits/chosen"].append(token_mean(trainer.accelerator, mean_logits, only(0)))
+    log["logits/rejected"].append(token_mean(trainer.accelerator, mean_logits, only(1)))
     log["mean_token_accuracy"].append(token_mean(trainer.accelerator, stats["argmax"] == targets, only(0)))
 
 

@@ -6,8 +6,7 @@ import torch
 
 from fastalign.integrations.hf import next_token_targets
 from fastalign.integrations.trl._checks import check_model
-from fastalign.integrations.trl._head import (add_aux_loss, has_mean_logits, head_separable_loss, install_head,
-                                               policy_operands)
+from fastalign.integrations.trl._head import (add_aux_loss, head_separable_loss, install_head, policy_operands)
 from fastalign.integrations.trl._live_loss import build_loss
 from fastalign.integrations.trl._metrics import gathered_mean
 
@@ -21,10 +20,11 @@ class ConcatenatedPairsMixin:
     A subclass sets ``fastalign_loss`` (a :class:`LiveLoss` of its profile), ``config_name``,
     ``nll_over_prompt`` (ORPO: the NLL runs over every attended token, so the prompt is scored too)
     and ``logits_last_position`` (CPO's ``logits/*`` average every position, ORPO's drop the last).
-    ``logits/*`` is TRL's mean logit ``mean_{b,t,j} z_{b,t,j}`` of each half, from one ``H``-vector
-    (absent for a softcapped head); the per-pair metrics (``rewards/*``, ``logps/*``) are averaged over
-    every process's pairs and the per-batch ones (``nll_loss``, ``logits/*``, ORPO's ``log_odds_*``) over processes, as TRL
-    gathers them.
+    ``logits/*`` is TRL's mean logit ``mean_{b,t,j} z_{b,t,j}`` of each half, from one ``H``-vector (a
+    softcapped head: one more vocabulary pass without gradients,
+    :func:`~fastalign.integrations.trl._head.mean_logits`); the per-pair metrics (``rewards/*``, ``logps/*``)
+    are averaged over every process's pairs and the per-batch ones (``nll_loss``, ``logits/*``, ORPO's
+    ``log_odds_*``) over processes, as TRL gathers them.
 
     A length-averaged loss (ORPO; CPO's ipo, simpo, alphapo) on a batch holding a row with no
     completion token (its prompt fills ``max_length``, so truncation leaves nothing to score) raises a
@@ -41,21 +41,8 @@ class ConcatenatedPairsMixin:
         if self.is_encoder_decoder:
             raise ValueError(f"{self.config_name}.is_encoder_decoder: the fastalign trainers take decoder-only causal "
                              "LMs")
-        self._mean_logits = has_mean_logits(self.accelerator.unwrap_model(self.model))
-        if self.eval_dataset is not None and self.compute_metrics is not None:
-            self._check_predicts_loss_only(self.args.prediction_loss_only)
         build_loss(self)
         install_head(self.accelerator.unwrap_model(self.model))
-
-    def _check_predicts_loss_only(self, prediction_loss_only: bool) -> None:
-        if not self._mean_logits and not prediction_loss_only:
-            raise ValueError(f"{self.config_name}.prediction_loss_only: evaluation with compute_metrics predicts "
-                             "logits/chosen and logits/rejected, which a softcapped head cannot give without the "
-                             "full logits; set it to True")
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        self._check_predicts_loss_only(prediction_loss_only)  # also for a dataset given to evaluate() or predict()
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def _padding_value(self) -> int:
         return self.padding_value if hasattr(self, "padding_value") else self.pad_token_id
@@ -80,7 +67,7 @@ class ConcatenatedPairsMixin:
         loss, metrics, stats = head_separable_loss(
             policy.operands, self.accelerator.unwrap_model(self.model).config, targets,
             lambda per_token_logps, _sum_p2: pair_loss(per_token_logps, completion_mask, *extra),
-            position_means=self._mean_logits)
+            position_means="every")
         # the MoE load-balancing loss of the same forward, with the config's coefficient, not logged (as TRL)
         loss = add_aux_loss(self, loss, policy.aux_loss, None, coef=self.aux_loss_coef)
 
@@ -91,12 +78,11 @@ class ConcatenatedPairsMixin:
                 logged[prefix + name] = self.accelerator.gather_for_metrics(value.detach().float()).mean().item()
             else:
                 logged[prefix + name] = gathered_mean(self.accelerator, value, pairs)
-        if self._mean_logits:
-            position_means = stats["position_mean_logits"]
-            if not self.logits_last_position:
-                position_means = position_means[:, :-1]
-            for name, half in (("logits/chosen", position_means[:pairs]), ("logits/rejected", position_means[pairs:])):
-                logged[prefix + name] = self.accelerator.gather_for_metrics(half.mean()).mean().item()
+        position_means = stats["position_mean_logits"]
+        if not self.logits_last_position:
+            position_means = position_means[:, :-1]
+        for name, half in (("logits/chosen", position_means[:pairs]), ("logits/rejected", position_means[pairs:])):
+            logged[prefix + name] = self.accelerator.gather_for_metrics(half.mean()).mean().item()
         if pair_loss.averaged and self._empty_completion(completion_mask):
             raise ValueError(f"{self.config_name}.max_length: a pair has a row with no completion token (its prompt "
                              f"fills max_length={self.max_length}, so truncation leaves an empty completion); the "

@@ -10,12 +10,10 @@ blocks of whole pairs (:func:`fastalign.linear_step.separable_step`); the loss i
 hinge, ipo, simpo and alphapo, label smoothing, ``simpo_gamma``, the AlphaPO reward ``alpha`` and
 the behaviour-cloning weight ``cpo_alpha``). Metrics keep TRL's names and values: ``rewards/*``,
 ``logps/*``, ``nll_loss`` and ``logits/chosen`` / ``logits/rejected`` (TRL's mean over every
-position of the logits, from one ``H``-vector; not logged for a softcapped head).
+position of the logits, from one ``H``-vector; a softcapped head's by one more vocabulary pass without gradients).
 
 Options the drop-in cannot honour raise a ValueError naming the config field at construction:
-``use_liger_kernel``, encoder-decoder models (``is_encoder_decoder``), vision-language models,
-and, on a softcapped head, evaluation that predicts logits (``compute_metrics`` with
-``prediction_loss_only=False``; at construction when an evaluation set is given, else at ``evaluate``). A MoE model's
+``use_liger_kernel``, encoder-decoder models (``is_encoder_decoder``) and vision-language models. A MoE model's
 load-balancing loss (the config's ``output_router_logits`` and ``router_aux_loss_coef``) comes from
 the router logits of the same body forward, as TRL adds it. A float64 model raises a TypeError at
 construction (the fused head runs in float32, bfloat16 or float16, or in the bf16 / fp16 of mixed

@@ -12,8 +12,9 @@ itself (:func:`fastalign.linear_step.separable_step`): one pass over blocks of w
 three matrix products instead of four, unless the loss couples the pairs (``aot``, ``aot_unpaired``;
 WPO weights with ``sft``), which take the two passes. Metrics go through TRL's own ``_metrics``
 under TRL's names: ``rewards/*`` and ``logps/*`` from the loss, and ``entropy``, ``num_tokens``,
-``logits/chosen``, ``logits/rejected`` (the mean logit, exact for heads without softcapping; not
-logged for a softcapped head) and ``mean_token_accuracy`` from the same pass.
+``logits/chosen``, ``logits/rejected`` (the mean logit over the completion positions, from one
+``H``-vector; a softcapped head's by one more vocabulary pass without gradients over those positions) and
+``mean_token_accuracy`` from the same pass.
 
 A MoE model's load-balancing loss (``router_aux_loss_coef`` with ``output_router_logits``) comes
 from the router logits of the policy's body forward, as TRL adds it. Options the drop-in cannot
@@ -39,7 +40,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from fastalign.integrations.trl._checks import check_config, check_model, init_checked
-from fastalign.integrations.trl._head import (add_aux_loss, has_mean_logits, head_call, head_separable_loss,
+from fastalign.integrations.trl._head import (add_aux_loss, head_call, head_separable_loss,
                                               install_head, install_heads, policy_operands)
 from fastalign.integrations.trl._live_loss import LiveLoss, build_loss
 from fastalign.integrations.trl._metrics import gathered_mean, log_num_tokens, log_pair_metrics, token_mean
@@ -125,7 +126,7 @@ class DPOTrainer(trl.DPOTrainer):
         loss, metrics, stats = head_separable_loss(
             policy.operands, unwrapped.config, targets, dpo, sum_p2=weighted, extras=("entropy", "argmax"),
             separable=coupling(dpo_loss.options["loss_type"], weighted) is None,
-            position_means=has_mean_logits(unwrapped))
+            position_means="scored")
         loss = add_aux_loss(self, loss, policy.aux_loss, mode)
         self._log_head_metrics(mode, stats, targets, inputs["attention_mask"])
         pairs = shift_mask.size(0) // 2

@@ -34,7 +34,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from fastalign.integrations.trl._checks import check_config, check_model, init_checked
-from fastalign.integrations.trl._head import (add_aux_loss, has_mean_logits, head_call, head_separable_loss,
+from fastalign.integrations.trl._head import (add_aux_loss, head_call, head_separable_loss,
                                               install_head, install_heads, policy_operands)
 from fastalign.integrations.trl._live_loss import LiveLoss, build_loss
 from fastalign.integrations.trl._metrics import gathered_mean, log_num_tokens, token_mean
@@ -126,7 +126,7 @@ class KTOTrainer(trl.KTOTrainer):
 
         unwrapped = self.accelerator.unwrap_model(self.model)
         loss, metrics, stats = head_separable_loss(policy.operands, unwrapped.config, targets, kto, items="rows",
-                                                   extras=("entropy",), position_means=has_mean_logits(unwrapped))
+                                                   extras=("entropy",), position_means="scored")
         log = self._metrics[mode]
         counts = {"chosen": label.sum(), "rejected": (~label).sum()}
         logged = {"kl": metrics["kl"].item()}  # the same on every process
@@ -150,9 +150,8 @@ class KTOTrainer(trl.KTOTrainer):
         log = self._metrics[mode]
         log["entropy"].append(token_mean(self.accelerator, stats["entropy"], mask))
         log_num_tokens(self, mode, attention_mask)
-        if "position_mean_logits" in stats:
-            for name, rows in (("logits/chosen", label), ("logits/rejected", ~label)):
-                mean = token_mean(self.accelerator, stats["position_mean_logits"][:, :-1], mask & rows[:, None],
-                                  empty=None)
-                if mean is not None:
-                    log[name].append(mean)
+        for name, rows in (("logits/chosen", label), ("logits/rejected", ~label)):
+            mean = token_mean(self.accelerator, stats["position_mean_logits"][:, :-1], mask & rows[:, None],
+                              empty=None)
+            if mean is not None:
+                log[name].append(mean)

@@ -10,7 +10,7 @@ every attended token of the chosen rows, the training loss through the head itse
 blocks of whole pairs (:func:`fastalign.linear_step.separable_step`); the loss is :class:`fastalign.integrations.trl.ORPOLoss` of the trainer's config.
 Metrics keep TRL's names and values: ``rewards/*``, ``logps/*``, ``nll_loss``, ``log_odds_ratio``,
 ``log_odds_chosen`` and ``logits/chosen`` / ``logits/rejected`` (TRL's mean over every position
-but the last, from one ``H``-vector; not logged for a softcapped head).
+but the last, from one ``H``-vector; a softcapped head's by one more vocabulary pass without gradients).
 
 Options the drop-in cannot honour raise a ValueError naming the config field at construction, as
 for :class:`fastalign.integrations.trl.CPOTrainer` (a float64 model: a TypeError); ``beta`` assigned on the

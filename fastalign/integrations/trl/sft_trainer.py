@@ -46,7 +46,7 @@ from transformers.trainer_pt_utils import LabelSmoother
 
 from fastalign.integrations.hf import head_transform, next_token_targets
 from fastalign.integrations.trl._checks import check_config, check_model, init_checked
-from fastalign.integrations.trl._head import (add_aux_loss, has_mean_logits, head_separable_loss, install_head,
+from fastalign.integrations.trl._head import (add_aux_loss, softcapped, head_separable_loss, install_head,
                                               label_margin, log_aux_loss, loss_and_outputs, policy_operands)
 
 __all__ = ["SFTTrainer"]
@@ -65,7 +65,7 @@ class SFTTrainer(trl.SFTTrainer):
         parallelism = self.accelerator.parallelism_config
         if parallelism is not None and getattr(parallelism, "sp_enabled", False):
             raise ValueError("sequence parallelism is not supported by the fastalign SFTTrainer")
-        if self.label_smoother is not None and not has_mean_logits(self.accelerator.unwrap_model(self.model)):
+        if self.label_smoother is not None and softcapped(self.accelerator.unwrap_model(self.model)):
             raise ValueError("SFTConfig.label_smoothing_factor: a softcapped head (final_logit_softcapping) has no "
                              "mean logit without the full logits; set it to 0")
         install_head(self.accelerator.unwrap_model(self.model))

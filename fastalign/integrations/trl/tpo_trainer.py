@@ -12,8 +12,8 @@ are never built, and the loss goes through the head itself in one pass over bloc
 (:func:`fastalign.linear_step.separable_step`; whole pairs when ``tpo_alpha = 0``, where TRL's batches hold no
 gold rows). Metrics keep TRL's names and values: ``entropy`` (over every completion token, gold included),
 ``num_tokens``, ``logits/chosen`` / ``logits/rejected`` (TRL's mean logit over the completion positions,
-from one ``H``-vector; not logged for a softcapped head), ``mean_token_accuracy``, ``rewards/*`` and
-``logps/*``.
+from one ``H``-vector; a softcapped head's by one more vocabulary pass without gradients over those
+positions), ``mean_token_accuracy``, ``rewards/*`` and ``logps/*``.
 
 Options the drop-in cannot honour raise a ValueError naming the config field at construction:
 ``use_liger_kernel``, vision-language models, label smoothing with hinge or ipo (TRL ignores it); a float64
@@ -30,7 +30,7 @@ import torch
 from trl.experimental.tpo import TPOTrainer as _TRLTPOTrainer
 
 from fastalign.integrations.trl._checks import check_config, check_model, init_checked
-from fastalign.integrations.trl._head import has_mean_logits, head_call, head_separable_loss, install_heads
+from fastalign.integrations.trl._head import head_call, head_separable_loss, install_heads
 from fastalign.integrations.trl._live_loss import LiveLoss, build_loss
 from fastalign.integrations.trl._metrics import gathered_mean, log_num_tokens, log_pair_metrics
 from fastalign.integrations.trl.preference import TPOLoss
@@ -74,7 +74,7 @@ class TPOTrainer(_TRLTPOTrainer):
         loss, metrics, stats = head_separable_loss(
             policy.operands, unwrapped.config, targets, lambda lp, _sum_p2: tpo_loss(lp, shift_mask),
             items="triples" if tpo_loss.gold else "pairs", extras=("entropy", "argmax"),
-            position_means=has_mean_logits(unwrapped))
+            position_means="scored")
         self._log_head_metrics(mode, stats, targets, inputs["attention_mask"], tpo_loss.gold)
         pairs = shift_mask.size(0) // (3 if tpo_loss.gold else 2)
         for name, value in metrics.items():  # per-pair means: over every process's pairs, as TRL gathers them
