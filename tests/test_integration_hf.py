@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the Hugging Face integration needs transformers")
 
 from conftest import HAS_TRITON  # noqa: E402
-from tiny_configs import DELTANET, MLA, gemma4, gemma_layers  # noqa: E402
+from tiny_configs import DELTANET, MLA, gemma3_vision, gemma4, gemma_layers  # noqa: E402
 from fastalign.integrations.hf import (  # noqa: E402
     HEAD_TRANSFORMS, causal_lm_logprobs, head_transform, known_head_transform)
 
@@ -437,6 +437,14 @@ TRANSFORM_ARCHS = {
     "hyperclovax": (dict(logits_scaling=2.5), (2.5, None)),
     "falcon_h1": (dict(lm_head_multiplier=0.5), (0.5, None)),
 }
+#: Vision-language models, as AutoModelForCausalLM builds them (a body with its vision tower, the language model's
+#: head) -> (the fields of a tiny text config, the transform expected): Gemma 3's forward applies no softcap
+#: whatever its text config says, Gemma 4's applies its text config's.
+COMPOSITE_ARCHS = {
+    "gemma3": (dict(final_logit_softcapping=3.0), (1.0, None)),
+    "gemma4": (gemma4(V), (1.0, 3.0)),
+    "gemma4_unified": (gemma4(V), (1.0, 3.0)),
+}
 #: Listed bodies that carry a recurrent state (state-space, linear-attention or convolution layers): their packed
 #: rows raise. Every other listed body splits packed rows at restarting position ids.
 RECURRENT_ARCHS = {"mamba", "mamba2", "falcon_mamba", "nemotron_h", "lfm2", "qwen3_next", "qwen3_5_text",
@@ -453,6 +461,14 @@ def _auto_model(arch, seed=0, **extra):
     with torch.no_grad():
         model.get_output_embeddings().weight.normal_(0, 1.0)
     return model
+
+
+def _composite_model(arch, text_fields, seed=0, **extra):
+    """A tiny vision-language model: the sizes of _SMALL in its text config, with ``text_fields``; ``extra`` (a
+    vision tower) given to the config's constructor."""
+    fields = transformers.AutoConfig.for_model(arch).get_text_config().to_dict()
+    text = {**{k: v for k, v in _SMALL.items() if k in fields}, **text_fields}
+    return _auto_model(arch, seed, text_config=text, **extra)
 
 
 def _check_own_logits_and_packed_rows(arch, model, transform):
@@ -489,10 +505,62 @@ def test_head_transform_architectures_match_their_own_logits(arch):
     _check_own_logits_and_packed_rows(arch, _auto_model(arch, **fields), transform)
 
 
+@pytest.mark.parametrize("arch", list(COMPOSITE_ARCHS))
+def test_vision_language_architectures_match_their_own_logits(arch):
+    """Text-only rows of a vision-language model score as its own logits (its body the module its forward calls),
+    with the head transform its forward applies, not the one its text config names."""
+    fields, transform = COMPOSITE_ARCHS[arch]
+    model = _composite_model(arch, fields, **(gemma3_vision(V) if arch == "gemma3" else {}))
+    assert model.config.get_text_config() is not model.config
+    _check_own_logits_and_packed_rows(arch, model, transform)
+
+
+def test_vision_language_model_under_peft():
+    """A LoRA adapter on a vision-language model's attention and head: its body is found under the PEFT wrapper
+    (the base model's, adapters in place), and the log-probs equal the adapted model's own logits."""
+    import peft
+    model = _composite_model("gemma3", {}, **gemma3_vision(V))
+    torch.manual_seed(1)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"],
+                                                       init_lora_weights=False)).eval()
+    input_ids, attention_mask, labels = batch(seed=6)
+    scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
+    with torch.no_grad():
+        ref_lp, _ = reference(model, input_ids, attention_mask)
+        with model.disable_adapter():
+            base_lp, _ = reference(model, input_ids, attention_mask)
+        check(causal_lm_logprobs(model, input_ids, attention_mask, labels=labels).logprobs, ref_lp, scored, 1e-4)
+    assert (ref_lp - base_lp)[scored].abs().max() > 1e-2  # the adapters change the scores
+
+
+def test_vision_inputs_reach_the_vision_tower():
+    """Image tokens with pixel_values: the body merges the image features as the model's own forward does (other
+    pixels give other log-probs, so pixel values dropped on the way would fail)."""
+    model = _composite_model("gemma3", {}, **gemma3_vision(V))
+    with torch.no_grad():  # initialised to zeros: every image would give the same (zero) features
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 1.0)
+    input_ids, attention_mask, labels = batch(seed=5)
+    input_ids[:, 5:9] = model.config.image_token_id  # after the left padding of row 1, before the right of row 2
+    labels[:, :9] = -100
+    scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
+    g = torch.Generator().manual_seed(0)
+    pixels = [torch.randn(3, 3, 28, 28, generator=g) for _ in range(2)]
+    with torch.no_grad():
+        refs = []
+        for pixel_values in pixels:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
+            logp = torch.log_softmax(logits[:, :-1].double(), -1)
+            refs.append(logp.gather(-1, input_ids[:, 1:, None])[..., 0])
+        stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, pixel_values=pixels[0])
+    check(stats.logprobs, refs[0], scored, 1e-4)
+    assert (refs[0] - refs[1])[scored].abs().max() > 1e-2
+
+
 def test_every_listed_architecture_is_checked_against_its_own_logits():
     """A model_type added to the table without a tiny model of it here fails (remote-code configs aside)."""
     own = {getattr(transformers, config_cls).model_type for config_cls, _, _ in ARCHS.values()}
-    assert set(HEAD_TRANSFORMS) - set(PLAIN_ARCHS) - set(TRANSFORM_ARCHS) - set(UNSPLIT_ARCHS) - own == set()
+    checked = set(PLAIN_ARCHS) | set(TRANSFORM_ARCHS) | set(UNSPLIT_ARCHS) | set(COMPOSITE_ARCHS) | own
+    assert set(HEAD_TRANSFORMS) - checked == set()
 
 
 def test_mpt_logit_scale_is_read_as_its_model_applies_it():

@@ -30,7 +30,7 @@ datasets = pytest.importorskip("datasets", reason="TRL's trainers need datasets"
 tokenizers = pytest.importorskip("tokenizers", reason="the test tokenizer needs tokenizers")
 
 import fastalign.integrations.trl as fa_trl  # noqa: E402
-from tiny_configs import DELTANET, gemma4  # noqa: E402
+from tiny_configs import DELTANET, gemma3_vision, gemma4  # noqa: E402
 
 WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(61)]
 TIMING = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second", "eval_runtime",
@@ -473,18 +473,25 @@ def test_dpo_moe_load_balancing_loss_matches_trl(moe_checkpoint, tmp_path, item_
 
 #: Current architectures beside Qwen2: Qwen3.5 (Gated DeltaNet layers beside attention) and Gemma 4 (softcapped
 #: logits, sliding-window layers), each as the config fields of a tiny model over WORDS.
-NEWER_ARCHS = {"qwen3_5_text": DELTANET, "gemma4_text": gemma4(len(WORDS))}
+NEWER_ARCHS = {"qwen3_5_text": DELTANET, "gemma4_text": gemma4(len(WORDS)), "gemma3": {}, "gemma4": gemma4(len(WORDS))}
+#: The vision-language models among them (trained on text): their fields go to the text config.
+VISION_LANGUAGE = {"gemma3": gemma3_vision(len(WORDS)), "gemma4": {}}
 
 
 @pytest.fixture(scope="module", params=list(NEWER_ARCHS))
 def newer_checkpoint(request, checkpoint, tmp_path_factory):
     """A tiny random model of a NEWER_ARCHS architecture with the word-level tokenizer."""
-    path = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    arch = request.param
+    path = tmp_path_factory.mktemp(f"tiny-{arch}")
     torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(request.param, **{**dict(
-        vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
-        eos_token_id=1, bos_token_id=None), **NEWER_ARCHS[request.param]})
+    fields = {**dict(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                     tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None), **NEWER_ARCHS[arch]}
+    if arch in VISION_LANGUAGE:
+        config = transformers.AutoConfig.for_model(arch, text_config=fields, pad_token_id=0, eos_token_id=1,
+                                                   tie_word_embeddings=False, **VISION_LANGUAGE[arch])
+    else:
+        config = transformers.AutoConfig.for_model(arch, **fields)
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # logits of a few units: the softcap matters, and samples still differ
         model.get_output_embeddings().weight.normal_(0, 0.3)
@@ -499,9 +506,9 @@ def _even_share(completions, **kwargs):
 
 @pytest.mark.parametrize("trainer", ["GRPO", "DPO"])
 def test_newer_architectures_match_trl(newer_checkpoint, tmp_path, trainer):
-    """GRPO (with a KL term) and DPO on Qwen3.5 and Gemma 4 checkpoints: the head transform read from the config,
-    the body's own layers; loss, metrics and update equal TRL's (a softcapped head's logits/chosen and
-    logits/rejected included)."""
+    """GRPO (with a KL term) and DPO on Qwen3.5 and Gemma 4 checkpoints, and on Gemma 3 and 4 vision-language
+    checkpoints trained on text: the head transform read from the config, the body's own layers; loss, metrics and
+    update equal TRL's (a softcapped head's logits/chosen and logits/rejected included)."""
     if trainer == "GRPO":
         def build(cls, out):
             args = trl.GRPOConfig(**_common(out, per_device_train_batch_size=4, num_generations=4,
@@ -513,8 +520,26 @@ def test_newer_architectures_match_trl(newer_checkpoint, tmp_path, trainer):
             return cls(model=newer_checkpoint, args=trl.DPOConfig(**_common(out, per_device_train_batch_size=4)),
                        train_dataset=_dpo_dataset(), processing_class=_tokenizer(newer_checkpoint))
     theirs = _run(build(getattr(trl, f"{trainer}Trainer"), tmp_path / "trl"))
-    ours = _run(build(getattr(fa_trl, f"{trainer}Trainer"), tmp_path / "fa"))
-    _compare(theirs, ours)
+    drop_in = build(getattr(fa_trl, f"{trainer}Trainer"), tmp_path / "fa")
+    config = drop_in.model.config
+    assert (config.get_text_config() is not config) == (config.model_type in VISION_LANGUAGE)
+    _compare(theirs, _run(drop_in))
+
+
+@pytest.mark.parametrize("newer_checkpoint", ["gemma3"], indirect=True)
+def test_vision_inputs_raise_in_the_drop_ins(newer_checkpoint):
+    """The drop-ins train vision-language models on text: vision inputs reaching the fused head raise, naming them
+    (the model's own forward, without the fused head, still takes them)."""
+    from fastalign.integrations.trl._head import install_head
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(newer_checkpoint)
+    install_head(model)
+    ids = torch.full((1, 9), 2)
+    ids[0, 2:6] = model.config.image_token_id
+    pixels = torch.randn(1, 3, 28, 28)
+    with pytest.raises(ValueError, match=r"vision inputs \['pixel_values'\]"):
+        model(input_ids=ids, labels=ids, pixel_values=pixels, fastalign_head=("log_probs",))
+    assert model(input_ids=ids, pixel_values=pixels).logits.shape == (1, 9, len(WORDS))
 
 
 @pytest.mark.parametrize("trainer", ["SFT", "KTO", "RLOO", "CPO", "ORPO"])

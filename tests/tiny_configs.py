@@ -19,3 +19,11 @@ def gemma_layers(vocab: int) -> dict:
 def gemma4(vocab: int) -> dict:
     """A Gemma 4 text model softcapped at 3 (logits of a few units feel it)."""
     return dict(gemma_layers(vocab), final_logit_softcapping=3.0, hidden_size_per_layer_input=0, global_head_dim=8)
+
+
+def gemma3_vision(vocab: int) -> dict:
+    """A Gemma 3 vision-language config's tiny SigLIP tower (two 14-pixel patches a side, pooled to 4 image
+    tokens), its image tokens the last ids of a vocabulary of ``vocab``."""
+    return dict(vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=28, patch_size=14),
+                mm_tokens_per_image=4, image_token_id=vocab - 1, boi_token_index=vocab - 2, eoi_token_index=vocab - 3)

@@ -23,6 +23,8 @@ granite, granitemoe, granitemoeshared, granitemoehybrid,       ``logit_scale = 1
 granite_swa, granitemoe_swa, minicpm3
 hyperclovax                                                     ``logit_scale = logits_scaling``
 falcon_h1                                                       ``logit_scale = lm_head_multiplier``
+gemma3 (vision-language; its forward ignores the softcap)       none
+gemma4, gemma4_unified (vision-language)                        ``softcap = text_config.final_logit_softcapping``
 =============================================================  ===========================================
 
 Any other architecture raises unless the caller states its head transform with
@@ -64,6 +66,11 @@ def _final_softcap(config) -> tuple[float, Optional[float]]:
     return 1.0, getattr(config, "final_logit_softcapping", None)
 
 
+def _text_softcap(config) -> tuple[float, Optional[float]]:
+    """A vision-language model's softcap: its text config's ``final_logit_softcapping`` (Gemma 4)."""
+    return _final_softcap(config.get_text_config())
+
+
 def _scale_by(field: str, reciprocal: bool = False):
     """The rule of a head that multiplies its logits by ``config.<field>`` (by its inverse with ``reciprocal``)."""
     def rule(config) -> tuple[float, Optional[float]]:
@@ -97,6 +104,10 @@ HEAD_TRANSFORMS = {
     "hyperclovax": _scale_by("logits_scaling"),  # multiplies, where Granite divides
     "falcon_h1": _scale_by("lm_head_multiplier"),
     "mpt": _mpt,
+    # vision-language models (the classes AutoModelForCausalLM builds for them): Gemma 3's forward applies no
+    # softcap, whatever its text config says (unlike Gemma3ForCausalLM); Gemma 4's applies its text config's
+    "gemma3": _plain,
+    **{name: _text_softcap for name in ("gemma4", "gemma4_unified")},
 }
 
 #: The architectures listed above, each checked for packed rows (:func:`_unsplit_packing`).
@@ -188,15 +199,21 @@ def register_head_transform(model_type: str, *, logit_scale: float = 1.0, softca
 
 def _body(model):
     """The module that maps input_ids to the last hidden states (the model without its head): ``get_decoder()``,
-    else the ``base_model_prefix`` attribute, else ``model.model``. A ``get_decoder()`` that returns the output
-    head itself (ModernBERT-decoder) raises: such a head reads more than the body's last hidden states."""
+    else the ``base_model_prefix`` attribute, else ``model.model``; for a vision-language model (a config with a
+    text config of its own) the ``base_model_prefix`` attribute first, the module its forward calls, so that
+    vision inputs reach its vision tower (its ``get_decoder()`` is the language model alone). A ``get_decoder()``
+    that returns the output head itself (ModernBERT-decoder) raises: such a head reads more than the body's last
+    hidden states. Under PEFT, the body of the base model (its adapters in place)."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     if decoder is not None and decoder is head:
         raise ValueError(f"model: get_decoder() of {type(model).__name__} returns its output head, not the body "
                          "whose last hidden states the head reads; fastalign cannot score it from hidden states")
-    for body in (decoder, getattr(model, getattr(model, "base_model_prefix", "model"), None),
-                 getattr(model, "model", None)):
+    prefixed = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    config = getattr(model, "config", None)
+    composite = hasattr(config, "get_text_config") and config.get_text_config() is not config
+    for body in ((prefixed, decoder) if composite else (decoder, prefixed)) + (getattr(model, "model", None),):
         if isinstance(body, torch.nn.Module) and body is not model and body is not head:
             return body
     raise TypeError(f"model: cannot find the body of {type(model).__name__} (get_decoder(), base_model_prefix, "

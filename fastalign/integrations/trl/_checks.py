@@ -1,5 +1,5 @@
 """The checks a TRL drop-in trainer runs at construction: its config (:func:`check_config`), its model and
-reference (:func:`check_model`: PEFT, vision-language models, the head transform, a float64 head), a teacher
+reference (:func:`check_model`: PEFT, the head transform, a float64 head), a teacher
 (:func:`check_teacher`), and TRL's constructor run with its config checked before and after
 (:func:`init_checked`). Each raises naming the config field or the argument."""
 from __future__ import annotations
@@ -21,8 +21,8 @@ def check_config(args, name: str) -> None:
 
 
 def check_model(trainer, name: str, *, head_dtype: Optional[torch.dtype] = None) -> None:
-    """Raise on a model the fastalign head cannot score like TRL's fused head: a vision-language model, an
-    architecture without a known head transform, a policy or reference with a PEFT adapter set up outside
+    """Raise on a model the fastalign head cannot score like TRL's fused head: an architecture without a known
+    head transform, a policy or reference with a PEFT adapter set up outside
     the body (:func:`check_peft`), and a policy or reference whose head would run in float64
     (:func:`check_head_dtype`; ``head_dtype``: the dtype the trainer runs its head in, None: the model's)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -36,11 +36,9 @@ def check_model(trainer, name: str, *, head_dtype: Optional[torch.dtype] = None)
 
 
 def check_text_head(base, name: str) -> None:
-    """Raise, naming ``name``, on a ``PreTrainedModel`` the fused head cannot score: a vision-language model, an
-    architecture without a known head transform."""
-    if base.config.get_text_config() is not base.config:
-        raise ValueError(f"{name}: {type(base).__name__} is a vision-language model; the fastalign trainers take "
-                         "text-only causal LMs (vision inputs are not supported)")
+    """Raise, naming ``name``, on a ``PreTrainedModel`` the fused head cannot score: an architecture without a known
+    head transform (a vision-language model's included: those listed train on text, their vision inputs refused
+    at the call)."""
     head_transform(base.config)  # raises for an architecture without a known head transform
 
 
@@ -76,7 +74,7 @@ def check_head_dtype(trainer, model, name: str, *, head_dtype: Optional[torch.dt
 
 
 def check_teacher(trainer, teacher, name: str = "teacher_model") -> None:
-    """Raise on a teacher the fused head cannot score (a float64 head, a vision-language model, an architecture
+    """Raise on a teacher the fused head cannot score (a float64 head, an architecture
     without a known head transform), naming it; then install the fused head on it."""
     check_head_dtype(trainer, teacher, name)
     check_text_head(base_model(trainer, teacher), name)

@@ -340,6 +340,9 @@ def install_head(model) -> None:
             given = "inputs_embeds without input_ids" if kwargs.get("inputs_embeds") is not None else "no input_ids"
             raise ValueError(f"fastalign_head: {given}; the fused head scores input_ids (PEFT prompt learning, "
                              "which passes its virtual tokens as inputs_embeds, is not supported)")
+        vision = sorted(k for k in VISION_INPUTS if kwargs.get(k) is not None)
+        if vision:  # a vision-language model trains on text through the fastalign trainers
+            raise ValueError(f"fastalign_head: vision inputs {vision} are not supported by the fastalign trainers")
         labels = kwargs.pop("labels", None)
         return head_outputs(self, kwargs.pop("input_ids"), kwargs.pop("attention_mask", None), labels,
                             tuple(fastalign_head), **(fastalign_options or {}), **kwargs)

@@ -15,7 +15,7 @@ only the completion tokens under the attention mask going through the vocabulary
 from the reference's samples), the generation, the rewards and TRL's ``implicit_reward`` / ``advantage`` metrics
 stay TRL's.
 
-Refused at construction, each naming the argument: ``use_liger_kernel``, vision-language models, PEFT
+Refused at construction, each naming the argument: ``use_liger_kernel``, PEFT
 prompt learning, an architecture without a known head transform and a float64 model (the head runs in
 float32, bfloat16 or float16).
 """

@@ -13,11 +13,11 @@ the behaviour-cloning weight ``cpo_alpha``). Metrics keep TRL's names and values
 position of the logits, from one ``H``-vector; a softcapped head's by one more vocabulary pass without gradients).
 
 Options the drop-in cannot honour raise a ValueError naming the config field at construction:
-``use_liger_kernel``, encoder-decoder models (``is_encoder_decoder``) and vision-language models. A MoE model's
-load-balancing loss (the config's ``output_router_logits`` and ``router_aux_loss_coef``) comes from
-the router logits of the same body forward, as TRL adds it. A float64 model raises a TypeError at
-construction (the fused head runs in float32, bfloat16 or float16, or in the bf16 / fp16 of mixed
-precision). ``beta``, ``label_smoothing``, ``loss_type``, ``cpo_alpha``, ``simpo_gamma`` and ``alpha``
+``use_liger_kernel``, encoder-decoder models (``is_encoder_decoder``) and an architecture without a known head
+transform. A MoE model's load-balancing loss (the config's ``output_router_logits`` and
+``router_aux_loss_coef``) comes from the router logits of the same body forward, as TRL adds it. A float64 model
+raises a TypeError at construction (the fused head runs in float32, bfloat16 or float16, or in the bf16 / fp16
+of mixed precision). ``beta``, ``label_smoothing``, ``loss_type``, ``cpo_alpha``, ``simpo_gamma`` and ``alpha``
 assigned on the trainer take effect at the next step, as in TRL.
 """
 from __future__ import annotations

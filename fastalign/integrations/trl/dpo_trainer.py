@@ -19,9 +19,9 @@ under TRL's names: ``rewards/*`` and ``logps/*`` from the loss, and ``entropy``,
 A MoE model's load-balancing loss (``router_aux_loss_coef`` with ``output_router_logits``) comes
 from the router logits of the policy's body forward, as TRL adds it. Options the drop-in cannot
 honour raise a ValueError naming the config field at construction: ``use_liger_kernel`` and
-vision-language models; a float64 policy or reference raises a TypeError there (the fused head runs in
-float32, bfloat16 or float16, or in the bf16 / fp16 of mixed precision). With several processes every metric
-is over the pairs (or tokens) of every process, as TRL gathers them.
+an architecture without a known head transform; a float64 policy or reference raises a TypeError there (the
+fused head runs in float32, bfloat16 or float16, or in the bf16 / fp16 of mixed precision). With several
+processes every metric is over the pairs (or tokens) of every process, as TRL gathers them.
 
 The loss options TRL's trainer reads from its attributes at every step (``beta``, ``loss_types``,
 ``loss_weights``, ``label_smoothing``, ``f_divergence_type``, ``f_alpha_divergence_coef``, ``ld_alpha``,

@@ -20,7 +20,7 @@ together with the collator, the teacher's loading and the evaluation loop. Only 
 vocabulary; with gradients, one pass over blocks of tokens. PEFT adapters on the body train as in TRL (an
 adapter on the ``lm_head`` is refused by TRL's ``SFTTrainer``).
 
-Options the drop-in cannot honour raise at construction: ``use_liger_kernel``, vision-language models,
+Options the drop-in cannot honour raise at construction: ``use_liger_kernel``,
 PEFT prompt learning, an architecture without a known head transform
 (:func:`~fastalign.integrations.hf.register_head_transform` states one), a float64 student or teacher
 (the heads run in float32, bfloat16 or float16) and vocabularies of different sizes (as TRL).

@@ -10,8 +10,9 @@ Per-token log-probs and entropies of the policy (and of the reference and old po
 ``GRPOTrainer``; the loss is :class:`fastalign.integrations.trl.GMPOLoss` of the trainer's options (``beta``,
 ``epsilon_low`` / ``epsilon_high``, ``top_entropy_quantile``, read at every step as TRL reads them) and the metrics
 go through TRL's ``_metrics`` under TRL's names, reduced over the processes as TRL reduces them (the entropy quantile
-too: :func:`fastalign.integrations.trl.entropy_threshold`). ``use_liger_kernel`` and vision-language models raise a
-ValueError at construction. Like TRL's ``GMPOTrainer`` the loss adds no MoE load-balancing term.
+too: :func:`fastalign.integrations.trl.entropy_threshold`). ``use_liger_kernel`` and an architecture without a
+known head transform raise a ValueError at construction. Like TRL's ``GMPOTrainer`` the loss adds no MoE
+load-balancing term.
 """
 from __future__ import annotations
 

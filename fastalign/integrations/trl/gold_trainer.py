@@ -12,7 +12,7 @@ drop-in (:mod:`fastalign.integrations.trl.gkd_trainer`) but at the config's temp
 ``seq_kd``, vLLM), the collator and the evaluation loop stay TRL's.
 
 Refused at construction, each naming the field: ``use_uld_loss=True`` (the cross-tokenizer ULD loss aligns two
-vocabularies' sorted distributions: no fused form), ``use_liger_kernel``, vision-language models, PEFT prompt
+vocabularies' sorted distributions: no fused form), ``use_liger_kernel``, PEFT prompt
 learning, an architecture without a known head transform and a float64 student or teacher.
 ``compute_loss(..., return_outputs=True)`` runs one more student forward for the logits, with a warning.
 """

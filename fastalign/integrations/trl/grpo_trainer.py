@@ -20,19 +20,18 @@ trainer runs its own; ``use_adaptive_entropy`` runs TRL's controller of ``entrop
 entropies of the loss's own pass; a MoE model's load-balancing loss (``router_aux_loss_coef`` with
 ``output_router_logits``) comes from the router logits of the same body forward, as TRL adds it.
 Options the drop-in cannot honour raise a ValueError naming the config field at construction:
-``use_liger_kernel`` and vision-language models; a float64 policy or reference raises a TypeError there
-unless ``cast_lm_head_to_fp32`` or mixed precision runs the head in another dtype. The options TRL reads
-from the trainer at every step (``beta``, ``loss_type``, ``epsilon_low`` / ``epsilon_high``,
+``use_liger_kernel`` and an architecture without a known head transform; a float64 policy or reference raises a
+TypeError there unless ``cast_lm_head_to_fp32`` or mixed precision runs the head in another dtype. The options
+TRL reads from the trainer at every step (``beta``, ``loss_type``, ``epsilon_low`` / ``epsilon_high``,
 ``importance_sampling_level``, ``top_entropy_quantile``, ``off_policy_mask_threshold``, ``entropy_coef``,
-``max_completion_length``, the vLLM importance-sampling ones) are read here too, so an assignment on the
-trainer takes effect at the next step, and so are the config fields TRL's loss reads from ``self.args`` at every
-step (``delta``, ``use_bias_correction_kl``, ``sapo_temperature_pos`` / ``_neg``, ``vespo_*``,
-``steps_per_generation``: a callback that changes ``args.delta``); ``temperature`` reaches generation only, as TRL's fused head keeps
-the one it was built with.
-With several processes the token-mean metrics (``entropy``, ``kl``, ``clip_ratio/*_mean``, ...)
-weight every process's tokens as TRL does, and ``top_entropy_quantile < 1`` keeps the tokens at or
-above the entropy quantile over every process's valid tokens (gathered here, as TRL gathers them;
-see :func:`fastalign.integrations.trl.entropy_threshold`).
+``max_completion_length``, the vLLM importance-sampling ones) are read here too, so an assignment on the trainer
+takes effect at the next step, and so are the config fields TRL's loss reads from ``self.args`` at every step
+(``delta``, ``use_bias_correction_kl``, ``sapo_temperature_pos`` / ``_neg``, ``vespo_*``,
+``steps_per_generation``: a callback that changes ``args.delta``); ``temperature`` reaches generation only, as
+TRL's fused head keeps the one it was built with. With several processes the token-mean metrics (``entropy``,
+``kl``, ``clip_ratio/*_mean``, ...) weight every process's tokens as TRL does, and ``top_entropy_quantile < 1``
+keeps the tokens at or above the entropy quantile over every process's valid tokens (gathered here, as TRL
+gathers them; see :func:`fastalign.integrations.trl.entropy_threshold`).
 """
 from __future__ import annotations
 

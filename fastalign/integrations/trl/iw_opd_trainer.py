@@ -23,7 +23,7 @@ Either is divided by ``num_items_in_batch`` when ``Trainer`` passes it, else by 
 least 1). Generation (``lmbda``), buffering across gradient accumulation and the completion metrics stay TRL's.
 
 Refused at construction, each naming the field: ``use_teacher_server`` (the server returns per-token log-probs
-for TRL's own path), ``use_liger_kernel``, vision-language models, PEFT prompt learning, an architecture without
+for TRL's own path), ``use_liger_kernel``, PEFT prompt learning, an architecture without
 a known head transform and a float64 student or teacher. ``compute_loss(..., return_outputs=True)`` runs one more
 student forward without gradients for the outputs, with a warning.
 """

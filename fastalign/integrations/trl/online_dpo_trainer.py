@@ -17,7 +17,7 @@ rewards, the pair loss, ``beta`` (a list: one per epoch, which TRL 1.16's own pr
 ``missing_eos_penalty``, the left truncation to
 ``max_length`` and the logged metrics stay TRL's.
 
-Refused at construction, each naming the argument: ``use_liger_kernel``, vision-language models, PEFT
+Refused at construction, each naming the argument: ``use_liger_kernel``, PEFT
 prompt learning, an architecture without a known head transform and a float64 model or reference (the
 head runs in float32, bfloat16 or float16).
 """

@@ -15,12 +15,11 @@ tokens, ``clip_ratio/*`` over every process's completions, as TRL gathers them).
 rewards and advantages are TRL's.
 
 Options the drop-in cannot honour raise a ValueError naming the config field at construction:
-``use_liger_kernel`` and vision-language models; a float64 policy or reference raises a TypeError there
-(the fused head runs in float32, bfloat16 or float16, or in the bf16 / fp16 of mixed precision). The clip
-range TRL reads from the trainer at every step (``epsilon_low``, ``epsilon_high``) is read here too, so an
-assignment takes effect at the next step. A MoE model's load-balancing loss
-(``router_aux_loss_coef`` with ``output_router_logits``) comes from the router logits of the same
-body forward, as TRL adds it.
+``use_liger_kernel`` and an architecture without a known head transform; a float64 policy or reference raises a
+TypeError there (the fused head runs in float32, bfloat16 or float16, or in the bf16 / fp16 of mixed precision).
+The clip range TRL reads from the trainer at every step (``epsilon_low``, ``epsilon_high``) is read here too, so
+an assignment takes effect at the next step. A MoE model's load-balancing loss (``router_aux_loss_coef`` with
+``output_router_logits``) comes from the router logits of the same body forward, as TRL adds it.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ training, as TRL. The metrics keep TRL's names (``self_distillation/distillation
 advantages and the teacher's updates stay TRL's.
 
 Refused at construction, each naming the field: ``use_teacher_server`` (the server returns log-probs for TRL's
-own path), ``use_liger_kernel``, vision-language models, PEFT prompt
+own path), ``use_liger_kernel``, PEFT prompt
 learning, an architecture without a known head transform and a float64 model (the heads run in float32,
 bfloat16 or float16). ``return_outputs=True`` raises, as in TRL.
 """

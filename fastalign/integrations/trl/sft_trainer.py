@@ -32,7 +32,7 @@ loss's own pass.
 
 Options the drop-in cannot honour raise a ValueError naming them at construction:
 ``compute_loss_func`` (it needs the full logits),
-``use_liger_kernel``, sequence parallelism, vision-language models and PEFT prompt learning (its
+``use_liger_kernel``, sequence parallelism, an architecture without a known head transform and PEFT prompt learning (its
 virtual tokens reach the body as ``inputs_embeds``; X-LoRA and ShadowPEFT too). A MoE model's load-balancing
 loss comes from the router logits of the same body forward, as TRL adds it.
 """

@@ -16,11 +16,12 @@ from one ``H``-vector; a softcapped head's by one more vocabulary pass without g
 positions), ``mean_token_accuracy``, ``rewards/*`` and ``logps/*``.
 
 Options the drop-in cannot honour raise a ValueError naming the config field at construction:
-``use_liger_kernel``, vision-language models, label smoothing with hinge or ipo (TRL ignores it); a float64
-model raises a TypeError there (the fused head runs in float32, bfloat16 or float16, or in the bf16 / fp16 of
-mixed precision). ``beta``, ``loss_type``, ``label_smoothing``, ``tpo_alpha`` and ``tpo_l_gamma`` assigned on
-the trainer take effect at the next step, as in TRL; ``tpo_alpha`` may not move between 0 and another value
-(TRL's collator keeps or drops the gold rows at construction), which raises a ValueError at the next step.
+``use_liger_kernel``, an architecture without a known head transform, label smoothing with hinge or ipo (TRL
+ignores it); a float64 model raises a TypeError there (the fused head runs in float32, bfloat16 or float16, or
+in the bf16 / fp16 of mixed precision). ``beta``, ``loss_type``, ``label_smoothing``, ``tpo_alpha`` and
+``tpo_l_gamma`` assigned on the trainer take effect at the next step, as in TRL; ``tpo_alpha`` may not move
+between 0 and another value (TRL's collator keeps or drops the gold rows at construction), which raises a
+ValueError at the next step.
 """
 from __future__ import annotations
 
