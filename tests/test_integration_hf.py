@@ -414,7 +414,17 @@ PLAIN_ARCHS = {
         "deepseek_v4", "glm4_moe", "ministral3", "ernie4_5", "ernie4_5_moe", "exaone_moe", "hunyuan_v1_dense",
         "hunyuan_v1_moe", "minimax_m2", "mimo_v2_flash", "solar_open", "apertus", "arcee", "bitnet", "cwm", "diffllama",
         "doge", "flex_olmo", "jais2", "mellum", "gpt_bigcode", "gpt_neo", "mamba", "falcon_mamba", "nemotron_h",
-        "afmoe")},
+        "afmoe", "falcon", "exaone", "ctrl", "gpt_neox_japanese", "olmo_hybrid", "minicpm5_moe",
+        "param2moe", "sarvam_moe", "apertus1p5_text", "aria_text", "minimax_m3_vl_text", "hy_v3", "hy_v4", "laguna",
+        "lfm3", "iquestcoder", "ergo", "flint", "hrm_text", "kolibri1", "lara_mini")},
+    **{arch: dict(rotary_dim=8) for arch in ("gptj", "codegen")},
+    "dots1": dict(n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    "bamba": dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=8, attn_layer_indices=[1]),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                  mamba_d_state=8, mamba_dt_rank=8),
+    "zamba2": dict(layers_block_type=["mamba", "hybrid"], mamba_d_state=16, mamba_headdim=16, n_mamba_heads=4,
+                   num_mem_blocks=1, hybrid_layer_ids=[1]),
     **{arch: MLA for arch in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa",
                                "longcat_flash")},
     **{arch: DELTANET for arch in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")},
@@ -428,8 +438,11 @@ TRANSFORM_ARCHS = {
     "gemma3n_text": (dict(gemma_layers(V), final_logit_softcapping=3.0, hidden_size_per_layer_input=8,
                           activation_sparsity_pattern=[0.0, 0.0], laurel_rank=4, altup_num_inputs=2), (1.0, 3.0)),
     "gemma4_text": (gemma4(V), (1.0, 3.0)),
+    "gemma4_unified_text": (gemma4(V), (1.0, 3.0)),
     "vaultgemma": (dict(final_logit_softcapping=3.0), (1.0, 3.0)),
     "nanochat": (dict(final_logit_softcapping=3.0), (1.0, 3.0)),
+    "recurrent_gemma": (dict(block_types=["recurrent", "attention"], lru_width=32, attention_window_size=16,
+                             logits_soft_cap=3.0), (1.0, 3.0)),
     **{arch: (dict(logit_scale=0.4), (0.4, None)) for arch in ("cohere2", "cohere2_moe")},
     **{arch: (dict(logits_scaling=2.5), (0.4, None)) for arch in ("granitemoe", "granitemoeshared", "granite_swa",
                                                                   "granitemoe_swa")},
@@ -448,7 +461,8 @@ COMPOSITE_ARCHS = {
 #: Listed bodies that carry a recurrent state (state-space, linear-attention or convolution layers): their packed
 #: rows raise. Every other listed body splits packed rows at restarting position ids.
 RECURRENT_ARCHS = {"mamba", "mamba2", "falcon_mamba", "nemotron_h", "lfm2", "qwen3_next", "qwen3_5_text",
-                   "qwen3_5_moe_text", "falcon_h1"}
+                   "qwen3_5_moe_text", "falcon_h1", "olmo_hybrid", "lfm3", "lara_mini", "lfm2_moe", "bamba", "jamba",
+                   "zamba2", "recurrent_gemma"}
 
 
 def _auto_model(arch, seed=0, **extra):
@@ -681,7 +695,7 @@ def test_triton_backend_forward_and_gradient():
 #: Bodies that do not split packed rows: opt, gpt_oss and afmoe build their causal mask without the position ids,
 #: bloom and mpt take none, granitemoehybrid also carries its Mamba state from one sequence into the next.
 UNSPLIT_ARCHS = {
-    "opt": {}, "gpt_oss": {}, "afmoe": {}, "bloom": {}, "mpt": {},
+    "opt": {}, "gpt_oss": {}, "afmoe": {}, "bloom": {}, "mpt": {}, "openai-gpt": {}, "rwkv": {},
     "granitemoehybrid": dict(layer_types=["full_attention", "linear_attention"], mamba_n_heads=4, mamba_d_head=16,
                              mamba_d_state=16, mamba_chunk_size=8, shared_intermediate_size=16, use_cache=False),
 }

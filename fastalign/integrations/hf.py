@@ -17,7 +17,8 @@ qwen3_next, qwen3_5_text, qwen3_5_moe_text, phi3, gemma,
 olmo2, starcoder2, deepseek_v2, deepseek_v3, deepseek_v32,
 glm4_moe, llama4_text, ernie4_5 and the others listed
 gemma2, gemma3_text, gemma3n_text, gemma4_text, vaultgemma,    ``softcap = final_logit_softcapping``
-nanochat
+gemma4_unified_text, nanochat
+recurrent_gemma                                                 ``softcap = logits_soft_cap``
 cohere, cohere2, cohere2_moe                                    ``logit_scale = config.logit_scale``
 granite, granitemoe, granitemoeshared, granitemoehybrid,       ``logit_scale = 1 / logits_scaling``
 granite_swa, granitemoe_swa, minicpm3
@@ -55,6 +56,10 @@ _PLAIN_HEAD = (
     "hunyuan_v1_dense", "hunyuan_v1_moe", "minimax_m2", "mimo_v2_flash", "longcat_flash", "solar_open", "apertus",
     "arcee", "bitnet", "cwm", "diffllama", "doge", "flex_olmo", "jais2", "mellum", "gpt_bigcode", "gpt_neo",
     "lfm2", "mamba", "mamba2", "falcon_mamba", "nemotron_h", "afmoe",
+    "falcon", "gptj", "codegen", "exaone", "openai-gpt", "ctrl", "gpt_neox_japanese", "rwkv", "olmo_hybrid",
+    "minicpm5_moe", "param2moe", "sarvam_moe", "apertus1p5_text", "aria_text", "minimax_m3_vl_text", "hy_v3", "hy_v4",
+    "laguna", "lfm3", "iquestcoder", "ergo", "flint", "hrm_text", "kolibri1", "lara_mini", "dots1", "lfm2_moe",
+    "bamba", "jamba", "zamba2",
 )
 
 
@@ -64,6 +69,11 @@ def _plain(config) -> tuple[float, Optional[float]]:
 
 def _final_softcap(config) -> tuple[float, Optional[float]]:
     return 1.0, getattr(config, "final_logit_softcapping", None)
+
+
+def _logits_soft_cap(config) -> tuple[float, Optional[float]]:
+    """RecurrentGemma's softcap, ``logits_soft_cap``, always applied."""
+    return 1.0, float(config.logits_soft_cap)
 
 
 def _text_softcap(config) -> tuple[float, Optional[float]]:
@@ -94,13 +104,14 @@ def _mpt(config) -> Optional[tuple[float, Optional[float]]]:
 #: ``model_type`` -> ``config -> (logit_scale, softcap)``: what the model's forward applies after its lm_head.
 HEAD_TRANSFORMS = {
     **{name: _plain for name in _PLAIN_HEAD},
-    **{name: _final_softcap for name in ("gemma2", "gemma3_text", "gemma3n_text", "gemma4_text", "vaultgemma",
-                                         "nanochat")},
+    **{name: _final_softcap for name in ("gemma2", "gemma3_text", "gemma3n_text", "gemma4_text",
+                                         "gemma4_unified_text", "vaultgemma", "nanochat")},
     **{name: _scale_by("logit_scale") for name in ("cohere", "cohere2", "cohere2_moe")},
     # MiniCPM3 divides the hidden states by its logits_scaling (hidden_size / dim_model_base); its head has no bias
     **{name: _scale_by("logits_scaling", reciprocal=True)
        for name in ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granite_swa", "granitemoe_swa",
                     "minicpm3")},
+    "recurrent_gemma": _logits_soft_cap,
     "hyperclovax": _scale_by("logits_scaling"),  # multiplies, where Granite divides
     "falcon_h1": _scale_by("lm_head_multiplier"),
     "mpt": _mpt,
@@ -124,7 +135,7 @@ _UNSET = object()
 #: ``model_type``\ s whose ``transformers`` body takes ``position_ids`` but builds its causal mask without them:
 #: it never splits a packed row, so each packed sequence attends to the ones before it. Packed rows of these
 #: (and of any body that takes no ``position_ids`` or carries a recurrent state, :func:`_unsplit_packing`) raise.
-_UNSPLIT_PACKED = ("opt", "gpt_oss", "afmoe")
+_UNSPLIT_PACKED = ("opt", "gpt_oss", "afmoe", "openai-gpt")
 
 
 def known_head_transform(config) -> Optional[tuple[float, Optional[float]]]:
