@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the Hugging Face integration needs transformers")
 
 from conftest import HAS_TRITON  # noqa: E402
-from tiny_configs import DELTANET, MLA, gemma3_vision, gemma4, gemma_layers  # noqa: E402
+from tiny_configs import DELTANET, MLA, VISION, gemma3_vision, gemma4, gemma_layers  # noqa: E402
 from fastalign.integrations.hf import (  # noqa: E402
     HEAD_TRANSFORMS, causal_lm_logprobs, head_transform, known_head_transform)
 
@@ -457,12 +457,15 @@ COMPOSITE_ARCHS = {
     "gemma3": (dict(final_logit_softcapping=3.0), (1.0, None)),
     "gemma4": (gemma4(V), (1.0, 3.0)),
     "gemma4_unified": (gemma4(V), (1.0, 3.0)),
+    **{arch: (text, (1.0, None)) for arch, (_, text) in VISION.items()},
 }
 #: Listed bodies that carry a recurrent state (state-space, linear-attention or convolution layers): their packed
 #: rows raise. Every other listed body splits packed rows at restarting position ids.
 RECURRENT_ARCHS = {"mamba", "mamba2", "falcon_mamba", "nemotron_h", "lfm2", "qwen3_next", "qwen3_5_text",
                    "qwen3_5_moe_text", "falcon_h1", "olmo_hybrid", "lfm3", "lara_mini", "lfm2_moe", "bamba", "jamba",
-                   "zamba2", "recurrent_gemma"}
+                   "zamba2", "recurrent_gemma", "qwen3_5", "qwen3_5_moe"}
+#: Vision-language bodies that do not split packed rows (their rotary positions and mask ignore the restarts).
+UNSPLIT_COMPOSITES = {"qwen2_vl", "qwen2_5_vl"}
 
 
 def _auto_model(arch, seed=0, **extra):
@@ -478,11 +481,16 @@ def _auto_model(arch, seed=0, **extra):
 
 
 def _composite_model(arch, text_fields, seed=0, **extra):
-    """A tiny vision-language model: the sizes of _SMALL in its text config, with ``text_fields``; ``extra`` (a
-    vision tower) given to the config's constructor."""
+    """A tiny vision-language model (its ForConditionalGeneration class): the sizes of _SMALL in its text config,
+    with ``text_fields``; ``extra`` (a vision tower) given to the config's constructor."""
     fields = transformers.AutoConfig.for_model(arch).get_text_config().to_dict()
     text = {**{k: v for k, v in _SMALL.items() if k in fields}, **text_fields}
-    return _auto_model(arch, seed, text_config=text, **extra)
+    config = transformers.AutoConfig.for_model(arch, text_config=text, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForImageTextToText.from_config(config).float().eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0, 1.0)
+    return model
 
 
 def _check_own_logits_and_packed_rows(arch, model, transform):
@@ -498,7 +506,7 @@ def _check_own_logits_and_packed_rows(arch, model, transform):
     check(stats.entropy, ref_ent, scored, 1e-4)
     seqs, input_ids, position_ids = _packed_row([4, 5, 3])
     with torch.no_grad():
-        if arch in RECURRENT_ARCHS or arch in UNSPLIT_ARCHS:
+        if arch in RECURRENT_ARCHS or arch in UNSPLIT_ARCHS or arch in UNSPLIT_COMPOSITES:
             with pytest.raises(ValueError, match=f"position_ids restart .*model_type '{arch}'"):
                 causal_lm_logprobs(model, input_ids, position_ids=position_ids)
             return
@@ -524,7 +532,8 @@ def test_vision_language_architectures_match_their_own_logits(arch):
     """Text-only rows of a vision-language model score as its own logits (its body the module its forward calls),
     with the head transform its forward applies, not the one its text config names."""
     fields, transform = COMPOSITE_ARCHS[arch]
-    model = _composite_model(arch, fields, **(gemma3_vision(V) if arch == "gemma3" else {}))
+    vision = gemma3_vision(V) if arch == "gemma3" else VISION[arch][0] if arch in VISION else {}
+    model = _composite_model(arch, fields, **vision)
     assert model.config.get_text_config() is not model.config
     _check_own_logits_and_packed_rows(arch, model, transform)
 

@@ -30,7 +30,7 @@ datasets = pytest.importorskip("datasets", reason="TRL's trainers need datasets"
 tokenizers = pytest.importorskip("tokenizers", reason="the test tokenizer needs tokenizers")
 
 import fastalign.integrations.trl as fa_trl  # noqa: E402
-from tiny_configs import DELTANET, gemma3_vision, gemma4  # noqa: E402
+from tiny_configs import DELTANET, VISION, gemma3_vision, gemma4  # noqa: E402
 
 WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(61)]
 TIMING = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second", "eval_runtime",
@@ -473,9 +473,10 @@ def test_dpo_moe_load_balancing_loss_matches_trl(moe_checkpoint, tmp_path, item_
 
 #: Current architectures beside Qwen2: Qwen3.5 (Gated DeltaNet layers beside attention) and Gemma 4 (softcapped
 #: logits, sliding-window layers), each as the config fields of a tiny model over WORDS.
-NEWER_ARCHS = {"qwen3_5_text": DELTANET, "gemma4_text": gemma4(len(WORDS)), "gemma3": {}, "gemma4": gemma4(len(WORDS))}
-#: The vision-language models among them (trained on text): their fields go to the text config.
-VISION_LANGUAGE = {"gemma3": gemma3_vision(len(WORDS)), "gemma4": {}}
+NEWER_ARCHS = {"qwen3_5_text": DELTANET, "gemma4_text": gemma4(len(WORDS)), "gemma3": {}, "gemma4": gemma4(len(WORDS)),
+               "qwen3_5": DELTANET}
+#: The vision-language models among them (trained on text) -> their vision towers; their fields go to the text config.
+VISION_LANGUAGE = {"gemma3": gemma3_vision(len(WORDS)), "gemma4": {}, "qwen3_5": VISION["qwen3_5"][0]}
 
 
 @pytest.fixture(scope="module", params=list(NEWER_ARCHS))
@@ -487,12 +488,12 @@ def newer_checkpoint(request, checkpoint, tmp_path_factory):
     fields = {**dict(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None), **NEWER_ARCHS[arch]}
-    if arch in VISION_LANGUAGE:
+    if arch in VISION_LANGUAGE:  # the ForConditionalGeneration class its checkpoint's architectures name
         config = transformers.AutoConfig.for_model(arch, text_config=fields, pad_token_id=0, eos_token_id=1,
                                                    tie_word_embeddings=False, **VISION_LANGUAGE[arch])
+        model = transformers.AutoModelForImageTextToText.from_config(config)
     else:
-        config = transformers.AutoConfig.for_model(arch, **fields)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(arch, **fields))
     with torch.no_grad():  # logits of a few units: the softcap matters, and samples still differ
         model.get_output_embeddings().weight.normal_(0, 0.3)
     return _save_beside_tokenizer(model, path, checkpoint)
@@ -506,9 +507,9 @@ def _even_share(completions, **kwargs):
 
 @pytest.mark.parametrize("trainer", ["GRPO", "DPO"])
 def test_newer_architectures_match_trl(newer_checkpoint, tmp_path, trainer):
-    """GRPO (with a KL term) and DPO on Qwen3.5 and Gemma 4 checkpoints, and on Gemma 3 and 4 vision-language
-    checkpoints trained on text: the head transform read from the config, the body's own layers; loss, metrics and
-    update equal TRL's (a softcapped head's logits/chosen and logits/rejected included)."""
+    """GRPO (with a KL term) and DPO on Qwen3.5 and Gemma 4 checkpoints, and on Gemma 3, Gemma 4 and Qwen3.5
+    vision-language checkpoints trained on text: the head transform read from the config, the body's own layers;
+    loss, metrics and update equal TRL's (a softcapped head's logits/chosen and logits/rejected included)."""
     if trainer == "GRPO":
         def build(cls, out):
             args = trl.GRPOConfig(**_common(out, per_device_train_batch_size=4, num_generations=4,

@@ -27,3 +27,25 @@ def gemma3_vision(vocab: int) -> dict:
     return dict(vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                    image_size=28, patch_size=14),
                 mm_tokens_per_image=4, image_token_id=vocab - 1, boi_token_index=vocab - 2, eoi_token_index=vocab - 3)
+
+
+#: Multimodal rotary sections for a head_dim of 8 (Qwen2-VL and Qwen2.5-VL text configs).
+MROPE = dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1]))
+#: Tiny vision towers of vision-language models -> (their config fields, fields of their text config): one layer of
+#: 16 hidden units, projected to the text model's 32.
+VISION = {
+    "qwen2_vl": (dict(vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
+                                         spatial_merge_size=2, temporal_patch_size=2)), MROPE),
+    "qwen2_5_vl": (dict(vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                                           out_hidden_size=32, patch_size=14, spatial_merge_size=2,
+                                           temporal_patch_size=2, fullatt_block_indexes=[0])), MROPE),
+    **{arch: (dict(vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                                      num_position_embeddings=16, deepstack_visual_indexes=deepstack)), text)
+       for arch, deepstack, text in (("qwen3_vl", [0], {}), ("qwen3_vl_moe", [0], {}), ("qwen3_5", [], DELTANET),
+                                     ("qwen3_5_moe", [], DELTANET))},
+    "mistral3": (dict(vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, head_dim=8, image_size=32, patch_size=16)), {}),
+    "llava": (dict(vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      image_size=28, patch_size=14)), {}),
+}

@@ -24,7 +24,9 @@ granite, granitemoe, granitemoeshared, granitemoehybrid,       ``logit_scale = 1
 granite_swa, granitemoe_swa, minicpm3
 hyperclovax                                                     ``logit_scale = logits_scaling``
 falcon_h1                                                       ``logit_scale = lm_head_multiplier``
-gemma3 (vision-language; its forward ignores the softcap)       none
+gemma3 (its forward ignores the softcap), qwen2_vl,             none (vision-language models)
+qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, qwen3_5_moe,
+mistral3, llava
 gemma4, gemma4_unified (vision-language)                        ``softcap = text_config.final_logit_softcapping``
 =============================================================  ===========================================
 
@@ -115,9 +117,10 @@ HEAD_TRANSFORMS = {
     "hyperclovax": _scale_by("logits_scaling"),  # multiplies, where Granite divides
     "falcon_h1": _scale_by("lm_head_multiplier"),
     "mpt": _mpt,
-    # vision-language models (the classes AutoModelForCausalLM builds for them): Gemma 3's forward applies no
-    # softcap, whatever its text config says (unlike Gemma3ForCausalLM); Gemma 4's applies its text config's
-    "gemma3": _plain,
+    # vision-language models (their ForConditionalGeneration classes): Gemma 3's forward applies no softcap,
+    # whatever its text config says (unlike Gemma3ForCausalLM); Gemma 4's applies its text config's
+    **{name: _plain for name in ("gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5",
+                                 "qwen3_5_moe", "mistral3", "llava")},
     **{name: _text_softcap for name in ("gemma4", "gemma4_unified")},
 }
 
@@ -135,7 +138,7 @@ _UNSET = object()
 #: ``model_type``\ s whose ``transformers`` body takes ``position_ids`` but builds its causal mask without them:
 #: it never splits a packed row, so each packed sequence attends to the ones before it. Packed rows of these
 #: (and of any body that takes no ``position_ids`` or carries a recurrent state, :func:`_unsplit_packing`) raise.
-_UNSPLIT_PACKED = ("opt", "gpt_oss", "afmoe", "openai-gpt")
+_UNSPLIT_PACKED = ("opt", "gpt_oss", "afmoe", "openai-gpt", "qwen2_vl", "qwen2_5_vl")
 
 
 def known_head_transform(config) -> Optional[tuple[float, Optional[float]]]:

@@ -83,9 +83,9 @@ class FusedLinearForPPO(torch.nn.Module):
 
 
 #: The multimodal architectures verl gives a fused forward of its own (``monkey_patch``), whose ``transformers``
-#: forward computes the logits as ``lm_head(hidden)`` alone (Gemma 3's is in the head-transform table).
-_PLAIN_MULTIMODAL_HEADS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "qwen3_5",
-                           "qwen3_5_moe")
+#: forward computes the logits as ``lm_head(hidden)`` alone, beside those of the head-transform table (Qwen-VL,
+#: Qwen3.5, Gemma 3).
+_PLAIN_MULTIMODAL_HEADS = ("glm4v", "glm4v_moe")
 
 
 def _model_head_transform(config) -> tuple[float, Optional[float]]:
