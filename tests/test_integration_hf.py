@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the Hugging Face integration needs transformers")
 
 from conftest import HAS_TRITON  # noqa: E402
-from tiny_configs import DELTANET, MLA, VISION, gemma3_vision, gemma4, gemma_layers  # noqa: E402
+from tiny_configs import DELTANET, MLA, SIGLIP, VISION, gemma3_vision, gemma4, gemma_layers  # noqa: E402
 from fastalign.integrations.hf import (  # noqa: E402
     HEAD_TRANSFORMS, causal_lm_logprobs, head_transform, known_head_transform)
 
@@ -458,6 +458,9 @@ COMPOSITE_ARCHS = {
     "gemma4": (gemma4(V), (1.0, 3.0)),
     "gemma4_unified": (gemma4(V), (1.0, 3.0)),
     **{arch: (text, (1.0, None)) for arch, (_, text) in VISION.items()},
+    "cohere2_vision": (dict(logit_scale=0.4), (1.0, None)),  # its forward ignores the text config's scale
+    "aya_vision": (dict(logit_scale=0.4), (0.4, None)),
+    "paligemma": (dict(final_logit_softcapping=3.0), (1.0, 3.0)),
 }
 #: Listed bodies that carry a recurrent state (state-space, linear-attention or convolution layers): their packed
 #: rows raise. Every other listed body splits packed rows at restarting position ids.
@@ -465,7 +468,7 @@ RECURRENT_ARCHS = {"mamba", "mamba2", "falcon_mamba", "nemotron_h", "lfm2", "qwe
                    "qwen3_5_moe_text", "falcon_h1", "olmo_hybrid", "lfm3", "lara_mini", "lfm2_moe", "bamba", "jamba",
                    "zamba2", "recurrent_gemma", "qwen3_5", "qwen3_5_moe"}
 #: Vision-language bodies that do not split packed rows (their rotary positions and mask ignore the restarts).
-UNSPLIT_COMPOSITES = {"qwen2_vl", "qwen2_5_vl"}
+UNSPLIT_COMPOSITES = {"qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "glm46v", "paligemma"}
 
 
 def _auto_model(arch, seed=0, **extra):
@@ -533,6 +536,8 @@ def test_vision_language_architectures_match_their_own_logits(arch):
     with the head transform its forward applies, not the one its text config names."""
     fields, transform = COMPOSITE_ARCHS[arch]
     vision = gemma3_vision(V) if arch == "gemma3" else VISION[arch][0] if arch in VISION else {}
+    if arch in ("cohere2_vision", "aya_vision", "paligemma"):
+        vision = dict(vision_config=SIGLIP)
     model = _composite_model(arch, fields, **vision)
     assert model.config.get_text_config() is not model.config
     _check_own_logits_and_packed_rows(arch, model, transform)

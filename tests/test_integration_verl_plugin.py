@@ -633,10 +633,10 @@ def test_fused_backend_scores_verls_multimodal_models_with_their_plain_head(mode
 
     import transformers
 
-    from fastalign.integrations.verl import fused
+    from fastalign.integrations.hf import head_transform
 
     config = transformers.AutoConfig.for_model(model_type)
-    assert fused._model_head_transform(config) == (1.0, None)
+    assert head_transform(config) == (1.0, None)
     model_class = transformers.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
     source = inspect.getsource(model_class.forward)
     assert "logits = self.lm_head(hidden_states)" in source

@@ -31,6 +31,12 @@ def gemma3_vision(vocab: int) -> dict:
 
 #: Multimodal rotary sections for a head_dim of 8 (Qwen2-VL and Qwen2.5-VL text configs).
 MROPE = dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1]))
+#: Multimodal rotary sections of GLM-4.5V's half-rotary heads of 8.
+GLM_MROPE = dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
+                                      mrope_section=[1, 1, 0]))
+#: A tiny SigLIP or CLIP vision tower (two 14-pixel patches a side).
+SIGLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+              patch_size=14)
 #: Tiny vision towers of vision-language models -> (their config fields, fields of their text config): one layer of
 #: 16 hidden units, projected to the text model's 32.
 VISION = {
@@ -46,6 +52,11 @@ VISION = {
                                      ("qwen3_5_moe", [], DELTANET))},
     "mistral3": (dict(vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, head_dim=8, image_size=32, patch_size=16)), {}),
-    "llava": (dict(vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                      image_size=28, patch_size=14)), {}),
+    **{arch: (dict(vision_config=SIGLIP, **extra), {}) for arch, extra in (
+        ("llava", {}), ("llava_next", {}), ("llava_onevision", {}), ("idefics3", dict(scale_factor=1)),
+        ("smolvlm", dict(scale_factor=1)))},
+    "internvl": (dict(vision_config=dict(SIGLIP, image_size=[28, 28], patch_size=[14, 14])), {}),
+    **{arch: (dict(vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, image_size=28)), text)
+       for arch, text in (("glm4v", MROPE), ("glm4v_moe", GLM_MROPE), ("glm46v", GLM_MROPE))},
 }

@@ -26,8 +26,10 @@ hyperclovax                                                     ``logit_scale = 
 falcon_h1                                                       ``logit_scale = lm_head_multiplier``
 gemma3 (its forward ignores the softcap), qwen2_vl,             none (vision-language models)
 qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, qwen3_5_moe,
-mistral3, llava
-gemma4, gemma4_unified (vision-language)                        ``softcap = text_config.final_logit_softcapping``
+mistral3, llava, llava_next, llava_onevision, idefics3,
+smolvlm, internvl, glm4v, glm4v_moe, glm46v, cohere2_vision
+gemma4, gemma4_unified, paligemma (vision-language)             ``softcap = text_config.final_logit_softcapping``
+aya_vision (vision-language)                                    ``logit_scale = text_config.logit_scale``
 =============================================================  ===========================================
 
 Any other architecture raises unless the caller states its head transform with
@@ -79,8 +81,13 @@ def _logits_soft_cap(config) -> tuple[float, Optional[float]]:
 
 
 def _text_softcap(config) -> tuple[float, Optional[float]]:
-    """A vision-language model's softcap: its text config's ``final_logit_softcapping`` (Gemma 4)."""
+    """A vision-language model's softcap: its text config's ``final_logit_softcapping`` (Gemma 4, PaliGemma)."""
     return _final_softcap(config.get_text_config())
+
+
+def _text_logit_scale(config) -> tuple[float, Optional[float]]:
+    """A vision-language model's logit scale: its text config's ``logit_scale`` (Aya Vision)."""
+    return float(config.get_text_config().logit_scale), None
 
 
 def _scale_by(field: str, reciprocal: bool = False):
@@ -119,9 +126,12 @@ HEAD_TRANSFORMS = {
     "mpt": _mpt,
     # vision-language models (their ForConditionalGeneration classes): Gemma 3's forward applies no softcap,
     # whatever its text config says (unlike Gemma3ForCausalLM); Gemma 4's applies its text config's
+    # (Cohere2-Vision's ignores its text config's logit_scale, Aya Vision's applies it)
     **{name: _plain for name in ("gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5",
-                                 "qwen3_5_moe", "mistral3", "llava")},
-    **{name: _text_softcap for name in ("gemma4", "gemma4_unified")},
+                                 "qwen3_5_moe", "mistral3", "llava", "llava_next", "llava_onevision", "idefics3",
+                                 "smolvlm", "internvl", "glm4v", "glm4v_moe", "glm46v", "cohere2_vision")},
+    **{name: _text_softcap for name in ("gemma4", "gemma4_unified", "paligemma")},
+    "aya_vision": _text_logit_scale,
 }
 
 #: The architectures listed above, each checked for packed rows (:func:`_unsplit_packing`).
@@ -138,7 +148,8 @@ _UNSET = object()
 #: ``model_type``\ s whose ``transformers`` body takes ``position_ids`` but builds its causal mask without them:
 #: it never splits a packed row, so each packed sequence attends to the ones before it. Packed rows of these
 #: (and of any body that takes no ``position_ids`` or carries a recurrent state, :func:`_unsplit_packing`) raise.
-_UNSPLIT_PACKED = ("opt", "gpt_oss", "afmoe", "openai-gpt", "qwen2_vl", "qwen2_5_vl")
+_UNSPLIT_PACKED = ("opt", "gpt_oss", "afmoe", "openai-gpt", "qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "glm46v",
+                   "paligemma")
 
 
 def known_head_transform(config) -> Optional[tuple[float, Optional[float]]]:

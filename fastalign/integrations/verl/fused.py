@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _dtensor, _validate
-from fastalign.integrations.hf import head_transform, known_head_transform
+from fastalign.integrations.hf import head_transform
 from fastalign.linear import linear_logprobs
 
 __all__ = ["BACKEND", "FusedLinearForPPO", "enable"]
@@ -80,22 +80,6 @@ class FusedLinearForPPO(torch.nn.Module):
                                 temperature=float(temperature), logit_scale=self.logit_scale, softcap=self.softcap,
                                 entropy=True)
         return stats.logprobs, stats.entropy.to(hidden_states.dtype)
-
-
-#: The multimodal architectures verl gives a fused forward of its own (``monkey_patch``), whose ``transformers``
-#: forward computes the logits as ``lm_head(hidden)`` alone, beside those of the head-transform table (Qwen-VL,
-#: Qwen3.5, Gemma 3).
-_PLAIN_MULTIMODAL_HEADS = ("glm4v", "glm4v_moe")
-
-
-def _model_head_transform(config) -> tuple[float, Optional[float]]:
-    """``(logit_scale, softcap)`` of the model: a registered or listed architecture's
-    (:func:`~fastalign.integrations.hf.head_transform`, which raises for another), or none for verl's plain-headed
-    multimodal ones."""
-    known = known_head_transform(config)
-    if known is None and getattr(config, "model_type", None) in _PLAIN_MULTIMODAL_HEADS:
-        return 1.0, None
-    return known if known is not None else head_transform(config)
 
 
 class _Backend(str):
@@ -140,7 +124,7 @@ def _patch_monkey_patch(module) -> None:
     def patch_forward_with_backends(model, use_fused_kernels: bool = False, fused_kernels_backend: str = None):
         if use_fused_kernels and fused_kernels_backend == BACKEND:
             # the model's logits are its head transform of hidden @ lm_head.T; unlisted architectures raise
-            backend = _Backend(*_model_head_transform(model.config))
+            backend = _Backend(*head_transform(model.config))
             # verl's fused forward (the one its torch backend uses) asks FusedLinearForPPO for this backend
             original(model, use_fused_kernels=True, fused_kernels_backend="torch")
             if getattr(model, "_verl_fused_kernels_backend", None) == "torch":
