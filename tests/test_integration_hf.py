@@ -561,25 +561,49 @@ def test_vision_language_model_under_peft():
     assert (ref_lp - base_lp)[scored].abs().max() > 1e-2  # the adapters change the scores
 
 
-def test_vision_inputs_reach_the_vision_tower():
-    """Image tokens with pixel_values: the body merges the image features as the model's own forward does (other
-    pixels give other log-probs, so pixel values dropped on the way would fail)."""
-    model = _composite_model("gemma3", {}, **gemma3_vision(V))
-    with torch.no_grad():  # initialised to zeros: every image would give the same (zero) features
-        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 1.0)
+def _image_inputs(arch, model, pixels):
+    """``(input_ids, attention_mask, labels, vision inputs)``: rows with an image after the left padding of row 1
+    (Gemma 3: four image tokens; Qwen2.5-VL: a 2x2 grid of patches merged into one token between its vision
+    start and end tokens), the image's pixels ``pixels`` (a generator's draws), the tokens after it scored."""
     input_ids, attention_mask, labels = batch(seed=5)
-    input_ids[:, 5:9] = model.config.image_token_id  # after the left padding of row 1, before the right of row 2
+    config = model.config
+    if arch == "gemma3":
+        input_ids[:, 5:9] = config.image_token_id
+        vision = dict(pixel_values=torch.randn(3, 3, 28, 28, generator=pixels))
+    else:
+        input_ids[:, 5:8] = torch.tensor([config.vision_start_token_id, config.image_token_id,
+                                          config.vision_end_token_id])
+        patch = config.vision_config.temporal_patch_size * config.vision_config.patch_size ** 2
+        vision = dict(pixel_values=torch.randn(3 * 4, 3 * patch, generator=pixels),
+                      image_grid_thw=torch.tensor([[1, 2, 2]] * 3))
     labels[:, :9] = -100
-    scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
-    g = torch.Generator().manual_seed(0)
-    pixels = [torch.randn(3, 3, 28, 28, generator=g) for _ in range(2)]
+    return input_ids, attention_mask, labels, vision
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2_5_vl"])
+def test_vision_inputs_reach_the_vision_tower(arch):
+    """Image tokens with pixel_values (and Qwen2.5-VL's image grid, which sets its multimodal rotary positions): the
+    body merges the image features as the model's own forward does (other pixels give other log-probs, so vision
+    inputs dropped on the way would fail)."""
+    if arch == "gemma3":
+        model = _composite_model("gemma3", {}, **gemma3_vision(V))
+        with torch.no_grad():  # initialised to zeros: every image would give the same (zero) features
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 1.0)
+    else:
+        tower, text = VISION[arch]
+        model = _composite_model(arch, text, **tower, image_token_id=V - 1, vision_start_token_id=V - 2,
+                                 vision_end_token_id=V - 3)
+    pixels = torch.Generator().manual_seed(0)
+    refs = []
     with torch.no_grad():
-        refs = []
-        for pixel_values in pixels:
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
+        for _ in range(2):
+            input_ids, attention_mask, labels, vision = _image_inputs(arch, model, pixels)
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, **vision).logits
             logp = torch.log_softmax(logits[:, :-1].double(), -1)
             refs.append(logp.gather(-1, input_ids[:, 1:, None])[..., 0])
-        stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, pixel_values=pixels[0])
+            if len(refs) == 1:
+                stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, **vision)
+    scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
     check(stats.logprobs, refs[0], scored, 1e-4)
     assert (refs[0] - refs[1])[scored].abs().max() > 1e-2
 

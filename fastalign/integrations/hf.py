@@ -145,8 +145,9 @@ _PACKED_ROWS_STATED: set = set()
 
 _UNSET = object()
 
-#: ``model_type``\ s whose ``transformers`` body takes ``position_ids`` but builds its causal mask without them:
-#: it never splits a packed row, so each packed sequence attends to the ones before it. Packed rows of these
+#: ``model_type``\ s whose ``transformers`` body takes ``position_ids`` but builds its causal mask (a vision-language
+#: model's: its multimodal rotary positions too) without their restarts: it never splits a packed row, so each
+#: packed sequence attends to the ones before it. Packed rows of these
 #: (and of any body that takes no ``position_ids`` or carries a recurrent state, :func:`_unsplit_packing`) raise.
 _UNSPLIT_PACKED = ("opt", "gpt_oss", "afmoe", "openai-gpt", "qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "glm46v",
                    "paligemma")
