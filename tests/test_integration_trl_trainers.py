@@ -30,6 +30,7 @@ datasets = pytest.importorskip("datasets", reason="TRL's trainers need datasets"
 tokenizers = pytest.importorskip("tokenizers", reason="the test tokenizer needs tokenizers")
 
 import fastalign.integrations.trl as fa_trl  # noqa: E402
+from conftest import CPU_BACKENDS  # noqa: E402
 from tiny_configs import DELTANET, VISION, gemma3_vision, gemma4  # noqa: E402
 
 WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(61)]
@@ -120,6 +121,32 @@ def _compare(theirs, ours):
 
 # ------------------------------------------------------------------------------------------ head
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("budget", ["default", "one_row"])
+@pytest.mark.parametrize("compaction", ["1", "0"])
+def test_softcapped_mean_logits_at_positions(backend, budget, compaction, monkeypatch):
+    """A softcapped head's mean logit through the vocabulary (float64 reference from the operands), at every
+    position or at the positions asked for alone: picked on the host (cpp), or put first and counted on the
+    device (triton; every row with FASTALIGN_DEVICE_COMPACTION=0), one block or a block per row, with a bias
+    and a LoRA term."""
+    from fastalign.integrations.trl._head import mean_logits
+
+    monkeypatch.setenv("FASTALIGN_DEVICE_COMPACTION", compaction)
+    if budget == "one_row":  # a budget below one row's logits
+        monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "1e-6")
+    g = torch.Generator().manual_seed(0)
+    hidden, weight, bias = torch.randn(3, 7, 16, generator=g), torch.randn(40, 16, generator=g), torch.randn(40)
+    low_rank = (torch.randn(3, 7, 2, generator=g), torch.randn(40, 2, generator=g))
+    positions = torch.rand(3, 7, generator=g) < 0.5
+    u = hidden.double() @ weight.double().T + bias.double() + low_rank[0].double() @ low_rank[1].double().T
+    want = (2.0 * torch.tanh(0.5 * u / 2.0)).mean(-1)
+    operands = (hidden, weight, bias, low_rank)
+    torch.testing.assert_close(mean_logits(operands, 0.5, 2.0, backend=backend).double(), want, rtol=1e-5,
+                               atol=1e-5)
+    got = mean_logits(operands, 0.5, 2.0, positions, backend=backend).double()
+    torch.testing.assert_close(got, torch.where(positions, want, 0.0), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("model_type", ["qwen2", "cohere", "gemma2"])
 def test_head_matches_the_models_own_logits(model_type):
     """The fused head against the model's own logits in float64 (cohere: logit_scale; gemma2: softcapping,
@@ -171,12 +198,7 @@ def test_head_matches_the_models_own_logits(model_type):
     positions = torch.nn.functional.pad(scored, (0, 1))
     at_positions = mean_logits(operands, scale, softcap, positions).double()
     torch.testing.assert_close(at_positions[positions], z_every.mean(-1)[positions], rtol=1e-5, atol=1e-5)
-    if softcap is not None:
-        assert not at_positions[~positions].any()
-        with pytest.MonkeyPatch.context() as env:  # a block of one row at a time: a budget below one row's logits
-            env.setenv("FASTALIGN_BLOCK_MIB", "1e-6")
-            one_row = mean_logits(operands, scale, softcap)
-        torch.testing.assert_close(one_row.double(), z_every.mean(-1), rtol=1e-5, atol=1e-5)
+    assert not at_positions[~positions].any()
     if not softcapped(model):
         z = z_every[:, :-1]  # the label-smoothing margin z_y - mean_j z_j at the scored positions
         margin = torch.where(scored, z.gather(-1, y.clamp(min=0)[..., None])[..., 0] - z.mean(-1), zero)
