@@ -18,6 +18,8 @@ Public API (see docs/math.md for every formula):
   between a student and a teacher) from both models' hidden states and heads (docs/math.md#distillation-divergence).
 * :func:`linear_topk_logprobs` — the head's log-probs over each token's top-k support (or a support given), from
   hidden states (docs/math.md#top-k-support).
+* :func:`linear_mean_logits` — the head's mean logit at each position (a logged metric), from hidden states
+  (docs/math.md#mean-logit).
 * :func:`use_backend` — force the Triton, C++ or CUDA kernels.
 """
 from fastalign._backend import use_backend
@@ -28,6 +30,7 @@ from fastalign.aggregate import aggregate_loss
 from fastalign.kl import kl_penalty
 from fastalign.linear import linear_logprobs
 from fastalign.linear_divergence import linear_divergence_loss
+from fastalign.linear_mean import linear_mean_logits
 from fastalign.linear_policy import LinearPolicyLoss
 from fastalign.linear_topk import TopKSupport, linear_topk_logprobs
 from fastalign.logprobs import TokenStats, token_logprobs
@@ -44,7 +47,7 @@ __all__ = [
     "gae_advantages", "group_advantages", "implicit_process_advantages", "iw_opd_advantages", "masked_whiten",
     "optimal_token_baseline_advantages", "reinforce_pp_advantages", "remax_advantages", "token_advantages",
     "POLICY_LOSS_TYPES", "PolicyConfig", "PolicyLoss", "aggregate_loss", "kl_penalty", "policy_loss",
-    "LinearPolicyLoss", "linear_divergence_loss", "TopKSupport", "linear_topk_logprobs",
+    "LinearPolicyLoss", "linear_divergence_loss", "linear_mean_logits", "TopKSupport", "linear_topk_logprobs",
     "PREFERENCE_LOSS_TYPES", "LinearPreferenceLoss", "PreferenceLoss", "SequenceLogprobs", "preference_loss",
     "sequence_logprobs", "unpaired_preference_loss", "wpo_weights",
 ]

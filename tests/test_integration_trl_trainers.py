@@ -30,7 +30,6 @@ datasets = pytest.importorskip("datasets", reason="TRL's trainers need datasets"
 tokenizers = pytest.importorskip("tokenizers", reason="the test tokenizer needs tokenizers")
 
 import fastalign.integrations.trl as fa_trl  # noqa: E402
-from conftest import CPU_BACKENDS  # noqa: E402
 from tiny_configs import DELTANET, VISION, gemma3_vision, gemma4  # noqa: E402
 
 WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(61)]
@@ -121,32 +120,6 @@ def _compare(theirs, ours):
 
 # ------------------------------------------------------------------------------------------ head
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("budget", ["default", "one_row"])
-@pytest.mark.parametrize("compaction", ["1", "0"])
-def test_softcapped_mean_logits_at_positions(backend, budget, compaction, monkeypatch):
-    """A softcapped head's mean logit through the vocabulary (float64 reference from the operands), at every
-    position or at the positions asked for alone: picked on the host (cpp), or put first and counted on the
-    device (triton; every row with FASTALIGN_DEVICE_COMPACTION=0), one block or a block per row, with a bias
-    and a LoRA term."""
-    from fastalign.integrations.trl._head import mean_logits
-
-    monkeypatch.setenv("FASTALIGN_DEVICE_COMPACTION", compaction)
-    if budget == "one_row":  # a budget below one row's logits
-        monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "1e-6")
-    g = torch.Generator().manual_seed(0)
-    hidden, weight, bias = torch.randn(3, 7, 16, generator=g), torch.randn(40, 16, generator=g), torch.randn(40)
-    low_rank = (torch.randn(3, 7, 2, generator=g), torch.randn(40, 2, generator=g))
-    positions = torch.rand(3, 7, generator=g) < 0.5
-    u = hidden.double() @ weight.double().T + bias.double() + low_rank[0].double() @ low_rank[1].double().T
-    want = (2.0 * torch.tanh(0.5 * u / 2.0)).mean(-1)
-    operands = (hidden, weight, bias, low_rank)
-    torch.testing.assert_close(mean_logits(operands, 0.5, 2.0, backend=backend).double(), want, rtol=1e-5,
-                               atol=1e-5)
-    got = mean_logits(operands, 0.5, 2.0, positions, backend=backend).double()
-    torch.testing.assert_close(got, torch.where(positions, want, 0.0), rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("model_type", ["qwen2", "cohere", "gemma2"])
 def test_head_matches_the_models_own_logits(model_type):
     """The fused head against the model's own logits in float64 (cohere: logit_scale; gemma2: softcapping,
@@ -154,8 +127,8 @@ def test_head_matches_the_models_own_logits(model_type):
     position, and at the scored ones alone), and the statistics of head_separable_loss's pass (items as rows,
     pairs and tokens; loss and gradient too)."""
     from fastalign.integrations.hf import head_operands
-    from fastalign.integrations.trl._head import (head_outputs, head_separable_loss, label_margin, mean_logits,
-                                                   softcapped)
+    import fastalign
+    from fastalign.integrations.trl._head import head_outputs, head_separable_loss, label_margin, softcapped
 
     extra = {"cohere": dict(logit_scale=0.5), "gemma2": dict(final_logit_softcapping=3.0, head_dim=8)}
     config_cls = {"qwen2": transformers.Qwen2Config, "cohere": transformers.CohereConfig,
@@ -193,10 +166,13 @@ def test_head_matches_the_models_own_logits(model_type):
     operands = head_operands(model, ids, attention)
     assert softcapped(model) == (model_type == "gemma2")
     scale, softcap = (0.5 if model_type == "cohere" else 1.0), (3.0 if model_type == "gemma2" else None)
-    # every position, the last and the padded ones included; or the scored ones, the others 0 or exact
-    torch.testing.assert_close(mean_logits(operands, scale, softcap).double(), z_every.mean(-1), rtol=1e-5, atol=1e-5)
+    # every position, the last and the padded ones included; or the scored ones, the others 0
+    hidden, weight, bias, low_rank = operands
+    head = dict(bias=bias, low_rank=low_rank, logit_scale=scale, softcap=softcap)
+    torch.testing.assert_close(fastalign.linear_mean_logits(hidden, weight, **head).double(), z_every.mean(-1), rtol=1e-5,
+                               atol=1e-5)
     positions = torch.nn.functional.pad(scored, (0, 1))
-    at_positions = mean_logits(operands, scale, softcap, positions).double()
+    at_positions = fastalign.linear_mean_logits(hidden, weight, **head, response_mask=positions).double()
     torch.testing.assert_close(at_positions[positions], z_every.mean(-1)[positions], rtol=1e-5, atol=1e-5)
     assert not at_positions[~positions].any()
     if not softcapped(model):

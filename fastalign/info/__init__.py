@@ -25,13 +25,14 @@ import platform
 import sys
 
 # Public ops and the custom op whose kernels do their work (None: plain torch, on small tensors or, for the
-# top-k support, on blocks of BLAS-product logits). The
+# top-k support and the softcapped mean logit, on blocks of product logits). The
 # family each runs here comes from the op table, fastalign._backend.OP_BACKENDS, as the op itself picks it.
 OPS = (
     ("token_logprobs", "token_stats"),
     ("linear_logprobs", "linear_stats"),
     ("linear_divergence_loss", "divergence_rows"),
     ("linear_topk_logprobs", None),
+    ("linear_mean_logits", None),
     ("policy_loss", "policy_loss_rows"),
     ("policy_loss (clip_cov/kl_cov selection)", "cov_select"),
     ("PolicyLoss", "policy_loss_rows"),

@@ -22,16 +22,12 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastalign import _backend, _dtensor
 from fastalign._options import check_choice
 from fastalign.integrations.hf import causal_lm_logprobs, head_operands, head_transform, router_aux_loss
 from fastalign.linear_divergence import linear_divergence_loss
+from fastalign.linear_mean import linear_mean_logits
 from fastalign.linear_policy import policy_logprobs, policy_step
 from fastalign.linear_step import separable_step
-from fastalign.ops._launch import eager
-from fastalign.ops.device_compaction import compact
-from fastalign.ops.linear_cpu import matmul_into
-from fastalign.ops.single_pass import block_budget_rows
 
 #: The per-token fields :func:`head_outputs` can compute (TRL's ``FusedCausalLMOutput`` names), and
 #: ``operands``: the head's own operands instead, for a loss that goes through the head itself.
@@ -78,68 +74,6 @@ def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], lab
     stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, temperature=temperature,
                                entropy="entropy" in fields, head_dtype=head_dtype, **model_kwargs)
     return HeadOutputs(log_probs=stats.logprobs, entropy=stats.entropy, aux_loss=aux[0] if aux else None)
-
-
-def mean_logits(operands, scale: float, softcap: Optional[float] = None, positions: Optional[Tensor] = None, *,
-                backend: Optional[str] = None) -> Tensor:
-    r"""The mean logit ``(1/V) Σ_j z_j`` at every position ``[B, T]`` (fp32, no gradient), the last and the padded
-    ones included, from a head's operands ``(hidden, weight, bias, low_rank)`` and transform (``scale``: its logit
-    scale; ``softcap``). Without softcapping it is linear in ``h``,
-    ``scale (h · mean_j W_j + a · mean_j L_j + mean_j b_j)`` (``a @ L.T`` a LoRA head's low-rank term), with no
-    vocabulary pass. A softcapped head, ``z_j = c tanh(scale u_j / c)`` with ``u = h W^T + a L^T + b``, has no
-    such form: the ``positions [B, T]`` asked for (a bool mask; None: every one; the others 0) go through the
-    vocabulary once more, without gradients, a block of rows of the ``FASTALIGN_BLOCK_MIB`` budget at a time
-    (:func:`fastalign.ops.single_pass.block_budget_rows`). Only those rows are multiplied: found on the host by
-    the ``"cpp"`` backend (the CPU's), put first on the device by the others (their count read by the product
-    kernel, :mod:`fastalign.ops.device_compaction`: no host sync)."""
-    hidden, weight, bias, low_rank = operands
-    weight, bias = _dtensor.full(weight), _dtensor.full(bias)  # an FSDP2 head, gathered
-    a, lora = (None, None) if low_rank is None else (low_rank[0], _dtensor.full(low_rank[1]))
-    with torch.no_grad():
-        if softcap is None:  # the means accumulate in fp32 without an fp32 copy of the [V, H] head
-            mean = hidden.float() @ weight.mean(0, dtype=torch.float32)
-            if a is not None:
-                mean = mean + a.float() @ lora.mean(0, dtype=torch.float32)
-            if bias is not None:
-                mean = mean + bias.mean(dtype=torch.float32)
-            mean = mean * scale
-            return mean if positions is None else torch.where(positions, mean, 0.0)
-        rows = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)
-        if a is not None:
-            a, lora_t = a.reshape(-1, a.shape[-1]).float(), lora.float().T
-        picked = cmp = None
-        if positions is not None:
-            flat = positions.reshape(-1)
-            if _backend.resolve(hidden.device, backend) == "cpp" and eager(hidden, positions):
-                picked = flat.nonzero().squeeze(1)
-                rows, a = rows.index_select(0, picked), None if a is None else a.index_select(0, picked)
-            else:
-                cmp = compact(torch.where(flat, 0, -1), -1)  # None with FASTALIGN_DEVICE_COMPACTION=0
-                if cmp is not None:
-                    rows, a = cmp.gather(rows), cmp.gather(a)
-        # the head's [rows, V] product in its dtype and its fp32 copy: three fp32 tiles' worth of the budget
-        block = block_budget_rows(weight.shape[0], rows, tiles=3)
-        means = []
-        for start in range(0, rows.shape[0], block):  # blocks fixed by the shapes: no host synchronisation
-            stop = min(start + block, rows.shape[0])
-            if cmp is None:
-                u = torch.nn.functional.linear(rows[start:stop], weight, bias).float()
-            else:  # the positions' rows only; the others 0
-                u = rows.new_empty((stop - start, weight.shape[0]), dtype=torch.float32)
-                matmul_into(u, rows[start:stop], weight.T, accumulate=False, live=cmp.live_in(start, stop))
-                if bias is not None:
-                    u += bias
-            if a is not None:
-                u += a[start:stop] @ lora_t
-            means.append(u.mul_(scale / softcap).tanh_().mean(-1) * softcap)
-        mean = torch.cat(means) if means else rows.new_zeros(0, dtype=torch.float32)
-        if picked is not None:
-            mean = torch.zeros(hidden.shape[:-1].numel(), dtype=torch.float32, device=hidden.device).index_copy_(
-                0, picked, mean)
-        elif cmp is not None:
-            mean = cmp.scatter(mean)
-        mean = mean.view(hidden.shape[:-1])
-        return mean if positions is None else torch.where(positions, mean, 0.0)
 
 
 def predicting_operands(operands) -> tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -287,8 +221,9 @@ def head_separable_loss(operands, config, targets: Tensor, loss, *, items: str =
     :data:`fastalign.linear_step.ITEMS`, when gradients are needed and ``separable``), never the logits.
     ``targets [N, T-1]``: the next token at each position, ``-100`` where unscored; ``config``: the
     model's (its head transform). ``stats`` as :func:`~fastalign.linear_step.separable_step`'s, ``[N, T-1]``, plus
-    ``"position_mean_logits" [N, T]`` (:func:`mean_logits`) with ``position_means``: at ``"every"`` position or
-    where it is needed, the ``"scored"`` ones (a softcapped head's vocabulary pass over those alone; 0 elsewhere)."""
+    ``"position_mean_logits" [N, T]`` (:func:`fastalign.linear_mean_logits`: from one ``H``-vector, or a softcapped
+    head's vocabulary pass without gradients) with ``position_means``: at ``"every"`` position or where it is
+    needed, the ``"scored"`` ones (0 elsewhere)."""
     hidden, weight, bias, low_rank = operands
     scale, softcap = head_transform(config)
     value, metrics, stats = separable_step(
@@ -298,7 +233,8 @@ def head_separable_loss(operands, config, targets: Tensor, loss, *, items: str =
     if position_means is not None:
         check_choice("position_means", position_means, ("every", "scored"))
         scored = None if position_means == "every" else torch.nn.functional.pad(targets != -100, (0, 1))
-        stats["position_mean_logits"] = mean_logits(operands, scale, softcap, scored)
+        stats["position_mean_logits"] = linear_mean_logits(hidden, weight, bias=bias, low_rank=low_rank,
+                                                           logit_scale=scale, softcap=softcap, response_mask=scored)
     return value, metrics, stats
 
 

@@ -22,7 +22,7 @@ class ConcatenatedPairsMixin:
     and ``logits_last_position`` (CPO's ``logits/*`` average every position, ORPO's drop the last).
     ``logits/*`` is TRL's mean logit ``mean_{b,t,j} z_{b,t,j}`` of each half, from one ``H``-vector (a
     softcapped head: one more vocabulary pass without gradients,
-    :func:`~fastalign.integrations.trl._head.mean_logits`); the per-pair metrics (``rewards/*``, ``logps/*``)
+    :func:`fastalign.linear_mean_logits`); the per-pair metrics (``rewards/*``, ``logps/*``)
     are averaged over every process's pairs and the per-batch ones (``nll_loss``, ``logits/*``, ORPO's
     ``log_odds_*``) over processes, as TRL gathers them.
 

@@ -1,0 +1,73 @@
+r"""The head's mean logit at each position, from hidden states (docs/math.md#mean-logit).
+
+Trainers log the mean logit of a batch (TRL's and Liger's ``logits/chosen``, ``logits/rejected``).
+:func:`linear_mean_logits` gives it without the ``[tokens x vocabulary]`` logits: from one ``H``-vector when the
+head is linear, a block of rows at a time through the vocabulary when it is softcapped.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastalign import _backend, _dtensor, _validate
+from fastalign.linear import _low_rank, check_head, check_logit_options
+from fastalign.ops.mean_logits import softcapped_mean_logits
+
+__all__ = ["linear_mean_logits"]
+
+
+def linear_mean_logits(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = None, low_rank=None,
+                       logit_scale: float = 1.0, softcap: Optional[float] = None,
+                       response_mask: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    r"""Mean logit of the head at each position, ``[...]`` fp32, without gradient (a metric).
+
+    With the logit pipeline of :func:`fastalign.linear_logprobs` at temperature 1::
+
+        u_j  = hidden . weight_j + a . L_j + bias_j          (a, L: the low-rank term)
+        z_j  = softcap * tanh(logit_scale * u_j / softcap)   (z_j = logit_scale * u_j with softcap=None)
+        mean = (1/V) sum_j z_j
+
+    Without softcapping the mean is linear in the hidden states,
+    ``logit_scale (hidden . mean_j W_j + a . mean_j L_j + mean_j b_j)``: one ``H``-vector, no vocabulary pass.
+    A softcapped head has no such form: its rows go through the vocabulary, a block of rows of the
+    ``FASTALIGN_BLOCK_MIB`` budget at a time (never ``tokens x V``).
+
+    Args:
+        hidden: ``[..., H]`` float32/bfloat16/float16. A DTensor (and ``weight``, ``bias``) is gathered.
+        weight: ``[V, H]`` in ``hidden``'s dtype.
+        bias: optional ``[V]``.
+        low_rank: optional ``(a [..., r], L [V, r])``, a LoRA head's term ``a @ L.T``.
+        logit_scale, softcap: the head transform (``softcap=None`` is off).
+        response_mask: optional, shaped like ``hidden.shape[:-1]``: the positions whose mean is wanted, the
+            others 0. With a softcap only those rows go through the vocabulary (found on the host by the C++
+            backend; put first and counted on the device by the others, without a host sync).
+        backend: ``"cpp"``, ``"triton"`` or ``"cuda"`` (None: the current one for the device).
+
+    Returns:
+        ``[...]`` (``hidden.shape[:-1]``) fp32.
+    """
+    hidden, weight, bias, low_rank = _dtensor.head(hidden, weight, bias, low_rank)
+    check_head(hidden, weight, bias)
+    _validate.same_device(hidden=hidden, weight=weight, bias=bias)
+    a, lora = _low_rank(low_rank, hidden, weight.shape[0])
+    _, cap, scale = check_logit_options(softcap=softcap, logit_scale=logit_scale, backend=backend)
+    lead = tuple(hidden.shape[:-1])
+    _validate.like(lead, "like hidden.shape[:-1]", kind="real", device=hidden.device, device_of="hidden",
+                   response_mask=response_mask)
+    keep = None if response_mask is None else response_mask.reshape(-1) != 0
+    with torch.no_grad():
+        if not cap:  # linear in h: the means accumulate in fp32 without an fp32 copy of the [V, H] head
+            mean = hidden.float() @ weight.mean(0, dtype=torch.float32)
+            if a is not None:
+                mean = mean + a.float() @ lora.mean(0, dtype=torch.float32)
+            if bias is not None:
+                mean = mean + bias.mean(dtype=torch.float32)
+            mean = (mean * scale).reshape(-1)
+            mean = mean if keep is None else torch.where(keep, mean, 0.0)
+        else:
+            mean = softcapped_mean_logits(
+                hidden.reshape(-1, hidden.shape[-1]), weight, bias, None if a is None else a.reshape(-1, a.shape[-1]),
+                lora, scale, cap, keep, _backend.resolve(hidden.device, backend))
+    return mean.reshape(lead)

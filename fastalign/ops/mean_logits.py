@@ -1,0 +1,57 @@
+"""The mean logit of a softcapped head over the rows asked for, a block of rows at a time (no gradient).
+
+    u_j = h . W_j + a . L_j + b_j,   z_j = c tanh(s u_j / c),   mean = (1/V) sum_j z_j
+
+Only the rows asked for are multiplied: picked on the host by the C++ backend (a CPU tensor's count is free), put
+first and counted on the device by the others (:mod:`fastalign.ops.device_compaction`: the product kernel reads the
+count, no host sync). Each block's ``[rows, V]`` logits are gone before the next.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastalign.ops._launch import eager
+from fastalign.ops.device_compaction import compact
+from fastalign.ops.linear_cpu import matmul_into
+from fastalign.ops.single_pass import block_budget_rows
+
+
+@torch.no_grad()
+def softcapped_mean_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], a: Optional[Tensor],
+                           lora: Optional[Tensor], scale: float, softcap: float, keep: Optional[Tensor],
+                           backend: str) -> Tensor:
+    """``mean_j z_j`` (fp32) of each row of ``h [n, H]`` (``a [n, r]`` its low-rank rows, ``lora [V, r]``) kept by
+    ``keep [n]`` (bool; None: every row), 0 for the others."""
+    picked = cmp = None
+    if keep is not None and backend == "cpp" and eager(h, keep):
+        picked = keep.nonzero().squeeze(1)
+        h, a = h.index_select(0, picked), None if a is None else a.index_select(0, picked)
+    elif keep is not None:
+        cmp = compact(torch.where(keep, 0, -1), -1)  # None with FASTALIGN_DEVICE_COMPACTION=0: every row
+        if cmp is not None:
+            h, a = cmp.gather(h), cmp.gather(a)
+    lora_t = None if a is None else lora.float().T
+    # the head's [rows, V] product in its dtype and its fp32 copy: three fp32 tiles' worth of the budget
+    block = block_budget_rows(weight.shape[0], h, tiles=3)
+    means = []
+    for start in range(0, h.shape[0], block):  # blocks fixed by the shapes
+        stop = min(start + block, h.shape[0])
+        if cmp is None:
+            u = torch.nn.functional.linear(h[start:stop], weight, bias).float()
+        else:  # the kept rows' products only (the others 0)
+            u = h.new_empty((stop - start, weight.shape[0]), dtype=torch.float32)
+            matmul_into(u, h[start:stop], weight.T, accumulate=False, live=cmp.live_in(start, stop))
+            if bias is not None:
+                u += bias
+        if a is not None:
+            u += a[start:stop].float() @ lora_t
+        means.append(u.mul_(scale / softcap).tanh_().mean(-1) * softcap)
+    mean = torch.cat(means) if means else h.new_zeros(0, dtype=torch.float32)
+    if picked is not None:
+        return torch.zeros(keep.shape[0], dtype=torch.float32, device=mean.device).index_copy_(0, picked, mean)
+    if cmp is not None:
+        mean = cmp.scatter(mean)
+    return mean if keep is None else torch.where(keep, mean, 0.0)

@@ -1,0 +1,102 @@
+"""linear_mean_logits: the head's mean logit at each position against a float64 reference (linear and softcapped
+heads, bias, LoRA term, response mask on every backend, one block or many, bf16), without gradient; bad inputs
+raise naming the argument."""
+import pytest
+import torch
+
+import fastalign as fa
+from conftest import CPU_BACKENDS
+
+
+def _inputs(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(3, 7, 16, generator=g).to(dtype)
+    weight = torch.randn(40, 16, generator=g).to(dtype)
+    bias = torch.randn(40, generator=g).to(dtype)
+    low_rank = (torch.randn(3, 7, 2, generator=g).to(dtype), torch.randn(40, 2, generator=g).to(dtype))
+    mask = torch.rand(3, 7, generator=g) < 0.5
+    return hidden, weight, bias, low_rank, mask
+
+
+def _reference(hidden, weight, bias, low_rank, scale, softcap):
+    u = hidden.double() @ weight.double().T
+    if bias is not None:
+        u = u + bias.double()
+    if low_rank is not None:
+        u = u + low_rank[0].double() @ low_rank[1].double().T
+    z = scale * u if softcap is None else softcap * torch.tanh(scale * u / softcap)
+    return z.mean(-1)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["linear", "softcap"])
+@pytest.mark.parametrize("terms", ["plain", "bias", "bias_lora"])
+def test_matches_reference(backend, softcap, terms):
+    hidden, weight, bias, low_rank, mask = _inputs()
+    head = dict(bias=None if terms == "plain" else bias, low_rank=low_rank if terms == "bias_lora" else None)
+    want = _reference(hidden, weight, **head, scale=0.5, softcap=softcap)
+    got = fa.linear_mean_logits(hidden, weight, **head, logit_scale=0.5, softcap=softcap, backend=backend)
+    assert got.dtype == torch.float32 and got.shape == (3, 7)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    got = fa.linear_mean_logits(hidden, weight, **head, logit_scale=0.5, softcap=softcap, response_mask=mask,
+                                backend=backend)
+    torch.testing.assert_close(got.double(), torch.where(mask, want, 0.0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("compaction", ["1", "0"])
+def test_softcapped_rows_a_block_at_a_time(backend, compaction, monkeypatch):
+    """A block per row (a budget below one row's logits), with the masked rows put first on the device (triton) or
+    every row multiplied (FASTALIGN_DEVICE_COMPACTION=0), or picked on the host (cpp)."""
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "1e-6")
+    monkeypatch.setenv("FASTALIGN_DEVICE_COMPACTION", compaction)
+    hidden, weight, bias, low_rank, mask = _inputs(seed=1)
+    want = _reference(hidden, weight, bias, low_rank, 1.0, 3.0)
+    got = fa.linear_mean_logits(hidden, weight, bias=bias, low_rank=low_rank, softcap=3.0, response_mask=mask,
+                                backend=backend)
+    torch.testing.assert_close(got.double(), torch.where(mask, want, 0.0), rtol=1e-5, atol=1e-5)
+    empty = fa.linear_mean_logits(hidden, weight, softcap=3.0, response_mask=torch.zeros_like(mask), backend=backend)
+    assert not empty.any()
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["linear", "softcap"])
+def test_bf16_inputs(softcap):
+    """bf16 operands: the product in bf16 (fp32 accumulation), the rest in fp32, within bf16 rounding of float64."""
+    hidden, weight, bias, _, mask = _inputs(torch.bfloat16)
+    want = _reference(hidden, weight, bias, None, 1.0, softcap)
+    got = fa.linear_mean_logits(hidden, weight, bias=bias, softcap=softcap, response_mask=mask)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), torch.where(mask, want, 0.0), rtol=2e-2, atol=2e-2)
+
+
+def test_no_gradient_and_nan_propagates():
+    hidden, weight, bias, _, _ = _inputs()
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    for softcap in (None, 2.0):
+        assert not fa.linear_mean_logits(hidden, weight, bias=bias, softcap=softcap).requires_grad
+    poisoned = hidden.detach().clone()
+    poisoned[1, 2, 0] = float("nan")
+    for softcap in (None, 2.0):
+        got = fa.linear_mean_logits(poisoned, weight.detach(), softcap=softcap)
+        assert got[1, 2].isnan() and got.isnan().sum() == 1
+
+
+def test_bad_inputs_name_the_argument():
+    hidden, weight, bias, low_rank, mask = _inputs()
+    with pytest.raises(ValueError, match="weight"):
+        fa.linear_mean_logits(hidden, weight[:, :8])
+    with pytest.raises(TypeError, match="weight"):
+        fa.linear_mean_logits(hidden, weight.double())
+    with pytest.raises(ValueError, match="bias"):
+        fa.linear_mean_logits(hidden, weight, bias=bias[:5])
+    with pytest.raises(ValueError, match="response_mask"):
+        fa.linear_mean_logits(hidden, weight, response_mask=mask[:, :3])
+    with pytest.raises(ValueError, match="softcap"):
+        fa.linear_mean_logits(hidden, weight, softcap=0.0)
+    with pytest.raises(ValueError, match="logit_scale"):
+        fa.linear_mean_logits(hidden, weight, logit_scale=float("nan"))
+    with pytest.raises(ValueError, match="low_rank"):
+        fa.linear_mean_logits(hidden, weight, low_rank=(low_rank[0][:, :3], low_rank[1]))
+    with pytest.raises(ValueError, match="backend"):
+        fa.linear_mean_logits(hidden, weight, backend="nope")
