@@ -169,8 +169,8 @@ def test_head_matches_the_models_own_logits(model_type):
     # every position, the last and the padded ones included; or the scored ones, the others 0
     hidden, weight, bias, low_rank = operands
     head = dict(bias=bias, low_rank=low_rank, logit_scale=scale, softcap=softcap)
-    torch.testing.assert_close(fastalign.linear_mean_logits(hidden, weight, **head).double(), z_every.mean(-1), rtol=1e-5,
-                               atol=1e-5)
+    every_position = fastalign.linear_mean_logits(hidden, weight, **head).double()
+    torch.testing.assert_close(every_position, z_every.mean(-1), rtol=1e-5, atol=1e-5)
     positions = torch.nn.functional.pad(scored, (0, 1))
     at_positions = fastalign.linear_mean_logits(hidden, weight, **head, response_mask=positions).double()
     torch.testing.assert_close(at_positions[positions], z_every.mean(-1)[positions], rtol=1e-5, atol=1e-5)
