@@ -85,6 +85,15 @@ def _():
     assert torch.isfinite(w.grad).all() and torch.isfinite(h.grad).all()
 
 
+@op("linear_mean_logits")
+def _():
+    h, w, b = torch.randn(B, T, H), torch.randn(V, H), torch.randn(V)
+    z = h.double() @ w.double().T + b.double()
+    for softcap, want in ((None, 0.5 * z), (2.0, 2.0 * torch.tanh(0.5 * z / 2.0))):
+        got = fa.linear_mean_logits(h, w, bias=b, logit_scale=0.5, softcap=softcap, response_mask=mask)
+        close(got, torch.where(mask != 0, want.mean(-1), 0.0), f"linear_mean_logits softcap={softcap}")
+
+
 lp = (torch.randn(B, T) - 2).requires_grad_()
 old, refl = lp.detach() + 0.1 * torch.randn(B, T), lp.detach() + 0.1 * torch.randn(B, T)
 adv = torch.randn(B, 1).expand(B, T)
