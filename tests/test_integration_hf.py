@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the Hugging Face integration needs transformers")
 
 from conftest import HAS_TRITON  # noqa: E402
-from tiny_configs import DELTANET, MLA, SIGLIP, VISION, gemma3_vision, gemma4, gemma_layers  # noqa: E402
+from tiny_configs import DELTANET, MLA, VISION, gemma3_vision, gemma4, gemma_layers  # noqa: E402
 from fastalign.integrations.hf import (  # noqa: E402
     HEAD_TRANSFORMS, causal_lm_logprobs, head_transform, known_head_transform)
 
@@ -458,6 +458,7 @@ COMPOSITE_ARCHS = {
     "gemma4": (gemma4(V), (1.0, 3.0)),
     "gemma4_unified": (gemma4(V), (1.0, 3.0)),
     **{arch: (text, (1.0, None)) for arch, (_, text) in VISION.items()},
+    # the text fields of a transform, off their defaults
     "cohere2_vision": (dict(logit_scale=0.4), (1.0, None)),  # its forward ignores the text config's scale
     "aya_vision": (dict(logit_scale=0.4), (0.4, None)),
     "paligemma": (dict(final_logit_softcapping=3.0), (1.0, 3.0)),
@@ -471,29 +472,34 @@ RECURRENT_ARCHS = {"mamba", "mamba2", "falcon_mamba", "nemotron_h", "lfm2", "qwe
 UNSPLIT_COMPOSITES = {"qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "glm46v", "paligemma"}
 
 
-def _auto_model(arch, seed=0, **extra):
-    """A tiny model of any listed architecture from its AutoConfig: the sizes of _SMALL where its config has them,
-    and ``extra``, given to the config's constructor (so the fields derived from them follow)."""
-    fields = transformers.AutoConfig.for_model(arch).to_dict()
-    config = transformers.AutoConfig.for_model(arch, **{**{k: v for k, v in _SMALL.items() if k in fields}, **extra})
+def _small(config) -> dict:
+    """The sizes of _SMALL that ``config`` (an architecture's default config, or its text config) has."""
+    fields = config.to_dict()
+    return {k: v for k, v in _SMALL.items() if k in fields}
+
+
+def _built(config, seed, model_class=transformers.AutoModelForCausalLM):
+    """``model_class``'s model of ``config`` in fp32, eval mode, its output head drawn at unit scale (``seed``)."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    model = model_class.from_config(config).float().eval()
     with torch.no_grad():
         model.get_output_embeddings().weight.normal_(0, 1.0)
     return model
+
+
+def _auto_model(arch, seed=0, **extra):
+    """A tiny model of any listed architecture from its AutoConfig: the sizes of _SMALL where its config has them,
+    and ``extra``, given to the config's constructor (so the fields derived from them follow)."""
+    small = _small(transformers.AutoConfig.for_model(arch))
+    return _built(transformers.AutoConfig.for_model(arch, **{**small, **extra}), seed)
 
 
 def _composite_model(arch, text_fields, seed=0, **extra):
     """A tiny vision-language model (its ForConditionalGeneration class): the sizes of _SMALL in its text config,
     with ``text_fields``; ``extra`` (a vision tower) given to the config's constructor."""
-    fields = transformers.AutoConfig.for_model(arch).get_text_config().to_dict()
-    text = {**{k: v for k, v in _SMALL.items() if k in fields}, **text_fields}
+    text = {**_small(transformers.AutoConfig.for_model(arch).get_text_config()), **text_fields}
     config = transformers.AutoConfig.for_model(arch, text_config=text, **extra)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForImageTextToText.from_config(config).float().eval()
-    with torch.no_grad():
-        model.get_output_embeddings().weight.normal_(0, 1.0)
-    return model
+    return _built(config, seed, transformers.AutoModelForImageTextToText)
 
 
 def _check_own_logits_and_packed_rows(arch, model, transform):
@@ -536,8 +542,6 @@ def test_vision_language_architectures_match_their_own_logits(arch):
     with the head transform its forward applies, not the one its text config names."""
     fields, transform = COMPOSITE_ARCHS[arch]
     vision = gemma3_vision(V) if arch == "gemma3" else VISION[arch][0] if arch in VISION else {}
-    if arch in ("cohere2_vision", "aya_vision", "paligemma"):
-        vision = dict(vision_config=SIGLIP)
     model = _composite_model(arch, fields, **vision)
     assert model.config.get_text_config() is not model.config
     _check_own_logits_and_packed_rows(arch, model, transform)

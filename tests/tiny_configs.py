@@ -54,7 +54,7 @@ VISION = {
                                          num_attention_heads=2, head_dim=8, image_size=32, patch_size=16)), {}),
     **{arch: (dict(vision_config=SIGLIP, **extra), {}) for arch, extra in (
         ("llava", {}), ("llava_next", {}), ("llava_onevision", {}), ("idefics3", dict(scale_factor=1)),
-        ("smolvlm", dict(scale_factor=1)))},
+        ("smolvlm", dict(scale_factor=1)), ("paligemma", {}), ("aya_vision", {}), ("cohere2_vision", {}))},
     "internvl": (dict(vision_config=dict(SIGLIP, image_size=[28, 28], patch_size=[14, 14])), {}),
     **{arch: (dict(vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
                                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, image_size=28)), text)

@@ -71,23 +71,18 @@ def _plain(config) -> tuple[float, Optional[float]]:
     return 1.0, None
 
 
-def _final_softcap(config) -> tuple[float, Optional[float]]:
-    return 1.0, getattr(config, "final_logit_softcapping", None)
+def _softcap_by(field: str):
+    """The rule of a head that softcaps its logits at ``config.<field>`` (none where it is unset or None)."""
+    def rule(config) -> tuple[float, Optional[float]]:
+        cap = getattr(config, field, None)
+        return 1.0, None if cap is None else float(cap)
+
+    return rule
 
 
-def _logits_soft_cap(config) -> tuple[float, Optional[float]]:
-    """RecurrentGemma's softcap, ``logits_soft_cap``, always applied."""
-    return 1.0, float(config.logits_soft_cap)
-
-
-def _text_softcap(config) -> tuple[float, Optional[float]]:
-    """A vision-language model's softcap: its text config's ``final_logit_softcapping`` (Gemma 4, PaliGemma)."""
-    return _final_softcap(config.get_text_config())
-
-
-def _text_logit_scale(config) -> tuple[float, Optional[float]]:
-    """A vision-language model's logit scale: its text config's ``logit_scale`` (Aya Vision)."""
-    return float(config.get_text_config().logit_scale), None
+def _of_text(rule):
+    """``rule`` read from a vision-language model's text config (its forward applies its text model's transform)."""
+    return lambda config: rule(config.get_text_config())
 
 
 def _scale_by(field: str, reciprocal: bool = False):
@@ -113,14 +108,15 @@ def _mpt(config) -> Optional[tuple[float, Optional[float]]]:
 #: ``model_type`` -> ``config -> (logit_scale, softcap)``: what the model's forward applies after its lm_head.
 HEAD_TRANSFORMS = {
     **{name: _plain for name in _PLAIN_HEAD},
-    **{name: _final_softcap for name in ("gemma2", "gemma3_text", "gemma3n_text", "gemma4_text",
-                                         "gemma4_unified_text", "vaultgemma", "nanochat")},
+    **{name: _softcap_by("final_logit_softcapping")
+       for name in ("gemma2", "gemma3_text", "gemma3n_text", "gemma4_text", "gemma4_unified_text", "vaultgemma",
+                    "nanochat")},
     **{name: _scale_by("logit_scale") for name in ("cohere", "cohere2", "cohere2_moe")},
     # MiniCPM3 divides the hidden states by its logits_scaling (hidden_size / dim_model_base); its head has no bias
     **{name: _scale_by("logits_scaling", reciprocal=True)
        for name in ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granite_swa", "granitemoe_swa",
                     "minicpm3")},
-    "recurrent_gemma": _logits_soft_cap,
+    "recurrent_gemma": _softcap_by("logits_soft_cap"),
     "hyperclovax": _scale_by("logits_scaling"),  # multiplies, where Granite divides
     "falcon_h1": _scale_by("lm_head_multiplier"),
     "mpt": _mpt,
@@ -130,8 +126,8 @@ HEAD_TRANSFORMS = {
     **{name: _plain for name in ("gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5",
                                  "qwen3_5_moe", "mistral3", "llava", "llava_next", "llava_onevision", "idefics3",
                                  "smolvlm", "internvl", "glm4v", "glm4v_moe", "glm46v", "cohere2_vision")},
-    **{name: _text_softcap for name in ("gemma4", "gemma4_unified", "paligemma")},
-    "aya_vision": _text_logit_scale,
+    **{name: _of_text(_softcap_by("final_logit_softcapping")) for name in ("gemma4", "gemma4_unified", "paligemma")},
+    "aya_vision": _of_text(_scale_by("logit_scale")),
 }
 
 #: The architectures listed above, each checked for packed rows (:func:`_unsplit_packing`).

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from fastalign.ops._launch import eager
 from fastalign.ops.device_compaction import compact
-from fastalign.ops.linear_cpu import matmul_into
+from fastalign.ops.linear_cpu import labelled_rows, matmul_into, scatter_labelled
 from fastalign.ops.single_pass import block_budget_rows
 
 
@@ -27,8 +27,9 @@ def softcapped_mean_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], a:
     ``keep [n]`` (bool; None: every row), 0 for the others."""
     picked = cmp = None
     if keep is not None and backend == "cpp" and eager(h, keep):
-        picked = keep.nonzero().squeeze(1)
-        h, a = h.index_select(0, picked), None if a is None else a.index_select(0, picked)
+        picked = labelled_rows(keep, False)  # None when every row is kept
+        if picked is not None:
+            h, a = h.index_select(0, picked), None if a is None else a.index_select(0, picked)
     elif keep is not None:
         cmp = compact(torch.where(keep, 0, -1), -1)  # None with FASTALIGN_DEVICE_COMPACTION=0: every row
         if cmp is not None:
@@ -51,7 +52,7 @@ def softcapped_mean_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], a:
         means.append(u.mul_(scale / softcap).tanh_().mean(-1) * softcap)
     mean = torch.cat(means) if means else h.new_zeros(0, dtype=torch.float32)
     if picked is not None:
-        return torch.zeros(keep.shape[0], dtype=torch.float32, device=mean.device).index_copy_(0, picked, mean)
+        return scatter_labelled(mean, picked, keep, 0.0)
     if cmp is not None:
         mean = cmp.scatter(mean)
     return mean if keep is None else torch.where(keep, mean, 0.0)

@@ -297,9 +297,7 @@ def install_head(model) -> None:
             given = "inputs_embeds without input_ids" if kwargs.get("inputs_embeds") is not None else "no input_ids"
             raise ValueError(f"fastalign_head: {given}; the fused head scores input_ids (PEFT prompt learning, "
                              "which passes its virtual tokens as inputs_embeds, is not supported)")
-        vision = sorted(k for k in VISION_INPUTS if kwargs.get(k) is not None)
-        if vision:  # a vision-language model trains on text through the fastalign trainers
-            raise ValueError(f"fastalign_head: vision inputs {vision} are not supported by the fastalign trainers")
+        refuse_vision(kwargs, where="fastalign_head: ")
         labels = kwargs.pop("labels", None)
         return head_outputs(self, kwargs.pop("input_ids"), kwargs.pop("attention_mask", None), labels,
                             tuple(fastalign_head), **(fastalign_options or {}), **kwargs)
@@ -378,14 +376,20 @@ VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spat
                  "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
+def refuse_vision(inputs: dict, names=VISION_INPUTS, where: str = "") -> None:
+    """A ValueError (prefixed by ``where``) naming the ``names`` that ``inputs`` gives, not None: the fastalign
+    trainers train vision-language models on text."""
+    given = sorted(k for k in names if inputs.get(k) is not None)
+    if given:
+        raise ValueError(f"{where}vision inputs {given} are not supported by the fastalign trainers")
+
+
 def text_only(vision_inputs: dict) -> None:
     """Raise on what the fused head cannot take: vision inputs, unknown ones."""
     unexpected = set(vision_inputs) - set(VISION_INPUTS) - {"num_images"}
     if unexpected:
         raise TypeError(f"unexpected arguments {sorted(unexpected)}")
-    given = sorted(k for k, v in vision_inputs.items() if v is not None)
-    if given:
-        raise ValueError(f"vision inputs {given} are not supported by the fastalign trainers")
+    refuse_vision(vision_inputs, names=vision_inputs)
 
 
 def fused_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,

@@ -6,7 +6,7 @@ import torch
 
 from fastalign.integrations.hf import next_token_targets
 from fastalign.integrations.trl._checks import check_model
-from fastalign.integrations.trl._head import (add_aux_loss, head_separable_loss, install_head, policy_operands)
+from fastalign.integrations.trl._head import add_aux_loss, head_separable_loss, install_head, policy_operands
 from fastalign.integrations.trl._live_loss import build_loss
 from fastalign.integrations.trl._metrics import gathered_mean
 

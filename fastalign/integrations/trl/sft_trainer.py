@@ -46,8 +46,8 @@ from transformers.trainer_pt_utils import LabelSmoother
 
 from fastalign.integrations.hf import head_transform, next_token_targets
 from fastalign.integrations.trl._checks import check_config, check_model, init_checked
-from fastalign.integrations.trl._head import (add_aux_loss, softcapped, head_separable_loss, install_head,
-                                              label_margin, log_aux_loss, loss_and_outputs, policy_operands)
+from fastalign.integrations.trl._head import (add_aux_loss, head_separable_loss, install_head, label_margin,
+                                              log_aux_loss, loss_and_outputs, policy_operands, softcapped)
 
 __all__ = ["SFTTrainer"]
 
