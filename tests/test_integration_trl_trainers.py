@@ -526,19 +526,26 @@ def test_newer_architectures_match_trl(newer_checkpoint, tmp_path, trainer):
 
 
 @pytest.mark.parametrize("newer_checkpoint", ["gemma3"], indirect=True)
-def test_vision_inputs_raise_in_the_drop_ins(newer_checkpoint):
-    """The drop-ins train vision-language models on text: vision inputs reaching the fused head raise, naming them
-    (the model's own forward, without the fused head, still takes them)."""
+def test_fused_head_takes_vision_inputs(newer_checkpoint):
+    """Vision inputs reaching the fused head go to the body with the tokens: the log-probs equal those of the
+    model's own logits with the same image (tests/test_integration_trl_vision.py: the drop-ins on batches with
+    images against TRL's trainers)."""
     from fastalign.integrations.trl._head import install_head
 
     model = transformers.AutoModelForCausalLM.from_pretrained(newer_checkpoint)
+    with torch.no_grad():  # initialised to zeros: every image would give the same features
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 1.0)
     install_head(model)
     ids = torch.full((1, 9), 2)
     ids[0, 2:6] = model.config.image_token_id
-    pixels = torch.randn(1, 3, 28, 28)
-    with pytest.raises(ValueError, match=r"vision inputs \['pixel_values'\]"):
-        model(input_ids=ids, labels=ids, pixel_values=pixels, fastalign_head=("log_probs",))
-    assert model(input_ids=ids, pixel_values=pixels).logits.shape == (1, 9, len(WORDS))
+    vision = dict(pixel_values=torch.randn(1, 3, 28, 28), token_type_ids=(ids == model.config.image_token_id).long())
+    with torch.no_grad():
+        log_probs = model(input_ids=ids, labels=ids, fastalign_head=("log_probs",), **vision).log_probs
+        logits = model(input_ids=ids, **vision).logits
+        text_only = model(input_ids=ids, labels=ids, fastalign_head=("log_probs",)).log_probs
+    expected = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    torch.testing.assert_close(log_probs.double(), expected, rtol=1e-5, atol=1e-5)
+    assert (text_only - log_probs)[:, 5:].abs().max() > 1e-3  # the image changes the scores after it
 
 
 @pytest.mark.parametrize("trainer", ["SFT", "KTO", "RLOO", "CPO", "ORPO"])

@@ -29,16 +29,15 @@ def check_model(trainer, name: str, *, head_dtype: Optional[torch.dtype] = None)
     check_peft(model, "model")
     if getattr(trainer, "ref_model", None) is not None:
         check_peft(trainer.accelerator.unwrap_model(trainer.ref_model), "ref_model")
-    check_text_head(base_model(trainer, model), "model")
+    check_head_transform(base_model(trainer, model), "model")
     check_head_dtype(trainer, trainer.model, "model", head_dtype=head_dtype)
     if getattr(trainer, "ref_model", None) is not None:
         check_head_dtype(trainer, trainer.ref_model, "ref_model", head_dtype=head_dtype)
 
 
-def check_text_head(base, name: str) -> None:
+def check_head_transform(base, name: str) -> None:
     """Raise, naming ``name``, on a ``PreTrainedModel`` the fused head cannot score: an architecture without a known
-    head transform (a vision-language model's included: those listed train on text, their vision inputs refused
-    at the call)."""
+    head transform (a vision-language model's included)."""
     head_transform(base.config)  # raises for an architecture without a known head transform
 
 
@@ -77,7 +76,7 @@ def check_teacher(trainer, teacher, name: str = "teacher_model") -> None:
     """Raise on a teacher the fused head cannot score (a float64 head, an architecture
     without a known head transform), naming it; then install the fused head on it."""
     check_head_dtype(trainer, teacher, name)
-    check_text_head(base_model(trainer, teacher), name)
+    check_head_transform(base_model(trainer, teacher), name)
     install_head(trainer.accelerator.unwrap_model(teacher))
 
 

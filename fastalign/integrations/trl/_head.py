@@ -24,6 +24,7 @@ from torch import Tensor
 
 from fastalign._options import check_choice
 from fastalign.integrations.hf import causal_lm_logprobs, head_operands, head_transform, router_aux_loss
+from fastalign.integrations.trl._vision import body_inputs, chunk_rows, vision_inputs
 from fastalign.linear_divergence import linear_divergence_loss
 from fastalign.linear_mean import linear_mean_logits
 from fastalign.linear_policy import policy_logprobs, policy_step
@@ -90,10 +91,12 @@ def predicting_operands(operands) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     return hidden, weight, bias
 
 
-def predicting_head(trainer, model, input_ids: Tensor, attention_mask: Tensor) -> tuple:
+def predicting_head(trainer, model, input_ids: Tensor, attention_mask: Tensor, **model_inputs) -> tuple:
     """``(hidden [B, T-1, H'], weight, bias, logit_scale, softcap)``: ``model``'s head at the positions that predict a
-    next token (:func:`predicting_operands` of its body run through the fused head) and its head transform."""
-    operands = model(input_ids=input_ids, attention_mask=attention_mask, **head_call(trainer, ("operands",))).operands
+    next token (:func:`predicting_operands` of its body run through the fused head, with ``model_inputs``: a
+    vision-language model's images) and its head transform."""
+    operands = model(input_ids=input_ids, attention_mask=attention_mask, **model_inputs,
+                     **head_call(trainer, ("operands",))).operands
     return predicting_operands(operands) + head_transform(base_model(trainer, model).config)
 
 
@@ -116,15 +119,17 @@ def head_divergence(student: tuple, teacher: tuple, **options):
 
 
 def teacher_divergence(trainer, model, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
-                       num_items_in_batch=None, **options) -> Tensor:
+                       num_items_in_batch=None, model_inputs: Optional[dict] = None, **options) -> Tensor:
     """:func:`fastalign.linear_divergence_loss` of ``model`` against ``trainer.teacher_model`` (under ``no_grad``,
     in eval mode) on the same tokens, from both bodies' hidden states at the positions that predict a next token
     (:func:`predicting_head`); ``response_mask [B, T-1]`` the scored positions, divided by ``num_items_in_batch``
-    when given (else their count, at least 1). ``options``: the divergence's (``beta``, ``temperature``)."""
-    student = predicting_head(trainer, model, input_ids, attention_mask)
+    when given (else their count, at least 1); ``model_inputs``: the other inputs both bodies take (a
+    vision-language model's images). ``options``: the divergence's (``beta``, ``temperature``)."""
+    model_inputs = model_inputs or {}
+    student = predicting_head(trainer, model, input_ids, attention_mask, **model_inputs)
     trainer.teacher_model.eval()
     with torch.no_grad():
-        teacher = predicting_head(trainer, trainer.teacher_model, input_ids, attention_mask)
+        teacher = predicting_head(trainer, trainer.teacher_model, input_ids, attention_mask, **model_inputs)
     normalizer = None
     if num_items_in_batch is not None:
         normalizer = torch.as_tensor(num_items_in_batch, device=student[0].device).float().reshape(())
@@ -177,7 +182,8 @@ def log_aux_loss(trainer, aux: Optional[Tensor], mode: Optional[str]) -> None:
 def head_policy_loss(trainer, model, ids: Tensor, attention: Tensor, completion_ids: Tensor, completion_mask: Tensor,
                      old: Optional[Tensor], loss, vision: dict, *, token_separable: bool = False):
     """``(loss, metrics, entropies, aux)`` of a policy ``loss(lp, old, entropy)`` on the completion tokens of an online
-    trainer's batch (``ids = prompt + completion``), through the model's head from its hidden states
+    trainer's batch (``ids = prompt + completion``, with its ``vision`` inputs: :func:`._vision.batch_vision`),
+    through the model's head from its hidden states
     (:func:`fastalign.linear_policy.policy_step`: one pass over blocks of whole completions when gradients
     are needed), padding unscored as in :func:`fused_logps_and_entropies`; ``old=None``: the policy's own
     log-probs, detached; the temperature is ``trainer.temperature``. ``loss`` must be separable over
@@ -186,9 +192,8 @@ def head_policy_loss(trainer, model, ids: Tensor, attention: Tensor, completion_
     loss when the trainer adds one (:func:`policy_operands`), else None. Without gradients (evaluation) the
     log-probs are still those of the pass with gradients (:func:`fastalign.linear_policy.policy_logprobs`), as
     the old policy's of :func:`fused_logps_and_entropies`."""
-    text_only(vision)
     with trainer.accelerator.autocast():
-        out = policy_operands(trainer, model, input_ids=ids, attention_mask=attention)
+        out = policy_operands(trainer, model, input_ids=ids, attention_mask=attention, **body_inputs(vision))
     args, options = _policy_head(trainer, model, out.operands,
                                  completion_ids.masked_fill(completion_mask == 0, -100), token_separable)
     if torch.is_grad_enabled():
@@ -297,7 +302,6 @@ def install_head(model) -> None:
             given = "inputs_embeds without input_ids" if kwargs.get("inputs_embeds") is not None else "no input_ids"
             raise ValueError(f"fastalign_head: {given}; the fused head scores input_ids (PEFT prompt learning, "
                              "which passes its virtual tokens as inputs_embeds, is not supported)")
-        refuse_vision(kwargs, where="fastalign_head: ")
         labels = kwargs.pop("labels", None)
         return head_outputs(self, kwargs.pop("input_ids"), kwargs.pop("attention_mask", None), labels,
                             tuple(fastalign_head), **(fastalign_options or {}), **kwargs)
@@ -371,42 +375,21 @@ def install_heads(trainer, **options) -> None:
             install_head(trainer.accelerator.unwrap_model(model))
 
 
-#: The vision-language inputs TRL's log-prob methods take (the fused head refuses them).
-VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "num_tiles",
-                 "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
-
-
-def refuse_vision(inputs: dict, names=VISION_INPUTS, where: str = "") -> None:
-    """A ValueError (prefixed by ``where``) naming the ``names`` that ``inputs`` gives, not None: the fastalign
-    trainers train vision-language models on text."""
-    given = sorted(k for k in names if inputs.get(k) is not None)
-    if given:
-        raise ValueError(f"{where}vision inputs {given} are not supported by the fastalign trainers")
-
-
-def text_only(vision_inputs: dict) -> None:
-    """Raise on what the fused head cannot take: vision inputs, unknown ones."""
-    unexpected = set(vision_inputs) - set(VISION_INPUTS) - {"num_images"}
-    if unexpected:
-        raise TypeError(f"unexpected arguments {sorted(unexpected)}")
-    refuse_vision(vision_inputs, names=vision_inputs)
-
-
 def fused_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
-                              compute_entropy=False, compute_aux_loss=False, **vision_inputs):
+                              compute_entropy=False, compute_aux_loss=False, **vision):
     r"""TRL's ``_get_per_token_logps_and_entropies`` (GRPO and RLOO trainers) through the fused head:
     ``(log p(y_t | y_{<t}), H_t, aux)`` of the last ``logits_to_keep`` tokens, ``[B, logits_to_keep]``,
     from the hidden states (``H_t = -Σ_j p_j log p_j`` at temperature ``self.temperature``);
     padding (``attention_mask == 0``) gives 0; ``aux``: with ``compute_aux_loss`` the MoE body's
-    load-balancing loss, the mean over the chunks as TRL's, else None. Text only; chunked by
-    ``batch_size`` rows like TRL.
+    load-balancing loss, the mean over the chunks as TRL's, else None. Chunked by ``batch_size`` rows like
+    TRL, each chunk with the images of its rows (``vision``: the vision inputs of :mod:`._vision`).
 
     Without gradients, for a trainer whose loss goes through the head itself (its ``_policy_pass()``: the
     ``token_separable`` of its :func:`head_policy_loss`, None when its loss takes these log-probs instead), the
     statistics are those of that loss's pass (:func:`fastalign.linear_policy.policy_logprobs`), bit for bit: the
     old policy's log-probs of an on-policy step give a ratio of exactly 1 (and an unchanged reference a KL of 0),
     as TRL's, which computes both with one function."""
-    text_only(vision_inputs)
+    vision = vision_inputs(vision)
     policy_pass = getattr(self, "_policy_pass", None)
     token_separable = policy_pass() if policy_pass is not None and not torch.is_grad_enabled() else None
     fields = ("log_probs", "entropy") if compute_entropy else ("log_probs",)
@@ -419,8 +402,10 @@ def fused_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_
         ids, att = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
         labels = ids.masked_fill(att == 0, -100)
         labels[:, :-logits_to_keep] = -100
+        images = chunk_rows(vision, start, start + batch_size, input_ids.size(0))  # the chunk's rows' images
         with self.accelerator.autocast():
-            out = model(input_ids=ids, attention_mask=att, labels=labels, **head_call(self, fields), **router)
+            out = model(input_ids=ids, attention_mask=att, labels=labels, **head_call(self, fields), **router,
+                        **images)
         lp, entropy = out.log_probs, out.entropy
         if token_separable is not None:  # the pass of the loss, on the completion positions only
             args, options = _policy_head(self, model, out.operands, labels[:, -logits_to_keep:], token_separable)

@@ -31,6 +31,7 @@ import trl
 from fastalign import _dtensor
 from fastalign.integrations.hf import known_head_transform
 from fastalign.integrations.trl._checks import check_head_dtype
+from fastalign.integrations.trl._vision import batch_vision, body_inputs
 from fastalign.linear_divergence import linear_divergence_loss
 
 __all__ = ["DistillationTrainer", "config_head_transform"]
@@ -78,9 +79,7 @@ class DistillationTrainer(trl.DistillationTrainer):
         completion_mask = inputs["completion_mask"]
         loss_mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         logits_to_keep = inputs["completion_ids"].size(1)
-        multimodal = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask",
-                                             "spatial_shapes", "image_sizes", "token_type_ids", "mm_token_type_ids",
-                                             "image_position_ids") if k in inputs}
+        multimodal = body_inputs(batch_vision(inputs))
         student_hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, logits_to_keep,
                                                      **multimodal)
         self.teacher_model.eval()

@@ -57,12 +57,17 @@ class SameTokensDistillation:
     def _divergence_temperature(self) -> float:
         return 1.0
 
+    def _model_inputs(self, inputs) -> dict:
+        """What of the batch ``inputs`` both models take beside the token ids and attention mask (TRL's GKD: none)."""
+        return {}
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, attention = inputs["input_ids"], inputs["attention_mask"]
         scored = next_token_targets(ids, labels=inputs["labels"]) != -100
-        loss = teacher_divergence(self, model, ids, attention, scored, num_items_in_batch, beta=self.beta,
-                                  temperature=self._divergence_temperature())
-        return loss_and_outputs(loss, model, return_outputs, input_ids=ids, attention_mask=attention)
+        extra = self._model_inputs(inputs)
+        loss = teacher_divergence(self, model, ids, attention, scored, num_items_in_batch, model_inputs=extra,
+                                  beta=self.beta, temperature=self._divergence_temperature())
+        return loss_and_outputs(loss, model, return_outputs, input_ids=ids, attention_mask=attention, **extra)
 
 
 class GKDTrainer(SameTokensDistillation, _TRLGKDTrainer):

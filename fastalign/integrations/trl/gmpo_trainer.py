@@ -23,9 +23,10 @@ from trl.experimental import gmpo as trl_gmpo
 from trl.trainer.utils import nanmax, nanmin
 
 from fastalign.integrations.trl._checks import check_config, check_model, init_checked
-from fastalign.integrations.trl._head import VISION_INPUTS, fused_logps_and_entropies, install_heads
+from fastalign.integrations.trl._head import fused_logps_and_entropies, install_heads
 from fastalign.integrations.trl._live_loss import LiveLoss, build_loss
 from fastalign.integrations.trl._metrics import gathered_mean
+from fastalign.integrations.trl._vision import batch_vision
 from fastalign.integrations.trl.gmpo import GMPOLoss
 from fastalign.integrations.trl.grpo import entropy_threshold
 
@@ -66,7 +67,7 @@ class GMPOTrainer(trl_gmpo.GMPOTrainer):
         attention = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
         per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
             model, ids, attention, completion_ids.size(1), compute_entropy=True,
-            **{k: inputs.get(k) for k in ("num_images", *VISION_INPUTS)})
+            **batch_vision(inputs))
         gmpo_loss = self.fastalign_loss  # the options assigned since the last step, checked
         threshold = None
         if gmpo_loss.top_entropy_quantile < 1.0:  # over every process's tokens, as TRL's get_high_entropy_mask

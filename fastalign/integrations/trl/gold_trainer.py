@@ -46,3 +46,8 @@ class GOLDTrainer(SameTokensDistillation, _TRLGOLDTrainer):
 
     def _divergence_temperature(self) -> float:
         return self.temperature
+
+    def _model_inputs(self, inputs) -> dict:
+        """TRL's student forward inputs beside the token ids (a vision-language model's images), which the teacher
+        takes too."""
+        return self._get_model_forward_kwargs(inputs)

@@ -42,10 +42,11 @@ import trl
 from trl.trainer.utils import nanmax, nanmin
 
 from fastalign.integrations.trl._checks import check_config, check_model, init_checked
-from fastalign.integrations.trl._head import (VISION_INPUTS, add_aux_loss, fused_logps_and_entropies, head_policy_loss,
+from fastalign.integrations.trl._head import (add_aux_loss, fused_logps_and_entropies, head_policy_loss,
                                               install_heads)
 from fastalign.integrations.trl._live_loss import LiveLoss, build_loss
 from fastalign.integrations.trl._metrics import gathered_mean
+from fastalign.integrations.trl._vision import batch_vision
 from fastalign.integrations.trl.grpo import GRPOLoss, entropy_threshold, grpo_policy_config
 
 __all__ = ["GRPOTrainer"]
@@ -141,7 +142,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
-        vision = {k: inputs.get(k) for k in ("num_images", *VISION_INPUTS)}
+        vision = batch_vision(inputs)
         old = inputs.get("old_per_token_logps")
         mode = "train" if self.model.training else "eval"
         grpo_loss = self.fastalign_loss  # the options assigned since the last step, checked

@@ -46,6 +46,17 @@ _NOT_MODEL_INPUTS = ("completion_mask", "KL_input_ids", "KL_attention_mask", "KL
                      "KL_token_type_ids", "KL_mm_token_type_ids", "label", "ref_logps", "ref_KL_logps")
 
 
+def _extra_inputs(batch: dict, kl: bool = False) -> dict:
+    """The inputs of a KTO batch that the body takes beside the token ids and attention mask (a vision-language
+    model's: the images of each prompt), for its completions or, with ``kl``, its KL completions (their own token
+    types, as TRL's)."""
+    inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS and k not in ("input_ids", "attention_mask")}
+    if kl:
+        inputs.update({name: batch[f"KL_{name}"] for name in ("token_type_ids", "mm_token_type_ids")
+                       if f"KL_{name}" in batch})
+    return inputs
+
+
 class KTOTrainer(trl.KTOTrainer):
     """``trl.KTOTrainer`` with fastalign's fused log-probs and loss (see the module doc)."""
 
@@ -92,7 +103,8 @@ class KTOTrainer(trl.KTOTrainer):
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 self._reference_context(), self.accelerator.autocast():
             kl = self._kl_logps(model, inputs)  # the KL completions first, as in TRL (the order of dropout draws)
-            logps = self._summed(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+            logps = self._summed(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"],
+                                 **_extra_inputs(inputs))
         return logps, kl
 
     def _kl_logps(self, model, batch):
@@ -100,7 +112,7 @@ class KTOTrainer(trl.KTOTrainer):
             return None
         with torch.no_grad():
             return self._summed(model, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"],
-                                use_cache=False)
+                                use_cache=False, **_extra_inputs(batch, kl=True))
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"

@@ -36,6 +36,9 @@ from fastalign.linear import linear_logprobs
 
 __all__ = ["OnlineDPOTrainer"]
 
+#: The vision inputs TRL's ``_forward`` hands to the model.
+_VISION_FORWARDED = ("pixel_values", "pixel_attention_mask", "image_sizes", "image_grid_thw")
+
 
 class OnlineDPOTrainer(_TRLOnlineDPOTrainer):
     """TRL's experimental ``OnlineDPOTrainer`` whose log-probs come from the hidden states (see the module doc)."""
@@ -61,14 +64,15 @@ class OnlineDPOTrainer(_TRLOnlineDPOTrainer):
 
     def _forward(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, vision_inputs=None) -> Tensor:
         """``[2B, C]``: ``log p(completion_ids[:, c] | prompt, completion_ids[:, :c])`` under ``model``, as TRL's
-        ``_forward`` (the prompt left-truncated so that prompt and completion fit ``max_length``)."""
-        if vision_inputs is not None:
-            raise ValueError("vision inputs are not supported by the fastalign OnlineDPOTrainer")
-        cut = max(prompt_ids.size(1) + completion_ids.size(1) - self.max_length, 0)
-        prompt_ids, prompt_mask = prompt_ids[:, cut:], prompt_mask[:, cut:]
+        ``_forward`` (without images, the prompt left-truncated so that prompt and completion fit ``max_length``;
+        ``vision_inputs``: the images of each row, TRL's four that the body takes)."""
+        images = {k: vision_inputs[k] for k in _VISION_FORWARDED if k in (vision_inputs or {})}
+        if vision_inputs is None:  # with images, truncation would drop image tokens
+            cut = max(prompt_ids.size(1) + completion_ids.size(1) - self.max_length, 0)
+            prompt_ids, prompt_mask = prompt_ids[:, cut:], prompt_mask[:, cut:]
         ids = torch.cat((prompt_ids, completion_ids), dim=1)
         attention = torch.cat((prompt_mask, completion_mask), dim=1)
-        hidden, weight, bias, low_rank = model(input_ids=ids, attention_mask=attention,
+        hidden, weight, bias, low_rank = model(input_ids=ids, attention_mask=attention, **images,
                                                **head_call(self, ("operands",))).operands
         # position t predicts token t+1; TRL's slice of the positions that predict the completion
         prompt_len = prompt_ids.size(1)

@@ -29,10 +29,11 @@ import torch
 import trl
 
 from fastalign.integrations.trl._checks import check_config, check_model, init_checked
-from fastalign.integrations.trl._head import (VISION_INPUTS, add_aux_loss, fused_logps_and_entropies, head_policy_loss,
+from fastalign.integrations.trl._head import (add_aux_loss, fused_logps_and_entropies, head_policy_loss,
                                               install_heads)
 from fastalign.integrations.trl._live_loss import LiveLoss, build_loss
 from fastalign.integrations.trl._metrics import gathered_mean
+from fastalign.integrations.trl._vision import batch_vision
 from fastalign.integrations.trl.rloo import RLOOLoss
 
 __all__ = ["RLOOTrainer"]
@@ -66,7 +67,7 @@ class RLOOTrainer(trl.RLOOTrainer):
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
-        vision = {k: inputs.get(k) for k in ("num_images", *VISION_INPUTS)}
+        vision = batch_vision(inputs)
         rloo_loss = self.fastalign_loss  # the options assigned since the last step, checked
 
         def rloo(per_token_logps, _old, entropies):  # the old policy's log-probs are per completion: inputs'

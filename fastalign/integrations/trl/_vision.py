@@ -1,0 +1,92 @@
+"""Vision-language inputs of TRL's online trainers (GRPO, RLOO, GMPO): the keywords their log-prob methods take,
+those the model's body takes, and the ones of a chunk of rows of a batch.
+
+A batch of ``B`` rows with images holds its vision tensors in one of four layouts, told apart by what is given
+beside them: one entry per row of the batch (``token_type_ids``), per image (``image_sizes``; ``num_images``:
+the images of each row), per tile (``spatial_shapes``; ``num_tiles``: the tiles of each row) or per patch
+(Qwen-VL ``pixel_values``: ``prod(image_grid_thw[i])`` patches for image ``i``).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+#: The vision inputs TRL's log-prob methods take (``num_tiles``: bookkeeping of the chunks, not the body's).
+VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+                 "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+#: The bookkeeping of the chunks beside them: not the body's inputs.
+_COUNTS = ("num_images", "num_tiles")
+
+
+def vision_inputs(given: dict) -> dict:
+    """The vision inputs of ``given`` (keywords of TRL's log-prob methods) that are set, with ``num_images``;
+    a ``TypeError`` naming any other keyword."""
+    unexpected = set(given) - set(VISION_INPUTS) - {"num_images"}
+    if unexpected:
+        raise TypeError(f"unexpected arguments {sorted(unexpected)}")
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def batch_vision(batch: dict) -> dict:
+    """The vision inputs (with ``num_images``) that an online trainer's batch holds."""
+    return {k: batch[k] for k in ("num_images", *VISION_INPUTS) if batch.get(k) is not None}
+
+
+def body_inputs(vision: dict) -> dict:
+    """What of :func:`vision_inputs` ``vision`` the model's body takes (all but the counts of the chunks)."""
+    return {k: v for k, v in vision.items() if k not in _COUNTS}
+
+
+def _unit(name: str, vision: dict) -> str:
+    """What the first dimension of the vision input ``name`` counts: ``rows``, ``images``, ``tiles`` or ``patches``."""
+    if name in ("image_grid_thw", "image_sizes", "image_position_ids"):
+        return "images"
+    if name == "spatial_shapes" or (name == "pixel_attention_mask" and "spatial_shapes" in vision):
+        return "tiles"
+    if name != "pixel_values":
+        return "rows"
+    if "image_grid_thw" in vision:
+        return "patches"
+    if "num_tiles" in vision:
+        return "tiles"
+    images = vision.get("num_images")
+    if "image_position_ids" in vision or (images is not None and vision[name].size(0) == sum(images)):
+        return "images"
+    return "rows"
+
+
+def _bounds(counts: Sequence[int], start: int, end: int) -> slice:
+    """The entries of rows ``[start, end)`` of a tensor holding ``counts[r]`` entries for row ``r``, in order."""
+    offsets = [0, *itertools.accumulate(counts)]
+    return slice(offsets[start], offsets[end])
+
+
+def _counts(unit: str, vision: dict) -> list:
+    """How many entries each row of the batch holds in a vision input of ``unit`` (images, tiles or patches)."""
+    key = "num_tiles" if unit == "tiles" else "num_images"
+    counts = vision.get(key)
+    if counts is None:
+        raise ValueError(f"{key} is needed to split vision inputs by {unit} into chunks of rows")
+    if unit == "patches":  # prod(image_grid_thw[i]) patches for image i, summed over each row's images
+        per_image = iter(vision["image_grid_thw"].prod(-1).tolist())
+        counts = [sum(itertools.islice(per_image, n)) for n in counts]
+    return counts
+
+
+def chunk_rows(vision: dict, start: int, end: int, rows: int) -> dict:
+    """:func:`body_inputs` of the rows ``[start, end)`` of a batch of ``rows`` rows with the vision inputs
+    ``vision`` (all of them when the chunk is the whole batch); a chunk without images has no image inputs. The
+    bounds of a chunk of images, tiles or patches are read on the host (patch counts from ``image_grid_thw``)."""
+    if start == 0 and end >= rows:
+        return body_inputs(vision)
+    end = min(end, rows)
+    bounds = {"rows": slice(start, end)}  # unit -> the chunk's entries
+    chunk = {}
+    for name, value in body_inputs(vision).items():
+        unit = _unit(name, vision)
+        if unit not in bounds:
+            bounds[unit] = _bounds(_counts(unit, vision), start, end)
+        chunk[name] = value[bounds[unit]]
+    if any(chunk[name].size(0) == 0 for name in chunk if _unit(name, vision) != "rows"):  # no image in these rows
+        chunk = {name: value for name, value in chunk.items() if _unit(name, vision) == "rows"}
+    return chunk
