@@ -1,6 +1,7 @@
 """linear_logprobs vs the naive path (logits by matmul, log_softmax, gather, entropy, autograd).
 
-pytest-benchmark cases (small shape, both measured in the same run)::
+pytest-benchmark cases (small shapes, both candidates measured in the same run; also a softcapped preference
+step whose mean logits come from the loss's own pass or from a separate one)::
 
     .venv/bin/python -m pytest -q benchmarks/test_bench_linear.py
 
@@ -55,6 +56,44 @@ def test_bench_linear_fwd_bwd_entropy(benchmark, impl):
         STEPS[impl](hidden, weight, labels)
 
     benchmark.group = "linear_logprobs cpu fp32 N=512 H=256 V=32000 fwd+bwd entropy"
+    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+
+
+def _softcapped_pairs(rows=8, t=256, h=256, v=32000, seed=0):
+    """A preference batch on a softcapped head (Gemma 2's 30): ``rows`` rows (chosen first), half of each row an
+    unscored prompt."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, t, h, generator=g).requires_grad_(True)
+    weight = (torch.randn(v, h, generator=g) * (1.0 / h ** 0.5)).requires_grad_(True)
+    labels = torch.randint(0, v, (rows, t), generator=g)
+    labels[:, :t // 2] = -100
+    return hidden, weight, labels
+
+
+def _mean_logit_step(hidden, weight, labels, in_pass: bool):
+    """A loss's step through the head with the mean logit of each scored position (TRL's ``logits/chosen``):
+    from the loss's own single pass, or by a separate pass through the vocabulary."""
+    from fastalign.linear_step import separable_step
+
+    def loss(lp, _sum_p2):
+        return -lp.sum() / (labels != -100).sum(), {}
+    logit = dict(softcap=30.0)
+    value, _metrics, stats = separable_step(hidden, weight, labels, loss, items="pairs", logit=logit,
+                                            extras=("mean_logit",) if in_pass else ())
+    if not in_pass:
+        fastalign.linear_mean_logits(hidden, weight, softcap=30.0, response_mask=labels != -100)
+    value.backward()
+
+
+@pytest.mark.parametrize("in_pass", [True, False], ids=["in-the-loss-pass", "separate-pass"])
+def test_bench_softcapped_mean_logit(benchmark, in_pass):
+    hidden, weight, labels = _softcapped_pairs()
+
+    def run():
+        hidden.grad = weight.grad = None
+        _mean_logit_step(hidden, weight, labels, in_pass)
+
+    benchmark.group = "separable_step + mean logit, softcapped head, cpu fp32 8x256 H=256 V=32000 (half prompt)"
     benchmark.pedantic(run, rounds=3, warmup_rounds=1)
 
 

@@ -13,7 +13,7 @@ batch and goes through the head in one of two ways, same loss and gradients:
 An item (``items``) is a row (a sequence, an unpaired response), a pair of rows ``i`` and ``N/2 + i``
 (a chosen and a rejected response), a triple of rows ``i``, ``N/3 + i`` and ``2N/3 + i`` (a chosen, a
 rejected and a gold response) or a token (a loss separable over tokens: blocks of any tokens).
-Entropies and argmax for the caller's metrics come from the same pass. The TRL drop-ins use it for
+Entropies, argmax and mean logits for the caller's metrics come from the same pass. The TRL drop-ins use it for
 the preference trainers (pairs, TPO's triples, KTO's responses) and SFT (tokens).
 """
 from __future__ import annotations
@@ -26,12 +26,15 @@ from torch import Tensor
 from fastalign import _dtensor
 from fastalign._options import AUTO_OR_BOOL, check_choice
 from fastalign.linear import check_head_inputs, linear_logprobs, logit_pipeline, two_pass_only
+from fastalign.linear_mean import linear_mean_logits
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_cpu import labelled_rows, scatter_labelled
 from fastalign.ops.single_pass import UNLABELLED, Side, by_default, single_pass_loss, token_items
 
 __all__ = ["ITEMS", "StepLoss", "separable_step"]
 
+#: The statistics :func:`separable_step` keeps for the caller's metrics beside the log-probs.
+EXTRAS = ("entropy", "argmax", "mean_logit")
 #: What an item of :func:`separable_step` is: a row, a pair of rows (chosen first), a triple of rows (chosen,
 #: rejected, gold), or a token.
 ITEMS = ("rows", "pairs", "triples", "tokens")
@@ -67,20 +70,24 @@ def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLos
     (``vocab_group``, ``chunk``, ``grad_skip_threshold``) is set, True asks for it, False never.
 
     ``stats``: name -> detached ``[N, T]`` tensor of ``"logprobs"``, ``"sum_p2"`` (when asked) and the
-    ``extras`` (``"entropy"``, ``"argmax"``; for metrics, no gradient), all from the same pass; an
-    unscored position holds 0 (``sum_p2``: 1, ``argmax``: -1)."""
+    ``extras`` (for metrics, no gradient: ``"entropy"``, ``"argmax"`` and ``"mean_logit"``, the mean over the
+    vocabulary of the head's logits before the temperature, :func:`fastalign.linear_mean_logits`), all from the
+    same pass (the two passes: the mean logit from its own, which a softcapped head takes through the
+    vocabulary); an unscored position holds 0 (``sum_p2``: 1, ``argmax``: -1)."""
     logit = dict(logit or {})
     check_choice("items", items, ITEMS)
     group = logit.get("vocab_group")
+    if "mean_logit" in extras and group is not None:
+        raise ValueError("extras 'mean_logit' does not apply with vocab_group (a vocabulary split over ranks)")
     hidden, weight, bias, low_rank = _dtensor.head(hidden, weight, bias, low_rank, group)
     a, lw = check_head_inputs(hidden, weight, labels, bias, low_rank, vocab_shard=group is not None)
     n_sides = _SIDES.get(items, 1)
     if hidden.dim() != 3 or hidden.shape[0] % n_sides:
         whole = {2: " with N even (chosen rows first)", 3: " with N a multiple of 3 (chosen, rejected, gold rows)"}
         raise ValueError(f"hidden must be [N, T, H]{whole.get(n_sides, '')}, got shape {tuple(hidden.shape)}")
-    unknown = set(extras) - {"entropy", "argmax"}
+    unknown = set(extras) - set(EXTRAS)
     if unknown:
-        raise ValueError(f"extras must be among ('entropy', 'argmax'), got {sorted(unknown)}")
+        raise ValueError(f"extras must be among {EXTRAS}, got {sorted(unknown)}")
     check_choice("single_pass", single_pass, AUTO_OR_BOOL)
     if single_pass == "auto" and two_pass_only(logit):
         single_pass = False  # a vocabulary split over ranks, the two-pass chunks or tile skipping
@@ -116,7 +123,11 @@ def _two_passes(hidden, weight, bias, a, lw, labels, loss: StepLoss, sum_p2: boo
                          argmax="argmax" in extras, **logit)
     scored = labels != ignore_index
     stats = {}
-    for name in ("logprobs", *(["sum_p2"] if sum_p2 else []), *extras):
+    if "mean_logit" in extras:
+        stats["mean_logit"] = linear_mean_logits(
+            hidden, weight, bias=bias, low_rank=None if a is None else (a, lw), response_mask=scored,
+            logit_scale=logit.get("logit_scale", 1.0), softcap=logit.get("softcap"), backend=logit.get("backend"))
+    for name in ("logprobs", *(["sum_p2"] if sum_p2 else []), *(e for e in extras if e != "mean_logit")):
         t, fill = getattr(st, name), UNLABELLED[name]
         t = t.view(labels.shape) if rows is None else scatter_labelled(t, rows, labels, fill)
         stats[name] = torch.where(scored, t if name == "logprobs" else t.detach(), fill)

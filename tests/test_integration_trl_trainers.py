@@ -1393,9 +1393,15 @@ def gemma2_checkpoint(checkpoint, tmp_path_factory):
 
 
 @pytest.mark.parametrize("trainer", ["KTO", "CPO", "ORPO", "TPO"])
-def test_softcapped_head_logits_metrics_match_trl(gemma2_checkpoint, tmp_path, trainer):
-    """A softcapped head's logits/chosen and logits/rejected (its mean logit takes a vocabulary pass): loss,
+def test_softcapped_head_logits_metrics_match_trl(gemma2_checkpoint, tmp_path, trainer, monkeypatch):
+    """A softcapped head's logits/chosen and logits/rejected (its mean logit takes a vocabulary pass: KTO's and TPO's,
+    over the scored positions, the loss's own; CPO's and ORPO's, over every position, one without gradients): loss,
     metrics and update equal TRL's, and CPO's evaluation with compute_metrics (which predicts logits/*) too."""
+    import fastalign.integrations.trl._head as head
+
+    separate = []  # the mean-logit passes of their own
+    mean_logits = head.linear_mean_logits
+    monkeypatch.setattr(head, "linear_mean_logits", lambda *a, **k: separate.append(1) or mean_logits(*a, **k))
     config_cls = _config_class(trainer)
     trl_cls = getattr(importlib.import_module(config_cls.__module__.rsplit(".", 1)[0]), f"{trainer}Trainer")
     data = {"KTO": _kto_dataset, "TPO": lambda: _tpo_dataset(gemma2_checkpoint)}.get(trainer, _dpo_dataset)
@@ -1415,6 +1421,7 @@ def test_softcapped_head_logits_metrics_match_trl(gemma2_checkpoint, tmp_path, t
     assert {"logits/chosen@0", "logits/rejected@0"} <= set(ours[0])
     if evaluation:
         assert {"eval_logits/chosen@1", "eval_mean_prediction@1"} <= set(ours[0])
+    assert bool(separate) == (trainer in ("CPO", "ORPO"))
     _compare(theirs, ours)
 
 

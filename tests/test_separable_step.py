@@ -2,7 +2,7 @@
 head, by the single pass (blocks of whole items through the head once) and by the two passes. Both equal a
 float64 plain-PyTorch oracle on materialised logits: the loss, its metrics, the gradients of hidden, weight,
 bias and a low-rank term, and the statistics kept for metrics (entropy, argmax, sum p^2) at the scored
-positions; blocks of one item and of the whole batch; the C++ kernels and the Triton kernels in the
+positions, and the mean logit; blocks of one item and of the whole batch; the C++ kernels and the Triton kernels in the
 interpreter; softcap, logit scale and temperature; bf16 operands."""
 from __future__ import annotations
 
@@ -92,6 +92,7 @@ def oracle(d, sum_p2, low_rank, logit, make_loss=dpo_like):
     cap = logit.get("softcap")
     if cap:
         z = cap * torch.tanh(z / cap)
+    mean_logit = z.mean(-1)  # the head's logits, before the temperature
     z = z / logit.get("temperature", 1.0)
     logp = torch.log_softmax(z, -1)
     y = d["labels"]
@@ -104,12 +105,13 @@ def oracle(d, sum_p2, low_rank, logit, make_loss=dpo_like):
     names = ("hidden", "weight", "bias") + (("a", "L") if low_rank else ())
     stats = {"logprobs": lp.detach(), "sum_p2": sp2.detach(),
              "entropy": torch.where(scored, -(p * logp).sum(-1), 0.0).detach(),
-             "argmax": torch.where(scored, z.argmax(-1), -1)}
+             "argmax": torch.where(scored, z.argmax(-1), -1),
+             "mean_logit": torch.where(scored, mean_logit, 0.0).detach()}
     return value.detach(), metrics, [leaves[k].grad for k in names], stats
 
 
-def run(d, single_pass, *, sum_p2=True, low_rank=True, backend="cpp", logit=LOGIT, extras=("entropy", "argmax"),
-        make_loss=dpo_like, items="pairs"):
+def run(d, single_pass, *, sum_p2=True, low_rank=True, backend="cpp", logit=LOGIT,
+        extras=("entropy", "argmax", "mean_logit"), make_loss=dpo_like, items="pairs"):
     names = ("hidden", "weight", "bias") + (("a", "L") if low_rank else ())
     leaves = {k: d[k].clone().requires_grad_(True) for k in names}
     value, metrics, stats = separable_step(
@@ -120,7 +122,7 @@ def run(d, single_pass, *, sum_p2=True, low_rank=True, backend="cpp", logit=LOGI
     return value.detach(), metrics, [leaves[k].grad for k in names], stats
 
 
-def check(got, want, tol, stats=("logprobs", "sum_p2", "entropy", "argmax")):
+def check(got, want, tol, stats=("logprobs", "sum_p2", "entropy", "argmax", "mean_logit")):
     value, metrics, grads, st = got
     rvalue, rmetrics, rgrads, rst = want
     assert_close(value, rvalue, atol=tol, rtol=tol, what="loss")
@@ -146,7 +148,7 @@ def block_mib(request, monkeypatch):
 def test_separable_step_matches_float64(block_mib, single_pass, sum_p2, low_rank):
     d = make()
     got = run(d, single_pass, sum_p2=sum_p2, low_rank=low_rank)
-    assert set(got[3]) == {"logprobs", "entropy", "argmax"} | ({"sum_p2"} if sum_p2 else set())
+    assert set(got[3]) == {"logprobs", "entropy", "argmax", "mean_logit"} | ({"sum_p2"} if sum_p2 else set())
     check(got, oracle(d, sum_p2, low_rank, LOGIT), 2e-5, stats=tuple(got[3]))
 
 
@@ -155,7 +157,7 @@ def test_separable_step_unpaired_matches_float64(block_mib, single_pass):
     """Unpaired responses (KTO): each block holds whole responses, in any order of the classes."""
     d = make(4)
     got = run(d, single_pass, sum_p2=False, make_loss=kto_like, items="rows")
-    check(got, oracle(d, False, True, LOGIT, kto_like), 2e-5, stats=("logprobs", "entropy", "argmax"))
+    check(got, oracle(d, False, True, LOGIT, kto_like), 2e-5, stats=("logprobs", "entropy", "argmax", "mean_logit"))
 
 
 @pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "two-pass"])
@@ -164,7 +166,7 @@ def test_separable_step_triples_matches_float64(block_mib, single_pass):
     triples; the gold rows' NLL couples no triple to another."""
     d = make(7)
     got = run(d, single_pass, sum_p2=False, make_loss=tpo_like, items="triples")
-    check(got, oracle(d, False, True, LOGIT, tpo_like), 2e-5, stats=("logprobs", "entropy", "argmax"))
+    check(got, oracle(d, False, True, LOGIT, tpo_like), 2e-5, stats=("logprobs", "entropy", "argmax", "mean_logit"))
 
 
 @pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "two-pass"])
@@ -198,7 +200,7 @@ def test_separable_step_bf16_operands():
     want = oracle(d, True, False, {})
     for single_pass in (True, False):
         got = run(d, single_pass, low_rank=False, logit={})
-        check(got, want, 3e-2, stats=("logprobs", "sum_p2", "entropy"))
+        check(got, want, 3e-2, stats=("logprobs", "sum_p2", "entropy", "mean_logit"))
 
 
 def test_separable_step_auto_and_no_grad():
@@ -241,6 +243,9 @@ def test_separable_step_bad_inputs():
         separable_step(d["hidden"], d["weight"], d["labels"], loss, extras=("mean",))
     with pytest.raises(ValueError, match="single_pass"):
         separable_step(d["hidden"], d["weight"], d["labels"], loss, single_pass="yes")
+    with pytest.raises(ValueError, match="'mean_logit' does not apply with vocab_group"):
+        separable_step(d["hidden"], d["weight"], d["labels"], loss, extras=("mean_logit",),
+                       logit=dict(vocab_group=object()))
 
 
 def test_coupling_names_the_losses_that_are_not_separable_over_pairs():

@@ -46,8 +46,9 @@ def _operands(like: Tensor, *tensors):
     return [_as_operand(t, like.dtype) for t in tensors]
 
 
-#: The statistics a block can give beside the log-prob.
-BLOCK_STATS = ("entropy", "sum_p2", "argmax")
+#: The statistics a block can give beside the log-prob (``mean_logit``: the mean over the vocabulary of the
+#: head's logits ``z``, before the temperature).
+BLOCK_STATS = ("entropy", "sum_p2", "argmax", "mean_logit")
 
 
 def block_forward(buf: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *,
@@ -71,6 +72,8 @@ def block_forward(buf: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor]
     lp, ent, sp2, amax, lse = token_stats(z.unsqueeze(0), labels, inv_t, ignore_index, "entropy" in stats,
                                           "sum_p2" in stats, "argmax" in stats, backend, True)
     extra = {"entropy": ent, "sum_p2": sp2, "argmax": amax}
+    if "mean_logit" in stats:  # (1/V) sum_j z_j: one read of the block's logits, accumulated in fp32
+        extra["mean_logit"] = z.mean(-1, dtype=torch.float32)
     return z, deriv, lp, {name: extra[name] for name in stats}, lse
 
 

@@ -140,7 +140,7 @@ def token_items(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 #: The value of each statistic at an unlabelled position (no vocabulary work there).
-UNLABELLED = {"logprobs": 0.0, "entropy": 0.0, "sum_p2": 1.0, "argmax": -1}
+UNLABELLED = {"logprobs": 0.0, "entropy": 0.0, "sum_p2": 1.0, "argmax": -1, "mean_logit": 0.0}
 
 
 def single_pass_loss(sides: Sequence[Side], weight: Tensor, bias: Optional[Tensor], share: BlockShare,

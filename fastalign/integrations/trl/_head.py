@@ -226,17 +226,22 @@ def head_separable_loss(operands, config, targets: Tensor, loss, *, items: str =
     :data:`fastalign.linear_step.ITEMS`, when gradients are needed and ``separable``), never the logits.
     ``targets [N, T-1]``: the next token at each position, ``-100`` where unscored; ``config``: the
     model's (its head transform). ``stats`` as :func:`~fastalign.linear_step.separable_step`'s, ``[N, T-1]``, plus
-    ``"position_mean_logits" [N, T]`` (:func:`fastalign.linear_mean_logits`: from one ``H``-vector, or a softcapped
-    head's vocabulary pass without gradients) with ``position_means``: at ``"every"`` position or where it is
-    needed, the ``"scored"`` ones (0 elsewhere)."""
+    ``"position_mean_logits" [N, T]`` with ``position_means``: at ``"every"`` position or where it is needed, the
+    ``"scored"`` ones (0 elsewhere). A linear head's come from one ``H``-vector (:func:`fastalign.linear_mean_logits`);
+    a softcapped head's from the loss's own pass (``"scored"``) or a vocabulary pass without gradients."""
     hidden, weight, bias, low_rank = operands
     scale, softcap = head_transform(config)
-    value, metrics, stats = separable_step(
-        hidden[:, :-1], weight, targets, loss, bias=bias, items=items, sum_p2=sum_p2, extras=extras,
-        low_rank=None if low_rank is None else (low_rank[0][:, :-1], low_rank[1]),
-        single_pass="auto" if separable else False, logit=dict(logit_scale=scale, softcap=softcap))
     if position_means is not None:
         check_choice("position_means", position_means, ("every", "scored"))
+    in_pass = position_means == "scored" and softcap is not None  # the logits the loss's pass reads anyway
+    value, metrics, stats = separable_step(
+        hidden[:, :-1], weight, targets, loss, bias=bias, items=items, sum_p2=sum_p2,
+        extras=(*extras, "mean_logit") if in_pass else extras,
+        low_rank=None if low_rank is None else (low_rank[0][:, :-1], low_rank[1]),
+        single_pass="auto" if separable else False, logit=dict(logit_scale=scale, softcap=softcap))
+    if in_pass:
+        stats["position_mean_logits"] = torch.nn.functional.pad(stats.pop("mean_logit"), (0, 1))
+    elif position_means is not None:
         scored = None if position_means == "every" else torch.nn.functional.pad(targets != -100, (0, 1))
         stats["position_mean_logits"] = linear_mean_logits(hidden, weight, bias=bias, low_rank=low_rank,
                                                            logit_scale=scale, softcap=softcap, response_mask=scored)
