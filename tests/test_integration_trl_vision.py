@@ -393,16 +393,19 @@ def _even_share(completions, **kwargs):
     return [sum(w[1:].isdigit() and int(w[1:]) % 2 == 0 for w in t.split()) / max(len(t.split()), 1) for t in texts]
 
 
-@pytest.mark.parametrize("kind", ["GRPO", "DPO"])
+@pytest.mark.parametrize("kind", ["GRPO", "GRPO-accumulated", "DPO"])
 def test_training_on_images_matches_trl(processor_checkpoint, kind, tmp_path):
     """A training step on a dataset of prompts with images, through the model's processor as TRL reads it (GRPO:
-    the completions generated after each image, a KL term; DPO: chosen and rejected completions of each image):
-    loss, metrics and update equal TRL's trainer's."""
+    the completions generated after each image, a KL term; accumulated: two micro-batches of one generation, whose
+    reference log-probs are taken in chunks of rows with their images; DPO: chosen and rejected completions of each
+    image): loss, metrics and update equal TRL's trainer's."""
     user = [[{"role": "user", "content": " ".join(f"w{(3 * i + j) % 50 + 3}" for j in range(2 + i % 3))}]
             for i in range(8)]
-    if kind == "GRPO":
+    if kind.startswith("GRPO"):
         data = datasets.Dataset.from_dict({"prompt": user, "image": _images(8, 0)})
         options = dict(num_generations=4, max_completion_length=5, temperature=1.0, beta=0.05)
+        if kind == "GRPO-accumulated":
+            options.update(gradient_accumulation_steps=2, per_device_train_batch_size=2)
         extra = dict(reward_funcs=_even_share)
     else:
         def said(words):
@@ -412,12 +415,14 @@ def test_training_on_images_matches_trl(processor_checkpoint, kind, tmp_path):
                                            "rejected": [said("w13"), said("w15 w16"), said("w17"), said("w18 w19")]})
         options, extra = {}, {}
 
+    trainer = kind.split("-")[0]
+
     def build(cls, out):
-        args = getattr(trl, f"{kind}Config")(**_common(out, per_device_train_batch_size=4, **options))
+        args = getattr(trl, f"{trainer}Config")(**_common(out, **{"per_device_train_batch_size": 4, **options}))
         processor = transformers.AutoProcessor.from_pretrained(processor_checkpoint)
         return cls(model=processor_checkpoint, args=args, train_dataset=data, processing_class=processor, **extra)
 
-    theirs = _run(build(getattr(trl, f"{kind}Trainer"), tmp_path / "trl"))
-    ours = _run(build(getattr(fa_trl, f"{kind}Trainer"), tmp_path / "fa"))
+    theirs = _run(build(getattr(trl, f"{trainer}Trainer"), tmp_path / "trl"))
+    ours = _run(build(getattr(fa_trl, f"{trainer}Trainer"), tmp_path / "fa"))
     assert theirs[0]["num_tokens@0"] > 4 * 4  # four image tokens a prompt
     _compare(theirs, ours)

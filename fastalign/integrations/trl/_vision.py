@@ -1,5 +1,5 @@
-"""Vision-language inputs of TRL's online trainers (GRPO, RLOO, GMPO): the keywords their log-prob methods take,
-those the model's body takes, and the ones of a chunk of rows of a batch.
+"""Vision-language inputs of TRL's trainers' batches (GRPO, RLOO, GMPO, Distillation): the keywords TRL's log-prob
+methods take, those the model's body takes, and the ones of a chunk of rows of a batch.
 
 A batch of ``B`` rows with images holds its vision tensors in one of four layouts, told apart by what is given
 beside them: one entry per row of the batch (``token_type_ids``), per image (``image_sizes``; ``num_images``:
