@@ -467,7 +467,7 @@ COMPOSITE_ARCHS = {
 #: rows raise. Every other listed body splits packed rows at restarting position ids.
 RECURRENT_ARCHS = {"mamba", "mamba2", "falcon_mamba", "nemotron_h", "lfm2", "qwen3_next", "qwen3_5_text",
                    "qwen3_5_moe_text", "falcon_h1", "olmo_hybrid", "lfm3", "lara_mini", "lfm2_moe", "bamba", "jamba",
-                   "zamba2", "recurrent_gemma", "qwen3_5", "qwen3_5_moe"}
+                   "zamba2", "recurrent_gemma", "qwen3_5", "qwen3_5_moe", "lfm2_vl"}
 #: Vision-language bodies that do not split packed rows (their rotary positions and mask ignore the restarts).
 UNSPLIT_COMPOSITES = {"qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "glm46v", "paligemma"}
 

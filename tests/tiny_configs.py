@@ -59,4 +59,8 @@ VISION = {
     **{arch: (dict(vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
                                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, image_size=28)), text)
        for arch, text in (("glm4v", MROPE), ("glm4v_moe", GLM_MROPE), ("glm46v", GLM_MROPE))},
+    # a SigLIP 2 tower of 16 patches of 14 pixels, merged 2x2 (its text model: LFM2's convolution and attention)
+    "lfm2_vl": (dict(vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, patch_size=14, num_patches=16),
+                     projector_hidden_size=32, downsample_factor=2), dict(layer_types=["conv", "full_attention"])),
 }

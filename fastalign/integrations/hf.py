@@ -27,7 +27,8 @@ falcon_h1                                                       ``logit_scale = 
 gemma3 (its forward ignores the softcap), qwen2_vl,             none (vision-language models)
 qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, qwen3_5_moe,
 mistral3, llava, llava_next, llava_onevision, idefics3,
-smolvlm, internvl, glm4v, glm4v_moe, glm46v, cohere2_vision
+smolvlm, internvl, glm4v, glm4v_moe, glm46v, cohere2_vision,
+lfm2_vl
 gemma4, gemma4_unified, paligemma (vision-language)             ``softcap = text_config.final_logit_softcapping``
 aya_vision (vision-language)                                    ``logit_scale = text_config.logit_scale``
 =============================================================  ===========================================
@@ -125,7 +126,8 @@ HEAD_TRANSFORMS = {
     # (Cohere2-Vision's ignores its text config's logit_scale, Aya Vision's applies it)
     **{name: _plain for name in ("gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5",
                                  "qwen3_5_moe", "mistral3", "llava", "llava_next", "llava_onevision", "idefics3",
-                                 "smolvlm", "internvl", "glm4v", "glm4v_moe", "glm46v", "cohere2_vision")},
+                                 "smolvlm", "internvl", "glm4v", "glm4v_moe", "glm46v", "cohere2_vision",
+                                 "lfm2_vl")},
     **{name: _of_text(_softcap_by("final_logit_softcapping")) for name in ("gemma4", "gemma4_unified", "paligemma")},
     "aya_vision": _of_text(_scale_by("logit_scale")),
 }
