@@ -462,6 +462,7 @@ COMPOSITE_ARCHS = {
     "cohere2_vision": (dict(logit_scale=0.4), (1.0, None)),  # its forward ignores the text config's scale
     "aya_vision": (dict(logit_scale=0.4), (0.4, None)),
     "paligemma": (dict(final_logit_softcapping=3.0), (1.0, 3.0)),
+    "granite_docling": (dict(logits_scaling=4.0), (0.25, None)),  # its text model's 1 / logits_scaling
 }
 #: Listed bodies that carry a recurrent state (state-space, linear-attention or convolution layers): their packed
 #: rows raise. Every other listed body splits packed rows at restarting position ids.

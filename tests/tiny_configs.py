@@ -54,7 +54,25 @@ VISION = {
                                          num_attention_heads=2, head_dim=8, image_size=32, patch_size=16)), {}),
     **{arch: (dict(vision_config=SIGLIP, **extra), {}) for arch, extra in (
         ("llava", {}), ("llava_next", {}), ("llava_onevision", {}), ("idefics3", dict(scale_factor=1)),
-        ("smolvlm", dict(scale_factor=1)), ("paligemma", {}), ("aya_vision", {}), ("cohere2_vision", {}))},
+        ("smolvlm", dict(scale_factor=1)), ("paligemma", {}), ("aya_vision", {}), ("cohere2_vision", {}),
+        ("vipllava", dict(vision_feature_layers=[-1, 0])), ("llava_next_video", {}), ("video_llava", {}),
+        ("idefics2", dict(perceiver_config=dict(hidden_size=32, resampler_n_latents=4, resampler_depth=1,
+                                                resampler_n_heads=2, resampler_head_dim=8, num_key_value_heads=2))),
+        ("aria", dict(projector_patch_to_query_dict={4: 4})), ("deepseek_vl", {}))},
+    **{arch: (dict(vision_config=dict(SIGLIP, **extra)), {}) for arch, extra in (
+        ("lighton_ocr", dict(head_dim=8)), ("ovis2", dict(vocab_size=64)))},
+    "fuyu": ({}, {}),  # its image patches go through one linear layer
+    "got_ocr2": (dict(vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                                         patch_size=14)), {}),
+    "granite_docling": (dict(vision_config=dict(SIGLIP, out_hidden_size=32, deepstack_visual_indexes=[0])), {}),
+    **{arch: (dict(vision_config=dict(hidden_size=16, intermediate_size=32, depth=1, num_heads=2, patch_size=14,
+                                      out_hidden_size=32, spatial_merge_size=2, **extra)), {})
+       for arch, extra in (("llava_onevision1_5", {}),)},
+    # Llama 3.2 Vision: one global layer in its tower, one cross-attention layer in its text model
+    "mllama": (dict(vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_global_layers=1,
+                                       num_attention_heads=2, image_size=28, patch_size=14,
+                                       intermediate_layers_indices=[0], vision_output_dim=32)),
+               dict(cross_attention_layers=[1])),
     "internvl": (dict(vision_config=dict(SIGLIP, image_size=[28, 28], patch_size=[14, 14])), {}),
     **{arch: (dict(vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
                                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, image_size=28)), text)

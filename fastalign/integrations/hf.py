@@ -28,9 +28,12 @@ gemma3 (its forward ignores the softcap), qwen2_vl,             none (vision-lan
 qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, qwen3_5_moe,
 mistral3, llava, llava_next, llava_onevision, idefics3,
 smolvlm, internvl, glm4v, glm4v_moe, glm46v, cohere2_vision,
-lfm2_vl
+lfm2_vl, vipllava, llava_next_video, video_llava, idefics2,
+aria, mllama, ovis2, deepseek_vl, llava_onevision1_5,
+lighton_ocr, fuyu, got_ocr2
 gemma4, gemma4_unified, paligemma (vision-language)             ``softcap = text_config.final_logit_softcapping``
 aya_vision (vision-language)                                    ``logit_scale = text_config.logit_scale``
+granite_docling (vision-language)                               ``logit_scale = 1 / text_config.logits_scaling``
 =============================================================  ===========================================
 
 Any other architecture raises unless the caller states its head transform with
@@ -127,9 +130,12 @@ HEAD_TRANSFORMS = {
     **{name: _plain for name in ("gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5",
                                  "qwen3_5_moe", "mistral3", "llava", "llava_next", "llava_onevision", "idefics3",
                                  "smolvlm", "internvl", "glm4v", "glm4v_moe", "glm46v", "cohere2_vision",
-                                 "lfm2_vl")},
+                                 "lfm2_vl", "vipllava", "llava_next_video", "video_llava", "idefics2", "aria",
+                                 "mllama", "ovis2", "deepseek_vl", "llava_onevision1_5", "lighton_ocr", "fuyu",
+                                 "got_ocr2")},
     **{name: _of_text(_softcap_by("final_logit_softcapping")) for name in ("gemma4", "gemma4_unified", "paligemma")},
     "aya_vision": _of_text(_scale_by("logit_scale")),
+    "granite_docling": _of_text(_scale_by("logits_scaling", reciprocal=True)),
 }
 
 #: The architectures listed above, each checked for packed rows (:func:`_unsplit_packing`).
