@@ -470,7 +470,7 @@ RECURRENT_ARCHS = {"mamba", "mamba2", "falcon_mamba", "nemotron_h", "lfm2", "qwe
                    "qwen3_5_moe_text", "falcon_h1", "olmo_hybrid", "lfm3", "lara_mini", "lfm2_moe", "bamba", "jamba",
                    "zamba2", "recurrent_gemma", "qwen3_5", "qwen3_5_moe", "lfm2_vl"}
 #: Vision-language bodies that do not split packed rows (their rotary positions and mask ignore the restarts).
-UNSPLIT_COMPOSITES = {"qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "glm46v", "paligemma"}
+UNSPLIT_COMPOSITES = {"qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "glm46v", "paligemma", "glm_ocr", "paddleocr_vl"}
 
 
 def _small(config) -> dict:

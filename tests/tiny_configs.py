@@ -65,6 +65,10 @@ VISION = {
     "got_ocr2": (dict(vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28,
                                          patch_size=14)), {}),
     "granite_docling": (dict(vision_config=dict(SIGLIP, out_hidden_size=32, deepstack_visual_indexes=[0])), {}),
+    "glm_ocr": (dict(vision_config=dict(hidden_size=16, intermediate_size=32, depth=1, num_heads=2, image_size=28,
+                                        patch_size=14, out_hidden_size=32, spatial_merge_size=2,
+                                        temporal_patch_size=2)), GLM_MROPE),
+    "paddleocr_vl": (dict(vision_config=dict(SIGLIP, spatial_merge_size=2)), MROPE),
     **{arch: (dict(vision_config=dict(hidden_size=16, intermediate_size=32, depth=1, num_heads=2, patch_size=14,
                                       out_hidden_size=32, spatial_merge_size=2, **extra)), {})
        for arch, extra in (("llava_onevision1_5", {}),)},
