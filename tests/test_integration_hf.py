@@ -416,7 +416,8 @@ PLAIN_ARCHS = {
         "doge", "flex_olmo", "jais2", "mellum", "gpt_bigcode", "gpt_neo", "mamba", "falcon_mamba", "nemotron_h",
         "afmoe", "falcon", "exaone", "ctrl", "gpt_neox_japanese", "olmo_hybrid", "minicpm5_moe",
         "param2moe", "sarvam_moe", "apertus1p5_text", "aria_text", "minimax_m3_vl_text", "hy_v3", "hy_v4", "laguna",
-        "lfm3", "iquestcoder", "ergo", "flint", "hrm_text", "kolibri1", "lara_mini")},
+        "lfm3", "iquestcoder", "ergo", "flint", "hrm_text", "kolibri1", "lara_mini", "biogpt", "cpmant", "gpt-sw3",
+        "minimax", "xglm")},
     **{arch: dict(rotary_dim=8) for arch in ("gptj", "codegen")},
     "dots1": dict(n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
@@ -468,7 +469,7 @@ COMPOSITE_ARCHS = {
 #: rows raise. Every other listed body splits packed rows at restarting position ids.
 RECURRENT_ARCHS = {"mamba", "mamba2", "falcon_mamba", "nemotron_h", "lfm2", "qwen3_next", "qwen3_5_text",
                    "qwen3_5_moe_text", "falcon_h1", "olmo_hybrid", "lfm3", "lara_mini", "lfm2_moe", "bamba", "jamba",
-                   "zamba2", "recurrent_gemma", "qwen3_5", "qwen3_5_moe", "lfm2_vl"}
+                   "zamba2", "recurrent_gemma", "qwen3_5", "qwen3_5_moe", "lfm2_vl", "minimax"}
 #: Vision-language bodies that do not split packed rows (their rotary positions and mask ignore the restarts).
 UNSPLIT_COMPOSITES = {"qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "glm46v", "paligemma", "glm_ocr", "paddleocr_vl"}
 
@@ -735,10 +736,12 @@ def test_triton_backend_forward_and_gradient():
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
 
 
-#: Bodies that do not split packed rows: opt, gpt_oss and afmoe build their causal mask without the position ids,
-#: bloom and mpt take none, granitemoehybrid also carries its Mamba state from one sequence into the next.
+#: Bodies that do not split packed rows: opt, gpt_oss, afmoe, biogpt and xglm build their causal mask without the
+#: position ids, bloom, mpt and cpmant take none, granitemoehybrid also carries its Mamba state from one sequence
+#: into the next.
 UNSPLIT_ARCHS = {
-    "opt": {}, "gpt_oss": {}, "afmoe": {}, "bloom": {}, "mpt": {}, "openai-gpt": {}, "rwkv": {},
+    "opt": {}, "gpt_oss": {}, "afmoe": {}, "bloom": {}, "mpt": {}, "openai-gpt": {}, "rwkv": {}, "biogpt": {},
+    "xglm": {}, "cpmant": {},
     "granitemoehybrid": dict(layer_types=["full_attention", "linear_attention"], mamba_n_heads=4, mamba_d_head=16,
                              mamba_d_state=16, mamba_chunk_size=8, shared_intermediate_size=16, use_cache=False),
 }
@@ -828,7 +831,7 @@ def test_packed_rows_of_other_bodies_equal_separate_sequences(arch):
 
 
 def test_packed_rows_of_an_unlisted_architecture_need_packed_rows_stated(monkeypatch):
-    """xglm's body takes position_ids but lets each packed sequence see the ones before it (the packed log-probs
+    """beam's body takes position_ids but lets each packed sequence see the ones before it (the packed log-probs
     differ from the sequences scored alone): an architecture outside the checked table has its packed rows
     refused, with a stated transform or a registered one, unless registered with packed_rows=True."""
     import fastalign.integrations.hf as hf
@@ -837,14 +840,14 @@ def test_packed_rows_of_an_unlisted_architecture_need_packed_rows_stated(monkeyp
     monkeypatch.setattr(hf, "_PACKED_ROWS_STATED", set())
     seqs, input_ids, position_ids = _packed_row([4, 5, 3])
     cu = torch.tensor([0, 4, 9, 12])
-    leaky = _auto_model("xglm", d_model=32, attention_heads=4, num_layers=2)
+    leaky = _auto_model("beam")
     with torch.no_grad():
         assert not torch.allclose(reference(leaky, input_ids, position_ids=position_ids)[0][:, 4:8],
                                   _separately(leaky, seqs)[:, 4:8], atol=1e-4)
-        with pytest.raises(ValueError, match="position_ids restart .*'xglm' is not among .*packed_rows=True"):
+        with pytest.raises(ValueError, match="position_ids restart .*'beam' is not among .*packed_rows=True"):
             causal_lm_logprobs(leaky, input_ids, position_ids=position_ids, logit_scale=1.0, softcap=None)
-        hf.register_head_transform("xglm")
-        with pytest.raises(ValueError, match="cu_seqlens: model_type 'xglm' is not among"):
+        hf.register_head_transform("beam")
+        with pytest.raises(ValueError, match="cu_seqlens: model_type 'beam' is not among"):
             causal_lm_logprobs(leaky, input_ids, cu_seqlens=cu)
 
     model = tiny_model("qwen2")

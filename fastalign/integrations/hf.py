@@ -67,7 +67,7 @@ _PLAIN_HEAD = (
     "falcon", "gptj", "codegen", "exaone", "openai-gpt", "ctrl", "gpt_neox_japanese", "rwkv", "olmo_hybrid",
     "minicpm5_moe", "param2moe", "sarvam_moe", "apertus1p5_text", "aria_text", "minimax_m3_vl_text", "hy_v3", "hy_v4",
     "laguna", "lfm3", "iquestcoder", "ergo", "flint", "hrm_text", "kolibri1", "lara_mini", "dots1", "lfm2_moe",
-    "bamba", "jamba", "zamba2",
+    "bamba", "jamba", "zamba2", "biogpt", "cpmant", "gpt-sw3", "minimax", "xglm",
 )
 
 
@@ -154,7 +154,7 @@ _UNSET = object()
 #: packed sequence attends to the ones before it. Packed rows of these
 #: (and of any body that takes no ``position_ids`` or carries a recurrent state, :func:`_unsplit_packing`) raise.
 _UNSPLIT_PACKED = ("opt", "gpt_oss", "afmoe", "openai-gpt", "qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "glm46v",
-                   "paligemma", "glm_ocr", "paddleocr_vl")
+                   "paligemma", "glm_ocr", "paddleocr_vl", "biogpt", "xglm")
 
 
 def known_head_transform(config) -> Optional[tuple[float, Optional[float]]]:
