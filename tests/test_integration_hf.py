@@ -432,6 +432,13 @@ PLAIN_ARCHS = {
     "llama4_text": dict(intermediate_size_mlp=64, num_local_experts=2),
     "lfm2": dict(num_hidden_layers=2, layer_types=["conv", "full_attention"]),
     "mamba2": dict(num_heads=4, head_dim=16, n_groups=1),
+    # Phi-4-multimodal's vision and audio encoders, one tiny layer each (its text model scores text alone)
+    "phi4_multimodal": dict(vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                               num_attention_heads=2, image_size=28, crop_size=28, patch_size=14,
+                                               image_token_id=V - 1),
+                            audio_config=dict(hidden_size=16, intermediate_size=32, num_blocks=1, num_attention_heads=2,
+                                              ext_pw_out_channel=16, depthwise_separable_out_channel=16,
+                                              nemo_conv_channels=16, audio_token_id=V - 2)),
 }
 #: Architectures whose head transforms its logits -> (the config fields of a tiny model, the transform's own field
 #: off its default, and the (logit_scale, softcap) expected).

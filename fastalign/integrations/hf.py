@@ -67,7 +67,7 @@ _PLAIN_HEAD = (
     "falcon", "gptj", "codegen", "exaone", "openai-gpt", "ctrl", "gpt_neox_japanese", "rwkv", "olmo_hybrid",
     "minicpm5_moe", "param2moe", "sarvam_moe", "apertus1p5_text", "aria_text", "minimax_m3_vl_text", "hy_v3", "hy_v4",
     "laguna", "lfm3", "iquestcoder", "ergo", "flint", "hrm_text", "kolibri1", "lara_mini", "dots1", "lfm2_moe",
-    "bamba", "jamba", "zamba2", "biogpt", "cpmant", "gpt-sw3", "minimax", "xglm",
+    "bamba", "jamba", "zamba2", "biogpt", "cpmant", "gpt-sw3", "minimax", "xglm", "phi4_multimodal",
 )
 
 
