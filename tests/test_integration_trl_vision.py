@@ -421,12 +421,13 @@ def _even_share(completions, **kwargs):
     return [sum(w[1:].isdigit() and int(w[1:]) % 2 == 0 for w in t.split()) / max(len(t.split()), 1) for t in texts]
 
 
-@pytest.mark.parametrize("kind", ["GRPO", "GRPO-accumulated", "DPO"])
+@pytest.mark.parametrize("kind", ["GRPO", "GRPO-accumulated", "DPO", "KTO", "SFT"])
 def test_training_on_images_matches_trl(processor_checkpoint, kind, tmp_path):
     """A training step on a dataset of prompts with images, through the model's processor as TRL reads it (GRPO:
     the completions generated after each image, a KL term; accumulated: two micro-batches of one generation, whose
     reference log-probs are taken in chunks of rows with their images; DPO: chosen and rejected completions of each
-    image): loss, metrics and update equal TRL's trainer's."""
+    image; KTO: desirable and undesirable completions, with the KL completions; SFT: conversations about an image):
+    loss, metrics and update equal TRL's trainer's."""
     user = [[{"role": "user", "content": " ".join(f"w{(3 * i + j) % 50 + 3}" for j in range(2 + i % 3))}]
             for i in range(8)]
     if kind.startswith("GRPO"):
@@ -438,9 +439,16 @@ def test_training_on_images_matches_trl(processor_checkpoint, kind, tmp_path):
     else:
         def said(words):
             return [{"role": "assistant", "content": words}]
-        data = datasets.Dataset.from_dict({"prompt": user[:4], "image": _images(4, 1),
-                                           "chosen": [said("w10 w11"), said("w12"), said("w20 w22"), said("w14")],
-                                           "rejected": [said("w13"), said("w15 w16"), said("w17"), said("w18 w19")]})
+        chosen = [said("w10 w11"), said("w12"), said("w20 w22"), said("w14")]
+        if kind == "DPO":
+            data = {"prompt": user[:4], "chosen": chosen,
+                    "rejected": [said("w13"), said("w15 w16"), said("w17"), said("w18 w19")]}
+        elif kind == "KTO":
+            data = {"prompt": user[:4], "completion": chosen, "label": [True, False, True, False]}
+        else:  # SFT: whole conversations
+            data = {"messages": [u + c for u, c in zip(user[:4], chosen)]}
+        data = datasets.Dataset.from_dict({**data, "image" if kind != "SFT" else "images": (
+            _images(4, 1) if kind != "SFT" else [[image] for image in _images(4, 1)])})
         options, extra = {}, {}
 
     trainer = kind.split("-")[0]
