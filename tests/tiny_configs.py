@@ -69,6 +69,9 @@ VISION = {
                                         patch_size=14, out_hidden_size=32, spatial_merge_size=2,
                                         temporal_patch_size=2)), GLM_MROPE),
     "paddleocr_vl": (dict(vision_config=dict(SIGLIP, spatial_merge_size=2)), MROPE),
+    # Kimi K2.5: a DeepSeek-V3 language model (latent attention, routed experts)
+    "kimi_k25": (dict(vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, patch_size=14)), MLA),
     **{arch: (dict(vision_config=dict(hidden_size=16, intermediate_size=32, depth=1, num_heads=2, patch_size=14,
                                       out_hidden_size=32, spatial_merge_size=2, **extra)), {})
        for arch, extra in (("llava_onevision1_5", {}),)},

@@ -30,7 +30,7 @@ mistral3, llava, llava_next, llava_onevision, idefics3,
 smolvlm, internvl, glm4v, glm4v_moe, glm46v, cohere2_vision,
 lfm2_vl, vipllava, llava_next_video, video_llava, idefics2,
 aria, mllama, ovis2, deepseek_vl, llava_onevision1_5,
-lighton_ocr, fuyu, got_ocr2, glm_ocr, paddleocr_vl
+lighton_ocr, fuyu, got_ocr2, glm_ocr, paddleocr_vl, kimi_k25
 gemma4, gemma4_unified, paligemma (vision-language)             ``softcap = text_config.final_logit_softcapping``
 aya_vision (vision-language)                                    ``logit_scale = text_config.logit_scale``
 granite_docling (vision-language)                               ``logit_scale = 1 / text_config.logits_scaling``
@@ -132,7 +132,7 @@ HEAD_TRANSFORMS = {
                                  "smolvlm", "internvl", "glm4v", "glm4v_moe", "glm46v", "cohere2_vision",
                                  "lfm2_vl", "vipllava", "llava_next_video", "video_llava", "idefics2", "aria",
                                  "mllama", "ovis2", "deepseek_vl", "llava_onevision1_5", "lighton_ocr", "fuyu",
-                                 "got_ocr2", "glm_ocr", "paddleocr_vl")},
+                                 "got_ocr2", "glm_ocr", "paddleocr_vl", "kimi_k25")},
     **{name: _of_text(_softcap_by("final_logit_softcapping")) for name in ("gemma4", "gemma4_unified", "paligemma")},
     "aya_vision": _of_text(_scale_by("logit_scale")),
     "granite_docling": _of_text(_scale_by("logits_scaling", reciprocal=True)),
