@@ -59,13 +59,11 @@ def test_bench_linear_fwd_bwd_entropy(benchmark, impl):
     benchmark.pedantic(run, rounds=3, warmup_rounds=1)
 
 
-def _softcapped_pairs(rows=8, t=256, h=256, v=32000, seed=0):
-    """A preference batch on a softcapped head (Gemma 2's 30): ``rows`` rows (chosen first), half of each row an
-    unscored prompt."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(rows, t, h, generator=g).requires_grad_(True)
-    weight = (torch.randn(v, h, generator=g) * (1.0 / h ** 0.5)).requires_grad_(True)
-    labels = torch.randint(0, v, (rows, t), generator=g)
+def _softcapped_pairs(rows=8, t=256, h=256, v=32000):
+    """A preference batch for a softcapped head: ``rows`` rows of ``t`` tokens (chosen first), half of each row an
+    unscored prompt (``hidden`` flat, ``[rows * t, h]``)."""
+    hidden, weight, labels = _inputs(rows * t, h, v)
+    labels = labels.view(rows, t).clone()
     labels[:, :t // 2] = -100
     return hidden, weight, labels
 
@@ -78,8 +76,9 @@ def _mean_logit_step(hidden, weight, labels, in_pass: bool):
     def loss(lp, _sum_p2):
         return -lp.sum() / (labels != -100).sum(), {}
     logit = dict(softcap=30.0)
-    value, _metrics, stats = separable_step(hidden, weight, labels, loss, items="pairs", logit=logit,
-                                            extras=("mean_logit",) if in_pass else ())
+    hidden = hidden.view(*labels.shape, -1)
+    value, _metrics, _stats = separable_step(hidden, weight, labels, loss, items="pairs", logit=logit,
+                                             extras=("mean_logit",) if in_pass else ())
     if not in_pass:
         fastalign.linear_mean_logits(hidden, weight, softcap=30.0, response_mask=labels != -100)
     value.backward()

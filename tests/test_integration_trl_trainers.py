@@ -49,12 +49,19 @@ def tiny_checkpoint(path: Path) -> str:
         model.lm_head.weight.normal_(0, 0.3)
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
     model.save_pretrained(path)
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    word_tokenizer(WORDS).save_pretrained(path)
+    return str(path)
+
+
+def word_tokenizer(words, **special):
+    """A tokenizer of ``words`` split at whitespace (pad, EOS and unknown: the first three), with ``special``
+    tokens (``PreTrainedTokenizerFast``'s ``extra_special_tokens``)."""
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     tok.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                         unk_token="<unk>").save_pretrained(path)
-    return str(path)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                                unk_token="<unk>", **({"extra_special_tokens": special} if special
+                                                                      else {}))
 
 
 def _tokenizer(checkpoint):
@@ -498,9 +505,10 @@ def newer_checkpoint(request, checkpoint, tmp_path_factory):
 
 
 def _even_share(completions, **kwargs):
-    """Share of even-numbered words in each completion: a reward that varies between a random model's samples."""
-    return [sum(w[1:].isdigit() and int(w[1:]) % 2 == 0 for w in c.split()) / max(len(c.split()), 1)
-            for c in completions]
+    """Share of even-numbered words in each completion (a conversational one's first message): a reward that varies
+    between a random model's samples."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [sum(w[1:].isdigit() and int(w[1:]) % 2 == 0 for w in t.split()) / max(len(t.split()), 1) for t in texts]
 
 
 @pytest.mark.parametrize("trainer", ["GRPO", "DPO"])
@@ -553,7 +561,7 @@ def test_moe_load_balancing_loss_matches_trl(moe_checkpoint, tmp_path, trainer):
     """The other drop-ins add a MoE model's load-balancing loss as their TRL trainer does (SFT: over the
     accumulation steps; CPO and ORPO: the config's coefficient, not logged); loss, metrics and update equal."""
     config_cls = _config_class(trainer)
-    trl_cls = getattr(importlib.import_module(config_cls.__module__.rsplit(".", 1)[0]), f"{trainer}Trainer")
+    trl_cls = _trl_trainer(trainer)
     extra = dict(reward_funcs=_reward) if trainer == "RLOO" else {}
     options = dict(num_generations=4, max_completion_length=6, temperature=1.0) if trainer == "RLOO" else {}
     data = {"SFT": lambda: _sft_dataset("text"), "KTO": _kto_dataset, "RLOO": _grpo_dataset, "CPO": _dpo_dataset,
@@ -824,7 +832,7 @@ def test_paired_prompt_filling_max_length(checkpoint, tmp_path, trainer, options
     there: TRL's step gives NaN metrics and gradients (and NaN weights); the drop-in raises a ValueError naming
     max_length instead. CPO's sigmoid sums the empty completion to 0 and matches TRL."""
     config_cls = _config_class(trainer)
-    trl_cls = getattr(importlib.import_module(config_cls.__module__.rsplit(".", 1)[0]), f"{trainer}Trainer")
+    trl_cls = _trl_trainer(trainer)
     data = _dpo_dataset().map(lambda row, i: {"prompt": " ".join(f"w{j + 3}" for j in range(10))} if i == 1 else {},
                               with_indices=True)
 
@@ -1212,7 +1220,7 @@ def test_preference_options_assigned_on_the_trainer_match_trl(checkpoint, tmp_pa
     """KTO's beta and class weights, CPO's beta, BC weight and label smoothing, ORPO's beta: read from the trainer
     at every step by TRL, and by the drop-in; loss, metrics and update equal TRL's."""
     config_cls = _config_class(trainer)
-    trl_cls = getattr(importlib.import_module(config_cls.__module__.rsplit(".", 1)[0]), f"{trainer}Trainer")
+    trl_cls = _trl_trainer(trainer)
 
     def build(cls, out):
         args = config_cls(**_common(out, per_device_train_batch_size=4))
@@ -1357,9 +1365,16 @@ def test_grpo_unsupported_option_raises(checkpoint, tmp_path, field, value):
 
 
 def _config_class(trainer):
-    if trainer in ("CPO", "ORPO", "TPO"):
-        return getattr(importlib.import_module(f"trl.experimental.{trainer.lower()}"), f"{trainer}Config")
+    if trainer in ("CPO", "ORPO", "TPO", "GMPO", "GOLD", "OnlineDPO"):
+        module = {"OnlineDPO": "online_dpo"}.get(trainer, trainer.lower())
+        return getattr(importlib.import_module(f"trl.experimental.{module}"), f"{trainer}Config")
     return getattr(trl, f"{trainer}Config")
+
+
+def _trl_trainer(trainer):
+    """TRL's trainer class of the drop-in named ``trainer`` (beside its config class)."""
+    config_cls = _config_class(trainer)
+    return getattr(importlib.import_module(config_cls.__module__.rsplit(".", 1)[0]), f"{trainer}Trainer")
 
 
 @pytest.mark.parametrize("trainer", ["DPO", "KTO", "CPO", "ORPO", "TPO"])
@@ -1403,7 +1418,7 @@ def test_softcapped_head_logits_metrics_match_trl(gemma2_checkpoint, tmp_path, t
     mean_logits = head.linear_mean_logits
     monkeypatch.setattr(head, "linear_mean_logits", lambda *a, **k: separate.append(1) or mean_logits(*a, **k))
     config_cls = _config_class(trainer)
-    trl_cls = getattr(importlib.import_module(config_cls.__module__.rsplit(".", 1)[0]), f"{trainer}Trainer")
+    trl_cls = _trl_trainer(trainer)
     data = {"KTO": _kto_dataset, "TPO": lambda: _tpo_dataset(gemma2_checkpoint)}.get(trainer, _dpo_dataset)
     evaluation = dict(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4) if trainer == "CPO" else {}
 

@@ -8,8 +8,6 @@ images) goes through TRL's methods and the drop-in's: the log-probs and entropie
 policy's and the reference's), the loss with its metrics and every parameter's gradient. Other pixels give other
 values, so vision inputs dropped on the way fail.
 """
-import importlib
-
 import numpy as np
 import pytest
 import torch
@@ -19,10 +17,11 @@ trl = pytest.importorskip("trl", reason="TRL is not importable")
 datasets = pytest.importorskip("datasets", reason="TRL's trainers need datasets")
 
 import fastalign.integrations.trl as fa_trl  # noqa: E402
-from fastalign.integrations.trl._vision import chunk_rows, vision_inputs  # noqa: E402
-from test_integration_trl_trainers import (WORDS, _common, _compare, _dpo_dataset, _grpo_dataset,  # noqa: E402
-                                           _kto_dataset, _reward, _run, _save_beside_tokenizer, _sft_dataset,
-                                           _tokenizer, tiny_checkpoint)
+from fastalign.integrations.trl._vision import row_chunks, vision_inputs  # noqa: E402
+from test_integration_trl_trainers import (WORDS, _common, _compare, _config_class, _dpo_dataset,  # noqa: E402
+                                           _even_share, _grpo_dataset, _kto_dataset, _reward, _run,
+                                           _save_beside_tokenizer, _sft_dataset, _tokenizer, _trl_trainer,
+                                           tiny_checkpoint, word_tokenizer)
 from tiny_configs import VISION, gemma3_vision  # noqa: E402
 
 V = len(WORDS)
@@ -156,19 +155,10 @@ def _assert_same_step(theirs, ours, losses) -> None:
 
 
 def _build(kind, cls, checkpoint, out):
-    config_cls = {"GRPO": trl.GRPOConfig, "RLOO": trl.RLOOConfig}.get(kind)
-    if config_cls is None:
-        config_cls = getattr(importlib.import_module(f"trl.experimental.{kind.lower()}"), f"{kind}Config")
-    args = config_cls(**_common(out, per_device_train_batch_size=4, num_generations=4, max_completion_length=5,
-                                temperature=0.9))
+    args = _config_class(kind)(**_common(out, per_device_train_batch_size=4, num_generations=4,
+                                         max_completion_length=5, temperature=0.9))
     return cls(model=checkpoint, reward_funcs=_reward, args=args, train_dataset=_grpo_dataset(),
                processing_class=_tokenizer(checkpoint))
-
-
-def _trl_class(kind):
-    if kind in ("GRPO", "RLOO"):
-        return getattr(trl, f"{kind}Trainer")
-    return getattr(importlib.import_module(f"trl.experimental.{kind.lower()}"), f"{kind}Trainer")
 
 
 @pytest.mark.parametrize("kind", ["GRPO", "RLOO", "GMPO"])
@@ -177,7 +167,7 @@ def test_online_trainers_take_images_as_trl(vlm, kind, tmp_path):
     images of each chunk go with it; a chunk of a row without images has none), the loss, its metrics and every
     gradient equal TRL's."""
     arch, checkpoint = vlm
-    theirs = _build(kind, _trl_class(kind), checkpoint, tmp_path / "trl")
+    theirs = _build(kind, _trl_trainer(kind), checkpoint, tmp_path / "trl")
     ours = _build(kind, getattr(fa_trl, f"{kind}Trainer"), checkpoint, tmp_path / "fa")
     inputs = _online_batch(arch, theirs.model.config)
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
@@ -232,7 +222,7 @@ def test_chunks_of_rows_take_their_own_images():
     for layout, (given, per_row) in layouts.items():
         vision = vision_inputs(given)
         for size in (1, 2, 3):
-            chunks = [chunk_rows(vision, start, min(start + size, 4), 4) for start in range(0, 4, size)]
+            chunks = list(row_chunks(vision, 4, size))
             for name, whole in given.items():
                 if name in ("num_images", "num_tiles"):  # the counts: not the body's
                     assert all(name not in chunk for chunk in chunks)
@@ -244,7 +234,7 @@ def test_chunks_of_rows_take_their_own_images():
                 assert [chunk[name].size(0) if name in chunk else 0 for chunk in chunks] == expected, (layout, name)
                 assert all((name in chunk) == (n > 0) for chunk, n in zip(chunks, expected)), (layout, name)
     with pytest.raises(ValueError, match="num_images is needed"):
-        chunk_rows(vision_inputs(dict(pixel_values=torch.randn(32, 3), image_grid_thw=grid)), 0, 1, 4)
+        next(row_chunks(vision_inputs(dict(pixel_values=torch.randn(32, 3), image_grid_thw=grid)), 4, 1))
     with pytest.raises(TypeError, match=r"unexpected arguments \['pixels'\]"):
         vision_inputs(dict(pixels=None))
 
@@ -298,24 +288,20 @@ def _offline(kind, checkpoint, out, ours):
     batch: ``compute_loss``'s (its metrics to the trainer's log)."""
     common = _common(out, per_device_train_batch_size=2)
     tokenizer = _tokenizer(checkpoint)
+    cls = getattr(fa_trl, f"{kind}Trainer") if ours else _trl_trainer(kind)
     if kind in ("GOLD", "Distillation"):
         teacher = transformers.AutoModelForImageTextToText.from_pretrained(checkpoint)
         with torch.no_grad():  # sharper than the student: a divergence of order one
             teacher.get_output_embeddings().weight.mul_(2.0)
         if kind == "Distillation":
-            cls = fa_trl.DistillationTrainer if ours else trl.DistillationTrainer
-            args, data = trl.DistillationConfig(**common, max_completion_length=4, beta=0.5), _grpo_dataset()
+            args, data = _config_class(kind)(**common, max_completion_length=4, beta=0.5), _grpo_dataset()
         else:
-            gold = importlib.import_module("trl.experimental.gold")
             from test_parity_trl_gkd import _dataset
-            cls = fa_trl.GOLDTrainer if ours else gold.GOLDTrainer
-            args = gold.GOLDConfig(**common, max_completion_length=4, lmbda=0.0, beta=0.5, temperature=0.8)
+            args = _config_class(kind)(**common, max_completion_length=4, lmbda=0.0, beta=0.5, temperature=0.8)
             data = _dataset(4)
         return cls(model=checkpoint, teacher_model=teacher, args=args, train_dataset=data, processing_class=tokenizer)
-    config_cls = getattr(trl, f"{kind}Config")
     data = {"DPO": _dpo_dataset, "KTO": _kto_dataset, "SFT": lambda: _sft_dataset("text")}[kind]
-    cls = getattr(fa_trl if ours else trl, f"{kind}Trainer")
-    return cls(model=checkpoint, args=config_cls(**common), train_dataset=data(), processing_class=tokenizer)
+    return cls(model=checkpoint, args=_config_class(kind)(**common), train_dataset=data(), processing_class=tokenizer)
 
 
 @pytest.mark.parametrize("kind", ["DPO", "KTO", "SFT", "GOLD", "Distillation"])
@@ -348,13 +334,12 @@ def test_online_dpo_scores_completions_after_images_as_trl(vlm, tmp_path):
     """Online DPO's completions after prompts with images (no truncation of the prompt, as TRL's): the log-probs and
     their gradients equal TRL's ``_forward``."""
     arch, checkpoint = vlm
-    online_dpo = importlib.import_module("trl.experimental.online_dpo")
     trainers = [cls(model=transformers.AutoModelForImageTextToText.from_pretrained(checkpoint), reward_funcs=_reward,
                     train_dataset=_grpo_dataset(),
-                    args=online_dpo.OnlineDPOConfig(**_common(tmp_path / str(i), per_device_train_batch_size=2,
+                    args=_config_class("OnlineDPO")(**_common(tmp_path / str(i), per_device_train_batch_size=2,
                                                               max_new_tokens=4, max_length=8)),
                     processing_class=_tokenizer(checkpoint))
-                for i, cls in enumerate((online_dpo.OnlineDPOTrainer, fa_trl.OnlineDPOTrainer))]
+                for i, cls in enumerate((_trl_trainer("OnlineDPO"), fa_trl.OnlineDPOTrainer))]
     rows = _rows(arch, trainers[0].model.config, [1, 2, 1, 2], [[20, 21, 1], [23, 1, 0], [25, 26, 27], [28, 0, 0]])
     vision = {k: v for k, v in rows.items() if k in ("pixel_values", "image_grid_thw")}
     scored = rows["completion_mask"].bool()
@@ -386,7 +371,6 @@ TEMPLATE = ("{%- for m in messages -%}{%- if m['content'] is string -%}{{ m['con
 def processor_checkpoint(tmp_path_factory):
     """A tiny Gemma 3 vision-language checkpoint with a processor (the word-level tokenizer with the image markers,
     a 28-pixel image processor, four tokens per image), as TRL's trainers load one from a model's name."""
-    tokenizers = pytest.importorskip("tokenizers")
     path = tmp_path_factory.mktemp("tiny-gemma3-processor")
     torch.manual_seed(0)
     config = transformers.AutoConfig.for_model("gemma3", text_config=TEXT, pad_token_id=0, eos_token_id=1,
@@ -397,13 +381,7 @@ def processor_checkpoint(tmp_path_factory):
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 1.0)
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
     model.save_pretrained(path)
-    words = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(IMAGE_WORDS)},
-                                                             unk_token="<unk>"))
-    words.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    words.decoder = tokenizers.decoders.WordPiece(prefix="##")
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=words, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
-        extra_special_tokens={"boi_token": "<boi>", "image_token": "<img>", "eoi_token": "<eoi>"})
+    tokenizer = word_tokenizer(IMAGE_WORDS, boi_token="<boi>", image_token="<img>", eoi_token="<eoi>")
     transformers.Gemma3Processor(image_processor=transformers.Gemma3ImageProcessorPil(size={"height": 28, "width": 28}),
                                  tokenizer=tokenizer, chat_template=TEMPLATE, image_seq_length=4).save_pretrained(path)
     return str(path)
@@ -413,12 +391,6 @@ def _images(n, seed):
     image = pytest.importorskip("PIL.Image")
     rng = np.random.default_rng(seed)
     return [image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)) for _ in range(n)]
-
-
-def _even_share(completions, **kwargs):
-    """Share of even-numbered words in each (conversational) completion."""
-    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-    return [sum(w[1:].isdigit() and int(w[1:]) % 2 == 0 for w in t.split()) / max(len(t.split()), 1) for t in texts]
 
 
 @pytest.mark.parametrize("kind", ["GRPO", "GRPO-accumulated", "DPO", "KTO", "SFT"])
@@ -454,11 +426,11 @@ def test_training_on_images_matches_trl(processor_checkpoint, kind, tmp_path):
     trainer = kind.split("-")[0]
 
     def build(cls, out):
-        args = getattr(trl, f"{trainer}Config")(**_common(out, **{"per_device_train_batch_size": 4, **options}))
+        args = _config_class(trainer)(**_common(out, **{"per_device_train_batch_size": 4, **options}))
         processor = transformers.AutoProcessor.from_pretrained(processor_checkpoint)
         return cls(model=processor_checkpoint, args=args, train_dataset=data, processing_class=processor, **extra)
 
-    theirs = _run(build(getattr(trl, f"{trainer}Trainer"), tmp_path / "trl"))
+    theirs = _run(build(_trl_trainer(trainer), tmp_path / "trl"))
     ours = _run(build(getattr(fa_trl, f"{trainer}Trainer"), tmp_path / "fa"))
     assert theirs[0]["num_tokens@0"] > 4 * 4  # four image tokens a prompt
     _compare(theirs, ours)

@@ -51,6 +51,15 @@ def _operands(like: Tensor, *tensors):
 BLOCK_STATS = ("entropy", "sum_p2", "argmax", "mean_logit")
 
 
+def block_logits(buf: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor], *, scale: float, softcap: float,
+                 low_rank: Optional[tuple[Tensor, Tensor]] = None, live: Optional[Tensor] = None) -> Tensor:
+    """The logits ``z = softcap(scale * (h @ W.T + a @ L.T + b))`` of the rows ``h [n, H]`` into ``buf``, the
+    operands taken in ``buf``'s dtype or fp32 (:func:`~fastalign.ops.linear_cpu.chunk_logits`); ``low_rank`` and
+    ``live`` as in :func:`block_forward`."""
+    h, weight, bias, low_rank = _operands(buf, h, weight, bias, low_rank)
+    return chunk_logits(buf, h, weight, bias, scale, softcap, low_rank=low_rank, live=live)
+
+
 def block_forward(buf: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *,
                   scale: float, softcap: float, inv_t: float, ignore_index: int, stats=(), backend: str,
                   low_rank: Optional[tuple[Tensor, Tensor]] = None, live: Optional[Tensor] = None,
@@ -63,8 +72,7 @@ def block_forward(buf: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor]
     :data:`BLOCK_STATS`) per row. ``low_rank = (a [n, r], L [V, r])`` adds ``a @ L.T`` to the logits.
     ``live``: the labelled rows come first and only those ``live`` rows are multiplied
     (:mod:`~fastalign.ops.device_compaction`)."""
-    h, weight, bias, low_rank = _operands(buf, h, weight, bias, low_rank)
-    z = chunk_logits(buf, h, weight, bias, scale, softcap, low_rank=low_rank, live=live)
+    z = block_logits(buf, h, weight, bias, scale=scale, softcap=softcap, low_rank=low_rank, live=live)
     deriv = None
     if softcap > 0:
         out = None if deriv_buf is None else deriv_buf[:z.numel()].view(z.shape)

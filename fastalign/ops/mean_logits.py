@@ -2,9 +2,10 @@
 
     u_j = h . W_j + a . L_j + b_j,   z_j = c tanh(s u_j / c),   mean = (1/V) sum_j z_j
 
-Only the rows asked for are multiplied: picked on the host by the C++ backend (a CPU tensor's count is free), put
-first and counted on the device by the others (:mod:`fastalign.ops.device_compaction`: the product kernel reads the
-count, no host sync). Each block's ``[rows, V]`` logits are gone before the next.
+The logits are the single pass's (:func:`fastalign.ops.linear_block.block_logits`, in the block buffer's dtype),
+so this mean equals the one a loss's pass keeps. Only the rows asked for are multiplied: picked on the host by the
+C++ backend (a CPU tensor's count is free), put first and counted on the device by the others
+(:mod:`fastalign.ops.device_compaction`: the product kernel reads the count, no host sync).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from torch import Tensor
 
 from fastalign.ops._launch import eager
 from fastalign.ops.device_compaction import compact
-from fastalign.ops.linear_cpu import labelled_rows, matmul_into, scatter_labelled
+from fastalign.ops.linear_block import block_buffer, block_logits, row_blocks
+from fastalign.ops.linear_cpu import labelled_rows, scatter_labelled
 from fastalign.ops.single_pass import block_budget_rows
 
 
@@ -34,22 +36,14 @@ def softcapped_mean_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], a:
         cmp = compact(torch.where(keep, 0, -1), -1)  # None with FASTALIGN_DEVICE_COMPACTION=0: every row
         if cmp is not None:
             h, a = cmp.gather(h), cmp.gather(a)
-    lora_t = None if a is None else lora.float().T
-    # the head's [rows, V] product in its dtype and its fp32 copy: three fp32 tiles' worth of the budget
-    block = block_budget_rows(weight.shape[0], h, tiles=3)
+    rows = block_budget_rows(weight.shape[0], h)
+    buf = block_buffer(min(rows, max(h.shape[0], 1)), weight.shape[0], h)
     means = []
-    for start in range(0, h.shape[0], block):  # blocks fixed by the shapes
-        stop = min(start + block, h.shape[0])
-        if cmp is None:
-            u = torch.nn.functional.linear(h[start:stop], weight, bias).float()
-        else:  # the kept rows' products only (the others 0)
-            u = h.new_empty((stop - start, weight.shape[0]), dtype=torch.float32)
-            matmul_into(u, h[start:stop], weight.T, accumulate=False, live=cmp.live_in(start, stop))
-            if bias is not None:
-                u += bias
-        if a is not None:
-            u += a[start:stop].float() @ lora_t
-        means.append(u.mul_(scale / softcap).tanh_().mean(-1) * softcap)
+    for block in row_blocks(h.shape[0], rows):  # blocks fixed by the shapes
+        z = block_logits(buf, block.take(h), weight, bias, scale=scale, softcap=softcap,
+                         low_rank=None if a is None else (block.take(a), lora),
+                         live=None if cmp is None else cmp.live_in(block.start, block.stop))
+        means.append(z.mean(-1, dtype=torch.float32))
     mean = torch.cat(means) if means else h.new_zeros(0, dtype=torch.float32)
     if picked is not None:
         return scatter_labelled(mean, picked, keep, 0.0)

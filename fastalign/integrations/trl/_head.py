@@ -24,7 +24,7 @@ from torch import Tensor
 
 from fastalign._options import check_choice
 from fastalign.integrations.hf import causal_lm_logprobs, head_operands, head_transform, router_aux_loss
-from fastalign.integrations.trl._vision import body_inputs, chunk_rows, vision_inputs
+from fastalign.integrations.trl._vision import body_inputs, row_chunks, vision_inputs
 from fastalign.linear_divergence import linear_divergence_loss
 from fastalign.linear_mean import linear_mean_logits
 from fastalign.linear_policy import policy_logprobs, policy_step
@@ -403,11 +403,11 @@ def fused_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_
     router = {"output_router_logits": True} if compute_aux_loss else {}
     batch_size = batch_size or input_ids.size(0)
     logps, entropies, aux = [], [], []
-    for start in range(0, input_ids.size(0), batch_size):
+    chunks = row_chunks(vision, input_ids.size(0), batch_size)  # each chunk's rows' images
+    for start, images in zip(range(0, input_ids.size(0), batch_size), chunks):
         ids, att = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
         labels = ids.masked_fill(att == 0, -100)
         labels[:, :-logits_to_keep] = -100
-        images = chunk_rows(vision, start, start + batch_size, input_ids.size(0))  # the chunk's rows' images
         with self.accelerator.autocast():
             out = model(input_ids=ids, attention_mask=att, labels=labels, **head_call(self, fields), **router,
                         **images)

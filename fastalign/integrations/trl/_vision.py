@@ -9,7 +9,7 @@ the images of each row), per tile (``spatial_shapes``; ``num_tiles``: the tiles 
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from typing import Iterator
 
 #: The vision inputs TRL's log-prob methods take (``num_tiles``: bookkeeping of the chunks, not the body's).
 VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "num_tiles",
@@ -55,14 +55,8 @@ def _unit(name: str, vision: dict) -> str:
     return "rows"
 
 
-def _bounds(counts: Sequence[int], start: int, end: int) -> slice:
-    """The entries of rows ``[start, end)`` of a tensor holding ``counts[r]`` entries for row ``r``, in order."""
-    offsets = [0, *itertools.accumulate(counts)]
-    return slice(offsets[start], offsets[end])
-
-
-def _counts(unit: str, vision: dict) -> list:
-    """How many entries each row of the batch holds in a vision input of ``unit`` (images, tiles or patches)."""
+def _offsets(unit: str, vision: dict) -> list:
+    """Where each row's entries start in a vision input of ``unit`` (images, tiles or patches), then their total."""
     key = "num_tiles" if unit == "tiles" else "num_images"
     counts = vision.get(key)
     if counts is None:
@@ -70,23 +64,22 @@ def _counts(unit: str, vision: dict) -> list:
     if unit == "patches":  # prod(image_grid_thw[i]) patches for image i, summed over each row's images
         per_image = iter(vision["image_grid_thw"].prod(-1).tolist())
         counts = [sum(itertools.islice(per_image, n)) for n in counts]
-    return counts
+    return [0, *itertools.accumulate(counts)]
 
 
-def chunk_rows(vision: dict, start: int, end: int, rows: int) -> dict:
-    """:func:`body_inputs` of the rows ``[start, end)`` of a batch of ``rows`` rows with the vision inputs
-    ``vision`` (all of them when the chunk is the whole batch); a chunk without images has no image inputs. The
-    bounds of a chunk of images, tiles or patches are read on the host (patch counts from ``image_grid_thw``)."""
-    if start == 0 and end >= rows:
-        return body_inputs(vision)
-    end = min(end, rows)
-    bounds = {"rows": slice(start, end)}  # unit -> the chunk's entries
-    chunk = {}
-    for name, value in body_inputs(vision).items():
-        unit = _unit(name, vision)
-        if unit not in bounds:
-            bounds[unit] = _bounds(_counts(unit, vision), start, end)
-        chunk[name] = value[bounds[unit]]
-    if any(chunk[name].size(0) == 0 for name in chunk if _unit(name, vision) != "rows"):  # no image in these rows
-        chunk = {name: value for name, value in chunk.items() if _unit(name, vision) == "rows"}
-    return chunk
+def row_chunks(vision: dict, rows: int, size: int) -> Iterator[dict]:
+    """:func:`body_inputs` of each chunk of ``size`` rows in turn of a batch of ``rows`` rows with the vision
+    inputs ``vision`` (all of them when one chunk holds the batch); a chunk without images has no image inputs.
+    The bounds of the chunks of images, tiles or patches are read on the host once (patch counts from
+    ``image_grid_thw``)."""
+    if size >= rows:
+        yield body_inputs(vision)
+        return
+    units = {name: _unit(name, vision) for name in body_inputs(vision)}
+    offsets = {unit: list(range(rows + 1)) if unit == "rows" else _offsets(unit, vision) for unit in units.values()}
+    for start in range(0, rows, size):
+        end = min(start + size, rows)
+        chunk = {name: vision[name][offsets[unit][start]:offsets[unit][end]] for name, unit in units.items()}
+        if any(chunk[name].size(0) == 0 for name, unit in units.items() if unit != "rows"):  # no image here
+            chunk = {name: value for name, value in chunk.items() if units[name] == "rows"}
+        yield chunk

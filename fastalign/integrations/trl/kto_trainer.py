@@ -118,7 +118,8 @@ class KTOTrainer(trl.KTOTrainer):
         mode = "train" if self.model.training else "eval"
         kto_loss = self.fastalign_loss  # the options assigned since the last step, checked
         batch = {k: (v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-        model_kwargs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+        model_kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            **_extra_inputs(batch))
         shift_mask = batch["completion_mask"][:, 1:]
         targets = batch["input_ids"][:, 1:].masked_fill(shift_mask == 0, -100)
         # the forwards in TRL's order (that of their dropout draws): the KL completions, the policy, the reference
