@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make gpu-check`: everything that needs a CUDA GPU, in one command (< 8 minutes on an H100/H200;
-# each step has its own time limit, 9.5 minutes in all, so a hang cannot take the whole run).
+# each step has its own time limit, 9 minutes in all, so a hang cannot take the whole run).
 #
 #   1. build the package with its CUDA kernels (pip install --no-build-isolation -e .)
 #   2. pytest -m gpu (Triton + CUDA kernels against float64 references, linear backward in bf16 at V=151936)
@@ -25,7 +25,9 @@
 # torch (a CUDA build) and triton are the machine's own. `--deps-only` does only that (no GPU needed):
 # exit 0 when everything the steps need is importable, 1 otherwise.
 # The CUDA kernels are built for this device's architecture only unless FASTALIGN_CUDA_ARCHS is set.
-# GPU_CHECK_COMMIT names the commit where the copy being checked has no git history.
+# GPU_CHECK_COMMIT names the commit where the copy being checked has no git history. GPU_CHECK_STEPS (a comma
+# list of step names: build,pytest-gpu,memcheck,bench) runs only those, to rerun a step after a fix;
+# GPU_CHECK_TESTS narrows pytest-gpu and memcheck to some test files or node ids.
 set -u
 PY=${PY:-python3}
 cd "$(dirname "$0")/.."
@@ -96,6 +98,10 @@ status=0
 step() {  # step NAME SECONDS CMD...: run with a time limit, log to $out/NAME.log, record the outcome
   local name=$1 limit=$2
   shift 2
+  case ",${GPU_CHECK_STEPS:-build,pytest-gpu,memcheck,bench}," in
+    *",$name,"*) ;;
+    *) echo "$name skipped: not in GPU_CHECK_STEPS" | tee -a "$out/summary.txt"; return 0 ;;
+  esac
   local t0=$SECONDS
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?
@@ -134,16 +140,21 @@ step build 120 "$PY" -m pip install --no-build-isolation -e . \
   || echo "build failed: see $out/build.log; the later steps run from the source tree" | tee -a "$out/summary.txt" >&2
 "$PY" -c "import fastalign._backend as b; print('CUDA kernels compiled:', b.cuda_kernels_available())" 2>&1 \
   | tee -a "$out/summary.txt"
-# a test file that cannot be imported fails the step without stopping the other files' GPU tests
-step pytest-gpu 140 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs --continue-on-collection-errors tests/
+# a test file that cannot be imported fails the step without stopping the other files' GPU tests; with
+# pytest-xdist, four workers compile their Triton kernels side by side
+tests=${GPU_CHECK_TESTS:-tests/}
+workers=()
+"$PY" -c "import xdist" 2>/dev/null && workers=(-n 4)
+step pytest-gpu 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs "${workers[@]}" \
+  --continue-on-collection-errors $tests
 if command -v compute-sanitizer >/dev/null 2>&1; then
   # without the caching allocator every tensor is its own allocation, so an overrun is caught
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 80 compute-sanitizer --tool memcheck --error-exitcode 1 \
-    "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_kernels.py -k "not full_vocabulary"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 70 compute-sanitizer --tool memcheck --error-exitcode 1 \
+    "$PY" -m pytest -m gpu -q -p no:cacheprovider ${GPU_CHECK_TESTS:-tests/test_gpu_kernels.py} -k "not full_vocabulary"
 else
   echo "memcheck     skipped: compute-sanitizer not installed" | tee -a "$out/summary.txt"
 fi
-step bench 230 "$PY" -m fastalign.bench --device cuda \
-  --ops token_logprobs,linear_logprobs,linear_cross_entropy,linear_policy_loss,linear_divergence --cases 8192x151936,8192x4096x151936,"T=1024 H=4096",8192x4096/6144x151936 --repeats 10 --budget 6 --total-budget 200 --json "$out/bench.json"
+step bench 200 "$PY" -m fastalign.bench --device cuda \
+  --ops token_logprobs,linear_logprobs,linear_cross_entropy,linear_policy_loss,linear_divergence --cases 8192x151936,8192x4096x151936,"T=1024 H=4096",8192x4096/6144x151936 --repeats 10 --budget 6 --total-budget 180 --json "$out/bench.json"
 echo "gpu-check: results in $out" | tee -a "$out/summary.txt"
 exit $status
