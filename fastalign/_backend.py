@@ -10,7 +10,6 @@ CUDA kernels for the group, scan and Clip-Cov / KL-Cov selection ops). Triton on
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 import threading
@@ -87,13 +86,21 @@ SUBSTITUTES = {"cpp": ("cpp",), "cuda": ("cuda", "triton", "torch"), "triton": (
 ALL_KERNELS = ("cpp", "triton", "cuda")
 
 
-@functools.lru_cache(maxsize=None)
-def triton_installed() -> bool:
-    """Whether the ``triton`` package can be imported (looked up, not imported)."""
+def _find_triton() -> bool:
     try:
         return importlib.util.find_spec("triton") is not None
     except ImportError:  # a finder that refuses it
         return False
+
+
+#: Looked up once, at import: a function that a compiled graph calls reads a constant (torch.compile does
+#: not trace ``importlib``).
+_TRITON_FOUND = _find_triton()
+
+
+def triton_installed() -> bool:
+    """Whether the ``triton`` package can be imported (looked up at import, not imported)."""
+    return _TRITON_FOUND
 
 
 def _runs(family: str, kind: str, device) -> bool:

@@ -48,8 +48,9 @@ def global_divisor(x: Count, like: Tensor, scale: int = 1) -> Tensor:
     never the sum or 0, where the count is not read on the host (an eager CPU one raises first:
     :func:`fastalign._validate.count`). An int's divisor is known on the host and made as one tensor."""
     if isinstance(x, int) and not isinstance(x, bool) and 0 <= x * scale <= 2 ** 127:  # finite in fp32
-        return torch.tensor(float(max(x * scale, 1)), device=like.device, dtype=torch.float32)
-    n = (x if isinstance(x, Tensor) else torch.tensor(float(x)))
+        return torch.full((), float(max(x * scale, 1)), device=like.device, dtype=torch.float32)
+    # a number is filled in on the device: a tensor copied from the host would wait for it
+    n = x if isinstance(x, Tensor) else torch.full((), float(x), device=like.device, dtype=torch.float32)
     n = n.to(device=like.device, dtype=torch.float32).reshape(()) * scale
     return torch.where(torch.isfinite(n) & (n >= 0), divisor(n), math.nan)
 

@@ -451,14 +451,17 @@ def test_cuda_matches_cpu_without_host_sync(layout):
            for e in ("grpo", "rloo", "opo", "grpo_passk", "gpg", "reinforce_pp_baseline")]
     cpu.append(fastalign.gae_advantages(r, v, tmask, gamma=0.9, lam=0.95)[0])
     dev = "cuda"
+    # the inputs are copied to the device before the check: a copy from pageable host memory synchronises
     kw = {k: (x.to(dev) if isinstance(x, torch.Tensor) else x) for k, x in kw.items()}
+    scores, mask, r, v, tmask = (x.to(dev) for x in (scores, mask, r, v, tmask))
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        gpu = [fastalign.group_advantages(scores.to(dev), estimator=e,
-                                          **(dict(response_mask=mask.to(dev)) if e in READS_COUNTS else {}), **kw)
+        gpu = [fastalign.group_advantages(scores, estimator=e,
+                                          **(dict(response_mask=mask) if e in READS_COUNTS else {}), **kw)
                for e in ("grpo", "rloo", "opo", "grpo_passk", "gpg", "reinforce_pp_baseline")]
-        gpu.append(fastalign.gae_advantages(r.to(dev), v.to(dev), tmask.to(dev), gamma=0.9, lam=0.95)[0])
-        again = fastalign.group_advantages(scores.to(dev), estimator="grpo", **kw)
+        gpu.append(fastalign.gae_advantages(r, v, tmask, gamma=0.9, lam=0.95)[0])
+        again = fastalign.group_advantages(scores, estimator="grpo", **kw)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for c, g in zip(cpu, gpu):

@@ -548,11 +548,16 @@ def test_cuda_inputs_pass_the_checks_without_host_sync():
     """CUDA tensors pass every check, and a malformed cu_seqlens on the GPU gives NaN sums
     without reading it on the host."""
     dev = "cuda"
+    logits, labels, ones = torch.randn(4, V, device=dev), torch.zeros(4, dtype=torch.long, device=dev), \
+        torch.ones(6, device=dev)
+    # made before the check: a copy from pageable host memory synchronises
+    good_cu, bad_cu = torch.tensor([0, 2, 6], device=dev), torch.tensor([0, 4, 2], device=dev)
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        st = fa.token_logprobs(torch.randn(4, V, device=dev), torch.zeros(4, dtype=torch.long, device=dev))
-        good = fa.sequence_logprobs(torch.ones(6, device=dev), cu_seqlens=torch.tensor([0, 2, 6], device=dev)).sum
-        bad = fa.sequence_logprobs(torch.ones(6, device=dev), cu_seqlens=torch.tensor([0, 4, 2], device=dev)).sum
+        st = fa.token_logprobs(logits, labels)
+        good = fa.sequence_logprobs(ones, cu_seqlens=good_cu).sum
+        bad = fa.sequence_logprobs(ones, cu_seqlens=bad_cu).sum
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert st.logprobs.is_cuda

@@ -866,11 +866,11 @@ def test_single_pass_where_it_does_not_apply(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("single_pass", ["auto", False])
 def test_gpu_linear_against_reference(dtype, single_pass, monkeypatch):
-    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "1")  # a few pairs per block at this vocabulary
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "32")  # a few pairs (80 rows each) per block at this vocabulary
     h, w, b, labels, rh = _hidden_batch(B=6, T=40, H=64, V=32011, seed=11, prompt=9)
     mod = fa.LinearPreferenceLoss(loss_type=["sigmoid", "sft"], beta=0.2, single_pass=single_pass)
-    assert mod.paths.single_passes(h.cuda(), None) == (single_pass == "auto")
     hx, wx = h.to("cuda", dtype).requires_grad_(True), w.to("cuda", dtype).requires_grad_(True)
+    assert mod.paths.single_passes(None, wx, hx[:6], hx[6:]) == (single_pass == "auto")
     loss, m = mod(hx, wx, labels.cuda(), ref_hidden=rh.to("cuda", dtype))
     hr, wr = h.to(dtype).double().requires_grad_(True), w.to(dtype).double().requires_grad_(True)
     loss_r, mr = R.linear_preference_loss(hr, wr, labels, ref_hidden=rh.to(dtype).double(),

@@ -237,12 +237,14 @@ def test_position_ids_that_do_not_match_give_nan_when_not_read_on_the_host():
 @pytest.mark.gpu
 def test_cuda_position_ids_are_checked_without_host_sync():
     dev = "cuda"
+    ones = torch.ones(6, device=dev)
+    # made before the check: a copy from pageable host memory synchronises
+    good_pos, bad_pos = torch.tensor([0, 1, 0, 1, 2, 3], device=dev), torch.tensor([0, 1, 0, 1, 0, 1], device=dev)
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        good = fa.sequence_logprobs(torch.ones(6, device=dev), position_ids=torch.tensor([0, 1, 0, 1, 2, 3], device=dev),
-                                    num_sequences=2).sum
-        bad = fa.sequence_logprobs(torch.ones(6, device=dev), position_ids=torch.tensor([0, 1, 0, 1, 0, 1], device=dev),
-                                   num_sequences=2).sum
+        good = fa.sequence_logprobs(ones, position_ids=good_pos, num_sequences=2).sum
+        bad = fa.sequence_logprobs(ones, position_ids=bad_pos, num_sequences=2).sum
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert good.tolist() == [2.0, 4.0] and torch.isnan(bad).all()
@@ -637,10 +639,11 @@ def test_kto_profile_reads_no_cuda_label_on_the_host():
     dev = "cuda"
     lp, mask, ref = -torch.rand(4, 5, device=dev), torch.ones(4, 5, device=dev), -torch.rand(4, device=dev)
     kto = _kto("apo_zero_unpaired")
+    label = torch.tensor([2, 0, 1, 0], device=dev)  # made before the check: the copy from the host synchronises
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        got, _ = kto(lp, mask, torch.tensor([2, 0, 1, 0], device=dev), ref)
+        got, _ = kto(lp, mask, label, ref)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     want, _ = kto(lp, mask, torch.tensor([True, False, True, False], device=dev), ref)

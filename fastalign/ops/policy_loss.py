@@ -51,8 +51,9 @@ def clip_extremes(row: Tensor) -> Tensor:
     n = row[:, 1:2]
     frac = row[:, 8:10] / n.clamp_min(1)
     counted = n > 0
-    ext = torch.where(counted, frac, frac.new_tensor([math.inf, -math.inf]))
-    ext = torch.stack((ext[:, 0].amin(), ext[:, 1].amax())) if row.shape[0] else frac.new_full((2,), math.nan)
+    # scalar fills, not a tensor copied from the host (which would wait for the device)
+    low, high = torch.where(counted, frac[:, :1], math.inf), torch.where(counted, frac[:, 1:], -math.inf)
+    ext = torch.stack((low.amin(), high.amax())) if row.shape[0] else frac.new_full((2,), math.nan)
     return torch.where(counted.any(), ext, math.nan)
 
 
