@@ -161,13 +161,14 @@ def linear_stats_cases(dtype):
 
     from fastalign.kernels import linear_stats as K
     from fastalign.ops._launch import stat_outputs
+    from fastalign.ops.linear_triton import gpu_chunk_tokens
 
     h = _meta(N_TOKENS, HIDDEN, dtype=dtype)
     w = _meta(VOCAB, HIDDEN, dtype=dtype)
     y = _meta(N_TOKENS, dtype=torch.int64)
     b = _meta(VOCAB, dtype=dtype)
     lora = (_meta(N_TOKENS, LORA_RANK, dtype=dtype), _meta(VOCAB, LORA_RANK, dtype=dtype))
-    chunk = K.gpu_chunk_tokens(N_TOKENS, VOCAB, h.element_size())
+    chunk = gpu_chunk_tokens(N_TOKENS, VOCAB, h.element_size())
     f = lambda on=True, n=N_TOKENS: _meta(n, dtype=torch.float32) if on else None  # noqa: E731
     head = dict(bias=True, softcap=True, low_rank=True)
 

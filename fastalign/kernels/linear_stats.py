@@ -51,9 +51,6 @@ import triton.language as tl
 
 from fastalign.kernels.softmax_math import NEG_INF, add_block, dlogits, finish, merge
 
-#: GPU budget for the backward's d(logits) chunk, bytes of the input dtype.
-GPU_CHUNK_BYTES = 1 << 30
-
 
 @triton.jit
 def _dot_over(acc, x_ptr, y_ptr, rows, cols, row_ok, col_ok, K, s_x, s_y,
@@ -280,11 +277,6 @@ def matmul_precision(hidden) -> str:
     if choice not in ("tf32", "ieee"):
         raise ValueError(f"FASTALIGN_FP32_MATMUL must be 'tf32' or 'ieee', got {choice!r}")
     return choice
-
-
-def gpu_chunk_tokens(n: int, vocab: int, elem_bytes: int, budget: int = GPU_CHUNK_BYTES) -> int:
-    """Tokens per backward chunk on a GPU: a d(logits) buffer of at most ``budget`` bytes."""
-    return max(1, min(max(n, 1), budget // max(vocab * elem_bytes, 1)))
 
 
 def _low_rank_args(hidden, low_rank):

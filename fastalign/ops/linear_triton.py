@@ -45,10 +45,15 @@ def _gathered(cmp, low_rank):
     return None if low_rank is None else (cmp.gather(low_rank[0]), low_rank[1])
 
 
-def gpu_chunk_tokens(n: int, vocab: int, elem_bytes: int) -> int:
-    """Tokens per Triton backward chunk: a d(logits) buffer of at most 1 GiB in the input dtype
-    (thousands of tokens at a 152k vocabulary, so the weight is streamed O(N / chunk) times)."""
-    return triton_kernels("linear_stats").gpu_chunk_tokens(n, vocab, elem_bytes)
+#: The d(logits) buffer of one backward chunk on a GPU, in bytes.
+GPU_CHUNK_BYTES = 1 << 30
+
+
+def gpu_chunk_tokens(n: int, vocab: int, elem_bytes: int, budget: int = GPU_CHUNK_BYTES) -> int:
+    """Tokens per Triton backward chunk: a d(logits) buffer of at most ``budget`` (1 GiB) bytes in the input
+    dtype (thousands of tokens at a 152k vocabulary, so the weight is streamed O(N / chunk) times). Plain
+    arithmetic, so a compiled graph computes it without importing the kernels."""
+    return max(1, min(max(n, 1), budget // max(vocab * elem_bytes, 1)))
 
 
 def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent, sp2, scale, softcap, inv_t,
