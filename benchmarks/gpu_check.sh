@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make gpu-check`: everything that needs a CUDA GPU, in one command (< 8 minutes on an H100/H200;
-# each step has its own time limit, 9 minutes in all, so a hang cannot take the whole run).
+# each step has its own time limit, 9.5 minutes in all, so a hang cannot take the whole run).
 #
 #   1. build the package with its CUDA kernels (pip install --no-build-isolation -e .)
 #   2. pytest -m gpu (Triton + CUDA kernels against float64 references, linear backward in bf16 at V=151936)
@@ -11,9 +11,10 @@
 #      the SFT loss (token-mean cross-entropy: the single pass in blocks of tokens, the two passes,
 #      Liger's and cut-cross-entropy's fused linear cross-entropy) and LinearPolicyLoss (GRPO) at B=8
 #      T=1024 on that head, with the installed peers
+#   5. where the LM-head ops' time goes, kernel by kernel (benchmarks/profile_linear.py, torch.profiler)
 #
 # Everything lands in benchmarks/results/gpu-check-<device>-<UTC time>/ (or $GPU_CHECK_OUT) with the
-# device, date and versions (env.txt) and a one-line status per step (summary.txt): seven files, each
+# device, date and versions (env.txt) and a one-line status per step (summary.txt): eight files, each
 # written as its step ends, so a run cut short still leaves what it did. Exit status: 0 when every
 # step passed, 1 when one failed, 2 when no CUDA device is visible (nothing is run).
 #
@@ -26,7 +27,7 @@
 # exit 0 when everything the steps need is importable, 1 otherwise.
 # The CUDA kernels are built for this device's architecture only unless FASTALIGN_CUDA_ARCHS is set.
 # GPU_CHECK_COMMIT names the commit where the copy being checked has no git history. GPU_CHECK_STEPS (a comma
-# list of step names: build,pytest-gpu,memcheck,bench) runs only those, to rerun a step after a fix;
+# list of step names: build,pytest-gpu,memcheck,bench,profile) runs only those, to rerun a step after a fix;
 # GPU_CHECK_TESTS narrows pytest-gpu and memcheck to some test files or node ids.
 set -u
 PY=${PY:-python3}
@@ -98,7 +99,7 @@ status=0
 step() {  # step NAME SECONDS CMD...: run with a time limit, log to $out/NAME.log, record the outcome
   local name=$1 limit=$2
   shift 2
-  case ",${GPU_CHECK_STEPS:-build,pytest-gpu,memcheck,bench}," in
+  case ",${GPU_CHECK_STEPS:-build,pytest-gpu,memcheck,bench,profile}," in
     *",$name,"*) ;;
     *) echo "$name skipped: not in GPU_CHECK_STEPS" | tee -a "$out/summary.txt"; return 0 ;;
   esac
@@ -149,12 +150,13 @@ step pytest-gpu 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs "${workers
   --continue-on-collection-errors $tests
 if command -v compute-sanitizer >/dev/null 2>&1; then
   # without the caching allocator every tensor is its own allocation, so an overrun is caught
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 70 compute-sanitizer --tool memcheck --error-exitcode 1 \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 \
     "$PY" -m pytest -m gpu -q -p no:cacheprovider ${GPU_CHECK_TESTS:-tests/test_gpu_kernels.py} -k "not full_vocabulary"
 else
   echo "memcheck     skipped: compute-sanitizer not installed" | tee -a "$out/summary.txt"
 fi
-step bench 200 "$PY" -m fastalign.bench --device cuda \
-  --ops token_logprobs,linear_logprobs,linear_cross_entropy,linear_policy_loss,linear_divergence --cases 8192x151936,8192x4096x151936,"T=1024 H=4096",8192x4096/6144x151936 --repeats 10 --budget 6 --total-budget 180 --json "$out/bench.json"
+step bench 180 "$PY" -m fastalign.bench --device cuda \
+  --ops token_logprobs,linear_logprobs,linear_cross_entropy,linear_policy_loss,linear_divergence --cases 8192x151936,8192x4096x151936,"T=1024 H=4096",8192x4096/6144x151936 --repeats 10 --budget 6 --total-budget 160 --json "$out/bench.json"
+step profile 60 "$PY" benchmarks/profile_linear.py
 echo "gpu-check: results in $out" | tee -a "$out/summary.txt"
 exit $status

@@ -69,11 +69,26 @@ def test_gpu_check_says_torch_is_missing(tmp_path):
 
 
 def test_gpu_check_deps_only_runs_without_a_gpu(tmp_path):
+    recorded = set((ROOT / "benchmarks" / "results").glob("gpu-check-*"))  # the runs committed so far
     res = _gpu_check("--deps-only", py=sys.executable, tmp_path=tmp_path)
     # this environment has the test and build tools: nothing missing, nothing else run
     assert res.returncode == 0, res.stderr
     assert "everything the steps need is importable" in res.stdout
-    assert not list((ROOT / "benchmarks" / "results").glob("gpu-check-*"))
+    assert set((ROOT / "benchmarks" / "results").glob("gpu-check-*")) == recorded
+
+
+def test_profile_script_runs_on_the_cpu():
+    """benchmarks/profile_linear.py (gpu-check's last step) at a tiny size on the CPU: a table per op."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_linear.py"), "--device", "cpu",
+                          "--tokens", "16", "--rows", "2", "--hidden", "8", "--vocab", "32", "--steps", "1",
+                          "--dtype", "float32"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    for name in ("==== linear_logprobs forward + backward: N=16 H=8 V=32", "==== LinearPolicyLoss grpo"):
+        assert name in res.stdout, res.stdout
+    assert "fastalign::linear_stats" in res.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_linear.py"), "--tokens", "15",
+                          "--rows", "2"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--tokens (15) must be a multiple of --rows (2)" in bad.stderr
 
 
 def test_gpu_peers_downloads_the_build_and_test_tools():

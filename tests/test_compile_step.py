@@ -108,6 +108,13 @@ def test_compiled_fused_step_matches_eager(compiler):
     compiled_fused_step_matches_eager(compiler, "cpu")
 
 
+def test_compiled_fused_step_on_the_triton_kernels():
+    """The step through the Triton kernels (the interpreter here): choosing them is traced without importlib,
+    which torch 2.11's compiler refuses to trace (a CUDA step failed so before)."""
+    with fastalign.use_backend("triton"):
+        compiled_fused_step_matches_eager("aot_eager", "cpu")
+
+
 @pytest.mark.gpu
 def test_gpu_compiled_fused_step_matches_eager():
     """The compiled Triton kernels inside an inductor graph on CUDA (inductor may order the

@@ -39,7 +39,9 @@ installed and otherwise show as "not installed". In the runs recorded up to
 compiled preference loss) includes torch.compile compiling the step: the note in
 `benchmarks/results/README.md` names the files.
 
-No GPU run is recorded yet: the tables are CPU runs of the C++ kernels.
+The GPU run (NVIDIA H200) comes from `make gpu-check`, whose folders in `benchmarks/results/`
+(`gpu-check-<device>-<time>/`) hold each run's build, GPU tests, compute-sanitizer and profile logs;
+the other tables are CPU runs of the C++ kernels.
 
 To reproduce or add a run:
 
