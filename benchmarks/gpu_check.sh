@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make gpu-check`: everything that needs a CUDA GPU, in one command (< 8 minutes on an H100/H200;
-# each step has its own time limit, 9.5 minutes in all, so a hang cannot take the whole run).
+# each step has its own time limit, under 10 minutes in all, so a hang cannot take the whole run).
 #
 #   1. build the package with its CUDA kernels (pip install --no-build-isolation -e .)
 #   2. pytest -m gpu (Triton + CUDA kernels against float64 references, linear backward in bf16 at V=151936)
@@ -11,7 +11,9 @@
 #      the SFT loss (token-mean cross-entropy: the single pass in blocks of tokens, the two passes,
 #      Liger's and cut-cross-entropy's fused linear cross-entropy) and LinearPolicyLoss (GRPO) at B=8
 #      T=1024 on that head, with the installed peers
-#   5. where the LM-head ops' time goes, kernel by kernel (benchmarks/profile_linear.py, torch.profiler)
+#   5. where the LM-head ops' time goes, kernel by kernel (benchmarks/profile_linear.py, torch.profiler),
+#      and the tilings of their products over the labelled rows against torch.mm
+#      (benchmarks/live_matmul_tiles.py)
 #
 # Everything lands in benchmarks/results/gpu-check-<device>-<UTC time>/ (or $GPU_CHECK_OUT) with the
 # device, date and versions (env.txt) and a one-line status per step (summary.txt): eight files, each
@@ -137,7 +139,7 @@ echo "CUDA architectures built: $FASTALIGN_CUDA_ARCHS" >>"$out/env.txt"
 
 # a failed build still runs the steps: the Triton kernels need no fastalign._C (the tests of the C++/CUDA
 # ones then fail or skip, which the summary shows)
-step build 120 "$PY" -m pip install --no-build-isolation -e . \
+step build 140 "$PY" -m pip install --no-build-isolation -e . \
   || echo "build failed: see $out/build.log; the later steps run from the source tree" | tee -a "$out/summary.txt" >&2
 "$PY" -c "import fastalign._backend as b; print('CUDA kernels compiled:', b.cuda_kernels_available())" 2>&1 \
   | tee -a "$out/summary.txt"
@@ -146,17 +148,17 @@ step build 120 "$PY" -m pip install --no-build-isolation -e . \
 tests=${GPU_CHECK_TESTS:-tests/}
 workers=()
 "$PY" -c "import xdist" 2>/dev/null && workers=(-n 4)
-step pytest-gpu 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs "${workers[@]}" \
+step pytest-gpu 100 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs "${workers[@]}" \
   --continue-on-collection-errors $tests
 if command -v compute-sanitizer >/dev/null 2>&1; then
   # without the caching allocator every tensor is its own allocation, so an overrun is caught
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 45 compute-sanitizer --tool memcheck --error-exitcode 1 \
     "$PY" -m pytest -m gpu -q -p no:cacheprovider ${GPU_CHECK_TESTS:-tests/test_gpu_kernels.py} -k "not full_vocabulary"
 else
   echo "memcheck     skipped: compute-sanitizer not installed" | tee -a "$out/summary.txt"
 fi
 step bench 180 "$PY" -m fastalign.bench --device cuda \
   --ops token_logprobs,linear_logprobs,linear_cross_entropy,linear_policy_loss,linear_divergence --cases 8192x151936,8192x4096x151936,"T=1024 H=4096",8192x4096/6144x151936 --repeats 10 --budget 6 --total-budget 160 --json "$out/bench.json"
-step profile 60 "$PY" benchmarks/profile_linear.py
+step profile 110 bash -c '"$0" benchmarks/profile_linear.py && "$0" benchmarks/live_matmul_tiles.py' "$PY"
 echo "gpu-check: results in $out" | tee -a "$out/summary.txt"
 exit $status

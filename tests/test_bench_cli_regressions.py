@@ -116,3 +116,15 @@ def test_recorded_markdown_shows_the_load_and_the_rows_timed_once():
     assert "Load average 1.50 before the run, 3.00 after." in text
     assert "the CPU was oversubscribed" in text and "1 of 2 timed rows were timed once" in text
     assert "| 1.00 | 1 run |" in text
+
+
+def test_live_matmul_tiles_script_runs_on_the_cpu():
+    """benchmarks/live_matmul_tiles.py in the interpreter: every product with every tiling equals torch.mm."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "live_matmul_tiles.py"), "--device", "cpu",
+                          "--rows", "8", "--hidden", "16", "--vocab", "48", "--dtype", "float32"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = [ln for ln in res.stdout.splitlines() if " live_matmul " in ln]
+    assert len(rows) == 3 * 2, res.stdout  # three products, the default and one candidate tiling each
+    for ln in rows:
+        assert float(ln.split()[-1]) < 1e-5, ln

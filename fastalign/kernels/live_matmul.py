@@ -81,13 +81,19 @@ def _config(a):
             dict(num_warps=8, num_stages=stages))
 
 
-def live_matmul(out, a, b, live, live_dim: int, accumulate: bool):
+def live_matmul(out, a, b, live, live_dim: int, accumulate: bool, tiles=None):
     """``out (+)= a @ b`` over the first ``live`` rows of ``a`` (``live_dim`` 0; the other rows of
     ``out`` are 0, or unchanged when accumulating) or the first ``live`` entries of the shared
-    dimension (``live_dim`` 1). ``live``: a one-element integer tensor on the device."""
+    dimension (``live_dim`` 1). ``live``: a one-element integer tensor on the device. ``tiles``: the
+    launch, ``(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)``, instead of the default
+    (benchmarks/live_matmul_tiles.py compares them)."""
     M, K = a.shape
     N = b.shape[1]
     blocks, launch = _config(a)
+    if tiles is not None:
+        bm, bn, bk, group, warps, stages = tiles
+        blocks.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group)
+        launch = dict(num_warps=warps, num_stages=stages)
     grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(N, blocks["BLOCK_N"]),)
     live_matmul_kernel[grid](
         a, b, out, live, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
