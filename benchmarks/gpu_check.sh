@@ -12,8 +12,8 @@
 #      Liger's and cut-cross-entropy's fused linear cross-entropy) and LinearPolicyLoss (GRPO) at B=8
 #      T=1024 on that head, with the installed peers
 #   5. where the LM-head ops' time goes, kernel by kernel (benchmarks/profile_linear.py, torch.profiler),
-#      and the tilings of their products over the labelled rows against torch.mm
-#      (benchmarks/live_matmul_tiles.py)
+#      and the tilings of their forward kernel and labelled-row products against torch.mm
+#      (benchmarks/lm_head_tilings.py)
 #
 # Everything lands in benchmarks/results/gpu-check-<device>-<UTC time>/ (or $GPU_CHECK_OUT) with the
 # device, date and versions (env.txt) and a one-line status per step (summary.txt): eight files, each
@@ -159,6 +159,6 @@ else
 fi
 step bench 180 "$PY" -m fastalign.bench --device cuda \
   --ops token_logprobs,linear_logprobs,linear_cross_entropy,linear_policy_loss,linear_divergence --cases 8192x151936,8192x4096x151936,"T=1024 H=4096",8192x4096/6144x151936 --repeats 10 --budget 6 --total-budget 160 --json "$out/bench.json"
-step profile 110 bash -c '"$0" benchmarks/profile_linear.py && "$0" benchmarks/live_matmul_tiles.py' "$PY"
+step profile 110 bash -c '"$0" benchmarks/profile_linear.py && "$0" benchmarks/lm_head_tilings.py' "$PY"
 echo "gpu-check: results in $out" | tee -a "$out/summary.txt"
 exit $status

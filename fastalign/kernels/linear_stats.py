@@ -289,14 +289,18 @@ def _low_rank_args(hidden, low_rank):
 
 
 def _forward_parts(hidden, weight, bias, low_rank, labels, scale, cap, inv_t, ignore_index, want_ent, want_sp2,
-                   want_amax):
+                   want_amax, tiles=None):
     """Launch the forward kernel: per-split states ``parts [5, splits, N]`` (m, s, t, q, label logit)
-    and, with ``want_amax``, the per-split argmax index and logit."""
+    and, with ``want_amax``, the per-split argmax index and logit. ``tiles``: :func:`linear_stats_forward`'s."""
     import torch
 
     N, H = hidden.shape
     V = weight.shape[0]
     blocks, launch = _config(hidden)
+    if tiles is not None:
+        bn, bv, bh, warps, stages = tiles
+        blocks.update(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh)
+        launch = dict(num_warps=warps, num_stages=stages)
     bn, bv = blocks["BLOCK_N"], blocks["BLOCK_V"]
     v_blocks = triton.cdiv(V, bv)
     token_blocks = triton.cdiv(N, bn)
@@ -321,14 +325,16 @@ def _forward_parts(hidden, weight, bias, low_rank, labels, scale, cap, inv_t, ig
     return parts, aidx, aval, splits
 
 
-def linear_stats_forward(hidden, weight, bias, low_rank, labels, scale, cap, inv_t, ignore_index, out):
-    """Writes ``out`` = (logprobs, entropy, sum_p2, argmax, argmax logit, lse); unrequested ones are empty."""
+def linear_stats_forward(hidden, weight, bias, low_rank, labels, scale, cap, inv_t, ignore_index, out, tiles=None):
+    """Writes ``out`` = (logprobs, entropy, sum_p2, argmax, argmax logit, lse); unrequested ones are empty.
+    ``tiles``: the launch, ``(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages)``, instead of the default
+    (benchmarks/lm_head_tilings.py compares them)."""
     lp, ent, sp2, amax, amax_val, lse = out
     N = hidden.shape[0]
     V = weight.shape[0]
     want_ent, want_sp2, want_amax = bool(ent.numel()), bool(sp2.numel()), bool(amax.numel())
     parts, aidx, aval, splits = _forward_parts(hidden, weight, bias, low_rank, labels, scale, cap, inv_t,
-                                               ignore_index, want_ent, want_sp2, want_amax)
+                                               ignore_index, want_ent, want_sp2, want_amax, tiles)
     finish_rows = 128 if on_gpu(hidden) else 16
     linear_stats_finish_kernel[(triton.cdiv(N, finish_rows),)](
         parts, aidx if want_amax else labels, aval if want_amax else parts, labels,

@@ -86,7 +86,7 @@ def live_matmul(out, a, b, live, live_dim: int, accumulate: bool, tiles=None):
     ``out`` are 0, or unchanged when accumulating) or the first ``live`` entries of the shared
     dimension (``live_dim`` 1). ``live``: a one-element integer tensor on the device. ``tiles``: the
     launch, ``(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)``, instead of the default
-    (benchmarks/live_matmul_tiles.py compares them)."""
+    (benchmarks/lm_head_tilings.py compares them)."""
     M, K = a.shape
     N = b.shape[1]
     blocks, launch = _config(a)
