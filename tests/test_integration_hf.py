@@ -357,6 +357,9 @@ def test_head_transform_table_and_refusals():
     assert head_transform(cfg("gemma2", final_logit_softcapping=30.0)) == (1.0, 30.0)
     assert head_transform(cfg("cohere", logit_scale=0.0625)) == (0.0625, None)
     assert head_transform(cfg("granite", logits_scaling=8.0)) == (0.125, None)
+    # Cohere Compass's model scales by 1 where its config leaves logit_scale None (its default)
+    assert head_transform(transformers.AutoConfig.for_model("cohere_compass_text")) == (1.0, None)
+    assert head_transform(cfg("cohere_compass_text", logit_scale=0.5)) == (0.5, None)
     assert head_transform(cfg("llama")) == (1.0, None)
     assert "gemma3_text" in HEAD_TRANSFORMS
     with pytest.raises(ValueError, match="model_type 'mystery'"):
@@ -427,7 +430,16 @@ PLAIN_ARCHS = {
     "zamba2": dict(layers_block_type=["mamba", "hybrid"], mamba_d_state=16, mamba_headdim=16, n_mamba_heads=4,
                    num_mem_blocks=1, hybrid_layer_ids=[1]),
     **{arch: MLA for arch in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa",
-                               "longcat_flash")},
+                               "longcat_flash", "axk1", "axk2", "youtu", "sarvam_mla")},
+    "dots3_note_text": dict(num_key_value_heads=4),
+    "zaya": dict(num_experts_per_tok=1),
+    # linear attention beside latent attention (Kimi-Linear, Bailing hybrid), beside indexed attention (Qwen4-Exp)
+    "kimi_linear": dict(MLA, layer_types=["linear_attention", "full_attention"], mlp_layer_types=["dense", "sparse"],
+                        num_experts_per_token=2),
+    "bailing_hybrid": dict(MLA, layer_types=["linear_attention", "full_attention"], num_experts_per_token=2,
+                           layer_group_size=2),
+    "qwen4_exp_text": dict(DELTANET, layer_types=["linear_attention", "indexed_attention"], indexer_n_heads=2,
+                           indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=4, indexer_compress_ratio=2),
     **{arch: DELTANET for arch in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")},
     "llama4_text": dict(intermediate_size_mlp=64, num_local_experts=2),
     "lfm2": dict(num_hidden_layers=2, layer_types=["conv", "full_attention"]),
@@ -457,6 +469,9 @@ TRANSFORM_ARCHS = {
     "minicpm3": (dict(MLA, dim_model_base=8), (0.25, None)),  # logits_scaling = hidden_size / dim_model_base
     "hyperclovax": (dict(logits_scaling=2.5), (2.5, None)),
     "falcon_h1": (dict(lm_head_multiplier=0.5), (0.5, None)),
+    "cohere_compass_text": (dict(logit_scale=0.4, rope_parameters={
+        layer: dict(rope_type="default", rope_theta=10000.0) for layer in ("full_attention", "sliding_attention")}),
+        (0.4, None)),
 }
 #: Vision-language models, as AutoModelForCausalLM builds them (a body with its vision tower, the language model's
 #: head) -> (the fields of a tiny text config, the transform expected): Gemma 3's forward applies no softcap
@@ -476,7 +491,8 @@ COMPOSITE_ARCHS = {
 #: rows raise. Every other listed body splits packed rows at restarting position ids.
 RECURRENT_ARCHS = {"mamba", "mamba2", "falcon_mamba", "nemotron_h", "lfm2", "qwen3_next", "qwen3_5_text",
                    "qwen3_5_moe_text", "falcon_h1", "olmo_hybrid", "lfm3", "lara_mini", "lfm2_moe", "bamba", "jamba",
-                   "zamba2", "recurrent_gemma", "qwen3_5", "qwen3_5_moe", "lfm2_vl", "minimax"}
+                   "zamba2", "recurrent_gemma", "qwen3_5", "qwen3_5_moe", "lfm2_vl", "minimax", "zaya",
+                   "kimi_linear", "bailing_hybrid", "qwen4_exp_text"}
 #: Vision-language bodies that do not split packed rows (their rotary positions and mask ignore the restarts).
 UNSPLIT_COMPOSITES = {"qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "glm46v", "paligemma", "glm_ocr", "paddleocr_vl"}
 

@@ -68,6 +68,7 @@ _PLAIN_HEAD = (
     "minicpm5_moe", "param2moe", "sarvam_moe", "apertus1p5_text", "aria_text", "minimax_m3_vl_text", "hy_v3", "hy_v4",
     "laguna", "lfm3", "iquestcoder", "ergo", "flint", "hrm_text", "kolibri1", "lara_mini", "dots1", "lfm2_moe",
     "bamba", "jamba", "zamba2", "biogpt", "cpmant", "gpt-sw3", "minimax", "xglm", "phi4_multimodal",
+    "axk1", "axk2", "youtu", "sarvam_mla", "dots3_note_text", "zaya", "kimi_linear", "bailing_hybrid", "qwen4_exp_text",
 )
 
 
@@ -89,10 +90,12 @@ def _of_text(rule):
     return lambda config: rule(config.get_text_config())
 
 
-def _scale_by(field: str, reciprocal: bool = False):
-    """The rule of a head that multiplies its logits by ``config.<field>`` (by its inverse with ``reciprocal``)."""
+def _scale_by(field: str, reciprocal: bool = False, unset: Optional[float] = None):
+    """The rule of a head that multiplies its logits by ``config.<field>`` (by its inverse with ``reciprocal``);
+    ``unset``: the scale where the field is None, for a model that then scales by it."""
     def rule(config) -> tuple[float, Optional[float]]:
-        value = float(getattr(config, field))
+        value = getattr(config, field)
+        value = float(unset if value is None and unset is not None else value)
         return (1.0 / value if reciprocal else value), None
 
     return rule
@@ -116,6 +119,7 @@ HEAD_TRANSFORMS = {
        for name in ("gemma2", "gemma3_text", "gemma3n_text", "gemma4_text", "gemma4_unified_text", "vaultgemma",
                     "nanochat")},
     **{name: _scale_by("logit_scale") for name in ("cohere", "cohere2", "cohere2_moe")},
+    "cohere_compass_text": _scale_by("logit_scale", unset=1.0),  # its model scales by 1 where the field is None
     # MiniCPM3 divides the hidden states by its logits_scaling (hidden_size / dim_model_base); its head has no bias
     **{name: _scale_by("logits_scaling", reciprocal=True)
        for name in ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granite_swa", "granitemoe_swa",
