@@ -262,9 +262,11 @@ def _config(hidden, backward=False):
     spills (the AOT gate checks it); small tiles (fast to interpret) on CPU tensors."""
     if not on_gpu(hidden):
         return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32, UPCAST=True), {}
-    block_h = 64 if hidden.element_size() == 2 else 32
-    # 128 x 128 forward tiles spill on sm_80 and sm_100, and with full-fp32 ("ieee") products on sm_90
-    if backward or target_arch() != 90 or matmul_precision(hidden) == "ieee":
+    ieee = matmul_precision(hidden) == "ieee"
+    # full-fp32 ("ieee") products run on the FMA units, whose operands spilled on sm_100 at 32 columns of H
+    block_h = 64 if hidden.element_size() == 2 else 16 if ieee else 32
+    # 128 x 128 forward tiles spill on sm_80 and sm_100, and with full-fp32 products on sm_90
+    if backward or target_arch() != 90 or ieee:
         return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=block_h, UPCAST=False), dict(num_warps=8, num_stages=3)
     return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=block_h, UPCAST=False), dict(num_warps=8, num_stages=3)
 
