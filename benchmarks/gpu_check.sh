@@ -50,16 +50,19 @@ fi
 # the wheels of .whl/ (make gpu-peers) in a folder of their own, first on every step's import path
 # (the lists of `make gpu-peers`: benchmarks/gpu_tools.txt and gpu_peers.txt, one requirement a line)
 requirements() { sed -e 's/#.*//' -e 's/[[:space:]]//g' "benchmarks/$1" | grep -v '^$'; }
+wheel_name() { printf '%s' "${1%%[=<>!~]*}" | tr 'A-Z.-' 'a-z__'; }  # a wheel file's: lower case, "_" for "-"
 peers_dir=${TMPDIR:-/tmp}/fastalign-peers
 if ls .whl/*.whl >/dev/null 2>&1; then
   rm -rf "$peers_dir"
-  # each tool with its dependencies, then each peer alone, so one that does not fit loses only itself
+  # each tool with its dependencies (those in .whl/: a machine may carry the tools itself), then each peer
+  # alone, so one that does not fit loses only itself
   for t in $(requirements gpu_tools.txt); do
+    ls .whl/"$(wheel_name "$t")"-*.whl >/dev/null 2>&1 || continue
     "$PY" -m pip install -q --no-index --find-links .whl --no-compile --target "$peers_dir" "$t" 2>/dev/null \
       || echo "gpu-check: $t does not install from .whl/ here (make gpu-peers fetches it for Python 3.12)" >&2
   done
   for p in $(requirements gpu_peers.txt); do
-    name=$(printf '%s' "${p%%[=<>!~]*}" | tr 'A-Z.-' 'a-z__')  # a wheel's file name: lower case, "_" for "-"
+    name=$(wheel_name "$p")
     for w in .whl/"$name"-*.whl; do
       [ -e "$w" ] || continue
       "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$peers_dir" "$w" 2>/dev/null \
