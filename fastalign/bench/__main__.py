@@ -222,11 +222,11 @@ def progress(total):
         return None
 
 
-#: a memory probe (a fresh interpreter building the inputs) is not started with less time left than this,
-#: beyond RESERVE_PER_CASE_S for each (case, mode) still to run: probes of a slow case must not starve
-#: the timing of the cases after it
+#: a memory probe is not started with less time left than this, beyond RESERVE_PER_CASE_S (by device type) for
+#: each (case, mode) still to run: probes of a slow case must not starve the timing of the cases after it. A
+#: CPU probe is a fresh interpreter building the inputs; a CUDA one runs the step once more in this process.
 MIN_PROBE_S = 5.0
-RESERVE_PER_CASE_S = 15.0
+RESERVE_PER_CASE_S = {"cpu": 15.0, "cuda": 6.0}
 MEMORY_OUT_OF_TIME = "the run's time budget was spent"
 
 
@@ -321,7 +321,7 @@ def run(args, env: dict = None) -> dict:
             results += measure_case(case, mode, device, repeats,
                                     core.case_budget(budget, deadline.left(), len(todo) - i),
                                     memory=not args.no_memory, deadline=deadline,
-                                    reserve_s=RESERVE_PER_CASE_S * (len(todo) - i - 1), note=note)
+                                    reserve_s=RESERVE_PER_CASE_S[device.type] * (len(todo) - i - 1), note=note)
         if bar is not None:
             bar.set_postfix_str("")
             bar.update(1)
