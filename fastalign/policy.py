@@ -19,9 +19,8 @@ def _mask_u8(mask: Tensor) -> tuple:
     other than 0 and 1, read from the same bool tensor)."""
     as_bool = mask.bool()
     fractional = _validate.binary_mask("response_mask", mask, as_bool)
-    if torch.compiler.is_compiling():  # a fused cast in the graph (inductor cannot lower every bool view)
-        return as_bool.to(torch.uint8), fractional
-    return as_bool.contiguous().view(torch.uint8), fractional  # no copy
+    # a cast, not a bool-to-uint8 view: inductor cannot lower every such view, nor vmap batch it (torch 2.11)
+    return as_bool.to(torch.uint8), fractional
 
 
 def _detached(t: Optional[Tensor]) -> Optional[Tensor]:

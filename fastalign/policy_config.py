@@ -73,16 +73,20 @@ _PAIRS = ("cispo_bounds", "sapo_tau", "vespo_k", "vespo_lambda")  # (a, b) optio
 class OptionError(ValueError):
     """The ``ValueError`` of a :class:`PolicyConfig` option's value; ``option`` names the option (``"eps_low"``),
     so a trainer profile can name its own config fields behind it without reading the message. Made by
-    :func:`option_error` (no ``__init__`` of its own: torch.compile traces the raise only without one)."""
+    :func:`option_error` as ``OptionError(message, option)``: no ``__init__`` of its own and no attribute set on
+    the instance, which torch.compile (2.11) cannot trace."""
 
-    option: str = ""
+    @property
+    def option(self) -> str:
+        return self.args[1] if len(self.args) > 1 else ""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def option_error(option: str, message: str) -> OptionError:
     """The :class:`OptionError` of ``option`` with ``message``."""
-    error = OptionError(message)
-    error.option = option
-    return error
+    return OptionError(message, option)
 
 
 def _refused(option: str, reason: str) -> OptionError:
@@ -98,7 +102,7 @@ def _option(name: str):
     except OptionError:
         raise
     except ValueError as e:
-        raise option_error(name, str(e)) from None
+        raise option_error(name, str(e))  # no "from None": torch.compile (2.11) cannot trace its setattr
 
 
 @dataclasses.dataclass(frozen=True)

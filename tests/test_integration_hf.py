@@ -4,12 +4,17 @@ Tiny randomly initialised models built from transformers config classes (no down
 The reference is the model's own forward (its logits, softcapping and logit scaling
 included), log-softmaxed in float64 and gathered at the next token.
 """
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face integration needs transformers")
+from packaging.version import Version  # noqa: E402
+
+#: the installed transformers: a model's forward (its head transform, its packed-row masks) can change between releases
+TRANSFORMERS = Version(transformers.__version__)
 
 from conftest import HAS_TRITON  # noqa: E402
 from tiny_configs import DELTANET, MLA, VISION, gemma3_vision, gemma4, gemma_layers  # noqa: E402
@@ -483,8 +488,9 @@ COMPOSITE_ARCHS = {
     **{arch: (text, (1.0, None)) for arch, (_, text) in VISION.items()},
     # the text fields of a transform, off their defaults
     "cohere2_vision": (dict(logit_scale=0.4), (1.0, None)),  # its forward ignores the text config's scale
-    "aya_vision": (dict(logit_scale=0.4), (0.4, None)),
-    "paligemma": (dict(final_logit_softcapping=3.0), (1.0, 3.0)),
+    "aya_vision": (dict(logit_scale=0.4), (0.4, None) if TRANSFORMERS >= Version("5.25") else (1.0, None)),
+    # PaliGemma's forward applies its text config's softcap from transformers 5.23, Aya Vision's scale from 5.25
+    "paligemma": (dict(final_logit_softcapping=3.0), (1.0, 3.0) if TRANSFORMERS >= Version("5.23") else (1.0, None)),
     "granite_docling": (dict(logits_scaling=4.0), (0.25, None)),  # its text model's 1 / logits_scaling
 }
 #: Listed bodies that carry a recurrent state (state-space, linear-attention or convolution layers): their packed
@@ -493,8 +499,16 @@ RECURRENT_ARCHS = {"mamba", "mamba2", "falcon_mamba", "nemotron_h", "lfm2", "qwe
                    "qwen3_5_moe_text", "falcon_h1", "olmo_hybrid", "lfm3", "lara_mini", "lfm2_moe", "bamba", "jamba",
                    "zamba2", "recurrent_gemma", "qwen3_5", "qwen3_5_moe", "lfm2_vl", "minimax", "zaya",
                    "kimi_linear", "bailing_hybrid", "qwen4_exp_text"}
+#: Bodies that split packed rows from a transformers release on (before it their causal mask ignores the restarts).
+SPLITS_PACKED_SINCE = {"falcon": "5.24", "doge": "5.18"}
 #: Vision-language bodies that do not split packed rows (their rotary positions and mask ignore the restarts).
 UNSPLIT_COMPOSITES = {"qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "glm46v", "paligemma", "glm_ocr", "paddleocr_vl"}
+
+
+def _known(arch):
+    """Skips where the installed transformers has no ``arch`` (an architecture added in a later release)."""
+    if arch not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no model_type {arch!r}")
 
 
 def _small(config) -> dict:
@@ -515,6 +529,7 @@ def _built(config, seed, model_class=transformers.AutoModelForCausalLM):
 def _auto_model(arch, seed=0, **extra):
     """A tiny model of any listed architecture from its AutoConfig: the sizes of _SMALL where its config has them,
     and ``extra``, given to the config's constructor (so the fields derived from them follow)."""
+    _known(arch)
     small = _small(transformers.AutoConfig.for_model(arch))
     return _built(transformers.AutoConfig.for_model(arch, **{**small, **extra}), seed)
 
@@ -522,6 +537,7 @@ def _auto_model(arch, seed=0, **extra):
 def _composite_model(arch, text_fields, seed=0, **extra):
     """A tiny vision-language model (its ForConditionalGeneration class): the sizes of _SMALL in its text config,
     with ``text_fields``; ``extra`` (a vision tower) given to the config's constructor."""
+    _known(arch)
     text = {**_small(transformers.AutoConfig.for_model(arch).get_text_config()), **text_fields}
     config = transformers.AutoConfig.for_model(arch, text_config=text, **extra)
     return _built(config, seed, transformers.AutoModelForImageTextToText)
@@ -540,7 +556,8 @@ def _check_own_logits_and_packed_rows(arch, model, transform):
     check(stats.entropy, ref_ent, scored, 1e-4)
     seqs, input_ids, position_ids = _packed_row([4, 5, 3])
     with torch.no_grad():
-        if arch in RECURRENT_ARCHS or arch in UNSPLIT_ARCHS or arch in UNSPLIT_COMPOSITES:
+        if arch in RECURRENT_ARCHS or arch in UNSPLIT_ARCHS or arch in UNSPLIT_COMPOSITES or (
+                TRANSFORMERS < Version(SPLITS_PACKED_SINCE.get(arch, "0"))):
             with pytest.raises(ValueError, match=f"position_ids restart .*model_type '{arch}'"):
                 causal_lm_logprobs(model, input_ids, position_ids=position_ids)
             return
@@ -965,3 +982,31 @@ def test_a_stated_transform_must_equal_a_listed_architectures_own():
         same = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, logit_scale=1.0, softcap=3.0)
         auto = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels)
     assert torch.equal(same.logprobs, auto.logprobs)
+
+
+def test_transforms_and_packed_rows_follow_the_installed_transformers(monkeypatch):
+    """PaliGemma's forward applies its text config's softcap from transformers 5.23 on, and Falcon's body splits
+    packed rows from 5.24 on (each checked against those releases' own logits): with an older release the
+    softcap is not applied and Falcon's packed rows raise, naming the release."""
+    from fastalign.integrations import hf
+
+    paligemma = transformers.AutoConfig.for_model("paligemma", text_config=dict(final_logit_softcapping=3.0))
+    falcon = _auto_model("falcon")
+    seqs, input_ids, position_ids = _packed_row([4, 5, 3])
+    installed = sys.modules["transformers"]  # what an import finds (transformers may rebind it after its first import)
+    monkeypatch.setattr(installed, "__version__", "5.22.0")
+    hf._transformers_at_least.cache_clear()
+    try:
+        assert head_transform(paligemma) == (1.0, None)
+        with pytest.raises(ValueError, match=r"model_type 'falcon' .* before transformers 5\.24 \(this is 5\.22\.0\)"):
+            causal_lm_logprobs(falcon, input_ids, position_ids=position_ids)
+        monkeypatch.setattr(installed, "__version__", "5.24.0")
+        hf._transformers_at_least.cache_clear()
+        assert head_transform(paligemma) == (1.0, 3.0)
+        with torch.no_grad():
+            got = causal_lm_logprobs(falcon, input_ids, position_ids=position_ids).logprobs
+        if TRANSFORMERS >= Version("5.24"):  # the installed release's body splits them: each sequence as alone
+            torch.testing.assert_close(got.double(), _separately(falcon, seqs), atol=1e-4, rtol=0)
+    finally:
+        monkeypatch.undo()
+        hf._transformers_at_least.cache_clear()

@@ -101,6 +101,21 @@ def _scale_by(field: str, reciprocal: bool = False, unset: Optional[float] = Non
     return rule
 
 
+@functools.lru_cache(maxsize=None)
+def _transformers_at_least(version: str) -> bool:
+    """Whether the installed ``transformers`` is ``version`` or newer."""
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__) >= Version(version)
+
+
+def _since(version: str, rule, before=_plain):
+    """``rule`` with ``transformers`` ``version`` or newer, ``before`` with an older one: the model's forward began
+    to apply the transform in that release (checked against each release's own logits)."""
+    return lambda config: rule(config) if _transformers_at_least(version) else before(config)
+
+
 def _mpt(config) -> Optional[tuple[float, Optional[float]]]:
     """transformers' ``MptForCausalLM`` ignores ``config.logit_scale`` (its logits are ``lm_head(h)``): a plain
     head for its ``MptConfig``, whatever that field says. MosaicML's original MPT code (``trust_remote_code``:
@@ -137,8 +152,10 @@ HEAD_TRANSFORMS = {
                                  "lfm2_vl", "vipllava", "llava_next_video", "video_llava", "idefics2", "aria",
                                  "mllama", "ovis2", "deepseek_vl", "llava_onevision1_5", "lighton_ocr", "fuyu",
                                  "got_ocr2", "glm_ocr", "paddleocr_vl", "kimi_k25")},
-    **{name: _of_text(_softcap_by("final_logit_softcapping")) for name in ("gemma4", "gemma4_unified", "paligemma")},
-    "aya_vision": _of_text(_scale_by("logit_scale")),
+    **{name: _of_text(_softcap_by("final_logit_softcapping")) for name in ("gemma4", "gemma4_unified")},
+    # PaliGemma's forward applies its text config's softcap from transformers 5.23, Aya Vision's its scale from 5.25
+    "paligemma": _since("5.23", _of_text(_softcap_by("final_logit_softcapping"))),
+    "aya_vision": _since("5.25", _of_text(_scale_by("logit_scale"))),
     "granite_docling": _of_text(_scale_by("logits_scaling", reciprocal=True)),
 }
 
@@ -159,6 +176,9 @@ _UNSET = object()
 #: (and of any body that takes no ``position_ids`` or carries a recurrent state, :func:`_unsplit_packing`) raise.
 _UNSPLIT_PACKED = ("opt", "gpt_oss", "afmoe", "openai-gpt", "qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "glm46v",
                    "paligemma", "glm_ocr", "paddleocr_vl", "biogpt", "xglm")
+#: ``model_type`` -> the ``transformers`` release from which its body splits packed rows (older ones build the
+#: causal mask without the restarts: Falcon's attention went causal without a mask, Doge's dynamic mask dropped it)
+_SPLITS_PACKED_SINCE = {"falcon": "5.24", "doge": "5.18"}
 
 
 def known_head_transform(config) -> Optional[tuple[float, Optional[float]]]:
@@ -304,9 +324,14 @@ def _unsplit_packing(model) -> Optional[str]:
     if _is_recurrent(model, body):
         return (f"the body of model_type {model_type!r} carries its recurrent (state-space) state from one packed "
                 "sequence into the next")
-    if model_type in _UNSPLIT_PACKED or not _takes_position_ids(type(body)):
+    since = _SPLITS_PACKED_SINCE.get(model_type)
+    if model_type in _UNSPLIT_PACKED or not _takes_position_ids(type(body)) or (
+            since is not None and not _transformers_at_least(since)):
+        import transformers
+
+        newer = "" if since is None else f" before transformers {since} (this is {transformers.__version__})"
         return (f"the transformers body of model_type {model_type!r} builds its causal mask without the position "
-                "ids, so each packed sequence would attend to the ones before it")
+                f"ids{newer}, so each packed sequence would attend to the ones before it")
     return None
 
 
