@@ -271,6 +271,16 @@ def _config(hidden, backward=False):
     return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=block_h, UPCAST=False), dict(num_warps=8, num_stages=3)
 
 
+def tiled(config: tuple, tiles, names: tuple) -> tuple:
+    """A launcher's ``(blocks, launch)`` ``config`` with ``tiles`` instead, ``(*sizes, num_warps, num_stages)``:
+    the block sizes named ``names`` in order (None: ``config`` as it is)."""
+    blocks, launch = config
+    if tiles is None:
+        return blocks, launch
+    *sizes, warps, stages = tiles
+    return {**blocks, **dict(zip(names, sizes, strict=True))}, dict(num_warps=warps, num_stages=stages)
+
+
 def matmul_precision(hidden) -> str:
     """``tl.dot`` precision: TF32 for fp32 inputs on a GPU unless ``FASTALIGN_FP32_MATMUL=ieee``."""
     if hidden.element_size() != 4 or not on_gpu(hidden):
@@ -298,11 +308,7 @@ def _forward_parts(hidden, weight, bias, low_rank, labels, scale, cap, inv_t, ig
 
     N, H = hidden.shape
     V = weight.shape[0]
-    blocks, launch = _config(hidden)
-    if tiles is not None:
-        bn, bv, bh, warps, stages = tiles
-        blocks.update(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh)
-        launch = dict(num_warps=warps, num_stages=stages)
+    blocks, launch = tiled(_config(hidden), tiles, ("BLOCK_N", "BLOCK_V", "BLOCK_H"))
     bn, bv = blocks["BLOCK_N"], blocks["BLOCK_V"]
     v_blocks = triton.cdiv(V, bv)
     token_blocks = triton.cdiv(N, bn)

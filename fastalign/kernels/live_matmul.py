@@ -20,7 +20,7 @@ so the result is deterministic.
 import triton
 import triton.language as tl
 
-from fastalign.kernels.linear_stats import matmul_precision, on_gpu, target_arch
+from fastalign.kernels.linear_stats import matmul_precision, on_gpu, target_arch, tiled
 
 
 @triton.jit
@@ -89,11 +89,7 @@ def live_matmul(out, a, b, live, live_dim: int, accumulate: bool, tiles=None):
     (benchmarks/lm_head_tilings.py compares them)."""
     M, K = a.shape
     N = b.shape[1]
-    blocks, launch = _config(a)
-    if tiles is not None:
-        bm, bn, bk, group, warps, stages = tiles
-        blocks.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group)
-        launch = dict(num_warps=warps, num_stages=stages)
+    blocks, launch = tiled(_config(a), tiles, ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
     grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(N, blocks["BLOCK_N"]),)
     live_matmul_kernel[grid](
         a, b, out, live, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
