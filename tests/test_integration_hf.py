@@ -107,6 +107,36 @@ def test_response_mask_temperature_and_head_bias():
     check(stats.entropy, ref_ent, scored, 1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_shift_labels_score_every_position_as_given(arch):
+    """Pre-shifted labels: entry t scores shift_labels[:, t] from position t's own logits, [B, T] (the last position
+    included), 0 and no gradient where the label is -100 or position t is padding; gradients as through the model's
+    logits."""
+    model = tiny_model(arch)
+    input_ids, attention_mask, _ = batch(seed=6)
+    g = torch.Generator().manual_seed(7)
+    shift_labels = torch.randint(0, V, input_ids.shape, generator=g)  # not the next input ids
+    shift_labels[:, :3] = -100
+    scored = (shift_labels != -100) & attention_mask.bool()
+    assert scored[:, -1].any() and (~scored[:, -1]).any()
+    stats = causal_lm_logprobs(model, input_ids, attention_mask, shift_labels=shift_labels, temperature=0.8,
+                               entropy=True)
+    logp = torch.log_softmax(model(input_ids=input_ids, attention_mask=attention_mask).logits.double() / 0.8, -1)
+    ref_lp = logp.gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    assert stats.logprobs.shape == input_ids.shape
+    check(stats.logprobs, ref_lp, scored, 1e-5)
+    check(stats.entropy, -(logp.exp() * logp).sum(-1), scored, 1e-5)
+    weights = torch.randn(input_ids.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((stats.logprobs.double() * weights).sum(), list(model.parameters()), allow_unused=True)
+    want = torch.autograd.grad((torch.where(scored, ref_lp, 0.0) * weights).sum(), list(model.parameters()),
+                               allow_unused=True)
+    for a, b in zip(got, want):
+        if b is None:
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, b.to(a.dtype), atol=1e-5, rtol=1e-4)
+
+
 def test_sum_p2_and_argmax_of_unscored_entries():
     """Unscored entries are 0 for every statistic and -1 for argmax (it was the padding position's own argmax);
     scored entries are the model's own sum p^2 and argmax."""
@@ -372,8 +402,14 @@ def test_head_transform_table_and_refusals():
 
     model = tiny_model("llama")
     ids = torch.randint(1, V, (1, 6))
-    with pytest.raises(ValueError, match="labels or response_mask"):
-        causal_lm_logprobs(model, ids, labels=ids, response_mask=torch.ones_like(ids))
+    for given in (dict(labels=ids, response_mask=torch.ones_like(ids)), dict(labels=ids, shift_labels=ids),
+                  dict(response_mask=torch.ones_like(ids), shift_labels=ids)):
+        with pytest.raises(ValueError, match="one of labels, response_mask and shift_labels"):
+            causal_lm_logprobs(model, ids, **given)
+    with pytest.raises(ValueError, match="shift_labels must have the shape"):
+        causal_lm_logprobs(model, ids, shift_labels=ids[:, 1:])
+    with pytest.raises(TypeError, match="shift_labels"):
+        causal_lm_logprobs(model, ids, shift_labels=ids.float())
     with pytest.raises(ValueError, match="attention_mask"):
         causal_lm_logprobs(model, ids, torch.ones(1, 5))
     with pytest.raises(ValueError, match="both or neither"):

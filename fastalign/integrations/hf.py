@@ -589,6 +589,23 @@ def next_token_targets(input_ids: Tensor, *, labels: Optional[Tensor] = None, re
     return torch.where(scored, targets, torch.full_like(targets, ignore_index))
 
 
+def shifted_targets(shift_labels: Tensor, *, attention_mask: Optional[Tensor] = None,
+                    past_end: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
+    """``[B, T]``: the pre-shifted ``shift_labels`` (entry ``t`` predicted by position ``t``), ``ignore_index``
+    where position ``t`` is padding (``attention_mask[:, t]`` 0, or ``past_end[:, t]``). On device, no host sync."""
+    _validate.integer("shift_labels", shift_labels, dim=2)
+    ignore_index = _validate.index_value("ignore_index", ignore_index)
+    dev = dict(device=shift_labels.device, device_of="shift_labels")
+    _validate.like(tuple(shift_labels.shape), "shift_labels.shape", kind="real", **dev,
+                   attention_mask=attention_mask, past_end=past_end)
+    scored = shift_labels != ignore_index
+    if attention_mask is not None:
+        scored = scored & attention_mask.bool()
+    if past_end is not None:
+        scored = scored & ~past_end
+    return torch.where(scored, shift_labels, torch.full_like(shift_labels, ignore_index))
+
+
 def causal_lm_logprobs(
     model,
     input_ids: Tensor,
@@ -596,6 +613,7 @@ def causal_lm_logprobs(
     *,
     labels: Optional[Tensor] = None,
     response_mask: Optional[Tensor] = None,
+    shift_labels: Optional[Tensor] = None,
     position_ids: Optional[Tensor] = None,
     cu_seqlens: Optional[Tensor] = None,
     temperature: float = 1.0,
@@ -619,7 +637,8 @@ def causal_lm_logprobs(
     .. math:: \log p(y_{t+1} \mid x_{\le t}) = z_{t, y_{t+1}} - \log \sum_j e^{z_{t,j}},
         \qquad \text{entropy}_t = \log \sum_j e^{z_{t,j}} - \sum_j p_{t,j} z_{t,j}
 
-    for ``t < T - 1`` (shape ``[B, T-1]``), where ``y = labels`` if given, else ``input_ids``.
+    for ``t < T - 1`` (shape ``[B, T-1]``), where ``y = labels`` if given, else ``input_ids``
+    (``y_{t+1} = shift_labels[:, t]`` for every ``t < T``, shape ``[B, T]``, with ``shift_labels``).
     Entry ``t`` is scored when ``y_{t+1} != ignore_index``, ``response_mask[:, t+1]`` (if
     given), ``attention_mask[:, t+1]`` (if given) and, for packed rows, ``position_ids[:, t+1]
     != 0`` (the next token starts another sequence). Unscored entries are 0 for every
@@ -635,6 +654,13 @@ def causal_lm_logprobs(
             (shifted inside): ``ignore_index`` marks unscored tokens.
         response_mask: ``[B, T]`` nonzero at tokens to score (e.g. response tokens);
             exclusive with ``labels``.
+        shift_labels: ``[B, T]`` the token each position predicts, already shifted: entry ``t``
+            scores ``shift_labels[:, t]`` (``ignore_index``: unscored), and the statistics are
+            ``[B, T]``, the last position's included. For rows whose next tokens are not the next
+            input ids: a prefix tree of samples (TRL's ``AsyncGRPOTrainer`` packs its rollouts so),
+            a context-parallel shard. Exclusive with ``labels`` and ``response_mask``; the
+            packed-row rule of ``position_ids`` does not apply (the labels say what is scored);
+            ``attention_mask[:, t]`` (and padding past ``cu_seqlens[-1]``) unscores entry ``t``.
         position_ids: ``[B, T]`` passed to the model; a packed row restarts at 0 at each
             sequence; with ``attention_mask=None`` ``transformers`` then attends within each
             sequence only (with an attention mask it does not split packed rows). A body that
@@ -707,7 +733,8 @@ def causal_lm_logprobs(
     ``task_ids=``. Prompt learning, X-LoRA and ShadowPEFT (set up outside the body) raise a ValueError.
 
     Returns:
-        :class:`fastalign.TokenStats` with ``[B, T-1]`` fp32 ``logprobs`` (and ``entropy``).
+        :class:`fastalign.TokenStats` with ``[B, T-1]`` fp32 ``logprobs`` (and ``entropy``); ``[B, T]`` with
+        ``shift_labels``.
     """
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a [batch, tokens] tensor")
@@ -715,11 +742,12 @@ def causal_lm_logprobs(
         raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
     if input_ids.shape[1] < 2:
         raise ValueError(f"input_ids needs at least 2 tokens per row (one prediction), got {input_ids.shape[1]}")
-    if labels is not None and response_mask is not None:
-        raise ValueError("pass labels or response_mask, not both")
+    if sum(x is not None for x in (labels, response_mask, shift_labels)) > 1:
+        raise ValueError("pass one of labels, response_mask and shift_labels")
     shape = input_ids.shape
     attention_mask = _aligned("attention_mask", attention_mask, shape)
     labels = _aligned("labels", labels, shape)
+    shift_labels = _aligned("shift_labels", shift_labels, shape)
     response_mask = _aligned("response_mask", response_mask, shape)
     position_ids = _aligned("position_ids", position_ids, shape)
     malformed = past_end = None
@@ -751,9 +779,14 @@ def causal_lm_logprobs(
                              f"{known} that model_type {model.config.model_type!r} applies (read from its "
                              "config); leave them out")
 
-    targets = next_token_targets(input_ids, labels=labels, response_mask=response_mask,
-                                 attention_mask=attention_mask, position_ids=position_ids, past_end=past_end,
-                                 ignore_index=ignore_index)
+    if shift_labels is None:
+        targets = next_token_targets(input_ids, labels=labels, response_mask=response_mask,
+                                     attention_mask=attention_mask, position_ids=position_ids, past_end=past_end,
+                                     ignore_index=ignore_index)
+    else:
+        targets = shifted_targets(shift_labels, attention_mask=attention_mask, past_end=past_end,
+                                  ignore_index=ignore_index)
+    predicting = slice(None) if shift_labels is not None else slice(None, -1)  # the positions that predict
 
     hidden, weight, bias, low_rank = head_operands(model, input_ids, attention_mask, position_ids=position_ids,
                                                    head_dtype=head_dtype, **model_kwargs)
@@ -761,10 +794,10 @@ def causal_lm_logprobs(
     if on_head is not None:  # the head's operands at every position, for statistics beside the log-probs
         on_head(hidden, weight, bias, low_rank)
     with torch.autocast(device_type, enabled=False):
-        stats = linear_logprobs(hidden[:, :-1], weight, targets, bias=bias, temperature=temperature,
+        stats = linear_logprobs(hidden[:, predicting], weight, targets, bias=bias, temperature=temperature,
                                 softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index,
                                 entropy=entropy, sum_p2=sum_p2, argmax=argmax,
-                                low_rank=None if low_rank is None else (low_rank[0][:, :-1], low_rank[1]))
+                                low_rank=None if low_rank is None else (low_rank[0][:, predicting], low_rank[1]))
     if argmax:  # linear_logprobs gives every row's argmax: -1 where unscored, as the other statistics are 0
         stats = stats._replace(argmax=torch.where(targets != ignore_index, stats.argmax, -1))
     if malformed is not None:  # offsets not read on the host: NaN statistics, never wrong ones

@@ -21,6 +21,7 @@ Drop-in trainers, subclasses of TRL's with the same constructor and config class
     from fastalign.integrations.trl import A2POTrainer   # was: from trl.experimental.a2po import A2POTrainer
     from fastalign.integrations.trl import IWOPDTrainer   # was: from trl.experimental.iw_opd import IWOPDTrainer
     from fastalign.integrations.trl import SDPOTrainer, SDFTTrainer   # was: from trl.experimental.sdpo / .sdft
+    from fastalign.integrations.trl import AsyncGRPOTrainer   # was: from trl.experimental.async_grpo import ...
 
 They are loaded on first access, so importing this package does not import ``trl``.
 """
@@ -44,7 +45,7 @@ _TRAINERS = {"SFTTrainer": "sft_trainer", "GRPOTrainer": "grpo_trainer", "RLOOTr
              "GOLDTrainer": "gold_trainer",
              "OnlineDPOTrainer": "online_dpo_trainer", "A2POTrainer": "a2po_trainer",
              "IWOPDTrainer": "iw_opd_trainer", "SDPOTrainer": "self_distillation_trainer",
-             "SDFTTrainer": "self_distillation_trainer"}
+             "SDFTTrainer": "self_distillation_trainer", "AsyncGRPOTrainer": "async_grpo_trainer"}
 
 
 def __getattr__(name):

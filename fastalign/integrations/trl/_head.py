@@ -54,7 +54,8 @@ def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], lab
     r"""TRL's fused-head statistics of ``model`` from its hidden states, never its logits.
 
     With ``z_t = head(h_t) / temperature`` (the model's head transform included), entry ``t``
-    scores ``labels[:, t+1]`` (``-100``: unscored): ``log_probs = z_{y} - logsumexp(z)`` and
+    scores ``labels[:, t+1]`` (``-100``: unscored; ``[B, T]`` of ``shift_labels[:, t]`` with the pre-shifted
+    ``shift_labels=`` instead): ``log_probs = z_{y} - logsumexp(z)`` and
     ``entropy = logsumexp(z) - Σ_j p_j z_j``. A loss that goes through the head itself asks for
     ``operands`` (:func:`head_policy_loss`, :func:`head_separable_loss`). ``head_dtype``: the dtype the head
     runs in, whatever the body's (``torch.float32``: TRL's ``cast_lm_head_to_fp32``).
@@ -70,8 +71,8 @@ def head_outputs(model, input_ids: Tensor, attention_mask: Optional[Tensor], lab
             raise ValueError("fastalign_head: 'operands' is asked alone (the head's operands, no statistics)")
         operands = head_operands(model, input_ids, attention_mask, head_dtype=head_dtype, **model_kwargs)
         return HeadOutputs(log_probs=None, operands=operands, aux_loss=aux[0] if aux else None)
-    if labels is None:
-        raise ValueError("fastalign_head: the statistics score labels; pass labels=")
+    if labels is None and model_kwargs.get("shift_labels") is None:
+        raise ValueError("fastalign_head: the statistics score labels; pass labels= (or shift_labels=)")
     stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, temperature=temperature,
                                entropy="entropy" in fields, head_dtype=head_dtype, **model_kwargs)
     return HeadOutputs(log_probs=stats.logprobs, entropy=stats.entropy, aux_loss=aux[0] if aux else None)
