@@ -174,7 +174,7 @@ class _NoSync:
         pass
 
 
-def _run(trainer_class, checkpoint, tmp_path, samples, **config):
+def _run(trainer_class, checkpoint, tmp_path, samples, peft_config=None, **config):
     """``(logs, before, after)`` of ``train()``: the logged values (time and throughput left out) and the trainable
     parameters before and after."""
     args = async_grpo.AsyncGRPOConfig(**{**dict(
@@ -184,7 +184,7 @@ def _run(trainer_class, checkpoint, tmp_path, samples, **config):
     dataset = datasets.Dataset.from_dict({"prompt": ["w1 w2"] * 4})  # the prompts the stubbed worker would sample
     trainer = trainer_class(checkpoint, args=args, train_dataset=dataset,
                             processing_class=transformers.PreTrainedTokenizerFast.from_pretrained(checkpoint),
-                            rollout_worker=_Rollouts(samples), weight_transfer=_NoSync())
+                            rollout_worker=_Rollouts(samples), weight_transfer=_NoSync(), peft_config=peft_config)
     before = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
     trainer.train()
     logs = [{k: v for k, v in log.items() if not (k.startswith("perf/") or k.endswith("_s") or "time" in k)}
@@ -202,6 +202,13 @@ def test_async_grpo_drop_in_matches_trl(checkpoint, tmp_path, config):
     """The same logged metrics (ratio, kl, entropy, clip ratios, batch and sample accounting) and the same parameter
     update as TRL's trainer after two optimizer steps on the same rollouts."""
     _compare_runs(checkpoint, tmp_path, config)
+
+
+def test_async_grpo_lora_matches_trl(checkpoint, tmp_path):
+    """A LoRA adapter on the body's attention (TRL refuses one on the head): the same metrics and adapter update."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    _compare_runs(checkpoint, tmp_path, dict(peft_config=lora))
 
 
 def test_async_grpo_moe_load_balancing_loss_matches_trl(moe_checkpoint, tmp_path):
