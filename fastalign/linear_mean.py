@@ -13,7 +13,7 @@ from torch import Tensor
 
 from fastalign import _backend, _dtensor, _validate
 from fastalign.linear import _low_rank, check_head, check_logit_options
-from fastalign.ops.mean_logits import softcapped_mean_logits
+from fastalign.ops.mean_logits import SoftcappedMeanLogits
 
 __all__ = ["linear_mean_logits"]
 
@@ -21,7 +21,7 @@ __all__ = ["linear_mean_logits"]
 def linear_mean_logits(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor] = None, low_rank=None,
                        logit_scale: float = 1.0, softcap: Optional[float] = None,
                        response_mask: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
-    r"""Mean logit of the head at each position, ``[...]`` fp32, without gradient (a metric).
+    r"""Mean logit of the head at each position, ``[...]`` fp32, differentiable.
 
     With the logit pipeline of :func:`fastalign.linear_logprobs` at temperature 1::
 
@@ -32,7 +32,10 @@ def linear_mean_logits(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor]
     Without softcapping the mean is linear in the hidden states,
     ``logit_scale (hidden . mean_j W_j + a . mean_j L_j + mean_j b_j)``: one ``H``-vector, no vocabulary pass.
     A softcapped head has no such form: its rows go through the vocabulary, a block of rows of the
-    ``FASTALIGN_BLOCK_MIB`` budget at a time (never ``tokens x V``).
+    ``FASTALIGN_BLOCK_MIB`` budget at a time (never ``tokens x V``), and its gradient,
+    ``d mean / d u_j = (logit_scale / V) (1 - (z_j / softcap)^2)``, takes a second such pass (the logits
+    recomputed). Gradients reach ``hidden``, ``weight``, ``bias`` and both factors of ``low_rank``; a label-smoothing
+    term ``-(1/V) sum_j log p_j = logsumexp(z) - mean`` is one use.
 
     Args:
         hidden: ``[..., H]`` float32/bfloat16/float16. A DTensor (and ``weight``, ``bias``) is gathered.
@@ -57,17 +60,20 @@ def linear_mean_logits(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor]
     _validate.like(lead, "like hidden.shape[:-1]", kind="real", device=hidden.device, device_of="hidden",
                    response_mask=response_mask)
     keep = None if response_mask is None else response_mask.reshape(-1) != 0
-    with torch.no_grad():
-        if not cap:  # linear in h: the means accumulate in fp32 without an fp32 copy of the [V, H] head
-            mean = hidden.float() @ weight.mean(0, dtype=torch.float32)
-            if a is not None:
-                mean = mean + a.float() @ lora.mean(0, dtype=torch.float32)
-            if bias is not None:
-                mean = mean + bias.mean(dtype=torch.float32)
-            mean = (mean * scale).reshape(-1)
-            mean = mean if keep is None else torch.where(keep, mean, 0.0)
-        else:
-            mean = softcapped_mean_logits(
-                hidden.reshape(-1, hidden.shape[-1]), weight, bias, None if a is None else a.reshape(-1, a.shape[-1]),
-                lora, scale, cap, keep, _backend.resolve(hidden.device, backend))
+    if not cap:  # linear in h: the means accumulate in fp32 without an fp32 copy of the [V, H] head
+        def rows(t):  # the rows asked for; the others 0, so that they reach no gradient even where not finite
+            t = t.reshape(-1, t.shape[-1]).float()
+            return t if keep is None else torch.where(keep[:, None], t, 0.0)
+
+        mean = rows(hidden) @ weight.mean(0, dtype=torch.float32)
+        if a is not None:
+            mean = mean + rows(a) @ lora.mean(0, dtype=torch.float32)
+        if bias is not None:
+            mean = mean + bias.mean(dtype=torch.float32)
+        mean = (mean * scale).reshape(-1)
+        mean = mean if keep is None else torch.where(keep, mean, 0.0)
+    else:
+        mean = SoftcappedMeanLogits.apply(
+            hidden.reshape(-1, hidden.shape[-1]), weight, bias, None if a is None else a.reshape(-1, a.shape[-1]),
+            lora, scale, cap, keep, _backend.resolve(hidden.device, backend))
     return mean.reshape(lead)

@@ -468,6 +468,32 @@ def test_gpu_linear_low_rank_bf16_at_full_vocabulary():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("compaction", ["1", "0"])
+def test_gpu_softcapped_mean_logits_gradients_bf16_at_full_vocabulary(compaction, monkeypatch):
+    """A softcapped head's mean logit (Gemma's cap of 30, logit_scale 2) and its gradients, half the rows outside
+    the mask with NaN hidden states, blocks of 128 rows (the bounded products, or every row through cuBLAS):
+    within bf16 rounding of float64."""
+    monkeypatch.setenv("FASTALIGN_DEVICE_COMPACTION", compaction)
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", str(128 * 151936 * 2 / 2 ** 20))
+    N, H, V = 1024, 256, 151936
+    g = torch.Generator(device="cuda").manual_seed(6)
+    h, w = _bf16_head(g, (N,), H, V)
+    keep = torch.rand(N, device="cuda", generator=g) < 0.5
+    h = h.masked_fill(~keep[:, None], float("nan"))
+    weights = torch.randn(N, device="cuda", generator=g, dtype=torch.float64)
+    hg, wg = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    got = fastalign.linear_mean_logits(hg, wg, logit_scale=2.0, softcap=30.0, response_mask=keep)
+    (got.double() * weights).sum().backward()
+    hd, wd = h.double().nan_to_num(0.0).requires_grad_(True), w.double().requires_grad_(True)
+    want = torch.where(keep, (30.0 * torch.tanh(2.0 * (hd @ wd.T) / 30.0)).mean(-1), 0.0)
+    (want * weights).sum().backward()
+    assert_close(got, want, atol=2e-3, what="mean logits")
+    assert torch.isfinite(hg.grad).all() and not hg.grad[~keep].any()
+    assert _rel_err(hg.grad, hd.grad) < 1e-2
+    assert _rel_err(wg.grad, wd.grad) < 1e-2
+
+
+@pytest.mark.gpu
 def test_gpu_device_compaction_bf16_at_full_vocabulary(monkeypatch):
     """Half of every sequence an unscored prompt whose hidden states are NaN: the compiled bounded
     products (two passes with one chunk and with eight; LinearPolicyLoss's single pass) give the

@@ -180,6 +180,8 @@ CASES = {
     "z_loss_sum_scaled": dict(lse_square_scale=0.05, return_z_loss=True, reduction="sum", use_token_scaling=True),
     "z_loss_reported_at_zero_scale": dict(return_z_loss=True, reduction="none"),
     "softcap": dict(softcap=2.5, lse_square_scale=0.02, return_z_loss=True),
+    "softcap_smoothing": dict(softcap=2.5, label_smoothing=0.2),
+    "softcap_smoothing_none_z": dict(softcap=3.0, label_smoothing=0.3, lse_square_scale=0.02, reduction="none"),
     "token_scaling": dict(use_token_scaling=True),
     "ce_weight": dict(ce_weight="w"),
     "ce_weight_smoothing_z": dict(ce_weight="w", label_smoothing=0.3, lse_square_scale=0.05, return_z_loss=True),
@@ -214,7 +216,8 @@ def test_matches_liger_and_float64_reference(case, bias, liger_interpreter):
     _compare(fa, ref, atol=2e-6, rtol=1e-5, what=f"{case} vs float64", dtypes=False)
 
 
-@pytest.mark.parametrize("case", ["mean", "none", "label_smoothing", "z_loss", "softcap", "ce_weight_smoothing_z",
+@pytest.mark.parametrize("case", ["mean", "none", "label_smoothing", "z_loss", "softcap", "softcap_smoothing",
+                                  "ce_weight_smoothing_z",
                                   "everything"])
 def test_bf16_matches_liger(case, liger_interpreter):
     """bf16 hidden states and head: Liger rounds the logits to bf16 before its fp32 softmax (fastalign keeps them
@@ -374,7 +377,7 @@ def test_second_backward_through_a_retained_graph():
 
 
 @pytest.mark.parametrize("opts, err, word", [
-    (dict(label_smoothing=0.1, softcap=2.0), ValueError, "label_smoothing"),
+    (dict(label_smoothing=0.1, softcap=2.0, ce_weight=torch.ones(V)), ValueError, "label_smoothing"),
     (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
     (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
     (dict(reduction="avg"), ValueError, "reduction"),
@@ -394,7 +397,7 @@ def test_second_backward_through_a_retained_graph():
 def test_refused_options_raise_at_construction_and_assignment(opts, err, word):
     with pytest.raises(err, match=word):
         LigerFusedLinearCrossEntropyLoss(**opts)
-    base = {k: v for k, v in opts.items() if len(opts) > 1 and k == "softcap"}  # the pair: softcap first
+    base = {k: v for k, v in opts.items() if len(opts) > 1 and k in ("softcap", "ce_weight")}  # smoothing last
     module = LigerFusedLinearCrossEntropyLoss(**base)
     before = {k: getattr(module, k) for k in module.OPTIONS}
     name, value = next((k, v) for k, v in opts.items() if k not in base)
@@ -403,11 +406,12 @@ def test_refused_options_raise_at_construction_and_assignment(opts, err, word):
     assert {k: getattr(module, k) for k in module.OPTIONS} == before, "a refused assignment changed the module"
 
 
-def test_softcap_assigned_to_a_smoothed_loss_raises():
-    module = LigerFusedLinearCrossEntropyLoss(label_smoothing=0.1)
+def test_softcap_assigned_to_a_smoothed_class_weighted_loss_raises():
+    module = LigerFusedLinearCrossEntropyLoss(label_smoothing=0.1, ce_weight=_class_weights())
     with pytest.raises(ValueError, match="label_smoothing"):
         module.softcap = 2.0
     assert module.softcap is None
+    LigerFusedLinearCrossEntropyLoss(label_smoothing=0.1).softcap = 2.0  # without class weights it applies
 
 
 def test_call_errors_name_liger_arguments():

@@ -1,6 +1,7 @@
 """linear_mean_logits: the head's mean logit at each position against a float64 reference (linear and softcapped
-heads, bias, LoRA term, response mask on every backend, one block or many, bf16), without gradient; bad inputs
-raise naming the argument."""
+heads, bias, LoRA term, response mask on every backend, one block or many, bf16), its gradients (of every operand,
+a softcapped head's through a second vocabulary pass, the masked rows and NaN rows of other positions giving
+none); bad inputs raise naming the argument."""
 import pytest
 import torch
 
@@ -69,12 +70,59 @@ def test_bf16_inputs(softcap):
     torch.testing.assert_close(got.double(), torch.where(mask, want, 0.0), rtol=2e-2, atol=2e-2)
 
 
-def test_no_gradient_and_nan_propagates():
-    hidden, weight, bias, _, _ = _inputs()
+def _grads(out, weights, tensors):
+    return torch.autograd.grad((out.double() * weights).sum(), tensors, allow_unused=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["linear", "softcap"])
+@pytest.mark.parametrize("blocks", ["one", "per-row", "per-row-uncompacted"])
+def test_gradients_match_reference(backend, softcap, blocks, monkeypatch):
+    """d/d(hidden, weight, bias, a, L) of a weighted sum of the masked means, against float64 autograd; one block
+    or a block per row (the backward's blocks too; with FASTALIGN_DEVICE_COMPACTION=0 every row multiplied), the
+    rows outside the mask with NaN hidden states."""
+    if blocks != "one":
+        monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "1e-6")
+    monkeypatch.setenv("FASTALIGN_DEVICE_COMPACTION", "0" if blocks == "per-row-uncompacted" else "1")
+    hidden, weight, bias, (a, lora), mask = _inputs(seed=2)
+    hidden[~mask] = float("nan")  # rows not asked for: nothing of theirs reaches a gradient
+    a[~mask] = float("nan")
+    tensors = [t.clone().requires_grad_(True) for t in (hidden, weight, bias, a, lora)]
+    weights = torch.randn(3, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = fa.linear_mean_logits(tensors[0], tensors[1], bias=tensors[2], low_rank=(tensors[3], tensors[4]),
+                                logit_scale=0.5, softcap=softcap, response_mask=mask, backend=backend)
+    got_grads = _grads(got, weights, tensors)
+    ref = [t.detach().double().nan_to_num(0.0).requires_grad_(True) for t in (hidden, weight, bias, a, lora)]
+    want = torch.where(mask, _reference(ref[0], ref[1], ref[2], (ref[3], ref[4]), 0.5, softcap), 0.0)
+    for name, g, w in zip(("hidden", "weight", "bias", "a", "lora"), got_grads, _grads(want, weights, ref)):
+        assert g.dtype == torch.float32, name
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["linear", "softcap"])
+def test_bf16_gradients(softcap):
+    """bf16 operands: gradients in bf16, from fp32 accumulation, within bf16 rounding of float64."""
+    hidden, weight, bias, _, mask = _inputs(torch.bfloat16, seed=4)
+    tensors = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    weights = torch.randn(3, 7, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    got = fa.linear_mean_logits(*tensors[:2], bias=tensors[2], softcap=softcap, response_mask=mask)
+    ref = [t.detach().double().requires_grad_(True) for t in (hidden, weight, bias)]
+    want = torch.where(mask, _reference(ref[0], ref[1], ref[2], None, 1.0, softcap), 0.0)
+    for g, w in zip(_grads(got, weights, tensors), _grads(want, weights, ref)):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.double(), w, rtol=3e-2, atol=3e-2)
+
+
+def test_no_second_derivative_of_a_softcapped_mean():
+    hidden, weight, _, _, _ = _inputs()
     hidden.requires_grad_(True)
-    weight.requires_grad_(True)
-    for softcap in (None, 2.0):
-        assert not fa.linear_mean_logits(hidden, weight, bias=bias, softcap=softcap).requires_grad
+    got = fa.linear_mean_logits(hidden, weight, softcap=2.0)
+    with pytest.raises(RuntimeError, match="softcapped mean logits has no second derivative"):
+        torch.autograd.grad(got.sum(), hidden, create_graph=True)
+
+
+def test_nan_propagates():
+    hidden, weight, bias, _, _ = _inputs()
     poisoned = hidden.detach().clone()
     poisoned[1, 2, 0] = float("nan")
     for softcap in (None, 2.0):

@@ -23,8 +23,9 @@ with gradients to the hidden states, the weight and the bias, and
     lse = z_y - lp_y                  z_y = h · W_y + b_y (softcapped): a row gather, with autograd
     sum_j c_j log p_j = sum_j c_j z_j - C lse,   sum_j c_j z_j = h · (sum_j c_j W_j) + sum_j c_j b_j,   C = sum_j c
 
-(the last one linear in ``h`` only without ``softcap``: ``sum_j cap tanh(z_j / cap)`` is not, and no fastalign
-op gives it without the logits, so ``label_smoothing > 0`` with ``softcap`` raises ``ValueError``).
+(the last one linear in ``h`` only without ``softcap``; with it, and no ``ce_weight``, ``sum_j z_j = V mean_j z_j``
+of the softcapped logits comes from :func:`fastalign.linear_mean_logits`, a vocabulary pass whose gradient takes
+another; ``label_smoothing > 0`` with both ``softcap`` and ``ce_weight`` raises ``ValueError``).
 
 ``forward`` returns the loss, or, with ``return_z_loss``, ``return_token_accuracy`` or
 ``return_predicted_tokens``, a :class:`CrossEntropyOutput` (Liger's fields, in its order: ``loss``; ``z_loss``,
@@ -51,6 +52,7 @@ from fastalign import _validate
 from fastalign.integrations._dtypes import check_accum_dtype, float64_as_float32, refuse_out_of_range
 from fastalign.integrations._live_options import LiveOptions
 from fastalign.linear import check_head, linear_logprobs
+from fastalign.linear_mean import linear_mean_logits
 
 __all__ = ["LigerFusedLinearCrossEntropyLoss", "CrossEntropyOutput"]
 
@@ -111,10 +113,10 @@ class LigerFusedLinearCrossEntropyLoss(LiveOptions, nn.Module):
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {self.reduction!r}")
         if self.softcap is not None:
             _validate.positive("softcap", self.softcap)
-            if self.label_smoothing > 0:
-                raise ValueError("label_smoothing > 0 is not supported with softcap: the smoothing term sums "
-                                 "cap * tanh(z / cap) over the vocabulary, which fastalign cannot form without "
-                                 "the [N, V] logits")
+            if self.label_smoothing > 0 and self.ce_weight is not None:
+                raise ValueError("label_smoothing > 0 with softcap and ce_weight is not supported: the smoothing "
+                                 "term weighs cap * tanh(z / cap) by ce_weight over the vocabulary, which fastalign "
+                                 "forms unweighted only (drop ce_weight or softcap)")
         for name in ("return_z_loss", "use_token_scaling", "return_token_accuracy", "return_predicted_tokens"):
             _validate.boolean(name, getattr(self, name))
         check_accum_dtype(self.accum_dtype)
@@ -153,9 +155,12 @@ class LigerFusedLinearCrossEntropyLoss(LiveOptions, nn.Module):
             if cap is not None:
                 z_y = cap * torch.tanh(z_y / cap)
             lse = z_y - lp
-        if smoothing > 0:
+        if smoothing > 0 and cap is not None:  # sum_j z_j of the softcapped logits: V times their mean
+            zc, c_sum = V * linear_mean_logits(_input, lin_weight, bias=bias, softcap=cap, response_mask=keep), V
+        elif smoothing > 0:
             w_sum, b_sum, c_sum = _class_sums(lin_weight, bias, c)
             zc = hf @ w_sum if b_sum is None else hf @ w_sum + b_sum  # sum_j c_j z_j per row
+        if smoothing > 0:
             ce = (1.0 - smoothing) * ce - (smoothing / V) * (zc - c_sum * lse)
         z = z_scale * lse * lse if lse is not None else None
         one = torch.ones((), dtype=torch.float32, device=lp.device)

@@ -249,25 +249,33 @@ def head_separable_loss(operands, config, targets: Tensor, loss, *, items: str =
     return value, metrics, stats
 
 
-def label_margin(operands, targets: Tensor, scale: float) -> Tensor:
+def label_margin(operands, targets: Tensor, scale: float, softcap: Optional[float] = None) -> Tensor:
     r"""``z_y - (1/V) Σ_j z_j`` at each position ``[B, T-1]`` (fp32, differentiable; 0 where ``targets`` is
-    -100) of a head without softcapping, from its operands and the next tokens ``targets``: linear in ``h``,
+    -100) of a head from its operands and the next tokens ``targets``. Without softcapping it is linear in ``h``,
     ``scale (h · (W_y - mean_j W_j) + (b_y - mean_j b_j) + a · (L_y - mean_j L_j))``, with no vocabulary pass
-    (one row of the head per position). With ``lp = z_y - lse``, the label-smoothing term
-    ``-(1/V) Σ_j log p_j = lse - mean_j z_j`` is ``label_margin - lp``."""
+    (one row of the head per position); a softcapped head's ``z_y = c tanh(scale u_y / c)`` comes from that row and
+    its mean logit from :func:`fastalign.linear_mean_logits` (a vocabulary pass over the scored positions, another
+    in the backward). With ``lp = z_y - lse``, the label-smoothing term ``-(1/V) Σ_j log p_j = lse - mean_j z_j``
+    is ``label_margin - lp``."""
     hidden, weight, bias, low_rank = operands
     scored = targets != -100
     y = targets.clamp(min=0)
 
-    def margin(rows, w):  # rows · (w_y - mean_j w_j) per position; one head row per position in fp32, not [V, H]
-        return (rows.float() * (w[y].float() - w.mean(0, dtype=torch.float32))).sum(-1)
+    def row(rows, w, mean):  # rows · (w_y - mean_j w_j) per position; one head row per position in fp32, not [V, H]
+        return (rows.float() * (w[y].float() - (w.mean(0, dtype=torch.float32) if mean else 0.0))).sum(-1)
 
-    out = margin(hidden[:, :-1], weight)
+    linear = softcap is None
+    out = row(hidden[:, :-1], weight, linear)
     if bias is not None:
-        out = out + (bias[y].float() - bias.mean(dtype=torch.float32))
+        out = out + (bias[y].float() - (bias.mean(dtype=torch.float32) if linear else 0.0))
     if low_rank is not None:
-        out = out + margin(low_rank[0][:, :-1], low_rank[1])
-    return torch.where(scored, out * scale, 0.0)
+        out = out + row(low_rank[0][:, :-1], low_rank[1], linear)
+    if linear:
+        return torch.where(scored, out * scale, 0.0)
+    mean = linear_mean_logits(hidden[:, :-1], weight, bias=bias, logit_scale=scale, softcap=softcap,
+                              low_rank=None if low_rank is None else (low_rank[0][:, :-1], low_rank[1]),
+                              response_mask=scored)
+    return torch.where(scored, softcap * torch.tanh(out * (scale / softcap)) - mean, 0.0)
 
 
 def softcapped(model) -> bool:

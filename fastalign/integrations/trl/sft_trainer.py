@@ -20,7 +20,8 @@ as the model's own loss: a collator that keeps labels on its padding has them sc
 
 ``label_smoothing_factor`` ε (``loss_type="nll"``) adds TRL's smoothing term without the logits:
 ``(1-ε) NLL + ε mean_t (-(1/V) Σ_j log p_tj) = NLL + ε mean_t (z_ty - mean_j z_tj)``, the margin
-linear in the hidden states (one head row per token; not for a softcapped head). As in TRL, ε is the one
+linear in the hidden states (one head row per token); a softcapped head's mean logit takes a vocabulary pass over
+the scored tokens, and another in the backward (:func:`fastalign.linear_mean_logits`). As in TRL, ε is the one
 ``Trainer``'s constructor put in ``label_smoother``, applied while ``args.loss_type`` is ``"nll"``. With it TRL runs a
 second forward, without gradients, for the ``entropy``, ``mean_token_accuracy`` and ``aux_loss``
 metrics, and leaves a MoE model's load-balancing loss out of the loss (logged, not added). In
@@ -47,7 +48,7 @@ from transformers.trainer_pt_utils import LabelSmoother
 from fastalign.integrations.hf import head_transform, next_token_targets
 from fastalign.integrations.trl._checks import check_config, check_model, init_checked
 from fastalign.integrations.trl._head import (add_aux_loss, head_separable_loss, install_head, label_margin,
-                                              log_aux_loss, loss_and_outputs, policy_operands, softcapped)
+                                              log_aux_loss, loss_and_outputs, policy_operands)
 
 __all__ = ["SFTTrainer"]
 
@@ -65,9 +66,6 @@ class SFTTrainer(trl.SFTTrainer):
         parallelism = self.accelerator.parallelism_config
         if parallelism is not None and getattr(parallelism, "sp_enabled", False):
             raise ValueError("sequence parallelism is not supported by the fastalign SFTTrainer")
-        if self.label_smoother is not None and softcapped(self.accelerator.unwrap_model(self.model)):
-            raise ValueError("SFTConfig.label_smoothing_factor: a softcapped head (final_logit_softcapping) has no "
-                             "mean logit without the full logits; set it to 0")
         install_head(self.accelerator.unwrap_model(self.model))
 
     @staticmethod
@@ -98,7 +96,7 @@ class SFTTrainer(trl.SFTTrainer):
         eps = self._smoothing()
         aux = policy.aux_loss
         if eps > 0:  # (1 - eps) NLL + eps mean_t (lse_t - mean_j z_tj) = NLL + eps mean_t (z_ty - mean_j z_tj)
-            margin = label_margin(policy.operands, targets, head_transform(unwrapped.config)[0])
+            margin = label_margin(policy.operands, targets, *head_transform(unwrapped.config))
             loss = loss + eps * margin.sum() / num_tokens
             if self.model.training:  # TRL's second forward: its dropout draws, the metrics from it
                 stats, aux = self._metrics_forward(model, model_inputs, targets)
