@@ -31,6 +31,7 @@ tokenizers = pytest.importorskip("tokenizers", reason="the test tokenizer needs 
 
 import fastalign.integrations.trl as fa_trl  # noqa: E402
 from tiny_configs import DELTANET, VISION, gemma3_vision, gemma4  # noqa: E402
+from trl_runs import tiny_moe_checkpoint  # noqa: E402
 
 WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(61)]
 TIMING = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second", "eval_runtime",
@@ -182,11 +183,10 @@ def test_head_matches_the_models_own_logits(model_type):
     at_positions = fastalign.linear_mean_logits(hidden, weight, **head, response_mask=positions).double()
     torch.testing.assert_close(at_positions[positions], z_every.mean(-1)[positions], rtol=1e-5, atol=1e-5)
     assert not at_positions[~positions].any()
-    if not softcapped(model):
-        z = z_every[:, :-1]  # the label-smoothing margin z_y - mean_j z_j at the scored positions
-        margin = torch.where(scored, z.gather(-1, y.clamp(min=0)[..., None])[..., 0] - z.mean(-1), zero)
-        torch.testing.assert_close(label_margin(operands, y.masked_fill(~scored, -100), scale).double(), margin,
-                                   rtol=1e-5, atol=1e-5)
+    z = z_every[:, :-1]  # the label-smoothing margin z_y - mean_j z_j at the scored positions
+    margin = torch.where(scored, z.gather(-1, y.clamp(min=0)[..., None])[..., 0] - z.mean(-1), zero)
+    torch.testing.assert_close(label_margin(operands, y.masked_fill(~scored, -100), scale, softcap).double(),
+                               margin, rtol=1e-5, atol=1e-5)
 
     want = expected(z_every)
     hidden, weight, bias, low_rank = operands
@@ -419,15 +419,7 @@ def _save_beside_tokenizer(model, path, checkpoint) -> str:
 @pytest.fixture(scope="module")
 def moe_checkpoint(checkpoint, tmp_path_factory):
     """A tiny Qwen3-MoE (4 experts, 2 per token) that returns its router logits, with a load-balancing coefficient."""
-    path = tmp_path_factory.mktemp("tiny-qwen3-moe")
-    torch.manual_seed(0)
-    config = transformers.Qwen3MoeConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64,
-                                         moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
-                                         max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
-                                         eos_token_id=1, bos_token_id=None, output_router_logits=True,
-                                         router_aux_loss_coef=0.02)
-    return _save_beside_tokenizer(transformers.Qwen3MoeForCausalLM(config), path, checkpoint)
+    return tiny_moe_checkpoint(tmp_path_factory.mktemp("tiny-qwen3-moe"), checkpoint)
 
 
 @pytest.mark.parametrize("options", [dict(loss_type="grpo", beta=0.04),
@@ -1440,15 +1432,14 @@ def test_softcapped_head_logits_metrics_match_trl(gemma2_checkpoint, tmp_path, t
     _compare(theirs, ours)
 
 
-def test_sft_label_smoothing_on_a_softcapped_head_raises(checkpoint, tmp_path):
-    """The smoothing margin is linear in the hidden states only without softcapping: a Gemma 2 head names the field."""
-    config = transformers.Gemma2Config(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0,
-                                       final_logit_softcapping=3.0)
-    args = trl.SFTConfig(**_common(tmp_path, per_device_train_batch_size=4, label_smoothing_factor=0.1))
-    with pytest.raises(ValueError, match="SFTConfig.label_smoothing_factor"):
-        fa_trl.SFTTrainer(model=transformers.Gemma2ForCausalLM(config), args=args, train_dataset=_sft_dataset("text"),
-                          processing_class=_tokenizer(checkpoint))
+def test_sft_label_smoothing_on_a_softcapped_head_matches_trl(gemma2_checkpoint, tmp_path):
+    """Label smoothing on a Gemma 2 head: its mean logit (not linear in the hidden states) through the vocabulary,
+    with gradients; loss, metrics and update equal TRL's, which smooths its full logits."""
+    options = dict(label_smoothing_factor=0.2, max_steps=2)
+    theirs = _run(_sft(trl.SFTTrainer, gemma2_checkpoint, tmp_path / "trl", options, "text"))
+    ours = _run(_sft(fa_trl.SFTTrainer, gemma2_checkpoint, tmp_path / "fa", options, "text"))
+    assert {"loss@1", "entropy@0", "mean_token_accuracy@1"} <= set(ours[0])
+    _compare(theirs, ours)
 
 
 def test_example_trl_grpo_runs():

@@ -35,6 +35,26 @@ def tiny_checkpoint(path, *, hidden: int = 32, seed: int = 0, eos_bias: float = 
     return str(path)
 
 
+def tiny_moe_checkpoint(path, tokenizer_checkpoint) -> str:
+    """Save a tiny Qwen3-MoE (two layers of 4 experts, 2 per token) that returns its router logits, with a
+    load-balancing coefficient, under ``path`` beside the tokenizer of ``tokenizer_checkpoint`` (its vocabulary)."""
+    import transformers
+
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(tokenizer_checkpoint)
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                         max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
+                                         eos_token_id=1, bos_token_id=None, output_router_logits=True,
+                                         router_aux_loss_coef=0.02)
+    model = transformers.Qwen3MoeForCausalLM(config)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def run(trainer):
     """``(logs, before, after)``: ``trainer.train()``'s logs (the final summary and timings left out) and its
     trainable parameters before and after."""
