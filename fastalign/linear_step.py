@@ -123,10 +123,12 @@ def _two_passes(hidden, weight, bias, a, lw, labels, loss: StepLoss, sum_p2: boo
                          argmax="argmax" in extras, **logit)
     scored = labels != ignore_index
     stats = {}
-    if "mean_logit" in extras:
-        stats["mean_logit"] = linear_mean_logits(
-            hidden, weight, bias=bias, low_rank=None if a is None else (a, lw), response_mask=scored,
-            logit_scale=logit.get("logit_scale", 1.0), softcap=logit.get("softcap"), backend=logit.get("backend"))
+    if "mean_logit" in extras:  # a metric: no graph
+        with torch.no_grad():
+            stats["mean_logit"] = linear_mean_logits(
+                hidden, weight, bias=bias, low_rank=None if a is None else (a, lw), response_mask=scored,
+                logit_scale=logit.get("logit_scale", 1.0), softcap=logit.get("softcap"),
+                backend=logit.get("backend"))
     for name in ("logprobs", *(["sum_p2"] if sum_p2 else []), *(e for e in extras if e != "mean_logit")):
         t, fill = getattr(st, name), UNLABELLED[name]
         t = t.view(labels.shape) if rows is None else scatter_labelled(t, rows, labels, fill)

@@ -244,8 +244,10 @@ def head_separable_loss(operands, config, targets: Tensor, loss, *, items: str =
         stats["position_mean_logits"] = torch.nn.functional.pad(stats.pop("mean_logit"), (0, 1))
     elif position_means is not None:
         scored = None if position_means == "every" else torch.nn.functional.pad(targets != -100, (0, 1))
-        stats["position_mean_logits"] = linear_mean_logits(hidden, weight, bias=bias, low_rank=low_rank,
-                                                           logit_scale=scale, softcap=softcap, response_mask=scored)
+        with torch.no_grad():  # a metric: no graph
+            stats["position_mean_logits"] = linear_mean_logits(hidden, weight, bias=bias, low_rank=low_rank,
+                                                               logit_scale=scale, softcap=softcap,
+                                                               response_mask=scored)
     return value, metrics, stats
 
 
