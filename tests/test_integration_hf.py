@@ -818,6 +818,8 @@ def test_triton_backend_forward_and_gradient():
 UNSPLIT_ARCHS = {
     "opt": {}, "gpt_oss": {}, "afmoe": {}, "bloom": {}, "mpt": {}, "openai-gpt": {}, "rwkv": {}, "biogpt": {},
     "xglm": {}, "cpmant": {},
+    # compressed attention over windows of the whole row (windows of 2 here, so that these short rows fill some)
+    "deepseek_v4": dict(compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 2}),
     "granitemoehybrid": dict(layer_types=["full_attention", "linear_attention"], mamba_n_heads=4, mamba_d_head=16,
                              mamba_d_state=16, mamba_chunk_size=8, shared_intermediate_size=16, use_cache=False),
 }

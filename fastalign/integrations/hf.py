@@ -179,6 +179,10 @@ _UNSPLIT_PACKED = ("opt", "gpt_oss", "afmoe", "openai-gpt", "qwen2_vl", "qwen2_5
 #: ``model_type`` -> the ``transformers`` release from which its body splits packed rows (older ones build the
 #: causal mask without the restarts: Falcon's attention went causal without a mask, Doge's dynamic mask dropped it)
 _SPLITS_PACKED_SINCE = {"falcon": "5.24", "doge": "5.18"}
+#: ``model_type`` -> how its body mixes the sequences of a packed row whatever its mask: DeepSeek-V4's compressed
+#: attention pools keys over fixed windows of the whole row and lets a query see the windows before its position
+#: id, so a packed sequence sees the ones before it.
+_POOLS_PACKED_ROWS = {"deepseek_v4": "compressed attention pools its keys over windows of the whole row"}
 
 
 def known_head_transform(config) -> Optional[tuple[float, Optional[float]]]:
@@ -308,7 +312,8 @@ def _unsplit_packing(model) -> Optional[str]:
     """Why the model's body would let the sequences of a packed row see each other (None if it splits them, as
     ``transformers`` does from position ids that restart, without an attention mask): a recurrent (state-space)
     body, :func:`_is_recurrent`, carries its state from one sequence into the next; a body that takes no
-    ``position_ids``, or one of :data:`_UNSPLIT_PACKED`, builds its causal mask without them. An architecture
+    ``position_ids``, or one of :data:`_UNSPLIT_PACKED`, builds its causal mask without them; one of
+    :data:`_POOLS_PACKED_ROWS` mixes them whatever its mask. An architecture
     outside the checked table is refused unless registered with ``packed_rows=True``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in _LISTED and model_type not in _PACKED_ROWS_STATED:
@@ -320,6 +325,9 @@ def _unsplit_packing(model) -> Optional[str]:
 
         return (f"transformers {transformers.__version__} builds the causal mask without splitting packed rows "
                 "(transformers 4.54 and later split them at restarting position ids)")
+    if model_type in _POOLS_PACKED_ROWS:
+        return (f"the body of model_type {model_type!r} mixes the sequences of a packed row: its "
+                f"{_POOLS_PACKED_ROWS[model_type]}")
     body = _body(model)
     if _is_recurrent(model, body):
         return (f"the body of model_type {model_type!r} carries its recurrent (state-space) state from one packed "
