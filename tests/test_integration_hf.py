@@ -840,6 +840,31 @@ def _separately(model, seqs):
     return torch.cat(parts[:-1], 1)
 
 
+#: Config fields that bound what a token sees (windows, chunks, top-k selections, compression windows), set short
+#: so that a packed row of short sequences fills them: a body that applied them across the packed restarts would mix
+#: the sequences (DeepSeek-V4's compression windows did).
+SHORT_WINDOWS = dict(sliding_window=2, attention_chunk_size=2, index_topk=2, sparse_topk=2, window_size=2,
+                     compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 2})
+SPLITTING_ARCHS = {arch: fields for arch, fields in {**PLAIN_ARCHS, **{a: f for a, (f, _) in TRANSFORM_ARCHS.items()}}
+                   .items() if arch not in RECURRENT_ARCHS and arch not in UNSPLIT_ARCHS}
+
+
+@pytest.mark.parametrize("arch", list(SPLITTING_ARCHS))
+def test_packed_rows_split_with_short_windows(arch):
+    """Every listed body that splits packed rows still does when its windows, chunks and top-k selections are
+    shorter than the sequences: each packed sequence scores as it does alone."""
+    _known(arch)
+    fields = SPLITTING_ARCHS[arch]
+    if TRANSFORMERS < Version(SPLITS_PACKED_SINCE.get(arch, "0")):
+        pytest.skip(f"{arch} splits packed rows from transformers {SPLITS_PACKED_SINCE[arch]}")
+    defaults = transformers.AutoConfig.for_model(arch).to_dict()
+    model = _auto_model(arch, **{**{k: v for k, v in SHORT_WINDOWS.items() if k in defaults}, **fields})
+    seqs, input_ids, position_ids = _packed_row([6, 9, 7])
+    with torch.no_grad():
+        got = causal_lm_logprobs(model, input_ids, position_ids=position_ids).logprobs
+        torch.testing.assert_close(got.double(), _separately(model, seqs), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("arch", list(UNSPLIT_ARCHS))
 def test_packed_rows_refused_where_the_body_does_not_split_them(arch):
     """These bodies let each packed sequence attend to the ones before it (the model's own forward does too): the
