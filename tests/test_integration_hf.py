@@ -536,7 +536,7 @@ RECURRENT_ARCHS = {"mamba", "mamba2", "falcon_mamba", "nemotron_h", "lfm2", "qwe
                    "zamba2", "recurrent_gemma", "qwen3_5", "qwen3_5_moe", "lfm2_vl", "minimax", "zaya",
                    "kimi_linear", "bailing_hybrid", "qwen4_exp_text"}
 #: Bodies that split packed rows from a transformers release on (before it their causal mask ignores the restarts).
-SPLITS_PACKED_SINCE = {"falcon": "5.24", "doge": "5.18"}
+SPLITS_PACKED_SINCE = {"falcon": "5.24", "doge": "5.18", "llama4_text": "5.23"}
 #: Vision-language bodies that do not split packed rows (their rotary positions and mask ignore the restarts).
 UNSPLIT_COMPOSITES = {"qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "glm46v", "paligemma", "glm_ocr", "paddleocr_vl"}
 
@@ -1048,13 +1048,14 @@ def test_a_stated_transform_must_equal_a_listed_architectures_own():
 
 
 def test_transforms_and_packed_rows_follow_the_installed_transformers(monkeypatch):
-    """PaliGemma's forward applies its text config's softcap from transformers 5.23 on, and Falcon's body splits
-    packed rows from 5.24 on (each checked against those releases' own logits): with an older release the
-    softcap is not applied and Falcon's packed rows raise, naming the release."""
+    """PaliGemma's forward applies its text config's softcap from transformers 5.23 on, Falcon's body splits
+    packed rows from 5.24 on and Llama 4's chunked attention from 5.23 on (each checked against those releases' own
+    logits): with an older release the softcap is not applied and their packed rows raise, naming the release."""
     from fastalign.integrations import hf
 
     paligemma = transformers.AutoConfig.for_model("paligemma", text_config=dict(final_logit_softcapping=3.0))
     falcon = _auto_model("falcon")
+    llama4 = _auto_model("llama4_text", attention_chunk_size=2)  # its chunked attention: 5.23 on
     seqs, input_ids, position_ids = _packed_row([4, 5, 3])
     installed = sys.modules["transformers"]  # what an import finds (transformers may rebind it after its first import)
     monkeypatch.setattr(installed, "__version__", "5.22.0")
@@ -1063,6 +1064,8 @@ def test_transforms_and_packed_rows_follow_the_installed_transformers(monkeypatc
         assert head_transform(paligemma) == (1.0, None)
         with pytest.raises(ValueError, match=r"model_type 'falcon' .* before transformers 5\.24 \(this is 5\.22\.0\)"):
             causal_lm_logprobs(falcon, input_ids, position_ids=position_ids)
+        with pytest.raises(ValueError, match=r"model_type 'llama4_text' .* before transformers 5\.23"):
+            causal_lm_logprobs(llama4, input_ids, position_ids=position_ids)
         monkeypatch.setattr(installed, "__version__", "5.24.0")
         hf._transformers_at_least.cache_clear()
         assert head_transform(paligemma) == (1.0, 3.0)
@@ -1070,6 +1073,8 @@ def test_transforms_and_packed_rows_follow_the_installed_transformers(monkeypatc
             got = causal_lm_logprobs(falcon, input_ids, position_ids=position_ids).logprobs
         if TRANSFORMERS >= Version("5.24"):  # the installed release's body splits them: each sequence as alone
             torch.testing.assert_close(got.double(), _separately(falcon, seqs), atol=1e-4, rtol=0)
+            got = causal_lm_logprobs(llama4, input_ids, position_ids=position_ids).logprobs
+            torch.testing.assert_close(got.double(), _separately(llama4, seqs), atol=1e-4, rtol=0)
     finally:
         monkeypatch.undo()
         hf._transformers_at_least.cache_clear()

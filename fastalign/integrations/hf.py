@@ -177,8 +177,9 @@ _UNSET = object()
 _UNSPLIT_PACKED = ("opt", "gpt_oss", "afmoe", "openai-gpt", "qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "glm46v",
                    "paligemma", "glm_ocr", "paddleocr_vl", "biogpt", "xglm")
 #: ``model_type`` -> the ``transformers`` release from which its body splits packed rows (older ones build the
-#: causal mask without the restarts: Falcon's attention went causal without a mask, Doge's dynamic mask dropped it)
-_SPLITS_PACKED_SINCE = {"falcon": "5.24", "doge": "5.18"}
+#: causal mask without the restarts: Falcon's attention went causal without a mask, Doge's dynamic mask dropped it,
+#: Llama 4's chunked attention ignored them)
+_SPLITS_PACKED_SINCE = {"falcon": "5.24", "doge": "5.18", "llama4_text": "5.23"}
 #: ``model_type`` -> how its body mixes the sequences of a packed row whatever its mask: DeepSeek-V4's compressed
 #: attention pools keys over fixed windows of the whole row and lets a query see the windows before its position
 #: id, so a packed sequence sees the ones before it.
