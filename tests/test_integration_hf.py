@@ -479,8 +479,10 @@ PLAIN_ARCHS = {
                         num_experts_per_token=2),
     "bailing_hybrid": dict(MLA, layer_types=["linear_attention", "full_attention"], num_experts_per_token=2,
                            layer_group_size=2),
-    "qwen4_exp_text": dict(DELTANET, layer_types=["linear_attention", "indexed_attention"], indexer_n_heads=2,
-                           indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=4, indexer_compress_ratio=2),
+    # its sparse layers are "indexed_attention" from transformers 5.18, "qwen_sparse_attention" before
+    "qwen4_exp_text": dict(DELTANET, layer_types=["linear_attention", "indexed_attention" if TRANSFORMERS >= Version(
+        "5.18") else "qwen_sparse_attention"], indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8,
+                           indexer_budget=4, indexer_compress_ratio=2),
     **{arch: DELTANET for arch in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")},
     "llama4_text": dict(intermediate_size_mlp=64, num_local_experts=2),
     "lfm2": dict(num_hidden_layers=2, layer_types=["conv", "full_attention"]),
@@ -509,9 +511,10 @@ TRANSFORM_ARCHS = {
                                                                   "granitemoe_swa")},
     "minicpm3": (dict(MLA, dim_model_base=8), (0.25, None)),  # logits_scaling = hidden_size / dim_model_base
     "hyperclovax": (dict(logits_scaling=2.5), (2.5, None)),
-    "falcon_h1": (dict(lm_head_multiplier=0.5), (0.5, None)),
+    "falcon_h1": (dict(lm_head_multiplier=0.5, mamba_chunk_size=8), (0.5, None)),
     "cohere_compass_text": (dict(logit_scale=0.4, rope_parameters={
-        layer: dict(rope_type="default", rope_theta=10000.0) for layer in ("full_attention", "sliding_attention")}),
+        layer: dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 2])  # for a head of 8 (5.17-5.20)
+        for layer in ("full_attention", "sliding_attention")}),
         (0.4, None)),
 }
 #: Vision-language models, as AutoModelForCausalLM builds them (a body with its vision tower, the language model's
@@ -574,7 +577,9 @@ def _composite_model(arch, text_fields, seed=0, **extra):
     """A tiny vision-language model (its ForConditionalGeneration class): the sizes of _SMALL in its text config,
     with ``text_fields``; ``extra`` (a vision tower) given to the config's constructor."""
     _known(arch)
-    text = {**_small(transformers.AutoConfig.for_model(arch).get_text_config()), **text_fields}
+    text_config = transformers.AutoConfig.for_model(arch).get_text_config()
+    # its model_type, as a saved config has it (transformers 5.17's Aria config reads a text config dict only so)
+    text = {**_small(text_config), **text_fields, "model_type": text_config.model_type}
     config = transformers.AutoConfig.for_model(arch, text_config=text, **extra)
     return _built(config, seed, transformers.AutoModelForImageTextToText)
 
