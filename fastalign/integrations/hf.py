@@ -587,14 +587,19 @@ def next_token_targets(input_ids: Tensor, *, labels: Optional[Tensor] = None, re
     _validate.like(shape, "input_ids.shape", kind="real", **dev, response_mask=response_mask,
                    attention_mask=attention_mask, position_ids=position_ids, past_end=past_end)
     targets = (input_ids if labels is None else labels)[:, 1:]
+    return _scored_only(targets, ignore_index, *(None if m is None else m[:, 1:].bool()
+                                                 for m in (response_mask, attention_mask)),
+                        None if position_ids is None else position_ids[:, 1:] != 0,
+                        None if past_end is None else ~past_end[:, 1:])
+
+
+def _scored_only(targets: Tensor, ignore_index: int, *keep: Optional[Tensor]) -> Tensor:
+    """``targets`` where they are not ``ignore_index`` and every given ``keep`` mask holds, ``ignore_index``
+    elsewhere."""
     scored = targets != ignore_index
-    for mask in (response_mask, attention_mask):
+    for mask in keep:
         if mask is not None:
-            scored = scored & mask[:, 1:].bool()
-    if position_ids is not None:
-        scored = scored & (position_ids[:, 1:] != 0)
-    if past_end is not None:
-        scored = scored & ~past_end[:, 1:]
+            scored = scored & mask
     return torch.where(scored, targets, torch.full_like(targets, ignore_index))
 
 
@@ -607,12 +612,8 @@ def shifted_targets(shift_labels: Tensor, *, attention_mask: Optional[Tensor] = 
     dev = dict(device=shift_labels.device, device_of="shift_labels")
     _validate.like(tuple(shift_labels.shape), "shift_labels.shape", kind="real", **dev,
                    attention_mask=attention_mask, past_end=past_end)
-    scored = shift_labels != ignore_index
-    if attention_mask is not None:
-        scored = scored & attention_mask.bool()
-    if past_end is not None:
-        scored = scored & ~past_end
-    return torch.where(scored, shift_labels, torch.full_like(shift_labels, ignore_index))
+    return _scored_only(shift_labels, ignore_index, None if attention_mask is None else attention_mask.bool(),
+                        None if past_end is None else ~past_end)
 
 
 def causal_lm_logprobs(

@@ -155,12 +155,12 @@ class LigerFusedLinearCrossEntropyLoss(LiveOptions, nn.Module):
             if cap is not None:
                 z_y = cap * torch.tanh(z_y / cap)
             lse = z_y - lp
-        if smoothing > 0 and cap is not None:  # sum_j z_j of the softcapped logits: V times their mean
-            zc, c_sum = V * linear_mean_logits(_input, lin_weight, bias=bias, softcap=cap, response_mask=keep), V
-        elif smoothing > 0:
-            w_sum, b_sum, c_sum = _class_sums(lin_weight, bias, c)
-            zc = hf @ w_sum if b_sum is None else hf @ w_sum + b_sum  # sum_j c_j z_j per row
         if smoothing > 0:
+            if cap is not None:  # sum_j z_j of the softcapped logits: V times their mean (a vocabulary pass)
+                zc, c_sum = V * linear_mean_logits(_input, lin_weight, bias=bias, softcap=cap, response_mask=keep), V
+            else:  # sum_j c_j z_j per row, linear in h
+                w_sum, b_sum, c_sum = _class_sums(lin_weight, bias, c)
+                zc = hf @ w_sum if b_sum is None else hf @ w_sum + b_sum
             ce = (1.0 - smoothing) * ce - (smoothing / V) * (zc - c_sum * lse)
         z = z_scale * lse * lse if lse is not None else None
         one = torch.ones((), dtype=torch.float32, device=lp.device)
