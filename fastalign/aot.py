@@ -160,7 +160,7 @@ def linear_stats_cases(dtype):
     import torch
 
     from fastalign.kernels import linear_stats as K
-    from fastalign.ops._launch import stat_outputs
+    from fastalign.ops._launch import linear_outputs
     from fastalign.ops.linear_triton import gpu_chunk_tokens
 
     h = _meta(N_TOKENS, HIDDEN, dtype=dtype)
@@ -172,26 +172,29 @@ def linear_stats_cases(dtype):
     f = lambda on=True, n=N_TOKENS: _meta(n, dtype=torch.float32) if on else None  # noqa: E731
     head = dict(bias=True, softcap=True, low_rank=True)
 
-    def forward(entropy=False, sum_p2=False, argmax=False, bias=False, softcap=False, low_rank=False, ieee=False):
-        out = stat_outputs(N_TOKENS, "meta", entropy, sum_p2, argmax, argmax_value=True)
+    def forward(entropy=False, sum_p2=False, argmax=False, mean_logit=False, bias=False, softcap=False, low_rank=False,
+                ieee=False):
+        out = linear_outputs(N_TOKENS, "meta", entropy, sum_p2, argmax, mean_logit)
         with _fp32_matmul("ieee" if ieee else "tf32"):
             K.linear_stats_forward(h, w, b if bias else None, lora if low_rank else None, y, 1.0,
                                    30.0 if softcap else 0.0, 1.0, -100, out)
 
-    def backward(g_lp=False, g_ent=False, g_sp2=False, bias=False, softcap=False, low_rank=False, skip=False,
-                 bias_grad=False, ieee=False):
+    def backward(g_lp=False, g_ent=False, g_sp2=False, g_mean=False, bias=False, softcap=False, low_rank=False,
+                 skip=False, bias_grad=False, ieee=False):
         c = lambda on=True: f(on, chunk)  # noqa: E731
         with _fp32_matmul("ieee" if ieee else "tf32"):
             K.linear_stats_backward(
                 h[:chunk], w, b if bias else None, (lora[0][:chunk], lora[1]) if low_rank else None, y[:chunk], c(),
                 c(g_ent), c(g_sp2), c(g_lp), c(g_ent), c(g_sp2), 1.0, 30.0 if softcap else 0.0, 1.0, -100,
                 1e-6 if skip else 0.0, _meta(chunk, VOCAB, dtype=dtype), c(),
-                _meta(VOCAB, dtype=torch.float32) if bias_grad else None)
+                _meta(VOCAB, dtype=torch.float32) if bias_grad else None, c(g_mean))
 
-    forwards = [{}, dict(entropy=True), dict(sum_p2=True), dict(argmax=True), dict(bias=True), dict(low_rank=True),
-                dict(entropy=True, sum_p2=True, argmax=True, **head)]
+    forwards = [{}, dict(entropy=True), dict(sum_p2=True), dict(argmax=True), dict(mean_logit=True, softcap=True),
+                dict(bias=True), dict(low_rank=True), dict(entropy=True, sum_p2=True, argmax=True, mean_logit=True,
+                                                            **head)]
     backwards = [dict(g_lp=True), dict(g_lp=True, g_ent=True), dict(g_ent=True),
-                 dict(g_lp=True, g_ent=True, g_sp2=True, skip=True, bias_grad=True, **head)]
+                 dict(g_lp=True, g_mean=True, softcap=True),
+                 dict(g_lp=True, g_ent=True, g_sp2=True, g_mean=True, skip=True, bias_grad=True, **head)]
     if dtype == torch.float32:
         forwards.append(dict(ieee=True))
         backwards.append(dict(g_lp=True, ieee=True))

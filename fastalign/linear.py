@@ -187,6 +187,7 @@ def linear_logprobs(
     entropy: bool = False,
     sum_p2: bool = False,
     argmax: bool = False,
+    mean_logit: bool = False,
     vocab_group=None,
     backend: Optional[str] = None,
     chunk: Optional[tuple[int, int]] = None,
@@ -202,7 +203,11 @@ def linear_logprobs(
 
     then ``logprobs = z_y - lse``, ``entropy = lse - sum_j p_j z_j``,
     ``sum_p2 = exp(lse(2z) - 2 lse(z))``, ``argmax = argmax_j z_j``, with
-    ``lse = log sum_j exp(z_j)`` kept online in fp32. Gradients flow to
+    ``lse = log sum_j exp(z_j)`` kept online in fp32, and ``mean_logit = (1/V) sum_j z_j``
+    of the logits before the temperature (a label-smoothing term
+    ``-(1/V) sum_j log p_j = lse - mean_logit`` at temperature 1; d mean_logit / d z_j
+    = 1/V joins the other statistics' d(logits) in the same backward, so it costs no
+    extra pass over the vocabulary). Gradients flow to
     ``hidden``, ``weight`` and ``bias`` through the whole pipeline; backward
     recomputes the logits chunk by chunk, so peak extra memory is one chunk of
     logits (``FASTALIGN_LINEAR_CHUNK_MIB``, default 32 MiB) plus fp32 gradient
@@ -230,7 +235,7 @@ def linear_logprobs(
             A label outside the vocabulary gives a NaN log-prob. On CPU tensors (``"cpp"``)
             ignored rows cost no vocabulary work (unless ``argmax``, defined on every row):
             only the labelled rows are gathered and sent through the lm_head.
-        entropy, sum_p2, argmax: compute these too.
+        entropy, sum_p2, argmax, mean_logit: compute these too.
         vocab_group: a ``torch.distributed`` process group over which the vocabulary
             is sharded (tensor parallel); every rank passes the same ``hidden`` and
             ``labels`` and gets the full-vocabulary statistics. d(hidden) is summed
@@ -263,7 +268,7 @@ def linear_logprobs(
     V = weight.shape[0]
     inv_t, cap, scale = check_logit_options(temperature, softcap, logit_scale, ignore_index, grad_skip_threshold,
                                             chunk)
-    for switch, value in (("entropy", entropy), ("sum_p2", sum_p2), ("argmax", argmax)):
+    for switch, value in (("entropy", entropy), ("sum_p2", sum_p2), ("argmax", argmax), ("mean_logit", mean_logit)):
         _validate.boolean(switch, value)
     name = _backend.backend_for("linear_stats", hidden.device, backend)
 
@@ -285,15 +290,16 @@ def linear_logprobs(
             nc = gpu_chunk_tokens(N, V, h2.element_size())
 
     if vocab_group is None:
-        lp, ent, sp2, amax, _amax_val, _lse = linear_stats(
+        lp, ent, sp2, amax, _amax_val, _lse, mean = linear_stats(
             h2, w2, b2, low_rank_hidden, low_rank_weight, flat_labels, scale, cap, inv_t, int(ignore_index),
-            bool(entropy), bool(sum_p2), bool(argmax), name, nc, vc, float(grad_skip_threshold))
+            bool(entropy), bool(sum_p2), bool(argmax), name, nc, vc, float(grad_skip_threshold), bool(mean_logit))
     else:
         import torch.distributed as dist
 
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("vocab_group needs torch.distributed to be initialized")
-        lp, ent, sp2, amax = VocabParallelStats.apply(
+        lp, ent, sp2, amax, mean = VocabParallelStats.apply(
             h2, w2, b2, low_rank_hidden, low_rank_weight, flat_labels, vocab_group, scale, cap, inv_t,
-            int(ignore_index), bool(entropy), bool(sum_p2), bool(argmax), name, nc, vc, float(grad_skip_threshold))
-    return shaped_stats(labels.shape, lp, ent, sp2, amax, entropy, sum_p2, argmax)
+            int(ignore_index), bool(entropy), bool(sum_p2), bool(argmax), name, nc, vc, float(grad_skip_threshold),
+            bool(mean_logit))
+    return shaped_stats(labels.shape, lp, ent, sp2, amax, entropy, sum_p2, argmax, mean, mean_logit)

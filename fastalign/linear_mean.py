@@ -35,7 +35,9 @@ def linear_mean_logits(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor]
     ``FASTALIGN_BLOCK_MIB`` budget at a time (never ``tokens x V``), and its gradient,
     ``d mean / d u_j = (logit_scale / V) (1 - (z_j / softcap)^2)``, takes a second such pass (the logits
     recomputed). Gradients reach ``hidden``, ``weight``, ``bias`` and both factors of ``low_rank``; a label-smoothing
-    term ``-(1/V) sum_j log p_j = logsumexp(z) - mean`` is one use.
+    term ``-(1/V) sum_j log p_j = logsumexp(z) - mean`` is one use. Where the log-probs are computed too,
+    :func:`fastalign.linear_logprobs` with ``mean_logit=True`` gives this mean from their own pass, forward and
+    backward (the scored rows only), with no pass of its own.
 
     Args:
         hidden: ``[..., H]`` float32/bfloat16/float16. A DTensor (and ``weight``, ``bias``) is gathered.

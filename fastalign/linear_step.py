@@ -23,10 +23,9 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from fastalign import _dtensor
+from fastalign import _dtensor, _validate
 from fastalign._options import AUTO_OR_BOOL, check_choice
 from fastalign.linear import check_head_inputs, linear_logprobs, logit_pipeline, two_pass_only
-from fastalign.linear_mean import linear_mean_logits
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_cpu import labelled_rows, scatter_labelled
 from fastalign.ops.single_pass import UNLABELLED, Side, by_default, single_pass_loss, token_items
@@ -41,15 +40,15 @@ ITEMS = ("rows", "pairs", "triples", "tokens")
 #: The rows of one item that lie in the batch's successive parts (its sides), per item kind but tokens.
 _SIDES = {"rows": 1, "pairs": 2, "triples": 3}
 
-#: loss(logprobs [N, T], sum_p2 [N, T] or None) -> (loss, metrics) of a batch
+#: loss(logprobs [N, T], aux [N, T] or None) -> (loss, metrics) of a batch; aux: sum_p2 or mean_logit, when asked
 StepLoss = Callable[[Tensor, Optional[Tensor]], Tuple[Tensor, dict]]
 
 
 def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLoss, *,
                    bias: Optional[Tensor] = None, low_rank=None, items: str = "rows", sum_p2: bool = False,
-                   extras: Sequence[str] = (), single_pass="auto",
+                   mean_logit: bool = False, extras: Sequence[str] = (), single_pass="auto",
                    logit: Optional[dict] = None) -> Tuple[Tensor, dict, dict]:
-    r"""``(loss, metrics, stats)``: ``loss(lp, sum_p2)`` of the token statistics of ``hidden`` through the head.
+    r"""``(loss, metrics, stats)``: ``loss(lp, aux)`` of the token statistics of ``hidden`` through the head.
 
     ``hidden [N, T, H]`` holds N rows; ``items`` (one of :data:`ITEMS`) says what an item is: each row,
     each pair of rows ``i`` and ``N/2 + i`` (the chosen rows first), each triple of rows ``i``, ``N/3 + i``
@@ -58,8 +57,10 @@ def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLos
     positions (``ignore_index`` where unscored), ``weight``, ``bias`` and ``low_rank = (a [N, T, r],
     L [V, r])`` the head, ``logit`` the logit options of :func:`fastalign.linear_logprobs`
     (``temperature``, ``softcap``, ``logit_scale``, ``ignore_index``, ``backend``). ``loss`` gets
-    ``lp`` (differentiable) and, with ``sum_p2=True``, :math:`\sum_j p_j^2` (not differentiable),
-    both ``[N, T]``.
+    ``lp`` (differentiable) and ``aux``: with ``sum_p2=True`` :math:`\sum_j p_j^2` (not differentiable), with
+    ``mean_logit=True`` the mean logit :math:`\frac{1}{V}\sum_j z_j` before the temperature (differentiable,
+    from the same pass: its gradient joins the log-probs' in one backward; a softcapped head's label smoothing),
+    else None; all ``[N, T]``, 0 at unscored positions (``sum_p2``: 1). One of the two at most.
 
     ``loss`` must be separable over the items: a sum of per-item terms plus terms linear in ``lp``
     with weights fixed by the labels (a token-mean NLL over the batch);
@@ -72,13 +73,10 @@ def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLos
     ``stats``: name -> detached ``[N, T]`` tensor of ``"logprobs"``, ``"sum_p2"`` (when asked) and the
     ``extras`` (for metrics, no gradient: ``"entropy"``, ``"argmax"`` and ``"mean_logit"``, the mean over the
     vocabulary of the head's logits before the temperature, :func:`fastalign.linear_mean_logits`), all from the
-    same pass (the two passes: the mean logit from its own, which a softcapped head takes through the
-    vocabulary); an unscored position holds 0 (``sum_p2``: 1, ``argmax``: -1)."""
+    same pass; an unscored position holds 0 (``sum_p2``: 1, ``argmax``: -1)."""
     logit = dict(logit or {})
     check_choice("items", items, ITEMS)
     group = logit.get("vocab_group")
-    if "mean_logit" in extras and group is not None:
-        raise ValueError("extras 'mean_logit' does not apply with vocab_group (a vocabulary split over ranks)")
     hidden, weight, bias, low_rank = _dtensor.head(hidden, weight, bias, low_rank, group)
     a, lw = check_head_inputs(hidden, weight, labels, bias, low_rank, vocab_shard=group is not None)
     n_sides = _SIDES.get(items, 1)
@@ -89,6 +87,11 @@ def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLos
     if unknown:
         raise ValueError(f"extras must be among {EXTRAS}, got {sorted(unknown)}")
     check_choice("single_pass", single_pass, AUTO_OR_BOOL)
+    _validate.boolean("sum_p2", sum_p2)
+    _validate.boolean("mean_logit", mean_logit)
+    if sum_p2 and mean_logit:
+        raise ValueError("sum_p2 and mean_logit are both the loss's second argument: ask for one of them")
+    aux = "sum_p2" if sum_p2 else "mean_logit" if mean_logit else None
     if single_pass == "auto" and two_pass_only(logit):
         single_pass = False  # a vocabulary split over ranks, the two-pass chunks or tile skipping
     if single_pass is True and not eager(hidden, weight, bias, a, lw):
@@ -97,19 +100,19 @@ def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLos
         item_rows = 1 if items == "tokens" else n_sides * hidden.shape[1]
         if not (single_pass is True or (single_pass == "auto" and by_default(weight, hidden, bias, a, lw,
                                                                              item_rows=item_rows))):
-            return _two_passes(hidden, weight, bias, a, lw, labels, loss, sum_p2, extras, logit)
+            return _two_passes(hidden, weight, bias, a, lw, labels, loss, aux, extras, logit)
         if items != "tokens":
-            return _single_pass(hidden, weight, bias, a, lw, labels, loss, n_sides, sum_p2, extras, logit)
+            return _single_pass(hidden, weight, bias, a, lw, labels, loss, n_sides, aux, extras, logit)
         shape = labels.shape  # every position its own item: [N * T, 1, ...], the loss on [N, T] grids
 
-        def per_token(lp, sp2):
-            return loss(lp.view(shape), None if sp2 is None else sp2.view(shape))
+        def per_token(lp, aux_stat):
+            return loss(lp.view(shape), None if aux_stat is None else aux_stat.view(shape))
         value, metrics, stats = _single_pass(token_items(hidden), weight, bias, token_items(a), lw,
-                                             token_items(labels), per_token, 1, sum_p2, extras, logit)
+                                             token_items(labels), per_token, 1, aux, extras, logit)
         return value, metrics, {name: t.view(shape) for name, t in stats.items()}
 
 
-def _two_passes(hidden, weight, bias, a, lw, labels, loss: StepLoss, sum_p2: bool, extras, logit: dict):
+def _two_passes(hidden, weight, bias, a, lw, labels, loss: StepLoss, aux: Optional[str], extras, logit: dict):
     """:func:`separable_step` by :func:`fastalign.linear_logprobs` (its backward recomputes the logits); on
     the CPU, in eager mode, only the scored rows go through the vocabulary (their argmax included; traced, every
     row: the count of scored rows is not read on the host)."""
@@ -119,50 +122,44 @@ def _two_passes(hidden, weight, bias, a, lw, labels, loss: StepLoss, sum_p2: boo
     if rows is not None:
         h, y = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), labels.reshape(-1).index_select(0, rows)
         low = None if a is None else (a.reshape(-1, a.shape[-1]).index_select(0, rows), lw)
-    st = linear_logprobs(h, weight, y, bias=bias, low_rank=low, sum_p2=sum_p2, entropy="entropy" in extras,
-                         argmax="argmax" in extras, **logit)
+    st = linear_logprobs(h, weight, y, bias=bias, low_rank=low, sum_p2=aux == "sum_p2", entropy="entropy" in extras,
+                         argmax="argmax" in extras, mean_logit=aux == "mean_logit" or "mean_logit" in extras, **logit)
     scored = labels != ignore_index
     stats = {}
-    if "mean_logit" in extras:  # a metric: no graph
-        with torch.no_grad():
-            stats["mean_logit"] = linear_mean_logits(
-                hidden, weight, bias=bias, low_rank=None if a is None else (a, lw), response_mask=scored,
-                logit_scale=logit.get("logit_scale", 1.0), softcap=logit.get("softcap"),
-                backend=logit.get("backend"))
-    for name in ("logprobs", *(["sum_p2"] if sum_p2 else []), *(e for e in extras if e != "mean_logit")):
+    graph = ("logprobs", "mean_logit" if aux == "mean_logit" else None)  # the statistics the loss differentiates
+    for name in dict.fromkeys(("logprobs", *([aux] if aux else []), *extras)):
         t, fill = getattr(st, name), UNLABELLED[name]
         t = t.view(labels.shape) if rows is None else scatter_labelled(t, rows, labels, fill)
-        stats[name] = torch.where(scored, t if name == "logprobs" else t.detach(), fill)
-    value, metrics = loss(stats["logprobs"], stats.get("sum_p2"))
-    stats["logprobs"] = stats["logprobs"].detach()
-    return value, metrics, stats
+        stats[name] = torch.where(scored, t if name in graph else t.detach(), fill)
+    value, metrics = loss(stats["logprobs"], stats.get(aux))
+    return value, metrics, {name: t.detach() for name, t in stats.items()}
 
 
-def _single_pass(hidden, weight, bias, a, lw, labels, loss: StepLoss, n_sides: int, sum_p2: bool, extras,
+def _single_pass(hidden, weight, bias, a, lw, labels, loss: StepLoss, n_sides: int, aux: Optional[str], extras,
                  logit: dict):
     """:func:`separable_step` by the single pass over ``n_sides`` sides: the batch's chosen and rejected halves
     (and gold third) are its sides (one side for rows and tokens); a block's share is ``loss`` of the whole
-    batch with the other items' log-probs held at 0 and their ``sum_p2`` at 1 (constants, so its gradient with
-    respect to the block's statistics is the loss's)."""
+    batch with the other items' statistics held at their unscored values (log-prob and mean logit 0, ``sum_p2``
+    1: constants, so its gradient with respect to the block's statistics is the loss's)."""
     pipe = logit_pipeline(hidden.device, logit)
     parts = [t.chunk(n_sides) if t is not None else [None] * n_sides for t in (hidden, labels, a)]
     # the C++ path finds the labelled rows on the host (free on the CPU); the Triton paths on the device
     sides = [Side(h, y, labelled_rows(y.reshape(-1), pipe.ignore_index) if pipe.backend == "cpp" else None, low)
              for h, y, low in zip(*parts)]
-    held = {"lp": torch.zeros(labels.shape, dtype=torch.float32, device=labels.device),
-            "sp2": torch.ones(labels.shape, dtype=torch.float32, device=labels.device)}
+    held = {name: torch.full(labels.shape, UNLABELLED[name], dtype=torch.float32, device=labels.device)
+            for name in ("logprobs", *([aux] if aux else []))}
 
     def whole(blocks, rest, items: slice):
         """Every side's rows, the block's ``items`` from ``blocks`` and the rest from ``rest``."""
         return torch.cat([torch.cat([r[:items.start], blk, r[items.stop:]])
                           for r, blk in zip(rest.chunk(n_sides), blocks)])
 
-    def share(lps, sps, items: slice):
-        return loss(whole(lps, held["lp"], items), whole(sps, held["sp2"], items) if sum_p2 else None)[0]
+    def share(lps, auxs, items: slice):
+        return loss(whole(lps, held["logprobs"], items), whole(auxs, held[aux], items) if aux else None)[0]
 
-    def total(lps, sps):
-        return loss(torch.cat(lps), torch.cat(sps) if sum_p2 else None)
+    def total(lps, auxs):
+        return loss(torch.cat(lps), torch.cat(auxs) if aux else None)
 
-    value, metrics, stats = single_pass_loss(sides, weight, bias, share, total, pipe=pipe,
-                                             aux="sum_p2" if sum_p2 else None, extras=extras, low_rank_weight=lw)
+    value, metrics, stats = single_pass_loss(sides, weight, bias, share, total, pipe=pipe, aux=aux, extras=extras,
+                                             low_rank_weight=lw)
     return value, metrics, {name: torch.cat(per_side) for name, per_side in stats.items()}

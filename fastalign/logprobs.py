@@ -15,23 +15,28 @@ from fastalign.ops.token_stats import token_stats_call
 class TokenStats(NamedTuple):
     """Per-token statistics, fp32 (argmax int64), shaped like the labels.
 
-    Fields not requested are ``None``. ``logprobs``, ``entropy`` and ``sum_p2``
-    are differentiable; ``argmax`` is not.
+    Fields not requested are ``None``. ``logprobs``, ``entropy``, ``sum_p2`` and
+    ``mean_logit`` (the mean over the vocabulary of the logits before the temperature,
+    from hidden states: :func:`fastalign.linear_logprobs`) are differentiable; ``argmax``
+    is not.
     """
 
     logprobs: Tensor
     entropy: Optional[Tensor] = None
     sum_p2: Optional[Tensor] = None
     argmax: Optional[Tensor] = None
+    mean_logit: Optional[Tensor] = None
 
 
-def shaped_stats(shape, lp, ent, sp2, amax, entropy: bool, sum_p2: bool, argmax: bool) -> TokenStats:
+def shaped_stats(shape, lp, ent, sp2, amax, entropy: bool, sum_p2: bool, argmax: bool, mean=None,
+                 mean_logit: bool = False) -> TokenStats:
     """TokenStats from flat per-row outputs, shaped like the labels; unrequested fields None."""
     return TokenStats(
         lp.view(shape),
         ent.view(shape) if entropy else None,
         sp2.view(shape) if sum_p2 else None,
         amax.view(shape) if argmax else None,
+        mean.view(shape) if mean_logit else None,
     )
 
 

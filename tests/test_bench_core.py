@@ -692,3 +692,17 @@ def test_summary_refuses_a_file_it_cannot_read(tmp_path, capsys, content, readme
     assert e.value.code == 2 and "Traceback" not in err
     assert err.splitlines()[-1].startswith("python -m fastalign.bench.summary: error: argument files: ")
     assert str(path) in err and readme_path.read_text() == "# x\n"
+
+
+def test_smoothed_cross_entropy_implementations_agree():
+    """The label-smoothed softcapped cross-entropy case times one loss: its fastalign implementations (single pass,
+    two passes, a separate mean) give eager's ``F.cross_entropy(label_smoothing=)`` at its warm-up shape, with a
+    backward."""
+    from fastalign.bench.cases import all_cases
+
+    case = next(c for c in all_cases() if c.op == "smoothed_cross_entropy")
+    steps = {impl: step for impl, step in case.warmup(torch.device("cpu"), "fwd+bwd").items() if step is not None}
+    assert set(steps) == {"fastalign", "fastalign-two-pass", "separate-mean", "eager"}
+    want = steps["eager"]().detach()
+    for impl, step in steps.items():
+        torch.testing.assert_close(step().detach(), want, rtol=1e-5, atol=1e-5, msg=impl)

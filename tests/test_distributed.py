@@ -33,6 +33,7 @@ import torch.multiprocessing as mp
 
 import fastalign
 from conftest import CPU_BACKENDS
+from fastalign.reference.linear import linear_logits as reference_linear_logits
 from fastalign.reference.linear import linear_logprobs as reference_linear_logprobs
 from helpers import rank_body
 
@@ -158,7 +159,9 @@ def vocab_data():
     labels[1, 2] = -100
     # upstream gradients of the three statistics
     g_lp, g_ent, g_sp2 = torch.randn(3, 2, 5, generator=g)
-    return dict(hidden=hidden, weight=weight, bias=bias, labels=labels, g_lp=g_lp, g_ent=g_ent, g_sp2=g_sp2)
+    g_mean = torch.randn(2, 5, generator=g)  # and of the mean logit
+    return dict(hidden=hidden, weight=weight, bias=bias, labels=labels, g_lp=g_lp, g_ent=g_ent, g_sp2=g_sp2,
+                g_mean=g_mean)
 
 
 def banned_shard_data():
@@ -171,14 +174,16 @@ def banned_shard_data():
 
 
 def _backward(st, d):
-    ((st.logprobs * d["g_lp"]).sum() + (st.entropy * d["g_ent"]).sum() + (st.sum_p2 * d["g_sp2"]).sum()).backward()
+    mean = 0.0 if st.mean_logit is None else (st.mean_logit * d["g_mean"]).sum()
+    ((st.logprobs * d["g_lp"]).sum() + (st.entropy * d["g_ent"]).sum() + (st.sum_p2 * d["g_sp2"]).sum()
+     + mean).backward()
 
 
 def vocab_stats(data, backend, rank=0, world=1, group=None, device="cpu", compiled=False, sizes=None,
-                options=VOCAB_OPTIONS):
+                options=VOCAB_OPTIONS, mean_logit=True):
     """Statistics and gradients of this rank's shard (its ``torch.chunk`` of the vocabulary, or its rows of
     ``split(sizes)``); ``compiled``: through ``torch.compile(fullgraph=True)`` (no graph break, backward
-    included)."""
+    included); ``mean_logit``: the mean logit too, its gradient in the loss."""
     d = {k: v.to(device) for k, v in data.items()}
     hidden = d["hidden"].clone().requires_grad_(True)
     weight, bias = (d[k].chunk(world)[rank] if sizes is None else d[k].split(sizes)[rank] for k in ("weight", "bias"))
@@ -186,11 +191,13 @@ def vocab_stats(data, backend, rank=0, world=1, group=None, device="cpu", compil
 
     def stats(hidden, weight, bias):
         return fastalign.linear_logprobs(hidden, weight, d["labels"], bias=bias, entropy=True, sum_p2=True,
-                                         argmax=True, vocab_group=group, backend=backend, **options)
+                                         argmax=True, mean_logit=mean_logit, vocab_group=group, backend=backend,
+                                         **options)
     st = (torch.compile(stats, fullgraph=True) if compiled else stats)(hidden, weight, bias)
     _backward(st, d)
+    means = {} if st.mean_logit is None else dict(mean_logit=st.mean_logit.detach())
     return dict(logprobs=st.logprobs.detach(), entropy=st.entropy.detach(), sum_p2=st.sum_p2.detach(),
-                argmax=st.argmax, d_hidden=hidden.grad, d_weight=weight.grad, d_bias=bias.grad)
+                argmax=st.argmax, d_hidden=hidden.grad, d_weight=weight.grad, d_bias=bias.grad, **means)
 
 
 def dtensor_stats(data, backend, rank, world):
@@ -271,7 +278,7 @@ def shard_loss(name, backend, rank=0, group=None, sizes=None):
         def loss(lp, sp2):
             return (lp * d["g_lp"]).sum(), {"sum_p2": sp2.sum()}
         value, metrics, stats = separable_step(hidden, weight, labels, loss, bias=bias, sum_p2=True,
-                                               extras=("entropy", "argmax"),
+                                               extras=("entropy", "argmax", "mean_logit"),
                                                logit=dict(vocab_group=group, backend=backend, **VOCAB_OPTIONS))
     else:
         ref_hidden = d["hidden"] + 0.3 * torch.randn(d["hidden"].shape, generator=g)
@@ -445,8 +452,9 @@ def check_data_parallel(ranks, single, atol=1e-6, rtol=1e-5):
 
 def check_vocab_parallel(ranks, single, atol=1e-5, rtol=1e-5):
     for r, got in enumerate(ranks):
-        for k in ("logprobs", "entropy", "sum_p2", "d_hidden"):
-            torch.testing.assert_close(got[k], single[k], atol=atol, rtol=rtol, msg=f"{k}, rank {r}")
+        for k in ("logprobs", "entropy", "sum_p2", "mean_logit", "d_hidden"):
+            if k in single:
+                torch.testing.assert_close(got[k], single[k], atol=atol, rtol=rtol, msg=f"{k}, rank {r}")
         assert torch.equal(got["argmax"], single["argmax"]), f"argmax, rank {r}"
     for k in ("d_weight", "d_bias"):  # each rank holds the gradient of its own rows
         torch.testing.assert_close(torch.cat([got[k] for got in ranks]), single[k], atol=atol, rtol=rtol, msg=k)
@@ -458,8 +466,12 @@ def check_single_against_reference(single, data):
     hidden, weight, bias = (d[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias"))
     lp, ent, sp2, amax = reference_linear_logprobs(hidden, weight, d["labels"], bias=bias, dtype=torch.float64,
                                                    **VOCAB_OPTIONS)
-    ((lp * d["g_lp"]).sum() + (ent * d["g_ent"]).sum() + (sp2 * d["g_sp2"]).sum()).backward()
-    for k, ref in (("logprobs", lp), ("entropy", ent), ("sum_p2", sp2), ("d_hidden", hidden.grad),
+    z = reference_linear_logits(hidden, weight, bias=bias, softcap=VOCAB_OPTIONS["softcap"],
+                                logit_scale=VOCAB_OPTIONS["logit_scale"], dtype=torch.float64)
+    mean = torch.where(d["labels"] != -100, z.mean(-1), 0.0)  # before the temperature
+    ((lp * d["g_lp"]).sum() + (ent * d["g_ent"]).sum() + (sp2 * d["g_sp2"]).sum()
+     + (mean * d["g_mean"]).sum()).backward()
+    for k, ref in (("logprobs", lp), ("entropy", ent), ("sum_p2", sp2), ("mean_logit", mean), ("d_hidden", hidden.grad),
                    ("d_weight", weight.grad), ("d_bias", bias.grad)):
         torch.testing.assert_close(single[k].double(), ref.detach(), atol=1e-5, rtol=1e-5, msg=k)
 
@@ -556,7 +568,7 @@ def test_gloo_dtensor_head(gloo_run):
     gradient is the ranks' average, as FSDP2 averages its parameters' gradients. A vocab_group other than the
     mesh's group (one rank of the mesh's two) is refused on every rank."""
     backend, ranks = gloo_run
-    single = vocab_stats(vocab_data(), backend)
+    single = vocab_stats(vocab_data(), backend, mean_logit=False)
     stats = ("logprobs", "entropy", "sum_p2", "d_hidden")
     for r, got in enumerate(ranks):
         for k in stats:

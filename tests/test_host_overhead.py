@@ -58,7 +58,7 @@ def test_eager_token_logprobs_skip_the_dispatcher_with_the_ops_results():
     assert nodes == {"_TokenStatsEagerBackward"}, nodes  # no custom-op autograd node
     assert "_TokenStatsEagerBackward" not in op_nodes
     for a, b in zip(eager, op):
-        assert torch.equal(_bits(a), _bits(b))
+        assert (a is None and b is None) or torch.equal(_bits(a), _bits(b))
     assert torch.equal(_bits(g_eager), _bits(g_op))
 
 

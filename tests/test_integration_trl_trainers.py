@@ -132,11 +132,12 @@ def _compare(theirs, ours):
 def test_head_matches_the_models_own_logits(model_type):
     """The fused head against the model's own logits in float64 (cohere: logit_scale; gemma2: softcapping,
     whose mean logit takes a vocabulary pass): head_outputs' fields, the mean logit from the operands (at every
-    position, and at the scored ones alone), and the statistics of head_separable_loss's pass (items as rows,
-    pairs and tokens; loss and gradient too)."""
+    position, and at the scored ones alone), the label logit (and the linear heads' smoothing margin) from one head
+    row per position, and the statistics of head_separable_loss's pass (items as rows, pairs and tokens; loss and
+    gradient too, with the mean logit as the loss's differentiable second argument)."""
     from fastalign.integrations.hf import head_operands
     import fastalign
-    from fastalign.integrations.trl._head import head_outputs, head_separable_loss, label_margin, softcapped
+    from fastalign.integrations.trl._head import head_outputs, head_separable_loss, label_logit, softcapped
 
     extra = {"cohere": dict(logit_scale=0.5), "gemma2": dict(final_logit_softcapping=3.0, head_dim=8)}
     config_cls = {"qwen2": transformers.Qwen2Config, "cohere": transformers.CohereConfig,
@@ -183,10 +184,16 @@ def test_head_matches_the_models_own_logits(model_type):
     at_positions = fastalign.linear_mean_logits(hidden, weight, **head, response_mask=positions).double()
     torch.testing.assert_close(at_positions[positions], z_every.mean(-1)[positions], rtol=1e-5, atol=1e-5)
     assert not at_positions[~positions].any()
-    z = z_every[:, :-1]  # the label-smoothing margin z_y - mean_j z_j at the scored positions
-    margin = torch.where(scored, z.gather(-1, y.clamp(min=0)[..., None])[..., 0] - z.mean(-1), zero)
-    torch.testing.assert_close(label_margin(operands, y.masked_fill(~scored, -100), scale, softcap).double(),
-                               margin, rtol=1e-5, atol=1e-5)
+    z = z_every[:, :-1]  # the label logit z_y, and the linear heads' label-smoothing margin z_y - mean_j z_j
+    z_y = torch.where(scored, z.gather(-1, y.clamp(min=0)[..., None])[..., 0], zero)
+    targets = y.masked_fill(~scored, -100)
+    torch.testing.assert_close(label_logit(operands, targets, scale, softcap).double(), z_y, rtol=1e-5, atol=1e-5)
+    if softcap is None:
+        torch.testing.assert_close(label_logit(operands, targets, scale, minus_mean=True).double(),
+                                   torch.where(scored, z_y - z.mean(-1), zero), rtol=1e-5, atol=1e-5)
+    else:
+        with pytest.raises(ValueError, match="minus_mean applies to a linear head"):
+            label_logit(operands, targets, scale, softcap, minus_mean=True)
 
     want = expected(z_every)
     hidden, weight, bias, low_rank = operands
@@ -204,14 +211,29 @@ def test_head_matches_the_models_own_logits(model_type):
                                        msg=lambda m: f"{items} {name}: {m}")
         assert torch.equal(stats["argmax"], want["argmax"]), items
         h64 = hidden.detach().double().requires_grad_(True)
-        z = h64 @ weight.detach().double().T
-        if model_type == "cohere":
-            z = z * 0.5
-        if model_type == "gemma2":
-            z = 3.0 * torch.tanh(z / 3.0)
-        ref = expected(z)
+
+        def logits64():
+            z = h64 @ weight.detach().double().T
+            if model_type == "cohere":
+                z = z * 0.5
+            return 3.0 * torch.tanh(z / 3.0) if model_type == "gemma2" else z
+
+        ref = expected(logits64())
         (-(ref["logprobs"] * want["sum_p2"]).sum()).backward()
         torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{items}: {m}")
+        # the mean logit as the loss's differentiable second argument, from the same pass
+        h.grad = h64.grad = None
+        c = torch.linspace(-1.0, 1.0, y.numel()).view(y.shape)
+        value, _, stats = head_separable_loss((h, weight, bias, low_rank), model.config, targets,
+                                              lambda lp, mean: ((mean * c - lp).sum(), {}), items=items,
+                                              mean_logit=True)
+        value.backward()
+        z = logits64()
+        mean = torch.where(scored, z[:, :-1].mean(-1), zero)
+        torch.testing.assert_close(stats["mean_logit"].double(), mean.detach(), rtol=1e-5, atol=1e-5)
+        (mean * c - expected(z)["logprobs"]).sum().backward()
+        torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{items}, mean logit: {m}")
 
 
 # ------------------------------------------------------------------------------------------ SFT
@@ -1432,13 +1454,20 @@ def test_softcapped_head_logits_metrics_match_trl(gemma2_checkpoint, tmp_path, t
     _compare(theirs, ours)
 
 
-def test_sft_label_smoothing_on_a_softcapped_head_matches_trl(gemma2_checkpoint, tmp_path):
-    """Label smoothing on a Gemma 2 head: its mean logit (not linear in the hidden states) through the vocabulary,
-    with gradients; loss, metrics and update equal TRL's, which smooths its full logits."""
+def test_sft_label_smoothing_on_a_softcapped_head_matches_trl(gemma2_checkpoint, tmp_path, item_passes,
+                                                              monkeypatch):
+    """Label smoothing on a Gemma 2 head: its mean logit (not linear in the hidden states) a statistic of the loss's
+    own single pass through the vocabulary, with its gradient (no vocabulary pass of its own); loss, metrics and
+    update equal TRL's, which smooths its full logits."""
+    from fastalign.ops.mean_logits import SoftcappedMeanLogits
+
+    own_passes, apply = [], SoftcappedMeanLogits.apply
+    monkeypatch.setattr(SoftcappedMeanLogits, "apply", lambda *a: own_passes.append(1) or apply(*a))
     options = dict(label_smoothing_factor=0.2, max_steps=2)
     theirs = _run(_sft(trl.SFTTrainer, gemma2_checkpoint, tmp_path / "trl", options, "text"))
     ours = _run(_sft(fa_trl.SFTTrainer, gemma2_checkpoint, tmp_path / "fa", options, "text"))
     assert {"loss@1", "entropy@0", "mean_token_accuracy@1"} <= set(ours[0])
+    assert len(item_passes) == 2 and not own_passes
     _compare(theirs, ours)
 
 

@@ -325,27 +325,31 @@ def test_a_tiny_chunk_budget_keeps_vocabulary_pieces_of_16(monkeypatch):
     check(st, grads, ref, ref_grads, tol=2e-5, gtol=2e-5)
 
 
-def _op_args(backend, chunk=(5, 37), low_rank=False):
+def _op_args(backend, chunk=(5, 37), low_rank=False, mean_logit=False):
     hidden, weight, bias, labels = make_inputs()
     a, lw = (torch.randn(N, 3), torch.randn(V, 3) * 0.3) if low_rank else (None, None)
-    return (hidden, weight, bias, a, lw, labels, 1.3, 4.0, 1.0 / 0.9, -100, True, True, True, backend, *chunk, 0.0)
+    return (hidden, weight, bias, a, lw, labels, 1.3, 4.0, 1.0 / 0.9, -100, True, True, True, backend, *chunk, 0.0,
+            mean_logit)
 
 
-@pytest.mark.parametrize("low_rank", [False, True], ids=["plain", "low_rank"])
-def test_custom_ops_pass_opcheck(cpu_backend, low_rank):
-    args = _op_args(cpu_backend, low_rank=low_rank)
+@pytest.mark.parametrize("low_rank,mean_logit", [(False, False), (True, False), (False, True)],
+                         ids=["plain", "low_rank", "mean_logit"])
+def test_custom_ops_pass_opcheck(cpu_backend, low_rank, mean_logit):
+    args = _op_args(cpu_backend, low_rank=low_rank, mean_logit=mean_logit)
     torch.library.opcheck(linear_stats, args, test_utils=("test_schema", "test_faketensor"))
-    lp, ent, sp2, _amax, _val, lse = linear_stats(*args)
+    lp, ent, sp2, _amax, _val, lse, mean = linear_stats(*args)
+    assert mean.numel() == (N if mean_logit else 0)
     hidden, weight, bias, a, lw, labels = args[:6]
     g = torch.randn(N)
     bargs = (g, g, g, hidden, weight, bias, a, lw, labels, lse, ent, sp2, 1.3, 4.0, 1.0 / 0.9, -100, cpu_backend,
-             5, 37, 0.0, True, True, True, low_rank)
+             5, 37, 0.0, True, True, True, low_rank, None, g if mean_logit else None)
     torch.library.opcheck(linear_stats_backward, bargs, test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("low_rank", [False, True], ids=["plain", "low_rank"])
-def test_autograd_registration_passes_opcheck(low_rank):
-    args = list(_op_args("cpp", low_rank=low_rank))
+@pytest.mark.parametrize("low_rank,mean_logit", [(False, False), (True, False), (False, True)],
+                         ids=["plain", "low_rank", "mean_logit"])
+def test_autograd_registration_passes_opcheck(low_rank, mean_logit):
+    args = list(_op_args("cpp", low_rank=low_rank, mean_logit=mean_logit))
     for i in range(5 if low_rank else 3):
         args[i] = args[i].clone().requires_grad_(True)
     torch.library.opcheck(linear_stats, tuple(args), test_utils=("test_autograd_registration",))
@@ -397,6 +401,8 @@ def test_torch_compile_fullgraph_no_graph_break():
          ValueError, "chunk must be"),
         ((torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)), dict(backend="cuda"),
          ValueError, "backend 'cuda' needs CUDA tensors"),
+        ((torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)), dict(mean_logit="yes"),
+         TypeError, "mean_logit"),
     ],
 )
 def test_bad_input(args, kw, err, match):
@@ -668,3 +674,84 @@ def test_large_softcap_keeps_fp32_precision(cpu_backend):
         got = fastalign.linear_logprobs(h, w, y, softcap=cap, backend=cpu_backend).logprobs
         ref = reference.linear_logprobs(h.double(), w.double(), y, dtype=torch.float64, softcap=cap)[0]
         assert_close(got, ref, atol=3e-6, rtol=1e-6, what=f"softcap {cap}")
+
+
+def _reference_mean(hidden, weight, bias, labels, low_rank=None, **pipe):
+    """(1/V) sum_j z_j of the float64 logits before the temperature, 0 at the ignored rows."""
+    u = hidden @ weight.T
+    if low_rank is not None:
+        u = u + low_rank[0] @ low_rank[1].T
+    z = reference.linear_logits(u, torch.eye(u.shape[-1], dtype=u.dtype), bias=bias, softcap=pipe.get("softcap"),
+                                logit_scale=pipe.get("logit_scale", 1.0), dtype=torch.float64)
+    return torch.where(labels != pipe.get("ignore_index", -100), z.mean(-1), 0.0)
+
+
+@pytest.mark.parametrize("pipe", list(PIPELINES))
+@pytest.mark.parametrize("used", ["logprobs+mean", "mean"])
+def test_mean_logit_forward_and_grads(path, pipe, used):
+    """mean_logit = (1/V) sum_j z_j (before the temperature) from the same pass, and its gradient in the same
+    backward, alone or beside the log-probs', against float64 autograd through the full logits."""
+    backend, chunk = path
+    hidden, weight, bias, labels = make_inputs(seed=5)
+    g_lp, g_mean = torch.randn(2, N, dtype=torch.float64) * torch.tensor([[float(used != "mean")], [1.0]])
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    st = fastalign.linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], mean_logit=True, backend=backend,
+                                   chunk=chunk, **PIPELINES[pipe])
+    (st.mean_logit * g_mean).sum().backward() if used == "mean" else \
+        (st.logprobs * g_lp + st.mean_logit * g_mean).sum().backward()
+    refs = [t.detach().double().requires_grad_(True) for t in (hidden, weight, bias)]
+    mean = _reference_mean(*refs, labels, **PIPELINES[pipe])
+    lp = reference.linear_logprobs(*refs[:2], labels, bias=refs[2], dtype=torch.float64, **PIPELINES[pipe])[0]
+    (lp * g_lp + mean * g_mean).sum().backward()
+    assert st.mean_logit.dtype == torch.float32 and st.mean_logit.shape == labels.shape
+    assert_close(st.mean_logit, mean, atol=2e-5, rtol=2e-5, what="mean_logit")
+    assert_close(st.logprobs, lp, atol=2e-5, rtol=2e-5, what="logprobs")
+    for a, e, name in zip(leaves, refs, ("d hidden", "d weight", "d bias")):
+        assert_close(a.grad, e.grad, atol=2e-5, rtol=2e-5, what=name)
+    assert torch.count_nonzero(leaves[0].grad[labels == -100]) == 0
+
+
+def test_mean_logit_bf16_low_rank_and_nan_rows(path):
+    """bf16 operands with a low-rank term: the mean as exact as fp32 math on them, gradients rounded once; a NaN
+    hidden row gives a NaN mean there only, and an ignored NaN row a mean of 0 and no gradient anywhere."""
+    backend, chunk = path
+    hidden, weight, bias, labels = make_inputs(dtype=torch.bfloat16, seed=6)
+    a, lw = (torch.randn(N, 3) * 0.5).bfloat16(), (torch.randn(V, 3) * 0.3).bfloat16()
+    labels[:2] = torch.tensor([-100, 7])
+    hidden[0, 1] = float("nan")  # an ignored row
+    pipe = dict(softcap=3.0, temperature=0.7)
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias, a, lw)]
+    st = fastalign.linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], low_rank=tuple(leaves[3:]),
+                                   mean_logit=True, backend=backend, chunk=chunk, **pipe)
+    g = torch.randn(N)
+    (st.mean_logit * g).sum().backward()
+    refs = [t.detach().double().requires_grad_(True) for t in (hidden, weight, bias, a, lw)]
+    mean = _reference_mean(torch.where(refs[0].isnan(), 0.0, refs[0]), refs[1], refs[2], labels, tuple(refs[3:]),
+                           **pipe)
+    (mean * g).sum().backward()
+    assert st.mean_logit[0] == 0 and torch.isfinite(st.mean_logit).all()
+    assert_close(st.mean_logit, mean, atol=5e-5, rtol=5e-5, what="mean_logit")
+    for leaf, ref, name in zip(leaves, refs, ("d hidden", "d weight", "d bias", "d a", "d L")):
+        assert leaf.grad.dtype == torch.bfloat16
+        assert_close(leaf.grad, ref.grad, atol=1e-2, rtol=1e-2, what=name)
+    hidden[1, 2] = float("nan")  # a scored row
+    nan = fastalign.linear_logprobs(hidden, weight, labels, bias=bias, mean_logit=True, backend=backend, chunk=chunk)
+    assert torch.isnan(nan.mean_logit[1]) and torch.isfinite(nan.mean_logit[2:]).all()
+
+
+def test_mean_logit_not_asked_is_none_and_compiles(cpu_backend):
+    """Without mean_logit the field is None; with it, torch.compile(fullgraph=True) traces the op and its backward
+    with the same numbers."""
+    hidden, weight, bias, labels = make_inputs()
+    assert fastalign.linear_logprobs(hidden, weight, labels, backend=cpu_backend).mean_logit is None
+
+    def step(h, w, b):
+        st = fastalign.linear_logprobs(h, w, labels, bias=b, softcap=5.0, mean_logit=True, backend=cpu_backend)
+        return (st.logprobs - 0.1 * st.mean_logit).sum()
+
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    torch.compile(step, fullgraph=True, backend="aot_eager")(*leaves).backward()
+    eager = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    step(*eager).backward()
+    for a, b in zip(leaves, eager):
+        assert_close(a.grad, b.grad, atol=1e-6, what="compiled grad")

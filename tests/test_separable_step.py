@@ -82,8 +82,21 @@ def tpo_like(labels, ref, beta=0.6):
     return loss
 
 
-def oracle(d, sum_p2, low_rank, logit, make_loss=dpo_like):
-    """float64 loss, metrics, gradients and statistics on the materialised logits."""
+def smoothing_like(labels, ref, eps=0.3):
+    """A token-mean NLL with a label-smoothing-like term of the mean logit (its gradient flows), weighted per token:
+    separable over tokens, so over any items."""
+    mask = (labels != -100).to(torch.float64)
+    c = torch.linspace(-1.0, 2.0, labels.numel(), dtype=torch.float64).view(labels.shape)
+
+    def loss(lp, mean_logit):
+        value = ((-lp.double() - eps * c * mean_logit.double()) * mask).sum() / mask.sum()
+        return value, {"smoothing": (c * mean_logit.double() * mask).sum().detach()}
+    return loss
+
+
+def oracle(d, sum_p2, low_rank, logit, make_loss=dpo_like, mean_logit=False):
+    """float64 loss, metrics, gradients and statistics on the materialised logits (``mean_logit``: the mean logit,
+    differentiable, as the loss's second argument)."""
     leaves = {k: d[k].double().requires_grad_(True) for k in ("hidden", "weight", "bias", "a", "L")}
     z = leaves["hidden"] @ leaves["weight"].T + leaves["bias"]
     if low_rank:
@@ -92,7 +105,7 @@ def oracle(d, sum_p2, low_rank, logit, make_loss=dpo_like):
     cap = logit.get("softcap")
     if cap:
         z = cap * torch.tanh(z / cap)
-    mean_logit = z.mean(-1)  # the head's logits, before the temperature
+    z_mean = z.mean(-1)  # the head's logits, before the temperature
     z = z / logit.get("temperature", 1.0)
     logp = torch.log_softmax(z, -1)
     y = d["labels"]
@@ -100,23 +113,25 @@ def oracle(d, sum_p2, low_rank, logit, make_loss=dpo_like):
     lp = torch.where(scored, logp.gather(-1, y.clamp(min=0)[..., None])[..., 0], 0.0)
     p = logp.exp()
     sp2 = torch.where(scored, (p * p).sum(-1), 1.0)
-    value, metrics = make_loss(y, d["ref"])(lp, sp2.detach() if sum_p2 else None)
+    aux = torch.where(scored, z_mean, 0.0) if mean_logit else sp2.detach() if sum_p2 else None
+    value, metrics = make_loss(y, d["ref"])(lp, aux)
     value.backward()
     names = ("hidden", "weight", "bias") + (("a", "L") if low_rank else ())
     stats = {"logprobs": lp.detach(), "sum_p2": sp2.detach(),
              "entropy": torch.where(scored, -(p * logp).sum(-1), 0.0).detach(),
              "argmax": torch.where(scored, z.argmax(-1), -1),
-             "mean_logit": torch.where(scored, mean_logit, 0.0).detach()}
+             "mean_logit": torch.where(scored, z_mean, 0.0).detach()}
     return value.detach(), metrics, [leaves[k].grad for k in names], stats
 
 
 def run(d, single_pass, *, sum_p2=True, low_rank=True, backend="cpp", logit=LOGIT,
-        extras=("entropy", "argmax", "mean_logit"), make_loss=dpo_like, items="pairs"):
+        extras=("entropy", "argmax", "mean_logit"), make_loss=dpo_like, items="pairs", mean_logit=False):
     names = ("hidden", "weight", "bias") + (("a", "L") if low_rank else ())
     leaves = {k: d[k].clone().requires_grad_(True) for k in names}
     value, metrics, stats = separable_step(
         leaves["hidden"], leaves["weight"], d["labels"], make_loss(d["labels"], d["ref"]), bias=leaves["bias"],
-        low_rank=(leaves["a"], leaves["L"]) if low_rank else None, sum_p2=sum_p2, extras=extras,
+        low_rank=(leaves["a"], leaves["L"]) if low_rank else None, sum_p2=sum_p2, mean_logit=mean_logit,
+        extras=extras,
         single_pass=single_pass, logit=dict(logit, backend=backend), items=items)
     value.backward()
     return value.detach(), metrics, [leaves[k].grad for k in names], stats
@@ -186,6 +201,29 @@ def test_separable_step_tokens_matches_float64(block_mib, single_pass):
     check(got, oracle(d, True, True, LOGIT, token_loss), 2e-5)
 
 
+@pytest.mark.parametrize("items", ["pairs", "rows", "triples", "tokens"])
+@pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "two-pass"])
+def test_separable_step_mean_logit_loss_matches_float64(block_mib, single_pass, items):
+    """The mean logit as the loss's differentiable second argument (a softcapped head's label smoothing), from the
+    loss's own pass: its gradient joins the log-probs' in the same backward (the single pass adds g / V to each
+    block's d(logits)); with the mean logit among the extras too."""
+    d = make(8)
+    got = run(d, single_pass, sum_p2=False, mean_logit=True, make_loss=smoothing_like, items=items)
+    assert set(got[3]) == {"logprobs", "entropy", "argmax", "mean_logit"}
+    check(got, oracle(d, False, True, LOGIT, smoothing_like, mean_logit=True), 2e-5, stats=tuple(got[3]))
+
+
+def test_separable_step_mean_logit_loss_triton_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "1e-9")  # blocks of one item: rows put first on the device
+    d = make(9)
+    for single_pass in (True, False):
+        got = run(d, single_pass, sum_p2=False, mean_logit=True, make_loss=smoothing_like, items="tokens",
+                  backend="triton", extras=())
+        check(got, oracle(d, False, True, LOGIT, smoothing_like, mean_logit=True), 2e-5, stats=("logprobs",))
+
+
 def test_separable_step_triton_interpreter(block_mib, monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -243,9 +281,10 @@ def test_separable_step_bad_inputs():
         separable_step(d["hidden"], d["weight"], d["labels"], loss, extras=("mean",))
     with pytest.raises(ValueError, match="single_pass"):
         separable_step(d["hidden"], d["weight"], d["labels"], loss, single_pass="yes")
-    with pytest.raises(ValueError, match="'mean_logit' does not apply with vocab_group"):
-        separable_step(d["hidden"], d["weight"], d["labels"], loss, extras=("mean_logit",),
-                       logit=dict(vocab_group=object()))
+    with pytest.raises(ValueError, match="sum_p2 and mean_logit"):
+        separable_step(d["hidden"], d["weight"], d["labels"], loss, sum_p2=True, mean_logit=True)
+    with pytest.raises(TypeError, match="mean_logit"):
+        separable_step(d["hidden"], d["weight"], d["labels"], loss, mean_logit="yes")
 
 
 def test_coupling_names_the_losses_that_are_not_separable_over_pairs():

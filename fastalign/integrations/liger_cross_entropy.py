@@ -24,8 +24,9 @@ with gradients to the hidden states, the weight and the bias, and
     sum_j c_j log p_j = sum_j c_j z_j - C lse,   sum_j c_j z_j = h · (sum_j c_j W_j) + sum_j c_j b_j,   C = sum_j c
 
 (the last one linear in ``h`` only without ``softcap``; with it, and no ``ce_weight``, ``sum_j z_j = V mean_j z_j``
-of the softcapped logits comes from :func:`fastalign.linear_mean_logits`, a vocabulary pass whose gradient takes
-another; ``label_smoothing > 0`` with both ``softcap`` and ``ce_weight`` raises ``ValueError``).
+of the softcapped logits is a statistic of the log-probs' own pass, ``mean_logit`` of
+:func:`fastalign.linear_logprobs`, its gradient in the same backward; ``label_smoothing > 0`` with both ``softcap``
+and ``ce_weight`` raises ``ValueError``).
 
 ``forward`` returns the loss, or, with ``return_z_loss``, ``return_token_accuracy`` or
 ``return_predicted_tokens``, a :class:`CrossEntropyOutput` (Liger's fields, in its order: ``loss``; ``z_loss``,
@@ -52,7 +53,6 @@ from fastalign import _validate
 from fastalign.integrations._dtypes import check_accum_dtype, float64_as_float32, refuse_out_of_range
 from fastalign.integrations._live_options import LiveOptions
 from fastalign.linear import check_head, linear_logprobs
-from fastalign.linear_mean import linear_mean_logits
 
 __all__ = ["LigerFusedLinearCrossEntropyLoss", "CrossEntropyOutput"]
 
@@ -138,8 +138,9 @@ class LigerFusedLinearCrossEntropyLoss(LiveOptions, nn.Module):
         smoothing, z_scale, cap = float(self.label_smoothing), float(self.lse_square_scale), self.softcap
         want_argmax = self.return_token_accuracy or self.return_predicted_tokens
 
+        capped_smoothing = smoothing > 0 and cap is not None  # sum_j z_j from the same pass: V mean_logit
         stats = linear_logprobs(_input, lin_weight, target, bias=bias, softcap=cap, ignore_index=self.ignore_index,
-                                argmax=want_argmax)
+                                argmax=want_argmax, mean_logit=capped_smoothing)
         lp = stats.logprobs
         keep = target != self.ignore_index
         n = keep.sum()
@@ -156,8 +157,8 @@ class LigerFusedLinearCrossEntropyLoss(LiveOptions, nn.Module):
                 z_y = cap * torch.tanh(z_y / cap)
             lse = z_y - lp
         if smoothing > 0:
-            if cap is not None:  # sum_j z_j of the softcapped logits: V times their mean (a vocabulary pass)
-                zc, c_sum = V * linear_mean_logits(_input, lin_weight, bias=bias, softcap=cap, response_mask=keep), V
+            if capped_smoothing:  # sum_j z_j of the softcapped logits: V times their mean
+                zc, c_sum = V * stats.mean_logit, V
             else:  # sum_j c_j z_j per row, linear in h
                 w_sum, b_sum, c_sum = _class_sums(lin_weight, bias, c)
                 zc = hf @ w_sum if b_sum is None else hf @ w_sum + b_sum

@@ -17,13 +17,14 @@ s = sum e^{x - m}, t = sum e^{x - m} (x - m), q = sum e^{2 (x - m)}) plus the
 label logit x_y and the argmax, and writes them per split; ``linear_stats_finish_kernel``
 merges the splits of a row and writes
 
-    lse = m + log s,  logprob = (x_y - m) - log s,  entropy = log s - t / s,  sum_p2 = q / s^2.
+    lse = m + log s,  logprob = (x_y - m) - log s,  entropy = log s - t / s,  sum_p2 = q / s^2,
+    mean_logit = (1/V) sum_j z_j        (WANT_MEAN: each split's sum of z, before the temperature)
 
 Backward, one program per (token block, vocabulary block) of a token chunk,
 with log p = x - lse, H the entropy and P = sum p^2 of the row:
 
     dx_j = g_lp (1[j=y] - p_j) - g_H p_j (log p_j + H) + 2 g_P p_j (p_j - P)
-    du_j = dx_j / T * (1 - (z_j / cap)^2 if softcap) * scale
+    du_j = (dx_j / T + g_mean / V) * (1 - (z_j / cap)^2 if softcap) * scale     (g_mean: of the mean logit)
 
 The saved fp32 lse is off by up to ulp(lse) / 2 (5e-4 of every p at |lse| = 1e4), so
 for the labelled rows with |lse| >= 32 backward first forms their mass over the
@@ -113,7 +114,7 @@ def linear_stats_fwd_kernel(
     h_ptr, w_ptr, b_ptr, a_ptr, l_ptr, labels_ptr, part_ptr, aidx_ptr, aval_ptr,
     N, V, H, R, s_h, s_w, s_a, s_l, v_per_split, n_splits, scale, cap, inv_t, ignore_index,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, LOW_RANK: tl.constexpr,
-    WANT_ENT: tl.constexpr, WANT_SP2: tl.constexpr, WANT_AMAX: tl.constexpr,
+    WANT_ENT: tl.constexpr, WANT_SP2: tl.constexpr, WANT_AMAX: tl.constexpr, WANT_MEAN: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -128,6 +129,7 @@ def linear_stats_fwd_kernel(
         v_hi = tl.where(tl.sum(((y != ignore_index) & row_ok).to(tl.int32), 0) > 0, v_hi, v_lo)
 
     m, s, t, q, zy, best_val, best_idx = _empty_rows(BLOCK_N)
+    z_sum = tl.zeros([BLOCK_N], tl.float32)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_ok = cols < v_hi
@@ -142,6 +144,8 @@ def linear_stats_fwd_kernel(
             best_val = tl.where(better, block_max, best_val)
         m, s, t, q = add_block(m, s, t, q, x, 1, WANT_ENT, WANT_SP2)
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), 1)
+        if WANT_MEAN:  # the logits before the temperature
+            z_sum += tl.sum(tl.where(col_ok[None, :], z, 0.0), 1)
 
     stride = n_splits * N
     base = part_ptr + sp * N + rows
@@ -150,6 +154,8 @@ def linear_stats_fwd_kernel(
     tl.store(base + 2 * stride, t, mask=row_ok)
     tl.store(base + 3 * stride, q, mask=row_ok)
     tl.store(base + 4 * stride, zy, mask=row_ok)
+    if WANT_MEAN:
+        tl.store(base + 5 * stride, z_sum, mask=row_ok)
     if WANT_AMAX:
         tl.store(aidx_ptr + sp * N + rows, best_idx, mask=row_ok)
         tl.store(aval_ptr + sp * N + rows, best_val, mask=row_ok)
@@ -157,20 +163,24 @@ def linear_stats_fwd_kernel(
 
 @triton.jit
 def linear_stats_finish_kernel(
-    part_ptr, aidx_ptr, aval_ptr, labels_ptr, lp_ptr, ent_ptr, sp2_ptr, amax_ptr, amax_val_ptr, lse_ptr,
+    part_ptr, aidx_ptr, aval_ptr, labels_ptr, lp_ptr, ent_ptr, sp2_ptr, amax_ptr, amax_val_ptr, lse_ptr, mean_ptr,
     N, V, n_splits, ignore_index,
-    WANT_ENT: tl.constexpr, WANT_SP2: tl.constexpr, WANT_AMAX: tl.constexpr, BLOCK_N: tl.constexpr,
+    WANT_ENT: tl.constexpr, WANT_SP2: tl.constexpr, WANT_AMAX: tl.constexpr, WANT_MEAN: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Merge the per-split states of BLOCK_N rows (splits in order: deterministic) and write the outputs."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rows < N
     stride = n_splits * N
     m, s, t, q, zy, best_val, best_idx = _empty_rows(BLOCK_N)
+    z_sum = tl.zeros([BLOCK_N], tl.float32)
     for k in range(0, n_splits):
         base = part_ptr + k * N + rows
         m, s, t, q = merge(m, s, t, q, tl.load(base, mask=ok, other=NEG_INF), tl.load(base + stride, mask=ok, other=0.0),
                            tl.load(base + 2 * stride, mask=ok, other=0.0), tl.load(base + 3 * stride, mask=ok, other=0.0))
         zy += tl.load(base + 4 * stride, mask=ok, other=0.0)
+        if WANT_MEAN:
+            z_sum += tl.load(base + 5 * stride, mask=ok, other=0.0)
         if WANT_AMAX:
             val = tl.load(aval_ptr + k * N + rows, mask=ok, other=float("-inf"))
             better = val > best_val  # the first split wins ties: lowest index
@@ -186,6 +196,8 @@ def linear_stats_finish_kernel(
         tl.store(ent_ptr + rows, tl.where(ignored, 0.0, ent), mask=ok)
     if WANT_SP2:
         tl.store(sp2_ptr + rows, tl.where(ignored, 0.0, sp2), mask=ok)
+    if WANT_MEAN:
+        tl.store(mean_ptr + rows, tl.where(ignored, 0.0, z_sum / V), mask=ok)
     if WANT_AMAX:
         tl.store(amax_ptr + rows, best_idx, mask=ok)
         tl.store(amax_val_ptr + rows, best_val, mask=ok)
@@ -194,9 +206,10 @@ def linear_stats_finish_kernel(
 @triton.jit
 def linear_stats_bwd_kernel(
     h_ptr, w_ptr, b_ptr, a_ptr, l_ptr, labels_ptr, lse_ptr, logc_ptr, ent_ptr, sp2_ptr, g_lp_ptr, g_ent_ptr,
-    g_sp2_ptr, du_ptr, db_ptr, N, V, H, R, s_h, s_w, s_a, s_l, s_du, scale, cap, inv_t, ignore_index, threshold,
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, LOW_RANK: tl.constexpr,
-    HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_SP2: tl.constexpr, SKIP: tl.constexpr,
+    g_sp2_ptr, g_mean_ptr, du_ptr, db_ptr, N, V, H, R, s_h, s_w, s_a, s_l, s_du, scale, cap, inv_t, ignore_index,
+    threshold, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, LOW_RANK: tl.constexpr,
+    HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_SP2: tl.constexpr, HAS_G_MEAN: tl.constexpr,
+    SKIP: tl.constexpr,
     BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -223,6 +236,8 @@ def linear_stats_bwd_kernel(
     dx = dlogits(z * inv_t, lse, log_c, cols[None, :] == y[:, None], g_lp, g_ent, ent, g_sp2, sp2,
                  HAS_G_LP, HAS_G_ENT, HAS_G_SP2)
     du = dx * inv_t
+    if HAS_G_MEAN:  # d mean / d z_j = 1 / V
+        du += tl.load(g_mean_ptr + rows, mask=row_ok, other=0.0)[:, None] / V
     if SOFTCAP:
         r = z / cap
         du = du * (1.0 - r * r)
@@ -257,7 +272,7 @@ def target_arch() -> int:
     return int(driver.active.get_current_target().arch)
 
 
-def _config(hidden, backward=False):
+def _config(hidden, backward=False, mean_logit=False):
     """Tile sizes: tensor-core tiles on a GPU, sized per architecture so that no bf16/fp16 variant
     spills (the AOT gate checks it); small tiles (fast to interpret) on CPU tensors."""
     if not on_gpu(hidden):
@@ -265,8 +280,9 @@ def _config(hidden, backward=False):
     ieee = matmul_precision(hidden) == "ieee"
     # full-fp32 ("ieee") products run on the FMA units, whose operands spilled on sm_100 at 32 columns of H
     block_h = 64 if hidden.element_size() == 2 else 16 if ieee else 32
-    # 128 x 128 forward tiles spill on sm_80 and sm_100, and with full-fp32 products on sm_90
-    if backward or target_arch() != 90 or ieee:
+    # 128 x 128 forward tiles spill on sm_80 and sm_100, with full-fp32 products on sm_90, and there with the mean
+    # logit's running sum beside the other statistics
+    if backward or target_arch() != 90 or ieee or mean_logit:
         return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=block_h, UPCAST=False), dict(num_warps=8, num_stages=3)
     return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=block_h, UPCAST=False), dict(num_warps=8, num_stages=3)
 
@@ -301,14 +317,15 @@ def _low_rank_args(hidden, low_rank):
 
 
 def _forward_parts(hidden, weight, bias, low_rank, labels, scale, cap, inv_t, ignore_index, want_ent, want_sp2,
-                   want_amax, tiles=None):
-    """Launch the forward kernel: per-split states ``parts [5, splits, N]`` (m, s, t, q, label logit)
-    and, with ``want_amax``, the per-split argmax index and logit. ``tiles``: :func:`linear_stats_forward`'s."""
+                   want_amax, want_mean=False, tiles=None):
+    """Launch the forward kernel: per-split states ``parts [5, splits, N]`` (m, s, t, q, label logit; with
+    ``want_mean`` a sixth, the sum of the logits) and, with ``want_amax``, the per-split argmax index and logit.
+    ``tiles``: :func:`linear_stats_forward`'s."""
     import torch
 
     N, H = hidden.shape
     V = weight.shape[0]
-    blocks, launch = tiled(_config(hidden), tiles, ("BLOCK_N", "BLOCK_V", "BLOCK_H"))
+    blocks, launch = tiled(_config(hidden, mean_logit=want_mean), tiles, ("BLOCK_N", "BLOCK_V", "BLOCK_H"))
     bn, bv = blocks["BLOCK_N"], blocks["BLOCK_V"]
     v_blocks = triton.cdiv(V, bv)
     token_blocks = triton.cdiv(N, bn)
@@ -318,7 +335,7 @@ def _forward_parts(hidden, weight, bias, low_rank, labels, scale, cap, inv_t, ig
         splits = min(2, v_blocks)
     per = triton.cdiv(v_blocks, splits) * bv
     splits = triton.cdiv(V, per)  # every split holds at least one column
-    parts = torch.empty(5, splits, N, device=hidden.device, dtype=torch.float32)
+    parts = torch.empty(6 if want_mean else 5, splits, N, device=hidden.device, dtype=torch.float32)
     aidx = torch.empty(splits if want_amax else 0, N, device=hidden.device, dtype=torch.int64)
     aval = torch.empty(splits if want_amax else 0, N, device=hidden.device, dtype=torch.float32)
     a, lw, R, s_a, s_l = _low_rank_args(hidden, low_rank)
@@ -327,28 +344,30 @@ def _forward_parts(hidden, weight, bias, low_rank, labels, scale, cap, inv_t, ig
         aidx if want_amax else labels, aval if want_amax else parts,
         N, V, H, R, hidden.stride(0), weight.stride(0), s_a, s_l, per, splits, scale, cap if cap > 0 else 1.0,
         inv_t, ignore_index, HAS_BIAS=bias is not None, SOFTCAP=cap > 0, LOW_RANK=low_rank is not None,
-        WANT_ENT=want_ent, WANT_SP2=want_sp2, WANT_AMAX=want_amax, PRECISION=matmul_precision(hidden),
-        **blocks, **launch,
+        WANT_ENT=want_ent, WANT_SP2=want_sp2, WANT_AMAX=want_amax, WANT_MEAN=want_mean,
+        PRECISION=matmul_precision(hidden), **blocks, **launch,
     )
     return parts, aidx, aval, splits
 
 
 def linear_stats_forward(hidden, weight, bias, low_rank, labels, scale, cap, inv_t, ignore_index, out, tiles=None):
-    """Writes ``out`` = (logprobs, entropy, sum_p2, argmax, argmax logit, lse); unrequested ones are empty.
+    """Writes ``out`` = (logprobs, entropy, sum_p2, argmax, argmax logit, lse, mean logit); unrequested ones are
+    empty.
     ``tiles``: the launch, ``(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages)``, instead of the default
     (benchmarks/lm_head_tilings.py compares them)."""
-    lp, ent, sp2, amax, amax_val, lse = out
+    lp, ent, sp2, amax, amax_val, lse, mean = out
     N = hidden.shape[0]
     V = weight.shape[0]
-    want_ent, want_sp2, want_amax = bool(ent.numel()), bool(sp2.numel()), bool(amax.numel())
+    want_ent, want_sp2, want_amax, want_mean = (bool(t.numel()) for t in (ent, sp2, amax, mean))
     parts, aidx, aval, splits = _forward_parts(hidden, weight, bias, low_rank, labels, scale, cap, inv_t,
-                                               ignore_index, want_ent, want_sp2, want_amax, tiles)
+                                               ignore_index, want_ent, want_sp2, want_amax, want_mean, tiles)
     finish_rows = 128 if on_gpu(hidden) else 16
     linear_stats_finish_kernel[(triton.cdiv(N, finish_rows),)](
         parts, aidx if want_amax else labels, aval if want_amax else parts, labels,
         lp, ent if want_ent else lp, sp2 if want_sp2 else lp, amax if want_amax else labels,
-        amax_val if want_amax else lp, lse, N, V, splits, ignore_index,
-        WANT_ENT=want_ent, WANT_SP2=want_sp2, WANT_AMAX=want_amax, BLOCK_N=finish_rows, num_warps=4,
+        amax_val if want_amax else lp, lse, mean if want_mean else lp, N, V, splits, ignore_index,
+        WANT_ENT=want_ent, WANT_SP2=want_sp2, WANT_AMAX=want_amax, WANT_MEAN=want_mean, BLOCK_N=finish_rows,
+        num_warps=4,
     )
 
 
@@ -369,10 +388,11 @@ def linear_row_mass(hidden, weight, bias, low_rank, labels, lse, scale, cap, inv
 
 
 def linear_stats_backward(hidden, weight, bias, low_rank, labels, lse, ent, sp2, g_lp, g_ent, g_sp2,
-                          scale, cap, inv_t, ignore_index, threshold, du, log_c, db=None):
+                          scale, cap, inv_t, ignore_index, threshold, du, log_c, db=None, g_mean=None):
     """Writes d(loss)/d(h @ W.T + b) for the token rows of ``hidden`` into ``du`` ([n, V]); ``log_c``
     [n] corrects each row's log p (0: none). With ``db`` ([V]), adds the column sums of the fp32 d(logits)
-    to it (per token block in the kernel, then over the blocks)."""
+    to it (per token block in the kernel, then over the blocks). ``g_mean``: the gradient of each row's mean
+    logit (over this weight's vocabulary)."""
     N, H = hidden.shape
     V = weight.shape[0]
     blocks, launch = _config(hidden, backward=True)
@@ -384,12 +404,14 @@ def linear_stats_backward(hidden, weight, bias, low_rank, labels, lse, ent, sp2,
         hidden, weight, bias if bias is not None else hidden, a, lw, labels, lse, log_c,
         ent if ent is not None else dummy, sp2 if sp2 is not None else dummy,
         g_lp if g_lp is not None else dummy, g_ent if g_ent is not None else dummy,
-        g_sp2 if g_sp2 is not None else dummy, du, db_part if db is not None else dummy,
+        g_sp2 if g_sp2 is not None else dummy, g_mean if g_mean is not None else dummy, du,
+        db_part if db is not None else dummy,
         N, V, H, R, hidden.stride(0), weight.stride(0), s_a, s_l, du.stride(0), scale, cap if cap > 0 else 1.0,
         inv_t, ignore_index, threshold,
         HAS_BIAS=bias is not None, SOFTCAP=cap > 0, LOW_RANK=low_rank is not None, HAS_G_LP=g_lp is not None,
         HAS_G_ENT=g_ent is not None and ent is not None, HAS_G_SP2=g_sp2 is not None and sp2 is not None,
-        SKIP=threshold > 0, BIAS_GRAD=db is not None, PRECISION=matmul_precision(hidden), **blocks, **launch,
+        HAS_G_MEAN=g_mean is not None, SKIP=threshold > 0, BIAS_GRAD=db is not None,
+        PRECISION=matmul_precision(hidden), **blocks, **launch,
     )
     if db is not None:
         db += db_part.sum(0).to(db.dtype)

@@ -33,6 +33,13 @@ def stat_outputs(n: int, device, entropy: bool, sum_p2: bool, argmax: bool, argm
     return (*out, torch.empty(n, **f32))
 
 
+def linear_outputs(n: int, device, entropy: bool, sum_p2: bool, argmax: bool, mean_logit: bool):
+    """Per-row outputs of the ops over hidden states: :func:`stat_outputs` with the argmax logit, then the mean
+    logit (fp32; empty when not requested): (logprobs, entropy, sum_p2, argmax, argmax logit, lse, mean_logit)."""
+    out = stat_outputs(n, device, entropy, sum_p2, argmax, argmax_value=True)
+    return (*out, torch.empty(n if mean_logit else 0, device=device, dtype=torch.float32))
+
+
 def triton_kernels(name: str):
     """``fastalign.kernels.<name>``, imported on first use (Triton is optional on CPU)."""
     return importlib.import_module(f"fastalign.kernels.{name}")

@@ -7,7 +7,8 @@ block's logits need not be recomputed in a backward pass. Per block:
     z      = softcap(scale * (h @ W.T + a @ L.T + b))            (kept: [rows, V]; a @ L.T optional)
     lp, lse, sum p^2 or H = token_stats(z / T)                   (C++ / Triton row kernels)
     g      = d loss / d lp (and d loss / d H)                    (the caller's, from lp)
-    dz     = d loss / d z, written over z in place               (token_stats backward)
+    dz     = d loss / d z, written over z in place               (token_stats backward; + g_mean / V for the
+                                                                   mean logit's gradient g_mean)
     dh     = dz @ W,   dW += dz.T @ h,   db += sum_rows dz       (da = dz @ L,  dL += dz.T @ a)
 
 three matrix products per block instead of the four of a forward plus a recomputing
@@ -89,9 +90,10 @@ def block_backward(z: Tensor, deriv: Optional[Tensor], g_lp: Tensor, h: Tensor, 
                    labels: Tensor, lse: Tensor, *, scale: float, softcap: float, inv_t: float, ignore_index: int,
                    backend: str, dw: Optional[Tensor], db: Optional[Tensor], g_ent: Optional[Tensor] = None,
                    ent: Optional[Tensor] = None, low_rank: Optional[tuple[Tensor, Tensor]] = None,
-                   dl: Optional[Tensor] = None, live: Optional[Tensor] = None):
+                   dl: Optional[Tensor] = None, live: Optional[Tensor] = None, g_mean: Optional[Tensor] = None):
     """Turn the kept logits ``z`` into d(logits) in place for token gradients ``g_lp`` (and ``g_ent`` of
-    the entropies ``ent``); accumulate ``dw``/``db`` (and ``dl`` for ``low_rank = (a, L)``) and return
+    the entropies ``ent``, ``g_mean`` of the mean logits); accumulate ``dw``/``db`` (and ``dl`` for
+    ``low_rank = (a, L)``) and return
     ``(dh [n, H], da [n, r] or None)`` (fp32 on the CPU, the input dtype on a GPU). ``live``: as in
     :func:`block_forward` (``dh`` and ``da`` are 0 past it). Rows whose label is ``ignore_index`` add nothing
     to ``dw`` and ``dl``, even where their ``h`` (or ``a``) is not finite (their d(logits) is 0, and 0 * NaN is
@@ -104,6 +106,8 @@ def block_backward(z: Tensor, deriv: Optional[Tensor], g_lp: Tensor, h: Tensor, 
     z3 = z.unsqueeze(0)
     backward_into(z3, g_lp, g_ent, None, z3, labels, lse, empty if ent is None else ent, empty, inv_t, ignore_index,
                   backend)
+    if g_mean is not None:  # d mean / d z_j = 1 / V at the labelled rows
+        z.add_(torch.where(labels != ignore_index, g_mean / z.shape[-1], 0.0)[:, None].to(z.dtype))
     h, weight, low_rank = _operands(z, h, weight, low_rank)
     dh = torch.empty(h.shape, dtype=z.dtype, device=z.device)
     da = None if low_rank is None else torch.empty(low_rank[0].shape, dtype=z.dtype, device=z.device)

@@ -3,9 +3,10 @@
 Tokens x vocabulary chunks. Each chunk's logits ``z = softcap(scale * (h @ W.T + a @ L.T + b))``
 (the low-rank term optional) come from BLAS products into a reused fp32 buffer; the C++ row
 kernels of ``token_stats`` give the chunk's (max, log s, entropy, sum p^2, argmax), the label
-logit is read from its chunk, and the chunks of a row are merged by
+logit (and, for the mean logit, the sum of the logits) is read from its chunk, and the chunks of a row are merged by
 :func:`~fastalign.ops.vocab_pieces.merge_pieces`. Backward recomputes each chunk, lets the C++
-kernel write d(logits) in place and accumulates ``dh += dz @ W_chunk``, ``dW_chunk += dz.T @ h``
+kernel write d(logits) in place (plus ``g_mean / V``, the mean logit's share) and accumulates
+``dh += dz @ W_chunk``, ``dW_chunk += dz.T @ h``
 (``da += dz @ L_chunk``, ``dL_chunk += dz.T @ a``) in fp32. Only the labelled rows (label !=
 ignore_index, found on the host: CPU tensors only) go through these chunks; the rest are 0.
 """
@@ -147,7 +148,7 @@ def forward(hidden, weight, bias, low_rank, labels, scale, softcap, inv_t, ignor
     row's before dividing by ``T`` (``(z_max_k - z_max) / T``), as the row kernel forms ``(z_j - z_max) / T``:
     the log-prob is within fp32 rounding of itself at any ``|z| / T``, not of ``|z| / T`` (``lse`` is then
     rounded once, ``z_max / T + log S``)."""
-    lp, ent, sp2, amax, amax_val, lse = out
+    _lp, ent, sp2, amax, _amax_val, _lse, mean = out
     N, V = hidden.shape[0], weight.shape[0]
     C = _backend.compiled()
     buf = torch.empty(min(nc, N) * min(vc, V), dtype=torch.float32)
@@ -162,6 +163,7 @@ def forward(hidden, weight, bias, low_rank, labels, scale, softcap, inv_t, ignor
         ent_k = torch.empty(K, n) if ent.numel() else None
         sp2_k = torch.empty(K, n) if sp2.numel() else None
         zy = torch.zeros(n)
+        z_sum = torch.zeros(n) if mean.numel() else None
         amax_k = torch.empty(n, dtype=torch.int64) if amax.numel() else None
         best_val = torch.full((n,), float("-inf")) if amax.numel() else None
         best_idx = torch.zeros(n, dtype=torch.int64) if amax.numel() else None
@@ -177,6 +179,8 @@ def forward(hidden, weight, bias, low_rank, labels, scale, softcap, inv_t, ignor
             torch.amax(z, 1, out=z_max_k[k])
             inside = yl >= 0
             zy = torch.where(inside, z.gather(1, yl.clamp_min(0).unsqueeze(1)).squeeze(1), zy)
+            if z_sum is not None:
+                z_sum += z.sum(1)
             if amax_k is not None:
                 better = m_k[k] > best_val
                 best_val = torch.where(better, m_k[k], best_val)
@@ -189,12 +193,12 @@ def forward(hidden, weight, bias, low_rank, labels, scale, softcap, inv_t, ignor
         else:  # each piece's max relative to the row's: (z_max_k - z_max) / T
             _, log_S, m_ent, m_sp2, _ = merge_pieces((z_max_k - z_ref) * inv_t, log_s_k, ent_k, sp2_k)
         write_stats(slice(n0, n1), y, V, ignore_index, (zy - z_ref) * inv_t - log_S, z_ref * inv_t + log_S, m_ent,
-                    m_sp2, best_idx, best_val, out)
+                    m_sp2, best_idx, best_val, out, None if z_sum is None else z_sum / V)
 
 
-def write_stats(rows, y, V, ignore_index, m_lp, m_lse, m_ent, m_sp2, best_idx, best_val, out):
+def write_stats(rows, y, V, ignore_index, m_lp, m_lse, m_ent, m_sp2, best_idx, best_val, out, m_mean=None):
     """Write the merged statistics of ``rows``; ignored rows give 0, out-of-range labels a NaN log-prob."""
-    lp, ent, sp2, amax, amax_val, lse = out
+    lp, ent, sp2, amax, amax_val, lse, mean = out
     ignored = y == ignore_index
     valid = (y >= 0) & (y < V)
     zero = torch.zeros((), dtype=torch.float32, device=y.device)
@@ -204,6 +208,8 @@ def write_stats(rows, y, V, ignore_index, m_lp, m_lse, m_ent, m_sp2, best_idx, b
         ent[rows] = torch.where(ignored, zero, m_ent)
     if m_sp2 is not None:
         sp2[rows] = torch.where(ignored, zero, m_sp2)
+    if m_mean is not None:
+        mean[rows] = torch.where(ignored, zero, m_mean)
     if best_idx is not None:
         amax[rows] = best_idx
         amax_val[rows] = best_val
@@ -280,13 +286,13 @@ def forward_labelled(hidden, weight, bias, low_rank, labels, scale, softcap, inv
 
 
 def backward_labelled(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent, sp2, scale, softcap,
-                      inv_t, ignore_index, nc, vc, dh, dw, db, low_rank_grads=(None, None), log_c=None):
+                      inv_t, ignore_index, nc, vc, dh, dw, db, low_rank_grads=(None, None), log_c=None, g_mean=None):
     """:func:`backward` over the labelled rows only: ignored rows get a zero d(hidden) (``dh`` comes
     zeroed) and add nothing to d(weight), d(bias)."""
     rows = labelled_rows(labels, ignore_index)
     if rows is None:
         backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent, sp2, scale, softcap, inv_t,
-                 ignore_index, nc, vc, dh, dw, db, low_rank_grads, log_c)
+                 ignore_index, nc, vc, dh, dw, db, low_rank_grads, log_c, g_mean)
         return
     if rows.numel() == 0:
         return
@@ -298,16 +304,17 @@ def backward_labelled(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels
     dh_rows, da_rows = (None if g is None else torch.zeros((rows.numel(), g.shape[1]), dtype=g.dtype) for g in (dh, da))
     backward(pick(g_lp), pick(g_ent), pick(g_sp2), hidden.index_select(0, rows), weight, bias,
              _rows_of(low_rank, rows), labels.index_select(0, rows), pick(lse), pick(ent), pick(sp2), scale, softcap,
-             inv_t, ignore_index, nc, vc, dh_rows, dw, db, (da_rows, dl), pick(log_c))
+             inv_t, ignore_index, nc, vc, dh_rows, dw, db, (da_rows, dl), pick(log_c), pick(g_mean))
     for full, part in ((dh, dh_rows), (da, da_rows)):
         if full is not None:
             full.index_copy_(0, rows, part)
 
 
 def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent, sp2, scale, softcap, inv_t,
-             ignore_index, nc, vc, dh, dw, db, low_rank_grads=(None, None), log_c=None):
+             ignore_index, nc, vc, dh, dw, db, low_rank_grads=(None, None), log_c=None, g_mean=None):
     """Backward over token chunks; ``log_c`` (the rows' log mass over the whole vocabulary, given when
-    the weight is one shard of it) or, without it, the mass of this weight's vocabulary."""
+    the weight is one shard of it) or, without it, the mass of this weight's vocabulary; ``g_mean``: the
+    gradient of each row's mean logit (0 at the ignored rows), ``g_mean / V`` added to every d(logit)."""
     N, V = hidden.shape[0], weight.shape[0]
     C = _backend.compiled()
     buf = torch.empty(min(nc, N) * min(vc, V), dtype=torch.float32)
@@ -341,6 +348,8 @@ def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, en
                 ptr(opt(sp2) if sp2.numel() == 0 else sp2[sl]),
                 ptr(None if g_lp is None else g_lp[sl]), ptr(None if g_ent is None else g_ent[sl]),
                 ptr(None if g_sp2 is None else g_sp2[sl]), z.data_ptr(), 0, v1 - v0)
+            if g_mean is not None:  # d mean / d z_j = 1 / V
+                z.add_(g_mean[sl, None] / V)
             chunk_grad_to_inputs(z, deriv, scale, softcap, h_c, w_v, dh_c, None if dw is None else dw[v0:v1],
                                  None if db is None else db[v0:v1], low_rank=piece,
                                  low_rank_grads=(da_c, None if dl is None else dl[v0:v1]))

@@ -18,13 +18,13 @@ from torch import Tensor
 
 from fastalign._backend import backend_for
 from fastalign.ops import linear_cpu, linear_triton
-from fastalign.ops._launch import check_rows, kernel_op, stat_outputs
+from fastalign.ops._launch import check_rows, kernel_op, linear_outputs
 
 
-def _outputs(hidden: Tensor, labels: Tensor, entropy: bool, sum_p2: bool, argmax: bool):
+def _outputs(hidden: Tensor, labels: Tensor, entropy: bool, sum_p2: bool, argmax: bool, mean_logit: bool):
     """The statistics of the rows of ``hidden``; ``labels`` checked first (the kernels read them by pointer)."""
     check_rows("labels", labels, hidden.shape[0], torch.int64)
-    return stat_outputs(hidden.shape[0], hidden.device, entropy, sum_p2, argmax, argmax_value=True)
+    return linear_outputs(hidden.shape[0], hidden.device, entropy, sum_p2, argmax, mean_logit)
 
 
 @kernel_op("linear_stats", _outputs)
@@ -32,14 +32,16 @@ def linear_stats(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], low_rank_hidden: Optional[Tensor],
     low_rank_weight: Optional[Tensor], labels: Tensor, scale: float, softcap: float,
     inv_temperature: float, ignore_index: int, entropy: bool, sum_p2: bool, argmax: bool, backend: str,
-    chunk_tokens: int, chunk_vocab: int, skip_threshold: float,
-    out: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor],
+    chunk_tokens: int, chunk_vocab: int, skip_threshold: float, mean_logit: bool = False,
+    out: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] = (),
 ) -> None:
-    """Returns (logprobs, entropy, sum_p2, argmax, argmax_logit, lse) for ``hidden [N, H]``, ``weight [V, H]``
-    and, optional, a low-rank term ``low_rank_hidden [N, r] @ low_rank_weight[V, r].T`` added to the logits.
+    """Returns (logprobs, entropy, sum_p2, argmax, argmax_logit, lse, mean_logit) for ``hidden [N, H]``,
+    ``weight [V, H]`` and, optional, a low-rank term ``low_rank_hidden [N, r] @ low_rank_weight[V, r].T`` added to
+    the logits.
 
     ``softcap`` 0 means off. Unrequested outputs are empty. ``argmax_logit`` is the
-    max of ``z / T`` (used to merge argmax across vocabulary shards).
+    max of ``z / T`` (used to merge argmax across vocabulary shards); ``mean_logit`` the mean of ``z`` over this
+    weight's vocabulary, before the temperature (differentiable).
     ``skip_threshold`` only affects the Triton backward.
     """
     if hidden.shape[0] == 0:
@@ -84,16 +86,20 @@ def linear_stats_backward(
     low_rank_weight: Optional[Tensor], labels: Tensor, lse: Tensor, entropy: Tensor,
     sum_p2: Tensor, scale: float, softcap: float, inv_temperature: float, ignore_index: int, backend: str,
     chunk_tokens: int, chunk_vocab: int, skip_threshold: float, need_hidden: bool, need_weight: bool,
-    need_bias: bool, need_low_rank: bool, log_c: Optional[Tensor] = None,
+    need_bias: bool, need_low_rank: bool, log_c: Optional[Tensor] = None, grad_mean_logit: Optional[Tensor] = None,
     out: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] = (),
 ) -> None:
     """(d hidden, d weight, d bias, d low_rank_hidden, d low_rank_weight) in the input dtypes; a gradient not
     needed is an empty tensor.
     ``log_c``: the rows' log mass over the whole vocabulary when ``weight`` is one shard of it.
+    ``grad_mean_logit``: the gradient of the mean logit over this weight's vocabulary (none at ignored rows).
 
     Sums run in fp32: d(bias) always, and the others on the CPU, in fp32 accumulators cast once at the
     end (the Triton path accumulates d(weight) and d(low_rank_weight) in fp32 itself)."""
     g = [None if x is None else x.contiguous().float() for x in (grad_logprobs, grad_entropy, grad_sum_p2)]
+    g_mean = None
+    if grad_mean_logit is not None:  # d mean / d z_j = 1 / V at every labelled row, none at an ignored one
+        g_mean = torch.where(labels != ignore_index, grad_mean_logit.float(), 0.0).contiguous()
     if not entropy.numel():
         g[1] = None
     if not sum_p2.numel():
@@ -101,40 +107,40 @@ def linear_stats_backward(
     cpp = backend_for("linear_stats_backward", hidden.device, backend) == "cpp"
     acc_dtype = torch.float32 if not hidden.is_cuda else None
     accs = [_zeroed(t, torch.float32 if t is out[2] else acc_dtype or t.dtype) for t in out]
-    if hidden.shape[0] and any(x is not None for x in g):
+    if hidden.shape[0] and any(x is not None for x in (*g, g_mean)):
         args = (hidden, weight, bias, _pair(low_rank_hidden, low_rank_weight), labels, lse, entropy, sum_p2, scale,
                 softcap, inv_temperature, ignore_index)
         dh, dw, db, da, dl = (acc if result.numel() else None for result, acc in zip(out, accs))
         if cpp:
-            linear_cpu.backward_labelled(*g, *args, chunk_tokens, chunk_vocab, dh, dw, db, (da, dl), log_c)
+            linear_cpu.backward_labelled(*g, *args, chunk_tokens, chunk_vocab, dh, dw, db, (da, dl), log_c, g_mean)
         else:
-            linear_triton.backward(*g, *args, chunk_tokens, skip_threshold, dh, dw, db, (da, dl), log_c)
+            linear_triton.backward(*g, *args, chunk_tokens, skip_threshold, dh, dw, db, (da, dl), log_c, g_mean)
     for result, acc in zip(out, accs):
         if acc is not result:
             result.copy_(acc)
 
 
 _TENSOR_INPUTS = 5  # hidden, weight, bias, low_rank_hidden, low_rank_weight: the differentiable inputs
-_OTHER_INPUTS = 12
+_OTHER_INPUTS = 13
 
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, a, lw, labels, scale, softcap, inv_t, ignore_index, _e, _s, _a, backend, nc, vc,
-     skip) = inputs
-    _lp, ent, sp2, _amax, _amax_val, lse = output
+     skip, *_mean) = inputs
+    _lp, ent, sp2, _amax, _amax_val, lse, _m = output
     ctx.save_for_backward(hidden, weight, bias, a, lw, labels, lse, ent, sp2)
     ctx.args = (scale, softcap, inv_t, ignore_index, backend, nc, vc, skip)
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, g_lp, g_ent, g_sp2, _g_amax, _g_amax_val, _g_lse):
+def _backward(ctx, g_lp, g_ent, g_sp2, _g_amax, _g_amax_val, _g_lse, g_mean):
     hidden, weight, bias, a, lw, labels, lse, ent, sp2 = ctx.saved_tensors
     present = (True, True, bias is not None, a is not None, a is not None)
     need = [bool(n and p) for n, p in zip(ctx.needs_input_grad[:_TENSOR_INPUTS], present)]
     if not any(need):
         return (None,) * (_TENSOR_INPUTS + _OTHER_INPUTS)
     grads = linear_stats_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, a, lw, labels, lse, ent, sp2, *ctx.args,
-                                  need[0], need[1], need[2], need[3] or need[4])
+                                  need[0], need[1], need[2], need[3] or need[4], grad_mean_logit=g_mean)
     return (*(gr if n else None for gr, n in zip(grads, need)), *((None,) * _OTHER_INPUTS))
 
 

@@ -57,13 +57,14 @@ def gpu_chunk_tokens(n: int, vocab: int, elem_bytes: int, budget: int = GPU_CHUN
 
 
 def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent, sp2, scale, softcap, inv_t,
-             ignore_index, nc, skip_threshold, dh, dw, db, low_rank_grads=(None, None), log_c=None):
+             ignore_index, nc, skip_threshold, dh, dw, db, low_rank_grads=(None, None), log_c=None, g_mean=None):
     """Token chunks of ``nc`` rows: the Triton kernel writes the chunk's d(logits) in the input dtype,
     then ``dh[chunk] = du @ W`` (one product, fp32 accumulation, one rounding) and ``dW += du.T @ h``
     summed over chunks in fp32 (an fp32 buffer when ``dw`` is bf16/fp16 and there are several chunks;
     the caller casts once); ``db`` gets the kernel's fp32 column sums of d(logits), before their rounding to
     the input dtype; likewise ``d a = du @ L`` and ``d L += du.T @ a`` for ``low_rank = (a, L)``
-    into ``low_rank_grads``. Rows with ``|lse| >= RENORMALISE_ABOVE`` are renormalised by ``log_c``
+    into ``low_rank_grads``; ``g_mean``, the gradient of each row's mean logit, adds ``g_mean / V`` to its
+    d(logits). Rows with ``|lse| >= RENORMALISE_ABOVE`` are renormalised by ``log_c``
     (given for a vocabulary shard, else one forward-like pass over the blocks that hold such rows).
 
     The labelled rows are put first (:func:`~fastalign.ops.device_compaction.compact`) and the
@@ -74,21 +75,22 @@ def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, en
     cmp = compact(labels, ignore_index)
     if cmp is None:
         _chunks(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent, sp2, scale, softcap, inv_t,
-                ignore_index, nc, skip_threshold, dh, dw, db, low_rank_grads, log_c, None)
+                ignore_index, nc, skip_threshold, dh, dw, db, low_rank_grads, log_c, g_mean, None)
         return
     gather = cmp.gather
     da, dl = low_rank_grads
     dh_c, da_c = (None if t is None else torch.empty_like(t) for t in (dh, da))
     _chunks(gather(g_lp), gather(g_ent), gather(g_sp2), gather(hidden), weight, bias, _gathered(cmp, low_rank),
             gather(labels), gather(lse), gather(ent) if ent.numel() else ent, gather(sp2) if sp2.numel() else sp2,
-            scale, softcap, inv_t, ignore_index, nc, skip_threshold, dh_c, dw, db, (da_c, dl), gather(log_c), cmp)
+            scale, softcap, inv_t, ignore_index, nc, skip_threshold, dh_c, dw, db, (da_c, dl), gather(log_c),
+            gather(g_mean), cmp)
     for result, t in ((dh, dh_c), (da, da_c)):
         if result is not None:
             cmp.scatter(t, into=result)
 
 
 def _chunks(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent, sp2, scale, softcap, inv_t,
-            ignore_index, nc, skip_threshold, dh, dw, db, low_rank_grads, log_c, cmp):
+            ignore_index, nc, skip_threshold, dh, dw, db, low_rank_grads, log_c, g_mean, cmp):
     """:func:`backward` chunk by chunk; ``cmp``: the rows are in compacted order, the products of a chunk
     stop at its last labelled row. Without it every row goes through the products and the unlabelled rows'
     d(hidden) (and d a) is set to 0 after them."""
@@ -110,7 +112,8 @@ def _chunks(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent
             opt(ent[sl] if ent.numel() else None), opt(sp2[sl] if sp2.numel() else None),
             None if g_lp is None else g_lp[sl], None if g_ent is None else g_ent[sl],
             None if g_sp2 is None else g_sp2[sl],
-            scale, softcap, inv_t, ignore_index, skip_threshold, du, log_c[sl], db)
+            scale, softcap, inv_t, ignore_index, skip_threshold, du, log_c[sl], db,
+            None if g_mean is None else g_mean[sl])
         live = None if cmp is None else cmp.live_in(n0, n1)
         rows, tokens = dict(live=live, live_dim=0), dict(live=live, live_dim=1)
         if dh is not None:

@@ -9,7 +9,7 @@ the gradients of hidden, weight and bias, before the next block. With ``s_k`` th
 of the loss (any function whose gradient with respect to the block's statistics is the loss's)
 and ``z`` its kept logits:
 
-    lp, aux            = stats(z)                 (aux: sum p^2 or the entropy, when asked)
+    lp, aux            = stats(z)                 (aux: sum p^2, the entropy or the mean logit, when asked)
     g_lp, g_aux        = d s_k / d (lp, aux)      (autograd through the callback, [b, T] grids)
     dh, dW, db        += d(lp, aux)/d(h, W, b) · g    (block_backward: three matrix products per block)
 
@@ -40,8 +40,10 @@ from fastalign.ops.linear_block import (BLOCK_STATS, block_backward, block_buffe
 DEFAULT_BLOCK_MIB = 1024.0
 DEFAULT_CPU_BLOCK_MIB = 64.0
 
-#: The per-token statistic a loss may read beside the log-prob: its gradient flows (entropy) or not (sum_p2).
-AUX_STATS = (None, "sum_p2", "entropy")
+#: The per-token statistic a loss may read beside the log-prob: its gradient flows (entropy, mean_logit) or not
+#: (sum_p2).
+AUX_STATS = (None, "sum_p2", "entropy", "mean_logit")
+DIFFERENTIABLE_AUX = ("entropy", "mean_logit")
 
 
 def env_mib(name: str, default: float, *former: str) -> float:
@@ -260,9 +262,9 @@ class _SinglePass(torch.autograd.Function):
                 for side in range(n):
                     grids.append(lp_all[side][p0:p1].detach().requires_grad_())
                     aux_grids.append(None if aux is None else aux_all[side][p0:p1].detach().requires_grad_(
-                        aux == "entropy"))
+                        aux in DIFFERENTIABLE_AUX))
                 s = share(grids, aux_grids, slice(p0, p1))
-                wrt = grids + (aux_grids if aux == "entropy" else [])
+                wrt = grids + (aux_grids if aux in DIFFERENTIABLE_AUX else [])
                 g = torch.autograd.grad(s, wrt, allow_unused=True, materialize_grads=True)
 
             def rows_of(grads):
@@ -270,9 +272,11 @@ class _SinglePass(torch.autograd.Function):
                                     for gr, ids, (y, _rows) in zip(grads, idx, side_labels)]).float()
                 return (flat_g if cmp is None else cmp.gather(flat_g)).contiguous()
 
-            g_ent = rows_of(g[len(grids):]) if aux == "entropy" else None
-            d_blocks = block_backward(z, deriv, rows_of(g[:len(grids)]), h_blk, weight, y_blk, lse, g_ent=g_ent,
-                                      ent=aux_blk if aux == "entropy" else None, dw=dw, db=db, low_rank=low_rank,
+            g_aux = rows_of(g[len(grids):]) if aux in DIFFERENTIABLE_AUX else None
+            d_blocks = block_backward(z, deriv, rows_of(g[:len(grids)]), h_blk, weight, y_blk, lse,
+                                      g_ent=g_aux if aux == "entropy" else None,
+                                      ent=aux_blk if aux == "entropy" else None,
+                                      g_mean=g_aux if aux == "mean_logit" else None, dw=dw, db=db, low_rank=low_rank,
                                       dl=dl, live=live, **kw)
             if live is None:  # every row went through the head: an unlabelled row's d(logits) is 0, but 0 times a
                 # NaN or inf of the head is NaN; its gradient is 0 (its statistics are constants), as past ``live``

@@ -6,7 +6,9 @@ rank its ``start`` and the whole vocabulary, as device tensors; it also carries 
 share (rows, hidden size, low-rank rank), compared on the host for CPU tensors (:func:`shard_range`). The shards are
 vocabulary pieces, merged across ranks by :func:`~fastalign.ops.vocab_pieces.merge_pieces` with
 all-reduces as the reductions; backward needs only the merged per-token statistics, so the local
-backward op runs unchanged and d(hidden) is summed over ranks (hidden is replicated). A low-rank term
+backward op runs unchanged and d(hidden) is summed over ranks (hidden is replicated). The mean logit over the
+whole vocabulary is the sum of the shards' ``V_r mean_r`` over ``V``; its gradient reaches each shard's mean as
+``g V_r / V``. A low-rank term
 ``a @ L.T`` has its ``L`` sharded like the weight and its ``a`` replicated like hidden: d(a) is summed too.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import Tensor
 
 from fastalign._backend import backend_for
 from fastalign.ops import linear_cpu, linear_triton
-from fastalign.ops._launch import eager, stat_outputs
+from fastalign.ops._launch import eager, linear_outputs
 from fastalign.ops.linear_stats import linear_stats, linear_stats_backward
 from fastalign.ops.vocab_pieces import PIECE_IGNORE, local_labels, log_mass, merge_pieces
 
@@ -86,13 +88,14 @@ def row_mass(hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t,
     return linear_triton.row_mass(hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t, ignore_index)
 
 
-def _empty_shard_stats(n: int, device, want_ent: bool, want_sp2: bool, want_amax: bool) -> tuple[Tensor, ...]:
+def _empty_shard_stats(n: int, device, want_ent: bool, want_sp2: bool, want_amax: bool,
+                       want_mean: bool) -> tuple[Tensor, ...]:
     """The local statistics of an empty shard, a piece with no mass (``lse = -inf``) that the merge weighs 0, as
     :func:`~fastalign.ops.linear_stats.linear_stats` returns them for ``n`` rows."""
-    lp, ent, sp2, amax, amax_val, lse = stat_outputs(n, device, want_ent, want_sp2, want_amax, argmax_value=True)
-    for t in (lp, ent, sp2, amax):
+    lp, ent, sp2, amax, amax_val, lse, mean = linear_outputs(n, device, want_ent, want_sp2, want_amax, want_mean)
+    for t in (lp, ent, sp2, amax, mean):
         t.zero_()
-    return lp, ent, sp2, amax, amax_val.fill_(float("-inf")), lse.fill_(float("-inf"))
+    return lp, ent, sp2, amax, amax_val.fill_(float("-inf")), lse.fill_(float("-inf")), mean
 
 
 class VocabParallelStats(torch.autograd.Function):
@@ -106,7 +109,7 @@ class VocabParallelStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, low_rank_hidden, low_rank_weight, labels, group, scale, softcap, inv_t,
-                ignore_index, want_ent, want_sp2, want_amax, backend, nc, vc, skip):
+                ignore_index, want_ent, want_sp2, want_amax, backend, nc, vc, skip, want_mean=False):
         import torch.distributed as dist
 
         V_r = weight.shape[0]
@@ -114,19 +117,20 @@ class VocabParallelStats(torch.autograd.Function):
         start, v_total = shard_range(V_r, group, hidden.device, (hidden.shape[0], hidden.shape[-1], rank_r))
         yl = local_labels(labels, start, start + V_r, ignore_index)
         if V_r == 0:
-            lp, ent, sp2, amax, amax_val, lse = _empty_shard_stats(hidden.shape[0], hidden.device, want_ent, want_sp2,
-                                                                   want_amax)
+            lp, ent, sp2, amax, amax_val, lse, mean = _empty_shard_stats(hidden.shape[0], hidden.device, want_ent,
+                                                                         want_sp2, want_amax, want_mean)
         else:
-            lp, ent, sp2, amax, amax_val, lse = linear_stats(
+            lp, ent, sp2, amax, amax_val, lse, mean = linear_stats(
                 hidden, weight, bias, low_rank_hidden, low_rank_weight, yl, scale, softcap, inv_t, PIECE_IGNORE,
-                want_ent, want_sp2, want_amax, backend, nc, vc, skip)
+                want_ent, want_sp2, want_amax, backend, nc, vc, skip, want_mean)
         ignored = labels == ignore_index
         inside = (labels >= start) & (labels < start + V_r) & ~ignored
         # the label's logit lp + lse; -inf where every logit of the shard is -inf (lp = -inf - -inf would be NaN)
         label_logit = torch.where(inside, torch.where(lse == -math.inf, lse, lp + lse), 0.0)
-        M, log_S, m_ent, m_sp2, (m_label_logit,) = merge_pieces(
+        extra = (label_logit, mean * V_r) if want_mean else (label_logit,)  # the shard's sum of logits
+        M, log_S, m_ent, m_sp2, (m_label_logit, *z_sum) = merge_pieces(
             lse, torch.zeros_like(lse), ent if want_ent else None, sp2 if want_sp2 else None,
-            extra=(label_logit,), over=AcrossRanks(group))
+            extra=extra, over=AcrossRanks(group))
         g_lse = M + log_S
         zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
         valid = (labels >= 0) & (labels < v_total)
@@ -134,6 +138,7 @@ class VocabParallelStats(torch.autograd.Function):
         g_lse = torch.where(ignored, zero, g_lse)
         g_ent = torch.where(ignored, zero, m_ent) if want_ent else ent
         g_sp2 = torch.where(ignored, zero, m_sp2) if want_sp2 else sp2
+        g_mean = torch.where(ignored, zero, z_sum[0] / v_total) if want_mean else mean
         g_amax = amax
         if want_amax:
             best = amax_val.clone()
@@ -143,20 +148,21 @@ class VocabParallelStats(torch.autograd.Function):
             g_amax = cand
         ctx.save_for_backward(hidden, weight, bias, low_rank_hidden, low_rank_weight, yl, g_lse, g_ent, g_sp2)
         ctx.group = group
+        ctx.mean_share = V_r / v_total if want_mean else None  # d mean / d mean_r
         ctx.args = (scale, softcap, inv_t, PIECE_IGNORE, backend, nc, vc, skip)
         ctx.mark_non_differentiable(g_amax)
         ctx.set_materialize_grads(False)
-        return g_lp, g_ent, g_sp2, g_amax
+        return g_lp, g_ent, g_sp2, g_amax, g_mean
 
     @staticmethod
-    def backward(ctx, g_lp, g_ent, g_sp2, _g_amax):
+    def backward(ctx, g_lp, g_ent, g_sp2, _g_amax, g_mean):
         import torch.distributed as dist
 
         hidden, weight, bias, a, lw, yl, lse, ent, sp2 = ctx.saved_tensors
         low_rank = None if a is None else (a, lw)
         need = ctx.needs_input_grad
-        if g_lp is None and g_ent is None and g_sp2 is None:
-            return (None,) * 18
+        if g_lp is None and g_ent is None and g_sp2 is None and g_mean is None:
+            return (None,) * 19
         scale, softcap, inv_t, ignore, backend, nc, vc, _skip = ctx.args
         empty = weight.shape[0] == 0
         # rows with |lse| >= RENORMALISE_ABOVE: their mass over the whole vocabulary, summed over the shards
@@ -169,10 +175,11 @@ class VocabParallelStats(torch.autograd.Function):
         else:
             dh, dw, db, da, dl = linear_stats_backward(
                 g_lp, g_ent, g_sp2, hidden, weight, bias, a, lw, yl, lse, ent, sp2, *ctx.args, True, bool(need[1]),
-                bool(bias is not None and need[2]), low_rank is not None, log_mass(c, lse, yl, ignore))
+                bool(bias is not None and need[2]), low_rank is not None, log_mass(c, lse, yl, ignore),
+                None if g_mean is None else g_mean * ctx.mean_share)
         dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.group)
         if low_rank is not None:
             dist.all_reduce(da, op=dist.ReduceOp.SUM, group=ctx.group)
         present = (True, True, bias is not None, low_rank is not None, low_rank is not None)
         return (*(g if n and p else None for g, n, p in zip((dh, dw, db, da, dl), need, present)),
-                *((None,) * 13))
+                *((None,) * 14))

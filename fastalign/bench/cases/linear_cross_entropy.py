@@ -21,13 +21,19 @@ from fastalign.linear_step import separable_step
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def scored_head(device, N, H, V, dtype) -> tuple:
+    """``(hidden [N, H], weight [V, H], labels [N], count)`` of a fixed seed: the first quarter of the labels -100
+    (a prompt), ``count`` the scored ones (a device tensor)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden, weight = random_head(g, (N,), H, V, dtype)
+    labels = torch.randint(0, V, (N,), device=device, generator=g)
+    labels[: N // 4] = -100
+    return hidden, weight, labels, (labels != -100).sum()
+
+
 def _make_build(N, H, V, dtype):
     def build(device, mode):
-        g = torch.Generator(device=device).manual_seed(0)
-        hidden, weight = random_head(g, (N,), H, V, dtype)
-        labels = torch.randint(0, V, (N,), device=device, generator=g)
-        labels[: N // 4] = -100
-        count = (labels != -100).sum()
+        hidden, weight, labels, count = scored_head(device, N, H, V, dtype)
 
         def wrap(fn):
             return grad_step(lambda h, w: fn(h, w), (hidden, weight), mode == "fwd+bwd")
@@ -55,24 +61,33 @@ def _make_build(N, H, V, dtype):
     return build
 
 
+def head_loss_case(op: str, make_build, shape: tuple, impls: tuple, executed: str, **params) -> Case:
+    """The :class:`Case` ``op`` of a loss from hidden states ``[N, H]`` and a head ``[V, H]`` over the tokens of
+    ``shape = (N, H, V, dtype name, quick)``, a quarter of them unscored: its traffic and FLOP model (the scored
+    tokens' products; ``executed``: what the implementations run beyond that), ``make_build(N, H, V, dtype)``
+    at that shape and at a small warm-up one."""
+    N, H, V, dt, quick = shape
+    elem = torch.empty((), dtype=DTYPES[dt]).element_size()
+    f = 2 * (N - N // 4) * H * V  # the scored tokens' products: the useful work
+    return Case(
+        op=op,
+        label=f"{N}x{H}x{V} {dt}",
+        params={"tokens": N, "hidden": H, "vocab": V, "dtype": dt, **params,
+                "model": (f"fwd 2*n*H*V = {f / 1e12:.2f} TFLOP over the n = 3N/4 scored tokens; fwd+bwd "
+                          f"6*n*H*V useful ({executed})")},
+        build=make_build(N, H, V, DTYPES[dt]),
+        quick=quick,
+        warmup=make_build(8, 16, 64, DTYPES[dt]),
+        impls=impls,
+        bytes_moved=lambda mode, n=(N + V) * H * elem: n if mode == "fwd" else 3 * n,
+        flops=lambda mode, f=f: f if mode == "fwd" else 3 * f,
+        required_bytes=lambda mode, n=(N + V) * H * elem: 0 if mode == "fwd" else n,
+    )
+
+
 def cases():
-    out = []
-    for N, H, V, dt, quick in [(1024, 1024, 32000, "fp32", False), (4096, 1024, 152064, "fp32", False),
-                               (8192, 4096, 151936, "bf16", False)]:
-        elem = torch.empty((), dtype=DTYPES[dt]).element_size()
-        f = 2 * (N - N // 4) * H * V  # the scored tokens' products: the useful work
-        out.append(Case(
-            op="linear_cross_entropy",
-            label=f"{N}x{H}x{V} {dt}",
-            params={"tokens": N, "hidden": H, "vocab": V, "dtype": dt,
-                    "model": (f"fwd 2*n*H*V = {f / 1e12:.2f} TFLOP over the n = 3N/4 scored tokens; fwd+bwd "
-                              "6*n*H*V useful (the single pass executes that, the two passes 8*n*H*V)")},
-            build=_make_build(N, H, V, DTYPES[dt]),
-            quick=quick,
-            warmup=_make_build(8, 16, 64, DTYPES[dt]),
-            impls=("fastalign", "fastalign-two-pass", "eager", "liger", "cut-cross-entropy"),
-            bytes_moved=lambda mode, n=(N + V) * H * elem: n if mode == "fwd" else 3 * n,
-            flops=lambda mode, f=f: f if mode == "fwd" else 3 * f,
-            required_bytes=lambda mode, n=(N + V) * H * elem: 0 if mode == "fwd" else n,
-        ))
-    return out
+    return [head_loss_case("linear_cross_entropy", _make_build, shape,
+                           ("fastalign", "fastalign-two-pass", "eager", "liger", "cut-cross-entropy"),
+                           "the single pass executes that, the two passes 8*n*H*V")
+            for shape in [(1024, 1024, 32000, "fp32", False), (4096, 1024, 152064, "fp32", False),
+                          (8192, 4096, 151936, "bf16", False)]]

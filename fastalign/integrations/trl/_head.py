@@ -220,8 +220,10 @@ def _policy_head(trainer, model, operands, targets: Tensor, token_separable: boo
 
 
 def head_separable_loss(operands, config, targets: Tensor, loss, *, items: str = "pairs", sum_p2: bool = False,
-                        extras: Sequence[str] = (), separable: bool = True, position_means: Optional[str] = None):
-    """``(loss, metrics, stats)`` of ``loss(lp [N, T-1], sum_p2)`` over the rows whose head ``operands`` (of
+                        mean_logit: bool = False, extras: Sequence[str] = (), separable: bool = True,
+                        position_means: Optional[str] = None):
+    """``(loss, metrics, stats)`` of ``loss(lp [N, T-1], aux)`` (``aux``: ``sum_p2`` or, differentiable, the
+    ``mean_logit`` when asked, else None) over the rows whose head ``operands`` (of
     ``model(..., **head_call(trainer, ("operands",)))``) are given, through the head itself
     (:func:`fastalign.linear_step.separable_step`: one pass over blocks of whole ``items``, one of
     :data:`fastalign.linear_step.ITEMS`, when gradients are needed and ``separable``), never the logits.
@@ -236,7 +238,7 @@ def head_separable_loss(operands, config, targets: Tensor, loss, *, items: str =
         check_choice("position_means", position_means, ("every", "scored"))
     in_pass = position_means == "scored" and softcap is not None  # the logits the loss's pass reads anyway
     value, metrics, stats = separable_step(
-        hidden[:, :-1], weight, targets, loss, bias=bias, items=items, sum_p2=sum_p2,
+        hidden[:, :-1], weight, targets, loss, bias=bias, items=items, sum_p2=sum_p2, mean_logit=mean_logit,
         extras=(*extras, "mean_logit") if in_pass else extras,
         low_rank=None if low_rank is None else (low_rank[0][:, :-1], low_rank[1]),
         single_pass="auto" if separable else False, logit=dict(logit_scale=scale, softcap=softcap))
@@ -251,37 +253,35 @@ def head_separable_loss(operands, config, targets: Tensor, loss, *, items: str =
     return value, metrics, stats
 
 
-def label_margin(operands, targets: Tensor, scale: float, softcap: Optional[float] = None) -> Tensor:
-    r"""``z_y - (1/V) Σ_j z_j`` at each position ``[B, T-1]`` (fp32, differentiable; 0 where ``targets`` is
-    -100) of a head from its operands and the next tokens ``targets``. Without softcapping it is linear in ``h``,
-    ``scale (h · (W_y - mean_j W_j) + (b_y - mean_j b_j) + a · (L_y - mean_j L_j))``, with no vocabulary pass
-    (one row of the head per position); a softcapped head's ``z_y = c tanh(scale u_y / c)`` comes from that row and
-    its mean logit from :func:`fastalign.linear_mean_logits` (a vocabulary pass over the scored positions, another
-    in the backward). With ``lp = z_y - lse``, the label-smoothing term ``-(1/V) Σ_j log p_j = lse - mean_j z_j``
-    is ``label_margin - lp``."""
+def label_logit(operands, targets: Tensor, scale: float, softcap: Optional[float] = None, *,
+                minus_mean: bool = False) -> Tensor:
+    r"""The label's logit ``z_y`` at each position ``[B, T-1]`` (fp32, differentiable; 0 where ``targets`` is -100)
+    of a head from its operands and the next tokens ``targets``: one row of the head per position, never ``[V, H]``
+    in fp32, ``z_y = c tanh(scale u_y / c)`` with a softcap ``c``. ``minus_mean`` (a linear head only):
+    ``z_y - (1/V) Σ_j z_j``, still linear in ``h``,
+    ``scale (h · (W_y - mean_j W_j) + (b_y - mean_j b_j) + a · (L_y - mean_j L_j))``, with no vocabulary pass. With
+    ``lp = z_y - lse`` the label-smoothing term ``-(1/V) Σ_j log p_j = lse - mean_j z_j`` is that margin ``- lp``
+    (a softcapped head's mean logit comes from the loss's own pass: ``mean_logit`` of
+    :func:`fastalign.linear_step.separable_step`)."""
+    if minus_mean and softcap is not None:
+        raise ValueError("minus_mean applies to a linear head: a softcapped head's mean logit is not linear in h")
     hidden, weight, bias, low_rank = operands
-    scored = targets != -100
     y = targets.clamp(min=0)
 
-    def row(rows, w, mean):  # rows · (w_y - mean_j w_j) per position; one head row per position in fp32, not [V, H]
-        return (rows.float() * (w[y].float() - (w.mean(0, dtype=torch.float32) if mean else 0.0))).sum(-1)
+    def row(rows, w):  # rows · (w_y - mean_j w_j) per position; one head row per position in fp32, not [V, H]
+        return (rows.float() * (w[y].float() - (w.mean(0, dtype=torch.float32) if minus_mean else 0.0))).sum(-1)
 
-    linear = softcap is None
-    out = row(hidden[:, :-1], weight, linear)
+    out = row(hidden[:, :-1], weight)
     if bias is not None:
-        out = out + (bias[y].float() - (bias.mean(dtype=torch.float32) if linear else 0.0))
+        out = out + (bias[y].float() - (bias.mean(dtype=torch.float32) if minus_mean else 0.0))
     if low_rank is not None:
-        out = out + row(low_rank[0][:, :-1], low_rank[1], linear)
-    if linear:
-        return torch.where(scored, out * scale, 0.0)
-    mean = linear_mean_logits(hidden[:, :-1], weight, bias=bias, logit_scale=scale, softcap=softcap,
-                              low_rank=None if low_rank is None else (low_rank[0][:, :-1], low_rank[1]),
-                              response_mask=scored)
-    return torch.where(scored, softcap * torch.tanh(out * (scale / softcap)) - mean, 0.0)
+        out = out + row(low_rank[0][:, :-1], low_rank[1])
+    out = out * scale if softcap is None else softcap * torch.tanh(out * (scale / softcap))
+    return torch.where(targets != -100, out, 0.0)
 
 
 def softcapped(model) -> bool:
-    """Whether ``model``'s head is softcapped (its logits not linear in the hidden states: no :func:`label_margin`)."""
+    """Whether ``model``'s head is softcapped (its logits not linear in the hidden states, nor its mean logit)."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     return head_transform(model.config)[1] is not None
 

@@ -20,8 +20,9 @@ as the model's own loss: a collator that keeps labels on its padding has them sc
 
 ``label_smoothing_factor`` ε (``loss_type="nll"``) adds TRL's smoothing term without the logits:
 ``(1-ε) NLL + ε mean_t (-(1/V) Σ_j log p_tj) = NLL + ε mean_t (z_ty - mean_j z_tj)``, the margin
-linear in the hidden states (one head row per token); a softcapped head's mean logit takes a vocabulary pass over
-the scored tokens, and another in the backward (:func:`fastalign.linear_mean_logits`). As in TRL, ε is the one
+linear in the hidden states (one head row per token); a softcapped head's label logit is one head row per token
+too, and its mean logit a statistic of the loss's own pass, its gradient in the same backward (``mean_logit`` of
+:func:`fastalign.linear_step.separable_step`: no pass of its own). As in TRL, ε is the one
 ``Trainer``'s constructor put in ``label_smoother``, applied while ``args.loss_type`` is ``"nll"``. With it TRL runs a
 second forward, without gradients, for the ``entropy``, ``mean_token_accuracy`` and ``aux_loss``
 metrics, and leaves a MoE model's load-balancing loss out of the loss (logged, not added). In
@@ -47,7 +48,7 @@ from transformers.trainer_pt_utils import LabelSmoother
 
 from fastalign.integrations.hf import head_transform, next_token_targets
 from fastalign.integrations.trl._checks import check_config, check_model, init_checked
-from fastalign.integrations.trl._head import (add_aux_loss, head_separable_loss, install_head, label_margin,
+from fastalign.integrations.trl._head import (add_aux_loss, head_separable_loss, install_head, label_logit,
                                               log_aux_loss, loss_and_outputs, policy_operands)
 
 __all__ = ["SFTTrainer"]
@@ -84,19 +85,23 @@ class SFTTrainer(trl.SFTTrainer):
         scored = targets != -100
         num_tokens = torch.as_tensor(scored.sum() if num_items_in_batch is None else num_items_in_batch).clamp(min=1)
         dft = self.args.loss_type == "dft"
+        eps = self._smoothing()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        scale, softcap = head_transform(unwrapped.config)
+        capped = eps > 0 and softcap is not None  # the mean logit from the loss's own pass
 
-        def sft(per_token_logps, _sum_p2):  # 0 at unscored positions; DFT weighs by the detached probability
+        def sft(per_token_logps, mean_logits):  # 0 at unscored positions; DFT weighs by the detached probability
             per_token_loss = -per_token_logps * (per_token_logps.detach().exp() if dft else 1.0)
+            if mean_logits is not None:  # a softcapped head's smoothing: -eps mean_j z_tj, differentiable
+                per_token_loss = per_token_loss - eps * mean_logits
             return per_token_loss.sum() / num_tokens, {}
 
         policy = policy_operands(self, model, **model_inputs)
-        unwrapped = self.accelerator.unwrap_model(self.model)
         loss, _, stats = head_separable_loss(policy.operands, unwrapped.config, targets, sft, items="tokens",
-                                             extras=("entropy", "argmax"))
-        eps = self._smoothing()
+                                             mean_logit=capped, extras=("entropy", "argmax"))
         aux = policy.aux_loss
         if eps > 0:  # (1 - eps) NLL + eps mean_t (lse_t - mean_j z_tj) = NLL + eps mean_t (z_ty - mean_j z_tj)
-            margin = label_margin(policy.operands, targets, *head_transform(unwrapped.config))
+            margin = label_logit(policy.operands, targets, scale, softcap, minus_mean=not capped)
             loss = loss + eps * margin.sum() / num_tokens
             if self.model.training:  # TRL's second forward: its dropout draws, the metrics from it
                 stats, aux = self._metrics_forward(model, model_inputs, targets)
