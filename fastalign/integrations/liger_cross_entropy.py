@@ -46,11 +46,11 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastalign import _validate
 from fastalign.integrations._dtypes import check_accum_dtype, float64_as_float32, refuse_out_of_range
+from fastalign.integrations._label_logit import label_logits
 from fastalign.integrations._live_options import LiveOptions
 from fastalign.linear import check_head, linear_logprobs
 
@@ -149,19 +149,13 @@ class LigerFusedLinearCrossEntropyLoss(LiveOptions, nn.Module):
         ce = -lp if c_y is None else -c_y * lp
         lse = None
         if smoothing > 0 or z_scale != 0.0 or self.return_z_loss:
-            hf = _input.float()
-            z_y = torch.linalg.vecdot(hf, F.embedding(label, lin_weight).float())  # sorted, deterministic backward
-            if bias is not None:
-                z_y = z_y + bias.float()[label]
-            if cap is not None:
-                z_y = cap * torch.tanh(z_y / cap)
-            lse = z_y - lp
+            lse = label_logits(_input, lin_weight, label, bias=bias, softcap=cap) - lp
         if smoothing > 0:
             if capped_smoothing:  # sum_j z_j of the softcapped logits: V times their mean
                 zc, c_sum = V * stats.mean_logit, V
             else:  # sum_j c_j z_j per row, linear in h
                 w_sum, b_sum, c_sum = _class_sums(lin_weight, bias, c)
-                zc = hf @ w_sum if b_sum is None else hf @ w_sum + b_sum
+                zc = _input.float() @ w_sum if b_sum is None else _input.float() @ w_sum + b_sum
             ce = (1.0 - smoothing) * ce - (smoothing / V) * (zc - c_sum * lse)
         z = z_scale * lse * lse if lse is not None else None
         one = torch.ones((), dtype=torch.float32, device=lp.device)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from fastalign._options import check_choice
+from fastalign.integrations._label_logit import label_logits
 from fastalign.integrations.hf import causal_lm_logprobs, head_operands, head_transform, router_aux_loss
 from fastalign.integrations.trl._vision import body_inputs, row_chunks, vision_inputs
 from fastalign.linear_divergence import linear_divergence_loss
@@ -256,28 +257,16 @@ def head_separable_loss(operands, config, targets: Tensor, loss, *, items: str =
 def label_logit(operands, targets: Tensor, scale: float, softcap: Optional[float] = None, *,
                 minus_mean: bool = False) -> Tensor:
     r"""The label's logit ``z_y`` at each position ``[B, T-1]`` (fp32, differentiable; 0 where ``targets`` is -100)
-    of a head from its operands and the next tokens ``targets``: one row of the head per position, never ``[V, H]``
-    in fp32, ``z_y = c tanh(scale u_y / c)`` with a softcap ``c``. ``minus_mean`` (a linear head only):
-    ``z_y - (1/V) Σ_j z_j``, still linear in ``h``,
-    ``scale (h · (W_y - mean_j W_j) + (b_y - mean_j b_j) + a · (L_y - mean_j L_j))``, with no vocabulary pass. With
-    ``lp = z_y - lse`` the label-smoothing term ``-(1/V) Σ_j log p_j = lse - mean_j z_j`` is that margin ``- lp``
-    (a softcapped head's mean logit comes from the loss's own pass: ``mean_logit`` of
-    :func:`fastalign.linear_step.separable_step`)."""
-    if minus_mean and softcap is not None:
-        raise ValueError("minus_mean applies to a linear head: a softcapped head's mean logit is not linear in h")
+    of a head from its operands and the next tokens ``targets``
+    (:func:`~fastalign.integrations._label_logit.label_logits`: one head row per position); ``minus_mean`` (a
+    linear head only): ``z_y - (1/V) Σ_j z_j``, with no vocabulary pass. With ``lp = z_y - lse`` the
+    label-smoothing term ``-(1/V) Σ_j log p_j = lse - mean_j z_j`` is that margin ``- lp`` (a softcapped head's
+    mean logit comes from the loss's own pass: ``mean_logit`` of :func:`fastalign.linear_step.separable_step`)."""
     hidden, weight, bias, low_rank = operands
-    y = targets.clamp(min=0)
-
-    def row(rows, w):  # rows · (w_y - mean_j w_j) per position; one head row per position in fp32, not [V, H]
-        return (rows.float() * (w[y].float() - (w.mean(0, dtype=torch.float32) if minus_mean else 0.0))).sum(-1)
-
-    out = row(hidden[:, :-1], weight)
-    if bias is not None:
-        out = out + (bias[y].float() - (bias.mean(dtype=torch.float32) if minus_mean else 0.0))
-    if low_rank is not None:
-        out = out + row(low_rank[0][:, :-1], low_rank[1])
-    out = out * scale if softcap is None else softcap * torch.tanh(out * (scale / softcap))
-    return torch.where(targets != -100, out, 0.0)
+    z_y = label_logits(hidden[:, :-1], weight, targets.clamp(min=0), bias=bias,
+                       low_rank=None if low_rank is None else (low_rank[0][:, :-1], low_rank[1]), logit_scale=scale,
+                       softcap=softcap, minus_mean=minus_mean)
+    return torch.where(targets != -100, z_y, 0.0)
 
 
 def softcapped(model) -> bool:
