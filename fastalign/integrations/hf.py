@@ -170,20 +170,23 @@ _PACKED_ROWS_STATED: set = set()
 
 _UNSET = object()
 
-#: ``model_type``\ s whose ``transformers`` body takes ``position_ids`` but builds its causal mask (a vision-language
-#: model's: its multimodal rotary positions too) without their restarts: it never splits a packed row, so each
-#: packed sequence attends to the ones before it. Packed rows of these
-#: (and of any body that takes no ``position_ids`` or carries a recurrent state, :func:`_unsplit_packing`) raise.
-_UNSPLIT_PACKED = ("opt", "gpt_oss", "afmoe", "openai-gpt", "qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "glm46v",
-                   "paligemma", "glm_ocr", "paddleocr_vl", "biogpt", "xglm")
-#: ``model_type`` -> the ``transformers`` release from which its body splits packed rows (older ones build the
-#: causal mask without the restarts: Falcon's attention went causal without a mask, Doge's dynamic mask dropped it,
-#: Llama 4's chunked attention ignored them)
-_SPLITS_PACKED_SINCE = {"falcon": "5.24", "doge": "5.18", "llama4_text": "5.23"}
-#: ``model_type`` -> how its body mixes the sequences of a packed row whatever its mask: DeepSeek-V4's compressed
-#: attention pools keys over fixed windows of the whole row and lets a query see the windows before its position
-#: id, so a packed sequence sees the ones before it.
-_POOLS_PACKED_ROWS = {"deepseek_v4": "compressed attention pools its keys over windows of the whole row"}
+_MASK_WITHOUT_RESTARTS = "builds its causal mask without the position ids"
+#: ``model_type`` -> ``(how its transformers body mixes the sequences of a packed row, the transformers release from
+#: which it no longer does, or None)``, so that each packed sequence attends to the ones before it. Bodies that take
+#: ``position_ids`` but build their causal mask without their restarts (a vision-language model's: its multimodal
+#: rotary positions too; Falcon's attention went causal without a mask before 5.24, Doge's dynamic mask dropped it
+#: before 5.18, Llama 4's chunked attention ignored them before 5.23), and one that mixes them whatever its mask
+#: (DeepSeek-V4's compressed attention pools keys over fixed windows of the whole row and lets a query see the
+#: windows before its position id). Packed rows of these (and of any body that takes no ``position_ids`` or carries
+#: a recurrent state, :func:`_unsplit_packing`) raise.
+_MIXES_PACKED_ROWS = {
+    **dict.fromkeys(("opt", "gpt_oss", "afmoe", "openai-gpt", "qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe",
+                     "glm46v", "paligemma", "glm_ocr", "paddleocr_vl", "biogpt", "xglm"),
+                    (_MASK_WITHOUT_RESTARTS, None)),
+    "falcon": (_MASK_WITHOUT_RESTARTS, "5.24"), "doge": (_MASK_WITHOUT_RESTARTS, "5.18"),
+    "llama4_text": (_MASK_WITHOUT_RESTARTS, "5.23"),
+    "deepseek_v4": ("pools the keys of its compressed attention over windows of the whole row", None),
+}
 
 
 def known_head_transform(config) -> Optional[tuple[float, Optional[float]]]:
@@ -313,8 +316,8 @@ def _unsplit_packing(model) -> Optional[str]:
     """Why the model's body would let the sequences of a packed row see each other (None if it splits them, as
     ``transformers`` does from position ids that restart, without an attention mask): a recurrent (state-space)
     body, :func:`_is_recurrent`, carries its state from one sequence into the next; a body that takes no
-    ``position_ids``, or one of :data:`_UNSPLIT_PACKED`, builds its causal mask without them; one of
-    :data:`_POOLS_PACKED_ROWS` mixes them whatever its mask. An architecture
+    ``position_ids`` builds its causal mask without them; one of :data:`_MIXES_PACKED_ROWS` mixes them (before the
+    release given there). An architecture
     outside the checked table is refused unless registered with ``packed_rows=True``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in _LISTED and model_type not in _PACKED_ROWS_STATED:
@@ -326,21 +329,18 @@ def _unsplit_packing(model) -> Optional[str]:
 
         return (f"transformers {transformers.__version__} builds the causal mask without splitting packed rows "
                 "(transformers 4.54 and later split them at restarting position ids)")
-    if model_type in _POOLS_PACKED_ROWS:
-        return (f"the body of model_type {model_type!r} mixes the sequences of a packed row: its "
-                f"{_POOLS_PACKED_ROWS[model_type]}")
     body = _body(model)
     if _is_recurrent(model, body):
         return (f"the body of model_type {model_type!r} carries its recurrent (state-space) state from one packed "
                 "sequence into the next")
-    since = _SPLITS_PACKED_SINCE.get(model_type)
-    if model_type in _UNSPLIT_PACKED or not _takes_position_ids(type(body)) or (
-            since is not None and not _transformers_at_least(since)):
+    how, since = _MIXES_PACKED_ROWS.get(model_type, (None, None))
+    if (how is not None and (since is None or not _transformers_at_least(since))) or not _takes_position_ids(
+            type(body)):
         import transformers
 
         newer = "" if since is None else f" before transformers {since} (this is {transformers.__version__})"
-        return (f"the transformers body of model_type {model_type!r} builds its causal mask without the position "
-                f"ids{newer}, so each packed sequence would attend to the ones before it")
+        return (f"the transformers body of model_type {model_type!r} {how or _MASK_WITHOUT_RESTARTS}{newer}, so "
+                "each packed sequence would attend to the ones before it")
     return None
 
 
@@ -674,7 +674,7 @@ def causal_lm_logprobs(
         position_ids: ``[B, T]`` passed to the model; a packed row restarts at 0 at each
             sequence; with ``attention_mask=None`` ``transformers`` then attends within each
             sequence only (with an attention mask it does not split packed rows). A body that
-            does not split packed rows (one of ``_UNSPLIT_PACKED``: opt, gpt_oss; one that takes no
+            does not split packed rows (one of ``_MIXES_PACKED_ROWS``: opt, gpt_oss; one that takes no
             ``position_ids``: bloom, mpt; a recurrent one, ``_is_recurrent``: granitemoehybrid)
             refuses them: a ValueError for CPU position ids; on a GPU (not read on the host)
             the hidden states are NaN, so is every scored statistic.
