@@ -280,21 +280,27 @@ def test_packed_position_ids_refuses_a_bad_argument_by_name(cu_seqlens, total, e
 @pytest.mark.parametrize("arch,tied,head_bias", [("gemma2", False, True), ("cohere", True, False),
                                                  ("qwen2", False, False)])
 def test_gradients_match_loss_through_model_logits(arch, tied, head_bias):
+    """Gradients of every parameter through the log-probs, the entropy and the mean logit (before the temperature:
+    a label-smoothing term) equal those through the model's own logits."""
     model = tiny_model(arch, tied=tied, head_bias=head_bias).train()
     input_ids, attention_mask, labels = batch(seed=11)
     scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
-    w = torch.randn(scored.shape, generator=torch.Generator().manual_seed(2))
+    w, w_mean = torch.randn(2, *scored.shape, generator=torch.Generator().manual_seed(2))
 
-    def loss_of(lp, ent):
-        return (torch.where(scored, lp * w + 0.3 * ent, 0.0)).sum()
+    def loss_of(lp, ent, mean):
+        return (torch.where(scored, lp * w + 0.3 * ent + mean * w_mean, 0.0)).sum()
 
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float() / 0.9
-    logp = torch.log_softmax(logits, -1)
+    z = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    logp = torch.log_softmax(z / 0.9, -1)
     ref_lp = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    ref_grads = torch.autograd.grad(loss_of(ref_lp, -(logp.exp() * logp).sum(-1)), list(model.parameters()))
+    ref_mean = z.mean(-1)
+    ref_grads = torch.autograd.grad(loss_of(ref_lp, -(logp.exp() * logp).sum(-1), ref_mean),
+                                    list(model.parameters()))
 
-    stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, entropy=True, temperature=0.9)
-    grads = torch.autograd.grad(loss_of(stats.logprobs, stats.entropy), list(model.parameters()))
+    stats = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, entropy=True, mean_logit=True,
+                               temperature=0.9)
+    torch.testing.assert_close(stats.mean_logit, torch.where(scored, ref_mean, 0.0).detach(), atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(loss_of(stats.logprobs, stats.entropy, stats.mean_logit), list(model.parameters()))
     for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 

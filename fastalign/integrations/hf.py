@@ -630,6 +630,7 @@ def causal_lm_logprobs(
     entropy: bool = False,
     sum_p2: bool = False,
     argmax: bool = False,
+    mean_logit: bool = False,
     ignore_index: int = -100,
     logit_scale=_UNSET,
     softcap=_UNSET,
@@ -689,6 +690,9 @@ def causal_lm_logprobs(
         entropy: compute the entropy too.
         sum_p2, argmax: compute :math:`\sum_j p_j^2` and the argmax too (as
             :func:`fastalign.linear_logprobs`).
+        mean_logit: compute the mean of the model's logits :math:`\frac{1}{V}\sum_j z_{t,j}` too, before the
+            temperature (differentiable, from the same pass: a label-smoothing term
+            :math:`-\frac{1}{V}\sum_j \log p_{t,j} = \log \sum_j e^{z_{t,j}} - \text{mean}` at temperature 1).
         ignore_index: label value of unscored tokens.
         logit_scale, softcap: the head transform, for an architecture not in
             :data:`HEAD_TRANSFORMS` (both must be given; ``logit_scale`` finite and non-zero,
@@ -806,7 +810,7 @@ def causal_lm_logprobs(
     with torch.autocast(device_type, enabled=False):
         stats = linear_logprobs(hidden[:, predicting], weight, targets, bias=bias, temperature=temperature,
                                 softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index,
-                                entropy=entropy, sum_p2=sum_p2, argmax=argmax,
+                                entropy=entropy, sum_p2=sum_p2, argmax=argmax, mean_logit=mean_logit,
                                 low_rank=None if low_rank is None else (low_rank[0][:, predicting], low_rank[1]))
     if argmax:  # linear_logprobs gives every row's argmax: -1 where unscored, as the other statistics are 0
         stats = stats._replace(argmax=torch.where(targets != ignore_index, stats.argmax, -1))
