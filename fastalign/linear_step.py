@@ -126,7 +126,7 @@ def _two_passes(hidden, weight, bias, a, lw, labels, loss: StepLoss, aux: Option
                          argmax="argmax" in extras, mean_logit=aux == "mean_logit" or "mean_logit" in extras, **logit)
     scored = labels != ignore_index
     stats = {}
-    graph = ("logprobs", "mean_logit" if aux == "mean_logit" else None)  # the statistics the loss differentiates
+    graph = ("logprobs", "mean_logit") if aux == "mean_logit" else ("logprobs",)  # those the loss differentiates
     for name in dict.fromkeys(("logprobs", *([aux] if aux else []), *extras)):
         t, fill = getattr(st, name), UNLABELLED[name]
         t = t.view(labels.shape) if rows is None else scatter_labelled(t, rows, labels, fill)

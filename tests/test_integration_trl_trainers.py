@@ -135,9 +135,9 @@ def test_head_matches_the_models_own_logits(model_type):
     position, and at the scored ones alone), the label logit (and the linear heads' smoothing margin) from one head
     row per position, and the statistics of head_separable_loss's pass (items as rows, pairs and tokens; loss and
     gradient too, with the mean logit as the loss's differentiable second argument)."""
-    from fastalign.integrations.hf import head_operands
+    from fastalign.integrations.hf import head_operands, head_transform
     import fastalign
-    from fastalign.integrations.trl._head import head_outputs, head_separable_loss, label_logit, softcapped
+    from fastalign.integrations.trl._head import head_outputs, head_separable_loss, label_logit
 
     extra = {"cohere": dict(logit_scale=0.5), "gemma2": dict(final_logit_softcapping=3.0, head_dim=8)}
     config_cls = {"qwen2": transformers.Qwen2Config, "cohere": transformers.CohereConfig,
@@ -173,7 +173,7 @@ def test_head_matches_the_models_own_logits(model_type):
     for name, got in (("logprobs", out.log_probs), ("entropy", out.entropy)):
         torch.testing.assert_close(got.double(), want[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
     operands = head_operands(model, ids, attention)
-    assert softcapped(model) == (model_type == "gemma2")
+    assert (head_transform(model.config)[1] is not None) == (model_type == "gemma2")
     scale, softcap = (0.5 if model_type == "cohere" else 1.0), (3.0 if model_type == "gemma2" else None)
     # every position, the last and the padded ones included; or the scored ones, the others 0
     hidden, weight, bias, low_rank = operands

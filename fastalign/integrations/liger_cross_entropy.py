@@ -155,7 +155,8 @@ class LigerFusedLinearCrossEntropyLoss(LiveOptions, nn.Module):
                 zc, c_sum = V * stats.mean_logit, V
             else:  # sum_j c_j z_j per row, linear in h
                 w_sum, b_sum, c_sum = _class_sums(lin_weight, bias, c)
-                zc = _input.float() @ w_sum if b_sum is None else _input.float() @ w_sum + b_sum
+                zc = _input.float() @ w_sum
+                zc = zc if b_sum is None else zc + b_sum
             ce = (1.0 - smoothing) * ce - (smoothing / V) * (zc - c_sum * lse)
         z = z_scale * lse * lse if lse is not None else None
         one = torch.ones((), dtype=torch.float32, device=lp.device)

@@ -269,12 +269,6 @@ def label_logit(operands, targets: Tensor, scale: float, softcap: Optional[float
     return torch.where(targets != -100, z_y, 0.0)
 
 
-def softcapped(model) -> bool:
-    """Whether ``model``'s head is softcapped (its logits not linear in the hidden states, nor its mean logit)."""
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return head_transform(model.config)[1] is not None
-
-
 def install_head(model) -> None:
     """Wrap ``model.forward``: with ``fastalign_head=fields`` (a tuple of :data:`FIELDS`) it returns
     :func:`head_outputs` of ``labels``, with ``fastalign_options`` (``temperature``, ``head_dtype``: the
