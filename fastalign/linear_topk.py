@@ -29,30 +29,40 @@ class TopKSupport(NamedTuple):
 def linear_topk_logprobs(hidden: Tensor, weight: Tensor, k: Optional[int] = None, *, ids: Optional[Tensor] = None,
                          bias: Optional[Tensor] = None, response_mask: Optional[Tensor] = None,
                          temperature: float = 1.0, softcap: Optional[float] = None,
-                         logit_scale: float = 1.0) -> TopKSupport:
+                         logit_scale: float = 1.0, renormalize: bool = False) -> TopKSupport:
     r"""Log-probs of the head over ``k`` ids per token: the ``k`` largest logits, or the ``ids`` given.
 
     With the logit pipeline of :func:`fastalign.linear_logprobs`
     (``z = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature``)::
 
         ids      = topk_j(z_j, k)          (largest first; or the ids given)
-        logprobs = z[ids] - log sum_j exp(z_j)
+        logprobs = z[ids] - log sum_j exp(z_j)              (over the vocabulary)
+        logprobs = z[ids] - log sum_k exp(z[ids_k])         (renormalize=True: over the support)
 
     Gradients flow to ``hidden``, ``weight`` and ``bias`` through the log-probs (the selection is a constant, as
     ``torch.topk``'s): ``d lp_j / d z_i = [i = ids_j] - p_i``. The logits are built a block of rows at a time
     (``FASTALIGN_BLOCK_MIB``) and recomputed in backward, never ``tokens x V``.
+
+    Renormalised over the support (TRL's top-k distillation without the tail bucket), the other logits enter only
+    through the selection: ``d lp_j / d z[ids_i] = [i = j] - exp(lp_i)``, 0 elsewhere. A support given then
+    costs ``K`` dot products per row (the head's rows at the ids) instead of a pass over the vocabulary, and the
+    backward of either form touches only those ``K`` rows of the head (the top-k forward still computes each
+    row's logits, to find the ids).
 
     Args:
         hidden: ``[..., H]`` float32/bfloat16/float16. A DTensor (and ``weight``, ``bias``) is gathered.
         weight: ``[V, H]`` in ``hidden``'s dtype.
         k: the support's size, ``1 <= k <= V``; exactly one of ``k`` and ``ids``.
         ids: integer ``[..., K]`` (``hidden.shape[:-1] + (K,)``): the support of each row (another model's
-            top-k, say). An id outside the vocabulary gives a NaN log-prob and no gradient.
+            top-k, say). An id outside the vocabulary gives a NaN log-prob (with ``renormalize``, NaN across its
+            row, whose support's distribution is then undefined) and no gradient.
         bias: optional ``[V]``.
         response_mask: optional, shaped like ``hidden.shape[:-1]``: only its rows go through the vocabulary
             (found on the host for eager CPU tensors; on a GPU and under torch.compile every row runs, the others'
             hidden states as 0); the others give log-probs 0, ids 0 (or the ids given) and no gradient.
         temperature, softcap, logit_scale: the logit pipeline (``softcap=None`` is off).
+        renormalize: the log-probs of the distribution renormalised over the support (they sum to 1 over it)
+            instead of the vocabulary's.
 
     Returns:
         :class:`TopKSupport` ``(logprobs, ids)``, each ``[..., K]``.
@@ -60,6 +70,7 @@ def linear_topk_logprobs(hidden: Tensor, weight: Tensor, k: Optional[int] = None
     hidden, weight, bias, _ = _dtensor.head(hidden, weight, bias)
     check_head(hidden, weight, bias)
     inv_t, cap, scale = check_logit_options(temperature, softcap, logit_scale)
+    renormalize = _validate.boolean("renormalize", renormalize)
     V = weight.shape[0]
     lead = tuple(hidden.shape[:-1])
     if (k is None) == (ids is None):
@@ -85,7 +96,7 @@ def linear_topk_logprobs(hidden: Tensor, weight: Tensor, k: Optional[int] = None
         rows = keep.nonzero().squeeze(1)  # a CPU tensor: read on the host for free
     elif keep is not None:
         h2 = torch.where(keep[:, None], h2, torch.zeros((), dtype=h2.dtype, device=h2.device))
-    lp, support = TopKLogprobs.apply(h2, weight, bias, ids2, k or 0, rows, scale, cap, inv_t)
+    lp, support = TopKLogprobs.apply(h2, weight, bias, ids2, k or 0, rows, scale, cap, inv_t, renormalize)
     if keep is not None and rows is None:
         lp = torch.where(keep[:, None], lp, 0.0)
         if ids is None:

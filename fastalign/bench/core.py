@@ -80,29 +80,36 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def student_teacher_cases(op: str, make_build: Callable, impls: tuple, backward_products: int, backward: str,
-                          label: str = "", params: Optional[dict] = None, warmup_options: Optional[dict] = None):
+                          label: str = "", params: Optional[dict] = None, warmup_options: Optional[dict] = None,
+                          support: Optional[int] = None):
     """The cases of a loss between a student's head and a wider teacher's over :data:`STUDENT_TEACHER_SHAPES`,
     an eighth of the tokens unscored: ``make_build(N, H, H_t, V, dtype, **options)`` builds the steps;
     ``backward_products`` is the backward's ``n x H x V`` products (of two FLOPs each) past the forward's logits,
-    ``backward`` what they are."""
+    ``backward`` what they are. ``support``: the loss reads ``support`` logits per token past the student's top-k
+    selection (the teacher's are ``support`` dot products per token, and the backward's products run over
+    ``support`` rows of the head instead of ``V``)."""
     out = []
     for N, H, V, dt, quick in STUDENT_TEACHER_SHAPES:
         Ht, dtype = H * 3 // 2, _DTYPES[dt]
         elem = torch.empty((), dtype=dtype).element_size()
         n = N - N // 8
-        f = 2 * n * (H + Ht) * V  # both heads' logits over the scored tokens
+        read = V if support is None else support  # the logits per token the loss reads, past the selection
+        f = 2 * n * (H * V + Ht * read)  # the student's logits, the teacher's at what the loss reads
+        width = "V" if support is None else "k"
+        model = (f"fwd 2*n*(H*V+H_t*{width}) = {f / 1e12:.2f} TFLOP over the n = 7N/8 scored tokens; fwd+bwd "
+                 f"adds {2 * backward_products}*n*H*{width} ({backward})")
+        teacher_rows = V if support is None else min(V, n * support)
         out.append(Case(
             op=op,
             label=f"{N}x{H}/{Ht}x{V} {dt}{label}",
             params={"tokens": N, "hidden": H, "teacher_hidden": Ht, "vocab": V, "dtype": dt, **(params or {}),
-                    "model": (f"fwd 2*n*(H+H_t)*V = {f / 1e12:.2f} TFLOP over the n = 7N/8 scored tokens; fwd+bwd "
-                              f"adds {2 * backward_products}*n*H*V ({backward})")},
+                    "model": model},
             build=make_build(N, H, Ht, V, dtype),
             quick=quick,
             warmup=make_build(8, 16, 24, 64, dtype, **(warmup_options or {})),
             impls=impls,
-            bytes_moved=lambda mode, b=(N * (H + Ht) + V * (H + Ht)) * elem: b if mode == "fwd" else 2 * b,
-            flops=lambda mode, f=f, g=2 * backward_products * n * H * V: f if mode == "fwd" else f + g,
+            bytes_moved=lambda mode, b=(N * (H + Ht) + V * H + teacher_rows * Ht) * elem: b if mode == "fwd" else 2 * b,
+            flops=lambda mode, f=f, g=2 * backward_products * n * H * read: f if mode == "fwd" else f + g,
             required_bytes=lambda mode, b=(N + V) * H * elem: 0 if mode == "fwd" else b,
         ))
     return out

@@ -32,12 +32,14 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
 
 def linear_topk_logprobs(hidden: Tensor, weight: Tensor, k: Optional[int] = None, *, ids: Optional[Tensor] = None,
                          bias: Optional[Tensor] = None, temperature: float = 1.0, softcap: Optional[float] = None,
-                         logit_scale: float = 1.0, dtype: torch.dtype | None = None):
+                         logit_scale: float = 1.0, dtype: torch.dtype | None = None, renormalize: bool = False):
     """(log-probs ``[..., K]`` at ``ids``, ``ids``) from the materialised logits; ``ids`` the top ``k`` when not
-    given (docs/math.md#top-k-support)."""
+    given; ``renormalize``: over the support instead of the vocabulary (docs/math.md#top-k-support)."""
     z = linear_logits(hidden, weight, bias=bias, softcap=softcap, logit_scale=logit_scale, dtype=dtype) / temperature
     if ids is None:
         ids = z.topk(k, dim=-1).indices
+    if renormalize:
+        return z.gather(-1, ids).log_softmax(-1), ids
     return z.log_softmax(-1).gather(-1, ids), ids
 
 

@@ -2,9 +2,10 @@
 token, the student's ``k = 100`` largest logits, both models' log-probs there renormalised over them, and the
 generalized JSD (beta 0.5), token mean over the scored tokens.
 
-``fastalign`` is :func:`fastalign.linear_topk_logprobs` for the student (top-k, with gradients) and the teacher (at
-the student's ids), then the JSD on the ``[N, k]`` log-probs (blocks of rows through the heads, recomputed in
-backward); ``trl`` is TRL 1.16's ``compute_topk_self_distillation_loss`` on both ``[N, V]`` logits; ``eager``
+``fastalign`` is :func:`fastalign.linear_topk_logprobs` renormalised over the support (``renormalize=True``) for
+the student (top-k, with gradients: blocks of rows through its head, a backward over the support's rows of the head
+only) and the teacher (``k`` dot products per token at the student's ids), then the JSD on the ``[N, k]``
+log-probs; ``trl`` is TRL 1.16's ``compute_topk_self_distillation_loss`` on both ``[N, V]`` logits; ``eager``
 builds both logits, takes ``torch.topk`` and gathers the log-softmax. An eighth of the tokens are unscored (masked
 after the loss in ``trl`` and ``eager``, skipped by ``fastalign``). The teacher is wider than the student.
 """
@@ -37,9 +38,9 @@ def _eager(h, w, ht, wt, mask, k):
 
 
 def _fastalign(h, w, ht, wt, mask, k):
-    student = fastalign.linear_topk_logprobs(h, w, k, response_mask=mask)
+    student = fastalign.linear_topk_logprobs(h, w, k, response_mask=mask, renormalize=True)
     with torch.no_grad():
-        teacher = fastalign.linear_topk_logprobs(ht, wt, ids=student.ids, response_mask=mask).logprobs
+        teacher = fastalign.linear_topk_logprobs(ht, wt, ids=student.ids, response_mask=mask, renormalize=True).logprobs
     return (_jsd(student.logprobs, teacher) * mask).sum() / mask.sum()
 
 
@@ -68,6 +69,6 @@ def _make_build(N, H, Ht, V, dtype, k=K):
 
 
 def cases():
-    return student_teacher_cases("linear_topk", _make_build, ("fastalign", "trl", "eager"), 3,
-                                 "the student's logits again, d hidden, d weight", label=f" k={K}", params={"k": K},
-                                 warmup_options={"k": 4})
+    return student_teacher_cases("linear_topk", _make_build, ("fastalign", "trl", "eager"), 2,
+                                 "d hidden, d weight at the support's k rows of the head", label=f" k={K}",
+                                 params={"k": K}, warmup_options={"k": 4}, support=K)

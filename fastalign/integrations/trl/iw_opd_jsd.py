@@ -76,13 +76,16 @@ class IWOPDJSDLoss(nn.Module):
         teacher = dict(bias=teacher_bias, **common,
                        **{k[len("teacher_"):]: v for k, v in head.items() if k.startswith("teacher_")})
         support, mask = self._support(hidden, weight, teacher_hidden, teacher_weight, completion_ids, student, teacher)
+        # without the tail bucket only the support's logits count (a support given: K dot products per token)
+        renormalize = not self.add_tail
         if support is None:  # the student's own top-k, with its log-probs there
-            s = linear_topk_logprobs(hidden, weight, self.top_k, **student)
+            s = linear_topk_logprobs(hidden, weight, self.top_k, renormalize=renormalize, **student)
             s_lp, support = s.logprobs, s.ids
         else:
-            s_lp = linear_topk_logprobs(hidden, weight, ids=support, **student).logprobs
+            s_lp = linear_topk_logprobs(hidden, weight, ids=support, renormalize=renormalize, **student).logprobs
         with torch.no_grad():
-            t_lp = linear_topk_logprobs(teacher_hidden, teacher_weight, ids=support, **teacher).logprobs
+            t_lp = linear_topk_logprobs(teacher_hidden, teacher_weight, ids=support, renormalize=renormalize,
+                                        **teacher).logprobs
         s_lp, categories = on_support(s_lp, mask, self.add_tail)
         t_lp, _ = on_support(t_lp, mask, self.add_tail)
         per_token = support_divergence(s_lp, t_lp, self.beta, categories)

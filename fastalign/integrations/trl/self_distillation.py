@@ -154,7 +154,8 @@ class SelfDistillationLoss(nn.Module):
     def _topk_divergence(self, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, loss_mask,
                          student: dict, teacher: dict) -> Tensor:
         """``L [B, T]`` of ``topk_logits``: the divergence over the student's top-k support (module doc)."""
-        pipeline = dict(temperature=self.temperature, response_mask=loss_mask)
+        # without the tail bucket only the support's logits count: the teacher takes K dot products per token
+        pipeline = dict(temperature=self.temperature, response_mask=loss_mask, renormalize=not self.add_tail)
         student = {k: v for k, v in student.items() if k != "backend"}  # the support has one path
         s = linear_topk_logprobs(hidden, weight, self.topk, bias=bias, **pipeline, **student)
         with torch.no_grad():
