@@ -113,12 +113,20 @@ def test_sdft_config_full_logits_matches_trl():
 @pytest.mark.parametrize("alpha", [0.0, 1.0, 0.3])
 @pytest.mark.parametrize("tail", [False, True], ids=["renormalised", "tail"])
 @pytest.mark.parametrize("clip", [2.0, None], ids=["is-clip", "no-is"])
-def test_topk_logits_matches_trl(alpha, tail, clip):
+def test_topk_logits_matches_trl(alpha, tail, clip, monkeypatch):
     """SDFT's default mode: the divergence over the student's top-k support, renormalised or with the tail bucket,
-    against TRL's ``compute_topk_self_distillation_loss`` on the full logits."""
+    against TRL's ``compute_topk_self_distillation_loss`` on the full logits. Renormalised, the teacher's
+    log-probs are dot products at the support: no logits over the teacher's vocabulary (the tail needs them)."""
+    from fastalign.ops import linear_topk as ops
+
+    widths = []
+    chunk_logits = ops.chunk_logits
+    monkeypatch.setattr(ops, "chunk_logits", lambda buf, h, w, *a: widths.append(w.shape[1]) or chunk_logits(
+        buf, h, w, *a))
     args = _config(SDFTConfig, distillation_topk=7, distillation_add_tail=tail, distillation_alpha=alpha,
                    distillation_is_clip=clip, temperature=0.8)
     _compare_linear(SDFTTrainer, args, seed=2)
+    assert (Ht in widths) == tail and H in widths
 
 
 def test_topk_logits_in_an_sdpo_config_and_a_support_of_the_whole_vocabulary_match_trl():
