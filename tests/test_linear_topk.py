@@ -245,16 +245,27 @@ def test_half_precision_inputs_against_float64(dtype, renormalize, given):
         assert rel < 1e-2, rel
 
 
-def test_rows_of_any_leading_shape_and_none_at_all():
+@pytest.mark.parametrize("renormalize", NORMALIZATIONS, indirect=True)
+@pytest.mark.parametrize("given", [False, True], ids=["top-k", "ids-given"])
+def test_rows_of_any_leading_shape_and_none_at_all(renormalize, given):
+    """Any leading shape; no rows, or none scored: log-probs 0 and zero gradients."""
     h, w, b = _head(seed=12)
-    flat = fastalign.linear_topk_logprobs(h.reshape(-1, H), w, 3, bias=b)
-    nested = fastalign.linear_topk_logprobs(h, w, 3, bias=b)
+    ids = torch.randint(0, V, (B, T, 3), generator=torch.Generator().manual_seed(13)) if given else None
+    support = dict(ids=ids) if given else dict(k=3)
+    flat = fastalign.linear_topk_logprobs(h.reshape(-1, H), w, bias=b, renormalize=renormalize,
+                                          **(dict(ids=ids.reshape(-1, 3)) if given else support))
+    nested = fastalign.linear_topk_logprobs(h, w, bias=b, renormalize=renormalize, **support)
     assert torch.equal(nested.ids.reshape(-1, 3), flat.ids)
     torch.testing.assert_close(nested.logprobs.reshape(-1, 3), flat.logprobs)
-    empty = fastalign.linear_topk_logprobs(h[:0], w, 3)
+    ins = [x.clone().requires_grad_() for x in (h, w, b)]
+    empty = fastalign.linear_topk_logprobs(ins[0][:0], ins[1], bias=ins[2], renormalize=renormalize,
+                                           **(dict(ids=ids[:0]) if given else support))
     assert empty.logprobs.shape == (0, T, 3)
-    none_scored = fastalign.linear_topk_logprobs(h, w, 3, response_mask=torch.zeros(B, T))
+    none_scored = fastalign.linear_topk_logprobs(*ins[:2], bias=ins[2], response_mask=torch.zeros(B, T),
+                                                 renormalize=renormalize, **support)
     assert (none_scored.logprobs == 0).all()
+    for grad in torch.autograd.grad(empty.logprobs.sum() + none_scored.logprobs.sum(), ins):
+        assert (grad == 0).all()
 
 
 def test_no_second_derivative():

@@ -92,6 +92,6 @@ def scatter(g: Tensor, ids: Tensor, x: Optional[Tensor], vocab: int) -> Tensor:
     cols = block_budget_rows(flat.numel() + vocab, out)
     for c0 in range(0, x.shape[1], cols):
         part = g.float().unsqueeze(-1) * x[:, None, c0:c0 + cols].float()
-        out[:, c0:c0 + cols] = torch.ops.aten.embedding_dense_backward(part.reshape(flat.numel(), -1), flat, vocab,
-                                                                       -1, False)
+        out[:, c0:c0 + cols] = torch.ops.aten.embedding_dense_backward(part.reshape(flat.numel(), part.shape[-1]),
+                                                                       flat, vocab, -1, False)
     return out
