@@ -20,10 +20,12 @@ import torch
 
 from helpers import assert_close
 
-from fastalign.integrations.liger_cross_entropy import CrossEntropyOutput, LigerFusedLinearCrossEntropyLoss
+from fastalign.integrations.liger_cross_entropy import (CrossEntropyOutput, LigerCrossEntropyLoss,
+                                                       LigerFusedLinearCrossEntropyLoss)
 
 liger_flce = pytest.importorskip("liger_kernel.transformers.fused_linear_cross_entropy",
                                  reason="liger_kernel is not installed: `pip install liger-kernel==0.8.*`")
+from liger_kernel.transformers import cross_entropy as liger_ce  # noqa: E402
 from liger_kernel.transformers.model import loss_utils  # noqa: E402
 from liger_kernel.transformers.model.loss_utils import unpack_cross_entropy_result  # noqa: E402
 
@@ -106,13 +108,19 @@ def _run(call, leaves, target, *, dtype=None, seed=0):
     return out, [None if t is None else t.grad for t in (h, w, b)]
 
 
-def _reference(weight, hidden, target, bias=None, *, ce_weight=None, ignore_index=-100, lse_square_scale=0.0,
-               label_smoothing=0.0, reduction="mean", softcap=None, return_z_loss=False, use_token_scaling=False,
-               return_token_accuracy=False, return_predicted_tokens=False, accum_dtype=None):
+def _reference(weight, hidden, target, bias=None, **options):
     """Liger's loss in float64 from the materialised logits, as its kernel computes it."""
     x = hidden.double() @ weight.double().T
     if bias is not None:
         x = x + bias.double()
+    return _reference_on_logits(x, target, **options)
+
+
+def _reference_on_logits(x, target, *, ce_weight=None, ignore_index=-100, lse_square_scale=0.0, label_smoothing=0.0,
+                         reduction="mean", softcap=None, return_z_loss=False, use_token_scaling=False,
+                         return_token_accuracy=False, return_predicted_tokens=False, accum_dtype=None):
+    """Liger's loss in float64 from the logits ``x`` (its cross-entropy kernel, shared by both modules)."""
+    x = x.double()
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
     keep = target != ignore_index
@@ -209,11 +217,18 @@ def test_matches_liger_and_float64_reference(case, bias, liger_interpreter):
     leaves, target = _batch(1, bias=bias)
     if opts.get("ignore_index") == 3:
         target[target == -100] = 3
-    fa = _run(LigerFusedLinearCrossEntropyLoss(**opts), leaves, target)
-    lg = _run(liger_flce.LigerFusedLinearCrossEntropyLoss(**opts), leaves, target)
-    ref = _run(_reference_module(opts), leaves, target, dtype=torch.float64)
-    _compare(fa, lg, atol=2e-6, rtol=1e-5, what=f"{case} vs Liger")
-    _compare(fa, ref, atol=2e-6, rtol=1e-5, what=f"{case} vs float64", dtypes=False)
+    _against_liger_and_float64(_run, LigerFusedLinearCrossEntropyLoss(**opts),
+                               liger_flce.LigerFusedLinearCrossEntropyLoss(**opts), _reference_module(opts), leaves,
+                               target, case)
+
+
+def _against_liger_and_float64(run, ours, liger, reference, inputs, target, what):
+    """fastalign's module against Liger's and the float64 reference, at fp32 tolerances (``run``: how each is
+    called on ``inputs``)."""
+    fa = run(ours, inputs, target)
+    _compare(fa, run(liger, inputs, target), atol=2e-6, rtol=1e-5, what=f"{what} vs Liger")
+    _compare(fa, run(reference, inputs, target, dtype=torch.float64), atol=2e-6, rtol=1e-5,
+             what=f"{what} vs float64", dtypes=False)
 
 
 @pytest.mark.parametrize("case", ["mean", "none", "label_smoothing", "z_loss", "softcap", "softcap_smoothing",
@@ -482,3 +497,127 @@ def test_a_target_out_of_range_is_refused(reduction, monkeypatch):
     hidden.grad = weight.grad = None
     loss_fn(weight, hidden, target.clamp(max=19)).sum().backward()  # in range: finite, as before
     assert hidden.grad.isfinite().all() and weight.grad.isfinite().all()
+
+
+# LigerCrossEntropyLoss: the same kernel on materialised logits; its class weights are named ``weight``
+
+#: the cases of CASES the logits module takes (Liger's has no use_token_scaling and no accum_dtype), and the
+#: class-weighted smoothing of softcapped logits, which only the logits module forms
+LOGITS_CASES = {**{case: opts for case, opts in CASES.items()
+                   if "use_token_scaling" not in opts and "accum_dtype" not in opts},
+                "ce_weight_softcap_smoothing": dict(ce_weight="w", softcap=2.5, label_smoothing=0.2,
+                                                    lse_square_scale=0.02, return_z_loss=True)}
+
+
+def _logits_opts(case) -> dict:
+    """The options of a case for LigerCrossEntropyLoss (``ce_weight`` named ``weight``)."""
+    opts = dict(LOGITS_CASES[case])
+    if "ce_weight" in opts:
+        opts["weight"] = _class_weights()
+        del opts["ce_weight"]
+    return opts
+
+
+def _logits(seed, dtype=torch.float32, ignored=IGNORED):
+    """``(logits [N, V], target)``: the logits of a head (so that they have its spread), one target their argmax."""
+    (h, w, b), target = _batch(seed, ignored=ignored)
+    return (h @ w.T + b).detach().to(dtype), target
+
+
+def _run_logits(call, logits, target, *, dtype=None, seed=0):
+    """(outputs, [d logits]) of ``call(logits, target)`` as :func:`_run` gives them."""
+    return _run(lambda w, x, t, b: call(x, t), [logits, None, None], target, dtype=dtype, seed=seed)
+
+
+def _reference_logits(opts):
+    """The float64 reference of LigerCrossEntropyLoss(**opts)."""
+    options = {("ce_weight" if k == "weight" else k): v for k, v in opts.items()}
+    return lambda x, t: _reference_on_logits(x, t, **options)
+
+
+@pytest.mark.parametrize("case", sorted(LOGITS_CASES))
+def test_logits_module_matches_liger_and_float64_reference(case, liger_interpreter):
+    opts = _logits_opts(case)
+    logits, target = _logits(1)
+    if opts.get("ignore_index") == 3:
+        target[target == -100] = 3
+    _against_liger_and_float64(_run_logits, LigerCrossEntropyLoss(**opts), liger_ce.LigerCrossEntropyLoss(**opts),
+                               _reference_logits(opts), logits, target, f"logits {case}")
+
+
+@pytest.mark.parametrize("case", ["mean", "none", "label_smoothing", "z_loss", "softcap", "softcap_smoothing",
+                                  "ce_weight_smoothing_z", "ce_weight_softcap_smoothing"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_logits_module_in_bf16_and_float64_matches_liger(case, dtype, liger_interpreter):
+    """bf16 logits (read as they are, statistics in fp32) and float64 ones (computed in fp32, as Liger): Liger's
+    outputs, their dtypes and the gradient's."""
+    opts = _logits_opts(case)
+    logits, target = _logits(2, dtype=dtype)
+    fa = _run_logits(LigerCrossEntropyLoss(**opts), logits, target)
+    lg = _run_logits(liger_ce.LigerCrossEntropyLoss(**opts), logits, target)
+    ref = _run_logits(_reference_logits(opts), logits, target, dtype=torch.float64)
+    bf16 = dtype == torch.bfloat16
+    _compare(fa, lg, atol=1e-3 if bf16 else 2e-6, rtol=8e-3 if bf16 else 1e-5, grad_scale=2e-2 if bf16 else 0.0,
+             what=f"{dtype} logits {case} vs Liger")
+    _compare(fa, ref, atol=1e-4 if bf16 else 2e-6, rtol=4e-3 if bf16 else 1e-5, grad_scale=1e-2 if bf16 else 0.0,
+             what=f"{dtype} logits {case} vs float64", dtypes=False)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_logits_module_with_every_target_ignored_matches_liger(reduction, liger_interpreter):
+    opts = dict(reduction=reduction, lse_square_scale=0.1, return_z_loss=True, return_token_accuracy=True,
+                weight=_class_weights(), label_smoothing=0.1, softcap=3.0)
+    logits, target = _logits(3, ignored=range(N))
+    fa = _run_logits(LigerCrossEntropyLoss(**opts), logits, target)
+    lg = _run_logits(liger_ce.LigerCrossEntropyLoss(**opts), logits, target)
+    _compare(fa, lg, atol=0.0, rtol=0.0, what=f"logits, all ignored, {reduction}")
+    assert (fa[0]["loss"] == 0).all() and (fa[1][0] == 0).all()
+
+
+def test_logits_module_signature_and_options_are_liger_s(liger_interpreter):
+    """Liger's constructor and forward; options assigned between calls take effect as in Liger's module; a
+    refused value raises at the assignment, naming it, and leaves the module as it was."""
+    for meth in ("__init__", "forward"):
+        a = inspect.signature(getattr(LigerCrossEntropyLoss, meth)).parameters
+        b = inspect.signature(getattr(liger_ce.LigerCrossEntropyLoss, meth)).parameters
+        assert [(p.name, p.default) for p in a.values()] == [(p.name, p.default) for p in b.values()], meth
+    logits, target = _logits(5)
+    fa_mod, lg_mod = LigerCrossEntropyLoss(), liger_ce.LigerCrossEntropyLoss()
+    for name, value in (("reduction", "sum"), ("label_smoothing", 0.25), ("softcap", 2.0), ("lse_square_scale", 0.1),
+                        ("return_z_loss", True), ("weight", _class_weights())):
+        setattr(fa_mod, name, value)
+        setattr(lg_mod, name, value)
+        _compare(_run_logits(fa_mod, logits, target), _run_logits(lg_mod, logits, target), atol=2e-6, rtol=1e-5,
+                 what=f"after {name} = {value!r}")
+    for name, value, err in (("reduction", "avg", ValueError), ("weight", torch.ones(V, 2), ValueError),
+                             ("label_smoothing", 1.5, ValueError), ("return_z_loss", 1, TypeError)):
+        before = {k: getattr(fa_mod, k) for k in fa_mod.OPTIONS}
+        with pytest.raises(err, match=name):
+            setattr(fa_mod, name, value)
+        assert {k: getattr(fa_mod, k) for k in fa_mod.OPTIONS} == before
+
+
+def test_logits_module_call_errors_name_liger_arguments(monkeypatch):
+    """Bad inputs name Liger's arguments; a target out of range raises (eager CPU targets) or gives a NaN loss."""
+    from fastalign import _validate
+
+    logits, target = _logits(7)
+    loss = LigerCrossEntropyLoss(label_smoothing=0.1)
+    with pytest.raises(ValueError, match="_input"):
+        loss(logits[None], target[None])
+    with pytest.raises(TypeError, match="_input"):
+        loss(logits.long(), target)
+    with pytest.raises(ValueError, match="target"):
+        loss(logits, target[:-1])
+    with pytest.raises(TypeError, match="target"):
+        loss(logits, target.float())
+    with pytest.raises(ValueError, match="weight"):
+        LigerCrossEntropyLoss(weight=torch.ones(V + 1))(logits, target)
+    target[1] = V
+    with pytest.raises(ValueError, match=rf"^target must lie in \[0, {V}\) or equal -100"):
+        loss(logits, target)
+    monkeypatch.setattr(_validate, "eager", lambda *tensors: False)
+    x = logits.clone().requires_grad_()
+    out = loss(x, target)
+    out.backward()
+    assert out.isnan() and x.grad[1].isnan().all()

@@ -1,7 +1,8 @@
 """Liger-Kernel 0.8 adapters: its chunked fused-linear losses (``liger_kernel.chunked_loss``) with
 the same constructors, ``forward`` signatures and return values, computed by fastalign from the
-hidden states and the lm_head weight (never the ``[N, V]`` logits), and three of ``liger_kernel.transformers``
-(the fused linear cross-entropy, JSD and KL divergence). A user swaps the import::
+hidden states and the lm_head weight (never the ``[N, V]`` logits), and four of ``liger_kernel.transformers``
+(the fused linear cross-entropy, JSD and KL divergence, and the cross-entropy on logits). A user swaps the
+import::
 
     from fastalign.integrations.liger import LigerFusedLinearGRPOLoss   # was: from liger_kernel.chunked_loss import ...
 
@@ -10,7 +11,8 @@ Modules: :class:`LigerFusedLinearGRPOLoss`, :class:`LigerFusedLinearDPOLoss`,
 :class:`LigerFusedLinearSimPOLoss`, :class:`LigerFusedLinearKTOLoss`, the distillation losses
 :class:`LigerFusedLinearJSDLoss`, :class:`LigerFusedLinearCosineSimilarityLoss`, :class:`LigerFusedLinearJSD` and
 :class:`LigerFusedLinearKLDivLoss` (:mod:`fastalign.integrations.liger_distillation`) and the fused linear
-cross-entropy :class:`LigerFusedLinearCrossEntropyLoss` (:mod:`fastalign.integrations.liger_cross_entropy`).
+cross-entropy :class:`LigerFusedLinearCrossEntropyLoss` and the cross-entropy on materialised logits
+:class:`LigerCrossEntropyLoss` (:mod:`fastalign.integrations.liger_cross_entropy`).
 Log-probs come from the head
 in one pass with the loss when gradients are needed (GRPO: the single pass of
 :class:`fastalign.LinearPolicyLoss`; the preference losses: :func:`fastalign.linear_step.separable_step`
@@ -100,7 +102,7 @@ from fastalign.preference import check_config, preference_loss, unpaired_prefere
 __all__ = ["LigerFusedLinearGRPOLoss", "LigerFusedLinearDPOLoss", "LigerFusedLinearCPOLoss",
            "LigerFusedLinearORPOLoss", "LigerFusedLinearSimPOLoss", "LigerFusedLinearKTOLoss",
            "LigerFusedLinearJSDLoss", "LigerFusedLinearCosineSimilarityLoss", "LigerFusedLinearJSD",
-           "LigerFusedLinearKLDivLoss", "LigerFusedLinearCrossEntropyLoss"]
+           "LigerFusedLinearKLDivLoss", "LigerFusedLinearCrossEntropyLoss", "LigerCrossEntropyLoss"]
 
 _GRPO_IGNORE_INDEX = -100
 _VESPO_LOG_MIN = math.log(1e-8)  # Liger's lower bound on vespo's log-weights
@@ -721,6 +723,7 @@ class LigerFusedLinearKTOLoss(_LigerPreference):
 
 
 # the distillation and cross-entropy losses live in their own modules (they share nothing with the losses above)
-from fastalign.integrations.liger_cross_entropy import LigerFusedLinearCrossEntropyLoss  # noqa: E402
+from fastalign.integrations.liger_cross_entropy import (  # noqa: E402
+    LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss)
 from fastalign.integrations.liger_distillation import (  # noqa: E402
     LigerFusedLinearCosineSimilarityLoss, LigerFusedLinearJSD, LigerFusedLinearJSDLoss, LigerFusedLinearKLDivLoss)

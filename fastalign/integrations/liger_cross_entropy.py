@@ -1,9 +1,11 @@
-"""Liger-Kernel 0.8's ``LigerFusedLinearCrossEntropyLoss`` (``liger_kernel.transformers``), computed by
-:func:`fastalign.linear_logprobs` from the hidden states and the lm_head weight (never the ``[N, V]`` logits).
-Same constructor, ``forward(lin_weight, _input, target, bias=None)`` and outputs; a user swaps the import::
+"""Liger-Kernel 0.8's cross-entropy modules (``liger_kernel.transformers``): ``LigerFusedLinearCrossEntropyLoss``,
+computed by :func:`fastalign.linear_logprobs` from the hidden states and the lm_head weight (never the ``[N, V]``
+logits), and ``LigerCrossEntropyLoss`` on materialised logits, computed by :func:`fastalign.token_logprobs`. Same
+constructors, ``forward(lin_weight, _input, target, bias=None)`` / ``forward(_input, target)`` and outputs; a user
+swaps the import::
 
-    from fastalign.integrations.liger import LigerFusedLinearCrossEntropyLoss
-    # was: from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    from fastalign.integrations.liger import LigerFusedLinearCrossEntropyLoss, LigerCrossEntropyLoss
+    # was: from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerCrossEntropyLoss
 
 With ``z = h W^T + b`` (``softcap``: ``z = cap tanh(z / cap)``), ``lp_y = log softmax(z)_y``, ``lse =
 logsumexp(z)``, ``c`` the class weights ``ce_weight`` (1 without), ``eps = label_smoothing / V``, ``s =
@@ -38,8 +40,17 @@ is fp32; the gradients have the inputs' dtypes. A float64 ``_input`` and ``lin_w
 computed in fp32, the z-loss and the gradients float64, as Liger's. ``accum_dtype`` chooses the dtype of Liger's
 gradient accumulators: fastalign accumulates in fp32 (Liger's ``accum_dtype=torch.float32``), so it is checked
 (None or a floating dtype) and does not change the result.
-``ce_weight`` takes no gradient, as in Liger. The option table: docs/integrations.md#liger-kernel. Nothing here
-imports Liger-Kernel.
+``ce_weight`` takes no gradient, as in Liger. The option table: docs/integrations.md#liger-kernel.
+
+``LigerCrossEntropyLoss(weight=None, ignore_index, lse_square_scale, label_smoothing, reduction, softcap,
+return_z_loss, return_token_accuracy, return_predicted_tokens)`` computes the same loss from logits ``x [BT, V]``
+(``weight``: the class weights; no ``use_token_scaling``, ``accum_dtype``, as Liger's module): ``lp_y`` and the
+argmax from one pass of :func:`fastalign.token_logprobs` over each row (in fp32 whatever the logits' dtype),
+``z_y`` a gather, ``sum_j c_j z_j`` one more read of the logits; with ``softcap``, ``z = cap tanh(x / cap)`` is
+formed in fp32 first (a ``[BT, V]`` tensor), so every option combines, the class-weighted smoothing of
+softcapped logits included. As Liger's, the loss and the z-loss come in the logits' dtype (each summed in fp32,
+then cast once), the accuracy in fp32; float64 logits are computed in fp32. Its backward writes a new
+``d(logits)`` where Liger's kernel overwrites ``_input``. Nothing here imports Liger-Kernel.
 """
 from __future__ import annotations
 
@@ -53,8 +64,9 @@ from fastalign.integrations._dtypes import check_accum_dtype, float64_as_float32
 from fastalign.integrations._label_logit import label_logits
 from fastalign.integrations._live_options import LiveOptions
 from fastalign.linear import check_head, linear_logprobs
+from fastalign.logprobs import token_logprobs
 
-__all__ = ["LigerFusedLinearCrossEntropyLoss", "CrossEntropyOutput"]
+__all__ = ["LigerFusedLinearCrossEntropyLoss", "LigerCrossEntropyLoss", "CrossEntropyOutput"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _CHUNK_ELEMENTS = 1 << 23  # rows of the head widened to fp32 at a time in the class-weighted sum (32 MiB)
@@ -84,14 +96,51 @@ def _class_sums(weight: Tensor, bias: Optional[Tensor], classes: Optional[Tensor
     return w, b, c.sum()
 
 
-class LigerFusedLinearCrossEntropyLoss(LiveOptions, nn.Module):
-    """Liger's fused linear cross-entropy loss (see the module doc). Its options are attributes, read at each call
-    as Liger reads them, checked at construction and again when one is assigned (an invalid value raises there,
-    naming it, and leaves the module as it was)."""
+class _CrossEntropyOptions(LiveOptions, nn.Module):
+    """The options of Liger's two cross-entropy modules, attributes read at each call as Liger reads them, checked
+    at construction and again when one is assigned (an invalid value raises there, naming it, and leaves the module
+    as it was). ``CLASS_WEIGHTS`` names the class-weight option."""
+
+    CLASS_WEIGHTS = "ce_weight"
+    _SWITCHES = ("return_z_loss", "return_token_accuracy", "return_predicted_tokens")
+
+    def class_weights(self) -> Optional[Tensor]:
+        return getattr(self, self.CLASS_WEIGHTS)
+
+    def _configure(self) -> None:
+        """Check the options together (a ``ValueError`` / ``TypeError`` naming the bad one)."""
+        if self.class_weights() is not None:
+            _validate.any_float(self.CLASS_WEIGHTS, self.class_weights(), dim=1)
+        _validate.index_value("ignore_index", self.ignore_index)
+        _validate.finite_number("lse_square_scale", self.lse_square_scale)
+        if not 0.0 <= _validate.number("label_smoothing", self.label_smoothing) <= 1.0:
+            raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {self.label_smoothing}")
+        if self.reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {self.reduction!r}")
+        if self.softcap is not None:
+            _validate.positive("softcap", self.softcap)
+        for name in self._SWITCHES:
+            _validate.boolean(name, getattr(self, name))
+
+    def _checked_class_weights(self, target: Tensor, rows: int, V: int, vocab_of: str, **tensors) -> Optional[Tensor]:
+        """The class weights (``[V]``, ``V`` being ``vocab_of``), once ``target`` is checked (integer ``[rows]``)
+        and all of them share the device of ``tensors``."""
+        _validate.integer("target", target)
+        _validate.shape("target", target, (rows,), "_input.shape[0]")
+        c = self.class_weights()
+        if c is not None:
+            _validate.shape(self.CLASS_WEIGHTS, c, (V,), vocab_of)
+        _validate.same_device(**tensors, target=target, **{self.CLASS_WEIGHTS: c})
+        return c
+
+
+class LigerFusedLinearCrossEntropyLoss(_CrossEntropyOptions):
+    """Liger's fused linear cross-entropy loss (see the module doc)."""
 
     OPTIONS = ("ce_weight", "ignore_index", "lse_square_scale", "label_smoothing", "reduction", "softcap",
                "return_z_loss", "accum_dtype", "use_token_scaling", "return_token_accuracy",
                "return_predicted_tokens")
+    _SWITCHES = _CrossEntropyOptions._SWITCHES + ("use_token_scaling",)
 
     def __init__(self, ce_weight: Optional[torch.FloatTensor] = None, ignore_index: int = -100,
                  lse_square_scale: float = 0.0, label_smoothing: float = 0.0, reduction: str = "mean",
@@ -102,23 +151,11 @@ class LigerFusedLinearCrossEntropyLoss(LiveOptions, nn.Module):
         self._configure_options(locals())
 
     def _configure(self) -> None:
-        """Check the options together (a ``ValueError`` / ``TypeError`` naming the bad one)."""
-        if self.ce_weight is not None:
-            _validate.any_float("ce_weight", self.ce_weight, dim=1)
-        _validate.index_value("ignore_index", self.ignore_index)
-        _validate.finite_number("lse_square_scale", self.lse_square_scale)
-        if not 0.0 <= _validate.number("label_smoothing", self.label_smoothing) <= 1.0:
-            raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {self.label_smoothing}")
-        if self.reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {self.reduction!r}")
-        if self.softcap is not None:
-            _validate.positive("softcap", self.softcap)
-            if self.label_smoothing > 0 and self.ce_weight is not None:
-                raise ValueError("label_smoothing > 0 with softcap and ce_weight is not supported: the smoothing "
-                                 "term weighs cap * tanh(z / cap) by ce_weight over the vocabulary, which fastalign "
-                                 "forms unweighted only (drop ce_weight or softcap)")
-        for name in ("return_z_loss", "use_token_scaling", "return_token_accuracy", "return_predicted_tokens"):
-            _validate.boolean(name, getattr(self, name))
+        super()._configure()
+        if self.softcap is not None and self.label_smoothing > 0 and self.ce_weight is not None:
+            raise ValueError("label_smoothing > 0 with softcap and ce_weight is not supported: the smoothing "
+                             "term weighs cap * tanh(z / cap) by ce_weight over the vocabulary, which fastalign "
+                             "forms unweighted only (drop ce_weight or softcap)")
         check_accum_dtype(self.accum_dtype)
 
     def forward(self, lin_weight, _input, target, bias=None):
@@ -128,65 +165,124 @@ class LigerFusedLinearCrossEntropyLoss(LiveOptions, nn.Module):
         check_head(_input, lin_weight, bias, names=("_input", "lin_weight", "bias"))
         if _input.dim() != 2:
             raise ValueError(f"_input must be (BT, H), got shape {tuple(_input.shape)}")
-        _validate.integer("target", target)
-        _validate.shape("target", target, tuple(_input.shape[:1]), "_input.shape[0]")
         V = lin_weight.shape[0]
-        c = self.ce_weight
-        if c is not None:
-            _validate.shape("ce_weight", c, (V,), "lin_weight.shape[0]")
-        _validate.same_device(_input=_input, lin_weight=lin_weight, target=target, bias=bias, ce_weight=c)
-        smoothing, z_scale, cap = float(self.label_smoothing), float(self.lse_square_scale), self.softcap
+        c = self._checked_class_weights(target, _input.shape[0], V, "lin_weight.shape[0]", _input=_input,
+                                        lin_weight=lin_weight, bias=bias)
+        cap = self.softcap
         want_argmax = self.return_token_accuracy or self.return_predicted_tokens
-
-        capped_smoothing = smoothing > 0 and cap is not None  # sum_j z_j from the same pass: V mean_logit
+        capped_smoothing = self.label_smoothing > 0 and cap is not None  # sum_j z_j from the same pass
         stats = linear_logprobs(_input, lin_weight, target, bias=bias, softcap=cap, ignore_index=self.ignore_index,
                                 argmax=want_argmax, mean_logit=capped_smoothing)
-        lp = stats.logprobs
-        keep = target != self.ignore_index
-        n = keep.sum()
-        label = torch.where(keep, target, 0).clamp(0, V - 1).to(torch.int64)  # a label out of range: lp is NaN
-        c_y = None if c is None else c.detach().float()[label]
-        ce = -lp if c_y is None else -c_y * lp
-        lse = None
-        if smoothing > 0 or z_scale != 0.0 or self.return_z_loss:
-            lse = label_logits(_input, lin_weight, label, bias=bias, softcap=cap) - lp
-        if smoothing > 0:
+        label = _label_in_range(target, self.ignore_index, V)
+
+        def class_sums():  # sum_j c_j z_j per row, and C
             if capped_smoothing:  # sum_j z_j of the softcapped logits: V times their mean
-                zc, c_sum = V * stats.mean_logit, V
-            else:  # sum_j c_j z_j per row, linear in h
-                w_sum, b_sum, c_sum = _class_sums(lin_weight, bias, c)
-                zc = _input.float() @ w_sum
-                zc = zc if b_sum is None else zc + b_sum
-            ce = (1.0 - smoothing) * ce - (smoothing / V) * (zc - c_sum * lse)
-        z = z_scale * lse * lse if lse is not None else None
-        one = torch.ones((), dtype=torch.float32, device=lp.device)
-        if self.reduction == "mean":
-            count = torch.where(n > 0, n.float(), one)  # every target ignored: a loss of 0, as Liger
-            denom = count if c_y is None else torch.where(n > 0, torch.where(keep, c_y, 0.0).sum(), one)
-        else:
-            count = denom = one
-        loss = ce / denom
-        if z is not None:
-            z = z / count
-            if z_scale != 0.0:
-                loss = loss + z
-        if self.use_token_scaling:
-            p_y = lp.detach().exp()
-            loss = loss * p_y
-            z = None if z is None else z * p_y
-        zero = torch.zeros((), dtype=torch.float32, device=lp.device)
-        loss = refuse_out_of_range(torch.where(keep, loss, zero), target, V, self.ignore_index, "target")
-        if self.reduction != "none":
-            loss = loss.sum()
-        if not (self.return_z_loss or want_argmax):
-            return loss
-        z_loss = accuracy = predicted = None
-        if self.return_z_loss:
-            z = torch.where(keep, z.detach(), zero).to(out_dtype)
-            z_loss = z if self.reduction == "none" else z.sum()
-        if self.return_token_accuracy:
-            hit = (keep & (stats.argmax == target)).float()
-            accuracy = hit if self.reduction == "none" else hit.sum() / n
-        if self.return_predicted_tokens:
-            predicted = torch.where(keep, stats.argmax, -1)
-        return CrossEntropyOutput(loss, z_loss, accuracy, predicted)
+                return V * stats.mean_logit, V
+            w_sum, b_sum, c_sum = _class_sums(lin_weight, bias, c)  # linear in h
+            zc = _input.float() @ w_sum
+            return (zc if b_sum is None else zc + b_sum), c_sum
+
+        def label_logit():
+            return label_logits(_input, lin_weight, label, bias=bias, softcap=cap)
+
+        return _composed(self, stats.logprobs, stats.argmax, label_logit, class_sums, target, V, out_dtype)
+
+
+class LigerCrossEntropyLoss(_CrossEntropyOptions):
+    """Liger's cross-entropy on materialised logits ``_input [BT, V]`` (the module doc): the label log-probs and
+    the argmax from :func:`fastalign.token_logprobs` (one pass over each row, fp32 whatever the logits' dtype; its
+    backward one more pass, into a new d(logits), where Liger's kernel writes it over ``_input``), the same options
+    and outputs as Liger's module, every combination of them."""
+
+    CLASS_WEIGHTS = "weight"
+    OPTIONS = ("weight", "ignore_index", "lse_square_scale", "label_smoothing", "reduction", "softcap",
+               "return_z_loss", "return_token_accuracy", "return_predicted_tokens")
+
+    def __init__(self, weight: Optional[torch.FloatTensor] = None, ignore_index: int = -100,
+                 lse_square_scale: float = 0.0, label_smoothing: float = 0.0, reduction: str = "mean",
+                 softcap: Optional[float] = None, return_z_loss: bool = False, return_token_accuracy: bool = False,
+                 return_predicted_tokens: bool = False):
+        super().__init__()
+        self._configure_options(locals())
+
+    def forward(self, _input: Tensor, target: Tensor):
+        out_dtype = getattr(_input, "dtype", None)  # the z-loss's
+        _input = float64_as_float32(_validate.any_float("_input", _input, dim=2))  # in fp32 (Liger's loss is fp32)
+        V = _input.shape[1]
+        c = self._checked_class_weights(target, _input.shape[0], V, "_input.shape[1]", _input=_input)
+        # z = cap tanh(x / cap) in fp32 (a [BT, V] tensor beside the logits), or the logits themselves
+        z = _input if self.softcap is None else self.softcap * torch.tanh(_input.float() / self.softcap)
+        want_argmax = self.return_token_accuracy or self.return_predicted_tokens
+        stats = token_logprobs(z, target, ignore_index=self.ignore_index, argmax=want_argmax)
+
+        def class_sums():  # sum_j c_j z_j per row, and C
+            if c is None:
+                return z.sum(-1, dtype=torch.float32), V
+            weights = c.detach().float()
+            return z.float() @ weights, weights.sum()
+
+        def label_logit():
+            return z.gather(1, _label_in_range(target, self.ignore_index, V)[:, None])[:, 0].float()
+
+        # the loss in the logits' dtype, as Liger's kernel stores it
+        return _composed(self, stats.logprobs, stats.argmax, label_logit, class_sums, target, V, out_dtype, out_dtype)
+
+
+def _label_in_range(target: Tensor, ignore_index: int, vocab: int) -> Tensor:
+    """The targets as int64 indices in the vocabulary (0 where ignored; one out of range clamped: its log-prob
+    is NaN and :func:`~fastalign.integrations._dtypes.refuse_out_of_range` refuses it)."""
+    return torch.where(target != ignore_index, target, 0).clamp(0, vocab - 1).to(torch.int64)
+
+
+def _composed(options, lp: Tensor, argmax: Optional[Tensor], label_logit, class_sums, target: Tensor, V: int,
+              out_dtype, loss_dtype=torch.float32) -> Tensor | CrossEntropyOutput:
+    """Liger's loss and metrics (the module doc) from the label log-probs ``lp`` (fp32, 0 where ignored), the
+    argmax (when a metric needs it), ``label_logit()`` (``z_y``, differentiable: ``lse = z_y - lp``) and
+    ``class_sums()`` (``(sum_j c_j z_j`` per row, ``C)``), each called only when the options need it; ``options``
+    the module (its Liger options). The z-loss in ``out_dtype``, the loss in ``loss_dtype`` (cast once, after
+    its fp32 sum)."""
+    smoothing, z_scale, c = float(options.label_smoothing), float(options.lse_square_scale), options.class_weights()
+    want_argmax = options.return_token_accuracy or options.return_predicted_tokens
+    keep = target != options.ignore_index
+    n = keep.sum()
+    c_y = None if c is None else c.detach().float()[_label_in_range(target, options.ignore_index, V)]
+    ce = -lp if c_y is None else -c_y * lp
+    lse = None
+    if smoothing > 0 or z_scale != 0.0 or options.return_z_loss:
+        lse = label_logit() - lp
+    if smoothing > 0:
+        zc, c_sum = class_sums()
+        ce = (1.0 - smoothing) * ce - (smoothing / V) * (zc - c_sum * lse)
+    z = z_scale * lse * lse if lse is not None else None
+    one = torch.ones((), dtype=torch.float32, device=lp.device)
+    if options.reduction == "mean":
+        count = torch.where(n > 0, n.float(), one)  # every target ignored: a loss of 0, as Liger
+        denom = count if c_y is None else torch.where(n > 0, torch.where(keep, c_y, 0.0).sum(), one)
+    else:
+        count = denom = one
+    loss = ce / denom
+    if z is not None:
+        z = z / count
+        if z_scale != 0.0:
+            loss = loss + z
+    if getattr(options, "use_token_scaling", False):
+        p_y = lp.detach().exp()
+        loss = loss * p_y
+        z = None if z is None else z * p_y
+    zero = torch.zeros((), dtype=torch.float32, device=lp.device)
+    loss = refuse_out_of_range(torch.where(keep, loss, zero), target, V, options.ignore_index, "target")
+    if options.reduction != "none":
+        loss = loss.sum()
+    loss = loss.to(loss_dtype)
+    if not (options.return_z_loss or want_argmax):
+        return loss
+    z_loss = accuracy = predicted = None
+    if options.return_z_loss:
+        z = torch.where(keep, z.detach(), zero).to(out_dtype)
+        z_loss = z if options.reduction == "none" else z.sum()
+    if options.return_token_accuracy:
+        hit = (keep & (argmax == target)).float()
+        accuracy = hit if options.reduction == "none" else hit.sum() / n
+    if options.return_predicted_tokens:
+        predicted = torch.where(keep, argmax, -1)
+    return CrossEntropyOutput(loss, z_loss, accuracy, predicted)
