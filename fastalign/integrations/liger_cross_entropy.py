@@ -155,7 +155,8 @@ class LigerFusedLinearCrossEntropyLoss(_CrossEntropyOptions):
         if self.softcap is not None and self.label_smoothing > 0 and self.ce_weight is not None:
             raise ValueError("label_smoothing > 0 with softcap and ce_weight is not supported: the smoothing "
                              "term weighs cap * tanh(z / cap) by ce_weight over the vocabulary, which fastalign "
-                             "forms unweighted only (drop ce_weight or softcap)")
+                             "forms unweighted only from hidden states (drop ce_weight or softcap, or build the "
+                             "logits and use LigerCrossEntropyLoss, which takes every combination)")
         check_accum_dtype(self.accum_dtype)
 
     def forward(self, lin_weight, _input, target, bias=None):
