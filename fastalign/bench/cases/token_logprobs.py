@@ -1,4 +1,5 @@
-"""token_logprobs: fused log-prob + entropy vs log_softmax + gather + entropy."""
+"""token_logprobs: fused log-prob + entropy vs log_softmax + gather + entropy; on a GPU also flash-attn's and
+Liger-Kernel's cross-entropy kernels (the label log-prob alone) where installed."""
 from __future__ import annotations
 
 import torch
@@ -45,6 +46,12 @@ def _make_build(N, V, dtype):
             else None
         impls["flash-attn (CE)"] = None if fa is None else grad_step(
             lambda x: (-fa[0](x, labels)[0], x.new_zeros(())), (logits,), backward, loss=lambda out: out[0].sum())
+        # Liger-Kernel's cross-entropy on logits (a Triton kernel: GPU only), likewise on the log-probs
+        liger = optional_impl("liger_kernel.transformers.cross_entropy", "LigerCrossEntropyLoss") \
+            if device.type == "cuda" else None
+        ce = None if liger is None else liger[0](reduction="none")
+        impls["liger (CE)"] = None if ce is None else grad_step(
+            lambda x: (-ce(x, labels), x.new_zeros(())), (logits,), backward, loss=lambda out: out[0].sum())
         return impls
 
     return build
@@ -73,7 +80,7 @@ def cases():
             build=_make_build(N, V, DTYPES[dt]),
             quick=quick,
             warmup=_make_build(8, 64, DTYPES[dt]),
-            impls=("fastalign", "eager", "torch.compile", "trl", "flash-attn (CE)"),
+            impls=("fastalign", "eager", "torch.compile", "trl", "flash-attn (CE)", "liger (CE)"),
             # forward reads the logits once; backward reads them again and writes d(logits)
             bytes_moved=lambda mode, n=N * V * elem: n if mode == "fwd" else 3 * n,
             required_bytes=lambda mode, n=N * V * elem: 0 if mode == "fwd" else n,  # d(logits)
