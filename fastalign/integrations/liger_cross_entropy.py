@@ -107,6 +107,11 @@ class _CrossEntropyOptions(LiveOptions, nn.Module):
     def class_weights(self) -> Optional[Tensor]:
         return getattr(self, self.CLASS_WEIGHTS)
 
+    @property
+    def wants_argmax(self) -> bool:
+        """Whether a metric asked for reads the argmax."""
+        return self.return_token_accuracy or self.return_predicted_tokens
+
     def _configure(self) -> None:
         """Check the options together (a ``ValueError`` / ``TypeError`` naming the bad one)."""
         if self.class_weights() is not None:
@@ -170,10 +175,9 @@ class LigerFusedLinearCrossEntropyLoss(_CrossEntropyOptions):
         c = self._checked_class_weights(target, _input.shape[0], V, "lin_weight.shape[0]", _input=_input,
                                         lin_weight=lin_weight, bias=bias)
         cap = self.softcap
-        want_argmax = self.return_token_accuracy or self.return_predicted_tokens
         capped_smoothing = self.label_smoothing > 0 and cap is not None  # sum_j z_j from the same pass
         stats = linear_logprobs(_input, lin_weight, target, bias=bias, softcap=cap, ignore_index=self.ignore_index,
-                                argmax=want_argmax, mean_logit=capped_smoothing)
+                                argmax=self.wants_argmax, mean_logit=capped_smoothing)
         label = _label_in_range(target, self.ignore_index, V)
 
         def class_sums():  # sum_j c_j z_j per row, and C
@@ -198,6 +202,7 @@ class LigerCrossEntropyLoss(_CrossEntropyOptions):
     CLASS_WEIGHTS = "weight"
     OPTIONS = ("weight", "ignore_index", "lse_square_scale", "label_smoothing", "reduction", "softcap",
                "return_z_loss", "return_token_accuracy", "return_predicted_tokens")
+    use_token_scaling = False  # an option of the fused module only
 
     def __init__(self, weight: Optional[torch.FloatTensor] = None, ignore_index: int = -100,
                  lse_square_scale: float = 0.0, label_smoothing: float = 0.0, reduction: str = "mean",
@@ -207,14 +212,13 @@ class LigerCrossEntropyLoss(_CrossEntropyOptions):
         self._configure_options(locals())
 
     def forward(self, _input: Tensor, target: Tensor):
-        out_dtype = getattr(_input, "dtype", None)  # the z-loss's
-        _input = float64_as_float32(_validate.any_float("_input", _input, dim=2))  # in fp32 (Liger's loss is fp32)
+        out_dtype = getattr(_input, "dtype", None)  # the loss's and the z-loss's, as Liger's kernel stores them
+        _input = float64_as_float32(_validate.any_float("_input", _input, dim=2))  # float64 computed in fp32
         V = _input.shape[1]
         c = self._checked_class_weights(target, _input.shape[0], V, "_input.shape[1]", _input=_input)
         # z = cap tanh(x / cap) in fp32 (a [BT, V] tensor beside the logits), or the logits themselves
         z = _input if self.softcap is None else self.softcap * torch.tanh(_input.float() / self.softcap)
-        want_argmax = self.return_token_accuracy or self.return_predicted_tokens
-        stats = token_logprobs(z, target, ignore_index=self.ignore_index, argmax=want_argmax)
+        stats = token_logprobs(z, target, ignore_index=self.ignore_index, argmax=self.wants_argmax)
 
         def class_sums():  # sum_j c_j z_j per row, and C
             if c is None:
@@ -225,7 +229,6 @@ class LigerCrossEntropyLoss(_CrossEntropyOptions):
         def label_logit():
             return z.gather(1, _label_in_range(target, self.ignore_index, V)[:, None])[:, 0].float()
 
-        # the loss in the logits' dtype, as Liger's kernel stores it
         return _composed(self, stats.logprobs, stats.argmax, label_logit, class_sums, target, V, out_dtype, out_dtype)
 
 
@@ -243,7 +246,6 @@ def _composed(options, lp: Tensor, argmax: Optional[Tensor], label_logit, class_
     the module (its Liger options). The z-loss in ``out_dtype``, the loss in ``loss_dtype`` (cast once, after
     its fp32 sum)."""
     smoothing, z_scale, c = float(options.label_smoothing), float(options.lse_square_scale), options.class_weights()
-    want_argmax = options.return_token_accuracy or options.return_predicted_tokens
     keep = target != options.ignore_index
     n = keep.sum()
     c_y = None if c is None else c.detach().float()[_label_in_range(target, options.ignore_index, V)]
@@ -266,7 +268,7 @@ def _composed(options, lp: Tensor, argmax: Optional[Tensor], label_logit, class_
         z = z / count
         if z_scale != 0.0:
             loss = loss + z
-    if getattr(options, "use_token_scaling", False):
+    if options.use_token_scaling:
         p_y = lp.detach().exp()
         loss = loss * p_y
         z = None if z is None else z * p_y
@@ -275,7 +277,7 @@ def _composed(options, lp: Tensor, argmax: Optional[Tensor], label_logit, class_
     if options.reduction != "none":
         loss = loss.sum()
     loss = loss.to(loss_dtype)
-    if not (options.return_z_loss or want_argmax):
+    if not (options.return_z_loss or options.wants_argmax):
         return loss
     z_loss = accuracy = predicted = None
     if options.return_z_loss:

@@ -107,17 +107,18 @@ def _support_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids
 def _vocabulary_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Optional[Tensor], K: int,
                         rows: Optional[Tensor], scale: float, softcap: float, inv_t: float, renormalize: bool):
     """``(lp, support, shift, lse, z)`` from the logits, a block of rows at a time: the top ``K`` ids (or the ids
-    given) and their log-probs over the vocabulary, or renormalised over the support (``shift``, ``lse`` then 0,
-    ``z`` the support's logits after the temperature; None otherwise)."""
+    given) and their log-probs over the vocabulary (each row's max ``shift`` and ``lse``, for the backward; ``z``
+    None), or the top ``K`` renormalised over the support (``z`` the support's logits after the temperature;
+    ``shift``, ``lse`` None)."""
     N, V = hidden.shape[0], weight.shape[0]
-    lp = torch.zeros(N, K, dtype=torch.float32, device=hidden.device)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    lp = torch.zeros(N, K, **f32)
     support = torch.zeros(N, K, dtype=torch.int64, device=hidden.device) if ids is None else ids
-    shift = torch.zeros(N, dtype=torch.float32, device=hidden.device)
-    lse = torch.zeros(N, dtype=torch.float32, device=hidden.device)
-    kept = torch.zeros(N, K, dtype=torch.float32, device=hidden.device) if renormalize else None
+    shift, lse = (None, None) if renormalize else (torch.zeros(N, **f32), torch.zeros(N, **f32))
+    kept = torch.zeros(N, K, **f32) if renormalize else None
     n = N if rows is None else rows.numel()
     per_block = _block_rows(weight, softcap)
-    buf = torch.empty(min(per_block, max(n, 1)) * V, dtype=torch.float32, device=hidden.device)
+    buf = torch.empty(min(per_block, max(n, 1)) * V, **f32)
     w, b = _operand(weight), _operand(bias)
     for block in row_blocks(n, per_block, rows):
         z = chunk_logits(buf, _operand(block.take(hidden)), w, b, scale, softcap)

@@ -78,13 +78,13 @@ def scatter(g: Tensor, ids: Tensor, x: Optional[Tensor], vocab: int) -> Tensor:
     """``D [vocab, C]`` fp32 for ``x [n, C]`` (``[vocab]`` for ``x`` None, as if 1): row ``v`` sums
     ``g[r, k] x[r]`` over the ``(r, k)`` with ``ids[r, k] = v``."""
     flat = ids.reshape(-1)
+    if sparse_form(g) and x is None:  # a sum per id: one sequential pass on the CPU
+        return torch.bincount(flat, weights=g.float().reshape(-1), minlength=vocab).float()
     if sparse_form(g):
         order = flat.argsort(stable=True)  # S^T row by row: the ids ascending, the rows ascending within one
         crow = torch.zeros(vocab + 1, dtype=torch.int64, device=g.device)
         crow[1:] = torch.bincount(flat, minlength=vocab).cumsum(0)
         transposed = _csr(crow, order // ids.shape[1], g.float().reshape(-1)[order], (vocab, ids.shape[0]))
-        if x is None:
-            return (transposed @ torch.ones(ids.shape[0], 1, dtype=torch.float32, device=g.device)).squeeze(1)
         return transposed @ x.float()
     if x is None:
         return torch.ops.aten.embedding_dense_backward(g.float().reshape(-1, 1), flat, vocab, -1, False).squeeze(1)
