@@ -5,7 +5,8 @@
 #   1. build the package with its CUDA kernels (pip install --no-build-isolation -e .)
 #   2. pytest -m gpu (Triton + CUDA kernels against float64 references, linear backward in bf16 at V=151936)
 #   3. compute-sanitizer memcheck on the GPU kernel tests (when compute-sanitizer is installed)
-#   4. the GPU benchmark: token_logprobs [8192 x 151936] bf16 against the one-read bandwidth limit,
+#   4. the GPU benchmark: token_logprobs [8192 x 151936] bf16 against the one-read bandwidth limit, the
+#      Liger cross-entropy drop-in on a model's logits of that size (against Liger's kernel),
 #      linear_logprobs N=8192 H=4096 V=151936 bf16 fwd and fwd+bwd against the dense tensor-core
 #      limit, also with half of every sequence an unscored prompt (with and without device compaction),
 #      the SFT loss (token-mean cross-entropy: the single pass in blocks of tokens, the two passes,
@@ -161,7 +162,7 @@ else
   echo "memcheck     skipped: compute-sanitizer not installed" | tee -a "$out/summary.txt"
 fi
 step bench 200 "$PY" -m fastalign.bench --device cuda \
-  --ops token_logprobs,linear_logprobs,linear_cross_entropy,linear_policy_loss,linear_divergence,linear_topk --cases 8192x151936,8192x4096x151936,"T=1024 H=4096",8192x4096/6144x151936 --repeats 10 --budget 6 --total-budget 180 --json "$out/bench.json"
+  --ops token_logprobs,cross_entropy,linear_logprobs,linear_cross_entropy,linear_policy_loss,linear_divergence,linear_topk --cases 8192x151936,8192x4096x151936,"T=1024 H=4096",8192x4096/6144x151936 --repeats 10 --budget 6 --total-budget 180 --json "$out/bench.json"
 step profile 110 bash -c '"$0" benchmarks/profile_linear.py && "$0" benchmarks/lm_head_tilings.py' "$PY"
 echo "gpu-check: results in $out" | tee -a "$out/summary.txt"
 exit $status

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend, _validate
-from fastalign.ops.token_stats import token_stats_call
+from fastalign.ops.token_stats import shares_memory, token_stats_call
 
 
 class TokenStats(NamedTuple):
@@ -57,6 +57,19 @@ def _as_rows(logits: Tensor) -> Tensor:
         return logits.view(outer, lead[-1], V)
     except RuntimeError:
         return logits.reshape(outer, lead[-1], V)
+
+
+def _a_leaf_s_values(logits: Tensor) -> bool:
+    """True for a leaf that requires grad, or a view of one: values whose own ``.grad`` d(logits) would be."""
+    return logits.requires_grad and (logits.is_leaf or logits._base is not None and logits._base.is_leaf)
+
+
+def overwritable(logits: Tensor) -> bool:
+    """True where ``token_logprobs(..., inplace_backward=True)`` may write d(logits) over ``logits``: an
+    intermediate of the graph (it requires grad and is neither a leaf nor a view of one, such as a model's logits)
+    whose elements do not share memory. A module that owns the choice (as Liger's cross-entropy overwrites its
+    input) asks this first, and allocates d(logits) otherwise."""
+    return logits.requires_grad and not _a_leaf_s_values(logits) and not (logits.numel() and shares_memory(logits))
 
 
 def token_logprobs(
@@ -116,8 +129,7 @@ def token_logprobs(
     for name, switch in (("entropy", entropy), ("sum_p2", sum_p2), ("argmax", argmax), ("check", check),
                          ("inplace_backward", inplace_backward)):
         _validate.boolean(name, switch)
-    if inplace_backward and logits.requires_grad and (logits.is_leaf or logits._base is not None and
-                                                      logits._base.is_leaf):
+    if inplace_backward and _a_leaf_s_values(logits):
         # backward would write d(logits) over the values of a tensor that is its own gradient's target
         raise ValueError("inplace_backward=True overwrites the logits in backward; logits is a leaf that requires "
                          "grad (or a view of one), whose values would become its own .grad: pass logits from "

@@ -694,6 +694,23 @@ def test_summary_refuses_a_file_it_cannot_read(tmp_path, capsys, content, readme
     assert str(path) in err and readme_path.read_text() == "# x\n"
 
 
+def test_cross_entropy_implementations_agree(monkeypatch):
+    """The cross-entropy-on-logits cases time one loss: the Liger drop-in gives eager's ``F.cross_entropy`` (the
+    softcap formed first) at the warm-up shape, with a backward over logits that are an intermediate."""
+    from fastalign.bench.cases import all_cases
+    from fastalign.bench.optional import COMPILE
+
+    monkeypatch.setitem(COMPILE, "enabled", False)
+    cases = [c for c in all_cases() if c.op == "cross_entropy"]
+    assert {c.params["softcap"] for c in cases} == {None, 30.0}
+    for case in cases:
+        steps = {impl: step for impl, step in case.warmup(torch.device("cpu"), "fwd+bwd").items() if step is not None}
+        assert set(steps) == {"fastalign", "eager"}
+        tol = 1e-2 if case.params["dtype"] == "bf16" else 1e-5  # a bf16 loss, as Liger's (and eager's) is
+        torch.testing.assert_close(steps["fastalign"]().detach().float(), steps["eager"]().detach().float(), rtol=tol,
+                                   atol=tol, msg=case.label)
+
+
 def test_smoothed_cross_entropy_implementations_agree():
     """The label-smoothed softcapped cross-entropy case times one loss: its fastalign implementations (single pass,
     two passes, a separate mean) give eager's ``F.cross_entropy(label_smoothing=)`` at its warm-up shape, with a

@@ -563,6 +563,98 @@ def test_logits_module_in_bf16_and_float64_matches_liger(case, dtype, liger_inte
              what=f"{dtype} logits {case} vs float64", dtypes=False)
 
 
+def _through_a_head(module, overwritten: list):
+    """``call(weight, hidden, target, bias)`` of ``module`` on the head's logits ``hidden @ weight.T + bias``, an
+    intermediate as a model's are; appends to ``overwritten`` whether d(logits) came back in the logits' buffer."""
+    def call(w, h, t, b):
+        x = h @ w.T + b
+        x.register_hook(lambda g: overwritten.append(g.data_ptr() == x.data_ptr()))
+        return module(x, t)
+    return call
+
+
+@pytest.mark.parametrize("case", sorted(LOGITS_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_module_on_a_head_s_logits_writes_over_them_and_matches_liger(case, dtype, liger_interpreter):
+    """A head's logits (an intermediate, as a model's): the backward writes d(logits) over them, as Liger's kernel
+    writes over its input, unless the options add gradient terms of their own (``z_y`` for the smoothing and the
+    z-loss, ``sum_j c_j z_j``), which torch sums into a new tensor (with a softcap, a new ``d(z)``, then ``d(x)``
+    written over the logits); the head's gradients equal Liger's and the float64 reference's either way."""
+    opts = _logits_opts(case)
+    leaves, target = _batch(4)
+    if opts.get("ignore_index") == 3:
+        target[target == -100] = 3
+    overwritten = []
+    fa = _run(_through_a_head(LigerCrossEntropyLoss(**opts), overwritten), leaves, target, dtype=dtype)
+    lg = _run(_through_a_head(liger_ce.LigerCrossEntropyLoss(**opts), []), leaves, target, dtype=dtype)
+    ref = _run(lambda w, h, t, b: _reference_logits(opts)(h @ w.T + b, t), leaves, target, dtype=torch.float64)
+    bf16 = dtype == torch.bfloat16
+    _compare(fa, lg, atol=2e-3 if bf16 else 2e-6, rtol=8e-3 if bf16 else 1e-5, grad_scale=2e-2 if bf16 else 0.0,
+             what=f"{dtype} head logits {case} vs Liger")
+    _compare(fa, ref, atol=2e-3 if bf16 else 2e-6, rtol=8e-3 if bf16 else 1e-5, grad_scale=2e-2 if bf16 else 0.0,
+             what=f"{dtype} head logits {case} vs float64", dtypes=False)
+    extra_terms = opts.get("label_smoothing", 0.0) > 0 or opts.get("lse_square_scale", 0.0) != 0
+    assert overwritten == [not extra_terms or "softcap" in opts], case  # softcapped: summed in z, written over x
+
+
+@pytest.mark.parametrize("head", [True, False], ids=["head logits", "leaf logits"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softcapped_logits_backward_over_several_blocks(head, dtype, monkeypatch):
+    """The softcap's backward recomputes the tanh a block of rows at a time: blocks of 2 rows (the last one short)
+    give the float64 reference's gradients, written over a head's logits or into a new tensor for a leaf."""
+    from fastalign.integrations import liger_cross_entropy
+
+    monkeypatch.setattr(liger_cross_entropy, "_CHUNK_ELEMENTS", 2 * V + 1)
+    opts = dict(softcap=2.5, label_smoothing=0.2, lse_square_scale=0.02)
+    if head:
+        leaves, target = _batch(10)
+        call = _through_a_head(LigerCrossEntropyLoss(**opts), [])
+        ref = _run(lambda w, h, t, b: _reference_logits(opts)(h @ w.T + b, t), leaves, target, dtype=torch.float64)
+        got = _run(call, leaves, target, dtype=dtype)
+    else:
+        logits, target = _logits(10)
+        ref = _run_logits(_reference_logits(opts), logits, target, dtype=torch.float64)
+        got = _run_logits(LigerCrossEntropyLoss(**opts), logits, target, dtype=dtype)
+    bf16 = dtype == torch.bfloat16
+    _compare(got, ref, atol=2e-3 if bf16 else 2e-6, rtol=8e-3 if bf16 else 1e-5, grad_scale=2e-2 if bf16 else 0.0,
+             what=f"blocked softcap, {dtype}", dtypes=False)
+
+
+@pytest.mark.parametrize("softcap", [None, 2.5])
+def test_logits_module_leaves_a_leaf_s_values_and_refuses_a_second_backward_over_written_logits(softcap):
+    """A leaf ``_input`` keeps its values (its gradient is a new tensor) and can be differentiated twice through a
+    retained graph; a head's logits, written over by the first backward, make the second raise torch's in-place
+    error rather than give a wrong gradient."""
+    logits, target = _logits(8)
+    loss_fn = LigerCrossEntropyLoss(softcap=softcap)
+    leaf = logits.clone().requires_grad_()
+    loss = loss_fn(leaf, target)
+    loss.backward(retain_graph=True)
+    first = leaf.grad.clone()
+    loss.backward()
+    assert torch.equal(leaf.detach(), logits) and leaf.grad.data_ptr() != leaf.data_ptr()
+    assert_close(leaf.grad, 2 * first, atol=1e-7, rtol=1e-6, what="second backward of a leaf")
+    head_logits = leaf * 1.0
+    loss = loss_fn(head_logits, target)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("opts", [dict(), dict(softcap=2.5), dict(softcap=2.5, label_smoothing=0.1)], ids=str)
+def test_logits_module_on_a_head_s_logits_compiles_as_eager(opts, backend):
+    """``torch.compile(fullgraph=True)`` of the head and the module (the backward written over the logits): the
+    eager loss and gradients."""
+    leaves, target = _batch(9, bias=False)
+    module = LigerCrossEntropyLoss(**opts)
+    step = torch.compile(lambda w, h, t, b: module(h @ w.T, t), backend=backend, fullgraph=True)
+    torch._dynamo.reset()
+    got = _run(step, leaves, target)
+    _compare(got, _run(lambda w, h, t, b: module(h @ w.T, t), leaves, target), atol=1e-6, rtol=1e-5,
+             what=f"compiled {opts}")
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_logits_module_with_every_target_ignored_matches_liger(reduction, liger_interpreter):
     opts = dict(reduction=reduction, lse_square_scale=0.1, return_z_loss=True, return_token_accuracy=True,

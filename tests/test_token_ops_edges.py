@@ -48,6 +48,24 @@ def test_inplace_backward_writes_the_gradient_over_the_logits(cpu_backend):
     assert bool((work.detach()[1, 2] == 0).all())  # an ignored row's gradient is 0
 
 
+def test_overwritable_is_what_the_in_place_backward_accepts():
+    """``fastalign.logprobs.overwritable``: True for logits that need a gradient and that ``inplace_backward=True``
+    takes (an intermediate, a slice or a transposed view of one); False for logits without grad, and for a leaf
+    that requires it, a view of one and an overlapping view, each of which ``token_logprobs`` refuses with it."""
+    from fastalign.logprobs import overwritable
+
+    leaf = _logits((4, V)).requires_grad_()
+    inner = leaf * 1.0
+    for logits in (inner, inner[1:], inner.t().contiguous().t()):
+        assert overwritable(logits), (tuple(logits.shape), logits.stride())
+    assert not overwritable(leaf.detach())
+    for logits in (leaf, leaf[1:], inner[:1].expand(4, V)):
+        assert not overwritable(logits), (tuple(logits.shape), logits.stride())
+        labels = torch.zeros(logits.shape[0], dtype=torch.int64)
+        with pytest.raises(ValueError, match="inplace_backward"):
+            fastalign.token_logprobs(logits, labels, inplace_backward=True, backend="cpp")
+
+
 def test_inplace_backward_accepts_size_one_dims_of_any_stride(cpu_backend):
     """A dim of size 1 never makes two elements share memory, whatever its stride: a ``[1, V]`` view of ``[V]``
     logits with stride 0 (or 3) on its size-1 dim takes the in-place backward and gets the exact gradient."""

@@ -47,10 +47,16 @@ return_z_loss, return_token_accuracy, return_predicted_tokens)`` computes the sa
 (``weight``: the class weights; no ``use_token_scaling``, ``accum_dtype``, as Liger's module): ``lp_y`` and the
 argmax from one pass of :func:`fastalign.token_logprobs` over each row (in fp32 whatever the logits' dtype),
 ``z_y`` a gather, ``sum_j c_j z_j`` one more read of the logits; with ``softcap``, ``z = cap tanh(x / cap)`` is
-formed in fp32 first (a ``[BT, V]`` tensor), so every option combines, the class-weighted smoothing of
-softcapped logits included. As Liger's, the loss and the z-loss come in the logits' dtype (each summed in fp32,
-then cast once), the accuracy in fp32; float64 logits are computed in fp32. Its backward writes a new
-``d(logits)`` where Liger's kernel overwrites ``_input``. Nothing here imports Liger-Kernel.
+formed in fp32 first (one ``[BT, V]`` tensor; its backward recomputes the tanh), so every option combines, the
+class-weighted smoothing of softcapped logits included. As Liger's, the loss and the z-loss come in the logits'
+dtype (each summed in fp32, then cast once), the accuracy in fp32; float64 logits are computed in fp32. As
+Liger's kernel, its backward writes ``d(logits)`` over ``_input`` when ``_input`` is an intermediate of the graph,
+such as a model's logits, so that no ``[BT, V]`` gradient is allocated (with ``label_smoothing`` or a z-loss
+and no ``softcap``, torch adds the gradients of ``z_y`` and ``sum_j c_j z_j`` into a new one): read ``_input``
+before the backward;
+a second backward through a retained graph raises (torch's check of tensors modified in place). A leaf ``_input``
+that requires grad (or a view of one) is left as it is: its gradient is a new tensor. Nothing here imports
+Liger-Kernel.
 """
 from __future__ import annotations
 
@@ -64,12 +70,12 @@ from fastalign.integrations._dtypes import check_accum_dtype, float64_as_float32
 from fastalign.integrations._label_logit import label_logits
 from fastalign.integrations._live_options import LiveOptions
 from fastalign.linear import check_head, linear_logprobs
-from fastalign.logprobs import token_logprobs
+from fastalign.logprobs import overwritable, token_logprobs
 
 __all__ = ["LigerFusedLinearCrossEntropyLoss", "LigerCrossEntropyLoss", "CrossEntropyOutput"]
 
 _REDUCTIONS = ("mean", "sum", "none")
-_CHUNK_ELEMENTS = 1 << 23  # rows of the head widened to fp32 at a time in the class-weighted sum (32 MiB)
+_CHUNK_ELEMENTS = 1 << 23  # elements widened to fp32 at a time (32 MiB): head rows of the class-weighted sum, logits
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -196,8 +202,8 @@ class LigerFusedLinearCrossEntropyLoss(_CrossEntropyOptions):
 class LigerCrossEntropyLoss(_CrossEntropyOptions):
     """Liger's cross-entropy on materialised logits ``_input [BT, V]`` (the module doc): the label log-probs and
     the argmax from :func:`fastalign.token_logprobs` (one pass over each row, fp32 whatever the logits' dtype; its
-    backward one more pass, into a new d(logits), where Liger's kernel writes it over ``_input``), the same options
-    and outputs as Liger's module, every combination of them."""
+    backward one more pass, writing d(logits) over ``_input`` as Liger's kernel does, unless ``_input`` is a leaf),
+    the same options and outputs as Liger's module, every combination of them."""
 
     CLASS_WEIGHTS = "weight"
     OPTIONS = ("weight", "ignore_index", "lse_square_scale", "label_smoothing", "reduction", "softcap",
@@ -216,9 +222,12 @@ class LigerCrossEntropyLoss(_CrossEntropyOptions):
         _input = float64_as_float32(_validate.any_float("_input", _input, dim=2))  # float64 computed in fp32
         V = _input.shape[1]
         c = self._checked_class_weights(target, _input.shape[0], V, "_input.shape[1]", _input=_input)
-        # z = cap tanh(x / cap) in fp32 (a [BT, V] tensor beside the logits), or the logits themselves
-        z = _input if self.softcap is None else self.softcap * torch.tanh(_input.float() / self.softcap)
-        stats = token_logprobs(z, target, ignore_index=self.ignore_index, argmax=self.wants_argmax)
+        # z = cap tanh(x / cap) in fp32 (one [BT, V] tensor beside the logits), or the logits themselves; the
+        # backward writes d(z), then d(x), over them where x is an intermediate of the graph (a model's logits)
+        overwrite = overwritable(_input)
+        z = _input if self.softcap is None else _Softcapped.apply(_input, float(self.softcap), overwrite)
+        stats = token_logprobs(z, target, ignore_index=self.ignore_index, argmax=self.wants_argmax,
+                               inplace_backward=overwrite)
 
         def class_sums():  # sum_j c_j z_j per row, and C
             if c is None:
@@ -230,6 +239,34 @@ class LigerCrossEntropyLoss(_CrossEntropyOptions):
             return z.gather(1, _label_in_range(target, self.ignore_index, V)[:, None])[:, 0].float()
 
         return _composed(self, stats.logprobs, stats.argmax, label_logit, class_sums, target, V, out_dtype, out_dtype)
+
+
+class _Softcapped(torch.autograd.Function):
+    r"""``z = cap tanh(x / cap)`` in fp32, keeping only ``x`` for the backward, which recomputes ``t = tanh(x / cap)``
+    a block of rows at a time (32 MiB of fp32 on the CPU, 256 MiB elsewhere)::
+
+        dx = dz (1 - t^2)
+
+    written over ``x`` with ``overwrite`` (an intermediate nothing else reads: Liger's kernel writes its gradient
+    over its input too), into a new tensor otherwise."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cap: float, overwrite: bool) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.cap, ctx.overwrite = cap, overwrite
+        return x.to(torch.float32, copy=True).div_(cap).tanh_().mul_(cap)
+
+    @staticmethod
+    def backward(ctx, dz: Tensor):
+        x, = ctx.saved_tensors
+        dx = x if ctx.overwrite else torch.empty_like(x)
+        budget = _CHUNK_ELEMENTS if x.device.type == "cpu" else 8 * _CHUNK_ELEMENTS  # fewer launches on a GPU
+        rows = max(1, budget // max(1, x.shape[1]))
+        for start in range(0, x.shape[0], rows):
+            block = slice(start, start + rows)
+            t = x[block].to(torch.float32, copy=True).div_(ctx.cap).tanh_()
+            dx[block] = t.mul_(t).neg_().add_(1.0).mul_(dz[block])
+        return dx, None, None
 
 
 def _label_in_range(target: Tensor, ignore_index: int, vocab: int) -> Tensor:

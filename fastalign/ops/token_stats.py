@@ -20,7 +20,7 @@ from fastalign.ops._launch import (DTYPE_CODE, check_rows, kernel_op, opt, ptr, 
                                    stat_outputs, triton_kernels)
 
 
-def _shares_memory(t: Tensor) -> bool:
+def shares_memory(t: Tensor) -> bool:
     """True unless the elements of ``t`` provably occupy distinct memory: with the dims of size > 1
     sorted by stride, each stride must reach past everything the smaller ones span (an expanded
     dim has stride 0 and fails; slices and permutations of a dense tensor pass)."""
@@ -35,7 +35,7 @@ def _shares_memory(t: Tensor) -> bool:
 def check_inplace_backward(logits: Tensor) -> None:
     """``inplace_backward`` writes d(logits) over the logits: refuse logits whose elements share
     memory (an ``expand`` or overlapping ``as_strided`` view), where that would corrupt the gradient."""
-    if logits.numel() and _shares_memory(logits):
+    if logits.numel() and shares_memory(logits):
         raise ValueError(
             "inplace_backward=True needs logits whose elements do not share memory, got a view with shape "
             f"{tuple(logits.shape)} and strides {tuple(logits.stride())} (expanded or overlapping); pass "

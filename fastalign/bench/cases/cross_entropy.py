@@ -1,0 +1,64 @@
+"""Cross-entropy on a model's logits: Liger-Kernel's ``LigerCrossEntropyLoss`` API.
+
+Per scored token (a quarter of them are ``-100``, a prompt), with ``z = x`` or, softcapped, ``z = c tanh(x / c)``::
+
+    loss = mean_t (-log softmax(z_t)_y_t)
+
+The logits ``x`` are an intermediate of the graph, as a model's are (``base + 0`` of a leaf, the same in every
+candidate), so that a backward may write d(logits) over them. ``fastalign`` is
+:class:`fastalign.integrations.liger.LigerCrossEntropyLoss` (:func:`fastalign.token_logprobs` over each row, its
+backward written over ``x``); ``eager`` is ``F.cross_entropy`` (the softcap formed first); ``torch.compile``
+compiles that; ``liger`` is Liger-Kernel's module where installed (a Triton kernel: on a GPU), which also writes
+its gradient over its input.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastalign.bench.cases.token_logprobs import DTYPES, traffic_model
+from fastalign.bench.core import Case, grad_step
+from fastalign.bench.optional import compiled, optional_impl
+from fastalign.integrations.liger import LigerCrossEntropyLoss
+
+
+def _make_build(N, V, dtype, softcap):
+    def build(device, mode):
+        g = torch.Generator(device=device).manual_seed(0)
+        base = torch.randn(N, V, device=device, dtype=dtype, generator=g)
+        labels = torch.randint(0, V, (N,), device=device, generator=g)
+        labels[: N // 4] = -100
+
+        def wrap(loss):  # the loss on the logits, an intermediate of the graph
+            return None if loss is None else grad_step(lambda b: loss(b + 0, labels), (base,), mode == "fwd+bwd")
+
+        def eager(x, y):
+            z = x if softcap is None else softcap * torch.tanh(x.float() / softcap)
+            return F.cross_entropy(z, y, ignore_index=-100)
+
+        liger = optional_impl("liger_kernel.transformers.cross_entropy", "LigerCrossEntropyLoss") \
+            if device.type == "cuda" else None
+        return {"fastalign": wrap(LigerCrossEntropyLoss(softcap=softcap)), "eager": wrap(eager),
+                "torch.compile": wrap(compiled(eager)),
+                "liger": None if liger is None else wrap(liger[0](softcap=softcap))}
+
+    return build
+
+
+def cases():
+    out = []
+    for N, V, dt, softcap, quick in [(4096, 32000, "fp32", None, True), (4096, 32000, "fp32", 30.0, False),
+                                     (8192, 151936, "bf16", None, False), (8192, 151936, "bf16", 30.0, False)]:
+        elem = torch.empty((), dtype=DTYPES[dt]).element_size()
+        out.append(Case(
+            op="cross_entropy",
+            label=f"{N}x{V} {dt}" + ("" if softcap is None else f" softcap {softcap:g}"),
+            params={"tokens": N, "vocab": V, "dtype": dt, "softcap": softcap, **traffic_model(N, V, elem)},
+            build=_make_build(N, V, DTYPES[dt], softcap),
+            quick=quick,
+            warmup=_make_build(8, 64, DTYPES[dt], softcap),
+            impls=("fastalign", "eager", "torch.compile", "liger"),
+            bytes_moved=lambda mode, n=N * V * elem: n if mode == "fwd" else 3 * n,
+            required_bytes=lambda mode, n=N * V * elem: n,  # the logits every candidate is given
+        ))
+    return out
