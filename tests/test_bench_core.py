@@ -698,6 +698,7 @@ def test_cross_entropy_implementations_agree(monkeypatch):
     """The cross-entropy-on-logits cases time one loss: the Liger drop-in gives eager's ``F.cross_entropy`` (the
     softcap formed first) at the warm-up shape, with a backward over logits that are an intermediate."""
     from fastalign.bench.cases import all_cases
+    from fastalign.bench.core import call
     from fastalign.bench.optional import COMPILE
 
     monkeypatch.setitem(COMPILE, "enabled", False)
@@ -707,8 +708,8 @@ def test_cross_entropy_implementations_agree(monkeypatch):
         steps = {impl: step for impl, step in case.warmup(torch.device("cpu"), "fwd+bwd").items() if step is not None}
         assert set(steps) == {"fastalign", "eager"}
         tol = 1e-2 if case.params["dtype"] == "bf16" else 1e-5  # a bf16 loss, as Liger's (and eager's) is
-        torch.testing.assert_close(steps["fastalign"]().detach().float(), steps["eager"]().detach().float(), rtol=tol,
-                                   atol=tol, msg=case.label)
+        torch.testing.assert_close(call(steps["fastalign"]).detach().float(), call(steps["eager"]).detach().float(),
+                                   rtol=tol, atol=tol, msg=case.label)
 
 
 def test_smoothed_cross_entropy_implementations_agree():

@@ -578,8 +578,9 @@ def _through_a_head(module, overwritten: list):
 def test_logits_module_on_a_head_s_logits_writes_over_them_and_matches_liger(case, dtype, liger_interpreter):
     """A head's logits (an intermediate, as a model's): the backward writes d(logits) over them, as Liger's kernel
     writes over its input, unless the options add gradient terms of their own (``z_y`` for the smoothing and the
-    z-loss, ``sum_j c_j z_j``), which torch sums into a new tensor (with a softcap, a new ``d(z)``, then ``d(x)``
-    written over the logits); the head's gradients equal Liger's and the float64 reference's either way."""
+    z-loss, ``sum_j c_j z_j``), which torch sums into a new tensor (a softcapped loss forms every term's gradient
+    itself, a block of rows at a time, over the logits); the head's gradients equal Liger's and the float64
+    reference's either way."""
     opts = _logits_opts(case)
     leaves, target = _batch(4)
     if opts.get("ignore_index") == 3:
@@ -594,18 +595,20 @@ def test_logits_module_on_a_head_s_logits_writes_over_them_and_matches_liger(cas
     _compare(fa, ref, atol=2e-3 if bf16 else 2e-6, rtol=8e-3 if bf16 else 1e-5, grad_scale=2e-2 if bf16 else 0.0,
              what=f"{dtype} head logits {case} vs float64", dtypes=False)
     extra_terms = opts.get("label_smoothing", 0.0) > 0 or opts.get("lse_square_scale", 0.0) != 0
-    assert overwritten == [not extra_terms or "softcap" in opts], case  # softcapped: summed in z, written over x
+    assert overwritten == [not extra_terms or "softcap" in opts], case
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "class weights"])
 @pytest.mark.parametrize("head", [True, False], ids=["head logits", "leaf logits"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_softcapped_logits_backward_over_several_blocks(head, dtype, monkeypatch):
-    """The softcap's backward recomputes the tanh a block of rows at a time: blocks of 2 rows (the last one short)
-    give the float64 reference's gradients, written over a head's logits or into a new tensor for a leaf."""
+def test_softcapped_logits_backward_over_several_blocks(head, dtype, weighted, monkeypatch):
+    """Softcapped logits go a block of rows at a time, forward and backward: blocks of 2 rows (the last one short)
+    give the float64 reference's loss and gradients, written over a head's logits or into a new tensor for a leaf."""
     from fastalign.integrations import liger_cross_entropy
 
     monkeypatch.setattr(liger_cross_entropy, "_CHUNK_ELEMENTS", 2 * V + 1)
-    opts = dict(softcap=2.5, label_smoothing=0.2, lse_square_scale=0.02)
+    opts = dict(softcap=2.5, label_smoothing=0.2, lse_square_scale=0.02, return_token_accuracy=True,
+                **(dict(weight=_class_weights()) if weighted else {}))
     if head:
         leaves, target = _batch(10)
         call = _through_a_head(LigerCrossEntropyLoss(**opts), [])
@@ -620,11 +623,41 @@ def test_softcapped_logits_backward_over_several_blocks(head, dtype, monkeypatch
              what=f"blocked softcap, {dtype}", dtypes=False)
 
 
+@pytest.mark.parametrize("softcap", [None, 2.5, 1000.0])
+def test_logits_module_nan_in_a_row_stays_in_it(softcap):
+    """A NaN logit in a row whose target is ignored changes nothing (its gradient is 0); in a scored row it makes
+    that row's loss and gradient NaN and no other's (``reduction="none"``, smoothing and a z-loss on). A softcap of
+    1000 on logits of 1e4 puts ``e^(z - z_0)`` of an ignored row past fp32's range, which must not leak either."""
+    logits, target = _logits(11)
+    logits = logits * (1e4 if softcap == 1000.0 else 1.0)
+    loss_fn = LigerCrossEntropyLoss(softcap=softcap, label_smoothing=0.1, lse_square_scale=0.01, reduction="none")
+    up = torch.rand(N, generator=torch.Generator().manual_seed(3))
+
+    def run(x):
+        x = x.clone().requires_grad_()
+        loss = loss_fn(x * 1.0, target)  # an intermediate: the backward writes over it
+        loss.backward(up)
+        return loss.detach(), x.grad
+
+    clean_loss, clean_grad = run(logits)
+    assert clean_loss.isfinite().all() and clean_grad.isfinite().all()
+    ignored, scored = IGNORED[0], 2
+    poisoned = logits.clone()
+    poisoned[ignored, 3] = float("nan")
+    loss, grad = run(poisoned)
+    assert torch.equal(loss, clean_loss) and torch.equal(grad, clean_grad) and (grad[ignored] == 0).all()
+    poisoned[scored, 5] = float("nan")
+    loss, grad = run(poisoned)
+    others = [r for r in range(N) if r != scored]
+    assert loss[scored].isnan() and grad[scored].isnan().all()
+    assert torch.equal(loss[others], clean_loss[others]) and torch.equal(grad[others], clean_grad[others])
+
+
 @pytest.mark.parametrize("softcap", [None, 2.5])
 def test_logits_module_leaves_a_leaf_s_values_and_refuses_a_second_backward_over_written_logits(softcap):
     """A leaf ``_input`` keeps its values (its gradient is a new tensor) and can be differentiated twice through a
     retained graph; a head's logits, written over by the first backward, make the second raise torch's in-place
-    error rather than give a wrong gradient."""
+    error rather than give a wrong gradient; a leaf further up keeps that buffer as its ``.grad``, uncopied."""
     logits, target = _logits(8)
     loss_fn = LigerCrossEntropyLoss(softcap=softcap)
     leaf = logits.clone().requires_grad_()
@@ -639,6 +672,10 @@ def test_logits_module_leaves_a_leaf_s_values_and_refuses_a_second_backward_over
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+    fresh = logits.clone().requires_grad_()
+    passed_on = fresh + 0  # its backward hands d(logits) on as it is
+    loss_fn(passed_on, target).backward()
+    assert fresh.grad.data_ptr() == passed_on.data_ptr()  # the leaf keeps the logits' buffer, not a copy
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

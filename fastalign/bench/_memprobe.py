@@ -16,7 +16,7 @@ import torch
 
 from fastalign.bench import optional
 from fastalign.bench.cases import find_case
-from fastalign.bench.core import measure_cpu_memory_here
+from fastalign.bench.core import call, measure_cpu_memory_here
 
 #: the implementation name of the torch.compile baselines
 COMPILED_IMPL = "torch.compile"
@@ -40,12 +40,12 @@ def peak_bytes(spec: dict, measure=measure_cpu_memory_here) -> int:
     if case.warmup is not None:
         warm = case.warmup(cpu, spec["mode"]).get(spec["impl"])
         if warm is not None:
-            warm()
+            call(warm)
         del warm
     compiles = spec["impl"] == COMPILED_IMPL or frames_compiled() > compiled_before
     step = case.build(cpu, spec["mode"])[spec["impl"]]
     if compiles:
-        step()  # compiles at this shape: not part of the measurement
+        call(step)  # compiles at this shape: not part of the measurement
     return measure(step)
 
 

@@ -148,6 +148,16 @@ def hooks(step: Step):
     return getattr(step, "before", None) or (lambda: None), getattr(step, "after", None) or (lambda: None)
 
 
+def call(step: Step):
+    """One call of ``step`` with its :func:`hooks` around it (a warm-up, a compile, a check); its output."""
+    before, after = hooks(step)
+    before()
+    try:
+        return step()
+    finally:
+        after()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -241,14 +251,9 @@ def time_steps(steps: Dict[str, Step], device: torch.device, repeats: int, budge
         if deadline is not None and deadline.passed():
             out[name] = {"skipped": OUT_OF_TIME}
             continue
-        before, after = hooks(step)
         try:
-            before()
-            try:
-                step()
-                sync(device)
-            finally:
-                after()
+            call(step)
+            sync(device)
             live.append(name)
         except Exception as e:  # one candidate failing must not stop the others
             out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
