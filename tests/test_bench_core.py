@@ -696,14 +696,15 @@ def test_summary_refuses_a_file_it_cannot_read(tmp_path, capsys, content, readme
 
 def test_cross_entropy_implementations_agree(monkeypatch):
     """The cross-entropy-on-logits cases time one loss: the Liger drop-in gives eager's ``F.cross_entropy`` (the
-    softcap formed first) at the warm-up shape, with a backward over logits that are an intermediate."""
+    softcap formed first, the z-loss from ``logsumexp``) at the warm-up shape, with a backward over logits that are
+    an intermediate."""
     from fastalign.bench.cases import all_cases
     from fastalign.bench.core import call
     from fastalign.bench.optional import COMPILE
 
     monkeypatch.setitem(COMPILE, "enabled", False)
     cases = [c for c in all_cases() if c.op == "cross_entropy"]
-    assert {c.params["softcap"] for c in cases} == {None, 30.0}
+    assert {c.label.split(" ", 2)[-1] for c in cases} == {"fp32", "bf16", "softcap 30", "smoothing 0.1 z-loss 0.0001"}
     for case in cases:
         steps = {impl: step for impl, step in case.warmup(torch.device("cpu"), "fwd+bwd").items() if step is not None}
         assert set(steps) == {"fastalign", "eager"}

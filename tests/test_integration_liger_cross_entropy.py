@@ -577,10 +577,8 @@ def _through_a_head(module, overwritten: list):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_logits_module_on_a_head_s_logits_writes_over_them_and_matches_liger(case, dtype, liger_interpreter):
     """A head's logits (an intermediate, as a model's): the backward writes d(logits) over them, as Liger's kernel
-    writes over its input, unless the options add gradient terms of their own (``z_y`` for the smoothing and the
-    z-loss, ``sum_j c_j z_j``), which torch sums into a new tensor (a softcapped loss forms every term's gradient
-    itself, a block of rows at a time, over the logits); the head's gradients equal Liger's and the float64
-    reference's either way."""
+    writes over its input, with every option (the gradients of ``z_y`` and ``sum_j c_j z_j`` for the smoothing and
+    the z-loss formed in the same blocks of rows); the head's gradients equal Liger's and the float64 reference's."""
     opts = _logits_opts(case)
     leaves, target = _batch(4)
     if opts.get("ignore_index") == 3:
@@ -594,33 +592,38 @@ def test_logits_module_on_a_head_s_logits_writes_over_them_and_matches_liger(cas
              what=f"{dtype} head logits {case} vs Liger")
     _compare(fa, ref, atol=2e-3 if bf16 else 2e-6, rtol=8e-3 if bf16 else 1e-5, grad_scale=2e-2 if bf16 else 0.0,
              what=f"{dtype} head logits {case} vs float64", dtypes=False)
-    extra_terms = opts.get("label_smoothing", 0.0) > 0 or opts.get("lse_square_scale", 0.0) != 0
-    assert overwritten == [not extra_terms or "softcap" in opts], case
+    assert overwritten == [True], case
 
 
+@pytest.mark.parametrize("softcap", [None, 2.5], ids=["no softcap", "softcap"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "class weights"])
 @pytest.mark.parametrize("head", [True, False], ids=["head logits", "leaf logits"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_softcapped_logits_backward_over_several_blocks(head, dtype, weighted, monkeypatch):
-    """Softcapped logits go a block of rows at a time, forward and backward: blocks of 2 rows (the last one short)
-    give the float64 reference's loss and gradients, written over a head's logits or into a new tensor for a leaf."""
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1.0), (torch.bfloat16, 1.0), (torch.float32, 1e3)],
+                         ids=["fp32", "bf16", "fp32 logits of 1e3"])
+def test_smoothing_and_z_loss_rows_over_several_blocks(head, dtype, weighted, softcap, scale, monkeypatch):
+    """With label smoothing and a z-loss (or a softcap) the rows go a block of rows at a time, forward and backward:
+    blocks of 2 rows (the last one short) give the float64 reference's loss and gradients, written over a head's
+    logits or into a new tensor for a leaf, at logits of 1e3 too (the backward's softmax of each block is exact at
+    any scale; a bf16 head's own product rounds logits of 1e3 by units, so that scale runs in fp32)."""
     from fastalign.integrations import liger_cross_entropy
 
     monkeypatch.setattr(liger_cross_entropy, "_CHUNK_ELEMENTS", 2 * V + 1)
-    opts = dict(softcap=2.5, label_smoothing=0.2, lse_square_scale=0.02, return_token_accuracy=True,
+    opts = dict(softcap=softcap, label_smoothing=0.2, lse_square_scale=0.02, return_token_accuracy=True,
                 **(dict(weight=_class_weights()) if weighted else {}))
     if head:
-        leaves, target = _batch(10)
+        (h, w, b), target = _batch(10)
+        leaves = [h * scale, w, b]
         call = _through_a_head(LigerCrossEntropyLoss(**opts), [])
         ref = _run(lambda w, h, t, b: _reference_logits(opts)(h @ w.T + b, t), leaves, target, dtype=torch.float64)
         got = _run(call, leaves, target, dtype=dtype)
     else:
         logits, target = _logits(10)
+        logits = logits * scale
         ref = _run_logits(_reference_logits(opts), logits, target, dtype=torch.float64)
         got = _run_logits(LigerCrossEntropyLoss(**opts), logits, target, dtype=dtype)
     bf16 = dtype == torch.bfloat16
     _compare(got, ref, atol=2e-3 if bf16 else 2e-6, rtol=8e-3 if bf16 else 1e-5, grad_scale=2e-2 if bf16 else 0.0,
-             what=f"blocked softcap, {dtype}", dtypes=False)
+             what=f"blocked rows, {dtype}", dtypes=False)
 
 
 @pytest.mark.parametrize("softcap", [None, 2.5, 1000.0])
@@ -679,12 +682,13 @@ def test_logits_module_leaves_a_leaf_s_values_and_refuses_a_second_backward_over
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-@pytest.mark.parametrize("opts", [dict(), dict(softcap=2.5), dict(softcap=2.5, label_smoothing=0.1)], ids=str)
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1, lse_square_scale=0.01), dict(softcap=2.5),
+                                  dict(softcap=2.5, label_smoothing=0.1, weight="w")], ids=str)
 def test_logits_module_on_a_head_s_logits_compiles_as_eager(opts, backend):
     """``torch.compile(fullgraph=True)`` of the head and the module (the backward written over the logits): the
     eager loss and gradients."""
     leaves, target = _batch(9, bias=False)
-    module = LigerCrossEntropyLoss(**opts)
+    module = LigerCrossEntropyLoss(**{k: _class_weights() if v == "w" else v for k, v in opts.items()})
     step = torch.compile(lambda w, h, t, b: module(h @ w.T, t), backend=backend, fullgraph=True)
     torch._dynamo.reset()
     got = _run(step, leaves, target)

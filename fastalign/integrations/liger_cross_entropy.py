@@ -48,13 +48,13 @@ return_z_loss, return_token_accuracy, return_predicted_tokens)`` computes the sa
 argmax from one pass of :func:`fastalign.token_logprobs` over each row (in fp32 whatever the logits' dtype),
 ``z_y`` a gather, ``sum_j c_j z_j`` one more read of the logits. With ``softcap``, ``z = cap tanh(x / cap)`` is
 formed a block of rows at a time in fp32 (as ``cap (2 sigmoid(2 x / cap) - 1)``), with ``lp_y``, ``z_y``, the
-sums and the argmax, and recomputed in the backward (:class:`_SoftcappedRows`), so no ``[BT, V]`` tensor is
-built beside the logits; every option combines, the class-weighted smoothing of softcapped logits included. As
+sums and the argmax, and recomputed in the backward (:class:`_LogitRows`), so no ``[BT, V]`` tensor is built
+beside the logits; every option combines, the class-weighted smoothing of softcapped logits included. As
 Liger's, the loss and the z-loss come in the logits' dtype (each summed in fp32, then cast once), the accuracy in
-fp32; float64 logits are computed in fp32. As Liger's kernel, its backward writes ``d(logits)`` over ``_input``
-when ``_input`` is an intermediate of the graph, such as a model's logits, so that no ``[BT, V]`` gradient is
-allocated (with ``label_smoothing`` or a z-loss and no ``softcap``, torch adds the gradients of ``z_y`` and
-``sum_j c_j z_j`` into a new one): read ``_input`` before the backward; a second backward through a retained graph
+fp32; float64 logits are computed in fp32. With ``label_smoothing`` or a z-loss, ``z_y`` and ``sum_j c_j z_j`` are
+formed and differentiated in the same blocks of rows (:class:`_LogitRows`). As Liger's kernel, its backward writes
+``d(logits)`` over ``_input`` when ``_input`` is an intermediate of the graph, such as a model's logits, so that no
+``[BT, V]`` gradient is allocated: read ``_input`` before the backward; a second backward through a retained graph
 raises (torch's check of tensors modified in place). A leaf ``_input`` that requires grad (or a view of one) is
 left as it is: its gradient is a new tensor. Nothing here imports Liger-Kernel.
 """
@@ -203,7 +203,8 @@ class LigerCrossEntropyLoss(_CrossEntropyOptions):
     """Liger's cross-entropy on materialised logits ``_input [BT, V]`` (the module doc): the label log-probs and
     the argmax from :func:`fastalign.token_logprobs` (one pass over each row, fp32 whatever the logits' dtype; its
     backward one more pass, writing d(logits) over ``_input`` as Liger's kernel does, unless ``_input`` is a leaf),
-    the same options and outputs as Liger's module, every combination of them."""
+    with a softcap, smoothing or a z-loss a block of rows at a time (:class:`_LogitRows`); the same options and
+    outputs as Liger's module, every combination of them."""
 
     CLASS_WEIGHTS = "weight"
     OPTIONS = ("weight", "ignore_index", "lse_square_scale", "label_smoothing", "reduction", "softcap",
@@ -224,12 +225,15 @@ class LigerCrossEntropyLoss(_CrossEntropyOptions):
         c = self._checked_class_weights(target, _input.shape[0], V, "_input.shape[1]", _input=_input)
         # the backward writes d(logits) over the logits where they are an intermediate of the graph (a model's)
         overwrite = overwritable(_input)
-        if self.softcap is not None:  # z = cap tanh(x / cap), a block of rows at a time
-            lp, z_y, sums, amax = _SoftcappedRows.apply(
-                _input, target, None if c is None else c.detach(), float(self.softcap), self.ignore_index,
+        if self.softcap is not None or self.label_smoothing > 0 or self.lse_square_scale != 0:
+            # z_y and sum_j c_j z_j differentiated beside lp, or softcapped logits: a block of rows at a time
+            weights = None if c is None else c.detach()
+            lp, z_y, sums, amax = _LogitRows.apply(
+                _input, target, weights, None if self.softcap is None else float(self.softcap), self.ignore_index,
                 self.wants_argmax, self.label_smoothing > 0, overwrite)
-            return _composed(self, lp, amax, lambda: z_y, lambda: (sums, V if c is None else c.detach().float().sum()),
-                             target, V, out_dtype, out_dtype)
+            total = V if weights is None else weights.float().sum()
+            return _composed(self, lp, amax, lambda: z_y, lambda: (sums, total), target, V, out_dtype, out_dtype)
+        # the label log-probs alone: the kernel's pass, and its backward (z_y only for a reported z-loss)
         stats = token_logprobs(_input, target, ignore_index=self.ignore_index, argmax=self.wants_argmax,
                                inplace_backward=overwrite)
 
@@ -245,39 +249,46 @@ class LigerCrossEntropyLoss(_CrossEntropyOptions):
         return _composed(self, stats.logprobs, stats.argmax, label_logit, class_sums, target, V, out_dtype, out_dtype)
 
 
-class _SoftcappedRows(torch.autograd.Function):
-    r"""Per row of softcapped logits ``z = cap tanh(x / cap) = cap (2 s - 1)``, ``s = sigmoid(2 x / cap)`` (a fraction
-    of ``tanh``'s cost on the CPU), of ``x [BT, V]``, a block of rows at a time (``_CHUNK_ELEMENTS`` of fp32 on the CPU,
-    8 times more elsewhere; never a ``[BT, V]`` tensor beside ``x``): ``lp = log softmax(z)_y = log softmax(2 cap s)_y``
-    and the argmax (:func:`fastalign.token_logprobs` of ``s`` at temperature ``1 / (2 cap)``), ``z_y`` and, with
-    ``class_sums``, ``sum_j c_j z_j = cap (2 sum_j c_j s_j - C)`` (``c = 1`` without class weights), each fp32. The
-    backward recomputes a block's ``s``; with ``p_j = e^(z_j - lse)`` and ``lse = z_y - lp`` (``|z| <= cap``, so
-    ``p`` is exact to fp32 rounding)::
+class _LogitRows(torch.autograd.Function):
+    r"""Per row of the logits ``z`` of ``x [BT, V]``, a block of rows at a time (``_CHUNK_ELEMENTS`` of fp32 on the CPU,
+    8 times more elsewhere; never a ``[BT, V]`` tensor beside ``x``), with ``z = a u + b`` for the block's values
+    ``u``::
+
+        z = x                                        u = x,                   a = 1,       b = 0
+        z = cap tanh(x / cap) = cap (2 s - 1)        u = s = sigmoid(2 x / cap), a = 2 cap,   b = -cap
+
+    (``sigmoid``: a fraction of ``tanh``'s cost on the CPU). Forward: ``lp = log softmax(z)_y = log softmax(a u)_y``
+    and the argmax (:func:`fastalign.token_logprobs` of ``u`` at temperature ``1 / a``), ``z_y = a u_y + b`` and, with
+    ``class_sums``, ``sum_j c_j z_j = a sum_j c_j u_j + b C`` (``c = 1`` without class weights), each fp32. Backward,
+    the block's ``u`` recomputed (widened to fp32) and ``p = softmax(a u)``::
 
         d z_j = g_lp ([j = y] - p_j) + g_zy [j = y] + g_s c_j
-        d x_j = d z_j (1 - t_j^2) = 4 d z_j s_j (1 - s_j)      (0 on rows whose target is ignore_index)
+        d x_j = d z_j                      (z = x)
+        d x_j = d z_j (1 - t_j^2) = 4 d z_j s_j (1 - s_j)        (softcapped)
 
-    written over ``x`` with ``overwrite`` (an intermediate nothing else reads: Liger's kernel writes its gradient
-    over its input too), into a new tensor otherwise."""
+    0 on rows whose target is ``ignore_index``, written over ``x`` with ``overwrite`` (an intermediate nothing else
+    reads: Liger's kernel writes its gradient over its input too), into a new tensor otherwise."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, target: Tensor, c: Optional[Tensor], cap: float, ignore_index: int, argmax: bool,
-                class_sums: bool, overwrite: bool):
+    def forward(ctx, x: Tensor, target: Tensor, c: Optional[Tensor], cap: Optional[float], ignore_index: int,
+                argmax: bool, class_sums: bool, overwrite: bool):
         n, V = x.shape
+        a, b = (1.0, 0.0) if cap is None else (2.0 * cap, -cap)
         y = _label_in_range(target, ignore_index, V)
         lp, z_y, sums = (torch.zeros(n, dtype=torch.float32, device=x.device) for _ in range(3))
         amax = torch.zeros(n if argmax else 0, dtype=torch.int64, device=x.device)
         weights = None if c is None else c.float()
         total = V if weights is None else weights.sum()
-        for rows, s in _sigmoid_blocks(x, cap):
-            stats = token_logprobs(s, target[rows], temperature=0.5 / cap, ignore_index=ignore_index, argmax=argmax)
+        for rows, u in _blocks(x, cap, widen=False):
+            stats = token_logprobs(u, target[rows], temperature=1.0 / a, ignore_index=ignore_index, argmax=argmax)
             lp[rows] = stats.logprobs
-            z_y[rows] = cap * (2.0 * s.gather(1, y[rows, None])[:, 0] - 1.0)
+            z_y[rows] = a * u.gather(1, y[rows, None])[:, 0].float() + b
             if argmax:
                 amax[rows] = stats.argmax
             if class_sums:
-                sums[rows] = cap * (2.0 * (s.sum(-1) if weights is None else s @ weights) - total)
-        ctx.save_for_backward(x, target, y, c, lp, z_y)
+                weighted = u.sum(-1, dtype=torch.float32) if weights is None else u.float() @ weights
+                sums[rows] = a * weighted + b * total
+        ctx.save_for_backward(x, target, y, c)
         ctx.cap, ctx.ignore_index, ctx.overwrite = cap, ignore_index, overwrite
         ctx.mark_non_differentiable(amax)
         ctx.set_materialize_grads(False)
@@ -285,37 +296,44 @@ class _SoftcappedRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_zy, g_s, _g_amax):
-        x, target, y, c, lp, z_y = ctx.saved_tensors
+        x, target, y, c = ctx.saved_tensors
         cap, live = ctx.cap, target != ctx.ignore_index
+        a = 1.0 if cap is None else 2.0 * cap
         dx = x if ctx.overwrite else torch.empty_like(x)
         zero = torch.zeros((), dtype=torch.float32, device=x.device)
-        # every term times 4, the factor of 1 - t^2 = 4 s (1 - s)
-        g_lp, g_zy, g_s = (None if g is None else 4.0 * g.float() for g in (g_lp, g_zy, g_s))
+        # softcapped: every term times 4, the factor of 1 - t^2 = 4 s (1 - s)
+        g_lp, g_zy, g_s = (None if g is None else (1.0 if cap is None else 4.0) * g.float() for g in (g_lp, g_zy, g_s))
         g_lp, g_zy = (zero.expand(x.shape[0]) if g is None else g for g in (g_lp, g_zy))
         weights = None if c is None else c.float()
-        neg_lse = lp - z_y - cap  # z_j - lse = 2 cap s_j - cap - lse
-        for rows, s in _sigmoid_blocks(x, cap):
-            dz = torch.add(neg_lse[rows, None], s, alpha=2.0 * cap).exp_().mul_(-g_lp[rows, None])  # -g_lp p_j
+        for rows, u in _blocks(x, cap, widen=True):
+            dz = torch.softmax(u if cap is None else u * a, -1).mul_(-g_lp[rows, None])  # -g_lp p_j
             if g_s is not None and weights is None:
                 dz.add_(g_s[rows, None])
             elif g_s is not None:
                 dz.addr_(g_s[rows], weights)
             dz.scatter_add_(1, y[rows, None], (g_lp + g_zy)[rows, None])
-            dz.mul_(s.addcmul_(s, s, value=-1.0))  # s (1 - s)
+            if cap is not None:
+                dz.mul_(u.addcmul_(u, u, value=-1.0))  # s (1 - s)
             dx[rows] = dz.masked_fill_(~live[rows, None], 0.0)
         return dx.detach(), None, None, None, None, None, None, None  # an alias of its own: a leaf keeps it uncopied
 
 
-def _sigmoid_blocks(x: Tensor, cap: float):
-    """``(rows, s)`` for consecutive blocks of rows of ``x``: ``s = sigmoid(2 x[rows] / cap)`` in fp32, in one buffer
-    that each block reuses (read a block's ``s`` before taking the next)."""
+def _blocks(x: Tensor, cap: Optional[float], widen: bool):
+    """``(rows, u)`` for consecutive blocks of rows of ``x``: ``u = sigmoid(2 x[rows] / cap)`` in fp32 with a ``cap``;
+    without, ``x[rows]`` itself, or with ``widen`` an fp32 copy. The fp32 blocks share one buffer (read a block's
+    ``u`` before taking the next)."""
     n, V = x.shape
     budget = _CHUNK_ELEMENTS if x.device.type == "cpu" else 8 * _CHUNK_ELEMENTS  # fewer launches on a GPU
     size = max(1, min(n, budget // max(1, V)))
-    buf = torch.empty((size, V), dtype=torch.float32, device=x.device)
+    buf = torch.empty((size, V) if cap is not None or widen else (0,), dtype=torch.float32, device=x.device)
     for start in range(0, n, size):  # blocks fixed by the shapes
         rows = slice(start, min(start + size, n))
-        yield rows, buf[: rows.stop - start].copy_(x[rows]).mul_(2.0 / cap).sigmoid_()
+        if cap is None and not widen:
+            yield rows, x[rows]
+        elif cap is None:
+            yield rows, buf[: rows.stop - start].copy_(x[rows])
+        else:
+            yield rows, buf[: rows.stop - start].copy_(x[rows]).mul_(2.0 / cap).sigmoid_()
 
 
 def _label_in_range(target: Tensor, ignore_index: int, vocab: int) -> Tensor:
