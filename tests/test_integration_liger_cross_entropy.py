@@ -607,7 +607,7 @@ def test_smoothing_and_z_loss_rows_over_several_blocks(head, dtype, weighted, so
     any scale; a bf16 head's own product rounds logits of 1e3 by units, so that scale runs in fp32)."""
     from fastalign.integrations import liger_cross_entropy
 
-    monkeypatch.setattr(liger_cross_entropy, "_CHUNK_ELEMENTS", 2 * V + 1)
+    monkeypatch.setattr(liger_cross_entropy, "_BLOCK_ELEMENTS", 2 * V + 1)
     opts = dict(softcap=softcap, label_smoothing=0.2, lse_square_scale=0.02, return_token_accuracy=True,
                 **(dict(weight=_class_weights()) if weighted else {}))
     if head:

@@ -75,7 +75,8 @@ from fastalign.logprobs import overwritable, token_logprobs
 __all__ = ["LigerFusedLinearCrossEntropyLoss", "LigerCrossEntropyLoss", "CrossEntropyOutput"]
 
 _REDUCTIONS = ("mean", "sum", "none")
-_CHUNK_ELEMENTS = 1 << 21  # elements widened to fp32 at a time: head rows of the class-weighted sum, logits
+_CHUNK_ELEMENTS = 1 << 23  # rows of the head widened to fp32 at a time in the class-weighted sum (32 MiB)
+_BLOCK_ELEMENTS = 1 << 21  # logits of a block of rows on the CPU (8 MiB of fp32), 32 times more elsewhere
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -250,8 +251,8 @@ class LigerCrossEntropyLoss(_CrossEntropyOptions):
 
 
 class _LogitRows(torch.autograd.Function):
-    r"""Per row of the logits ``z`` of ``x [BT, V]``, a block of rows at a time (``_CHUNK_ELEMENTS`` of fp32 on the CPU,
-    8 times more elsewhere; never a ``[BT, V]`` tensor beside ``x``), with ``z = a u + b`` for the block's values
+    r"""Per row of the logits ``z`` of ``x [BT, V]``, a block of rows at a time (``_BLOCK_ELEMENTS`` of fp32 on the CPU,
+    32 times more elsewhere; never a ``[BT, V]`` tensor beside ``x``), with ``z = a u + b`` for the block's values
     ``u``::
 
         z = x                                        u = x,                   a = 1,       b = 0
@@ -323,7 +324,7 @@ def _blocks(x: Tensor, cap: Optional[float], widen: bool):
     without, ``x[rows]`` itself, or with ``widen`` an fp32 copy. The fp32 blocks share one buffer (read a block's
     ``u`` before taking the next)."""
     n, V = x.shape
-    budget = _CHUNK_ELEMENTS if x.device.type == "cpu" else 8 * _CHUNK_ELEMENTS  # fewer launches on a GPU
+    budget = _BLOCK_ELEMENTS if x.device.type == "cpu" else 32 * _BLOCK_ELEMENTS  # 256 MiB: fewer launches on a GPU
     size = max(1, min(n, budget // max(1, V)))
     buf = torch.empty((size, V) if cap is not None or widen else (0,), dtype=torch.float32, device=x.device)
     for start in range(0, n, size):  # blocks fixed by the shapes
