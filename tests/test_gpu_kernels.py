@@ -520,6 +520,53 @@ def test_gpu_softcapped_mean_logits_gradients_bf16_at_full_vocabulary(compaction
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("options", [dict(), dict(softcap=30.0, label_smoothing=0.1, lse_square_scale=1e-4),
+                                     dict(label_smoothing=0.1, lse_square_scale=1e-4, weight="w")], ids=str)
+def test_gpu_liger_cross_entropy_on_head_logits_bf16_at_full_vocabulary(options):
+    """The Liger cross-entropy drop-in on a bf16 head's logits ``[1024, 151936]`` (an intermediate: the backward
+    writes d(logits) over them; with smoothing, a z-loss or a softcap, in blocks of rows): the loss and the head's
+    gradients within bf16 rounding of float64, and of Liger's kernel where it is installed."""
+    from fastalign.integrations.liger import LigerCrossEntropyLoss
+
+    N, H, V = 1024, 256, 151936
+    g = torch.Generator(device="cuda").manual_seed(8)
+    h, w = _bf16_head(g, (N,), H, V)
+    target = torch.randint(0, V, (N,), device="cuda", generator=g)
+    target[: N // 4] = -100
+    if options.get("weight") == "w":
+        options = {**options, "weight": torch.rand(V, device="cuda", generator=g) + 0.5}
+
+    def run(module, h, w):
+        h, w = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        logits = h @ w.T
+        written = []
+        logits.register_hook(lambda grad: written.append(grad.data_ptr() == logits.data_ptr()))
+        loss = module(logits, target)
+        loss.backward()
+        return loss.detach().double(), h.grad, w.grad, written
+
+    loss, dh, dw, written = run(LigerCrossEntropyLoss(**options), h, w)
+    assert written == [True]
+    hd, wd = h.double().requires_grad_(True), w.double().requires_grad_(True)
+    z = hd @ wd.T
+    cap, eps, s = options.get("softcap"), options.get("label_smoothing", 0.0), options.get("lse_square_scale", 0.0)
+    z = z if cap is None else cap * torch.tanh(z / cap)
+    c = options.get("weight", torch.ones(V, device="cuda")).double()
+    keep, y = target != -100, target.clamp(min=0)
+    lp = torch.log_softmax(z, -1)
+    ce = (1 - eps) * -c[y] * lp.gather(1, y[:, None])[:, 0] - eps / V * (lp * c).sum(-1)
+    want = (ce * keep).sum() / (c[y] * keep).sum() + s * (torch.logsumexp(z, -1) ** 2 * keep).sum() / keep.sum()
+    want.backward()
+    tol = 2e-3 * max(1.0, abs(float(want.detach())))
+    assert abs(float(loss) - float(want.detach())) < tol
+    assert _rel_err(dh, hd.grad) < 1e-2 and _rel_err(dw, wd.grad) < 1e-2
+    liger = pytest.importorskip("liger_kernel.transformers.cross_entropy", reason="Liger-Kernel: the peer")
+    peer_loss, peer_dh, peer_dw, _ = run(liger.LigerCrossEntropyLoss(**options), h, w)
+    assert abs(float(loss) - float(peer_loss)) < tol
+    assert _rel_err(dh, peer_dh.double()) < 2e-2 and _rel_err(dw, peer_dw.double()) < 2e-2
+
+
+@pytest.mark.gpu
 def test_gpu_device_compaction_bf16_at_full_vocabulary(monkeypatch):
     """Half of every sequence an unscored prompt whose hidden states are NaN: the compiled bounded
     products (two passes with one chunk and with eight; LinearPolicyLoss's single pass) give the
