@@ -194,6 +194,8 @@ CASES = {
     "ce_weight": dict(ce_weight="w"),
     "ce_weight_smoothing_z": dict(ce_weight="w", label_smoothing=0.3, lse_square_scale=0.05, return_z_loss=True),
     "ce_weight_softcap_none": dict(ce_weight="w", softcap=3.0, reduction="none"),
+    "ce_weight_softcap_smoothing": dict(ce_weight="w", softcap=2.5, label_smoothing=0.2, lse_square_scale=0.02,
+                                        return_z_loss=True),
     "accuracy_predicted": dict(return_token_accuracy=True, return_predicted_tokens=True),
     "accuracy_none": dict(return_token_accuracy=True, reduction="none", label_smoothing=0.1),
     "everything": dict(label_smoothing=0.1, lse_square_scale=0.01, return_z_loss=True, use_token_scaling=True,
@@ -392,7 +394,6 @@ def test_second_backward_through_a_retained_graph():
 
 
 @pytest.mark.parametrize("opts, err, word", [
-    (dict(label_smoothing=0.1, softcap=2.0, ce_weight=torch.ones(V)), ValueError, "label_smoothing"),
     (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
     (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
     (dict(reduction="avg"), ValueError, "reduction"),
@@ -421,12 +422,26 @@ def test_refused_options_raise_at_construction_and_assignment(opts, err, word):
     assert {k: getattr(module, k) for k in module.OPTIONS} == before, "a refused assignment changed the module"
 
 
-def test_softcap_assigned_to_a_smoothed_class_weighted_loss_raises():
+def test_class_weighted_smoothing_of_a_softcapped_head_takes_a_mean_pass_of_its_own(liger_interpreter, monkeypatch):
+    """Class weights, label smoothing and a softcap together (assigned after construction too): the weighted sum
+    of the softcapped logits comes from ``linear_mean_logits`` over the scored rows only (one call), and the loss
+    and gradients are Liger's; without class weights the log-probs' own pass gives it (no such call)."""
+    from fastalign.integrations import liger_cross_entropy
+
+    calls = []
+    real = liger_cross_entropy.linear_mean_logits
+    monkeypatch.setattr(liger_cross_entropy, "linear_mean_logits",
+                        lambda *args, **kw: calls.append(kw["response_mask"]) or real(*args, **kw))
     module = LigerFusedLinearCrossEntropyLoss(label_smoothing=0.1, ce_weight=_class_weights())
-    with pytest.raises(ValueError, match="label_smoothing"):
-        module.softcap = 2.0
-    assert module.softcap is None
-    LigerFusedLinearCrossEntropyLoss(label_smoothing=0.1).softcap = 2.0  # without class weights it applies
+    module.softcap = 2.0
+    leaves, target = _batch(13)
+    fa = _run(module, leaves, target)
+    assert len(calls) == 1 and torch.equal(calls[0], target != -100)
+    lg = _run(liger_flce.LigerFusedLinearCrossEntropyLoss(label_smoothing=0.1, ce_weight=_class_weights(),
+                                                          softcap=2.0), leaves, target)
+    _compare(fa, lg, atol=2e-6, rtol=1e-5, what="class-weighted smoothing, softcap assigned")
+    _run(LigerFusedLinearCrossEntropyLoss(label_smoothing=0.1, softcap=2.0), leaves, target)
+    assert len(calls) == 1
 
 
 def test_call_errors_name_liger_arguments():
@@ -501,12 +516,9 @@ def test_a_target_out_of_range_is_refused(reduction, monkeypatch):
 
 # LigerCrossEntropyLoss: the same kernel on materialised logits; its class weights are named ``weight``
 
-#: the cases of CASES the logits module takes (Liger's has no use_token_scaling and no accum_dtype), and the
-#: class-weighted smoothing of softcapped logits, which only the logits module forms
-LOGITS_CASES = {**{case: opts for case, opts in CASES.items()
-                   if "use_token_scaling" not in opts and "accum_dtype" not in opts},
-                "ce_weight_softcap_smoothing": dict(ce_weight="w", softcap=2.5, label_smoothing=0.2,
-                                                    lse_square_scale=0.02, return_z_loss=True)}
+#: the cases of CASES the logits module takes (Liger's has no use_token_scaling and no accum_dtype)
+LOGITS_CASES = {case: opts for case, opts in CASES.items()
+                if "use_token_scaling" not in opts and "accum_dtype" not in opts}
 
 
 def _logits_opts(case) -> dict:

@@ -19,14 +19,18 @@ def _inputs(dtype=torch.float32, seed=0):
     return hidden, weight, bias, low_rank, mask
 
 
-def _reference(hidden, weight, bias, low_rank, scale, softcap):
+def _reference(hidden, weight, bias, low_rank, scale, softcap, classes=None):
     u = hidden.double() @ weight.double().T
     if bias is not None:
         u = u + bias.double()
     if low_rank is not None:
         u = u + low_rank[0].double() @ low_rank[1].double().T
     z = scale * u if softcap is None else softcap * torch.tanh(scale * u / softcap)
-    return z.mean(-1)
+    return z.mean(-1) if classes is None else z @ classes.double() / z.shape[-1]
+
+
+def _classes(seed=7):
+    return torch.rand(40, generator=torch.Generator().manual_seed(seed)) + 0.5
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -148,3 +152,35 @@ def test_bad_inputs_name_the_argument():
         fa.linear_mean_logits(hidden, weight, low_rank=(low_rank[0][:, :3], low_rank[1]))
     with pytest.raises(ValueError, match="backend"):
         fa.linear_mean_logits(hidden, weight, backend="nope")
+    with pytest.raises(ValueError, match="class_weights"):
+        fa.linear_mean_logits(hidden, weight, class_weights=torch.ones(39))
+    with pytest.raises(TypeError, match="class_weights"):
+        fa.linear_mean_logits(hidden, weight, class_weights=torch.ones(40, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["linear", "softcap"])
+@pytest.mark.parametrize("blocks", ["one", "many"])
+def test_class_weighted_mean_and_its_gradients(backend, softcap, blocks, monkeypatch):
+    """``(1/V) sum_j c_j z_j`` with class weights ``c``, and d/d(hidden, weight, bias, a, L), against float64: the
+    linear head's weighted rows (in blocks of rows: ``many`` takes 3 head rows at a time) and the softcapped head's
+    vocabulary passes (a block per row with ``many``); the weights take no gradient."""
+    if blocks == "many":
+        from fastalign import linear_mean
+
+        monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "1e-6")
+        monkeypatch.setattr(linear_mean, "_CLASS_BLOCK_ELEMENTS", 3 * 16)
+    hidden, weight, bias, (a, lora), mask = _inputs(seed=8)
+    classes = _classes().requires_grad_(True)
+    tensors = [t.clone().requires_grad_(True) for t in (hidden, weight, bias, a, lora)]
+    weights = torch.randn(3, 7, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    got = fa.linear_mean_logits(tensors[0], tensors[1], bias=tensors[2], low_rank=(tensors[3], tensors[4]),
+                                logit_scale=0.5, softcap=softcap, response_mask=mask, class_weights=classes,
+                                backend=backend)
+    got_grads = _grads(got, weights, tensors)
+    assert classes.grad is None
+    ref = [t.detach().double().requires_grad_(True) for t in (hidden, weight, bias, a, lora)]
+    want = torch.where(mask, _reference(ref[0], ref[1], ref[2], (ref[3], ref[4]), 0.5, softcap, classes.detach()), 0.0)
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    for name, g, w in zip(("hidden", "weight", "bias", "a", "lora"), got_grads, _grads(want, weights, ref)):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -27,8 +27,9 @@ with gradients to the hidden states, the weight and the bias, and
 
 (the last one linear in ``h`` only without ``softcap``; with it, and no ``ce_weight``, ``sum_j z_j = V mean_j z_j``
 of the softcapped logits is a statistic of the log-probs' own pass, ``mean_logit`` of
-:func:`fastalign.linear_logprobs`, its gradient in the same backward; ``label_smoothing > 0`` with both ``softcap``
-and ``ce_weight`` raises ``ValueError``).
+:func:`fastalign.linear_logprobs`, its gradient in the same backward; with both ``softcap`` and ``ce_weight``,
+``sum_j c_j z_j = V`` :func:`fastalign.linear_mean_logits` with ``class_weights``, a vocabulary pass of its own over
+the scored rows, forward and backward).
 
 ``forward`` returns the loss, or, with ``return_z_loss``, ``return_token_accuracy`` or
 ``return_predicted_tokens``, a :class:`CrossEntropyOutput` (Liger's fields, in its order: ``loss``; ``z_loss``,
@@ -70,6 +71,7 @@ from fastalign.integrations._dtypes import check_accum_dtype, float64_as_float32
 from fastalign.integrations._label_logit import label_logits
 from fastalign.integrations._live_options import LiveOptions
 from fastalign.linear import check_head, linear_logprobs
+from fastalign.linear_mean import linear_mean_logits
 from fastalign.logprobs import overwritable, token_logprobs
 
 __all__ = ["LigerFusedLinearCrossEntropyLoss", "LigerCrossEntropyLoss", "CrossEntropyOutput"]
@@ -164,11 +166,6 @@ class LigerFusedLinearCrossEntropyLoss(_CrossEntropyOptions):
 
     def _configure(self) -> None:
         super()._configure()
-        if self.softcap is not None and self.label_smoothing > 0 and self.ce_weight is not None:
-            raise ValueError("label_smoothing > 0 with softcap and ce_weight is not supported: the smoothing "
-                             "term weighs cap * tanh(z / cap) by ce_weight over the vocabulary, which fastalign "
-                             "forms unweighted only from hidden states (drop ce_weight or softcap, or build the "
-                             "logits and use LigerCrossEntropyLoss, which takes every combination)")
         check_accum_dtype(self.accum_dtype)
 
     def forward(self, lin_weight, _input, target, bias=None):
@@ -182,14 +179,18 @@ class LigerFusedLinearCrossEntropyLoss(_CrossEntropyOptions):
         c = self._checked_class_weights(target, _input.shape[0], V, "lin_weight.shape[0]", _input=_input,
                                         lin_weight=lin_weight, bias=bias)
         cap = self.softcap
-        capped_smoothing = self.label_smoothing > 0 and cap is not None  # sum_j z_j from the same pass
+        capped_smoothing = self.label_smoothing > 0 and cap is not None
         stats = linear_logprobs(_input, lin_weight, target, bias=bias, softcap=cap, ignore_index=self.ignore_index,
-                                argmax=self.wants_argmax, mean_logit=capped_smoothing)
+                                argmax=self.wants_argmax, mean_logit=capped_smoothing and c is None)
         label = _label_in_range(target, self.ignore_index, V)
 
         def class_sums():  # sum_j c_j z_j per row, and C
-            if capped_smoothing:  # sum_j z_j of the softcapped logits: V times their mean
+            if capped_smoothing and c is None:  # sum_j z_j of the softcapped logits: V times their mean, same pass
                 return V * stats.mean_logit, V
+            if capped_smoothing:  # weighted: a vocabulary pass of its own over the scored rows
+                mean = linear_mean_logits(_input, lin_weight, bias=bias, softcap=cap, class_weights=c,
+                                          response_mask=target != self.ignore_index)
+                return V * mean, c.detach().float().sum()
             w_sum, b_sum, c_sum = _class_sums(lin_weight, bias, c)  # linear in h
             zc = _input.float() @ w_sum
             return (zc if b_sum is None else zc + b_sum), c_sum

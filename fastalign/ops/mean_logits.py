@@ -1,7 +1,9 @@
 """The mean logit of a softcapped head over the rows asked for, a block of rows at a time, and its gradient.
 
-    u_j = h . W_j + a . L_j + b_j,   z_j = c tanh(s u_j / c),   mean = (1/V) sum_j z_j
-    d mean / d u_j = (s / V) (1 - (z_j / c)^2)                   (the backward recomputes z, block by block)
+    u_j = h . W_j + a . L_j + b_j,   z_j = c tanh(s u_j / c),   mean = (1/V) sum_j w_j z_j
+    d mean / d u_j = (s w_j / V) (1 - (z_j / c)^2)               (the backward recomputes z, block by block)
+
+(``w``: the class weights, 1 without.)
 
 The logits are the single pass's (:func:`fastalign.ops.linear_block.block_logits`, in the block buffer's dtype),
 so this mean equals the one a loss's pass keeps. Only the rows asked for are multiplied: picked on the host by the
@@ -55,9 +57,9 @@ def _in_place(rows: Tensor, picked, cmp, keep: Optional[Tensor]) -> Tensor:
 @torch.no_grad()
 def softcapped_mean_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], a: Optional[Tensor],
                            lora: Optional[Tensor], scale: float, softcap: float, keep: Optional[Tensor],
-                           backend: str) -> Tensor:
-    """``mean_j z_j`` (fp32) of each row of ``h [n, H]`` (``a [n, r]`` its low-rank rows, ``lora [V, r]``) kept by
-    ``keep [n]`` (bool; None: every row), 0 for the others."""
+                           backend: str, classes: Optional[Tensor] = None) -> Tensor:
+    """``(1/V) sum_j w_j z_j`` (fp32; ``w = classes [V]`` fp32, 1 when None) of each row of ``h [n, H]`` (``a [n, r]``
+    its low-rank rows, ``lora [V, r]``) kept by ``keep [n]`` (bool; None: every row), 0 for the others."""
     picked, cmp = _kept_rows(keep, h, backend)
     h, a = _rows(h, picked, cmp), _rows(a, picked, cmp)
     rows = block_budget_rows(weight.shape[0], h)
@@ -67,7 +69,7 @@ def softcapped_mean_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], a:
         z = block_logits(buf, block.take(h), weight, bias, scale=scale, softcap=softcap,
                          low_rank=None if a is None else (block.take(a), lora),
                          live=None if cmp is None else cmp.live_in(block.start, block.stop))
-        means.append(z.mean(-1, dtype=torch.float32))
+        means.append(z.mean(-1, dtype=torch.float32) if classes is None else z.float() @ classes / z.shape[-1])
     mean = torch.cat(means) if means else h.new_zeros(0, dtype=torch.float32)
     return _in_place(mean, picked, cmp, keep)
 
@@ -75,9 +77,10 @@ def softcapped_mean_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], a:
 @torch.no_grad()
 def softcapped_mean_logits_backward(grad: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor],
                                     a: Optional[Tensor], lora: Optional[Tensor], scale: float, softcap: float,
-                                    keep: Optional[Tensor], backend: str, needs: tuple) -> tuple:
+                                    keep: Optional[Tensor], backend: str, needs: tuple,
+                                    classes: Optional[Tensor] = None) -> tuple:
     """``(dh, dW, db, da, dL)`` of ``sum_r grad_r mean_r`` (:func:`softcapped_mean_logits`' arguments; ``needs``:
-    which of the five to form, None for the others): ``dz_rj = grad_r / V`` through the softcap, the logits of a
+    which of the five to form, None for the others): ``dz_rj = grad_r w_j / V`` through the softcap, the logits of a
     block of the kept rows recomputed, then the head's products (dW, db, dL accumulated in fp32)."""
     need_h, need_w, need_b, need_a, need_l = needs
     V = weight.shape[0]
@@ -104,6 +107,8 @@ def softcapped_mean_logits_backward(grad: Tensor, h: Tensor, weight: Tensor, bia
         live = None if cmp is None else cmp.live_in(block.start, block.stop)
         z = block_logits(buf, h_b, weight, bias, scale=scale, softcap=softcap, low_rank=low_rank, live=live)
         dz = softcap_derivative(z, softcap, scale, out=z).mul_(block.take(g)[:, None].to(z.dtype))
+        if classes is not None:
+            dz.mul_(classes.to(z.dtype))
         h_b, w_b, low_rank = _operands(z, h_b, weight, low_rank)
         dh_b = torch.empty(h_b.shape, dtype=z.dtype, device=z.device) if need_h else None
         da_b = torch.empty(a_b.shape, dtype=z.dtype, device=z.device) if need_a and a is not None else None
@@ -123,20 +128,20 @@ class SoftcappedMeanLogits(torch.autograd.Function):
     (:func:`softcapped_mean_logits_backward`: a second pass over the vocabulary, the logits recomputed)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, a, lora, scale: float, softcap: float, keep, backend: str):
-        ctx.save_for_backward(h, weight, bias, a, lora, keep)
+    def forward(ctx, h, weight, bias, a, lora, scale: float, softcap: float, keep, backend: str, classes=None):
+        ctx.save_for_backward(h, weight, bias, a, lora, keep, classes)
         ctx.options = (scale, softcap, backend)
-        return softcapped_mean_logits(h, weight, bias, a, lora, scale, softcap, keep, backend)
+        return softcapped_mean_logits(h, weight, bias, a, lora, scale, softcap, keep, backend, classes)
 
     @staticmethod
     def backward(ctx, grad):
         refuse_second_derivative("softcapped mean logits")
-        h, weight, bias, a, lora, keep = ctx.saved_tensors
+        h, weight, bias, a, lora, keep, classes = ctx.saved_tensors
         scale, softcap, backend = ctx.options
         dh, dw, db, da, dl = softcapped_mean_logits_backward(grad, h, weight, bias, a, lora, scale, softcap, keep,
-                                                             backend, tuple(ctx.needs_input_grad[:5]))
+                                                             backend, tuple(ctx.needs_input_grad[:5]), classes)
 
         def cast(d, like):
             return None if d is None else d.to(like.dtype)
 
-        return cast(dh, h), cast(dw, weight), cast(db, bias), cast(da, a), cast(dl, lora), None, None, None, None
+        return cast(dh, h), cast(dw, weight), cast(db, bias), cast(da, a), cast(dl, lora), None, None, None, None, None
