@@ -69,6 +69,22 @@ def test_top_k_support_matches_trl(beta, top_k, add_tail):
     _compare(beta=beta, loss_top_k=top_k, loss_add_tail=add_tail, temperature=0.8)
 
 
+@pytest.mark.parametrize("beta, top_k", [(0.0, 3), (0.4, 3), (0.4, 1)], ids=["teacher's top-k", "union", "top-1 pair"])
+def test_the_tail_bucket_takes_one_pass_over_the_teacher_s_vocabulary(beta, top_k, monkeypatch):
+    """With the tail bucket the teacher's log-probs at the support are normalised over its vocabulary, whose
+    log-sum-exp comes from the pass that found its top ids: a support of those ids takes their log-probs as they
+    are, a union (or the top-1 pair) the support's renormalised ones (dot products) shifted at the teacher's top-1.
+    One pass over the teacher's vocabulary, and TRL's loss and gradients."""
+    from fastalign.ops import linear_topk as ops
+
+    widths = []
+    chunk_logits = ops.chunk_logits
+    monkeypatch.setattr(ops, "chunk_logits", lambda buf, h, w, *a: widths.append(w.shape[1]) or chunk_logits(
+        buf, h, w, *a))
+    _compare(beta=beta, loss_top_k=top_k, loss_add_tail=True, temperature=0.8, seed=3)
+    assert widths.count(Ht) == 1
+
+
 @pytest.mark.parametrize("beta", [1.0, 0.4])
 @pytest.mark.parametrize("reverse", ["sampled", "argmax"])
 @pytest.mark.parametrize("add_tail", [True, False], ids=["tail", "renormalised"])

@@ -12,7 +12,9 @@ Per completion token ``t`` (``loss_mask``), the support ``S_t`` by ``loss_top_k`
 both models' log-probs over ``S_t`` at ``temperature`` (:func:`fastalign.linear_topk_logprobs`), renormalised over
 it or, with ``loss_add_tail``, with one more category for the mass outside it; then the generalized JSD at
 ``beta`` (0 the forward KL, 1 the reverse KL), summed over the tokens and divided by ``num_items_in_batch`` when
-given, else by the token count (at least 1). Neither model's logits are built.
+given, else by the token count (at least 1). Neither model's logits are built, and the teacher's vocabulary is
+passed over once at most: with the tail bucket, the pass that finds its top ids also normalises its log-probs at
+the support (a union's renormalised ones, K dot products, are shifted at the teacher's top-1).
 """
 from __future__ import annotations
 
@@ -75,7 +77,8 @@ class IWOPDJSDLoss(nn.Module):
         student = dict(bias=bias, **common, **{k: head[k] for k in ("logit_scale", "softcap") if k in head})
         teacher = dict(bias=teacher_bias, **common,
                        **{k[len("teacher_"):]: v for k, v in head.items() if k.startswith("teacher_")})
-        support, mask = self._support(hidden, weight, teacher_hidden, teacher_weight, completion_ids, student, teacher)
+        support, mask, teacher_top = self._support(hidden, weight, teacher_hidden, teacher_weight, completion_ids,
+                                                   student, teacher)
         # without the tail bucket only the support's logits count (a support given: K dot products per token)
         renormalize = not self.add_tail
         if support is None:  # the student's own top-k, with its log-probs there
@@ -84,8 +87,17 @@ class IWOPDJSDLoss(nn.Module):
         else:
             s_lp = linear_topk_logprobs(hidden, weight, ids=support, renormalize=renormalize, **student).logprobs
         with torch.no_grad():
-            t_lp = linear_topk_logprobs(teacher_hidden, teacher_weight, ids=support, renormalize=renormalize,
-                                        **teacher).logprobs
+            if teacher_top is not None and teacher_top.ids.shape[-1] == support.shape[-1] and not renormalize:
+                t_lp = teacher_top.logprobs  # the support is the teacher's top-k, its log-probs already at hand
+            elif teacher_top is not None and not renormalize:
+                # the vocabulary's log-probs are the support's renormalised ones shifted by lse_S - lse, read at
+                # the support's first id (the teacher's top-1): K dot products, no second vocabulary pass
+                t_lp = linear_topk_logprobs(teacher_hidden, teacher_weight, ids=support, renormalize=True,
+                                            **teacher).logprobs
+                t_lp = t_lp + (teacher_top.logprobs[..., :1] - t_lp[..., :1])
+            else:
+                t_lp = linear_topk_logprobs(teacher_hidden, teacher_weight, ids=support, renormalize=renormalize,
+                                            **teacher).logprobs
         s_lp, categories = on_support(s_lp, mask, self.add_tail)
         t_lp, _ = on_support(t_lp, mask, self.add_tail)
         per_token = support_divergence(s_lp, t_lp, self.beta, categories)
@@ -94,25 +106,27 @@ class IWOPDJSDLoss(nn.Module):
         return total / (valid.sum().clamp(min=1) if normalizer is None else normalizer)
 
     def _support(self, hidden, weight, teacher_hidden, teacher_weight, completion_ids, student: dict,
-                 teacher: dict) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """``(ids [B, T, K], mask or None)`` of each token's support (module doc); ``(None, None)`` for the
-        student's own top-k, taken with its log-probs."""
+                 teacher: dict) -> tuple:
+        """``(ids [B, T, K], mask or None, teacher top or None)`` of each token's support (module doc), where the
+        support starts with the teacher's own top ids, their :class:`fastalign.TopKSupport` (log-probs over the
+        vocabulary) comes third; ``(None, None, None)`` for the student's own top-k, taken with its log-probs."""
         k = self.top_k
         with torch.no_grad():
             if self.beta > 0 and k == 1:
                 reverse = completion_ids if self.reverse == "sampled" else \
                     linear_topk_logprobs(hidden, weight, 1, **student).ids[..., 0]
                 if self.beta == 1:
-                    return reverse[..., None], None
-                first = linear_topk_logprobs(teacher_hidden, teacher_weight, 1, **teacher).ids[..., 0]
-                return torch.stack([first, reverse], -1), torch.stack([torch.ones_like(reverse, dtype=torch.bool),
-                                                                        reverse != first], -1)
+                    return reverse[..., None], None, None
+                first = linear_topk_logprobs(teacher_hidden, teacher_weight, 1, **teacher)
+                return (torch.stack([first.ids[..., 0], reverse], -1),
+                        torch.stack([torch.ones_like(reverse, dtype=torch.bool), reverse != first.ids[..., 0]], -1),
+                        first)
             if self.beta == 1:
-                return None, None
-            teacher_top = linear_topk_logprobs(teacher_hidden, teacher_weight, k, **teacher).ids
+                return None, None, None
+            teacher_top = linear_topk_logprobs(teacher_hidden, teacher_weight, k, **teacher)
             if self.beta == 0:
-                return teacher_top, None
+                return teacher_top.ids, None, teacher_top
             student_top = linear_topk_logprobs(hidden, weight, k, **student).ids
-            seen = (student_top[..., :, None] == teacher_top[..., None, :]).any(-1)
-            return (torch.cat([teacher_top, student_top], -1),
-                    torch.cat([torch.ones_like(teacher_top, dtype=torch.bool), ~seen], -1))
+            seen = (student_top[..., :, None] == teacher_top.ids[..., None, :]).any(-1)
+            return (torch.cat([teacher_top.ids, student_top], -1),
+                    torch.cat([torch.ones_like(teacher_top.ids, dtype=torch.bool), ~seen], -1), teacher_top)
