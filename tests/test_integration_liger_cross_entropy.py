@@ -300,9 +300,9 @@ def test_ce_weight_takes_no_gradient_as_liger(liger_interpreter):
 def test_label_smoothing_class_sums_over_several_blocks_match_liger(liger_interpreter, monkeypatch):
     """The class-weighted sum of the head rows for label smoothing is formed a block of rows at a time: with
     blocks of 3 rows (5 blocks of a 13-row head) the loss and the gradients are Liger's."""
-    from fastalign.integrations import liger_cross_entropy
+    from fastalign import linear_mean
 
-    monkeypatch.setattr(liger_cross_entropy, "_CHUNK_ELEMENTS", 3 * H)
+    monkeypatch.setattr(linear_mean, "_CLASS_BLOCK_ELEMENTS", 3 * H)
     opts = dict(ce_weight=_class_weights(), label_smoothing=0.3, reduction="sum")
     leaves, target = _batch(12)
     fa = _run(LigerFusedLinearCrossEntropyLoss(**opts), leaves, target)

@@ -25,11 +25,10 @@ with gradients to the hidden states, the weight and the bias, and
     lse = z_y - lp_y                  z_y = h · W_y + b_y (softcapped): a row gather, with autograd
     sum_j c_j log p_j = sum_j c_j z_j - C lse,   sum_j c_j z_j = h · (sum_j c_j W_j) + sum_j c_j b_j,   C = sum_j c
 
-(the last one linear in ``h`` only without ``softcap``; with it, and no ``ce_weight``, ``sum_j z_j = V mean_j z_j``
-of the softcapped logits is a statistic of the log-probs' own pass, ``mean_logit`` of
-:func:`fastalign.linear_logprobs`, its gradient in the same backward; with both ``softcap`` and ``ce_weight``,
-``sum_j c_j z_j = V`` :func:`fastalign.linear_mean_logits` with ``class_weights``, a vocabulary pass of its own over
-the scored rows, forward and backward).
+(``sum_j c_j z_j`` is ``V`` times :func:`fastalign.linear_mean_logits` with ``class_weights``: linear in ``h``
+without ``softcap``; with it, a vocabulary pass of its own over the scored rows, forward and backward, except
+without ``ce_weight``, where ``sum_j z_j = V mean_j z_j`` of the softcapped logits is a statistic of the log-probs'
+own pass, ``mean_logit`` of :func:`fastalign.linear_logprobs`, its gradient in the same backward).
 
 ``forward`` returns the loss, or, with ``return_z_loss``, ``return_token_accuracy`` or
 ``return_predicted_tokens``, a :class:`CrossEntropyOutput` (Liger's fields, in its order: ``loss``; ``z_loss``,
@@ -77,7 +76,6 @@ from fastalign.logprobs import overwritable, token_logprobs
 __all__ = ["LigerFusedLinearCrossEntropyLoss", "LigerCrossEntropyLoss", "CrossEntropyOutput"]
 
 _REDUCTIONS = ("mean", "sum", "none")
-_CHUNK_ELEMENTS = 1 << 23  # rows of the head widened to fp32 at a time in the class-weighted sum (32 MiB)
 _BLOCK_ELEMENTS = 1 << 21  # logits of a block of rows on the CPU (8 MiB of fp32), 32 times more elsewhere
 
 
@@ -89,20 +87,6 @@ class CrossEntropyOutput(NamedTuple):
     z_loss: Optional[Tensor] = None
     token_accuracy: Optional[Tensor] = None
     predicted_tokens: Optional[Tensor] = None
-
-
-def _class_sums(weight: Tensor, bias: Optional[Tensor], classes: Optional[Tensor]):
-    """``(sum_j c_j W_j [H], sum_j c_j b_j, sum_j c_j)`` in fp32, with autograd to the weight and the bias (``c``
-    1 for ``classes=None``). The weighted sum widens the head to fp32 a block of rows at a time."""
-    if classes is None:
-        w = weight.sum(0, dtype=torch.float32)
-        b = None if bias is None else bias.sum(dtype=torch.float32)
-        return w, b, float(weight.shape[0])
-    c = classes.detach().to(device=weight.device, dtype=torch.float32)
-    rows = max(1, _CHUNK_ELEMENTS // weight.shape[1])
-    w = sum(ck @ wk.float() for ck, wk in zip(c.split(rows), weight.split(rows)))
-    b = None if bias is None else bias.float() @ c
-    return w, b, c.sum()
 
 
 class _CrossEntropyOptions(LiveOptions, nn.Module):
@@ -187,13 +171,11 @@ class LigerFusedLinearCrossEntropyLoss(_CrossEntropyOptions):
         def class_sums():  # sum_j c_j z_j per row, and C
             if capped_smoothing and c is None:  # sum_j z_j of the softcapped logits: V times their mean, same pass
                 return V * stats.mean_logit, V
-            if capped_smoothing:  # weighted: a vocabulary pass of its own over the scored rows
-                mean = linear_mean_logits(_input, lin_weight, bias=bias, softcap=cap, class_weights=c,
-                                          response_mask=target != self.ignore_index)
-                return V * mean, c.detach().float().sum()
-            w_sum, b_sum, c_sum = _class_sums(lin_weight, bias, c)  # linear in h
-            zc = _input.float() @ w_sum
-            return (zc if b_sum is None else zc + b_sum), c_sum
+            # V times the class-weighted mean logit: the head's weighted rows (linear in h), or, softcapped, a
+            # vocabulary pass of its own over the scored rows
+            mean = linear_mean_logits(_input, lin_weight, bias=bias, softcap=cap, class_weights=c,
+                                      response_mask=target != self.ignore_index)
+            return V * mean, V if c is None else c.detach().float().sum()
 
         def label_logit():
             return label_logits(_input, lin_weight, label, bias=bias, softcap=cap)
@@ -235,20 +217,15 @@ class LigerCrossEntropyLoss(_CrossEntropyOptions):
                 self.wants_argmax, self.label_smoothing > 0, overwrite)
             total = V if weights is None else weights.float().sum()
             return _composed(self, lp, amax, lambda: z_y, lambda: (sums, total), target, V, out_dtype, out_dtype)
-        # the label log-probs alone: the kernel's pass, and its backward (z_y only for a reported z-loss)
+        # the label log-probs alone: the kernel's pass, and its backward (z_y only for a reported z-loss; no
+        # smoothing here, so no class sums)
         stats = token_logprobs(_input, target, ignore_index=self.ignore_index, argmax=self.wants_argmax,
                                inplace_backward=overwrite)
-
-        def class_sums():  # sum_j c_j z_j per row, and C
-            if c is None:
-                return _input.sum(-1, dtype=torch.float32), V
-            weights = c.detach().float()
-            return _input.float() @ weights, weights.sum()
 
         def label_logit():
             return _input.gather(1, _label_in_range(target, self.ignore_index, V)[:, None])[:, 0].float()
 
-        return _composed(self, stats.logprobs, stats.argmax, label_logit, class_sums, target, V, out_dtype, out_dtype)
+        return _composed(self, stats.logprobs, stats.argmax, label_logit, None, target, V, out_dtype, out_dtype)
 
 
 class _LogitRows(torch.autograd.Function):

@@ -86,18 +86,18 @@ class IWOPDJSDLoss(nn.Module):
             s_lp, support = s.logprobs, s.ids
         else:
             s_lp = linear_topk_logprobs(hidden, weight, ids=support, renormalize=renormalize, **student).logprobs
+        # with the tail, the teacher's vocabulary log-probs come from the pass that found its top ids: as they are
+        # where the support is those ids, else the support's renormalised ones (K dot products) shifted by
+        # lse_S - lse, read at the support's first id (the teacher's top-1)
+        shifted = teacher_top is not None and not renormalize
         with torch.no_grad():
-            if teacher_top is not None and teacher_top.ids.shape[-1] == support.shape[-1] and not renormalize:
-                t_lp = teacher_top.logprobs  # the support is the teacher's top-k, its log-probs already at hand
-            elif teacher_top is not None and not renormalize:
-                # the vocabulary's log-probs are the support's renormalised ones shifted by lse_S - lse, read at
-                # the support's first id (the teacher's top-1): K dot products, no second vocabulary pass
-                t_lp = linear_topk_logprobs(teacher_hidden, teacher_weight, ids=support, renormalize=True,
-                                            **teacher).logprobs
-                t_lp = t_lp + (teacher_top.logprobs[..., :1] - t_lp[..., :1])
+            if shifted and support is teacher_top.ids:
+                t_lp = teacher_top.logprobs
             else:
-                t_lp = linear_topk_logprobs(teacher_hidden, teacher_weight, ids=support, renormalize=renormalize,
-                                            **teacher).logprobs
+                t_lp = linear_topk_logprobs(teacher_hidden, teacher_weight, ids=support,
+                                            renormalize=renormalize or shifted, **teacher).logprobs
+                if shifted:
+                    t_lp = t_lp + (teacher_top.logprobs[..., :1] - t_lp[..., :1])
         s_lp, categories = on_support(s_lp, mask, self.add_tail)
         t_lp, _ = on_support(t_lp, mask, self.add_tail)
         per_token = support_divergence(s_lp, t_lp, self.beta, categories)
