@@ -14,6 +14,8 @@ Public API (see docs/math.md for every formula):
   token-level :func:`reinforce_pp_advantages`, :func:`remax_advantages`,
   :func:`gae_advantages`, :func:`implicit_process_advantages`, :func:`optimal_token_baseline_advantages`,
   :func:`iw_opd_advantages`.
+* :func:`token_divergence` — the per-token distillation divergence (generalized JSD, total variation or cosine
+  distance) with the student's entropy and NLL, from both models' logits.
 * :func:`linear_divergence_loss` — the distillation loss (generalized JSD, total variation or cosine distance
   between a student and a teacher) from both models' hidden states and heads (docs/math.md#distillation-divergence).
 * :func:`linear_topk_logprobs` — the head's log-probs over each token's top-k support (or a support given), from
@@ -27,6 +29,7 @@ from fastalign.advantages import (gae_advantages, group_advantages, implicit_pro
                                   masked_whiten, optimal_token_baseline_advantages, reinforce_pp_advantages,
                                   remax_advantages, token_advantages)
 from fastalign.aggregate import aggregate_loss
+from fastalign.divergence import TokenDivergence, token_divergence
 from fastalign.kl import kl_penalty
 from fastalign.linear import linear_logprobs
 from fastalign.linear_divergence import linear_divergence_loss
@@ -43,7 +46,7 @@ from fastalign.sequence import SequenceLogprobs, sequence_logprobs
 from fastalign.info import info
 
 __all__ = [
-    "TokenStats", "info", "linear_logprobs", "token_logprobs", "use_backend",
+    "TokenStats", "info", "linear_logprobs", "token_logprobs", "use_backend", "TokenDivergence", "token_divergence",
     "gae_advantages", "group_advantages", "implicit_process_advantages", "iw_opd_advantages", "masked_whiten",
     "optimal_token_baseline_advantages", "reinforce_pp_advantages", "remax_advantages", "token_advantages",
     "POLICY_LOSS_TYPES", "PolicyConfig", "PolicyLoss", "aggregate_loss", "kl_penalty", "policy_loss",

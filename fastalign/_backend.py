@@ -73,6 +73,9 @@ OP_BACKENDS = {
     "group_advantage": ("cpp", "cuda", "torch"),
     "reverse_scan": ("cpp", "cuda", "triton"),
     "divergence_rows": ("cpp", "triton"),
+    "token_divergence": ("cpp", "triton"),
+    "token_divergence_backward": ("cpp", "triton"),
+    "token_divergence_backward_": ("cpp", "triton"),
     "linear_divergence": ("cpp", "triton"),
     "linear_divergence_backward": ("cpp", "triton"),
 }

@@ -244,7 +244,8 @@ def scan_cases(dtype):
 def divergence_cases(dtype):
     """The distillation divergence rows: a GPU block of student and teacher logits in the input dtype, each
     divergence (forward KL, reverse KL, generalized JSD, cosine, TVD; the kernel's mode as the op picks it),
-    without gradients, and with them: without labels, with labels, and with the hard loss."""
+    without gradients (without labels, or with them and their mask: token_divergence's forward), and with them:
+    without labels (with and without a mask), with labels, and with the hard loss."""
     import torch
 
     from fastalign.kernels import divergence as K
@@ -259,6 +260,11 @@ def divergence_cases(dtype):
         mode = divergence_mode(divergence, beta)
         yield kind, lambda mode=mode, beta=beta: K.divergence_rows(zs, zt, 1.0, mode, beta, None, None, -100, None,
                                                                    None, f(), f(), None)
+        # token_divergence: its forward with labels (the scored rows' mask, the nll), its backward without labels
+        yield kind + "+labels+mask", lambda mode=mode, beta=beta: K.divergence_rows(
+            zs, zt, 1.0, mode, beta, f(), y, -100, None, None, f(), f(), f())
+        yield kind + "+grad", lambda mode=mode, beta=beta: K.divergence_rows(
+            zs, zt, 1.0, mode, beta, None, None, -100, f(), None, f(), f(), None)
         # no labels (plain distillation), labels as the nll metric only, or the weighted hard loss too
         for labels, hard in ((False, False), (True, False), (True, True)):
             name = kind + "+grad" + ("+hard" if hard else "+labels" if labels else "") + "+mask"

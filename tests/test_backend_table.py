@@ -179,6 +179,7 @@ def _op_cases():
     seed = torch.tensor([3])
     th, tw = torch.randn(B, 5, generator=g), torch.randn(V, 5, generator=g)
     div_args = (h, w, None, th, tw, None, torch.ones(B), labels, 1.0, 0.0, 1.0, 0.0, 1.0, "jsd", 0.5, -100)
+    teacher = torch.randn(B, V, generator=g)
     return {
         "token_stats": (token_stats.token_stats, (logits, labels, 1.0, -100, True, True, True, "cpp", False)),
         "token_stats_backward": (token_stats.token_stats_backward,
@@ -208,6 +209,14 @@ def _op_cases():
         "divergence_rows": (divergence.divergence_rows,
                             (logits[0].clone(), torch.randn(B, V, generator=g), torch.ones(B), labels, torch.ones(B),
                              torch.ones(B), 1.0, "jsd", 0.5, -100, True, "cpp")),
+        "token_divergence": (divergence.token_divergence,
+                             (logits[0], teacher, torch.ones(B), labels, 1.0, "tvd", 0.5, -100, True, "cpp", False)),
+        "token_divergence_backward": (divergence.token_divergence_backward,
+                                      (torch.ones(B), torch.ones(B), logits[0], teacher, torch.ones(B), labels, 1.0,
+                                       "tvd", 0.5, -100, "cpp")),
+        "token_divergence_backward_": (divergence.token_divergence_backward_,
+                                       (torch.ones(B), None, logits[0].clone(), teacher, None, None, 1.0, "jsd", 0.5,
+                                        -100, "cpp")),
     }
 
 
@@ -242,7 +251,7 @@ def test_opcheck_schema_and_fake(name):
 
 def test_direct_implementation_equals_the_op():
     for name, (op, args) in _op_cases().items():
-        if name in ("token_stats_backward_", "divergence_rows"):  # they write over an input
+        if name in ("token_stats_backward_", "divergence_rows", "token_divergence_backward_"):  # they write over an input
             continue
         a, b = op(*args), op.direct(*args)
         a = a if isinstance(a, tuple) else (a,)

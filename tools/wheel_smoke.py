@@ -60,6 +60,17 @@ def _():
     assert torch.isfinite(w.grad).all()
 
 
+@op("token_divergence")
+def _():
+    zs = torch.randn(B * T, V, requires_grad=True)
+    zt = torch.randn(B * T, V)
+    y = torch.randint(0, V, (B * T,))
+    out = fa.token_divergence(zs, zt, y, divergence="tvd")
+    (out.divergence.sum() + out.nll.sum()).backward()
+    close(out.divergence, ref.divergence.total_variation(zs.detach(), zt), "token_divergence")
+    assert torch.isfinite(zs.grad).all()
+
+
 @op("linear_divergence_loss")
 def _():
     h = torch.randn(B, T, H, requires_grad=True)
@@ -272,7 +283,7 @@ def _():
 
 
 public = {n for n in fa.__all__
-          if n not in ("TokenStats", "SequenceLogprobs", "TopKSupport", "POLICY_LOSS_TYPES", "PREFERENCE_LOSS_TYPES",
+          if n not in ("TokenStats", "TokenDivergence", "SequenceLogprobs", "TopKSupport", "POLICY_LOSS_TYPES", "PREFERENCE_LOSS_TYPES",
                        "use_backend")}
 missing = sorted(public - set(ran))
 assert not missing, f"public ops not run: {missing}"

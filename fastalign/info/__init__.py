@@ -30,6 +30,7 @@ import sys
 OPS = (
     ("token_logprobs", "token_stats"),
     ("linear_logprobs", "linear_stats"),
+    ("token_divergence", "divergence_rows"),
     ("linear_divergence_loss", "divergence_rows"),
     ("linear_topk_logprobs", None),
     ("linear_mean_logits", None),

@@ -16,7 +16,9 @@ from torch import Tensor
 
 from fastalign import _backend
 from fastalign._backend import backend_for
-from fastalign.ops._launch import DTYPE_CODE, check_rows, kernel_op, ptr, runs_directly, triton_kernels
+from fastalign.ops._launch import (DTYPE_CODE, check_rows, kernel_op, ptr, refuse_second_derivative, runs_directly,
+                                   triton_kernels)
+from fastalign.ops.token_stats import check_inplace_backward
 
 
 #: the divergences between the two rows: the generalized JSD (its mode by beta), the total variation distance of
@@ -70,8 +72,7 @@ def _outputs(student: Tensor, teacher: Tensor, mask: Optional[Tensor], labels: O
     return torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n if nll else 0, **f32)
 
 
-@kernel_op("divergence_rows", _outputs, mutates_args=("student",))
-def divergence_rows(
+def _write_rows(
     student: Tensor, teacher: Tensor, mask: Optional[Tensor], labels: Optional[Tensor], grad_soft: Optional[Tensor],
     grad_hard: Optional[Tensor], inv_temperature: float, divergence: str, beta: float, ignore_index: int, nll: bool,
     backend: str, out: tuple[Tensor, Tensor, Tensor],
@@ -97,6 +98,9 @@ def divergence_rows(
         beta, ptr(mask), ptr(labels), ignore_index, ptr(grad_soft), ptr(grad_hard), ptr(div), ptr(ent), ptr(nll_out))
 
 
+divergence_rows = kernel_op("divergence_rows", _outputs, mutates_args=("student",))(_write_rows)
+
+
 def divergence_rows_call(student, teacher, mask, labels, grad_soft, grad_hard, inv_temperature, divergence, beta,
                          ignore_index, nll, backend):
     """:func:`divergence_rows`, without the dispatcher where :func:`~fastalign.ops._launch.runs_directly` allows."""
@@ -105,3 +109,129 @@ def divergence_rows_call(student, teacher, mask, labels, grad_soft, grad_hard, i
     if runs_directly(backend, student, teacher, mask, labels, grad_soft, grad_hard):
         return divergence_rows.direct(*args)
     return divergence_rows(*args)
+
+
+# ------------------------------------------------------------------------------ differentiable per-token divergence
+# ``fastalign::token_divergence`` (forward, no gradient written) and its backward ops, which run the same kernel
+# with the output gradients as the per-row weights ``grad_soft`` (of D) and ``grad_hard`` (of the NLL): the kernel
+# writes ``g_D / T dD/dx_s + g_NLL (softmax(z_s) - 1[j = y])`` over the student rows it is given (a copy of the
+# logits, or the logits themselves in place). The teacher is a constant.
+
+def _token_outputs(student: Tensor, teacher: Tensor, mask: Optional[Tensor], labels: Optional[Tensor], nll: bool,
+                   inplace_backward: bool):
+    """(divergence, entropy, nll) per row; the inputs checked as the kernels read them (:func:`_outputs`)."""
+    if inplace_backward:
+        check_inplace_backward(student)
+    return _outputs(student, teacher, mask, labels, None, None, nll)
+
+
+@kernel_op("token_divergence", _token_outputs)
+def token_divergence(
+    student: Tensor, teacher: Tensor, mask: Optional[Tensor], labels: Optional[Tensor], inv_temperature: float,
+    divergence: str, beta: float, ignore_index: int, nll: bool, backend: str, inplace_backward: bool,
+    out: tuple[Tensor, Tensor, Tensor],
+) -> None:
+    """(divergence, entropy, nll) per row, differentiable in ``student`` (``inplace_backward``: d(student)
+    overwrites it)."""
+    _write_rows(student, teacher, mask, labels, None, None, inv_temperature, divergence, beta, ignore_index, nll,
+                backend, out)
+
+
+def _backward_into(grad: Tensor, g_div: Optional[Tensor], g_nll: Optional[Tensor], teacher: Tensor,
+                   mask: Optional[Tensor], labels: Optional[Tensor], inv_temperature: float, divergence: str,
+                   beta: float, ignore_index: int, backend: str) -> None:
+    """d(student) over ``grad`` (the student's values on entry): the kernel's gradient pass with the output
+    gradients as its per-row weights (a missing one weighs 0; the kernel writes only with ``grad_soft``)."""
+    n = grad.shape[0]
+    f32 = dict(device=grad.device, dtype=torch.float32)
+    g_soft = torch.zeros(n, **f32) if g_div is None else g_div.reshape(n).float().contiguous()
+    g_hard = None if g_nll is None or labels is None else g_nll.reshape(n).float().contiguous()
+    scratch = _outputs(grad, teacher, mask, labels, None, None, False)
+    _write_rows(grad, teacher, mask, labels, g_soft, g_hard, inv_temperature, divergence, beta, ignore_index,
+                False, backend, scratch)
+
+
+def _grad_outputs(student: Tensor):
+    return torch.empty_like(student)
+
+
+@kernel_op("token_divergence_backward", _grad_outputs)
+def token_divergence_backward(
+    grad_divergence: Optional[Tensor], grad_nll: Optional[Tensor], student: Tensor, teacher: Tensor,
+    mask: Optional[Tensor], labels: Optional[Tensor], inv_temperature: float, divergence: str, beta: float,
+    ignore_index: int, backend: str, out: Tensor,
+) -> None:
+    """d(loss)/d(student) in the student's dtype, a new tensor."""
+    out.copy_(student)
+    _backward_into(out, grad_divergence, grad_nll, teacher, mask, labels, inv_temperature, divergence, beta,
+                   ignore_index, backend)
+
+
+def _no_outputs(student: Tensor):
+    return None
+
+
+@kernel_op("token_divergence_backward_", _no_outputs, mutates_args=("student",))
+def token_divergence_backward_(
+    grad_divergence: Optional[Tensor], grad_nll: Optional[Tensor], student: Tensor, teacher: Tensor,
+    mask: Optional[Tensor], labels: Optional[Tensor], inv_temperature: float, divergence: str, beta: float,
+    ignore_index: int, backend: str, out: None,
+) -> None:
+    """In-place backward: overwrites ``student`` with d(loss)/d(student) (saves one [n, V] buffer)."""
+    _backward_into(student, grad_divergence, grad_nll, teacher, mask, labels, inv_temperature, divergence, beta,
+                   ignore_index, backend)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, mask, labels, inv_t, divergence, beta, ignore_index, _nll, backend, inplace = inputs
+    ctx.save_for_backward(student, teacher, mask, labels)
+    ctx.options = (inv_t, divergence, beta, ignore_index, backend)
+    ctx.inplace = inplace
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, g_div, _g_ent, g_nll, direct: bool = False):
+    """d(student); the entropy is a metric (no gradient). ``direct``: the non-in-place backward without the
+    custom-op dispatch."""
+    student, teacher, mask, labels = ctx.saved_tensors
+    args = (g_div, g_nll, student, teacher, mask, labels, *ctx.options)
+    if ctx.inplace:
+        token_divergence_backward_(*args)
+        grad = student
+    else:
+        grad = token_divergence_backward.direct(*args) if direct else token_divergence_backward(*args)
+    return grad, None, None, None, None, None, None, None, None, None, None
+
+
+token_divergence.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _TokenDivergenceEager(torch.autograd.Function):
+    """``token_divergence`` on the C++ kernel without the custom-op dispatch (eager CPU calls); differentiable
+    once, as the op."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = token_divergence.direct(*inputs)
+        _setup_context(ctx, inputs, out)
+        ctx.mark_non_differentiable(out[1])  # entropy: a metric
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        refuse_second_derivative("token divergence")
+        return _backward(ctx, *grads, direct=True)
+
+
+def token_divergence_call(student: Tensor, teacher: Tensor, mask: Optional[Tensor], labels: Optional[Tensor],
+                          inv_temperature: float, divergence: str, beta: float, ignore_index: int, nll: bool,
+                          backend: str, inplace_backward: bool):
+    """``token_divergence``: the custom op under tracing or off the C++ path, the autograd function over the same
+    kernel where :func:`~fastalign.ops._launch.runs_directly` allows. Same results."""
+    args = (student, teacher, mask, labels, float(inv_temperature), str(divergence), float(beta), int(ignore_index),
+            bool(nll), backend, bool(inplace_backward))
+    if runs_directly(backend, student, teacher, mask, labels):
+        if torch.is_grad_enabled() and student.requires_grad:
+            return _TokenDivergenceEager.apply(*args)
+        return token_divergence.direct(*args)
+    return token_divergence(*args)
