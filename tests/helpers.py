@@ -77,6 +77,29 @@ def rank_body():
     os._exit(0)
 
 
+def spawn_ranks(worker, args: tuple, world: int, out_dir, hang_limit_s: float) -> list:
+    """Run ``worker(rank, *args)`` on ``world`` spawned processes; each saves its results to
+    ``out_dir/rank{r}.pt`` (inside :func:`rank_body`). Returns them in rank order. A rank's exception fails the
+    call with its traceback; a run past ``hang_limit_s`` fails the test as a hang (its ranks killed)."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + hang_limit_s
+    try:
+        while not ctx.join(timeout=2):  # raises if a rank failed, with its traceback
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {world} ranks did not finish within {hang_limit_s} s (a hang)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt")) for r in range(world)]
+
+
 class LocalAccelerator:
     """One process's view of an ``accelerate.Accelerator``, for calling a TRL trainer's methods unbound on a
     stand-in trainer: gathers, reductions and padding are the identity; ``num_processes`` is what the

@@ -23,19 +23,17 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastalign
 from conftest import CPU_BACKENDS
 from fastalign.reference.linear import linear_logits as reference_linear_logits
 from fastalign.reference.linear import linear_logprobs as reference_linear_logprobs
-from helpers import rank_body
+from helpers import rank_body, spawn_ranks
 
 try:
     import transformers  # noqa: F401
@@ -420,20 +418,8 @@ def spawn(tmp_path, scenarios, backend, pg_backend="gloo", cuda=False, timeout=C
           hang_limit_s=HANG_LIMIT_S):
     """Run the scenarios on WORLD spawned ranks; their results, one dict per rank. ``timeout``: of each
     collective; ``hang_limit_s``: of the whole run."""
-    ctx = mp.start_processes(_worker, args=(WORLD, pg_backend, str(tmp_path / "store"), str(tmp_path),
-                                            tuple(scenarios), backend, cuda, timeout),
-                             nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + hang_limit_s
-    try:
-        while not ctx.join(timeout=2):  # raises if a rank failed, with its traceback
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD} ranks did not finish within {hang_limit_s} s (a hang)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(_worker, (WORLD, pg_backend, str(tmp_path / "store"), str(tmp_path), tuple(scenarios), backend,
+                                 cuda, timeout), WORLD, tmp_path, hang_limit_s)
 
 
 # ----------------------------------------------------------------------------- checks

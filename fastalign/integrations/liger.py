@@ -1,8 +1,8 @@
 """Liger-Kernel 0.8 adapters: its chunked fused-linear losses (``liger_kernel.chunked_loss``) with
 the same constructors, ``forward`` signatures and return values, computed by fastalign from the
-hidden states and the lm_head weight (never the ``[N, V]`` logits), and four of ``liger_kernel.transformers``
-(the fused linear cross-entropy, JSD and KL divergence, and the cross-entropy on logits). A user swaps the
-import::
+hidden states and the lm_head weight (never the ``[N, V]`` logits), and the losses of ``liger_kernel.transformers``
+(the fused linear cross-entropy, JSD and KL divergence; on logits the cross-entropy, the cross-entropy with the
+total variation distance and GRPO; the vocabulary-parallel cross-entropies). A user swaps the import::
 
     from fastalign.integrations.liger import LigerFusedLinearGRPOLoss   # was: from liger_kernel.chunked_loss import ...
 
@@ -12,7 +12,11 @@ Modules: :class:`LigerFusedLinearGRPOLoss`, :class:`LigerFusedLinearDPOLoss`,
 :class:`LigerFusedLinearJSDLoss`, :class:`LigerFusedLinearCosineSimilarityLoss`, :class:`LigerFusedLinearJSD` and
 :class:`LigerFusedLinearKLDivLoss` (:mod:`fastalign.integrations.liger_distillation`) and the fused linear
 cross-entropy :class:`LigerFusedLinearCrossEntropyLoss` and the cross-entropy on materialised logits
-:class:`LigerCrossEntropyLoss` (:mod:`fastalign.integrations.liger_cross_entropy`).
+:class:`LigerCrossEntropyLoss` (:mod:`fastalign.integrations.liger_cross_entropy`), the per-token cross-entropy
+and total variation distance on logits :class:`LigerFusedCETVDLoss`, GRPO on logits :func:`triton_grpo_loss`
+(:mod:`fastalign.integrations.liger_grpo`), the vocabulary-parallel cross-entropy on logits
+:class:`LigerVocabParallelCrossEntropy` and from a head's vocabulary shard
+:func:`liger_fused_linear_scaled_cross_entropy_tp` (:mod:`fastalign.integrations.liger_vocab_parallel`).
 Log-probs come from the head
 in one pass with the loss when gradients are needed (GRPO: the single pass of
 :class:`fastalign.LinearPolicyLoss`; the preference losses: :func:`fastalign.linear_step.separable_step`
@@ -82,7 +86,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -102,7 +106,9 @@ from fastalign.preference import check_config, preference_loss, unpaired_prefere
 __all__ = ["LigerFusedLinearGRPOLoss", "LigerFusedLinearDPOLoss", "LigerFusedLinearCPOLoss",
            "LigerFusedLinearORPOLoss", "LigerFusedLinearSimPOLoss", "LigerFusedLinearKTOLoss",
            "LigerFusedLinearJSDLoss", "LigerFusedLinearCosineSimilarityLoss", "LigerFusedLinearJSD",
-           "LigerFusedLinearKLDivLoss", "LigerFusedLinearCrossEntropyLoss", "LigerCrossEntropyLoss"]
+           "LigerFusedLinearKLDivLoss", "LigerFusedLinearCrossEntropyLoss", "LigerCrossEntropyLoss",
+           "LigerFusedCETVDLoss", "LigerVocabParallelCrossEntropy", "liger_fused_linear_scaled_cross_entropy_tp",
+           "triton_grpo_loss"]
 
 _GRPO_IGNORE_INDEX = -100
 _VESPO_LOG_MIN = math.log(1e-8)  # Liger's lower bound on vespo's log-weights
@@ -143,13 +149,13 @@ def _number_or_tensor(name: str, value, *, shapes, what: str, device=None, kind:
         raise TypeError(f"{name} must be a real number or a tensor, got {type(value).__name__}")
 
 
-def _binary_mask(attention_mask: Tensor) -> Optional[Tensor]:
-    """Liger multiplies each token's terms by ``attention_mask`` and divides by its sum, so a fractional mask
+def _binary_mask(name: str, mask: Tensor) -> Optional[Tensor]:
+    """Liger multiplies each token's terms by the GRPO mask (``name``) and divides by its sum, so a fractional mask
     weighs the tokens; fastalign's policy loss counts a token or not. A mask with values other than 0 and 1 is a
     ``ValueError`` naming it where the values are on the host (an eager CPU tensor); elsewhere they are not read
     and the returned flag makes the loss NaN (:func:`fastalign._validate.zero_one`)."""
-    return _validate.zero_one("attention_mask", attention_mask, "hold 0 and 1 only (Liger would weigh the tokens "
-                              "by a fractional mask; fastalign counts a token or not)")
+    return _validate.zero_one(name, mask, "hold 0 and 1 only (Liger would weigh the tokens by a fractional mask; "
+                              "fastalign counts a token or not)")
 
 
 def _not_default(owner: str, loss_type: str, **given) -> None:
@@ -157,6 +163,230 @@ def _not_default(owner: str, loss_type: str, **given) -> None:
     for name, (value, default) in given.items():
         if value != default:
             raise ValueError(f"{name} does not apply to {owner} loss_type {loss_type!r}")
+
+
+# ------------------------------------------------------------------------------------------------------------ GRPO
+class _GRPOSetup(NamedTuple):
+    """Liger's GRPO options, checked (:func:`_grpo_setup`), and what both of its GRPO losses (the chunked module and
+    ``triton_grpo_loss`` on logits, :mod:`fastalign.integrations.liger_grpo`) read from them."""
+
+    loss_type: str
+    row: str  # the policy-loss row: ppo, cispo, sapo or vespo
+    level: str  # importance_sampling_level
+    beta: float
+    eps: tuple  # (low, high) clip bounds as given (cispo: high is the ratio's cap)
+    kl: bool  # the KL term is in the loss (beta != 0 with a reference)
+    bias_kl: bool  # use_bias_correction_kl
+    per_token_count: bool  # dapo / cispo / vespo divide by the batch's token count (num_items_in_batch)
+    config: PolicyConfig
+
+
+def _grpo_setup(options: dict, eps_names: tuple, eps_high_default: float, *, kl: bool = True) -> _GRPOSetup:
+    """Check Liger's GRPO options (``options``: their values by Liger's names; the two clip bounds under
+    ``eps_names``, the upper one's default ``eps_high_default``; ``kl``: a reference exists, without which Liger's
+    KL is against ``lp`` itself: 0, with a zero gradient) and build the
+    :class:`~fastalign.PolicyConfig` of the loss. An option the loss type does not read, given a value other
+    than its default, raises ``ValueError`` naming it; so does a sequence-level ratio with cispo / sapo / vespo.
+    dr_grpo divides by ``max_completion_length`` when given, else by the padded length."""
+    beta = _validate.finite_number("beta", options["beta"])
+    eps_low, eps_high = (_validate.finite_number(name, options[name]) for name in eps_names)
+    for name, eps in zip(eps_names, (eps_low, eps_high)):
+        if not eps >= 0:
+            raise ValueError(f"{name} must be >= 0, got {eps}")
+    for name in ("temperature", "sapo_temperature_pos", "sapo_temperature_neg"):
+        _validate.positive(name, options[name])
+    vespo = tuple(_validate.finite_number(name, options[name])
+                  for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"))
+    bias_kl = _validate.boolean("use_bias_correction_kl", options["use_bias_correction_kl"])
+    loss_type, level, delta = options["loss_type"], options["importance_sampling_level"], options["delta"]
+    max_len = options["max_completion_length"]
+    if max_len is not None:
+        _validate.at_least("max_completion_length", max_len, 1)
+    if delta is not None:
+        _validate.positive("delta", delta)
+    if not isinstance(loss_type, str) or loss_type not in GRPO_LOSSES:
+        raise ValueError(f"loss_type must be one of {tuple(GRPO_LOSSES)}, got {loss_type!r}")
+    row, agg, seq_count, per_token_count = GRPO_LOSSES[loss_type]
+    sapo_tau = (options["sapo_temperature_pos"], options["sapo_temperature_neg"])
+    _not_default("GRPO", loss_type, **({} if row == "sapo" else dict(
+        sapo_temperature_pos=(sapo_tau[0], 1.0), sapo_temperature_neg=(sapo_tau[1], 1.05))))
+    _not_default("GRPO", loss_type, **({} if row == "vespo" else dict(
+        vespo_k_pos=(vespo[0], 2.0), vespo_lambda_pos=(vespo[1], 3.0), vespo_k_neg=(vespo[2], 3.0),
+        vespo_lambda_neg=(vespo[3], 2.0))))
+    _not_default("GRPO", loss_type, **({} if row == "ppo" else dict(delta=(delta, None))))
+    _not_default("GRPO", loss_type, **({} if row in ("ppo", "cispo") else {eps_names[1]: (eps_high, eps_high_default)}))
+    _not_default("GRPO", loss_type, **({} if row == "ppo" else {eps_names[0]: (eps_low, 0.2)}))
+    if level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {level!r}")
+    if level == "sequence" and row != "ppo":
+        raise ValueError(f"importance_sampling_level='sequence' is not supported for loss_type {loss_type!r}")
+    opts: dict = dict(loss_type=row, agg=agg, seq_count=seq_count, importance_sampling_level=level)
+    if row == "ppo":
+        opts.update(eps_low=eps_low, eps_high=eps_high)
+        if delta is not None:
+            opts["delta"] = float(delta)
+    if loss_type == "dr_grpo" and max_len is not None:
+        opts["max_len"] = int(max_len)
+    if row == "cispo":
+        opts["cispo_bounds"] = (0.0, eps_high)  # an absolute cap, no lower bound
+    if row == "sapo":
+        opts["sapo_tau"] = tuple(float(t) for t in sapo_tau)
+    if row == "vespo":
+        opts.update(vespo_k=(vespo[0], vespo[2]), vespo_lambda=(vespo[1], vespo[3]))
+    kl = kl and beta != 0.0
+    if kl:  # k3 without a clamp, times the ratio with its gradient when bias-corrected
+        opts.update(kl_coef=beta, kl_type="k3", kl_clamp=False, kl_rho="grad" if bias_kl else False)
+    opts.update(log_ratio_cap_option(row, opts.get("kl_rho", False), math.inf))  # Liger's ratio has no clamp
+    return _GRPOSetup(loss_type, row, level, beta, (eps_low, eps_high), kl, bias_kl, per_token_count,
+                     PolicyConfig.make(**opts))
+
+
+def _grpo_inputs(B: int, T: int, shape_of: str, device, device_of: str, *, mask: tuple, logps: dict,
+                 advantages: Tensor, vllm_is_ratio: Optional[Tensor]) -> tuple:
+    """The per-sequence and per-token inputs of a GRPO call, checked under Liger's names (a ``TypeError`` /
+    ``ValueError`` naming the argument): ``mask = (name, tensor)`` ``[B, T]`` real (required), ``logps`` (name:
+    tensor or None) ``[B, T]`` float, ``advantages [B]`` float, ``vllm_is_ratio [B]``, ``[B, 1]`` or ``[B, T]``,
+    all on ``device``. Returns ``(*logps, advantages, vllm_is_ratio)`` with float64 as float32, as Liger casts
+    them."""
+    dev = dict(device=device, device_of=device_of)
+    _validate.like((B, T), shape_of, required=True, kind="real", **dev, **{mask[0]: mask[1]})
+    _validate.like((B, T), shape_of, **dev, **logps)
+    _validate.like((B,), "one per sequence", required=True, **dev, advantages=advantages)
+    _validate.like([(B,), (B, 1), (B, T)], "one per sequence or per token", **dev, vllm_is_ratio=vllm_is_ratio)
+    return tuple(map(float64_as_float32, (*logps.values(), advantages, vllm_is_ratio)))
+
+
+def _num_items(num_items_in_batch, setup: _GRPOSetup) -> None:
+    """``num_items_in_batch``: None, or a finite count (a number or a one-element tensor) for the loss types that
+    divide by the batch's token count; anything else raises, naming it."""
+    if num_items_in_batch is None:
+        return
+    _number_or_tensor("num_items_in_batch", num_items_in_batch, shapes=[(), (1,)], what="a count")
+    n = torch.as_tensor(num_items_in_batch).detach()
+    _validate.flag_or_raise(~torch.isfinite(n).all(), n,
+                            lambda: f"num_items_in_batch must be finite, got {n.reshape(-1).tolist()}")
+    if not setup.per_token_count:
+        raise ValueError(f"num_items_in_batch does not apply to loss_type {setup.loss_type!r}")
+
+
+def _token_count(mask: Tensor, num_items_in_batch):
+    """(tokens of the whole batch, processes): ``num_items_in_batch`` or the mask summed over the processes,
+    at least the number of processes. The loss is ``sum * processes / count``: Liger's ``sum / clamp(count /
+    processes, min=1)``, also when the step scores fewer tokens than there are processes."""
+    world = 1
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+    if num_items_in_batch is not None:
+        n = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=mask.device)
+    else:
+        n = mask.sum().to(torch.float32)
+        if world != 1:
+            dist.all_reduce(n)
+    return n.clamp(min=world), world
+
+
+@torch.no_grad()
+def _vespo_weight(config: PolicyConfig, lp: Tensor, old: Tensor, advantages: Tensor, mask: Tensor,
+                  is_log_sum: Tensor) -> Tensor:
+    """Liger's vespo weight ``phi(w) = exp(lambda + k log w - lambda w)`` per sequence, ``[B, 1]`` (its
+    ``get_gamma_weights``): ``log w = clamp(sum_m clamp(l, -20, 20) + is_log_sum, log 1e-8, 20)``, the
+    ``vllm_is_ratio`` term added before the one clamp of the sum; ``(k, lambda)`` of ``config`` by the sign of
+    ``A``."""
+    l = torch.where(mask, (lp.float() - old.float()).clamp(-20.0, 20.0), 0.0)  # a masked token is not read
+    log_w = (l.sum(-1, keepdim=True) + is_log_sum).clamp(_VESPO_LOG_MIN, 20.0)
+    positive = advantages.reshape(-1, 1) >= 0
+    (k_pos, k_neg), (lambda_pos, lambda_neg) = config.vespo_k, config.vespo_lambda
+    k = torch.where(positive, k_pos, k_neg)
+    lam = torch.where(positive, lambda_pos, lambda_neg).clamp(min=1e-4)
+    return torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+@torch.no_grad()
+def _is_log_sum(vllm_is_ratio: Tensor) -> Tensor:
+    """Liger's ``sum_t clamp(log r_t, log 1e-8, 20)`` of ``vllm_is_ratio`` per sequence, ``[B, 1]``, over every
+    position (padding included), in the ratio's dtype: the part of vespo's log-weight the ratio brings."""
+    B = vllm_is_ratio.shape[0]
+    return vllm_is_ratio.reshape(B, -1).log().clamp(_VESPO_LOG_MIN, 20.0).sum(-1, True).float()
+
+
+def _grpo_loss(setup: _GRPOSetup, advantages: Tensor, mask: Tensor, ref: Optional[Tensor],
+               vllm_is_ratio: Optional[Tensor], num_items_in_batch, seq_weights: Optional[Tensor] = None):
+    """``(config, loss)``: ``loss(lp, old)`` is Liger's GRPO loss of the token log-probs ``lp [B, T]``, the pair
+    ``(loss, metrics)`` of :func:`fastalign.policy_loss` (``mask``: bool, the scored tokens; ``ref``: the reference
+    log-probs of the KL term, None without it); ``config`` the :class:`~fastalign.PolicyConfig` it runs.
+    ``vllm_is_ratio`` weighs the policy term (vespo: it enters the sequence weight ``phi``, computed here as Liger
+    does, beside which the reinforce row ``-phi A lp`` is vespo's); ``seq_weights`` (``[B, 1]``, not vespo) weighs
+    it too."""
+    kw: dict = {}
+    cfg = setup.config
+    if setup.per_token_count:
+        kw["global_tokens"], world = _token_count(mask, num_items_in_batch)
+        if world != 1:
+            cfg = PolicyConfig.make(cfg, dp_size=world)
+    is_log_sum = None
+    if vllm_is_ratio is not None and setup.row == "vespo":  # the ratio enters the sequence weight phi
+        is_log_sum = _is_log_sum(vllm_is_ratio)
+        cfg = PolicyConfig.make(cfg, loss_type="reinforce", vespo_k=None, vespo_lambda=None)
+    weights = vllm_is_ratio if is_log_sum is None else None
+    if seq_weights is not None:
+        weights = seq_weights if weights is None else seq_weights * weights.reshape(weights.shape[0], -1)
+    if weights is not None:
+        kw["importance_weights"] = weights
+
+    def loss(lp: Tensor, old: Tensor) -> Tensor:
+        phi = {} if is_log_sum is None else dict(  # vespo as -phi A lp: the reinforce row weighed by Liger's phi
+            importance_weights=_vespo_weight(setup.config, lp, old, advantages, mask, is_log_sum))
+        return policy_loss(lp, old, advantages, mask, ref_logprobs=ref, config=cfg, **kw, **phi)
+
+    return cfg, loss
+
+
+def _log_ratio(lp: Tensor, old: Tensor, mask: Tensor, level: str) -> Tensor:
+    """``l = lp - old`` per token ``[B, T]`` (0 where ``mask`` is False: those values are not read), or at
+    ``level="sequence"`` its mean over each sequence's scored tokens ``[B, 1]``; fp32, differentiable."""
+    l = torch.where(mask, lp.float() - old.float(), 0.0)
+    if level == "sequence":
+        l = l.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    return l
+
+
+@torch.no_grad()
+def _grpo_token_stats(setup: _GRPOSetup, lp: Tensor, old: Tensor, ref: Optional[Tensor], advantages: Tensor,
+                      mask: Tensor) -> tuple:
+    """``(kl, clipped)`` per token ``[B, T]``, fp32, 0 where ``mask`` is False: Liger's KL (k3 of ``ref`` and
+    ``lp``, 0 without ``ref``, times the ratio with ``use_bias_correction_kl``; None at ``beta = 0``) and its clip
+    flag (ppo rows: ``rho < 1 - eps_low`` with ``A < 0`` or ``rho > 1 + eps_high`` with ``A > 0``, before
+    ``delta``; cispo: ``rho > eps_high`` with ``A > 0``; sapo, vespo: 0); ``rho`` the token's or the sequence's
+    ratio."""
+    lp = lp.detach().float()
+    rho = _log_ratio(lp, old, mask, setup.level).exp()
+    kl = None
+    if setup.beta != 0.0:
+        kl = torch.zeros_like(lp)
+        if ref is not None:
+            kl = kl_penalty(lp, torch.where(mask, ref.float(), lp), "k3", clamp=False)
+        if setup.bias_kl:
+            kl = kl * rho
+        kl = torch.where(mask, kl, 0.0)
+    a = advantages.float().reshape(-1, 1)
+    eps_low, eps_high = setup.eps
+    if setup.row == "ppo":
+        clipped = ((rho < 1.0 - eps_low) & (a < 0)) | ((rho > 1.0 + eps_high) & (a > 0))
+    elif setup.row == "cispo":
+        clipped = (rho > eps_high) & (a > 0)
+    else:  # sapo, vespo have no clip
+        clipped = torch.zeros_like(rho, dtype=torch.bool)
+    return kl, (clipped & mask).to(torch.float32)
+
+
+def _grpo_metrics(setup: _GRPOSetup, lp: Tensor, old: Tensor, ref: Optional[Tensor], advantages: Tensor,
+                  mask: Tensor) -> tuple:
+    """Liger's GRPO metrics, ``(kl, clip_ratio)`` with ``beta != 0``, else ``(clip_ratio,)``: the masked sums of
+    :func:`_grpo_token_stats` over the token count of the batch (at least 1)."""
+    kl, clipped = _grpo_token_stats(setup, lp, old, ref, advantages, mask)
+    n = mask.sum().to(torch.float32).clamp(min=1.0)
+    return tuple(x.sum() / n for x in (kl, clipped) if x is not None)
 
 
 class LigerFusedLinearGRPOLoss(SinglePassAttribute, LiveOptions, nn.Module):
@@ -180,66 +410,18 @@ class LigerFusedLinearGRPOLoss(SinglePassAttribute, LiveOptions, nn.Module):
         self._configure_options(locals())
 
     def _configure(self) -> None:
-        """Check the options and build the :class:`~fastalign.PolicyConfig` of the call."""
+        """Check the options and build the :class:`~fastalign.PolicyConfig` of the call (:func:`_grpo_setup`);
+        dr_grpo needs ``max_completion_length`` and luspo a sequence-level ratio without the KL (module doc)."""
         _execution_options(self.compiled, self.chunk_size)
-        beta = _validate.finite_number("beta", self.beta)
-        eps_low, eps_high = (_validate.finite_number(name, getattr(self, name))
-                             for name in ("epsilon_low", "epsilon_high"))
-        for name, eps in (("epsilon_low", eps_low), ("epsilon_high", eps_high)):
-            if not eps >= 0:
-                raise ValueError(f"{name} must be >= 0, got {eps}")
-        for name in ("temperature", "sapo_temperature_pos", "sapo_temperature_neg"):
-            _validate.positive(name, getattr(self, name))
-        vespo = tuple(_validate.finite_number(name, getattr(self, name))
-                      for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"))
-        _validate.boolean("use_bias_correction_kl", self.use_bias_correction_kl)
         _validate.boolean("use_ref_model", self.use_ref_model)
-        loss_type, level, delta = self.loss_type, self.importance_sampling_level, self.delta
-        if self.max_completion_length is not None:
-            _validate.at_least("max_completion_length", self.max_completion_length, 1)
-        if delta is not None:
-            _validate.positive("delta", delta)
-        if loss_type not in GRPO_LOSSES:
-            raise ValueError(f"loss_type must be one of {tuple(GRPO_LOSSES)}, got {loss_type!r}")
-        row, agg, seq_count, per_token_count = GRPO_LOSSES[loss_type]
-        sapo_tau = (self.sapo_temperature_pos, self.sapo_temperature_neg)
-        _not_default("GRPO", loss_type, **({} if row == "sapo" else dict(
-            sapo_temperature_pos=(sapo_tau[0], 1.0), sapo_temperature_neg=(sapo_tau[1], 1.05))))
-        _not_default("GRPO", loss_type, **({} if row == "vespo" else dict(
-            vespo_k_pos=(vespo[0], 2.0), vespo_lambda_pos=(vespo[1], 3.0), vespo_k_neg=(vespo[2], 3.0),
-            vespo_lambda_neg=(vespo[3], 2.0))))
-        _not_default("GRPO", loss_type, **({} if row == "ppo" else dict(delta=(delta, None))))
-        _not_default("GRPO", loss_type, **({} if row in ("ppo", "cispo") else dict(epsilon_high=(eps_high, 0.2))))
-        _not_default("GRPO", loss_type, **({} if row == "ppo" else dict(epsilon_low=(eps_low, 0.2))))
-        if level not in ("token", "sequence"):
-            raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {level!r}")
-        if level == "sequence" and row != "ppo":
-            raise ValueError(f"importance_sampling_level='sequence' is not supported for loss_type {loss_type!r}")
-        if loss_type == "dr_grpo" and self.max_completion_length is None:
+        setup = _grpo_setup({name: getattr(self, name) for name in self.OPTIONS}, ("epsilon_low", "epsilon_high"),
+                            0.2, kl=self.use_ref_model)
+        if setup.loss_type == "dr_grpo" and self.max_completion_length is None:
             raise ValueError("max_completion_length must be given for loss_type 'dr_grpo'")
-        if loss_type == "luspo" and (level != "sequence" or beta != 0.0):
+        if setup.loss_type == "luspo" and (setup.level != "sequence" or setup.beta != 0.0):
             raise ValueError("loss_type 'luspo' is supported with importance_sampling_level='sequence' and beta=0 "
                              "(Liger's luspo otherwise sums the padding positions too)")
-        opts: dict = dict(loss_type=row, agg=agg, seq_count=seq_count, importance_sampling_level=level)
-        if row == "ppo":
-            opts.update(eps_low=eps_low, eps_high=eps_high)
-            if delta is not None:
-                opts["delta"] = float(delta)
-        if loss_type == "dr_grpo":
-            opts["max_len"] = int(self.max_completion_length)
-        if row == "cispo":
-            opts["cispo_bounds"] = (0.0, eps_high)  # an absolute cap, no lower bound
-        if row == "sapo":
-            opts["sapo_tau"] = tuple(float(t) for t in sapo_tau)
-        if row == "vespo":
-            opts.update(vespo_k=(vespo[0], vespo[2]), vespo_lambda=(vespo[1], vespo[3]))
-        # without a reference model Liger's KL is against lp itself: 0, with a zero gradient
-        if beta != 0.0 and self.use_ref_model:
-            opts.update(kl_coef=beta, kl_type="k3", kl_clamp=False,
-                        kl_rho="grad" if self.use_bias_correction_kl else False)
-        opts.update(log_ratio_cap_option(row, opts.get("kl_rho", False), math.inf))  # Liger's ratio has no clamp
-        self.row, self._per_token_count = row, per_token_count
-        self.config = PolicyConfig(**opts)
+        self._setup, self.config = setup, setup.config
 
     def forward(self, _input: Tensor, lin_weight: Tensor, selected_token_ids: Tensor, attention_mask: Tensor,
                 advantages: Tensor, bias: Optional[Tensor] = None, ref_per_token_logps: Optional[Tensor] = None,
@@ -252,15 +434,10 @@ class LigerFusedLinearGRPOLoss(SinglePassAttribute, LiveOptions, nn.Module):
         if selected_token_ids.dim() != 2:
             raise ValueError(f"selected_token_ids must be [B, T], got shape {tuple(selected_token_ids.shape)}")
         B, T = selected_token_ids.shape
-        dev = dict(device=_input.device, device_of="_input")
-        _validate.like((B, T), "selected_token_ids.shape", required=True,
-                       kind="real", **dev, attention_mask=attention_mask)
-        _validate.like((B, T), "selected_token_ids.shape", **dev, old_per_token_logps=old_per_token_logps,
-                       ref_per_token_logps=ref_per_token_logps)
-        _validate.like((B,), "one per sequence", required=True, **dev, advantages=advantages)
-        _validate.like([(B,), (B, 1), (B, T)], "one per sequence or per token", **dev, vllm_is_ratio=vllm_is_ratio)
-        old_per_token_logps, ref_per_token_logps, advantages, vllm_is_ratio = map(
-            float64_as_float32, (old_per_token_logps, ref_per_token_logps, advantages, vllm_is_ratio))
+        old_per_token_logps, ref_per_token_logps, advantages, vllm_is_ratio = _grpo_inputs(
+            B, T, "selected_token_ids.shape", _input.device, "_input", mask=("attention_mask", attention_mask),
+            logps=dict(old_per_token_logps=old_per_token_logps, ref_per_token_logps=ref_per_token_logps),
+            advantages=advantages, vllm_is_ratio=vllm_is_ratio)
         if self.use_ref_model:
             if ref_per_token_logps is None and (ref_input is None or ref_weight is None):
                 raise ValueError("use_ref_model=True needs ref_per_token_logps, or ref_input and ref_weight")
@@ -270,107 +447,30 @@ class LigerFusedLinearGRPOLoss(SinglePassAttribute, LiveOptions, nn.Module):
         if vllm_is_ratio is not None and self.loss_type == "luspo" and vllm_is_ratio.dim() == 2 \
                 and vllm_is_ratio.shape[1] != 1:
             raise ValueError("a per-token vllm_is_ratio is not supported with loss_type 'luspo'")
-        if num_items_in_batch is not None:
-            _number_or_tensor("num_items_in_batch", num_items_in_batch, shapes=[(), (1,)], what="a count")
-            n = torch.as_tensor(num_items_in_batch).detach()
-            _validate.flag_or_raise(~torch.isfinite(n).all(), n,
-                                    lambda: f"num_items_in_batch must be finite, got {n.reshape(-1).tolist()}")
-            if not self._per_token_count:
-                raise ValueError(f"num_items_in_batch does not apply to loss_type {self.loss_type!r}")
-        fractional = _binary_mask(attention_mask)
+        setup = self._setup
+        _num_items(num_items_in_batch, setup)
+        fractional = _binary_mask("attention_mask", attention_mask)
         labels = selected_token_ids
         mask = attention_mask.bool() & (labels != _GRPO_IGNORE_INDEX)
         scored = labels.masked_fill(~mask, _GRPO_IGNORE_INDEX)  # unscored positions skip the vocabulary
         ref = None
-        if self.beta != 0.0 and self.use_ref_model:
+        if setup.kl:
             if ref_per_token_logps is not None:
                 ref = ref_per_token_logps
             else:
                 with torch.no_grad():
                     ref = linear_logprobs(ref_input, ref_weight, scored, bias=ref_bias,
                                           temperature=self.temperature).logprobs
-        kw: dict = {}
-        cfg = self.config
-        if self._per_token_count:
-            kw["global_tokens"], world = self._token_count(mask, num_items_in_batch)
-            if world != 1:
-                cfg = PolicyConfig.make(cfg, dp_size=world)
-        token_separable, is_log_sum = cfg.token_separable, None
-        if vllm_is_ratio is not None and self.row == "vespo":  # the ratio enters the sequence weight phi
-            # Liger's sum_t clamp(log r_t, log 1e-8, 20) over every position, padding included, in the ratio's dtype
-            with torch.no_grad():
-                is_log_sum = vllm_is_ratio.reshape(B, -1).log().clamp(_VESPO_LOG_MIN, 20.0).sum(-1, True).float()
-            cfg = PolicyConfig.make(cfg, loss_type="reinforce", vespo_k=None, vespo_lambda=None)
-        elif vllm_is_ratio is not None:
-            kw["importance_weights"] = vllm_is_ratio
+        cfg, grpo_loss = _grpo_loss(setup, advantages, mask, ref, vllm_is_ratio, num_items_in_batch)
 
         # the single pass through the head when gradients are needed (every Liger GRPO loss is separable)
-        def grpo(lp, old, _entropy):
-            phi = {} if is_log_sum is None else dict(  # vespo as -phi A lp: the reinforce row weighed by Liger's phi
-                importance_weights=self._vespo_weight(lp, old, advantages, mask, is_log_sum))
-            return policy_loss(lp, old, advantages, mask, ref_logprobs=ref, config=cfg, **kw, **phi)
-
-        loss, _, lp, _ = policy_step(_input, lin_weight, scored, old_per_token_logps, grpo, bias=bias,
-                                     single_pass=self.single_pass, token_separable=token_separable,
+        loss, _, lp, _ = policy_step(_input, lin_weight, scored, old_per_token_logps,
+                                     lambda lp, old, _entropy: grpo_loss(lp, old), bias=bias,
+                                     single_pass=self.single_pass, token_separable=cfg.token_separable,
                                      logit=dict(temperature=self.temperature))
         loss = _validate.nan_if(fractional, loss)  # a fractional mask not read: NaN, not a binarised mask's loss
         old = lp if old_per_token_logps is None else old_per_token_logps
-        return loss, self._metrics(lp, old, ref, advantages, mask)
-
-    @torch.no_grad()
-    def _vespo_weight(self, lp: Tensor, old: Tensor, advantages: Tensor, mask: Tensor, is_log_sum: Tensor) -> Tensor:
-        """Liger's vespo weight ``phi(w) = exp(lambda + k log w - lambda w)`` per sequence, ``[B, 1]`` (its
-        ``get_gamma_weights``): ``log w = clamp(sum_m clamp(l, -20, 20) + is_log_sum, log 1e-8, 20)``, the
-        ``vllm_is_ratio`` term added before the one clamp of the sum; ``(k, lambda)`` by the sign of ``A``."""
-        l = (lp.float() - old.float()).clamp(-20.0, 20.0)
-        log_w = ((l * mask).sum(-1, keepdim=True) + is_log_sum).clamp(_VESPO_LOG_MIN, 20.0)
-        positive = advantages.reshape(-1, 1) >= 0
-        (k_pos, k_neg), (lambda_pos, lambda_neg) = self.config.vespo_k, self.config.vespo_lambda
-        k = torch.where(positive, k_pos, k_neg)
-        lam = torch.where(positive, lambda_pos, lambda_neg).clamp(min=1e-4)
-        return torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-
-    @staticmethod
-    def _token_count(mask: Tensor, num_items_in_batch):
-        """(tokens of the whole batch, processes): ``num_items_in_batch`` or the mask summed over the processes,
-        at least the number of processes. The loss is ``sum * processes / count``: Liger's ``sum / clamp(count /
-        processes, min=1)``, also when the step scores fewer tokens than there are processes."""
-        world = 1
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            world = dist.get_world_size()
-        if num_items_in_batch is not None:
-            n = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=mask.device)
-        else:
-            n = mask.sum().to(torch.float32)
-            if world != 1:
-                dist.all_reduce(n)
-        return n.clamp(min=world), world
-
-    @torch.no_grad()
-    def _metrics(self, lp: Tensor, old: Tensor, ref: Optional[Tensor], advantages: Tensor, mask: Tensor) -> tuple:
-        m = mask.to(torch.float32)
-        n = m.sum().clamp(min=1.0)
-        lp = lp.detach().float()
-        log_ratio = lp - old.float()
-        if self.importance_sampling_level == "sequence":
-            log_ratio = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-        rho = log_ratio.exp()
-        out = []
-        if self.beta != 0.0:
-            kl = kl_penalty(lp, ref.float(), "k3", clamp=False) if ref is not None else torch.zeros_like(lp)
-            if self.use_bias_correction_kl:
-                kl = kl * rho
-            out.append((kl * m).sum() / n)
-        a = advantages.float().reshape(-1, 1)
-        if self.row == "ppo":
-            clipped = ((rho < 1.0 - self.epsilon_low) & (a < 0)) | ((rho > 1.0 + self.epsilon_high) & (a > 0))
-        elif self.row == "cispo":
-            clipped = (rho > self.epsilon_high) & (a > 0)
-        else:  # sapo, vespo have no clip
-            clipped = torch.zeros_like(rho, dtype=torch.bool)
-        out.append((clipped.expand_as(m) * m).sum() / n)
-        return tuple(out)
+        return loss, _grpo_metrics(setup, lp, old, ref, advantages, mask)
 
 
 # ---------------------------------------------------------------------------------------------- preference losses
@@ -722,8 +822,12 @@ class LigerFusedLinearKTOLoss(_LigerPreference):
                       (rewards * good).sum(), (rewards * (1 - good)).sum())
 
 
-# the distillation and cross-entropy losses live in their own modules (they share nothing with the losses above)
+# the losses of liger_kernel.transformers live in their own modules (GRPO on logits calls the GRPO functions above)
 from fastalign.integrations.liger_cross_entropy import (  # noqa: E402
     LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss)
 from fastalign.integrations.liger_distillation import (  # noqa: E402
-    LigerFusedLinearCosineSimilarityLoss, LigerFusedLinearJSD, LigerFusedLinearJSDLoss, LigerFusedLinearKLDivLoss)
+    LigerFusedCETVDLoss, LigerFusedLinearCosineSimilarityLoss, LigerFusedLinearJSD, LigerFusedLinearJSDLoss,
+    LigerFusedLinearKLDivLoss)
+from fastalign.integrations.liger_grpo import triton_grpo_loss  # noqa: E402
+from fastalign.integrations.liger_vocab_parallel import (  # noqa: E402
+    LigerVocabParallelCrossEntropy, liger_fused_linear_scaled_cross_entropy_tp)

@@ -35,13 +35,15 @@ import torch
 from torch import Tensor, nn
 
 from fastalign import _validate
+from fastalign.divergence import token_divergence
 from fastalign.integrations._dtypes import check_accum_dtype
 from fastalign.integrations._live_options import LiveOptions, SinglePassAttribute
 from fastalign.linear import check_head, linear_logprobs
 from fastalign.linear_divergence import ARGUMENT_NAMES, check_tensors, linear_divergence_loss
+from fastalign.logprobs import overwritable
 
 __all__ = ["LigerFusedLinearJSDLoss", "LigerFusedLinearCosineSimilarityLoss", "LigerFusedLinearJSD",
-           "LigerFusedLinearKLDivLoss"]
+           "LigerFusedLinearKLDivLoss", "LigerFusedCETVDLoss"]
 
 
 # linear_divergence_loss's argument names -> Liger's, for the error messages
@@ -232,3 +234,40 @@ class LigerFusedLinearKLDivLoss(LiveOptions, nn.Module):
         n = scored.sum().float()
         divisor = _KL_REDUCTIONS[self.reduction](n, float(V))
         return torch.where(n > 0, rows.sum() / divisor.clamp(min=1), 0.0)
+
+
+class LigerFusedCETVDLoss(LiveOptions, nn.Module):
+    r"""Liger's ``liger_kernel.transformers.LigerFusedCETVDLoss``: per token the student's cross-entropy of the hard
+    labels and the total variation distance of its distribution from a teacher's, from both models' logits,
+    unreduced: ``forward(student_logits [BT, V], teacher_logits [BT, V], target [BT]) -> (ce, tvd)``, each fp32
+    ``[BT]``, with ``p = softmax(student_logits)``, ``q = softmax(teacher_logits)``
+
+    .. math::
+
+        ce = -\log p_y, \qquad tvd = \frac{1}{2} \sum_j |p_j - q_j|
+
+    and 0 for both where ``target`` is ``ignore_index``; the caller masks, weighs and normalises them. Computed by
+    :func:`fastalign.token_divergence` (``divergence="tvd"``) in one pass over each pair of rows. The gradient
+    reaches ``student_logits`` (``g_ce (p - 1[j = y]) + g_tvd p (s - sum_k p_k s_k) / 2``, ``s = sign(p - q)``, 0
+    at a tie, as Liger) and is written over them where they are an intermediate of the graph, such as a model's
+    logits (:func:`fastalign.logprobs.overwritable`; Liger allocates a new ``[BT, V]`` tensor); the teacher's
+    logits get none. Where fastalign differs from Liger: a target outside ``[0, V)`` other than ``ignore_index``
+    gives a NaN ``ce`` (Liger reads past the row), and the teacher's logits must have the student's dtype and
+    device (a ``TypeError`` / ``ValueError`` naming them). ``ignore_index`` is an attribute, read at each call."""
+
+    OPTIONS = ("ignore_index",)
+
+    def __init__(self, ignore_index: int = -100):
+        super().__init__()
+        self._configure_options(locals())
+
+    def _configure(self) -> None:
+        _validate.index_value("ignore_index", self.ignore_index)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        _validate.floating("student_logits", student_logits, dim=2)
+        _validate.integer("target", target)
+        _validate.shape("target", target, student_logits.shape[:1], "[student_logits rows]")
+        out = token_divergence(student_logits, teacher_logits, target, divergence="tvd",
+                               ignore_index=self.ignore_index, inplace_backward=overwritable(student_logits))
+        return out.nll, out.divergence

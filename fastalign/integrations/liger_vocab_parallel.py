@@ -1,0 +1,380 @@
+r"""Liger-Kernel 0.8's ``LigerVocabParallelCrossEntropy`` (``liger_kernel.transformers``): cross-entropy over a
+vocabulary sharded across a tensor-parallel group, Megatron's layout. Same constructor (same checks and messages),
+``forward(vocab_parallel_logits, target, tp_group=None)`` and outputs; a user swaps the import::
+
+    from fastalign.integrations.liger_vocab_parallel import LigerVocabParallelCrossEntropy
+    # was: from liger_kernel.transformers import LigerVocabParallelCrossEntropy
+
+Each of the ``W`` ranks of ``tp_group`` holds the logits ``x [S, B, V_local]`` of a contiguous slice of the
+vocabulary, rank ``r`` the global ids ``[r V_local, (r + 1) V_local)`` (every rank the same ``V_local``;
+``V_global = W V_local``); ``target [S, B]`` holds global ids, the same on every rank. With ``lse`` the
+log-sum-exp of a row over the whole vocabulary, ``p = softmax`` over it, ``y`` the target and ``a`` the
+``label_smoothing``::
+
+    ce     = lse - x_y
+    smooth = lse - (1 / K) sum_{j in U} x_j            (= -mean_{j in U} log p_j)
+    loss   = (1 - a') ce + a' smooth                  (a' = 0 without smoothing: loss = ce)
+    d x_j  = g (p_j - (1 - a') [j = y] - (a' / K) [j in U])       for j on this rank
+
+per row (``g`` its upstream gradient), where the options choose ``U`` and ``K`` (its size) and ``a'``:
+
+==============================  ===========================  =============================================
+option                          value                        effect
+==============================  ===========================  =============================================
+``label_smoothing_mode``        ``"global"`` (default)       ``U`` the whole vocabulary, ``K = V_global``:
+                                                             the loss of one process on the full logits
+                                ``"partition"``              ``U`` this rank's slice, ``K = V_local``: the
+                                                             loss differs per rank (Megatron's convention)
+``label_smoothing_formula``     ``"pytorch"`` (default)      ``a' = a``: target ``(1 - a) onehot + a / K``
+                                                             (``F.cross_entropy(label_smoothing=a)``)
+                                ``"megatron"``               ``a' = a K / (K - 1)``: ``1 - a`` on the target,
+                                                             ``a / (K - 1)`` on every other id of ``U``
+``label_smoothing``             ``a`` in ``[0, 1)``          0 (default): plain cross-entropy, both
+                                                             formulas and modes alike
+``ignore_index``                an int (default -100)        rows with this target: loss 0, d(logits) 0
+``reduction``                   ``"none"`` only              the per-token loss ``[S, B]``
+==============================  ===========================  =============================================
+
+At one rank (``tp_group`` None or of size 1) both modes are the same. Each rank forms fp32 statistics of its
+slice a block of rows at a time (its log-sum-exp, the target's logit where it owns the target, the sum of its
+logits for smoothing), and two ``all_reduce`` calls over ``tp_group`` combine them (a MAX of the ranks'
+log-sum-exps, then one SUM of ``exp(lse_r - max)``, the target logit and, in ``"global"`` mode with smoothing,
+the logit sums); none without a group or with a group of one. The backward needs no collective: it recomputes
+``p`` a block of rows at a time from the logits and the saved ``lse`` (fp32; no ``[S, B, V]`` fp32 tensor is
+built, only a block of one). As Liger's: the loss is fp32 whatever the logits' dtype, d(logits) has the logits'
+dtype (float64 logits are computed in fp32), NaN in the logits of a row makes its loss NaN, an ignored row gives
+0 and a zero gradient whatever its logits.
+
+Unlike Liger's kernel, which keeps an fp32 copy of the exponentials, the backward writes d(logits) over
+``vocab_parallel_logits`` when they are an intermediate of the graph (a model's logits, any strides whose
+elements do not overlap), so no ``[S, B, V_local]`` gradient is allocated: read the logits before the backward;
+a second backward through a retained graph raises (torch's check of tensors modified in place). A leaf that
+requires grad (or a view of one) keeps its values: its gradient is a new tensor.
+
+Errors: ``reduction`` other than ``"none"``, ``label_smoothing`` outside ``[0, 1)``, an unknown formula or mode
+raise Liger's ``ValueError`` (a ``label_smoothing`` that is not a number, an ``ignore_index`` that is not an int:
+``TypeError``), at construction and at an assignment to the attribute (the module then keeps its previous
+value). ``forward`` raises a ``ValueError`` / ``TypeError`` naming the argument for logits that are not a 3-D
+floating tensor with a non-empty vocabulary, a ``target`` that is not an int64 / int32 tensor of shape
+``vocab_parallel_logits.shape[:2]`` on the logits' device, a ``tp_group`` that is not a process group of which
+this process is a member, and ``"megatron"`` smoothing over a ``K`` of 1 (``a K / (K - 1)`` undefined). A target
+outside ``[0, V_global)`` that is not ``ignore_index`` is not read on the host (that would synchronise with the
+GPU): its row's loss is NaN, and so is its row of d(logits), rather than a wrong number. That ranks agree on
+``V_local`` and ``target`` is not checked.
+
+:func:`liger_fused_linear_scaled_cross_entropy_tp` is Liger-Kernel 0.8's function of that name
+(``liger_kernel.transformers.functional``): the per-token NLL, and optionally the entropy, of a linear head whose
+vocabulary is sharded over a tensor-parallel group, from the hidden states (no ``[M, V]`` logits are built). Same
+signature, defaults, outputs and gradient contract (d(input) summed over the group, d(weight) the rank's shard's);
+a user swaps the import::
+
+    from fastalign.integrations.liger_vocab_parallel import liger_fused_linear_scaled_cross_entropy_tp
+    # was: from liger_kernel.transformers.functional import liger_fused_linear_scaled_cross_entropy_tp
+
+It is computed by :func:`fastalign.linear_logprobs` with ``vocab_group=tp_group``; the function's docstring gives
+the formula, what differs from Liger's and what raises. Nothing in this module imports Liger-Kernel.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from fastalign import _validate
+from fastalign.integrations._live_options import LiveOptions
+from fastalign.linear import linear_logprobs
+from fastalign.logprobs import overwritable
+
+__all__ = ["LigerVocabParallelCrossEntropy", "liger_fused_linear_scaled_cross_entropy_tp"]
+
+_FORMULAS = ("pytorch", "megatron")
+_MODES = ("global", "partition")
+_BLOCK_ELEMENTS = 1 << 21  # fp32 logits of a block of rows on the CPU (8 MiB)
+_ACCELERATOR_BLOCKS = 32  # times more off the CPU (256 MiB: fewer, larger blocks on a GPU)
+
+
+class LigerVocabParallelCrossEntropy(LiveOptions, nn.Module):
+    """Liger's vocabulary-parallel cross-entropy (see the module doc for the formula and the options).
+
+    Args:
+        ignore_index: target value to ignore (loss 0, no gradient).
+        label_smoothing: smoothing strength in ``[0, 1)``.
+        reduction: must be ``"none"``: the per-token loss ``[S, B]``.
+        label_smoothing_formula: ``"pytorch"`` (default) or ``"megatron"``.
+        label_smoothing_mode: ``"global"`` (default, averaged over ``V_global``) or ``"partition"`` (over
+            ``V_local`` on each rank).
+
+    ``forward(vocab_parallel_logits [S, B, V_local], target [S, B] (global ids), tp_group=None)`` returns the
+    fp32 loss ``[S, B]``; ``tp_group`` is the tensor-parallel ``torch.distributed`` process group (None: one
+    rank holding the whole vocabulary).
+    """
+
+    OPTIONS = ("ignore_index", "label_smoothing", "reduction", "label_smoothing_formula", "label_smoothing_mode")
+
+    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "none",
+                 label_smoothing_formula: str = "pytorch", label_smoothing_mode: str = "global"):
+        super().__init__()
+        self._configure_options(locals())
+
+    def _configure(self) -> None:
+        """Liger's checks, in its order and with its messages; then ``ignore_index`` (an int)."""
+        if self.reduction != "none":
+            raise ValueError(
+                f"Vocab-parallel CE returns per-token loss; reduction must be 'none', got {self.reduction!r}.")
+        if not 0.0 <= _validate.number("label_smoothing", self.label_smoothing) < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+        if self.label_smoothing_formula not in _FORMULAS:
+            raise ValueError(
+                f"label_smoothing_formula must be one of {_FORMULAS}, got {self.label_smoothing_formula!r}.")
+        if self.label_smoothing_mode not in _MODES:
+            raise ValueError(f"label_smoothing_mode must be one of {_MODES}, got {self.label_smoothing_mode!r}.")
+        _validate.index_value("ignore_index", self.ignore_index)
+
+    def forward(self, vocab_parallel_logits: Tensor, target: Tensor, tp_group=None) -> Tensor:
+        x = _validate.any_float("vocab_parallel_logits", vocab_parallel_logits)
+        if x.dim() != 3:
+            raise ValueError(
+                f"vocab_parallel_logits must be 3-D ([seq, batch, vocab]); got shape {tuple(x.shape)}. "
+                f"(HuggingFace's [batch, seq, vocab] callers must transpose before calling.)")
+        _validate.nonempty("vocab_parallel_logits", x, 2, "vocabulary (last)")
+        _validate.integer("target", target)
+        _validate.shape("target", target, x.shape[:2], "vocab_parallel_logits.shape[:2]")
+        _validate.same_device(vocab_parallel_logits=x, target=target)
+        rank, world = _rank_and_size(tp_group)
+        v_local = x.shape[2]
+        smoothing = float(self.label_smoothing)
+        whole = self.label_smoothing_mode == "global"
+        K = v_local * world if whole else v_local  # the ids the smoothing spreads over
+        alpha = smoothing
+        if smoothing > 0 and self.label_smoothing_formula == "megatron":
+            if K < 2:
+                raise ValueError(
+                    f"label_smoothing_formula='megatron' spreads label_smoothing over the ids other than the target: "
+                    f"it needs a vocabulary of at least 2 ids ({self.label_smoothing_mode!r} mode), got "
+                    f"vocab_parallel_logits.shape[-1]={v_local} on {world} rank(s)")
+            alpha = smoothing * K / (K - 1)
+        return _VocabParallelCE.apply(x, target, tp_group if world > 1 else None, rank * v_local, v_local * world,
+                                      int(self.ignore_index), alpha, K, smoothing > 0 and whole and world > 1,
+                                      overwritable(x))
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+                f"reduction={self.reduction!r}, label_smoothing_formula={self.label_smoothing_formula!r}, "
+                f"label_smoothing_mode={self.label_smoothing_mode!r}")
+
+
+def _rank_and_size(tp_group) -> tuple[int, int]:
+    """This process's rank in ``tp_group`` and the group's size; ``(0, 1)`` without a group (``torch.distributed``
+    is then not consulted)."""
+    if tp_group is None:
+        return 0, 1
+    _validate.process_group("tp_group", tp_group)
+    dist = torch.distributed
+    rank = dist.get_rank(group=tp_group)
+    if rank < 0:
+        raise ValueError("tp_group must be a process group this process is a member of")
+    return rank, dist.get_world_size(group=tp_group)
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    r"""The loss of the module doc from this rank's logits ``x [S, B, V]`` (``V = V_local``), the global targets,
+    the first global id ``start`` of the slice and ``v_global``; ``alpha`` is ``a'`` (0 without smoothing),
+    ``K`` the size of the smoothing's set, ``sum_all`` whether the logit sums are summed over the ranks
+    (``"global"`` mode at ``W > 1``). Forward, per row in fp32, a block of rows at a time::
+
+        lse_r = m + log sum_j exp(x_j - m)      m = max_j x_j (0 for a row of -inf)
+        lse   = M + log sum_r exp(lse_r - M)    M = max_r lse_r    (all_reduce MAX, then SUM)
+        x_y   = sum_r [y on r] x_y              (in the same SUM)
+        sum_U = sum_j x_j                       (summed over the ranks in the same SUM with ``sum_all``)
+
+    Backward, ``p = exp(x - lse)`` recomputed a block of rows at a time: ``d x = g (p - a'/K - (1 - a') onehot)``
+    (the onehot on the rank owning ``y``), 0 on ignored rows, NaN on rows of an out-of-range target; written over
+    ``x`` with ``overwrite``, into a new tensor otherwise."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, target: Tensor, group, start: int, v_global: int, ignore_index: int, alpha: float,
+                K: int, sum_all: bool, overwrite: bool):
+        dist = torch.distributed
+        V = x.shape[2]
+        t = target.to(torch.int64)
+        live = t != ignore_index
+        local = t - start
+        owned = live & (local >= 0) & (local < V)
+        idx = torch.where(owned, local, 0)
+        # 1 on a scored row, 0 on an ignored one, NaN where the target lies outside the vocabulary
+        scale = torch.where(live & ((t < 0) | (t >= v_global)), math.nan, live.float())
+        lse = torch.empty(t.shape, dtype=torch.float32, device=x.device)
+        z_y = torch.zeros_like(lse)
+        sums = torch.zeros_like(lse)
+        for rows, u in _blocks(x):
+            z_y[rows] = u.gather(2, idx[rows].unsqueeze(2)).squeeze(2)
+            if alpha:
+                sums[rows] = u.sum(2)
+            m = u.amax(2)
+            m = m.masked_fill(m == -math.inf, 0.0)  # a row of -inf logits: exp 0, log-sum-exp -inf
+            lse[rows] = u.sub_(m.unsqueeze(2)).exp_().sum(2).log_().add_(m)
+        z_y = torch.where(owned, z_y, 0.0)
+        if group is not None:
+            top = lse.clone()
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+            top = top.masked_fill(top == -math.inf, 0.0)
+            packed = torch.stack([torch.exp(lse - top), z_y] + ([sums] if sum_all else []))
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+            lse = packed[0].log() + top
+            z_y = packed[1]
+            if sum_all:
+                sums = packed[2]
+        loss = lse - z_y
+        if alpha:
+            loss = (1.0 - alpha) * loss + alpha * (lse - sums / K)
+        loss = torch.where(torch.isnan(scale), math.nan, torch.where(live, loss, 0.0))
+        ctx.save_for_backward(x, lse, idx, owned, scale)
+        ctx.alpha, ctx.K, ctx.overwrite = alpha, K, overwrite
+        return loss
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, lse, idx, owned, scale = ctx.saved_tensors
+        alpha = ctx.alpha
+        w = torch.where(scale == 0, 0.0, g.float() * scale)  # an ignored row: 0 whatever g is
+        hit = torch.where(owned, alpha - 1.0, 0.0).unsqueeze(2)  # -(1 - a') at the target, on its rank
+        dx = x if ctx.overwrite else torch.empty_like(x)
+        for rows, u in _blocks(x):
+            p = u.sub_(lse[rows].unsqueeze(2)).exp_()
+            if alpha:
+                p.sub_(alpha / ctx.K)
+            p.scatter_add_(2, idx[rows].unsqueeze(2), hit[rows])
+            p.mul_(w[rows].unsqueeze(2)).masked_fill_((scale[rows] == 0).unsqueeze(2), 0.0)
+            dx[rows] = p
+        return dx.detach(), None, None, None, None, None, None, None, None, None  # its own alias: no copy
+
+
+def _blocks(x: Tensor):
+    """``(rows, u)`` for consecutive blocks of the rows of ``x [S, B, V]``: ``rows`` an index of ``[S, B]`` (whole
+    ``B``-rows of several ``s`` when a block holds them, else part of one), ``u`` an fp32 copy of ``x[rows]`` in
+    one buffer of at most ``_BLOCK_ELEMENTS`` elements (``_ACCELERATOR_BLOCKS`` times more off the CPU), or of
+    one row (read a block's ``u`` before taking the next). Any strides: blocks are views of ``x``. Their number
+    depends on the shape only."""
+    S, B, V = x.shape
+    if S * B == 0:
+        return
+    budget = _BLOCK_ELEMENTS if x.device.type == "cpu" else _ACCELERATOR_BLOCKS * _BLOCK_ELEMENTS
+    per_block = max(1, budget // V)
+    seqs, batch = (min(S, per_block // B), B) if per_block >= B else (1, per_block)
+    buf = torch.empty(seqs * batch * V, dtype=torch.float32, device=x.device)
+    for s in range(0, S, seqs):  # blocks fixed by the shapes
+        for b in range(0, B, batch):
+            rows = (slice(s, min(s + seqs, S)), slice(b, min(b + batch, B)))
+            block = x[rows]
+            yield rows, buf[: block.numel()].view(block.shape).copy_(block)
+
+
+# ----------------------------------------------------------------------------- the fused head over a sharded vocabulary
+
+_TILES_PER_REDUCE = (1, 2, 4)
+
+
+def liger_fused_linear_scaled_cross_entropy_tp(input: Tensor, weight: Tensor, target: Tensor, tp_group,
+                                               temperature: float = 1.0, ignore_index: int = -100,
+                                               tiles_per_reduce: int = 1, return_entropy: bool = False):
+    r"""Liger's tensor-parallel fused linear cross-entropy: the per-token NLL (and entropy) of
+    ``softmax(input @ W.T / temperature)``, ``W`` the whole head, from this rank's shard ``weight`` of it.
+
+    Each of the ``R`` ranks of ``tp_group`` holds ``weight [V_local, H]``, the rows ``[r V_local, (r + 1) V_local)``
+    of the head (rank ``r``; every rank the same ``V_local``, ``V = R V_local``); ``input [M, H]`` and ``target
+    [M]`` (global ids) are the same on every rank. Per token, with ``T = temperature`` and ``y`` its target::
+
+        z_j     = input . W_j / T                      (rank r computes its own j; no [M, V] tensor is built)
+        lse     = log sum_{j < V} exp(z_j)             (combined over tp_group)
+        nll     = lse - z_y                            (= -log p_y,  p = softmax(z))
+        entropy = lse - sum_{j < V} p_j z_j            (= -sum_j p_j log p_j)
+
+    Rows whose target is ``ignore_index`` give 0 for both and no gradient. Every rank gets the same fp32 ``nll
+    [M]`` (and ``entropy [M]``). Autograd gives d(input) summed over ``tp_group``: every rank holds the gradient of
+    the whole head (``input``'s dtype); d(weight) is this rank's shard's (its rows of the whole head's gradient).
+
+    Args:
+        input: ``[M, H]`` hidden states, float32, bfloat16, float16 or float64 (float64 is computed in fp32, as
+            Liger's; its gradients are float64).
+        weight: ``[V_local, H]``, this rank's contiguous shard of the head, ``input``'s dtype.
+        target: ``[M]`` int64 global ids.
+        tp_group: the ``torch.distributed`` process group the vocabulary is sharded over; None is the default
+            group. ``torch.distributed`` must be initialized, as Liger requires (a single process passes a group of
+            one).
+        temperature: divides the logits; finite and > 0.
+        ignore_index: the target of rows to skip (an int).
+        tiles_per_reduce: an execution option of Liger's kernel, checked as Liger does (1, 2 or 4); it changes
+            nothing here.
+        return_entropy: return ``(nll, entropy)`` instead of ``nll``.
+
+    Computed by :func:`fastalign.linear_logprobs` (``vocab_group=tp_group``, ``nll = -logprobs``); as Liger's,
+    with these differences: CPU tensors are accepted (Liger's function takes CUDA tensors only) and the ranks
+    combine their statistics with ``all_reduce`` calls on ``tp_group`` whatever its backend (gloo, NCCL); a bf16 /
+    fp16 head's logits are accumulated in fp32 (Liger's fallback rounds them to bf16 / fp16 first), so such inputs
+    agree with Liger's to that rounding; a target outside ``[0, V)`` that is not ``ignore_index`` gives a NaN
+    ``nll`` (Liger's: ``lse``, as if its logit were 0; the gradients agree); shards of different sizes are placed
+    by their sizes (Liger's rank ``r`` starts at ``r V_local``: the same for equal shards).
+
+    Raises (Liger's exception types, naming the argument, in Liger's order): ``TypeError`` / ``ValueError`` for a
+    ``temperature`` that is not a real number / not finite and > 0, a ``tiles_per_reduce`` that is not an int /
+    not 1, 2 or 4, a ``return_entropy`` that is not a bool (``TypeError``); for ``tp_group``, a ``TypeError`` if it
+    is not a process group or None, a ``RuntimeError`` if ``torch.distributed`` is not initialized, a
+    ``ValueError`` if this process is not a member; ``ValueError`` for an ``input``, ``weight`` or ``target`` that
+    is not 2-D, 2-D, 1-D, shapes that disagree (``target.shape[0] != input.shape[0]``, ``weight.shape[1] !=
+    input.shape[1]``), an empty token, hidden or local vocabulary dimension, tensors on different devices;
+    ``TypeError`` for a non-floating ``input``, a ``weight`` of another dtype, a ``target`` that is not int64, and
+    (an addition) an ``ignore_index`` that is not an int. ``linear_logprobs`` adds its own cross-rank check: on CPU
+    tensors, ranks that disagree on ``M`` or ``H`` raise a ``ValueError`` on every rank.
+    """
+    temperature = _validate.positive("temperature", temperature)
+    if isinstance(tiles_per_reduce, bool) or not isinstance(tiles_per_reduce, int):
+        raise TypeError(f"tiles_per_reduce must be an int, got {type(tiles_per_reduce).__name__}")
+    if tiles_per_reduce not in _TILES_PER_REDUCE:
+        raise ValueError(f"tiles_per_reduce must be one of 1, 2 or 4, got {tiles_per_reduce}")
+    return_entropy = _validate.boolean("return_entropy", return_entropy)
+    group = _tp_group(tp_group)
+    _check_sharded_head(input, weight, target)
+    ignore_index = _validate.index_value("ignore_index", ignore_index)
+    if input.dtype == torch.float64:  # differentiable casts: the gradients come back float64
+        input, weight = input.float(), weight.float()
+    stats = linear_logprobs(input, weight, target, temperature=temperature, ignore_index=ignore_index,
+                            entropy=return_entropy, vocab_group=group)
+    nll = 0.0 - stats.logprobs  # +0 on ignored rows (a negation would give -0)
+    return (nll, stats.entropy) if return_entropy else nll
+
+
+def _tp_group(tp_group):
+    """The process group ``tp_group`` names (None: the default group), checked (see the function's Raises)."""
+    dist = torch.distributed
+    if dist.is_available() and type(tp_group) is int and tp_group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError("tp_group must be a process group this process is a member of, got "
+                         "GroupMember.NON_GROUP_MEMBER (what dist.new_group returns to the ranks outside it)")
+    _validate.process_group("tp_group", tp_group)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("tp_group: torch.distributed must be initialized before the call (tp_group=None is its "
+                           "default group; one process passes a group of one)")
+    group = dist.group.WORLD if tp_group is None else tp_group
+    _rank_and_size(group)  # a member of it
+    return group
+
+
+def _check_sharded_head(input: Tensor, weight: Tensor, target: Tensor) -> None:
+    """Liger's checks of ``input [M, H]``, ``weight [V_local, H]`` and ``target [M]`` (all but its CUDA one), with
+    messages that name the argument."""
+    _validate.tensor("input", input, dim=2)
+    _validate.tensor("weight", weight, dim=2)
+    _validate.tensor("target", target, dim=1)
+    M, H = input.shape
+    _validate.shape("target", target, (M,), "input.shape[0] tokens")
+    if weight.shape[1] != H:
+        raise ValueError(f"weight must have shape (V_local, {H}) (input.shape[1] = {H}), got {tuple(weight.shape)}")
+    _validate.nonempty("input", input, 0, "token (first)")
+    _validate.nonempty("input", input, 1, "hidden-size (last)")
+    _validate.nonempty("weight", weight, 0, "local vocabulary (first)")
+    _validate.same_device(input=input, weight=weight, target=target)
+    _validate.any_float("input", input)
+    if weight.dtype != input.dtype:
+        raise TypeError(f"weight must have the dtype of input ({input.dtype}), got {weight.dtype}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"target must be an int64 tensor of global vocabulary ids, got {target.dtype}")
