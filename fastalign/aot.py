@@ -244,8 +244,8 @@ def scan_cases(dtype):
 def divergence_cases(dtype):
     """The distillation divergence rows: a GPU block of student and teacher logits in the input dtype, each
     divergence (forward KL, reverse KL, generalized JSD, cosine, TVD; the kernel's mode as the op picks it),
-    without gradients (without labels, or with them and their mask: token_divergence's forward), and with them:
-    without labels (with and without a mask), with labels, and with the hard loss."""
+    without gradients, and with them: without labels, with labels, and with the hard loss; token_divergence's
+    forward (the row state kept) and its backward (the gradient sweep from the state)."""
     import torch
 
     from fastalign.kernels import divergence as K
@@ -260,11 +260,18 @@ def divergence_cases(dtype):
         mode = divergence_mode(divergence, beta)
         yield kind, lambda mode=mode, beta=beta: K.divergence_rows(zs, zt, 1.0, mode, beta, None, None, -100, None,
                                                                    None, f(), f(), None)
-        # token_divergence: its forward with labels (the scored rows' mask, the nll), its backward without labels
-        yield kind + "+labels+mask", lambda mode=mode, beta=beta: K.divergence_rows(
-            zs, zt, 1.0, mode, beta, f(), y, -100, None, None, f(), f(), f())
-        yield kind + "+grad", lambda mode=mode, beta=beta: K.divergence_rows(
-            zs, zt, 1.0, mode, beta, None, None, -100, f(), None, f(), f(), None)
+        # token_divergence: its forward keeps each row's state (without labels, or with them and their mask); its
+        # backward is the gradient sweep from that state (without labels or a mask, with the mask, with the hard loss)
+        state = _meta(rows, K.STATE_COLS.value, dtype=torch.float32)
+        for labels in (False, True):
+            yield kind + "+state" + ("+labels+mask" if labels else ""), lambda mode=mode, beta=beta, labels=labels: \
+                K.divergence_rows(zs, zt, 1.0, mode, beta, f() if labels else None, y if labels else None, -100, None,
+                                  None, f(), f(), f() if labels else None, state)
+        for mask, hard in ((False, False), (True, False), (True, True)):
+            name = kind + "+grad+state" + ("+hard" if hard else "") + ("+mask" if mask else "")
+            yield name, lambda mode=mode, beta=beta, mask=mask, hard=hard: K.divergence_rows(
+                zs, zt, 1.0, mode, beta, f() if mask else None, y if hard else None, -100, f(), f() if hard else None,
+                f(), f(), None, state, True)
         # no labels (plain distillation), labels as the nll metric only, or the weighted hard loss too
         for labels, hard in ((False, False), (True, False), (True, True)):
             name = kind + "+grad" + ("+hard" if hard else "+labels" if labels else "") + "+mask"

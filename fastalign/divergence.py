@@ -55,8 +55,8 @@ def token_divergence(
     logits (``"cosine"``) ``D = 1 - z_s . z_t / (max(|z_s|, 1e-12) max(|z_t|, 1e-12))``; the student's entropy
     at ``T`` and, with ``labels``, ``NLL = -log softmax(z_s)_y`` at temperature 1 (Liger's hard loss). A token
     whose label is ``ignore_index`` gives 0 for every output and a zero gradient. One pass over each pair of
-    rows; its backward writes ``g_D dD/dz_s + g_NLL (softmax(z_s) - 1[j = y])`` in one more, never a
-    ``[tokens x V]`` fp32 temporary.
+    rows; its backward writes ``g_D dD/dz_s + g_NLL (softmax(z_s) - 1[j = y])`` in one more (from each row's
+    softmax states, kept by the forward), never a ``[tokens x V]`` fp32 temporary.
 
     Args:
         student_logits: ``[..., V]`` float32, bfloat16 or float16, last dim contiguous; receives the gradient.
@@ -114,6 +114,6 @@ def token_divergence(
         student, teacher, inplace_backward = student.float(), teacher.float(), False
     y = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
     mask = None if y is None else (y != ignore_index).float()
-    div, ent, nll = token_divergence_call(student, teacher, mask, y, inv_t, divergence, b, int(ignore_index),
+    div, ent, nll, _state = token_divergence_call(student, teacher, mask, y, inv_t, divergence, b, int(ignore_index),
                                           y is not None, name, inplace_backward)
     return TokenDivergence(div.view(lead), ent.detach().view(lead), None if y is None else nll.view(lead))

@@ -115,6 +115,11 @@ _LAUNCHED = [
       for lp in (True, False)],
     *[("divergence_rows_kernel", dict(MODE=mode, GRAD=True, HARD=False, HAS_MASK=True), ("bf16", "fp32"))
       for mode in (0, 1, 2)],
+    # token_divergence: the forward keeping the row state, the backward's gradient sweep from it
+    *[("divergence_rows_kernel", dict(MODE=mode, GRAD=False, STATE_OUT=True, STATE_IN=False), ("bf16", "fp32"))
+      for mode in (2, 4)],
+    *[("divergence_rows_kernel", dict(MODE=mode, GRAD=True, HARD_GRAD=True, STATE_IN=True), ("bf16", "fp32"))
+      for mode in (2, 4)],
     ("live_matmul_kernel", dict(LIVE_DIM=1, ACCUMULATE=False), ("bf16", "fp32")),  # dW of the first chunk
     ("live_matmul_kernel", dict(LIVE_DIM=0, ACCUMULATE=True), ("bf16", "fp32")),  # logits += a @ L.T (LoRA)
 ]

@@ -180,6 +180,10 @@ def _op_cases():
     th, tw = torch.randn(B, 5, generator=g), torch.randn(V, 5, generator=g)
     div_args = (h, w, None, th, tw, None, torch.ones(B), labels, 1.0, 0.0, 1.0, 0.0, 1.0, "jsd", 0.5, -100)
     teacher = torch.randn(B, V, generator=g)
+    tvd_state = divergence.token_divergence(logits[0], teacher, torch.ones(B), labels, 1.0, "tvd", 0.5, -100, True,
+                                            "cpp", False)[3]
+    jsd_state = divergence.token_divergence(logits[0], teacher, None, None, 1.0, "jsd", 0.5, -100, False, "cpp",
+                                            False)[3]
     return {
         "token_stats": (token_stats.token_stats, (logits, labels, 1.0, -100, True, True, True, "cpp", False)),
         "token_stats_backward": (token_stats.token_stats_backward,
@@ -212,11 +216,11 @@ def _op_cases():
         "token_divergence": (divergence.token_divergence,
                              (logits[0], teacher, torch.ones(B), labels, 1.0, "tvd", 0.5, -100, True, "cpp", False)),
         "token_divergence_backward": (divergence.token_divergence_backward,
-                                      (torch.ones(B), torch.ones(B), logits[0], teacher, torch.ones(B), labels, 1.0,
-                                       "tvd", 0.5, -100, "cpp")),
+                                      (torch.ones(B), torch.ones(B), logits[0], teacher, torch.ones(B), labels,
+                                       tvd_state, 1.0, "tvd", 0.5, -100, "cpp")),
         "token_divergence_backward_": (divergence.token_divergence_backward_,
-                                       (torch.ones(B), None, logits[0].clone(), teacher, None, None, 1.0, "jsd", 0.5,
-                                        -100, "cpp")),
+                                       (torch.ones(B), None, logits[0].clone(), teacher, None, None, jsd_state, 1.0,
+                                        "jsd", 0.5, -100, "cpp")),
     }
 
 

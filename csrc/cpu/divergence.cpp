@@ -15,6 +15,9 @@
 // row's outputs (and gradient) NaN.
 // Offsets from the max are formed as (z_j - max z) / T (token_stats.cpp says why), and 1 - beta comes
 // from the double, so a beta within fp32 rounding of 0 or 1 stays the JSD.
+// A row state (kStateCols floats: the two maxima and log-sums, the NLL's log-sum, K and the cosine's terms) may
+// be written by a call without gradients and read by a later gradient call on the same rows (state_in), which
+// then runs pass 4 alone: the backward of a forward that kept it (token_divergence).
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -32,6 +35,7 @@ namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+constexpr int64_t kStateCols = 10;  // zmax_s, log_ss, zmax_t, log_st, log_s1, K, inv_ns, inv_nt, cos, cos_s
 
 struct Maxima {
   float s, t;  // of the student's and the teacher's logits (also the student's at T = 1)
@@ -170,7 +174,7 @@ ColumnPasses column_passes(int mode) {
 
 void rows(uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_stride, int64_t t_stride, double inv_t_d,
           int mode, double beta_d, const float* mask, const int64_t* labels, int64_t ignore_index,
-          const float* g_soft, const float* g_hard, float* div, float* ent, float* nll) {
+          const float* g_soft, const float* g_hard, float* div, float* ent, float* nll, float* state, bool state_in) {
   float* zs_base = reinterpret_cast<float*>(student);
   const float* zt_base = reinterpret_cast<const float*>(teacher);
   const float inv_t = float(inv_t_d), beta = float(beta_d), omb = float(1.0 - beta_d);
@@ -194,25 +198,40 @@ void rows(uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_
           for (int64_t j = 0; j < V; ++j) zs[j] = 0.f;
         continue;
       }
-      const Maxima m = max_fn(zs, zt, V, inv_t);
-      const float rs = m.s == -kInf ? 0.f : m.s, rt = m.t == -kInf ? 0.f : m.t;
-      const Sums s = sum_fn(zs, zt, V, inv_t, rs, rt);
-      const float log_ss = std::log(s.ss);
-      const Row R{rs, log_ss, rt, std::log(s.st), beta, omb};
-      ent[r] = softmax::entropy(log_ss, s.ts, s.ss);
-      float D, K = 0.f;
-      divergence::Cosine c{};
-      if (cosine) {
-        c = cos_fn(zs, zt, V, inv_t);
-        D = 1.f - c.cos;
-      } else {
-        passes.divergence(zs, zt, V, inv_t, R, &D, &K);
-      }
-      div[r] = D;
       const int64_t y = hard ? labels[r] : ignore_index;
       const bool labelled = hard && y != ignore_index;
-      const float log_s1 = hard ? std::log(s.s1) : 0.f;
-      if (nll) nll[r] = !labelled ? 0.f : (y >= 0 && y < V ? -softmax::logprob(zs[y], rs, log_s1) : kNaN);
+      float* st = state ? state + r * kStateCols : nullptr;
+      Row R;
+      float K = 0.f, log_s1 = 0.f;
+      divergence::Cosine c{};
+      if (state_in) {  // passes 1-3 ran in the call that wrote the state
+        R = Row{st[0], st[1], st[2], st[3], beta, omb};
+        log_s1 = st[4];
+        K = st[5];
+        c = divergence::Cosine{st[6], st[7], st[8], st[9]};
+      } else {
+        const Maxima m = max_fn(zs, zt, V, inv_t);
+        const float rs = m.s == -kInf ? 0.f : m.s, rt = m.t == -kInf ? 0.f : m.t;
+        const Sums s = sum_fn(zs, zt, V, inv_t, rs, rt);
+        const float log_ss = std::log(s.ss);
+        R = Row{rs, log_ss, rt, std::log(s.st), beta, omb};
+        ent[r] = softmax::entropy(log_ss, s.ts, s.ss);
+        float D;
+        if (cosine) {
+          c = cos_fn(zs, zt, V, inv_t);
+          D = 1.f - c.cos;
+        } else {
+          passes.divergence(zs, zt, V, inv_t, R, &D, &K);
+        }
+        div[r] = D;
+        log_s1 = hard ? std::log(s.s1) : 0.f;
+        if (nll) nll[r] = !labelled ? 0.f : (y >= 0 && y < V ? -softmax::logprob(zs[y], rs, log_s1) : kNaN);
+        if (st) {
+          const float row_state[kStateCols] = {R.zmax_s, R.log_ss, R.zmax_t, R.log_st, log_s1, K,
+                                               c.inv_ns, c.inv_nt, c.cos, c.cos_s};
+          for (int64_t i = 0; i < kStateCols; ++i) st[i] = row_state[i];
+        }
+      }
       if (g_soft) {
         const float gh = labelled && g_hard ? g_hard[r] : 0.f;
         if (cosine) cos_grad_fn(zs, zt, V, inv_t, R, c, g_soft[r], gh, log_s1);
@@ -235,19 +254,21 @@ FASTALIGN_BINDINGS(divergence) {
       "divergence_rows_cpu",
       [](uintptr_t student, uintptr_t teacher, int64_t N, int64_t V, int64_t s_stride, int64_t t_stride, double inv_t,
          int mode, double beta, uintptr_t mask, uintptr_t labels, int64_t ignore_index, uintptr_t g_soft,
-         uintptr_t g_hard, uintptr_t div, uintptr_t ent, uintptr_t nll) {
+         uintptr_t g_hard, uintptr_t div, uintptr_t ent, uintptr_t nll, uintptr_t state, bool state_in) {
         if (mode < divergence::kForwardKL || mode > divergence::kTVD) throw std::invalid_argument("mode");
+        if (state_in && (!state || !g_soft)) throw std::invalid_argument("state_in needs a state and g_soft");
         rows(student, teacher, N, V, s_stride, t_stride, inv_t, mode, beta, ptr<const float>(mask),
              ptr<const int64_t>(labels),
              ignore_index, ptr<const float>(g_soft), ptr<const float>(g_hard), ptr<float>(div), ptr<float>(ent),
-             ptr<float>(nll));
+             ptr<float>(nll), ptr<float>(state), state_in);
       },
       py::call_guard<py::gil_scoped_release>(),
       "Distillation divergence of fp32 rows: (student, teacher, N, V, s_stride, t_stride, inv_t, mode, beta, mask, "
-      "labels, ignore_index, g_soft, g_hard, div, ent, nll); mode 0 forward KL, 1 reverse KL, 2 the generalized JSD "
-      "at beta, 3 the cosine distance, 4 the total variation distance; with g_soft the weighted d loss / d z_s "
-      "overwrites the student rows; null pointers (0) skip the mask, the labels (no NLL), the gradient and the NLL "
-      "output.");
+      "labels, ignore_index, g_soft, g_hard, div, ent, nll, state, state_in); mode 0 forward KL, 1 reverse KL, 2 "
+      "the generalized JSD at beta, 3 the cosine distance, 4 the total variation distance; with g_soft the weighted "
+      "d loss / d z_s overwrites the student rows; null pointers (0) skip the mask, the labels (no NLL), the "
+      "gradient, the NLL output and the row state ([N, 10] fp32: written, or read with state_in by a gradient "
+      "call, which then writes no div, ent or nll).");
 }
 
 }  // namespace fastalign

@@ -23,6 +23,10 @@ tiles of BLOCK_V columns:
 
 A row whose mask is 0 writes zeros (and a zero gradient row) without reading its logits; a label equal
 to ignore_index gives NLL 0 and no hard gradient, one outside [0, V) a NaN NLL (and gradient).
+
+A row state (STATE_COLS floats: the two softmax states, the NLL's, K and the cosine's terms) is written by a call
+without gradients (STATE_OUT) and read by a gradient call on the same rows (STATE_IN), which then runs sweep 3
+alone and writes no D, entropy or NLL: the backward of token_divergence, one sweep over the rows.
 """
 import math
 
@@ -32,6 +36,7 @@ import triton.language as tl
 from fastalign.kernels.softmax_math import NEG_INF, add_block, exp
 
 FLOOR: tl.constexpr = tl.constexpr(-1e30)
+STATE_COLS: tl.constexpr = tl.constexpr(10)  # m_s, log_ss, m_t, log_st, m_1, log_s1, K, inv_ns, inv_nt, cos_s
 
 
 @triton.jit
@@ -66,10 +71,10 @@ def _column(xs, xt, m_s, log_ss, m_t, log_st, log_1mb, log_b, MODE: tl.constexpr
 @triton.jit
 def divergence_rows_kernel(
     zs_ptr, s_stride, zt_ptr, t_stride, mask_ptr, labels_ptr, g_soft_ptr, g_hard_ptr,
-    div_ptr, ent_ptr, nll_ptr,
+    div_ptr, ent_ptr, nll_ptr, state_ptr,
     V, inv_t, beta, log_1mb, log_b, ignore_index,
     MODE: tl.constexpr, HAS_MASK: tl.constexpr, HARD: tl.constexpr, HARD_GRAD: tl.constexpr, GRAD: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    STATE_OUT: tl.constexpr, STATE_IN: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # HARD: labels given (the NLL is computed); HARD_GRAD: the NLL has a weight in the gradient (g_hard)
     r = tl.program_id(0).to(tl.int64)
@@ -79,76 +84,107 @@ def divergence_rows_kernel(
     scored = (tl.load(mask_ptr + r) != 0.0) if HAS_MASK else True
     end = tl.where(scored, V, 0)
 
-    m_s = tl.full((), NEG_INF, tl.float32)
-    s_s = tl.zeros((), tl.float32)
-    t_s = tl.zeros((), tl.float32)
-    m_t = tl.full((), NEG_INF, tl.float32)
-    s_t = tl.zeros((), tl.float32)
-    m_1 = tl.full((), NEG_INF, tl.float32)
-    s_1 = tl.zeros((), tl.float32)
-    for start in range(0, end, BLOCK_V):
-        c = start + cols
-        z = tl.load(zs_row + c, mask=c < V, other=float("-inf")).to(tl.float32)
-        zt = tl.load(zt_row + c, mask=c < V, other=float("-inf")).to(tl.float32)
-        m_s, s_s, t_s, _q = add_block(m_s, s_s, t_s, s_s, z * inv_t, 0, True, False)
-        m_t, s_t, _t, _q = add_block(m_t, s_t, s_t, s_t, zt * inv_t, 0, False, False)
-        if HARD:
-            m_1, s_1, _t, _q = add_block(m_1, s_1, s_1, s_1, z, 0, False, False)
-    log_ss = tl.log(s_s)
-    log_st = tl.log(s_t)
-    ent = log_ss - t_s / s_s
-
-    d_acc = tl.zeros([BLOCK_V], tl.float32)
-    k_acc = tl.zeros([BLOCK_V], tl.float32)
-    t_acc = tl.zeros([BLOCK_V], tl.float32)  # cosine: |x_t|^2 (d_acc: x_s . x_t, k_acc: |x_s|^2)
-    for start in range(0, end, BLOCK_V):
-        c = start + cols
-        inside = c < V
-        xs = tl.load(zs_row + c, mask=inside, other=0.0).to(tl.float32) * inv_t
-        xt = tl.load(zt_row + c, mask=inside, other=0.0).to(tl.float32) * inv_t
-        if MODE == 3:
-            d_acc += xs * xt
-            k_acc += xs * xs
-            t_acc += xt * xt
-        else:
-            lps, lpt, ps, pt, lm = _column(xs, xt, m_s, log_ss, m_t, log_st, log_1mb, log_b, MODE)
-            if MODE == 0:
-                d = pt * (lpt - lps)
-                k = tl.zeros([BLOCK_V], tl.float32)
-            elif MODE == 1:
-                d = ps * (lps - lpt)
-                k = d
-            elif MODE == 4:
-                d = 0.5 * tl.abs(ps - pt)
-                k = ps * _sign(ps - pt)
-            else:
-                k = ps * (lps - lm)
-                d = beta * (pt * (lpt - lm)) + (1.0 - beta) * k
-            d_acc += tl.where(inside, d, 0.0)
-            k_acc += tl.where(inside, k, 0.0)
-    if MODE == 3:
-        n_s = tl.sqrt(tl.sum(k_acc, 0))
-        n_t = tl.sqrt(tl.sum(t_acc, 0))
-        inv_ns = 1.0 / tl.where(n_s > 1e-12, n_s, 1e-12)
-        inv_nt = 1.0 / tl.where(n_t > 1e-12, n_t, 1e-12)
-        cos = tl.sum(d_acc, 0) * inv_ns * inv_nt
-        cos_s = tl.where(n_s <= 1e-12, 0.0, cos)  # a NaN norm keeps the NaN
-        D = 1.0 - cos
-        K = 0.0
-    else:
-        D = tl.sum(d_acc, 0)
-        K = tl.sum(k_acc, 0)
-    tl.store(div_ptr + r, tl.where(scored, D, 0.0))
-    tl.store(ent_ptr + r, tl.where(scored, ent, 0.0))
-
+    y = ignore_index
+    labelled = False
+    valid = False
     if HARD:
         y = tl.load(labels_ptr + r)
         labelled = scored & (y != ignore_index)
         valid = (y >= 0) & (y < V)
-        z_y = tl.load(zs_row + tl.where(valid & labelled, y, 0)).to(tl.float32)
+    st_row = state_ptr + r * STATE_COLS
+    if STATE_IN:  # sweeps 1-2 ran in the call that wrote the state
+        m_s = tl.load(st_row + 0)
+        log_ss = tl.load(st_row + 1)
+        m_t = tl.load(st_row + 2)
+        log_st = tl.load(st_row + 3)
+        m_1 = tl.load(st_row + 4)
+        log_s1 = tl.load(st_row + 5)
+        K = tl.load(st_row + 6)
+        inv_ns = tl.load(st_row + 7)
+        inv_nt = tl.load(st_row + 8)
+        cos_s = tl.load(st_row + 9)
+    else:
+        m_s = tl.full((), NEG_INF, tl.float32)
+        s_s = tl.zeros((), tl.float32)
+        t_s = tl.zeros((), tl.float32)
+        m_t = tl.full((), NEG_INF, tl.float32)
+        s_t = tl.zeros((), tl.float32)
+        m_1 = tl.full((), NEG_INF, tl.float32)
+        s_1 = tl.zeros((), tl.float32)
+        for start in range(0, end, BLOCK_V):
+            c = start + cols
+            z = tl.load(zs_row + c, mask=c < V, other=float("-inf")).to(tl.float32)
+            zt = tl.load(zt_row + c, mask=c < V, other=float("-inf")).to(tl.float32)
+            m_s, s_s, t_s, _q = add_block(m_s, s_s, t_s, s_s, z * inv_t, 0, True, False)
+            m_t, s_t, _t, _q = add_block(m_t, s_t, s_t, s_t, zt * inv_t, 0, False, False)
+            if HARD:
+                m_1, s_1, _t, _q = add_block(m_1, s_1, s_1, s_1, z, 0, False, False)
+        log_ss = tl.log(s_s)
+        log_st = tl.log(s_t)
+        ent = log_ss - t_s / s_s
+
+        d_acc = tl.zeros([BLOCK_V], tl.float32)
+        k_acc = tl.zeros([BLOCK_V], tl.float32)
+        t_acc = tl.zeros([BLOCK_V], tl.float32)  # cosine: |x_t|^2 (d_acc: x_s . x_t, k_acc: |x_s|^2)
+        for start in range(0, end, BLOCK_V):
+            c = start + cols
+            inside = c < V
+            xs = tl.load(zs_row + c, mask=inside, other=0.0).to(tl.float32) * inv_t
+            xt = tl.load(zt_row + c, mask=inside, other=0.0).to(tl.float32) * inv_t
+            if MODE == 3:
+                d_acc += xs * xt
+                k_acc += xs * xs
+                t_acc += xt * xt
+            else:
+                lps, lpt, ps, pt, lm = _column(xs, xt, m_s, log_ss, m_t, log_st, log_1mb, log_b, MODE)
+                if MODE == 0:
+                    d = pt * (lpt - lps)
+                    k = tl.zeros([BLOCK_V], tl.float32)
+                elif MODE == 1:
+                    d = ps * (lps - lpt)
+                    k = d
+                elif MODE == 4:
+                    d = 0.5 * tl.abs(ps - pt)
+                    k = ps * _sign(ps - pt)
+                else:
+                    k = ps * (lps - lm)
+                    d = beta * (pt * (lpt - lm)) + (1.0 - beta) * k
+                d_acc += tl.where(inside, d, 0.0)
+                k_acc += tl.where(inside, k, 0.0)
+        if MODE == 3:
+            n_s = tl.sqrt(tl.sum(k_acc, 0))
+            n_t = tl.sqrt(tl.sum(t_acc, 0))
+            inv_ns = 1.0 / tl.where(n_s > 1e-12, n_s, 1e-12)
+            inv_nt = 1.0 / tl.where(n_t > 1e-12, n_t, 1e-12)
+            cos = tl.sum(d_acc, 0) * inv_ns * inv_nt
+            cos_s = tl.where(n_s <= 1e-12, 0.0, cos)  # a NaN norm keeps the NaN
+            D = 1.0 - cos
+            K = tl.zeros((), tl.float32)
+        else:
+            D = tl.sum(d_acc, 0)
+            K = tl.sum(k_acc, 0)
+            inv_ns = tl.zeros((), tl.float32)
+            inv_nt = tl.zeros((), tl.float32)
+            cos_s = tl.zeros((), tl.float32)
+        tl.store(div_ptr + r, tl.where(scored, D, 0.0))
+        tl.store(ent_ptr + r, tl.where(scored, ent, 0.0))
+
         log_s1 = tl.log(s_1)
-        nll = tl.where(valid, log_s1 - (z_y - m_1), float("nan"))
-        tl.store(nll_ptr + r, tl.where(labelled, nll, 0.0))
+        if HARD:
+            z_y = tl.load(zs_row + tl.where(valid & labelled, y, 0)).to(tl.float32)
+            nll = tl.where(valid, log_s1 - (z_y - m_1), float("nan"))
+            tl.store(nll_ptr + r, tl.where(labelled, nll, 0.0))
+        if STATE_OUT:
+            tl.store(st_row + 0, m_s)
+            tl.store(st_row + 1, log_ss)
+            tl.store(st_row + 2, m_t)
+            tl.store(st_row + 3, log_st)
+            tl.store(st_row + 4, m_1)
+            tl.store(st_row + 5, log_s1)
+            tl.store(st_row + 6, K)
+            tl.store(st_row + 7, inv_ns)
+            tl.store(st_row + 8, inv_nt)
+            tl.store(st_row + 9, cos_s)
     if GRAD:
         g_soft = tl.load(g_soft_ptr + r) * inv_t
         g_hard = 0.0
@@ -185,11 +221,13 @@ def _block(V):
     return min(triton.next_power_of_2(max(V, 1)), 2048)
 
 
-def divergence_rows(zs, zt, inv_t, mode, beta, mask, labels, ignore_index, g_soft, g_hard, div, ent, nll):
+def divergence_rows(zs, zt, inv_t, mode, beta, mask, labels, ignore_index, g_soft, g_hard, div, ent, nll, state=None,
+                    state_in=False):
     """zs, zt: [n, V] (last dim contiguous); zs is overwritten with the gradient when ``g_soft`` is given.
     ``mode``: 0 forward KL, 1 reverse KL, 2 the generalized JSD at ``beta``, 3 the cosine distance, 4 the total
     variation distance.
-    ``mask``, ``labels``, ``g_hard``, ``nll``: None to skip."""
+    ``mask``, ``labels``, ``g_hard``, ``nll``: None to skip. ``state`` (``[n, STATE_COLS]`` fp32): written without
+    ``g_soft``; read by a gradient call with ``state_in`` (which then writes no ``div``, ``ent`` or ``nll``)."""
     n, V = zs.shape
     if n == 0:
         return
@@ -201,8 +239,10 @@ def divergence_rows(zs, zt, inv_t, mode, beta, mask, labels, ignore_index, g_sof
         zs, zs.stride(0), zt, zt.stride(0), mask if mask is not None else dummy,
         labels if labels is not None else dummy, g_soft if g_soft is not None else dummy,
         g_hard if g_hard is not None else dummy, div, ent, nll if nll is not None else dummy,
+        state if state is not None else dummy,
         V, inv_t, beta, log_1mb, log_b, ignore_index,
         MODE=mode, HAS_MASK=mask is not None, HARD=labels is not None,
         HARD_GRAD=labels is not None and g_hard is not None, GRAD=g_soft is not None,
+        STATE_OUT=state is not None and g_soft is None, STATE_IN=state is not None and state_in,
         BLOCK_V=block, num_warps=8 if block >= 1024 else 4,
     )

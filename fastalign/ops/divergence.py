@@ -72,15 +72,18 @@ def _outputs(student: Tensor, teacher: Tensor, mask: Optional[Tensor], labels: O
     return torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n if nll else 0, **f32)
 
 
-def _write_rows(
-    student: Tensor, teacher: Tensor, mask: Optional[Tensor], labels: Optional[Tensor], grad_soft: Optional[Tensor],
-    grad_hard: Optional[Tensor], inv_temperature: float, divergence: str, beta: float, ignore_index: int, nll: bool,
-    backend: str, out: tuple[Tensor, Tensor, Tensor],
-) -> None:
-    """Returns (divergence, entropy, nll) per row (nll empty unless asked, with ``labels``); ``divergence`` one
-    of :data:`DIVERGENCES` (``beta`` read by the jsd only); ``mask`` (fp32, 0: the row gives zeros), ``labels``
-    (int64), ``grad_soft`` / ``grad_hard`` (fp32 per-row weights of the gradient written over ``student``) may
-    be None."""
+#: the floats of a row's state (the softmax states, K, the cosine's terms), one layout per kernel family
+#: (``kStateCols`` of csrc/cpu/divergence.cpp, ``STATE_COLS`` of fastalign/kernels/divergence.py)
+STATE_COLS = 10
+
+
+def _write_rows(student: Tensor, teacher: Tensor, mask: Optional[Tensor], labels: Optional[Tensor],
+                grad_soft: Optional[Tensor], grad_hard: Optional[Tensor], inv_temperature: float, divergence: str,
+                beta: float, ignore_index: int, nll: bool, backend: str, out: tuple[Tensor, Tensor, Tensor],
+                state: Optional[Tensor] = None, state_in: bool = False) -> None:
+    """The kernels of :func:`divergence_rows`; ``state`` (``[n, STATE_COLS]`` fp32, the layout of ``backend``'s
+    kernel): written by a call without ``grad_soft``, read by a gradient call with ``state_in``, which then runs
+    the gradient sweep alone and writes nothing to ``out``."""
     div, ent, nll_out = out
     n, V = student.shape
     mode = divergence_mode(divergence, beta)
@@ -89,16 +92,28 @@ def _write_rows(
     if backend == "triton":
         triton_kernels("divergence").divergence_rows(
             student, teacher, inv_temperature, mode, beta, mask, labels, ignore_index, grad_soft, grad_hard, div,
-            ent, nll_out if nll_out.numel() else None)
+            ent, nll_out if nll_out.numel() else None, state, state_in)
         return
     if student.dtype != torch.float32 or teacher.dtype != torch.float32:
         raise TypeError("the C++ divergence kernel takes fp32 logits")
     _backend.compiled().divergence_rows_cpu(
         student.data_ptr(), teacher.data_ptr(), n, V, student.stride(0), teacher.stride(0), inv_temperature, mode,
-        beta, ptr(mask), ptr(labels), ignore_index, ptr(grad_soft), ptr(grad_hard), ptr(div), ptr(ent), ptr(nll_out))
+        beta, ptr(mask), ptr(labels), ignore_index, ptr(grad_soft), ptr(grad_hard), ptr(div), ptr(ent), ptr(nll_out),
+        ptr(state), state_in)
 
 
-divergence_rows = kernel_op("divergence_rows", _outputs, mutates_args=("student",))(_write_rows)
+@kernel_op("divergence_rows", _outputs, mutates_args=("student",))
+def divergence_rows(
+    student: Tensor, teacher: Tensor, mask: Optional[Tensor], labels: Optional[Tensor], grad_soft: Optional[Tensor],
+    grad_hard: Optional[Tensor], inv_temperature: float, divergence: str, beta: float, ignore_index: int, nll: bool,
+    backend: str, out: tuple[Tensor, Tensor, Tensor],
+) -> None:
+    """Returns (divergence, entropy, nll) per row (nll empty unless asked, with ``labels``); ``divergence`` one
+    of :data:`DIVERGENCES` (``beta`` read by the jsd only); ``mask`` (fp32, 0: the row gives zeros), ``labels``
+    (int64), ``grad_soft`` / ``grad_hard`` (fp32 per-row weights of the gradient written over ``student``) may
+    be None."""
+    _write_rows(student, teacher, mask, labels, grad_soft, grad_hard, inv_temperature, divergence, beta,
+                ignore_index, nll, backend, out)
 
 
 def divergence_rows_call(student, teacher, mask, labels, grad_soft, grad_hard, inv_temperature, divergence, beta,
@@ -112,43 +127,46 @@ def divergence_rows_call(student, teacher, mask, labels, grad_soft, grad_hard, i
 
 
 # ------------------------------------------------------------------------------ differentiable per-token divergence
-# ``fastalign::token_divergence`` (forward, no gradient written) and its backward ops, which run the same kernel
-# with the output gradients as the per-row weights ``grad_soft`` (of D) and ``grad_hard`` (of the NLL): the kernel
-# writes ``g_D / T dD/dx_s + g_NLL (softmax(z_s) - 1[j = y])`` over the student rows it is given (a copy of the
-# logits, or the logits themselves in place). The teacher is a constant.
+# ``fastalign::token_divergence`` (forward, no gradient written; it keeps each row's state) and its backward ops,
+# which run the kernel's gradient sweep alone from that state, with the output gradients as the per-row weights
+# ``grad_soft`` (of D) and ``grad_hard`` (of the NLL): ``g_D / T dD/dx_s + g_NLL (softmax(z_s) - 1[j = y])``
+# written over the student rows it is given (a copy of the logits, or the logits themselves in place). The teacher
+# is a constant.
 
 def _token_outputs(student: Tensor, teacher: Tensor, mask: Optional[Tensor], labels: Optional[Tensor], nll: bool,
                    inplace_backward: bool):
-    """(divergence, entropy, nll) per row; the inputs checked as the kernels read them (:func:`_outputs`)."""
+    """(divergence, entropy, nll, state) per row; the inputs checked as the kernels read them (:func:`_outputs`)."""
     if inplace_backward:
         check_inplace_backward(student)
-    return _outputs(student, teacher, mask, labels, None, None, nll)
+    div, ent, nll_out = _outputs(student, teacher, mask, labels, None, None, nll)
+    return div, ent, nll_out, torch.empty(student.shape[0], STATE_COLS, device=student.device, dtype=torch.float32)
 
 
 @kernel_op("token_divergence", _token_outputs)
 def token_divergence(
     student: Tensor, teacher: Tensor, mask: Optional[Tensor], labels: Optional[Tensor], inv_temperature: float,
     divergence: str, beta: float, ignore_index: int, nll: bool, backend: str, inplace_backward: bool,
-    out: tuple[Tensor, Tensor, Tensor],
+    out: tuple[Tensor, Tensor, Tensor, Tensor],
 ) -> None:
-    """(divergence, entropy, nll) per row, differentiable in ``student`` (``inplace_backward``: d(student)
-    overwrites it)."""
+    """(divergence, entropy, nll, state) per row, differentiable in ``student`` (``inplace_backward``: d(student)
+    overwrites it); ``state`` is what the backward reads."""
     _write_rows(student, teacher, mask, labels, None, None, inv_temperature, divergence, beta, ignore_index, nll,
-                backend, out)
+                backend, out[:3], out[3])
 
 
 def _backward_into(grad: Tensor, g_div: Optional[Tensor], g_nll: Optional[Tensor], teacher: Tensor,
-                   mask: Optional[Tensor], labels: Optional[Tensor], inv_temperature: float, divergence: str,
-                   beta: float, ignore_index: int, backend: str) -> None:
-    """d(student) over ``grad`` (the student's values on entry): the kernel's gradient pass with the output
-    gradients as its per-row weights (a missing one weighs 0; the kernel writes only with ``grad_soft``)."""
+                   mask: Optional[Tensor], labels: Optional[Tensor], state: Tensor, inv_temperature: float,
+                   divergence: str, beta: float, ignore_index: int, backend: str) -> None:
+    """d(student) over ``grad`` (the student's values on entry): the kernel's gradient sweep from the forward's
+    ``state``, with the output gradients as its per-row weights (a missing one weighs 0; the kernel writes only
+    with ``grad_soft``)."""
     n = grad.shape[0]
     f32 = dict(device=grad.device, dtype=torch.float32)
     g_soft = torch.zeros(n, **f32) if g_div is None else g_div.reshape(n).float().contiguous()
     g_hard = None if g_nll is None or labels is None else g_nll.reshape(n).float().contiguous()
-    scratch = _outputs(grad, teacher, mask, labels, None, None, False)
+    unused = torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(0, **f32)  # the sweep writes no outputs
     _write_rows(grad, teacher, mask, labels, g_soft, g_hard, inv_temperature, divergence, beta, ignore_index,
-                False, backend, scratch)
+                False, backend, unused, state, True)
 
 
 def _grad_outputs(student: Tensor):
@@ -158,12 +176,12 @@ def _grad_outputs(student: Tensor):
 @kernel_op("token_divergence_backward", _grad_outputs)
 def token_divergence_backward(
     grad_divergence: Optional[Tensor], grad_nll: Optional[Tensor], student: Tensor, teacher: Tensor,
-    mask: Optional[Tensor], labels: Optional[Tensor], inv_temperature: float, divergence: str, beta: float,
-    ignore_index: int, backend: str, out: Tensor,
+    mask: Optional[Tensor], labels: Optional[Tensor], state: Tensor, inv_temperature: float, divergence: str,
+    beta: float, ignore_index: int, backend: str, out: Tensor,
 ) -> None:
     """d(loss)/d(student) in the student's dtype, a new tensor."""
     out.copy_(student)
-    _backward_into(out, grad_divergence, grad_nll, teacher, mask, labels, inv_temperature, divergence, beta,
+    _backward_into(out, grad_divergence, grad_nll, teacher, mask, labels, state, inv_temperature, divergence, beta,
                    ignore_index, backend)
 
 
@@ -174,27 +192,27 @@ def _no_outputs(student: Tensor):
 @kernel_op("token_divergence_backward_", _no_outputs, mutates_args=("student",))
 def token_divergence_backward_(
     grad_divergence: Optional[Tensor], grad_nll: Optional[Tensor], student: Tensor, teacher: Tensor,
-    mask: Optional[Tensor], labels: Optional[Tensor], inv_temperature: float, divergence: str, beta: float,
-    ignore_index: int, backend: str, out: None,
+    mask: Optional[Tensor], labels: Optional[Tensor], state: Tensor, inv_temperature: float, divergence: str,
+    beta: float, ignore_index: int, backend: str, out: None,
 ) -> None:
     """In-place backward: overwrites ``student`` with d(loss)/d(student) (saves one [n, V] buffer)."""
-    _backward_into(student, grad_divergence, grad_nll, teacher, mask, labels, inv_temperature, divergence, beta,
-                   ignore_index, backend)
+    _backward_into(student, grad_divergence, grad_nll, teacher, mask, labels, state, inv_temperature, divergence,
+                   beta, ignore_index, backend)
 
 
 def _setup_context(ctx, inputs, output):
     student, teacher, mask, labels, inv_t, divergence, beta, ignore_index, _nll, backend, inplace = inputs
-    ctx.save_for_backward(student, teacher, mask, labels)
+    ctx.save_for_backward(student, teacher, mask, labels, output[3])
     ctx.options = (inv_t, divergence, beta, ignore_index, backend)
     ctx.inplace = inplace
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, g_div, _g_ent, g_nll, direct: bool = False):
+def _backward(ctx, g_div, _g_ent, g_nll, _g_state, direct: bool = False):
     """d(student); the entropy is a metric (no gradient). ``direct``: the non-in-place backward without the
     custom-op dispatch."""
-    student, teacher, mask, labels = ctx.saved_tensors
-    args = (g_div, g_nll, student, teacher, mask, labels, *ctx.options)
+    student, teacher, mask, labels, state = ctx.saved_tensors
+    args = (g_div, g_nll, student, teacher, mask, labels, state, *ctx.options)
     if ctx.inplace:
         token_divergence_backward_(*args)
         grad = student
@@ -214,7 +232,7 @@ class _TokenDivergenceEager(torch.autograd.Function):
     def forward(ctx, *inputs):
         out = token_divergence.direct(*inputs)
         _setup_context(ctx, inputs, out)
-        ctx.mark_non_differentiable(out[1])  # entropy: a metric
+        ctx.mark_non_differentiable(out[1], out[3])  # entropy: a metric; the row state
         return out
 
     @staticmethod
