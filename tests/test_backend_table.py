@@ -255,7 +255,7 @@ def test_opcheck_schema_and_fake(name):
 
 def test_direct_implementation_equals_the_op():
     for name, (op, args) in _op_cases().items():
-        if name in ("token_stats_backward_", "divergence_rows", "token_divergence_backward_"):  # they write over an input
+        if name in ("token_stats_backward_", "divergence_rows", "token_divergence_backward_"):  # write over an input
             continue
         a, b = op(*args), op.direct(*args)
         a = a if isinstance(a, tuple) else (a,)

@@ -1,5 +1,5 @@
-"""``triton_grpo_loss`` (fastalign.integrations.liger_grpo) against Liger-Kernel 0.8's own ``triton_grpo_loss`` and a
-float64 reference.
+"""``triton_grpo_loss`` (fastalign.integrations.liger_grpo_logits) against Liger-Kernel 0.8's own
+``triton_grpo_loss`` and a float64 reference.
 
 Liger's function is a Triton kernel. Without a GPU it runs here on CPU tensors in the Triton interpreter
 (``TRITON_INTERPRET=1``, set by conftest.py before Triton is imported); its float options are ``tl.constexpr``
@@ -21,7 +21,7 @@ import torch
 
 from helpers import assert_close
 
-from fastalign.integrations.liger_grpo import triton_grpo_loss
+from fastalign.integrations.liger import triton_grpo_loss
 
 liger_grpo = pytest.importorskip("liger_kernel.transformers.grpo_loss",
                                  reason="liger_kernel is not installed: `pip install liger-kernel==0.8.*`")

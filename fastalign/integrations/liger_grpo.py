@@ -1,226 +1,374 @@
-"""Liger-Kernel 0.8's GRPO loss on materialised logits, ``liger_kernel.transformers.grpo_loss.triton_grpo_loss``:
-the same signature, defaults and return values, computed by :func:`fastalign.token_logprobs` (the log-probs of the
-completion tokens, one pass over each row of the logits, and a fused backward that writes d(logits)),
-:func:`fastalign.policy_loss` (the loss, ``reduce=True``) and :func:`fastalign.kl_penalty`. A user swaps the
-import::
+"""Liger-Kernel 0.8's chunked GRPO loss, ``liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss``, from the hidden
+states and the lm_head weight (never the ``[N, V]`` logits), and the option mapping and metrics that it shares with
+Liger's GRPO loss on logits (:func:`fastalign.integrations.liger_grpo_logits.triton_grpo_loss`). Re-exported by
+:mod:`fastalign.integrations.liger`::
 
-    from fastalign.integrations.liger_grpo import triton_grpo_loss
-    # was: from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+    from fastalign.integrations.liger import LigerFusedLinearGRPOLoss   # was: from liger_kernel.chunked_loss import ...
 
-``logits`` are ``[B, L+1, V]``: position ``t < L`` scores ``completion_ids[:, t]`` (the last position is not
-read, and its gradient is 0). With ``lp = log softmax(logits[:, t] / temperature)[completion_ids[:, t]]``, ``old``
-= ``old_logp`` (``lp`` itself, detached, when None: a ratio of 1), ``l = lp - old``, ``rho = exp(l)`` per token or,
-at ``importance_sampling_level="sequence"``, ``exp(mean_m l)`` per sequence (the gradient through that mean),
-``A`` the sequence's advantage, ``m`` the completion mask, the per-token loss is::
+Log-probs come from the head in one pass with the loss when gradients are needed (the single pass of
+:class:`fastalign.LinearPolicyLoss`), the loss from :func:`fastalign.policy_loss` (docs/math.md#policy-losses).
 
-    ppo-clip (grpo, bnpo, dr_grpo, dapo, luspo):
-        pg = -min(min(rho, delta) A, clip(rho, 1 - eps_low, 1 + eps_high) A)
-    cispo:  pg = -sg(min(rho, eps_high)) A lp           (eps_high is the ratio's cap, as Liger's)
-    sapo:   pg = -A (4 / tau) sigmoid(tau (rho - 1)),   tau = sapo_temperature_pos if A > 0 else _neg
-    vespo:  pg = -sg(phi) A lp,  phi = exp(lambda + k log w - lambda w),  (k, lambda) = vespo_*_pos if A >= 0
-            else vespo_*_neg, log w = clamp(sum_m clamp(l, -20, 20) + sum_t clamp(log r_t, log 1e-8, 20),
-            log 1e-8, 20) (the ``r`` sum over every position of ``vllm_is_ratio``, when given)
-    L = r * pg + beta * KL,   KL = exp(ref - lp) - (ref - lp) - 1   (times rho, with its gradient, with
-                                                                      use_bias_correction_kl)
+GRPO (with ``l = lp - old``, ``rho = exp(l)`` or, at ``importance_sampling_level="sequence"``,
+``exp(mean_m l)``, ``A`` the advantage, ``m`` the attention mask):
 
-``r`` is ``vllm_is_ratio`` (``[B, L]``, ``[B, 1]`` or ``[B]``; 1 without it and for vespo, which folds it into
-``phi``); the KL term is there only with ``beta != 0`` (``ref_logp`` is required then, and not read otherwise).
-The ratio has no clamp (``PolicyConfig.log_ratio_cap = inf``), as Liger's. The gradient is the derivative of
-``L`` with ``sg`` detached (a clamp passes none where it binds, and at a tie of the two ppo terms the first is
-taken), as :func:`fastalign.policy_loss`'s.
+    ppo-clip (grpo, bnpo, dr_grpo, dapo, luspo): pg = -min(min(rho, delta) A, clip(rho, 1 - eps_low, 1 + eps_high) A)
+    cispo: pg = -sg(min(rho, epsilon_high)) A lp      sapo: pg = -A (4/tau) σ(tau (rho - 1))
+    vespo: pg = -sg(phi(w)) A lp, w = exp(sum_m l)    L = w_is pg + beta k3(ref, lp) (* rho with use_bias_correction_kl)
 
-``reduce=False`` returns ``(per_token_loss, per_token_kl, is_clipped)``, each ``[B, L]`` fp32 and 0 where
-``m = 0``: ``L`` (differentiable; the same formulas, in torch ops on ``lp``, since the fused loss returns its
-aggregate only), the ``KL`` (times ``rho`` with ``use_bias_correction_kl``; None at ``beta = 0``) and the clip
-flag (ppo rows: ``rho < 1 - eps_low`` with ``A < 0`` or ``rho > 1 + eps_high`` with ``A > 0``, before ``delta``;
-cispo: ``rho > eps_high`` with ``A > 0``; sapo, vespo: 0), both detached. ``reduce=True`` returns ``(loss,
-metrics)``, ``metrics = [kl_mean, clip_ratio]`` with ``beta != 0``, else ``[clip_ratio]`` (the masked means of
-those two, over ``max(sum m, 1)``), the loss by :func:`fastalign.policy_loss`, aggregated as Liger's ``loss_type``:
-grpo / sapo ``mean_i(sum_t m L / max(sum_t m, 1))`` over every sequence, bnpo ``sum m L / max(sum m, 1)``,
-dr_grpo ``sum m L / (B max_completion_length)`` (the padded length ``L`` when None), dapo / cispo / vespo ``sum
-m L / max(N / world, 1)`` (``N`` = ``num_items_in_batch``, else the token count of the batch summed over the
-processes), luspo ``sum_i |y_i| sum_t m L / (B L)`` (``|y_i| = sum_t m``: Liger's mean over every position of
-``L |y_i|``, whose padding positions are 0 here).
+aggregated as grpo / sapo ``sum_i mean_m(L_i) / B``, bnpo ``sum_m L / sum m``, dr_grpo ``sum_m L /
+(B max_completion_length)``, dapo / cispo / vespo ``sum_m L / (num_items_in_batch / world)`` (the
+token count of the batch, summed over the processes, without ``num_items_in_batch``), luspo
+``sum_i |y_i| L_i / B``. ``vllm_is_ratio`` is ``w_is`` (vespo folds it into its weight).
+``forward`` returns ``(loss, metrics)``: ``metrics = (kl, clip_ratio)`` with ``beta != 0``, else
+``(clip_ratio,)``, each a masked sum over the token count of the batch.
 
-Where Liger's logits version differs from its chunked module (:class:`~fastalign.integrations.liger.
-LigerFusedLinearGRPOLoss`), this function follows the logits version: ``eps_high`` defaults to 0.4 and
-``temperature`` to 0.9; dr_grpo takes the padded length without ``max_completion_length``; it returns per-token
-outputs by default (``reduce=False``); luspo's padding positions add 0, so every luspo setting with ``beta = 0``
-is computed (with ``beta != 0`` and ``reduce=True`` it raises ``ValueError``: Liger's luspo weighs the KL by the
-sequence length too, which :func:`fastalign.policy_loss` does not express); a token id outside ``[0, V)`` under
-the mask is refused (Liger reads outside the row there; the chunked module drops an id of -100).
+Where Liger's behaviour differs from TRL's, this module follows Liger:
 
-Two gradients of Liger's kernel are not the derivative of its own loss; fastalign's are (as Liger's chunked loss
-and TRL's): with ``delta < 1 + eps_high``, a token of ``A < 0`` whose ratio lies in ``(delta, 1 + eps_high]``
-has the value ``-A rho`` and the gradient ``-A rho`` (Liger's kernel: 0); token-level luspo with ``reduce=True``
-weighs each token's gradient by its own sequence's ``|y_i| / (B L)`` (Liger's kernel reads that ``[B, 1]`` weight
-with the strides of ``[B, L]``, so a token takes another sequence's).
+* ``use_bias_correction_kl`` defaults to False (TRL: True); the KL has no clamp.
+* luspo: Liger sums ``L * |y_i|`` over every position, padding included, and divides by ``B T``;
+  with a per-sequence loss (``importance_sampling_level="sequence"``, ``beta=0``, no per-token
+  ``vllm_is_ratio``) that is TRL's ``sum_i |y_i| L_i / B``, which fastalign computes; any other
+  luspo setting raises ``ValueError``.
+* the clip ratio counts ``rho < 1 - eps_low`` with ``A < 0`` or ``rho > 1 + eps_high`` with ``A > 0``
+  (cispo: ``rho > epsilon_high`` with ``A > 0``; sapo, vespo: 0) per token, before ``delta``.
 
-``inplace=True`` (the default) writes d(logits) over ``logits`` when ``logits`` is an intermediate of the graph,
-such as a model's output: the ``[B, L+1, V]`` gradient the graph receives is the logits' own buffer (its last
-position zeroed), so none is allocated. Read the logits before the backward; a second backward through a retained
-graph raises (torch's check of tensors modified in place). A leaf that requires grad (or a view of one) keeps its
-values and gets a new gradient (Liger overwrites it too), as with ``inplace=False``.
+The ratio is ``exp(l)`` (or ``exp(mean_m l)``) with no clamp, as Liger's ``coef_1``
+(``PolicyConfig.log_ratio_cap = inf``).
 
-Differences from Liger and what raises: options are checked before any work, and a bad one is a ``ValueError`` /
-``TypeError`` naming it, as are tensors of the wrong shape, dtype or device, named as Liger names them (Liger
-asserts, or reads out of bounds). An option the loss type does not read, given a value other than its default,
-raises (sapo_temperature_* but sapo, vespo_* but vespo, delta and eps_low but the ppo rows, eps_high but the ppo
-rows and cispo), as does a sequence-level ratio with cispo / sapo / vespo, ``num_items_in_batch`` with a loss type
-that does not divide by it (or with ``reduce=False``), and ``beta != 0`` without ``ref_logp``. A completion mask
-with values other than 0 and 1 raises where its values are on the host (Liger weighs the tokens by it), else makes
-the outputs NaN; so does an id outside ``[0, V)`` under the mask. The logits may be fp32, bf16 or fp16 (the math
-is fp32, the gradient in the logits' dtype; float64 logits are computed in fp32), with any strides but a
-contiguous last dimension; ``completion_ids`` int64 or int32. A NaN on a scored token reaches the outputs; a
-value where the mask is 0 is never read (but vespo's ``vllm_is_ratio``, summed over every position as Liger sums
-it), where Liger's sequence ratio and vespo weight take a NaN ``old_logp`` there. Nothing synchronises with the
-host (values are checked on the host only where they are there already, on the CPU). Nothing here imports
-Liger-Kernel.
+``compiled`` and ``chunk_size`` choose how Liger runs, not what it computes: they are accepted and do not change the
+result. A target equal to ``ignore_index`` (-100) under the attention mask is dropped from the mask (Liger would
+score it as a log-prob of ``-logsumexp``). An ``attention_mask`` with values other than 0 and 1 (Liger weighs the
+tokens by it) raises ``ValueError`` naming it. The option table and what raises: docs/integrations.md#liger-kernel.
+Nothing here imports Liger-Kernel.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import NamedTuple, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastalign import _validate
 from fastalign.integrations._dtypes import float64_as_float32
+from fastalign.integrations._liger_checks import (binary_mask, check_heads, execution_options, not_default,
+                                                  number_or_tensor)
+from fastalign.integrations._live_options import LiveOptions, SinglePassAttribute
+from fastalign.integrations.trl.grpo import GRPO_LOSSES  # Liger's GRPO loss types are TRL's
 from fastalign.kl import kl_penalty
-from fastalign.logprobs import overwritable, token_logprobs
+from fastalign.linear import linear_logprobs
+from fastalign.linear_policy import policy_step
+from fastalign.policy import policy_loss
+from fastalign.policy_config import PolicyConfig, log_ratio_cap_option
 
-__all__ = ["triton_grpo_loss"]
+__all__ = ["LigerFusedLinearGRPOLoss"]
 
-_UNSCORED = -100  # the label of the positions the mask drops: token_logprobs gives them 0 and no gradient
-
-
-class _ScoredPositions(torch.autograd.Function):
-    """``logits[:, :-1]`` whose gradient comes back as the ``[B, L+1, V]`` d(logits), 0 at the last position:
-    the logits' own buffer when the gradient of the positions is that buffer (written over it by
-    :func:`fastalign.token_logprobs` with ``inplace_backward``), else a new tensor. Without it autograd's slice
-    would allocate a new ``[B, L+1, V]`` gradient beside the overwritten buffer."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor) -> Tensor:
-        ctx.buffer = logits.detach()  # an alias of the buffer, not a saved tensor: the backward writes over it
-        return logits[:, :-1]
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        buffer = ctx.buffer
-        del ctx.buffer  # no reference left behind: a leaf's AccumulateGrad may then keep the buffer as its .grad
-        if grad.data_ptr() == buffer.data_ptr() and grad.stride() == buffer[:, :-1].stride():
-            buffer[:, -1].zero_()
-            return buffer
-        out = torch.empty_like(buffer)
-        out[:, :-1] = grad
-        out[:, -1] = 0
-        return out
+_GRPO_IGNORE_INDEX = -100
+_VESPO_LOG_MIN = math.log(1e-8)  # Liger's lower bound on vespo's log-weights
 
 
-def _per_token_loss(setup, lp: Tensor, old: Tensor, ref: Optional[Tensor], advantages: Tensor, mask: Tensor,
-                    vllm_is_ratio: Optional[Tensor]) -> Tensor:
-    """``L [B, L]`` of the module doc, fp32, 0 where ``mask`` is False, differentiable in ``lp`` as
-    :func:`fastalign.policy_loss` is (cispo's cap and vespo's ``phi`` pass no gradient, nor a clamp where it
-    binds)."""
-    B = lp.shape[0]
-    A = advantages.float().reshape(B, 1)
-    rho = _liger._log_ratio(lp, old, mask, setup.level).exp()
-    eps_low, eps_high = setup.eps
+class _GRPOSetup(NamedTuple):
+    """Liger's GRPO options, checked (:func:`_grpo_setup`), and what both of its GRPO losses (the chunked module and
+    ``triton_grpo_loss`` on logits, :mod:`fastalign.integrations.liger_grpo`) read from them."""
+
+    loss_type: str
+    row: str  # the policy-loss row: ppo, cispo, sapo or vespo
+    level: str  # importance_sampling_level
+    beta: float
+    eps: tuple  # (low, high) clip bounds as given (cispo: high is the ratio's cap)
+    kl: bool  # the KL term is in the loss (beta != 0 with a reference)
+    bias_kl: bool  # use_bias_correction_kl
+    per_token_count: bool  # dapo / cispo / vespo divide by the batch's token count (num_items_in_batch)
+    config: PolicyConfig
+
+
+def _grpo_setup(options: dict, eps_names: tuple, eps_high_default: float, *, kl: bool = True) -> _GRPOSetup:
+    """Check Liger's GRPO options (``options``: their values by Liger's names; the two clip bounds under
+    ``eps_names``, the upper one's default ``eps_high_default``; ``kl``: a reference exists, without which Liger's
+    KL is against ``lp`` itself: 0, with a zero gradient) and build the
+    :class:`~fastalign.PolicyConfig` of the loss. An option the loss type does not read, given a value other
+    than its default, raises ``ValueError`` naming it; so does a sequence-level ratio with cispo / sapo / vespo.
+    dr_grpo divides by ``max_completion_length`` when given, else by the padded length."""
+    beta = _validate.finite_number("beta", options["beta"])
+    eps_low, eps_high = (_validate.finite_number(name, options[name]) for name in eps_names)
+    for name, eps in zip(eps_names, (eps_low, eps_high)):
+        if not eps >= 0:
+            raise ValueError(f"{name} must be >= 0, got {eps}")
+    for name in ("temperature", "sapo_temperature_pos", "sapo_temperature_neg"):
+        _validate.positive(name, options[name])
+    vespo = tuple(_validate.finite_number(name, options[name])
+                  for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"))
+    bias_kl = _validate.boolean("use_bias_correction_kl", options["use_bias_correction_kl"])
+    loss_type, level, delta = options["loss_type"], options["importance_sampling_level"], options["delta"]
+    max_len = options["max_completion_length"]
+    if max_len is not None:
+        _validate.at_least("max_completion_length", max_len, 1)
+    if delta is not None:
+        _validate.positive("delta", delta)
+    if not isinstance(loss_type, str) or loss_type not in GRPO_LOSSES:
+        raise ValueError(f"loss_type must be one of {tuple(GRPO_LOSSES)}, got {loss_type!r}")
+    row, agg, seq_count, per_token_count = GRPO_LOSSES[loss_type]
+    sapo_tau = (options["sapo_temperature_pos"], options["sapo_temperature_neg"])
+    not_default("GRPO", loss_type, **({} if row == "sapo" else dict(
+        sapo_temperature_pos=(sapo_tau[0], 1.0), sapo_temperature_neg=(sapo_tau[1], 1.05))))
+    not_default("GRPO", loss_type, **({} if row == "vespo" else dict(
+        vespo_k_pos=(vespo[0], 2.0), vespo_lambda_pos=(vespo[1], 3.0), vespo_k_neg=(vespo[2], 3.0),
+        vespo_lambda_neg=(vespo[3], 2.0))))
+    not_default("GRPO", loss_type, **({} if row == "ppo" else dict(delta=(delta, None))))
+    not_default("GRPO", loss_type, **({} if row in ("ppo", "cispo") else {eps_names[1]: (eps_high, eps_high_default)}))
+    not_default("GRPO", loss_type, **({} if row == "ppo" else {eps_names[0]: (eps_low, 0.2)}))
+    if level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {level!r}")
+    if level == "sequence" and row != "ppo":
+        raise ValueError(f"importance_sampling_level='sequence' is not supported for loss_type {loss_type!r}")
+    opts: dict = dict(loss_type=row, agg=agg, seq_count=seq_count, importance_sampling_level=level)
+    if row == "ppo":
+        opts.update(eps_low=eps_low, eps_high=eps_high)
+        if delta is not None:
+            opts["delta"] = float(delta)
+    if loss_type == "dr_grpo" and max_len is not None:
+        opts["max_len"] = int(max_len)
+    if row == "cispo":
+        opts["cispo_bounds"] = (0.0, eps_high)  # an absolute cap, no lower bound
+    if row == "sapo":
+        opts["sapo_tau"] = tuple(float(t) for t in sapo_tau)
+    if row == "vespo":
+        opts.update(vespo_k=(vespo[0], vespo[2]), vespo_lambda=(vespo[1], vespo[3]))
+    kl = kl and beta != 0.0
+    if kl:  # k3 without a clamp, times the ratio with its gradient when bias-corrected
+        opts.update(kl_coef=beta, kl_type="k3", kl_clamp=False, kl_rho="grad" if bias_kl else False)
+    opts.update(log_ratio_cap_option(row, opts.get("kl_rho", False), math.inf))  # Liger's ratio has no clamp
+    return _GRPOSetup(loss_type, row, level, beta, (eps_low, eps_high), kl, bias_kl, per_token_count,
+                     PolicyConfig.make(**opts))
+
+
+def _grpo_inputs(B: int, T: int, shape_of: str, device, device_of: str, *, mask: tuple, logps: dict,
+                 advantages: Tensor, vllm_is_ratio: Optional[Tensor]) -> tuple:
+    """The per-sequence and per-token inputs of a GRPO call, checked under Liger's names (a ``TypeError`` /
+    ``ValueError`` naming the argument): ``mask = (name, tensor)`` ``[B, T]`` real (required), ``logps`` (name:
+    tensor or None) ``[B, T]`` float, ``advantages [B]`` float, ``vllm_is_ratio [B]``, ``[B, 1]`` or ``[B, T]``,
+    all on ``device``. Returns ``(*logps, advantages, vllm_is_ratio)`` with float64 as float32, as Liger casts
+    them."""
+    dev = dict(device=device, device_of=device_of)
+    _validate.like((B, T), shape_of, required=True, kind="real", **dev, **{mask[0]: mask[1]})
+    _validate.like((B, T), shape_of, **dev, **logps)
+    _validate.like((B,), "one per sequence", required=True, **dev, advantages=advantages)
+    _validate.like([(B,), (B, 1), (B, T)], "one per sequence or per token", **dev, vllm_is_ratio=vllm_is_ratio)
+    return tuple(map(float64_as_float32, (*logps.values(), advantages, vllm_is_ratio)))
+
+
+def _num_items(num_items_in_batch, setup: _GRPOSetup) -> None:
+    """``num_items_in_batch``: None, or a finite count (a number or a one-element tensor) for the loss types that
+    divide by the batch's token count; anything else raises, naming it."""
+    if num_items_in_batch is None:
+        return
+    number_or_tensor("num_items_in_batch", num_items_in_batch, shapes=[(), (1,)], what="a count")
+    n = torch.as_tensor(num_items_in_batch).detach()
+    _validate.flag_or_raise(~torch.isfinite(n).all(), n,
+                            lambda: f"num_items_in_batch must be finite, got {n.reshape(-1).tolist()}")
+    if not setup.per_token_count:
+        raise ValueError(f"num_items_in_batch does not apply to loss_type {setup.loss_type!r}")
+
+
+def _token_count(mask: Tensor, num_items_in_batch):
+    """(tokens of the whole batch, processes): ``num_items_in_batch`` or the mask summed over the processes,
+    at least the number of processes. The loss is ``sum * processes / count``: Liger's ``sum / clamp(count /
+    processes, min=1)``, also when the step scores fewer tokens than there are processes."""
+    world = 1
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+    if num_items_in_batch is not None:
+        n = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=mask.device)
+    else:
+        n = mask.sum().to(torch.float32)
+        if world != 1:
+            dist.all_reduce(n)
+    return n.clamp(min=world), world
+
+
+@torch.no_grad()
+def _vespo_weight(config: PolicyConfig, lp: Tensor, old: Tensor, advantages: Tensor, mask: Tensor,
+                  is_log_sum: Tensor) -> Tensor:
+    """Liger's vespo weight ``phi(w) = exp(lambda + k log w - lambda w)`` per sequence, ``[B, 1]`` (its
+    ``get_gamma_weights``): ``log w = clamp(sum_m clamp(l, -20, 20) + is_log_sum, log 1e-8, 20)``, the
+    ``vllm_is_ratio`` term added before the one clamp of the sum; ``(k, lambda)`` of ``config`` by the sign of
+    ``A``."""
+    l = torch.where(mask, (lp.float() - old.float()).clamp(-20.0, 20.0), 0.0)  # a masked token is not read
+    log_w = (l.sum(-1, keepdim=True) + is_log_sum).clamp(_VESPO_LOG_MIN, 20.0)
+    positive = advantages.reshape(-1, 1) >= 0
+    (k_pos, k_neg), (lambda_pos, lambda_neg) = config.vespo_k, config.vespo_lambda
+    k = torch.where(positive, k_pos, k_neg)
+    lam = torch.where(positive, lambda_pos, lambda_neg).clamp(min=1e-4)
+    return torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+@torch.no_grad()
+def _is_log_sum(vllm_is_ratio: Tensor) -> Tensor:
+    """Liger's ``sum_t clamp(log r_t, log 1e-8, 20)`` of ``vllm_is_ratio`` per sequence, ``[B, 1]``, over every
+    position (padding included), in the ratio's dtype: the part of vespo's log-weight the ratio brings."""
+    B = vllm_is_ratio.shape[0]
+    return vllm_is_ratio.reshape(B, -1).log().clamp(_VESPO_LOG_MIN, 20.0).sum(-1, True).float()
+
+
+def _grpo_loss(setup: _GRPOSetup, advantages: Tensor, mask: Tensor, ref: Optional[Tensor],
+               vllm_is_ratio: Optional[Tensor], num_items_in_batch, seq_weights: Optional[Tensor] = None):
+    """``(config, loss)``: ``loss(lp, old)`` is Liger's GRPO loss of the token log-probs ``lp [B, T]``, the pair
+    ``(loss, metrics)`` of :func:`fastalign.policy_loss` (``mask``: bool, the scored tokens; ``ref``: the reference
+    log-probs of the KL term, None without it); ``config`` the :class:`~fastalign.PolicyConfig` it runs.
+    ``vllm_is_ratio`` weighs the policy term (vespo: it enters the sequence weight ``phi``, computed here as Liger
+    does, beside which the reinforce row ``-phi A lp`` is vespo's); ``seq_weights`` (``[B, 1]``, not vespo) weighs
+    it too."""
+    kw: dict = {}
     cfg = setup.config
+    if setup.per_token_count:
+        kw["global_tokens"], world = _token_count(mask, num_items_in_batch)
+        if world != 1:
+            cfg = PolicyConfig.make(cfg, dp_size=world)
+    is_log_sum = None
+    if vllm_is_ratio is not None and setup.row == "vespo":  # the ratio enters the sequence weight phi
+        is_log_sum = _is_log_sum(vllm_is_ratio)
+        cfg = PolicyConfig.make(cfg, loss_type="reinforce", vespo_k=None, vespo_lambda=None)
+    weights = vllm_is_ratio if is_log_sum is None else None
+    if seq_weights is not None:
+        weights = seq_weights if weights is None else seq_weights * weights.reshape(weights.shape[0], -1)
+    if weights is not None:
+        kw["importance_weights"] = weights
+
+    def loss(lp: Tensor, old: Tensor) -> Tensor:
+        phi = {} if is_log_sum is None else dict(  # vespo as -phi A lp: the reinforce row weighed by Liger's phi
+            importance_weights=_vespo_weight(setup.config, lp, old, advantages, mask, is_log_sum))
+        return policy_loss(lp, old, advantages, mask, ref_logprobs=ref, config=cfg, **kw, **phi)
+
+    return cfg, loss
+
+
+def _log_ratio(lp: Tensor, old: Tensor, mask: Tensor, level: str) -> Tensor:
+    """``l = lp - old`` per token ``[B, T]`` (0 where ``mask`` is False: those values are not read), or at
+    ``level="sequence"`` its mean over each sequence's scored tokens ``[B, 1]``; fp32, differentiable."""
+    l = torch.where(mask, lp.float() - old.float(), 0.0)
+    if level == "sequence":
+        l = l.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    return l
+
+
+@torch.no_grad()
+def _grpo_token_stats(setup: _GRPOSetup, lp: Tensor, old: Tensor, ref: Optional[Tensor], advantages: Tensor,
+                      mask: Tensor) -> tuple:
+    """``(kl, clipped)`` per token ``[B, T]``, fp32, 0 where ``mask`` is False: Liger's KL (k3 of ``ref`` and
+    ``lp``, 0 without ``ref``, times the ratio with ``use_bias_correction_kl``; None at ``beta = 0``) and its clip
+    flag (ppo rows: ``rho < 1 - eps_low`` with ``A < 0`` or ``rho > 1 + eps_high`` with ``A > 0``, before
+    ``delta``; cispo: ``rho > eps_high`` with ``A > 0``; sapo, vespo: 0); ``rho`` the token's or the sequence's
+    ratio."""
+    lp = lp.detach().float()
+    rho = _log_ratio(lp, old, mask, setup.level).exp()
+    kl = None
+    if setup.beta != 0.0:
+        kl = torch.zeros_like(lp)
+        if ref is not None:
+            kl = kl_penalty(lp, torch.where(mask, ref.float(), lp), "k3", clamp=False)
+        if setup.bias_kl:
+            kl = kl * rho
+        kl = torch.where(mask, kl, 0.0)
+    a = advantages.float().reshape(-1, 1)
+    eps_low, eps_high = setup.eps
     if setup.row == "ppo":
-        unclipped = -A * (rho if cfg.delta is None else rho.clamp(max=cfg.delta))
-        clipped = -A * rho.clamp(1.0 - eps_low, 1.0 + eps_high)
-        pg = torch.where(clipped > unclipped, clipped, unclipped)  # as policy_loss: a tie takes the first
+        clipped = ((rho < 1.0 - eps_low) & (a < 0)) | ((rho > 1.0 + eps_high) & (a > 0))
     elif setup.row == "cispo":
-        pg = -rho.detach().clamp(max=eps_high) * A * lp
-    elif setup.row == "sapo":
-        tau = torch.where(A > 0, *cfg.sapo_tau)
-        pg = -A * torch.sigmoid(tau * (rho - 1.0)) * 4.0 / tau
-    else:  # vespo: vllm_is_ratio enters phi
-        is_log_sum = lp.new_zeros(B, 1) if vllm_is_ratio is None else _liger._is_log_sum(vllm_is_ratio)
-        pg = -_liger._vespo_weight(cfg, lp, old, advantages, mask, is_log_sum) * A * lp
-        vllm_is_ratio = None
-    if vllm_is_ratio is not None:
-        pg = pg * torch.where(mask, vllm_is_ratio.reshape(B, -1).float(), 0.0)
-    if setup.kl:
-        kl = kl_penalty(lp, torch.where(mask, ref.float(), lp.detach()), "k3", clamp=False)
-        pg = pg + setup.beta * (kl * rho if setup.bias_kl else kl)
-    return torch.where(mask, pg, 0.0)
+        clipped = (rho > eps_high) & (a > 0)
+    else:  # sapo, vespo have no clip
+        clipped = torch.zeros_like(rho, dtype=torch.bool)
+    return kl, (clipped & mask).to(torch.float32)
 
 
-def triton_grpo_loss(logits, old_logp, ref_logp, completion_ids, advantages, completion_mask=None, temperature=0.9,
-                     beta=0.04, eps_low=0.2, eps_high=0.4, inplace=True, loss_type="dapo", max_completion_length=None,
-                     importance_sampling_level="token", reduce=False, sapo_temperature_pos=1.0,
-                     sapo_temperature_neg=1.05, vllm_is_ratio=None, delta=None, use_bias_correction_kl=False,
-                     num_items_in_batch=None, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
-                     vespo_lambda_neg=2.0):
-    """Liger's ``triton_grpo_loss`` (the module doc): ``logits [B, L+1, V]``, ``old_logp`` / ``ref_logp`` ``[B, L]``
-    or None, ``completion_ids [B, L]``, ``advantages [B]``, ``completion_mask [B, L]`` or None (every token).
-
-    Returns ``(per_token_loss, per_token_kl, is_clipped)`` (``[B, L]`` fp32; ``per_token_kl`` None at ``beta = 0``)
-    with ``reduce=False``, ``(loss, metrics)`` with ``reduce=True``."""
-    setup = _liger._grpo_setup(dict(
-        beta=beta, eps_low=eps_low, eps_high=eps_high, loss_type=loss_type,
-        max_completion_length=max_completion_length, importance_sampling_level=importance_sampling_level,
-        sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg, temperature=temperature,
-        delta=delta, use_bias_correction_kl=use_bias_correction_kl, vespo_k_pos=vespo_k_pos,
-        vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg),
-        ("eps_low", "eps_high"), 0.4)
-    inplace = _validate.boolean("inplace", inplace)
-    reduce = _validate.boolean("reduce", reduce)
-    if reduce and setup.loss_type == "luspo" and setup.beta != 0.0:
-        raise ValueError("loss_type 'luspo' with reduce=True is supported with beta=0 (Liger's luspo weighs the KL "
-                         "term by the sequence length too)")
-    if num_items_in_batch is not None and not reduce:
-        raise ValueError("num_items_in_batch applies only with reduce=True (the per-token outputs are not divided)")
-
-    logits = float64_as_float32(logits)
-    _validate.floating("logits", logits, dim=3)
-    _validate.integer("completion_ids", completion_ids, dim=2)
-    B, L = completion_ids.shape
-    if logits.shape[0] != B or logits.shape[1] != L + 1 or logits.shape[2] == 0:
-        raise ValueError(f"logits must have shape ({B}, {L + 1}, V) with V >= 1 (completion_ids is ({B}, {L}): one "
-                         f"more position than completion tokens), got {tuple(logits.shape)}")
-    _validate.same_device(logits=logits, completion_ids=completion_ids)
-    mask_given = completion_mask is not None
-    if not mask_given:
-        completion_mask = torch.ones(B, L, dtype=torch.bool, device=logits.device)
-    old, ref, advantages, vllm_is_ratio = _liger._grpo_inputs(
-        B, L, "completion_ids.shape", logits.device, "logits", mask=("completion_mask", completion_mask),
-        logps=dict(old_logp=old_logp, ref_logp=ref_logp), advantages=advantages, vllm_is_ratio=vllm_is_ratio)
-    if setup.kl and ref is None:
-        raise ValueError(f"ref_logp is required with beta != 0 (the KL term's reference), got beta={setup.beta}")
-    _liger._num_items(num_items_in_batch, setup)
-
-    V = logits.shape[2]
-    mask = completion_mask.bool()
-    flags = [_liger._binary_mask("completion_mask", completion_mask) if mask_given else None,
-             _validate.flag_or_raise((mask & ((completion_ids < 0) | (completion_ids >= V))).any(), completion_ids,
-                                     lambda: f"completion_ids must lie in [0, {V}) where completion_mask is not 0")]
-    labels = completion_ids.masked_fill(~mask, _UNSCORED)  # unscored positions skip the vocabulary
-    in_place = inplace and overwritable(logits)
-    scored = _ScoredPositions.apply(logits) if in_place else logits[:, :-1]
-    lp = token_logprobs(scored, labels, temperature=temperature, ignore_index=_UNSCORED,
-                        inplace_backward=in_place).logprobs
-    old = lp.detach() if old is None else old
-    ref = ref if setup.kl else None
-
-    def refused(t: Optional[Tensor]) -> Optional[Tensor]:  # NaN where a value could not be refused on the host
-        for flag in flags:
-            t = t if t is None else _validate.nan_if(flag, t)
-        return t
-
-    if reduce:
-        luspo = mask.sum(-1, keepdim=True).to(torch.float32) / max(L, 1) if setup.loss_type == "luspo" else None
-        _, loss = _liger._grpo_loss(setup, advantages, mask, ref, vllm_is_ratio, num_items_in_batch, luspo)
-        metrics = _liger._grpo_metrics(setup, lp, old, ref, advantages, mask)
-        return refused(loss(lp, old)[0]), [refused(m) for m in metrics]
-    kl, clipped = _liger._grpo_token_stats(setup, lp, old, ref, advantages, mask)
-    per_token = _per_token_loss(setup, lp, old, ref, advantages, mask, vllm_is_ratio)
-    return refused(per_token), refused(kl), refused(clipped)
+def _grpo_metrics(setup: _GRPOSetup, lp: Tensor, old: Tensor, ref: Optional[Tensor], advantages: Tensor,
+                  mask: Tensor) -> tuple:
+    """Liger's GRPO metrics, ``(kl, clip_ratio)`` with ``beta != 0``, else ``(clip_ratio,)``: the masked sums of
+    :func:`_grpo_token_stats` over the token count of the batch (at least 1)."""
+    kl, clipped = _grpo_token_stats(setup, lp, old, ref, advantages, mask)
+    n = mask.sum().to(torch.float32).clamp(min=1.0)
+    return tuple(x.sum() / n for x in (kl, clipped) if x is not None)
 
 
-# the functions shared by Liger's two GRPO losses (this one and the chunked module), imported last, so that
-# fastalign.integrations.liger may import this module at its end, whichever of the two is imported first
-from fastalign.integrations import liger as _liger  # noqa: E402
+class LigerFusedLinearGRPOLoss(SinglePassAttribute, LiveOptions, nn.Module):
+    """Liger's ``LigerFusedLinearGRPOLoss`` computed by :func:`fastalign.linear_logprobs` and
+    :func:`fastalign.policy_loss` (formulas in the module docstring and docs/integrations.md). Its options are
+    attributes, read at each call as Liger reads them (an assignment takes effect at the next call);
+    ``single_pass``: :class:`~fastalign.integrations._live_options.SinglePassAttribute`."""
+
+    OPTIONS = ("beta", "compiled", "use_ref_model", "chunk_size", "epsilon_low", "epsilon_high", "loss_type",
+               "max_completion_length", "importance_sampling_level", "sapo_temperature_pos", "sapo_temperature_neg",
+               "temperature", "delta", "use_bias_correction_kl", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+               "vespo_lambda_neg")
+
+    def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True, chunk_size: int = 1,
+                 epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_type: str = "dapo",
+                 max_completion_length: Optional[int] = None, importance_sampling_level: str = "token",
+                 sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, temperature: float = 1.0,
+                 delta: Optional[float] = None, use_bias_correction_kl: bool = False, vespo_k_pos: float = 2.0,
+                 vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0):
+        super().__init__()
+        self._configure_options(locals())
+
+    def _configure(self) -> None:
+        """Check the options and build the :class:`~fastalign.PolicyConfig` of the call (:func:`_grpo_setup`);
+        dr_grpo needs ``max_completion_length`` and luspo a sequence-level ratio without the KL (module doc)."""
+        execution_options(self.compiled, self.chunk_size)
+        _validate.boolean("use_ref_model", self.use_ref_model)
+        setup = _grpo_setup({name: getattr(self, name) for name in self.OPTIONS}, ("epsilon_low", "epsilon_high"),
+                            0.2, kl=self.use_ref_model)
+        if setup.loss_type == "dr_grpo" and self.max_completion_length is None:
+            raise ValueError("max_completion_length must be given for loss_type 'dr_grpo'")
+        if setup.loss_type == "luspo" and (setup.level != "sequence" or setup.beta != 0.0):
+            raise ValueError("loss_type 'luspo' is supported with importance_sampling_level='sequence' and beta=0 "
+                             "(Liger's luspo otherwise sums the padding positions too)")
+        self._setup, self.config = setup, setup.config
+
+    def forward(self, _input: Tensor, lin_weight: Tensor, selected_token_ids: Tensor, attention_mask: Tensor,
+                advantages: Tensor, bias: Optional[Tensor] = None, ref_per_token_logps: Optional[Tensor] = None,
+                old_per_token_logps: Optional[Tensor] = None, ref_input: Optional[Tensor] = None,
+                ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
+                vllm_is_ratio: Optional[Tensor] = None, num_items_in_batch=None):
+        """``(loss, (kl, clip_ratio))`` with ``beta != 0``, else ``(loss, (clip_ratio,))``."""
+        check_heads(_input, lin_weight, bias, "selected_token_ids", selected_token_ids, ref_input, ref_weight,
+                     ref_bias)
+        if selected_token_ids.dim() != 2:
+            raise ValueError(f"selected_token_ids must be [B, T], got shape {tuple(selected_token_ids.shape)}")
+        B, T = selected_token_ids.shape
+        old_per_token_logps, ref_per_token_logps, advantages, vllm_is_ratio = _grpo_inputs(
+            B, T, "selected_token_ids.shape", _input.device, "_input", mask=("attention_mask", attention_mask),
+            logps=dict(old_per_token_logps=old_per_token_logps, ref_per_token_logps=ref_per_token_logps),
+            advantages=advantages, vllm_is_ratio=vllm_is_ratio)
+        if self.use_ref_model:
+            if ref_per_token_logps is None and (ref_input is None or ref_weight is None):
+                raise ValueError("use_ref_model=True needs ref_per_token_logps, or ref_input and ref_weight")
+        elif any(t is not None for t in (ref_per_token_logps, ref_input, ref_weight, ref_bias)):
+            raise ValueError("ref_per_token_logps / ref_input / ref_weight / ref_bias are not used with "
+                             "use_ref_model=False")
+        if vllm_is_ratio is not None and self.loss_type == "luspo" and vllm_is_ratio.dim() == 2 \
+                and vllm_is_ratio.shape[1] != 1:
+            raise ValueError("a per-token vllm_is_ratio is not supported with loss_type 'luspo'")
+        setup = self._setup
+        _num_items(num_items_in_batch, setup)
+        fractional = binary_mask("attention_mask", attention_mask)
+        labels = selected_token_ids
+        mask = attention_mask.bool() & (labels != _GRPO_IGNORE_INDEX)
+        scored = labels.masked_fill(~mask, _GRPO_IGNORE_INDEX)  # unscored positions skip the vocabulary
+        ref = None
+        if setup.kl:
+            if ref_per_token_logps is not None:
+                ref = ref_per_token_logps
+            else:
+                with torch.no_grad():
+                    ref = linear_logprobs(ref_input, ref_weight, scored, bias=ref_bias,
+                                          temperature=self.temperature).logprobs
+        cfg, grpo_loss = _grpo_loss(setup, advantages, mask, ref, vllm_is_ratio, num_items_in_batch)
+
+        # the single pass through the head when gradients are needed (every Liger GRPO loss is separable)
+        loss, _, lp, _ = policy_step(_input, lin_weight, scored, old_per_token_logps,
+                                     lambda lp, old, _entropy: grpo_loss(lp, old), bias=bias,
+                                     single_pass=self.single_pass, token_separable=cfg.token_separable,
+                                     logit=dict(temperature=self.temperature))
+        loss = _validate.nan_if(fractional, loss)  # a fractional mask not read: NaN, not a binarised mask's loss
+        old = lp if old_per_token_logps is None else old_per_token_logps
+        return loss, _grpo_metrics(setup, lp, old, ref, advantages, mask)
