@@ -21,7 +21,6 @@ import torch.distributed as dist
 
 from helpers import assert_close, rank_body, spawn_ranks
 
-from fastalign.integrations import liger_vocab_parallel as lvp
 from fastalign.integrations.liger_vocab_parallel import LigerVocabParallelCrossEntropy
 
 liger_vp = pytest.importorskip("liger_kernel.transformers.vocab_parallel_cross_entropy",
@@ -34,8 +33,6 @@ IGNORED = ((1, 1), (3, 0))
 # (label_smoothing, formula, mode): without smoothing the formula and the mode change nothing
 CASES = [(0.0, "pytorch", "global"), (0.1, "pytorch", "global"), (0.1, "megatron", "global"),
          (0.1, "pytorch", "partition"), (0.1, "megatron", "partition")]
-# rows a block may hold: the default (one block); 7 (blocks of 2 whole s-rows: 2, 2, 1); 2 (parts of an s-row: 2, 1)
-BLOCK_ROWS = (None, 7, 2)
 WORLD, V_LOCAL = 2, 8
 
 
@@ -87,13 +84,6 @@ def _reference(x, target, up, smoothing=0.0, formula="pytorch", shard=None, igno
     return loss.detach(), x.grad[..., shard]
 
 
-def _force_block_rows(monkeypatch, rows):
-    """Blocks of ``rows`` rows of ``V`` logits (None: the default budget) on every device."""
-    if rows is not None:
-        monkeypatch.setattr(lvp, "_BLOCK_ELEMENTS", rows * V)
-        monkeypatch.setattr(lvp, "_ACCELERATOR_BLOCKS", 1)
-
-
 def _run(module, x0, target, up):
     """(loss, d(logits), logits after the backward) of ``module`` on a leaf copy of ``x0`` on DEVICE, on the CPU."""
     leaf = x0.to(DEVICE).clone().requires_grad_(True)
@@ -115,32 +105,28 @@ def _tolerances(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_matches_liger_and_float64_reference(case, dtype, monkeypatch):
+def test_matches_liger_and_float64_reference(case, dtype):
     x0, t, up = _data(1, dtype=dtype)
     loss_tol, grad_tol = _tolerances(dtype)
     liger_loss, liger_grad, _ = _run(LigerModule(**_options(case)), x0, t, up)
     ref_loss, ref_grad = _reference(x0, t, up, case[0], case[1])
-    for rows in BLOCK_ROWS:
-        _force_block_rows(monkeypatch, rows)
-        loss, grad, after = _run(LigerVocabParallelCrossEntropy(**_options(case)), x0, t, up)
-        what = f"{case} {dtype} block rows={rows}"
-        assert loss.dtype == torch.float32 and loss.shape == (S, B) and grad.dtype == dtype
-        assert_close(loss, liger_loss, **loss_tol, what=f"loss vs Liger, {what}")
-        assert_close(grad, liger_grad, **grad_tol, what=f"d(logits) vs Liger, {what}")
-        assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5, what=f"loss vs reference, {what}")
-        assert_close(grad, ref_grad, **grad_tol, what=f"d(logits) vs reference, {what}")
-        assert torch.equal(after, x0), "a leaf keeps its values"
-        for s, b in IGNORED:
-            assert loss[s, b] == 0 and not grad[s, b].any()
+    loss, grad, after = _run(LigerVocabParallelCrossEntropy(**_options(case)), x0, t, up)
+    what = f"{case} {dtype}"
+    assert loss.dtype == torch.float32 and loss.shape == (S, B) and grad.dtype == dtype
+    assert_close(loss, liger_loss, **loss_tol, what=f"loss vs Liger, {what}")
+    assert_close(grad, liger_grad, **grad_tol, what=f"d(logits) vs Liger, {what}")
+    assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5, what=f"loss vs reference, {what}")
+    assert_close(grad, ref_grad, **grad_tol, what=f"d(logits) vs reference, {what}")
+    assert torch.equal(after, x0), "a leaf keeps its values"
+    for s, b in IGNORED:
+        assert loss[s, b] == 0 and not grad[s, b].any()
     assert (ref_loss[t != -100] > 0).all() and liger_grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("rows", [None, 2], ids=["one-block", "blocks-of-2"])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-def test_a_non_leaf_s_gradient_is_written_over_its_logits(layout, rows, monkeypatch):
+def test_a_non_leaf_s_gradient_is_written_over_its_logits(layout):
     """Model logits (an intermediate of the graph; ``[B, S, V]`` transposed to ``[S, B, V]`` too): d(logits) is
     their own buffer, with the reference's values, and reaches the leaf; a second backward raises."""
-    _force_block_rows(monkeypatch, rows)
     case = (0.1, "megatron", "global")
     x0, t, up = _data(2)
     ref_loss, ref_grad = _reference(x0, t, up, case[0], case[1])

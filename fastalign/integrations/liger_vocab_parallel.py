@@ -36,20 +36,22 @@ option                          value                        effect
 ==============================  ===========================  =============================================
 
 At one rank (``tp_group`` None or of size 1) both modes are the same. Each rank forms fp32 statistics of its
-slice a block of rows at a time (its log-sum-exp, the target's logit where it owns the target, the sum of its
-logits for smoothing), and two ``all_reduce`` calls over ``tp_group`` combine them (a MAX of the ranks'
-log-sum-exps, then one SUM of ``exp(lse_r - max)``, the target logit and, in ``"global"`` mode with smoothing,
-the logit sums); none without a group or with a group of one. The backward needs no collective: it recomputes
-``p`` a block of rows at a time from the logits and the saved ``lse`` (fp32; no ``[S, B, V]`` fp32 tensor is
-built, only a block of one). As Liger's: the loss is fp32 whatever the logits' dtype, d(logits) has the logits'
+slice (its log-sum-exp from one fused pass of :func:`fastalign.token_logprobs`, the target's logit where it owns
+the target, the sum of its logits for smoothing), and two ``all_reduce`` calls over ``tp_group`` combine them (a
+MAX of the ranks' log-sum-exps, then one SUM of ``exp(lse_r - max)``, the target logit and, in ``"global"`` mode
+with smoothing, the logit sums); none without a group or with a group of one. The backward needs no collective:
+the fused backward of that pass, at an upstream gradient scaled by the slice's share of the row's mass, writes
+the whole vocabulary's ``g p`` in one pass (one more subtracts the smoothing's constant). As Liger's: the loss is fp32 whatever the logits' dtype, d(logits) has the logits'
 dtype (float64 logits are computed in fp32), NaN in the logits of a row makes its loss NaN, an ignored row gives
 0 and a zero gradient whatever its logits.
 
 Unlike Liger's kernel, which keeps an fp32 copy of the exponentials, the backward writes d(logits) over
 ``vocab_parallel_logits`` when they are an intermediate of the graph (a model's logits, any strides whose
 elements do not overlap), so no ``[S, B, V_local]`` gradient is allocated: read the logits before the backward;
-a second backward through a retained graph raises (torch's check of tensors modified in place). A leaf that
-requires grad (or a view of one) keeps its values: its gradient is a new tensor.
+a second backward through a retained graph raises a ``RuntimeError`` (as torch's check of tensors modified in
+place). A leaf that requires grad (or a view of one) keeps its values: its gradient is a new tensor. With
+smoothing, bf16 / fp16 logits are computed on an fp32 copy (as Liger's exponentials), so that ``g (p - a'/K)``
+is rounded once; that copy receives the gradient.
 
 Errors: ``reduction`` other than ``"none"``, ``label_smoothing`` outside ``[0, 1)``, an unknown formula or mode
 raise Liger's ``ValueError`` (a ``label_smoothing`` that is not a number, an ``ignore_index`` that is not an int:
@@ -84,14 +86,14 @@ from torch import Tensor, nn
 from fastalign import _validate
 from fastalign.integrations._live_options import LiveOptions
 from fastalign.linear import linear_logprobs
-from fastalign.logprobs import overwritable
+from fastalign.logprobs import overwritable, token_logprobs
 
 __all__ = ["LigerVocabParallelCrossEntropy", "liger_fused_linear_scaled_cross_entropy_tp"]
 
+_SKIP = -1  # the label of the ignored rows in the fused pass (never an argmax, whatever ignore_index is)
+
 _FORMULAS = ("pytorch", "megatron")
 _MODES = ("global", "partition")
-_BLOCK_ELEMENTS = 1 << 21  # fp32 logits of a block of rows on the CPU (8 MiB)
-_ACCELERATOR_BLOCKS = 32  # times more off the CPU (256 MiB: fewer, larger blocks on a GPU)
 
 
 class LigerVocabParallelCrossEntropy(LiveOptions, nn.Module):
@@ -154,6 +156,11 @@ class LigerVocabParallelCrossEntropy(LiveOptions, nn.Module):
                     f"it needs a vocabulary of at least 2 ids ({self.label_smoothing_mode!r} mode), got "
                     f"vocab_parallel_logits.shape[-1]={v_local} on {world} rank(s)")
             alpha = smoothing * K / (K - 1)
+        # float64 logits are computed in fp32, as Liger's; with smoothing, bf16 / fp16 ones too (an fp32 copy, as
+        # Liger's fp32 exponentials): d(logits) = g (p - a'/K) is then one rounding. The cast's backward gives
+        # d(logits) in their dtype.
+        if x.dtype == torch.float64 or (smoothing > 0 and x.dtype != torch.float32):
+            x = x.float()
         return _VocabParallelCE.apply(x, target, tp_group if world > 1 else None, rank * v_local, v_local * world,
                                       int(self.ignore_index), alpha, K, smoothing > 0 and whole and world > 1,
                                       overwritable(x))
@@ -181,16 +188,19 @@ class _VocabParallelCE(torch.autograd.Function):
     r"""The loss of the module doc from this rank's logits ``x [S, B, V]`` (``V = V_local``), the global targets,
     the first global id ``start`` of the slice and ``v_global``; ``alpha`` is ``a'`` (0 without smoothing),
     ``K`` the size of the smoothing's set, ``sum_all`` whether the logit sums are summed over the ranks
-    (``"global"`` mode at ``W > 1``). Forward, per row in fp32, a block of rows at a time::
+    (``"global"`` mode at ``W > 1``). Forward, per row in fp32::
 
-        lse_r = m + log sum_j exp(x_j - m)      m = max_j x_j (0 for a row of -inf)
+        lse_r = m - log p_k                     k = argmax_j x_j, m = x_k, log p_k from fastalign.token_logprobs
         lse   = M + log sum_r exp(lse_r - M)    M = max_r lse_r    (all_reduce MAX, then SUM)
         x_y   = sum_r [y on r] x_y              (in the same SUM)
         sum_U = sum_j x_j                       (summed over the ranks in the same SUM with ``sum_all``)
 
-    Backward, ``p = exp(x - lse)`` recomputed a block of rows at a time: ``d x = g (p - a'/K - (1 - a') onehot)``
-    (the onehot on the rank owning ``y``), 0 on ignored rows, NaN on rows of an out-of-range target; written over
-    ``x`` with ``overwrite``, into a new tensor otherwise."""
+    Backward: ``d x = g (c p_r - a'/K - (1 - a') onehot_y)`` with ``p_r = softmax`` of the slice and ``c =
+    exp(lse_r - lse)`` its share of the row's mass, so ``c p_r`` is the whole vocabulary's softmax. The fused
+    backward of ``log p_k`` at the upstream gradient ``-g c`` writes ``g c (p_r - onehot_k)`` in one pass (over
+    ``x`` with ``overwrite``, else into a new tensor); one more pass subtracts ``g a'/K`` with smoothing; the
+    elements ``k`` and ``y`` are then set to their values, computed in fp32. 0 on ignored rows, NaN on rows of an
+    out-of-range target."""
 
     @staticmethod
     def forward(ctx, x: Tensor, target: Tensor, group, start: int, v_global: int, ignore_index: int, alpha: float,
@@ -204,24 +214,25 @@ class _VocabParallelCE(torch.autograd.Function):
         idx = torch.where(owned, local, 0)
         # 1 on a scored row, 0 on an ignored one, NaN where the target lies outside the vocabulary
         scale = torch.where(live & ((t < 0) | (t >= v_global)), math.nan, live.float())
-        lse = torch.empty(t.shape, dtype=torch.float32, device=x.device)
-        z_y = torch.zeros_like(lse)
-        sums = torch.zeros_like(lse)
-        for rows, u in _blocks(x):
-            z_y[rows] = u.gather(2, idx[rows].unsqueeze(2)).squeeze(2)
-            if alpha:
-                sums[rows] = u.sum(2)
-            m = u.amax(2)
-            m = m.masked_fill(m == -math.inf, 0.0)  # a row of -inf logits: exp 0, log-sum-exp -inf
-            lse[rows] = u.sub_(m.unsqueeze(2)).exp_().sum(2).log_().add_(m)
-        z_y = torch.where(owned, z_y, 0.0)
+        # the slice's log-sum-exp from the fused pass at each row's largest logit (exact to its rounding at any
+        # scale); its graph is kept for the backward (ignored rows: no work, no gradient)
+        top = x.argmax(2)
+        m = x.gather(2, top.unsqueeze(2)).squeeze(2).float()
+        with torch.enable_grad():  # a view of x (or a detached leaf): x's own hooks see its gradient once
+            inner = x.view_as(x) if overwrite else x.detach().requires_grad_(True)
+            log_p_top = token_logprobs(inner, torch.where(live, top, _SKIP), ignore_index=_SKIP,
+                                       inplace_backward=overwrite).logprobs
+        lse_r = torch.where(m == -math.inf, m, m - log_p_top.detach())  # a row of -inf logits: -inf
+        z_y = torch.where(owned, x.gather(2, idx.unsqueeze(2)).squeeze(2).float(), 0.0)
+        sums = x.sum(2, dtype=torch.float32) if alpha else torch.zeros_like(lse_r)
+        lse = lse_r
         if group is not None:
-            top = lse.clone()
-            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-            top = top.masked_fill(top == -math.inf, 0.0)
-            packed = torch.stack([torch.exp(lse - top), z_y] + ([sums] if sum_all else []))
+            peak = lse_r.clone()
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+            peak = peak.masked_fill(peak == -math.inf, 0.0)
+            packed = torch.stack([torch.exp(lse_r - peak), z_y] + ([sums] if sum_all else []))
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-            lse = packed[0].log() + top
+            lse = packed[0].log() + peak
             z_y = packed[1]
             if sum_all:
                 sums = packed[2]
@@ -229,45 +240,35 @@ class _VocabParallelCE(torch.autograd.Function):
         if alpha:
             loss = (1.0 - alpha) * loss + alpha * (lse - sums / K)
         loss = torch.where(torch.isnan(scale), math.nan, torch.where(live, loss, 0.0))
-        ctx.save_for_backward(x, lse, idx, owned, scale)
-        ctx.alpha, ctx.K, ctx.overwrite = alpha, K, overwrite
+        ctx.inner = (inner, log_p_top)  # a graph, not saved tensors: the backward differentiates it
+        ctx.save_for_backward(lse, lse_r, m, z_y, top, idx, owned, scale)
+        ctx.alpha, ctx.K, ctx.overwrite, ctx.written = alpha, K, overwrite, False
         return loss
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, lse, idx, owned, scale = ctx.saved_tensors
-        alpha = ctx.alpha
+        lse, lse_r, m, z_y, top, idx, owned, scale = ctx.saved_tensors
+        if ctx.written:
+            raise RuntimeError("one of the variables needed for gradient computation has been modified by an inplace "
+                               "operation: the first backward wrote d(logits) over vocab_parallel_logits (a model's "
+                               "logits); a second backward through this graph cannot read them")
+        inner, log_p_top = ctx.inner
+        alpha, K = ctx.alpha, ctx.K
         w = torch.where(scale == 0, 0.0, g.float() * scale)  # an ignored row: 0 whatever g is
-        hit = torch.where(owned, alpha - 1.0, 0.0).unsqueeze(2)  # -(1 - a') at the target, on its rank
-        dx = x if ctx.overwrite else torch.empty_like(x)
-        for rows, u in _blocks(x):
-            p = u.sub_(lse[rows].unsqueeze(2)).exp_()
-            if alpha:
-                p.sub_(alpha / ctx.K)
-            p.scatter_add_(2, idx[rows].unsqueeze(2), hit[rows])
-            p.mul_(w[rows].unsqueeze(2)).masked_fill_((scale[rows] == 0).unsqueeze(2), 0.0)
-            dx[rows] = p
+        c = torch.exp(lse_r - lse)
+        # kept for a second backward (a leaf's: the logits were not written over)
+        (dx,) = torch.autograd.grad(log_p_top, inner, grad_outputs=-(w * c), retain_graph=True)
+        if alpha:
+            dx.sub_((w * (alpha / K)).unsqueeze(2).to(dx.dtype))
+        # the largest logit's and the target's elements, in fp32 (the kernel left g c (p_k - 1) at k)
+        at_top = w * (torch.exp(m - lse) - alpha / K) - torch.where(owned & (idx == top), (1.0 - alpha) * w, 0.0)
+        at_top = torch.where(scale == 0, 0.0, at_top)  # an ignored row stays 0 whatever its logits
+        dx.scatter_(2, top.unsqueeze(2), at_top.unsqueeze(2).to(dx.dtype))
+        at_y = w * (torch.exp(z_y - lse) - alpha / K - (1.0 - alpha))
+        y_col = idx.unsqueeze(2)
+        dx.scatter_(2, y_col, torch.where(owned.unsqueeze(2), at_y.unsqueeze(2).to(dx.dtype), dx.gather(2, y_col)))
+        ctx.written = ctx.overwrite
         return dx.detach(), None, None, None, None, None, None, None, None, None  # its own alias: no copy
-
-
-def _blocks(x: Tensor):
-    """``(rows, u)`` for consecutive blocks of the rows of ``x [S, B, V]``: ``rows`` an index of ``[S, B]`` (whole
-    ``B``-rows of several ``s`` when a block holds them, else part of one), ``u`` an fp32 copy of ``x[rows]`` in
-    one buffer of at most ``_BLOCK_ELEMENTS`` elements (``_ACCELERATOR_BLOCKS`` times more off the CPU), or of
-    one row (read a block's ``u`` before taking the next). Any strides: blocks are views of ``x``. Their number
-    depends on the shape only."""
-    S, B, V = x.shape
-    if S * B == 0:
-        return
-    budget = _BLOCK_ELEMENTS if x.device.type == "cpu" else _ACCELERATOR_BLOCKS * _BLOCK_ELEMENTS
-    per_block = max(1, budget // V)
-    seqs, batch = (min(S, per_block // B), B) if per_block >= B else (1, per_block)
-    buf = torch.empty(seqs * batch * V, dtype=torch.float32, device=x.device)
-    for s in range(0, S, seqs):  # blocks fixed by the shapes
-        for b in range(0, B, batch):
-            rows = (slice(s, min(s + seqs, S)), slice(b, min(b + batch, B)))
-            block = x[rows]
-            yield rows, buf[: block.numel()].view(block.shape).copy_(block)
 
 
 # ----------------------------------------------------------------------------- the fused head over a sharded vocabulary
