@@ -567,6 +567,87 @@ def test_gpu_liger_cross_entropy_on_head_logits_bf16_at_full_vocabulary(options)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("divergence,beta", [("tvd", None), ("jsd", 0.5), ("jsd", 0.0)])
+def test_gpu_token_divergence_bf16_at_full_vocabulary(divergence, beta):
+    """token_divergence on bf16 logits ``[1024, 151936]`` (the Triton kernel: its forward keeps each row's state,
+    its backward is one sweep written over the student's logits): D, the NLL and d(student) within bf16 rounding
+    of float64, and the Liger drop-in LigerFusedCETVDLoss against Liger's kernel where it is installed."""
+    N, V = 1024, 151936
+    g = torch.Generator(device="cuda").manual_seed(9)
+    zs, zt = _cuda_bf16(g, 3.0, N, V), _cuda_bf16(g, 3.0, N, V)
+    y = torch.randint(0, V, (N,), device="cuda", generator=g)
+    y[: N // 4] = -100
+    gd, gn = torch.rand(N, device="cuda", generator=g), torch.rand(N, device="cuda", generator=g)
+    leaf = zs.clone().requires_grad_(True)
+    x = leaf * 1.0
+    out = fastalign.token_divergence(x, zt, y, divergence=divergence, beta=beta, inplace_backward=True)
+    (out.divergence * gd + out.nll * gn).sum().backward()
+    xd = zs.double().requires_grad_(True)
+    keep = y != -100
+    ls, lt = torch.log_softmax(xd, -1), torch.log_softmax(zt.double(), -1)
+    if divergence == "tvd":
+        d = 0.5 * (ls.exp() - lt.exp()).abs().sum(-1)
+    elif beta == 0.0:
+        d = (lt.exp() * (lt - ls)).sum(-1)
+    else:
+        lm = torch.logaddexp(ls + math.log(0.5), lt + math.log(0.5))
+        d = 0.5 * (lt.exp() * (lt - lm)).sum(-1) + 0.5 * (ls.exp() * (ls - lm)).sum(-1)
+    nll = -ls.gather(1, y.clamp(min=0)[:, None])[:, 0]
+    d, nll = torch.where(keep, d, 0.0), torch.where(keep, nll, 0.0)
+    (d * gd + nll * gn).sum().backward()
+    assert_close(out.divergence, d, atol=1e-4, rtol=1e-3, what="divergence")
+    assert_close(out.nll, nll, atol=1e-4, rtol=1e-4, what="nll")
+    assert _rel_err(leaf.grad, xd.grad) < 1e-2
+    if divergence != "tvd":
+        return
+    from fastalign.integrations.liger import LigerFusedCETVDLoss
+
+    liger = pytest.importorskip("liger_kernel.transformers.fused_ce_tvd", reason="Liger-Kernel: the peer")
+    grads = []
+    for module in (LigerFusedCETVDLoss(), liger.LigerFusedCETVDLoss()):
+        leaf = zs.clone().requires_grad_(True)
+        ce, tvd = module(leaf * 1.0, zt, y)
+        (ce * gn + tvd * gd).sum().backward()
+        grads.append((ce.detach(), tvd.detach(), leaf.grad))
+    (ce, tvd, dx), (ce_l, tvd_l, dx_l) = grads
+    assert_close(ce, ce_l, atol=1e-3, rtol=1e-3, what="ce vs Liger")
+    assert_close(tvd, tvd_l, atol=1e-3, rtol=1e-3, what="tvd vs Liger")
+    assert _rel_err(dx.double(), dx_l.double()) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "cispo"])
+def test_gpu_liger_grpo_on_logits_bf16_at_full_vocabulary(loss_type):
+    """triton_grpo_loss on bf16 logits ``[8, 257, 151936]`` (written over by its backward) against Liger's kernel
+    where it is installed: the loss, the metrics and d(logits) within bf16 rounding."""
+    liger = pytest.importorskip("liger_kernel.transformers.grpo_loss", reason="Liger-Kernel: the peer")
+    from fastalign.integrations.liger import triton_grpo_loss
+
+    B, L, V = 8, 256, 151936
+    g = torch.Generator(device="cuda").manual_seed(10)
+    base = _cuda_bf16(g, 2.0, B, L + 1, V)
+    ids = torch.randint(0, V, (B, L), device="cuda", generator=g)
+    with torch.no_grad():
+        lp = torch.log_softmax(base[:, :-1].float() / 0.9, -1).gather(-1, ids[..., None])[..., 0]
+    old = lp + 0.1 * torch.randn(B, L, device="cuda", generator=g)
+    ref = lp + 0.2 * torch.randn(B, L, device="cuda", generator=g)
+    adv = torch.randn(B, device="cuda", generator=g)
+    mask = torch.ones(B, L, dtype=torch.int32, device="cuda")
+    mask[:, -L // 4:] = 0
+    results = []
+    for fn in (triton_grpo_loss, liger.triton_grpo_loss):
+        leaf = base.clone().requires_grad_(True)
+        loss, metrics = fn(leaf * 1.0, old, ref, ids, adv, mask, loss_type=loss_type, reduce=True)
+        loss.backward()
+        results.append((loss.detach().double(), [m.detach().double() for m in metrics], leaf.grad.double()))
+    (loss, metrics, dx), (loss_l, metrics_l, dx_l) = results
+    assert abs(float(loss - loss_l)) < 2e-3 * max(1.0, abs(float(loss_l)))
+    for m, m_l in zip(metrics, metrics_l):
+        assert abs(float(m - m_l)) < 2e-3 * max(1.0, abs(float(m_l)))
+    assert _rel_err(dx, dx_l) < 2e-2
+
+
+@pytest.mark.gpu
 def test_gpu_device_compaction_bf16_at_full_vocabulary(monkeypatch):
     """Half of every sequence an unscored prompt whose hidden states are NaN: the compiled bounded
     products (two passes with one chunk and with eight; LinearPolicyLoss's single pass) give the
