@@ -100,6 +100,17 @@ def spawn_ranks(worker, args: tuple, world: int, out_dir, hang_limit_s: float) -
     return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt")) for r in range(world)]
 
 
+def spawn_in(tmp_path_factory, name: str, worker, world: int, hang_limit_s: float) -> list:
+    """:func:`spawn_ranks` of ``worker(rank, store, out_dir)`` in a fresh directory ``name`` (its rendezvous file
+    and results); skips where torch was built without ``torch.distributed``."""
+    import pytest
+
+    if not torch.distributed.is_available():  # pragma: no cover
+        pytest.skip("torch was built without torch.distributed")
+    tmp = tmp_path_factory.mktemp(name)
+    return spawn_ranks(worker, (str(tmp / "store"), str(tmp)), world, tmp, hang_limit_s)
+
+
 class LocalAccelerator:
     """One process's view of an ``accelerate.Accelerator``, for calling a TRL trainer's methods unbound on a
     stand-in trainer: gathers, reductions and padding are the identity; ``num_processes`` is what the

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import assert_close, rank_body, spawn_ranks
+from helpers import assert_close, rank_body, spawn_in
 
 from fastalign.integrations.liger_vocab_parallel import liger_fused_linear_scaled_cross_entropy_tp as ours
 
@@ -335,10 +335,7 @@ def _tp_worker(rank, store_path, out_dir):
 @pytest.fixture(scope="module")
 def tp_ranks(tmp_path_factory):
     """Each rank's results, from one 2-rank gloo run (spawning costs more than the work)."""
-    if not dist.is_available():  # pragma: no cover
-        pytest.skip("torch was built without torch.distributed")
-    tmp = tmp_path_factory.mktemp("scaled-ce-tp")
-    return spawn_ranks(_tp_worker, (str(tmp / "store"), str(tmp)), WORLD, tmp, HANG_LIMIT_S)
+    return spawn_in(tmp_path_factory, "scaled-ce-tp", _tp_worker, WORLD, HANG_LIMIT_S)
 
 
 @pytest.mark.parametrize("case", TP_CASES, ids=_case_id)
