@@ -84,13 +84,6 @@ def divergence_rows_kernel(
     scored = (tl.load(mask_ptr + r) != 0.0) if HAS_MASK else True
     end = tl.where(scored, V, 0)
 
-    y = ignore_index
-    labelled = False
-    valid = False
-    if HARD:
-        y = tl.load(labels_ptr + r)
-        labelled = scored & (y != ignore_index)
-        valid = (y >= 0) & (y < V)
     st_row = state_ptr + r * STATE_COLS
     if STATE_IN:  # sweeps 1-2 ran in the call that wrote the state
         m_s = tl.load(st_row + 0)
@@ -103,6 +96,10 @@ def divergence_rows_kernel(
         inv_ns = tl.load(st_row + 7)
         inv_nt = tl.load(st_row + 8)
         cos_s = tl.load(st_row + 9)
+        if HARD:
+            y = tl.load(labels_ptr + r)
+            labelled = scored & (y != ignore_index)
+            valid = (y >= 0) & (y < V)
     else:
         m_s = tl.full((), NEG_INF, tl.float32)
         s_s = tl.zeros((), tl.float32)
@@ -169,8 +166,12 @@ def divergence_rows_kernel(
         tl.store(div_ptr + r, tl.where(scored, D, 0.0))
         tl.store(ent_ptr + r, tl.where(scored, ent, 0.0))
 
-        log_s1 = tl.log(s_1)
+        log_s1 = tl.zeros((), tl.float32)
         if HARD:
+            y = tl.load(labels_ptr + r)
+            labelled = scored & (y != ignore_index)
+            valid = (y >= 0) & (y < V)
+            log_s1 = tl.log(s_1)
             z_y = tl.load(zs_row + tl.where(valid & labelled, y, 0)).to(tl.float32)
             nll = tl.where(valid, log_s1 - (z_y - m_1), float("nan"))
             tl.store(nll_ptr + r, tl.where(labelled, nll, 0.0))
