@@ -131,6 +131,30 @@ def grad_step(fn: Optional[Callable], leaves, backward: bool, loss: Optional[Cal
     return step
 
 
+def intermediate_step(fn: Optional[Callable], base: torch.Tensor, *args, backward: bool) -> Optional[Step]:
+    """A step running ``fn(x, *args)`` (with ``backward`` also its backward) on logits ``x = leaf + 0``, an
+    intermediate of the graph as a model's logits are, that its ``before`` hook builds outside the timed region and
+    the memory probe's reset (the model's forward that made them is not timed). None when ``fn`` is."""
+    if fn is None:
+        return None
+    made = []
+
+    def before():
+        with torch.set_grad_enabled(backward):
+            made.append(base.detach().requires_grad_(backward) + 0)
+
+    def step():
+        x = made.pop()
+        with torch.set_grad_enabled(backward):
+            out = fn(x, *args)
+            if backward:
+                out.backward()
+        return out
+
+    step.before = before
+    return step
+
+
 def with_env(step: Optional[Step], **env: str) -> Optional[Step]:
     """``step`` run (backward included) with the environment variables ``env`` set, restored after."""
     if step is None:

@@ -212,10 +212,10 @@ class LigerCrossEntropyLoss(_CrossEntropyOptions):
         if self.softcap is not None or self.label_smoothing > 0 or self.lse_square_scale != 0:
             # z_y and sum_j c_j z_j differentiated beside lp, or softcapped logits: a block of rows at a time
             weights = None if c is None else c.detach()
+            total = V if weights is None else weights.float().sum()  # C = sum_j c_j
             lp, z_y, sums, amax = _LogitRows.apply(
-                _input, target, weights, None if self.softcap is None else float(self.softcap), self.ignore_index,
-                self.wants_argmax, self.label_smoothing > 0, overwrite)
-            total = V if weights is None else weights.float().sum()
+                _input, target, weights, total, None if self.softcap is None else float(self.softcap),
+                self.ignore_index, self.wants_argmax, self.label_smoothing > 0, overwrite)
             return _composed(self, lp, amax, lambda: z_y, lambda: (sums, total), target, V, out_dtype, out_dtype)
         # the label log-probs alone: the kernel's pass, and its backward (z_y only for a reported z-loss; no
         # smoothing here, so no class sums)
@@ -238,7 +238,8 @@ class _LogitRows(torch.autograd.Function):
 
     (``sigmoid``: a fraction of ``tanh``'s cost on the CPU). Forward: ``lp = log softmax(z)_y = log softmax(a u)_y``
     and the argmax (:func:`fastalign.token_logprobs` of ``u`` at temperature ``1 / a``), ``z_y = a u_y + b`` and, with
-    ``class_sums``, ``sum_j c_j z_j = a sum_j c_j u_j + b C`` (``c = 1`` without class weights), each fp32. Backward,
+    ``class_sums``, ``sum_j c_j z_j = a sum_j c_j u_j + b C`` (``c = 1`` without class weights; ``total`` is ``C``),
+    each fp32. Backward,
     the block's ``u`` recomputed (widened to fp32) and ``p = softmax(a u)``::
 
         d z_j = g_lp ([j = y] - p_j) + g_zy [j = y] + g_s c_j
@@ -249,7 +250,7 @@ class _LogitRows(torch.autograd.Function):
     reads: Liger's kernel writes its gradient over its input too), into a new tensor otherwise."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, target: Tensor, c: Optional[Tensor], cap: Optional[float], ignore_index: int,
+    def forward(ctx, x: Tensor, target: Tensor, c: Optional[Tensor], total, cap: Optional[float], ignore_index: int,
                 argmax: bool, class_sums: bool, overwrite: bool):
         n, V = x.shape
         a, b = (1.0, 0.0) if cap is None else (2.0 * cap, -cap)
@@ -257,7 +258,6 @@ class _LogitRows(torch.autograd.Function):
         lp, z_y, sums = (torch.zeros(n, dtype=torch.float32, device=x.device) for _ in range(3))
         amax = torch.zeros(n if argmax else 0, dtype=torch.int64, device=x.device)
         weights = None if c is None else c.float()
-        total = V if weights is None else weights.sum()
         for rows, u in _blocks(x, cap, widen=False):
             stats = token_logprobs(u, target[rows], temperature=1.0 / a, ignore_index=ignore_index, argmax=argmax)
             lp[rows] = stats.logprobs
@@ -294,7 +294,7 @@ class _LogitRows(torch.autograd.Function):
             if cap is not None:
                 dz.mul_(u.addcmul_(u, u, value=-1.0))  # s (1 - s)
             dx[rows] = dz.masked_fill_(~live[rows, None], 0.0)
-        return dx.detach(), None, None, None, None, None, None, None  # an alias of its own: a leaf keeps it uncopied
+        return dx.detach(), None, None, None, None, None, None, None, None  # its own alias: a leaf keeps it uncopied
 
 
 def _blocks(x: Tensor, cap: Optional[float], widen: bool):

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from fastalign.bench.cases.cross_entropy import _on_intermediate_logits
 from fastalign.bench.cases.token_logprobs import DTYPES
-from fastalign.bench.core import Case
+from fastalign.bench.core import Case, intermediate_step
 from fastalign.bench.optional import compiled, optional_impl
 from fastalign.integrations.liger import LigerFusedCETVDLoss
 
@@ -31,14 +30,8 @@ def _make_build(N, V, dtype):
         labels[: N // 4] = -100
 
         def summed(module):
-            if module is None:
-                return None
-
-            def loss(x, y):
-                ce, tvd = module(x, teacher, y)
-                return (ce + tvd).sum() / N
-
-            return _on_intermediate_logits(loss, base, labels, mode == "fwd+bwd")
+            loss = None if module is None else (lambda x, y: sum(module(x, teacher, y)).sum() / N)  # ce + tvd
+            return intermediate_step(loss, base, labels, backward=mode == "fwd+bwd")
 
         def eager(x, t, y):
             keep = y != -100

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fastalign.bench.cases.token_logprobs import DTYPES, traffic_model
-from fastalign.bench.core import Case
+from fastalign.bench.core import Case, intermediate_step
 from fastalign.bench.optional import compiled, optional_impl
 from fastalign.integrations.liger import LigerCrossEntropyLoss
 
@@ -32,7 +32,7 @@ def _make_build(N, V, dtype, options):
         labels[: N // 4] = -100
 
         def wrap(loss):
-            return None if loss is None else _on_intermediate_logits(loss, base, labels, mode == "fwd+bwd")
+            return intermediate_step(loss, base, labels, backward=mode == "fwd+bwd")
 
         cap, eps, s = options.get("softcap"), options.get("label_smoothing", 0.0), options.get("lse_square_scale", 0.0)
 
@@ -51,27 +51,6 @@ def _make_build(N, V, dtype, options):
                 "liger": None if liger is None else wrap(liger[0](**options))}
 
     return build
-
-
-def _on_intermediate_logits(loss, base, labels, backward: bool):
-    """A step of ``loss(x, labels)`` (and its backward) on logits ``x = leaf + 0`` that its ``before`` hook builds
-    outside the timed region and the memory probe's reset (the model's forward that made them is not timed)."""
-    made = []
-
-    def before():
-        with torch.set_grad_enabled(backward):
-            made.append(base.detach().requires_grad_(backward) + 0)
-
-    def step():
-        x = made.pop()
-        with torch.set_grad_enabled(backward):
-            out = loss(x, labels)
-            if backward:
-                out.backward()
-        return out
-
-    step.before = before
-    return step
 
 
 #: (tokens, vocabulary, dtype, options, quick)

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from fastalign.bench.cases.cross_entropy import _on_intermediate_logits
 from fastalign.bench.cases.token_logprobs import DTYPES, traffic_model
-from fastalign.bench.core import Case
+from fastalign.bench.core import Case, intermediate_step
 from fastalign.bench.optional import compiled, optional_impl
 from fastalign.integrations.liger import triton_grpo_loss
 
@@ -68,7 +67,7 @@ def _make_build(B, L, V, dtype):
         base, ids, old, ref, advantages, mask = _inputs(B, L, V, dtype, device)
 
         def wrap(fn):
-            return None if fn is None else _on_intermediate_logits(fn, base, ids, mode == "fwd+bwd")
+            return intermediate_step(fn, base, ids, backward=mode == "fwd+bwd")
 
         def dropin(impl):
             if impl is None:

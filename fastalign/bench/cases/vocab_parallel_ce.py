@@ -16,9 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastalign.bench.cases.cross_entropy import _on_intermediate_logits
 from fastalign.bench.cases.token_logprobs import DTYPES, traffic_model
-from fastalign.bench.core import Case
+from fastalign.bench.core import Case, intermediate_step
 from fastalign.bench.optional import compiled, optional_impl
 from fastalign.integrations.liger import LigerVocabParallelCrossEntropy
 
@@ -31,9 +30,8 @@ def _make_build(S, B, V, dtype, smoothing):
         target[: S // 4] = -100
 
         def summed(module):
-            if module is None:
-                return None
-            return _on_intermediate_logits(lambda x, y: module(x, y).sum(), base, target, mode == "fwd+bwd")
+            loss = None if module is None else (lambda x, y: module(x, y).sum())
+            return intermediate_step(loss, base, target, backward=mode == "fwd+bwd")
 
         def eager(x, y):
             return F.cross_entropy(x.reshape(-1, V).float(), y.reshape(-1), ignore_index=-100,
