@@ -15,7 +15,9 @@ Public API (see docs/math.md for every formula):
   :func:`gae_advantages`, :func:`implicit_process_advantages`, :func:`optimal_token_baseline_advantages`,
   :func:`iw_opd_advantages`.
 * :func:`token_divergence` — the per-token distillation divergence (generalized JSD, total variation or cosine
-  distance) with the student's entropy and NLL, from both models' logits.
+  distance) with the student's entropy and NLL, from both models' logits; :func:`elementwise_divergence` — the
+  JSD, KL or total variation between given (log-)probabilities, differentiated element by element
+  (docs/math.md#elementwise-divergence).
 * :func:`linear_divergence_loss` — the distillation loss (generalized JSD, total variation or cosine distance
   between a student and a teacher) from both models' hidden states and heads (docs/math.md#distillation-divergence).
 * :func:`linear_topk_logprobs` — the head's log-probs over each token's top-k support (or a support given), from
@@ -29,7 +31,7 @@ from fastalign.advantages import (gae_advantages, group_advantages, implicit_pro
                                   masked_whiten, optimal_token_baseline_advantages, reinforce_pp_advantages,
                                   remax_advantages, token_advantages)
 from fastalign.aggregate import aggregate_loss
-from fastalign.divergence import TokenDivergence, token_divergence
+from fastalign.divergence import TokenDivergence, elementwise_divergence, token_divergence
 from fastalign.kl import kl_penalty
 from fastalign.linear import linear_logprobs
 from fastalign.linear_divergence import linear_divergence_loss
@@ -47,7 +49,7 @@ from fastalign.info import info
 
 __all__ = [
     "TokenStats", "info", "linear_logprobs", "token_logprobs", "use_backend", "TokenDivergence", "token_divergence",
-    "gae_advantages", "group_advantages", "implicit_process_advantages", "iw_opd_advantages", "masked_whiten",
+    "elementwise_divergence", "gae_advantages", "group_advantages", "implicit_process_advantages", "iw_opd_advantages", "masked_whiten",
     "optimal_token_baseline_advantages", "reinforce_pp_advantages", "remax_advantages", "token_advantages",
     "POLICY_LOSS_TYPES", "PolicyConfig", "PolicyLoss", "aggregate_loss", "kl_penalty", "policy_loss",
     "LinearPolicyLoss", "linear_divergence_loss", "linear_mean_logits", "TopKSupport", "linear_topk_logprobs",

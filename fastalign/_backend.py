@@ -76,6 +76,8 @@ OP_BACKENDS = {
     "token_divergence": ("cpp", "triton"),
     "token_divergence_backward": ("cpp", "triton"),
     "token_divergence_backward_": ("cpp", "triton"),
+    "elementwise_divergence": ("cpp", "triton"),
+    "elementwise_divergence_backward": ("cpp", "triton"),
     "linear_divergence": ("cpp", "triton"),
     "linear_divergence_backward": ("cpp", "triton"),
 }

@@ -280,6 +280,13 @@ def divergence_cases(dtype):
                 f() if labels else None)
 
 
+def elementwise_divergence_cases(dtype):
+    """The divergences between given (log-)probabilities: every mode, forward and gradient."""
+    from fastalign.kernels import elementwise_divergence as K
+
+    yield from K.aot_cases(dtype)
+
+
 def live_matmul_cases(dtype):
     """The LM-head products bounded by the count of labelled rows (device compaction)."""
     from fastalign.kernels import live_matmul as K
@@ -293,6 +300,7 @@ FAMILIES = [
     ("linear_stats", linear_stats_cases, ("bf16", "fp16", "fp32")),
     ("live_matmul", live_matmul_cases, ("bf16", "fp16", "fp32")),
     ("divergence", divergence_cases, ("bf16", "fp16", "fp32")),
+    ("elementwise_divergence", elementwise_divergence_cases, ("bf16", "fp16", "fp32")),
     ("policy_loss", policy_loss_cases, ("fp32",)),
     ("reverse_scan", scan_cases, ("fp32", "fp64")),
 ]

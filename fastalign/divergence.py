@@ -1,6 +1,8 @@
-r"""Per-token distillation divergence between a student's and a teacher's logits
-(docs/math.md#distillation-divergence): the generalized JSD, the total variation distance or the cosine distance,
+r"""Per-token divergences. :func:`token_divergence`: between a student's and a teacher's logits
+(docs/math.md#distillation-divergence), the generalized JSD, the total variation distance or the cosine distance,
 with the student's entropy and its NLL of the labels, in one pass over each pair of rows.
+:func:`elementwise_divergence`: between given distributions (log-probabilities or probabilities, no softmax),
+differentiated element by element (docs/math.md#elementwise-divergence).
 """
 from __future__ import annotations
 
@@ -13,8 +15,12 @@ from fastalign import _backend, _validate
 from fastalign._options import check_choice
 from fastalign.logprobs import _a_leaf_s_values
 from fastalign.ops.divergence import DIVERGENCES, token_divergence_call
+from fastalign.ops.elementwise_divergence import elementwise_divergence_call, mode_of
 
-__all__ = ["TokenDivergence", "token_divergence"]
+__all__ = ["TokenDivergence", "token_divergence", "elementwise_divergence"]
+
+#: the divergences of :func:`elementwise_divergence`
+ELEMENTWISE_DIVERGENCES = ("jsd", "kl", "tvd")
 
 
 class TokenDivergence(NamedTuple):
@@ -117,3 +123,85 @@ def token_divergence(
     div, ent, nll, _state = token_divergence_call(student, teacher, mask, y, inv_t, divergence, b, int(ignore_index),
                                           y is not None, name, inplace_backward)
     return TokenDivergence(div.view(lead), ent.detach().view(lead), None if y is None else nll.view(lead))
+
+
+def elementwise_divergence(
+    input: Tensor,
+    target: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    divergence: str = "jsd",
+    beta: Optional[float] = None,
+    log_target: Optional[bool] = None,
+    eps: Optional[float] = None,
+    ignore_index: int = -100,
+    elementwise: bool = False,
+    backend: Optional[str] = None,
+) -> Tensor:
+    r"""The divergence of each token's ``input`` distribution from its ``target``, given as log-probabilities or
+    probabilities (no softmax), differentiated element by element.
+
+    Per element, with ``x = input``, ``y = target`` (``p = e^y``, ``q = e^x`` for the log-probabilities):
+
+    - ``"jsd"`` (x, y log-probabilities; Liger's ``LigerJSD``): at ``beta = 0`` the forward KL ``p (y - x)``,
+      at 1 the reverse KL ``q (x - y)``, else ``beta p (y - lm) + (1 - beta) q (x - lm)`` with
+      ``lm = log(beta p + (1 - beta) q)``; a zero probability adds 0 (also where its log is ``-inf``).
+    - ``"kl"`` (x log-probabilities; torch's ``kl_div`` terms, Liger's ``LigerKLDIVLoss``): ``y (log max(y, eps)
+      - x)`` for a probability target, ``e^y (y - x)`` with ``log_target``.
+    - ``"tvd"`` (x, y probabilities; Liger's ``LigerTVDLoss``): ``|x - y| / 2``.
+
+    Returns each token's sum over the last dim (fp32, ``input.shape[:-1]``), or with ``elementwise`` every term
+    (fp32, ``input``'s shape). Differentiable in ``input`` alone, element by element: the gradient of a term is its
+    partial derivative in ``x_j`` (``-p``, ``q (x - y) + q``, ``(1 - beta) q (x - lm)``, ``-y``, ``-e^y``,
+    ``sign(x - y) / 2``), not through a softmax (after a ``log_softmax``, autograd's backward of it gives the
+    logits' gradient). The target is a constant. A token whose label is ``ignore_index`` gives 0 and a zero
+    gradient; a NaN element makes its term, its token's sum and its gradient NaN. One pass over the rows forward,
+    one backward (the KL's reads the target alone), never an fp32 ``[tokens x V]`` temporary (except the
+    ``elementwise`` output itself).
+
+    Args:
+        input: ``[..., V]`` float32, bfloat16 or float16 (``x``); receives the gradient.
+        target: the same shape, dtype and device (``y``).
+        labels: optional integer ``input.shape[:-1]``: the tokens whose label is ``ignore_index`` are not scored.
+        divergence: ``"jsd"`` (default), ``"kl"`` or ``"tvd"``.
+        beta: the JSD's, in ``[0, 1]`` (default 0.5).
+        log_target: the KL's: ``target`` holds log-probabilities (default False).
+        eps: the KL's floor of a probability target under its log, > 0 (default 1e-10).
+        ignore_index: the label of the tokens not scored.
+        elementwise: return every term rather than each token's sum.
+        backend: ``"cpp"`` or ``"triton"`` (CUDA tensors run the Triton kernel); default from
+            :func:`fastalign.use_backend`.
+
+    An option of another divergence (``beta`` with the KL, ``eps`` with the TVD, ...) raises ``ValueError``.
+    """
+    _validate.floating("input", input, min_dim=1)
+    _validate.floating("target", target, min_dim=1)
+    if target.dtype != input.dtype:
+        raise TypeError(f"target must have the dtype of input ({input.dtype}), got {target.dtype}")
+    _validate.shape("target", target, input.shape, "input.shape")
+    lead = input.shape[:-1]
+    if labels is not None:
+        _validate.integer("labels", labels)
+        _validate.shape("labels", labels, lead, "input.shape[:-1]")
+    _validate.same_device(input=input, target=target, labels=labels)
+    check_choice("divergence", divergence, ELEMENTWISE_DIVERGENCES)
+    for name, value, owner in (("beta", beta, "jsd"), ("log_target", log_target, "kl"), ("eps", eps, "kl")):
+        if value is not None and divergence != owner:
+            raise ValueError(f"{name} applies to divergence={owner!r} only, not to divergence={divergence!r} "
+                             f"(got {name}={value!r})")
+    b = 0.5 if beta is None else _validate.unit_interval("beta", beta)
+    floor = 1e-10 if eps is None else _validate.positive("eps", eps)
+    log_t = False if log_target is None else _validate.boolean("log_target", log_target)
+    _validate.index_value("ignore_index", ignore_index)
+    _validate.boolean("elementwise", elementwise)
+    name = _backend.backend_for("elementwise_divergence", input.device, backend)
+    V = input.shape[-1]
+    x = input.reshape(-1, V)
+    y = target.detach().reshape(-1, V)
+    if V > 1 and x.stride(1) != 1:
+        x = x.contiguous()
+    if V > 1 and y.stride(1) != 1:
+        y = y.contiguous()
+    mask = None if labels is None else (labels.reshape(-1) != ignore_index).float()
+    out = elementwise_divergence_call(x, y, mask, mode_of(divergence, b, log_t), b, floor, elementwise, name)
+    return out.view(input.shape if elementwise else lead)

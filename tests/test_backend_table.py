@@ -7,11 +7,13 @@ import torch
 
 import fastalign
 from fastalign import _backend
-from fastalign.ops import divergence, group_stats, linear_divergence, linear_stats, policy_loss, returns, token_stats
+from fastalign.ops import (divergence, elementwise_divergence, group_stats, linear_divergence, linear_stats, policy_loss,
+                           returns, token_stats)
 from fastalign.ops._launch import runs_directly
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
-MODULES = (divergence, group_stats, linear_divergence, linear_stats, policy_loss, returns, token_stats)
+MODULES = (divergence, elementwise_divergence, group_stats, linear_divergence, linear_stats, policy_loss, returns,
+           token_stats)
 DOC = Path(__file__).resolve().parent.parent / "docs" / "backends.md"
 
 
@@ -221,6 +223,11 @@ def _op_cases():
         "token_divergence_backward_": (divergence.token_divergence_backward_,
                                        (torch.ones(B), None, logits[0].clone(), teacher, None, None, jsd_state, 1.0,
                                         "jsd", 0.5, -100, "cpp")),
+        "elementwise_divergence": (elementwise_divergence.elementwise_divergence,
+                                   (logits[0].log_softmax(-1), teacher.log_softmax(-1), torch.ones(B), 2, 0.3, 1e-10,
+                                    False, "cpp")),
+        "elementwise_divergence_backward": (elementwise_divergence.elementwise_divergence_backward,
+                                            (torch.ones(B, V), logits[0], teacher, None, 5, 0.5, 1e-10, "cpp")),
     }
 
 

@@ -71,6 +71,17 @@ def _():
     assert torch.isfinite(zs.grad).all()
 
 
+@op("elementwise_divergence")
+def _():
+    x = torch.randn(B * T, V).log_softmax(-1).requires_grad_(True)
+    y = torch.randn(B * T, V).log_softmax(-1)
+    out = fa.elementwise_divergence(x, y, divergence="jsd", beta=0.3)
+    out.sum().backward()
+    close(out, ref.divergence.elementwise_terms(x.detach(), y, divergence="jsd", beta=0.3).sum(-1),
+          "elementwise_divergence")
+    assert torch.isfinite(x.grad).all()
+
+
 @op("linear_divergence_loss")
 def _():
     h = torch.randn(B, T, H, requires_grad=True)

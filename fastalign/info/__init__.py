@@ -32,6 +32,7 @@ OPS = (
     ("linear_logprobs", "linear_stats"),
     ("token_divergence", "divergence_rows"),
     ("linear_divergence_loss", "divergence_rows"),
+    ("elementwise_divergence", "elementwise_divergence"),
     ("linear_topk_logprobs", None),
     ("linear_mean_logits", None),
     ("policy_loss", "policy_loss_rows"),

@@ -1,6 +1,7 @@
 """Reference for docs/math.md#distillation-divergence: the generalized Jensen-Shannon divergence or the total
 variation distance between a student's and a teacher's next-token distributions, or the cosine distance of their
-logits, from logits or from hidden states."""
+logits, from logits or from hidden states; and for docs/math.md#elementwise-divergence, the terms of a divergence
+between given (log-)probabilities."""
 from __future__ import annotations
 
 import math
@@ -51,6 +52,34 @@ def cosine_distance(student_logits: Tensor, teacher_logits: Tensor, *, dtype: to
     a = torch.nn.functional.normalize(student_logits.to(dtype), dim=-1, eps=1e-12)
     b = torch.nn.functional.normalize(teacher_logits.to(dtype), dim=-1, eps=1e-12)
     return 1 - (a * b).sum(-1)
+
+
+def elementwise_terms(x: Tensor, y: Tensor, *, divergence: str, beta: float = 0.5, log_target: bool = False,
+                      eps: float = 1e-10, dtype: torch.dtype = torch.float64) -> Tensor:
+    r"""The terms ``f(x_j, y_j)`` of :func:`fastalign.elementwise_divergence`, ``x``'s shape; differentiate them
+    in ``x`` for its gradient (each term depends on its own element alone).
+
+    * ``"jsd"`` (log-probabilities; ``p = e^y``, ``q = e^x``): ``p (y - x)`` at ``beta = 0``, ``q (x - y)`` at 1,
+      else ``beta p (y - lm) + (1 - beta) q (x - lm)``, ``lm = log(beta p + (1 - beta) q)``; a zero probability
+      adds 0.
+    * ``"kl"``: ``y (log max(y, eps) - x)``, or ``e^y (y - x)`` with ``log_target`` (torch's ``kl_div`` terms).
+    * ``"tvd"`` (probabilities): ``|x - y| / 2``."""
+    x, y = x.to(dtype), y.to(dtype)
+
+    def weighted(w, d):  # w d, 0 where w is 0
+        return torch.where(w == 0, torch.zeros_like(w), w * d)
+
+    if divergence == "kl":
+        return y.exp() * (y - x) if log_target else y * (torch.log(y.clamp_min(eps)) - x)
+    if divergence == "tvd":
+        return 0.5 * (x - y).abs()
+    p, q = y.exp(), x.exp()
+    if beta == 0:
+        return weighted(p, y - x)
+    if beta == 1:
+        return weighted(q, x - y)
+    lm = torch.log(beta * p + (1 - beta) * q)
+    return weighted(beta * p, y - lm) + weighted((1 - beta) * q, x - lm)
 
 
 def entropy(logits: Tensor, *, temperature: float = 1.0, dtype: torch.dtype = torch.float64) -> Tensor:
