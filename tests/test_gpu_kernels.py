@@ -567,6 +567,45 @@ def test_gpu_liger_cross_entropy_on_head_logits_bf16_at_full_vocabulary(options)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("loss", ["jsd", "kl", "tvd"])
+def test_gpu_liger_elementwise_bf16_at_full_vocabulary(loss):
+    """LigerJSD / LigerKLDIVLoss / LigerTVDLoss (fastalign.elementwise_divergence's Triton kernel) on bf16 ``[1024,
+    151936]`` (log-)probabilities: the loss within bf16 rounding of float64, d(input) within bf16 rounding of its
+    float64 value (element by element), and against Liger's own kernels where installed."""
+    from fastalign.integrations import liger_elementwise as ours
+    from fastalign.reference.divergence import elementwise_terms
+
+    N, V = 1024, 151936
+    g = torch.Generator(device="cuda").manual_seed(11)
+    zx, zy = torch.randn(N, V, device="cuda", generator=g) * 3, torch.randn(N, V, device="cuda", generator=g) * 3
+    x = (zx.softmax(-1) if loss == "tvd" else zx.log_softmax(-1)).bfloat16()
+    y = (zy.log_softmax(-1) if loss == "jsd" else zy.softmax(-1)).bfloat16()
+    labels = torch.randint(0, V, (N,), device="cuda", generator=g)
+    labels[: N // 4] = -100
+    modules = {"jsd": ("LigerJSD", dict(beta=0.3)), "kl": ("LigerKLDIVLoss", dict(reduction="batchmean")),
+               "tvd": ("LigerTVDLoss", dict(reduction="batchmean"))}
+    name, options = modules[loss]
+    rest = () if loss == "kl" else (labels,)
+    leaf = x.clone().requires_grad_(True)
+    out = getattr(ours, name)(**options)(leaf, y, *rest)
+    out.backward()
+    xd = x.double().requires_grad_(True)
+    keep = torch.ones(N, device="cuda", dtype=torch.bool) if loss == "kl" else labels != -100
+    terms = elementwise_terms(xd, y, divergence=loss, beta=0.3) * keep[:, None]
+    want = terms.sum() / (N if loss == "kl" else keep.sum())
+    want.backward()
+    assert_close(out, want, atol=1e-5, rtol=8e-3, what=f"{name} loss")
+    assert_close(leaf.grad, xd.grad, atol=1e-12, rtol=2 ** -8, what=f"{name} d(input)")
+    liger = pytest.importorskip("liger_kernel.transformers", reason="Liger-Kernel: the peer")
+    leaf_l = x.clone().requires_grad_(True)
+    out_l = getattr(liger, name)(**options)(leaf_l, y, *rest)
+    out_l.backward()
+    # (Liger's TVD sums in bf16 arithmetic: its loss is the coarser of the two)
+    assert_close(out, out_l, atol=1e-5, rtol=2e-2, what=f"{name} loss vs Liger")
+    assert_close(leaf.grad, leaf_l.grad, atol=1e-12, rtol=2 ** -7, what=f"{name} d(input) vs Liger")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("divergence,beta", [("tvd", None), ("jsd", 0.5), ("jsd", 0.0)])
 def test_gpu_token_divergence_bf16_at_full_vocabulary(divergence, beta):
     """token_divergence on bf16 logits ``[1024, 151936]`` (the Triton kernel: its forward keeps each row's state,

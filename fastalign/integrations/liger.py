@@ -6,6 +6,10 @@ total variation distance and GRPO; the vocabulary-parallel cross-entropies). A u
 
     from fastalign.integrations.liger import LigerFusedLinearDPOLoss   # was: from liger_kernel.chunked_loss import ...
 
+Liger's losses as functions of positional arguments (``liger_kernel.chunked_loss.functional``,
+``liger_kernel.transformers.functional``) are in :mod:`fastalign.integrations.liger_chunked_functional` and
+:mod:`fastalign.integrations.liger_functional`, each computed by the module here.
+
 Here: the preference losses :class:`LigerFusedLinearDPOLoss`, :class:`LigerFusedLinearCPOLoss`,
 :class:`LigerFusedLinearORPOLoss`, :class:`LigerFusedLinearSimPOLoss` and :class:`LigerFusedLinearKTOLoss`.
 Re-exported from their modules: GRPO, :class:`LigerFusedLinearGRPOLoss`
@@ -16,7 +20,9 @@ and on logits :class:`LigerFusedCETVDLoss` (:mod:`fastalign.integrations.liger_d
 cross-entropy :class:`LigerFusedLinearCrossEntropyLoss` and the cross-entropy on logits
 :class:`LigerCrossEntropyLoss` (:mod:`fastalign.integrations.liger_cross_entropy`); the vocabulary-parallel
 cross-entropy on logits :class:`LigerVocabParallelCrossEntropy` and from a head's vocabulary shard
-:func:`liger_fused_linear_scaled_cross_entropy_tp` (:mod:`fastalign.integrations.liger_vocab_parallel`).
+:func:`liger_fused_linear_scaled_cross_entropy_tp` (:mod:`fastalign.integrations.liger_vocab_parallel`); the losses
+on given (log-)probabilities :class:`LigerJSD`, :class:`LigerKLDIVLoss` and :class:`LigerTVDLoss`
+(:mod:`fastalign.integrations.liger_elementwise`).
 
 The preference losses take their log-probs from the head in one pass with the loss when gradients are needed
 (:func:`fastalign.linear_step.separable_step` over blocks of whole pairs, or KTO's responses; ORPO with
@@ -69,7 +75,7 @@ __all__ = ["LigerFusedLinearGRPOLoss", "LigerFusedLinearDPOLoss", "LigerFusedLin
            "LigerFusedLinearJSDLoss", "LigerFusedLinearCosineSimilarityLoss", "LigerFusedLinearJSD",
            "LigerFusedLinearKLDivLoss", "LigerFusedLinearCrossEntropyLoss", "LigerCrossEntropyLoss",
            "LigerFusedCETVDLoss", "LigerVocabParallelCrossEntropy", "liger_fused_linear_scaled_cross_entropy_tp",
-           "triton_grpo_loss"]
+           "triton_grpo_loss", "LigerJSD", "LigerKLDIVLoss", "LigerTVDLoss"]
 
 # ---------------------------------------------------------------------------------------------- preference losses
 def _logits_sum(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -423,6 +429,7 @@ class LigerFusedLinearKTOLoss(_LigerPreference):
 # the GRPO, distillation and cross-entropy losses live in their own modules
 from fastalign.integrations.liger_cross_entropy import (  # noqa: E402
     LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss)
+from fastalign.integrations.liger_elementwise import LigerJSD, LigerKLDIVLoss, LigerTVDLoss  # noqa: E402
 from fastalign.integrations.liger_distillation import (  # noqa: E402
     LigerFusedCETVDLoss, LigerFusedLinearCosineSimilarityLoss, LigerFusedLinearJSD, LigerFusedLinearJSDLoss,
     LigerFusedLinearKLDivLoss)
