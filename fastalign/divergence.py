@@ -23,6 +23,30 @@ __all__ = ["TokenDivergence", "token_divergence", "elementwise_divergence"]
 ELEMENTWISE_DIVERGENCES = ("jsd", "kl", "tvd")
 
 
+def _check_pair(first: tuple[str, Tensor], second: tuple[str, Tensor], labels: Optional[Tensor]) -> tuple:
+    """Two ``[..., V]`` tensors of one float dtype, shape and device and optional integer labels of their leading
+    shape, each error naming its argument; returns the leading shape."""
+    (a, x), (b, y) = first, second
+    _validate.floating(a, x, min_dim=1)
+    _validate.floating(b, y, min_dim=1)
+    if y.dtype != x.dtype:
+        raise TypeError(f"{b} must have the dtype of {a} ({x.dtype}), got {y.dtype}")
+    _validate.shape(b, y, x.shape, f"{a}.shape")
+    if labels is not None:
+        _validate.integer("labels", labels)
+        _validate.shape("labels", labels, x.shape[:-1], f"{a}.shape[:-1]")
+    _validate.same_device(**{a: x, b: y, "labels": labels})
+    return x.shape[:-1]
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``[..., V]`` as ``[n, V]`` rows with contiguous elements (the kernels' layout; a copy only where they are
+    not)."""
+    V = t.shape[-1]
+    rows = t.reshape(-1, V)
+    return rows.contiguous() if V > 1 and rows.stride(1) != 1 else rows
+
+
 class TokenDivergence(NamedTuple):
     """Per-token outputs of :func:`token_divergence`, fp32, shaped like the logits without their last dim.
 
@@ -84,17 +108,7 @@ def token_divergence(
     Returns:
         :class:`TokenDivergence`.
     """
-    _validate.floating("student_logits", student_logits, min_dim=1)
-    _validate.floating("teacher_logits", teacher_logits, min_dim=1)
-    if teacher_logits.dtype != student_logits.dtype:
-        raise TypeError(f"teacher_logits must have the dtype of student_logits ({student_logits.dtype}), got "
-                        f"{teacher_logits.dtype}")
-    _validate.shape("teacher_logits", teacher_logits, student_logits.shape, "student_logits.shape")
-    lead = student_logits.shape[:-1]
-    if labels is not None:
-        _validate.integer("labels", labels)
-        _validate.shape("labels", labels, lead, "student_logits.shape[:-1]")
-    _validate.same_device(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)
+    lead = _check_pair(("student_logits", student_logits), ("teacher_logits", teacher_logits), labels)
     if student_logits.shape[-1] == 0:
         raise ValueError("student_logits must have a non-empty vocabulary (last) dimension")
     check_choice("divergence", divergence, DIVERGENCES)
@@ -109,13 +123,7 @@ def token_divergence(
                          "requires grad (or a view of one), whose values would become their own .grad: pass "
                          "logits from the model's forward, or inplace_backward=False")
     name = _backend.backend_for("divergence_rows", student_logits.device, backend)
-    V = student_logits.shape[-1]
-    student = student_logits.reshape(-1, V)
-    teacher = teacher_logits.detach().reshape(-1, V)
-    if V > 1 and student.stride(1) != 1:
-        student = student.contiguous()
-    if V > 1 and teacher.stride(1) != 1:
-        teacher = teacher.contiguous()
+    student, teacher = _rows(student_logits), _rows(teacher_logits.detach())
     if name == "cpp" and student.dtype != torch.float32:  # the C++ kernel reads fp32 rows
         student, teacher, inplace_backward = student.float(), teacher.float(), False
     y = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
@@ -174,16 +182,7 @@ def elementwise_divergence(
 
     An option of another divergence (``beta`` with the KL, ``eps`` with the TVD, ...) raises ``ValueError``.
     """
-    _validate.floating("input", input, min_dim=1)
-    _validate.floating("target", target, min_dim=1)
-    if target.dtype != input.dtype:
-        raise TypeError(f"target must have the dtype of input ({input.dtype}), got {target.dtype}")
-    _validate.shape("target", target, input.shape, "input.shape")
-    lead = input.shape[:-1]
-    if labels is not None:
-        _validate.integer("labels", labels)
-        _validate.shape("labels", labels, lead, "input.shape[:-1]")
-    _validate.same_device(input=input, target=target, labels=labels)
+    lead = _check_pair(("input", input), ("target", target), labels)
     check_choice("divergence", divergence, ELEMENTWISE_DIVERGENCES)
     for name, value, owner in (("beta", beta, "jsd"), ("log_target", log_target, "kl"), ("eps", eps, "kl")):
         if value is not None and divergence != owner:
@@ -195,13 +194,7 @@ def elementwise_divergence(
     _validate.index_value("ignore_index", ignore_index)
     _validate.boolean("elementwise", elementwise)
     name = _backend.backend_for("elementwise_divergence", input.device, backend)
-    V = input.shape[-1]
-    x = input.reshape(-1, V)
-    y = target.detach().reshape(-1, V)
-    if V > 1 and x.stride(1) != 1:
-        x = x.contiguous()
-    if V > 1 and y.stride(1) != 1:
-        y = y.contiguous()
+    x, y = _rows(input), _rows(target.detach())
     mask = None if labels is None else (labels.reshape(-1) != ignore_index).float()
     out = elementwise_divergence_call(x, y, mask, mode_of(divergence, b, log_t), b, floor, elementwise, name)
     return out.view(input.shape if elementwise else lead)

@@ -149,6 +149,50 @@ def refuse_second_derivative(loss: str) -> None:
             "penalties) is not supported")
 
 
+def eager_autograd(op, setup_context: Callable, backward: Callable, loss: str, non_differentiable: tuple = ()):
+    """The autograd Function of a :func:`kernel_op` ``op`` on the C++ kernels without the custom-op dispatch (eager
+    CPU calls, where :func:`runs_directly`): its forward is ``op.direct`` with the op's own ``setup_context``, its
+    backward the op's ``backward(ctx, *grads, direct=True)``. Like the op, differentiable once
+    (:func:`refuse_second_derivative`, naming ``loss``); the outputs at ``non_differentiable`` (indices) are
+    marked so."""
+
+    def forward(ctx, *inputs):
+        out = op.direct(*inputs)
+        setup_context(ctx, inputs, out)
+        ctx.mark_non_differentiable(*(out[i] for i in non_differentiable))
+        return out
+
+    def backward_once(ctx, *grads):
+        refuse_second_derivative(loss)
+        return backward(ctx, *grads, direct=True)
+
+    # named at creation, so its graph nodes are too: token_stats -> TokenStatsEager (node TokenStatsEagerBackward)
+    name = "".join(word.title() for word in op._name.split("_")) + "Eager"
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                   "backward": staticmethod(backward_once)})
+
+
+def check_row_pair(first: torch.Tensor, second: torch.Tensor, names: tuple[str, str]) -> None:
+    """Two ``[n, V]`` inputs a kernel reads by pointer as rows of one kernel dtype (:data:`DTYPE_CODE`) with
+    contiguous elements (e.g. a student's and a teacher's logits): the second with the first's shape, dtype and
+    device; a TypeError / ValueError naming the argument (``names``) otherwise, instead of a kernel reading other
+    bytes, or past the end. Metadata only."""
+    a, b = names
+    if first.dtype not in DTYPE_CODE:
+        raise TypeError(f"{a} must be float32, bfloat16 or float16, got {first.dtype}")
+    if first.dim() != 2:
+        raise ValueError(f"{a} must be [n, V], got shape {tuple(first.shape)}")
+    if second.dtype != first.dtype:
+        raise TypeError(f"{b} must have the dtype of {a} ({first.dtype}), got {second.dtype}")
+    if second.shape != first.shape:
+        raise ValueError(f"{b} must have the shape of {a} {tuple(first.shape)}, got {tuple(second.shape)}")
+    if second.device != first.device:
+        raise ValueError(f"{b} must be on the device of {a} ({first.device}), got {second.device}")
+    for name, t in ((a, first), (b, second)):
+        if t.shape[1] > 1 and t.stride(1) != 1:
+            raise ValueError(f"{name} must have contiguous rows (last stride 1), got strides {t.stride()}")
+
+
 def check_rows(name: str, t: torch.Tensor, rows, dtype: torch.dtype) -> None:
     """A per-row input that a kernel reads by raw pointer as ``rows`` contiguous elements of ``dtype``
     (e.g. ``labels``, int64): a TypeError (dtype) or ValueError (size, layout) naming ``name`` instead of

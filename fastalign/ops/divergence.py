@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fastalign import _backend
 from fastalign._backend import backend_for
-from fastalign.ops._launch import (DTYPE_CODE, check_rows, kernel_op, ptr, refuse_second_derivative, runs_directly,
+from fastalign.ops._launch import (check_row_pair, check_rows, eager_autograd, kernel_op, ptr, runs_directly,
                                    triton_kernels)
 from fastalign.ops.token_stats import check_inplace_backward
 
@@ -38,31 +38,11 @@ def divergence_mode(divergence: str, beta: float) -> int:
     return 0 if beta == 0 else (1 if beta == 1 else 2)
 
 
-def check_logits(student: Tensor, teacher: Tensor) -> None:
-    """The kernels read ``student`` and ``teacher`` as ``[n, V]`` rows of a kernel dtype (fp32, bf16, fp16; the
-    C++ kernel fp32) whose elements are contiguous, both with the student's shape, dtype and device, by pointer:
-    a TypeError / ValueError naming the argument otherwise (instead of a kernel reading other bytes, or past the
-    end). Metadata only."""
-    if student.dtype not in DTYPE_CODE:
-        raise TypeError(f"student must be float32, bfloat16 or float16, got {student.dtype}")
-    if student.dim() != 2:
-        raise ValueError(f"student must be [n, V], got shape {tuple(student.shape)}")
-    if teacher.dtype != student.dtype:
-        raise TypeError(f"teacher must have the dtype of student ({student.dtype}), got {teacher.dtype}")
-    if teacher.shape != student.shape:
-        raise ValueError(f"teacher must have the shape of student {tuple(student.shape)}, got {tuple(teacher.shape)}")
-    if teacher.device != student.device:
-        raise ValueError(f"teacher must be on the device of student ({student.device}), got {teacher.device}")
-    for name, t in (("student", student), ("teacher", teacher)):
-        if t.shape[1] > 1 and t.stride(1) != 1:
-            raise ValueError(f"{name} must have contiguous rows (last stride 1), got strides {t.stride()}")
-
-
 def _outputs(student: Tensor, teacher: Tensor, mask: Optional[Tensor], labels: Optional[Tensor],
              grad_soft: Optional[Tensor], grad_hard: Optional[Tensor], nll: bool):
-    """Per-row (divergence, entropy, nll); the logits (:func:`check_logits`) and the per-row inputs checked first
-    (the kernels read them by pointer)."""
-    check_logits(student, teacher)
+    """Per-row (divergence, entropy, nll); the logits (:func:`~fastalign.ops._launch.check_row_pair`) and the per-row
+    inputs checked first    (the kernels read them by pointer)."""
+    check_row_pair(student, teacher, ("student", "teacher"))
     f32 = dict(device=student.device, dtype=torch.float32)
     n = student.shape[0]
     for name, t, dtype in (("mask", mask, torch.float32), ("labels", labels, torch.int64),
@@ -224,21 +204,8 @@ def _backward(ctx, g_div, _g_ent, g_nll, _g_state, direct: bool = False):
 token_divergence.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _TokenDivergenceEager(torch.autograd.Function):
-    """``token_divergence`` on the C++ kernel without the custom-op dispatch (eager CPU calls); differentiable
-    once, as the op."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        out = token_divergence.direct(*inputs)
-        _setup_context(ctx, inputs, out)
-        ctx.mark_non_differentiable(out[1], out[3])  # entropy: a metric; the row state
-        return out
-
-    @staticmethod
-    def backward(ctx, *grads):
-        refuse_second_derivative("token divergence")
-        return _backward(ctx, *grads, direct=True)
+# (the entropy: a metric; the row state)
+_TokenDivergenceEager = eager_autograd(token_divergence, _setup_context, _backward, "token divergence", (1, 3))
 
 
 def token_divergence_call(student: Tensor, teacher: Tensor, mask: Optional[Tensor], labels: Optional[Tensor],

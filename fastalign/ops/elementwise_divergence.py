@@ -15,7 +15,7 @@ from torch import Tensor
 
 from fastalign import _backend
 from fastalign._backend import backend_for
-from fastalign.ops._launch import (DTYPE_CODE, check_rows, kernel_op, ptr, refuse_second_derivative, runs_directly,
+from fastalign.ops._launch import (DTYPE_CODE, check_row_pair, check_rows, eager_autograd, kernel_op, ptr, runs_directly,
                                    triton_kernels)
 
 #: the kernels' modes, by name (the jsd's is chosen by beta: 0 the forward KL, 1 the reverse KL)
@@ -34,18 +34,7 @@ def mode_of(divergence: str, beta: float, log_target: bool) -> int:
 def _check(x: Tensor, y: Tensor, mask: Optional[Tensor], mode: int) -> None:
     """The kernels read ``x`` and ``y`` as ``[n, V]`` rows of one kernel dtype with contiguous last dims, and the
     mask as ``n`` fp32 values, by pointer: a TypeError / ValueError naming the argument otherwise. Metadata only."""
-    if x.dtype not in DTYPE_CODE:
-        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
-    if x.dim() != 2:
-        raise ValueError(f"x must be [n, V], got shape {tuple(x.shape)}")
-    if y.dtype != x.dtype:
-        raise TypeError(f"y must have the dtype of x ({x.dtype}), got {y.dtype}")
-    if y.shape != x.shape or y.device != x.device:
-        raise ValueError(f"y must have the shape and device of x ({tuple(x.shape)}, {x.device}), got "
-                         f"{tuple(y.shape)}, {y.device}")
-    for name, t in (("x", x), ("y", y)):
-        if t.shape[1] > 1 and t.stride(1) != 1:
-            raise ValueError(f"{name} must have contiguous rows (last stride 1), got strides {t.stride()}")
+    check_row_pair(x, y, ("x", "y"))
     if mask is not None:
         check_rows("mask", mask, x.shape[0], torch.float32)
     if mode not in MODES.values():
@@ -123,20 +112,7 @@ def _backward(ctx, grad, direct: bool = False):
 elementwise_divergence.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _Eager(torch.autograd.Function):
-    """``elementwise_divergence`` on the C++ kernel without the custom-op dispatch (eager CPU calls); differentiable
-    once, as the op."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        out = elementwise_divergence.direct(*inputs)
-        _setup_context(ctx, inputs, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        refuse_second_derivative("element-wise divergence")
-        return _backward(ctx, grad, direct=True)
+_Eager = eager_autograd(elementwise_divergence, _setup_context, _backward, "element-wise divergence")
 
 
 def elementwise_divergence_call(x: Tensor, y: Tensor, mask: Optional[Tensor], mode: int, beta: float, eps: float,

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fastalign import _backend
 from fastalign._backend import backend_for
-from fastalign.ops._launch import (DTYPE_CODE, check_rows, kernel_op, opt, ptr, refuse_second_derivative, runs_directly,
+from fastalign.ops._launch import (DTYPE_CODE, check_rows, eager_autograd, kernel_op, opt, ptr, runs_directly,
                                    stat_outputs, triton_kernels)
 
 
@@ -168,21 +168,7 @@ def _backward(ctx, g_lp, g_ent, g_sp2, _g_amax, _g_lse, direct: bool = False):
 token_stats.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _TokenStatsEager(torch.autograd.Function):
-    """``token_stats`` on the C++ kernels without the custom-op dispatch layers (eager CPU calls). Like the op,
-    differentiable once: its backward is a kernel, with no graph."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        out = token_stats.direct(*inputs)
-        _setup_context(ctx, inputs, out)
-        ctx.mark_non_differentiable(out[3])  # argmax
-        return out
-
-    @staticmethod
-    def backward(ctx, *grads):
-        refuse_second_derivative("token statistics")
-        return _backward(ctx, *grads, direct=True)
+_TokenStatsEager = eager_autograd(token_stats, _setup_context, _backward, "token statistics", (3,))  # (3: argmax)
 
 
 def token_stats_call(logits: Tensor, labels: Tensor, inv_temperature: float, ignore_index: int, entropy: bool,

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastalign.bench.cases.token_logprobs import DTYPES, traffic_model
-from fastalign.bench.core import Case, intermediate_step
+from fastalign.bench.cases.token_logprobs import rows_case
+from fastalign.bench.core import intermediate_step
 from fastalign.bench.optional import compiled, optional_impl
 from fastalign.integrations.liger import LigerCrossEntropyLoss
 
@@ -65,18 +65,6 @@ def _label(options: dict) -> str:
 
 
 def cases():
-    out = []
-    for N, V, dt, options, quick in SHAPES:
-        elem = torch.empty((), dtype=DTYPES[dt]).element_size()
-        out.append(Case(
-            op="cross_entropy",
-            label=f"{N}x{V} {dt}{_label(options)}",
-            params={"tokens": N, "vocab": V, "dtype": dt, **options, **traffic_model(N, V, elem)},
-            build=_make_build(N, V, DTYPES[dt], options),
-            quick=quick,
-            warmup=_make_build(8, 64, DTYPES[dt], options),
-            impls=("fastalign", "eager", "torch.compile", "liger"),
-            bytes_moved=lambda mode, n=N * V * elem: n if mode == "fwd" else 3 * n,
-            required_bytes=lambda mode, n=N * V * elem: 0 if mode == "fwd" else n,  # d(logits), where it is new
-        ))
-    return out
+    return [rows_case("cross_entropy", _make_build, N, V, dt, ("fastalign", "eager", "torch.compile", "liger"),
+                      quick=quick, options=(options,), label=_label(options), traffic=True, **options)
+            for N, V, dt, options, quick in SHAPES]

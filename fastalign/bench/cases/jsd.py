@@ -16,8 +16,8 @@ import math
 
 import torch
 
-from fastalign.bench.cases.token_logprobs import DTYPES
-from fastalign.bench.core import Case, intermediate_step
+from fastalign.bench.cases.token_logprobs import rows_case
+from fastalign.bench.core import intermediate_step
 from fastalign.bench.optional import compiled, optional_impl
 from fastalign.integrations.liger import LigerJSD
 
@@ -52,19 +52,6 @@ SHAPES = [(4096, 32000, "fp32"), (8192, 151936, "bf16")]
 
 
 def cases():
-    out = []
-    for N, V, dt in SHAPES:
-        elem = torch.empty((), dtype=DTYPES[dt]).element_size()
-        out.append(Case(
-            op="jsd",
-            label=f"{N}x{V} {dt}",
-            params={"tokens": N, "vocab": V, "dtype": dt},
-            build=_make_build(N, V, DTYPES[dt]),
-            quick=False,
-            warmup=_make_build(8, 64, DTYPES[dt]),
-            impls=("fastalign", "eager", "torch.compile", "liger"),
-            # the one-read limit: both inputs once forward; backward both again and d(log q) written
-            bytes_moved=lambda mode, n=N * V * elem: 2 * n if mode == "fwd" else 5 * n,
-            required_bytes=lambda mode, n=N * V * elem: 0 if mode == "fwd" else n,  # d(log q)
-        ))
-    return out
+    # both rows read once forward; backward both again and d(first) written
+    return [rows_case("jsd", _make_build, N, V, dt, ("fastalign", "eager", "torch.compile", "liger"), inputs=2)
+            for N, V, dt in SHAPES]

@@ -68,21 +68,29 @@ def traffic_model(N: int, V: int, elem: int) -> dict:
                       f"(= one-read time / measured time)")}
 
 
+def rows_case(op: str, make_build, N: int, V: int, dt: str, impls: tuple, *, inputs: int = 1, quick: bool = False,
+              options: tuple = (), label: str = "", traffic: bool = False, **params) -> Case:
+    """The :class:`Case` ``op`` on ``inputs`` tensors of ``[N, V]`` rows (logits, or distributions) of dtype ``dt``:
+    forward reads each once; backward reads them again and writes d(first input) (its bytes, where new, the memory
+    every implementation needs). ``make_build(N, V, dtype, *options)`` at that shape and at a small warm-up one;
+    ``traffic``: the one-read model of :func:`traffic_model` in the params (one input)."""
+    elem = torch.empty((), dtype=DTYPES[dt]).element_size()
+    return Case(
+        op=op,
+        label=f"{N}x{V} {dt}{label}",
+        params={"tokens": N, "vocab": V, "dtype": dt, **params, **(traffic_model(N, V, elem) if traffic else {})},
+        build=make_build(N, V, DTYPES[dt], *options),
+        quick=quick,
+        warmup=make_build(8, 64, DTYPES[dt], *options),
+        impls=impls,
+        bytes_moved=lambda mode, n=N * V * elem: inputs * n if mode == "fwd" else (2 * inputs + 1) * n,
+        required_bytes=lambda mode, n=N * V * elem: 0 if mode == "fwd" else n,
+    )
+
+
 def cases():
-    out = []
-    for N, V, dt, quick in [(4096, 32000, "fp32", True), (2048, 152064, "fp32", False),
-                            (8192, 151936, "bf16", False), (16384, 128256, "bf16", False)]:
-        elem = torch.empty((), dtype=DTYPES[dt]).element_size()
-        out.append(Case(
-            op="token_logprobs",
-            label=f"{N}x{V} {dt}",
-            params={"tokens": N, "vocab": V, "dtype": dt, **traffic_model(N, V, elem)},
-            build=_make_build(N, V, DTYPES[dt]),
-            quick=quick,
-            warmup=_make_build(8, 64, DTYPES[dt]),
-            impls=("fastalign", "eager", "torch.compile", "trl", "flash-attn (CE)", "liger (CE)"),
-            # forward reads the logits once; backward reads them again and writes d(logits)
-            bytes_moved=lambda mode, n=N * V * elem: n if mode == "fwd" else 3 * n,
-            required_bytes=lambda mode, n=N * V * elem: 0 if mode == "fwd" else n,  # d(logits)
-        ))
-    return out
+    return [rows_case("token_logprobs", _make_build, N, V, dt,
+                      ("fastalign", "eager", "torch.compile", "trl", "flash-attn (CE)", "liger (CE)"), quick=quick,
+                      traffic=True)
+            for N, V, dt, quick in [(4096, 32000, "fp32", True), (2048, 152064, "fp32", False),
+                                    (8192, 151936, "bf16", False), (16384, 128256, "bf16", False)]]
