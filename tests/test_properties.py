@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import fastalign as fa
 from fastalign.aggregate import counts_read
 from fastalign.reference import advantages as ref_adv
+from fastalign.reference import divergence as ref_div
 from fastalign.reference import linear as ref_lin
 from fastalign.reference import logprobs as ref_lp
 from fastalign.reference import policy as ref_pol
@@ -65,6 +66,36 @@ def _gen(seed):
 def _labels(g, N, V, ignore_index, p_ignore=0.3):
     y = torch.randint(0, V, (N,), generator=g)
     return torch.where(torch.rand(N, generator=g) < p_ignore, torch.full_like(y, ignore_index), y)
+
+
+# ----------------------------------------------------------------------------- elementwise_divergence
+ELEMENTWISE = [("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0}), ("jsd", {"beta": 0.37}), ("kl", {}),
+               ("kl", {"log_target": True}), ("tvd", {})]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@given(N=ROWS, V=VOCAB, dtype=st.sampled_from(LOW), case=st.sampled_from(ELEMENTWISE), elementwise=st.booleans(),
+       scale=st.sampled_from([0.5, 3.0, 30.0]), seed=SEEDS)
+def test_elementwise_divergence(backend, N, V, dtype, case, elementwise, scale, seed):
+    """Per-token sums (or every term) and d(input) under a random upstream gradient, with ignored tokens, against the
+    float64 terms of the same (rounded) values; the sums in fp32, the gradient one rounding of the input dtype."""
+    divergence, options = case
+    g = _gen(seed)
+    zx, zy = torch.randn(N, V, generator=g) * scale, torch.randn(N, V, generator=g) * scale
+    x = (zx.softmax(-1) if divergence == "tvd" else zx.log_softmax(-1)).to(dtype)
+    y = (zy.log_softmax(-1) if divergence == "jsd" or options.get("log_target") else zy.softmax(-1)).to(dtype)
+    labels = _labels(g, N, V, -100)
+    leaf = x.clone().requires_grad_(True)
+    out = fa.elementwise_divergence(leaf, y, labels, divergence=divergence, elementwise=elementwise, backend=backend,
+                                    **options)
+    xd = x.double().requires_grad_(True)
+    terms = ref_div.elementwise_terms(xd, y, divergence=divergence, **options) * (labels != -100)[:, None]
+    want = terms if elementwise else terms.sum(-1)
+    w = torch.randn(want.shape, generator=g, dtype=F64)
+    (out * w).sum().backward()
+    (want * w).sum().backward()
+    check("divergence", out, want, atol=1e-5, rtol=1e-4)
+    check("d(input)", leaf.grad, xd.grad, atol=1e-6, rtol=fp_tol(dtype))
 
 
 # ----------------------------------------------------------------------------- token_logprobs
