@@ -501,6 +501,9 @@ PLAIN_ARCHS = {
                                               ext_pw_out_channel=16, depthwise_separable_out_channel=16,
                                               nemo_conv_channels=16, audio_token_id=V - 2)),
 }
+#: Inkling's attention and experts, tiny
+INKLING = dict(swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8, sliding_window_size=8,
+               n_routed_experts=4, rel_extent=16, d_rel=4)
 #: Architectures whose head transforms its logits -> (the config fields of a tiny model, the transform's own field
 #: off its default, and the (logit_scale, softcap) expected).
 TRANSFORM_ARCHS = {
@@ -518,6 +521,12 @@ TRANSFORM_ARCHS = {
     "minicpm3": (dict(MLA, dim_model_base=8), (0.25, None)),  # logits_scaling = hidden_size / dim_model_base
     "hyperclovax": (dict(logits_scaling=2.5), (2.5, None)),
     "falcon_h1": (dict(lm_head_multiplier=0.5, mamba_chunk_size=8), (0.5, None)),
+    # Inkling: a head padded past the vocabulary (its forward keeps the first unpadded_vocab_size logits), hidden
+    # states divided by the muP width multiplier; Inkling 2 softcaps an unpadded head
+    "inkling_text": (dict(INKLING, vocab_size=V + 6, unpadded_vocab_size=V, logits_mup_width_multiplier=4.0),
+                     (0.25, None)),
+    **{arch: (dict(INKLING, unpadded_vocab_size=V, final_logit_softcapping=3.0), (1.0, 3.0))
+       for arch in ("inkling2_text", "inkling2_loop_text")},
     "cohere_compass_text": (dict(logit_scale=0.4, rope_parameters={
         layer: dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 2])  # for a head of 8 (5.17-5.20)
         for layer in ("full_attention", "sliding_attention")}),
@@ -543,7 +552,8 @@ COMPOSITE_ARCHS = {
 RECURRENT_ARCHS = {"mamba", "mamba2", "falcon_mamba", "nemotron_h", "lfm2", "qwen3_next", "qwen3_5_text",
                    "qwen3_5_moe_text", "falcon_h1", "olmo_hybrid", "lfm3", "lara_mini", "lfm2_moe", "bamba", "jamba",
                    "zamba2", "recurrent_gemma", "qwen3_5", "qwen3_5_moe", "lfm2_vl", "minimax", "zaya",
-                   "kimi_linear", "bailing_hybrid", "qwen4_exp_text"}
+                   "kimi_linear", "bailing_hybrid", "qwen4_exp_text", "inkling_text", "inkling2_text",
+                   "inkling2_loop_text"}
 #: Bodies that split packed rows from a transformers release on (before it their causal mask ignores the restarts).
 SPLITS_PACKED_SINCE = {"falcon": "5.24", "doge": "5.18", "llama4_text": "5.23"}
 #: Vision-language bodies that do not split packed rows (their rotary positions and mask ignore the restarts).

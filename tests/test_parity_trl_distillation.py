@@ -104,3 +104,39 @@ def test_registered_head_transform_reaches_the_teacher(models, tmp_path, monkeyp
         theirs = trl.DistillationTrainer._compute_loss(trainer, student, inputs, None)[0]
     assert_close(ours, theirs, atol=1e-6, rtol=1e-5, what="loss")
     assert abs(float(ours) - float(plain)) > 1e-3
+
+
+def test_a_padded_teacher_head_scores_its_kept_rows(models, tmp_path, monkeypatch):
+    """A teacher whose head is padded past the vocabulary and whose forward keeps its first rows (Inkling's
+    ``unpadded_vocab_size``, :data:`fastalign.integrations.hf.HEAD_ROWS`): the drop-in reads those rows, so its loss
+    equals the one with the unpadded head (the padding rows drawn large); without the field the vocabularies differ
+    and it raises."""
+    import fastalign.integrations.hf as hf
+    from fastalign.integrations.trl import DistillationTrainer
+
+    monkeypatch.setattr(hf, "HEAD_TRANSFORMS", dict(hf.HEAD_TRANSFORMS))
+    monkeypatch.setattr(hf, "HEAD_ROWS", {**hf.HEAD_ROWS, "qwen2_padded": "unpadded_vocab_size"})
+    trainer = _trainer(DistillationTrainer, models, tmp_path, dict(beta=0.5))
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    g = torch.Generator().manual_seed(4)
+    inputs = dict(prompt_ids=torch.randint(3, len(WORDS), (2, 3), generator=g),
+                  prompt_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]),
+                  completion_ids=torch.randint(3, len(WORDS), (2, 4), generator=g),
+                  completion_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]))
+    head = teacher.get_output_embeddings()
+    V, H = head.weight.shape
+    with torch.no_grad():
+        plain = trainer._compute_loss(student, inputs, None)[0]
+        padded = torch.nn.Linear(H, V + 3, bias=False)
+        padded.weight[:V] = head.weight
+        padded.weight[V:] = 30.0
+        teacher.set_output_embeddings(padded)
+        monkeypatch.setattr(teacher.config, "model_type", "qwen2_padded")
+        hf.register_head_transform("qwen2_padded")
+        teacher.config.unpadded_vocab_size = V
+        ours = trainer._compute_loss(student, inputs, None)[0]
+        teacher.config.unpadded_vocab_size = None  # every row: no longer the student's vocabulary
+        with pytest.raises(ValueError, match="vocabulary"):
+            trainer._compute_loss(student, inputs, None)
+    assert_close(ours, plain, atol=1e-6, rtol=1e-5, what="loss")

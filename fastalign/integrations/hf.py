@@ -24,6 +24,9 @@ granite, granitemoe, granitemoeshared, granitemoehybrid,       ``logit_scale = 1
 granite_swa, granitemoe_swa, minicpm3
 hyperclovax                                                     ``logit_scale = logits_scaling``
 falcon_h1                                                       ``logit_scale = lm_head_multiplier``
+inkling_text (its logits: the head's first                      ``logit_scale = 1 / logits_mup_width_multiplier``
+``unpadded_vocab_size`` rows, :func:`head_rows`)
+inkling2_text, inkling2_loop_text                               ``softcap = final_logit_softcapping``
 gemma3 (its forward ignores the softcap), qwen2_vl,             none (vision-language models)
 qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, qwen3_5_moe,
 mistral3, llava, llava_next, llava_onevision, idefics3,
@@ -142,6 +145,10 @@ HEAD_TRANSFORMS = {
     "recurrent_gemma": _softcap_by("logits_soft_cap"),
     "hyperclovax": _scale_by("logits_scaling"),  # multiplies, where Granite divides
     "falcon_h1": _scale_by("lm_head_multiplier"),
+    # Inkling divides the hidden states by its muP width multiplier before its bias-free head (and keeps the first
+    # unpadded_vocab_size logits: HEAD_ROWS); Inkling 2 softcaps the logits of its unpadded head
+    "inkling_text": _scale_by("logits_mup_width_multiplier", reciprocal=True),
+    **{name: _softcap_by("final_logit_softcapping") for name in ("inkling2_text", "inkling2_loop_text")},
     "mpt": _mpt,
     # vision-language models (their ForConditionalGeneration classes): Gemma 3's forward applies no softcap,
     # whatever its text config says (unlike Gemma3ForCausalLM); Gemma 4's applies its text config's
@@ -158,6 +165,19 @@ HEAD_TRANSFORMS = {
     "aya_vision": _since("5.25", _of_text(_scale_by("logit_scale"))),
     "granite_docling": _of_text(_scale_by("logits_scaling", reciprocal=True)),
 }
+
+#: ``model_type`` -> the config field that holds how many of the head's rows the model's logits keep (the first
+#: ones; a head padded past its vocabulary, sliced in its forward), where that is set and below the head's rows.
+HEAD_ROWS = {"inkling_text": "unpadded_vocab_size"}
+
+
+def head_rows(config, rows: int) -> int:
+    """How many of the ``rows`` rows of the output head the logits of ``config``'s model keep: the first
+    ``config.<field>`` of :data:`HEAD_ROWS` where that is set and smaller, else all of them."""
+    field = HEAD_ROWS.get(getattr(config, "model_type", None))
+    kept = None if field is None else getattr(config, field, None)
+    return rows if kept is None or kept >= rows else int(kept)
+
 
 #: The architectures listed above, each checked for packed rows (:func:`_unsplit_packing`).
 _LISTED = frozenset(HEAD_TRANSFORMS)
@@ -430,10 +450,15 @@ def _head(model, hidden: Tensor, dtype: Optional[torch.dtype] = None
             f"model: the output head weight has shape {tuple(weight.shape)}; a partitioned parameter "
             "(DeepSpeed ZeRO-3) must be gathered around the call, e.g. with "
             "deepspeed.zero.GatheredParameters([lm_head.weight, lm_head.bias])")
+    low_rank = None
     if lora:
         bias, low_rank = _lora_low_rank(head, hidden, weight, bias, dtype)
-        return weight, bias, low_rank
-    return weight, bias, None
+    rows = head_rows(getattr(model, "config", None), weight.shape[0])
+    if rows < weight.shape[0]:  # a padded head whose forward keeps its first rows (views: gradients reach them)
+        bias = None if bias is None else bias[:rows]
+        low_rank = None if low_rank is None else (low_rank[0], low_rank[1][:rows])
+        weight = weight[:rows]
+    return weight, bias, low_rank
 
 
 def router_aux_loss(model, router_logits, attention_mask: Optional[Tensor] = None) -> Tensor:

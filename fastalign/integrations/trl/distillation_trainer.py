@@ -29,7 +29,7 @@ import torch
 import trl
 
 from fastalign import _dtensor
-from fastalign.integrations.hf import known_head_transform
+from fastalign.integrations.hf import head_rows, known_head_transform
 from fastalign.integrations.trl._checks import check_head_dtype
 from fastalign.integrations.trl._vision import batch_vision, body_inputs
 from fastalign.linear_divergence import linear_divergence_loss
@@ -60,6 +60,14 @@ def config_head_transform(config) -> tuple[float, Optional[float]]:
     if known is not None:
         return known
     return _trl_logit_scale(config), getattr(config, "final_logit_softcapping", None)
+
+
+def _kept_rows(config, head) -> tuple:
+    """``(weight, bias)`` of a model's output head (gathered if DTensors), the rows its logits keep: all of them, or
+    the first ones of a head padded past its vocabulary (:func:`fastalign.integrations.hf.head_rows`: Inkling)."""
+    weight, bias = _dtensor.full(head.weight), _dtensor.full(head.bias)
+    rows = head_rows(config, len(weight))
+    return weight[:rows], None if bias is None else bias[:rows]
 
 
 class DistillationTrainer(trl.DistillationTrainer):
@@ -96,7 +104,8 @@ class DistillationTrainer(trl.DistillationTrainer):
         device = student_head.weight.device
         student_config = unwrapped_student.config.get_text_config()
         teacher_config = unwrapped_teacher.config.get_text_config()
-        weight, teacher_weight = _dtensor.full(student_head.weight), _dtensor.full(teacher_head.weight)
+        weight, bias = _kept_rows(student_config, student_head)
+        teacher_weight, teacher_bias = _kept_rows(teacher_config, teacher_head)
         student_hidden = student_hidden.to(device)
         teacher_hidden = teacher_hidden.to(device)
         # the head runs in the hidden states' dtype (a mixed-precision master copy is cast once)
@@ -109,7 +118,7 @@ class DistillationTrainer(trl.DistillationTrainer):
         teacher_scale, teacher_softcap = config_head_transform(teacher_config)
         loss, metrics = linear_divergence_loss(
             student_hidden, weight, teacher_hidden, teacher_weight, beta=self.beta, temperature=self.temperature,
-            bias=_dtensor.full(student_head.bias), teacher_bias=_dtensor.full(teacher_head.bias), logit_scale=scale,
+            bias=bias, teacher_bias=teacher_bias, logit_scale=scale,
             softcap=softcap,
             teacher_logit_scale=teacher_scale, teacher_softcap=teacher_softcap, response_mask=loss_mask.to(device),
             normalizer=normalizer)
