@@ -574,6 +574,13 @@ def _tiny_causal_lm(kind):
             transformers.Gemma2ForCausalLM
     elif kind == "cohere":
         cfg, cls = transformers.CohereConfig(logit_scale=0.25, **common), transformers.CohereForCausalLM
+    elif kind == "inkling":  # a head padded past the vocabulary (its forward keeps the first 37 logits), muP scale
+        cfg = transformers.AutoConfig.for_model(
+            "inkling_text", **{**common, "vocab_size": 41}, unpadded_vocab_size=37, head_dim=8,
+            logits_mup_width_multiplier=0.25, swa_num_attention_heads=2, swa_num_key_value_heads=1, swa_head_dim=8,
+            sliding_window_size=8, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+            rel_extent=16, d_rel=4)
+        cls = transformers.AutoModelForCausalLM._model_mapping[type(cfg)]
     else:
         cfg, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
     cfg._attn_implementation = "eager"
@@ -584,10 +591,11 @@ def _tiny_causal_lm(kind):
     return model
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "cohere"])
+@pytest.mark.parametrize("kind", ["gemma2", "cohere", "inkling"])
 def test_fused_backend_applies_the_models_head_transform(kind):
-    """Gemma 2's final_logit_softcapping and Cohere's logit_scale: through verl's patched forward with
-    impl_backend=fastalign, log-probs and entropy are those of the model's own logits (verl's non-fused path)."""
+    """Gemma 2's final_logit_softcapping, Cohere's logit_scale and Inkling's muP scale over the first rows of its
+    padded head: through verl's patched forward with impl_backend=fastalign, log-probs and entropy are those of the
+    model's own logits (verl's non-fused path)."""
     from verl.models.transformers import monkey_patch
 
     model = _tiny_causal_lm(kind)

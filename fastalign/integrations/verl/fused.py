@@ -13,7 +13,8 @@ takes another path). This module adds the value ``fastalign``::
 input_ids, temperature=1.0) -> (log_probs, entropy)`` and computes them with
 :func:`fastalign.linear_logprobs`, with the head transform of the model's architecture
 (:func:`fastalign.integrations.hf.head_transform`: Gemma 2/3's softcap, Cohere's and Granite's logit
-scale), so the log-probs are those of the model's own logits, as verl's non-fused path computes them:
+scale; Inkling's first rows of its padded head, :func:`fastalign.integrations.hf.head_rows`), so the log-probs
+are those of the model's own logits, as verl's non-fused path computes them:
 
     z = softcap * tanh(logit_scale * hidden_states @ vocab_weights.T / softcap) / temperature  (no tanh without softcap)
     log_probs = z[input_ids] - logsumexp(z)           (float32)
@@ -42,7 +43,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _dtensor, _validate
-from fastalign.integrations.hf import head_transform
+from fastalign.integrations.hf import head_rows, head_transform
 from fastalign.linear import linear_logprobs
 
 __all__ = ["BACKEND", "FusedLinearForPPO", "enable"]
@@ -59,24 +60,26 @@ class FusedLinearForPPO(torch.nn.Module):
     (``FASTALIGN_LINEAR_CHUNK_MIB``) instead. ``impl_backend`` must be ``"fastalign"``.
     ``logit_scale`` / ``softcap``: the model's head transform (those of :func:`fastalign.linear_logprobs`);
     verl's patched forward passes its model's, read by :func:`fastalign.integrations.hf.head_transform`.
+    ``rows``: how many of the first rows of ``vocab_weights`` the model's logits keep (None: all; a head padded
+    past its vocabulary, :func:`fastalign.integrations.hf.head_rows`: Inkling).
     """
 
     def __init__(self, chunk_size: Optional[int] = None, impl_backend: str = BACKEND, *,
-                 logit_scale: float = 1.0, softcap: Optional[float] = None):
+                 logit_scale: float = 1.0, softcap: Optional[float] = None, rows: Optional[int] = None):
         super().__init__()
         if impl_backend != BACKEND:
             raise ValueError(f"impl_backend must be {BACKEND!r} for fastalign's FusedLinearForPPO, got {impl_backend!r}")
         if chunk_size is not None:
             _validate.at_least("chunk_size", chunk_size)
         self.chunk_size, self.impl_backend = chunk_size, BACKEND
-        self.logit_scale, self.softcap = logit_scale, softcap
+        self.logit_scale, self.softcap, self.rows = logit_scale, softcap, rows
 
     def forward(self, hidden_states: Tensor, vocab_weights: Tensor, input_ids: Tensor,
                 temperature: float = 1.0) -> tuple[Tensor, Tensor]:
         if input_ids.shape != hidden_states.shape[:-1]:
             raise ValueError(f"input_ids shape {tuple(input_ids.shape)} must match hidden_states shape "
                              f"{tuple(hidden_states.shape[:-1])}")
-        stats = linear_logprobs(hidden_states, _dtensor.full(vocab_weights), input_ids.to(torch.int64),
+        stats = linear_logprobs(hidden_states, _dtensor.full(vocab_weights)[:self.rows], input_ids.to(torch.int64),
                                 temperature=float(temperature), logit_scale=self.logit_scale, softcap=self.softcap,
                                 entropy=True)
         return stats.logprobs, stats.entropy.to(hidden_states.dtype)
@@ -86,9 +89,9 @@ class _Backend(str):
     """``"fastalign"`` carrying the model's head transform: verl's fused forward builds its
     ``FusedLinearForPPO(impl_backend=model._verl_fused_kernels_backend)`` from this value alone."""
 
-    def __new__(cls, logit_scale: float, softcap: Optional[float]):
+    def __new__(cls, logit_scale: float, softcap: Optional[float], rows: Optional[int] = None):
         self = super().__new__(cls, BACKEND)
-        self.logit_scale, self.softcap = logit_scale, softcap
+        self.logit_scale, self.softcap, self.rows = logit_scale, softcap, rows
         return self
 
 
@@ -101,7 +104,8 @@ def _fused_linear_switch(verl_class: type) -> type:
         def __new__(cls, chunk_size: int = 512, impl_backend: str = "torch"):
             if impl_backend == BACKEND:
                 return FusedLinearForPPO(chunk_size, BACKEND, logit_scale=getattr(impl_backend, "logit_scale", 1.0),
-                                         softcap=getattr(impl_backend, "softcap", None))
+                                         softcap=getattr(impl_backend, "softcap", None),
+                                         rows=getattr(impl_backend, "rows", None))
             return super().__new__(cls)
 
     Switch.verl_class = verl_class
@@ -124,7 +128,10 @@ def _patch_monkey_patch(module) -> None:
     def patch_forward_with_backends(model, use_fused_kernels: bool = False, fused_kernels_backend: str = None):
         if use_fused_kernels and fused_kernels_backend == BACKEND:
             # the model's logits are its head transform of hidden @ lm_head.T; unlisted architectures raise
-            backend = _Backend(*head_transform(model.config))
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            padded = None if head is None else head.weight.shape[0]  # (a DTensor's shape is the whole head's)
+            rows = None if padded is None else head_rows(model.config, padded)
+            backend = _Backend(*head_transform(model.config), None if rows == padded else rows)
             # verl's fused forward (the one its torch backend uses) asks FusedLinearForPPO for this backend
             original(model, use_fused_kernels=True, fused_kernels_backend="torch")
             if getattr(model, "_verl_fused_kernels_backend", None) == "torch":
