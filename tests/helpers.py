@@ -151,3 +151,23 @@ def random_rewards(B: int, F: int, seed: int, unscorable=(), partial=()) -> torc
     for i in partial:
         r[i, 0] = float("nan")
     return r
+
+
+def interpreter_fp32_scalars(monkeypatch) -> None:
+    """Float arguments reach Triton kernels in the interpreter as fp32 scalars, as the compiler types them (the
+    interpreter passes a Python float, which has no ``.to``: Liger's kernels call ``.to(tl.float32)`` on theirs), for
+    the rest of the test; nothing to do off the interpreter (on a GPU)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    convert = interpreter._implicit_cvt
+
+    def fp32_scalars(arg):
+        if isinstance(arg, float):
+            return tl.tensor(interpreter.TensorHandle(np.array([arg], dtype=np.float32), tl.float32), tl.float32)
+        return convert(arg)
+
+    monkeypatch.setattr(interpreter, "_implicit_cvt", fp32_scalars)

@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from helpers import assert_close
+from helpers import assert_close, interpreter_fp32_scalars
 
 from fastalign.integrations.liger_cross_entropy import (CrossEntropyOutput, LigerCrossEntropyLoss,
                                                        LigerFusedLinearCrossEntropyLoss)
@@ -49,18 +49,9 @@ def liger_interpreter(monkeypatch):
     """Liger's kernel runnable in the Triton interpreter (the module docstring); nothing to do on a GPU."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
-    import numpy as np
     from liger_kernel.ops import cross_entropy
-    from triton.runtime import interpreter
 
-    convert = interpreter._implicit_cvt
-
-    def fp32_scalars(arg):
-        if isinstance(arg, float):
-            return tl.tensor(interpreter.TensorHandle(np.array([arg], dtype=np.float32), tl.float32), tl.float32)
-        return convert(arg)
-
-    monkeypatch.setattr(interpreter, "_implicit_cvt", fp32_scalars)
+    interpreter_fp32_scalars(monkeypatch)
     monkeypatch.setattr(cross_entropy, "tanh", _interpreted_tanh)
 
 

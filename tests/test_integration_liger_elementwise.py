@@ -7,7 +7,7 @@ tensors in the Triton interpreter (conftest.py)."""
 import pytest
 import torch
 
-from helpers import assert_close
+from helpers import assert_close, interpreter_fp32_scalars
 
 from fastalign.integrations import liger_elementwise as fa_liger
 from fastalign.reference import divergence as R
@@ -33,23 +33,9 @@ TOLERANCES = {torch.float32: dict(atol=1e-6, rtol=1e-5, grad_rtol=1e-5),
 
 @pytest.fixture(autouse=True)
 def float_scalars_in_the_interpreter(monkeypatch):
-    """Liger's KL and TVD kernels call ``.to(tl.float32)`` on their float arguments, which a compiled kernel receives as an
-    fp32 scalar and Triton's interpreter as a Python float (no ``.to``): pass floats to the interpreter as fp32
-    scalars, as the compiler types them, so Liger's own kernel runs here."""
-    if torch.cuda.is_available():
-        return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    convert = interpreter._implicit_cvt
-
-    def as_compiled(arg):
-        if isinstance(arg, float):
-            return tl.tensor(interpreter.TensorHandle(np.array([arg], dtype=np.float32), tl.float32), tl.float32)
-        return convert(arg)
-
-    monkeypatch.setattr(interpreter, "_implicit_cvt", as_compiled)
+    """Liger's KL and TVD kernels call ``.to(tl.float32)`` on their float arguments, which the interpreter passes
+    as Python floats: passed as fp32 scalars, as the compiler types them, Liger's own kernels run here."""
+    interpreter_fp32_scalars(monkeypatch)
 
 
 def _batch(seed, dtype, kind):
