@@ -168,21 +168,20 @@ FASTALIGN_BINDINGS(elementwise_divergence) {
   m.def(
       "elementwise_divergence_cpu",
       [](uintptr_t x, uintptr_t y, int dtype, int64_t N, int64_t V, int64_t x_stride, int64_t y_stride, int mode,
-         double beta, double eps, uintptr_t mask, uintptr_t sums, uintptr_t elements, int64_t e_stride,
+         double log_b, double log_1mb, double eps, uintptr_t mask, uintptr_t sums, uintptr_t elements, int64_t e_stride,
          uintptr_t g_rows, uintptr_t g_elements, int64_t g_stride, uintptr_t grad, int64_t grad_stride) {
         const bool backward = g_rows || g_elements;
         if (backward ? !grad : !(sums || elements)) throw std::invalid_argument("no output");
-        const double b = mode == kJSD ? beta : 0.5;
-        const Coefs c{float(std::log(b)), float(std::log(1.0 - b)), float(eps)};
+        const Coefs c{float(log_b), float(log_1mb), float(eps)};
         const Rows R{x, y, N, V, x_stride, y_stride, ptr<const float>(mask)};
         const Outs o{ptr<float>(sums), ptr<float>(elements), e_stride, ptr<const float>(g_rows),
                      ptr<const float>(g_elements), g_stride, grad, grad_stride};
         FASTALIGN_DISPATCH_DTYPE(dtype, dispatch_mode<D>(mode, R, c, o));
       },
       py::call_guard<py::gil_scoped_release>(),
-      "Element-wise divergence of rows: (x, y, dtype, N, V, x_stride, y_stride, mode, beta, eps, mask, sums, "
-      "elements, e_stride, g_rows, g_elements, g_stride, grad, grad_stride); mode 0 forward KL, 1 reverse KL, 2 the "
-      "generalized JSD at beta, 3 the KL of a probability target (eps floors its log), 4 of a log-probability "
+      "Element-wise divergence of rows: (x, y, dtype, N, V, x_stride, y_stride, mode, log_b, log_1mb, eps, mask, "
+      "sums, elements, e_stride, g_rows, g_elements, g_stride, grad, grad_stride); mode 0 forward KL, 1 reverse KL, "
+      "2 the generalized JSD at beta (log_b, log_1mb: log beta, log(1 - beta)), 3 the KL of a probability target (eps floors its log), 4 of a log-probability "
       "target, 5 the total variation; forward: per-row sums or per-element terms (fp32); with g_rows or g_elements "
       "(fp32) the weighted derivative in x into grad (x's dtype). Null pointers (0) skip the mask and outputs.");
 }

@@ -1,6 +1,7 @@
 """Argument checks shared by the Liger-Kernel adapters (:mod:`fastalign.integrations.liger` and its GRPO and
 preference modules): Liger's execution options, the heads and labels under Liger's names, numbers given as
-tensors, a 0/1 mask and options that the chosen loss does not read."""
+tensors, a 0/1 mask, options that the chosen loss does not read and torch's legacy reduction arguments; and Liger's
+reductions of a summed loss."""
 from __future__ import annotations
 
 import numbers
@@ -61,3 +62,22 @@ def not_default(owner: str, loss_type: str, **given) -> None:
     for name, (value, default) in given.items():
         if value != default:
             raise ValueError(f"{name} does not apply to {owner} loss_type {loss_type!r}")
+
+
+def legacy_reduction_arguments(function: str, default, **values) -> None:
+    """torch's legacy ``size_average`` / ``reduce`` arguments, which Liger's ``function`` takes and ignores: their
+    ``default`` is accepted, any other value a ``ValueError`` naming it (``reduction`` says how to reduce)."""
+    for name, value in values.items():
+        if value is not default:
+            raise ValueError(f"{name} is a legacy argument that Liger's {function} ignores: leave it {default!r} and "
+                             f"set reduction, got {value!r}")
+
+
+def reduced(total: Tensor, reduction: str, rows, V: int) -> Tensor:
+    """Liger's reduction of a summed loss ``total`` over ``rows`` scored rows of ``V`` classes: divided by ``rows``
+    (``"batchmean"``), by ``rows V`` (``"mean"``), or as it is (``"sum"``); a count below 1 divides by 1, so no row
+    scored gives 0. ``rows``: an int, or a device tensor (never read on the host)."""
+    if reduction == "sum":
+        return total
+    divisor = rows * V if reduction == "mean" else rows
+    return total / (divisor.clamp(min=1) if isinstance(divisor, Tensor) else max(divisor, 1))

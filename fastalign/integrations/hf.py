@@ -179,6 +179,15 @@ def head_rows(config, rows: int) -> int:
     return rows if kept is None or kept >= rows else int(kept)
 
 
+def kept_head(config, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """``(weight, bias)`` of an output head, the rows its model's logits keep (:func:`head_rows`): the tensors
+    themselves, or views of their first rows (gradients reach them)."""
+    rows = head_rows(config, weight.shape[0])
+    if rows == weight.shape[0]:
+        return weight, bias
+    return weight[:rows], None if bias is None else bias[:rows]
+
+
 #: The architectures listed above, each checked for packed rows (:func:`_unsplit_packing`).
 _LISTED = frozenset(HEAD_TRANSFORMS)
 #: Listed ``model_type``\ s whose rule cannot tell every config (it returns None: MPT's remote-code config with
@@ -453,11 +462,9 @@ def _head(model, hidden: Tensor, dtype: Optional[torch.dtype] = None
     low_rank = None
     if lora:
         bias, low_rank = _lora_low_rank(head, hidden, weight, bias, dtype)
-    rows = head_rows(getattr(model, "config", None), weight.shape[0])
-    if rows < weight.shape[0]:  # a padded head whose forward keeps its first rows (views: gradients reach them)
-        bias = None if bias is None else bias[:rows]
-        low_rank = None if low_rank is None else (low_rank[0], low_rank[1][:rows])
-        weight = weight[:rows]
+    weight, bias = kept_head(getattr(model, "config", None), weight, bias)  # a padded head: the rows kept
+    if low_rank is not None:
+        low_rank = (low_rank[0], low_rank[1][:weight.shape[0]])
     return weight, bias, low_rank
 
 

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from fastalign import _validate
 from fastalign.divergence import token_divergence
 from fastalign.integrations._dtypes import check_accum_dtype
+from fastalign.integrations._liger_checks import reduced
 from fastalign.integrations._live_options import LiveOptions, SinglePassAttribute
 from fastalign.linear import check_head, linear_logprobs
 from fastalign.linear_divergence import ARGUMENT_NAMES, check_tensors, linear_divergence_loss
@@ -158,8 +159,8 @@ class LigerFusedLinearJSD(SinglePassAttribute, LiveOptions, nn.Module):
                                       ignore_index=self.ignore_index, single_pass=self.single_pass)[0]
 
 
-#: LigerFusedLinearKLDivLoss's reductions -> the divisor of the summed row losses (n rows scored, V classes)
-_KL_REDUCTIONS = {"batchmean": lambda n, V: n, "mean": lambda n, V: n * V, "sum": lambda n, V: torch.ones_like(n)}
+#: LigerFusedLinearKLDivLoss's reductions (of the summed row losses: :func:`~._liger_checks.reduced`)
+_KL_REDUCTIONS = ("batchmean", "mean", "sum")
 
 
 class LigerFusedLinearKLDivLoss(LiveOptions, nn.Module):
@@ -231,9 +232,7 @@ class LigerFusedLinearKLDivLoss(LiveOptions, nn.Module):
             q_mass = qf.sum(-1)
         q_z = (h * (q.to(student_weight.dtype) @ student_weight).float()).sum(-1)
         rows = torch.where(scored, q_log_q + q_mass * lse - q_z / T, 0.0)
-        n = scored.sum().float()
-        divisor = _KL_REDUCTIONS[self.reduction](n, float(V))
-        return torch.where(n > 0, rows.sum() / divisor.clamp(min=1), 0.0)
+        return reduced(rows.sum(), self.reduction, scored.sum().float(), V)
 
 
 class LigerFusedCETVDLoss(LiveOptions, nn.Module):

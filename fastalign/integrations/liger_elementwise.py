@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from fastalign import _validate
 from fastalign._options import check_choice
 from fastalign.divergence import elementwise_divergence
+from fastalign.integrations._liger_checks import legacy_reduction_arguments, reduced
 from fastalign.integrations._live_options import LiveOptions
 
 __all__ = ["LigerJSD", "LigerKLDIVLoss", "LigerTVDLoss", "liger_jsd", "liger_kl_div", "liger_tvd"]
@@ -46,10 +47,10 @@ def _read_alike(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _scored_rows(x: Tensor, labels: Optional[Tensor], ignore_index: int):
-    """n: the count of rows scored, at least 1 (with labels a device tensor: nothing is read on the host)."""
+    """n: the count of rows scored (with labels a device tensor: nothing is read on the host)."""
     if labels is None:
-        return max(x.numel() // max(x.shape[-1], 1), 1)
-    return (labels != ignore_index).sum().clamp_min(1).float()
+        return x.numel() // max(x.shape[-1], 1)
+    return (labels != ignore_index).sum().float()
 
 
 class LigerJSD(LiveOptions, nn.Module):
@@ -78,7 +79,7 @@ class LigerJSD(LiveOptions, nn.Module):
         x, y = _read_alike(log_q, log_p)
         rows = elementwise_divergence(x, y, shift_labels, divergence="jsd", beta=float(self.beta),
                                       ignore_index=self.ignore_index)
-        return (rows.sum() / _scored_rows(x, shift_labels, self.ignore_index)).to(log_q.dtype)
+        return reduced(rows.sum(), "batchmean", _scored_rows(x, shift_labels, self.ignore_index), 1).to(log_q.dtype)
 
 
 class LigerKLDIVLoss(LiveOptions, nn.KLDivLoss):
@@ -111,10 +112,8 @@ class LigerKLDIVLoss(LiveOptions, nn.KLDivLoss):
                                      elementwise=none)
         if none:
             return out
-        total = out.sum()
-        if self.reduction == "mean":
-            return total / max(y_pred.numel(), 1)
-        return total / max(y_pred.shape[0], 1) if self.reduction == "batchmean" else total
+        rows = y_pred.shape[0]  # torch's "batchmean": over the first dim; "mean": over every element
+        return reduced(out.sum(), self.reduction, rows, y_pred.numel() // max(rows, 1))
 
 
 class LigerTVDLoss(LiveOptions, nn.Module):
@@ -140,10 +139,9 @@ class LigerTVDLoss(LiveOptions, nn.Module):
         none = self.reduction == "none"
         out = elementwise_divergence(x, y, shift_labels, divergence="tvd", ignore_index=self.ignore_index,
                                      elementwise=none)
-        if none or self.reduction == "sum":
-            return out if none else out.sum()
-        n = _scored_rows(x, shift_labels, self.ignore_index)
-        return out.sum() / (n * x.shape[-1] if self.reduction == "mean" else n)
+        if none:
+            return out
+        return reduced(out.sum(), self.reduction, _scored_rows(x, shift_labels, self.ignore_index), x.shape[-1])
 
 
 def liger_jsd(input: Tensor, target: Tensor, shift_labels: Optional[Tensor] = None, beta: float = 0.5,
@@ -158,10 +156,7 @@ def liger_kl_div(input: Tensor, target: Tensor, size_average: bool = True, reduc
     target)``. ``size_average`` and ``reduce`` are ``torch.nn.functional.kl_div``'s legacy arguments, which Liger's
     function takes and ignores: their default (True) is accepted, any other value raises ``ValueError`` naming it
     (pass ``reduction``)."""
-    for name, value in (("size_average", size_average), ("reduce", reduce)):
-        if value is not True:
-            raise ValueError(f"{name} is a legacy argument that Liger's liger_kl_div ignores: leave it True and set "
-                             f"reduction, got {value!r}")
+    legacy_reduction_arguments("liger_kl_div", True, size_average=size_average, reduce=reduce)
     return LigerKLDIVLoss(eps, reduction=reduction, log_target=log_target)(input, target)
 
 

@@ -23,6 +23,7 @@ through a retained graph, build the module and set ``loss_fn.single_pass = False
 from __future__ import annotations
 
 from fastalign import _validate
+from fastalign.integrations._liger_checks import legacy_reduction_arguments
 from fastalign.integrations.liger import (LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD,
                                           LigerFusedLinearKLDivLoss)
 from fastalign.integrations.liger_elementwise import liger_jsd, liger_kl_div, liger_tvd
@@ -42,10 +43,7 @@ def liger_cross_entropy(input, target, weight=None, size_average=None, ignore_in
     ``CrossEntropyOutput`` with a ``return_*`` switch. ``size_average`` and ``reduce`` are
     ``torch.nn.functional.cross_entropy``'s legacy arguments, which Liger's function takes and ignores: None is
     accepted, any other value raises ``ValueError`` naming it (pass ``reduction``)."""
-    for name, value in (("size_average", size_average), ("reduce", reduce)):
-        if value is not None:
-            raise ValueError(f"{name} is a legacy argument that Liger's liger_cross_entropy ignores: pass None and "
-                             f"set reduction, got {value!r}")
+    legacy_reduction_arguments("liger_cross_entropy", None, size_average=size_average, reduce=reduce)
     loss_fn = LigerCrossEntropyLoss(weight=weight, ignore_index=ignore_index, lse_square_scale=lse_square_scale,
                                     label_smoothing=label_smoothing, reduction=reduction, softcap=softcap,
                                     return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,

@@ -41,7 +41,7 @@ def divergence_mode(divergence: str, beta: float) -> int:
 def _outputs(student: Tensor, teacher: Tensor, mask: Optional[Tensor], labels: Optional[Tensor],
              grad_soft: Optional[Tensor], grad_hard: Optional[Tensor], nll: bool):
     """Per-row (divergence, entropy, nll); the logits (:func:`~fastalign.ops._launch.check_row_pair`) and the per-row
-    inputs checked first    (the kernels read them by pointer)."""
+    inputs checked first (the kernels read them by pointer)."""
     check_row_pair(student, teacher, ("student", "teacher"))
     f32 = dict(device=student.device, dtype=torch.float32)
     n = student.shape[0]

@@ -51,13 +51,14 @@ def _write(x: Tensor, y: Tensor, mask: Optional[Tensor], mode: int, beta: float,
         return
     backend = backend_for("elementwise_divergence", x.device, backend)
     g_elements = g is not None and g.dim() == 2
+    b = beta if mode == MODES["jsd"] else 0.5  # the kernels read log beta and log(1 - beta), the JSD's
+    coefs = (math.log(b), math.log(1 - b), eps)
     if backend == "triton":
-        b = beta if mode == MODES["jsd"] else 0.5
-        triton_kernels("elementwise_divergence").elementwise_divergence(
-            x, y, mode, math.log(b), math.log(1 - b), eps, mask, sums, elements, g, grad)
+        triton_kernels("elementwise_divergence").elementwise_divergence(x, y, mode, *coefs, mask, sums, elements, g,
+                                                                        grad)
         return
     _backend.compiled().elementwise_divergence_cpu(
-        x.data_ptr(), y.data_ptr(), DTYPE_CODE[x.dtype], n, V, x.stride(0), y.stride(0), mode, beta, eps, ptr(mask),
+        x.data_ptr(), y.data_ptr(), DTYPE_CODE[x.dtype], n, V, x.stride(0), y.stride(0), mode, *coefs, ptr(mask),
         ptr(sums), ptr(elements), elements.stride(0) if elements is not None else 0,
         0 if g_elements else ptr(g), ptr(g) if g_elements else 0, g.stride(0) if g_elements else 0,
         ptr(grad), grad.stride(0) if grad is not None else 0)

@@ -65,6 +65,6 @@ def _label(options: dict) -> str:
 
 
 def cases():
-    return [rows_case("cross_entropy", _make_build, N, V, dt, ("fastalign", "eager", "torch.compile", "liger"),
+    return [rows_case("cross_entropy", _make_build, (N, V), dt, ("fastalign", "eager", "torch.compile", "liger"),
                       quick=quick, options=(options,), label=_label(options), traffic=True, **options)
             for N, V, dt, options, quick in SHAPES]

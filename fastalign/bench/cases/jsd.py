@@ -53,5 +53,5 @@ SHAPES = [(4096, 32000, "fp32"), (8192, 151936, "bf16")]
 
 def cases():
     # both rows read once forward; backward both again and d(first) written
-    return [rows_case("jsd", _make_build, N, V, dt, ("fastalign", "eager", "torch.compile", "liger"), inputs=2)
+    return [rows_case("jsd", _make_build, (N, V), dt, ("fastalign", "eager", "torch.compile", "liger"), inputs=2)
             for N, V, dt in SHAPES]

@@ -2,6 +2,8 @@
 Liger-Kernel's cross-entropy kernels (the label log-prob alone) where installed."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 import fastalign
@@ -68,28 +70,33 @@ def traffic_model(N: int, V: int, elem: int) -> dict:
                       f"(= one-read time / measured time)")}
 
 
-def rows_case(op: str, make_build, N: int, V: int, dt: str, impls: tuple, *, inputs: int = 1, quick: bool = False,
-              options: tuple = (), label: str = "", traffic: bool = False, **params) -> Case:
-    """The :class:`Case` ``op`` on ``inputs`` tensors of ``[N, V]`` rows (logits, or distributions) of dtype ``dt``:
-    forward reads each once; backward reads them again and writes d(first input) (its bytes, where new, the memory
-    every implementation needs). ``make_build(N, V, dtype, *options)`` at that shape and at a small warm-up one;
-    ``traffic``: the one-read model of :func:`traffic_model` in the params (one input)."""
+def rows_case(op: str, make_build, shape: tuple, dt: str, impls: tuple, *, lead_names: tuple = ("tokens",),
+              warmup_lead: tuple = (8,), inputs: int = 1, quick: bool = False, options: tuple = (), label: str = "",
+              traffic: bool = False, **params) -> Case:
+    """The :class:`Case` ``op`` on ``inputs`` tensors of rows ``shape = (*lead, V)`` (logits, or distributions) of
+    dtype ``dt``: forward reads each once; backward reads them again and writes d(first input) (its bytes, where new,
+    the memory every implementation needs). ``make_build(*lead, V, dtype, *options)`` at that shape and at a small
+    warm-up one (``warmup_lead``, V = 64); the leading sizes are in the params under ``lead_names``; ``traffic``: the
+    one-read model of :func:`traffic_model` in the params (one input)."""
+    *lead, V = shape
     elem = torch.empty((), dtype=DTYPES[dt]).element_size()
+    n = math.prod(lead) * V * elem
     return Case(
         op=op,
-        label=f"{N}x{V} {dt}{label}",
-        params={"tokens": N, "vocab": V, "dtype": dt, **params, **(traffic_model(N, V, elem) if traffic else {})},
-        build=make_build(N, V, DTYPES[dt], *options),
+        label="x".join(map(str, shape)) + f" {dt}{label}",
+        params={**dict(zip(lead_names, lead)), "vocab": V, "dtype": dt, **params,
+                **(traffic_model(math.prod(lead), V, elem) if traffic else {})},
+        build=make_build(*shape, DTYPES[dt], *options),
         quick=quick,
-        warmup=make_build(8, 64, DTYPES[dt], *options),
+        warmup=make_build(*warmup_lead, 64, DTYPES[dt], *options),
         impls=impls,
-        bytes_moved=lambda mode, n=N * V * elem: inputs * n if mode == "fwd" else (2 * inputs + 1) * n,
-        required_bytes=lambda mode, n=N * V * elem: 0 if mode == "fwd" else n,
+        bytes_moved=lambda mode: inputs * n if mode == "fwd" else (2 * inputs + 1) * n,
+        required_bytes=lambda mode: 0 if mode == "fwd" else n,
     )
 
 
 def cases():
-    return [rows_case("token_logprobs", _make_build, N, V, dt,
+    return [rows_case("token_logprobs", _make_build, (N, V), dt,
                       ("fastalign", "eager", "torch.compile", "trl", "flash-attn (CE)", "liger (CE)"), quick=quick,
                       traffic=True)
             for N, V, dt, quick in [(4096, 32000, "fp32", True), (2048, 152064, "fp32", False),

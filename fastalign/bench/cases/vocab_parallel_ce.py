@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastalign.bench.cases.token_logprobs import DTYPES, traffic_model
-from fastalign.bench.core import Case, intermediate_step
+from fastalign.bench.cases.token_logprobs import rows_case
+from fastalign.bench.core import intermediate_step
 from fastalign.bench.optional import compiled, optional_impl
 from fastalign.integrations.liger import LigerVocabParallelCrossEntropy
 
@@ -51,19 +51,7 @@ SHAPES = [(1024, 4, 32000, "fp32", 0.0), (1024, 4, 32000, "fp32", 0.1), (2048, 4
 
 
 def cases():
-    out = []
-    for S, B, V, dt, smoothing in SHAPES:
-        elem = torch.empty((), dtype=DTYPES[dt]).element_size()
-        out.append(Case(
-            op="vocab_parallel_ce",
-            label=f"{S}x{B}x{V} {dt}" + (f" smoothing {smoothing:g}" if smoothing else ""),
-            params={"seq": S, "batch": B, "vocab": V, "dtype": dt, "label_smoothing": smoothing,
-                    **traffic_model(S * B, V, elem)},
-            build=_make_build(S, B, V, DTYPES[dt], smoothing),
-            quick=False,
-            warmup=_make_build(4, 2, 64, DTYPES[dt], smoothing),
-            impls=("fastalign", "eager", "torch.compile", "liger"),
-            bytes_moved=lambda mode, n=S * B * V * elem: n if mode == "fwd" else 3 * n,
-            required_bytes=lambda mode, n=S * B * V * elem: 0 if mode == "fwd" else n,  # d(logits), where it is new
-        ))
-    return out
+    return [rows_case("vocab_parallel_ce", _make_build, (S, B, V), dt, ("fastalign", "eager", "torch.compile", "liger"),
+                      lead_names=("seq", "batch"), warmup_lead=(4, 2), options=(smoothing,),
+                      label=f" smoothing {smoothing:g}" if smoothing else "", traffic=True, label_smoothing=smoothing)
+            for S, B, V, dt, smoothing in SHAPES]

@@ -29,7 +29,7 @@ import torch
 import trl
 
 from fastalign import _dtensor
-from fastalign.integrations.hf import head_rows, known_head_transform
+from fastalign.integrations.hf import kept_head, known_head_transform
 from fastalign.integrations.trl._checks import check_head_dtype
 from fastalign.integrations.trl._vision import batch_vision, body_inputs
 from fastalign.linear_divergence import linear_divergence_loss
@@ -63,11 +63,9 @@ def config_head_transform(config) -> tuple[float, Optional[float]]:
 
 
 def _kept_rows(config, head) -> tuple:
-    """``(weight, bias)`` of a model's output head (gathered if DTensors), the rows its logits keep: all of them, or
-    the first ones of a head padded past its vocabulary (:func:`fastalign.integrations.hf.head_rows`: Inkling)."""
-    weight, bias = _dtensor.full(head.weight), _dtensor.full(head.bias)
-    rows = head_rows(config, len(weight))
-    return weight[:rows], None if bias is None else bias[:rows]
+    """``(weight, bias)`` of a model's output head (gathered if DTensors), the rows its logits keep
+    (:func:`fastalign.integrations.hf.kept_head`: a head padded past its vocabulary, Inkling's)."""
+    return kept_head(config, _dtensor.full(head.weight), _dtensor.full(head.bias))
 
 
 class DistillationTrainer(trl.DistillationTrainer):
