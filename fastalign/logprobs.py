@@ -10,6 +10,7 @@ from torch import Tensor
 
 from fastalign import _backend, _validate
 from fastalign.ops.token_stats import shares_memory, token_stats_call
+from fastalign.ops.token_vocab_parallel import VocabParallelTokenStats
 
 
 class TokenStats(NamedTuple):
@@ -84,6 +85,7 @@ def token_logprobs(
     check: bool = False,
     inplace_backward: bool = False,
     backend: Optional[str] = None,
+    vocab_group=None,
 ) -> TokenStats:
     r"""Log-prob of each label and, on request, entropy, :math:`\sum_j p_j^2` and argmax.
 
@@ -114,6 +116,14 @@ def token_logprobs(
             (not a leaf tensor that requires grad, nor a view of one: ``ValueError``).
         backend: ``"triton"``, ``"cpp"`` or ``"cuda"``; default from
             :func:`fastalign.use_backend` / ``FASTALIGN_BACKEND``.
+        vocab_group: a ``torch.distributed`` process group over which the vocabulary is
+            sharded (tensor parallel, Megatron's layout): ``logits`` are this rank's shard,
+            the global ids that follow the shards of the lower ranks (shards may differ in
+            size, or be empty); ``labels`` are global ids, the same on every rank. Every
+            rank gets the statistics of the whole vocabulary (argmax a global id), and
+            d(logits) of its own shard. The shards' statistics are merged with all-reduces
+            (docs/math.md#vocabulary-parallel-logits); backward needs no collective. With
+            ``check``, labels are checked against the whole vocabulary.
 
     Returns:
         :class:`TokenStats` with fp32 tensors shaped like ``labels``.
@@ -122,7 +132,8 @@ def token_logprobs(
     _validate.integer("labels", labels)
     _validate.same_device(logits=logits, labels=labels)
     _validate.shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
-    if logits.shape[-1] == 0:
+    shard = vocab_shard_range(vocab_group)
+    if logits.shape[-1] == 0 and shard is None:
         raise ValueError("logits must have a non-empty vocabulary (last) dimension")
     inv_t = 1.0 / _validate.positive("temperature", temperature)
     _validate.index_value("ignore_index", ignore_index)
@@ -134,15 +145,40 @@ def token_logprobs(
         raise ValueError("inplace_backward=True overwrites the logits in backward; logits is a leaf that requires "
                          "grad (or a view of one), whose values would become its own .grad: pass logits from "
                          "the model's forward, or inplace_backward=False")
-    V = logits.shape[-1]
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     if check:
+        V = logits.shape[-1] if shard is None else shard(logits.shape[-1], logits.device)
         bad = (flat_labels != ignore_index) & ((flat_labels < 0) | (flat_labels >= V))
         if bool(bad.any()):
             raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}")
     rows = _as_rows(logits)
     name = _backend.resolve(logits.device, backend)
-    lp, ent, sp2, amax, _lse = token_stats_call(
-        rows, flat_labels, inv_t, int(ignore_index), bool(entropy), bool(sum_p2), bool(argmax), name,
-        bool(inplace_backward))
+    if shard is not None:
+        lp, ent, sp2, amax = VocabParallelTokenStats.apply(
+            rows, flat_labels, vocab_group, inv_t, int(ignore_index), bool(entropy), bool(sum_p2), bool(argmax), name,
+            bool(inplace_backward))
+    else:
+        lp, ent, sp2, amax, _lse = token_stats_call(
+            rows, flat_labels, inv_t, int(ignore_index), bool(entropy), bool(sum_p2), bool(argmax), name,
+            bool(inplace_backward))
     return shaped_stats(labels.shape, lp, ent, sp2, amax, entropy, sum_p2, argmax)
+
+
+def vocab_shard_range(vocab_group):
+    """None without ``vocab_group``; else (after checking it is a process group of an initialised
+    ``torch.distributed`` that has this process) a function of this rank's shard size giving the whole
+    vocabulary's size on the host (an all-reduce, for ``check``)."""
+    if vocab_group is None:
+        return None
+    _validate.process_group("vocab_group", vocab_group)
+    dist = torch.distributed
+    if not dist.is_initialized():
+        raise ValueError("vocab_group needs torch.distributed to be initialized")
+    if dist.get_rank(vocab_group) < 0:
+        raise ValueError("vocab_group must be a process group this process is a member of")
+
+    def whole(v_local: int, device) -> int:
+        sizes = torch.tensor([v_local], dtype=torch.int64, device=device)
+        dist.all_reduce(sizes, group=vocab_group)
+        return int(sizes.item())
+    return whole

@@ -415,6 +415,7 @@ OPTIONS = [
     (_tl, "ignore_index", (2 ** 70,), ValueError),
     (_ll, "backend", ("tpu",), ValueError),
     (_ll, "vocab_group", ("world", True, 0), TypeError),
+    (_tl, "vocab_group", ("world", True, 0), TypeError),
     (_tl, "backend", ("tpu", "cuda"), ValueError),
     (_pl, "dp_size", (0, -1), ValueError),
     (_pl, "dp_size", (1.5, 2.0, True), TypeError),
@@ -506,6 +507,18 @@ def test_a_process_group_option_that_is_not_a_group_names_it(make, name, group):
     with pytest.raises(TypeError) as info:
         make(group)
     assert _names(str(info.value), name) and "ProcessGroup" in str(info.value), str(info.value)
+
+
+def test_vocab_group_needs_an_initialised_torch_distributed():
+    """token_logprobs(vocab_group=) with a process group but torch.distributed not initialised (a group object
+    kept past destroy_process_group): a ValueError naming vocab_group, not an error inside a collective."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("torch.distributed is initialised in this process")
+    group = dist.ProcessGroup(0, 1)
+    with pytest.raises(ValueError, match="vocab_group needs torch.distributed to be initialized"):
+        fa.token_logprobs(_f(B, T, V), _lab(B, T), vocab_group=group)
 
 
 CU_SEQLENS = [

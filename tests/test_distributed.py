@@ -13,6 +13,8 @@
   gradients of plain PyTorch on the gathered head. The loss modules on a vocabulary that leaves either
   rank an empty shard equal the single rank too; ranks that disagree on the rows (hidden size, low-rank
   term) all raise the same ``ValueError`` instead of crashing or hanging.
+* Vocabulary-parallel logits: each rank holds a slice of the logits (``token_logprobs(vocab_group=)``);
+  the statistics and the concatenated d(logits) equal the single rank's.
 
 CPU runs use ``gloo`` with two spawned processes meeting at a ``FileStore``; the GPU-marked
 versions use ``nccl`` with one GPU per rank, or ``gloo`` with both ranks on one GPU (what a
@@ -315,6 +317,84 @@ def clip_cov_loss(backend, rank=0, world=1, group=None, generator=None):
 
 # ----------------------------------------------------------------------------- the workers
 
+# ----------------------------------------------------------------------------- vocabulary-parallel logits
+
+#: token_logprobs(vocab_group=) cases: (logits dtype, shard sizes (None: torch.chunk's), a -inf half, in-place backward)
+LOGIT_SHARD_CASES = {
+    "odd": (torch.float32, None, False, False),
+    "empty_shard": (torch.float32, [V_ODD, 0], False, False),
+    "empty_first_shard": (torch.float32, [0, V_ODD], False, False),
+    "banned_shard": (torch.float32, [V_ODD // 2, V_ODD - V_ODD // 2], True, False),
+    "bf16_in_place": (torch.bfloat16, None, False, True),
+}
+
+
+def logit_shard_data(dtype, banned):
+    """Logits ``[2, 5, V_ODD]`` whose labels sit at both ends of both shards, with an ignored row and a label past
+    the vocabulary (NaN log-prob); ``banned``: the second half of the vocabulary -inf at the first four positions
+    of each row (two labels inside it: log-prob -inf). Upstream gradients of the three statistics."""
+    g = torch.Generator().manual_seed(4)
+    logits = 3.0 * torch.randn(2, 5, V_ODD, generator=g)
+    labels = torch.randint(0, V_ODD, (2, 5), generator=g)
+    labels[0, :4] = torch.tensor([0, V_ODD // 2 - 1, V_ODD // 2, V_ODD - 1])
+    labels[1, 2] = -100
+    labels[1, 3] = V_ODD + 2
+    if banned:
+        logits[:, :4, V_ODD // 2:] = -math.inf
+        labels[1, :2] = torch.tensor([V_ODD // 2, V_ODD - 1])
+    g_lp, g_ent, g_sp2 = torch.randn(3, 2, 5, generator=g)
+    return dict(logits=logits.to(dtype), labels=labels, g_lp=g_lp, g_ent=g_ent, g_sp2=g_sp2)
+
+
+def logit_shard_stats(case, backend, rank=0, world=1, group=None, device="cpu", compiled=False):
+    """token_logprobs of this rank's shard of the logits (every statistic, temperature 0.7) and d(logits) of
+    the shard; one rank: the whole vocabulary, without ``vocab_group``."""
+    dtype, sizes, banned, in_place = LOGIT_SHARD_CASES[case]
+    d = {k: v.to(device) for k, v in logit_shard_data(dtype, banned).items()}
+    whole = d["logits"]
+    shard = whole.chunk(world, -1)[rank] if sizes is None or world == 1 else whole.split(sizes, -1)[rank]
+    leaf = shard.clone().requires_grad_(True)
+
+    def stats(leaf):
+        logits = leaf * 1 if in_place else leaf  # in place: an intermediate of the graph, as a model's logits
+        return fastalign.token_logprobs(logits, d["labels"], temperature=0.7, entropy=True, sum_p2=True,
+                                        argmax=True, inplace_backward=in_place, vocab_group=group, backend=backend)
+    st = (torch.compile(stats, fullgraph=True) if compiled else stats)(leaf)
+    (torch.nan_to_num(st.logprobs * d["g_lp"], nan=0.0).sum() + (st.entropy * d["g_ent"]).sum()
+     + (st.sum_p2 * d["g_sp2"]).sum()).backward()
+    return dict(logprobs=st.logprobs.detach(), entropy=st.entropy.detach(), sum_p2=st.sum_p2.detach(),
+                argmax=st.argmax, d_logits=leaf.grad)
+
+
+def reference_logit_stats(case):
+    """:func:`logit_shard_stats` in float64 plain PyTorch (a zero probability adds 0 to the entropy)."""
+    dtype, _sizes, banned, _ = LOGIT_SHARD_CASES[case]
+    d = logit_shard_data(dtype, banned)
+    z = d["logits"].double().requires_grad_(True)
+    labels = d["labels"]
+    log_p = (z / 0.7).log_softmax(-1)
+    p = log_p.exp()
+    scored = labels != -100
+    inside = (labels >= 0) & (labels < V_ODD)
+    lp = log_p.gather(-1, torch.where(inside, labels, 0)[..., None]).squeeze(-1)
+    lp = torch.where(scored, torch.where(inside, lp, math.nan), 0.0)
+    ent = torch.where(scored, -(p * torch.where(p > 0, log_p, 0.0)).sum(-1), 0.0)
+    sp2 = torch.where(scored, (p * p).sum(-1), 0.0)
+    (torch.nan_to_num(lp * d["g_lp"], nan=0.0).sum() + (ent * d["g_ent"]).sum() + (sp2 * d["g_sp2"]).sum()).backward()
+    return dict(logprobs=lp.detach(), entropy=ent.detach(), sum_p2=sp2.detach(), d_logits=z.grad)
+
+
+def check_logit_shards(ranks, single, case, atol, rtol):
+    """Every rank's statistics equal the single rank's; the ranks' d(logits) shards, concatenated, its d(logits)."""
+    for r, got in enumerate(ranks):
+        for k in ("logprobs", "entropy", "sum_p2"):
+            torch.testing.assert_close(got[k], single[k], atol=atol, rtol=rtol, equal_nan=True,
+                                       msg=f"{k}, {case}, rank {r}")
+        assert torch.equal(got["argmax"], single["argmax"]), f"argmax, {case}, rank {r}"
+    torch.testing.assert_close(torch.cat([got["d_logits"] for got in ranks], -1), single["d_logits"], atol=atol,
+                               rtol=rtol, msg=f"d_logits, {case}")
+
+
 def half(rank: int, world: int) -> slice:
     return slice(rank * B // world, (rank + 1) * B // world)
 
@@ -351,6 +431,8 @@ def mismatched_calls(rank, group, backend):
                                                          labels[:5], vocab_group=group, backend=backend),
         "low_rank": lambda: fastalign.linear_logprobs(hidden[:5], weight, labels[:5], vocab_group=group,
                                                       low_rank=(a, lora) if rank == 0 else None, backend=backend),
+        "logit_rows": lambda: fastalign.token_logprobs(hidden[:n] @ weight.T, labels[:n], vocab_group=group,
+                                                       backend=backend),
     }
     out = {}
     for case, call in calls.items():
@@ -400,6 +482,11 @@ def _worker(rank, world, pg_backend, store_path, out_dir, scenarios, backend, cu
         if "shard_losses" in scenarios:  # the loss modules with an empty shard on one rank
             out["shard_losses"] = {(name, split): shard_loss(name, backend, rank, group, sizes)
                                    for split, sizes in EMPTY_SPLITS.items() for name in SHARD_LOSSES}
+        if "logit_shards" in scenarios:
+            out["logit_shards"] = {case: logit_shard_stats(case, backend, rank, world, group, device)
+                                   for case in LOGIT_SHARD_CASES}
+        if "logit_shards_compiled" in scenarios:
+            out["logit_shards_compiled"] = logit_shard_stats("odd", backend, rank, world, group, device, compiled=True)
         if "vocab_compiled" in scenarios:
             out["vocab_compiled"] = vocab_stats(vocab_data(), backend, rank, world, group, device, compiled=True)
         if "dtensor" in scenarios:
@@ -466,9 +553,11 @@ def check_single_against_reference(single, data):
 def gloo_run(request, tmp_path_factory):
     """All CPU scenarios in one 2-rank gloo run per kernel backend (spawning costs more than the work)."""
     backend = request.param
-    scenarios = (("policy", "vocab", "vocab_empty_shard", "vocab_banned_shard", "shard_losses", "dtensor", "clip_cov")
+    scenarios = (("policy", "vocab", "vocab_empty_shard", "vocab_banned_shard", "shard_losses", "dtensor", "clip_cov",
+                  "logit_shards")
                  + (("hf",) if HAS_TRANSFORMERS else ())
-                 + (("vocab_compiled",) if backend == "cpp" else ()))  # the interpreter is not compiled
+                 # compiled on the C++ backend only: the interpreter is not compiled
+                 + (("vocab_compiled", "logit_shards_compiled") if backend == "cpp" else ()))
     return backend, spawn(tmp_path_factory.mktemp(f"gloo-{backend}"), scenarios, backend)
 
 
@@ -513,6 +602,35 @@ def test_gloo_vocab_parallel_label_in_a_shard_of_minus_inf_logits(gloo_run):
     single = vocab_stats(data, backend, sizes=[V_ODD], options=BANNED_OPTIONS)
     assert torch.isneginf(single["logprobs"][1, :2]).all()
     check_vocab_parallel([r["vocab_banned_shard"] for r in ranks], single)
+
+
+@pytest.mark.parametrize("case", LOGIT_SHARD_CASES)
+def test_gloo_token_logprobs_over_logit_shards_equals_single_rank(gloo_run, case):
+    """token_logprobs(vocab_group=) on each rank's shard of the logits (Megatron's layout): log-probs, entropy,
+    sum p^2 and argmax of the whole vocabulary on every rank, and each rank's d(logits) its shard of the single
+    rank's; the single rank against float64. Shards of unequal size, an empty shard first or last, a shard of only
+    -inf logits (a label inside it: log-prob -inf), an ignored row and a label past the vocabulary (NaN), bf16
+    logits with the backward written over them."""
+    backend, ranks = gloo_run
+    single = logit_shard_stats(case, backend)
+    half_precision = LOGIT_SHARD_CASES[case][0] != torch.float32
+    ref = reference_logit_stats(case)
+    tol = dict(atol=2e-2, rtol=2e-2) if half_precision else dict(atol=1e-5, rtol=1e-5)
+    for k, want in ref.items():
+        torch.testing.assert_close(single[k].double(), want, equal_nan=True, msg=f"{k}, single rank, {case}", **tol)
+    check_logit_shards([r["logit_shards"][case] for r in ranks], single, case,
+                       **(dict(atol=1e-2, rtol=1e-2) if half_precision else dict(atol=1e-5, rtol=1e-5)))
+
+
+def test_gloo_token_logprobs_over_logit_shards_compiles(gloo_run):
+    """torch.compile(fullgraph=True) of token_logprobs(vocab_group=), backward included, equals eager."""
+    backend, ranks = gloo_run
+    if backend != "cpp":
+        pytest.skip("compiled on the C++ backend (the Triton interpreter is not compiled)")
+    for r in ranks:
+        for k, eager_value in r["logit_shards"]["odd"].items():
+            torch.testing.assert_close(r["logit_shards_compiled"][k], eager_value, atol=1e-6, rtol=1e-6,
+                                       equal_nan=True, msg=f"{k}, rank {r}")
 
 
 @pytest.mark.parametrize("name", SHARD_LOSSES)
@@ -594,13 +712,14 @@ def test_gloo_clip_cov_ranks_take_the_first_ranks_seed(gloo_run):
 
 
 def test_gloo_ranks_that_disagree_on_a_size_raise_on_every_rank(tmp_path):
-    """With vocab_group every rank must pass the same rows (and hidden size, and low-rank term): a rank with other
+    """With vocab_group every rank must pass the same rows (and hidden size, and low-rank term; the same rows of
+    logits to token_logprobs): a rank with other
     rows crashed the process in gloo (SIGABRT, a size mismatch in a later all-reduce) or left every rank waiting
     out the collective timeout; NCCL hangs or reads garbage. The first all-reduce carries the sizes now: every rank
     raises the same ValueError, and the group stays usable. Short timeouts: a regression fails, it does not hang."""
     ranks = spawn(tmp_path, ("mismatched",), "cpp", timeout=timedelta(seconds=60), hang_limit_s=180)
     expected = {"rows": "number of rows", "policy_tokens": "number of rows", "hidden_size": "hidden size",
-                "low_rank": "low_rank"}
+                "low_rank": "low_rank", "logit_rows": "number of rows"}
     for r, rank in enumerate(ranks):
         got = rank["mismatched"]
         for case, words in expected.items():
@@ -626,9 +745,13 @@ def _need_gpus(pg_backend):
 @pytest.mark.parametrize("pg_backend", ["nccl", "gloo"])
 def test_gpu_vocab_parallel_equals_single_rank(tmp_path, pg_backend):
     _need_gpus(pg_backend)
-    ranks = spawn(tmp_path, ("vocab",), "triton", pg_backend=pg_backend, cuda=True)
+    ranks = spawn(tmp_path, ("vocab", "logit_shards"), "triton", pg_backend=pg_backend, cuda=True)
     single = _cpu(vocab_stats(vocab_data(), "triton", device="cuda:0"))
     check_vocab_parallel([r["vocab"] for r in ranks], single, atol=1e-4, rtol=1e-4)
+    for case, (dtype, *_) in LOGIT_SHARD_CASES.items():
+        single = _cpu(logit_shard_stats(case, "triton", device="cuda:0"))
+        tol = 1e-4 if dtype == torch.float32 else 1e-2
+        check_logit_shards([r["logit_shards"][case] for r in ranks], single, case, atol=tol, rtol=tol)
 
 
 @pytest.mark.gpu

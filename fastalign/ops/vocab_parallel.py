@@ -47,31 +47,24 @@ class AcrossRanks:
         return tuple(packed.unbind(0))
 
 
-#: what :func:`shard_range` compares across the ranks, with the message of a mismatch
-_SAME_ON_EVERY_RANK = (
-    "hidden/labels must have the same number of rows on every rank of vocab_group",
-    "hidden must have the same hidden size on every rank of vocab_group",
-    "low_rank must be given on every rank of vocab_group or on none, with the same rank r (0: not given)",
-)
-
-
-def shard_range(v_local: int, group, device, same: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
+def shard_range(v_local: int, group, device, same: dict[str, int]) -> tuple[Tensor, Tensor]:
     """This rank's first vocabulary id and the whole vocabulary's size (0-dim int64 tensors on ``device``),
     from every rank's shard size ``v_local``, summed in one all-reduce (rank r writes its size at column r).
 
-    The same all-reduce carries ``same``: this rank's rows, hidden size and low-rank rank, which every rank must
-    share (each later collective is sized by them; a mismatch crashes or hangs there). On the CPU (gloo), in
-    eager mode, the sizes are read (free) and a mismatch raises a ``ValueError`` on every rank alike; a GPU's are
-    not read (that would synchronise with the host), nor traced ones (``torch.compile``, fake tensors)."""
+    The same all-reduce carries ``same``: sizes every rank must share (its number of rows, hidden size, ...), each
+    keyed by the message of a mismatch (each later collective is sized by them; a mismatch crashes or hangs
+    there). On the CPU (gloo), in eager mode, the sizes are read (free) and a mismatch raises a ``ValueError`` on
+    every rank alike; a GPU's are not read (that would synchronise with the host), nor traced ones
+    (``torch.compile``, fake tensors)."""
     import torch.distributed as dist
 
     rank = dist.get_rank(group)
     sizes = torch.zeros(1 + len(same), dist.get_world_size(group), dtype=torch.int64, device=device)
-    for i, n in enumerate((v_local, *same)):
+    for i, n in enumerate((v_local, *same.values())):
         sizes[i, rank] = n
     dist.all_reduce(sizes, op=dist.ReduceOp.SUM, group=group)
     if sizes.device.type == "cpu" and eager(sizes):  # a GPU's sizes are not read: that would synchronise
-        for message, row in zip(_SAME_ON_EVERY_RANK, sizes[1:].tolist()):
+        for message, row in zip(same, sizes[1:].tolist()):
             if any(n != row[0] for n in row):
                 raise ValueError(f"{message}, got {row} (one per rank)")
     return sizes[0, :rank].sum(), sizes[0].sum()
@@ -98,6 +91,18 @@ def _empty_shard_stats(n: int, device, want_ent: bool, want_sp2: bool, want_amax
     return lp, ent, sp2, amax, amax_val.fill_(float("-inf")), lse.fill_(float("-inf")), mean
 
 
+def global_argmax(amax: Tensor, amax_val: Tensor, start: Tensor, v_total: Tensor, group) -> Tensor:
+    """The whole row's argmax (global id) from each shard's local ``amax`` and its logit ``amax_val``: the largest
+    logit over the ranks, the lowest id among its ties (as ``torch.argmax``), in a MAX then a MIN all-reduce."""
+    import torch.distributed as dist
+
+    best = amax_val.clone()
+    dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
+    cand = torch.where(amax_val == best, amax + start, v_total.to(amax.dtype).expand_as(amax))
+    dist.all_reduce(cand, op=dist.ReduceOp.MIN, group=group)
+    return cand
+
+
 class VocabParallelStats(torch.autograd.Function):
     """Statistics of hidden states against a vocabulary sharded over ``group`` (module docstring).
 
@@ -110,11 +115,13 @@ class VocabParallelStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, low_rank_hidden, low_rank_weight, labels, group, scale, softcap, inv_t,
                 ignore_index, want_ent, want_sp2, want_amax, backend, nc, vc, skip, want_mean=False):
-        import torch.distributed as dist
-
         V_r = weight.shape[0]
         rank_r = 0 if low_rank_hidden is None else low_rank_hidden.shape[-1]
-        start, v_total = shard_range(V_r, group, hidden.device, (hidden.shape[0], hidden.shape[-1], rank_r))
+        start, v_total = shard_range(V_r, group, hidden.device, {
+            "hidden/labels must have the same number of rows on every rank of vocab_group": hidden.shape[0],
+            "hidden must have the same hidden size on every rank of vocab_group": hidden.shape[-1],
+            "low_rank must be given on every rank of vocab_group or on none, with the same rank r (0: not given)":
+                rank_r})
         yl = local_labels(labels, start, start + V_r, ignore_index)
         if V_r == 0:
             lp, ent, sp2, amax, amax_val, lse, mean = _empty_shard_stats(hidden.shape[0], hidden.device, want_ent,
@@ -141,11 +148,7 @@ class VocabParallelStats(torch.autograd.Function):
         g_mean = torch.where(ignored, zero, z_sum[0] / v_total) if want_mean else mean
         g_amax = amax
         if want_amax:
-            best = amax_val.clone()
-            dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
-            cand = torch.where(amax_val == best, amax + start, v_total.to(amax.dtype).expand_as(amax))
-            dist.all_reduce(cand, op=dist.ReduceOp.MIN, group=group)
-            g_amax = cand
+            g_amax = global_argmax(amax, amax_val, start, v_total, group)
         ctx.save_for_backward(hidden, weight, bias, low_rank_hidden, low_rank_weight, yl, g_lse, g_ent, g_sp2)
         ctx.group = group
         ctx.mean_share = V_r / v_total if want_mean else None  # d mean / d mean_r
