@@ -9,6 +9,8 @@ TORCH_PIN ?= torch==2.13.0
 VERL_PIN ?= verl==0.9.1
 # OpenRLHF's package pulls DeepSpeed, vLLM and Ray; the adapter tests load only its loss module.
 OPENRLHF_PIN ?= openrlhf==0.11.2
+# verl's Megatron engine imports Megatron's parallel state; its extras pull Transformer Engine.
+MEGATRON_PIN ?= megatron-core==0.16.1
 PYTEST_ARGS ?=
 
 .PHONY: test bench install wheel wheel-cuda wheel-check sdist docs release-tools clean
@@ -23,6 +25,7 @@ install: $(VPY)
 	$(VPY) -m pip install -q --no-build-isolation -e ".[test,bench]"
 	$(VPY) -m pip install -q --no-deps $(VERL_PIN)
 	$(VPY) -m pip install -q --no-deps $(OPENRLHF_PIN)
+	$(VPY) -m pip install -q --no-deps $(MEGATRON_PIN)
 
 test: install
 	$(VPY) -m pytest -q $(PYTEST_ARGS)

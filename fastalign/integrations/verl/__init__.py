@@ -4,7 +4,8 @@
 KL and entropy terms); ``advantages``: ``algorithm.adv_estimator``. Metrics come back under
 verl's names (``actor/pg_clipfrac``, ...). ``plugin`` (loaded by verl's ``verl.plugins`` entry point
 at ``import verl``) registers them in verl's registries as ``fastalign_<name>``; ``fused`` is the
-fused log-prob / entropy head selected by ``fused_kernel_options.impl_backend=fastalign``.
+fused log-prob / entropy head selected by ``fused_kernel_options.impl_backend=fastalign``; ``megatron`` the
+logits processor of verl's Megatron engine (tensor-parallel logits, ``FASTALIGN_VERL_MEGATRON=1``).
 """
 from fastalign.integrations.verl.advantages import *  # noqa: F401,F403
 from fastalign.integrations.verl.policy import *  # noqa: F401,F403

@@ -35,8 +35,6 @@ that builds this module for ``impl_backend="fastalign"``. ``monkey_patch`` impor
 """
 from __future__ import annotations
 
-import importlib.abc
-import sys
 from typing import Optional
 
 import torch
@@ -44,6 +42,7 @@ from torch import Tensor
 
 from fastalign import _dtensor, _validate
 from fastalign.integrations.hf import head_rows, head_transform
+from fastalign.integrations.verl._on_import import patch_modules
 from fastalign.linear import linear_logprobs
 
 __all__ = ["BACKEND", "FusedLinearForPPO", "enable"]
@@ -148,44 +147,6 @@ _PATCHES = {"verl.utils.experimental.torch_functional": _patch_torch_functional,
             "verl.models.transformers.monkey_patch": _patch_monkey_patch}
 
 
-class _PatchOnImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Applies a patch to a module right after it is first executed."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name not in _PATCHES:
-            return None
-        spec = None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(name, path, target)
-            if spec is not None:
-                break
-        if spec is None or spec.loader is None:
-            return None
-        spec.loader = _Patching(spec.loader, _PATCHES[name])
-        return spec
-
-
-class _Patching(importlib.abc.Loader):
-    def __init__(self, loader, patch):
-        self.loader, self.patch = loader, patch
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module):
-        self.loader.exec_module(module)
-        self.patch(module)
-
-
 def enable() -> None:
     """Make ``impl_backend=fastalign`` a backend of verl's fused kernels (idempotent)."""
-    pending = False
-    for name, patch in _PATCHES.items():
-        if name in sys.modules:
-            patch(sys.modules[name])
-        else:
-            pending = True
-    if pending and not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PatchOnImport())
+    patch_modules(_PATCHES)

@@ -66,7 +66,9 @@ a ``fastalign_<mode>`` included. Decoupled rollout correction (``bypass_mode=Fal
 ``rollout_is_weights`` to the configured mode, which the ``fastalign_<mode>`` losses apply.
 
 It also enables ``actor_rollout_ref.model.fused_kernel_options.impl_backend=fastalign``
-(:mod:`fastalign.integrations.verl.fused`). :func:`register` is idempotent; importing this module
+(:mod:`fastalign.integrations.verl.fused`) and, with the environment variable ``FASTALIGN_VERL_MEGATRON=1``,
+fastalign's logits processor in verl's Megatron engine (:mod:`fastalign.integrations.verl.megatron`).
+:func:`register` is idempotent; importing this module
 calls it.
 """
 from __future__ import annotations
@@ -303,13 +305,15 @@ ADVANTAGE_ESTIMATORS: Dict[str, Callable] = {
 
 
 def register() -> None:
-    """Put :data:`POLICY_LOSSES` and :data:`ADVANTAGE_ESTIMATORS` into verl's registries and make
-    ``fused_kernel_options.impl_backend=fastalign`` a fused-kernel backend (idempotent)."""
+    """Put :data:`POLICY_LOSSES` and :data:`ADVANTAGE_ESTIMATORS` into verl's registries, make
+    ``fused_kernel_options.impl_backend=fastalign`` a fused-kernel backend and, with ``FASTALIGN_VERL_MEGATRON=1``,
+    fastalign the logits processor of verl's Megatron engine (idempotent)."""
     from verl.trainer.ppo import core_algos
 
-    from fastalign.integrations.verl import fused
+    from fastalign.integrations.verl import fused, megatron
 
     fused.enable()
+    megatron.enable_from_environment()
 
     for name, fn in POLICY_LOSSES.items():
         core_algos.register_policy_loss(name)(fn)
