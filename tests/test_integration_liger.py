@@ -218,6 +218,33 @@ def test_grpo_bf16(loss_type):
     _compare(out_fa, out_lg, leaves_fa, leaves_lg, rtol=1e-2, atol=4e-3, what=f"bf16 {loss_type}")
 
 
+@pytest.mark.parametrize("hidden_dtype, weight_dtype", [(torch.bfloat16, torch.float32),
+                                                        (torch.float32, torch.bfloat16)])
+def test_grpo_head_of_another_dtype_than_its_hidden_states_as_liger(hidden_dtype, weight_dtype):
+    """A weight whose dtype differs from the hidden states' (an fp32 head under bf16 activations) is computed in the
+    hidden states' dtype, as Liger casts each chunk of it; d(weight) in the weight's own dtype, as Liger's. It raised
+    a TypeError before."""
+    fa, lg = _grpo_pair(dict(loss_type="grpo", beta=0.1))
+    d = _grpo_batch(6, dtype=hidden_dtype)
+    d["weight"], d["ref_weight"] = d["weight"].to(weight_dtype), d["ref_weight"].to(weight_dtype)
+    d["bias"] = d["bias"].float()  # Liger adds the bias in fp32
+    leaves_fa, leaves_lg = _leaves(d["hidden"], d["weight"], d["bias"]), _leaves(d["hidden"], d["weight"], d["bias"])
+    out_fa = _run_grpo(fa, d, leaves_fa, ref_mode="hidden")
+    out_lg = _run_grpo(lg, {**d, "ids": _liger_ids(d)}, leaves_lg, ref_mode="hidden")
+    _compare(out_fa, out_lg, leaves_fa, leaves_lg, rtol=1e-2, atol=4e-3, what="mixed dtypes")
+
+
+def test_grpo_advantages_of_shape_b_1_as_liger():
+    """``advantages [B, 1]``, one per sequence as a column, gives the loss of ``[B]``, as Liger's (it raised)."""
+    fa, lg = _grpo_pair(dict(loss_type="grpo", beta=0.1))
+    d = _grpo_batch(7)
+    column = {**d, "adv": d["adv"][:, None]}
+    for what, module, batch in (("fastalign", fa, column), ("Liger", lg, {**column, "ids": _liger_ids(d)})):
+        got = _run_grpo(module, batch, [d["hidden"], d["weight"], d["bias"]], ref_mode="logps")
+        want = _run_grpo(fa, d, [d["hidden"], d["weight"], d["bias"]], ref_mode="logps")
+        assert_close(got[0], want[0], rtol=1e-5, atol=2e-6, what=f"{what} [B, 1]")
+
+
 def test_signatures_match_liger():
     import inspect
 
@@ -500,6 +527,28 @@ def test_preference_matches_liger(kind, name, opts, item_passes):
         _compare(_run_pref(fa, d, leaves_fa), _run_pref(lg, d, leaves_lg), leaves_fa, leaves_lg, rtol=1e-5,
                  atol=2e-6, what=f"{kind}/{name}/bias={bias}")
     assert len(item_passes) == 2
+
+
+@pytest.mark.parametrize("kind, where", [("DPO", "target"), ("CPO", "target"), ("SimPO", "target"),
+                                         ("ORPO", "target"), ("ORPO", "nll_target"), ("KTO", "target")])
+def test_preference_target_past_the_vocabulary_raises_as_liger(kind, where):
+    """A label past the vocabulary: Liger's losses fail (IndexError / RuntimeError); fastalign's raise a ValueError
+    naming it on CPU tensors (they gave a NaN loss)."""
+    d = _pref_batch(10)
+    bad = d["target"].clone()
+    bad[1, 3] = V + 3
+    target, extra = (bad, {}) if where == "target" else (d["target"], dict(nll_target=bad))
+    opts = dict(compiled=False, **(dict(use_ref_model=False) if kind in ("DPO", "KTO") else {}))
+    for module in (getattr(fl, f"LigerFusedLinear{kind}Loss")(**opts),
+                   getattr(chunked, f"LigerFusedLinear{kind}Loss")(**opts)):
+        if kind == "KTO":
+            call = lambda: module(d["hidden"], d["weight"], target, preference_labels=torch.tensor([True, False] * 3))
+        else:
+            call = lambda: module(d["weight"], d["hidden"], target, **extra)
+        with pytest.raises((ValueError, IndexError, RuntimeError)) as info:
+            call()
+        if module.__module__.startswith("fastalign"):
+            assert info.type is ValueError and f"{where} must lie in [0, {V})" in str(info.value), str(info.value)
 
 
 def test_orpo_nll_target():

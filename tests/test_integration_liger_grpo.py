@@ -305,6 +305,16 @@ def test_vllm_is_ratio_matches_liger_and_reference(shape, loss_type, level, redu
     _check(d, liger_grad=not (loss_type == "luspo" and level == "token" and reduce), **kw)
 
 
+@pytest.mark.parametrize("reduce", [True, False])
+def test_advantages_of_shape_b_1_as_liger(reduce):
+    """``advantages [B, 1]``: Liger's kernel reads one per sequence as from ``[B]``; fastalign raised."""
+    d = _batch(5)
+    fa = _call(triton_grpo_loss, {**d, "adv": d["adv"][:, None]}, reduce=reduce, loss_type="grpo", beta=0.04)
+    lg = _call(_liger, {**d, "adv": d["adv"][:, None]}, reduce=reduce, loss_type="grpo", beta=0.04)
+    _compare(fa, lg, what="[B, 1]", **TOL)
+    _compare(fa, _call(triton_grpo_loss, d, reduce=reduce, loss_type="grpo", beta=0.04), what="[B]", **TOL)
+
+
 @pytest.mark.parametrize("loss_type, level", [("dapo", "token"), ("grpo", "sequence"), ("cispo", "token"),
                                               ("sapo", "token"), ("vespo", "token")])
 @pytest.mark.parametrize("bias_kl", [False, True])
@@ -522,7 +532,7 @@ def _error_cases():
         ("old_shape", call(x, old[:, :-1], ref, ids, adv, mask), ValueError, r"^old_logp must have shape \(4, 6\)"),
         ("ref_shape", call(x, old, ref[:-1], ids, adv, mask), ValueError, r"^ref_logp must have shape \(4, 6\)"),
         ("ref_dtype", call(x, old, ref.long(), ids, adv, mask), TypeError, "^ref_logp must be a floating"),
-        ("adv_shape", call(x, old, ref, ids, adv[:, None], mask), ValueError, r"^advantages must have shape \(4,\)"),
+        ("adv_shape", call(x, old, ref, ids, adv[:, None].expand(-1, 2), mask), ValueError, r"^advantages must have shape \(4,\)"),
         ("adv_missing", call(x, old, ref, ids, None, mask), TypeError, "^advantages must be a torch.Tensor"),
         ("mask_shape", call(x, old, ref, ids, adv, mask[:, :-1]), ValueError, "^completion_mask must have shape"),
         ("mask_fractional", call(x, old, ref, ids, adv, fractional), ValueError, "^completion_mask must hold 0 and 1"),

@@ -64,6 +64,7 @@ import torch
 from torch import Tensor, nn
 
 from fastalign import _validate
+from fastalign.integrations._dtypes import refuse_out_of_range
 from fastalign.integrations._liger_checks import check_heads, execution_options, not_default, number_or_tensor
 from fastalign.integrations._live_options import LiveOptions, SinglePassAttribute
 from fastalign.linear import linear_logprobs
@@ -167,7 +168,9 @@ class _LigerPreference(SinglePassAttribute, LiveOptions, nn.Module):
             logps, count = self._summed(tok, target)
             nll = self._chosen_nll(nll_tok, nll_target[:B])
             value, aux = loss(logps, count, nll)
-            return value, logps, count, nll, aux
+            value = refuse_out_of_range(value, nll_target, weight.shape[0], self.ignore_index, "nll_target")
+            return refuse_out_of_range(value, target, weight.shape[0], self.ignore_index, "target"), logps, count, \
+                nll, aux
 
         def response_loss(tok, _sum_p2):
             logps, count = self._summed(tok, target)
@@ -182,6 +185,8 @@ class _LigerPreference(SinglePassAttribute, LiveOptions, nn.Module):
             # a response with no scored token averages 0 / 0: its NaN loss comes with NaN gradients, as Liger's (the
             # pass skips that response's tokens, ignored rows, where the NaN would reach the gradients)
             value = _validate.nan_if((out["count"] == 0).any(), value)
+        # a label past the vocabulary: Liger's loss fails (IndexError); here a ValueError, or NaN off the host
+        value = refuse_out_of_range(value, target, weight.shape[0], self.ignore_index, "target")
         return value, out["logps"], out["count"], out["nll"], out["aux"]
 
     def _reference(self, ref_input, ref_weight, ref_bias, target) -> Optional[Tensor]:

@@ -146,15 +146,24 @@ def _grpo_inputs(B: int, T: int, shape_of: str, device, device_of: str, *, mask:
                  advantages: Tensor, vllm_is_ratio: Optional[Tensor]) -> tuple:
     """The per-sequence and per-token inputs of a GRPO call, checked under Liger's names (a ``TypeError`` /
     ``ValueError`` naming the argument): ``mask = (name, tensor)`` ``[B, T]`` real (required), ``logps`` (name:
-    tensor or None) ``[B, T]`` float, ``advantages [B]`` float, ``vllm_is_ratio [B]``, ``[B, 1]`` or ``[B, T]``,
-    all on ``device``. Returns ``(*logps, advantages, vllm_is_ratio)`` with float64 as float32, as Liger casts
-    them."""
+    tensor or None) ``[B, T]`` float, ``advantages [B]`` (or ``[B, 1]``, taken as ``[B]`` as Liger reads it)
+    float, ``vllm_is_ratio [B]``, ``[B, 1]`` or ``[B, T]``, all on ``device``. Returns ``(*logps, advantages,
+    vllm_is_ratio)`` with float64 as float32, as Liger casts them."""
     dev = dict(device=device, device_of=device_of)
     _validate.like((B, T), shape_of, required=True, kind="real", **dev, **{mask[0]: mask[1]})
     _validate.like((B, T), shape_of, **dev, **logps)
-    _validate.like((B,), "one per sequence", required=True, **dev, advantages=advantages)
+    _validate.like([(B,), (B, 1)], "one per sequence", required=True, **dev, advantages=advantages)
+    advantages = advantages.reshape(B)
     _validate.like([(B,), (B, 1), (B, T)], "one per sequence or per token", **dev, vllm_is_ratio=vllm_is_ratio)
     return tuple(map(float64_as_float32, (*logps.values(), advantages, vllm_is_ratio)))
+
+
+def _in_dtype_of(weight: Optional[Tensor], hidden: Optional[Tensor]) -> Optional[Tensor]:
+    """``weight`` cast (differentiably) to the float dtype of ``hidden``, as Liger's GRPO casts each chunk of it;
+    anything else as it is (the checks name it)."""
+    if weight is None or hidden is None or not (weight.is_floating_point() and hidden.is_floating_point()):
+        return weight
+    return weight.to(hidden.dtype)
 
 
 def _num_items(num_items_in_batch, setup: _GRPOSetup) -> None:
@@ -329,7 +338,9 @@ class LigerFusedLinearGRPOLoss(SinglePassAttribute, LiveOptions, nn.Module):
                 old_per_token_logps: Optional[Tensor] = None, ref_input: Optional[Tensor] = None,
                 ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
                 vllm_is_ratio: Optional[Tensor] = None, num_items_in_batch=None):
-        """``(loss, (kl, clip_ratio))`` with ``beta != 0``, else ``(loss, (clip_ratio,))``."""
+        """``(loss, (kl, clip_ratio))`` with ``beta != 0``, else ``(loss, (clip_ratio,))``. A weight of another float
+        dtype than its hidden states is computed in theirs, as Liger casts it (its gradient in its own dtype)."""
+        lin_weight, ref_weight = _in_dtype_of(lin_weight, _input), _in_dtype_of(ref_weight, ref_input)
         check_heads(_input, lin_weight, bias, "selected_token_ids", selected_token_ids, ref_input, ref_weight,
                      ref_bias)
         if selected_token_ids.dim() != 2:

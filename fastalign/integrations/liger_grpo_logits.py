@@ -159,7 +159,8 @@ def triton_grpo_loss(logits, old_logp, ref_logp, completion_ids, advantages, com
                      num_items_in_batch=None, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
                      vespo_lambda_neg=2.0):
     """Liger's ``triton_grpo_loss`` (the module doc): ``logits [B, L+1, V]``, ``old_logp`` / ``ref_logp`` ``[B, L]``
-    or None, ``completion_ids [B, L]``, ``advantages [B]``, ``completion_mask [B, L]`` or None (every token).
+    or None, ``completion_ids [B, L]``, ``advantages [B]`` (or ``[B, 1]``), ``completion_mask [B, L]`` or None
+    (every token).
 
     Returns ``(per_token_loss, per_token_kl, is_clipped)`` (``[B, L]`` fp32; ``per_token_kl`` None at ``beta = 0``)
     with ``reduce=False``, ``(loss, metrics)`` with ``reduce=True``."""
