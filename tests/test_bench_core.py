@@ -725,3 +725,27 @@ def test_smoothed_cross_entropy_implementations_agree():
     want = steps["eager"]().detach()
     for impl, step in steps.items():
         torch.testing.assert_close(step().detach(), want, rtol=1e-5, atol=1e-5, msg=impl)
+
+
+def test_verl_megatron_implementations_agree():
+    """The verl Megatron case times one loss: fastalign's logits processor gives verl's own (log-probs and entropy,
+    with a backward) at the warm-up shape. The case starts a one-process group and Megatron's parallel state: both
+    are torn down after, for the tests that start their own."""
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed (make install: --no-deps)")
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
+
+    from fastalign.bench.cases import all_cases
+    from fastalign.bench.core import call
+
+    if dist.is_initialized():
+        pytest.skip("torch.distributed is initialised in this process")
+    case = next(c for c in all_cases() if c.op == "verl_megatron")
+    try:
+        steps = case.warmup(torch.device("cpu"), "fwd+bwd")
+        assert set(steps) == {"fastalign", "verl"} and all(s is not None for s in steps.values())
+        torch.testing.assert_close(call(steps["fastalign"]).detach(), call(steps["verl"]).detach(), rtol=1e-5,
+                                   atol=1e-5)
+    finally:
+        mpu.destroy_model_parallel()
+        dist.destroy_process_group()
