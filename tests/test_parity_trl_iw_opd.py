@@ -247,3 +247,55 @@ def test_trainer_refusals(iw_opd_models, tmp_path):
                                                              teacher_model_server_url="http://127.0.0.1:1"))
     with pytest.raises(ValueError, match="use_liger_kernel"):
         _trainer(IWOPDTrainer, iw_opd_models, tmp_path, dict(use_liger_kernel=True))
+
+
+#: (config, assigned at the end of the first step): the options TRL's compute_loss reads from the trainer
+ASSIGNED = {
+    "jsd_beta": (dict(distillation_objective="jsd", loss_top_k=0, beta=0.5), dict(beta=0.0)),
+    "iw_opd_gamma_epsilon": (dict(iw_opd_gamma=0.5), dict(iw_opd_gamma=2.0, iw_opd_epsilon=50.0)),
+    "jsd_support": (dict(distillation_objective="jsd", beta=0.4, loss_top_k=4),
+                    dict(loss_top_k=1, reverse_kl_top_1_mode="argmax", loss_add_tail=False, temperature=0.7)),
+}
+
+
+@pytest.mark.parametrize("case", list(ASSIGNED))
+def test_options_assigned_on_the_trainer_match_trl(iw_opd_models, tmp_path, case):
+    """TRL's IWOPDTrainer reads beta, iw_opd_gamma, iw_opd_epsilon, loss_top_k, loss_add_tail,
+    reverse_kl_top_1_mode and temperature from its attributes at every step: a callback that assigns them after
+    the first step changes the second step's loss, in TRL and in the drop-in (logs and updates agree)."""
+    import transformers
+    from trl.experimental.iw_opd import IWOPDTrainer as TRLIWOPDTrainer
+
+    from fastalign.integrations.trl import IWOPDTrainer
+    from trl_runs import assert_same_run, run
+
+    config, assigned = ASSIGNED[case]
+
+    class Schedule(transformers.TrainerCallback):
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                for name, value in assigned.items():
+                    setattr(self.trainer, name, value)
+
+    def scheduled(cls, out):
+        trainer = _trainer(cls, iw_opd_models, out, config)
+        trainer.add_callback(Schedule(trainer))
+        return run(trainer)
+
+    assert_same_run(scheduled(IWOPDTrainer, tmp_path / "ours"), scheduled(TRLIWOPDTrainer, tmp_path / "trl"))
+
+
+def test_an_assigned_value_the_loss_refuses_raises_naming_it(iw_opd_models, tmp_path):
+    from fastalign.integrations.trl import IWOPDJSDLoss, IWOPDTrainer
+
+    trainer = _trainer(IWOPDTrainer, iw_opd_models, tmp_path, dict(distillation_objective="jsd", loss_top_k=0))
+    assert isinstance(trainer.fastalign_loss, IWOPDJSDLoss)
+    trainer.beta = 1.5
+    with pytest.raises(ValueError, match="IWOPDTrainer.beta=1.5: IWOPDConfig.beta"):
+        trainer.fastalign_loss
+    trainer.beta, trainer.distillation_objective = 0.5, "kl"
+    with pytest.raises(ValueError, match="IWOPDTrainer.distillation_objective='kl'"):
+        trainer.fastalign_loss

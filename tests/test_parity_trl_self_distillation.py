@@ -145,6 +145,21 @@ def test_topk_logits_needs_a_support_size():
         SelfDistillationLoss(_config(SDFTConfig))(h, h, h)
 
 
+def test_config_name_takes_sdft_s_defaults_and_names():
+    """``config_name="SDFTConfig"``: the fields a dict (or another config view) lacks take SDFT's defaults
+    (``topk_logits``, alpha 0.5), so the loss is TRL's SDFT loss for that config, and the errors name SDFTConfig."""
+    h, w, ht, wt, ids, mask, old = _batch(2)
+    loss_t, metric_t, _ = _trl(SDFTTrainer, _config(SDFTConfig, distillation_topk=5), h, w, ht, wt, ids, mask, old)
+    loss, metrics = SelfDistillationLoss({"distillation_topk": 5}, config_name="SDFTConfig").linear(
+        h, w, ht, wt, ids, mask, old)
+    torch.testing.assert_close(loss, loss_t.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(metrics[METRIC], torch.tensor(metric_t), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="SDFTConfig.distillation_topk must be set"):
+        SelfDistillationLoss({"distillation_topk": None}, config_name="SDFTConfig")
+    with pytest.raises(ValueError, match="config_name must be 'SDPOConfig' or 'SDFTConfig'"):
+        SelfDistillationLoss({}, config_name="GRPOConfig")
+
+
 def test_nothing_distilled_gives_zero_as_trl():
     h, w, ht, wt, ids, mask, old = _batch(3)
     for mode in ("sampled_token", "full_logits"):

@@ -2,7 +2,8 @@
 trainer run next to the drop-in from the same seed (the logged metrics and the parameters after the steps) for
 every distillation mode (the top-k support with and without its tail bucket), SDPO's policy term mixed in, its
 loss types and sequence-level ratio, gradient accumulation (the clipped importance ratio to the rollout's
-log-probs), a LoRA adapter on the lm_head with the base weights as the teacher; and the refusals."""
+log-probs), a LoRA adapter on the lm_head with the base weights as the teacher, SDFT's skipped first tokens, the
+options assigned on the trainer between steps; and the refusals (SDPO's loss types that TRL refuses)."""
 import pytest
 
 transformers = pytest.importorskip("transformers", reason="the TRL drop-ins need transformers")
@@ -86,6 +87,8 @@ def test_sdpo_trainer_matches_trl(checkpoint, tmp_path, options, lora):
 
 @pytest.mark.parametrize("options, lora", [
     (dict(distillation_topk=8), None),  # SDFT's default mode, topk_logits, at a k below the test vocabulary
+    # TRL leaves the first completion tokens out of the distillation loss
+    (dict(distillation_topk=8, num_loss_tokens_to_skip=2), None),
     (dict(distillation_topk=5, distillation_add_tail=True, distillation_alpha=1.0, steps_per_generation=2), None),
     (dict(distillation_topk=12, gradient_accumulation_steps=2, per_device_train_batch_size=2), ["q_proj", "lm_head"]),
     (dict(distillation_mode="sampled_token", distillation_alpha=1.0), None),
@@ -111,3 +114,69 @@ def test_refusals(checkpoint, tmp_path):
         _sdpo(SDPOTrainer, checkpoint, tmp_path, dict(use_liger_kernel=True))
     with pytest.raises(ValueError, match="does not support returning outputs"):
         _sdpo(SDPOTrainer, checkpoint, tmp_path, {}).compute_loss(None, {}, return_outputs=True)
+
+
+class _Assign(transformers.TrainerCallback):
+    """Assigns attributes on the trainer at the end of the first step (a schedule): the second step reads them."""
+
+    def __init__(self, trainer, values):
+        self.trainer, self.values = trainer, values
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            for name, value in self.values.items():
+                setattr(self.trainer, name, value)
+
+
+@pytest.mark.parametrize("build, options, assigned", [
+    # TRL's _forward_logits divides both models' logits by self.temperature at every step
+    ("sdft", dict(distillation_mode="full_logits"), dict(temperature=0.5)),
+    # TRL's SDFT reads self.num_loss_tokens_to_skip at every step
+    ("sdft", dict(distillation_topk=8), dict(num_loss_tokens_to_skip=2)),
+    # both of SDPO's terms at the assigned temperature
+    ("sdpo", dict(distillation_mode="full_logits", distillation_weight=0.5, loss_type="grpo"), dict(temperature=0.5)),
+])
+def test_options_assigned_on_the_trainer_match_trl(checkpoint, tmp_path, build, options, assigned):
+    from fastalign.integrations.trl import SDFTTrainer, SDPOTrainer
+
+    make, classes = ((_sdft, (TRLSDFTTrainer, SDFTTrainer)) if build == "sdft"
+                     else (_sdpo, (TRLSDPOTrainer, SDPOTrainer)))
+
+    def scheduled(cls, out):
+        trainer = make(cls, checkpoint, out, options)
+        trainer.add_callback(_Assign(trainer, assigned))
+        return run(trainer)
+
+    theirs, ours = (scheduled(cls, tmp_path / cls.__module__.split(".")[0]) for cls in classes)
+    assert_same_run(ours, theirs)
+
+
+def test_sdpo_refuses_the_loss_types_trl_refuses(checkpoint, tmp_path):
+    """TRL's SDPOTrainer computes its policy term for grpo, bnpo, dr_grpo and dapo only and raises
+    ``Unsupported loss_type`` at the first step for another: the drop-in raises the same error when it is built
+    (or at the step, for a loss_type assigned later). Without a policy term TRL never reads loss_type: both train."""
+    from fastalign.integrations.trl import SDPOTrainer
+
+    for loss_type in ("cispo", "sapo"):
+        options = dict(distillation_weight=0.0, loss_type=loss_type, max_steps=1)
+        with pytest.raises(ValueError, match="Unsupported loss_type") as theirs:
+            _sdpo(TRLSDPOTrainer, checkpoint, tmp_path / "trl", options).train()
+        with pytest.raises(ValueError, match="SDPOConfig.loss_type") as ours:
+            _sdpo(SDPOTrainer, checkpoint, tmp_path / "ours", options)
+        assert str(ours.value).startswith(str(theirs.value))
+    trainer = _sdpo(SDPOTrainer, checkpoint, tmp_path / "ours", dict(distillation_weight=0.5, loss_type="grpo"))
+    trainer.loss_type = "cispo"
+    with pytest.raises(ValueError, match="Unsupported loss_type: cispo"):
+        trainer.train()
+    options = dict(loss_type="cispo")  # distillation_weight 1: the policy term is never computed
+    assert_same_run(run(_sdpo(SDPOTrainer, checkpoint, tmp_path / "ours", options)),
+                    run(_sdpo(TRLSDPOTrainer, checkpoint, tmp_path / "trl", options)))
+
+
+def test_an_assigned_value_the_loss_refuses_raises_naming_it(checkpoint, tmp_path):
+    from fastalign.integrations.trl import SDFTTrainer
+
+    trainer = _sdft(SDFTTrainer, checkpoint, tmp_path, dict(distillation_topk=8))
+    trainer.temperature = 0.0
+    with pytest.raises(ValueError, match="SDFTTrainer.temperature=0.0: SDFTConfig.temperature"):
+        trainer.fastalign_loss

@@ -22,6 +22,11 @@ batch's earliest completion start, as TRL:
 Either is divided by ``num_items_in_batch`` when ``Trainer`` passes it, else by the valid-token count (at
 least 1). Generation (``lmbda``), buffering across gradient accumulation and the completion metrics stay TRL's.
 
+As in TRL, the loss options are the trainer's attributes, read at every step: ``distillation_objective``,
+``temperature``, ``iw_opd_gamma``, ``iw_opd_epsilon``, ``beta``, ``loss_top_k``, ``loss_add_tail`` and
+``reverse_kl_top_1_mode`` assigned after construction (a schedule, a callback) change the next step's loss; a
+value the loss refuses raises there, naming it (``IWOPDTrainer.beta=2.0: ...``).
+
 Refused at construction, each naming the field: ``use_teacher_server`` (the server returns per-token log-probs
 for TRL's own path), ``use_liger_kernel``, PEFT prompt learning, an architecture without
 a known head transform and a float64 student or teacher. ``compute_loss(..., return_outputs=True)`` runs one more
@@ -37,6 +42,7 @@ from trl.experimental.iw_opd import IWOPDTrainer as _TRLIWOPDTrainer
 
 from fastalign.integrations.trl._checks import check_config, check_model, check_teacher, init_checked
 from fastalign.integrations.trl._head import head_pair, install_head, loss_and_outputs, predicting_head
+from fastalign.integrations.trl._live_loss import LiveLoss, build_loss
 from fastalign.integrations.trl.iw_opd import IWOPDLoss
 from fastalign.integrations.trl.iw_opd_jsd import IWOPDJSDLoss
 
@@ -50,8 +56,19 @@ def _check_iw_opd_config(args) -> None:
                          "from its hidden states; the teacher server's top-k log-probs are TRL's own path")
 
 
+def _objective_loss(config):
+    """The profile of ``config.distillation_objective``: :class:`IWOPDJSDLoss` for ``"jsd"``, else
+    :class:`IWOPDLoss` (which refuses any objective but ``"iw_opd"``)."""
+    return IWOPDJSDLoss(config) if config.distillation_objective == "jsd" else IWOPDLoss(config)
+
+
 class IWOPDTrainer(_TRLIWOPDTrainer):
     """TRL's experimental ``IWOPDTrainer`` whose loss goes through fastalign (see the module doc)."""
+
+    #: the objective's loss, from the option attributes TRL's ``compute_loss`` reads at every step
+    fastalign_loss = LiveLoss(_objective_loss, {name: name for name in (
+        "distillation_objective", "temperature", "iw_opd_gamma", "iw_opd_epsilon", "beta", "loss_top_k",
+        "loss_add_tail", "reverse_kl_top_1_mode")})
 
     @functools.wraps(_TRLIWOPDTrainer.__init__)
     def __init__(self, *args, **kwargs):
@@ -59,20 +76,20 @@ class IWOPDTrainer(_TRLIWOPDTrainer):
         check_model(self, "IWOPDConfig")
         install_head(self.accelerator.unwrap_model(self.model))
         check_teacher(self, self.teacher_model)
-        jsd = self.distillation_objective == "jsd"
-        self._iw_opd_loss = IWOPDJSDLoss(self.args) if jsd else IWOPDLoss(self.args)
+        build_loss(self)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._raise_if_local_teacher_tokenizer_mismatch()
+        objective = self.fastalign_loss  # the options assigned since the last step, checked
         ids, attention = inputs["input_ids"], inputs["attention_mask"]
         prompt_length = self._compute_prompt_length(inputs)
         labels = inputs["labels"].clone()
         labels[:, :prompt_length] = -100  # TRL scores the completion from the batch's earliest start
-        if self.distillation_objective == "iw_opd":
-            loss = self._iw_opd(model, ids, attention, labels, prompt_length, inputs.get("rollout_logprobs"),
-                                num_items_in_batch)
+        if isinstance(objective, IWOPDLoss):
+            loss = self._iw_opd(objective, model, ids, attention, labels, prompt_length,
+                                inputs.get("rollout_logprobs"), num_items_in_batch)
         else:
-            loss = self._jsd(model, ids, attention, labels, num_items_in_batch)
+            loss = self._jsd(objective, model, ids, attention, labels, num_items_in_batch)
         return loss_and_outputs(loss, model, return_outputs, input_ids=ids, attention_mask=attention)
 
     def _sampled_logprobs(self, model, ids: Tensor, attention: Tensor, labels: Tensor, start: int) -> Tensor:
@@ -82,7 +99,8 @@ class IWOPDTrainer(_TRLIWOPDTrainer):
                     fastalign_options={"temperature": self.temperature})
         return out.log_probs[:, start - 1:]  # entry t of [B, T-1] scores labels[:, t+1]
 
-    def _iw_opd(self, model, ids, attention, labels, prompt_length, rollout_logprobs, num_items_in_batch) -> Tensor:
+    def _iw_opd(self, iw_opd_loss: IWOPDLoss, model, ids, attention, labels, prompt_length, rollout_logprobs,
+                num_items_in_batch) -> Tensor:
         logprobs = self._sampled_logprobs(model, ids, attention, labels, prompt_length)
         self.teacher_model.eval()
         with torch.no_grad():
@@ -90,7 +108,7 @@ class IWOPDTrainer(_TRLIWOPDTrainer):
         if rollout_logprobs is not None:  # cached at full width
             rollout_logprobs = rollout_logprobs[:, prompt_length:]
         valid = labels[:, prompt_length:] != -100
-        loss, metrics = self._iw_opd_loss(logprobs, teacher_logprobs, valid, rollout_logprobs, num_items_in_batch)
+        loss, metrics = iw_opd_loss(logprobs, teacher_logprobs, valid, rollout_logprobs, num_items_in_batch)
         # one read of the host for every metric; TRL logs nothing for a batch without a completion token
         any_valid, *values = torch.stack([valid.any().float(), *metrics.values()]).tolist()
         if any_valid:
@@ -99,10 +117,10 @@ class IWOPDTrainer(_TRLIWOPDTrainer):
                 self._metrics[mode][name].append(value)
         return loss
 
-    def _jsd(self, model, ids, attention, labels, num_items_in_batch) -> Tensor:
+    def _jsd(self, jsd_loss: IWOPDJSDLoss, model, ids, attention, labels, num_items_in_batch) -> Tensor:
         student = predicting_head(self, model, ids, attention)
         self.teacher_model.eval()
         with torch.no_grad():
             teacher = predicting_head(self, self.teacher_model, ids, attention)
-        return self._iw_opd_loss.linear(**head_pair(student, teacher), completion_ids=ids[:, 1:],
-                                        loss_mask=labels[:, 1:] != -100, num_items_in_batch=num_items_in_batch)
+        return jsd_loss.linear(**head_pair(student, teacher), completion_ids=ids[:, 1:],
+                               loss_mask=labels[:, 1:] != -100, num_items_in_batch=num_items_in_batch)

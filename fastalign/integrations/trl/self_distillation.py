@@ -61,11 +61,17 @@ def _clipped_ratio(logprobs: Tensor, old_logprobs: Tensor, clip: float) -> Tenso
 class SelfDistillationLoss(nn.Module):
     """The self-distillation loss of TRL 1.16's ``SDPOTrainer`` and ``SDFTTrainer`` from their config (an
     ``SDPOConfig`` / ``SDFTConfig`` object, or a dict with ``SDPOConfig``'s fields; see the module doc).
-    Returns ``(loss, metrics)``, the metric under TRL's name."""
+    Returns ``(loss, metrics)``, the metric under TRL's name.
 
-    def __init__(self, config=None):
+    ``config_name`` (``"SDPOConfig"`` or ``"SDFTConfig"``): the config whose defaults fill the fields ``config``
+    lacks and whose name the errors carry; by default ``"SDFTConfig"`` for an ``SDFTConfig`` object, else
+    ``"SDPOConfig"``."""
+
+    def __init__(self, config=None, *, config_name: Optional[str] = None):
         super().__init__()
-        name = "SDFTConfig" if type(config).__name__ == "SDFTConfig" else "SDPOConfig"
+        name = config_name or ("SDFTConfig" if type(config).__name__ == "SDFTConfig" else "SDPOConfig")
+        if name not in ("SDPOConfig", "SDFTConfig"):
+            raise ValueError(f"config_name must be 'SDPOConfig' or 'SDFTConfig', got {name!r}")
         c = read_fields(config, SDFT_DEFAULTS if name == "SDFTConfig" else SDPO_DEFAULTS, name)
         self.mode = c["distillation_mode"]
         if self.mode not in _MODES:
