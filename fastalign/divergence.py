@@ -32,6 +32,7 @@ def _check_pair(first: tuple[str, Tensor], second: tuple[str, Tensor], labels: O
     if y.dtype != x.dtype:
         raise TypeError(f"{b} must have the dtype of {a} ({x.dtype}), got {y.dtype}")
     _validate.shape(b, y, x.shape, f"{a}.shape")
+    _validate.nonempty(a, x, -1, "vocabulary (last)")
     if labels is not None:
         _validate.integer("labels", labels)
         _validate.shape("labels", labels, x.shape[:-1], f"{a}.shape[:-1]")

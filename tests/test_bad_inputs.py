@@ -650,6 +650,11 @@ def test_zero_size_vocabulary_or_hidden_dimension(backend):
         with pytest.raises(ValueError, match="hidden"):
             fa.LinearPolicyLoss()(torch.randn(1, 3, 0), torch.randn(5, 0), torch.zeros(1, 3, dtype=torch.long),
                                   torch.zeros(1, 3), torch.zeros(1), torch.ones(1, 3))
+        for shape in ((3, 0), (0,), (0, 0)):  # element-wise divergences: reshape(-1, 0) raised a RuntimeError
+            with pytest.raises(ValueError, match="input must have a non-empty vocabulary"):
+                fa.elementwise_divergence(torch.randn(shape), torch.randn(shape))
+        with pytest.raises(ValueError, match="student_logits must have a non-empty vocabulary"):
+            fa.token_divergence(torch.randn(3, 0), torch.randn(3, 0))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -663,6 +668,13 @@ def test_zero_tokens_give_empty_statistics(backend):
         h = torch.randn(0, H, requires_grad=True)
         st = fa.linear_logprobs(h, torch.randn(V, H), torch.zeros(0, dtype=torch.long))
         assert st.logprobs.shape == (0,)
+        for divergence in ("jsd", "tvd", "cosine"):  # the C++ backward refused an empty state (a null pointer)
+            for shape in ((0, V), (2, 0, V)):
+                x = torch.randn(shape, requires_grad=True)
+                labels = torch.zeros(shape[:-1], dtype=torch.long)
+                out = fa.token_divergence(x, torch.randn(shape), labels, divergence=divergence)
+                (out.divergence.sum() + out.nll.sum()).backward()
+                assert out.divergence.shape == shape[:-1] and x.grad.shape == shape, (divergence, shape)
 
 
 def _loss_and_grads(fn, *tensors):

@@ -66,6 +66,8 @@ def _write_rows(student: Tensor, teacher: Tensor, mask: Optional[Tensor], labels
     the gradient sweep alone and writes nothing to ``out``."""
     div, ent, nll_out = out
     n, V = student.shape
+    if n == 0:  # no row: nothing to write (an empty state's pointer is null, which the C++ binding refuses)
+        return
     mode = divergence_mode(divergence, beta)
     labels = labels if nll or grad_hard is not None else None
     backend = backend_for("divergence_rows", student.device, backend)
