@@ -814,3 +814,200 @@ def test_registry_policy_loss_takes_float64_as_verl(mode):
     assert set(fm) == set(vm), (sorted(fm), sorted(vm))
     for k, v in vm.items():
         assert_close(torch.tensor(fm[k]), torch.tensor(v), atol=1e-6, rtol=1e-5, what=f"{mode} metric {k}")
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes of advantages / rollout_is_weights through the registry
+
+
+@pytest.mark.parametrize("arg", ["advantages", "rollout_is_weights"])
+@pytest.mark.parametrize("mode", sorted(POLICY_CASES))
+def test_registry_policy_loss_refuses_1d_values(mode, arg):
+    """verl's modes broadcast a 1-D ``[B]`` advantages / rollout_is_weights along the last dim (the positions): at
+    ``B == T`` verl's loss is that of the tensor repeated down the rows (not one value per sequence), at ``B != T`` it
+    raises. ``fastalign_<mode>`` read ``[B]`` as one value per sequence, a loss verl does not compute; it refuses it,
+    naming the argument."""
+    opts, pl = POLICY_CASES[mode]
+    for B, T in ((6, 6), (5, 7)):
+        lp, old, A, m, w = _policy_batch(140 + sorted(POLICY_CASES).index(mode), B=B, T=T)
+        kw = dict(old_log_prob=old, log_prob=lp, advantages=A, response_mask=m, loss_agg_mode="token-mean",
+                  rollout_is_weights=w)
+        one_d = kw[arg][:, 0].contiguous()
+        actor = _actor(plugin.PREFIX + mode, pl, **opts)
+        _set_global(actor, False, m)
+        if B == T:
+            try:
+                torch.manual_seed(0)
+                verl_1d = core_algos.get_policy_loss_fn(mode)(**{**kw, arg: one_d}, config=actor)[0]
+            except IndexError:  # kl_cov: advantages[response_mask]
+                verl_1d = None
+            if verl_1d is not None:
+                torch.manual_seed(0)
+                along_t = core_algos.get_policy_loss_fn(mode)(**{**kw, arg: one_d[None, :].expand(B, T)},
+                                                              config=actor)[0]
+                assert_close(verl_1d, along_t, atol=1e-6, rtol=1e-6, what=f"{mode}: verl's [B] {arg}")
+        else:
+            with pytest.raises((RuntimeError, IndexError)):
+                core_algos.get_policy_loss_fn(mode)(**{**kw, arg: one_d}, config=actor)
+        with pytest.raises(ValueError, match=rf"^{arg} must have shape \[B, T\] \(or \[B, 1\].*got the 1-D shape"):
+            core_algos.get_policy_loss_fn(plugin.PREFIX + mode)(**{**kw, arg: one_d}, config=actor)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "is_weights_b1"])
+@pytest.mark.parametrize("mode", sorted(POLICY_CASES))
+def test_registry_policy_loss_takes_per_sequence_advantages_as_verl(mode, weighted):
+    """``[B, 1]`` advantages (and ``[B, 1]`` rollout_is_weights): verl broadcasts them along ``T``; ``fastalign_<mode>``
+    raised ``ValueError``. Loss, d(loss)/d(log_prob) and metrics equal verl's. kl_cov and clip_cov: verl raises
+    (``advantages[response_mask]``; ``ones_like(advantages)[picked] = 0``), and so does ``fastalign_<mode>``, a
+    ``ValueError`` naming advantages."""
+    opts, pl = POLICY_CASES[mode]
+    lp, old, A, m, w = _policy_batch(160 + sorted(POLICY_CASES).index(mode))
+    A1 = A[:, :1].contiguous()  # the batch's advantages are one per sequence
+    w1 = w[:, :1].contiguous() if weighted else None
+    if mode in ("kl_cov", "clip_cov"):  # verl raises on [B, 1] advantages
+        actor = _actor(plugin.PREFIX + mode, pl, **opts)
+        _set_global(actor, False, m)
+        with pytest.raises(IndexError):
+            _dispatch(mode, actor, lp, old, A1, m, w1, "token-mean")
+        with pytest.raises(ValueError, match=rf"^advantages must have shape \[B, T\] in loss mode 'fastalign_{mode}'"):
+            _dispatch(plugin.PREFIX + mode, actor, lp, old, A1, m, w1, "token-mean")
+        return
+    for agg in AGG:
+        out = []
+        for name in (mode, plugin.PREFIX + mode):
+            actor = _actor(plugin.PREFIX + mode, pl, loss_agg_mode=agg, **opts)
+            _set_global(actor, False, m)
+            out.append(_dispatch(name, actor, lp, old, A1, m, w1, agg))
+        (vl, vg, vm), (fl, fg, fm) = out
+        assert_close(fl, vl, atol=1e-6, rtol=1e-5, what=f"{mode} {agg} loss")
+        assert_close(fg, vg, atol=1e-6, rtol=1e-5, what=f"{mode} {agg} d log_prob")
+        assert set(fm) == set(vm), (sorted(fm), sorted(vm))
+        for k, v in vm.items():
+            assert_close(torch.tensor(fm[k]), torch.tensor(v), atol=1e-6, rtol=1e-5, what=f"{mode} {agg} metric {k}")
+
+
+# ---------------------------------------------------------------------------------------------
+# uids grouped as each verl estimator groups them
+
+#: uid arrays whose grouping differs between verl's estimators: a dict keyed by the raw uid (grpo, rloo, opo, gpg,
+#: reinforce_plus_plus_baseline, grpo_passk, gdpo, the optimal-token-baseline ones), ``as_torch_index``
+#: (grpo_vectorized: numeric strings by value, floats rounded or truncated to int64) and ``np.unique``
+#: (rloo_vectorized)
+UID_CASES = {
+    "numeric-strings": np.array(["1", "01", "1", "01", "1", "01"], dtype=object),
+    "numeric-str-array": np.array(["1", "01", "1", "01", "1", "01"]),
+    "numeric-and-alpha": np.array(["1", "a", "01", "a", "1", "b"], dtype=object),
+    "padded-numeric": np.array([" 1", "1", "2", "02", "1 ", "2"], dtype=object),
+    "float-integral": np.array([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]),
+    "float-fractional": np.array([0.5, 0.7, 0.5, 1.2, 0.7, 1.2]),
+    "float32": np.array([3.0, 3.0, 4.0, 4.0, 3.0, 4.0], dtype=np.float32),
+    "int-and-float": np.array([1, 1.0, 2, 2.0, 1, 2], dtype=object),
+    "int-and-str": np.array([1, "1", 1, "1", 2, "2"], dtype=object),
+    "list-int-and-str": [1, "1", 1, "1", 2, "2"],
+    "bool-and-int": np.array([True, 1, False, 0, True, 0], dtype=object),
+    "bool-array": np.array([True, True, False, False, True, False]),
+}
+GROUPED_ESTIMATORS = ["grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "opo", "gpg",
+                      "reinforce_plus_plus_baseline", "grpo_passk", "gdpo", "optimal_token_baseline",
+                      "tir_optimal_token_baseline"]
+
+
+def _uid_batch():
+    B, T = 6, 3
+    g = torch.Generator().manual_seed(11)
+    mask = torch.ones(B, T, dtype=D)
+    mask[1, 2] = 0
+    mask[4, 1:] = 0
+    r = torch.zeros(B, T, dtype=D)
+    r[torch.arange(B), mask.sum(-1).long() - 1] = torch.tensor([1.0, 0.0, 0.5, 2.0, -1.0, 0.3], dtype=D)
+    old = -torch.rand(B, T, generator=g, dtype=D) * 3.0
+    p2 = torch.exp(old) ** 2 + torch.rand(B, T, generator=g, dtype=D) * 0.3
+    return r, mask, old, p2
+
+
+def _verl_and_fastalign(est, uid, **extra):
+    r, mask, old, p2 = _uid_batch()
+    kw = dict(response_mask=mask, index=uid, config=AlgoConfig(adv_estimator=est), **extra)
+    if est.endswith("optimal_token_baseline"):
+        kw.update(old_log_probs=old, sum_pi_squared=p2)
+    out = []
+    for name in (est, plugin.PREFIX + est):
+        try:
+            out.append(core_algos.get_adv_estimator_fn(name)(token_level_rewards=r.clone(), **kw))
+        except Exception as e:  # verl's dict-keyed estimators raise KeyError on some float tensors
+            out.append(e)
+    return out
+
+
+@pytest.mark.parametrize("uid", list(UID_CASES))
+@pytest.mark.parametrize("est", GROUPED_ESTIMATORS)
+def test_registry_estimator_groups_uids_as_verl(est, uid):
+    """Each ``fastalign_<est>`` groups the uids as verl's function ``<est>`` does: ``"1"`` and ``"01"`` are one group in
+    verl's grpo_vectorized (``as_torch_index``) and two elsewhere; float uids (``TypeError`` in fastalign) group by
+    value, or as ``as_torch_index`` rounds / truncates them. Where verl raises (``np.unique`` over labels it cannot
+    sort, pass@k groups of one), so does fastalign."""
+    v, f = _verl_and_fastalign(est, UID_CASES[uid])
+    if isinstance(v, Exception):
+        assert type(f) is type(v) and str(f).startswith("index"), (v, f)  # the error names verl's argument
+        return
+    assert not isinstance(f, Exception), f
+    for a, b, what in ((f[0], v[0], "advantages"), (f[1], v[1], "returns")):
+        torch.testing.assert_close(a.to(D), b.to(D), atol=2e-6, rtol=2e-6, msg=lambda m: f"{est} {uid} {what}: {m}")
+
+
+def test_numeric_string_uids_group_apart_or_together_as_verl():
+    """The cases above bind: verl's grpo and grpo_vectorized give different advantages for uids "1" / "01"."""
+    (vg, _), _ = _verl_and_fastalign("grpo", UID_CASES["numeric-strings"])
+    (vv, _), (fv, _) = _verl_and_fastalign("grpo_vectorized", UID_CASES["numeric-strings"])
+    assert not torch.allclose(vg, vv)
+    torch.testing.assert_close(fv.to(D), vv.to(D), atol=2e-6, rtol=2e-6)
+    for flag in (True, False):  # the flag given as verl's argument: Dr. GRPO, grouped as grpo_vectorized
+        r, mask, _, _ = _uid_batch()
+        kw = dict(response_mask=mask, index=UID_CASES["numeric-strings"], norm_adv_by_std_in_grpo=flag)
+        v = core_algos.get_adv_estimator_fn("grpo_vectorized")(token_level_rewards=r.clone(), **kw)[0]
+        f = core_algos.get_adv_estimator_fn("fastalign_grpo_vectorized")(token_level_rewards=r.clone(), **kw)[0]
+        torch.testing.assert_close(f.to(D), v.to(D), atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("est", GROUPED_ESTIMATORS)
+def test_registry_estimator_float_tensor_and_non_finite_uids(est):
+    """A float tensor of uids: grpo_vectorized and rloo_vectorized read it on the host as verl does (same
+    advantages); verl's dict-keyed estimators hash each 0-d tensor by identity, so fastalign refuses it
+    (``TypeError`` naming index). A NaN uid names no group: ``ValueError`` naming index."""
+    uid = torch.tensor([0.5, 0.7, 0.5, 1.2, 0.7, 1.2])
+    if est in ("grpo_vectorized", "rloo_vectorized"):
+        (v, _), (f, _) = _verl_and_fastalign(est, uid)
+        torch.testing.assert_close(f.to(D), v.to(D), atol=2e-6, rtol=2e-6)
+    else:
+        _, f = _verl_and_fastalign(est, uid)
+        assert isinstance(f, TypeError) and "index" in str(f), f
+    for bad in (np.array([0.0, 0.0, np.nan, 1.0, 1.0, 1.0]), [0.0, 0.0, float("inf"), 1.0, 1.0, 1.0]):
+        _, f = _verl_and_fastalign(est, bad)
+        assert isinstance(f, ValueError) and str(f).startswith("index holds a NaN or infinite uid"), f
+
+
+# ---------------------------------------------------------------------------------------------
+# optimal token baseline: handle_zero_tail
+
+
+@pytest.mark.parametrize("zero_tail", [True, False])
+@pytest.mark.parametrize("est", ["optimal_token_baseline", "tir_optimal_token_baseline"])
+def test_registry_optimal_token_baseline_handle_zero_tail_equals_verl(est, zero_tail):
+    """verl's ``handle_zero_tail``: True sets the baseline of a group's strictly longest response to 0 past the
+    second-longest length, False keeps the group's baseline there. ``fastalign_<est>`` refused False; both values
+    equal verl's (advantages and returns), and the two values give different advantages on this batch."""
+    d = _adv_batch(seed=21)
+    mask = d["mask"].clone()
+    mask[0] = 1  # the strictly longest response of group p0
+    mask[[2, 5, 9], 4:] = 0
+    mask[7, 2:4] = 0  # a masked span inside a response (multi-turn)
+    kw = dict(response_mask=mask, index=d["uid"], old_log_probs=d["old"], sum_pi_squared=d["p2"],
+              rollout_is_weights=d["iw"], handle_zero_tail=zero_tail)
+    r = d["token_r"] * mask
+    v_adv, v_ret = core_algos.get_adv_estimator_fn(est)(token_level_rewards=r.clone(), **kw)
+    f_adv, f_ret = core_algos.get_adv_estimator_fn(plugin.PREFIX + est)(token_level_rewards=r.clone(), **kw)
+    assert_close(f_adv, v_adv, atol=1e-6, rtol=1e-6, what=f"{est} advantages")
+    assert_close(f_ret, v_ret, atol=1e-6, rtol=1e-6, what=f"{est} returns")
+    other = core_algos.get_adv_estimator_fn(est)(token_level_rewards=r.clone(), **{**kw,
+                                                                                    "handle_zero_tail": not zero_tail})
+    assert not torch.allclose(other[0], v_adv), "handle_zero_tail does not bind on this batch"

@@ -605,3 +605,96 @@ def test_compute_advantage_names_verls_argument(estimator, kw, error, name):
     rewards, mask, index = (args.pop(k) for k in ("token_level_rewards", "response_mask", "index"))
     with pytest.raises(error, match=f"^{name} "):
         fverl.compute_advantage({"adv_estimator": estimator, "gamma": gamma}, rewards, mask, index, **args)
+
+
+def _partition(labels):
+    """The groups of ``labels`` as a set of frozensets of positions (the labels' values do not matter)."""
+    groups = {}
+    for i, g in enumerate(np.asarray(labels).tolist()):
+        groups.setdefault(g, set()).add(i)
+    return {frozenset(s) for s in groups.values()}
+
+
+AS_TORCH_INDEX_CASES = {
+    "numeric-strings": np.array(["1", "01", "1", "001", "2"], dtype=object),
+    "numeric-str-array": np.array(["1", "01", "7", "07", "2"]),
+    "padded-numeric": [" 1", "1", "1 ", "2", "+2"],
+    "alpha": np.array(["b", "a", "b", "c", "a"], dtype=object),
+    "numeric-and-alpha": np.array(["1", "a", "01", "a", "b"], dtype=object),
+    "int-and-str": np.array([1, "1", 2, "2", "x"], dtype=object),
+    "float-integral": np.array([0.0, 1.0, 0.0, 2.0, 1.0]),
+    "float-near-integral": np.array([0.0, 1.0 + 1e-8, 1.0, 2.0 - 1e-9, 2.0]),
+    "float-fractional": np.array([0.5, 0.7, 1.2, -0.5, -1.7]),
+    "float32": np.array([3.0, 3.0, 4.0, 4.5, 4.0], dtype=np.float32),
+    "int-and-float-objects": np.array([1, 1.0, 1.5, 2, 2.9], dtype=object),
+    "bool": np.array([True, False, True, True, False]),
+    "int": np.array([7, 3, 7, 9, 3]),
+    "list-of-str": ["u1", "u2", "u1", "u3", "u2"],
+    "float-tensor-integral": torch.tensor([0.0, 1.0, 0.0, 2.0, 1.0]),
+    "float-tensor-fractional": torch.tensor([0.5, 0.7, 0.5, 1.2, 0.7]),
+    "int-tensor": torch.tensor([4, 4, 2, 2, 1]),
+    "bool-tensor": torch.tensor([True, False, True, True, False]),
+}
+
+
+@pytest.mark.parametrize("uid", list(AS_TORCH_INDEX_CASES))
+def test_grpo_vectorized_groups_as_verls_as_torch_index(uid):
+    """verl's grpo_vectorized groups its uids with ``verl.utils.groupwise.as_torch_index``; the profile's groups of
+    grpo_vectorized are the same partition, and its advantages verl's. Labels ``as_torch_index`` maps below 0
+    (negative float uids here) make verl's ``group_mean_std`` raise ``IndexError``; the profile gives grpo's
+    advantages of those groups (docs/parity-policy.md)."""
+    from fastalign.integrations.verl.advantages import _group_keys
+    from verl.utils.groupwise import as_torch_index
+
+    index = AS_TORCH_INDEX_CASES[uid]
+    ours = _group_keys("grpo_vectorized", index, 5, torch.device("cpu"))
+    theirs = as_torch_index(index, device="cpu")
+    assert _partition(ours) == _partition(theirs), uid
+    r, _, mask, _, _ = _batch(seed=12, B=5)
+    cfg = AlgoConfig(adv_estimator="grpo_vectorized")
+    adv_f = fverl.compute_advantage(cfg, r, mask, index)[0]
+    if bool((theirs < 0).any()):
+        with pytest.raises(IndexError):
+            _verl(cfg, r, mask, index)
+        keys = torch.as_tensor(theirs) - theirs.min()
+        _close(adv_f, _verl(AlgoConfig(adv_estimator="grpo"), r, mask, keys.numpy())[0], "grpo's advantages")
+        return
+    torch.testing.assert_close(adv_f, _verl(cfg, r, mask, index)[0].to(D), atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("uid", ["numeric-strings", "float-fractional", "int-and-float-objects", "bool", "alpha"])
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "rloo_vectorized", "opo", "gpg", "reinforce_plus_plus_baseline"])
+def test_dict_and_unique_grouping_as_verl(estimator, uid):
+    """verl's loops key a dict by the raw uid ("1" and "01" apart, 1 and 1.0 together, floats by value);
+    rloo_vectorized groups by ``np.unique``. A float array raised ``TypeError``; the advantages are verl's."""
+    index = AS_TORCH_INDEX_CASES[uid]
+    r, _, mask, _, _ = _batch(seed=13, B=5)
+    cfg = AlgoConfig(adv_estimator=estimator)
+    _close(fverl.compute_advantage(cfg, r, mask, index)[0], _verl(cfg, r, mask, index)[0], f"{estimator} {uid}")
+
+
+@pytest.mark.parametrize("zero_tail", [True, False])
+@pytest.mark.parametrize("estimator", OTB)
+def test_optimal_token_baseline_handle_zero_tail_as_verl(estimator, zero_tail):
+    """``handle_zero_tail`` (verl's switch, default True) of compute_advantage: both values give verl's advantages
+    and returns on a batch where the strictly longest response of a group has a tail; other estimators refuse
+    ``handle_zero_tail=False``."""
+    r, mask, old, p2, iw = _otb_inputs(seed=34)
+    mask[0] = 1  # the strictly longest response of group p0 of str-with-singletons
+    mask[[2, 5, 9], 4:] = 0
+    index = UIDS["str-with-singletons"]
+    cfg = AlgoConfig(adv_estimator=estimator)
+    adv_v, ret_v = core_algos.get_adv_estimator_fn(estimator)(
+        token_level_rewards=r.clone(), response_mask=mask, config=cfg, index=index, old_log_probs=old,
+        sum_pi_squared=p2, rollout_is_weights=iw, handle_zero_tail=zero_tail)
+    adv_f, ret_f = fverl.compute_advantage(cfg, r, mask, index, old_log_probs=old, sum_pi_squared=p2,
+                                           rollout_is_weights=iw, handle_zero_tail=zero_tail)
+    _close(adv_f, adv_v, f"{estimator} advantages")
+    _close(ret_f, ret_v, f"{estimator} returns")
+    other = fverl.compute_advantage(cfg, r, mask, index, old_log_probs=old, sum_pi_squared=p2,
+                                    rollout_is_weights=iw, handle_zero_tail=not zero_tail)[0]
+    assert not torch.allclose(other, adv_f), "handle_zero_tail does not bind on this batch"
+    with pytest.raises(ValueError, match="handle_zero_tail"):
+        fverl.compute_advantage(AlgoConfig(adv_estimator="grpo"), r, mask, index, handle_zero_tail=False)
+    with pytest.raises(TypeError, match="handle_zero_tail"):
+        fverl.compute_advantage(cfg, r, mask, index, old_log_probs=old, sum_pi_squared=p2, handle_zero_tail=1)

@@ -603,3 +603,80 @@ def test_bad_entropy_raises_under_verls_name_in_every_mode(mode, bad):
     error = ValueError if bad == "[B, T+1]" else TypeError
     with pytest.raises(error, match="^entropy "):
         loss(x, x, torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool), entropy=_BAD[bad](x.abs()))
+
+
+@pytest.mark.parametrize("case", ["vanilla", "gspo_seq_mean", "sapo_token_mean_terms", "geo_mean", "dppo_kl", "dro",
+                                  "vanilla_token_sum_norm", "gpg", "cispo"])
+def test_per_sequence_advantages_of_shape_b1_as_verl(case):
+    """``[B, 1]`` advantages (one per sequence) broadcast along ``T`` in verl's arithmetic; the profile raised
+    ``ValueError``. Loss, gradients and metrics equal verl's; ``[B]`` (the profile's own per-sequence reading) and
+    ``[B, T]`` give the same."""
+    d = batch(seed=60 + sorted(CASES).index(case))
+    A = d["A"]
+    d["A"] = A[:, :1].contiguous()
+    _run(case, d, False)
+    kw = {k: v for k, v in CASES[case].items() if k != "is_weights"}
+    losses = [VerlPolicyLoss(make_actor(**kw))(d["lp"], d["old"], a, d["m"], entropy=d["H"], ref_log_prob=d["ref"])[0]
+              for a in (A[:, 0].contiguous(), d["A"], A)]
+    assert torch.equal(losses[1], losses[2]) and torch.equal(losses[0], losses[1]), losses
+
+
+#: a reference 100 nats from the policy and small advantages: the KL term dwarfs the policy term
+FAR_KL = {
+    "vanilla_token_sum_mse": dict(loss_agg_mode="token-sum", use_kl_loss=True, kl_loss_coef=0.5, kl_loss_type="mse"),
+    "vanilla_token_mean_k1_entropy": dict(use_kl_loss=True, kl_loss_coef=1.0, kl_loss_type="k1", entropy_coeff=0.05),
+    "gspo_seq_mean_abs": dict(loss_mode="gspo", loss_agg_mode="seq-mean-token-mean", use_kl_loss=True,
+                              kl_loss_coef=0.5, kl_loss_type="abs"),
+    "dppo_kl_token_sum_norm_mse": dict(loss_mode="dppo_kl", loss_agg_mode="seq-mean-token-sum-norm",
+                                       loss_scale_factor=16, use_kl_loss=True, kl_loss_coef=0.5, kl_loss_type="mse"),
+    "cispo_seq_mean_token_sum_k2": dict(loss_mode="cispo", loss_agg_mode="seq-mean-token-sum", use_kl_loss=True,
+                                        kl_loss_coef=0.5, kl_loss_type="k2", entropy_coeff=0.01),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAR_KL))
+def test_pg_loss_metric_is_verls_policy_term_next_to_a_large_kl(case):
+    """``actor/pg_loss`` is verl's ``pg_loss`` (the policy term alone) at float32 rounding of that term, also when
+    the KL term is 1e5 times larger: it was the loss minus the KL and entropy terms in float32, which kept none of
+    its digits (0.109375 for verl's 0.1013278). The loss and its gradient are the fused kernel's single pass."""
+    import fastalign
+
+    d = batch(seed=80 + sorted(FAR_KL).index(case))
+    d["A"] = d["A"] * 0.01
+    d["ref"] = d["lp"] - 100.0
+    kw = FAR_KL[case]
+    vl, vg, _, vm = verl_loss(make_actor(**kw), d["lp"], d["old"], d["A"], d["m"], H=d["H"], ref=d["ref"])
+    x = d["lp"].clone().requires_grad_(True)
+    loss, met = VerlPolicyLoss(make_actor(**kw))(x, d["old"], d["A"], d["m"], entropy=d["H"], ref_log_prob=d["ref"])
+    loss.backward()
+    pg = vm["actor/pg_loss"]
+    assert abs(float(pg)) < 1e-4 * abs(float(vm["kl_loss"])), "the KL term does not dwarf the policy term"
+    assert_close(met["actor/pg_loss"], pg, atol=1e-8, rtol=2e-6, what="actor/pg_loss")
+    assert_close(loss, vl, atol=1e-6, rtol=1e-6, what="loss")
+    assert_close(x.grad, vg, atol=1e-6, rtol=1e-5, what="d log_prob")
+    x2 = d["lp"].clone().requires_grad_(True)
+    fused, _ = fastalign.policy_loss(x2, d["old"], d["A"], d["m"], config=verl_policy_config(make_actor(**kw)),
+                                     ref_logprobs=d["ref"], entropy=d["H"])
+    fused.backward()
+    assert torch.equal(loss, fused) and torch.equal(x.grad, x2.grad)
+
+
+def test_pg_loss_metric_of_clip_cov_uses_the_losss_picks():
+    """Clip-Cov draws the tokens it picks: ``actor/pg_loss``, computed in a pass of its own next to the KL term,
+    uses the picks of the loss, and torch's generator advances once per call, as without the KL term."""
+    d = batch(seed=90)
+    pl = dict(clip_cov_ratio=0.2, clip_cov_lb=-5.0, clip_cov_ub=5.0)
+    with_kl = dict(loss_mode="clip_cov", policy_loss=pl, use_kl_loss=True, kl_loss_coef=0.5, kl_loss_type="mse")
+    alone = dict(loss_mode="clip_cov", policy_loss=pl)
+    out = {}
+    for seed in (3, 4):
+        for name, kw in (("kl", with_kl), ("alone", alone)):
+            torch.manual_seed(seed)
+            loss, met = VerlPolicyLoss(make_actor(**kw))(d["lp"], d["old"], d["A"], d["m"], ref_log_prob=d["ref"])
+            out[name, seed] = loss, met, torch.get_rng_state()
+    assert not torch.equal(out["alone", 3][0], out["alone", 4][0]), "the picks do not change the loss"
+    for seed in (3, 4):
+        (loss, met, state), (pg, _, state0) = out["kl", seed], out["alone", seed]
+        assert torch.equal(state, state0)  # one draw per call
+        assert torch.equal(met["actor/pg_loss"], pg)  # the picks of the call without the KL term
+        assert_close(loss, pg + 0.5 * met["kl_loss"], atol=1e-6, rtol=1e-6, what="loss: the same picks")

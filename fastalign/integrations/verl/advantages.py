@@ -48,6 +48,18 @@ grpo_passk's check that every group has at least 2 responses reads the group siz
 ``index`` is a host object (verl's numpy array of uids, a list); with a device tensor ``index`` the
 advantages are NaN instead (no synchronisation), with an eager CPU tensor it raises.
 
+Groups (``index``, verl's ``uid`` array): each estimator groups the uids as verl's own function does.
+grpo_vectorized maps them with verl's ``groupwise.as_torch_index``: integers by value, floats within 1e-6 of
+an integer rounded and other floats cast to int64 (truncated toward 0), then labels numpy casts to int64
+(numeric strings by value: ``"1"``, ``"01"`` and ``1`` are one group), the rest by ``np.unique``.
+rloo_vectorized groups equal values (``np.unique``; an object array mixing strings and numbers raises
+``TypeError``, as there). The others key a Python dict by the raw uid ``index[i]``: ``"1"`` and ``"01"`` are
+two groups, ``1``, ``1.0`` and ``True`` one; a float array groups by its values. A NaN or infinite float uid
+raises ``ValueError`` naming ``index`` (verl puts each NaN of a dict apart, ``np.unique`` puts them together,
+``as_torch_index`` casts them to an undefined integer). Integer tensors group by value on their device (verl's
+dict would put every 0-d tensor in a group of its own, hashing it by identity); a float tensor is read on the
+host by grpo_vectorized and rloo_vectorized, as verl does, and refused (``TypeError``) by the others.
+
 Values on masked positions: fastalign gives 0 there; verl leaves whatever its scan holds
 (gae's whitened advantages and returns, remax's returns and advantages on interior masked tokens).
 Every verl loss masks them out; the parity tests compare the valid tokens of those two estimators.
@@ -62,6 +74,7 @@ Known differences (docs/parity-policy.md):
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -74,6 +87,11 @@ from fastalign.advantages._inputs import as_index
 from fastalign.advantages.sequence_level import reads_eps
 from fastalign.integrations.verl._keys import ALGO, check_keys
 from fastalign.integrations.verl._names import unprefixed
+
+try:
+    import numpy as np
+except ImportError:  # numpy is optional: uids then come as tensors or lists
+    np = None
 
 __all__ = ["ALGO_DEFAULTS", "ESTIMATORS", "algo_options", "compute_advantage"]
 
@@ -145,6 +163,155 @@ def _check_inputs(token_level_rewards, response_mask, *, values, reward_baseline
         _validate.like((shape[0], reward_scores.shape[1]), "one row per response", **dev, reward_scores=reward_scores)
 
 
+#: how verl 0.9.1's estimator function groups the responses by ``index`` (the others: a Python dict keyed by each
+#: raw uid ``index[i]``): grpo_vectorized maps the uids with ``verl.utils.groupwise.as_torch_index``,
+#: rloo_vectorized with ``np.unique(index, return_inverse=True)``
+_GROUPING = {"grpo_vectorized": "as_torch_index", "rloo_vectorized": "unique"}
+
+
+def _numpy():
+    """numpy, which verl's uid mappings (``as_torch_index``, ``np.unique``) run on."""
+    if np is None:
+        raise ImportError("grouping uids as verl's grpo_vectorized / rloo_vectorized do needs numpy (pip install "
+                          "numpy), or pass the uids as an integer tensor")
+    return np
+
+
+def _is_ndarray(x) -> bool:
+    return np is not None and isinstance(x, np.ndarray)
+
+
+def _is_non_finite(x) -> bool:
+    """``x`` a float (Python, numpy or a one-element tensor) that is NaN or infinite."""
+    if isinstance(x, Tensor):
+        return x.numel() == 1 and x.is_floating_point() and not bool(torch.isfinite(x).all())
+    if np is not None and isinstance(x, np.floating):
+        x = float(x)
+    return isinstance(x, float) and not math.isfinite(x)
+
+
+def _refuse_non_finite_uids(index, reads_float_tensors: bool) -> None:
+    """A NaN or infinite float uid is refused (``ValueError`` naming ``index``): it has no group (verl's dict
+    puts each NaN alone, ``np.unique`` puts them together, ``as_torch_index`` casts them to an undefined integer).
+    A float tensor is checked only where it is read (``reads_float_tensors``; a host read, as verl's)."""
+    if _is_ndarray(index) and index.dtype.kind in "fc":
+        bad = not np.isfinite(index).all()
+    elif isinstance(index, Tensor):
+        bad = reads_float_tensors and index.is_floating_point() and not bool(torch.isfinite(index).all())
+    elif _is_ndarray(index) and index.dtype == object:
+        bad = any(_is_non_finite(x) for x in index.tolist())
+    elif isinstance(index, (list, tuple)):
+        bad = any(_is_non_finite(x) for x in index)
+    else:
+        bad = False
+    if bad:
+        raise ValueError("index holds a NaN or infinite uid: a float uid must be finite (it names a group)")
+
+
+def _factorize(arr: np.ndarray) -> np.ndarray:
+    """verl's ``as_torch_index`` fallback: the inverse of ``np.unique`` over the labels, else over their ``str``."""
+    np = _numpy()
+    try:
+        return np.unique(arr, return_inverse=True)[1]
+    except Exception:
+        return np.unique(np.array([str(x) for x in arr], dtype=object), return_inverse=True)[1]
+
+
+def _as_torch_index(index, B: int) -> Optional[np.ndarray]:
+    """int64 group labels ``[B]`` as verl's ``groupwise.as_torch_index`` gives them, on the host; None for an
+    integer or bool tensor (grouped by value on its device). Its steps: integers by value; floats within 1e-6 of
+    integers rounded, other floats cast to int64 (truncated toward 0: ``0.5`` and ``0.7`` share group ``0``);
+    then any labels that ``astype(np.int64)`` takes (numeric strings by value: ``"1"``, ``"01"`` and ``1`` share a
+    group); the rest factorized (``np.unique``, else over ``str(label)``). A float tensor: its values rounded
+    when all are within 1e-6 of integers, else factorized over ``str(value)``."""
+    if isinstance(index, Tensor):
+        if not (index.is_floating_point() or index.is_complex()):
+            return None
+        if index.dim() != 1 or index.shape[0] != B:
+            raise ValueError(f"index must have shape ({B},) (one uid per response), got {tuple(index.shape)}")
+        t64 = index.detach().to(torch.float64) if index.is_floating_point() else None
+        if t64 is not None and torch.allclose(t64, torch.round(t64), rtol=0.0, atol=1e-6):
+            return torch.round(t64).to(torch.int64).cpu().numpy()
+        return _factorize(_numpy().array([str(x.item()) for x in index], dtype=object))
+    np = _numpy()
+    try:
+        arr = np.asarray(index)
+    except Exception:
+        arr = np.array(list(index), dtype=object)
+    if arr.ndim != 1 or arr.shape[0] != B:
+        raise ValueError(f"index must be 1-D with {B} uids (one per response), got shape {arr.shape}")
+    if arr.dtype != object and np.issubdtype(arr.dtype, np.integer):
+        return arr.astype(np.int64)
+    if arr.dtype != object and np.issubdtype(arr.dtype, np.floating):
+        arr64 = arr.astype(np.float64)
+        if not (np.abs(arr64) < 2.0 ** 63).all():  # beyond int64 the cast would merge uids
+            raise ValueError("index holds a float uid beyond the int64 range (verl's as_torch_index casts float "
+                             "uids to int64)")
+        rounded = np.rint(arr64)
+        if np.allclose(arr64, rounded, rtol=0.0, atol=1e-6):
+            return rounded.astype(np.int64)
+    try:
+        return arr.astype(np.int64)
+    except Exception:
+        pass
+    return _factorize(arr if arr.dtype == object else arr.astype(object))
+
+
+def _unique_inverse(index, B: int) -> Optional[np.ndarray]:
+    """The group labels of verl's rloo_vectorized, ``np.unique(index, return_inverse=True)[1]``, on the host
+    (equal values share a group; a list mixing strings and numbers is read as strings by numpy); None for an integer
+    or bool tensor (grouped by value on its device). Labels numpy cannot sort (an object array mixing strings and
+    numbers): ``TypeError`` naming ``index``, as verl's ``np.unique`` raises."""
+    if isinstance(index, Tensor):
+        if not (index.is_floating_point() or index.is_complex()):
+            return None
+        index = index.detach().cpu().numpy()
+    np = _numpy()
+    try:
+        arr = np.asarray(index)
+    except Exception as e:
+        raise TypeError(f"index: the uids are not a 1-D array of labels ({e})") from None
+    if arr.ndim != 1 or arr.shape[0] != B:
+        raise ValueError(f"index must be 1-D with {B} uids (one per response), got shape {arr.shape}")
+    try:
+        return np.unique(arr, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    except TypeError as e:
+        raise TypeError(f"index: verl's rloo_vectorized sorts the uids (np.unique), which these do not allow ({e})") \
+            from None
+
+
+def _group_keys(estimator: str, index, B: int, device: torch.device) -> Tensor:
+    """int64 group keys ``[B]`` on ``device`` of the uids ``index``, grouped as verl 0.9.1's estimator function
+    ``estimator`` groups them:
+
+    * grpo_vectorized: ``verl.utils.groupwise.as_torch_index`` (numeric strings by value, so ``"1"`` and ``"01"``
+      share a group; float uids rounded or truncated to int64);
+    * rloo_vectorized: ``np.unique`` (equal values share a group);
+    * every other estimator: verl's Python dict keyed by the raw uid ``index[i]`` (``"1"`` and ``"01"`` apart,
+      ``1``, ``1.0`` and ``True`` together); a float numpy array is read as its Python floats.
+
+    Integer tensors are grouped by value on their device (no host read; verl's dict would put each 0-d tensor
+    apart, hashing it by identity); a float tensor is refused (``TypeError``) but for grpo_vectorized and
+    rloo_vectorized, which read it on the host as verl does. A NaN or infinite float uid: ``ValueError`` naming
+    ``index``. Host uids (numpy arrays, lists) are mapped on the host."""
+    grouping = _GROUPING.get(estimator, "dict")
+    _refuse_non_finite_uids(index, reads_float_tensors=grouping != "dict")
+    labels = None
+    if grouping == "as_torch_index":
+        labels = _as_torch_index(index, B)
+    elif grouping == "unique":
+        labels = _unique_inverse(index, B)
+    elif _is_ndarray(index) and index.dtype.kind not in "iuOUS":
+        if index.ndim != 1:
+            raise ValueError(f"index must be 1-D, got shape {index.shape}")
+        index = index.tolist()  # Python floats / bools: the dict keys verl's loop builds from index[i]
+    if labels is not None:
+        return torch.from_numpy(labels.astype(np.int64).reshape(-1)).to(device)
+    if isinstance(index, Tensor) and index.dtype == torch.bool and grouping != "dict":
+        index = index.to(torch.int64)  # as_torch_index and np.unique read bools as 0 and 1
+    return as_index("index", index, B, device)
+
+
 def _dense_groups(keys: Tensor) -> Tensor:
     """Dense group ids ``< B`` of the int64 ``keys [B]``, from the sorted keys (device operations, no host read):
     a new id where the sorted key changes."""
@@ -211,7 +378,7 @@ def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor
                       values: Optional[Tensor] = None, reward_baselines: Optional[Tensor] = None,
                       reward_scores: Optional[Tensor] = None, old_log_probs: Optional[Tensor] = None,
                       sum_pi_squared: Optional[Tensor] = None, rollout_is_weights: Optional[Tensor] = None,
-                      epsilon: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+                      epsilon: Optional[float] = None, handle_zero_tail: bool = True) -> Tuple[Tensor, Tensor]:
     """``(advantages, returns)`` ``[B, T]`` of verl 0.9.1's ``algorithm.adv_estimator``.
 
     Args:
@@ -221,7 +388,8 @@ def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor
             resamples the batch, which is not part of the advantages).
         token_level_rewards: ``[B, T]``; the sequence-level estimators use its row sums.
         response_mask: ``[B, T]``.
-        index: the ``uid`` of each response (its prompt group) for the grouped estimators.
+        index: the ``uid`` of each response (its prompt group) for the grouped estimators, grouped as verl's
+            function for the estimator groups them (the module's docstring says how).
         values: ``[B, T]`` critic values (gae). reward_baselines: ``[B]`` greedy scores (remax).
         reward_scores: ``[B, K]`` gdpo's reward components (verl's ``gdpo_reward_keys``); default
             the row sums of ``token_level_rewards`` as one column.
@@ -233,6 +401,11 @@ def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor
             estimators that divide by no std (rloo, rloo_vectorized, opo, gpg,
             reinforce_plus_plus_baseline, grpo and grpo_passk with ``norm_adv_by_std_in_grpo=False``)
             take it and ignore it, as verl's.
+        handle_zero_tail: verl's switch of the optimal-token-baseline estimators (default True): when one
+            response of a group is strictly the longest, its baseline is 0 from the second-longest length on
+            (its advantage there is its return). False keeps the group's baseline ``B_t`` there (where that
+            response holds the group's only valid token, ``G_t W_t / (W_t + eps)``). verl's other estimators
+            have no such switch: ``False`` raises ``ValueError`` for them.
     """
     _check_inputs(token_level_rewards, response_mask, values=values, reward_baselines=reward_baselines,
                   reward_scores=reward_scores, old_log_probs=old_log_probs, sum_pi_squared=sum_pi_squared,
@@ -244,6 +417,9 @@ def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor
                                              and rollout_is_weights is None):
         raise ValueError(f"old_log_probs, sum_pi_squared and rollout_is_weights apply to the optimal-token-baseline "
                          f"estimators, not to adv_estimator {est!r}")
+    if not _validate.boolean("handle_zero_tail", handle_zero_tail) and est not in _OPTIMAL_BASELINE:
+        raise ValueError(f"handle_zero_tail applies to the optimal-token-baseline estimators, not to adv_estimator "
+                         f"{est!r}")
     if epsilon is not None and est in _TOKEN_LEVEL:
         raise ValueError(f"epsilon does not apply to adv_estimator {est!r}")
     eps = {} if epsilon is None else {"eps": _validate.finite_number("epsilon", epsilon)}
@@ -252,13 +428,13 @@ def compute_advantage(config, token_level_rewards: Tensor, response_mask: Tensor
         "response_mask", mask, f"hold 0 and 1 only for adv_estimator {est!r} (verl weighs a token by a fractional "
         f"mask inside it, fastalign counts the token or not)")
     adv, returns = _estimate(est, opts, token_level_rewards, mask, index, values, reward_baselines, reward_scores,
-                             old_log_probs, sum_pi_squared, rollout_is_weights, eps)
+                             old_log_probs, sum_pi_squared, rollout_is_weights, eps, handle_zero_tail)
     return _validate.nan_if(flag, adv), _validate.nan_if(flag, returns)
 
 
 def _estimate(est: str, opts: Dict[str, Any], token_level_rewards: Tensor, mask: Tensor, index, values,
               reward_baselines, reward_scores, old_log_probs, sum_pi_squared, rollout_is_weights,
-              eps: Dict[str, float]) -> Tuple[Tensor, Tensor]:
+              eps: Dict[str, float], handle_zero_tail: bool) -> Tuple[Tensor, Tensor]:
     """:func:`compute_advantage` once its inputs are checked."""
     if est == "gae":
         if values is None:
@@ -280,9 +456,12 @@ def _estimate(est: str, opts: Dict[str, Any], token_level_rewards: Tensor, mask:
     if est in _OPTIMAL_BASELINE:
         if old_log_probs is None or sum_pi_squared is None:
             raise ValueError(f"adv_estimator {est!r} needs old_log_probs and sum_pi_squared [B, T]")
-        return optimal_token_baseline_advantages(token_level_rewards, mask, index, old_log_probs, sum_pi_squared,
+        host = not isinstance(index, Tensor)
+        keys = _group_keys(est, index, token_level_rewards.shape[0],
+                          torch.device("cpu") if host else token_level_rewards.device).to(token_level_rewards.device)
+        return optimal_token_baseline_advantages(token_level_rewards, mask, keys, old_log_probs, sum_pi_squared,
                                                  importance_weights=rollout_is_weights,
-                                                 align=_OPTIMAL_BASELINE[est], **eps)
+                                                 zero_tail=handle_zero_tail, align=_OPTIMAL_BASELINE[est], **eps)
     kw = dict(_GROUPED[est])
     if est in _STD_FROM_CONFIG:
         kw["std"] = "group" if opts["norm_adv_by_std_in_grpo"] else "none"
@@ -292,7 +471,7 @@ def _estimate(est: str, opts: Dict[str, Any], token_level_rewards: Tensor, mask:
         kw["response_mask"] = mask
     scores = token_level_rewards.sum(dim=-1)
     host = not isinstance(index, Tensor)  # strings are mapped once, on the host
-    keys = as_index("index", index, scores.shape[0], torch.device("cpu") if host else scores.device)
+    keys = _group_keys(est, index, scores.shape[0], torch.device("cpu") if host else scores.device)
     small = _passk_groups_flag(index, keys) if est == "grpo_passk" else None
     keys = keys.to(scores.device)
     if est == "gdpo":

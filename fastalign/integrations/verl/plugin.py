@@ -14,7 +14,16 @@ and sapo: ``"seq-mean-token-mean"``, the others ``"token-mean"``): the policy te
 with ``config.global_batch_info`` (``dp_size``, ``batch_num_tokens``, ``global_batch_size`` and
 ``loss_scale_factor``, read from there alone as verl's modes read them; verl's actor adds the entropy
 and KL terms itself). ``pg_metrics`` has the keys and the types verl's own mode returns: a dict of
-Python floats (verl's actor wraps them in ``Metric`` with mean aggregation). They are read from the device in one transfer, where verl's modes read each.
+Python floats (verl's actor wraps them in ``Metric`` with mean aggregation). They are read from the device in
+one transfer, where verl's modes read each.
+
+``advantages`` and ``rollout_is_weights``: ``[B, T]``, or ``[B, 1]`` (one value per sequence, broadcast along
+``T`` as verl's arithmetic broadcasts it). A 1-D ``[B]`` tensor raises ``ValueError`` naming the argument: verl's
+modes broadcast it along the last dim, the response positions (a different loss when ``B == T``, a
+``RuntimeError`` otherwise), where :class:`~fastalign.integrations.verl.VerlPolicyLoss` reads ``[B]`` as one value
+per sequence; verl's trainer passes ``[B, T]``. ``fastalign_kl_cov`` and ``fastalign_clip_cov`` take ``[B, T]``
+advantages only (``ValueError``): verl's kl_cov indexes them by the mask and raises on ``[B, 1]``, verl's clip_cov
+zeroes its picked tokens in a tensor shaped like them, which raises, or zeroes whole rows, on ``[B, 1]``.
 
 Known differences of the losses (docs/parity-policy.md "Not covered"): KL-Cov breaks ties in the
 covariance at the top-k cut by the lower index, verl's ``torch.topk`` in an unspecified order, so with
@@ -39,6 +48,13 @@ the argument to its own ``grpo`` only), so ``fastalign_grpo_vectorized`` and ``f
 refuse a ``False`` there with :func:`~fastalign.integrations.verl.advantages.compute_advantage`'s
 ``ValueError`` rather than compute other numbers than verl's. Given as the argument, ``False`` makes
 ``fastalign_grpo_vectorized`` Dr. GRPO, as verl's function; ``fastalign_gdpo`` refuses it.
+
+Grouping by ``index`` (the uids) follows verl's function for each estimator: grpo_vectorized maps them with verl's
+``as_torch_index`` (numeric strings by value: ``"1"`` and ``"01"`` are one group; float uids rounded, or cast
+to int64), rloo_vectorized with ``np.unique``, the others key a dict by the raw uid (``"1"`` and ``"01"`` two
+groups; a float array by its values). A NaN or infinite float uid raises ``ValueError``; integer tensors group
+by value (see :mod:`fastalign.integrations.verl.advantages`). ``handle_zero_tail`` (the optimal-token-baseline
+estimators) is verl's switch, both values.
 
 fastalign estimators verl has no name for are registered when they need only what verl's trainer
 passes to a registered estimator (``token_level_rewards``, ``response_mask``, ``index``,
@@ -83,7 +99,7 @@ from torch import Tensor
 from fastalign.advantages import group_advantages, token_advantages
 from fastalign.integrations.verl._keys import ALGO, check_keys
 from fastalign.integrations.verl._names import PREFIX
-from fastalign.integrations.verl.advantages import ESTIMATORS, algo_options, compute_advantage
+from fastalign.integrations.verl.advantages import ESTIMATORS, algo_options, compute_advantage, _group_keys
 from fastalign.integrations.verl.policy import _MODES, VerlPolicyLoss, _get
 
 __all__ = ["PREFIX", "POLICY_LOSSES", "ADVANTAGE_ESTIMATORS", "register"]
@@ -101,6 +117,33 @@ def _verl_default_agg(mode: str) -> str:
     return param.default
 
 
+#: the loss modes whose verl function cannot take ``[B, 1]`` advantages, and why
+_PER_TOKEN_ADVANTAGES = {
+    "kl_cov": "verl's kl_cov selects advantages[response_mask], which raises on [B, 1]",
+    "clip_cov": "verl's clip_cov zeroes its picked tokens in ones_like(advantages), which raises on [B, 1] when a "
+                "token past the first position is picked (and zeroes whole rows when first positions are)",
+}
+
+
+def _check_per_token(mode: str, log_prob, advantages, rollout_is_weights) -> None:
+    """``advantages`` and ``rollout_is_weights`` as verl's loss modes read them: ``[B, T]`` or ``[B, 1]`` (one value
+    per sequence, broadcast along ``T``). verl broadcasts a 1-D ``[B]`` tensor along the last dim, the response
+    positions, not the sequences: ``ValueError`` rather than a loss verl does not compute (verl itself raises
+    when ``B != T`` and computes per position when ``B == T``). kl_cov and clip_cov: ``[B, T]`` advantages only
+    (:data:`_PER_TOKEN_ADVANTAGES`)."""
+    for name, t in (("advantages", advantages), ("rollout_is_weights", rollout_is_weights)):
+        if isinstance(t, Tensor) and t.dim() == 1:
+            raise ValueError(
+                f"{name} must have shape [B, T] (or [B, 1], one value per sequence) in loss mode {PREFIX + mode!r}, "
+                f"got the 1-D shape {tuple(t.shape)}: verl's loss modes broadcast a 1-D tensor along the response "
+                f"positions (the last dim), not the sequences; pass {name}[:, None] for one value per sequence")
+    if (mode in _PER_TOKEN_ADVANTAGES and isinstance(advantages, Tensor) and isinstance(log_prob, Tensor)
+            and advantages.dim() == 2 and log_prob.dim() == 2 and advantages.shape[1] == 1 != log_prob.shape[1]):
+        raise ValueError(f"advantages must have shape [B, T] in loss mode {PREFIX + mode!r}, got "
+                         f"{tuple(advantages.shape)}: {_PER_TOKEN_ADVANTAGES[mode]}; pass "
+                         "advantages.expand_as(log_prob)")
+
+
 def _policy_loss_fn(mode: str) -> Callable:
     default_agg = _verl_default_agg(mode)
 
@@ -109,6 +152,7 @@ def _policy_loss_fn(mode: str) -> Callable:
                        rollout_is_weights: Optional[Tensor] = None) -> tuple[Tensor, Dict[str, Tensor]]:
         if config is None:
             raise ValueError(f"config (the actor config) is required by loss mode {PREFIX + mode!r}")
+        _check_per_token(mode, log_prob, advantages, rollout_is_weights)
         # the counts and loss_scale_factor come from config.global_batch_info, as verl's modes read them
         loss_fn = VerlPolicyLoss(config, loss_mode=mode, loss_agg_mode=loss_agg_mode, policy_term_only=True)
         loss, metrics = loss_fn(log_prob, old_log_prob, advantages, response_mask,
@@ -233,6 +277,11 @@ def _advantage(estimator: str, token_level_rewards: Tensor, response_mask: Optio
     # verl's grpo_passk reads the flag from config only (its argument is ignored)
     flag = None if estimator == "grpo_passk" else norm_adv_by_std_in_grpo
     opts = _algo(config, "grpo" if vectorized_flag else estimator, flag)
+    if vectorized_flag and index is not None and isinstance(token_level_rewards, Tensor) \
+            and token_level_rewards.dim() == 2:  # grouped as verl's grpo_vectorized groups its uids
+        host = not isinstance(index, Tensor)
+        index = _group_keys("grpo_vectorized", index, token_level_rewards.shape[0],
+                           torch.device("cpu") if host else token_level_rewards.device).to(token_level_rewards.device)
     for name, value in (("gamma", gamma), ("lam", lam)):
         if value is not None and estimator != "gae":  # verl's function would ignore it (its **kwargs)
             raise ValueError(f"{name} does not apply to {PREFIX + estimator}: verl's function ignores it "
@@ -251,8 +300,6 @@ def _advantage(estimator: str, token_level_rewards: Tensor, response_mask: Optio
                          "algorithm.adv_estimator=gdpo there)")
     if estimator == "gpg" and alpha != 1.0:
         raise ValueError(f"alpha does not apply to {PREFIX}gpg: it is B / count_nonzero(scores), as in verl")
-    if estimator in ("optimal_token_baseline", "tir_optimal_token_baseline") and not handle_zero_tail:
-        raise ValueError(f"handle_zero_tail=False is not supported by {PREFIX + estimator}")
     reward_scores = None
     if estimator == "gdpo":
         if config is not None and non_tensor_batch is not None and batch is not None:
@@ -264,7 +311,9 @@ def _advantage(estimator: str, token_level_rewards: Tensor, response_mask: Optio
     adv, returns = compute_advantage(opts, token_level_rewards, response_mask, index, values=values,
                                      reward_baselines=reward_baselines, reward_scores=reward_scores,
                                      old_log_probs=old_log_probs, sum_pi_squared=sum_pi_squared,
-                                     rollout_is_weights=rollout_is_weights, epsilon=epsilon)
+                                     rollout_is_weights=rollout_is_weights, epsilon=epsilon,
+                                     **({"handle_zero_tail": handle_zero_tail} if estimator in _TRAINER_OWN_INPUTS
+                                        else {}))
     if estimator == "gpg" and f_norm != 1.0:
         adv = adv / f_norm
         returns = adv

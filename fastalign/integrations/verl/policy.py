@@ -57,10 +57,20 @@ policy term: ``global_batch_size``; geo_mean's policy term reads no count). Metr
 tensors), as verl's actor loss logs them:
 ``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower`` (those its loss function
 returns), ``actor/pg_loss``, ``actor/entropy_loss`` (when an entropy is given), ``kl_loss`` and
-``kl_coef`` (with ``use_kl_loss``).
+``kl_coef`` (with ``use_kl_loss``). ``actor/pg_loss`` is verl's ``pg_loss``, the policy term alone aggregated
+as the loss's: where the KL or entropy term is fused into the kernel's loss, it comes from a second pass of the
+kernel over the policy term (forward only, no gradient; Clip-Cov picks the same tokens), not from subtracting
+the terms from the loss, which would lose its digits in float32 next to a large KL term.
+
+Shapes: ``advantages`` ``[B, T]``, ``[B, 1]`` (broadcast along ``T``, as verl's arithmetic broadcasts it) or
+``[B]``; ``rollout_is_weights`` the same. ``[B]`` is read as one value per sequence, as ``[B, 1]``: that is
+:class:`VerlPolicyLoss`'s reading, not verl's (verl's loss modes broadcast a 1-D tensor along the positions), so
+the ``fastalign_<mode>`` functions of verl's registry (:mod:`fastalign.integrations.verl.plugin`) refuse a 1-D
+tensor.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Mapping, Optional
 
 import torch
@@ -128,13 +138,14 @@ def _check_global_counts(aggs, dp_size: int, batch_num_tokens, global_batch_size
 def _check_inputs(log_prob, old_log_prob, advantages, response_mask, entropy, ref_log_prob,
                   rollout_is_weights) -> None:
     """The actor loss's tensors under verl's names (fastalign's loss would name its own arguments): floating
-    ``[B, T]`` log-probs (float64 too: computed in float32), ``advantages`` ``[B, T]`` (or ``[B]``), a real
-    ``response_mask`` ``[B, T]``, ``rollout_is_weights`` ``[B, T]``, ``[B, 1]`` or ``[B]``, all on one device."""
+    ``[B, T]`` log-probs (float64 too: computed in float32), ``advantages`` ``[B, T]``, ``[B, 1]`` or ``[B]``, a
+    real ``response_mask`` ``[B, T]``, ``rollout_is_weights`` ``[B, T]``, ``[B, 1]`` or ``[B]``, all on one
+    device (``[B, 1]`` and ``[B]``: one value per sequence)."""
     _validate.any_float("log_prob", log_prob, dim=2)
     shape = tuple(log_prob.shape)
     dev = dict(device=log_prob.device, device_of="log_prob")
     _validate.like(shape, "log_prob.shape", required=True, **dev, old_log_prob=old_log_prob)
-    _validate.like([shape, shape[:1]], "log_prob.shape, or one per sequence", required=True,
+    _validate.like([shape, (shape[0], 1), shape[:1]], "per token or per sequence", required=True,
                    **dev, advantages=advantages)
     _validate.like(shape, "log_prob.shape", required=True, kind="real", **dev, response_mask=response_mask)
     _validate.like(shape, "log_prob.shape", **dev, entropy=entropy, ref_log_prob=ref_log_prob)
@@ -281,6 +292,9 @@ class VerlPolicyLoss:
     with ``policy_term_only`` (the loss function verl's registry holds) the latter alone, as verl's
     loss modes read it (absent or None: the padded length).
 
+    ``advantages`` / ``rollout_is_weights``: ``[B, T]``, ``[B, 1]`` or ``[B]`` (the last two: one value per
+    sequence, broadcast over its tokens).
+
     The loss is computed in float32 and returned in verl's dtype (the module's docstring says which; bf16 in,
     bf16 out in token-mean); the metrics stay float32.
     """
@@ -306,6 +320,9 @@ class VerlPolicyLoss:
         # max_len (loss_scale_factor) is set at each call: global_batch_info changes between calls
         self.config = verl_policy_config(actor, fuse_terms=self.fused and not policy_term_only, loss_mode=self.mode,
                                          loss_agg_mode=self.loss_agg_mode)
+        # the policy term alone, for actor/pg_loss when the KL or entropy term is fused into self.config's loss
+        self.pg_config = verl_policy_config(actor, fuse_terms=False, loss_mode=self.mode,
+                                            loss_agg_mode=self.loss_agg_mode)
 
     def _loss_scale_factor(self, info: Any) -> Optional[int]:
         """seq-mean-token-sum-norm's divisor per sequence (None: the padded length): verl's loss modes read
@@ -325,6 +342,8 @@ class VerlPolicyLoss:
                  rollout_is_weights: Optional[Tensor] = None, dp_size: Optional[int] = None, batch_num_tokens=None,
                  global_batch_size=None) -> tuple[Tensor, dict]:
         _check_inputs(log_prob, old_log_prob, advantages, response_mask, entropy, ref_log_prob, rollout_is_weights)
+        if advantages.dim() == 2 and advantages.shape != log_prob.shape:  # [B, 1]: broadcast along T, as verl
+            advantages = advantages.expand(log_prob.shape)
         info = _get(self.actor, "global_batch_info", {})
         check_keys(info, GLOBAL_BATCH_INFO, "actor.global_batch_info")  # verl's agg_loss takes these keywords
         dp_size = dp_size if dp_size is not None else _get(info, "dp_size", 1)
@@ -342,6 +361,18 @@ class VerlPolicyLoss:
                                    rollout_is_weights, dp_size, batch_num_tokens, global_batch_size)
         return loss.to(dtype), metrics
 
+    def _policy_term(self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                     rollout_is_weights: Optional[Tensor], config: PolicyConfig, counts: dict) -> Tensor:
+        """verl's ``pg_loss``: the policy term alone, aggregated as the loss's (``config``: the loss's config without
+        the KL and entropy terms), without gradient. Clip-Cov draws its seed from torch's generator: the draw is
+        undone, so that the loss's own pass picks the same tokens and the generator advances once per call."""
+        dev = log_prob.device
+        fork = (torch.random.fork_rng(devices=[] if dev.type == "cpu" else [dev], device_type=dev.type)
+                if self.mode == "clip_cov" else contextlib.nullcontext())
+        with torch.no_grad(), fork:
+            return policy_loss(log_prob.detach(), old_log_prob, advantages, response_mask, config=config,
+                               importance_weights=rollout_is_weights, **counts)[0]
+
     def _loss(self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
               entropy: Optional[Tensor], ref_log_prob: Optional[Tensor], rollout_is_weights: Optional[Tensor],
               dp_size: Optional[int], batch_num_tokens, global_batch_size) -> tuple[Tensor, dict]:
@@ -355,15 +386,17 @@ class VerlPolicyLoss:
         # the KL and entropy terms (the actor loss only) aggregate with loss_agg_mode
         terms_norm = not self.policy_term_only and self.loss_agg_mode == "seq-mean-token-sum-norm"
         lsf = self._loss_scale_factor(info) if terms_norm or cfg.agg == "seq-mean-token-sum-norm" else None
+        per_call = {}  # the options of this call, for the loss and for the policy term alone
         if cfg.agg == "seq-mean-token-sum-norm" and cfg.max_len != lsf:
-            cfg = PolicyConfig.make(cfg, max_len=lsf)
+            per_call["max_len"] = lsf
         _validate.count("batch_num_tokens", batch_num_tokens)
         _validate.count("global_batch_size", global_batch_size)
         # verl passes both counts; each aggregation reads its own
         own_agg = _OWN_AGG.get(self.mode, self.loss_agg_mode)
         pg_counts = {} if self.mode == "geo_mean" else counts_read(own_agg, batch_num_tokens, global_batch_size)
         if self.mode != "geo_mean" and dp_size != 1:
-            cfg = PolicyConfig.make(cfg, dp_size=int(dp_size))
+            per_call["dp_size"] = int(dp_size)
+        cfg = PolicyConfig.make(cfg, **per_call)
         # the aggregations verl's agg_loss runs: the policy term's (geo_mean: a plain local mean, no counts)
         # and, for the KL and entropy terms, loss_agg_mode (verl aggregates a given entropy for its metric
         # whatever entropy_coeff)
@@ -371,6 +404,13 @@ class VerlPolicyLoss:
         if self.use_kl or entropy is not None:
             aggs.append(self.loss_agg_mode)
         _check_global_counts(aggs, int(dp_size), batch_num_tokens, global_batch_size)
+        # the fused loss holds the KL or entropy term: the policy term (actor/pg_loss) is computed on its own, a
+        # forward pass without gradient, rather than subtracted from the loss (which loses its digits in float32
+        # when the KL term is large)
+        pg = None
+        if self.fused and (self.use_kl or cfg.entropy_coef != 0.0):
+            pg = self._policy_term(log_prob, old_log_prob, advantages, response_mask, rollout_is_weights,
+                                   PolicyConfig.make(self.pg_config, **per_call), pg_counts)
         loss, met = policy_loss(
             log_prob, old_log_prob, advantages, response_mask, config=cfg,
             ref_logprobs=ref_log_prob if (self.fused and self.use_kl) else None,
@@ -381,8 +421,8 @@ class VerlPolicyLoss:
                 terms["actor/entropy_loss"] = met["entropy_term"]
             if self.use_kl:
                 terms["kl_loss"] = met["kl_term"]
-            pg = loss.detach() + self.entropy_coeff * terms.get("actor/entropy_loss", 0.0) \
-                - self.kl_coef * terms.get("kl_loss", 0.0)
+            if pg is None:  # the loss is the policy term (an entropy given for its metric only adds 0 * H)
+                pg = loss.detach()
         else:
             pg = loss.detach()
             kw = dict(counts_read(self.loss_agg_mode, batch_num_tokens, global_batch_size), dp_size=int(dp_size))
@@ -410,7 +450,8 @@ class VerlPolicyLoss:
                "actor/pg_clipfrac_lower": met["clipfrac_lower"] if mode in _LOWER_MODES else zero}
         if mode in _CLAMPED_KL_MODES:  # verl clamps the log-ratio of its ppo_kl in these modes
             m = response_mask.to(torch.float32)
-            out["actor/ppo_kl"] = _masked_mean(-(log_prob.detach().float() - old_log_prob.float()).clamp(-20.0, 20.0), m)
+            log_ratio = log_prob.detach().float() - old_log_prob.float()
+            out["actor/ppo_kl"] = _masked_mean(-log_ratio.clamp(-20.0, 20.0), m)
         if mode == "sapo":
             out["actor/pg_clipfrac"] = zero
         elif mode == "clip_cov":
