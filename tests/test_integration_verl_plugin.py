@@ -124,6 +124,25 @@ def _set_global(actor, dp, m):
     actor.global_batch_info.update(info, loss_scale_factor=actor.loss_scale_factor)
 
 
+def _check_against_verl(mode, make_actor, dp, batch, agg, what):
+    """verl's ``mode`` and ``fastalign_<mode>`` through verl's registry on ``batch = (lp, old, A, m, w)``, each on
+    an actor config of its own from ``make_actor``: the same loss, d(loss)/d(log_prob) and metrics (Python floats,
+    as verl's modes return them)."""
+    lp, old, A, m, w = batch
+    out = []
+    for name in (mode, plugin.PREFIX + mode):
+        actor = make_actor()
+        _set_global(actor, dp, m)
+        out.append(_dispatch(name, actor, lp, old, A, m, w, agg))
+    (vl, vg, vm), (fl, fg, fm) = out
+    assert_close(fl, vl, atol=1e-6, rtol=1e-5, what=f"{what} loss")
+    assert_close(fg, vg, atol=1e-6, rtol=1e-5, what=f"{what} d log_prob")
+    assert set(fm) == set(vm), (sorted(fm), sorted(vm))
+    for k, v in vm.items():
+        assert type(fm[k]) is type(v) is float, (k, type(fm[k]), type(v))
+        assert_close(torch.tensor(fm[k]), torch.tensor(v), atol=1e-6, rtol=1e-5, what=f"{what} metric {k}")
+
+
 @pytest.mark.parametrize("dp", [False, True], ids=["local", "dp2"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "is_weights"])
 @pytest.mark.parametrize("agg", AGG)
@@ -138,18 +157,8 @@ def test_registry_policy_loss_equals_verl(mode, agg, weighted, dp):
         v = m.bool()
         cov = (A[v].double() - A[v].double().mean()) * (lp[v].double() - lp[v].double().mean())
         assert torch.unique(cov).numel() == cov.numel(), "tied covariances in the kl_cov data"
-    out = []
-    for name in (mode, plugin.PREFIX + mode):
-        actor = _actor(plugin.PREFIX + mode, pl, loss_agg_mode=agg, **opts, **lsf)
-        _set_global(actor, dp, m)
-        out.append(_dispatch(name, actor, lp, old, A, m, w, agg))
-    (vl, vg, vm), (fl, fg, fm) = out
-    assert_close(fl, vl, atol=1e-6, rtol=1e-5, what=f"{mode} loss")
-    assert_close(fg, vg, atol=1e-6, rtol=1e-5, what=f"{mode} d log_prob")
-    assert set(fm) == set(vm), (sorted(fm), sorted(vm))
-    for k, v in vm.items():
-        assert type(fm[k]) is type(v) is float, (k, type(fm[k]), type(v))  # verl's modes return Python floats
-        assert_close(torch.tensor(fm[k]), torch.tensor(v), atol=1e-6, rtol=1e-5, what=f"{mode} metric {k}")
+    _check_against_verl(mode, lambda: _actor(plugin.PREFIX + mode, pl, loss_agg_mode=agg, **opts, **lsf), dp,
+                        (lp, old, A, m, w), agg, what=mode)
 
 
 def test_policy_loss_clipping_is_exercised():
@@ -873,17 +882,8 @@ def test_registry_policy_loss_takes_per_sequence_advantages_as_verl(mode, weight
             _dispatch(plugin.PREFIX + mode, actor, lp, old, A1, m, w1, "token-mean")
         return
     for agg in AGG:
-        out = []
-        for name in (mode, plugin.PREFIX + mode):
-            actor = _actor(plugin.PREFIX + mode, pl, loss_agg_mode=agg, **opts)
-            _set_global(actor, False, m)
-            out.append(_dispatch(name, actor, lp, old, A1, m, w1, agg))
-        (vl, vg, vm), (fl, fg, fm) = out
-        assert_close(fl, vl, atol=1e-6, rtol=1e-5, what=f"{mode} {agg} loss")
-        assert_close(fg, vg, atol=1e-6, rtol=1e-5, what=f"{mode} {agg} d log_prob")
-        assert set(fm) == set(vm), (sorted(fm), sorted(vm))
-        for k, v in vm.items():
-            assert_close(torch.tensor(fm[k]), torch.tensor(v), atol=1e-6, rtol=1e-5, what=f"{mode} {agg} metric {k}")
+        _check_against_verl(mode, lambda: _actor(plugin.PREFIX + mode, pl, loss_agg_mode=agg, **opts), False,
+                            (lp, old, A1, m, w1), agg, what=f"{mode} {agg}")
 
 
 # ---------------------------------------------------------------------------------------------
