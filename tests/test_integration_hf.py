@@ -6,6 +6,7 @@ included), log-softmaxed in float64 and gathered at the next token.
 """
 import sys
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -432,6 +433,7 @@ def test_unknown_architecture_with_stated_head_transform(monkeypatch):
     import fastalign.integrations.hf as hf
 
     monkeypatch.setattr(hf, "HEAD_TRANSFORMS", dict(hf.HEAD_TRANSFORMS))
+    monkeypatch.setattr(hf, "_STATED", set())
     model = tiny_model("cohere")
     input_ids, attention_mask, labels = batch(seed=8)
     scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
@@ -444,10 +446,26 @@ def test_unknown_architecture_with_stated_head_transform(monkeypatch):
         check(stats.logprobs, ref_lp, scored, 1e-5)
         hf.register_head_transform("my_cohere", logit_scale=model.config.logit_scale)
         check(causal_lm_logprobs(model, input_ids, attention_mask, labels=labels).logprobs, ref_lp, scored, 1e-5)
-    with pytest.raises(ValueError, match="already"):
+    with pytest.raises(ValueError, match="already has a head transform .read from its config"):
         hf.register_head_transform("llama")
+    with pytest.raises(ValueError, match="already has a head transform .stated with register_head_transform"):
+        hf.register_head_transform("my_cohere")
     with pytest.raises(ValueError, match="softcap"):
         hf.register_head_transform("mine", softcap=0.0)
+    with pytest.raises(ValueError, match="model_type must be a non-empty string"):
+        hf.register_head_transform("")
+
+
+@pytest.mark.parametrize("config, field", [(transformers.CohereConfig(logit_scale=None), "logit_scale"),
+                                           (transformers.Gemma2Config(final_logit_softcapping=0.0),
+                                            "final_logit_softcapping"),
+                                           (transformers.GraniteConfig(logits_scaling=0.0), "logits_scaling")])
+def test_a_head_transform_field_the_forward_cannot_use_is_named(config, field):
+    """A config whose transform field would make the model's own forward fail or give NaN (a None scale, a softcap
+    of 0, a scaling of 0 divided by) raises naming ``config.<field>``; the errors named an argument the caller never
+    passed (``softcap``), or none (``float(None)``)."""
+    with pytest.raises(ValueError, match=rf"config\.{field} = "):
+        head_transform(config)
 
 
 _SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -646,6 +664,40 @@ def test_vision_language_architectures_match_their_own_logits(arch):
     _check_own_logits_and_packed_rows(arch, model, transform)
 
 
+def _gemma3n_model(softcap):
+    """A tiny Gemma 3n as AutoModelForCausalLM loads it (Gemma3nForConditionalGeneration, audio tower included),
+    its vision tower a stub: transformers builds that tower with timm, which text-only rows never reach."""
+    _known("gemma3n")
+    text = dict(vocab_size=V, vocab_size_per_layer_input=V, hidden_size=32, hidden_size_per_layer_input=8,
+                intermediate_size=[64, 64], num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                head_dim=16, laurel_rank=4, activation_sparsity_pattern=[0.0, 0.0], num_kv_shared_layers=0,
+                layer_types=["sliding_attention", "full_attention"], altup_num_inputs=2, sliding_window=8,
+                final_logit_softcapping=softcap, max_position_embeddings=64)
+    config = transformers.AutoConfig.for_model(
+        "gemma3n", text_config=text, vision_config=dict(hidden_size=16, vocab_size=8, vocab_offset=V),
+        audio_config=dict(hidden_size=16, vocab_size=8, vocab_offset=V + 8, conf_num_attention_heads=2,
+                          conf_num_hidden_layers=1, sscp_conv_channel_size=(4, 4), input_feat_size=8))
+    from_config = transformers.AutoModel.from_config
+
+    def tower(config, *args, **kwargs):
+        if config.model_type == "gemma3n_vision":
+            stub = torch.nn.Module()
+            stub.config = config
+            return stub
+        return from_config(config, *args, **kwargs)
+
+    with mock.patch.object(transformers.AutoModel, "from_config", side_effect=tower):
+        return _built(config, 0, transformers.AutoModelForImageTextToText)
+
+
+def test_gemma3n_matches_its_own_logits():
+    """Gemma 3n as its checkpoints load (model_type "gemma3n", not the text-only "gemma3n_text"): its forward
+    applies its text config's softcap. It raised for want of a head transform."""
+    model = _gemma3n_model(softcap=3.0)
+    assert model.config.model_type == "gemma3n"
+    _check_own_logits_and_packed_rows("gemma3n", model, (1.0, 3.0))
+
+
 def test_vision_language_model_under_peft():
     """A LoRA adapter on a vision-language model's attention and head: its body is found under the PEFT wrapper
     (the base model's, adapters in place), and the log-probs equal the adapted model's own logits."""
@@ -714,7 +766,7 @@ def test_vision_inputs_reach_the_vision_tower(arch):
 def test_every_listed_architecture_is_checked_against_its_own_logits():
     """A model_type added to the table without a tiny model of it here fails (remote-code configs aside)."""
     own = {getattr(transformers, config_cls).model_type for config_cls, _, _ in ARCHS.values()}
-    checked = set(PLAIN_ARCHS) | set(TRANSFORM_ARCHS) | set(UNSPLIT_ARCHS) | set(COMPOSITE_ARCHS) | own
+    checked = set(PLAIN_ARCHS) | set(TRANSFORM_ARCHS) | set(UNSPLIT_ARCHS) | set(COMPOSITE_ARCHS) | own | {"gemma3n"}
     assert set(HEAD_TRANSFORMS) - checked == set()
 
 
@@ -1099,3 +1151,19 @@ def test_transforms_and_packed_rows_follow_the_installed_transformers(monkeypatc
     finally:
         monkeypatch.undo()
         hf._transformers_at_least.cache_clear()
+
+
+@pytest.mark.parametrize("typo, option", [("temprature", "temperature"), ("label", "labels"),
+                                          ("entropie", "entropy"), ("response_masks", "response_mask")])
+def test_a_misspelled_option_raises_naming_it(typo, option):
+    """A misspelled option went to the body in **model_kwargs, which drops keywords it does not know: the option
+    was lost without a word (``label=`` scored every token). It raises a TypeError naming both spellings; a keyword
+    the model names still reaches it."""
+    model = tiny_model("llama")
+    input_ids, attention_mask, labels = batch()
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{typo}': did you mean '{option}'"):
+        causal_lm_logprobs(model, input_ids, attention_mask, **{typo: labels if "label" in typo else 0.5})
+    with torch.no_grad():
+        got = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, output_attentions=False)
+        want = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels)
+    torch.testing.assert_close(got.logprobs, want.logprobs)

@@ -34,7 +34,7 @@ smolvlm, internvl, glm4v, glm4v_moe, glm46v, cohere2_vision,
 lfm2_vl, vipllava, llava_next_video, video_llava, idefics2,
 aria, mllama, ovis2, deepseek_vl, llava_onevision1_5,
 lighton_ocr, fuyu, got_ocr2, glm_ocr, paddleocr_vl, kimi_k25
-gemma4, gemma4_unified, paligemma (vision-language)             ``softcap = text_config.final_logit_softcapping``
+gemma3n, gemma4, gemma4_unified, paligemma (vision-language)    ``softcap = text_config.final_logit_softcapping``
 aya_vision (vision-language)                                    ``logit_scale = text_config.logit_scale``
 granite_docling (vision-language)                               ``logit_scale = 1 / text_config.logits_scaling``
 =============================================================  ===========================================
@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 from typing import Optional
 
 import torch
@@ -79,11 +80,21 @@ def _plain(config) -> tuple[float, Optional[float]]:
     return 1.0, None
 
 
+def _config_number(config, field: str, value, *, positive: bool = False) -> float:
+    """``config.<field>`` as a finite float (> 0 with ``positive``, else non-zero), or a ``ValueError`` naming the
+    field: the model's own forward would give NaN or fail on it."""
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    if not math.isfinite(number) or (number <= 0 if positive else number == 0):
+        raise ValueError(f"model: config.{field} = {value!r} ({type(config).__name__}): the head transform needs a "
+                         f"finite {'positive' if positive else 'non-zero'} number there")
+    return float(number)
+
+
 def _softcap_by(field: str):
     """The rule of a head that softcaps its logits at ``config.<field>`` (none where it is unset or None)."""
     def rule(config) -> tuple[float, Optional[float]]:
         cap = getattr(config, field, None)
-        return 1.0, None if cap is None else float(cap)
+        return 1.0, None if cap is None else _config_number(config, field, cap, positive=True)
 
     return rule
 
@@ -98,7 +109,7 @@ def _scale_by(field: str, reciprocal: bool = False, unset: Optional[float] = Non
     ``unset``: the scale where the field is None, for a model that then scales by it."""
     def rule(config) -> tuple[float, Optional[float]]:
         value = getattr(config, field)
-        value = float(unset if value is None and unset is not None else value)
+        value = _config_number(config, field, unset if value is None and unset is not None else value)
         return (1.0 / value if reciprocal else value), None
 
     return rule
@@ -159,7 +170,7 @@ HEAD_TRANSFORMS = {
                                  "lfm2_vl", "vipllava", "llava_next_video", "video_llava", "idefics2", "aria",
                                  "mllama", "ovis2", "deepseek_vl", "llava_onevision1_5", "lighton_ocr", "fuyu",
                                  "got_ocr2", "glm_ocr", "paddleocr_vl", "kimi_k25")},
-    **{name: _of_text(_softcap_by("final_logit_softcapping")) for name in ("gemma4", "gemma4_unified")},
+    **{name: _of_text(_softcap_by("final_logit_softcapping")) for name in ("gemma3n", "gemma4", "gemma4_unified")},
     # PaliGemma's forward applies its text config's softcap from transformers 5.23, Aya Vision's its scale from 5.25
     "paligemma": _since("5.23", _of_text(_softcap_by("final_logit_softcapping"))),
     "aya_vision": _since("5.25", _of_text(_scale_by("logit_scale"))),
@@ -193,6 +204,8 @@ _LISTED = frozenset(HEAD_TRANSFORMS)
 #: Listed ``model_type``\ s whose rule cannot tell every config (it returns None: MPT's remote-code config with
 #: ``logit_scale``) -> the transform the caller stated for those configs (:func:`register_head_transform`).
 _UNDECIDED_STATED: dict = {}
+#: the model types added to HEAD_TRANSFORMS by register_head_transform
+_STATED: set = set()
 _UNDECIDED = frozenset({"mpt"})
 #: Registered architectures whose caller states that their body splits packed rows (``packed_rows=True``).
 _PACKED_ROWS_STATED: set = set()
@@ -269,12 +282,15 @@ def register_head_transform(model_type: str, *, logit_scale: float = 1.0, softca
     ``packed_rows=True`` states that the architecture's body splits packed rows (position ids that restart, or
     ``cu_seqlens``) into independent sequences; without it, packed rows of this ``model_type`` raise, since a
     body may build its causal mask without the position ids and let each sequence see the ones before it."""
-    if not isinstance(model_type, str) or not model_type:
+    if not isinstance(model_type, str):
         raise TypeError(f"model_type must be a non-empty string, got {model_type!r}")
+    if not model_type:
+        raise ValueError("model_type must be a non-empty string, got ''")
     undecided = model_type in _UNDECIDED and model_type not in _UNDECIDED_STATED
     if model_type in HEAD_TRANSFORMS and not undecided:
+        stated = model_type in _UNDECIDED_STATED or model_type in _STATED
         raise ValueError(f"model_type {model_type!r} already has a head transform "
-                         f"({'stated' if model_type in _UNDECIDED_STATED else 'read from its config'})")
+                         f"({'stated with register_head_transform' if stated else 'read from its config'})")
     _validate.boolean("packed_rows", packed_rows)
     scale, cap = _stated_transform(logit_scale, softcap)
     if undecided:
@@ -284,6 +300,7 @@ def register_head_transform(model_type: str, *, logit_scale: float = 1.0, softca
         _UNDECIDED_STATED[model_type] = (scale, cap)
         return
     HEAD_TRANSFORMS[model_type] = lambda config: (scale, cap)
+    _STATED.add(model_type)
     if packed_rows:
         _PACKED_ROWS_STATED.add(model_type)
 
@@ -648,6 +665,28 @@ def shifted_targets(shift_labels: Tensor, *, attention_mask: Optional[Tensor] = 
                         None if past_end is None else ~past_end)
 
 
+def _refuse_misspelled_options(model, model_kwargs: dict) -> None:
+    """A ``TypeError`` for a keyword of ``model_kwargs`` that reads as a misspelled option of
+    :func:`causal_lm_logprobs` (``temprature``, ``label``) and that neither the model's forward nor its body's names:
+    a ``transformers`` body takes any keyword and drops the ones it does not know, so the option would be lost."""
+    import difflib
+
+    ours = [n for n, p in inspect.signature(causal_lm_logprobs).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    named = set()
+    for module in (model, getattr(model, "base_model", None)):
+        forward = getattr(module, "forward", None)
+        if forward is not None:
+            named.update(inspect.signature(forward).parameters)
+    with contextlib.suppress(TypeError, ValueError):
+        named.update(inspect.signature(_body(model).forward).parameters)
+    for key in model_kwargs:
+        close = difflib.get_close_matches(key, ours, n=1, cutoff=0.75)
+        if close and key not in named:
+            raise TypeError(f"causal_lm_logprobs() got an unexpected keyword argument {key!r}: did you mean "
+                            f"{close[0]!r}? (other keywords go to the model's body, which drops the ones it does "
+                            "not know)")
+
+
 def causal_lm_logprobs(
     model,
     input_ids: Tensor,
@@ -738,7 +777,9 @@ def causal_lm_logprobs(
             states and the head are cast to it (``torch.float32``: TRL's ``cast_lm_head_to_fp32``).
             The head runs in float32, bfloat16 or float16: a float64 model raises a TypeError
             unless ``head_dtype`` is one of them.
-        **model_kwargs: passed to the body; ``use_cache`` defaults to False (``transformers``
+        **model_kwargs: passed to the body (a keyword that reads as a misspelled option of this
+            function, ``temprature``, and that the model does not name raises a TypeError);
+            ``use_cache`` defaults to False (``transformers``
             attends within packed sequences only without a cache: ``use_cache=True`` or
             ``past_key_values`` with ``position_ids`` and no ``attention_mask``, or with ``cu_seqlens``,
             raise a ValueError); ``return_dict`` raises (None,
@@ -813,6 +854,7 @@ def causal_lm_logprobs(
         position_ids, past_end = packed_position_ids(cu_seqlens, shape[1])
     if "logits_to_keep" in model_kwargs or "num_logits_to_keep" in model_kwargs:
         raise ValueError("logits_to_keep does not apply: no logits are computed")
+    _refuse_misspelled_options(model, model_kwargs)
     if (logit_scale is _UNSET) != (softcap is _UNSET):
         raise ValueError("logit_scale and softcap override the head transform together: pass both or neither")
     if logit_scale is _UNSET:
