@@ -792,6 +792,63 @@ def test_kto_trainer_matches_trl(checkpoint, tmp_path, case, item_passes):
     assert len(item_passes) == 1
 
 
+class _KLOffAfterFirstStep(transformers.TrainerCallback):
+    """Sets the trainer's ``calculate_KL`` to False after the first step (TRL's ``_compute_loss`` reads it at every
+    step)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            self.trainer.calculate_KL = False
+
+
+@pytest.mark.parametrize("precompute", [False, True], ids=["live-reference", "precomputed-reference"])
+def test_kto_calculate_kl_switched_off_between_steps_matches_trl(checkpoint, tmp_path, precompute):
+    """``calculate_KL = False`` after step 1: TRL's second step scores no KL completions and takes a KL baseline of
+    0; the drop-in's loss, metrics (``kl`` > 0, then 0) and updates over both steps equal TRL's."""
+    def build(cls, out):
+        args = trl.KTOConfig(**_common(out, per_device_train_batch_size=4, max_steps=2,
+                                       precompute_ref_log_probs=precompute))
+        trainer = cls(model=checkpoint, ref_model=_sharper(checkpoint, 3.0), args=args, train_dataset=_kto_dataset(),
+                      processing_class=_tokenizer(checkpoint))
+        trainer.add_callback(_KLOffAfterFirstStep(trainer))
+        return trainer
+
+    theirs = _run(build(trl.KTOTrainer, tmp_path / "trl"))
+    ours = _run(build(fa_trl.KTOTrainer, tmp_path / "fa"))
+    assert ours[0]["kl@0"] > 0 and ours[0]["kl@1"] == 0
+    _compare(theirs, ours)
+
+
+def test_kto_calculate_kl_switched_on_for_apo_zero_unpaired_matches_trl(checkpoint, tmp_path):
+    """``apo_zero_unpaired`` with ``calculate_KL = True`` assigned: without KL completions in the batches both
+    raise TRL's KeyError; with them (a ``kto`` trainer's dataset) TRL logs the KL, which its loss does not take, and
+    the drop-in's loss, metrics and update equal TRL's."""
+    def build(cls, out, loss_type="apo_zero_unpaired"):
+        args = trl.KTOConfig(**_common(out, per_device_train_batch_size=4, loss_type=loss_type))
+        trainer = cls(model=checkpoint, ref_model=_sharper(checkpoint, 3.0), args=args, train_dataset=_kto_dataset(),
+                      processing_class=_tokenizer(checkpoint))
+        trainer.calculate_KL = True
+        return trainer
+
+    for cls in (trl.KTOTrainer, fa_trl.KTOTrainer):
+        with pytest.raises(KeyError, match="KL_input_ids"):
+            build(cls, tmp_path / "no-kl").train()
+    with_kl = build(trl.KTOTrainer, tmp_path / "kto", loss_type="kto").train_dataset  # with KL completions
+
+    def switched(cls, out):
+        trainer = build(cls, out)
+        trainer.train_dataset = with_kl
+        return trainer
+
+    theirs = _run(switched(trl.KTOTrainer, tmp_path / "trl"))
+    ours = _run(switched(fa_trl.KTOTrainer, tmp_path / "fa"))
+    assert ours[0]["kl@0"] > 0
+    _compare(theirs, ours)
+
+
 # ------------------------------------------------------------------------------------------ CPO and ORPO
 
 CPO_CASES = {

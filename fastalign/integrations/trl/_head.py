@@ -12,6 +12,8 @@ forward unchanged.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import inspect
 import types
@@ -277,6 +279,13 @@ def install_head(model) -> None:
     model, and holds no trainer's options, so every trainer sharing the model scores with its own; again when
     ``model.forward`` is not (or no longer: a pickled or ``torch.save``-loaded model) this wrapper.
 
+    Mixed precision: the head path runs the body (and the head) under the autocast that the replaced forward's
+    wrappers enter (:func:`_forward_autocasts`): a model that accelerate prepared with ``bf16`` / ``fp16`` before
+    the head was installed (TRL's reference and teacher models) runs under that autocast, as TRL's call of its
+    forward does; a model prepared afterwards (the policy, at ``train()``) gets accelerate's wrapper around this
+    one; without such a wrapper the head path runs in whatever autocast its caller entered (none: the model's
+    own dtype).
+
     The wrapper calls the forwards it wraps as methods of the model, which ``copy.deepcopy`` binds to the copy;
     a call without a fused head skips TRL's wrappers under it, which hold the original model's forward in
     their closure and pass such a call on unchanged. So a deep copy computes with its own weights. What
@@ -302,8 +311,11 @@ def install_head(model) -> None:
             raise ValueError(f"fastalign_head: {given}; the fused head scores input_ids (PEFT prompt learning, "
                              "which passes its virtual tokens as inputs_embeds, is not supported)")
         labels = kwargs.pop("labels", None)
-        return head_outputs(self, kwargs.pop("input_ids"), kwargs.pop("attention_mask", None), labels,
-                            tuple(fastalign_head), **(fastalign_options or {}), **kwargs)
+        with contextlib.ExitStack() as contexts:
+            for autocast in _forward_autocasts(self, self._fastalign_forwards[0]):  # as the replaced forward ran
+                contexts.enter_context(copy.copy(autocast))  # a fresh context: the body may enter the original
+            return head_outputs(self, kwargs.pop("input_ids"), kwargs.pop("attention_mask", None), labels,
+                                tuple(fastalign_head), **(fastalign_options or {}), **kwargs)
 
     # generate() and the Trainer read the class forward's signature; without __wrapped__, accelerate's
     # unwrap_model(keep_fp32_wrapper=False) stops at this wrapper instead of the class forward
@@ -335,6 +347,17 @@ def _installed(model) -> bool:
     return func is not None
 
 
+def _trl_inner(func, model):
+    """The forward that TRL's ``add_fused_lm_head`` wrapper function ``func`` wraps (held in its closure), when it
+    is bound to ``model``; None for any other function."""
+    code = getattr(func, "__code__", None)
+    if (code is None or code.co_name != "_fused_forward" or "original_forward" not in code.co_freevars
+            or not func.__globals__.get("__name__", "").startswith("trl.")):
+        return None
+    inner = func.__closure__[code.co_freevars.index("original_forward")].cell_contents
+    return inner if getattr(inner, "__self__", None) is model else None
+
+
 def _plain_forward(model, forward):
     """The forward of ``model`` that a call without any fused head reaches from ``forward``: past this head's
     wrappers and TRL's ``add_fused_lm_head`` ones (whose closure holds the forward they wrap) bound to ``model``."""
@@ -342,15 +365,43 @@ def _plain_forward(model, forward):
         func = forward.__func__
         if _is_head(func):
             return model._fastalign_forwards[1]
-        code = getattr(func, "__code__", None)
-        if (code is None or code.co_name != "_fused_forward" or "original_forward" not in code.co_freevars
-                or not func.__globals__.get("__name__", "").startswith("trl.")):
-            break
-        inner = func.__closure__[code.co_freevars.index("original_forward")].cell_contents
-        if getattr(inner, "__self__", None) is not model:
+        inner = _trl_inner(func, model)
+        if inner is None:
             break
         forward = inner
     return forward
+
+
+def _autocast_of(func) -> Optional[torch.autocast]:
+    """The ``torch.autocast`` that ``func`` enters around the function it wraps, when it is the wrapper of
+    ``torch.autocast(...)(f)`` (how accelerate's mixed precision wraps a prepared model's forward); else None."""
+    code = getattr(func, "__code__", None)
+    if (code is None or code.co_name != "decorate_autocast" or "autocast_instance" not in code.co_freevars
+            or not func.__globals__.get("__name__", "").startswith("torch.")):
+        return None
+    instance = func.__closure__[code.co_freevars.index("autocast_instance")].cell_contents
+    return instance if isinstance(instance, torch.autocast) else None
+
+
+def _forward_autocasts(model, forward) -> list:
+    """The ``torch.autocast`` contexts, outermost first, that the wrappers of ``model``'s class forward in
+    ``forward`` (the forward :func:`install_head` replaced) enter before it runs: the autocast of
+    accelerate's mixed precision when the model was prepared (``Accelerator.prepare_model``) before the head was
+    installed, under accelerate's output cast and TRL's ``add_fused_lm_head`` wrappers. The walk follows each
+    wrapper's ``__wrapped__`` (and a TRL head's closure) down to the class forward."""
+    contexts, seen, last = [], [], getattr(type(model), "forward", None)
+    while forward is not None and forward is not last and not any(forward is f for f in seen):
+        seen.append(forward)
+        if getattr(forward, "__self__", None) is model:  # a bound wrapper
+            forward = forward.__func__
+            continue
+        if _is_head(forward):  # a head under these wrappers: what it runs is not this model's class forward
+            break
+        autocast = _autocast_of(forward)
+        if autocast is not None:
+            contexts.append(autocast)
+        forward = _trl_inner(forward, model) or getattr(forward, "__wrapped__", None)
+    return contexts
 
 
 def head_call(trainer, fields: Sequence[str]) -> dict:

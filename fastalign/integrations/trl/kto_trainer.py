@@ -19,8 +19,12 @@ adds it. Options the drop-in cannot honour raise a ValueError naming the config 
 construction, as for the other drop-ins (a float64 policy or reference: a TypeError). ``beta``,
 ``desirable_weight`` and ``undesirable_weight`` assigned on the trainer take effect at the next step, as in
 TRL; ``loss_type`` is read at construction only (TRL prepares the KL completions for it then), and another
-value raises at the next step. With several processes the KL baseline is the mean of every process's
-estimate and ``rewards/*`` / ``logps/*`` average every process's responses of each class, as in TRL.
+value raises at the next step. ``calculate_KL`` is read at every step too, as TRL's ``_compute_loss`` reads it:
+set to False (a callback), the KL completions are no longer scored and ``kto``'s KL baseline (and the ``kl``
+metric) is 0, as in TRL; set to True with ``apo_zero_unpaired``, the KL is computed and logged, not used by the
+loss, as in TRL (the batches must hold the KL completions, which TRL prepares only when the constructed loss type
+needs them). With several processes the KL baseline is the mean of every process's estimate and ``rewards/*`` /
+``logps/*`` average every process's responses of each class, as in TRL.
 """
 from __future__ import annotations
 
@@ -61,8 +65,8 @@ class KTOTrainer(trl.KTOTrainer):
     """``trl.KTOTrainer`` with fastalign's fused log-probs and loss (see the module doc)."""
 
     #: the options TRL's ``_compute_loss`` reads from the trainer at every step -> their ``KTOConfig`` fields;
-    #: ``loss_type`` at construction only (TRL's collator and ``calculate_KL`` keep the KL completions of the
-    #: constructed loss type)
+    #: ``loss_type`` at construction only (TRL prepares the KL completions for the constructed loss type);
+    #: ``calculate_KL``, also read at every step, is followed by ``_compute_loss`` itself
     fastalign_loss = LiveLoss(KTOLoss, {"beta": "beta", "desirable_weight": "desirable_weight",
                                         "undesirable_weight": "undesirable_weight", "loss_type": None})
 
@@ -108,6 +112,8 @@ class KTOTrainer(trl.KTOTrainer):
         return logps, kl
 
     def _kl_logps(self, model, batch):
+        """The summed log-probs ``[M]`` of the batch's KL completions under ``model``, without gradients, when the
+        trainer's ``calculate_KL`` (read at every step, as TRL) is on; else None."""
         if not self.calculate_KL:
             return None
         with torch.no_grad():
@@ -126,13 +132,19 @@ class KTOTrainer(trl.KTOTrainer):
         kl_logps = self._kl_logps(model, batch)
         policy = policy_operands(self, model, **model_kwargs)
         if self.precompute_ref_logps:
-            ref_logps, ref_kl_logps = batch["ref_logps"], batch.get("ref_KL_logps") if self.calculate_KL else None
+            ref_logps, ref_kl_logps = batch["ref_logps"], batch["ref_KL_logps"] if self.calculate_KL else None
         else:
             ref_logps, ref_kl_logps = self.compute_ref_log_probs(
                 self.ref_model if self.ref_model is not None else self.model, batch)
         label = torch.as_tensor(batch["label"], dtype=torch.bool, device=targets.device)
         if kl_logps is not None:  # the KL completions of every process (equal shares: TRL's mean of process means)
             kl_logps, ref_kl_logps = self.accelerator.gather((kl_logps.detach(), ref_kl_logps.detach()))
+        kl_only = None  # the KL that TRL logs and its loss does not take (apo_zero_unpaired)
+        if kto_loss.options["loss_type"] != "kto" and kl_logps is not None:
+            kl_only = (kl_logps - ref_kl_logps).float().mean().clamp(min=0)
+            kl_logps = ref_kl_logps = None
+        elif kto_loss.options["loss_type"] == "kto" and kl_logps is None:  # calculate_KL off: TRL's KL is 0
+            kl_logps = ref_kl_logps = torch.zeros(1, device=targets.device)
 
         def kto(per_token_logps, _sum_p2):
             return kto_loss(per_token_logps, shift_mask, label, ref_logps, kl_logps, ref_kl_logps)
@@ -142,7 +154,7 @@ class KTOTrainer(trl.KTOTrainer):
                                                    extras=("entropy",), position_means="scored")
         log = self._metrics[mode]
         counts = {"chosen": label.sum(), "rejected": (~label).sum()}
-        logged = {"kl": metrics["kl"].item()}  # the same on every process
+        logged = {"kl": (metrics["kl"] if kl_only is None else kl_only).item()}  # the same on every process
         for name in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
             logged[name] = gathered_mean(self.accelerator, metrics[name], counts[name.split("/")[1]])
         logged["rewards/margins"] = logged["rewards/chosen"] - logged["rewards/rejected"]
