@@ -179,6 +179,9 @@ def process_group(name: str, group) -> None:
     if group is None:
         return
     dist = torch.distributed
+    if dist.is_available() and type(group) is int and group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(f"{name} is dist.GroupMember.NON_GROUP_MEMBER, what dist.new_group returns to the ranks "
+                         "outside the group: this process is not a member of it")
     if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
         raise TypeError(f"{name} must be a torch.distributed ProcessGroup (dist.group.WORLD, dist.new_group(...), "
                         f"mesh.get_group()) or None, got {type(group).__name__} {group!r}")

@@ -122,8 +122,9 @@ def token_logprobs(
             size, or be empty); ``labels`` are global ids, the same on every rank. Every
             rank gets the statistics of the whole vocabulary (argmax a global id), and
             d(logits) of its own shard. The shards' statistics are merged with all-reduces
-            (docs/math.md#vocabulary-parallel-logits); backward needs no collective. With
-            ``check``, labels are checked against the whole vocabulary.
+            (docs/math.md#vocabulary-parallel-logits, with their precision); backward needs no
+            collective. With ``check``, labels are checked against the whole vocabulary. Under
+            ``torch.compile`` every rank's shard must be non-empty.
 
     Returns:
         :class:`TokenStats` with fp32 tensors shaped like ``labels``.

@@ -88,3 +88,18 @@ def test_vocab_group_takes_a_shard0_dtensor_head_and_refuses_a_replicated_one(on
     replicated = distribute_tensor(weight, mesh, [Replicate()])
     with pytest.raises(TypeError, match="weight is a DTensor with placements"):
         fastalign.linear_logprobs(hidden, replicated, labels, vocab_group=one_rank_group)
+
+
+def test_token_logprobs_over_an_empty_shard_refuses_torch_compile(one_rank_group):
+    """An empty vocabulary shard under torch.compile: the compiler moved or repeated that rank's constant
+    collectives (a hang in backward, or a gloo abort with argmax), so it is refused at tracing, naming the cause;
+    eagerly, a vocabulary empty on every rank raises (a shard that is empty beside others is scored)."""
+    logits, labels = torch.randn(2, 0), torch.tensor([1, 2])
+
+    def stats(x):
+        return fastalign.token_logprobs(x, labels, vocab_group=one_rank_group).logprobs
+
+    with pytest.raises(Exception, match="needs a non-empty vocabulary shard on every rank"):
+        torch.compile(stats, fullgraph=True)(logits)
+    with pytest.raises(ValueError, match="every rank's vocabulary shard is empty"):
+        stats(logits)

@@ -366,6 +366,28 @@ def logit_shard_stats(case, backend, rank=0, world=1, group=None, device="cpu", 
                 argmax=st.argmax, d_logits=leaf.grad)
 
 
+def logit_shard_refusals(rank, group, backend, device):
+    """What token_logprobs(vocab_group=) refuses, each error as ``"Type: message"``: a second derivative (it gave a
+    wrong one, each rank's Hessian-vector product missing the other shards' terms), and, on the ranks outside a
+    group of rank 0 alone, the placeholder dist.new_group returns to them (a TypeError that said it was no group)."""
+    out = {}
+    logits = torch.randn(2, 6, device=device).chunk(WORLD, -1)[rank].clone().requires_grad_(True)
+    labels = torch.tensor([1, 4], device=device)
+    lp = fastalign.token_logprobs(logits, labels, vocab_group=group, backend=backend).logprobs
+    try:
+        torch.autograd.grad(lp.sum(), logits, create_graph=True)
+        out["second_derivative"] = "no error"
+    except RuntimeError as e:
+        out["second_derivative"] = f"RuntimeError: {e}"
+    first = dist.new_group([0])  # a collective: every rank makes it
+    try:
+        fastalign.token_logprobs(logits.detach(), labels, vocab_group=first, backend=backend)
+        out["outside"] = "no error"
+    except (TypeError, ValueError) as e:
+        out["outside"] = f"{type(e).__name__}: {e}"
+    return out
+
+
 def reference_logit_stats(case):
     """:func:`logit_shard_stats` in float64 plain PyTorch (a zero probability adds 0 to the entropy)."""
     dtype, _sizes, banned, _ = LOGIT_SHARD_CASES[case]
@@ -433,6 +455,10 @@ def mismatched_calls(rank, group, backend):
                                                       low_rank=(a, lora) if rank == 0 else None, backend=backend),
         "logit_rows": lambda: fastalign.token_logprobs(hidden[:n] @ weight.T, labels[:n], vocab_group=group,
                                                        backend=backend),
+        "logit_statistics": lambda: fastalign.token_logprobs(hidden[:5] @ weight.T, labels[:5], vocab_group=group,
+                                                             entropy=rank == 0, backend=backend),
+        "empty_vocabulary": lambda: fastalign.token_logprobs(hidden[:5] @ weight[:0].T, labels[:5],
+                                                             vocab_group=group, backend=backend),
     }
     out = {}
     for case, call in calls.items():
@@ -485,6 +511,7 @@ def _worker(rank, world, pg_backend, store_path, out_dir, scenarios, backend, cu
         if "logit_shards" in scenarios:
             out["logit_shards"] = {case: logit_shard_stats(case, backend, rank, world, group, device)
                                    for case in LOGIT_SHARD_CASES}
+            out["logit_shard_refusals"] = logit_shard_refusals(rank, group, backend, device)
         if "logit_shards_compiled" in scenarios:
             out["logit_shards_compiled"] = logit_shard_stats("odd", backend, rank, world, group, device, compiled=True)
         if "vocab_compiled" in scenarios:
@@ -622,6 +649,21 @@ def test_gloo_token_logprobs_over_logit_shards_equals_single_rank(gloo_run, case
                        **(dict(atol=1e-2, rtol=1e-2) if half_precision else dict(atol=1e-5, rtol=1e-5)))
 
 
+def test_gloo_token_logprobs_over_logit_shards_refusals(gloo_run):
+    """A second derivative raises on every rank, as one process's does; a rank outside the group it is handed is
+    told so."""
+    _, ranks = gloo_run
+    for r, rank in enumerate(ranks):
+        got = rank["logit_shard_refusals"]
+        assert got["second_derivative"].startswith("RuntimeError: ") and "no second derivative" in \
+            got["second_derivative"], got["second_derivative"]
+        if r == 0:
+            assert got["outside"] == "no error", got["outside"]
+        else:
+            assert got["outside"].startswith("ValueError: vocab_group is dist.GroupMember.NON_GROUP_MEMBER"), \
+                got["outside"]
+
+
 def test_gloo_token_logprobs_over_logit_shards_compiles(gloo_run):
     """torch.compile(fullgraph=True) of token_logprobs(vocab_group=), backward included, equals eager."""
     backend, ranks = gloo_run
@@ -719,7 +761,8 @@ def test_gloo_ranks_that_disagree_on_a_size_raise_on_every_rank(tmp_path):
     raises the same ValueError, and the group stays usable. Short timeouts: a regression fails, it does not hang."""
     ranks = spawn(tmp_path, ("mismatched",), "cpp", timeout=timedelta(seconds=60), hang_limit_s=180)
     expected = {"rows": "number of rows", "policy_tokens": "number of rows", "hidden_size": "hidden size",
-                "low_rank": "low_rank", "logit_rows": "number of rows"}
+                "low_rank": "low_rank", "logit_rows": "number of rows",
+                "logit_statistics": "entropy, sum_p2 and argmax", "empty_vocabulary": "every rank's vocabulary shard"}
     for r, rank in enumerate(ranks):
         got = rank["mismatched"]
         for case, words in expected.items():

@@ -49,10 +49,10 @@ def _data(dtype):
     return logits, labels, temperature, up
 
 
-def _engine():
-    """What verl's method reads of its engine."""
-    return SimpleNamespace(engine_config=SimpleNamespace(entropy_from_logits_with_chunking=False,
-                                                         entropy_from_logits_chunk_size=2048))
+def _engine(chunked=False):
+    """What verl's method reads of its engine (``chunked``: its entropy in chunks of 2 rows)."""
+    return SimpleNamespace(engine_config=SimpleNamespace(entropy_from_logits_with_chunking=chunked,
+                                                         entropy_from_logits_chunk_size=2))
 
 
 def _distill(student_logits, data, data_format):
@@ -61,17 +61,19 @@ def _distill(student_logits, data, data_format):
     return {"distill": student_logits.float().sum(-1)}
 
 
-def _run(method, case, logits_slice):
-    """The method on this rank's slice (a non-leaf, as a model's output): its outputs and d(logits)."""
+def _run(method, case, logits_slice, chunked=False):
+    """The method on this rank's slice (a non-leaf, as a model's output): its outputs and d(logits); ``chunked``:
+    verl's entropy in chunks, its outputs only (verl's chunked entropy cannot differentiate a model's logits)."""
     dtype, sum_p2, entropy, topk, only = CASES[case]
     _, labels, temperature, up = _data(dtype)
-    leaf = logits_slice.clone().requires_grad_(True)
-    out = method(_engine(), leaf * 1, labels, temperature.clone(), calculate_sum_pi_squared=sum_p2,
+    leaf = logits_slice.clone().requires_grad_(not chunked)
+    out = method(_engine(chunked), leaf * 1, labels, temperature.clone(), calculate_sum_pi_squared=sum_p2,
                  calculate_entropy=entropy, distillation_use_topk=topk, distillation_only=only,
                  logits_processor_func=_distill, batch=None, data_format="thd")
-    # sum p^2 by value only: verl reads it without gradient, and its all-reduces are outside autograd (at two
-    # ranks its autograd gradient is not the whole vocabulary's)
-    sum(((v.float() * up[k]).sum() for k, v in out.items() if k != "sum_pi_squared"), torch.zeros(())).backward()
+    if not chunked:
+        # sum p^2 by value only: verl reads it without gradient, and its all-reduces are outside autograd (at two
+        # ranks its autograd gradient is not the whole vocabulary's)
+        sum(((v.float() * up[k]).sum() for k, v in out.items() if k != "sum_pi_squared"), torch.zeros(())).backward()
     return {"keys": list(out), **{k: v.detach() for k, v in out.items()}, "d_logits": leaf.grad}
 
 
@@ -96,6 +98,9 @@ def _worker(rank, store_path, out_dir):
                 shard = logits.chunk(tp, -1)[mpu.get_tensor_model_parallel_rank()]
                 out["verl", tp, case] = _run(verl_method, case, shard)
                 out["ours", tp, case] = _run(megatron.lm_head_logits_processor, case, shard)
+            bf16 = _data(torch.bfloat16)[0].chunk(tp, -1)[mpu.get_tensor_model_parallel_rank()]
+            out["verl chunked", tp] = _run(verl_method, "bf16_all", bf16, chunked=True)
+            out["ours chunked", tp] = _run(megatron.lm_head_logits_processor, "bf16_all", bf16, chunked=True)
             logits, labels, _, _ = _data(torch.float32)
             shard = logits.chunk(tp, -1)[mpu.get_tensor_model_parallel_rank()]
             # verl's functions on copies: Megatron's cross-entropy and verl's entropy overwrite fp32 logits
@@ -131,6 +136,18 @@ def test_logits_processor_equals_verls(ranks, case, tp):
 
 
 @pytest.mark.parametrize("tp", [2, 1])
+def test_chunked_entropy_keeps_verls_dtype(ranks, tp):
+    """With ``entropy_from_logits_with_chunking`` verl's entropy is fp32 (it fills an fp32 tensor), bf16 logits
+    included; fastalign's was in the logits' dtype."""
+    for r, got in enumerate(ranks):
+        verl, ours = got["verl chunked", tp], got["ours chunked", tp]
+        assert ours["keys"] == verl["keys"]
+        for k in verl["keys"]:
+            assert ours[k].dtype == verl[k].dtype, (k, ours[k].dtype, verl[k].dtype)
+            torch.testing.assert_close(ours[k].float(), verl[k].float(), atol=3e-2, rtol=3e-2, msg=f"{k}, rank {r}")
+
+
+@pytest.mark.parametrize("tp", [2, 1])
 @pytest.mark.parametrize("name", ["vocab_parallel_entropy", "vocab_parallel_sum_pi_squared", "log_probs"])
 def test_functions_equal_verls(ranks, name, tp):
     for r, got in enumerate(ranks):
@@ -143,23 +160,21 @@ def test_enable_installs_the_processor(ranks):
     assert all(got["enabled"] for got in ranks)
 
 
-@pytest.mark.parametrize("value, installed", [("1", True), ("0", False), ("", False)])
+@pytest.mark.parametrize("value, installed", [("1", True), ("0", False), ("", False), ("yes", False)])
 def test_the_environment_variable_switches_it_through_verls_plugin(value, installed):
     """``import verl`` loads fastalign's plugin, which installs the processor where FASTALIGN_VERL_MEGATRON=1,
-    when verl imports its Megatron engine; not otherwise."""
-    code = ("import warnings; warnings.filterwarnings('ignore'); import verl\n"
+    when verl imports its Megatron engine; not otherwise. Another value warns, naming the variable, and leaves the
+    losses and estimators registered (it raised inside the plugin, which verl logs at debug level only: every
+    fastalign_<name> was silently missing)."""
+    code = ("import warnings; warnings.simplefilter('ignore'); warnings.filterwarnings('always', 'FASTALIGN')\n"
+            "import verl\n"
+            "from verl.trainer.ppo import core_algos\n"
             "from verl.workers.engine.megatron.transformer_impl import MegatronEngineWithLMHead as E\n"
-            "print(E._lm_head_logits_processor.__module__)")
+            "print(E._lm_head_logits_processor.__module__, 'fastalign_vanilla' in core_algos.POLICY_LOSS_REGISTRY)")
     env = {**os.environ, "FASTALIGN_VERL_MEGATRON": value}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    module = done.stdout.strip().splitlines()[-1]
+    module, registered = done.stdout.strip().splitlines()[-1].split()
     assert (module == "fastalign.integrations.verl.megatron") == installed, module
-
-
-def test_a_bad_environment_value_names_the_variable(monkeypatch):
-    from fastalign.integrations.verl import megatron
-
-    monkeypatch.setenv("FASTALIGN_VERL_MEGATRON", "yes")
-    with pytest.raises(ValueError, match="FASTALIGN_VERL_MEGATRON must be 1"):
-        megatron.enable_from_environment()
+    assert registered == "True"
+    assert ("FASTALIGN_VERL_MEGATRON must be 1" in done.stderr) == (value == "yes"), done.stderr[-2000:]

@@ -64,6 +64,8 @@ def shard_range(v_local: int, group, device, same: dict[str, int]) -> tuple[Tens
         sizes[i, rank] = n
     dist.all_reduce(sizes, op=dist.ReduceOp.SUM, group=group)
     if sizes.device.type == "cpu" and eager(sizes):  # a GPU's sizes are not read: that would synchronise
+        if not sizes[0].any():
+            raise ValueError("vocab_group: every rank's vocabulary shard is empty (the whole vocabulary has 0 ids)")
         for message, row in zip(same, sizes[1:].tolist()):
             if any(n != row[0] for n in row):
                 raise ValueError(f"{message}, got {row} (one per rank)")

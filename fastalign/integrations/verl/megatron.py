@@ -14,10 +14,11 @@ of the logits (verl's entropy overwrites its input)::
 :func:`fastalign.token_logprobs` with ``vocab_group`` the tensor-parallel group (docs/math.md
 #vocabulary-parallel-logits): no copy of the logits, one backward pass writing d(logits) (over the logits
 themselves when nothing else reads them), the same outputs under the same keys and dtypes (log-probs fp32, entropy
-and sum p^2 in the logits' dtype, as verl's), computed in fp32 where verl's entropy and sum p^2 compute in the
-logits' dtype (bf16 logits: those two are more exact than verl's, to bf16 rounding of the same value). The
-temperature division and its checks are verl's own; ``entropy_from_logits_with_chunking`` (a memory option of
-verl's entropy) has nothing to chunk here and changes nothing. Top-k distillation (``distillation_use_topk``)
+and sum p^2 in the logits' dtype, as verl's; the entropy fp32 with ``entropy_from_logits_with_chunking``, as verl's
+chunked entropy), computed in fp32 where verl's entropy and sum p^2 compute in the logits' dtype (bf16 logits:
+those two are more exact than verl's, to bf16 rounding of the same value). The temperature division and its checks
+are verl's own; ``entropy_from_logits_with_chunking`` (a memory option of verl's entropy) has nothing to chunk
+here and changes only that dtype. Top-k distillation (``distillation_use_topk``)
 calls verl's ``logits_processor_func`` on the same logits, as verl's method does.
 
 Opt in with the environment variable ``FASTALIGN_VERL_MEGATRON=1`` in the processes of verl's workers (for a
@@ -31,6 +32,7 @@ for code that calls them directly. Nothing here imports Megatron or verl until i
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -64,7 +66,9 @@ def _stats(logits: Tensor, labels, *, entropy=False, sum_p2=False, inplace_backw
 
 def vocab_parallel_log_probs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     """``log p_label`` (fp32) of this rank's slice ``logits [..., V / tp]`` of the tensor-parallel logits, labels
-    global ids, as verl's function of that name (Megatron's ``vocab_parallel_cross_entropy``, negated)."""
+    global ids, as verl's function of that name (Megatron's ``vocab_parallel_cross_entropy``, negated). A label
+    outside the vocabulary gives NaN and -100 gives 0, where Megatron's gives ``-lse`` (verl's labels are token
+    ids)."""
     return _stats(logits, labels).logprobs
 
 
@@ -98,8 +102,9 @@ def lm_head_logits_processor(self, logits: Tensor, label: Tensor, temperature: T
                        inplace_backward=not distillation_use_topk and overwritable(logits))
     if calculate_sum_pi_squared:
         ret["sum_pi_squared"] = stats.sum_p2.to(logits.dtype)
-    if calculate_entropy:
-        ret["entropy"] = stats.entropy.to(logits.dtype)
+    if calculate_entropy:  # verl's chunked entropy fills an fp32 tensor; its plain one is in the logits' dtype
+        chunked = self.engine_config.entropy_from_logits_with_chunking
+        ret["entropy"] = stats.entropy if chunked else stats.entropy.to(logits.dtype)
     if distillation_use_topk:
         ret.update(logits_processor_func(student_logits=logits, data=batch, data_format=data_format))
     if not distillation_only:
@@ -120,9 +125,12 @@ def enable() -> None:
 
 
 def enable_from_environment() -> None:
-    """:func:`enable` where ``FASTALIGN_VERL_MEGATRON=1`` (called by the ``verl.plugins`` entry point)."""
+    """:func:`enable` where ``FASTALIGN_VERL_MEGATRON=1`` (called by the ``verl.plugins`` entry point, after it has
+    registered the losses and estimators: verl logs a plugin's exception at debug level only, so another value is
+    a warning naming the variable, and verl's own processor stays)."""
     value = os.environ.get(ENV, "")
     if value not in ("", "0", "1"):
-        raise ValueError(f"{ENV} must be 1 (use fastalign in verl's Megatron engine) or 0, got {value!r}")
-    if value == "1":
+        warnings.warn(f"{ENV} must be 1 (use fastalign in verl's Megatron engine) or 0, got {value!r}: verl's own "
+                      "logits processor stays", stacklevel=2)
+    elif value == "1":
         enable()

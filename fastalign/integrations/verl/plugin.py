@@ -362,13 +362,12 @@ def register() -> None:
     from fastalign.integrations.verl import fused, megatron
 
     fused.enable()
-    megatron.enable_from_environment()
-
     for name, fn in POLICY_LOSSES.items():
         core_algos.register_policy_loss(name)(fn)
     for name, fn in ADVANTAGE_ESTIMATORS.items():
         if core_algos.ADV_ESTIMATOR_REGISTRY.get(name) is not fn:
             core_algos.register_adv_est(name)(fn)
+    megatron.enable_from_environment()
 
 
 register()
