@@ -16,6 +16,7 @@ first build where none is running.
 """
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import torch
@@ -79,6 +80,7 @@ SHAPES = [(4, 1024, 32000, "fp32"), (8, 1024, 151936, "bf16")]
 
 
 def cases():
-    return [rows_case("verl_megatron", _make_build, (B, S, V), dt, ("fastalign", "verl"), lead_names=("batch", "seq"),
-                      warmup_lead=(2, 4), traffic=True)
+    return [dataclasses.replace(rows_case("verl_megatron", _make_build, (B, S, V), dt, ("fastalign", "verl"),
+                                          lead_names=("batch", "seq"), warmup_lead=(2, 4), traffic=True),
+                                baseline="verl")
             for B, S, V, dt in SHAPES]
