@@ -133,8 +133,8 @@ def token_logprobs(
     _validate.integer("labels", labels)
     _validate.same_device(logits=logits, labels=labels)
     _validate.shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
-    shard = vocab_shard_range(vocab_group)
-    if logits.shape[-1] == 0 and shard is None:
+    whole_vocabulary = _whole_vocabulary_size(vocab_group)
+    if logits.shape[-1] == 0 and whole_vocabulary is None:
         raise ValueError("logits must have a non-empty vocabulary (last) dimension")
     inv_t = 1.0 / _validate.positive("temperature", temperature)
     _validate.index_value("ignore_index", ignore_index)
@@ -148,13 +148,13 @@ def token_logprobs(
                          "the model's forward, or inplace_backward=False")
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     if check:
-        V = logits.shape[-1] if shard is None else shard(logits.shape[-1], logits.device)
+        V = logits.shape[-1] if whole_vocabulary is None else whole_vocabulary(logits.shape[-1], logits.device)
         bad = (flat_labels != ignore_index) & ((flat_labels < 0) | (flat_labels >= V))
         if bool(bad.any()):
             raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}")
     rows = _as_rows(logits)
     name = _backend.resolve(logits.device, backend)
-    if shard is not None:
+    if whole_vocabulary is not None:
         lp, ent, sp2, amax = VocabParallelTokenStats.apply(
             rows, flat_labels, vocab_group, inv_t, int(ignore_index), bool(entropy), bool(sum_p2), bool(argmax), name,
             bool(inplace_backward))
@@ -165,7 +165,7 @@ def token_logprobs(
     return shaped_stats(labels.shape, lp, ent, sp2, amax, entropy, sum_p2, argmax)
 
 
-def vocab_shard_range(vocab_group):
+def _whole_vocabulary_size(vocab_group):
     """None without ``vocab_group``; else (after checking it is a process group of an initialised
     ``torch.distributed`` that has this process) a function of this rank's shard size giving the whole
     vocabulary's size on the host (an all-reduce, for ``check``)."""

@@ -728,8 +728,8 @@ def test_smoothed_cross_entropy_implementations_agree():
 
 
 def test_verl_megatron_implementations_agree():
-    """The verl Megatron case times one loss: fastalign's logits processor gives verl's own (log-probs and entropy,
-    with a backward) at the warm-up shape. The case starts a one-process group and Megatron's parallel state: both
+    """The verl Megatron case times one loss: fastalign's logits processor, and its work with the vocabulary merge
+    forced, give verl's own (log-probs and entropy, with a backward) at the warm-up shape. The case starts a one-process group and Megatron's parallel state: both
     are torn down after, for the tests that start their own."""
     pytest.importorskip("megatron.core", reason="megatron-core is not installed (make install: --no-deps)")
     import torch.distributed as dist
@@ -743,9 +743,11 @@ def test_verl_megatron_implementations_agree():
     case = next(c for c in all_cases() if c.op == "verl_megatron")
     try:
         steps = case.warmup(torch.device("cpu"), "fwd+bwd")
-        assert set(steps) == {"fastalign", "verl"} and all(s is not None for s in steps.values())
-        torch.testing.assert_close(call(steps["fastalign"]).detach(), call(steps["verl"]).detach(), rtol=1e-5,
-                                   atol=1e-5)
+        assert set(steps) == {"fastalign", "fastalign (vocab_group)", "verl"}
+        assert all(s is not None for s in steps.values())
+        want = call(steps["verl"]).detach()
+        for impl in ("fastalign", "fastalign (vocab_group)"):
+            torch.testing.assert_close(call(steps[impl]).detach(), want, rtol=1e-5, atol=1e-5, msg=impl)
     finally:
         mpu.destroy_model_parallel()
         dist.destroy_process_group()

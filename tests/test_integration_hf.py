@@ -1166,4 +1166,6 @@ def test_a_misspelled_option_raises_naming_it(typo, option):
     with torch.no_grad():
         got = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, output_attentions=False)
         want = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels)
+        # the flash-attention keywords bodies take through **kwargs (near cu_seqlens, but transformers' own)
+        causal_lm_logprobs(model, input_ids, cu_seq_lens_q=torch.tensor([0, 12]), max_length_q=12)
     torch.testing.assert_close(got.logprobs, want.logprobs)

@@ -538,6 +538,11 @@ def test_preference_target_past_the_vocabulary_raises_as_liger(kind, where):
     bad = d["target"].clone()
     bad[1, 3] = V + 3
     target, extra = (bad, {}) if where == "target" else (d["target"], dict(nll_target=bad))
+    if where == "nll_target":  # Liger reads the chosen rows of nll_target alone: a bad rejected label is unread
+        unread = d["target"].clone()
+        unread[-1, 3] = V + 3
+        for module in (fl.LigerFusedLinearORPOLoss(compiled=False), chunked.LigerFusedLinearORPOLoss(compiled=False)):
+            assert torch.isfinite(module(d["weight"], d["hidden"], d["target"], nll_target=unread)[0])
     opts = dict(compiled=False, **(dict(use_ref_model=False) if kind in ("DPO", "KTO") else {}))
     for module in (getattr(fl, f"LigerFusedLinear{kind}Loss")(**opts),
                    getattr(chunked, f"LigerFusedLinear{kind}Loss")(**opts)):

@@ -665,6 +665,17 @@ def shifted_targets(shift_labels: Tensor, *, attention_mask: Optional[Tensor] = 
                         None if past_end is None else ~past_end)
 
 
+@functools.lru_cache(maxsize=None)
+def _transformers_kwargs() -> frozenset:
+    """The keywords ``transformers`` bodies take through ``**kwargs: Unpack[TransformersKwargs]`` (the flash
+    attention's ``cu_seq_lens_q``, ``max_length_k``, ...), none of them in a forward's signature."""
+    try:
+        from transformers.utils.generic import TransformersKwargs
+    except ImportError:
+        return frozenset()
+    return frozenset(k for cls in TransformersKwargs.__mro__ for k in getattr(cls, "__annotations__", {}))
+
+
 def _refuse_misspelled_options(model, model_kwargs: dict) -> None:
     """A ``TypeError`` for a keyword of ``model_kwargs`` that reads as a misspelled option of
     :func:`causal_lm_logprobs` (``temprature``, ``label``) and that neither the model's forward nor its body's names:
@@ -672,7 +683,8 @@ def _refuse_misspelled_options(model, model_kwargs: dict) -> None:
     import difflib
 
     ours = [n for n, p in inspect.signature(causal_lm_logprobs).parameters.items() if p.kind is p.KEYWORD_ONLY]
-    named = set()
+    named = _transformers_kwargs()
+    named = set(named)
     for module in (model, getattr(model, "base_model", None)):
         forward = getattr(module, "forward", None)
         if forward is not None:

@@ -168,7 +168,8 @@ class _LigerPreference(SinglePassAttribute, LiveOptions, nn.Module):
             logps, count = self._summed(tok, target)
             nll = self._chosen_nll(nll_tok, nll_target[:B])
             value, aux = loss(logps, count, nll)
-            value = refuse_out_of_range(value, nll_target, weight.shape[0], self.ignore_index, "nll_target")
+            # the chosen rows' labels (the NLL's, and all Liger reads of nll_target)
+            value = refuse_out_of_range(value, nll_target[:B], weight.shape[0], self.ignore_index, "nll_target")
             return refuse_out_of_range(value, target, weight.shape[0], self.ignore_index, "target"), logps, count, \
                 nll, aux
 

@@ -11,8 +11,11 @@ the timed region). ``fastalign`` is :func:`fastalign.integrations.verl.megatron.
 :func:`fastalign.token_logprobs` pass, its backward written over the logits); ``verl`` is verl 0.9.1's own
 ``MegatronEngineWithLMHead._lm_head_logits_processor`` where verl and megatron-core are installed (its entropy pass,
 a copy of the logits, then Megatron's ``vocab_parallel_cross_entropy``, each with its all-reduces over a group of
-one rank). Both need ``torch.distributed`` and Megatron's parallel state: the case starts a one-process group on the
-first build where none is running.
+one rank). At one rank fastalign's processor has no shards to merge and runs the local pass alone; ``fastalign
+(vocab_group)`` is the processor's work with the merge of :func:`fastalign.token_logprobs` ``(vocab_group=)`` forced
+over the one-rank group (its all-reduces, the merged statistics, the label's element in backward): the per-rank
+cost of tensor parallelism apart from the collectives' transfers. All need ``torch.distributed`` and Megatron's
+parallel state: the case starts a one-process group on the first build where none is running.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from fastalign.bench.cases.token_logprobs import rows_case
 from fastalign.bench.core import intermediate_step
 from fastalign.bench.optional import optional_impl
 from fastalign.integrations.verl.megatron import lm_head_logits_processor
+from fastalign.logprobs import token_logprobs
 
 
 def _one_rank_parallel_state(device) -> bool:
@@ -65,12 +69,21 @@ def _make_build(B, S, V, dtype):
 
             return intermediate_step(loss, base, label, backward=mode == "fwd+bwd")
 
+        def merged(x, y):  # the processor's steps (verl's temperature division) with the merge forced
+            import torch.distributed as dist
+
+            x.div_(temperature.unsqueeze(-1).to(x.dtype))
+            stats = token_logprobs(x, y, entropy=True, vocab_group=dist.group.WORLD, inplace_backward=True)
+            return stats.logprobs.sum() + stats.entropy.to(x.dtype).float().sum()
+
         verl = optional_impl("verl.workers.engine.megatron.transformer_impl", "MegatronEngineWithLMHead") \
             if ready else None
         verl_method = None if verl is None else verl[0].__dict__["_lm_head_logits_processor"]
         if verl_method is lm_head_logits_processor:  # installed by FASTALIGN_VERL_MEGATRON=1: verl's own is lost
             verl_method = None
-        return {"fastalign": step(lm_head_logits_processor), "verl": step(verl_method)}
+        return {"fastalign": step(lm_head_logits_processor), "verl": step(verl_method),
+                "fastalign (vocab_group)": intermediate_step(merged, base, label, backward=mode == "fwd+bwd")
+                if ready else None}
 
     return build
 
@@ -80,7 +93,8 @@ SHAPES = [(4, 1024, 32000, "fp32"), (8, 1024, 151936, "bf16")]
 
 
 def cases():
-    return [dataclasses.replace(rows_case("verl_megatron", _make_build, (B, S, V), dt, ("fastalign", "verl"),
+    return [dataclasses.replace(rows_case("verl_megatron", _make_build, (B, S, V), dt,
+                                          ("fastalign", "fastalign (vocab_group)", "verl"),
                                           lead_names=("batch", "seq"), warmup_lead=(2, 4), traffic=True),
                                 baseline="verl")
             for B, S, V, dt in SHAPES]

@@ -312,6 +312,13 @@ def _group_keys(estimator: str, index, B: int, device: torch.device) -> Tensor:
     return as_index("index", index, B, device)
 
 
+def group_keys_on(estimator: str, index, B: int, device: torch.device) -> Tensor:
+    """:func:`_group_keys` built where the uids are (host uids mapped once on the CPU, a tensor's on its own
+    device), returned on ``device``."""
+    host = not isinstance(index, Tensor)
+    return _group_keys(estimator, index, B, torch.device("cpu") if host else device).to(device)
+
+
 def _dense_groups(keys: Tensor) -> Tensor:
     """Dense group ids ``< B`` of the int64 ``keys [B]``, from the sorted keys (device operations, no host read):
     a new id where the sorted key changes."""
@@ -456,9 +463,7 @@ def _estimate(est: str, opts: Dict[str, Any], token_level_rewards: Tensor, mask:
     if est in _OPTIMAL_BASELINE:
         if old_log_probs is None or sum_pi_squared is None:
             raise ValueError(f"adv_estimator {est!r} needs old_log_probs and sum_pi_squared [B, T]")
-        host = not isinstance(index, Tensor)
-        keys = _group_keys(est, index, token_level_rewards.shape[0],
-                          torch.device("cpu") if host else token_level_rewards.device).to(token_level_rewards.device)
+        keys = group_keys_on(est, index, token_level_rewards.shape[0], token_level_rewards.device)
         return optimal_token_baseline_advantages(token_level_rewards, mask, keys, old_log_probs, sum_pi_squared,
                                                  importance_weights=rollout_is_weights,
                                                  zero_tail=handle_zero_tail, align=_OPTIMAL_BASELINE[est], **eps)

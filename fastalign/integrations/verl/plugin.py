@@ -99,7 +99,7 @@ from torch import Tensor
 from fastalign.advantages import group_advantages, token_advantages
 from fastalign.integrations.verl._keys import ALGO, check_keys
 from fastalign.integrations.verl._names import PREFIX
-from fastalign.integrations.verl.advantages import ESTIMATORS, algo_options, compute_advantage, _group_keys
+from fastalign.integrations.verl.advantages import ESTIMATORS, algo_options, compute_advantage, group_keys_on
 from fastalign.integrations.verl.policy import _MODES, VerlPolicyLoss, _get
 
 __all__ = ["PREFIX", "POLICY_LOSSES", "ADVANTAGE_ESTIMATORS", "register"]
@@ -279,9 +279,7 @@ def _advantage(estimator: str, token_level_rewards: Tensor, response_mask: Optio
     opts = _algo(config, "grpo" if vectorized_flag else estimator, flag)
     if vectorized_flag and index is not None and isinstance(token_level_rewards, Tensor) \
             and token_level_rewards.dim() == 2:  # grouped as verl's grpo_vectorized groups its uids
-        host = not isinstance(index, Tensor)
-        index = _group_keys("grpo_vectorized", index, token_level_rewards.shape[0],
-                           torch.device("cpu") if host else token_level_rewards.device).to(token_level_rewards.device)
+        index = group_keys_on("grpo_vectorized", index, token_level_rewards.shape[0], token_level_rewards.device)
     for name, value in (("gamma", gamma), ("lam", lam)):
         if value is not None and estimator != "gae":  # verl's function would ignore it (its **kwargs)
             raise ValueError(f"{name} does not apply to {PREFIX + estimator}: verl's function ignores it "
