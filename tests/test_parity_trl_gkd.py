@@ -16,7 +16,7 @@ from trl.experimental.gold import GOLDConfig, GOLDTrainer as TRLGOLDTrainer  # n
 
 import fastalign  # noqa: E402
 from helpers import assert_close  # noqa: E402
-from trl_runs import WORDS, assert_same_run, run, tiny_checkpoint  # noqa: E402
+from trl_runs import assert_same_run, run, tiny_checkpoint, tokenized_completions  # noqa: E402
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0, 0.5, 0.1])
@@ -63,18 +63,6 @@ def models(tmp_path_factory):
             tiny_checkpoint(tmp_path_factory.mktemp("teacher"), hidden=48, seed=1))
 
 
-def _dataset(n):
-    """Pre-tokenized examples (prompt text, ids and completion mask, as TRL's ChatML collator reads them)."""
-    rows = {"prompt": [], "input_ids": [], "completion_mask": []}
-    for i in range(n):
-        prompt = [(3 * i + j) % 50 + 3 for j in range(2 + i % 3)]
-        completion = [(7 * i + 5 * j) % 50 + 3 for j in range(1 + i % 4)] + [1]
-        rows["prompt"].append(" ".join(WORDS[t] for t in prompt))
-        rows["input_ids"].append(prompt + completion)
-        rows["completion_mask"].append([0] * len(prompt) + [1] * len(completion))
-    return datasets.Dataset.from_dict(rows)
-
-
 def _trainer(cls, models, tmp_path, options, config=None, **kwargs):
     student, teacher = models
     args = (config or GKDConfig)(**{**dict(
@@ -85,7 +73,7 @@ def _trainer(cls, models, tmp_path, options, config=None, **kwargs):
     tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(student)
     model = transformers.AutoModelForCausalLM.from_pretrained(student)
     teacher_model = transformers.AutoModelForCausalLM.from_pretrained(teacher)
-    return cls(model=model, teacher_model=teacher_model, args=args, train_dataset=_dataset(8),
+    return cls(model=model, teacher_model=teacher_model, args=args, train_dataset=tokenized_completions(8),
                processing_class=tokenizer, **kwargs)
 
 
@@ -103,7 +91,7 @@ def _run(cls, models, tmp_path, options, **kwargs):
 def test_trainer_matches_trl(models, tmp_path, options):
     from fastalign.integrations.trl import GKDTrainer
 
-    extra = {"eval_dataset": _dataset(5)} if "eval_strategy" in options else {}
+    extra = {"eval_dataset": tokenized_completions(5)} if "eval_strategy" in options else {}
     theirs = _run(TRLGKDTrainer, models, tmp_path / "trl", options, **extra)
     ours = _run(GKDTrainer, models, tmp_path / "ours", options, **extra)
     if extra:
@@ -137,7 +125,7 @@ def test_refusals(models, tmp_path):
     with pytest.raises(TypeError, match="teacher_model: its dtype is torch.float64"):
         GKDTrainer(model=transformers.AutoModelForCausalLM.from_pretrained(student),
                    teacher_model=transformers.AutoModelForCausalLM.from_pretrained(teacher).double(),
-                   args=trainer_args, train_dataset=_dataset(4), processing_class=tokenizer)
+                   args=trainer_args, train_dataset=tokenized_completions(4), processing_class=tokenizer)
 
 
 def test_return_outputs_gives_the_students_logits(models, tmp_path):
@@ -146,7 +134,7 @@ def test_return_outputs_gives_the_students_logits(models, tmp_path):
     from fastalign.integrations.trl import GKDTrainer
 
     trainer = _trainer(GKDTrainer, models, tmp_path, dict(lmbda=0.0))
-    inputs = trainer.data_collator([_dataset(3)[i] for i in range(3)])
+    inputs = trainer.data_collator([tokenized_completions(3)[i] for i in range(3)])
     with pytest.warns(UserWarning, match="return_outputs=True"):
         loss, outputs = trainer.compute_loss(trainer.model, inputs, return_outputs=True)
     t_loss, t_outputs = TRLGKDTrainer.compute_loss(trainer, trainer.model, inputs, return_outputs=True)

@@ -13,7 +13,7 @@ datasets = pytest.importorskip("datasets", reason="TRL's trainers need datasets"
 pytest.importorskip("tokenizers", reason="the test tokenizer needs tokenizers")
 
 import fastalign.integrations.trl as fa_trl  # noqa: E402
-from trl_runs import WORDS, tiny_checkpoint  # noqa: E402
+from trl_runs import tiny_checkpoint, tokenized_completions  # noqa: E402
 
 COMMON = dict(max_steps=1, report_to="none", seed=0, use_cpu=True, logging_steps=1, optim="sgd", learning_rate=0.05,
               bf16=True, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
@@ -30,18 +30,6 @@ def _prompts(n):
 
 def _messages(n):
     return [[{"role": "user", "content": p}, {"role": "assistant", "content": "w5 w6 w7"}] for p in _prompts(n)]
-
-
-def _tokenized(n):
-    """Pre-tokenized examples (prompt text, ids and completion mask, as TRL's GKD / GOLD collator reads them)."""
-    rows = {"prompt": [], "input_ids": [], "completion_mask": []}
-    for i in range(n):
-        prompt = [(3 * i + j) % 50 + 3 for j in range(2 + i % 3)]
-        completion = [(7 * i + 5 * j) % 50 + 3 for j in range(1 + i % 4)] + [1]
-        rows["prompt"].append(" ".join(WORDS[t] for t in prompt))
-        rows["input_ids"].append(prompt + completion)
-        rows["completion_mask"].append([0] * len(prompt) + [1] * len(completion))
-    return datasets.Dataset.from_dict(rows)
 
 
 def _tokenizer(checkpoint, chat=False):
@@ -93,7 +81,7 @@ def _gold(cls, checkpoint, out):
     from trl.experimental.gold import GOLDConfig
     args = GOLDConfig(output_dir=str(out), per_device_train_batch_size=4, lmbda=0.0, beta=0.5, max_completion_length=5,
                       **COMMON)
-    return cls(model=_model(checkpoint), teacher_model=_model(checkpoint), args=args, train_dataset=_tokenized(8),
+    return cls(model=_model(checkpoint), teacher_model=_model(checkpoint), args=args, train_dataset=tokenized_completions(8),
                processing_class=_tokenizer(checkpoint))
 
 

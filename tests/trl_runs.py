@@ -35,6 +35,21 @@ def tiny_checkpoint(path, *, hidden: int = 32, seed: int = 0, eos_bias: float = 
     return str(path)
 
 
+def tokenized_completions(n: int):
+    """``n`` pre-tokenized examples of :data:`WORDS` ids (prompt text, ids and completion mask, as TRL's GKD / GOLD
+    collator reads them), each completion ending in the EOS id."""
+    import datasets
+
+    rows = {"prompt": [], "input_ids": [], "completion_mask": []}
+    for i in range(n):
+        prompt = [(3 * i + j) % 50 + 3 for j in range(2 + i % 3)]
+        completion = [(7 * i + 5 * j) % 50 + 3 for j in range(1 + i % 4)] + [1]
+        rows["prompt"].append(" ".join(WORDS[t] for t in prompt))
+        rows["input_ids"].append(prompt + completion)
+        rows["completion_mask"].append([0] * len(prompt) + [1] * len(completion))
+    return datasets.Dataset.from_dict(rows)
+
+
 def tiny_moe_checkpoint(path, tokenizer_checkpoint) -> str:
     """Save a tiny Qwen3-MoE (two layers of 4 experts, 2 per token) that returns its router logits, with a
     load-balancing coefficient, under ``path`` beside the tokenizer of ``tokenizer_checkpoint`` (its vocabulary)."""
