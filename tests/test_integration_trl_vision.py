@@ -296,9 +296,9 @@ def _offline(kind, checkpoint, out, ours):
         if kind == "Distillation":
             args, data = _config_class(kind)(**common, max_completion_length=4, beta=0.5), _grpo_dataset()
         else:
-            from test_parity_trl_gkd import _dataset
+            from trl_runs import tokenized_completions
             args = _config_class(kind)(**common, max_completion_length=4, lmbda=0.0, beta=0.5, temperature=0.8)
-            data = _dataset(4)
+            data = tokenized_completions(4)
         return cls(model=checkpoint, teacher_model=teacher, args=args, train_dataset=data, processing_class=tokenizer)
     data = {"DPO": _dpo_dataset, "KTO": _kto_dataset, "SFT": lambda: _sft_dataset("text")}[kind]
     return cls(model=checkpoint, args=_config_class(kind)(**common), train_dataset=data(), processing_class=tokenizer)
