@@ -243,7 +243,8 @@ def linear_logprobs(
             compares the ranks' numbers of rows, hidden sizes and low-rank ranks: for
             CPU tensors a mismatch raises a ``ValueError`` on every rank, instead of a
             hang or a crash in a later collective (a GPU's sizes are not read on the
-            host, which would synchronise: there the ranks must agree).
+            host, which would synchronise: there the ranks must agree). Under
+            ``torch.compile`` every rank's shard must be non-empty.
         backend: ``"triton"``, ``"cpp"`` or ``"cuda"`` (CUDA tensors run the Triton
             kernels for ``"cuda"``); default from :func:`fastalign.use_backend`.
         chunk: ``(tokens, vocab)`` of one chunk of logits, overriding the memory budget.

@@ -90,16 +90,25 @@ def test_vocab_group_takes_a_shard0_dtensor_head_and_refuses_a_replicated_one(on
         fastalign.linear_logprobs(hidden, replicated, labels, vocab_group=one_rank_group)
 
 
-def test_token_logprobs_over_an_empty_shard_refuses_torch_compile(one_rank_group):
+def _token_stats_of_a_shard(group):
+    labels = torch.tensor([1, 2])
+    return torch.randn(2, 0), lambda x: fastalign.token_logprobs(x, labels, vocab_group=group).logprobs
+
+
+def _linear_stats_of_a_shard(group):
+    hidden, labels = torch.randn(2, 4), torch.tensor([1, 2])
+    return torch.randn(0, 4), lambda w: fastalign.linear_logprobs(hidden, w, labels, vocab_group=group).logprobs
+
+
+@pytest.mark.parametrize("shard_stats", [_token_stats_of_a_shard, _linear_stats_of_a_shard],
+                         ids=["token_logprobs", "linear_logprobs"])
+def test_an_empty_vocabulary_shard_refuses_torch_compile(one_rank_group, shard_stats):
     """An empty vocabulary shard under torch.compile: the compiler moved or repeated that rank's constant
-    collectives (a hang in backward, or a gloo abort with argmax), so it is refused at tracing, naming the cause;
-    eagerly, a vocabulary empty on every rank raises (a shard that is empty beside others is scored)."""
-    logits, labels = torch.randn(2, 0), torch.tensor([1, 2])
-
-    def stats(x):
-        return fastalign.token_logprobs(x, labels, vocab_group=one_rank_group).logprobs
-
+    collectives (a hang in backward, or a gloo abort: seen with two ranks, one empty, for both ops), so it is
+    refused at tracing, naming the cause; eagerly, a vocabulary empty on every rank raises (a shard that is empty
+    beside others is scored)."""
+    shard, stats = shard_stats(one_rank_group)
     with pytest.raises(Exception, match="needs a non-empty vocabulary shard on every rank"):
-        torch.compile(stats, fullgraph=True)(logits)
+        torch.compile(stats, fullgraph=True)(shard)
     with pytest.raises(ValueError, match="every rank's vocabulary shard is empty"):
-        stats(logits)
+        stats(shard)

@@ -34,9 +34,9 @@ import math
 import torch
 from torch import Tensor
 
-from fastalign.ops._launch import eager, refuse_second_derivative, runs_directly, stat_outputs
+from fastalign.ops._launch import refuse_second_derivative, runs_directly, stat_outputs
 from fastalign.ops.token_stats import token_stats_backward, token_stats_backward_, token_stats_call
-from fastalign.ops.vocab_parallel import AcrossRanks, global_argmax, shard_range
+from fastalign.ops.vocab_parallel import AcrossRanks, global_argmax, refuse_empty_shard_when_traced, shard_range
 from fastalign.ops.vocab_pieces import PIECE_IGNORE, local_labels, merge_pieces
 
 
@@ -59,11 +59,7 @@ class VocabParallelTokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, labels, group, inv_t, ignore_index, want_ent, want_sp2, want_amax, backend, inplace):
         V_r = rows.shape[2]
-        if V_r == 0 and not eager(rows, labels):
-            # torch.compile moves or repeats the constant collectives of an empty shard (a hang, or a gloo abort)
-            raise ValueError("token_logprobs(vocab_group=) under torch.compile needs a non-empty vocabulary shard on "
-                             "every rank; this rank's logits have 0 ids (run it eagerly, or shard the vocabulary "
-                             "so that every rank holds some)")
+        refuse_empty_shard_when_traced(V_r, "token_logprobs", rows, labels)
         start, v_total = shard_range(V_r, group, rows.device, {
             "logits/labels must have the same number of rows on every rank of vocab_group": labels.shape[0],
             "entropy, sum_p2 and argmax must be asked for alike on every rank of vocab_group (1 + 2 + 4 for each "

@@ -47,6 +47,15 @@ class AcrossRanks:
         return tuple(packed.unbind(0))
 
 
+def refuse_empty_shard_when_traced(v_local: int, op: str, *tensors: Tensor) -> None:
+    """An empty vocabulary shard under ``torch.compile`` is refused at tracing: the compiler moves or repeats the
+    constant collectives of such a rank (a hang, or a gloo abort), so eager mode is the only safe one there."""
+    if v_local == 0 and not eager(*tensors):
+        raise ValueError(f"{op}(vocab_group=) under torch.compile needs a non-empty vocabulary shard on every rank; "
+                         "this rank's shard has 0 ids (run it eagerly, or shard the vocabulary so that every rank "
+                         "holds some)")
+
+
 def shard_range(v_local: int, group, device, same: dict[str, int]) -> tuple[Tensor, Tensor]:
     """This rank's first vocabulary id and the whole vocabulary's size (0-dim int64 tensors on ``device``),
     from every rank's shard size ``v_local``, summed in one all-reduce (rank r writes its size at column r).
@@ -118,6 +127,7 @@ class VocabParallelStats(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, low_rank_hidden, low_rank_weight, labels, group, scale, softcap, inv_t,
                 ignore_index, want_ent, want_sp2, want_amax, backend, nc, vc, skip, want_mean=False):
         V_r = weight.shape[0]
+        refuse_empty_shard_when_traced(V_r, "linear_logprobs", hidden, weight, labels)
         rank_r = 0 if low_rank_hidden is None else low_rank_hidden.shape[-1]
         start, v_total = shard_range(V_r, group, hidden.device, {
             "hidden/labels must have the same number of rows on every rank of vocab_group": hidden.shape[0],
