@@ -683,19 +683,20 @@ def _refuse_misspelled_options(model, model_kwargs: dict) -> None:
     import difflib
 
     ours = [n for n, p in inspect.signature(causal_lm_logprobs).parameters.items() if p.kind is p.KEYWORD_ONLY]
-    named = _transformers_kwargs()
-    named = set(named)
+    close = {key: m[0] for key in model_kwargs if (m := difflib.get_close_matches(key, ours, n=1, cutoff=0.75))}
+    if not close:  # the usual call: no keyword near an option, no signature to read
+        return
+    named = set(_transformers_kwargs())
     for module in (model, getattr(model, "base_model", None)):
         forward = getattr(module, "forward", None)
         if forward is not None:
             named.update(inspect.signature(forward).parameters)
     with contextlib.suppress(TypeError, ValueError):
         named.update(inspect.signature(_body(model).forward).parameters)
-    for key in model_kwargs:
-        close = difflib.get_close_matches(key, ours, n=1, cutoff=0.75)
-        if close and key not in named:
+    for key, option in close.items():
+        if key not in named:
             raise TypeError(f"causal_lm_logprobs() got an unexpected keyword argument {key!r}: did you mean "
-                            f"{close[0]!r}? (other keywords go to the model's body, which drops the ones it does "
+                            f"{option!r}? (other keywords go to the model's body, which drops the ones it does "
                             "not know)")
 
 
