@@ -15,12 +15,13 @@ from fastalign.policy_config import FIELDS, LOSS_TYPES, PRESETS, ROLLOUT_MODES, 
 
 
 def _mask_u8(mask: Tensor) -> tuple:
-    """(``mask`` as uint8, nonzero (NaN too) being 1; :func:`fastalign._validate.binary_mask`'s flag of a value
-    other than 0 and 1, read from the same bool tensor)."""
+    """(``mask`` as contiguous uint8, nonzero (NaN too) being 1; :func:`fastalign._validate.binary_mask`'s flag of
+    a value other than 0 and 1, read from the same bool tensor). The kernels read it row-major: a cast keeps a
+    transposed mask's strides, so it is made contiguous."""
     as_bool = mask.bool()
     fractional = _validate.binary_mask("response_mask", mask, as_bool)
     # a cast, not a bool-to-uint8 view: inductor cannot lower every such view, nor vmap batch it (torch 2.11)
-    return as_bool.to(torch.uint8), fractional
+    return as_bool.to(torch.uint8).contiguous(), fractional
 
 
 def _detached(t: Optional[Tensor]) -> Optional[Tensor]:

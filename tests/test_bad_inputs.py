@@ -1146,3 +1146,69 @@ def test_good_memory_budget_variables_are_taken(monkeypatch, var, read, value):
         lp = torch.log_softmax(x @ w.double().T, -1).gather(-1, lab[..., None])[..., 0]
         (-lp.mean()).backward()
         assert_close(got.double(), x.grad, atol=1e-5, rtol=1e-5, what=f"{var}={value!r}")
+
+
+def _column_major(t: torch.Tensor) -> torch.Tensor:
+    """The same values in the transposed memory layout (a time-major buffer's view): dense, not contiguous."""
+    out = t.transpose(0, 1).contiguous().transpose(0, 1)
+    assert torch.equal(out, t) and not out.is_contiguous()
+    return out
+
+
+def _each_input_column_major(fn, *args, **kwargs):
+    """``fn`` with every 2-D tensor argument in turn, then all of them, column-major, against ``fn`` on the
+    contiguous ones (to rounding: torch's own reductions sum in memory order; a mis-read layout is far off)."""
+    def call(swap):
+        a = [_column_major(x) if i in swap else x for i, x in enumerate(args)]
+        k = {n: _column_major(x) if n in swap else x for n, x in kwargs.items()}
+        out = fn(*a, **k)
+        return out if isinstance(out, tuple) else (out,)
+
+    two_d = [i for i, x in enumerate(args) if isinstance(x, torch.Tensor) and x.dim() == 2]
+    two_d += [n for n, x in kwargs.items() if isinstance(x, torch.Tensor) and x.dim() == 2]
+    want = call(())
+    for swap in [(p,) for p in two_d] + [tuple(two_d)]:
+        for w, g in zip(want, call(swap)):
+            if isinstance(w, dict):
+                w, g = list(w.values()), list(g.values())
+            for wi, gi in zip(w if isinstance(w, list) else [w], g if isinstance(g, list) else [g]):
+                torch.testing.assert_close(gi, wi, rtol=1e-6, atol=1e-6, equal_nan=True,
+                                           msg=f"{getattr(fn, '__name__', fn)} with {swap} column-major")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_column_major_inputs_give_the_contiguous_result(backend):
+    """A transposed (dense, column-major) response_mask was read row-major by the policy kernels: a wrong loss.
+    Every [B, T] input of each op, column-major, gives the contiguous result."""
+    g = torch.Generator().manual_seed(0)
+    B, T = 4, 6
+    lp, old, adv, ref, ent, roll = (torch.randn(B, T, generator=g) * 0.3 - 1 for _ in range(6))
+    ent = ent.abs()
+    m = torch.rand(B, T, generator=g) > 0.3
+    m[:, 0] = True
+    with fa.use_backend(backend):
+        for loss_type in ("ppo", "gspo", "kl_cov", "clip_cov"):
+            def loss(*a, **k):
+                torch.manual_seed(1)  # clip_cov's draw
+                return fa.policy_loss(*a, loss_type=loss_type, **k)
+            _each_input_column_major(loss, lp, old, adv, m, ref_logprobs=ref, entropy=ent,
+                                     importance_weights=roll.exp(), kl_coef=0.1, entropy_coef=0.01)
+        _each_input_column_major(fa.policy_loss, lp, old, adv, m.float(), rollout_logprobs=roll,
+                                 rollout_correction="sequence_mask", rollout_max=2.0)
+        for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+            _each_input_column_major(fa.aggregate_loss, lp, m, agg)
+        _each_input_column_major(fa.sequence_logprobs, lp, m)
+        _each_input_column_major(fa.gae_advantages, roll, ref, m)
+        _each_input_column_major(fa.reinforce_pp_advantages, roll, m)
+        _each_input_column_major(fa.remax_advantages, roll, m, torch.randn(B, generator=g))
+        _each_input_column_major(fa.masked_whiten, roll, m)
+        _each_input_column_major(fa.implicit_process_advantages, lp, ref, m)
+        _each_input_column_major(fa.iw_opd_advantages, lp, roll, m)
+        _each_input_column_major(fa.kl_penalty, lp, ref)
+        hidden, weight = torch.randn(B, T, 8, generator=g), torch.randn(11, 8, generator=g)
+        labels = torch.randint(0, 11, (B, T), generator=g)
+        _each_input_column_major(lambda y, mask: fa.linear_logprobs(hidden, weight, y).logprobs * mask, labels, m)
+        _each_input_column_major(lambda mask: fa.linear_mean_logits(hidden, weight, response_mask=mask), m)
+        _each_input_column_major(lambda y: fa.token_logprobs(hidden @ weight.T, y).logprobs, labels)
+        policy = fa.LinearPolicyLoss(loss_type="grpo")
+        _each_input_column_major(lambda y, o, a, mask: policy(hidden, weight, y, o, a, mask), labels, old, adv, m)
