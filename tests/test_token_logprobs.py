@@ -354,3 +354,32 @@ def test_tensors_on_different_devices():
         y = torch.zeros(3, dtype=torch.long, device="cuda")
     with pytest.raises(ValueError, match="labels is on cuda:0 but logits is on cpu"):
         fastalign.token_logprobs(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_low_precision_label_gradient_is_rounded_once(cpu_backend, dtype, inplace):
+    """d(logits) at the label, ``g (1 - p_y) / T``, formed in fp32 and rounded once to the logits' dtype: the C++
+    backward stored ``-g p_y`` in bf16 and added ``g`` after, so a confident label's gradient (``1 - p_y`` ~ 3e-4)
+    was off by about ulp_bf16(g), its sign wrong on some rows; with one vocabulary entry (log p = 0) it was not 0."""
+    g = torch.Generator().manual_seed(0)
+    N, V = 64, 96
+    labels = torch.randint(0, V, (N,), generator=g)
+    z = torch.randn(N, V, generator=g)
+    z[torch.arange(N), labels] += 8.0  # p_y close to 1
+    z = z.to(dtype)
+    g_lp = torch.randn(N, generator=g)
+    leaf = z.clone().requires_grad_(True)
+    src = leaf * 1 if inplace else leaf  # inplace_backward writes over a non-leaf's buffer
+    st = fastalign.token_logprobs(src, labels, temperature=0.9, backend=cpu_backend, inplace_backward=inplace)
+    grad = torch.autograd.grad((st.logprobs * g_lp).sum(), src)[0]
+    xr = z.double().requires_grad_(True)
+    ((xr / 0.9).log_softmax(-1).gather(1, labels[:, None])[:, 0] * g_lp.double()).sum().backward()
+    at_y = grad.double()[torch.arange(N), labels]
+    want = xr.grad[torch.arange(N), labels]
+    assert torch.equal(torch.sign(at_y), torch.sign(want))
+    # within 1% (a bf16 ulp is 0.4-0.8%; the fp32 lse's rounding is ~1e-3 of 1 - p_y here); it was ~20%
+    assert_close(at_y, want, rtol=1e-2, atol=0, what="label's d(logits)")
+    one = torch.tensor([[0.5]], dtype=dtype, requires_grad=True)
+    (fastalign.token_logprobs(one, torch.tensor([0]), backend=cpu_backend).logprobs * -0.4).sum().backward()
+    assert one.grad.item() == 0.0

@@ -139,16 +139,19 @@ FASTALIGN_KERNEL_BODY float log_mass(const typename Storage<D>::T* z, int64_t V,
   return m + std::log(c);
 }
 
+// dx_j = g_lp ([j = y] - p_j) + the entropy and sum p^2 terms, in fp32 and rounded once to the logits' dtype (the
+// label's g_lp added after a bf16 store would cancel against -g_lp p_y rounded: a wrong sign for a confident label).
 template <int D>
 FASTALIGN_KERNEL_BODY void row_backward(const typename Storage<D>::T* z, typename Storage<D>::T* dz, int64_t V,
-                                        float inv_t, float lse, float log_c, float g_lp, float g_h, float h, float g_q,
-                                        float sp2) {
+                                        int64_t y, float inv_t, float lse, float log_c, float g_lp, float g_h, float h,
+                                        float g_q, float sp2) {
   // dz may alias z (in-place backward): each element is read before it is written.
 #pragma omp simd
   for (int64_t j = 0; j < V; ++j) {
     const float logp = softmax::log_p(offset_from_lse(Storage<D>::load(z[j]), inv_t, lse), 0.f, log_c);
     const float p = exp_f32(logp);
-    dz[j] = Storage<D>::store(softmax::logit_grad(p, logp, g_lp, g_h, h, g_q, sp2) * inv_t);
+    const float at_label = j == y ? g_lp : 0.f;
+    dz[j] = Storage<D>::store((softmax::logit_grad(p, logp, g_lp, g_h, h, g_q, sp2) + at_label) * inv_t);
   }
 }
 
@@ -178,8 +181,7 @@ void backward(uintptr_t logits, RowLayout L, int64_t N, int64_t V, const int64_t
       const float gq = (g_q && sp2) ? g_q[r] : 0.f;
       const float log_c = whole_row ? (std::fabs(lse[r]) >= softmax::kRenormaliseAbove ? mass_fn(z, V, inv_t, lse[r]) : 0.f)
                                     : (log_c_in ? log_c_in[r] : 0.f);
-      row_fn(z, dz, V, inv_t, lse[r], log_c, glp, gh, ent ? ent[r] : 0.f, gq, sp2 ? sp2[r] : 0.f);
-      if (y >= 0 && y < V) dz[y] = Storage<D>::store(Storage<D>::load(dz[y]) + glp * inv_t);
+      row_fn(z, dz, V, y, inv_t, lse[r], log_c, glp, gh, ent ? ent[r] : 0.f, gq, sp2 ? sp2[r] : 0.f);
     }
   });
 }
