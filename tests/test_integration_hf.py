@@ -978,6 +978,23 @@ def test_padded_rows_with_position_ids_of_an_unsplit_body_are_scored(arch):
     check(got, ref_lp, (labels[:, 1:] != -100) & attention_mask[:, 1:].bool(), 1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_left_padding_with_generate_s_position_ids_scores_the_first_real_token(arch):
+    """The position ids ``generate`` builds restart at 0 at a left-padded row's first real token: that restart
+    follows padding, not another packed sequence, so the entry predicting it is scored when the labels say so
+    (it was left at 0, without gradient), as without position ids."""
+    model = _auto_model(arch, **UNSPLIT_ARCHS.get(arch, {}))
+    input_ids, attention_mask, _ = batch(seed=3)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)  # every real token scored, the first included
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    with torch.no_grad():
+        ref_lp, _ = reference(model, input_ids, attention_mask, position_ids=position_ids)
+        got = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, position_ids=position_ids).logprobs
+    scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
+    assert scored[1, 3] and not attention_mask[1, 3]  # the left-padded row: padding predicts its first token
+    check(got, ref_lp, scored, 1e-4)
+
+
 def test_packed_rows_refused_on_device_give_nan(monkeypatch):
     """Position ids not read on the host (a GPU tensor) are not refused with an error: every statistic is NaN."""
     import fastalign._validate as validate

@@ -627,8 +627,9 @@ def next_token_targets(input_ids: Tensor, *, labels: Optional[Tensor] = None, re
     """``[B, T-1]``: the token position ``t`` predicts (``y_{t+1}``, ``y = labels`` if given, else
     ``input_ids``), ``ignore_index`` where it is not scored (the rule of :func:`causal_lm_logprobs`):
     ``y_{t+1}`` is ``ignore_index``, or ``response_mask[:, t+1]`` / ``attention_mask[:, t+1]`` is 0, or
-    ``position_ids[:, t+1] == 0`` (the next token starts another packed sequence), or ``past_end[:, t+1]``
-    (padding after the last packed sequence). On device, no host sync."""
+    ``position_ids[:, t+1] == 0`` after a real token ``t`` (the next token starts another packed sequence; after
+    padding, ``attention_mask[:, t] == 0``, it starts the row's first one), or ``past_end[:, t+1]`` (padding after
+    the last packed sequence). On device, no host sync."""
     _validate.integer("input_ids", input_ids, dim=2)
     ignore_index = _validate.index_value("ignore_index", ignore_index)
     shape, dev = tuple(input_ids.shape), dict(device=input_ids.device, device_of="input_ids")
@@ -636,10 +637,14 @@ def next_token_targets(input_ids: Tensor, *, labels: Optional[Tensor] = None, re
     _validate.like(shape, "input_ids.shape", kind="real", **dev, response_mask=response_mask,
                    attention_mask=attention_mask, position_ids=position_ids, past_end=past_end)
     targets = (input_ids if labels is None else labels)[:, 1:]
+    not_a_new_sequence = None
+    if position_ids is not None:
+        not_a_new_sequence = position_ids[:, 1:] != 0
+        if attention_mask is not None:  # a restart after padding (left padding, generate's ids) is the first one
+            not_a_new_sequence = not_a_new_sequence | ~attention_mask[:, :-1].bool()
     return _scored_only(targets, ignore_index, *(None if m is None else m[:, 1:].bool()
                                                  for m in (response_mask, attention_mask)),
-                        None if position_ids is None else position_ids[:, 1:] != 0,
-                        None if past_end is None else ~past_end[:, 1:])
+                        not_a_new_sequence, None if past_end is None else ~past_end[:, 1:])
 
 
 def _scored_only(targets: Tensor, ignore_index: int, *keep: Optional[Tensor]) -> Tensor:
@@ -736,7 +741,8 @@ def causal_lm_logprobs(
     (``y_{t+1} = shift_labels[:, t]`` for every ``t < T``, shape ``[B, T]``, with ``shift_labels``).
     Entry ``t`` is scored when ``y_{t+1} != ignore_index``, ``response_mask[:, t+1]`` (if
     given), ``attention_mask[:, t+1]`` (if given) and, for packed rows, ``position_ids[:, t+1]
-    != 0`` (the next token starts another sequence). Unscored entries are 0 for every
+    != 0`` after a real token ``t`` (the next token starts another sequence; a restart after left
+    padding starts the row's first one, scored as without ``position_ids``). Unscored entries are 0 for every
     statistic (-1 for ``argmax``) and get no gradient. The selection is a mask on device: no host sync.
 
     Args:
