@@ -1465,6 +1465,16 @@ def test_cpo_refuses_label_smoothing_trl_would_ignore(checkpoint, tmp_path):
                           processing_class=_tokenizer(checkpoint))
 
 
+@pytest.mark.parametrize("scale_rewards", ["none", "batch", False])
+def test_grpo_refuses_a_scale_rewards_trl_ignores_with_normalize_then_sum(checkpoint, tmp_path, scale_rewards):
+    """TRL 1.16 normalises GDPO's columns by their group std and the sum by the batch std whatever scale_rewards
+    says: the drop-in raised nothing (the advantage profile already refused it); the default "group" trains."""
+    options = dict(multi_objective_aggregation="normalize_then_sum", scale_rewards=scale_rewards)
+    with pytest.raises(ValueError, match="scale_rewards=.* does not apply with multi_objective_aggregation"):
+        _grpo(fa_trl.GRPOTrainer, checkpoint, tmp_path, options)
+    _grpo(fa_trl.GRPOTrainer, checkpoint, tmp_path, dict(options, scale_rewards="group"))
+
+
 @pytest.fixture(scope="module")
 def gemma2_checkpoint(checkpoint, tmp_path_factory):
     """A tiny Gemma 2 (softcapped head, logits of a few units so that the cap bends them) with the tokenizer."""

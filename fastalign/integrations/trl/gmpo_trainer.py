@@ -29,6 +29,7 @@ from fastalign.integrations.trl._metrics import gathered_mean
 from fastalign.integrations.trl._vision import batch_vision
 from fastalign.integrations.trl.gmpo import GMPOLoss
 from fastalign.integrations.trl.grpo import entropy_threshold
+from fastalign.integrations.trl.grpo_rewards import reward_scaling
 
 __all__ = ["GMPOTrainer"]
 
@@ -56,6 +57,7 @@ class GMPOTrainer(trl_gmpo.GMPOTrainer):
     def _check_config(args) -> None:
         check_config(args, "GMPOConfig")
         GMPOLoss(args)
+        reward_scaling(args)  # a scale_rewards that TRL ignores raises, as the advantage profile does
 
     _get_per_token_logps_and_entropies = fused_logps_and_entropies
 

@@ -60,6 +60,24 @@ def _normalize_then_sum(cols, G: int) -> Tensor:
     return group_advantages(total, group_size=total.shape[0], estimator="grpo", eps=SCALE_EPS, singleton="zero")
 
 
+def reward_scaling(config) -> tuple[str, str]:
+    """``(scale, multi_objective_aggregation)`` of a ``GRPOConfig`` (or dict), ``scale`` one of ``"group"``,
+    ``"batch"``, ``"none"``; a ``ValueError`` naming the field for a value TRL does not take, and for a
+    ``scale_rewards`` other than ``"group"`` with ``"normalize_then_sum"``, which TRL ignores there."""
+    c = read_fields(config, GRPO_ADVANTAGE_DEFAULTS, "GRPOConfig")
+    scale = _SCALES.get(c["scale_rewards"])
+    if scale is None:
+        raise ValueError(f"scale_rewards must be one of 'group', 'batch', 'none' (or a bool), got {c['scale_rewards']!r}")
+    aggregation = c["multi_objective_aggregation"]
+    if aggregation not in _AGGREGATIONS:
+        raise ValueError(f"multi_objective_aggregation must be one of {_AGGREGATIONS}, got {aggregation!r}")
+    if aggregation == "normalize_then_sum" and scale != "group":
+        raise ValueError(f"scale_rewards={c['scale_rewards']!r} does not apply with multi_objective_aggregation="
+                         "'normalize_then_sum' (TRL 1.16 normalises each column by its group std and the sum by the "
+                         "batch std whatever it is)")
+    return scale, aggregation
+
+
 def grpo_advantages(config, rewards_per_func: Tensor, *, training: bool = True) -> Tensor:
     """``[B]`` advantages of ``GRPOTrainer`` (TRL 1.16) for one generation batch (see the module doc).
 
@@ -73,16 +91,7 @@ def grpo_advantages(config, rewards_per_func: Tensor, *, training: bool = True) 
     """
     c = read_fields(config, GRPO_ADVANTAGE_DEFAULTS, "GRPOConfig")
     G = int(c["num_generations"] if training else c["num_generations_eval"] or c["num_generations"])
-    scale = _SCALES.get(c["scale_rewards"])
-    if scale is None:
-        raise ValueError(f"scale_rewards must be one of 'group', 'batch', 'none' (or a bool), got {c['scale_rewards']!r}")
-    aggregation = c["multi_objective_aggregation"]
-    if aggregation not in _AGGREGATIONS:
-        raise ValueError(f"multi_objective_aggregation must be one of {_AGGREGATIONS}, got {aggregation!r}")
-    if aggregation == "normalize_then_sum" and scale != "group":
-        raise ValueError(f"scale_rewards={c['scale_rewards']!r} does not apply with multi_objective_aggregation="
-                         "'normalize_then_sum' (TRL 1.16 normalises each column by its group std and the sum by the "
-                         "batch std whatever it is)")
+    scale, aggregation = reward_scaling(c)
     cols = reward_columns(rewards_per_func, c["reward_weights"], G)
     if aggregation == "normalize_then_sum":
         adv = _normalize_then_sum(cols, G)

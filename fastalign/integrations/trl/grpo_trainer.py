@@ -20,7 +20,8 @@ trainer runs its own; ``use_adaptive_entropy`` runs TRL's controller of ``entrop
 entropies of the loss's own pass; a MoE model's load-balancing loss (``router_aux_loss_coef`` with
 ``output_router_logits``) comes from the router logits of the same body forward, as TRL adds it.
 Options the drop-in cannot honour raise a ValueError naming the config field at construction:
-``use_liger_kernel`` and an architecture without a known head transform; a float64 policy or reference raises a
+``use_liger_kernel``, an architecture without a known head transform, a ``scale_rewards`` other than ``"group"``
+with ``multi_objective_aggregation="normalize_then_sum"`` (which TRL ignores there); a float64 policy or reference raises a
 TypeError there unless ``cast_lm_head_to_fp32`` or mixed precision runs the head in another dtype. The options
 TRL reads from the trainer at every step (``beta``, ``loss_type``, ``epsilon_low`` / ``epsilon_high``,
 ``importance_sampling_level``, ``top_entropy_quantile``, ``off_policy_mask_threshold``, ``entropy_coef``,
@@ -48,6 +49,7 @@ from fastalign.integrations.trl._live_loss import LiveLoss, build_loss
 from fastalign.integrations.trl._metrics import gathered_mean
 from fastalign.integrations.trl._vision import batch_vision
 from fastalign.integrations.trl.grpo import GRPOLoss, entropy_threshold, grpo_policy_config
+from fastalign.integrations.trl.grpo_rewards import reward_scaling
 
 __all__ = ["GRPOTrainer"]
 
@@ -101,6 +103,7 @@ class GRPOTrainer(trl.GRPOTrainer):
     def _check_config(args) -> None:
         check_config(args, "GRPOConfig")
         grpo_policy_config(args)  # raises on a loss_type or option the profile does not map
+        reward_scaling(args)  # a scale_rewards that TRL ignores raises, as the advantage profile does
 
     _get_per_token_logps_and_entropies = fused_logps_and_entropies
 
