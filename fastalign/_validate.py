@@ -161,6 +161,28 @@ def positive(name: str, value) -> float:
     return v
 
 
+_FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+
+
+def fp32_number(name: str, value: float) -> float:
+    """A checked number option the kernels take in fp32 (``softcap``, ``logit_scale``): past fp32's range it would
+    reach them as inf (a NaN result where float64 gives a number), so it raises."""
+    if abs(value) > _FP32_MAX:
+        raise ValueError(f"{name} must be at most {_FP32_MAX:.4g} in magnitude (the kernels take it in float32), "
+                         f"got {value}")
+    return value
+
+
+def inverse_temperature(temperature) -> float:
+    """``1 / temperature`` for a finite ``temperature > 0`` whose reciprocal fp32 represents (the kernels multiply
+    by it in float32; an inf there gave NaN statistics)."""
+    inv_t = 1.0 / positive("temperature", temperature)
+    if inv_t > _FP32_MAX:
+        raise ValueError(f"temperature must be at least {1 / _FP32_MAX:.4g} (the kernels multiply by its reciprocal "
+                         f"in float32), got {float(temperature)}")
+    return inv_t
+
+
 def boolean(name: str, value) -> bool:
     """A switch, as a Python bool: a bool or a numpy ``bool_`` (a value read from a config array). Anything
     else (``"no"``, ``1``, a tensor) is a ``TypeError`` naming its qualified type, not a truthy value."""

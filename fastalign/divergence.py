@@ -116,7 +116,7 @@ def token_divergence(
     if divergence != "jsd" and beta is not None:
         raise ValueError(f"beta applies to the jsd only, not to divergence={divergence!r} (got beta={beta!r})")
     b = 0.5 if beta is None else _validate.unit_interval("beta", beta)
-    inv_t = 1.0 / _validate.positive("temperature", temperature)
+    inv_t = _validate.inverse_temperature(temperature)
     _validate.index_value("ignore_index", ignore_index)
     _validate.boolean("inplace_backward", inplace_backward)
     if inplace_backward and _a_leaf_s_values(student_logits):

@@ -51,9 +51,9 @@ def check_logit_options(temperature: float = 1.0, softcap: Optional[float] = Non
     returns ``(1 / temperature, softcap or 0, logit_scale)`` as floats. The linear loss modules
     run it at construction, :func:`linear_logprobs` at each call."""
     _validate.index_value("ignore_index", ignore_index)
-    inv_t = 1.0 / _validate.positive("temperature", temperature)
-    cap = 0.0 if softcap is None else _validate.positive("softcap", softcap)
-    scale = _validate.finite_number("logit_scale", logit_scale)
+    inv_t = _validate.inverse_temperature(temperature)
+    cap = 0.0 if softcap is None else _validate.fp32_number("softcap", _validate.positive("softcap", softcap))
+    scale = _validate.fp32_number("logit_scale", _validate.finite_number("logit_scale", logit_scale))
     if not _validate.number("grad_skip_threshold", grad_skip_threshold) >= 0:
         raise ValueError(f"grad_skip_threshold must be >= 0, got {grad_skip_threshold}")
     if chunk is not None:

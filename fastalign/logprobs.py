@@ -136,7 +136,7 @@ def token_logprobs(
     whole_vocabulary = _whole_vocabulary_size(vocab_group)
     if logits.shape[-1] == 0 and whole_vocabulary is None:
         raise ValueError("logits must have a non-empty vocabulary (last) dimension")
-    inv_t = 1.0 / _validate.positive("temperature", temperature)
+    inv_t = _validate.inverse_temperature(temperature)
     _validate.index_value("ignore_index", ignore_index)
     for name, switch in (("entropy", entropy), ("sum_p2", sum_p2), ("argmax", argmax), ("check", check),
                          ("inplace_backward", inplace_backward)):

@@ -401,12 +401,15 @@ def _ipa(**kw):
 NAN, INF = math.nan, math.inf
 # (function, argument, bad values, error); each value is its own row
 OPTIONS = [
-    (_tl, "temperature", (0.0, -1.0, INF, -INF, NAN), ValueError),
+    # 1e-40: its reciprocal overflows float32, which the kernels multiply by (NaN statistics, where the float64
+    # limit is the greedy distribution); 1e300: past float32's range, inf in the kernels (a NaN)
+    (_tl, "temperature", (0.0, -1.0, INF, -INF, NAN, 1e-40), ValueError),
     (_tl, "temperature", ("1", None, True), TypeError),
+    (lambda **kw: fa.token_divergence(_f(B, V), _f(B, V), **kw), "temperature", (0.0, NAN, 1e-40), ValueError),
     (_tl, "ignore_index", (1.5, "x", None), TypeError),
-    (_ll, "temperature", (0.0, -2.0, INF, NAN), ValueError),
-    (_ll, "softcap", (0.0, -1.0, INF, NAN), ValueError),
-    (_ll, "logit_scale", (INF, NAN), ValueError),
+    (_ll, "temperature", (0.0, -2.0, INF, NAN, 1e-40), ValueError),
+    (_ll, "softcap", (0.0, -1.0, INF, NAN, 1e300), ValueError),
+    (_ll, "logit_scale", (INF, NAN, -1e300), ValueError),
     (_ll, "ignore_index", (2.5,), TypeError),
     (_ll, "grad_skip_threshold", (-1.0, NAN), ValueError),
     (_ll, "grad_skip_threshold", ("x", None), TypeError),
