@@ -90,6 +90,27 @@ def test_inplace_backward_accepts_empty_logits_of_any_layout(cpu_backend):
     assert st.logprobs.shape == st.entropy.shape == (3, 0)
 
 
+@pytest.mark.parametrize("layout", ["sliced", "permuted"])
+def test_empty_inputs_of_any_layout_give_empty_results(cpu_backend, layout):
+    """An empty batch whose vocabulary stride is not 1 (a sliced or permuted view; torch calls every empty tensor
+    contiguous, so ``.contiguous()`` keeps its strides) was refused as having non-contiguous rows: it gives empty
+    statistics and empty gradients, as a contiguous empty batch does."""
+    def empty(seed):
+        if layout == "sliced":
+            return _logits((0, 2 * V), seed)[:, ::2].requires_grad_(True)
+        return _logits((V, 3, 0), seed).permute(1, 2, 0).requires_grad_(True)
+
+    x, t = empty(0), empty(1)
+    assert x.numel() == 0 and x.stride(-1) != 1
+    labels = torch.zeros(x.shape[:-1], dtype=torch.long)
+    st = fastalign.token_logprobs(x, labels, entropy=True, backend=cpu_backend)
+    div = fastalign.token_divergence(x, t, labels, backend=cpu_backend)
+    el = fastalign.elementwise_divergence(x, t, divergence="kl", log_target=True, backend=cpu_backend)
+    assert st.logprobs.shape == st.entropy.shape == div.divergence.shape == labels.shape
+    (st.logprobs.sum() + st.entropy.sum() + div.divergence.sum() + el.sum()).backward()
+    assert x.grad.shape == x.shape and t.grad is None  # the teacher / target is a constant, as with tokens
+
+
 @pytest.mark.parametrize("shape", [(4, 7), (1, 1, 4, 7)])
 def test_token_stats_op_refuses_logits_not_three_dimensional(shape):
     """The ``fastalign::token_stats`` op reads ``[outer, inner, V]`` logits: other ranks raise a ValueError that

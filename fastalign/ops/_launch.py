@@ -189,7 +189,7 @@ def check_row_pair(first: torch.Tensor, second: torch.Tensor, names: tuple[str, 
     if second.device != first.device:
         raise ValueError(f"{b} must be on the device of {a} ({first.device}), got {second.device}")
     for name, t in ((a, first), (b, second)):
-        if t.shape[1] > 1 and t.stride(1) != 1:
+        if t.numel() and t.shape[1] > 1 and t.stride(1) != 1:  # an empty tensor is read nowhere
             raise ValueError(f"{name} must have contiguous rows (last stride 1), got strides {t.stride()}")
 
 

@@ -50,7 +50,7 @@ def check_inputs(logits: Tensor, labels: Tensor) -> None:
         raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
     if logits.dim() != 3:
         raise ValueError(f"logits must be [outer, inner, V], got shape {tuple(logits.shape)}")
-    if logits.shape[2] > 1 and logits.stride(2) != 1:
+    if logits.numel() and logits.shape[2] > 1 and logits.stride(2) != 1:  # an empty tensor is read nowhere
         raise ValueError(f"logits must have contiguous rows (last stride 1), got strides {logits.stride()}")
     check_rows("labels", labels, logits.shape[0] * logits.shape[1], torch.int64)
 
