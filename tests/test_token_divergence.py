@@ -179,3 +179,26 @@ def test_bad_inputs_raise_naming_the_argument(call, error, match):
     _, zs, zt, y = _batch(10)
     with pytest.raises(error, match=match):
         call(zs, zt, y)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_kl_with_no_mass_where_the_other_side_has_some_is_infinite(backend):
+    """KL(p_t || p_s) where the student has a -inf logit on a token the teacher supports is +inf (torch's kl_div,
+    TRL's and Liger's losses, elementwise_divergence); the floored log-probs gave ~1e30 p_t, a huge finite number.
+    The same for KL(p_s || p_t) with the teacher's -inf; the JSD stays finite, and so do the gradients, which the
+    floored terms keep (forward KL: p_s - p_t exactly)."""
+    ninf = -math.inf
+    student = torch.tensor([[0.0, 1.0, ninf], [0.5, -1.0, 2.0]])
+    teacher = torch.tensor([[0.0, 1.0, 2.0], [0.5, ninf, 2.0]])
+    x = student.clone().requires_grad_(True)
+    forward = fastalign.token_divergence(x, teacher, beta=0.0, backend=backend).divergence
+    lps, lpt = student.double().log_softmax(-1), teacher.double().log_softmax(-1)
+    want = torch.where(lpt > -math.inf, lpt.exp() * (lpt - lps), 0.0).sum(-1)  # 0 log 0 = 0
+    assert forward[0] == math.inf and want[0] == math.inf
+    assert_close(forward[1], want[1], atol=1e-6, rtol=1e-6, what="forward KL of the finite row")
+    forward.sum().backward()
+    assert_close(x.grad, student.softmax(-1) - teacher.softmax(-1), atol=1e-6, rtol=1e-6, what="forward KL grad")
+    reverse = fastalign.token_divergence(student, teacher, beta=1.0, backend=backend).divergence
+    assert reverse[1] == math.inf and math.isfinite(reverse[0])  # row 0: the student has no mass where the teacher's -inf is
+    jsd = fastalign.token_divergence(student, teacher, beta=0.5, backend=backend).divergence
+    assert torch.isfinite(jsd).all()

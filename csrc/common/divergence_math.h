@@ -25,11 +25,17 @@ enum Mode : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2, kCosine = 3, kTVD = 
 
 FASTALIGN_HD float sign(float d) { return float(d > 0.f) - float(d < 0.f); }
 
+// KL(p || q)'s column p (lp - lq): +inf where q has no mass (lq at the floor) and p has some, as the divergence
+// itself (the floored difference would give a huge finite number, ~1e30 p).
+FASTALIGN_HD float kl_term(float p, float lp, float lq) {
+  return (p > 0.f && lq <= -1e30f) ? INFINITY : p * (lp - lq);
+}
+
 // The row's D term of one column (summed over j gives D). The log-probs come floored, so a zero
 // probability gives 0 * (a finite difference) = 0 with no test, and a NaN propagates.
 FASTALIGN_HD float term(int mode, float beta, float omb, float ps, float pt, float lps, float lpt, float lm) {
-  if (mode == kForwardKL) return pt * (lpt - lps);
-  if (mode == kReverseKL) return ps * (lps - lpt);
+  if (mode == kForwardKL) return kl_term(pt, lpt, lps);
+  if (mode == kReverseKL) return kl_term(ps, lps, lpt);
   if (mode == kTVD) return 0.5f * fabsf(ps - pt);
   return beta * (pt * (lpt - lm)) + omb * (ps * (lps - lm));
 }

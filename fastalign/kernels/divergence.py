@@ -134,12 +134,14 @@ def divergence_rows_kernel(
                 t_acc += xt * xt
             else:
                 lps, lpt, ps, pt, lm = _column(xs, xt, m_s, log_ss, m_t, log_st, log_1mb, log_b, MODE)
+                # KL's column p (lp - lq) is +inf where q has no mass and p has some (not ~1e30 p from the floor);
+                # K, which the gradient reads, keeps the floored value
                 if MODE == 0:
-                    d = pt * (lpt - lps)
+                    d = tl.where((pt > 0.0) & (lps <= FLOOR), float("inf"), pt * (lpt - lps))
                     k = tl.zeros([BLOCK_V], tl.float32)
                 elif MODE == 1:
-                    d = ps * (lps - lpt)
-                    k = d
+                    k = ps * (lps - lpt)
+                    d = tl.where((ps > 0.0) & (lpt <= FLOOR), float("inf"), k)
                 elif MODE == 4:
                     d = 0.5 * tl.abs(ps - pt)
                     k = ps * _sign(ps - pt)
