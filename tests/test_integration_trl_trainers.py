@@ -1284,17 +1284,22 @@ def test_config_fields_changed_by_a_callback_match_trl(checkpoint, tmp_path, cas
     _compare(theirs, ours)
 
 
-@pytest.mark.parametrize("trainer, options", [("KTO", dict(beta=0.5, desirable_weight=2.0, undesirable_weight=0.5)),
-                                              ("CPO", dict(beta=0.5, cpo_alpha=0.2, label_smoothing=0.1)),
-                                              ("ORPO", dict(beta=0.7))], ids=["KTO", "CPO", "ORPO"])
-def test_preference_options_assigned_on_the_trainer_match_trl(checkpoint, tmp_path, trainer, options):
-    """KTO's beta and class weights, CPO's beta, BC weight and label smoothing, ORPO's beta: read from the trainer
-    at every step by TRL, and by the drop-in; loss, metrics and update equal TRL's."""
+@pytest.mark.parametrize("trainer, config, options", [
+    ("KTO", {}, dict(beta=0.5, desirable_weight=2.0, undesirable_weight=0.5)),
+    ("KTO", {}, dict(loss_type="apo_zero_unpaired")),  # the KL completions still scored and logged, as TRL
+    ("KTO", dict(loss_type="apo_zero_unpaired"), dict(loss_type="kto")),  # no KL completions: a baseline of 0
+    ("CPO", {}, dict(beta=0.5, cpo_alpha=0.2, label_smoothing=0.1)),
+    ("ORPO", {}, dict(beta=0.7))], ids=["KTO", "KTO-to-apo_zero_unpaired", "KTO-apo_zero_unpaired-to-kto", "CPO",
+                                        "ORPO"])
+def test_preference_options_assigned_on_the_trainer_match_trl(checkpoint, tmp_path, trainer, config, options):
+    """KTO's beta, class weights and loss type (an assignment the drop-in refused), CPO's beta, BC weight and label
+    smoothing, ORPO's beta: read from the trainer at every step by TRL, and by the drop-in; loss, metrics and update
+    equal TRL's."""
     config_cls = _config_class(trainer)
     trl_cls = _trl_trainer(trainer)
 
     def build(cls, out):
-        args = config_cls(**_common(out, per_device_train_batch_size=4))
+        args = config_cls(**_common(out, per_device_train_batch_size=4, **config))
         extra = dict(ref_model=_sharper(checkpoint, 3.0)) if trainer == "KTO" else {}
         return _assigned(cls(model=checkpoint, args=args, train_dataset=_kto_dataset() if trainer == "KTO"
                              else _dpo_dataset(), processing_class=_tokenizer(checkpoint), **extra), options)
@@ -1307,8 +1312,7 @@ def test_preference_options_assigned_on_the_trainer_match_trl(checkpoint, tmp_pa
     ("DPO", dict(use_weighting="false"), TypeError, r"DPOTrainer.use_weighting='false': .*must be a bool"),
     ("DPO", dict(beta=-1.0), ValueError, r"DPOTrainer.beta=-1.0: "),
     ("DPO", dict(loss_types=["sigmoid", "sft"]), ValueError, r"DPOTrainer.loss_types=\['sigmoid', 'sft'\]: "),
-    ("KTO", dict(loss_type="apo_zero_unpaired"), ValueError, r"KTOTrainer.loss_type='apo_zero_unpaired': .*"
-                                                             r"construction only"),
+    ("KTO", dict(loss_type="sigmoid"), ValueError, r"KTOTrainer.loss_type='sigmoid': .*'kto' or 'apo_zero_unpaired'"),
     ("CPO", dict(loss_type="hinge"), ValueError, r"CPOTrainer.loss_type='hinge': .*label_smoothing"),
     ("ORPO", dict(beta=float("nan")), ValueError, r"ORPOTrainer.beta=nan: ORPOConfig.beta must be"),
     ("CPO", dict(beta=-1.0), ValueError, r"CPOTrainer.beta=-1.0: CPOConfig.beta must be > 0"),

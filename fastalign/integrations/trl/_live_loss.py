@@ -8,8 +8,8 @@ from typing import Callable, Sequence, Union
 
 
 #: How a TRL attribute reaches the profile: the config field it stands for; ``(field, read)`` with
-#: ``read(trainer)`` its value as TRL uses it; None: read at construction only (another value raises).
-LiveOption = Union[str, tuple, None]
+#: ``read(trainer)`` its value as TRL uses it.
+LiveOption = Union[str, tuple]
 
 
 class LiveLoss:
@@ -39,7 +39,7 @@ class LiveLoss:
         def value(attr, option):
             if isinstance(option, tuple):
                 return option[1](trainer)
-            return getattr(trainer, attr) if option is None else getattr(trainer, attr, getattr(trainer.args, option))
+            return getattr(trainer, attr, getattr(trainer.args, option))
 
         return tuple(value(attr, option) for attr, option in self.options.items())
 
@@ -61,14 +61,8 @@ class LiveLoss:
     def _build(self, trainer, values, state):
         changed = [(attr, value) for i, (attr, value) in enumerate(zip(self.options, values))
                    if state is None or (type(value), value) != state[0][i]]
-        fields = {}
-        for (attr, option), value in zip(self.options.items(), values):
-            if option is None:
-                if state is not None and any(attr == a for a, _ in changed):
-                    raise ValueError(f"{type(trainer).__name__}.{attr}={value!r}: the fastalign trainer reads "
-                                     f"{attr} at construction only; build a new trainer to change it")
-            else:
-                fields[option[0] if isinstance(option, tuple) else option] = value
+        fields = {option[0] if isinstance(option, tuple) else option: value
+                  for option, value in zip(self.options.values(), values)}
         try:
             return self.profile(_ConfigView(trainer.args, fields))
         except (ValueError, TypeError) as error:

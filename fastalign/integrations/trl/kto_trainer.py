@@ -17,9 +17,9 @@ absent from the batch logs nothing, as in TRL).
 A MoE model's load-balancing loss comes from the router logits of the policy's body forward, as TRL
 adds it. Options the drop-in cannot honour raise a ValueError naming the config field at
 construction, as for the other drop-ins (a float64 policy or reference: a TypeError). ``beta``,
-``desirable_weight`` and ``undesirable_weight`` assigned on the trainer take effect at the next step, as in
-TRL; ``loss_type`` is read at construction only (TRL prepares the KL completions for it then), and another
-value raises at the next step. ``calculate_KL`` is read at every step too, as TRL's ``_compute_loss`` reads it:
+``desirable_weight``, ``undesirable_weight`` and ``loss_type`` assigned on the trainer take effect at the next
+step, as in TRL (the KL completions are those TRL prepared for the constructed loss type: ``kto`` switched on
+after ``apo_zero_unpaired`` has a KL baseline of 0, as in TRL). ``calculate_KL`` is read at every step too, as TRL's ``_compute_loss`` reads it:
 set to False (a callback), the KL completions are no longer scored and ``kto``'s KL baseline (and the ``kl``
 metric) is 0, as in TRL; set to True with ``apo_zero_unpaired``, the KL is computed and logged, not used by the
 loss, as in TRL (the batches must hold the KL completions, which TRL prepares only when the constructed loss type
@@ -65,10 +65,9 @@ class KTOTrainer(trl.KTOTrainer):
     """``trl.KTOTrainer`` with fastalign's fused log-probs and loss (see the module doc)."""
 
     #: the options TRL's ``_compute_loss`` reads from the trainer at every step -> their ``KTOConfig`` fields;
-    #: ``loss_type`` at construction only (TRL prepares the KL completions for the constructed loss type);
     #: ``calculate_KL``, also read at every step, is followed by ``_compute_loss`` itself
     fastalign_loss = LiveLoss(KTOLoss, {"beta": "beta", "desirable_weight": "desirable_weight",
-                                        "undesirable_weight": "undesirable_weight", "loss_type": None})
+                                        "undesirable_weight": "undesirable_weight", "loss_type": "loss_type"})
 
     @functools.wraps(trl.KTOTrainer.__init__)
     def __init__(self, *args, **kwargs):
