@@ -995,6 +995,22 @@ def test_left_padding_with_generate_s_position_ids_scores_the_first_real_token(a
     check(got, ref_lp, scored, 1e-4)
 
 
+def test_one_row_of_position_ids_serves_every_row():
+    """``position_ids [1, T]`` (transformers broadcasts it over the batch) was refused for its shape: it scores as
+    the same ids repeated for every row, and as without position ids for right-padded rows."""
+    model = tiny_model("llama")
+    input_ids, attention_mask, labels = batch(seed=5)
+    attention_mask[1, :4] = 1  # right padding only: arange is every row's position ids
+    one_row = torch.arange(input_ids.shape[1])[None]
+    with torch.no_grad():
+        got = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels, position_ids=one_row).logprobs
+        every_row = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels,
+                                       position_ids=one_row.expand(input_ids.shape[0], -1)).logprobs
+        plain = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels).logprobs
+    assert torch.equal(got, every_row)
+    torch.testing.assert_close(got, plain, atol=1e-6, rtol=0)
+
+
 def test_packed_rows_refused_on_device_give_nan(monkeypatch):
     """Position ids not read on the host (a GPU tensor) are not refused with an error: every statistic is NaN."""
     import fastalign._validate as validate

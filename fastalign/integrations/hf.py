@@ -762,7 +762,7 @@ def causal_lm_logprobs(
             a context-parallel shard. Exclusive with ``labels`` and ``response_mask``; the
             packed-row rule of ``position_ids`` does not apply (the labels say what is scored);
             ``attention_mask[:, t]`` (and padding past ``cu_seqlens[-1]``) unscores entry ``t``.
-        position_ids: ``[B, T]`` passed to the model; a packed row restarts at 0 at each
+        position_ids: ``[B, T]`` (or ``[1, T]`` for every row) passed to the model; a packed row restarts at 0 at each
             sequence; with ``attention_mask=None`` ``transformers`` then attends within each
             sequence only (with an attention mask it does not split packed rows). A body that
             does not split packed rows (one of ``_MIXES_PACKED_ROWS``: opt, gpt_oss; one that takes no
@@ -855,6 +855,8 @@ def causal_lm_logprobs(
     labels = _aligned("labels", labels, shape)
     shift_labels = _aligned("shift_labels", shift_labels, shape)
     response_mask = _aligned("response_mask", response_mask, shape)
+    if isinstance(position_ids, Tensor) and position_ids.dim() == 2 and position_ids.shape[0] == 1:
+        position_ids = position_ids.expand(shape[0], -1)  # one row for every row, as transformers broadcasts it
     position_ids = _aligned("position_ids", position_ids, shape)
     malformed = past_end = None
     if cu_seqlens is not None:
