@@ -184,3 +184,26 @@ def test_class_weighted_mean_and_its_gradients(backend, softcap, blocks, monkeyp
     torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
     for name, g, w in zip(("hidden", "weight", "bias", "a", "lora"), got_grads, _grads(want, weights, ref)):
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_softcapped_mean_with_a_mask_compiles_without_graph_breaks(grad):
+    """torch.compile(fullgraph=True) of a softcapped mean over masked positions: the rows' compaction launched a
+    kernel module imported at trace time (a graph break, refused under fullgraph); traced, every row is computed
+    and the others zeroed, equal to eager."""
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 4, 8, generator=g).requires_grad_(grad)
+    w = torch.randn(11, 8, generator=g).requires_grad_(grad)
+    mask = torch.ones(2, 4)
+    mask[1, 2:] = 0
+
+    def mean(h, w):
+        return fa.linear_mean_logits(h, w, softcap=2.0, response_mask=mask)
+
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(grad):
+        got, want = torch.compile(mean, fullgraph=True, backend="aot_eager")(h, w), mean(h, w)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    if grad:
+        torch.testing.assert_close(torch.autograd.grad(got.sum(), (h, w)), torch.autograd.grad(want.sum(), (h, w)),
+                                   atol=1e-6, rtol=1e-6)

@@ -26,10 +26,13 @@ from fastalign.ops.single_pass import block_budget_rows
 
 def _kept_rows(keep: Optional[Tensor], h: Tensor, backend: str):
     """``(picked, cmp)``: the rows ``keep`` asks for, as host indices (the C++ backend, eager CPU tensors; None when
-    every row is kept) or as a device :class:`~fastalign.ops.device_compaction.Compaction` (the others)."""
+    every row is kept) or as a device :class:`~fastalign.ops.device_compaction.Compaction` (the others, eagerly;
+    traced, every row, the others zeroed after: the compaction's launch does not trace)."""
     if keep is None:
         return None, None
-    if backend == "cpp" and eager(h, keep):
+    if not eager(h, keep):
+        return None, None
+    if backend == "cpp":
         return labelled_rows(keep, False), None
     return None, compact(torch.where(keep, 0, -1), -1)  # None with FASTALIGN_DEVICE_COMPACTION=0: every row
 
