@@ -260,8 +260,15 @@ def test_vmap_of_the_fused_losses_is_the_loop(backend):
         (lambda a, b, c, d: fastalign.PolicyLoss(loss_type="grpo", backend=backend)(a, b, c, d)[0], (lp, old, adv, mask)),
         (lambda a, b, c, d, e: fastalign.LinearPolicyLoss(backend=backend)(a, W, b, c, d, e)[0], (h, y, old, adv, mask)),
         (lambda a: fastalign.linear_divergence_loss(a, W, a * 0.3, W * 0.5, backend=backend)[0], (h,)),
+        (lambda a, b: fastalign.LinearPreferenceLoss("sigmoid", backend=backend)(a, W, b)[0], (h, y)),
+        (lambda a: fastalign.linear_mean_logits(a, W, backend=backend), (h,)),
     ]
     for f, args in cases:
         mapped = torch.vmap(f)(*args)
         looped = torch.stack([f(*(a[i] for a in args)) for i in range(K)])
         assert_close(mapped, looped, atol=1e-6, rtol=1e-6, what="vmap of a fused loss")
+    # the two ops whose autograd Function has no vmap rule raise PyTorch's error, as docs/bad-inputs.md says
+    for f in (lambda a: fastalign.linear_topk_logprobs(a, W, 3).logprobs,
+              lambda a: fastalign.linear_mean_logits(a, W, softcap=2.0, backend=backend)):
+        with torch.no_grad(), pytest.raises(RuntimeError, match="functorch transforms"):
+            torch.vmap(f)(h)
