@@ -155,8 +155,9 @@ class LinearPreferenceLoss(nn.Module):
     sequence by :func:`sequence_logprobs` (with ``token_weights`` and LD-DPO ``ld_alpha``), then go
     through :func:`preference_loss`.
 
-    The reference is either hidden states (``ref_hidden`` with ``ref_weight``/``ref_bias``,
-    defaulting to the policy head) evaluated under ``torch.no_grad`` — never
+    The reference is either hidden states (``ref_hidden`` with the head ``ref_weight``/``ref_bias``,
+    defaulting to the policy head; a ``ref_weight`` is a head of its own, so without ``ref_bias``
+    it has no bias, the policy's ``bias`` being the policy head's) evaluated under ``torch.no_grad`` — never
     differentiated — or precomputed ``ref_chosen_logprobs``/``ref_rejected_logprobs``; without
     either the loss is reference-free (``ref_weight``/``ref_bias`` without ``ref_hidden`` are an
     error). ``use_weighting=True`` (a bool) asks the kernel for
@@ -288,6 +289,8 @@ class LinearPreferenceLoss(nn.Module):
         if hidden.shape[-1] != weight.shape[-1]:
             raise ValueError(f"{name} has hidden size {hidden.shape[-1]} but weight is {tuple(weight.shape)} "
                              "([V, H])")
+        if weight.dtype != hidden.dtype:  # as linear_logprobs refuses it: on every path, not the two passes only
+            raise TypeError(f"weight must have the dtype of {name} ({hidden.dtype}), got {weight.dtype}")
 
     @staticmethod
     def _check_ref(name, ref, like, like_name, weight, bias, ref_weight, ref_bias, vocab_shard: bool) -> None:

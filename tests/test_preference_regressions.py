@@ -857,3 +857,15 @@ def test_packed_batch_of_no_pairs_gives_loss_zero(options):
             grads = torch.autograd.grad(loss, (h, w, b))
             assert all(torch.equal(d, torch.zeros_like(d)) for d in grads)
         _raises(ValueError, "cu_seqlens must start at 0", lambda: mod(h, w, y, cu_seqlens=torch.tensor([2])))
+
+
+@pytest.mark.parametrize("single_pass", [True, False, "auto"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_a_head_of_another_dtype_than_the_hidden_states_is_refused_on_every_path(single_pass, grad):
+    """bf16 hidden states with an fp32 head: the two passes refused them (linear_logprobs' head check) and the single
+    pass ran, so an "auto" training step worked and its evaluation step under no_grad (the two passes) raised."""
+    _, h, w, y = _linear_batch()
+    loss = fa.LinearPreferenceLoss("sigmoid", single_pass=single_pass)
+    hidden = h.bfloat16().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        _raises(TypeError, "weight must have the dtype of hidden (torch.bfloat16)", lambda: loss(hidden, w.float(), y))
