@@ -1549,6 +1549,17 @@ def test_example_trl_grpo_runs():
     assert "step   1  mean reward" in out and "mean reward: first step" in out
 
 
+@pytest.mark.parametrize("name", sorted(fa_trl._TRAINERS))
+def test_an_unknown_constructor_keyword_names_the_trainer(name):
+    """A misspelled keyword raises TRL's TypeError with the trainer's name (the drop-in's own signature check
+    raised the bare ``got an unexpected keyword argument``); GMPO's takes ``**kwargs``, so its missing
+    ``reward_funcs`` is what Python names first there, as for TRL's own."""
+    unknown = "missing 1 required positional argument: 'reward_funcs'" if name == "GMPOTrainer" else (
+        "got an unexpected keyword argument 'ref_modle'")
+    with pytest.raises(TypeError, match=rf"^{name}.__init__\(\) {unknown}$"):
+        getattr(fa_trl, name)(model="unused", ref_modle=None)
+
+
 def test_import_does_not_import_trl():
     code = "import sys; import fastalign.integrations.trl; assert 'trl' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

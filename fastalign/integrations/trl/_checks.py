@@ -84,7 +84,10 @@ def init_checked(trainer, init, args, kwargs, check) -> None:
     """Run TRL's trainer ``init`` with ``check`` applied to its config: before, when the caller
     passes one (so a refused option fails before any model work), and after, on the config TRL
     settled on (a default one when none was passed)."""
-    config = inspect.signature(init).bind_partial(None, *args, **kwargs).arguments.get("args")
+    try:
+        config = inspect.signature(init).bind_partial(None, *args, **kwargs).arguments.get("args")
+    except TypeError as error:  # an unknown or repeated keyword: Python's message for the call, with its name
+        raise TypeError(f"{type(trainer).__name__}.__init__() {error}") from None
     if config is not None:
         check(config)
     init(trainer, *args, **kwargs)
