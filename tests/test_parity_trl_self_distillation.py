@@ -140,6 +140,9 @@ def test_topk_logits_needs_a_support_size():
         SelfDistillationLoss(_config(SDFTConfig, distillation_topk=None))
     with pytest.raises(ValueError, match="SDPOConfig.distillation_topk must be an int >= 1"):
         SelfDistillationLoss(_config(distillation_mode="topk_logits", distillation_topk=0))
+    h, w, ht, wt, ids, mask, old = _batch(0)  # a support larger than the vocabulary names the config field
+    with pytest.raises(ValueError, match=rf"SDFTConfig.distillation_topk={V + 1} is larger than the vocabulary"):
+        SelfDistillationLoss(_config(SDFTConfig, distillation_topk=V + 1)).linear(h, w, ht, wt, ids, mask, old)
     with pytest.raises(ValueError, match="distillation_mode='topk_logits' compares distributions"):
         h = torch.zeros(1, 2)
         SelfDistillationLoss(_config(SDFTConfig))(h, h, h)

@@ -73,6 +73,7 @@ class SelfDistillationLoss(nn.Module):
         if name not in ("SDPOConfig", "SDFTConfig"):
             raise ValueError(f"config_name must be 'SDPOConfig' or 'SDFTConfig', got {name!r}")
         c = read_fields(config, SDFT_DEFAULTS if name == "SDFTConfig" else SDPO_DEFAULTS, name)
+        self.config_name = name
         self.mode = c["distillation_mode"]
         if self.mode not in _MODES:
             raise ValueError(f"{name}.distillation_mode must be one of {_MODES}, got {self.mode!r}")
@@ -163,6 +164,9 @@ class SelfDistillationLoss(nn.Module):
         # without the tail bucket only the support's logits count: the teacher takes K dot products per token
         pipeline = dict(temperature=self.temperature, response_mask=loss_mask, renormalize=not self.add_tail)
         student = {k: v for k, v in student.items() if k != "backend"}  # the support has one path
+        if self.topk > weight.shape[0]:
+            raise ValueError(f"{self.config_name}.distillation_topk={self.topk} is larger than the vocabulary "
+                             f"({weight.shape[0]} ids)")
         s = linear_topk_logprobs(hidden, weight, self.topk, bias=bias, **pipeline, **student)
         with torch.no_grad():
             t = linear_topk_logprobs(teacher_hidden, teacher_weight, ids=s.ids, bias=teacher_bias, **pipeline,
