@@ -182,36 +182,39 @@ def test_large_logits_are_shifted_before_the_exponential():
     assert_close(grad, ref_grad, atol=1e-4, rtol=1e-3, what="d(logits)")
 
 
-def test_a_target_outside_the_vocabulary_gives_a_nan_row():
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])  # one rank without smoothing: the plain -log p_y pass
+def test_a_target_outside_the_vocabulary_gives_a_nan_row(smoothing):
     """A target outside ``[0, V)`` that is not ignored: NaN loss and d(logits) on its row, the others exact."""
     x0, t, up = _data(5)
     t[0, 2], t[4, 1] = V, -3
     bad = torch.zeros(S, B, dtype=torch.bool)
     bad[0, 2] = bad[4, 1] = True
-    loss, grad, _ = _run(LigerVocabParallelCrossEntropy(label_smoothing=0.1), x0, t, up)
+    loss, grad, _ = _run(LigerVocabParallelCrossEntropy(label_smoothing=smoothing), x0, t, up)
     assert torch.isnan(loss[bad]).all() and torch.isnan(grad[bad]).all()
-    ref_loss, ref_grad = _reference(x0, torch.where(bad, 0, t), up, 0.1)
+    ref_loss, ref_grad = _reference(x0, torch.where(bad, 0, t), up, smoothing)
     assert_close(loss[~bad], ref_loss[~bad], atol=1e-5, rtol=1e-5, what="loss of the other rows")
     assert_close(grad[~bad], ref_grad[~bad], atol=1e-6, rtol=1e-5, what="d(logits) of the other rows")
 
 
-def test_nan_logits_propagate_except_on_ignored_rows():
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_nan_logits_propagate_except_on_ignored_rows(smoothing):
     x0, t, up = _data(6)
     x0[2, 0, 7] = math.nan  # a scored row
     x0[1, 1, 3] = math.nan  # an ignored row
-    loss, grad, _ = _run(LigerVocabParallelCrossEntropy(label_smoothing=0.1), x0, t, up)
+    loss, grad, _ = _run(LigerVocabParallelCrossEntropy(label_smoothing=smoothing), x0, t, up)
     assert torch.isnan(loss[2, 0]) and torch.isnan(grad[2, 0]).all()
     assert loss[1, 1] == 0 and not grad[1, 1].any()
     others = torch.ones(S, B, dtype=torch.bool)
     others[2, 0] = False
     assert torch.isfinite(loss[others]).all() and torch.isfinite(grad[others]).all()
-    liger_loss, _, _ = _run(LigerModule(label_smoothing=0.1), x0, t, up)
+    liger_loss, _, _ = _run(LigerModule(label_smoothing=smoothing), x0, t, up)
     assert torch.isnan(liger_loss[2, 0]) and liger_loss[1, 1] == 0
 
 
-def test_an_empty_batch():
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_an_empty_batch(smoothing):
     x = torch.randn(0, B, V, requires_grad=True)
-    loss = LigerVocabParallelCrossEntropy(label_smoothing=0.1)(x, torch.zeros(0, B, dtype=torch.int64))
+    loss = LigerVocabParallelCrossEntropy(label_smoothing=smoothing)(x, torch.zeros(0, B, dtype=torch.int64))
     loss.sum().backward()
     assert loss.shape == (0, B) and x.grad.shape == (0, B, V)
 

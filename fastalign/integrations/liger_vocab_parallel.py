@@ -41,7 +41,9 @@ the target, the sum of its logits for smoothing), and two ``all_reduce`` calls o
 MAX of the ranks' log-sum-exps, then one SUM of ``exp(lse_r - max)``, the target logit and, in ``"global"`` mode
 with smoothing, the logit sums); none without a group or with a group of one. The backward needs no collective:
 the fused backward of that pass, at an upstream gradient scaled by the slice's share of the row's mass, writes
-the whole vocabulary's ``g p`` in one pass (one more subtracts the smoothing's constant). As Liger's: the loss is fp32 whatever the logits' dtype, d(logits) has the logits'
+the whole vocabulary's ``g p`` in one pass (one more subtracts the smoothing's constant). At one rank without
+smoothing the loss is ``-log p_y`` of that one pass at the targets, its backward ``g (p - onehot_y)``. As Liger's:
+the loss is fp32 whatever the logits' dtype, d(logits) has the logits'
 dtype (float64 logits are computed in fp32), NaN in the logits of a row makes its loss NaN, an ignored row gives
 0 and a zero gradient whatever its logits.
 
@@ -161,6 +163,12 @@ class LigerVocabParallelCrossEntropy(LiveOptions, nn.Module):
         # d(logits) in their dtype.
         if x.dtype == torch.float64 or (smoothing > 0 and x.dtype != torch.float32):
             x = x.float()
+        if world == 1 and smoothing == 0:  # the whole vocabulary here, no smoothing: -log p_y, one fused pass
+            ignore = int(self.ignore_index)
+            lp = token_logprobs(x, target, ignore_index=ignore, inplace_backward=overwritable(x)).logprobs
+            # a target outside the vocabulary: a NaN loss and a NaN gradient on its row, as on several ranks
+            outside = (target != ignore) & ((target < 0) | (target >= v_local))
+            return (0.0 - lp) * torch.where(outside, math.nan, 1.0)
         return _VocabParallelCE.apply(x, target, tp_group if world > 1 else None, rank * v_local, v_local * world,
                                       int(self.ignore_index), alpha, K, smoothing > 0 and whole and world > 1,
                                       overwritable(x))
