@@ -687,8 +687,14 @@ def _refuse_misspelled_options(model, model_kwargs: dict) -> None:
     a ``transformers`` body takes any keyword and drops the ones it does not know, so the option would be lost."""
     import difflib
 
+    if not model_kwargs:
+        return
     ours = [n for n, p in inspect.signature(causal_lm_logprobs).parameters.items() if p.kind is p.KEYWORD_ONLY]
-    close = {key: m[0] for key in model_kwargs if (m := difflib.get_close_matches(key, ours, n=1, cutoff=0.75))}
+    close = {}
+    for key in model_kwargs:  # a loop, not a comprehension with an assignment expression: torch.compile traces it
+        match = difflib.get_close_matches(key, ours, n=1, cutoff=0.75)
+        if match:
+            close[key] = match[0]
     if not close:  # the usual call: no keyword near an option, no signature to read
         return
     named = set(_transformers_kwargs())
