@@ -199,6 +199,7 @@ def test_a_kl_with_no_mass_where_the_other_side_has_some_is_infinite(backend):
     forward.sum().backward()
     assert_close(x.grad, student.softmax(-1) - teacher.softmax(-1), atol=1e-6, rtol=1e-6, what="forward KL grad")
     reverse = fastalign.token_divergence(student, teacher, beta=1.0, backend=backend).divergence
-    assert reverse[1] == math.inf and math.isfinite(reverse[0])  # row 0: the student has no mass where the teacher's -inf is
+    # row 1: the teacher's -inf where the student has mass; row 0: the student has none where the teacher's -inf is
+    assert reverse[1] == math.inf and math.isfinite(reverse[0])
     jsd = fastalign.token_divergence(student, teacher, beta=0.5, backend=backend).divergence
     assert torch.isfinite(jsd).all()

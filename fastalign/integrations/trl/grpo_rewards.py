@@ -67,7 +67,8 @@ def reward_scaling(config) -> tuple[str, str]:
     c = read_fields(config, GRPO_ADVANTAGE_DEFAULTS, "GRPOConfig")
     scale = _SCALES.get(c["scale_rewards"])
     if scale is None:
-        raise ValueError(f"scale_rewards must be one of 'group', 'batch', 'none' (or a bool), got {c['scale_rewards']!r}")
+        raise ValueError(f"scale_rewards must be one of 'group', 'batch', 'none' (or a bool), "
+                         f"got {c['scale_rewards']!r}")
     aggregation = c["multi_objective_aggregation"]
     if aggregation not in _AGGREGATIONS:
         raise ValueError(f"multi_objective_aggregation must be one of {_AGGREGATIONS}, got {aggregation!r}")

@@ -21,9 +21,9 @@ entropies of the loss's own pass; a MoE model's load-balancing loss (``router_au
 ``output_router_logits``) comes from the router logits of the same body forward, as TRL adds it.
 Options the drop-in cannot honour raise a ValueError naming the config field at construction:
 ``use_liger_kernel``, an architecture without a known head transform, a ``scale_rewards`` other than ``"group"``
-with ``multi_objective_aggregation="normalize_then_sum"`` (which TRL ignores there); a float64 policy or reference raises a
-TypeError there unless ``cast_lm_head_to_fp32`` or mixed precision runs the head in another dtype. The options
-TRL reads from the trainer at every step (``beta``, ``loss_type``, ``epsilon_low`` / ``epsilon_high``,
+with ``multi_objective_aggregation="normalize_then_sum"`` (which TRL ignores there); a float64 policy or reference
+raises a TypeError there unless ``cast_lm_head_to_fp32`` or mixed precision runs the head in another dtype. The
+options TRL reads from the trainer at every step (``beta``, ``loss_type``, ``epsilon_low`` / ``epsilon_high``,
 ``importance_sampling_level``, ``top_entropy_quantile``, ``off_policy_mask_threshold``, ``entropy_coef``,
 ``max_completion_length``, the vLLM importance-sampling ones) are read here too, so an assignment on the trainer
 takes effect at the next step, and so are the config fields TRL's loss reads from ``self.args`` at every step

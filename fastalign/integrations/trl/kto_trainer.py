@@ -19,7 +19,8 @@ adds it. Options the drop-in cannot honour raise a ValueError naming the config 
 construction, as for the other drop-ins (a float64 policy or reference: a TypeError). ``beta``,
 ``desirable_weight``, ``undesirable_weight`` and ``loss_type`` assigned on the trainer take effect at the next
 step, as in TRL (the KL completions are those TRL prepared for the constructed loss type: ``kto`` switched on
-after ``apo_zero_unpaired`` has a KL baseline of 0, as in TRL). ``calculate_KL`` is read at every step too, as TRL's ``_compute_loss`` reads it:
+after ``apo_zero_unpaired`` has a KL baseline of 0, as in TRL). ``calculate_KL`` is read at every step too, as
+TRL's ``_compute_loss`` reads it:
 set to False (a callback), the KL completions are no longer scored and ``kto``'s KL baseline (and the ``kl``
 metric) is 0, as in TRL; set to True with ``apo_zero_unpaired``, the KL is computed and logged, not used by the
 loss, as in TRL (the batches must hold the KL completions, which TRL prepares only when the constructed loss type
