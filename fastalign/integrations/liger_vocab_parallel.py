@@ -224,7 +224,8 @@ class _VocabParallelCE(torch.autograd.Function):
         scale = torch.where(live & ((t < 0) | (t >= v_global)), math.nan, live.float())
         # the slice's log-sum-exp from the fused pass at each row's largest logit (exact to its rounding at any
         # scale); its graph is kept for the backward (ignored rows: no work, no gradient)
-        top = x.argmax(2)
+        # each row's argmax from the fused kernels' pass over rows with no label (one read, faster than torch's)
+        top = token_logprobs(x.detach(), torch.full_like(t, _SKIP), ignore_index=_SKIP, argmax=True).argmax
         m = x.gather(2, top.unsqueeze(2)).squeeze(2).float()
         with torch.enable_grad():  # a view of x (or a detached leaf): x's own hooks see its gradient once
             inner = x.view_as(x) if overwrite else x.detach().requires_grad_(True)
