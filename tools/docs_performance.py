@@ -39,6 +39,21 @@ installed and otherwise show as "not installed". In the runs recorded up to
 compiled preference loss) includes torch.compile compiling the step: the note in
 `benchmarks/results/README.md` names the files.
 
+Two CPU paths are known to lose to eager PyTorch, and the tables do not show them (their heads are fp32 and
+their logits near unit scale). Measured on the 2-core AMD EPYC against eager in the same process (medians of
+interleaved repeats, 2 torch threads):
+
+- **A bf16 lm_head on the CPU.** The fused head ops compute in fp32 (bf16 operands widened chunk by chunk, an
+  fp32 d(weight) accumulator), where eager runs the CPU's bf16 products and rounds the logits to bf16:
+  `linear_logprobs` at N=64, H=1024, V=151936 fwd+bwd 1096 ms against 296 ms, and 904 against 317 MiB;
+  `LinearPolicyLoss` (GRPO) at 512 tokens, H=1024, V=32000 fwd+bwd 585 against 224 ms. On a GPU the products
+  take bf16 operands with fp32 accumulation. For CPU runs of a bf16 model, the logits path
+  (`token_logprobs` on the model's own logits) is the fast one.
+- **Large logits or a low temperature with a head (`|lse| >= 32`).** The saved fp32 log-sum-exp is off by up to
+  half its ulp there, so the backward renormalises those rows with one more sweep over their logits:
+  `linear_logprobs` at N=512, H=512, V=32000 fp32 fwd+bwd 591 ms (360 ms at unit scale) against eager's 457 ms.
+  On a GPU the same sweep is one more forward pass over those rows.
+
 The GPU run (NVIDIA H200) comes from `make gpu-check`, whose folders in `benchmarks/results/`
 (`gpu-check-<device>-<time>/`) hold each run's build, GPU tests, compute-sanitizer and profile logs;
 the other tables are CPU runs of the C++ kernels.
