@@ -12,6 +12,7 @@ ignore_index, found on the host: CPU tensors only) go through these chunks; the 
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Optional
 
@@ -232,8 +233,13 @@ def chunk_row_mass(buf, h_c, weight, bias, low_rank, a_c, y, lse_c, scale, softc
                          _piece(a_c, low_rank, v0, v1))
         # z_j / T - lse as the C++ backward forms it (csrc/cpu/token_stats.cpp offset_from_lse): the product of two
         # fp32 numbers exact (float64 holds it), one rounding to fp32 after the difference. With the float64 1 / T
-        # the two differ by |z| / T * 2^-24 at every j, and p = exp(offset - log c) keeps that relative error
-        c += torch.exp((z.double() * inv_t32 - lse_c.double().unsqueeze(1)).float()).sum(1)
+        # the two differ by |z| / T * 2^-24 at every j, and p = exp(offset - log c) keeps that relative error. With
+        # 1 / T a power of two (T = 1, 0.5, ...) fp32 holds the product and its difference is that one rounding:
+        # no float64 pass over the chunk
+        if math.frexp(inv_t)[0] == 0.5:
+            c += z.mul_(inv_t).sub_(lse_c.unsqueeze(1)).exp_().sum(1)
+        else:
+            c += torch.exp((z.double() * inv_t32 - lse_c.double().unsqueeze(1)).float()).sum(1)
     return torch.where(far, c, 0.0)
 
 
