@@ -64,6 +64,7 @@ def _candidates(what, flop, tilings, device, run, check):
 def forward(args, device, dtype, tilings):
     from fastalign.kernels.linear_stats import linear_stats_forward
     from fastalign.ops._launch import linear_outputs
+    from fastalign.ops.vocab_pieces import RENORMALISE_ABOVE
 
     N, H, V = args.tokens, args.hidden, args.vocab
     h = torch.randn(N, H, device=device).to(dtype)
@@ -77,7 +78,7 @@ def forward(args, device, dtype, tilings):
     _row("forward log-probs", "torch.mm (logits only)", _time_ms(lambda: torch.mm(h, w.t()), device), flop)
 
     def run(tiles):
-        linear_stats_forward(h, w, None, None, labels, 1.0, 0.0, 1.0, -100, out, tiles=tiles)
+        linear_stats_forward(h, w, None, None, labels, 1.0, 0.0, 1.0, -100, out, RENORMALISE_ABOVE, tiles=tiles)
 
     def check(tiles):
         run(tiles)

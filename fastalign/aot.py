@@ -155,13 +155,13 @@ def _fp32_matmul(choice: str):
 
 def linear_stats_cases(dtype):
     """The flag combinations the ops launch: a forward per requested statistic and head extra (bias, softcap,
-    a LoRA adapter), the backward's row-mass pass (the forward kernel with no statistic), and backward chunks per
-    set of output gradients; fp32 heads with TF32 and with full fp32 (``ieee``) products."""
+    a LoRA adapter) and backward chunks per set of output gradients; fp32 heads with TF32 and with full fp32 (``ieee``) products."""
     import torch
 
     from fastalign.kernels import linear_stats as K
     from fastalign.ops._launch import linear_outputs
     from fastalign.ops.linear_triton import gpu_chunk_tokens
+    from fastalign.ops.vocab_pieces import RENORMALISE_ABOVE
 
     h = _meta(N_TOKENS, HIDDEN, dtype=dtype)
     w = _meta(VOCAB, HIDDEN, dtype=dtype)
@@ -177,7 +177,7 @@ def linear_stats_cases(dtype):
         out = linear_outputs(N_TOKENS, "meta", entropy, sum_p2, argmax, mean_logit)
         with _fp32_matmul("ieee" if ieee else "tf32"):
             K.linear_stats_forward(h, w, b if bias else None, lora if low_rank else None, y, 1.0,
-                                   30.0 if softcap else 0.0, 1.0, -100, out)
+                                   30.0 if softcap else 0.0, 1.0, -100, out, RENORMALISE_ABOVE)
 
     def backward(g_lp=False, g_ent=False, g_sp2=False, g_mean=False, bias=False, softcap=False, low_rank=False,
                  skip=False, bias_grad=False, ieee=False):
@@ -190,7 +190,7 @@ def linear_stats_cases(dtype):
                 _meta(VOCAB, dtype=torch.float32) if bias_grad else None, c(g_mean))
 
     forwards = [{}, dict(entropy=True), dict(sum_p2=True), dict(argmax=True), dict(mean_logit=True, softcap=True),
-                dict(bias=True), dict(low_rank=True), dict(entropy=True, sum_p2=True, argmax=True, mean_logit=True,
+                dict(bias=True), dict(bias=True, softcap=True), dict(low_rank=True), dict(entropy=True, sum_p2=True, argmax=True, mean_logit=True,
                                                             **head)]
     backwards = [dict(g_lp=True), dict(g_lp=True, g_ent=True), dict(g_ent=True),
                  dict(g_lp=True, g_mean=True, softcap=True),
@@ -200,7 +200,6 @@ def linear_stats_cases(dtype):
         backwards.append(dict(g_lp=True, ieee=True))
     for flags in forwards:
         yield _variant(**flags), lambda flags=flags: forward(**flags)
-    yield "row_mass+bias+softcap", lambda: K.linear_row_mass(h, w, b, None, y, f(), 1.0, 30.0, 1.0, -100, 1e-6)
     for flags in backwards:
         yield _variant(**flags), lambda flags=flags: backward(**flags)
 

@@ -291,7 +291,7 @@ def linear_logprobs(
             nc = gpu_chunk_tokens(N, V, h2.element_size())
 
     if vocab_group is None:
-        lp, ent, sp2, amax, _amax_val, _lse, mean = linear_stats(
+        lp, ent, sp2, amax, _amax_val, _lse, mean, _log_c = linear_stats(
             h2, w2, b2, low_rank_hidden, low_rank_weight, flat_labels, scale, cap, inv_t, int(ignore_index),
             bool(entropy), bool(sum_p2), bool(argmax), name, nc, vc, float(grad_skip_threshold), bool(mean_logit))
     else:

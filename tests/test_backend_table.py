@@ -169,7 +169,7 @@ def _op_cases():
     labels = torch.tensor([1, -100, 7])
     lp, ent, sp2, _amax, lse = token_stats.token_stats(logits, labels, 1.0, -100, True, True, True, "cpp", False)
     h, w = torch.randn(B, H, generator=g), torch.randn(V, H, generator=g)
-    llp, lent, lsp2, _amax, _amax_logit, llse, _mean = linear_stats.linear_stats(
+    llp, lent, lsp2, _amax, _amax_logit, llse, _mean, _log_c = linear_stats.linear_stats(
         h, w, None, None, None, labels, 1.0, 0.0, 1.0, -100, True, False, True, "cpp", 2, 4, 0.0)
     x, m = torch.randn(B, T, generator=g), (torch.rand(B, T, generator=g) > 0.3)
     m8 = m.to(torch.uint8)

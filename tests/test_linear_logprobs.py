@@ -337,12 +337,12 @@ def _op_args(backend, chunk=(5, 37), low_rank=False, mean_logit=False):
 def test_custom_ops_pass_opcheck(cpu_backend, low_rank, mean_logit):
     args = _op_args(cpu_backend, low_rank=low_rank, mean_logit=mean_logit)
     torch.library.opcheck(linear_stats, args, test_utils=("test_schema", "test_faketensor"))
-    lp, ent, sp2, _amax, _val, lse, mean = linear_stats(*args)
+    lp, ent, sp2, _amax, _val, lse, mean, log_c = linear_stats(*args)
     assert mean.numel() == (N if mean_logit else 0)
     hidden, weight, bias, a, lw, labels = args[:6]
     g = torch.randn(N)
     bargs = (g, g, g, hidden, weight, bias, a, lw, labels, lse, ent, sp2, 1.3, 4.0, 1.0 / 0.9, -100, cpu_backend,
-             5, 37, 0.0, True, True, True, low_rank, None, g if mean_logit else None)
+             5, 37, 0.0, True, True, True, low_rank, log_c, g if mean_logit else None)
     torch.library.opcheck(linear_stats_backward, bargs, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -640,6 +640,61 @@ def test_gradients_renormalised_from_lse_32(path):
     assert_close(bias.grad, dz.sum(0), atol=2e-6, rtol=0, what="d bias")
     assert_close(hidden.grad, dz @ weight.detach().double(), atol=2e-6, rtol=0, what="d hidden")
     assert_close(weight.grad, dz.T @ hidden.detach().double(), atol=2e-6, rtol=0, what="d weight")
+
+
+def _far_and_near_rows(seed=12, n=24, h_dim=4, v=80):
+    """Integer hidden states and weights (exact fp32 logits) whose last column shifts every other row's logits by
+    40: rows with |lse| about 45 beside rows with |lse| under 32; two rows ignored."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randint(-2, 3, (n, h_dim), generator=g).float()
+    weight = torch.randint(-2, 3, (v, h_dim), generator=g).float()
+    hidden[:, -1] = torch.tensor([40.0, 0.0]).repeat(n // 2)
+    weight[:, -1] = 1.0
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[[3, 4]] = -100
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_forward_saves_the_rounding_of_its_lse(path, temperature):
+    """The forward's ``log_c`` output is ``log sum_j exp(z_j / T - lse)`` for its own saved fp32 lse at the labelled
+    rows with |lse| >= 32 (float64 on the exact logits; the rounding of log S apart), and exactly 0 elsewhere: the
+    correction the backward applies without another pass over the logits."""
+    backend, chunk = path
+    hidden, weight, labels = _far_and_near_rows()
+    n, v = hidden.shape[0], weight.shape[0]
+    nc, vc = chunk or (n, v)
+    out = linear_stats(hidden, weight, None, None, None, labels, 1.0, 0.0, 1.0 / temperature, -100, False, False,
+                       False, backend, nc, vc, 0.0)
+    lse, log_c = out[5], out[7]
+    z = (hidden.double() @ weight.double().T) / temperature
+    want = torch.logsumexp(z - lse.double()[:, None], -1)
+    far = (lse.abs() >= 32) & (labels != -100)
+    assert far.sum() == 11 and (~far & (labels != -100)).sum() == 11
+    assert torch.equal(log_c[~far], torch.zeros(int((~far).sum())))
+    assert want[far].abs().max() > 1.5e-6  # the saved lse is off by that much: the correction is not 0
+    # to the rounding of log S (its fp32 exponentials and sums)
+    assert_close(log_c[far], want[far], atol=5e-7, rtol=0, what="log c")
+
+
+def test_backward_makes_no_other_pass_over_the_logits(path, monkeypatch):
+    """Rows with |lse| >= 32 cost the backward nothing more: the C++ path forms each chunk's logits once in the
+    backward (as in the forward), the Triton path launches no forward kernel in it."""
+    from fastalign.kernels import linear_stats as kernels
+    from fastalign.ops import linear_cpu
+
+    backend, chunk = path
+    passes = []
+    for module, name in ((linear_cpu, "chunk_logits"), (kernels, "_forward_parts")):
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name, **k: passes.append(name) or fn(*a, **k))
+    hidden, weight, labels = _far_and_near_rows()
+    h = hidden.clone().requires_grad_(True)
+    st = fastalign.linear_logprobs(h, weight, labels, entropy=True, backend=backend, chunk=chunk)
+    forward = list(passes)
+    passes.clear()
+    (st.logprobs + st.entropy).sum().backward()
+    assert forward and passes == ([] if backend == "triton" else forward)
 
 
 @pytest.mark.parametrize("temperature", [0.7, 0.05, 1e-3])

@@ -39,9 +39,8 @@ installed and otherwise show as "not installed". In the runs recorded up to
 compiled preference loss) includes torch.compile compiling the step: the note in
 `benchmarks/results/README.md` names the files.
 
-Two CPU paths are known to lose to eager PyTorch, and the tables do not show them (their heads are fp32 and
-their logits near unit scale). Measured on the 2-core AMD EPYC against eager in the same process (medians of
-interleaved repeats, 2 torch threads):
+One CPU path is known to lose to eager PyTorch, and the tables do not show it (their heads are fp32). Measured
+on the 2-core AMD EPYC against eager in the same process (medians of interleaved repeats, 2 torch threads):
 
 - **A bf16 lm_head on the CPU.** The fused head ops compute in fp32 (bf16 operands widened chunk by chunk, an
   fp32 d(weight) accumulator), where eager runs the CPU's bf16 products and rounds the logits to bf16:
@@ -49,12 +48,11 @@ interleaved repeats, 2 torch threads):
   `LinearPolicyLoss` (GRPO) at 512 tokens, H=1024, V=32000 fwd+bwd 585 against 224 ms. On a GPU the products
   take bf16 operands with fp32 accumulation. For CPU runs of a bf16 model, the logits path
   (`token_logprobs` on the model's own logits) is the fast one.
-- **Large logits at a low temperature with a head (`|lse| >= 32`).** The saved fp32 log-sum-exp is off by up to
-  half its ulp there, so the backward renormalises those rows with one more sweep over their logits:
-  `linear_logprobs` at N=512, H=512, V=32000 fp32 (logits about 4 times unit scale) fwd+bwd 628 ms against
-  eager's 383 ms at T = 0.7, 484 against 391 ms at T = 0.5. At T = 1 (or any T whose reciprocal is a power of
-  two) the sweep forms its offsets in fp32 and the step wins: 441 against 463 ms with `|lse|` of 28-45 (it took
-  591 ms in float64). On a GPU the same sweep is one more forward pass over those rows.
+
+Large logits (rows with `|lse| >= 32`: logits far from unit scale, or a low temperature) cost the head ops no
+extra pass: the forward keeps the rounding of its fp32 log-sum-exp, which the backward removes
+([math](math.md#token-gradients)). `linear_logprobs` at N=512, H=512, V=32000 fp32 with `|lse|` of 42-95,
+fwd+bwd: 394, 392 and 386 ms against eager's 409, 405 and 404 ms at T = 1, 0.7 and 0.5.
 
 The GPU run (NVIDIA H200) comes from `make gpu-check`, whose folders in `benchmarks/results/`
 (`gpu-check-<device>-<time>/`) hold each run's build, GPU tests, compute-sanitizer and profile logs;

@@ -27,11 +27,11 @@ with log p = x - lse, H the entropy and P = sum p^2 of the row:
     du_j = (dx_j / T + g_mean / V) * (1 - (z_j / cap)^2 if softcap) * scale     (g_mean: of the mean logit)
 
 The saved fp32 lse is off by up to ulp(lse) / 2 (5e-4 of every p at |lse| = 1e4), so
-for the labelled rows with |lse| >= 32 backward first forms their mass over the
-vocabulary, c = sum_j e^{x_j - lse} (``linear_row_mass``: the forward kernel run on
-those rows only, so the blocks without one compute nothing), and uses
+for the labelled rows with |lse| >= 32 the finishing kernel also writes that rounding,
+log c = log sum_j e^{x_j - lse} = (m - lse) + log s, and backward uses
 log p = x - lse - log c: the softmax is renormalised, as in the token_stats and C++
-backwards. For a vocabulary shard the caller sums c across the shards first.
+backwards, with no other pass over the logits. For a vocabulary shard the caller merges
+the shards' c first.
 
 The result is written to a [chunk, V] buffer in the input dtype; d(hidden) = du @ W and
 d(weight) += du.T @ h (and d(a) = du @ L, d(L) += du.T @ a) are matrix products on that
@@ -164,7 +164,7 @@ def linear_stats_fwd_kernel(
 @triton.jit
 def linear_stats_finish_kernel(
     part_ptr, aidx_ptr, aval_ptr, labels_ptr, lp_ptr, ent_ptr, sp2_ptr, amax_ptr, amax_val_ptr, lse_ptr, mean_ptr,
-    N, V, n_splits, ignore_index,
+    logc_ptr, N, V, n_splits, ignore_index, renormalise_above,
     WANT_ENT: tl.constexpr, WANT_SP2: tl.constexpr, WANT_AMAX: tl.constexpr, WANT_MEAN: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -192,6 +192,9 @@ def linear_stats_finish_kernel(
     lse, lp, ent, sp2 = finish(m, s, t, q, zy)
     tl.store(lp_ptr + rows, tl.where(ignored, 0.0, tl.where(valid, lp, float("nan"))), mask=ok)
     tl.store(lse_ptr + rows, tl.where(ignored, 0.0, lse), mask=ok)
+    # log c = (m - lse) + log s: the rounding of the saved lse, m - lse exact where |lse| >= 32 (Sterbenz)
+    far = (tl.abs(lse) >= renormalise_above) & (tl.abs(lse) < float("inf")) & ~ignored  # -inf: no mass
+    tl.store(logc_ptr + rows, tl.where(far, (m - lse) + tl.log(s), 0.0), mask=ok)
     if WANT_ENT:
         tl.store(ent_ptr + rows, tl.where(ignored, 0.0, ent), mask=ok)
     if WANT_SP2:
@@ -350,12 +353,14 @@ def _forward_parts(hidden, weight, bias, low_rank, labels, scale, cap, inv_t, ig
     return parts, aidx, aval, splits
 
 
-def linear_stats_forward(hidden, weight, bias, low_rank, labels, scale, cap, inv_t, ignore_index, out, tiles=None):
-    """Writes ``out`` = (logprobs, entropy, sum_p2, argmax, argmax logit, lse, mean logit); unrequested ones are
-    empty.
+def linear_stats_forward(hidden, weight, bias, low_rank, labels, scale, cap, inv_t, ignore_index, out,
+                         renormalise_above, tiles=None):
+    """Writes ``out`` = (logprobs, entropy, sum_p2, argmax, argmax logit, lse, mean logit, log c); unrequested ones
+    are empty. ``log c`` is the saved lse's rounding at the labelled rows with ``|lse| >= renormalise_above``
+    (0 elsewhere), which backward removes from ``log p``.
     ``tiles``: the launch, ``(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages)``, instead of the default
     (benchmarks/lm_head_tilings.py compares them)."""
-    lp, ent, sp2, amax, amax_val, lse, mean = out
+    lp, ent, sp2, amax, amax_val, lse, mean, log_c = out
     N = hidden.shape[0]
     V = weight.shape[0]
     want_ent, want_sp2, want_amax, want_mean = (bool(t.numel()) for t in (ent, sp2, amax, mean))
@@ -365,26 +370,11 @@ def linear_stats_forward(hidden, weight, bias, low_rank, labels, scale, cap, inv
     linear_stats_finish_kernel[(triton.cdiv(N, finish_rows),)](
         parts, aidx if want_amax else labels, aval if want_amax else parts, labels,
         lp, ent if want_ent else lp, sp2 if want_sp2 else lp, amax if want_amax else labels,
-        amax_val if want_amax else lp, lse, mean if want_mean else lp, N, V, splits, ignore_index,
+        amax_val if want_amax else lp, lse, mean if want_mean else lp, log_c, N, V, splits, ignore_index,
+        renormalise_above,
         WANT_ENT=want_ent, WANT_SP2=want_sp2, WANT_AMAX=want_amax, WANT_MEAN=want_mean, BLOCK_N=finish_rows,
         num_warps=4,
     )
-
-
-def linear_row_mass(hidden, weight, bias, low_rank, labels, lse, scale, cap, inv_t, ignore_index, threshold):
-    """``c = sum_j e^{x_j - lse}`` per row over this weight's vocabulary for the labelled rows with
-    ``|lse| >= threshold`` (0 elsewhere): the forward kernel run on those rows alone (blocks without
-    one compute nothing), its split states folded as ``c = sum_k s_k e^{m_k - lse}``. Each
-    ``m_k - lse`` is a difference of nearby fp32 numbers, so c carries the rounding of the saved lse
-    that backward then removes (log p = x - lse - log c)."""
-    import torch
-
-    far = (lse.abs() >= threshold) & (labels != ignore_index)
-    far_labels = torch.where(far, labels, torch.full_like(labels, ignore_index))
-    parts = _forward_parts(hidden, weight, bias, low_rank, far_labels, scale, cap, inv_t, ignore_index, False,
-                           False, False)[0]
-    c = (parts[1] * torch.exp(parts[0] - lse)).sum(0)
-    return torch.where(far, c, 0.0)
 
 
 def linear_stats_backward(hidden, weight, bias, low_rank, labels, lse, ent, sp2, g_lp, g_ent, g_sp2,

@@ -35,9 +35,12 @@ def stat_outputs(n: int, device, entropy: bool, sum_p2: bool, argmax: bool, argm
 
 def linear_outputs(n: int, device, entropy: bool, sum_p2: bool, argmax: bool, mean_logit: bool):
     """Per-row outputs of the ops over hidden states: :func:`stat_outputs` with the argmax logit, then the mean
-    logit (fp32; empty when not requested): (logprobs, entropy, sum_p2, argmax, argmax logit, lse, mean_logit)."""
+    logit (fp32; empty when not requested) and ``log c``, the rounding error of the fp32 lse that backward removes
+    (:func:`~fastalign.ops.vocab_pieces.log_mass`): (logprobs, entropy, sum_p2, argmax, argmax logit, lse,
+    mean_logit, log_c)."""
     out = stat_outputs(n, device, entropy, sum_p2, argmax, argmax_value=True)
-    return (*out, torch.empty(n if mean_logit else 0, device=device, dtype=torch.float32))
+    f32 = dict(device=device, dtype=torch.float32)
+    return (*out, torch.empty(n if mean_logit else 0, **f32), torch.empty(n, **f32))
 
 
 def triton_kernels(name: str):

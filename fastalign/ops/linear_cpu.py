@@ -12,7 +12,6 @@ ignore_index, found on the host: CPU tensors only) go through these chunks; the 
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Optional
 
@@ -20,9 +19,9 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend
-from fastalign.ops._launch import DTYPE_CODE, eager, opt, ptr
+from fastalign.ops._launch import DTYPE_CODE, opt, ptr
 from fastalign.ops.device_compaction import matmul_live
-from fastalign.ops.vocab_pieces import PIECE_IGNORE, far_rows, local_labels, log_mass, merge_pieces
+from fastalign.ops.vocab_pieces import PIECE_IGNORE, local_labels, log_mass, merge_pieces
 
 
 def chunk_logits(buf: Tensor, h_c: Tensor, w_v: Tensor, b_v: Optional[Tensor], scale: float, softcap: float,
@@ -148,12 +147,14 @@ def forward(hidden, weight, bias, low_rank, labels, scale, softcap, inv_t, ignor
     ``logprob = (z_y - z_max) / T - log S``. The pieces merge from their raw maxima ``z_max_k``, shifted by the
     row's before dividing by ``T`` (``(z_max_k - z_max) / T``), as the row kernel forms ``(z_j - z_max) / T``:
     the log-prob is within fp32 rounding of itself at any ``|z| / T``, not of ``|z| / T`` (``lse`` is then
-    rounded once, ``z_max / T + log S``)."""
-    _lp, ent, sp2, amax, _amax_val, _lse, mean = out
+    rounded once, ``z_max / T + log S``, and ``log c`` is that rounding, :func:`log_mass` of ``z_max / T`` kept
+    exact: the backward's offsets ``z_j / T - lse`` form the product exactly too)."""
+    _lp, ent, sp2, amax, _amax_val, _lse, mean, _log_c = out
     N, V = hidden.shape[0], weight.shape[0]
     C = _backend.compiled()
     buf = torch.empty(min(nc, N) * min(vc, V), dtype=torch.float32)
     K = -(-V // vc)
+    inv_t32 = torch.tensor(inv_t, dtype=torch.float32).double()  # 1 / T rounded to fp32, as the C++ kernels take it
     for n0 in range(0, N, nc):
         n1 = min(N, n0 + nc)
         n = n1 - n0
@@ -193,18 +194,21 @@ def forward(hidden, weight, bias, low_rank, labels, scale, softcap, inv_t, ignor
                 opt(None if sp2_k is None else sp2_k[0])
         else:  # each piece's max relative to the row's: (z_max_k - z_max) / T
             _, log_S, m_ent, m_sp2, _ = merge_pieces((z_max_k - z_ref) * inv_t, log_s_k, ent_k, sp2_k)
-        write_stats(slice(n0, n1), y, V, ignore_index, (zy - z_ref) * inv_t - log_S, z_ref * inv_t + log_S, m_ent,
-                    m_sp2, best_idx, best_val, out, None if z_sum is None else z_sum / V)
+        m_lse = z_ref * inv_t + log_S
+        write_stats(slice(n0, n1), y, V, ignore_index, (zy - z_ref) * inv_t - log_S, m_lse, m_ent,
+                    m_sp2, best_idx, best_val, out, None if z_sum is None else z_sum / V,
+                    log_mass(z_ref.double() * inv_t32, log_S, m_lse, y, ignore_index))
 
 
-def write_stats(rows, y, V, ignore_index, m_lp, m_lse, m_ent, m_sp2, best_idx, best_val, out, m_mean=None):
+def write_stats(rows, y, V, ignore_index, m_lp, m_lse, m_ent, m_sp2, best_idx, best_val, out, m_mean, m_log_c):
     """Write the merged statistics of ``rows``; ignored rows give 0, out-of-range labels a NaN log-prob."""
-    lp, ent, sp2, amax, amax_val, lse, mean = out
+    lp, ent, sp2, amax, amax_val, lse, mean, log_c = out
     ignored = y == ignore_index
     valid = (y >= 0) & (y < V)
     zero = torch.zeros((), dtype=torch.float32, device=y.device)
     lp[rows] = torch.where(ignored, zero, torch.where(valid, m_lp, float("nan")))
     lse[rows] = torch.where(ignored, zero, m_lse)
+    log_c[rows] = m_log_c
     if m_ent is not None:
         ent[rows] = torch.where(ignored, zero, m_ent)
     if m_sp2 is not None:
@@ -214,49 +218,6 @@ def write_stats(rows, y, V, ignore_index, m_lp, m_lse, m_ent, m_sp2, best_idx, b
     if best_idx is not None:
         amax[rows] = best_idx
         amax_val[rows] = best_val
-
-
-def chunk_row_mass(buf, h_c, weight, bias, low_rank, a_c, y, lse_c, scale, softcap, inv_t, ignore_index, vc):
-    """``c = sum_j exp(z_j / T - lse)`` over this weight's vocabulary for the rows of a token chunk that
-    :func:`far_rows` selects (0 elsewhere), or None when there are none: one more sweep of logit
-    chunks, only for rows of large logits or low temperature. Traced (torch.compile), the sweep always runs
-    (whether a row is far is not read on the host)."""
-    far = far_rows(lse_c, y, ignore_index)
-    if eager(far) and not bool(far.any()):
-        return None
-    V = weight.shape[0]
-    c = torch.zeros_like(lse_c)
-    inv_t32 = lse_c.new_full((), inv_t).double()  # 1 / T rounded to fp32, as the C++ kernels take it
-    for v0 in range(0, V, vc):
-        v1 = min(V, v0 + vc)
-        z = chunk_logits(buf, h_c, _f32(weight[v0:v1]), _f32(None if bias is None else bias[v0:v1]), scale, softcap,
-                         _piece(a_c, low_rank, v0, v1))
-        # z_j / T - lse as the C++ backward forms it (csrc/cpu/token_stats.cpp offset_from_lse): the product of two
-        # fp32 numbers exact (float64 holds it), one rounding to fp32 after the difference. With the float64 1 / T
-        # the two differ by |z| / T * 2^-24 at every j, and p = exp(offset - log c) keeps that relative error. With
-        # 1 / T a power of two (T = 1, 0.5, ...) fp32 holds the product and its difference is that one rounding:
-        # no float64 pass over the chunk
-        if math.frexp(inv_t)[0] == 0.5:
-            c += z.mul_(inv_t).sub_(lse_c.unsqueeze(1)).exp_().sum(1)
-        else:
-            c += torch.exp((z.double() * inv_t32 - lse_c.double().unsqueeze(1)).float()).sum(1)
-    return torch.where(far, c, 0.0)
-
-
-def row_mass(hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t, ignore_index, nc, vc) -> Tensor:
-    """:func:`chunk_row_mass` of every row (0 off the :func:`far_rows`), over this weight's vocabulary: summed
-    across vocabulary shards it is the whole row's mass."""
-    N = hidden.shape[0]
-    c = torch.zeros(N, dtype=torch.float32)
-    buf = torch.empty(min(nc, max(N, 1)) * min(vc, weight.shape[0]), dtype=torch.float32)
-    for n0 in range(0, N, nc):
-        n1 = min(N, n0 + nc)
-        a_c = None if low_rank is None else _f32(low_rank[0][n0:n1])
-        part = chunk_row_mass(buf, _f32(hidden[n0:n1]), weight, bias, low_rank, a_c, labels[n0:n1], lse[n0:n1],
-                              scale, softcap, inv_t, ignore_index, vc)
-        if part is not None:
-            c[n0:n1] = part
-    return c
 
 
 def labelled_rows(labels: Tensor, ignore_index: int) -> Optional[Tensor]:
@@ -318,8 +279,8 @@ def backward_labelled(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels
 
 def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent, sp2, scale, softcap, inv_t,
              ignore_index, nc, vc, dh, dw, db, low_rank_grads=(None, None), log_c=None, g_mean=None):
-    """Backward over token chunks; ``log_c`` (the rows' log mass over the whole vocabulary, given when
-    the weight is one shard of it) or, without it, the mass of this weight's vocabulary; ``g_mean``: the
+    """Backward over token chunks; ``log_c``: the forward's correction of each row's ``log p`` (the rounding
+    of its fp32 lse, :func:`log_mass`; None: none); ``g_mean``: the
     gradient of each row's mean logit (0 at the ignored rows), ``g_mean / V`` added to every d(logit)."""
     N, V = hidden.shape[0], weight.shape[0]
     C = _backend.compiled()
@@ -334,12 +295,7 @@ def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, en
         dh_c = None if dh is None else dh[n0:n1]
         da_c = None if low_rank_grads[0] is None else low_rank_grads[0][n0:n1]
         dl = low_rank_grads[1]
-        if log_c is not None:
-            log_c_c = log_c[n0:n1]
-        else:
-            c = chunk_row_mass(buf, h_c, weight, bias, low_rank, a_c, y, lse[n0:n1], scale, softcap, inv_t,
-                               ignore_index, vc)
-            log_c_c = None if c is None else log_mass(c, lse[n0:n1], y, ignore_index)
+        log_c_c = None if log_c is None else log_c[n0:n1]
         for v0 in range(0, V, vc):
             v1 = min(V, v0 + vc)
             w_v = _f32(weight[v0:v1])

@@ -33,15 +33,17 @@ def linear_stats(
     low_rank_weight: Optional[Tensor], labels: Tensor, scale: float, softcap: float,
     inv_temperature: float, ignore_index: int, entropy: bool, sum_p2: bool, argmax: bool, backend: str,
     chunk_tokens: int, chunk_vocab: int, skip_threshold: float, mean_logit: bool = False,
-    out: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] = (),
+    out: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] = (),
 ) -> None:
-    """Returns (logprobs, entropy, sum_p2, argmax, argmax_logit, lse, mean_logit) for ``hidden [N, H]``,
+    """Returns (logprobs, entropy, sum_p2, argmax, argmax_logit, lse, mean_logit, log_c) for ``hidden [N, H]``,
     ``weight [V, H]`` and, optional, a low-rank term ``low_rank_hidden [N, r] @ low_rank_weight[V, r].T`` added to
     the logits.
 
     ``softcap`` 0 means off. Unrequested outputs are empty. ``argmax_logit`` is the
     max of ``z / T`` (used to merge argmax across vocabulary shards); ``mean_logit`` the mean of ``z`` over this
-    weight's vocabulary, before the temperature (differentiable).
+    weight's vocabulary, before the temperature (differentiable); ``log_c`` the rounding error of the fp32 lse at
+    the rows with ``|lse| >= 32`` (0 elsewhere), which backward removes from ``log p``
+    (:func:`~fastalign.ops.vocab_pieces.log_mass`).
     ``skip_threshold`` only affects the Triton backward.
     """
     if hidden.shape[0] == 0:
@@ -91,7 +93,8 @@ def linear_stats_backward(
 ) -> None:
     """(d hidden, d weight, d bias, d low_rank_hidden, d low_rank_weight) in the input dtypes; a gradient not
     needed is an empty tensor.
-    ``log_c``: the rows' log mass over the whole vocabulary when ``weight`` is one shard of it.
+    ``log_c``: the forward's (or, for a shard of the vocabulary, the merged) correction of each row's
+    ``log p = z / T - lse - log c``; None: none.
     ``grad_mean_logit``: the gradient of the mean logit over this weight's vocabulary (none at ignored rows).
 
     Sums run in fp32: d(bias) always, and the others on the CPU, in fp32 accumulators cast once at the
@@ -127,20 +130,20 @@ _OTHER_INPUTS = 13
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, a, lw, labels, scale, softcap, inv_t, ignore_index, _e, _s, _a, backend, nc, vc,
      skip, *_mean) = inputs
-    _lp, ent, sp2, _amax, _amax_val, lse, _m = output
-    ctx.save_for_backward(hidden, weight, bias, a, lw, labels, lse, ent, sp2)
+    _lp, ent, sp2, _amax, _amax_val, lse, _m, log_c = output
+    ctx.save_for_backward(hidden, weight, bias, a, lw, labels, lse, ent, sp2, log_c)
     ctx.args = (scale, softcap, inv_t, ignore_index, backend, nc, vc, skip)
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, g_lp, g_ent, g_sp2, _g_amax, _g_amax_val, _g_lse, g_mean):
-    hidden, weight, bias, a, lw, labels, lse, ent, sp2 = ctx.saved_tensors
+def _backward(ctx, g_lp, g_ent, g_sp2, _g_amax, _g_amax_val, _g_lse, g_mean, _g_log_c):
+    hidden, weight, bias, a, lw, labels, lse, ent, sp2, log_c = ctx.saved_tensors
     present = (True, True, bias is not None, a is not None, a is not None)
     need = [bool(n and p) for n, p in zip(ctx.needs_input_grad[:_TENSOR_INPUTS], present)]
     if not any(need):
         return (None,) * (_TENSOR_INPUTS + _OTHER_INPUTS)
     grads = linear_stats_backward(g_lp, g_ent, g_sp2, hidden, weight, bias, a, lw, labels, lse, ent, sp2, *ctx.args,
-                                  need[0], need[1], need[2], need[3] or need[4], grad_mean_logit=g_mean)
+                                  need[0], need[1], need[2], need[3] or need[4], log_c, g_mean)
     return (*(gr if n else None for gr, n in zip(grads, need)), *((None,) * _OTHER_INPUTS))
 
 

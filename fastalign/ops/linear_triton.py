@@ -8,19 +8,11 @@ products per chunk.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from fastalign.ops._launch import opt, triton_kernels
 from fastalign.ops.device_compaction import compact
 from fastalign.ops.linear_cpu import matmul_into
-from fastalign.ops.vocab_pieces import RENORMALISE_ABOVE, log_mass
-
-
-def row_mass(hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t, ignore_index) -> Tensor:
-    """``c = sum_j exp(z_j / T - lse)`` over this weight's vocabulary for the rows backward renormalises
-    (:func:`~fastalign.ops.vocab_pieces.far_rows`), 0 elsewhere."""
-    return triton_kernels("linear_stats").linear_row_mass(
-        hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t, ignore_index, RENORMALISE_ABOVE)
+from fastalign.ops.vocab_pieces import RENORMALISE_ABOVE
 
 
 def forward(hidden, weight, bias, low_rank, labels, scale, softcap, inv_t, ignore_index, out):
@@ -30,11 +22,12 @@ def forward(hidden, weight, bias, low_rank, labels, scale, softcap, inv_t, ignor
     K = triton_kernels("linear_stats")
     cmp = None if out[3].numel() else compact(labels, ignore_index)
     if cmp is None:
-        K.linear_stats_forward(hidden, weight, bias, low_rank, labels, scale, softcap, inv_t, ignore_index, out)
+        K.linear_stats_forward(hidden, weight, bias, low_rank, labels, scale, softcap, inv_t, ignore_index, out,
+                               RENORMALISE_ABOVE)
         return
     packed = [torch.empty_like(t) for t in out]
     K.linear_stats_forward(cmp.gather(hidden), weight, bias, _gathered(cmp, low_rank), cmp.gather(labels), scale,
-                           softcap, inv_t, ignore_index, packed)
+                           softcap, inv_t, ignore_index, packed, RENORMALISE_ABOVE)
     for result, t in zip(out, packed):
         if result.numel():
             cmp.scatter(t, into=result)
@@ -64,14 +57,13 @@ def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, en
     the caller casts once); ``db`` gets the kernel's fp32 column sums of d(logits), before their rounding to
     the input dtype; likewise ``d a = du @ L`` and ``d L += du.T @ a`` for ``low_rank = (a, L)``
     into ``low_rank_grads``; ``g_mean``, the gradient of each row's mean logit, adds ``g_mean / V`` to its
-    d(logits). Rows with ``|lse| >= RENORMALISE_ABOVE`` are renormalised by ``log_c``
-    (given for a vocabulary shard, else one forward-like pass over the blocks that hold such rows).
+    d(logits). ``log_c``, the forward's correction of each row's ``log p = z / T - lse - log c`` (the rounding
+    of its fp32 lse at the rows with ``|lse| >= RENORMALISE_ABOVE``), renormalises those rows; None: none.
 
     The labelled rows are put first (:func:`~fastalign.ops.device_compaction.compact`) and the
     products of each chunk run over its labelled rows only (their count read on the device)."""
     if log_c is None:
-        c = row_mass(hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t, ignore_index)
-        log_c = log_mass(c, lse, labels, ignore_index)
+        log_c = torch.zeros_like(lse)
     cmp = compact(labels, ignore_index)
     if cmp is None:
         _chunks(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent, sp2, scale, softcap, inv_t,

@@ -18,8 +18,6 @@ import math
 import torch
 from torch import Tensor
 
-from fastalign._backend import backend_for
-from fastalign.ops import linear_cpu, linear_triton
 from fastalign.ops._launch import eager, linear_outputs
 from fastalign.ops.linear_stats import linear_stats, linear_stats_backward
 from fastalign.ops.vocab_pieces import PIECE_IGNORE, local_labels, log_mass, merge_pieces
@@ -81,25 +79,15 @@ def shard_range(v_local: int, group, device, same: dict[str, int]) -> tuple[Tens
     return sizes[0, :rank].sum(), sizes[0].sum()
 
 
-def row_mass(hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t, ignore_index, backend, nc,
-             vc) -> Tensor:
-    """``c = sum_j exp(z_j / T - lse)`` over this rank's shard for the rows backward renormalises
-    (:func:`~fastalign.ops.vocab_pieces.far_rows`), 0 elsewhere: summed over the shards it is the
-    whole row's mass."""
-    if backend_for("linear_stats_backward", hidden.device, backend) == "cpp":
-        return linear_cpu.row_mass(hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t, ignore_index,
-                                   nc, vc)
-    return linear_triton.row_mass(hidden, weight, bias, low_rank, labels, lse, scale, softcap, inv_t, ignore_index)
-
-
 def _empty_shard_stats(n: int, device, want_ent: bool, want_sp2: bool, want_amax: bool,
                        want_mean: bool) -> tuple[Tensor, ...]:
     """The local statistics of an empty shard, a piece with no mass (``lse = -inf``) that the merge weighs 0, as
     :func:`~fastalign.ops.linear_stats.linear_stats` returns them for ``n`` rows."""
-    lp, ent, sp2, amax, amax_val, lse, mean = linear_outputs(n, device, want_ent, want_sp2, want_amax, want_mean)
-    for t in (lp, ent, sp2, amax, mean):
+    lp, ent, sp2, amax, amax_val, lse, mean, log_c = linear_outputs(n, device, want_ent, want_sp2, want_amax,
+                                                                     want_mean)
+    for t in (lp, ent, sp2, amax, mean, log_c):
         t.zero_()
-    return lp, ent, sp2, amax, amax_val.fill_(float("-inf")), lse.fill_(float("-inf")), mean
+    return lp, ent, sp2, amax, amax_val.fill_(float("-inf")), lse.fill_(float("-inf")), mean, log_c
 
 
 def global_argmax(amax: Tensor, amax_val: Tensor, start: Tensor, v_total: Tensor, group) -> Tensor:
@@ -120,7 +108,7 @@ class VocabParallelStats(torch.autograd.Function):
     Forward: local statistics with local labels, then the merge across ranks (max of lse, sum of the
     exp mass, one sum of the mass-weighted entropy / sum p^2 terms and of the label logit), and max /
     min all-reduces for the argmax. Backward: the local backward op with the merged statistics and
-    the rows' mass over the whole vocabulary; d(hidden) summed over ranks.
+    the merged lse's rounding (``log c``, at the rows with ``|lse| >= 32``); d(hidden) summed over ranks.
     """
 
     @staticmethod
@@ -136,10 +124,10 @@ class VocabParallelStats(torch.autograd.Function):
                 rank_r})
         yl = local_labels(labels, start, start + V_r, ignore_index)
         if V_r == 0:
-            lp, ent, sp2, amax, amax_val, lse, mean = _empty_shard_stats(hidden.shape[0], hidden.device, want_ent,
-                                                                         want_sp2, want_amax, want_mean)
+            lp, ent, sp2, amax, amax_val, lse, mean, log_c = _empty_shard_stats(
+                hidden.shape[0], hidden.device, want_ent, want_sp2, want_amax, want_mean)
         else:
-            lp, ent, sp2, amax, amax_val, lse, mean = linear_stats(
+            lp, ent, sp2, amax, amax_val, lse, mean, log_c = linear_stats(
                 hidden, weight, bias, low_rank_hidden, low_rank_weight, yl, scale, softcap, inv_t, PIECE_IGNORE,
                 want_ent, want_sp2, want_amax, backend, nc, vc, skip, want_mean)
         ignored = labels == ignore_index
@@ -147,10 +135,11 @@ class VocabParallelStats(torch.autograd.Function):
         # the label's logit lp + lse; -inf where every logit of the shard is -inf (lp = -inf - -inf would be NaN)
         label_logit = torch.where(inside, torch.where(lse == -math.inf, lse, lp + lse), 0.0)
         extra = (label_logit, mean * V_r) if want_mean else (label_logit,)  # the shard's sum of logits
+        # each shard's mass relative to its fp32 lse is c (log c: the rounding of that lse, 0 below |lse| = 32)
         M, log_S, m_ent, m_sp2, (m_label_logit, *z_sum) = merge_pieces(
-            lse, torch.zeros_like(lse), ent if want_ent else None, sp2 if want_sp2 else None,
-            extra=extra, over=AcrossRanks(group))
+            lse, log_c, ent if want_ent else None, sp2 if want_sp2 else None, extra=extra, over=AcrossRanks(group))
         g_lse = M + log_S
+        g_log_c = log_mass(M, log_S, g_lse, labels, ignore_index)
         zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
         valid = (labels >= 0) & (labels < v_total)
         g_lp = torch.where(ignored, zero, torch.where(valid, m_label_logit - g_lse, float("nan")))
@@ -161,7 +150,8 @@ class VocabParallelStats(torch.autograd.Function):
         g_amax = amax
         if want_amax:
             g_amax = global_argmax(amax, amax_val, start, v_total, group)
-        ctx.save_for_backward(hidden, weight, bias, low_rank_hidden, low_rank_weight, yl, g_lse, g_ent, g_sp2)
+        ctx.save_for_backward(hidden, weight, bias, low_rank_hidden, low_rank_weight, yl, g_lse, g_ent, g_sp2,
+                              g_log_c)
         ctx.group = group
         ctx.mean_share = V_r / v_total if want_mean else None  # d mean / d mean_r
         ctx.args = (scale, softcap, inv_t, PIECE_IGNORE, backend, nc, vc, skip)
@@ -173,24 +163,19 @@ class VocabParallelStats(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent, g_sp2, _g_amax, g_mean):
         import torch.distributed as dist
 
-        hidden, weight, bias, a, lw, yl, lse, ent, sp2 = ctx.saved_tensors
+        hidden, weight, bias, a, lw, yl, lse, ent, sp2, log_c = ctx.saved_tensors
         low_rank = None if a is None else (a, lw)
         need = ctx.needs_input_grad
         if g_lp is None and g_ent is None and g_sp2 is None and g_mean is None:
             return (None,) * 19
-        scale, softcap, inv_t, ignore, backend, nc, vc, _skip = ctx.args
         empty = weight.shape[0] == 0
-        # rows with |lse| >= RENORMALISE_ABOVE: their mass over the whole vocabulary, summed over the shards
-        c = torch.zeros_like(lse) if empty else row_mass(hidden, weight, bias, low_rank, yl, lse, scale, softcap,
-                                                          inv_t, ignore, backend, nc, vc)
-        dist.all_reduce(c, op=dist.ReduceOp.SUM, group=ctx.group)
         # every rank takes part in the all-reduce of d(hidden) (and d(a)): both are computed on every rank
         if empty:  # an empty shard adds nothing to d(hidden) and d(a)
             dh, dw, db, da, dl = (None if t is None else torch.zeros_like(t) for t in (hidden, weight, bias, a, lw))
         else:
             dh, dw, db, da, dl = linear_stats_backward(
                 g_lp, g_ent, g_sp2, hidden, weight, bias, a, lw, yl, lse, ent, sp2, *ctx.args, True, bool(need[1]),
-                bool(bias is not None and need[2]), low_rank is not None, log_mass(c, lse, yl, ignore),
+                bool(bias is not None and need[2]), low_rank is not None, log_c,
                 None if g_mean is None else g_mean * ctx.mean_share)
         dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.group)
         if low_rank is not None:

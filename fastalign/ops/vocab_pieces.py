@@ -87,11 +87,16 @@ RENORMALISE_ABOVE = 32.0
 
 
 def far_rows(lse: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
-    """Rows backward renormalises: labelled, with ``|lse| >= RENORMALISE_ABOVE``."""
-    return (lse.abs() >= RENORMALISE_ABOVE) & (labels != ignore_index)
+    """Rows backward renormalises: labelled, with ``RENORMALISE_ABOVE <= |lse| < inf`` (a row of no mass,
+    ``lse = -inf``, is a vocabulary piece that merges with weight 0, and has nothing to renormalise)."""
+    return (lse.abs() >= RENORMALISE_ABOVE) & torch.isfinite(lse) & (labels != ignore_index)
 
 
-def log_mass(c: Tensor, lse: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
-    """``log c`` on the :func:`far_rows`, 0 elsewhere (the correction backward applies to log p), for
-    ``c = sum_j exp(z_j / T - lse)`` over the whole vocabulary."""
-    return torch.where(far_rows(lse, labels, ignore_index), torch.log(c), 0.0).contiguous()
+def log_mass(M: Tensor, log_S: Tensor, lse: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """``log c = log sum_j exp(z_j / T - lse)`` on the :func:`far_rows`, 0 elsewhere: the correction backward
+    applies to ``log p``, from the forward's own ``M`` (its reference logit) and ``log S`` (the log of the row's
+    mass relative to it), with ``lse`` their sum rounded to fp32: ``log c = (M - lse) + log S``, the difference
+    formed in float64, where it is exact. So ``log c`` is the saved lse's rounding error, known to the rounding of
+    ``log S``, and the backward needs no other pass over the logits to remove it."""
+    c = (M.double() - lse.double()) + log_S.double()
+    return torch.where(far_rows(lse, labels, ignore_index), c.float(), 0.0).contiguous()
