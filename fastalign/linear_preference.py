@@ -281,16 +281,14 @@ class LinearPreferenceLoss(nn.Module):
         return preference_loss(sc.sum, sr.sum, ref_c, ref_r, chosen_lengths=sc.count, rejected_lengths=sr.count,
                                chosen_nll=-plain_c.sum() / count, weights=weights, kto_kl=kto_kl, **config)
 
-    def _check(self, name, hidden, labels, weight):
+    @staticmethod
+    def _check(name, hidden, labels, weight, bias, vocab_shard: bool) -> None:
+        """Hidden states ``name`` and their labels against the head (:func:`~fastalign.linear.check_head`, as
+        :func:`~fastalign.linear.linear_logprobs` checks it: on every path, not the two passes only)."""
         _validate.floating(name, hidden, min_dim=2)
-        _validate.nonempty(name, hidden, -1, "hidden-size (last)")
+        check_head(hidden, weight, bias, names=(name, "weight", "bias"), vocab_shard=vocab_shard)
         _validate.integer(f"{name} labels", labels)
         _validate.shape(f"{name} labels", labels, hidden.shape[:-1], f"{name}.shape[:-1]")
-        if hidden.shape[-1] != weight.shape[-1]:
-            raise ValueError(f"{name} has hidden size {hidden.shape[-1]} but weight is {tuple(weight.shape)} "
-                             "([V, H])")
-        if weight.dtype != hidden.dtype:  # as linear_logprobs refuses it: on every path, not the two passes only
-            raise TypeError(f"weight must have the dtype of {name} ({hidden.dtype}), got {weight.dtype}")
 
     @staticmethod
     def _check_ref(name, ref, like, like_name, weight, bias, ref_weight, ref_bias, vocab_shard: bool) -> None:
@@ -337,7 +335,7 @@ class LinearPreferenceLoss(nn.Module):
         if ref_hidden is not None and (_pair("ref_hidden", ref_hidden) is None) != (split is None):
             raise ValueError("ref_hidden must use the same layout as hidden")
         if split is None:
-            self._check("hidden", hidden, labels, weight)
+            self._check("hidden", hidden, labels, weight, bias, group is not None)
             if ref_hidden is not None:
                 self._check_ref("ref_hidden", ref_hidden, hidden, "hidden", *ref_head)
             if cu_seqlens is not None:
@@ -359,8 +357,8 @@ class LinearPreferenceLoss(nn.Module):
             rhc, rhr = _halves(ref_hidden, B)
         else:
             (hc, hr), (yc, yr) = split, label_pair
-            self._check("chosen hidden", hc, yc, weight)
-            self._check("rejected hidden", hr, yr, weight)
+            self._check("chosen hidden", hc, yc, weight, bias, group is not None)
+            self._check("rejected hidden", hr, yr, weight, bias, group is not None)
             if hc.dim() != 3 or hr.dim() != 3 or hc.shape[0] != hr.shape[0]:
                 raise ValueError("separate hidden must be ([B, Tc, H], [B, Tr, H]) with the same B")
             twc = twr = None

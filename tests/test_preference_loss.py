@@ -695,7 +695,7 @@ def test_linear_bad_inputs():
         mod(h[:5], w, labels[:5])
     with pytest.raises(ValueError, match="labels"):
         mod(h, w, labels[:, :3])
-    with pytest.raises(ValueError, match="hidden size"):
+    with pytest.raises(ValueError, match=r"weight must have shape \(V, 16\) \(hidden.shape\[-1\] = 16\)"):
         mod(h, w[:, :5], labels)
     with pytest.raises(ValueError, match="not both"):
         mod(h, w, labels, ref_hidden=rh, ref_chosen_logprobs=torch.zeros(3), ref_rejected_logprobs=torch.zeros(3))
