@@ -132,11 +132,11 @@ def token_stats_cases(dtype):
     for ent, sp2, amax in ((False, False, False), (True, False, False), (True, True, True)):
         yield _variant(entropy=ent, sum_p2=sp2, argmax=amax), lambda ent=ent, sp2=sp2, amax=amax: \
             K.token_stats_forward(z, y, 1.0, -100, f(), f(ent), f(sp2),
-                                  _meta(N_TOKENS, dtype=torch.int64) if amax else None, f())
+                                  _meta(N_TOKENS, dtype=torch.int64) if amax else None, f(), f())
     for g_lp, g_ent, g_sp2 in ((True, False, False), (True, True, False), (False, True, False), (True, True, True)):
         yield _variant(g_lp=g_lp, g_ent=g_ent, g_sp2=g_sp2), lambda g_lp=g_lp, g_ent=g_ent, g_sp2=g_sp2: \
             K.token_stats_backward(z, y, 1.0, -100, f(), f(g_ent), f(g_sp2), f(g_lp), f(g_ent), f(g_sp2),
-                                   torch.empty_like(z))
+                                   torch.empty_like(z), f(g_lp))  # with the forward's log c, and without it
 
 
 @contextlib.contextmanager

@@ -159,7 +159,7 @@ def token_logprobs(
             rows, flat_labels, vocab_group, inv_t, int(ignore_index), bool(entropy), bool(sum_p2), bool(argmax), name,
             bool(inplace_backward))
     else:
-        lp, ent, sp2, amax, _lse = token_stats_call(
+        lp, ent, sp2, amax, _lse, _log_c = token_stats_call(
             rows, flat_labels, inv_t, int(ignore_index), bool(entropy), bool(sum_p2), bool(argmax), name,
             bool(inplace_backward))
     return shaped_stats(labels.shape, lp, ent, sp2, amax, entropy, sum_p2, argmax)

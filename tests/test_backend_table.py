@@ -167,7 +167,8 @@ def _op_cases():
     B, T, V, H = 3, 5, 11, 4
     logits = torch.randn(1, B, V, generator=g)
     labels = torch.tensor([1, -100, 7])
-    lp, ent, sp2, _amax, lse = token_stats.token_stats(logits, labels, 1.0, -100, True, True, True, "cpp", False)
+    lp, ent, sp2, _amax, lse, log_c = token_stats.token_stats(logits, labels, 1.0, -100, True, True, True, "cpp",
+                                                              False)
     h, w = torch.randn(B, H, generator=g), torch.randn(V, H, generator=g)
     llp, lent, lsp2, _amax, _amax_logit, llse, _mean, _log_c = linear_stats.linear_stats(
         h, w, None, None, None, labels, 1.0, 0.0, 1.0, -100, True, False, True, "cpp", 2, 4, 0.0)
@@ -189,10 +190,10 @@ def _op_cases():
     return {
         "token_stats": (token_stats.token_stats, (logits, labels, 1.0, -100, True, True, True, "cpp", False)),
         "token_stats_backward": (token_stats.token_stats_backward,
-                                 (torch.ones(B), None, None, logits, labels, lse, ent, sp2, 1.0, -100, "cpp")),
+                                 (torch.ones(B), None, None, logits, labels, lse, log_c, ent, sp2, 1.0, -100, "cpp")),
         "token_stats_backward_": (token_stats.token_stats_backward_,
-                                  (torch.ones(B), None, None, logits.clone(), labels, lse, ent, sp2, 1.0, -100,
-                                   "cpp")),
+                                  (torch.ones(B), None, None, logits.clone(), labels, lse, log_c, ent, sp2, 1.0,
+                                   -100, "cpp")),
         "linear_stats": (linear_stats.linear_stats,
                          (h, w, None, None, None, labels, 1.0, 0.0, 1.0, -100, True, False, True, "cpp", 2, 4, 0.0)),
         "linear_stats_backward": (linear_stats.linear_stats_backward,

@@ -7,10 +7,10 @@
 // be fused into one FMA that keeps the rounding of m (a log-prob off by 1e-2 at T = 1e-6). A row of only -inf has no mass: lse = -inf and the other
 // statistics NaN (as log_softmax); as a vocabulary piece it merges with weight 0.
 //
-// Backward (common/softmax_stats.h for the gradient): one pass over the row, plus one before it
-// that forms log c when |lse| >= 32, so p is exact to fp32 rounding at any logit scale. For a
-// vocabulary piece of a row (the chunks of linear_logprobs) the saved lse is the whole row's and
-// c is not formed. Rows whose label is ignore_index get zeros; a label outside [0, V) gives NaN
+// Backward (common/softmax_stats.h for the gradient): one pass over the row, with log c (the rounding
+// of the saved lse where |lse| >= 32) from the forward, so p is exact to fp32 rounding at any logit
+// scale; without it, one more pass before it forms log c. For a vocabulary piece of a row (the chunks
+// of linear_logprobs) the saved lse is the whole row's and log c is the caller's. Rows whose label is ignore_index get zeros; a label outside [0, V) gives NaN
 // statistics and is never an index.
 #include <cmath>
 #include <cstdint>
@@ -76,8 +76,16 @@ int64_t row_argmax(const typename Storage<D>::T* z, int64_t V, float z_max) {
 struct FwdOut {
   float *lp, *ent, *sp2;
   int64_t* amax;
-  float *lse, *row_max, *log_sum;
+  float *lse, *row_max, *log_sum, *log_c;
 };
+
+// log c = log sum_j e^{x_j - lse} for the lse just rounded, where |lse| >= 32 (0 elsewhere): the rounding that
+// backward removes, as z_ref / T - lse + log s with the product exact and the difference formed in double (the
+// backward's offsets are fma(z, 1/T, -lse), and s sums e^{(z_j - z_ref) / T}). A row of no mass (lse = -inf) has none.
+inline float lse_rounding(float z_ref, float inv_t, float lse, float log_s) {
+  if (!(std::fabs(lse) >= softmax::kRenormaliseAbove) || !std::isfinite(lse)) return 0.f;
+  return float((double(z_ref) * double(inv_t) - double(lse)) + double(log_s));
+}
 
 template <int D>
 void forward(uintptr_t logits, RowLayout L, int64_t N, int64_t V, const int64_t* labels, float inv_t,
@@ -95,6 +103,7 @@ void forward(uintptr_t logits, RowLayout L, int64_t N, int64_t V, const int64_t*
         if (o.ent) o.ent[r] = 0.f;
         if (o.sp2) o.sp2[r] = 0.f;
         if (o.lse) o.lse[r] = 0.f;
+        if (o.log_c) o.log_c[r] = 0.f;
         if (o.log_sum) o.log_sum[r] = 0.f;
         if (o.amax || o.row_max) {
           const float z_max = max_fn(z, V);
@@ -106,7 +115,9 @@ void forward(uintptr_t logits, RowLayout L, int64_t N, int64_t V, const int64_t*
       const RowStats st = stats_fn(z, V, inv_t);
       const float log_s = std::log(st.s);
       if (o.amax) o.amax[r] = row_argmax<D>(z, V, st.z_max);
-      if (o.lse) o.lse[r] = softmax::log_sum_exp(st.m, log_s);
+      const float lse = softmax::log_sum_exp(st.m, log_s);
+      if (o.lse) o.lse[r] = lse;
+      if (o.log_c) o.log_c[r] = lse_rounding(st.z_ref, inv_t, lse, log_s);
       if (o.row_max) o.row_max[r] = st.m;
       if (o.log_sum) o.log_sum[r] = log_s;
       // logprob(x_y, m, log s) with x_y - m as the offsets above: (z_y - max z) / T, and m = 0
@@ -187,25 +198,34 @@ void backward(uintptr_t logits, RowLayout L, int64_t N, int64_t V, const int64_t
 }
 
 
-// The two forward entry points differ only in which per-row outputs their last five pointers are.
-using Outputs = FwdOut (*)(uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t);
+// The two forward entry points differ only in which per-row outputs their pointers are.
+using Outputs = FwdOut (*)(uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t);
 
-FwdOut whole_row_outputs(uintptr_t lp, uintptr_t ent, uintptr_t sp2, uintptr_t amax, uintptr_t lse) {
-  return FwdOut{ptr<float>(lp), ptr<float>(ent), ptr<float>(sp2), ptr<int64_t>(amax), ptr<float>(lse), nullptr, nullptr};
+FwdOut whole_row_outputs(uintptr_t lp, uintptr_t ent, uintptr_t sp2, uintptr_t amax, uintptr_t lse, uintptr_t log_c) {
+  return FwdOut{ptr<float>(lp), ptr<float>(ent), ptr<float>(sp2), ptr<int64_t>(amax), ptr<float>(lse), nullptr, nullptr,
+                ptr<float>(log_c)};
 }
 
-FwdOut piece_outputs(uintptr_t ent, uintptr_t sp2, uintptr_t amax, uintptr_t row_max, uintptr_t log_sum) {
+FwdOut piece_outputs(uintptr_t ent, uintptr_t sp2, uintptr_t amax, uintptr_t row_max, uintptr_t log_sum, uintptr_t) {
   return FwdOut{nullptr, ptr<float>(ent), ptr<float>(sp2), ptr<int64_t>(amax), nullptr, ptr<float>(row_max),
-                ptr<float>(log_sum)};
+                ptr<float>(log_sum), nullptr};
 }
 
 template <Outputs outputs>
 void forward_entry(uintptr_t logits, int dtype, int64_t N, int64_t V, int64_t inner, int64_t s_outer, int64_t s_inner,
                    uintptr_t labels, double inv_t, int64_t ignore_index, uintptr_t o0, uintptr_t o1, uintptr_t o2,
-                   uintptr_t o3, uintptr_t o4) {
+                   uintptr_t o3, uintptr_t o4, uintptr_t o5) {
   const RowLayout L{inner, s_outer, s_inner};
-  const FwdOut o = outputs(o0, o1, o2, o3, o4);
+  const FwdOut o = outputs(o0, o1, o2, o3, o4, o5);
   FASTALIGN_DISPATCH_DTYPE(dtype, forward<D>(logits, L, N, V, ptr<const int64_t>(labels), float(inv_t), ignore_index, o));
+}
+
+// A vocabulary piece has no lse, so no log c of its own: five outputs.
+void piece_forward_entry(uintptr_t logits, int dtype, int64_t N, int64_t V, int64_t inner, int64_t s_outer,
+                         int64_t s_inner, uintptr_t labels, double inv_t, int64_t ignore_index, uintptr_t ent,
+                         uintptr_t sp2, uintptr_t amax, uintptr_t row_max, uintptr_t log_sum) {
+  forward_entry<piece_outputs>(logits, dtype, N, V, inner, s_outer, s_inner, labels, inv_t, ignore_index, ent, sp2,
+                               amax, row_max, log_sum, 0);
 }
 
 // log_c: the whole row's log c per row for a vocabulary piece (0: none); whole_row: formed here.
@@ -227,21 +247,24 @@ FASTALIGN_BINDINGS(token_stats) {
   namespace py = pybind11;
   m.def("token_stats_fwd_cpu", &forward_entry<whole_row_outputs>, py::call_guard<py::gil_scoped_release>(),
         "Forward token statistics over rows of logits: (logits, dtype, N, V, inner, s_outer, s_inner, labels, "
-        "inv_t, ignore_index, lp, ent, sp2, amax, lse); null pointers (0) skip an output.");
-  m.def("token_stats_piece_fwd_cpu", &forward_entry<piece_outputs>, py::call_guard<py::gil_scoped_release>(),
+        "inv_t, ignore_index, lp, ent, sp2, amax, lse, log_c); null pointers (0) skip an output. log_c: the rounding "
+        "of the fp32 lse that backward removes (log sum_j e^{x_j - lse} where |lse| >= 32, else 0).");
+  m.def("token_stats_piece_fwd_cpu", &piece_forward_entry, py::call_guard<py::gil_scoped_release>(),
         "Forward statistics of a vocabulary piece of each row: entropy, sum p^2 and argmax within the piece, "
         "its max m and log s = log sum e^{x - m} (lse = m + log s), in the last five pointers "
         "(ent, sp2, amax, row_max, log_sum); null pointers (0) skip an output.");
   m.def(
       "token_stats_bwd_cpu",
       [](uintptr_t logits, int dtype, int64_t N, int64_t V, int64_t inner, int64_t s_outer, int64_t s_inner,
-         uintptr_t labels, double inv_t, int64_t ignore_index, uintptr_t lse, uintptr_t ent, uintptr_t sp2,
-         uintptr_t g_lp, uintptr_t g_h, uintptr_t g_q, uintptr_t grad, int64_t g_outer, int64_t g_inner) {
-        backward_entry(true, logits, dtype, N, V, inner, s_outer, s_inner, labels, inv_t, ignore_index, lse, 0, ent,
-                       sp2, g_lp, g_h, g_q, grad, g_outer, g_inner);
+         uintptr_t labels, double inv_t, int64_t ignore_index, uintptr_t lse, uintptr_t log_c, uintptr_t ent,
+         uintptr_t sp2, uintptr_t g_lp, uintptr_t g_h, uintptr_t g_q, uintptr_t grad, int64_t g_outer,
+         int64_t g_inner) {
+        backward_entry(log_c == 0, logits, dtype, N, V, inner, s_outer, s_inner, labels, inv_t, ignore_index, lse,
+                       log_c, ent, sp2, g_lp, g_h, g_q, grad, g_outer, g_inner);
       },
       py::call_guard<py::gil_scoped_release>(),
-      "Backward of token statistics: writes d(logits) (grad may equal logits for in-place).");
+      "Backward of token statistics: writes d(logits) (grad may equal logits for in-place). log_c: the forward's "
+      "(0: formed here, one more read of each row with |lse| >= 32).");
   m.def(
       "token_stats_piece_bwd_cpu",
       [](uintptr_t logits, int dtype, int64_t N, int64_t V, int64_t inner, int64_t s_outer, int64_t s_inner,

@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastalign.kernels.softmax_math import NEG_INF, add_block, dlogits, finish, merge
+from fastalign.kernels.softmax_math import NEG_INF, add_block, dlogits, finish, lse_rounding, merge
 
 
 @triton.jit
@@ -192,9 +192,7 @@ def linear_stats_finish_kernel(
     lse, lp, ent, sp2 = finish(m, s, t, q, zy)
     tl.store(lp_ptr + rows, tl.where(ignored, 0.0, tl.where(valid, lp, float("nan"))), mask=ok)
     tl.store(lse_ptr + rows, tl.where(ignored, 0.0, lse), mask=ok)
-    # log c = (m - lse) + log s: the rounding of the saved lse, m - lse exact where |lse| >= 32 (Sterbenz)
-    far = (tl.abs(lse) >= renormalise_above) & (tl.abs(lse) < float("inf")) & ~ignored  # -inf: no mass
-    tl.store(logc_ptr + rows, tl.where(far, (m - lse) + tl.log(s), 0.0), mask=ok)
+    tl.store(logc_ptr + rows, lse_rounding(m, s, lse, ~ignored, renormalise_above), mask=ok)
     if WANT_ENT:
         tl.store(ent_ptr + rows, tl.where(ignored, 0.0, ent), mask=ok)
     if WANT_SP2:

@@ -111,6 +111,15 @@ def finish(m, s, t, q, x_y):
 
 
 @triton.jit
+def lse_rounding(m, s, lse, keep, renormalise_above):
+    """log c = log sum_j e^{x_j - lse} = (m - lse) + log s for the state (m, s) whose lse was just rounded, at the
+    rows ``keep`` with renormalise_above <= |lse| < inf, else 0: the rounding backward removes from log p
+    (m - lse is exact there: Sterbenz, m >= lse - log V). A row of no mass (lse = -inf) has none."""
+    far = keep & (tl.abs(lse) >= renormalise_above) & (tl.abs(lse) < float("inf"))
+    return tl.where(far, (m - lse) + tl.log(s), 0.0)
+
+
+@triton.jit
 def dlogits(x, lse, log_c, is_label, g_lp, g_ent, ent, g_sp2, sp2,
             HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_G_SP2: tl.constexpr):
     """d(loss)/dx for logits x (/ T) of rows with the given lse, log c and statistics (all broadcastable)."""

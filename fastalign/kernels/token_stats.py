@@ -19,18 +19,19 @@ Backward, one program per (row, vocabulary block), log p = (x - lse) - log c:
 
 and dz = dx / T; an ignored row writes zeros without reading its logits. The saved
 fp32 lse is off by up to ulp(lse) / 2 (<= 2^-20 below |lse| = 32, 5e-4 at 1e4), so
-for rows with |lse| >= RENORMALISE_ABOVE a first pass, one program per row, forms
+for rows with |lse| >= RENORMALISE_ABOVE the forward also writes
 
-    log c = log sum_j e^{x_j - lse}
+    log c = log sum_j e^{x_j - lse} = (m - lse) + log s
 
-(the rounding of lse; the sum is ~1, so it is accurate), and p is exact to fp32
-rounding again; other rows write log c = 0 without reading their logits.
+(the rounding of lse), and p is exact to fp32 rounding again with no other read of
+the row. A backward given no log c forms it first, one program per row (other rows
+write log c = 0 without reading their logits).
 """
 import torch
 import triton
 import triton.language as tl
 
-from fastalign.kernels.softmax_math import NEG_INF, add_block, dlogits, exp, finish, rescale
+from fastalign.kernels.softmax_math import NEG_INF, add_block, dlogits, exp, finish, lse_rounding, rescale
 
 #: |lse| from which backward renormalises a row (as the C++ backward: ulp(32) / 2 = 2^-20).
 RENORMALISE_ABOVE = 32.0
@@ -56,8 +57,8 @@ def _step(m, s, t, q, best, x, start, lanes, WANT_ENT: tl.constexpr, WANT_SP2: t
 @triton.jit
 def token_stats_fwd_kernel(
     z_ptr, inner, s_outer, s_inner, labels_ptr,
-    lp_ptr, ent_ptr, sp2_ptr, amax_ptr, lse_ptr,
-    V, inv_t, ignore_index,
+    lp_ptr, ent_ptr, sp2_ptr, amax_ptr, lse_ptr, log_c_ptr,
+    V, inv_t, ignore_index, renormalise_above,
     WANT_ENT: tl.constexpr, WANT_SP2: tl.constexpr, WANT_AMAX: tl.constexpr,
     LANES: tl.constexpr, STEP_ROWS: tl.constexpr,
 ):
@@ -90,9 +91,11 @@ def token_stats_fwd_kernel(
         tl.store(amax_ptr + r, tl.min(tl.where(m == row_m, best, V), 0).to(tl.int64))
     valid = (y >= 0) & (y < V)
     x_y = tl.load(row + tl.where(valid & ~ignored, y, 0)).to(tl.float32) * inv_t
-    lse, lp, ent, sp2 = finish(row_m, tl.sum(s, 0), tl.sum(t, 0), tl.sum(q, 0), x_y)
+    s_row = tl.sum(s, 0)
+    lse, lp, ent, sp2 = finish(row_m, s_row, tl.sum(t, 0), tl.sum(q, 0), x_y)
     tl.store(lp_ptr + r, tl.where(ignored, 0.0, tl.where(valid, lp, float("nan"))))
     tl.store(lse_ptr + r, tl.where(ignored, 0.0, lse))
+    tl.store(log_c_ptr + r, lse_rounding(row_m, s_row, lse, ~ignored, renormalise_above))
     if WANT_ENT:
         tl.store(ent_ptr + r, tl.where(ignored, 0.0, ent))
     if WANT_SP2:
@@ -155,8 +158,9 @@ def _bwd_block(V):
     return min(triton.next_power_of_2(max(V, 1)), 4096)
 
 
-def token_stats_forward(z3, labels, inv_t, ignore_index, lp, ent, sp2, amax, lse):
-    """z3: [outer, inner, V] logits view (last dim contiguous); outputs preallocated (None = skip)."""
+def token_stats_forward(z3, labels, inv_t, ignore_index, lp, ent, sp2, amax, lse, log_c):
+    """z3: [outer, inner, V] logits view (last dim contiguous); outputs preallocated (None = skip; ``lp``, ``lse``
+    and ``log_c`` always written)."""
     outer, inner, V = z3.shape
     n = outer * inner
     if n == 0:
@@ -165,25 +169,27 @@ def token_stats_forward(z3, labels, inv_t, ignore_index, lp, ent, sp2, amax, lse
     token_stats_fwd_kernel[(n,)](
         z3, inner, z3.stride(0), z3.stride(1), labels,
         lp, ent if ent is not None else lp, sp2 if sp2 is not None else lp,
-        amax if amax is not None else labels, lse,
-        V, inv_t, ignore_index,
+        amax if amax is not None else labels, lse, log_c,
+        V, inv_t, ignore_index, RENORMALISE_ABOVE,
         WANT_ENT=ent is not None, WANT_SP2=sp2 is not None, WANT_AMAX=amax is not None,
         LANES=lanes, STEP_ROWS=4 if lanes >= 1024 else 2, num_warps=8 if lanes >= 1024 else 4,
     )
 
 
-def token_stats_backward(z3, labels, inv_t, ignore_index, lse, ent, sp2, g_lp, g_ent, g_sp2, dz3):
-    """Writes d(logits) into dz3 ([outer, inner, V], may be z3 itself)."""
+def token_stats_backward(z3, labels, inv_t, ignore_index, lse, ent, sp2, g_lp, g_ent, g_sp2, dz3, log_c=None):
+    """Writes d(logits) into dz3 ([outer, inner, V], may be z3 itself); ``log_c``: the forward's (None: formed
+    here first, one more read of the rows with |lse| >= RENORMALISE_ABOVE)."""
     outer, inner, V = z3.shape
     n = outer * inner
     if n == 0:
         return
     block = _bwd_block(V)
-    log_c = torch.empty_like(lse)  # written before dz3 (which may be z3) is
-    token_stats_log_mass_kernel[(n,)](
-        z3, inner, z3.stride(0), z3.stride(1), labels, lse, log_c,
-        V, inv_t, ignore_index, RENORMALISE_ABOVE, BLOCK_V=min(block, 1024), num_warps=4,
-    )
+    if log_c is None:
+        log_c = torch.empty_like(lse)  # written before dz3 (which may be z3) is
+        token_stats_log_mass_kernel[(n,)](
+            z3, inner, z3.stride(0), z3.stride(1), labels, lse, log_c,
+            V, inv_t, ignore_index, RENORMALISE_ABOVE, BLOCK_V=min(block, 1024), num_warps=4,
+        )
     dummy = lse
     token_stats_bwd_kernel[(n, triton.cdiv(V, block))](
         z3, inner, z3.stride(0), z3.stride(1), labels,

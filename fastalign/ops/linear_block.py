@@ -67,10 +67,11 @@ def block_forward(buf: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor]
                   deriv_buf: Optional[Tensor] = None):
     """Logits of the rows ``h [n, H]`` into ``buf`` and their statistics.
 
-    Returns ``(z, deriv, lp, extra, lse)``: ``z`` the kept logits, ``deriv`` the softcap
+    Returns ``(z, deriv, lp, extra, lse, log_c)``: ``z`` the kept logits, ``deriv`` the softcap
     derivative (None without softcap; written into ``deriv_buf``, a flat buffer like ``buf``, when given,
     so that a loop over blocks holds one), ``extra`` a dict of the ``stats`` asked (names of
-    :data:`BLOCK_STATS`) per row. ``low_rank = (a [n, r], L [V, r])`` adds ``a @ L.T`` to the logits.
+    :data:`BLOCK_STATS`) per row, ``log_c`` the rounding of ``lse`` that :func:`block_backward` removes.
+    ``low_rank = (a [n, r], L [V, r])`` adds ``a @ L.T`` to the logits.
     ``live``: the labelled rows come first and only those ``live`` rows are multiplied
     (:mod:`~fastalign.ops.device_compaction`)."""
     z = block_logits(buf, h, weight, bias, scale=scale, softcap=softcap, low_rank=low_rank, live=live)
@@ -78,21 +79,23 @@ def block_forward(buf: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor]
     if softcap > 0:
         out = None if deriv_buf is None else deriv_buf[:z.numel()].view(z.shape)
         deriv = softcap_derivative(z, softcap, scale, out=out)
-    lp, ent, sp2, amax, lse = token_stats(z.unsqueeze(0), labels, inv_t, ignore_index, "entropy" in stats,
-                                          "sum_p2" in stats, "argmax" in stats, backend, True)
+    lp, ent, sp2, amax, lse, log_c = token_stats(z.unsqueeze(0), labels, inv_t, ignore_index, "entropy" in stats,
+                                                 "sum_p2" in stats, "argmax" in stats, backend, True)
     extra = {"entropy": ent, "sum_p2": sp2, "argmax": amax}
     if "mean_logit" in stats:  # (1/V) sum_j z_j: one read of the block's logits, accumulated in fp32
         extra["mean_logit"] = z.mean(-1, dtype=torch.float32)
-    return z, deriv, lp, {name: extra[name] for name in stats}, lse
+    return z, deriv, lp, {name: extra[name] for name in stats}, lse, log_c
 
 
 def block_backward(z: Tensor, deriv: Optional[Tensor], g_lp: Tensor, h: Tensor, weight: Tensor,
                    labels: Tensor, lse: Tensor, *, scale: float, softcap: float, inv_t: float, ignore_index: int,
                    backend: str, dw: Optional[Tensor], db: Optional[Tensor], g_ent: Optional[Tensor] = None,
                    ent: Optional[Tensor] = None, low_rank: Optional[tuple[Tensor, Tensor]] = None,
-                   dl: Optional[Tensor] = None, live: Optional[Tensor] = None, g_mean: Optional[Tensor] = None):
+                   dl: Optional[Tensor] = None, live: Optional[Tensor] = None, g_mean: Optional[Tensor] = None,
+                   log_c: Optional[Tensor] = None):
     """Turn the kept logits ``z`` into d(logits) in place for token gradients ``g_lp`` (and ``g_ent`` of
-    the entropies ``ent``, ``g_mean`` of the mean logits); accumulate ``dw``/``db`` (and ``dl`` for
+    the entropies ``ent``, ``g_mean`` of the mean logits; ``log_c`` :func:`block_forward`'s, or None: formed here);
+    accumulate ``dw``/``db`` (and ``dl`` for
     ``low_rank = (a, L)``) and return
     ``(dh [n, H], da [n, r] or None)`` (fp32 on the CPU, the input dtype on a GPU). ``live``: as in
     :func:`block_forward` (``dh`` and ``da`` are 0 past it). Rows whose label is ``ignore_index`` add nothing
@@ -104,8 +107,8 @@ def block_backward(z: Tensor, deriv: Optional[Tensor], g_lp: Tensor, h: Tensor, 
         low_rank = None if low_rank is None else (kept_rows(low_rank[0], keep), low_rank[1])
     empty = lse.new_empty(0)
     z3 = z.unsqueeze(0)
-    backward_into(z3, g_lp, g_ent, None, z3, labels, lse, empty if ent is None else ent, empty, inv_t, ignore_index,
-                  backend)
+    backward_into(z3, g_lp, g_ent, None, z3, labels, lse, log_c, empty if ent is None else ent, empty, inv_t,
+                  ignore_index, backend)
     if g_mean is not None:  # d mean / d z_j = 1 / V at the labelled rows
         z.add_(torch.where(labels != ignore_index, g_mean / z.shape[-1], 0.0)[:, None].to(z.dtype))
     h, weight, low_rank = _operands(z, h, weight, low_rank)
@@ -170,8 +173,7 @@ def block_logprobs(h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Te
     out = torch.empty(n, dtype=torch.float32, device=h.device)
     buf = block_buffer(min(rows, max(n, 1)), weight.shape[0], h)
     for block in row_blocks(n, rows):
-        _z, _d, lp, _extra, _lse = block_forward(buf, block.take(h), weight, bias, block.take(labels), scale=scale,
-                                                 softcap=softcap, inv_t=inv_t, ignore_index=ignore_index,
-                                                 backend=backend)
+        lp = block_forward(buf, block.take(h), weight, bias, block.take(labels), scale=scale, softcap=softcap,
+                           inv_t=inv_t, ignore_index=ignore_index, backend=backend)[2]
         block.put(out, lp)
     return out

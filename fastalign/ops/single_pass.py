@@ -243,8 +243,9 @@ class _SinglePass(torch.autograd.Function):
                 deriv_buf = torch.empty_like(buf) if pipe.softcap > 0 else None
             live = None if cmp is None else cmp.live
             with torch.no_grad():
-                z, deriv, lp, extra, lse = block_forward(buf, h_blk, weight, bias, y_blk, stats=names,
-                                                         low_rank=low_rank, live=live, deriv_buf=deriv_buf, **kw)
+                z, deriv, lp, extra, lse, log_c = block_forward(buf, h_blk, weight, bias, y_blk, stats=names,
+                                                                low_rank=low_rank, live=live, deriv_buf=deriv_buf,
+                                                                **kw)
             aux_blk = extra.get(aux)
             in_order = (lambda t: t) if cmp is None else (lambda t: None if t is None else cmp.scatter(t))
             labelled = y_blk != pipe.ignore_index
@@ -277,7 +278,7 @@ class _SinglePass(torch.autograd.Function):
                                       g_ent=g_aux if aux == "entropy" else None,
                                       ent=aux_blk if aux == "entropy" else None,
                                       g_mean=g_aux if aux == "mean_logit" else None, dw=dw, db=db, low_rank=low_rank,
-                                      dl=dl, live=live, **kw)
+                                      dl=dl, live=live, log_c=log_c, **kw)
             if live is None:  # every row went through the head: an unlabelled row's d(logits) is 0, but 0 times a
                 # NaN or inf of the head is NaN; its gradient is 0 (its statistics are constants), as past ``live``
                 d_blocks = tuple(None if d is None else kept_rows(d, labelled) for d in d_blocks)

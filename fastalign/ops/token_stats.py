@@ -56,58 +56,66 @@ def check_inputs(logits: Tensor, labels: Tensor) -> None:
 
 
 def _outputs(logits: Tensor, labels: Tensor, entropy: bool, sum_p2: bool, argmax: bool, inplace_backward: bool):
-    """(logprobs, entropy, sum_p2, argmax, lse) of the ``[outer, inner, V]`` logits; refuses inputs the
+    """(logprobs, entropy, sum_p2, argmax, lse, log_c) of the ``[outer, inner, V]`` logits; refuses inputs the
     kernels cannot read (:func:`check_inputs`) and, with ``inplace_backward``, logits whose backward could not
     be written over them."""
     check_inputs(logits, labels)
     if inplace_backward:
         check_inplace_backward(logits)
-    return stat_outputs(logits.shape[0] * logits.shape[1], logits.device, entropy, sum_p2, argmax)
+    n = logits.shape[0] * logits.shape[1]
+    return (*stat_outputs(n, logits.device, entropy, sum_p2, argmax),
+            torch.empty(n, device=logits.device, dtype=torch.float32))
 
 
 @kernel_op("token_stats", _outputs)
 def token_stats(
     logits: Tensor, labels: Tensor, inv_temperature: float, ignore_index: int,
     entropy: bool, sum_p2: bool, argmax: bool, backend: str, inplace_backward: bool,
-    out: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
+    out: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor],
 ) -> None:
-    """Returns (logprobs, entropy, sum_p2, argmax, lse); unrequested ones are empty.
+    """Returns (logprobs, entropy, sum_p2, argmax, lse, log_c); unrequested ones are empty. ``log_c``: the rounding
+    of the fp32 lse, ``log sum_j exp(z_j / T - lse)``, at the labelled rows with ``|lse| >= 32`` (0 elsewhere),
+    which backward removes from ``log p`` without reading those rows once more (the CUDA kernels form it in their
+    backward instead: 0 there).
 
     ``inplace_backward`` only affects backward: d(logits) overwrites the logits buffer.
     """
-    lp, ent, sp2, amax, lse = out
+    lp, ent, sp2, amax, lse, log_c = out
     O, I, V = logits.shape
     backend = backend_for("token_stats", logits.device, backend)
     if backend == "triton":
         triton_kernels("token_stats").token_stats_forward(
-            logits, labels, inv_temperature, ignore_index, lp, opt(ent), opt(sp2), opt(amax), lse)
+            logits, labels, inv_temperature, ignore_index, lp, opt(ent), opt(sp2), opt(amax), lse, log_c)
         return
     args = (logits.data_ptr(), DTYPE_CODE[logits.dtype], O * I, V, I, logits.stride(0), logits.stride(1),
             labels.data_ptr(), inv_temperature, ignore_index, ptr(lp), ptr(ent), ptr(sp2), ptr(amax), ptr(lse))
     if backend == "cuda":
         _backend.compiled().token_stats_fwd_cuda(*args, _backend.cuda_stream(logits))
+        log_c.zero_()
     else:
-        _backend.compiled().token_stats_fwd_cpu(*args)
+        _backend.compiled().token_stats_fwd_cpu(*args, ptr(log_c))
 
 
-def backward_into(grad: Tensor, g_lp, g_ent, g_sp2, logits, labels, lse, ent, sp2,
+def backward_into(grad: Tensor, g_lp, g_ent, g_sp2, logits, labels, lse, log_c, ent, sp2,
                   inv_temperature, ignore_index, backend) -> None:
-    """d(loss)/d(logits) written into ``grad`` (``logits`` itself for the in-place backward)."""
+    """d(loss)/d(logits) written into ``grad`` (``logits`` itself for the in-place backward). ``log_c``: the
+    forward's (None: formed here, one more read of the rows with ``|lse| >= 32``; the CUDA kernels always form
+    it)."""
     O, I, V = logits.shape
     g_lp, g_ent, g_sp2 = (None if g is None else g.contiguous().float() for g in (g_lp, g_ent, g_sp2))
     ent, sp2 = opt(ent), opt(sp2)
     backend = backend_for("token_stats_backward", logits.device, backend)
     if backend == "triton":
         triton_kernels("token_stats").token_stats_backward(
-            logits, labels, inv_temperature, ignore_index, lse, ent, sp2, g_lp, g_ent, g_sp2, grad)
+            logits, labels, inv_temperature, ignore_index, lse, ent, sp2, g_lp, g_ent, g_sp2, grad, log_c)
         return
-    args = (logits.data_ptr(), DTYPE_CODE[logits.dtype], O * I, V, I, logits.stride(0), logits.stride(1),
-            labels.data_ptr(), inv_temperature, ignore_index, ptr(lse), ptr(ent), ptr(sp2),
-            ptr(g_lp), ptr(g_ent), ptr(g_sp2), grad.data_ptr(), grad.stride(0), grad.stride(1))
+    head = (logits.data_ptr(), DTYPE_CODE[logits.dtype], O * I, V, I, logits.stride(0), logits.stride(1),
+            labels.data_ptr(), inv_temperature, ignore_index, ptr(lse))
+    tail = (ptr(ent), ptr(sp2), ptr(g_lp), ptr(g_ent), ptr(g_sp2), grad.data_ptr(), grad.stride(0), grad.stride(1))
     if backend == "cuda":
-        _backend.compiled().token_stats_bwd_cuda(*args, _backend.cuda_stream(logits))
+        _backend.compiled().token_stats_bwd_cuda(*head, *tail, _backend.cuda_stream(logits))
     else:
-        _backend.compiled().token_stats_bwd_cpu(*args)
+        _backend.compiled().token_stats_bwd_cpu(*head, ptr(log_c), *tail)
 
 
 def _grad_outputs(logits: Tensor, labels: Tensor):
@@ -118,11 +126,12 @@ def _grad_outputs(logits: Tensor, labels: Tensor):
 @kernel_op("token_stats_backward", _grad_outputs)
 def token_stats_backward(
     grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor], grad_sum_p2: Optional[Tensor],
-    logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, sum_p2: Tensor,
+    logits: Tensor, labels: Tensor, lse: Tensor, log_c: Optional[Tensor], entropy: Tensor, sum_p2: Tensor,
     inv_temperature: float, ignore_index: int, backend: str, out: Tensor,
 ) -> None:
-    """d(loss)/d(logits) in the logits dtype, for whichever output gradients are given."""
-    backward_into(out, grad_logprobs, grad_entropy, grad_sum_p2, logits, labels, lse, entropy, sum_p2,
+    """d(loss)/d(logits) in the logits dtype, for whichever output gradients are given; ``log_c`` the forward's
+    (None: formed here)."""
+    backward_into(out, grad_logprobs, grad_entropy, grad_sum_p2, logits, labels, lse, log_c, entropy, sum_p2,
                   inv_temperature, ignore_index, backend)
 
 
@@ -134,30 +143,31 @@ def _no_outputs(logits: Tensor, labels: Tensor):
 @kernel_op("token_stats_backward_", _no_outputs, mutates_args=("logits",))
 def token_stats_backward_(
     grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor], grad_sum_p2: Optional[Tensor],
-    logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, sum_p2: Tensor,
+    logits: Tensor, labels: Tensor, lse: Tensor, log_c: Optional[Tensor], entropy: Tensor, sum_p2: Tensor,
     inv_temperature: float, ignore_index: int, backend: str, out: None,
 ) -> None:
     """In-place backward: overwrites ``logits`` with d(loss)/d(logits) (saves one [N, V] buffer)."""
-    backward_into(logits, grad_logprobs, grad_entropy, grad_sum_p2, logits, labels, lse, entropy, sum_p2,
+    backward_into(logits, grad_logprobs, grad_entropy, grad_sum_p2, logits, labels, lse, log_c, entropy, sum_p2,
                   inv_temperature, ignore_index, backend)
 
 
 def _setup_context(ctx, inputs, output):
     logits, labels, inv_temperature, ignore_index, _ent, _sp2, _amax, backend, inplace = inputs
-    _lp, ent, sp2, _amax_out, lse = output
-    ctx.save_for_backward(logits, labels, lse, ent, sp2)
+    _lp, ent, sp2, _amax_out, lse, log_c = output
+    ctx.save_for_backward(logits, labels, lse, log_c, ent, sp2)
     ctx.inv_temperature, ctx.ignore_index, ctx.backend = inv_temperature, ignore_index, backend
     ctx.inplace = inplace
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, g_lp, g_ent, g_sp2, _g_amax, _g_lse, direct: bool = False):
+def _backward(ctx, g_lp, g_ent, g_sp2, _g_amax, _g_lse, _g_log_c, direct: bool = False):
     """d(logits); ``direct``: the non-in-place backward without the custom-op dispatch (the in-place one keeps
     the op, which records the write over the logits)."""
-    logits, labels, lse, ent, sp2 = ctx.saved_tensors
+    logits, labels, lse, log_c, ent, sp2 = ctx.saved_tensors
     g_ent = g_ent if ent.numel() else None
     g_sp2 = g_sp2 if sp2.numel() else None
-    args = (g_lp, g_ent, g_sp2, logits, labels, lse, ent, sp2, ctx.inv_temperature, ctx.ignore_index, ctx.backend)
+    args = (g_lp, g_ent, g_sp2, logits, labels, lse, log_c, ent, sp2, ctx.inv_temperature, ctx.ignore_index,
+            ctx.backend)
     if ctx.inplace:
         token_stats_backward_(*args)
         grad = logits

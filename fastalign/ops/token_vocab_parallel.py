@@ -42,14 +42,15 @@ from fastalign.ops.vocab_pieces import PIECE_IGNORE, local_labels, merge_pieces
 
 def _shard_stats(rows: Tensor, yl: Tensor, inv_t: float, want_ent: bool, want_sp2: bool, want_amax: bool,
                  backend: str):
-    """(lse_r, H_r, S_r, argmax_r) of this rank's shard; an empty shard is a piece with no mass."""
+    """(lse_r, log c_r, H_r, S_r, argmax_r) of this rank's shard (log c_r: the rounding of lse_r that the local
+    backward removes); an empty shard is a piece with no mass."""
     n = rows.shape[0] * rows.shape[1]
     if rows.shape[2] == 0:
         _lp, ent, sp2, amax, lse = stat_outputs(n, rows.device, want_ent, want_sp2, want_amax)
-        return lse.fill_(-math.inf), ent.zero_(), sp2.zero_(), amax.zero_()
-    _lp, ent, sp2, amax, lse = token_stats_call(rows, yl, inv_t, PIECE_IGNORE, want_ent, want_sp2, want_amax,
-                                                backend, False)
-    return lse, ent, sp2, amax
+        return lse.fill_(-math.inf), torch.zeros_like(lse), ent.zero_(), sp2.zero_(), amax.zero_()
+    _lp, ent, sp2, amax, lse, log_c = token_stats_call(rows, yl, inv_t, PIECE_IGNORE, want_ent, want_sp2, want_amax,
+                                                       backend, False)
+    return lse, log_c, ent, sp2, amax
 
 
 class VocabParallelTokenStats(torch.autograd.Function):
@@ -65,7 +66,7 @@ class VocabParallelTokenStats(torch.autograd.Function):
             "entropy, sum_p2 and argmax must be asked for alike on every rank of vocab_group (1 + 2 + 4 for each "
             "on)": int(want_ent) + 2 * int(want_sp2) + 4 * int(want_amax)})
         yl = local_labels(labels, start, start + V_r, ignore_index)
-        lse_r, ent_r, sp2_r, amax_r = _shard_stats(rows, yl, inv_t, want_ent, want_sp2, want_amax, backend)
+        lse_r, log_c_r, ent_r, sp2_r, amax_r = _shard_stats(rows, yl, inv_t, want_ent, want_sp2, want_amax, backend)
         owned = yl >= 0  # the label is in this shard
         y_col = torch.where(owned, yl, 0).view(rows.shape[0], rows.shape[1], 1)
         x_y = torch.where(owned, rows.gather(2, y_col).view(-1).float() * inv_t, 0.0) if V_r else lse_r.new_zeros(
@@ -84,7 +85,7 @@ class VocabParallelTokenStats(torch.autograd.Function):
             best = rows.gather(2, amax_r.view(y_col.shape)).view(-1).float() if V_r else torch.full_like(
                 lse_r, -math.inf)
             amax = global_argmax(amax_r, best, start, v_total, group)
-        ctx.save_for_backward(rows, yl, lse_r, ent_r, sp2_r, lse, lp, ent, sp2)
+        ctx.save_for_backward(rows, yl, lse_r, log_c_r, ent_r, sp2_r, lse, lp, ent, sp2)
         ctx.args = (inv_t, backend, inplace)
         ctx.mark_non_differentiable(amax)
         ctx.set_materialize_grads(False)
@@ -93,7 +94,7 @@ class VocabParallelTokenStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lp, g_ent, g_sp2, _g_amax):
         refuse_second_derivative("token statistics over a sharded vocabulary")
-        rows, yl, lse_r, ent_r, sp2_r, lse, lp, ent, sp2 = ctx.saved_tensors
+        rows, yl, lse_r, log_c_r, ent_r, sp2_r, lse, lp, ent, sp2 = ctx.saved_tensors
         inv_t, backend, inplace = ctx.args
         g_ent = g_ent if ent_r.numel() else None
         g_sp2 = g_sp2 if sp2_r.numel() else None
@@ -117,7 +118,7 @@ class VocabParallelTokenStats(torch.autograd.Function):
         a = (a * c).contiguous()
         # a shard with no mass on a row writes zeros there (its p_r, from lse_r = -inf, is not defined)
         yb = torch.where(c == 0, PIECE_IGNORE, yl)
-        args = (a, g_ent, g_sp2, rows, yb, lse_r, ent_r, sp2_r, inv_t, PIECE_IGNORE, backend)
+        args = (a, g_ent, g_sp2, rows, yb, lse_r, log_c_r, ent_r, sp2_r, inv_t, PIECE_IGNORE, backend)
         if inplace:
             token_stats_backward_(*args)
             grad = rows
