@@ -287,6 +287,16 @@ def test_merge_stats_matches_full_row():
     assert_close(sp2, (p * p).sum(1), atol=1e-12, what="sum_p2")
 
 
+def test_merged_entropy_of_a_near_one_hot_row_is_not_negative():
+    """A piece holding nearly all the mass whose own fp32 entropy rounds just below 0 (as the kernels' may at a
+    near one-hot row), beside a piece of almost none: the merged entropy is 0, not a negative number (two vocabulary
+    shards gave -3e-8 at logits of 1e4 and T = 0.05); NaN stays NaN."""
+    lse_k = torch.tensor([[0.0, 0.0], [-30.0, float("nan")]])
+    ent_k = torch.tensor([[-1e-10, 0.0], [0.0, 0.0]])
+    _, ent, _ = merge_stats(lse_k, ent_k, None)
+    assert ent[0] == 0.0 and torch.isnan(ent[1]), ent.tolist()
+
+
 def test_merge_stats_of_a_row_with_no_mass():
     """A row whose pieces all have no mass (every logit -inf) merges to lse = -inf, as the full row's
     logsumexp, not NaN; a row beside it with one massless piece keeps its exact lse."""

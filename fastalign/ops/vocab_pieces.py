@@ -39,7 +39,8 @@ def merge_pieces(m: Tensor, log_s: Tensor, ent: Optional[Tensor], sp2: Optional[
     that ``extra`` terms share one reduction). Only differences from ``M`` are summed, so
     ``(z_y - M) - log S`` is a log-prob exact to its own fp32 rounding at any logit scale. A piece
     with no mass (all logits -inf: ``m_k = -inf``) gets weight 0; a row of only such pieces gives
-    ``log S = -inf`` and NaN entropy and sum_p2, as does a row with a NaN logit (as one piece would).
+    ``log S = -inf`` and NaN entropy and sum_p2, as does a row with a NaN logit (as one piece would). The
+    entropy is clamped at 0 (its terms of a near one-hot row cancel to a rounding that may fall below 0).
     """
     M = over.max(m)
     M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
@@ -56,7 +57,8 @@ def merge_pieces(m: Tensor, log_s: Tensor, ent: Optional[Tensor], sp2: Optional[
     if sp2 is not None:
         terms.append(torch.where(massless, torch.zeros_like(pi), pi * pi * sp2))
     sums = list(over.sum(*terms, *extra)) if terms or extra else []
-    out_ent = sums.pop(0) if ent is not None else None
+    # an entropy is >= 0; the fp32 sum of a near one-hot row's terms cancels to a rounding either side of 0
+    out_ent = sums.pop(0).clamp_min(0.0) if ent is not None else None
     out_sp2 = sums.pop(0) if sp2 is not None else None
     return M, log_S, out_ent, out_sp2, tuple(sums)
 
