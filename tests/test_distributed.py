@@ -122,13 +122,26 @@ def tiny_qwen2():
     return transformers.Qwen2ForCausalLM(config).float()
 
 
-def hf_step(data, rows, dp_size, global_tokens=None, group=None, device="cpu"):
-    """causal_lm_logprobs of a tiny Qwen2 into policy_loss, on ``rows``; SGD-updated parameters."""
+def hf_step(data, rows, dp_size, global_tokens=None, group=None, device="cpu", wrap=None):
+    """causal_lm_logprobs of a tiny Qwen2 into policy_loss, on ``rows``; SGD-updated parameters. ``wrap``: the
+    model passed as a ``DistributedDataParallel`` wrapper (``"ddp"``) or sharded by FSDP2 (``"fsdp2"``: each layer,
+    then the model), whose own reductions average the gradients over ``group``; else they are all-reduced here."""
     from fastalign.integrations.hf import causal_lm_logprobs
 
     model = tiny_qwen2().to(device)
+    scored = model
+    if wrap == "ddp":
+        scored = torch.nn.parallel.DistributedDataParallel(model, process_group=group)
+    elif wrap == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(group),))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     d = {k: v[rows].to(device) for k, v in data.items()}
-    stats = causal_lm_logprobs(model, d["input_ids"], d["attention_mask"], response_mask=d["response_mask"],
+    stats = causal_lm_logprobs(scored, d["input_ids"], d["attention_mask"], response_mask=d["response_mask"],
                                entropy=True)
     mask = d["response_mask"][:, 1:] * d["attention_mask"][:, 1:]
     loss, _ = fastalign.policy_loss(stats.logprobs, d["old"], d["adv"], mask, entropy=stats.entropy,
@@ -136,12 +149,13 @@ def hf_step(data, rows, dp_size, global_tokens=None, group=None, device="cpu"):
                                     global_tokens=global_tokens)
     loss.backward()
     loss = loss.detach()
-    grads = {n: p.grad for n, p in model.named_parameters()}
+    full = (lambda t: t.full_tensor()) if wrap == "fsdp2" else (lambda t: t)  # FSDP2 holds shards (DTensors)
+    grads = {n: full(p.grad) for n, p in model.named_parameters()}
     if group is not None:
-        for g in [loss, *grads.values()]:
+        for g in [loss, *(grads.values() if wrap is None else ())]:
             dist.all_reduce(g, group=group)
             g /= dist.get_world_size(group)
-    params = {n: (p - LR * grads[n]).detach() for n, p in model.named_parameters()}
+    params = {n: (full(p) - LR * grads[n]).detach() for n, p in model.named_parameters()}
     return dict(loss=loss, grads=grads, params=params)
 
 
@@ -497,6 +511,9 @@ def _worker(rank, world, pg_backend, store_path, out_dir, scenarios, backend, cu
             dist.all_reduce(local, group=group)
             with fastalign.use_backend(backend):
                 out["hf"] = hf_step(data, rows, world, global_tokens=local, group=group, device=device)
+                if "hf_wrapped" in scenarios:
+                    out["hf_wrapped"] = {wrap: hf_step(data, rows, world, global_tokens=local, group=group,
+                                                       device=device, wrap=wrap) for wrap in ("ddp", "fsdp2")}
         if "vocab" in scenarios:
             out["vocab"] = vocab_stats(vocab_data(), backend, rank, world, group, device)
         if "vocab_empty_shard" in scenarios:  # every row on rank 0: rank 1 holds an empty shard
@@ -582,7 +599,7 @@ def gloo_run(request, tmp_path_factory):
     backend = request.param
     scenarios = (("policy", "vocab", "vocab_empty_shard", "vocab_banned_shard", "shard_losses", "dtensor", "clip_cov",
                   "logit_shards")
-                 + (("hf",) if HAS_TRANSFORMERS else ())
+                 + (("hf", "hf_wrapped") if HAS_TRANSFORMERS else ())
                  # compiled on the C++ backend only: the interpreter is not compiled
                  + (("vocab_compiled", "logit_shards_compiled") if backend == "cpp" else ()))
     return backend, spawn(tmp_path_factory.mktemp(f"gloo-{backend}"), scenarios, backend)
@@ -602,6 +619,21 @@ def test_gloo_causal_lm_step_equals_single_process(gloo_run):
     with fastalign.use_backend(backend):
         single = hf_step(hf_data(), slice(None), 1)
     check_data_parallel([r["hf"] for r in ranks], single, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_gloo_causal_lm_step_of_a_wrapped_model_equals_single_process(gloo_run, wrap):
+    """causal_lm_logprobs of a DistributedDataParallel wrapper, and of a model sharded by FSDP2 (its layers, then
+    the model: the embedding, final norm and head in the root's unit), each computed inside the wrapper's (the
+    root's) forward call: the gradients come averaged over the ranks by DDP / FSDP2 themselves and equal the
+    single-process step on the whole batch (the wrapper's module alone gave unsynchronised gradients; the FSDP2
+    root raised from its embedding's sharded weight)."""
+    if not HAS_TRANSFORMERS:
+        pytest.skip("the model step needs transformers")
+    backend, ranks = gloo_run
+    with fastalign.use_backend(backend):
+        single = hf_step(hf_data(), slice(None), 1)
+    check_data_parallel([r["hf_wrapped"][wrap] for r in ranks], single, atol=1e-6, rtol=1e-4)
 
 
 def test_gloo_vocab_parallel_equals_single_rank(gloo_run):

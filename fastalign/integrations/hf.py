@@ -711,6 +711,55 @@ def _refuse_misspelled_options(model, model_kwargs: dict) -> None:
                             "not know)")
 
 
+def _forward_route(model):
+    """``(outer, inner)`` when the statistics must be computed inside ``outer``'s own forward call, else None:
+    a ``DistributedDataParallel`` wrapper (its forward prepares the gradient all-reduce of the backward;
+    ``inner`` is its ``module``), or an FSDP2 root whose own unit is sharded now (``fully_shard`` on its layers,
+    then on the model: the root's forward hooks gather the embedding, final norm and head, and reduce their
+    gradients). Inside that forward (a wrapper's forward that calls this one included) they are gathered: None."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model, model.module
+    return (model, model) if _sharded_fsdp2_unit(model) else None
+
+
+def _sharded_fsdp2_unit(model) -> bool:
+    """Whether ``model`` is an FSDP2 module one of whose own parameters (those outside the units of its sharded
+    submodules) is a shard now (a ``DTensor``: gathered into a plain tensor by its forward's hooks)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(model, FSDPModule):
+        return False
+    unit = [model]
+    while unit:
+        module = unit.pop()
+        if any(isinstance(p, DTensor) for p in module.parameters(recurse=False)):
+            return True
+        unit.extend(child for child in module.children() if not isinstance(child, FSDPModule))
+    return False
+
+
+def _inside_forward(outer, inner, compute) -> TokenStats:
+    """``compute()`` (statistics) run as ``inner``'s forward inside ``outer()``: the wrappers' forwards and the
+    module hooks run around it as around the model's own forward; ``inner``'s forward is restored after."""
+    previous = inner.__dict__.get("forward")
+
+    def forward(*_args, **_kwargs):  # views of larger outputs come back as tensors of their own: an in-place op
+        # on a view of an FSDP2 module's output would drop its pre-backward hook (torch warns of it)
+        return TokenStats(*(t.clone() if isinstance(t, Tensor) and t._is_view() else t for t in compute()))
+
+    inner.forward = forward
+    try:
+        return outer()
+    finally:
+        if previous is None:
+            del inner.forward
+        else:
+            inner.forward = previous
+
+
 def causal_lm_logprobs(
     model,
     input_ids: Tensor,
@@ -811,10 +860,14 @@ def causal_lm_logprobs(
             what ``PeftModelForCausalLM.forward`` passes on, is dropped).
 
     Distributed weights:
+        * DDP: pass the ``DistributedDataParallel`` wrapper itself; the statistics are computed inside its
+          forward call, so its backward all-reduces the gradients as after the model's own forward (its
+          ``module`` alone would skip that).
         * FSDP2 / tensor parallel: a ``DTensor`` head weight (and bias) is gathered with
-          ``.full_tensor()`` (differentiable: its gradient flows back to the shard).
-          The body must be unsharded by its own ``fully_shard`` hooks, i.e. call this on
-          a model whose decoder (or its layers) is wrapped, not only the root.
+          ``.full_tensor()`` (differentiable: its gradient flows back to the shard). A model sharded with
+          ``fully_shard`` (its layers, then the model itself, the usual layout) is scored inside the root's
+          forward call, whose hooks gather the root's parameters (embedding, final norm, head) and reduce
+          their gradients, as for the model's own forward.
         * DeepSpeed ZeRO-3: parameters are partitioned outside their module's forward;
           gather the head around the call::
 
@@ -848,6 +901,14 @@ def causal_lm_logprobs(
         :class:`fastalign.TokenStats` with ``[B, T-1]`` fp32 ``logprobs`` (and ``entropy``); ``[B, T]`` with
         ``shift_labels``.
     """
+    route = _forward_route(model)
+    if route is not None:  # through the wrapper's (or the FSDP2 root's) own forward call
+        outer, inner = route
+        return _inside_forward(outer, inner, functools.partial(
+            causal_lm_logprobs, inner, input_ids, attention_mask, labels=labels, response_mask=response_mask,
+            shift_labels=shift_labels, position_ids=position_ids, cu_seqlens=cu_seqlens, temperature=temperature,
+            entropy=entropy, sum_p2=sum_p2, argmax=argmax, mean_logit=mean_logit, ignore_index=ignore_index,
+            logit_scale=logit_scale, softcap=softcap, on_head=on_head, head_dtype=head_dtype, **model_kwargs))
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a [batch, tokens] tensor")
     if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
