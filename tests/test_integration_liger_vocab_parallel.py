@@ -321,7 +321,20 @@ def _tp_worker(rank, store_path, out_dir):
         bad = t.clone()
         bad[2, 2] = V_GLOBAL  # outside the global vocabulary (inside neither slice)
         out["bad target"] = run(LigerVocabParallelCrossEntropy(label_smoothing=0.1), shard, bad, group)
+        banned, bt = _banned_slice_data()
+        for a in (0.0, 0.1):
+            out["banned slice", a] = run(LigerVocabParallelCrossEntropy(label_smoothing=a), banned[..., _slice(rank)],
+                                         bt.to(device), group)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _banned_slice_data():
+    """:func:`_tp_data` with the row ``[2, 0]``'s logits all -inf on the second rank's slice, its target on the
+    first's."""
+    x, t, _ = _tp_data()
+    x[2, 0, V_LOCAL:] = float("-inf")
+    t[2, 0] = 1
+    return x, t
 
 
 @pytest.fixture(scope="module")
@@ -369,6 +382,28 @@ def test_a_group_of_one_is_one_process(tp_ranks):
         loss, grad = got["single group"]
         assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5, what=f"loss, rank {rank}")
         assert_close(grad, ref_grad, atol=1e-6, rtol=1e-5, what=f"d(logits), rank {rank}")
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_a_rank_whose_slice_of_a_row_is_all_minus_inf(tp_ranks, smoothing):
+    """That slice holds none of the row's mass: its d(logits) is 0 there (less the smoothing's share, a / V),
+    as torch's cross-entropy over the whole vocabulary gives; it was NaN (its own softmax, 0 / 0). The loss is
+    torch's (inf with smoothing, whose sum of log p takes the -inf logits)."""
+    x, t = _banned_slice_data()
+    _, _, up = _tp_data()
+    xr = x.double().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(xr.view(-1, V_GLOBAL), t.view(-1), reduction="none",
+                                            label_smoothing=smoothing).view(t.shape)
+    ref.backward(up.double())
+    grad = torch.cat([ranks["banned slice", smoothing][1] for ranks in tp_ranks], dim=-1)
+    assert torch.isfinite(grad).all()
+    assert_close(grad, xr.grad, atol=1e-6, rtol=1e-5, what="gathered d(logits)")
+    finite = torch.isfinite(ref.detach())
+    assert finite[2, 0] == (smoothing == 0)
+    for rank, got in enumerate(tp_ranks):
+        loss = got["banned slice", smoothing][0]
+        assert torch.equal(torch.isfinite(loss), finite) and (loss[~finite] == float("inf")).all()
+        assert_close(loss[finite], ref.detach()[finite], atol=1e-5, rtol=1e-5, what=f"loss, rank {rank}")
 
 
 def test_two_ranks_give_a_nan_row_for_a_target_outside_the_global_vocabulary(tp_ranks):

@@ -267,6 +267,9 @@ class _VocabParallelCE(torch.autograd.Function):
         c = torch.exp(lse_r - lse)
         # kept for a second backward (a leaf's: the logits were not written over)
         (dx,) = torch.autograd.grad(log_p_top, inner, grad_outputs=-(w * c), retain_graph=True)
+        # a slice whose logits of a row are all -inf holds none of its mass (c = 0): p_j = 0 there, where the
+        # slice's own softmax (lse_r = -inf) is NaN
+        dx.masked_fill_((c == 0).unsqueeze(2), 0.0)
         if alpha:
             dx.sub_((w * (alpha / K)).unsqueeze(2).to(dx.dtype))
         # the largest logit's and the target's elements, in fp32 (the kernel left g c (p_k - 1) at k)
