@@ -970,8 +970,11 @@ def test_out_of_range_labels_give_nan_rows_and_check_raises(backend):
     x = torch.randn(4, V)
     y = torch.tensor([1, V, -5, -100])
     with fa.use_backend(backend):
-        lp = fa.token_logprobs(x, y).logprobs
+        xg = x.clone().requires_grad_(True)
+        lp = fa.token_logprobs(xg, y).logprobs
         assert not torch.isnan(lp[0]) and torch.isnan(lp[1]) and torch.isnan(lp[2]) and lp[3] == 0
+        lp.backward(torch.full((4,), 2.0))  # an out-of-range row's gradient: that of -lse, -g p (documented)
+        assert_close(xg.grad[1:3], -2.0 * torch.softmax(x[1:3].double(), -1), atol=1e-6, what="d logits")
         with pytest.raises(ValueError, match="labels"):
             fa.token_logprobs(x, y, check=True)
         lp = fa.linear_logprobs(torch.randn(4, H), torch.randn(V, H), y).logprobs
