@@ -141,6 +141,13 @@ def hf_step(data, rows, dp_size, global_tokens=None, group=None, device="cpu", w
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
     d = {k: v[rows].to(device) for k, v in data.items()}
+    refused = None
+    if wrap is not None:  # the body alone, outside the wrapper's forward: refused, naming the way that works
+        from fastalign.integrations.hf import head_operands
+
+        with pytest.raises(ValueError) as refused:
+            head_operands(scored, d["input_ids"], d["attention_mask"])
+        refused = str(refused.value)
     stats = causal_lm_logprobs(scored, d["input_ids"], d["attention_mask"], response_mask=d["response_mask"],
                                entropy=True)
     mask = d["response_mask"][:, 1:] * d["attention_mask"][:, 1:]
@@ -156,7 +163,7 @@ def hf_step(data, rows, dp_size, global_tokens=None, group=None, device="cpu", w
             dist.all_reduce(g, group=group)
             g /= dist.get_world_size(group)
     params = {n: (full(p) - LR * grads[n]).detach() for n, p in model.named_parameters()}
-    return dict(loss=loss, grads=grads, params=params)
+    return dict(loss=loss, grads=grads, params=params, **({} if refused is None else {"refused": refused}))
 
 
 VOCAB_OPTIONS = dict(temperature=0.7, softcap=4.0, logit_scale=1.3)
@@ -634,6 +641,8 @@ def test_gloo_causal_lm_step_of_a_wrapped_model_equals_single_process(gloo_run, 
     with fastalign.use_backend(backend):
         single = hf_step(hf_data(), slice(None), 1)
     check_data_parallel([r["hf_wrapped"][wrap] for r in ranks], single, atol=1e-6, rtol=1e-4)
+    for r in ranks:  # head_operands, which runs the body outside the wrapper's forward, refuses it
+        assert "causal_lm_logprobs(model, ...)" in r["hf_wrapped"][wrap]["refused"]
 
 
 def test_gloo_vocab_parallel_equals_single_rank(gloo_run):

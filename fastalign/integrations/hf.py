@@ -545,7 +545,12 @@ def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = N
     (a head kept in fp32 whatever the body's dtype: TRL's ``cast_lm_head_to_fp32``);
     ``hidden @ weight.T + a @ L.T + bias`` are the head's logits before its transform
     (:data:`HEAD_TRANSFORMS`). ``on_body`` is called with the body's outputs (e.g. a MoE body's
-    ``router_logits`` for :func:`router_aux_loss`)."""
+    ``router_logits`` for :func:`router_aux_loss`). Called inside the model's forward when it is a
+    ``DistributedDataParallel`` wrapper or a sharded FSDP2 root (:func:`causal_lm_logprobs` does so)."""
+    if _forward_route(model) is not None:
+        raise ValueError(f"model: a {type(model).__name__} runs its hooks (DDP's gradient all-reduce, FSDP2's "
+                         "gathering of the root's parameters) in its own forward, which head_operands does not run; "
+                         "call it inside that forward, or score with causal_lm_logprobs(model, ...), which does")
     config = getattr(model, "active_peft_config", None)
     if config is not None and getattr(config, "is_prompt_learning", False):
         raise ValueError(f"model: PEFT prompt learning ({type(config).__name__}) adds virtual tokens that the body "
