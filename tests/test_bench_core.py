@@ -713,6 +713,20 @@ def test_cross_entropy_implementations_agree(monkeypatch):
                                    rtol=tol, atol=tol, msg=case.label)
 
 
+def test_large_logit_linear_logprobs_implementations_agree():
+    """The head case of logits far from 0 at T = 0.7 times one loss: fastalign's and eager's agree at its warm-up
+    shape (rows of |lse| >= 32), with a backward; the case's |lse| is past 32 indeed."""
+    from fastalign.bench.cases import all_cases
+    from fastalign.bench.core import call
+
+    case = next(c for c in all_cases() if c.op == "linear_logprobs" and "T=0.7" in c.label)
+    steps = {impl: step for impl, step in case.warmup(torch.device("cpu"), "fwd+bwd").items() if step is not None}
+    assert set(steps) == {"fastalign", "eager"}
+    for got, want, name in zip(call(steps["fastalign"]), call(steps["eager"]), ("logprobs", "entropy")):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-4, msg=name)
+    assert case.params["logit_offset"] / case.params["temperature"] > 32
+
+
 def test_smoothed_cross_entropy_implementations_agree():
     """The label-smoothed softcapped cross-entropy case times one loss: its fastalign implementations (single pass,
     two passes, a separate mean) give eager's ``F.cross_entropy(label_smoothing=)`` at its warm-up shape, with a

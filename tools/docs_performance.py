@@ -52,7 +52,9 @@ on the 2-core AMD EPYC against eager in the same process (medians of interleaved
 Large logits (rows with `|lse| >= 32`: logits far from unit scale, or a low temperature) cost the head ops no
 extra pass: the forward keeps the rounding of its fp32 log-sum-exp, which the backward removes
 ([math](math.md#token-gradients)). `linear_logprobs` at N=512, H=512, V=32000 fp32 with `|lse|` of 42-95,
-fwd+bwd: 394, 392 and 386 ms against eager's 409, 405 and 404 ms at T = 1, 0.7 and 0.5.
+fwd+bwd: 394, 392 and 386 ms against eager's 409, 405 and 404 ms at T = 1, 0.7 and 0.5 (log-probs alone); the
+recorded case `512x512x32000 fp32 logits +40 at T=0.7` below (with the entropy) is reproduced by
+`fastalign-bench --device cpu --ops linear_logprobs --cases "logits +40 at T=0.7"`.
 
 The GPU run (NVIDIA H200) comes from `make gpu-check`, whose folders in `benchmarks/results/`
 (`gpu-check-<device>-<time>/`) hold each run's build, GPU tests, compute-sanitizer and profile logs;

@@ -11,10 +11,14 @@ from fastalign.bench.optional import optional_impl
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _make_build(N, H, V, dtype, prompt_share=0.0):
+def _make_build(N, H, V, dtype, prompt_share=0.0, temperature=1.0, logit_offset=0.0):
+    """``logit_offset``: every logit shifted by it (the first hidden feature set to it, its weight column to 1), as
+    a trained head's logits sit far from 0; with ``temperature`` < 1, rows of ``|lse| >= 32``."""
     def build(device, mode):
         g = torch.Generator(device=device).manual_seed(0)
         hidden, weight = random_head(g, (N,), H, V, dtype)
+        if logit_offset:
+            hidden[:, 0], weight[:, 0] = logit_offset, 1.0
         labels = torch.randint(0, V, (N,), device=device, generator=g)
         if prompt_share:  # sequences of 1024 tokens, each starting with its unscored prompt
             labels.view(-1, 1024)[:, :int(1024 * prompt_share)] = -100
@@ -25,18 +29,18 @@ def _make_build(N, H, V, dtype, prompt_share=0.0):
                              loss=lambda out: out[0].sum() + 0.01 * out[1].sum())
 
         def fused(h, w, y):
-            st = fastalign.linear_logprobs(h, w, y, entropy=True)
+            st = fastalign.linear_logprobs(h, w, y, entropy=True, temperature=temperature)
             return st.logprobs, st.entropy
 
         def eager(h, w, y):  # every position through the vocabulary, the unscored ones zeroed after
-            lp, ent = reference.eager_linear_logprobs_entropy(h, w, y.clamp(min=0))
+            lp, ent = reference.eager_linear_logprobs_entropy(h, w, y.clamp(min=0), temperature)
             keep = y != -100
             return torch.where(keep, lp, 0.0), torch.where(keep, ent, 0.0)
 
         impls = {"fastalign": wrap(fused), "eager": wrap(eager)}
         if prompt_share and device.type == "cuda":  # the Triton path with every row through the products
             impls["fastalign-all-rows"] = with_env(wrap(fused), FASTALIGN_DEVICE_COMPACTION="0")
-        peers = _peers(device)
+        peers = _peers(device) if temperature == 1.0 else {"liger (CE)": None, "cut-cross-entropy": None}
         liger, cce = peers["liger (CE)"], peers["cut-cross-entropy"]
         # the peers return -log p of the labels (no entropy): timed on the log-probs alone
         impls["liger (CE)"] = None if liger is None else grad_step(
@@ -133,6 +137,22 @@ def cases():
             required_bytes=lambda mode, n=(N + V) * H * torch.empty((), dtype=DTYPES[dt]).element_size():
                 0 if mode == "fwd" else n,
         ))
+    # logits far from 0 at a sampling temperature, as a trained head's (|lse| of 60-70: the rows whose fp32 lse's
+    # rounding the backward removes, with the forward's log c)
+    N, H, V = 512, 512, 32000
+    out.append(Case(
+        op="linear_logprobs",
+        label=f"{N}x{H}x{V} fp32 logits +40 at T=0.7",
+        params={"tokens": N, "hidden": H, "vocab": V, "dtype": "fp32", "temperature": 0.7, "logit_offset": 40.0,
+                **flop_model(N, H, V)},
+        build=_make_build(N, H, V, torch.float32, temperature=0.7, logit_offset=40.0),
+        quick=False,
+        warmup=_make_build(8, 16, 64, torch.float32, temperature=0.7, logit_offset=40.0),
+        impls=("fastalign", "eager"),
+        bytes_moved=lambda mode, n=(N + V) * H * 4: n if mode == "fwd" else 3 * n,
+        flops=lambda mode, f=2 * N * H * V: f if mode == "fwd" else 3 * f,
+        required_bytes=lambda mode, n=(N + V) * H * 4: 0 if mode == "fwd" else n,
+    ))
     # a LoRA adapter (rank 16) on a frozen lm_head
     for N, H, V, dt, quick in [(1024, 1024, 32000, "fp32", False), (8192, 4096, 151936, "bf16", False)]:
         elem = torch.empty((), dtype=DTYPES[dt]).element_size()
