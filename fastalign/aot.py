@@ -136,7 +136,7 @@ def token_stats_cases(dtype):
     for g_lp, g_ent, g_sp2 in ((True, False, False), (True, True, False), (False, True, False), (True, True, True)):
         yield _variant(g_lp=g_lp, g_ent=g_ent, g_sp2=g_sp2), lambda g_lp=g_lp, g_ent=g_ent, g_sp2=g_sp2: \
             K.token_stats_backward(z, y, 1.0, -100, f(), f(g_ent), f(g_sp2), f(g_lp), f(g_ent), f(g_sp2),
-                                   torch.empty_like(z), f(g_lp))  # with the forward's log c, and without it
+                                   torch.empty_like(z), f(g_lp))  # log c given (the ops'), or formed (None)
 
 
 @contextlib.contextmanager
@@ -155,7 +155,8 @@ def _fp32_matmul(choice: str):
 
 def linear_stats_cases(dtype):
     """The flag combinations the ops launch: a forward per requested statistic and head extra (bias, softcap,
-    a LoRA adapter) and backward chunks per set of output gradients; fp32 heads with TF32 and with full fp32 (``ieee``) products."""
+    a LoRA adapter) and backward chunks per set of output gradients; fp32 heads with TF32 and with full fp32
+    (``ieee``) products."""
     import torch
 
     from fastalign.kernels import linear_stats as K
@@ -190,8 +191,8 @@ def linear_stats_cases(dtype):
                 _meta(VOCAB, dtype=torch.float32) if bias_grad else None, c(g_mean))
 
     forwards = [{}, dict(entropy=True), dict(sum_p2=True), dict(argmax=True), dict(mean_logit=True, softcap=True),
-                dict(bias=True), dict(bias=True, softcap=True), dict(low_rank=True), dict(entropy=True, sum_p2=True, argmax=True, mean_logit=True,
-                                                            **head)]
+                dict(bias=True), dict(bias=True, softcap=True), dict(low_rank=True),
+                dict(entropy=True, sum_p2=True, argmax=True, mean_logit=True, **head)]
     backwards = [dict(g_lp=True), dict(g_lp=True, g_ent=True), dict(g_ent=True),
                  dict(g_lp=True, g_mean=True, softcap=True),
                  dict(g_lp=True, g_ent=True, g_sp2=True, g_mean=True, skip=True, bias_grad=True, **head)]

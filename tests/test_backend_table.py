@@ -170,7 +170,7 @@ def _op_cases():
     lp, ent, sp2, _amax, lse, log_c = token_stats.token_stats(logits, labels, 1.0, -100, True, True, True, "cpp",
                                                               False)
     h, w = torch.randn(B, H, generator=g), torch.randn(V, H, generator=g)
-    llp, lent, lsp2, _amax, _amax_logit, llse, _mean, _log_c = linear_stats.linear_stats(
+    llp, lent, lsp2, _amax, _amax_logit, llse, _mean, llog_c = linear_stats.linear_stats(
         h, w, None, None, None, labels, 1.0, 0.0, 1.0, -100, True, False, True, "cpp", 2, 4, 0.0)
     x, m = torch.randn(B, T, generator=g), (torch.rand(B, T, generator=g) > 0.3)
     m8 = m.to(torch.uint8)
@@ -198,7 +198,7 @@ def _op_cases():
                          (h, w, None, None, None, labels, 1.0, 0.0, 1.0, -100, True, False, True, "cpp", 2, 4, 0.0)),
         "linear_stats_backward": (linear_stats.linear_stats_backward,
                                   (torch.ones(B), None, None, h, w, None, None, None, labels, llse, lent, lsp2, 1.0,
-                                   0.0, 1.0, -100, "cpp", 2, 4, 0.0, True, True, False, False)),
+                                   0.0, 1.0, -100, "cpp", 2, 4, 0.0, True, True, False, False, llog_c)),
         "policy_loss_rows": (policy_loss.policy_loss_rows,
                              (x, x, x, m8, x, x, None, None, None, None, params, "cpp")),
         "policy_loss_grads": (policy_loss.policy_loss_grads, (x, torch.randn(B, 11), m8, 0.01, True, False, "cpp")),

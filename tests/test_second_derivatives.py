@@ -210,7 +210,7 @@ def test_linear_stats_ops_refuse_int32_labels():
     with pytest.raises(TypeError, match="labels must be torch.int64"):
         linear_stats.linear_stats_backward(torch.ones(4), None, None, hidden, weight, None, None, None, LABELS.int(),
                                            torch.zeros(4), e, e, 1.0, 0.0, 1.0, -100, "cpp", 0, 0, 0.0, True, True,
-                                           False, False)
+                                           False, False, torch.zeros(4))
 
 
 def test_divergence_rows_op_refuses_per_row_inputs_it_cannot_read():

@@ -229,7 +229,9 @@ class _VocabParallelCE(torch.autograd.Function):
         m = x.gather(2, top.unsqueeze(2)).squeeze(2).float()
         with torch.enable_grad():  # a view of x (or a detached leaf): x's own hooks see its gradient once
             inner = x.view_as(x) if overwrite else x.detach().requires_grad_(True)
-            log_p_top = token_logprobs(inner, torch.where(live, top, _SKIP), ignore_index=_SKIP,
+            # a row whose slice is all -inf holds none of its mass: not read, and its d(logits) 0 (its own softmax,
+            # 0 / 0, would be NaN)
+            log_p_top = token_logprobs(inner, torch.where(live & (m != -math.inf), top, _SKIP), ignore_index=_SKIP,
                                        inplace_backward=overwrite).logprobs
         lse_r = torch.where(m == -math.inf, m, m - log_p_top.detach())  # a row of -inf logits: -inf
         z_y = torch.where(owned, x.gather(2, idx.unsqueeze(2)).squeeze(2).float(), 0.0)
@@ -267,9 +269,6 @@ class _VocabParallelCE(torch.autograd.Function):
         c = torch.exp(lse_r - lse)
         # kept for a second backward (a leaf's: the logits were not written over)
         (dx,) = torch.autograd.grad(log_p_top, inner, grad_outputs=-(w * c), retain_graph=True)
-        # a slice whose logits of a row are all -inf holds none of its mass (c = 0): p_j = 0 there, where the
-        # slice's own softmax (lse_r = -inf) is NaN
-        dx.masked_fill_((c == 0).unsqueeze(2), 0.0)
         if alpha:
             dx.sub_((w * (alpha / K)).unsqueeze(2).to(dx.dtype))
         # the largest logit's and the target's elements, in fp32 (the kernel left g c (p_k - 1) at k)

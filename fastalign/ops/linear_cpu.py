@@ -253,7 +253,7 @@ def forward_labelled(hidden, weight, bias, low_rank, labels, scale, softcap, inv
 
 
 def backward_labelled(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent, sp2, scale, softcap,
-                      inv_t, ignore_index, nc, vc, dh, dw, db, low_rank_grads=(None, None), log_c=None, g_mean=None):
+                      inv_t, ignore_index, nc, vc, dh, dw, db, low_rank_grads, log_c, g_mean=None):
     """:func:`backward` over the labelled rows only: ignored rows get a zero d(hidden) (``dh`` comes
     zeroed) and add nothing to d(weight), d(bias)."""
     rows = labelled_rows(labels, ignore_index)
@@ -278,9 +278,9 @@ def backward_labelled(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels
 
 
 def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent, sp2, scale, softcap, inv_t,
-             ignore_index, nc, vc, dh, dw, db, low_rank_grads=(None, None), log_c=None, g_mean=None):
+             ignore_index, nc, vc, dh, dw, db, low_rank_grads, log_c, g_mean=None):
     """Backward over token chunks; ``log_c``: the forward's correction of each row's ``log p`` (the rounding
-    of its fp32 lse, :func:`log_mass`; None: none); ``g_mean``: the
+    of its fp32 lse, :func:`log_mass`); ``g_mean``: the
     gradient of each row's mean logit (0 at the ignored rows), ``g_mean / V`` added to every d(logit)."""
     N, V = hidden.shape[0], weight.shape[0]
     C = _backend.compiled()
@@ -295,7 +295,6 @@ def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, en
         dh_c = None if dh is None else dh[n0:n1]
         da_c = None if low_rank_grads[0] is None else low_rank_grads[0][n0:n1]
         dl = low_rank_grads[1]
-        log_c_c = None if log_c is None else log_c[n0:n1]
         for v0 in range(0, V, vc):
             v1 = min(V, v0 + vc)
             w_v = _f32(weight[v0:v1])
@@ -306,7 +305,7 @@ def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, en
             sl = slice(n0, n1)
             C.token_stats_piece_bwd_cpu(
                 z.data_ptr(), DTYPE_CODE[torch.float32], n, v1 - v0, n, 0, v1 - v0, yl.data_ptr(), inv_t,
-                PIECE_IGNORE, lse[sl].data_ptr(), ptr(log_c_c), ptr(opt(ent) if ent.numel() == 0 else ent[sl]),
+                PIECE_IGNORE, lse[sl].data_ptr(), log_c[sl].data_ptr(), ptr(opt(ent) if ent.numel() == 0 else ent[sl]),
                 ptr(opt(sp2) if sp2.numel() == 0 else sp2[sl]),
                 ptr(None if g_lp is None else g_lp[sl]), ptr(None if g_ent is None else g_ent[sl]),
                 ptr(None if g_sp2 is None else g_sp2[sl]), z.data_ptr(), 0, v1 - v0)

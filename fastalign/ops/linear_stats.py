@@ -88,13 +88,13 @@ def linear_stats_backward(
     low_rank_weight: Optional[Tensor], labels: Tensor, lse: Tensor, entropy: Tensor,
     sum_p2: Tensor, scale: float, softcap: float, inv_temperature: float, ignore_index: int, backend: str,
     chunk_tokens: int, chunk_vocab: int, skip_threshold: float, need_hidden: bool, need_weight: bool,
-    need_bias: bool, need_low_rank: bool, log_c: Optional[Tensor] = None, grad_mean_logit: Optional[Tensor] = None,
+    need_bias: bool, need_low_rank: bool, log_c: Tensor, grad_mean_logit: Optional[Tensor] = None,
     out: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] = (),
 ) -> None:
     """(d hidden, d weight, d bias, d low_rank_hidden, d low_rank_weight) in the input dtypes; a gradient not
     needed is an empty tensor.
     ``log_c``: the forward's (or, for a shard of the vocabulary, the merged) correction of each row's
-    ``log p = z / T - lse - log c``; None: none.
+    ``log p = z / T - lse - log c``.
     ``grad_mean_logit``: the gradient of the mean logit over this weight's vocabulary (none at ignored rows).
 
     Sums run in fp32: d(bias) always, and the others on the CPU, in fp32 accumulators cast once at the

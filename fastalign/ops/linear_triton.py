@@ -50,7 +50,7 @@ def gpu_chunk_tokens(n: int, vocab: int, elem_bytes: int, budget: int = GPU_CHUN
 
 
 def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent, sp2, scale, softcap, inv_t,
-             ignore_index, nc, skip_threshold, dh, dw, db, low_rank_grads=(None, None), log_c=None, g_mean=None):
+             ignore_index, nc, skip_threshold, dh, dw, db, low_rank_grads, log_c, g_mean=None):
     """Token chunks of ``nc`` rows: the Triton kernel writes the chunk's d(logits) in the input dtype,
     then ``dh[chunk] = du @ W`` (one product, fp32 accumulation, one rounding) and ``dW += du.T @ h``
     summed over chunks in fp32 (an fp32 buffer when ``dw`` is bf16/fp16 and there are several chunks;
@@ -58,12 +58,10 @@ def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, en
     the input dtype; likewise ``d a = du @ L`` and ``d L += du.T @ a`` for ``low_rank = (a, L)``
     into ``low_rank_grads``; ``g_mean``, the gradient of each row's mean logit, adds ``g_mean / V`` to its
     d(logits). ``log_c``, the forward's correction of each row's ``log p = z / T - lse - log c`` (the rounding
-    of its fp32 lse at the rows with ``|lse| >= RENORMALISE_ABOVE``), renormalises those rows; None: none.
+    of its fp32 lse at the rows with ``|lse| >= RENORMALISE_ABOVE``), renormalises those rows.
 
     The labelled rows are put first (:func:`~fastalign.ops.device_compaction.compact`) and the
     products of each chunk run over its labelled rows only (their count read on the device)."""
-    if log_c is None:
-        log_c = torch.zeros_like(lse)
     cmp = compact(labels, ignore_index)
     if cmp is None:
         _chunks(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, ent, sp2, scale, softcap, inv_t,
