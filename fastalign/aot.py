@@ -136,7 +136,7 @@ def token_stats_cases(dtype):
     for g_lp, g_ent, g_sp2 in ((True, False, False), (True, True, False), (False, True, False), (True, True, True)):
         yield _variant(g_lp=g_lp, g_ent=g_ent, g_sp2=g_sp2), lambda g_lp=g_lp, g_ent=g_ent, g_sp2=g_sp2: \
             K.token_stats_backward(z, y, 1.0, -100, f(), f(g_ent), f(g_sp2), f(g_lp), f(g_ent), f(g_sp2),
-                                   torch.empty_like(z), f(g_lp))  # log c given (the ops'), or formed (None)
+                                   torch.empty_like(z), f())
 
 
 @contextlib.contextmanager

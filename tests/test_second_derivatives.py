@@ -198,7 +198,7 @@ def test_token_stats_backward_ops_refuse_int32_labels():
     empty = torch.empty(0)
     for op in (token_stats.token_stats_backward, token_stats.token_stats_backward_):
         with pytest.raises(TypeError, match="labels must be torch.int64"):
-            op(torch.ones(4), None, None, logits.clone(), LABELS.int(), f32, None, empty, empty, 1.0, -100, "cpp")
+            op(torch.ones(4), None, None, logits.clone(), LABELS.int(), f32, f32, empty, empty, 1.0, -100, "cpp")
 
 
 def test_linear_stats_ops_refuse_int32_labels():

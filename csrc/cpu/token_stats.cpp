@@ -128,27 +128,10 @@ void forward(uintptr_t logits, RowLayout L, int64_t N, int64_t V, const int64_t*
   });
 }
 
-// x_j - lse with the product z_j / T kept exact (one rounding, by std::fma, whatever the compiler contracts): the
-// offset log_mass, row_backward and the vocabulary-piece mass of linear_cpu.chunk_row_mass (formed in float64) all
-// read, so log c cancels the rounding of the saved lse at any temperature.
+// x_j - lse with the product z_j / T kept exact (one rounding, by std::fma, whatever the compiler contracts), as
+// the forward's log c (lse_rounding) and the merged log c of vocabulary pieces (formed in float64) take it, so
+// log c cancels the rounding of the saved lse at any temperature.
 static inline float offset_from_lse(float z, float inv_t, float lse) { return std::fma(z, inv_t, -lse); }
-
-// log sum_j e^{x_j - lse}: 0 up to the rounding of a saved fp32 lse, which is up to ulp(lse) / 2. From |lse| =
-// 2^30 that is 64 and more, past the range of e^.: there the sum is taken relative to the largest offset m.
-template <int D>
-FASTALIGN_KERNEL_BODY float log_mass(const typename Storage<D>::T* z, int64_t V, float inv_t, float lse) {
-  float m = 0.f;
-  if (std::fabs(lse) >= 0x1p30f) {
-    m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < V; ++j) m = std::max(m, offset_from_lse(Storage<D>::load(z[j]), inv_t, lse));
-    if (!std::isfinite(m)) m = 0.f;  // a NaN or infinite row: its sum carries it, as without the shift
-  }
-  float c = 0.f;
-#pragma omp simd reduction(+ : c)
-  for (int64_t j = 0; j < V; ++j) c += exp_f32(offset_from_lse(Storage<D>::load(z[j]), inv_t, lse) - m);
-  return m + std::log(c);
-}
 
 // dx_j = g_lp ([j = y] - p_j) + the entropy and sum p^2 terms, in fp32 and rounded once to the logits' dtype (the
 // label's g_lp added after a bf16 store would cancel against -g_lp p_y rounded: a wrong sign for a confident label).
@@ -166,17 +149,15 @@ FASTALIGN_KERNEL_BODY void row_backward(const typename Storage<D>::T* z, typenam
   }
 }
 
-// whole_row: the rows are whole vocabulary rows (c formed here when |lse| >= 32); else pieces
-// of rows, with log c per row given by the caller (log_c, or 0 when null).
+// Whole rows or vocabulary pieces of rows alike: log c per row is the caller's (the forward's for whole rows, the
+// merged one for pieces; null: 0).
 template <int D>
 void backward(uintptr_t logits, RowLayout L, int64_t N, int64_t V, const int64_t* labels, float inv_t,
               int64_t ignore_index, const float* lse, const float* ent, const float* sp2, const float* g_lp,
-              const float* g_h, const float* g_q, uintptr_t grad, RowLayout G, bool whole_row,
-              const float* log_c_in) {
+              const float* g_h, const float* g_q, uintptr_t grad, RowLayout G, const float* log_c) {
   using T = typename Storage<D>::T;
   const T* zbase = reinterpret_cast<const T*>(logits);
   T* gbase = reinterpret_cast<T*>(grad);
-  const auto mass_fn = isa::best<log_mass<D>>();
   const auto row_fn = isa::best<row_backward<D>>();
   parallel_for(N, threads_for(N * V), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -190,9 +171,7 @@ void backward(uintptr_t logits, RowLayout L, int64_t N, int64_t V, const int64_t
       const float glp = g_lp ? g_lp[r] : 0.f;
       const float gh = (g_h && ent) ? g_h[r] : 0.f;
       const float gq = (g_q && sp2) ? g_q[r] : 0.f;
-      const float log_c = whole_row ? (std::fabs(lse[r]) >= softmax::kRenormaliseAbove ? mass_fn(z, V, inv_t, lse[r]) : 0.f)
-                                    : (log_c_in ? log_c_in[r] : 0.f);
-      row_fn(z, dz, V, y, inv_t, lse[r], log_c, glp, gh, ent ? ent[r] : 0.f, gq, sp2 ? sp2[r] : 0.f);
+      row_fn(z, dz, V, y, inv_t, lse[r], log_c ? log_c[r] : 0.f, glp, gh, ent ? ent[r] : 0.f, gq, sp2 ? sp2[r] : 0.f);
     }
   });
 }
@@ -228,8 +207,7 @@ void piece_forward_entry(uintptr_t logits, int dtype, int64_t N, int64_t V, int6
                                amax, row_max, log_sum, 0);
 }
 
-// log_c: the whole row's log c per row for a vocabulary piece (0: none); whole_row: formed here.
-void backward_entry(bool whole_row, uintptr_t logits, int dtype, int64_t N, int64_t V, int64_t inner, int64_t s_outer,
+void backward_entry(uintptr_t logits, int dtype, int64_t N, int64_t V, int64_t inner, int64_t s_outer,
                     int64_t s_inner, uintptr_t labels, double inv_t, int64_t ignore_index, uintptr_t lse,
                     uintptr_t log_c, uintptr_t ent, uintptr_t sp2, uintptr_t g_lp, uintptr_t g_h, uintptr_t g_q,
                     uintptr_t grad, int64_t g_outer, int64_t g_inner) {
@@ -238,7 +216,7 @@ void backward_entry(bool whole_row, uintptr_t logits, int dtype, int64_t N, int6
   FASTALIGN_DISPATCH_DTYPE(dtype, backward<D>(logits, L, N, V, ptr<const int64_t>(labels), float(inv_t), ignore_index,
                                               ptr<const float>(lse), ptr<const float>(ent), ptr<const float>(sp2),
                                               ptr<const float>(g_lp), ptr<const float>(g_h), ptr<const float>(g_q),
-                                              grad, G, whole_row, ptr<const float>(log_c)));
+                                              grad, G, ptr<const float>(log_c)));
 }
 
 }  // namespace
@@ -253,30 +231,11 @@ FASTALIGN_BINDINGS(token_stats) {
         "Forward statistics of a vocabulary piece of each row: entropy, sum p^2 and argmax within the piece, "
         "its max m and log s = log sum e^{x - m} (lse = m + log s), in the last five pointers "
         "(ent, sp2, amax, row_max, log_sum); null pointers (0) skip an output.");
-  m.def(
-      "token_stats_bwd_cpu",
-      [](uintptr_t logits, int dtype, int64_t N, int64_t V, int64_t inner, int64_t s_outer, int64_t s_inner,
-         uintptr_t labels, double inv_t, int64_t ignore_index, uintptr_t lse, uintptr_t log_c, uintptr_t ent,
-         uintptr_t sp2, uintptr_t g_lp, uintptr_t g_h, uintptr_t g_q, uintptr_t grad, int64_t g_outer,
-         int64_t g_inner) {
-        backward_entry(log_c == 0, logits, dtype, N, V, inner, s_outer, s_inner, labels, inv_t, ignore_index, lse,
-                       log_c, ent, sp2, g_lp, g_h, g_q, grad, g_outer, g_inner);
-      },
-      py::call_guard<py::gil_scoped_release>(),
-      "Backward of token statistics: writes d(logits) (grad may equal logits for in-place). log_c: the forward's "
-      "(0: formed here, one more read of each row with |lse| >= 32).");
-  m.def(
-      "token_stats_piece_bwd_cpu",
-      [](uintptr_t logits, int dtype, int64_t N, int64_t V, int64_t inner, int64_t s_outer, int64_t s_inner,
-         uintptr_t labels, double inv_t, int64_t ignore_index, uintptr_t lse, uintptr_t log_c, uintptr_t ent,
-         uintptr_t sp2, uintptr_t g_lp, uintptr_t g_h, uintptr_t g_q, uintptr_t grad, int64_t g_outer,
-         int64_t g_inner) {
-        backward_entry(false, logits, dtype, N, V, inner, s_outer, s_inner, labels, inv_t, ignore_index, lse, log_c,
-                       ent, sp2, g_lp, g_h, g_q, grad, g_outer, g_inner);
-      },
-      py::call_guard<py::gil_scoped_release>(),
-      "Backward over a vocabulary piece of each row, given the whole row's lse / entropy / sum p^2 and "
-      "optionally log c = log sum_j e^{x_j - lse} over the whole row (0: null).");
+  m.def("token_stats_bwd_cpu", &backward_entry, py::call_guard<py::gil_scoped_release>(),
+        "Backward of token statistics over whole rows or vocabulary pieces of rows: (logits, dtype, N, V, inner, "
+        "s_outer, s_inner, labels, inv_t, ignore_index, lse, log_c, ent, sp2, g_lp, g_h, g_q, grad, g_outer, "
+        "g_inner) writes d(logits) (grad may equal logits, in place), given the whole row's lse, entropy, sum p^2 "
+        "and log c, the rounding of the fp32 lse (the forward's, or the merged one of pieces; 0: none).");
 }
 
 }  // namespace fastalign

@@ -24,10 +24,8 @@ for rows with |lse| >= RENORMALISE_ABOVE the forward also writes
     log c = log sum_j e^{x_j - lse} = (m - lse) + log s
 
 (the rounding of lse), and p is exact to fp32 rounding again with no other read of
-the row. A backward given no log c forms it first, one program per row (other rows
-write log c = 0 without reading their logits).
+the row.
 """
-import torch
 import triton
 import triton.language as tl
 
@@ -103,24 +101,6 @@ def token_stats_fwd_kernel(
 
 
 @triton.jit
-def token_stats_log_mass_kernel(
-    z_ptr, inner, s_outer, s_inner, labels_ptr, lse_ptr, log_c_ptr,
-    V, inv_t, ignore_index, renormalise_above, BLOCK_V: tl.constexpr,
-):
-    """log c = log sum_j e^{x_j - lse} of rows with |lse| >= renormalise_above, else 0 (nothing read)."""
-    r = tl.program_id(0).to(tl.int64)
-    row = _row_start(z_ptr, r, inner, s_outer, s_inner)
-    lse = tl.load(lse_ptr + r)
-    far = (tl.load(labels_ptr + r) != ignore_index) & (tl.abs(lse) >= renormalise_above)
-    cols = tl.arange(0, BLOCK_V)
-    c = tl.zeros([BLOCK_V], tl.float32)
-    for start in range(0, tl.where(far, V, 0), BLOCK_V):
-        x = tl.load(row + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32) * inv_t
-        c += exp(x - lse)
-    tl.store(log_c_ptr + r, tl.where(far, tl.log(tl.sum(c, 0)), 0.0))
-
-
-@triton.jit
 def token_stats_bwd_kernel(
     z_ptr, inner, s_outer, s_inner, labels_ptr,
     lse_ptr, log_c_ptr, ent_ptr, sp2_ptr, g_lp_ptr, g_ent_ptr, g_sp2_ptr,
@@ -176,20 +156,14 @@ def token_stats_forward(z3, labels, inv_t, ignore_index, lp, ent, sp2, amax, lse
     )
 
 
-def token_stats_backward(z3, labels, inv_t, ignore_index, lse, ent, sp2, g_lp, g_ent, g_sp2, dz3, log_c=None):
-    """Writes d(logits) into dz3 ([outer, inner, V], may be z3 itself); ``log_c``: the forward's (None: formed
-    here first, one more read of the rows with |lse| >= RENORMALISE_ABOVE)."""
+def token_stats_backward(z3, labels, inv_t, ignore_index, lse, ent, sp2, g_lp, g_ent, g_sp2, dz3, log_c):
+    """Writes d(logits) into dz3 ([outer, inner, V], may be z3 itself), given the forward's ``lse`` and ``log_c``
+    (the rounding of that fp32 lse, removed from log p)."""
     outer, inner, V = z3.shape
     n = outer * inner
     if n == 0:
         return
     block = _bwd_block(V)
-    if log_c is None:
-        log_c = torch.empty_like(lse)  # written before dz3 (which may be z3) is
-        token_stats_log_mass_kernel[(n,)](
-            z3, inner, z3.stride(0), z3.stride(1), labels, lse, log_c,
-            V, inv_t, ignore_index, RENORMALISE_ABOVE, BLOCK_V=min(block, 1024), num_warps=4,
-        )
     dummy = lse
     token_stats_bwd_kernel[(n, triton.cdiv(V, block))](
         z3, inner, z3.stride(0), z3.stride(1), labels,

@@ -303,7 +303,7 @@ def backward(g_lp, g_ent, g_sp2, hidden, weight, bias, low_rank, labels, lse, en
             deriv = softcap_derivative(z, softcap, scale, dbuf[: z.numel()].view_as(z)) if softcap > 0 else None
             yl = local_labels(y, v0, v1, ignore_index)
             sl = slice(n0, n1)
-            C.token_stats_piece_bwd_cpu(
+            C.token_stats_bwd_cpu(
                 z.data_ptr(), DTYPE_CODE[torch.float32], n, v1 - v0, n, 0, v1 - v0, yl.data_ptr(), inv_t,
                 PIECE_IGNORE, lse[sl].data_ptr(), log_c[sl].data_ptr(), ptr(opt(ent) if ent.numel() == 0 else ent[sl]),
                 ptr(opt(sp2) if sp2.numel() == 0 else sp2[sl]),

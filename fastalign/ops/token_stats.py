@@ -99,8 +99,8 @@ def token_stats(
 def backward_into(grad: Tensor, g_lp, g_ent, g_sp2, logits, labels, lse, log_c, ent, sp2,
                   inv_temperature, ignore_index, backend) -> None:
     """d(loss)/d(logits) written into ``grad`` (``logits`` itself for the in-place backward). ``log_c``: the
-    forward's (None: formed here, one more read of the rows with ``|lse| >= 32``; the CUDA kernels always form
-    it)."""
+    forward's rounding of each row's lse, which the C++ and Triton kernels remove from ``log p`` (the CUDA
+    kernels form it themselves)."""
     O, I, V = logits.shape
     g_lp, g_ent, g_sp2 = (None if g is None else g.contiguous().float() for g in (g_lp, g_ent, g_sp2))
     ent, sp2 = opt(ent), opt(sp2)
@@ -126,11 +126,11 @@ def _grad_outputs(logits: Tensor, labels: Tensor):
 @kernel_op("token_stats_backward", _grad_outputs)
 def token_stats_backward(
     grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor], grad_sum_p2: Optional[Tensor],
-    logits: Tensor, labels: Tensor, lse: Tensor, log_c: Optional[Tensor], entropy: Tensor, sum_p2: Tensor,
+    logits: Tensor, labels: Tensor, lse: Tensor, log_c: Tensor, entropy: Tensor, sum_p2: Tensor,
     inv_temperature: float, ignore_index: int, backend: str, out: Tensor,
 ) -> None:
-    """d(loss)/d(logits) in the logits dtype, for whichever output gradients are given; ``log_c`` the forward's
-    (None: formed here)."""
+    """d(loss)/d(logits) in the logits dtype, for whichever output gradients are given; ``lse`` and ``log_c`` the
+    forward's."""
     backward_into(out, grad_logprobs, grad_entropy, grad_sum_p2, logits, labels, lse, log_c, entropy, sum_p2,
                   inv_temperature, ignore_index, backend)
 
@@ -143,7 +143,7 @@ def _no_outputs(logits: Tensor, labels: Tensor):
 @kernel_op("token_stats_backward_", _no_outputs, mutates_args=("logits",))
 def token_stats_backward_(
     grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor], grad_sum_p2: Optional[Tensor],
-    logits: Tensor, labels: Tensor, lse: Tensor, log_c: Optional[Tensor], entropy: Tensor, sum_p2: Tensor,
+    logits: Tensor, labels: Tensor, lse: Tensor, log_c: Tensor, entropy: Tensor, sum_p2: Tensor,
     inv_temperature: float, ignore_index: int, backend: str, out: None,
 ) -> None:
     """In-place backward: overwrites ``logits`` with d(loss)/d(logits) (saves one [N, V] buffer)."""
