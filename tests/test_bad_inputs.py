@@ -981,6 +981,42 @@ def test_out_of_range_labels_give_nan_rows_and_check_raises(backend):
         assert not torch.isnan(lp[0]) and torch.isnan(lp[1]) and torch.isnan(lp[2]) and lp[3] == 0
 
 
+def _made_in_inference_mode(t):
+    with torch.inference_mode():
+        return t.clone()
+
+
+_INFERENCE_INPUTS = {  # the inputs that take no gradient, as an inference pass (a teacher, a rollout) makes them
+    "token_logprobs": lambda x, h, w, y, t, idx: fa.token_logprobs(x, y, entropy=True).logprobs,
+    "linear_logprobs": lambda x, h, w, y, t, idx: fa.linear_logprobs(h, w, y, entropy=True).logprobs,
+    "token_divergence": lambda x, h, w, y, t, idx: fa.token_divergence(x, t, y, beta=0.0).divergence,
+    "elementwise_divergence": lambda x, h, w, y, t, idx: fa.elementwise_divergence(x.log_softmax(-1), t),
+    "linear_topk_logprobs": lambda x, h, w, y, t, idx: fa.linear_topk_logprobs(h, w, ids=idx).logprobs,
+}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("fn", sorted(_INFERENCE_INPUTS))
+def test_inputs_made_in_inference_mode(backend, fn):
+    """Labels, a teacher's logits or a support made under ``torch.inference_mode`` (which autograd cannot save):
+    the ops that keep them for the backward copy them, so the loss and its gradients equal those of ordinary
+    tensors (PyTorch's own error otherwise: "Inference tensors cannot be saved for backward")."""
+    g = torch.Generator().manual_seed(3)
+    x, h, w = torch.randn(4, V, generator=g), torch.randn(4, H, generator=g), torch.randn(V, H, generator=g)
+    y, t, idx = _lab(4), torch.randn(4, V, generator=g).log_softmax(-1), torch.randint(0, V, (4, 3), generator=g)
+    results = []
+    for make in (lambda a: a, _made_in_inference_mode):
+        leaves = [a.clone().requires_grad_(True) for a in (x, h, w)]
+        with fa.use_backend(backend):
+            out = _INFERENCE_INPUTS[fn](*leaves, make(y), make(t), make(idx))
+            out.sum().backward()
+        results.append((out.detach(), *(a.grad for a in leaves)))
+    for got, want in zip(results[1], results[0]):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert torch.equal(got, want)
+
+
 def test_same_results_from_four_threads():
     """The C++ kernels from 4 Python threads at once. (The Triton interpreter used for CPU tests
     is not thread-safe, so each call names its backend.)"""

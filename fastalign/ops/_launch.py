@@ -138,6 +138,16 @@ def runs_directly(backend: str, *tensors: Optional[torch.Tensor]) -> bool:
     return backend == "cpp" and eager(*tensors)
 
 
+def save_for_backward(ctx, *tensors: Optional[torch.Tensor]) -> None:
+    """``ctx.save_for_backward(*tensors)``, with a copy of each tensor made under ``torch.inference_mode`` (a
+    teacher's logits, labels or a mask from an inference pass: inputs that take no gradient, which autograd cannot
+    save as they are). Other tensors are saved as they are, with autograd's check that they are not modified.
+    Under ``torch.compile`` (which cannot trace ``is_inference``) all are saved as they are."""
+    if not torch.compiler.is_compiling():
+        tensors = tuple(t.clone() if t is not None and t.is_inference() else t for t in tensors)
+    ctx.save_for_backward(*tensors)
+
+
 def refuse_second_derivative(loss: str) -> None:
     """Raise a RuntimeError when autograd is asked for a graph of a fused backward's gradients.
 

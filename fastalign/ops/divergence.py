@@ -17,7 +17,7 @@ from torch import Tensor
 from fastalign import _backend
 from fastalign._backend import backend_for
 from fastalign.ops._launch import (check_row_pair, check_rows, eager_autograd, kernel_op, ptr, runs_directly,
-                                   triton_kernels)
+                                    save_for_backward, triton_kernels)
 from fastalign.ops.token_stats import check_inplace_backward
 
 
@@ -184,7 +184,7 @@ def token_divergence_backward_(
 
 def _setup_context(ctx, inputs, output):
     student, teacher, mask, labels, inv_t, divergence, beta, ignore_index, _nll, backend, inplace = inputs
-    ctx.save_for_backward(student, teacher, mask, labels, output[3])
+    save_for_backward(ctx, student, teacher, mask, labels, output[3])
     ctx.options = (inv_t, divergence, beta, ignore_index, backend)
     ctx.inplace = inplace
     ctx.set_materialize_grads(False)

@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from fastalign.ops._launch import check_rows, eager, kernel_op, refuse_second_derivative
+from fastalign.ops._launch import check_rows, eager, kernel_op, refuse_second_derivative, save_for_backward
 from fastalign.ops.device_compaction import compact
 from fastalign.ops.divergence import divergence_rows_call
 from fastalign.ops.linear_block import _operands, block_buffer, kept_rows, row_blocks
@@ -274,7 +274,7 @@ _OTHER_INPUTS = 15  # the op's inputs after (hidden, weight, bias): none differe
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, th, tw, tb, mask, labels, *args = inputs
-    ctx.save_for_backward(hidden, weight, bias, th, tw, tb, mask, labels)
+    save_for_backward(ctx, hidden, weight, bias, th, tw, tb, mask, labels)
     ctx.args = tuple(args[:-2])  # scale .. ignore_index (nll is not needed)
     ctx.backend = args[-1]
     ctx.mark_non_differentiable(output[1])  # the entropy: a metric

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fastalign._backend import backend_for
 from fastalign.ops import linear_cpu, linear_triton
-from fastalign.ops._launch import check_rows, kernel_op, linear_outputs
+from fastalign.ops._launch import check_rows, kernel_op, linear_outputs, save_for_backward
 
 
 def _outputs(hidden: Tensor, labels: Tensor, entropy: bool, sum_p2: bool, argmax: bool, mean_logit: bool):
@@ -131,7 +131,7 @@ def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, a, lw, labels, scale, softcap, inv_t, ignore_index, _e, _s, _a, backend, nc, vc,
      skip, *_mean) = inputs
     _lp, ent, sp2, _amax, _amax_val, lse, _m, log_c = output
-    ctx.save_for_backward(hidden, weight, bias, a, lw, labels, lse, ent, sp2, log_c)
+    save_for_backward(ctx, hidden, weight, bias, a, lw, labels, lse, ent, sp2, log_c)
     ctx.args = (scale, softcap, inv_t, ignore_index, backend, nc, vc, skip)
     ctx.set_materialize_grads(False)
 

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from fastalign.ops import support_products
-from fastalign.ops._launch import refuse_second_derivative
+from fastalign.ops._launch import refuse_second_derivative, save_for_backward
 from fastalign.ops.linear_block import row_blocks
 from fastalign.ops.linear_cpu import chunk_grad_to_inputs, chunk_logits, softcap_derivative
 from fastalign.ops.single_pass import block_budget_rows
@@ -216,7 +216,7 @@ class TopKLogprobs(torch.autograd.Function):
         else:
             lp, support, shift, lse, z = _vocabulary_forward(hidden, weight, bias, ids, k if ids is None else
                                                              ids.shape[1], rows, scale, softcap, inv_t, renormalize)
-        ctx.save_for_backward(hidden, weight, bias, support, shift, lse, rows, *((lp, z) if renormalize else ()))
+        save_for_backward(ctx, hidden, weight, bias, support, shift, lse, rows, *((lp, z) if renormalize else ()))
         ctx.options = (scale, softcap, inv_t, renormalize)
         ctx.mark_non_differentiable(support)
         return lp, support

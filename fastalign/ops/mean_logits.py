@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastalign.ops._launch import eager, refuse_second_derivative
+from fastalign.ops._launch import eager, refuse_second_derivative, save_for_backward
 from fastalign.ops.device_compaction import compact
 from fastalign.ops.linear_block import _operands, block_buffer, block_logits, kept_rows, row_blocks
 from fastalign.ops.linear_cpu import chunk_grad_to_inputs, labelled_rows, softcap_derivative
@@ -132,7 +132,7 @@ class SoftcappedMeanLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, a, lora, scale: float, softcap: float, keep, backend: str, classes=None):
-        ctx.save_for_backward(h, weight, bias, a, lora, keep, classes)
+        save_for_backward(ctx, h, weight, bias, a, lora, keep, classes)
         ctx.options = (scale, softcap, backend)
         return softcapped_mean_logits(h, weight, bias, a, lora, scale, softcap, keep, backend, classes)
 

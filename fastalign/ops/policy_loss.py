@@ -22,7 +22,8 @@ from torch import Tensor
 from fastalign import _backend
 from fastalign._backend import backend_for
 from fastalign.ops import cov_fallback
-from fastalign.ops._launch import kernel_op, ptr, refuse_second_derivative, runs_directly, triton_kernels
+from fastalign.ops._launch import (kernel_op, ptr, refuse_second_derivative, runs_directly, save_for_backward,
+                                    triton_kernels)
 from fastalign.ops.policy_params import KernelParams
 
 #: column 7: the Clip-Cov / KL-Cov pick count, or vespo's sum_m phi_t ((k, lambda) by the sign of A_t);
@@ -89,7 +90,7 @@ def policy_loss_rows(
 def _setup_context(ctx, inputs, output):
     lp, mask, ent, params = inputs[0], inputs[3], inputs[5], inputs[10]
     dlp = output[1]
-    ctx.save_for_backward(dlp, mask)
+    save_for_backward(ctx, dlp, mask)
     ctx.lp_dtype = lp.dtype
     ctx.ent_dtype = None if ent is None else ent.dtype
     ctx.ent_coef = float(params[_ENT_COEF])
@@ -211,7 +212,7 @@ def policy_loss_cov_rows(
 
 
 def _cov_save(ctx, lp, mask, ent, params, dlp):
-    ctx.save_for_backward(dlp, mask)
+    save_for_backward(ctx, dlp, mask)
     ctx.lp_dtype = lp.dtype
     ctx.ent_dtype = None if ent is None else ent.dtype
     ctx.ent_coef = float(params[_ENT_COEF])

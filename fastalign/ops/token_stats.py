@@ -17,7 +17,7 @@ from torch import Tensor
 from fastalign import _backend
 from fastalign._backend import backend_for
 from fastalign.ops._launch import (DTYPE_CODE, check_rows, eager_autograd, kernel_op, opt, ptr, runs_directly,
-                                   stat_outputs, triton_kernels)
+                                    save_for_backward, stat_outputs, triton_kernels)
 
 
 def shares_memory(t: Tensor) -> bool:
@@ -154,7 +154,7 @@ def token_stats_backward_(
 def _setup_context(ctx, inputs, output):
     logits, labels, inv_temperature, ignore_index, _ent, _sp2, _amax, backend, inplace = inputs
     _lp, ent, sp2, _amax_out, lse, log_c = output
-    ctx.save_for_backward(logits, labels, lse, log_c, ent, sp2)
+    save_for_backward(ctx, logits, labels, lse, log_c, ent, sp2)
     ctx.inv_temperature, ctx.ignore_index, ctx.backend = inv_temperature, ignore_index, backend
     ctx.inplace = inplace
     ctx.set_materialize_grads(False)

@@ -34,7 +34,7 @@ import math
 import torch
 from torch import Tensor
 
-from fastalign.ops._launch import refuse_second_derivative, runs_directly, stat_outputs
+from fastalign.ops._launch import refuse_second_derivative, runs_directly, save_for_backward, stat_outputs
 from fastalign.ops.token_stats import token_stats_backward, token_stats_backward_, token_stats_call
 from fastalign.ops.vocab_parallel import AcrossRanks, global_argmax, refuse_empty_shard_when_traced, shard_range
 from fastalign.ops.vocab_pieces import PIECE_IGNORE, local_labels, merge_pieces
@@ -85,7 +85,7 @@ class VocabParallelTokenStats(torch.autograd.Function):
             best = rows.gather(2, amax_r.view(y_col.shape)).view(-1).float() if V_r else torch.full_like(
                 lse_r, -math.inf)
             amax = global_argmax(amax_r, best, start, v_total, group)
-        ctx.save_for_backward(rows, yl, lse_r, log_c_r, ent_r, sp2_r, lse, lp, ent, sp2)
+        save_for_backward(ctx, rows, yl, lse_r, log_c_r, ent_r, sp2_r, lse, lp, ent, sp2)
         ctx.args = (inv_t, backend, inplace)
         ctx.mark_non_differentiable(amax)
         ctx.set_materialize_grads(False)

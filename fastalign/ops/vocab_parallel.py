@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from fastalign.ops._launch import eager, linear_outputs
+from fastalign.ops._launch import eager, linear_outputs, save_for_backward
 from fastalign.ops.linear_stats import linear_stats, linear_stats_backward
 from fastalign.ops.vocab_pieces import PIECE_IGNORE, local_labels, log_mass, merge_pieces
 
@@ -150,7 +150,7 @@ class VocabParallelStats(torch.autograd.Function):
         g_amax = amax
         if want_amax:
             g_amax = global_argmax(amax, amax_val, start, v_total, group)
-        ctx.save_for_backward(hidden, weight, bias, low_rank_hidden, low_rank_weight, yl, g_lse, g_ent, g_sp2,
+        save_for_backward(ctx, hidden, weight, bias, low_rank_hidden, low_rank_weight, yl, g_lse, g_ent, g_sp2,
                               g_log_c)
         ctx.group = group
         ctx.mean_share = V_r / v_total if want_mean else None  # d mean / d mean_r

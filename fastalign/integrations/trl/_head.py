@@ -437,8 +437,9 @@ def fused_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_
     Without gradients, for a trainer whose loss goes through the head itself (its ``_policy_pass()``: the
     ``token_separable`` of its :func:`head_policy_loss`, None when its loss takes these log-probs instead), the
     statistics are those of that loss's pass (:func:`fastalign.linear_policy.policy_logprobs`), bit for bit: the
-    old policy's log-probs of an on-policy step give a ratio of exactly 1 (and an unchanged reference a KL of 0),
-    as TRL's, which computes both with one function."""
+    old policy's log-probs of an on-policy step give a ratio of exactly 1 (and an unchanged reference a KL of 0,
+    up to the rounding of a matrix product over other scored rows), as TRL's, which computes both with one
+    function."""
     vision = vision_inputs(vision)
     policy_pass = getattr(self, "_policy_pass", None)
     token_separable = policy_pass() if policy_pass is not None and not torch.is_grad_enabled() else None
