@@ -788,6 +788,32 @@ def test_gpu_paths_of_scan_group_cov_ops_match_the_cpu_kernels():
         assert torch.equal(got.cpu(), exp), f"cov selection mode {mode}"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("gamma", [0.99, 1.0, 0.0])
+def test_gpu_scans_with_non_finite_rewards_match_the_cpu_kernel(gamma):
+    """inf and NaN rewards scattered beside masked tokens, rows longer than a block's threads: every mode of the
+    GPU scans equals the C++ kernel, NaN for NaN. The reset return drops what follows a masked token (the CUDA
+    blocked scan once multiplied it by the masked token's 0: NaN before the reset)."""
+    from fastalign.ops import returns
+
+    B, T = 16, 700
+    g = torch.Generator().manual_seed(5)
+    x, v = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    m = (torch.rand(B, T, generator=g) > 0.2).float()
+    m[:, T // 2] = 0.0
+    for b in range(B):
+        x[b, torch.randint(0, T, (2,), generator=g)] = [math.inf, -math.inf, math.nan][b % 3]
+    backends = ["triton"] + (["cuda"] if fastalign._backend.cuda_kernels_available() else [])
+    for mode in (0, 1, 2):
+        vv = v if mode == 2 else x.new_empty(0)
+        want = returns.reverse_scan(x, vv, m, gamma, 0.95, mode, "cpp")
+        for backend in backends:
+            got = returns.reverse_scan(x.cuda(), vv.cuda(), m.cuda(), gamma, 0.95, mode, backend)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a.cpu(), b, atol=1e-5, rtol=1e-5, equal_nan=True,
+                                           msg=lambda e: f"{backend} scan mode {mode}: {e}")
+
+
 # ----------------------------------------------------------------------------- Triton paths of CUDA ops
 
 

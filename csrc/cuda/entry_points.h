@@ -23,7 +23,7 @@ const char* fastalign_token_stats_bwd_cuda(uintptr_t logits, int dtype, int64_t 
                                            uintptr_t g_lp, uintptr_t g_h, uintptr_t g_q, uintptr_t grad,
                                            int64_t g_outer, int64_t g_inner, uintptr_t stream);
 
-// csrc/cuda/returns.cu. mode: adv::kReturn / kReturnReset / kToGo / kGae (common/advantage_math.h).
+// csrc/cuda/returns.cu. mode: adv::kReturnReset / kReturnCarry / kGae (common/advantage_math.h).
 const char* fastalign_reverse_scan_cuda(uintptr_t x, uintptr_t v, uintptr_t mask, bool f64, int64_t B, int64_t T,
                                         double gamma, double lam, int mode, uintptr_t out, uintptr_t out2,
                                         uintptr_t stream);

@@ -7,10 +7,13 @@
 // Each thread takes a contiguous segment of the row and (1) composes its tokens' maps,
 // (2) the block turns the segments' maps into each segment's incoming state (one thread,
 // kThreads steps, fixed order), (3) each thread walks its segment again from that state
-// with adv::scan_segment and writes the outputs. In (1) and (2) a zero coefficient (1 - m at a valid
-// token, gamma m at a masked one) times an infinite carried V_next gives NaN only where the formula
-// is NaN already (an infinite V makes every earlier A NaN); an infinite A is carried by al = gamma lam
-// at a valid token, never by a 0 blend weight (that was scan_segment's 0 * inf, fixed there).
+// with adv::scan_segment and writes the outputs. A masked token of the reset return is a constant map
+// (run = 0 whatever is carried in, as the CPU scan sets it): flagged `reset`, so (1) and (2) drop the
+// carried state there instead of multiplying it by 0, which gave NaN before a reset for an infinite or
+// NaN later reward. Elsewhere a zero coefficient (1 - m at a valid token, gamma m at a masked one) times
+// an infinite carried V_next gives NaN only where the formula is NaN already (an infinite V makes every
+// earlier A NaN); an infinite A is carried by al = gamma lam at a valid token, never by a 0 blend weight
+// (that was scan_segment's 0 * inf, fixed there).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -26,26 +29,44 @@ constexpr int kThreads = 256;
 
 struct Map {  // (A, Vn) -> ([[al, be], [0, de]] (A, Vn) + (e, f)); returns use al (gamma...) and e
   double al, be, de, e, f;
+  bool reset;  // a constant map: (A, Vn) -> (e, f), the carried state dropped (never multiplied by 0)
 };
+
+// The map applied to a carried state (a, nv).
+__device__ __forceinline__ void apply(const Map& f, double& a, double& nv) {
+  if (f.reset) {
+    a = f.e;
+    nv = f.f;
+    return;
+  }
+  const double a2 = f.al * a + f.be * nv + f.e;
+  nv = f.de * nv + f.f;
+  a = a2;
+}
 
 // Map of one token (applied to the state carried in from the later tokens).
 template <typename S>
 __device__ __forceinline__ Map token_map(const S* x, const S* v, const S* m, int64_t t, double gamma, double lam,
                                          int mode) {
   const double mt = double(m[t]);
-  if (mt == 0.0) return Map{mode == adv::kGae ? 1.0 : (mode == adv::kReturnReset ? 0.0 : gamma), 0.0, 1.0, 0.0, 0.0};
+  if (mt == 0.0) {
+    if (mode == adv::kReturnReset) return Map{0.0, 0.0, 0.0, 0.0, 0.0, true};  // run = 0
+    return Map{mode == adv::kGae ? 1.0 : gamma, 0.0, 1.0, 0.0, 0.0, false};
+  }
   const double xt = double(x[t]);
   if (mode == adv::kGae) {
     const double vt = double(v[t]);
-    return Map{mt * gamma * lam + 1.0 - mt, mt * gamma, 1.0 - mt, mt * (xt - vt), mt * vt};
+    return Map{mt * gamma * lam + 1.0 - mt, mt * gamma, 1.0 - mt, mt * (xt - vt), mt * vt, false};
   }
-  if (mode == adv::kReturnReset) return Map{gamma * mt, 0.0, 1.0, xt * mt * mt, 0.0};
-  return Map{gamma, 0.0, 1.0, xt * mt, 0.0};
+  if (mode == adv::kReturnReset) return Map{gamma * mt, 0.0, 1.0, xt * mt * mt, 0.0, false};
+  return Map{gamma, 0.0, 1.0, xt * mt, 0.0, false};
 }
 
-// b after a
+// b after a (a constant a makes the composition constant: b applied to (a.e, a.f))
 __device__ __forceinline__ Map then(const Map& a, const Map& b) {
-  return Map{b.al * a.al, b.al * a.be + b.be * a.de, b.de * a.de, b.al * a.e + b.be * a.f + b.e, b.de * a.f + b.f};
+  if (b.reset) return b;
+  return Map{b.al * a.al, b.al * a.be + b.be * a.de, b.de * a.de, b.al * a.e + b.be * a.f + b.e, b.de * a.f + b.f,
+             a.reset};
 }
 
 template <typename S>
@@ -64,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) reverse_scan(const S* __restrict__ x
   const int64_t per = (T + kThreads - 1) / kThreads;
   const int64_t lo = threadIdx.x * per, hi = lo + per < T ? lo + per : T;
 
-  Map acc{1.0, 0.0, 1.0, 0.0, 0.0};  // identity
+  Map acc{1.0, 0.0, 1.0, 0.0, 0.0, false};  // identity
   for (int64_t t = hi - 1; t >= lo; --t) acc = then(acc, token_map(x, v, m, t, gamma, lam, mode));
   seg_map[threadIdx.x] = acc;
   __syncthreads();
@@ -73,10 +94,7 @@ __global__ void __launch_bounds__(kThreads) reverse_scan(const S* __restrict__ x
     for (int i = kThreads - 1; i >= 0; --i) {
       state_a[i] = a;
       state_v[i] = nv;
-      const Map& f = seg_map[i];
-      const double a2 = f.al * a + f.be * nv + f.e;
-      nv = f.de * nv + f.f;
-      a = a2;
+      apply(seg_map[i], a, nv);
     }
   }
   __syncthreads();
