@@ -13,15 +13,16 @@ from torch import Tensor
 
 from . import _validate
 
-__all__ = ["full", "head"]
+__all__ = ["full", "head", "is_dtensor"]
 
 
-def _dtensor_type():
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 or tensor-parallel parameter)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch built without distributed
-        return None
-    return DTensor
+        return False
+    return isinstance(t, DTensor)
 
 
 def full(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -31,8 +32,7 @@ def full(t: Optional[Tensor]) -> Optional[Tensor]:
     back to the shards (a reduce-scatter), as FSDP2 averages the gradients of the parameters it gathers: under
     data parallelism each rank scores its own batch, so the gradients differ. Where every rank computes the
     same gradient (tensor parallelism, replicated data) the average is that gradient."""
-    DTensor = _dtensor_type()
-    if DTensor is None or not isinstance(t, DTensor):
+    if not is_dtensor(t):
         return t
     from torch.distributed.tensor import Partial, Replicate
 
@@ -43,8 +43,7 @@ def full(t: Optional[Tensor]) -> Optional[Tensor]:
 def _vocab_shard(name: str, t: Optional[Tensor], group) -> Optional[Tensor]:
     """``t``'s local rows when it is a DTensor sharded over its first dimension across exactly ``group``;
     a plain tensor as it is (already this rank's shard); else a ``TypeError`` naming ``name``."""
-    DTensor = _dtensor_type()
-    if DTensor is None or not isinstance(t, DTensor):
+    if not is_dtensor(t):
         return t
     import torch.distributed as dist
     from torch.distributed.tensor import Shard

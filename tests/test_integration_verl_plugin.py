@@ -523,6 +523,41 @@ def test_fused_backend_equals_verl_torch_backend(dtype, temperature, cpu_backend
                          what=f"fused bf16 {name} vs fp32 logits")
 
 
+def test_fused_backend_takes_the_dtype_of_verls_product(tmp_path):
+    """An fp32 head beside bf16 hidden states: gathered from an FSDP2 shard (verl's default bf16 mixed precision
+    keeps an untied head sharded apart, in fp32, and the fused forward reads it without calling it) or under
+    torch.autocast, it is multiplied in bf16, as verl's non-fused path multiplies it (FSDP2's param_dtype cast, the
+    autocast); its gradient reaches the fp32 shard. A plain fp32 head without autocast raises, as the product."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    from fastalign.integrations.verl import fused
+
+    h, w, ids, dlp, dent = _fused_inputs(torch.float32)
+    h = h.bfloat16()
+    module = fused.FusedLinearForPPO()
+    want = _fused_run(module, h, w.bfloat16(), ids, dlp, dent, 0.7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _fused_run(module, h, w, ids, dlp, dent, 0.7)
+    assert got[3].dtype == torch.float32
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b.float(), atol=0, rtol=0)
+    with pytest.raises(TypeError, match="weight"):
+        module(h, w, ids)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        shard = torch.nn.Parameter(distribute_tensor(w, init_device_mesh("cpu", (1,)), [Shard(0)]))
+        hg = h.clone().requires_grad_(True)
+        lp, ent = module(hg, shard, ids, temperature=0.7)
+        (lp.float() * dlp + ent.float() * dent).sum().backward()
+    finally:
+        dist.destroy_process_group()
+    assert isinstance(shard.grad, DTensor) and shard.grad.dtype == torch.float32
+    for a, b in zip((lp, ent, hg.grad, shard.grad.full_tensor()), want):
+        torch.testing.assert_close(a.float(), b.float(), atol=0, rtol=0)
+
+
 def test_fused_backend_rejects_what_it_cannot_honour():
     from fastalign.integrations.verl import fused
 

@@ -22,7 +22,11 @@ are those of the model's own logits, as verl's non-fused path computes them:
 
 with fp32 accumulation and without the ``[tokens, V]`` logits (chunks of at most
 ``FASTALIGN_LINEAR_CHUNK_MIB``); gradients flow to ``hidden_states`` and ``vocab_weights``. A
-``DTensor`` weight (FSDP2) is gathered with ``full_tensor()`` (differentiable).
+``DTensor`` weight (FSDP2) is gathered with ``full_tensor()`` (differentiable). The operands take the dtype
+of verl's non-fused product: the autocast dtype under ``torch.autocast`` (as the model's ``nn.Linear``), else,
+for a ``DTensor`` weight, the hidden states' (FSDP2 casts the head it gathers to its ``param_dtype``, the body's:
+verl's default bf16 mixed precision keeps an fp32 head sharded apart when the embeddings are untied, which the
+fused forward reads without calling it); a plain weight of another dtype raises ``TypeError``, as the product.
 
 :func:`enable` (called by the ``verl.plugins`` entry point, so by ``import verl``) teaches verl's
 two switch points the new value: ``monkey_patch.patch_forward_with_backends`` installs verl's own
@@ -78,10 +82,23 @@ class FusedLinearForPPO(torch.nn.Module):
         if input_ids.shape != hidden_states.shape[:-1]:
             raise ValueError(f"input_ids shape {tuple(input_ids.shape)} must match hidden_states shape "
                              f"{tuple(hidden_states.shape[:-1])}")
-        stats = linear_logprobs(hidden_states, _dtensor.full(vocab_weights)[:self.rows], input_ids.to(torch.int64),
-                                temperature=float(temperature), logit_scale=self.logit_scale, softcap=self.softcap,
-                                entropy=True)
-        return stats.logprobs, stats.entropy.to(hidden_states.dtype)
+        out_dtype = hidden_states.dtype
+        hidden, weight = _operands(hidden_states, vocab_weights)
+        stats = linear_logprobs(hidden, weight[:self.rows], input_ids.to(torch.int64), temperature=float(temperature),
+                                logit_scale=self.logit_scale, softcap=self.softcap, entropy=True)
+        return stats.logprobs, stats.entropy.to(out_dtype)
+
+
+def _operands(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``(hidden, weight)`` gathered and in the dtype verl's non-fused ``hidden @ weight.T`` runs in (module
+    docstring): the autocast dtype, else a ``DTensor`` weight cast to the hidden states' dtype."""
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
+    if dtype is None and _dtensor.is_dtensor(weight):
+        dtype = hidden.dtype
+    weight = _dtensor.full(weight)
+    if dtype is None:
+        return hidden, weight
+    return hidden.to(dtype), weight.to(dtype)
 
 
 class _Backend(str):
