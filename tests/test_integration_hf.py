@@ -867,6 +867,44 @@ def test_dtensor_head_weight_is_gathered(tmp_path):
     torch.testing.assert_close(grad.full_tensor(), grad_ref, atol=1e-6, rtol=1e-6)
 
 
+def test_fsdp2_mixed_precision_head_sharded_apart(tmp_path):
+    """FSDP2 with bf16 mixed precision, the head sharded in a unit of its own (as verl and accelerate wrap an
+    untied head): inside the root's forward the head is still an fp32 shard, which the fused head gathers and
+    multiplies in the body's bf16, as FSDP2 casts it for the model's own forward (it raised TypeError). The
+    log-probs and gradients are the model's own within bf16 rounding; the head's gradient reaches its fp32
+    shard."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    input_ids, attention_mask, labels = batch(seed=4)
+    scored = labels[:, 1:] != -100
+    g = torch.randn(scored.shape, generator=torch.Generator().manual_seed(5))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        grads, lps = [], []
+        for fused in (False, True):
+            model = tiny_model("qwen2")
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            for unit in (*model.model.layers, model.lm_head, model):
+                fully_shard(unit, mp_policy=policy)
+            if fused:
+                lp = causal_lm_logprobs(model, input_ids, attention_mask, labels=labels).logprobs
+            else:
+                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+                lp = torch.where(scored, logits.log_softmax(-1).gather(-1, input_ids[:, 1:, None])[..., 0], 0.0)
+            (lp * g).sum().backward()
+            assert isinstance(model.lm_head.weight.grad, DTensor)
+            assert model.lm_head.weight.grad.dtype == torch.float32
+            lps.append(lp.detach())
+            grads.append({n: p.grad.full_tensor() for n, p in model.named_parameters()})
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(lps[1], lps[0], atol=0.1, rtol=0)  # bf16 logits of order 10 in the model's
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):  # the model's own bf16 d(logits): relative norms
+        assert (grads[1][name] - grads[0][name]).norm() < 0.02 * grads[0][name].norm(), name
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_backend_forward_and_gradient():
     """The same numbers through the Triton kernels (the GPU path; the interpreter on CPU)."""
