@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from . import _validate
@@ -57,13 +58,22 @@ def _vocab_shard(name: str, t: Optional[Tensor], group) -> Optional[Tensor]:
                     "or a plain tensor holding this rank's rows")
 
 
-def head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None, low_rank=None, vocab_group=None):
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None, low_rank=None, vocab_group=None,
+         dtype: Optional[torch.dtype] = None):
     """``(hidden, weight, bias, low_rank)`` as plain tensors: the rows (``hidden``, the low-rank term's ``a``)
     gathered; the head (``weight``, ``bias``, ``L``) gathered too, or without a copy its local vocabulary shard
-    when ``vocab_group`` is given (which must be a process group)."""
+    when ``vocab_group`` is given (which must be a process group). A DTensor head of another kernel dtype than
+    ``hidden`` (or than ``dtype``, when given) is cast to it on its shards first, as FSDP2's mixed precision casts
+    the head it gathers to its ``param_dtype`` (the body's, which the hidden states have) for the model's forward."""
     _validate.process_group("vocab_group", vocab_group)
+    dtype = dtype or getattr(hidden, "dtype", None)
 
     def of_head(name: str, t):
+        if is_dtensor(t) and dtype in _KERNEL_DTYPES and t.dtype in _KERNEL_DTYPES:
+            t = t.to(dtype)
         return full(t) if vocab_group is None else _vocab_shard(name, t, vocab_group)
 
     if isinstance(low_rank, (tuple, list)) and len(low_rank) == 2:  # else check_head_inputs names the mistake

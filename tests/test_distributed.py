@@ -774,6 +774,44 @@ def test_gloo_dtensor_head(gloo_run):
                                    atol=1e-5, rtol=1e-5, msg=f"data-parallel {k} (the ranks' average)")
 
 
+def test_dtensor_head_of_another_dtype_takes_the_hidden_states_dtype(tmp_path):
+    """An fp32 DTensor head (FSDP2's sharded parameter under bf16 mixed precision) beside bf16 hidden states is
+    cast to bf16 on its shards, as FSDP2 casts it for the model's forward, gathered or as the vocabulary shard:
+    the results of the bf16 head, and the gradient reaches the fp32 shard. A plain fp32 head still raises."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    d = vocab_data()
+    h, w, y = d["hidden"].bfloat16(), d["weight"], d["labels"]
+    adv, mask = torch.randn(2, generator=torch.Generator().manual_seed(6)), torch.ones(2, 5)
+
+    def run(weight, **kw):
+        hg = h.clone().requires_grad_(True)
+        st = fastalign.linear_logprobs(hg, weight, y, entropy=True, **kw)
+        loss, _ = fastalign.LinearPolicyLoss(loss_type="grpo", entropy_coef=0.1)(
+            hg, weight, y, st.logprobs.detach(), adv[:, None].expand(2, 5), mask, **kw)
+        (st.logprobs.sum() + loss).backward()
+        return st.logprobs, st.entropy, loss, hg.grad
+
+    wb = w.bfloat16().requires_grad_(True)
+    want = run(wb)
+    with pytest.raises(TypeError, match="weight must have the dtype of hidden"):
+        fastalign.linear_logprobs(h, w, y)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for kw in ({}, {"vocab_group": dist.group.WORLD}):
+            shard = torch.nn.Parameter(distribute_tensor(w, mesh, [Shard(0)]))
+            got = run(shard, **kw)
+            assert isinstance(shard.grad, DTensor) and shard.grad.dtype == torch.float32
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, atol=0, rtol=0, msg=str(kw))
+            # the two calls' bf16 gradients summed in fp32 on the shard, in bf16 on the bf16 head: one rounding apart
+            torch.testing.assert_close(shard.grad.full_tensor(), wb.grad.float(), atol=1e-6, rtol=8e-3, msg=str(kw))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_gloo_clip_cov_ranks_take_the_first_ranks_seed(gloo_run):
     """Clip-Cov with vocab_group: every rank holds the same tokens, so every rank must pick the same ones. Each
     drew the seed from its own generator, so ranks whose generators differ (spawned processes, unless seeded

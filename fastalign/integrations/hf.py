@@ -449,9 +449,10 @@ def _peft_tuner(head) -> Optional[str]:
 
 
 def _head(model, hidden: Tensor, dtype: Optional[torch.dtype] = None
-          ) -> tuple[Tensor, Optional[Tensor], Optional[tuple[Tensor, Tensor]], bool]:
-    """``(weight, bias, low_rank, sharded)`` of the model's output head applied to ``hidden``: the head's own
-    weight and bias (gathered if DTensors: ``sharded``) and, under a PEFT LoRA head, its adapters as the low-rank term
+          ) -> tuple[Tensor, Optional[Tensor], Optional[tuple[Tensor, Tensor]]]:
+    """``(weight, bias, low_rank)`` of the model's output head applied to ``hidden``: the head's own
+    weight and bias (gathered if DTensors, in ``dtype`` or else ``hidden``'s as FSDP2's mixed precision casts
+    them: :func:`fastalign._dtensor.head`) and, under a PEFT LoRA head, its adapters as the low-rank term
     of :func:`fastalign.linear_logprobs` (:func:`_lora_low_rank`; a ``modules_to_save`` head resolves
     to its active copy itself). A LoRA head merged while its adapters are disabled is unmerged first
     (``head.unmerge()``), as PEFT's own forward does, and its base weight used. Another PEFT tuner's
@@ -470,8 +471,7 @@ def _head(model, hidden: Tensor, dtype: Optional[torch.dtype] = None
     if lora and head.disable_adapters and head.merged:  # PEFT's forward rule: disabled adapters leave the weight
         head.unmerge()
     base = head.get_base_layer() if lora else head
-    sharded = _dtensor.is_dtensor(base.weight)
-    weight, bias = _dtensor.full(base.weight), _dtensor.full(getattr(base, "bias", None))
+    _, weight, bias, _ = _dtensor.head(hidden, base.weight, getattr(base, "bias", None), dtype=dtype)
     if weight.dim() != 2 or weight.numel() == 0:
         raise ValueError(
             f"model: the output head weight has shape {tuple(weight.shape)}; a partitioned parameter "
@@ -483,7 +483,7 @@ def _head(model, hidden: Tensor, dtype: Optional[torch.dtype] = None
     weight, bias = kept_head(getattr(model, "config", None), weight, bias)  # a padded head: the rows kept
     if low_rank is not None:
         low_rank = (low_rank[0], low_rank[1][:weight.shape[0]])
-    return weight, bias, low_rank, sharded
+    return weight, bias, low_rank
 
 
 def router_aux_loss(model, router_logits, attention_mask: Optional[Tensor] = None) -> Tensor:
@@ -583,13 +583,11 @@ def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = N
     hidden = outputs.last_hidden_state
     if packed is not None:  # packed rows the body did not split, not read on the host: NaN, never wrong numbers
         hidden = _validate.nan_if(packed, hidden)
-    weight, bias, low_rank, sharded = _head(model, hidden, head_dtype)
+    weight, bias, low_rank = _head(model, hidden, head_dtype)
     device_type = hidden.device.type
     dtype = head_dtype
     if dtype is None and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-    if dtype is None and sharded and weight.dtype != hidden.dtype:
-        dtype = hidden.dtype
     if dtype is not None:
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)

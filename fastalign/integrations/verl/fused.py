@@ -91,14 +91,13 @@ class FusedLinearForPPO(torch.nn.Module):
 
 def _operands(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """``(hidden, weight)`` gathered and in the dtype verl's non-fused ``hidden @ weight.T`` runs in (module
-    docstring): the autocast dtype, else a ``DTensor`` weight cast to the hidden states' dtype."""
-    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
-    if dtype is None and _dtensor.is_dtensor(weight):
-        dtype = hidden.dtype
-    weight = _dtensor.full(weight)
-    if dtype is None:
-        return hidden, weight
-    return hidden.to(dtype), weight.to(dtype)
+    docstring): the autocast dtype, else a ``DTensor`` weight's cast to the hidden states' dtype
+    (:func:`fastalign._dtensor.head`)."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    hidden, weight, _, _ = _dtensor.head(hidden, weight)
+    return hidden, weight
 
 
 class _Backend(str):
