@@ -312,8 +312,10 @@ class LinearPreferenceLoss(nn.Module):
                 ref_chosen_logprobs: Optional[Tensor] = None, ref_rejected_logprobs: Optional[Tensor] = None,
                 token_weights=None, cu_seqlens: Optional[Tensor] = None, kto_kl: Optional[Tensor] = None):
         group = self.kernel_options["vocab_group"]
-        _, weight, bias, _ = _dtensor.head(None, weight, bias, vocab_group=group)
-        _, ref_weight, ref_bias, _ = _dtensor.head(None, ref_weight, ref_bias, vocab_group=group)
+        first = (_pair("hidden", hidden) or (hidden,))[0]  # its dtype, that of a DTensor head (FSDP2's cast)
+        dtype = getattr(first, "dtype", None)
+        _, weight, bias, _ = _dtensor.head(None, weight, bias, vocab_group=group, dtype=dtype)
+        _, ref_weight, ref_bias, _ = _dtensor.head(None, ref_weight, ref_bias, vocab_group=group, dtype=dtype)
         _validate.floating("weight", weight, dim=2)
         _validate.like(None, "", device=weight.device, device_of="weight", kind="real",
                        ref_chosen_logprobs=ref_chosen_logprobs, ref_rejected_logprobs=ref_rejected_logprobs,
