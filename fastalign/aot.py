@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import os
 import re
@@ -658,6 +659,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.no_triton and args.no_nvcc:
         p.error("--no-triton and --no-nvcc together leave nothing to compile")
+    if not args.no_triton and importlib.util.find_spec("triton") is None:
+        p.error("the Triton kernels need the triton package (pip install triton), or pass --no-triton")
     requested = args.arch
     t0 = time.time()
     results, notes = [], []

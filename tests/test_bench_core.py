@@ -506,6 +506,20 @@ def test_record_never_overwrites_and_cites_the_json_it_writes(tmp_path, monkeypa
     assert not list(rec.glob("cpu-test-2026-12-01-full-policy_loss.*")) and not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize("option", ["--plot", "--record"])
+def test_a_plot_without_matplotlib_is_a_usage_error(capsys, monkeypatch, tmp_path, option):
+    """--plot (and --record, which plots too) without matplotlib installed: refused before the run, naming what
+    to install (it failed at the run's end, after every case)."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else
+                        find_spec(name, *a))
+    where = str(tmp_path / ("out.png" if option == "--plot" else "results"))
+    err = _usage_error(capsys, ["--ops", "group_advantages", option, where])
+    assert option in err and "matplotlib" in err and "fastalign[bench]" in err
+
+
 def test_plot_of_no_timed_row_writes_nothing_and_keeps_a_zero_peak(tmp_path):
     env = {"device": "CPU", "date": "d"}
     assert report.plot({"environment": env, "results": _fake_run(False)(None, env)["results"]},

@@ -55,6 +55,17 @@ def test_importing_fastalign_imports_no_trainer():
     assert out.strip() == "[]"
 
 
+def test_a_drop_in_trainer_without_trl_names_what_to_install():
+    """Without trl installed (hidden here), a drop-in trainer's import names TRL 1.16 and the pip line, rather than
+    a bare ModuleNotFoundError from inside the drop-in's module; the TRL profiles import without it."""
+    code = ("import sys; sys.modules['trl'] = None\n"
+            "from fastalign.integrations.trl import grpo_policy_config\n"
+            "try:\n    from fastalign.integrations.trl import GRPOTrainer\n"
+            "except ModuleNotFoundError as e:\n    print(e.name, '|', e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("trl | ") and "TRL 1.16" in out and "pip install 'trl==1.16.*'" in out, out
+
+
 def test_module_entry_point_prints_the_report():
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     out = subprocess.run([sys.executable, "-m", "fastalign.info"], capture_output=True, text=True, check=True,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -165,6 +166,9 @@ def parse_args(argv=None):
         why = path and _unwritable(path, directory)
         if why:
             p.error(f"argument {option}: cannot write {path!r}: {why}")
+    if (args.plot or args.record) and importlib.util.find_spec("matplotlib") is None:  # known now, not at the end
+        p.error(f"argument {'--plot' if args.plot else '--record'}: the plot needs matplotlib "
+                "(pip install matplotlib, or the bench extra: pip install 'fastalign[bench]')")
     try:
         selected_cases(args, args.device_type)
     except ValueError as e:

@@ -50,7 +50,14 @@ _TRAINERS = {"SFTTrainer": "sft_trainer", "GRPOTrainer": "grpo_trainer", "RLOOTr
 
 def __getattr__(name):
     if name in _TRAINERS:
-        return getattr(importlib.import_module(f"{__name__}.{_TRAINERS[name]}"), name)
+        try:
+            module = importlib.import_module(f"{__name__}.{_TRAINERS[name]}")
+        except ModuleNotFoundError as e:
+            if e.name not in ("trl", "transformers", "accelerate", "datasets"):
+                raise
+            raise ModuleNotFoundError(f"fastalign.integrations.trl.{name} subclasses TRL 1.16's trainer, which needs "
+                                      f"{e.name!r}: pip install 'trl==1.16.*'", name=e.name) from e
+        return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
