@@ -814,6 +814,39 @@ def test_gpu_scans_with_non_finite_rewards_match_the_cpu_kernel(gamma):
                                            msg=lambda e: f"{backend} scan mode {mode}: {e}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_argmax_passes_over_a_nan_logit(backend):
+    """A NaN logit in a row asked for its argmax: the index of the largest other logit, as on the CPU (compiled,
+    Triton's argmax could keep the NaN's step and then the index of a masked lane past the row: V)."""
+    if backend == "cuda" and not fastalign._backend.cuda_kernels_available():
+        pytest.skip("the CUDA C++ kernels were not compiled into this install")
+    z = torch.zeros(3, 16384, device="cuda")
+    z[0, 0], z[0, 2048] = 10.0, float("nan")
+    z[1, 5], z[1, 2053], z[1, 6149] = 10.0, float("nan"), 2.0
+    z[2, 4000], z[2, 9] = float("nan"), 3.0
+    y = torch.tensor([1, 2, 3], device="cuda")
+    for V in (4096, 16384):
+        st = fastalign.token_logprobs(z[:, :V].contiguous(), y, argmax=True, backend=backend)
+        want = torch.where(torch.isnan(z[:, :V]), float("-inf"), z[:, :V]).argmax(-1)
+        assert torch.equal(st.argmax, want), (V, st.argmax.tolist(), want.tolist())
+
+
+@pytest.mark.gpu
+def test_gpu_linear_logprobs_past_65535_token_blocks():
+    """More token blocks than a grid's second axis holds (65535): 4.2M tokens in one call, every row's log-prob
+    as plain PyTorch's (the launch failed with "invalid argument")."""
+    N, H, V = 65536 * 128 + 7, 16, 32
+    g = torch.Generator(device="cuda").manual_seed(8)
+    h = torch.randn(N, H, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = torch.randn(V, H, device="cuda", generator=g, dtype=torch.bfloat16)
+    y = torch.randint(0, V, (N,), device="cuda", generator=g)
+    st = fastalign.linear_logprobs(h, w, y, backend="triton")
+    want = torch.log_softmax(h.float() @ w.float().T, -1).gather(-1, y[:, None])[:, 0]
+    assert torch.isfinite(st.logprobs).all()
+    assert_close(st.logprobs, want, atol=1e-4, rtol=1e-4, what="logprobs")
+
+
 # ----------------------------------------------------------------------------- Triton paths of CUDA ops
 
 

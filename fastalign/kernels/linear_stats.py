@@ -118,9 +118,12 @@ def linear_stats_fwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    sp = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # one grid axis (the second is limited to 65535 blocks: 4M tokens), the splits of a token block adjacent so
+    # they read its hidden tile from L2
+    pid = tl.program_id(0).to(tl.int64)
+    sp = pid % n_splits
+    pid_n = pid // n_splits
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     y = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
     v_lo = sp * v_per_split
@@ -340,7 +343,7 @@ def _forward_parts(hidden, weight, bias, low_rank, labels, scale, cap, inv_t, ig
     aidx = torch.empty(splits if want_amax else 0, N, device=hidden.device, dtype=torch.int64)
     aval = torch.empty(splits if want_amax else 0, N, device=hidden.device, dtype=torch.float32)
     a, lw, R, s_a, s_l = _low_rank_args(hidden, low_rank)
-    linear_stats_fwd_kernel[(splits, token_blocks)](
+    linear_stats_fwd_kernel[(splits * token_blocks,)](
         hidden, weight, bias if bias is not None else hidden, a, lw, labels, parts,
         aidx if want_amax else labels, aval if want_amax else parts,
         N, V, H, R, hidden.stride(0), weight.stride(0), s_a, s_l, per, splits, scale, cap if cap > 0 else 1.0,

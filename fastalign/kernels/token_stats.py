@@ -45,9 +45,11 @@ def _row_start(ptr, r, inner, s_outer, s_inner):
 def _step(m, s, t, q, best, x, start, lanes, WANT_ENT: tl.constexpr, WANT_SP2: tl.constexpr,
           WANT_AMAX: tl.constexpr, LANES: tl.constexpr):
     """Fold a [STEP_ROWS, LANES] tile x (column start + k * LANES + lane) into the per-lane states."""
-    if WANT_AMAX:  # first column of the lane's max: only a strictly greater value replaces it
-        step_best = start + tl.argmax(x, 0) * LANES + lanes
-        best = tl.where(tl.max(x, 0) > m, step_best, best)
+    if WANT_AMAX:  # first column of the lane's max: only a strictly greater value replaces it. A NaN is left
+        # out (as -inf): compiled, tl.max skips it but tl.argmax's compare-and-select may keep its index
+        xa = tl.where(x == x, x, float("-inf"))
+        step_best = start + tl.argmax(xa, 0) * LANES + lanes
+        best = tl.where(tl.max(xa, 0) > m, step_best, best)
     m, s, t, q = add_block(m, s, t, q, x, 0, WANT_ENT, WANT_SP2)
     return m, s, t, q, best
 
