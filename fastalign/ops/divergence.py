@@ -17,7 +17,7 @@ from torch import Tensor
 from fastalign import _backend
 from fastalign._backend import backend_for
 from fastalign.ops._launch import (check_row_pair, check_rows, eager_autograd, kernel_op, ptr, runs_directly,
-                                    save_for_backward, triton_kernels)
+                                   save_for_backward, triton_kernels)
 from fastalign.ops.token_stats import check_inplace_backward
 
 

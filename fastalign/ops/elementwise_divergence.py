@@ -16,7 +16,7 @@ from torch import Tensor
 from fastalign import _backend
 from fastalign._backend import backend_for
 from fastalign.ops._launch import (DTYPE_CODE, check_row_pair, check_rows, eager_autograd, kernel_op, ptr,
-                                    runs_directly, save_for_backward, triton_kernels)
+                                   runs_directly, save_for_backward, triton_kernels)
 
 #: the kernels' modes, by name (the jsd's is chosen by beta: 0 the forward KL, 1 the reverse KL)
 MODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "kl": 3, "kl_log_target": 4, "tvd": 5}

@@ -88,10 +88,11 @@ def block_forward(buf: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor]
 
 
 def block_backward(z: Tensor, deriv: Optional[Tensor], g_lp: Tensor, h: Tensor, weight: Tensor,
-                   labels: Tensor, lse: Tensor, *, log_c: Tensor, scale: float, softcap: float, inv_t: float, ignore_index: int,
-                   backend: str, dw: Optional[Tensor], db: Optional[Tensor], g_ent: Optional[Tensor] = None,
-                   ent: Optional[Tensor] = None, low_rank: Optional[tuple[Tensor, Tensor]] = None,
-                   dl: Optional[Tensor] = None, live: Optional[Tensor] = None, g_mean: Optional[Tensor] = None):
+                   labels: Tensor, lse: Tensor, *, log_c: Tensor, scale: float, softcap: float, inv_t: float,
+                   ignore_index: int, backend: str, dw: Optional[Tensor], db: Optional[Tensor],
+                   g_ent: Optional[Tensor] = None, ent: Optional[Tensor] = None,
+                   low_rank: Optional[tuple[Tensor, Tensor]] = None, dl: Optional[Tensor] = None,
+                   live: Optional[Tensor] = None, g_mean: Optional[Tensor] = None):
     """Turn the kept logits ``z`` into d(logits) in place for token gradients ``g_lp`` (and ``g_ent`` of
     the entropies ``ent``, ``g_mean`` of the mean logits), given :func:`block_forward`'s ``lse`` and ``log_c``;
     accumulate ``dw``/``db`` (and ``dl`` for

@@ -23,7 +23,7 @@ from fastalign import _backend
 from fastalign._backend import backend_for
 from fastalign.ops import cov_fallback
 from fastalign.ops._launch import (kernel_op, ptr, refuse_second_derivative, runs_directly, save_for_backward,
-                                    triton_kernels)
+                                   triton_kernels)
 from fastalign.ops.policy_params import KernelParams
 
 #: column 7: the Clip-Cov / KL-Cov pick count, or vespo's sum_m phi_t ((k, lambda) by the sign of A_t);

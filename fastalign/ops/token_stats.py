@@ -17,7 +17,7 @@ from torch import Tensor
 from fastalign import _backend
 from fastalign._backend import backend_for
 from fastalign.ops._launch import (DTYPE_CODE, check_rows, eager_autograd, kernel_op, opt, ptr, runs_directly,
-                                    save_for_backward, stat_outputs, triton_kernels)
+                                   save_for_backward, stat_outputs, triton_kernels)
 
 
 def shares_memory(t: Tensor) -> bool:
