@@ -312,8 +312,8 @@ class LinearPreferenceLoss(nn.Module):
                 ref_chosen_logprobs: Optional[Tensor] = None, ref_rejected_logprobs: Optional[Tensor] = None,
                 token_weights=None, cu_seqlens: Optional[Tensor] = None, kto_kl: Optional[Tensor] = None):
         group = self.kernel_options["vocab_group"]
-        first = (_pair("hidden", hidden) or (hidden,))[0]  # its dtype, that of a DTensor head (FSDP2's cast)
-        dtype = getattr(first, "dtype", None)
+        split = _pair("hidden", hidden)
+        dtype = getattr((split or (hidden,))[0], "dtype", None)  # a DTensor head takes it (FSDP2's cast)
         _, weight, bias, _ = _dtensor.head(None, weight, bias, vocab_group=group, dtype=dtype)
         _, ref_weight, ref_bias, _ = _dtensor.head(None, ref_weight, ref_bias, vocab_group=group, dtype=dtype)
         _validate.floating("weight", weight, dim=2)
@@ -330,7 +330,6 @@ class LinearPreferenceLoss(nn.Module):
         if ref_weight is None:
             ref_weight = weight
             ref_bias = bias if ref_bias is None else ref_bias
-        split = _pair("hidden", hidden)
         label_pair = _pair("labels", labels)
         if (split is None) != (label_pair is None):
             raise ValueError("hidden and labels must both be (chosen, rejected) pairs or both single tensors")

@@ -9,8 +9,8 @@
 //
 // Backward (common/softmax_stats.h for the gradient): one pass over the row, with log c (the rounding
 // of the saved lse where |lse| >= 32) from the forward, so p is exact to fp32 rounding at any logit
-// scale; without it, one more pass before it forms log c. For a vocabulary piece of a row (the chunks
-// of linear_logprobs) the saved lse is the whole row's and log c is the caller's. Rows whose label
+// scale. For a vocabulary piece of a row (the chunks of linear_logprobs) the saved lse is the whole
+// row's and log c the merged one of the pieces. Rows whose label
 // is ignore_index get zeros; a label outside [0, V) gives NaN statistics and is never an index.
 #include <cmath>
 #include <cstdint>

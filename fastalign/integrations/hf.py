@@ -538,6 +538,12 @@ def _peft_forward(model, input_ids: Tensor, model_kwargs: dict):
         yield {k: v for k, v in kwargs.items() if k not in model.special_peft_forward_args}
 
 
+def autocast_dtype(t: Tensor) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` runs an ``nn.Linear`` in on ``t``'s device type, or None outside autocast."""
+    device_type = t.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *,
                   head_dtype: Optional[torch.dtype] = None, on_body=None, **model_kwargs):
     """``(hidden [B, T, H], weight, bias, low_rank)``: the model's body run on ``input_ids`` (no KV cache)
@@ -584,10 +590,7 @@ def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = N
     if packed is not None:  # packed rows the body did not split, not read on the host: NaN, never wrong numbers
         hidden = _validate.nan_if(packed, hidden)
     weight, bias, low_rank = _head(model, hidden, head_dtype)
-    device_type = hidden.device.type
-    dtype = head_dtype
-    if dtype is None and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = head_dtype or autocast_dtype(hidden)
     if dtype is not None:
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)

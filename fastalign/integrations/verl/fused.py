@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _dtensor, _validate
-from fastalign.integrations.hf import head_rows, head_transform
+from fastalign.integrations.hf import autocast_dtype, head_rows, head_transform
 from fastalign.integrations.verl._on_import import patch_modules
 from fastalign.linear import linear_logprobs
 
@@ -93,8 +93,8 @@ def _operands(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """``(hidden, weight)`` gathered and in the dtype verl's non-fused ``hidden @ weight.T`` runs in (module
     docstring): the autocast dtype, else a ``DTensor`` weight's cast to the hidden states' dtype
     (:func:`fastalign._dtensor.head`)."""
-    if torch.is_autocast_enabled(hidden.device.type):
-        dtype = torch.get_autocast_dtype(hidden.device.type)
+    dtype = autocast_dtype(hidden)
+    if dtype is not None:
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     hidden, weight, _, _ = _dtensor.head(hidden, weight)
     return hidden, weight
