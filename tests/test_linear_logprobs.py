@@ -457,6 +457,24 @@ def test_triton_grad_skip_threshold_error():
     assert_close(grads[0.0][0], hr.grad, atol=2e-5, rtol=2e-5, what="d hidden (no skipping)")
 
 
+def test_triton_grad_skip_keeps_a_tile_with_a_nan_gradient():
+    """A NaN upstream gradient reaches d hidden and d weight under ``grad_skip_threshold`` as on the cpp
+    backward (which skips nothing): a tile holding a NaN is kept, whatever its other entries' size."""
+    hidden, weight, bias, labels = make_inputs(n=32, v=512, seed=12)
+    g = torch.full((32,), 1e-6)
+    g[5] = float("nan")
+    grads = {}
+    for backend, thr in (("cpp", 0.0), ("triton", 1.0)):
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        st = fastalign.linear_logprobs(h, w, labels, bias=bias, backend=backend, grad_skip_threshold=thr)
+        (st.logprobs * g).sum().backward()
+        grads[backend] = (h.grad, w.grad)
+    for got, want in zip(grads["triton"], grads["cpp"]):
+        assert want.isnan().any()
+        assert torch.equal(got.isnan(), want.isnan())
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

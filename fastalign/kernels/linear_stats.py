@@ -42,7 +42,7 @@ buffer: with BIAS_GRAD each program also writes its tile's fp32 column sums
 
 into a [token blocks, V] fp32 buffer that the launcher sums over the blocks (fixed order, no atomics).
 With SKIP, a tile whose every |du| is below the threshold is written as zeros
-(the softmax gradient is concentrated on few ids).
+(the softmax gradient is concentrated on few ids); a tile holding a NaN is kept.
 """
 import os
 
@@ -247,7 +247,11 @@ def linear_stats_bwd_kernel(
         du = du * (1.0 - r * r)
     du = tl.where(keep[:, None] & col_ok[None, :], du * scale, 0.0)
     if SKIP:
-        du = tl.where(tl.max(tl.abs(du), axis=None) >= threshold, du, 0.0)  # the tile's largest |du|
+        # the tile's largest |du| against the threshold; a tile holding a NaN is kept, so that the NaN reaches
+        # dh and dW as on the other backends (tl.max may drop a NaN, and NaN >= threshold is False)
+        big = tl.max(tl.abs(du), axis=None) >= threshold
+        has_nan = tl.sum((du != du).to(tl.int32), axis=None) > 0
+        du = tl.where(big | has_nan, du, 0.0)
     tl.store(du_ptr + rows[:, None] * s_du + cols[None, :], du.to(du_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
     if BIAS_GRAD:  # db_part[token block, cols] = sum_r du[r, cols] in fp32, before du's rounding
