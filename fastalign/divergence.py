@@ -23,10 +23,11 @@ __all__ = ["TokenDivergence", "token_divergence", "elementwise_divergence"]
 ELEMENTWISE_DIVERGENCES = ("jsd", "kl", "tvd")
 
 
-def _check_pair(first: tuple[str, Tensor], second: tuple[str, Tensor], labels: Optional[Tensor]) -> tuple:
+def check_pair(first: tuple[str, Tensor], second: tuple[str, Tensor], labels: Optional[Tensor],
+               labels_name: str = "labels") -> tuple:
     """Two ``[..., V]`` tensors of one float dtype, shape and device and optional integer labels of their leading
-    shape, each error naming its argument; returns the leading shape."""
-    (a, x), (b, y) = first, second
+    shape, each error naming its argument (``(name, tensor)`` pairs, ``labels_name``); returns the leading shape."""
+    (a, x), (b, y), c = first, second, labels_name
     _validate.floating(a, x, min_dim=1)
     _validate.floating(b, y, min_dim=1)
     if y.dtype != x.dtype:
@@ -34,9 +35,9 @@ def _check_pair(first: tuple[str, Tensor], second: tuple[str, Tensor], labels: O
     _validate.shape(b, y, x.shape, f"{a}.shape")
     _validate.nonempty(a, x, -1, "vocabulary (last)")
     if labels is not None:
-        _validate.integer("labels", labels)
-        _validate.shape("labels", labels, x.shape[:-1], f"{a}.shape[:-1]")
-    _validate.same_device(**{a: x, b: y, "labels": labels})
+        _validate.integer(c, labels)
+        _validate.shape(c, labels, x.shape[:-1], f"{a}.shape[:-1]")
+    _validate.same_device(**{a: x, b: y, c: labels})
     return x.shape[:-1]
 
 
@@ -109,7 +110,7 @@ def token_divergence(
     Returns:
         :class:`TokenDivergence`.
     """
-    lead = _check_pair(("student_logits", student_logits), ("teacher_logits", teacher_logits), labels)
+    lead = check_pair(("student_logits", student_logits), ("teacher_logits", teacher_logits), labels)
     if student_logits.shape[-1] == 0:
         raise ValueError("student_logits must have a non-empty vocabulary (last) dimension")
     check_choice("divergence", divergence, DIVERGENCES)
@@ -183,7 +184,7 @@ def elementwise_divergence(
 
     An option of another divergence (``beta`` with the KL, ``eps`` with the TVD, ...) raises ``ValueError``.
     """
-    lead = _check_pair(("input", input), ("target", target), labels)
+    lead = check_pair(("input", input), ("target", target), labels)
     check_choice("divergence", divergence, ELEMENTWISE_DIVERGENCES)
     for name, value, owner in (("beta", beta, "jsd"), ("log_target", log_target, "kl"), ("eps", eps, "kl")):
         if value is not None and divergence != owner:

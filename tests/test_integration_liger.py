@@ -207,6 +207,24 @@ def test_grpo_on_policy_and_no_bias():
     _compare(out_fa, out_lg, leaves_fa, leaves_lg, rtol=1e-5, atol=2e-6, what="on-policy")
 
 
+def test_grpo_reference_log_probs_win_over_a_reference_head_as_liger():
+    """Given both ``ref_per_token_logps`` and ``ref_input``, the log-probs are used and Liger's warning is given."""
+    fa, lg = _grpo_pair(dict(loss_type="grpo", beta=0.1))
+    d = _grpo_batch(12)
+    both = dict(ref_per_token_logps=d["ref"], ref_input=d["ref_hidden"], ref_weight=d["ref_weight"])
+    outs, leaves = [], []
+    for module, ids in ((fa, d["ids"]), (lg, _liger_ids(d))):
+        hidden, weight, bias = _leaves(d["hidden"], d["weight"], d["bias"])
+        with pytest.warns(UserWarning, match="Using ref_per_token_logps"):
+            outs.append(module(hidden, weight, ids, d["mask"], d["adv"], bias=bias, old_per_token_logps=d["old"],
+                               **both))
+        leaves.append((hidden, weight, bias))
+    _compare(*outs, *leaves, rtol=1e-5, atol=2e-6, what="both references")
+    ours = fa(*_leaves(d["hidden"], d["weight"], d["bias"])[:2], d["ids"], d["mask"], d["adv"], bias=d["bias"],
+              old_per_token_logps=d["old"], ref_per_token_logps=d["ref"])
+    assert torch.equal(ours[0], outs[0][0])
+
+
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
 def test_grpo_bf16(loss_type):
     fa, lg = _grpo_pair(dict(loss_type=loss_type, beta=0.1))

@@ -178,3 +178,21 @@ def test_where_fastalign_differs_from_liger():
     assert fa_liger.LigerTVDLoss()(p, q, none) == 0
     with pytest.raises(ZeroDivisionError):
         liger_transformers.LigerTVDLoss()(p, q, none)
+
+
+def test_bad_inputs_name_the_forward_s_arguments():
+    """A shape or dtype error names the argument as each forward spells it (``log_q`` / ``log_p`` / ``shift_labels``,
+    ``y_pred`` / ``y_true``, ``p`` / ``q``); inputs of two float dtypes are still read alike."""
+    x, y, labels, _ = _batch(7, torch.float32, "logprobs")
+    cases = [(lambda: fa_liger.LigerJSD()(x, y[:, :-1]), ValueError, r"^log_p must have shape .*\(log_q.shape\)"),
+             (lambda: fa_liger.LigerJSD()(x, y, labels[:-1]), ValueError, r"^shift_labels must have shape"),
+             (lambda: fa_liger.LigerJSD()(x, y, labels.float()), TypeError, r"^shift_labels must be an int"),
+             (lambda: fa_liger.LigerJSD()(x.long(), y), TypeError, r"^log_q "),
+             (lambda: fa_liger.LigerKLDIVLoss()(x, y.exp()[:, :-1]), ValueError, r"^y_true must have shape"),
+             (lambda: fa_liger.LigerTVDLoss()(x.exp(), y.exp()[:-1]), ValueError, r"^q must have shape .*\(p.shape\)"),
+             (lambda: fa_liger.LigerTVDLoss()(x.exp(), y.exp(), labels[:-1]), ValueError, r"^shift_labels must")]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    _compare(*_both(fa_liger.LigerJSD(), liger_transformers.LigerJSD(), x, y.bfloat16(), labels), torch.float32,
+             "jsd of fp32 and bf16 inputs")

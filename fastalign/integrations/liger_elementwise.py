@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from fastalign import _validate
 from fastalign._options import check_choice
-from fastalign.divergence import elementwise_divergence
+from fastalign.divergence import check_pair, elementwise_divergence
 from fastalign.integrations._liger_checks import legacy_reduction_arguments, reduced
 from fastalign.integrations._live_options import LiveOptions
 
@@ -41,9 +41,17 @@ __all__ = ["LigerJSD", "LigerKLDIVLoss", "LigerTVDLoss", "liger_jsd", "liger_kl_
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
 
-def _read_alike(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """``x`` and ``y`` in one dtype: as given when they share one, else both fp32 (exact)."""
-    return (x, y) if x.dtype == y.dtype else (x.float(), y.float())
+def _read_alike(first: tuple[str, Tensor], second: tuple[str, Tensor], shift_labels: Optional[Tensor] = None):
+    """The two ``(name, tensor)`` arguments in one dtype: as given when they share one, else both fp32 (exact),
+    checked with the labels as :func:`~fastalign.elementwise_divergence` checks them, each error naming the
+    forward's own argument."""
+    (a, x), (b, y) = first, second
+    for name, t in (first, second):
+        _validate.floating(name, t, min_dim=1)
+    if x.dtype != y.dtype:
+        x, y = x.float(), y.float()
+    check_pair((a, x), (b, y), shift_labels, "shift_labels")
+    return x, y
 
 
 def _scored_rows(x: Tensor, labels: Optional[Tensor], ignore_index: int):
@@ -76,7 +84,7 @@ class LigerJSD(LiveOptions, nn.Module):
         _validate.index_value("ignore_index", self.ignore_index)
 
     def forward(self, log_q: Tensor, log_p: Tensor, shift_labels: Optional[Tensor] = None) -> Tensor:
-        x, y = _read_alike(log_q, log_p)
+        x, y = _read_alike(("log_q", log_q), ("log_p", log_p), shift_labels)
         rows = elementwise_divergence(x, y, shift_labels, divergence="jsd", beta=float(self.beta),
                                       ignore_index=self.ignore_index)
         return reduced(rows.sum(), "batchmean", _scored_rows(x, shift_labels, self.ignore_index), 1).to(log_q.dtype)
@@ -106,7 +114,7 @@ class LigerKLDIVLoss(LiveOptions, nn.KLDivLoss):
         _validate.boolean("log_target", self.log_target)
 
     def forward(self, y_pred: Tensor, y_true: Tensor) -> Tensor:
-        x, y = _read_alike(y_pred, y_true)
+        x, y = _read_alike(("y_pred", y_pred), ("y_true", y_true))
         none = self.reduction == "none"
         out = elementwise_divergence(x, y, divergence="kl", log_target=bool(self.log_target), eps=float(self.eps),
                                      elementwise=none)
@@ -135,7 +143,7 @@ class LigerTVDLoss(LiveOptions, nn.Module):
         _validate.index_value("ignore_index", self.ignore_index)
 
     def forward(self, p: Tensor, q: Tensor, shift_labels: Optional[Tensor] = None) -> Tensor:
-        x, y = _read_alike(p, q)
+        x, y = _read_alike(("p", p), ("q", q), shift_labels)
         none = self.reduction == "none"
         out = elementwise_divergence(x, y, shift_labels, divergence="tvd", ignore_index=self.ignore_index,
                                      elementwise=none)

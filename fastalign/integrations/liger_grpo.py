@@ -44,6 +44,7 @@ Nothing here imports Liger-Kernel.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -353,6 +354,9 @@ class LigerFusedLinearGRPOLoss(SinglePassAttribute, LiveOptions, nn.Module):
         if self.use_ref_model:
             if ref_per_token_logps is None and (ref_input is None or ref_weight is None):
                 raise ValueError("use_ref_model=True needs ref_per_token_logps, or ref_input and ref_weight")
+            if ref_per_token_logps is not None and ref_input is not None:  # as Liger: the log-probs win
+                warnings.warn("Both ref_per_token_logps and ref_input are provided. Using ref_per_token_logps.",
+                              stacklevel=2)
         elif any(t is not None for t in (ref_per_token_logps, ref_input, ref_weight, ref_bias)):
             raise ValueError("ref_per_token_logps / ref_input / ref_weight / ref_bias are not used with "
                              "use_ref_model=False")
