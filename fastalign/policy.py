@@ -175,7 +175,9 @@ def policy_loss(
     mean per sequence, vespo folds them into its sequence weight), the entropy-quantile keep mask
     and the sequence off-policy mask (``mean_m(rollout_or_old - lp) > offpolicy_threshold`` with
     ``A < 0``). KL needs ``ref_logprobs``; the entropy bonus and ``entropy_quantile`` need
-    ``entropy`` (differentiable). The keep mask is ``H >= q_{1 - entropy_quantile}(H_valid)``, the
+    ``entropy`` (differentiable); ``old_logprobs``, ``advantages``, ``ref_logprobs``, ``rollout_logprobs`` and
+    ``importance_weights`` are constants (no gradient reaches them, as trainers compute them without one). The
+    keep mask is ``H >= q_{1 - entropy_quantile}(H_valid)``, the
     linearly interpolated quantile of this batch's valid entropies; ``entropy_threshold`` (a
     one-element tensor, e.g. that quantile over every data-parallel process's valid entropies)
     replaces it: ``keep = H >= entropy_threshold`` (a NaN threshold keeps no token). It needs

@@ -499,20 +499,70 @@ DTYPE_CASES = {
     "float_mask": (dict(is_correction_level="token", is_correction_threshold=(0.5, 2.0)),
                    dict(rollout=True, float_mask=True)),
     "int_mask": (dict(), dict(int_mask=True)),
+    "float64_mask": (dict(is_correction_level="token", is_correction_threshold=(0.5, 2.0)),
+                     dict(rollout=True, float64_mask=True)),
+    "float64_mask_sequence_filter": (dict(is_correction_level="seq", is_correction_threshold=(0.5, 2.0)),
+                                     dict(rollout=True, float64_mask=True)),
     "fp32_count": (dict(), dict(count=True)),
     "scalar_fp32_advantages": (dict(), dict(scalar_advantages=True)),
     "scalar_fp32_advantages_sample_level": (dict(token_level_loss=False), dict(scalar_advantages=True)),
 }
 
 
+def test_dpo_rewards_take_their_own_pair_s_dtype_as_openrlhf(orl):
+    """Each reward is in the dtype of its own pair (policy, reference), as OpenRLHF's arithmetic gives it; both were
+    in the dtype of all four inputs."""
+    x = _dpo_inputs(12)
+    for dtypes in ((torch.float32, torch.bfloat16, torch.float32, torch.bfloat16),
+                   (torch.bfloat16, torch.float64, torch.bfloat16, torch.float16)):
+        args = [t.to(d) for t, d in zip(x, dtypes)]
+        want = [t.dtype for t in orl.DPOLoss(beta=0.1)(*args)]
+        assert [t.dtype for t in fo.DPOLoss(beta=0.1)(*args)] == want, dtypes
+
+
+def test_advantages_and_old_log_probs_are_constants():
+    """As documented: ``advantages``, ``old_log_probs`` and ``rollout_log_probs`` that require grad get none, and the
+    gradient of ``log_probs`` is the one of detached inputs."""
+    lp, old, A, m, roll = _batch(25)
+    module = fo.PolicyLoss(is_correction_level="token", is_correction_threshold=(0.5, 2.0))
+    grads = []
+    for attached in (True, False):
+        x = lp.clone().requires_grad_(True)
+        rest = [t.clone().requires_grad_(attached) for t in (old, A, roll)]
+        module(x, rest[0], rest[1], m, rollout_log_probs=rest[2])[0].backward()
+        assert all(t.grad is None for t in rest)
+        grads.append(x.grad)
+    assert torch.equal(*grads)
+
+
+def test_threshold_list_changed_in_place_takes_effect_as_openrlhf(orl):
+    """OpenRLHF reads ``is_correction_threshold`` (a list from its config) at each call: a change of the list's
+    entries between two calls changes the loss; the adapter kept the threshold it was built with."""
+    lp, old, A, m, roll = _batch(24)
+    threshold = [0.5, 5.0]
+    theirs, ours = (cls(is_correction_level="token", is_correction_threshold=threshold)
+                    for cls in (orl.PolicyLoss, fo.PolicyLoss))
+    for low, high in ((0.9, 1.1), (0.5, 5.0)):
+        threshold[:] = [low, high]
+        want = theirs(lp.double(), old.double(), A.double(), m, rollout_log_probs=roll.double())
+        got = ours(lp, old, A, m, rollout_log_probs=roll)
+        for what, f, v in zip(("loss", "clip_ratio", "ppo_kl", "vllm_kl", "is_filter_ratio"), got, want):
+            assert_close(f, v, atol=1e-6, rtol=1e-5, what=f"{threshold} {what}")
+    threshold[0] = float("nan")
+    with pytest.raises(ValueError, match=r"is_correction_threshold\[0\]"):
+        ours(lp, old, A, m, rollout_log_probs=roll)
+
+
 @pytest.mark.parametrize("case", sorted(DTYPE_CASES))
 def test_result_dtypes_follow_openrlhf(orl, case):
     """With bf16 log-probs OpenRLHF's arithmetic returns float32 where an operand is float32 (the sample-level
-    mean, a float mask, vLLM's fp32 rollout log-probs, a float32 token count); the adapter returned bf16."""
+    mean, a float mask, vLLM's fp32 rollout log-probs, a float32 token count); the adapter returned bf16. A
+    float64 mask makes the token shares (clip_ratio, a token-level is_filter_ratio) float64; they were fp32."""
     kw, how = DTYPE_CASES[case]
     lp, old, A, m, roll = _batch(23)
     bf = [t.to(torch.bfloat16) for t in (lp, old, A)]
-    mask = m.float() if how.get("float_mask") else m.long() if how.get("int_mask") else m
+    mask = (m.float() if how.get("float_mask") else m.long() if how.get("int_mask") else
+            m.double() if how.get("float64_mask") else m)
     extra = dict(rollout_log_probs=roll) if how.get("rollout") else {}
     if how.get("count"):
         extra["batch_num_tokens"] = m.sum().float()

@@ -20,14 +20,16 @@ trainer passes its counts per accumulation step). ``forward`` returns ``(loss,
 clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``: ``clip_ratio = mean_m[clipped surrogate < unclipped]``,
 ``ppo_kl = mean_m(-l)``; ``loss``, ``ppo_kl`` and ``vllm_kl`` in OpenRLHF's dtypes (computed in fp32, then
 cast to the dtype its arithmetic promotes their operands to: bf16 in gives bf16, a float32 mask or the
-sample-level mean float32, 0-dim advantages nothing), the two ratios fp32. ``advantages`` broadcast
+sample-level mean float32, 0-dim advantages nothing), the shares of tokens (``clip_ratio``, a token-level
+``is_filter_ratio``) fp32, float64 from a float64 ``action_mask``, as OpenRLHF's. ``advantages`` broadcast
 against ``log_probs`` as in OpenRLHF (``[B, T]``, ``[B, 1]`` per sequence; a ``[T]`` per position; a
 Python number for every token). ``log_probs`` is ``[B, T]`` or one sequence ``[T]`` (a batch of one, as
 OpenRLHF's arithmetic computes it; the results are 0-dim either way).
 A micro-batch with no valid token gives 0 (loss, ``clip_ratio``, ``ppo_kl``, ``vllm_kl``, a
 token-level ``is_filter_ratio``) where OpenRLHF divides 0 by 0 (NaN); so does an empty batch of
-:class:`DPOLoss` (OpenRLHF: the mean of nothing, NaN). ``old_log_probs`` and ``rollout_log_probs``
-are constants: no gradient reaches or passes through them (OpenRLHF's trainer detaches them). The
+:class:`DPOLoss` (OpenRLHF: the mean of nothing, NaN). ``advantages``, ``old_log_probs`` and
+``rollout_log_probs`` are constants: no gradient reaches or passes through them (OpenRLHF's trainer detaches
+them). The
 options are attributes, read at each call: an assignment checks the value it sets (an invalid one
 raises there and leaves the old value); how the options combine (``is_correction_mode="clip"`` with a
 sequence level or a divergence gate, a divergence gate with a lower threshold > 0; ``ipo`` with
@@ -50,7 +52,7 @@ takes the sequence ratio against ``rollout_log_probs`` and no weight, as OpenRLH
 :class:`DPOLoss` (``beta``, ``label_smoothing``, ``ipo``) with ``d = (pc - pr) - (rc - rr)``:
 ``-(1 - eps) log σ(βd) - eps log σ(-βd)`` or, with ``ipo``, ``(d - 1/(2β))²``, averaged over
 pairs; returns ``(loss, chosen_rewards, rejected_rewards)``, ``β(pc - rc)`` and ``β(pr - rr)``
-detached, per pair, in the inputs' dtype as OpenRLHF (bf16 in, bf16 out; computed in fp32, then
+detached, per pair, each in its pair's dtype as OpenRLHF (bf16 in, bf16 out; computed in fp32, then
 cast). The four log-probs share any shape (``[B]``, ``[B, 1]``): the loss averages every element and the
 rewards keep the shape, as OpenRLHF's. ``beta = 0`` gives OpenRLHF's numbers: ``log 2`` per pair (the
 loss at ``βd = 0``) with no gradient, zero rewards; a negative ``beta`` raises, and so does ``beta = 0``
@@ -103,6 +105,12 @@ from fastalign.preference import preference_loss
 __all__ = ["PolicyLoss", "DPOLoss", "GPTLMLoss", "SFTLoss", "ValueLoss", "PairWiseLoss", "LogExpLoss"]
 
 
+def _ratio_dtype(mask: Optional[Tensor]) -> torch.dtype:
+    """The dtype of OpenRLHF's share of masked tokens, ``(x.float() * mask).sum() / mask.sum()``: fp32, or float64
+    from a float64 mask."""
+    return _validate.result_dtype(torch.float32, mask)
+
+
 class PolicyLoss(_Options, torch.nn.Module):
     """OpenRLHF's ``PolicyLoss`` (PPO / GSPO actor loss) computed by :func:`fastalign.policy_loss`. Its options are
     attributes, read at each call as OpenRLHF reads them (an assignment takes effect at the next call)."""
@@ -148,7 +156,7 @@ class PolicyLoss(_Options, torch.nn.Module):
             raise ValueError(f"is_correction_mode='clip' needs is_correction_level='token' and "
                              f"is_correction_gating='ratio' (only the per-token ratio is a weight to clamp), got "
                              f"is_correction_level={level!r} and is_correction_gating={gating!r}")
-        threshold = tuple(float(x) for x in self.is_correction_threshold)
+        threshold = _validate.finite_numbers("is_correction_threshold", self.is_correction_threshold)
         if gating != "ratio" and level != "off" and threshold[0] > 0:
             raise ValueError(f"is_correction_gating={gating!r} takes an upper bound only: "
                              f"is_correction_threshold must be (0, delta), got {threshold}")
@@ -190,7 +198,7 @@ class PolicyLoss(_Options, torch.nn.Module):
             keep = (stat >= low) & (stat <= high)
             weight, filtered = torch.where(keep, token_is, 0.0), ~keep
         weight = torch.where(mask.bool(), weight, 0.0)
-        is_filter_ratio = filtered.float().mean() if seq else _masked_mean(filtered, mask)
+        is_filter_ratio = filtered.float().mean() if seq else _masked_mean(filtered, mask).to(_ratio_dtype(mask))
         return weight, _masked_mean(rollout - old, mask), is_filter_ratio
 
     def forward(self, log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor,
@@ -198,6 +206,8 @@ class PolicyLoss(_Options, torch.nn.Module):
                 batch_num_tokens=None, global_batch_size=None):
         """``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``; the last two are None without
         the train/rollout correction."""
+        if _validate.finite_numbers("is_correction_threshold", self.is_correction_threshold) != self._threshold:
+            self._configure()  # a threshold list changed in place: OpenRLHF reads it at each call
         self._ready()
         _validate.any_float("log_probs", log_probs)
         if log_probs.dim() not in (1, 2):
@@ -248,8 +258,7 @@ class PolicyLoss(_Options, torch.nn.Module):
         loss, met = policy_loss(log_probs, rollout_log_probs if gspo_vs_rollout else old_log_probs, advantages, mask,
                                 importance_weights=weight, config=cfg, **counts)
         ppo_kl = _masked_mean(old_log_probs - log_probs.detach(), mask) if gspo_vs_rollout else met["approx_kl"]
-        # the ratios of counts stay fp32, as OpenRLHF's
-        return (loss.to(loss_dtype), met["clipfrac"], ppo_kl.to(kl_dtype),
+        return (loss.to(loss_dtype), met["clipfrac"].to(_ratio_dtype(action_mask)), ppo_kl.to(kl_dtype),
                 None if vllm_kl is None else vllm_kl.to(vllm_kl_dtype), is_filter_ratio)
 
 
@@ -303,9 +312,11 @@ class DPOLoss(_Options, torch.nn.Module):
         else:
             kw.update(loss_type="sigmoid", label_smoothing=self.label_smoothing)
         loss, _ = preference_loss(*pairs, **kw)
-        out = _validate.result_dtype(*inputs)
-        acc = torch.promote_types(out, torch.float32)  # computed in fp32, returned in the inputs' dtype
-        with torch.no_grad():
-            chosen_rewards = self.beta * (policy_chosen_logps.to(acc) - reference_chosen_logps.to(acc))
-            rejected_rewards = self.beta * (policy_rejected_logps.to(acc) - reference_rejected_logps.to(acc))
-        return loss.to(out), chosen_rewards.to(out), rejected_rewards.to(out)
+
+        def reward(policy: Tensor, reference: Tensor) -> Tensor:  # computed in fp32, in the pair's dtype
+            out = _validate.result_dtype(policy, reference)
+            acc = torch.promote_types(out, torch.float32)
+            with torch.no_grad():
+                return (self.beta * (policy.to(acc) - reference.to(acc))).to(out)
+        return (loss.to(_validate.result_dtype(*inputs)), reward(policy_chosen_logps, reference_chosen_logps),
+                reward(policy_rejected_logps, reference_rejected_logps))
