@@ -8,6 +8,8 @@ float64 reference, which follows the trainers' rules:
 * bounds that are inclusive or exclusive as in the trainers: the rollout masks keep a ratio on either bound,
   the off-policy threshold is exclusive, vespo's lambda is floored at 1e-4, Clip-Cov's bounds are strict.
 """
+import math
+
 import pytest
 import torch
 
@@ -125,6 +127,25 @@ def test_offpolicy_threshold_is_exclusive(cpu_backend):
     lp, old, A, m = _batch(g, 4, 10)
     old[:2] = lp[:2]  # mean KL exactly 0
     _check(*policy_and_reference((lp, old, A, m), cpu_backend, offpolicy_threshold=0.0))
+
+
+@pytest.mark.parametrize("nan_in", ["logprobs", "old_logprobs", "rollout_logprobs"])
+def test_offpolicy_mask_takes_a_nan_as_no_evidence(cpu_backend, nan_in):
+    """A token whose ``old - lp`` is NaN (from the policy's, the old or the rollout log-prob) adds 0 to its row's
+    mean KL, as TRL's ``get_off_policy_mask`` (``nan_to_num``): row 0 stays far (its other token's KL is 0.15 over
+    2 tokens, above 0.05) and drops its negative-advantage token. A NaN log-prob of the policy made the kernels'
+    row mean NaN, which kept the row."""
+    lp = torch.tensor([[-1.0, -1.0], [-0.5, -0.7]])
+    old = torch.tensor([[-1.0, -0.85], [-0.5, -0.7]])
+    A = torch.tensor([[1.0, -1.0], [0.5, -0.5]])
+    m = torch.ones(2, 2, dtype=torch.bool)
+    kw = dict(offpolicy_threshold=0.05)
+    if nan_in == "rollout_logprobs":
+        kw["rollout_logprobs"] = old.clone()
+    {"logprobs": lp, "old_logprobs": old, "rollout_logprobs": kw.get("rollout_logprobs")}[nan_in][0, 0] = math.nan
+    (_, _, g), (_, _, rg) = policy_and_reference((lp, old, A, m), cpu_backend, **kw)
+    assert_close(g, rg, atol=1e-7, rtol=1e-5, what="d logprobs")
+    assert g[0, 1] == 0 and g[1, 1] != 0  # row 0 is far: its token of negative advantage is dropped
 
 
 @pytest.mark.parametrize("lam", [(0.0, 1e-5), (5e-5, 5e-5)])

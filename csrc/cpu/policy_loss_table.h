@@ -96,7 +96,8 @@ FASTALIGN_KERNEL_BODY RowCtx row_stats(const Cfg& c, const Row& R) {
       const float l = lp[t] - old[t];
       const float a = adv[t];
       const float lr = rollout_log_ratio(old[t], roll[t]);
-      const float kd = roll[t] == roll[t] ? roll[t] - lp[t] : 0.f;  // off-policy KL evidence
+      const float kd_t = roll[t] - lp[t];  // off-policy KL evidence; a NaN (either side) is none, as TRL
+      const float kd = kd_t == kd_t ? kd_t : 0.f;
       const float r = exp_f32(clampf(lr, -20.f, 20.f));
       const float wt = (tok_roll ? rollout_weight(r, roll_trunc, r_min, r_max) : 1.f) * keep[t];
       const float ct = a > 0.f ? (l > eh ? eh : l) : (a < 0.f ? (l < -el ? -el : l) : 0.f);

@@ -163,10 +163,10 @@ def policy_loss_fwd_kernel(
                 rl = tl.load(roll_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
                 lr = _rollout_log_ratio(old, rl)
                 slr += tl.sum(tl.where(v, lr, 0.0), 0)
-                kd = tl.where(rl == rl, rl - lp, 0.0)  # off-policy KL evidence against the rollout
+                kd = rl - lp  # off-policy KL evidence against the rollout
             else:
                 kd = old - lp
-            skd += tl.sum(tl.where(v, kd, 0.0), 0)
+            skd += tl.sum(tl.where(v & (kd == kd), kd, 0.0), 0)  # a NaN (either side) is no evidence, as TRL
             if LT == VESPO:
                 slc += tl.sum(tl.where(v, _clamp(l, -20.0, 20.0), 0.0), 0)
                 if HAS_IW:
