@@ -456,6 +456,52 @@ def test_unknown_architecture_with_stated_head_transform(monkeypatch):
         hf.register_head_transform("")
 
 
+_ENCODER_SIZES = dict(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                      is_decoder=True)
+
+
+@pytest.mark.parametrize("arch", ["roberta", "bert", "electra"])
+def test_an_output_head_behind_a_transform_of_its_own_raises(monkeypatch, arch):
+    """RoBERTa's and BERT's LM heads run a dense layer, an activation and a norm before the linear layer that
+    ``get_output_embeddings()`` returns (ELECTRA's generator a module beside its head): with a stated transform, or
+    one registered for the type, they were scored through that layer alone, log-probs off by up to 0.5 with no
+    error. Such a model raises, naming the modules beside its body and head."""
+    import fastalign.integrations.hf as hf
+
+    monkeypatch.setattr(hf, "HEAD_TRANSFORMS", dict(hf.HEAD_TRANSFORMS))
+    monkeypatch.setattr(hf, "_STATED", set())
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(arch, **_ENCODER_SIZES, **({"embedding_size": 32} if arch == "electra"
+                                                                     else {}))).eval()
+    ids = torch.randint(1, V, (2, 6), generator=torch.Generator().manual_seed(3))
+    beside = {"roberta": r"\['lm_head'\]", "bert": r"\['cls'\]", "electra": r"\['generator_predictions'\]"}[arch]
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=rf"holds {beside} beside its body and its output head"):
+            causal_lm_logprobs(model, ids, logit_scale=1.0, softcap=None)
+        hf.register_head_transform(arch)
+        with pytest.raises(ValueError, match="cannot score this architecture"):
+            causal_lm_logprobs(model, ids)
+
+
+@pytest.mark.parametrize("arch", ["mamba", "falcon_mamba"])
+def test_a_body_kept_in_fp32_before_a_bf16_head_is_cast_as_the_model_casts_it(arch):
+    """Mamba's body keeps its residual stream in fp32 (``residual_in_fp32``) and its forward casts the last hidden
+    states to the bf16 head, ``lm_head(h.to(lm_head.weight.dtype))``: scored so (it raised a TypeError suggesting a
+    cast the model already had). Equal to float64 log-softmax of the bf16 head on the bf16 hidden states."""
+    model = _auto_model(arch).to(torch.bfloat16)
+    input_ids, attention_mask, labels = batch(seed=9)
+    attention_mask = torch.ones_like(attention_mask)
+    labels = input_ids.clone()
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
+        assert hidden.dtype == torch.float32
+        stats = causal_lm_logprobs(model, input_ids, labels=labels)
+    logp = torch.log_softmax(hidden[:, :-1].bfloat16().double() @ model.lm_head.weight.double().T, -1)
+    ref = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(stats.logprobs.double(), ref, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("config, field", [(transformers.CohereConfig(logit_scale=None), "logit_scale"),
                                            (transformers.Gemma2Config(final_logit_softcapping=0.0),
                                             "final_logit_softcapping"),

@@ -538,6 +538,34 @@ def _peft_forward(model, input_ids: Tensor, model_kwargs: dict):
         yield {k: v for k, v in kwargs.items() if k not in model.special_peft_forward_args}
 
 
+def _check_plain_head(model) -> None:
+    """For an architecture outside the listed ones (its transform stated by the caller): the output head must be the
+    model's own child, applied to the body's last hidden states, and no other child may hold parameters. BERT's and
+    RoBERTa's LM heads run a dense layer, an activation and a norm before the linear layer that
+    ``get_output_embeddings()`` returns (ELECTRA's generator a module of its own): scored through that layer alone,
+    their log-probs would be silently wrong, so they raise."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    if model_type in _LISTED or not hasattr(base, "get_output_embeddings"):
+        return
+    head, body = base.get_output_embeddings(), _body(model)
+    children = dict(base.named_children())
+    others = [name for name, child in children.items()
+              if child is not head and child is not body and next(child.parameters(), None) is not None]
+    if any(child is head for child in children.values()) and not others:
+        return
+    head_name = next((name for name, module in base.named_modules() if module is head), "?")
+    raise ValueError(f"model: {type(base).__name__} (model_type {model_type!r}) holds {others} beside its body and "
+                     f"its output head {head_name!r}, which its forward may apply to the last hidden states before "
+                     "that head (as BERT's and RoBERTa's LM heads do); fastalign scores the body's last hidden "
+                     "states through the output head alone, so it cannot score this architecture")
+
+
+#: Listed ``model_type``\ s whose forward casts the last hidden states to the output head's dtype,
+#: ``lm_head(h.to(lm_head.weight.dtype))``: Mamba's residual stream kept in fp32, HY-V4's head kept in fp32.
+_HIDDEN_TO_HEAD_DTYPE = frozenset({"mamba", "mamba2", "falcon_mamba", "hy_v4"})
+
+
 def autocast_dtype(t: Tensor) -> Optional[torch.dtype]:
     """The dtype ``torch.autocast`` runs an ``nn.Linear`` in on ``t``'s device type, or None outside autocast."""
     device_type = t.device.type
@@ -553,7 +581,8 @@ def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = N
     sharded apart from the body (its own ``fully_shard``, not gathered here), in the body's dtype: FSDP2's
     mixed precision casts the head it gathers to its ``param_dtype``, which the body's outputs have;
     ``hidden @ weight.T + a @ L.T + bias`` are the head's logits before its transform
-    (:data:`HEAD_TRANSFORMS`). ``on_body`` is called with the body's outputs (e.g. a MoE body's
+    (:data:`HEAD_TRANSFORMS`). Outside autocast, the architectures whose forward casts the hidden states to the
+    head's dtype (Mamba, HY-V4) are cast so; other dtypes that differ raise ``TypeError``. ``on_body`` is called with the body's outputs (e.g. a MoE body's
     ``router_logits`` for :func:`router_aux_loss`). Called inside the model's forward when it is a
     ``DistributedDataParallel`` wrapper or a sharded FSDP2 root (:func:`causal_lm_logprobs` does so)."""
     if _forward_route(model) is not None:
@@ -582,6 +611,7 @@ def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = N
         raise ValueError("use_cache=True / past_key_values do not apply to rows given by position_ids without an "
                          "attention_mask: transformers splits packed sequences only without a KV cache")
     model_kwargs.setdefault("use_cache", False)
+    _check_plain_head(model)
     with _peft_forward(model, input_ids, model_kwargs) as body_kwargs:
         outputs = _body(model)(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **body_kwargs)
     if on_body is not None:
@@ -591,13 +621,17 @@ def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = N
         hidden = _validate.nan_if(packed, hidden)
     weight, bias, low_rank = _head(model, hidden, head_dtype)
     dtype = head_dtype or autocast_dtype(hidden)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if dtype is None and weight.dtype != hidden.dtype and model_type in _HIDDEN_TO_HEAD_DTYPE:
+        dtype = weight.dtype  # as its forward casts the hidden states
     if dtype is not None:
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         low_rank = None if low_rank is None else (low_rank[0].to(dtype), low_rank[1].to(dtype))
     elif weight.dtype != hidden.dtype:
         raise TypeError(f"model: the output head weight is {weight.dtype} but the hidden states are "
-                        f"{hidden.dtype}; run under torch.autocast or give the head the body's dtype")
+                        f"{hidden.dtype}; run under torch.autocast, pass head_dtype= (the dtype the model's forward "
+                        "runs its head in) or give the head the body's dtype")
     if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"model: its dtype is {hidden.dtype} (hidden states and output head); the head runs in "
                         "float32, bfloat16 or float16: cast the model (e.g. model.float()) or pass "
