@@ -169,8 +169,10 @@ def linear_divergence_loss(
         raise ValueError(f"beta applies to the jsd only, not to divergence={divergence!r} (got beta={beta!r})")
     b = 0.5 if beta is None else _validate.unit_interval("beta", beta)
     inv_t, cap, scale = check_logit_options(temperature, softcap, logit_scale, ignore_index)
-    t_cap = 0.0 if teacher_softcap is None else _validate.positive("teacher_softcap", teacher_softcap)
-    t_scale = _validate.finite_number("teacher_logit_scale", teacher_logit_scale)
+    t_cap = 0.0 if teacher_softcap is None else _validate.fp32_number(
+        "teacher_softcap", _validate.positive("teacher_softcap", teacher_softcap))
+    t_scale = _validate.fp32_number("teacher_logit_scale",
+                                    _validate.finite_number("teacher_logit_scale", teacher_logit_scale))
     w_soft = _validate.finite_number("soft_weight", soft_weight)
     w_hard = _validate.finite_number("hard_weight", hard_weight)
     check_choice("single_pass", single_pass, AUTO_OR_BOOL)

@@ -64,6 +64,7 @@ def linear_mean_logits(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor]
     _validate.same_device(hidden=hidden, weight=weight, bias=bias)
     a, lora = _low_rank(low_rank, hidden, weight.shape[0])
     _, cap, scale = check_logit_options(softcap=softcap, logit_scale=logit_scale, backend=backend)
+    name = _backend.resolve(hidden.device, backend)  # checked on every path, the plain products' too
     lead = tuple(hidden.shape[:-1])
     _validate.like(lead, "like hidden.shape[:-1]", kind="real", device=hidden.device, device_of="hidden",
                    response_mask=response_mask)
@@ -89,7 +90,7 @@ def linear_mean_logits(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor]
     else:
         mean = SoftcappedMeanLogits.apply(
             hidden.reshape(-1, hidden.shape[-1]), weight, bias, None if a is None else a.reshape(-1, a.shape[-1]),
-            lora, scale, cap, keep, _backend.resolve(hidden.device, backend), classes)
+            lora, scale, cap, keep, name, classes)
     return mean.reshape(lead)
 
 

@@ -398,6 +398,14 @@ def _ipa(**kw):
     return fa.implicit_process_advantages(_f(B, T), _f(B, T), _mask(B, T), **kw)
 
 
+def _ld(**kw):
+    return fa.linear_divergence_loss(_f(B, H), _f(V, H), _f(B, 2), _f(V, 2), **kw)
+
+
+def _lm(**kw):
+    return fa.linear_mean_logits(_f(B, H), _f(V, H), **kw)
+
+
 NAN, INF = math.nan, math.inf
 # (function, argument, bad values, error); each value is its own row
 OPTIONS = [
@@ -410,6 +418,9 @@ OPTIONS = [
     (_ll, "temperature", (0.0, -2.0, INF, NAN, 1e-40), ValueError),
     (_ll, "softcap", (0.0, -1.0, INF, NAN, 1e300), ValueError),
     (_ll, "logit_scale", (INF, NAN, -1e300), ValueError),
+    (_ld, "teacher_softcap", (0.0, INF, NAN, 1e39), ValueError),
+    (_ld, "teacher_logit_scale", (INF, NAN, -1e39), ValueError),
+    (_lm, "backend", ("cuda",), ValueError),  # CPU tensors: the plain products' path checks it too
     (_ll, "ignore_index", (2.5,), TypeError),
     (_ll, "grad_skip_threshold", (-1.0, NAN), ValueError),
     (_ll, "grad_skip_threshold", ("x", None), TypeError),

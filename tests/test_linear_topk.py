@@ -37,7 +37,7 @@ def renormalize(request, monkeypatch):
     from fastalign.ops import support_products
 
     if request.param == "support-gathered":
-        monkeypatch.setattr(support_products, "sparse_form", lambda t: False)
+        monkeypatch.setattr(support_products, "sparse_form", lambda *args: False)
     return request.param != "vocabulary"
 
 
@@ -83,6 +83,24 @@ def test_a_support_given_and_ids_outside_the_vocabulary():
     g = torch.randn(B, T, 4, generator=torch.Generator().manual_seed(4))
     got_lp = torch.where(outside, 0.0, got.logprobs)
     for a, e in zip(_grads(got_lp, ins, g), _grads(lp, ref, g.double())):
+        assert_close(a, e, atol=1e-5, rtol=1e-4, what="gradient")
+
+
+@pytest.mark.parametrize("renormalize", NORMALIZATIONS, indirect=True)
+def test_a_support_longer_than_the_vocabulary(renormalize):
+    """A support of more ids than the vocabulary (some repeated): log-probs and gradients as the float64 ones. Over
+    the support, the CPU's sparse products raised a RuntimeError (more stored entries than the matrix has)."""
+    g = torch.Generator().manual_seed(5)
+    h, w, b = torch.randn(B, T, H, generator=g), torch.randn(3, H, generator=g), torch.randn(3, generator=g)
+    ids = torch.randint(0, 3, (B, T, 5), generator=g)
+    ins = [x.clone().requires_grad_() for x in (h, w, b)]
+    got = fastalign.linear_topk_logprobs(ins[0], ins[1], ids=ids, bias=ins[2], renormalize=renormalize)
+    ref = [x.double().requires_grad_() for x in (h, w, b)]
+    lp, _ = reference.linear_topk_logprobs(ref[0], ref[1], ids=ids, bias=ref[2], dtype=torch.float64,
+                                          renormalize=renormalize)
+    assert_close(got.logprobs, lp, atol=1e-5, rtol=1e-5, what="logprobs")
+    up = torch.randn(B, T, 5, generator=g)
+    for a, e in zip(_grads(got.logprobs, ins, up), _grads(lp, ref, up.double())):
         assert_close(a, e, atol=1e-5, rtol=1e-4, what="gradient")
 
 

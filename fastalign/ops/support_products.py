@@ -8,9 +8,10 @@ For rows ``h [n, H]``, the head ``W [V, H]`` and the ids ``[n, K]`` (each in the
 
 ``2 n K H`` FLOPs each, against ``2 n V H`` for a product over the vocabulary; results in fp32. On the CPU they
 are products with the support as a sparse CSR matrix ``S [n, V]`` (``sampled_addmm``, ``S @ W``, ``S^T @ x``:
-multithreaded, deterministic). On a GPU (and under ``torch.compile``) the support's rows of the head are gathered
-into fp32 a block of rows at a time (``FASTALIGN_BLOCK_MIB``) for the first two, and the scatter is torch's
-embedding backward (it sorts the ids: deterministic, no atomics), a slice of ``x``'s columns at a time.
+multithreaded, deterministic; a support longer than the vocabulary takes the gathered form). On a GPU (and under
+``torch.compile``) the support's rows of the head are gathered into fp32 a block of rows at a time
+(``FASTALIGN_BLOCK_MIB``) for the first two, and the scatter is torch's embedding backward (it sorts the ids:
+deterministic, no atomics), a slice of ``x``'s columns at a time.
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ from fastalign.ops.linear_block import row_blocks
 from fastalign.ops.single_pass import block_budget_rows
 
 
-def sparse_form(t: Tensor) -> bool:
-    """Whether the products take the sparse CSR form (eager CPU tensors) or the gathered one."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+def sparse_form(t: Tensor, ids: Tensor, vocab: int) -> bool:
+    """Whether the products take the sparse CSR form (eager CPU tensors, a support of at most ``vocab`` ids per
+    row: torch's CSR products refuse more stored entries than the matrix has) or the gathered one."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and ids.shape[-1] <= vocab
 
 
 def _csr(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple) -> Tensor:
@@ -54,7 +56,7 @@ def _gathered_blocks(ids: Tensor, weight: Tensor):
 
 def dots(h: Tensor, weight: Tensor, ids: Tensor) -> Tensor:
     """``z [n, K]`` fp32: ``h[r] . W[ids[r, k]]``."""
-    if sparse_form(h):
+    if sparse_form(h, ids, weight.shape[0]):
         zeros = torch.zeros(ids.shape, dtype=torch.float32, device=h.device)
         return torch.sparse.sampled_addmm(_support_matrix(ids, zeros, weight.shape[0]), h.float(), weight.float().t(),
                                           beta=0.0).values().view(ids.shape)
@@ -66,7 +68,7 @@ def dots(h: Tensor, weight: Tensor, ids: Tensor) -> Tensor:
 
 def combine(g: Tensor, weight: Tensor, ids: Tensor) -> Tensor:
     """``d [n, H]`` fp32: ``sum_k g[r, k] W[ids[r, k]]``."""
-    if sparse_form(g):
+    if sparse_form(g, ids, weight.shape[0]):
         return _support_matrix(ids, g.float(), weight.shape[0]) @ weight.float()
     d = torch.empty(ids.shape[0], weight.shape[1], dtype=torch.float32, device=g.device)
     for block, rows in _gathered_blocks(ids, weight):
@@ -78,9 +80,9 @@ def scatter(g: Tensor, ids: Tensor, x: Optional[Tensor], vocab: int) -> Tensor:
     """``D [vocab, C]`` fp32 for ``x [n, C]`` (``[vocab]`` for ``x`` None, as if 1): row ``v`` sums
     ``g[r, k] x[r]`` over the ``(r, k)`` with ``ids[r, k] = v``."""
     flat = ids.reshape(-1)
-    if sparse_form(g) and x is None:  # a sum per id: one sequential pass on the CPU
+    if g.device.type == "cpu" and not torch.compiler.is_compiling() and x is None:  # a sum per id: one sequential pass on the CPU
         return torch.bincount(flat, weights=g.float().reshape(-1), minlength=vocab).float()
-    if sparse_form(g):
+    if sparse_form(g, ids, vocab):
         order = flat.argsort(stable=True)  # S^T row by row: the ids ascending, the rows ascending within one
         crow = torch.zeros(vocab + 1, dtype=torch.int64, device=g.device)
         crow[1:] = torch.bincount(flat, minlength=vocab).cumsum(0)
