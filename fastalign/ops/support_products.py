@@ -26,10 +26,14 @@ from fastalign.ops.linear_block import row_blocks
 from fastalign.ops.single_pass import block_budget_rows
 
 
+def _eager_cpu(t: Tensor) -> bool:
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def sparse_form(t: Tensor, ids: Tensor, vocab: int) -> bool:
     """Whether the products take the sparse CSR form (eager CPU tensors, a support of at most ``vocab`` ids per
     row: torch's CSR products refuse more stored entries than the matrix has) or the gathered one."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling() and ids.shape[-1] <= vocab
+    return _eager_cpu(t) and ids.shape[-1] <= vocab
 
 
 def _csr(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple) -> Tensor:
@@ -80,7 +84,7 @@ def scatter(g: Tensor, ids: Tensor, x: Optional[Tensor], vocab: int) -> Tensor:
     """``D [vocab, C]`` fp32 for ``x [n, C]`` (``[vocab]`` for ``x`` None, as if 1): row ``v`` sums
     ``g[r, k] x[r]`` over the ``(r, k)`` with ``ids[r, k] = v``."""
     flat = ids.reshape(-1)
-    if g.device.type == "cpu" and not torch.compiler.is_compiling() and x is None:  # a sum per id: one sequential pass on the CPU
+    if _eager_cpu(g) and x is None:  # a sum per id: one sequential pass on the CPU
         return torch.bincount(flat, weights=g.float().reshape(-1), minlength=vocab).float()
     if sparse_form(g, ids, vocab):
         order = flat.argsort(stable=True)  # S^T row by row: the ids ascending, the rows ascending within one
