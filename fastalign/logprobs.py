@@ -11,6 +11,7 @@ from torch import Tensor
 from fastalign import _backend, _validate
 from fastalign.ops.token_stats import shares_memory, token_stats_call
 from fastalign.ops.token_vocab_parallel import VocabParallelTokenStats
+from fastalign.ops.vocab_pieces import check_labels
 
 
 class TokenStats(NamedTuple):
@@ -133,8 +134,8 @@ def token_logprobs(
     _validate.integer("labels", labels)
     _validate.same_device(logits=logits, labels=labels)
     _validate.shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
-    whole_vocabulary = _whole_vocabulary_size(vocab_group)
-    if logits.shape[-1] == 0 and whole_vocabulary is None:
+    _check_vocab_group(vocab_group)
+    if logits.shape[-1] == 0 and vocab_group is None:
         raise ValueError("logits must have a non-empty vocabulary (last) dimension")
     inv_t = _validate.inverse_temperature(temperature)
     _validate.index_value("ignore_index", ignore_index)
@@ -147,17 +148,14 @@ def token_logprobs(
                          "grad (or a view of one), whose values would become its own .grad: pass logits from "
                          "the model's forward, or inplace_backward=False")
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
-    if check:
-        V = logits.shape[-1] if whole_vocabulary is None else whole_vocabulary(logits.shape[-1], logits.device)
-        bad = (flat_labels != ignore_index) & ((flat_labels < 0) | (flat_labels >= V))
-        if bool(bad.any()):
-            raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}")
+    if check and vocab_group is None:  # with vocab_group: against the whole vocabulary, in the op
+        check_labels(flat_labels, logits.shape[-1], ignore_index)
     rows = _as_rows(logits)
     name = _backend.resolve(logits.device, backend)
-    if whole_vocabulary is not None:
+    if vocab_group is not None:
         lp, ent, sp2, amax = VocabParallelTokenStats.apply(
             rows, flat_labels, vocab_group, inv_t, int(ignore_index), bool(entropy), bool(sum_p2), bool(argmax), name,
-            bool(inplace_backward))
+            bool(inplace_backward), bool(check))
     else:
         lp, ent, sp2, amax, _lse, _log_c = token_stats_call(
             rows, flat_labels, inv_t, int(ignore_index), bool(entropy), bool(sum_p2), bool(argmax), name,
@@ -165,21 +163,13 @@ def token_logprobs(
     return shaped_stats(labels.shape, lp, ent, sp2, amax, entropy, sum_p2, argmax)
 
 
-def _whole_vocabulary_size(vocab_group):
-    """None without ``vocab_group``; else (after checking it is a process group of an initialised
-    ``torch.distributed`` that has this process) a function of this rank's shard size giving the whole
-    vocabulary's size on the host (an all-reduce, for ``check``)."""
+def _check_vocab_group(vocab_group) -> None:
+    """With a ``vocab_group``: a process group of an initialised ``torch.distributed`` that has this process."""
     if vocab_group is None:
-        return None
+        return
     _validate.process_group("vocab_group", vocab_group)
     dist = torch.distributed
     if not dist.is_initialized():
         raise ValueError("vocab_group needs torch.distributed to be initialized")
     if dist.get_rank(vocab_group) < 0:
         raise ValueError("vocab_group must be a process group this process is a member of")
-
-    def whole(v_local: int, device) -> int:
-        sizes = torch.tensor([v_local], dtype=torch.int64, device=device)
-        dist.all_reduce(sizes, group=vocab_group)
-        return int(sizes.item())
-    return whole

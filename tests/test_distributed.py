@@ -480,6 +480,20 @@ def mismatched_calls(rank, group, backend):
                                                              entropy=rank == 0, backend=backend),
         "empty_vocabulary": lambda: fastalign.token_logprobs(hidden[:5] @ weight[:0].T, labels[:5],
                                                              vocab_group=group, backend=backend),
+        "linear_statistics": lambda: fastalign.linear_logprobs(hidden[:5], weight, labels[:5], vocab_group=group,
+                                                               entropy=rank == 0, sum_p2=rank == 1, backend=backend),
+        "linear_softcap": lambda: fastalign.linear_logprobs(hidden[:5], weight, labels[:5], vocab_group=group,
+                                                            softcap=None if rank == 0 else 30.0, backend=backend),
+        "temperature": lambda: fastalign.token_logprobs(hidden[:5] @ weight.T, labels[:5], vocab_group=group,
+                                                        temperature=1.0 + rank, backend=backend),
+        "ignore_index": lambda: fastalign.token_logprobs(hidden[:5] @ weight.T, labels[:5], vocab_group=group,
+                                                         ignore_index=-100 if rank == 0 else int(labels[0]),
+                                                         backend=backend),
+        "check": lambda: fastalign.token_logprobs(hidden[:5] @ weight.T, labels[:5], vocab_group=group,
+                                                  check=rank == 0, backend=backend),
+        "label_past_the_vocabulary": lambda: fastalign.token_logprobs(
+            hidden[:5] @ weight.T, torch.where(torch.arange(5) == 2, V_ODD, labels[:5]), vocab_group=group, check=True,
+            backend=backend),
     }
     out = {}
     for case, call in calls.items():
@@ -839,19 +853,27 @@ def test_gloo_clip_cov_ranks_take_the_first_ranks_seed(gloo_run):
 
 def test_gloo_ranks_that_disagree_on_a_size_raise_on_every_rank(tmp_path):
     """With vocab_group every rank must pass the same rows (and hidden size, and low-rank term; the same rows of
-    logits to token_logprobs): a rank with other
-    rows crashed the process in gloo (SIGABRT, a size mismatch in a later all-reduce) or left every rank waiting
-    out the collective timeout; NCCL hangs or reads garbage. The first all-reduce carries the sizes now: every rank
-    raises the same ValueError, and the group stays usable. Short timeouts: a regression fails, it does not hang."""
+    logits to token_logprobs), ask for the same statistics (and check) and take the same temperature, softcap,
+    logit scale and ignore_index: a rank with other rows or statistics crashed the process in gloo (SIGABRT, a size
+    mismatch in a later all-reduce) or left every rank waiting out the collective timeout; NCCL hangs or reads
+    garbage; another temperature or ignore_index merged different distributions into silently wrong log-probs. The
+    first all-reduce carries them now: every rank raises the same ValueError, and the group stays usable. With
+    check=True on every rank, a label past the whole vocabulary raises on every rank. Short timeouts: a regression
+    fails, it does not hang."""
     ranks = spawn(tmp_path, ("mismatched",), "cpp", timeout=timedelta(seconds=60), hang_limit_s=180)
     expected = {"rows": "number of rows", "policy_tokens": "number of rows", "hidden_size": "hidden size",
                 "low_rank": "low_rank", "logit_rows": "number of rows",
-                "logit_statistics": "entropy, sum_p2 and argmax", "empty_vocabulary": "every rank's vocabulary shard"}
+                "logit_statistics": "entropy, sum_p2, argmax and check",
+                "empty_vocabulary": "every rank's vocabulary shard",
+                "linear_statistics": "entropy, sum_p2, argmax and mean_logit must be asked for alike",
+                "linear_softcap": "softcap must be the same", "temperature": "temperature must be the same",
+                "ignore_index": "ignore_index must be the same", "check": "argmax and check must be asked for alike",
+                "label_past_the_vocabulary": f"labels must lie in [0, {V_ODD})"}
     for r, rank in enumerate(ranks):
         got = rank["mismatched"]
         for case, words in expected.items():
-            assert got[case].startswith("ValueError: ") and words in got[case] and "vocab_group" in got[case], \
-                f"{case}, rank {r}: {got[case]}"
+            assert got[case].startswith("ValueError: ") and words in got[case], f"{case}, rank {r}: {got[case]}"
+            assert "vocab_group" in got[case] or case == "label_past_the_vocabulary", f"{case}, rank {r}: {got[case]}"
             assert got[case] == ranks[0]["mismatched"][case], f"{case}: the ranks raised different errors"
     hidden, labels = mismatched_rows()
     want = fastalign.linear_logprobs(hidden[:5], vocab_data()["weight"], labels[:5], backend="cpp").logprobs

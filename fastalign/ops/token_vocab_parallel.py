@@ -36,8 +36,9 @@ from torch import Tensor
 
 from fastalign.ops._launch import refuse_second_derivative, runs_directly, save_for_backward, stat_outputs
 from fastalign.ops.token_stats import token_stats_backward, token_stats_backward_, token_stats_call
-from fastalign.ops.vocab_parallel import AcrossRanks, global_argmax, refuse_empty_shard_when_traced, shard_range
-from fastalign.ops.vocab_pieces import PIECE_IGNORE, local_labels, merge_pieces
+from fastalign.ops.vocab_parallel import (AcrossRanks, alike_options, global_argmax, refuse_empty_shard_when_traced,
+                                         shard_range)
+from fastalign.ops.vocab_pieces import PIECE_IGNORE, check_labels, local_labels, merge_pieces
 
 
 def _shard_stats(rows: Tensor, yl: Tensor, inv_t: float, want_ent: bool, want_sp2: bool, want_amax: bool,
@@ -58,13 +59,16 @@ class VocabParallelTokenStats(torch.autograd.Function):
     ``[outer, inner, V_r]`` view, ``labels`` the global ids ``[outer * inner]`` (int64, contiguous)."""
 
     @staticmethod
-    def forward(ctx, rows, labels, group, inv_t, ignore_index, want_ent, want_sp2, want_amax, backend, inplace):
+    def forward(ctx, rows, labels, group, inv_t, ignore_index, want_ent, want_sp2, want_amax, backend, inplace,
+                check=False):
         V_r = rows.shape[2]
         refuse_empty_shard_when_traced(V_r, "token_logprobs", rows, labels)
         start, v_total = shard_range(V_r, group, rows.device, {
             "logits/labels must have the same number of rows on every rank of vocab_group": labels.shape[0],
-            "entropy, sum_p2 and argmax must be asked for alike on every rank of vocab_group (1 + 2 + 4 for each "
-            "on)": int(want_ent) + 2 * int(want_sp2) + 4 * int(want_amax)})
+            **alike_options(dict(entropy=want_ent, sum_p2=want_sp2, argmax=want_amax, check=check), ignore_index,
+                            temperature=1.0 / inv_t)})
+        if check:  # the labels against the whole vocabulary, read on the host (every rank holds the same labels)
+            check_labels(labels, int(v_total), ignore_index)
         yl = local_labels(labels, start, start + V_r, ignore_index)
         lse_r, log_c_r, ent_r, sp2_r, amax_r = _shard_stats(rows, yl, inv_t, want_ent, want_sp2, want_amax, backend)
         owned = yl >= 0  # the label is in this shard
@@ -99,7 +103,7 @@ class VocabParallelTokenStats(torch.autograd.Function):
         g_ent = g_ent if ent_r.numel() else None
         g_sp2 = g_sp2 if sp2_r.numel() else None
         if rows.shape[2] == 0 or (g_lp is None and g_ent is None and g_sp2 is None):
-            return (None if rows.shape[2] else torch.zeros_like(rows),) + (None,) * 9
+            return (None if rows.shape[2] else torch.zeros_like(rows),) + (None,) * 10
         log_c = lse_r - lse
         c = torch.exp(log_c)
         zero = torch.zeros_like(c)
@@ -129,4 +133,4 @@ class VocabParallelTokenStats(torch.autograd.Function):
         y_col = torch.where(owned, yl.view(owned.shape), 0)
         at_y = (d_y * inv_t).view(owned.shape).to(grad.dtype)
         grad.scatter_(2, y_col, torch.where(owned, at_y, grad.gather(2, y_col)))
-        return grad, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None

@@ -14,6 +14,8 @@ whole vocabulary is the sum of the shards' ``V_r mean_r`` over ``V``; its gradie
 from __future__ import annotations
 
 import math
+import struct
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -54,28 +56,54 @@ def refuse_empty_shard_when_traced(v_local: int, op: str, *tensors: Tensor) -> N
                          "holds some)")
 
 
-def shard_range(v_local: int, group, device, same: dict[str, int]) -> tuple[Tensor, Tensor]:
+def alike_options(statistics: dict[str, bool], ignore_index: int, **numbers: float) -> dict[str, Union[int, float]]:
+    """The options every rank of ``vocab_group`` must share, for :func:`shard_range`'s ``same``: which
+    ``statistics`` are asked for (one bit each: a rank asking for others sizes its merge otherwise, a crash, or
+    merges one statistic into another), ``ignore_index`` and the logit pipeline's ``numbers`` (ranks that differ
+    would merge the pieces of different distributions into silently wrong numbers)."""
+    where = "on every rank of vocab_group"
+    names = list(statistics)
+    listed = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+    bits = " + ".join(str(1 << i) for i in range(len(names)))
+    same = {f"{listed} must be asked for alike {where} ({bits} for each on)":
+            sum(int(bool(on)) << i for i, on in enumerate(statistics.values())),
+            f"ignore_index must be the same {where}": int(ignore_index)}
+    same.update({f"{name} must be the same {where}": float(value) for name, value in numbers.items()})
+    return same
+
+
+def _bits(value: Union[int, float]) -> int:
+    """An int as it is, a float as its float64 bit pattern: what the all-reduce of :func:`shard_range` carries."""
+    return struct.unpack("<q", struct.pack("<d", value))[0] if isinstance(value, float) else value
+
+
+def _from_bits(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def shard_range(v_local: int, group, device, same: dict[str, Union[int, float]]) -> tuple[Tensor, Tensor]:
     """This rank's first vocabulary id and the whole vocabulary's size (0-dim int64 tensors on ``device``),
     from every rank's shard size ``v_local``, summed in one all-reduce (rank r writes its size at column r).
 
-    The same all-reduce carries ``same``: sizes every rank must share (its number of rows, hidden size, ...), each
-    keyed by the message of a mismatch (each later collective is sized by them; a mismatch crashes or hangs
-    there). On the CPU (gloo), in eager mode, the sizes are read (free) and a mismatch raises a ``ValueError`` on
-    every rank alike; a GPU's are not read (that would synchronise with the host), nor traced ones
-    (``torch.compile``, fake tensors)."""
+    The same all-reduce carries ``same``: sizes and options every rank must share (its number of rows, hidden
+    size, ...; a float option as its bits), each keyed by the message of a mismatch (each later collective is
+    sized by them; a mismatch crashes or hangs there). On the CPU (gloo), in eager mode, the sizes are read (free)
+    and a mismatch raises a ``ValueError`` on every rank alike; a GPU's are not read (that would synchronise with
+    the host), nor traced ones (``torch.compile``, fake tensors)."""
     import torch.distributed as dist
 
     rank = dist.get_rank(group)
     sizes = torch.zeros(1 + len(same), dist.get_world_size(group), dtype=torch.int64, device=device)
     for i, n in enumerate((v_local, *same.values())):
-        sizes[i, rank] = n
+        sizes[i, rank] = _bits(n)
     dist.all_reduce(sizes, op=dist.ReduceOp.SUM, group=group)
     if sizes.device.type == "cpu" and eager(sizes):  # a GPU's sizes are not read: that would synchronise
         if not sizes[0].any():
             raise ValueError("vocab_group: every rank's vocabulary shard is empty (the whole vocabulary has 0 ids)")
-        for message, row in zip(same, sizes[1:].tolist()):
+        for (message, value), row in zip(same.items(), sizes[1:].tolist()):
             if any(n != row[0] for n in row):
-                raise ValueError(f"{message}, got {row} (one per rank)")
+                shown = [_from_bits(n) for n in row] if isinstance(value, float) else row
+                raise ValueError(f"{message}, got {shown} (one per rank)")
     return sizes[0, :rank].sum(), sizes[0].sum()
 
 
@@ -121,7 +149,9 @@ class VocabParallelStats(torch.autograd.Function):
             "hidden/labels must have the same number of rows on every rank of vocab_group": hidden.shape[0],
             "hidden must have the same hidden size on every rank of vocab_group": hidden.shape[-1],
             "low_rank must be given on every rank of vocab_group or on none, with the same rank r (0: not given)":
-                rank_r})
+                rank_r,
+            **alike_options(dict(entropy=want_ent, sum_p2=want_sp2, argmax=want_amax, mean_logit=want_mean),
+                            ignore_index, temperature=1.0 / inv_t, logit_scale=scale, softcap=softcap)})
         yl = local_labels(labels, start, start + V_r, ignore_index)
         if V_r == 0:
             lp, ent, sp2, amax, amax_val, lse, mean, log_c = _empty_shard_stats(

@@ -76,6 +76,13 @@ PIECE_IGNORE = -1
 PIECE_ELSEWHERE = -2
 
 
+def check_labels(labels: Tensor, vocab: int, ignore_index: int) -> None:
+    """Raise ``ValueError`` if a label is outside ``[0, vocab)`` and not ``ignore_index`` (read on the host)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
+
+
 def local_labels(labels: Tensor, v0: int, v1: int, ignore_index: int) -> Tensor:
     """Labels relative to the vocabulary piece [v0, v1), for kernels run with ``PIECE_IGNORE``."""
     inside = (labels >= v0) & (labels < v1)
