@@ -114,7 +114,10 @@ def token_logprobs(
             and the logits are never indexed with the bad label.
         inplace_backward: backward overwrites the logits buffer with d(logits)
             instead of allocating a new one. Only for logits nothing else reads afterwards
-            (not a leaf tensor that requires grad, nor a view of one: ``ValueError``).
+            (not a leaf tensor that requires grad, nor a view of one: ``ValueError``). Given a slice
+            of a model's logits (``logits[:, :-1]``), autograd's backward of the slice still
+            allocates a gradient of the whole logits: have the model compute only the positions
+            scored (``logits_to_keep``) to save that memory too.
         backend: ``"triton"``, ``"cpp"`` or ``"cuda"``; default from
             :func:`fastalign.use_backend` / ``FASTALIGN_BACKEND``.
         vocab_group: a ``torch.distributed`` process group over which the vocabulary is
