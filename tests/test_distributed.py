@@ -554,6 +554,9 @@ def _worker(rank, world, pg_backend, store_path, out_dir, scenarios, backend, cu
             out["logit_shards_compiled"] = logit_shard_stats("odd", backend, rank, world, group, device, compiled=True)
         if "vocab_compiled" in scenarios:
             out["vocab_compiled"] = vocab_stats(vocab_data(), backend, rank, world, group, device, compiled=True)
+            out["vocab_compiled_no_mean"] = {
+                mode: vocab_stats(vocab_data(), backend, rank, world, group, device, compiled=mode == "compiled",
+                                  mean_logit=False) for mode in ("eager", "compiled")}
         if "dtensor" in scenarios:
             out["dtensor"] = dtensor_stats(vocab_data(), backend, rank, world)
         if "mismatched" in scenarios:
@@ -754,13 +757,17 @@ def test_gloo_loss_modules_with_an_empty_shard(gloo_run, name):
 
 def test_gloo_vocab_parallel_compiles_without_graph_breaks(gloo_run):
     """torch.compile(fullgraph=True) of the vocabulary-parallel statistics, backward included, equals eager (the
-    backward read on the host whether a row needed renormalising: a graph break)."""
+    backward read on the host whether a row needed renormalising: a graph break), with the mean logit and without
+    it (the traced backward multiplied the mean logit's gradient by its share of None: a TypeError)."""
     backend, ranks = gloo_run
     if backend != "cpp":
         pytest.skip("compiled on the C++ backend (the Triton interpreter is not compiled)")
     for r in ranks:
         for k, eager_value in r["vocab"].items():
             torch.testing.assert_close(r["vocab_compiled"][k], eager_value, atol=1e-6, rtol=1e-6, msg=k)
+        no_mean = r["vocab_compiled_no_mean"]
+        for k, eager_value in no_mean["eager"].items():
+            torch.testing.assert_close(no_mean["compiled"][k], eager_value, atol=1e-6, rtol=1e-6, msg=f"{k}, no mean")
 
 
 def test_gloo_dtensor_head(gloo_run):

@@ -182,7 +182,8 @@ def test_where_fastalign_differs_from_liger():
 
 def test_bad_inputs_name_the_forward_s_arguments():
     """A shape or dtype error names the argument as each forward spells it (``log_q`` / ``log_p`` / ``shift_labels``,
-    ``y_pred`` / ``y_true``, ``p`` / ``q``); inputs of two float dtypes are still read alike."""
+    ``y_pred`` / ``y_true``, ``p`` / ``q``; the functions' ``input`` / ``target``); inputs of two float dtypes are
+    still read alike."""
     x, y, labels, _ = _batch(7, torch.float32, "logprobs")
     cases = [(lambda: fa_liger.LigerJSD()(x, y[:, :-1]), ValueError, r"^log_p must have shape .*\(log_q.shape\)"),
              (lambda: fa_liger.LigerJSD()(x, y, labels[:-1]), ValueError, r"^shift_labels must have shape"),
@@ -190,7 +191,11 @@ def test_bad_inputs_name_the_forward_s_arguments():
              (lambda: fa_liger.LigerJSD()(x.long(), y), TypeError, r"^log_q "),
              (lambda: fa_liger.LigerKLDIVLoss()(x, y.exp()[:, :-1]), ValueError, r"^y_true must have shape"),
              (lambda: fa_liger.LigerTVDLoss()(x.exp(), y.exp()[:-1]), ValueError, r"^q must have shape .*\(p.shape\)"),
-             (lambda: fa_liger.LigerTVDLoss()(x.exp(), y.exp(), labels[:-1]), ValueError, r"^shift_labels must")]
+             (lambda: fa_liger.LigerTVDLoss()(x.exp(), y.exp(), labels[:-1]), ValueError, r"^shift_labels must"),
+             # the functions name their own arguments
+             (lambda: fa_liger.liger_jsd(x, y[:, :-1]), ValueError, r"^target must have shape .*\(input.shape\)"),
+             (lambda: fa_liger.liger_kl_div(x, y.exp()[:, :-1]), ValueError, r"^target must have shape"),
+             (lambda: fa_liger.liger_tvd(x.exp(), y.exp(), labels[:-1]), ValueError, r"^shift_labels must")]
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()

@@ -37,7 +37,7 @@ def renormalize(request, monkeypatch):
     from fastalign.ops import support_products
 
     if request.param == "support-gathered":
-        monkeypatch.setattr(support_products, "sparse_form", lambda *args: False)
+        monkeypatch.setattr(support_products, "_eager_cpu", lambda t: False)
     return request.param != "vocabulary"
 
 

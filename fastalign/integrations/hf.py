@@ -583,8 +583,9 @@ def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = N
     ``hidden @ weight.T + a @ L.T + bias`` are the head's logits before its transform
     (:data:`HEAD_TRANSFORMS`). Outside autocast, the architectures whose forward casts the hidden states to the
     head's dtype (Mamba, HY-V4) are cast so; other dtypes that differ raise ``TypeError``. ``on_body`` is called
-    with the body's outputs (e.g. a MoE body's ``router_logits`` for :func:`router_aux_loss`). Called inside the model's forward when it is a
-    ``DistributedDataParallel`` wrapper or a sharded FSDP2 root (:func:`causal_lm_logprobs` does so)."""
+    with the body's outputs (e.g. a MoE body's ``router_logits`` for :func:`router_aux_loss`). Called inside the
+    model's forward when it is a ``DistributedDataParallel`` wrapper or a sharded FSDP2 root
+    (:func:`causal_lm_logprobs` does so)."""
     if _forward_route(model) is not None:
         raise ValueError(f"model: a {type(model).__name__} runs its hooks (DDP's gradient all-reduce, FSDP2's "
                          "gathering of the root's parameters) in its own forward, which head_operands does not run; "

@@ -155,6 +155,7 @@ class LigerTVDLoss(LiveOptions, nn.Module):
 def liger_jsd(input: Tensor, target: Tensor, shift_labels: Optional[Tensor] = None, beta: float = 0.5,
               ignore_index: int = -100) -> Tensor:
     """Liger's ``liger_jsd``: :class:`LigerJSD` ``(beta, ignore_index)(input, target, shift_labels)``."""
+    _read_alike(("input", input), ("target", target), shift_labels)  # errors name this function's arguments
     return LigerJSD(beta, ignore_index)(input, target, shift_labels)
 
 
@@ -165,6 +166,7 @@ def liger_kl_div(input: Tensor, target: Tensor, size_average: bool = True, reduc
     function takes and ignores: their default (True) is accepted, any other value raises ``ValueError`` naming it
     (pass ``reduction``)."""
     legacy_reduction_arguments("liger_kl_div", True, size_average=size_average, reduce=reduce)
+    _read_alike(("input", input), ("target", target))  # errors name this function's arguments
     return LigerKLDIVLoss(eps, reduction=reduction, log_target=log_target)(input, target)
 
 
@@ -172,4 +174,5 @@ def liger_tvd(input: Tensor, target: Tensor, shift_labels: Optional[Tensor] = No
               ignore_index: int = -100) -> Tensor:
     """Liger's ``liger_tvd``: :class:`LigerTVDLoss` ``(reduction, ignore_index)(input, target, shift_labels)``
     (note the function's default reduction, ``"mean"``, as Liger's)."""
+    _read_alike(("input", input), ("target", target), shift_labels)  # errors name this function's arguments
     return LigerTVDLoss(reduction, ignore_index)(input, target, shift_labels)

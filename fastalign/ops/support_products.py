@@ -27,6 +27,7 @@ from fastalign.ops.single_pass import block_budget_rows
 
 
 def _eager_cpu(t: Tensor) -> bool:
+    """Whether ``t`` is a CPU tensor outside ``torch.compile``'s tracing (the CPU's own forms of the products)."""
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 

@@ -2,8 +2,9 @@
 
 Each rank holds rows ``[start, start + V_r)`` of the weight; labels are global ids. Shards may differ in
 size (``torch.chunk`` and FSDP2 give the last ranks fewer rows): one all-reduce of the sizes gives each
-rank its ``start`` and the whole vocabulary, as device tensors; it also carries the sizes every rank must
-share (rows, hidden size, low-rank rank), compared on the host for CPU tensors (:func:`shard_range`). The shards are
+rank its ``start`` and the whole vocabulary, as device tensors; it also carries the sizes and options every rank
+must share (rows, hidden size, low-rank rank; the statistics asked for, temperature, softcap, logit scale and
+ignore_index: :func:`alike_options`), compared on the host for CPU tensors (:func:`shard_range`). The shards are
 vocabulary pieces, merged across ranks by :func:`~fastalign.ops.vocab_pieces.merge_pieces` with
 all-reduces as the reductions; backward needs only the merged per-token statistics, so the local
 backward op runs unchanged and d(hidden) is summed over ranks (hidden is replicated). The mean logit over the
@@ -206,7 +207,7 @@ class VocabParallelStats(torch.autograd.Function):
             dh, dw, db, da, dl = linear_stats_backward(
                 g_lp, g_ent, g_sp2, hidden, weight, bias, a, lw, yl, lse, ent, sp2, *ctx.args, True, bool(need[1]),
                 bool(bias is not None and need[2]), low_rank is not None, log_c,
-                None if g_mean is None else g_mean * ctx.mean_share)
+                None if g_mean is None or ctx.mean_share is None else g_mean * ctx.mean_share)
         dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.group)
         if low_rank is not None:
             dist.all_reduce(da, op=dist.ReduceOp.SUM, group=ctx.group)
