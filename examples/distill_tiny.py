@@ -38,10 +38,18 @@ def tiny_model(seed: int, hidden: int, head_scale: float = 1.0) -> Qwen2ForCausa
     return model
 
 
+def seed(text: str) -> int:
+    """An argparse type: a seed in [0, 2**32) (torch.manual_seed's range, numpy's too)."""
+    value = int(text)
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2**32), got {value}")
+    return value
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--sequences", type=int, default=16, help="sequences in the data set")
     parser.add_argument("--batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=16)

@@ -69,10 +69,18 @@ def positive_float(text: str) -> float:
     return value
 
 
+def seed(text: str) -> int:
+    """An argparse type: a seed in [0, 2**32) (torch.manual_seed's range, numpy's too)."""
+    value = int(text)
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2**32), got {value}")
+    return value
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=positive_int, default=40)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--prompts", type=positive_int, default=4, help="prompts per step")
     parser.add_argument("--group", type=positive_int, default=8, help="completions sampled per prompt")
     parser.add_argument("--prompt-len", type=positive_int, default=4)

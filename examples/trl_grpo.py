@@ -18,6 +18,7 @@ import transformers
 from trl import GRPOConfig
 
 from fastalign.integrations.trl import GRPOTrainer
+from fastalign.integrations.trl.grpo import GRPO_LOSSES  # the loss types of TRL's GRPOConfig
 
 WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(61)]
 TARGET = "w7"
@@ -53,11 +54,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed(text: str) -> int:
+    """An argparse type: a seed in [0, 2**32), the range of the seeds TRL sets (numpy's)."""
+    value = int(text)
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2**32), got {value}")
+    return value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=positive_int, default=20, help="optimizer steps")
-    parser.add_argument("--loss-type", default="dapo", help="GRPOConfig.loss_type")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loss-type", default="dapo", choices=sorted(GRPO_LOSSES), help="GRPOConfig.loss_type")
+    parser.add_argument("--seed", type=seed, default=0)
     opts = parser.parse_args()
 
     prompts = [" ".join(f"w{(3 * i + j) % 50 + 10}" for j in range(3 + i % 3)) for i in range(64)]

@@ -131,3 +131,11 @@ def test_lm_head_tilings_script_runs_on_the_cpu():
     for kernel, tiling, diff in rows:
         if not tiling.startswith("torch.mm"):
             assert float(diff) < 1e-5, (kernel, tiling, diff)
+
+
+def test_readme_table_skips_a_record_without_an_environment(tmp_path):
+    """A JSON record with results but no environment (not a fastalign-bench run) is skipped by the README table,
+    as one without results is; it raised a KeyError."""
+    record = tmp_path / "results-only.json"
+    record.write_text('{"results": []}')
+    assert summary.readme_table([str(record)]).count("\n") == 1  # the header alone

@@ -361,6 +361,13 @@ def _usage_error(capsys, argv) -> str:
     (["--budget", "inf"], ["--budget", "finite"]),
     (["--cases", " , "], ["--cases"]),
     (["--overwrite"], ["--overwrite", "--record"]),  # was ignored
+    # an op or a substring with no case in the modes asked for was dropped while the others ran
+    (["--quick", "--ops", "group_advantages,token_logprobs", "--modes", "fwd+bwd"], ["--ops", "group_advantages"]),
+    (["--cases", "B=65536,4096x32000", "--modes", "fwd+bwd"], ["--cases", "B=65536"]),
+    (["--plot", "out.txt"], ["--plot", ".png"]),  # matplotlib refused it after the whole run
+    (["--plot", "out"], ["--plot", ".png"]),  # written as out.png, reported as out
+    (["--json", ""], ["--json"]),  # ignored
+    (["--record", ""], ["--record"]),
 ])
 def test_cli_refuses_values_that_select_nothing_or_make_no_sense(capsys, argv, names):
     err = _usage_error(capsys, argv)
@@ -446,6 +453,23 @@ def _args(**kw):
                                  "record": "out", **kw})
 
 
+def test_rows_that_could_never_run_are_not_counted_out_of_time(monkeypatch):
+    """Once the run's time is spent, a case's rows are skipped without building it: a torch.compile row under
+    --no-compile and a third-party row whose package is missing say so, as when they are built; they were counted
+    among the rows skipped for time."""
+    from fastalign.bench import optional
+    from fastalign.bench.__main__ import NOT_RUN, measure_case
+    from fastalign.bench.cases import all_cases
+
+    monkeypatch.setitem(optional.COMPILE, "enabled", False)
+    monkeypatch.setitem(optional.PACKAGES, "verl", "no_such_package_here")
+    case = next(c for c in all_cases() if c.op == "group_advantages" and "verl" in c.impls)
+    spent = core.Deadline(1.0, clock=iter([0.0, 5.0, 5.0, 5.0]).__next__)
+    rows = {r["impl"]: r["skipped"] for r in measure_case(case, "fwd", torch.device("cpu"), 1, 0.1, deadline=spent)}
+    assert rows["torch.compile"] == rows["verl"] == NOT_RUN
+    assert rows["fastalign"] == rows["eager"] == core.OUT_OF_TIME
+
+
 def test_record_stem_names_every_selection():
     from fastalign.bench.__main__ import MAX_CASES_NAME, record_stem
 
@@ -458,6 +482,9 @@ def test_record_stem_names_every_selection():
     assert one.endswith("-full-policy_loss-cases-clip_cov") and other.endswith("-cases-ppo")
     assert record_stem(_args(cases=["B=8 T=256", "LoRA"]), env) == record_stem(_args(cases=["LoRA", "B=8 T=256"]), env)
     assert record_stem(_args(modes=["fwd+bwd"]), env).endswith("-full-fwd+bwd")
+    # selections whose names differ only in the characters a file name replaces: one file each (they met)
+    assert record_stem(_args(cases=["512x512/768x32000"]), env) != record_stem(_args(cases=["512x512", "768x32000"]),
+                                                                               env)
     long = [f"4096x1024x{v} fp32 LoRA" for v in (32000, 152064, 151936)]
     name = record_stem(_args(cases=long), env).split("-cases-")[1]
     assert len(name) <= MAX_CASES_NAME and name != record_stem(_args(cases=long[:2]), env).split("-cases-")[1]

@@ -219,6 +219,21 @@ def test_gate_exit_status_follows_the_checks(monkeypatch, capsys):
         assert f"{status} failing" in out
 
 
+def test_gate_names_only_the_architectures_it_compiled(monkeypatch, capsys):
+    """An architecture the installed nvcc does not target is left out with a note, and the summary names only what
+    was compiled (it claimed every requested one, and an nvcc that targeted none of them compiled them all); one
+    with no known shared-memory limit says that it was not checked."""
+    monkeypatch.setattr(aot, "nvcc_archs", lambda requested: [a for a in requested if a == 90])
+    monkeypatch.setattr(aot, "run_nvcc", lambda archs, root, sass, only=None: (
+        [aot.Result("returns.cu", "plain", a, "fp32", registers=40, smem=0) for a in archs], None))
+    assert aot.main(["--arch", "90,999", "--no-triton"]) == 0
+    out = capsys.readouterr().out
+    assert "compilations for sm_90 in" in out and "sm_999: not a target of the installed nvcc" in out
+    assert "sm_999: no per-block shared memory limit known here" in out
+    assert aot.main(["--arch", "999", "--no-triton"]) == 1
+    assert "no kernel was compiled" in capsys.readouterr().out
+
+
 def test_gate_compiles_each_family_for_its_dtypes_per_architecture(monkeypatch):
     """fp16 is left out from sm_100 on (its bf16 code path is the one compiled there; sm_80 / sm_90 compile
     fp16); ``--only`` keeps the families whose name contains it."""

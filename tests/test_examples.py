@@ -58,7 +58,11 @@ def test_distill_tiny_divergence_falls(divergence):
                                        ("dpo_tiny.py", ("--batch", "16", "--pairs", "4")),
                                        ("distill_tiny.py", ("--beta", "0.5", "--divergence", "tvd")),
                                        ("distill_tiny.py", ("--temperature", "0")),
-                                       ("trl_grpo.py", ("--steps", "-1"))])
+                                       ("trl_grpo.py", ("--steps", "-1")),
+                                       # refused by numpy's seeding (TRL's) or by the loss's config, after the
+                                       # model was built
+                                       ("grpo_tiny.py", ("--seed", "99999999999999999999999")),
+                                       ("trl_grpo.py", ("--seed", "-1")), ("trl_grpo.py", ("--loss-type", "bogus"))])
 def test_bad_command_line_values_are_usage_errors(name, args):
     """A bad value is an argparse usage error naming the option, not a traceback from inside the run."""
     if name == "trl_grpo.py":

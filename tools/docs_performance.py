@@ -32,7 +32,8 @@ on a GPU, the resident-set peak of a fresh process on the CPU), and "memory
 ratio" compares it with the baseline's, beyond the gradients every
 implementation must return. "% limit" (in runs recorded since it was measured on
 the CPU too) is the least time the measured copy bandwidth and matmul rate allow
-for the step's bytes and FLOPs, over its time. The baseline is eager PyTorch
+for the step's bytes and FLOPs, over its time; the work counted is every row's, so
+an implementation that skips the unscored rows of the "prompt" cases can pass 100%. The baseline is eager PyTorch
 unless a row names another. Third-party implementations (Liger-Kernel, TRL, verl) run when they are
 installed and otherwise show as "not installed". In the runs recorded up to
 2026-12-01, the CPU peak memory of the `torch.compile` rows (and of Liger's

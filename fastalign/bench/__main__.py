@@ -163,12 +163,20 @@ def parse_args(argv=None):
         p.error("argument --overwrite: applies only with --record (it lets a recorded run be replaced)")
     for option, path, directory in (("--json", args.json, False), ("--plot", args.plot, False),
                                     ("--record", args.record, True)):
+        if path == "":
+            p.error(f"argument {option}: expected a path, got ''")
         why = path and _unwritable(path, directory)
         if why:
             p.error(f"argument {option}: cannot write {path!r}: {why}")
     if (args.plot or args.record) and importlib.util.find_spec("matplotlib") is None:  # known now, not at the end
         p.error(f"argument {'--plot' if args.plot else '--record'}: the plot needs matplotlib "
                 "(pip install matplotlib, or the bench extra: pip install 'fastalign[bench]')")
+    if args.plot:  # matplotlib writes the format of the file's extension, and adds .png to a name without one
+        formats = report.plot_formats()
+        extension = os.path.splitext(args.plot)[1][1:].lower()
+        if extension not in formats:
+            p.error(f"argument --plot: {args.plot!r} needs an image extension matplotlib writes "
+                    f"({', '.join('.' + f for f in sorted(formats))})")
     try:
         selected_cases(args, args.device_type)
     except ValueError as e:
@@ -199,8 +207,14 @@ def selected_cases(args, device_type) -> list:
         raise ValueError(f"argument --ops: unknown op(s) {', '.join(unknown)} (choose from {', '.join(sorted(known))})")
     pool = [c for c in all_cases() if (ops is None or c.op in ops) and (c.quick or not args.quick)
             and (device_type is None or device_type in c.devices)]
+    in_modes = [c for c in pool if any(m in modes for m in c.modes)]
+    if pool and not in_modes:
+        raise ValueError(f"argument --modes: no selected case runs in {', '.join(modes)} "
+                         f"(their modes: {', '.join(sorted({m for c in pool for m in c.modes}))})")
+    pool = in_modes  # each op and substring must select a case that runs in a selected mode
     where = " ".join(filter(None, [f"--ops {','.join(ops)}" if ops else "", "--quick" if args.quick else "",
-                                    f"--device {device_type}" if device_type else ""]))
+                                    f"--device {device_type}" if device_type else "",
+                                    f"--modes {','.join(modes)}" if set(modes) != set(MODES) else ""]))
     for op in ops or ():
         if not any(c.op == op for c in pool):
             raise ValueError(f"argument --ops: {op!r} has no case{' of ' + where if where else ''} "
@@ -209,11 +223,9 @@ def selected_cases(args, device_type) -> list:
         if not any(s in c.label for c in pool):
             raise ValueError(f"argument --cases: {s!r} is in no case label{' of ' + where if where else ''} "
                              f"(`fastalign-bench --list{' ' + where if where else ''}` lists them)")
-    out = [c for c in pool if (labels is None or any(s in c.label for s in labels))
-           and any(m in modes for m in c.modes)]
+    out = [c for c in pool if labels is None or any(s in c.label for s in labels)]
     if not out:
-        raise ValueError(f"argument --modes: no selected case runs in {', '.join(modes)} "
-                         f"(their modes: {', '.join(sorted({m for c in pool for m in c.modes}))})")
+        raise ValueError(f"argument --modes: no selected case runs in {', '.join(modes)}")
     return out
 
 
@@ -232,6 +244,7 @@ def progress(total):
 MIN_PROBE_S = 5.0
 RESERVE_PER_CASE_S = {"cpu": 15.0, "cuda": 6.0}
 MEMORY_OUT_OF_TIME = "the run's time budget was spent"
+NOT_RUN = "not installed, disabled, or not for this device"
 
 
 def measure_case(case, mode: str, device, repeats: int, budget: float, memory: bool = True,
@@ -241,9 +254,11 @@ def measure_case(case, mode: str, device, repeats: int, budget: float, memory: b
     probes: ``reserve_s`` seconds more, kept for the cases after this one). ``note(text)``, when
     given, is told each stage as it starts (building, timing, each memory probe)."""
     note = note or (lambda text: None)
-    if deadline.passed():  # not even its inputs are built
+    if deadline.passed():  # not even its inputs are built: the rows that could have run are out of time
+        unavailable = {impl for impl in case.impls if not optional.available(impl)}
         return [{"op": case.op, "case": case.label, "mode": mode, "impl": impl, "baseline": case.baseline,
-                 **case.params, "skipped": core.OUT_OF_TIME} for impl in case.impls]
+                 **case.params, "skipped": NOT_RUN if impl in unavailable else core.OUT_OF_TIME}
+                for impl in case.impls]
     note("building inputs")
     impls = case.build(device, mode)
     rows, steps = {}, {}
@@ -251,7 +266,7 @@ def measure_case(case, mode: str, device, repeats: int, budget: float, memory: b
         rows[impl] = {"op": case.op, "case": case.label, "mode": mode, "impl": impl, "baseline": case.baseline,
                       **case.params}
         if step is None:
-            rows[impl]["skipped"] = "not installed, disabled, or not for this device"
+            rows[impl]["skipped"] = NOT_RUN
         else:
             steps[impl] = step
     note(f"warm-up and timing of {len(steps)} implementation(s)")
@@ -356,8 +371,9 @@ def record_stem(args, env: dict) -> str:
         parts.append("-".join(sorted(ops)))
     labels = _split(args.cases)
     if labels:
-        name = _slug("-".join(sorted(labels)))
-        if len(name) > MAX_CASES_NAME:
+        joined = "-".join(sorted(labels))
+        name = _slug(joined)
+        if len(name) > MAX_CASES_NAME or name != joined:  # cut, or characters replaced: two selections could meet
             digest = hashlib.sha1(",".join(sorted(labels)).encode()).hexdigest()[:8]
             name = name[:MAX_CASES_NAME - 9].rstrip("-") + "-" + digest
         parts.append("cases-" + name)
@@ -432,9 +448,9 @@ def main(argv=None) -> int:
             stem + ".json")))))
         saved.append(_save("--record", stem + ".png", lambda path: report.plot(data, path)))
     recorded = (stem + ".json", stem + ".png") if stem is not None and timed else ()
-    if args.json and os.path.abspath(args.json) not in map(os.path.abspath, recorded):
+    if args.json is not None and os.path.abspath(args.json) not in map(os.path.abspath, recorded):
         json_saved.append(_save("--json", args.json, _text_writer(results)))
-    if args.plot and os.path.abspath(args.plot) not in map(os.path.abspath, recorded):
+    if args.plot is not None and os.path.abspath(args.plot) not in map(os.path.abspath, recorded):
         if timed:
             saved.append(_save("--plot", args.plot, lambda path: report.plot(data, path)))
         else:

@@ -84,7 +84,8 @@ def table(data: dict) -> str:
     lines += [head, "-" * len(head)]
     foot = "IQR %: interquartile range of the timed runs / median ('1 run': timed once, spread unknown); speedup: baseline time / time; extra MiB: peak memory beyond the inputs; mem ratio: to the " \
            "baseline's, after removing the gradients every implementation returns; % limit: the least time " \
-           "the measured copy bandwidth and matmul rate allow for the step's bytes and FLOPs / its time"
+           "the measured copy bandwidth and matmul rate allow for the step's bytes and FLOPs / its time (the work " \
+           "of every row: one that skips unscored rows, in the prompt-share cases, can pass 100%)"
     for r in data["results"]:
         prefix = f"{r['op']:{ow}s} {r['case']:{cw}s} {r['mode']:8s} {r['impl']:{iw}s}"
         if "skipped" in r or "error" in r:
@@ -116,6 +117,14 @@ def table(data: dict) -> str:
 #: peak extra memory (MiB) below which the memory axis is linear: a step that needs no memory beyond its
 #: inputs (0 bytes) is drawn at the bottom rather than dropped from a logarithmic axis
 MEMORY_LINEAR_MIB = 0.1
+
+
+def plot_formats() -> set:
+    """The file extensions (without the dot) matplotlib's Agg backend writes, which :func:`plot` takes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    return set(FigureCanvasAgg(Figure()).get_supported_filetypes())
 
 
 def plot(data: dict, path: str) -> bool:
