@@ -80,11 +80,12 @@ def linear_mean_logits(hidden: Tensor, weight: Tensor, *, bias: Optional[Tensor]
             t = t.reshape(-1, t.shape[-1]).float()
             return t if keep is None else torch.where(keep[:, None], t, 0.0)
 
-        mean = rows(hidden) @ _class_mean(weight, classes)
-        if a is not None:
-            mean = mean + rows(a) @ _class_mean(lora, classes)
-        if bias is not None:
-            mean = mean + _class_mean(bias, classes)
+        with torch.autocast(hidden.device.type, enabled=False):  # fp32 products, as the fused ops' (no bf16 cast)
+            mean = rows(hidden) @ _class_mean(weight, classes)
+            if a is not None:
+                mean = mean + rows(a) @ _class_mean(lora, classes)
+            if bias is not None:
+                mean = mean + _class_mean(bias, classes)
         mean = (mean * scale).reshape(-1)
         mean = mean if keep is None else torch.where(keep, mean, 0.0)
     else:

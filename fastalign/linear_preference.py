@@ -119,6 +119,9 @@ class PathPolicy:
         if self.single_pass is True:
             if why:
                 raise ValueError(f"single_pass=True does not apply: {why}")
+            if not eager(weight, chosen, rejected, *(t for t in inputs if isinstance(t, Tensor))):
+                raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two "
+                                 "passes run")
             return differentiated(weight, chosen, rejected, *inputs)
         return why is None and by_default(weight, chosen, rejected, *inputs,
                                           item_rows=chosen.shape[-2] + rejected.shape[-2])

@@ -109,9 +109,10 @@ def token_logprobs(
         ignore_index: rows with this label give 0 for every statistic and a zero gradient.
         entropy, sum_p2, argmax: compute these too (each costs nothing when off).
         check: raise ``ValueError`` if a label is outside ``[0, V)`` and not
-            ``ignore_index``. This reads the labels on the host (a device sync),
-            so it is off by default; without it such a row gets a NaN log-prob
-            and the logits are never indexed with the bad label.
+            ``ignore_index``. This reads the labels on the host (a device sync; under
+            ``torch.compile`` a graph break, which ``fullgraph=True`` refuses), so it is
+            off by default; without it such a row gets a NaN log-prob and the logits
+            are never indexed with the bad label.
         inplace_backward: backward overwrites the logits buffer with d(logits)
             instead of allocating a new one. Only for logits nothing else reads afterwards
             (not a leaf tensor that requires grad, nor a view of one: ``ValueError``). Given a slice

@@ -86,3 +86,36 @@ def test_clip_cov_with_a_generator_names_it_under_compile():
     plain = torch.compile(lambda lp: fa.policy_loss(lp, old, adv, m, loss_type="clip_cov")[0], fullgraph=True,
                           backend="eager")
     assert torch.isfinite(plain(lp))
+
+
+def test_preference_single_pass_true_under_compile_names_the_option():
+    """LinearPreferenceLoss(single_pass=True) under torch.compile raises the ValueError LinearPolicyLoss and
+    linear_divergence_loss raise there (the two passes run traced); it failed inside Dynamo on torch.autograd.grad,
+    naming nothing."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 6, 16, generator=g, requires_grad=True)
+    weight = (0.3 * torch.randn(40, 16, generator=g)).requires_grad_()
+    labels = torch.randint(0, 40, (4, 6), generator=g)
+    rc, rr = -8 - torch.rand(2, generator=g), -9 - torch.rand(2, generator=g)
+    pref = fa.LinearPreferenceLoss(loss_type="sigmoid", beta=0.1, single_pass=True)
+    step = torch.compile(lambda h, w: pref(h, w, labels, ref_chosen_logprobs=rc, ref_rejected_logprobs=rr)[0],
+                         fullgraph=True, backend="eager")
+    assert "single_pass=True does not apply: under torch.compile" in _compiled_error(step, hidden, weight)
+
+
+def test_linear_mean_logits_under_autocast_keeps_fp32_products():
+    """fp32 inputs under a bf16 autocast give the fp32 means and gradients bit for bit, as the fused ops' (its plain
+    products ran in bf16 there: off by 1.3e-3)."""
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(5, 16, generator=g), torch.randn(40, 16, generator=g)
+    bias, classes = torch.randn(40, generator=g), torch.rand(40, generator=g)
+    for options in ({}, dict(bias=bias, logit_scale=0.5), dict(class_weights=classes)):
+        out = []
+        for autocast in (False, True):
+            h = hidden.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                mean = fa.linear_mean_logits(h, weight, **options)
+            mean.sum().backward()
+            out.append((mean, h.grad))
+        assert out[1][0].dtype == torch.float32
+        assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1]), options
