@@ -16,7 +16,7 @@ from fastalign.linear import check_head, check_logit_options, check_second_head
 from fastalign.ops._launch import eager
 from fastalign.ops.divergence import DIVERGENCES
 from fastalign.ops.linear_divergence import DivergenceOptions, Head, divergence_loss
-from fastalign.ops.single_pass import differentiated
+from fastalign.ops.single_pass import differentiated, refuse_traced
 
 __all__ = ["linear_divergence_loss", "DIVERGENCE_AGGS"]
 
@@ -181,8 +181,7 @@ def linear_divergence_loss(
     _validate.count("normalizer", normalizer)
     name = _backend.backend_for("divergence_rows", hidden.device, backend)
     is_eager = eager(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias)
-    if single_pass is True and not is_eager:
-        raise ValueError("single_pass=True does not apply under torch.compile (or to fake tensors)")
+    refuse_traced(single_pass, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias)
 
     H, Ht = hidden.shape[-1], teacher_hidden.shape[-1]
     h2 = hidden.reshape(-1, H)

@@ -29,9 +29,8 @@ from torch import Tensor, nn
 from fastalign import _dtensor, _validate
 from fastalign._options import AUTO_OR_BOOL, check_choice, check_names
 from fastalign.linear import check_head_inputs, check_logit_options, linear_logprobs, logit_pipeline, two_pass_only
-from fastalign.ops._launch import eager
 from fastalign.ops.linear_cpu import labelled_rows
-from fastalign.ops.single_pass import Side, differentiated, pays_off, single_pass_loss, token_items
+from fastalign.ops.single_pass import Side, differentiated, pays_off, refuse_traced, single_pass_loss, token_items
 from fastalign.policy import SharedSeed, policy_loss
 from fastalign.policy_config import FIELDS, PolicyConfig
 
@@ -245,8 +244,7 @@ def _route(hidden, weight, labels, bias, low_rank, single_pass, token_separable:
     group = logit.get("vocab_group")
     hidden, weight, bias, low_rank = _dtensor.head(hidden, weight, bias, low_rank, group)
     a, lw = check_head_inputs(hidden, weight, labels, bias, low_rank, vocab_shard=group is not None)
-    if single_pass is True and not eager(hidden, weight, bias, a, lw):
-        raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two passes run")
+    refuse_traced(single_pass, hidden, weight, bias, a, lw)
     single = single_pass is True
     if single_pass == "auto":
         tokens = token_separable and hidden.dim() == 3

@@ -36,7 +36,7 @@ from fastalign.linear import check_head, check_logit_options, linear_logprobs, l
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_cpu import labelled_rows, scatter_labelled
 from fastalign.ops.single_pass import (DEFAULT_BLOCK_MIB, LogitPipeline, Side, block_logprobs_of, by_default,
-                                       differentiated, single_pass_loss)
+                                       differentiated, refuse_traced, single_pass_loss)
 from fastalign.preference import LOSSES, check_config, check_pair_weights, preference_loss, wpo_weights
 from fastalign.sequence import SequenceLogprobs, check_ld_alpha, sequence_logprobs
 
@@ -119,9 +119,7 @@ class PathPolicy:
         if self.single_pass is True:
             if why:
                 raise ValueError(f"single_pass=True does not apply: {why}")
-            if not eager(weight, chosen, rejected, *(t for t in inputs if isinstance(t, Tensor))):
-                raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two "
-                                 "passes run")
+            refuse_traced(True, weight, chosen, rejected, *(t for t in inputs if isinstance(t, Tensor)))
             return differentiated(weight, chosen, rejected, *inputs)
         return why is None and by_default(weight, chosen, rejected, *inputs,
                                           item_rows=chosen.shape[-2] + rejected.shape[-2])

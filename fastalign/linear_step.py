@@ -28,7 +28,7 @@ from fastalign._options import AUTO_OR_BOOL, check_choice
 from fastalign.linear import check_head_inputs, linear_logprobs, logit_pipeline, two_pass_only
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_cpu import labelled_rows, scatter_labelled
-from fastalign.ops.single_pass import UNLABELLED, Side, by_default, single_pass_loss, token_items
+from fastalign.ops.single_pass import UNLABELLED, Side, by_default, refuse_traced, single_pass_loss, token_items
 
 __all__ = ["ITEMS", "StepLoss", "separable_step"]
 
@@ -94,8 +94,7 @@ def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLos
     aux = "sum_p2" if sum_p2 else "mean_logit" if mean_logit else None
     if single_pass == "auto" and two_pass_only(logit):
         single_pass = False  # a vocabulary split over ranks, the two-pass chunks or tile skipping
-    if single_pass is True and not eager(hidden, weight, bias, a, lw):
-        raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two passes run")
+    refuse_traced(single_pass, hidden, weight, bias, a, lw)
     with torch.autocast(hidden.device.type, enabled=False):  # the head runs in its operands' dtype
         item_rows = 1 if items == "tokens" else n_sides * hidden.shape[1]
         if not (single_pass is True or (single_pass == "auto" and by_default(weight, hidden, bias, a, lw,

@@ -84,10 +84,15 @@ class LigerJSD(LiveOptions, nn.Module):
         _validate.index_value("ignore_index", self.ignore_index)
 
     def forward(self, log_q: Tensor, log_p: Tensor, shift_labels: Optional[Tensor] = None) -> Tensor:
-        x, y = _read_alike(("log_q", log_q), ("log_p", log_p), shift_labels)
+        return self._named(("log_q", log_q), ("log_p", log_p), shift_labels)
+
+    def _named(self, first: tuple[str, Tensor], second: tuple[str, Tensor], shift_labels=None) -> Tensor:
+        """:meth:`forward` of ``(name, tensor)`` arguments, each error naming its caller's argument."""
+        x, y = _read_alike(first, second, shift_labels)
         rows = elementwise_divergence(x, y, shift_labels, divergence="jsd", beta=float(self.beta),
                                       ignore_index=self.ignore_index)
-        return reduced(rows.sum(), "batchmean", _scored_rows(x, shift_labels, self.ignore_index), 1).to(log_q.dtype)
+        return reduced(rows.sum(), "batchmean", _scored_rows(x, shift_labels, self.ignore_index), 1).to(
+            first[1].dtype)
 
 
 class LigerKLDIVLoss(LiveOptions, nn.KLDivLoss):
@@ -114,14 +119,18 @@ class LigerKLDIVLoss(LiveOptions, nn.KLDivLoss):
         _validate.boolean("log_target", self.log_target)
 
     def forward(self, y_pred: Tensor, y_true: Tensor) -> Tensor:
-        x, y = _read_alike(("y_pred", y_pred), ("y_true", y_true))
+        return self._named(("y_pred", y_pred), ("y_true", y_true))
+
+    def _named(self, first: tuple[str, Tensor], second: tuple[str, Tensor]) -> Tensor:
+        """:meth:`forward` of ``(name, tensor)`` arguments, each error naming its caller's argument."""
+        x, y = _read_alike(first, second)
         none = self.reduction == "none"
         out = elementwise_divergence(x, y, divergence="kl", log_target=bool(self.log_target), eps=float(self.eps),
                                      elementwise=none)
         if none:
             return out
-        rows = y_pred.shape[0]  # torch's "batchmean": over the first dim; "mean": over every element
-        return reduced(out.sum(), self.reduction, rows, y_pred.numel() // max(rows, 1))
+        rows = x.shape[0]  # torch's "batchmean": over the first dim; "mean": over every element
+        return reduced(out.sum(), self.reduction, rows, x.numel() // max(rows, 1))
 
 
 class LigerTVDLoss(LiveOptions, nn.Module):
@@ -143,7 +152,11 @@ class LigerTVDLoss(LiveOptions, nn.Module):
         _validate.index_value("ignore_index", self.ignore_index)
 
     def forward(self, p: Tensor, q: Tensor, shift_labels: Optional[Tensor] = None) -> Tensor:
-        x, y = _read_alike(("p", p), ("q", q), shift_labels)
+        return self._named(("p", p), ("q", q), shift_labels)
+
+    def _named(self, first: tuple[str, Tensor], second: tuple[str, Tensor], shift_labels=None) -> Tensor:
+        """:meth:`forward` of ``(name, tensor)`` arguments, each error naming its caller's argument."""
+        x, y = _read_alike(first, second, shift_labels)
         none = self.reduction == "none"
         out = elementwise_divergence(x, y, shift_labels, divergence="tvd", ignore_index=self.ignore_index,
                                      elementwise=none)
@@ -155,8 +168,7 @@ class LigerTVDLoss(LiveOptions, nn.Module):
 def liger_jsd(input: Tensor, target: Tensor, shift_labels: Optional[Tensor] = None, beta: float = 0.5,
               ignore_index: int = -100) -> Tensor:
     """Liger's ``liger_jsd``: :class:`LigerJSD` ``(beta, ignore_index)(input, target, shift_labels)``."""
-    _read_alike(("input", input), ("target", target), shift_labels)  # errors name this function's arguments
-    return LigerJSD(beta, ignore_index)(input, target, shift_labels)
+    return LigerJSD(beta, ignore_index)._named(("input", input), ("target", target), shift_labels)
 
 
 def liger_kl_div(input: Tensor, target: Tensor, size_average: bool = True, reduce: bool = True,
@@ -166,13 +178,12 @@ def liger_kl_div(input: Tensor, target: Tensor, size_average: bool = True, reduc
     function takes and ignores: their default (True) is accepted, any other value raises ``ValueError`` naming it
     (pass ``reduction``)."""
     legacy_reduction_arguments("liger_kl_div", True, size_average=size_average, reduce=reduce)
-    _read_alike(("input", input), ("target", target))  # errors name this function's arguments
-    return LigerKLDIVLoss(eps, reduction=reduction, log_target=log_target)(input, target)
+    return LigerKLDIVLoss(eps, reduction=reduction, log_target=log_target)._named(("input", input),
+                                                                                    ("target", target))
 
 
 def liger_tvd(input: Tensor, target: Tensor, shift_labels: Optional[Tensor] = None, reduction: str = "mean",
               ignore_index: int = -100) -> Tensor:
     """Liger's ``liger_tvd``: :class:`LigerTVDLoss` ``(reduction, ignore_index)(input, target, shift_labels)``
     (note the function's default reduction, ``"mean"``, as Liger's)."""
-    _read_alike(("input", input), ("target", target), shift_labels)  # errors name this function's arguments
-    return LigerTVDLoss(reduction, ignore_index)(input, target, shift_labels)
+    return LigerTVDLoss(reduction, ignore_index)._named(("input", input), ("target", target), shift_labels)

@@ -75,6 +75,13 @@ def block_budget_rows(vocab: int, like: Tensor, tiles: int = 1) -> int:
     return block_rows(vocab, like, mib * (1 << 20) / tiles)
 
 
+def refuse_traced(single_pass, *tensors: Optional[Tensor]) -> None:
+    """``single_pass=True`` needs a plain :func:`~fastalign.ops._launch.eager` call: a ``ValueError`` naming it under
+    ``torch.compile`` (or fake tensors), where the two passes run."""
+    if single_pass is True and not eager(*tensors):
+        raise ValueError("single_pass=True does not apply: under torch.compile (or fake tensors) the two passes run")
+
+
 def differentiated(*tensors) -> bool:
     """Whether autograd may ask for the gradient of one of ``tensors`` (grad mode on, one requires it): the
     single pass runs only then (True included: without gradients the forward pass is all there is to do)."""
