@@ -18,59 +18,33 @@ import argparse
 
 import torch
 from tqdm import tqdm
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import fastalign
+
+from common import positive_float, positive_int, print_summary, seed, tiny_qwen2
 
 VOCAB = 32
 
 
-def tiny_model(seed: int, hidden: int, head_scale: float = 1.0) -> Qwen2ForCausalLM:
-    """A 2-layer Qwen2 of hidden size ``hidden`` over a 32-token vocabulary, built from its config (nothing
-    downloaded); its lm_head scaled by ``head_scale`` (a teacher with peaked distributions)."""
-    torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False, attn_implementation="eager")
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(head_scale)
-    return model
-
-
-def seed(text: str) -> int:
-    """An argparse type: a seed in [0, 2**32) (torch.manual_seed's range, numpy's too)."""
-    value = int(text)
-    if not 0 <= value < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 2**32), got {value}")
-    return value
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=positive_int, default=30)
     parser.add_argument("--seed", type=seed, default=0)
-    parser.add_argument("--sequences", type=int, default=16, help="sequences in the data set")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per step")
-    parser.add_argument("--seq-len", type=int, default=16)
+    parser.add_argument("--sequences", type=positive_int, default=16, help="sequences in the data set")
+    parser.add_argument("--batch", type=positive_int, default=8, help="sequences per step")
+    parser.add_argument("--seq-len", type=positive_int, default=16)
     parser.add_argument("--divergence", choices=("jsd", "tvd", "cosine"), default="jsd")
     parser.add_argument("--beta", type=float, default=None, help="the JSD's beta in [0, 1] (default 0.5)")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--temperature", type=positive_float, default=1.0)
+    parser.add_argument("--lr", type=positive_float, default=3e-3)
     args = parser.parse_args(argv)
-    for name in ("steps", "sequences", "batch", "seq_len"):
-        if getattr(args, name) < 1:
-            parser.error(f"argument --{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
-    for name in ("temperature", "lr"):
-        if not 0.0 < getattr(args, name) < float("inf"):
-            parser.error(f"argument --{name}: must be a finite number > 0, got {getattr(args, name)}")
     if args.batch > args.sequences:
         parser.error(f"argument --batch: {args.batch} sequences per step is more than the {args.sequences} --sequences")
     if args.beta is not None and (args.divergence != "jsd" or not 0.0 <= args.beta <= 1.0):
         parser.error(f"argument --beta: the jsd's, in [0, 1]; got {args.beta} with --divergence {args.divergence}")
 
-    teacher = tiny_model(args.seed + 1, hidden=96, head_scale=8.0).eval().requires_grad_(False)
-    student = tiny_model(args.seed, hidden=64)
+    teacher = tiny_qwen2(args.seed + 1, VOCAB, hidden=96, head_scale=8.0).eval().requires_grad_(False)
+    student = tiny_qwen2(args.seed, VOCAB)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
     data = torch.randint(0, VOCAB, (args.sequences, args.seq_len), generator=gen)
@@ -94,10 +68,7 @@ def main(argv=None) -> dict:
         bar.set_postfix(divergence=f"{divergences[-1]:.4f}", entropy=f"{metrics['entropy'].item():.3f}")
     bar.close()
 
-    k = max(1, min(5, len(divergences) // 4))
-    first, last = sum(divergences[:k]) / k, sum(divergences[-k:]) / k
-    print(f"mean divergence: first {k} steps {first:.4f} -> last {k} steps {last:.4f}")
-    return {"first": first, "last": last, "divergences": divergences}
+    return print_summary("divergence", divergences)
 
 
 if __name__ == "__main__":

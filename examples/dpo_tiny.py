@@ -19,21 +19,13 @@ import copy
 
 import torch
 from tqdm import tqdm
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import fastalign
 
+from common import positive_float, positive_int, print_summary, seed, tiny_qwen2
+
 VOCAB = 32
 TARGET = 7  # the token the chosen completions carry
-
-
-def tiny_qwen2(seed: int) -> Qwen2ForCausalLM:
-    """A 2-layer Qwen2 with a 32-token vocabulary, built from its config (nothing downloaded)."""
-    torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False, attn_implementation="eager")
-    return Qwen2ForCausalLM(config)
 
 
 def preference_pairs(n: int, prompt_len: int, completion_len: int, generator: torch.Generator):
@@ -45,30 +37,6 @@ def preference_pairs(n: int, prompt_len: int, completion_len: int, generator: to
     coin = torch.rand(n, completion_len, generator=generator) < 0.5
     chosen = torch.where(coin, torch.full_like(other[0], TARGET), other[0])
     return torch.cat([prompts, chosen], 1), torch.cat([prompts, other[1]], 1)
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a count of steps, prompts, tokens)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0 (a learning rate, a temperature)."""
-    value = float(text)
-    if not 0.0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def seed(text: str) -> int:
-    """An argparse type: a seed in [0, 2**32) (torch.manual_seed's range, numpy's too)."""
-    value = int(text)
-    if not 0 <= value < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 2**32), got {value}")
-    return value
 
 
 def main(argv=None) -> dict:
@@ -85,7 +53,7 @@ def main(argv=None) -> dict:
     if args.batch > args.pairs:
         parser.error(f"argument --batch: {args.batch} pairs per step is more than the {args.pairs} --pairs")
 
-    policy = tiny_qwen2(args.seed)
+    policy = tiny_qwen2(args.seed, VOCAB)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     loss_fn = fastalign.LinearPreferenceLoss(loss_type="sigmoid", beta=args.beta)
@@ -113,10 +81,7 @@ def main(argv=None) -> dict:
                         accuracy=f"{metrics['rewards/accuracies'].item():.2f}")
     bar.close()
 
-    k = max(1, min(5, len(margins) // 4))
-    first, last = sum(margins[:k]) / k, sum(margins[-k:]) / k
-    print(f"mean reward margin: first {k} steps {first:.4f} -> last {k} steps {last:.4f}")
-    return {"first": first, "last": last, "margins": margins}
+    return print_summary("reward margin", margins)
 
 
 if __name__ == "__main__":

@@ -19,22 +19,14 @@ import argparse
 
 import torch
 from tqdm import tqdm
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import fastalign
 from fastalign.integrations.hf import causal_lm_logprobs
 
+from common import positive_float, positive_int, print_summary, seed, tiny_qwen2
+
 VOCAB = 32
 TARGET = 7  # the token the reward asks for
-
-
-def tiny_qwen2(seed: int) -> Qwen2ForCausalLM:
-    """A 2-layer Qwen2 with a 32-token vocabulary, built from its config (nothing downloaded)."""
-    torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False, attn_implementation="eager")
-    return Qwen2ForCausalLM(config)
 
 
 @torch.no_grad()
@@ -53,30 +45,6 @@ def reward(completions: torch.Tensor) -> torch.Tensor:
     return (completions == TARGET).float().mean(1)
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a count of steps, prompts, tokens)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0 (a learning rate, a temperature)."""
-    value = float(text)
-    if not 0.0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def seed(text: str) -> int:
-    """An argparse type: a seed in [0, 2**32) (torch.manual_seed's range, numpy's too)."""
-    value = int(text)
-    if not 0 <= value < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 2**32), got {value}")
-    return value
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=positive_int, default=40)
@@ -89,7 +57,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--updates", type=positive_int, default=2, help="optimizer steps per sampled batch")
     args = parser.parse_args(argv)
 
-    model = tiny_qwen2(args.seed)
+    model = tiny_qwen2(args.seed, VOCAB)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     loss_fn = fastalign.LinearPolicyLoss(loss_type="grpo", eps_low=0.2, eps_high=0.28)
     gen = torch.Generator().manual_seed(args.seed)
@@ -124,10 +92,7 @@ def main(argv=None) -> dict:
         bar.set_postfix(reward=f"{rewards[-1]:.3f}", clipfrac=f"{metrics['clipfrac'].item():.3f}")
     bar.close()
 
-    k = max(1, min(5, len(rewards) // 4))
-    first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
-    print(f"mean reward: first {k} steps {first:.4f} -> last {k} steps {last:.4f}")
-    return {"first": first, "last": last, "rewards": rewards}
+    return print_summary("reward", rewards)
 
 
 if __name__ == "__main__":

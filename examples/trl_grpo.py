@@ -13,12 +13,13 @@ import tempfile
 
 import datasets
 import tokenizers
-import torch
 import transformers
 from trl import GRPOConfig
 
 from fastalign.integrations.trl import GRPOTrainer
 from fastalign.integrations.trl.grpo import GRPO_LOSSES  # the loss types of TRL's GRPOConfig
+
+from common import positive_int, seed, tiny_qwen2
 
 WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(61)]
 TARGET = "w7"
@@ -26,12 +27,7 @@ TARGET = "w7"
 
 def tiny_checkpoint(path: str, seed: int) -> None:
     """A 2-layer Qwen2 with random weights and a word-level tokenizer, saved to ``path``."""
-    torch.manual_seed(seed)
-    config = transformers.Qwen2Config(vocab_size=len(WORDS), hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
-                                      eos_token_id=1, bos_token_id=None)
-    model = transformers.Qwen2ForCausalLM(config)
+    model = tiny_qwen2(seed, len(WORDS), pad_token_id=0, eos_token_id=1, bos_token_id=None)
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
     model.save_pretrained(path)
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
@@ -44,22 +40,6 @@ def tiny_checkpoint(path: str, seed: int) -> None:
 def target_share(completions, **kwargs):
     """The reward: the share of the target word among the completion's words."""
     return [c.split().count(TARGET) / max(len(c.split()), 1) for c in completions]
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a count of steps)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def seed(text: str) -> int:
-    """An argparse type: a seed in [0, 2**32), the range of the seeds TRL sets (numpy's)."""
-    value = int(text)
-    if not 0 <= value < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 2**32), got {value}")
-    return value
 
 
 def main():
