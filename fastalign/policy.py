@@ -217,6 +217,9 @@ def policy_loss(
     # ---------------- host-side validation (shapes, dtypes, options only) ----------------
     _validate.floating("logprobs", logprobs, dim=2)
     shape = tuple(logprobs.shape)
+    if loss_type in ("clip_cov", "kl_cov") and logprobs.numel() >= 2 ** 32:
+        raise ValueError(f"loss_type {loss_type!r} selects among fewer than 2**32 tokens per call (a token's "
+                         f"position is a 32-bit key), got logprobs of shape {shape}: split the batch")
     _validate.floating("old_logprobs", old_logprobs, dim=2)
     _validate.shape("old_logprobs", old_logprobs, shape, "logprobs.shape")
     _validate.floating("advantages", advantages)

@@ -491,6 +491,15 @@ def test_cov_bounds_apply_to_clip_cov_only(name):
         fastalign.PolicyConfig(loss_type="ppo", cov_ratio=0.1)
 
 
+@pytest.mark.parametrize("loss_type", ["clip_cov", "kl_cov"])
+def test_cov_selection_refuses_2_to_the_32_tokens(loss_type):
+    # a token's position is the low 32 bits of its selection key: 2**32 tokens would alias positions 0 and 2**32
+    # (views of one element, so nothing of that size is allocated; the refusal comes before any copy)
+    big = torch.zeros(1).expand(2 ** 16, 2 ** 16)
+    with pytest.raises(ValueError, match=rf"^loss_type '{loss_type}' selects among fewer than 2\*\*32 tokens"):
+        fastalign.policy_loss(big, big, big, big, loss_type=loss_type)
+
+
 def test_verl_kl_cov_profile_leaves_out_the_clip_cov_bounds():
     # verl's policy_loss config always carries clip_cov_lb / clip_cov_ub; its kl_cov never reads them
     from fastalign.integrations.verl.policy import verl_policy_config
