@@ -444,7 +444,8 @@ def preference_loss(
     Args:
         chosen_logprobs, rejected_logprobs: ``[B]`` summed policy log-probs (differentiable).
         ref_chosen_logprobs, ref_rejected_logprobs: ``[B]`` reference log-probs (both or neither;
-            without them the reference log-probs are 0 — reference-free). The reference-free
+            without them the reference log-probs are 0 — reference-free), constants: detached, so a reference
+            that requires grad gets none (as the trainers' frozen reference model). The reference-free
             rows (sft, simpo, cpo, orpo, alphapo) never read them: given with only those rows,
             the loss and its gradient are the same as without, and they change the
             ``rewards/*`` metrics only (β(lc - lc0) instead of β lc), as TRL's DPOTrainer logs its
@@ -476,7 +477,8 @@ def preference_loss(
             summed one, ``dc̄ = f(x)/|y|`` (TRL 1.16). The two agree for reverse KL. ``"score"``
             with neither row listed is an error.
         bco_delta: δ of bco_pair, a finite number or a real tensor of shape ``()`` or ``[B]``.
-        kto_kl: KTO's KL estimate (any shape, averaged; at least one value when ``B > 0``).
+        kto_kl: KTO's KL estimate (any shape, averaged; at least one value when ``B > 0``), a constant
+            (detached).
 
     Returns:
         ``loss`` 0-dim, in the working dtype (the four log-prob inputs given, promoted together as torch's
@@ -627,6 +629,7 @@ def unpaired_preference_loss(
     ``kto_kl``: KTO's KL estimate (as :func:`preference_loss`'s), e.g. ``lp - lp0`` of mismatched
     (prompt, completion) pairs, averaged here (at least one value when the batch is not empty); default
     the batch's own mean log-ratio. Formerly ``kl=`` (still accepted, with a deprecation warning).
+    ``ref_logprobs`` and ``kto_kl`` are constants (detached: they get no gradient).
     No host synchronisation: the classes are masks. The loss is computed in ``logprobs`` and ``ref_logprobs``
     promoted together, at least float32.
 
@@ -635,6 +638,18 @@ def unpaired_preference_loss(
     difference, ``logps/chosen`` / ``logps/rejected`` likewise of ``lp``. A class absent from the
     batch gives NaN for its metrics.
     """
+    per, metrics = unpaired_terms(logprobs, ref_logprobs, desirable, loss_type=loss_type, beta=beta,
+                                  desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                                  kto_kl=kto_kl)
+    return per.sum() / max(per.shape[0], 1), metrics  # an empty batch gives 0 (and zero gradients)
+
+
+def unpaired_terms(logprobs: Tensor, ref_logprobs: Optional[Tensor], desirable: Tensor, *, loss_type: str,
+                   beta: float, desirable_weight: float, undesirable_weight: float, kto_kl: Optional[Tensor],
+                   nan_skipping_metrics: bool = False) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """:func:`unpaired_preference_loss`'s per-response losses ``L_i`` ``[N]`` (checked as it checks them) and
+    its metrics. ``nan_skipping_metrics``: a response whose ``x`` is NaN adds 0 to its class's sums, still
+    counted in the class (TRL's ``KTOTrainer``: ``nansum() / count``)."""
     check_choice("loss_type", loss_type, UNPAIRED_LOSSES)
     terms, takes_kl = UNPAIRED_LOSSES[loss_type]
     _floating("logprobs", logprobs, dim=1)
@@ -669,13 +684,14 @@ def unpaired_preference_loss(
         z0 = torch.zeros((), dtype=acc, device=lp.device)
     good, bad = terms(x, z0, beta)
     per = torch.where(desirable, desirable_weight * good, undesirable_weight * bad)
-    loss = per.sum() / max(N, 1)  # an empty batch gives 0 (and zero gradients), like preference_loss
 
     with torch.no_grad():
         r, lpd = beta * x.detach(), lp.detach()
         d = desirable.to(acc)
         n_d, n_u = d.sum(), (1.0 - d).sum()
         zero = torch.zeros_like(r)
+        if nan_skipping_metrics:
+            r, lpd = torch.where(r.isnan(), zero, r), torch.where(lpd.isnan(), zero, lpd)
         rc = torch.where(desirable, r, zero).sum() / n_d
         rr = torch.where(desirable, zero, r).sum() / n_u
         metrics = {
@@ -686,7 +702,7 @@ def unpaired_preference_loss(
             "logps/chosen": torch.where(desirable, lpd, zero).sum() / n_d,
             "logps/rejected": torch.where(desirable, zero, lpd).sum() / n_u,
         }
-    return loss, metrics
+    return per, metrics
 
 
 def _estimate(name: str, kl: Tensor, n: int) -> None:

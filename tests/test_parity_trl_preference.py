@@ -15,6 +15,8 @@ the trainer's ``__init__`` sets them, and a stand-in model:
 
 No model, no download: synthetic log-probs, float64 (float32 where TRL's code casts).
 """
+import math
+import re
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -478,7 +480,8 @@ def _run_tpo(cfg_kw, seed=0, empty=()):
 def test_tpo_each_loss_type_and_gold_nll_weight(loss_type, tpo_alpha):
     """Every TPO loss type, with the gold rows' NLL at TRL's default weight, another, and none (TRL's batch then
     holds no gold rows)."""
-    _run_tpo(dict(loss_type=loss_type, beta=0.4, tpo_alpha=tpo_alpha, tpo_l_gamma=0.7))
+    gamma = dict(tpo_l_gamma=0.7) if loss_type == "tpo-l" else {}  # read there only
+    _run_tpo(dict(loss_type=loss_type, beta=0.4, tpo_alpha=tpo_alpha, **gamma))
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "tpo-l"])
@@ -630,7 +633,8 @@ def test_cpo_each_loss_type_and_alphapo_reward(loss_type, alpha):
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])
 def test_cpo_label_smoothing_gamma_and_bc_weight(loss_type):
-    _run_cpo(dict(loss_type=loss_type, label_smoothing=0.1, simpo_gamma=0.8, cpo_alpha=0.3, beta=0.5))
+    gamma = dict(simpo_gamma=0.8) if loss_type == "simpo" else {}  # read there only
+    _run_cpo(dict(loss_type=loss_type, label_smoothing=0.1, cpo_alpha=0.3, beta=0.5, **gamma))
     _run_cpo(dict(loss_type=loss_type, cpo_alpha=0.0), seed=1)
 
 
@@ -776,6 +780,53 @@ def test_kto_unpaired_unbalanced(loss_type, labels):
         P.KTOLoss(args)(lp, mask, torch.tensor(labels, dtype=D), (ref * mask).sum(-1), **kw)
 
 
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_kto_response_with_a_nan_logprob_as_trl(loss_type):
+    """TRL averages the per-response losses with ``nanmean`` and sums its rewards / logps metrics with ``nansum``
+    over the class count: a response with a NaN log-prob drops out of the loss's value (its gradient is NaN in
+    both). The profile gave a NaN loss and NaN metrics for its class."""
+    labels = [True, False, False, True, False, True]
+    args = _config(KTOConfig, loss_type=loss_type, beta=0.3, desirable_weight=1.33, undesirable_weight=0.8)
+    lp, ref, mask, kl_lp, kl_ref, kl_mask = _kto_batch(labels, seed=len(labels))
+    lp[2, 0] = float("nan")  # an undesirable response
+    a, b = lp.clone().requires_grad_(), lp.clone().requires_grad_()
+    loss_t, m_t = _trl_kto(args, labels, a, ref, mask, kl_lp, kl_ref, kl_mask)
+    kw = {}
+    if loss_type == "kto":
+        kw = dict(kl_logps=(kl_lp * kl_mask).sum(-1), ref_kl_logps=(kl_ref * kl_mask).sum(-1))
+    loss_f, m_f = P.KTOLoss(args)(b, mask, torch.tensor(labels), (ref * mask).sum(-1), **kw)
+    assert torch.isfinite(loss_t) and all(math.isfinite(float(v)) for v in m_t.values())
+    _close(loss_f, loss_t, "loss")
+    _compare_metrics(m_f, m_t, [k for k in KTO_METRICS if k in m_t])
+    (g_t,) = torch.autograd.grad(loss_t, a)
+    (g_f,) = torch.autograd.grad(loss_f, b)
+    scored = mask.bool()  # TRL's masked sum also gives the row's padding NaN (NaN * 0), the masked one 0
+    assert torch.equal(g_f.isnan() & scored, g_t.isnan() & scored) and g_f[2][scored[2]].isnan().all()
+    _close(g_f.nan_to_num() * mask, g_t.nan_to_num() * mask, "d loss / d per-token log-probs")
+
+
+@pytest.mark.parametrize("make, config, field", [
+    (P.dpo_options, dict(loss_type=["sigmoid"], discopop_tau=0.3), "DPOConfig.discopop_tau=0.3"),
+    (P.dpo_options, dict(loss_type=["ipo", "hinge"], f_alpha_divergence_coef=0.3),
+     "DPOConfig.f_alpha_divergence_coef=0.3"),
+    (P.dpo_options, dict(loss_type=["sigmoid"], f_divergence_type="forward_kl", f_alpha_divergence_coef=0.9),
+     "DPOConfig.f_alpha_divergence_coef=0.9"),
+    (P.dpo_options, dict(loss_type=["sft"], f_divergence_type="forward_kl"), "f_divergence_type='forward_kl'"),
+    (P.cpo_options, dict(loss_type="sigmoid", simpo_gamma=0.9), "CPOConfig.simpo_gamma=0.9"),
+    (P.cpo_options, dict(loss_type="hinge", simpo_gamma=0.0), "CPOConfig.simpo_gamma=0.0"),
+    (P.tpo_options, dict(loss_type="sigmoid", tpo_l_gamma=0.9), "TPOConfig.tpo_l_gamma=0.9"),
+])
+def test_profiles_refuse_a_field_the_loss_type_does_not_read(make, config, field):
+    """TRL 1.16 drops these fields without a word where the loss type (or the f-divergence) does not read them;
+    the profiles raise naming the field, as for an unread ``label_smoothing``. At their defaults they pass."""
+    with pytest.raises(ValueError, match=re.escape(field) + " does not apply to"):
+        make(config)
+    name = field.split("=")[0].split(".")[-1]
+    default = {**P.DPO_DEFAULTS, **P.CPO_DEFAULTS, **P.TPO_DEFAULTS}[name]
+    if name != "f_divergence_type":
+        make({**config, name: default})
+
+
 @pytest.mark.parametrize("arg, bad, error", [
     ("label", "yes", TypeError),  # torch.as_tensor's "new(): invalid data type 'str'", naming nothing
     ("label", ["yes", "no", "yes", "no"], TypeError),
@@ -814,10 +865,14 @@ def test_dpo_random_option_mixes(seed):
     fdiv = rng.choice(["reverse_kl", "forward_kl", "js_divergence"])
     pool = f_types if fdiv != "reverse_kl" else DPO_TYPES
     types = rng.sample(pool, rng.randint(1, 3))
+    if types == ["sft"]:  # no preference score to take an f-divergence
+        fdiv = "reverse_kl"
     use_weighting = rng.random() < 0.4 and not {"sft", "hinge", "aot", "aot_unpaired"} & set(types)
     kw = dict(loss_type=types, loss_weights=[round(rng.uniform(0.1, 1.5), 3) for _ in types],
               beta=round(rng.uniform(0.05, 0.6), 3), f_divergence_type=fdiv, use_weighting=use_weighting,
-              ld_alpha=rng.choice([None, 0.3, 0.8]), discopop_tau=rng.choice([0.05, 0.3]))
+              ld_alpha=rng.choice([None, 0.3, 0.8]))
+    if "discopop" in types:
+        kw["discopop_tau"] = rng.choice([0.05, 0.3])
     if set(types) & set(P.DPO_SMOOTHED):
         kw["label_smoothing"] = rng.choice([0.0, 0.05, 0.2]) if "exo_pair" not in types else 0.05
     _run_dpo(kw, seed=seed)
@@ -873,8 +928,8 @@ def test_profiles_check_dict_values_naming_the_field(make, config, error, field)
 
 def test_profiles_take_number_and_switch_types_as_trl_does():
     """Integers, numpy scalars and numpy bools are real numbers and switches: the options equal the float and
-    bool ones (TRL's configs hold whatever the user passed). Fields a loss type does not read are not checked,
-    as TRL does not read them (discopop_tau without discopop, simpo_gamma without simpo)."""
+    bool ones (TRL's configs hold whatever the user passed). None in a field the loss type does not read is its
+    default (discopop_tau without discopop, simpo_gamma without simpo)."""
     import numpy as np
     plain = P.dpo_options({"loss_type": ["sigmoid"], "beta": 1.0})
     assert P.dpo_options({"loss_type": ["sigmoid"], "beta": np.float32(1.0)}) == plain

@@ -11,6 +11,10 @@ Where fastalign's own defaults differ from TRL 1.16, the profile selects TRL's b
 * DPO ``label_smoothing`` reaches only robust, exo_pair, aot and aot_unpaired
   (``smoothed_losses``); TRL ignores it for sigmoid and the rest, so the profile refuses a
   non-zero value with none of those in ``loss_type`` rather than drop it.
+* DPO ``discopop_tau`` (read by discopop only), ``f_alpha_divergence_coef`` (alpha_divergence only), CPO
+  ``simpo_gamma`` (simpo / alphapo only) and TPO ``tpo_l_gamma`` (tpo-l only), which TRL drops elsewhere, raise
+  when set to other than their default with a loss type that does not read them; so does an f-divergence with
+  sft alone.
 * DPO f-divergences: ipo and sigmoid_norm average the score of the summed log-ratio,
   ``f(x)/|y|`` (``f_length_average="score"``); ``f_alpha_divergence_coef`` c is fastalign's
   ``f_alpha = 1 - c`` (c = 1 is reverse KL).
@@ -41,7 +45,7 @@ from fastalign import _validate
 from fastalign._options import did_you_mean
 from fastalign.integrations.trl._config import read_fields
 from fastalign.linear_preference import LinearPreferenceLoss
-from fastalign.preference import (LOSSES, ROW_OPTIONS, PreferenceLoss, preference_loss, unpaired_preference_loss,
+from fastalign.preference import (LOSSES, ROW_OPTIONS, PreferenceLoss, preference_loss, unpaired_terms,
                                   wpo_weights)
 from fastalign.sequence import sequence_logprobs
 
@@ -132,13 +136,27 @@ def _numbers(c: Dict[str, Any], name: str, fields: Tuple[str, ...], optional: Tu
             c[field] = check(f"{name}.{field}", c[field])
 
 
+def _refuse_unread(c: Dict[str, Any], defaults: Dict[str, Any], name: str, field: str, by: str, reader: str) -> None:
+    """A field of config ``name`` that the config's ``by`` field does not read (only ``reader`` does) raises when
+    set to other than TRL's default (None stands for the default), as an ignored ``label_smoothing`` does: TRL 1.16
+    drops it without a word."""
+    if c[field] is not None and c[field] != defaults[field]:
+        raise ValueError(f"{name}.{field}={c[field]!r} does not apply to {by}={c[by]!r}: TRL 1.16 reads it only "
+                         f"with {reader} (leave it at its default, {defaults[field]!r})")
+
+
 def _dpo(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """(preference_loss options, token-level options ``ld_alpha`` / ``use_weighting``)."""
     c = read_fields(config, DPO_DEFAULTS, "DPOConfig")
     types = [c["loss_type"]] if isinstance(c["loss_type"], str) else list(c["loss_type"])
     read = ("discopop_tau",) if "discopop" in types else ()  # as TRL: read there only
+    if "discopop" not in types:
+        _refuse_unread(c, DPO_DEFAULTS, "DPOConfig", "discopop_tau", "loss_type", "loss_type 'discopop'")
     if c["f_divergence_type"] == "alpha_divergence":
         read += ("f_alpha_divergence_coef",)
+    else:
+        _refuse_unread(c, DPO_DEFAULTS, "DPOConfig", "f_alpha_divergence_coef", "f_divergence_type",
+                       "f_divergence_type 'alpha_divergence'")
     _numbers(c, "DPOConfig", ("beta", "label_smoothing") + read, ("ld_alpha",))
     c["use_weighting"] = _validate.boolean("DPOConfig.use_weighting", c["use_weighting"])
     eps = c["label_smoothing"]
@@ -164,8 +182,11 @@ def _dpo(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         opts["f_length_average"] = "score"
     if "discopop" in types:  # TRL reads it there only
         opts["discopop_tau"] = c["discopop_tau"]
-    if (f == "alpha_divergence" and abs(coef - 1.0) < 1e-6) or set(types) == {"sft"}:
-        f = "reverse_kl"  # TRL's limit case: reverse KL; sft alone reads no score (TRL accepts any)
+    if set(types) == {"sft"} and f != "reverse_kl":  # no preference score to take it (TRL accepts and drops it)
+        raise ValueError(f"DPOConfig: f_divergence_type={f!r} does not apply to loss_type ['sft'] alone (the NLL "
+                         "of the chosen responses reads no preference score)")
+    if f == "alpha_divergence" and abs(coef - 1.0) < 1e-6:
+        f = "reverse_kl"  # TRL's limit case: reverse KL
     opts["f_divergence"] = f
     if f == "alpha_divergence":
         opts["f_alpha"] = 1.0 - coef
@@ -276,6 +297,8 @@ def _cpo(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     _numbers(c, "CPOConfig", ("beta", "label_smoothing", "cpo_alpha", "alpha")
              + (("simpo_gamma",) if c["loss_type"] in ("simpo", "alphapo") else ()))
     t, cpo_alpha, alpha = c["loss_type"], c["cpo_alpha"], c["alpha"]
+    if t not in ("simpo", "alphapo"):
+        _refuse_unread(c, CPO_DEFAULTS, "CPOConfig", "simpo_gamma", "loss_type", "loss_type 'simpo' (or 'alphapo')")
     if t == "alphapo":  # CPOConfig.__post_init__'s sugar, applied once to the config (not to a trainer's loss_type)
         if config is not None and not isinstance(config, Mapping):  # a CPOConfig never holds it after __init__
             raise ValueError("loss_type='alphapo' is CPOConfig's shorthand for loss_type='simpo' with cpo_alpha=0, "
@@ -402,6 +425,8 @@ def tpo_options(config=None) -> Dict[str, Any]:
         raise ValueError(f"TPOConfig: loss_type must be one of ['sigmoid', 'hinge', 'ipo', 'tpo-l'], got {t!r}"
                          f"{did_you_mean(t, ('sigmoid', 'hinge', 'ipo', 'tpo-l')) if isinstance(t, str) else ''}")
     _numbers(c, "TPOConfig", ("beta", "label_smoothing", "tpo_alpha") + (("tpo_l_gamma",) if t == "tpo-l" else ()))
+    if t != "tpo-l":
+        _refuse_unread(c, TPO_DEFAULTS, "TPOConfig", "tpo_l_gamma", "loss_type", "loss_type 'tpo-l'")
     eps = c["label_smoothing"]
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"TPOConfig.label_smoothing must lie in [0, 1], got {eps}")
@@ -477,9 +502,12 @@ class KTOLoss(nn.Module):
     list, a CPU tensor); on a GPU its values are not read (that would synchronise) and a nonzero value
     counts as desirable, as ``KTOTrainer``'s cast to bool does.
 
+    The loss is the mean of the weighted per-response losses over those that are not NaN (TRL's ``nanmean``:
+    a response with a NaN log-prob drops out of the value; its gradient stays NaN, as TRL's).
+
     Metrics: ``kl``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
     ``logps/chosen``, ``logps/rejected`` (NaN where TRL logs nothing: a class absent from the
-    batch)."""
+    batch); a NaN response adds 0 to its class's sum and still counts in it (TRL's ``nansum() / count``)."""
 
     def __init__(self, config=None):
         super().__init__()
@@ -506,8 +534,9 @@ class KTOLoss(nn.Module):
         label = _label(label, N)
         s = sequence_logprobs(per_token_logps, completion_mask)
         kl = (kl_logps.detach() - ref_kl_logps.detach()) if kto else None
-        return unpaired_preference_loss(s.sum, ref_logps, label.to(per_token_logps.device) != 0, kto_kl=kl,
-                                        **self.options)
+        per, metrics = unpaired_terms(s.sum, ref_logps, label.to(per_token_logps.device) != 0, kto_kl=kl,
+                                      nan_skipping_metrics=True, **self.options)
+        return (per.nanmean() if N else per.sum()), metrics  # TRL's nanmean; an empty batch gives 0
 
 
 def _label(label, n: int) -> Tensor:
