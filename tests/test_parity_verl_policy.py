@@ -80,6 +80,9 @@ CASES = {
     "gpg": dict(loss_mode="gpg", loss_agg_mode="seq-mean-token-mean", **KL),
     "clip_cov_all_picked": dict(loss_mode="clip_cov", policy_loss=dict(clip_cov_ratio=1.0, clip_cov_lb=-1.0,
                                                                          clip_cov_ub=5.0)),
+    # verl takes min(int(ratio n), #candidates) tokens: above 1, every candidate, as 1.0
+    "clip_cov_ratio_above_1": dict(loss_mode="clip_cov", policy_loss=dict(clip_cov_ratio=2.0, clip_cov_lb=-1.0,
+                                                                            clip_cov_ub=5.0)),
     "kl_cov": dict(loss_mode="kl_cov", policy_loss=dict(kl_cov_ratio=0.1, ppo_kl_coef=0.1), **KL),
     "geo_mean": dict(loss_mode="geo_mean", clip_ratio_low=0.1, clip_ratio_high=0.15, is_weights=True, **KL),
     "geo_mean_seq_terms": dict(loss_mode="geo_mean", loss_agg_mode="seq-mean-token-mean", entropy_coeff=0.01),

@@ -36,6 +36,7 @@ Where verl's behaviour differs from fastalign's defaults, the profile follows ve
   truncate the detached ratio at ``clip_ratio_c``; ``actor/pg_clipfrac_lower`` is the fraction
   of kept tokens so truncated.
 * dro requires ``policy_loss.dro_beta > 0`` and logs only ``actor/ppo_kl``.
+* clip_cov takes a ``clip_cov_ratio`` above 1 as 1.0 (verl picks every candidate there too).
 * kl_cov uses ``ppo_kl_coef`` (verl's config ships 0.1) and logs ``mean |l|`` as ``ppo_kl``.
 * ``rollout_is_weights`` multiply the policy term; geo_mean takes their geometric mean per
   sequence.
@@ -267,7 +268,8 @@ def verl_policy_config(actor: Any, *, fuse_terms: bool = True, loss_mode: Option
         lb, ub = pl_number("clip_cov_lb"), pl_number("clip_cov_ub")
         if not lb < ub:
             raise ValueError(f"policy_loss.clip_cov_lb must be < policy_loss.clip_cov_ub, got {lb} and {ub}")
-        opts.update(cov_ratio=pl_number("clip_cov_ratio", above=0.0), cov_lb=lb, cov_ub=ub)
+        # verl picks min(int(ratio n), #candidates) tokens: a ratio above 1 picks every candidate, as 1.0 does
+        opts.update(cov_ratio=min(pl_number("clip_cov_ratio", above=0.0), 1.0), cov_lb=lb, cov_ub=ub)
     if row == "kl_cov":  # verl's kl_cov takes 1.0 for a ppo_kl_coef of None
         opts.update(cov_ratio=pl_number("kl_cov_ratio", above=0.0), cov_kl_coef=pl_number("ppo_kl_coef", none=1.0))
     if fuse_terms:
