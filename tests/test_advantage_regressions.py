@@ -133,6 +133,30 @@ def test_gae_infinite_reward_on_a_valid_token(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_infinite_reward_stays_infinite_where_gamma_powers_underflow(backend):
+    """gamma^k underflows to 0 within 1,424 tokens at gamma = 0.01 (past one 1,024-token block of the Triton scan),
+    where the token-by-token scan keeps multiplying inf by 0.01: the returns, GAE and PRIME before an infinite
+    reward stay inf (the Triton kernel gave NaN from 0 * inf); gamma = 0 gives the scan's own 0 * inf = NaN."""
+    T = 1424
+    r = torch.zeros(2, T, dtype=torch.float64)
+    r[0, -1], r[1, -1], r[1, 3] = INF, -INF, 2.0
+    m = torch.ones(2, T)
+    m[1, 500:520] = 0.0  # a gap: REINFORCE++ returns reset there
+    for gamma in (0.01, 0.0):
+        a, _ = fa.gae_advantages(r, torch.zeros_like(r), m, gamma=gamma, lam=1.0, whiten=False, backend=backend)
+        _same(a, _plain_gae(r, torch.zeros_like(r), m, gamma, 1.0), what=f"gae gamma={gamma} {backend}")
+        want = torch.zeros_like(r)
+        for b in range(2):
+            run = 0.0
+            for t in reversed(range(T)):
+                run = float(r[b, t]) + gamma * run if m[b, t] else 0.0
+                want[b, t] = run
+        got = fa.reinforce_pp_advantages(r, m, gamma=gamma, whiten=False, backend=backend)
+        _same(got, want, what=f"reinforce_pp gamma={gamma} {backend}")
+    assert a[0, :T - 1].isnan().all() and got[0, :T - 1].isnan().all()  # gamma = 0: 0 * inf, as verl's loop
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_returns_with_an_infinite_reward_after_a_masked_token(backend):
     """REINFORCE++ returns reset to 0 at a masked token, so an infinite reward after it stays there
     (the Triton kernel multiplied it by the masked token's 0); masked outputs are exactly 0."""

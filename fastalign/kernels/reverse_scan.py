@@ -20,6 +20,11 @@ upper-triangular 2 x 2 plus an offset and compose the same way. ``return`` maps 
 ``z`` = "holds a masked token": such a map sends every state to its ``d`` by selection, so an
 infinite return after a masked token does not become ``0 * inf = NaN`` (the C++ scan resets to 0).
 Masked outputs are stored as 0 by selection for the same reason.
+
+A composed coefficient is a product of factors (gamma, gamma lam) that may underflow to 0 over a long
+row, where the token-by-token scan never multiplies by 0: a product of positive factors is kept at
+the smallest positive double at least (:func:`_mul`), so an infinite state stays infinite (not
+``0 * inf = NaN``) while a finite one still vanishes. A genuine 0 (gamma = 0) stays 0.
 """
 import triton
 import triton.language as tl
@@ -28,15 +33,23 @@ RETURN, TO_GO, GAE = 0, 1, 2
 
 
 @triton.jit
+def _mul(c_a, c_b):
+    # c_a c_b for coefficients >= 0; positive factors give at least 2^-1074 (the product only underflowed)
+    p = c_a * c_b
+    tiny = tl.full(p.shape, 1, tl.int64).to(tl.float64, bitcast=True)
+    return tl.where((p == 0.0) & (c_a > 0.0) & (c_b > 0.0), tiny, p)
+
+
+@triton.jit
 def _then(c_a, d_a, c_b, d_b):
     # apply (c_a, d_a), then (c_b, d_b)
-    return c_b * c_a, c_b * d_a + d_b
+    return _mul(c_b, c_a), c_b * d_a + d_b
 
 
 @triton.jit
 def _then_reset(c_a, d_a, z_a, c_b, d_b, z_b):
     # apply (c_a, d_a), then (c_b, d_b); z: the map resets (its c is 0 by a masked token, not by gamma = 0)
-    c = tl.where(z_a + z_b > 0, 0.0, c_b * c_a)
+    c = tl.where(z_a + z_b > 0, 0.0, _mul(c_b, c_a))
     d = tl.where(z_b > 0, d_b, c_b * d_a + d_b)
     return c, d, tl.maximum(z_a, z_b)
 
@@ -44,7 +57,7 @@ def _then_reset(c_a, d_a, z_a, c_b, d_b, z_b):
 @triton.jit
 def _then2(al_a, be_a, de_a, e_a, f_a, al_b, be_b, de_b, e_b, f_b):
     # [[al, be], [0, de]] (A, V) + (e, f): apply a, then b
-    return (al_b * al_a, al_b * be_a + be_b * de_a, de_b * de_a, al_b * e_a + be_b * f_a + e_b,
+    return (_mul(al_b, al_a), _mul(al_b, be_a) + _mul(be_b, de_a), de_b * de_a, al_b * e_a + be_b * f_a + e_b,
             de_b * f_a + f_b)
 
 
