@@ -62,11 +62,18 @@ __device__ __forceinline__ Map token_map(const S* x, const S* v, const S* m, int
   return Map{gamma, 0.0, 1.0, xt * mt, 0.0, false};
 }
 
+// p q for coefficients >= 0; positive factors give at least 2^-1074: a long segment's gamma^k only underflowed,
+// and the token-by-token scan carries an infinite state through it as inf, never as 0 * inf = NaN
+__device__ __forceinline__ double mul(double p, double q) {
+  const double r = p * q;
+  return r == 0.0 && p > 0.0 && q > 0.0 ? __longlong_as_double(1LL) : r;
+}
+
 // b after a (a constant a makes the composition constant: b applied to (a.e, a.f))
 __device__ __forceinline__ Map then(const Map& a, const Map& b) {
   if (b.reset) return b;
-  return Map{b.al * a.al, b.al * a.be + b.be * a.de, b.de * a.de, b.al * a.e + b.be * a.f + b.e, b.de * a.f + b.f,
-             a.reset};
+  return Map{mul(b.al, a.al), mul(b.al, a.be) + mul(b.be, a.de), b.de * a.de, b.al * a.e + b.be * a.f + b.e,
+             b.de * a.f + b.f, a.reset};
 }
 
 template <typename S>
