@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fastalign
+from conftest import CPU_BACKENDS
 from fastalign.reference.policy import cov_selection, policy_loss as reference_policy_loss
 
 
@@ -489,6 +490,23 @@ def test_cov_bounds_apply_to_clip_cov_only(name):
     fastalign.PolicyConfig(loss_type="clip_cov", **{name: 0.5 if name == "cov_lb" else 6.0})
     with pytest.raises(ValueError, match=r"^cov_ratio does not apply to loss_type 'ppo' \(only clip_cov, kl_cov read"):
         fastalign.PolicyConfig(loss_type="ppo", cov_ratio=0.1)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_kl_cov_tie_picks_the_same_token_on_every_backend(backend):
+    """One response with one advantage: every covariance (A_t - mean A)(lp_t - mean lp) is exactly 0 when mean A is
+    A, a tie that the lowest index breaks. The C++ kernel summed a row's advantages in fp32 (5.1839113 for
+    6 x 0.8639853 = 5.1839118), so mean A missed A and its pick followed the rounding (token 2); every backend sums
+    in fp64 now and picks token 0."""
+    lp = torch.tensor([[-1.0864216, -0.5820426, -0.4137324, -1.4406482, -1.3513318, -1.3971899]])
+    old = torch.tensor([[-0.7010169, -0.6207702, -0.1541792, -1.2357496, -1.3051685, -1.5117457]])
+    A = torch.full((1, 6), 0.8639853000640869)
+    m = torch.ones(1, 6)
+    x = lp.clone().requires_grad_(True)
+    loss, _ = fastalign.policy_loss(x, old, A, m, loss_type="kl_cov", cov_ratio=1e-4, cov_kl_coef=1.0, backend=backend)
+    loss.backward()
+    unpenalised = -A * torch.exp(lp - old) / 6
+    assert ((x.grad - unpenalised).abs() > 1e-6).nonzero()[:, 1].tolist() == [0]
 
 
 @pytest.mark.parametrize("loss_type", ["clip_cov", "kl_cov"])

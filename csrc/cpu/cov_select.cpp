@@ -27,26 +27,17 @@
 namespace fastalign {
 namespace {
 
-// One row's [sum_v A, sum_v lp, n] (fixed order). Mask widened to fp32 per chunk so the
-// loop runs in fp32 lanes only.
+// One row's [sum_v A, sum_v lp, n] (fixed order), in fp64 as the CUDA kernel and the torch path sum them (an fp32
+// sum moved the means by a rounding, and with them the pick among tied covariances).
 FASTALIGN_KERNEL_BODY void row_sums(int64_t T, const float* __restrict lp, const float* __restrict adv,
                                     const uint8_t* __restrict mask, double* out) {
-  float sa = 0.f, sl = 0.f, n = 0.f;
-  alignas(64) float vb[512];
-  for (int64_t t0 = 0; t0 < T; t0 += 512) {
-    const int64_t m = T - t0 < 512 ? T - t0 : 512;
-    for (int64_t t = 0; t < m; ++t) vb[t] = mask[t0 + t] != 0 ? 1.f : 0.f;
-    float ca = 0.f, cl = 0.f, cn = 0.f;
-#pragma omp simd reduction(+ : ca, cl, cn)
-    for (int64_t t = 0; t < m; ++t) {
-      const bool v = vb[t] != 0.f;
-      ca += v ? adv[t0 + t] : 0.f;
-      cl += v ? lp[t0 + t] : 0.f;
-      cn += vb[t];
-    }
-    sa += ca;
-    sl += cl;
-    n += cn;
+  double sa = 0.0, sl = 0.0, n = 0.0;
+#pragma omp simd reduction(+ : sa, sl, n)
+  for (int64_t t = 0; t < T; ++t) {
+    const bool v = mask[t] != 0;
+    sa += v ? static_cast<double>(adv[t]) : 0.0;
+    sl += v ? static_cast<double>(lp[t]) : 0.0;
+    n += v ? 1.0 : 0.0;
   }
   out[0] = sa;
   out[1] = sl;

@@ -24,25 +24,27 @@ namespace {
 constexpr int kThreads = 256;
 
 // Fixed-shape tree reduction in shared memory (deterministic).
-__device__ float block_sum(float v, float* sh) {
+__device__ double block_sum(double v, double* sh) {
   sh[threadIdx.x] = v;
   __syncthreads();
   for (int s = blockDim.x / 2; s > 0; s >>= 1) {
     if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
     __syncthreads();
   }
-  const float r = sh[0];
+  const double r = sh[0];
   __syncthreads();
   return r;
 }
 
-__global__ void cov_sums_rows(int64_t T, const float* lp, const float* adv, const uint8_t* mask, float* part) {
-  __shared__ float sh[kThreads];
+// One row's [sum_v A, sum_v lp, n] in fp64, as the CPU kernel and the torch path sum them (so that rounding never
+// moves the means, and with them a tie of covariances, apart between backends).
+__global__ void cov_sums_rows(int64_t T, const float* lp, const float* adv, const uint8_t* mask, double* part) {
+  __shared__ double sh[kThreads];
   const int64_t i = blockIdx.x;
-  float sa = 0.f, sl = 0.f, n = 0.f;
+  double sa = 0.0, sl = 0.0, n = 0.0;
   for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
     const int64_t o = i * T + t;
-    if (mask[o]) { sa += adv[o]; sl += lp[o]; n += 1.f; }
+    if (mask[o]) { sa += adv[o]; sl += lp[o]; n += 1.0; }
   }
   sa = block_sum(sa, sh);
   sl = block_sum(sl, sh);
@@ -50,13 +52,13 @@ __global__ void cov_sums_rows(int64_t T, const float* lp, const float* adv, cons
   if (threadIdx.x == 0) { part[i * 3] = sa; part[i * 3 + 1] = sl; part[i * 3 + 2] = n; }
 }
 
-__global__ void cov_sums_total(int64_t B, const float* part, float* out) {
-  __shared__ float sh[kThreads];
+__global__ void cov_sums_total(int64_t B, const double* part, float* out) {
+  __shared__ double sh[kThreads];
   for (int k = 0; k < 3; ++k) {
-    float s = 0.f;
+    double s = 0.0;
     for (int64_t i = threadIdx.x; i < B; i += blockDim.x) s += part[i * 3 + k];
     s = block_sum(s, sh);
-    if (threadIdx.x == 0) out[k] = s;
+    if (threadIdx.x == 0) out[k] = static_cast<float>(s);
   }
 }
 
@@ -147,14 +149,14 @@ int grid_for(int64_t N) {
 
 }  // namespace
 
-// [sum_v A, sum_v lp, n_valid] of [B, T] rows; part is [B, 3] fp32 scratch.
+// [sum_v A, sum_v lp, n_valid] of [B, T] rows; part is [B, 3] fp64 scratch.
 extern "C" const char* fastalign_cov_sums_cuda(int64_t B, int64_t T, uintptr_t lp, uintptr_t adv, uintptr_t mask,
                                                uintptr_t part, uintptr_t out, uintptr_t stream) {
   auto s = reinterpret_cast<cudaStream_t>(stream);
   if (B > 0)
     cov_sums_rows<<<static_cast<unsigned>(B), kThreads, 0, s>>>(T, ptr<const float>(lp), ptr<const float>(adv),
-                                                                ptr<const uint8_t>(mask), ptr<float>(part));
-  cov_sums_total<<<1, kThreads, 0, s>>>(B, ptr<const float>(part), ptr<float>(out));
+                                                                ptr<const uint8_t>(mask), ptr<double>(part));
+  cov_sums_total<<<1, kThreads, 0, s>>>(B, ptr<const double>(part), ptr<float>(out));
   return launch_error();
 }
 

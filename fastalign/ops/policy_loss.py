@@ -271,13 +271,15 @@ def _sums_outputs(lp: Tensor):
 
 @kernel_op("cov_sums", _sums_outputs)
 def cov_sums(lp: Tensor, adv: Tensor, mask: Tensor, backend: str, out: Tensor) -> None:
-    """[sum_m A, sum_m lp, n_valid] (fp32, deterministic order) of contiguous fp32 [B, T] rows."""
+    """[sum_m A, sum_m lp, n_valid] (fp32, deterministic order) of contiguous fp32 [B, T] rows, summed in fp64 on every
+    backend (the rows, then the rows' sums in order), so that the means, and the picks among tied covariances,
+    agree."""
     B, T = lp.shape
     backend = backend_for("cov_sums", lp.device, backend)
     if backend == "torch":
         out.copy_(cov_fallback.cov_sums(lp, adv, mask))
     elif backend == "cuda":
-        part = torch.empty(max(B, 1), 3, device=lp.device, dtype=torch.float32)
+        part = torch.empty(max(B, 1), 3, device=lp.device, dtype=torch.float64)
         _backend.compiled().cov_sums_cuda(B, T, lp.data_ptr(), adv.data_ptr(), mask.data_ptr(), part.data_ptr(),
                                           out.data_ptr(), _backend.cuda_stream(lp))
     else:
