@@ -163,3 +163,86 @@ def test_group_fallback_subnormal_scores_with_eps_0_stay_finite():
         a = fa.group_advantages(r, index=torch.tensor([0, 0]), estimator="grpo", eps=0.0, backend=backend)
         assert torch.isfinite(a).all(), (backend, a.tolist())
         torch.testing.assert_close(a, ref, atol=1e-323, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- scalar arguments as a GPU types them
+class _GpuTypedKernel:
+    """A Triton kernel whose float arguments arrive as a compiled launch passes them: fp32 unless the parameter is
+    annotated ``tl.float64`` (the interpreter passes the Python double through, so no CPU run saw the rounding)."""
+
+    def __init__(self, kernel):
+        import inspect
+
+        import triton.language as tl
+
+        self.kernel = kernel
+        params = inspect.signature(kernel.fn).parameters.values()
+        self.fp64 = [p.annotation is tl.float64 for p in params]
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def call(*args, **kwargs):
+            typed = [a if not isinstance(a, float) or fp64 else float(torch.tensor(a, dtype=torch.float32))
+                     for a, fp64 in zip(args, self.fp64)]
+            return launch(*typed, **kwargs)
+        return call
+
+
+@pytest.fixture
+def gpu_typed(monkeypatch):
+    """``gpu_typed(module, "kernel_name")``: the module's kernel launched with a GPU's scalar types."""
+    pytest.importorskip("triton")
+
+    def wrap(module, name):
+        monkeypatch.setattr(module, name, _GpuTypedKernel(getattr(module, name)))
+    return wrap
+
+
+@pytest.mark.parametrize("mode", ["to_go", "gae"])
+def test_reverse_scan_reads_gamma_and_lam_in_fp64_as_a_gpu_passes_them(gpu_typed, mode):
+    """A compiled launch typed gamma and lam fp32, so the scan's fp64 math used gamma = 0.999 rounded (a relative
+    error of 8e-6 over 4,096 tokens in the returns-to-go, where the C++ scan's is 1e-15): they are fp64 now."""
+    from fastalign.kernels import reverse_scan as rs
+
+    gpu_typed(rs, "reverse_scan_kernel")
+    gamma, lam, T = 0.999, 0.95, 4096
+    r = torch.rand(2, T, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    m = torch.ones(2, T)
+    v = torch.rand(2, T, dtype=torch.float64)
+    if mode == "gae":
+        got, _ = fa.gae_advantages(r, v, m, gamma=gamma, lam=lam, whiten=False, backend="triton")
+        a, want = 0.0, torch.empty_like(r)
+        for t in reversed(range(T)):  # A_t = r_t + gamma V_{t+1} - V_t + gamma lam A_{t+1}, both rows at once
+            nv = v[:, t + 1] if t + 1 < T else torch.zeros(2, dtype=torch.float64)
+            a = r[:, t] + gamma * nv - v[:, t] + gamma * lam * a
+            want[:, t] = a
+    else:
+        got = fa.reinforce_pp_advantages(r, m, gamma=gamma, whiten=False, backend="triton")
+        run, want = 0.0, torch.empty_like(r)
+        for t in reversed(range(T)):
+            run = r[:, t] + gamma * run
+            want[:, t] = run
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_jsd_near_beta_1_keeps_1_minus_beta_as_a_gpu_passes_it(gpu_typed):
+    """The Triton divergence kernel formed 1 - beta from beta, which a compiled launch rounds to fp32: at
+    beta = 1 - 1e-9 that is 0 and the JSD's gradient vanished (the C++ kernel takes 1 - beta from the double);
+    the launcher passes 1 - beta from the double now."""
+    import math
+
+    from fastalign.kernels import divergence as kd
+
+    gpu_typed(kd, "divergence_rows_kernel")
+    beta = 1 - 1e-9
+    g = torch.Generator().manual_seed(0)
+    zs, zt = 2 * torch.randn(3, 64, generator=g), 2 * torch.randn(3, 64, generator=g)
+    x = zs.clone().requires_grad_()
+    fa.token_divergence(x, zt, divergence="jsd", beta=beta, backend="triton").divergence.sum().backward()
+    ref_x = zs.double().requires_grad_()
+    lps, lpt = ref_x.log_softmax(-1), zt.double().log_softmax(-1)
+    lm = torch.logsumexp(torch.stack([lps + math.log1p(-beta), lpt + math.log(beta)]), 0)
+    (beta * lpt.exp() * (lpt - lm) + (1 - beta) * lps.exp() * (lps - lm)).sum().backward()
+    err = (x.grad.double() - ref_x.grad).abs().max() / ref_x.grad.abs().max()
+    assert err < 1e-3, err.item()

@@ -72,11 +72,13 @@ def _column(xs, xt, m_s, log_ss, m_t, log_st, log_1mb, log_b, MODE: tl.constexpr
 def divergence_rows_kernel(
     zs_ptr, s_stride, zt_ptr, t_stride, mask_ptr, labels_ptr, g_soft_ptr, g_hard_ptr,
     div_ptr, ent_ptr, nll_ptr, state_ptr,
-    V, inv_t, beta, log_1mb, log_b, ignore_index,
+    V, inv_t, beta, one_m_beta, log_1mb, log_b, ignore_index,
     MODE: tl.constexpr, HAS_MASK: tl.constexpr, HARD: tl.constexpr, HARD_GRAD: tl.constexpr, GRAD: tl.constexpr,
     STATE_OUT: tl.constexpr, STATE_IN: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # HARD: labels given (the NLL is computed); HARD_GRAD: the NLL has a weight in the gradient (g_hard)
+    # HARD: labels given (the NLL is computed); HARD_GRAD: the NLL has a weight in the gradient (g_hard).
+    # one_m_beta = 1 - beta from the launcher's double (a float argument is fp32 on a GPU: 1 - fp32(beta) is 0 at a
+    # beta within its rounding of 1), as the C++ kernel forms it
     r = tl.program_id(0).to(tl.int64)
     zs_row = zs_ptr + r * s_stride
     zt_row = zt_ptr + r * t_stride
@@ -147,7 +149,7 @@ def divergence_rows_kernel(
                     k = ps * _sign(ps - pt)
                 else:
                     k = ps * (lps - lm)
-                    d = beta * (pt * (lpt - lm)) + (1.0 - beta) * k
+                    d = beta * (pt * (lpt - lm)) + one_m_beta * k
                 d_acc += tl.where(inside, d, 0.0)
                 k_acc += tl.where(inside, k, 0.0)
         if MODE == 3:
@@ -211,7 +213,7 @@ def divergence_rows_kernel(
                 elif MODE == 4:
                     g = 0.5 * ps * (_sign(ps - pt) - K)
                 else:
-                    g = (1.0 - beta) * ps * (lps - lm - K)
+                    g = one_m_beta * ps * (lps - lm - K)
             g = g_soft * g
             if HARD_GRAD:
                 p1 = exp(_floor((z - m_1) - log_s1))
@@ -243,7 +245,7 @@ def divergence_rows(zs, zt, inv_t, mode, beta, mask, labels, ignore_index, g_sof
         labels if labels is not None else dummy, g_soft if g_soft is not None else dummy,
         g_hard if g_hard is not None else dummy, div, ent, nll if nll is not None else dummy,
         state if state is not None else dummy,
-        V, inv_t, beta, log_1mb, log_b, ignore_index,
+        V, inv_t, beta, 1.0 - beta, log_1mb, log_b, ignore_index,
         MODE=mode, HAS_MASK=mask is not None, HARD=labels is not None,
         HARD_GRAD=labels is not None and g_hard is not None, GRAD=g_soft is not None,
         STATE_OUT=state is not None and g_soft is None, STATE_IN=state is not None and state_in,

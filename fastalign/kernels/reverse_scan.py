@@ -67,8 +67,9 @@ def _last(v, j, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def reverse_scan_kernel(x_ptr, v_ptr, m_ptr, out_ptr, out2_ptr, T, gamma, lam,
+def reverse_scan_kernel(x_ptr, v_ptr, m_ptr, out_ptr, out2_ptr, T, gamma: tl.float64, lam: tl.float64,
                         MODE: tl.constexpr, BLOCK_T: tl.constexpr):
+    # gamma and lam are passed as fp64 (a Python float argument is fp32 by default on a GPU)
     base = tl.program_id(0).to(tl.int64) * T
     j = tl.arange(0, BLOCK_T)
     carry_a = tl.zeros([], tl.float64)
