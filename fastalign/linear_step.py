@@ -60,7 +60,9 @@ def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLos
     ``lp`` (differentiable) and ``aux``: with ``sum_p2=True`` :math:`\sum_j p_j^2` (not differentiable), with
     ``mean_logit=True`` the mean logit :math:`\frac{1}{V}\sum_j z_j` before the temperature (differentiable,
     from the same pass: its gradient joins the log-probs' in one backward; a softcapped head's label smoothing),
-    else None; all ``[N, T]``, 0 at unscored positions (``sum_p2``: 1). One of the two at most.
+    else None; all ``[N, T]``, 0 at unscored positions (``sum_p2``: 1). One of the two at most. ``loss`` returns
+    ``(value, metrics)``: the loss tensor and a dict of metrics (``{}`` for none); anything else is a
+    ``TypeError`` naming ``loss``.
 
     ``loss`` must be separable over the items: a sum of per-item terms plus terms linear in ``lp``
     with weights fixed by the labels (a token-mean NLL over the batch);
@@ -92,6 +94,7 @@ def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLos
     if sum_p2 and mean_logit:
         raise ValueError("sum_p2 and mean_logit are both the loss's second argument: ask for one of them")
     aux = "sum_p2" if sum_p2 else "mean_logit" if mean_logit else None
+    loss = _returning_a_pair(loss)
     if single_pass == "auto" and two_pass_only(logit):
         single_pass = False  # a vocabulary split over ranks, the two-pass chunks or tile skipping
     refuse_traced(single_pass, hidden, weight, bias, a, lw)
@@ -109,6 +112,21 @@ def separable_step(hidden: Tensor, weight: Tensor, labels: Tensor, loss: StepLos
         value, metrics, stats = _single_pass(token_items(hidden), weight, bias, token_items(a), lw,
                                              token_items(labels), per_token, 1, aux, extras, logit)
         return value, metrics, {name: t.view(shape) for name, t in stats.items()}
+
+
+def _returning_a_pair(loss: StepLoss) -> StepLoss:
+    """``loss``, checked at each call to return ``(value, metrics)`` (a plain tensor failed deep inside the step with
+    an IndexError or a TypeError naming nothing)."""
+    if not callable(loss):
+        raise TypeError(f"loss must be a callable loss(lp, aux) -> (value, metrics), got {type(loss).__name__}")
+
+    def checked(lp, aux):
+        out = loss(lp, aux)
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], Tensor) and isinstance(out[1], dict)):
+            got = type(out).__name__ if not isinstance(out, tuple) else f"a tuple of {len(out)}"
+            raise TypeError(f"loss(lp, aux) must return (value, metrics), a tensor and a dict, got {got}")
+        return out
+    return checked
 
 
 def _two_passes(hidden, weight, bias, a, lw, labels, loss: StepLoss, aux: Optional[str], extras, logit: dict):

@@ -23,7 +23,8 @@ class SequenceLogprobs(NamedTuple):
     """Per-sequence statistics, each ``[S]`` (S sequences).
 
     * ``sum``   — ``sum_t w_t m_t lp_t`` (``w`` token weights and LD-DPO weights, 1 when absent)
-    * ``mean``  — ``sum / max(count, 1)`` (length-averaged log-prob)
+    * ``mean``  — ``sum / count`` (length-averaged log-prob; 0 where ``count`` is 0, a fractional count below 1
+      as it is)
     * ``count`` — ``sum_t m_t`` (response length ``|y|``, float)
     * ``wpo``   — ``mean_t m_t (lp_t - log sum_p2_t)`` when ``sum_p2`` was given (detached), else None
     """

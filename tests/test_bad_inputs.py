@@ -502,6 +502,20 @@ def _sep(**kw):
     return separable_step(_f(B, T, H), _f(V, H), _lab(B, T), lambda lp, sp2: (lp.sum(), {}), logit=kw)
 
 
+@pytest.mark.parametrize("single_pass", ["auto", False, True])
+@pytest.mark.parametrize("returns", [lambda lp: lp.sum(), lambda lp: (lp.sum(),), lambda lp: (lp.sum(), {}, 0),
+                                     lambda lp: (lp.sum().item(), {})], ids=["tensor", "1-tuple", "3-tuple", "float"])
+def test_separable_step_loss_returning_other_than_a_pair_names_loss(returns, single_pass):
+    """separable_step's loss returns (value, metrics); a plain tensor (a token-mean NLL) failed inside the step with an
+    IndexError (single pass) or a TypeError iterating a 0-d tensor (two passes), naming nothing."""
+    from fastalign.linear_step import separable_step
+
+    with pytest.raises(TypeError, match=r"^loss\(lp, aux\) must return \(value, metrics\)"):
+        separable_step(_f(B, T, H), _f(V, H), _lab(B, T), lambda lp, aux: returns(lp), single_pass=single_pass)
+    with pytest.raises(TypeError, match=r"^loss must be a callable"):
+        separable_step(_f(B, T, H), _f(V, H), _lab(B, T), None)
+
+
 @pytest.mark.parametrize("group", ["world", True, object()], ids=["name", "bool", "object"])
 @pytest.mark.parametrize("make, name", [
     (lambda g: fa.LinearPolicyLoss(vocab_group=g), "vocab_group"),

@@ -448,8 +448,8 @@ def test_unknown_architecture_with_stated_head_transform(monkeypatch):
         check(causal_lm_logprobs(model, input_ids, attention_mask, labels=labels).logprobs, ref_lp, scored, 1e-5)
     with pytest.raises(ValueError, match="already has a head transform .read from its config"):
         hf.register_head_transform("llama")
-    with pytest.raises(ValueError, match="already has a head transform .stated with register_head_transform"):
-        hf.register_head_transform("my_cohere")
+    hf.register_head_transform("my_cohere", logit_scale=0.5)  # stating it again replaces the earlier statement
+    assert head_transform(model.config) == (0.5, None)
     with pytest.raises(ValueError, match="softcap"):
         hf.register_head_transform("mine", softcap=0.0)
     with pytest.raises(ValueError, match="model_type must be a non-empty string"):
@@ -850,8 +850,8 @@ def test_remote_code_mpt_runs_once_its_transform_is_registered(monkeypatch):
     """A model_type "mpt" model from MosaicML's remote code (its own config class, logits times
     ``config.logit_scale``) raised with no way forward for the trainers, which take no per-call transform:
     ``register_head_transform("mpt", ...)`` refused a listed type. It now states the transform of those configs
-    alone: such a model scores as its own logits, transformers' ``MptConfig`` keeps its plain head, and a second
-    registration or ``packed_rows`` raises."""
+    alone: such a model scores as its own logits, transformers' ``MptConfig`` keeps its plain head, ``packed_rows``
+    raises and a second registration replaces the first."""
     import fastalign.integrations.hf as hf
 
     monkeypatch.setattr(hf, "_UNDECIDED_STATED", {})
@@ -885,8 +885,8 @@ def test_remote_code_mpt_runs_once_its_transform_is_registered(monkeypatch):
     with torch.no_grad():
         ref_lp, _ = reference(model, input_ids, attention_mask)
         check(causal_lm_logprobs(model, input_ids, attention_mask, labels=labels).logprobs, ref_lp, scored, 1e-5)
-    with pytest.raises(ValueError, match="'mpt' already has a head transform"):
-        hf.register_head_transform("mpt", logit_scale=0.5)
+    hf.register_head_transform("mpt", logit_scale=0.5)
+    assert head_transform(remote) == (0.5, None) and head_transform(config) == (1.0, None)
 
 
 def test_dtensor_head_weight_is_gathered(tmp_path):
@@ -1131,6 +1131,7 @@ def test_packed_rows_of_an_unlisted_architecture_need_packed_rows_stated(monkeyp
 
     monkeypatch.setattr(hf, "HEAD_TRANSFORMS", dict(hf.HEAD_TRANSFORMS))
     monkeypatch.setattr(hf, "_PACKED_ROWS_STATED", set())
+    monkeypatch.setattr(hf, "_STATED", set())
     seqs, input_ids, position_ids = _packed_row([4, 5, 3])
     cu = torch.tensor([0, 4, 9, 12])
     leaky = _auto_model("beam")
@@ -1150,9 +1151,11 @@ def test_packed_rows_of_an_unlisted_architecture_need_packed_rows_stated(monkeyp
         hf.register_head_transform("my_qwen2")
         with pytest.raises(ValueError, match="'my_qwen2' is not among"):
             causal_lm_logprobs(model, input_ids, cu_seqlens=cu)
-        del hf.HEAD_TRANSFORMS["my_qwen2"]
-        hf.register_head_transform("my_qwen2", packed_rows=True)
+        hf.register_head_transform("my_qwen2", packed_rows=True)  # stated again, as the refusal says
         got = causal_lm_logprobs(model, input_ids, cu_seqlens=cu).logprobs
+        hf.register_head_transform("my_qwen2")  # and once more without: refused again
+        with pytest.raises(ValueError, match="'my_qwen2' is not among"):
+            causal_lm_logprobs(model, input_ids, cu_seqlens=cu)
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
     with pytest.raises(TypeError, match="packed_rows"):
         hf.register_head_transform("other", packed_rows="yes")

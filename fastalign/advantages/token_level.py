@@ -204,7 +204,7 @@ def iw_opd_advantages(teacher_logprobs: Tensor, rollout_logprobs: Tensor, respon
 
     .. math::
 
-        w_t = 1 + \gamma \Bigl(1 - rac{\sum_{s<t} |a_s|}{\max(\sum_s |a_s|, \epsilon)}\Bigr),
+        w_t = 1 + \gamma \Bigl(1 - \frac{\sum_{s<t} |a_s|}{\max(\sum_s |a_s|, \epsilon)}\Bigr),
         \qquad A_t = w_t a_t
 
     so a token whose prefix still agrees with the teacher weighs up to ``1 + gamma`` and the last ones about 1
@@ -212,7 +212,8 @@ def iw_opd_advantages(teacher_logprobs: Tensor, rollout_logprobs: Tensor, respon
     log-probs at the sampling temperature. ``rollout_logprobs``: the policy's own at rollout (its current
     log-probs, detached, on-policy). ``gamma`` any real number, ``eps > 0``. A masked token is skipped by
     selection (a NaN or ``-inf`` there changes nothing; its output is 0); a non-finite teacher log-prob on a
-    valid token makes its row's advantages non-finite. float32 (or float64) out, the prefix sums in float64;
+    valid token gives NaN advantages at that token and after it (a NaN teacher log-prob: the whole row; the tokens
+    before an infinite one keep ``w_t = 1 + gamma``, their share of an infinite total being 0). float32 (or float64) out, the prefix sums in float64;
     no autograd."""
     a, w = iw_opd_terms(teacher_logprobs, rollout_logprobs, response_mask, gamma, eps)
     return w * a

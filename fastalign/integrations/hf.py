@@ -277,7 +277,8 @@ def register_head_transform(model_type: str, *, logit_scale: float = 1.0, softca
     drop-ins included, then reads it. A ``model_type`` already in the table raises (its rule reads the config),
     except ``"mpt"``, whose rule cannot tell a config of another class than transformers' ``MptConfig`` with
     ``logit_scale`` set (MosaicML's remote code): the stated transform applies to those configs alone, and
-    transformers' own ``MptForCausalLM`` (which ignores ``logit_scale``) keeps its plain head.
+    transformers' own ``MptForCausalLM`` (which ignores ``logit_scale``) keeps its plain head. Stating a
+    ``model_type`` again replaces what was stated for it (``packed_rows`` included).
 
     ``packed_rows=True`` states that the architecture's body splits packed rows (position ids that restart, or
     ``cu_seqlens``) into independent sequences; without it, packed rows of this ``model_type`` raise, since a
@@ -286,11 +287,9 @@ def register_head_transform(model_type: str, *, logit_scale: float = 1.0, softca
         raise TypeError(f"model_type must be a non-empty string, got {model_type!r}")
     if not model_type:
         raise ValueError("model_type must be a non-empty string, got ''")
-    undecided = model_type in _UNDECIDED and model_type not in _UNDECIDED_STATED
-    if model_type in HEAD_TRANSFORMS and not undecided:
-        stated = model_type in _UNDECIDED_STATED or model_type in _STATED
-        raise ValueError(f"model_type {model_type!r} already has a head transform "
-                         f"({'stated with register_head_transform' if stated else 'read from its config'})")
+    undecided = model_type in _UNDECIDED
+    if model_type in HEAD_TRANSFORMS and not undecided and model_type not in _STATED:
+        raise ValueError(f"model_type {model_type!r} already has a head transform (read from its config)")
     _validate.boolean("packed_rows", packed_rows)
     scale, cap = _stated_transform(logit_scale, softcap)
     if undecided:
@@ -301,8 +300,7 @@ def register_head_transform(model_type: str, *, logit_scale: float = 1.0, softca
         return
     HEAD_TRANSFORMS[model_type] = lambda config: (scale, cap)
     _STATED.add(model_type)
-    if packed_rows:
-        _PACKED_ROWS_STATED.add(model_type)
+    (_PACKED_ROWS_STATED.add if packed_rows else _PACKED_ROWS_STATED.discard)(model_type)
 
 
 def _body(model):
