@@ -227,3 +227,26 @@ def test_triton_backward_sums_a_bf16_weight_gradient_over_token_chunks():
                            -100, 5, 0.0, None, dw, None, (None, None), torch.zeros_like(lse))  # |lse| < 32: log c 0
     assert dw.dtype == torch.bfloat16
     assert_close(dw, wr.grad, atol=2e-3, rtol=1e-2, what="d weight")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("chunk", [None, (1, 1)], ids=["one piece", "a piece per id"])
+def test_argmax_under_a_temperature_is_the_largest_logit(backend, chunk):
+    """Two logits one ulp apart round to one z / T at T = 0.7: the argmax is the larger logit's id (1), as the C++
+    token kernel takes it. The Triton kernels compared z / T (id 0), and so did the C++ head path between its
+    vocabulary pieces."""
+    import numpy as np
+
+    inv_t = np.float32(1 / 0.7)
+    # in [1.5, 2) a logit's ulp is 2^-23 and z / T's (in [2, 4)) twice that: adjacent logits may share one
+    a = next(a for a in np.float32(1.5) + np.arange(100, dtype=np.float32) * np.float32(2 ** -23)
+             if a * inv_t == np.nextafter(a, np.float32(2)) * inv_t)
+    b = np.nextafter(a, np.float32(2))
+    logits = torch.tensor([[float(a), float(b), 0.0]])
+    labels = torch.tensor([2])
+    got = fastalign.token_logprobs(logits, labels, temperature=0.7, argmax=True, backend=backend).argmax
+    assert got.tolist() == [1]
+    hidden, weight = torch.ones(1, 1), logits.T.contiguous()  # logits = hidden @ weight.T, exactly a, b, 0
+    got = fastalign.linear_logprobs(hidden, weight, labels, temperature=0.7, argmax=True, backend=backend,
+                                    chunk=chunk).argmax
+    assert got.tolist() == [1]

@@ -138,13 +138,14 @@ def linear_stats_fwd_kernel(
         col_ok = cols < v_hi
         z = _logit_tile(h_ptr, w_ptr, b_ptr, a_ptr, l_ptr, rows, cols, row_ok, col_ok, H, R, s_h, s_w, s_a, s_l,
                         scale, cap, HAS_BIAS, SOFTCAP, LOW_RANK, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
-        x = tl.where(col_ok[None, :], z * inv_t, float("-inf"))
-        if WANT_AMAX:
-            block_max = tl.max(x, 1)
-            better = block_max > best_val
+        if WANT_AMAX:  # on the logits z, before the temperature (two of them may round to one z / T)
             # a NaN logit is passed over (the row's other logits decide, as on the CPU)
-            best_idx = tl.where(better, v0 + tl.argmax(tl.where(x == x, x, float("-inf")), 1).to(tl.int64), best_idx)
+            za = tl.where(col_ok[None, :] & (z == z), z, float("-inf"))
+            block_max = tl.max(za, 1)
+            better = block_max > best_val
+            best_idx = tl.where(better, v0 + tl.argmax(za, 1).to(tl.int64), best_idx)
             best_val = tl.where(better, block_max, best_val)
+        x = tl.where(col_ok[None, :], z * inv_t, float("-inf"))
         m, s, t, q = add_block(m, s, t, q, x, 1, WANT_ENT, WANT_SP2)
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), 1)
         if WANT_MEAN:  # the logits before the temperature
@@ -280,7 +281,7 @@ def target_arch() -> int:
     return int(driver.active.get_current_target().arch)
 
 
-def _config(hidden, backward=False, mean_logit=False):
+def _config(hidden, backward=False, mean_logit=False, argmax=False):
     """Tile sizes: tensor-core tiles on a GPU, sized per architecture so that no bf16/fp16 variant
     spills (the AOT gate checks it); small tiles (fast to interpret) on CPU tensors."""
     if not on_gpu(hidden):
@@ -289,8 +290,8 @@ def _config(hidden, backward=False, mean_logit=False):
     # full-fp32 ("ieee") products run on the FMA units, whose operands spilled on sm_100 at 32 columns of H
     block_h = 64 if hidden.element_size() == 2 else 16 if ieee else 32
     # 128 x 128 forward tiles spill on sm_80 and sm_100, with full-fp32 products on sm_90, and there with the mean
-    # logit's running sum beside the other statistics
-    if backward or target_arch() != 90 or ieee or mean_logit:
+    # logit's running sum or the argmax's tile of logits beside the other statistics
+    if backward or target_arch() != 90 or ieee or mean_logit or argmax:
         return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=block_h, UPCAST=False), dict(num_warps=8, num_stages=3)
     return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=block_h, UPCAST=False), dict(num_warps=8, num_stages=3)
 
@@ -333,7 +334,8 @@ def _forward_parts(hidden, weight, bias, low_rank, labels, scale, cap, inv_t, ig
 
     N, H = hidden.shape
     V = weight.shape[0]
-    blocks, launch = tiled(_config(hidden, mean_logit=want_mean), tiles, ("BLOCK_N", "BLOCK_V", "BLOCK_H"))
+    blocks, launch = tiled(_config(hidden, mean_logit=want_mean, argmax=want_amax), tiles,
+                           ("BLOCK_N", "BLOCK_V", "BLOCK_H"))
     bn, bv = blocks["BLOCK_N"], blocks["BLOCK_V"]
     v_blocks = triton.cdiv(V, bv)
     token_blocks = triton.cdiv(N, bn)

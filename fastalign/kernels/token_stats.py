@@ -42,16 +42,19 @@ def _row_start(ptr, r, inner, s_outer, s_inner):
 
 
 @triton.jit
-def _step(m, s, t, q, best, x, start, lanes, WANT_ENT: tl.constexpr, WANT_SP2: tl.constexpr,
+def _step(m, s, t, q, mz, best, z, x, start, lanes, WANT_ENT: tl.constexpr, WANT_SP2: tl.constexpr,
           WANT_AMAX: tl.constexpr, LANES: tl.constexpr):
-    """Fold a [STEP_ROWS, LANES] tile x (column start + k * LANES + lane) into the per-lane states."""
-    if WANT_AMAX:  # first column of the lane's max: only a strictly greater value replaces it. A NaN is left
-        # out (as -inf): compiled, tl.max skips it but tl.argmax's compare-and-select may keep its index
-        xa = tl.where(x == x, x, float("-inf"))
-        step_best = start + tl.argmax(xa, 0) * LANES + lanes
-        best = tl.where(tl.max(xa, 0) > m, step_best, best)
+    """Fold a [STEP_ROWS, LANES] tile of logits z (column start + k * LANES + lane), x = z / T, into the per-lane
+    states."""
+    if WANT_AMAX:  # first column of the lane's largest logit z (two logits may round to one z / T, as the C++
+        # kernel's): only a strictly greater value replaces it. A NaN is left out (as -inf): compiled, tl.max
+        # skips it but tl.argmax's compare-and-select may keep its index
+        za = tl.where(z == z, z, float("-inf"))
+        za_max = tl.max(za, 0)
+        best = tl.where(za_max > mz, start + tl.argmax(za, 0) * LANES + lanes, best)
+        mz = tl.maximum(mz, za_max)
     m, s, t, q = add_block(m, s, t, q, x, 0, WANT_ENT, WANT_SP2)
-    return m, s, t, q, best
+    return m, s, t, q, mz, best
 
 
 @triton.jit
@@ -73,22 +76,25 @@ def token_stats_fwd_kernel(
     s = tl.zeros([LANES], tl.float32)
     t = tl.zeros([LANES], tl.float32)
     q = tl.zeros([LANES], tl.float32)
+    mz = tl.full([LANES], NEG_INF, tl.float32)  # the lane's largest logit (argmax only)
     best = tl.zeros([LANES], tl.int32)
     end = V if WANT_AMAX else tl.where(ignored, 0, V)
     step = STEP_ROWS * LANES
     full_end = end - end % step
     for start in range(0, full_end, step):  # whole tiles: no bounds checks
-        x = tl.load(row + start + offs).to(tl.float32) * inv_t
-        m, s, t, q, best = _step(m, s, t, q, best, x, start, lanes, WANT_ENT, WANT_SP2, WANT_AMAX, LANES)
+        z = tl.load(row + start + offs).to(tl.float32)
+        m, s, t, q, mz, best = _step(m, s, t, q, mz, best, z, z * inv_t, start, lanes, WANT_ENT, WANT_SP2,
+                                     WANT_AMAX, LANES)
     if full_end < end:  # the last, partial tile
         cols = full_end + offs
-        x = tl.load(row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_t
-        m, s, t, q, best = _step(m, s, t, q, best, x, full_end, lanes, WANT_ENT, WANT_SP2, WANT_AMAX, LANES)
+        z = tl.load(row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m, s, t, q, mz, best = _step(m, s, t, q, mz, best, z, z * inv_t, full_end, lanes, WANT_ENT, WANT_SP2,
+                                     WANT_AMAX, LANES)
 
     row_m = tl.max(m, 0)
     s, t, q = rescale(m, s, t, q, row_m)
     if WANT_AMAX:
-        tl.store(amax_ptr + r, tl.min(tl.where(m == row_m, best, V), 0).to(tl.int64))
+        tl.store(amax_ptr + r, tl.min(tl.where(mz == tl.max(mz, 0), best, V), 0).to(tl.int64))
     valid = (y >= 0) & (y < V)
     x_y = tl.load(row + tl.where(valid & ~ignored, y, 0)).to(tl.float32) * inv_t
     s_row = tl.sum(s, 0)

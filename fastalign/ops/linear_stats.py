@@ -39,8 +39,9 @@ def linear_stats(
     ``weight [V, H]`` and, optional, a low-rank term ``low_rank_hidden [N, r] @ low_rank_weight[V, r].T`` added to
     the logits.
 
-    ``softcap`` 0 means off. Unrequested outputs are empty. ``argmax_logit`` is the
-    max of ``z / T`` (used to merge argmax across vocabulary shards); ``mean_logit`` the mean of ``z`` over this
+    ``softcap`` 0 means off. Unrequested outputs are empty. ``argmax``: the first index of the largest logit ``z``
+    (before the temperature: two logits may round to one ``z / T``; a NaN passed over), ``argmax_logit`` that
+    logit (used to merge argmax across vocabulary shards); ``mean_logit`` the mean of ``z`` over this
     weight's vocabulary, before the temperature (differentiable); ``log_c`` the rounding error of the fp32 lse at
     the rows with ``|lse| >= 32`` (0 elsewhere), which backward removes from ``log p``
     (:func:`~fastalign.ops.vocab_pieces.log_mass`).
