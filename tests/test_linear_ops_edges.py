@@ -229,12 +229,27 @@ def test_triton_backward_sums_a_bf16_weight_gradient_over_token_chunks():
     assert_close(dw, wr.grad, atol=2e-3, rtol=1e-2, what="d weight")
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def _cuda_backends():
+    from fastalign import _backend
+
+    return ["triton", *(["cuda"] if _backend.cuda_kernels_usable(torch.device("cuda")) else [])]
+
+
+@pytest.mark.parametrize("device, backend", [("cpu", "cpp"), ("cpu", "triton"),
+                                             pytest.param("cuda", None, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("chunk", [None, (1, 1)], ids=["one piece", "a piece per id"])
-def test_argmax_under_a_temperature_is_the_largest_logit(backend, chunk):
+def test_argmax_under_a_temperature_is_the_largest_logit(device, backend, chunk):
     """Two logits one ulp apart round to one z / T at T = 0.7: the argmax is the larger logit's id (1), as the C++
-    token kernel takes it. The Triton kernels compared z / T (id 0), and so did the C++ head path between its
-    vocabulary pieces."""
+    token kernel takes it. The Triton kernels and the CUDA token kernel compared z / T (id 0), and so did the C++
+    head path between its vocabulary pieces. On a GPU: every GPU backend."""
+    if backend is None:
+        for backend in _cuda_backends():
+            _argmax_of_logits_one_ulp_apart(device, backend, chunk)
+        return
+    _argmax_of_logits_one_ulp_apart(device, backend, chunk)
+
+
+def _argmax_of_logits_one_ulp_apart(device, backend, chunk):
     import numpy as np
 
     inv_t = np.float32(1 / 0.7)
@@ -242,11 +257,13 @@ def test_argmax_under_a_temperature_is_the_largest_logit(backend, chunk):
     a = next(a for a in np.float32(1.5) + np.arange(100, dtype=np.float32) * np.float32(2 ** -23)
              if a * inv_t == np.nextafter(a, np.float32(2)) * inv_t)
     b = np.nextafter(a, np.float32(2))
-    logits = torch.tensor([[float(a), float(b), 0.0]])
-    labels = torch.tensor([2])
+    logits = torch.tensor([[float(a), float(b), 0.0]], device=device)
+    labels = torch.tensor([2], device=device)
     got = fastalign.token_logprobs(logits, labels, temperature=0.7, argmax=True, backend=backend).argmax
-    assert got.tolist() == [1]
-    hidden, weight = torch.ones(1, 1), logits.T.contiguous()  # logits = hidden @ weight.T, exactly a, b, 0
+    assert got.tolist() == [1], backend
+    if backend == "cuda":  # no CUDA head kernel
+        return
+    hidden, weight = torch.ones(1, 1, device=device), logits.T.contiguous()  # logits = hidden @ weight.T: a, b, 0
     got = fastalign.linear_logprobs(hidden, weight, labels, temperature=0.7, argmax=True, backend=backend,
                                     chunk=chunk).argmax
-    assert got.tolist() == [1]
+    assert got.tolist() == [1], backend

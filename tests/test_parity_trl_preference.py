@@ -811,7 +811,6 @@ def test_kto_response_with_a_nan_logprob_as_trl(loss_type):
      "DPOConfig.f_alpha_divergence_coef=0.3"),
     (P.dpo_options, dict(loss_type=["sigmoid"], f_divergence_type="forward_kl", f_alpha_divergence_coef=0.9),
      "DPOConfig.f_alpha_divergence_coef=0.9"),
-    (P.dpo_options, dict(loss_type=["sft"], f_divergence_type="forward_kl"), "f_divergence_type='forward_kl'"),
     (P.cpo_options, dict(loss_type="sigmoid", simpo_gamma=0.9), "CPOConfig.simpo_gamma=0.9"),
     (P.cpo_options, dict(loss_type="hinge", simpo_gamma=0.0), "CPOConfig.simpo_gamma=0.0"),
     (P.tpo_options, dict(loss_type="sigmoid", tpo_l_gamma=0.9), "TPOConfig.tpo_l_gamma=0.9"),
@@ -822,9 +821,15 @@ def test_profiles_refuse_a_field_the_loss_type_does_not_read(make, config, field
     with pytest.raises(ValueError, match=re.escape(field) + " does not apply to"):
         make(config)
     name = field.split("=")[0].split(".")[-1]
-    default = {**P.DPO_DEFAULTS, **P.CPO_DEFAULTS, **P.TPO_DEFAULTS}[name]
-    if name != "f_divergence_type":
-        make({**config, name: default})
+    make({**config, name: {**P.DPO_DEFAULTS, **P.CPO_DEFAULTS, **P.TPO_DEFAULTS}[name]})
+
+
+@pytest.mark.parametrize("fdiv", [dict(f_divergence_type="forward_kl"),
+                                  dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0)])
+def test_dpo_sft_alone_takes_any_f_divergence_as_trl(fdiv):
+    """TRL 1.16 lists sft among the loss types that take an f-divergence; alone it reads no preference score, so
+    the profile gives the reverse-KL loss whatever the divergence (TRL's numbers)."""
+    _run_dpo(dict(loss_type=["sft"], **fdiv))
 
 
 @pytest.mark.parametrize("arg, bad, error", [
@@ -865,8 +870,6 @@ def test_dpo_random_option_mixes(seed):
     fdiv = rng.choice(["reverse_kl", "forward_kl", "js_divergence"])
     pool = f_types if fdiv != "reverse_kl" else DPO_TYPES
     types = rng.sample(pool, rng.randint(1, 3))
-    if types == ["sft"]:  # no preference score to take an f-divergence
-        fdiv = "reverse_kl"
     use_weighting = rng.random() < 0.4 and not {"sft", "hinge", "aot", "aot_unpaired"} & set(types)
     kw = dict(loss_type=types, loss_weights=[round(rng.uniform(0.1, 1.5), 3) for _ in types],
               beta=round(rng.uniform(0.05, 0.6), 3), f_divergence_type=fdiv, use_weighting=use_weighting,

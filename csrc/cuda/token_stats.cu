@@ -58,6 +58,7 @@ template <typename T>
 struct Pack {  // one 16-byte vector of T
   static constexpr int N = 16 / sizeof(T);
   uint4 raw;
+  __device__ __forceinline__ float logit(int k) const { return to_f32(reinterpret_cast<const T*>(&raw)[k]); }
   __device__ __forceinline__ float get(int k, float inv_t) const {
     return scaled(reinterpret_cast<const T*>(&raw)[k], inv_t);
   }
@@ -65,8 +66,9 @@ struct Pack {  // one 16-byte vector of T
 };
 
 struct State {
-  float m, s, t, q;
-  int64_t arg;  // first index of the max
+  float m, s, t, q;  // over x = z / T
+  float zm;          // the largest logit z (before the temperature: two logits may round to one z / T)
+  int64_t arg;       // first index of zm
 };
 
 __device__ __forceinline__ void rescale(State& st, float M) {
@@ -78,24 +80,29 @@ __device__ __forceinline__ void rescale(State& st, float M) {
   st.m = M;
 }
 
-// Fold K logits (indices j0 .. j0+K-1) into a thread's state with one branch-free rescale (so
-// the compiler keeps every load of a step ahead of the math). FULL: also t, q and the argmax;
+// Fold K logits z (indices j0 .. j0+K-1) into a thread's state with one branch-free rescale (so
+// the compiler keeps every load of a step ahead of the math). FULL: also t, q and the argmax (on z);
 // without it only m and s are kept (log-probs alone).
 template <bool FULL, int K>
-__device__ __forceinline__ void add(State& st, const float (&x)[K], int64_t j0) {
+__device__ __forceinline__ void add(State& st, const float (&z)[K], float inv_t, int64_t j0) {
+  float x[K];
   float vmax = st.m;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    x[k] = __fmul_rn(z[k], inv_t);  // as scaled()
+    vmax = fmaxf(vmax, x[k]);        // a NaN is passed over here; its e below is NaN
+  }
   if (FULL) {
+    float vz = st.zm;
     int64_t varg = st.arg;
 #pragma unroll
     for (int k = 0; k < K; ++k)
-      if (x[k] > vmax) {  // NaN never compares greater: its e below is NaN
-        vmax = x[k];
+      if (z[k] > vz) {  // NaN never compares greater
+        vz = z[k];
         varg = j0 + k;
       }
+    st.zm = vz;
     st.arg = varg;
-  } else {
-#pragma unroll
-    for (int k = 0; k < K; ++k) vmax = fmaxf(vmax, x[k]);
   }
   rescale(st, vmax);  // a = 1 when the max did not grow
   const float m_safe = fmaxf(st.m, -FLT_MAX);  // a -inf logit gives e = 0 even before any finite one
@@ -114,15 +121,18 @@ __device__ __forceinline__ void add(State& st, const float (&x)[K], int64_t j0) 
 // Merge two states; symmetric (ties keep the lower index), so shuffle partners agree.
 __device__ __forceinline__ State merge(State a, State b) {
   const float M = fmaxf(a.m, b.m);
-  const int64_t arg = (b.m > a.m || (b.m == a.m && b.arg < a.arg)) ? b.arg : a.arg;
+  const bool b_arg = b.zm > a.zm || (b.zm == a.zm && b.arg < a.arg);
+  const float zm = b_arg ? b.zm : a.zm;
+  const int64_t arg = b_arg ? b.arg : a.arg;
   rescale(a, M);
   rescale(b, M);
-  return State{M, a.s + b.s, a.t + b.t, a.q + b.q, arg};
+  return State{M, a.s + b.s, a.t + b.t, a.q + b.q, zm, arg};
 }
 
 __device__ __forceinline__ State shfl_xor(const State& st, int lane_mask) {
   return State{__shfl_xor_sync(0xffffffffu, st.m, lane_mask), __shfl_xor_sync(0xffffffffu, st.s, lane_mask),
                __shfl_xor_sync(0xffffffffu, st.t, lane_mask), __shfl_xor_sync(0xffffffffu, st.q, lane_mask),
+               __shfl_xor_sync(0xffffffffu, st.zm, lane_mask),
                static_cast<int64_t>(__shfl_xor_sync(0xffffffffu, static_cast<long long>(st.arg), lane_mask))};
 }
 
@@ -134,7 +144,7 @@ __device__ __forceinline__ State block_merge(State st) {
   if (lane == 0) warp_state[warp] = st;
   __syncthreads();
   if (warp == 0) {
-    st = lane < kThreads / 32 ? warp_state[lane] : State{-INFINITY, 0.f, 0.f, 0.f, INT64_MAX};
+    st = lane < kThreads / 32 ? warp_state[lane] : State{-INFINITY, 0.f, 0.f, 0.f, -INFINITY, INT64_MAX};
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) st = merge(st, shfl_xor(st, off));
   }
@@ -172,7 +182,7 @@ __global__ void __launch_bounds__(kThreads) token_stats_fwd_kernel(
   const T* __restrict__ z = logits + L.offset(r);
   const int64_t y = labels[r];
   const bool ignored = y == ignore_index;
-  State st{-INFINITY, 0.f, 0.f, 0.f, 0};
+  State st{-INFINITY, 0.f, 0.f, 0.f, -INFINITY, 0};
   if (!ignored || amax) {
     const int64_t nvec = aligned16(z) ? V / P::N : 0;
     const uint4* __restrict__ zv = reinterpret_cast<const uint4*>(z);
@@ -183,23 +193,23 @@ __global__ void __launch_bounds__(kThreads) token_stats_fwd_kernel(
       for (int u = 0; u < kUnroll; ++u) pk[u].raw = __ldg(zv + i + u * kThreads);  // all loads first
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        float x[P::N];
+        float zk[P::N];
 #pragma unroll
-        for (int k = 0; k < P::N; ++k) x[k] = pk[u].get(k, inv_t);
-        add<FULL>(st, x, (i + u * kThreads) * P::N);
+        for (int k = 0; k < P::N; ++k) zk[k] = pk[u].logit(k);
+        add<FULL>(st, zk, inv_t, (i + u * kThreads) * P::N);
       }
     }
     for (; i < nvec; i += kThreads) {
       P pk;
       pk.raw = __ldg(zv + i);
-      float x[P::N];
+      float zk[P::N];
 #pragma unroll
-      for (int k = 0; k < P::N; ++k) x[k] = pk.get(k, inv_t);
-      add<FULL>(st, x, i * P::N);
+      for (int k = 0; k < P::N; ++k) zk[k] = pk.logit(k);
+      add<FULL>(st, zk, inv_t, i * P::N);
     }
     for (int64_t j = nvec * P::N + threadIdx.x; j < V; j += kThreads) {
-      const float x[1] = {scaled(z[j], inv_t)};
-      add<FULL>(st, x, j);
+      const float zj[1] = {to_f32(z[j])};
+      add<FULL>(st, zj, inv_t, j);
     }
   }
   st = block_merge(st);

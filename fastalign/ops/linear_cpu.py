@@ -183,8 +183,8 @@ def forward(hidden, weight, bias, low_rank, labels, scale, softcap, inv_t, ignor
             zy = torch.where(inside, z.gather(1, yl.clamp_min(0).unsqueeze(1)).squeeze(1), zy)
             if z_sum is not None:
                 z_sum += z.sum(1)
-            if amax_k is not None:  # the piece's largest logit, NaN passed over (the piece's argmax's rule)
-                piece_max = torch.where(z.isnan(), float("-inf"), z).amax(1)
+            if amax_k is not None:  # the piece's largest logit (at its argmax; NaN for a piece of NaN alone)
+                piece_max = z.gather(1, amax_k[:, None]).squeeze(1)
                 better = piece_max > best_val
                 best_val = torch.where(better, piece_max, best_val)
                 best_idx = torch.where(better, amax_k + v0, best_idx)

@@ -271,9 +271,8 @@ def _sums_outputs(lp: Tensor):
 
 @kernel_op("cov_sums", _sums_outputs)
 def cov_sums(lp: Tensor, adv: Tensor, mask: Tensor, backend: str, out: Tensor) -> None:
-    """[sum_m A, sum_m lp, n_valid] (fp32, deterministic order) of contiguous fp32 [B, T] rows, summed in fp64 on every
-    backend (the rows, then the rows' sums in order), so that the means, and the picks among tied covariances,
-    agree."""
+    """[sum_m A, sum_m lp, n_valid] (fp32, deterministic) of contiguous fp32 [B, T] rows, summed in fp64 on every
+    backend, so that the means, and the picks among tied covariances, agree."""
     B, T = lp.shape
     backend = backend_for("cov_sums", lp.device, backend)
     if backend == "torch":

@@ -13,8 +13,7 @@ Where fastalign's own defaults differ from TRL 1.16, the profile selects TRL's b
   non-zero value with none of those in ``loss_type`` rather than drop it.
 * DPO ``discopop_tau`` (read by discopop only), ``f_alpha_divergence_coef`` (alpha_divergence only), CPO
   ``simpo_gamma`` (simpo / alphapo only) and TPO ``tpo_l_gamma`` (tpo-l only), which TRL drops elsewhere, raise
-  when set to other than their default with a loss type that does not read them; so does an f-divergence with
-  sft alone.
+  when set to other than their default with a loss type that does not read them.
 * DPO f-divergences: ipo and sigmoid_norm average the score of the summed log-ratio,
   ``f(x)/|y|`` (``f_length_average="score"``); ``f_alpha_divergence_coef`` c is fastalign's
   ``f_alpha = 1 - c`` (c = 1 is reverse KL).
@@ -182,11 +181,8 @@ def _dpo(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         opts["f_length_average"] = "score"
     if "discopop" in types:  # TRL reads it there only
         opts["discopop_tau"] = c["discopop_tau"]
-    if set(types) == {"sft"} and f != "reverse_kl":  # no preference score to take it (TRL accepts and drops it)
-        raise ValueError(f"DPOConfig: f_divergence_type={f!r} does not apply to loss_type ['sft'] alone (the NLL "
-                         "of the chosen responses reads no preference score)")
-    if f == "alpha_divergence" and abs(coef - 1.0) < 1e-6:
-        f = "reverse_kl"  # TRL's limit case: reverse KL
+    if (f == "alpha_divergence" and abs(coef - 1.0) < 1e-6) or set(types) == {"sft"}:
+        f = "reverse_kl"  # TRL's limit case: reverse KL; sft alone reads no score (TRL lists it among the f-losses)
     opts["f_divergence"] = f
     if f == "alpha_divergence":
         opts["f_alpha"] = 1.0 - coef
