@@ -85,9 +85,10 @@ def test_token_logprobs_ignore_index_that_is_a_vocabulary_id(cpu_backend):
 
 @pytest.mark.parametrize("softcap, temperature", [(0.0, 0.7), (4.0, 1.0)], ids=["temperature", "softcap"])
 def test_linear_stats_argmax_logit(cpu_backend, softcap, temperature):
-    """The op's ``argmax_logit`` is ``max_j z_j / T`` (what vocabulary shards compare): divided by T once, and,
-    softcapped, ``cap tanh(u / cap)`` to fp32 rounding also where |u / cap| < 1/4 (the series branch of the
-    kernel's tanh). Hidden size 1 and a weight of exact values make u exact, so the only error is the tanh's."""
+    """The op's ``argmax_logit`` is ``max_j z_j``, the largest logit before the temperature (what vocabulary shards
+    compare: two logits may round to one z / T), softcapped ``cap tanh(u / cap)`` to fp32 rounding also where
+    |u / cap| < 1/4 (the series branch of the kernel's tanh). Hidden size 1 and a weight of exact values make u
+    exact, so the only error is the tanh's."""
     g = torch.Generator().manual_seed(13)
     V = 150
     hidden = torch.ones(4, 1)
@@ -99,9 +100,8 @@ def test_linear_stats_argmax_logit(cpu_backend, softcap, temperature):
                        False, False, True, cpu_backend, 3, 64, 0.0)
     u = hidden.double() @ weight.double().T
     z = softcap * torch.tanh(u / softcap) if softcap else u
-    x = z / temperature
-    assert torch.equal(out[3], x.argmax(1))
-    assert_close(out[4], x.amax(1), atol=0.0, rtol=1.5e-7, what="argmax logit")
+    assert torch.equal(out[3], z.argmax(1))
+    assert_close(out[4], z.amax(1), atol=0.0, rtol=1.5e-7, what="argmax logit")
 
 
 def test_linear_gradient_of_the_entropy_alone(cpu_backend):
