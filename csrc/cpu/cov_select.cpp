@@ -27,8 +27,8 @@
 namespace fastalign {
 namespace {
 
-// One row's [sum_v A, sum_v lp, n] (in an order fixed by the build), in fp64 as the CUDA kernel and the torch path sum them (an fp32
-// sum moved the means by a rounding, and with them the pick among tied covariances).
+// One row's [sum_v A, sum_v lp, n] (in an order fixed by the build), in fp64 as the CUDA kernel and the torch
+// path sum them (an fp32 sum moved the means by a rounding, and with them the pick among tied covariances).
 FASTALIGN_KERNEL_BODY void row_sums(int64_t T, const float* __restrict lp, const float* __restrict adv,
                                     const uint8_t* __restrict mask, double* out) {
   double sa = 0.0, sl = 0.0, n = 0.0;

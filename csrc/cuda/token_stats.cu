@@ -59,9 +59,7 @@ struct Pack {  // one 16-byte vector of T
   static constexpr int N = 16 / sizeof(T);
   uint4 raw;
   __device__ __forceinline__ float logit(int k) const { return to_f32(reinterpret_cast<const T*>(&raw)[k]); }
-  __device__ __forceinline__ float get(int k, float inv_t) const {
-    return scaled(reinterpret_cast<const T*>(&raw)[k], inv_t);
-  }
+  __device__ __forceinline__ float get(int k, float inv_t) const { return scaled(logit(k), inv_t); }
   __device__ __forceinline__ void set(int k, float v) { reinterpret_cast<T*>(&raw)[k] = from_f32<T>(v); }
 };
 
@@ -89,7 +87,7 @@ __device__ __forceinline__ void add(State& st, const float (&z)[K], float inv_t,
   float vmax = st.m;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    x[k] = __fmul_rn(z[k], inv_t);  // as scaled()
+    x[k] = scaled(z[k], inv_t);
     vmax = fmaxf(vmax, x[k]);        // a NaN is passed over here; its e below is NaN
   }
   if (FULL) {

@@ -213,8 +213,8 @@ def iw_opd_advantages(teacher_logprobs: Tensor, rollout_logprobs: Tensor, respon
     log-probs, detached, on-policy). ``gamma`` any real number, ``eps > 0``. A masked token is skipped by
     selection (a NaN or ``-inf`` there changes nothing; its output is 0); a non-finite teacher log-prob on a
     valid token gives NaN advantages at that token and after it (a NaN teacher log-prob: the whole row; the tokens
-    before an infinite one keep ``w_t = 1 + gamma``, their share of an infinite total being 0). float32 (or float64) out, the prefix sums in float64;
-    no autograd."""
+    before an infinite one keep ``w_t = 1 + gamma``, their share of an infinite total being 0). float32 (or
+    float64) out, the prefix sums in float64; no autograd."""
     a, w = iw_opd_terms(teacher_logprobs, rollout_logprobs, response_mask, gamma, eps)
     return w * a
 
