@@ -271,6 +271,14 @@ def flag_or_raise(bad: torch.Tensor, x: torch.Tensor, message) -> Optional[torch
     return None
 
 
+def token_counts(name: str, counts: torch.Tensor) -> Optional[torch.Tensor]:
+    """Lengths ``counts`` (token counts, any real dtype) must be finite and >= 0: :func:`flag_or_raise` of that, a
+    ``ValueError`` naming ``name`` on an eager CPU tensor, else the device flag (None: nothing to refuse)."""
+    ok = torch.isfinite(counts) & (counts >= 0)
+    return flag_or_raise(~ok.all(), counts, lambda: f"{name} must be finite and >= 0 (token counts), got "
+                                                    f"{int((~ok).sum())} entries that are not")
+
+
 def nan_if(flag: Optional[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
     """``loss``, NaN where the device flag ``flag`` (of :func:`flag_or_raise`; None: nothing to refuse) is set,
     with NaN gradients too: a product, not a selection (whose gradient would be 0 and pass a finiteness check)."""

@@ -109,7 +109,7 @@ class LinearPolicyLoss(nn.Module):
     def __init__(self, *, config: Optional[PolicyConfig] = None, entropy_metric: bool = False,
                  single_pass="auto", **options):
         super().__init__()
-        self.entropy_metric = bool(entropy_metric)
+        self.entropy_metric = _validate.boolean("entropy_metric", entropy_metric)
         check_choice("single_pass", single_pass, AUTO_OR_BOOL)
         self.single_pass = single_pass
         if "entropy" in options:
@@ -132,7 +132,7 @@ class LinearPolicyLoss(nn.Module):
         if "entropy" in kwargs:
             raise ValueError("LinearPolicyLoss computes the entropy itself; pass entropy_coef / entropy_metric")
         cfg = {**self.config, **kwargs}
-        entropy_metric = bool(cfg.pop("entropy_metric", self.entropy_metric))
+        entropy_metric = _validate.boolean("entropy_metric", cfg.pop("entropy_metric", self.entropy_metric))
         single_pass = cfg.pop("single_pass", self.single_pass)
         check_choice("single_pass", single_pass, AUTO_OR_BOOL)
         # the configuration the loss takes decides the path too (a per-call config included)

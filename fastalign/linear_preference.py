@@ -354,6 +354,8 @@ class LinearPreferenceLoss(nn.Module):
                 raise ValueError("hidden must be [2B, T, H] (chosen rows first, rejected second), "
                                  f"got shape {tuple(hidden.shape)}")
             B = hidden.shape[0] // 2
+            if isinstance(token_weights, Tensor):  # checked whole: each half's message would name half shapes
+                _validate.shape("token_weights", token_weights, tuple(labels.shape), "like labels")
             (hc, hr), (yc, yr) = _halves(hidden, B), _halves(labels, B)
             twc, twr = _halves(token_weights, B)
             rhc, rhr = _halves(ref_hidden, B)

@@ -519,6 +519,9 @@ def preference_loss(
     _validate.same_device(**named)
     if (chosen_lengths is None) != (rejected_lengths is None):
         raise ValueError("give both chosen_lengths and rejected_lengths, or neither")
+    # lengths that are not token counts give a NaN loss on a GPU (no host read), never a plausible one
+    malformed = [_validate.token_counts(name, named[name]) for name in ("chosen_lengths", "rejected_lengths")
+                 if name in named]
     beta, eps, smoothed = _check_options(types, beta, label_smoothing, smoothed_losses, f_divergence, f_alpha,
                                          f_length_average, discopop_tau,
                                          dict(cpo_alpha=cpo_alpha, simpo_gamma=simpo_gamma,
@@ -584,6 +587,8 @@ def preference_loss(
     if rpo_alpha is not None:
         loss = loss + float(rpo_alpha) * nll
     loss = loss.to(acc)  # the rows in float64 (discopop, alphapo, a score that exponentiates): rounded once, here
+    for flag in malformed:
+        loss = _validate.nan_if(flag, loss)
 
     with torch.no_grad():
         rc, rr = beta * dc_raw.detach(), beta * dr_raw.detach()

@@ -185,10 +185,7 @@ def sequence_logprobs(
             _validate.real("ld_lengths", ld_lengths, dim=1)
             _validate.shape("ld_lengths", ld_lengths, (S,), "one length per sequence")
             public = ld_lengths.to(acc)
-            bad = _validate.flag_or_raise(  # NaN sums off the host, never plausible ones
-                ~(torch.isfinite(public) & (public >= 0)).all(), public,
-                lambda: "ld_lengths must be finite and >= 0 (token counts), got "
-                        f"{int((~(torch.isfinite(public) & (public >= 0))).sum())} entries that are not")
+            bad = _validate.token_counts("ld_lengths", public)  # NaN sums off the host, never plausible ones
             if bad is not None:
                 malformed = bad if malformed is None else malformed | bad
         # 1-based rank of each valid token inside its own sequence

@@ -272,6 +272,46 @@ def test_direct_implementation_equals_the_op():
             assert torch.equal(x, y) or (x.dtype.is_floating_point and torch.allclose(x, y, equal_nan=True)), name
 
 
+def test_kernels_launch_on_their_tensors_device(monkeypatch):
+    """Triton and the CUDA kernels launch on the current CUDA device: tensors on cuda:1 while cuda:0 was current
+    were read on the wrong device. ``on_device`` makes the first CUDA tensor's device current (fake CUDA tensors
+    here); every kernel op and the live product enter it before any kernel runs."""
+    import contextlib
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastalign.ops import _launch, device_compaction
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or contextlib.nullcontext())
+    with FakeTensorMode():
+        on0, on1 = torch.empty(2, device="cuda:0"), torch.empty(2, device="cuda:1")
+    with _launch.on_device(1.0, None, torch.zeros(1), on1, on0):
+        assert entered == [on1.device]
+    with _launch.on_device(on0, on1), _launch.on_device(torch.zeros(1), 2):
+        assert entered == [on1.device]  # the first CUDA tensor's device is current already; no CUDA tensor
+
+    class Entered(Exception):
+        pass
+
+    def guard(*tensors):
+        seen.append(tensors)
+        raise Entered
+
+    seen, cases = [], _op_cases()
+    monkeypatch.setattr(_launch, "on_device", guard)
+    for name, (op, args) in cases.items():
+        with pytest.raises(Entered):
+            op.direct(*args)
+        assert seen[-1] == args, name
+    monkeypatch.setattr(device_compaction, "on_device", guard)
+    out = torch.zeros(2, 2)
+    with pytest.raises(Entered):
+        device_compaction.matmul_live(out, torch.ones(2, 3), torch.ones(3, 2), torch.tensor([1]), 0, False)
+    assert seen[-1] == (out,)
+
+
 def test_one_rule_for_skipping_the_dispatcher():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.overrides import TorchFunctionMode

@@ -1137,6 +1137,39 @@ def test_switches_are_bools():
         fa.token_logprobs(logits, labels, ignore_index=2 ** 70)
 
 
+def test_linear_policy_loss_entropy_metric_is_a_bool():
+    """LinearPolicyLoss took bool(entropy_metric): "no" turned the metric on, a tensor raised torch's message."""
+    with pytest.raises(TypeError, match="entropy_metric must be a bool"):
+        fa.LinearPolicyLoss(entropy_metric="no")
+    h, w = torch.randn(1, 3, 4), torch.randn(5, 4)
+    labels, zeros, mask = torch.tensor([[1, 2, 3]]), torch.zeros(1, 3), torch.ones(1, 3)
+    for value in ("no", None, torch.tensor([True, False])):
+        with pytest.raises(TypeError, match="entropy_metric must be a bool"):
+            fa.LinearPolicyLoss()(h, w, labels, zeros, zeros, mask, entropy_metric=value)
+
+
+def test_linear_preference_token_weights_shape_is_named_whole():
+    """A [2B, T + 1] token_weights was reported with each half's shapes: "(2, 4) (token_logprobs.shape)"."""
+    h, w, labels = torch.randn(4, 4, 8), torch.randn(11, 8), torch.randint(0, 11, (4, 4))
+    with pytest.raises(ValueError, match=r"token_weights must have shape \(4, 4\) \(like labels\), got \(4, 5\)"):
+        fa.LinearPreferenceLoss()(h, w, labels, token_weights=torch.ones(4, 5))
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+@pytest.mark.parametrize("bad", [-3.0, -1e6, math.inf, math.nan])
+def test_preference_lengths_are_token_counts(loss_type, bad):
+    """preference_loss clamped its lengths to 1: a negative or infinite length gave a plausible loss."""
+    lp = torch.tensor([-4.0, -5.0, -6.0])
+    good = torch.tensor([4.0, 5.0, 6.0])
+    for name in ("chosen_lengths", "rejected_lengths"):
+        lengths = dict(chosen_lengths=good, rejected_lengths=good)
+        lengths[name] = torch.tensor([bad, 5.0, 6.0])
+        with pytest.raises(ValueError, match=f"{name} must be finite and >= 0"):
+            fa.preference_loss(lp, lp - 1.0, loss_type=loss_type, **lengths)
+    zero = torch.tensor([0.0, 5.0, 6.0])  # an empty response counts as one token, as before
+    fa.preference_loss(lp, lp - 1.0, loss_type=loss_type, chosen_lengths=zero, rejected_lengths=good)
+
+
 def test_use_backend_is_per_thread():
     """use_backend was one process-wide value: a thread that never entered a block ran another thread's
     backend, and two blocks exiting out of order left a backend forced after both had ended. Each thread has

@@ -821,11 +821,12 @@ def test_gpu_argmax_passes_over_a_nan_logit(backend):
     Triton's argmax could keep the NaN's step and then the index of a masked lane past the row: V)."""
     if backend == "cuda" and not fastalign._backend.cuda_kernels_available():
         pytest.skip("the CUDA C++ kernels were not compiled into this install")
-    z = torch.zeros(3, 16384, device="cuda")
+    z = torch.zeros(4, 16384, device="cuda")
     z[0, 0], z[0, 2048] = 10.0, float("nan")
     z[1, 5], z[1, 2053], z[1, 6149] = 10.0, float("nan"), 2.0
     z[2, 4000], z[2, 9] = float("nan"), 3.0
-    y = torch.tensor([1, 2, 3], device="cuda")
+    z[3], z[3, 0] = float("-inf"), float("nan")  # no logit above -inf: 0, as the C++ kernels
+    y = torch.tensor([1, 2, 3, 4], device="cuda")
     for V in (4096, 16384):
         st = fastalign.token_logprobs(z[:, :V].contiguous(), y, argmax=True, backend=backend)
         want = torch.where(torch.isnan(z[:, :V]), float("-inf"), z[:, :V]).argmax(-1)
@@ -1060,3 +1061,34 @@ def test_bench_models_at_the_realistic_shapes():
     f = flop_model(8192, 4096, 151936)
     assert f["fwd_flops"] == 2 * 8192 * 4096 * 151936 and f["fwd+bwd_flops"] == 3 * f["fwd_flops"]
     assert "% limit" in t["model"] and "% limit" in f["model"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_kernels_run_on_their_tensors_device_not_the_current_one(backend):
+    """Tensors on cuda:1 while cuda:0 is current (a process that never called torch.cuda.set_device): the kernels
+    launch on cuda:1, on its stream, and give the CPU kernels' results (they launched on the current device)."""
+    if backend == "cuda" and not fastalign._backend.cuda_kernels_available():
+        pytest.skip("the CUDA C++ kernels were not compiled into this install")
+    g = torch.Generator().manual_seed(11)
+    z, y = torch.randn(64, 1000, generator=g), torch.randint(0, 1000, (64,), generator=g)
+    h, w = torch.randn(64, 32, generator=g), torch.randn(1000, 32, generator=g)
+    r, v, m = torch.randn(4, 50, generator=g), torch.randn(4, 50, generator=g), torch.ones(4, 50)
+    scores, index = torch.randn(8, generator=g), torch.arange(8) // 4
+
+    def run(device, backend):
+        on = [t.to(device) for t in (z, y, h, w, r, v, m, scores, index)]
+        zd, yd, hd, wd, rd, vd, md, sd, idd = on
+        st = fastalign.token_logprobs(zd, yd, entropy=True, argmax=True, backend=backend)
+        lin = fastalign.linear_logprobs(hd, wd, yd, entropy=True, backend=backend)
+        adv = fastalign.gae_advantages(rd, vd, md, gamma=0.99, lam=0.95, backend=backend)
+        grp = fastalign.group_advantages(sd, idd, backend=backend)
+        return [t.cpu() for t in (st.logprobs, st.entropy, st.argmax, lin.logprobs, lin.entropy, *adv, grp)]
+
+    assert torch.cuda.current_device() == 0
+    got = run(torch.device("cuda", 1), backend)
+    torch.cuda.synchronize(1)
+    for a, b in zip(got, run(torch.device("cpu"), "cpp")):
+        assert_close(a.double(), b.double(), atol=1e-4, what="cuda:1 against the CPU")
+

@@ -161,6 +161,21 @@ def test_token_logprobs_nan_logit_gives_nan_row(backend, dtype, N, V):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_argmax_leaves_nan_out_and_is_0_without_a_logit_above_minus_inf(backend):
+    """The argmax of the logits other than NaN, the lowest index among ties; 0 for a row of only -inf and NaN
+    logits, from logits and from a head (docs/bad-inputs.md)."""
+    nan, ninf = math.nan, -math.inf
+    z = torch.tensor([[nan, ninf, ninf, ninf], [ninf] * 4, [nan] * 4, [nan, ninf, 2.0, 2.0], [nan, -3.0, ninf, nan]])
+    expected = [0, 0, 0, 2, 1]
+    got = fa.token_logprobs(z, torch.zeros(5, dtype=torch.long), argmax=True, backend=backend).argmax
+    assert got.tolist() == expected
+    for row, want in zip(z, expected):  # logits h W^T = row, with h = [1] and W = row as a column
+        got = fa.linear_logprobs(torch.ones(1, 1), row[:, None].contiguous(), torch.zeros(1, dtype=torch.long),
+                                 argmax=True, backend=backend).argmax
+        assert got.tolist() == [want], row
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("N, V", [(1, 2), (4, 7), (5, 13)])
 def test_token_logprobs_large_logits(backend, dtype, N, V):

@@ -98,6 +98,23 @@ def test_nan_logits_and_out_of_range_labels_give_nan_rows(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("divergence, beta", CASES)
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_a_nan_logit_of_either_model_gives_a_nan_row_as_the_reference(backend, divergence, beta, side):
+    """A NaN logit of the student or the teacher: a NaN divergence at that token in the kernels and in the float64
+    reference (whose 0 log 0 = 0 rule took a NaN probability for 0 at beta = 0 and 1), the other rows equal."""
+    _, zs, zt, y = _batch(7)
+    (zs if side == "student" else zt)[1, 1, 3] = math.nan
+    options = {} if beta is None else dict(beta=beta)
+    got = fastalign.token_divergence(zs, zt, y, divergence=divergence, backend=backend, **options).divergence
+    want = _reference(zs.double(), zt, y, divergence, beta, 1.0)[0]
+    assert bool(got[1, 1].isnan()) and bool(want[1, 1].isnan())
+    ok = torch.ones_like(got, dtype=torch.bool)
+    ok[1, 1] = False
+    assert_close(got[ok], want[ok], atol=2e-6, what="divergence")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("divergence", ["jsd", "tvd"])
 def test_bf16_logits_against_float64(backend, divergence):
     """bf16 logits, read in fp32 (the C++ kernel through an fp32 copy): the outputs at fp32 accuracy of the bf16

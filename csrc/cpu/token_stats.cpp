@@ -63,11 +63,14 @@ FASTALIGN_KERNEL_BODY RowStats row_stats(const typename Storage<D>::T* z, int64_
   return {z_max * inv_t, z_max, z_ref, s, t, q};
 }
 
+// The first j of the largest logit, NaN left out; 0 for a row with no logit above -inf (only -inf and NaN), as
+// the head path and the GPU kernels, whose running argmax starts at column 0 and moves on a strictly larger logit.
 template <int D>
 int64_t row_argmax(const typename Storage<D>::T* z, int64_t V, float z_max) {
+  if (z_max == -std::numeric_limits<float>::infinity()) return 0;
   for (int64_t j = 0; j < V; ++j)
     if (Storage<D>::load(z[j]) == z_max) return j;
-  return 0;  // only for rows of NaN
+  return 0;
 }
 
 // Per-row outputs of the forward; a null pointer skips that output. A full row

@@ -362,10 +362,7 @@ def group_advantages(
         _validate.shape("lengths", lengths, (B,), "one length per response")
         _validate.same_device(scores=r, lengths=lengths)
         lens = lengths.to(torch.float64).contiguous()
-        bad.append(_validate.flag_or_raise(
-            ~(torch.isfinite(lens) & (lens >= 0)).all(), lens,
-            lambda: "lengths must be finite and >= 0 (token counts), got "
-                    f"{int((~(torch.isfinite(lens) & (lens >= 0))).sum())} entries that are not"))
+        bad.append(_validate.token_counts("lengths", lens))
     elif response_mask is not None:
         lens = response_mask_rows("response_mask", response_mask, B, torch.float64, device).sum(dim=1)
     if estimator == "gdpo":

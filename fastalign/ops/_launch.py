@@ -1,7 +1,9 @@
 """Small helpers shared by the ops: how an op is declared (:func:`kernel_op`), when a call may skip the
-dispatcher (:func:`runs_directly`), dtype codes, raw pointers, Triton kernels."""
+dispatcher (:func:`runs_directly`), the device kernels launch on (:func:`on_device`), dtype codes, raw pointers,
+Triton kernels."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import typing
@@ -75,6 +77,21 @@ def unrunnable(t: torch.Tensor) -> Optional[tuple[type, str]]:
     return None
 
 
+def on_device(*tensors):
+    """The context in which kernels reading ``tensors`` launch: ``torch.cuda.device`` of the first CUDA tensor
+    among them when that device is not the current one, else nothing to do.
+
+    Triton and the CUDA kernels launch on the current CUDA device (and on its stream); tensors on another GPU
+    (``cuda:1`` while ``cuda:0`` is current, as in a process that never called ``torch.cuda.set_device``)
+    would be read from the wrong device. Non-tensor arguments are skipped."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            if t.device.index is not None and t.device.index != torch.cuda.current_device():
+                return torch.cuda.device(t.device)
+            break
+    return contextlib.nullcontext()
+
+
 def kernel_op(name: str, outputs: Callable, mutates_args: tuple[str, ...] = ()):
     """Declare the custom op ``fastalign::<name>`` from ``write(<op arguments>, out)``.
 
@@ -83,6 +100,7 @@ def kernel_op(name: str, outputs: Callable, mutates_args: tuple[str, ...] = ()):
     fake implementation (torch.compile, FakeTensorMode) is ``outputs`` alone, so the outputs are declared
     in one place. The op's schema is ``write``'s signature without ``out``, returning ``out``'s annotation.
     The returned op has ``.direct``: the same implementation as a plain function (see :func:`runs_directly`).
+    ``write`` runs on its tensors' device (:func:`on_device`).
     """
     def declare(write: Callable):
         hints = typing.get_type_hints(write)
@@ -102,7 +120,8 @@ def kernel_op(name: str, outputs: Callable, mutates_args: tuple[str, ...] = ()):
 
         def implementation(*args, **kwargs):
             out = allocate(args, kwargs)
-            write(*args, **kwargs, out=out)
+            with on_device(*args, *kwargs.values()):
+                write(*args, **kwargs, out=out)
             return out
 
         implementation.__signature__ = signature

@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from fastalign.ops._launch import triton_kernels
+from fastalign.ops._launch import on_device, triton_kernels
 
 
 class Compaction(NamedTuple):
@@ -64,4 +64,5 @@ def matmul_live(out: Tensor, a: Tensor, b: Tensor, live: Tensor, live_dim: int, 
     """``out (+)= a @ b`` over the first ``live`` rows of ``a`` (``live_dim`` 0: the other rows of ``out``
     are 0, or unchanged when accumulating) or of the shared dimension (``live_dim`` 1); fp32
     accumulation, one rounding into ``out``'s dtype."""
-    triton_kernels("live_matmul").live_matmul(out, a, b, live, live_dim, accumulate)
+    with on_device(out):
+        triton_kernels("live_matmul").live_matmul(out, a, b, live, live_dim, accumulate)

@@ -21,13 +21,13 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, *, beta: flo
     * else, with :math:`m = (1 - \beta) p_s + \beta p_t`:
       :math:`\beta\,KL(p_t \| m) + (1 - \beta)\,KL(p_s \| m)`.
 
-    Terms with a zero probability contribute 0 (``0 log 0 = 0``)."""
+    Terms with a zero probability contribute 0 (``0 log 0 = 0``); a NaN probability gives NaN."""
     lps = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     lpt = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
 
     def kl(lp, lq):  # KL(p || q) summed over the vocabulary
         p = lp.exp()
-        return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
+        return torch.where(p == 0, torch.zeros_like(p), p * (lp - lq)).sum(-1)  # NaN stays NaN
 
     if beta == 0:
         return kl(lpt, lps)
