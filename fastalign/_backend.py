@@ -195,13 +195,25 @@ _cuda_usable: dict = {}
 
 def _arch_runs(archs: str, capability: int) -> bool:
     """Whether code built for ``archs`` ("80-real,90-real,100" as CMake lists them) runs on sm_``capability``:
-    machine code of the same major and a lower or equal minor version, or PTX of a lower or equal version."""
+    machine code of the same major and a lower or equal minor version, or PTX of a lower or equal version. An
+    architecture-specific target ("90a") runs on its own version only, a family-specific one ("100f") on its major
+    version from its minor up (machine code or PTX). CMake's "all", "all-major" and "native" cover the device (a
+    kernel that cannot run then fails at its launch, with CUDA's message); an entry that is not an architecture is
+    passed over."""
     for arch in filter(None, archs.split(",")):
-        number, _, kind = arch.partition("-")
-        n = int(number.rstrip("af"))
-        if kind in ("", "real") and n // 10 == capability // 10 and n <= capability:
+        if arch in ("all", "all-major", "native"):
             return True
-        if kind in ("", "virtual") and n <= capability:
+        number, _, kind = arch.partition("-")
+        specific = number[-1:] if number[-1:] in ("a", "f") else ""
+        if not number.rstrip("af").isdigit() or kind not in ("", "real", "virtual"):
+            continue
+        n = int(number.rstrip("af"))
+        same_family = n // 10 == capability // 10 and n <= capability
+        if specific == "a" and n == capability or specific == "f" and same_family:
+            return True
+        if specific:
+            continue
+        if kind in ("", "real") and same_family or kind in ("", "virtual") and n <= capability:
             return True
     return False
 

@@ -92,6 +92,13 @@ def test_format_report_of_a_missing_core():
     ("80-real,90-real,100", 120, True),  # PTX for compute_100 is compiled by the driver for sm_120
     ("80-real,90-real,100-real", 75, False),
     ("90a-real", 90, True),
+    ("90a", 100, False),           # architecture-specific code (and its PTX) runs on sm_90 only
+    ("100a-real,120-real", 103, False),
+    ("100f-real", 103, True),      # family-specific code runs on the family from its minor version up
+    ("100f", 120, False),
+    ("native", 90, True),          # CMake's own keywords cover the device; int() raised on them
+    ("all-major", 75, True),
+    ("bogus,90-real", 90, True),
     ("", 90, False),
 ])
 def test_arch_compatibility_rule(archs, capability, runs):
