@@ -133,6 +133,12 @@ def test_refusals(checkpoint, tmp_path):
                          args=OnlineDPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False),
                          train_dataset=datasets.Dataset.from_dict({"prompt": ["w1 w2"]}),
                          processing_class=transformers.PreTrainedTokenizerFast.from_pretrained(checkpoint))
+    # a DoRA adapter on the head (TRL's Online DPO takes head adapters): refused when the trainer is built, not at
+    # its first step
+    peft = pytest.importorskip("peft")
+    with pytest.raises(ValueError, match=r"^model: the output head's LoRA adapter 'default' is not a plain LoRA"):
+        _trainer(OnlineDPOTrainer, checkpoint, tmp_path, {},
+                 peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], use_dora=True))
 
 
 def test_bf16_mixed_precision_matches_trl_to_bf16_precision(checkpoint, tmp_path):

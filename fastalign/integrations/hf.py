@@ -419,9 +419,6 @@ def _lora_low_rank(head, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
     for name in head.active_adapters:
         if name not in head.lora_A.keys():
             continue
-        if name in getattr(head, "lora_variant", {}) or head.fan_in_fan_out:
-            raise ValueError(f"model: the output head's LoRA adapter {name!r} is not a plain LoRA on an nn.Linear "
-                             "(DoRA and other variants, fan_in_fan_out), which the fused head cannot express")
         lora_a, lora_b, scaling = head.lora_A[name], head.lora_B[name], head.scaling[name]
         x = head.lora_dropout[name](hidden.to(lora_a.weight.dtype))  # PEFT casts, then drops out
         if dtype is None:
@@ -446,6 +443,23 @@ def _peft_tuner(head) -> Optional[str]:
     return module.split(".")[2] if module.startswith("peft.tuners.") and module.count(".") >= 2 else None
 
 
+def head_adapters_refusal(head) -> Optional[str]:
+    """Why the fused head cannot score the output head ``head`` as its PEFT adapters set it up (None when it
+    can): another tuner's active, unmerged adapters (LoHa, LoKr, IA3, OFT, VeRA, AdaLoRA, ...), or an active LoRA
+    adapter that is not a plain LoRA on an ``nn.Linear`` (DoRA and other variants, ``fan_in_fan_out``)."""
+    tuner = _peft_tuner(head)
+    if tuner is None or getattr(head, "disable_adapters", False) or getattr(head, "merged", False):
+        return None
+    if tuner != "lora":
+        return (f"the output head carries PEFT {tuner} adapters ({type(head).__name__}), which the fused head cannot "
+                "express (plain LoRA only); merge them (merge_adapter()) or leave the head out of target_modules")
+    for name in getattr(head, "active_adapters", ()):
+        if name in getattr(head, "lora_A", {}) and (name in getattr(head, "lora_variant", {}) or head.fan_in_fan_out):
+            return (f"the output head's LoRA adapter {name!r} is not a plain LoRA on an nn.Linear (DoRA and other "
+                    "variants, fan_in_fan_out), which the fused head cannot express")
+    return None
+
+
 def _head(model, hidden: Tensor, dtype: Optional[torch.dtype] = None
           ) -> tuple[Tensor, Optional[Tensor], Optional[tuple[Tensor, Tensor]]]:
     """``(weight, bias, low_rank)`` of the model's output head applied to ``hidden``: the head's own
@@ -459,13 +473,10 @@ def _head(model, hidden: Tensor, dtype: Optional[torch.dtype] = None
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise TypeError(f"model: {type(model).__name__}.get_output_embeddings() has no weight")
-    tuner = _peft_tuner(head)
-    if (tuner not in (None, "lora") and not getattr(head, "disable_adapters", False)
-            and not getattr(head, "merged", False)):
-        raise ValueError(f"model: the output head carries PEFT {tuner} adapters ({type(head).__name__}), which the "
-                         "fused head cannot express (plain LoRA only); merge them (merge_adapter()) or leave the "
-                         "head out of target_modules")
-    lora = tuner == "lora" and hasattr(head, "lora_A") and hasattr(head, "get_base_layer")
+    refusal = head_adapters_refusal(head)
+    if refusal is not None:
+        raise ValueError(f"model: {refusal}")
+    lora = _peft_tuner(head) == "lora" and hasattr(head, "lora_A") and hasattr(head, "get_base_layer")
     if lora and head.disable_adapters and head.merged:  # PEFT's forward rule: disabled adapters leave the weight
         head.unmerge()
     base = head.get_base_layer() if lora else head
