@@ -8,7 +8,9 @@
 * For every estimator, ``fastalign_<name>`` equals verl's ``<name>`` called with the keywords of
   ``ray_trainer.compute_advantage``.
 """
+import copy
 import os
+import pickle
 import subprocess
 import sys
 
@@ -652,6 +654,14 @@ def test_fused_backend_applies_the_models_head_transform(kind):
             z = model(input_ids=ids, attention_mask=attn).logits.double() / temperature
             monkey_patch.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="fastalign")
             res = model(input_ids=ids, attention_mask=attn, return_dict=True, temperature=temperature)
+            # a copy of the patched actor (an EMA or reference model) or one saved whole keeps the head transform
+            # (deepcopy and pickle raised TypeError: the backend value is a str carrying it)
+            own = model._verl_fused_kernels_backend
+            for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+                got = other._verl_fused_kernels_backend
+                assert (got, got.logit_scale, got.softcap, got.rows) == (own, own.logit_scale, own.softcap, own.rows)
+                again = other(input_ids=ids, attention_mask=attn, return_dict=True, temperature=temperature)
+                assert torch.equal(again.log_probs, res.log_probs)
     finally:
         cls.forward = original_forward
     logp = torch.log_softmax(z, dim=-1)

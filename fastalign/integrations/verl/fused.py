@@ -109,6 +109,9 @@ class _Backend(str):
         self.logit_scale, self.softcap, self.rows = logit_scale, softcap, rows
         return self
 
+    def __getnewargs__(self):  # copy, pickle and torch.save rebuild it from these (str's own gives the string)
+        return self.logit_scale, self.softcap, self.rows
+
 
 def _fused_linear_switch(verl_class: type) -> type:
     """A subclass of verl's ``FusedLinearForPPO`` whose ``impl_backend="fastalign"`` builds fastalign's module."""
