@@ -64,6 +64,22 @@ def moe_checkpoint(checkpoint, tmp_path_factory):
     return tiny_moe_checkpoint(tmp_path_factory.mktemp("tiny-qwen3-moe-async"), checkpoint)
 
 
+@pytest.fixture(scope="module")
+def opt_checkpoint(checkpoint, tmp_path_factory):
+    """A tiny OPT policy (the tokenizer of ``checkpoint``): its body builds the causal mask without the position
+    ids, so only TRL's tree attention splits the samples of a packed row."""
+    path = tmp_path_factory.mktemp("tiny-opt-async")
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(vocab_size=len(WORDS), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                                    pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=False)
+    model = transformers.OPTForCausalLM(config)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
+    model.save_pretrained(path)
+    transformers.PreTrainedTokenizerFast.from_pretrained(checkpoint).save_pretrained(path)
+    return str(path)
+
+
 def _samples(seed: int, groups: int = 2, per_group: int = 3, version: int = 0) -> list:
     """Rollout samples of ``groups`` prompts, ``per_group`` completions each: a completion shares its prompt and
     (after the first) a first token with the others of its group, so the tree forks inside the completions.
@@ -200,6 +216,14 @@ def test_async_grpo_lora_matches_trl(checkpoint, tmp_path):
 def test_async_grpo_moe_load_balancing_loss_matches_trl(moe_checkpoint, tmp_path):
     """A MoE policy: the load-balancing loss from the same body forward, added and logged (``aux_loss``) as TRL's."""
     _compare_runs(moe_checkpoint, tmp_path, {}, also=("aux_loss",))
+
+
+def test_async_grpo_tree_rows_of_a_body_that_does_not_split_packed_rows(opt_checkpoint, tmp_path, monkeypatch):
+    """OPT builds its causal mask without the position ids: the drop-in refused its packed tree rows (a ValueError
+    on the CPU, NaN hidden states on a GPU), which TRL's tree attention splits. The same run as TRL's (its FLOPs
+    count, which does not know OPT's config, stubbed for both)."""
+    monkeypatch.setattr(async_grpo.async_grpo_trainer, "compute_flops_per_token", lambda *args, **kwargs: 1.0)
+    _compare_runs(opt_checkpoint, tmp_path, {})
 
 
 def _compare_runs(checkpoint, tmp_path, config, also=()):

@@ -388,12 +388,22 @@ def _unsplit_packing(model) -> Optional[str]:
     return None
 
 
-def _packed_rows_flag(model, attention_mask: Optional[Tensor], position_ids) -> Optional[Tensor]:
+#: Keywords of an attention function that splits the packed sequences itself, whatever mask the body builds: TRL's
+#: tree attention (its AsyncGRPOTrainer packs samples sharing a prompt into one row, each segment attending to its
+#: root-to-segment path).
+_SPLITTING_ATTENTION_KWARGS = ("tree_cu_seqlens_q", "tree_kv_index")
+
+
+def _packed_rows_flag(model, attention_mask: Optional[Tensor], model_kwargs: dict) -> Optional[Tensor]:
     """Refuses packed rows (``position_ids`` that do not step by 1 within a row, ``transformers``' rule, with no
     ``attention_mask``) for a body that would not split them (:func:`_unsplit_packing`): a ``ValueError`` for
     CPU position ids; on a GPU they are not read on the host, and the returned flag makes the hidden states NaN
-    (:func:`fastalign._validate.flag_or_raise`). None when nothing is to refuse."""
+    (:func:`fastalign._validate.flag_or_raise`). None when nothing is to refuse, and when ``model_kwargs`` carry
+    an attention function's own split (:data:`_SPLITTING_ATTENTION_KWARGS`)."""
+    position_ids = model_kwargs.get("position_ids")
     if not isinstance(position_ids, Tensor) or attention_mask is not None or position_ids.dim() != 2:
+        return None
+    if any(model_kwargs.get(key) is not None for key in _SPLITTING_ATTENTION_KWARGS):
         return None
     unsplit = _unsplit_packing(model)
     if unsplit is None:
@@ -614,7 +624,7 @@ def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = N
         raise TypeError(f"head_dtype must be torch.float32, torch.bfloat16 or torch.float16, got {head_dtype}")
     if model_kwargs.pop("return_dict", None) is not None:  # None: unset, as PEFT's forward passes it on
         raise ValueError("return_dict does not apply: the body's outputs are read by name (leave it out)")
-    packed = _packed_rows_flag(model, attention_mask, model_kwargs.get("position_ids"))
+    packed = _packed_rows_flag(model, attention_mask, model_kwargs)
     # No KV cache: transformers builds its per-sequence (packed) attention mask only without one.
     if attention_mask is None and model_kwargs.get("position_ids") is not None and (
             model_kwargs.get("use_cache") or model_kwargs.get("past_key_values") is not None):
