@@ -101,6 +101,7 @@ gpu-check:
 GPU_WHEEL_TARGET := --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 gpu-peers:
+	rm -rf .whl  # one version of each wheel: gpu_check.sh installs the first it finds
 	$(PY) -m pip download -q $(GPU_WHEEL_TARGET) -d .whl -r benchmarks/gpu_tools.txt
 	$(PY) -m pip download -q --no-deps $(GPU_WHEEL_TARGET) -d .whl -r benchmarks/gpu_peers.txt
 

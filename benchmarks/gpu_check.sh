@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make gpu-check`: everything that needs a CUDA GPU, in one command (< 8 minutes on an H100/H200;
-# each step has its own time limit, under 10 minutes in all, so a hang cannot take the whole run).
+# each step has its own time limit, and all of them together end within GPU_CHECK_BUDGET seconds of the start,
+# default 540: a step gets what is left when that is less, and is skipped, saying so, under 15 s).
 #
 #   1. build the package with its CUDA kernels (pip install --no-build-isolation -e .)
 #   2. pytest -m gpu (Triton + CUDA kernels against float64 references, linear backward in bf16 at V=151936)
@@ -18,7 +19,8 @@
 #
 # Everything lands in benchmarks/results/gpu-check-<device>-<UTC time>/ (or $GPU_CHECK_OUT) with the
 # device, date and versions (env.txt) and a one-line status per step (summary.txt): eight files, each
-# written as its step ends, so a run cut short still leaves what it did. Exit status: 0 when every
+# written as its step ends (the benchmark's JSON after each of its cases), so a run cut short still leaves what
+# it did. Exit status: 0 when every
 # step passed, 1 when one failed, 2 when no CUDA device is visible (nothing is run).
 #
 # On a machine without network, `make gpu-peers` downloads beforehand into .whl/ the wheels of the build
@@ -29,7 +31,8 @@
 # torch (a CUDA build) and triton are the machine's own. `--deps-only` does only that (no GPU needed):
 # exit 0 when everything the steps need is importable, 1 otherwise.
 # The CUDA kernels are built for this device's architecture only unless FASTALIGN_CUDA_ARCHS is set.
-# GPU_CHECK_COMMIT names the commit where the copy being checked has no git history. GPU_CHECK_STEPS (a comma
+# GPU_CHECK_COMMIT names the commit where the copy being checked has no git history (env.txt, and the benchmark's
+# JSON through FASTALIGN_COMMIT). GPU_CHECK_STEPS (a comma
 # list of step names: build,pytest-gpu,memcheck,bench,profile) runs only those, to rerun a step after a fix;
 # GPU_CHECK_TESTS narrows pytest-gpu and memcheck to some test files or node ids.
 set -u
@@ -80,7 +83,8 @@ need = {"triton": "triton (the GPU tests and benchmark)", "pytest": "pytest", "p
         "hypothesis": "hypothesis", "scikit_build_core": "scikit-build-core (the build)",
         "pybind11": "pybind11 (the build)"}
 gone = [what for mod, what in need.items() if importlib.util.find_spec(mod) is None]
-gone += [f"{tool} (the build)" for tool in ("cmake", "ninja") if shutil.which(tool) is None]
+gone += [f"{tool} (the build)" for tool in ("cmake", "ninja")  # a program, or its wheel's Python package
+         if shutil.which(tool) is None and importlib.util.find_spec(tool) is None]
 print(", ".join(gone))
 EOF
 )
@@ -95,7 +99,13 @@ fi
 
 device=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))" | tr -c 'A-Za-z0-9\n' '-' | tr 'A-Z' 'a-z')
 out=${GPU_CHECK_OUT:-"benchmarks/results/gpu-check-${device}-$(date -u +%Y%m%dT%H%M%SZ)"}
-mkdir -p "$out"
+if ! mkdir -p "$out" || ! touch "$out/summary.txt"; then
+  echo "gpu-check: cannot write the results folder $out; nothing was run." >&2
+  exit 2
+fi
+commit=${GPU_CHECK_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+export FASTALIGN_COMMIT=$commit
+budget=${GPU_CHECK_BUDGET:-540}
 [ -z "$missing" ] || echo "missing      $missing" >>"$out/summary.txt"
 if [ -z "${FASTALIGN_CUDA_ARCHS:-}" ]; then
   FASTALIGN_CUDA_ARCHS=$("$PY" -c "import torch; a, b = torch.cuda.get_device_capability(0); print(f'{a}{b}-real')")
@@ -109,8 +119,16 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $out/NAME.lo
     *",$name,"*) ;;
     *) echo "$name skipped: not in GPU_CHECK_STEPS" | tee -a "$out/summary.txt"; return 0 ;;
   esac
+  local left=$((budget - SECONDS - 5))  # SECONDS: since the script started; 5 s to write the summary
+  if [ $left -lt 15 ]; then
+    echo "$name skipped: ${left}s left of GPU_CHECK_BUDGET=${budget}s" | tee -a "$out/summary.txt"
+    status=1
+    return 1
+  fi
+  [ $limit -le $left ] || limit=$left
   local t0=$SECONDS
-  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  # SIGTERM at the limit, SIGKILL 10 s later (a process stuck in the driver may ignore the first)
+  timeout -k 10 "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?
   local verdict=passed
   [ $rc -eq 0 ] || { verdict="FAILED (exit $rc$([ $rc -eq 124 ] && echo ', time limit'))"; status=1; }
@@ -120,7 +138,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $out/NAME.lo
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "commit: ${GPU_CHECK_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+  echo "commit: $commit"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null
   "$PY" - <<'EOF'
 import platform, torch
@@ -143,21 +161,24 @@ echo "CUDA architectures built: $FASTALIGN_CUDA_ARCHS" >>"$out/env.txt"
 
 # a failed build still runs the steps: the Triton kernels need no fastalign._C (the tests of the C++/CUDA
 # ones then fail or skip, which the summary shows)
-step build 140 "$PY" -m pip install --no-build-isolation -e . \
+# offline: no index, no version check (either waits on the network), the dependencies the machine's own
+step build 140 "$PY" -m pip install --no-index --no-deps --disable-pip-version-check --no-build-isolation -e . \
   || echo "build failed: see $out/build.log; the later steps run from the source tree" | tee -a "$out/summary.txt" >&2
 "$PY" -c "import fastalign._backend as b; print('CUDA kernels compiled:', b.cuda_kernels_available())" 2>&1 \
   | tee -a "$out/summary.txt"
 # a test file that cannot be imported fails the step without stopping the other files' GPU tests; with
 # pytest-xdist, four workers compile their Triton kernels side by side
-tests=${GPU_CHECK_TESTS:-tests/}
-workers=()
-"$PY" -c "import xdist" 2>/dev/null && workers=(-n 4)
-step pytest-gpu 100 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs "${workers[@]}" \
+# (the files that hold GPU tests; -v: a line per test, so a log cut by the time limit names the tests it ran)
+tests=${GPU_CHECK_TESTS:-$(grep -l "pytest.mark.gpu" tests/test_*.py | tr '\n' ' ')}
+parallel=()  # four workers with pytest-xdist, a minute per test at most with pytest-timeout, where installed
+"$PY" -c "import xdist" 2>/dev/null && parallel=(-n 4)
+"$PY" -c "import pytest_timeout" 2>/dev/null && parallel+=(--timeout 60)
+step pytest-gpu 100 "$PY" -m pytest -m gpu -v -p no:cacheprovider -rs "${parallel[@]}" \
   --continue-on-collection-errors $tests
 if command -v compute-sanitizer >/dev/null 2>&1; then
   # without the caching allocator every tensor is its own allocation, so an overrun is caught
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 45 compute-sanitizer --tool memcheck --error-exitcode 1 \
-    "$PY" -m pytest -m gpu -q -p no:cacheprovider ${GPU_CHECK_TESTS:-tests/test_gpu_kernels.py} -k "not full_vocabulary"
+    "$PY" -m pytest -m gpu -v -p no:cacheprovider ${GPU_CHECK_TESTS:-tests/test_gpu_kernels.py} -k "not full_vocabulary"
 else
   echo "memcheck     skipped: compute-sanitizer not installed" | tee -a "$out/summary.txt"
 fi

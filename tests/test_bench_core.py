@@ -257,6 +257,35 @@ def test_cli_run_within_a_total_budget(tmp_path, capsys):
     assert data["results"] and all(r["skipped"] == core.OUT_OF_TIME for r in data["results"])
 
 
+def test_cli_json_keeps_the_cases_done_when_the_run_is_killed(tmp_path, monkeypatch):
+    """--json was written at the end only: a run killed by a time limit (gpu-check's steps) left nothing. It is
+    written after every case, marked partial until the end; the cases run in the order --ops names them."""
+    import json
+
+    from fastalign.bench import __main__ as bench, summary
+
+    out = tmp_path / "run.json"
+    seen = []
+    real = bench.measure_case
+
+    def measure_then_read_the_file(case, mode, *args, **kwargs):
+        if seen:  # the cases before this one are in the file already
+            data = json.loads(out.read_text())
+            assert data["partial"] is True and {(r["op"], r["mode"]) for r in data["results"]} >= set(seen[:1])
+        seen.append((case.op, mode))
+        return real(case, mode, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure_case", measure_then_read_the_file)
+    assert bench.main(["--quick", "--ops", "policy_loss,group_advantages", "--cases", "B=65536,clip_cov",
+                       "--modes", "fwd", "--no-compile", "--no-memory", "--repeats", "1", "--budget", "0.05",
+                       "--json", str(out)]) == 0
+    assert [op for op, _ in seen] == ["policy_loss", "group_advantages"]
+    data = json.loads(out.read_text())
+    assert "partial" not in data and len({r["op"] for r in data["results"]}) == 2
+    assert "commit" in data["environment"]
+    assert "A partial run" in summary.markdown({**data, "partial": True})
+
+
 def test_best_limits_keeps_the_higher_of_two_measurements():
     a = {"copy_GBps": 10.0, "matmul_TFLOPs": {"fp32": 0.1, "bf16": 0.5}}
     b = {"copy_GBps": 12.0, "matmul_TFLOPs": {"fp32": 0.05}}
@@ -398,7 +427,7 @@ def test_a_late_write_error_loses_no_result(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(core, "environment", lambda device: dict(env))
     gone = tmp_path / "gone"
 
-    def run_then_lose_the_directory(args, env):
+    def run_then_lose_the_directory(args, env, on_case=None):
         shutil.rmtree(gone)
         return _fake_run(True)(args, env)
 
@@ -497,7 +526,7 @@ def _fake_run(timed: bool, peak=0):
         row.update(median_ms=1.0, iqr_ms=0.1, runs=3, peak_extra_bytes=peak)
     else:
         row["skipped"] = core.OUT_OF_TIME
-    return lambda args, env: {"environment": env, "device_limits": {}, "results": [dict(row)]}
+    return lambda args, env, on_case=None: {"environment": env, "device_limits": {}, "results": [dict(row)]}
 
 
 def test_record_never_overwrites_and_cites_the_json_it_writes(tmp_path, monkeypatch, capsys):

@@ -14,6 +14,7 @@ speedups are inflated; the run records the load average and warns.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import importlib.util
 import json
@@ -98,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 240 with --quick, none otherwise; 0 for none)")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurements")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
-    p.add_argument("--json", default=None, metavar="OUT", help="write every figure with device/date/versions")
+    p.add_argument("--json", default=None, metavar="OUT",
+                   help="write every figure with device/date/versions (after each case too, marked "
+                        '"partial": true until the run ends, so a run killed by a time limit keeps its rows)')
     p.add_argument("--plot", default=None, metavar="OUT.png", help="plot time and memory per case")
     p.add_argument("--record", default=None, metavar="DIR",
                    help="write DIR/<device>-<UTC date>-<quick|full>[-<ops>][-cases-<cases>][-<mode>].json, .md "
@@ -226,6 +229,8 @@ def selected_cases(args, device_type) -> list:
     out = [c for c in pool if labels is None or any(s in c.label for s in labels)]
     if not out:
         raise ValueError(f"argument --modes: no selected case runs in {', '.join(modes)}")
+    if ops:  # in the order --ops names them (a run cut short by --total-budget skips the last ones)
+        out.sort(key=lambda c: ops.index(c.op))  # stable: each op's cases keep their order
     return out
 
 
@@ -308,9 +313,10 @@ def _run_device(args) -> torch.device:
     return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def run(args, env: dict = None) -> dict:
+def run(args, env: dict = None, on_case=None) -> dict:
     """Every selected (case, mode) measured; ``env`` is :func:`fastalign.bench.core.environment` of the run's
-    device when already taken."""
+    device when already taken. ``on_case`` is called after each (case, mode) with the results so far, in the
+    returned form (a run killed later keeps them)."""
     device = _run_device(args)
     optional.COMPILE["enabled"] = not args.no_compile
     repeats = args.repeats or (5 if args.quick else 20)
@@ -344,6 +350,10 @@ def run(args, env: dict = None) -> dict:
         if bar is not None:
             bar.set_postfix_str("")
             bar.update(1)
+        if on_case is not None:
+            so_far = copy.deepcopy(results)
+            report.add_ratios(so_far, limits)
+            on_case({"environment": env, "device_limits": limits, "results": so_far})
     if bar is not None:
         bar.close()
     if results and not deadline.passed():  # a peak is the best seen: load from elsewhere only lowers a rate
@@ -390,12 +400,21 @@ def list_cases(args) -> None:
               f"{'/'.join(m for m in c.modes if m in modes):11s} vs {c.baseline}")
 
 
+def _replace(path: str, text: str) -> None:
+    """``path`` holds ``text``, written beside it and renamed over it: a reader, or a kill, never sees half."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _text_writer(text: str):
     """A writer of ``text`` for :func:`_save`."""
-    def write(path: str) -> None:
-        with open(path, "w") as f:
-            f.write(text)
-    return write
+    return lambda path: _replace(path, text)
 
 
 def _save(option: str, path: str, write) -> bool:
@@ -423,7 +442,13 @@ def main(argv=None) -> int:
         if os.path.exists(stem + ".json") and not args.overwrite:
             build_parser().error(f"argument --record: {stem}.json exists (a run of the same device, date and "
                                  f"selection); pass --overwrite to replace it, or record into another directory")
-    data = run(args, env)
+    def partial(data):  # --json after each case, marked partial, replaced whole (a run killed keeps its rows)
+        try:
+            _replace(args.json, json.dumps({**data, "partial": True}, indent=1))
+        except OSError:
+            pass  # reported when the whole run is written
+
+    data = run(args, env, on_case=partial if args.json is not None else None)
     print(report.table(data))
     for line in (core.load_warnings(data["environment"]) + core.spread_warnings(data["results"])
                  + core.timed_once_warnings(data["results"])):

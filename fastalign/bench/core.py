@@ -527,6 +527,25 @@ def load_warnings(env: dict) -> list:
     return []
 
 
+def source_commit() -> Optional[str]:
+    """The commit of the fastalign source that runs: ``FASTALIGN_COMMIT`` when set (a copy without its git history,
+    as a GPU machine gets), else ``git rev-parse HEAD`` of the checkout the package is imported from (an editable
+    install); None for an installed wheel."""
+    given = os.environ.get("FASTALIGN_COMMIT")
+    if given:
+        return given
+    import fastalign
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastalign.__file__)))
+    if not os.path.exists(os.path.join(root, ".git")):
+        return None
+    try:
+        done = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
 def environment(device: torch.device) -> dict:
     import datetime
     import platform
@@ -547,6 +566,7 @@ def environment(device: torch.device) -> dict:
     import fastalign
 
     info["fastalign"] = fastalign.__version__
+    info["commit"] = source_commit()
     if device.type == "cuda":
         info["device"] = torch.cuda.get_device_name(device)
     else:

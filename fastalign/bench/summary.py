@@ -33,9 +33,13 @@ def _x(v):
 def markdown(data: dict, source: str = "") -> str:
     env = data["environment"]
     lines = [f"## {env['device']} — {env['date']}", "",
-             f"torch {env['torch']}, triton {env.get('triton')}, fastalign {env['fastalign']}, "
-             f"python {env['python']}" + (f"; file `{source}`" if source else ""), "",
+             f"torch {env['torch']}, triton {env.get('triton')}, fastalign {env['fastalign']}"
+             + (f" (commit {env['commit'][:12]})" if env.get("commit") else "")
+             + f", python {env['python']}" + (f"; file `{source}`" if source else ""), "",
              f"Command: `{env['command']}`", ""]
+    if data.get("partial"):
+        lines += ["**A partial run: it ended before its last case (a time limit), and these are the cases it "
+                  "finished.**", ""]
     load = describe_load(env)
     if load:
         lines += [load[0].upper() + load[1:] + ".", ""]
