@@ -106,6 +106,11 @@ fi
 commit=${GPU_CHECK_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 export FASTALIGN_COMMIT=$commit
 budget=${GPU_CHECK_BUDGET:-540}
+case $budget in
+  '' | *[!0-9]*)
+    echo "gpu-check: GPU_CHECK_BUDGET must be whole seconds, got '$budget'; nothing was run." >&2
+    exit 2 ;;
+esac
 [ -z "$missing" ] || echo "missing      $missing" >>"$out/summary.txt"
 if [ -z "${FASTALIGN_CUDA_ARCHS:-}" ]; then
   FASTALIGN_CUDA_ARCHS=$("$PY" -c "import torch; a, b = torch.cuda.get_device_capability(0); print(f'{a}{b}-real')")
@@ -119,7 +124,8 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $out/NAME.lo
     *",$name,"*) ;;
     *) echo "$name skipped: not in GPU_CHECK_STEPS" | tee -a "$out/summary.txt"; return 0 ;;
   esac
-  local left=$((budget - SECONDS - 5))  # SECONDS: since the script started; 5 s to write the summary
+  # SECONDS: since the script started; 15 s for the kill 10 s after a limit and the summary
+  local left=$((budget - SECONDS - 15))
   if [ $left -lt 15 ]; then
     echo "$name skipped: ${left}s left of GPU_CHECK_BUDGET=${budget}s" | tee -a "$out/summary.txt"
     status=1
@@ -163,7 +169,8 @@ echo "CUDA architectures built: $FASTALIGN_CUDA_ARCHS" >>"$out/env.txt"
 # ones then fail or skip, which the summary shows)
 # offline: no index, no version check (either waits on the network), the dependencies the machine's own
 step build 140 "$PY" -m pip install --no-index --no-deps --disable-pip-version-check --no-build-isolation -e . \
-  || echo "build failed: see $out/build.log; the later steps run from the source tree" | tee -a "$out/summary.txt" >&2
+  || echo "build did not pass (summary above, $out/build.log); the later steps run from the source tree" \
+  | tee -a "$out/summary.txt" >&2
 "$PY" -c "import fastalign._backend as b; print('CUDA kernels compiled:', b.cuda_kernels_available())" 2>&1 \
   | tee -a "$out/summary.txt"
 # a test file that cannot be imported fails the step without stopping the other files' GPU tests; with

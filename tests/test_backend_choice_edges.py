@@ -90,6 +90,20 @@ def test_vocab_group_takes_a_shard0_dtensor_head_and_refuses_a_replicated_one(on
         fastalign.linear_logprobs(hidden, replicated, labels, vocab_group=one_rank_group)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_vocab_group_argmax_of_rows_without_a_logit_above_minus_inf(one_rank_group, backend, monkeypatch):
+    """A shard row of only -inf and NaN reports column 0, whose logit may be the NaN: the merge compared NaN with
+    the largest logit and gave id V, past the row; it takes such a logit as -inf, so the id is 0 as without
+    vocab_group (docs/bad-inputs.md)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    nan, ninf = float("nan"), float("-inf")
+    z = torch.tensor([[nan, ninf, ninf, ninf], [ninf] * 4, [1.0, 2.0, nan, 2.0]])
+    labels = torch.zeros(3, dtype=torch.long)
+    alone = fastalign.token_logprobs(z, labels, argmax=True, backend=backend).argmax
+    grouped = fastalign.token_logprobs(z, labels, argmax=True, backend=backend, vocab_group=one_rank_group).argmax
+    assert alone.tolist() == grouped.tolist() == [0, 0, 1]
+
+
 def _token_stats_of_a_shard(group):
     labels = torch.tensor([1, 2])
     return torch.randn(2, 0), lambda x: fastalign.token_logprobs(x, labels, vocab_group=group).logprobs

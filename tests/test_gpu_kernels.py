@@ -1076,15 +1076,23 @@ def test_gpu_kernels_run_on_their_tensors_device_not_the_current_one(backend):
     h, w = torch.randn(64, 32, generator=g), torch.randn(1000, 32, generator=g)
     r, v, m = torch.randn(4, 50, generator=g), torch.randn(4, 50, generator=g), torch.ones(4, 50)
     scores, index = torch.randn(8, generator=g), torch.arange(8) // 4
+    old, a = torch.randn(2, 32, generator=g) - 7.0, torch.randn(2, 32, generator=g)
 
     def run(device, backend):
-        on = [t.to(device) for t in (z, y, h, w, r, v, m, scores, index)]
-        zd, yd, hd, wd, rd, vd, md, sd, idd = on
+        on = [t.to(device) for t in (z, y, h, w, r, v, m, scores, index, old, a)]
+        zd, yd, hd, wd, rd, vd, md, sd, idd, oldd, ad = on
         st = fastalign.token_logprobs(zd, yd, entropy=True, argmax=True, backend=backend)
         lin = fastalign.linear_logprobs(hd, wd, yd, entropy=True, backend=backend)
         adv = fastalign.gae_advantages(rd, vd, md, gamma=0.99, lam=0.95, backend=backend)
         grp = fastalign.group_advantages(sd, idd, backend=backend)
-        return [t.cpu() for t in (st.logprobs, st.entropy, st.argmax, lin.logprobs, lin.entropy, *adv, grp)]
+        # the single pass (its blocks' backward runs outside the custom ops) and the two passes' backward
+        hp = hd.view(2, 32, 32).clone().requires_grad_(True)
+        grads = []
+        for single_pass in (True, False):
+            loss, _ = fastalign.LinearPolicyLoss(single_pass=single_pass, backend=backend)(
+                hp, wd, yd.view(2, 32), oldd, ad, torch.ones_like(ad))
+            grads.append(torch.autograd.grad(loss, hp)[0])
+        return [t.cpu() for t in (st.logprobs, st.entropy, st.argmax, lin.logprobs, lin.entropy, *adv, grp, *grads)]
 
     assert torch.cuda.current_device() == 0
     got = run(torch.device("cuda", 1), backend)

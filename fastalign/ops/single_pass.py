@@ -231,7 +231,7 @@ class _SinglePass(torch.autograd.Function):
         k = max(1, min(B, block_budget_rows(V, hiddens[0], tiles) // max(per_item, 1)))
         # rows not found on the host: the Triton paths put a block's labelled rows first on the device and
         # multiply only those (ops/device_compaction.py)
-        on_device = pipe.backend != "cpp" and all(rows is None for _y, rows in side_labels)
+        compacts = pipe.backend != "cpp" and all(rows is None for _y, rows in side_labels)
         buf = None
         for p0 in range(0, B, k):
             p1 = min(B, p0 + k)
@@ -239,7 +239,7 @@ class _SinglePass(torch.autograd.Function):
             sizes = [i.numel() for i in idx]
             blocks = [torch.cat([f.index_select(0, i) for f, i in zip(flat, idx)]) for flat in flats]
             y_blk = torch.cat([y.index_select(0, i) for y, i in zip(y_flat, idx)])
-            cmp = compact(y_blk, pipe.ignore_index) if on_device else None
+            cmp = compact(y_blk, pipe.ignore_index) if compacts else None
             if cmp is not None:
                 blocks, y_blk = [cmp.gather(b) for b in blocks], cmp.gather(y_blk)
             h_blk = blocks[0]

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from fastalign import _backend
 from fastalign._backend import backend_for
-from fastalign.ops._launch import (DTYPE_CODE, check_rows, eager_autograd, kernel_op, opt, ptr, runs_directly,
-                                   save_for_backward, stat_outputs, triton_kernels)
+from fastalign.ops._launch import (DTYPE_CODE, check_rows, eager_autograd, kernel_op, on_device, opt, ptr,
+                                   runs_directly, save_for_backward, stat_outputs, triton_kernels)
 
 
 def shares_memory(t: Tensor) -> bool:
@@ -106,14 +106,16 @@ def backward_into(grad: Tensor, g_lp, g_ent, g_sp2, logits, labels, lse, log_c, 
     ent, sp2 = opt(ent), opt(sp2)
     backend = backend_for("token_stats_backward", logits.device, backend)
     if backend == "triton":
-        triton_kernels("token_stats").token_stats_backward(
-            logits, labels, inv_temperature, ignore_index, lse, ent, sp2, g_lp, g_ent, g_sp2, grad, log_c)
+        with on_device(logits):  # also called outside the op (the single pass's blocks)
+            triton_kernels("token_stats").token_stats_backward(
+                logits, labels, inv_temperature, ignore_index, lse, ent, sp2, g_lp, g_ent, g_sp2, grad, log_c)
         return
     head = (logits.data_ptr(), DTYPE_CODE[logits.dtype], O * I, V, I, logits.stride(0), logits.stride(1),
             labels.data_ptr(), inv_temperature, ignore_index, ptr(lse))
     tail = (ptr(ent), ptr(sp2), ptr(g_lp), ptr(g_ent), ptr(g_sp2), grad.data_ptr(), grad.stride(0), grad.stride(1))
     if backend == "cuda":
-        _backend.compiled().token_stats_bwd_cuda(*head, *tail, _backend.cuda_stream(logits))
+        with on_device(logits):
+            _backend.compiled().token_stats_bwd_cuda(*head, *tail, _backend.cuda_stream(logits))
     else:
         _backend.compiled().token_stats_bwd_cpu(*head, ptr(log_c), *tail)
 

@@ -121,12 +121,15 @@ def _empty_shard_stats(n: int, device, want_ent: bool, want_sp2: bool, want_amax
 
 def global_argmax(amax: Tensor, amax_val: Tensor, start: Tensor, v_total: Tensor, group) -> Tensor:
     """The whole row's argmax (global id) from each shard's local ``amax`` and its logit ``amax_val``: the largest
-    logit over the ranks, the lowest id among its ties (as ``torch.argmax``), in a MAX then a MIN all-reduce."""
+    logit over the ranks, the lowest id among its ties (as ``torch.argmax``), in a MAX then a MIN all-reduce. A NaN
+    ``amax_val`` (a shard whose logits are only -inf and NaN reports its column 0, which may hold the NaN) counts
+    as -inf, so a row with no logit above -inf gives id 0, as a whole row does."""
     import torch.distributed as dist
 
-    best = amax_val.clone()
+    own = torch.where(amax_val.isnan(), float("-inf"), amax_val)
+    best = own.clone()
     dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
-    cand = torch.where(amax_val == best, amax + start, v_total.to(amax.dtype).expand_as(amax))
+    cand = torch.where(own == best, amax + start, v_total.to(amax.dtype).expand_as(amax))
     dist.all_reduce(cand, op=dist.ReduceOp.MIN, group=group)
     return cand
 
