@@ -543,7 +543,8 @@ def source_commit() -> Optional[str]:
         done = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return done.stdout.strip() or None if done.returncode == 0 else None
+    commit = done.stdout.strip() if done.returncode == 0 else ""
+    return commit or None
 
 
 def environment(device: torch.device) -> dict:

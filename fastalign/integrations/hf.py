@@ -527,6 +527,24 @@ def router_aux_loss(model, router_logits, attention_mask: Optional[Tensor] = Non
 _WHOLE_MODEL_TUNERS = ("XLORA", "SHADOW")
 
 
+def peft_refusal(model) -> Optional[str]:
+    """Why the fused head cannot score a PEFT ``model`` as its active adapter sets it up (None when it can): prompt
+    learning (``PromptTuningConfig``, ``PrefixTuningConfig``, ...: its virtual tokens reach the body as
+    ``inputs_embeds``), and the tuners set up by hooks on the whole model's forward (:data:`_WHOLE_MODEL_TUNERS`).
+    The output head's own adapters: :func:`head_adapters_refusal`."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None:
+        return None
+    if getattr(config, "is_prompt_learning", False):
+        return (f"PEFT prompt learning ({type(config).__name__}) adds virtual tokens that the body alone does not "
+                "see; it is not supported (LoRA and merged adapters are)")
+    if getattr(config, "peft_type", None) in _WHOLE_MODEL_TUNERS:
+        return (f"PEFT {type(config).__name__} adapters are set up by hooks on the whole model's forward, which the "
+                "body alone does not run (the base model, or a stale state, would be scored); it is not supported "
+                "(LoRA, aLoRA, Poly and merged adapters are)")
+    return None
+
+
 @contextlib.contextmanager
 def _peft_forward(model, input_ids: Tensor, model_kwargs: dict):
     """Runs the body in what ``PeftModelForCausalLM.forward`` sets up around its base model (LoRA and the other
@@ -609,14 +627,9 @@ def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = N
         raise ValueError(f"model: a {type(model).__name__} runs its hooks (DDP's gradient all-reduce, FSDP2's "
                          "gathering of the root's parameters) in its own forward, which head_operands does not run; "
                          "call it inside that forward, or score with causal_lm_logprobs(model, ...), which does")
-    config = getattr(model, "active_peft_config", None)
-    if config is not None and getattr(config, "is_prompt_learning", False):
-        raise ValueError(f"model: PEFT prompt learning ({type(config).__name__}) adds virtual tokens that the body "
-                         "alone does not see; it is not supported (LoRA and merged adapters are)")
-    if config is not None and getattr(config, "peft_type", None) in _WHOLE_MODEL_TUNERS:
-        raise ValueError(f"model: PEFT {type(config).__name__} adapters are set up by hooks on the whole model's "
-                         "forward, which the body alone does not run (the base model, or a stale state, would be "
-                         "scored); it is not supported (LoRA, aLoRA, Poly and merged adapters are)")
+    refusal = peft_refusal(model)
+    if refusal is not None:
+        raise ValueError(f"model: {refusal}")
     if "adapter_names" in model_kwargs:
         raise ValueError("adapter_names (one PEFT adapter per row) is not supported: set the active adapter "
                          "(model.set_adapter) and score each adapter's rows in their own call")

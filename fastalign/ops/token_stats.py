@@ -105,19 +105,17 @@ def backward_into(grad: Tensor, g_lp, g_ent, g_sp2, logits, labels, lse, log_c, 
     g_lp, g_ent, g_sp2 = (None if g is None else g.contiguous().float() for g in (g_lp, g_ent, g_sp2))
     ent, sp2 = opt(ent), opt(sp2)
     backend = backend_for("token_stats_backward", logits.device, backend)
-    if backend == "triton":
-        with on_device(logits):  # also called outside the op (the single pass's blocks)
-            triton_kernels("token_stats").token_stats_backward(
-                logits, labels, inv_temperature, ignore_index, lse, ent, sp2, g_lp, g_ent, g_sp2, grad, log_c)
-        return
     head = (logits.data_ptr(), DTYPE_CODE[logits.dtype], O * I, V, I, logits.stride(0), logits.stride(1),
             labels.data_ptr(), inv_temperature, ignore_index, ptr(lse))
     tail = (ptr(ent), ptr(sp2), ptr(g_lp), ptr(g_ent), ptr(g_sp2), grad.data_ptr(), grad.stride(0), grad.stride(1))
-    if backend == "cuda":
-        with on_device(logits):
+    with on_device(logits):  # also called outside the op (the single pass's blocks)
+        if backend == "triton":
+            triton_kernels("token_stats").token_stats_backward(
+                logits, labels, inv_temperature, ignore_index, lse, ent, sp2, g_lp, g_ent, g_sp2, grad, log_c)
+        elif backend == "cuda":
             _backend.compiled().token_stats_bwd_cuda(*head, *tail, _backend.cuda_stream(logits))
-    else:
-        _backend.compiled().token_stats_bwd_cpu(*head, ptr(log_c), *tail)
+        else:
+            _backend.compiled().token_stats_bwd_cpu(*head, ptr(log_c), *tail)
 
 
 def _grad_outputs(logits: Tensor, labels: Tensor):

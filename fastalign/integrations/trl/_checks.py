@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from fastalign.integrations.hf import _WHOLE_MODEL_TUNERS, head_adapters_refusal, head_transform
+from fastalign.integrations.hf import head_adapters_refusal, head_transform, peft_refusal
 from fastalign.integrations.trl._head import base_model, install_head
 
 
@@ -42,27 +42,16 @@ def check_head_transform(base, name: str) -> None:
 
 
 def check_peft(model, name: str) -> None:
-    """A ``ValueError`` naming ``name`` and the PEFT config type for a PEFT model whose active adapter the fused
-    head cannot score (:func:`fastalign.integrations.hf.head_operands` refuses it at every call): prompt learning
-    (``PromptTuningConfig``, ``PrefixTuningConfig``, ``PromptEncoderConfig``, ...: its virtual tokens reach the
-    body as ``inputs_embeds``), X-LoRA and ShadowPEFT (set up by hooks on the whole model's forward), and adapters on
-    the output head that it cannot express (:func:`fastalign.integrations.hf.head_adapters_refusal`: DoRA, other
-    tuners), so they raise at construction rather than at the first step."""
-    config = getattr(model, "active_peft_config", None)
-    if config is None:
+    """A ``ValueError`` naming ``name`` for a PEFT model whose active adapter the fused head cannot score, at
+    construction rather than at the first step (:func:`fastalign.integrations.hf.head_operands` refuses it at every
+    call): :func:`fastalign.integrations.hf.peft_refusal` (prompt learning, X-LoRA, ShadowPEFT), then
+    :func:`fastalign.integrations.hf.head_adapters_refusal` (DoRA and other adapters on the output head)."""
+    if getattr(model, "active_peft_config", None) is None:
         return
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    refusal = None if head is None else head_adapters_refusal(head)
+    refusal = peft_refusal(model) or (None if head is None else head_adapters_refusal(head))
     if refusal is not None:
         raise ValueError(f"{name}: {refusal}")
-    if getattr(config, "is_prompt_learning", False):
-        raise ValueError(f"{name}: PEFT prompt learning ({type(config).__name__}) adds virtual tokens that the "
-                         "fastalign trainers' fused head does not see; it is not supported (LoRA and merged "
-                         "adapters are)")
-    if getattr(config, "peft_type", None) in _WHOLE_MODEL_TUNERS:
-        raise ValueError(f"{name}: PEFT {type(config).__name__} adapters are set up by hooks on the whole model's "
-                         "forward, which the fastalign trainers' fused head does not run; they are not supported "
-                         "(LoRA, aLoRA, Poly and merged adapters are)")
 
 
 def check_head_dtype(trainer, model, name: str, *, head_dtype: Optional[torch.dtype] = None,
