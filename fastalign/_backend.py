@@ -197,9 +197,9 @@ def _arch_runs(archs: str, capability: int) -> bool:
     """Whether code built for ``archs`` ("80-real,90-real,100" as CMake lists them) runs on sm_``capability``:
     machine code of the same major and a lower or equal minor version, or PTX of a lower or equal version. An
     architecture-specific target ("90a") runs on its own version only, a family-specific one ("100f") on its major
-    version from its minor up (machine code or PTX). CMake's "all", "all-major" and "native" cover the device (a
-    kernel that cannot run then fails at its launch, with CUDA's message); an entry that is not an architecture is
-    passed over."""
+    version from its minor up (machine code or PTX). The build records what CMake's "all", "all-major" and "native"
+    resolve to; a keyword it could not resolve is taken to cover the device (a kernel that cannot run then fails at
+    its launch, with CUDA's message); an entry that is not an architecture is passed over."""
     for arch in filter(None, archs.split(",")):
         if arch in ("all", "all-major", "native"):
             return True

@@ -1,6 +1,8 @@
 """`fastalign.info()` / `python -m fastalign.info`, and the CUDA-kernel fallback rule."""
 import importlib.util
 import os
+import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -103,6 +105,23 @@ def test_format_report_of_a_missing_core():
 ])
 def test_arch_compatibility_rule(archs, capability, runs):
     assert _backend._arch_runs(archs, capability) is runs
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("cmake") is None,
+                    reason="needs nvcc and cmake to configure a CUDA build")
+def test_a_cmake_keyword_is_recorded_as_the_architectures_it_builds(tmp_path):
+    """FASTALIGN_CUDA_ARCHS=all-major (or native) was recorded as the keyword, which cuda_kernels_usable took as
+    runnable on any device; the build records the architectures CMake resolves it to."""
+    import pybind11
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, FASTALIGN_CUDA="1", FASTALIGN_CUDA_ARCHS="all-major")
+    subprocess.run(["cmake", "-S", root, "-B", str(tmp_path), f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+                    f"-DPython_EXECUTABLE={sys.executable}"], env=env, check=True, capture_output=True, timeout=300)
+    flags = "".join(p.read_text() for p in tmp_path.rglob("flags.make"))
+    recorded = re.search(r'FASTALIGN_CUDA_ARCHS=\\"([^"\\]*)', flags).group(1)
+    assert all(re.fullmatch(r"\d+[af]?(-real|-virtual)?", arch) for arch in recorded.split(",")), recorded
+    assert not _backend._arch_runs(recorded, 1), recorded  # sm_10 exists in no CUDA toolkit's list
 
 
 def test_missing_cuda_kernels_fall_back_to_triton_with_one_warning(monkeypatch):
