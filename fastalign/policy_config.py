@@ -52,7 +52,7 @@ ENTROPY_AGGS = ("loss", "token-mean")
 POLICY_LOSS_TYPES = tuple(dict.fromkeys(LOSS_TYPES + tuple(PRESETS)))
 
 _PPO_ROWS = ("ppo", "gspo", "clip_cov")  # rows with the ppo clip
-_SEQUENCE_LEVEL_ROWS = ("ppo", "cispo", "sapo")  # rows that take importance_sampling_level="sequence"
+SEQUENCE_LEVEL_ROWS = ("ppo", "cispo", "sapo")  # rows that take importance_sampling_level="sequence"
 _CLIP_ROWS = ("ppo", "gspo", "clip_cov", "gmpo", "cispo", "dppo_tv", "dppo_kl")  # rows that read eps_low / eps_high
 _DELTA_ROWS = ("ppo", "gspo", "dppo_tv", "dppo_kl")  # rows that read delta (the ratio's upper bound)
 # rows whose importance ratio is rho = exp(clamp(l, -log_ratio_cap, log_ratio_cap)) (the KL term's ratio too,
@@ -216,9 +216,9 @@ class PolicyConfig:
         if self.importance_sampling_level not in IS_LEVELS:
             raise _refused("importance_sampling_level", f"must be 'token' or 'sequence', "
                               f"got {self.importance_sampling_level!r}")
-        if self.importance_sampling_level == "sequence" and row not in _SEQUENCE_LEVEL_ROWS:
+        if self.importance_sampling_level == "sequence" and row not in SEQUENCE_LEVEL_ROWS:
             raise option_error("importance_sampling_level", f"importance_sampling_level='sequence' applies to "
-                               f"{_SEQUENCE_LEVEL_ROWS}, not to loss_type {self.loss_type!r}")
+                               f"{SEQUENCE_LEVEL_ROWS}, not to loss_type {self.loss_type!r}")
         for name in ("eps_low", "eps_high"):
             given = getattr(self, name) is not None
             self._only(name, given, _CLIP_ROWS)
@@ -336,11 +336,8 @@ class PolicyConfig:
     # ------------------------------------------------------------------ resolved values
     @property
     def row(self) -> str:
-        """The kernel row of the loss type (presets resolved, gpg -> reinforce)."""
-        lt = self.loss_type
-        if lt in PRESETS:
-            lt = PRESETS[lt][0]
-        return "reinforce" if lt == "gpg" else lt
+        """The kernel row of the loss type (presets resolved: gpg -> reinforce)."""
+        return PRESETS[self.loss_type][0] if self.loss_type in PRESETS else self.loss_type
 
     @property
     def resolved_agg(self) -> str:

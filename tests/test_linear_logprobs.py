@@ -9,7 +9,7 @@ import torch
 import fastalign
 from fastalign import reference
 from fastalign.ops.linear_stats import linear_stats, linear_stats_backward
-from fastalign.ops.vocab_pieces import merge_stats
+from fastalign.ops.vocab_pieces import merge_pieces
 from helpers import assert_close, rank_body
 
 N, H, V = 17, 40, 203  # not a multiple of any block size
@@ -271,6 +271,13 @@ def test_argmax_ties_take_lowest_index():
     st = fastalign.linear_logprobs(hidden, weight, torch.zeros(3, dtype=torch.long), argmax=True, backend="cpp",
                                    chunk=(2, 10))
     assert st.argmax.tolist() == [7, 7, 7]
+
+
+def merge_stats(lse, ent, sp2):
+    """Per-piece statistics ``[K, N]`` (log-sum-exp, entropy, sum p^2 of disjoint vocabulary pieces) merged into
+    ``[N]`` by :func:`merge_pieces`, the kernels' merge."""
+    M, log_S, out_ent, out_sp2, _ = merge_pieces(lse, torch.zeros_like(lse), ent, sp2)
+    return M + log_S, out_ent, out_sp2
 
 
 def test_merge_stats_matches_full_row():

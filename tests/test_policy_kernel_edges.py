@@ -9,11 +9,13 @@ float64 reference, which follows the trainers' rules:
   the off-policy threshold is exclusive, vespo's lambda is floored at 1e-4, Clip-Cov's bounds are strict.
 """
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from fastalign import reference
+from fastalign import policy_config, reference
 from helpers import assert_close, policy_and_reference
 
 
@@ -179,3 +181,25 @@ def test_clip_cov_bounds_are_strict(cpu_backend):
                                      cov_ratio=0.5, cov_lb=-0.5, cov_ub=0.5, loss_type="clip_cov")
     assert float(ours[1]["cov_selected_frac"]) == 0.0
     _check(ours, ref, tol=1e-7)
+
+
+def _cpp_enum(name: str) -> dict:
+    """The members of ``enum name`` in csrc/cpu/policy_loss.h, by value (the enums count up from 0)."""
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "cpu" / "policy_loss.h").read_text()
+    body = re.search(rf"enum {name} : int {{([^}}]*)}}", header).group(1)
+    members = [m.split("=")[0].strip() for m in body.split(",")]
+    return {m: i for i, m in enumerate(members)}
+
+
+def test_loss_and_kl_codes_agree_across_python_cpp_and_triton():
+    """The row codes are written three times (policy_config, the C++ enums, the Triton constants): they agree."""
+    triton_kernel = pytest.importorskip("fastalign.kernels.policy_loss")
+    loss_rows, kl_types = _cpp_enum("LossType"), _cpp_enum("KLType")
+    assert len(loss_rows) == len(policy_config.LOSS_CODES) and len(kl_types) == len(policy_config.KL_CODES)
+    for name, code in policy_config.LOSS_CODES.items():
+        spelled = name.upper().replace("_", "")  # clip_cov: CLIPCOV (Triton), kCLIPCOV (C++)
+        assert getattr(triton_kernel, spelled).value == code and loss_rows["k" + spelled] == code, name
+    for name, triton_name, cpp_name in (("k1", "K1", "kK1"), ("abs", "KABS", "kAbs"), ("k2", "K2", "kK2"),
+                                        ("k3", "K3", "kK3")):
+        code = policy_config.KL_CODES[name]
+        assert getattr(triton_kernel, triton_name).value == code and kl_types[cpp_name] == code, name

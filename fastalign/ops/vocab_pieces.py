@@ -63,12 +63,6 @@ def merge_pieces(m: Tensor, log_s: Tensor, ent: Optional[Tensor], sp2: Optional[
     return M, log_S, out_ent, out_sp2, tuple(sums)
 
 
-def merge_stats(lse: Tensor, ent: Optional[Tensor], sp2: Optional[Tensor]):
-    """Merge per-piece statistics ``[K, N]`` (over disjoint vocabulary pieces) into ``[N]``."""
-    M, log_S, out_ent, out_sp2, _ = merge_pieces(lse, torch.zeros_like(lse), ent, sp2)
-    return M + log_S, out_ent, out_sp2
-
-
 # Labels as the row kernels see them inside one vocabulary piece: a local id in [0, v1 - v0),
 # PIECE_IGNORE for an ignored row, PIECE_ELSEWHERE for a label in another piece (or out of range).
 # Both are negative, so no local id can ever be mistaken for an ignored row, whatever ignore_index.

@@ -347,14 +347,20 @@ def _installed(model) -> bool:
     return func is not None
 
 
+def _closure_cell(func, wrapper: str, cell: str, package: str):
+    """The value of the closure variable ``cell`` of ``func`` when ``func`` is the function named ``wrapper``
+    defined in ``package`` (a library's wrapper that holds what it wraps in its closure); None otherwise."""
+    code = getattr(func, "__code__", None)
+    if (code is None or code.co_name != wrapper or cell not in code.co_freevars
+            or not func.__globals__.get("__name__", "").startswith(package + ".")):
+        return None
+    return func.__closure__[code.co_freevars.index(cell)].cell_contents
+
+
 def _trl_inner(func, model):
     """The forward that TRL's ``add_fused_lm_head`` wrapper function ``func`` wraps (held in its closure), when it
     is bound to ``model``; None for any other function."""
-    code = getattr(func, "__code__", None)
-    if (code is None or code.co_name != "_fused_forward" or "original_forward" not in code.co_freevars
-            or not func.__globals__.get("__name__", "").startswith("trl.")):
-        return None
-    inner = func.__closure__[code.co_freevars.index("original_forward")].cell_contents
+    inner = _closure_cell(func, "_fused_forward", "original_forward", "trl")
     return inner if getattr(inner, "__self__", None) is model else None
 
 
@@ -375,11 +381,7 @@ def _plain_forward(model, forward):
 def _autocast_of(func) -> Optional[torch.autocast]:
     """The ``torch.autocast`` that ``func`` enters around the function it wraps, when it is the wrapper of
     ``torch.autocast(...)(f)`` (how accelerate's mixed precision wraps a prepared model's forward); else None."""
-    code = getattr(func, "__code__", None)
-    if (code is None or code.co_name != "decorate_autocast" or "autocast_instance" not in code.co_freevars
-            or not func.__globals__.get("__name__", "").startswith("torch.")):
-        return None
-    instance = func.__closure__[code.co_freevars.index("autocast_instance")].cell_contents
+    instance = _closure_cell(func, "decorate_autocast", "autocast_instance", "torch")
     return instance if isinstance(instance, torch.autocast) else None
 
 

@@ -63,7 +63,7 @@ from torch import Tensor
 from fastalign import _validate
 from fastalign.integrations.trl._config import check_keys
 from fastalign.policy import entropy_quantile, policy_loss
-from fastalign.policy_config import _SEQUENCE_LEVEL_ROWS as SEQUENCE_LEVEL_ROWS
+from fastalign.policy_config import SEQUENCE_LEVEL_ROWS
 from fastalign.policy_config import OptionError, PolicyConfig, log_ratio_cap_option
 
 __all__ = ["GRPOLoss", "entropy_threshold", "grpo_policy_config"]

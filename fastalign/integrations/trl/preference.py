@@ -135,6 +135,17 @@ def _numbers(c: Dict[str, Any], name: str, fields: Tuple[str, ...], optional: Tu
             c[field] = check(f"{name}.{field}", c[field])
 
 
+def _label_smoothing(c: Mapping, loss_type: str, config_name: str) -> float:
+    """The config's ``label_smoothing``, in [0, 1]; other than 0 it is refused for hinge and ipo (TRL ignores it)."""
+    eps = c["label_smoothing"]
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"{config_name}.label_smoothing must lie in [0, 1], got {eps}")
+    if eps and loss_type in ("hinge", "ipo"):
+        raise ValueError(f"{config_name}: label_smoothing={eps} does not apply to loss_type {loss_type!r} "
+                         "(TRL ignores it)")
+    return eps
+
+
 def _refuse_unread(c: Dict[str, Any], defaults: Dict[str, Any], name: str, field: str, by: str, reader: str) -> None:
     """A field of config ``name`` that the config's ``by`` field does not read (only ``reader`` does) raises when
     set to other than TRL's default (None stands for the default), as an ignored ``label_smoothing`` does: TRL 1.16
@@ -304,11 +315,7 @@ def _cpo(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     if t not in ("sigmoid", "hinge", "ipo", "simpo"):
         raise ValueError(f"CPOConfig: loss_type must be one of ['sigmoid', 'hinge', 'ipo', 'simpo', 'alphapo'], "
                          f"got {t!r}")
-    eps = c["label_smoothing"]
-    if not 0.0 <= eps <= 1.0:
-        raise ValueError(f"CPOConfig.label_smoothing must lie in [0, 1], got {eps}")
-    if eps and t in ("hinge", "ipo"):
-        raise ValueError(f"CPOConfig: label_smoothing={eps} does not apply to loss_type {t!r} (TRL ignores it)")
+    eps = _label_smoothing(c, t, "CPOConfig")
     opts: Dict[str, Any] = dict(beta=c["beta"], label_smoothing=eps,
                                 rpo_alpha=cpo_alpha if cpo_alpha else None)
     if t == "simpo":
@@ -423,11 +430,7 @@ def tpo_options(config=None) -> Dict[str, Any]:
     _numbers(c, "TPOConfig", ("beta", "label_smoothing", "tpo_alpha") + (("tpo_l_gamma",) if t == "tpo-l" else ()))
     if t != "tpo-l":
         _refuse_unread(c, TPO_DEFAULTS, "TPOConfig", "tpo_l_gamma", "loss_type", "loss_type 'tpo-l'")
-    eps = c["label_smoothing"]
-    if not 0.0 <= eps <= 1.0:
-        raise ValueError(f"TPOConfig.label_smoothing must lie in [0, 1], got {eps}")
-    if eps and t in ("hinge", "ipo"):
-        raise ValueError(f"TPOConfig: label_smoothing={eps} does not apply to loss_type {t!r} (TRL ignores it)")
+    eps = _label_smoothing(c, t, "TPOConfig")
     opts: Dict[str, Any] = dict(loss_type="simpo" if t == "tpo-l" else t, beta=c["beta"], label_smoothing=eps,
                                 rpo_alpha=c["tpo_alpha"] if c["tpo_alpha"] else None)
     if t == "tpo-l":
