@@ -48,3 +48,12 @@ def gathered_mean(accelerator, mean: Tensor, count, *, empty: float = float("nan
     local = torch.where(count > 0, mean.detach().float().reshape(()) * count, 0.0)
     total, held = accelerator.gather(torch.stack([local, count]).reshape(1, 2)).reshape(-1, 2).sum(0).tolist()
     return total / held if held > 0 else empty
+
+
+def reduced_metric(accelerator, value: Tensor, count, per_process=None, *, empty: float = 0.0) -> float:
+    """One metric of this process over every process, as TRL reduces it: ``per_process`` (TRL's min, max or
+    nanmean) of the processes' own values when given, else :func:`gathered_mean` of ``value`` as the mean of
+    ``count`` items of this process (``empty`` where no process holds any)."""
+    if per_process is not None:
+        return per_process(accelerator.gather(value.detach().float().reshape(1))).item()
+    return gathered_mean(accelerator, value, count, empty=empty)

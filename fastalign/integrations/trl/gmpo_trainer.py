@@ -25,7 +25,7 @@ from trl.trainer.utils import nanmax, nanmin
 from fastalign.integrations.trl._checks import check_config, check_model, init_checked
 from fastalign.integrations.trl._head import fused_logps_and_entropies, install_heads
 from fastalign.integrations.trl._live_loss import LiveLoss, build_loss
-from fastalign.integrations.trl._metrics import gathered_mean
+from fastalign.integrations.trl._metrics import reduced_metric
 from fastalign.integrations.trl._vision import batch_vision
 from fastalign.integrations.trl.gmpo import GMPOLoss
 from fastalign.integrations.trl.grpo import entropy_threshold
@@ -33,8 +33,9 @@ from fastalign.integrations.trl.grpo_rewards import reward_scaling
 
 __all__ = ["GMPOTrainer"]
 
-#: Metrics TRL reduces over every completion of every process; the others are token means over every process.
-_PER_ROW = {"clip_ratio/low_min": nanmin, "clip_ratio/high_max": nanmax}
+#: Metrics TRL reduces over the processes' own extremes (each over its completions); the others are token means
+#: over every process.
+_PER_PROCESS = {"clip_ratio/low_min": nanmin, "clip_ratio/high_max": nanmax}
 
 
 class GMPOTrainer(trl_gmpo.GMPOTrainer):
@@ -82,8 +83,5 @@ class GMPOTrainer(trl_gmpo.GMPOTrainer):
         log = self._metrics[mode]
         count = mask.sum() if mask.size(1) != 1 else mask.size(0)  # TRL's means of one-token completions: every row
         for name, value in metrics.items():
-            if name in _PER_ROW:  # each process's extreme over its completions, then over the processes
-                log[name].append(_PER_ROW[name](self.accelerator.gather(value.detach().float().reshape(1))).item())
-            else:
-                log[name].append(gathered_mean(self.accelerator, value, count, empty=0.0))
+            log[name].append(reduced_metric(self.accelerator, value, count, _PER_PROCESS.get(name)))
         return loss

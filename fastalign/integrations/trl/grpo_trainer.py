@@ -46,7 +46,7 @@ from fastalign.integrations.trl._checks import check_config, check_model, init_c
 from fastalign.integrations.trl._head import (add_aux_loss, fused_logps_and_entropies, head_policy_loss,
                                               install_heads)
 from fastalign.integrations.trl._live_loss import LiveLoss, build_loss
-from fastalign.integrations.trl._metrics import gathered_mean
+from fastalign.integrations.trl._metrics import reduced_metric
 from fastalign.integrations.trl._vision import batch_vision
 from fastalign.integrations.trl.grpo import GRPOLoss, entropy_threshold, grpo_policy_config
 from fastalign.integrations.trl.grpo_rewards import reward_scaling
@@ -191,13 +191,10 @@ class GRPOTrainer(trl.GRPOTrainer):
             if name == "entropy_coef":
                 if self.accelerator.sync_gradients:
                     log[name].append(float(self.entropy_coef))
-            elif name in _PER_PROCESS:
-                gathered = self.accelerator.gather(value.detach().float().reshape(1))
-                log[name].append(_PER_PROCESS[name](gathered).item())
-            else:  # a mean over every process's tokens (rows, for a sequence-level ratio), as TRL reduces it;
-                # completions of one token: every row (TRL reads its [B, 1] tensors as one value per row)
+            else:  # the others: a mean over every process's tokens (rows, for a sequence-level ratio), as TRL
+                # reduces it; completions of one token: every row (TRL reads its [B, 1] tensors as one value per row)
                 per_row = (mask.size(1) == 1 or name == "vespo/phi_seq_mean"
                            or (sequence_ratio and name in _RATIO_MEANS))
                 count = mask.size(0) if per_row else mask.sum()
-                log[name].append(gathered_mean(self.accelerator, value, count, empty=0.0))
+                log[name].append(reduced_metric(self.accelerator, value, count, _PER_PROCESS.get(name)))
         return loss

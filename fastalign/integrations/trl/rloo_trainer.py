@@ -32,14 +32,14 @@ from fastalign.integrations.trl._checks import check_config, check_model, init_c
 from fastalign.integrations.trl._head import (add_aux_loss, fused_logps_and_entropies, head_policy_loss,
                                               install_heads)
 from fastalign.integrations.trl._live_loss import LiveLoss, build_loss
-from fastalign.integrations.trl._metrics import gathered_mean
+from fastalign.integrations.trl._metrics import reduced_metric
 from fastalign.integrations.trl._vision import batch_vision
 from fastalign.integrations.trl.rloo import RLOOLoss
 
 __all__ = ["RLOOTrainer"]
 
 #: The metrics that are a min / max over every process's completions; the others are means.
-_EXTREMES = {"clip_ratio/low_min": torch.amin, "clip_ratio/high_max": torch.amax}
+_PER_PROCESS = {"clip_ratio/low_min": torch.amin, "clip_ratio/high_max": torch.amax}
 
 
 class RLOOTrainer(trl.RLOOTrainer):
@@ -80,11 +80,7 @@ class RLOOTrainer(trl.RLOOTrainer):
         loss = add_aux_loss(self, loss, aux_loss, mode)  # the MoE load-balancing loss of the same forward
         log = self._metrics[mode]
         rows = completion_mask.size(0)
-        for name, value in metrics.items():
-            if name in _EXTREMES:
-                gathered = self.accelerator.gather(value.detach().float().reshape(1))
-                log[name].append(_EXTREMES[name](gathered).item())
-            else:  # entropy: over every process's tokens; clip means: over every process's completions
-                log[name].append(gathered_mean(self.accelerator, value, completion_mask.sum() if name == "entropy"
-                                               else rows, empty=0.0))
+        for name, value in metrics.items():  # entropy: over every process's tokens; clip means: over its completions
+            count = completion_mask.sum() if name == "entropy" else rows
+            log[name].append(reduced_metric(self.accelerator, value, count, _PER_PROCESS.get(name)))
         return loss
