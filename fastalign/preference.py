@@ -11,7 +11,7 @@ Nothing here reads a value back to the host.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -290,51 +290,77 @@ def _loss_list(loss_type, loss_weights) -> Tuple[Tuple[str, ...], Tuple[float, .
     return types, weights
 
 
-#: The options only some loss rows read: name -> (those rows, the default). A value other than the default
-#: for a loss list with none of those rows raises, as label_smoothing and f_divergence do
-#: (``f_length_average``: the rows that average an f-divergence score over the response).
-ROW_OPTIONS: Dict[str, Tuple[Tuple[str, ...], object]] = {
-    "cpo_alpha": (("cpo",), 1.0),
-    "simpo_gamma": (("simpo", "alphapo"), 0.5),
-    "alphapo_alpha": (("alphapo",), 0.25),
-    "discopop_tau": (("discopop",), 0.05),
-    "bco_delta": (("bco_pair",), 0.0),
-    "desirable_weight": (("kto",), 1.0),
-    "undesirable_weight": (("kto",), 1.0),
-    "kto_kl": (("kto",), None),
-    "f_length_average": (("ipo", "sigmoid_norm"), "log_ratio"),
+@dataclass(frozen=True, eq=False)
+class PreferenceOptions:
+    """The options of :func:`preference_loss` (every argument but the batch's tensors), each with its default
+    once: the function, the modules and the trainer profiles check one record alike."""
+    loss_type: Union[str, Sequence[str]] = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    loss_weights: Optional[Sequence[float]] = None
+    rpo_alpha: Optional[float] = None
+    cpo_alpha: float = 1.0
+    simpo_gamma: float = 0.5
+    alphapo_alpha: float = 0.25
+    discopop_tau: float = 0.05
+    bco_delta: Union[float, Tensor] = 0.0
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    f_divergence: str = "reverse_kl"
+    f_alpha: float = 1.0
+    f_length_average: str = "log_ratio"
+    smoothed_losses: Optional[Sequence[str]] = None
+
+
+#: the option names, in :class:`PreferenceOptions` order
+_CONFIG_KEYS = tuple(f.name for f in fields(PreferenceOptions))
+#: the real-valued options checked finite (besides beta, label_smoothing, f_alpha, discopop_tau)
+_COEFFICIENTS = ("rpo_alpha", "cpo_alpha", "simpo_gamma", "alphapo_alpha", "desirable_weight", "undesirable_weight")
+
+#: The options only some loss rows read: name -> those rows. A value other than the default for a loss list
+#: with none of those rows raises, as label_smoothing and f_divergence do (``f_length_average``: the rows that
+#: average an f-divergence score over the response; ``kto_kl``, a batch tensor, defaults to None).
+ROW_OPTIONS: Dict[str, Tuple[str, ...]] = {
+    "cpo_alpha": ("cpo",),
+    "simpo_gamma": ("simpo", "alphapo"),
+    "alphapo_alpha": ("alphapo",),
+    "discopop_tau": ("discopop",),
+    "bco_delta": ("bco_pair",),
+    "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
+    "kto_kl": ("kto",),
+    "f_length_average": ("ipo", "sigmoid_norm"),
 }
 
 
 def _check_rows_read(types, given: dict) -> None:
     for name, value in given.items():
-        rows, default = ROW_OPTIONS[name]
+        default = getattr(PreferenceOptions, name, None)
         unchanged = value is None if default is None else (not isinstance(value, Tensor) and value == default)
         if unchanged:
             continue
         check_read(f"{name}={'a tensor' if isinstance(value, Tensor) else repr(value)}", True, list(types), types,
-                   rows)
+                   ROW_OPTIONS[name])
 
 
-def _check_options(types, beta, label_smoothing, smoothed_losses, f_divergence, f_alpha, f_length_average,
-                   discopop_tau, row_options: Optional[dict] = None, **coefficients):
+def _check_options(types, opts: PreferenceOptions, kto_kl: Optional[Tensor] = None):
     """The option checks of :func:`preference_loss` that need no tensor (the modules run them at
-    construction; ``coefficients``: the real-valued options, each finite (``rpo_alpha`` may be None: no NLL
-    term); ``row_options``: the :data:`ROW_OPTIONS` given): ``(beta, label_smoothing, the smoothed losses)``."""
-    beta = _validate.positive("beta", beta)
-    _validate.finite(rpo_alpha=coefficients.pop("rpo_alpha", None))
-    for name, value in dict(coefficients, discopop_tau=discopop_tau).items():  # never None
-        _validate.finite_number(name, value)
-    bco_delta = (row_options or {}).get("bco_delta", 0.0)
-    if not isinstance(bco_delta, Tensor):  # a tensor is checked against the batch at the call
-        _validate.finite_number("bco_delta", bco_delta)
-    f_alpha = _validate.finite_number("f_alpha", f_alpha)
-    check_choice("f_length_average", f_length_average, F_LENGTH_AVERAGES)
-    _check_rows_read(types, dict(row_options or {}, discopop_tau=discopop_tau, f_length_average=f_length_average))
+    construction; a ``bco_delta`` tensor is checked against the batch at the call): ``(beta,
+    label_smoothing, the smoothed losses)``."""
+    beta = _validate.positive("beta", opts.beta)
+    _validate.finite(rpo_alpha=opts.rpo_alpha)  # None: no NLL term
+    for name in _COEFFICIENTS[1:] + ("discopop_tau",):
+        _validate.finite_number(name, getattr(opts, name))
+    if not isinstance(opts.bco_delta, Tensor):
+        _validate.finite_number("bco_delta", opts.bco_delta)
+    f_alpha = _validate.finite_number("f_alpha", opts.f_alpha)
+    f_divergence, label_smoothing = opts.f_divergence, opts.label_smoothing
+    check_choice("f_length_average", opts.f_length_average, F_LENGTH_AVERAGES)
+    _check_rows_read(types, {name: kto_kl if name == "kto_kl" else getattr(opts, name) for name in ROW_OPTIONS})
     eps = _validate.finite_number("label_smoothing", label_smoothing)
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
-    smoothed = _smoothed_set(types, smoothed_losses, eps)
+    smoothed = _smoothed_set(types, opts.smoothed_losses, eps)
     for t, top in (("robust", 0.5), ("exo_pair", 1.0)):  # robust divides by 1 - 2 eps, exo_pair takes log(1 - eps)
         if t in smoothed and eps >= top:
             raise ValueError(f"label_smoothing must lie in [0, {top}) for loss_type {t!r}, got {label_smoothing}")
@@ -350,7 +376,7 @@ def _check_options(types, beta, label_smoothing, smoothed_losses, f_divergence, 
     if f_divergence != "alpha_divergence" and f_alpha != 1.0:
         raise ValueError(f"f_alpha={f_alpha!r} applies with f_divergence='alpha_divergence' only, got "
                          f"f_divergence={f_divergence!r}")
-    _validate.positive("discopop_tau", discopop_tau)
+    _validate.positive("discopop_tau", opts.discopop_tau)
     return beta, eps, smoothed
 
 
@@ -368,13 +394,10 @@ def check_config(owner: str, loss_type, beta, label_smoothing, options: dict,
     at the first call (unknown options get a "did you mean" among the options and the module's ``own``
     keywords); returns the loss types."""
     check_names(owner, options, _CONFIG_KEYS + tuple(own))
-    types, _ = _loss_list(loss_type, options.get("loss_weights"))
-    _check_options(types, beta, label_smoothing, options.get("smoothed_losses"),
-                   options.get("f_divergence", "reverse_kl"), options.get("f_alpha", 1.0),
-                   options.get("f_length_average", "log_ratio"), options.get("discopop_tau", 0.05),
-                   {k: options[k] for k in ROW_OPTIONS if k in options and k not in ("discopop_tau",
-                                                                                      "f_length_average")},
-                   **{k: options[k] for k in _COEFFICIENTS if k in options})
+    opts = PreferenceOptions(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
+                             **{k: v for k, v in options.items() if k in _CONFIG_KEYS[3:]})
+    types, _ = _loss_list(opts.loss_type, opts.loss_weights)
+    _check_options(types, opts)
     return types
 
 
@@ -522,15 +545,13 @@ def preference_loss(
     # lengths that are not token counts give a NaN loss on a GPU (no host read), never a plausible one
     malformed = [_validate.token_counts(name, named[name]) for name in ("chosen_lengths", "rejected_lengths")
                  if name in named]
-    beta, eps, smoothed = _check_options(types, beta, label_smoothing, smoothed_losses, f_divergence, f_alpha,
-                                         f_length_average, discopop_tau,
-                                         dict(cpo_alpha=cpo_alpha, simpo_gamma=simpo_gamma,
-                                              alphapo_alpha=alphapo_alpha, bco_delta=bco_delta, kto_kl=kto_kl,
-                                              desirable_weight=desirable_weight,
-                                              undesirable_weight=undesirable_weight),
-                                         rpo_alpha=rpo_alpha, cpo_alpha=cpo_alpha,
-                                         simpo_gamma=simpo_gamma, alphapo_alpha=alphapo_alpha,
-                                         desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+    options = PreferenceOptions(
+        loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, loss_weights=loss_weights,
+        rpo_alpha=rpo_alpha, cpo_alpha=cpo_alpha, simpo_gamma=simpo_gamma, alphapo_alpha=alphapo_alpha,
+        discopop_tau=discopop_tau, bco_delta=bco_delta, desirable_weight=desirable_weight,
+        undesirable_weight=undesirable_weight, f_divergence=f_divergence, f_alpha=f_alpha,
+        f_length_average=f_length_average, smoothed_losses=smoothed_losses)
+    beta, eps, smoothed = _check_options(types, options, kto_kl)
     if weights is not None:
         check_pair_weights(types)
     has_len = chosen_lengths is not None
@@ -735,13 +756,6 @@ def _smoothed_set(types: Tuple[str, ...], smoothed_losses, eps: float) -> Tuple[
     if not eps and smoothed_losses is not None and chosen:
         raise ValueError(f"smoothed_losses={list(chosen)} applies with label_smoothing > 0, got label_smoothing=0")
     return chosen
-
-
-#: the real-valued options checked finite (besides beta, label_smoothing, f_alpha, discopop_tau)
-_COEFFICIENTS = ("rpo_alpha", "cpo_alpha", "simpo_gamma", "alphapo_alpha", "desirable_weight", "undesirable_weight")
-_CONFIG_KEYS = ("loss_type", "beta", "label_smoothing", "loss_weights", "rpo_alpha", "cpo_alpha", "simpo_gamma",
-                "alphapo_alpha", "discopop_tau", "bco_delta", "desirable_weight", "undesirable_weight",
-                "f_divergence", "f_alpha", "f_length_average", "smoothed_losses")
 
 
 #: The per-batch tensors of :func:`preference_loss`: the keywords of ``PreferenceLoss.forward``.

@@ -1,5 +1,6 @@
 """preference_loss / sequence_logprobs / PreferenceLoss / LinearPreferenceLoss vs the docs/math.md#preference-losses reference."""
 import importlib.util
+import inspect
 
 import pytest
 import torch
@@ -942,3 +943,18 @@ def test_loss_type_lists_have_one_name_each():
 def test_modules_validate_their_configuration_at_construction(module, kw, err, match):
     with pytest.raises(err, match=match):
         module(**kw)
+
+
+def test_the_options_record_holds_preference_losss_defaults():
+    """PreferenceOptions, which the modules and trainer profiles check, has preference_loss's options and defaults."""
+    from dataclasses import fields
+
+    from fastalign.preference import PreferenceOptions
+
+    params = inspect.signature(fa.preference_loss).parameters
+    options = {f.name: f.default for f in fields(PreferenceOptions)}
+    assert options == {name: p.default for name, p in params.items() if p.kind is p.KEYWORD_ONLY
+                       and name in options}
+    assert set(params) - set(options) == {"chosen_logprobs", "rejected_logprobs", "ref_chosen_logprobs",
+                                          "ref_rejected_logprobs", "chosen_lengths", "rejected_lengths",
+                                          "chosen_nll", "kto_kl", "weights"}

@@ -188,7 +188,7 @@ def _dpo(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
                                 label_smoothing=eps)
     if eps:  # TRL's rows only
         opts["smoothed_losses"] = smoothed
-    if any(t in ROW_OPTIONS["f_length_average"][0] for t in types):  # ipo / sigmoid_norm: f(x)/|y|
+    if any(t in ROW_OPTIONS["f_length_average"] for t in types):  # ipo / sigmoid_norm: f(x)/|y|
         opts["f_length_average"] = "score"
     if "discopop" in types:  # TRL reads it there only
         opts["discopop_tau"] = c["discopop_tau"]
