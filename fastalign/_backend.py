@@ -10,9 +10,11 @@ CUDA kernels for the group, scan and Clip-Cov / KL-Cov selection ops). Triton on
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib.util
 import os
 import threading
+from typing import Optional
 
 BACKENDS = ("auto", "triton", "cpp", "cuda")
 
@@ -167,11 +169,24 @@ def compiled():
     """The compiled core ``fastalign._C`` (C++ CPU kernels, CUDA kernels when built with them)."""
     try:
         from fastalign import _C
-    except ImportError as e:  # pragma: no cover - only when the package was not built
-        raise RuntimeError(
-            "fastalign._C is missing: install the package (pip install .) so the C++ kernels are built"
-        ) from e
+    except ImportError as e:
+        raise RuntimeError(missing_core(e)) from e
     return _C
+
+
+def missing_core(error: ImportError, package: Optional[str] = None) -> str:
+    """Why ``fastalign._C`` did not import from the package folder ``package`` (this one by default), and what to
+    do: a core that is there but does not load, a source checkout imported in place of the installed package,
+    or an install without the core."""
+    package = package or os.path.dirname(os.path.abspath(__file__))
+    built = sorted(glob.glob(os.path.join(package, "_C.*.so")) + glob.glob(os.path.join(package, "_C.*.pyd")))
+    if built:
+        return (f"fastalign._C at {built[0]} does not load ({error}): reinstall fastalign for this Python and "
+                "platform")
+    if os.path.exists(os.path.join(os.path.dirname(package), "CMakeLists.txt")):
+        return (f"fastalign was imported from the source tree {package}, which has no built fastalign._C: run "
+                "from another folder to use the installed package, or build it in place (pip install -e .)")
+    return f"fastalign._C is missing from {package} ({error}): reinstall fastalign"
 
 
 def cuda_stream(tensor) -> int:

@@ -1,4 +1,5 @@
 """`fastalign.info()` / `python -m fastalign.info`, and the CUDA-kernel fallback rule."""
+import importlib
 import importlib.util
 import os
 import re
@@ -83,6 +84,32 @@ def test_format_report_of_a_missing_core():
     r = fastalign.info()
     r["compiled"] = {"error": "fastalign._C is missing"}
     assert "compiled core MISSING" in format_report(r)
+
+
+def test_a_core_that_does_not_import_is_diagnosed(tmp_path):
+    """The error said "missing: pip install ." also for a core that is there but does not load, and for a source
+    checkout imported in place of the installed package (a reinstall fixes neither)."""
+    err = ImportError("file too short")
+    package = tmp_path / "checkout" / "fastalign"
+    package.mkdir(parents=True)
+    assert "reinstall fastalign" in _backend.missing_core(err, str(package))
+    (tmp_path / "checkout" / "CMakeLists.txt").write_text("")
+    assert f"imported from the source tree {package}" in _backend.missing_core(err, str(package))
+    (package / "_C.cpython-311-x86_64-linux-gnu.so").write_text("garbage")
+    message = _backend.missing_core(err, str(package))
+    assert "_C.cpython-311-x86_64-linux-gnu.so does not load (file too short)" in message, message
+
+
+def test_info_command_fails_without_a_compiled_core(monkeypatch, capsys):
+    """python -m fastalign.info is a node's check step: it exits 1 when the core does not load (it exited 0)."""
+    info_module = importlib.import_module("fastalign.info")  # fastalign.info is the function
+    assert info_module.main([]) == 0
+    report = fastalign.info()
+    report["compiled"] = {"error": "fastalign._C is missing"}
+    monkeypatch.setattr(info_module, "info", lambda print_report=False: report)
+    for argv in ([], ["--json"]):
+        assert info_module.main(argv) == 1
+        assert "fastalign._C is missing" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("archs, capability, runs", [

@@ -114,7 +114,9 @@ def _compiled_core() -> dict:
     try:
         from fastalign import _C
     except ImportError as e:
-        return {"error": f"fastalign._C is missing ({e}); reinstall fastalign"}
+        from fastalign._backend import missing_core
+
+        return {"error": missing_core(e)}
     info = dict(_C.build_info()) if hasattr(_C, "build_info") else {}
     info["file"] = _C.__file__
     info["cuda_kernels"] = bool(getattr(_C, "cuda_compiled", False))
@@ -218,11 +220,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastalign.info", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print the report as JSON (the dict fastalign.info() returns)")
     args = p.parse_args(argv)
-    if args.json:
-        print(json.dumps(info(), indent=1, default=str))
-    else:
-        info(print_report=True)
-    return 0
+    report = info()
+    print(json.dumps(report, indent=1, default=str) if args.json else format_report(report))
+    return 1 if "error" in report["compiled"] else 0  # a check step fails on a core that does not load
 
 
 if __name__ == "__main__":
