@@ -401,6 +401,42 @@ def check_config(owner: str, loss_type, beta, label_smoothing, options: dict,
     return types
 
 
+def _checked_batch(batch: Dict[str, Optional[Tensor]], bco_delta) -> list:
+    """Check the tensors of one call of :func:`preference_loss` (``batch``: its tensor arguments by name; ``bco_delta``
+    when a tensor): their dtypes, shapes (one value per pair) and device. Returns the device flags of lengths that
+    are not token counts (the loss is NaN where one is set)."""
+    chosen, rejected = batch["chosen_logprobs"], batch["rejected_logprobs"]
+    _floating("chosen_logprobs", chosen, dim=1)
+    B = chosen.shape[0]
+    _floating("rejected_logprobs", rejected)
+    _validate.shape("rejected_logprobs", rejected, (B,), "like chosen_logprobs")
+    if (batch["ref_chosen_logprobs"] is None) != (batch["ref_rejected_logprobs"] is None):
+        raise ValueError("give both ref_chosen_logprobs and ref_rejected_logprobs, or neither (reference-free)")
+    named = dict(chosen_logprobs=chosen, rejected_logprobs=rejected)
+    for name in ("ref_chosen_logprobs", "ref_rejected_logprobs", "chosen_lengths", "rejected_lengths", "weights"):
+        t = batch[name]
+        if t is not None:
+            _validate.real(name, t)
+            _validate.shape(name, t, (B,), "one value per pair")
+            named[name] = t
+    if batch["chosen_nll"] is not None:
+        named["chosen_nll"] = _validate.any_float("chosen_nll", batch["chosen_nll"], dim=0)
+    if batch["kto_kl"] is not None:
+        named["kto_kl"] = _validate.real("kto_kl", batch["kto_kl"])
+        _estimate("kto_kl", named["kto_kl"], B)
+    if isinstance(bco_delta, Tensor):
+        named["bco_delta"] = _validate.real("bco_delta", bco_delta)
+        if tuple(bco_delta.shape) not in ((), (B,)):
+            raise ValueError(f"bco_delta must be a number, a 0-dim tensor or one value per pair ({B},), got shape "
+                             f"{tuple(bco_delta.shape)}")
+    _validate.same_device(**named)
+    if (batch["chosen_lengths"] is None) != (batch["rejected_lengths"] is None):
+        raise ValueError("give both chosen_lengths and rejected_lengths, or neither")
+    # lengths that are not token counts give a NaN loss on a GPU (no host read), never a plausible one
+    return [_validate.token_counts(name, named[name]) for name in ("chosen_lengths", "rejected_lengths")
+            if name in named]
+
+
 @renamed(**PAIR_RENAMES)
 def preference_loss(
     chosen_logprobs: Tensor,
@@ -514,37 +550,12 @@ def preference_loss(
         share of pairs with a larger chosen reward.
     """
     types, loss_w = _loss_list(loss_type, loss_weights)
-    _floating("chosen_logprobs", chosen_logprobs, dim=1)
+    malformed = _checked_batch(
+        dict(chosen_logprobs=chosen_logprobs, rejected_logprobs=rejected_logprobs,
+             ref_chosen_logprobs=ref_chosen_logprobs, ref_rejected_logprobs=ref_rejected_logprobs,
+             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, weights=weights,
+             chosen_nll=chosen_nll, kto_kl=kto_kl), bco_delta)
     B = chosen_logprobs.shape[0]
-    _floating("rejected_logprobs", rejected_logprobs)
-    _validate.shape("rejected_logprobs", rejected_logprobs, (B,), "like chosen_logprobs")
-    if (ref_chosen_logprobs is None) != (ref_rejected_logprobs is None):
-        raise ValueError("give both ref_chosen_logprobs and ref_rejected_logprobs, or neither (reference-free)")
-    named = dict(chosen_logprobs=chosen_logprobs, rejected_logprobs=rejected_logprobs)
-    for name, t in (("ref_chosen_logprobs", ref_chosen_logprobs), ("ref_rejected_logprobs", ref_rejected_logprobs),
-                    ("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths),
-                    ("weights", weights)):
-        if t is not None:
-            _validate.real(name, t)
-            _validate.shape(name, t, (B,), "one value per pair")
-            named[name] = t
-    if chosen_nll is not None:
-        _validate.any_float("chosen_nll", chosen_nll, dim=0)
-        named["chosen_nll"] = chosen_nll
-    if kto_kl is not None:
-        named["kto_kl"] = _validate.real("kto_kl", kto_kl)
-        _estimate("kto_kl", kto_kl, B)
-    if isinstance(bco_delta, Tensor):
-        named["bco_delta"] = _validate.real("bco_delta", bco_delta)
-        if tuple(bco_delta.shape) not in ((), (B,)):
-            raise ValueError(f"bco_delta must be a number, a 0-dim tensor or one value per pair ({B},), got shape "
-                             f"{tuple(bco_delta.shape)}")
-    _validate.same_device(**named)
-    if (chosen_lengths is None) != (rejected_lengths is None):
-        raise ValueError("give both chosen_lengths and rejected_lengths, or neither")
-    # lengths that are not token counts give a NaN loss on a GPU (no host read), never a plausible one
-    malformed = [_validate.token_counts(name, named[name]) for name in ("chosen_lengths", "rejected_lengths")
-                 if name in named]
     options = PreferenceOptions(
         loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, loss_weights=loss_weights,
         rpo_alpha=rpo_alpha, cpo_alpha=cpo_alpha, simpo_gamma=simpo_gamma, alphapo_alpha=alphapo_alpha,
