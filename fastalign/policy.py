@@ -140,6 +140,43 @@ def _clip_cov_seed(generator, device: torch.device) -> Tensor:
     return seed
 
 
+def _covariance_sums(cfg: PolicyConfig, logprobs, advantages, mask, generator, fused: bool):
+    """Clip-Cov / KL-Cov's ``(sums, seed)``: the token sums ``[sum_m A, sum_m lp, n]`` of the covariance means
+    with this rank's token count appended (``[4]``, all-reduced over ``cov_group`` with ``cov_global``; else
+    None when ``fused``, as the fused C++ row kernel sums its own batch) and the seed of Clip-Cov's random pick
+    (0 for KL-Cov, whose pick is deterministic: it leaves the global generator alone)."""
+    if cfg.row == "clip_cov":
+        seed = _clip_cov_seed(generator, logprobs.device)
+    else:
+        seed = torch.zeros(1, device=logprobs.device, dtype=torch.int64)
+    if fused and not cfg.cov_global:
+        return None, seed
+    sums = _ops.cov_sums(_f32(logprobs), _f32(advantages), mask, _backend.request(logprobs.device, cfg.backend))
+    n_local = sums[2:3].clone()
+    if cfg.cov_global:
+        import torch.distributed as dist
+
+        sums = sums.clone()
+        dist.all_reduce(sums, group=cfg.cov_group)
+    return torch.cat([sums[:3], n_local]), seed
+
+
+def _covariance_selection(cfg: PolicyConfig, plan: _Plan, logprobs, old_logprobs, advantages, mask,
+                          generator) -> Tensor:
+    """uint8 ``[B, T]``: the tokens Clip-Cov or KL-Cov picks (the selection of the row kernels that do not pick
+    themselves)."""
+    cov, seed = _covariance_sums(cfg, logprobs, advantages, mask, generator, fused=False)
+    cov_ratio, cov_lb, cov_ub, _ = plan.cov_params
+    return _ops.cov_select(_f32(logprobs), _f32(old_logprobs), _f32(advantages), mask, cov[:3], cov[3:], seed,
+                           0 if plan.row == "clip_cov" else 1, cov_ratio, cov_lb, cov_ub, *cfg.clip_eps,
+                           _backend.request(logprobs.device, cfg.backend))
+
+
+def _f32(t: Tensor) -> Tensor:
+    """A detached contiguous fp32 copy (or view) of ``t``, as the covariance kernels read it."""
+    return t.detach().float().contiguous()
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -294,38 +331,14 @@ def policy_loss(
 
     entropy_in_kernel, params = plan.entropy_in_kernel, plan.params
     is_cov = loss_type in ("clip_cov", "kl_cov")
-    cov_ratio, cov_lb, cov_ub, _ = plan.cov_params
-    if is_cov:
-        if loss_type == "clip_cov":
-            seed = _clip_cov_seed(generator, logprobs.device)
-        else:  # kl_cov's choice is deterministic: it leaves the global generator alone
-            seed = torch.zeros(1, device=logprobs.device, dtype=torch.int64)
-        f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
-        cov = sums = n_local = None
-        cov_backend = _backend.request(logprobs.device, cfg.backend)
-        if cfg.cov_global or name != "cpp":
-            lp_d, adv_d = f32(logprobs), f32(advantages)
-        if cfg.cov_global:
-            import torch.distributed as dist
-
-            sums = _ops.cov_sums(lp_d, adv_d, mask, cov_backend)
-            n_local = sums[2:3].clone()
-            sums = sums.clone()
-            dist.all_reduce(sums, group=cfg.cov_group)
-            cov = torch.cat([sums, n_local])
     if is_cov and name == "cpp":
         # covariance sums, selection and loss in one compiled call (no selection mask, no key pass)
+        cov, seed = _covariance_sums(cfg, logprobs, advantages, mask, generator, fused=True)
         want_dlp = torch.is_grad_enabled() and (logprobs.requires_grad or (ent is not None and ent.requires_grad))
         row, _dlp, ext = _ops.cov_rows(lp, old, adv, mask, ref, ent, roll, keep, cov, seed, params, want_dlp)
     else:
-        sel = None
-        if is_cov:
-            if sums is None:
-                sums = _ops.cov_sums(lp_d, adv_d, mask, cov_backend)
-                n_local = sums[2:3].clone()
-            sel = _ops.cov_select(lp_d, f32(old_logprobs), adv_d, mask, sums, n_local, seed,
-                                  0 if loss_type == "clip_cov" else 1, cov_ratio, cov_lb, cov_ub,
-                                  *cfg.clip_eps, cov_backend)
+        sel = _covariance_selection(cfg, plan, logprobs, old_logprobs, advantages, mask, generator) if is_cov \
+            else None
         row, _dlp, ext = _ops.rows(lp, old, adv, mask, ref, ent, roll, keep, iw, sel, params, name)
 
     # ---------------- aggregation and metrics on [B] rows (device only) ----------------
