@@ -431,9 +431,10 @@ def test_unknown_architecture_with_stated_head_transform(monkeypatch):
     """An unlisted model_type runs once the caller states its head transform: per call, or once for every call
     with register_head_transform."""
     import fastalign.integrations.hf as hf
+    from fastalign.integrations.hf import head_transforms
 
-    monkeypatch.setattr(hf, "HEAD_TRANSFORMS", dict(hf.HEAD_TRANSFORMS))
-    monkeypatch.setattr(hf, "_STATED", set())
+    monkeypatch.setattr(head_transforms, "HEAD_TRANSFORMS", dict(head_transforms.HEAD_TRANSFORMS))
+    monkeypatch.setattr(head_transforms, "_STATED", set())
     model = tiny_model("cohere")
     input_ids, attention_mask, labels = batch(seed=8)
     scored = (labels[:, 1:] != -100) & attention_mask[:, 1:].bool()
@@ -467,9 +468,10 @@ def test_an_output_head_behind_a_transform_of_its_own_raises(monkeypatch, arch):
     one registered for the type, they were scored through that layer alone, log-probs off by up to 0.5 with no
     error. Such a model raises, naming the modules beside its body and head."""
     import fastalign.integrations.hf as hf
+    from fastalign.integrations.hf import head_transforms
 
-    monkeypatch.setattr(hf, "HEAD_TRANSFORMS", dict(hf.HEAD_TRANSFORMS))
-    monkeypatch.setattr(hf, "_STATED", set())
+    monkeypatch.setattr(head_transforms, "HEAD_TRANSFORMS", dict(head_transforms.HEAD_TRANSFORMS))
+    monkeypatch.setattr(head_transforms, "_STATED", set())
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(
         transformers.AutoConfig.for_model(arch, **_ENCODER_SIZES, **({"embedding_size": 32} if arch == "electra"
@@ -853,8 +855,9 @@ def test_remote_code_mpt_runs_once_its_transform_is_registered(monkeypatch):
     alone: such a model scores as its own logits, transformers' ``MptConfig`` keeps its plain head, ``packed_rows``
     raises and a second registration replaces the first."""
     import fastalign.integrations.hf as hf
+    from fastalign.integrations.hf import head_transforms
 
-    monkeypatch.setattr(hf, "_UNDECIDED_STATED", {})
+    monkeypatch.setattr(head_transforms, "_UNDECIDED_STATED", {})
     config = transformers.MptConfig(vocab_size=V, d_model=32, n_heads=4, n_layers=2, max_seq_len=64, logit_scale=0.25)
 
     class MPTConfig(transformers.PretrainedConfig):  # as MosaicML's configuration_mpt.MPTConfig
@@ -1128,10 +1131,11 @@ def test_packed_rows_of_an_unlisted_architecture_need_packed_rows_stated(monkeyp
     differ from the sequences scored alone): an architecture outside the checked table has its packed rows
     refused, with a stated transform or a registered one, unless registered with packed_rows=True."""
     import fastalign.integrations.hf as hf
+    from fastalign.integrations.hf import head_transforms
 
-    monkeypatch.setattr(hf, "HEAD_TRANSFORMS", dict(hf.HEAD_TRANSFORMS))
-    monkeypatch.setattr(hf, "_PACKED_ROWS_STATED", set())
-    monkeypatch.setattr(hf, "_STATED", set())
+    monkeypatch.setattr(head_transforms, "HEAD_TRANSFORMS", dict(head_transforms.HEAD_TRANSFORMS))
+    monkeypatch.setattr(head_transforms, "_PACKED_ROWS_STATED", set())
+    monkeypatch.setattr(head_transforms, "_STATED", set())
     seqs, input_ids, position_ids = _packed_row([4, 5, 3])
     cu = torch.tensor([0, 4, 9, 12])
     leaky = _auto_model("beam")
@@ -1202,9 +1206,9 @@ def test_stated_transform_dtype_and_return_dict_refusals():
 def test_packed_rows_refused_on_a_transformers_that_does_not_split_them(monkeypatch):
     """A transformers older than 4.54 builds the causal mask without splitting packed rows (its log-probs of a
     packed row differed by 0.075 from the sequences scored alone): packed rows raise there, naming the version."""
-    import fastalign.integrations.hf as hf
+    from fastalign.integrations.hf import packing
 
-    monkeypatch.setattr(hf, "_masks_split_packed_rows", lambda: False)
+    monkeypatch.setattr(packing, "_masks_split_packed_rows", lambda: False)
     model = _auto_model("llama")
     _, input_ids, position_ids = _packed_row([4, 5, 3])
     with torch.no_grad(), pytest.raises(ValueError, match=r"position_ids restart .*transformers .* without splitting"):
@@ -1244,7 +1248,7 @@ def test_transforms_and_packed_rows_follow_the_installed_transformers(monkeypatc
     """PaliGemma's forward applies its text config's softcap from transformers 5.23 on, Falcon's body splits
     packed rows from 5.24 on and Llama 4's chunked attention from 5.23 on (each checked against those releases' own
     logits): with an older release the softcap is not applied and their packed rows raise, naming the release."""
-    from fastalign.integrations import hf
+    from fastalign.integrations.hf import head_transforms
 
     paligemma = transformers.AutoConfig.for_model("paligemma", text_config=dict(final_logit_softcapping=3.0))
     falcon = _auto_model("falcon")
@@ -1252,7 +1256,7 @@ def test_transforms_and_packed_rows_follow_the_installed_transformers(monkeypatc
     seqs, input_ids, position_ids = _packed_row([4, 5, 3])
     installed = sys.modules["transformers"]  # what an import finds (transformers may rebind it after its first import)
     monkeypatch.setattr(installed, "__version__", "5.22.0")
-    hf._transformers_at_least.cache_clear()
+    head_transforms._transformers_at_least.cache_clear()
     try:
         assert head_transform(paligemma) == (1.0, None)
         with pytest.raises(ValueError, match=r"model_type 'falcon' .* before transformers 5\.24 \(this is 5\.22\.0\)"):
@@ -1260,7 +1264,7 @@ def test_transforms_and_packed_rows_follow_the_installed_transformers(monkeypatc
         with pytest.raises(ValueError, match=r"model_type 'llama4_text' .* before transformers 5\.23"):
             causal_lm_logprobs(llama4, input_ids, position_ids=position_ids)
         monkeypatch.setattr(installed, "__version__", "5.24.0")
-        hf._transformers_at_least.cache_clear()
+        head_transforms._transformers_at_least.cache_clear()
         assert head_transform(paligemma) == (1.0, 3.0)
         with torch.no_grad():
             got = causal_lm_logprobs(falcon, input_ids, position_ids=position_ids).logprobs
@@ -1270,7 +1274,7 @@ def test_transforms_and_packed_rows_follow_the_installed_transformers(monkeypatc
             torch.testing.assert_close(got.double(), _separately(llama4, seqs), atol=1e-4, rtol=0)
     finally:
         monkeypatch.undo()
-        hf._transformers_at_least.cache_clear()
+        head_transforms._transformers_at_least.cache_clear()
 
 
 @pytest.mark.parametrize("typo, option", [("temprature", "temperature"), ("label", "labels"),

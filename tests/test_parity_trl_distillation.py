@@ -84,9 +84,10 @@ def test_registered_head_transform_reaches_the_teacher(models, tmp_path, monkeyp
     """A teacher whose architecture is stated with register_head_transform (its config holds no logit scale or
     softcap) gets that transform: the drop-in's loss equals TRL's on the same teacher whose config states it."""
     import fastalign.integrations.hf as hf
+    from fastalign.integrations.hf import head_transforms
     from fastalign.integrations.trl import DistillationTrainer
 
-    monkeypatch.setattr(hf, "HEAD_TRANSFORMS", dict(hf.HEAD_TRANSFORMS))
+    monkeypatch.setattr(head_transforms, "HEAD_TRANSFORMS", dict(head_transforms.HEAD_TRANSFORMS))
     trainer = _trainer(DistillationTrainer, models, tmp_path, dict(beta=0.5))
     student = trainer.accelerator.unwrap_model(trainer.model)
     teacher_config = trainer.accelerator.unwrap_model(trainer.teacher_model).config
@@ -112,10 +113,12 @@ def test_a_padded_teacher_head_scores_its_kept_rows(models, tmp_path, monkeypatc
     equals the one with the unpadded head (the padding rows drawn large); without the field the vocabularies differ
     and it raises."""
     import fastalign.integrations.hf as hf
+    from fastalign.integrations.hf import head_transforms
     from fastalign.integrations.trl import DistillationTrainer
 
-    monkeypatch.setattr(hf, "HEAD_TRANSFORMS", dict(hf.HEAD_TRANSFORMS))
-    monkeypatch.setattr(hf, "HEAD_ROWS", {**hf.HEAD_ROWS, "qwen2_padded": "unpadded_vocab_size"})
+    monkeypatch.setattr(head_transforms, "HEAD_TRANSFORMS", dict(head_transforms.HEAD_TRANSFORMS))
+    monkeypatch.setattr(head_transforms, "HEAD_ROWS",
+                        {**head_transforms.HEAD_ROWS, "qwen2_padded": "unpadded_vocab_size"})
     trainer = _trainer(DistillationTrainer, models, tmp_path, dict(beta=0.5))
     student = trainer.accelerator.unwrap_model(trainer.model)
     teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)

@@ -1,0 +1,144 @@
+"""Packed rows: whether a model's body splits the sequences of a packed row (position ids that restart, or
+``cu_seqlens``) into independent ones (:func:`_unsplit_packing`), the refusal of packed rows it would mix
+(:func:`_packed_rows_flag`), and the body itself (:func:`_body`)."""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastalign import _validate
+from fastalign.integrations.hf import head_transforms
+from fastalign.integrations.hf.head_transforms import _LISTED, _transformers_at_least
+
+_MASK_WITHOUT_RESTARTS = "builds its causal mask without the position ids"
+#: ``model_type`` -> ``(how its transformers body mixes the sequences of a packed row, the transformers release from
+#: which it no longer does, or None)``, so that each packed sequence attends to the ones before it. Bodies that take
+#: ``position_ids`` but build their causal mask without their restarts (a vision-language model's: its multimodal
+#: rotary positions too; Falcon's attention went causal without a mask before 5.24, Doge's dynamic mask dropped it
+#: before 5.18, Llama 4's chunked attention ignored them before 5.23), and one that mixes them whatever its mask
+#: (DeepSeek-V4's compressed attention pools keys over fixed windows of the whole row and lets a query see the
+#: windows before its position id). Packed rows of these (and of any body that takes no ``position_ids`` or carries
+#: a recurrent state, :func:`_unsplit_packing`) raise.
+_MIXES_PACKED_ROWS = {
+    **dict.fromkeys(("opt", "gpt_oss", "afmoe", "openai-gpt", "qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe",
+                     "glm46v", "paligemma", "glm_ocr", "paddleocr_vl", "biogpt", "xglm"),
+                    (_MASK_WITHOUT_RESTARTS, None)),
+    "falcon": (_MASK_WITHOUT_RESTARTS, "5.24"), "doge": (_MASK_WITHOUT_RESTARTS, "5.18"),
+    "llama4_text": (_MASK_WITHOUT_RESTARTS, "5.23"),
+    "deepseek_v4": ("pools the keys of its compressed attention over windows of the whole row", None),
+}
+
+
+def _body(model):
+    """The module that maps input_ids to the last hidden states (the model without its head): ``get_decoder()``,
+    else the ``base_model_prefix`` attribute, else ``model.model``; for a vision-language model (a config with a
+    text config of its own) the ``base_model_prefix`` attribute first, the module its forward calls, so that
+    vision inputs reach its vision tower (its ``get_decoder()`` is the language model alone). A ``get_decoder()``
+    that returns the output head itself (ModernBERT-decoder) raises: such a head reads more than the body's last
+    hidden states. Under PEFT, the body of the base model (its adapters in place)."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is not None and decoder is head:
+        raise ValueError(f"model: get_decoder() of {type(model).__name__} returns its output head, not the body "
+                         "whose last hidden states the head reads; fastalign cannot score it from hidden states")
+    prefixed = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    config = getattr(model, "config", None)
+    composite = hasattr(config, "get_text_config") and config.get_text_config() is not config
+    for body in ((prefixed, decoder) if composite else (decoder, prefixed)) + (getattr(model, "model", None),):
+        if isinstance(body, torch.nn.Module) and body is not model and body is not head:
+            return body
+    raise TypeError(f"model: cannot find the body of {type(model).__name__} (get_decoder(), base_model_prefix, "
+                    ".model)")
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_position_ids(body_cls) -> bool:
+    """Whether a body class's ``forward`` has a ``position_ids`` parameter (not only ``**kwargs``)."""
+    return "position_ids" in inspect.signature(body_cls.forward).parameters
+
+
+def _masks_split_packed_rows() -> bool:
+    """Whether the installed ``transformers`` splits a packed row's attention at restarting position ids."""
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+#: Layer types (a config's ``layer_types``) whose layers carry a recurrent state from token to token: state-space,
+#: linear-attention and convolution layers, alone or beside attention (transformers' names, old and new).
+_RECURRENT_LAYER_TYPES = ("linear_attention", "mamba", "mamba2", "conv", "hybrid", "hybrid_sliding")
+
+
+def _is_recurrent(model, body) -> bool:
+    """Whether the body carries a recurrent state: marked ``_is_stateful`` (transformers before 5.25), or a layer
+    of its config's ``layer_types`` is recurrent (:data:`_RECURRENT_LAYER_TYPES`)."""
+    if getattr(body, "_is_stateful", False):
+        return True
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return any(t in _RECURRENT_LAYER_TYPES for t in (getattr(text, "layer_types", None) or ()))
+
+
+def _unsplit_packing(model) -> Optional[str]:
+    """Why the model's body would let the sequences of a packed row see each other (None if it splits them, as
+    ``transformers`` does from position ids that restart, without an attention mask): a recurrent (state-space)
+    body, :func:`_is_recurrent`, carries its state from one sequence into the next; a body that takes no
+    ``position_ids`` builds its causal mask without them; one of :data:`_MIXES_PACKED_ROWS` mixes them (before the
+    release given there). An architecture
+    outside the checked table is refused unless registered with ``packed_rows=True``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _LISTED and model_type not in head_transforms._PACKED_ROWS_STATED:
+        return (f"model_type {model_type!r} is not among the architectures checked for packed rows; state that its "
+                f"body splits them with fastalign.integrations.hf.register_head_transform({model_type!r}, ..., "
+                "packed_rows=True)")
+    if not _masks_split_packed_rows():
+        import transformers
+
+        return (f"transformers {transformers.__version__} builds the causal mask without splitting packed rows "
+                "(transformers 4.54 and later split them at restarting position ids)")
+    body = _body(model)
+    if _is_recurrent(model, body):
+        return (f"the body of model_type {model_type!r} carries its recurrent (state-space) state from one packed "
+                "sequence into the next")
+    how, since = _MIXES_PACKED_ROWS.get(model_type, (None, None))
+    if (how is not None and (since is None or not _transformers_at_least(since))) or not _takes_position_ids(
+            type(body)):
+        import transformers
+
+        newer = "" if since is None else f" before transformers {since} (this is {transformers.__version__})"
+        return (f"the transformers body of model_type {model_type!r} {how or _MASK_WITHOUT_RESTARTS}{newer}, so "
+                "each packed sequence would attend to the ones before it")
+    return None
+
+
+#: Keywords of an attention function that splits the packed sequences itself, whatever mask the body builds: TRL's
+#: tree attention (its AsyncGRPOTrainer packs samples sharing a prompt into one row, each segment attending to its
+#: root-to-segment path).
+_SPLITTING_ATTENTION_KWARGS = ("tree_cu_seqlens_q", "tree_kv_index")
+
+
+def _packed_rows_flag(model, attention_mask: Optional[Tensor], model_kwargs: dict) -> Optional[Tensor]:
+    """Refuses packed rows (``position_ids`` that do not step by 1 within a row, ``transformers``' rule, with no
+    ``attention_mask``) for a body that would not split them (:func:`_unsplit_packing`): a ``ValueError`` for
+    CPU position ids; on a GPU they are not read on the host, and the returned flag makes the hidden states NaN
+    (:func:`fastalign._validate.flag_or_raise`). None when nothing is to refuse, and when ``model_kwargs`` carry
+    an attention function's own split (:data:`_SPLITTING_ATTENTION_KWARGS`)."""
+    position_ids = model_kwargs.get("position_ids")
+    if not isinstance(position_ids, Tensor) or attention_mask is not None or position_ids.dim() != 2:
+        return None
+    if any(model_kwargs.get(key) is not None for key in _SPLITTING_ATTENTION_KWARGS):
+        return None
+    unsplit = _unsplit_packing(model)
+    if unsplit is None:
+        return None
+    return _validate.flag_or_raise(
+        (position_ids[:, 1:] - position_ids[:, :-1] != 1).any(), position_ids,
+        lambda: (f"position_ids restart within a row (packed sequences), but {unsplit}; score each sequence in its "
+                 "own row (padded, with attention_mask) instead"))
