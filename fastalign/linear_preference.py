@@ -280,7 +280,7 @@ class LinearPreferenceLoss(nn.Module):
         if pairs is not None and isinstance(delta, Tensor) and delta.dim() == 1:
             config = dict(config, bco_delta=delta[pairs])
         return preference_loss(sc.sum, sr.sum, ref_c, ref_r, chosen_lengths=sc.count, rejected_lengths=sr.count,
-                               chosen_nll=-plain_c.sum() / count, weights=weights, kto_kl=kto_kl, **config)
+                               chosen_nll=-plain_c.sum() / count, pair_weights=weights, kto_kl=kto_kl, **config)
 
     @staticmethod
     def _check(name, hidden, labels, weight, bias, vocab_shard: bool) -> None:

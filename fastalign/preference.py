@@ -413,7 +413,8 @@ def _checked_batch(batch: Dict[str, Optional[Tensor]], bco_delta) -> list:
     if (batch["ref_chosen_logprobs"] is None) != (batch["ref_rejected_logprobs"] is None):
         raise ValueError("give both ref_chosen_logprobs and ref_rejected_logprobs, or neither (reference-free)")
     named = dict(chosen_logprobs=chosen, rejected_logprobs=rejected)
-    for name in ("ref_chosen_logprobs", "ref_rejected_logprobs", "chosen_lengths", "rejected_lengths", "weights"):
+    for name in ("ref_chosen_logprobs", "ref_rejected_logprobs", "chosen_lengths", "rejected_lengths",
+                 "pair_weights"):
         t = batch[name]
         if t is not None:
             _validate.real(name, t)
@@ -437,7 +438,7 @@ def _checked_batch(batch: Dict[str, Optional[Tensor]], bco_delta) -> list:
             if name in named]
 
 
-@renamed(**PAIR_RENAMES)
+@renamed(**PAIR_RENAMES, weights="pair_weights")
 def preference_loss(
     chosen_logprobs: Tensor,
     rejected_logprobs: Tensor,
@@ -464,7 +465,7 @@ def preference_loss(
     f_alpha: float = 1.0,
     f_length_average: str = "log_ratio",
     smoothed_losses: Optional[Sequence[str]] = None,
-    weights: Optional[Tensor] = None,
+    pair_weights: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     r"""Preference loss from per-sequence log-probs (docs/math.md#preference-losses) → ``(loss, metrics)``.
 
@@ -498,7 +499,7 @@ def preference_loss(
     ============  ============================================================
 
     ``loss = Σ_k w_k mean_i[ω_i L_k,i] + rpo_alpha · NLL`` with ``loss_weights`` ``w_k`` and
-    per-pair ``weights`` ``ω`` (e.g. :func:`wpo_weights`, detached).
+    ``pair_weights`` ``ω`` (e.g. :func:`wpo_weights`, detached).
 
     Args:
         chosen_logprobs, rejected_logprobs: ``[B]`` summed policy log-probs (differentiable).
@@ -538,6 +539,8 @@ def preference_loss(
         bco_delta: δ of bco_pair, a finite number or a real tensor of shape ``()`` or ``[B]``.
         kto_kl: KTO's KL estimate (any shape, averaged; at least one value when ``B > 0``), a constant
             (detached).
+        pair_weights: ``[B]`` per-pair weights ``ω`` (WPO's: :func:`wpo_weights`), constants (detached); not
+            with aot or aot_unpaired, which sort the batch's margins.
 
     Returns:
         ``loss`` 0-dim, in the working dtype (the four log-prob inputs given, promoted together as torch's
@@ -553,7 +556,7 @@ def preference_loss(
     malformed = _checked_batch(
         dict(chosen_logprobs=chosen_logprobs, rejected_logprobs=rejected_logprobs,
              ref_chosen_logprobs=ref_chosen_logprobs, ref_rejected_logprobs=ref_rejected_logprobs,
-             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, weights=weights,
+             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, pair_weights=pair_weights,
              chosen_nll=chosen_nll, kto_kl=kto_kl), bco_delta)
     B = chosen_logprobs.shape[0]
     options = PreferenceOptions(
@@ -563,7 +566,7 @@ def preference_loss(
         undesirable_weight=undesirable_weight, f_divergence=f_divergence, f_alpha=f_alpha,
         f_length_average=f_length_average, smoothed_losses=smoothed_losses)
     beta, eps, smoothed = _check_options(types, options, kto_kl)
-    if weights is not None:
+    if pair_weights is not None:
         check_pair_weights(types)
     has_len = chosen_lengths is not None
     need_nll = any(LOSSES[t].nll for t in types) or rpo_alpha is not None
@@ -613,8 +616,8 @@ def preference_loss(
         term = LOSSES[t].fn(q if t in smoothed else q_plain)
         term = term if w == 1.0 else w * term
         per_pair = term if per_pair is None else per_pair + term
-    if weights is not None:
-        per_pair = per_pair * weights.detach().to(acc)
+    if pair_weights is not None:
+        per_pair = per_pair * pair_weights.detach().to(acc)
     loss = per_pair.sum() / max(B, 1)  # an empty batch gives 0 (and zero gradients), like policy_loss
     if rpo_alpha is not None:
         loss = loss + float(rpo_alpha) * nll
@@ -770,13 +773,13 @@ def _smoothed_set(types: Tuple[str, ...], smoothed_losses, eps: float) -> Tuple[
 
 
 #: The per-batch tensors of :func:`preference_loss`: the keywords of ``PreferenceLoss.forward``.
-_BATCH_KEYS = ("chosen_lengths", "rejected_lengths", "chosen_nll", "weights", "kto_kl")
+_BATCH_KEYS = ("chosen_lengths", "rejected_lengths", "chosen_nll", "pair_weights", "kto_kl")
 
 
 class PreferenceLoss(nn.Module):
     """:func:`preference_loss` as a module: the options are fixed at construction,
     ``forward(chosen_logprobs, rejected_logprobs, ref_chosen_logprobs=None, ref_rejected_logprobs=None, *,
-    chosen_lengths=None, rejected_lengths=None, chosen_nll=None, weights=None, kto_kl=None)`` takes the
+    chosen_lengths=None, rejected_lengths=None, chosen_nll=None, pair_weights=None, kto_kl=None)`` takes the
     tensors of one batch; an option given to ``forward`` raises ``TypeError`` (set it at construction)."""
 
     def __init__(self, loss_type="sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, **options):
@@ -784,9 +787,10 @@ class PreferenceLoss(nn.Module):
         check_config("PreferenceLoss", loss_type, beta, label_smoothing, options)  # fail here, not at the first call
         self.config = dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, **options)
 
-    @renamed(**PAIR_RENAMES)
+    @renamed(**PAIR_RENAMES, weights="pair_weights")
     def forward(self, chosen_logprobs, rejected_logprobs, ref_chosen_logprobs=None, ref_rejected_logprobs=None, *,
-                chosen_lengths=None, rejected_lengths=None, chosen_nll=None, weights=None, kto_kl=None, **options):
+                chosen_lengths=None, rejected_lengths=None, chosen_nll=None, pair_weights=None, kto_kl=None,
+                **options):
         for name in options:
             if name in _CONFIG_KEYS:
                 raise TypeError(f"PreferenceLoss.forward got the option {name!r}: the options are fixed at "
@@ -794,7 +798,7 @@ class PreferenceLoss(nn.Module):
         check_names("PreferenceLoss.forward", options, _BATCH_KEYS)
         return preference_loss(chosen_logprobs, rejected_logprobs, ref_chosen_logprobs, ref_rejected_logprobs,
                                chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-                               chosen_nll=chosen_nll, weights=weights, kto_kl=kto_kl, **self.config)
+                               chosen_nll=chosen_nll, pair_weights=pair_weights, kto_kl=kto_kl, **self.config)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.items())

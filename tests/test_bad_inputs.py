@@ -98,7 +98,7 @@ def _policy_good():
 
 def _pref_good():
     return dict(chosen_logprobs=_f(B), rejected_logprobs=_f(B), ref_chosen_logprobs=_f(B), ref_rejected_logprobs=_f(B),
-                chosen_lengths=torch.full((B,), 3.0), rejected_lengths=torch.full((B,), 2.0), weights=_f(B).abs())
+                chosen_lengths=torch.full((B,), 3.0), rejected_lengths=torch.full((B,), 2.0), pair_weights=_f(B).abs())
 
 
 def _lin_policy_good():
@@ -200,7 +200,7 @@ FNS = [
         "rejected_logprobs": ("any_float", ("other_device", "rank_up", "rank_down", "mismatch")),
         **{k: ("real", ("other_device", "rank_up", "rank_down", "mismatch"))
            for k in ("ref_chosen_logprobs", "ref_rejected_logprobs", "chosen_lengths", "rejected_lengths",
-                     "weights")}}),
+                     "pair_weights")}}),
     Fn("PreferenceLoss", _pref_good, lambda a: fa.PreferenceLoss("kto", beta=0.2)(
         a["chosen_logprobs"], a["rejected_logprobs"], a["ref_chosen_logprobs"], a["ref_rejected_logprobs"]),
        {"chosen_logprobs": ("any_float", ("rank_up", "rank_down")),

@@ -218,7 +218,7 @@ def test_loss_list_weights_rpo_and_pair_weights():
     lc, lr, lc0, lr0, nc, nr = _pairs(seed=5)
     w = torch.rand(lc.shape[0], dtype=D)
     _run_both(dict(loss_type=["sigmoid", "sft", "bco_pair"], loss_weights=[0.7, 0.2, 0.1], rpo_alpha=0.5,
-                   weights=w, chosen_lengths=nc, rejected_lengths=nr),
+                   pair_weights=w, chosen_lengths=nc, rejected_lengths=nr),
               dict(loss_types=("sigmoid", "sft", "bco_pair"), loss_weights=[0.7, 0.2, 0.1], rpo_alpha=0.5, weights=w,
                    nc=nc, nr=nr), lc, lr, lc0, lr0)
 
@@ -229,7 +229,7 @@ def test_pair_weights_get_no_gradient():
     lc, lr, lc0, lr0, nc, nr = _pairs(seed=13)
     w = (torch.rand(lc.shape[0], dtype=D) + 0.5).requires_grad_(True)
     a, b = lc.clone().requires_grad_(True), lr.clone().requires_grad_(True)
-    loss, _ = fa.preference_loss(a, b, lc0, lr0, loss_type="sigmoid", beta=0.3, weights=w)
+    loss, _ = fa.preference_loss(a, b, lc0, lr0, loss_type="sigmoid", beta=0.3, pair_weights=w)
     want, _ = R.preference_loss(lc, lr, lc0, lr0, beta=0.3, weights=w.detach())
     assert_close(loss, want, atol=1e-12, what="weighted loss")
     assert torch.autograd.grad(loss, w, retain_graph=True, allow_unused=True)[0] is None
@@ -621,7 +621,7 @@ def test_linear_wpo_token_weights_ld_against_logits_path():
     plain = fa.sequence_logprobs(st.logprobs, labels=labels)
     nll = -plain.sum[:B].sum() / plain.count[:B].sum()
     want, mw = fa.preference_loss(s.sum[:B], s.sum[B:], r.sum[:B], r.sum[B:], loss_type=["sigmoid", "sft"],
-                                  chosen_nll=nll, weights=fa.wpo_weights(s.wpo[:B], s.wpo[B:]))
+                                  chosen_nll=nll, pair_weights=fa.wpo_weights(s.wpo[:B], s.wpo[B:]))
     assert_close(loss, want, atol=1e-6, rtol=1e-5, what="loss")
     assert_close(m["nll"], mw["nll"], atol=1e-6, rtol=1e-5, what="nll")
     (g,) = torch.autograd.grad(loss, hx)
@@ -957,4 +957,4 @@ def test_the_options_record_holds_preference_losss_defaults():
                        and name in options}
     assert set(params) - set(options) == {"chosen_logprobs", "rejected_logprobs", "ref_chosen_logprobs",
                                           "ref_rejected_logprobs", "chosen_lengths", "rejected_lengths",
-                                          "chosen_nll", "kto_kl", "weights"}
+                                          "chosen_nll", "kto_kl", "pair_weights"}

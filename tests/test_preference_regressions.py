@@ -336,7 +336,7 @@ def test_pair_weights_are_refused_by_the_sorted_losses(loss_type):
     construction (use_weighting), as TRL's DPOTrainer refuses them."""
     lc, lr, lc0, lr0 = _pairs()
     _raises(ValueError, "per-pair weights do not apply to loss_type 'aot", lambda: fa.preference_loss(
-        lc, lr, lc0, lr0, loss_type=loss_type, weights=torch.ones(4, dtype=D)))
+        lc, lr, lc0, lr0, loss_type=loss_type, pair_weights=torch.ones(4, dtype=D)))
     _raises(ValueError, "per-pair weights do not apply", lambda: fa.LinearPreferenceLoss(
         loss_type=loss_type, use_weighting=True))
 
@@ -692,7 +692,7 @@ def test_preference_loss_module_forward_takes_the_batch_tensors_only():
     w = torch.tensor([0.5, 1.0, 2.0, 0.25], dtype=D)
     beta = 0.3
     mod = fa.PreferenceLoss("ipo", beta=beta)
-    loss, _ = mod(lc, lr, lc0, lr0, chosen_lengths=nc, rejected_lengths=nr, weights=w)
+    loss, _ = mod(lc, lr, lc0, lr0, chosen_lengths=nc, rejected_lengths=nr, pair_weights=w)
     want = (w * ((lc - lc0) / nc - (lr - lr0) / nr - 1 / (2 * beta)) ** 2).mean()
     assert_close(loss, want, atol=1e-10, rtol=1e-10, what="ipo with per-batch lengths and weights")
     kl = torch.tensor([0.4, -0.1, 0.3], dtype=D)  # kto: z0 = sg(max(mean KL, 0)), here 0.2

@@ -50,7 +50,8 @@ def test_public_signatures_use_one_name_per_idea(name, fn):
 def test_every_rename_points_at_an_argument():
     assert len(_deprecate.RENAMED) >= 12
     for owner, old, new in _deprecate.RENAMED:
-        assert old != new and ("mask" in new or "logprobs" in new or new in ("kl_type", "kto_kl")), (owner, old, new)
+        assert old != new and ("mask" in new or "logprobs" in new or new in ("kl_type", "kto_kl", "pair_weights")), \
+            (owner, old, new)
 
 
 def _warns_same(old_call, new_call, match):
@@ -130,6 +131,18 @@ def test_kl_penalty_kind_through_the_shared_helper():
     lp, ref = torch.randn(2, B, T, generator=_g(9))
     _warns_same(lambda: fa.kl_penalty(lp, ref, kind="k2"), lambda: fa.kl_penalty(lp, ref, kl_type="k2"),
                 "use kl_type")
+
+
+def test_preference_weights_are_pair_weights():
+    """preference_loss(weights=) sat beside the head's weight and the loss_weights: per-pair weights are
+    pair_weights, the former name still accepted with a warning."""
+    lc, lr, lc0, lr0 = torch.randn(4, B, generator=_g(3))
+    w = torch.rand(B, generator=_g(4))
+    _warns_same(lambda: fa.preference_loss(lc, lr, lc0, lr0, weights=w),
+                lambda: fa.preference_loss(lc, lr, lc0, lr0, pair_weights=w),
+                r"preference_loss\(weights=\.\.\.\) is deprecated: use pair_weights")
+    _warns_same(lambda: fa.PreferenceLoss(beta=0.2)(lc, lr, lc0, lr0, weights=w),
+                lambda: fa.PreferenceLoss(beta=0.2)(lc, lr, lc0, lr0, pair_weights=w), "use pair_weights")
 
 
 def test_renamed_arguments_are_listed_in_the_docs():

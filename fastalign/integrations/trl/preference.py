@@ -253,7 +253,7 @@ class DPOLoss(nn.Module):
             plain = s.sum if self.ld_alpha is None else sequence_logprobs(per_token_logps, completion_mask).sum
             kw["chosen_nll"] = -plain[:B].sum() / s.count[:B].sum()
         if self.use_weighting:
-            kw["weights"] = wpo_weights(s.wpo[:B], s.wpo[B:], cap=None)
+            kw["pair_weights"] = wpo_weights(s.wpo[:B], s.wpo[B:], cap=None)
         n = s.count if lengths is None else lengths
         loss, metrics = preference_loss(s.sum[:B], s.sum[B:], ref_chosen_logps, ref_rejected_logps,
                                         chosen_lengths=n[:B], rejected_lengths=n[B:], **kw, **self.options)
