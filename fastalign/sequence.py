@@ -139,6 +139,9 @@ def sequence_logprobs(
     acc = torch.promote_types(token_logprobs.dtype, torch.float32)
     lp = token_logprobs.to(acc)
     m = torch.ones_like(lp) if response_mask is None else response_mask.to(acc)
+    # the scored slots (None: every slot), whose values alone are read: masked slots may hold junk (NaN, inf)
+    keep = None if response_mask is None else response_mask if response_mask.dtype == torch.bool else m != 0
+    unit = response_mask is None or response_mask.dtype == torch.bool  # weights of 0 and 1 only
 
     if packed:
         lp, m = lp.reshape(-1), m.reshape(-1)
@@ -157,7 +160,9 @@ def sequence_logprobs(
             malformed = _validate.position_starts("position_ids", position_ids, "num_sequences", S)
         seg = segment_ids(n, lp.device, cu_seqlens, position_ids)
         # tokens outside every sequence (trailing padding of the packed buffer) count nowhere
-        m = torch.where((seg >= 0) & (seg < S), m, torch.zeros_like(m))
+        inside = (seg >= 0) & (seg < S)
+        m = torch.where(inside, m, 0.0)
+        keep = inside if keep is None else keep.reshape(-1) & inside
         seg = seg.clamp(0, S - 1)
 
         def reduce(x: Tensor) -> Tensor:
@@ -174,7 +179,8 @@ def sequence_logprobs(
     count = reduce(m)
     w = m
     if token_weights is not None:  # 0 in masked slots before any product: a junk weight there has no gradient either
-        w = torch.where(m != 0, w * token_weights.reshape(m.shape).to(acc), torch.zeros_like(m))
+        w = w * token_weights.reshape(m.shape).to(acc)
+        w = w if keep is None else torch.where(keep, w, 0.0)
     if ld_alpha is not None:
         if ld_lengths is None:
             if S % 2:
@@ -199,13 +205,15 @@ def sequence_logprobs(
             rank = torch.cumsum(m, -1)
             lim = public.unsqueeze(-1)
         w = w * torch.where(rank <= lim, torch.ones_like(rank), torch.full_like(rank, float(ld_alpha)))
-    total = reduce(torch.where(m != 0, w * lp, torch.zeros_like(lp)))  # masked slots may hold junk
+    scored = lp if w is m and unit else w * lp
+    total = reduce(scored if keep is None else torch.where(keep, scored, 0.0))
     if malformed is not None:  # offsets or lengths not read on the host: NaN sums, never wrong ones
         total = _validate.nan_if(malformed, total)
     denom = divisor(count)
     wpo = None
     if sum_p2 is not None:
         adj = lp.detach() - torch.log(sum_p2.reshape(lp.shape).to(acc).detach().clamp(min=1e-30))
-        adj = torch.where(m != 0, m * adj, torch.zeros_like(adj))  # weighted as the sums, by a fractional mask
+        adj = adj if unit else m * adj  # weighted as the sums, by a fractional mask
+        adj = adj if keep is None else torch.where(keep, adj, 0.0)
         wpo = reduce(adj) / denom
     return SequenceLogprobs(total, total / denom, count, wpo)

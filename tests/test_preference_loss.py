@@ -427,6 +427,39 @@ def test_sequence_logprobs_labels_mask_and_junk_in_masked_slots():
     assert_close(a.sum, b.sum, atol=0, what="labels mask")
 
 
+@pytest.mark.parametrize("mask_kind", ["bool", "fractional", "packed"])
+def test_sequence_logprobs_junk_in_unscored_slots_stays_out(mask_kind):
+    """NaN / inf in the masked slots of the log-probs, token weights and sum_p2 (and past the last packed sequence)
+    reach no sum, mean, wpo or gradient, for a bool mask (whose 0/1 weights multiply nothing), a fractional one
+    and a packed stream."""
+    g = torch.Generator().manual_seed(5)
+    lp, tw, sp2 = -torch.rand(3, 4, 6, generator=g, dtype=D)
+    mask = torch.rand(4, 6, generator=g) > 0.3
+    weights = mask.to(D) * torch.rand(4, 6, generator=g, dtype=D) if mask_kind == "fractional" else mask
+    kw = {}
+    if mask_kind == "packed":
+        kw = dict(cu_seqlens=torch.tensor([0, 5, 9, 20]))  # the last 4 slots belong to no sequence
+        mask[-1, 2:] = True  # scored, but past the last sequence
+        weights = mask
+    junk = torch.tensor([float("nan"), float("inf")], dtype=D)[torch.arange(24) % 2].view(4, 6)
+    out = ~mask if mask_kind != "packed" else ~mask | (torch.arange(24).view(4, 6) >= 20)
+
+    def run(x, w, s, m):
+        if mask_kind == "packed":
+            x, w, s, m = (t.reshape(-1) for t in (x, w, s, m))
+        return fa.sequence_logprobs(x, m, token_weights=w, sum_p2=s, **kw)
+
+    x = torch.where(out, junk, lp).requires_grad_()
+    got = run(x, torch.where(out, junk, tw), torch.where(out, junk, sp2), weights)
+    clean = lp.clone().requires_grad_()
+    kept = weights if mask_kind == "fractional" else mask & ~out
+    want = run(clean, tw, sp2, kept)
+    for name in ("sum", "mean", "count", "wpo"):
+        assert_close(getattr(got, name), getattr(want, name), atol=1e-12, what=name)
+    (gx,), (gc,) = torch.autograd.grad(got.sum.sum(), x), torch.autograd.grad(want.sum.sum(), clean)
+    assert_close(gx, gc, atol=0, what="grad")
+
+
 def test_sequence_logprobs_packed_matches_padded():
     g = torch.Generator().manual_seed(2)
     lens = [5, 1, 7, 3, 4, 6]
