@@ -40,8 +40,8 @@ installed and otherwise show as "not installed". In the runs recorded up to
 compiled preference loss) includes torch.compile compiling the step: the note in
 `benchmarks/results/README.md` names the files.
 
-One CPU path is known to lose to eager PyTorch, and the tables do not show it (their heads are fp32). Measured
-on the 2-core AMD EPYC against eager in the same process (medians of interleaved repeats, 2 torch threads):
+Two CPU paths are known to lose to eager PyTorch, and the tables do not show the first (their heads are fp32).
+Measured on the 2-core AMD EPYC against eager in the same process (medians of repeats, 2 torch threads):
 
 - **A bf16 lm_head on the CPU.** The fused head ops compute in fp32 (bf16 operands widened chunk by chunk, an
   fp32 d(weight) accumulator), where eager runs the CPU's bf16 products and rounds the logits to bf16:
@@ -49,6 +49,13 @@ on the 2-core AMD EPYC against eager in the same process (medians of interleaved
   `LinearPolicyLoss` (GRPO) at 512 tokens, H=1024, V=32000 fwd+bwd 585 against 224 ms. On a GPU the products
   take bf16 operands with fp32 accumulation. For CPU runs of a bf16 model, the logits path
   (`token_logprobs` on the model's own logits) is the fast one.
+- **The backward of an fp32 lm_head at a large vocabulary.** The head ops never hold the `[N, V]` logits: the
+  backward recomputes each chunk of them, four matrix products in all where eager keeps its logits and runs
+  three. `linear_logprobs` fwd+bwd (log-probs alone) at H=1024, V=151936 takes 968 ms against eager's 722 ms at
+  N=64 and 2769 against 1940 ms at N=256 (the forward alone: 239 against 238 ms, 774 against 745 ms); at V=32000
+  it is even with eager at H=1024 (822 against 846 ms, N=512) and 1.11x slower at H=2048 (1588 against
+  1425 ms). Eager holds the fp32 logits and their gradient, `2 x 4 N V` bytes (311 MB at N=256, V=151936),
+  where the head ops hold one chunk of at most 32 MiB.
 
 Large logits (rows with `|lse| >= 32`: logits far from unit scale, or a low temperature) cost the head ops no
 extra pass: the forward keeps the rounding of its fp32 log-sum-exp, which the backward removes
