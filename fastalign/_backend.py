@@ -178,15 +178,28 @@ def missing_core(error: ImportError, package: Optional[str] = None) -> str:
     """Why ``fastalign._C`` did not import from the package folder ``package`` (this one by default), and what to
     do: a core that is there but does not load, a source checkout imported in place of the installed package,
     or an install without the core."""
-    package = package or os.path.dirname(os.path.abspath(__file__))
-    built = sorted(glob.glob(os.path.join(package, "_C.*.so")) + glob.glob(os.path.join(package, "_C.*.pyd")))
-    if built:
-        return (f"fastalign._C at {built[0]} does not load ({error}): reinstall fastalign for this Python and "
-                "platform")
+    if package is None:  # the file the import system finds (an editable install keeps it outside the folder)
+        package, core = os.path.dirname(os.path.abspath(__file__)), _core_file()
+    else:
+        core = next(iter(sorted(glob.glob(os.path.join(package, "_C.*.so")) +
+                                glob.glob(os.path.join(package, "_C.*.pyd")))), None)
+    if core:
+        return f"fastalign._C at {core} does not load ({error}): reinstall fastalign for this Python and platform"
     if os.path.exists(os.path.join(os.path.dirname(package), "CMakeLists.txt")):
-        return (f"fastalign was imported from the source tree {package}, which has no built fastalign._C: run "
-                "from another folder to use the installed package, or build it in place (pip install -e .)")
+        return (f"fastalign was imported from the source tree {package}, which has no built fastalign._C "
+                f"({error}): run from another folder to use the installed package, or install the checkout "
+                "editable (pip install -e .)")
     return f"fastalign._C is missing from {package} ({error}): reinstall fastalign"
+
+
+def _core_file() -> Optional[str]:
+    """The file the import system finds for ``fastalign._C`` (in the package folder, or where an editable
+    install put it), None when it finds none."""
+    try:
+        spec = importlib.util.find_spec("fastalign._C")
+    except (ImportError, ValueError):  # ValueError: a None entry in sys.modules
+        return None
+    return None if spec is None else spec.origin
 
 
 def cuda_stream(tensor) -> int:

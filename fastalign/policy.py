@@ -165,15 +165,17 @@ def _covariance_selection(cfg: PolicyConfig, plan: _Plan, logprobs, old_logprobs
                           generator) -> Tensor:
     """uint8 ``[B, T]``: the tokens Clip-Cov or KL-Cov picks (the selection of the row kernels that do not pick
     themselves)."""
-    cov, seed = _covariance_sums(cfg, logprobs, advantages, mask, generator, fused=False)
+    lp, adv = _f32(logprobs), _f32(advantages)
+    cov, seed = _covariance_sums(cfg, lp, adv, mask, generator, fused=False)
     cov_ratio, cov_lb, cov_ub, _ = plan.cov_params
-    return _ops.cov_select(_f32(logprobs), _f32(old_logprobs), _f32(advantages), mask, cov[:3], cov[3:], seed,
-                           0 if plan.row == "clip_cov" else 1, cov_ratio, cov_lb, cov_ub, *cfg.clip_eps,
+    return _ops.cov_select(lp, _f32(old_logprobs), adv, mask, cov[:3], cov[3:], seed,
+                           0 if cfg.row == "clip_cov" else 1, cov_ratio, cov_lb, cov_ub, *cfg.clip_eps,
                            _backend.request(logprobs.device, cfg.backend))
 
 
 def _f32(t: Tensor) -> Tensor:
-    """A detached contiguous fp32 copy (or view) of ``t``, as the covariance kernels read it."""
+    """A detached contiguous fp32 copy of ``t`` (``t`` itself, detached, when it is one), as the covariance kernels
+    read it."""
     return t.detach().float().contiguous()
 
 

@@ -324,11 +324,11 @@ ROW_OPTIONS: Dict[str, Tuple[str, ...]] = {
     "cpo_alpha": ("cpo",),
     "simpo_gamma": ("simpo", "alphapo"),
     "alphapo_alpha": ("alphapo",),
-    "discopop_tau": ("discopop",),
     "bco_delta": ("bco_pair",),
+    "kto_kl": ("kto",),
     "desirable_weight": ("kto",),
     "undesirable_weight": ("kto",),
-    "kto_kl": ("kto",),
+    "discopop_tau": ("discopop",),
     "f_length_average": ("ipo", "sigmoid_norm"),
 }
 

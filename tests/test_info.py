@@ -95,9 +95,14 @@ def test_a_core_that_does_not_import_is_diagnosed(tmp_path):
     assert "reinstall fastalign" in _backend.missing_core(err, str(package))
     (tmp_path / "checkout" / "CMakeLists.txt").write_text("")
     assert f"imported from the source tree {package}" in _backend.missing_core(err, str(package))
+    assert "(file too short)" in _backend.missing_core(err, str(package))
     (package / "_C.cpython-311-x86_64-linux-gnu.so").write_text("garbage")
     message = _backend.missing_core(err, str(package))
     assert "_C.cpython-311-x86_64-linux-gnu.so does not load (file too short)" in message, message
+    # this install: the core's file wherever the import system finds it (an editable install keeps it outside the
+    # package folder, which is the checkout); it was taken for a checkout without a core
+    message = _backend.missing_core(ImportError("undefined symbol: foo"))
+    assert f"{importlib.import_module('fastalign._C').__file__} does not load (undefined symbol: foo)" in message, message
 
 
 def test_info_command_fails_without_a_compiled_core(monkeypatch, capsys):

@@ -329,7 +329,7 @@ def test_dpo_wpo_with_hinge_alone_where_trl_backward_fails():
     s, r = sequence_logprobs(c, mask, sum_p2=torch.exp(lssp)), sequence_logprobs(ref, mask)
     w = wpo_weights(s.wpo[:4], s.wpo[4:], cap=None)
     expected, _ = R.preference_loss(s.sum[:4], s.sum[4:], r.sum[:4], r.sum[4:], loss_types=("hinge",), beta=0.5,
-                                    weights=w)
+                                    pair_weights=w)
     _close(torch.autograd.grad(got, b)[0], torch.autograd.grad(expected, c)[0], "gradient")
 
 

@@ -219,7 +219,7 @@ def test_loss_list_weights_rpo_and_pair_weights():
     w = torch.rand(lc.shape[0], dtype=D)
     _run_both(dict(loss_type=["sigmoid", "sft", "bco_pair"], loss_weights=[0.7, 0.2, 0.1], rpo_alpha=0.5,
                    pair_weights=w, chosen_lengths=nc, rejected_lengths=nr),
-              dict(loss_types=("sigmoid", "sft", "bco_pair"), loss_weights=[0.7, 0.2, 0.1], rpo_alpha=0.5, weights=w,
+              dict(loss_types=("sigmoid", "sft", "bco_pair"), loss_weights=[0.7, 0.2, 0.1], rpo_alpha=0.5, pair_weights=w,
                    nc=nc, nr=nr), lc, lr, lc0, lr0)
 
 
@@ -230,7 +230,7 @@ def test_pair_weights_get_no_gradient():
     w = (torch.rand(lc.shape[0], dtype=D) + 0.5).requires_grad_(True)
     a, b = lc.clone().requires_grad_(True), lr.clone().requires_grad_(True)
     loss, _ = fa.preference_loss(a, b, lc0, lr0, loss_type="sigmoid", beta=0.3, pair_weights=w)
-    want, _ = R.preference_loss(lc, lr, lc0, lr0, beta=0.3, weights=w.detach())
+    want, _ = R.preference_loss(lc, lr, lc0, lr0, beta=0.3, pair_weights=w.detach())
     assert_close(loss, want, atol=1e-12, what="weighted loss")
     assert torch.autograd.grad(loss, w, retain_graph=True, allow_unused=True)[0] is None
 
@@ -978,7 +978,7 @@ def test_modules_validate_their_configuration_at_construction(module, kw, err, m
         module(**kw)
 
 
-def test_the_options_record_holds_preference_losss_defaults():
+def test_the_options_record_holds_preference_loss_defaults():
     """PreferenceOptions, which the modules and trainer profiles check, has preference_loss's options and defaults."""
     from dataclasses import fields
 

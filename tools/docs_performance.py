@@ -40,7 +40,7 @@ installed and otherwise show as "not installed". In the runs recorded up to
 compiled preference loss) includes torch.compile compiling the step: the note in
 `benchmarks/results/README.md` names the files.
 
-Two CPU paths are known to lose to eager PyTorch, and the tables do not show the first (their heads are fp32).
+Two CPU paths are known to lose to eager PyTorch, and the tables show neither.
 Measured on the 2-core AMD EPYC against eager in the same process (medians of repeats, 2 torch threads):
 
 - **A bf16 lm_head on the CPU.** The fused head ops compute in fp32 (bf16 operands widened chunk by chunk, an

@@ -138,7 +138,7 @@ def one_loss(name, lc, lr, lc0, lr0, *, beta=0.1, eps=0.0, nc=None, nr=None, nll
 
 
 def preference_loss(lc, lr, lc0=None, lr0=None, *, loss_types=("sigmoid",), loss_weights=None, beta=0.1, eps=0.0,
-                    smoothed=None, nc=None, nr=None, nll=None, rpo_alpha=None, weights=None, **kw):
+                    smoothed=None, nc=None, nr=None, nll=None, rpo_alpha=None, pair_weights=None, **kw):
     """(loss, metrics) — sum of weighted per-pair means, optional pair weights and RPO term.
     ``smoothed``: the loss types that get ``eps`` (default all)."""
     if lc0 is None:
@@ -151,8 +151,8 @@ def preference_loss(lc, lr, lc0=None, lr0=None, *, loss_types=("sigmoid",), loss
     per = sum(w * one_loss(t, lc, lr, lc0, lr0, beta=beta, eps=eps if smoothed is None or t in smoothed else 0.0,
                            nc=nc, nr=nr, nll=nll, **kw)
               for t, w in zip(loss_types, loss_weights))
-    if weights is not None:
-        per = per * weights
+    if pair_weights is not None:
+        per = per * pair_weights
     loss = per.mean()
     if rpo_alpha is not None:
         loss = loss + rpo_alpha * nll
