@@ -102,7 +102,8 @@ def test_a_core_that_does_not_import_is_diagnosed(tmp_path):
     # this install: the core's file wherever the import system finds it (an editable install keeps it outside the
     # package folder, which is the checkout); it was taken for a checkout without a core
     message = _backend.missing_core(ImportError("undefined symbol: foo"))
-    assert f"{importlib.import_module('fastalign._C').__file__} does not load (undefined symbol: foo)" in message, message
+    core = importlib.import_module("fastalign._C").__file__
+    assert f"{core} does not load (undefined symbol: foo)" in message, message
 
 
 def test_info_command_fails_without_a_compiled_core(monkeypatch, capsys):

@@ -219,8 +219,8 @@ def test_loss_list_weights_rpo_and_pair_weights():
     w = torch.rand(lc.shape[0], dtype=D)
     _run_both(dict(loss_type=["sigmoid", "sft", "bco_pair"], loss_weights=[0.7, 0.2, 0.1], rpo_alpha=0.5,
                    pair_weights=w, chosen_lengths=nc, rejected_lengths=nr),
-              dict(loss_types=("sigmoid", "sft", "bco_pair"), loss_weights=[0.7, 0.2, 0.1], rpo_alpha=0.5, pair_weights=w,
-                   nc=nc, nr=nr), lc, lr, lc0, lr0)
+              dict(loss_types=("sigmoid", "sft", "bco_pair"), loss_weights=[0.7, 0.2, 0.1], rpo_alpha=0.5,
+                   pair_weights=w, nc=nc, nr=nr), lc, lr, lc0, lr0)
 
 
 def test_pair_weights_get_no_gradient():
