@@ -10,7 +10,6 @@ CUDA kernels for the group, scan and Clip-Cov / KL-Cov selection ops). Triton on
 from __future__ import annotations
 
 import contextlib
-import glob
 import importlib.util
 import os
 import threading
@@ -174,15 +173,13 @@ def compiled():
     return _C
 
 
-def missing_core(error: ImportError, package: Optional[str] = None) -> str:
-    """Why ``fastalign._C`` did not import from the package folder ``package`` (this one by default), and what to
-    do: a core that is there but does not load, a source checkout imported in place of the installed package,
-    or an install without the core."""
-    if package is None:  # the file the import system finds (an editable install keeps it outside the folder)
-        package, core = os.path.dirname(os.path.abspath(__file__)), _core_file()
-    else:
-        core = next(iter(sorted(glob.glob(os.path.join(package, "_C.*.so")) +
-                                glob.glob(os.path.join(package, "_C.*.pyd")))), None)
+def missing_core(error: ImportError, core: Optional[str] = None, package: Optional[str] = None) -> str:
+    """Why ``fastalign._C`` did not import, and what to do: a core that is there but does not load, a source
+    checkout imported in place of the installed package, or an install without the core. ``core``: the core's
+    file, by default the one the import system finds (an editable install keeps it outside the package folder);
+    ``package``: the package folder, by default this one."""
+    core = core or _core_file()
+    package = package or os.path.dirname(os.path.abspath(__file__))
     if core:
         return f"fastalign._C at {core} does not load ({error}): reinstall fastalign for this Python and platform"
     if os.path.exists(os.path.join(os.path.dirname(package), "CMakeLists.txt")):

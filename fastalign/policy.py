@@ -151,14 +151,14 @@ def _covariance_sums(cfg: PolicyConfig, logprobs, advantages, mask, generator, f
         seed = torch.zeros(1, device=logprobs.device, dtype=torch.int64)
     if fused and not cfg.cov_global:
         return None, seed
-    sums = _ops.cov_sums(_f32(logprobs), _f32(advantages), mask, _backend.request(logprobs.device, cfg.backend))
-    n_local = sums[2:3].clone()
+    local = _ops.cov_sums(_f32(logprobs), _f32(advantages), mask, _backend.request(logprobs.device, cfg.backend))
+    sums = local
     if cfg.cov_global:
         import torch.distributed as dist
 
-        sums = sums.clone()
+        sums = local.clone()
         dist.all_reduce(sums, group=cfg.cov_group)
-    return torch.cat([sums[:3], n_local]), seed
+    return torch.cat([sums, local[2:3]]), seed
 
 
 def _covariance_selection(cfg: PolicyConfig, plan: _Plan, logprobs, old_logprobs, advantages, mask,

@@ -205,7 +205,7 @@ def sequence_logprobs(
             rank = torch.cumsum(m, -1)
             lim = public.unsqueeze(-1)
         w = w * torch.where(rank <= lim, torch.ones_like(rank), torch.full_like(rank, float(ld_alpha)))
-    scored = lp if w is m and unit else w * lp
+    scored = lp if unit and token_weights is None and ld_alpha is None else w * lp  # w = m = 1 where kept
     total = reduce(scored if keep is None else torch.where(keep, scored, 0.0))
     if malformed is not None:  # offsets or lengths not read on the host: NaN sums, never wrong ones
         total = _validate.nan_if(malformed, total)

@@ -86,18 +86,20 @@ def test_format_report_of_a_missing_core():
     assert "compiled core MISSING" in format_report(r)
 
 
-def test_a_core_that_does_not_import_is_diagnosed(tmp_path):
+def test_a_core_that_does_not_import_is_diagnosed(tmp_path, monkeypatch):
     """The error said "missing: pip install ." also for a core that is there but does not load, and for a source
     checkout imported in place of the installed package (a reinstall fixes neither)."""
     err = ImportError("file too short")
     package = tmp_path / "checkout" / "fastalign"
     package.mkdir(parents=True)
-    assert "reinstall fastalign" in _backend.missing_core(err, str(package))
-    (tmp_path / "checkout" / "CMakeLists.txt").write_text("")
-    assert f"imported from the source tree {package}" in _backend.missing_core(err, str(package))
-    assert "(file too short)" in _backend.missing_core(err, str(package))
-    (package / "_C.cpython-311-x86_64-linux-gnu.so").write_text("garbage")
-    message = _backend.missing_core(err, str(package))
+    with monkeypatch.context() as patch:
+        patch.setattr(_backend, "_core_file", lambda: None)  # the import system finds no core
+        assert "reinstall fastalign" in _backend.missing_core(err, package=str(package))
+        (tmp_path / "checkout" / "CMakeLists.txt").write_text("")
+        assert f"imported from the source tree {package}" in _backend.missing_core(err, package=str(package))
+        assert "(file too short)" in _backend.missing_core(err, package=str(package))
+    core = package / "_C.cpython-311-x86_64-linux-gnu.so"
+    message = _backend.missing_core(err, str(core), str(package))
     assert "_C.cpython-311-x86_64-linux-gnu.so does not load (file too short)" in message, message
     # this install: the core's file wherever the import system finds it (an editable install keeps it outside the
     # package folder, which is the checkout); it was taken for a checkout without a core
