@@ -9,8 +9,11 @@ from torch import Tensor
 
 from fastalign import _validate
 from fastalign._deprecate import renamed
+from fastalign._options import check_choice
 
 AGGS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+#: which rows a sequence mean counts without ``global_seqs``: the non-empty ones, or every row
+SEQ_COUNTS = ("nonempty", "all")
 Count = Union[int, float, Tensor, None]
 
 
@@ -27,6 +30,12 @@ def counts_read(agg: str, global_tokens: Count = None, global_seqs: Count = None
     given = {"global_tokens": global_tokens if agg == "token-mean" else None,
              "global_seqs": global_seqs if agg.startswith("seq-mean") else None}
     return {k: v for k, v in given.items() if v is not None}
+
+
+def default_seq_count(agg: str) -> str:
+    """The rows a sequence mean of ``agg`` counts by default: every row for ``seq-mean-token-sum-norm`` (Dr.
+    GRPO's ``B * L_max``, as TRL), the non-empty ones for the other seq-mean modes (as verl)."""
+    return "all" if agg == "seq-mean-token-sum-norm" else "nonempty"
 
 
 def check_counts(agg: str, global_tokens: Count = None, global_seqs: Count = None,
@@ -72,24 +81,32 @@ class RowAggregation:
     """:func:`aggregate_rows` for per-row valid counts ``row_n``: ``RowAggregation(row_n, agg, T, ...)(row_loss)``
     is ``aggregate_rows(row_loss, row_n, agg, T, ...)``, and the divisors read from the counts are computed once
     for every quantity of the same rows aggregated with it (a loss and its metric terms). ``whole_counts``:
-    ``row_n`` holds whole numbers (the counts of a bool mask), divided by :func:`whole_divisor`."""
+    ``row_n`` holds whole numbers (the counts of a bool mask), divided by :func:`whole_divisor`. ``seq_count``
+    (:data:`SEQ_COUNTS`; None: :func:`default_seq_count`): the rows a sequence mean counts without
+    ``global_seqs``."""
 
     def __init__(self, row_n: Tensor, agg: str, T: int, global_tokens: Count = None, global_seqs: Count = None,
-                 dp_size: int = 1, max_len: Optional[int] = None, *, whole_counts: bool = False):
+                 dp_size: int = 1, max_len: Optional[int] = None, *, whole_counts: bool = False,
+                 seq_count: Optional[str] = None):
         # aggregate(x) = (x / per_row).sum(0) / den * dp_size, each step where it applies
         count_div = whole_divisor if whole_counts else divisor
+        every_row = (seq_count or default_seq_count(agg)) == "all"
         self.per_row = self.den = None
         if agg == "token-mean":
             self.den = count_div(row_n.sum()) if global_tokens is None else global_divisor(global_tokens, row_n)
         elif agg == "seq-mean-token-sum-norm":
             lmax = T if max_len is None else int(max_len)
             if global_seqs is None:  # the local count takes no dp factor
-                self.den, dp_size = float(max(row_n.shape[0] * lmax, 1)), 1
+                dp_size = 1
+                if every_row:
+                    self.den = float(max(row_n.shape[0] * lmax, 1))
+                else:
+                    self.den = whole_divisor((row_n > 0).sum().float() * lmax)
             else:
                 self.den = global_divisor(global_seqs, row_n, lmax)
         elif agg != "token-sum":
             if global_seqs is None:
-                self.den = whole_divisor((row_n > 0).sum().float())
+                self.den = float(max(row_n.shape[0], 1)) if every_row else whole_divisor((row_n > 0).sum().float())
             else:
                 self.den = global_divisor(global_seqs, row_n)
             if agg != "seq-mean-token-sum":  # seq-mean-token-mean
@@ -120,10 +137,11 @@ def aggregate_rows(row_loss: Tensor, row_n: Tensor, agg: str, T: int, global_tok
 @renamed(mask="response_mask")
 def aggregate_loss(per_token_loss: Tensor, response_mask: Tensor, agg: str = "token-mean",
                    global_tokens: Count = None, global_seqs: Count = None, dp_size: int = 1, *,
-                   max_len: Optional[int] = None) -> Tensor:
+                   max_len: Optional[int] = None, seq_count: Optional[str] = None) -> Tensor:
     r"""Reduce a per-token loss ``L [B, T]`` under ``response_mask`` ``m`` (docs/math.md#aggregation), fp32 0-dim.
     A fractional ``m`` weighs each token (as verl's ``agg_loss`` and :func:`fastalign.sequence_logprobs`); a
-    masked token's ``L`` (``m = 0``) never reaches the result, even when it is not finite.
+    masked token's ``L`` (``m = 0``) never reaches the result, even when it is not finite. A negative ``m`` is
+    refused: a ``ValueError`` for a CPU tensor in eager mode, a NaN result elsewhere (not read on the host).
 
     * ``token-mean``: ``sum(m L) / N_glob * dp``
     * ``token-sum``: ``sum(m L) * dp``
@@ -132,12 +150,14 @@ def aggregate_loss(per_token_loss: Tensor, response_mask: Tensor, agg: str = "to
     * ``seq-mean-token-sum-norm`` (Dr. GRPO): ``sum(m L) / (B * L_max)``, ``L_max`` = ``max_len``
       or the padded length; with ``global_seqs`` it is ``sum(m L) / (B_glob L_max) * dp``.
 
-    ``N_glob`` (``global_tokens``) and ``B_glob`` (``global_seqs``: non-empty sequences; every row, empty ones
-    included, for ``seq-mean-token-sum-norm``, as its local ``B``) are the
+    ``N_glob`` (``global_tokens``) and ``B_glob`` (``global_seqs``) are the
     counts over the whole optimizer step and all data-parallel ranks (ints or device tensors);
     without them the local counts are used. With them, averaging the gradients of ``dp_size``
     ranks gives exactly the gradient of the global mean. A count the aggregation does not divide by
-    raises ``ValueError`` (:func:`counts_read` keeps those it does).
+    raises ``ValueError`` (:func:`counts_read` keeps those it does). ``seq_count``: the rows of the local
+    sequence count (without ``global_seqs``), ``"nonempty"`` (``sum_t m > 0``, verl's ``agg_loss``) or
+    ``"all"``; by default every row for ``seq-mean-token-sum-norm`` (TRL's Dr. GRPO), the non-empty ones for the
+    other seq-mean modes, as :func:`fastalign.policy_loss`.
     """
     _validate.floating("per_token_loss", per_token_loss, dim=2)
     _validate.real("response_mask", response_mask, dim=2)
@@ -146,7 +166,17 @@ def aggregate_loss(per_token_loss: Tensor, response_mask: Tensor, agg: str = "to
     check_agg(agg)
     check_counts(agg, global_tokens, global_seqs, max_len)
     _validate.counts(global_tokens=global_tokens, global_seqs=global_seqs, dp_size=dp_size, max_len=max_len)
+    if seq_count is not None:
+        check_choice("seq_count", seq_count, SEQ_COUNTS)
+        if not agg.startswith("seq-mean"):
+            raise ValueError(f"seq_count applies to the seq-mean aggregations, not to agg={agg!r}")
+    negative = None
+    if response_mask.dtype.is_signed:  # a bool or unsigned mask is never negative
+        negative = _validate.flag_or_raise((response_mask < 0).any(), response_mask, lambda: (
+            "response_mask must be >= 0 (each token's weight; 0 leaves it out), got values such as "
+            f"{response_mask[response_mask < 0][:3].tolist()}"))
     m = response_mask.to(torch.float32)
     mL = torch.where(m != 0, m * per_token_loss.float(), torch.zeros((), device=m.device))
-    return aggregate_rows(mL.sum(-1), m.sum(-1), agg, per_token_loss.shape[1], global_tokens, global_seqs, dp_size,
-                          max_len)
+    aggregate = RowAggregation(m.sum(-1), agg, per_token_loss.shape[1], global_tokens, global_seqs, dp_size, max_len,
+                               seq_count=seq_count)
+    return _validate.nan_if(negative, aggregate(mL.sum(-1)))

@@ -11,7 +11,7 @@ from fastalign import _backend, _validate
 from fastalign._options import check_read
 from fastalign.aggregate import RowAggregation, check_counts, divisor, whole_divisor
 from fastalign.ops import policy_loss as _ops
-from fastalign.policy_config import FIELDS, LOSS_TYPES, PRESETS, ROLLOUT_MODES, PolicyConfig  # noqa: F401
+from fastalign.policy_config import FIELDS, LOSS_TYPES, PRESETS, ROLLOUT_MODES, CovParams, PolicyConfig  # noqa: F401
 
 
 def _mask_u8(mask: Tensor) -> tuple:
@@ -90,7 +90,7 @@ class _Plan(NamedTuple):
     kl_options_set: tuple
     entropy_in_kernel: bool  # the entropy term is part of the kernel's loss (entropy_agg="loss")
     params: list  # the KernelParams as the flat float list the ops carry
-    cov_params: tuple
+    cov_params: CovParams
     clip_metrics: bool  # the row reports clip_low / clip_high
 
 
@@ -167,10 +167,11 @@ def _covariance_selection(cfg: PolicyConfig, plan: _Plan, logprobs, old_logprobs
     themselves)."""
     lp, adv = _f32(logprobs), _f32(advantages)
     cov, seed = _covariance_sums(cfg, lp, adv, mask, generator, fused=False)
-    cov_ratio, cov_lb, cov_ub, _ = plan.cov_params
-    return _ops.cov_select(lp, _f32(old_logprobs), adv, mask, cov[:3], cov[3:], seed,
-                           0 if cfg.row == "clip_cov" else 1, cov_ratio, cov_lb, cov_ub, *cfg.clip_eps,
-                           _backend.request(logprobs.device, cfg.backend))
+    eps_low, eps_high = cfg.clip_eps
+    return _ops.cov_select(lp, _f32(old_logprobs), adv, mask, sums=cov[:3], n_local=cov[3:], seed=seed,
+                           mode=0 if cfg.row == "clip_cov" else 1, ratio=plan.cov_params.ratio,
+                           lb=plan.cov_params.lb, ub=plan.cov_params.ub, eps_low=eps_low, eps_high=eps_high,
+                           backend=_backend.request(logprobs.device, cfg.backend))
 
 
 def _f32(t: Tensor) -> Tensor:
@@ -345,17 +346,9 @@ def policy_loss(
 
     # ---------------- aggregation and metrics on [B] rows (device only) ----------------
     rd = row.detach()
-    row_n = rd[:, 1]
-    seqs = global_seqs
-    if seqs is None and agg.startswith("seq-mean"):
-        if plan.seq_count == "all" and agg != "seq-mean-token-sum-norm":
-            seqs = shape[0]
-        elif plan.seq_count == "nonempty" and agg == "seq-mean-token-sum-norm":
-            seqs = (row_n > 0).sum()
-    # seq-mean-token-sum-norm takes the dp factor with global_seqs only (the local count above has none)
-    dp = 1 if agg == "seq-mean-token-sum-norm" and global_seqs is None else cfg.dp_size
     # the token counts of a bool mask are whole numbers
-    aggregate = RowAggregation(row_n, agg, shape[1], global_tokens, seqs, dp, cfg.max_len, whole_counts=True)
+    aggregate = RowAggregation(rd[:, 1], agg, shape[1], global_tokens, global_seqs, cfg.dp_size, cfg.max_len,
+                               whole_counts=True, seq_count=plan.seq_count)
     loss = aggregate(row[:, 0])
     if ref_logprobs is not None or entropy is not None:  # KL and entropy aggregated like the loss
         terms = aggregate(rd[:, 5:7])

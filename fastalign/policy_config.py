@@ -13,14 +13,14 @@ import contextlib
 import dataclasses
 import functools
 import math
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
 from fastalign import _validate
 from fastalign._backend import BACKENDS
 from fastalign._options import check_choice, check_names, check_read
-from fastalign.aggregate import check_agg
+from fastalign.aggregate import SEQ_COUNTS, check_agg, default_seq_count
 from fastalign.kl import canonical_kl
 from fastalign.ops.policy_params import KernelParams
 
@@ -46,7 +46,6 @@ ROLLOUT_CODES = {None: 0, "token_truncate": 1, "token_mask": 2, "sequence_trunca
 ROLLOUT_MODES = tuple(k for k in ROLLOUT_CODES if k is not None)
 KL_RHO_CODES = {False: 0, True: 1, "detached": 1, "grad": 2}
 IS_LEVELS = {"token": 0, "sequence": 1}
-SEQ_COUNTS = ("nonempty", "all")
 ENTROPY_AGGS = ("loss", "token-mean")
 #: every accepted ``loss_type`` of :func:`fastalign.policy_loss` (loss rows, then presets)
 POLICY_LOSS_TYPES = tuple(dict.fromkeys(LOSS_TYPES + tuple(PRESETS)))
@@ -68,6 +67,15 @@ _FINITE = ("eps_low", "eps_high", "dual_clip", "delta", "dro_beta", "rollout_min
            "entropy_quantile", "offpolicy_threshold", "cov_ratio", "cov_lb", "cov_ub", "cov_kl_coef")
 _COEFS = ("kl_coef", "entropy_coef")  # finite real numbers, never None (0: the term is off)
 _PAIRS = ("cispo_bounds", "sapo_tau", "vespo_k", "vespo_lambda")  # (a, b) options, finite numbers
+
+
+class CovParams(NamedTuple):
+    """Clip-Cov / KL-Cov's numbers with their defaults: the share of tokens picked (``ratio``), Clip-Cov's
+    covariance bounds (``lb`` < cov < ``ub``) and KL-Cov's coefficient (``kl_coef``)."""
+    ratio: float
+    lb: float
+    ub: float
+    kl_coef: float
 
 
 class OptionError(ValueError):
@@ -255,11 +263,11 @@ class PolicyConfig:
             raise _refused("cov_group", "applies only with cov_global=True (the group the token "
                               "statistics are summed over)")
         _validate.process_group("cov_group", self.cov_group)
-        if row in ("clip_cov", "kl_cov") and not 0 < self.cov_params[0] <= 1:  # a fraction of the tokens
+        cov = self.cov_params
+        if row in ("clip_cov", "kl_cov") and not 0 < cov.ratio <= 1:  # a fraction of the tokens
             raise _refused("cov_ratio", f"must lie in (0, 1], got {self.cov_ratio}")
-        if row == "clip_cov" and not self.cov_params[1] < self.cov_params[2]:
-            raise _refused("cov_lb", f"must be < cov_ub, got cov_lb={self.cov_params[1]}, "
-                              f"cov_ub={self.cov_params[2]}")
+        if row == "clip_cov" and not cov.lb < cov.ub:
+            raise _refused("cov_lb", f"must be < cov_ub, got cov_lb={cov.lb}, cov_ub={cov.ub}")
         if self.seq_count is not None and not agg.startswith("seq-mean"):
             raise _refused("seq_count", f"applies to the seq-mean aggregations, not to agg={agg!r}")
         with _option("kl_type"):
@@ -355,16 +363,14 @@ class PolicyConfig:
         preset = PRESETS.get(self.loss_type)
         if preset is not None and preset[2] is not None:
             return preset[2]
-        if self.row == "gmpo" or self.resolved_agg == "seq-mean-token-sum-norm":
-            return "all"
-        return "nonempty"
+        return "all" if self.row == "gmpo" else default_seq_count(self.resolved_agg)
 
     @property
-    def cov_params(self) -> tuple:
-        """(cov_ratio, cov_lb, cov_ub, cov_kl_coef) with their defaults."""
+    def cov_params(self) -> CovParams:
+        """``cov_ratio``, ``cov_lb``, ``cov_ub`` and ``cov_kl_coef`` with their defaults."""
         pick = lambda v, d: d if v is None else float(v)  # noqa: E731
-        return (pick(self.cov_ratio, 2e-4), pick(self.cov_lb, 1.0), pick(self.cov_ub, 5.0),
-                pick(self.cov_kl_coef, 1.0))
+        return CovParams(ratio=pick(self.cov_ratio, 2e-4), lb=pick(self.cov_lb, 1.0), ub=pick(self.cov_ub, 5.0),
+                         kl_coef=pick(self.cov_kl_coef, 1.0))
 
     @property
     def clip_eps(self) -> tuple:
@@ -408,7 +414,7 @@ class PolicyConfig:
         vl = self.vespo_lambda if self.vespo_lambda is not None else (3.0, 2.0)
         truncate = self.rollout_correction in ("token_truncate", "sequence_truncate")
         r_min = self.rollout_min if self.rollout_min is not None else (0.0 if truncate else 0.5)
-        cov_ratio, cov_lb, cov_ub, cov_kl = self.cov_params
+        cov = self.cov_params
         return KernelParams(
             loss_type=LOSS_CODES[row], is_level=IS_LEVELS[self.importance_sampling_level],
             kl_type=KL_CODES[kl_base], kl_straight=int(kl_straight), kl_clamp=int(bool(self.kl_clamp)),
@@ -420,7 +426,7 @@ class PolicyConfig:
             entropy_coef=float(self.entropy_coef) if entropy_in_kernel else 0.0, rollout_min=float(r_min),
             rollout_max=float(self.rollout_max),
             offpolicy_threshold=math.inf if self.offpolicy_threshold is None else float(self.offpolicy_threshold),
-            cov_kl_coef=cov_kl, cov_ratio=cov_ratio, cov_lb=cov_lb, cov_ub=cov_ub,
+            cov_kl_coef=cov.kl_coef, cov_ratio=cov.ratio, cov_lb=cov.lb, cov_ub=cov.ub,
             dro_beta=float(self.dro_beta or 0.0), log_ratio_cap=float(self.log_ratio_cap))
 
 

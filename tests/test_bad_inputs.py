@@ -19,7 +19,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastalign as fa
-from fastalign import reference
+from fastalign import aggregate, reference
 from conftest import CPU_BACKENDS
 from helpers import assert_close
 
@@ -932,6 +932,27 @@ def test_a_fractional_mask_not_read_on_the_host_gives_nan(monkeypatch):
     loss.backward()
     assert torch.isnan(loss) and torch.isnan(h.grad).all()
     assert torch.isfinite(fa.policy_loss(lp, old, A, m.ceil())[0])
+
+
+@pytest.mark.parametrize("agg", aggregate.AGGS)
+def test_aggregate_loss_refuses_a_negative_mask(agg, monkeypatch):
+    """A negative token weight (float or int mask) raises naming ``response_mask`` where the values are on the
+    host; where they are not read (the device path forced) the loss and its gradient are NaN; 0/1 and fractional
+    masks, bool and uint8 ones, are taken."""
+    import fastalign._validate as validate
+
+    L = torch.randn(3, 4, requires_grad=True)
+    m = torch.tensor([[1.0, 0.5, 0.0, 0.0], [1.0, -1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    for bad in (m, m.long()):
+        with pytest.raises(ValueError, match=r"response_mask must be >= 0.*\[-1"):
+            fa.aggregate_loss(L, bad, agg)
+    for good in (m.abs(), m.abs().long(), m != 0, (m != 0).to(torch.uint8)):
+        assert torch.isfinite(fa.aggregate_loss(L, good, agg))
+    monkeypatch.setattr(validate, "eager", lambda x: False)
+    loss = fa.aggregate_loss(L, m, agg)
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(L.grad[m != 0]).all()  # NaN on every token the loss reads
+    assert torch.isfinite(fa.aggregate_loss(L, m.abs(), agg))
 
 
 def test_aggregate_loss_refuses_max_len_where_it_does_not_apply():

@@ -409,6 +409,30 @@ def test_aggregate_loss_public(agg):
         assert_close(got, exp, atol=1e-6, rtol=1e-6, what=agg)
 
 
+@pytest.mark.parametrize("agg", ["seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("seq_count", ["all", "nonempty"])
+def test_aggregate_loss_seq_count(agg, seq_count):
+    """``seq_count`` picks the rows of the local sequence count (every row, or those with a token), against the
+    float64 reference, with an empty row in the batch; a global count overrides it; token-level modes refuse it."""
+    d = make_batch(seed=20)
+    m = d["m"].clone()
+    m[1] = False
+    L = torch.randn(d["lp"].shape)
+    got = fastalign.aggregate_loss(L, m, agg, seq_count=seq_count)
+    exp = reference.aggregate_loss(L.double(), m, agg, seq_count=seq_count)
+    assert_close(got, exp, atol=1e-6, rtol=1e-6, what=f"{agg} {seq_count}")
+    other = reference.aggregate_loss(L.double(), m, agg, seq_count="all" if seq_count == "nonempty" else "nonempty")
+    assert not torch.allclose(exp, other)  # the batch tells the two counts apart
+    pinned = fastalign.aggregate_loss(L, m, agg, global_seqs=5, seq_count=seq_count)
+    assert_close(pinned, reference.aggregate_loss(L.double(), m, agg, global_seqs=5), atol=1e-6, rtol=1e-6,
+                 what="global_seqs")
+    for token_level in ("token-mean", "token-sum"):
+        with pytest.raises(ValueError, match="seq_count"):
+            fastalign.aggregate_loss(L, m, token_level, seq_count=seq_count)
+    with pytest.raises(ValueError, match="seq_count"):
+        fastalign.aggregate_loss(L, m, agg, seq_count="some")
+
+
 @pytest.mark.parametrize("agg", ["token-sum", "seq-mean-token-sum-norm"])
 def test_aggregate_loss_dp_size_without_a_global_count(agg):
     """dp_size with the local counts: token-sum takes the factor; seq-mean-token-sum-norm divides by the local

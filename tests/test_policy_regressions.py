@@ -590,10 +590,14 @@ def test_counts_below_one_divide_as_verl_agg_loss(agg):
     g = torch.Generator().manual_seed(11)
     L = torch.randn(3, 4, generator=g, dtype=torch.float64)
     m = torch.tensor([[0.2, 0.1, 0.0, 0.0], [0.3, 0.0, 0.05, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
-    if agg != "seq-mean-token-sum-norm":  # its local count is every row (docs/math.md), verl's the non-empty
-        got = fastalign.aggregate_loss(L.float(), m.float(), agg)
-        want = core_algos.agg_loss(L, m, agg)
-        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-7), (agg, got, want)
+    # seq-mean-token-sum-norm's local count is every row by default (TRL's, docs/math.md), verl's the non-empty
+    kw = dict(seq_count="nonempty") if agg == "seq-mean-token-sum-norm" else {}
+    got = fastalign.aggregate_loss(L.float(), m.float(), agg, **kw)
+    want = core_algos.agg_loss(L, m, agg)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-7), (agg, got, want)
+    if agg == "seq-mean-token-sum-norm":
+        every_row = fastalign.aggregate_loss(L.float(), m.float(), agg)
+        assert torch.allclose(every_row.double(), want * 2 / 3, rtol=1e-5, atol=1e-7), (every_row, want)
     ours, verls = {"token-mean": (dict(global_tokens=0.5), dict(batch_num_tokens=0.5)),
                    "token-sum": ({}, {})}.get(agg, (dict(global_seqs=0.75), dict(global_batch_size=0.75)))
     got = fastalign.aggregate_loss(L.float(), m.float(), agg, dp_size=2, **ours)

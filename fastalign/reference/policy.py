@@ -50,9 +50,17 @@ def _divisor(n):
     return torch.where(n > 0, n, torch.ones_like(n))
 
 
-def aggregate_loss(L, m, agg="token-mean", global_tokens=None, global_seqs=None, dp_size=1, max_len=None):
-    """docs/math.md#aggregation aggregations."""
+def aggregate_loss(L, m, agg="token-mean", global_tokens=None, global_seqs=None, dp_size=1, max_len=None,
+                   seq_count=None):
+    """docs/math.md#aggregation aggregations; ``seq_count`` ("all" / "nonempty"; None: "all" for
+    seq-mean-token-sum-norm, else "nonempty"): the rows of the local sequence count."""
     m = m.to(L.dtype)
+    if seq_count is None:
+        seq_count = "all" if agg == "seq-mean-token-sum-norm" else "nonempty"
+    if seq_count == "all" and global_seqs is None and agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        global_seqs = L.shape[0]
+    if seq_count == "nonempty" and global_seqs is None and agg == "seq-mean-token-sum-norm":
+        global_seqs, dp_size = int((m.sum(-1) > 0).sum()), 1  # local rows: no dp factor, as without global_seqs
     if agg == "token-mean":
         n = m.sum() if global_tokens is None else torch.as_tensor(global_tokens, dtype=L.dtype)
         return (m * L).sum() / _divisor(n) * dp_size
@@ -310,13 +318,9 @@ def policy_loss(
     if loss_type == "gmpo" or (loss_type == "gspo" and agg is None):
         agg = "seq-mean-token-mean"
     agg = "token-mean" if agg is None else agg
-    if seq_count is None:
-        seq_count = "all" if loss_type == "gmpo" or agg == "seq-mean-token-sum-norm" else "nonempty"
-    if seq_count == "all" and global_seqs is None and agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
-        global_seqs = B
-    if seq_count == "nonempty" and global_seqs is None and agg == "seq-mean-token-sum-norm":
-        global_seqs, dp_size = int((row_n > 0).sum()), 1  # local rows: no dp factor, as without global_seqs
-    loss = aggregate_loss(L, m, agg, global_tokens, global_seqs, dp_size, max_len)
+    if seq_count is None and loss_type == "gmpo":
+        seq_count = "all"
+    loss = aggregate_loss(L, m, agg, global_tokens, global_seqs, dp_size, max_len, seq_count)
     if entropy is not None and entropy_agg == "token-mean" and entropy_coef != 0:
         kept = m if keep is None else m * keep
         loss = loss - entropy_coef * (entropy.to(lp.dtype) * kept).sum() / torch.clamp(kept.sum(), min=1)
