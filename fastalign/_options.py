@@ -18,6 +18,14 @@ AUTO_OR_BOOL = ("auto", True, False)
 ``False`` forces it."""
 
 
+def own_copy(options: dict) -> dict:
+    """A module's own copy of its options: each list (also inside a tuple) as a tuple, so that a list the caller
+    changes after building the module changes nothing in it (two modules built from one list share nothing)."""
+    def frozen(v):
+        return tuple(frozen(x) for x in v) if isinstance(v, (list, tuple)) else v
+    return {k: frozen(v) for k, v in options.items()}
+
+
 def did_you_mean(name, choices: Iterable) -> str:
     """``"; did you mean 'x'?"`` for the closest string in ``choices``, or ``""``."""
     if not isinstance(name, str) or torch.compiler.is_compiling():  # difflib does not trace

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from fastalign import _dtensor, _validate
-from fastalign._options import AUTO_OR_BOOL, check_choice, check_names
+from fastalign._options import AUTO_OR_BOOL, check_choice, check_names, own_copy
 from fastalign.linear import check_head_inputs, check_logit_options, linear_logprobs, logit_pipeline, two_pass_only
 from fastalign.ops.linear_cpu import labelled_rows
 from fastalign.ops.single_pass import Side, differentiated, pays_off, refuse_traced, single_pass_loss, token_items
@@ -116,7 +116,7 @@ class LinearPolicyLoss(nn.Module):
             raise ValueError("LinearPolicyLoss computes the entropy itself; pass entropy_coef / entropy_metric")
         # validated now (unknown names, bad values, options that do not apply), not at the first call
         check_names("LinearPolicyLoss", options, FIELDS + _LOGIT_OPTIONS)
-        self.config = dict(options) if config is None else dict(config=config, **options)
+        self.config = own_copy(options if config is None else dict(config=config, **options))
         policy = _policy_config(self.config)
         logit = {k: v for k, v in options.items() if k in _LOGIT_OPTIONS}
         check_logit_options(**{k: v for k, v in logit.items() if k != "vocab_group"}, backend=policy.backend)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from fastalign import _backend, _dtensor, _validate
 from fastalign._deprecate import renamed
-from fastalign._options import AUTO_OR_BOOL, check_choice
+from fastalign._options import AUTO_OR_BOOL, check_choice, own_copy
 from fastalign.linear import check_head, check_logit_options, linear_logprobs, logit_pipeline
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_cpu import labelled_rows, scatter_labelled
@@ -204,7 +204,7 @@ class LinearPreferenceLoss(nn.Module):
             check_pair_weights(self.loss_types)
         if wpo_cap != 1.0 and not use_weighting:
             raise ValueError("wpo_cap applies to the WPO weights: set use_weighting=True or leave wpo_cap at 1")
-        self.config = dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, **options)
+        self.config = own_copy(dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, **options))
         self.ignore_index = int(ignore_index)
         self.ld_alpha = ld_alpha
         self.use_weighting = use_weighting
@@ -212,6 +212,16 @@ class LinearPreferenceLoss(nn.Module):
         self.kernel_options = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale,
                                    ignore_index=self.ignore_index, vocab_group=vocab_group, backend=backend)
         self.paths = PathPolicy(compact, single_pass, self.loss_types, vocab_group, self.use_weighting)
+
+    #: the configuration, checked as a whole at construction: an assignment afterwards raises
+    _FIXED = frozenset(("loss_types", "config", "ignore_index", "ld_alpha", "use_weighting", "wpo_cap",
+                        "kernel_options", "paths"))
+
+    def __setattr__(self, name, value):
+        if name in self._FIXED and "paths" in self.__dict__:  # paths: the last one set by __init__
+            raise AttributeError(f"LinearPreferenceLoss.{name} is fixed at construction, where the options are "
+                                 f"checked together: build a new LinearPreferenceLoss")
+        super().__setattr__(name, value)
 
     def extra_repr(self) -> str:
         """The loss configuration, then every other constructor option that is not at its default."""

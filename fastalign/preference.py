@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from fastalign import _validate
 from fastalign._deprecate import renamed
-from fastalign._options import check_choice, check_names, check_read, did_you_mean
+from fastalign._options import check_choice, check_names, check_read, did_you_mean, own_copy
 from fastalign.sequence import _floating
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -785,7 +785,7 @@ class PreferenceLoss(nn.Module):
     def __init__(self, loss_type="sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, **options):
         super().__init__()
         check_config("PreferenceLoss", loss_type, beta, label_smoothing, options)  # fail here, not at the first call
-        self.config = dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, **options)
+        self.config = own_copy(dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, **options))
 
     @renamed(**PAIR_RENAMES, weights="pair_weights")
     def forward(self, chosen_logprobs, rejected_logprobs, ref_chosen_logprobs=None, ref_rejected_logprobs=None, *,

@@ -869,3 +869,50 @@ def test_a_head_of_another_dtype_than_the_hidden_states_is_refused_on_every_path
     hidden = h.bfloat16().requires_grad_(grad)
     with torch.set_grad_enabled(grad):
         _raises(TypeError, "weight must have the dtype of hidden (torch.bfloat16)", lambda: loss(hidden, w.float(), y))
+
+
+def test_modules_keep_their_own_copy_of_list_options():
+    """A list given to a loss module (loss types, loss weights, cispo's bounds) is copied at construction: the
+    caller changing it afterwards changes neither the module's loss nor its repr, and two modules built from one
+    list share nothing."""
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(4, 3, 5, generator=g), torch.randn(7, 5, generator=g)
+    labels = torch.randint(0, 7, (4, 3), generator=g)
+    ref = dict(ref_chosen_logprobs=torch.full((2,), -3.0), ref_rejected_logprobs=torch.full((2,), -4.0))
+    types = ["sigmoid"]
+    linear = fa.LinearPreferenceLoss(loss_type=types)
+    before = linear(h, w, labels, **ref)[0]
+    types.append("sft")
+    assert torch.equal(linear(h, w, labels, **ref)[0], before) and "sft" not in repr(linear)
+    types.clear()
+    assert torch.equal(linear(h, w, labels, **ref)[0], before)
+
+    weights = [1.0, 0.5]
+    pairs = fa.PreferenceLoss(loss_type=["sigmoid", "sft"], loss_weights=weights)
+    c, r = torch.randn(2, generator=g), torch.randn(2, generator=g)
+    before = pairs(c, r, c * 0, r * 0, chosen_nll=torch.tensor(1.0))[0]
+    weights[1] = 100.0
+    assert torch.equal(pairs(c, r, c * 0, r * 0, chosen_nll=torch.tensor(1.0))[0], before)
+
+    bounds = [0.8, 1.2]
+    policy = fa.LinearPolicyLoss(loss_type="cispo", cispo_bounds=bounds)
+    old, A, m = -torch.rand(4, 3, generator=g) * 3, torch.randn(4, 3, generator=g), torch.ones(4, 3, dtype=torch.bool)
+    before = policy(h, w, labels, old, A, m)[0]
+    bounds[1] = 1.0001
+    assert torch.equal(policy(h, w, labels, old, A, m)[0], before)
+    assert torch.equal(fa.LinearPolicyLoss(loss_type="cispo", cispo_bounds=(0.8, 1.2))(h, w, labels, old, A, m)[0],
+                       before)
+
+
+@pytest.mark.parametrize("name, value", [("ignore_index", 0), ("use_weighting", True), ("wpo_cap", 2.0),
+                                         ("ld_alpha", 0.5), ("config", {}), ("kernel_options", {})])
+def test_linear_preference_options_are_fixed_at_construction(name, value):
+    """LinearPreferenceLoss checks its options together at construction (use_weighting against the loss types,
+    wpo_cap against use_weighting, ignore_index against the kernel options): assigning one afterwards raises
+    naming it, where it would have taken effect in one place and not another."""
+    loss = fa.LinearPreferenceLoss(loss_type="ipo")
+    with pytest.raises(AttributeError, match=f"LinearPreferenceLoss.{name} is fixed at construction"):
+        setattr(loss, name, value)
+    assert loss.ignore_index == -100 and loss.kernel_options["ignore_index"] == -100
+    loss.train(False)  # the module's own state (training, hooks, device moves) is not configuration
+    loss.double()
