@@ -128,9 +128,9 @@ def _record_requests(monkeypatch, seen, module, *names):
     for name in names:
         op = getattr(module, name)
 
-        def recording(*args, _op=op):
-            seen.append(args[-1])
-            return _op(*args)
+        def recording(*args, _op=op, **kwargs):
+            seen.append(kwargs["backend"] if "backend" in kwargs else args[-1])
+            return _op(*args, **kwargs)
         monkeypatch.setattr(module, name, recording)
 
 
