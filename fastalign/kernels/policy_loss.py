@@ -1,19 +1,21 @@
 """Fused policy-gradient loss (docs/math.md#policy-losses with the added terms): one program per sequence.
 
-Per token t of row i (fp32, v = mask), l = lp - old, rho = exp(clamp(l, -20, 20)); at
-importance_sampling_level = sequence, rho = s_i = exp(clamp(mean_v l, -20, 20)) for the row:
+Per token t of row i (fp32, v = mask), l = lp - old, rho = exp(clamp(l, -c, c)) (c = log_ratio_cap, default 20);
+at importance_sampling_level = sequence, rho = s_i = exp(clamp(mean_v l, -c, c)) for the row:
 
-    pg_t                the loss-type row (constexpr LT, same table as csrc/cpu/policy_loss_table.h)
+    pg_t                the loss-type row: ``_loss_row``, one constexpr branch per LT (the table of
+                        csrc/cpu/policy_loss_table.h, loss_row)
     dpg_t = d_own_t + d_rho_t drho_t/dlp_t   (d_rho: derivative of pg in rho)
     w_t                 detached weights: rollout correction x keep mask x row weight
-    K_t = KL_t (x rho under kl_rho)
+    K_t = KL_t (x rho under kl_rho; the estimator and its gradient: ``_kl_term``)
     L_t  = w_t pg_t + kl_coef K_t - ent_coef H_t   (a term whose coefficient is 0 left out)
     dlp_t = v (w_t dpg_t + kl_coef dK_t/dlp_t)
 
 Token level: drho_t/dlp_t = rho_t. Sequence level: ds_i/dlp_t = s_i v_t / n_i, so a third loop
 adds s_i / n_i * sum_u v_u (w_u d_rho_u + kl_coef KL_u [kl_rho = grad]) to every valid token.
 Sequence quantities (gspo's and the sequence ratio, gmpo's means, vespo's weight, sequence
-rollout weights, the off-policy mask) come from a first loop over the row (constexpr NEED1).
+rollout weights, the off-policy mask) come from the sums of a first loop over the row (``_row_sums``,
+constexpr NEED1).
 Each program writes its row sums (fixed order, no atomics)
 
     row[i] = [sum v L, n, #clipped, #dual-clipped, sum v(-l), sum v K, sum v H, selected or phi,
@@ -125,24 +127,19 @@ def _load_tokens(lp_ptr, old_ptr, adv_ptr, mask_ptr, base, start, T, BLOCK_T: tl
 
 
 @triton.jit
-def policy_loss_fwd_kernel(
-    lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, roll_ptr, keep_ptr, iw_ptr, sel_ptr,
-    row_ptr, dlp_ptr,
-    T, eps_low, eps_high, dual_clip, delta, cispo_lo, cispo_hi, tau_pos, tau_neg,
-    vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
-    kl_coef, entropy_coef, rollout_min, rollout_max, offpolicy_threshold, cov_kl_coef, dro_beta, log_ratio_cap,
-    LT: tl.constexpr, SEQ: tl.constexpr, KL_ON: tl.constexpr, KL_TYPE: tl.constexpr,
-    KL_STRAIGHT: tl.constexpr, KL_CLAMP: tl.constexpr, KL_RHO: tl.constexpr, KL_RHO_GRAD_ON: tl.constexpr,
-    ENT_ON: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_IW: tl.constexpr, HAS_ROLL: tl.constexpr,
-    HAS_SEL: tl.constexpr, DUAL_ON: tl.constexpr, DELTA_ON: tl.constexpr, OFFPOL_ON: tl.constexpr,
-    NEED1: tl.constexpr, TOK_ROLL: tl.constexpr, SEQ_ROLL: tl.constexpr, TRUNC: tl.constexpr,
-    PPO_ROW: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    # PPO_ROW: LT is ppo, gspo or clip_cov (the rows with the ppo clip)
-    i = tl.program_id(0).to(tl.int64)
-    base = i * T
+def _row_sums(lp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, keep_ptr, iw_ptr, base, T, eps_low, eps_high,
+              rollout_min, rollout_max, LT: tl.constexpr, NEED1: tl.constexpr, HAS_ROLL: tl.constexpr,
+              HAS_IW: tl.constexpr, HAS_KEEP: tl.constexpr, TOK_ROLL: tl.constexpr, TRUNC: tl.constexpr,
+              BLOCK_T: tl.constexpr):
+    """Pass 1 over the row, sums over valid tokens (all 0 without NEED1):
 
-    # ---- pass 1: row sums ----
+        n = sum v, sl = sum v l, sa = sum v A, slr = sum v (old - rollout), skd = sum v kd (off-policy KL
+        evidence kd = rollout - lp, or old - lp; a NaN is none); vespo: slc = sum v clamp(l, -20, 20),
+        sli = sum v clamp(log iw, log 1e-8, 20); gmpo: sc = sum v c_t (c_t = min(l, eh) for A > 0,
+        max(l, -el) for A < 0, else 0), sw = sum v w_tok, sli = sum v log(iw + 1e-10).
+
+    Returns (n, sl, slr, sc, sa, sw, skd, slc, sli).
+    """
     n1 = tl.zeros([], tl.float32)
     sl = tl.zeros([], tl.float32)
     slr = tl.zeros([], tl.float32)
@@ -185,6 +182,176 @@ def policy_loss_fwd_kernel(
                 if HAS_IW:
                     iw = tl.load(iw_ptr + base + cols, mask=inb, other=1.0).to(tl.float32)
                     sli += tl.sum(tl.where(v, tl.log(iw + 1e-10), 0.0), 0)
+    return n1, sl, slr, sc, sa, sw, skd, slc, sli
+
+
+@triton.jit
+def _loss_row(x_lp, old, l, a, picked, rho_c, rho_is, drho_is, rho_row, drho_row, gmpo_g, vespo_logw, vespo_w,
+              lo, hi, eps_low, eps_high, dual_clip, delta, cispo_lo, cispo_hi, tau_pos, tau_neg, vespo_k_pos,
+              vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, cov_kl_coef, dro_beta,
+              LT: tl.constexpr, PPO_ROW: tl.constexpr, DUAL_ON: tl.constexpr, DELTA_ON: tl.constexpr):
+    """One block's loss-type row (csrc/cpu/policy_loss_table.h loss_row), per token:
+    (pg, d_own, d_rho, drho, clip, low, clo, chi, sel_phi), with dpg = d_own + d_rho drho.
+
+    d_own: d pg / d lp through lp itself; d_rho: d pg / d rho and drho the ratio's own d/d(lp) (drho_is:
+    0 at sequence level, where the gradient through s_i comes in pass 3); clip, low (dual clip), clo, chi:
+    the clip metrics; sel_phi: the metric of row column 7 (1 for a picked token, vespo's phi_t).
+    r1 = min(rho, delta) (delta off: rho).
+    """
+    sel_phi = picked.to(tl.float32)
+    zero = tl.zeros_like(l)
+    clip = zero
+    low = zero
+    clo = zero
+    chi = zero
+    d_own = zero
+    d_rho = zero
+    drho = zero
+    if PPO_ROW:  # ppo, gspo (rho = s_i), clip_cov (rho = exp(l)): max(-A r1, -A clip(rho, lo, hi)), dual min(., -cA)
+        rho = rho_is
+        drho = drho_is
+        if LT == GSPO:  # the token's ratio exp(lp - sg(lp) + sg(log s_i)): NaN at a non-finite lp
+            rho = rho_row + (x_lp - x_lp)
+            drho = zero + drho_row
+        if LT == CLIPCOV:
+            rho = tl.exp(l)
+            drho = rho
+        r1 = rho
+        dr1 = zero + 1.0
+        if DELTA_ON:
+            r1 = tl.where(rho > delta, delta, rho)
+            dr1 = tl.where(rho > delta, 0.0, 1.0)
+        L1 = -a * r1
+        L2 = -a * _clamp(rho, lo, hi)
+        dL2 = tl.where((rho >= lo) & (rho <= hi), -a, 0.0)
+        is_clip = L2 > L1
+        pg = tl.where(is_clip, L2, L1)
+        d_rho = tl.where(is_clip, dL2, -a * dr1)
+        clip = is_clip.to(tl.float32)
+        clo = ((a < 0) & (r1 < lo)).to(tl.float32)
+        chi = ((a > 0) & (r1 > hi)).to(tl.float32)
+        if DUAL_ON:
+            L3 = -dual_clip * a
+            is_low = (a < 0) & (pg > L3)
+            pg = tl.where(is_low, L3, pg)
+            d_rho = tl.where(is_low, 0.0, d_rho)
+            low = is_low.to(tl.float32)
+        if LT == CLIPCOV:
+            pg = tl.where(picked, 0.0, pg)  # a picked token passes no gradient, even where exp(l) overflows
+            d_rho = tl.where(picked, 0.0, d_rho)
+            drho = tl.where(picked, 0.0, drho)
+    elif LT == KLCOV:  # -A exp(l) + cov_kl_coef |l| on picked tokens
+        rho = tl.exp(l)
+        sgn = tl.where(l > 0, 1.0, tl.where(l < 0, -1.0, 0.0))
+        pg = -a * rho + tl.where(picked, cov_kl_coef * tl.abs(l), 0.0)
+        d_own = -a * rho + tl.where(picked, cov_kl_coef * sgn, 0.0)
+    elif LT == CISPO:  # -sg(clip(rho, cispo_lo, cispo_hi)) A lp
+        w = _clamp(rho_is, cispo_lo, cispo_hi)
+        pg = -w * a * x_lp
+        d_own = -w * a
+        clip = ((rho_is < cispo_lo) | (rho_is > cispo_hi)).to(tl.float32)
+        clo = ((a < 0) & (rho_is < cispo_lo)).to(tl.float32)
+        chi = ((a > 0) & (rho_is > cispo_hi)).to(tl.float32)
+    elif LT == SAPO:  # -(4/tau) sigmoid(tau (rho - 1)) A, tau = tau_pos if A > 0 else tau_neg
+        tau = tl.where(a > 0, tau_pos, tau_neg)
+        s = 1.0 / (1.0 + tl.exp(-tau * (rho_is - 1.0)))
+        pg = -(4.0 / tau) * s * a
+        d_rho = -4.0 * s * (1.0 - s) * a
+        drho = drho_is
+    elif LT == REINFORCE:  # -A lp
+        pg = -a * x_lp
+        d_own = -a
+    elif LT == VESPO:  # -sg(phi_t) A lp, log phi_t = lam + k log W - lam W, (k, lam) by the sign of A_t
+        phi = _vespo_phi(a >= 0, vespo_logw, vespo_w, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+                         vespo_lambda_neg)
+        pg = -phi * a * x_lp
+        d_own = -phi * a
+        sel_phi = phi
+    elif (LT == DPPOTV) or (LT == DPPOKL):  # -sg(min(rho, delta) k) A lp
+        # keep k: the token's probability moved within the divergence bound; weight sg(min(rho, delta) k)
+        p = tl.exp(x_lp)
+        p_old = tl.exp(old)
+        if LT == DPPOTV:
+            ok_pos = (p - p_old) <= eps_high
+            ok_neg = (p - p_old) >= -eps_low
+        else:
+            bkl = p_old * (old - x_lp) + (1.0 - p_old) * tl.log((1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
+            ok_pos = (bkl <= eps_high) | (p <= p_old)
+            ok_neg = (bkl <= eps_low) | (p >= p_old)
+        k = tl.where(a > 0, ok_pos, ok_neg).to(tl.float32)
+        rho_t = rho_c
+        if DELTA_ON:
+            rho_t = tl.where(rho_c > delta, delta, rho_c)
+            low = tl.where(rho_c > delta, k, 0.0)
+        wt = rho_t * k
+        pg = -wt * a * x_lp
+        d_own = -wt * a
+        clip = 1.0 - k
+    elif LT == DRO:  # -A lp + beta/2 l^2
+        pg = -a * x_lp + 0.5 * dro_beta * l * l
+        d_own = -a + dro_beta * l
+    else:  # gmpo: the row's loss comes from pass 1; d_own = gmpo_g [l inside the clip on the side of A]
+        dc = tl.where(a > 0, (l <= eps_high).to(tl.float32), tl.where(a < 0, (l >= -eps_low).to(tl.float32), 0.0))
+        pg = zero
+        d_own = gmpo_g * dc
+        out = (l < -eps_low) | (l > eps_high)
+        clip = out.to(tl.float32)
+        clo = (out & (a < 0)).to(tl.float32)
+        chi = (out & (a > 0)).to(tl.float32)
+    return pg, d_own, d_rho, drho, clip, low, clo, chi, sel_phi
+
+
+@triton.jit
+def _kl_term(d, KL_TYPE: tl.constexpr, KL_CLAMP: tl.constexpr, KL_STRAIGHT: tl.constexpr):
+    """The KL estimator of d = lp - ref and its d/d(lp): k1 d, abs |d|, k2 d^2 / 2, k3 exp(-d) + d - 1
+    (KL_CLAMP: of clamp(-d, -20, 20), then clamped to [-10, 10]; no gradient where a clamp binds);
+    KL_STRAIGHT: k2's gradient d, 0 at an infinite d (kl_penalty's NAME+)."""
+    if KL_TYPE == K1:
+        kv = d
+        dkl = tl.zeros_like(d) + 1.0
+    elif KL_TYPE == KABS:
+        kv = tl.abs(d)
+        dkl = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+    elif KL_TYPE == K2:
+        kv = 0.5 * d * d
+        dkl = d
+    else:
+        x = -d
+        if KL_CLAMP:
+            k3, em1 = _k3(_clamp(x, -20.0, 20.0))
+            kv = _clamp(k3, -10.0, 10.0)
+            live = (x >= -20.0) & (x <= 20.0) & (k3 >= -10.0) & (k3 <= 10.0)
+            dkl = tl.where(live, -em1, 0.0)
+        else:
+            kv, em1 = _k3(x)
+            dkl = -em1
+    if KL_STRAIGHT:
+        dkl = tl.where((d == float("inf")) | (d == -float("inf")), 0.0, d)
+    return kv, dkl
+
+
+@triton.jit
+def policy_loss_fwd_kernel(
+    lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, roll_ptr, keep_ptr, iw_ptr, sel_ptr,
+    row_ptr, dlp_ptr,
+    T, eps_low, eps_high, dual_clip, delta, cispo_lo, cispo_hi, tau_pos, tau_neg,
+    vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
+    kl_coef, entropy_coef, rollout_min, rollout_max, offpolicy_threshold, cov_kl_coef, dro_beta, log_ratio_cap,
+    LT: tl.constexpr, SEQ: tl.constexpr, KL_ON: tl.constexpr, KL_TYPE: tl.constexpr,
+    KL_STRAIGHT: tl.constexpr, KL_CLAMP: tl.constexpr, KL_RHO: tl.constexpr, KL_RHO_GRAD_ON: tl.constexpr,
+    ENT_ON: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_IW: tl.constexpr, HAS_ROLL: tl.constexpr,
+    HAS_SEL: tl.constexpr, DUAL_ON: tl.constexpr, DELTA_ON: tl.constexpr, OFFPOL_ON: tl.constexpr,
+    NEED1: tl.constexpr, TOK_ROLL: tl.constexpr, SEQ_ROLL: tl.constexpr, TRUNC: tl.constexpr,
+    PPO_ROW: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    # PPO_ROW: LT is ppo, gspo or clip_cov (the rows with the ppo clip)
+    i = tl.program_id(0).to(tl.int64)
+    base = i * T
+
+    # ---- pass 1: row sums, then the row's quantities ----
+    n1, sl, slr, sc, sa, sw, skd, slc, sli = _row_sums(
+        lp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, keep_ptr, iw_ptr, base, T, eps_low, eps_high, rollout_min,
+        rollout_max, LT, NEED1, HAS_ROLL, HAS_IW, HAS_KEEP, TOK_ROLL, TRUNC, BLOCK_T)
     inv_n = 1.0 / tl.maximum(n1, 1.0)
     w_row = tl.full([], 1.0, tl.float32)
     if SEQ_ROLL:
@@ -210,7 +377,7 @@ def policy_loss_fwd_kernel(
         rho_row = tl.exp(_clamp(m_l, -log_ratio_cap, log_ratio_cap))
         drho_row = tl.where((m_l >= -log_ratio_cap) & (m_l <= log_ratio_cap), rho_row, 0.0)
     gmpo_row = tl.zeros([], tl.float32)
-    if LT == GMPO:
+    if LT == GMPO:  # -exp(mean_v c) mean_v A, times sum_v w_tok and the geometric mean of iw
         geo = tl.full([], 1.0, tl.float32)
         if HAS_IW:
             geo = tl.exp(sli * inv_n)
@@ -223,7 +390,7 @@ def policy_loss_fwd_kernel(
         phi_row = _vespo_phi((sa * inv_n) >= 0, vespo_logw, vespo_w, vespo_k_pos, vespo_lambda_pos,
                              vespo_k_neg, vespo_lambda_neg)
 
-    # ---- pass 2: per-token loss, gradient, metric sums ----
+    # ---- pass 2: per token, L = w pg + kl_coef K - ent_coef H and dlp = v (w dpg + kl_coef dK), metric sums ----
     lo = 1.0 - eps_low
     hi = 1.0 + eps_high
     s_loss = tl.zeros([], tl.float32)
@@ -253,105 +420,10 @@ def policy_loss_fwd_kernel(
         picked = tl.zeros([BLOCK_T], tl.int1)
         if HAS_SEL:
             picked = tl.load(sel_ptr + base + cols, mask=inb, other=0) != 0
-        sel_phi = picked.to(tl.float32)  # the per-token metric of column 7 (vespo: phi_t)
-        clip = zero
-        low = zero
-        clo = zero
-        chi = zero
-        d_own = zero
-        d_rho = zero
-        drho = zero
-        if PPO_ROW:
-            rho = rho_is
-            drho = drho_is
-            if LT == GSPO:  # the token's ratio exp(lp - sg(lp) + sg(log s_i)): NaN at a non-finite lp
-                rho = rho_row + (x_lp - x_lp)
-                drho = zero + drho_row
-            if LT == CLIPCOV:
-                rho = tl.exp(l)
-                drho = rho
-            r1 = rho
-            dr1 = zero + 1.0
-            if DELTA_ON:
-                r1 = tl.where(rho > delta, delta, rho)
-                dr1 = tl.where(rho > delta, 0.0, 1.0)
-            L1 = -a * r1
-            L2 = -a * _clamp(rho, lo, hi)
-            dL2 = tl.where((rho >= lo) & (rho <= hi), -a, 0.0)
-            is_clip = L2 > L1
-            pg = tl.where(is_clip, L2, L1)
-            d_rho = tl.where(is_clip, dL2, -a * dr1)
-            clip = is_clip.to(tl.float32)
-            clo = ((a < 0) & (r1 < lo)).to(tl.float32)
-            chi = ((a > 0) & (r1 > hi)).to(tl.float32)
-            if DUAL_ON:
-                L3 = -dual_clip * a
-                is_low = (a < 0) & (pg > L3)
-                pg = tl.where(is_low, L3, pg)
-                d_rho = tl.where(is_low, 0.0, d_rho)
-                low = is_low.to(tl.float32)
-            if LT == CLIPCOV:
-                pg = tl.where(picked, 0.0, pg)  # a picked token passes no gradient, even where exp(l) overflows
-                d_rho = tl.where(picked, 0.0, d_rho)
-                drho = tl.where(picked, 0.0, drho)
-        elif LT == KLCOV:
-            rho = tl.exp(l)
-            sgn = tl.where(l > 0, 1.0, tl.where(l < 0, -1.0, 0.0))
-            pg = -a * rho + tl.where(picked, cov_kl_coef * tl.abs(l), 0.0)
-            d_own = -a * rho + tl.where(picked, cov_kl_coef * sgn, 0.0)
-        elif LT == CISPO:
-            w = _clamp(rho_is, cispo_lo, cispo_hi)
-            pg = -w * a * x_lp
-            d_own = -w * a
-            clip = ((rho_is < cispo_lo) | (rho_is > cispo_hi)).to(tl.float32)
-            clo = ((a < 0) & (rho_is < cispo_lo)).to(tl.float32)
-            chi = ((a > 0) & (rho_is > cispo_hi)).to(tl.float32)
-        elif LT == SAPO:
-            tau = tl.where(a > 0, tau_pos, tau_neg)
-            s = 1.0 / (1.0 + tl.exp(-tau * (rho_is - 1.0)))
-            pg = -(4.0 / tau) * s * a
-            d_rho = -4.0 * s * (1.0 - s) * a
-            drho = drho_is
-        elif LT == REINFORCE:
-            pg = -a * x_lp
-            d_own = -a
-        elif LT == VESPO:
-            phi = _vespo_phi(a >= 0, vespo_logw, vespo_w, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
-                             vespo_lambda_neg)
-            pg = -phi * a * x_lp
-            d_own = -phi * a
-            sel_phi = phi
-        elif (LT == DPPOTV) or (LT == DPPOKL):
-            # keep k: the token's probability moved within the divergence bound; weight sg(min(rho, delta) k)
-            p = tl.exp(x_lp)
-            p_old = tl.exp(old)
-            if LT == DPPOTV:
-                ok_pos = (p - p_old) <= eps_high
-                ok_neg = (p - p_old) >= -eps_low
-            else:
-                bkl = p_old * (old - x_lp) + (1.0 - p_old) * tl.log((1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
-                ok_pos = (bkl <= eps_high) | (p <= p_old)
-                ok_neg = (bkl <= eps_low) | (p >= p_old)
-            k = tl.where(a > 0, ok_pos, ok_neg).to(tl.float32)
-            rho_t = rho_c
-            if DELTA_ON:
-                rho_t = tl.where(rho_c > delta, delta, rho_c)
-                low = tl.where(rho_c > delta, k, 0.0)
-            wt = rho_t * k
-            pg = -wt * a * x_lp
-            d_own = -wt * a
-            clip = 1.0 - k
-        elif LT == DRO:
-            pg = -a * x_lp + 0.5 * dro_beta * l * l
-            d_own = -a + dro_beta * l
-        else:  # gmpo
-            dc = tl.where(a > 0, (l <= eps_high).to(tl.float32), tl.where(a < 0, (l >= -eps_low).to(tl.float32), 0.0))
-            pg = zero
-            d_own = gmpo_g * dc
-            out = (l < -eps_low) | (l > eps_high)
-            clip = out.to(tl.float32)
-            clo = (out & (a < 0)).to(tl.float32)
-            chi = (out & (a > 0)).to(tl.float32)
+        pg, d_own, d_rho, drho, clip, low, clo, chi, sel_phi = _loss_row(
+            x_lp, old, l, a, picked, rho_c, rho_is, drho_is, rho_row, drho_row, gmpo_g, vespo_logw, vespo_w,
+            lo, hi, eps_low, eps_high, dual_clip, delta, cispo_lo, cispo_hi, tau_pos, tau_neg, vespo_k_pos,
+            vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, cov_kl_coef, dro_beta, LT, PPO_ROW, DUAL_ON, DELTA_ON)
 
         w = tl.where(a < 0, w_row_neg, w_row)
         if HAS_KEEP:
@@ -371,28 +443,7 @@ def policy_loss_fwd_kernel(
         klv = zero
         if KL_ON:
             ref = tl.load(ref_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
-            d = x_lp - ref
-            if KL_TYPE == K1:
-                kv = d
-                dkl = zero + 1.0
-            elif KL_TYPE == KABS:
-                kv = tl.abs(d)
-                dkl = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
-            elif KL_TYPE == K2:
-                kv = 0.5 * d * d
-                dkl = d
-            else:
-                x = -d
-                if KL_CLAMP:
-                    k3, em1 = _k3(_clamp(x, -20.0, 20.0))
-                    kv = _clamp(k3, -10.0, 10.0)
-                    live = (x >= -20.0) & (x <= 20.0) & (k3 >= -10.0) & (k3 <= 10.0)
-                    dkl = tl.where(live, -em1, 0.0)
-                else:
-                    kv, em1 = _k3(x)
-                    dkl = -em1
-            if KL_STRAIGHT:  # k2's gradient, 0 at an infinite lp - ref (kl_penalty's NAME+)
-                dkl = tl.where((d == float("inf")) | (d == -float("inf")), 0.0, d)
+            kv, dkl = _kl_term(x_lp - ref, KL_TYPE, KL_CLAMP, KL_STRAIGHT)
             # a coefficient of 0 leaves the term out (exactly 0 at an infinite or NaN KL); the metric keeps it
             kl_on = kl_coef != 0.0
             if KL_RHO:
