@@ -23,6 +23,7 @@ __all__ = ["linear_divergence_loss", "DIVERGENCE_AGGS"]
 #: the aggregations of :func:`linear_divergence_loss` (``agg``): a mean over the scored tokens, or over the
 #: sequences of the per-sequence token means (rows of ``[B, T, H]`` hidden states)
 DIVERGENCE_AGGS = ("token-mean", "seq-mean-token-mean")
+_MASK_RULE = "hold 0 and 1 only (a token is scored or not; weigh the scored tokens with token_weights)"
 
 
 # each tensor argument's name in the messages of check_tensors (an adapter passes its own)
@@ -123,8 +124,9 @@ def linear_divergence_loss(
             convention). The other divergences have none: a ``beta`` with them raises ``ValueError``.
         temperature: > 0, divides both sides' logits (after scale and softcap) for D and the entropy.
         logit_scale, softcap, teacher_logit_scale, teacher_softcap: each side's logit pipeline.
-        response_mask: ``hidden.shape[:-1]``; tokens with a nonzero entry are scored (weight 1 each). Without
-            it, the tokens whose ``labels`` are not ``ignore_index``, or every token.
+        response_mask: ``hidden.shape[:-1]``, 0 and 1 (or bool): the scored tokens. Another value raises
+            ``ValueError`` (an eager CPU tensor) or makes the loss NaN (not read on the host): weigh tokens with
+            ``token_weights``. Without it, the tokens whose ``labels`` are not ``ignore_index``, or every token.
         labels: integer ``hidden.shape[:-1]``: the targets of the hard loss (and the mask, see above).
         soft_weight, hard_weight: ``w_soft`` and ``w_hard`` (Liger's ``weight_soft_loss`` /
             ``weight_hard_loss``); ``hard_weight != 0`` needs ``labels``.
@@ -159,6 +161,8 @@ def linear_divergence_loss(
                   normalizer, token_weights=token_weights)
     check_choice("divergence", divergence, DIVERGENCES)
     check_choice("agg", agg, DIVERGENCE_AGGS)
+    # a weight in the mask would be read as 1: refused (on the host), or a NaN loss (a device flag)
+    fractional = None if response_mask is None else _validate.zero_one("response_mask", response_mask, _MASK_RULE)
     if agg == "seq-mean-token-mean":
         if normalizer is not None:
             raise ValueError("normalizer applies to agg='token-mean' only (seq-mean-token-mean divides by the rows)")
@@ -222,4 +226,4 @@ def linear_divergence_loss(
         metrics["nll"], metrics["nll_sum"] = nll.sum() / n, nll.sum()
     if token_weights is not None:
         metrics["weighted_divergence"] = (coef * div).sum() / n  # an unscored row has D = 0 and c = 0
-    return loss, {k: v.detach() for k, v in metrics.items()}
+    return _validate.nan_if(fractional, loss), {k: v.detach() for k, v in metrics.items()}

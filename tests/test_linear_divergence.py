@@ -123,11 +123,10 @@ def test_sequence_mean_needs_rows_of_tokens():
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_fractional_mask_scores_tokens_once_and_metric_means_are_per_token(backend):
-    """A response mask of weights 0.5 and 2 scores each nonzero token with weight 1 (as the float64 reference),
-    and the metrics' means divide the sums by the scored-token count, not by ``normalizer``."""
+def test_metric_means_are_per_scored_token(backend):
+    """The metrics' means divide the sums by the scored-token count, not by ``normalizer``."""
     h, w, b, ht, wt, bt, y = _batch(5)
-    mask = torch.tensor([[0.5, 2.0, 0.0, 1.0, 0.25], [0.0, 0.0, 3.0, 0.5, 1.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
     kw = dict(beta=0.4, response_mask=mask, labels=y, hard_weight=0.3, normalizer=7.0)
     _, m = _check(h, w, b, ht, wt, bt, backend=backend, **kw)
     _, rm = R.linear_divergence_loss(h.detach().double(), w.detach().double(), ht, wt, bias=b.detach().double(),
@@ -135,6 +134,24 @@ def test_fractional_mask_scores_tokens_once_and_metric_means_are_per_token(backe
     assert rm["num_tokens"] == 8
     for name in ("divergence", "entropy", "nll"):
         assert_close(m[name], rm[f"{name}_sum"] / rm["num_tokens"], atol=1e-5, rtol=1e-5, what=name)
+
+
+def test_a_fractional_mask_is_refused(monkeypatch):
+    """A mask weight other than 0 and 1 (which a trainer's masked mean would weigh, where the mask only picks the
+    scored tokens) raises naming ``response_mask`` where it is read on the host, and makes the loss and its
+    gradients NaN where it is not; ``token_weights`` weighs tokens."""
+    from fastalign import _validate
+
+    h, w, b, ht, wt, bt, y = _batch(5)
+    mask = torch.tensor([[0.5, 2.0, 0.0, 1.0, 0.25], [0.0, 0.0, 3.0, 0.5, 1.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match=r"response_mask must hold 0 and 1 only.*token_weights.*\[0\.5, 2\.0"):
+        fastalign.linear_divergence_loss(h, w, ht, wt, response_mask=mask)
+    for ok in (mask != 0, (mask != 0).float(), (mask != 0).long()):
+        assert torch.isfinite(fastalign.linear_divergence_loss(h, w, ht, wt, response_mask=ok)[0])
+    monkeypatch.setattr(_validate, "eager", lambda x: False)
+    loss, _ = fastalign.linear_divergence_loss(h, w, ht, wt, response_mask=mask, single_pass=False)
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(h.grad[mask != 0]).all()
 
 
 @pytest.mark.parametrize("single_pass", [True, False])
