@@ -210,9 +210,9 @@ def test_gate_shared_memory_limit_is_inclusive_and_fp16_spills_fail():
 def test_gate_exit_status_follows_the_checks(monkeypatch, capsys):
     """``python -m fastalign.aot`` exits 1 when a compiled kernel fails a check (a bf16 spill) and 0 when
     all pass."""
-    monkeypatch.setattr(aot, "supported_archs", lambda requested: list(requested))
+    monkeypatch.setattr(aot.cli, "supported_archs", lambda requested: list(requested))
     for spill, status in ((32, 1), (0, 0)):
-        monkeypatch.setattr(aot, "run_triton", lambda archs, sass, only=None, spill=spill: [
+        monkeypatch.setattr(aot.cli, "run_triton", lambda archs, sass, only=None, spill=spill: [
             aot.Result("k", "plain", 90, "bf16", registers=64, spill_bytes=spill, smem=1024)])
         assert aot.main(["--arch", "90", "--no-nvcc"]) == status
         out = capsys.readouterr().out
@@ -223,8 +223,8 @@ def test_gate_names_only_the_architectures_it_compiled(monkeypatch, capsys):
     """An architecture the installed nvcc does not target is left out with a note, and the summary names only what
     was compiled (it claimed every requested one, and an nvcc that targeted none of them compiled them all); one
     with no known shared-memory limit says that it was not checked."""
-    monkeypatch.setattr(aot, "nvcc_archs", lambda requested: [a for a in requested if a == 90])
-    monkeypatch.setattr(aot, "run_nvcc", lambda archs, root, sass, only=None: (
+    monkeypatch.setattr(aot.cli, "nvcc_archs", lambda requested: [a for a in requested if a == 90])
+    monkeypatch.setattr(aot.cli, "run_nvcc", lambda archs, root, sass, only=None: (
         [aot.Result("returns.cu", "plain", a, "fp32", registers=40, smem=0) for a in archs], None))
     assert aot.main(["--arch", "90,999", "--no-triton"]) == 0
     out = capsys.readouterr().out
@@ -251,8 +251,9 @@ def test_gate_compiles_each_family_for_its_dtypes_per_architecture(monkeypatch):
             return iter(())
         return cases
 
-    monkeypatch.setattr(aot, "FAMILIES", [("token_stats", family("token_stats"), ("bf16", "fp16", "fp32")),
-                                          ("reverse_scan", family("reverse_scan"), ("fp32",))])
+    monkeypatch.setattr(aot.triton_gate, "FAMILIES", [
+        ("token_stats", family("token_stats"), ("bf16", "fp16", "fp32")),
+        ("reverse_scan", family("reverse_scan"), ("fp32",))])
     assert aot.run_triton([90, 100], sass=False) == []
     bf, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     assert asked == [("token_stats", bf), ("token_stats", fp16), ("token_stats", fp32), ("reverse_scan", fp32),
@@ -281,9 +282,10 @@ def test_nvcc_spills_are_stores_plus_loads_not_the_stack_frame(monkeypatch, tmp_
         def communicate(self):
             return log, None
 
-    monkeypatch.setattr(aot.shutil, "which", lambda name: "/opt/nvcc/bin/nvcc" if name == "nvcc" else None)
-    monkeypatch.setattr(aot.subprocess, "Popen", Proc)
-    monkeypatch.setattr(aot, "_demangle", lambda names: ["void fastalign::k<__half, true>(const T1 *)"] * len(names))
+    monkeypatch.setattr(aot.nvcc_gate.shutil, "which", lambda name: "/opt/nvcc/bin/nvcc" if name == "nvcc" else None)
+    monkeypatch.setattr(aot.nvcc_gate.subprocess, "Popen", Proc)
+    monkeypatch.setattr(aot.nvcc_gate, "_demangle",
+                        lambda names: ["void fastalign::k<__half, true>(const T1 *)"] * len(names))
     results, note = aot.run_nvcc([90], tmp_path, sass=False)
     assert note == "" and len(results) == 1
     r = results[0]

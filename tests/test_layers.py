@@ -27,7 +27,7 @@ def _inside(module: str, prefixes) -> bool:
     return any(module == p or module.startswith(p + ".") for p in prefixes)
 
 
-PUBLIC = sorted([p for p in (ROOT / "fastalign").glob("*.py") if p.name not in ("__init__.py", "aot.py")]
+PUBLIC = sorted([p for p in (ROOT / "fastalign").glob("*.py") if p.name != "__init__.py"]
                 + list((ROOT / "fastalign" / "advantages").glob("*.py")))
 
 # layer: (its files, the fastalign modules it may import)
