@@ -27,9 +27,10 @@ Public API (see docs/math.md for every formula):
 * :func:`use_backend` — force the Triton, C++ or CUDA kernels.
 """
 from fastalign._backend import use_backend
-from fastalign.advantages import (gae_advantages, group_advantages, implicit_process_advantages, iw_opd_advantages,
-                                  masked_whiten, optimal_token_baseline_advantages, reinforce_pp_advantages,
-                                  remax_advantages, token_advantages)
+from fastalign._deprecate import RenamedWarning
+from fastalign.advantages import (AdvantagesAndReturns, gae_advantages, group_advantages, implicit_process_advantages,
+                                  iw_opd_advantages, masked_whiten, optimal_token_baseline_advantages,
+                                  reinforce_pp_advantages, remax_advantages, token_advantages)
 from fastalign.aggregate import aggregate_loss
 from fastalign.divergence import TokenDivergence, elementwise_divergence, token_divergence
 from fastalign.kl import kl_penalty
@@ -39,8 +40,8 @@ from fastalign.linear_mean import linear_mean_logits
 from fastalign.linear_policy import LinearPolicyLoss
 from fastalign.linear_topk import TopKSupport, linear_topk_logprobs
 from fastalign.logprobs import TokenStats, token_logprobs
-from fastalign.policy import PolicyLoss, policy_loss
-from fastalign.policy_config import POLICY_LOSS_TYPES, PolicyConfig
+from fastalign.policy import PolicyLoss, SharedSeed, policy_loss
+from fastalign.policy_config import POLICY_LOSS_TYPES, OptionError, PolicyConfig
 from fastalign.linear_preference import LinearPreferenceLoss
 from fastalign.preference import (PREFERENCE_LOSS_TYPES, PreferenceLoss, preference_loss, unpaired_preference_loss,
                                   wpo_weights)
@@ -54,7 +55,8 @@ __all__ = [
     "POLICY_LOSS_TYPES", "PolicyConfig", "PolicyLoss", "aggregate_loss", "kl_penalty", "policy_loss",
     "LinearPolicyLoss", "linear_divergence_loss", "linear_mean_logits", "TopKSupport", "linear_topk_logprobs",
     "PREFERENCE_LOSS_TYPES", "LinearPreferenceLoss", "PreferenceLoss", "SequenceLogprobs", "preference_loss",
-    "sequence_logprobs", "unpaired_preference_loss", "wpo_weights",
+    "sequence_logprobs", "unpaired_preference_loss", "wpo_weights", "AdvantagesAndReturns", "OptionError",
+    "RenamedWarning", "SharedSeed",
 ]
 __version__ = "0.1.0"
 

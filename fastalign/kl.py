@@ -53,8 +53,8 @@ class _K3(torch.autograd.Function):
         return g * torch.expm1(x)
 
 
-@renamed(kind="kl_type")
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kl_type: str = "k3", *, clamp: bool = True) -> Tensor:
+@renamed(kind="kl_type", clamp="kl_clamp")
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kl_type: str = "k3", *, kl_clamp: bool = True) -> Tensor:
     r"""Per-token KL estimate of the policy ``lp`` from the reference ``ref``, fp32 (``kl_type`` below).
 
     With ``x = ref - lp``:
@@ -63,21 +63,21 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kl_type: str = "k3", *, c
     * ``abs``: ``|lp - ref|``
     * ``k2`` / ``mse``: ``0.5 (lp - ref)^2``
     * ``k3`` / ``low_var_kl``: ``exp(x) - x - 1`` with x clamped to [-20, 20] and the result to
-      [-10, 10] (``clamp=False`` drops both clamps); value and gradient ``1 - exp(x)`` evaluated
+      [-10, 10] (``kl_clamp=False`` drops both clamps); value and gradient ``1 - exp(x)`` evaluated
       without cancellation near ``x = 0`` (fp32-accurate at any small ``|x|``)
     * ``NAME+``: the value of NAME with the gradient of k2 (straight-through); at an infinite
       ``lp - ref`` the value of NAME and a zero gradient (as in :func:`fastalign.policy_loss`).
 
-    Differentiable in ``logprobs`` (the reference is treated as a constant). ``kl_type`` is the
-    name :func:`fastalign.policy_loss` uses for the same choice; ``kind`` is its former name here,
-    deprecated.
+    Differentiable in ``logprobs`` (the reference is treated as a constant). ``kl_type`` and ``kl_clamp`` are
+    the names :func:`fastalign.policy_loss` uses for the same choices; ``kind`` and ``clamp`` are their former
+    names here, deprecated.
     """
     _validate.floating("logprobs", logprobs)
     _validate.floating("ref_logprobs", ref_logprobs)
     _validate.same_device(logprobs=logprobs, ref_logprobs=ref_logprobs)
     _validate.shape("ref_logprobs", ref_logprobs, logprobs.shape, "logprobs.shape")
     base, straight = canonical_kl(kl_type, "kl_type")
-    _validate.boolean("clamp", clamp)
+    _validate.boolean("kl_clamp", kl_clamp)
     lp = logprobs.float()
     d = lp - ref_logprobs.detach().float()
     if base == "k1":
@@ -88,10 +88,10 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kl_type: str = "k3", *, c
         v = 0.5 * d * d
     else:
         x = -d
-        if clamp:
+        if kl_clamp:
             x = x.clamp(-20.0, 20.0)
         v = _K3.apply(x)
-        if clamp:
+        if kl_clamp:
             v = v.clamp(-10.0, 10.0)
     if straight:  # the value of base, the gradient of k2 (d); 0 where d is infinite (no inf - inf), NaN stays NaN
         d_grad = torch.where(torch.isinf(d), torch.zeros((), device=d.device), d)

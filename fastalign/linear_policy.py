@@ -32,7 +32,7 @@ from fastalign.linear import check_head_inputs, check_logit_options, linear_logp
 from fastalign.ops.linear_cpu import labelled_rows
 from fastalign.ops.single_pass import Side, differentiated, pays_off, refuse_traced, single_pass_loss, token_items
 from fastalign.policy import SharedSeed, policy_loss
-from fastalign.policy_config import FIELDS, PolicyConfig
+from fastalign.policy_config import FIELDS, PolicyConfig, split_pairs
 
 # keywords that belong to the logit pipeline (linear_logprobs), not to policy_loss
 _LOGIT_OPTIONS = ("temperature", "softcap", "logit_scale", "ignore_index", "chunk", "vocab_group",
@@ -115,6 +115,7 @@ class LinearPolicyLoss(nn.Module):
         if "entropy" in options:
             raise ValueError("LinearPolicyLoss computes the entropy itself; pass entropy_coef / entropy_metric")
         # validated now (unknown names, bad values, options that do not apply), not at the first call
+        options = split_pairs("LinearPolicyLoss", options)  # the former pair options, with a warning
         check_names("LinearPolicyLoss", options, FIELDS + _LOGIT_OPTIONS)
         self.config = own_copy(options if config is None else dict(config=config, **options))
         policy = _policy_config(self.config)
@@ -131,7 +132,7 @@ class LinearPolicyLoss(nn.Module):
                 rollout_logprobs: Optional[Tensor] = None, **kwargs) -> tuple[Tensor, dict]:
         if "entropy" in kwargs:
             raise ValueError("LinearPolicyLoss computes the entropy itself; pass entropy_coef / entropy_metric")
-        cfg = {**self.config, **kwargs}
+        cfg = {**self.config, **split_pairs("LinearPolicyLoss.forward", kwargs)}
         entropy_metric = _validate.boolean("entropy_metric", cfg.pop("entropy_metric", self.entropy_metric))
         single_pass = cfg.pop("single_pass", self.single_pass)
         check_choice("single_pass", single_pass, AUTO_OR_BOOL)

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from fastalign import _validate
+from fastalign import _deprecate, _validate
 from fastalign._backend import BACKENDS
 from fastalign._options import check_choice, check_names, check_read
 from fastalign.aggregate import SEQ_COUNTS, check_agg, default_seq_count
@@ -63,10 +63,20 @@ LOG_RATIO_CAP = 20.0
 # the log-probs; clip_cov and kl_cov choose their tokens across the batch)
 _TOKEN_ROWS = ("ppo", "cispo", "sapo", "reinforce", "dppo_tv", "dppo_kl", "dro")
 # scalar options that must be finite real numbers when given (None: the option is off or at its default)
-_FINITE = ("eps_low", "eps_high", "dual_clip", "delta", "dro_beta", "rollout_min",
+_FINITE = ("eps_low", "eps_high", "dual_clip", "delta", "cispo_low", "cispo_high", "sapo_tau_pos", "sapo_tau_neg",
+           "vespo_k_pos", "vespo_k_neg", "vespo_lambda_pos", "vespo_lambda_neg", "dro_beta", "rollout_min",
            "entropy_quantile", "offpolicy_threshold", "cov_ratio", "cov_lb", "cov_ub", "cov_kl_coef")
 _COEFS = ("kl_coef", "entropy_coef")  # finite real numbers, never None (0: the term is off)
-_PAIRS = ("cispo_bounds", "sapo_tau", "vespo_k", "vespo_lambda")  # (a, b) options, finite numbers
+# the options each row alone reads (a row's own numbers; None: the default below)
+_ROW_OPTIONS = {"cispo": ("cispo_low", "cispo_high"), "sapo": ("sapo_tau_pos", "sapo_tau_neg"),
+                "vespo": ("vespo_k_pos", "vespo_k_neg", "vespo_lambda_pos", "vespo_lambda_neg")}
+# defaults of the options read by one row (cispo's bounds default to 1 - eps_low and 1 + eps_high)
+_ROW_DEFAULTS = {"sapo_tau_pos": 1.0, "sapo_tau_neg": 1.05, "vespo_k_pos": 2.0, "vespo_k_neg": 3.0,
+                 "vespo_lambda_pos": 3.0, "vespo_lambda_neg": 2.0}
+#: former pair options -> the two options they set, (value for A > 0 or the lower bound, the other); accepted for
+#: one release with a :class:`~fastalign._deprecate.RenamedWarning` (docs/api.md's "Renamed arguments")
+PAIR_RENAMES = {"cispo_bounds": ("cispo_low", "cispo_high"), "sapo_tau": ("sapo_tau_pos", "sapo_tau_neg"),
+                "vespo_k": ("vespo_k_pos", "vespo_k_neg"), "vespo_lambda": ("vespo_lambda_pos", "vespo_lambda_neg")}
 
 
 class CovParams(NamedTuple):
@@ -113,15 +123,48 @@ def _option(name: str):
         raise option_error(name, str(e))  # no "from None": torch.compile (2.11) cannot trace its setattr
 
 
+def split_pairs(owner: str, options: dict) -> dict:
+    """``options`` with each former pair option of ``PAIR_RENAMES`` given as its two options
+    (``sapo_tau=(1.0, 1.05)``: ``sapo_tau_pos=1.0, sapo_tau_neg=1.05``) and one
+    :class:`~fastalign._deprecate.RenamedWarning` naming them (``owner``: the function named); ``options`` itself
+    when it has none. A former name given with one of its options is a ``TypeError``; a value that is not a pair of
+    finite numbers raises naming the former name (``sapo_tau[1]``); None (the defaults) sets neither."""
+    used = [old for old in PAIR_RENAMES if old in options]  # plain ops: torch.compile traces them
+    if not used:
+        return options
+    for old in used:
+        new = PAIR_RENAMES[old]
+        if new[0] in options or new[1] in options:
+            raise TypeError(f"{owner}: pass {new[0]} / {new[1]} only ({old} is their deprecated name)")
+    _deprecate.warn(f"{owner}({', '.join(f'{o}=' for o in used)}...) is deprecated: use "
+                    f"{', '.join(f'{n}=' for o in used for n in PAIR_RENAMES[o])}...")
+    options = dict(options)
+    for old in used:
+        new = PAIR_RENAMES[old]
+        value = options.pop(old)
+        if value is None:
+            continue
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+            raise _refused(old, f"must be a pair of numbers, got {value!r}")
+        with _option(old):
+            options[new[0]] = _validate.finite_number(f"{old}[0]", value[0])
+            options[new[1]] = _validate.finite_number(f"{old}[1]", value[1])
+    return options
+
+
 @dataclasses.dataclass(frozen=True)
 class PolicyConfig:
     r"""Every option of :func:`fastalign.policy_loss` (docs/math.md#policy-losses), validated at construction.
 
     Loss: ``loss_type`` (a row of docs/math.md#policy-losses or a trainer preset: grpo, bnpo, dr_grpo, dapo, luspo,
     vanilla, gpg, geo_mean), ``eps_low`` / ``eps_high`` (default 0.2; ppo, gspo, clip_cov, gmpo,
-    cispo without ``cispo_bounds``; dppo_tv / dppo_kl: the bounds of the divergence), ``dual_clip`` (c > 1, ppo), ``delta``
-    (ppo-clip rows), ``cispo_bounds`` (cispo), ``sapo_tau`` (sapo), ``vespo_k`` /
-    ``vespo_lambda`` ((positive, negative) advantage, vespo), ``importance_sampling_level``
+    cispo without ``cispo_low`` / ``cispo_high``; dppo_tv / dppo_kl: the bounds of the divergence), ``dual_clip``
+    (c > 1, ppo), ``delta`` (ppo-clip rows), ``cispo_low`` / ``cispo_high`` (cispo's clip of the detached ratio,
+    default ``1 - eps_low`` / ``1 + eps_high``), ``sapo_tau_pos`` / ``sapo_tau_neg`` (sapo's temperature for
+    ``A > 0`` / otherwise, default 1.0 / 1.05), ``vespo_k_pos`` / ``vespo_k_neg`` and ``vespo_lambda_pos`` /
+    ``vespo_lambda_neg`` (vespo's ``k`` and ``lambda`` for ``A >= 0`` / otherwise, default 2 / 3 and 3 / 2);
+    the former pairs ``cispo_bounds=(lo, hi)``, ``sapo_tau``, ``vespo_k`` and ``vespo_lambda`` (positive,
+    negative) still set them, with a ``RenamedWarning`` (docs/api.md#renamed-arguments). ``importance_sampling_level``
     ("token" or "sequence": ``rho = exp(mean_m l)`` per sequence with its full gradient; ppo,
     cispo, sapo), ``log_ratio_cap`` (``c > 0``, default 20: the ratio is ``exp(clamp(l, -c, c))``, the
     sequence mean clamped at sequence level, no gradient where the clamp binds, as verl and OpenRLHF's
@@ -150,8 +193,8 @@ class PolicyConfig:
     seq-mean-token-mean with gmpo). Values: the
     numeric options are real numbers (not strings or bools: ``TypeError``), finite (``rollout_max``
     may be ``+inf``, no upper bound) and in range (``ValueError`` naming the option):
-    ``rollout_max >= 0``, ``sapo_tau > 0``, ``cispo_bounds`` a pair ``lo <= hi``, ``0 < cov_ratio <= 1``,
-    ``cov_lb < cov_ub``. The pair options are kept as tuples of floats.
+    ``rollout_max >= 0``, ``sapo_tau_pos`` / ``sapo_tau_neg > 0``, ``cispo_low <= cispo_high`` (an unset
+    bound at its default), ``0 < cov_ratio <= 1``, ``cov_lb < cov_ub``.
     Every such ``ValueError`` is an :class:`OptionError`, whose ``option`` is the option's name.
     ``kl_type`` / ``kl_clamp`` / ``kl_rho`` other than their defaults need the KL term
     (``ref_logprobs`` at the call).
@@ -164,10 +207,14 @@ class PolicyConfig:
     delta: Optional[float] = None
     importance_sampling_level: str = "token"
     log_ratio_cap: float = LOG_RATIO_CAP
-    cispo_bounds: Optional[tuple] = None
-    sapo_tau: Optional[tuple] = None
-    vespo_k: Optional[tuple] = None
-    vespo_lambda: Optional[tuple] = None
+    cispo_low: Optional[float] = None
+    cispo_high: Optional[float] = None
+    sapo_tau_pos: Optional[float] = None
+    sapo_tau_neg: Optional[float] = None
+    vespo_k_pos: Optional[float] = None
+    vespo_k_neg: Optional[float] = None
+    vespo_lambda_pos: Optional[float] = None
+    vespo_lambda_neg: Optional[float] = None
     dro_beta: Optional[float] = None
     kl_type: str = "k3"
     kl_coef: float = 0.0
@@ -198,6 +245,7 @@ class PolicyConfig:
              **options) -> "PolicyConfig":
         """``config`` (or the defaults) with ``options`` replaced; unknown names raise ``TypeError``
         (``owner``: the function or module named in the message)."""
+        options = split_pairs(owner, options)
         check_names(owner, options, FIELDS)
         if config is None:
             if torch.compiler.is_compiling():  # traced once per graph; Dynamo would trace the lru_cache
@@ -230,8 +278,9 @@ class PolicyConfig:
         for name in ("eps_low", "eps_high"):
             given = getattr(self, name) is not None
             self._only(name, given, _CLIP_ROWS)
-            if given and row == "cispo" and self.cispo_bounds is not None:
-                raise _refused(name, "does not apply to cispo with cispo_bounds")
+            bound = "cispo_low" if name == "eps_low" else "cispo_high"
+            if given and row == "cispo" and getattr(self, bound) is not None:
+                raise _refused(name, f"does not apply to cispo with {bound}")
         if self.clip_eps[0] < 0 or self.clip_eps[1] < 0:
             raise option_error("eps_low" if self.clip_eps[0] < 0 else "eps_high",
                                f"eps_low and eps_high must be >= 0, got {self.eps_low}, {self.eps_high}")
@@ -247,10 +296,15 @@ class PolicyConfig:
         self._only("delta", self.delta is not None, _DELTA_ROWS)
         if self.delta is not None and not self.delta > 0:
             raise _refused("delta", f"must be > 0, got {self.delta}")
-        self._only("cispo_bounds", self.cispo_bounds is not None, ("cispo",))
-        self._only("sapo_tau", self.sapo_tau is not None, ("sapo",))
-        self._only("vespo_k", self.vespo_k is not None, ("vespo",))
-        self._only("vespo_lambda", self.vespo_lambda is not None, ("vespo",))
+        for reader, names in _ROW_OPTIONS.items():
+            for name in names:
+                self._only(name, getattr(self, name) is not None, (reader,))
+        if row == "cispo" and (self.cispo_low is not None or self.cispo_high is not None):
+            lo, hi = self._cispo_bounds()
+            if not lo <= hi:
+                raise _refused("cispo_high" if self.cispo_high is not None else "cispo_low",
+                               f"must satisfy cispo_low <= cispo_high, got cispo_low={lo}, cispo_high={hi} "
+                               f"(an unset bound is 1 - eps_low / 1 + eps_high)")
         self._only("dro_beta", self.dro_beta is not None, ("dro",))
         if row == "dro" and not (self.dro_beta is not None and self.dro_beta > 0):
             raise _refused("dro_beta", f"must be > 0 for loss_type 'dro', got {self.dro_beta!r}")
@@ -308,20 +362,9 @@ class PolicyConfig:
         rmax = _validate.number("rollout_max", self.rollout_max)
         if not rmax >= 0:  # +inf: no upper bound (TRL's default); NaN fails here
             raise _refused("rollout_max", f"must be >= 0 (or +inf), got {self.rollout_max}")
-        for name in _PAIRS:
-            v = getattr(self, name)
-            if v is None:
-                continue
-            if isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or len(v) != 2:
-                raise _refused(name, f"must be a pair of numbers, got {v!r}")
-            with _option(name):  # kept as a tuple: a list would make the frozen config unhashable
-                object.__setattr__(self, name, tuple(_validate.finite_number(f"{name}[{i}]", x)
-                                                     for i, x in enumerate(v)))
-        if self.cispo_bounds is not None and not self.cispo_bounds[0] <= self.cispo_bounds[1]:
-            raise _refused("cispo_bounds", f"must be (lo, hi) with lo <= hi, got "
-                              f"{tuple(self.cispo_bounds)}")
-        if self.sapo_tau is not None and not (self.sapo_tau[0] > 0 and self.sapo_tau[1] > 0):
-            raise _refused("sapo_tau", f"must be two temperatures > 0, got {tuple(self.sapo_tau)}")
+        for name in ("sapo_tau_pos", "sapo_tau_neg"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise _refused(name, f"must be a temperature > 0, got {getattr(self, name)}")
         _validate.boolean("kl_clamp", self.kl_clamp)
         _validate.boolean("cov_global", self.cov_global)
 
@@ -378,6 +421,17 @@ class PolicyConfig:
         return (0.2 if self.eps_low is None else float(self.eps_low),
                 0.2 if self.eps_high is None else float(self.eps_high))
 
+    def _cispo_bounds(self) -> tuple:
+        """cispo's (cispo_low, cispo_high) with their defaults (1 - eps_low, 1 + eps_high)."""
+        el, eh = self.clip_eps
+        return (1.0 - el if self.cispo_low is None else float(self.cispo_low),
+                1.0 + eh if self.cispo_high is None else float(self.cispo_high))
+
+    def _row_option(self, name: str) -> float:
+        """A sapo / vespo option with its default."""
+        value = getattr(self, name)
+        return _ROW_DEFAULTS[name] if value is None else float(value)
+
     @property
     def sequence_level(self) -> bool:
         return self.importance_sampling_level == "sequence"
@@ -408,10 +462,8 @@ class PolicyConfig:
         row = self.row
         kl_base, kl_straight = canonical_kl(self.kl_type)
         el, eh = self.clip_eps
-        lo, hi = self.cispo_bounds if self.cispo_bounds is not None else (1.0 - el, 1.0 + eh)
-        tau = self.sapo_tau if self.sapo_tau is not None else (1.0, 1.05)
-        vk = self.vespo_k if self.vespo_k is not None else (2.0, 3.0)
-        vl = self.vespo_lambda if self.vespo_lambda is not None else (3.0, 2.0)
+        lo, hi = self._cispo_bounds()
+        opt = self._row_option
         truncate = self.rollout_correction in ("token_truncate", "sequence_truncate")
         r_min = self.rollout_min if self.rollout_min is not None else (0.0 if truncate else 0.5)
         cov = self.cov_params
@@ -420,9 +472,9 @@ class PolicyConfig:
             kl_type=KL_CODES[kl_base], kl_straight=int(kl_straight), kl_clamp=int(bool(self.kl_clamp)),
             kl_rho=KL_RHO_CODES[self.kl_rho], rollout=ROLLOUT_CODES[self.rollout_correction],
             eps_low=el, eps_high=eh, dual_clip=float(self.dual_clip or 0.0),
-            delta=float(self.delta or 0.0), cispo_lo=float(lo), cispo_hi=float(hi), tau_pos=float(tau[0]),
-            tau_neg=float(tau[1]), vespo_k_pos=float(vk[0]), vespo_lambda_pos=float(vl[0]),
-            vespo_k_neg=float(vk[1]), vespo_lambda_neg=float(vl[1]), kl_coef=float(self.kl_coef),
+            delta=float(self.delta or 0.0), cispo_lo=lo, cispo_hi=hi, tau_pos=opt("sapo_tau_pos"),
+            tau_neg=opt("sapo_tau_neg"), vespo_k_pos=opt("vespo_k_pos"), vespo_lambda_pos=opt("vespo_lambda_pos"),
+            vespo_k_neg=opt("vespo_k_neg"), vespo_lambda_neg=opt("vespo_lambda_neg"), kl_coef=float(self.kl_coef),
             entropy_coef=float(self.entropy_coef) if entropy_in_kernel else 0.0, rollout_min=float(r_min),
             rollout_max=float(self.rollout_max),
             offpolicy_threshold=math.inf if self.offpolicy_threshold is None else float(self.offpolicy_threshold),
@@ -430,6 +482,17 @@ class PolicyConfig:
             dro_beta=float(self.dro_beta or 0.0), log_ratio_cap=float(self.log_ratio_cap))
 
 
+def _accepting_former_names(init):
+    """``PolicyConfig.__init__`` taking the former pair options too (:func:`split_pairs`); its signature, and
+    ``FIELDS``, stay the fields'."""
+    @functools.wraps(init)
+    def __init__(self, *args, **options):
+        init(self, *args, **split_pairs("PolicyConfig", options))
+    return __init__
+
+
+PolicyConfig.__init__ = _accepting_former_names(PolicyConfig.__init__)
+_deprecate.RENAMED.extend(("PolicyConfig", old, ", ".join(new)) for old, new in PAIR_RENAMES.items())
 FIELDS = tuple(f.name for f in dataclasses.fields(PolicyConfig))
 
 

@@ -84,8 +84,13 @@ def _exp_score_dtype(kind: str, alpha: float, acc: torch.dtype) -> torch.dtype:
 
 
 def _log1mexp(x: Tensor) -> Tensor:
-    """``log(1 - exp(x))`` for ``x <= 0``, stable on both sides of ``-log 2``."""
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    """``log(1 - exp(x))`` for ``x <= 0``, stable on both sides of ``-log 2``. Each form reads its own side only
+    (the other side's values replaced by ``-log 2``): the form not taken has a finite derivative, where
+    ``log1p(-exp(x))``'s is infinite near 0 and made the selection's gradient NaN (as TRL's ``log1mexp``)."""
+    near = x > -math.log(2.0)
+    side = torch.full_like(x, -math.log(2.0))
+    return torch.where(near, torch.log(-torch.expm1(torch.where(near, x, side))),
+                       torch.log1p(-torch.exp(torch.where(near, side, x))))
 
 
 def _alphapo_reward(lbar: Tensor, alpha: float) -> Tensor:

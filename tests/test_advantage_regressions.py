@@ -569,7 +569,7 @@ def test_switches_take_numpy_bools():
         "whiten": lambda b: fa.reinforce_pp_advantages(r, m, whiten=b),
         "reset_at_masked": lambda b: fa.reinforce_pp_advantages(r, m, reset_at_masked=b, whiten=False),
         "zero_tail": lambda b: fa.optimal_token_baseline_advantages(r, m, [0, 0, 0], old, p2, zero_tail=b)[0],
-        "clamp": lambda b: fa.kl_penalty(lp, torch.zeros(3, 5), clamp=b),
+        "kl_clamp": lambda b: fa.kl_penalty(lp, torch.zeros(3, 5), kl_clamp=b),
     }
     for name, call in calls.items():
         assert not torch.equal(call(True), call(False)), name  # the switch changes the result here

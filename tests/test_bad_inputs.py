@@ -236,9 +236,9 @@ FNS = [
        lambda a: fa.group_advantages(a["scores"], group_size=2, step_index=torch.tensor([0, 1, 0, 1]),
                                      step_scores=a["step_scores"]),
        {"step_scores": ("any_float", ("other_device", "rank_up", "rank_down", "mismatch"))}),
-    Fn("token_advantages", lambda: dict(adv=_f(B), response_mask=_mask(B, T)),
-       lambda a: fa.token_advantages(a["adv"], a["response_mask"]),
-       {"adv": ("any_float", ("rank_up", "rank_down")),
+    Fn("token_advantages", lambda: dict(advantages=_f(B), response_mask=_mask(B, T)),
+       lambda a: fa.token_advantages(a["advantages"], a["response_mask"]),
+       {"advantages": ("any_float", ("rank_up", "rank_down")),
         "response_mask": ("real", ("other_device", "rank_up", "rank_down"))}),
     Fn("masked_whiten", lambda: dict(x=_f(B, T), response_mask=_mask(B, T)),
        lambda a: fa.masked_whiten(a["x"], a["response_mask"]),
@@ -1143,8 +1143,8 @@ def test_switches_are_bools():
     for name in ("entropy", "sum_p2", "argmax", "check", "inplace_backward"):
         with pytest.raises(TypeError, match=f"{name} must be a bool"):
             fa.token_logprobs(logits, labels, **{name: "no"})
-    with pytest.raises(TypeError, match="clamp must be a bool"):
-        fa.kl_penalty(torch.zeros(2), torch.zeros(2), clamp="False")
+    with pytest.raises(TypeError, match="kl_clamp must be a bool"):
+        fa.kl_penalty(torch.zeros(2), torch.zeros(2), kl_clamp="False")
     hidden, weight = torch.randn(2, 4), torch.randn(5, 4)
     for name in ("entropy", "sum_p2", "argmax"):  # linear_logprobs computed them for "no"
         with pytest.raises(TypeError, match=f"{name} must be a bool"):

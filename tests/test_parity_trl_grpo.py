@@ -574,10 +574,11 @@ def test_counts_of_the_wrong_type_raise_type_error(config, call, field, value):
 
 @pytest.mark.parametrize("config, message", [
     (dict(loss_type="grpo", epsilon=-0.1), r"GRPOConfig\.epsilon / epsilon_high: eps_low and eps_high must be >= 0"),
-    (dict(loss_type="cispo", epsilon_high=-1.0), r"GRPOConfig\.epsilon_high: cispo_bounds must be \(lo, hi\)"),
+    (dict(loss_type="cispo", epsilon_high=-1.0),
+     r"GRPOConfig\.epsilon_high: cispo_high must satisfy cispo_low <= cispo_high"),
     (dict(loss_type="grpo", delta=0.0), r"GRPOConfig\.delta: delta must be > 0"),
     (dict(loss_type="sapo", sapo_temperature_neg=math.nan),
-     r"GRPOConfig\.sapo_temperature_pos / sapo_temperature_neg: sapo_tau\[1\] must be finite"),
+     r"GRPOConfig\.sapo_temperature_neg: sapo_tau_neg must be finite"),
     (dict(loss_type="grpo", beta=math.inf), r"GRPOConfig\.beta: kl_coef must be finite"),
     (dict(loss_type="grpo", top_entropy_quantile=-0.5),
      r"GRPOConfig\.top_entropy_quantile: entropy_quantile must lie in \[0, 1\]"),

@@ -402,7 +402,7 @@ def test_loss_scale_factor_disagreeing_with_global_batch_info_raises():
 
 
 def test_errors_name_verl_keys():
-    """Bad verl values raised errors naming fastalign's fields (dual_clip, max_len, sapo_tau, cov_ratio, kl_coef,
+    """Bad verl values raised errors naming fastalign's fields (dual_clip, max_len, sapo_tau_pos, cov_ratio, kl_coef,
     global_seqs); they name verl's keys now, and a missing ref_log_prob is one ValueError in every mode."""
     d = batch(seed=4)
     args = (d["lp"], d["old"], d["A"], d["m"])
@@ -437,8 +437,8 @@ def test_errors_name_verl_keys():
 def test_out_of_range_values_raise_under_verls_names():
     """Values the profile refuses (dppo's ratio truncation ``clip_ratio_c <= 0``, a sapo temperature ``<= 0``,
     ``dro_beta <= 0`` as verl's dro refuses it, ``clip_cov_lb >= clip_cov_ub``, a ``loss_scale_factor`` of 0 in
-    ``global_batch_info``): the ``ValueError`` names verl's key, never fastalign's field (delta, sapo_tau, loss_type,
-    cov_lb, max_len)."""
+    ``global_batch_info``): the ``ValueError`` names verl's key, never fastalign's field (delta, sapo_tau_neg,
+    loss_type, cov_lb, max_len)."""
     d = batch(seed=4)
     args = (d["lp"], d["old"], d["A"], d["m"])
     with pytest.raises(ValueError, match="dro_beta"):  # verl's own dro refuses it

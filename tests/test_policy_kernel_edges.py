@@ -160,8 +160,8 @@ def test_vespo_small_lambda_is_floored_at_1e_4(cpu_backend, lam):
     old[0] = lp[0] - 5.0 / m[0].sum()  # rows 0 (A > 0) and 2 (A < 0): log W, the sum of the log-ratios, is 5
     old[2] = lp[2] - 5.0 / m[2].sum()
     A[0], A[2] = 0.7, -0.6
-    _check(*policy_and_reference((lp, old, A, m), cpu_backend, loss_type="vespo", vespo_k=(1.0, 1.5),
-                                 vespo_lambda=lam))
+    _check(*policy_and_reference((lp, old, A, m), cpu_backend, loss_type="vespo", vespo_k_pos=1.0,
+                                 vespo_k_neg=1.5, vespo_lambda_pos=lam[0], vespo_lambda_neg=lam[1]))
 
 
 def test_clip_cov_bounds_are_strict(cpu_backend):

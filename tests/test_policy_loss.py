@@ -175,12 +175,12 @@ def test_kl_estimators_are_unbiased_and_have_their_gradients():
     p = lp.exp()
     kl = (p * (lp - ref)).sum(-1)
     for kind, want in (("k1", kl), ("k3", kl), ("k2", 0.5 * (p * (lp - ref) ** 2).sum(-1))):
-        v = fastalign.kl_penalty(lp.float(), ref.float(), kind, clamp=False).double()
+        v = fastalign.kl_penalty(lp.float(), ref.float(), kind, kl_clamp=False).double()
         assert_close((p * v).sum(-1), want, atol=1e-5, rtol=1e-5, what=f"E[{kind}]")
     x = lp.float().requires_grad_(True)
     for kind, grad in (("k1", torch.ones_like(lp)), ("k2", lp - ref), ("k3", 1.0 - torch.exp(ref - lp)),
                        ("k3+", lp - ref), ("abs", torch.sign(lp - ref))):
-        (gx,) = torch.autograd.grad(fastalign.kl_penalty(x, ref.float(), kind, clamp=False).sum(), x)
+        (gx,) = torch.autograd.grad(fastalign.kl_penalty(x, ref.float(), kind, kl_clamp=False).sum(), x)
         assert_close(gx.double(), grad, atol=1e-5, rtol=1e-5, what=f"d {kind}")
 
 
@@ -382,6 +382,65 @@ def test_kl_penalty_kind_is_a_deprecated_name_of_kl_type():
     assert torch.equal(old, fastalign.kl_penalty(d["lp"], d["ref"], kl_type="k1"))
     with pytest.raises(TypeError, match="kl_type only"):
         fastalign.kl_penalty(d["lp"], d["ref"], "k2", kind="k1")
+
+
+@pytest.mark.parametrize("old, new", [
+    (dict(loss_type="cispo", cispo_bounds=(0.9, 1.1)), dict(loss_type="cispo", cispo_low=0.9, cispo_high=1.1)),
+    (dict(loss_type="sapo", sapo_tau=(0.5, 2.0)), dict(loss_type="sapo", sapo_tau_pos=0.5, sapo_tau_neg=2.0)),
+    (dict(loss_type="vespo", vespo_k=(1.5, 2.5)), dict(loss_type="vespo", vespo_k_pos=1.5, vespo_k_neg=2.5)),
+    (dict(loss_type="vespo", vespo_lambda=(2.5, 1.5)),
+     dict(loss_type="vespo", vespo_lambda_pos=2.5, vespo_lambda_neg=1.5)),
+], ids=["cispo_bounds", "sapo_tau", "vespo_k", "vespo_lambda"])
+def test_former_pair_options_warn_and_give_the_same_loss(old, new):
+    """cispo_bounds, sapo_tau, vespo_k and vespo_lambda were (a, b) tuples; each is two named options now. The
+    former name still works for one release, with a RenamedWarning, through every entry point (the same loss and
+    gradient), and giving it with one of its new names is a TypeError."""
+    from fastalign._deprecate import RenamedWarning
+
+    d = make_batch(seed=18, spread=0.6)
+    former = next(k for k in old if k != "loss_type")
+    args = (d["old"], d["A"], d["m"])
+
+    def loss_and_grad(fn):
+        x = d["lp"].clone().requires_grad_(True)
+        loss, metrics = fn(x)
+        loss.backward()
+        return loss, metrics, x.grad
+
+    def same(got, want):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+        assert got[1].keys() == want[1].keys() and all(torch.equal(got[1][k], want[1][k]) for k in want[1])
+
+    want = loss_and_grad(lambda x: fastalign.policy_loss(x, *args, **new))
+    match = rf"\({former}=\.\.\.\) is deprecated: use {'=, '.join(k for k in new if k != 'loss_type')}="
+    for make in (lambda x: fastalign.policy_loss(x, *args, **old),
+                 lambda x: fastalign.PolicyLoss(**old)(x, *args),
+                 lambda x: fastalign.PolicyLoss(loss_type=old["loss_type"])(x, *args, **{former: old[former]}),
+                 lambda x: fastalign.policy_loss(x, *args, config=fastalign.PolicyConfig(**old))):
+        with pytest.warns(RenamedWarning, match=match) as record:
+            same(loss_and_grad(make), want)
+        assert len(record) == 1 and record[0].filename == __file__
+    with pytest.warns(RenamedWarning, match=match):
+        assert fastalign.PolicyConfig(**old) == fastalign.PolicyConfig(**new)
+    with pytest.warns(RenamedWarning, match=match):  # a list or an array: the same (hashable) config
+        assert hash(fastalign.PolicyConfig(**{**old, former: list(old[former])})) == hash(fastalign.PolicyConfig(**new))
+    first = next(k for k in new if k != "loss_type")
+    for make in (fastalign.PolicyConfig, fastalign.PolicyLoss, fastalign.LinearPolicyLoss,
+                 lambda **kw: fastalign.policy_loss(d["lp"], *args, **kw)):
+        with pytest.raises(TypeError, match=f"pass {first} / .* only \\({former} is their deprecated name\\)"):
+            make(**old, **{first: new[first]})
+
+    # LinearPolicyLoss: at construction and per call
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(*d["lp"].shape, 6, generator=g), torch.randn(9, 6, generator=g)
+    labels = torch.randint(0, 9, d["lp"].shape, generator=g)
+    want = fastalign.LinearPolicyLoss(**new)(h, w, labels, *args)
+    with pytest.warns(RenamedWarning, match=r"LinearPolicyLoss\(" + match[2:]):
+        got = fastalign.LinearPolicyLoss(**old)(h, w, labels, *args)
+    assert torch.equal(got[0], want[0])
+    with pytest.warns(RenamedWarning, match=r"LinearPolicyLoss\.forward\(" + match[2:]):
+        got = fastalign.LinearPolicyLoss(loss_type=old["loss_type"])(h, w, labels, *args, **{former: old[former]})
+    assert torch.equal(got[0], want[0])
 
 
 @pytest.mark.parametrize("kind", ["k1", "abs", "k2", "k3", "k3+", "low_var_kl"])
@@ -665,19 +724,21 @@ def test_unknown_option_suggests_the_closest_name():
 
 @pytest.mark.parametrize("kw,name", [
     (dict(loss_type="cispo", delta=2.0), "delta"),
-    (dict(loss_type="ppo", sapo_tau=(1.0, 1.0)), "sapo_tau"),
+    (dict(loss_type="ppo", sapo_tau_neg=1.0), "sapo_tau_neg"),
     (dict(loss_type="ppo", cov_ratio=0.1), "cov_ratio"),
     (dict(loss_type="clip_cov", cov_kl_coef=0.1), "cov_kl_coef"),
     (dict(loss_type="gspo", dual_clip=3.0), "dual_clip"),
-    (dict(loss_type="ppo", vespo_k=(1.0, 1.0)), "vespo_k"),
-    (dict(loss_type="sapo", cispo_bounds=(0.0, 1.0)), "cispo_bounds"),
+    (dict(loss_type="ppo", vespo_k_pos=1.0), "vespo_k_pos"),
+    (dict(loss_type="sapo", vespo_lambda_neg=1.0), "vespo_lambda_neg"),
+    (dict(loss_type="sapo", cispo_low=0.0), "cispo_low"),
     (dict(rollout_min=0.5), "rollout_min"),
     (dict(loss_type="gmpo", importance_sampling_level="sequence"), "importance_sampling_level"),
     (dict(agg="token-mean", seq_count="all"), "seq_count"),
     (dict(agg="token-mean", max_len=8), "max_len"),
     (dict(kl_rho="yes"), "kl_rho"),
     (dict(loss_type="reinforce", eps_high=0.3), "eps_high"),
-    (dict(loss_type="cispo", cispo_bounds=(0.0, 2.0), eps_low=0.1), "eps_low"),
+    (dict(loss_type="cispo", cispo_low=0.0, eps_low=0.1), "eps_low"),
+    (dict(loss_type="cispo", cispo_high=2.0, eps_high=0.1), "eps_high"),
     (dict(entropy_agg="token-mean"), "entropy_agg"),
     (dict(loss_type="ppo", dro_beta=0.1), "dro_beta"),
     (dict(loss_type="dro"), "dro_beta"),
@@ -726,8 +787,8 @@ OPTION_CASES = {
     "gspo_token_mean": dict(loss_type="gspo", agg="token-mean"),
     "ppo_sequence": dict(importance_sampling_level="sequence", delta=1.1, kl_coef=0.1, kl_type="k3",
                          kl_clamp=False, kl_rho="grad", entropy_quantile=0.5, agg="token-sum"),
-    "cispo_sequence": dict(loss_type="cispo", importance_sampling_level="sequence", cispo_bounds=(0.0, 1.05),
-                           kl_coef=0.1, kl_rho="grad"),
+    "cispo_sequence": dict(loss_type="cispo", importance_sampling_level="sequence", cispo_low=0.0,
+                           cispo_high=1.05, kl_coef=0.1, kl_rho="grad"),
     "sapo_sequence": dict(loss_type="sapo", importance_sampling_level="sequence", agg="seq-mean-token-mean",
                           seq_count="all", rollout_correction="token_truncate", rollout_min=0.9, rollout_max=1.1),
     "kl_rho_grad": dict(kl_coef=0.2, kl_type="k3", kl_clamp=False, kl_rho="grad", with_ent=False),
@@ -737,7 +798,8 @@ OPTION_CASES = {
     "truncate_both_bounds": dict(rollout_correction="sequence_truncate", rollout_min=0.95, rollout_max=1.05),
     "offpolicy_vs_rollout": dict(offpolicy_threshold=0.0, with_roll=True),
     "luspo": dict(loss_type="luspo", importance_sampling_level="sequence"),
-    "vespo": dict(loss_type="vespo", vespo_k=(2.0, 3.0), vespo_lambda=(3.0, 2.0), agg="token-sum"),
+    "vespo": dict(loss_type="vespo", vespo_k_pos=2.0, vespo_k_neg=3.0, vespo_lambda_pos=3.0, vespo_lambda_neg=2.0,
+                  agg="token-sum"),
     "gmpo_nonempty": dict(loss_type="gmpo", seq_count="nonempty", agg="seq-mean-token-mean"),
     "dr_grpo_nonempty": dict(loss_type="dr_grpo", seq_count="nonempty", max_len=30),
     "dual_clip_metrics": dict(dual_clip=3.0, eps_high=0.28),
@@ -746,9 +808,12 @@ OPTION_CASES = {
     "dppo_kl": dict(loss_type="dppo_kl", eps_low=0.01, eps_high=0.02, delta=1.2, agg="seq-mean-token-mean"),
     "dro": dict(loss_type="dro", dro_beta=0.5, kl_coef=0.1, agg="seq-mean-token-sum-norm"),
     # the closed ends of the documented ranges: entropy_quantile in [0, 1] (1 keeps every valid token, TRL's
-    # default top_entropy_quantile) and cispo_bounds lo <= hi (equal bounds: a weight of that value everywhere)
+    # default top_entropy_quantile) and cispo_low <= cispo_high (equal bounds: a weight of that value everywhere)
     "keep_every_entropy": dict(entropy_quantile=1.0, entropy_coef=0.05),
-    "cispo_equal_bounds": dict(loss_type="cispo", cispo_bounds=(1.0, 1.0), kl_coef=0.1),
+    "cispo_equal_bounds": dict(loss_type="cispo", cispo_low=1.0, cispo_high=1.0, kl_coef=0.1),
+    "cispo_low_only": dict(loss_type="cispo", cispo_low=0.5, eps_high=0.1),  # cispo_high: 1 + eps_high
+    "sapo_tau_neg_only": dict(loss_type="sapo", sapo_tau_neg=2.0),  # sapo_tau_pos: 1.0
+    "vespo_k_neg_only": dict(loss_type="vespo", vespo_k_neg=1.5, vespo_lambda_pos=2.5),
 }
 
 
@@ -778,7 +843,7 @@ def test_sequence_level_clip_metrics_with_per_sequence_advantages(cpu_backend, l
     float64 reference; loss, gradient and the other metrics too."""
     batch = _with_empty_row(make_batch(seed=38, spread=0.6))
     batch["A"] = batch["A"][:, 0].contiguous()  # [B]
-    kw = dict(cispo_bounds=(0.9, 1.1)) if loss_type == "cispo" else {}
+    kw = dict(cispo_low=0.9, cispo_high=1.1) if loss_type == "cispo" else {}
     out, ref = run(batch, cpu_backend, loss_type=loss_type, importance_sampling_level="sequence", with_ref=False,
                    **kw)
     check(out, ref)

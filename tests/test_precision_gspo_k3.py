@@ -139,7 +139,7 @@ def test_kl_penalty_k3_is_fp32_accurate_near_zero(clamp):
         keep = x.abs().flatten() <= 1.0
         lp, ref, x = lp[keep], ref[keep], x[keep]
     lpg = lp.clone().requires_grad_(True)
-    v = fa.kl_penalty(lpg, ref, "k3", clamp=clamp)
+    v = fa.kl_penalty(lpg, ref, "k3", kl_clamp=clamp)
     (g,) = torch.autograd.grad(v.sum(), lpg)
     assert _rel(v, torch.expm1(x) - x) < 1e-5
     assert _rel(g, -torch.expm1(x)) < 1e-5
@@ -163,7 +163,7 @@ def test_kl_penalty_k3_is_fp32_accurate_up_to_the_series_bound():
 def test_kl_penalty_k3_second_derivative():
     lp, ref, x = _k3_inputs()
     lpg = lp.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(fa.kl_penalty(lpg, ref, "k3", clamp=False).sum(), lpg, create_graph=True)
+    (g,) = torch.autograd.grad(fa.kl_penalty(lpg, ref, "k3", kl_clamp=False).sum(), lpg, create_graph=True)
     (h,) = torch.autograd.grad(g.sum(), lpg)
     assert_close(h, torch.exp(x), atol=1e-6, rtol=1e-5, what="d2 lp")  # autograd's own expm1'(x) = expm1(x) + 1
 
@@ -172,7 +172,7 @@ def test_kl_penalty_k3_non_finite_x_unchanged():
     """As exp(x) - x - 1: x = -inf gives inf (d lp: 1), x = +inf gives inf - inf = NaN (d lp: -inf), NaN stays NaN."""
     lp = torch.tensor([5.0, -math.inf, math.nan]).requires_grad_(True)
     ref = torch.tensor([-math.inf, 0.0, 0.0])
-    v = fa.kl_penalty(lp, ref, "k3", clamp=False)
+    v = fa.kl_penalty(lp, ref, "k3", kl_clamp=False)
     (g,) = torch.autograd.grad(v.sum(), lp)
     assert v[0] == math.inf and torch.isnan(v[1]) and torch.isnan(v[2])
     assert g[0] == 1.0 and g[1] == -math.inf and torch.isnan(g[2])

@@ -872,7 +872,7 @@ def test_a_head_of_another_dtype_than_the_hidden_states_is_refused_on_every_path
 
 
 def test_modules_keep_their_own_copy_of_list_options():
-    """A list given to a loss module (loss types, loss weights, cispo's bounds) is copied at construction: the
+    """A list given to a loss module (loss types, loss weights, the head's chunk) is copied at construction: the
     caller changing it afterwards changes neither the module's loss nor its repr, and two modules built from one
     list share nothing."""
     g = torch.Generator().manual_seed(0)
@@ -894,14 +894,14 @@ def test_modules_keep_their_own_copy_of_list_options():
     weights[1] = 100.0
     assert torch.equal(pairs(c, r, c * 0, r * 0, chosen_nll=torch.tensor(1.0))[0], before)
 
-    bounds = [0.8, 1.2]
-    policy = fa.LinearPolicyLoss(loss_type="cispo", cispo_bounds=bounds)
+    chunk = [2, 8]
+    policy = fa.LinearPolicyLoss(loss_type="cispo", cispo_low=0.8, cispo_high=1.2, chunk=chunk)
     old, A, m = -torch.rand(4, 3, generator=g) * 3, torch.randn(4, 3, generator=g), torch.ones(4, 3, dtype=torch.bool)
     before = policy(h, w, labels, old, A, m)[0]
-    bounds[1] = 1.0001
+    chunk[0] = 0  # refused if the module read the caller's list
     assert torch.equal(policy(h, w, labels, old, A, m)[0], before)
-    assert torch.equal(fa.LinearPolicyLoss(loss_type="cispo", cispo_bounds=(0.8, 1.2))(h, w, labels, old, A, m)[0],
-                       before)
+    assert torch.equal(fa.LinearPolicyLoss(loss_type="cispo", cispo_low=0.8, cispo_high=1.2, chunk=(2, 8))(
+        h, w, labels, old, A, m)[0], before)
 
 
 @pytest.mark.parametrize("name, value", [("ignore_index", 0), ("use_weighting", True), ("wpo_cap", 2.0),
@@ -916,3 +916,26 @@ def test_linear_preference_options_are_fixed_at_construction(name, value):
     assert loss.ignore_index == -100 and loss.kernel_options["ignore_index"] == -100
     loss.train(False)  # the module's own state (training, hooks, device moves) is not configuration
     loss.double()
+
+
+@pytest.mark.parametrize("dtype, mean_logprob", [(torch.float32, -1e-8), (torch.float32, -1e-30),
+                                                 (torch.float64, -1e-20), (torch.float64, -1e-300)])
+@pytest.mark.parametrize("side", ["chosen", "rejected"])
+def test_orpo_gradient_is_finite_for_a_mean_logprob_just_below_0(dtype, mean_logprob, side):
+    """ORPO's log(1 - p) took the gradient of the form it did not select, infinite near a mean log-prob of 0 (a
+    very confident response), and the selection made it NaN while the loss was finite (TRL's log1mexp does the
+    same); the gradient is the float64 one of the odds ratio written with log(-expm1)."""
+    near, far = torch.tensor([mean_logprob], dtype=dtype), torch.tensor([-3.0], dtype=dtype)
+    lc, lr = (near, far) if side == "chosen" else (far, near)
+    lc, lr = lc.clone().requires_grad_(True), lr.clone().requires_grad_(True)
+    one = torch.ones(1, dtype=dtype)
+    loss, _ = fa.preference_loss(lc, lr, loss_type="orpo", beta=0.1, chosen_lengths=one, rejected_lengths=one,
+                                 chosen_nll=torch.zeros((), dtype=dtype))
+    loss.backward()
+    a, b = (t.detach().double().requires_grad_(True) for t in (lc, lr))
+    want = -0.1 * F.logsigmoid((a - b) - (torch.log(-torch.expm1(a)) - torch.log(-torch.expm1(b))))
+    want.backward()
+    assert torch.isfinite(lc.grad).all() and torch.isfinite(lr.grad).all()
+    assert_close(loss.double(), want.detach().reshape(loss.shape), rtol=1e-5, atol=0, what="loss")
+    assert_close(lc.grad.double(), a.grad, rtol=1e-5, atol=0, what="d chosen")
+    assert_close(lr.grad.double(), b.grad, rtol=1e-5, atol=0, what="d rejected")

@@ -293,7 +293,7 @@ def test_kl_penalty(B, T, dtype, kind, clamp, scale, seed):
     lp = (torch.randn(B, T, generator=g) * scale).to(dtype)
     rf = (torch.randn(B, T, generator=g) * scale).to(dtype)
     x = lp.clone().requires_grad_()
-    got = fa.kl_penalty(x, rf, kind, clamp=clamp)
+    got = fa.kl_penalty(x, rf, kind, kl_clamp=clamp)
     x64 = lp.to(F64).requires_grad_()
     want = ref_pol.kl_penalty(x64, rf.to(F64), kind, clamp)
     big = not clamp and kind.startswith("k3") and scale > 10  # exp of up to ~e^200: fp32 overflows to inf

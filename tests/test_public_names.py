@@ -50,7 +50,12 @@ def test_public_signatures_use_one_name_per_idea(name, fn):
 def test_every_rename_points_at_an_argument():
     assert len(_deprecate.RENAMED) >= 12
     for owner, old, new in _deprecate.RENAMED:
-        assert old != new and ("mask" in new or "logprobs" in new or new in ("kl_type", "kto_kl", "pair_weights")), \
+        if owner == "PolicyConfig":  # a former (a, b) option: two named options ("cispo_low, cispo_high")
+            assert all(n in fa.policy_config.FIELDS and n.startswith(old.split("_bounds")[0]) for n in new.split(", "))
+            assert old not in fa.policy_config.FIELDS, (owner, old, new)
+            continue
+        assert old != new and ("mask" in new or "logprobs" in new or new in ("kl_type", "kl_clamp", "kto_kl",
+                                                                             "pair_weights", "advantages")), \
             (owner, old, new)
 
 
@@ -131,6 +136,28 @@ def test_kl_penalty_kind_through_the_shared_helper():
     lp, ref = torch.randn(2, B, T, generator=_g(9))
     _warns_same(lambda: fa.kl_penalty(lp, ref, kind="k2"), lambda: fa.kl_penalty(lp, ref, kl_type="k2"),
                 "use kl_type")
+    _warns_same(lambda: fa.kl_penalty(lp * 40, ref, clamp=False), lambda: fa.kl_penalty(lp * 40, ref, kl_clamp=False),
+                "use kl_clamp")
+
+
+def test_token_advantages_takes_advantages():
+    """token_advantages(adv=) abbreviated the name every other function spells out."""
+    a, m = torch.randn(B, generator=_g(5)), _mask()
+    _warns_same(lambda: fa.token_advantages(adv=a, response_mask=m),
+                lambda: fa.token_advantages(advantages=a, response_mask=m), "use advantages")
+
+
+def test_gae_and_optimal_baseline_return_named_pairs():
+    """gae_advantages and optimal_token_baseline_advantages return AdvantagesAndReturns (fields by name; it
+    unpacks as the pair it was)."""
+    r, v = torch.randn(2, B, T, generator=_g(6))
+    m = _mask()
+    out = fa.gae_advantages(r, v, m)
+    a, ret = out
+    assert isinstance(out, fa.AdvantagesAndReturns) and out.advantages is a and out.returns is ret
+    old, p2 = -torch.rand(B, T, generator=_g(7)), torch.rand(B, T, generator=_g(8)) * 0.3
+    out = fa.optimal_token_baseline_advantages(r, m, list(range(B)), old, p2)
+    assert isinstance(out, fa.AdvantagesAndReturns) and out.advantages.shape == out.returns.shape == (B, T)
 
 
 def test_preference_weights_are_pair_weights():

@@ -12,12 +12,13 @@ r"""Advantage estimators (docs/math.md#advantages), in two families:
 from fastalign.advantages._inputs import WHITEN_EPS
 from fastalign.advantages.sequence_level import (BATCH_NORMALIZATIONS, ESTIMATORS, SINGLETON, STD_MODES,
                                                  TOKEN_LEVEL, group_advantages)
-from fastalign.advantages.token_level import (gae_advantages, implicit_process_advantages, iw_opd_advantages,
-                                              masked_whiten, optimal_token_baseline_advantages,
+from fastalign.advantages.token_level import (AdvantagesAndReturns, gae_advantages, implicit_process_advantages,
+                                              iw_opd_advantages, masked_whiten, optimal_token_baseline_advantages,
                                               reinforce_pp_advantages, remax_advantages, token_advantages)
 
 __all__ = [
-    "BATCH_NORMALIZATIONS", "ESTIMATORS", "SINGLETON", "STD_MODES", "TOKEN_LEVEL", "WHITEN_EPS",
+    "AdvantagesAndReturns", "BATCH_NORMALIZATIONS", "ESTIMATORS", "SINGLETON", "STD_MODES", "TOKEN_LEVEL",
+    "WHITEN_EPS",
     "gae_advantages", "group_advantages", "implicit_process_advantages", "iw_opd_advantages", "masked_whiten",
     "optimal_token_baseline_advantages", "reinforce_pp_advantages", "remax_advantages", "token_advantages",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -20,13 +20,21 @@ from fastalign.advantages._inputs import WHITEN_EPS, as_index, response_mask_row
 from fastalign.ops.returns import SCANS, reverse_scan
 
 
-def token_advantages(adv: Tensor, response_mask: Tensor) -> Tensor:
-    """Spread per-sequence advantages over tokens: ``adv[:, None] * response_mask`` -> ``[B, T]``."""
-    _validate.tensor("adv", adv, dim=1)
-    if not adv.dtype.is_floating_point:
-        raise TypeError(f"adv must be a float tensor, got {adv.dtype}")
-    m = response_mask_rows("response_mask", response_mask, adv.shape[0], adv.dtype, adv.device)
-    return adv.unsqueeze(-1) * m
+class AdvantagesAndReturns(NamedTuple):
+    """``(advantages, returns)``, both ``[B, T]``: what :func:`gae_advantages` and
+    :func:`optimal_token_baseline_advantages` return (it unpacks as a pair)."""
+    advantages: Tensor
+    returns: Tensor
+
+
+@renamed(adv="advantages")
+def token_advantages(advantages: Tensor, response_mask: Tensor) -> Tensor:
+    """Spread per-sequence advantages over tokens: ``advantages[:, None] * response_mask`` -> ``[B, T]``."""
+    _validate.tensor("advantages", advantages, dim=1)
+    if not advantages.dtype.is_floating_point:
+        raise TypeError(f"advantages must be a float tensor, got {advantages.dtype}")
+    m = response_mask_rows("response_mask", response_mask, advantages.shape[0], advantages.dtype, advantages.device)
+    return advantages.unsqueeze(-1) * m
 
 
 def _eps(eps) -> float:
@@ -139,7 +147,7 @@ def remax_advantages(token_rewards: Tensor, response_mask: Tensor, baseline: Ten
 @torch.no_grad()
 def gae_advantages(token_rewards: Tensor, values: Tensor, response_mask: Tensor, *, gamma: float = 1.0,
                    lam: float = 1.0, whiten: bool = True, unbiased: bool = True,
-                   backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+                   backend: Optional[str] = None) -> AdvantagesAndReturns:
     """GAE: ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}`` (masked
     tokens are skipped: they carry V and A through). Returns ``(A [B, T], returns = (A + V) m)``,
     A whitened over valid tokens unless ``whiten=False`` (``unbiased``: as in :func:`masked_whiten`).
@@ -152,7 +160,7 @@ def gae_advantages(token_rewards: Tensor, values: Tensor, response_mask: Tensor,
     _validate.boolean("unbiased", unbiased)
     x, m, (v,) = _token_inputs("token_rewards", token_rewards, response_mask, [("values", values)])
     a, ret = reverse_scan(x, v, m, gamma, lam, SCANS["gae"], _backend.request(x.device, backend))
-    return (masked_whiten(a, m, unbiased=unbiased) if whiten else a), ret
+    return AdvantagesAndReturns(masked_whiten(a, m, unbiased=unbiased) if whiten else a, ret)
 
 
 @torch.no_grad()
@@ -245,7 +253,7 @@ def optimal_token_baseline_advantages(
     zero_tail: bool = True,
     align: str = "position",
     eps: float = 1e-8,
-) -> tuple:
+) -> AdvantagesAndReturns:
     r"""Per-token baseline weighted by the cumulative path variance (docs/math.md#token-advantages).
 
     With ``m`` the mask, ``G_t = sum_{u >= t} m_u r_u`` the return, the per-token variance proxy
@@ -279,7 +287,7 @@ def optimal_token_baseline_advantages(
     with torch.no_grad():
         keys = as_index("index", index, B, r.device)
         if B == 0 or T == 0:  # no responses or no tokens: nothing to sum over (as the other estimators)
-            return torch.zeros_like(r), torch.zeros_like(r)
+            return AdvantagesAndReturns(torch.zeros_like(r), torch.zeros_like(r))
         valid = m != 0  # selection, not a product: a masked slot's NaN or inf never reaches a valid token
         returns = torch.where(valid, r * m, 0.0).flip(-1).cumsum(-1).flip(-1)
         w = 1.0 - 2.0 * torch.exp(old) + p2
@@ -307,4 +315,4 @@ def optimal_token_baseline_advantages(
             baseline = torch.where(alone_longest[:, None] & tail, 0.0, baseline)
         if align == "response":
             baseline = baseline.gather(1, rank)
-        return (returns - baseline) * m, returns
+        return AdvantagesAndReturns((returns - baseline) * m, returns)

@@ -130,11 +130,11 @@ def _grpo_setup(options: dict, eps_names: tuple, eps_high_default: float, *, kl:
     if loss_type == "dr_grpo" and max_len is not None:
         opts["max_len"] = int(max_len)
     if row == "cispo":
-        opts["cispo_bounds"] = (0.0, eps_high)  # an absolute cap, no lower bound
+        opts.update(cispo_low=0.0, cispo_high=eps_high)  # an absolute cap, no lower bound
     if row == "sapo":
-        opts["sapo_tau"] = tuple(float(t) for t in sapo_tau)
+        opts.update(sapo_tau_pos=float(sapo_tau[0]), sapo_tau_neg=float(sapo_tau[1]))
     if row == "vespo":
-        opts.update(vespo_k=(vespo[0], vespo[2]), vespo_lambda=(vespo[1], vespo[3]))
+        opts.update(vespo_k_pos=vespo[0], vespo_lambda_pos=vespo[1], vespo_k_neg=vespo[2], vespo_lambda_neg=vespo[3])
     kl = kl and beta != 0.0
     if kl:  # k3 without a clamp, times the ratio with its gradient when bias-corrected
         opts.update(kl_coef=beta, kl_type="k3", kl_clamp=False, kl_rho="grad" if bias_kl else False)
@@ -207,9 +207,8 @@ def _vespo_weight(config: PolicyConfig, lp: Tensor, old: Tensor, advantages: Ten
     l = torch.where(mask, (lp.float() - old.float()).clamp(-20.0, 20.0), 0.0)  # a masked token is not read
     log_w = (l.sum(-1, keepdim=True) + is_log_sum).clamp(_VESPO_LOG_MIN, 20.0)
     positive = advantages.reshape(-1, 1) >= 0
-    (k_pos, k_neg), (lambda_pos, lambda_neg) = config.vespo_k, config.vespo_lambda
-    k = torch.where(positive, k_pos, k_neg)
-    lam = torch.where(positive, lambda_pos, lambda_neg).clamp(min=1e-4)
+    k = torch.where(positive, config.vespo_k_pos, config.vespo_k_neg)
+    lam = torch.where(positive, config.vespo_lambda_pos, config.vespo_lambda_neg).clamp(min=1e-4)
     return torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
@@ -238,7 +237,8 @@ def _grpo_loss(setup: _GRPOSetup, advantages: Tensor, mask: Tensor, ref: Optiona
     is_log_sum = None
     if vllm_is_ratio is not None and setup.row == "vespo":  # the ratio enters the sequence weight phi
         is_log_sum = _is_log_sum(vllm_is_ratio)
-        cfg = PolicyConfig.make(cfg, loss_type="reinforce", vespo_k=None, vespo_lambda=None)
+        cfg = PolicyConfig.make(cfg, loss_type="reinforce", vespo_k_pos=None, vespo_k_neg=None, vespo_lambda_pos=None,
+                                vespo_lambda_neg=None)
     weights = vllm_is_ratio if is_log_sum is None else None
     if seq_weights is not None:
         weights = seq_weights if weights is None else seq_weights * weights.reshape(weights.shape[0], -1)
@@ -276,7 +276,7 @@ def _grpo_token_stats(setup: _GRPOSetup, lp: Tensor, old: Tensor, ref: Optional[
     if setup.beta != 0.0:
         kl = torch.zeros_like(lp)
         if ref is not None:
-            kl = kl_penalty(lp, torch.where(mask, ref.float(), lp), "k3", clamp=False)
+            kl = kl_penalty(lp, torch.where(mask, ref.float(), lp), "k3", kl_clamp=False)
         if setup.bias_kl:
             kl = kl * rho
         kl = torch.where(mask, kl, 0.0)

@@ -138,7 +138,7 @@ def _per_token_loss(setup, lp: Tensor, old: Tensor, ref: Optional[Tensor], advan
     elif setup.row == "cispo":
         pg = -rho.detach().clamp(max=eps_high) * A * lp
     elif setup.row == "sapo":
-        tau = torch.where(A > 0, *cfg.sapo_tau)
+        tau = torch.where(A > 0, cfg.sapo_tau_pos, cfg.sapo_tau_neg)
         pg = -A * torch.sigmoid(tau * (rho - 1.0)) * 4.0 / tau
     else:  # vespo: vllm_is_ratio enters phi
         is_log_sum = lp.new_zeros(B, 1) if vllm_is_ratio is None else _is_log_sum(vllm_is_ratio)
@@ -147,7 +147,7 @@ def _per_token_loss(setup, lp: Tensor, old: Tensor, ref: Optional[Tensor], advan
     if vllm_is_ratio is not None:
         pg = pg * torch.where(mask, vllm_is_ratio.reshape(B, -1).float(), 0.0)
     if setup.kl:
-        kl = kl_penalty(lp, torch.where(mask, ref.float(), lp.detach()), "k3", clamp=False)
+        kl = kl_penalty(lp, torch.where(mask, ref.float(), lp.detach()), "k3", kl_clamp=False)
         pg = pg + setup.beta * (kl * rho if setup.bias_kl else kl)
     return torch.where(mask, pg, 0.0)
 

@@ -146,9 +146,10 @@ def policy_loss(
     agg=None, importance_sampling_level="token", ref_logprobs=None, kl_type="k3", kl_coef=0.0,
     kl_clamp=True, kl_rho=False, entropy=None, entropy_coef=0.0, entropy_agg="loss", rollout_logprobs=None,
     rollout_correction=None, rollout_min=None, rollout_max=2.0, entropy_quantile=None, offpolicy_threshold=None,
-    importance_weights=None, cispo_bounds=None, sapo_tau=(1.0, 1.05), vespo_k=(2.0, 3.0),
-    vespo_lambda=(3.0, 2.0), cov_selected=None, cov_kl_coef=1.0, seq_count=None, global_tokens=None,
-    global_seqs=None, dp_size=1, max_len=None, dro_beta=None, entropy_threshold=None, log_ratio_cap=20.0,
+    importance_weights=None, cispo_low=None, cispo_high=None, sapo_tau_pos=None, sapo_tau_neg=None,
+    vespo_k_pos=None, vespo_k_neg=None, vespo_lambda_pos=None, vespo_lambda_neg=None, cov_selected=None,
+    cov_kl_coef=1.0, seq_count=None, global_tokens=None, global_seqs=None, dp_size=1, max_len=None, dro_beta=None,
+    entropy_threshold=None, log_ratio_cap=20.0,
 ):
     """(loss, metrics) of docs/math.md#policy-losses with the added terms and the aggregation.
 
@@ -158,8 +159,15 @@ def policy_loss(
     ``cov_selected`` (bool [B, T]) are the Clip-Cov / KL-Cov picks (see :func:`cov_selection`).
     ``importance_sampling_level="sequence"``: the ratio is ``exp(mean_m l)`` per sequence, with
     its gradient through every token of the sequence. The ratio's log (the token's, or the sequence mean)
-    is clamped to ``[-log_ratio_cap, log_ratio_cap]`` (``math.inf``: not clamped).
+    is clamped to ``[-log_ratio_cap, log_ratio_cap]`` (``math.inf``: not clamped). The row options left None
+    take ``fastalign.PolicyConfig``'s defaults: ``cispo_low`` / ``cispo_high`` ``1 - eps_low`` / ``1 + eps_high``,
+    ``sapo_tau_pos`` / ``sapo_tau_neg`` 1.0 / 1.05, ``vespo_k_pos`` / ``vespo_k_neg`` 2 / 3,
+    ``vespo_lambda_pos`` / ``vespo_lambda_neg`` 3 / 2.
     """
+    pick = lambda v, d: d if v is None else v  # noqa: E731
+    sapo_tau = (pick(sapo_tau_pos, 1.0), pick(sapo_tau_neg, 1.05))  # (A > 0, otherwise)
+    vespo_k = (pick(vespo_k_pos, 2.0), pick(vespo_k_neg, 3.0))  # (A >= 0, otherwise)
+    vespo_lambda = (pick(vespo_lambda_pos, 3.0), pick(vespo_lambda_neg, 2.0))
     m = m.to(lp.dtype)
     A = A.to(lp.dtype)
     per_sequence_advantages = A.dim() == 1
@@ -217,7 +225,7 @@ def policy_loss(
         if cov_selected is not None:
             pg = pg + cov_kl_coef * l.abs() * cov_selected.to(lp.dtype)
     elif loss_type == "cispo":
-        lo, hi = (1 - eps_low, 1 + eps_high) if cispo_bounds is None else cispo_bounds
+        lo, hi = pick(cispo_low, 1 - eps_low), pick(cispo_high, 1 + eps_high)
         rho = rho_is.detach()
         w = torch.clamp(rho, lo, hi)
         clipped = ((rho < lo) | (rho > hi)).to(lp.dtype)

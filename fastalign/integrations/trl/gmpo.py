@@ -151,7 +151,7 @@ class GMPOLoss:
         loss = loss - (A * (kept.sum(-1) == 0)).sum() / B
         kl = None
         if self.beta != 0.0:
-            kl = kl_penalty(logprobs, ref_logprobs, "k3", clamp=False)
+            kl = kl_penalty(logprobs, ref_logprobs, "k3", kl_clamp=False)
             loss = loss + self.beta * ((kl * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
         if training and ga != 1:
             loss = loss / ga

@@ -93,10 +93,11 @@ _DEFAULTS = {
 }
 #: the ``GRPOConfig`` fields behind each :class:`fastalign.PolicyConfig` option (an option's error names them)
 _OPTION_FIELDS = {
-    "eps_low": "epsilon / epsilon_high", "eps_high": "epsilon / epsilon_high", "cispo_bounds": "epsilon_high",
+    "eps_low": "epsilon / epsilon_high", "eps_high": "epsilon / epsilon_high", "cispo_high": "epsilon_high",
     "max_len": "max_completion_length", "delta": "delta",
-    "sapo_tau": "sapo_temperature_pos / sapo_temperature_neg", "vespo_k": "vespo_k_pos / vespo_k_neg",
-    "vespo_lambda": "vespo_lambda_pos / vespo_lambda_neg", "kl_coef": "beta",
+    "sapo_tau_pos": "sapo_temperature_pos", "sapo_tau_neg": "sapo_temperature_neg",
+    "vespo_k_pos": "vespo_k_pos", "vespo_k_neg": "vespo_k_neg", "vespo_lambda_pos": "vespo_lambda_pos",
+    "vespo_lambda_neg": "vespo_lambda_neg", "kl_coef": "beta",
     "entropy_quantile": "top_entropy_quantile", "offpolicy_threshold": "off_policy_mask_threshold",
     "entropy_coef": "entropy_coef", "rollout_min": "vllm_importance_sampling_clip_min",
     "rollout_max": "vllm_importance_sampling_clip_max",
@@ -220,12 +221,12 @@ def grpo_policy_config(args: Any, *, sampling_correction: bool = False) -> Polic
     if row == "ppo" and c["delta"] is not None:
         opts["delta"] = float(c["delta"])
     if row == "cispo":
-        opts["cispo_bounds"] = (0.0, eps_high)
+        opts.update(cispo_low=0.0, cispo_high=eps_high)
     if row == "sapo":
-        opts["sapo_tau"] = (float(c["sapo_temperature_pos"]), float(c["sapo_temperature_neg"]))
+        opts.update(sapo_tau_pos=float(c["sapo_temperature_pos"]), sapo_tau_neg=float(c["sapo_temperature_neg"]))
     if row == "vespo":
-        opts["vespo_k"] = (float(c["vespo_k_pos"]), float(c["vespo_k_neg"]))
-        opts["vespo_lambda"] = (float(c["vespo_lambda_pos"]), float(c["vespo_lambda_neg"]))
+        opts.update({name: float(c[name]) for name in ("vespo_k_pos", "vespo_k_neg", "vespo_lambda_pos",
+                                                       "vespo_lambda_neg")})
     beta = float(c["beta"])
     if beta != 0.0:
         opts.update(kl_coef=beta, kl_type="k3", kl_clamp=False,
@@ -470,7 +471,8 @@ def _every_row_metrics(cfg: PolicyConfig, logprobs: Tensor, old_logprobs: Tensor
                          ref_logprobs=ref_logprobs if cfg.kl_coef != 0.0 else None)
     out = {k: v for k, v in met.items() if k in ("kl", "entropy") or k.startswith("clip_")}
     if cfg.row == "vespo" and advantages.dim() == 2:
-        vespo_cfg = PolicyConfig.make(loss_type="vespo", vespo_k=cfg.vespo_k, vespo_lambda=cfg.vespo_lambda,
+        vespo_cfg = PolicyConfig.make(loss_type="vespo", vespo_k_pos=cfg.vespo_k_pos, vespo_k_neg=cfg.vespo_k_neg,
+                                      vespo_lambda_pos=cfg.vespo_lambda_pos, vespo_lambda_neg=cfg.vespo_lambda_neg,
                                       backend=cfg.backend)  # phi reads these alone
         kw = {} if importance_weights is None else dict(importance_weights=importance_weights)
         out["phi_mean"] = policy_loss(lp, masked_old, advantages, ones, config=vespo_cfg, **kw)[1]["phi_mean"]
@@ -484,7 +486,7 @@ def _empty_rows_clipped(cfg: PolicyConfig, advantages: Tensor, mask: Tensor) -> 
     ``1 > epsilon_high`` and its advantage is positive. 0 otherwise."""
     B = mask.shape[0]
     per_row = advantages.dim() == 1 or advantages.shape[-1] == 1
-    if cfg.importance_sampling_level != "sequence" or not per_row or B == 0 or not 1.0 > cfg.cispo_bounds[1]:
+    if cfg.importance_sampling_level != "sequence" or not per_row or B == 0 or not 1.0 > cfg.cispo_high:
         return torch.zeros((), device=advantages.device)
     empty = (mask.reshape(B, -1).sum(-1) == 0) & (advantages.reshape(B) > 0)
     return empty.sum(dtype=torch.float32) / B

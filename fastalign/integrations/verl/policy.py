@@ -262,7 +262,8 @@ def verl_policy_config(actor: Any, *, fuse_terms: bool = True, loss_mode: Option
             raise ValueError(f"policy_loss.dro_beta must be > 0 for loss_mode 'dro', got {beta!r}")
         opts["dro_beta"] = float(beta)
     if row == "sapo":
-        opts["sapo_tau"] = (_number(actor, "tau_pos", above=0.0), _number(actor, "tau_neg", above=0.0))
+        opts.update(sapo_tau_pos=_number(actor, "tau_pos", above=0.0),
+                    sapo_tau_neg=_number(actor, "tau_neg", above=0.0))
     pl_number = (lambda key, **kw: _number(pl, key, defaults=_POLICY_LOSS_DEFAULTS, path="policy_loss.", **kw))
     if row == "clip_cov":
         lb, ub = pl_number("clip_cov_lb"), pl_number("clip_cov_ub")
