@@ -231,7 +231,8 @@ def linear_logprobs(
             ``low_rank=(s * lora_A(dropout(hidden)), lora_B.weight)``; see
             :func:`fastalign.integrations.hf.causal_lm_logprobs`.
         temperature, softcap, logit_scale: the pipeline above (``softcap=None`` is off).
-        ignore_index: rows with this label give 0 for every statistic and no gradient.
+        ignore_index: rows with this label give 0 (log-prob, entropy, sum p^2, mean logit) and no gradient;
+            their ``argmax`` is still the row's (a metric such as a token accuracy masks it).
             A label outside the vocabulary gives a NaN log-prob. On CPU tensors (``"cpp"``)
             ignored rows cost no vocabulary work (unless ``argmax``, defined on every row):
             only the labelled rows are gathered and sent through the lm_head.

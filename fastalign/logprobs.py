@@ -106,7 +106,8 @@ def token_logprobs(
             contiguous (other strides are free, so ``logits[:, :-1]`` costs no copy).
         labels: integer tensor shaped like ``logits.shape[:-1]``.
         temperature: divides the logits before the softmax.
-        ignore_index: rows with this label give 0 for every statistic and a zero gradient.
+        ignore_index: rows with this label give 0 (log-prob, entropy, sum p^2) and a zero gradient; their
+            ``argmax`` is still the row's (a metric such as a token accuracy masks it).
         entropy, sum_p2, argmax: compute these too (each costs nothing when off).
         check: raise ``ValueError`` if a label is outside ``[0, V)`` and not
             ``ignore_index``. This reads the labels on the host (a device sync; under

@@ -207,8 +207,27 @@ def policy_loss(
     With ``l = lp - old``, ``rho = exp(l)`` (the sequence ratio ``exp(mean_m l)`` under
     ``importance_sampling_level="sequence"``), ``A`` the advantage and ``m`` the mask, the
     per-token loss is ``L = w * pg + kl_coef * KL (* rho under kl_rho) - entropy_coef * H``,
-    ``pg`` the row of ``loss_type`` in docs/math.md#policy-losses (ppo, gspo, cispo, sapo, reinforce / gpg, gmpo,
-    clip_cov, kl_cov, vespo, dppo_tv, dppo_kl, dro; presets grpo, bnpo, dr_grpo, dapo, luspo, vanilla, geo_mean).
+    ``pg`` the row of ``loss_type`` (``sg``: no gradient; docs/math.md#policy-losses has each row's edge cases
+    and gradient; presets grpo, bnpo, dr_grpo, dapo, luspo, vanilla, geo_mean pick a row and an aggregation):
+
+    * ``ppo``: ``max(-A min(rho, delta), -A clip(rho, 1 - eps_low, 1 + eps_high))``, for ``A < 0`` with
+      ``dual_clip = c``: ``min(., -c A)``; ``l`` clamped to ``[-log_ratio_cap, log_ratio_cap]``
+    * ``gspo``: the ppo clip of the sequence ratio ``s = exp(min(mean_m l, 10))``, per token
+      ``exp(lp - sg(lp) + sg(log s))``
+    * ``cispo``: ``-sg(clip(rho, cispo_low, cispo_high)) A lp``
+    * ``sapo``: ``-(4 / tau) sigmoid(tau (rho - 1)) A``, ``tau = sapo_tau_pos`` if ``A > 0`` else
+      ``sapo_tau_neg``
+    * ``reinforce`` / ``gpg``: ``-A lp``;  ``dro``: ``-A lp + dro_beta / 2 * l^2``
+    * ``gmpo``: per sequence ``-exp(mean_m c) mean_m A``, ``c`` the log-ratio clipped to
+      ``[-eps_low, eps_high]`` on the side of ``A``'s sign
+    * ``dppo_tv`` / ``dppo_kl``: ``-sg(min(rho, delta) k) A lp``, ``k = 1`` where the token's probability
+      moved within the total-variation / binary-KL bound ``eps_high`` (``A > 0``) or ``eps_low``
+    * ``vespo``: ``-sg(phi) A lp``, ``phi = exp(lambda + k log_w - lambda exp(log_w))`` of the sequence's
+      summed log-ratio ``log_w``, ``(k, lambda)`` the ``_pos`` or ``_neg`` options by the sign of ``A``
+    * ``clip_cov``: the ppo clip (no log-ratio clamp, no dual clip) with ``pg = 0`` at the picked tokens: a
+      ``cov_ratio`` share drawn at random among the unclipped ones whose covariance
+      ``(A - mean_m A)(lp - mean_m lp)`` lies in ``(cov_lb, cov_ub)``; ``kl_cov``: ``-A rho``, plus
+      ``cov_kl_coef |l|`` on the top ``cov_ratio`` share by covariance
     ``w`` is detached: rollout correction (from ``rollout_logprobs``; a NaN there is a log-ratio
     of 0), ``importance_weights`` (precomputed per-token or per-sequence weights, e.g. verl's
     ``rollout_is_weights`` or TRL's ``importance_sampling_ratio``; gmpo takes their geometric

@@ -662,7 +662,8 @@ def unpaired_preference_loss(
     r"""Unpaired preference loss (KTO) from one log-prob per response → ``(loss, metrics)``.
 
     Each response ``i`` is desirable or not (``desirable`` bool ``[N]``, any mix, e.g. 3 : 5);
-    with ``x_i = lp_i - lp0_i`` and ``z0 = sg(max(mean(kl), 0))``:
+    with ``x_i = lp_i - lp0_i`` (``lp0`` = ``ref_logprobs``; None: reference-free, ``x_i = lp_i``) and
+    ``z0 = sg(max(mean(kl), 0))``:
 
     =================  ==========================================================
     kto                desirable ``w_d (1 - σ(β(x - z0)))``, undesirable ``w_u (1 - σ(β(z0 - x)))``

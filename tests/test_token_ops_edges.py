@@ -224,3 +224,24 @@ def test_orpo_nan_loss_keeps_the_gradient_of_unlabelled_rows_zero():
     unlabelled = y == -100
     assert bool((dh[unlabelled] == 0).all())
     assert bool(torch.isnan(dh[~unlabelled]).all())
+
+
+def test_an_ignored_row_gives_zero_statistics_and_its_own_argmax(cpu_backend):
+    """A row labelled ignore_index gives 0 log-prob, entropy, sum p^2 (and mean logit from hidden states) and a zero
+    gradient, while its argmax is the row's own (as the docstrings say), from logits and from hidden states."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(4, 9, generator=g, requires_grad=True)
+    y = torch.tensor([1, -100, 2, -100])
+    s = fastalign.token_logprobs(z, y, entropy=True, sum_p2=True, argmax=True, backend=cpu_backend)
+    ignored = y == -100
+    for field in (s.logprobs, s.entropy, s.sum_p2):
+        assert torch.equal(field[ignored], torch.zeros(2))
+    assert torch.equal(s.argmax, z.detach().argmax(-1))
+    (s.logprobs + s.entropy).sum().backward()
+    assert torch.equal(z.grad[ignored], torch.zeros(2, 9))
+    h, w = torch.randn(4, 5, generator=g), torch.randn(9, 5, generator=g)
+    s = fastalign.linear_logprobs(h, w, y, entropy=True, sum_p2=True, argmax=True, mean_logit=True,
+                                  backend=cpu_backend)
+    for field in (s.logprobs, s.entropy, s.sum_p2, s.mean_logit):
+        assert torch.equal(field[ignored], torch.zeros(2))
+    assert torch.equal(s.argmax, (h @ w.T).argmax(-1))
