@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend, _dtensor, _validate
+from fastalign._deprecate import renamed
 from fastalign._options import AUTO_OR_BOOL, check_choice
 from fastalign.aggregate import global_divisor
 from fastalign.linear import check_head, check_logit_options, check_second_head
@@ -28,12 +29,13 @@ _MASK_RULE = "hold 0 and 1 only (a token is scored or not; weigh the scored toke
 
 # each tensor argument's name in the messages of check_tensors (an adapter passes its own)
 ARGUMENT_NAMES = {name: name for name in ("hidden", "weight", "bias", "teacher_hidden", "teacher_weight",
-                                          "teacher_bias", "response_mask", "labels", "normalizer", "token_weights")}
+                                          "teacher_bias", "response_mask", "labels", "global_tokens",
+                                          "token_weights")}
 
 
 def check_tensors(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_hidden: Tensor,
                   teacher_weight: Tensor, teacher_bias: Optional[Tensor], response_mask: Optional[Tensor] = None,
-                  labels: Optional[Tensor] = None, normalizer=None, names: dict = ARGUMENT_NAMES,
+                  labels: Optional[Tensor] = None, global_tokens=None, names: dict = ARGUMENT_NAMES,
                   token_weights: Optional[Tensor] = None) -> None:
     """The tensor arguments of :func:`linear_divergence_loss` against each other (a ``ValueError`` /
     ``TypeError`` naming the bad one by ``names[argument]``): both heads, the shared leading shape and
@@ -56,9 +58,10 @@ def check_tensors(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teache
                              n["teacher_hidden"]: teacher_hidden, n["teacher_weight"]: teacher_weight,
                              n["teacher_bias"]: teacher_bias, n["response_mask"]: response_mask,
                              n["labels"]: labels, n["token_weights"]: token_weights,
-                             n["normalizer"]: normalizer if isinstance(normalizer, Tensor) else None})
+                             n["global_tokens"]: global_tokens if isinstance(global_tokens, Tensor) else None})
 
 
+@renamed(normalizer="global_tokens")
 def linear_divergence_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -81,7 +84,7 @@ def linear_divergence_loss(
     hard_weight: float = 0.0,
     token_weights: Optional[Tensor] = None,
     agg: str = "token-mean",
-    normalizer=None,
+    global_tokens=None,
     single_pass="auto",
     backend: Optional[str] = None,
 ) -> tuple[Tensor, dict]:
@@ -107,7 +110,7 @@ def linear_divergence_loss(
         \text{loss} = \frac{1}{n} \sum_{t \in S} ω_t \left(w_{soft} D_t + w_{hard}\,\text{NLL}_t\right),
         \quad \text{NLL}_t = -\log \mathrm{softmax}(z_{s,t})_{y_t}\ \text{(temperature 1)}
 
-    with ``n`` = ``normalizer`` (default: ``max(|S|, 1)``), or, with ``agg="seq-mean-token-mean"``, the mean over
+    with ``n`` = ``global_tokens`` (default: ``max(|S|, 1)``), or, with ``agg="seq-mean-token-mean"``, the mean over
     the ``B`` rows of ``[B, T, H]`` hidden states of each row's sum over ``max(|S_b|, 1)`` (an empty row adds 0
     and counts). Only the scored tokens go through the vocabulary.
     When gradients are needed, each block of tokens takes four matrix products (both heads' logits, then
@@ -133,9 +136,10 @@ def linear_divergence_loss(
         token_weights: ``hidden.shape[:-1]``, constants (no gradient) weighing each scored token's loss, e.g.
             clipped importance ratios (TRL's self-distillation trainers); an unscored token's is not read.
         agg: ``"token-mean"`` (default) or ``"seq-mean-token-mean"`` (``hidden`` ``[B, T, H]``; no
-            ``normalizer``).
-        normalizer: a number > 0 or a one-element tensor (TRL's ``num_items_in_batch``), >= 0 and finite, as the
-            global counts of :func:`fastalign.policy_loss`: a tensor 0 divides as 1 (a loss of 0 when no token
+            ``global_tokens``).
+        global_tokens: the token count the loss divides by (formerly ``normalizer``, still accepted with a
+            warning): a number > 0 or a one-element tensor (TRL's ``num_items_in_batch``), >= 0 and finite, as
+            the global counts of :func:`fastalign.policy_loss`: a tensor 0 divides as 1 (a loss of 0 when no token
             is scored), a number 0 raises ``ValueError``; an eager CPU tensor is checked (``ValueError``),
             another is not read on the host and a negative, NaN or infinite value makes the loss NaN.
         single_pass: ``"auto"`` (the gradients in the forward when they are needed and the call is eager),
@@ -158,14 +162,15 @@ def linear_divergence_loss(
     hidden, weight, bias, _ = _dtensor.head(hidden, weight, bias)
     teacher_hidden, teacher_weight, teacher_bias, _ = _dtensor.head(teacher_hidden, teacher_weight, teacher_bias)
     check_tensors(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, response_mask, labels,
-                  normalizer, token_weights=token_weights)
+                  global_tokens, token_weights=token_weights)
     check_choice("divergence", divergence, DIVERGENCES)
     check_choice("agg", agg, DIVERGENCE_AGGS)
     # a weight in the mask would be read as 1: refused (on the host), or a NaN loss (a device flag)
     fractional = None if response_mask is None else _validate.zero_one("response_mask", response_mask, _MASK_RULE)
     if agg == "seq-mean-token-mean":
-        if normalizer is not None:
-            raise ValueError("normalizer applies to agg='token-mean' only (seq-mean-token-mean divides by the rows)")
+        if global_tokens is not None:
+            raise ValueError("global_tokens applies to agg='token-mean' only (seq-mean-token-mean divides by the "
+                             "rows)")
         if hidden.dim() != 3:
             raise ValueError(f"agg='seq-mean-token-mean' needs hidden [B, T, H] (one row per sequence), got shape "
                              f"{tuple(hidden.shape)}")
@@ -182,7 +187,7 @@ def linear_divergence_loss(
     check_choice("single_pass", single_pass, AUTO_OR_BOOL)
     if labels is None and w_hard != 0:
         raise ValueError("hard_weight needs labels (the targets of the hard loss)")
-    _validate.count("normalizer", normalizer)
+    _validate.count("global_tokens", global_tokens)
     name = _backend.backend_for("divergence_rows", hidden.device, backend)
     is_eager = eager(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias)
     refuse_traced(single_pass, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias)
@@ -204,10 +209,10 @@ def linear_divergence_loss(
     if agg == "seq-mean-token-mean":  # each token over its row's scored count times the row count
         rows = mask.view(hidden.shape[:2])
         norm = (rows.sum(1, keepdim=True).clamp(min=1) * rows.shape[0]).expand_as(rows).reshape(-1)
-    elif normalizer is None:
+    elif global_tokens is None:
         norm = count.clamp(min=1)
     else:  # a count of 0 divides as 1; a tensor not read on the host (a GPU one) negative, NaN or infinite: NaN
-        norm = global_divisor(normalizer, h2)
+        norm = global_divisor(global_tokens, h2)
     g_soft = coef * (w_soft / norm)
     # no hard term at weight 0: the labels are then the mask and the nll metric only (an invalid label gives a NaN
     # nll, not a NaN loss)

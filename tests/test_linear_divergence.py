@@ -80,11 +80,11 @@ def test_temperature_softcap_scale_and_hard_loss(backend, divergence):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_many_blocks_and_normalizer(backend, monkeypatch):
+def test_many_blocks_and_global_tokens(backend, monkeypatch):
     monkeypatch.setenv("FASTALIGN_BLOCK_MIB", str(3 * V * 4 / (1 << 20)))  # 3 rows of logits: 1 row per block pair
     h, w, b, ht, wt, bt, y = _batch(3)
-    _check(h, w, b, ht, wt, bt, beta=0.3, normalizer=7.0, backend=backend)
-    _check(h, w, b, ht, wt, bt, beta=0.3, normalizer=torch.tensor(11.0), labels=y, hard_weight=0.5, backend=backend)
+    _check(h, w, b, ht, wt, bt, beta=0.3, global_tokens=7.0, backend=backend)
+    _check(h, w, b, ht, wt, bt, beta=0.3, global_tokens=torch.tensor(11.0), labels=y, hard_weight=0.5, backend=backend)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -124,10 +124,10 @@ def test_sequence_mean_needs_rows_of_tokens():
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_metric_means_are_per_scored_token(backend):
-    """The metrics' means divide the sums by the scored-token count, not by ``normalizer``."""
+    """The metrics' means divide the sums by the scored-token count, not by ``global_tokens``."""
     h, w, b, ht, wt, bt, y = _batch(5)
     mask = torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
-    kw = dict(beta=0.4, response_mask=mask, labels=y, hard_weight=0.3, normalizer=7.0)
+    kw = dict(beta=0.4, response_mask=mask, labels=y, hard_weight=0.3, global_tokens=7.0)
     _, m = _check(h, w, b, ht, wt, bt, backend=backend, **kw)
     _, rm = R.linear_divergence_loss(h.detach().double(), w.detach().double(), ht, wt, bias=b.detach().double(),
                                      teacher_bias=bt, **kw)
@@ -331,8 +331,8 @@ def test_only_a_teacher_requiring_grad_runs_no_gradient_work(monkeypatch):
     (dict(single_pass="yes"), ValueError, "single_pass"),
     (dict(response_mask=torch.ones(3, 4)), ValueError, "response_mask"),
     (dict(labels=torch.zeros(3, 5)), TypeError, "labels"),
-    (dict(normalizer=torch.ones(2)), ValueError, "normalizer"),
-    (dict(normalizer=0.0), ValueError, "normalizer"),
+    (dict(global_tokens=torch.ones(2)), ValueError, "global_tokens"),
+    (dict(global_tokens=0.0), ValueError, "global_tokens"),
     (dict(bias=torch.zeros(V + 1)), ValueError, "bias"),
     (dict(soft_weight=None), TypeError, "soft_weight"),
     (dict(hard_weight=None), TypeError, "hard_weight"),
@@ -345,7 +345,7 @@ def test_only_a_teacher_requiring_grad_runs_no_gradient_work(monkeypatch):
     (dict(token_weights=torch.ones(3, 4)), ValueError, "token_weights"),
     (dict(token_weights=torch.ones(3, 5, dtype=torch.long)), TypeError, "token_weights"),
     (dict(agg="seq-mean"), ValueError, "agg"),
-    (dict(agg="seq-mean-token-mean", normalizer=4.0), ValueError, "normalizer"),
+    (dict(agg="seq-mean-token-mean", global_tokens=4.0), ValueError, "global_tokens"),
 ])
 def test_bad_inputs(kw, err, match):
     h, w, b, ht, wt, bt, y = _batch(10, bias=False)
@@ -354,24 +354,24 @@ def test_bad_inputs(kw, err, match):
 
 
 @pytest.mark.parametrize("bad", [-2.0, math.nan, math.inf])
-def test_bad_normalizer_tensor(bad, monkeypatch):
-    """A negative, NaN or infinite normalizer tensor raises where it is read (an eager CPU tensor) and makes the
+def test_bad_global_tokens_tensor(bad, monkeypatch):
+    """A negative, NaN or infinite global_tokens tensor raises where it is read (an eager CPU tensor) and makes the
     loss NaN where it is not (a GPU tensor: it gave a loss of 0 or a negative loss)."""
     from fastalign import _validate
 
     h, w, b, ht, wt, bt, y = _batch(10, bias=False)
-    with pytest.raises(ValueError, match="normalizer must be >= 0 and finite"):
-        fastalign.linear_divergence_loss(h, w, ht, wt, normalizer=torch.tensor(bad))
+    with pytest.raises(ValueError, match="global_tokens must be >= 0 and finite"):
+        fastalign.linear_divergence_loss(h, w, ht, wt, global_tokens=torch.tensor(bad))
     monkeypatch.setattr(_validate, "eager", lambda x: False)
-    loss, _ = fastalign.linear_divergence_loss(h, w, ht, wt, normalizer=torch.tensor(bad))
+    loss, _ = fastalign.linear_divergence_loss(h, w, ht, wt, global_tokens=torch.tensor(bad))
     assert torch.isnan(loss)
 
 
 @pytest.mark.parametrize("read_on_host", [True, False], ids=["cpu", "not-read"])
-def test_a_zero_normalizer_tensor_divides_as_one(read_on_host, monkeypatch):
-    """A normalizer tensor of 0 (TRL's num_items_in_batch of a micro-batch with no scored token) divides as 1,
+def test_a_zero_global_tokens_tensor_divides_as_one(read_on_host, monkeypatch):
+    """A global_tokens tensor of 0 (TRL's num_items_in_batch of a micro-batch with no scored token) divides as 1,
     as policy_loss's global counts (it gave a NaN loss, or inf without a mask): the loss and gradients of a
-    normalizer of 1, a loss of 0 with zero gradients when no token is scored; a number 0 still raises."""
+    global_tokens of 1, a loss of 0 with zero gradients when no token is scored; a number 0 still raises."""
     from fastalign import _validate
 
     if not read_on_host:
@@ -381,14 +381,14 @@ def test_a_zero_normalizer_tensor_divides_as_one(read_on_host, monkeypatch):
     mask[0, 1:] = 0
     for m in (mask, None, torch.zeros(y.shape)):
         got = fastalign.linear_divergence_loss(h, w, ht, wt, bias=b, teacher_bias=bt, response_mask=m,
-                                               normalizer=torch.tensor([0.0]))[0]
+                                               global_tokens=torch.tensor([0.0]))[0]
         want = fastalign.linear_divergence_loss(h, w, ht, wt, bias=b, teacher_bias=bt, response_mask=m,
-                                                normalizer=1.0)[0]
+                                                global_tokens=1.0)[0]
         for g, r in zip((got, *torch.autograd.grad(got, (h, w, b))), (want, *torch.autograd.grad(want, (h, w, b)))):
             assert torch.isfinite(g).all()
-            assert_close(g, r, atol=0.0, what="normalizer tensor 0 against 1")
-    with pytest.raises(ValueError, match="normalizer must be > 0 and finite"):
-        fastalign.linear_divergence_loss(h, w, ht, wt, normalizer=0)
+            assert_close(g, r, atol=0.0, what="global_tokens tensor 0 against 1")
+    with pytest.raises(ValueError, match="global_tokens must be > 0 and finite"):
+        fastalign.linear_divergence_loss(h, w, ht, wt, global_tokens=0)
 
 
 def test_bad_tensors():

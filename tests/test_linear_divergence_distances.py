@@ -92,10 +92,10 @@ def test_a_temperature_leaves_the_cosine_distance_unchanged(backend):
 
 @pytest.mark.parametrize("divergence", DISTANCES)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_many_blocks_and_normalizer(backend, divergence, monkeypatch):
+def test_many_blocks_and_global_tokens(backend, divergence, monkeypatch):
     monkeypatch.setenv("FASTALIGN_BLOCK_MIB", str(3 * V * 4 / (1 << 20)))  # 3 rows of logits: 1 row per block pair
     h, w, b, ht, wt, bt, y = _batch(3)
-    _check(h, w, b, ht, wt, bt, divergence=divergence, normalizer=torch.tensor(11.0), labels=y, hard_weight=0.5,
+    _check(h, w, b, ht, wt, bt, divergence=divergence, global_tokens=torch.tensor(11.0), labels=y, hard_weight=0.5,
            backend=backend)
 
 

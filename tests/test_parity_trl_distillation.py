@@ -41,7 +41,7 @@ def test_matches_trl_chunked_divergence(beta, options):
         logit_scale=options.get("student_logit_scale", 1.0), softcap=options.get("student_final_logit_softcapping"),
         teacher_logit_scale=options.get("teacher_logit_scale", 1.0),
         teacher_softcap=options.get("teacher_final_logit_softcapping"), response_mask=mask,
-        normalizer=options.get("num_items_in_batch"))
+        global_tokens=options.get("num_items_in_batch"))
     o_grads = torch.autograd.grad(ours[0], (hs, ws, bs))
     assert_close(ours[0], theirs[0], atol=1e-5, rtol=1e-5, what="loss")
     assert_close(ours[1]["entropy_sum"], theirs[1], atol=1e-4, rtol=1e-5, what="entropy_sum")

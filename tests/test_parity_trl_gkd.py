@@ -36,7 +36,7 @@ def test_loss_matches_generalized_jsd_loss(beta, num_items_in_batch):
     theirs = TRLGKDTrainer.generalized_jsd_loss(hs @ ws.T + bs, ht @ wt.T, labels, beta=beta, num_items_in_batch=n)
     t_grads = torch.autograd.grad(theirs, (hs, ws, bs))
     ours, _ = fastalign.linear_divergence_loss(hs.float(), ws.float(), ht.float(), wt.float(), beta=beta,
-                                               bias=bs.float(), response_mask=labels != -100, normalizer=n)
+                                               bias=bs.float(), response_mask=labels != -100, global_tokens=n)
     o_grads = torch.autograd.grad(ours, (hs, ws, bs))
     assert_close(ours, theirs, atol=1e-6, rtol=1e-5, what="loss")
     for name, o, t in zip(("hidden", "weight", "bias"), o_grads, t_grads):

@@ -105,6 +105,20 @@ def test_num_items_in_batch_divides_as_trl(num_items):
     _compare(num_items, beta=1.0, loss_top_k=1)
 
 
+@pytest.mark.parametrize("fields", [dict(beta=0.4, loss_top_k=0), dict(beta=0.4, loss_top_k=3)], ids=["full", "top-k"])
+@pytest.mark.parametrize("bad,err,match", [
+    (-3.0, ValueError, "^num_items_in_batch must be >= 0 and finite"),
+    (torch.tensor(float("nan")), ValueError, "^num_items_in_batch must be >= 0 and finite"),
+    (torch.ones(2), ValueError, "^num_items_in_batch must be a number or a one-element tensor"),
+    ("6", TypeError, "^num_items_in_batch must be a real number"),
+], ids=["negative", "nan", "two-elements", "str"])
+def test_a_bad_num_items_in_batch_is_named_as_passed(fields, bad, err, match):
+    """The count goes to linear_divergence_loss's global_tokens: its errors name TRL's num_items_in_batch."""
+    h, w, ht, wt, ids, labels = _batch()
+    with pytest.raises(err, match=match):
+        IWOPDJSDLoss(dict(**fields)).linear(h, w, ht, wt, ids, labels != -100, bad)
+
+
 def test_no_scored_token_gives_zero():
     h, w, ht, wt, ids, _ = _batch()
     hs = h.clone().requires_grad_()

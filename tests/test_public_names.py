@@ -43,8 +43,8 @@ def test_public_signatures_use_one_name_per_idea(name, fn):
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         pytest.skip(f"{name} has no Python signature")
-    bad = [p for p in params if p == "mask" or "logps" in p]
-    assert not bad, f"{name} takes {bad}: the public names are response_mask and *logprobs"
+    bad = [p for p in params if p in ("mask", "normalizer") or "logps" in p]
+    assert not bad, f"{name} takes {bad}: the public names are response_mask, global_tokens and *logprobs"
 
 
 def test_every_rename_points_at_an_argument():
@@ -55,7 +55,8 @@ def test_every_rename_points_at_an_argument():
             assert old not in fa.policy_config.FIELDS, (owner, old, new)
             continue
         assert old != new and ("mask" in new or "logprobs" in new or new in ("kl_type", "kl_clamp", "kto_kl",
-                                                                             "pair_weights", "advantages")), \
+                                                                             "pair_weights", "advantages",
+                                                                             "global_tokens")), \
             (owner, old, new)
 
 
@@ -145,6 +146,25 @@ def test_token_advantages_takes_advantages():
     a, m = torch.randn(B, generator=_g(5)), _mask()
     _warns_same(lambda: fa.token_advantages(adv=a, response_mask=m),
                 lambda: fa.token_advantages(advantages=a, response_mask=m), "use advantages")
+
+
+def test_linear_divergence_loss_normalizer_is_global_tokens():
+    """linear_divergence_loss(normalizer=) named the token count the loss divides by, global_tokens in
+    policy_loss and aggregate_loss: the former name still works, with a warning, for the same loss, metrics and
+    gradients."""
+    h, w = torch.randn(B, T, H, generator=_g(10)).requires_grad_(), torch.randn(V, H, generator=_g(11))
+    ht, wt = torch.randn(B, T, H, generator=_g(12)), torch.randn(V, H, generator=_g(13))
+    w.requires_grad_()
+
+    def run(**kw):
+        loss, metrics = fa.linear_divergence_loss(h, w, ht, wt, beta=0.3, response_mask=_mask(), **kw)
+        return (loss, metrics, *torch.autograd.grad(loss, (h, w)))
+
+    for count in (7.0, torch.tensor(11.0)):
+        _warns_same(lambda: run(normalizer=count), lambda: run(global_tokens=count),
+                    r"linear_divergence_loss\(normalizer=\.\.\.\) is deprecated: use global_tokens")
+    with pytest.raises(TypeError, match="pass global_tokens only"):
+        fa.linear_divergence_loss(h, w, ht, wt, global_tokens=7.0, normalizer=7.0)
 
 
 def test_gae_and_optimal_baseline_return_named_pairs():

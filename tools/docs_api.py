@@ -77,7 +77,8 @@ def render() -> str:
 RENAMED_HEADER = """
 ## Renamed arguments
 
-One name per idea: `response_mask` is the token mask everywhere, `logprobs` the log-probs.
+One name per idea: `response_mask` is the token mask everywhere, `logprobs` the log-probs, `global_tokens` the
+token count a loss divides by.
 The former names still work and warn (`DeprecationWarning`); giving both is a `TypeError`.
 
 | function | former name | name |

@@ -7,7 +7,7 @@ Per block of scored rows (docs/math.md#distillation-divergence):
     dh_s = dz @ W_s,   dW_s += dz.T @ h_s,   db_s += sum_rows dz             (2 products)
 
 four matrix products per token when gradients are needed, two without. The loss is linear in the
-per-row D and NLL with weights known before the pass (the mask over a normalizer), so the block's
+per-row D and NLL with weights known before the pass (the mask over the token count), so the block's
 gradient is final as soon as its rows are done: the backward only scales the gradients summed in the
 forward by the incoming gradient (``single_pass``), or, without it, runs the blocks again with the
 incoming gradient folded into the weights (two products more per token, nothing kept between).

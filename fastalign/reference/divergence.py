@@ -91,18 +91,18 @@ def entropy(logits: Tensor, *, temperature: float = 1.0, dtype: torch.dtype = to
 
 def divergence_loss(student_logits: Tensor, teacher_logits: Tensor, *, divergence: str = "jsd",
                     beta: Optional[float] = None, temperature: float = 1.0, response_mask: Optional[Tensor] = None,
-                    normalizer=None, labels: Optional[Tensor] = None, ignore_index: int = -100,
+                    global_tokens=None, labels: Optional[Tensor] = None, ignore_index: int = -100,
                     hard_weight: float = 0.0, soft_weight: float = 1.0, token_weights: Optional[Tensor] = None,
                     agg: str = "token-mean", dtype: torch.dtype = torch.float64):
     """``(loss, metrics)`` of :func:`fastalign.linear_divergence_loss` from logits ``[..., V]``:
 
-        loss = sum_t m_t w_t (soft_weight * D_t + hard_weight * NLL_t) / normalizer
+        loss = sum_t m_t w_t (soft_weight * D_t + hard_weight * NLL_t) / global_tokens
 
     (``w`` the ``token_weights``, 1 without; ``agg="seq-mean-token-mean"``: logits ``[B, T, V]``, each row's sum
     over its own ``max(sum_t m_t, 1)``, then the mean over the ``B`` rows)
     ``D`` the generalized JSD (:func:`generalized_jsd`, ``beta`` 0.5 when None), with ``divergence="tvd"``
     :func:`total_variation`, with ``divergence="cosine"`` :func:`cosine_distance`, ``m`` the mask
-    (``response_mask``, or ``labels != ignore_index``), ``normalizer`` by default ``max(sum m, 1)``,
+    (``response_mask``, or ``labels != ignore_index``), ``global_tokens`` by default ``max(sum m, 1)``,
     ``NLL_t = -log softmax(z_s)_{y_t}`` at temperature 1 (Liger's hard loss).
     ``metrics``: ``divergence_sum``, ``entropy_sum`` (student entropy at the temperature), ``nll_sum``
     and ``num_tokens``, over the scored rows."""
@@ -141,7 +141,7 @@ def divergence_loss(student_logits: Tensor, teacher_logits: Tensor, *, divergenc
     if agg == "seq-mean-token-mean":
         loss = (per_token.sum(-1) / m.sum(-1).clamp(min=1)).mean()
     else:
-        norm = count.clamp(min=1) if normalizer is None else torch.as_tensor(normalizer, dtype=dtype)
+        norm = count.clamp(min=1) if global_tokens is None else torch.as_tensor(global_tokens, dtype=dtype)
         loss = per_token.sum() / norm
     return loss, {"divergence_sum": d.sum(), "entropy_sum": ent.sum(), "nll_sum": nll.sum(), "num_tokens": count,
                   **extra}

@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from fastalign import _validate
 from fastalign._options import check_choice
 from fastalign.integrations._label_logit import label_logits
 from fastalign.integrations.hf import causal_lm_logprobs, head_operands, head_transform, router_aux_loss
@@ -122,6 +123,26 @@ def head_divergence(student: tuple, teacher: tuple, **options):
     return linear_divergence_loss(**head_pair(student, teacher), **options)
 
 
+def trl_global_tokens(num_items_in_batch, device) -> Optional[Tensor]:
+    """TRL's ``num_items_in_batch`` (None, a number or a one-element tensor) as the ``global_tokens`` of
+    :func:`fastalign.linear_divergence_loss`: a 0-dim fp32 tensor on ``device`` (a count of 0 divides as 1, as
+    TRL's clamped count), checked under its own name, the one the trainer's user passed: a ``TypeError`` /
+    ``ValueError`` naming ``num_items_in_batch``, a negative, NaN or infinite count raising when it is read on
+    the host (:func:`fastalign._validate.count`)."""
+    if num_items_in_batch is None:
+        return None
+    if isinstance(num_items_in_batch, Tensor):
+        _validate.real("num_items_in_batch", num_items_in_batch)
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got shape "
+                             f"{tuple(num_items_in_batch.shape)}")
+    else:
+        _validate.number("num_items_in_batch", num_items_in_batch)
+    count = torch.as_tensor(num_items_in_batch, device=device).float().reshape(())
+    _validate.count("num_items_in_batch", count)
+    return count
+
+
 def teacher_divergence(trainer, model, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
                        num_items_in_batch=None, model_inputs: Optional[dict] = None, **options) -> Tensor:
     """:func:`fastalign.linear_divergence_loss` of ``model`` against ``trainer.teacher_model`` (under ``no_grad``,
@@ -134,10 +155,8 @@ def teacher_divergence(trainer, model, input_ids: Tensor, attention_mask: Tensor
     trainer.teacher_model.eval()
     with torch.no_grad():
         teacher = predicting_head(trainer, trainer.teacher_model, input_ids, attention_mask, **model_inputs)
-    normalizer = None
-    if num_items_in_batch is not None:
-        normalizer = torch.as_tensor(num_items_in_batch, device=student[0].device).float().reshape(())
-    return head_divergence(student, teacher, response_mask=response_mask, normalizer=normalizer, **options)[0]
+    return head_divergence(student, teacher, response_mask=response_mask,
+                           global_tokens=trl_global_tokens(num_items_in_batch, student[0].device), **options)[0]
 
 
 def loss_and_outputs(loss: Tensor, model, return_outputs: bool, **model_inputs):

@@ -31,6 +31,7 @@ import trl
 from fastalign import _dtensor
 from fastalign.integrations.hf import kept_head, known_head_transform
 from fastalign.integrations.trl._checks import check_head_dtype
+from fastalign.integrations.trl._head import trl_global_tokens
 from fastalign.integrations.trl._vision import batch_vision, body_inputs
 from fastalign.linear_divergence import linear_divergence_loss
 
@@ -109,9 +110,6 @@ class DistillationTrainer(trl.DistillationTrainer):
         # the head runs in the hidden states' dtype (a mixed-precision master copy is cast once)
         weight = weight.to(student_hidden.dtype)
         teacher_weight = teacher_weight.to(teacher_hidden.dtype)
-        normalizer = None
-        if num_items_in_batch is not None:
-            normalizer = torch.as_tensor(num_items_in_batch, device=device).float().reshape(())
         scale, softcap = config_head_transform(student_config)
         teacher_scale, teacher_softcap = config_head_transform(teacher_config)
         loss, metrics = linear_divergence_loss(
@@ -119,6 +117,6 @@ class DistillationTrainer(trl.DistillationTrainer):
             bias=bias, teacher_bias=teacher_bias, logit_scale=scale,
             softcap=softcap,
             teacher_logit_scale=teacher_scale, teacher_softcap=teacher_softcap, response_mask=loss_mask.to(device),
-            normalizer=normalizer)
+            global_tokens=trl_global_tokens(num_items_in_batch, device))
         return loss, metrics["entropy_sum"], metrics["num_tokens"].long()
 

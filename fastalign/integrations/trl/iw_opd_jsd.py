@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from fastalign import _validate
 from fastalign._options import check_choice
 from fastalign.integrations.trl._config import read_fields
+from fastalign.integrations.trl._head import trl_global_tokens
 from fastalign.integrations.trl._support import on_support, support_divergence
 from fastalign.linear_divergence import linear_divergence_loss
 from fastalign.linear_topk import linear_topk_logprobs
@@ -64,14 +65,12 @@ class IWOPDJSDLoss(nn.Module):
         """The loss from the hidden states ``[B, T, H]`` that predict ``completion_ids [B, T]`` (the sampled
         tokens), the heads (the teacher's tensors get no gradient) and the mask of the scored tokens. ``head``:
         ``logit_scale``, ``softcap``, ``teacher_logit_scale``, ``teacher_softcap``."""
-        normalizer = None
-        if num_items_in_batch is not None:
-            normalizer = torch.as_tensor(num_items_in_batch, device=hidden.device).float().reshape(())
+        global_tokens = trl_global_tokens(num_items_in_batch, hidden.device)
         top_1 = self.beta > 0 and self.top_k == 1
         if not top_1 and not 0 < self.top_k < weight.shape[0]:
             return linear_divergence_loss(hidden, weight, teacher_hidden, teacher_weight, beta=self.beta,
                                           temperature=self.temperature, bias=bias, teacher_bias=teacher_bias,
-                                          response_mask=loss_mask, normalizer=normalizer, **head)[0]
+                                          response_mask=loss_mask, global_tokens=global_tokens, **head)[0]
         _validate.integer("completion_ids", completion_ids)
         common = dict(temperature=self.temperature, response_mask=loss_mask)
         student = dict(bias=bias, **common, **{k: head[k] for k in ("logit_scale", "softcap") if k in head})
@@ -103,7 +102,7 @@ class IWOPDJSDLoss(nn.Module):
         per_token = support_divergence(s_lp, t_lp, self.beta, categories)
         valid = loss_mask != 0
         total = torch.where(valid, per_token, 0.0).sum()
-        return total / (valid.sum().clamp(min=1) if normalizer is None else normalizer)
+        return total / (valid.sum().clamp(min=1) if global_tokens is None else global_tokens)
 
     def _support(self, hidden, weight, teacher_hidden, teacher_weight, completion_ids, student: dict,
                  teacher: dict) -> tuple:
