@@ -155,7 +155,7 @@ def aggregate_loss(per_token_loss: Tensor, response_mask: Tensor, agg: str = "to
     without them the local counts are used. With them, averaging the gradients of ``dp_size``
     ranks gives exactly the gradient of the global mean. A count the aggregation does not divide by
     raises ``ValueError`` (:func:`counts_read` keeps those it does). ``seq_count``: the rows of the local
-    sequence count (without ``global_seqs``), ``"nonempty"`` (``sum_t m > 0``, verl's ``agg_loss``) or
+    sequence count (without ``global_seqs``; with it, a ``ValueError``), ``"nonempty"`` (``sum_t m > 0``, verl's ``agg_loss``) or
     ``"all"``; by default every row for ``seq-mean-token-sum-norm`` (TRL's Dr. GRPO), the non-empty ones for the
     other seq-mean modes, as :func:`fastalign.policy_loss`.
     """
@@ -170,6 +170,9 @@ def aggregate_loss(per_token_loss: Tensor, response_mask: Tensor, agg: str = "to
         check_choice("seq_count", seq_count, SEQ_COUNTS)
         if not agg.startswith("seq-mean"):
             raise ValueError(f"seq_count applies to the seq-mean aggregations, not to agg={agg!r}")
+        if global_seqs is not None:
+            raise ValueError("seq_count chooses the local sequence count: it does not apply with global_seqs (the "
+                             "count given)")
     negative = None
     if response_mask.dtype.is_signed:  # a bool or unsigned mask is never negative
         negative = _validate.flag_or_raise((response_mask < 0).any(), response_mask, lambda: (

@@ -134,7 +134,7 @@ def split_pairs(owner: str, options: dict) -> dict:
         return options
     for old in used:
         new = PAIR_RENAMES[old]
-        if new[0] in options or new[1] in options:
+        if options.get(new[0]) is not None or options.get(new[1]) is not None:  # None: unset (dataclasses.replace)
             raise TypeError(f"{owner}: pass {new[0]} / {new[1]} only ({old} is their deprecated name)")
     _deprecate.warn(f"{owner}({', '.join(f'{o}=' for o in used)}...) is deprecated: use "
                     f"{', '.join(f'{n}=' for o in used for n in PAIR_RENAMES[o])}...")

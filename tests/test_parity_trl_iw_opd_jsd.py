@@ -119,6 +119,21 @@ def test_a_bad_num_items_in_batch_is_named_as_passed(fields, bad, err, match):
         IWOPDJSDLoss(dict(**fields)).linear(h, w, ht, wt, ids, labels != -100, bad)
 
 
+@pytest.mark.parametrize("fields", [dict(beta=0.4, loss_top_k=0), dict(beta=0.4, loss_top_k=3)], ids=["full", "top-k"])
+def test_a_zero_num_items_in_batch_divides_as_one(fields, monkeypatch):
+    """A count of 0 (a micro-batch with no scored token) divides as 1, as TRL clamps it, on the full-vocabulary and
+    the top-k path (the top-k path divided by it: a NaN loss); a NaN count not read on the host makes it NaN."""
+    from fastalign import _validate
+
+    h, w, ht, wt, ids, labels = _batch()
+    loss = IWOPDJSDLoss(dict(**fields))
+    want = loss.linear(h, w, ht, wt, ids, labels != -100, 1)
+    for zero in (0, torch.tensor(0.0)):
+        assert torch.equal(loss.linear(h, w, ht, wt, ids, labels != -100, zero), want)
+    monkeypatch.setattr(_validate, "eager", lambda x: False)
+    assert torch.isnan(loss.linear(h, w, ht, wt, ids, labels != -100, torch.tensor(float("nan"))))
+
+
 def test_no_scored_token_gives_zero():
     h, w, ht, wt, ids, _ = _batch()
     hs = h.clone().requires_grad_()

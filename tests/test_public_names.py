@@ -254,3 +254,30 @@ def test_a_module_forward_warns_at_the_callers_line():
         fa.PreferenceLoss()(chosen_logps=lc, rejected_logps=lr, ref_chosen_logprobs=lc - 0.1,
                             ref_rejected_logprobs=lr - 0.1)
     assert record[0].filename == __file__
+
+
+def test_former_names_trace_under_torch_compile():
+    """A former name inside a compiled step traces (the warning's frame walk does not: the eager call warns, the
+    traced one does not), and gives the eager value."""
+    g = _g(11)
+    lp, old, adv = torch.randn(3, B, T, generator=g)
+    m = _mask()
+    with pytest.warns(_deprecate.RenamedWarning):
+        want = fa.policy_loss(lp, old, adv, m, loss_type="sapo", sapo_tau=(0.5, 2.0))[0]
+    step = torch.compile(lambda x: fa.policy_loss(x, old, adv, m, loss_type="sapo", sapo_tau=(0.5, 2.0))[0]
+                         + fa.kl_penalty(x, old, clamp=False).sum(), fullgraph=True, backend="eager")
+    got = step(lp)
+    assert torch.allclose(got, want + fa.kl_penalty(lp, old, kl_clamp=False).sum(), rtol=1e-6, atol=1e-6)
+
+
+def test_dataclasses_replace_takes_a_former_pair_option():
+    """dataclasses.replace passes every field back (the new options unset, None): a former name beside them is not
+    a conflict."""
+    import dataclasses
+
+    cfg = fa.PolicyConfig(loss_type="sapo")
+    with pytest.warns(_deprecate.RenamedWarning):
+        new = dataclasses.replace(cfg, sapo_tau=(1.0, 3.0))
+    assert (new.sapo_tau_pos, new.sapo_tau_neg) == (1.0, 3.0)
+    with pytest.raises(TypeError, match="pass sapo_tau_pos / sapo_tau_neg only"):
+        fa.PolicyConfig(loss_type="sapo", sapo_tau=(1.0, 3.0), sapo_tau_neg=2.0)

@@ -136,8 +136,8 @@ def trl_global_tokens(num_items_in_batch, device) -> Optional[Tensor]:
         if num_items_in_batch.numel() != 1:
             raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got shape "
                              f"{tuple(num_items_in_batch.shape)}")
-    else:
-        _validate.number("num_items_in_batch", num_items_in_batch)
+    elif not _validate.finite_number("num_items_in_batch", num_items_in_batch) >= 0:  # on the host: checked here
+        raise ValueError(f"num_items_in_batch must be >= 0 and finite, got {num_items_in_batch}")
     count = torch.as_tensor(num_items_in_batch, device=device).float().reshape(())
     _validate.count("num_items_in_batch", count)
     return count

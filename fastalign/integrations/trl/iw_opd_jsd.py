@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from fastalign import _validate
 from fastalign._options import check_choice
+from fastalign.aggregate import global_divisor
 from fastalign.integrations.trl._config import read_fields
 from fastalign.integrations.trl._head import trl_global_tokens
 from fastalign.integrations.trl._support import on_support, support_divergence
@@ -102,7 +103,8 @@ class IWOPDJSDLoss(nn.Module):
         per_token = support_divergence(s_lp, t_lp, self.beta, categories)
         valid = loss_mask != 0
         total = torch.where(valid, per_token, 0.0).sum()
-        return total / (valid.sum().clamp(min=1) if global_tokens is None else global_tokens)
+        # TRL's clamped count: 0 divides as 1; a bad count not read on the host makes the loss NaN
+        return total / (valid.sum().clamp(min=1) if global_tokens is None else global_divisor(global_tokens, total))
 
     def _support(self, hidden, weight, teacher_hidden, teacher_weight, completion_ids, student: dict,
                  teacher: dict) -> tuple:
