@@ -155,9 +155,9 @@ def aggregate_loss(per_token_loss: Tensor, response_mask: Tensor, agg: str = "to
     without them the local counts are used. With them, averaging the gradients of ``dp_size``
     ranks gives exactly the gradient of the global mean. A count the aggregation does not divide by
     raises ``ValueError`` (:func:`counts_read` keeps those it does). ``seq_count``: the rows of the local
-    sequence count (without ``global_seqs``; with it, a ``ValueError``), ``"nonempty"`` (``sum_t m > 0``, verl's ``agg_loss``) or
-    ``"all"``; by default every row for ``seq-mean-token-sum-norm`` (TRL's Dr. GRPO), the non-empty ones for the
-    other seq-mean modes, as :func:`fastalign.policy_loss`.
+    sequence count (without ``global_seqs``; with it, a ``ValueError``), ``"nonempty"`` (``sum_t m > 0``, verl's
+    ``agg_loss``) or ``"all"``; by default every row for ``seq-mean-token-sum-norm`` (TRL's Dr. GRPO), the
+    non-empty ones for the other seq-mean modes, as :func:`fastalign.policy_loss`.
     """
     _validate.floating("per_token_loss", per_token_loss, dim=2)
     _validate.real("response_mask", response_mask, dim=2)
