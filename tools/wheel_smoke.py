@@ -287,6 +287,42 @@ def _():
     assert torch.isfinite(fa.wpo_weights(torch.randn(B), torch.randn(B))).all()
 
 
+@op("AdvantagesAndReturns")
+def _():
+    out = fa.gae_advantages(torch.randn(B, T), torch.randn(B, T), mask)
+    assert isinstance(out, fa.AdvantagesAndReturns) and out.advantages.shape == out.returns.shape == (B, T)
+
+
+@op("SharedSeed")
+def _():
+    seed = fa.SharedSeed(torch.Generator().manual_seed(3), None)  # no group: the generator's own draw
+    again = fa.SharedSeed(torch.Generator().manual_seed(3), None)
+    a, _ = fa.policy_loss(lp.detach(), old, adv, mask, loss_type="clip_cov", cov_ratio=0.5, generator=seed)
+    b, _ = fa.policy_loss(lp.detach(), old, adv, mask, loss_type="clip_cov", cov_ratio=0.5, generator=again)
+    assert torch.equal(a, b)
+
+
+@op("OptionError")
+def _():
+    try:
+        fa.PolicyConfig(loss_type="ppo", eps_low=-0.1)
+    except fa.OptionError as e:
+        assert e.option == "eps_low" and isinstance(e, ValueError), e
+    else:
+        raise AssertionError("PolicyConfig(eps_low=-0.1) did not raise OptionError")
+
+
+@op("RenamedWarning")
+def _():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = fa.kl_penalty(lp.detach(), refl, clamp=False)
+    assert any(issubclass(w.category, fa.RenamedWarning) for w in caught), [w.category for w in caught]
+    assert torch.equal(got, fa.kl_penalty(lp.detach(), refl, kl_clamp=False))
+
+
 @op("info")
 def _():
     report = fa.info()
