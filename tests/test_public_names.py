@@ -28,8 +28,10 @@ def _mask():
 
 
 def _public_callables():
-    """(name, callable) of every public function and every module's __init__ and forward."""
-    out = [(n, getattr(fa, n)) for n in fa.__all__ if callable(getattr(fa, n))]
+    """(name, callable) of every public function and every module's __init__ and forward (not the exception and
+    warning classes, whose one argument is their message)."""
+    out = [(n, getattr(fa, n)) for n in fa.__all__ if callable(getattr(fa, n))
+           and not (inspect.isclass(getattr(fa, n)) and issubclass(getattr(fa, n), BaseException))]
     out.append(("unpaired_preference_loss", unpaired_preference_loss))
     for name, obj in list(out):
         if inspect.isclass(obj) and issubclass(obj, torch.nn.Module):
