@@ -77,6 +77,13 @@ def whole_divisor(n: Tensor) -> Tensor:
     return n.clamp_min(1)
 
 
+def _local_seqs(row_n: Tensor, every_row: bool, lmax: int = 1):
+    """This rank's sequence count (every row, or the rows with a valid token) times ``lmax``, at least 1."""
+    if every_row:
+        return float(max(row_n.shape[0] * lmax, 1))
+    return whole_divisor((row_n > 0).sum().float() * lmax)
+
+
 class RowAggregation:
     """:func:`aggregate_rows` for per-row valid counts ``row_n``: ``RowAggregation(row_n, agg, T, ...)(row_loss)``
     is ``aggregate_rows(row_loss, row_n, agg, T, ...)``, and the divisors read from the counts are computed once
@@ -98,15 +105,12 @@ class RowAggregation:
             lmax = T if max_len is None else int(max_len)
             if global_seqs is None:  # the local count takes no dp factor
                 dp_size = 1
-                if every_row:
-                    self.den = float(max(row_n.shape[0] * lmax, 1))
-                else:
-                    self.den = whole_divisor((row_n > 0).sum().float() * lmax)
+                self.den = _local_seqs(row_n, every_row, lmax)
             else:
                 self.den = global_divisor(global_seqs, row_n, lmax)
         elif agg != "token-sum":
             if global_seqs is None:
-                self.den = float(max(row_n.shape[0], 1)) if every_row else whole_divisor((row_n > 0).sum().float())
+                self.den = _local_seqs(row_n, every_row)
             else:
                 self.den = global_divisor(global_seqs, row_n)
             if agg != "seq-mean-token-sum":  # seq-mean-token-mean

@@ -132,15 +132,10 @@ def trl_global_tokens(num_items_in_batch, device) -> Optional[Tensor]:
     if num_items_in_batch is None:
         return None
     if isinstance(num_items_in_batch, Tensor):
-        _validate.real("num_items_in_batch", num_items_in_batch)
-        if num_items_in_batch.numel() != 1:
-            raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got shape "
-                             f"{tuple(num_items_in_batch.shape)}")
-    elif not _validate.finite_number("num_items_in_batch", num_items_in_batch) >= 0:  # on the host: checked here
+        _validate.count("num_items_in_batch", num_items_in_batch)
+    elif not _validate.finite_number("num_items_in_batch", num_items_in_batch) >= 0:  # 0 is TRL's, divided as 1
         raise ValueError(f"num_items_in_batch must be >= 0 and finite, got {num_items_in_batch}")
-    count = torch.as_tensor(num_items_in_batch, device=device).float().reshape(())
-    _validate.count("num_items_in_batch", count)
-    return count
+    return torch.as_tensor(num_items_in_batch, device=device).float().reshape(())
 
 
 def teacher_divergence(trainer, model, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
