@@ -496,11 +496,11 @@ def test_aggregate_loss_dp_size_without_a_global_count(agg):
     """dp_size with the local counts: token-sum takes the factor; seq-mean-token-sum-norm divides by the local
     ``B * L_max`` and takes no dp factor (only ``global_seqs`` brings it), as the float64 reference."""
     d = make_batch(seed=19)
-    L = torch.randn(d["lp"].shape)
+    L = torch.randn(d["lp"].shape, generator=torch.Generator().manual_seed(19))  # fp32 sums: atol for a sum near 0
     for kw in (dict(dp_size=4), dict(dp_size=4, max_len=30)) if agg != "token-sum" else (dict(dp_size=4),):
         got = fastalign.aggregate_loss(L, d["m"], agg, **kw)
         exp = reference.aggregate_loss(L.double(), d["m"], agg, **kw)
-        assert_close(got, exp, atol=1e-6, rtol=1e-6, what=f"{agg} {kw}")
+        assert_close(got, exp, atol=1e-5, rtol=1e-6, what=f"{agg} {kw}")
 
 
 def test_policy_loss_module():
