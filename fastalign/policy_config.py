@@ -171,7 +171,7 @@ class PolicyConfig:
     ppo; ``math.inf``: no clamp, as TRL and Liger; ppo, cispo, sapo, dppo_tv, dppo_kl, and the KL term's
     ratio with ``kl_rho``).
 
-    Added terms (§3.2): ``kl_type``, ``kl_coef``, ``kl_clamp``, ``kl_rho`` (False; True or
+    Added terms (docs/math.md#added-terms): ``kl_type``, ``kl_coef``, ``kl_clamp``, ``kl_rho`` (False; True or
     "detached": times ``sg(rho)``; "grad": times ``rho`` with its gradient), ``entropy_coef``,
     ``entropy_agg`` ("loss": aggregated like the loss; "token-mean": ``coef * mean(H)`` over the
     kept tokens, whatever ``agg``), ``rollout_correction`` with ``rollout_min`` /
@@ -179,11 +179,11 @@ class PolicyConfig:
     only when given), ``entropy_quantile`` (in [0, 1]; 0 keeps the top token),
     ``offpolicy_threshold``.
 
-    Clip-Cov / KL-Cov (§3.1): ``cov_ratio``, ``cov_lb`` / ``cov_ub`` (clip_cov only),
+    Clip-Cov / KL-Cov (docs/math.md#clip-cov-and-kl-cov): ``cov_ratio``, ``cov_lb`` / ``cov_ub`` (clip_cov only),
     ``cov_kl_coef`` (kl_cov only), ``cov_global``, ``cov_group``.
 
-    Aggregation (§4): ``agg`` (gmpo: always seq-mean-token-mean; gspo: seq-mean-token-mean unless
-    given), ``seq_count`` ("nonempty": sequence means over non-empty rows;
+    Aggregation (docs/math.md#aggregation): ``agg`` (gmpo: always seq-mean-token-mean; gspo: seq-mean-token-mean
+    unless given), ``seq_count`` ("nonempty": sequence means over non-empty rows;
     "all": over every row; default "all" for gmpo, luspo and seq-mean-token-sum-norm, "nonempty"
     otherwise),
     ``dp_size``, ``max_len``; and ``backend``.

@@ -487,8 +487,8 @@ def preference_loss(
     nca_pair      ``-log σ(βdc) - ½ log σ(-βdc) - ½ log σ(-βdr)``
     bco_pair      ``-log σ(βdc - δ) - log σ(-(βdr - δ))`` (δ = ``bco_delta``, 0 by default)
     sppo_hard     ``(dc - 1/(2β))² + (dr + 1/(2β))²``
-    aot           smoothed sigmoid on ``sort(lc - lr) - sort(lc0 - lr0)`` (sorted across the batch)
-    aot_unpaired  smoothed sigmoid on ``sort(lc - lc0) - sort(lr - lr0)``
+    aot           smoothed sigmoid on ``β(sort(lc - lr) - sort(lc0 - lr0))`` (sorted across the batch)
+    aot_unpaired  smoothed sigmoid on ``β(sort(lc - lc0) - sort(lr - lr0))``
     apo_zero      ``1 - σ(βdc) + σ(βdr)``
     apo_down      ``σ(βdc) + 1 - σ(βd)``
     discopop      ``(1-w)(-log σ(βd)) + w exp(-βd)``, ``w = σ(βd/τ)`` (``w exp(-βd)`` taken as
@@ -518,7 +518,8 @@ def preference_loss(
         loss_type: a name or a list of names (summed with ``loss_weights``, finite numbers, one per name).
         chosen_lengths, rejected_lengths: ``[B]`` response lengths; needed by ipo,
             sigmoid_norm, simpo, alphapo, orpo, and for the default NLL.
-        chosen_nll: 0-dim chosen NLL; default ``-Σ lc / Σ |yc|`` (token mean over the batch,
+        chosen_nll: 0-dim chosen NLL; default ``-Σ lc / max(Σ chosen_lengths, 1)`` (the raw lengths, an empty
+            response counting 0: the token mean over the batch's scored tokens, as TRL's chosen cross-entropy;
             exact when ``lc`` carries no token weights).
         label_smoothing: ``eps``, for the rows that take it (sigmoid, robust, exo_pair, aot,
             aot_unpaired, sigmoid_norm, simpo, cpo, alphapo); an error when no listed row does.
