@@ -1,5 +1,7 @@
 """group_advantages on the CPU: the C++ kernel vs the per-group Python loop and a
-vectorised PyTorch implementation, measured in the same run; plus GAE.
+vectorised PyTorch implementation, measured in the same run; plus GAE, masked_whiten and
+the k3 kl_penalty (forward and backward) against their float64 / fp32 torch ops and verl's
+(when installed).
 
     .venv/bin/python -m pytest benchmarks/test_bench_advantages.py --benchmark-only -q
     .venv/bin/python benchmarks/test_bench_advantages.py      # prints medians and speed-ups
@@ -7,6 +9,7 @@ vectorised PyTorch implementation, measured in the same run; plus GAE.
 GRPO case: 65,536 responses in shuffled groups of 16 with hashed prompt ids
 (FASTALIGN_BENCH_B / FASTALIGN_BENCH_G for other sizes). No timing assertions.
 """
+import importlib
 import os
 import statistics
 import time
@@ -15,6 +18,8 @@ import pytest
 import torch
 
 import fastalign
+from fastalign.ops.kl_penalty import kl_penalty_torch
+from fastalign.ops.masked_whiten import weighted_whiten
 from fastalign.reference import advantages as ref
 
 B = int(os.environ.get("FASTALIGN_BENCH_B", 65536))
@@ -36,6 +41,40 @@ def gae_batch():
     v = torch.randn(GAE_B, GAE_T, generator=g)
     lengths = torch.randint(GAE_T // 4, GAE_T + 1, (GAE_B, 1), generator=g)
     return r, v, (torch.arange(GAE_T)[None] < lengths).float()
+
+
+def token_batch():
+    """[256, 1024] log-probs, reference log-probs near them, a bool response mask."""
+    g = torch.Generator().manual_seed(2)
+    lp = torch.randn(GAE_B, GAE_T, generator=g) * 0.1 - 2
+    return lp, lp + 0.05 * torch.randn(GAE_B, GAE_T, generator=g), torch.rand(GAE_B, GAE_T, generator=g) > 0.3
+
+
+def _verl(module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def whiten_impls(x, m):
+    impls = {"fastalign": lambda: fastalign.masked_whiten(x, m),
+             "float64_torch_ops": lambda: (weighted_whiten(x, m.double(), 1e-8) * m.double()).float()}
+    verl = _verl("verl.utils.torch_functional")
+    if verl is not None:
+        mf = m.float()
+        impls["verl"] = lambda: verl.masked_whiten(x, mf)
+    return impls
+
+
+def kl_impls(lp, ref_lp):
+    x = lp.clone().requires_grad_(True)
+    impls = {"fastalign": lambda: fastalign.kl_penalty(x, ref_lp, "k3").sum().backward(),
+             "torch_ops": lambda: kl_penalty_torch(x, ref_lp, "k3", False, True).sum().backward()}
+    verl = _verl("verl.trainer.ppo.core_algos")
+    if verl is not None:
+        impls["verl"] = lambda: verl.kl_penalty(x, ref_lp, "low_var_kl").sum().backward()
+    return impls
 
 
 def grpo_impls(scores, index):
@@ -63,6 +102,35 @@ def grpo():
 @pytest.fixture(scope="module")
 def gae():
     return gae_impls(*gae_batch())
+
+
+@pytest.fixture(scope="module")
+def whiten():
+    lp, _, m = token_batch()
+    return whiten_impls(lp, m)
+
+
+@pytest.fixture(scope="module")
+def kl():
+    lp, ref_lp, _ = token_batch()
+    return kl_impls(lp, ref_lp)
+
+
+def _bench_token_op(benchmark, impls, impl, group):
+    if impl not in impls:
+        pytest.skip("verl is not installed")
+    benchmark.group = f"{group} B={GAE_B} T={GAE_T}"
+    benchmark.pedantic(impls[impl], rounds=30, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", ["fastalign", "float64_torch_ops", "verl"])
+def test_masked_whiten(benchmark, whiten, impl):
+    _bench_token_op(benchmark, whiten, impl, "masked_whiten")
+
+
+@pytest.mark.parametrize("impl", ["fastalign", "torch_ops", "verl"])
+def test_kl_penalty_k3_forward_backward(benchmark, kl, impl):
+    _bench_token_op(benchmark, kl, impl, "kl_penalty k3 forward+backward")
 
 
 @pytest.mark.parametrize("impl", ["fastalign", "fastalign_group_size", "vectorised_torch", "python_loop"])
@@ -94,6 +162,8 @@ def main():
     for title, impls, base, slow in (
         (f"grpo B={B}, shuffled groups of {G}", grpo_impls(*grpo_batch()), "fastalign", {"python_loop"}),
         (f"gae B={GAE_B} T={GAE_T}", gae_impls(*gae_batch()), "fastalign", {"torch_time_loop"}),
+        (f"masked_whiten B={GAE_B} T={GAE_T}", whiten_impls(*token_batch()[::2]), "fastalign", set()),
+        (f"kl_penalty k3 forward+backward B={GAE_B} T={GAE_T}", kl_impls(*token_batch()[:2]), "fastalign", set()),
     ):
         ms = {k: _median_ms(f, 3 if k in slow else 50) for k, f in impls.items()}
         print(title)

@@ -6,6 +6,7 @@ from torch import Tensor
 
 from fastalign import _validate
 from fastalign._deprecate import renamed
+from fastalign.ops.kl_penalty import kl_penalty as ops_kl_penalty
 
 KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
 _ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
@@ -21,36 +22,6 @@ def canonical_kl(kind: str, name: str = "kl_type") -> tuple[str, bool]:
     if base not in KL_KINDS:
         raise ValueError(f"{name} must be one of {KL_KINDS} (optionally with a trailing '+'), got {kind!r}")
     return _ALIASES.get(base, base), straight
-
-
-# 1/9!, 1/8!, ..., 1/2!: the series of exp(x) - x - 1 = x^2 (1/2! + x/3! + ... + x^7/9!) below |x| = 0.5
-_K3_SERIES = (1.0 / 362880, 1.0 / 40320, 1.0 / 5040, 1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5)
-
-
-class _K3(torch.autograd.Function):
-    """k3(x) = exp(x) - x - 1 and its derivative expm1(x) without cancellation near x = 0: in fp32,
-    exp(x) - x - 1 loses every digit below |x| ~ 3e-4, expm1(x) - x is off by ~1e-7 / |x| (relative), and
-    autograd of either forms exp(x) - 1. The value is the series below |x| = 0.5 (truncation < 3e-9 relative),
-    expm1(x) - x elsewhere (+-inf and NaN included); the backward is written in differentiable ops (second
-    derivatives work)."""
-
-    generate_vmap_rule = True  # torch.func transforms (vmap, grad, jacrev) apply it as they apply its ops
-
-    @staticmethod
-    def forward(x):
-        p = torch.full_like(x, _K3_SERIES[0])
-        for c in _K3_SERIES[1:]:
-            p = p * x + c
-        return torch.where(x.abs() < 0.5, x * x * p, torch.expm1(x) - x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * torch.expm1(x)
 
 
 @renamed(kind="kl_type", clamp="kl_clamp")
@@ -78,23 +49,4 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kl_type: str = "k3", *, k
     _validate.shape("ref_logprobs", ref_logprobs, logprobs.shape, "logprobs.shape")
     base, straight = canonical_kl(kl_type, "kl_type")
     _validate.boolean("kl_clamp", kl_clamp)
-    lp = logprobs.float()
-    d = lp - ref_logprobs.detach().float()
-    if base == "k1":
-        v = d
-    elif base == "abs":
-        v = d.abs()
-    elif base == "k2":
-        v = 0.5 * d * d
-    else:
-        x = -d
-        if kl_clamp:
-            x = x.clamp(-20.0, 20.0)
-        v = _K3.apply(x)
-        if kl_clamp:
-            v = v.clamp(-10.0, 10.0)
-    if straight:  # the value of base, the gradient of k2 (d); 0 where d is infinite (no inf - inf), NaN stays NaN
-        d_grad = torch.where(torch.isinf(d), torch.zeros((), device=d.device), d)
-        k2 = 0.5 * d_grad * d_grad
-        v = k2 - k2.detach() + v.detach()
-    return v
+    return ops_kl_penalty(logprobs, ref_logprobs, base, straight, kl_clamp)

@@ -22,6 +22,7 @@ from fastalign._backend import BACKENDS
 from fastalign._options import check_choice, check_names, check_read
 from fastalign.aggregate import SEQ_COUNTS, check_agg, default_seq_count
 from fastalign.kl import canonical_kl
+from fastalign.ops.kl_penalty import KL_CODES  # the kernels' estimator codes (one table for both)
 from fastalign.ops.policy_params import KernelParams
 
 # Loss-type rows of the kernels (one code per row of the table in docs/math.md#policy-losses).
@@ -40,7 +41,6 @@ PRESETS = {
     "gpg": ("reinforce", None, None),
     "luspo": ("ppo", "seq-mean-token-sum", "all"),
 }
-KL_CODES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
 ROLLOUT_CODES = {None: 0, "token_truncate": 1, "token_mask": 2, "sequence_truncate": 3, "sequence_mask": 4,
                  "icepop": 2}
 ROLLOUT_MODES = tuple(k for k in ROLLOUT_CODES if k is not None)

@@ -183,18 +183,19 @@ def test_clip_cov_bounds_are_strict(cpu_backend):
     _check(ours, ref, tol=1e-7)
 
 
-def _cpp_enum(name: str) -> dict:
-    """The members of ``enum name`` in csrc/cpu/policy_loss.h, by value (the enums count up from 0)."""
-    header = (Path(__file__).resolve().parents[1] / "csrc" / "cpu" / "policy_loss.h").read_text()
+def _cpp_enum(name: str, header: str = "policy_loss.h") -> dict:
+    """The members of ``enum name`` in csrc/cpu/<header>, by value (the enums count up from 0)."""
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "cpu" / header).read_text()
     body = re.search(rf"enum {name} : int {{([^}}]*)}}", header).group(1)
     members = [m.split("=")[0].strip() for m in body.split(",")]
     return {m: i for i, m in enumerate(members)}
 
 
 def test_loss_and_kl_codes_agree_across_python_cpp_and_triton():
-    """The row codes are written three times (policy_config, the C++ enums, the Triton constants): they agree."""
+    """The row codes are written three times (policy_config and the kl_penalty op, the C++ enums, the Triton
+    constants): they agree."""
     triton_kernel = pytest.importorskip("fastalign.kernels.policy_loss")
-    loss_rows, kl_types = _cpp_enum("LossType"), _cpp_enum("KLType")
+    loss_rows, kl_types = _cpp_enum("LossType"), _cpp_enum("KLType", "kl_estimators.h")
     assert len(loss_rows) == len(policy_config.LOSS_CODES) and len(kl_types) == len(policy_config.KL_CODES)
     for name, code in policy_config.LOSS_CODES.items():
         spelled = name.upper().replace("_", "")  # clip_cov: CLIPCOV (Triton), kCLIPCOV (C++)

@@ -12,11 +12,12 @@
 #include <string>
 #include <vector>
 
+#include "cpu/kl_estimators.h"  // KLType
+
 namespace fastalign {
 namespace policy {
 
 enum LossType : int { kPPO = 0, kGSPO, kCISPO, kSAPO, kREINFORCE, kGMPO, kCLIPCOV, kKLCOV, kVESPO, kDPPOTV, kDPPOKL, kDRO };
-enum KLType : int { kK1 = 0, kAbs, kK2, kK3 };
 enum Rollout : int { kRollNone = 0, kTokTrunc, kTokMask, kSeqTrunc, kSeqMask };
 enum KLRho : int { kKLRhoOff = 0, kKLRhoDetached, kKLRhoGrad };
 

@@ -45,11 +45,6 @@ struct ScanOut {
   uint32_t* hit;      // [kChunk] 1 = candidate with order key <= bound_hi
 };
 
-// x where mask is all ones, exactly 0 where it is 0 (whatever x is, NaN and inf included): a loop-invariant
-// choice as a bitwise and, which keeps the token loop straight-line SIMD code (see chunk_body).
-static inline float keep_if(float x, uint32_t mask) { return bits_to_float(float_to_bits(x) & mask); }
-static inline uint32_t mask_of(bool chosen) { return chosen ? 0xffffffffu : 0u; }
-
 // ---- pass 2 on tokens [t0, t0 + n) of a row: per-token loss, gradients and the chunk's metric
 // sums part[0..kRowCols) (without the row-level gmpo term and vespo's row phi) plus, in part[kRowCols],
 // the sequence-level gradient sum sum_v (w d_rho + kl_coef K [kl_rho = grad]).
@@ -65,23 +60,11 @@ FASTALIGN_KERNEL_BODY uint32_t chunk_body(const Cfg& c, const Row& R, const RowC
   const float kl_coef = c.kl_coef, ent_coef = c.entropy_coef;
   const float r_min = c.rollout_min, r_max = c.rollout_max;
   const int rollout = c.rollout;
-  const bool kl_clamp = c.kl_clamp != 0;
-  const bool is_k1 = c.kl_type == kK1, is_abs = c.kl_type == kAbs, is_k2 = c.kl_type == kK2, is_k3 = c.kl_type == kK3;
-  const bool straight = c.kl_straight != 0;
-  // The KL estimator is chosen by bit masks (a select or a ternary chain on kl_type is loop-invariant control
-  // flow, which keeps the token loop scalar; 0/1 weights would make 0 * inf = NaN of an unused term at |d| = inf).
-  const uint32_t m_k1 = mask_of(is_k1), m_abs = mask_of(is_abs), m_k2 = mask_of(is_k2), m_k3 = mask_of(is_k3);
-  const uint32_t m_st = mask_of(straight), m_own = mask_of(!straight);
+  const KlChoice kc = kl_choice(c.kl_type, c.kl_straight != 0, c.kl_clamp != 0);  // kl_estimators.h
   const uint32_t m_klc = mask_of(kl_coef != 0.f), m_ent = mask_of(ent_coef != 0.f);  // terms switched on
   const float w_row = PLAIN ? 1.f : x.w_row, w_row_neg = PLAIN ? 1.f : x.w_row_neg;
   const float rho_row = x.rho_row, cap = c.log_ratio_cap;
   const bool kl_grad = c.kl_rho == kKLRhoGrad;
-  // Options off become bounds that never bind (no runtime branches in the loop, so it vectorises): without
-  // kl_clamp the k3 bounds are +-inf, and every k3 passes its gradient (an infinite or NaN x included).
-  constexpr float kInf = std::numeric_limits<float>::infinity();
-  const float xlo = kl_clamp ? -20.f : -kInf, xhi = kl_clamp ? 20.f : kInf;
-  const float klo = kl_clamp ? -10.f : -kInf, khi = kl_clamp ? 10.f : kInf;
-  const bool k3_open = !kl_clamp;
   const bool trunc = rollout == kTokTrunc;
   CovParams P{};
   uint32_t bound_hi = 0;
@@ -143,18 +126,8 @@ FASTALIGN_KERNEL_BODY uint32_t chunk_body(const Cfg& c, const Row& R, const RowC
     // KL term (x = ref - lp), times the ratio under kl_rho
     float klv = 0.f;
     if (KL) {
-      const float d = x_lp - c_ref[t];
-      const float xk = -d;
-      const float xc = clampf(xk, xlo, xhi);
-      const K3 k3 = k3_f32(xc);  // exp(xc) - xc - 1 and expm1(xc), accurate near 0 (vec_math.h)
-      const float k3c = clampf(k3.v, klo, khi);
-      const bool k3_live = k3_open | ((xk >= xlo) & (xk <= xhi) & (k3.v >= klo) & (k3.v <= khi));
-      const float dk3 = k3_live ? -k3.expm1 : 0.f;
-      const float sgn = d > 0.f ? 1.f : (d < 0.f ? -1.f : 0.f);
-      const float kv = keep_if(d, m_k1) + keep_if(std::fabs(d), m_abs) + keep_if(0.5f * d * d, m_k2) + keep_if(k3c, m_k3);
-      const float dkl_own = keep_if(1.f, m_k1) + keep_if(sgn, m_abs) + keep_if(d, m_k2) + keep_if(dk3, m_k3);
-      // straight-through (NAME+): k2's gradient d, 0 at an infinite d (as kl_penalty)
-      const float dkl = keep_if(std::isinf(d) ? 0.f : d, m_st) + keep_if(dkl_own, m_own);
+      const KlTerm kl = kl_term(x_lp - c_ref[t], kc);
+      const float kv = kl.v, dkl = kl.dv;
       if (KLRHO) {  // K = KL * rho: d/dlp = rho dKL + [grad] KL drho (at sequence level through d_row)
         klv = rho_is * kv;
         // the token's own ratio carries the gradient at token level only (sequence level: see row_finish)

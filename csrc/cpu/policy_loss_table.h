@@ -45,8 +45,6 @@ namespace policy {
 
 constexpr float kHuge = std::numeric_limits<float>::infinity();
 
-static inline float clampf(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
-
 // rollout log-ratio old - rollout; an unscorable rollout token (NaN) counts as 0
 static inline float rollout_log_ratio(float old, float roll) { return roll == roll ? old - roll : 0.f; }
 

@@ -35,6 +35,19 @@ static inline float exp_f32(float x) {
   return x < -87.3f ? 0.0f : (high ? (x > 89.0f ? e * 4.0f : e * 2.0f) : e);
 }
 
+// x where mask is all ones, exactly 0 where it is 0 (whatever x is, NaN and inf included): a loop-invariant
+// choice as a bitwise and, which keeps a token loop straight-line SIMD code (a select or a ternary chain on an
+// option is loop-invariant control flow, which keeps it scalar; 0/1 weights would make 0 * inf = NaN).
+static inline float keep_if(float x, uint32_t mask) { return bits_to_float(float_to_bits(x) & mask); }
+static inline uint32_t mask_of(bool chosen) { return chosen ? 0xffffffffu : 0u; }
+
+// x clamped to [lo, hi] as torch.clamp (hi where lo > hi); NaN stays NaN. Two selects, not nested ones: a loop
+// that calls it stays SIMD code (nested ones left the k3 loop of kl_penalty.cpp scalar).
+static inline float clampf(float x, float lo, float hi) {
+  const float above_lo = x < lo ? lo : x;
+  return above_lo > hi ? hi : above_lo;
+}
+
 // The k3 KL estimator exp(x) - x - 1 = expm1(x) - x and its derivative expm1(x), without the cancellation
 // of exp(x) against 1 + x near 0 (all digits lost below |x| ~ 3e-4 in fp32): for |x| < 0.5 by the series
 // x^2 (1/2! + x/3! + ... + x^7/9!) (truncation < 3e-9 relative), elsewhere (+-inf and NaN included) as

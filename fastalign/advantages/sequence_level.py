@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend, _validate
-from fastalign.advantages._inputs import as_index, response_mask_rows
-from fastalign.advantages.token_level import weighted_whiten
+from fastalign.advantages._inputs import WHITEN_EPS, as_index, response_mask_rows
 from fastalign.ops.group_stats import MODES, call_group_advantage, group_stats
+from fastalign.ops.masked_whiten import weighted_whiten
 
 STD_MODES = ("group", "batch", "none")
 #: the estimators that read ``std`` (the others take no std, and refuse one other than the default)
@@ -92,7 +92,7 @@ def _length_weighted_whiten(a: Tensor, r: Tensor, c: _Ctx, name: str) -> Tensor:
     lengths ``L`` as weights: mean = sum L a / N, var = sum L (a - mean)^2 / (N - 1), N = sum L,
     ``(a - mean) * rsqrt(var + 1e-8)``); NaN scores and empty responses are left out and get 0."""
     w = torch.where(torch.isnan(r), 0.0, _need_lengths(c, name)).to(torch.float64)
-    return weighted_whiten(a, w).to(r.dtype)
+    return weighted_whiten(a, w, WHITEN_EPS).to(r.dtype)
 
 
 def _need_lengths(c: _Ctx, name: str) -> Tensor:

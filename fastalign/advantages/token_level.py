@@ -17,6 +17,7 @@ from torch import Tensor
 from fastalign import _backend, _validate
 from fastalign._deprecate import renamed
 from fastalign.advantages._inputs import WHITEN_EPS, as_index, response_mask_rows
+from fastalign.ops.masked_whiten import masked_whiten as ops_masked_whiten
 from fastalign.ops.returns import SCANS, reverse_scan
 
 
@@ -44,25 +45,6 @@ def _eps(eps) -> float:
     return eps
 
 
-def weighted_whiten(x: Tensor, w: Tensor, eps: float = WHITEN_EPS, unbiased: bool = True) -> Tensor:
-    """``(x - mean) * inv_std`` in float64 over the weights ``w`` (float64; 0: left out by selection, so a NaN
-    there changes nothing, and its output is 0). ``N = sum w``, ``mean = sum w x / N``; ``unbiased``:
-    ``rsqrt(sum w (x - mean)^2 / (N - 1) + eps)``, NaN where ``0 < N <= 1`` (the unbiased variance of less
-    than two tokens is undefined; verl refuses such a batch); otherwise ``rsqrt(max(sum w (x - mean)^2 / N,
-    eps))``."""
-    valid = w != 0
-    x64 = torch.where(valid, x.to(torch.float64), 0.0)
-    n = w.sum()
-    n_or_one = torch.where(n > 0, n, 1.0)  # N = 0: every token left out, so no output reads the statistics
-    mean = (w * x64).sum() / n_or_one
-    sq = torch.where(valid, w * (x64 - mean) ** 2, 0.0).sum()
-    if unbiased:  # verl: the unbiased variance plus eps
-        inv_std = torch.rsqrt(sq / torch.where(n > 1.0, n - 1.0, math.nan) + eps)
-    else:  # OpenRLHF: the biased variance, floored at eps
-        inv_std = torch.rsqrt((sq / n_or_one).clamp_min(eps))
-    return torch.where(valid, (x64 - mean) * inv_std, 0.0)
-
-
 @renamed(mask="response_mask")
 def masked_whiten(x: Tensor, response_mask: Tensor, eps: float = WHITEN_EPS, *, unbiased: bool = True) -> Tensor:
     """``(x - mean) * rsqrt(var + eps) * m`` with mean and unbiased var over the tokens of ``response_mask`` ``m``.
@@ -78,8 +60,7 @@ def masked_whiten(x: Tensor, response_mask: Tensor, eps: float = WHITEN_EPS, *, 
                    response_mask=response_mask)
     eps = _eps(eps)
     _validate.boolean("unbiased", unbiased)
-    m = response_mask.to(torch.float64)
-    return (weighted_whiten(x, m, eps, unbiased) * m).to(x.dtype)
+    return ops_masked_whiten(x, response_mask, eps, unbiased)
 
 
 def _discount(gamma) -> float:

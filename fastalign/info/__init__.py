@@ -24,8 +24,13 @@ import json
 import platform
 import sys
 
+#: An op that runs one C++ kernel in a plain eager call on CPU tensors (under the ``auto`` or ``cpp`` setting) and
+#: the same formula in torch ops elsewhere (GPU tensors, torch.compile, functorch transforms, gradients through
+#: masked_whiten).
+EAGER_CPP = "eager cpp"
+
 # Public ops and the custom op whose kernels do their work (None: plain torch, on small tensors or, for the
-# top-k support and the softcapped mean logit, on blocks of product logits). The
+# top-k support and the softcapped mean logit, on blocks of product logits; EAGER_CPP above). The
 # family each runs here comes from the op table, fastalign._backend.OP_BACKENDS, as the op itself picks it.
 OPS = (
     ("token_logprobs", "token_stats"),
@@ -39,11 +44,11 @@ OPS = (
     ("policy_loss (clip_cov/kl_cov selection)", "cov_select"),
     ("PolicyLoss", "policy_loss_rows"),
     ("LinearPolicyLoss", "linear_stats"),
-    ("kl_penalty", None),
+    ("kl_penalty", EAGER_CPP),
     ("aggregate_loss", None),
     ("group_advantages", "group_advantage"),
     ("token_advantages", None),
-    ("masked_whiten", None),
+    ("masked_whiten", EAGER_CPP),
     ("reinforce_pp_advantages", "reverse_scan"),
     ("remax_advantages", "reverse_scan"),
     ("gae_advantages", "reverse_scan"),
@@ -81,6 +86,9 @@ def _families(device) -> dict:
             return "torch"
         if invalid:  # every op with kernels raises the setting's ValueError
             return "none (invalid backend setting)"
+        if op == EAGER_CPP:
+            eager_cpp = device.type == "cpu" and _backend.current() in ("auto", "cpp") and not core_missing
+            return "cpp" if eager_cpp else "torch"
         try:
             # each public op first checks the request for its tensors' device (by _backend.resolve, or by
             # backend_for of its main kernel, which refuses the same requests), then runs its op's family

@@ -4,12 +4,15 @@ Triton kernels."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import typing
 from typing import Callable, Optional
 
 import torch
+
+from fastalign import _backend
 
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -155,6 +158,23 @@ def runs_directly(backend: str, *tensors: Optional[torch.Tensor]) -> bool:
     Function over it) then runs without the dispatcher's per-call cost; same kernels, same results.
     Everything else (torch.compile, fake tensors and other subclasses, modes, GPU) calls the op."""
     return backend == "cpp" and eager(*tensors)
+
+
+@functools.cache
+def _core_loads() -> bool:
+    try:
+        _backend.compiled()
+    except RuntimeError:  # fastalign._C is missing or does not load
+        return False
+    return True
+
+
+def eager_cpp(*tensors: torch.Tensor) -> bool:
+    """Where an op with a torch formula for every other call runs its C++ kernel instead (``kl_penalty``,
+    ``masked_whiten``): a plain eager call (:func:`runs_directly`) on CPU tensors under the ``auto`` or ``cpp``
+    setting, with the compiled core loaded."""
+    return (all(t.device.type == "cpu" for t in tensors) and _backend.current() in ("auto", "cpp")
+            and runs_directly("cpp", *tensors) and _core_loads())
 
 
 def save_for_backward(ctx, *tensors: Optional[torch.Tensor]) -> None:

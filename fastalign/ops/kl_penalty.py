@@ -1,0 +1,144 @@
+"""The per-token KL estimators (docs/math.md#kl-estimators) as torch ops, and on eager CPU tensors (k2, k3 and the
+straight-through estimators) as one pass of the C++ kernel (``csrc/cpu/kl_penalty.cpp``, with the table of
+``csrc/cpu/kl_estimators.h`` that the fused policy loop uses too) for the value and one for the gradient. Same
+results up to the rounding of ``exp``; everywhere else (GPU, torch.compile, which fuses the torch ops, functorch
+transforms) the torch ops run.
+
+``base`` is ``"k1"``, ``"abs"``, ``"k2"`` or ``"k3"``; ``straight``: the value of ``base`` with the gradient of k2;
+``kl_clamp``: k3's clamps. ``ref_logprobs`` is a constant.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastalign import _backend
+from fastalign.ops._launch import DTYPE_CODE, eager_cpp
+
+#: the kernel's codes of the estimators
+KL_CODES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
+
+# 1/9!, 1/8!, ..., 1/2!: the series of exp(x) - x - 1 = x^2 (1/2! + x/3! + ... + x^7/9!) below |x| = 0.5
+_K3_SERIES = (1.0 / 362880, 1.0 / 40320, 1.0 / 5040, 1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5)
+
+
+class _K3(torch.autograd.Function):
+    """k3(x) = exp(x) - x - 1 and its derivative expm1(x) without cancellation near x = 0: in fp32,
+    exp(x) - x - 1 loses every digit below |x| ~ 3e-4, expm1(x) - x is off by ~1e-7 / |x| (relative), and
+    autograd of either forms exp(x) - 1. The value is the series below |x| = 0.5 (truncation < 3e-9 relative),
+    expm1(x) - x elsewhere (+-inf and NaN included); the backward is written in differentiable ops (second
+    derivatives work)."""
+
+    generate_vmap_rule = True  # torch.func transforms (vmap, grad, jacrev) apply it as they apply its ops
+
+    @staticmethod
+    def forward(x):
+        p = torch.full_like(x, _K3_SERIES[0])
+        for c in _K3_SERIES[1:]:
+            p = p * x + c
+        return torch.where(x.abs() < 0.5, x * x * p, torch.expm1(x) - x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * torch.expm1(x)
+
+
+def kl_penalty_torch(logprobs: Tensor, ref_logprobs: Tensor, base: str, straight: bool, kl_clamp: bool) -> Tensor:
+    """The estimate in torch ops, fp32, differentiable in ``logprobs`` (any order)."""
+    d = logprobs.float() - ref_logprobs.detach().float()
+    if base == "k1":
+        v = d
+    elif base == "abs":
+        v = d.abs()
+    elif base == "k2":
+        v = 0.5 * d * d
+    else:
+        x = -d
+        if kl_clamp:
+            x = x.clamp(-20.0, 20.0)
+        v = _K3.apply(x)
+        if kl_clamp:
+            v = v.clamp(-10.0, 10.0)
+    if straight:  # the value of base, the gradient of k2 (d); 0 where d is infinite (no inf - inf), NaN stays NaN
+        d_grad = torch.where(torch.isinf(d), torch.zeros((), device=d.device), d)
+        k2 = 0.5 * d_grad * d_grad
+        v = k2 - k2.detach() + v.detach()
+    return v
+
+
+def _kernel_inputs(logprobs: Tensor, ref_logprobs: Tensor) -> tuple[Tensor, Tensor]:
+    """Both inputs contiguous in one kernel dtype: as they are when they share one, else fp32 (what the torch ops
+    compute in)."""
+    if logprobs.dtype != ref_logprobs.dtype or logprobs.dtype not in DTYPE_CODE:
+        logprobs, ref_logprobs = logprobs.float(), ref_logprobs.float()
+    return logprobs.contiguous(), ref_logprobs.contiguous()
+
+
+def _run(lp: Tensor, ref: Tensor, options: tuple, out: Optional[Tensor] = None, g: Optional[Tensor] = None,
+         grad: Optional[Tensor] = None) -> None:
+    """One kernel call: the values into ``out``, or with ``g`` (fp32: every element's, or one for all) the gradient
+    into ``grad``."""
+    base, straight, kl_clamp = options
+    g_scalar = g is not None and g.numel() == 1 and lp.numel() > 1
+    _backend.compiled().kl_penalty_cpu(lp.data_ptr(), ref.data_ptr(), DTYPE_CODE[lp.dtype], lp.numel(),
+                                       KL_CODES[base], straight, kl_clamp, 0 if out is None else out.data_ptr(),
+                                       0 if g is None else g.data_ptr(), g_scalar,
+                                       0 if grad is None else grad.data_ptr())
+
+
+def _values(logprobs: Tensor, ref_logprobs: Tensor, options: tuple) -> Tensor:
+    lp, ref = _kernel_inputs(logprobs, ref_logprobs)
+    out = torch.empty(logprobs.shape, dtype=torch.float32)
+    if lp.numel():
+        _run(lp, ref, options, out=out)
+    return out
+
+
+def _upstream(g: Tensor) -> Tensor:
+    """The upstream gradient as the kernel reads it: fp32 and contiguous, or its one value when it is one value
+    expanded (the gradient of a sum or a mean), which is not copied out."""
+    if g.numel() > 1 and all(s == 0 for s in g.stride()):
+        return g.reshape(-1)[:1].float()
+    return g.float().contiguous()
+
+
+class _KlPenaltyEager(torch.autograd.Function):
+    """The kernel's value, and its gradient in a backward without graph; with ``create_graph=True`` the gradient
+    is the torch ops' (differentiable again)."""
+
+    @staticmethod
+    def forward(ctx, logprobs, ref_logprobs, options):
+        ctx.save_for_backward(logprobs, ref_logprobs)
+        ctx.options = options
+        return _values(logprobs, ref_logprobs, options)
+
+    @staticmethod
+    def backward(ctx, g):
+        logprobs, ref_logprobs = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a gradient that can be differentiated again
+            v = kl_penalty_torch(logprobs, ref_logprobs, *ctx.options)
+            return torch.autograd.grad(v, logprobs, g, create_graph=True)[0], None, None
+        lp, ref = _kernel_inputs(logprobs.detach(), ref_logprobs)
+        grad = torch.empty_like(lp)
+        if lp.numel():
+            _run(lp, ref, ctx.options, g=_upstream(g), grad=grad)
+        return grad.to(logprobs.dtype), None, None
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, base: str, straight: bool, kl_clamp: bool) -> Tensor:
+    """The estimate per element, fp32: the C++ kernel in a plain eager call on CPU tensors (with the C++ backend
+    in force) for k2, k3 and the straight-through estimators; the torch ops elsewhere, and for k1 and abs, which
+    are one or two torch ops that one kernel pass does not beat."""
+    options = (base, bool(straight), bool(kl_clamp))
+    if (straight or base in ("k2", "k3")) and eager_cpp(logprobs, ref_logprobs):
+        if torch.is_grad_enabled() and logprobs.requires_grad:
+            return _KlPenaltyEager.apply(logprobs, ref_logprobs, options)
+        return _values(logprobs, ref_logprobs, options)
+    return kl_penalty_torch(logprobs, ref_logprobs, *options)
