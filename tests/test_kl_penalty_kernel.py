@@ -4,6 +4,7 @@ ops run. Both against the float64 reference, and against each other, on
 every estimator, option and kernel dtype, values and gradients, non-finite inputs and clamp boundaries included."""
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -46,13 +47,25 @@ def _close(got, want, rtol, what):
     assert err <= rtol, f"{what}: relative error {err:.3g}"
 
 
+def _setting(family):
+    """The backend setting under which eager CPU calls run ``family``'s kernel (Triton: in the interpreter)."""
+    if family == "triton":
+        pytest.importorskip("triton")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the Triton kernel on CPU tensors runs in the interpreter (TRITON_INTERPRET=1)")
+    return _backend.use_backend("triton" if family == "triton" else "auto")
+
+
+@pytest.mark.parametrize("family", ["cpp", "triton"])
 @pytest.mark.parametrize("dtypes", [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.float16,) * 2,
                                     (torch.bfloat16, torch.float32), (torch.float64,) * 2])
 @pytest.mark.parametrize("kind,clamp", list(itertools.product(KINDS, [True, False])))
-def test_kernel_equals_the_torch_ops_and_the_float64_reference(dtypes, kind, clamp):
-    lp, ref = _inputs(*dtypes)
+def test_kernel_equals_the_torch_ops_and_the_float64_reference(family, dtypes, kind, clamp):
+    lp, ref = _inputs(*dtypes, n=2000 if family == "cpp" else 300)
     g = torch.randn(lp.shape, generator=torch.Generator().manual_seed(1))
-    v, dx = _value_and_grad(ops.kl_penalty, lp, ref, kind, clamp, g)
+    with _setting(family):
+        assert kind in ("k1", "abs") or ops.eager_family(("cpp", "triton"), lp, ref) == family
+        v, dx = _value_and_grad(ops.kl_penalty, lp, ref, kind, clamp, g)
     vt, dxt = _value_and_grad(ops.kl_penalty_torch, lp, ref, kind, clamp, g)
     assert v.dtype == torch.float32 and dx.dtype == lp.dtype
     _close(v, vt, 3e-6, f"{kind} value, kernel vs torch ops")
@@ -79,17 +92,19 @@ def test_eager_cpu_calls_run_the_kernel_and_other_calls_the_torch_ops(monkeypatc
     assert calls == [1, 1]
     fa.kl_penalty(lp, ref, "k1")  # one torch op
     fa.kl_penalty(lp, ref, "abs")
-    with _backend.use_backend("triton"):  # a backend without this kernel: the torch ops
+    with _backend.use_backend("triton"):  # the Triton kernel (in the interpreter on CPU tensors) or the torch ops
         fa.kl_penalty(lp, ref, "k2")
     assert calls == [1, 1]
 
 
+@pytest.mark.parametrize("family", ["cpp", "triton"])
 @pytest.mark.parametrize("reduce", [torch.sum, torch.mean, lambda v: v[3:7].sum()])
-def test_the_gradient_of_a_sum_or_a_mean(reduce):
+def test_the_gradient_of_a_sum_or_a_mean(family, reduce):
     """The upstream gradient of a sum or a mean is one value expanded (read once, not copied); a slice's is not."""
     lp, ref = _inputs(torch.float32, torch.float32, n=100)
     x, y = lp.clone().requires_grad_(True), lp.clone().requires_grad_(True)
-    reduce(fa.kl_penalty(x, ref, "k3")).backward()
+    with _setting(family):
+        reduce(fa.kl_penalty(x, ref, "k3")).backward()
     reduce(ops.kl_penalty_torch(y, ref, "k3", False, True)).backward()
     _close(x.grad, y.grad, 3e-6, "gradient")
 
@@ -116,3 +131,27 @@ def test_shapes_and_layouts(shape):
         want = R.kl_penalty(a.double(), b.double())
         assert v.shape == a.shape and x.grad.shape == a.shape
         torch.testing.assert_close(v.double(), want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["k2", "k3", "k3+", "low_var_kl"])
+def test_triton_kernel_on_cuda_equals_the_torch_ops(dtype, kind):
+    """Eager CUDA calls run the Triton kernel (value and gradient; the gradient of a sum reads one upstream value):
+    equal to the torch ops on the same tensors, and to the float64 reference, up to the GPU's exp (a few ulps,
+    times e^x / k3(x) <= 11 at the series bound |x| = 0.5)."""
+    lp, ref = _inputs(dtype, dtype, n=100000)
+    lp, ref = lp.cuda(), ref.cuda()
+    assert ops.eager_family(("cpp", "triton"), lp, ref) == "triton"
+    for clamp in (True, False):
+        for g in (torch.randn(lp.shape, device="cuda"), None):
+            x, y = lp.clone().requires_grad_(True), lp.clone().requires_grad_(True)
+            v = fa.kl_penalty(x, ref, kind, kl_clamp=clamp)
+            base, straight = fa.kl.canonical_kl(kind)
+            vt = ops.kl_penalty_torch(y, ref, base, straight, clamp)
+            (v.sum() if g is None else (v * g).sum()).backward()
+            (vt.sum() if g is None else (vt * g).sum()).backward()
+            want = R.kl_penalty(lp.cpu().double(), ref.cpu().double(), kind, clamp)
+            _close(v.cpu(), vt.cpu(), 2e-5, f"{kind} value on CUDA")
+            _close(x.grad.cpu(), y.grad.cpu(), 2e-5 if dtype == torch.float32 else 8e-3, f"{kind} gradient on CUDA")
+            _close(v.cpu(), want, 2e-5, f"{kind} vs float64")

@@ -189,6 +189,13 @@ def elementwise_divergence_cases(dtype):
     yield from K.aot_cases(dtype)
 
 
+def kl_penalty_cases(dtype):
+    """The per-token KL estimate of ``kl_penalty``'s eager CUDA calls, forward and gradient."""
+    from fastalign.kernels import kl_penalty as K
+
+    yield from K.aot_cases(dtype)
+
+
 def live_matmul_cases(dtype):
     """The LM-head products bounded by the count of labelled rows (device compaction)."""
     from fastalign.kernels import live_matmul as K
@@ -204,6 +211,7 @@ FAMILIES = [
     ("divergence", divergence_cases, ("bf16", "fp16", "fp32")),
     ("elementwise_divergence", elementwise_divergence_cases, ("bf16", "fp16", "fp32")),
     ("policy_loss", policy_loss_cases, ("fp32",)),
+    ("kl_penalty", kl_penalty_cases, ("bf16", "fp32")),
     ("reverse_scan", scan_cases, ("fp32", "fp64")),
 ]
 

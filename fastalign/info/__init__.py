@@ -23,14 +23,17 @@ import importlib.util
 import json
 import platform
 import sys
+from typing import NamedTuple
 
-#: An op that runs one C++ kernel in a plain eager call on CPU tensors (under the ``auto`` or ``cpp`` setting) and
-#: the same formula in torch ops elsewhere (GPU tensors, torch.compile, functorch transforms, gradients through
-#: masked_whiten).
-EAGER_CPP = "eager cpp"
+
+class EagerKernels(NamedTuple):
+    """An op whose kernels of ``families`` run in plain eager calls, and its torch formula in every other call
+    (torch.compile, functorch transforms): fastalign.ops._launch.eager_family_on picks, as the op picks."""
+    families: tuple
+
 
 # Public ops and the custom op whose kernels do their work (None: plain torch, on small tensors or, for the
-# top-k support and the softcapped mean logit, on blocks of product logits; EAGER_CPP above). The
+# top-k support and the softcapped mean logit, on blocks of product logits; EagerKernels above). The
 # family each runs here comes from the op table, fastalign._backend.OP_BACKENDS, as the op itself picks it.
 OPS = (
     ("token_logprobs", "token_stats"),
@@ -44,11 +47,11 @@ OPS = (
     ("policy_loss (clip_cov/kl_cov selection)", "cov_select"),
     ("PolicyLoss", "policy_loss_rows"),
     ("LinearPolicyLoss", "linear_stats"),
-    ("kl_penalty", EAGER_CPP),
+    ("kl_penalty", EagerKernels(("cpp", "triton"))),
     ("aggregate_loss", None),
     ("group_advantages", "group_advantage"),
     ("token_advantages", None),
-    ("masked_whiten", EAGER_CPP),
+    ("masked_whiten", EagerKernels(("cpp",))),
     ("reinforce_pp_advantages", "reverse_scan"),
     ("remax_advantages", "reverse_scan"),
     ("gae_advantages", "reverse_scan"),
@@ -86,9 +89,10 @@ def _families(device) -> dict:
             return "torch"
         if invalid:  # every op with kernels raises the setting's ValueError
             return "none (invalid backend setting)"
-        if op == EAGER_CPP:
-            eager_cpp = device.type == "cpu" and _backend.current() in ("auto", "cpp") and not core_missing
-            return "cpp" if eager_cpp else "torch"
+        if isinstance(op, EagerKernels):
+            from fastalign.ops._launch import eager_family_on
+
+            return eager_family_on(op.families, device) or "torch"
         try:
             # each public op first checks the request for its tensors' device (by _backend.resolve, or by
             # backend_for of its main kernel, which refuses the same requests), then runs its op's family

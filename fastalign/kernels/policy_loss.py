@@ -7,7 +7,7 @@ at importance_sampling_level = sequence, rho = s_i = exp(clamp(mean_v l, -c, c))
                         csrc/cpu/policy_loss_table.h, loss_row)
     dpg_t = d_own_t + d_rho_t drho_t/dlp_t   (d_rho: derivative of pg in rho)
     w_t                 detached weights: rollout correction x keep mask x row weight
-    K_t = KL_t (x rho under kl_rho; the estimator and its gradient: ``_kl_term``)
+    K_t = KL_t (x rho under kl_rho; the estimator and its gradient: ``kl_estimators.kl_term``)
     L_t  = w_t pg_t + kl_coef K_t - ent_coef H_t   (a term whose coefficient is 0 left out)
     dlp_t = v (w_t dpg_t + kl_coef dK_t/dlp_t)
 
@@ -33,7 +33,9 @@ import math
 import triton
 import triton.language as tl
 
-# loss-type rows and option codes: fastalign.policy_config (LOSS_CODES, KL_CODES, ROLLOUT_CODES)
+from fastalign.kernels.kl_estimators import K1, K2, K3, KABS, clamp, kl_term  # noqa: F401 (K*: the codes)
+
+# loss-type rows and option codes: fastalign.policy_config (LOSS_CODES, ROLLOUT_CODES; KL_CODES: kl_estimators)
 PPO = tl.constexpr(0)
 GSPO = tl.constexpr(1)
 CISPO = tl.constexpr(2)
@@ -46,10 +48,6 @@ VESPO = tl.constexpr(8)
 DPPOTV = tl.constexpr(9)
 DPPOKL = tl.constexpr(10)
 DRO = tl.constexpr(11)
-K1 = tl.constexpr(0)
-KABS = tl.constexpr(1)
-K2 = tl.constexpr(2)
-K3 = tl.constexpr(3)
 TOK_TRUNC, TOK_MASK, SEQ_TRUNC, SEQ_MASK = 1, 2, 3, 4
 KL_RHO_GRAD = 2
 # row columns
@@ -69,32 +67,9 @@ LOG_1E8 = tl.constexpr(math.log(1e-8))
 
 
 @triton.jit
-def _clamp(x, lo, hi):
-    """clamp that keeps NaN (tl.minimum / tl.maximum would drop it)."""
-    return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
-
-
-@triton.jit
-def _k3(x):
-    """(exp(x) - x - 1, expm1(x)) without the cancellation of exp(x) against 1 + x near 0: for |x| < 0.5 the
-    series x^2 (1/2! + x/3! + ... + x^7/9!), elsewhere (+-inf and NaN included) from exp(x) (csrc/cpu/vec_math.h)."""
-    e = tl.exp(x)
-    p = x * 2.7557319e-6 + 2.4801587e-5
-    p = p * x + 1.9841270e-4
-    p = p * x + 1.3888889e-3
-    p = p * x + 8.3333333e-3
-    p = p * x + 4.1666667e-2
-    p = p * x + 1.6666667e-1
-    p = p * x + 0.5
-    s = x * x * p
-    small = (x > -0.5) & (x < 0.5)
-    return tl.where(small, s, e - x - 1.0), tl.where(small, x + s, e - 1.0)
-
-
-@triton.jit
 def _rollout_weight(r, r_min, r_max, TRUNC: tl.constexpr):
     if TRUNC:
-        return _clamp(r, r_min, r_max)
+        return clamp(r, r_min, r_max)
     else:
         return tl.where((r >= r_min) & (r <= r_max), r, 0.0)
 
@@ -165,17 +140,17 @@ def _row_sums(lp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, keep_ptr, iw_ptr, ba
                 kd = old - lp
             skd += tl.sum(tl.where(v & (kd == kd), kd, 0.0), 0)  # a NaN (either side) is no evidence, as TRL
             if LT == VESPO:
-                slc += tl.sum(tl.where(v, _clamp(l, -20.0, 20.0), 0.0), 0)
+                slc += tl.sum(tl.where(v, clamp(l, -20.0, 20.0), 0.0), 0)
                 if HAS_IW:
                     iw = tl.load(iw_ptr + base + cols, mask=inb, other=1.0).to(tl.float32)
-                    sli += tl.sum(tl.where(v, _clamp(tl.log(iw), LOG_1E8, 20.0), 0.0), 0)
+                    sli += tl.sum(tl.where(v, clamp(tl.log(iw), LOG_1E8, 20.0), 0.0), 0)
             if LT == GMPO:
                 ct = tl.where(a > 0, tl.where(l > eps_high, eps_high, l),
                               tl.where(a < 0, tl.where(l < -eps_low, -eps_low, l), 0.0))
                 sc += tl.sum(tl.where(v, ct, 0.0), 0)
                 wt = tl.full([BLOCK_T], 1.0, tl.float32)
                 if TOK_ROLL:
-                    wt = _rollout_weight(tl.exp(_clamp(lr, -20.0, 20.0)), rollout_min, rollout_max, TRUNC)
+                    wt = _rollout_weight(tl.exp(clamp(lr, -20.0, 20.0)), rollout_min, rollout_max, TRUNC)
                 if HAS_KEEP:
                     wt = wt * tl.load(keep_ptr + base + cols, mask=inb, other=0.0)
                 sw += tl.sum(tl.where(v, wt, 0.0), 0)
@@ -222,7 +197,7 @@ def _loss_row(x_lp, old, l, a, picked, rho_c, rho_is, drho_is, rho_row, drho_row
             r1 = tl.where(rho > delta, delta, rho)
             dr1 = tl.where(rho > delta, 0.0, 1.0)
         L1 = -a * r1
-        L2 = -a * _clamp(rho, lo, hi)
+        L2 = -a * clamp(rho, lo, hi)
         dL2 = tl.where((rho >= lo) & (rho <= hi), -a, 0.0)
         is_clip = L2 > L1
         pg = tl.where(is_clip, L2, L1)
@@ -246,7 +221,7 @@ def _loss_row(x_lp, old, l, a, picked, rho_c, rho_is, drho_is, rho_row, drho_row
         pg = -a * rho + tl.where(picked, cov_kl_coef * tl.abs(l), 0.0)
         d_own = -a * rho + tl.where(picked, cov_kl_coef * sgn, 0.0)
     elif LT == CISPO:  # -sg(clip(rho, cispo_lo, cispo_hi)) A lp
-        w = _clamp(rho_is, cispo_lo, cispo_hi)
+        w = clamp(rho_is, cispo_lo, cispo_hi)
         pg = -w * a * x_lp
         d_own = -w * a
         clip = ((rho_is < cispo_lo) | (rho_is > cispo_hi)).to(tl.float32)
@@ -302,35 +277,6 @@ def _loss_row(x_lp, old, l, a, picked, rho_c, rho_is, drho_is, rho_row, drho_row
 
 
 @triton.jit
-def _kl_term(d, KL_TYPE: tl.constexpr, KL_CLAMP: tl.constexpr, KL_STRAIGHT: tl.constexpr):
-    """The KL estimator of d = lp - ref and its d/d(lp): k1 d, abs |d|, k2 d^2 / 2, k3 exp(-d) + d - 1
-    (KL_CLAMP: of clamp(-d, -20, 20), then clamped to [-10, 10]; no gradient where a clamp binds);
-    KL_STRAIGHT: k2's gradient d, 0 at an infinite d (kl_penalty's NAME+)."""
-    if KL_TYPE == K1:
-        kv = d
-        dkl = tl.zeros_like(d) + 1.0
-    elif KL_TYPE == KABS:
-        kv = tl.abs(d)
-        dkl = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
-    elif KL_TYPE == K2:
-        kv = 0.5 * d * d
-        dkl = d
-    else:
-        x = -d
-        if KL_CLAMP:
-            k3, em1 = _k3(_clamp(x, -20.0, 20.0))
-            kv = _clamp(k3, -10.0, 10.0)
-            live = (x >= -20.0) & (x <= 20.0) & (k3 >= -10.0) & (k3 <= 10.0)
-            dkl = tl.where(live, -em1, 0.0)
-        else:
-            kv, em1 = _k3(x)
-            dkl = -em1
-    if KL_STRAIGHT:
-        dkl = tl.where((d == float("inf")) | (d == -float("inf")), 0.0, d)
-    return kv, dkl
-
-
-@triton.jit
 def policy_loss_fwd_kernel(
     lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, roll_ptr, keep_ptr, iw_ptr, sel_ptr,
     row_ptr, dlp_ptr,
@@ -355,7 +301,7 @@ def policy_loss_fwd_kernel(
     inv_n = 1.0 / tl.maximum(n1, 1.0)
     w_row = tl.full([], 1.0, tl.float32)
     if SEQ_ROLL:
-        w_row = _rollout_weight(tl.exp(_clamp(slr, -20.0, 20.0)), rollout_min, rollout_max, TRUNC)
+        w_row = _rollout_weight(tl.exp(clamp(slr, -20.0, 20.0)), rollout_min, rollout_max, TRUNC)
     # off-policy mask: a row whose mean KL exceeds the threshold drops its tokens of negative advantage
     # (gmpo, one loss per row: the whole row when its mean advantage is negative)
     w_row_neg = w_row
@@ -374,7 +320,7 @@ def policy_loss_fwd_kernel(
         drho_row = tl.where(m_l <= 10.0, rho_row, 0.0)  # torch.clamp(max=10): none above the cap (or at NaN)
     if SEQ:  # no gradient where the cap binds (and none for a NaN mean), as torch.clamp
         m_l = sl * inv_n
-        rho_row = tl.exp(_clamp(m_l, -log_ratio_cap, log_ratio_cap))
+        rho_row = tl.exp(clamp(m_l, -log_ratio_cap, log_ratio_cap))
         drho_row = tl.where((m_l >= -log_ratio_cap) & (m_l <= log_ratio_cap), rho_row, 0.0)
     gmpo_row = tl.zeros([], tl.float32)
     if LT == GMPO:  # -exp(mean_v c) mean_v A, times sum_v w_tok and the geometric mean of iw
@@ -383,7 +329,7 @@ def policy_loss_fwd_kernel(
             geo = tl.exp(sli * inv_n)
         gmpo_row = tl.where(n1 > 0, w_row * sw * (-tl.exp(sc * inv_n) * (sa * inv_n)) * geo, 0.0)
     gmpo_g = gmpo_row * inv_n
-    vespo_logw = _clamp(slc + sli, LOG_1E8, 20.0)
+    vespo_logw = clamp(slc + sli, LOG_1E8, 20.0)
     vespo_w = tl.exp(vespo_logw)
     phi_row = tl.zeros([], tl.float32)
     if LT == VESPO:
@@ -407,7 +353,7 @@ def policy_loss_fwd_kernel(
     for start in range(0, T, BLOCK_T):
         cols, inb, v, x_lp, old, a = _load_tokens(lp_ptr, old_ptr, adv_ptr, mask_ptr, base, start, T, BLOCK_T)
         l = x_lp - old
-        rho_c = tl.exp(_clamp(l, -log_ratio_cap, log_ratio_cap))
+        rho_c = tl.exp(clamp(l, -log_ratio_cap, log_ratio_cap))
         # 0 where the cap binds or for a NaN log-ratio, as torch.clamp
         drho_c = tl.where((l >= -log_ratio_cap) & (l <= log_ratio_cap), rho_c, 0.0)
         zero = tl.zeros([BLOCK_T], tl.float32)
@@ -430,7 +376,7 @@ def policy_loss_fwd_kernel(
             w = w * tl.load(keep_ptr + base + cols, mask=inb, other=0.0)
         if TOK_ROLL:
             rl = tl.load(roll_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
-            w = w * _rollout_weight(tl.exp(_clamp(_rollout_log_ratio(old, rl), -20.0, 20.0)), rollout_min,
+            w = w * _rollout_weight(tl.exp(clamp(_rollout_log_ratio(old, rl), -20.0, 20.0)), rollout_min,
                                     rollout_max, TRUNC)
         if LT == GMPO:
             L = zero
@@ -443,7 +389,7 @@ def policy_loss_fwd_kernel(
         klv = zero
         if KL_ON:
             ref = tl.load(ref_ptr + base + cols, mask=inb, other=0.0).to(tl.float32)
-            kv, dkl = _kl_term(x_lp - ref, KL_TYPE, KL_CLAMP, KL_STRAIGHT)
+            kv, dkl = kl_term(x_lp - ref, KL_TYPE, KL_CLAMP, KL_STRAIGHT)
             # a coefficient of 0 leaves the term out (exactly 0 at an infinite or NaN KL); the metric keeps it
             kl_on = kl_coef != 0.0
             if KL_RHO:

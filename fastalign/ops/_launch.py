@@ -7,6 +7,7 @@ import contextlib
 import functools
 import importlib
 import inspect
+import os
 import typing
 from typing import Callable, Optional
 
@@ -169,12 +170,28 @@ def _core_loads() -> bool:
     return True
 
 
-def eager_cpp(*tensors: torch.Tensor) -> bool:
-    """Where an op with a torch formula for every other call runs its C++ kernel instead (``kl_penalty``,
-    ``masked_whiten``): a plain eager call (:func:`runs_directly`) on CPU tensors under the ``auto`` or ``cpp``
-    setting, with the compiled core loaded."""
-    return (all(t.device.type == "cpu" for t in tensors) and _backend.current() in ("auto", "cpp")
-            and runs_directly("cpp", *tensors) and _core_loads())
+def eager_family_on(families: tuple[str, ...], device: torch.device) -> Optional[str]:
+    """The kernel family (of ``families``, ``"cpp"`` and / or ``"triton"``) that an op with a torch formula for
+    every other call (``kl_penalty``, ``masked_whiten``) runs in a plain eager call on tensors on ``device``, None
+    for its torch ops: ``cpp`` on CPU tensors under ``auto`` or ``cpp`` with the compiled core loaded; ``triton``
+    on CUDA tensors under ``auto``, ``triton`` or ``cuda``, and on CPU tensors under ``triton`` with
+    ``TRITON_INTERPRET=1``, with Triton installed."""
+    setting = _backend.current()
+    if "cpp" in families and device.type == "cpu" and setting in ("auto", "cpp") and _core_loads():
+        return "cpp"
+    on_gpu = device.type == "cuda" and setting in ("auto", "triton", "cuda")
+    interpreted = device.type == "cpu" and setting == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    if "triton" in families and (on_gpu or interpreted) and _backend.triton_installed():
+        return "triton"
+    return None
+
+
+def eager_family(families: tuple[str, ...], *tensors: torch.Tensor) -> Optional[str]:
+    """:func:`eager_family_on` for ``tensors`` (on one device) in a plain eager call (:func:`runs_directly`), else
+    None (the torch ops)."""
+    if not runs_directly("cpp", *tensors) or any(t.device != tensors[0].device for t in tensors):
+        return None
+    return eager_family_on(families, tensors[0].device)
 
 
 def save_for_backward(ctx, *tensors: Optional[torch.Tensor]) -> None:

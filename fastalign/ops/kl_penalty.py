@@ -1,7 +1,8 @@
-"""The per-token KL estimators (docs/math.md#kl-estimators) as torch ops, and on eager CPU tensors (k2, k3 and the
-straight-through estimators) as one pass of the C++ kernel (``csrc/cpu/kl_penalty.cpp``, with the table of
-``csrc/cpu/kl_estimators.h`` that the fused policy loop uses too) for the value and one for the gradient. Same
-results up to the rounding of ``exp``; everywhere else (GPU, torch.compile, which fuses the torch ops, functorch
+"""The per-token KL estimators (docs/math.md#kl-estimators) as torch ops, and in eager calls (k2, k3 and the
+straight-through estimators) as one kernel pass for the value and one for the gradient: C++ on CPU tensors
+(``csrc/cpu/kl_penalty.cpp``, with the table of ``csrc/cpu/kl_estimators.h`` that the fused policy loop uses too),
+Triton on CUDA tensors (``fastalign/kernels/kl_penalty.py``, the table of ``kernels/kl_estimators.py``). Same
+results up to the rounding of ``exp``; everywhere else (torch.compile, which fuses the torch ops, functorch
 transforms) the torch ops run.
 
 ``base`` is ``"k1"``, ``"abs"``, ``"k2"`` or ``"k3"``; ``straight``: the value of ``base`` with the gradient of k2;
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend
-from fastalign.ops._launch import DTYPE_CODE, eager_cpp
+from fastalign.ops._launch import DTYPE_CODE, eager_family, on_device, triton_kernels
 
 #: the kernel's codes of the estimators
 KL_CODES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
@@ -81,11 +82,15 @@ def _kernel_inputs(logprobs: Tensor, ref_logprobs: Tensor) -> tuple[Tensor, Tens
     return logprobs.contiguous(), ref_logprobs.contiguous()
 
 
-def _run(lp: Tensor, ref: Tensor, options: tuple, out: Optional[Tensor] = None, g: Optional[Tensor] = None,
-         grad: Optional[Tensor] = None) -> None:
-    """One kernel call: the values into ``out``, or with ``g`` (fp32: every element's, or one for all) the gradient
-    into ``grad``."""
+def _run(family: str, lp: Tensor, ref: Tensor, options: tuple, out: Optional[Tensor] = None,
+         g: Optional[Tensor] = None, grad: Optional[Tensor] = None) -> None:
+    """One kernel call of ``family``: the values into ``out``, or with ``g`` (fp32: every element's, or one for
+    all) the gradient into ``grad``."""
     base, straight, kl_clamp = options
+    if family == "triton":
+        with on_device(lp):
+            triton_kernels("kl_penalty").kl_penalty(lp, ref, KL_CODES[base], straight, kl_clamp, out, g, grad)
+        return
     g_scalar = g is not None and g.numel() == 1 and lp.numel() > 1
     _backend.compiled().kl_penalty_cpu(lp.data_ptr(), ref.data_ptr(), DTYPE_CODE[lp.dtype], lp.numel(),
                                        KL_CODES[base], straight, kl_clamp, 0 if out is None else out.data_ptr(),
@@ -93,11 +98,11 @@ def _run(lp: Tensor, ref: Tensor, options: tuple, out: Optional[Tensor] = None, 
                                        0 if grad is None else grad.data_ptr())
 
 
-def _values(logprobs: Tensor, ref_logprobs: Tensor, options: tuple) -> Tensor:
+def _values(family: str, logprobs: Tensor, ref_logprobs: Tensor, options: tuple) -> Tensor:
     lp, ref = _kernel_inputs(logprobs, ref_logprobs)
-    out = torch.empty(logprobs.shape, dtype=torch.float32)
+    out = torch.empty(logprobs.shape, dtype=torch.float32, device=logprobs.device)
     if lp.numel():
-        _run(lp, ref, options, out=out)
+        _run(family, lp, ref, options, out=out)
     return out
 
 
@@ -114,31 +119,32 @@ class _KlPenaltyEager(torch.autograd.Function):
     is the torch ops' (differentiable again)."""
 
     @staticmethod
-    def forward(ctx, logprobs, ref_logprobs, options):
+    def forward(ctx, family, logprobs, ref_logprobs, options):
         ctx.save_for_backward(logprobs, ref_logprobs)
-        ctx.options = options
-        return _values(logprobs, ref_logprobs, options)
+        ctx.family, ctx.options = family, options
+        return _values(family, logprobs, ref_logprobs, options)
 
     @staticmethod
     def backward(ctx, g):
         logprobs, ref_logprobs = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: a gradient that can be differentiated again
             v = kl_penalty_torch(logprobs, ref_logprobs, *ctx.options)
-            return torch.autograd.grad(v, logprobs, g, create_graph=True)[0], None, None
+            return None, torch.autograd.grad(v, logprobs, g, create_graph=True)[0], None, None
         lp, ref = _kernel_inputs(logprobs.detach(), ref_logprobs)
         grad = torch.empty_like(lp)
         if lp.numel():
-            _run(lp, ref, ctx.options, g=_upstream(g), grad=grad)
-        return grad.to(logprobs.dtype), None, None
+            _run(ctx.family, lp, ref, ctx.options, g=_upstream(g), grad=grad)
+        return None, grad.to(logprobs.dtype), None, None
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, base: str, straight: bool, kl_clamp: bool) -> Tensor:
-    """The estimate per element, fp32: the C++ kernel in a plain eager call on CPU tensors (with the C++ backend
-    in force) for k2, k3 and the straight-through estimators; the torch ops elsewhere, and for k1 and abs, which
-    are one or two torch ops that one kernel pass does not beat."""
+    """The estimate per element, fp32: in a plain eager call the C++ kernel on CPU tensors or the Triton kernel on
+    CUDA tensors (:func:`~fastalign.ops._launch.eager_family`) for k2, k3 and the straight-through estimators; the
+    torch ops elsewhere, and for k1 and abs, which are one or two torch ops that one kernel pass does not beat."""
     options = (base, bool(straight), bool(kl_clamp))
-    if (straight or base in ("k2", "k3")) and eager_cpp(logprobs, ref_logprobs):
+    family = (straight or base in ("k2", "k3")) and eager_family(("cpp", "triton"), logprobs, ref_logprobs)
+    if family:
         if torch.is_grad_enabled() and logprobs.requires_grad:
-            return _KlPenaltyEager.apply(logprobs, ref_logprobs, options)
-        return _values(logprobs, ref_logprobs, options)
+            return _KlPenaltyEager.apply(family, logprobs, ref_logprobs, options)
+        return _values(family, logprobs, ref_logprobs, options)
     return kl_penalty_torch(logprobs, ref_logprobs, *options)

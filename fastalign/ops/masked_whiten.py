@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend
-from fastalign.ops._launch import eager_cpp
+from fastalign.ops._launch import eager_family
 
 #: the kernel's mask dtypes; a bool mask is read as fp32 (exact, and the loops stay SIMD), any other as fp64
 _MASK_CODES = {torch.float32: 0, torch.float64: 1}
@@ -52,7 +52,7 @@ def masked_whiten(x: Tensor, mask: Tensor, eps: float, unbiased: bool) -> Tensor
     """``weighted_whiten(x, m) * m`` in x's dtype (``mask`` of x's shape, any real dtype): the C++ kernel in a
     plain eager call on CPU tensors (with the C++ backend in force) that takes no gradient, the torch ops
     elsewhere."""
-    if eager_cpp(x, mask) and not (torch.is_grad_enabled() and x.requires_grad):
+    if eager_family(("cpp",), x, mask) and not (torch.is_grad_enabled() and x.requires_grad):
         return _kernel(x, mask, eps, unbiased)
     m = mask.to(torch.float64)
     return (weighted_whiten(x, m, eps, unbiased) * m).to(x.dtype)
