@@ -88,3 +88,8 @@ def test_which_path_runs(monkeypatch):
     assert calls == [1] and out.requires_grad
     out.sum().backward()
     assert torch.isfinite(xg.grad).all()
+    w = m.float().requires_grad_(True)  # weights that take a gradient: the torch ops too
+    out = fa.masked_whiten(torch.nan_to_num(x), w)
+    assert calls == [1] and out.requires_grad
+    (out * torch.arange(20.0)).sum().backward()
+    assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0

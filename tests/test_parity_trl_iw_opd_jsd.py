@@ -111,7 +111,9 @@ def test_num_items_in_batch_divides_as_trl(num_items):
     (torch.tensor(float("nan")), ValueError, "^num_items_in_batch must be >= 0 and finite"),
     (torch.ones(2), ValueError, "^num_items_in_batch must be a number or a one-element tensor"),
     ("6", TypeError, "^num_items_in_batch must be a real number"),
-], ids=["negative", "nan", "two-elements", "str"])
+    (torch.tensor(1e300, dtype=torch.float64), ValueError, "^num_items_in_batch must be >= 0 and finite"),
+    (1e300, ValueError, "^num_items_in_batch must be >= 0 and finite"),
+], ids=["negative", "nan", "two-elements", "str", "past-fp32-tensor", "past-fp32-number"])
 def test_a_bad_num_items_in_batch_is_named_as_passed(fields, bad, err, match):
     """The count goes to linear_divergence_loss's global_tokens: its errors name TRL's num_items_in_batch."""
     h, w, ht, wt, ids, labels = _batch()

@@ -31,15 +31,15 @@ def kl_penalty_kernel(lp_ptr, ref_ptr, out_ptr, g_ptr, grad_ptr, n, KL_TYPE: tl.
         tl.store(out_ptr + offs, kv, mask=live)
 
 
-def kl_penalty(lp, ref, kl_type: int, straight: bool, kl_clamp: bool, out=None, g=None, grad=None):
+def kl_penalty(lp, ref, kl_type: int, straight: bool, kl_clamp: bool, out=None, g=None, g_scalar=False, grad=None):
     """Launch on flat contiguous ``lp`` and ``ref`` (one device): the values into ``out`` (fp32), or with ``g``
-    (fp32: every element's, or one for all) the gradient into ``grad`` (lp's dtype)."""
+    (fp32: every element's, or with ``g_scalar`` one for all) the gradient into ``grad`` (lp's dtype)."""
     n = lp.numel()
     backward = g is not None
     kl_penalty_kernel[(triton.cdiv(n, BLOCK),)](
         lp, ref, out if out is not None else grad, g if backward else lp, grad if backward else out, n,
         KL_TYPE=kl_type, KL_CLAMP=bool(kl_clamp), KL_STRAIGHT=bool(straight), BACKWARD=backward,
-        G_SCALAR=backward and g.numel() == 1 and n > 1, BLOCK=BLOCK)
+        G_SCALAR=bool(g_scalar), BLOCK=BLOCK)
 
 
 def aot_cases(dtype):
@@ -57,4 +57,4 @@ def aot_cases(dtype):
                                                                                        clamp, out=meta())
         yield name + "+grad", lambda kl_type=kl_type, straight=straight, clamp=clamp: kl_penalty(
             lp, ref, kl_type, straight, clamp, g=meta(), grad=meta(dtype))
-    yield "k3+grad+g_scalar", lambda: kl_penalty(lp, ref, 3, False, True, g=one, grad=meta(dtype))
+    yield "k3+grad+g_scalar", lambda: kl_penalty(lp, ref, 3, False, True, g=one, g_scalar=True, grad=meta(dtype))

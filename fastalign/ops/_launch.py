@@ -175,7 +175,8 @@ def eager_family_on(families: tuple[str, ...], device: torch.device) -> Optional
     every other call (``kl_penalty``, ``masked_whiten``) runs in a plain eager call on tensors on ``device``, None
     for its torch ops: ``cpp`` on CPU tensors under ``auto`` or ``cpp`` with the compiled core loaded; ``triton``
     on CUDA tensors under ``auto``, ``triton`` or ``cuda``, and on CPU tensors under ``triton`` with
-    ``TRITON_INTERPRET=1``, with Triton installed."""
+    ``TRITON_INTERPRET=1``, with Triton installed. Unlike a custom op these ops do not raise where a requested
+    family cannot run: the torch ops compute the same formula there."""
     setting = _backend.current()
     if "cpp" in families and device.type == "cpu" and setting in ("auto", "cpp") and _core_loads():
         return "cpp"
@@ -187,9 +188,9 @@ def eager_family_on(families: tuple[str, ...], device: torch.device) -> Optional
 
 
 def eager_family(families: tuple[str, ...], *tensors: torch.Tensor) -> Optional[str]:
-    """:func:`eager_family_on` for ``tensors`` (on one device) in a plain eager call (:func:`runs_directly`), else
-    None (the torch ops)."""
-    if not runs_directly("cpp", *tensors) or any(t.device != tensors[0].device for t in tensors):
+    """:func:`eager_family_on` for ``tensors`` (on one device) in a plain :func:`eager` call, else None (the torch
+    ops)."""
+    if not eager(*tensors) or any(t.device != tensors[0].device for t in tensors):
         return None
     return eager_family_on(families, tensors[0].device)
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend
-from fastalign.ops._launch import DTYPE_CODE, eager_family, on_device, triton_kernels
+from fastalign.ops._launch import DTYPE_CODE, eager_family, on_device, save_for_backward, triton_kernels
 
 #: the kernel's codes of the estimators
 KL_CODES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
@@ -68,9 +68,11 @@ def kl_penalty_torch(logprobs: Tensor, ref_logprobs: Tensor, base: str, straight
         if kl_clamp:
             v = v.clamp(-10.0, 10.0)
     if straight:  # the value of base, the gradient of k2 (d); 0 where d is infinite (no inf - inf), NaN stays NaN
-        d_grad = torch.where(torch.isinf(d), torch.zeros((), device=d.device), d)
-        k2 = 0.5 * d_grad * d_grad
-        v = k2 - k2.detach() + v.detach()
+        a = torch.where(torch.isinf(d), torch.zeros((), device=d.device), d)
+        c = a.detach()
+        # (a - c)(a + c) / 2 = k2(a) - k2(c): 0 in value, a in gradient, 1 in second derivative; the halves are
+        # added (not the sum halved) so that no finite |d| overflows, where k2(d) itself would (|d| > 1.8e19)
+        v = v.detach() + (a - c) * (0.5 * a + 0.5 * c)
     return v
 
 
@@ -87,11 +89,12 @@ def _run(family: str, lp: Tensor, ref: Tensor, options: tuple, out: Optional[Ten
     """One kernel call of ``family``: the values into ``out``, or with ``g`` (fp32: every element's, or one for
     all) the gradient into ``grad``."""
     base, straight, kl_clamp = options
+    g_scalar = g is not None and g.numel() == 1 and lp.numel() > 1
     if family == "triton":
         with on_device(lp):
-            triton_kernels("kl_penalty").kl_penalty(lp, ref, KL_CODES[base], straight, kl_clamp, out, g, grad)
+            triton_kernels("kl_penalty").kl_penalty(lp, ref, KL_CODES[base], straight, kl_clamp, out, g, g_scalar,
+                                                    grad)
         return
-    g_scalar = g is not None and g.numel() == 1 and lp.numel() > 1
     _backend.compiled().kl_penalty_cpu(lp.data_ptr(), ref.data_ptr(), DTYPE_CODE[lp.dtype], lp.numel(),
                                        KL_CODES[base], straight, kl_clamp, 0 if out is None else out.data_ptr(),
                                        0 if g is None else g.data_ptr(), g_scalar,
@@ -120,7 +123,7 @@ class _KlPenaltyEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, family, logprobs, ref_logprobs, options):
-        ctx.save_for_backward(logprobs, ref_logprobs)
+        save_for_backward(ctx, logprobs, ref_logprobs)  # a reference from an inference pass is copied
         ctx.family, ctx.options = family, options
         return _values(family, logprobs, ref_logprobs, options)
 

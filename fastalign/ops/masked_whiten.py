@@ -50,9 +50,9 @@ def _kernel(x: Tensor, mask: Tensor, eps: float, unbiased: bool) -> Tensor:
 
 def masked_whiten(x: Tensor, mask: Tensor, eps: float, unbiased: bool) -> Tensor:
     """``weighted_whiten(x, m) * m`` in x's dtype (``mask`` of x's shape, any real dtype): the C++ kernel in a
-    plain eager call on CPU tensors (with the C++ backend in force) that takes no gradient, the torch ops
-    elsewhere."""
-    if eager_family(("cpp",), x, mask) and not (torch.is_grad_enabled() and x.requires_grad):
+    plain eager call on CPU tensors (with the C++ backend in force) where neither input takes a gradient, the
+    torch ops elsewhere."""
+    if eager_family(("cpp",), x, mask) and not (torch.is_grad_enabled() and (x.requires_grad or mask.requires_grad)):
         return _kernel(x, mask, eps, unbiased)
     m = mask.to(torch.float64)
     return (weighted_whiten(x, m, eps, unbiased) * m).to(x.dtype)

@@ -135,7 +135,9 @@ def trl_global_tokens(num_items_in_batch, device) -> Optional[Tensor]:
         _validate.count("num_items_in_batch", num_items_in_batch)
     elif not _validate.finite_number("num_items_in_batch", num_items_in_batch) >= 0:  # 0 is TRL's, divided as 1
         raise ValueError(f"num_items_in_batch must be >= 0 and finite, got {num_items_in_batch}")
-    return torch.as_tensor(num_items_in_batch, device=device).float().reshape(())
+    count = torch.as_tensor(num_items_in_batch, device=device).float().reshape(())
+    _validate.count("num_items_in_batch", count)  # a count past fp32's range is inf now
+    return count
 
 
 def teacher_divergence(trainer, model, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
