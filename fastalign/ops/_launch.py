@@ -1,6 +1,7 @@
 """Small helpers shared by the ops: how an op is declared (:func:`kernel_op`), when a call may skip the
-dispatcher (:func:`runs_directly`), the device kernels launch on (:func:`on_device`), dtype codes, raw pointers,
-Triton kernels."""
+dispatcher (:func:`runs_directly`), which kernel an op without a custom op runs in an eager call
+(:func:`eager_family`), the device kernels launch on (:func:`on_device`), dtype codes, raw pointers, Triton
+kernels."""
 from __future__ import annotations
 
 import contextlib
@@ -157,7 +158,8 @@ def runs_directly(backend: str, *tensors: Optional[torch.Tensor]) -> bool:
     """The one rule for skipping the custom-op dispatcher: the C++ kernels (``backend == "cpp"``, CPU
     tensors) in a plain :func:`eager` call. The op's implementation (``op.direct``, or an autograd
     Function over it) then runs without the dispatcher's per-call cost; same kernels, same results.
-    Everything else (torch.compile, fake tensors and other subclasses, modes, GPU) calls the op."""
+    Everything else (torch.compile, fake tensors and other subclasses, modes, GPU) calls the op. (The ops
+    without a custom op choose their eager kernels by :func:`eager_family`.)"""
     return backend == "cpp" and eager(*tensors)
 
 

@@ -3,7 +3,7 @@ straight-through estimators) as one kernel pass for the value and one for the gr
 (``csrc/cpu/kl_penalty.cpp``, with the table of ``csrc/cpu/kl_estimators.h`` that the fused policy loop uses too),
 Triton on CUDA tensors (``fastalign/kernels/kl_penalty.py``, the table of ``kernels/kl_estimators.py``). Same
 results up to the rounding of ``exp``; everywhere else (torch.compile, which fuses the torch ops, functorch
-transforms) the torch ops run.
+transforms, a ``create_graph`` backward) and for k1 and abs the torch ops run.
 
 ``base`` is ``"k1"``, ``"abs"``, ``"k2"`` or ``"k3"``; ``straight``: the value of ``base`` with the gradient of k2;
 ``kl_clamp``: k3's clamps. ``ref_logprobs`` is a constant.
