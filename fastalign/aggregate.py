@@ -81,7 +81,8 @@ def _local_seqs(row_n: Tensor, every_row: bool, lmax: int = 1):
     """This rank's sequence count (every row, or the rows with a valid token) times ``lmax``, at least 1."""
     if every_row:
         return float(max(row_n.shape[0] * lmax, 1))
-    return whole_divisor((row_n > 0).sum().float() * lmax)
+    rows = (row_n > 0).sum().float()
+    return whole_divisor(rows * lmax if lmax != 1 else rows)  # no op for the sequence means' count
 
 
 class RowAggregation:
