@@ -1,7 +1,6 @@
 """KL estimators between the policy and a reference policy, per token (docs/math.md#kl-estimators)."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from fastalign import _validate

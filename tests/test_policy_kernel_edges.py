@@ -195,6 +195,7 @@ def test_loss_and_kl_codes_agree_across_python_cpp_and_triton():
     """The row codes are written three times (policy_config and the kl_penalty op, the C++ enums, the Triton
     constants): they agree."""
     triton_kernel = pytest.importorskip("fastalign.kernels.policy_loss")
+    triton_kl = pytest.importorskip("fastalign.kernels.kl_estimators")
     loss_rows, kl_types = _cpp_enum("LossType"), _cpp_enum("KLType", "kl_estimators.h")
     assert len(loss_rows) == len(policy_config.LOSS_CODES) and len(kl_types) == len(policy_config.KL_CODES)
     for name, code in policy_config.LOSS_CODES.items():
@@ -203,4 +204,4 @@ def test_loss_and_kl_codes_agree_across_python_cpp_and_triton():
     for name, triton_name, cpp_name in (("k1", "K1", "kK1"), ("abs", "KABS", "kAbs"), ("k2", "K2", "kK2"),
                                         ("k3", "K3", "kK3")):
         code = policy_config.KL_CODES[name]
-        assert getattr(triton_kernel, triton_name).value == code and kl_types[cpp_name] == code, name
+        assert getattr(triton_kl, triton_name).value == code and kl_types[cpp_name] == code, name

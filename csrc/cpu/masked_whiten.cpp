@@ -25,9 +25,6 @@ namespace {
 
 constexpr int64_t kBlock = int64_t(1) << 14;
 
-template <typename M>
-FASTALIGN_KERNEL_BODY double weight(M m) { return static_cast<double>(m); }
-
 // Each loop computes both sides of a choice and selects one (w != 0 ? a : 0), so it vectorises; a masked x never
 // reaches a sum or an output.
 
@@ -37,7 +34,7 @@ FASTALIGN_KERNEL_BODY void moments(const X* __restrict x, const M* __restrict m,
   double sw = 0.0, swx = 0.0;
 #pragma omp simd reduction(+ : sw, swx)
   for (int64_t t = 0; t < n; ++t) {
-    const double w = weight(m[t]), wx = w * static_cast<double>(x[t]);
+    const double w = static_cast<double>(m[t]), wx = w * static_cast<double>(x[t]);
     sw += w;
     swx += w != 0.0 ? wx : 0.0;
   }
@@ -51,7 +48,7 @@ FASTALIGN_KERNEL_BODY void squares(const X* __restrict x, const M* __restrict m,
   double sq = 0.0;
 #pragma omp simd reduction(+ : sq)
   for (int64_t t = 0; t < n; ++t) {
-    const double w = weight(m[t]), d = static_cast<double>(x[t]) - mean, wdd = w * (d * d);
+    const double w = static_cast<double>(m[t]), d = static_cast<double>(x[t]) - mean, wdd = w * (d * d);
     sq += w != 0.0 ? wdd : 0.0;
   }
   s[0] = sq;
@@ -63,7 +60,7 @@ FASTALIGN_KERNEL_BODY void scale(const X* __restrict x, const M* __restrict m, i
                                  X* __restrict out) {
 #pragma omp simd
   for (int64_t t = 0; t < n; ++t) {
-    const double w = weight(m[t]), y = (static_cast<double>(x[t]) - mean) * inv * w;
+    const double w = static_cast<double>(m[t]), y = (static_cast<double>(x[t]) - mean) * inv * w;
     out[t] = static_cast<X>(w != 0.0 ? y : 0.0);
   }
 }

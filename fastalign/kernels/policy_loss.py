@@ -33,7 +33,7 @@ import math
 import triton
 import triton.language as tl
 
-from fastalign.kernels.kl_estimators import K1, K2, K3, KABS, clamp, kl_term  # noqa: F401 (K*: the codes)
+from fastalign.kernels.kl_estimators import clamp, kl_term
 
 # loss-type rows and option codes: fastalign.policy_config (LOSS_CODES, ROLLOUT_CODES); the KL estimators' codes
 # K1..K3 (kl_estimators.py) are fastalign.ops.kl_penalty.KL_CODES
