@@ -142,8 +142,9 @@ def linear_divergence_loss(
             the global counts of :func:`fastalign.policy_loss`: a tensor 0 divides as 1 (a loss of 0 when no token
             is scored), a number 0 raises ``ValueError``; an eager CPU tensor is checked (``ValueError``),
             another is not read on the host and a negative, NaN or infinite value makes the loss NaN.
-        single_pass: ``"auto"`` (the gradients in the forward when they are needed and the call is eager),
-            True (the same; it raises under torch.compile), or False (the backward runs the blocks again).
+        single_pass: ``"auto"`` (the gradients in the forward when they are needed and the call is eager, but
+            not for fp16 inputs, whose d(logits) would come before a ``GradScaler``'s loss scale), True (the same
+            for every dtype; it raises under torch.compile), or False (the backward runs the blocks again).
             Gradients are needed when grad mode is on and ``hidden``, ``weight`` or ``bias`` requires grad: under
             ``torch.no_grad()`` every mode runs the forward's two products only. The single pass's loss can be
             differentiated once per forward (its gradients are scaled in place, holding no second copy of
@@ -220,7 +221,9 @@ def linear_divergence_loss(
     teacher = Head(ht2, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), t_scale, t_cap)
     opts = DivergenceOptions(inv_t, divergence, b, int(ignore_index), y is not None, name)
     # the gradients in the forward only when autograd may ask for them (grad mode on, a student tensor requires it)
-    single = single_pass is not False and is_eager and differentiated(hidden, weight, bias)
+    # "auto" leaves fp16 to the two passes: the single pass's d(logits) come before the loss scale (pays_off)
+    by_dtype = single_pass is True or torch.float16 not in (hidden.dtype, weight.dtype)
+    single = single_pass is not False and by_dtype and is_eager and differentiated(hidden, weight, bias)
     state = (scale, cap, teacher, mask, y, g_soft, g_hard, opts, single)
     with torch.autocast(dev.type, enabled=False):
         loss, div, ent, nll = divergence_loss(h2, weight, bias, state)

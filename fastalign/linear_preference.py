@@ -9,7 +9,7 @@ through the vocabulary, same loss and gradients:
   backward: logits recomputed chunk by chunk), then :func:`sequence_logprobs` and
   :func:`preference_loss`.
 * **single pass** (default for the pair-separable losses when gradients are needed, on a GPU
-  or with an fp32 head on the CPU): blocks of whole pairs
+  for a bf16 or fp32 head, with an fp32 head on the CPU): blocks of whole pairs
   go through the head once, their share of the loss giving d loss / d lp at once
   (:mod:`fastalign.ops.single_pass`, which calls back into this module's loss). The
   block's logits are the memory cost (``FASTALIGN_BLOCK_MIB``, 1024 MiB on a GPU and 64 MiB
@@ -178,8 +178,8 @@ class LinearPreferenceLoss(nn.Module):
 
     ``single_pass``: gradients computed while a block of whole pairs' logits is in memory
     (see the module docstring). ``"auto"`` (default) uses it in eager mode when gradients are
-    needed, on a GPU or with an fp32 head on the CPU, when the loss is pair-separable, the
-    batch is padded (not packed, no ``vocab_group``) and ``token_weights`` need no gradient (the
+    needed, on a GPU for a bf16 or fp32 head or with an fp32 head on the CPU, when the loss is
+    pair-separable, the batch is padded (not packed, no ``vocab_group``) and ``token_weights`` need no gradient (the
     single pass differentiates the hidden states and the head only; learned token weights take
     the two passes); ``True`` asks for it (an error where it does not apply); ``False`` never.
     """

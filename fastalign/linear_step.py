@@ -3,8 +3,8 @@ r"""A loss separable over items, from hidden states and the LM head, for a train
 :func:`separable_step` takes a caller's loss of per-token log-probs (and :math:`\sum_j p_j^2`) of a
 batch and goes through the head in one of two ways, same loss and gradients:
 
-* **single pass** (when gradients are needed, an item's logits fit the block budget, on a GPU or
-  with an fp32 head on the CPU): blocks of whole items go through the head once
+* **single pass** (when gradients are needed, an item's logits fit the block budget, on a GPU
+  for a bf16 or fp32 head, with an fp32 head on the CPU): blocks of whole items go through the head once
   (:mod:`fastalign.ops.single_pass`); a block's share is the loss with the other items' statistics
   held constant, which has the loss's gradient with respect to the block's statistics when the loss
   is separable over items: three matrix products instead of four;

@@ -171,6 +171,39 @@ def test_backward_scales_by_the_incoming_gradient():
             assert_close(c, 3 * a, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype,scale", [(torch.bfloat16, 1 / 3), (torch.float16, 2.0 ** 16)])
+def test_single_pass_scales_the_fp32_gradients_and_rounds_once(dtype, scale):
+    """A GradScaler's 2^16 (inf in fp16) or 1 / accumulation steps (0.2% high in bf16) multiplies the single
+    pass's fp32 gradients, which are then rounded once: the fp32 step's gradients rounded to the dtype, without
+    the bias of a rounded scale in the mean."""
+    h, w, b, ht, wt, bt, y = _batch(7, B=4, T=8, dtype=dtype)
+    f32 = [t.detach().float().requires_grad_() for t in (h, w, b)]
+    for xs in ((h, w, b), f32):
+        loss, _ = fastalign.linear_divergence_loss(xs[0], xs[1], ht.float(), wt.float(), bias=xs[2],
+                                                   teacher_bias=bt.float(), beta=0.5, single_pass=True)
+        (loss * scale).backward()
+    for x, ref, name in zip((h, w, b), f32, ("d hidden", "d weight", "d bias")):
+        want = ref.grad.to(dtype)
+        assert x.grad.dtype == dtype and torch.isfinite(x.grad).all(), name
+        assert_close(x.grad, want, atol=0, rtol=2.0 ** -7, what=name)
+        big = want.float().abs() > 1e-3 * want.float().abs().max()
+        ratio = (x.grad.float()[big] / want.float()[big]).mean().item()
+        assert abs(ratio - 1) < 3e-4, f"{name}: mean ratio to the once-rounded gradient {ratio}"
+
+
+def test_auto_takes_the_two_passes_for_fp16():
+    """fp16: "auto" takes the two passes (its backward runs again, so a retained graph can be differentiated
+    twice), where the single pass would form d(logits) before a loss scale."""
+    h, w, b, ht, wt, bt, y = _batch(8, dtype=torch.float16)
+    loss, _ = fastalign.linear_divergence_loss(h, w, ht, wt, bias=b, teacher_bias=bt)
+    first = torch.autograd.grad(loss, (h,), retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(loss, (h,))[0], first, rtol=0, atol=0)
+    loss, _ = fastalign.linear_divergence_loss(h.float(), w.float(), ht, wt, bias=b, teacher_bias=bt)
+    torch.autograd.grad(loss, (h,), retain_graph=True)
+    with pytest.raises(RuntimeError, match="once per forward"):  # fp32: the single pass
+        torch.autograd.grad(loss, (h,))
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_all_masked_and_single_token(backend):
     h, w, b, ht, wt, bt, y = _batch(6)

@@ -203,6 +203,30 @@ def test_bf16():
     check_same(run(d, cfg, True), run(d, cfg, False), tol=2e-2)
 
 
+@pytest.mark.parametrize("dtype,scale", [(torch.bfloat16, 1 / 3), (torch.bfloat16, 0.1), (torch.float16, 2.0 ** 16),
+                                         (torch.float16, 2.0 ** 12)])
+def test_gradients_are_scaled_in_fp32_and_rounded_once(dtype, scale):
+    """The incoming gradient (a GradScaler's 2^16, 1 / accumulation steps) multiplies the fp32 gradients, which
+    are then rounded once: each gradient is the fp32 one (the same step on the fp32 values of the inputs) times
+    the scale, rounded to the dtype; not the gradient rounded first and times the rounded scale (2^16 is inf in
+    fp16, 1/3 is 0.2% high in bf16), a bias that no rounding tolerance hides in the mean."""
+    d = make(seed=6, dtype=dtype)
+    cfg = CONFIGS["dapo+kl_rho"]
+    leaves = [d[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
+    f32 = [d[k].float().requires_grad_(True) for k in ("hidden", "weight", "bias")]
+    for xs in (leaves, f32):
+        loss, _ = fastalign.LinearPolicyLoss(single_pass=True, **cfg)(
+            xs[0], xs[1], d["labels"], d["old"], d["A"], d["mask"], bias=xs[2], ref_logprobs=d["ref"])
+        (loss * scale).backward()
+    for x, ref, name in zip(leaves, f32, ("d hidden", "d weight", "d bias")):
+        want = ref.grad.to(dtype)  # (the fp32 gradient times the scale) rounded once
+        assert x.grad.dtype == dtype and torch.isfinite(x.grad).all(), name
+        assert_close(x.grad, want, atol=0, rtol=2.0 ** -7, what=name)  # the fp32 sums' order: one ulp at most
+        big = want.float().abs() > 1e-3 * want.float().abs().max()
+        ratio = (x.grad.float()[big] / want.float()[big]).mean().item()
+        assert abs(ratio - 1) < 3e-4, f"{name}: mean ratio to the once-rounded gradient {ratio}"
+
+
 @pytest.mark.parametrize("config,call,match", [
     (dict(loss_type="clip_cov", cov_ratio=0.2), {}, "chooses its tokens across the batch"),
     (dict(loss_type="ppo", chunk=(4, 16)), {}, "chunk"),

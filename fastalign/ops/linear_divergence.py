@@ -126,10 +126,12 @@ def run_blocks(student: Head, teacher: Head, mask: Tensor, labels: Optional[Tens
     return div, ent, nll
 
 
-def _zero_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], need) -> tuple:
+def _zero_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], need, single_pass: bool) -> tuple:
     """``(dh, dw, db)`` for :func:`run_blocks` to fill: zeros for the inputs in ``need`` (``ctx.needs_input_grad``),
-    d(hidden) in its dtype, d(weight) and d(bias) in fp32; None for the others."""
-    return (torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need[0] else None,
+    d(weight) and d(bias) in fp32, d(hidden) in its dtype, or for the single pass in fp32 (scaled by the incoming
+    gradient in the backward, then rounded once); None for the others."""
+    dh_dtype = torch.float32 if single_pass else hidden.dtype
+    return (torch.zeros(hidden.shape, dtype=dh_dtype, device=hidden.device) if need[0] else None,
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None,
             torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
             if bias is not None and need[2] else None)
@@ -149,7 +151,7 @@ class DivergencePass(torch.autograd.Function):
         scale, cap, teacher, mask, labels, g_soft, g_hard, opts, single_pass = state
         student = Head(hidden, weight, bias, scale, cap)
         need = ctx.needs_input_grad
-        grads = _zero_grads(hidden, weight, bias, need) if single_pass and any(need[:3]) else None
+        grads = _zero_grads(hidden, weight, bias, need, True) if single_pass and any(need[:3]) else None
         div, ent, nll = run_blocks(student, teacher, mask, labels, g_soft if grads is not None else None,
                                    g_hard if grads is not None else None, opts, grads)
         loss = (g_soft * div).sum()
@@ -158,7 +160,7 @@ class DivergencePass(torch.autograd.Function):
         ctx.mark_non_differentiable(div, ent, nll)
         ctx.grads = grads
         ctx.single_pass = single_pass
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         if not single_pass:
             ctx.state = (student, teacher, mask, labels, g_soft, g_hard, opts)
         return loss, div, ent, nll
@@ -175,18 +177,14 @@ class DivergencePass(torch.autograd.Function):
             grads, ctx.grads = ctx.grads, None
         else:
             student, teacher, mask, labels, g_soft, g_hard, opts = ctx.state
-            grads = _zero_grads(student.hidden, student.weight, student.bias, need)
+            grads = _zero_grads(student.hidden, student.weight, student.bias, need, False)
             gf = g.float()
             run_blocks(student, teacher, mask, labels, g_soft * gf, None if g_hard is None else g_hard * gf, opts,
                        grads)
-        dh, dw, db = grads
-        if ctx.single_pass:
-            dh = None if dh is None else dh.mul_(g.to(dh.dtype))
-            dw = None if dw is None else dw.mul_(g.float())
-            db = None if db is None else db.mul_(g.float())
-        dw = None if dw is None or not need[1] else dw.to(ctx.dtypes[0])
-        db = None if db is None or not need[2] else db.to(ctx.dtypes[1])
-        return (dh if need[0] else None), dw, db, None
+        if ctx.single_pass:  # fp32 times the fp32 gradient (a loss scale, 1 / steps)
+            grads = tuple(None if d is None else d.mul_(g.float()) for d in grads)
+        dh, dw, db = (None if d is None or not n else d.to(dtype) for d, n, dtype in zip(grads, need, ctx.dtypes))
+        return dh, dw, db, None
 
 
 def divergence_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], state):
@@ -260,7 +258,7 @@ def linear_divergence_backward(
     student, teacher = _heads(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, scale, softcap,
                               teacher_scale, teacher_softcap)
     opts = DivergenceOptions(inv_temperature, divergence, beta, ignore_index, False, backend)
-    grads = _zero_grads(hidden, weight, bias, (need_hidden, need_weight, need_bias))
+    grads = _zero_grads(hidden, weight, bias, (need_hidden, need_weight, need_bias), False)
     g_soft = torch.zeros_like(mask) if grad_divergence is None else grad_divergence.float().contiguous()
     g_hard = None if grad_nll is None else grad_nll.float().contiguous()
     run_blocks(student, teacher, mask, labels, g_soft, g_hard, opts, grads)

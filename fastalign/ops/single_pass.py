@@ -100,10 +100,13 @@ def pays_off(weight: Tensor, *inputs, item_rows: int = 1) -> bool:
     (``item_rows`` rows, its padded length over every side) fit the block budget (:func:`block_budget_rows`: a
     longer item would be one block above the budget, where the two passes stay within their chunks), and it
     is faster: on a GPU (its blocks keep the input dtype), and on the CPU for an fp32 head (a bf16/fp16 one
-    would be converted to fp32 whole, for every block)."""
+    would be converted to fp32 whole, for every block). Not for fp16 inputs: the single pass forms d(logits)
+    before the backward brings the loss scale (``torch.amp.GradScaler``), and on a GPU they are fp16 operands,
+    in whose range the small ones would be lost; the two passes take them scaled."""
     tensors = (weight, *inputs)
     fits = item_rows <= block_budget_rows(weight.shape[0], inputs[0] if inputs else weight)
-    return fits and (weight.is_cuda or weight.dtype == torch.float32) and eager(*tensors)
+    fp16 = any(t is not None and t.dtype == torch.float16 for t in tensors)
+    return fits and not fp16 and (weight.is_cuda or weight.dtype == torch.float32) and eager(*tensors)
 
 
 class LogitPipeline(NamedTuple):
@@ -210,7 +213,8 @@ class _SinglePass(torch.autograd.Function):
         db = torch.zeros(V, dtype=torch.float32, device=weight.device) if bias is not None and need[1] else None
         dl = (torch.zeros(low_rank_weight.shape, dtype=torch.float32, device=weight.device)
               if low_rank_weight is not None and need[2] else None)
-        d_rows = [[torch.zeros(t.shape, dtype=t.dtype, device=t.device) if need[4 + j * n + i] else None
+        # d(hidden) (and the low-rank term's input's) in fp32 too: scaled by the incoming gradient, then rounded once
+        d_rows = [[torch.zeros(t.shape, dtype=torch.float32, device=t.device) if need[4 + j * n + i] else None
                    for i, t in enumerate(kind)] for j, kind in enumerate(kinds)]
         flats = [[t.reshape(-1, t.shape[-1]) for t in kind] for kind in kinds]
         y_flat = [y.reshape(-1).to(torch.int64) for y, _rows in side_labels]
@@ -292,7 +296,7 @@ class _SinglePass(torch.autograd.Function):
             for d_blk, d_sides in zip(d_blocks, d_rows):  # (dh, da) of the block, back to their sides
                 for d_side, ids, part in zip(d_sides, idx, in_order(d_blk).split(sizes)):
                     if d_side is not None:
-                        d_side.view(-1, part.shape[-1]).index_copy_(0, ids, part.to(d_side.dtype))
+                        d_side.view(-1, part.shape[-1]).index_copy_(0, ids, part.float())
         del buf
         with torch.no_grad():
             loss, metrics = total(lp_all, aux_all)
@@ -307,7 +311,7 @@ class _SinglePass(torch.autograd.Function):
                         d.masked_fill_(((y != pipe.ignore_index) & nan).unsqueeze(-1), math.nan)
         # kept as attributes, not saved tensors: backward scales them in place (no second [V, H])
         ctx.grads = (dw, db, dl, *(d for d_sides in d_rows for d in d_sides))
-        ctx.dtypes = tuple(None if t is None else t.dtype for t in (weight, bias, low_rank_weight))
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (weight, bias, low_rank_weight, *row_inputs))
         out["metrics"], out["stats"] = metrics, every
         return loss
 
@@ -321,11 +325,9 @@ class _SinglePass(torch.autograd.Function):
                                "drop-ins) to differentiate a retained graph more than once")
         grads, ctx.grads = ctx.grads, None
         n_rows = len(grads) - 3
-        dtypes = (*ctx.dtypes, *([None] * n_rows))  # the per-row gradients are already in their inputs' dtypes
         inputs = (0, 1, 2, *range(4, 4 + n_rows))  # (weight, bias, low_rank_weight, state, *rows): no state grad
         out = [None] * (4 + n_rows)
-        for t, dtype, i in zip(grads, dtypes, inputs):
-            if t is not None and ctx.needs_input_grad[i]:
-                t = t.mul_(g.to(t.dtype))
-                out[i] = t if dtype is None else t.to(dtype)
+        for t, dtype, i in zip(grads, ctx.dtypes, inputs):
+            if t is not None and ctx.needs_input_grad[i]:  # fp32 times the fp32 gradient (a loss scale, 1 / steps)
+                out[i] = t.mul_(g.float()).to(dtype)
         return tuple(out)
