@@ -196,6 +196,13 @@ def kl_penalty_cases(dtype):
     yield from K.aot_cases(dtype)
 
 
+def masked_whiten_cases(dtype):
+    """The three passes of ``masked_whiten``'s eager CUDA calls (float64 sums), unbiased and biased."""
+    from fastalign.kernels import masked_whiten as K
+
+    yield from K.aot_cases(dtype)
+
+
 def live_matmul_cases(dtype):
     """The LM-head products bounded by the count of labelled rows (device compaction)."""
     from fastalign.kernels import live_matmul as K
@@ -212,6 +219,7 @@ FAMILIES = [
     ("elementwise_divergence", elementwise_divergence_cases, ("bf16", "fp16", "fp32")),
     ("policy_loss", policy_loss_cases, ("fp32",)),
     ("kl_penalty", kl_penalty_cases, ("bf16", "fp32")),
+    ("masked_whiten", masked_whiten_cases, ("bf16", "fp32")),
     ("reverse_scan", scan_cases, ("fp32", "fp64")),
 ]
 

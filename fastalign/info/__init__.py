@@ -51,7 +51,7 @@ OPS = (
     ("aggregate_loss", None),
     ("group_advantages", "group_advantage"),
     ("token_advantages", None),
-    ("masked_whiten", EagerKernels(("cpp",))),
+    ("masked_whiten", EagerKernels(("cpp", "triton"))),
     ("reinforce_pp_advantages", "reverse_scan"),
     ("remax_advantages", "reverse_scan"),
     ("gae_advantages", "reverse_scan"),

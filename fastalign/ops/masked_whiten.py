@@ -1,7 +1,7 @@
 """Whitening over weighted tokens (docs/math.md#advantages) in float64: torch ops on any device, and for
-:func:`masked_whiten` in a plain eager call on CPU tensors one call of the C++ kernel
-(``csrc/cpu/masked_whiten.cpp``: three passes, float64 sums over fixed blocks). Same results up to the order of
-the float64 sums."""
+:func:`masked_whiten` in a plain eager call three passes of a kernel with float64 sums over fixed blocks: one call
+of the C++ kernel on CPU tensors (``csrc/cpu/masked_whiten.cpp``), three launches of the Triton kernel on CUDA
+tensors (``fastalign/kernels/masked_whiten.py``). Same results up to the order of the float64 sums."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _backend
-from fastalign.ops._launch import eager_family
+from fastalign.ops._launch import eager_family, on_device, triton_kernels
 
 #: the kernel's mask dtypes; a bool mask is read as fp32 (exact, and the loops stay SIMD), any other as fp64
 _MASK_CODES = {torch.float32: 0, torch.float64: 1}
@@ -35,7 +35,18 @@ def weighted_whiten(x: Tensor, w: Tensor, eps: float, unbiased: bool = True) -> 
     return torch.where(valid, (x64 - mean) * inv_std, 0.0)
 
 
-def _kernel(x: Tensor, mask: Tensor, eps: float, unbiased: bool) -> Tensor:
+def _triton(x: Tensor, mask: Tensor, eps: float, unbiased: bool) -> Tensor:
+    """The Triton kernel: x in its own dtype (read as float64) and the mask in its own (bool included)."""
+    xk, mk = x.contiguous(), mask.contiguous()
+    out = torch.empty_like(xk)
+    if xk.numel():
+        with on_device(xk):
+            triton_kernels("masked_whiten").masked_whiten(xk, mk, out, float(eps), bool(unbiased))
+    return out
+
+
+def _cpp(x: Tensor, mask: Tensor, eps: float, unbiased: bool) -> Tensor:
+    """The C++ kernel: x as fp32 or fp64, the mask as fp32 (bool) or fp64."""
     xk = x if x.dtype in (torch.float32, torch.float64) else x.double()  # one rounding to x's dtype, at the end
     xk = xk.contiguous()
     mk = mask.float() if mask.dtype == torch.bool else mask if mask.dtype in _MASK_CODES else mask.double()
@@ -49,10 +60,11 @@ def _kernel(x: Tensor, mask: Tensor, eps: float, unbiased: bool) -> Tensor:
 
 
 def masked_whiten(x: Tensor, mask: Tensor, eps: float, unbiased: bool) -> Tensor:
-    """``weighted_whiten(x, m) * m`` in x's dtype (``mask`` of x's shape, any real dtype): the C++ kernel in a
-    plain eager call on CPU tensors (with the C++ backend in force) where neither input takes a gradient, the
-    torch ops elsewhere."""
-    if eager_family(("cpp",), x, mask) and not (torch.is_grad_enabled() and (x.requires_grad or mask.requires_grad)):
-        return _kernel(x, mask, eps, unbiased)
+    """``weighted_whiten(x, m) * m`` in x's dtype (``mask`` of x's shape, any real dtype): in a plain eager call
+    where neither input takes a gradient the C++ kernel on CPU tensors, the Triton kernel on CUDA tensors
+    (:func:`~fastalign.ops._launch.eager_family`), the torch ops elsewhere."""
+    family = eager_family(("cpp", "triton"), x, mask)
+    if family and not (torch.is_grad_enabled() and (x.requires_grad or mask.requires_grad)):
+        return (_cpp if family == "cpp" else _triton)(x, mask, eps, unbiased)
     m = mask.to(torch.float64)
     return (weighted_whiten(x, m, eps, unbiased) * m).to(x.dtype)
