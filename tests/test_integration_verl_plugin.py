@@ -75,6 +75,15 @@ def test_register_is_idempotent():
     assert core_algos.get_policy_loss_fn("fastalign_vanilla") is plugin.POLICY_LOSSES["fastalign_vanilla"]
 
 
+def test_registered_functions_pickle_as_themselves():
+    """verl's registries hold functions that pickle (a spawned worker, a saved trainer state): ours too, by
+    reference to the plugin module's attribute of the function's name."""
+    fns = [core_algos.get_policy_loss_fn(m) for m in plugin.POLICY_LOSSES]
+    fns += [core_algos.get_adv_estimator_fn(e) for e in plugin.ADVANTAGE_ESTIMATORS]
+    for fn in fns:
+        assert pickle.loads(pickle.dumps(fn)) is fn, fn.__name__
+
+
 # ---------------------------------------------------------------------------------------------
 # policy losses
 

@@ -349,6 +349,9 @@ ADVANTAGE_ESTIMATORS: Dict[str, Callable] = {
     **{PREFIX + e: _advantage_fn(e) for e in ESTIMATORS},
     PREFIX + "grpo_batch_std": _grpo_batch_std_advantage,  # no verl counterpart
 }
+# each function is also this module's attribute under its own name, where pickle looks it up (a spawned worker,
+# a saved trainer state): ``fastalign_<mode>_policy_loss``, ``fastalign_<estimator>_advantage``
+globals().update({fn.__name__: fn for fn in (*POLICY_LOSSES.values(), *ADVANTAGE_ESTIMATORS.values())})
 
 
 def register() -> None:
