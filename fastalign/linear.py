@@ -211,8 +211,9 @@ def linear_logprobs(
     ``hidden``, ``weight`` and ``bias`` through the whole pipeline; backward
     recomputes the logits chunk by chunk, so peak extra memory is one chunk of
     logits (``FASTALIGN_LINEAR_CHUNK_MIB``, default 32 MiB) plus fp32 gradient
-    accumulators, never ``tokens x V``. On the CPU a bf16/fp16 head is multiplied
-    through an fp32 copy (``V x H`` fp32 beside the chunk, whatever the token count).
+    accumulators, never ``tokens x V``. On the CPU a bf16/fp16 head is widened to fp32
+    one chunk at a time, and its backward sums d(weight) in an fp32 ``V x H``
+    accumulator (beside the chunk, whatever the token count).
 
     Args:
         hidden: ``[..., H]`` float32/bfloat16/float16.
