@@ -253,7 +253,8 @@ def test_grpo_head_of_another_dtype_than_its_hidden_states_as_liger(hidden_dtype
 
 
 def test_grpo_advantages_of_shape_b_1_as_liger():
-    """``advantages [B, 1]``, one per sequence as a column, gives the loss of ``[B]``, as Liger's (it raised)."""
+    """``advantages [B, 1]``, one per sequence as a column, gives the loss of ``[B]``, as Liger's at one sequence a
+    chunk (with more, Liger's column broadcasts to ``[c, c, T]``: docs/integrations.md)."""
     fa, lg = _grpo_pair(dict(loss_type="grpo", beta=0.1))
     d = _grpo_batch(7)
     column = {**d, "adv": d["adv"][:, None]}
@@ -665,6 +666,23 @@ def test_kto_matches_liger(name, kl, item_passes):
         outs = [m(lv[0], lv[1], d["target"], lv[2], **kw) for m, lv in ((fa, leaves_fa), (lg, leaves_lg))]
         _compare(*outs, leaves_fa, leaves_lg, rtol=1e-5, atol=2e-6, what=f"kto/{name}/kl={kl}/bias={bias}")
     assert len(item_passes) == 2
+
+
+def test_kto_kl_per_response_is_read_row_by_row():
+    """A ``kl`` of one value per response: row i takes ``kl[i]``. Liger hands the whole ``kl`` to every chunk, where
+    it broadcasts against the chunk's rows: the same only with every response in one chunk (``chunk_size=N``)."""
+    d = _pref_batch(10, B=3)
+    labels = torch.tensor([True, False, True, True, False, False])
+    kl = torch.tensor([0.3, -0.1, 0.0, 0.7, 0.2, -0.4])
+    fa = fl.LigerFusedLinearKTOLoss(compiled=False, use_ref_model=True, beta=0.3)
+    lg = chunked.LigerFusedLinearKTOLoss(compiled=False, use_ref_model=True, beta=0.3, chunk_size=6)
+    leaves_fa, leaves_lg = _leaves(d["hidden"], d["weight"], d["bias"]), _leaves(d["hidden"], d["weight"], d["bias"])
+    kw = dict(preference_labels=labels, kl=kl, ref_input=d["ref_hidden"], ref_weight=d["ref_weight"],
+              ref_bias=d["bias"].detach())
+    outs = [m(lv[0], lv[1], d["target"], lv[2], **kw) for m, lv in ((fa, leaves_fa), (lg, leaves_lg))]
+    _compare(*outs, leaves_fa, leaves_lg, rtol=1e-5, atol=2e-6, what="kto per-response kl")
+    one = fa(*_leaves(d["hidden"], d["weight"], d["bias"])[:2], d["target"], d["bias"], **{**kw, "kl": kl[:1]})[0]
+    assert not torch.allclose(outs[0][0], one), "the per-response values are read, not the first alone"
 
 
 @pytest.mark.parametrize("case", ["grpo", "dpo", "kto"])
