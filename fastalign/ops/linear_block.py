@@ -110,7 +110,7 @@ def block_backward(z: Tensor, deriv: Optional[Tensor], g_lp: Tensor, h: Tensor, 
     backward_into(z3, g_lp, g_ent, None, z3, labels, lse, log_c, empty if ent is None else ent, empty, inv_t,
                   ignore_index, backend)
     if g_mean is not None:  # d mean / d z_j = 1 / V at the labelled rows
-        z.add_(torch.where(labels != ignore_index, g_mean / z.shape[-1], 0.0)[:, None].to(z.dtype))
+        z.add_(torch.where(labels != ignore_index, g_mean.float() / z.shape[-1], 0.0)[:, None])  # rounded once
     h, weight, low_rank = _operands(z, h, weight, low_rank)
     dh = torch.empty(h.shape, dtype=z.dtype, device=z.device)
     da = None if low_rank is None else torch.empty(low_rank[0].shape, dtype=z.dtype, device=z.device)

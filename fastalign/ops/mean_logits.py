@@ -109,7 +109,8 @@ def softcapped_mean_logits_backward(grad: Tensor, h: Tensor, weight: Tensor, bia
         low_rank = None if a is None else (a_b, lora)
         live = None if cmp is None else cmp.live_in(block.start, block.stop)
         z = block_logits(buf, h_b, weight, bias, scale=scale, softcap=softcap, low_rank=low_rank, live=live)
-        dz = softcap_derivative(z, softcap, scale, out=z).mul_(block.take(g)[:, None].to(z.dtype))
+        # the fp32 gradient multiplies in fp32 (a bf16 / fp16 block on a GPU is rounded once, after it)
+        dz = softcap_derivative(z, softcap, scale, out=z).mul_(block.take(g).float()[:, None])
         if classes is not None:
             dz.mul_(classes.to(z.dtype))
         h_b, w_b, low_rank = _operands(z, h_b, weight, low_rank)
