@@ -17,7 +17,7 @@ from fastalign.linear import check_head, check_logit_options, check_second_head
 from fastalign.ops._launch import eager
 from fastalign.ops.divergence import DIVERGENCES
 from fastalign.ops.linear_divergence import DivergenceOptions, Head, divergence_loss
-from fastalign.ops.single_pass import differentiated, refuse_traced
+from fastalign.ops.single_pass import differentiated, fp16_on_gpu, refuse_traced
 
 __all__ = ["linear_divergence_loss", "DIVERGENCE_AGGS"]
 
@@ -143,8 +143,9 @@ def linear_divergence_loss(
             is scored), a number 0 raises ``ValueError``; an eager CPU tensor is checked (``ValueError``),
             another is not read on the host and a negative, NaN or infinite value makes the loss NaN.
         single_pass: ``"auto"`` (the gradients in the forward when they are needed and the call is eager, but
-            not for fp16 inputs, whose d(logits) would come before a ``GradScaler``'s loss scale), True (the same
-            for every dtype; it raises under torch.compile), or False (the backward runs the blocks again).
+            not for fp16 inputs on a GPU, whose fp16 d(logits) would come before a ``GradScaler``'s loss scale),
+            True (the same for every dtype; it raises under torch.compile), or False (the backward runs the
+            blocks again).
             Gradients are needed when grad mode is on and ``hidden``, ``weight`` or ``bias`` requires grad: under
             ``torch.no_grad()`` every mode runs the forward's two products only. The single pass's loss can be
             differentiated once per forward (its gradients are scaled in place, holding no second copy of
@@ -221,8 +222,8 @@ def linear_divergence_loss(
     teacher = Head(ht2, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), t_scale, t_cap)
     opts = DivergenceOptions(inv_t, divergence, b, int(ignore_index), y is not None, name)
     # the gradients in the forward only when autograd may ask for them (grad mode on, a student tensor requires it)
-    # "auto" leaves fp16 to the two passes: the single pass's d(logits) come before the loss scale (pays_off)
-    by_dtype = single_pass is True or torch.float16 not in (hidden.dtype, weight.dtype)
+    # "auto" leaves fp16 on a GPU to the two passes: the single pass's d(logits) come before the loss scale
+    by_dtype = single_pass is True or not fp16_on_gpu(hidden, weight)
     single = single_pass is not False and by_dtype and is_eager and differentiated(hidden, weight, bias)
     state = (scale, cap, teacher, mask, y, g_soft, g_hard, opts, single)
     with torch.autocast(dev.type, enabled=False):

@@ -100,7 +100,7 @@ class LinearPolicyLoss(nn.Module):
     ``single_pass`` (``"auto"``, True, False): the single pass over blocks of whole sequences, or of
     any tokens for a loss separable over tokens (module docstring), when gradients are needed;
     ``"auto"`` takes it in eager mode for a loss separable over sequences, on a GPU for a bf16 or
-    fp32 head or with an fp32 head on the CPU (fp16 takes the two passes, which receive a
+    fp32 head or with an fp32 head on the CPU (fp16 on a GPU takes the two passes, which receive a
     ``GradScaler``'s loss scale before forming d(logits)), within the block budget (not under
     ``torch.compile``, which gets the two-pass custom ops), True raises where it does not apply.
     Its gradients are computed in the forward, so the loss can be differentiated once per forward

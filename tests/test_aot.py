@@ -123,7 +123,7 @@ _LAUNCHED = [
     ("live_matmul_kernel", dict(LIVE_DIM=1, ACCUMULATE=False), ("bf16", "fp32")),  # dW of the first chunk
     ("live_matmul_kernel", dict(LIVE_DIM=0, ACCUMULATE=True), ("bf16", "fp32")),  # logits += a @ L.T (LoRA)
     # masked_whiten: the sums passes launch with UNBIASED=False whatever the option, the scale pass with either
-    *[("masked_whiten_kernel", dict(PASS=p, UNBIASED=u), ("bf16", "fp32"))
+    *[("masked_whiten_kernel", dict(PASS=p, UNBIASED=u), ("bf16", "fp32", "fp64"))
       for p, u in ((0, False), (1, False), (2, True), (2, False))],
 ]
 

@@ -191,17 +191,56 @@ def test_single_pass_scales_the_fp32_gradients_and_rounds_once(dtype, scale):
         assert abs(ratio - 1) < 3e-4, f"{name}: mean ratio to the once-rounded gradient {ratio}"
 
 
-def test_auto_takes_the_two_passes_for_fp16():
-    """fp16: "auto" takes the two passes (its backward runs again, so a retained graph can be differentiated
-    twice), where the single pass would form d(logits) before a loss scale."""
+def test_auto_takes_the_two_passes_for_fp16_on_a_gpu(monkeypatch):
+    """fp16 on a GPU (simulated: the rule's own test of the device): "auto" takes the two passes (its backward runs
+    again, so a retained graph can be differentiated twice), where the single pass would form fp16 d(logits)
+    before a loss scale; on the CPU, whose blocks are fp32, it takes the single pass (once per forward)."""
+    import fastalign.linear_divergence as LD
+
     h, w, b, ht, wt, bt, y = _batch(8, dtype=torch.float16)
-    loss, _ = fastalign.linear_divergence_loss(h, w, ht, wt, bias=b, teacher_bias=bt)
-    first = torch.autograd.grad(loss, (h,), retain_graph=True)[0]
-    torch.testing.assert_close(torch.autograd.grad(loss, (h,))[0], first, rtol=0, atol=0)
-    loss, _ = fastalign.linear_divergence_loss(h.float(), w.float(), ht, wt, bias=b, teacher_bias=bt)
-    torch.autograd.grad(loss, (h,), retain_graph=True)
-    with pytest.raises(RuntimeError, match="once per forward"):  # fp32: the single pass
-        torch.autograd.grad(loss, (h,))
+    for on_gpu in (True, False):
+        monkeypatch.setattr(LD, "fp16_on_gpu", lambda *tensors, on_gpu=on_gpu: on_gpu)
+        loss, _ = fastalign.linear_divergence_loss(h, w, ht, wt, bias=b, teacher_bias=bt)
+        first = torch.autograd.grad(loss, (h,), retain_graph=True)[0]
+        if on_gpu:
+            torch.testing.assert_close(torch.autograd.grad(loss, (h,))[0], first, rtol=0, atol=0)
+        else:
+            with pytest.raises(RuntimeError, match="once per forward"):
+                torch.autograd.grad(loss, (h,))
+
+
+def test_fp16_on_gpu_is_the_device_and_the_dtype():
+    from types import SimpleNamespace
+
+    from fastalign.ops.single_pass import fp16_on_gpu
+
+    def t(cuda, dtype):
+        return SimpleNamespace(is_cuda=cuda, dtype=dtype)
+
+    assert fp16_on_gpu(t(True, torch.float32), t(True, torch.float16), None)
+    assert not fp16_on_gpu(t(True, torch.bfloat16), t(False, torch.float16), None)
+    assert not fp16_on_gpu(torch.zeros(2, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.bfloat16, 1 / 3), (torch.float16, 2.0 ** 16)])
+def test_single_pass_gpu_blocks_scale_without_rounding_the_scale(dtype, scale, monkeypatch):
+    """On a GPU the blocks and d(hidden) keep the input dtype (simulated): the backward multiplies d(hidden) by
+    the incoming gradient in fp32, so it is exactly the unscaled d(hidden) times the scale, rounded once."""
+    import fastalign.ops.linear_divergence as OLD
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(OLD, "block_dtype", lambda like: like.dtype)
+    monkeypatch.setattr(OLD, "block_buffer", lambda rows, vocab, like: torch.empty(rows * vocab, dtype=like.dtype))
+    h, w, b, ht, wt, bt, y = _batch(9, B=4, T=8, dtype=dtype)
+    grads = []
+    for s in (1.0, scale):
+        x = h.detach().clone().requires_grad_()
+        loss, _ = fastalign.linear_divergence_loss(x, w.detach(), ht, wt, bias=b.detach(), teacher_bias=bt,
+                                                   beta=0.5, single_pass=True, backend="triton")  # bf16 blocks
+        (loss * s).backward()
+        grads.append(x.grad)
+    assert grads[1].dtype == dtype and torch.isfinite(grads[1]).all()
+    assert torch.equal(grads[1], (grads[0].float() * scale).to(dtype))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -117,10 +117,11 @@ def test_bf16_gradients(softcap):
         torch.testing.assert_close(g.double(), w, rtol=3e-2, atol=3e-2)
 
 
-def test_softcapped_gradient_scales_its_blocks_in_fp32(monkeypatch):
+@pytest.mark.parametrize("classes", [False, True], ids=["plain", "class-weighted"])
+def test_softcapped_gradient_scales_its_blocks_in_fp32(classes, monkeypatch):
     """On a GPU the blocks of logits keep the input dtype (simulated here: a bf16 block buffer): the incoming
-    gradient (a loss scale of 1/3, over V) multiplies them in fp32 and each d(logit) is rounded once, not by a
-    factor rounded to bf16 first (0.16% off at 1/(3 V), V = 1000: a bias that every gradient would carry). With
+    gradient (a loss scale of 1/3, over V) and the class weights (1/3) multiply them in fp32, unrounded, not as
+    factors rounded to bf16 first (0.16% off at 1/(3 V), V = 1000: a bias that every gradient would carry). With
     positive hidden states and weights nothing cancels, so the mean ratio to the fp32 gradient shows a bias."""
     import fastalign.ops.mean_logits as ML
 
@@ -128,10 +129,11 @@ def test_softcapped_gradient_scales_its_blocks_in_fp32(monkeypatch):
     g = torch.Generator().manual_seed(3)
     N, H, V = 8, 16, 1000
     h0, w0 = torch.rand(N, H, generator=g).bfloat16(), (torch.rand(V, H, generator=g) * 0.3).bfloat16()
+    weights = torch.full((V,), 1 / 3) if classes else None
     grads = []
     for h, w in ((h0, w0), (h0.float(), w0.float())):
         h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
-        (fa.linear_mean_logits(h, w, softcap=5.0).sum() / 3).backward()
+        (fa.linear_mean_logits(h, w, softcap=5.0, class_weights=weights).sum() / 3).backward()
         grads.append((h.grad, w.grad))
     for name, got, want in zip(("d hidden", "d weight"), *grads):
         ratio = (got.double() / want.double()).mean().item()

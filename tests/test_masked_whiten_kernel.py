@@ -164,15 +164,19 @@ def _torch_ops_eps(x, m, eps):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("mask_dtype", ["bool", "x"])
 @pytest.mark.parametrize("unbiased", [True, False])
-def test_triton_kernel_on_cuda_equals_the_torch_ops(x_dtype, unbiased):
+def test_triton_kernel_on_cuda_equals_the_torch_ops(x_dtype, mask_dtype, unbiased):
     """Eager CUDA calls run the Triton kernel: equal to the torch ops on the same tensors up to the order of the
-    float64 sums (one ulp of x's dtype at most), over more than one span."""
+    float64 sums (one ulp of x's dtype at most), over more than one span; a bool mask, or one of x's dtype (as the
+    advantage estimators pass it)."""
     x, m = _batch(3_000_000, seed=10)
     x, m = x.to(x_dtype).cuda(), m.cuda()
+    m = m if mask_dtype == "bool" else m.to(x_dtype)
     assert ops.eager_family(("cpp", "triton"), x, m) == "triton"
     got, want = fa.masked_whiten(x, m, unbiased=unbiased).cpu(), _torch_ops(x, m, unbiased).cpu()
     assert got.dtype == x_dtype and torch.equal(torch.isnan(got), torch.isnan(want))
-    ulp = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7, torch.float64: 1e-13}[x_dtype]
+    ulp = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10,
+           torch.float64: 1e-13}[x_dtype]
     torch.testing.assert_close(got, want, rtol=ulp, atol=1e-13, equal_nan=True)

@@ -219,7 +219,7 @@ FAMILIES = [
     ("elementwise_divergence", elementwise_divergence_cases, ("bf16", "fp16", "fp32")),
     ("policy_loss", policy_loss_cases, ("fp32",)),
     ("kl_penalty", kl_penalty_cases, ("bf16", "fp32")),
-    ("masked_whiten", masked_whiten_cases, ("bf16", "fp32")),
+    ("masked_whiten", masked_whiten_cases, ("bf16", "fp32", "fp64")),
     ("reverse_scan", scan_cases, ("fp32", "fp64")),
 ]
 

@@ -9,7 +9,7 @@ fixed order (the same total in every program: no extra launch, no host sync). Wi
               eps)) biased;  out_t = valid_t ? (x_t - mean) inv m_t : 0          (x's dtype)
 
 max'(N) is N, or 1 where N = 0 (every token masked, and no output reads the statistics). The spans depend on the
-token count alone, so the result does not depend on the GPU.
+token count alone and the sums' order on the launch configuration, so the results are the same run to run.
 """
 import triton
 import triton.language as tl
@@ -96,20 +96,24 @@ def masked_whiten(x, mask, out, eps: float, unbiased: bool):
     eps_t = torch.full((1,), eps, dtype=torch.float64, device=x.device)
     for p in (SUMS, SQUARES, SCALE):  # UNBIASED is read by the scale pass only: the others compile once
         masked_whiten_kernel[(spans,)](x, mask, sums, eps_t, out, x.numel(), span, spans, PASS=p.value,
-                                       UNBIASED=p is SCALE and bool(unbiased), BLOCK=BLOCK, MAX_SPANS=MAX_SPANS)
+                                       UNBIASED=p.value == SCALE.value and bool(unbiased), BLOCK=BLOCK,
+                                       MAX_SPANS=MAX_SPANS)
 
 
 def aot_cases(dtype):
-    """The three passes (the scale pass unbiased and biased) with a bool mask, at a realistic batch of tokens
-    (fastalign.aot compiles them ahead of time)."""
+    """The three passes (the scale pass unbiased and biased) with a bool mask, and with a mask of x's dtype (as the
+    advantage estimators pass it), at a realistic batch of tokens (fastalign.aot compiles them ahead of time)."""
     import torch
 
     n = 1024 * 4096
-    x, mask = torch.empty(n, dtype=dtype, device="meta"), torch.empty(n, dtype=torch.bool, device="meta")
+    x = torch.empty(n, dtype=dtype, device="meta")
     sums = torch.empty(3 * MAX_SPANS, dtype=torch.float64, device="meta")
     eps = torch.empty(1, dtype=torch.float64, device="meta")
     span, spans = spans_of(n)
-    for name, p, unbiased in (("sums", SUMS, False), ("squares", SQUARES, False), ("scale", SCALE, True),
-                              ("scale+biased", SCALE, False)):
-        yield name, lambda p=p, unbiased=unbiased: masked_whiten_kernel[(spans,)](
-            x, mask, sums, eps, x, n, span, spans, PASS=p.value, UNBIASED=unbiased, BLOCK=BLOCK, MAX_SPANS=MAX_SPANS)
+    for masks, mask_dtype in (("", torch.bool), ("+x_mask", dtype)):
+        mask = torch.empty(n, dtype=mask_dtype, device="meta")
+        for name, p, unbiased in (("sums", SUMS, False), ("squares", SQUARES, False), ("scale", SCALE, True),
+                                  ("scale+biased", SCALE, False)):
+            yield name + masks, lambda p=p, unbiased=unbiased, mask=mask: masked_whiten_kernel[(spans,)](
+                x, mask, sums, eps, x, n, span, spans, PASS=p.value, UNBIASED=unbiased, BLOCK=BLOCK,
+                MAX_SPANS=MAX_SPANS)

@@ -26,10 +26,22 @@ from fastalign.ops.linear_cpu import chunk_grad_to_inputs, chunk_logits, softcap
 from fastalign.ops.token_stats import backward_into, token_stats
 
 
+def block_dtype(like: Tensor) -> torch.dtype:
+    """The dtype of a block's logits and of the gradients from them: the input dtype on a GPU (tensor-core
+    operands), fp32 on the CPU."""
+    return like.dtype if like.is_cuda else torch.float32
+
+
 def block_buffer(rows: int, vocab: int, like: Tensor) -> Tensor:
-    """A flat buffer for ``rows x vocab`` logits: the input dtype on a GPU, fp32 on the CPU."""
-    dtype = like.dtype if like.is_cuda else torch.float32
-    return torch.empty(rows * vocab, dtype=dtype, device=like.device)
+    """A flat buffer for ``rows x vocab`` logits (:func:`block_dtype`)."""
+    return torch.empty(rows * vocab, dtype=block_dtype(like), device=like.device)
+
+
+def scale_by(t: Tensor, g: Tensor) -> Tensor:
+    """``t *= g`` in place, computed in fp32 whatever ``t``'s dtype (a bf16 / fp16 ``t`` rounded once, after the
+    product), for a gradient ``g`` of one value (a loss scale, ``1 / accumulation steps``): a one-element fp32
+    operand, not a 0-dim one, which an op may first round to ``t``'s dtype."""
+    return t.mul_(g.float().reshape(1))
 
 
 def _as_operand(t, dtype: torch.dtype):

@@ -30,7 +30,7 @@ from torch import Tensor
 from fastalign.ops._launch import check_rows, eager, kernel_op, refuse_second_derivative, save_for_backward
 from fastalign.ops.device_compaction import compact
 from fastalign.ops.divergence import divergence_rows_call
-from fastalign.ops.linear_block import _operands, block_buffer, kept_rows, row_blocks
+from fastalign.ops.linear_block import _operands, block_buffer, block_dtype, kept_rows, row_blocks, scale_by
 from fastalign.ops.linear_cpu import chunk_grad_to_inputs, chunk_logits, softcap_derivative
 from fastalign.ops.single_pass import block_budget_rows
 
@@ -128,9 +128,9 @@ def run_blocks(student: Head, teacher: Head, mask: Tensor, labels: Optional[Tens
 
 def _zero_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], need, single_pass: bool) -> tuple:
     """``(dh, dw, db)`` for :func:`run_blocks` to fill: zeros for the inputs in ``need`` (``ctx.needs_input_grad``),
-    d(weight) and d(bias) in fp32, d(hidden) in its dtype, or for the single pass in fp32 (scaled by the incoming
-    gradient in the backward, then rounded once); None for the others."""
-    dh_dtype = torch.float32 if single_pass else hidden.dtype
+    d(weight) and d(bias) in fp32, d(hidden) in its dtype, or for the single pass in the blocks' dtype (fp32 on the
+    CPU: scaled by the incoming gradient in the backward, then rounded once); None for the others."""
+    dh_dtype = block_dtype(hidden) if single_pass else hidden.dtype
     return (torch.zeros(hidden.shape, dtype=dh_dtype, device=hidden.device) if need[0] else None,
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None,
             torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
@@ -181,8 +181,8 @@ class DivergencePass(torch.autograd.Function):
             gf = g.float()
             run_blocks(student, teacher, mask, labels, g_soft * gf, None if g_hard is None else g_hard * gf, opts,
                        grads)
-        if ctx.single_pass:  # fp32 times the fp32 gradient (a loss scale, 1 / steps)
-            grads = tuple(None if d is None else d.mul_(g.float()) for d in grads)
+        if ctx.single_pass:  # multiplied in fp32 by the unrounded incoming gradient (a loss scale, 1 / steps)
+            grads = tuple(None if d is None else scale_by(d, g) for d in grads)
         dh, dw, db = (None if d is None or not n else d.to(dtype) for d, n, dtype in zip(grads, need, ctx.dtypes))
         return dh, dw, db, None
 

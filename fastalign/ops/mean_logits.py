@@ -109,10 +109,11 @@ def softcapped_mean_logits_backward(grad: Tensor, h: Tensor, weight: Tensor, bia
         low_rank = None if a is None else (a_b, lora)
         live = None if cmp is None else cmp.live_in(block.start, block.stop)
         z = block_logits(buf, h_b, weight, bias, scale=scale, softcap=softcap, low_rank=low_rank, live=live)
-        # the fp32 gradient multiplies in fp32 (a bf16 / fp16 block on a GPU is rounded once, after it)
+        # the gradient and the class weights multiply in fp32, unrounded (a bf16 / fp16 block on a GPU is rounded
+        # after each product, never by a factor rounded first)
         dz = softcap_derivative(z, softcap, scale, out=z).mul_(block.take(g).float()[:, None])
         if classes is not None:
-            dz.mul_(classes.to(z.dtype))
+            dz.mul_(classes.float())
         h_b, w_b, low_rank = _operands(z, h_b, weight, low_rank)
         dh_b = torch.empty(h_b.shape, dtype=z.dtype, device=z.device) if need_h else None
         da_b = torch.empty(a_b.shape, dtype=z.dtype, device=z.device) if need_a and a is not None else None

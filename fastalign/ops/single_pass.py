@@ -31,8 +31,8 @@ from torch import Tensor
 
 from fastalign.ops._launch import eager, refuse_second_derivative
 from fastalign.ops.device_compaction import compact
-from fastalign.ops.linear_block import (BLOCK_STATS, block_backward, block_buffer, block_forward, block_logprobs,
-                                        block_rows, kept_rows)
+from fastalign.ops.linear_block import (BLOCK_STATS, block_backward, block_buffer, block_dtype, block_forward,
+                                        block_logprobs, block_rows, kept_rows, scale_by)
 
 #: Memory for the kept logits of one block, in MiB, on a GPU (bf16/fp16 logits: thousands of rows, so the
 #: products run at full size) and on the CPU (fp32 logits of a few sequences; each block adds once to the fp32
@@ -100,13 +100,19 @@ def pays_off(weight: Tensor, *inputs, item_rows: int = 1) -> bool:
     (``item_rows`` rows, its padded length over every side) fit the block budget (:func:`block_budget_rows`: a
     longer item would be one block above the budget, where the two passes stay within their chunks), and it
     is faster: on a GPU (its blocks keep the input dtype), and on the CPU for an fp32 head (a bf16/fp16 one
-    would be converted to fp32 whole, for every block). Not for fp16 inputs: the single pass forms d(logits)
-    before the backward brings the loss scale (``torch.amp.GradScaler``), and on a GPU they are fp16 operands,
-    in whose range the small ones would be lost; the two passes take them scaled."""
+    would be converted to fp32 whole, for every block); not for :func:`fp16_on_gpu` inputs."""
     tensors = (weight, *inputs)
     fits = item_rows <= block_budget_rows(weight.shape[0], inputs[0] if inputs else weight)
-    fp16 = any(t is not None and t.dtype == torch.float16 for t in tensors)
-    return fits and not fp16 and (weight.is_cuda or weight.dtype == torch.float32) and eager(*tensors)
+    on_device = weight.is_cuda or weight.dtype == torch.float32
+    return fits and on_device and not fp16_on_gpu(*tensors) and eager(*tensors)
+
+
+def fp16_on_gpu(*tensors) -> bool:
+    """Whether one of ``tensors`` is an fp16 GPU tensor, which ``single_pass="auto"`` leaves to the two passes: the
+    single pass forms d(logits) before the backward brings the loss scale (``torch.amp.GradScaler``), and on a GPU
+    they are fp16 operands, in whose range the small ones would be lost; the two passes take them scaled. (On the
+    CPU the blocks are fp32.)"""
+    return any(t is not None and t.is_cuda and t.dtype == torch.float16 for t in tensors)
 
 
 class LogitPipeline(NamedTuple):
@@ -213,8 +219,8 @@ class _SinglePass(torch.autograd.Function):
         db = torch.zeros(V, dtype=torch.float32, device=weight.device) if bias is not None and need[1] else None
         dl = (torch.zeros(low_rank_weight.shape, dtype=torch.float32, device=weight.device)
               if low_rank_weight is not None and need[2] else None)
-        # d(hidden) (and the low-rank term's input's) in fp32 too: scaled by the incoming gradient, then rounded once
-        d_rows = [[torch.zeros(t.shape, dtype=torch.float32, device=t.device) if need[4 + j * n + i] else None
+        # d(hidden) (and the low-rank term's input's) in the blocks' dtype (fp32 on the CPU), scaled in backward
+        d_rows = [[torch.zeros(t.shape, dtype=block_dtype(t), device=t.device) if need[4 + j * n + i] else None
                    for i, t in enumerate(kind)] for j, kind in enumerate(kinds)]
         flats = [[t.reshape(-1, t.shape[-1]) for t in kind] for kind in kinds]
         y_flat = [y.reshape(-1).to(torch.int64) for y, _rows in side_labels]
@@ -296,7 +302,7 @@ class _SinglePass(torch.autograd.Function):
             for d_blk, d_sides in zip(d_blocks, d_rows):  # (dh, da) of the block, back to their sides
                 for d_side, ids, part in zip(d_sides, idx, in_order(d_blk).split(sizes)):
                     if d_side is not None:
-                        d_side.view(-1, part.shape[-1]).index_copy_(0, ids, part.float())
+                        d_side.view(-1, part.shape[-1]).index_copy_(0, ids, part.to(d_side.dtype))
         del buf
         with torch.no_grad():
             loss, metrics = total(lp_all, aux_all)
@@ -328,6 +334,6 @@ class _SinglePass(torch.autograd.Function):
         inputs = (0, 1, 2, *range(4, 4 + n_rows))  # (weight, bias, low_rank_weight, state, *rows): no state grad
         out = [None] * (4 + n_rows)
         for t, dtype, i in zip(grads, ctx.dtypes, inputs):
-            if t is not None and ctx.needs_input_grad[i]:  # fp32 times the fp32 gradient (a loss scale, 1 / steps)
-                out[i] = t.mul_(g.float()).to(dtype)
+            if t is not None and ctx.needs_input_grad[i]:  # multiplied in fp32 by the unrounded incoming gradient
+                out[i] = scale_by(t, g).to(dtype)
         return tuple(out)
