@@ -337,4 +337,4 @@ def test_a_missing_core_is_reported_for_the_ops_it_runs_on_cuda_tensors(monkeypa
     ops = info_mod._families(torch.device("cuda"))
     assert ops["gae_advantages"] == "none (fastalign._C is missing)"
     assert ops["token_logprobs"] == "triton" and ops["kl_penalty"] == "triton"  # its eager CUDA calls
-    assert ops["masked_whiten"] == "torch" and ops["aggregate_loss"] == "torch"
+    assert ops["masked_whiten"] == "triton" and ops["aggregate_loss"] == "torch"
