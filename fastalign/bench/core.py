@@ -510,17 +510,21 @@ def load_average() -> Optional[float]:
         return None
 
 
+#: load average (in cores) that the oversubscription warning lets pass: an idle machine's is seldom exactly 0
+LOAD_SLACK = 0.25
+
+
 def load_warnings(env: dict) -> list:
     """A line when the CPU was oversubscribed during a CPU run of :func:`environment` ``env``: the load
     average before the run above the cores its torch threads leave idle, or after it (the run's own threads
-    included) above the cores. Then a many-op step stalls far more than a fused one and speedups are
-    inflated."""
+    included) above the cores, by more than :data:`LOAD_SLACK`. Then a many-op step stalls far more than a fused
+    one and speedups are inflated."""
     cores, threads = env.get("cpu_cores"), env.get("cpu_threads")
     if not cores or not threads:
         return []
     for key, when, own in (("load_avg", "before the run", 0), ("load_avg_after", "after the run", threads)):
         load = env.get(key)
-        if load is not None and load - own > cores - threads:
+        if load is not None and load - own > cores - threads + LOAD_SLACK:
             return [f"warning: the CPU was oversubscribed: load average {load:.2f} {when}, {cores} cores, "
                     f"{threads} torch threads; times and speedups are unreliable (a step of many small ops "
                     f"stalls more than a fused one): rerun on a quieter machine"]
