@@ -223,8 +223,8 @@ def linear_divergence_loss(
     opts = DivergenceOptions(inv_t, divergence, b, int(ignore_index), y is not None, name)
     # the gradients in the forward only when autograd may ask for them (grad mode on, a student tensor requires it)
     # "auto" leaves fp16 on a GPU to the two passes: the single pass's d(logits) come before the loss scale
-    by_dtype = single_pass is True or not fp16_on_gpu(hidden, weight)
-    single = single_pass is not False and by_dtype and is_eager and differentiated(hidden, weight, bias)
+    auto = single_pass == "auto" and is_eager and not fp16_on_gpu(hidden, weight)
+    single = (single_pass is True or auto) and differentiated(hidden, weight, bias)
     state = (scale, cap, teacher, mask, y, g_soft, g_hard, opts, single)
     with torch.autocast(dev.type, enabled=False):
         loss, div, ent, nll = divergence_loss(h2, weight, bias, state)

@@ -42,7 +42,7 @@ FASTALIGN_KERNEL_BODY void moments(const X* __restrict x, const M* __restrict m,
   s[1] = swx;
 }
 
-// s = {sum_valid m (x - mean)^2, 0}, taken as m ((x - mean)^2) as the torch ops take it
+// s = {sum_valid m (x - mean)^2}, taken as m ((x - mean)^2) as the torch ops take it
 template <typename X, typename M>
 FASTALIGN_KERNEL_BODY void squares(const X* __restrict x, const M* __restrict m, int64_t n, double mean, double* s) {
   double sq = 0.0;
@@ -52,7 +52,6 @@ FASTALIGN_KERNEL_BODY void squares(const X* __restrict x, const M* __restrict m,
     sq += w != 0.0 ? wdd : 0.0;
   }
   s[0] = sq;
-  s[1] = 0.0;
 }
 
 template <typename X, typename M>
@@ -65,18 +64,18 @@ FASTALIGN_KERNEL_BODY void scale(const X* __restrict x, const M* __restrict m, i
   }
 }
 
-// f(begin, end, part) over the blocks of [0, n) (part: two doubles a block), then the parts added in block order
-template <typename F>
-void block_sums(int64_t n, const F& f, double* a, double* b) {
+// f(begin, end, part) over the blocks of [0, n) (part: K doubles a block), then the parts added in block order
+// into sums[0 .. K)
+template <int K, typename F>
+void block_sums(int64_t n, const F& f, double* sums) {
   const int64_t blocks = (n + kBlock - 1) / kBlock;
-  std::vector<double> part(2 * blocks, 0.0);
+  std::vector<double> part(K * blocks, 0.0);
   parallel_for(blocks, threads_for(n), [&](int64_t b0, int64_t b1) {
-    for (int64_t k = b0; k < b1; ++k) f(k * kBlock, std::min(n, (k + 1) * kBlock), &part[2 * k]);
+    for (int64_t k = b0; k < b1; ++k) f(k * kBlock, std::min(n, (k + 1) * kBlock), &part[K * k]);
   });
-  *a = *b = 0.0;
+  std::fill(sums, sums + K, 0.0);
   for (int64_t k = 0; k < blocks; ++k) {
-    *a += part[2 * k];
-    *b += part[2 * k + 1];
+    for (int j = 0; j < K; ++j) sums[j] += part[K * k + j];
   }
 }
 
@@ -85,12 +84,11 @@ void whiten(const X* x, const M* m, int64_t n, double eps, bool unbiased, X* out
   const auto moments_fn = isa::best<moments<X, M>>();
   const auto squares_fn = isa::best<squares<X, M>>();
   const auto scale_fn = isa::best<scale<X, M>>();
-  double N, Sx, S, unused;  // sum m, sum_valid m x, sum_valid m (x - mean)^2
-  block_sums(n, [&](int64_t t0, int64_t t1, double* s) { moments_fn(x + t0, m + t0, t1 - t0, s); }, &N, &Sx);
-  const double n_or_one = N > 0.0 ? N : 1.0;
-  const double mean = Sx / n_or_one;
-  block_sums(n, [&](int64_t t0, int64_t t1, double* s) { squares_fn(x + t0, m + t0, t1 - t0, mean, s); }, &S,
-             &unused);
+  double first[2], S;  // {sum m, sum_valid m x}, sum_valid m (x - mean)^2
+  block_sums<2>(n, [&](int64_t t0, int64_t t1, double* s) { moments_fn(x + t0, m + t0, t1 - t0, s); }, first);
+  const double N = first[0], n_or_one = N > 0.0 ? N : 1.0;
+  const double mean = first[1] / n_or_one;
+  block_sums<1>(n, [&](int64_t t0, int64_t t1, double* s) { squares_fn(x + t0, m + t0, t1 - t0, mean, s); }, &S);
   double inv;
   if (unbiased) {
     inv = 1.0 / std::sqrt(S / (N > 1.0 ? N - 1.0 : std::numeric_limits<double>::quiet_NaN()) + eps);

@@ -20,11 +20,34 @@ SUMS, SQUARES, SCALE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # the 
 
 
 @triton.jit
-def _f64(v):
-    """v in float64; a narrower type through fp32 (exact; the interpreter's own bf16 -> fp64 cast is wrong)."""
-    if v.dtype.primitive_bitwidth < 32:
+def _cast(v, dtype: tl.constexpr):
+    """v in ``dtype``, through fp32 where either is narrower: exact widening (the interpreter's own bf16 -> fp64 cast
+    is wrong), and fp64 rounded to bf16 / fp16 as torch rounds it."""
+    if v.dtype.primitive_bitwidth < 32 or dtype.primitive_bitwidth < 32:
         v = v.to(tl.float32)
-    return v.to(tl.float64)
+    return v.to(dtype)
+
+
+@triton.jit
+def _mean(sums_ptr, spans, MAX_SPANS: tl.constexpr):
+    """(N, max'(N), mean) from the sums pass."""
+    N = _total(sums_ptr, 0, spans, MAX_SPANS)
+    n_or_one = tl.where(N > 0.0, N, 1.0)
+    return N, n_or_one, _total(sums_ptr, 1, spans, MAX_SPANS) / n_or_one
+
+
+@triton.jit
+def _inv_std(sums_ptr, eps_ptr, spans, UNBIASED: tl.constexpr, MAX_SPANS: tl.constexpr):
+    """inv, and the mean, from the sums and squares passes."""
+    N, n_or_one, mean = _mean(sums_ptr, spans, MAX_SPANS)
+    S = _total(sums_ptr, 2, spans, MAX_SPANS)
+    eps = tl.load(eps_ptr)  # float64, as given (a float argument would be rounded to fp32)
+    if UNBIASED:  # verl: the unbiased variance plus eps
+        inv = 1.0 / tl.sqrt(S / tl.where(N > 1.0, N - 1.0, float("nan")) + eps)
+    else:  # OpenRLHF: the biased variance, floored at eps (NaN stays NaN)
+        var = S / n_or_one
+        inv = 1.0 / tl.sqrt(tl.where(var < eps, eps, var))
+    return mean, inv
 
 
 @triton.jit
@@ -39,27 +62,17 @@ def masked_whiten_kernel(x_ptr, m_ptr, sums_ptr, eps_ptr, out_ptr, n, span, span
                          UNBIASED: tl.constexpr, BLOCK: tl.constexpr, MAX_SPANS: tl.constexpr):
     pid = tl.program_id(0)
     t0 = pid.to(tl.int64) * span
-    mean = 0.0
-    inv = 0.0
-    if PASS != SUMS:
-        N = _total(sums_ptr, 0, spans, MAX_SPANS)
-        n_or_one = tl.where(N > 0.0, N, 1.0)
-        mean = _total(sums_ptr, 1, spans, MAX_SPANS) / n_or_one
-    if PASS == SCALE:
-        S = _total(sums_ptr, 2, spans, MAX_SPANS)
-        eps = tl.load(eps_ptr)  # float64, as given (a float argument would be rounded to fp32)
-        if UNBIASED:  # verl: the unbiased variance plus eps
-            inv = 1.0 / tl.sqrt(S / tl.where(N > 1.0, N - 1.0, float("nan")) + eps)
-        else:  # OpenRLHF: the biased variance, floored at eps (NaN stays NaN)
-            var = S / n_or_one
-            inv = 1.0 / tl.sqrt(tl.where(var < eps, eps, var))
+    if PASS == SQUARES:
+        _, _, mean = _mean(sums_ptr, spans, MAX_SPANS)
+    elif PASS == SCALE:
+        mean, inv = _inv_std(sums_ptr, eps_ptr, spans, UNBIASED, MAX_SPANS)
     a = tl.zeros([BLOCK], dtype=tl.float64)
     b = tl.zeros([BLOCK], dtype=tl.float64)
     for k in range(0, span, BLOCK):
         offs = t0 + k + tl.arange(0, BLOCK)
         live = offs < n
-        w = _f64(tl.load(m_ptr + offs, mask=live, other=0))
-        x = _f64(tl.load(x_ptr + offs, mask=live, other=0))
+        w = _cast(tl.load(m_ptr + offs, mask=live, other=0), tl.float64)
+        x = _cast(tl.load(x_ptr + offs, mask=live, other=0), tl.float64)
         valid = w != 0.0  # a masked x (NaN, inf) never reaches a sum or an output
         if PASS == SUMS:
             a += w
@@ -69,9 +82,7 @@ def masked_whiten_kernel(x_ptr, m_ptr, sums_ptr, eps_ptr, out_ptr, n, span, span
             a += tl.where(valid, w * (d * d), 0.0)
         else:
             y = tl.where(valid, (x - mean) * inv * w, 0.0)
-            if out_ptr.dtype.element_ty.primitive_bitwidth < 32:  # through fp32, as torch rounds fp64 to bf16 / fp16
-                y = y.to(tl.float32)
-            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=live)
+            tl.store(out_ptr + offs, _cast(y, out_ptr.dtype.element_ty), mask=live)
     if PASS == SUMS:
         tl.store(sums_ptr + 3 * pid, tl.sum(a, axis=0))
         tl.store(sums_ptr + 3 * pid + 1, tl.sum(b, axis=0))

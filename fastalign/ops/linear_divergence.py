@@ -126,11 +126,9 @@ def run_blocks(student: Head, teacher: Head, mask: Tensor, labels: Optional[Tens
     return div, ent, nll
 
 
-def _zero_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], need, single_pass: bool) -> tuple:
+def _zero_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], need, dh_dtype: torch.dtype) -> tuple:
     """``(dh, dw, db)`` for :func:`run_blocks` to fill: zeros for the inputs in ``need`` (``ctx.needs_input_grad``),
-    d(weight) and d(bias) in fp32, d(hidden) in its dtype, or for the single pass in the blocks' dtype (fp32 on the
-    CPU: scaled by the incoming gradient in the backward, then rounded once); None for the others."""
-    dh_dtype = block_dtype(hidden) if single_pass else hidden.dtype
+    d(weight) and d(bias) in fp32, d(hidden) in ``dh_dtype``; None for the others."""
     return (torch.zeros(hidden.shape, dtype=dh_dtype, device=hidden.device) if need[0] else None,
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None,
             torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
@@ -151,7 +149,9 @@ class DivergencePass(torch.autograd.Function):
         scale, cap, teacher, mask, labels, g_soft, g_hard, opts, single_pass = state
         student = Head(hidden, weight, bias, scale, cap)
         need = ctx.needs_input_grad
-        grads = _zero_grads(hidden, weight, bias, need, True) if single_pass and any(need[:3]) else None
+        grads = None
+        if single_pass and any(need[:3]):  # d(hidden) in the blocks' dtype (fp32 on the CPU): scaled in the backward
+            grads = _zero_grads(hidden, weight, bias, need, block_dtype(hidden))
         div, ent, nll = run_blocks(student, teacher, mask, labels, g_soft if grads is not None else None,
                                    g_hard if grads is not None else None, opts, grads)
         loss = (g_soft * div).sum()
@@ -177,7 +177,7 @@ class DivergencePass(torch.autograd.Function):
             grads, ctx.grads = ctx.grads, None
         else:
             student, teacher, mask, labels, g_soft, g_hard, opts = ctx.state
-            grads = _zero_grads(student.hidden, student.weight, student.bias, need, False)
+            grads = _zero_grads(student.hidden, student.weight, student.bias, need, student.hidden.dtype)
             gf = g.float()
             run_blocks(student, teacher, mask, labels, g_soft * gf, None if g_hard is None else g_hard * gf, opts,
                        grads)
@@ -258,7 +258,7 @@ def linear_divergence_backward(
     student, teacher = _heads(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, scale, softcap,
                               teacher_scale, teacher_softcap)
     opts = DivergenceOptions(inv_temperature, divergence, beta, ignore_index, False, backend)
-    grads = _zero_grads(hidden, weight, bias, (need_hidden, need_weight, need_bias), False)
+    grads = _zero_grads(hidden, weight, bias, (need_hidden, need_weight, need_bias), hidden.dtype)
     g_soft = torch.zeros_like(mask) if grad_divergence is None else grad_divergence.float().contiguous()
     g_hard = None if grad_nll is None else grad_nll.float().contiguous()
     run_blocks(student, teacher, mask, labels, g_soft, g_hard, opts, grads)
