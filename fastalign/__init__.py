@@ -24,6 +24,8 @@ Public API (see docs/math.md for every formula):
   hidden states (docs/math.md#top-k-support).
 * :func:`linear_mean_logits` — the head's mean logit at each position (a logged metric), from hidden states
   (docs/math.md#mean-logit).
+* :func:`linear_soft_cross_entropy` — the cross-entropy of the head's distribution against soft targets (a
+  teacher's cached probabilities), from hidden states (docs/math.md#soft-targets).
 * :func:`use_backend` — force the Triton, C++ or CUDA kernels.
 """
 from fastalign._backend import use_backend
@@ -37,6 +39,7 @@ from fastalign.kl import kl_penalty
 from fastalign.linear import linear_logprobs
 from fastalign.linear_divergence import linear_divergence_loss
 from fastalign.linear_mean import linear_mean_logits
+from fastalign.linear_soft import linear_soft_cross_entropy
 from fastalign.linear_policy import LinearPolicyLoss
 from fastalign.linear_topk import TopKSupport, linear_topk_logprobs
 from fastalign.logprobs import TokenStats, token_logprobs
@@ -53,7 +56,8 @@ __all__ = [
     "elementwise_divergence", "gae_advantages", "group_advantages", "implicit_process_advantages", "iw_opd_advantages", "masked_whiten",
     "optimal_token_baseline_advantages", "reinforce_pp_advantages", "remax_advantages", "token_advantages",
     "POLICY_LOSS_TYPES", "PolicyConfig", "PolicyLoss", "aggregate_loss", "kl_penalty", "policy_loss",
-    "LinearPolicyLoss", "linear_divergence_loss", "linear_mean_logits", "TopKSupport", "linear_topk_logprobs",
+    "LinearPolicyLoss", "linear_divergence_loss", "linear_mean_logits",
+    "linear_soft_cross_entropy", "TopKSupport", "linear_topk_logprobs",
     "PREFERENCE_LOSS_TYPES", "LinearPreferenceLoss", "PreferenceLoss", "SequenceLogprobs", "preference_loss",
     "sequence_logprobs", "unpaired_preference_loss", "wpo_weights", "AdvantagesAndReturns", "OptionError",
     "RenamedWarning", "SharedSeed",

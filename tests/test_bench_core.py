@@ -811,6 +811,19 @@ def test_smoothed_cross_entropy_implementations_agree():
         torch.testing.assert_close(step().detach(), want, rtol=1e-5, atol=1e-5, msg=impl)
 
 
+def test_soft_cross_entropy_implementations_agree():
+    """The soft-target distillation case times one loss: its fastalign implementations (single pass, two passes)
+    give eager's masked ``F.kl_div`` of the full logits at its warm-up shape, with a backward."""
+    from fastalign.bench.cases import all_cases
+
+    case = next(c for c in all_cases() if c.op == "soft_cross_entropy")
+    steps = {impl: step for impl, step in case.warmup(torch.device("cpu"), "fwd+bwd").items() if step is not None}
+    assert set(steps) == {"fastalign", "fastalign-two-pass", "eager"}
+    want = steps["eager"]().detach()
+    for impl, step in steps.items():
+        torch.testing.assert_close(step().detach(), want, rtol=1e-5, atol=1e-5, msg=impl)
+
+
 def test_verl_megatron_implementations_agree():
     """The verl Megatron case times one loss: fastalign's logits processor, and its work with the vocabulary merge
     forced, give verl's own (log-probs and entropy, with a backward) at the warm-up shape. The case starts a one-process group and Megatron's parallel state: both

@@ -1,6 +1,6 @@
 """Regressions of code paths that run on a GPU, forced on CPU tensors by the predicate that picks them:
 ``_validate.flag_or_raise`` (inputs not read on the host), ``linear_divergence.block_buffer`` /
-``_scored_order`` (the GPU's buffer dtype and row order), the torch version gate of ``matmul_into``'s cuBLAS
+``scored_order`` (the GPU's buffer dtype and row order), the torch version gate of ``matmul_into``'s cuBLAS
 call, and the plain-torch group statistics of CUDA tensors without the CUDA kernels.
 
 Expected values come from float64 plain PyTorch written here, never from fastalign."""
@@ -92,7 +92,7 @@ def _gpu_block_buffer(rows, vocab, like):
 
 
 def _gpu_scored_order(mask):
-    """linear_divergence._scored_order's CUDA rule: scored rows first, counted on the device."""
+    """device_compaction.scored_order's CUDA rule: scored rows first, counted on the device."""
     cmp = compact(torch.where(mask != 0, 0, -1), -1)
     return cmp.order, cmp
 
@@ -108,7 +108,7 @@ def test_distillation_of_a_bf16_student_from_an_fp32_teacher_on_the_gpu_path(mon
     """The teacher's logits are not rounded to the student's dtype (nor written into a buffer of it, which
     raised without device compaction): the GPU path gives the CPU path's fp32 loss and gradient."""
     monkeypatch.setattr(LD, "block_buffer", _gpu_block_buffer)
-    monkeypatch.setattr(LD, "_scored_order", order)
+    monkeypatch.setattr(LD, "scored_order", order)
     g = torch.Generator().manual_seed(0)
     N, H, V = 8, 32, 64
     hs = torch.randn(N, H, generator=g).bfloat16().requires_grad_()

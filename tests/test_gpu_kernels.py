@@ -520,6 +520,32 @@ def test_gpu_softcapped_mean_logits_gradients_bf16_at_full_vocabulary(compaction
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("compaction", ["1", "0"])
+def test_gpu_soft_cross_entropy_bf16_at_full_vocabulary(compaction, monkeypatch):
+    """Soft targets near the student's own distribution at a 151936 vocabulary, half the rows of weight 0 with NaN
+    hidden states and targets, blocks of 64 rows (the bounded products, or every row through cuBLAS): the loss and
+    the gradients within bf16 rounding of float64, the unweighted rows' gradients 0."""
+    monkeypatch.setenv("FASTALIGN_DEVICE_COMPACTION", compaction)
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", str(64 * 151936 * 16 / 2 ** 20))
+    N, H, V = 512, 256, 151936
+    g = torch.Generator(device="cuda").manual_seed(7)
+    h, w = _bf16_head(g, (N,), H, V)
+    keep = torch.rand(N, device="cuda", generator=g) < 0.5
+    q = torch.softmax((h.float() @ w.float().T) * 0.8 + torch.randn(N, V, device="cuda", generator=g), -1)
+    h, q = h.masked_fill(~keep[:, None], float("nan")), q.masked_fill(~keep[:, None], float("nan"))
+    hg, wg = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    got = fastalign.linear_soft_cross_entropy(hg, wg, q, temperature=0.9, row_weights=keep)
+    got.backward()
+    hd, wd = h.double()[keep].requires_grad_(True), w.double().requires_grad_(True)
+    want = -(q[keep].double() * torch.log_softmax(hd @ wd.T / 0.9, -1)).sum()
+    want.backward()
+    assert_close(got, want, atol=0, rtol=1e-4, what="loss")
+    assert torch.isfinite(hg.grad).all() and not hg.grad[~keep].any()
+    assert _rel_err(hg.grad[keep], hd.grad) < 1e-2
+    assert _rel_err(wg.grad, wd.grad) < 1e-2
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("options", [dict(), dict(softcap=30.0, label_smoothing=0.1, lse_square_scale=1e-4),
                                      dict(label_smoothing=0.1, lse_square_scale=1e-4, weight="w")], ids=str)
 def test_gpu_liger_cross_entropy_on_head_logits_bf16_at_full_vocabulary(options):

@@ -340,7 +340,7 @@ def _spy_gradient_work(monkeypatch):
     import fastalign.ops.linear_divergence as LD
 
     calls = {"buffers": 0, "products": 0}
-    zero_grads, grad_to_inputs = LD._zero_grads, LD.chunk_grad_to_inputs
+    zero_grads, grad_to_inputs = LD.zero_grads, LD.chunk_grad_to_inputs
 
     def buffers(*args):
         out = zero_grads(*args)
@@ -351,7 +351,7 @@ def _spy_gradient_work(monkeypatch):
         calls["products"] += 1
         return grad_to_inputs(*args, **kw)
 
-    monkeypatch.setattr(LD, "_zero_grads", buffers)
+    monkeypatch.setattr(LD, "zero_grads", buffers)
     monkeypatch.setattr(LD, "chunk_grad_to_inputs", products)
     return calls
 

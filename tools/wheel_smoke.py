@@ -116,6 +116,17 @@ def _():
         close(got, torch.where(mask != 0, want.mean(-1), 0.0), f"linear_mean_logits softcap={softcap}")
 
 
+@op("linear_soft_cross_entropy")
+def _():
+    h, w = torch.randn(B, T, H, requires_grad=True), torch.randn(V, H, requires_grad=True)
+    q = torch.softmax(torch.randn(B, T, V), -1)
+    got = fa.linear_soft_cross_entropy(h, w, q, temperature=0.8, row_weights=mask)
+    got.backward()
+    want = -(q.double() * torch.log_softmax(h.detach().double() @ w.detach().double().T / 0.8, -1)).sum(-1)
+    close(got, (mask * want).sum(), "linear_soft_cross_entropy")
+    assert torch.isfinite(w.grad).all() and torch.isfinite(h.grad).all()
+
+
 lp = (torch.randn(B, T) - 2).requires_grad_()
 old, refl = lp.detach() + 0.1 * torch.randn(B, T), lp.detach() + 0.1 * torch.randn(B, T)
 adv = torch.randn(B, 1).expand(B, T)

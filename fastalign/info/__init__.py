@@ -43,6 +43,7 @@ OPS = (
     ("elementwise_divergence", "elementwise_divergence"),
     ("linear_topk_logprobs", None),
     ("linear_mean_logits", None),
+    ("linear_soft_cross_entropy", None),
     ("policy_loss", "policy_loss_rows"),
     ("policy_loss (clip_cov/kl_cov selection)", "cov_select"),
     ("PolicyLoss", "policy_loss_rows"),

@@ -39,8 +39,9 @@ from fastalign.divergence import token_divergence
 from fastalign.integrations._dtypes import check_accum_dtype
 from fastalign.integrations._liger_checks import reduced
 from fastalign.integrations._live_options import LiveOptions, SinglePassAttribute
-from fastalign.linear import check_head, linear_logprobs
+from fastalign.linear import check_head
 from fastalign.linear_divergence import ARGUMENT_NAMES, check_tensors, linear_divergence_loss
+from fastalign.linear_soft import linear_soft_cross_entropy
 from fastalign.logprobs import overwritable
 
 __all__ = ["LigerFusedLinearJSDLoss", "LigerFusedLinearCosineSimilarityLoss", "LigerFusedLinearJSD",
@@ -163,29 +164,30 @@ class LigerFusedLinearJSD(SinglePassAttribute, LiveOptions, nn.Module):
 _KL_REDUCTIONS = ("batchmean", "mean", "sum")
 
 
-class LigerFusedLinearKLDivLoss(LiveOptions, nn.Module):
+class LigerFusedLinearKLDivLoss(SinglePassAttribute, LiveOptions, nn.Module):
     r"""Liger's ``liger_kernel.transformers.LigerFusedLinearKLDivLoss``: the KL divergence of the student's head from
     a target distribution given as probabilities (cached soft labels), from the hidden states, never the
     ``[BT, V]`` logits: ``forward(student_input [BT, H], student_weight [V, H], target [BT, V], shift_labels=None)``.
 
-    With ``z = student_input @ student_weight.T``, ``lse = logsumexp(z / T)`` and ``q`` the target row, each row
-    whose label is not ``ignore_index`` (every row without ``shift_labels``) adds
+    With ``z = student_input @ student_weight.T`` and ``q`` the target row, each row whose label is not
+    ``ignore_index`` (every row without ``shift_labels``) adds
 
     .. math::
 
-        KL(q \| p) = \sum_j q_j \log\max(q_j, \varepsilon) - \frac{1}{T} \sum_j q_j z_j
-            + \Bigl(\sum_j q_j\Bigr) \mathrm{lse}
+        KL(q \| p) = \sum_j q_j \log\max(q_j, \varepsilon) + CE(q, p),
+        \qquad CE(q, p) = -\sum_j q_j \log \mathrm{softmax}(z / T)_j
 
     (``0 log 0 = 0`` through the clamp, as Liger; ``q`` need not sum to 1), and the sum is divided by the row count
     ``n`` (``reduction="batchmean"``), by ``n V`` (``"mean"``) or not at all (``"sum"``); no row scored gives 0. The
-    gradient of a row's logits is ``((sum_j q_j) p - q) / T``. ``lse`` comes from :func:`fastalign.linear_logprobs`
-    (``lse = z_0 / T - log p_0``, one head row gathered), ``sum_j q_j z_j = h . (q W)`` from one product with the
-    target; the loss is fp32 and gradients reach ``student_input`` and ``student_weight`` (the target gets none, as
-    in Liger). With ``shift_labels`` the target's ignored rows are zeroed in a copy first, so they are never read, as
-    Liger's kernel skips them (a NaN there stays out of the gradients). ``accum_dtype`` is checked (None or a
-    floating dtype) and does not change the result. Options are attributes, read at each call; ``reduction="none"``
-    and a ``temperature`` of 0 raise a ``ValueError`` (Liger supports neither), as does a negative one (Liger's
-    kernel runs it; fastalign's temperatures are positive)."""
+    gradient of a row's logits is ``((sum_j q_j) p - q) / T``, formed whole in fp32 before one rounding, as Liger's
+    kernel forms it (:func:`fastalign.linear_soft_cross_entropy` gives ``CE``; the first term is a constant of the
+    target). The loss is fp32 and gradients reach ``student_input`` and ``student_weight`` (the target gets none, as
+    in Liger). With ``shift_labels`` the ignored rows are not read (their target and input may hold a NaN), as
+    Liger's kernel skips them. ``accum_dtype`` is checked (None or a floating dtype) and does not change the result.
+    Options are attributes, read at each call; ``reduction="none"`` and a ``temperature`` of 0 raise a
+    ``ValueError`` (Liger supports neither), as does a negative one (Liger's kernel runs it; fastalign's
+    temperatures are positive). The loss can be differentiated once per forward (``single_pass``:
+    :class:`~fastalign.integrations._live_options.SinglePassAttribute`)."""
 
     OPTIONS = ("reduction", "ignore_index", "temperature", "eps", "accum_dtype")
 
@@ -215,24 +217,16 @@ class LigerFusedLinearKLDivLoss(LiveOptions, nn.Module):
             _validate.shape("shift_labels", shift_labels, (N,), "[student_input rows]")
         _validate.same_device(student_input=student_input, student_weight=student_weight, target=target,
                               shift_labels=shift_labels)
-        q = target.detach()
-        scored = torch.ones(N, dtype=torch.bool, device=q.device)
+        scored = torch.ones(N, dtype=torch.bool, device=target.device)
         if shift_labels is not None:
             scored = shift_labels != self.ignore_index
-            q = torch.where(scored[:, None], q, 0)  # ignored rows are never read
-        T = float(self.temperature)
-        # lse = z_0 / T - log p_0: one head row, its log-prob from the fused pass (label 0 on every scored row)
-        labels = torch.where(scored, 0, -100)
-        log_p0 = linear_logprobs(student_input, student_weight, labels, temperature=T).logprobs
-        h = student_input.float()  # one fp32 copy of the hidden states for both dot products
-        lse = (h @ student_weight[0].float()) / T - log_p0
+        ce = linear_soft_cross_entropy(student_input, student_weight, target, temperature=self.temperature,
+                                       row_weights=scored, single_pass=self.single_pass)
         with torch.no_grad():
-            qf = q.float()
-            q_log_q = torch.xlogy(qf, qf.clamp(min=self.eps)).sum(-1)  # q log max(q, eps); 0 where q = 0
-            q_mass = qf.sum(-1)
-        q_z = (h * (q.to(student_weight.dtype) @ student_weight).float()).sum(-1)
-        rows = torch.where(scored, q_log_q + q_mass * lse - q_z / T, 0.0)
-        return reduced(rows.sum(), self.reduction, scored.sum().float(), V)
+            q = target.detach().float()
+            q_log_q = torch.xlogy(q, q.clamp(min=self.eps)).sum(-1)  # q log max(q, eps); 0 where q = 0
+            entropy_term = torch.where(scored, q_log_q, 0.0).sum()  # an ignored row's NaN is not selected
+        return reduced(ce + entropy_term, self.reduction, scored.sum().float(), V)
 
 
 class LigerFusedCETVDLoss(LiveOptions, nn.Module):

@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from fastalign.ops._launch import on_device, triton_kernels
+from fastalign.ops._launch import eager, on_device, triton_kernels
 
 
 class Compaction(NamedTuple):
@@ -66,3 +66,19 @@ def matmul_live(out: Tensor, a: Tensor, b: Tensor, live: Tensor, live_dim: int, 
     accumulation, one rounding into ``out``'s dtype."""
     with on_device(out):
         triton_kernels("live_matmul").live_matmul(out, a, b, live, live_dim, accumulate)
+
+
+def scored_order(mask: Tensor):
+    """The rows of ``mask != 0`` to scan first: ``(order, compaction)``, the row indices in scan order (None: every
+    row in place) and the :class:`Compaction` whose count bounds the products (None: none).
+
+    CPU: the scored rows, found on the host. GPU: every row, the scored ones first, and their count on
+    the device (no host sync); None when device compaction is off. Traced (torch.compile, fake tensors):
+    every row in place (the kernels give unscored rows 0), no value read."""
+    if not eager(mask):
+        return None, None
+    if mask.device.type == "cpu":
+        keep = mask != 0
+        return (None if bool(keep.all()) else keep.nonzero().squeeze(1)), None
+    cmp = compact(torch.where(mask != 0, 0, -1), -1)
+    return (None, None) if cmp is None else (cmp.order, cmp)

@@ -44,6 +44,15 @@ def scale_by(t: Tensor, g: Tensor) -> Tensor:
     return t.mul_(g.float().reshape(1))
 
 
+def zero_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], need, dh_dtype: torch.dtype) -> tuple:
+    """``(dh, dw, db)`` for a blocked pass to fill: zeros for the inputs in ``need`` (``ctx.needs_input_grad``),
+    d(weight) and d(bias) in fp32, d(hidden) in ``dh_dtype``; None for the others."""
+    return (torch.zeros(hidden.shape, dtype=dh_dtype, device=hidden.device) if need[0] else None,
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None,
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+            if bias is not None and need[2] else None)
+
+
 def _as_operand(t, dtype: torch.dtype):
     """``t`` (a tensor, None or a tuple of them) as it is when of ``dtype``, else in fp32."""
     if isinstance(t, tuple):

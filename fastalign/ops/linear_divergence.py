@@ -28,9 +28,10 @@ import torch
 from torch import Tensor
 
 from fastalign.ops._launch import check_rows, eager, kernel_op, refuse_second_derivative, save_for_backward
-from fastalign.ops.device_compaction import compact
+from fastalign.ops.device_compaction import scored_order
 from fastalign.ops.divergence import divergence_rows_call
-from fastalign.ops.linear_block import _operands, block_buffer, block_dtype, kept_rows, row_blocks, scale_by
+from fastalign.ops.linear_block import (_operands, block_buffer, block_dtype, kept_rows, row_blocks, scale_by,
+                                        zero_grads)
 from fastalign.ops.linear_cpu import chunk_grad_to_inputs, chunk_logits, softcap_derivative
 from fastalign.ops.single_pass import block_budget_rows
 
@@ -54,21 +55,6 @@ class DivergenceOptions(NamedTuple):
     backend: str
 
 
-def _scored_order(mask: Tensor):
-    """(row indices in block order or None for every row, live count per block helper or None).
-
-    CPU: the scored rows, found on the host. GPU: every row, the scored ones first, and their count on
-    the device (no host sync); None when device compaction is off. Traced (torch.compile, fake tensors):
-    every row in place (the kernels give unscored rows 0), no value read."""
-    if not eager(mask):
-        return None, None
-    if mask.device.type == "cpu":
-        keep = mask != 0
-        return (None if bool(keep.all()) else keep.nonzero().squeeze(1)), None
-    cmp = compact(torch.where(mask != 0, 0, -1), -1)
-    return (None, None) if cmp is None else (cmp.order, cmp)
-
-
 def _row_outputs(hidden: Tensor, nll: bool):
     """Per-row ``(divergence, entropy, nll)``: fp32 ``[N]`` (nll ``[0]`` unless asked)."""
     n = hidden.shape[0]
@@ -85,7 +71,7 @@ def run_blocks(student: Head, teacher: Head, mask: Tensor, labels: Optional[Tens
     N, V = student.hidden.shape[0], student.weight.shape[0]
     dev = student.hidden.device
     div, ent, nll = (t.zero_() for t in (out or _row_outputs(student.hidden, opts.nll)))
-    order, cmp = _scored_order(mask)
+    order, cmp = scored_order(mask)
     n = N if order is None else order.numel()
     if n == 0:
         return div, ent, nll
@@ -126,15 +112,6 @@ def run_blocks(student: Head, teacher: Head, mask: Tensor, labels: Optional[Tens
     return div, ent, nll
 
 
-def _zero_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], need, dh_dtype: torch.dtype) -> tuple:
-    """``(dh, dw, db)`` for :func:`run_blocks` to fill: zeros for the inputs in ``need`` (``ctx.needs_input_grad``),
-    d(weight) and d(bias) in fp32, d(hidden) in ``dh_dtype``; None for the others."""
-    return (torch.zeros(hidden.shape, dtype=dh_dtype, device=hidden.device) if need[0] else None,
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None,
-            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
-            if bias is not None and need[2] else None)
-
-
 class DivergencePass(torch.autograd.Function):
     """``(loss, divergence, entropy, nll)``: ``loss = sum_r g_soft_r D_r + g_hard_r NLL_r`` with gradients to the
     student's hidden states, weight and bias, and the per-row ``D``, ``H`` and ``NLL`` of :func:`run_blocks`
@@ -151,7 +128,7 @@ class DivergencePass(torch.autograd.Function):
         need = ctx.needs_input_grad
         grads = None
         if single_pass and any(need[:3]):  # d(hidden) in the blocks' dtype (fp32 on the CPU): scaled in the backward
-            grads = _zero_grads(hidden, weight, bias, need, block_dtype(hidden))
+            grads = zero_grads(hidden, weight, bias, need, block_dtype(hidden))
         div, ent, nll = run_blocks(student, teacher, mask, labels, g_soft if grads is not None else None,
                                    g_hard if grads is not None else None, opts, grads)
         loss = (g_soft * div).sum()
@@ -177,7 +154,7 @@ class DivergencePass(torch.autograd.Function):
             grads, ctx.grads = ctx.grads, None
         else:
             student, teacher, mask, labels, g_soft, g_hard, opts = ctx.state
-            grads = _zero_grads(student.hidden, student.weight, student.bias, need, student.hidden.dtype)
+            grads = zero_grads(student.hidden, student.weight, student.bias, need, student.hidden.dtype)
             gf = g.float()
             run_blocks(student, teacher, mask, labels, g_soft * gf, None if g_hard is None else g_hard * gf, opts,
                        grads)
@@ -258,7 +235,7 @@ def linear_divergence_backward(
     student, teacher = _heads(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, scale, softcap,
                               teacher_scale, teacher_softcap)
     opts = DivergenceOptions(inv_temperature, divergence, beta, ignore_index, False, backend)
-    grads = _zero_grads(hidden, weight, bias, (need_hidden, need_weight, need_bias), hidden.dtype)
+    grads = zero_grads(hidden, weight, bias, (need_hidden, need_weight, need_bias), hidden.dtype)
     g_soft = torch.zeros_like(mask) if grad_divergence is None else grad_divergence.float().contiguous()
     g_hard = None if grad_nll is None else grad_nll.float().contiguous()
     run_blocks(student, teacher, mask, labels, g_soft, g_hard, opts, grads)

@@ -1,0 +1,114 @@
+"""Cross-entropy against soft targets from hidden states and a head, a block of rows at a time.
+
+With ``z_r = h_r W^T + b``, targets ``q_r`` (any non-negative weights over the vocabulary, ``m_r = sum_j q_rj``)
+and row weights ``c_r`` (docs/math.md#soft-targets):
+
+    loss = sum_r c_r CE_r,    CE_r = sum_j q_rj (lse_r - z_rj / T),    lse_r = log sum_j exp(z_rj / T)
+    d loss / d z_rj = c_r (m_r p_rj - q_rj) / T,                       p_r = softmax(z_r / T)
+
+Per block: the logits (one product), then ``lse`` and ``CE`` in fp32 (each term of the sum is >= 0: no
+cancellation), and where gradients are needed d(logits) formed in fp32 and rounded once into the block, then
+``dh = dz W``, ``dW += dz^T h``, ``db += sum dz`` (two products). Eager calls do this in the forward (the single
+pass: the backward scales the gradients by the incoming one); traced calls (torch.compile) run the forward's
+blocks alone and again in the backward with ``c g``. A row of weight 0 is not read: its target and hidden
+state may hold anything (NaN, inf) and it adds nothing; on the CPU only the other rows go through the head, on a GPU
+they come first and are counted on the device (:mod:`~fastalign.ops.device_compaction`: no host sync).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastalign.ops._launch import refuse_second_derivative, save_for_backward
+from fastalign.ops.device_compaction import scored_order
+from fastalign.ops.linear_block import _operands, block_buffer, block_dtype, kept_rows, row_blocks, scale_by, zero_grads
+from fastalign.ops.linear_cpu import chunk_grad_to_inputs, chunk_logits
+from fastalign.ops.single_pass import block_budget_rows
+
+#: fp32 ``[rows, V]`` tiles a block holds at most: z / T (the logits themselves on the CPU), the targets, their
+#: product with -log p, and on a GPU the logits (half a tile in bf16 / fp16)
+_FP32_TILES = 4
+
+
+def run_blocks(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, coef: Tensor, inv_t: float,
+               grads=None) -> Tensor:
+    """``CE_r`` (fp32 ``[N]``, 0 where ``coef`` is 0) of ``hidden [N, H]``, ``target [N, V]``; with ``grads =
+    (dh, dw, db)`` also d(sum_r coef_r CE_r) with respect to hidden (written, in dh's dtype), weight and bias
+    (accumulated in fp32); None entries are skipped."""
+    N, V = hidden.shape[0], weight.shape[0]
+    ce = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+    order, cmp = scored_order(coef)  # only the rows of weight != 0 multiplied (first, on a GPU)
+    n = N if order is None else order.numel()
+    if n == 0:
+        return ce
+    f32 = hidden.new_empty(0, dtype=torch.float32)
+    rows = min(block_budget_rows(V, f32, tiles=_FP32_TILES), n)
+    buf = block_buffer(rows, V, hidden)
+    dh, dw, db = (None, None, None) if grads is None else grads
+    with torch.no_grad():
+        for block in row_blocks(n, rows, order):
+            live = None if cmp is None else cmp.live_in(block.start, block.stop)
+            c = block.take(coef)
+            keep = c != 0
+            h = block.take(hidden)
+            if order is None and cmp is None:  # rows of weight 0 in the block: they add nothing, even if not finite
+                h = kept_rows(h, keep)
+            h, w, b = _operands(buf, h, weight, bias)
+            z = chunk_logits(buf, h, w, b, 1.0, 0.0, live=live)
+            zt = z.float()  # z / T in fp32: in place on the CPU's fp32 block
+            if inv_t != 1.0:
+                zt.mul_(inv_t)
+            lse = torch.logsumexp(zt, -1, keepdim=True)
+            q = torch.where(keep[:, None], block.take(target).float(), 0.0)
+            nlp = zt.neg_().add_(lse)  # -log p = lse - z / T >= 0, in place
+            block.put(ce, (q * nlp).sum(-1))
+            if grads is None:
+                continue
+            # d(logits) = c (m p - q) / T in fp32, in place, rounded once into the block's logits (on a GPU)
+            dz = nlp.neg_().exp_().mul_(q.sum(-1, keepdim=True)).sub_(q).mul_((c.float() * inv_t)[:, None])
+            if dz is not z:
+                z.copy_(dz)
+            dh_b = None if dh is None else torch.empty(h.shape, dtype=z.dtype, device=z.device)
+            chunk_grad_to_inputs(z, None, 1.0, 0.0, h, w, dh_b, dw, db, accumulate=False, live=live)
+            if dh is not None:
+                block.put(dh, dh_b.to(dh.dtype))
+    return ce
+
+
+class SoftCrossEntropy(torch.autograd.Function):
+    """``sum_r coef_r CE_r`` (fp32, 0-dim) with gradients to hidden, weight and bias (not to the targets or the
+    row weights). ``single_pass``: the gradients in the forward, of the inputs in ``ctx.needs_input_grad``; the
+    caller passes it only when autograd may ask for a gradient (otherwise a forward fills gradients nobody reads)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, coef, inv_t: float, single_pass: bool):
+        need = ctx.needs_input_grad
+        grads = None
+        if single_pass and any(need[:3]):  # d(hidden) in the blocks' dtype (fp32 on the CPU): scaled in the backward
+            grads = zero_grads(hidden, weight, bias, need, block_dtype(hidden))
+        ce = run_blocks(hidden, weight, bias, target, coef, inv_t, grads)
+        ctx.single_pass, ctx.grads, ctx.inv_t = single_pass, grads, inv_t
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if not single_pass:
+            save_for_backward(ctx, hidden, weight, bias, target, coef)
+        return (coef.float() * ce).sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        refuse_second_derivative("soft-target cross-entropy")
+        need = ctx.needs_input_grad
+        if ctx.single_pass:
+            if ctx.grads is None:
+                raise RuntimeError("the single pass of the soft-target cross-entropy can be differentiated once per "
+                                   "forward (its gradients are computed in the forward); run the forward again, or "
+                                   "pass single_pass=False to differentiate a retained graph more than once")
+            grads, ctx.grads = ctx.grads, None
+            grads = tuple(None if d is None else scale_by(d, g) for d in grads)
+        else:
+            hidden, weight, bias, target, coef = ctx.saved_tensors
+            grads = zero_grads(hidden, weight, bias, need, hidden.dtype)
+            run_blocks(hidden, weight, bias, target, coef.float() * g.float(), ctx.inv_t, grads)
+        dh, dw, db = (None if d is None or not n else d.to(dtype) for d, n, dtype in zip(grads, need, ctx.dtypes))
+        return dh, dw, db, None, None, None, None
