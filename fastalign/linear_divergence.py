@@ -14,10 +14,9 @@ from fastalign._deprecate import renamed
 from fastalign._options import AUTO_OR_BOOL, check_choice
 from fastalign.aggregate import global_divisor
 from fastalign.linear import check_head, check_logit_options, check_second_head
-from fastalign.ops._launch import eager
 from fastalign.ops.divergence import DIVERGENCES
 from fastalign.ops.linear_divergence import DivergenceOptions, Head, divergence_loss
-from fastalign.ops.single_pass import differentiated, fp16_on_gpu, refuse_traced
+from fastalign.ops.single_pass import refuse_traced, rows_take_single_pass
 
 __all__ = ["linear_divergence_loss", "DIVERGENCE_AGGS"]
 
@@ -191,7 +190,6 @@ def linear_divergence_loss(
         raise ValueError("hard_weight needs labels (the targets of the hard loss)")
     _validate.count("global_tokens", global_tokens)
     name = _backend.backend_for("divergence_rows", hidden.device, backend)
-    is_eager = eager(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias)
     refuse_traced(single_pass, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias)
 
     H, Ht = hidden.shape[-1], teacher_hidden.shape[-1]
@@ -222,9 +220,7 @@ def linear_divergence_loss(
     teacher = Head(ht2, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), t_scale, t_cap)
     opts = DivergenceOptions(inv_t, divergence, b, int(ignore_index), y is not None, name)
     # the gradients in the forward only when autograd may ask for them (grad mode on, a student tensor requires it)
-    # "auto" leaves fp16 on a GPU to the two passes: the single pass's d(logits) come before the loss scale
-    auto = single_pass == "auto" and is_eager and not fp16_on_gpu(hidden, weight)
-    single = (single_pass is True or auto) and differentiated(hidden, weight, bias)
+    single = rows_take_single_pass(single_pass, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias)
     state = (scale, cap, teacher, mask, y, g_soft, g_hard, opts, single)
     with torch.autocast(dev.type, enabled=False):
         loss, div, ent, nll = divergence_loss(h2, weight, bias, state)

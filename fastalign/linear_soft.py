@@ -11,9 +11,8 @@ from torch import Tensor
 from fastalign import _dtensor, _validate
 from fastalign._options import AUTO_OR_BOOL, check_choice
 from fastalign.linear import check_head
-from fastalign.ops._launch import eager
+from fastalign.ops.single_pass import refuse_traced, rows_take_single_pass
 from fastalign.ops.soft_cross_entropy import SoftCrossEntropy
-from fastalign.ops.single_pass import differentiated, fp16_on_gpu, refuse_traced
 
 __all__ = ["linear_soft_cross_entropy"]
 
@@ -54,7 +53,7 @@ def linear_soft_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *,
     Returns:
         The loss, fp32, 0-dim; gradients reach ``hidden``, ``weight`` and ``bias``.
     """
-    hidden, weight, bias, _ = _dtensor.head(hidden, weight, bias, None, None)
+    hidden, weight, bias, _ = _dtensor.head(hidden, weight, bias)
     check_head(hidden, weight, bias)
     V = weight.shape[0]
     _validate.any_float("target", target)
@@ -71,7 +70,6 @@ def linear_soft_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *,
     q = target.detach().reshape(-1, V)
     coef = (torch.ones(h2.shape[0], dtype=torch.float32, device=hidden.device) if row_weights is None
             else row_weights.detach().reshape(-1).float())
-    auto = single_pass == "auto" and eager(hidden, weight, bias, target) and not fp16_on_gpu(hidden, weight)
-    single = (single_pass is True or auto) and differentiated(hidden, weight, bias)
+    single = rows_take_single_pass(single_pass, hidden, weight, bias, target)
     with torch.autocast(hidden.device.type, enabled=False):  # the head runs in its operands' dtype
         return SoftCrossEntropy.apply(h2, weight, bias, q, coef, inv_t, single)

@@ -195,11 +195,11 @@ def test_auto_takes_the_two_passes_for_fp16_on_a_gpu(monkeypatch):
     """fp16 on a GPU (simulated: the rule's own test of the device): "auto" takes the two passes (its backward runs
     again, so a retained graph can be differentiated twice), where the single pass would form fp16 d(logits)
     before a loss scale; on the CPU, whose blocks are fp32, it takes the single pass (once per forward)."""
-    import fastalign.linear_divergence as LD
+    import fastalign.ops.single_pass as SP
 
     h, w, b, ht, wt, bt, y = _batch(8, dtype=torch.float16)
     for on_gpu in (True, False):
-        monkeypatch.setattr(LD, "fp16_on_gpu", lambda *tensors, on_gpu=on_gpu: on_gpu)
+        monkeypatch.setattr(SP, "fp16_on_gpu", lambda *tensors, on_gpu=on_gpu: on_gpu)
         loss, _ = fastalign.linear_divergence_loss(h, w, ht, wt, bias=b, teacher_bias=bt)
         first = torch.autograd.grad(loss, (h,), retain_graph=True)[0]
         if on_gpu:

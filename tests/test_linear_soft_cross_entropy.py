@@ -196,3 +196,21 @@ def test_the_gpu_path_forced_on_cpu_tensors(monkeypatch, compaction):
     for name, o, r in zip(("d hidden", "d weight", "d bias"), ours, grads):
         assert torch.isfinite(o).all()
         assert_close(o, r, atol=3e-2, rtol=2e-2, what=name)
+
+
+def test_auto_takes_the_two_passes_for_fp16_on_a_gpu(monkeypatch):
+    """fp16 on a GPU (simulated): "auto" takes the two passes (a retained graph can be differentiated twice), where
+    the single pass would form fp16 d(logits) before a loss scale; on the CPU it takes the single pass."""
+    import fastalign.ops.single_pass as SP
+
+    x, w, _, q = _inputs(11, dtype=torch.float16)
+    for on_gpu in (True, False):
+        monkeypatch.setattr(SP, "fp16_on_gpu", lambda *tensors, on_gpu=on_gpu: on_gpu)
+        xs = x.clone().requires_grad_()
+        loss = fa.linear_soft_cross_entropy(xs, w, q)
+        first = torch.autograd.grad(loss, xs, retain_graph=True)[0]
+        if on_gpu:
+            assert_close(torch.autograd.grad(loss, xs)[0], first, atol=0, what="second backward")
+        else:
+            with pytest.raises(RuntimeError, match="once per forward"):
+                torch.autograd.grad(loss, xs)

@@ -267,8 +267,10 @@ def test_vmap_of_the_fused_losses_is_the_loop(backend):
         mapped = torch.vmap(f)(*args)
         looped = torch.stack([f(*(a[i] for a in args)) for i in range(K)])
         assert_close(mapped, looped, atol=1e-6, rtol=1e-6, what="vmap of a fused loss")
-    # the two ops whose autograd Function has no vmap rule raise PyTorch's error, as docs/bad-inputs.md says
-    for f in (lambda a: fastalign.linear_topk_logprobs(a, W, 3).logprobs,
-              lambda a: fastalign.linear_mean_logits(a, W, softcap=2.0, backend=backend)):
+    # the ops whose autograd Function has no vmap rule raise PyTorch's error, as docs/bad-inputs.md says
+    q = torch.softmax(torch.randn(K, B, T, Vs, generator=g), -1)
+    for f, args in ((lambda a: fastalign.linear_topk_logprobs(a, W, 3).logprobs, (h,)),
+                    (lambda a: fastalign.linear_mean_logits(a, W, softcap=2.0, backend=backend), (h,)),
+                    (lambda a, b: fastalign.linear_soft_cross_entropy(a, W, b), (h, q))):
         with torch.no_grad(), pytest.raises(RuntimeError, match="functorch transforms"):
-            torch.vmap(f)(h)
+            torch.vmap(f)(*args)

@@ -162,6 +162,8 @@ class LigerFusedLinearJSD(SinglePassAttribute, LiveOptions, nn.Module):
 
 #: LigerFusedLinearKLDivLoss's reductions (of the summed row losses: :func:`~._liger_checks.reduced`)
 _KL_REDUCTIONS = ("batchmean", "mean", "sum")
+#: target elements taken at a time for its constant term (32 MiB in fp32)
+_TARGET_BLOCK_ELEMENTS = 1 << 23
 
 
 class LigerFusedLinearKLDivLoss(SinglePassAttribute, LiveOptions, nn.Module):
@@ -181,9 +183,10 @@ class LigerFusedLinearKLDivLoss(SinglePassAttribute, LiveOptions, nn.Module):
     ``n`` (``reduction="batchmean"``), by ``n V`` (``"mean"``) or not at all (``"sum"``); no row scored gives 0. The
     gradient of a row's logits is ``((sum_j q_j) p - q) / T``, formed whole in fp32 before one rounding, as Liger's
     kernel forms it (:func:`fastalign.linear_soft_cross_entropy` gives ``CE``; the first term is a constant of the
-    target). The loss is fp32 and gradients reach ``student_input`` and ``student_weight`` (the target gets none, as
-    in Liger). With ``shift_labels`` the ignored rows are not read (their target and input may hold a NaN), as
-    Liger's kernel skips them. ``accum_dtype`` is checked (None or a floating dtype) and does not change the result.
+    target, summed a block of rows at a time: no ``[BT, V]`` copy of the target). The loss is fp32 and gradients
+    reach ``student_input`` and ``student_weight`` (the target, of any float dtype, gets none, as in Liger). With
+    ``shift_labels`` the ignored rows are not read (their target and input may hold a NaN), as Liger's kernel skips
+    them. ``accum_dtype`` is checked (None or a floating dtype) and does not change the result.
     Options are attributes, read at each call; ``reduction="none"`` and a ``temperature`` of 0 raise a
     ``ValueError`` (Liger supports neither), as does a negative one (Liger's kernel runs it; fastalign's
     temperatures are positive). The loss can be differentiated once per forward (``single_pass``:
@@ -210,7 +213,7 @@ class LigerFusedLinearKLDivLoss(SinglePassAttribute, LiveOptions, nn.Module):
         check_head(student_input, student_weight, names=("student_input", "student_weight", "bias"))
         _validate.floating("student_input", student_input, dim=2)
         N, V = student_input.shape[0], student_weight.shape[0]
-        _validate.floating("target", target)
+        _validate.any_float("target", target)
         _validate.shape("target", target, (N, V), "[student_input rows, student_weight rows]")
         if shift_labels is not None:
             _validate.integer("shift_labels", shift_labels)
@@ -222,11 +225,22 @@ class LigerFusedLinearKLDivLoss(SinglePassAttribute, LiveOptions, nn.Module):
             scored = shift_labels != self.ignore_index
         ce = linear_soft_cross_entropy(student_input, student_weight, target, temperature=self.temperature,
                                        row_weights=scored, single_pass=self.single_pass)
-        with torch.no_grad():
-            q = target.detach().float()
-            q_log_q = torch.xlogy(q, q.clamp(min=self.eps)).sum(-1)  # q log max(q, eps); 0 where q = 0
-            entropy_term = torch.where(scored, q_log_q, 0.0).sum()  # an ignored row's NaN is not selected
-        return reduced(ce + entropy_term, self.reduction, scored.sum().float(), V)
+        return reduced(ce + _target_term(target, scored, self.eps), self.reduction, scored.sum().float(), V)
+
+
+def _target_term(target: Tensor, scored: Tensor, eps: float) -> Tensor:
+    """``sum_r sum_j q_rj log max(q_rj, eps)`` over the scored rows (0 log 0 = 0; an ignored row's NaN is not
+    selected), in fp32 or the target's float64, a block of rows of ``_TARGET_BLOCK_ELEMENTS`` at a time: never a
+    ``[BT, V]`` copy of the target."""
+    N, V = target.shape
+    rows = max(1, _TARGET_BLOCK_ELEMENTS // max(V, 1))
+    total = target.new_zeros((), dtype=torch.promote_types(target.dtype, torch.float32))
+    with torch.no_grad():
+        for start in range(0, N, rows):
+            q = target[start:start + rows].to(total.dtype)
+            term = torch.xlogy(q, q.clamp(min=eps)).sum(-1)
+            total += torch.where(scored[start:start + rows], term, 0.0).sum()
+    return total.float()
 
 
 class LigerFusedCETVDLoss(LiveOptions, nn.Module):

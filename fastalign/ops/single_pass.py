@@ -107,6 +107,15 @@ def pays_off(weight: Tensor, *inputs, item_rows: int = 1) -> bool:
     return fits and on_device and not fp16_on_gpu(*tensors) and eager(*tensors)
 
 
+def rows_take_single_pass(single_pass, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], *others) -> bool:
+    """Whether a loss over blocks of rows (each row its own item: no item outgrows a block) takes the single pass:
+    where autograd may ask for a gradient of ``hidden``, ``weight`` or ``bias`` (:func:`differentiated`), for
+    ``single_pass=True`` (checked by :func:`refuse_traced`), or ``"auto"`` in a plain eager call of every tensor
+    (``others`` too), except for :func:`fp16_on_gpu` heads."""
+    auto = single_pass == "auto" and eager(hidden, weight, bias, *others) and not fp16_on_gpu(hidden, weight)
+    return (single_pass is True or auto) and differentiated(hidden, weight, bias)
+
+
 def fp16_on_gpu(*tensors) -> bool:
     """Whether one of ``tensors`` is an fp16 GPU tensor, which ``single_pass="auto"`` leaves to the two passes: the
     single pass forms d(logits) before the backward brings the loss scale (``torch.amp.GradScaler``), and on a GPU

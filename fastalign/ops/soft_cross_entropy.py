@@ -47,6 +47,7 @@ def run_blocks(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: T
     rows = min(block_budget_rows(V, f32, tiles=_FP32_TILES), n)
     buf = block_buffer(rows, V, hidden)
     dh, dw, db = (None, None, None) if grads is None else grads
+    w, b = _operands(buf, weight, bias)  # converted once (to fp32 for a bf16 / fp16 head on the CPU)
     with torch.no_grad():
         for block in row_blocks(n, rows, order):
             live = None if cmp is None else cmp.live_in(block.start, block.stop)
@@ -55,7 +56,7 @@ def run_blocks(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: T
             h = block.take(hidden)
             if order is None and cmp is None:  # rows of weight 0 in the block: they add nothing, even if not finite
                 h = kept_rows(h, keep)
-            h, w, b = _operands(buf, h, weight, bias)
+            (h,) = _operands(buf, h)
             z = chunk_logits(buf, h, w, b, 1.0, 0.0, live=live)
             zt = z.float()  # z / T in fp32: in place on the CPU's fp32 block
             if inv_t != 1.0:

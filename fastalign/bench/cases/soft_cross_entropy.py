@@ -1,21 +1,21 @@
-"""Distillation from a teacher's cached probabilities: ``KL(q || softmax(h W^T))`` over the scored rows, from hidden
-states and targets ``q [N, V]`` (of the head's dtype).
+"""Distillation from a teacher's cached probabilities: ``KL(q || softmax(h W^T))`` averaged over the scored rows, from
+hidden states and targets ``q [N, V]`` (of the head's dtype), as Liger's ``LigerFusedLinearKLDivLoss`` computes it.
 
-``fastalign`` is :func:`fastalign.linear_soft_cross_entropy` (its single pass: gradients in the forward, three
-products per scored row) plus the targets' constant ``sum_j q_j log q_j``; ``fastalign-two-pass`` the same with
-``single_pass=False`` (the logits recomputed in the backward); ``eager`` builds the ``[N, V]`` logits of every row
-for ``F.kl_div``, masked; ``liger`` is Liger-Kernel's ``LigerFusedLinearKLDivLoss`` where installed (on a GPU). A quarter of the
-rows are unscored (a prompt).
+``fastalign`` is :class:`fastalign.integrations.liger.LigerFusedLinearKLDivLoss`:
+:func:`fastalign.linear_soft_cross_entropy` (its single pass: gradients in the forward, three products per scored
+row) plus the targets' constant ``sum_j q_j log q_j``, a block of rows at a time; ``fastalign-two-pass`` the same
+with ``single_pass = False`` (the logits recomputed in the backward); ``eager`` builds the ``[N, V]`` logits of
+every row for ``F.kl_div``, masked; ``liger`` is Liger-Kernel's module where installed (on a GPU). A quarter of the rows are unscored (a prompt).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-import fastalign
 from fastalign.bench.cases.linear_cross_entropy import head_loss_case, scored_head
 from fastalign.bench.core import grad_step
 from fastalign.bench.optional import optional_impl
+from fastalign.integrations.liger import LigerFusedLinearKLDivLoss
 
 
 def _make_build(N, H, V, dtype):
@@ -24,18 +24,15 @@ def _make_build(N, H, V, dtype):
         g = torch.Generator(device=device).manual_seed(1)
         target = torch.softmax(torch.randn(N, V, device=device, generator=g), -1).to(dtype)
         scored = labels != -100
-        q = target.float()
-        entropy_term = torch.where(scored, torch.xlogy(q, q).sum(-1), 0.0).sum()
-        del q
+        shift_labels = torch.where(scored, 0, -100)  # the adapters read the mask of the labels alone
 
         def wrap(fn):
             return grad_step(lambda h, w: fn(h, w), (hidden, weight), mode == "fwd+bwd")
 
         def ours(single_pass):
-            def loss(h, w):
-                ce = fastalign.linear_soft_cross_entropy(h, w, target, row_weights=scored, single_pass=single_pass)
-                return (ce + entropy_term) / count
-            return loss
+            loss = LigerFusedLinearKLDivLoss()
+            loss.single_pass = single_pass
+            return lambda h, w: loss(h, w, target, shift_labels)
 
         def eager(h, w):
             kl = F.kl_div(torch.log_softmax((h @ w.T).float(), -1), target.float(), reduction="none").sum(-1)
@@ -45,9 +42,8 @@ def _make_build(N, H, V, dtype):
         # the peer's fused kernel is a Triton GPU kernel: skipped on the CPU
         liger = (optional_impl("liger_kernel.transformers", "LigerFusedLinearKLDivLoss")
                  if device.type == "cuda" else None)
-        labels_or_none = torch.where(scored, 0, -100)
         impls["liger"] = None if liger is None else wrap(
-            lambda h, w, loss=liger[0](): loss(h, w, target, labels_or_none))
+            lambda h, w, loss=liger[0](): loss(h, w, target, shift_labels))
         return impls
 
     return build
