@@ -44,6 +44,19 @@ def scale_by(t: Tensor, g: Tensor) -> Tensor:
     return t.mul_(g.float().reshape(1))
 
 
+def forward_grads(ctx, g: Tensor, loss: str) -> tuple:
+    """The gradients a single pass computed in its forward (``ctx.grads``), each scaled in place by the incoming
+    gradient ``g`` (:func:`scale_by`; None kept). Once per forward: they are handed over, and a second backward
+    through a retained graph raises a ``RuntimeError`` naming ``loss``."""
+    if ctx.grads is None:
+        raise RuntimeError(f"the single pass of {loss} can be differentiated once per forward (its gradients are "
+                           "computed in the forward); run the forward again, or set single_pass=False (an argument "
+                           "of fastalign's losses, an attribute of the Liger drop-ins) to differentiate a retained "
+                           "graph more than once")
+    grads, ctx.grads = ctx.grads, None
+    return tuple(None if d is None else scale_by(d, g) for d in grads)
+
+
 def zero_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], need, dh_dtype: torch.dtype) -> tuple:
     """``(dh, dw, db)`` for a blocked pass to fill: zeros for the inputs in ``need`` (``ctx.needs_input_grad``),
     d(weight) and d(bias) in fp32, d(hidden) in ``dh_dtype``; None for the others."""

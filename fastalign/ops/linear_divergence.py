@@ -30,7 +30,7 @@ from torch import Tensor
 from fastalign.ops._launch import check_rows, eager, kernel_op, refuse_second_derivative, save_for_backward
 from fastalign.ops.device_compaction import scored_order
 from fastalign.ops.divergence import divergence_rows_call
-from fastalign.ops.linear_block import (_operands, block_buffer, block_dtype, kept_rows, row_blocks, scale_by,
+from fastalign.ops.linear_block import (_operands, block_buffer, block_dtype, forward_grads, kept_rows, row_blocks,
                                         zero_grads)
 from fastalign.ops.linear_cpu import chunk_grad_to_inputs, chunk_logits, softcap_derivative
 from fastalign.ops.single_pass import block_budget_rows
@@ -146,20 +146,14 @@ class DivergencePass(torch.autograd.Function):
     def backward(ctx, g, _g_div, _g_ent, _g_nll):
         refuse_second_derivative("divergence loss")
         need = ctx.needs_input_grad
-        if ctx.single_pass:
-            if ctx.grads is None:
-                raise RuntimeError("the single pass of the divergence can be differentiated once per forward "
-                                   "(its gradients are computed in the forward); run the forward again, or pass "
-                                   "single_pass=False to differentiate a retained graph more than once")
-            grads, ctx.grads = ctx.grads, None
+        if ctx.single_pass:  # multiplied in fp32 by the unrounded incoming gradient (a loss scale, 1 / steps)
+            grads = forward_grads(ctx, g, "the divergence")
         else:
             student, teacher, mask, labels, g_soft, g_hard, opts = ctx.state
             grads = zero_grads(student.hidden, student.weight, student.bias, need, student.hidden.dtype)
             gf = g.float()
             run_blocks(student, teacher, mask, labels, g_soft * gf, None if g_hard is None else g_hard * gf, opts,
                        grads)
-        if ctx.single_pass:  # multiplied in fp32 by the unrounded incoming gradient (a loss scale, 1 / steps)
-            grads = tuple(None if d is None else scale_by(d, g) for d in grads)
         dh, dw, db = (None if d is None or not n else d.to(dtype) for d, n, dtype in zip(grads, need, ctx.dtypes))
         return dh, dw, db, None
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from fastalign.ops._launch import eager, refuse_second_derivative
 from fastalign.ops.device_compaction import compact
 from fastalign.ops.linear_block import (BLOCK_STATS, block_backward, block_buffer, block_dtype, block_forward,
-                                        block_logprobs, block_rows, kept_rows, scale_by)
+                                        block_logprobs, block_rows, forward_grads, kept_rows)
 
 #: Memory for the kept logits of one block, in MiB, on a GPU (bf16/fp16 logits: thousands of rows, so the
 #: products run at full size) and on the CPU (fp32 logits of a few sequences; each block adds once to the fp32
@@ -333,16 +333,11 @@ class _SinglePass(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         refuse_second_derivative("single-pass loss")
-        if ctx.grads is None:
-            raise RuntimeError("the single pass of a loss can be differentiated once per forward "
-                               "(its gradients are computed in the forward); run the forward again, or set "
-                               "single_pass=False (an argument of fastalign's losses, an attribute of the Liger "
-                               "drop-ins) to differentiate a retained graph more than once")
-        grads, ctx.grads = ctx.grads, None
+        grads = forward_grads(ctx, g, "a loss")  # multiplied in fp32 by the unrounded incoming gradient
         n_rows = len(grads) - 3
         inputs = (0, 1, 2, *range(4, 4 + n_rows))  # (weight, bias, low_rank_weight, state, *rows): no state grad
         out = [None] * (4 + n_rows)
         for t, dtype, i in zip(grads, ctx.dtypes, inputs):
-            if t is not None and ctx.needs_input_grad[i]:  # multiplied in fp32 by the unrounded incoming gradient
-                out[i] = scale_by(t, g).to(dtype)
+            if t is not None and ctx.needs_input_grad[i]:
+                out[i] = t.to(dtype)
         return tuple(out)

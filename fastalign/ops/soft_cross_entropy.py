@@ -23,7 +23,8 @@ from torch import Tensor
 
 from fastalign.ops._launch import refuse_second_derivative, save_for_backward
 from fastalign.ops.device_compaction import scored_order
-from fastalign.ops.linear_block import _operands, block_buffer, block_dtype, kept_rows, row_blocks, scale_by, zero_grads
+from fastalign.ops.linear_block import (_operands, block_buffer, block_dtype, forward_grads, kept_rows, row_blocks,
+                                        zero_grads)
 from fastalign.ops.linear_cpu import chunk_grad_to_inputs, chunk_logits
 from fastalign.ops.single_pass import block_budget_rows
 
@@ -100,13 +101,8 @@ class SoftCrossEntropy(torch.autograd.Function):
     def backward(ctx, g):
         refuse_second_derivative("soft-target cross-entropy")
         need = ctx.needs_input_grad
-        if ctx.single_pass:
-            if ctx.grads is None:
-                raise RuntimeError("the single pass of the soft-target cross-entropy can be differentiated once per "
-                                   "forward (its gradients are computed in the forward); run the forward again, or "
-                                   "pass single_pass=False to differentiate a retained graph more than once")
-            grads, ctx.grads = ctx.grads, None
-            grads = tuple(None if d is None else scale_by(d, g) for d in grads)
+        if ctx.single_pass:  # multiplied in fp32 by the unrounded incoming gradient
+            grads = forward_grads(ctx, g, "the soft-target cross-entropy")
         else:
             hidden, weight, bias, target, coef = ctx.saved_tensors
             grads = zero_grads(hidden, weight, bias, need, hidden.dtype)
