@@ -73,7 +73,7 @@ def scored_order(mask: Tensor):
     row in place) and the :class:`Compaction` whose count bounds the products (None: none).
 
     CPU: the scored rows, found on the host. GPU: every row, the scored ones first, and their count on
-    the device (no host sync); None when device compaction is off. Traced (torch.compile, fake tensors):
+    the device (no host sync); every row in place when device compaction is off. Traced (torch.compile, fake tensors):
     every row in place (the kernels give unscored rows 0), no value read."""
     if not eager(mask):
         return None, None

@@ -35,8 +35,8 @@ _FP32_TILES = 4
 
 def run_blocks(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, coef: Tensor, inv_t: float,
                grads=None) -> Tensor:
-    """``CE_r`` (fp32 ``[N]``, 0 where ``coef`` is 0) of ``hidden [N, H]``, ``target [N, V]``; with ``grads =
-    (dh, dw, db)`` also d(sum_r coef_r CE_r) with respect to hidden (written, in dh's dtype), weight and bias
+    """``CE_r`` (fp32 ``[N]``, 0 where the fp32 ``coef`` is 0) of ``hidden [N, H]``, ``target [N, V]``; with
+    ``grads = (dh, dw, db)`` also d(sum_r coef_r CE_r) with respect to hidden (written, in dh's dtype), weight and bias
     (accumulated in fp32); None entries are skipped."""
     N, V = hidden.shape[0], weight.shape[0]
     ce = torch.zeros(N, dtype=torch.float32, device=hidden.device)
@@ -69,7 +69,7 @@ def run_blocks(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: T
             if grads is None:
                 continue
             # d(logits) = c (m p - q) / T in fp32, in place, rounded once into the block's logits (on a GPU)
-            dz = nlp.neg_().exp_().mul_(q.sum(-1, keepdim=True)).sub_(q).mul_((c.float() * inv_t)[:, None])
+            dz = nlp.neg_().exp_().mul_(q.sum(-1, keepdim=True)).sub_(q).mul_((c * inv_t)[:, None])
             if dz is not z:
                 z.copy_(dz)
             dh_b = None if dh is None else torch.empty(h.shape, dtype=z.dtype, device=z.device)
@@ -95,7 +95,7 @@ class SoftCrossEntropy(torch.autograd.Function):
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         if not single_pass:
             save_for_backward(ctx, hidden, weight, bias, target, coef)
-        return (coef.float() * ce).sum()
+        return (coef * ce).sum()
 
     @staticmethod
     def backward(ctx, g):
@@ -106,6 +106,6 @@ class SoftCrossEntropy(torch.autograd.Function):
         else:
             hidden, weight, bias, target, coef = ctx.saved_tensors
             grads = zero_grads(hidden, weight, bias, need, hidden.dtype)
-            run_blocks(hidden, weight, bias, target, coef.float() * g.float(), ctx.inv_t, grads)
+            run_blocks(hidden, weight, bias, target, coef * g.float(), ctx.inv_t, grads)
         dh, dw, db = (None if d is None or not n else d.to(dtype) for d, n, dtype in zip(grads, need, ctx.dtypes))
         return dh, dw, db, None, None, None, None
