@@ -68,8 +68,7 @@ def linear_soft_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *,
     H = hidden.shape[-1]
     h2 = hidden.reshape(-1, H)
     q = target.detach().reshape(-1, V)
-    coef = (torch.ones(h2.shape[0], dtype=torch.float32, device=hidden.device) if row_weights is None
-            else row_weights.detach().reshape(-1).float())
+    coef = None if row_weights is None else row_weights.detach().reshape(-1).float()
     single = rows_take_single_pass(single_pass, hidden, weight, bias, target)
     with torch.autocast(hidden.device.type, enabled=False):  # the head runs in its operands' dtype
         return SoftCrossEntropy.apply(h2, weight, bias, q, coef, inv_t, single)

@@ -9,7 +9,7 @@ import torch
 
 import fastalign as fa
 from fastalign import _validate
-from fastalign.ops import linear_cpu
+from fastalign.ops import linear_block, linear_cpu
 from fastalign.ops import linear_divergence as LD
 from fastalign.ops.device_compaction import compact
 
@@ -108,7 +108,7 @@ def test_distillation_of_a_bf16_student_from_an_fp32_teacher_on_the_gpu_path(mon
     """The teacher's logits are not rounded to the student's dtype (nor written into a buffer of it, which
     raised without device compaction): the GPU path gives the CPU path's fp32 loss and gradient."""
     monkeypatch.setattr(LD, "block_buffer", _gpu_block_buffer)
-    monkeypatch.setattr(LD, "scored_order", order)
+    monkeypatch.setattr(linear_block, "scored_order", order)
     g = torch.Generator().manual_seed(0)
     N, H, V = 8, 32, 64
     hs = torch.randn(N, H, generator=g).bfloat16().requires_grad_()

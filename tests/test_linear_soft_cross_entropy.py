@@ -177,6 +177,7 @@ def test_bad_inputs_raise_naming_the_argument(call, error, name):
 def test_the_gpu_path_forced_on_cpu_tensors(monkeypatch, compaction):
     """The GPU's rules on CPU tensors: blocks in the input dtype, and the rows of weight != 0 put first and counted
     on the device (their products bounded by that count; without compaction every row, the others zeroed)."""
+    import fastalign.ops.linear_block as LB
     import fastalign.ops.soft_cross_entropy as SC
     from fastalign.ops.device_compaction import compact
 
@@ -185,7 +186,7 @@ def test_the_gpu_path_forced_on_cpu_tensors(monkeypatch, compaction):
         return cmp.order, cmp
 
     monkeypatch.setattr(SC, "block_buffer", lambda rows, vocab, like: torch.empty(rows * vocab, dtype=like.dtype))
-    monkeypatch.setattr(SC, "scored_order", gpu_order if compaction else lambda mask: (None, None))
+    monkeypatch.setattr(LB, "scored_order", gpu_order if compaction else lambda mask: (None, None))
     monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "0.02")  # a few rows a block
     x, w, b, q = _inputs(10, (20,), dtype=torch.bfloat16, bias=True)
     c = (torch.arange(20) % 3 != 0).float()
@@ -195,6 +196,28 @@ def test_the_gpu_path_forced_on_cpu_tensors(monkeypatch, compaction):
     assert_close(got, want, atol=3e-2, rtol=2e-2, what="loss")
     for name, o, r in zip(("d hidden", "d weight", "d bias"), ours, grads):
         assert torch.isfinite(o).all()
+        assert_close(o, r, atol=3e-2, rtol=2e-2, what=name)
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_without_row_weights_every_row_is_scanned_in_place(monkeypatch, single_pass):
+    """No ``row_weights``: every row goes through the blocks in place, on the GPU's rules too (no scan for rows of
+    weight 0, which on a GPU would sort the rows and count them on the device), with the gradient scale of the two
+    passes' backward applied once."""
+    import fastalign.ops.linear_block as LB
+    import fastalign.ops.soft_cross_entropy as SC
+
+    def no_scan(mask):
+        raise AssertionError("rows of weight 0 looked for without row weights")
+
+    monkeypatch.setattr(SC, "block_buffer", lambda rows, vocab, like: torch.empty(rows * vocab, dtype=like.dtype))
+    monkeypatch.setattr(LB, "scored_order", no_scan)
+    monkeypatch.setenv("FASTALIGN_BLOCK_MIB", "0.02")  # a few rows a block
+    x, w, b, q = _inputs(12, (3, 7), dtype=torch.bfloat16, bias=True)
+    want, grads = _reference(x, w, b, q, torch.ones(3, 7), 1.3, scale=0.25)
+    got, ours = _ours(x, w, b, q, None, 1.3, scale=0.25, single_pass=single_pass)
+    assert_close(got * 0.25, want, atol=3e-2, rtol=2e-2, what="loss")
+    for name, o, r in zip(("d hidden", "d weight", "d bias"), ours, grads):
         assert_close(o, r, atol=3e-2, rtol=2e-2, what=name)
 
 

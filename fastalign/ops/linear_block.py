@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from fastalign.ops._launch import eager
+from fastalign.ops.device_compaction import Compaction, scored_order
 from fastalign.ops.linear_cpu import chunk_grad_to_inputs, chunk_logits, softcap_derivative
 from fastalign.ops.token_stats import backward_into, token_stats
 
@@ -197,6 +198,33 @@ def row_blocks(n: int, rows: int, order: Optional[Tensor] = None) -> Iterator[Ro
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         yield RowBlock(start, stop, None if order is None else order[start:stop])
+
+
+class ScoredScan(NamedTuple):
+    """A blocked scan over the rows of ``[N, ...]`` tensors that reads the scored ones (:func:`scored_scan`):
+    ``count`` positions, the row at each in ``order`` (None: position = row), the ``compaction`` whose device count
+    bounds the products (None: none), and ``zero_unscored``: whether unscored rows are scanned in place among the
+    others, so that a gradient product must see their inputs zeroed (:func:`kept_rows`: 0 * NaN is not 0)."""
+
+    count: int
+    order: Optional[Tensor]
+    compaction: Optional[Compaction]
+    zero_unscored: bool
+
+    def blocks(self, rows: int) -> Iterator[tuple[RowBlock, Optional[Tensor]]]:
+        """The blocks of ``rows`` positions, each with its count of scored rows on the device (None: no count)."""
+        for block in row_blocks(self.count, rows, self.order):
+            yield block, None if self.compaction is None else self.compaction.live_in(block.start, block.stop)
+
+
+def scored_scan(mask: Optional[Tensor], n: int) -> ScoredScan:
+    """The scan of the rows of ``mask [n] != 0`` (None: every one of the ``n`` rows, in place): on the CPU the
+    scored rows, on a GPU every row with the scored ones first and counted on the device, traced every row in
+    place (:func:`~fastalign.ops.device_compaction.scored_order`)."""
+    if mask is None:
+        return ScoredScan(n, None, None, False)
+    order, cmp = scored_order(mask)
+    return ScoredScan(n if order is None else order.numel(), order, cmp, order is None and cmp is None)
 
 
 def block_logprobs(h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *, rows: int, scale: float,

@@ -28,9 +28,8 @@ import torch
 from torch import Tensor
 
 from fastalign.ops._launch import check_rows, eager, kernel_op, refuse_second_derivative, save_for_backward
-from fastalign.ops.device_compaction import scored_order
 from fastalign.ops.divergence import divergence_rows_call
-from fastalign.ops.linear_block import (_operands, block_buffer, block_dtype, forward_grads, kept_rows, row_blocks,
+from fastalign.ops.linear_block import (_operands, block_buffer, block_dtype, forward_grads, kept_rows, scored_scan,
                                         zero_grads)
 from fastalign.ops.linear_cpu import chunk_grad_to_inputs, chunk_logits, softcap_derivative
 from fastalign.ops.single_pass import block_budget_rows
@@ -71,21 +70,19 @@ def run_blocks(student: Head, teacher: Head, mask: Tensor, labels: Optional[Tens
     N, V = student.hidden.shape[0], student.weight.shape[0]
     dev = student.hidden.device
     div, ent, nll = (t.zero_() for t in (out or _row_outputs(student.hidden, opts.nll)))
-    order, cmp = scored_order(mask)
-    n = N if order is None else order.numel()
-    if n == 0:
+    scan = scored_scan(mask, N)
+    if scan.count == 0:
         return div, ent, nll
     with_deriv = g_soft is not None and student.softcap > 0  # the student's softcap derivative
     # One buffer dtype for both heads' logits (divergence_rows takes one), wide enough for either head's.
     like = student.hidden.new_empty(0, dtype=torch.promote_types(student.hidden.dtype, teacher.hidden.dtype))
-    k = min(block_budget_rows(V, like, tiles=3 if with_deriv else 2), n)  # logit tiles per block
+    k = min(block_budget_rows(V, like, tiles=3 if with_deriv else 2), scan.count)  # logit tiles per block
     buf_s = block_buffer(k, V, like)
     buf_t = block_buffer(k, V, like)
     buf_d = block_buffer(k, V, like) if with_deriv else None
     dh, dw, db = grads if grads is not None else (None, None, None)
     with torch.no_grad():
-        for block in row_blocks(n, k, order):
-            live = None if cmp is None else cmp.live_in(block.start, block.stop)
+        for block, live in scan.blocks(k):
             hs, ws, bs = _operands(buf_s, block.take(student.hidden), student.weight, student.bias)
             ht, wt, bt = _operands(buf_t, block.take(teacher.hidden), teacher.weight, teacher.bias)
             zs = chunk_logits(buf_s, hs, ws, bs, student.scale, student.softcap, live=live)
@@ -102,7 +99,7 @@ def run_blocks(student: Head, teacher: Head, mask: Tensor, labels: Optional[Tens
                 if full.numel():
                     block.put(full, part)
             if g_soft is not None:
-                if order is None and cmp is None:  # unscored rows in the block: they add nothing, even if not finite
+                if scan.zero_unscored:  # unscored rows in the block: they add nothing, even if not finite
                     hs = kept_rows(hs, block.take(mask) != 0)
                 dh_b = None if dh is None else torch.empty(hs.shape, dtype=zs.dtype, device=dev)
                 chunk_grad_to_inputs(zs, deriv, student.scale, student.softcap, hs, ws, dh_b, dw, db,
