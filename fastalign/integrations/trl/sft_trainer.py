@@ -23,7 +23,8 @@ as the model's own loss: a collator that keeps labels on its padding has them sc
 linear in the hidden states (one head row per token); a softcapped head's label logit is one head row per token
 too, and its mean logit a statistic of the loss's own pass, its gradient in the same backward (``mean_logit`` of
 :func:`fastalign.linear_step.separable_step`: no pass of its own). As in TRL, ε is the one
-``Trainer``'s constructor put in ``label_smoother``, applied while ``args.loss_type`` is ``"nll"``. With it TRL runs a
+``Trainer``'s constructor put in ``label_smoother``, for ``args.loss_type="nll"`` (with ``"dft"``, which TRL
+runs without it, a ε > 0 raises a ``ValueError`` when the trainer is built). With it TRL runs a
 second forward, without gradients, for the ``entropy``, ``mean_token_accuracy`` and ``aux_loss``
 metrics, and leaves a MoE model's load-balancing loss out of the loss (logged, not added). In
 training mode the drop-in runs that forward too, so the metrics come from the same dropout draw as
