@@ -2,6 +2,7 @@
 their log-probs, a support given, the logit pipeline, response_mask, bf16 inputs, many blocks, the gradients of
 hidden, weight and bias, and the bad inputs."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -382,3 +383,27 @@ def test_torch_compile_fullgraph_gives_the_eager_numbers(renormalize):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     for a, e in zip(torch.autograd.grad(got, ins), want_grads):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+
+def test_calls_from_several_threads_leave_the_warning_filters_as_they_were():
+    """The CPU's sparse products once hid torch's sparse-beta notice with ``warnings.catch_warnings()`` around each
+    call, which swaps the process's filters: calls from several threads left its "ignore UserWarning" installed,
+    silencing every later warning of the process. The notice is filtered once, for this module only."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 32, generator=g, requires_grad=True)
+    w = (torch.randn(2000, 32, generator=g) * 0.1).requires_grad_()
+    ids = torch.randint(0, 2000, (64, 16), generator=g)
+
+    def step(_):
+        fastalign.linear_topk_logprobs(h, w, ids=ids, renormalize=True).logprobs.sum().backward()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step(0)
+    assert not [w for w in caught if "sparse" in str(w.message).lower()]  # the notice never reaches a caller
+    before = list(warnings.filters)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(step, range(200)))
+    assert warnings.filters == before

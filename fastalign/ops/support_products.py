@@ -37,11 +37,23 @@ def sparse_form(t: Tensor, ids: Tensor, vocab: int) -> bool:
     return _eager_cpu(t) and ids.shape[-1] <= vocab
 
 
-def _csr(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple) -> Tensor:
-    """A CSR matrix of these parts (torch's notices that its sparse CSR support is in beta kept out)."""
+def _consume_beta_notice() -> None:
+    """torch warns once per process, at the first sparse CSR tensor, that its CSR support is in beta: that tensor is
+    made here, at import, with the notice ignored. So no call swaps the process's warning filters (a
+    ``warnings.catch_warnings()`` around each call did, which is not thread-safe: calls from several threads left
+    its "ignore" installed), and a caller's ``-W error`` does not turn the notice into an error inside a call."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+        torch.sparse_csr_tensor(torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([1.0]), (1, 1),
+                                check_invariants=False)
+
+
+_consume_beta_notice()
+
+
+def _csr(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple) -> Tensor:
+    """A CSR matrix of these parts."""
+    return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
 
 
 def _support_matrix(ids: Tensor, values: Tensor, vocab: int) -> Tensor:
