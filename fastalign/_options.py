@@ -61,3 +61,23 @@ def check_read(option: str, given: bool, loss_type, rows: Iterable[str], readers
         extra = f", and any loss_type with {also}" if also else ""
         raise ValueError(f"{option} does not apply to loss_type {loss_type!r} (only {', '.join(readers)} read it"
                          f"{extra})")
+
+
+class FixedOptions:
+    """Mixin for a loss module whose options are checked together at construction: once ``_fix_options(names)``
+    has run (at the end of ``__init__``), assigning one of ``names`` (``loss.beta = 0.2``) raises an
+    ``AttributeError`` with the remedy, where it would otherwise set an attribute that the loss never reads.
+    ``_PER_CALL``: the module's ``forward`` takes the options as per-call overrides (said in the message)."""
+
+    _PER_CALL = False
+
+    def _fix_options(self, names: Iterable[str]) -> None:
+        object.__setattr__(self, "_fixed_options", frozenset(names))
+
+    def __setattr__(self, name, value):
+        if name in self.__dict__.get("_fixed_options", ()):
+            owner = type(self).__name__
+            call = f", or pass {name}=... to the call (an override for that call)" if self._PER_CALL else ""
+            raise AttributeError(f"{owner}.{name} is fixed at construction, where the options are checked "
+                                 f"together: build a new {owner}({name}=...){call}")
+        super().__setattr__(name, value)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from fastalign import _dtensor, _validate
-from fastalign._options import AUTO_OR_BOOL, check_choice, check_names, own_copy
+from fastalign._options import AUTO_OR_BOOL, FixedOptions, check_choice, check_names, own_copy
 from fastalign.linear import check_head_inputs, check_logit_options, linear_logprobs, logit_pipeline, two_pass_only
 from fastalign.ops.linear_cpu import labelled_rows
 from fastalign.ops.single_pass import Side, differentiated, pays_off, refuse_traced, single_pass_loss, token_items
@@ -67,7 +67,7 @@ def _policy_config(options: dict) -> PolicyConfig:
     return PolicyConfig.make(config, "LinearPolicyLoss", **{k: v for k, v in options.items() if k in FIELDS})
 
 
-class LinearPolicyLoss(nn.Module):
+class LinearPolicyLoss(FixedOptions, nn.Module):
     r"""Policy loss straight from the last hidden states and the lm_head weight.
 
     ``LinearPolicyLoss(loss_type="grpo", eps_high=0.28, temperature=0.7, entropy_coef=0.01)``
@@ -105,7 +105,12 @@ class LinearPolicyLoss(nn.Module):
     ``torch.compile``, which gets the two-pass custom ops), True raises where it does not apply.
     Its gradients are computed in the forward, so the loss can be differentiated once per forward
     (``single_pass=False`` for a second backward through a retained graph).
+
+    ``entropy_metric`` and ``single_pass`` are attributes read at each call; assigning any other option to the
+    module (``loss.eps_high = 0.28``) raises ``AttributeError``: build a new module, or pass it per call.
     """
+
+    _PER_CALL = True
 
     def __init__(self, *, config: Optional[PolicyConfig] = None, entropy_metric: bool = False,
                  single_pass="auto", **options):
@@ -126,6 +131,7 @@ class LinearPolicyLoss(nn.Module):
         why = _single_pass_blocker(policy, logit, per_call=False) if single_pass is True else None
         if why:
             raise ValueError(f"single_pass=True does not apply: {why}")
+        self._fix_options(FIELDS + _LOGIT_OPTIONS)  # held in self.config (entropy_metric, single_pass: attributes)
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Tensor, advantages: Tensor,
                 response_mask: Tensor, *, bias: Optional[Tensor] = None,

@@ -31,13 +31,13 @@ from torch import Tensor, nn
 
 from fastalign import _backend, _dtensor, _validate
 from fastalign._deprecate import renamed
-from fastalign._options import AUTO_OR_BOOL, check_choice, own_copy
+from fastalign._options import AUTO_OR_BOOL, FixedOptions, check_choice, own_copy
 from fastalign.linear import check_head, check_logit_options, linear_logprobs, logit_pipeline
 from fastalign.ops._launch import eager
 from fastalign.ops.linear_cpu import labelled_rows, scatter_labelled
 from fastalign.ops.single_pass import (DEFAULT_BLOCK_MIB, LogitPipeline, Side, block_logprobs_of, by_default,
                                        differentiated, refuse_traced, single_pass_loss)
-from fastalign.preference import LOSSES, check_config, check_pair_weights, preference_loss, wpo_weights
+from fastalign.preference import LOSSES, OPTION_NAMES, check_config, check_pair_weights, preference_loss, wpo_weights
 from fastalign.sequence import SequenceLogprobs, check_ld_alpha, sequence_logprobs
 
 #: The block budget of the single pass, in MiB (its former name).
@@ -134,7 +134,7 @@ class PathPolicy:
         return bool(self.compact)
 
 
-class LinearPreferenceLoss(nn.Module):
+class LinearPreferenceLoss(FixedOptions, nn.Module):
     r"""Preference loss straight from the last hidden states and the LM-head weight.
 
     ``forward(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=None,
@@ -212,16 +212,11 @@ class LinearPreferenceLoss(nn.Module):
         self.kernel_options = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale,
                                    ignore_index=self.ignore_index, vocab_group=vocab_group, backend=backend)
         self.paths = PathPolicy(compact, single_pass, self.loss_types, vocab_group, self.use_weighting)
+        # the configuration, checked as a whole here: an assignment afterwards raises, of what is held and of every
+        # option (held in config, kernel_options or paths)
+        arguments = tuple(inspect.signature(LinearPreferenceLoss.__init__).parameters)[1:-1]  # not self, **options
+        self._fix_options((*OPTION_NAMES, *arguments, "loss_types", "config", "kernel_options", "paths"))
 
-    #: the configuration, checked as a whole at construction: an assignment afterwards raises
-    _FIXED = frozenset(("loss_types", "config", "ignore_index", "ld_alpha", "use_weighting", "wpo_cap",
-                        "kernel_options", "paths"))
-
-    def __setattr__(self, name, value):
-        if name in self._FIXED and "paths" in self.__dict__:  # paths: the last one set by __init__
-            raise AttributeError(f"LinearPreferenceLoss.{name} is fixed at construction, where the options are "
-                                 f"checked together: build a new LinearPreferenceLoss")
-        super().__setattr__(name, value)
 
     def extra_repr(self) -> str:
         """The loss configuration, then every other constructor option that is not at its default."""

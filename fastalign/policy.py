@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from fastalign import _backend, _validate
-from fastalign._options import check_read
+from fastalign._options import FixedOptions, check_read
 from fastalign.aggregate import RowAggregation, check_counts, divisor, whole_divisor
 from fastalign.ops import policy_loss as _ops
 from fastalign.policy_config import FIELDS, LOSS_TYPES, PRESETS, ROLLOUT_MODES, CovParams, PolicyConfig  # noqa: F401
@@ -397,19 +397,23 @@ def policy_loss(
     return _validate.nan_if(fractional, loss), metrics
 
 
-class PolicyLoss(nn.Module):
+class PolicyLoss(FixedOptions, nn.Module):
     """``fastalign.policy_loss`` with a fixed configuration: ``PolicyLoss(loss_type="grpo", eps_high=0.28)``
     or ``PolicyLoss(config=PolicyConfig(...))``. The configuration is validated here, at construction.
 
     ``forward(logprobs, old_logprobs, advantages, response_mask, **per_call)`` returns
     ``(loss, metrics)``; per-call keywords are the tensors and counts of :func:`policy_loss`
     (``ref_logprobs``, ``entropy``, ``global_tokens``, ...) or configuration fields that
-    override the configuration for that call.
+    override the configuration for that call. Assigning a field to the module (``loss.eps_high = 0.28``) raises
+    ``AttributeError``: build a new module, or assign ``loss.config`` a new :class:`PolicyConfig`.
     """
+
+    _PER_CALL = True
 
     def __init__(self, config: Optional[PolicyConfig] = None, **options):
         super().__init__()
         self.config = PolicyConfig.make(config, "PolicyLoss", **options)
+        self._fix_options(FIELDS)  # an option is a field of self.config (or a per-call override)
 
     def forward(self, logprobs, old_logprobs, advantages, response_mask, **kwargs):
         return policy_loss(logprobs, old_logprobs, advantages, response_mask, config=self.config, **kwargs)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from fastalign import _validate
 from fastalign._deprecate import renamed
-from fastalign._options import check_choice, check_names, check_read, did_you_mean, own_copy
+from fastalign._options import FixedOptions, check_choice, check_names, check_read, did_you_mean, own_copy
 from fastalign.sequence import _floating
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -318,7 +318,8 @@ class PreferenceOptions:
 
 
 #: the option names, in :class:`PreferenceOptions` order
-_CONFIG_KEYS = tuple(f.name for f in fields(PreferenceOptions))
+#: the option names of :class:`PreferenceOptions`
+OPTION_NAMES = tuple(f.name for f in fields(PreferenceOptions))
 #: the real-valued options checked finite (besides beta, label_smoothing, f_alpha, discopop_tau)
 _COEFFICIENTS = ("rpo_alpha", "cpo_alpha", "simpo_gamma", "alphapo_alpha", "desirable_weight", "undesirable_weight")
 
@@ -398,9 +399,9 @@ def check_config(owner: str, loss_type, beta, label_smoothing, options: dict,
     """Validate a preference module's configuration at construction, as :func:`preference_loss` would
     at the first call (unknown options get a "did you mean" among the options and the module's ``own``
     keywords); returns the loss types."""
-    check_names(owner, options, _CONFIG_KEYS + tuple(own))
+    check_names(owner, options, OPTION_NAMES + tuple(own))
     opts = PreferenceOptions(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
-                             **{k: v for k, v in options.items() if k in _CONFIG_KEYS[3:]})
+                             **{k: v for k, v in options.items() if k in OPTION_NAMES[3:]})
     types, _ = _loss_list(opts.loss_type, opts.loss_weights)
     _check_options(types, opts)
     return types
@@ -783,23 +784,25 @@ def _smoothed_set(types: Tuple[str, ...], smoothed_losses, eps: float) -> Tuple[
 _BATCH_KEYS = ("chosen_lengths", "rejected_lengths", "chosen_nll", "pair_weights", "kto_kl")
 
 
-class PreferenceLoss(nn.Module):
+class PreferenceLoss(FixedOptions, nn.Module):
     """:func:`preference_loss` as a module: the options are fixed at construction,
     ``forward(chosen_logprobs, rejected_logprobs, ref_chosen_logprobs=None, ref_rejected_logprobs=None, *,
     chosen_lengths=None, rejected_lengths=None, chosen_nll=None, pair_weights=None, kto_kl=None)`` takes the
-    tensors of one batch; an option given to ``forward`` raises ``TypeError`` (set it at construction)."""
+    tensors of one batch; an option given to ``forward`` raises ``TypeError``, and one assigned to the module
+    (``loss.beta = 0.2``) ``AttributeError`` (set it at construction)."""
 
     def __init__(self, loss_type="sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, **options):
         super().__init__()
         check_config("PreferenceLoss", loss_type, beta, label_smoothing, options)  # fail here, not at the first call
         self.config = own_copy(dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, **options))
+        self._fix_options(OPTION_NAMES)
 
     @renamed(**PAIR_RENAMES, weights="pair_weights")
     def forward(self, chosen_logprobs, rejected_logprobs, ref_chosen_logprobs=None, ref_rejected_logprobs=None, *,
                 chosen_lengths=None, rejected_lengths=None, chosen_nll=None, pair_weights=None, kto_kl=None,
                 **options):
         for name in options:
-            if name in _CONFIG_KEYS:
+            if name in OPTION_NAMES:
                 raise TypeError(f"PreferenceLoss.forward got the option {name!r}: the options are fixed at "
                                 f"construction, PreferenceLoss({name}=...)")
         check_names("PreferenceLoss.forward", options, _BATCH_KEYS)

@@ -6,7 +6,9 @@ nothing reads them, the empty unpaired batch, exponentials past float32's range 
 discopop, alphapo: no capped exponent), and the TRL profiles' own argument checks (KTO's KL completions and labels,
 errors that name the profile's arguments), PreferenceLoss.forward refusing options. Oracles: float64 formulas
 written here."""
+import copy
 import math
+import pickle
 import re
 
 import pytest
@@ -916,6 +918,43 @@ def test_linear_preference_options_are_fixed_at_construction(name, value):
     assert loss.ignore_index == -100 and loss.kernel_options["ignore_index"] == -100
     loss.train(False)  # the module's own state (training, hooks, device moves) is not configuration
     loss.double()
+
+
+@pytest.mark.parametrize("make, name, value, per_call", [
+    (lambda: fa.PolicyLoss(loss_type="ppo"), "eps_high", 0.001, True),
+    (lambda: fa.PreferenceLoss("sigmoid"), "beta", 5.0, False),
+    (lambda: fa.PreferenceLoss("sigmoid"), "label_smoothing", 0.1, False),
+    (lambda: fa.LinearPolicyLoss(loss_type="grpo"), "temperature", 0.5, True),
+    (lambda: fa.LinearPolicyLoss(loss_type="grpo"), "kl_coef", 0.04, True),
+    (lambda: fa.LinearPreferenceLoss("sigmoid"), "beta", 5.0, False),
+    (lambda: fa.LinearPreferenceLoss("sigmoid"), "temperature", 0.5, False),
+    (lambda: fa.LinearPreferenceLoss("sigmoid"), "single_pass", False, False),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_assigning_an_option_to_a_loss_module_raises(make, name, value, per_call):
+    """An option assigned to a core loss module after construction raised nothing and changed nothing (a new
+    attribute that the loss never read; the trainers' adapters, whose modules read theirs at each call, apply it):
+    it raises naming the option and the remedy, also in a deep copy or an unpickled module."""
+    loss = make()
+    for module in (loss, copy.deepcopy(loss), pickle.loads(pickle.dumps(loss))):
+        with pytest.raises(AttributeError, match=f"{type(loss).__name__}.{name} is fixed at construction") as err:
+            setattr(module, name, value)
+        assert ("to the call" in str(err.value)) == per_call
+        assert name not in module.__dict__
+
+
+def test_linear_policy_loss_attributes_read_at_each_call_stay_assignable():
+    """``entropy_metric`` and ``single_pass`` are LinearPolicyLoss attributes, read (and checked) at each call."""
+    g = torch.Generator().manual_seed(3)
+    h, w = torch.randn(2, 3, 8, generator=g), torch.randn(20, 8, generator=g)
+    labels = torch.randint(0, 20, (2, 3), generator=g)
+    old, A, m = -torch.rand(2, 3, generator=g), torch.randn(2, 3, generator=g), torch.ones(2, 3, dtype=torch.bool)
+    loss = fa.LinearPolicyLoss(loss_type="grpo")
+    assert "entropy" not in loss(h, w, labels, old, A, m)[1]
+    loss.entropy_metric = True
+    assert "entropy" in loss(h, w, labels, old, A, m)[1]
+    loss.single_pass = "maybe"
+    with pytest.raises(ValueError, match="single_pass"):
+        loss(h, w, labels, old, A, m)
 
 
 @pytest.mark.parametrize("dtype, mean_logprob", [(torch.float32, -1e-8), (torch.float32, -1e-30),
