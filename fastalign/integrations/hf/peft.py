@@ -4,6 +4,7 @@ what ``PeftModelForCausalLM.forward`` sets up (:func:`_peft_forward`)."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Optional
 
 import torch
@@ -89,6 +90,12 @@ def _head(model, hidden: Tensor, dtype: Optional[torch.dtype] = None
     if lora and head.disable_adapters and head.merged:  # PEFT's forward rule: disabled adapters leave the weight
         head.unmerge()
     base = head.get_base_layer() if lora else head
+    if base.weight.is_meta and any(hasattr(m, "_hf_hook") for m in (head, base)):
+        raise ValueError("model: the output head's weight is offloaded (accelerate's cpu_offload / device_map: on "
+                         "the meta device, loaded by a hook inside the head's forward, which the fused head does not "
+                         "call); keep lm_head on a device, e.g. device_map={..., 'lm_head': <the last layer's "
+                         "device>}")
+    warn_skipped_hooks(model, head, base)
     _, weight, bias, _ = _dtensor.head(hidden, base.weight, getattr(base, "bias", None), dtype=dtype)
     if weight.dim() != 2 or weight.numel() == 0:
         raise ValueError(
@@ -102,6 +109,40 @@ def _head(model, hidden: Tensor, dtype: Optional[torch.dtype] = None
     if low_rank is not None:
         low_rank = (low_rank[0], low_rank[1][:weight.shape[0]])
     return weight, bias, low_rank
+
+
+#: The packages whose forward hooks on a module leave its outputs as they are: parameter gathering (FSDP2; DeepSpeed
+#: ZeRO-3, whose head is gathered around the call), PEFT's adapter set-up, accelerate's device placement.
+_OUTPUT_PRESERVING_HOOKS = ("torch.distributed.", "deepspeed.", "peft.", "accelerate.")
+
+
+def _hook_source(hook) -> str:
+    """The module (package path) that defines ``hook``: a function, a bound method, a ``functools.partial`` or a
+    callable object."""
+    fn = getattr(hook, "func", hook)
+    fn = getattr(fn, "__func__", fn)
+    return getattr(fn, "__module__", None) or type(fn).__module__
+
+
+def warn_skipped_hooks(model, *head_modules) -> None:
+    """A ``UserWarning`` naming the forward hooks (and pre-hooks) on the causal LM or its output head that scoring
+    from the body's last hidden states does not run (it reads the head's weight, never calling the head's forward
+    nor the model's), so that a hook that changes the head's input or output, or the logits, is not applied without
+    a word; hooks from :data:`_OUTPUT_PRESERVING_HOOKS` are left out."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    found = []
+    for module in dict.fromkeys((model, causal_lm, *head_modules)):  # once each, in order
+        for kind in ("_forward_pre_hooks", "_forward_hooks"):
+            for hook in getattr(module, kind, {}).values():
+                source = _hook_source(hook)
+                if not source.startswith(_OUTPUT_PRESERVING_HOOKS):
+                    found.append(f"{type(module).__name__}.{kind[1:-1]} {getattr(hook, '__qualname__', hook)!r} "
+                                 f"({source})")
+    if found:
+        warnings.warn(f"model: hooks that fastalign does not run: {'; '.join(found)}. It scores the body's last "
+                      "hidden states through the output head's weight, without calling the head's (or the "
+                      "model's) forward: a hook that changes the head's input or output, or the logits, is not "
+                      "applied", UserWarning, stacklevel=2)
 
 
 #: PEFT tuners (``peft_type``) whose forward hooks the whole model (``get_base_model()``), not only its body:
