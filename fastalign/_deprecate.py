@@ -11,7 +11,7 @@ import functools
 import inspect
 import sys
 import warnings
-from typing import Callable, List, Tuple
+from typing import Callable, List, ParamSpec, Tuple, TypeVar
 
 import torch
 
@@ -38,10 +38,15 @@ def warn(message: str, stacklevel: int = 3) -> None:
     warnings.warn(message, RenamedWarning, stacklevel=stacklevel)
 
 
-def renamed(**old_to_new: str) -> Callable:
-    """Decorator: accept each old keyword name of the wrapped function as its new name, with a warning."""
+P = ParamSpec("P")
+R = TypeVar("R")
 
-    def wrap(fn: Callable) -> Callable:
+
+def renamed(**old_to_new: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorator: accept each old keyword name of the wrapped function as its new name, with a warning. The
+    wrapped function keeps its signature for type checkers (which then flag a former name: it is deprecated)."""
+
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
         owner = fn.__qualname__
         params = list(inspect.signature(fn).parameters.values())
         positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -52,7 +57,7 @@ def renamed(**old_to_new: str) -> Callable:
             RENAMED.append((owner, old, new))
 
         @functools.wraps(fn)
-        def call(*args, **kwargs):
+        def call(*args: P.args, **kwargs: P.kwargs) -> R:
             used = [(old, new) for old, new in pairs if old in kwargs]  # plain ops: torch.compile traces them
             if used:
                 given = positional[:len(args)]

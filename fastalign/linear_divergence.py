@@ -86,7 +86,7 @@ def linear_divergence_loss(
     global_tokens=None,
     single_pass="auto",
     backend: Optional[str] = None,
-) -> tuple[Tensor, dict]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     r"""``(loss, metrics)``: the distillation loss of a student's head against a teacher's, from hidden states.
 
     Each side's logits ``z = softcap(scale * (h W^T + b))`` (``softcap(u) = c tanh(u / c)``, off when None),

@@ -136,7 +136,7 @@ class LinearPolicyLoss(FixedOptions, nn.Module):
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Tensor, advantages: Tensor,
                 response_mask: Tensor, *, bias: Optional[Tensor] = None,
                 low_rank: Optional[tuple[Tensor, Tensor]] = None, ref_logprobs: Optional[Tensor] = None,
-                rollout_logprobs: Optional[Tensor] = None, **kwargs) -> tuple[Tensor, dict]:
+                rollout_logprobs: Optional[Tensor] = None, **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
         if "entropy" in kwargs:
             raise ValueError("LinearPolicyLoss computes the entropy itself; pass entropy_coef / entropy_metric")
         cfg = {**self.config, **split_pairs("LinearPolicyLoss.forward", kwargs)}

@@ -316,7 +316,8 @@ class LinearPreferenceLoss(FixedOptions, nn.Module):
     def forward(self, hidden, weight: Tensor, labels, *, bias: Optional[Tensor] = None, ref_hidden=None,
                 ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
                 ref_chosen_logprobs: Optional[Tensor] = None, ref_rejected_logprobs: Optional[Tensor] = None,
-                token_weights=None, cu_seqlens: Optional[Tensor] = None, kto_kl: Optional[Tensor] = None):
+                token_weights=None, cu_seqlens: Optional[Tensor] = None,
+                kto_kl: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
         group = self.kernel_options["vocab_group"]
         split = _pair("hidden", hidden)
         dtype = getattr((split or (hidden,))[0], "dtype", None)  # a DTensor head takes it (FSDP2's cast)

@@ -196,7 +196,7 @@ def policy_loss(
     generator: Optional[Union[torch.Generator, SharedSeed]] = None,
     config: Optional[PolicyConfig] = None,
     **options,
-) -> tuple[Tensor, dict]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     r"""Policy-gradient loss and metrics, one fused pass per sequence (forward and d/d(logprobs)).
 
     The options are the fields of :class:`fastalign.PolicyConfig` (docs/math.md#policy-losses),
@@ -415,7 +415,8 @@ class PolicyLoss(FixedOptions, nn.Module):
         self.config = PolicyConfig.make(config, "PolicyLoss", **options)
         self._fix_options(FIELDS)  # an option is a field of self.config (or a per-call override)
 
-    def forward(self, logprobs, old_logprobs, advantages, response_mask, **kwargs):
+    def forward(self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, response_mask: Tensor,
+                **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
         return policy_loss(logprobs, old_logprobs, advantages, response_mask, config=self.config, **kwargs)
 
     def extra_repr(self) -> str:

@@ -798,9 +798,11 @@ class PreferenceLoss(FixedOptions, nn.Module):
         self._fix_options(OPTION_NAMES)
 
     @renamed(**PAIR_RENAMES, weights="pair_weights")
-    def forward(self, chosen_logprobs, rejected_logprobs, ref_chosen_logprobs=None, ref_rejected_logprobs=None, *,
-                chosen_lengths=None, rejected_lengths=None, chosen_nll=None, pair_weights=None, kto_kl=None,
-                **options):
+    def forward(self, chosen_logprobs: Tensor, rejected_logprobs: Tensor,
+                ref_chosen_logprobs: Optional[Tensor] = None, ref_rejected_logprobs: Optional[Tensor] = None, *,
+                chosen_lengths: Optional[Tensor] = None, rejected_lengths: Optional[Tensor] = None,
+                chosen_nll: Optional[Tensor] = None, pair_weights: Optional[Tensor] = None,
+                kto_kl: Optional[Tensor] = None, **options) -> Tuple[Tensor, Dict[str, Tensor]]:
         for name in options:
             if name in OPTION_NAMES:
                 raise TypeError(f"PreferenceLoss.forward got the option {name!r}: the options are fixed at "

@@ -885,3 +885,18 @@ def test_grpo_trainer_one_token_completions_log_trls_metrics(tmp_path, monkeypat
         for k, v in theirs[0].items():
             assert ours[0][k] == pytest.approx(v, rel=tiny.RTOL, abs=tiny.ATOL), k
         assert theirs[0]["kl@0" if "kl@0" in theirs[0] else "cispo_clip_ratio@0"] > 0
+
+
+def test_empty_rows_clipped_takes_cispo_s_default_bound():
+    """The metric's rule reads cispo's upper bound with its default (1 + eps_high) where the config leaves
+    ``cispo_high`` unset (it compared 1 > None and raised); the trainer's profile sets it, a config built by hand
+    may not. A row without completion tokens and with a positive advantage counts where 1 > the bound."""
+    from fastalign.integrations.trl.grpo import _empty_rows_clipped
+    from fastalign.policy_config import PolicyConfig
+
+    advantages, mask = torch.tensor([1.0, -1.0, 2.0]), torch.tensor([[0, 0], [0, 0], [1, 1]])
+    unset = PolicyConfig.make(loss_type="cispo", importance_sampling_level="sequence", eps_high=0.3)
+    assert _empty_rows_clipped(unset, advantages, mask).item() == 0.0  # 1 > 1.3 is false
+    below_one = PolicyConfig.make(loss_type="cispo", importance_sampling_level="sequence", cispo_low=0.0,
+                                  cispo_high=0.8)
+    assert _empty_rows_clipped(below_one, advantages, mask).item() == pytest.approx(1 / 3)

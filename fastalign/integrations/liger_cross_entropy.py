@@ -140,7 +140,7 @@ class LigerFusedLinearCrossEntropyLoss(_CrossEntropyOptions):
                "return_predicted_tokens")
     _SWITCHES = _CrossEntropyOptions._SWITCHES + ("use_token_scaling",)
 
-    def __init__(self, ce_weight: Optional[torch.FloatTensor] = None, ignore_index: int = -100,
+    def __init__(self, ce_weight: Optional[Tensor] = None, ignore_index: int = -100,
                  lse_square_scale: float = 0.0, label_smoothing: float = 0.0, reduction: str = "mean",
                  softcap: Optional[float] = None, return_z_loss: bool = False,
                  accum_dtype: Optional[torch.dtype] = None, use_token_scaling: bool = False,
@@ -195,7 +195,7 @@ class LigerCrossEntropyLoss(_CrossEntropyOptions):
                "return_z_loss", "return_token_accuracy", "return_predicted_tokens")
     use_token_scaling = False  # an option of the fused module only
 
-    def __init__(self, weight: Optional[torch.FloatTensor] = None, ignore_index: int = -100,
+    def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
                  lse_square_scale: float = 0.0, label_smoothing: float = 0.0, reduction: str = "mean",
                  softcap: Optional[float] = None, return_z_loss: bool = False, return_token_accuracy: bool = False,
                  return_predicted_tokens: bool = False):

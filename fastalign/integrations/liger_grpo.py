@@ -245,7 +245,7 @@ def _grpo_loss(setup: _GRPOSetup, advantages: Tensor, mask: Tensor, ref: Optiona
     if weights is not None:
         kw["importance_weights"] = weights
 
-    def loss(lp: Tensor, old: Tensor) -> Tensor:
+    def loss(lp: Tensor, old: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         phi = {} if is_log_sum is None else dict(  # vespo as -phi A lp: the reinforce row weighed by Liger's phi
             importance_weights=_vespo_weight(setup.config, lp, old, advantages, mask, is_log_sum))
         return policy_loss(lp, old, advantages, mask, ref_logprobs=ref, config=cfg, **kw, **phi)

@@ -486,7 +486,7 @@ def _empty_rows_clipped(cfg: PolicyConfig, advantages: Tensor, mask: Tensor) -> 
     ``1 > epsilon_high`` and its advantage is positive. 0 otherwise."""
     B = mask.shape[0]
     per_row = advantages.dim() == 1 or advantages.shape[-1] == 1
-    if cfg.importance_sampling_level != "sequence" or not per_row or B == 0 or not 1.0 > cfg.cispo_high:
+    if cfg.importance_sampling_level != "sequence" or not per_row or B == 0 or not 1.0 > cfg._cispo_bounds()[1]:
         return torch.zeros((), device=advantages.device)
     empty = (mask.reshape(B, -1).sum(-1) == 0) & (advantages.reshape(B) > 0)
     return empty.sum(dtype=torch.float32) / B
