@@ -45,7 +45,8 @@ Any other architecture raises unless the caller states its head transform with
 The package's modules: :mod:`~fastalign.integrations.hf.head_transforms` (the table above and
 :func:`register_head_transform`), :mod:`~fastalign.integrations.hf.packing` (packed rows),
 :mod:`~fastalign.integrations.hf.peft` (PEFT adapters), :mod:`~fastalign.integrations.hf.targets` (the scored
-targets) and :mod:`~fastalign.integrations.hf.distributed` (DDP, FSDP2); their public names are imported here.
+targets), :mod:`~fastalign.integrations.hf.distributed` (DDP, FSDP2) and :mod:`~fastalign.integrations.hf.fused_loss`
+(the model's own loss without its logits, for ``transformers.Trainer``); their public names are imported here.
 """
 from __future__ import annotations
 
@@ -455,3 +456,7 @@ def causal_lm_logprobs(
         stats = TokenStats(*(t if t is None or not t.is_floating_point() else _validate.nan_if(malformed, t)
                              for t in stats))
     return stats
+
+
+from fastalign.integrations.hf.fused_loss import (  # noqa: E402,F401
+    causal_lm_loss, install_fused_loss, remove_fused_loss)

@@ -1,0 +1,155 @@
+r"""The loss a ``transformers`` causal LM computes from its labels, from its last hidden states: no logits.
+
+``model(input_ids, labels=labels).loss`` is ``transformers``' ``ForCausalLMLoss`` of the model's logits. The same
+number comes from the body's last hidden states and the output head a block of rows at a time
+(:func:`fastalign.linear_logprobs`), so the ``[batch, tokens, vocabulary]`` logits (and their fp32 copy and
+gradient) are never built:
+
+.. math:: \text{loss} = -\frac{1}{n} \sum_{t:\ y_{t+1} \ne \text{ignore\_index}} \log p(y_{t+1} \mid x_{\le t})
+
+with ``y`` the labels (shifted inside, or ``shift_labels`` as given) and ``n`` the ``num_items_in_batch`` that
+``transformers.Trainer`` passes (a count over the accumulated micro-batches), else the count of scored targets.
+:func:`causal_lm_loss` computes it; :func:`install_fused_loss` makes a model's forward compute it in training, so
+that ``transformers.Trainer`` (and any loop that reads ``model(**batch).loss``) trains without the logits.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from fastalign.integrations.hf import head_operands, head_transform, router_aux_loss
+from fastalign.linear import linear_logprobs
+
+def causal_lm_loss(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *,
+                   labels: Optional[Tensor] = None, shift_labels: Optional[Tensor] = None,
+                   num_items_in_batch: Optional[Union[int, Tensor]] = None, ignore_index: int = -100,
+                   **model_kwargs) -> Tensor:
+    r"""``model(input_ids, attention_mask, labels=labels).loss`` from the last hidden states, without the logits.
+
+    The mean over the scored targets of ``-log p`` (module docstring): every position whose next label is not
+    ``ignore_index`` is scored, as the model's own loss scores it (a padding position too, where the labels do not
+    mark it), divided by ``num_items_in_batch`` when given (``transformers.Trainer``'s count over the gradient
+    accumulation steps), else by the count of scored targets (none: NaN, as the model's own loss). The model's
+    head transform (softcapping, logit scaling: :data:`~fastalign.integrations.hf.HEAD_TRANSFORMS`) and a PEFT
+    LoRA head are applied as :func:`~fastalign.integrations.hf.causal_lm_logprobs` applies them. A MoE model with
+    ``output_router_logits`` (the keyword or its config) adds ``router_aux_loss_coef`` times its load-balancing
+    loss, as its forward does.
+
+    Args:
+        model: a ``transformers`` ``*ForCausalLM`` (or a PEFT model of one).
+        input_ids: ``[B, T]``.
+        attention_mask: ``[B, T]``, passed to the body.
+        labels: ``[B, T]``, aligned with ``input_ids`` (shifted inside); or
+        shift_labels: ``[B, T]``, the token each position predicts (already shifted).
+        num_items_in_batch: the divisor (an int or a one-element tensor), None: the scored count.
+        ignore_index: the label of an unscored position.
+        **model_kwargs: passed to the body (``position_ids`` of packed rows, ...).
+
+    Returns:
+        The loss, fp32, 0-dim, differentiable with respect to the model's parameters.
+    """
+    if (labels is None) == (shift_labels is None):
+        raise ValueError("causal_lm_loss needs labels or shift_labels (one of them)")
+    targets = shift_labels
+    if labels is not None:
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                             f"{tuple(labels.shape)}")
+        targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    elif shift_labels.shape != input_ids.shape:
+        raise ValueError(f"shift_labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                         f"{tuple(shift_labels.shape)}")
+    config = getattr(model, "config", None)
+    scale, softcap = head_transform(config)
+    router = {}
+    with_aux = bool(model_kwargs.get("output_router_logits", getattr(config, "output_router_logits", False)))
+    if with_aux:
+        model_kwargs["output_router_logits"] = True
+    hidden, weight, bias, low_rank = head_operands(
+        model, input_ids, attention_mask, on_body=lambda out: router.update(logits=out.router_logits) if with_aux
+        else None, **model_kwargs)
+    stats = linear_logprobs(hidden, weight, targets.to(input_ids.device), bias=bias, low_rank=low_rank,
+                            logit_scale=scale, softcap=softcap, ignore_index=ignore_index)
+    count = (targets != ignore_index).sum() if num_items_in_batch is None else num_items_in_batch
+    loss = -stats.logprobs.sum() / torch.as_tensor(count, device=hidden.device)
+    if with_aux:
+        coef = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model,
+                       "router_aux_loss_coef", None)
+        if coef is None:
+            raise ValueError(f"model: {type(model).__name__} has no router_aux_loss_coef for its load-balancing loss")
+        loss = loss + coef * router_aux_loss(model, router["logits"], attention_mask).to(loss.device)
+    return loss
+
+
+class _FusedForward:
+    """A model's forward after :func:`install_fused_loss`: an object holding the model and the forward it wraps (the
+    class's function, called with the model, or a callable the instance held), not a closure, so that a deep copy
+    (a frozen reference model) or an unpickled model computes with its own weights. Its signature is the wrapped
+    forward's (``transformers.Trainer`` reads it to pass ``num_items_in_batch``)."""
+
+    def __init__(self, model, own):
+        self.model = model
+        self.own = own
+        self.__signature__ = inspect.signature(self._own_call())
+
+    def _own_call(self):
+        return functools.partial(self.own, self.model) if inspect.isfunction(self.own) else self.own
+
+    def __call__(self, *args, **kwargs):
+        own = self._own_call()
+        try:
+            call = self.__signature__.bind(*args, **kwargs).arguments
+        except TypeError:
+            return own(*args, **kwargs)
+        params = self.__signature__.parameters
+        extra = call.pop(next((n for n, p in params.items() if p.kind is p.VAR_KEYWORD), ""), {})
+        call = {**call, **extra}
+        labels, shift_labels = call.pop("labels", None), call.pop("shift_labels", None)
+        fused = (self.model.training and (labels is not None or shift_labels is not None)
+                 and call.get("input_ids") is not None and call.get("inputs_embeds") is None
+                 and not call.get("logits_to_keep") and call.get("return_dict", True) is not False)
+        if not fused:
+            return own(*args, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        for key in ("return_dict", "logits_to_keep", "use_cache", "past_key_values", "cache_position",
+                    "inputs_embeds"):
+            call.pop(key, None)
+        loss = causal_lm_loss(self.model, call.pop("input_ids"), call.pop("attention_mask", None), labels=labels,
+                              shift_labels=shift_labels, **call)
+        return CausalLMOutputWithPast(loss=loss, logits=None)
+
+
+def install_fused_loss(model):
+    """Make ``model(..., labels=labels)`` in training mode return :func:`causal_lm_loss` as its ``loss``, its
+    ``logits`` None (never built): ``transformers.Trainer`` and any loop that reads ``model(**batch).loss`` then
+    train without the ``[B, T, V]`` logits, with the same loss and gradients. Returns ``model``.
+
+    Every other call runs the model's own forward: evaluation (``model.eval()``: the logits are there for metrics),
+    generation, a call without labels, or one with ``inputs_embeds``, ``logits_to_keep`` or ``return_dict=False``.
+    The head transform is checked here: an architecture outside :data:`~fastalign.integrations.hf.HEAD_TRANSFORMS`
+    raises now (register it with :func:`~fastalign.integrations.hf.register_head_transform`). A deep copy or an
+    unpickled copy of the model computes with its own weights. The TRL drop-in trainers fuse their own losses and
+    do not need it. :func:`remove_fused_loss` undoes it."""
+    if isinstance(vars(model).get("forward"), _FusedForward):
+        raise ValueError("model: install_fused_loss was already applied to this model")
+    head_transform(getattr(model, "config", None))
+    own = vars(model).get("forward", type(model).forward)  # the instance's own forward, else the class's function
+    model.forward = _FusedForward(model, own)
+    return model
+
+
+def remove_fused_loss(model):
+    """Undo :func:`install_fused_loss`: the model's forward is its own again. Returns ``model``."""
+    fused = vars(model).get("forward")
+    if not isinstance(fused, _FusedForward):
+        raise ValueError("model: install_fused_loss was not applied to this model")
+    if fused.own is type(model).forward:
+        del model.forward  # the class's forward again
+    else:
+        model.forward = fused.own
+    return model

@@ -1,0 +1,175 @@
+"""install_fused_loss / causal_lm_loss against the model's own loss: ``model(**batch).loss`` of a transformers causal
+LM, computed from the last hidden states without the logits, gives the model's own loss and gradients (its head
+transform, a LoRA head, a MoE model's load-balancing term, ``num_items_in_batch``), and ``transformers.Trainer``
+trains it step for step as the model's own forward. Tiny random models from configs (no downloads)."""
+import copy
+import pickle
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the Hugging Face integration needs transformers")
+from test_integration_hf import TINY, V, batch, tiny_model  # noqa: E402
+
+from fastalign.integrations.hf import causal_lm_loss, install_fused_loss, remove_fused_loss  # noqa: E402
+
+
+def _grads(model, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, torch.autograd.grad(loss, params,
+                                                                                                 allow_unused=True))]
+
+
+def _assert_same_loss_and_grads(model, call, rtol=1e-5):
+    own = call()
+    assert own.logits is not None
+    want = _grads(model, own.loss)
+    install_fused_loss(model)
+    fused = call()
+    assert fused.logits is None  # never built
+    got = _grads(model, fused.loss)
+    remove_fused_loss(model)
+    torch.testing.assert_close(fused.loss, own.loss, atol=1e-5, rtol=rtol)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6 + 2e-5 * w.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2", "cohere", "granite"])
+@pytest.mark.parametrize("items", [None, 7], ids=["mean", "num_items_in_batch"])
+def test_the_model_own_loss_and_gradients(arch, items):
+    """Softcapping (Gemma 2), logit_scale (Cohere) and logits_scaling (Granite) as the model applies them; padded
+    rows (left and right), prompt labels -100; the mean over the scored targets or a sum over num_items_in_batch."""
+    model = tiny_model(arch).train()
+    input_ids, attention_mask, labels = batch()
+    extra = {} if items is None else {"num_items_in_batch": torch.tensor(items)}
+    _assert_same_loss_and_grads(model, lambda: model(input_ids=input_ids, attention_mask=attention_mask,
+                                                     labels=labels, **extra))
+
+
+def test_labels_on_padding_are_scored_as_the_model_scores_them():
+    """The model's own loss scores every label that is not -100, padding included: so does the fused one."""
+    model = tiny_model("qwen2").train()
+    input_ids, attention_mask, _ = batch()
+    _assert_same_loss_and_grads(model, lambda: model(input_ids=input_ids, attention_mask=attention_mask,
+                                                     labels=input_ids))
+
+
+def test_a_moe_model_adds_its_load_balancing_loss():
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+                                        router_aux_loss_coef=0.05, attn_implementation="eager")
+    model = transformers.MixtralForCausalLM(config).train()
+    input_ids, attention_mask, labels = batch()
+    own = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert own.aux_loss > 0
+    _assert_same_loss_and_grads(model, lambda: model(input_ids=input_ids, attention_mask=attention_mask,
+                                                     labels=labels))
+
+
+@pytest.mark.parametrize("on", ["peft_model", "base_model"])
+def test_a_lora_head_installed_on_the_peft_model_or_its_base(on):
+    peft = pytest.importorskip("peft")
+    base = tiny_model("qwen2").train()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    input_ids, attention_mask, labels = batch()
+    target = model if on == "peft_model" else model.get_base_model()
+    want = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    want_grads = _grads(model, want.loss)
+    install_fused_loss(target)
+    got = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-5)
+    for g, w in zip(_grads(model, got.loss), want_grads):
+        torch.testing.assert_close(g, w, atol=1e-6 + 2e-5 * w.abs().max().item(), rtol=0)
+
+
+def test_other_calls_run_the_model_own_forward():
+    """Evaluation (logits for metrics), a call without labels, inputs_embeds and return_dict=False are the model's
+    own forward; remove_fused_loss gives the class's forward back."""
+    model = tiny_model("qwen2")
+    input_ids, attention_mask, labels = batch()
+    install_fused_loss(model)
+    model.eval()
+    assert model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).logits.shape == (3, 12, V)
+    model.train()
+    assert model(input_ids=input_ids, attention_mask=attention_mask).logits is not None
+    embeds = model.get_input_embeddings()(input_ids)
+    assert model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels).logits is not None
+    assert model(input_ids=input_ids, labels=labels, return_dict=False)[1].shape == (3, 12, V)
+    with pytest.raises(ValueError, match="already applied"):
+        install_fused_loss(model)
+    remove_fused_loss(model)
+    assert "forward" not in vars(model)
+    with pytest.raises(ValueError, match="was not applied"):
+        remove_fused_loss(model)
+
+
+def test_a_copy_computes_with_its_own_weights():
+    """A deep copy (a frozen reference model) and an unpickled model run the fused loss of their own weights."""
+    model = install_fused_loss(tiny_model("qwen2").train())
+    input_ids, attention_mask, labels = batch()
+
+    def loss(m):
+        return m(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+
+    before = loss(model)
+    copied, unpickled = copy.deepcopy(model), pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(loss(unpickled), before, atol=0, rtol=0)
+    with torch.no_grad():
+        copied.get_output_embeddings().weight.mul_(2.0)
+    assert not torch.equal(loss(copied), before)
+    torch.testing.assert_close(loss(model), before, atol=0, rtol=0)
+
+
+def test_causal_lm_loss_takes_shift_labels_and_checks_its_inputs():
+    model = tiny_model("qwen2").train()
+    input_ids, attention_mask, labels = batch()
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    want = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    got = causal_lm_loss(model, input_ids, attention_mask, shift_labels=shifted)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="labels or shift_labels"):
+        causal_lm_loss(model, input_ids, attention_mask, labels=labels, shift_labels=shifted)
+    with pytest.raises(ValueError, match="labels must have the shape"):
+        causal_lm_loss(model, input_ids, attention_mask, labels=labels[:, 1:])
+
+
+def test_an_architecture_without_a_known_head_transform_raises_at_install():
+    model = tiny_model("qwen2")
+    model.config.model_type = "my_own_lm"
+    with pytest.raises(ValueError, match="my_own_lm"):
+        install_fused_loss(model)
+
+
+def test_trainer_steps_equal_the_model_own_forward(tmp_path):
+    """transformers.Trainer, two optimizer steps of two accumulated micro-batches (num_items_in_batch): the logged
+    losses and the trained weights equal those of the model's own forward (SGD: Adam's first steps would magnify
+    the float rounding of the gradients into its step size)."""
+    datasets = pytest.importorskip("datasets")
+    input_ids, attention_mask, labels = batch(B=8)
+    data = datasets.Dataset.from_dict({"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist(),
+                                       "labels": labels.tolist()})
+
+    def train(fused):
+        model = tiny_model("qwen2", seed=3)
+        if fused:
+            install_fused_loss(model)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / str(fused)), per_device_train_batch_size=2,
+                                              gradient_accumulation_steps=2, max_steps=2, learning_rate=0.1,
+                                              optim="sgd", logging_steps=1, report_to=[], use_cpu=True, seed=0,
+                                              save_strategy="no", dataloader_drop_last=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+        return losses, [p.detach().clone() for p in model.parameters()]
+
+    own_losses, own_weights = train(False)
+    fused_losses, fused_weights = train(True)
+    assert len(own_losses) == 2
+    assert fused_losses == pytest.approx(own_losses, rel=1e-5)
+    for got, want in zip(fused_weights, own_weights):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
