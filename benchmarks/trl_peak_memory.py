@@ -9,14 +9,15 @@ TRL / fastalign. On CPU TRL's fused head scores every position in vocabulary chu
 kernel, which skips unscored positions, runs on GPUs only). Not part of the tests::
 
     python benchmarks/trl_peak_memory.py --vocab 131072 --completion-length 256 \
-        [--trainer sft|dpo|grpo|rloo|gkd|gold|online_dpo|a2po|iw_opd|sdpo|sdft]
+        [--trainer sft|dpo|grpo|rloo|gkd|gold|online_dpo|a2po|iw_opd|sdpo|sdft|hf_trainer]
         [--distillation-mode full_logits|topk_logits|sampled_token]   (SDPO, SDFT)
         [--iw-opd-jsd-top-k K]   (IW-OPD: the JSD objective, beta 0.5, over a top-k support; 0 the vocabulary)
 
 ``--batch`` completions per step: SFT texts, DPO pairs (chosen and rejected), GRPO / RLOO / SDPO / SDFT samples of
 one prompt, Online DPO prompts (two samples each), A*-PO prompts (one sample each; its first stage samples two
-per prompt for the optimal values), IW-OPD prompts (one on-policy sample each), GKD and GOLD dataset completions
-(``lmbda=0``, no generation). The distillation trainers (GKD, GOLD, IW-OPD) take a teacher of the same architecture with
+per prompt for the optimal values), ``hf_trainer`` rows of ``--completion-length`` random tokens
+(``transformers.Trainer``: the model's own loss against :func:`fastalign.integrations.hf.install_fused_loss`),
+IW-OPD prompts (one on-policy sample each), GKD and GOLD dataset completions (``lmbda=0``, no generation). The distillation trainers (GKD, GOLD, IW-OPD) take a teacher of the same architecture with
 other random weights; SDPO and SDFT distil from the model itself shown a privileged context
 (``--distillation-mode``, default ``full_logits``; ``topk_logits`` at TRL's ``distillation_topk=100``).
 """
@@ -91,6 +92,21 @@ def _sft(trl, cls, checkpoint, tokenizer, common, opts):  # batch texts of compl
              for i in range(opts.batch)]
     return cls(model=checkpoint, args=trl.SFTConfig(max_length=opts.completion_length + 8, **common),
                train_dataset=datasets_from({"text": texts}), processing_class=tokenizer)
+
+
+def _hf_trainer(trl, cls, checkpoint, tokenizer, common, opts):  # transformers.Trainer, the SFT texts, all scored
+    import torch
+    import transformers
+
+    from fastalign.integrations.hf import install_fused_loss
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    if opts.child == "fastalign":
+        install_fused_loss(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (opts.batch, opts.completion_length), generator=g).tolist()
+    data = datasets_from({"input_ids": ids, "labels": ids})
+    return cls(model=model, args=transformers.TrainingArguments(**common), train_dataset=data)
 
 
 def _dpo(trl, cls, checkpoint, tokenizer, common, opts):  # batch pairs: a prompt, chosen and rejected completions
@@ -190,7 +206,8 @@ TRAINERS = {"sft": ("SFTTrainer", "trl", _sft), "dpo": ("DPOTrainer", "trl", _dp
             "a2po": ("A2POTrainer", "trl.experimental.a2po", _a2po),
             "iw_opd": ("IWOPDTrainer", "trl.experimental.iw_opd", _iw_opd),
             "sdpo": ("SDPOTrainer", "trl.experimental.sdpo", _sdpo),
-            "sdft": ("SDFTTrainer", "trl.experimental.sdft", _sdft)}
+            "sdft": ("SDFTTrainer", "trl.experimental.sdft", _sdft),
+            "hf_trainer": ("Trainer", "transformers", _hf_trainer)}  # both: install_fused_loss for fastalign
 
 
 def run_one(which: str, checkpoint: str, opts) -> dict:
@@ -203,7 +220,7 @@ def run_one(which: str, checkpoint: str, opts) -> dict:
     import fastalign.integrations.trl as fa_trl
 
     name, home, build = TRAINERS[opts.trainer]
-    cls = getattr(importlib.import_module(home) if which == "trl" else fa_trl, name)
+    cls = getattr(importlib.import_module(home) if which == "trl" or home == "transformers" else fa_trl, name)
     common = dict(output_dir=os.path.join(os.path.dirname(checkpoint), f"out-{which}"), max_steps=1,
                   per_device_train_batch_size=opts.batch, report_to="none", save_strategy="no", use_cpu=True, seed=0,
                   disable_tqdm=True, logging_steps=1, optim="sgd", bf16=False)
@@ -262,12 +279,14 @@ def main():
         mode = f" (jsd, loss_top_k={opts.iw_opd_jsd_top_k})"
     print(f"one {opts.trainer.upper()} step{mode}, V={opts.vocab}, hidden={opts.hidden}, {rows} x {opts.completion_length} "
           f"tokens ({tokens} scored tokens; full fp32 logits would be {tokens * opts.vocab * 4 / 2**20:.0f} MiB)")
-    print(f"{'trainer':<10} {'peak RSS':>10} {'before train':>13} {'step peak':>10} {'train()':>9} {'loss':>12}")
+    baseline = "transformers" if opts.trainer == "hf_trainer" else "TRL"  # the model's own loss, or TRL's trainer
+    print(f"{'trainer':<12} {'peak RSS':>10} {'before train':>13} {'step peak':>10} {'train()':>9} {'loss':>12}")
     for which, r in results.items():
-        print(f"{which:<10} {r['peak_rss_mib']:>8.0f}Mi {r['rss_before_train_mib']:>11.0f}Mi "
-              f"{r['step_peak_mib']:>8.0f}Mi {r['train_s']:>8.2f}s {r['loss']:>12.6g}")
+        print(f"{baseline if which == 'trl' else which:<12} {r['peak_rss_mib']:>8.0f}Mi "
+              f"{r['rss_before_train_mib']:>11.0f}Mi {r['step_peak_mib']:>8.0f}Mi {r['train_s']:>8.2f}s "
+              f"{r['loss']:>12.6g}")
     t, f = results["trl"], results["fastalign"]
-    print(f"ratio TRL / fastalign: peak RSS {t['peak_rss_mib'] / f['peak_rss_mib']:.2f}, "
+    print(f"ratio {baseline} / fastalign: peak RSS {t['peak_rss_mib'] / f['peak_rss_mib']:.2f}, "
           f"step peak {t['step_peak_mib'] / max(f['step_peak_mib'], 1e-9):.2f}, train() time "
           f"{t['train_s'] / f['train_s']:.2f} (generation included where the trainer samples)")
 
