@@ -17,8 +17,9 @@ kernel, which skips unscored positions, runs on GPUs only). Not part of the test
 one prompt, Online DPO prompts (two samples each), A*-PO prompts (one sample each; its first stage samples two
 per prompt for the optimal values), ``hf_trainer`` rows of ``--completion-length`` random tokens
 (``transformers.Trainer``: the model's own loss against :func:`fastalign.integrations.hf.install_fused_loss`),
-IW-OPD prompts (one on-policy sample each), GKD and GOLD dataset completions (``lmbda=0``, no generation). The distillation trainers (GKD, GOLD, IW-OPD) take a teacher of the same architecture with
-other random weights; SDPO and SDFT distil from the model itself shown a privileged context
+IW-OPD prompts (one on-policy sample each), GKD and GOLD dataset completions (``lmbda=0``, no generation). The
+distillation trainers (GKD, GOLD, IW-OPD) take a teacher of the same architecture with other random weights; SDPO
+and SDFT distil from the model itself shown a privileged context
 (``--distillation-mode``, default ``full_logits``; ``topk_logits`` at TRL's ``distillation_topk=100``).
 """
 import argparse
