@@ -202,18 +202,19 @@ def row_blocks(n: int, rows: int, order: Optional[Tensor] = None) -> Iterator[Ro
 
 class ScoredScan(NamedTuple):
     """A blocked scan over the rows of ``[N, ...]`` tensors that reads the scored ones (:func:`scored_scan`):
-    ``count`` positions, the row at each in ``order`` (None: position = row), the ``compaction`` whose device count
-    bounds the products (None: none), and ``zero_unscored``: whether unscored rows are scanned in place among the
-    others, so that a gradient product must see their inputs zeroed (:func:`kept_rows`: 0 * NaN is not 0)."""
+    ``positions`` scanned (the scored rows on the CPU, every row on a GPU or traced), the row at each in ``order``
+    (None: position = row), the ``compaction`` whose device count bounds the products (None: none), and
+    ``zero_unscored``: whether unscored rows are scanned in place among the others, so that a gradient product must
+    see their inputs zeroed (:func:`kept_rows`: 0 * NaN is not 0)."""
 
-    count: int
+    positions: int
     order: Optional[Tensor]
     compaction: Optional[Compaction]
     zero_unscored: bool
 
     def blocks(self, rows: int) -> Iterator[tuple[RowBlock, Optional[Tensor]]]:
         """The blocks of ``rows`` positions, each with its count of scored rows on the device (None: no count)."""
-        for block in row_blocks(self.count, rows, self.order):
+        for block in row_blocks(self.positions, rows, self.order):
             yield block, None if self.compaction is None else self.compaction.live_in(block.start, block.stop)
 
 

@@ -71,12 +71,12 @@ def run_blocks(student: Head, teacher: Head, mask: Tensor, labels: Optional[Tens
     dev = student.hidden.device
     div, ent, nll = (t.zero_() for t in (out or _row_outputs(student.hidden, opts.nll)))
     scan = scored_scan(mask, N)
-    if scan.count == 0:
+    if scan.positions == 0:
         return div, ent, nll
     with_deriv = g_soft is not None and student.softcap > 0  # the student's softcap derivative
     # One buffer dtype for both heads' logits (divergence_rows takes one), wide enough for either head's.
     like = student.hidden.new_empty(0, dtype=torch.promote_types(student.hidden.dtype, teacher.hidden.dtype))
-    k = min(block_budget_rows(V, like, tiles=3 if with_deriv else 2), scan.count)  # logit tiles per block
+    k = min(block_budget_rows(V, like, tiles=3 if with_deriv else 2), scan.positions)  # logit tiles per block
     buf_s = block_buffer(k, V, like)
     buf_t = block_buffer(k, V, like)
     buf_d = block_buffer(k, V, like) if with_deriv else None

@@ -41,10 +41,10 @@ def run_blocks(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: T
     N, V = hidden.shape[0], weight.shape[0]
     ce = torch.zeros(N, dtype=torch.float32, device=hidden.device)
     scan = scored_scan(coef, N)  # only the rows of weight != 0 multiplied (first, on a GPU)
-    if scan.count == 0:
+    if scan.positions == 0:
         return ce
     f32 = hidden.new_empty(0, dtype=torch.float32)
-    rows = min(block_budget_rows(V, f32, tiles=_FP32_TILES), scan.count)
+    rows = min(block_budget_rows(V, f32, tiles=_FP32_TILES), scan.positions)
     buf = block_buffer(rows, V, hidden)
     dh, dw, db = (None, None, None) if grads is None else grads
     w, b = _operands(buf, weight, bias)  # converted once (to fp32 for a bf16 / fp16 head on the CPU)
