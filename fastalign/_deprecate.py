@@ -24,18 +24,19 @@ class RenamedWarning(DeprecationWarning):
 RENAMED: List[Tuple[str, str, str]] = []
 
 
-def warn(message: str, stacklevel: int = 3) -> None:
-    """Emit ``message`` as a :class:`RenamedWarning` at the user's line: ``stacklevel`` from the caller of this
-    helper's caller, past the frames of torch and fastalign between them (``nn.Module.__call__`` before a
-    module's ``forward``), so that Python's default filters show it. Under ``torch.compile`` nothing is emitted:
-    the call is traced (once), where the frame walk cannot be; the eager call warns."""
+def warn(message: str, stacklevel: int = 3, category: type = RenamedWarning) -> None:
+    """Emit ``message`` as a ``category`` warning (a :class:`RenamedWarning` by default) at the user's line:
+    ``stacklevel`` from the caller of this helper's caller, past the frames of torch and fastalign between them
+    (``nn.Module.__call__`` before a module's ``forward``), so that Python's default filters show it. Under
+    ``torch.compile`` nothing is emitted: the call is traced (once), where the frame walk cannot be; the eager call
+    warns."""
     if torch.compiler.is_compiling():
         return
     frame = sys._getframe(stacklevel - 1)
     while frame is not None and frame.f_back is not None and \
             str(frame.f_globals.get("__name__", "")).startswith(("torch.", "fastalign.")):
         frame, stacklevel = frame.f_back, stacklevel + 1
-    warnings.warn(message, RenamedWarning, stacklevel=stacklevel)
+    warnings.warn(message, category, stacklevel=stacklevel)
 
 
 P = ParamSpec("P")

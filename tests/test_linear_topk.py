@@ -388,7 +388,8 @@ def test_torch_compile_fullgraph_gives_the_eager_numbers(renormalize):
 def test_calls_from_several_threads_leave_the_warning_filters_as_they_were():
     """The CPU's sparse products once hid torch's sparse-beta notice with ``warnings.catch_warnings()`` around each
     call, which swaps the process's filters: calls from several threads left its "ignore UserWarning" installed,
-    silencing every later warning of the process. The notice is filtered once, for this module only."""
+    silencing every later warning of the process. The notice (once per process) is consumed when fastalign is
+    imported."""
     from concurrent.futures import ThreadPoolExecutor
 
     g = torch.Generator().manual_seed(0)

@@ -4,13 +4,12 @@ what ``PeftModelForCausalLM.forward`` sets up (:func:`_peft_forward`)."""
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from fastalign import _dtensor
+from fastalign import _deprecate, _dtensor
 from fastalign.integrations.hf.head_transforms import kept_head
 
 
@@ -95,7 +94,7 @@ def _head(model, hidden: Tensor, dtype: Optional[torch.dtype] = None
                          "the meta device, loaded by a hook inside the head's forward, which the fused head does not "
                          "call); keep lm_head on a device, e.g. device_map={..., 'lm_head': <the last layer's "
                          "device>}")
-    warn_skipped_hooks(model, head, base)
+    warn_skipped_hooks(head, base)
     _, weight, bias, _ = _dtensor.head(hidden, base.weight, getattr(base, "bias", None), dtype=dtype)
     if weight.dim() != 2 or weight.numel() == 0:
         raise ValueError(
@@ -111,9 +110,11 @@ def _head(model, hidden: Tensor, dtype: Optional[torch.dtype] = None
     return weight, bias, low_rank
 
 
-#: The packages whose forward hooks on a module leave its outputs as they are: parameter gathering (FSDP2; DeepSpeed
-#: ZeRO-3, whose head is gathered around the call), PEFT's adapter set-up, accelerate's device placement.
-_OUTPUT_PRESERVING_HOOKS = ("torch.distributed.", "deepspeed.", "peft.", "accelerate.")
+#: The modules whose forward hooks on the output head leave its outputs as they are: parameter gathering (FSDP2;
+#: DeepSpeed ZeRO-3, whose head is gathered around the call), PEFT's adapter set-up, accelerate's device placement,
+#: TRL's activation offloading.
+_OUTPUT_PRESERVING_HOOKS = ("torch.distributed.", "deepspeed.", "peft.", "accelerate.",
+                            "trl.models.activation_offloading")
 
 
 def _hook_source(hook) -> str:
@@ -124,14 +125,14 @@ def _hook_source(hook) -> str:
     return getattr(fn, "__module__", None) or type(fn).__module__
 
 
-def warn_skipped_hooks(model, *head_modules) -> None:
-    """A ``UserWarning`` naming the forward hooks (and pre-hooks) on the causal LM or its output head that scoring
-    from the body's last hidden states does not run (it reads the head's weight, never calling the head's forward
-    nor the model's), so that a hook that changes the head's input or output, or the logits, is not applied without
-    a word; hooks from :data:`_OUTPUT_PRESERVING_HOOKS` are left out."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+def warn_skipped_hooks(*head_modules) -> None:
+    """A ``UserWarning`` naming the forward hooks (and pre-hooks) on the output head (the module ``head_modules``
+    name: a PEFT layer and its base layer) that the fused head does not run (it reads the head's weight, never
+    calling the head's forward), so that a hook that changes the head's input or output is not skipped without a
+    word; hooks from :data:`_OUTPUT_PRESERVING_HOOKS` are left out. Shown at the caller's line (past fastalign's
+    and torch's frames)."""
     found = []
-    for module in dict.fromkeys((model, causal_lm, *head_modules)):  # once each, in order
+    for module in dict.fromkeys(head_modules):  # once each, in order
         for kind in ("_forward_pre_hooks", "_forward_hooks"):
             for hook in getattr(module, kind, {}).values():
                 source = _hook_source(hook)
@@ -139,10 +140,9 @@ def warn_skipped_hooks(model, *head_modules) -> None:
                     found.append(f"{type(module).__name__}.{kind[1:-1]} {getattr(hook, '__qualname__', hook)!r} "
                                  f"({source})")
     if found:
-        warnings.warn(f"model: hooks that fastalign does not run: {'; '.join(found)}. It scores the body's last "
-                      "hidden states through the output head's weight, without calling the head's (or the "
-                      "model's) forward: a hook that changes the head's input or output, or the logits, is not "
-                      "applied", UserWarning, stacklevel=2)
+        _deprecate.warn(f"model: hooks on the output head that fastalign does not run: {'; '.join(found)}. It scores "
+                        "the body's last hidden states through the head's weight, without calling the head's "
+                        "forward: a hook that changes the head's input or output is not applied", category=UserWarning)
 
 
 #: PEFT tuners (``peft_type``) whose forward hooks the whole model (``get_base_model()``), not only its body:
