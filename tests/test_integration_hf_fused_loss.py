@@ -54,16 +54,109 @@ def test_labels_on_padding_are_scored_as_the_model_scores_them():
                                                      labels=input_ids))
 
 
-def test_a_moe_model_adds_its_load_balancing_loss():
+@pytest.mark.parametrize("asked", [None, True, False], ids=["config", "asked", "not-asked"])
+def test_a_moe_model_adds_its_load_balancing_loss(asked):
+    """With the config's output_router_logits (also when the call passes None, which the model reads as the
+    config's) or the call's; the output carries aux_loss and router_logits as the model's own does."""
     torch.manual_seed(0)
     config = transformers.MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
                                         router_aux_loss_coef=0.05, attn_implementation="eager")
     model = transformers.MixtralForCausalLM(config).train()
     input_ids, attention_mask, labels = batch()
-    own = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-    assert own.aux_loss > 0
+
+    def call():
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_router_logits=asked)
+
+    own = call()
+    assert (own.aux_loss is not None) == (asked is not False)
+    _assert_same_loss_and_grads(model, call)
+    install_fused_loss(model)
+    fused = call()
+    if asked is not False:
+        torch.testing.assert_close(fused.aux_loss, own.aux_loss, atol=1e-6, rtol=1e-6)
+        assert len(fused.router_logits) == len(own.router_logits)
+    else:
+        assert not hasattr(fused, "aux_loss")
+
+
+_SMALL_MOE = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0,
+                  moe_intermediate_size=16, num_experts=4, num_local_experts=4, n_routed_experts=4,
+                  num_experts_per_tok=2, n_group=1, topk_group=1, output_router_logits=True, router_aux_loss_coef=0.5,
+                  aux_loss_coef=0.5, first_k_dense_replace=0, n_shared_experts=1)
+
+
+@pytest.mark.parametrize("model_type", ["jetmoe", "glm4_moe"])
+def test_moe_models_with_another_coefficient_or_no_load_balancing_loss(model_type):
+    """JetMoE weighs its load-balancing loss by aux_loss_coef; GLM-4-MoE's forward adds none (its module has no
+    load_balancing_loss_func), whatever output_router_logits says: each as the model's own loss."""
+    config = transformers.AutoConfig.for_model(model_type)
+    for key, value in _SMALL_MOE.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().train()
+    input_ids, attention_mask, labels = batch()
     _assert_same_loss_and_grads(model, lambda: model(input_ids=input_ids, attention_mask=attention_mask,
                                                      labels=labels))
+
+
+def test_calls_the_fused_loss_leaves_to_the_model_own_forward():
+    """A loss_function of the caller's (transformers lets a model take one), TRL's own trainers' fused_lm_head calls,
+    and shift_labels without labels (the model's own forward computes no loss then)."""
+    model = install_fused_loss(tiny_model("qwen2").train())
+    input_ids, attention_mask, labels = batch()
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    assert model(input_ids=input_ids, attention_mask=attention_mask, shift_labels=shifted).loss is None
+    own_loss_function = model.loss_function
+    model.loss_function = lambda logits, labels, **kw: own_loss_function(logits, labels, **kw) + 1.0
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert out.logits is not None
+    del model._loss_function
+    fused = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert fused.logits is None
+    torch.testing.assert_close(out.loss, fused.loss + 1.0, atol=1e-5, rtol=1e-5)
+    # the model's own forward (which TRL's trainers patch to take it; unpatched it drops the keyword)
+    assert model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True).logits \
+        is not None
+
+
+def test_the_output_keeps_the_body_outputs_asked_for():
+    model = install_fused_loss(tiny_model("qwen2").train())
+    input_ids, attention_mask, labels = batch()
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_hidden_states=True)
+    assert out.logits is None and len(out.hidden_states) == model.config.num_hidden_layers + 1
+    remove_fused_loss(model)
+    own = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_hidden_states=True)
+    for got, want in zip(out.hidden_states, own.hidden_states):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_shift_labels_are_taken_over_labels_as_the_model_takes_them():
+    """transformers.Trainer passes both under context parallelism; the model's own loss reads shift_labels."""
+    model = tiny_model("qwen2").train()
+    input_ids, attention_mask, labels = batch()
+    shifted = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=-100)  # other targets than the labels'
+    _assert_same_loss_and_grads(model, lambda: model(input_ids=input_ids, attention_mask=attention_mask,
+                                                     labels=labels, shift_labels=shifted))
+
+
+def test_a_prefix_in_past_key_values_runs_the_model_own_forward():
+    """PEFT prefix tuning passes its prefix as past_key_values to the base model's forward: a fused installed on
+    that base model leaves such calls to the model's own forward (the prefix is not lost); on the PEFT model itself
+    prompt learning raises at install."""
+    peft = pytest.importorskip("peft")
+    base = tiny_model("qwen2").train()
+    model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    input_ids, attention_mask, labels = batch()
+    want = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    install_fused_loss(model.get_base_model())
+    got = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert got.logits is not None  # the model's own forward
+    torch.testing.assert_close(got.loss, want.loss, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="prompt learning"):
+        install_fused_loss(model)
 
 
 @pytest.mark.parametrize("on", ["peft_model", "base_model"])
@@ -133,7 +226,7 @@ def test_causal_lm_loss_takes_shift_labels_and_checks_its_inputs():
     got = causal_lm_loss(model, input_ids, attention_mask, shift_labels=shifted)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="labels or shift_labels"):
-        causal_lm_loss(model, input_ids, attention_mask, labels=labels, shift_labels=shifted)
+        causal_lm_loss(model, input_ids, attention_mask)
     with pytest.raises(ValueError, match="labels must have the shape"):
         causal_lm_loss(model, input_ids, attention_mask, labels=labels[:, 1:])
 

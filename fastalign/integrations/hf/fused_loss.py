@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from fastalign.integrations.hf import head_operands, head_transform, router_aux_loss
+from fastalign.integrations.hf import head_operands, head_transform, peft_refusal, router_aux_loss
 from fastalign.linear import linear_logprobs
+
 
 def causal_lm_loss(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *,
                    labels: Optional[Tensor] = None, shift_labels: Optional[Tensor] = None,
@@ -44,7 +46,9 @@ def causal_lm_loss(model, input_ids: Tensor, attention_mask: Optional[Tensor] = 
         input_ids: ``[B, T]``.
         attention_mask: ``[B, T]``, passed to the body.
         labels: ``[B, T]``, aligned with ``input_ids`` (shifted inside); or
-        shift_labels: ``[B, T]``, the token each position predicts (already shifted).
+        shift_labels: ``[B, T]``, the token each position predicts (already shifted; taken over ``labels`` when
+            both are given, as the model's own loss takes it: ``transformers.Trainer`` passes both under context
+            parallelism).
         num_items_in_batch: the divisor (an int or a one-element tensor), None: the scored count.
         ignore_index: the label of an unscored position.
         **model_kwargs: passed to the body (``position_ids`` of packed rows, ...).
@@ -52,10 +56,17 @@ def causal_lm_loss(model, input_ids: Tensor, attention_mask: Optional[Tensor] = 
     Returns:
         The loss, fp32, 0-dim, differentiable with respect to the model's parameters.
     """
-    if (labels is None) == (shift_labels is None):
-        raise ValueError("causal_lm_loss needs labels or shift_labels (one of them)")
-    targets = shift_labels
-    if labels is not None:
+    return _loss_and_body(model, input_ids, attention_mask, labels, shift_labels, num_items_in_batch, ignore_index,
+                          model_kwargs)[0]
+
+
+def _loss_and_body(model, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Optional[Tensor],
+                   shift_labels: Optional[Tensor], num_items_in_batch, ignore_index: int, model_kwargs: dict):
+    """``(loss, aux_loss, body_outputs)`` of :func:`causal_lm_loss`: ``aux_loss`` the MoE load-balancing loss
+    (None without), ``body_outputs`` the body's (its ``hidden_states``, ``attentions``, ``router_logits``)."""
+    if labels is None and shift_labels is None:
+        raise ValueError("causal_lm_loss needs labels or shift_labels")
+    if shift_labels is None:  # the model's own rule: shift_labels when given, else the labels shifted
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
                              f"{tuple(labels.shape)}")
@@ -63,26 +74,34 @@ def causal_lm_loss(model, input_ids: Tensor, attention_mask: Optional[Tensor] = 
     elif shift_labels.shape != input_ids.shape:
         raise ValueError(f"shift_labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
                          f"{tuple(shift_labels.shape)}")
+    else:
+        targets = shift_labels
     config = getattr(model, "config", None)
     scale, softcap = head_transform(config)
-    router = {}
-    with_aux = bool(model_kwargs.get("output_router_logits", getattr(config, "output_router_logits", False)))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    asked = model_kwargs.get("output_router_logits")  # None: the config's, as the model's forward reads it
+    # the load-balancing term, where the model's forward adds one (its module has load_balancing_loss_func; not
+    # GLM-4-MoE, dots1, HunYuan-MoE), with its coefficient (router_aux_loss_coef; JetMoE's aux_loss_coef)
+    with_aux = bool(getattr(config, "output_router_logits", False) if asked is None else asked) and \
+        hasattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func")
+    coef = getattr(base, "router_aux_loss_coef", getattr(base, "aux_loss_coef", None))
+    if with_aux and coef is None:
+        raise ValueError(f"model: {type(base).__name__} adds a load-balancing loss with a coefficient fastalign does "
+                         "not know (neither router_aux_loss_coef nor aux_loss_coef)")
     if with_aux:
         model_kwargs["output_router_logits"] = True
-    hidden, weight, bias, low_rank = head_operands(
-        model, input_ids, attention_mask, on_body=lambda out: router.update(logits=out.router_logits) if with_aux
-        else None, **model_kwargs)
+    body = {}
+    hidden, weight, bias, low_rank = head_operands(model, input_ids, attention_mask,
+                                                   on_body=lambda out: body.update(outputs=out), **model_kwargs)
     stats = linear_logprobs(hidden, weight, targets.to(input_ids.device), bias=bias, low_rank=low_rank,
                             logit_scale=scale, softcap=softcap, ignore_index=ignore_index)
     count = (targets != ignore_index).sum() if num_items_in_batch is None else num_items_in_batch
     loss = -stats.logprobs.sum() / torch.as_tensor(count, device=hidden.device)
+    aux = None
     if with_aux:
-        coef = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model,
-                       "router_aux_loss_coef", None)
-        if coef is None:
-            raise ValueError(f"model: {type(model).__name__} has no router_aux_loss_coef for its load-balancing loss")
-        loss = loss + coef * router_aux_loss(model, router["logits"], attention_mask).to(loss.device)
-    return loss
+        aux = router_aux_loss(model, body["outputs"].router_logits, attention_mask)
+        loss = loss + coef * aux.to(loss.device)
+    return loss, aux, body["outputs"]
 
 
 class _FusedForward:
@@ -109,19 +128,28 @@ class _FusedForward:
         extra = call.pop(next((n for n, p in params.items() if p.kind is p.VAR_KEYWORD), ""), {})
         call = {**call, **extra}
         labels, shift_labels = call.pop("labels", None), call.pop("shift_labels", None)
-        fused = (self.model.training and (labels is not None or shift_labels is not None)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        fused = (self.model.training and labels is not None  # shift_labels alone: no loss, as the model's own
                  and call.get("input_ids") is not None and call.get("inputs_embeds") is None
+                 and "_loss_function" not in vars(base)  # a loss_function of the caller's: the model's own forward
+                 and "fused_lm_head" not in call  # TRL's own trainers' fused head
+                 and call.get("past_key_values") is None and call.get("cache") is None  # a prefix, a cache: its own
                  and not call.get("logits_to_keep") and call.get("return_dict", True) is not False)
         if not fused:
             return own(*args, **kwargs)
-        from transformers.modeling_outputs import CausalLMOutputWithPast
+        from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
-        for key in ("return_dict", "logits_to_keep", "use_cache", "past_key_values", "cache_position",
+        for key in ("return_dict", "logits_to_keep", "use_cache", "past_key_values", "cache", "cache_position",
                     "inputs_embeds"):
             call.pop(key, None)
-        loss = causal_lm_loss(self.model, call.pop("input_ids"), call.pop("attention_mask", None), labels=labels,
-                              shift_labels=shift_labels, **call)
-        return CausalLMOutputWithPast(loss=loss, logits=None)
+        ids, mask = call.pop("input_ids"), call.pop("attention_mask", None)
+        items, ignore_index = call.pop("num_items_in_batch", None), call.pop("ignore_index", -100)
+        loss, aux, body = _loss_and_body(self.model, ids, mask, labels, shift_labels, items, ignore_index, call)
+        fields = dict(loss=loss, logits=None, hidden_states=getattr(body, "hidden_states", None),
+                      attentions=getattr(body, "attentions", None))
+        if aux is None:
+            return CausalLMOutputWithPast(**fields)
+        return MoeCausalLMOutputWithPast(**fields, aux_loss=aux, router_logits=body.router_logits)
 
 
 def install_fused_loss(model):
@@ -129,8 +157,12 @@ def install_fused_loss(model):
     ``logits`` None (never built): ``transformers.Trainer`` and any loop that reads ``model(**batch).loss`` then
     train without the ``[B, T, V]`` logits, with the same loss and gradients. Returns ``model``.
 
-    Every other call runs the model's own forward: evaluation (``model.eval()``: the logits are there for metrics),
-    generation, a call without labels, or one with ``inputs_embeds``, ``logits_to_keep`` or ``return_dict=False``.
+    The output's ``hidden_states`` and ``attentions`` are the body's, as the model's own output has them when asked
+    for, and a MoE model's (``output_router_logits``) is a ``MoeCausalLMOutputWithPast`` with its ``aux_loss`` and
+    ``router_logits``. Every other call runs the model's own forward: evaluation (``model.eval()``: the logits are
+    there for metrics), generation, a call without labels, or one with ``inputs_embeds``, ``past_key_values`` (a
+    cache, PEFT's prefix), ``logits_to_keep`` or ``return_dict=False``, a model given a ``loss_function`` of the
+    caller's, and TRL's own trainers' ``fused_lm_head`` calls. PEFT prompt learning raises here.
     The head transform is checked here: an architecture outside :data:`~fastalign.integrations.hf.HEAD_TRANSFORMS`
     raises now (register it with :func:`~fastalign.integrations.hf.register_head_transform`). A deep copy or an
     unpickled copy of the model computes with its own weights. The TRL drop-in trainers fuse their own losses and
@@ -138,6 +170,9 @@ def install_fused_loss(model):
     if isinstance(vars(model).get("forward"), _FusedForward):
         raise ValueError("model: install_fused_loss was already applied to this model")
     head_transform(getattr(model, "config", None))
+    refusal = peft_refusal(model)  # PEFT prompt learning and the tuners set up around the whole model
+    if refusal is not None:
+        raise ValueError(f"model: {refusal}")
     own = vars(model).get("forward", type(model).forward)  # the instance's own forward, else the class's function
     model.forward = _FusedForward(model, own)
     return model
