@@ -166,6 +166,40 @@ def hf_step(data, rows, dp_size, global_tokens=None, group=None, device="cpu", w
     return dict(loss=loss, grads=grads, params=params, **({} if refused is None else {"refused": refused}))
 
 
+def hf_fused_loss_step(data, rows, world, items=None, group=None, device="cpu", wrap=None):
+    """``model(**batch, labels=...).loss`` of a tiny Qwen2 after ``install_fused_loss``, as ``transformers.Trainer``
+    takes it across ranks: ``num_items_in_batch`` the scored count of every rank (``items``; None: the rank's own
+    mean), the loss times the world size, the gradients averaged by ``wrap`` (a ``DistributedDataParallel``
+    wrapper, or FSDP2 on each layer then the model); SGD-updated parameters. The loss is summed over the ranks."""
+    from fastalign.integrations.hf import install_fused_loss
+
+    model = install_fused_loss(tiny_qwen2().to(device).train())
+    scored = model
+    if wrap == "ddp":
+        scored = torch.nn.parallel.DistributedDataParallel(model, process_group=group)
+    elif wrap == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(group),))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    d = {k: v[rows].to(device) for k, v in data.items()}
+    labels = d["input_ids"].masked_fill(d["response_mask"] * d["attention_mask"] == 0, -100)
+    out = scored(input_ids=d["input_ids"], attention_mask=d["attention_mask"], labels=labels,
+                 **({} if items is None else {"num_items_in_batch": items}))
+    assert out.logits is None
+    (out.loss * world).backward()
+    loss = out.loss.detach()
+    if group is not None:
+        dist.all_reduce(loss, group=group)
+    full = (lambda t: t.full_tensor()) if wrap == "fsdp2" else (lambda t: t)
+    grads = {n: full(p.grad) for n, p in model.named_parameters()}
+    params = {n: (full(p) - LR * grads[n]).detach() for n, p in model.named_parameters()}
+    return dict(loss=loss, grads=grads, params=params)
+
+
 VOCAB_OPTIONS = dict(temperature=0.7, softcap=4.0, logit_scale=1.3)
 BANNED_OPTIONS = dict(temperature=0.7, logit_scale=1.3)
 
@@ -535,6 +569,10 @@ def _worker(rank, world, pg_backend, store_path, out_dir, scenarios, backend, cu
                 if "hf_wrapped" in scenarios:
                     out["hf_wrapped"] = {wrap: hf_step(data, rows, world, global_tokens=local, group=group,
                                                        device=device, wrap=wrap) for wrap in ("ddp", "fsdp2")}
+                if "hf_fused_loss" in scenarios:
+                    out["hf_fused_loss"] = {wrap: hf_fused_loss_step(data, rows, world, items=local, group=group,
+                                                                     device=device, wrap=wrap)
+                                            for wrap in ("ddp", "fsdp2")}
         if "vocab" in scenarios:
             out["vocab"] = vocab_stats(vocab_data(), backend, rank, world, group, device)
         if "vocab_empty_shard" in scenarios:  # every row on rank 0: rank 1 holds an empty shard
@@ -623,7 +661,7 @@ def gloo_run(request, tmp_path_factory):
     backend = request.param
     scenarios = (("policy", "vocab", "vocab_empty_shard", "vocab_banned_shard", "shard_losses", "dtensor", "clip_cov",
                   "logit_shards")
-                 + (("hf", "hf_wrapped") if HAS_TRANSFORMERS else ())
+                 + (("hf", "hf_wrapped", "hf_fused_loss") if HAS_TRANSFORMERS else ())
                  # compiled on the C++ backend only: the interpreter is not compiled
                  + (("vocab_compiled", "logit_shards_compiled") if backend == "cpp" else ()))
     return backend, spawn(tmp_path_factory.mktemp(f"gloo-{backend}"), scenarios, backend)
@@ -660,6 +698,20 @@ def test_gloo_causal_lm_step_of_a_wrapped_model_equals_single_process(gloo_run, 
     check_data_parallel([r["hf_wrapped"][wrap] for r in ranks], single, atol=1e-6, rtol=1e-4)
     for r in ranks:  # head_operands, which runs the body outside the wrapper's forward, refuses it
         assert "causal_lm_logprobs(model, ...)" in r["hf_wrapped"][wrap]["refused"]
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_gloo_fused_loss_step_of_a_wrapped_model_equals_single_process(gloo_run, wrap):
+    """install_fused_loss under DistributedDataParallel and FSDP2 (the loss computed in the model's forward, inside
+    the wrapper's hooks), each rank's loss over every rank's scored count times the world size, as
+    transformers.Trainer takes it: the gradients and the step equal the single process's mean over the whole
+    batch."""
+    if not HAS_TRANSFORMERS:
+        pytest.skip("the model step needs transformers")
+    backend, ranks = gloo_run
+    with fastalign.use_backend(backend):
+        single = hf_fused_loss_step(hf_data(), slice(None), 1)
+    check_data_parallel([r["hf_fused_loss"][wrap] for r in ranks], single, atol=1e-6, rtol=1e-4)
 
 
 def test_gloo_vocab_parallel_equals_single_rank(gloo_run):
