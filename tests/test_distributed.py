@@ -122,17 +122,12 @@ def tiny_qwen2():
     return transformers.Qwen2ForCausalLM(config).float()
 
 
-def hf_step(data, rows, dp_size, global_tokens=None, group=None, device="cpu", wrap=None):
-    """causal_lm_logprobs of a tiny Qwen2 into policy_loss, on ``rows``; SGD-updated parameters. ``wrap``: the
-    model passed as a ``DistributedDataParallel`` wrapper (``"ddp"``) or sharded by FSDP2 (``"fsdp2"``: each layer,
-    then the model), whose own reductions average the gradients over ``group``; else they are all-reduced here."""
-    from fastalign.integrations.hf import causal_lm_logprobs
-
-    model = tiny_qwen2().to(device)
-    scored = model
+def wrapped(model, wrap, group, device):
+    """``model`` as a step calls it: itself (``wrap`` None), a ``DistributedDataParallel`` wrapper (``"ddp"``), or
+    sharded by FSDP2 (``"fsdp2"``: each layer, then the model, which stays the one called)."""
     if wrap == "ddp":
-        scored = torch.nn.parallel.DistributedDataParallel(model, process_group=group)
-    elif wrap == "fsdp2":
+        return torch.nn.parallel.DistributedDataParallel(model, process_group=group)
+    if wrap == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -140,6 +135,17 @@ def hf_step(data, rows, dp_size, global_tokens=None, group=None, device="cpu", w
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
+    return model
+
+
+def hf_step(data, rows, dp_size, global_tokens=None, group=None, device="cpu", wrap=None):
+    """causal_lm_logprobs of a tiny Qwen2 into policy_loss, on ``rows``; SGD-updated parameters. ``wrap``: the
+    model passed as a ``DistributedDataParallel`` wrapper (``"ddp"``) or sharded by FSDP2 (``"fsdp2"``: each layer,
+    then the model), whose own reductions average the gradients over ``group``; else they are all-reduced here."""
+    from fastalign.integrations.hf import causal_lm_logprobs
+
+    model = tiny_qwen2().to(device)
+    scored = wrapped(model, wrap, group, device)
     d = {k: v[rows].to(device) for k, v in data.items()}
     refused = None
     if wrap is not None:  # the body alone, outside the wrapper's forward: refused, naming the way that works
@@ -174,17 +180,7 @@ def hf_fused_loss_step(data, rows, world, items=None, group=None, device="cpu", 
     from fastalign.integrations.hf import install_fused_loss
 
     model = install_fused_loss(tiny_qwen2().to(device).train())
-    scored = model
-    if wrap == "ddp":
-        scored = torch.nn.parallel.DistributedDataParallel(model, process_group=group)
-    elif wrap == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(group),))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+    scored = wrapped(model, wrap, group, device)
     d = {k: v[rows].to(device) for k, v in data.items()}
     labels = d["input_ids"].masked_fill(d["response_mask"] * d["attention_mask"] == 0, -100)
     out = scored(input_ids=d["input_ids"], attention_mask=d["attention_mask"], labels=labels,

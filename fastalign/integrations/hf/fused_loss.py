@@ -147,9 +147,9 @@ class _FusedForward:
         loss, aux, body = _loss_and_body(self.model, ids, mask, labels, shift_labels, items, ignore_index, call)
         fields = dict(loss=loss, logits=None, hidden_states=getattr(body, "hidden_states", None),
                       attentions=getattr(body, "attentions", None))
-        if aux is None:
+        if not hasattr(body, "router_logits"):  # a dense body
             return CausalLMOutputWithPast(**fields)
-        return MoeCausalLMOutputWithPast(**fields, aux_loss=aux, router_logits=body.router_logits)
+        return MoeCausalLMOutputWithPast(**fields, aux_loss=aux, router_logits=body.router_logits)  # as a MoE model
 
 
 def install_fused_loss(model):
@@ -158,8 +158,8 @@ def install_fused_loss(model):
     train without the ``[B, T, V]`` logits, with the same loss and gradients. Returns ``model``.
 
     The output's ``hidden_states`` and ``attentions`` are the body's, as the model's own output has them when asked
-    for, and a MoE model's (``output_router_logits``) is a ``MoeCausalLMOutputWithPast`` with its ``aux_loss`` and
-    ``router_logits``. Every other call runs the model's own forward: evaluation (``model.eval()``: the logits are
+    for, and a MoE model's is a ``MoeCausalLMOutputWithPast``, with its ``aux_loss`` and ``router_logits`` under
+    ``output_router_logits``. Every other call runs the model's own forward: evaluation (``model.eval()``: the logits are
     there for metrics), generation, a call without labels, or one with ``inputs_embeds``, ``past_key_values`` (a
     cache, PEFT's prefix), ``logits_to_keep`` or ``return_dict=False``, a model given a ``loss_function`` of the
     caller's, and TRL's own trainers' ``fused_lm_head`` calls. PEFT prompt learning raises here.
