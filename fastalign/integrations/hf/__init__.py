@@ -72,14 +72,21 @@ from fastalign.logprobs import TokenStats
 _UNSET = object()
 
 
+def load_balancing_loss_func(model):
+    """The ``load_balancing_loss_func`` of the model's modeling module (a MoE model whose forward adds that loss with
+    ``output_router_logits``), or None (a dense model; a MoE model whose forward adds none: GLM-4-MoE, dots1)."""
+    import sys
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
+
+
 def router_aux_loss(model, router_logits, attention_mask: Optional[Tensor] = None) -> Tensor:
     """The MoE load-balancing loss the model's own forward adds with ``output_router_logits=True``: its modeling
     module's ``load_balancing_loss_func`` of the body's ``router_logits``, ``num_experts`` and
     ``num_experts_per_tok`` (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE), differentiable."""
-    import sys
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    loss_fn = getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
+    loss_fn = load_balancing_loss_func(model)
     if loss_fn is None or not hasattr(base, "num_experts") or not hasattr(base, "num_experts_per_tok"):
         raise ValueError(f"model: {type(base).__name__} has no MoE load-balancing loss (load_balancing_loss_func with "
                          "num_experts and num_experts_per_tok)")

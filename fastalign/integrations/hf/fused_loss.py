@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import sys
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from fastalign.integrations.hf import head_operands, head_transform, peft_refusal, router_aux_loss
+from fastalign.integrations.hf import (_aligned, head_operands, head_transform, load_balancing_loss_func, peft_refusal,
+                                       router_aux_loss)
 from fastalign.linear import linear_logprobs
 
 
@@ -67,15 +67,10 @@ def _loss_and_body(model, input_ids: Tensor, attention_mask: Optional[Tensor], l
     if labels is None and shift_labels is None:
         raise ValueError("causal_lm_loss needs labels or shift_labels")
     if shift_labels is None:  # the model's own rule: shift_labels when given, else the labels shifted
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
-                             f"{tuple(labels.shape)}")
-        targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
-    elif shift_labels.shape != input_ids.shape:
-        raise ValueError(f"shift_labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
-                         f"{tuple(shift_labels.shape)}")
+        targets = torch.nn.functional.pad(_aligned("labels", labels, input_ids.shape)[:, 1:], (0, 1),
+                                          value=ignore_index)
     else:
-        targets = shift_labels
+        targets = _aligned("shift_labels", shift_labels, input_ids.shape)
     config = getattr(model, "config", None)
     scale, softcap = head_transform(config)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -83,7 +78,7 @@ def _loss_and_body(model, input_ids: Tensor, attention_mask: Optional[Tensor], l
     # the load-balancing term, where the model's forward adds one (its module has load_balancing_loss_func; not
     # GLM-4-MoE, dots1, HunYuan-MoE), with its coefficient (router_aux_loss_coef; JetMoE's aux_loss_coef)
     with_aux = bool(getattr(config, "output_router_logits", False) if asked is None else asked) and \
-        hasattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func")
+        load_balancing_loss_func(model) is not None
     coef = getattr(base, "router_aux_loss_coef", getattr(base, "aux_loss_coef", None))
     if with_aux and coef is None:
         raise ValueError(f"model: {type(base).__name__} adds a load-balancing loss with a coefficient fastalign does "
@@ -159,10 +154,11 @@ def install_fused_loss(model):
 
     The output's ``hidden_states`` and ``attentions`` are the body's, as the model's own output has them when asked
     for, and a MoE model's is a ``MoeCausalLMOutputWithPast``, with its ``aux_loss`` and ``router_logits`` under
-    ``output_router_logits``. Every other call runs the model's own forward: evaluation (``model.eval()``: the logits are
-    there for metrics), generation, a call without labels, or one with ``inputs_embeds``, ``past_key_values`` (a
-    cache, PEFT's prefix), ``logits_to_keep`` or ``return_dict=False``, a model given a ``loss_function`` of the
-    caller's, and TRL's own trainers' ``fused_lm_head`` calls. PEFT prompt learning raises here.
+    ``output_router_logits``. Every other call runs the model's own forward: evaluation (``model.eval()``: the
+    logits are there for metrics), generation, a call without labels, or one with ``inputs_embeds``,
+    ``past_key_values`` (a cache, PEFT's prefix), ``logits_to_keep`` or ``return_dict=False``, a model given a
+    ``loss_function`` of the caller's, and TRL's own trainers' ``fused_lm_head`` calls. PEFT prompt learning raises
+    here.
     The head transform is checked here: an architecture outside :data:`~fastalign.integrations.hf.HEAD_TRANSFORMS`
     raises now (register it with :func:`~fastalign.integrations.hf.register_head_transform`). A deep copy or an
     unpickled copy of the model computes with its own weights. The TRL drop-in trainers fuse their own losses and
