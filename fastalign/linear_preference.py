@@ -214,7 +214,8 @@ class LinearPreferenceLoss(FixedOptions, nn.Module):
         self.paths = PathPolicy(compact, single_pass, self.loss_types, vocab_group, self.use_weighting)
         # the configuration, checked as a whole here: an assignment afterwards raises, of what is held and of every
         # option (held in config, kernel_options or paths)
-        arguments = tuple(inspect.signature(LinearPreferenceLoss.__init__).parameters)[1:-1]  # not self, **options
+        arguments = [name for name, p in inspect.signature(LinearPreferenceLoss.__init__).parameters.items()
+                     if name != "self" and p.kind is not p.VAR_KEYWORD]  # the named ones; **options: OPTION_NAMES
         self._fix_options((*OPTION_NAMES, *arguments, "loss_types", "config", "kernel_options", "paths"))
 
 

@@ -64,7 +64,8 @@ from fastalign.integrations.hf.head_transforms import (  # noqa: F401
     HEAD_ROWS, HEAD_TRANSFORMS, _LISTED, _stated_transform, head_rows, head_transform, kept_head, known_head_transform,
     register_head_transform)
 from fastalign.integrations.hf.packing import _body, _packed_rows_flag, _unsplit_packing
-from fastalign.integrations.hf.peft import _head, _peft_forward, head_adapters_refusal, peft_refusal  # noqa: F401
+from fastalign.integrations.hf.peft import (  # noqa: F401
+    _head, _peft_forward, head_adapters_refusal, peft_refusal, unwrap_peft)
 from fastalign.integrations.hf.targets import next_token_targets, packed_position_ids, shifted_targets
 from fastalign.linear import linear_logprobs
 from fastalign.logprobs import TokenStats
@@ -77,7 +78,7 @@ def load_balancing_loss_func(model):
     ``output_router_logits``), or None (a dense model; a MoE model whose forward adds none: GLM-4-MoE, dots1)."""
     import sys
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     return getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
 
 
@@ -85,7 +86,7 @@ def router_aux_loss(model, router_logits, attention_mask: Optional[Tensor] = Non
     """The MoE load-balancing loss the model's own forward adds with ``output_router_logits=True``: its modeling
     module's ``load_balancing_loss_func`` of the body's ``router_logits``, ``num_experts`` and
     ``num_experts_per_tok`` (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE), differentiable."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     loss_fn = load_balancing_loss_func(model)
     if loss_fn is None or not hasattr(base, "num_experts") or not hasattr(base, "num_experts_per_tok"):
         raise ValueError(f"model: {type(base).__name__} has no MoE load-balancing loss (load_balancing_loss_func with "
@@ -101,7 +102,7 @@ def _check_plain_head(model) -> None:
     RoBERTa's LM heads run a dense layer, an activation and a norm before the linear layer that
     ``get_output_embeddings()`` returns (ELECTRA's generator a module of its own): scored through that layer alone,
     their log-probs would be silently wrong, so they raise."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     model_type = getattr(getattr(base, "config", None), "model_type", None)
     if model_type in _LISTED or not hasattr(base, "get_output_embeddings"):
         return

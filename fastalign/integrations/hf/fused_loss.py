@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fastalign.integrations.hf import (_aligned, head_operands, head_transform, load_balancing_loss_func, peft_refusal,
-                                       router_aux_loss)
+                                       router_aux_loss, unwrap_peft)
 from fastalign.linear import linear_logprobs
 
 
@@ -73,7 +73,7 @@ def _loss_and_body(model, input_ids: Tensor, attention_mask: Optional[Tensor], l
         targets = _aligned("shift_labels", shift_labels, input_ids.shape)
     config = getattr(model, "config", None)
     scale, softcap = head_transform(config)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     asked = model_kwargs.get("output_router_logits")  # None: the config's, as the model's forward reads it
     # the load-balancing term, where the model's forward adds one (its module has load_balancing_loss_func; not
     # GLM-4-MoE, dots1, HunYuan-MoE), with its coefficient (router_aux_loss_coef; JetMoE's aux_loss_coef)
@@ -123,7 +123,7 @@ class _FusedForward:
         extra = call.pop(next((n for n, p in params.items() if p.kind is p.VAR_KEYWORD), ""), {})
         call = {**call, **extra}
         labels, shift_labels = call.pop("labels", None), call.pop("shift_labels", None)
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = unwrap_peft(self.model)
         fused = (self.model.training and labels is not None  # shift_labels alone: no loss, as the model's own
                  and call.get("input_ids") is not None and call.get("inputs_embeds") is None
                  and "_loss_function" not in vars(base)  # a loss_function of the caller's: the model's own forward

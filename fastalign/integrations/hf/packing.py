@@ -13,6 +13,7 @@ from torch import Tensor
 from fastalign import _validate
 from fastalign.integrations.hf import head_transforms
 from fastalign.integrations.hf.head_transforms import _LISTED, _transformers_at_least
+from fastalign.integrations.hf.peft import unwrap_peft
 
 _MASK_WITHOUT_RESTARTS = "builds its causal mask without the position ids"
 #: ``model_type`` -> ``(how its transformers body mixes the sequences of a packed row, the transformers release from
@@ -40,7 +41,7 @@ def _body(model):
     vision inputs reach its vision tower (its ``get_decoder()`` is the language model alone). A ``get_decoder()``
     that returns the output head itself (ModernBERT-decoder) raises: such a head reads more than the body's last
     hidden states. Under PEFT, the body of the base model (its adapters in place)."""
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model = unwrap_peft(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     if decoder is not None and decoder is head:

@@ -13,6 +13,11 @@ from fastalign import _deprecate, _dtensor
 from fastalign.integrations.hf.head_transforms import kept_head
 
 
+def unwrap_peft(model):
+    """The model under a PEFT wrapper (its ``get_base_model()``, adapters in place), else the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _lora_low_rank(head, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: Optional[torch.dtype]):
     r"""``(bias, low_rank)`` of a PEFT LoRA layer on the head, whose forward is
     ``h W^T + b + Σ_a s_a B_a(A_a(dropout_a(h)))``: the low-rank term ``(a, L)`` of

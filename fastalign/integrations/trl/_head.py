@@ -27,7 +27,7 @@ from torch import Tensor
 from fastalign import _validate
 from fastalign._options import check_choice
 from fastalign.integrations._label_logit import label_logits
-from fastalign.integrations.hf import causal_lm_logprobs, head_operands, head_transform, router_aux_loss
+from fastalign.integrations.hf import causal_lm_logprobs, head_operands, head_transform, router_aux_loss, unwrap_peft
 from fastalign.integrations.trl._vision import body_inputs, row_chunks, vision_inputs
 from fastalign.linear_divergence import linear_divergence_loss
 from fastalign.linear_mean import linear_mean_logits
@@ -171,7 +171,7 @@ def loss_and_outputs(loss: Tensor, model, return_outputs: bool, **model_inputs):
 def base_model(trainer, model):
     """The ``PreTrainedModel`` under the trainer's wrappers and a PEFT model."""
     model = trainer.accelerator.unwrap_model(model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    return unwrap_peft(model)
 
 
 def policy_operands(trainer, model, **inputs) -> HeadOutputs:
@@ -307,7 +307,7 @@ def install_head(model) -> None:
     their closure and pass such a call on unchanged. So a deep copy computes with its own weights. What
     remains TRL's: a copy taken while a TRL head is the outermost wrapper (TRL's trainer built on the model
     after this head) runs the original's weights, until a fastalign trainer patches the copy."""
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model = unwrap_peft(model)
     if _installed(model):
         return
     previous = model.forward
