@@ -9,7 +9,8 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face integration needs transformers")
-from test_integration_hf import TINY, V, batch, tiny_model  # noqa: E402
+from test_integration_hf import (TINY, V, VISION, _composite_model, _image_inputs, batch, gemma3_vision,  # noqa: E402
+                                 tiny_model)
 
 from fastalign.integrations.hf import causal_lm_loss, install_fused_loss, remove_fused_loss  # noqa: E402
 
@@ -100,6 +101,46 @@ def test_moe_models_with_another_coefficient_or_no_load_balancing_loss(model_typ
     input_ids, attention_mask, labels = batch()
     _assert_same_loss_and_grads(model, lambda: model(input_ids=input_ids, attention_mask=attention_mask,
                                                      labels=labels))
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2_5_vl"])
+def test_a_vision_language_model_with_images(arch):
+    """Image tokens with pixel_values (Qwen2.5-VL's image grid too) reach the vision tower through the fused loss as
+    through the model's own forward: same loss and gradients, the vision tower's included."""
+    if arch == "gemma3":
+        model = _composite_model("gemma3", {}, **gemma3_vision(V))
+        with torch.no_grad():  # initialised to zeros: every image would give the same (zero) features
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 1.0)
+    else:
+        tower, text = VISION[arch]
+        model = _composite_model(arch, text, **tower, image_token_id=V - 1, vision_start_token_id=V - 2,
+                                 vision_end_token_id=V - 3)
+    model.train()
+    input_ids, attention_mask, labels, vision = _image_inputs(arch, model, torch.Generator().manual_seed(0))
+    _assert_same_loss_and_grads(model, lambda: model(input_ids=input_ids, attention_mask=attention_mask,
+                                                     labels=labels, **vision))
+
+
+def test_a_vision_language_moe_reads_its_load_balancing_settings_from_its_text_config():
+    """Qwen3-VL-MoE's forward reads output_router_logits, router_aux_loss_coef, num_experts and num_experts_per_tok
+    from its text config (its top-level config has none): the fused loss adds the same load-balancing term."""
+    text = dict(TINY, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, output_router_logits=True,
+                router_aux_loss_coef=0.3)
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0])
+    config = transformers.AutoConfig.for_model("qwen3_vl_moe", text_config=text, vision_config=vision,
+                                               image_token_id=V - 1, vision_start_token_id=V - 2,
+                                               vision_end_token_id=V - 3)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageTextToText.from_config(config).float().train()
+    input_ids, attention_mask, labels = batch()
+    own = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert own.aux_loss is not None
+    _assert_same_loss_and_grads(model, lambda: model(input_ids=input_ids, attention_mask=attention_mask,
+                                                     labels=labels))
+    fused = install_fused_loss(model)(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    torch.testing.assert_close(fused.aux_loss, own.aux_loss, atol=1e-6, rtol=1e-6)
 
 
 def test_calls_the_fused_loss_leaves_to_the_model_own_forward():
@@ -236,6 +277,44 @@ def test_an_architecture_without_a_known_head_transform_raises_at_install():
     model.config.model_type = "my_own_lm"
     with pytest.raises(ValueError, match="my_own_lm"):
         install_fused_loss(model)
+
+
+@pytest.mark.parametrize("model_class", ["LlamaForSequenceClassification", "LlamaForTokenClassification",
+                                         "LlamaModel", "GPT2DoubleHeadsModel"])
+def test_a_model_that_is_not_a_causal_lm_raises_at_install(model_class):
+    """A classifier, a bare body or a second head would fail (or score the wrong head) at the first training step:
+    refused at install, naming the class."""
+    config_class = transformers.GPT2Config if model_class.startswith("GPT2") else transformers.LlamaConfig
+    config = config_class(vocab_size=V, hidden_size=32, n_embd=32, intermediate_size=64, num_hidden_layers=1,
+                          n_layer=1, num_attention_heads=4, n_head=4, num_key_value_heads=4, pad_token_id=0)
+    model = getattr(transformers, model_class)(config)
+    with pytest.raises(ValueError, match=f"{model_class} is not a causal LM"):
+        install_fused_loss(model)
+
+
+def test_accelerate_mixed_precision_wraps_the_fused_forward_not_the_other_way():
+    """accelerate's prepare(bf16) wraps the model's forward in its autocast: installed first, the fused loss runs
+    under it, as the model's own loss would; installed after, the autocast would not reach it, so that raises, and
+    so do a second install and a removal through the wrapper (unwrap_model(keep_fp32_wrapper=False) first)."""
+    accelerate = pytest.importorskip("accelerate")
+    accelerator = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
+    input_ids, attention_mask, labels = batch()
+    own, fused = tiny_model("qwen2").train(), install_fused_loss(tiny_model("qwen2").train())
+    own, fused = accelerator.prepare(own), accelerator.prepare(fused)
+    want = own(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    dtypes = []
+    fused.model.layers[0].mlp.down_proj.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    got = fused(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert got.logits is None and dtypes == [torch.bfloat16]  # the body ran under the autocast
+    torch.testing.assert_close(got.loss, want, atol=2e-2, rtol=0)  # both bf16 bodies
+    with pytest.raises(ValueError, match="already applied"):
+        install_fused_loss(fused)
+    with pytest.raises(ValueError, match="keep_fp32_wrapper=False"):
+        remove_fused_loss(fused)
+    with pytest.raises(ValueError, match="mixed-precision wrapper"):
+        install_fused_loss(own)
+    remove_fused_loss(accelerator.unwrap_model(fused, keep_fp32_wrapper=False))
+    assert fused(input_ids=input_ids, attention_mask=attention_mask, labels=labels).logits is not None
 
 
 def test_trainer_steps_equal_the_model_own_forward(tmp_path):

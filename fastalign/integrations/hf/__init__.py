@@ -82,18 +82,34 @@ def load_balancing_loss_func(model):
     return getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
 
 
+def moe_setting(model, *names, default=None):
+    """A MoE setting as the model's forward reads it: the first of ``names`` held by the model (Mixtral's
+    ``num_experts``, ``router_aux_loss_coef``), else by its config, else by its text config (a vision-language
+    MoE such as Qwen3-VL-MoE reads ``text_config.router_aux_loss_coef``); ``default`` where none holds one."""
+    base = unwrap_peft(model)
+    config = getattr(base, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else None
+    for holder in (base, config, text_config):
+        for name in names:
+            if holder is not None and hasattr(holder, name):
+                return getattr(holder, name)
+    return default
+
+
 def router_aux_loss(model, router_logits, attention_mask: Optional[Tensor] = None) -> Tensor:
     """The MoE load-balancing loss the model's own forward adds with ``output_router_logits=True``: its modeling
-    module's ``load_balancing_loss_func`` of the body's ``router_logits``, ``num_experts`` and
-    ``num_experts_per_tok`` (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE), differentiable."""
-    base = unwrap_peft(model)
+    module's ``load_balancing_loss_func`` of the body's ``router_logits``, the number of experts and
+    ``num_experts_per_tok`` (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE; of the text config in a
+    vision-language MoE, Qwen3-VL-MoE), differentiable."""
     loss_fn = load_balancing_loss_func(model)
-    if loss_fn is None or not hasattr(base, "num_experts") or not hasattr(base, "num_experts_per_tok"):
-        raise ValueError(f"model: {type(base).__name__} has no MoE load-balancing loss (load_balancing_loss_func with "
-                         "num_experts and num_experts_per_tok)")
+    experts = moe_setting(model, "num_experts", "num_local_experts")
+    per_token = moe_setting(model, "num_experts_per_tok")
+    if loss_fn is None or experts is None or per_token is None:
+        raise ValueError(f"model: {type(unwrap_peft(model)).__name__} has no MoE load-balancing loss "
+                         "(load_balancing_loss_func with num_experts and num_experts_per_tok)")
     if router_logits is None:
         raise ValueError("model: the body returned no router logits; pass output_router_logits=True")
-    return loss_fn(router_logits, base.num_experts, base.num_experts_per_tok, attention_mask)
+    return loss_fn(router_logits, experts, per_token, attention_mask)
 
 
 def _check_plain_head(model) -> None:

@@ -21,8 +21,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from fastalign.integrations.hf import (_aligned, head_operands, head_transform, load_balancing_loss_func, peft_refusal,
-                                       router_aux_loss, unwrap_peft)
+from fastalign.integrations.hf import (_aligned, head_operands, head_transform, load_balancing_loss_func, moe_setting,
+                                       peft_refusal, router_aux_loss, unwrap_peft)
 from fastalign.linear import linear_logprobs
 
 
@@ -77,9 +77,9 @@ def _loss_and_body(model, input_ids: Tensor, attention_mask: Optional[Tensor], l
     asked = model_kwargs.get("output_router_logits")  # None: the config's, as the model's forward reads it
     # the load-balancing term, where the model's forward adds one (its module has load_balancing_loss_func; not
     # GLM-4-MoE, dots1, HunYuan-MoE), with its coefficient (router_aux_loss_coef; JetMoE's aux_loss_coef)
-    with_aux = bool(getattr(config, "output_router_logits", False) if asked is None else asked) and \
+    with_aux = bool(moe_setting(model, "output_router_logits", default=False) if asked is None else asked) and \
         load_balancing_loss_func(model) is not None
-    coef = getattr(base, "router_aux_loss_coef", getattr(base, "aux_loss_coef", None))
+    coef = moe_setting(model, "router_aux_loss_coef", "aux_loss_coef")
     if with_aux and coef is None:
         raise ValueError(f"model: {type(base).__name__} adds a load-balancing loss with a coefficient fastalign does "
                          "not know (neither router_aux_loss_coef nor aux_loss_coef)")
@@ -147,6 +147,40 @@ class _FusedForward:
         return MoeCausalLMOutputWithPast(**fields, aux_loss=aux, router_logits=body.router_logits)  # as a MoE model
 
 
+def _fused_in(forward) -> Optional[_FusedForward]:
+    """The fused forward that ``forward`` is or wraps (along ``__wrapped__`` and ``__func__``), else None."""
+    seen = set()
+    while forward is not None and id(forward) not in seen:
+        if isinstance(forward, _FusedForward):
+            return forward
+        seen.add(id(forward))
+        forward = getattr(forward, "__wrapped__", None) or getattr(forward, "__func__", None)
+    return None
+
+
+#: the ``transformers`` auto classes whose models return next-token logits from one output head
+_LM_MAPPINGS = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+                "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES", "MODEL_FOR_VISION_2_SEQ_MAPPING_NAMES")
+
+
+def _check_causal_lm(model) -> None:
+    """``ValueError`` unless the model (under PEFT) is a causal LM: its class, or one it derives from, is one of the
+    ``transformers`` causal-LM or image-text-to-text classes, or is named ``...ForCausalLM`` (remote code). A bare
+    body, a sequence or token classifier, or a model with a second head (GPT-2's double heads) is refused here,
+    not at its first training step."""
+    from transformers.models.auto import modeling_auto
+
+    names = set()
+    for mapping in _LM_MAPPINGS:
+        for value in getattr(modeling_auto, mapping, {}).values():
+            names.update((value,) if isinstance(value, str) else value)
+    base = unwrap_peft(model)
+    if any(cls.__name__ in names or cls.__name__.endswith("ForCausalLM") for cls in type(base).__mro__):
+        return
+    raise ValueError(f"model: {type(base).__name__} is not a causal LM (a transformers ...ForCausalLM or "
+                     "image-text-to-text class): install_fused_loss replaces the loss of next-token prediction")
+
+
 def install_fused_loss(model):
     """Make ``model(..., labels=labels)`` in training mode return :func:`causal_lm_loss` as its ``loss``, its
     ``logits`` None (never built): ``transformers.Trainer`` and any loop that reads ``model(**batch).loss`` then
@@ -157,14 +191,23 @@ def install_fused_loss(model):
     ``output_router_logits``. Every other call runs the model's own forward: evaluation (``model.eval()``: the
     logits are there for metrics), generation, a call without labels, or one with ``inputs_embeds``,
     ``past_key_values`` (a cache, PEFT's prefix), ``logits_to_keep`` or ``return_dict=False``, a model given a
-    ``loss_function`` of the caller's, and TRL's own trainers' ``fused_lm_head`` calls. PEFT prompt learning raises
-    here.
-    The head transform is checked here: an architecture outside :data:`~fastalign.integrations.hf.HEAD_TRANSFORMS`
-    raises now (register it with :func:`~fastalign.integrations.hf.register_head_transform`). A deep copy or an
-    unpickled copy of the model computes with its own weights. The TRL drop-in trainers fuse their own losses and
-    do not need it. :func:`remove_fused_loss` undoes it."""
-    if isinstance(vars(model).get("forward"), _FusedForward):
+    ``loss_function`` of the caller's, and TRL's own trainers' ``fused_lm_head`` calls (TRL's trainers fuse their
+    own head: under them the install changes nothing). A vision-language MoE reads its load-balancing settings from
+    its text config, as its forward does.
+    Raising here, not at the first step: a model that is not a causal LM (a classifier, a bare body, GPT-2's double
+    heads), PEFT prompt learning, a forward already wrapped by accelerate's mixed precision (install before
+    ``accelerator.prepare`` or the ``Trainer``, so that its autocast wraps the fused loss), and an architecture
+    outside :data:`~fastalign.integrations.hf.HEAD_TRANSFORMS` (register it with
+    :func:`~fastalign.integrations.hf.register_head_transform`). A deep copy or an unpickled copy of the model
+    computes with its own weights. The TRL drop-in trainers fuse their own losses and do not need it.
+    :func:`remove_fused_loss` undoes it."""
+    if _fused_in(vars(model).get("forward")) is not None:
         raise ValueError("model: install_fused_loss was already applied to this model")
+    if "_original_forward" in vars(model):
+        raise ValueError("model: its forward is accelerate's mixed-precision wrapper (accelerator.prepare, or a "
+                         "Trainer with bf16/fp16), whose autocast would not reach the fused loss: install_fused_loss "
+                         "before preparing the model or handing it to the Trainer")
+    _check_causal_lm(model)
     head_transform(getattr(model, "config", None))
     refusal = peft_refusal(model)  # PEFT prompt learning and the tuners set up around the whole model
     if refusal is not None:
@@ -178,6 +221,10 @@ def remove_fused_loss(model):
     """Undo :func:`install_fused_loss`: the model's forward is its own again. Returns ``model``."""
     fused = vars(model).get("forward")
     if not isinstance(fused, _FusedForward):
+        if _fused_in(fused) is not None:
+            raise ValueError("model: its fused forward is wrapped by another (accelerate's mixed-precision wrapper, "
+                             "after accelerator.prepare or a Trainer with bf16/fp16): unwrap it first, with "
+                             "accelerator.unwrap_model(model, keep_fp32_wrapper=False)")
         raise ValueError("model: install_fused_loss was not applied to this model")
     if fused.own is type(model).forward:
         del model.forward  # the class's forward again

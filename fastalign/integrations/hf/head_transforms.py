@@ -186,8 +186,9 @@ def head_transform(config) -> tuple[float, Optional[float]]:
             f"with fastalign.integrations.hf.register_head_transform({model_type!r}, logit_scale=..., softcap=...)")
     if transform is None:
         raise ValueError(
-            f"model: config.model_type {model_type!r} has no known head transform; supported: "
-            f"{sorted(HEAD_TRANSFORMS)}. State what its forward applies between the last hidden state and the "
+            f"model: config.model_type {model_type!r} has no known head transform (the {len(HEAD_TRANSFORMS)} "
+            "known ones: fastalign.integrations.hf.HEAD_TRANSFORMS). State what its forward applies between the "
+            "last hidden state and the "
             "logits: causal_lm_logprobs takes logit_scale= and softcap=; for the trainers, "
             f"fastalign.integrations.hf.register_head_transform({model_type!r}, logit_scale=..., softcap=...)")
     return transform
