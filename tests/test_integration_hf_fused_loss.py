@@ -292,6 +292,13 @@ def test_a_model_that_is_not_a_causal_lm_raises_at_install(model_class):
         install_fused_loss(model)
 
 
+def test_a_wrapped_model_raises_naming_the_order():
+    """Installed on torch.compile's module (or DDP's) rather than on the model it wraps: raises, saying to install
+    first (install, then wrap, is what the distributed test and Trainer's torch_compile run)."""
+    with pytest.raises(ValueError, match="OptimizedModule wraps the model .Qwen2ForCausalLM.*before wrapping"):
+        install_fused_loss(torch.compile(tiny_model("qwen2")))
+
+
 def test_accelerate_mixed_precision_wraps_the_fused_forward_not_the_other_way():
     """accelerate's prepare(bf16) wraps the model's forward in its autocast: installed first, the fused loss runs
     under it, as the model's own loss would; installed after, the autocast would not reach it, so that raises, and

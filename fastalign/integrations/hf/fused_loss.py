@@ -177,6 +177,10 @@ def _check_causal_lm(model) -> None:
     base = unwrap_peft(model)
     if any(cls.__name__ in names or cls.__name__.endswith("ForCausalLM") for cls in type(base).__mro__):
         return
+    inner = getattr(base, "_orig_mod", None) or getattr(base, "module", None)  # torch.compile's, DDP's
+    if isinstance(inner, torch.nn.Module):
+        raise ValueError(f"model: {type(base).__name__} wraps the model ({type(inner).__name__}): install_fused_loss "
+                         "on the model itself, before wrapping it (DistributedDataParallel, torch.compile, ...)")
     raise ValueError(f"model: {type(base).__name__} is not a causal LM (a transformers ...ForCausalLM or "
                      "image-text-to-text class): install_fused_loss replaces the loss of next-token prediction")
 
