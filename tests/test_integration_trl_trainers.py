@@ -591,6 +591,34 @@ def test_moe_load_balancing_loss_matches_trl(moe_checkpoint, tmp_path, trainer):
     _compare(theirs, ours)
 
 
+def test_sft_vision_language_moe_load_balancing_loss_matches_trl(checkpoint, tmp_path):
+    """Qwen3-VL-MoE holds its expert counts and load-balancing coefficient in its text config (its forward reads
+    them there): the drop-in's load-balancing term equals TRL's, loss, aux_loss and update (it raised "has no MoE
+    load-balancing loss")."""
+    text = dict(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False,
+                pad_token_id=0, eos_token_id=1, bos_token_id=None, num_experts=4, num_experts_per_tok=2,
+                moe_intermediate_size=16, output_router_logits=True, router_aux_loss_coef=0.3)
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0])
+    config = transformers.AutoConfig.for_model("qwen3_vl_moe", text_config=text, vision_config=vision,
+                                               image_token_id=len(WORDS) - 1, vision_start_token_id=len(WORDS) - 2,
+                                               vision_end_token_id=len(WORDS) - 3, pad_token_id=0, eos_token_id=1,
+                                               tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageTextToText.from_config(config)
+    path = _save_beside_tokenizer(model, tmp_path / "qwen3-vl-moe", checkpoint)
+
+    def build(cls, out):
+        return cls(model=path, args=trl.SFTConfig(**_common(out, per_device_train_batch_size=4)),
+                   train_dataset=_sft_dataset("text"), processing_class=_tokenizer(path))
+
+    theirs = _run(build(trl.SFTTrainer, tmp_path / "trl"))
+    ours = _run(build(fa_trl.SFTTrainer, tmp_path / "fa"))
+    assert ours[0]["aux_loss@0"] > 1.0
+    _compare(theirs, ours)
+
+
 def test_grpo_cast_lm_head_to_fp32_matches_trl(checkpoint, tmp_path, sequence_passes):
     """A bf16 model with TRL's fp32 lm_head: the fused head runs in fp32 (hidden states cast up), as TRL's; the
     loss, metrics and the bf16 update equal TRL's (the update within one bf16 rounding of the parameters)."""
