@@ -299,6 +299,16 @@ def test_a_wrapped_model_raises_naming_the_order():
         install_fused_loss(torch.compile(tiny_model("qwen2")))
 
 
+def test_a_partitioned_head_weight_raises_naming_the_gather():
+    """DeepSpeed ZeRO-3 leaves an empty tensor in a partitioned parameter outside its module's forward, which the
+    fused loss does not call: the step raises naming GatheredParameters, not a shape error deep in a kernel."""
+    model = install_fused_loss(tiny_model("qwen2").train())
+    model.lm_head.weight.data = torch.empty(0)  # what ZeRO-3 leaves between gathers
+    input_ids, attention_mask, labels = batch()
+    with pytest.raises(ValueError, match="GatheredParameters"):
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
 def test_accelerate_mixed_precision_wraps_the_fused_forward_not_the_other_way():
     """accelerate's prepare(bf16) wraps the model's forward in its autocast: installed first, the fused loss runs
     under it, as the model's own loss would; installed after, the autocast would not reach it, so that raises, and
