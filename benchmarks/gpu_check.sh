@@ -14,12 +14,13 @@
 #      Liger's and cut-cross-entropy's fused linear cross-entropy) and LinearPolicyLoss (GRPO) at B=8
 #      T=1024 on that head, with the installed peers; kl_penalty k3 (the Triton kernel) and masked_whiten
 #      on [1024, 4096] tokens against eager PyTorch and torch.compile
-#   5. where the LM-head ops' time goes, kernel by kernel (benchmarks/profile_linear.py, torch.profiler),
-#      and the tilings of their forward kernel and labelled-row products against torch.mm
-#      (benchmarks/lm_head_tilings.py)
+#   5. on request (GPU_CHECK_STEPS=...,profile; not in the default steps, which fill the budget): where the
+#      LM-head ops' time goes, kernel by kernel (benchmarks/profile_linear.py, torch.profiler), and the tilings
+#      of their forward kernel and labelled-row products against torch.mm (benchmarks/lm_head_tilings.py)
 #
 # Everything lands in benchmarks/results/gpu-check-<device>-<UTC time>/ (or $GPU_CHECK_OUT) with the
-# device, date and versions (env.txt) and a one-line status per step (summary.txt): eight files, each
+# device, date and versions (env.txt) and a one-line status per step (summary.txt): seven files (eight with the
+# profile), each
 # written as its step ends (the benchmark's JSON after each of its cases), so a run cut short still leaves what
 # it did. Exit status: 0 when every
 # step passed, 1 when one failed, 2 when no CUDA device is visible (nothing is run).
@@ -33,8 +34,8 @@
 # exit 0 when everything the steps need is importable, 1 otherwise.
 # The CUDA kernels are built for this device's architecture only unless FASTALIGN_CUDA_ARCHS is set.
 # GPU_CHECK_COMMIT names the commit where the copy being checked has no git history (env.txt, and the benchmark's
-# JSON through FASTALIGN_COMMIT). GPU_CHECK_STEPS (a comma
-# list of step names: build,pytest-gpu,memcheck,bench,profile) runs only those, to rerun a step after a fix;
+# JSON through FASTALIGN_COMMIT). GPU_CHECK_STEPS (a comma list of step names: build,pytest-gpu,memcheck,bench,
+# profile; default the first four) runs only those, to rerun a step after a fix;
 # GPU_CHECK_TESTS narrows pytest-gpu and memcheck to some test files or node ids.
 set -u
 PY=${PY:-python3}
@@ -121,7 +122,7 @@ status=0
 step() {  # step NAME SECONDS CMD...: run with a time limit, log to $out/NAME.log, record the outcome
   local name=$1 limit=$2
   shift 2
-  case ",${GPU_CHECK_STEPS:-build,pytest-gpu,memcheck,bench,profile}," in
+  case ",${GPU_CHECK_STEPS:-build,pytest-gpu,memcheck,bench}," in
     *",$name,"*) ;;
     *) echo "$name skipped: not in GPU_CHECK_STEPS" | tee -a "$out/summary.txt"; return 0 ;;
   esac
@@ -181,17 +182,19 @@ tests=${GPU_CHECK_TESTS:-$(grep -l "pytest.mark.gpu" tests/test_*.py | tr '\n' '
 parallel=()  # four workers with pytest-xdist, a minute per test at most with pytest-timeout, where installed
 "$PY" -c "import xdist" 2>/dev/null && parallel=(-n 4)
 "$PY" -c "import pytest_timeout" 2>/dev/null && parallel+=(--timeout 60)
-step pytest-gpu 100 "$PY" -m pytest -m gpu -v -p no:cacheprovider -rs "${parallel[@]}" \
+step pytest-gpu 180 "$PY" -m pytest -m gpu -v -p no:cacheprovider -rs "${parallel[@]}" \
   --continue-on-collection-errors $tests
 if command -v compute-sanitizer >/dev/null 2>&1; then
   # without the caching allocator every tensor is its own allocation, so an overrun is caught
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 45 compute-sanitizer --tool memcheck --error-exitcode 1 \
-    "$PY" -m pytest -m gpu -v -p no:cacheprovider ${GPU_CHECK_TESTS:-tests/test_gpu_kernels.py} -k "not full_vocabulary"
+  # (the kernels at small sizes: not the full-vocabulary and 8M-token cases, which memcheck slows 10-100x)
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 50 compute-sanitizer --tool memcheck --error-exitcode 1 \
+    "$PY" -m pytest -m gpu -v -p no:cacheprovider ${GPU_CHECK_TESTS:-tests/test_gpu_kernels.py} \
+    -k "not full_vocabulary and not past_65535 and not fp32_teacher"
 else
   echo "memcheck     skipped: compute-sanitizer not installed" | tee -a "$out/summary.txt"
 fi
-step bench 200 "$PY" -m fastalign.bench --device cuda \
-  --ops token_logprobs,cross_entropy,ce_tvd,jsd,grpo_logits,vocab_parallel_ce,linear_logprobs,linear_cross_entropy,linear_policy_loss,linear_divergence,linear_topk,kl_penalty,masked_whiten,soft_cross_entropy --cases 8192x151936,16x512x151936,2048x4x151936,8192x4096x151936,"T=1024 H=4096",8192x4096/6144x151936,"B=1024 T=4096" --repeats 10 --budget 6 --total-budget 180 --json "$out/bench.json"
+step bench 140 "$PY" -m fastalign.bench --device cuda \
+  --ops token_logprobs,cross_entropy,ce_tvd,jsd,grpo_logits,vocab_parallel_ce,linear_logprobs,linear_cross_entropy,linear_policy_loss,linear_divergence,linear_topk,kl_penalty,masked_whiten,soft_cross_entropy --cases 8192x151936,16x512x151936,2048x4x151936,8192x4096x151936,"T=1024 H=4096",8192x4096/6144x151936,"B=1024 T=4096" --repeats 10 --budget 6 --total-budget 120 --json "$out/bench.json"
 step profile 110 bash -c '"$0" benchmarks/profile_linear.py && "$0" benchmarks/lm_head_tilings.py' "$PY"
 echo "gpu-check: results in $out" | tee -a "$out/summary.txt"
 exit $status

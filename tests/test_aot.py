@@ -97,7 +97,9 @@ print(json.dumps(out))
 
 #: (kernel, flags, dtypes): flag combinations the ops launch, each of which the gate must compile
 _LAUNCHED = [
-    ("token_stats_fwd_kernel", dict(WANT_ENT=True, WANT_SP2=False, WANT_AMAX=False), ("bf16", "fp32")),
+    *[("token_stats_fwd_kernel", dict(WANT_ENT=e, WANT_SP2=False, WANT_AMAX=a), ("bf16", "fp32"))
+      for e, a in ((True, False), (False, True), (True, True))],  # entropy; argmax; both (separable_step's extras)
+    ("token_stats_bwd_kernel", dict(HAS_G_LP=True, HAS_G_ENT=False, HAS_G_SP2=True), ("bf16", "fp32")),
     ("token_stats_bwd_kernel", dict(HAS_G_LP=True, HAS_G_ENT=True, HAS_G_SP2=False), ("bf16", "fp32")),
     ("token_stats_bwd_kernel", dict(HAS_G_LP=False, HAS_G_ENT=True, HAS_G_SP2=False), ("bf16", "fp32")),
     *[("linear_stats_fwd_kernel", dict(WANT_ENT=e, WANT_SP2=s, WANT_AMAX=a, HAS_BIAS=False, SOFTCAP=False,

@@ -80,7 +80,7 @@ def test_gpu_check_deps_only_runs_without_a_gpu(tmp_path):
 
 
 def test_profile_script_runs_on_the_cpu():
-    """benchmarks/profile_linear.py (gpu-check's last step) at a tiny size on the CPU: a table per op."""
+    """benchmarks/profile_linear.py (gpu-check's profile step) at a tiny size on the CPU: a table per op."""
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_linear.py"), "--device", "cpu",
                           "--tokens", "16", "--rows", "2", "--hidden", "8", "--vocab", "32", "--steps", "1",
                           "--dtype", "float32"], capture_output=True, text=True, timeout=300)

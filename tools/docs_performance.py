@@ -65,7 +65,8 @@ recorded case `512x512x32000 fp32 logits +40 at T=0.7` below (with the entropy) 
 `fastalign-bench --device cpu --ops linear_logprobs --cases "logits +40 at T=0.7"`.
 
 The GPU run (NVIDIA H200) comes from `make gpu-check`, whose folders in `benchmarks/results/`
-(`gpu-check-<device>-<time>/`) hold each run's build, GPU tests, compute-sanitizer and profile logs;
+(`gpu-check-<device>-<time>/`) hold each run's build, GPU tests and compute-sanitizer logs (and a profile, where
+asked for);
 the other tables are CPU runs of the C++ kernels.
 
 To reproduce or add a run:

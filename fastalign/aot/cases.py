@@ -22,8 +22,10 @@ def _variant(**flags) -> str:
 
 
 def token_stats_cases(dtype):
-    """The statistics the ops request: a forward with (entropy, sum_p2, argmax), a backward with the
-    gradients (g_lp, g_ent, g_sp2) of those outputs that take part in the loss."""
+    """Every set of statistics a caller may request: a forward per subset of (entropy, sum_p2, argmax), a
+    backward per non-empty subset of the gradients (g_lp, g_ent, g_sp2) of the outputs in the loss."""
+    import itertools
+
     import torch
 
     from fastalign.kernels import token_stats as K
@@ -31,11 +33,13 @@ def token_stats_cases(dtype):
     z = _meta(1, N_TOKENS, VOCAB, dtype=dtype)
     y = _meta(N_TOKENS, dtype=torch.int64)
     f = lambda on=True: _meta(N_TOKENS, dtype=torch.float32) if on else None  # noqa: E731
-    for ent, sp2, amax in ((False, False, False), (True, False, False), (True, True, True)):
+    for ent, sp2, amax in itertools.product((False, True), repeat=3):
         yield _variant(entropy=ent, sum_p2=sp2, argmax=amax), lambda ent=ent, sp2=sp2, amax=amax: \
             K.token_stats_forward(z, y, 1.0, -100, f(), f(ent), f(sp2),
                                   _meta(N_TOKENS, dtype=torch.int64) if amax else None, f(), f())
-    for g_lp, g_ent, g_sp2 in ((True, False, False), (True, True, False), (False, True, False), (True, True, True)):
+    for g_lp, g_ent, g_sp2 in itertools.product((True, False), repeat=3):
+        if not (g_lp or g_ent or g_sp2):
+            continue
         yield _variant(g_lp=g_lp, g_ent=g_ent, g_sp2=g_sp2), lambda g_lp=g_lp, g_ent=g_ent, g_sp2=g_sp2: \
             K.token_stats_backward(z, y, 1.0, -100, f(), f(g_ent), f(g_sp2), f(g_lp), f(g_ent), f(g_sp2),
                                    torch.empty_like(z), f())
