@@ -26,6 +26,8 @@ for rows with |lse| >= RENORMALISE_ABOVE the forward also writes
 (the rounding of lse), and p is exact to fp32 rounding again with no other read of
 the row.
 """
+import functools
+
 import triton
 import triton.language as tl
 
@@ -142,6 +144,20 @@ def _lanes(V):
     return min(triton.next_power_of_2(max(V, 1)), 2048)
 
 
+@functools.lru_cache(maxsize=None)
+def _arch(device) -> int:
+    return triton.runtime.driver.active.get_current_target().arch
+
+
+def _step_rows(lanes: int, on_cpu: bool) -> int:
+    """Rows of the [STEP_ROWS, LANES] tile: four at the widest tile (more loads in flight per thread), except on
+    sm_100 and later, whose ptxas holds the 8-warp program to 80 registers and spills there (the compile gate);
+    two rows fit."""
+    if lanes < 1024:
+        return 2
+    return 4 if on_cpu or _arch(triton.runtime.driver.active.get_current_device()) < 100 else 2
+
+
 def _bwd_block(V):
     return min(triton.next_power_of_2(max(V, 1)), 4096)
 
@@ -160,7 +176,7 @@ def token_stats_forward(z3, labels, inv_t, ignore_index, lp, ent, sp2, amax, lse
         amax if amax is not None else labels, lse, log_c,
         V, inv_t, ignore_index, RENORMALISE_ABOVE,
         WANT_ENT=ent is not None, WANT_SP2=sp2 is not None, WANT_AMAX=amax is not None,
-        LANES=lanes, STEP_ROWS=4 if lanes >= 1024 else 2, num_warps=8 if lanes >= 1024 else 4,
+        LANES=lanes, STEP_ROWS=_step_rows(lanes, z3.device.type == "cpu"), num_warps=8 if lanes >= 1024 else 4,
     )
 
 
