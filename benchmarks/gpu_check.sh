@@ -26,7 +26,8 @@
 # step passed, 1 when one failed, 2 when no CUDA device is visible (nothing is run).
 #
 # On a machine without network, `make gpu-peers` downloads beforehand into .whl/ the wheels of the build
-# tools (scikit-build-core, pybind11, cmake, ninja), the test tools (pytest, pytest-benchmark, hypothesis)
+# tools (scikit-build-core, pybind11, cmake, ninja), the test tools (pytest, pytest-benchmark, hypothesis,
+# pytest-xdist, pytest-timeout)
 # and the benchmark's third-party peers (Liger-Kernel, cut-cross-entropy, TRL); this script installs them
 # from there (pip --no-index --find-links .whl, into a separate folder on PYTHONPATH for every step,
 # without touching the environment), then names what is still missing (env.txt, summary.txt).

@@ -292,11 +292,54 @@ def test_a_model_that_is_not_a_causal_lm_raises_at_install(model_class):
         install_fused_loss(model)
 
 
-def test_a_wrapped_model_raises_naming_the_order():
-    """Installed on torch.compile's module (or DDP's) rather than on the model it wraps: raises, saying to install
-    first (install, then wrap, is what the distributed test and Trainer's torch_compile run)."""
-    with pytest.raises(ValueError, match="OptimizedModule wraps the model .Qwen2ForCausalLM.*before wrapping"):
-        install_fused_loss(torch.compile(tiny_model("qwen2")))
+@pytest.mark.parametrize("under_peft", [False, True], ids=["model", "peft_model"])
+def test_a_wrapped_model_raises_naming_the_order(under_peft):
+    """Installed on torch.compile's module (or DDP's) rather than on the model it wraps, a PEFT model too (the
+    compiled module hands get_base_model through): raises, saying to install first (install, then wrap, is what
+    the distributed test and Trainer's torch_compile run)."""
+    model = tiny_model("qwen2")
+    if under_peft:
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="OptimizedModule wraps the model .*before wrapping"):
+        install_fused_loss(torch.compile(model))
+
+
+def test_a_causal_lm_of_its_own_installs_once_its_head_transform_is_stated(monkeypatch):
+    """A remote-code causal LM whose class is named like none of transformers' (MiniCPM-V's, InternVL-Chat's) is
+    the caller's to state: refused until its head transform is registered, then the model's own loss."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from fastalign.integrations.hf import head_transforms, register_head_transform
+
+    monkeypatch.setattr(head_transforms, "HEAD_TRANSFORMS", dict(head_transforms.HEAD_TRANSFORMS))
+    monkeypatch.setattr(head_transforms, "_STATED", set())
+
+    class ChatModel(transformers.Qwen2PreTrainedModel):
+        def __init__(self, config):
+            super().__init__(config)
+            self.model = transformers.Qwen2Model(config)
+            self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.post_init()
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+            logits = self.lm_head(self.model(input_ids, attention_mask=attention_mask).last_hidden_state)
+            loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+            return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(**TINY, attn_implementation="eager")
+    config.model_type = "chat_of_its_own"
+    model = ChatModel(config).train()
+    with pytest.raises(ValueError, match="ChatModel is not a causal LM.*register_head_transform"):
+        install_fused_loss(model)
+    register_head_transform("chat_of_its_own")
+    input_ids, attention_mask, labels = batch()
+    _assert_same_loss_and_grads(model, lambda: model(input_ids=input_ids, attention_mask=attention_mask,
+                                                     labels=labels))
 
 
 def test_a_partitioned_head_weight_raises_naming_the_gather():

@@ -26,11 +26,10 @@ for rows with |lse| >= RENORMALISE_ABOVE the forward also writes
 (the rounding of lse), and p is exact to fp32 rounding again with no other read of
 the row.
 """
-import functools
-
 import triton
 import triton.language as tl
 
+from fastalign.kernels.linear_stats import on_gpu, target_arch
 from fastalign.kernels.softmax_math import NEG_INF, add_block, dlogits, exp, finish, lse_rounding, rescale
 
 #: |lse| from which backward renormalises a row (as the C++ backward: ulp(32) / 2 = 2^-20).
@@ -144,18 +143,13 @@ def _lanes(V):
     return min(triton.next_power_of_2(max(V, 1)), 2048)
 
 
-@functools.lru_cache(maxsize=None)
-def _arch(device) -> int:
-    return triton.runtime.driver.active.get_current_target().arch
-
-
-def _step_rows(lanes: int, on_cpu: bool) -> int:
+def _step_rows(lanes: int, compiled: bool) -> int:
     """Rows of the [STEP_ROWS, LANES] tile: four at the widest tile (more loads in flight per thread), except on
     sm_100 and later, whose ptxas holds the 8-warp program to 80 registers and spills there (the compile gate);
     two rows fit."""
     if lanes < 1024:
         return 2
-    return 4 if on_cpu or _arch(triton.runtime.driver.active.get_current_device()) < 100 else 2
+    return 2 if compiled and target_arch() >= 100 else 4
 
 
 def _bwd_block(V):
@@ -176,7 +170,7 @@ def token_stats_forward(z3, labels, inv_t, ignore_index, lp, ent, sp2, amax, lse
         amax if amax is not None else labels, lse, log_c,
         V, inv_t, ignore_index, RENORMALISE_ABOVE,
         WANT_ENT=ent is not None, WANT_SP2=sp2 is not None, WANT_AMAX=amax is not None,
-        LANES=lanes, STEP_ROWS=_step_rows(lanes, z3.device.type == "cpu"), num_warps=8 if lanes >= 1024 else 4,
+        LANES=lanes, STEP_ROWS=_step_rows(lanes, on_gpu(z3)), num_warps=8 if lanes >= 1024 else 4,
     )
 
 

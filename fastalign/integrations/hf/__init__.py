@@ -85,13 +85,14 @@ def load_balancing_loss_func(model):
 def moe_setting(model, *names, default=None):
     """A MoE setting as the model's forward reads it: the first of ``names`` held by the model (Mixtral's
     ``num_experts``, ``router_aux_loss_coef``), else by its config, else by its text config (a vision-language
-    MoE such as Qwen3-VL-MoE reads ``text_config.router_aux_loss_coef``); ``default`` where none holds one."""
+    MoE such as Qwen3-VL-MoE reads ``text_config.router_aux_loss_coef``); ``default`` where none holds one (None
+    counts as none)."""
     base = unwrap_peft(model)
     config = getattr(base, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else None
     for holder in (base, config, text_config):
         for name in names:
-            if holder is not None and hasattr(holder, name):
+            if getattr(holder, name, None) is not None:
                 return getattr(holder, name)
     return default
 

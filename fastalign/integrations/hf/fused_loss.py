@@ -21,8 +21,9 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from fastalign.integrations.hf import (_aligned, head_operands, head_transform, load_balancing_loss_func, moe_setting,
-                                       peft_refusal, router_aux_loss, unwrap_peft)
+from fastalign.integrations.hf import (_aligned, head_operands, head_transform, head_transforms,
+                                       load_balancing_loss_func, moe_setting, peft_refusal, router_aux_loss,
+                                       unwrap_peft)
 from fastalign.linear import linear_logprobs
 
 
@@ -158,31 +159,38 @@ def _fused_in(forward) -> Optional[_FusedForward]:
     return None
 
 
-#: the ``transformers`` auto classes whose models return next-token logits from one output head
+#: the ``transformers`` auto classes of models with a language-model head (the causal LMs, the vision-language
+#: models; encoder-decoder ones among them have no known head transform, which refuses them next)
 _LM_MAPPINGS = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
                 "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES", "MODEL_FOR_VISION_2_SEQ_MAPPING_NAMES")
+#: the class names of language models (remote code: Qwen-1's QWenLMHeadModel, ChatGLM's ...ForConditionalGeneration)
+_LM_CLASS_ENDINGS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
 def _check_causal_lm(model) -> None:
-    """``ValueError`` unless the model (under PEFT) is a causal LM: its class, or one it derives from, is one of the
-    ``transformers`` causal-LM or image-text-to-text classes, or is named ``...ForCausalLM`` (remote code). A bare
-    body, a sequence or token classifier, or a model with a second head (GPT-2's double heads) is refused here,
-    not at its first training step."""
+    """``ValueError`` unless the model (under PEFT) is a language model: its class, or one it derives from, is one
+    of the ``transformers`` causal-LM or vision-language classes, or is named like one (``...ForCausalLM``,
+    ``...LMHeadModel``, ``...ForConditionalGeneration``), or its ``model_type`` has a head transform stated by
+    :func:`~fastalign.integrations.hf.register_head_transform` (the caller's word for a custom class). A model
+    wrapped by ``torch.compile`` or ``DistributedDataParallel``, a bare body, a sequence or token classifier, or a
+    model with a second head (GPT-2's double heads) is refused here, not at its first training step."""
     from transformers.models.auto import modeling_auto
 
+    inner = model._modules.get("_orig_mod") or model._modules.get("module")  # torch.compile's, DDP's
+    if inner is not None:
+        raise ValueError(f"model: {type(model).__name__} wraps the model ({type(inner).__name__}): install_fused_loss "
+                         "on the model itself, before wrapping it (DistributedDataParallel, torch.compile, ...)")
     names = set()
     for mapping in _LM_MAPPINGS:
         for value in getattr(modeling_auto, mapping, {}).values():
             names.update((value,) if isinstance(value, str) else value)
     base = unwrap_peft(model)
-    if any(cls.__name__ in names or cls.__name__.endswith("ForCausalLM") for cls in type(base).__mro__):
+    if getattr(getattr(base, "config", None), "model_type", None) in head_transforms._STATED or \
+            any(cls.__name__ in names or cls.__name__.endswith(_LM_CLASS_ENDINGS) for cls in type(base).__mro__):
         return
-    inner = getattr(base, "_orig_mod", None) or getattr(base, "module", None)  # torch.compile's, DDP's
-    if isinstance(inner, torch.nn.Module):
-        raise ValueError(f"model: {type(base).__name__} wraps the model ({type(inner).__name__}): install_fused_loss "
-                         "on the model itself, before wrapping it (DistributedDataParallel, torch.compile, ...)")
     raise ValueError(f"model: {type(base).__name__} is not a causal LM (a transformers ...ForCausalLM or "
-                     "image-text-to-text class): install_fused_loss replaces the loss of next-token prediction")
+                     "image-text-to-text class): install_fused_loss replaces the loss of next-token prediction (a "
+                     "causal LM of your own: state its head transform with register_head_transform)")
 
 
 def install_fused_loss(model):
@@ -199,9 +207,10 @@ def install_fused_loss(model):
     own head: under them the install changes nothing). A vision-language MoE reads its load-balancing settings from
     its text config, as its forward does.
     Raising here, not at the first step: a model that is not a causal LM (a classifier, a bare body, GPT-2's double
-    heads), PEFT prompt learning, a forward already wrapped by accelerate's mixed precision (install before
-    ``accelerator.prepare`` or the ``Trainer``, so that its autocast wraps the fused loss), and an architecture
-    outside :data:`~fastalign.integrations.hf.HEAD_TRANSFORMS` (register it with
+    heads, a model wrapped by ``torch.compile`` or DDP), PEFT prompt learning, a forward already wrapped by
+    accelerate's mixed precision (install before ``accelerator.prepare`` or ``Trainer.train()``, so that its
+    autocast wraps the fused loss), and an architecture outside :data:`~fastalign.integrations.hf.HEAD_TRANSFORMS`
+    (register it with
     :func:`~fastalign.integrations.hf.register_head_transform`). A deep copy or an unpickled copy of the model
     computes with its own weights. The TRL drop-in trainers fuse their own losses and do not need it.
     :func:`remove_fused_loss` undoes it."""
@@ -209,8 +218,8 @@ def install_fused_loss(model):
         raise ValueError("model: install_fused_loss was already applied to this model")
     if "_original_forward" in vars(model):
         raise ValueError("model: its forward is accelerate's mixed-precision wrapper (accelerator.prepare, or a "
-                         "Trainer with bf16/fp16), whose autocast would not reach the fused loss: install_fused_loss "
-                         "before preparing the model or handing it to the Trainer")
+                         "Trainer with bf16/fp16 that has trained), whose autocast would not reach the fused loss: "
+                         "install_fused_loss before accelerator.prepare or Trainer.train()")
     _check_causal_lm(model)
     head_transform(getattr(model, "config", None))
     refusal = peft_refusal(model)  # PEFT prompt learning and the tuners set up around the whole model
