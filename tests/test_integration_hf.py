@@ -783,19 +783,25 @@ def _image_inputs(arch, model, pixels):
     return input_ids, attention_mask, labels, vision
 
 
+def image_model(arch):
+    """A tiny Gemma 3 (its image projection drawn: initialised to zeros, every image would give the same, zero,
+    features) or Qwen2.5-VL (image tokens between its vision start and end tokens) for :func:`_image_inputs`."""
+    if arch == "gemma3":
+        model = _composite_model("gemma3", {}, **gemma3_vision(V))
+        with torch.no_grad():
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 1.0)
+        return model
+    tower, text = VISION[arch]
+    return _composite_model(arch, text, **tower, image_token_id=V - 1, vision_start_token_id=V - 2,
+                            vision_end_token_id=V - 3)
+
+
 @pytest.mark.parametrize("arch", ["gemma3", "qwen2_5_vl"])
 def test_vision_inputs_reach_the_vision_tower(arch):
     """Image tokens with pixel_values (and Qwen2.5-VL's image grid, which sets its multimodal rotary positions): the
     body merges the image features as the model's own forward does (other pixels give other log-probs, so vision
     inputs dropped on the way would fail)."""
-    if arch == "gemma3":
-        model = _composite_model("gemma3", {}, **gemma3_vision(V))
-        with torch.no_grad():  # initialised to zeros: every image would give the same (zero) features
-            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 1.0)
-    else:
-        tower, text = VISION[arch]
-        model = _composite_model(arch, text, **tower, image_token_id=V - 1, vision_start_token_id=V - 2,
-                                 vision_end_token_id=V - 3)
+    model = image_model(arch)
     pixels = torch.Generator().manual_seed(0)
     refs = []
     with torch.no_grad():

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face integration needs transformers")
-from test_integration_hf import (TINY, V, VISION, _composite_model, _image_inputs, batch, gemma3_vision,  # noqa: E402
-                                 tiny_model)
+from test_integration_hf import TINY, V, _image_inputs, batch, image_model, tiny_model  # noqa: E402
 
 from fastalign.integrations.hf import causal_lm_loss, install_fused_loss, remove_fused_loss  # noqa: E402
 
@@ -107,15 +106,7 @@ def test_moe_models_with_another_coefficient_or_no_load_balancing_loss(model_typ
 def test_a_vision_language_model_with_images(arch):
     """Image tokens with pixel_values (Qwen2.5-VL's image grid too) reach the vision tower through the fused loss as
     through the model's own forward: same loss and gradients, the vision tower's included."""
-    if arch == "gemma3":
-        model = _composite_model("gemma3", {}, **gemma3_vision(V))
-        with torch.no_grad():  # initialised to zeros: every image would give the same (zero) features
-            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 1.0)
-    else:
-        tower, text = VISION[arch]
-        model = _composite_model(arch, text, **tower, image_token_id=V - 1, vision_start_token_id=V - 2,
-                                 vision_end_token_id=V - 3)
-    model.train()
+    model = image_model(arch).train()
     input_ids, attention_mask, labels, vision = _image_inputs(arch, model, torch.Generator().manual_seed(0))
     _assert_same_loss_and_grads(model, lambda: model(input_ids=input_ids, attention_mask=attention_mask,
                                                      labels=labels, **vision))
