@@ -210,10 +210,9 @@ def install_fused_loss(model):
     heads, a model wrapped by ``torch.compile`` or DDP), PEFT prompt learning, a forward already wrapped by
     accelerate's mixed precision (install before ``accelerator.prepare`` or ``Trainer.train()``, so that its
     autocast wraps the fused loss), and an architecture outside :data:`~fastalign.integrations.hf.HEAD_TRANSFORMS`
-    (register it with
-    :func:`~fastalign.integrations.hf.register_head_transform`). A deep copy or an unpickled copy of the model
-    computes with its own weights. The TRL drop-in trainers fuse their own losses and do not need it.
-    :func:`remove_fused_loss` undoes it."""
+    (register it with :func:`~fastalign.integrations.hf.register_head_transform`). A deep copy or an unpickled
+    copy of the model computes with its own weights. The TRL drop-in trainers fuse their own losses and do not
+    need it. :func:`remove_fused_loss` undoes it."""
     if _fused_in(vars(model).get("forward")) is not None:
         raise ValueError("model: install_fused_loss was already applied to this model")
     if "_original_forward" in vars(model):
