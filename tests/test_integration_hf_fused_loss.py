@@ -4,6 +4,7 @@ transform, a LoRA head, a MoE model's load-balancing term, ``num_items_in_batch`
 trains it step for step as the model's own forward. Tiny random models from configs (no downloads)."""
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -32,6 +33,11 @@ def _assert_same_loss_and_grads(model, call, rtol=1e-5):
     torch.testing.assert_close(fused.loss, own.loss, atol=1e-5, rtol=rtol)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-6 + 2e-5 * w.abs().max().item(), rtol=0)
+    kept = set(own.keys()) - {"loss", "logits", "past_key_values", "cache"}  # the rest of the model's own output
+    assert kept <= set(fused.keys())
+    for name in kept - {"aux_loss"}:  # the aux loss: test_a_moe_model_adds_its_load_balancing_loss
+        torch.testing.assert_close(fused[name], own[name], atol=1e-5, rtol=1e-5)
+    return kept
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma2", "cohere", "granite"])
@@ -105,11 +111,13 @@ def test_moe_models_with_another_coefficient_or_no_load_balancing_loss(model_typ
 @pytest.mark.parametrize("arch", ["gemma3", "qwen2_5_vl"])
 def test_a_vision_language_model_with_images(arch):
     """Image tokens with pixel_values (Qwen2.5-VL's image grid too) reach the vision tower through the fused loss as
-    through the model's own forward: same loss and gradients, the vision tower's included."""
+    through the model's own forward: same loss and gradients, the vision tower's included, and the output keeps the
+    body's image features."""
     model = image_model(arch).train()
     input_ids, attention_mask, labels, vision = _image_inputs(arch, model, torch.Generator().manual_seed(0))
-    _assert_same_loss_and_grads(model, lambda: model(input_ids=input_ids, attention_mask=attention_mask,
-                                                     labels=labels, **vision))
+    kept = _assert_same_loss_and_grads(model, lambda: model(input_ids=input_ids, attention_mask=attention_mask,
+                                                            labels=labels, **vision))
+    assert kept  # the body's image features, as the model's own output has them
 
 
 def test_a_vision_language_moe_reads_its_load_balancing_settings_from_its_text_config():
@@ -233,6 +241,56 @@ def test_other_calls_run_the_model_own_forward():
         remove_fused_loss(model)
 
 
+def _warnings_of(call):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in caught if "install_fused_loss" in str(w.message)]
+
+
+@pytest.mark.parametrize("case", ["no-labels", "inputs_embeds", "loss_function", "return_dict"])
+def test_a_training_call_that_builds_the_logits_warns_once(case):
+    """The training calls left to the model's own forward that build the full logits warn (the install saves nothing
+    there), once per model; evaluation, generation, logits_to_keep, TRL's fused_lm_head and a fused call do not."""
+    model = install_fused_loss(tiny_model("qwen2").train())
+    input_ids, attention_mask, labels = batch()
+    quiet = [lambda: model(input_ids=input_ids, attention_mask=attention_mask, labels=labels),
+             lambda: model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1),
+             lambda: model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True),
+             lambda: model.generate(input_ids=input_ids[:1, :4], max_new_tokens=3, do_sample=False),
+             lambda: model.eval()(input_ids=input_ids, attention_mask=attention_mask)]
+    for call in quiet:
+        assert _warnings_of(call) == []
+    model.train()
+    if case == "loss_function":
+        own_loss_function = model.loss_function
+        model.loss_function = lambda logits, labels, **kw: own_loss_function(logits, labels, **kw)
+    call = {"no-labels": lambda: model(input_ids=input_ids, attention_mask=attention_mask),
+            "inputs_embeds": lambda: model(inputs_embeds=model.get_input_embeddings()(input_ids), labels=labels),
+            "loss_function": lambda: model(input_ids=input_ids, attention_mask=attention_mask, labels=labels),
+            "return_dict": lambda: model(input_ids=input_ids, labels=labels, return_dict=False)}[case]
+    reason = {"no-labels": "no labels", "inputs_embeds": "inputs_embeds in place of input_ids",
+              "loss_function": "a loss_function of the caller's", "return_dict": "return_dict=False"}[case]
+    first = _warnings_of(call)
+    assert len(first) == 1 and "Qwen2ForCausalLM ran its own forward" in first[0] and reason in first[0]
+    assert _warnings_of(call) == []  # once per model
+
+
+def test_trainer_label_smoothing_warns_that_the_install_saves_nothing(tmp_path):
+    """transformers.Trainer's label smoothing takes the labels out of the batch and smooths the model's logits: its
+    steps run the model's own forward, and the install says so."""
+    datasets = pytest.importorskip("datasets")
+    input_ids, attention_mask, labels = batch()
+    data = datasets.Dataset.from_dict({"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist(),
+                                       "labels": labels.tolist()})
+    model = install_fused_loss(tiny_model("qwen2"))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1,
+                                          label_smoothing_factor=0.1, report_to=[], use_cpu=True,
+                                          save_strategy="no")
+    with pytest.warns(UserWarning, match="no labels: the loss is computed outside the model"):
+        transformers.Trainer(model=model, args=args, train_dataset=data).train()
+
+
 def test_a_copy_computes_with_its_own_weights():
     """A deep copy (a frozen reference model) and an unpickled model run the fused loss of their own weights."""
     model = install_fused_loss(tiny_model("qwen2").train())
@@ -343,11 +401,20 @@ def test_a_partitioned_head_weight_raises_naming_the_gather():
         model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
 
-def test_accelerate_mixed_precision_wraps_the_fused_forward_not_the_other_way():
+@pytest.fixture
+def accelerate():
+    """accelerate, its process-wide state cleared before and after (a Trainer of another test sets it up without
+    mixed precision, which a bf16 Accelerator may not change), as accelerate's own tests clear it."""
+    accelerate = pytest.importorskip("accelerate")
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+    yield accelerate
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_accelerate_mixed_precision_wraps_the_fused_forward_not_the_other_way(accelerate):
     """accelerate's prepare(bf16) wraps the model's forward in its autocast: installed first, the fused loss runs
     under it, as the model's own loss would; installed after, the autocast would not reach it, so that raises, and
     so do a second install and a removal through the wrapper (unwrap_model(keep_fp32_wrapper=False) first)."""
-    accelerate = pytest.importorskip("accelerate")
     accelerator = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
     input_ids, attention_mask, labels = batch()
     own, fused = tiny_model("qwen2").train(), install_fused_loss(tiny_model("qwen2").train())

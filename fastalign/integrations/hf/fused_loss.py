@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -109,6 +110,7 @@ class _FusedForward:
     def __init__(self, model, own):
         self.model = model
         self.own = own
+        self.warned = False  # whether a training call that builds the logits has been warned of
         self.__signature__ = inspect.signature(self._own_call())
 
     def _own_call(self):
@@ -125,13 +127,14 @@ class _FusedForward:
         call = {**call, **extra}
         labels, shift_labels = call.pop("labels", None), call.pop("shift_labels", None)
         base = unwrap_peft(self.model)
-        fused = (self.model.training and labels is not None  # shift_labels alone: no loss, as the model's own
-                 and call.get("input_ids") is not None and call.get("inputs_embeds") is None
-                 and "_loss_function" not in vars(base)  # a loss_function of the caller's: the model's own forward
-                 and "fused_lm_head" not in call  # TRL's own trainers' fused head
-                 and call.get("past_key_values") is None and call.get("cache") is None  # a prefix, a cache: its own
-                 and not call.get("logits_to_keep") and call.get("return_dict", True) is not False)
-        if not fused:
+        declined = _declined(call, labels, base) if self.model.training else ("evaluation: logits for metrics", False)
+        if declined is not None:
+            reason, spared_logits_built = declined
+            if spared_logits_built and not self.warned:
+                self.warned = True
+                warnings.warn(f"install_fused_loss: a training call of {type(base).__name__} ran its own forward, "
+                              f"which builds the [batch, tokens, vocabulary] logits ({reason}); the fused loss saves "
+                              "nothing on such calls (warned once per model)", stacklevel=2)
             return own(*args, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
@@ -144,8 +147,37 @@ class _FusedForward:
         fields = dict(loss=loss, logits=None, hidden_states=getattr(body, "hidden_states", None),
                       attentions=getattr(body, "attentions", None))
         if not hasattr(body, "router_logits"):  # a dense body
-            return CausalLMOutputWithPast(**fields)
-        return MoeCausalLMOutputWithPast(**fields, aux_loss=aux, router_logits=body.router_logits)  # as a MoE model
+            out = CausalLMOutputWithPast(**fields)
+        else:  # as a MoE model's
+            out = MoeCausalLMOutputWithPast(**fields, aux_loss=aux, router_logits=body.router_logits)
+        for name, value in body.items():  # a vision-language body's own outputs (its image features)
+            if name not in out and name not in ("last_hidden_state", "past_key_values", "cache"):
+                out[name] = value
+        return out
+
+
+def _declined(call: dict, labels: Optional[Tensor], base) -> Optional[tuple]:
+    """``(why, spared_logits_built)`` when a training call is left to the model's own forward, else None (the fused
+    loss). ``spared_logits_built`` is whether that forward builds the full logits that the fused loss would have
+    spared (warned of); not so for a call that asks for the last positions' logits alone (``logits_to_keep``), one
+    that carries a cache (generation) or a prefix (PEFT's prefix tuning: ``past_key_values``), or TRL's own
+    trainers' calls with their own fused head (``fused_lm_head``)."""
+    if "fused_lm_head" in call:
+        return "TRL's fused_lm_head", False
+    if call.get("past_key_values") is not None or call.get("cache") is not None:
+        return "a cache or a prefix", False
+    if call.get("logits_to_keep"):
+        return "logits_to_keep", False
+    if labels is None:  # shift_labels alone: no loss, as the model's own forward computes none then
+        return ("no labels: the loss is computed outside the model, as transformers.Trainer's "
+                "label_smoothing_factor and compute_loss_func and TRL's own trainers compute theirs"), True
+    if call.get("input_ids") is None or call.get("inputs_embeds") is not None:
+        return "inputs_embeds in place of input_ids", True
+    if "_loss_function" in vars(base):
+        return "a loss_function of the caller's, which reads the logits", True
+    if call.get("return_dict", True) is False:
+        return "return_dict=False", True
+    return None
 
 
 def _fused_in(forward) -> Optional[_FusedForward]:
@@ -200,12 +232,15 @@ def install_fused_loss(model):
 
     The output's ``hidden_states`` and ``attentions`` are the body's, as the model's own output has them when asked
     for, and a MoE model's is a ``MoeCausalLMOutputWithPast``, with its ``aux_loss`` and ``router_logits`` under
-    ``output_router_logits``. Every other call runs the model's own forward: evaluation (``model.eval()``: the
-    logits are there for metrics), generation, a call without labels, or one with ``inputs_embeds``,
-    ``past_key_values`` (a cache, PEFT's prefix), ``logits_to_keep`` or ``return_dict=False``, a model given a
-    ``loss_function`` of the caller's, and TRL's own trainers' ``fused_lm_head`` calls (TRL's trainers fuse their
-    own head: under them the install changes nothing). A vision-language MoE reads its load-balancing settings from
-    its text config, as its forward does.
+    ``output_router_logits``; a vision-language body's own outputs (its image features) are kept. Every other call
+    runs the model's own forward: evaluation (``model.eval()``: the logits are there for metrics), generation, a
+    call without labels, or one with ``inputs_embeds``, ``past_key_values`` (a cache, PEFT's prefix),
+    ``logits_to_keep`` or ``return_dict=False``, a model given a ``loss_function`` of the caller's, and TRL's own
+    trainers' ``fused_lm_head`` calls (TRL's trainers fuse their own head: under them the install changes nothing).
+    The first training call that builds the full logits so (without labels, as under ``Trainer``'s label smoothing
+    or a ``compute_loss_func``; with ``inputs_embeds``, a ``loss_function`` of the caller's or
+    ``return_dict=False``) warns, once per model, that the install saves nothing there. A vision-language MoE reads
+    its load-balancing settings from its text config, as its forward does.
     Raising here, not at the first step: a model that is not a causal LM (a classifier, a bare body, GPT-2's double
     heads, a model wrapped by ``torch.compile`` or DDP), PEFT prompt learning, a forward already wrapped by
     accelerate's mixed precision (install before ``accelerator.prepare`` or ``Trainer.train()``, so that its
