@@ -177,16 +177,19 @@ def test_on_head_sees_the_operands_of_every_position(head_bias):
     torch.testing.assert_close(z, logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("start", [0, 1], ids=["from-0", "from-1"])
 @pytest.mark.parametrize("arch", ["qwen2", "cohere"])
-def test_packed_rows_equal_separate_sequences(arch):
-    """position_ids restarting at 0 pack sequences into one row; each equals its own unpacked run,
-    and the position predicting the next sequence's first token is not scored."""
+def test_packed_rows_equal_separate_sequences(arch, start):
+    """position_ids restarting at 0 (or at 1, as DataCollatorWithFlattening(position_ids_start=1) writes them:
+    transformers splits a row wherever the ids do not step by 1) pack sequences into one row; each equals its own
+    unpacked run (rotary positions: a shift changes nothing), and the position predicting the next sequence's first
+    token is not scored."""
     model = tiny_model(arch)
     g = torch.Generator().manual_seed(7)
     lengths = [5, 4, 6]
     seqs = [torch.randint(1, V, (1, n), generator=g) for n in lengths]
     input_ids = torch.cat(seqs, 1)
-    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    position_ids = torch.cat([torch.arange(n) + start for n in lengths]).unsqueeze(0)
     with torch.no_grad():
         stats = causal_lm_logprobs(model, input_ids, position_ids=position_ids, entropy=True)
         expected_lp, expected_ent = [], []

@@ -276,6 +276,82 @@ def test_a_training_call_that_builds_the_logits_warns_once(case):
     assert _warnings_of(call) == []  # once per model
 
 
+def _packed_row(start=0):
+    """One row of three sequences, position_ids restarting at ``start``, labels -100 at each first token (as
+    DataCollatorWithFlattening writes them)."""
+    g = torch.Generator().manual_seed(11)
+    lengths = [5, 1, 6]
+    input_ids = torch.randint(1, V, (1, sum(lengths)), generator=g)
+    position_ids = torch.cat([torch.arange(n) + start for n in lengths])[None]
+    labels = input_ids.masked_fill(position_ids == start, -100)
+    return input_ids, position_ids, labels
+
+
+def _each_sequence_alone(model, input_ids, position_ids, labels):
+    """The mean loss over the scored labels of a packed row's sequences (``position_ids`` from 0), each run alone."""
+    bounds = (position_ids[0] == 0).nonzero().flatten().tolist() + [input_ids.shape[1]]
+    total = sum(causal_lm_loss(model, input_ids[:, a:b], labels=labels[:, a:b]) * (labels[:, a + 1:b] != -100).sum()
+                for a, b in zip(bounds, bounds[1:]) if (labels[:, a + 1:b] != -100).any())
+    return total / (labels[:, 1:] != -100).sum()
+
+
+@pytest.mark.parametrize("start", [0, 1], ids=["from-0", "from-1"])
+def test_packed_rows_are_each_sequence_alone(start):
+    """Packed rows (position_ids restarting, no attention_mask, as DataCollatorWithFlattening writes them): the
+    fused loss and gradients equal the model's own forward without a cache, and each sequence's loss alone."""
+    model = tiny_model("qwen2").train()
+    model.config.use_cache = False  # as transformers.Trainer sets it
+    input_ids, position_ids, labels = _packed_row(start)
+    _assert_same_loss_and_grads(model, lambda: model(input_ids=input_ids, position_ids=position_ids, labels=labels))
+    install_fused_loss(model)
+    fused = model(input_ids=input_ids, position_ids=position_ids, labels=labels).loss
+    torch.testing.assert_close(fused, _each_sequence_alone(model, input_ids, position_ids - start, labels))
+
+
+def test_packed_multimodal_position_ids_split_only_with_the_text_positions_first():
+    """Qwen2.5-VL's multimodal rotary ids: [3, B, T] (temporal, height, width) of packed rows would let each sequence
+    attend to the ones before it (transformers builds the packed mask from [4, B, T] ids alone, text positions
+    first), so they raise; [4, B, T] ids give each sequence's loss alone; [3, B, T] ids of one sequence per row are
+    scored."""
+    model = install_fused_loss(image_model("qwen2_5_vl").train())
+    model.config.use_cache = False
+    input_ids, position_ids, labels = _packed_row()
+    rope = position_ids.expand(3, 1, -1)
+    with pytest.raises(ValueError, match=r"position_ids \[3, B, T\] restart within a row"):
+        model(input_ids=input_ids, position_ids=rope, labels=labels)
+    with pytest.raises(ValueError, match=r"position_ids \[3, B, T\] restart within a row"):
+        causal_lm_loss(model, input_ids, labels=labels, position_ids=rope)
+    fused = model(input_ids=input_ids, position_ids=torch.cat([position_ids[None], rope]), labels=labels).loss
+    torch.testing.assert_close(fused, _each_sequence_alone(model, input_ids, position_ids, labels))
+    one = torch.arange(input_ids.shape[1])[None].expand(3, 1, -1)
+    assert torch.isfinite(model(input_ids=input_ids, position_ids=one, labels=labels).loss)
+
+
+def test_packed_rows_with_the_config_cache_on_warn_and_an_asked_cache_raises():
+    """With config.use_cache=True the model's own training forward builds a cache, and transformers then lets each
+    packed sequence attend to the ones before it; the fused loss keeps them apart and warns of the difference once
+    (not under gradient checkpointing, which turns the cache off). use_cache=True asked for on packed rows raises,
+    as causal_lm_loss raises."""
+    model = install_fused_loss(tiny_model("qwen2").train())
+    model.config.use_cache = True
+    input_ids, position_ids, labels = _packed_row()
+    call = lambda **kw: model(input_ids=input_ids, position_ids=position_ids, labels=labels, **kw)  # noqa: E731
+    first = _warnings_of(call)
+    assert len(first) == 1 and "config.use_cache=True" in first[0] and "model.config.use_cache=False" in first[0]
+    assert _warnings_of(call) == []  # once per model
+    assert _warnings_of(lambda: call(use_cache=False)) == []
+    with pytest.raises(ValueError, match="use_cache=True / past_key_values do not apply"):
+        call(use_cache=True)
+    with pytest.raises(ValueError, match="use_cache=True / past_key_values do not apply"):
+        causal_lm_loss(model, input_ids, labels=labels, position_ids=position_ids, use_cache=True)
+    checkpointed = install_fused_loss(tiny_model("qwen2").train())
+    checkpointed.gradient_checkpointing_enable()
+    assert _warnings_of(lambda: checkpointed(input_ids=input_ids, position_ids=position_ids, labels=labels)) == []
+    want = remove_fused_loss(model)(input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=False)
+    torch.testing.assert_close(install_fused_loss(model)(input_ids=input_ids, position_ids=position_ids,
+                                                         labels=labels).loss, want.loss, atol=1e-5, rtol=1e-5)
+
+
 def test_trainer_label_smoothing_warns_that_the_install_saves_nothing(tmp_path):
     """transformers.Trainer's label smoothing takes the labels out of the batch and smooths the model's logits: its
     steps run the model's own forward, and the install says so."""

@@ -297,8 +297,9 @@ def causal_lm_logprobs(
     (``y_{t+1} = shift_labels[:, t]`` for every ``t < T``, shape ``[B, T]``, with ``shift_labels``).
     Entry ``t`` is scored when ``y_{t+1} != ignore_index``, ``response_mask[:, t+1]`` (if
     given), ``attention_mask[:, t+1]`` (if given) and, for packed rows, ``position_ids[:, t+1]
-    != 0`` after a real token ``t`` (the next token starts another sequence; a restart after left
-    padding starts the row's first one, scored as without ``position_ids``). Unscored entries are 0 for every
+    == position_ids[:, t] + 1`` after a real token ``t`` (otherwise the next token starts another sequence,
+    ``transformers``' rule: ids that restart at 0 or at 1; a restart after left padding starts the row's first
+    one, scored as without ``position_ids``). Unscored entries are 0 for every
     statistic (-1 for ``argmax``) and get no gradient. The selection is a mask on device: no host sync.
 
     Args:
@@ -318,8 +319,8 @@ def causal_lm_logprobs(
             a context-parallel shard. Exclusive with ``labels`` and ``response_mask``; the
             packed-row rule of ``position_ids`` does not apply (the labels say what is scored);
             ``attention_mask[:, t]`` (and padding past ``cu_seqlens[-1]``) unscores entry ``t``.
-        position_ids: ``[B, T]`` (or ``[1, T]`` for every row) passed to the model; a packed row restarts at 0 at each
-            sequence; with ``attention_mask=None`` ``transformers`` then attends within each
+        position_ids: ``[B, T]`` (or ``[1, T]`` for every row) passed to the model; a packed row's ids restart at
+            each sequence (at 0, or at 1 as ``DataCollatorWithFlattening(position_ids_start=1)`` writes them); with ``attention_mask=None`` ``transformers`` then attends within each
             sequence only (with an attention mask it does not split packed rows). A body that
             does not split packed rows (one of ``_MIXES_PACKED_ROWS``: opt, gpt_oss; one that takes no
             ``position_ids``: bloom, mpt; a recurrent one, ``_is_recurrent``: granitemoehybrid)

@@ -110,8 +110,13 @@ class _FusedForward:
     def __init__(self, model, own):
         self.model = model
         self.own = own
-        self.warned = False  # whether a training call that builds the logits has been warned of
+        self.warned = set()  # what has been warned of, once per model: "logits", "cache"
         self.__signature__ = inspect.signature(self._own_call())
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self.warned:
+            self.warned.add(kind)
+            warnings.warn(f"install_fused_loss: {message} (warned once per model)", stacklevel=3)
 
     def _own_call(self):
         return functools.partial(self.own, self.model) if inspect.isfunction(self.own) else self.own
@@ -130,17 +135,23 @@ class _FusedForward:
         declined = _declined(call, labels, base) if self.model.training else ("evaluation: logits for metrics", False)
         if declined is not None:
             reason, spared_logits_built = declined
-            if spared_logits_built and not self.warned:
-                self.warned = True
-                warnings.warn(f"install_fused_loss: a training call of {type(base).__name__} ran its own forward, "
-                              f"which builds the [batch, tokens, vocabulary] logits ({reason}); the fused loss saves "
-                              "nothing on such calls (warned once per model)", stacklevel=2)
+            if spared_logits_built:
+                self._warn_once("logits", f"a training call of {type(base).__name__} ran its own forward, which "
+                                f"builds the [batch, tokens, vocabulary] logits ({reason}); the fused loss saves "
+                                "nothing on such calls")
             return own(*args, **kwargs)
+        if _packed_with_a_cache(call, base):
+            self._warn_once("cache", "position_ids without an attention_mask (packed rows) and config.use_cache=True: "
+                            f"the own forward of {type(base).__name__} would build a KV cache and let each packed "
+                            "sequence attend to the ones before it (transformers splits packed rows only without a "
+                            "cache); the fused loss keeps each sequence to itself. Set model.config.use_cache=False "
+                            "(as transformers.Trainer does) for both to agree")
         from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
-        for key in ("return_dict", "logits_to_keep", "use_cache", "past_key_values", "cache", "cache_position",
-                    "inputs_embeds"):
+        for key in ("return_dict", "logits_to_keep", "past_key_values", "cache", "cache_position", "inputs_embeds"):
             call.pop(key, None)
+        if call.get("use_cache") is None:  # no cache unless asked for (head_operands refuses one on packed rows)
+            call.pop("use_cache", None)
         ids, mask = call.pop("input_ids"), call.pop("attention_mask", None)
         items, ignore_index = call.pop("num_items_in_batch", None), call.pop("ignore_index", -100)
         loss, aux, body = _loss_and_body(self.model, ids, mask, labels, shift_labels, items, ignore_index, call)
@@ -154,6 +165,20 @@ class _FusedForward:
             if name not in out and name not in ("last_hidden_state", "past_key_values", "cache"):
                 out[name] = value
         return out
+
+
+def _packed_with_a_cache(call: dict, base) -> bool:
+    """Whether the model's own forward would build a KV cache on rows that ``position_ids`` may pack (given without
+    an ``attention_mask``): ``use_cache`` unset, the decoder's config (the text config) has it on, and no gradient
+    checkpointing with gradients on (which turns the cache off). An explicit ``use_cache=True`` on packed rows
+    raises in :func:`~fastalign.integrations.hf.head_operands`."""
+    if call.get("position_ids") is None or call.get("attention_mask") is not None or call.get("use_cache") is not None:
+        return False
+    if getattr(base, "is_gradient_checkpointing", False) and torch.is_grad_enabled():
+        return False
+    config = getattr(base, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(text_config, "use_cache", False))
 
 
 def _declined(call: dict, labels: Optional[Tensor], base) -> Optional[tuple]:
@@ -239,8 +264,11 @@ def install_fused_loss(model):
     trainers' ``fused_lm_head`` calls (TRL's trainers fuse their own head: under them the install changes nothing).
     The first training call that builds the full logits so (without labels, as under ``Trainer``'s label smoothing
     or a ``compute_loss_func``; with ``inputs_embeds``, a ``loss_function`` of the caller's or
-    ``return_dict=False``) warns, once per model, that the install saves nothing there. A vision-language MoE reads
-    its load-balancing settings from its text config, as its forward does.
+    ``return_dict=False``) warns, once per model, that the install saves nothing there. Packed rows
+    (``position_ids`` restarting, no ``attention_mask``) are each sequence alone: with the config's ``use_cache``
+    on, where the model's own forward would let each attend to the ones before it, the first call warns;
+    ``use_cache=True`` passed on them raises. A vision-language MoE reads its load-balancing settings from its
+    text config, as its forward does.
     Raising here, not at the first step: a model that is not a causal LM (a classifier, a bare body, GPT-2's double
     heads, a model wrapped by ``torch.compile`` or DDP), PEFT prompt learning, a forward already wrapped by
     accelerate's mixed precision (install before ``accelerator.prepare`` or ``Trainer.train()``, so that its

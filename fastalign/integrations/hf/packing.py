@@ -132,9 +132,13 @@ def _packed_rows_flag(model, attention_mask: Optional[Tensor], model_kwargs: dic
     (:func:`fastalign._validate.flag_or_raise`). None when nothing is to refuse, and when ``model_kwargs`` carry
     an attention function's own split (:data:`_SPLITTING_ATTENTION_KWARGS`)."""
     position_ids = model_kwargs.get("position_ids")
-    if not isinstance(position_ids, Tensor) or attention_mask is not None or position_ids.dim() != 2:
+    if not isinstance(position_ids, Tensor) or attention_mask is not None:
         return None
     if any(model_kwargs.get(key) is not None for key in _SPLITTING_ATTENTION_KWARGS):
+        return None
+    if position_ids.dim() == 3 and position_ids.shape[0] == 3:
+        return _multimodal_restart_flag(position_ids)
+    if position_ids.dim() != 2:  # [4, B, T]: text positions first, which the body splits packed rows at
         return None
     unsplit = _unsplit_packing(model)
     if unsplit is None:
@@ -143,3 +147,17 @@ def _packed_rows_flag(model, attention_mask: Optional[Tensor], model_kwargs: dic
         (position_ids[:, 1:] - position_ids[:, :-1] != 1).any(), position_ids,
         lambda: (f"position_ids restart within a row (packed sequences), but {unsplit}; score each sequence in its "
                  "own row (padded, with attention_mask) instead"))
+
+
+def _multimodal_restart_flag(position_ids: Tensor) -> Optional[Tensor]:
+    """Refuses the multimodal rotary ids ``[3, B, T]`` (temporal, height, width: Qwen2-VL's family) of packed rows,
+    which no ``transformers`` body splits (it builds the causal mask from ``[4, B, T]`` ids alone, the text
+    positions first): within one sequence the temporal ids never decrease (text steps by 1, an image holds its
+    start, a video's frames rise), so a decrease starts another sequence. As :func:`_packed_rows_flag`."""
+    temporal = position_ids[0]
+    return _validate.flag_or_raise(
+        (temporal[:, 1:] < temporal[:, :-1]).any(), position_ids,
+        lambda: ("position_ids [3, B, T] restart within a row (packed sequences), which transformers does not split "
+                 "(each sequence would attend to the ones before it): give [4, B, T] ids, the text positions first, "
+                 "from which it builds the packed causal mask, or score each sequence in its own row (padded, with "
+                 "attention_mask)"))
