@@ -10,7 +10,9 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face integration needs transformers")
-from test_integration_hf import TINY, V, _image_inputs, batch, image_model, tiny_model  # noqa: E402
+from test_integration_hf import (COMPOSITE_ARCHS, TINY, V, _composite_model, _image_inputs, batch,  # noqa: E402
+                                 image_model, tiny_model)
+from tiny_configs import VISION  # noqa: E402
 
 from fastalign.integrations.hf import causal_lm_loss, install_fused_loss, remove_fused_loss  # noqa: E402
 
@@ -241,6 +243,43 @@ def test_other_calls_run_the_model_own_forward():
         remove_fused_loss(model)
 
 
+def test_evaluation_fuses_the_eval_mode_calls_with_labels_when_asked():
+    """evaluation=True: in eval mode (no gradient) a call with labels gives the model's own loss without logits;
+    a call without labels is the model's own; the option is a bool."""
+    model = tiny_model("qwen2").eval()
+    input_ids, attention_mask, labels = batch()
+    with torch.no_grad():
+        want = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        install_fused_loss(model, evaluation=True)
+        got = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        assert got.logits is None and want.logits is not None
+        torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-5)
+        assert model(input_ids=input_ids, attention_mask=attention_mask).logits is not None
+    with pytest.raises(TypeError, match="evaluation must be a bool"):
+        install_fused_loss(tiny_model("qwen2"), evaluation="yes")
+
+
+def test_trainer_evaluate_with_evaluation_gives_the_model_own_eval_loss(tmp_path):
+    """Trainer.evaluate without a compute_metrics reads the loss alone: under evaluation=True its eval_loss is
+    the model's own, with no logits built."""
+    datasets = pytest.importorskip("datasets")
+    input_ids, attention_mask, labels = batch(B=4)
+    data = datasets.Dataset.from_dict({"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist(),
+                                       "labels": labels.tolist()})
+
+    def evaluate(model):
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to=[],
+                                              use_cpu=True)
+        return transformers.Trainer(model=model, args=args, eval_dataset=data).evaluate()["eval_loss"]
+
+    model = tiny_model("qwen2", seed=3)
+    want = evaluate(model)
+    logits = []
+    install_fused_loss(model, evaluation=True).register_forward_hook(lambda m, a, out: logits.append(out.logits))
+    assert evaluate(model) == pytest.approx(want, rel=1e-5)
+    assert logits == [None, None]  # two fused batches
+
+
 def _warnings_of(call):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -325,6 +364,20 @@ def test_packed_multimodal_position_ids_split_only_with_the_text_positions_first
     torch.testing.assert_close(fused, _each_sequence_alone(model, input_ids, position_ids, labels))
     one = torch.arange(input_ids.shape[1])[None].expand(3, 1, -1)
     assert torch.isfinite(model(input_ids=input_ids, position_ids=one, labels=labels).loss)
+
+
+def test_packed_multimodal_position_ids_of_a_recurrent_body_raise():
+    """Qwen3.5's [4, B, T] ids split its attention at the text positions, but its Gated DeltaNet layers carry their
+    state from one packed sequence into the next: packed rows raise, whatever the ids' shape."""
+    fields, _ = COMPOSITE_ARCHS["qwen3_5"]
+    model = _composite_model("qwen3_5", fields, **VISION["qwen3_5"][0]).train()
+    input_ids, position_ids, labels = _packed_row()
+    rope = position_ids.expand(3, 1, -1)
+    for ids in (position_ids, torch.cat([position_ids[None], rope])):
+        with pytest.raises(ValueError, match="carries its recurrent"):
+            causal_lm_loss(model, input_ids, labels=labels, position_ids=ids)
+    with pytest.raises(ValueError, match=r"position_ids \[3, B, T\] restart within a row"):
+        causal_lm_loss(model, input_ids, labels=labels, position_ids=rope)
 
 
 def test_packed_rows_with_the_config_cache_on_warn_and_an_asked_cache_raises():

@@ -105,11 +105,12 @@ class _FusedForward:
     """A model's forward after :func:`install_fused_loss`: an object holding the model and the forward it wraps (the
     class's function, called with the model, or a callable the instance held), not a closure, so that a deep copy
     (a frozen reference model) or an unpickled model computes with its own weights. Its signature is the wrapped
-    forward's (``transformers.Trainer`` reads it to pass ``num_items_in_batch``)."""
+    forward's (``transformers.Trainer`` reads it to pass ``num_items_in_batch``). ``evaluation``: also in eval mode."""
 
-    def __init__(self, model, own):
+    def __init__(self, model, own, evaluation: bool = False):
         self.model = model
         self.own = own
+        self.evaluation = evaluation
         self.warned = set()  # what has been warned of, once per model: "logits", "cache"
         self.__signature__ = inspect.signature(self._own_call())
 
@@ -132,7 +133,8 @@ class _FusedForward:
         call = {**call, **extra}
         labels, shift_labels = call.pop("labels", None), call.pop("shift_labels", None)
         base = unwrap_peft(self.model)
-        declined = _declined(call, labels, base) if self.model.training else ("evaluation: logits for metrics", False)
+        declined = _declined(call, labels, base) if self.model.training or self.evaluation else \
+            ("evaluation: logits for metrics", False)
         if declined is not None:
             reason, spared_logits_built = declined
             if spared_logits_built:
@@ -250,18 +252,23 @@ def _check_causal_lm(model) -> None:
                      "causal LM of your own: state its head transform with register_head_transform)")
 
 
-def install_fused_loss(model):
+def install_fused_loss(model, *, evaluation: bool = False):
     """Make ``model(..., labels=labels)`` in training mode return :func:`causal_lm_loss` as its ``loss``, its
     ``logits`` None (never built): ``transformers.Trainer`` and any loop that reads ``model(**batch).loss`` then
     train without the ``[B, T, V]`` logits, with the same loss and gradients. Returns ``model``.
 
+    ``evaluation=True`` fuses the calls with labels in eval mode too (``model.eval()``), for evaluation that reads
+    the loss alone: ``Trainer``'s ``eval_loss`` with ``prediction_loss_only=True`` (or without a
+    ``compute_metrics``), a perplexity loop; the logits a ``compute_metrics`` would read are then None.
+
     The output's ``hidden_states`` and ``attentions`` are the body's, as the model's own output has them when asked
     for, and a MoE model's is a ``MoeCausalLMOutputWithPast``, with its ``aux_loss`` and ``router_logits`` under
     ``output_router_logits``; a vision-language body's own outputs (its image features) are kept. Every other call
-    runs the model's own forward: evaluation (``model.eval()``: the logits are there for metrics), generation, a
-    call without labels, or one with ``inputs_embeds``, ``past_key_values`` (a cache, PEFT's prefix),
-    ``logits_to_keep`` or ``return_dict=False``, a model given a ``loss_function`` of the caller's, and TRL's own
-    trainers' ``fused_lm_head`` calls (TRL's trainers fuse their own head: under them the install changes nothing).
+    runs the model's own forward: evaluation (``model.eval()``: the logits are there for metrics, unless
+    ``evaluation=True``), generation, a call without labels, or one with ``inputs_embeds``, ``past_key_values`` (a
+    cache, PEFT's prefix), ``logits_to_keep`` or ``return_dict=False``, a model given a ``loss_function`` of the
+    caller's, and TRL's own trainers' ``fused_lm_head`` calls (TRL's trainers fuse their own head: under them the
+    install changes nothing).
     The first training call that builds the full logits so (without labels, as under ``Trainer``'s label smoothing
     or a ``compute_loss_func``; with ``inputs_embeds``, a ``loss_function`` of the caller's or
     ``return_dict=False``) warns, once per model, that the install saves nothing there. Packed rows
@@ -276,6 +283,8 @@ def install_fused_loss(model):
     (register it with :func:`~fastalign.integrations.hf.register_head_transform`). A deep copy or an unpickled
     copy of the model computes with its own weights. The TRL drop-in trainers fuse their own losses and do not
     need it. :func:`remove_fused_loss` undoes it."""
+    if not isinstance(evaluation, bool):
+        raise TypeError(f"evaluation must be a bool, got {type(evaluation).__name__}")
     if _fused_in(vars(model).get("forward")) is not None:
         raise ValueError("model: install_fused_loss was already applied to this model")
     if "_original_forward" in vars(model):
@@ -288,7 +297,7 @@ def install_fused_loss(model):
     if refusal is not None:
         raise ValueError(f"model: {refusal}")
     own = vars(model).get("forward", type(model).forward)  # the instance's own forward, else the class's function
-    model.forward = _FusedForward(model, own)
+    model.forward = _FusedForward(model, own, evaluation)
     return model
 
 

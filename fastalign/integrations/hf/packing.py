@@ -87,13 +87,14 @@ def _is_recurrent(model, body) -> bool:
     return any(t in _RECURRENT_LAYER_TYPES for t in (getattr(text, "layer_types", None) or ()))
 
 
-def _unsplit_packing(model) -> Optional[str]:
+def _unsplit_packing(model, text_positions: bool = False) -> Optional[str]:
     """Why the model's body would let the sequences of a packed row see each other (None if it splits them, as
     ``transformers`` does from position ids that restart, without an attention mask): a recurrent (state-space)
     body, :func:`_is_recurrent`, carries its state from one sequence into the next; a body that takes no
     ``position_ids`` builds its causal mask without them; one of :data:`_MIXES_PACKED_ROWS` mixes them (before the
-    release given there). An architecture
-    outside the checked table is refused unless registered with ``packed_rows=True``."""
+    release given there; not, with ``text_positions``, a multimodal body whose mask ignores 2-D ids but splits
+    packed rows at the text positions of ``[4, B, T]`` ids). An architecture outside the checked table is refused
+    unless registered with ``packed_rows=True``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in _LISTED and model_type not in head_transforms._PACKED_ROWS_STATED:
         return (f"model_type {model_type!r} is not among the architectures checked for packed rows; state that its "
@@ -109,6 +110,8 @@ def _unsplit_packing(model) -> Optional[str]:
         return (f"the body of model_type {model_type!r} carries its recurrent (state-space) state from one packed "
                 "sequence into the next")
     how, since = _MIXES_PACKED_ROWS.get(model_type, (None, None))
+    if text_positions and how == _MASK_WITHOUT_RESTARTS:
+        return None
     if (how is not None and (since is None or not _transformers_at_least(since))) or not _takes_position_ids(
             type(body)):
         import transformers
@@ -127,7 +130,9 @@ _SPLITTING_ATTENTION_KWARGS = ("tree_cu_seqlens_q", "tree_kv_index")
 
 def _packed_rows_flag(model, attention_mask: Optional[Tensor], model_kwargs: dict) -> Optional[Tensor]:
     """Refuses packed rows (``position_ids`` that do not step by 1 within a row, ``transformers``' rule, with no
-    ``attention_mask``) for a body that would not split them (:func:`_unsplit_packing`): a ``ValueError`` for
+    ``attention_mask``; of multimodal rotary ids ``[4, B, T]`` the text positions, the first, and ``[3, B, T]``
+    ones by :func:`_multimodal_restart_flag`) for a body that would not split them (:func:`_unsplit_packing`;
+    with ``[4, B, T]`` ids a recurrent one alone, whose mask splits them): a ``ValueError`` for
     CPU position ids; on a GPU they are not read on the host, and the returned flag makes the hidden states NaN
     (:func:`fastalign._validate.flag_or_raise`). None when nothing is to refuse, and when ``model_kwargs`` carry
     an attention function's own split (:data:`_SPLITTING_ATTENTION_KWARGS`)."""
@@ -138,9 +143,12 @@ def _packed_rows_flag(model, attention_mask: Optional[Tensor], model_kwargs: dic
         return None
     if position_ids.dim() == 3 and position_ids.shape[0] == 3:
         return _multimodal_restart_flag(position_ids)
-    if position_ids.dim() != 2:  # [4, B, T]: text positions first, which the body splits packed rows at
+    if position_ids.dim() == 3 and position_ids.shape[0] == 4:  # multimodal rotary ids, the text positions first
+        unsplit, position_ids = _unsplit_packing(model, text_positions=True), position_ids[0]
+    elif position_ids.dim() == 2:
+        unsplit = _unsplit_packing(model)
+    else:
         return None
-    unsplit = _unsplit_packing(model)
     if unsplit is None:
         return None
     return _validate.flag_or_raise(
