@@ -63,7 +63,7 @@ from fastalign.integrations.hf.distributed import _forward_route, _inside_forwar
 from fastalign.integrations.hf.head_transforms import (  # noqa: F401
     HEAD_ROWS, HEAD_TRANSFORMS, _LISTED, _stated_transform, head_rows, head_transform, kept_head, known_head_transform,
     register_head_transform)
-from fastalign.integrations.hf.packing import _body, _packed_rows_flag, _unsplit_packing
+from fastalign.integrations.hf.packing import _body, _packed_rows_flag, packed_rows_refusal
 from fastalign.integrations.hf.peft import (  # noqa: F401
     _head, _peft_forward, head_adapters_refusal, peft_refusal, unwrap_peft)
 from fastalign.integrations.hf.targets import next_token_targets, packed_position_ids, shifted_targets
@@ -437,7 +437,7 @@ def causal_lm_logprobs(
         if shape[0] != 1:
             raise ValueError(f"cu_seqlens describes one packed row: input_ids must be [1, total], got {tuple(shape)}")
         malformed = _validate.offsets("cu_seqlens", cu_seqlens, shape[1], device=input_ids.device)
-        unsplit = _unsplit_packing(model)
+        unsplit = packed_rows_refusal(model)
         if unsplit is not None:
             raise ValueError(f"cu_seqlens: {unsplit}; score each sequence in its own row (padded, with "
                              "attention_mask) instead")

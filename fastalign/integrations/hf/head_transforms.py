@@ -152,7 +152,7 @@ def kept_head(config, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, O
     return weight[:rows], None if bias is None else bias[:rows]
 
 
-#: The architectures listed above, each checked for packed rows (:func:`_unsplit_packing`).
+#: The architectures listed above, each checked for packed rows (:func:`packed_rows_refusal`).
 _LISTED = frozenset(HEAD_TRANSFORMS)
 #: Listed ``model_type``\ s whose rule cannot tell every config (it returns None: MPT's remote-code config with
 #: ``logit_scale``) -> the transform the caller stated for those configs (:func:`register_head_transform`).

@@ -1,5 +1,5 @@
 """Packed rows: whether a model's body splits the sequences of a packed row (position ids that restart, or
-``cu_seqlens``) into independent ones (:func:`_unsplit_packing`), the refusal of packed rows it would mix
+``cu_seqlens``) into independent ones (:func:`packed_rows_refusal`), the refusal of packed rows it would mix
 (:func:`_packed_rows_flag`), and the body itself (:func:`_body`)."""
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ _MASK_WITHOUT_RESTARTS = "builds its causal mask without the position ids"
 #: before 5.18, Llama 4's chunked attention ignored them before 5.23), and one that mixes them whatever its mask
 #: (DeepSeek-V4's compressed attention pools keys over fixed windows of the whole row and lets a query see the
 #: windows before its position id). Packed rows of these (and of any body that takes no ``position_ids`` or carries
-#: a recurrent state, :func:`_unsplit_packing`) raise.
+#: a recurrent state, :func:`packed_rows_refusal`) raise.
 _MIXES_PACKED_ROWS = {
     **dict.fromkeys(("opt", "gpt_oss", "afmoe", "openai-gpt", "qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe",
                      "glm46v", "paligemma", "glm_ocr", "paddleocr_vl", "biogpt", "xglm"),
@@ -87,7 +87,7 @@ def _is_recurrent(model, body) -> bool:
     return any(t in _RECURRENT_LAYER_TYPES for t in (getattr(text, "layer_types", None) or ()))
 
 
-def _unsplit_packing(model, text_positions: bool = False) -> Optional[str]:
+def packed_rows_refusal(model, text_positions: bool = False) -> Optional[str]:
     """Why the model's body would let the sequences of a packed row see each other (None if it splits them, as
     ``transformers`` does from position ids that restart, without an attention mask): a recurrent (state-space)
     body, :func:`_is_recurrent`, carries its state from one sequence into the next; a body that takes no
@@ -131,7 +131,7 @@ _SPLITTING_ATTENTION_KWARGS = ("tree_cu_seqlens_q", "tree_kv_index")
 def _packed_rows_flag(model, attention_mask: Optional[Tensor], model_kwargs: dict) -> Optional[Tensor]:
     """Refuses packed rows (``position_ids`` that do not step by 1 within a row, ``transformers``' rule, with no
     ``attention_mask``; of multimodal rotary ids ``[4, B, T]`` the text positions, the first, and ``[3, B, T]``
-    ones by :func:`_multimodal_restart_flag`) for a body that would not split them (:func:`_unsplit_packing`;
+    ones by :func:`_multimodal_restart_flag`) for a body that would not split them (:func:`packed_rows_refusal`;
     with ``[4, B, T]`` ids a recurrent one alone, whose mask splits them): a ``ValueError`` for
     CPU position ids; on a GPU they are not read on the host, and the returned flag makes the hidden states NaN
     (:func:`fastalign._validate.flag_or_raise`). None when nothing is to refuse, and when ``model_kwargs`` carry
@@ -144,9 +144,9 @@ def _packed_rows_flag(model, attention_mask: Optional[Tensor], model_kwargs: dic
     if position_ids.dim() == 3 and position_ids.shape[0] == 3:
         return _multimodal_restart_flag(position_ids)
     if position_ids.dim() == 3 and position_ids.shape[0] == 4:  # multimodal rotary ids, the text positions first
-        unsplit, position_ids = _unsplit_packing(model, text_positions=True), position_ids[0]
+        unsplit, position_ids = packed_rows_refusal(model, text_positions=True), position_ids[0]
     elif position_ids.dim() == 2:
-        unsplit = _unsplit_packing(model)
+        unsplit = packed_rows_refusal(model)
     else:
         return None
     if unsplit is None:

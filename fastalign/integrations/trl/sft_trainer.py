@@ -47,7 +47,7 @@ import torch
 import trl
 from transformers.trainer_pt_utils import LabelSmoother
 
-from fastalign.integrations.hf import head_transform, next_token_targets
+from fastalign.integrations.hf import head_transform, next_token_targets, packed_rows_refusal
 from fastalign.integrations.trl._checks import check_config, check_model, init_checked
 from fastalign.integrations.trl._head import (add_aux_loss, head_separable_loss, install_head, label_logit,
                                               log_aux_loss, loss_and_outputs, policy_operands)
@@ -68,7 +68,13 @@ class SFTTrainer(trl.SFTTrainer):
         parallelism = self.accelerator.parallelism_config
         if parallelism is not None and getattr(parallelism, "sp_enabled", False):
             raise ValueError("sequence parallelism is not supported by the fastalign SFTTrainer")
-        install_head(self.accelerator.unwrap_model(self.model))
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        refusal = packed_rows_refusal(unwrapped) if self.padding_free else None  # TRL's: or packing by bfd
+        if refusal is not None:
+            raise ValueError(f"SFTConfig: padding_free=True (or packing=True with packing_strategy 'bfd' or "
+                             f"'bfd_split') packs sequences into rows whose position_ids restart, but {refusal}; set "
+                             "padding_free=False and packing=False (or packing_strategy='wrapped')")
+        install_head(unwrapped)
 
     @staticmethod
     def _check_config(args) -> None:
