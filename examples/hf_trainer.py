@@ -5,11 +5,14 @@ model's own loss computed without its logits.
 the loss of its labels from the last hidden states through the lm_head a block of rows at a time: the same loss
 and gradients as the model's own forward, never the ``[batch, tokens, vocabulary]`` logits. The data is a small
 learnable language (arithmetic sequences over the vocabulary, each from a random start with a random step of
-1 to 3); the first token of each sequence is not scored (its label is -100), as a prompt's would not be.
+1 to 3); the first token of each sequence is not scored (its label is -100), as a prompt's would not be. With
+``evaluation=True`` the evaluation on held-out sequences (``Trainer.evaluate()``, its ``eval_loss``) runs without
+the logits too.
 
     python examples/hf_trainer.py --steps 40 --seed 0
 
-Prints the mean training loss of the first and the last steps; it falls as the model learns the sequences.
+Prints the mean training loss of the first and the last steps, and the held-out loss before and after training;
+both fall as the model learns the sequences.
 """
 from __future__ import annotations
 
@@ -55,15 +58,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=positive_float, default=3e-3)
     args = parser.parse_args(argv)
 
-    model = install_fused_loss(tiny_qwen2(args.seed, VOCAB))
-    data = Sequences(args.sequences, args.seq_len, torch.Generator().manual_seed(args.seed))
+    model = install_fused_loss(tiny_qwen2(args.seed, VOCAB), evaluation=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    data = Sequences(args.sequences, args.seq_len, generator)
+    held_out = Sequences(args.batch, args.seq_len, generator)
     with tempfile.TemporaryDirectory() as out:
         training = transformers.TrainingArguments(
             output_dir=os.path.join(out, "run"), max_steps=args.steps, per_device_train_batch_size=args.batch,
             gradient_accumulation_steps=args.accumulation, learning_rate=args.lr, lr_scheduler_type="constant",
-            logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=args.seed, data_seed=args.seed)
-        trainer = transformers.Trainer(model=model, args=training, train_dataset=data)
+            logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=args.seed, data_seed=args.seed,
+            per_device_eval_batch_size=args.batch)
+        trainer = transformers.Trainer(model=model, args=training, train_dataset=data, eval_dataset=held_out)
+        before = trainer.evaluate()["eval_loss"]
         trainer.train()
+        after = trainer.evaluate()["eval_loss"]
+    print(f"held-out loss: {before:.4f} before training, {after:.4f} after")
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     return print_summary("loss", losses)
 
