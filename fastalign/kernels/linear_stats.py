@@ -44,12 +44,11 @@ into a [token blocks, V] fp32 buffer that the launcher sums over the blocks (fix
 With SKIP, a tile whose every |du| is below the threshold is written as zeros
 (the softmax gradient is concentrated on few ids); a tile holding a NaN is kept.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from fastalign.kernels.launch import matmul_precision, on_gpu, sm_count, target_arch, tiled
 from fastalign.kernels.softmax_math import NEG_INF, add_block, dlogits, finish, lse_rounding, merge
 
 
@@ -259,26 +258,10 @@ def linear_stats_bwd_kernel(
         tl.store(db_ptr + tl.program_id(0).to(tl.int64) * V + cols, tl.sum(du, 0), mask=col_ok)
 
 
-def on_gpu(t) -> bool:
-    """Compiled kernels (CUDA tensors, or ``meta`` tensors when compiling ahead of time) versus the
-    Triton interpreter (CPU tensors)."""
-    return t.device.type != "cpu"
 
 
-def sm_count(device) -> int:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # H100 / H200 SXM, for ahead-of-time compilation
 
 
-def target_arch() -> int:
-    """Compute capability Triton compiles for (the active driver's target: the device, or the
-    architecture being compiled ahead of time)."""
-    from triton.runtime import driver
-
-    return int(driver.active.get_current_target().arch)
 
 
 def _config(hidden, backward=False, mean_logit=False, argmax=False):
@@ -296,24 +279,8 @@ def _config(hidden, backward=False, mean_logit=False, argmax=False):
     return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=block_h, UPCAST=False), dict(num_warps=8, num_stages=3)
 
 
-def tiled(config: tuple, tiles, names: tuple) -> tuple:
-    """A launcher's ``(blocks, launch)`` ``config`` with ``tiles`` instead, ``(*sizes, num_warps, num_stages)``:
-    the block sizes named ``names`` in order (None: ``config`` as it is)."""
-    blocks, launch = config
-    if tiles is None:
-        return blocks, launch
-    *sizes, warps, stages = tiles
-    return {**blocks, **dict(zip(names, sizes, strict=True))}, dict(num_warps=warps, num_stages=stages)
 
 
-def matmul_precision(hidden) -> str:
-    """``tl.dot`` precision: TF32 for fp32 inputs on a GPU unless ``FASTALIGN_FP32_MATMUL=ieee``."""
-    if hidden.element_size() != 4 or not on_gpu(hidden):
-        return "ieee" if hidden.element_size() == 4 else "tf32"  # bf16/fp16: native, the flag is unused
-    choice = os.environ.get("FASTALIGN_FP32_MATMUL", "tf32")
-    if choice not in ("tf32", "ieee"):
-        raise ValueError(f"FASTALIGN_FP32_MATMUL must be 'tf32' or 'ieee', got {choice!r}")
-    return choice
 
 
 def _low_rank_args(hidden, low_rank):

@@ -20,7 +20,7 @@ so the result is deterministic.
 import triton
 import triton.language as tl
 
-from fastalign.kernels.linear_stats import matmul_precision, on_gpu, target_arch, tiled
+from fastalign.kernels.launch import matmul_precision, on_gpu, target_arch, tiled
 
 
 @triton.jit

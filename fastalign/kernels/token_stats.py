@@ -29,7 +29,7 @@ the row.
 import triton
 import triton.language as tl
 
-from fastalign.kernels.linear_stats import on_gpu, target_arch
+from fastalign.kernels.launch import on_gpu, target_arch
 from fastalign.kernels.softmax_math import NEG_INF, add_block, dlogits, exp, finish, lse_rounding, rescale
 
 #: |lse| from which backward renormalises a row (as the C++ backward: ulp(32) / 2 = 2^-20).
