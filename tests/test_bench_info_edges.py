@@ -212,7 +212,7 @@ def test_gate_exit_status_follows_the_checks(monkeypatch, capsys):
     all pass."""
     monkeypatch.setattr(aot.cli, "supported_archs", lambda requested: list(requested))
     for spill, status in ((32, 1), (0, 0)):
-        monkeypatch.setattr(aot.cli, "run_triton", lambda archs, sass, only=None, spill=spill: [
+        monkeypatch.setattr(aot.cli, "run_triton", lambda archs, sass, only=None, jobs=None, spill=spill: [
             aot.Result("k", "plain", 90, "bf16", registers=64, spill_bytes=spill, smem=1024)])
         assert aot.main(["--arch", "90", "--no-nvcc"]) == status
         out = capsys.readouterr().out

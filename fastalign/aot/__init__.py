@@ -1,6 +1,6 @@
 """Ahead-of-time compile gate for the GPU kernels; needs no GPU.
 
-    python -m fastalign.aot [--arch 80,90,100] [--no-nvcc] [--sass] [--only NAME]
+    python -m fastalign.aot [--arch 80,90,100] [--no-nvcc] [--sass] [--only NAME] [--jobs N]
 
 Every Triton kernel is compiled through its real launcher: the launchers run on
 ``meta`` tensors at realistic shapes (N = 8192 tokens, V = 151936, H = 4096 in
@@ -19,7 +19,8 @@ same architectures and checked the same way (skipped, with a message, when nvcc
 is absent). A table (kernel, variant, arch, registers, spills, shared memory,
 SASS instructions, barriers) is printed, one row per distinct specialisation (several cases may launch
 the same one: it is listed under the first). Nothing is cached across runs: Triton's
-cache goes to a fresh temporary directory and every kernel is compiled again.
+cache goes to a fresh temporary directory and every kernel is compiled again, on every usable CPU core
+(``--jobs``).
 Exit status 0 when every check passes, 1 otherwise.
 """
 from __future__ import annotations

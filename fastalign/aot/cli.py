@@ -37,7 +37,11 @@ def main(argv=None) -> int:
     p.add_argument("--sass", action="store_true", help="count SASS instructions and barriers (cuobjdump)")
     p.add_argument("--only", default=None, metavar="NAME",
                    help="only the Triton kernel families and the csrc/cuda/*.cu files whose name contains NAME")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="Triton compiles run at once, in worker processes (default: the usable CPU cores)")
     args = p.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.no_triton and args.no_nvcc:
         p.error("--no-triton and --no-nvcc together leave nothing to compile")
     if not args.no_triton and importlib.util.find_spec("triton") is None:
@@ -50,7 +54,7 @@ def main(argv=None) -> int:
         archs = supported_archs(requested)
         for a in sorted(set(requested) - set(archs)):
             notes.append(f"sm_{a}: not supported by the installed Triton's ptxas; its Triton kernels not compiled")
-        results += run_triton(archs, args.sass, args.only)
+        results += run_triton(archs, args.sass, args.only, jobs=args.jobs)
         compiled.update(archs)
     if not args.no_nvcc:
         root = Path(__file__).resolve().parents[2]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import multiprocessing
 import os
 import re
 import shutil
@@ -37,17 +38,43 @@ def compile_triton(fn, signature, constexprs, attrs, options, arch, tmp, tool, s
     return (max(regs) if regs else -1), spills, int(kernel.metadata.shared), counts
 
 
-def run_triton(archs, sass, only=None) -> list[Result]:
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, where the platform says)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+#: The compile jobs of :func:`run_triton`, ``(fn, signature, constexprs, attrs, options, arch, sass, tmp)``: set
+#: before its worker processes fork, which read them by index.
+_JOBS: list = []
+
+
+def _compile_job(index: int):
+    """``(index, (registers, spill bytes, shared memory, Sass) or None, error or None)`` of compile job ``index``,
+    its cubin dumped in a directory of this process's own (``tmp/<pid>``)."""
+    fn, signature, constexprs, attrs, options, arch, sass, tmp = _JOBS[index]
+    own = tmp / str(os.getpid())
+    own.mkdir(exist_ok=True)
+    try:
+        return index, compile_triton(fn, signature, constexprs, attrs, options, arch, own, _cuobjdump(), sass), None
+    except Exception as e:
+        lines = str(e).strip().splitlines() or [""]
+        where = f"{lines[0]} " if len(lines) > 1 else ""  # "at line:col:" of a CompilationError
+        return index, None, f"{type(e).__name__}: {where}{lines[-1][:200]}"
+
+
+def run_triton(archs, sass, only=None, jobs=None) -> list[Result]:
+    """Every family's launches captured (in order) for each architecture, then each distinct specialisation
+    compiled, ``jobs`` at a time (worker processes forked from this one; default :func:`usable_cores`)."""
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     import triton
 
     triton.knobs.cache.dir = tempfile.mkdtemp(prefix="fastalign-aot-cache-")
     triton.knobs.compilation.always_compile = True
-    tool = _cuobjdump()
     results = []
     seen = set()  # a specialisation that several cases launch is compiled (and listed) once, for the first
     tmp = Path(tempfile.mkdtemp(prefix="fastalign-aot-"))
+    _JOBS.clear()
     try:
         for arch in archs:
             for family, cases, dtypes in FAMILIES:
@@ -68,16 +95,23 @@ def run_triton(archs, sass, only=None) -> list[Result]:
                             if key in seen:
                                 continue
                             seen.add(key)
-                            r = Result(fn.__name__, variant, arch, dname)
-                            try:
-                                r.registers, r.spill_bytes, r.smem, r.sass = compile_triton(
-                                    fn, signature, constexprs, attrs, options, arch, tmp, tool, sass)
-                            except Exception as e:
-                                lines = str(e).strip().splitlines() or [""]
-                                where = f"{lines[0]} " if len(lines) > 1 else ""  # "at line:col:" of a CompilationError
-                                r.error = f"{type(e).__name__}: {where}{lines[-1][:200]}"
-                            results.append(r)
+                            results.append(Result(fn.__name__, variant, arch, dname))
+                            _JOBS.append((fn, signature, constexprs, attrs, options, arch, sass, tmp))
+        compiled = [r for r in results if not r.error]  # in the order of _JOBS (not the launchers' errors)
+        width = max(1, min(len(_JOBS), jobs or usable_cores()))
+        with contextlib.ExitStack() as stack:
+            if width == 1:
+                outcomes = map(_compile_job, range(len(_JOBS)))
+            else:  # forked: the workers inherit _JOBS, the captured kernels included
+                pool = stack.enter_context(multiprocessing.get_context("fork").Pool(width))
+                outcomes = pool.imap_unordered(_compile_job, range(len(_JOBS)))
+            for index, stats, error in outcomes:
+                r = compiled[index]
+                if error is None:
+                    r.registers, r.spill_bytes, r.smem, r.sass = stats
+                r.error = error or ""
     finally:
+        _JOBS.clear()
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(triton.knobs.cache.dir, ignore_errors=True)
     return results
