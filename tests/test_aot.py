@@ -46,6 +46,18 @@ def test_command_line_errors_say_why():
     proc = _run("--only", "reverse_scan", "--arch", "999", "--no-nvcc", timeout=300)  # --only matches; no arch can run
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "no kernel was compiled" in proc.stdout and "contains --only" not in proc.stdout
+    proc = _run("--jobs", "0", "--no-nvcc", timeout=120)
+    assert proc.returncode == 2 and "--jobs must be at least 1" in proc.stderr
+
+
+def test_worker_processes_compile_the_same_table():
+    """--jobs 2 (forked workers, each its own cubin directory) gives the serial run's table, row for row."""
+    tables = []
+    for jobs in ("1", "2"):
+        proc = _run("--only", "reverse_scan", "--arch", "90", "--no-nvcc", "--sass", "--jobs", jobs, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        tables.append([line for line in proc.stdout.splitlines() if not line.startswith("AOT gate:")])
+    assert tables[0] == tables[1] and sum("reverse_scan_kernel" in line for line in tables[0]) == 6
 
 
 def test_aot_gate_reports_a_spill_as_failure():
