@@ -9,14 +9,16 @@ TRL / fastalign. On CPU TRL's fused head scores every position in vocabulary chu
 kernel, which skips unscored positions, runs on GPUs only). Not part of the tests::
 
     python benchmarks/trl_peak_memory.py --vocab 131072 --completion-length 256 \
-        [--trainer sft|dpo|grpo|rloo|gkd|gold|online_dpo|a2po|iw_opd|sdpo|sdft|hf_trainer]
+        [--trainer sft|dpo|grpo|rloo|gkd|gold|online_dpo|a2po|iw_opd|sdpo|sdft|hf_trainer|hf_evaluate]
         [--distillation-mode full_logits|topk_logits|sampled_token]   (SDPO, SDFT)
         [--iw-opd-jsd-top-k K]   (IW-OPD: the JSD objective, beta 0.5, over a top-k support; 0 the vocabulary)
 
 ``--batch`` completions per step: SFT texts, DPO pairs (chosen and rejected), GRPO / RLOO / SDPO / SDFT samples of
 one prompt, Online DPO prompts (two samples each), A*-PO prompts (one sample each; its first stage samples two
 per prompt for the optimal values), ``hf_trainer`` rows of ``--completion-length`` random tokens
-(``transformers.Trainer``: the model's own loss against :func:`fastalign.integrations.hf.install_fused_loss`),
+(``transformers.Trainer``: the model's own loss against :func:`fastalign.integrations.hf.install_fused_loss`;
+``hf_evaluate`` its ``evaluate()`` on those rows instead of a step, without a ``compute_metrics``, against
+``install_fused_loss(evaluation=True)``),
 IW-OPD prompts (one on-policy sample each), GKD and GOLD dataset completions (``lmbda=0``, no generation). The
 distillation trainers (GKD, GOLD, IW-OPD) take a teacher of the same architecture with other random weights; SDPO
 and SDFT distil from the model itself shown a privileged context
@@ -95,19 +97,21 @@ def _sft(trl, cls, checkpoint, tokenizer, common, opts):  # batch texts of compl
                train_dataset=datasets_from({"text": texts}), processing_class=tokenizer)
 
 
-def _hf_trainer(trl, cls, checkpoint, tokenizer, common, opts):  # transformers.Trainer, the SFT texts, all scored
+def _hf_trainer(trl, cls, checkpoint, tokenizer, common, opts):  # transformers.Trainer, random rows, all scored
     import torch
     import transformers
 
     from fastalign.integrations.hf import install_fused_loss
 
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    evaluation = opts.trainer == "hf_evaluate"
     if opts.child == "fastalign":
-        install_fused_loss(model)
+        install_fused_loss(model, evaluation=evaluation)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (opts.batch, opts.completion_length), generator=g).tolist()
     data = datasets_from({"input_ids": ids, "labels": ids})
-    return cls(model=model, args=transformers.TrainingArguments(**common), train_dataset=data)
+    args = transformers.TrainingArguments(**common, per_device_eval_batch_size=opts.batch)
+    return cls(model=model, args=args, **{"eval_dataset" if evaluation else "train_dataset": data})
 
 
 def _dpo(trl, cls, checkpoint, tokenizer, common, opts):  # batch pairs: a prompt, chosen and rejected completions
@@ -208,7 +212,8 @@ TRAINERS = {"sft": ("SFTTrainer", "trl", _sft), "dpo": ("DPOTrainer", "trl", _dp
             "iw_opd": ("IWOPDTrainer", "trl.experimental.iw_opd", _iw_opd),
             "sdpo": ("SDPOTrainer", "trl.experimental.sdpo", _sdpo),
             "sdft": ("SDFTTrainer", "trl.experimental.sdft", _sdft),
-            "hf_trainer": ("Trainer", "transformers", _hf_trainer)}  # both: install_fused_loss for fastalign
+            "hf_trainer": ("Trainer", "transformers", _hf_trainer),  # both: install_fused_loss for fastalign
+            "hf_evaluate": ("Trainer", "transformers", _hf_trainer)}
 
 
 def run_one(which: str, checkpoint: str, opts) -> dict:
@@ -229,11 +234,15 @@ def run_one(which: str, checkpoint: str, opts) -> dict:
     trainer = build(trl, cls, checkpoint, tokenizer, common, opts)
     before = _rss_mib()
     start = time.perf_counter()
-    trainer.train()
+    if opts.trainer == "hf_evaluate":
+        loss = trainer.evaluate()["eval_loss"]
+    else:
+        trainer.train()
+        loss = trainer.state.log_history[0]["loss"]
     seconds = time.perf_counter() - start
     peak = _peak_mib()
     return {"peak_rss_mib": peak, "rss_before_train_mib": before, "step_peak_mib": peak - before,
-            "train_s": seconds, "loss": trainer.state.log_history[0]["loss"]}
+            "train_s": seconds, "loss": loss}
 
 
 def main():
@@ -278,17 +287,19 @@ def main():
     mode = f" ({opts.distillation_mode})" if opts.trainer in ("sdpo", "sdft") else ""
     if opts.trainer == "iw_opd" and opts.iw_opd_jsd_top_k is not None:
         mode = f" (jsd, loss_top_k={opts.iw_opd_jsd_top_k})"
-    print(f"one {opts.trainer.upper()} step{mode}, V={opts.vocab}, hidden={opts.hidden}, {rows} x {opts.completion_length} "
+    run = "Trainer.evaluate()" if opts.trainer == "hf_evaluate" else f"one {opts.trainer.upper()} step{mode}"
+    call = "evaluate()" if opts.trainer == "hf_evaluate" else "train()"
+    print(f"{run}, V={opts.vocab}, hidden={opts.hidden}, {rows} x {opts.completion_length} "
           f"tokens ({tokens} scored tokens; full fp32 logits would be {tokens * opts.vocab * 4 / 2**20:.0f} MiB)")
-    baseline = "transformers" if opts.trainer == "hf_trainer" else "TRL"  # the model's own loss, or TRL's trainer
-    print(f"{'trainer':<12} {'peak RSS':>10} {'before train':>13} {'step peak':>10} {'train()':>9} {'loss':>12}")
+    baseline = "transformers" if opts.trainer.startswith("hf_") else "TRL"  # the model's own loss, or TRL's trainer
+    print(f"{'trainer':<12} {'peak RSS':>10} {'before train':>13} {'step peak':>10} {call:>10} {'loss':>12}")
     for which, r in results.items():
         print(f"{baseline if which == 'trl' else which:<12} {r['peak_rss_mib']:>8.0f}Mi "
-              f"{r['rss_before_train_mib']:>11.0f}Mi {r['step_peak_mib']:>8.0f}Mi {r['train_s']:>8.2f}s "
+              f"{r['rss_before_train_mib']:>11.0f}Mi {r['step_peak_mib']:>8.0f}Mi {r['train_s']:>9.2f}s "
               f"{r['loss']:>12.6g}")
     t, f = results["trl"], results["fastalign"]
     print(f"ratio {baseline} / fastalign: peak RSS {t['peak_rss_mib'] / f['peak_rss_mib']:.2f}, "
-          f"step peak {t['step_peak_mib'] / max(f['step_peak_mib'], 1e-9):.2f}, train() time "
+          f"step peak {t['step_peak_mib'] / max(f['step_peak_mib'], 1e-9):.2f}, {call} time "
           f"{t['train_s'] / f['train_s']:.2f} (generation included where the trainer samples)")
 
 
