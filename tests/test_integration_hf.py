@@ -1091,6 +1091,22 @@ def test_left_padding_with_generate_s_position_ids_scores_the_first_real_token(a
     check(got, ref_lp, scored, 1e-4)
 
 
+def test_position_ids_with_a_gap_and_an_attention_mask_are_scored_as_the_model_scores_them():
+    """With an attention_mask transformers attends across the whole row, whatever the position ids: ids that skip
+    ahead (0, 1, 2, 5, 6, ...) start no sequence there, and every entry is scored as the model's own logits score it
+    (without a mask the same ids would split the row, transformers' rule)."""
+    model = tiny_model("qwen2")
+    input_ids = torch.randint(1, V, (1, 8), generator=torch.Generator().manual_seed(4))
+    attention_mask = torch.ones_like(input_ids)
+    position_ids = torch.tensor([[0, 1, 2, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        ref_lp, _ = reference(model, input_ids, attention_mask, position_ids=position_ids)
+        got = causal_lm_logprobs(model, input_ids, attention_mask, position_ids=position_ids).logprobs
+        split = causal_lm_logprobs(model, input_ids, position_ids=position_ids).logprobs
+    check(got, ref_lp, torch.ones_like(got, dtype=torch.bool), 1e-4)
+    assert split[0, 2] == 0 and (split[0, 3:] != 0).all()  # no mask: a sequence starts at the skip
+
+
 def test_one_row_of_position_ids_serves_every_row():
     """``position_ids [1, T]`` (transformers broadcasts it over the batch) was refused for its shape: it scores as
     the same ids repeated for every row, and as without position ids for right-padded rows."""

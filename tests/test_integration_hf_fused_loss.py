@@ -255,6 +255,7 @@ def test_evaluation_fuses_the_eval_mode_calls_with_labels_when_asked():
         assert got.logits is None and want.logits is not None
         torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-5)
         assert model(input_ids=input_ids, attention_mask=attention_mask).logits is not None
+        assert _warnings_of(lambda: model(input_ids=input_ids, attention_mask=attention_mask)) == []  # expected
     with pytest.raises(TypeError, match="evaluation must be a bool"):
         install_fused_loss(tiny_model("qwen2"), evaluation="yes")
 
@@ -281,10 +282,13 @@ def test_trainer_evaluate_with_evaluation_gives_the_model_own_eval_loss(tmp_path
 
 
 def _warnings_of(call):
+    """The install's warnings of ``call()``, each pointing at the line that called the model (this file)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         call()
-    return [str(w.message) for w in caught if "install_fused_loss" in str(w.message)]
+    ours = [w for w in caught if "install_fused_loss" in str(w.message)]
+    assert all(w.filename == __file__ for w in ours), [w.filename for w in ours]
+    return [str(w.message) for w in ours]
 
 
 @pytest.mark.parametrize("case", ["no-labels", "inputs_embeds", "loss_function", "return_dict"])
@@ -320,7 +324,7 @@ def _packed_row(start=0):
     DataCollatorWithFlattening writes them)."""
     g = torch.Generator().manual_seed(11)
     lengths = [5, 1, 6]
-    input_ids = torch.randint(1, V, (1, sum(lengths)), generator=g)
+    input_ids = torch.randint(1, V - 4, (1, sum(lengths)), generator=g)  # text (image_model's own ids are above)
     position_ids = torch.cat([torch.arange(n) + start for n in lengths])[None]
     labels = input_ids.masked_fill(position_ids == start, -100)
     return input_ids, position_ids, labels
@@ -364,6 +368,9 @@ def test_packed_multimodal_position_ids_split_only_with_the_text_positions_first
     torch.testing.assert_close(fused, _each_sequence_alone(model, input_ids, position_ids, labels))
     one = torch.arange(input_ids.shape[1])[None].expand(3, 1, -1)
     assert torch.isfinite(model(input_ids=input_ids, position_ids=one, labels=labels).loss)
+    video = one.clone()  # a video's temporal ids jump ahead of the text after it (get_rope_index): one sequence
+    video[0, 0, 5:] = torch.tensor([8, 5, 6, 7, 8, 9, 10])
+    assert torch.isfinite(model(input_ids=input_ids, position_ids=video, labels=labels).loss)
 
 
 def test_packed_multimodal_position_ids_of_a_recurrent_body_raise():
@@ -380,29 +387,41 @@ def test_packed_multimodal_position_ids_of_a_recurrent_body_raise():
         causal_lm_loss(model, input_ids, labels=labels, position_ids=rope)
 
 
-def test_packed_rows_with_the_config_cache_on_warn_and_an_asked_cache_raises():
-    """With config.use_cache=True the model's own training forward builds a cache, and transformers then lets each
-    packed sequence attend to the ones before it; the fused loss keeps them apart and warns of the difference once
-    (not under gradient checkpointing, which turns the cache off). use_cache=True asked for on packed rows raises,
-    as causal_lm_loss raises."""
-    model = install_fused_loss(tiny_model("qwen2").train())
-    model.config.use_cache = True
+@pytest.mark.parametrize("arch", ["qwen2", "qwen2_5_vl"])
+def test_packed_rows_with_a_cache_on_warn_once(arch):
+    """With use_cache on (the text config's, or given) the model's own training forward builds a cache, and
+    transformers then lets each packed sequence attend to the ones before it; the fused loss keeps them apart (its
+    loss is the model's own without a cache) and warns of the difference once: not for unpacked rows, nor under
+    gradient checkpointing, which turns the cache off. A vision-language model's text config keeps its own
+    use_cache (transformers.Trainer sets the top config's): the warning names it."""
+    model = (tiny_model("qwen2") if arch == "qwen2" else image_model(arch)).train()
+    install_fused_loss(model)
     input_ids, position_ids, labels = _packed_row()
-    call = lambda **kw: model(input_ids=input_ids, position_ids=position_ids, labels=labels, **kw)  # noqa: E731
+
+    def rotary(ids):  # a vision-language model's [4, B, T] ids, the text positions first
+        return ids if arch == "qwen2" else torch.cat([ids[None], ids.expand(3, 1, -1)])
+
+    position_ids = rotary(position_ids)
+    model.config.use_cache = False
+    model.config.get_text_config().use_cache = True
+    call = lambda ids=position_ids, **kw: model(input_ids=input_ids, position_ids=ids, labels=labels,  # noqa: E731
+                                                **kw)
+    assert _warnings_of(lambda: call(rotary(torch.arange(input_ids.shape[1])[None]))) == []  # unpacked
     first = _warnings_of(call)
-    assert len(first) == 1 and "config.use_cache=True" in first[0] and "model.config.use_cache=False" in first[0]
+    assert len(first) == 1 and "model.config.get_text_config().use_cache = False" in first[0]
     assert _warnings_of(call) == []  # once per model
-    assert _warnings_of(lambda: call(use_cache=False)) == []
-    with pytest.raises(ValueError, match="use_cache=True / past_key_values do not apply"):
-        call(use_cache=True)
-    with pytest.raises(ValueError, match="use_cache=True / past_key_values do not apply"):
-        causal_lm_loss(model, input_ids, labels=labels, position_ids=position_ids, use_cache=True)
-    checkpointed = install_fused_loss(tiny_model("qwen2").train())
-    checkpointed.gradient_checkpointing_enable()
-    assert _warnings_of(lambda: checkpointed(input_ids=input_ids, position_ids=position_ids, labels=labels)) == []
-    want = remove_fused_loss(model)(input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=False)
+    model.config.get_text_config().use_cache = False
+    fresh = install_fused_loss(remove_fused_loss(model))
+    assert _warnings_of(lambda: call(use_cache=False)) == [] and _warnings_of(call) == []
+    assert len(_warnings_of(lambda: call(use_cache=True))) == 1  # asked for
+    want = remove_fused_loss(fresh)(input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=False)
     torch.testing.assert_close(install_fused_loss(model)(input_ids=input_ids, position_ids=position_ids,
-                                                         labels=labels).loss, want.loss, atol=1e-5, rtol=1e-5)
+                                                         labels=labels, use_cache=True).loss,
+                               want.loss, atol=1e-5, rtol=1e-5)
+    checkpointed = install_fused_loss(remove_fused_loss(model))
+    checkpointed.config.get_text_config().use_cache = True
+    checkpointed.gradient_checkpointing_enable()
+    assert _warnings_of(call) == []
 
 
 def test_trainer_label_smoothing_warns_that_the_install_saves_nothing(tmp_path):

@@ -2,6 +2,7 @@
 (:func:`run_triton`); the architectures the installed Triton targets (:func:`supported_archs`)."""
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import io
 import multiprocessing
@@ -102,9 +103,11 @@ def run_triton(archs, sass, only=None, jobs=None) -> list[Result]:
         with contextlib.ExitStack() as stack:
             if width == 1:
                 outcomes = map(_compile_job, range(len(_JOBS)))
-            else:  # forked: the workers inherit _JOBS, the captured kernels included
-                pool = stack.enter_context(multiprocessing.get_context("fork").Pool(width))
-                outcomes = pool.imap_unordered(_compile_job, range(len(_JOBS)))
+            else:  # forked: the workers inherit _JOBS, the captured kernels included; a worker that dies (a
+                # crashed ptxas, the OOM killer) raises BrokenProcessPool here rather than leaving its job waited for
+                pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
+                    width, mp_context=multiprocessing.get_context("fork")))
+                outcomes = pool.map(_compile_job, range(len(_JOBS)), chunksize=4)
             for index, stats, error in outcomes:
                 r = compiled[index]
                 if error is None:

@@ -258,12 +258,6 @@ def linear_stats_bwd_kernel(
         tl.store(db_ptr + tl.program_id(0).to(tl.int64) * V + cols, tl.sum(du, 0), mask=col_ok)
 
 
-
-
-
-
-
-
 def _config(hidden, backward=False, mean_logit=False, argmax=False):
     """Tile sizes: tensor-core tiles on a GPU, sized per architecture so that no bf16/fp16 variant
     spills (the AOT gate checks it); small tiles (fast to interpret) on CPU tensors."""
@@ -277,10 +271,6 @@ def _config(hidden, backward=False, mean_logit=False, argmax=False):
     if backward or target_arch() != 90 or ieee or mean_logit or argmax:
         return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=block_h, UPCAST=False), dict(num_warps=8, num_stages=3)
     return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=block_h, UPCAST=False), dict(num_warps=8, num_stages=3)
-
-
-
-
 
 
 def _low_rank_args(hidden, low_rank):

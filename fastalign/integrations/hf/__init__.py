@@ -296,10 +296,10 @@ def causal_lm_logprobs(
     for ``t < T - 1`` (shape ``[B, T-1]``), where ``y = labels`` if given, else ``input_ids``
     (``y_{t+1} = shift_labels[:, t]`` for every ``t < T``, shape ``[B, T]``, with ``shift_labels``).
     Entry ``t`` is scored when ``y_{t+1} != ignore_index``, ``response_mask[:, t+1]`` (if
-    given), ``attention_mask[:, t+1]`` (if given) and, for packed rows, ``position_ids[:, t+1]
-    == position_ids[:, t] + 1`` after a real token ``t`` (otherwise the next token starts another sequence,
-    ``transformers``' rule: ids that restart at 0 or at 1; a restart after left padding starts the row's first
-    one, scored as without ``position_ids``). Unscored entries are 0 for every
+    given), ``attention_mask[:, t+1]`` (if given) and, for packed rows, when the next token does not start another
+    sequence: without an ``attention_mask``, ``position_ids[:, t+1] == position_ids[:, t] + 1`` (``transformers``'
+    rule: ids that restart at 0 or at 1), with one, ``position_ids[:, t+1] != 0`` after a real token ``t`` (a
+    restart after left padding starts the row's first one, scored as without ``position_ids``). Unscored entries are 0 for every
     statistic (-1 for ``argmax``) and get no gradient. The selection is a mask on device: no host sync.
 
     Args:

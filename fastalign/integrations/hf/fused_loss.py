@@ -117,7 +117,7 @@ class _FusedForward:
     def _warn_once(self, kind: str, message: str) -> None:
         if kind not in self.warned:
             self.warned.add(kind)
-            warnings.warn(f"install_fused_loss: {message} (warned once per model)", stacklevel=3)
+            warnings.warn(f"install_fused_loss: {message} (warned once per model)", stacklevel=5)  # the model's caller
 
     def _own_call(self):
         return functools.partial(self.own, self.model) if inspect.isfunction(self.own) else self.own
@@ -137,23 +137,24 @@ class _FusedForward:
             ("evaluation: logits for metrics", False)
         if declined is not None:
             reason, spared_logits_built = declined
-            if spared_logits_built:
+            if spared_logits_built and self.model.training:  # evaluation=True: a call without labels is expected
                 self._warn_once("logits", f"a training call of {type(base).__name__} ran its own forward, which "
                                 f"builds the [batch, tokens, vocabulary] logits ({reason}); the fused loss saves "
                                 "nothing on such calls")
             return own(*args, **kwargs)
         if _packed_with_a_cache(call, base):
-            self._warn_once("cache", "position_ids without an attention_mask (packed rows) and config.use_cache=True: "
-                            f"the own forward of {type(base).__name__} would build a KV cache and let each packed "
-                            "sequence attend to the ones before it (transformers splits packed rows only without a "
-                            "cache); the fused loss keeps each sequence to itself. Set model.config.use_cache=False "
-                            "(as transformers.Trainer does) for both to agree")
+            self._warn_once("cache", "position_ids that restart without an attention_mask (packed rows) with a KV "
+                            f"cache on (use_cache=True, or its text config's): the own forward of {type(base).__name__} "
+                            "would build the cache and let each packed sequence attend to the ones before it "
+                            "(transformers splits packed rows only without a cache), where the fused loss keeps each "
+                            "sequence to itself. Pass use_cache=False, or set model.config.get_text_config().use_cache "
+                            "= False, for both to agree (transformers.Trainer sets model.config.use_cache, which a "
+                            "vision-language model's text config does not follow)")
         from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
         for key in ("return_dict", "logits_to_keep", "past_key_values", "cache", "cache_position", "inputs_embeds"):
             call.pop(key, None)
-        if call.get("use_cache") is None:  # no cache unless asked for (head_operands refuses one on packed rows)
-            call.pop("use_cache", None)
+        call.pop("use_cache", None)  # no cache: the loss needs none, and the output has none
         ids, mask = call.pop("input_ids"), call.pop("attention_mask", None)
         items, ignore_index = call.pop("num_items_in_batch", None), call.pop("ignore_index", -100)
         loss, aux, body = _loss_and_body(self.model, ids, mask, labels, shift_labels, items, ignore_index, call)
@@ -170,14 +171,26 @@ class _FusedForward:
 
 
 def _packed_with_a_cache(call: dict, base) -> bool:
-    """Whether the model's own forward would build a KV cache on rows that ``position_ids`` may pack (given without
-    an ``attention_mask``): ``use_cache`` unset, the decoder's config (the text config) has it on, and no gradient
-    checkpointing with gradients on (which turns the cache off). An explicit ``use_cache=True`` on packed rows
-    raises in :func:`~fastalign.integrations.hf.head_operands`."""
-    if call.get("position_ids") is None or call.get("attention_mask") is not None or call.get("use_cache") is not None:
+    """Whether the model's own forward would build a KV cache on packed rows, and so let each packed sequence see
+    the ones before it: ``position_ids`` without an ``attention_mask`` that restart within a row (read on the CPU;
+    on a GPU, not read, taken as restarting; ``[4, B, T]`` ids by their first, the text positions), ``use_cache``
+    on (given, else the decoder's config, the text config), and no gradient checkpointing with gradients on (which
+    turns the cache off)."""
+    ids = call.get("position_ids")
+    if not isinstance(ids, Tensor) or call.get("attention_mask") is not None:
         return False
-    if getattr(base, "is_gradient_checkpointing", False) and torch.is_grad_enabled():
+    if ids.dim() == 3:
+        if ids.shape[0] != 4:  # [3, B, T]: the body splits no packed rows, which _multimodal_restart_flag refuses
+            return False
+        ids = ids[0]
+    if ids.device.type == "cpu" and not bool((ids[..., 1:] - ids[..., :-1] != 1).any()):
         return False
+    checkpointing = getattr(base, "is_activation_checkpointing", None)  # transformers 5.x; before, the older name
+    if (getattr(base, "is_gradient_checkpointing", False) if checkpointing is None else checkpointing) and \
+            torch.is_grad_enabled():
+        return False
+    if call.get("use_cache") is not None:
+        return bool(call["use_cache"])
     config = getattr(base, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return bool(getattr(text_config, "use_cache", False))
@@ -272,10 +285,10 @@ def install_fused_loss(model, *, evaluation: bool = False):
     The first training call that builds the full logits so (without labels, as under ``Trainer``'s label smoothing
     or a ``compute_loss_func``; with ``inputs_embeds``, a ``loss_function`` of the caller's or
     ``return_dict=False``) warns, once per model, that the install saves nothing there. Packed rows
-    (``position_ids`` restarting, no ``attention_mask``) are each sequence alone: with the config's ``use_cache``
-    on, where the model's own forward would let each attend to the ones before it, the first call warns;
-    ``use_cache=True`` passed on them raises. A vision-language MoE reads its load-balancing settings from its
-    text config, as its forward does.
+    (``position_ids`` restarting, no ``attention_mask``) are each sequence alone, computed without a KV cache:
+    with ``use_cache`` on (given, or the text config's), where the model's own forward would build one and let each
+    sequence attend to the ones before it, the first call warns. A vision-language MoE reads its load-balancing
+    settings from its text config, as its forward does.
     Raising here, not at the first step: a model that is not a causal LM (a classifier, a bare body, GPT-2's double
     heads, a model wrapped by ``torch.compile`` or DDP), PEFT prompt learning, a forward already wrapped by
     accelerate's mixed precision (install before ``accelerator.prepare`` or ``Trainer.train()``, so that its

@@ -130,10 +130,10 @@ _SPLITTING_ATTENTION_KWARGS = ("tree_cu_seqlens_q", "tree_kv_index")
 
 def _packed_rows_flag(model, attention_mask: Optional[Tensor], model_kwargs: dict) -> Optional[Tensor]:
     """Refuses packed rows (``position_ids`` that do not step by 1 within a row, ``transformers``' rule, with no
-    ``attention_mask``; of multimodal rotary ids ``[4, B, T]`` the text positions, the first, and ``[3, B, T]``
-    ones by :func:`_multimodal_restart_flag`) for a body that would not split them (:func:`packed_rows_refusal`;
-    with ``[4, B, T]`` ids a recurrent one alone, whose mask splits them): a ``ValueError`` for
-    CPU position ids; on a GPU they are not read on the host, and the returned flag makes the hidden states NaN
+    ``attention_mask``) for a body that would not split them (:func:`packed_rows_refusal`). Multimodal rotary ids:
+    of ``[4, B, T]`` ones the first, the text positions, are read so (the body's mask splits packed rows at them,
+    so only a recurrent body refuses them); ``[3, B, T]`` ones by :func:`_multimodal_restart_flag`. A
+    ``ValueError`` for CPU position ids; on a GPU they are not read on the host, and the returned flag makes the hidden states NaN
     (:func:`fastalign._validate.flag_or_raise`). None when nothing is to refuse, and when ``model_kwargs`` carry
     an attention function's own split (:data:`_SPLITTING_ATTENTION_KWARGS`)."""
     position_ids = model_kwargs.get("position_ids")
@@ -160,11 +160,11 @@ def _packed_rows_flag(model, attention_mask: Optional[Tensor], model_kwargs: dic
 def _multimodal_restart_flag(position_ids: Tensor) -> Optional[Tensor]:
     """Refuses the multimodal rotary ids ``[3, B, T]`` (temporal, height, width: Qwen2-VL's family) of packed rows,
     which no ``transformers`` body splits (it builds the causal mask from ``[4, B, T]`` ids alone, the text
-    positions first): within one sequence the temporal ids never decrease (text steps by 1, an image holds its
-    start, a video's frames rise), so a decrease starts another sequence. As :func:`_packed_rows_flag`."""
-    temporal = position_ids[0]
+    positions first). A sequence's ids start at ``(0, 0, 0)`` and never come back to it (an image's or a video's
+    ids start where the text before them ends; a video's temporal ids jump ahead and back, so a fall is no sign), so
+    ``(0, 0, 0)`` after a row's first token starts another sequence. As :func:`_packed_rows_flag`."""
     return _validate.flag_or_raise(
-        (temporal[:, 1:] < temporal[:, :-1]).any(), position_ids,
+        (position_ids[:, :, 1:] == 0).all(0).any(), position_ids,
         lambda: ("position_ids [3, B, T] restart within a row (packed sequences), which transformers does not split "
                  "(each sequence would attend to the ones before it): give [4, B, T] ids, the text positions first, "
                  "from which it builds the packed causal mask, or score each sequence in its own row (padded, with "

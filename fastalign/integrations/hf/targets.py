@@ -34,11 +34,11 @@ def next_token_targets(input_ids: Tensor, *, labels: Optional[Tensor] = None, re
                        past_end: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
     """``[B, T-1]``: the token position ``t`` predicts (``y_{t+1}``, ``y = labels`` if given, else
     ``input_ids``), ``ignore_index`` where it is not scored (the rule of :func:`causal_lm_logprobs`):
-    ``y_{t+1}`` is ``ignore_index``, or ``response_mask[:, t+1]`` / ``attention_mask[:, t+1]`` is 0, or
-    ``position_ids[:, t+1] != position_ids[:, t] + 1`` after a real token ``t`` (the next token starts another
-    packed sequence, ``transformers``' rule, whether the ids restart at 0 or at 1; after padding,
-    ``attention_mask[:, t] == 0``, it starts the row's first one), or ``past_end[:, t+1]`` (padding after the last
-    packed sequence). On device, no host sync."""
+    ``y_{t+1}`` is ``ignore_index``, or ``response_mask[:, t+1]`` / ``attention_mask[:, t+1]`` is 0, or the next
+    token starts another packed sequence: without an ``attention_mask``, ``position_ids[:, t+1] != position_ids[:, t]
+    + 1`` (``transformers``' rule, whether the ids restart at 0 or at 1), with one, ``position_ids[:, t+1] == 0``
+    after a real token ``t`` (after padding, ``attention_mask[:, t] == 0``, it starts the row's first one), or
+    ``past_end[:, t+1]`` (padding after the last packed sequence). On device, no host sync."""
     _validate.integer("input_ids", input_ids, dim=2)
     ignore_index = _validate.index_value("ignore_index", ignore_index)
     shape, dev = tuple(input_ids.shape), dict(device=input_ids.device, device_of="input_ids")
@@ -48,9 +48,10 @@ def next_token_targets(input_ids: Tensor, *, labels: Optional[Tensor] = None, re
     targets = (input_ids if labels is None else labels)[:, 1:]
     not_a_new_sequence = None
     if position_ids is not None:
-        not_a_new_sequence = position_ids[:, 1:] == position_ids[:, :-1] + 1
-        if attention_mask is not None:  # a restart after padding (left padding, generate's ids) is the first one
-            not_a_new_sequence = not_a_new_sequence | ~attention_mask[:, :-1].bool()
+        if attention_mask is None:  # transformers' rule: a sequence starts wherever the ids do not step by 1
+            not_a_new_sequence = position_ids[:, 1:] == position_ids[:, :-1] + 1
+        else:  # ids back at 0 after a real token; after padding (left padding, generate's ids) the row's first one
+            not_a_new_sequence = (position_ids[:, 1:] != 0) | ~attention_mask[:, :-1].bool()
     return _scored_only(targets, ignore_index, *(None if m is None else m[:, 1:].bool()
                                                  for m in (response_mask, attention_mask)),
                         not_a_new_sequence, None if past_end is None else ~past_end[:, 1:])
