@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import warnings
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
+from fastalign import _validate
 from fastalign.integrations.hf import (_aligned, head_operands, head_transform, head_transforms,
                                        load_balancing_loss_func, moe_setting, peft_refusal, router_aux_loss,
                                        unwrap_peft)
@@ -117,7 +119,7 @@ class _FusedForward:
     def _warn_once(self, kind: str, message: str) -> None:
         if kind not in self.warned:
             self.warned.add(kind)
-            warnings.warn(f"install_fused_loss: {message} (warned once per model)", stacklevel=5)  # the model's caller
+            warnings.warn(f"install_fused_loss: {message} (warned once per model)", stacklevel=_caller_level())
 
     def _own_call(self):
         return functools.partial(self.own, self.model) if inspect.isfunction(self.own) else self.own
@@ -168,6 +170,16 @@ class _FusedForward:
             if name not in out and name not in ("last_hidden_state", "past_key_values", "cache"):
                 out[name] = value
         return out
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that points a warning of :meth:`_FusedForward._warn_once` at the code that called the
+    model: the first frame outside this module and ``torch.nn.Module``'s call machinery."""
+    skipped = {__file__, torch.nn.modules.module.__file__}
+    frame, level = sys._getframe(2), 2  # _warn_once's caller, as stacklevel 2 names it
+    while frame is not None and frame.f_code.co_filename in skipped:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _packed_with_a_cache(call: dict, base) -> bool:
@@ -272,7 +284,8 @@ def install_fused_loss(model, *, evaluation: bool = False):
 
     ``evaluation=True`` fuses the calls with labels in eval mode too (``model.eval()``), for evaluation that reads
     the loss alone: ``Trainer``'s ``eval_loss`` with ``prediction_loss_only=True`` (or without a
-    ``compute_metrics``), a perplexity loop; the logits a ``compute_metrics`` would read are then None.
+    ``compute_metrics``), a perplexity loop. There are no logits for metrics then: ``Trainer`` hands a
+    ``compute_metrics`` (and ``preprocess_logits_for_metrics``, ``predict()``) an empty tuple of predictions.
 
     The output's ``hidden_states`` and ``attentions`` are the body's, as the model's own output has them when asked
     for, and a MoE model's is a ``MoeCausalLMOutputWithPast``, with its ``aux_loss`` and ``router_logits`` under
@@ -296,10 +309,10 @@ def install_fused_loss(model, *, evaluation: bool = False):
     (register it with :func:`~fastalign.integrations.hf.register_head_transform`). A deep copy or an unpickled
     copy of the model computes with its own weights. The TRL drop-in trainers fuse their own losses and do not
     need it. :func:`remove_fused_loss` undoes it."""
-    if not isinstance(evaluation, bool):
-        raise TypeError(f"evaluation must be a bool, got {type(evaluation).__name__}")
+    evaluation = _validate.boolean("evaluation", evaluation)
     if _fused_in(vars(model).get("forward")) is not None:
-        raise ValueError("model: install_fused_loss was already applied to this model")
+        raise ValueError("model: install_fused_loss was already applied to this model (remove_fused_loss(model) "
+                         "first to install it with other options)")
     if "_original_forward" in vars(model):
         raise ValueError("model: its forward is accelerate's mixed-precision wrapper (accelerator.prepare, or a "
                          "Trainer with bf16/fp16 that has trained), whose autocast would not reach the fused loss: "
