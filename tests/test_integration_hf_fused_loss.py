@@ -371,6 +371,9 @@ def test_packed_multimodal_position_ids_split_only_with_the_text_positions_first
     video = one.clone()  # a video's temporal ids jump ahead of the text after it (get_rope_index): one sequence
     video[0, 0, 5:] = torch.tensor([8, 5, 6, 7, 8, 9, 10])
     assert torch.isfinite(model(input_ids=input_ids, position_ids=video, labels=labels).loss)
+    opening = one.clone()  # a video opening the row, two frames of 1 x 2 patches at a frame spacing below 1
+    opening[:, 0, :4] = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 1]])
+    assert torch.isfinite(model(input_ids=input_ids, position_ids=opening, labels=labels).loss)
 
 
 def test_packed_multimodal_position_ids_of_a_recurrent_body_raise():

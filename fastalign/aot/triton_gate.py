@@ -105,9 +105,9 @@ def run_triton(archs, sass, only=None, jobs=None) -> list[Result]:
                 outcomes = map(_compile_job, range(len(_JOBS)))
             else:  # forked: the workers inherit _JOBS, the captured kernels included; a worker that dies (a
                 # crashed ptxas, the OOM killer) raises BrokenProcessPool here rather than leaving its job waited for
-                pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
-                    width, mp_context=multiprocessing.get_context("fork")))
-                outcomes = pool.map(_compile_job, range(len(_JOBS)), chunksize=4)
+                pool = concurrent.futures.ProcessPoolExecutor(width, mp_context=multiprocessing.get_context("fork"))
+                stack.callback(pool.shutdown, wait=True, cancel_futures=True)  # an error, Ctrl-C: the queue dropped
+                outcomes = pool.map(_compile_job, range(len(_JOBS)))
             for index, stats, error in outcomes:
                 r = compiled[index]
                 if error is None:

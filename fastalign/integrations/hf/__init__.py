@@ -299,8 +299,9 @@ def causal_lm_logprobs(
     given), ``attention_mask[:, t+1]`` (if given) and, for packed rows, when the next token does not start another
     sequence: without an ``attention_mask``, ``position_ids[:, t+1] == position_ids[:, t] + 1`` (``transformers``'
     rule: ids that restart at 0 or at 1), with one, ``position_ids[:, t+1] != 0`` after a real token ``t`` (a
-    restart after left padding starts the row's first one, scored as without ``position_ids``). Unscored entries are 0 for every
-    statistic (-1 for ``argmax``) and get no gradient. The selection is a mask on device: no host sync.
+    restart after left padding starts the row's first one, scored as without ``position_ids``). Unscored entries
+    are 0 for every statistic (-1 for ``argmax``) and get no gradient. The selection is a mask on device: no host
+    sync.
 
     Args:
         model: a ``transformers`` ``*ForCausalLM`` (``get_output_embeddings()``, tied or
@@ -320,8 +321,9 @@ def causal_lm_logprobs(
             packed-row rule of ``position_ids`` does not apply (the labels say what is scored);
             ``attention_mask[:, t]`` (and padding past ``cu_seqlens[-1]``) unscores entry ``t``.
         position_ids: ``[B, T]`` (or ``[1, T]`` for every row) passed to the model; a packed row's ids restart at
-            each sequence (at 0, or at 1 as ``DataCollatorWithFlattening(position_ids_start=1)`` writes them); with ``attention_mask=None`` ``transformers`` then attends within each
-            sequence only (with an attention mask it does not split packed rows). A body that
+            each sequence (at 0, or at 1 as ``DataCollatorWithFlattening(position_ids_start=1)`` writes them); with
+            ``attention_mask=None`` ``transformers`` then attends within each sequence only (with an attention mask
+            it does not split packed rows). A body that
             does not split packed rows (one of ``_MIXES_PACKED_ROWS``: opt, gpt_oss; one that takes no
             ``position_ids``: bloom, mpt; a recurrent one, ``_is_recurrent``: granitemoehybrid)
             refuses them: a ValueError for CPU position ids; on a GPU (not read on the host)

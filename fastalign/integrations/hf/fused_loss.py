@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import sys
 import warnings
 from typing import Optional, Union
@@ -145,13 +146,15 @@ class _FusedForward:
                                 "nothing on such calls")
             return own(*args, **kwargs)
         if _packed_with_a_cache(call, base):
-            self._warn_once("cache", "position_ids that restart without an attention_mask (packed rows) with a KV "
-                            f"cache on (use_cache=True, or its text config's): the own forward of {type(base).__name__} "
-                            "would build the cache and let each packed sequence attend to the ones before it "
-                            "(transformers splits packed rows only without a cache), where the fused loss keeps each "
-                            "sequence to itself. Pass use_cache=False, or set model.config.get_text_config().use_cache "
-                            "= False, for both to agree (transformers.Trainer sets model.config.use_cache, which a "
-                            "vision-language model's text config does not follow)")
+            restart = "restart" if call["position_ids"].device.type == "cpu" else "may restart (not read on a GPU)"
+            self._warn_once("cache", f"position_ids that {restart} without an attention_mask (packed rows), with a "
+                            "KV cache on (use_cache=True, or its text config's): the own forward of "
+                            f"{type(base).__name__} would build the cache and let each packed sequence attend to the "
+                            "ones before it (transformers splits packed rows only without a cache), where the fused "
+                            "loss keeps each sequence to itself. Pass use_cache=False, or set "
+                            "model.config.get_text_config().use_cache = False, for both to agree "
+                            "(transformers.Trainer sets model.config.use_cache, which a vision-language model's text "
+                            "config does not follow)")
         from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
         for key in ("return_dict", "logits_to_keep", "past_key_values", "cache", "cache_position", "inputs_embeds"):
@@ -174,10 +177,13 @@ class _FusedForward:
 
 def _caller_level() -> int:
     """The ``stacklevel`` that points a warning of :meth:`_FusedForward._warn_once` at the code that called the
-    model: the first frame outside this module and ``torch.nn.Module``'s call machinery."""
-    skipped = {__file__, torch.nn.modules.module.__file__}
+    model: the first frame outside this module, ``torch.nn.Module``'s call machinery, torch's autocast wrapper and
+    the wrappers of PEFT and accelerate (where imported)."""
+    files = (__file__, torch.nn.modules.module.__file__)
+    folders = tuple(os.path.dirname(module.__file__) + os.sep for module in
+                    (torch.amp, sys.modules.get("peft"), sys.modules.get("accelerate")) if module is not None)
     frame, level = sys._getframe(2), 2  # _warn_once's caller, as stacklevel 2 names it
-    while frame is not None and frame.f_code.co_filename in skipped:
+    while frame is not None and (frame.f_code.co_filename in files or frame.f_code.co_filename.startswith(folders)):
         frame, level = frame.f_back, level + 1
     return level
 
@@ -197,15 +203,13 @@ def _packed_with_a_cache(call: dict, base) -> bool:
         ids = ids[0]
     if ids.device.type == "cpu" and not bool((ids[..., 1:] - ids[..., :-1] != 1).any()):
         return False
-    checkpointing = getattr(base, "is_activation_checkpointing", None)  # transformers 5.x; before, the older name
-    if (getattr(base, "is_gradient_checkpointing", False) if checkpointing is None else checkpointing) and \
-            torch.is_grad_enabled():
-        return False
-    if call.get("use_cache") is not None:
-        return bool(call["use_cache"])
     config = getattr(base, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return bool(getattr(text_config, "use_cache", False))
+    if not (call["use_cache"] if call.get("use_cache") is not None else getattr(text_config, "use_cache", False)):
+        return False
+    checkpointing = getattr(base, "is_activation_checkpointing", None)  # transformers 5.x; before, the older name
+    checkpointing = getattr(base, "is_gradient_checkpointing", False) if checkpointing is None else checkpointing
+    return not (checkpointing and base.training and torch.is_grad_enabled())
 
 
 def _declined(call: dict, labels: Optional[Tensor], base) -> Optional[tuple]:

@@ -133,9 +133,9 @@ def _packed_rows_flag(model, attention_mask: Optional[Tensor], model_kwargs: dic
     ``attention_mask``) for a body that would not split them (:func:`packed_rows_refusal`). Multimodal rotary ids:
     of ``[4, B, T]`` ones the first, the text positions, are read so (the body's mask splits packed rows at them,
     so only a recurrent body refuses them); ``[3, B, T]`` ones by :func:`_multimodal_restart_flag`. A
-    ``ValueError`` for CPU position ids; on a GPU they are not read on the host, and the returned flag makes the hidden states NaN
-    (:func:`fastalign._validate.flag_or_raise`). None when nothing is to refuse, and when ``model_kwargs`` carry
-    an attention function's own split (:data:`_SPLITTING_ATTENTION_KWARGS`)."""
+    ``ValueError`` for CPU position ids; on a GPU they are not read on the host, and the returned flag makes the
+    hidden states NaN (:func:`fastalign._validate.flag_or_raise`). None when nothing is to refuse, and when
+    ``model_kwargs`` carry an attention function's own split (:data:`_SPLITTING_ATTENTION_KWARGS`)."""
     position_ids = model_kwargs.get("position_ids")
     if not isinstance(position_ids, Tensor) or attention_mask is not None:
         return None
@@ -160,11 +160,13 @@ def _packed_rows_flag(model, attention_mask: Optional[Tensor], model_kwargs: dic
 def _multimodal_restart_flag(position_ids: Tensor) -> Optional[Tensor]:
     """Refuses the multimodal rotary ids ``[3, B, T]`` (temporal, height, width: Qwen2-VL's family) of packed rows,
     which no ``transformers`` body splits (it builds the causal mask from ``[4, B, T]`` ids alone, the text
-    positions first). A sequence's ids start at ``(0, 0, 0)`` and never come back to it (an image's or a video's
-    ids start where the text before them ends; a video's temporal ids jump ahead and back, so a fall is no sign), so
-    ``(0, 0, 0)`` after a row's first token starts another sequence. As :func:`_packed_rows_flag`."""
+    positions first). A sequence's ids start at ``(0, 0, 0)`` and come back to it only within a video that opens
+    the row, from a frame of its (an image's or a video's ids start where the text before them ends; a video's
+    temporal ids jump ahead and back, so a fall is no sign): ``(0, 0, 0)`` after a token whose three ids are all
+    above 0 (the end of a sequence) starts another one. As :func:`_packed_rows_flag`."""
+    zero, above = (position_ids == 0).all(0), (position_ids > 0).all(0)
     return _validate.flag_or_raise(
-        (position_ids[:, :, 1:] == 0).all(0).any(), position_ids,
+        (zero[:, 1:] & above[:, :-1]).any(), position_ids,
         lambda: ("position_ids [3, B, T] restart within a row (packed sequences), which transformers does not split "
                  "(each sequence would attend to the ones before it): give [4, B, T] ids, the text positions first, "
                  "from which it builds the packed causal mask, or score each sequence in its own row (padded, with "
