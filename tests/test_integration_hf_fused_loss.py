@@ -23,6 +23,14 @@ def _grads(model, loss):
                                                                                                  allow_unused=True))]
 
 
+def _trainer_dataset(B=3):
+    """:func:`batch`'s rows as a ``datasets.Dataset`` for ``transformers.Trainer`` (skips without datasets)."""
+    datasets = pytest.importorskip("datasets")
+    input_ids, attention_mask, labels = batch(B=B)
+    return datasets.Dataset.from_dict({"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist(),
+                                       "labels": labels.tolist()})
+
+
 def _assert_same_loss_and_grads(model, call, rtol=1e-5):
     own = call()
     assert own.logits is not None
@@ -263,10 +271,7 @@ def test_evaluation_fuses_the_eval_mode_calls_with_labels_when_asked():
 def test_trainer_evaluate_with_evaluation_gives_the_model_own_eval_loss(tmp_path):
     """Trainer.evaluate without a compute_metrics reads the loss alone: under evaluation=True its eval_loss is
     the model's own, with no logits built."""
-    datasets = pytest.importorskip("datasets")
-    input_ids, attention_mask, labels = batch(B=4)
-    data = datasets.Dataset.from_dict({"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist(),
-                                       "labels": labels.tolist()})
+    data = _trainer_dataset(B=4)
 
     def evaluate(model):
         args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to=[],
@@ -430,10 +435,7 @@ def test_packed_rows_with_a_cache_on_warn_once(arch):
 def test_trainer_label_smoothing_warns_that_the_install_saves_nothing(tmp_path):
     """transformers.Trainer's label smoothing takes the labels out of the batch and smooths the model's logits: its
     steps run the model's own forward, and the install says so."""
-    datasets = pytest.importorskip("datasets")
-    input_ids, attention_mask, labels = batch()
-    data = datasets.Dataset.from_dict({"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist(),
-                                       "labels": labels.tolist()})
+    data = _trainer_dataset()
     model = install_fused_loss(tiny_model("qwen2"))
     args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1,
                                           label_smoothing_factor=0.1, report_to=[], use_cpu=True,
@@ -590,10 +592,7 @@ def test_trainer_steps_equal_the_model_own_forward(tmp_path):
     """transformers.Trainer, two optimizer steps of two accumulated micro-batches (num_items_in_batch): the logged
     losses and the trained weights equal those of the model's own forward (SGD: Adam's first steps would magnify
     the float rounding of the gradients into its step size)."""
-    datasets = pytest.importorskip("datasets")
-    input_ids, attention_mask, labels = batch(B=8)
-    data = datasets.Dataset.from_dict({"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist(),
-                                       "labels": labels.tolist()})
+    data = _trainer_dataset(B=8)
 
     def train(fused):
         model = tiny_model("qwen2", seed=3)

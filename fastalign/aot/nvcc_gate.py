@@ -2,7 +2,6 @@
 per kernel (:func:`run_nvcc`); the architectures the installed nvcc targets (:func:`nvcc_archs`)."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 
 from fastalign.aot.result import Result
 from fastalign.aot.sass import _cuobjdump, sass_stats_per_function
+from fastalign.aot.workers import usable_cores
 
 _NV_ENTRY = re.compile(r"Compiling entry function '([^']+)' for 'sm_(\d+)'")
 _NV_USED = re.compile(r"Used (\d+) registers")
@@ -56,7 +56,7 @@ def run_nvcc(archs, root: Path, sass: bool, only=None) -> tuple[list[Result], st
     results = []
     tmp = Path(tempfile.mkdtemp(prefix="fastalign-aot-nvcc-"))
     jobs = [(src, a) for src in sources for a in archs]
-    width = max(1, min(len(jobs), os.cpu_count() or 1))
+    width = max(1, min(len(jobs), usable_cores()))
     try:
         for i in range(0, len(jobs), width):
             procs = []

@@ -16,6 +16,7 @@ from fastalign.aot.capture import capturing
 from fastalign.aot.cases import FAMILIES, _torch_dtype
 from fastalign.aot.result import Result
 from fastalign.aot.sass import Sass, _cuobjdump, sass_stats
+from fastalign.aot.workers import usable_cores
 
 _REG = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -37,11 +38,6 @@ def compile_triton(fn, signature, constexprs, attrs, options, arch, tmp, tool, s
     spills = sum(int(a) + int(b) for a, b in _SPILL.findall(text))
     counts = sass_stats(kernel.asm["cubin"], tmp, tool) if sass else Sass()
     return (max(regs) if regs else -1), spills, int(kernel.metadata.shared), counts
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity, where the platform says)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 #: The compile jobs of :func:`run_triton`, ``(fn, signature, constexprs, attrs, options, arch, sass, tmp)``: set

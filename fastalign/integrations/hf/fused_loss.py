@@ -28,6 +28,7 @@ from fastalign import _validate
 from fastalign.integrations.hf import (_aligned, head_operands, head_transform, head_transforms,
                                        load_balancing_loss_func, moe_setting, peft_refusal, router_aux_loss,
                                        unwrap_peft)
+from fastalign.integrations.hf.packing import _restarts, _text_config, _text_positions
 from fastalign.linear import linear_logprobs
 
 
@@ -157,9 +158,10 @@ class _FusedForward:
                             "config does not follow)")
         from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
-        for key in ("return_dict", "logits_to_keep", "past_key_values", "cache", "cache_position", "inputs_embeds"):
+        # use_cache: no cache, which the loss does not need and the output does not carry
+        for key in ("return_dict", "logits_to_keep", "use_cache", "past_key_values", "cache", "cache_position",
+                    "inputs_embeds"):
             call.pop(key, None)
-        call.pop("use_cache", None)  # no cache: the loss needs none, and the output has none
         ids, mask = call.pop("input_ids"), call.pop("attention_mask", None)
         items, ignore_index = call.pop("num_items_in_batch", None), call.pop("ignore_index", -100)
         loss, aux, body = _loss_and_body(self.model, ids, mask, labels, shift_labels, items, ignore_index, call)
@@ -197,15 +199,11 @@ def _packed_with_a_cache(call: dict, base) -> bool:
     ids = call.get("position_ids")
     if not isinstance(ids, Tensor) or call.get("attention_mask") is not None:
         return False
-    if ids.dim() == 3:
-        if ids.shape[0] != 4:  # [3, B, T]: the body splits no packed rows, which _multimodal_restart_flag refuses
-            return False
-        ids = ids[0]
-    if ids.device.type == "cpu" and not bool((ids[..., 1:] - ids[..., :-1] != 1).any()):
+    text = _text_positions(ids)  # None for [3, B, T] ids: no body splits their packed rows (they are refused)
+    if text is None or (text.device.type == "cpu" and not bool(_restarts(text))):
         return False
-    config = getattr(base, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if not (call["use_cache"] if call.get("use_cache") is not None else getattr(text_config, "use_cache", False)):
+    use_cache = call.get("use_cache")
+    if not (getattr(_text_config(base), "use_cache", False) if use_cache is None else use_cache):
         return False
     checkpointing = getattr(base, "is_activation_checkpointing", None)  # transformers 5.x; before, the older name
     checkpointing = getattr(base, "is_gradient_checkpointing", False) if checkpointing is None else checkpointing

@@ -82,9 +82,27 @@ def _is_recurrent(model, body) -> bool:
     of its config's ``layer_types`` is recurrent (:data:`_RECURRENT_LAYER_TYPES`)."""
     if getattr(body, "_is_stateful", False):
         return True
+    return any(t in _RECURRENT_LAYER_TYPES for t in (getattr(_text_config(model), "layer_types", None) or ()))
+
+
+def _text_config(model):
+    """The config the model's decoder reads: a vision-language model's text config, a text model's own."""
     config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return any(t in _RECURRENT_LAYER_TYPES for t in (getattr(text, "layer_types", None) or ()))
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _text_positions(position_ids: Tensor) -> Optional[Tensor]:
+    """The ``[B, T]`` text positions of ``position_ids``, at which ``transformers`` splits packed rows: ``[B, T]``
+    ids themselves, the first of multimodal rotary ``[4, B, T]`` ones; None for ``[3, B, T]`` ones (temporal,
+    height, width: no text positions) and other shapes."""
+    if position_ids.dim() == 2:
+        return position_ids
+    return position_ids[0] if position_ids.dim() == 3 and position_ids.shape[0] == 4 else None
+
+
+def _restarts(text_positions: Tensor) -> Tensor:
+    """0-dim bool: whether the ids restart within a row (do not step by 1, ``transformers``' rule)."""
+    return (text_positions[:, 1:] - text_positions[:, :-1] != 1).any()
 
 
 def packed_rows_refusal(model, text_positions: bool = False) -> Optional[str]:
@@ -143,16 +161,14 @@ def _packed_rows_flag(model, attention_mask: Optional[Tensor], model_kwargs: dic
         return None
     if position_ids.dim() == 3 and position_ids.shape[0] == 3:
         return _multimodal_restart_flag(position_ids)
-    if position_ids.dim() == 3 and position_ids.shape[0] == 4:  # multimodal rotary ids, the text positions first
-        unsplit, position_ids = packed_rows_refusal(model, text_positions=True), position_ids[0]
-    elif position_ids.dim() == 2:
-        unsplit = packed_rows_refusal(model)
-    else:
+    text = _text_positions(position_ids)
+    if text is None:
         return None
+    unsplit = packed_rows_refusal(model, text_positions=position_ids.dim() == 3)
     if unsplit is None:
         return None
     return _validate.flag_or_raise(
-        (position_ids[:, 1:] - position_ids[:, :-1] != 1).any(), position_ids,
+        _restarts(text), position_ids,
         lambda: (f"position_ids restart within a row (packed sequences), but {unsplit}; score each sequence in its "
                  "own row (padded, with attention_mask) instead"))
 
