@@ -1318,3 +1318,150 @@ def test_a_misspelled_option_raises_naming_it(typo, option):
         # the flash-attention keywords bodies take through **kwargs (near cu_seqlens, but transformers' own)
         causal_lm_logprobs(model, input_ids, cu_seq_lens_q=torch.tensor([0, 12]), max_length_q=12)
     torch.testing.assert_close(got.logprobs, want.logprobs)
+
+
+# ----------------------------------------------------------------------------- packed rows under flash attention
+
+#: Listed architectures whose transformers flash-attention path raises on a packed row (a projection sized for
+#: another attention): no packed row of theirs reaches the head there.
+FLASH_RAISES = {"mimo_v2_flash"}
+
+
+def _composite(arch) -> bool:
+    return arch in COMPOSITE_ARCHS and arch not in SPLITTING_ARCHS
+
+
+def _runs_flash_attention(arch) -> bool:
+    """Whether the installed transformers has ``arch`` and runs its model class with flash attention."""
+    if arch not in transformers.CONFIG_MAPPING:
+        return False
+    config = transformers.AutoConfig.for_model(arch)
+    auto = transformers.AutoModelForImageTextToText if _composite(arch) else transformers.AutoModelForCausalLM
+    try:
+        config._attn_implementation = "flash_attention_2"  # refused by some configs (HRM's prefix LM)
+    except ValueError:
+        return False
+    return auto._model_mapping[type(config)]._supports_flash_attn
+
+
+FLASH_ARCHS = [arch for arch in (*SPLITTING_ARCHS, *UNSPLIT_ARCHS, *filter(_composite, COMPOSITE_ARCHS))
+               if _runs_flash_attention(arch)]
+
+
+def _flash_model(arch):
+    """The tiny model of ``arch``, a vision-language one as AutoModelForImageTextToText builds it."""
+    if _composite(arch):
+        fields, _ = COMPOSITE_ARCHS[arch]
+        return _composite_model(arch, fields, **(gemma3_vision(V) if arch == "gemma3" else VISION.get(arch, ({},))[0]))
+    return _auto_model(arch, **{**SPLITTING_ARCHS, **UNSPLIT_ARCHS}.get(arch, {}))
+
+
+@pytest.mark.parametrize("arch", FLASH_ARCHS)
+def test_one_packed_row_under_flash_attention_is_split_or_refused(arch, monkeypatch):
+    """transformers' flash path (flash-attn's kernels replaced by references) ignores the causal mask a body builds
+    and splits a one-row packed batch where the position ids reach the attention: OPT's, gpt-oss's, AFMoE's and
+    BioGPT's packed rows, refused under eager and SDPA attention, are each sequence alone there; GPT-Neo's,
+    GPTBigCode's, CTRL's, Persimmon's and Fuyu's, split under SDPA, were silently mixed, as were the 2-D ids of
+    Qwen2-VL's family. With the cu_seq_lens / max_length keywords every body but GPT-Neo's splits them. A packed
+    row is refused exactly where the model's own forward mixes its sequences."""
+    from fastalign.integrations.hf import packing, packed_rows_refusal
+    from flash_standin import use_flash_attention
+
+    model = use_flash_attention(monkeypatch, _flash_model(arch))
+    seqs, input_ids, position_ids = _packed_row([4, 5, 3])
+    if arch in FLASH_RAISES:
+        with pytest.raises(Exception):
+            reference(model, input_ids, position_ids=position_ids)
+        return
+    with torch.no_grad():
+        separately = _separately(model, seqs)
+        inside = separately != 0  # not the entries predicting the next sequence's first token
+        own = reference(model, input_ids, position_ids=position_ids)[0]
+        mixed = not torch.allclose(own[inside], separately[inside], atol=1e-4)
+        refusal = packed_rows_refusal(model)
+        if packing._is_recurrent(model, packing._body(model)):  # refused whatever the attention (tested above)
+            assert refusal is not None
+            return
+        assert (refusal is not None) == mixed, refusal
+        if refusal is None:
+            got = causal_lm_logprobs(model, input_ids, position_ids=position_ids).logprobs
+            torch.testing.assert_close(got.double(), separately, atol=1e-4, rtol=0)
+        else:
+            with pytest.raises(ValueError, match=f"model_type '{arch}' hands its flash attention"):
+                causal_lm_logprobs(model, input_ids, position_ids=position_ids)
+        # with the sequence keywords of TRL's padding-free collator, which flash attention splits at
+        cu = torch.tensor([0, 4, 9, 12], dtype=torch.int32)
+        varlen = dict(position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5, max_length_k=5)
+        logits = model(input_ids=input_ids, **varlen).logits[:, :-1].double()
+        own = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None])[..., 0]
+        mixed = not torch.allclose(own[inside], separately[inside], atol=1e-4)
+        assert (packed_rows_refusal(model, varlen=True) is not None) == mixed
+        if not mixed:
+            got = causal_lm_logprobs(model, input_ids, **varlen).logprobs
+            torch.testing.assert_close(got.double(), separately, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "glm4v"])
+def test_text_positions_first_split_packed_rows_under_flash_attention(arch, monkeypatch):
+    """Multimodal rotary ids [4, B, T], the text positions first, reach the flash attention of Qwen2-VL's family,
+    which splits a one-row packed batch at them: the loss is each sequence's alone (its [B, T] ids are refused)."""
+    from fastalign.integrations.hf import causal_lm_loss
+    from flash_standin import use_flash_attention
+
+    model = use_flash_attention(monkeypatch, _flash_model(arch))
+    seqs, input_ids, position_ids = _packed_row([4, 5, 3])
+    rotary = torch.cat([position_ids[None], position_ids[None].expand(3, 1, -1)])
+    with torch.no_grad():
+        labels = input_ids.masked_fill(position_ids == 0, -100)  # no target across a boundary, as collators write
+        got = causal_lm_loss(model, input_ids, labels=labels, position_ids=rotary)
+        alone = sum(causal_lm_loss(model, s, labels=s) * (s.shape[1] - 1) for s in seqs) / (input_ids.shape[1] - 3)
+        torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="hands its flash attention"):
+            causal_lm_logprobs(model, input_ids, position_ids=position_ids)
+
+
+def test_a_batch_of_packed_rows_under_flash_attention_is_refused(monkeypatch):
+    """Flash attention splits packed sequences in a batch of one row only: two packed rows attend across their
+    sequences in the model's own forward (Llama's, which SDPA splits), so they raise (NaN where the ids are not read
+    on the host); two rows of one sequence each are scored as the model scores them."""
+    import fastalign._validate as validate
+    from flash_standin import use_flash_attention
+
+    model = use_flash_attention(monkeypatch, tiny_model("llama"))
+    seqs, input_ids, position_ids = _packed_row([4, 5, 3])
+    two_rows, two_ids = input_ids.expand(2, -1), position_ids.expand(2, -1)
+    with torch.no_grad():
+        own, separately = reference(model, two_rows, position_ids=two_ids)[0][:1], _separately(model, seqs)
+        inside = separately != 0
+        assert not torch.allclose(own[inside], separately[inside], atol=1e-2)  # the model's forward mixes them
+        with pytest.raises(ValueError, match="batch of one row only, and this batch has 2"):
+            causal_lm_logprobs(model, two_rows, position_ids=two_ids)
+        with pytest.raises(ValueError, match="batch of one row only, and this batch has 2"):
+            causal_lm_logprobs(model, two_rows, position_ids=position_ids)  # one row of ids for both
+        plain = torch.arange(12).expand(2, -1)
+        got = causal_lm_logprobs(model, two_rows, position_ids=plain).logprobs
+        torch.testing.assert_close(got.double(), reference(model, two_rows, position_ids=plain)[0], atol=1e-4,
+                                   rtol=0)
+        monkeypatch.setattr(validate, "eager", lambda x: False)  # the device path
+        on_device = causal_lm_logprobs(model, two_rows, position_ids=two_ids).logprobs
+    assert torch.isnan(on_device[two_ids[:, 1:] != 0]).all()
+
+
+def test_packed_ids_restarting_off_their_least_under_flash_attention_are_refused(monkeypatch):
+    """Flash attention starts a packed sequence only where the ids equal the row's least: a sequence restarting at
+    1 after one from 0 is attended as part of it (by the model's own forward too), so it raises; every sequence
+    from 1 splits, each scored as alone."""
+    from flash_standin import use_flash_attention
+
+    model = use_flash_attention(monkeypatch, tiny_model("llama"))
+    seqs, input_ids, _ = _packed_row([4, 5, 3])
+    off = torch.tensor([[0, 1, 2, 3, 1, 2, 3, 4, 5, 0, 1, 2]])
+    from_one = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4, 5, 1, 2, 3]])
+    with torch.no_grad():
+        own, separately = reference(model, input_ids, position_ids=off)[0], _separately(model, seqs)
+        inside = separately != 0
+        assert not torch.allclose(own[inside], separately[inside], atol=1e-2)  # the sequence from 1 sees the first
+        with pytest.raises(ValueError, match="restart within a row at a value other than the row's least"):
+            causal_lm_logprobs(model, input_ids, position_ids=off)
+        got = causal_lm_logprobs(model, input_ids, position_ids=from_one).logprobs
+    torch.testing.assert_close(got.double(), _separately(model, seqs), atol=1e-4, rtol=0)

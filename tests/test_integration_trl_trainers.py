@@ -314,6 +314,27 @@ def test_sft_packed_rows_of_a_body_that_mixes_them_raise_at_construction(tmp_pat
          dict(packing=True, packing_strategy="wrapped", max_length=16), "text")
 
 
+def test_sft_padding_free_under_flash_attention_matches_trl(tmp_path, monkeypatch):
+    """Under flash attention (flash-attn's kernels replaced by references) OPT's padding-free rows (one row, the
+    sequence keywords) are split whatever its mask: the drop-in takes them and gives TRL's loss and update."""
+    from flash_standin import use_flash_attention
+
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(vocab_size=len(WORDS), hidden_size=32, word_embed_proj_dim=32, ffn_dim=64,
+                                    num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                                    pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    transformers.OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
+    word_tokenizer(WORDS).save_pretrained(tmp_path / "opt")
+
+    def trainer(cls, out):
+        model = use_flash_attention(monkeypatch, transformers.OPTForCausalLM.from_pretrained(tmp_path / "opt"))
+        args = trl.SFTConfig(**_common(out, per_device_train_batch_size=4, padding_free=True, max_length=None))
+        return cls(model=model, args=args, train_dataset=_sft_dataset("text"),
+                   processing_class=_tokenizer(str(tmp_path / "opt")))
+
+    _compare(_run(trainer(trl.SFTTrainer, tmp_path / "trl")), _run(trainer(fa_trl.SFTTrainer, tmp_path / "fa")))
+
+
 def _labels_on_padding_collator(examples):
     """The plain Hugging Face convention: ``labels = input_ids`` with the padding (``<eos>``, attention 0) left
     scored, and a first token at -100; TRL's collators would write -100 on the padding."""

@@ -34,6 +34,19 @@ _MIXES_PACKED_ROWS = {
 }
 
 
+#: ``model_type``s whose ``transformers`` body, under flash attention, mixes the sequences of even a one-row packed
+#: batch: it hands its attention no position ids (GPT-Neo, GPTBigCode, CTRL, Persimmon and Fuyu, whose text model is
+#: Persimmon's) or, from ``[B, T]`` ids, no text positions (Qwen2-VL, Qwen2.5-VL, GLM-4V, GLM-4.6V, GLM-OCR,
+#: PaddleOCR-VL), so flash attention finds no restart to split at. Checked through transformers' own flash path.
+_FLASH_MIXES_PACKED_ROWS = frozenset(("gpt_neo", "gpt_bigcode", "ctrl", "persimmon", "fuyu", "qwen2_vl", "qwen2_5_vl",
+                                      "glm4v", "glm46v", "glm_ocr", "paddleocr_vl"))
+#: Those whose body does not hand its attention the ``cu_seq_lens_*`` / ``max_length_*`` keywords either.
+_FLASH_DROPS_VARLEN = frozenset(("gpt_neo",))
+#: The keywords that split a packed batch in transformers' flash path, given all together (TRL's padding-free
+#: collator writes them).
+_FLASH_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
 def _body(model):
     """The module that maps input_ids to the last hidden states (the model without its head): ``get_decoder()``,
     else the ``base_model_prefix`` attribute, else ``model.model``; for a vision-language model (a config with a
@@ -85,6 +98,16 @@ def _is_recurrent(model, body) -> bool:
     return any(t in _RECURRENT_LAYER_TYPES for t in (getattr(_text_config(model), "layer_types", None) or ()))
 
 
+def _flash_attention(model) -> Optional[str]:
+    """The decoder's flash-attention implementation (``flash_attention_2``, ``flash_attention_3``, a hub kernel such
+    as ``kernels-community/vllm-flash-attn3``: ``"flash"`` in its name, transformers' own test), else None. That
+    path ignores the causal mask the body builds: it splits the sequences of a packed row only in a batch of one row,
+    where the position ids equal the row's least (or at ``cu_seq_lens_q`` / ``cu_seq_lens_k`` given with
+    ``max_length_q`` / ``max_length_k``); the rows of a larger batch are each attended as one sequence."""
+    implementation = getattr(_text_config(model), "_attn_implementation", None)
+    return implementation if isinstance(implementation, str) and "flash" in implementation else None
+
+
 def _text_config(model):
     """The config the model's decoder reads: a vision-language model's text config, a text model's own."""
     config = getattr(model, "config", None)
@@ -105,29 +128,42 @@ def _restarts(text_positions: Tensor) -> Tensor:
     return (text_positions[:, 1:] - text_positions[:, :-1] != 1).any()
 
 
-def packed_rows_refusal(model, text_positions: bool = False) -> Optional[str]:
+def _restarts_off_the_least(text_positions: Tensor) -> Tensor:
+    """0-dim bool: whether a row's ids restart (:func:`_restarts`) at a value other than the row's least, where
+    flash attention starts a sequence."""
+    step = text_positions[:, 1:] - text_positions[:, :-1] != 1
+    return (step & (text_positions[:, 1:] != text_positions.amin(-1, keepdim=True))).any()
+
+
+def packed_rows_refusal(model, text_positions: bool = False, rows: int = 1, varlen: bool = False) -> Optional[str]:
     """Why the model's body would let the sequences of a packed row see each other (None if it splits them, as
     ``transformers`` does from position ids that restart, without an attention mask): a recurrent (state-space)
     body, :func:`_is_recurrent`, carries its state from one sequence into the next; a body that takes no
     ``position_ids`` builds its causal mask without them; one of :data:`_MIXES_PACKED_ROWS` mixes them (before the
     release given there; not, with ``text_positions``, a multimodal body whose mask ignores 2-D ids but splits
-    packed rows at the text positions of ``[4, B, T]`` ids). An architecture outside the checked table is refused
-    unless registered with ``packed_rows=True``."""
+    packed rows at the text positions of ``[4, B, T]`` ids). Under flash attention (:func:`_flash_attention`) the
+    mask plays no part: a batch of more than one row (``rows``) is mixed, and so is a packed row of a body of
+    :data:`_FLASH_MIXES_PACKED_ROWS`, unless ``varlen`` (the call carries :data:`_FLASH_VARLEN_KWARGS`) and the body
+    hands them on (not :data:`_FLASH_DROPS_VARLEN`). An architecture outside the checked table is refused unless
+    registered with ``packed_rows=True``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in _LISTED and model_type not in head_transforms._PACKED_ROWS_STATED:
         return (f"model_type {model_type!r} is not among the architectures checked for packed rows; state that its "
                 f"body splits them with fastalign.integrations.hf.register_head_transform({model_type!r}, ..., "
                 "packed_rows=True)")
-    if not _masks_split_packed_rows():
-        import transformers
-
-        return (f"transformers {transformers.__version__} builds the causal mask without splitting packed rows "
-                "(transformers 4.54 and later split them at restarting position ids)")
     body = _body(model)
     if _is_recurrent(model, body):
         return (f"the body of model_type {model_type!r} carries its recurrent (state-space) state from one packed "
                 "sequence into the next")
     how, since = _MIXES_PACKED_ROWS.get(model_type, (None, None))
+    flash = _flash_attention(model)
+    if flash is not None and how in (None, _MASK_WITHOUT_RESTARTS):
+        return _flash_refusal(model_type, flash, rows, varlen, text_positions, _takes_position_ids(type(body)))
+    if not _masks_split_packed_rows():
+        import transformers
+
+        return (f"transformers {transformers.__version__} builds the causal mask without splitting packed rows "
+                "(transformers 4.54 and later split them at restarting position ids)")
     if text_positions and how == _MASK_WITHOUT_RESTARTS:
         return None
     if (how is not None and (since is None or not _transformers_at_least(since))) or not _takes_position_ids(
@@ -140,20 +176,37 @@ def packed_rows_refusal(model, text_positions: bool = False) -> Optional[str]:
     return None
 
 
+def _flash_refusal(model_type, flash: str, rows: int, varlen: bool, text_positions: bool,
+                   takes_position_ids: bool) -> Optional[str]:
+    """:func:`packed_rows_refusal` under the flash attention ``flash``: None where it splits the packed rows."""
+    if rows > 1:
+        return (f"flash attention ({flash}) splits the packed sequences of a batch of one row only, and this batch "
+                f"has {rows}: each packed sequence would attend to the ones before it in its row; pack them into one "
+                "row [1, total] (as DataCollatorWithFlattening does)")
+    if varlen and model_type not in _FLASH_DROPS_VARLEN:
+        return None
+    if not takes_position_ids or (model_type in _FLASH_MIXES_PACKED_ROWS and not text_positions):
+        return (f"the transformers body of model_type {model_type!r} hands its flash attention ({flash}) no position "
+                "ids to split packed rows at, so each packed sequence would attend to the ones before it")
+    return None
+
+
 #: Keywords of an attention function that splits the packed sequences itself, whatever mask the body builds: TRL's
 #: tree attention (its AsyncGRPOTrainer packs samples sharing a prompt into one row, each segment attending to its
 #: root-to-segment path).
 _SPLITTING_ATTENTION_KWARGS = ("tree_cu_seqlens_q", "tree_kv_index")
 
 
-def _packed_rows_flag(model, attention_mask: Optional[Tensor], model_kwargs: dict) -> Optional[Tensor]:
+def _packed_rows_flag(model, attention_mask: Optional[Tensor], model_kwargs: dict, rows: int) -> Optional[Tensor]:
     """Refuses packed rows (``position_ids`` that do not step by 1 within a row, ``transformers``' rule, with no
-    ``attention_mask``) for a body that would not split them (:func:`packed_rows_refusal`). Multimodal rotary ids:
-    of ``[4, B, T]`` ones the first, the text positions, are read so (the body's mask splits packed rows at them,
-    so only a recurrent body refuses them); ``[3, B, T]`` ones by :func:`_multimodal_restart_flag`. A
-    ``ValueError`` for CPU position ids; on a GPU they are not read on the host, and the returned flag makes the
-    hidden states NaN (:func:`fastalign._validate.flag_or_raise`). None when nothing is to refuse, and when
-    ``model_kwargs`` carry an attention function's own split (:data:`_SPLITTING_ATTENTION_KWARGS`)."""
+    ``attention_mask``) for a body that would not split them (:func:`packed_rows_refusal`, of a batch of ``rows``
+    rows). Multimodal rotary ids: of ``[4, B, T]`` ones the first, the text positions, are read so (the body's mask
+    splits packed rows at them, so only a recurrent body refuses them); ``[3, B, T]`` ones by
+    :func:`_multimodal_restart_flag`. Under flash attention, which starts a sequence only where the ids equal the
+    row's least, ids that restart at another value are refused too. A ``ValueError`` for CPU position ids; on a GPU
+    they are not read on the host, and the returned flag makes the hidden states NaN
+    (:func:`fastalign._validate.flag_or_raise`). None when nothing is to refuse, and when ``model_kwargs`` carry an
+    attention function's own split (:data:`_SPLITTING_ATTENTION_KWARGS`)."""
     position_ids = model_kwargs.get("position_ids")
     if not isinstance(position_ids, Tensor) or attention_mask is not None:
         return None
@@ -164,7 +217,15 @@ def _packed_rows_flag(model, attention_mask: Optional[Tensor], model_kwargs: dic
     text = _text_positions(position_ids)
     if text is None:
         return None
-    unsplit = packed_rows_refusal(model, text_positions=position_ids.dim() == 3)
+    varlen = all(model_kwargs.get(key) is not None for key in _FLASH_VARLEN_KWARGS)
+    unsplit = packed_rows_refusal(model, text_positions=position_ids.dim() == 3, rows=rows, varlen=varlen)
+    flash = _flash_attention(model)
+    if unsplit is None and flash is not None and not varlen:
+        return _validate.flag_or_raise(
+            _restarts_off_the_least(text), position_ids,
+            lambda: (f"position_ids restart within a row at a value other than the row's least, where flash attention "
+                     f"({flash}) starts no sequence (each would attend to the ones before it); restart every "
+                     "sequence at the same id (0)"))
     if unsplit is None:
         return None
     return _validate.flag_or_raise(

@@ -69,7 +69,8 @@ class SFTTrainer(trl.SFTTrainer):
         if parallelism is not None and getattr(parallelism, "sp_enabled", False):
             raise ValueError("sequence parallelism is not supported by the fastalign SFTTrainer")
         unwrapped = self.accelerator.unwrap_model(self.model)
-        refusal = packed_rows_refusal(unwrapped) if self.padding_free else None  # TRL's: or packing by bfd
+        # padding_free (TRL's: or packing by bfd) rows: one row, with the flash-attention sequence keywords
+        refusal = packed_rows_refusal(unwrapped, varlen=True) if self.padding_free else None
         if refusal is not None:
             raise ValueError(f"SFTConfig: padding_free=True (or packing=True with packing_strategy 'bfd' or "
                              f"'bfd_split') packs sequences into rows whose position_ids restart, but {refusal}; set "
