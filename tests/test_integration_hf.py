@@ -1449,8 +1449,10 @@ def test_a_batch_of_packed_rows_under_flash_attention_is_refused(monkeypatch):
 
 def test_packed_ids_restarting_off_their_least_under_flash_attention_are_refused(monkeypatch):
     """Flash attention starts a packed sequence only where the ids equal the row's least: a sequence restarting at
-    1 after one from 0 is attended as part of it (by the model's own forward too), so it raises; every sequence
-    from 1 splits, each scored as alone."""
+    1 after one from 0 is attended as part of it (by the model's own forward too), so it raises; so does a row
+    opening with a sequence continued from an earlier row (5, 6, 7, 8, 0, ...), which flash attention does not
+    attend at all (the model's own outputs there are memory it never wrote: they changed from call to call, or were
+    NaN); every sequence from 1 splits, each scored as alone."""
     from flash_standin import use_flash_attention
 
     model = use_flash_attention(monkeypatch, tiny_model("llama"))
@@ -1461,7 +1463,35 @@ def test_packed_ids_restarting_off_their_least_under_flash_attention_are_refused
         own, separately = reference(model, input_ids, position_ids=off)[0], _separately(model, seqs)
         inside = separately != 0
         assert not torch.allclose(own[inside], separately[inside], atol=1e-2)  # the sequence from 1 sees the first
-        with pytest.raises(ValueError, match="restart within a row at a value other than the row's least"):
-            causal_lm_logprobs(model, input_ids, position_ids=off)
+        for ids in (off, torch.tensor([[5, 6, 7, 8, 0, 1, 2, 3, 4, 0, 1, 2]])):
+            with pytest.raises(ValueError, match="start a sequence at a value other than the row's least"):
+                causal_lm_logprobs(model, input_ids, position_ids=ids)
         got = causal_lm_logprobs(model, input_ids, position_ids=from_one).logprobs
     torch.testing.assert_close(got.double(), _separately(model, seqs), atol=1e-4, rtol=0)
+
+
+def test_packed_rows_with_a_new_cache_under_flash_attention_are_split(monkeypatch):
+    """Flash attention splits a one-row packed batch from its position ids whether or not the forward builds a KV
+    cache (the mask's rule, no cache, is not its rule): use_cache=True is scored as each sequence alone, and the
+    fused loss on such rows neither warns nor differs from the model's own loss; a cache already given still
+    raises."""
+    import warnings
+
+    from fastalign.integrations.hf import install_fused_loss
+    from flash_standin import use_flash_attention
+
+    model = use_flash_attention(monkeypatch, tiny_model("llama"))
+    seqs, input_ids, position_ids = _packed_row([4, 5, 3])
+    labels = input_ids.masked_fill(position_ids == 0, -100)
+    with torch.no_grad():
+        got = causal_lm_logprobs(model, input_ids, position_ids=position_ids, use_cache=True).logprobs
+        torch.testing.assert_close(got.double(), _separately(model, seqs), atol=1e-4, rtol=0)
+        with pytest.raises(ValueError, match="KV cache"):
+            causal_lm_logprobs(model, input_ids, position_ids=position_ids,
+                               past_key_values=transformers.DynamicCache())
+        own = model(input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=True).loss
+        install_fused_loss(model.train())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fused = model(input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=True).loss
+    torch.testing.assert_close(fused, own, atol=1e-5, rtol=1e-5)

@@ -63,7 +63,7 @@ from fastalign.integrations.hf.distributed import _forward_route, _inside_forwar
 from fastalign.integrations.hf.head_transforms import (  # noqa: F401
     HEAD_ROWS, HEAD_TRANSFORMS, _LISTED, _stated_transform, head_rows, head_transform, kept_head, known_head_transform,
     register_head_transform)
-from fastalign.integrations.hf.packing import _body, _packed_rows_flag, packed_rows_refusal
+from fastalign.integrations.hf.packing import _body, _flash_attention, _packed_rows_flag, packed_rows_refusal
 from fastalign.integrations.hf.peft import (  # noqa: F401
     _head, _peft_forward, head_adapters_refusal, peft_refusal, unwrap_peft)
 from fastalign.integrations.hf.targets import next_token_targets, packed_position_ids, shifted_targets
@@ -177,9 +177,11 @@ def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = N
         raise ValueError("return_dict does not apply: the body's outputs are read by name (leave it out)")
     batch = input_ids if input_ids is not None else model_kwargs.get("inputs_embeds")
     packed = _packed_rows_flag(model, attention_mask, model_kwargs, rows=1 if batch is None else batch.shape[0])
-    # No KV cache: transformers builds its per-sequence (packed) attention mask only without one.
-    if attention_mask is None and model_kwargs.get("position_ids") is not None and (
-            model_kwargs.get("use_cache") or model_kwargs.get("past_key_values") is not None):
+    # No KV cache: transformers builds its per-sequence (packed) attention mask only without one (flash attention
+    # splits packed rows from the position ids with a new cache too, not after a filled one).
+    caching = model_kwargs.get("past_key_values") is not None or (
+        model_kwargs.get("use_cache") and _flash_attention(model) is None)
+    if attention_mask is None and model_kwargs.get("position_ids") is not None and caching:
         raise ValueError("use_cache=True / past_key_values do not apply to rows given by position_ids without an "
                          "attention_mask: transformers splits packed sequences only without a KV cache")
     model_kwargs.setdefault("use_cache", False)

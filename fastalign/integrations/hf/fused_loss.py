@@ -28,7 +28,7 @@ from fastalign import _validate
 from fastalign.integrations.hf import (_aligned, head_operands, head_transform, head_transforms,
                                        load_balancing_loss_func, moe_setting, peft_refusal, router_aux_loss,
                                        unwrap_peft)
-from fastalign.integrations.hf.packing import _restarts, _text_config, _text_positions
+from fastalign.integrations.hf.packing import _flash_attention, _restarts, _text_config, _text_positions
 from fastalign.linear import linear_logprobs
 
 
@@ -195,9 +195,10 @@ def _packed_with_a_cache(call: dict, base) -> bool:
     the ones before it: ``position_ids`` without an ``attention_mask`` that restart within a row (read on the CPU;
     on a GPU, not read, taken as restarting; ``[4, B, T]`` ids by their first, the text positions), ``use_cache``
     on (given, else the decoder's config, the text config), and no gradient checkpointing with gradients on (which
-    turns the cache off)."""
+    turns the cache off). Not under flash attention, which splits packed rows from the position ids, a cache or
+    not."""
     ids = call.get("position_ids")
-    if not isinstance(ids, Tensor) or call.get("attention_mask") is not None:
+    if not isinstance(ids, Tensor) or call.get("attention_mask") is not None or _flash_attention(base) is not None:
         return False
     text = _text_positions(ids)  # None for [3, B, T] ids: no body splits their packed rows (they are refused)
     if text is None or (text.device.type == "cpu" and not bool(_restarts(text))):

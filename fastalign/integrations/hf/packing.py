@@ -128,11 +128,13 @@ def _restarts(text_positions: Tensor) -> Tensor:
     return (text_positions[:, 1:] - text_positions[:, :-1] != 1).any()
 
 
-def _restarts_off_the_least(text_positions: Tensor) -> Tensor:
-    """0-dim bool: whether a row's ids restart (:func:`_restarts`) at a value other than the row's least, where
-    flash attention starts a sequence."""
-    step = text_positions[:, 1:] - text_positions[:, :-1] != 1
-    return (step & (text_positions[:, 1:] != text_positions.amin(-1, keepdim=True))).any()
+def _starts_off_the_least(text_positions: Tensor) -> Tensor:
+    """0-dim bool: whether a sequence starts at an id other than its row's least, at the row's first token or at a
+    restart (:func:`_restarts`). Flash attention starts sequences only at the least id: it attends such a
+    sequence together with the one before it, and one that opens the row not at all (its outputs left unwritten)."""
+    least = text_positions.amin(-1, keepdim=True)
+    restart = text_positions[:, 1:] - text_positions[:, :-1] != 1
+    return (text_positions[:, :1] != least).any() | (restart & (text_positions[:, 1:] != least)).any()
 
 
 def packed_rows_refusal(model, text_positions: bool = False, rows: int = 1, varlen: bool = False) -> Optional[str]:
@@ -203,10 +205,10 @@ def _packed_rows_flag(model, attention_mask: Optional[Tensor], model_kwargs: dic
     rows). Multimodal rotary ids: of ``[4, B, T]`` ones the first, the text positions, are read so (the body's mask
     splits packed rows at them, so only a recurrent body refuses them); ``[3, B, T]`` ones by
     :func:`_multimodal_restart_flag`. Under flash attention, which starts a sequence only where the ids equal the
-    row's least, ids that restart at another value are refused too. A ``ValueError`` for CPU position ids; on a GPU
-    they are not read on the host, and the returned flag makes the hidden states NaN
-    (:func:`fastalign._validate.flag_or_raise`). None when nothing is to refuse, and when ``model_kwargs`` carry an
-    attention function's own split (:data:`_SPLITTING_ATTENTION_KWARGS`)."""
+    row's least, ids that start one at another value are refused too (:func:`_starts_off_the_least`). A
+    ``ValueError`` for CPU position ids; on a GPU they are not read on the host, and the returned flag makes the
+    hidden states NaN (:func:`fastalign._validate.flag_or_raise`). None when nothing is to refuse, and when
+    ``model_kwargs`` carry an attention function's own split (:data:`_SPLITTING_ATTENTION_KWARGS`)."""
     position_ids = model_kwargs.get("position_ids")
     if not isinstance(position_ids, Tensor) or attention_mask is not None:
         return None
@@ -222,10 +224,11 @@ def _packed_rows_flag(model, attention_mask: Optional[Tensor], model_kwargs: dic
     flash = _flash_attention(model)
     if unsplit is None and flash is not None and not varlen:
         return _validate.flag_or_raise(
-            _restarts_off_the_least(text), position_ids,
-            lambda: (f"position_ids restart within a row at a value other than the row's least, where flash attention "
-                     f"({flash}) starts no sequence (each would attend to the ones before it); restart every "
-                     "sequence at the same id (0)"))
+            _starts_off_the_least(text), position_ids,
+            lambda: (f"position_ids start a sequence at a value other than the row's least (at a restart, or at the "
+                     f"row's first token), where flash attention ({flash}) starts none: it would attend that "
+                     "sequence with the one before it, or, opening the row, not at all; start every sequence at the "
+                     "same id (0)"))
     if unsplit is None:
         return None
     return _validate.flag_or_raise(
