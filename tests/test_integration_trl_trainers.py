@@ -295,18 +295,23 @@ def test_sft_trainer_matches_trl(checkpoint, tmp_path, case, monkeypatch, item_p
     _compare(theirs, ours)
 
 
+def _opt_checkpoint(path):
+    """A tiny OPT (whose causal mask ignores the position ids) and a word tokenizer saved at ``path``."""
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(vocab_size=len(WORDS), hidden_size=32, word_embed_proj_dim=32, ffn_dim=64,
+                                    num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                                    pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    transformers.OPTForCausalLM(config).save_pretrained(path)
+    word_tokenizer(WORDS).save_pretrained(path)
+
+
 @pytest.mark.parametrize("options", [dict(padding_free=True, max_length=None), dict(packing=True, max_length=16)],
                          ids=["padding_free", "packing_bfd"])
 def test_sft_packed_rows_of_a_body_that_mixes_them_raise_at_construction(tmp_path, options):
     """OPT builds its causal mask without the position ids, so the rows that padding_free (or bfd packing) makes
     would let each sequence attend to the ones before it: the drop-in refuses them when it is built, naming the
     settings to change (wrapped packing, which packs without restarting positions, is taken)."""
-    torch.manual_seed(0)
-    config = transformers.OPTConfig(vocab_size=len(WORDS), hidden_size=32, word_embed_proj_dim=32, ffn_dim=64,
-                                    num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
-                                    pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    transformers.OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
-    word_tokenizer(WORDS).save_pretrained(tmp_path / "opt")
+    _opt_checkpoint(tmp_path / "opt")
     with pytest.raises(ValueError, match=r"SFTConfig: padding_free=True .*model_type 'opt' builds its causal mask "
                                          r"without the position ids.*set padding_free=False and packing=False"):
         _sft(fa_trl.SFTTrainer, str(tmp_path / "opt"), tmp_path / "fa", options, "text")
@@ -319,12 +324,7 @@ def test_sft_padding_free_under_flash_attention_matches_trl(tmp_path, monkeypatc
     sequence keywords) are split whatever its mask: the drop-in takes them and gives TRL's loss and update."""
     from flash_standin import use_flash_attention
 
-    torch.manual_seed(0)
-    config = transformers.OPTConfig(vocab_size=len(WORDS), hidden_size=32, word_embed_proj_dim=32, ffn_dim=64,
-                                    num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
-                                    pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    transformers.OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
-    word_tokenizer(WORDS).save_pretrained(tmp_path / "opt")
+    _opt_checkpoint(tmp_path / "opt")
 
     def trainer(cls, out):
         model = use_flash_attention(monkeypatch, transformers.OPTForCausalLM.from_pretrained(tmp_path / "opt"))
