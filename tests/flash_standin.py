@@ -34,8 +34,15 @@ def _attend(q, k, v, causal, softmax_scale, window_size, softcap):
     return torch.einsum("hts,shd->thd", weights, v).to(q.dtype)
 
 
+class OutOfBounds(ValueError):
+    """``cu_seqlens`` that reach past the tokens: flash-attn would read memory outside q, k and v."""
+
+
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, deterministic=False):
+    if int(cu_seqlens_q[-1]) > q.shape[0] or int(cu_seqlens_k[-1]) > k.shape[0]:
+        raise OutOfBounds(f"cu_seqlens end at {int(cu_seqlens_q[-1])} / {int(cu_seqlens_k[-1])} for {q.shape[0]} "
+                          f"queries and {k.shape[0]} keys")
     out = torch.empty_like(q)
     bounds = zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(),
                  cu_seqlens_k[:-1].tolist(), cu_seqlens_k[1:].tolist())

@@ -1322,9 +1322,10 @@ def test_a_misspelled_option_raises_naming_it(typo, option):
 
 # ----------------------------------------------------------------------------- packed rows under flash attention
 
-#: Listed architectures whose transformers flash-attention path raises on a packed row (a projection sized for
-#: another attention): no packed row of theirs reaches the head there.
-FLASH_RAISES = {"mimo_v2_flash"}
+#: Listed architectures whose transformers flash-attention path fails on a packed row: a projection sized for another
+#: attention (MiMo-V2-Flash); GLM-4.5V hands flash attention its rotary ids [3, B, T], which it reads as three
+#: sequences per row, past the tokens (flash-attn would read outside q, k and v, even for one sequence alone).
+FLASH_RAISES = {"mimo_v2_flash", "glm4v_moe"}
 
 
 def _composite(arch) -> bool:
@@ -1365,7 +1366,7 @@ def test_one_packed_row_under_flash_attention_is_split_or_refused(arch, monkeypa
     Qwen2-VL's family. With the cu_seq_lens / max_length keywords every body but GPT-Neo's splits them. A packed
     row is refused exactly where the model's own forward mixes its sequences."""
     from fastalign.integrations.hf import packing, packed_rows_refusal
-    from flash_standin import use_flash_attention
+    from flash_standin import OutOfBounds, use_flash_attention
 
     model = use_flash_attention(monkeypatch, _flash_model(arch))
     seqs, input_ids, position_ids = _packed_row([4, 5, 3])
@@ -1373,11 +1374,22 @@ def test_one_packed_row_under_flash_attention_is_split_or_refused(arch, monkeypa
         with pytest.raises(Exception):
             reference(model, input_ids, position_ids=position_ids)
         return
+
+    def splits(rows, **kwargs):
+        """Whether the model's own forward scores each of ``rows`` copies of the packed row as its sequences
+        alone (boundaries read past the tokens, GLM-4.5V's from its [3, B, T] rotary ids, are not a split)."""
+        ids = input_ids.expand(rows, -1)
+        try:
+            logits = model(input_ids=ids, position_ids=position_ids.expand(rows, -1), **kwargs).logits
+        except OutOfBounds:
+            return False
+        own = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+        return torch.allclose(own[:, inside[0]], separately[:, inside[0]].expand(rows, -1), atol=1e-4)
+
     with torch.no_grad():
         separately = _separately(model, seqs)
         inside = separately != 0  # not the entries predicting the next sequence's first token
-        own = reference(model, input_ids, position_ids=position_ids)[0]
-        mixed = not torch.allclose(own[inside], separately[inside], atol=1e-4)
+        mixed = not splits(1)
         refusal = packed_rows_refusal(model)
         if packing._is_recurrent(model, packing._body(model)):  # refused whatever the attention (tested above)
             assert refusal is not None
@@ -1389,16 +1401,17 @@ def test_one_packed_row_under_flash_attention_is_split_or_refused(arch, monkeypa
         else:
             with pytest.raises(ValueError, match=f"model_type '{arch}' hands its flash attention"):
                 causal_lm_logprobs(model, input_ids, position_ids=position_ids)
-        # with the sequence keywords of TRL's padding-free collator, which flash attention splits at
-        cu = torch.tensor([0, 4, 9, 12], dtype=torch.int32)
-        varlen = dict(position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5, max_length_k=5)
-        logits = model(input_ids=input_ids, **varlen).logits[:, :-1].double()
-        own = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None])[..., 0]
-        mixed = not torch.allclose(own[inside], separately[inside], atol=1e-4)
-        assert (packed_rows_refusal(model, varlen=True) is not None) == mixed
-        if not mixed:
-            got = causal_lm_logprobs(model, input_ids, **varlen).logprobs
-            torch.testing.assert_close(got.double(), separately, atol=1e-4, rtol=0)
+        # with the sequence keywords of TRL's padding-free collator, which flash attention splits at, over one row
+        # and over two (the keywords span the flattened batch)
+        for rows in (1, 2):
+            cu = torch.tensor([0, 4, 9, 12] if rows == 1 else [0, 4, 9, 12, 16, 21, 24], dtype=torch.int32)
+            varlen = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5, max_length_k=5)
+            mixed = not splits(rows, **varlen)
+            assert (packed_rows_refusal(model, rows=rows, varlen=True) is not None) == mixed, rows
+            if not mixed:
+                got = causal_lm_logprobs(model, input_ids.expand(rows, -1), position_ids=position_ids.expand(rows, -1),
+                                         **varlen).logprobs
+                torch.testing.assert_close(got.double(), separately.expand(rows, -1), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "glm4v"])
@@ -1434,9 +1447,10 @@ def test_a_batch_of_packed_rows_under_flash_attention_is_refused(monkeypatch):
         own, separately = reference(model, two_rows, position_ids=two_ids)[0][:1], _separately(model, seqs)
         inside = separately != 0
         assert not torch.allclose(own[inside], separately[inside], atol=1e-2)  # the model's forward mixes them
-        with pytest.raises(ValueError, match="batch of one row only, and this batch has 2"):
+        one_row_only = r"batch of one row only \(or given the cu_seq_lens .*\), and this batch has 2"
+        with pytest.raises(ValueError, match=one_row_only):
             causal_lm_logprobs(model, two_rows, position_ids=two_ids)
-        with pytest.raises(ValueError, match="batch of one row only, and this batch has 2"):
+        with pytest.raises(ValueError, match=one_row_only):
             causal_lm_logprobs(model, two_rows, position_ids=position_ids)  # one row of ids for both
         plain = torch.arange(12).expand(2, -1)
         got = causal_lm_logprobs(model, two_rows, position_ids=plain).logprobs

@@ -175,8 +175,8 @@ def head_operands(model, input_ids: Tensor, attention_mask: Optional[Tensor] = N
         raise TypeError(f"head_dtype must be torch.float32, torch.bfloat16 or torch.float16, got {head_dtype}")
     if model_kwargs.pop("return_dict", None) is not None:  # None: unset, as PEFT's forward passes it on
         raise ValueError("return_dict does not apply: the body's outputs are read by name (leave it out)")
-    batch = input_ids if input_ids is not None else model_kwargs.get("inputs_embeds")
-    packed = _packed_rows_flag(model, attention_mask, model_kwargs, rows=1 if batch is None else batch.shape[0])
+    inputs = input_ids if input_ids is not None else model_kwargs.get("inputs_embeds")
+    packed = _packed_rows_flag(model, attention_mask, model_kwargs, rows=1 if inputs is None else inputs.shape[0])
     # No KV cache: transformers builds its per-sequence (packed) attention mask only without one (flash attention
     # splits packed rows from the position ids with a new cache too, not after a filled one).
     caching = model_kwargs.get("past_key_values") is not None or (

@@ -34,14 +34,18 @@ _MIXES_PACKED_ROWS = {
 }
 
 
-#: ``model_type``s whose ``transformers`` body, under flash attention, mixes the sequences of even a one-row packed
-#: batch: it hands its attention no position ids (GPT-Neo, GPTBigCode, CTRL, Persimmon and Fuyu, whose text model is
-#: Persimmon's) or, from ``[B, T]`` ids, no text positions (Qwen2-VL, Qwen2.5-VL, GLM-4V, GLM-4.6V, GLM-OCR,
-#: PaddleOCR-VL), so flash attention finds no restart to split at. Checked through transformers' own flash path.
-_FLASH_MIXES_PACKED_ROWS = frozenset(("gpt_neo", "gpt_bigcode", "ctrl", "persimmon", "fuyu", "qwen2_vl", "qwen2_5_vl",
-                                      "glm4v", "glm46v", "glm_ocr", "paddleocr_vl"))
-#: Those whose body does not hand its attention the ``cu_seq_lens_*`` / ``max_length_*`` keywords either.
-_FLASH_DROPS_VARLEN = frozenset(("gpt_neo",))
+#: ``model_type`` -> (what its ``transformers`` body hands its flash attention where a packed row's position ids are
+#: due, whether the text positions of ``[4, B, T]`` ids reach it instead): flash attention then finds no sequence
+#: boundary (or wrong ones) to split even a one-row packed batch at. Checked through transformers' own flash path.
+_FLASH_POSITIONS = {
+    **dict.fromkeys(("gpt_neo", "gpt_bigcode", "ctrl", "persimmon", "fuyu"), ("no position ids", False)),
+    **dict.fromkeys(("qwen2_vl", "qwen2_5_vl", "glm4v", "glm46v", "glm_ocr", "paddleocr_vl"),
+                    ("no text positions from [B, T] ids", True)),
+    "glm4v_moe": ("its multimodal rotary ids [3, B, T] whatever ids it is given", False),
+}
+#: Those whose body does not hand its flash attention the ``cu_seq_lens_*`` / ``max_length_*`` keywords: only the
+#: position ids of a one-row batch split their packed rows there.
+_FLASH_DROPS_VARLEN = frozenset(("gpt_neo", "stablelm", "falcon", "nemotron"))
 #: The keywords that split a packed batch in transformers' flash path, given all together (TRL's padding-free
 #: collator writes them).
 _FLASH_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -101,9 +105,10 @@ def _is_recurrent(model, body) -> bool:
 def _flash_attention(model) -> Optional[str]:
     """The decoder's flash-attention implementation (``flash_attention_2``, ``flash_attention_3``, a hub kernel such
     as ``kernels-community/vllm-flash-attn3``: ``"flash"`` in its name, transformers' own test), else None. That
-    path ignores the causal mask the body builds: it splits the sequences of a packed row only in a batch of one row,
-    where the position ids equal the row's least (or at ``cu_seq_lens_q`` / ``cu_seq_lens_k`` given with
-    ``max_length_q`` / ``max_length_k``); the rows of a larger batch are each attended as one sequence."""
+    path ignores the causal mask the body builds: it splits the sequences of a packed row at ``cu_seq_lens_q`` /
+    ``cu_seq_lens_k`` given with ``max_length_q`` / ``max_length_k`` (over the flattened batch), else only in a batch
+    of one row, where the position ids equal the row's least; without the keywords the rows of a larger batch are
+    each attended as one sequence."""
     implementation = getattr(_text_config(model), "_attn_implementation", None)
     return implementation if isinstance(implementation, str) and "flash" in implementation else None
 
@@ -123,9 +128,15 @@ def _text_positions(position_ids: Tensor) -> Optional[Tensor]:
     return position_ids[0] if position_ids.dim() == 3 and position_ids.shape[0] == 4 else None
 
 
+def _restart_steps(text_positions: Tensor) -> Tensor:
+    """``[B, T-1]`` bool: where the ids restart, from position ``t`` to ``t+1`` (they do not step by 1,
+    ``transformers``' rule)."""
+    return text_positions[:, 1:] - text_positions[:, :-1] != 1
+
+
 def _restarts(text_positions: Tensor) -> Tensor:
-    """0-dim bool: whether the ids restart within a row (do not step by 1, ``transformers``' rule)."""
-    return (text_positions[:, 1:] - text_positions[:, :-1] != 1).any()
+    """0-dim bool: whether the ids restart within a row (:func:`_restart_steps`)."""
+    return _restart_steps(text_positions).any()
 
 
 def _starts_off_the_least(text_positions: Tensor) -> Tensor:
@@ -133,8 +144,8 @@ def _starts_off_the_least(text_positions: Tensor) -> Tensor:
     restart (:func:`_restarts`). Flash attention starts sequences only at the least id: it attends such a
     sequence together with the one before it, and one that opens the row not at all (its outputs left unwritten)."""
     least = text_positions.amin(-1, keepdim=True)
-    restart = text_positions[:, 1:] - text_positions[:, :-1] != 1
-    return (text_positions[:, :1] != least).any() | (restart & (text_positions[:, 1:] != least)).any()
+    starts_off = _restart_steps(text_positions) & (text_positions[:, 1:] != least)
+    return (text_positions[:, :1] != least).any() | starts_off.any()
 
 
 def packed_rows_refusal(model, text_positions: bool = False, rows: int = 1, varlen: bool = False) -> Optional[str]:
@@ -145,9 +156,9 @@ def packed_rows_refusal(model, text_positions: bool = False, rows: int = 1, varl
     release given there; not, with ``text_positions``, a multimodal body whose mask ignores 2-D ids but splits
     packed rows at the text positions of ``[4, B, T]`` ids). Under flash attention (:func:`_flash_attention`) the
     mask plays no part: a batch of more than one row (``rows``) is mixed, and so is a packed row of a body of
-    :data:`_FLASH_MIXES_PACKED_ROWS`, unless ``varlen`` (the call carries :data:`_FLASH_VARLEN_KWARGS`) and the body
-    hands them on (not :data:`_FLASH_DROPS_VARLEN`). An architecture outside the checked table is refused unless
-    registered with ``packed_rows=True``."""
+    :data:`_FLASH_POSITIONS`, unless ``varlen`` (the call carries :data:`_FLASH_VARLEN_KWARGS`) and the body hands
+    them on (not :data:`_FLASH_DROPS_VARLEN`), which splits a batch of any number of rows. An architecture outside
+    the checked table is refused unless registered with ``packed_rows=True``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in _LISTED and model_type not in head_transforms._PACKED_ROWS_STATED:
         return (f"model_type {model_type!r} is not among the architectures checked for packed rows; state that its "
@@ -181,15 +192,19 @@ def packed_rows_refusal(model, text_positions: bool = False, rows: int = 1, varl
 def _flash_refusal(model_type, flash: str, rows: int, varlen: bool, text_positions: bool,
                    takes_position_ids: bool) -> Optional[str]:
     """:func:`packed_rows_refusal` under the flash attention ``flash``: None where it splits the packed rows."""
-    if rows > 1:
-        return (f"flash attention ({flash}) splits the packed sequences of a batch of one row only, and this batch "
-                f"has {rows}: each packed sequence would attend to the ones before it in its row; pack them into one "
-                "row [1, total] (as DataCollatorWithFlattening does)")
     if varlen and model_type not in _FLASH_DROPS_VARLEN:
         return None
-    if not takes_position_ids or (model_type in _FLASH_MIXES_PACKED_ROWS and not text_positions):
-        return (f"the transformers body of model_type {model_type!r} hands its flash attention ({flash}) no position "
-                "ids to split packed rows at, so each packed sequence would attend to the ones before it")
+    if rows > 1:
+        return (f"flash attention ({flash}) splits the packed sequences of a batch of one row only (or given the "
+                f"cu_seq_lens / max_length keywords), and this batch has {rows}: each packed sequence would attend to "
+                "the ones before it in its row; pack them into one row [1, total] (as DataCollatorWithFlattening "
+                "does)")
+    what, text_positions_reach = _FLASH_POSITIONS.get(model_type, (None, False))
+    if not takes_position_ids:
+        what = "no position ids"
+    if what is not None and not (text_positions and text_positions_reach):
+        return (f"the transformers body of model_type {model_type!r} hands its flash attention ({flash}) {what}, so "
+                "it does not split packed rows at their sequences: each would attend to the ones before it")
     return None
 
 
