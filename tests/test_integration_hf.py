@@ -1482,6 +1482,12 @@ def test_packed_ids_restarting_off_their_least_under_flash_attention_are_refused
                 causal_lm_logprobs(model, input_ids, position_ids=ids)
         got = causal_lm_logprobs(model, input_ids, position_ids=from_one).logprobs
     torch.testing.assert_close(got.double(), _separately(model, seqs), atol=1e-4, rtol=0)
+    # StableLM's body drops the cu_seq_lens / max_length keywords: its ids split the row whatever the call gives
+    stablelm = use_flash_attention(monkeypatch, _flash_model("stablelm"))
+    cu = torch.tensor([0, 4, 9, 12], dtype=torch.int32)
+    with torch.no_grad(), pytest.raises(ValueError, match="start a sequence at a value other than the row's least"):
+        causal_lm_logprobs(stablelm, input_ids, position_ids=off, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5,
+                           max_length_k=5)
 
 
 def test_packed_rows_with_a_new_cache_under_flash_attention_are_split(monkeypatch):

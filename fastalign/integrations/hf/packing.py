@@ -189,10 +189,16 @@ def packed_rows_refusal(model, text_positions: bool = False, rows: int = 1, varl
     return None
 
 
+def _keywords_split(model_type, varlen: bool) -> bool:
+    """Whether flash attention splits the packed rows at the call's cu_seq_lens / max_length keywords (``varlen``):
+    the body hands them on (not :data:`_FLASH_DROPS_VARLEN`); else the position ids of a one-row batch do."""
+    return varlen and model_type not in _FLASH_DROPS_VARLEN
+
+
 def _flash_refusal(model_type, flash: str, rows: int, varlen: bool, text_positions: bool,
                    takes_position_ids: bool) -> Optional[str]:
     """:func:`packed_rows_refusal` under the flash attention ``flash``: None where it splits the packed rows."""
-    if varlen and model_type not in _FLASH_DROPS_VARLEN:
+    if _keywords_split(model_type, varlen):
         return None
     if rows > 1:
         return (f"flash attention ({flash}) splits the packed sequences of a batch of one row only (or given the "
@@ -237,7 +243,8 @@ def _packed_rows_flag(model, attention_mask: Optional[Tensor], model_kwargs: dic
     varlen = all(model_kwargs.get(key) is not None for key in _FLASH_VARLEN_KWARGS)
     unsplit = packed_rows_refusal(model, text_positions=position_ids.dim() == 3, rows=rows, varlen=varlen)
     flash = _flash_attention(model)
-    if unsplit is None and flash is not None and not varlen:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if unsplit is None and flash is not None and not _keywords_split(model_type, varlen):  # split by the ids
         return _validate.flag_or_raise(
             _starts_off_the_least(text), position_ids,
             lambda: (f"position_ids start a sequence at a value other than the row's least (at a restart, or at the "
