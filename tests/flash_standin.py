@@ -43,7 +43,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     if int(cu_seqlens_q[-1]) > q.shape[0] or int(cu_seqlens_k[-1]) > k.shape[0]:
         raise OutOfBounds(f"cu_seqlens end at {int(cu_seqlens_q[-1])} / {int(cu_seqlens_k[-1])} for {q.shape[0]} "
                           f"queries and {k.shape[0]} keys")
-    out = torch.empty_like(q)
+    out = torch.full_like(q, math.nan)  # tokens outside every sequence are left unwritten, as by flash-attn
     bounds = zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(),
                  cu_seqlens_k[:-1].tolist(), cu_seqlens_k[1:].tolist())
     for q0, q1, k0, k1 in bounds:

@@ -1412,6 +1412,43 @@ def test_one_packed_row_under_flash_attention_is_split_or_refused(arch, monkeypa
                 got = causal_lm_logprobs(model, input_ids.expand(rows, -1), position_ids=position_ids.expand(rows, -1),
                                          **varlen).logprobs
                 torch.testing.assert_close(got.double(), separately.expand(rows, -1), atol=1e-4, rtol=0)
+            if rows == 1:  # cu_seqlens= hands the keywords on, refused exactly where the keywords and ids mix the row
+                by_keywords = not mixed
+        if by_keywords:
+            got = causal_lm_logprobs(model, input_ids, cu_seqlens=torch.tensor([0, 4, 9, 12])).logprobs
+            torch.testing.assert_close(got.double(), separately, atol=1e-4, rtol=0)
+        else:
+            with pytest.raises(ValueError, match=f"cu_seqlens: .*model_type '{arch}'"):
+                causal_lm_logprobs(model, input_ids, cu_seqlens=torch.tensor([0, 4, 9, 12]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_bigcode"])
+def test_cu_seqlens_under_flash_attention_are_its_keywords(arch, monkeypatch):
+    """Under flash attention causal_lm_logprobs(cu_seqlens=) hands the body the cu_seq_lens / max_length keywords:
+    transformers derives no offsets from the position ids (a host read in every layer), GPTBigCode's packed row
+    (whose body hands flash attention no position ids, refused before) is each sequence alone, and the padding past
+    cu_seqlens[-1] joins the last sequence (flash attention leaves tokens outside every sequence unwritten: NaN
+    gradients). Keywords given beside cu_seqlens raise."""
+    import transformers.modeling_flash_attention_utils as utils
+    from flash_standin import use_flash_attention
+
+    def never(*args, **kwargs):
+        raise AssertionError("offsets derived from the position ids")
+
+    model = use_flash_attention(monkeypatch, _flash_model(arch))
+    seqs, input_ids, _ = _packed_row([4, 5, 3])
+    padded = torch.cat([input_ids, torch.full((1, 2), 3)], 1)
+    with torch.no_grad():
+        separately = _separately(model, seqs)
+    monkeypatch.setattr(utils, "_is_packed_sequence", never)
+    monkeypatch.setattr(utils, "prepare_fa_kwargs_from_position_ids", never)
+    stats = causal_lm_logprobs(model, padded, cu_seqlens=torch.tensor([0, 4, 9, 12]), entropy=True)
+    torch.testing.assert_close(stats.logprobs[:, :11].double(), separately, atol=1e-4, rtol=0)
+    assert (stats.logprobs[:, 11:] == 0).all()
+    (stats.logprobs.sum() + stats.entropy.sum()).backward()
+    assert all(p.grad is None or p.grad.isfinite().all() for p in model.parameters())
+    with pytest.raises(ValueError, match="give cu_seqlens or max_length_q, not both"):
+        causal_lm_logprobs(model, padded, cu_seqlens=torch.tensor([0, 4, 9, 12]), max_length_q=5)
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "glm4v"])

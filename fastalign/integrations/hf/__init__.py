@@ -63,7 +63,8 @@ from fastalign.integrations.hf.distributed import _forward_route, _inside_forwar
 from fastalign.integrations.hf.head_transforms import (  # noqa: F401
     HEAD_ROWS, HEAD_TRANSFORMS, _LISTED, _stated_transform, head_rows, head_transform, kept_head, known_head_transform,
     register_head_transform)
-from fastalign.integrations.hf.packing import _body, _flash_attention, _packed_rows_flag, packed_rows_refusal
+from fastalign.integrations.hf.packing import (
+    _FLASH_VARLEN_KWARGS, _body, _flash_attention, _flash_varlen_keywords, _packed_rows_flag, packed_rows_refusal)
 from fastalign.integrations.hf.peft import (  # noqa: F401
     _head, _peft_forward, head_adapters_refusal, peft_refusal, unwrap_peft)
 from fastalign.integrations.hf.targets import next_token_targets, packed_position_ids, shifted_targets
@@ -335,9 +336,13 @@ def causal_lm_logprobs(
             ``input_ids [1, total]``, instead of ``position_ids`` (which are then made from it
             on device). Tokens past ``cu_seqlens[-1]`` are padding, unscored. Malformed offsets
             raise for CPU tensors; on a GPU they are not read on the host and make every
-            statistic NaN. With a model loaded with ``attn_implementation="flash_attention_2"``
-            ``transformers`` runs flash-attn's variable-length kernel on these packed rows.
-            A body that does not split packed rows (as for ``position_ids``) raises a ValueError.
+            statistic NaN. Under flash attention (a model loaded with
+            ``attn_implementation="flash_attention_2"``, say) they reach flash-attn's variable-length kernel as the
+            ``cu_seq_lens_q/k`` and ``max_length_q/k`` keywords (not given beside ``cu_seqlens``), which split the row
+            for every body that hands them on: ``transformers`` derives no offsets from the position ids in every
+            layer, and the longest sequence is read on the host once (device offsets: one read per call).
+            A body that does not split packed rows (as for ``position_ids``, or under flash attention GPT-Neo's,
+            which drops the keywords and hands it no position ids) raises a ValueError.
         temperature: the logits are divided by it (after the head transform).
         entropy: compute the entropy too.
         sum_p2, argmax: compute :math:`\sum_j p_j^2` and the argmax too (as
@@ -441,12 +446,18 @@ def causal_lm_logprobs(
                              "past cu_seqlens[-1] are padding, unscored)")
         if shape[0] != 1:
             raise ValueError(f"cu_seqlens describes one packed row: input_ids must be [1, total], got {tuple(shape)}")
+        given = [key for key in _FLASH_VARLEN_KWARGS if key in model_kwargs]
+        if given:
+            raise ValueError(f"give cu_seqlens or {', '.join(given)}, not both: cu_seqlens makes the flash-attention "
+                             "keywords")
         malformed = _validate.offsets("cu_seqlens", cu_seqlens, shape[1], device=input_ids.device)
-        unsplit = packed_rows_refusal(model)
+        varlen = _flash_varlen_keywords(model, cu_seqlens, shape[1])
+        unsplit = packed_rows_refusal(model, varlen=bool(varlen))
         if unsplit is not None:
             raise ValueError(f"cu_seqlens: {unsplit}; score each sequence in its own row (padded, with "
                              "attention_mask) instead")
         position_ids, past_end = packed_position_ids(cu_seqlens, shape[1])
+        model_kwargs.update(varlen)  # under flash attention: its own split, no offsets derived in every layer
     if "logits_to_keep" in model_kwargs or "num_logits_to_keep" in model_kwargs:
         raise ValueError("logits_to_keep does not apply: no logits are computed")
     _refuse_misspelled_options(model, model_kwargs)

@@ -113,6 +113,26 @@ def _flash_attention(model) -> Optional[str]:
     return implementation if isinstance(implementation, str) and "flash" in implementation else None
 
 
+def _model_type(model) -> Optional[str]:
+    """The model's ``config.model_type`` (None without one)."""
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def _flash_varlen_keywords(model, cu_seqlens: Tensor, total: int) -> dict:
+    """The :data:`_FLASH_VARLEN_KWARGS` that split one packed row ``[1, total]`` at ``cu_seqlens`` under flash
+    attention, for a body that hands them on (:func:`_keywords_split`); empty under any other attention. Tokens past
+    ``cu_seqlens[-1]`` (padding, unscored) join the last sequence, after it; offsets are clamped into ``[0, total]``,
+    never decreasing, so that malformed ones (refused, or flagged NaN, by the caller) read no memory past the tokens.
+    ``max_length`` is the longest sequence, read on the host: free for CPU offsets, one read of device ones (where
+    ``transformers`` would derive the offsets from the position ids in every layer, with reads of its own)."""
+    if _flash_attention(model) is None or not _keywords_split(_model_type(model), True):
+        return {}
+    cu = torch.cummax(cu_seqlens.clamp(0, total), 0).values.to(torch.int32)
+    cu = torch.cat([torch.zeros_like(cu[:1]), cu[1:-1], torch.full_like(cu[:1], total)])
+    longest = int((cu[1:] - cu[:-1]).max())
+    return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+
+
 def _text_config(model):
     """The config the model's decoder reads: a vision-language model's text config, a text model's own."""
     config = getattr(model, "config", None)
@@ -159,7 +179,7 @@ def packed_rows_refusal(model, text_positions: bool = False, rows: int = 1, varl
     :data:`_FLASH_POSITIONS`, unless ``varlen`` (the call carries :data:`_FLASH_VARLEN_KWARGS`) and the body hands
     them on (not :data:`_FLASH_DROPS_VARLEN`), which splits a batch of any number of rows. An architecture outside
     the checked table is refused unless registered with ``packed_rows=True``."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = _model_type(model)
     if model_type not in _LISTED and model_type not in head_transforms._PACKED_ROWS_STATED:
         return (f"model_type {model_type!r} is not among the architectures checked for packed rows; state that its "
                 f"body splits them with fastalign.integrations.hf.register_head_transform({model_type!r}, ..., "
@@ -243,8 +263,7 @@ def _packed_rows_flag(model, attention_mask: Optional[Tensor], model_kwargs: dic
     varlen = all(model_kwargs.get(key) is not None for key in _FLASH_VARLEN_KWARGS)
     unsplit = packed_rows_refusal(model, text_positions=position_ids.dim() == 3, rows=rows, varlen=varlen)
     flash = _flash_attention(model)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if unsplit is None and flash is not None and not _keywords_split(model_type, varlen):  # split by the ids
+    if unsplit is None and flash is not None and not _keywords_split(_model_type(model), varlen):  # split by the ids
         return _validate.flag_or_raise(
             _starts_off_the_least(text), position_ids,
             lambda: (f"position_ids start a sequence at a value other than the row's least (at a restart, or at the "
