@@ -268,12 +268,13 @@ def cuda_kernels_usable(device) -> bool:
     else:
         driver, runtime, count, error = _C.cuda_runtime_status()
         archs = _C.build_info()["cuda_archs"]
-        major, minor = torch.cuda.get_device_capability(index)
         if error or count == 0:
             reason = (f"the CUDA driver ({driver // 1000}.{driver % 1000 // 10}) cannot run kernels built with "
                       f"CUDA {runtime // 1000}.{runtime % 1000 // 10}: {error or 'no device'}")
-        elif not _arch_runs(archs, 10 * major + minor):
-            reason = f"its CUDA kernels are built for sm_{archs.replace(',', ', sm_')}, not sm_{major}{minor}"
+        else:
+            major, minor = torch.cuda.get_device_capability(index)
+            if not _arch_runs(archs, 10 * major + minor):
+                reason = f"its CUDA kernels are built for sm_{archs.replace(',', ', sm_')}, not sm_{major}{minor}"
     _cuda_usable[index] = reason is None
     if reason is not None:
         import warnings
