@@ -258,9 +258,10 @@ def linear_stats_bwd_kernel(
         tl.store(db_ptr + tl.program_id(0).to(tl.int64) * V + cols, tl.sum(du, 0), mask=col_ok)
 
 
-def _config(hidden, backward=False, mean_logit=False, argmax=False):
+def _config(hidden, backward=False, mean_logit=False, argmax=False, reduces_tile=False):
     """Tile sizes: tensor-core tiles on a GPU, sized per architecture so that no bf16/fp16 variant
-    spills (the AOT gate checks it); small tiles (fast to interpret) on CPU tensors."""
+    spills (the AOT gate checks it); small tiles (fast to interpret) on CPU tensors. ``reduces_tile``: the backward
+    reduces its d(logits) tile across rows (the skip test, the bias gradient)."""
     if not on_gpu(hidden):
         return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32, UPCAST=True), {}
     ieee = matmul_precision(hidden) == "ieee"
@@ -268,6 +269,9 @@ def _config(hidden, backward=False, mean_logit=False, argmax=False):
     block_h = 64 if hidden.element_size() == 2 else 16 if ieee else 32
     # 128 x 128 forward tiles spill on sm_80 and sm_100, with full-fp32 products on sm_90, and there with the mean
     # logit's running sum or the argmax's tile of logits beside the other statistics
+    if backward and reduces_tile and target_arch() == 80 and not ieee:
+        # such a tile held 128 registers with 8 warps and spilled on sm_80 (Triton 3.6); 4 warps take 255, unspilled
+        return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=block_h, UPCAST=False), dict(num_warps=4, num_stages=3)
     if backward or target_arch() != 90 or ieee or mean_logit or argmax:
         return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=block_h, UPCAST=False), dict(num_warps=8, num_stages=3)
     return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=block_h, UPCAST=False), dict(num_warps=8, num_stages=3)
@@ -349,7 +353,7 @@ def linear_stats_backward(hidden, weight, bias, low_rank, labels, lse, ent, sp2,
     logit (over this weight's vocabulary)."""
     N, H = hidden.shape
     V = weight.shape[0]
-    blocks, launch = _config(hidden, backward=True)
+    blocks, launch = _config(hidden, backward=True, reduces_tile=threshold > 0 or db is not None)
     grid = (triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(V, blocks["BLOCK_V"]))
     dummy = lse
     db_part = None if db is None else torch.empty(grid[0], V, dtype=torch.float32, device=du.device)
