@@ -4,6 +4,7 @@ Tiny randomly initialised models built from transformers config classes (no down
 The reference is the model's own forward (its logits, softcapping and logit scaling
 included), log-softmaxed in float64 and gathered at the next token.
 """
+import re
 import sys
 from types import SimpleNamespace
 from unittest import mock
@@ -1324,8 +1325,10 @@ def test_a_misspelled_option_raises_naming_it(typo, option):
 
 #: Listed architectures whose transformers flash-attention path fails on a packed row: a projection sized for another
 #: attention (MiMo-V2-Flash); GLM-4.5V hands flash attention its rotary ids [3, B, T], which it reads as three
-#: sequences per row, past the tokens (flash-attn would read outside q, k and v, even for one sequence alone).
-FLASH_RAISES = {"mimo_v2_flash", "glm4v_moe"}
+#: sequences per row, past the tokens (flash-attn would read outside q, k and v, even for one sequence alone). Falcon's
+#: flash attention class before transformers 5.25 adds a mask it was not given.
+FLASH_RAISES = {"mimo_v2_flash", "glm4v_moe",
+                *(() if Version(transformers.__version__) >= Version("5.25") else ("falcon",))}
 
 
 def _composite(arch) -> bool:
@@ -1422,6 +1425,33 @@ def test_one_packed_row_under_flash_attention_is_split_or_refused(arch, monkeypa
                 causal_lm_logprobs(model, input_ids, cu_seqlens=torch.tensor([0, 4, 9, 12]))
 
 
+def test_flash_attention_of_older_bodies_is_read_by_release(monkeypatch):
+    """Before transformers 5.23 (Ministral 3), 5.24 (GPT-J) and 5.25 (Cohere Compass) these bodies ran flash attention
+    through classes of their own that hand it no position ids (each release from 5.13 on checked with the test above):
+    their one-row packed batches were mixed, and scored as split. Such a release refuses them (the cu_seq_lens
+    keywords still split Ministral 3's and Cohere Compass's rows, not GPT-J's); a newer one scores them."""
+    from fastalign.integrations.hf import head_transforms, packed_rows_refusal
+    from flash_standin import use_flash_attention
+
+    models = {arch: use_flash_attention(monkeypatch, _flash_model(arch))
+              for arch in ("ministral3", "gptj", "cohere_compass_text")}
+    installed = sys.modules["transformers"]
+    try:
+        monkeypatch.setattr(installed, "__version__", "5.22.0")
+        head_transforms._transformers_at_least.cache_clear()
+        for arch, model in models.items():
+            assert re.search(r"no position ids before transformers 5\.2[345] \(this is 5\.22\.0\)",
+                             packed_rows_refusal(model)), arch
+            assert (packed_rows_refusal(model, varlen=True) is None) == (arch != "gptj"), arch
+        monkeypatch.setattr(installed, "__version__", "5.25.0")
+        head_transforms._transformers_at_least.cache_clear()
+        for arch, model in models.items():
+            assert packed_rows_refusal(model) is None and packed_rows_refusal(model, varlen=True) is None, arch
+    finally:
+        monkeypatch.undo()
+        head_transforms._transformers_at_least.cache_clear()
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt_bigcode"])
 def test_cu_seqlens_under_flash_attention_are_its_keywords(arch, monkeypatch):
     """Under flash attention causal_lm_logprobs(cu_seqlens=) hands the body the cu_seq_lens / max_length keywords:
@@ -1440,8 +1470,7 @@ def test_cu_seqlens_under_flash_attention_are_its_keywords(arch, monkeypatch):
     padded = torch.cat([input_ids, torch.full((1, 2), 3)], 1)
     with torch.no_grad():
         separately = _separately(model, seqs)
-    monkeypatch.setattr(utils, "_is_packed_sequence", never)
-    monkeypatch.setattr(utils, "prepare_fa_kwargs_from_position_ids", never)
+    monkeypatch.setattr(utils, "_prepare_from_posids", never)
     stats = causal_lm_logprobs(model, padded, cu_seqlens=torch.tensor([0, 4, 9, 12]), entropy=True)
     torch.testing.assert_close(stats.logprobs[:, :11].double(), separately, atol=1e-4, rtol=0)
     assert (stats.logprobs[:, 11:] == 0).all()

@@ -43,6 +43,9 @@ _FLASH_POSITIONS = {
                     ("no text positions from [B, T] ids", True)),
     "glm4v_moe": ("its multimodal rotary ids [3, B, T] whatever ids it is given", False),
 }
+#: ``model_type`` -> (the ``transformers`` release from which its body hands its flash attention the position ids,
+#: whether it hands on the ``cu_seq_lens_*`` / ``max_length_*`` keywords before it); checked from 5.17 on.
+_FLASH_POSITIONS_SINCE = {"ministral3": ("5.23", True), "cohere_compass_text": ("5.25", True), "gptj": ("5.24", False)}
 #: Those whose body does not hand its flash attention the ``cu_seq_lens_*`` / ``max_length_*`` keywords: only the
 #: position ids of a one-row batch split their packed rows there.
 _FLASH_DROPS_VARLEN = frozenset(("gpt_neo", "stablelm", "falcon", "nemotron"))
@@ -209,10 +212,19 @@ def packed_rows_refusal(model, text_positions: bool = False, rows: int = 1, varl
     return None
 
 
+def _older_flash_positions(model_type) -> Optional[tuple]:
+    """``(release, keywords handed on)`` of :data:`_FLASH_POSITIONS_SINCE` when the installed ``transformers`` is
+    older than that release, else None."""
+    since = _FLASH_POSITIONS_SINCE.get(model_type)
+    return since if since is not None and not _transformers_at_least(since[0]) else None
+
+
 def _keywords_split(model_type, varlen: bool) -> bool:
     """Whether flash attention splits the packed rows at the call's cu_seq_lens / max_length keywords (``varlen``):
-    the body hands them on (not :data:`_FLASH_DROPS_VARLEN`); else the position ids of a one-row batch do."""
-    return varlen and model_type not in _FLASH_DROPS_VARLEN
+    the body hands them on (not :data:`_FLASH_DROPS_VARLEN`, nor an older body of :data:`_FLASH_POSITIONS_SINCE`
+    that drops them); else the position ids of a one-row batch do."""
+    older = _older_flash_positions(model_type)
+    return varlen and model_type not in _FLASH_DROPS_VARLEN and (older is None or older[1])
 
 
 def _flash_refusal(model_type, flash: str, rows: int, varlen: bool, text_positions: bool,
@@ -228,6 +240,11 @@ def _flash_refusal(model_type, flash: str, rows: int, varlen: bool, text_positio
     what, text_positions_reach = _FLASH_POSITIONS.get(model_type, (None, False))
     if not takes_position_ids:
         what = "no position ids"
+    older = _older_flash_positions(model_type)
+    if older is not None:
+        import transformers
+
+        what = f"no position ids before transformers {older[0]} (this is {transformers.__version__})"
     if what is not None and not (text_positions and text_positions_reach):
         return (f"the transformers body of model_type {model_type!r} hands its flash attention ({flash}) {what}, so "
                 "it does not split packed rows at their sequences: each would attend to the ones before it")
