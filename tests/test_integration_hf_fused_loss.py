@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from packaging.version import Version
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face integration needs transformers")
 from test_integration_hf import (COMPOSITE_ARCHS, TINY, V, _composite_model, _image_inputs, batch,  # noqa: E402
@@ -127,7 +128,8 @@ def test_a_vision_language_model_with_images(arch):
     input_ids, attention_mask, labels, vision = _image_inputs(arch, model, torch.Generator().manual_seed(0))
     kept = _assert_same_loss_and_grads(model, lambda: model(input_ids=input_ids, attention_mask=attention_mask,
                                                             labels=labels, **vision))
-    assert kept  # the body's image features, as the model's own output has them
+    # the body's image features, as the model's own output has them (Qwen2.5-VL's from transformers 5.24 on)
+    assert kept or arch == "qwen2_5_vl" and Version(transformers.__version__) < Version("5.24")
 
 
 def test_a_vision_language_moe_reads_its_load_balancing_settings_from_its_text_config():
