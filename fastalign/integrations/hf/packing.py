@@ -219,6 +219,20 @@ def _older_flash_positions(model_type) -> Optional[tuple]:
     return since if since is not None and not _transformers_at_least(since[0]) else None
 
 
+def _flash_positions(model_type, takes_position_ids: bool) -> tuple:
+    """(what the body hands its flash attention where a packed row's position ids are due, None when it hands them;
+    whether the text positions of ``[4, B, T]`` ids reach it instead): :data:`_FLASH_POSITIONS`, an older body of
+    :data:`_FLASH_POSITIONS_SINCE`, or a body that takes no position ids."""
+    older = _older_flash_positions(model_type)
+    if older is not None:
+        import transformers
+
+        return f"no position ids before transformers {older[0]} (this is {transformers.__version__})", False
+    if not takes_position_ids:
+        return "no position ids", False
+    return _FLASH_POSITIONS.get(model_type, (None, False))
+
+
 def _keywords_split(model_type, varlen: bool) -> bool:
     """Whether flash attention splits the packed rows at the call's cu_seq_lens / max_length keywords (``varlen``):
     the body hands them on (not :data:`_FLASH_DROPS_VARLEN`, nor an older body of :data:`_FLASH_POSITIONS_SINCE`
@@ -237,14 +251,7 @@ def _flash_refusal(model_type, flash: str, rows: int, varlen: bool, text_positio
                 f"cu_seq_lens / max_length keywords), and this batch has {rows}: each packed sequence would attend to "
                 "the ones before it in its row; pack them into one row [1, total] (as DataCollatorWithFlattening "
                 "does)")
-    what, text_positions_reach = _FLASH_POSITIONS.get(model_type, (None, False))
-    if not takes_position_ids:
-        what = "no position ids"
-    older = _older_flash_positions(model_type)
-    if older is not None:
-        import transformers
-
-        what = f"no position ids before transformers {older[0]} (this is {transformers.__version__})"
+    what, text_positions_reach = _flash_positions(model_type, takes_position_ids)
     if what is not None and not (text_positions and text_positions_reach):
         return (f"the transformers body of model_type {model_type!r} hands its flash attention ({flash}) {what}, so "
                 "it does not split packed rows at their sequences: each would attend to the ones before it")
