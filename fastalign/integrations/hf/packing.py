@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -123,12 +123,13 @@ def _model_type(model) -> Optional[str]:
 
 def _flash_varlen_keywords(model, cu_seqlens: Tensor, total: int) -> dict:
     """The :data:`_FLASH_VARLEN_KWARGS` that split one packed row ``[1, total]`` at ``cu_seqlens`` under flash
-    attention, for a body that hands them on (:func:`_keywords_split`); empty under any other attention. Tokens past
+    attention, for a body that hands them on (:class:`_FlashPath`); empty under any other attention. Tokens past
     ``cu_seqlens[-1]`` (padding, unscored) join the last sequence, after it; offsets are clamped into ``[0, total]``,
     never decreasing, so that malformed ones (refused, or flagged NaN, by the caller) read no memory past the tokens.
     ``max_length`` is the longest sequence, read on the host: free for CPU offsets, one read of device ones (where
     ``transformers`` would derive the offsets from the position ids in every layer, with reads of its own)."""
-    if _flash_attention(model) is None or not _keywords_split(_model_type(model), True):
+    flash = _flash_path(model, _body(model))
+    if flash is None or not flash.hands_keywords:
         return {}
     cu = torch.cummax(cu_seqlens.clamp(0, total), 0).values.to(torch.int32)
     cu = torch.cat([torch.zeros_like(cu[:1]), cu[1:-1], torch.full_like(cu[:1], total)])
@@ -178,23 +179,38 @@ def packed_rows_refusal(model, text_positions: bool = False, rows: int = 1, varl
     ``position_ids`` builds its causal mask without them; one of :data:`_MIXES_PACKED_ROWS` mixes them (before the
     release given there; not, with ``text_positions``, a multimodal body whose mask ignores 2-D ids but splits
     packed rows at the text positions of ``[4, B, T]`` ids). Under flash attention (:func:`_flash_attention`) the
-    mask plays no part: a batch of more than one row (``rows``) is mixed, and so is a packed row of a body of
-    :data:`_FLASH_POSITIONS`, unless ``varlen`` (the call carries :data:`_FLASH_VARLEN_KWARGS`) and the body hands
+    mask plays no part: a batch of more than one row (``rows``) is mixed, and so is a packed row of a body that
+    hands it no position ids (:class:`_FlashPath`), unless ``varlen`` (the call carries :data:`_FLASH_VARLEN_KWARGS`) and the body hands
     them on (not :data:`_FLASH_DROPS_VARLEN`), which splits a batch of any number of rows. An architecture outside
     the checked table is refused unless registered with ``packed_rows=True``."""
+    return _packed_rows_split(model, text_positions, rows, varlen)[0]
+
+
+def _packed_rows_split(model, text_positions: bool, rows: int, varlen: bool) -> tuple:
+    """``(``:func:`packed_rows_refusal` ``, the flash attention that splits the packed rows at their position ids,
+    else None)``: flash attention starts a sequence only where the ids equal the row's least
+    (:func:`_starts_off_the_least`)."""
     model_type = _model_type(model)
     if model_type not in _LISTED and model_type not in head_transforms._PACKED_ROWS_STATED:
         return (f"model_type {model_type!r} is not among the architectures checked for packed rows; state that its "
                 f"body splits them with fastalign.integrations.hf.register_head_transform({model_type!r}, ..., "
-                "packed_rows=True)")
+                "packed_rows=True)"), None
     body = _body(model)
     if _is_recurrent(model, body):
         return (f"the body of model_type {model_type!r} carries its recurrent (state-space) state from one packed "
-                "sequence into the next")
+                "sequence into the next"), None
     how, since = _MIXES_PACKED_ROWS.get(model_type, (None, None))
-    flash = _flash_attention(model)
+    flash = _flash_path(model, body)
     if flash is not None and how in (None, _MASK_WITHOUT_RESTARTS):
-        return _flash_refusal(model_type, flash, rows, varlen, text_positions, _takes_position_ids(type(body)))
+        refusal = _flash_refusal(model_type, flash, rows, varlen, text_positions)
+        by_ids = refusal is None and not flash.splits_at_keywords(varlen)
+        return refusal, flash.implementation if by_ids else None
+    return _mask_refusal(model_type, body, how, since, text_positions), None
+
+
+def _mask_refusal(model_type, body, how: Optional[str], since: Optional[str], text_positions: bool) -> Optional[str]:
+    """:func:`packed_rows_refusal` where the causal mask the body builds splits the packed rows or not (any attention
+    but flash): ``how`` and ``since`` from :data:`_MIXES_PACKED_ROWS`."""
     if not _masks_split_packed_rows():
         import transformers
 
@@ -212,49 +228,54 @@ def packed_rows_refusal(model, text_positions: bool = False, rows: int = 1, varl
     return None
 
 
-def _older_flash_positions(model_type) -> Optional[tuple]:
-    """``(release, keywords handed on)`` of :data:`_FLASH_POSITIONS_SINCE` when the installed ``transformers`` is
-    older than that release, else None."""
+class _FlashPath(NamedTuple):
+    """How a body's flash attention (``implementation``) splits a packed row: at the call's ``cu_seq_lens_*`` /
+    ``max_length_*`` keywords where the body hands them on (``hands_keywords``); else only in a batch of one row, at
+    the position ids, unless the body hands it something else in their place (``withheld`` says what; None where it
+    hands them), or the text positions of ``[4, B, T]`` ids reach it instead (``text_positions_reach``)."""
+    implementation: str
+    hands_keywords: bool
+    withheld: Optional[str]
+    text_positions_reach: bool
+
+    def splits_at_keywords(self, varlen: bool) -> bool:
+        """Whether the keywords of a call that carries them (``varlen``) split its packed rows."""
+        return varlen and self.hands_keywords
+
+
+def _flash_path(model, body) -> Optional[_FlashPath]:
+    """The :class:`_FlashPath` of the model's body ``body`` under flash attention (:func:`_flash_attention`), read
+    from :data:`_FLASH_DROPS_VARLEN`, :data:`_FLASH_POSITIONS_SINCE` (by the installed ``transformers``),
+    whether the body takes ``position_ids``, and :data:`_FLASH_POSITIONS`; None under any other attention."""
+    implementation = _flash_attention(model)
+    if implementation is None:
+        return None
+    model_type = _model_type(model)
+    hands_keywords = model_type not in _FLASH_DROPS_VARLEN
     since = _FLASH_POSITIONS_SINCE.get(model_type)
-    return since if since is not None and not _transformers_at_least(since[0]) else None
-
-
-def _flash_positions(model_type, takes_position_ids: bool) -> tuple:
-    """(what the body hands its flash attention where a packed row's position ids are due, None when it hands them;
-    whether the text positions of ``[4, B, T]`` ids reach it instead): :data:`_FLASH_POSITIONS`, an older body of
-    :data:`_FLASH_POSITIONS_SINCE`, or a body that takes no position ids."""
-    older = _older_flash_positions(model_type)
-    if older is not None:
+    if since is not None and not _transformers_at_least(since[0]):
         import transformers
 
-        return f"no position ids before transformers {older[0]} (this is {transformers.__version__})", False
-    if not takes_position_ids:
-        return "no position ids", False
-    return _FLASH_POSITIONS.get(model_type, (None, False))
+        return _FlashPath(implementation, hands_keywords and since[1],
+                          f"no position ids before transformers {since[0]} (this is {transformers.__version__})", False)
+    if not _takes_position_ids(type(body)):
+        return _FlashPath(implementation, hands_keywords, "no position ids", False)
+    return _FlashPath(implementation, hands_keywords, *_FLASH_POSITIONS.get(model_type, (None, False)))
 
 
-def _keywords_split(model_type, varlen: bool) -> bool:
-    """Whether flash attention splits the packed rows at the call's cu_seq_lens / max_length keywords (``varlen``):
-    the body hands them on (not :data:`_FLASH_DROPS_VARLEN`, nor an older body of :data:`_FLASH_POSITIONS_SINCE`
-    that drops them); else the position ids of a one-row batch do."""
-    older = _older_flash_positions(model_type)
-    return varlen and model_type not in _FLASH_DROPS_VARLEN and (older is None or older[1])
-
-
-def _flash_refusal(model_type, flash: str, rows: int, varlen: bool, text_positions: bool,
-                   takes_position_ids: bool) -> Optional[str]:
-    """:func:`packed_rows_refusal` under the flash attention ``flash``: None where it splits the packed rows."""
-    if _keywords_split(model_type, varlen):
+def _flash_refusal(model_type, flash: _FlashPath, rows: int, varlen: bool, text_positions: bool) -> Optional[str]:
+    """:func:`packed_rows_refusal` under flash attention (``flash``): None where it splits the packed rows."""
+    if flash.splits_at_keywords(varlen):
         return None
     if rows > 1:
-        return (f"flash attention ({flash}) splits the packed sequences of a batch of one row only (or given the "
-                f"cu_seq_lens / max_length keywords), and this batch has {rows}: each packed sequence would attend to "
-                "the ones before it in its row; pack them into one row [1, total] (as DataCollatorWithFlattening "
-                "does)")
-    what, text_positions_reach = _flash_positions(model_type, takes_position_ids)
-    if what is not None and not (text_positions and text_positions_reach):
-        return (f"the transformers body of model_type {model_type!r} hands its flash attention ({flash}) {what}, so "
-                "it does not split packed rows at their sequences: each would attend to the ones before it")
+        return (f"flash attention ({flash.implementation}) splits the packed sequences of a batch of one row only (or "
+                f"given the cu_seq_lens / max_length keywords), and this batch has {rows}: each packed sequence would "
+                "attend to the ones before it in its row; pack them into one row [1, total] (as "
+                "DataCollatorWithFlattening does)")
+    if flash.withheld is not None and not (text_positions and flash.text_positions_reach):
+        return (f"the transformers body of model_type {model_type!r} hands its flash attention "
+                f"({flash.implementation}) {flash.withheld}, so it does not split packed rows at their sequences: each "
+                "would attend to the ones before it")
     return None
 
 
@@ -285,13 +306,12 @@ def _packed_rows_flag(model, attention_mask: Optional[Tensor], model_kwargs: dic
     if text is None:
         return None
     varlen = all(model_kwargs.get(key) is not None for key in _FLASH_VARLEN_KWARGS)
-    unsplit = packed_rows_refusal(model, text_positions=position_ids.dim() == 3, rows=rows, varlen=varlen)
-    flash = _flash_attention(model)
-    if unsplit is None and flash is not None and not _keywords_split(_model_type(model), varlen):  # split by the ids
+    unsplit, flash_by_ids = _packed_rows_split(model, position_ids.dim() == 3, rows, varlen)
+    if flash_by_ids is not None:
         return _validate.flag_or_raise(
             _starts_off_the_least(text), position_ids,
             lambda: (f"position_ids start a sequence at a value other than the row's least (at a restart, or at the "
-                     f"row's first token), where flash attention ({flash}) starts none: it would attend that "
+                     f"row's first token), where flash attention ({flash_by_ids}) starts none: it would attend that "
                      "sequence with the one before it, or, opening the row, not at all; start every sequence at the "
                      "same id (0)"))
     if unsplit is None:
