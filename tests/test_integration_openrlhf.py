@@ -29,7 +29,8 @@ import fastalign
 from fastalign.integrations import openrlhf as fo
 
 
-def _load_openrlhf_loss():
+def _load_openrlhf_models():
+    """OpenRLHF's own ``openrlhf/models/utils.py`` and ``openrlhf/models/loss.py``, by their short names."""
     spec = importlib.util.find_spec("openrlhf")  # locates the package without running its __init__
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("openrlhf is not installed: `pip install --no-deps openrlhf==0.11.2` (see the Makefile)")
@@ -51,7 +52,7 @@ def _load_openrlhf_loss():
             sys.modules[name] = mod
             s.loader.exec_module(mod)
             mods[sub] = mod
-        return mods["loss"]
+        return mods
     finally:
         for n, m in saved.items():
             if m is None:
@@ -61,8 +62,13 @@ def _load_openrlhf_loss():
 
 
 @pytest.fixture(scope="module")
-def orl():
-    return _load_openrlhf_loss()
+def orl_models():
+    return _load_openrlhf_models()
+
+
+@pytest.fixture(scope="module")
+def orl(orl_models):
+    return orl_models["loss"]
 
 
 @pytest.fixture(scope="module")
@@ -787,10 +793,11 @@ def _params(fn):
 
 
 def test_every_loss_of_openrlhf_has_an_adapter(orl):
-    """Every ``nn.Module`` of OpenRLHF's loss.py has an adapter of the same name, exported."""
+    """Every ``nn.Module`` of OpenRLHF's loss.py has an adapter of the same name, exported beside
+    ``compute_approx_kl``."""
     theirs = {n for n, v in vars(orl).items()
               if isinstance(v, type) and issubclass(v, torch.nn.Module) and v.__module__ == orl.__name__}
-    assert theirs == set(ALL_CLASSES) == set(fo.__all__)
+    assert theirs == set(ALL_CLASSES) == set(fo.__all__) - {"compute_approx_kl"}
 
 
 @pytest.mark.parametrize("name", ALL_CLASSES)
@@ -1129,13 +1136,12 @@ def test_new_losses_name_openrlhf_arguments():
             call()
 
 
-def test_gpt_lm_loss_refuses_a_label_out_of_range(monkeypatch):
+def test_gpt_lm_loss_refuses_a_label_out_of_range(orl, monkeypatch):
     """OpenRLHF's GPTLMLoss raises IndexError for a label outside [0, V) other than -100 (a pad id of -1); the
     fused op gives it a NaN log-prob with a finite gradient, so the adapter refuses it: a ValueError naming
     ``labels`` where they are an eager CPU tensor, elsewhere (not read on the host) a NaN loss and NaN gradient."""
     from fastalign import _validate
 
-    orl = _load_openrlhf_loss()
     logits = torch.randn(2, 5, 11, requires_grad=True)
     labels = torch.tensor([[0, 3, -1, 4, -100], [1, 2, 3, 4, 5]])
     with pytest.raises(IndexError):
@@ -1148,3 +1154,74 @@ def test_gpt_lm_loss_refuses_a_label_out_of_range(monkeypatch):
     scored = labels[:, 1:] != -100  # position t scores labels[t + 1]; the others' gradient stays 0
     assert loss.isnan() and logits.grad[:, :-1][scored].isnan().all()
     assert (logits.grad[:, :-1][~scored] == 0).all() and (logits.grad[:, -1] == 0).all()
+
+
+def _approx_kl_float64(lp, base, old, estimator, unbiased):
+    """OpenRLHF's compute_approx_kl in float64 (value, d/d(lp)): the estimate clamped to [-10, 10]; the gradient of
+    the clamped estimate, or, unbiased, w l with w = min(exp(lp - old), 10)."""
+    lp = lp.double().detach().requires_grad_()
+    l = lp - base.double()
+    value = {"k1": l, "k2": l ** 2 / 2, "k3": (-l.clamp(min=-10)).exp() - 1 + l.clamp(min=-10)}[estimator]
+    value = value.clamp(-10, 10)
+    if unbiased:
+        w = 1.0 if old is None else (lp.detach() - old.double()).exp().clamp(max=10)
+        return value.detach(), (w * l).detach()
+    (grad,) = torch.autograd.grad(value.sum(), lp)
+    return value.detach(), grad
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_compute_approx_kl_matches_openrlhf(orl_models, estimator, unbiased, dtype):
+    """compute_approx_kl: value and d/d(log_probs) against OpenRLHF's own function (it computes in fp32 whatever
+    the inputs) and a float64 transcription, over log-ratios that cross the [-10, 10] clamp, with and without
+    log_probs_old; bf16 and float64 inputs give fp32 values and a gradient of the input's dtype, as OpenRLHF's."""
+    g = torch.Generator().manual_seed(7)
+    base = -torch.rand(4, 9, generator=g, dtype=torch.float64) * 3
+    l = torch.randn(4, 9, generator=g, dtype=torch.float64) * 2
+    l[0, :6] = torch.tensor([-30.0, -12.0, -4.6, 4.6, 12.0, 30.0])  # the clamps of k1, k2 and k3 bind here
+    lp = (base + l).to(dtype)
+    base = base.to(dtype)
+    drift = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    drift[1, :3] = torch.tensor([4.0, 2.4, -6.0])  # w = exp(drift) above its cap 10, and far below 1
+    for old in (None, (lp.double() - drift).to(dtype)):
+        want_value, want_grad = _approx_kl_float64(lp, base, old, estimator, unbiased)
+        theirs_lp = lp.clone().requires_grad_()
+        theirs = orl_models["utils"].compute_approx_kl(theirs_lp, base, log_probs_old=old, kl_estimator=estimator,
+                                                       unbiased_gradient=unbiased)
+        theirs.sum().backward()
+        ours_lp = lp.clone().requires_grad_()
+        ours = fo.compute_approx_kl(ours_lp, base, log_probs_old=old, kl_estimator=estimator,
+                                    unbiased_gradient=unbiased)
+        ours.sum().backward()
+        assert ours.dtype == theirs.dtype == torch.float32 and ours_lp.grad.dtype == theirs_lp.grad.dtype == dtype
+        assert_close(ours, want_value, atol=1e-5, rtol=1e-6)
+        assert_close(ours, theirs, atol=1e-5, rtol=1e-6)
+        grad_tol = dict(atol=1e-5, rtol=1e-6) if dtype != torch.bfloat16 else dict(atol=0.05, rtol=0.02)
+        assert_close(ours_lp.grad, want_grad, **grad_tol)
+        assert_close(ours_lp.grad, theirs_lp.grad, **grad_tol)
+        if not unbiased or old is None:
+            assert not (ours_lp.grad == 0).all()
+
+
+def test_compute_approx_kl_refuses_what_openrlhf_cannot_compute(orl_models):
+    """An unknown estimator raises ValueError (OpenRLHF's too); a non-bool switch and log-probs of another shape
+    raise naming the argument (OpenRLHF broadcasts them); NaN propagates to the value and the gradient."""
+    lp, base = torch.randn(3, 5), torch.randn(3, 5)
+    for fn in (orl_models["utils"].compute_approx_kl, fo.compute_approx_kl):
+        with pytest.raises(ValueError, match="kl_estimator"):
+            fn(lp, base, kl_estimator="k4")
+    with pytest.raises(TypeError, match="unbiased_gradient"):
+        fo.compute_approx_kl(lp, base, unbiased_gradient=1)
+    with pytest.raises(ValueError, match="log_probs_base"):
+        fo.compute_approx_kl(lp, base[:, :1])
+    with pytest.raises(ValueError, match="log_probs_old"):
+        fo.compute_approx_kl(lp, base, lp[:1], unbiased_gradient=True)
+    nan_lp = lp.clone()
+    nan_lp[1, 2] = float("nan")
+    for unbiased in (False, True):
+        x = nan_lp.clone().requires_grad_()
+        kl = fo.compute_approx_kl(x, base, lp, kl_estimator="k2", unbiased_gradient=unbiased)
+        kl.sum().backward()
+        assert kl[1, 2].isnan() and kl.isnan().sum() == 1 and x.grad[1, 2].isnan() and x.grad.isnan().sum() == 1

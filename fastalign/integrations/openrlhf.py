@@ -83,6 +83,10 @@ computed in fp32 and returned in OpenRLHF's dtype (bf16 in, bf16 out; a float32 
 or the sample-level mean, float32). ``[B, T]`` inputs or one sequence ``[T]``; a mask of None counts every
 token. Nothing to average gives 0 where OpenRLHF divides 0 by 0 (NaN).
 
+:func:`compute_approx_kl` (:mod:`fastalign.integrations.openrlhf_kl`) is OpenRLHF's KL estimate per token, for its
+trainer's KL loss and KL reward: ``k1``, ``k2`` or ``k3`` of ``l = log_probs - log_probs_base`` clamped to
+``[-10, 10]``, optionally with the importance-weighted gradient ``w l`` (``unbiased_gradient``).
+
 Nothing here imports OpenRLHF.
 """
 from __future__ import annotations
@@ -96,13 +100,15 @@ from torch import Tensor
 
 from fastalign import _validate
 from fastalign.integrations._dtypes import float64_as_float32
+from fastalign.integrations.openrlhf_kl import compute_approx_kl
 from fastalign.integrations.openrlhf_losses import (GPTLMLoss, LogExpLoss, PairWiseLoss, SFTLoss, ValueLoss,
                                                     _check_counts, _masked_mean, _Options)
 from fastalign.policy import policy_loss
 from fastalign.policy_config import PolicyConfig
 from fastalign.preference import preference_loss
 
-__all__ = ["PolicyLoss", "DPOLoss", "GPTLMLoss", "SFTLoss", "ValueLoss", "PairWiseLoss", "LogExpLoss"]
+__all__ = ["PolicyLoss", "DPOLoss", "GPTLMLoss", "SFTLoss", "ValueLoss", "PairWiseLoss", "LogExpLoss",
+           "compute_approx_kl"]
 
 
 def _ratio_dtype(mask: Optional[Tensor]) -> torch.dtype:
