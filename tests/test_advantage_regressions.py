@@ -446,6 +446,159 @@ def test_gae_is_openrlhf_on_contiguous_masks(backend):
     _same(got_ret, ret * mask, tol=1e-9, what="gae returns")
 
 
+# ---------------------------------------------------------------- 10b. OpenRLHF's estimator dispatch
+def _openrlhf_compute_reward():
+    """``compute_reward`` of the installed ``openrlhf/models/utils.py``, loaded by path as
+    tests/test_integration_openrlhf.py loads it: the file imports ``deepspeed`` at the top (used by a
+    ZeRO-3 helper only), so an empty stand-in is put in ``sys.modules`` for the load and removed after."""
+    import importlib.util
+    import os
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("openrlhf")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("openrlhf is not installed: `pip install --no-deps openrlhf==0.11.2` (see the Makefile)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "models", "utils.py")
+    saved = sys.modules.get("deepspeed")
+    try:
+        if saved is None:
+            sys.modules["deepspeed"] = types.ModuleType("deepspeed")
+        s = importlib.util.spec_from_file_location("openrlhf_models_utils_under_test", path)
+        mod = importlib.util.module_from_spec(s)
+        s.loader.exec_module(mod)
+    finally:
+        if saved is None:
+            sys.modules.pop("deepspeed", None)
+    return mod.compute_reward
+
+
+def _openrlhf_experience_maker(estimator, n, kl_coef, gamma, lambd):
+    """A stand-in ``RemoteExperienceMaker`` whose ``compute_advantages_and_returns``,
+    ``get_cumulative_returns`` and ``get_advantages_and_returns`` are OpenRLHF 0.11.2's own, executed
+    from the installed source (as ``_openrlhf_method``), with the names the first one reads:
+    ``compute_reward`` from OpenRLHF's ``models/utils.py``; ``apply_length_penalties`` a no-op, as length
+    penalties are out of scope here (with their default settings, ``overlong_buffer_len`` and
+    ``stop_properly_penalty_coef`` None, OpenRLHF applies none); ``Experience`` only an annotation."""
+    import ast
+    import importlib.util
+    import itertools
+    import logging
+    import os
+    import textwrap
+    import types
+    from typing import List, Tuple
+
+    spec = importlib.util.find_spec("openrlhf")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("openrlhf is not installed: `pip install --no-deps openrlhf==0.11.2` (see the Makefile)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "trainer", "ppo_utils", "experience_maker.py")
+    src = open(path).read()
+    cls = next(n for n in ast.parse(src).body if isinstance(n, ast.ClassDef) and n.name == "RemoteExperienceMaker")
+    namespace = {"torch": torch, "itertools": itertools, "List": List, "Tuple": Tuple, "Experience": object,
+                 "compute_reward": _openrlhf_compute_reward(), "apply_length_penalties": lambda experiences, args: None,
+                 "logger": logging.getLogger("openrlhf_experience_maker_under_test")}
+    names = ("compute_advantages_and_returns", "get_cumulative_returns", "get_advantages_and_returns")
+    for fn in cls.body:
+        if isinstance(fn, ast.FunctionDef) and fn.name in names:
+            exec(textwrap.dedent(ast.get_source_segment(src, fn)), namespace)  # the method, decorator aside
+    args = types.SimpleNamespace(
+        rollout=types.SimpleNamespace(n_samples_per_prompt=n),
+        algo=types.SimpleNamespace(advantage=types.SimpleNamespace(
+            estimator=estimator, gamma=gamma, lambd=lambd, no_std_norm=False)),
+        reward=types.SimpleNamespace(clip_range=(-10.0, 10.0)))  # OpenRLHF's default --reward.clip_range
+    self = types.SimpleNamespace(strategy=types.SimpleNamespace(args=args), args=args, advantage_estimator=estimator,
+                                 kl_ctl=types.SimpleNamespace(value=kl_coef))  # FixedKLController
+    for name in names:
+        setattr(self, name, types.MethodType(namespace[name], self))
+    return self
+
+
+def _masks(kind, B, T, g):
+    """``[B, T]`` float64 action masks, each row with at least one valid token: interior observation spans
+    (multi-turn), right padded, or left padded (the last two one contiguous span per row)."""
+    t = torch.arange(T)[None, :]
+    if kind == "multi_turn":
+        m = (torch.rand(B, T, generator=g) < 0.6).double()
+        m[torch.arange(B), torch.randint(0, T, (B,), generator=g)] = 1.0
+        m[:4] = MULTI_TURN[:4, :T]  # interior spans and trailing padding for sure
+        return m
+    length = torch.randint(1, T + 1, (B,), generator=g)
+    length[:2] = torch.tensor([T, 1])
+    if kind == "right_padded":
+        return (t < length[:, None]).double()
+    return (t >= T - length[:, None]).double()
+
+
+OPENRLHF_ESTIMATORS = ["gae", "reinforce", "rloo", "reinforce_baseline", "group_norm", "dr_grpo", "flash_reinforce"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1], ids=["no_kl", "kl_reward"])
+@pytest.mark.parametrize("estimator,mask_kind", [
+    (e, k) for e in OPENRLHF_ESTIMATORS for k in ("multi_turn", "right_padded", "left_padded")
+    if not (e == "gae" and k == "multi_turn")])  # OpenRLHF's GAE runs through masked tokens with V = r = 0
+def test_openrlhf_advantage_estimators_are_fastalign_recipes(estimator, mask_kind, kl_coef, backend):
+    """docs/integrations.md's recipe for each ``--algo.advantage.estimator`` of OpenRLHF 0.11.2 against its own
+    ``compute_advantages_and_returns`` (reward shaping, ``compute_reward``, the returns, the whitening), on
+    3 prompts x 4 samples split into 2 experiences in a shuffled order (as dynamic batching splits them),
+    with and without a KL reward. OpenRLHF forces gamma to 1 for all but ``reinforce`` and ``gae``, and whitens
+    (biased variance, in fp32) for ``gae``, ``reinforce`` and ``reinforce_baseline`` only."""
+    import types
+
+    n, B, T, gamma, lambd = 4, 12, 7, 0.9, 0.95
+    g = torch.Generator().manual_seed(OPENRLHF_ESTIMATORS.index(estimator) * 10 + int(kl_coef * 10))
+    r = torch.randn(B, generator=g, dtype=torch.float64)
+    r[4:8] = torch.tensor([1.0, 0.0, 0.0, 1.0])  # a binary group
+    r[8:] = 1.0  # a group of equal rewards
+    kl = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.5
+    values = torch.randn(B, T, generator=g, dtype=torch.float64)
+    m = _masks(mask_kind, B, T, g)
+
+    # OpenRLHF: two experiences holding a shuffled split of the 12 responses (``index``: original positions)
+    maker = _openrlhf_experience_maker(estimator, n, kl_coef, gamma, lambd)
+    perm = torch.randperm(B, generator=g)
+    experiences = [types.SimpleNamespace(rewards=r[idx].clone(), kl=kl[idx].clone(), values=values[idx].clone(),
+                                         action_mask=m[idx].bool(), index=idx.tolist(), info={})
+                   for idx in (perm[:5], perm[5:])]
+    maker.compute_advantages_and_returns(experiences)
+    adv, ret = torch.zeros(B, T, dtype=torch.float64), torch.zeros(B, T, dtype=torch.float64)
+    for idx, exp in zip((perm[:5], perm[5:]), experiences):
+        adv[idx], ret[idx] = exp.advantages.double(), exp.returns.double()
+
+    # fastalign: the sequence-level advantage, placed at the last valid token, minus kl_coef * kl everywhere
+    seq = {"gae": r, "reinforce": r,
+           "rloo": fa.group_advantages(r, group_size=n, estimator="rloo", backend=backend),
+           "reinforce_baseline": fa.group_advantages(r, group_size=n, std="none", backend=backend),
+           "group_norm": fa.group_advantages(r, group_size=n, eps=1e-9, backend=backend),
+           "dr_grpo": fa.group_advantages(r, group_size=n, std="none", backend=backend),
+           "flash_reinforce": fa.group_advantages(r, group_size=r.numel(), std="none", backend=backend)}[estimator]
+    last = T - 1 - m.flip(1).argmax(1)
+    token_rewards = -kl_coef * kl
+    token_rewards[torch.arange(B), last] += seq
+    whitened = estimator in ("gae", "reinforce", "reinforce_baseline")
+    if estimator == "gae":
+        got, got_ret = fa.gae_advantages(token_rewards, values, m, gamma=gamma, lam=lambd, unbiased=False,
+                                         backend=backend)
+    else:
+        g_ = gamma if estimator == "reinforce" else 1.0
+        got_ret = fa.reinforce_pp_advantages(token_rewards, m, gamma=g_, whiten=False, reset_at_masked=False,
+                                             backend=backend)
+        got = (fa.reinforce_pp_advantages(token_rewards, m, gamma=g_, unbiased=False, reset_at_masked=False,
+                                          backend=backend) if whitened else got_ret)
+        if kl_coef == 0.0 and g_ == 1.0:  # no KL reward, no discount: the sequence advantage on every valid token
+            flat = fa.token_advantages(seq, m)
+            _same(got, fa.masked_whiten(flat, m, unbiased=False) if whitened else flat, tol=1e-6 if whitened else 1e-9,
+                  what=f"{estimator}: token_advantages")
+    if estimator not in ("gae", "reinforce"):
+        assert maker.strategy.args.algo.advantage.gamma == 1.0  # OpenRLHF's override, left in its args
+    valid = m.bool()
+    # OpenRLHF whitens with fp32 statistics (``.float()``); the rest stays float64
+    _same(got[valid], adv[valid], tol=1e-6 if whitened else 1e-9, what=f"{estimator} advantages")
+    _same(got[~valid], torch.zeros_like(got[~valid]), tol=0.0, what="masked tokens")
+    _same(got_ret[valid], ret[valid], tol=1e-9, what=f"{estimator} returns")
+
+
 # ---------------------------------------------------------------- 11. ranges and types of the options
 def test_token_level_ranges_and_types_are_checked():
     r, m = torch.randn(2, 3), torch.ones(2, 3)

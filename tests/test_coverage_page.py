@@ -1,6 +1,8 @@
 """docs/coverage.md names every trainer, registry entry and loss module of the installed TRL, verl, OpenRLHF and
 Liger-Kernel (in backticks), so a version that adds one fails here until the page says where it is."""
+import ast
 import importlib
+import importlib.util
 import os
 import pkgutil
 import re
@@ -36,8 +38,11 @@ def test_trl_trainers(named):
 
 def test_verl_registries(named):
     core = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not installed")
-    for registry in (core.POLICY_LOSS_REGISTRY, core.ADV_ESTIMATOR_REGISTRY):
+    from verl.trainer.distillation.losses import DISTILLATION_LOSS_REGISTRY
+
+    for registry in (core.POLICY_LOSS_REGISTRY, core.ADV_ESTIMATOR_REGISTRY, DISTILLATION_LOSS_REGISTRY):
         assert _missing([n for n in registry if not n.startswith("fastalign_")], named) == []
+    assert _missing([n for n in ("compute_value_loss",) if hasattr(core, n)], named) == []
 
 
 def test_liger_losses(named):
@@ -55,7 +60,23 @@ def test_liger_losses(named):
     assert _missing(losses, named) == []
 
 
+def _openrlhf_choices(option: str) -> list:
+    """The choices of ``option`` on OpenRLHF's PPO command line (``openrlhf/cli/train_ppo_ray.py``, read, not run:
+    it imports Ray)."""
+    spec = importlib.util.find_spec("openrlhf")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("openrlhf is not installed: `pip install --no-deps openrlhf==0.11.2` (see the Makefile)")
+    with open(os.path.join(list(spec.submodule_search_locations)[0], "cli", "train_ppo_ray.py")) as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and node.args and getattr(node.args[0], "value", None) == option:
+            return next(ast.literal_eval(k.value) for k in node.keywords if k.arg == "choices")
+    raise AssertionError(f"{option} is not on OpenRLHF's command line")
+
+
 def test_openrlhf_adapters(named):
     from fastalign.integrations import openrlhf
 
     assert _missing(openrlhf.__all__, named) == []
+    for option in ("--algo.advantage.estimator", "--algo.kl.estimator"):
+        assert _missing(_openrlhf_choices(option), named) == [], option
