@@ -827,6 +827,21 @@ def test_soft_cross_entropy_implementations_agree():
         torch.testing.assert_close(step().detach(), want, rtol=1e-5, atol=1e-5, msg=impl)
 
 
+def test_verl_distillation_implementations_agree():
+    """The verl distillation case times one loss: fastalign's top-k forward KL gives verl's own (both of its paths)
+    at the warm-up shape, forward and backward."""
+    pytest.importorskip("verl.trainer.distillation.fsdp.losses", reason="verl is not importable")
+    from fastalign.bench.cases import all_cases
+    from fastalign.bench.core import call
+
+    case = next(c for c in all_cases() if c.op == "verl_distillation")
+    steps = case.warmup(torch.device("cpu"), "fwd+bwd")
+    assert set(steps) == {"fastalign", "verl", "verl (chunked)"} and all(s is not None for s in steps.values())
+    want = call(steps["verl"]).detach()
+    for impl in ("fastalign", "verl (chunked)"):
+        torch.testing.assert_close(call(steps[impl]).detach(), want, rtol=1e-5, atol=1e-5, msg=impl)
+
+
 def test_verl_megatron_implementations_agree():
     """The verl Megatron case times one loss: fastalign's logits processor, and its work with the vocabulary merge
     forced, give verl's own (log-probs and entropy, with a backward) at the warm-up shape. The case starts a one-process group and Megatron's parallel state: both

@@ -5,6 +5,9 @@ module, so after ``pip install fastalign`` a verl run selects them by config alo
 
     actor_rollout_ref.actor.policy_loss.loss_mode=fastalign_vanilla
     algorithm.adv_estimator=fastalign_grpo
+    distillation.distillation_loss.loss_mode=fastalign_forward_kl_topk
+
+(the last: :mod:`fastalign.integrations.verl.distillation`, registered when verl imports its distillation losses).
 
 Each verl loss mode ``m`` that :mod:`fastalign.integrations.verl.policy` covers is registered as
 ``fastalign_m`` with the signature of verl's policy-loss functions,
@@ -355,14 +358,16 @@ globals().update({fn.__name__: fn for fn in (*POLICY_LOSSES.values(), *ADVANTAGE
 
 
 def register() -> None:
-    """Put :data:`POLICY_LOSSES` and :data:`ADVANTAGE_ESTIMATORS` into verl's registries, make
-    ``fused_kernel_options.impl_backend=fastalign`` a fused-kernel backend and, with ``FASTALIGN_VERL_MEGATRON=1``,
-    fastalign the logits processor of verl's Megatron engine (idempotent)."""
+    """Put :data:`POLICY_LOSSES` and :data:`ADVANTAGE_ESTIMATORS` into verl's registries, and
+    ``fastalign_forward_kl_topk`` among its distillation losses (:mod:`fastalign.integrations.verl.distillation`,
+    when verl imports them), make ``fused_kernel_options.impl_backend=fastalign`` a fused-kernel backend and, with
+    ``FASTALIGN_VERL_MEGATRON=1``, fastalign the logits processor of verl's Megatron engine (idempotent)."""
     from verl.trainer.ppo import core_algos
 
-    from fastalign.integrations.verl import fused, megatron
+    from fastalign.integrations.verl import distillation, fused, megatron
 
     fused.enable()
+    distillation.enable()
     for name, fn in POLICY_LOSSES.items():
         core_algos.register_policy_loss(name)(fn)
     for name, fn in ADVANTAGE_ESTIMATORS.items():
