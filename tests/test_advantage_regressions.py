@@ -367,27 +367,38 @@ def test_outputs_never_require_grad(backend):
 
 
 # ---------------------------------------------------------------- 10. OpenRLHF's REINFORCE++ and GAE
-def _openrlhf_method(name):
-    """``RemoteExperienceMaker.<name>`` of the installed OpenRLHF 0.11.2, executed from its source file.
-
-    ``experience_maker.py`` imports Ray actors, DeepSpeed and vLLM at the top; the two methods use
-    only torch, so their source is taken from the installed file as written and executed alone."""
-    import ast
+def _openrlhf_file(*parts):
+    """The path of a file of the installed OpenRLHF 0.11.2 (the test is skipped where it is not installed)."""
     import importlib.util
     import os
-    import textwrap
-    from typing import Tuple
 
     spec = importlib.util.find_spec("openrlhf")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("openrlhf is not installed: `pip install --no-deps openrlhf==0.11.2` (see the Makefile)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "trainer", "ppo_utils", "experience_maker.py")
-    src = open(path).read()
+    return os.path.join(list(spec.submodule_search_locations)[0], *parts)
+
+
+def _openrlhf_methods(namespace, *names):
+    """``namespace`` with the methods ``names`` of OpenRLHF's ``RemoteExperienceMaker``, executed in it from the
+    installed source file as written (their decorators aside). ``experience_maker.py`` imports Ray actors,
+    DeepSpeed and vLLM at the top; the methods use only what ``namespace`` gives them."""
+    import ast
+    import textwrap
+
+    src = open(_openrlhf_file("trainer", "ppo_utils", "experience_maker.py")).read()
     cls = next(n for n in ast.parse(src).body if isinstance(n, ast.ClassDef) and n.name == "RemoteExperienceMaker")
-    fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == name)
-    namespace = {"torch": torch, "Tuple": Tuple}
-    exec(textwrap.dedent(ast.get_source_segment(src, fn)), namespace)  # the method itself (its decorator aside)
-    method = namespace[name]
+    for fn in cls.body:
+        if isinstance(fn, ast.FunctionDef) and fn.name in names:
+            exec(textwrap.dedent(ast.get_source_segment(src, fn)), namespace)
+    return namespace
+
+
+def _openrlhf_method(name):
+    """``RemoteExperienceMaker.<name>`` of the installed OpenRLHF 0.11.2 (a method that uses only torch), called
+    without an instance."""
+    from typing import Tuple
+
+    method = _openrlhf_methods({"torch": torch, "Tuple": Tuple}, name)[name]
     return lambda *args: method(None, *args)
 
 
@@ -452,14 +463,10 @@ def _openrlhf_compute_reward():
     tests/test_integration_openrlhf.py loads it: the file imports ``deepspeed`` at the top (used by a
     ZeRO-3 helper only), so an empty stand-in is put in ``sys.modules`` for the load and removed after."""
     import importlib.util
-    import os
     import sys
     import types
 
-    spec = importlib.util.find_spec("openrlhf")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("openrlhf is not installed: `pip install --no-deps openrlhf==0.11.2` (see the Makefile)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "models", "utils.py")
+    path = _openrlhf_file("models", "utils.py")
     saved = sys.modules.get("deepspeed")
     try:
         if saved is None:
@@ -480,28 +487,16 @@ def _openrlhf_experience_maker(estimator, n, kl_coef, gamma, lambd):
     ``compute_reward`` from OpenRLHF's ``models/utils.py``; ``apply_length_penalties`` a no-op, as length
     penalties are out of scope here (with their default settings, ``overlong_buffer_len`` and
     ``stop_properly_penalty_coef`` None, OpenRLHF applies none); ``Experience`` only an annotation."""
-    import ast
-    import importlib.util
     import itertools
     import logging
-    import os
-    import textwrap
     import types
     from typing import List, Tuple
 
-    spec = importlib.util.find_spec("openrlhf")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("openrlhf is not installed: `pip install --no-deps openrlhf==0.11.2` (see the Makefile)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "trainer", "ppo_utils", "experience_maker.py")
-    src = open(path).read()
-    cls = next(n for n in ast.parse(src).body if isinstance(n, ast.ClassDef) and n.name == "RemoteExperienceMaker")
-    namespace = {"torch": torch, "itertools": itertools, "List": List, "Tuple": Tuple, "Experience": object,
-                 "compute_reward": _openrlhf_compute_reward(), "apply_length_penalties": lambda experiences, args: None,
-                 "logger": logging.getLogger("openrlhf_experience_maker_under_test")}
     names = ("compute_advantages_and_returns", "get_cumulative_returns", "get_advantages_and_returns")
-    for fn in cls.body:
-        if isinstance(fn, ast.FunctionDef) and fn.name in names:
-            exec(textwrap.dedent(ast.get_source_segment(src, fn)), namespace)  # the method, decorator aside
+    namespace = _openrlhf_methods(
+        {"torch": torch, "itertools": itertools, "List": List, "Tuple": Tuple, "Experience": object,
+         "compute_reward": _openrlhf_compute_reward(), "apply_length_penalties": lambda experiences, args: None,
+         "logger": logging.getLogger("openrlhf_experience_maker_under_test")}, *names)
     args = types.SimpleNamespace(
         rollout=types.SimpleNamespace(n_samples_per_prompt=n),
         algo=types.SimpleNamespace(advantage=types.SimpleNamespace(
