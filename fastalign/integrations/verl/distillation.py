@@ -75,6 +75,16 @@ def _flat(t: Tensor) -> Tensor:
     return t.values().unsqueeze(0) if t.is_nested else t
 
 
+def _this_rank(t: Tensor) -> Tensor:
+    """This rank's slice of the sequence ``t [1, N, K]`` under verl's Ulysses sequence parallelism (all of it
+    without, or outside verl)."""
+    try:
+        from verl.utils.ulysses import get_ulysses_sequence_parallel_world_size, slice_input_tensor
+    except ImportError:
+        return t
+    return slice_input_tensor(t, dim=1) if get_ulysses_sequence_parallel_world_size() > 1 else t
+
+
 def forward_kl_topk(student_logits: Tensor, teacher_topk_log_probs: Tensor, teacher_topk_ids: Tensor,
                     log_prob_min_clamp: Optional[float] = -10.0) -> dict:
     """verl's FSDP ``compute_forward_kl_topk`` outputs (``distillation_losses``, ``student_mass``,
@@ -82,11 +92,7 @@ def forward_kl_topk(student_logits: Tensor, teacher_topk_log_probs: Tensor, teac
     ``[1, N, V]`` (this rank's slice of the sequence under Ulysses sequence parallelism, as verl's) and the
     teacher's top-k log-probs and ids ``[1, N, K]`` (nested ``[B, j, K]`` as verl hands them; sliced for this rank
     here); the module docstring has the formulas."""
-    teacher_lp, teacher_ids = _flat(teacher_topk_log_probs), _flat(teacher_topk_ids)
-    from verl.utils.ulysses import get_ulysses_sequence_parallel_world_size, slice_input_tensor
-
-    if get_ulysses_sequence_parallel_world_size() > 1:
-        teacher_lp, teacher_ids = slice_input_tensor(teacher_lp, dim=1), slice_input_tensor(teacher_ids, dim=1)
+    teacher_lp, teacher_ids = _this_rank(_flat(teacher_topk_log_probs)), _this_rank(_flat(teacher_topk_ids))
     if student_logits.dim() != 3 or teacher_lp.shape != teacher_ids.shape or (
             teacher_lp.shape[:2] != student_logits.shape[:2]):
         raise ValueError(f"student_logits [1, N, V] and the teacher's top-k log-probs and ids [1, N, K] must agree, "
