@@ -829,7 +829,8 @@ def test_soft_cross_entropy_implementations_agree():
 
 def test_verl_distillation_implementations_agree():
     """The verl distillation case times one loss: fastalign's top-k forward KL gives verl's own (both of its paths)
-    at the warm-up shape, forward and backward."""
+    at the warm-up shape (the step with its backward; the gradients are compared in
+    test_integration_verl_distillation.py)."""
     pytest.importorskip("verl.trainer.distillation.fsdp.losses", reason="verl is not importable")
     from fastalign.bench.cases import all_cases
     from fastalign.bench.core import call

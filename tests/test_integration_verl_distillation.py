@@ -111,6 +111,131 @@ def test_forward_kl_topk_gradient_is_rounded_once():
     assert all(v.shape == (1, 0) for v in out.values()) and empty.grad.shape == empty.shape
 
 
+def _verl_fn(clamp=-10.0):
+    return lambda z, lp, ids: fsdp_losses.compute_forward_kl_topk(z, lp, ids, _config("forward_kl_topk", clamp), "thd")
+
+
+def _ours_fn(clamp=-10.0):
+    return lambda z, lp, ids: distillation.forward_kl_topk(z, lp, ids, clamp)
+
+
+def _both(logits, teacher_lp, teacher_ids, weights):
+    """(ours, theirs): each (outputs, d(weighted losses)/d(logits))."""
+    return [_run(lambda z: fn(z, teacher_lp, teacher_ids), logits, weights) for fn in (_ours_fn(), _verl_fn())]
+
+
+def test_forward_kl_topk_edges_match_verl():
+    """A -inf student logit at the teacher's top id, or at every id of a row; an id given twice in a row (verl's
+    gather sums its gradients); float64 logits: verl's outputs and gradient."""
+    logits, teacher_lp, teacher_ids = _batch(torch.float32, seed=3)
+    weights = torch.rand(logits.shape[:2], generator=torch.Generator().manual_seed(3))
+    ids = teacher_ids.values()
+    logits[0, 0, ids[0, 0]] = float("-inf")
+    logits[0, 1, ids[1]] = float("-inf")
+    (ours, ours_grad), (theirs, theirs_grad) = _both(logits, teacher_lp, teacher_ids, weights)
+    assert torch.isfinite(ours["distillation_losses"]).all() and torch.isfinite(ours_grad).all()
+    assert_close(ours["distillation_losses"], theirs["distillation_losses"], atol=1e-5, rtol=1e-5, what="-inf")
+    assert_close(ours_grad, theirs_grad, atol=1e-6, rtol=1e-5, what="-inf d(logits)")
+    logits, teacher_lp, teacher_ids = _batch(torch.float32, seed=6)
+    ids = teacher_ids.values().clone()
+    ids[2, 3], ids[4, 1:3] = ids[2, 0], ids[4, 4]  # repeated ids in two rows
+    repeated = torch.nested.nested_tensor_from_jagged(ids, teacher_ids.offsets())
+    (ours, ours_grad), (theirs, theirs_grad) = _both(logits, teacher_lp, repeated, weights)
+    assert_close(ours["distillation_losses"], theirs["distillation_losses"], atol=1e-5, rtol=1e-5, what="repeats")
+    assert_close(ours_grad, theirs_grad, atol=1e-6, rtol=1e-5, what="repeats d(logits)")
+    (ours, ours_grad), (theirs, theirs_grad) = _both(logits.double(), teacher_lp, teacher_ids, weights)
+    assert ours_grad.dtype == torch.float64
+    assert_close(ours["distillation_losses"].double(), theirs["distillation_losses"], atol=1e-5, rtol=1e-5)
+    assert_close(ours_grad, theirs_grad, atol=1e-6, rtol=1e-5, what="float64 d(logits)")
+
+
+def test_forward_kl_topk_under_autograd_modes():
+    """A retained graph's second backward adds the same gradient again; a second derivative raises; under
+    inference_mode and no_grad the outputs are the same, without a graph; bad arguments are named."""
+    logits, teacher_lp, teacher_ids = _batch(torch.float32, seed=8)
+    x = logits.clone().requires_grad_()
+    loss = distillation.forward_kl_topk(x, teacher_lp, teacher_ids)["distillation_losses"].sum()
+    loss.backward(retain_graph=True)
+    once = x.grad.clone()
+    loss.backward()
+    assert_close(x.grad, 2 * once, atol=1e-6, rtol=1e-6, what="second backward")
+    x = logits.clone().requires_grad_()
+    loss = distillation.forward_kl_topk(x, teacher_lp, teacher_ids)["distillation_losses"].sum()
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    want = distillation.forward_kl_topk(logits, teacher_lp, teacher_ids)
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            got = distillation.forward_kl_topk(logits.clone().requires_grad_(mode is torch.no_grad), teacher_lp,
+                                               teacher_ids)
+        assert all(torch.equal(got[k], want[k]) for k in OUTPUTS) and got["distillation_losses"].grad_fn is None
+    for kwargs, error, name in ((dict(teacher_topk_ids=teacher_ids.values().float()[None]), TypeError,
+                                 "teacher_topk_ids"),
+                                (dict(log_prob_min_clamp="-10"), TypeError, "log_prob_min_clamp"),
+                                (dict(student_logits=logits.long()), TypeError, "student_logits")):
+        call = {**dict(student_logits=logits, teacher_topk_log_probs=teacher_lp, teacher_topk_ids=teacher_ids),
+                **kwargs}
+        with pytest.raises(error, match=name):
+            distillation.forward_kl_topk(**call)
+
+
+class _InPlaceCrossEntropy(torch.autograd.Function):
+    """flash-attn's cross-entropy with ``inplace_backward=True``: its backward writes d(logits) over the logits (a
+    kernel's write, which bumps no version counter)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, inplace):
+        ctx.save_for_backward(logits, labels)
+        ctx.inplace = inplace
+        return torch.log_softmax(logits.float(), -1).gather(-1, labels[:, None])[:, 0]
+
+    @staticmethod
+    def backward(ctx, g):
+        logits, labels = ctx.saved_tensors
+        d = -torch.softmax(logits.float(), -1)
+        d[torch.arange(len(labels)), labels] += 1
+        d = (d * g[:, None]).to(logits.dtype)
+        if not ctx.inplace:
+            return d, None, None
+        logits.data.copy_(d)
+        return logits, None, None
+
+
+def test_the_engine_s_log_probs_leave_the_logits_for_this_backward():
+    """verl's FSDP engine computes the top-k loss, then the policy's log-probs of the same logits with an in-place
+    backward that runs first: through the wrapped ``logprobs_from_logits`` the gradient is the one of an
+    out-of-place backward (the in-place write would reach this function's backward, which reads the logits); once
+    the backward has run, the engine's call is in place again."""
+    engine = pytest.importorskip(distillation._FSDP_ENGINE_MODULE, reason="verl's FSDP engine is not importable")
+    distillation.enable()
+    assert getattr(engine.logprobs_from_logits, "fastalign", False)
+    calls = []
+
+    def verl_logprobs_from_logits(logits, labels, inplace_backward=True):  # verl's, with flash-attn installed
+        calls.append(inplace_backward)
+        return _InPlaceCrossEntropy.apply(logits, labels, inplace_backward)
+
+    logprobs_from_logits = distillation._keep_logits(verl_logprobs_from_logits)
+    logits, teacher_lp, teacher_ids = _batch(torch.float32, seed=10)
+    labels = torch.randint(0, logits.shape[-1], logits.shape[1:2], generator=torch.Generator().manual_seed(0))
+    grads = []
+    for log_probs in (logprobs_from_logits, lambda z, y, inplace_backward: _InPlaceCrossEntropy.apply(z, y, False)):
+        leaf = logits[0].clone().requires_grad_()
+        rows = leaf * 1.0  # logits_rmpad, an intermediate
+        out = distillation.forward_kl_topk(rows[None], teacher_lp, teacher_ids)
+        (out["distillation_losses"].sum() + log_probs(rows, labels, inplace_backward=True).sum()).backward()
+        grads.append(leaf.grad)
+    assert calls == [False]
+    assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5, what="d(logits)")
+    del out
+    import gc
+
+    gc.collect()
+    rows = torch.randn(4, 8, requires_grad=True) * 1.0
+    logprobs_from_logits(rows, torch.zeros(4, dtype=torch.int64), inplace_backward=True)
+    assert calls == [False, True]
+
+
 def test_fastalign_forward_kl_topk_is_a_verl_distillation_mode():
     """Registered beside verl's modes (with verl's function for the final loss and metrics), selected by the
     config alone, dispatched by verl's own ``distillation_ppo_loss`` as its logits processor: verl's outputs for
