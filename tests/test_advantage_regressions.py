@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fastalign as fa
+import openrlhf_source
 from conftest import CPU_BACKENDS
 
 INF, NAN = float("inf"), float("nan")
@@ -367,38 +368,12 @@ def test_outputs_never_require_grad(backend):
 
 
 # ---------------------------------------------------------------- 10. OpenRLHF's REINFORCE++ and GAE
-def _openrlhf_file(*parts):
-    """The path of a file of the installed OpenRLHF 0.11.2 (the test is skipped where it is not installed)."""
-    import importlib.util
-    import os
-
-    spec = importlib.util.find_spec("openrlhf")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("openrlhf is not installed: `pip install --no-deps openrlhf==0.11.2` (see the Makefile)")
-    return os.path.join(list(spec.submodule_search_locations)[0], *parts)
-
-
-def _openrlhf_methods(namespace, *names):
-    """``namespace`` with the methods ``names`` of OpenRLHF's ``RemoteExperienceMaker``, executed in it from the
-    installed source file as written (their decorators aside). ``experience_maker.py`` imports Ray actors,
-    DeepSpeed and vLLM at the top; the methods use only what ``namespace`` gives them."""
-    import ast
-    import textwrap
-
-    src = open(_openrlhf_file("trainer", "ppo_utils", "experience_maker.py")).read()
-    cls = next(n for n in ast.parse(src).body if isinstance(n, ast.ClassDef) and n.name == "RemoteExperienceMaker")
-    for fn in cls.body:
-        if isinstance(fn, ast.FunctionDef) and fn.name in names:
-            exec(textwrap.dedent(ast.get_source_segment(src, fn)), namespace)
-    return namespace
-
-
 def _openrlhf_method(name):
     """``RemoteExperienceMaker.<name>`` of the installed OpenRLHF 0.11.2 (a method that uses only torch), called
     without an instance."""
     from typing import Tuple
 
-    method = _openrlhf_methods({"torch": torch, "Tuple": Tuple}, name)[name]
+    method = openrlhf_source.experience_maker_methods({"torch": torch, "Tuple": Tuple}, name)[name]
     return lambda *args: method(None, *args)
 
 
@@ -458,28 +433,6 @@ def test_gae_is_openrlhf_on_contiguous_masks(backend):
 
 
 # ---------------------------------------------------------------- 10b. OpenRLHF's estimator dispatch
-def _openrlhf_compute_reward():
-    """``compute_reward`` of the installed ``openrlhf/models/utils.py``, loaded by path as
-    tests/test_integration_openrlhf.py loads it: the file imports ``deepspeed`` at the top (used by a
-    ZeRO-3 helper only), so an empty stand-in is put in ``sys.modules`` for the load and removed after."""
-    import importlib.util
-    import sys
-    import types
-
-    path = _openrlhf_file("models", "utils.py")
-    saved = sys.modules.get("deepspeed")
-    try:
-        if saved is None:
-            sys.modules["deepspeed"] = types.ModuleType("deepspeed")
-        s = importlib.util.spec_from_file_location("openrlhf_models_utils_under_test", path)
-        mod = importlib.util.module_from_spec(s)
-        s.loader.exec_module(mod)
-    finally:
-        if saved is None:
-            sys.modules.pop("deepspeed", None)
-    return mod.compute_reward
-
-
 def _openrlhf_experience_maker(estimator, n, kl_coef, gamma, lambd):
     """A stand-in ``RemoteExperienceMaker`` whose ``compute_advantages_and_returns``,
     ``get_cumulative_returns`` and ``get_advantages_and_returns`` are OpenRLHF 0.11.2's own, executed
@@ -493,9 +446,10 @@ def _openrlhf_experience_maker(estimator, n, kl_coef, gamma, lambd):
     from typing import List, Tuple
 
     names = ("compute_advantages_and_returns", "get_cumulative_returns", "get_advantages_and_returns")
-    namespace = _openrlhf_methods(
+    namespace = openrlhf_source.experience_maker_methods(
         {"torch": torch, "itertools": itertools, "List": List, "Tuple": Tuple, "Experience": object,
-         "compute_reward": _openrlhf_compute_reward(), "apply_length_penalties": lambda experiences, args: None,
+         "compute_reward": openrlhf_source.models()["utils"].compute_reward,
+         "apply_length_penalties": lambda experiences, args: None,
          "logger": logging.getLogger("openrlhf_experience_maker_under_test")}, *names)
     args = types.SimpleNamespace(
         rollout=types.SimpleNamespace(n_samples_per_prompt=n),

@@ -4,66 +4,30 @@ OpenRLHF's package ``__init__`` imports DeepSpeed, vLLM, Ray and its trainers, n
 CPU test environment has. Its loss module needs only torch and ``openrlhf/models/utils.py``
 (which imports ``deepspeed`` at the top but uses it in one ZeRO-3 helper only). So the test loads
 the two installed files themselves, ``openrlhf/models/utils.py`` and ``openrlhf/models/loss.py``,
-with importlib under empty stand-ins for the parent packages ``openrlhf`` / ``openrlhf.models``
-and for ``deepspeed``; the classes compared against are OpenRLHF's own code, unmodified. The
-stand-ins are removed from ``sys.modules`` afterwards.
+under empty stand-ins for their parent packages and for ``deepspeed`` (tests/openrlhf_source.py); the
+classes compared against are OpenRLHF's own code, unmodified.
 
 Compared: loss, d(loss)/d(log_probs) (d(loss)/d(policy log-probs) for DPO) and every returned
 value, OpenRLHF in float64, fastalign in float32.
 """
-import importlib.util
 import inspect
 import math
-import os
-import sys
-import types
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import openrlhf_source
 from helpers import assert_close, policy_batch
 
 import fastalign
 from fastalign.integrations import openrlhf as fo
 
 
-def _load_openrlhf_models():
-    """OpenRLHF's own ``openrlhf/models/utils.py`` and ``openrlhf/models/loss.py``, by their short names."""
-    spec = importlib.util.find_spec("openrlhf")  # locates the package without running its __init__
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("openrlhf is not installed: `pip install --no-deps openrlhf==0.11.2` (see the Makefile)")
-    root = list(spec.submodule_search_locations)[0]
-    names = ("openrlhf", "openrlhf.models", "openrlhf.models.utils", "openrlhf.models.loss", "deepspeed")
-    saved = {n: sys.modules.get(n) for n in names}
-    try:
-        for name, path in (("openrlhf", root), ("openrlhf.models", os.path.join(root, "models"))):
-            pkg = types.ModuleType(name)
-            pkg.__path__ = [path]
-            sys.modules[name] = pkg
-        if saved["deepspeed"] is None:
-            sys.modules["deepspeed"] = types.ModuleType("deepspeed")
-        mods = {}
-        for sub in ("utils", "loss"):
-            name = f"openrlhf.models.{sub}"
-            s = importlib.util.spec_from_file_location(name, os.path.join(root, "models", f"{sub}.py"))
-            mod = importlib.util.module_from_spec(s)
-            sys.modules[name] = mod
-            s.loader.exec_module(mod)
-            mods[sub] = mod
-        return mods
-    finally:
-        for n, m in saved.items():
-            if m is None:
-                sys.modules.pop(n, None)
-            else:
-                sys.modules[n] = m
-
-
 @pytest.fixture(scope="module")
 def orl_models():
-    return _load_openrlhf_models()
+    return openrlhf_source.models()
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +38,7 @@ def orl(orl_models):
 @pytest.fixture(scope="module")
 def orl_loss_utils():
     """OpenRLHF's ``openrlhf/utils/loss_utils.py`` (the trainer's loss normalisers; it imports only torch)."""
-    spec = importlib.util.find_spec("openrlhf")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("openrlhf is not installed: `pip install --no-deps openrlhf==0.11.2` (see the Makefile)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "utils", "loss_utils.py")
-    s = importlib.util.spec_from_file_location("openrlhf_loss_utils_under_test", path)
-    mod = importlib.util.module_from_spec(s)
-    s.loader.exec_module(mod)
-    return mod
+    return openrlhf_source.module("utils", "loss_utils.py")
 
 
 def _batch(seed, B=6, T=9, with_rollout=False):

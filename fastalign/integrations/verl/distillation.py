@@ -34,7 +34,6 @@ verl's ``compute_topk_loss`` runs :func:`forward_kl_topk` for this mode on the `
 """
 from __future__ import annotations
 
-import numbers
 import weakref
 from typing import Callable, Optional
 
@@ -42,6 +41,7 @@ import torch
 from torch import Tensor
 
 from fastalign import _validate
+from fastalign.integrations._dtypes import float64_as_float32
 from fastalign.integrations.verl._names import PREFIX
 from fastalign.integrations.verl._on_import import patch_modules
 from fastalign.logprobs import token_logprobs
@@ -159,11 +159,9 @@ def forward_kl_topk(student_logits: Tensor, teacher_topk_log_probs: Tensor, teac
     teacher_lp, teacher_ids = _this_rank(_flat(teacher_topk_log_probs)), _this_rank(_flat(teacher_topk_ids))
     _validate.any_float("teacher_topk_log_probs", teacher_lp)
     _validate.integer("teacher_topk_ids", teacher_ids)
-    if log_prob_min_clamp is not None and (isinstance(log_prob_min_clamp, bool) or not isinstance(
-            log_prob_min_clamp, numbers.Real)):
-        raise TypeError(f"log_prob_min_clamp must be a number or None, got {type(log_prob_min_clamp).__name__}")
-    if student_logits.dtype == torch.float64:  # the kernels' widest input; the gradient goes back as float64
-        student_logits = student_logits.float()
+    if log_prob_min_clamp is not None:
+        _validate.number("log_prob_min_clamp", log_prob_min_clamp)
+    student_logits = float64_as_float32(student_logits)  # the gradient goes back as float64
     if student_logits.dim() != 3 or teacher_lp.shape != teacher_ids.shape or (
             teacher_lp.shape[:2] != student_logits.shape[:2]):
         raise ValueError(f"student_logits [1, N, V] and the teacher's top-k log-probs and ids [1, N, K] must agree, "
